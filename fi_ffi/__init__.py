@@ -1,0 +1,71 @@
+"""fi_ffi: call prebuilt FlashInfer kernels through the TVM-FFI C ABI from pure Python (cffi ABI mode).
+
+Importing fi_ffi loads no shared library and imports neither torch nor cffi's parser: the runtime, the CUDA
+runtime and each kernel module are loaded on first use. The public surface:
+
+- descriptors: :class:`Tensor` (``Tensor.from_pointer``), :func:`as_tensor`, dtypes and devices in
+  :mod:`fi_ffi.dtypes`;
+- ops: :mod:`fi_ffi.ops` (norms, paged-KV append, GDN prefill, attention);
+- errors: :class:`KernelError`, :class:`LoaderError` and friends in :mod:`fi_ffi.errors`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import dtypes
+from .dtypes import Device, DType, bfloat16, float16, float32, int32, int64, uint8
+from .errors import FiFFIError, KernelError, KernelNotFoundError, LoaderError, UnsupportedDeviceError
+from .tensor import Tensor
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .interop import as_tensor
+    from .ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, qk_rmsnorm, rmsnorm
+
+_LAZY = {
+    "as_tensor": "interop",
+    "rmsnorm": "ops.norm",
+    "qk_rmsnorm": "ops.norm",
+    "gemma_rmsnorm": "ops.norm",
+    "fused_add_rmsnorm": "ops.norm",
+    "gemma_fused_add_rmsnorm": "ops.norm",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fi_ffi' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "DType",
+    "Device",
+    "FiFFIError",
+    "KernelError",
+    "KernelNotFoundError",
+    "LoaderError",
+    "Tensor",
+    "UnsupportedDeviceError",
+    "__version__",
+    "as_tensor",
+    "bfloat16",
+    "dtypes",
+    "float16",
+    "float32",
+    "fused_add_rmsnorm",
+    "gemma_fused_add_rmsnorm",
+    "gemma_rmsnorm",
+    "int32",
+    "int64",
+    "qk_rmsnorm",
+    "rmsnorm",
+    "uint8",
+]

@@ -1,0 +1,76 @@
+"""The exceptions fi_ffi raises.
+
+Argument problems found before a kernel is called are plain ``ValueError`` / ``TypeError`` whose text names
+the argument and what was expected. Everything that goes wrong below that line has a class of its own:
+
+- :class:`KernelError`: a TVM-FFI call returned non-zero; carries the error kind, message and backtrace.
+- :class:`LoaderError` and its subclasses: locating, fetching, verifying, extracting or loading libraries.
+- :class:`UnsupportedDeviceError`: the GPU cannot run the requested kernel (for example SM90-only kernels).
+"""
+
+from __future__ import annotations
+
+
+class FiFFIError(Exception):
+    """Base class of the errors fi_ffi raises itself (argument errors are ValueError/TypeError)."""
+
+
+class KernelError(FiFFIError):
+    """A TVM-FFI function returned an error.
+
+    Attributes:
+        kind: the TVM-FFI error kind, e.g. ``"TypeError"``, ``"ValueError"``, ``"InternalError"``.
+        message: the error message as the callee raised it.
+        backtrace: the callee's backtrace text (most recent frame first); may be empty.
+        function: the name of the function or kernel entry point that was called.
+        arguments: a short description of the packed arguments, one item per argument.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        backtrace: str = "",
+        function: str = "",
+        arguments: tuple[str, ...] = (),
+    ) -> None:
+        self.kind = kind
+        self.message = message
+        self.backtrace = backtrace
+        self.function = function
+        self.arguments = arguments
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        head = f"{self.kind}: {self.message}"
+        if self.function:
+            head += f"\n  in call to {self.function}({', '.join(self.arguments)})"
+        return head
+
+
+class LoaderError(FiFFIError):
+    """Locating, fetching, verifying, extracting or loading a library failed. The text says how to fix it."""
+
+
+class LockError(LoaderError):
+    """The wheel lock file is malformed or has no entry for this machine."""
+
+
+class FetchError(LoaderError):
+    """A wheel could not be fetched (no network, HTTP error, truncated download, pip failure)."""
+
+
+class IntegrityError(LoaderError):
+    """A file's sha256 does not match the lock."""
+
+
+class LibraryLoadError(LoaderError):
+    """The dynamic loader refused a shared library (missing dependency, glibc version, wrong architecture)."""
+
+
+class KernelNotFoundError(LoaderError):
+    """The pinned wheels contain no module (variant) or entry point of the requested name."""
+
+
+class UnsupportedDeviceError(FiFFIError):
+    """The device cannot run the requested kernel (for example an SM90-only kernel on another GPU)."""

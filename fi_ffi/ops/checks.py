@@ -1,0 +1,134 @@
+"""Contract checks shared by the ops, run before anything crosses the FFI.
+
+Each check raises ``TypeError`` (wrong kind of value, wrong dtype) or ``ValueError`` (wrong shape, device,
+strides, null pointer, out-of-range scalar) with a message that starts with the argument's name and says
+what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from ..dtypes import DType
+from ..tensor import Tensor
+
+
+def tensor(name: str, value: Any, host: bool = False) -> Tensor:
+    """``value`` as a :class:`Tensor` descriptor (DLPack / CUDA-array-interface producers are converted)."""
+    if type(value) is Tensor:
+        return value
+    if value is None:
+        raise TypeError(f"{name}: expected a tensor, got None")
+    from ..interop import as_tensor
+
+    return as_tensor(value, name=name)
+
+
+def optional_tensor(name: str, value: Any) -> Tensor | None:
+    """Like :func:`tensor` but None passes through."""
+    return None if value is None else tensor(name, value)
+
+
+def ndim(name: str, t: Tensor, expected: int, layout: str = "") -> None:
+    if t.ndim != expected:
+        what = f" {layout}" if layout else ""
+        raise ValueError(f"{name}: expected a {expected}-D tensor{what}, got shape {t.shape}")
+
+
+def shape(name: str, t: Tensor, expected: tuple[int, ...], layout: str = "") -> None:
+    if t.shape != expected:
+        what = f" ({layout})" if layout else ""
+        raise ValueError(f"{name}: expected shape {expected}{what}, got {t.shape}")
+
+
+def dtype_in(name: str, t: Tensor, allowed: Iterable[DType]) -> None:
+    allowed = tuple(allowed)
+    if t.dtype not in allowed:
+        names = ", ".join(d.name for d in allowed)
+        raise TypeError(f"{name}: expected dtype {names}, got {t.dtype.name}")
+
+
+def same_dtype(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype.name} (same as {ref_name}), got {t.dtype.name}")
+
+
+def cuda(name: str, t: Tensor) -> None:
+    """``t`` is device memory of a CUDA device and its pointer is not NULL (empty tensors excepted)."""
+    if not t.device.is_cuda:
+        raise ValueError(f"{name}: expected a CUDA device tensor, got one on {t.device}")
+    if not t.data_ptr and t.numel:
+        raise ValueError(f"{name}: data pointer is NULL")
+
+
+def host(name: str, t: Tensor) -> None:
+    """``t`` is host memory (plain or page-locked) the CPU can read, with a non-NULL pointer."""
+    if not t.device.is_host:
+        raise ValueError(f"{name}: expected a host (CPU) tensor, got one on {t.device}")
+    if not t.data_ptr and t.numel:
+        raise ValueError(f"{name}: data pointer is NULL")
+
+
+def same_device(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (same as {ref_name}), got {t.device}")
+
+
+def last_dim_contiguous(name: str, t: Tensor) -> None:
+    if t.ndim and t.strides[-1] != 1 and t.shape[-1] != 1:
+        raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.strides}")
+
+
+def contiguous(name: str, t: Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got shape {t.shape} strides {t.strides}")
+
+
+def aligned(name: str, t: Tensor, elements: int) -> None:
+    """The data pointer and every outer stride are multiples of ``elements`` elements (vector loads)."""
+    if elements <= 1:
+        return
+    if t.data_ptr % (elements * t.dtype.itemsize):
+        raise ValueError(f"{name}: data pointer 0x{t.data_ptr:x} must be aligned to {elements * t.dtype.itemsize}"
+                         f" bytes for this kernel's vector loads")
+    for dim, stride in enumerate(t.strides[:-1]):
+        if stride % elements and t.shape[dim] > 1:
+            raise ValueError(f"{name}: stride of dimension {dim} must be a multiple of {elements} elements, "
+                             f"got {stride}")
+
+
+def positive_finite(name: str, value: Any) -> float:
+    """``value`` as a float that is finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"{name}: expected a finite value > 0, got {value}")
+    return value
+
+
+def finite(name: str, value: Any) -> float:
+    """``value`` as a finite float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite value, got {value}")
+    return value
+
+
+def integer(name: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, int)) or (isinstance(value, int) and value not in (0, 1)):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)
