@@ -219,17 +219,12 @@ class OpaquePtr(int):
     """An int to be passed as an opaque ``void*`` (type index 4) rather than as an integer."""
 
 
-class ByteArg(bytes):
-    """Bytes to be passed as a ``TVMFFIByteArray*`` (type index 9)."""
-
-
 def pack_value(value: Any, keep: list[Any]) -> tuple[int, Any]:
     """The (type_index, payload) of a Python value for a generic call; ``keep`` holds temporaries alive.
 
     None -> None; bool -> Bool; int -> Int; float -> Float; :class:`OpaquePtr` -> opaque pointer;
     :class:`~fi_ffi.dtypes.DType` -> DataType; :class:`~fi_ffi.dtypes.Device` -> Device;
-    :class:`~fi_ffi.tensor.Tensor` -> DLTensor*; str -> raw C string (borrowed); :class:`ByteArg` ->
-    byte array; :class:`ObjectRef` -> the object (borrowed). Anything else is a TypeError.
+    :class:`~fi_ffi.tensor.Tensor` -> DLTensor*; str -> raw C string (borrowed); bytes -> byte array; :class:`ObjectRef` -> the object (borrowed). Anything else is a TypeError.
     """
     if value is None:
         return NONE, 0
@@ -256,7 +251,7 @@ def pack_value(value: Any, keep: list[Any]) -> tuple[int, Any]:
         (payload,) = struct.unpack("<q", struct.pack("<ii", value.device_type, value.device_id))
         return DEVICE, payload
     ffi = get_ffi()
-    if isinstance(value, ByteArg):
+    if isinstance(value, (bytes, bytearray)):
         data = ffi.new("char[]", bytes(value))
         arr = ffi.new("TVMFFIByteArray*", (data, len(value)))
         keep += (data, arr)
@@ -336,7 +331,6 @@ def signature_text(callee: Callee) -> str:
 
 __all__ = [
     "ARRAY",
-    "ByteArg",
     "Callee",
     "EntryPoint",
     "Frame",

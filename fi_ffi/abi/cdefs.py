@@ -76,6 +76,7 @@ typedef int (*TVMFFISafeCallType)(void* handle, const TVMFFIAny* args, int32_t n
 void TVMFFIGetVersion(TVMFFIVersion* out_version);
 int TVMFFIObjectIncRef(void* obj);
 int TVMFFIObjectDecRef(void* obj);
+int TVMFFIFunctionCreate(void* self, TVMFFISafeCallType safe_call, void (*deleter)(void* self), void** out);
 int TVMFFIFunctionGetGlobal(const TVMFFIByteArray* name, void** out);
 int TVMFFIFunctionCall(void* func, TVMFFIAny* args, int32_t num_args, TVMFFIAny* result);
 void TVMFFIErrorMoveFromRaised(void** result);

@@ -1,0 +1,141 @@
+"""Kernel modules: which wheels are selected, which URIs they hold, where a module's file is, loading it.
+
+A module ``<uri>`` is the member ``<prefix>/<uri>/<uri>.so`` of a selected kernel wheel (prefix
+``flashinfer_jit_cache/jit_cache``). A wheel's ``.so`` listing is read from its zip directory once and
+recorded in the cache, so a process whose modules are already extracted never opens (or needs) the wheel.
+"""
+
+from __future__ import annotations
+
+import difflib
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..errors import KernelNotFoundError, LibraryLoadError
+from . import cache, libraries, lockfile, settings, wheels
+from .lockfile import Selection, WheelPin
+
+_lock = threading.RLock()
+_selections: dict[tuple[Any, ...], Selection] = {}
+_indexes: dict[tuple[str, str], dict[str, list[int]]] = {}  # (cache root, wheel sha256) -> .so listing
+_handles: dict[tuple[str, tuple[str, ...]], Any] = {}  # (uri, settings snapshot) -> handle
+_loaded: dict[str, str] = {}  # uri -> path of the file loaded for it, in load order
+
+
+def selection(*, cuda: str | None = None, arch: str | None = None) -> Selection:
+    """The kernel (and runtime) wheels chosen for this machine, with the reason.
+
+    ``cuda`` (``"13.0"``) and ``arch`` override the detected values (``FI_FFI_CUDA_VERSION``, else
+    ``cudaRuntimeGetVersion``; ``platform.machine()``), e.g. to inspect what another machine would use.
+    """
+    key = (settings.snapshot(), cuda, arch)
+    found = _selections.get(key)
+    if found is not None:
+        return found
+    if cuda is None:
+        cuda, source = libraries.cuda_runtime_version()
+    else:
+        source = "given"
+    chosen = lockfile.select(
+        lockfile.active_lock(),
+        cuda,
+        arch or lockfile.machine_arch(),
+        cuda_source=source,
+        sm=settings.sm_filter(),
+    )
+    _selections[key] = chosen
+    return chosen
+
+
+def wheel_index(pin: WheelPin) -> dict[str, list[int]]:
+    """The ``.so`` members of ``pin``'s wheel ({member: [size, crc32]}), from the cache or the wheel."""
+    key = (str(cache.cache_root()), pin.sha256)
+    index = _indexes.get(key)
+    if index is None:
+        index = cache.read_index(pin)
+        if index is None:
+            with cache.file_lock(f"extract-{pin.sha256[:16]}"):
+                index = cache.read_index(pin) or cache.write_index(pin, wheels.ensure_wheel(pin))
+        _indexes[key] = index
+    return index
+
+
+def wheel_uris(pin: WheelPin) -> list[str]:
+    """The module URIs in ``pin``'s wheel, sorted."""
+    head = pin.prefix + "/"
+    out = []
+    for member in wheel_index(pin):
+        if member.startswith(head):
+            parts = member[len(head) :].split("/")
+            if len(parts) == 2 and parts[1] == parts[0] + ".so":
+                out.append(parts[0])
+    return sorted(out)
+
+
+def available_uris() -> list[str]:
+    """Every module URI in the selected kernel wheels, sorted (fetches a wheel whose listing is not cached)."""
+    return sorted({uri for pin in selection().kernels for uri in wheel_uris(pin)})
+
+
+def find_module(uri: str) -> tuple[WheelPin, str]:
+    """The selected wheel holding module ``uri`` and the member path; :class:`KernelNotFoundError` if none does."""
+    chosen = selection()
+    for pin in chosen.kernels:
+        member = pin.module_member(uri)
+        if member in wheel_index(pin):
+            return pin, member
+    known = sorted({u for pin in chosen.kernels for u in wheel_uris(pin)})
+    close = difflib.get_close_matches(uri, known, n=5, cutoff=0.6)
+    wheels = ", ".join(p.filename for p in chosen.kernels)
+    hint = (
+        "Closest existing modules:\n  " + "\n  ".join(close)
+        if close
+        else f"None has a similar name; fi_ffi.loader.available_uris() lists all {len(known)}."
+    )
+    raise KernelNotFoundError(
+        f"no kernel module {uri!r} in {wheels} (lock {chosen.kernels[0].lock_path}, CUDA {chosen.cuda}, "
+        f"{chosen.arch}). The pinned wheels hold {len(known)} modules; this variant (dtype, head dim, flags) "
+        f"is not among them. {hint}"
+    )
+
+
+def module_path(uri: str) -> Path:
+    """The extracted, verified file of module ``uri`` (extracting or fetching what is missing)."""
+    pin, member = find_module(uri)
+    return cache.extract_member(pin, member, lambda: wheels.ensure_wheel(pin))
+
+
+def load_module(uri: str) -> Any:
+    """dlopen module ``uri`` RTLD_NOW | RTLD_LOCAL (after libtvm_ffi.so and libcudart) once; returns the handle.
+
+    Thread-safe; the handle is kept for the life of the process (never closed). A cached file the loader
+    rejects is checked in full and, if damaged, extracted again before one more try.
+    """
+    key = (uri, settings.snapshot())
+    handle = _handles.get(key)
+    if handle is not None:
+        return handle
+    with _lock:
+        handle = _handles.get(key)
+        if handle is not None:
+            return handle
+        libraries.runtime_library()
+        libraries.ensure_cudart()
+        pin, member = find_module(uri)
+        path = cache.extract_member(pin, member, lambda: wheels.ensure_wheel(pin))
+        try:
+            handle = libraries.load_library(path, wheel=pin.filename)
+        except LibraryLoadError:
+            if cache.member_ok(path, full=True, expected_sha256=pin.members.get(member, "")):
+                raise
+            path = cache.extract_member(pin, member, lambda: wheels.ensure_wheel(pin), force=True)
+            handle = libraries.load_library(path, wheel=pin.filename)
+        _handles[key] = handle
+        _loaded[uri] = str(path)
+        return handle
+
+
+def loaded_modules() -> dict[str, str]:
+    """The modules loaded so far in this process: URI → path of the file."""
+    return dict(_loaded)

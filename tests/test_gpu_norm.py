@@ -1,0 +1,175 @@
+"""RMSNorm family on a real GPU against a float32 numpy reference (gated by FI_FFI_RUN_GPU_TESTS=1).
+
+Tolerances (absolute and relative, on outputs of magnitude ~1-4): float16 5e-3, bfloat16 3e-2 (8-bit mantissa,
+the output is rounded once to bf16 and the weight was rounded on input).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+import torch  # noqa: E402  (only on the GPU machine)
+
+import fi_ffi  # noqa: E402
+from fi_ffi.tensor import Tensor  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def reference(x: np.ndarray, w: np.ndarray, eps: float, gemma: bool = False) -> np.ndarray:
+    x = x.astype(np.float32)
+    w = w.astype(np.float32)
+    rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return x / rms * ((1.0 + w) if gemma else w)
+
+
+def to_np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 128), (7, 4096), (33, 1000), (3, 96)])
+@pytest.mark.parametrize("gemma", [False, True])
+def test_rmsnorm_matches_reference(dtype: torch.dtype, shape: tuple[int, int], gemma: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype, device="cuda")
+    w = torch.randn(shape[1], dtype=dtype, device="cuda")
+    out = torch.empty_like(x)
+    op = fi_ffi.gemma_rmsnorm if gemma else fi_ffi.rmsnorm
+    assert op(x, w, out, eps=1e-6) is out
+    torch.cuda.synchronize()
+    tol = TOL[dtype]
+    np.testing.assert_allclose(to_np(out), reference(to_np(x), to_np(w), 1e-6, gemma), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rmsnorm_with_non_contiguous_row_stride(dtype: torch.dtype) -> None:
+    big = torch.randn(5, 512 + 64, dtype=dtype, device="cuda")
+    x = big[:, :512]  # row stride 576 elements
+    out_big = torch.zeros(5, 512 + 32, dtype=dtype, device="cuda")
+    out = out_big[:, :512]
+    w = torch.randn(512, dtype=dtype, device="cuda")
+    fi_ffi.rmsnorm(x, w, out, eps=1e-5)
+    torch.cuda.synchronize()
+    tol = TOL[dtype]
+    np.testing.assert_allclose(to_np(out), reference(to_np(x), to_np(w), 1e-5), atol=tol, rtol=tol)
+    assert torch.count_nonzero(out_big[:, 512:]) == 0  # nothing written past the row
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_qk_rmsnorm_on_a_strided_slice_of_fused_qkv(dtype: torch.dtype) -> None:
+    b, h, d = 6, 8, 128
+    qkv = torch.randn(b, 3, h, d, dtype=dtype, device="cuda")
+    q = qkv[:, 0]  # strides (3*h*d, d, 1)
+    w = torch.randn(d, dtype=dtype, device="cuda")
+    out = torch.empty(b, h, d, dtype=dtype, device="cuda")
+    fi_ffi.qk_rmsnorm(q, w, out)
+    torch.cuda.synchronize()
+    tol = TOL[dtype]
+    np.testing.assert_allclose(to_np(out), reference(to_np(q), to_np(w), 1e-6), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gemma", [False, True])
+def test_fused_add_rmsnorm_in_place(dtype: torch.dtype, gemma: bool) -> None:
+    x = torch.randn(9, 2048, dtype=dtype, device="cuda")
+    r = torch.randn(9, 2048, dtype=dtype, device="cuda")
+    w = torch.randn(2048, dtype=dtype, device="cuda")
+    x0, r0 = to_np(x), to_np(r)
+    op = fi_ffi.gemma_fused_add_rmsnorm if gemma else fi_ffi.fused_add_rmsnorm
+    assert op(x, r, w, eps=1e-6) is None
+    torch.cuda.synchronize()
+    tol = TOL[dtype]
+    summed = x0 + r0
+    np.testing.assert_allclose(to_np(r), summed, atol=tol * 4, rtol=tol)
+    np.testing.assert_allclose(to_np(x), reference(to_np(r), to_np(w), 1e-6, gemma), atol=tol * 2, rtol=tol * 2)
+
+
+def test_raw_cuda_python_allocations_on_a_cuda_core_stream() -> None:
+    from cuda.bindings import runtime as rt
+    from cuda.core import Device
+
+    dev = Device(0)
+    dev.set_current()
+    stream = dev.create_stream()
+    b, d = 4, 256
+    rng = np.random.default_rng(1)
+    xh = rng.standard_normal((b, d)).astype(np.float16)
+    wh = rng.standard_normal(d).astype(np.float16)
+    ptrs = []
+    for nbytes in (xh.nbytes, wh.nbytes, xh.nbytes):
+        err, ptr = rt.cudaMalloc(nbytes)
+        assert err == rt.cudaError_t.cudaSuccess
+        ptrs.append(int(ptr))
+    try:
+        for ptr, host in ((ptrs[0], xh), (ptrs[1], wh)):
+            (err,) = rt.cudaMemcpy(ptr, host.ctypes.data, host.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice)
+            assert err == rt.cudaError_t.cudaSuccess
+        x = Tensor.from_pointer(ptrs[0], (b, d), "float16", 0)
+        w = Tensor.from_pointer(ptrs[1], (d,), "float16", 0)
+        out = Tensor.from_pointer(ptrs[2], (b, d), "float16", 0)
+        fi_ffi.rmsnorm(x, w, out, stream=stream)
+        stream.sync()
+        oh = np.empty_like(xh)
+        (err,) = rt.cudaMemcpy(oh.ctypes.data, ptrs[2], oh.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+        assert err == rt.cudaError_t.cudaSuccess
+        np.testing.assert_allclose(oh.astype(np.float32), reference(xh, wh, 1e-6), atol=5e-3, rtol=5e-3)
+    finally:
+        for ptr in ptrs:
+            rt.cudaFree(ptr)
+        stream.close()
+
+
+def test_cupy_arrays_and_cupy_stream() -> None:
+    cp = pytest.importorskip("cupy")
+    x = cp.random.standard_normal((16, 512)).astype(cp.float16)
+    w = cp.random.standard_normal(512).astype(cp.float16)
+    out = cp.empty_like(x)
+    s = cp.cuda.Stream(non_blocking=True)
+    fi_ffi.rmsnorm(x, w, out, stream=s)
+    s.synchronize()
+    np.testing.assert_allclose(cp.asnumpy(out).astype(np.float32), reference(cp.asnumpy(x), cp.asnumpy(w), 1e-6),
+                               atol=5e-3, rtol=5e-3)
+
+
+def test_the_stream_argument_decides_where_the_kernel_runs() -> None:
+    # Park stream s behind a long GPU spin, launch rmsnorm on s, and look at `out` from another stream
+    # before s drains: it must still be untouched; after s drains it holds the result. Had the kernel run on
+    # any other stream, `out` would already be written when we look.
+    x = torch.randn(4, 1024, dtype=torch.float16, device="cuda")
+    w = torch.randn(1024, dtype=torch.float16, device="cuda")
+    out = torch.zeros_like(x)
+    s, probe = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU cycles on s
+    fi_ffi.rmsnorm(x, w, out, stream=s)
+    with torch.cuda.stream(probe):
+        early = out.clone()
+    probe.synchronize()
+    assert not s.query(), "stream s drained too early for the test to mean anything"
+    assert torch.count_nonzero(early) == 0
+    s.synchronize()
+    np.testing.assert_allclose(to_np(out), reference(to_np(x), to_np(w), 1e-6), atol=5e-3, rtol=5e-3)
+
+
+def test_default_stream_follows_tvm_ffi_current_stream() -> None:
+    # stream=None uses TVM-FFI's current stream of the device on this thread, which we leave untouched.
+    from fi_ffi.abi.runtime import api
+
+    assert api().TVMFFIEnvGetStream(2, 0) == 0
+    x = torch.randn(2, 256, dtype=torch.float16, device="cuda")
+    w = torch.randn(256, dtype=torch.float16, device="cuda")
+    out = torch.empty_like(x)
+    fi_ffi.rmsnorm(x, w, out)  # legacy default stream
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(to_np(out), reference(to_np(x), to_np(w), 1e-6), atol=5e-3, rtol=5e-3)
+    assert api().TVMFFIEnvGetStream(2, 0) == 0

@@ -1,0 +1,148 @@
+"""RMSNorm family on the CPU machine, against the real ``norm.so`` of the test wheel.
+
+With no GPU, a call whose descriptors claim device ``cuda:0`` passes our checks, crosses the FFI, passes the
+module's signature check, and stops at the module's first CUDA call. That proves the packing matches the
+real signature. Invalid arguments must be rejected by our checks before the FFI.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fi_ffi
+from fi_ffi.errors import KernelError
+from fi_ffi.ops.kernels import entry_point
+from fi_ffi.tensor import Tensor
+
+SIGNATURES = {
+    "rmsnorm": "rmsnorm(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: float, 4: bool) -> void",
+    "gemma_rmsnorm": "gemma_rmsnorm(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: float, 4: bool) -> void",
+    "fused_add_rmsnorm": "fused_add_rmsnorm(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: float, 4: bool) -> void",
+    "gemma_fused_add_rmsnorm":
+        "gemma_fused_add_rmsnorm(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: float, 4: bool) -> void",
+}
+
+
+def fake_cuda(shape: tuple[int, ...], dtype: str = "float16", strides: tuple[int, ...] | None = None,
+              device: object = "cuda:0") -> Tensor:
+    """A descriptor that claims CUDA memory but points at host memory (never touched: there is no GPU)."""
+    host = np.zeros(max(1, int(np.prod(shape))) * 4 + 64, dtype=np.uint8)
+    ptr = (host.ctypes.data + 15) // 16 * 16
+    return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
+
+
+def assert_reached_the_kernel(err: KernelError) -> None:
+    """The module accepted the argument list and failed on the missing CUDA device/driver."""
+    assert err.kind != "TypeError", f"signature mismatch: {err}"
+    assert "cuda" in err.message.lower() or "device" in err.message.lower(), err.message
+
+
+@pytest.mark.parametrize("name", sorted(SIGNATURES))
+def test_signature_of_real_module_matches_our_wire_layout(kernel_modules: object, name: str) -> None:
+    assert SIGNATURES[name] in entry_point("norm", name).signature_text()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, w, o: fi_ffi.rmsnorm(x, w, o, eps=1e-5),
+        lambda x, w, o: fi_ffi.gemma_rmsnorm(x, w, o),
+        lambda x, w, o: fi_ffi.fused_add_rmsnorm(x, o, w),
+        lambda x, w, o: fi_ffi.gemma_fused_add_rmsnorm(x, o, w, enable_pdl=True),
+    ],
+    ids=["rmsnorm", "gemma_rmsnorm", "fused_add_rmsnorm", "gemma_fused_add_rmsnorm"],
+)
+def test_packed_call_gets_past_the_signature_check(kernel_modules: object, call: object, dtype: str) -> None:
+    x, w, o = fake_cuda((4, 128), dtype), fake_cuda((128,), dtype), fake_cuda((4, 128), dtype)
+    with pytest.raises(KernelError) as info:
+        call(x, w, o)  # type: ignore[operator]
+    assert_reached_the_kernel(info.value)
+    assert "float16[4, 128] cuda:0" in str(info.value) or "bfloat16[4, 128] cuda:0" in str(info.value)
+
+
+def test_qk_rmsnorm_with_strided_heads_gets_past_the_signature_check(kernel_modules: object) -> None:
+    # q slice of a fused [B, 3, H, D] QKV: strides (3*H*D, D, 1)
+    x = fake_cuda((2, 4, 64), strides=(3 * 4 * 64, 64, 1))
+    with pytest.raises(KernelError) as info:
+        fi_ffi.qk_rmsnorm(x, fake_cuda((64,)), fake_cuda((2, 4, 64)), stream=0)
+    assert_reached_the_kernel(info.value)
+
+
+def test_host_tensors_stop_at_the_modules_device_check(kernel_modules: object) -> None:
+    host = [np.zeros(s, np.float16) for s in ((2, 64), (2, 64), (64,))]
+    out, x, w = (Tensor.from_pointer(a.ctypes.data, a.shape, "float16", "cpu", owner=a) for a in host)
+    with pytest.raises(KernelError) as info:
+        entry_point("norm", "rmsnorm")(out, x, w, 1e-6, False)  # bypasses our checks on purpose
+    assert info.value.kind == "InternalError"
+    assert "must be a CUDA tensor" in info.value.message
+
+
+# ---- our checks: each bad argument is named, and nothing crosses the FFI ----
+
+GOOD = {"x": ((4, 128), "float16"), "w": ((128,), "float16"), "o": ((4, 128), "float16")}
+
+
+@pytest.mark.parametrize(
+    "change,exc,pattern",
+    [
+        (dict(x=((4, 2, 128), "float16")), ValueError, r"input: expected a 2-D tensor"),
+        (dict(x=((4, 128), "float32")), TypeError, r"input: expected dtype float16, bfloat16, got float32"),
+        (dict(w=((64,), "float16")), ValueError, r"weight: expected shape \(128,\)"),
+        (dict(w=((128,), "bfloat16")), TypeError, r"weight: expected dtype float16 \(same as input\)"),
+        (dict(o=((4, 64), "float16")), ValueError, r"out: expected shape \(4, 128\)"),
+        (dict(o=((4, 128), "bfloat16")), TypeError, r"out: expected dtype float16"),
+    ],
+)
+def test_bad_shapes_and_dtypes_are_named(change: dict, exc: type, pattern: str) -> None:
+    spec = {**GOOD, **change}
+    x, w, o = (fake_cuda(*spec[k]) for k in ("x", "w", "o"))
+    with pytest.raises(exc, match=pattern):
+        fi_ffi.rmsnorm(x, w, o)
+
+
+def test_host_device_mismatched_device_and_null_pointer_are_named() -> None:
+    x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
+    with pytest.raises(ValueError, match=r"input: expected a CUDA device tensor, got one on cpu"):
+        fi_ffi.rmsnorm(fake_cuda((4, 128), device="cpu"), w, o)
+    with pytest.raises(ValueError, match=r"weight: expected a tensor on cuda:0 \(same as input\), got cuda:1"):
+        fi_ffi.rmsnorm(x, fake_cuda((128,), device=1), o)
+    with pytest.raises(ValueError, match="out: data pointer is NULL"):
+        fi_ffi.rmsnorm(x, w, Tensor.from_pointer(0, (4, 128), "float16", 0))
+
+
+def test_strides_and_alignment_are_checked() -> None:
+    w, o = fake_cuda((128,)), fake_cuda((4, 128))
+    with pytest.raises(ValueError, match="input: the last dimension must be contiguous"):
+        fi_ffi.rmsnorm(fake_cuda((4, 128), strides=(256, 2)), w, o)
+    with pytest.raises(ValueError, match="input: stride of dimension 0 must be a multiple of 8"):
+        fi_ffi.rmsnorm(fake_cuda((4, 128), strides=(129, 1)), w, o)
+    misaligned = fake_cuda((4, 128)).view((4, 128), offset=1)
+    with pytest.raises(ValueError, match="input: data pointer .* must be aligned to 16 bytes"):
+        fi_ffi.rmsnorm(misaligned, w, o)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-6, float("nan"), float("inf"), "1e-6", None, True])
+def test_eps_must_be_finite_and_positive(eps: object) -> None:
+    with pytest.raises((ValueError, TypeError), match="eps"):
+        fi_ffi.rmsnorm(fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128)), eps=eps)  # type: ignore[arg-type]
+
+
+def test_bad_stream_and_bad_tensor_kind_are_named() -> None:
+    x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
+    with pytest.raises(TypeError, match="stream"):
+        fi_ffi.rmsnorm(x, w, o, stream="default")
+    with pytest.raises(TypeError, match="weight"):
+        fi_ffi.rmsnorm(x, None, o)
+
+
+def test_validation_memo_does_not_hide_a_changed_argument(kernel_modules: object) -> None:
+    x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
+    with pytest.raises(KernelError):
+        fi_ffi.rmsnorm(x, w, o)  # validated and remembered
+    with pytest.raises(ValueError, match="out: expected shape"):
+        fi_ffi.rmsnorm(x, w, fake_cuda((4, 64)))
+    with pytest.raises(KernelError):
+        fi_ffi.rmsnorm(x, w, o)
+
