@@ -1,0 +1,102 @@
+"""What this machine offers: NVIDIA driver, CUDA runtime, GPUs and their compute capability, glibc.
+
+Used by ``fi-ffi doctor`` and ``fi-ffi smoke``. Every query degrades to a readable "not available" on a
+machine without a GPU or driver; nothing here raises for a missing GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One CUDA device: ordinal, name, compute capability (major, minor), memory in bytes."""
+
+    ordinal: int
+    name: str
+    capability: tuple[int, int]
+    memory_bytes: int
+
+    @property
+    def sm(self) -> str:
+        """The architecture as ``"90"`` for compute capability 9.0."""
+        return f"{self.capability[0]}{self.capability[1]}"
+
+
+@dataclass(frozen=True)
+class SystemReport:
+    """Facts for a doctor report; the ``*_error`` fields say why a fact is missing."""
+
+    python: str
+    arch: str
+    glibc: str
+    driver_version: str = ""
+    driver_error: str = ""
+    runtime_version: str = ""
+    runtime_path: str = ""
+    runtime_error: str = ""
+    gpus: list[GPU] = field(default_factory=list)
+    gpu_error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def glibc_version() -> str:
+    """The C library's version, e.g. ``"glibc 2.36"`` (empty if not glibc)."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        return ""
+
+
+def _version_text(code: int) -> str:
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
+def gpus() -> tuple[list[GPU], str]:
+    """The CUDA devices and an error text ("" if the query worked)."""
+    try:
+        from cuda.bindings import runtime as rt
+    except ImportError as exc:
+        return [], f"cuda-bindings is not installed ({exc})"
+    err, count = rt.cudaGetDeviceCount()
+    if err != rt.cudaError_t.cudaSuccess:
+        return [], f"no usable CUDA device ({err.name})"
+    found = []
+    for ordinal in range(count):
+        err, prop = rt.cudaGetDeviceProperties(ordinal)
+        if err != rt.cudaError_t.cudaSuccess:
+            return found, f"cudaGetDeviceProperties({ordinal}) failed ({err.name})"
+        name = prop.name.split(b"\0", 1)[0].decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+        found.append(GPU(ordinal, name, (prop.major, prop.minor), int(prop.totalGlobalMem)))
+    return found, ""
+
+
+def report() -> SystemReport:
+    """Collect the facts (loads libcudart through the loader if it can; loads no kernel)."""
+    info: dict[str, Any] = {"python": platform.python_version(), "arch": platform.machine(), "glibc": glibc_version()}
+    try:
+        from cuda.bindings import driver
+
+        (err,) = driver.cuInit(0)
+        if err == driver.CUresult.CUDA_SUCCESS:
+            err, version = driver.cuDriverGetVersion()
+            info["driver_version"] = _version_text(version)
+        else:
+            info["driver_error"] = f"cuInit failed ({err.name})"
+    except Exception as exc:  # no libcuda.so at all: not an NVIDIA machine
+        info["driver_error"] = f"no NVIDIA driver ({type(exc).__name__}: {exc})"
+    try:
+        from .loader import libraries
+
+        info["runtime_version"], _source = libraries.cuda_runtime_version()
+        info["runtime_path"] = libraries.ensure_cudart()
+    except Exception as exc:
+        info["runtime_error"] = str(exc)
+    info["gpus"], info["gpu_error"] = gpus()
+    return SystemReport(**info)
