@@ -23,9 +23,12 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .interop import as_tensor
     from .ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, qk_rmsnorm, rmsnorm
+    from .streams import current_stream, stream_scope
 
 _LAZY = {
     "as_tensor": "interop",
+    "stream_scope": "streams",
+    "current_stream": "streams",
     "rmsnorm": "ops.norm",
     "qk_rmsnorm": "ops.norm",
     "gemma_rmsnorm": "ops.norm",
@@ -57,6 +60,7 @@ __all__ = [
     "__version__",
     "as_tensor",
     "bfloat16",
+    "current_stream",
     "dtypes",
     "float16",
     "float32",
@@ -67,5 +71,6 @@ __all__ = [
     "int64",
     "qk_rmsnorm",
     "rmsnorm",
+    "stream_scope",
     "uint8",
 ]

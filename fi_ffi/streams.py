@@ -36,3 +36,48 @@ def stream_handle(stream: Any) -> int | None:
         f"stream: expected None, an int cudaStream_t, a __cuda_stream__ object, a cuda.bindings stream or a "
         f"torch/CuPy stream, got {type(stream).__name__}"
     )
+
+
+class stream_scope:
+    """Make ``stream`` TVM-FFI's current stream of CUDA device ``device`` on this thread for a block.
+
+    Ops called with ``stream=None`` inside the block run on it; the previous stream is restored on exit,
+    also when the block raises. Cheaper than passing ``stream=`` to each call (which sets and restores
+    the stream around every call), so a runtime can wrap a whole decode step::
+
+        with fi_ffi.stream_scope(my_stream):
+            for layer in layers:
+                fi_ffi.rmsnorm(x, w, out)
+    """
+
+    def __init__(self, stream: Any, device: int = 0) -> None:
+        handle = stream_handle(stream)
+        if handle is None:
+            raise TypeError("stream: expected a CUDA stream, got None")
+        self.stream = handle
+        self.device = int(device)
+        self._previous: list[int] = []
+
+    def __enter__(self) -> int:
+        from .abi.cdefs import get_ffi
+        from .abi.raised import take_raised
+        from .abi.runtime import api
+
+        out = get_ffi().new("uintptr_t*")
+        if api().TVMFFIEnvSetStream(2, self.device, self.stream, out) != 0:
+            raise take_raised("TVMFFIEnvSetStream", (str(self.device), hex(self.stream)))
+        self._previous.append(int(out[0]))
+        return self.stream
+
+    def __exit__(self, *exc: object) -> None:
+        from .abi.cdefs import get_ffi
+        from .abi.runtime import api
+
+        api().TVMFFIEnvSetStream(2, self.device, self._previous.pop(), get_ffi().NULL)
+
+
+def current_stream(device: int = 0) -> int:
+    """TVM-FFI's current stream of CUDA device ``device`` on this thread (0: the legacy default stream)."""
+    from .abi.runtime import api
+
+    return int(api().TVMFFIEnvGetStream(2, int(device)))

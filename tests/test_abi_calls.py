@@ -318,3 +318,53 @@ def testing_lib() -> object:
         if os.path.isfile(path):
             return dl.open_library(path, dl.RTLD_NOW | dl.RTLD_GLOBAL)
     pytest.skip("libtvm_ffi_testing.so not found (install the dev extra: apache-tvm-ffi)")
+
+
+def test_stream_scope_sets_for_the_block_and_restores_even_on_error(testing_lib: object) -> None:
+    import fi_ffi
+
+    probe = _StreamProbe()
+    _set_stream(0x10)
+    frame = probe.function.frame(0)
+    Signature("probe", ()).pack.pack_into(frame.buf, 0, 0, 0, 0)
+    with fi_ffi.stream_scope(0x20) as handle:
+        assert handle == 0x20
+        probe.function.invoke(frame, 0, None)
+        with fi_ffi.stream_scope(0x30):  # nested scopes unwind in order
+            probe.function.invoke(frame, 0, None)
+        assert fi_ffi.current_stream(0) == 0x20
+    assert probe.seen == [0x20, 0x30]
+    assert fi_ffi.current_stream(0) == 0x10
+    with pytest.raises(RuntimeError, match="inside"), fi_ffi.stream_scope(0x40):
+        raise RuntimeError("inside")
+    assert fi_ffi.current_stream(0) == 0x10
+    with pytest.raises(TypeError, match="stream"):
+        fi_ffi.stream_scope(None)
+    _set_stream(0)
+
+
+@pytest.mark.parametrize(
+    "stream,expected",
+    [(0, 0), (0x1234, 0x1234)],
+)
+def test_stream_handle_accepts_ints_and_protocol_objects(stream: int, expected: int) -> None:
+    from fi_ffi.streams import stream_handle
+
+    class CudaCoreLike:
+        def __cuda_stream__(self) -> tuple[int, int]:
+            return (0, stream)
+
+    class TorchLike:
+        cuda_stream = stream
+
+    class BindingsLike:
+        def getPtr(self) -> int:
+            return stream
+
+    for obj in (stream, CudaCoreLike(), TorchLike(), BindingsLike()):
+        assert stream_handle(obj) == expected
+    assert stream_handle(None) is None
+    with pytest.raises(TypeError, match="stream"):
+        stream_handle(1.5)
+    with pytest.raises(TypeError, match="stream"):
+        stream_handle(True)

@@ -77,12 +77,23 @@ class Signature:
         self.pack = struct.Struct("<" + fmt)
 
 
+# Type index written once into the slots of parameters whose kind fixes it (see Frame).
+_FIXED_TYPE = {"tensor": DLTENSOR_PTR, "int": INT, "float": FLOAT, "bool": BOOL}
+
+
 class Frame:
-    """Per-thread scratch for one callee: the argument slots, the result slot and a stream out-parameter."""
+    """Per-thread scratch for one callee: the argument slots, the result slot and a stream out-parameter.
 
-    __slots__ = ("args", "block", "buf", "nargs", "result", "result_offset", "stream_out")
+    ``q`` and ``d`` view the slots as int64 / float64 words: slot ``i`` is words ``2*i`` (type index and
+    padding; writing a small int sets the type and zeroes the padding) and ``2*i + 1`` (the payload). A frame
+    made for a :class:`Signature` has the type words of its tensor/int/float/bool parameters filled in once,
+    so a call only writes payloads (``q[2*i + 1] = ...``, ``d[2*i + 1] = ...`` for floats), the type words of
+    optional parameters, and resets the result's type word (``q[2*nargs] = 0``).
+    """
 
-    def __init__(self, nargs: int) -> None:
+    __slots__ = ("args", "block", "buf", "d", "nargs", "q", "result", "result_offset", "stream_out")
+
+    def __init__(self, nargs: int, kinds: Sequence[str] = ()) -> None:
         ffi = get_ffi()
         self.nargs = nargs
         self.block = ffi.new("TVMFFIAny[]", nargs + 1)
@@ -91,6 +102,11 @@ class Frame:
         self.result = self.block + nargs
         self.result_offset = nargs * _SLOT
         self.stream_out = ffi.new("uintptr_t*")
+        raw = memoryview(self.buf).cast("B")
+        self.q = raw.cast("q")
+        self.d = raw.cast("d")
+        for i, kind in enumerate(kinds):
+            self.q[2 * i] = _FIXED_TYPE.get(kind, NONE)
 
 
 class Callee:
@@ -108,11 +124,22 @@ class Callee:
         self._set_stream = lib.TVMFFIEnvSetStream
 
     def frame(self, nargs: int) -> Frame:
-        """This thread's frame for calls with ``nargs`` arguments (allocated on first use)."""
+        """This thread's untyped frame for calls with ``nargs`` arguments (allocated on first use)."""
         frames = self._tls.__dict__
         frame = frames.get(nargs)
         if frame is None:
             frame = frames[nargs] = Frame(nargs)
+        return frame
+
+    def frame_for(self, sig: Signature) -> Frame:
+        """This thread's frame for ``sig``, with the fixed type words filled in (allocated on first use)."""
+        try:
+            return self._tls.frames[sig]  # type: ignore[no-any-return]
+        except AttributeError:
+            self._tls.frames = {}
+        except KeyError:
+            pass
+        frame = self._tls.frames[sig] = Frame(sig.nargs, sig.kinds)
         return frame
 
     def invoke(self, frame: Frame, device_id: int = -1, stream: int | None = None) -> None:
@@ -224,7 +251,8 @@ def pack_value(value: Any, keep: list[Any]) -> tuple[int, Any]:
 
     None -> None; bool -> Bool; int -> Int; float -> Float; :class:`OpaquePtr` -> opaque pointer;
     :class:`~fi_ffi.dtypes.DType` -> DataType; :class:`~fi_ffi.dtypes.Device` -> Device;
-    :class:`~fi_ffi.tensor.Tensor` -> DLTensor*; str -> raw C string (borrowed); bytes -> byte array; :class:`ObjectRef` -> the object (borrowed). Anything else is a TypeError.
+    :class:`~fi_ffi.tensor.Tensor` -> DLTensor*; str -> raw C string (borrowed); bytes -> byte array;
+    :class:`ObjectRef` -> the object (borrowed). Anything else is a TypeError.
     """
     if value is None:
         return NONE, 0

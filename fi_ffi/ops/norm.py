@@ -16,9 +16,8 @@ from __future__ import annotations
 from math import gcd
 from typing import Any
 
-from ..abi.call import Signature
-from ..abi.objects import BOOL, DLTENSOR_PTR, FLOAT
-from ..dtypes import CUDA, bfloat16, float16
+from ..abi.call import EntryPoint, Signature
+from ..dtypes import bfloat16, float16
 from ..streams import stream_handle
 from ..tensor import Tensor
 from . import checks
@@ -26,10 +25,9 @@ from .kernels import entry_point
 
 _URI = "norm"
 _DTYPES = (float16, bfloat16)
-_T, _F, _B = DLTENSOR_PTR, FLOAT, BOOL
 # Every norm entry point takes (tensor, tensor, tensor, eps: float, enable_pdl: bool).
 _SIG = Signature("norm", [("a", "tensor"), ("b", "tensor"), ("weight", "tensor"), ("eps", "float"),
-                          ("enable_pdl", "bool")]).pack
+                          ("enable_pdl", "bool")])
 
 __all__ = ["fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "qk_rmsnorm", "rmsnorm"]
 
@@ -49,7 +47,8 @@ def rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl:
     Returns:
         ``out``, as passed.
     """
-    return _launch("rmsnorm", _prepare_rows(2, input, weight, out, "out"), eps, enable_pdl, stream, out)
+    _run(_RMSNORM, input, weight, out, eps, enable_pdl, stream)
+    return out
 
 
 def qk_rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False,
@@ -62,13 +61,15 @@ def qk_rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_p
         weight: ``[D]``, shared by every head.
         out: ``[B, H, D]``, same dtype and device; may be strided like ``input``.
     """
-    return _launch("rmsnorm", _prepare_rows(3, input, weight, out, "out"), eps, enable_pdl, stream, out)
+    _run(_QK_RMSNORM, input, weight, out, eps, enable_pdl, stream)
+    return out
 
 
 def gemma_rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False,
                   stream: Any = None) -> Any:
     """Gemma RMSNorm: ``out = input / RMS(input) * (1 + weight)``, shapes as :func:`rmsnorm` (2-D only)."""
-    return _launch("gemma_rmsnorm", _prepare_rows(2, input, weight, out, "out"), eps, enable_pdl, stream, out)
+    _run(_GEMMA_RMSNORM, input, weight, out, eps, enable_pdl, stream)
+    return out
 
 
 def fused_add_rmsnorm(input: Any, residual: Any, weight: Any, *, eps: float = 1e-6, enable_pdl: bool = False,
@@ -80,37 +81,76 @@ def fused_add_rmsnorm(input: Any, residual: Any, weight: Any, *, eps: float = 1e
         residual: ``[B, D]``, overwritten with ``residual + input``.
         weight: ``[D]``.
     """
-    _launch("fused_add_rmsnorm", _prepare_rows(2, input, weight, residual, "residual", in_place=True), eps,
-            enable_pdl, stream, None)
+    _run(_FUSED_ADD_RMSNORM, input, weight, residual, eps, enable_pdl, stream)
 
 
 def gemma_fused_add_rmsnorm(input: Any, residual: Any, weight: Any, *, eps: float = 1e-6,
                             enable_pdl: bool = False, stream: Any = None) -> None:
     """In place, Gemma form: ``residual += input``, then ``input = residual / RMS(residual) * (1 + weight)``."""
-    _launch("gemma_fused_add_rmsnorm", _prepare_rows(2, input, weight, residual, "residual", in_place=True),
-            eps, enable_pdl, stream, None)
+    _run(_GEMMA_FUSED_ADD_RMSNORM, input, weight, residual, eps, enable_pdl, stream)
 
 
-# Descriptors are immutable, so a triple that passed the checks once passes again: remember the last one
-# per (kind, rank) and skip re-validation when a runtime calls again with the same buffers.
-_validated: dict[tuple[int, bool], tuple[Tensor, Tensor, Tensor]] = {}
+class _Op:
+    """One public norm op: its entry point, argument layout and the last argument triple that passed checks.
 
-
-def _prepare_rows(rank: int, input: Any, weight: Any, other: Any, other_name: str,
-                  in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Checked descriptors ``(first, second, weight)`` in the kernel's argument order.
-
-    For out-of-place kernels the order is (out, input, weight); for in-place ones (input, residual, weight).
+    Descriptors are immutable, so a triple that passed the checks once passes again: ``last`` lets a runtime
+    that calls again with the same buffers skip re-validation (three identity comparisons).
     """
+
+    __slots__ = ("entry", "in_place", "last", "name", "other_name", "rank")
+
+    def __init__(self, name: str, rank: int, in_place: bool) -> None:
+        self.name = name
+        self.rank = rank
+        self.in_place = in_place
+        self.other_name = "residual" if in_place else "out"
+        self.last: tuple[Tensor, Tensor, Tensor] | None = None
+        self.entry: EntryPoint | None = None
+
+
+_RMSNORM = _Op("rmsnorm", 2, False)
+_QK_RMSNORM = _Op("rmsnorm", 3, False)
+_GEMMA_RMSNORM = _Op("gemma_rmsnorm", 2, False)
+_FUSED_ADD_RMSNORM = _Op("fused_add_rmsnorm", 2, True)
+_GEMMA_FUSED_ADD_RMSNORM = _Op("gemma_fused_add_rmsnorm", 2, True)
+_INF = float("inf")
+
+
+def _run(op: _Op, input: Any, weight: Any, other: Any, eps: Any, enable_pdl: Any, stream: Any) -> None:
+    """Check (unless this exact triple passed before), pack and call. The hot path of every norm op."""
     x = input if type(input) is Tensor else checks.tensor("input", input)
     w = weight if type(weight) is Tensor else checks.tensor("weight", weight)
-    o = other if type(other) is Tensor else checks.tensor(other_name, other)
-    key = (rank, in_place)
-    last = _validated.get(key)
-    if last is None or last[0] is not x or last[1] is not o or last[2] is not w:
-        _check_rows(rank, x, w, o, other_name)
-        _validated[key] = (x, o, w)
-    return (x, o, w) if in_place else (o, x, w)
+    o = other if type(other) is Tensor else checks.tensor(op.other_name, other)
+    last = op.last
+    if last is None or last[0] is not x or last[1] is not w or last[2] is not o:
+        _check_rows(op.rank, x, w, o, op.other_name)
+        op.last = (x, w, o)
+    if type(eps) is not float or not 0.0 < eps < _INF:
+        eps = checks.positive_finite("eps", eps)
+    if type(enable_pdl) is not bool:
+        enable_pdl = checks.flag("enable_pdl", enable_pdl)
+    if stream is not None and type(stream) is not int:
+        stream = stream_handle(stream)
+    ep = op.entry or _bind(op)
+    frame = ep.frame_for(_SIG)
+    q = frame.q
+    # Argument order: (out, input, weight) for out-of-place kernels, (input, residual, weight) in place.
+    if op.in_place:
+        q[1] = x._dl_addr
+        q[3] = o._dl_addr
+    else:
+        q[1] = o._dl_addr
+        q[3] = x._dl_addr
+    q[5] = w._dl_addr
+    frame.d[7] = eps
+    q[9] = enable_pdl
+    q[10] = 0  # result: None
+    ep.invoke(frame, x.device.device_id, stream)
+
+
+def _bind(op: _Op) -> EntryPoint:
+    op.entry = entry_point(_URI, op.name)
+    return op.entry
 
 
 def _check_rows(rank: int, x: Tensor, w: Tensor, o: Tensor, other_name: str) -> None:
@@ -134,21 +174,3 @@ def _check_rows(rank: int, x: Tensor, w: Tensor, o: Tensor, other_name: str) -> 
     vec = gcd(16 // x.dtype.itemsize, d)  # the kernels load gcd(16 B / itemsize, D) elements at a time
     for name, t in (("input", x), ("weight", w), (other_name, o)):
         checks.aligned(name, t, vec)
-
-
-def _launch(name: str, tensors: tuple[Tensor, Tensor, Tensor], eps: Any, enable_pdl: Any, stream: Any,
-            result: Any) -> Any:
-    if type(eps) is not float or not 0.0 < eps < float("inf"):
-        eps = checks.positive_finite("eps", eps)
-    if type(enable_pdl) is not bool:
-        enable_pdl = checks.flag("enable_pdl", enable_pdl)
-    s = stream if stream is None or type(stream) is int else stream_handle(stream)
-    a, b, w = tensors
-    ep = entry_point(_URI, name)
-    frame = ep.frame(5)
-    _SIG.pack_into(frame.buf, 0, _T, 0, a._dl_addr, _T, 0, b._dl_addr, _T, 0, w._dl_addr, _F, 0, eps,
-                   _B, 0, enable_pdl, 0, 0, 0)
-    ep.invoke(frame, a.device.device_id if a.device.device_type == CUDA else 0, s)
-    return result
-
-
