@@ -22,12 +22,19 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .interop import as_tensor
+    from .ops.gdn import gdn_prefill, gdn_workspace_size
     from .ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, qk_rmsnorm, rmsnorm
+    from .ops.page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions
     from .streams import current_stream, stream_scope
 
 _LAZY = {
     "as_tensor": "interop",
     "stream_scope": "streams",
+    "append_paged_kv_cache": "ops.page",
+    "append_paged_mla_kv_cache": "ops.page",
+    "get_batch_indices_positions": "ops.page",
+    "gdn_prefill": "ops.gdn",
+    "gdn_workspace_size": "ops.gdn",
     "current_stream": "streams",
     "rmsnorm": "ops.norm",
     "qk_rmsnorm": "ops.norm",
@@ -58,6 +65,8 @@ __all__ = [
     "Tensor",
     "UnsupportedDeviceError",
     "__version__",
+    "append_paged_kv_cache",
+    "append_paged_mla_kv_cache",
     "as_tensor",
     "bfloat16",
     "current_stream",
@@ -65,8 +74,11 @@ __all__ = [
     "float16",
     "float32",
     "fused_add_rmsnorm",
+    "gdn_prefill",
+    "gdn_workspace_size",
     "gemma_fused_add_rmsnorm",
     "gemma_rmsnorm",
+    "get_batch_indices_positions",
     "int32",
     "int64",
     "qk_rmsnorm",

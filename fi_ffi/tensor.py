@@ -20,6 +20,8 @@ from .dtypes import Device, DType
 # byte_offset u64 @40 (48 bytes); shape and strides (int64 each) follow the record in the same block.
 _DLTENSOR = struct.Struct("<QiiiBBHQQQ")
 _MAX_NDIM = 16
+_INT64_END = 1 << 63
+_ffi: Any = None  # fi_ffi.abi.cdefs.get_ffi(), looked up on the first descriptor (an import per call costs ~2 us)
 
 
 def _device(value: Any) -> Device:
@@ -27,9 +29,11 @@ def _device(value: Any) -> Device:
         return value
     if isinstance(value, bool):
         raise TypeError(f"device: expected an int ordinal, 'cuda:N', 'cpu' or a Device, got {value!r}")
-    if isinstance(value, int):
+    if isinstance(value, int) and value >= 0:
         return _dt.cuda(value)
-    if isinstance(value, tuple) and len(value) == 2:
+    if (isinstance(value, tuple) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            and value[0] in _dt._DEVICE_NAMES and value[1] >= 0):
         return Device(int(value[0]), int(value[1]))
     if isinstance(value, str):
         kind, _, ordinal = value.partition(":")
@@ -90,8 +94,8 @@ class Tensor:
         shape_t = _int_tuple("shape", shape)
         if len(shape_t) > _MAX_NDIM:
             raise ValueError(f"shape: at most {_MAX_NDIM} dimensions, got {len(shape_t)}")
-        if any(s < 0 for s in shape_t):
-            raise ValueError(f"shape: sizes must be >= 0, got {shape_t}")
+        if any(not 0 <= s < _INT64_END for s in shape_t):
+            raise ValueError(f"shape: sizes must be in [0, 2**63), got {shape_t}")
         if strides is None:
             strides_t = contiguous_strides(shape_t)
         else:
@@ -101,10 +105,15 @@ class Tensor:
                                  f"got {strides_t}")
             if any(s < 0 for s in strides_t):
                 raise ValueError(f"strides: negative strides are not supported, got {strides_t}")
+        if strides_t and max(strides_t) >= _INT64_END:
+            raise ValueError(f"strides: steps must be < 2**63, got {strides_t}")
         self.data_ptr = data_ptr
         self.shape = shape_t
         self.strides = strides_t
-        self.dtype = _dt.dtype(dtype)
+        try:
+            self.dtype = _dt.dtype(dtype)
+        except TypeError as exc:
+            raise TypeError(f"dtype: {exc}") from None
         self.device = _device(device)
         self.ndim = len(shape_t)
         self.owner = owner
@@ -147,7 +156,10 @@ class Tensor:
         return self.numel * self.dtype.itemsize
 
     def is_contiguous(self) -> bool:
-        """True if the strides are row-major contiguous (size-1 dimensions may have any stride)."""
+        """True if the strides are row-major contiguous (size-1 dimensions may have any stride; an empty
+        tensor is contiguous)."""
+        if 0 in self.shape:
+            return True
         step = 1
         for size, stride in zip(reversed(self.shape), reversed(self.strides), strict=True):
             if size != 1 and stride != step:
@@ -180,9 +192,12 @@ def _int_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:
 
 def _make_dltensor(t: Tensor) -> tuple[Any, int]:
     """Allocate and fill the DLTensor record of ``t``; returns (owning cdata, address)."""
-    from .abi.cdefs import get_ffi
+    global _ffi
+    ffi = _ffi
+    if ffi is None:
+        from .abi.cdefs import get_ffi
 
-    ffi = get_ffi()
+        ffi = _ffi = get_ffi()
     n = t.ndim
     block = ffi.new("char[]", _DLTENSOR.size + 16 * n)
     addr = int(ffi.cast("uintptr_t", block))

@@ -1,0 +1,269 @@
+"""Gated delta rule (GDN) prefill over packed variable-length sequences (``gdn_prefill_sm90.so``, Hopper only).
+
+For each sequence ``n`` (tokens ``cu_seqlens[n]:cu_seqlens[n + 1]`` of the packed inputs) and each state head
+``h`` (``Hs = max(Hq, Hv)`` of them), with a float32 state ``S`` of shape ``[d_v, d_k]`` (k-last) that starts
+at ``input_state[n, h]`` (zeros when it is None), token by token::
+
+    S   = alpha[t, h] * S                                      # gate (decay); alpha is used as is, not exp'd
+    S   = S + beta[t, h] * outer(v[t] - S @ k[t], k[t])         # delta-rule update
+    out[t, h] = scale * (S @ q[t])
+    output_state[n, h] = S                                      # after the sequence's last token
+
+where ``q[t]``, ``k[t]``, ``v[t]`` are the rows of the heads that state head ``h`` reads:
+
+- GQA (``Hq >= Hv``, ``Hk == Hv``, ``Hq % Hv == 0``): ``Hs = Hq``; state head ``h`` reads q head ``h`` and
+  k/v head ``h // (Hq // Hv)``.
+- GVA (``Hv > Hq``, ``Hk == Hq``, ``Hv % Hq == 0``): ``Hs = Hv``; state head ``h`` reads v head ``h`` and q/k
+  head ``h // (Hv // Hq)``.
+
+``alpha`` and ``beta`` default to ones, ``scale`` to ``1 / sqrt(d)``. q and k are used as given: the kernel
+does not L2-normalize them (upstream's ``use_qk_l2norm_in_kernel`` flag never reaches it). Inputs are float16
+or bfloat16; states, gates and the accumulation float32. The kernel supports ``head_dim == 128`` only
+(``d = d_k = d_v``; its tiles and state layout are fixed at 128).
+
+The kernel is built for SM90 (Hopper) only and picks its path from the *current* CUDA device, so
+:func:`gdn_prefill` checks the compute capability of ``q``'s device first (raising
+:class:`~fi_ffi.errors.UnsupportedDeviceError` elsewhere) and makes that device current for the call,
+restoring the previous one after. All calls are asynchronous on ``stream`` and never synchronize.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..abi.call import EntryPoint, Signature
+from ..abi.objects import DLTENSOR_PTR, FLOAT, NONE
+from ..dtypes import bfloat16, float16, float32, int64, uint8
+from ..errors import KernelError, UnsupportedDeviceError
+from ..streams import stream_handle
+from ..tensor import Tensor
+from . import checks, device
+from .kernels import entry_point
+
+_URI = "gdn_prefill_sm90"
+_T, _F, _N = DLTENSOR_PTR, FLOAT, NONE
+_DTYPES = (float16, bfloat16)
+HEAD_DIM = 128
+"""The only head dimension the kernel supports (its tile and state layout are fixed at 128)."""
+WORKSPACE_BYTES_PER_SM = 128
+"""Workspace the kernel needs per streaming multiprocessor: one 128-byte TMA descriptor slot per SM."""
+_WORKSPACE_ALIGN = 64  # TMA descriptors in global memory must be 64-byte aligned
+_TMA_ALIGN = 16  # TMA and vectorized state copies need 16-byte aligned bases
+_REFUSED = ("does not support this device major version", "sm_90a is not enabled")
+
+_SIG = Signature("gdn_prefill", [
+    ("output", "tensor"), ("output_state", "tensor"), ("q", "tensor"), ("k", "tensor"), ("v", "tensor"),
+    ("cu_seqlens", "tensor"), ("input_state", "tensor?"), ("alpha", "tensor?"), ("beta", "tensor?"),
+    ("scale", "float"), ("workspace_buffer", "tensor"),
+]).pack
+
+__all__ = ["HEAD_DIM", "WORKSPACE_BYTES_PER_SM", "gdn_prefill", "gdn_workspace_size"]
+
+
+def gdn_workspace_size(device_id: int = 0) -> int:
+    """Bytes of workspace :func:`gdn_prefill` needs on CUDA device ``device_id``: ``sm_count * 128``.
+
+    Raises :class:`~fi_ffi.errors.UnsupportedDeviceError` if the device cannot be queried (no GPU or driver).
+    """
+    device_id = checks.integer("device_id", device_id, 0)
+    return device.sm_count(device_id) * WORKSPACE_BYTES_PER_SM
+
+
+def gdn_prefill(q: Any, k: Any, v: Any, cu_seqlens: Any, output: Any, output_state: Any, workspace: Any, *,
+                input_state: Any = None, alpha: Any = None, beta: Any = None, scale: float | None = None,
+                stream: Any = None) -> tuple[Any, Any]:
+    """Gated delta rule prefill of ``N`` packed sequences (see the module docstring for the math).
+
+    Shapes: ``S`` packed tokens, ``N`` sequences, ``Hq``/``Hk``/``Hv`` heads (GQA or GVA, see the module
+    docstring), ``Hs = max(Hq, Hv)``, ``d = 128``. Every tensor is on the same CUDA device (an SM90 GPU) and
+    contiguous.
+
+    Args:
+        q: ``[S, Hq, d]`` float16 or bfloat16.
+        k: ``[S, Hk, d]``, ``q``'s dtype.
+        v: ``[S, Hv, d]``, ``q``'s dtype.
+        cu_seqlens: int64 ``[N + 1]``, ``N >= 1``: sequence ``n`` is tokens ``cu_seqlens[n]:cu_seqlens[n + 1]``.
+            Device memory, so its values are not checked: it must start at 0, be non-decreasing and end at
+            ``S``.
+        output: ``[S, Hs, d]``, ``q``'s dtype; written.
+        output_state: float32 ``[N, Hs, d, d]`` in k-last layout ``[N, H, V, K]``; written with each
+            sequence's final state.
+        workspace: uint8 ``[bytes]`` scratch of at least :func:`gdn_workspace_size` bytes, 64-byte aligned.
+            The kernel keeps one TMA descriptor per SM in it, so launches that may run concurrently (on
+            different streams) need distinct workspaces.
+        input_state: optional float32 ``[N, Hs, d, d]`` (k-last) initial states; None means zeros. It may be
+            ``output_state`` itself (each state is read before it is overwritten, by the same threads).
+        alpha: optional float32 ``[S, Hs]`` per-token decay gate, applied to the state as is (not
+            exponentiated); None means ones (no decay).
+        beta: optional float32 ``[S, Hs]`` per-token update strength; None means ones.
+        scale: query scale, finite and > 0; None means ``1 / sqrt(d)``.
+        stream: where the kernel runs; ``None`` means TVM-FFI's current stream for ``q``'s device.
+
+    Returns:
+        ``(output, output_state)``, as passed.
+
+    Raises:
+        UnsupportedDeviceError: ``q``'s device is not SM90, or no CUDA device is available.
+    """
+    _gdn_prefill(q, k, v, cu_seqlens, output, output_state, workspace, input_state, alpha, beta, scale, stream,
+                 False)
+    return output, output_state
+
+
+# The last validated argument set and its packed argument slots (result slot None); the bound entry point.
+_memo: list[tuple[tuple[Any, ...], bytes]] = [((), b"")]
+_bound: list[EntryPoint | None] = [None]
+
+
+def _bind() -> EntryPoint:
+    ep = _bound[0] = entry_point(_URI, "gdn_prefill")
+    return ep
+
+
+def _gdn_prefill(q: Any, k: Any, v: Any, cu_seqlens: Any, output: Any, output_state: Any, workspace: Any,
+                 input_state: Any, alpha: Any, beta: Any, scale: Any, stream: Any, skip_arch_check: bool) -> None:
+    """The body of :func:`gdn_prefill`.
+
+    Internal: ``skip_arch_check=True`` exists only for the CPU tests, which must reach the kernel module's own
+    argument checks on a machine without a GPU. It skips the compute-capability check, the workspace-size
+    check and making ``q``'s device current (all three need a CUDA driver). Never use it elsewhere.
+    """
+    qt = q if type(q) is Tensor else checks.tensor("q", q)
+    kt = k if type(k) is Tensor else checks.tensor("k", k)
+    vt = v if type(v) is Tensor else checks.tensor("v", v)
+    cu = cu_seqlens if type(cu_seqlens) is Tensor else checks.tensor("cu_seqlens", cu_seqlens)
+    ot = output if type(output) is Tensor else checks.tensor("output", output)
+    st = output_state if type(output_state) is Tensor else checks.tensor("output_state", output_state)
+    ws = workspace if type(workspace) is Tensor else checks.tensor("workspace", workspace)
+    it = input_state if input_state is None or type(input_state) is Tensor else checks.tensor("input_state",
+                                                                                            input_state)
+    at = alpha if alpha is None or type(alpha) is Tensor else checks.tensor("alpha", alpha)
+    bt = beta if beta is None or type(beta) is Tensor else checks.tensor("beta", beta)
+    if scale is None:
+        sc = 0.0  # the kernel's "default": 1 / sqrt(head_dim)
+    elif type(scale) is float and 0.0 < scale < float("inf"):
+        sc = scale
+    else:
+        sc = checks.positive_finite("scale", scale)
+    # Descriptors are immutable and compare by identity: a set that passed the checks once passes again, and its
+    # packed argument slots are the same bytes, so a repeated call only copies them into the frame.
+    key = (qt, kt, vt, cu, ot, st, ws, it, at, bt, sc, skip_arch_check)
+    memo = _memo[0]
+    if key != memo[0]:
+        _check(qt, kt, vt, cu, ot, st, ws, it, at, bt)
+        if not skip_arch_check:
+            _check_arch(qt)
+            dev = qt.device.device_id
+            need = device.sm_count(dev) * WORKSPACE_BYTES_PER_SM
+            if ws.shape[0] < need:
+                raise ValueError(f"workspace: expected at least {need} bytes (gdn_workspace_size({dev}): "
+                                 f"{WORKSPACE_BYTES_PER_SM} per SM), got {ws.shape[0]}")
+        memo = _memo[0] = (key, _SIG.pack(
+            _T, 0, ot._dl_addr, _T, 0, st._dl_addr, _T, 0, qt._dl_addr, _T, 0, kt._dl_addr, _T, 0, vt._dl_addr,
+            _T, 0, cu._dl_addr, _N if it is None else _T, 0, 0 if it is None else it._dl_addr,
+            _N if at is None else _T, 0, 0 if at is None else at._dl_addr,
+            _N if bt is None else _T, 0, 0 if bt is None else bt._dl_addr, _F, 0, sc, _T, 0, ws._dl_addr, 0, 0, 0))
+    s = stream if stream is None or type(stream) is int else stream_handle(stream)
+    dev = qt.device.device_id
+    ep = _bound[0] or _bind()
+    frame = ep.frame(11)
+    frame.buf[:] = memo[1]
+    previous = -1 if skip_arch_check else device.make_current(dev)
+    try:
+        ep.invoke(frame, dev, s)
+    except KernelError as err:
+        if any(text in err.message for text in _REFUSED):
+            raise UnsupportedDeviceError(
+                f"gdn_prefill: the GDN prefill kernel refused the current CUDA device ({err.message.strip()}); "
+                f"it runs on SM90 (Hopper) GPUs only") from err
+        raise
+    finally:
+        if previous >= 0:
+            device.restore(previous)
+
+
+def _check_arch(qt: Tensor) -> None:
+    dev = qt.device.device_id
+    try:
+        major, minor = device.compute_capability(dev)
+    except UnsupportedDeviceError as err:
+        raise UnsupportedDeviceError(f"gdn_prefill: cannot run on {qt.device}: {err}") from err
+    if major != 9:
+        raise UnsupportedDeviceError(
+            f"gdn_prefill: the GDN prefill kernel runs on SM90 (Hopper, compute capability 9.x) only; "
+            f"{qt.device} has compute capability {major}.{minor}")
+
+
+def _check(qt: Tensor, kt: Tensor, vt: Tensor, cu: Tensor, ot: Tensor, st: Tensor, ws: Tensor,
+           it: Tensor | None, at: Tensor | None, bt: Tensor | None) -> None:
+    checks.ndim("q", qt, 3, "[S, Hq, d]")
+    checks.dtype_in("q", qt, _DTYPES)
+    checks.ndim("k", kt, 3, "[S, Hk, d]")
+    checks.same_dtype("k", kt, "q", qt)
+    checks.ndim("v", vt, 3, "[S, Hv, d]")
+    checks.same_dtype("v", vt, "q", qt)
+    packed, hq, d = qt.shape
+    hk, hv = kt.shape[1], vt.shape[1]
+    if d != HEAD_DIM:
+        raise ValueError(f"q: the kernel supports head_dim {HEAD_DIM} only, got shape {qt.shape}")
+    if packed < 1:
+        raise ValueError(f"q: expected at least one packed token, got shape {qt.shape}")
+    if kt.shape[0] != packed or kt.shape[2] != d:
+        raise ValueError(f"k: expected [{packed}, Hk, {d}] (S and d of q), got {kt.shape}")
+    if vt.shape[0] != packed or vt.shape[2] != d:
+        raise ValueError(f"v: expected [{packed}, Hv, {d}] (S and d of q), got {vt.shape}")
+    if hq < 1 or hk < 1 or hv < 1:
+        raise ValueError(f"q, k, v: expected at least one head each, got Hq={hq}, Hk={hk}, Hv={hv}")
+    if hq >= hv:  # GQA: groups of q heads share one k/v head
+        if hk != hv or hq % hv:
+            raise ValueError(f"k, v: with Hq >= Hv (GQA) the kernel needs Hk == Hv and Hq a multiple of Hv, got "
+                             f"Hq={hq}, Hk={hk}, Hv={hv}")
+    elif hk != hq or hv % hq:  # GVA: groups of v heads share one q/k head
+        raise ValueError(f"k, v: with Hv > Hq (GVA) the kernel needs Hk == Hq and Hv a multiple of Hq, got "
+                         f"Hq={hq}, Hk={hk}, Hv={hv}")
+    _dense("q", qt, qt)
+    _dense("k", kt, qt)
+    _dense("v", vt, qt)
+    hs = max(hq, hv)
+    checks.ndim("cu_seqlens", cu, 1, "[N + 1]")
+    if cu.dtype != int64:
+        raise TypeError(f"cu_seqlens: expected dtype int64 (the kernel reads it as int64), got {cu.dtype.name}")
+    _dense("cu_seqlens", cu, qt, align=False)
+    nseq = cu.shape[0] - 1
+    if nseq < 1:
+        raise ValueError(f"cu_seqlens: expected [N + 1] offsets with N >= 1 sequences, got shape {cu.shape}")
+    checks.shape("output", ot, (packed, hs, d), "[S, max(Hq, Hv), d]")
+    checks.same_dtype("output", ot, "q", qt)
+    _dense("output", ot, qt)
+    state = (nseq, hs, d, d)
+    checks.shape("output_state", st, state, "[N, max(Hq, Hv), d, d]")
+    if st.dtype != float32:
+        raise TypeError(f"output_state: expected dtype float32, got {st.dtype.name}")
+    _dense("output_state", st, qt)
+    if it is not None:
+        checks.shape("input_state", it, state, "[N, max(Hq, Hv), d, d]")
+        if it.dtype != float32:
+            raise TypeError(f"input_state: expected dtype float32, got {it.dtype.name}")
+        _dense("input_state", it, qt)
+    for name, gate in (("alpha", at), ("beta", bt)):
+        if gate is not None:
+            checks.shape(name, gate, (packed, hs), "[S, max(Hq, Hv)]")
+            if gate.dtype != float32:
+                raise TypeError(f"{name}: expected dtype float32, got {gate.dtype.name}")
+            _dense(name, gate, qt, align=False)
+    checks.ndim("workspace", ws, 1, "[bytes]")
+    if ws.dtype != uint8:
+        raise TypeError(f"workspace: expected dtype uint8, got {ws.dtype.name}")
+    _dense("workspace", ws, qt, align=False)
+    if ws.data_ptr % _WORKSPACE_ALIGN:
+        raise ValueError(f"workspace: data pointer 0x{ws.data_ptr:x} must be {_WORKSPACE_ALIGN}-byte aligned "
+                         f"(it holds TMA descriptors)")
+
+
+def _dense(name: str, t: Tensor, ref: Tensor, align: bool = True) -> None:
+    """``t`` is on ``ref``'s CUDA device and contiguous (the kernel derives every stride from the shapes)."""
+    checks.same_device(name, t, "q", ref)
+    checks.cuda(name, t)
+    checks.contiguous(name, t)
+    if align and t.data_ptr % _TMA_ALIGN:
+        raise ValueError(f"{name}: data pointer 0x{t.data_ptr:x} must be {_TMA_ALIGN}-byte aligned (TMA loads)")

@@ -1,0 +1,483 @@
+"""Appending new tokens to a paged KV cache (``page.so``), plus the host-side index helpers runtimes need.
+
+The cache of a batch of requests is a pool of pages. Request ``b`` owns the pages
+``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]`` (in order), all full except the last, which holds
+``kv_last_page_len[b]`` tokens, so it holds ``seq_len[b] = (pages - 1) * page_size + kv_last_page_len[b]``
+tokens (see :func:`get_seq_lens`). Appended token ``i`` goes to request ``batch_indices[i]`` at position
+``positions[i]`` of that request, that is page ``kv_indices[kv_indptr[b] + positions[i] // page_size]``, slot
+``positions[i] % page_size``. The page table must already include the appended tokens: grow ``kv_indptr``,
+``kv_indices`` and ``kv_last_page_len`` first, then append. :func:`get_batch_indices_positions` derives
+``batch_indices`` and ``positions`` from the append lengths and the new sequence lengths.
+
+What is checked before the kernel is called: ranks, shapes (tokens vs pages vs heads vs head_dim), dtypes,
+int32 index dtypes (the kernel reads every index array as int32 without looking), devices, contiguity,
+alignment and the cache layout. The index arrays live in device memory, so their *values* cannot be checked
+without a device-to-host copy (and a sync): positions past a request's pages or page ids past the pool are
+not detected and corrupt memory. Runtimes that keep host copies of their index arrays (they usually build
+them on the host) can check the values with :func:`check_append_positions`.
+
+All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..abi.call import EntryPoint, Signature
+from ..abi.objects import DLTENSOR_PTR, INT
+from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32
+from ..streams import stream_handle
+from ..tensor import Tensor
+from . import checks
+from .kernels import entry_point
+
+_URI = "page"
+_T, _I = DLTENSOR_PTR, INT
+_CACHE_DTYPES = (float16, bfloat16, float8_e4m3fn, float8_e5m2)
+_HEAD_DIMS = (64, 128, 256, 512)
+_MLA_CKV_DIM, _MLA_KPE_DIM = 512, 64
+_LAYOUTS = {"NHD": 0, "HND": 1}
+_STRIDE_LIMIT = 1 << 32  # the kernel keeps cache strides in uint32
+_MAX_THREADS = 1024
+
+_SIG_KV = Signature("append_paged_kv_cache", [
+    ("append_key", "tensor"), ("append_value", "tensor"), ("batch_indices", "tensor"), ("positions", "tensor"),
+    ("paged_k_cache", "tensor"), ("paged_v_cache", "tensor"), ("kv_indices", "tensor"), ("kv_indptr", "tensor"),
+    ("kv_last_page_len", "tensor"), ("layout", "int"),
+]).pack
+_SIG_MLA = Signature("append_paged_mla_kv_cache", [
+    ("append_ckv", "tensor"), ("append_kpe", "tensor"), ("batch_indices", "tensor"), ("positions", "tensor"),
+    ("ckv_cache", "tensor"), ("kpe_cache", "tensor"), ("kv_indices", "tensor"), ("kv_indptr", "tensor"),
+    ("kv_last_page_len", "tensor"),
+]).pack
+
+__all__ = [
+    "append_paged_kv_cache",
+    "append_paged_mla_kv_cache",
+    "check_append_positions",
+    "get_batch_indices_positions",
+    "get_seq_lens",
+]
+
+
+def append_paged_kv_cache(append_key: Any, append_value: Any, batch_indices: Any, positions: Any, k_cache: Any,
+                          v_cache: Any, kv_indices: Any, kv_indptr: Any, kv_last_page_len: Any, *,
+                          layout: str = "NHD", stream: Any = None) -> None:
+    """Write ``nnz`` new key/value tokens of several requests into a paged K/V cache.
+
+    Args:
+        append_key: ``[nnz, num_kv_heads, head_dim]``, float16/bfloat16/float8_e4m3fn/float8_e5m2 (the cache's
+            dtype), on a CUDA device; last dimension contiguous, the other two may be strided (slices of a fused
+            QKV tensor). ``head_dim`` is 64, 128, 256 or 512.
+        append_value: same shape, dtype and device as ``append_key``.
+        batch_indices: int32 ``[nnz]``, contiguous, device memory: the request of each token.
+        positions: int32 ``[nnz]``, contiguous, device memory: the position of each token in its request
+            (0-based, counting every token the request holds, appended ones included).
+        k_cache: ``[num_pages, page_size, num_kv_heads, head_dim]`` (``layout="NHD"``) or ``[num_pages,
+            num_kv_heads, page_size, head_dim]`` (``"HND"``), written in place; last dimension contiguous,
+            the others may be strided (e.g. ``kv[:, 0]`` of a combined ``[num_pages, 2, ...]`` cache).
+        v_cache: same shape, dtype, device and **identical strides** as ``k_cache``.
+        kv_indices: int32 ``[total_pages]``, contiguous, device memory: the page ids of all requests.
+        kv_indptr: int32 ``[batch + 1]``, contiguous, device memory: request ``b``'s pages are
+            ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``.
+        kv_last_page_len: int32 ``[batch]``, contiguous, device memory: tokens in each request's last page.
+        layout: ``"NHD"`` or ``"HND"``, the order of the page, head and token dimensions of the caches.
+        stream: where the kernel runs; ``None`` means TVM-FFI's current stream for the device.
+
+    The index arrays' values are not checked (they are device memory): positions must fit the pages listed
+    and page ids must be ``< num_pages``, or the kernel writes out of bounds. See
+    :func:`check_append_positions`. ``nnz == 0`` is a no-op (no launch).
+    """
+    code = _LAYOUTS.get(layout) if type(layout) is str else None
+    if code is None:
+        raise (ValueError if isinstance(layout, str) else TypeError)(
+            f"layout: expected 'NHD' or 'HND', got {layout!r}")
+    ak = append_key if type(append_key) is Tensor else checks.tensor("append_key", append_key)
+    av = append_value if type(append_value) is Tensor else checks.tensor("append_value", append_value)
+    bi = batch_indices if type(batch_indices) is Tensor else checks.tensor("batch_indices", batch_indices)
+    po = positions if type(positions) is Tensor else checks.tensor("positions", positions)
+    kc = k_cache if type(k_cache) is Tensor else checks.tensor("k_cache", k_cache)
+    vc = v_cache if type(v_cache) is Tensor else checks.tensor("v_cache", v_cache)
+    ki = kv_indices if type(kv_indices) is Tensor else checks.tensor("kv_indices", kv_indices)
+    kp = kv_indptr if type(kv_indptr) is Tensor else checks.tensor("kv_indptr", kv_indptr)
+    kl = kv_last_page_len if type(kv_last_page_len) is Tensor else checks.tensor("kv_last_page_len",
+                                                                                 kv_last_page_len)
+    # Descriptors are immutable and compare by identity: a tuple that passed the checks once passes again, and
+    # its packed argument slots are the same bytes, so a repeated call only copies them into the frame.
+    key = (ak, av, bi, po, kc, vc, ki, kp, kl, code)
+    memo = _memo.get("kv")
+    if memo is None or key != memo[0]:
+        _check_kv(ak, av, bi, po, kc, vc, ki, kp, kl, code)
+        memo = _memo["kv"] = (key, _SIG_KV.pack(
+            _T, 0, ak._dl_addr, _T, 0, av._dl_addr, _T, 0, bi._dl_addr, _T, 0, po._dl_addr, _T, 0, kc._dl_addr,
+            _T, 0, vc._dl_addr, _T, 0, ki._dl_addr, _T, 0, kp._dl_addr, _T, 0, kl._dl_addr, _I, 0, code, 0, 0, 0))
+    if not ak.shape[0]:
+        return None
+    s = stream if stream is None or type(stream) is int else stream_handle(stream)
+    ep = _bound.get("append_paged_kv_cache") or _bind("append_paged_kv_cache")
+    frame = ep.frame(10)
+    frame.buf[:] = memo[1]
+    ep.invoke(frame, ak.device.device_id, s)
+    return None
+
+
+def append_paged_mla_kv_cache(append_ckv: Any, append_kpe: Any, batch_indices: Any, positions: Any, ckv_cache: Any,
+                              kpe_cache: Any, kv_indices: Any, kv_indptr: Any, kv_last_page_len: Any, *,
+                              stream: Any = None) -> None:
+    """Write ``nnz`` new MLA tokens (compressed KV and its RoPE part) into a paged MLA cache.
+
+    Args:
+        append_ckv: ``[nnz, 512]`` compressed KV, float16/bfloat16/float8_e4m3fn/float8_e5m2 (the caches'
+            dtype), on a CUDA device; last dimension contiguous, rows may be strided.
+        append_kpe: ``[nnz, 64]`` RoPE part of the keys, same dtype and device.
+        batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len: as for
+            :func:`append_paged_kv_cache` (int32, contiguous, device memory; values not checked).
+        ckv_cache: ``[num_pages, page_size, 512]``, written in place; last dimension contiguous.
+        kpe_cache: ``[num_pages, page_size, 64]``, same dtype and device; its strides may differ from
+            ``ckv_cache``'s.
+        stream: where the kernel runs; ``None`` means TVM-FFI's current stream for the device.
+
+    The kernel only supports ``ckv_dim == 512`` and ``kpe_dim == 64`` (DeepSeek MLA). ``nnz == 0`` is a no-op.
+    """
+    ac = append_ckv if type(append_ckv) is Tensor else checks.tensor("append_ckv", append_ckv)
+    ap = append_kpe if type(append_kpe) is Tensor else checks.tensor("append_kpe", append_kpe)
+    bi = batch_indices if type(batch_indices) is Tensor else checks.tensor("batch_indices", batch_indices)
+    po = positions if type(positions) is Tensor else checks.tensor("positions", positions)
+    cc = ckv_cache if type(ckv_cache) is Tensor else checks.tensor("ckv_cache", ckv_cache)
+    pc = kpe_cache if type(kpe_cache) is Tensor else checks.tensor("kpe_cache", kpe_cache)
+    ki = kv_indices if type(kv_indices) is Tensor else checks.tensor("kv_indices", kv_indices)
+    kp = kv_indptr if type(kv_indptr) is Tensor else checks.tensor("kv_indptr", kv_indptr)
+    kl = kv_last_page_len if type(kv_last_page_len) is Tensor else checks.tensor("kv_last_page_len",
+                                                                                 kv_last_page_len)
+    key = (ac, ap, bi, po, cc, pc, ki, kp, kl)
+    memo = _memo.get("mla")
+    if memo is None or key != memo[0]:
+        _check_mla(ac, ap, bi, po, cc, pc, ki, kp, kl)
+        memo = _memo["mla"] = (key, _SIG_MLA.pack(
+            _T, 0, ac._dl_addr, _T, 0, ap._dl_addr, _T, 0, bi._dl_addr, _T, 0, po._dl_addr, _T, 0, cc._dl_addr,
+            _T, 0, pc._dl_addr, _T, 0, ki._dl_addr, _T, 0, kp._dl_addr, _T, 0, kl._dl_addr, 0, 0, 0))
+    if not ac.shape[0]:
+        return None
+    s = stream if stream is None or type(stream) is int else stream_handle(stream)
+    ep = _bound.get("append_paged_mla_kv_cache") or _bind("append_paged_mla_kv_cache")
+    frame = ep.frame(9)
+    frame.buf[:] = memo[1]
+    ep.invoke(frame, ac.device.device_id, s)
+    return None
+
+
+# Per entry point: the last validated descriptor tuple and its packed argument slots (result slot None).
+_memo: dict[str, tuple[tuple[Any, ...], bytes]] = {}
+_bound: dict[str, EntryPoint] = {}
+
+
+def _bind(name: str) -> EntryPoint:
+    ep = _bound[name] = entry_point(_URI, name)
+    return ep
+
+
+def _check_kv(ak: Tensor, av: Tensor, bi: Tensor, po: Tensor, kc: Tensor, vc: Tensor, ki: Tensor, kp: Tensor,
+              kl: Tensor, code: int) -> None:
+    tokens = "[nnz, num_kv_heads, head_dim]"
+    checks.ndim("append_key", ak, 3, tokens)
+    checks.dtype_in("append_key", ak, _CACHE_DTYPES)
+    checks.cuda("append_key", ak)
+    checks.last_dim_contiguous("append_key", ak)
+    checks.shape("append_value", av, ak.shape, tokens)
+    checks.same_dtype("append_value", av, "append_key", ak)
+    checks.same_device("append_value", av, "append_key", ak)
+    checks.cuda("append_value", av)
+    checks.last_dim_contiguous("append_value", av)
+    pages = "[num_pages, page_size, num_kv_heads, head_dim]" if code == 0 else \
+        "[num_pages, num_kv_heads, page_size, head_dim]"
+    checks.ndim("k_cache", kc, 4, pages)
+    if kc.dtype != ak.dtype:
+        raise TypeError(f"append_key: expected k_cache's dtype {kc.dtype.name} (the kernel reads the new tokens "
+                        f"as the cache's type), got {ak.dtype.name}")
+    checks.same_device("k_cache", kc, "append_key", ak)
+    checks.cuda("k_cache", kc)
+    checks.last_dim_contiguous("k_cache", kc)
+    checks.shape("v_cache", vc, kc.shape, pages)
+    checks.same_dtype("v_cache", vc, "k_cache", kc)
+    checks.same_device("v_cache", vc, "k_cache", kc)
+    checks.cuda("v_cache", vc)
+    if vc.strides != kc.strides:
+        raise ValueError(f"v_cache: expected the same strides as k_cache {kc.strides} (the kernel addresses both "
+                         f"with k_cache's), got {vc.strides}")
+    if code == 0:
+        _, page_size, heads, head_dim = kc.shape
+    else:
+        _, heads, page_size, head_dim = kc.shape
+    if page_size < 1 or heads < 1:
+        raise ValueError(f"k_cache: expected page_size >= 1 and num_kv_heads >= 1 in {pages}, got shape {kc.shape}")
+    if head_dim not in _HEAD_DIMS:
+        raise ValueError(f"k_cache: expected head_dim (last dimension) in {_HEAD_DIMS}, got {head_dim}")
+    if ak.shape[1] != heads or ak.shape[2] != head_dim:
+        raise ValueError(f"append_key: expected [nnz, {heads}, {head_dim}] to match k_cache {kc.shape} "
+                         f"({'HND' if code else 'NHD'}), got {ak.shape}")
+    _fits_uint32("k_cache", kc)
+    itemsize = ak.dtype.itemsize
+    vec = max(16 // itemsize, head_dim // 32)
+    threads = head_dim // vec * heads
+    if threads > _MAX_THREADS:
+        raise ValueError(f"append_key: too many heads for the kernel: num_kv_heads {heads} x head_dim {head_dim} "
+                         f"needs {threads} threads per block (head_dim / {vec} per head), at most {_MAX_THREADS}")
+    align = min(vec, 16 // itemsize)  # the kernel moves `vec` elements per thread in 16-byte pieces
+    for name, t in (("append_key", ak), ("append_value", av), ("k_cache", kc), ("v_cache", vc)):
+        checks.aligned(name, t, align)
+    _check_indices(ak, "append_key", bi, po, ki, kp, kl)
+
+
+def _check_mla(ac: Tensor, ap: Tensor, bi: Tensor, po: Tensor, cc: Tensor, pc: Tensor, ki: Tensor, kp: Tensor,
+               kl: Tensor) -> None:
+    checks.ndim("append_ckv", ac, 2, "[nnz, 512]")
+    checks.dtype_in("append_ckv", ac, _CACHE_DTYPES)
+    checks.cuda("append_ckv", ac)
+    checks.last_dim_contiguous("append_ckv", ac)
+    nnz = ac.shape[0]
+    if ac.shape[1] != _MLA_CKV_DIM:
+        raise ValueError(f"append_ckv: the kernel supports ckv_dim {_MLA_CKV_DIM} only, got shape {ac.shape}")
+    checks.shape("append_kpe", ap, (nnz, _MLA_KPE_DIM), "[nnz, 64]; the kernel supports kpe_dim 64 only")
+    checks.same_dtype("append_kpe", ap, "append_ckv", ac)
+    checks.same_device("append_kpe", ap, "append_ckv", ac)
+    checks.cuda("append_kpe", ap)
+    checks.last_dim_contiguous("append_kpe", ap)
+    checks.ndim("ckv_cache", cc, 3, "[num_pages, page_size, 512]")
+    if cc.dtype != ac.dtype:
+        raise TypeError(f"append_ckv: expected ckv_cache's dtype {cc.dtype.name} (the kernel reads the new tokens "
+                        f"as the cache's type), got {ac.dtype.name}")
+    checks.same_device("ckv_cache", cc, "append_ckv", ac)
+    checks.cuda("ckv_cache", cc)
+    checks.last_dim_contiguous("ckv_cache", cc)
+    num_pages, page_size, ckv_dim = cc.shape
+    if ckv_dim != _MLA_CKV_DIM:
+        raise ValueError(f"ckv_cache: expected [num_pages, page_size, {_MLA_CKV_DIM}], got shape {cc.shape}")
+    if page_size < 1:
+        raise ValueError(f"ckv_cache: expected page_size >= 1, got shape {cc.shape}")
+    checks.shape("kpe_cache", pc, (num_pages, page_size, _MLA_KPE_DIM), "[num_pages, page_size, 64]")
+    checks.same_dtype("kpe_cache", pc, "ckv_cache", cc)
+    checks.same_device("kpe_cache", pc, "ckv_cache", cc)
+    checks.cuda("kpe_cache", pc)
+    checks.last_dim_contiguous("kpe_cache", pc)
+    _fits_uint32("ckv_cache", cc)
+    _fits_uint32("kpe_cache", pc)
+    for name, t in (("append_ckv", ac), ("append_kpe", ap), ("ckv_cache", cc), ("kpe_cache", pc)):
+        checks.aligned(name, t, 2)  # two elements per thread
+    _check_indices(ac, "append_ckv", bi, po, ki, kp, kl)
+
+
+def _fits_uint32(name: str, t: Tensor) -> None:
+    if any(s >= _STRIDE_LIMIT for s in t.strides):
+        raise ValueError(f"{name}: strides must be < 2**32 elements (the kernel keeps cache strides in 32 bits), "
+                         f"got {t.strides}")
+
+
+def _check_indices(ref: Tensor, ref_name: str, bi: Tensor, po: Tensor, ki: Tensor, kp: Tensor, kl: Tensor) -> None:
+    nnz = ref.shape[0]
+    _index("batch_indices", bi, ref, ref_name, "[nnz]")
+    _index("positions", po, ref, ref_name, "[nnz]")
+    _index("kv_indices", ki, ref, ref_name, "[total_pages]")
+    _index("kv_last_page_len", kl, ref, ref_name, "[batch]")
+    _index("kv_indptr", kp, ref, ref_name, "[batch + 1]")
+    checks.shape("batch_indices", bi, (nnz,), f"[nnz], nnz = {ref_name}.shape[0]")
+    checks.shape("positions", po, (nnz,), f"[nnz], nnz = {ref_name}.shape[0]")
+    batch = kl.shape[0]
+    checks.shape("kv_indptr", kp, (batch + 1,), "[batch + 1], batch = kv_last_page_len.shape[0]")
+
+
+def _index(name: str, t: Tensor, ref: Tensor, ref_name: str, layout: str) -> None:
+    checks.ndim(name, t, 1, layout)
+    if t.dtype != int32:
+        raise TypeError(f"{name}: expected dtype int32 (the kernel reads every index array as int32), "
+                        f"got {t.dtype.name}")
+    checks.same_device(name, t, ref_name, ref)
+    checks.cuda(name, t)
+    checks.contiguous(name, t)
+
+
+# --- host-side helpers (numpy) -------------------------------------------------------------------------------
+
+
+def _host_ints(name: str, value: Any) -> np.ndarray:
+    """``value`` as a 1-D integer numpy array read on the host (no copy when it already is one)."""
+    if isinstance(value, Tensor) or hasattr(value, "__cuda_array_interface__"):
+        raise TypeError(f"{name}: expected a host array (numpy array, list, CPU tensor), got a device tensor; "
+                        f"keep a host copy of the index arrays for this helper")
+    device = getattr(value, "device", None)
+    if device is not None and getattr(device, "type", "cpu") != "cpu":
+        raise TypeError(f"{name}: expected a host array (numpy array, list, CPU tensor), got one on {device}")
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # whatever the producer raises, the message names the argument
+        raise TypeError(f"{name}: expected a 1-D integer array, got {type(value).__name__} ({exc})") from exc
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
+        raise TypeError(f"{name}: expected an integer array, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _indptr(name: str, value: Any) -> np.ndarray:
+    arr = _host_ints(name, value)
+    if arr.size == 0:
+        raise ValueError(f"{name}: expected [batch + 1] offsets (at least one entry), got an empty array")
+    if arr[0] != 0:
+        raise ValueError(f"{name}: expected offsets starting at 0, got {name}[0] = {arr[0]}")
+    steps = np.diff(arr)
+    if (steps < 0).any():
+        b = int(np.argmax(steps < 0))
+        raise ValueError(f"{name}: expected non-decreasing offsets, got {name}[{b}] = {arr[b]} > "
+                         f"{name}[{b + 1}] = {arr[b + 1]}")
+    return arr
+
+
+def get_seq_lens(kv_indptr: Any, kv_last_page_len: Any, page_size: int) -> np.ndarray:
+    """Tokens held by each request: ``(pages - 1) * page_size + kv_last_page_len`` (0 for a request with no page).
+
+    Args:
+        kv_indptr: host integer array ``[batch + 1]``, page offsets per request (starts at 0, non-decreasing).
+        kv_last_page_len: host integer array ``[batch]``, each in ``[1, page_size]`` for a request with pages.
+        page_size: tokens per page, >= 1.
+
+    Returns:
+        int32 numpy array ``[batch]``.
+    """
+    page_size = checks.integer("page_size", page_size, 1)
+    indptr = _indptr("kv_indptr", kv_indptr)
+    last = _host_ints("kv_last_page_len", kv_last_page_len)
+    if last.shape != (indptr.size - 1,):
+        raise ValueError(f"kv_last_page_len: expected shape ({indptr.size - 1},) to match kv_indptr "
+                         f"[batch + 1], got {last.shape}")
+    pages = np.diff(indptr)
+    bad = (pages > 0) & ((last < 1) | (last > page_size))
+    if bad.any():
+        b = int(np.argmax(bad))
+        raise ValueError(f"kv_last_page_len: expected values in [1, {page_size}] (page_size) for requests with "
+                         f"pages, got kv_last_page_len[{b}] = {last[b]}")
+    seq = np.where(pages > 0, (pages - 1) * page_size + last, 0)
+    return _int32("seq_lens", seq)
+
+
+def get_batch_indices_positions(append_indptr: Any, seq_lens: Any, nnz: int | None = None, *,
+                                batch_indices: np.ndarray | None = None,
+                                positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Request and position of every appended token, from the append offsets and the new sequence lengths.
+
+    Request ``b`` appends the tokens ``append_indptr[b]:append_indptr[b + 1]``; they are the *last*
+    ``n_b = append_indptr[b + 1] - append_indptr[b]`` tokens of the request, which holds ``seq_lens[b]`` tokens
+    once they are appended. So for token ``i`` of request ``b``::
+
+        batch_indices[i] = b
+        positions[i]     = seq_lens[b] - append_indptr[b + 1] + i      # seq_lens[b] - n_b, ..., seq_lens[b] - 1
+
+    (the same mapping as upstream ``flashinfer.page.get_batch_indices_positions``). Example: ``append_indptr
+    = [0, 1, 3, 6, 10]``, ``seq_lens = [5, 5, 5, 5]`` gives ``batch_indices = [0, 1, 1, 2, 2, 2, 3, 3, 3, 3]``,
+    ``positions = [4, 3, 4, 2, 3, 4, 1, 2, 3, 4]``.
+
+    Args:
+        append_indptr: host integer array ``[batch + 1]``: starts at 0, non-decreasing.
+        seq_lens: host integer array ``[batch]``: tokens of each request *after* the append (see
+            :func:`get_seq_lens`); ``seq_lens[b] >= n_b``.
+        nnz: optional total number of appended tokens; if given it must equal ``append_indptr[-1]``.
+        batch_indices, positions: optional int32 numpy arrays ``[nnz]`` to write into (no allocation for the
+            results; reuse them every step). They must be C-contiguous and writeable.
+
+    Returns:
+        ``(batch_indices, positions)``, int32 numpy arrays ``[nnz]`` (the ones passed, if any). Upload them to
+        the device for :func:`append_paged_kv_cache`.
+    """
+    indptr = _indptr("append_indptr", append_indptr)
+    seq = _host_ints("seq_lens", seq_lens)
+    batch = indptr.size - 1
+    if seq.shape != (batch,):
+        raise ValueError(f"seq_lens: expected shape ({batch},) to match append_indptr [batch + 1], got {seq.shape}")
+    total = int(indptr[-1])
+    if nnz is not None and checks.integer("nnz", nnz, 0) != total:
+        raise ValueError(f"nnz: expected append_indptr[-1] = {total}, got {nnz}")
+    lens = np.diff(indptr)
+    short = seq < lens
+    if short.any():
+        b = int(np.argmax(short))
+        raise ValueError(f"seq_lens: request {b} appends {lens[b]} tokens but seq_lens[{b}] = {seq[b]}; seq_lens "
+                         f"must count the appended tokens too")
+    if batch and int(seq.max()) > np.iinfo(np.int32).max:
+        raise ValueError(f"seq_lens: positions must fit in int32, got a sequence length of {int(seq.max())}")
+    bi = _out("batch_indices", batch_indices, total)
+    po = _out("positions", positions, total)
+    owner = np.repeat(np.arange(batch, dtype=np.int64), lens)
+    bi[:] = owner
+    # positions[i] = i - (append_indptr[b + 1] - seq_lens[b]) for the request b that owns token i
+    po[:] = np.arange(total, dtype=np.int64) - (indptr[1:] - seq)[owner]
+    return bi, po
+
+
+def check_append_positions(batch_indices: Any, positions: Any, kv_indices: Any, kv_indptr: Any,
+                           kv_last_page_len: Any, page_size: int, num_pages: int | None = None) -> None:
+    """Check on the host that every appended token lands in a page its request owns (debug aid).
+
+    :func:`append_paged_kv_cache` cannot read its device index arrays; a runtime that keeps host copies of them
+    can call this with the copies before the append. Checks: ``kv_indptr`` starts at 0, is non-decreasing and
+    stays within ``kv_indices``; ``kv_last_page_len`` fits ``page_size``; every ``batch_indices[i]`` is a
+    request of the batch; every ``positions[i]`` is in ``[0, seq_len)`` of its request; and, if ``num_pages``
+    is given, every page id used is in ``[0, num_pages)``.
+
+    Args:
+        batch_indices, positions: host integer arrays ``[nnz]``.
+        kv_indices, kv_indptr, kv_last_page_len: host integer arrays, as for :func:`append_paged_kv_cache`.
+        page_size: tokens per page, >= 1.
+        num_pages: pages in the cache (``k_cache.shape[0]``), or None to skip the page-id check.
+
+    Raises:
+        ValueError naming the first offending token, request or page.
+    """
+    page_size = checks.integer("page_size", page_size, 1)
+    bi = _host_ints("batch_indices", batch_indices)
+    po = _host_ints("positions", positions)
+    if po.shape != bi.shape:
+        raise ValueError(f"positions: expected shape {bi.shape} (same as batch_indices), got {po.shape}")
+    indices = _host_ints("kv_indices", kv_indices)
+    indptr = _indptr("kv_indptr", kv_indptr)
+    if indptr[-1] > indices.size:
+        raise ValueError(f"kv_indptr: the last offset {indptr[-1]} exceeds the {indices.size} entries of kv_indices")
+    seq = get_seq_lens(indptr, kv_last_page_len, page_size).astype(np.int64)
+    batch = seq.size
+    bad = (bi < 0) | (bi >= batch)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"batch_indices: token {i} names request {bi[i]}, but the batch has {batch} requests")
+    limit = seq[bi]
+    bad = (po < 0) | (po >= limit)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"positions: token {i} of request {bi[i]} has position {po[i]}, but the request's pages "
+                         f"hold {limit[i]} tokens (kv_indptr, kv_last_page_len, page_size {page_size})")
+    if num_pages is not None:
+        num_pages = checks.integer("num_pages", num_pages, 0)
+        pages = indices[indptr[bi] + po // page_size]
+        bad = (pages < 0) | (pages >= num_pages)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"kv_indices: token {i} (request {bi[i]}, position {po[i]}) goes to page {pages[i]}, "
+                             f"outside the cache's {num_pages} pages")
+
+
+def _out(name: str, value: np.ndarray | None, n: int) -> np.ndarray:
+    if value is None:
+        return np.empty(n, dtype=np.int32)
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name}: expected an int32 numpy array [{n}], got {type(value).__name__}")
+    if value.dtype != np.int32:
+        raise TypeError(f"{name}: expected dtype int32, got {value.dtype}")
+    if value.shape != (n,):
+        raise ValueError(f"{name}: expected shape ({n},), got {value.shape}")
+    if not value.flags.c_contiguous or not value.flags.writeable:
+        raise ValueError(f"{name}: expected a C-contiguous, writeable array")
+    return value
+
+
+def _int32(name: str, arr: np.ndarray) -> np.ndarray:
+    if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
+        raise ValueError(f"{name}: values do not fit in int32")
+    return arr.astype(np.int32)

@@ -1,0 +1,295 @@
+"""GDN prefill on the CPU machine, against the real ``gdn_prefill_sm90.so`` of the test wheel, plus the device
+helper.
+
+There is no GPU here, so the public ``gdn_prefill`` stops at its compute-capability check with
+UnsupportedDeviceError. The packing is proven through the internal ``_gdn_prefill(..., skip_arch_check=True)``:
+the module accepts the argument list and its checks and stops in the launcher, which reads the (absent) current
+device's properties and refuses them; we decode that refusal into UnsupportedDeviceError.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fi_ffi
+from fi_ffi.errors import KernelError, UnsupportedDeviceError
+from fi_ffi.ops import device, gdn
+from fi_ffi.ops.kernels import entry_point
+from fi_ffi.tensor import Tensor
+
+SIGNATURE = ("gdn_prefill(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: DLTensor*, 4: DLTensor*, 5: DLTensor*, "
+             "6: Optional<DLTensor*>, 7: Optional<DLTensor*>, 8: Optional<DLTensor*>, 9: float, 10: DLTensor*) "
+             "-> void")
+D = 128
+
+
+def fake_cuda(shape: tuple[int, ...], dtype: str = "float16", strides: tuple[int, ...] | None = None,
+              device: object = "cuda:0", align: int = 64) -> Tensor:
+    """A descriptor that claims CUDA memory but points at (``align``-byte aligned) host memory it never touches."""
+    host = np.zeros(256, dtype=np.uint8)
+    ptr = (host.ctypes.data + align - 1) // align * align
+    return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
+
+
+def gdn_args(s: int = 10, n: int = 2, hq: int = 2, hk: int = 2, hv: int = 4, dtype: str = "float16",
+             **over: object) -> dict[str, object]:
+    """Keyword arguments of a valid ``gdn_prefill`` call without the optional inputs, with overrides."""
+    hs = max(hq, hv)
+    args: dict[str, object] = dict(
+        q=fake_cuda((s, hq, D), dtype), k=fake_cuda((s, hk, D), dtype), v=fake_cuda((s, hv, D), dtype),
+        cu_seqlens=fake_cuda((n + 1,), "int64"), output=fake_cuda((s, hs, D), dtype),
+        output_state=fake_cuda((n, hs, D, D), "float32"), workspace=fake_cuda((132 * 128,), "uint8"),
+    )
+    args.update(over)
+    return args
+
+
+def optional(s: int = 10, n: int = 2, hs: int = 4) -> dict[str, Tensor]:
+    return dict(input_state=fake_cuda((n, hs, D, D), "float32"), alpha=fake_cuda((s, hs), "float32"),
+                beta=fake_cuda((s, hs), "float32"))
+
+
+def call_unchecked(args: dict[str, object], input_state: object = None, alpha: object = None, beta: object = None,
+                   scale: object = None, stream: object = None) -> None:
+    """The public op's body without the device checks that need a CUDA driver (internal test hatch)."""
+    gdn._gdn_prefill(args["q"], args["k"], args["v"], args["cu_seqlens"], args["output"], args["output_state"],
+                     args["workspace"], input_state, alpha, beta, scale, stream, True)
+
+
+def kernel_error_of(err: BaseException) -> KernelError:
+    """The KernelError the module raised (possibly decoded into UnsupportedDeviceError)."""
+    if isinstance(err, UnsupportedDeviceError):
+        assert isinstance(err.__cause__, KernelError), f"not decoded from the kernel: {err!r}"
+        return err.__cause__
+    assert isinstance(err, KernelError), repr(err)
+    return err
+
+
+def assert_reached_the_launcher(err: BaseException) -> KernelError:
+    """The module accepted the argument list and its checks and failed on the device (there is none)."""
+    kerr = kernel_error_of(err)
+    assert kerr.kind != "TypeError", f"signature mismatch: {kerr}"
+    assert "Mismatched" not in kerr.message and "Check failed" not in kerr.message, kerr.message
+    assert "device" in kerr.message.lower() or "cuda" in kerr.message.lower(), kerr.message
+    return kerr
+
+
+# ---- the real module: signature and packing ----
+
+
+def test_signature_of_real_module_matches_our_wire_layout(kernel_modules: object) -> None:
+    assert SIGNATURE in entry_point("gdn_prefill_sm90", "gdn_prefill").signature_text()
+
+
+@pytest.mark.parametrize("heads", [(2, 2, 4), (4, 1, 1), (8, 2, 2), (16, 16, 32), (3, 3, 3)],
+                         ids=["gva", "gqa4", "gqa8:2", "gva16:32", "equal"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("present", ["", "input_state", "alpha", "beta", "input_state,alpha,beta"])
+def test_packed_call_reaches_the_launcher(kernel_modules: object, heads: tuple[int, int, int], dtype: str,
+                                          present: str) -> None:
+    hq, hk, hv = heads
+    hs = max(hq, hv)
+    args = gdn_args(hq=hq, hk=hk, hv=hv, dtype=dtype)
+    extra = {name: t for name, t in optional(hs=hs).items() if name in present.split(",")}
+    with pytest.raises((KernelError, UnsupportedDeviceError)) as info:
+        call_unchecked(args, **extra, scale=0.25 if extra else None, stream=0)
+    kerr = assert_reached_the_launcher(info.value)
+    assert kerr.arguments[0] == f"DLTensor*({dtype}[10, {hs}, 128] cuda:0)"
+    assert kerr.arguments[5] == "DLTensor*(int64[3] cuda:0)"
+    for slot, name in ((6, "input_state"), (7, "alpha"), (8, "beta")):
+        if name in extra:
+            assert kerr.arguments[slot].startswith("DLTensor*(float32["), kerr.arguments
+        else:
+            assert kerr.arguments[slot] == "None"
+    assert kerr.arguments[9] == ("0.25" if extra else "0.0")
+    assert kerr.arguments[10] == "DLTensor*(uint8[16896] cuda:0)"
+
+
+def test_kernel_refusal_is_decoded_into_unsupported_device_error(kernel_modules: object) -> None:
+    with pytest.raises((KernelError, UnsupportedDeviceError)) as info:
+        call_unchecked(gdn_args())
+    if isinstance(info.value, UnsupportedDeviceError):  # the launcher read a non-9 major from the absent device
+        assert "SM90" in str(info.value) and "major version" in str(info.value)
+    assert_reached_the_launcher(info.value)
+
+
+def test_input_state_may_alias_output_state(kernel_modules: object) -> None:
+    args = gdn_args()
+    with pytest.raises((KernelError, UnsupportedDeviceError)) as info:
+        call_unchecked(args, input_state=args["output_state"])
+    assert_reached_the_launcher(info.value)
+
+
+# ---- the public op on a machine without a GPU, and the architecture gate ----
+
+
+def test_public_op_without_a_gpu_raises_unsupported_device_error() -> None:
+    with pytest.raises(UnsupportedDeviceError, match="no CUDA device is available"):
+        fi_ffi.ops.gdn.gdn_prefill(**gdn_args())
+
+
+def test_device_helper_without_a_gpu() -> None:
+    for query in (device.current_device, lambda: device.compute_capability(0), lambda: device.sm_count(0),
+                  lambda: device.make_current(0), lambda: device.set_device(0), lambda: gdn.gdn_workspace_size(0)):
+        with pytest.raises(UnsupportedDeviceError, match=r"no CUDA device is available .*cudaError"):
+            query()
+    device.restore(-1)  # nothing to restore: a no-op
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (8, 9), (10, 0), (12, 0)])
+def test_other_architectures_are_refused_before_the_kernel(monkeypatch: pytest.MonkeyPatch,
+                                                           cc: tuple[int, int]) -> None:
+    # Pretend cuda:0 is a GPU of another architecture (the cached answer of the capability query).
+    monkeypatch.setitem(device._capability, 0, cc)
+    with pytest.raises(UnsupportedDeviceError, match=rf"SM90 .*cuda:0 has compute capability {cc[0]}\.{cc[1]}"):
+        gdn.gdn_prefill(**gdn_args())
+
+
+def test_on_sm90_the_workspace_size_is_checked_then_the_device_is_made_current(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pretend cuda:0 is an H100 (cached answers); making it current then fails for want of a driver.
+    monkeypatch.setitem(device._capability, 0, (9, 0))
+    monkeypatch.setitem(device._sm_count, 0, 132)
+    assert gdn.gdn_workspace_size(0) == 132 * 128
+    with pytest.raises(ValueError, match=r"workspace: expected at least 16896 bytes .*got 16895"):
+        gdn.gdn_prefill(**gdn_args(workspace=fake_cuda((132 * 128 - 1,), "uint8")))
+    with pytest.raises(UnsupportedDeviceError, match=r"no CUDA device is available \(cudaGetDevice failed"):
+        gdn.gdn_prefill(**gdn_args())
+
+
+# ---- our checks: every rule, each bad argument named, nothing crosses the FFI ----
+
+
+def test_cu_seqlens_must_be_int64() -> None:
+    for dtype in ("int32", "uint32", "int8"):
+        with pytest.raises(TypeError, match=rf"cu_seqlens: expected dtype int64 .*got {dtype}"):
+            call_unchecked(gdn_args(cu_seqlens=fake_cuda((3,), dtype)))
+
+
+@pytest.mark.parametrize(
+    "change,exc,pattern",
+    [
+        (dict(q=fake_cuda((10, 2, D, 1))), ValueError, r"q: expected a 3-D tensor"),
+        (dict(q=fake_cuda((10, 2, D), "float32")), TypeError, r"q: expected dtype float16, bfloat16, got float32"),
+        (dict(q=fake_cuda((10, 2, D), device="cpu")), ValueError, r"q: expected a CUDA device tensor"),
+        (dict(q=fake_cuda((10, 2, D), strides=(4 * D, D, 1))), ValueError, r"q: expected a contiguous tensor"),
+        (dict(q=fake_cuda((10, 2, D), align=2).view((10, 2, D), offset=1)), ValueError,
+         r"q: data pointer .* must be 16-byte aligned"),
+        (dict(q=fake_cuda((10, 2, 64)), k=fake_cuda((10, 2, 64)), v=fake_cuda((10, 4, 64))), ValueError,
+         r"q: the kernel supports head_dim 128 only"),
+        (dict(q=fake_cuda((0, 2, D)), k=fake_cuda((0, 2, D)), v=fake_cuda((0, 4, D))), ValueError,
+         r"q: expected at least one packed token"),
+        (dict(k=fake_cuda((10, 2, D), "bfloat16")), TypeError, r"k: expected dtype float16 \(same as q\)"),
+        (dict(k=fake_cuda((10, 2, D), device=1)), ValueError, r"k: expected a tensor on cuda:0 \(same as q\)"),
+        (dict(k=fake_cuda((9, 2, D))), ValueError, r"k: expected \[10, Hk, 128\]"),
+        (dict(v=fake_cuda((10, 4, D), "bfloat16")), TypeError, r"v: expected dtype float16 \(same as q\)"),
+        (dict(v=fake_cuda((11, 4, D))), ValueError, r"v: expected \[10, Hv, 128\]"),
+        (dict(v=fake_cuda((10, 4, D), strides=(8 * D, 2 * D, 1))), ValueError, r"v: expected a contiguous tensor"),
+        (dict(cu_seqlens=fake_cuda((1,), "int64")), ValueError, r"cu_seqlens: expected \[N \+ 1\] offsets with N >= 1"),
+        (dict(cu_seqlens=fake_cuda((3, 1), "int64")), ValueError, r"cu_seqlens: expected a 1-D tensor"),
+        (dict(cu_seqlens=fake_cuda((3,), "int64", device="cpu")), ValueError,
+         r"cu_seqlens: expected a tensor on cuda:0"),
+        (dict(output=fake_cuda((10, 2, D))), ValueError, r"output: expected shape \(10, 4, 128\)"),
+        (dict(output=fake_cuda((10, 4, D), "bfloat16")), TypeError, r"output: expected dtype float16 \(same as q\)"),
+        (dict(output=fake_cuda((10, 4, D), align=8).view((10, 4, D), offset=4)), ValueError,
+         r"output: data pointer .* must be 16-byte aligned"),
+        (dict(output_state=fake_cuda((2, 4, D, D), "float16")), TypeError, r"output_state: expected dtype float32"),
+        (dict(output_state=fake_cuda((3, 4, D, D), "float32")), ValueError,
+         r"output_state: expected shape \(2, 4, 128, 128\)"),
+        (dict(output_state=fake_cuda((2, 4, D, D), "float32", strides=(4 * D * D, D * D, 1, D))), ValueError,
+         r"output_state: expected a contiguous tensor"),
+        (dict(workspace=fake_cuda((132 * 128,), "int8")), TypeError, r"workspace: expected dtype uint8"),
+        (dict(workspace=fake_cuda((132, 128), "uint8")), ValueError, r"workspace: expected a 1-D tensor"),
+        (dict(workspace=fake_cuda((132 * 128,), "uint8").view((132 * 128,), offset=16)), ValueError,
+         r"workspace: data pointer .* must be 64-byte aligned"),
+        (dict(workspace=fake_cuda((132 * 128,), "uint8", device=1)), ValueError, r"workspace: expected a tensor on"),
+    ],
+)
+def test_bad_arguments_are_named(change: dict, exc: type, pattern: str) -> None:
+    with pytest.raises(exc, match=pattern):
+        call_unchecked(gdn_args(**change))
+    with pytest.raises(exc, match=pattern):  # the public op validates before anything that needs a GPU
+        gdn.gdn_prefill(**gdn_args(**change))
+
+
+@pytest.mark.parametrize(
+    "name,bad,exc,pattern",
+    [
+        ("input_state", fake_cuda((2, 4, D, D), "float16"), TypeError, r"input_state: expected dtype float32"),
+        ("input_state", fake_cuda((2, 2, D, D), "float32"), ValueError, r"input_state: expected shape \(2, 4, 128"),
+        ("input_state", fake_cuda((2, 4, D, D), "float32", strides=(4 * D * D, D * D, 1, D)), ValueError,
+         r"input_state: expected a contiguous tensor"),
+        ("input_state", fake_cuda((2, 4, D, D), "float32", device="cpu"), ValueError,
+         r"input_state: expected a tensor on cuda:0"),
+        ("alpha", fake_cuda((10, 2), "float32"), ValueError, r"alpha: expected shape \(10, 4\)"),
+        ("alpha", fake_cuda((10, 4), "float16"), TypeError, r"alpha: expected dtype float32"),
+        ("alpha", fake_cuda((10, 4), "float32", strides=(1, 10)), ValueError, r"alpha: expected a contiguous"),
+        ("beta", fake_cuda((4, 10), "float32"), ValueError, r"beta: expected shape \(10, 4\)"),
+        ("beta", fake_cuda((10, 4), "bfloat16"), TypeError, r"beta: expected dtype float32"),
+        ("beta", fake_cuda((10, 4), "float32", device=1), ValueError, r"beta: expected a tensor on cuda:0"),
+    ],
+)
+def test_bad_optional_inputs_are_named(name: str, bad: Tensor, exc: type, pattern: str) -> None:
+    with pytest.raises(exc, match=pattern):
+        call_unchecked(gdn_args(), **{name: bad})
+
+
+@pytest.mark.parametrize("heads", [(4, 2, 1), (6, 4, 4), (2, 1, 4), (2, 2, 5), (3, 3, 4), (0, 1, 1)],
+                         ids=["gqa-hk!=hv", "gqa-not-multiple", "gva-hk!=hq", "gva-not-multiple",
+                              "gva-not-multiple-2", "no-q-heads"])
+def test_head_layout_must_be_gqa_or_gva(heads: tuple[int, int, int]) -> None:
+    hq, hk, hv = heads
+    with pytest.raises(ValueError, match=r"k, v: with Hq|k, v: with Hv|q, k, v: expected at least one head"):
+        call_unchecked(gdn_args(hq=hq, hk=hk, hv=hv))
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("nan"), float("inf"), "0.1", True])
+def test_scale_must_be_finite_and_positive(kernel_modules: object, scale: object) -> None:
+    with pytest.raises((ValueError, TypeError), match="scale"):
+        call_unchecked(gdn_args(), scale=scale)
+
+
+def test_bad_stream_is_named() -> None:
+    with pytest.raises(TypeError, match="stream"):
+        call_unchecked(gdn_args(), stream="default")
+
+
+def test_validation_memo_does_not_hide_a_changed_argument(kernel_modules: object) -> None:
+    args = gdn_args()
+    for _ in range(2):  # validated once, then remembered
+        with pytest.raises((KernelError, UnsupportedDeviceError)):
+            call_unchecked(args)
+    with pytest.raises(TypeError, match="cu_seqlens: expected dtype int64"):
+        call_unchecked({**args, "cu_seqlens": fake_cuda((3,), "int32")})
+    with pytest.raises(ValueError, match="alpha: expected shape"):
+        call_unchecked(args, alpha=fake_cuda((9, 4), "float32"))
+    with pytest.raises((KernelError, UnsupportedDeviceError)):
+        call_unchecked(args)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(small=st.sampled_from([1, 2, 4, 8, 16]), ratio=st.sampled_from([1, 2, 3, 4, 8]), gva=st.booleans(),
+       s=st.integers(1, 2000), n=st.integers(1, 64), dtype=st.sampled_from(["float16", "bfloat16"]),
+       gates=st.booleans())
+def test_any_gqa_or_gva_layout_reaches_the_launcher(kernel_modules: object, small: int, ratio: int, gva: bool,
+                                                    s: int, n: int, dtype: str, gates: bool) -> None:
+    hq, hk, hv = (small, small, small * ratio) if gva else (small * ratio, small, small)
+    hs = max(hq, hv)
+    args = gdn_args(s=s, n=n, hq=hq, hk=hk, hv=hv, dtype=dtype)
+    extra = optional(s=s, n=n, hs=hs) if gates else {}
+    with pytest.raises((KernelError, UnsupportedDeviceError)) as info:
+        call_unchecked(args, **extra)
+    assert_reached_the_launcher(info.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(hq=st.integers(1, 12), hk=st.integers(1, 12), hv=st.integers(1, 12))
+def test_head_layout_rule_matches_the_kernels(hq: int, hk: int, hv: int) -> None:
+    valid = (hk == hv and hq % hv == 0) if hq >= hv else (hk == hq and hv % hq == 0)
+    args = gdn_args(hq=hq, hk=hk, hv=hv, cu_seqlens=fake_cuda((3,), "int32"))  # stop just after the head rule
+    with pytest.raises(TypeError if valid else ValueError, match="cu_seqlens: expected dtype int64" if valid
+                       else "k, v: with"):
+        call_unchecked(args)

@@ -1,0 +1,313 @@
+"""GDN prefill on a real SM90 GPU against a float32 reference of the gated delta rule (gated by
+FI_FFI_RUN_GPU_TESTS=1).
+
+The reference (:func:`reference`) runs the recurrence token by token in float32 (torch, TF32 off)::
+
+    S = alpha_t * S;  S = S + beta_t * outer(v_t - S k_t, k_t);  o_t = scale * S q_t
+
+with S of shape [V, K] (k-last), per state head, and the GQA/GVA head mapping of the kernel's tile scheduler.
+Inputs follow GDN practice: q and k L2-normalized, alpha in [0.8, 1), beta in (0.1, 0.9).
+
+Tolerance: the kernel runs a chunked (64-token) form with float16/bfloat16 tensor-core matmuls, so errors are
+measured relative to the largest reference magnitude: ``max|got - ref| <= tol * max|ref|`` with tol 1e-2 for
+float16 and 3e-2 for bfloat16 (outputs are also rounded to the input dtype), for outputs and final states.
+Measured on an H100: about 8e-4 (float16) and 6e-3 (bfloat16). Getting the semantics wrong costs far more: an
+exponentiated gate gives NaN, the decay applied after the update or beta applied to v only ~0.1-0.2, a
+modulo head mapping or a transposed (k-first) state ~1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+import torch  # only on the GPU machine
+import torch.nn.functional as F
+
+from fi_ffi.errors import UnsupportedDeviceError
+from fi_ffi.ops import device, gdn
+
+pytestmark = pytest.mark.gpu
+
+D = 128
+TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+if torch.cuda.get_device_capability(0)[0] != 9:
+    pytest.skip("gdn_prefill runs on SM90 (Hopper) only", allow_module_level=True)
+
+
+@dataclass
+class Problem:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens: torch.Tensor
+    alpha: torch.Tensor | None
+    beta: torch.Tensor | None
+    input_state: torch.Tensor | None
+    lens: list[int]
+
+    @property
+    def heads(self) -> int:
+        return max(self.q.shape[1], self.v.shape[1])
+
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh output and output_state buffers, filled with NaN so unwritten elements show."""
+        out = torch.full((self.q.shape[0], self.heads, D), float("nan"), dtype=self.q.dtype, device="cuda")
+        state = torch.full((len(self.lens), self.heads, D, D), float("nan"), dtype=torch.float32, device="cuda")
+        return out, state
+
+
+def make_problem(lens: list[int], hq: int, hk: int, hv: int, dtype: torch.dtype = torch.float16, *,
+                 seed: int = 0, alpha: bool = True, beta: bool = True, input_state: bool = True) -> Problem:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    s, hs = sum(lens), max(hq, hv)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device="cuda")
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g, device="cuda")
+
+    q = F.normalize(randn(s, hq, D), dim=-1).to(dtype)
+    k = F.normalize(randn(s, hk, D), dim=-1).to(dtype)
+    v = randn(s, hv, D).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int64, device="cuda")
+    return Problem(q, k, v, cu,
+                   0.8 + 0.2 * rand(s, hs) if alpha else None,
+                   0.1 + 0.8 * rand(s, hs) if beta else None,
+                   0.1 * randn(len(lens), hs, D, D) if input_state else None,
+                   list(lens))
+
+
+def head_maps(hq: int, hv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each state head: the q, k and v head it reads (the kernel's tile scheduler mapping)."""
+    hs = max(hq, hv)
+    h = torch.arange(hs, device="cuda")
+    if hq >= hv:  # GQA
+        kv = h // (hq // hv)
+        return h, kv, kv
+    qk = h // (hv // hq)
+    return qk, qk, h
+
+
+def reference(p: Problem, scale: float | None = None, input_state: torch.Tensor | None = None,
+              use_input_state: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 gated delta rule, token by token: (output [S, Hs, D], final states [N, Hs, V, K])."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hq, hv = p.q.shape[1], p.v.shape[1]
+    qi, ki, vi = head_maps(hq, hv)
+    q, k, v = p.q.float()[:, qi], p.k.float()[:, ki], p.v.float()[:, vi]  # [S, Hs, D]
+    s, hs = q.shape[0], q.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    alpha = p.alpha if p.alpha is not None else torch.ones(s, hs, device="cuda")
+    beta = p.beta if p.beta is not None else torch.ones(s, hs, device="cuda")
+    init = input_state if input_state is not None else (p.input_state if use_input_state else None)
+    out = torch.empty(s, hs, D, device="cuda")
+    states = torch.empty(len(p.lens), hs, D, D, device="cuda")
+    start = 0
+    for n, length in enumerate(p.lens):
+        st = init[n].clone() if init is not None else torch.zeros(hs, D, D, device="cuda")
+        for t in range(start, start + length):
+            st = alpha[t][:, None, None] * st
+            u = v[t] - torch.einsum("hvk,hk->hv", st, k[t])
+            st = st + beta[t][:, None, None] * u[:, :, None] * k[t][:, None, :]
+            out[t] = scale * torch.einsum("hvk,hk->hv", st, q[t])
+        states[n] = st
+        start += length
+    return out, states
+
+
+def assert_close(what: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    got = got.float()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten elements are NaN)"
+    err = (got - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3e} > {TOL[dtype]} * max|ref| {scale:.3e}"
+
+
+def workspace(device_id: int = 0) -> torch.Tensor:
+    return torch.empty(gdn.gdn_workspace_size(device_id), dtype=torch.uint8, device=f"cuda:{device_id}")
+
+
+def run(p: Problem, ws: torch.Tensor, *, scale: float | None = None, use_input_state: bool = True,
+        stream: object = None) -> tuple[torch.Tensor, torch.Tensor]:
+    out, state = p.outputs()
+    if isinstance(stream, torch.cuda.Stream):
+        stream.wait_stream(torch.cuda.current_stream())  # the NaN fill above runs on the current stream
+    result = gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, ws,
+                             input_state=p.input_state if use_input_state else None, alpha=p.alpha, beta=p.beta,
+                             scale=scale, stream=stream)
+    assert result[0] is out and result[1] is state
+    return out, state
+
+
+# (hq, hk, hv): GQA and GVA
+LAYOUTS = {"gqa4:2": (4, 2, 2), "gva2:4": (2, 2, 4), "equal2": (2, 2, 2)}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("options", ["none", "input_state", "alpha", "beta", "all"])
+def test_gdn_matches_reference(layout: str, options: str) -> None:
+    hq, hk, hv = LAYOUTS[layout]
+    on = {"input_state", "alpha", "beta"} if options == "all" else {options}
+    p = make_problem([5, 64, 70], hq, hk, hv, seed=len(options),
+                     alpha="alpha" in on, beta="beta" in on, input_state="input_state" in on)
+    out, state = run(p, workspace())
+    torch.cuda.synchronize()
+    ref_out, ref_state = reference(p)
+    assert_close("output", out, ref_out, torch.float16)
+    assert_close("output_state", state, ref_state, torch.float16)
+
+
+@pytest.mark.parametrize("layout", ["gqa4:2", "gva2:4"])
+def test_gdn_bfloat16_with_explicit_scale(layout: str) -> None:
+    hq, hk, hv = LAYOUTS[layout]
+    p = make_problem([33, 100], hq, hk, hv, torch.bfloat16, seed=5)
+    out, state = run(p, workspace(), scale=0.3)
+    torch.cuda.synchronize()
+    ref_out, ref_state = reference(p, scale=0.3)
+    assert_close("output", out, ref_out, torch.bfloat16)
+    assert_close("output_state", state, ref_state, torch.bfloat16)
+
+
+def test_default_scale_is_one_over_sqrt_head_dim() -> None:
+    p = make_problem([20], 2, 2, 2, seed=9)
+    ws = workspace()
+    default, _ = run(p, ws)
+    explicit, _ = run(p, ws, scale=1.0 / math.sqrt(D))
+    doubled, _ = run(p, ws, scale=2.0 / math.sqrt(D))
+    torch.cuda.synchronize()
+    assert torch.equal(default, explicit)
+    assert_close("doubled scale", doubled, 2 * default.float(), torch.float16)
+
+
+def test_gates_are_applied_as_given_not_exponentiated() -> None:
+    # alpha = 0 wipes the state at every token: then o_t = scale * beta_t * v_t (k_t . q_t), exactly what the
+    # reference says; an exp'd gate (exp(0) = 1) would keep the state instead.
+    p = make_problem([40, 24], 2, 2, 4, seed=3)
+    assert p.alpha is not None
+    p.alpha.zero_()
+    out, _ = run(p, workspace())
+    torch.cuda.synchronize()
+    assert_close("output", out, reference(p)[0], torch.float16)
+    p.alpha.fill_(1.0)  # and alpha = 1 is "no decay", the same as passing no alpha
+    with_ones, _ = run(p, workspace())
+    p.alpha = None
+    without, _ = run(p, workspace())
+    torch.cuda.synchronize()
+    assert_close("alpha=1 vs None", with_ones, without.float(), torch.float16)
+
+
+@pytest.mark.parametrize("layout", ["gqa4:2", "gva2:4"])
+def test_state_chaining_across_two_calls_equals_one_call(layout: str) -> None:
+    # Split every sequence in two; the second call starts from the first call's output_state.
+    hq, hk, hv = LAYOUTS[layout]
+    first_lens, second_lens = [30, 64, 1], [50, 7, 80]
+    whole = make_problem([a + b for a, b in zip(first_lens, second_lens, strict=True)], hq, hk, hv, seed=4)
+    firsts, seconds = [], []
+    start = 0
+    for a, b in zip(first_lens, second_lens, strict=True):
+        firsts.append(torch.arange(start, start + a))
+        seconds.append(torch.arange(start + a, start + a + b))
+        start += a + b
+    ia, ib = torch.cat(firsts).cuda(), torch.cat(seconds).cuda()
+
+    def part(idx: torch.Tensor, lens: list[int], init: torch.Tensor | None) -> Problem:
+        assert whole.alpha is not None and whole.beta is not None
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int64, device="cuda")
+        return Problem(whole.q[idx].contiguous(), whole.k[idx].contiguous(), whole.v[idx].contiguous(), cu,
+                       whole.alpha[idx].contiguous(), whole.beta[idx].contiguous(), init, lens)
+
+    ws = workspace()
+    one_out, one_state = run(whole, ws)
+    a = part(ia, first_lens, whole.input_state)
+    a_out, a_state = run(a, ws)
+    b = part(ib, second_lens, a_state)
+    b_out, b_state = run(b, ws)
+    torch.cuda.synchronize()
+    ref_out, ref_state = reference(whole)
+    assert_close("one call", one_out, ref_out, torch.float16)
+    assert_close("chained final state", b_state, one_state.float(), torch.float16)
+    assert_close("chained final state vs reference", b_state, ref_state, torch.float16)
+    assert_close("chained outputs, first half", a_out, one_out[ia].float(), torch.float16)
+    assert_close("chained outputs, second half", b_out, one_out[ib].float(), torch.float16)
+
+
+def test_input_state_may_be_output_state() -> None:
+    p = make_problem([17, 90], 2, 2, 4, seed=6)
+    assert p.input_state is not None
+    ref_out, ref_state = reference(p)
+    out = torch.empty(sum(p.lens), 4, D, dtype=p.q.dtype, device="cuda")
+    state = p.input_state.clone()
+    gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, workspace(), input_state=state, alpha=p.alpha,
+                    beta=p.beta)
+    torch.cuda.synchronize()
+    assert_close("output", out, ref_out, torch.float16)
+    assert_close("state updated in place", state, ref_state, torch.float16)
+
+
+def test_writes_stay_inside_output() -> None:
+    # output is a prefix view of a larger buffer; tail tiles (70 = 64 + 6 tokens) must not spill past it.
+    p = make_problem([70], 2, 2, 2, seed=8, input_state=False)
+    big = torch.zeros(71 * 2 * D + 4096, dtype=p.q.dtype, device="cuda")
+    out = big[: 70 * 2 * D].view(70, 2, D)
+    state = torch.empty(1, 2, D, D, device="cuda")
+    gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, workspace(), alpha=p.alpha, beta=p.beta)
+    torch.cuda.synchronize()
+    assert torch.count_nonzero(big[70 * 2 * D:]) == 0
+    assert_close("output", out, reference(p)[0], torch.float16)
+
+
+def test_workspace_size_is_sm_count_times_128() -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert gdn.gdn_workspace_size(0) == sms * 128
+    assert device.sm_count(0) == sms
+    assert device.compute_capability(0) == torch.cuda.get_device_capability(0)
+    too_small = torch.empty(sms * 128 - 1, dtype=torch.uint8, device="cuda")
+    p = make_problem([4], 2, 2, 2)
+    out, state = p.outputs()
+    with pytest.raises(ValueError, match="workspace: expected at least"):
+        gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, too_small)
+
+
+def test_the_current_device_is_left_as_it_was() -> None:
+    before = device.current_device()
+    p = make_problem([8], 2, 2, 2)
+    run(p, workspace())
+    torch.cuda.synchronize()
+    assert device.current_device() == before
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_q_on_another_device_is_made_current_for_the_call_and_restored() -> None:
+    if torch.cuda.get_device_capability(1)[0] != 9:
+        pytest.skip("cuda:1 is not SM90")
+    device.set_device(0)
+    with torch.cuda.device(1):
+        p = make_problem([12, 3], 2, 2, 4, seed=2)
+        ws = workspace(1)
+        out, state = p.outputs()
+    gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, ws, input_state=p.input_state, alpha=p.alpha,
+                    beta=p.beta)
+    assert device.current_device() == 0
+    torch.cuda.synchronize(1)
+    with torch.cuda.device(1):
+        ref_out, ref_state = reference(p)
+    assert_close("output", out, ref_out, torch.float16)
+    assert_close("output_state", state, ref_state, torch.float16)
+
+
+def test_a_non_sm90_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same check that guards real non-Hopper GPUs, fed a cached capability of 8.0.
+    monkeypatch.setitem(device._capability, 0, (8, 0))
+    p = make_problem([4], 2, 2, 2)
+    out, state = p.outputs()
+    with pytest.raises(UnsupportedDeviceError, match=r"cuda:0 has compute capability 8\.0"):
+        gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, workspace())
