@@ -67,7 +67,7 @@ def gpus() -> tuple[list[GPU], str]:
     err, count = rt.cudaGetDeviceCount()
     if err != rt.cudaError_t.cudaSuccess:
         return [], f"no usable CUDA device ({err.name})"
-    found = []
+    found: list[GPU] = []
     for ordinal in range(count):
         err, prop = rt.cudaGetDeviceProperties(ordinal)
         if err != rt.cudaError_t.cudaSuccess:

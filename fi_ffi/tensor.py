@@ -76,6 +76,7 @@ class Tensor:
     device: Device
     ndim: int
     owner: Any
+    _ffi_object: Any  # the cached ffi.Tensor object (fi_ffi.abi.objects.tensor_object), made on demand
 
     def __init__(
         self,

@@ -125,10 +125,13 @@ class Callee:
 
     def frame(self, nargs: int) -> Frame:
         """This thread's untyped frame for calls with ``nargs`` arguments (allocated on first use)."""
-        frames = self._tls.__dict__
-        frame = frames.get(nargs)
+        try:
+            untyped: dict[int, Frame] = self._tls.untyped
+        except AttributeError:
+            untyped = self._tls.untyped = {}
+        frame = untyped.get(nargs)
         if frame is None:
-            frame = frames[nargs] = Frame(nargs)
+            frame = untyped[nargs] = Frame(nargs)
         return frame
 
     def frame_for(self, sig: Signature) -> Frame:
