@@ -22,9 +22,21 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .interop import as_tensor
+    from .ops.decode import batch_decode_plan, batch_decode_run, single_decode
     from .ops.gdn import gdn_prefill, gdn_workspace_size
     from .ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, qk_rmsnorm, rmsnorm
     from .ops.page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions
+    from .ops.plan import Plan
+    from .ops.prefill import (
+        batch_prefill_paged_plan,
+        batch_prefill_paged_run,
+        batch_prefill_ragged_plan,
+        batch_prefill_ragged_run,
+        pack_custom_mask,
+        single_prefill,
+    )
+    from .ops.variants import list_variants
+    from .ops.workspace import Workspace
     from .streams import current_stream, stream_scope
 
 _LAZY = {
@@ -35,6 +47,18 @@ _LAZY = {
     "get_batch_indices_positions": "ops.page",
     "gdn_prefill": "ops.gdn",
     "gdn_workspace_size": "ops.gdn",
+    "Workspace": "ops.workspace",
+    "Plan": "ops.plan",
+    "list_variants": "ops.variants",
+    "batch_decode_plan": "ops.decode",
+    "batch_decode_run": "ops.decode",
+    "single_decode": "ops.decode",
+    "single_prefill": "ops.prefill",
+    "batch_prefill_ragged_plan": "ops.prefill",
+    "batch_prefill_ragged_run": "ops.prefill",
+    "batch_prefill_paged_plan": "ops.prefill",
+    "batch_prefill_paged_run": "ops.prefill",
+    "pack_custom_mask": "ops.prefill",
     "current_stream": "streams",
     "rmsnorm": "ops.norm",
     "qk_rmsnorm": "ops.norm",
@@ -62,12 +86,20 @@ __all__ = [
     "KernelError",
     "KernelNotFoundError",
     "LoaderError",
+    "Plan",
     "Tensor",
     "UnsupportedDeviceError",
+    "Workspace",
     "__version__",
     "append_paged_kv_cache",
     "append_paged_mla_kv_cache",
     "as_tensor",
+    "batch_decode_plan",
+    "batch_decode_run",
+    "batch_prefill_paged_plan",
+    "batch_prefill_paged_run",
+    "batch_prefill_ragged_plan",
+    "batch_prefill_ragged_run",
     "bfloat16",
     "current_stream",
     "dtypes",
@@ -81,8 +113,12 @@ __all__ = [
     "get_batch_indices_positions",
     "int32",
     "int64",
+    "list_variants",
+    "pack_custom_mask",
     "qk_rmsnorm",
     "rmsnorm",
+    "single_decode",
+    "single_prefill",
     "stream_scope",
     "uint8",
 ]

@@ -45,9 +45,9 @@ def _lock_status() -> dict[str, Any]:
 
 def _is_cached(pin: Any, cache: Any) -> bool:
     """True if the wheel is in the cache with a verification stamp, or stamped in place in a wheelhouse."""
-    from .loader import settings
-
     from pathlib import Path
+
+    from .loader import settings
 
     for folder in [cache.wheels_dir(), *(Path(p) for p in settings.wheelhouses())]:
         path = folder / pin.filename
@@ -162,8 +162,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .ops import variants
 
     rows = variants.list_variants(kind=args.kind, dtype=args.dtype, head_dim=args.head_dim)
-    for row in rows:
-        print(row.uri if hasattr(row, "uri") else row)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    for row in rows if not args.json else ():
+        dtypes = "/".join(dict.fromkeys((row["dtype_q"], row["dtype_kv"], row["dtype_o"])))
+        heads = f"{row['head_dim_qk']}" if row["head_dim_qk"] == row["head_dim_vo"] else \
+            f"{row['head_dim_qk']}/{row['head_dim_vo']}"
+        print(f"{row['kind']:15s} {row['backend']:4s} {dtypes:9s} head_dim {heads:8s} {row['uri']}")
     if not rows:
         print("no variant matches", file=sys.stderr)
         return 1
@@ -212,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", help="single_prefill, batch_prefill, single_decode or batch_decode")
     p.add_argument("--dtype", help="q/kv dtype, e.g. f16 or bf16")
     p.add_argument("--head-dim", type=int, help="head dimension")
+    p.add_argument("--json", action="store_true", help="one object per variant, with every field")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("smoke", help="run each op once on the GPU against a reference")
     p.add_argument("--device", type=int, default=0, help="CUDA ordinal")

@@ -14,10 +14,10 @@ import pytest
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-import torch  # noqa: E402  (only on the GPU machine)
+import torch
 
-import fi_ffi  # noqa: E402
-from fi_ffi.tensor import Tensor  # noqa: E402
+import fi_ffi
+from fi_ffi.tensor import Tensor
 
 pytestmark = pytest.mark.gpu
 

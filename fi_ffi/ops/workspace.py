@@ -1,0 +1,307 @@
+"""The caller's attention workspaces: a float and an int buffer on the GPU, and a page-locked host buffer.
+
+Batch prefill and batch decode ``plan`` calls compute a schedule on the host, write it into the
+page-locked buffer and enqueue an asynchronous copy of it into the int workspace (``cudaMemcpyAsync`` on
+the plan's stream, never synchronized). ``run`` calls read the schedule from the int workspace and keep
+split-KV partial results in the float workspace. So a plan and the runs that use it must share one
+:class:`Workspace` (a :class:`~fi_ffi.ops.plan.Plan` carries its workspace, so they always do) and be issued
+on one stream.
+
+Sizes (FlashInfer 0.6.3 defaults, ``flashinfer/decode.py`` and ``flashinfer/prefill.py`` wrappers):
+
+- float workspace: 128 MiB (:data:`FLOAT_BYTES`; the size the upstream docs recommend),
+- int workspace: 8 MiB (:data:`INT_BYTES`),
+- page-locked host buffer: 8 MiB (:data:`PINNED_BYTES`); it must be at least as large as the int workspace
+  because plan stages the whole int-workspace image in it.
+
+Two rules make back-to-back plans safe:
+
+- **Pinned buffer reuse.** A second plan must not overwrite the page-locked buffer before the first plan's
+  copy has read it. Each plan records one CUDA event on its stream right after the plan call; the next plan
+  on the same workspace first waits for that event only (``cudaEventQuery``, and ``cudaEventSynchronize``
+  if it is still pending). This is the single place fi_ffi waits on the GPU, and it never waits for kernels
+  enqueued after that copy. An event was chosen over rotating pinned buffers because the int workspace is
+  single-buffered anyway (each plan overwrites it), so rotating would save nothing but the rare wait.
+- **One live schedule per workspace.** Each plan overwrites the int workspace, so an earlier plan on the same
+  workspace becomes stale; running it is a ValueError, not a wrong answer (a generation counter).
+
+:meth:`Workspace.allocate` allocates the three buffers with ``cuda.bindings`` (``cudaMalloc``,
+``cudaMallocHost``; the float buffer is zeroed once, as upstream asks) and frees them on :meth:`close` or at
+context exit. :meth:`Workspace.from_buffers` wraps buffers the caller owns.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..dtypes import CUDA, Device
+from ..tensor import Tensor
+from . import checks
+
+FLOAT_BYTES = 128 << 20
+INT_BYTES = 8 << 20
+PINNED_BYTES = 8 << 20
+TMP_BYTES = 32 << 20  # single prefill/decode scratch (``tmp``) that upstream caches per device
+
+__all__ = ["FLOAT_BYTES", "INT_BYTES", "PINNED_BYTES", "TMP_BYTES", "Workspace"]
+
+
+def _rt() -> Any:
+    from cuda.bindings import runtime
+
+    return runtime
+
+
+def _check(err: Any, what: str) -> None:
+    rt = _rt()
+    if err != rt.cudaError_t.cudaSuccess:
+        from ..errors import KernelError
+
+        _, name = rt.cudaGetErrorName(err)
+        _, text = rt.cudaGetErrorString(err)
+        raise KernelError("RuntimeError", f"{what} failed: {name.decode()}: {text.decode()}", function=what)
+
+
+class _DeviceScope:
+    """Makes ``device_id`` the current CUDA device for a block and restores the previous one."""
+
+    def __init__(self, device_id: int) -> None:
+        self.device_id = device_id
+        self.previous: int | None = None
+
+    def __enter__(self) -> None:
+        rt = _rt()
+        err, current = rt.cudaGetDevice()
+        _check(err, "cudaGetDevice")
+        if current != self.device_id:
+            _check(rt.cudaSetDevice(self.device_id)[0], "cudaSetDevice")
+            self.previous = current
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            _rt().cudaSetDevice(self.previous)
+
+
+def _bytes_of(t: Tensor) -> int:
+    return t.shape[0] * t.dtype.itemsize
+
+
+class Workspace:
+    """The three buffers that batch attention plans and runs share, plus the plan-copy bookkeeping.
+
+    Attributes:
+        float_buffer: 1-D contiguous device buffer (any dtype; its size in bytes is what counts).
+        int_buffer: 1-D contiguous device buffer on the same device.
+        pinned_buffer: 1-D contiguous host buffer (page-locked for asynchronous copies), at least as large as
+            ``int_buffer``.
+        device: the CUDA device of the two device buffers.
+        float_bytes, int_bytes, pinned_bytes: their sizes in bytes.
+
+    One workspace serves one stream of plan/run calls at a time. Use a workspace per concurrent stream.
+    """
+
+    __slots__ = ("__weakref__", "_event", "_event_pending", "_generation", "_lock", "_owned", "_settings", "device",
+                 "float_buffer", "float_bytes", "int_buffer", "int_bytes", "pinned_buffer", "pinned_bytes")
+
+    def __init__(self, float_buffer: Any, int_buffer: Any, pinned_buffer: Any) -> None:
+        """Wrap caller-owned buffers (see :meth:`from_buffers`); nothing is allocated or copied."""
+        f = checks.tensor("float_buffer", float_buffer)
+        i = checks.tensor("int_buffer", int_buffer)
+        p = checks.tensor("pinned_buffer", pinned_buffer)
+        for name, t in (("float_buffer", f), ("int_buffer", i), ("pinned_buffer", p)):
+            checks.ndim(name, t, 1, "[bytes]")
+            checks.contiguous(name, t)
+            if t.numel == 0:
+                raise ValueError(f"{name}: expected a non-empty buffer, got shape {t.shape}")
+        checks.cuda("float_buffer", f)
+        checks.cuda("int_buffer", i)
+        checks.same_device("int_buffer", i, "float_buffer", f)
+        checks.host("pinned_buffer", p)
+        if _bytes_of(p) < _bytes_of(i):
+            raise ValueError(f"pinned_buffer: expected at least {_bytes_of(i)} bytes (the int_buffer's size), "
+                             f"got {_bytes_of(p)}")
+        self.float_buffer = f
+        self.int_buffer = i
+        self.pinned_buffer = p
+        self.device: Device = f.device
+        self.float_bytes = _bytes_of(f)
+        self.int_bytes = _bytes_of(i)
+        self.pinned_bytes = _bytes_of(p)
+        self._owned: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._event: Any = None
+        self._event_pending = False
+        self._settings: dict[Any, Any] = {}  # plan settings validated once per argument tuple (fi_ffi.ops.plan)
+
+    @classmethod
+    def from_buffers(cls, float_buffer: Any, int_buffer: Any, pinned_buffer: Any) -> Workspace:
+        """Wrap caller-owned buffers: descriptors or DLPack/CUDA-array-interface producers (torch, CuPy).
+
+        The caller keeps them alive and frees them; :meth:`close` frees nothing here.
+        """
+        return cls(float_buffer, int_buffer, pinned_buffer)
+
+    @classmethod
+    def allocate(cls, device: int = 0, *, float_bytes: int = FLOAT_BYTES, int_bytes: int = INT_BYTES,
+                 pinned_bytes: int | None = None) -> Workspace:
+        """Allocate the three buffers on CUDA device ``device`` with ``cuda.bindings`` (synchronous, once).
+
+        ``pinned_bytes`` defaults to ``int_bytes``. The float buffer is zeroed (``cudaMemset``). Free them with
+        :meth:`close` or by using the workspace as a context manager.
+        """
+        float_bytes = checks.integer("float_bytes", float_bytes, 1)
+        int_bytes = checks.integer("int_bytes", int_bytes, 1)
+        pinned_bytes = int_bytes if pinned_bytes is None else checks.integer("pinned_bytes", pinned_bytes, 1)
+        device = checks.integer("device", device, 0)
+        if pinned_bytes < int_bytes:
+            raise ValueError(f"pinned_bytes: expected at least int_bytes ({int_bytes}), got {pinned_bytes}")
+        rt = _rt()
+        owned: list[tuple[str, int]] = []
+        try:
+            with _DeviceScope(device):
+                err, fptr = rt.cudaMalloc(float_bytes)
+                _check(err, "cudaMalloc")
+                owned.append(("device", int(fptr)))
+                _check(rt.cudaMemset(fptr, 0, float_bytes)[0], "cudaMemset")
+                err, iptr = rt.cudaMalloc(int_bytes)
+                _check(err, "cudaMalloc")
+                owned.append(("device", int(iptr)))
+                err, pptr = rt.cudaMallocHost(pinned_bytes)
+                _check(err, "cudaMallocHost")
+                owned.append(("host", int(pptr)))
+                _check(rt.cudaDeviceSynchronize()[0], "cudaDeviceSynchronize")  # the memset, once, at allocation
+        except BaseException:
+            _free(owned, device)
+            raise
+        ws = cls(Tensor(int(fptr), (float_bytes,), "uint8", device),
+                 Tensor(int(iptr), (int_bytes,), "uint8", device),
+                 Tensor(int(pptr), (pinned_bytes,), "uint8", "cpu"))
+        ws._owned = owned
+        return ws
+
+    @property
+    def owns_memory(self) -> bool:
+        """True while this workspace holds buffers it allocated (``allocate``) and has not freed them."""
+        return bool(self._owned)
+
+    def close(self) -> None:
+        """Free what :meth:`allocate` allocated (idempotent). Waits for the last plan copy first.
+
+        The caller must not close a workspace while kernels that use it may still run: freeing device memory
+        with ``cudaFree`` synchronizes the device anyway.
+        """
+        with self._lock:
+            owned, self._owned = self._owned, []
+            event, self._event = self._event, None
+            self._event_pending = False
+            self._generation += 1  # every plan made on it is now stale
+        if event is not None:
+            rt = _rt()
+            rt.cudaEventSynchronize(event)
+            rt.cudaEventDestroy(event)
+        if owned:
+            _free(owned, self.device.device_id)
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if self._owned or self._event is not None:
+                self.close()
+        except Exception:  # interpreter shutdown: the driver may be gone
+            pass
+
+    def __repr__(self) -> str:
+        own = "owned" if self._owned else "borrowed"
+        return (f"<Workspace {self.device} float {self.float_bytes} B, int {self.int_bytes} B, "
+                f"pinned {self.pinned_bytes} B, {own}>")
+
+    # -------------------------------------------------------------------------------------- plan bookkeeping
+
+    def _wait_previous_plan_copy(self) -> None:
+        """Block until the previous plan's pinned-to-device copy has read the pinned buffer (caller holds lock)."""
+        if not self._event_pending:
+            return
+        rt = _rt()
+        err = rt.cudaEventQuery(self._event)[0]
+        if err == rt.cudaError_t.cudaErrorNotReady:
+            err = rt.cudaEventSynchronize(self._event)[0]
+        _check(err, "cudaEventSynchronize(previous plan copy)")
+        self._event_pending = False
+
+    def _record_plan_copy(self, stream: int) -> None:
+        """Record the event after a plan call on ``stream`` (caller holds lock)."""
+        rt = _rt()
+        if self._event is None:
+            with _DeviceScope(self.device.device_id):
+                err, event = rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming)
+                _check(err, "cudaEventCreateWithFlags")
+            self._event = event
+        _check(rt.cudaEventRecord(self._event, rt.cudaStream_t(stream))[0], "cudaEventRecord(plan copy)")
+        self._event_pending = True
+
+
+def _free(owned: list[tuple[str, int]], device_id: int) -> None:
+    rt = _rt()
+    with _DeviceScope(device_id):
+        for kind, ptr in owned:
+            if kind == "device":
+                rt.cudaFree(ptr)
+            else:
+                rt.cudaFreeHost(ptr)
+
+
+def current_stream(device: Device) -> int:
+    """TVM-FFI's current stream of ``device`` on this thread (0: the legacy default stream)."""
+    from ..abi.runtime import api
+
+    return int(api().TVMFFIEnvGetStream(CUDA, device.device_id))
+
+
+_max_blocks: dict[int, int | None] = {}
+
+
+def _device_max_resident_blocks(device_id: int) -> int | None:
+    """SM count x max resident blocks per SM of ``device_id`` (an upper bound on any grid's resident CTAs)."""
+    if device_id not in _max_blocks:
+        try:
+            rt = _rt()
+            a = rt.cudaDeviceAttr
+            e1, sms = rt.cudaDeviceGetAttribute(a.cudaDevAttrMultiProcessorCount, device_id)
+            e2, per_sm = rt.cudaDeviceGetAttribute(a.cudaDevAttrMaxBlocksPerMultiprocessor, device_id)
+            ok = e1 == e2 == rt.cudaError_t.cudaSuccess
+            _max_blocks[device_id] = int(sms) * int(per_sm) if ok else None
+        except Exception:  # no driver / no cuda-bindings: unknown
+            _max_blocks[device_id] = None
+    return _max_blocks[device_id]
+
+
+def tmp_bytes_needed(device_id: int, kv_len: int, qo_len: int, num_qo_heads: int, num_kv_heads: int,
+                     head_dim_vo: int, o_itemsize: int, prefill: bool) -> int | None:
+    """An upper bound on the scratch the single prefill/decode kernels may use when they split the KV.
+
+    Both launchers split the KV into at most ``ceil(kv_len / 256)`` chunks, and into no more chunks than the
+    device's resident CTAs allow (per KV head and query tile; prefill query tiles are >= 16 rows), and then use
+    ``chunks * qo_len * num_qo_heads * (head_dim_vo * sizeof(o) + 4)`` bytes of ``tmp``. None: unknown (no
+    device to ask).
+    """
+    blocks = _device_max_resident_blocks(device_id)
+    if blocks is None:
+        return None
+    if kv_len <= 256:
+        return 0
+    chunks = -(-kv_len // 256)
+    if prefill:  # splits only into >= 2 chunks
+        tiles = -(-(qo_len * (num_qo_heads // num_kv_heads)) // 16)
+        chunks = min(chunks, blocks // (num_kv_heads * tiles))
+        if chunks <= 1:
+            return 0
+    else:  # the decode launcher uses tmp whenever kv_len > 256, even for a single chunk
+        chunks = max(1, min(chunks, blocks // num_kv_heads))
+    return chunks * qo_len * num_qo_heads * (head_dim_vo * o_itemsize + 4)

@@ -1,0 +1,527 @@
+"""Attention ops on the CPU machine, against the real modules of the shared test wheel.
+
+With no GPU, a call whose descriptors claim ``cuda:0`` passes our checks, crosses the FFI, passes the module's
+signature check (argument count and every argument's type) and stops at the module's first CUDA call. That
+proves our packing matches the real signatures, for every plan and run entry point: FA2 and FA3, ragged and
+paged, single prefill and decode, with and without the optional ``ffi.Tensor`` inputs. Runs are packed with a
+plan vector of the real length (an ``ffi.Array`` built with the runtime's global): a wrong length would stop at
+the module's ``FromVector`` check instead. Invalid arguments must be rejected before the FFI.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fi_ffi.errors import KernelError, KernelNotFoundError
+from fi_ffi.ops import decode, prefill
+from fi_ffi.ops import variants as V
+from fi_ffi.ops.kernels import entry_point
+from fi_ffi.ops.plan import Plan
+from fi_ffi.ops.workspace import Workspace
+from fi_ffi.tensor import Tensor
+
+pytestmark = pytest.mark.usefixtures("kernel_modules")
+
+F16_128 = "dtype_q_f16_dtype_kv_f16_dtype_o_f16"
+DECODE_URI = (f"batch_decode_with_kv_cache_{F16_128}_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_"
+              "False_use_logits_cap_False")
+PREFILL_URI = (f"batch_prefill_with_kv_cache_{F16_128}_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_"
+               "False_use_logits_cap_False_f16qk_False")
+FA3_URI = PREFILL_URI + "_sm90"
+SINGLE_DECODE_URI = (f"single_decode_with_kv_cache_{F16_128}_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_"
+                     "use_logits_cap_False")
+SINGLE_PREFILL_URI = (f"single_prefill_with_kv_cache_{F16_128}_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_"
+                      "use_logits_cap_False_f16qk_False")
+
+_WIRE = {"tensor": "DLTensor*", "tensor?": "Optional<DLTensor*>", "object": "Array<int>",
+         "object?": "Optional<ffi.Tensor>", "int": "int", "float": "float", "bool": "bool"}
+
+
+def signature_of(sig, name: str, returns: str) -> str:
+    return f"{name}(" + ", ".join(f"{i}: {_WIRE[k]}" for i, k in enumerate(sig.kinds)) + f") -> {returns}"
+
+
+@pytest.mark.parametrize(("uri", "name", "sig", "returns"), [
+    (DECODE_URI, "plan", decode.PLAN_SIG, "Array<int>"),
+    (DECODE_URI, "run", decode.RUN_SIG, "void"),
+    (SINGLE_DECODE_URI, "run", decode.SINGLE_SIG, "void"),
+    (SINGLE_PREFILL_URI, "run", prefill.SINGLE_SIG, "void"),
+    (PREFILL_URI, "plan", prefill.FA2_PLAN_SIG, "Array<int>"),
+    (PREFILL_URI, "ragged_run", prefill.FA2_RAGGED_SIG, "void"),
+    (PREFILL_URI, "paged_run", prefill.FA2_PAGED_SIG, "void"),
+    (FA3_URI, "plan", prefill.FA3_PLAN_SIG, "Array<int>"),
+    (FA3_URI, "ragged_run", prefill.FA3_RAGGED_SIG, "void"),
+    (FA3_URI, "paged_run", prefill.FA3_PAGED_SIG, "void"),
+])
+def test_declared_wire_kinds_match_the_module_signature(uri, name, sig, returns):
+    text = entry_point(uri, name).signature_text()
+    assert signature_of(sig, name, returns) in text, text
+    assert f"Expected {sig.nargs} but got 0" in text
+
+
+def test_every_attention_module_of_the_wheel_exports_its_entry_points():
+    for v in V.available()[1]:
+        for name in V.ENTRY_POINTS[v.kind]:
+            assert entry_point(v.uri, name).signature_text().startswith("Mismatched number of arguments")
+
+
+# ------------------------------------------------------------------------------------------ fakes
+
+
+@pytest.fixture(autouse=True)
+def _cpu_only():
+    """Fake-device descriptors point at host memory: on a GPU machine real kernels would dereference them."""
+    from cuda.bindings import runtime as rt
+
+    err, count = rt.cudaGetDeviceCount()
+    if err == rt.cudaError_t.cudaSuccess and count > 0:
+        pytest.skip("fake-device packing tests need a machine without a GPU (the GPU suite covers the calls)")
+
+
+def fake_cuda(shape, dtype="float16", strides=None, device="cuda:0") -> Tensor:
+    """A descriptor that claims CUDA memory, pointing at 16-byte aligned host memory the module never reads."""
+    host = np.zeros(64, dtype=np.uint8)
+    ptr = (host.ctypes.data + 15) // 16 * 16
+    return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
+
+
+def host(arr) -> np.ndarray:
+    return np.asarray(arr, dtype=np.int32)
+
+
+def workspace() -> Workspace:
+    pinned = np.zeros(1 << 12, np.uint8)
+    return Workspace.from_buffers(fake_cuda((1 << 16,), "uint8"), fake_cuda((1 << 12,), "uint8"),
+                                  Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned))
+
+
+def assert_reached_the_kernel(err: KernelError) -> None:
+    """The module accepted the argument list (count and types) and failed on the missing CUDA driver."""
+    assert err.kind != "TypeError", f"signature mismatch: {err}"
+    assert "Mismatched" not in err.message and "Expected" not in err.message, err.message
+    assert "FromVector" not in err.message, err.message
+    assert "cuda" in err.message.lower(), err.message
+
+
+@pytest.fixture(scope="module")
+def make_array():
+    from fi_ffi.abi.call import Function
+
+    return Function.global_function("ffi.Array")
+
+
+def decode_plan(make_array, ws=None, info_len=10, **kw) -> Plan:
+    """A batch decode Plan as batch_decode_plan builds it, around a synthetic schedule of ``info_len`` ints."""
+    args = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, q_dtype="float16", kv_dtype=None,
+                o_dtype=None, kv_layout="NHD", pos_encoding="NONE", window_left=-1, logits_soft_cap=0.0,
+                sm_scale=None, rope_scale=1.0, rope_theta=1e4, alibi_slopes=None, enable_cuda_graph=False)
+    indptr = kw.pop("kv_indptr", host([0, 2, 3]))
+    args.update(kw)
+    ws = ws or workspace()
+    st = decode.settings(ws, *args.values())
+    batch = len(indptr) - 1
+    return Plan.make(make_array(*([0] * info_len)), ws, ws._generation, st, batch, batch, int(indptr[-1]))
+
+
+def prefill_plan(make_array, mode="ragged", backend="fa2", ws=None, info_len=None, **kw) -> Plan:
+    """A batch prefill Plan as the plan functions build it, around a synthetic schedule of the right length."""
+    qo = kw.pop("qo_indptr", host([0, 3, 4]))
+    kv = kw.pop("kv_indptr", host([0, 5, 9] if mode == "ragged" else [0, 1, 3]))
+    args = dict(num_qo_heads=32, num_kv_heads=8, head_dim_qk=128, page_size=1 if mode == "ragged" else 16,
+                head_dim_vo=None, q_dtype="float16", kv_dtype=None, o_dtype=None, kv_layout="NHD", causal=False,
+                custom_mask=None, mask_indptr=None, pos_encoding="NONE", window_left=-1, logits_soft_cap=0.0,
+                sm_scale=None, rope_scale=1.0, rope_theta=1e4, alibi_slopes=None, use_fp16_qk_reduction=False,
+                backend=backend, enable_cuda_graph=False, fixed_split_size=None, disable_split_kv=False)
+    args.update(kw)
+    ws = ws or workspace()
+    st = prefill.settings(ws, mode, *args.values())
+    n = info_len or (9 if st.backend == "fa3" else 15)
+    return Plan.make(make_array(*([0] * n)), ws, ws._generation, st, len(qo) - 1, int(qo[-1]), int(kv[-1]))
+
+
+def decode_run_args(batch=2, hq=32, hk=8, d=128, page=16, pages=4, layout="NHD", dtype="float16", **over):
+    cache = (pages, page, hk, d) if layout == "NHD" else (pages, hk, page, d)
+    args = dict(q=fake_cuda((batch, hq, d), dtype), k_cache=fake_cuda(cache, dtype), v_cache=fake_cuda(cache, dtype),
+                kv_indptr=fake_cuda((batch + 1,), "int32"), kv_indices=fake_cuda((pages,), "int32"),
+                kv_last_page_len=fake_cuda((batch,), "int32"), out=fake_cuda((batch, hq, d), dtype))
+    args.update(over)
+    return args
+
+
+# ------------------------------------------------------------------------------------------ plans reach the module
+
+
+def test_batch_decode_plan_reaches_the_module():
+    ws = workspace()
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16, kv_last_page_len=host([5, 16]), stream=0)
+    assert_reached_the_kernel(info.value)
+    assert info.value.function.endswith(".plan")
+    assert ws._generation == 1 and not ws._event_pending  # a failed plan records no copy event
+
+
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+@pytest.mark.parametrize("mode", ["ragged", "paged"])
+def test_batch_prefill_plans_reach_the_module(backend, mode):
+    ws = workspace()
+    with pytest.raises(KernelError) as info:
+        if mode == "ragged":
+            prefill.batch_prefill_ragged_plan(ws, host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, causal=True,
+                                              backend=backend, stream=0)
+        else:
+            prefill.batch_prefill_paged_plan(ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16,
+                                             backend=backend)
+    assert_reached_the_kernel(info.value)
+    assert (".plan" in info.value.function) and (("_sm90" in info.value.function) == (backend == "fa3"))
+
+
+# ------------------------------------------------------------------------------------------ runs reach the module
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_batch_decode_run_reaches_the_module(make_array, layout):
+    plan = decode_plan(make_array, kv_layout=layout)
+    args = decode_run_args(layout=layout)
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_run(plan, *args.values(), lse=fake_cuda((2, 32), "float32"), enable_pdl=True)
+    assert_reached_the_kernel(info.value)
+    assert info.value.arguments[2] == "Array" and info.value.arguments[13] == "True"
+    # the plan is reusable: the same call again (memoized validation) packs the same frame
+    with pytest.raises(KernelError) as again:
+        decode.batch_decode_run(plan, *args.values(), lse=None)
+    assert_reached_the_kernel(again.value)
+    assert again.value.arguments[10] == "None"
+
+
+def test_a_plan_vector_of_the_wrong_length_stops_at_from_vector(make_array):
+    """The control for the runs below: the module parses the plan before touching CUDA."""
+    plan = decode_plan(make_array, info_len=15)
+    with pytest.raises(KernelError, match="should be 10"):
+        decode.batch_decode_run(plan, *decode_run_args().values())
+
+
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+def test_batch_prefill_ragged_run_reaches_the_module(make_array, backend):
+    plan = prefill_plan(make_array, "ragged", backend, causal=True)
+    assert plan.backend == backend and plan.mask_mode == 1
+    with pytest.raises(KernelError) as info:
+        prefill.batch_prefill_ragged_run(plan, fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
+                                         fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)),
+                                         lse=fake_cuda((4, 32), "float32"))
+    assert_reached_the_kernel(info.value)
+    assert info.value.function.endswith("ragged_run")
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+def test_batch_prefill_paged_run_reaches_the_module(make_array, backend, layout):
+    plan = prefill_plan(make_array, "paged", backend, kv_layout=layout)
+    cache = (4, 16, 8, 128) if layout == "NHD" else (4, 8, 16, 128)
+    with pytest.raises(KernelError) as info:
+        prefill.batch_prefill_paged_run(plan, fake_cuda((4, 32, 128)), fake_cuda(cache), fake_cuda(cache),
+                                        fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
+                                        fake_cuda((2,), "int32"), fake_cuda((4, 32, 128)))
+    assert_reached_the_kernel(info.value)
+
+
+def test_custom_mask_goes_in_as_tensor_objects(make_array):
+    packed, mask_indptr = prefill.pack_custom_mask([np.ones((3, 5), bool), np.tril(np.ones((1, 4), bool))])
+    assert packed.dtype == np.uint8 and mask_indptr.tolist() == [0, 2, 3]
+    mask, mind = fake_cuda(packed.shape, "uint8"), fake_cuda((3,), "int32")
+    plan = prefill_plan(make_array, "ragged", "auto", custom_mask=mask, mask_indptr=mind)
+    assert plan.backend == "fa2" and plan.mask_mode == 2
+    with pytest.raises(KernelError) as info:
+        prefill.batch_prefill_ragged_run(plan, fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
+                                         fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)))
+    assert_reached_the_kernel(info.value)
+    assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
+    # the same mask packed as a plain DLTensor* (what flashinfer-rs does) is refused by the module
+    ep = entry_point(PREFILL_URI, "ragged_run")
+    with pytest.raises(KernelError) as bad:
+        ep(fake_cuda((8,), "uint8"), fake_cuda((8,), "uint8"), make_array(*([0] * 15)), fake_cuda((4, 32, 128)),
+           fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)), fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
+           fake_cuda((4, 32, 128)), None, 2, 0, -1, False, mask, mind, None, None, None, None, 0.0, 0.1, 1.0, 1e-4, 0)
+    assert bad.value.kind == "TypeError" and "Optional<ffi.Tensor>" in bad.value.message
+
+
+def test_single_decode_reaches_the_module():
+    with pytest.raises(KernelError) as info:
+        decode.single_decode(fake_cuda((32, 128)), fake_cuda((100, 8, 128)), fake_cuda((100, 8, 128)),
+                             fake_cuda((32, 128)), lse=fake_cuda((32,), "float32"))
+    assert_reached_the_kernel(info.value)
+    with pytest.raises(KernelError) as info:
+        decode.single_decode(fake_cuda((32, 128)), fake_cuda((8, 300, 128)), fake_cuda((8, 300, 128)),
+                             fake_cuda((32, 128)), kv_layout="HND", tmp=fake_cuda((32 << 20,), "uint8"))
+    assert_reached_the_kernel(info.value)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_single_prefill_reaches_the_module_with_and_without_custom_mask(layout):
+    k = fake_cuda((9, 8, 128) if layout == "NHD" else (8, 9, 128))
+    mask = fake_cuda((5,), "uint8")  # ceil(4 * 9 / 8) bytes
+    with pytest.raises(KernelError) as info:
+        prefill.single_prefill(fake_cuda((4, 32, 128)), k, k, fake_cuda((4, 32, 128)), kv_layout=layout,
+                               custom_mask=mask)
+    assert_reached_the_kernel(info.value)
+    assert info.value.arguments[9] == "Tensor" and info.value.arguments[6] == "2"
+    with pytest.raises(KernelError) as info:
+        prefill.single_prefill(fake_cuda((4, 32, 128)), k, k, fake_cuda((4, 32, 128)), kv_layout=layout, causal=True,
+                               lse=fake_cuda((4, 32), "float32"), sm_scale=0.5, rope_scale=2.0, rope_theta=5e5)
+    assert_reached_the_kernel(info.value)
+    assert info.value.arguments[6] == "1" and info.value.arguments[9] == "None"
+    assert info.value.arguments[12:15] == ("0.5", "0.5", "2e-06")  # sm_scale, 1/rope_scale, 1/rope_theta
+
+
+def test_defaults_on_the_wire(make_array):
+    plan = decode_plan(make_array)
+    assert plan.sm_scale == pytest.approx(128 ** -0.5)
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_run(plan, *decode_run_args().values())
+    assert info.value.arguments[11:] == ("0", "-1", "False", "None", "0.0", repr(128 ** -0.5), "1.0", "0.0001")
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(("over", "exc", "text"), [
+    (dict(q=fake_cuda((2, 32, 64))), ValueError, r"q: expected shape \[2, 32, 128\]"),
+    (dict(q=fake_cuda((3, 32, 128))), ValueError, "q: expected shape"),
+    (dict(q=fake_cuda((2, 32, 128), "bfloat16")), TypeError, "q: expected dtype float16"),
+    (dict(q=fake_cuda((2, 32, 128), device="cuda:1")), ValueError, "q: expected a tensor on cuda:0"),
+    (dict(q=fake_cuda((2, 32, 128), device="cpu")), ValueError, "q: expected a CUDA device tensor"),
+    (dict(q=fake_cuda((2, 32, 128), strides=(4096, 128, 2))), ValueError, "q: the last dimension"),
+    (dict(q=fake_cuda((2, 32, 128), strides=(4100, 128, 1))), ValueError, "q: stride of dimension 0"),
+    (dict(k_cache=fake_cuda((4, 8, 16, 128))), ValueError, r"k_cache: expected shape \[\*, 16, 8, 128\]"),
+    (dict(v_cache=fake_cuda((5, 16, 8, 128))), ValueError, "v_cache: expected 4 pages"),
+    (dict(v_cache=fake_cuda((4, 16, 8, 128), strides=(16384 * 2, 1024, 128, 1))), ValueError, "identical|strides"),
+    (dict(kv_indptr=fake_cuda((3,), "int64")), TypeError, "kv_indptr: expected dtype int32"),
+    (dict(kv_indptr=fake_cuda((4,), "int32")), ValueError, "kv_indptr: expected 3 entries"),
+    (dict(kv_indices=fake_cuda((2,), "int32")), ValueError, "kv_indices: the plan's kv_indptr ends at 3 pages"),
+    (dict(kv_indices=fake_cuda((4,), "int32", device="cpu")), ValueError, "kv_indices: expected a device tensor"),
+    (dict(kv_last_page_len=fake_cuda((3,), "int32")), ValueError, "kv_last_page_len: expected 2 entries"),
+    (dict(out=fake_cuda((2, 32, 128), strides=(8192, 256, 1))), ValueError, "out: expected a contiguous"),
+    (dict(out=fake_cuda((2, 32, 128), "bfloat16")), TypeError, "out: expected dtype float16"),
+])
+def test_batch_decode_run_rejects_before_the_ffi(make_array, over, exc, text):
+    plan = decode_plan(make_array)
+    with pytest.raises(exc, match=text):
+        decode.batch_decode_run(plan, *decode_run_args(**over).values())
+
+
+def test_batch_decode_run_lse_and_flags(make_array):
+    plan = decode_plan(make_array)
+    with pytest.raises(ValueError, match=r"lse: expected shape \(2, 32\)"):
+        decode.batch_decode_run(plan, *decode_run_args().values(), lse=fake_cuda((2, 8), "float32"))
+    with pytest.raises(TypeError, match="lse: expected dtype float32"):
+        decode.batch_decode_run(plan, *decode_run_args().values(), lse=fake_cuda((2, 32), "float16"))
+    with pytest.raises(TypeError, match="enable_pdl"):
+        decode.batch_decode_run(plan, *decode_run_args().values(), enable_pdl="yes")
+    with pytest.raises(TypeError, match="plan: expected a Plan"):
+        decode.batch_decode_run(plan.info, *decode_run_args().values())
+
+
+def test_plan_state_is_checked_at_run(make_array):
+    ws = workspace()
+    plan = decode_plan(make_array, ws=ws)
+    args = decode_run_args()
+    later = decode_plan(make_array, ws=ws)
+    ws._generation += 1  # what call_plan does for `later`
+    later._generation = ws._generation
+    with pytest.raises(ValueError, match="stale"):
+        decode.batch_decode_run(plan, *args.values())
+    with pytest.raises(KernelError):
+        decode.batch_decode_run(later, *args.values())
+    later.release()
+    with pytest.raises(ValueError, match="released"):
+        decode.batch_decode_run(later, *args.values())
+    prefill_p = prefill_plan(make_array, "paged", ws=ws)
+    with pytest.raises(ValueError, match="expected a batch_decode plan"):
+        decode.batch_decode_run(prefill_p, *args.values())
+    ragged = prefill_plan(make_array, "ragged", ws=ws)
+    with pytest.raises(ValueError, match="expected a batch_prefill plan for paged KV"):
+        prefill.batch_prefill_paged_run(ragged, fake_cuda((4, 32, 128)), fake_cuda((4, 16, 8, 128)),
+                                        fake_cuda((4, 16, 8, 128)), *[fake_cuda((3,), "int32")] * 3,
+                                        fake_cuda((2,), "int32"), fake_cuda((4, 32, 128)))
+
+
+def test_plan_carries_layout_and_dtype_of_the_cache(make_array):
+    plan = decode_plan(make_array, kv_layout="HND")
+    with pytest.raises(ValueError, match=r"k_cache: expected shape \[\*, 8, 16, 128\] \(HND"):
+        decode.batch_decode_run(plan, *decode_run_args(layout="NHD").values())
+    plan = decode_plan(make_array, q_dtype="bfloat16")
+    with pytest.raises(TypeError, match="q: expected dtype bfloat16"):
+        decode.batch_decode_run(plan, *decode_run_args().values())
+    plan = decode_plan(make_array, num_kv_heads=4)
+    with pytest.raises(ValueError, match=r"k_cache: expected shape \[\*, 16, 4, 128\]"):
+        decode.batch_decode_run(plan, *decode_run_args().values())
+
+
+@pytest.mark.parametrize(("kw", "exc", "text"), [
+    (dict(num_qo_heads=40), ValueError, "GQA group sizes 1, 2, 3, 4 and 8"),
+    (dict(num_qo_heads=30), ValueError, "multiple of num_kv_heads"),
+    (dict(num_kv_heads=0), ValueError, "num_kv_heads"),
+    (dict(page_size=0), ValueError, "page_size"),
+    (dict(kv_indptr=host([1, 2, 3])), ValueError, "kv_indptr: must start at 0"),
+    (dict(kv_indptr=host([0, 3, 2])), ValueError, "kv_indptr: must be non-decreasing"),
+    (dict(kv_indptr=np.array([0, 2, 3], np.int64)), TypeError, "kv_indptr: expected dtype int32"),
+    (dict(kv_last_page_len=host([0, 16])), ValueError, "kv_last_page_len: request 0 has 2 page"),
+    (dict(kv_last_page_len=host([5, 17])), ValueError, "kv_last_page_len: request 1"),
+    (dict(kv_layout="NDH"), ValueError, "kv_layout"),
+    (dict(window_left=-2), ValueError, "window_left"),
+    (dict(logits_soft_cap=-1.0), ValueError, "logits_soft_cap"),
+    (dict(sm_scale=float("nan")), ValueError, "sm_scale"),
+    (dict(rope_theta=0.0), ValueError, "rope_theta"),
+    (dict(pos_encoding="XPOS"), ValueError, "pos_encoding"),
+    (dict(q_dtype="float32"), TypeError, "dtype_q"),
+    (dict(head_dim=256), KernelNotFoundError, "head_dim_qk_256"),
+    (dict(window_left=128), KernelNotFoundError, "use_swa_True"),
+    (dict(logits_soft_cap=30.0), KernelNotFoundError, "use_logits_cap_True"),
+    (dict(pos_encoding="ALIBI"), ValueError, "alibi_slopes: required"),
+    (dict(alibi_slopes=fake_cuda((32,), "float32")), ValueError, "alibi_slopes: only used with"),
+    (dict(enable_cuda_graph="no"), TypeError, "enable_cuda_graph"),
+])
+def test_batch_decode_plan_rejects_before_the_ffi(kw, exc, text):
+    args = dict(kv_indptr=host([0, 2, 3]), num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
+    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
+    ws = workspace()
+    with pytest.raises(exc, match=text):
+        decode.batch_decode_plan(ws, **args, **kw)
+    assert ws._generation == 0  # nothing crossed the FFI
+
+
+def test_plan_needs_a_workspace():
+    with pytest.raises(TypeError, match=r"workspace: expected a fi_ffi\.ops\.workspace\.Workspace"):
+        decode.batch_decode_plan(object(), host([0, 1]), 32, 8, 128, 16)
+
+
+@pytest.mark.parametrize(("kw", "exc", "text"), [
+    (dict(custom_mask=fake_cuda((4,), "uint8")), ValueError, "pass both"),
+    (dict(custom_mask=fake_cuda((4,), "uint8"), mask_indptr=fake_cuda((3,), "int32"), causal=True), ValueError,
+     "causal"),
+    (dict(custom_mask=fake_cuda((2,), "uint8"), mask_indptr=fake_cuda((3,), "int32")), ValueError,
+     "custom_mask: expected at least 3 bytes"),
+    (dict(custom_mask=fake_cuda((3,), "uint8"), mask_indptr=fake_cuda((3,), "int64")), TypeError,
+     "mask_indptr: expected dtype int32"),
+    (dict(custom_mask=fake_cuda((3,), "uint8"), mask_indptr=fake_cuda((3,), "int32"), backend="fa3"), ValueError,
+     "custom mask"),
+    (dict(kv_layout="HND", backend="fa3"), ValueError, "NHD only"),
+    (dict(kv_indptr=host([0, 5])), ValueError, "kv_indptr: expected 3 entries"),
+    (dict(num_qo_heads=12), ValueError, "multiple of num_kv_heads"),
+    (dict(max_total_num_rows=8), ValueError, "enable_cuda_graph"),
+    (dict(max_total_num_rows=2, enable_cuda_graph=True), ValueError, "max_total_num_rows: must be >= qo_indptr"),
+    (dict(backend="fa5"), ValueError, "backend"),
+    (dict(head_dim_qk=64, backend="fa3"), KernelNotFoundError, "_sm90"),
+    (dict(use_fp16_qk_reduction=True), KernelNotFoundError, "f16qk_True"),
+])
+def test_batch_prefill_ragged_plan_rejects_before_the_ffi(kw, exc, text):
+    args = dict(qo_indptr=host([0, 3, 4]), kv_indptr=host([0, 5, 9]), num_qo_heads=32, num_kv_heads=8,
+                head_dim_qk=128)
+    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
+    ws = workspace()
+    with pytest.raises(exc, match=text):
+        prefill.batch_prefill_ragged_plan(ws, **args, **kw)
+    assert ws._generation == 0
+
+
+def test_batch_prefill_paged_plan_needs_last_page_len_and_checks_it():
+    ws = workspace()
+    with pytest.raises(ValueError, match="kv_last_page_len: request 1 has 2 page"):
+        prefill.batch_prefill_paged_plan(ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 17]), 32, 8, 128, 16)
+    with pytest.raises(ValueError, match="kv_last_page_len: expected 2 entries"):
+        prefill.batch_prefill_paged_plan(ws, host([0, 3, 4]), host([0, 1, 3]), host([5]), 32, 8, 128, 16)
+
+
+def test_prefill_run_checks_rows_and_extent(make_array):
+    plan = prefill_plan(make_array, "ragged")
+    with pytest.raises(ValueError, match="q: the plan's qo_indptr ends at 4 rows"):
+        prefill.batch_prefill_ragged_run(plan, fake_cuda((3, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
+                                         fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((3, 32, 128)))
+    with pytest.raises(ValueError, match="k: the plan's kv_indptr ends at 9 tokens"):
+        prefill.batch_prefill_ragged_run(plan, fake_cuda((4, 32, 128)), fake_cuda((8, 8, 128)), fake_cuda((8, 8, 128)),
+                                         fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)))
+    with pytest.raises(ValueError, match=r"v: expected shape \[9, 8, 128\]"):
+        prefill.batch_prefill_ragged_run(plan, fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 4, 128)),
+                                         fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)))
+
+
+@pytest.mark.parametrize(("kw", "exc", "text"), [
+    (dict(q=fake_cuda((32, 128, 1))), ValueError, "q: expected a 2-D"),
+    (dict(q=fake_cuda((32, 128), strides=(256, 1))), ValueError, "q: expected a contiguous"),
+    (dict(k=fake_cuda((100, 6, 128)), v=fake_cuda((100, 6, 128))), ValueError, "multiple of num_kv_heads"),
+    (dict(k=fake_cuda((100, 5, 128)), v=fake_cuda((100, 5, 128)), q=fake_cuda((25, 128)), out=fake_cuda((25, 128))),
+     ValueError, "GQA group sizes"),
+    (dict(v=fake_cuda((100, 8, 128), "bfloat16")), TypeError, "v: expected dtype float16"),
+    (dict(v=fake_cuda((101, 8, 128))), ValueError, "v: expected shape"),
+    (dict(out=fake_cuda((32, 64))), ValueError, "out: expected shape"),
+    (dict(lse=fake_cuda((32, 1), "float32")), ValueError, r"lse: expected shape \(32,\)"),
+    (dict(tmp=fake_cuda((16, 16), "uint8")), ValueError, "tmp: expected a contiguous 1-D"),
+    (dict(kv_layout="XYZ"), ValueError, "kv_layout"),
+    (dict(window_left=-5), ValueError, "window_left"),
+])
+def test_single_decode_rejects_before_the_ffi(kw, exc, text):
+    args = dict(q=fake_cuda((32, 128)), k=fake_cuda((100, 8, 128)), v=fake_cuda((100, 8, 128)),
+                out=fake_cuda((32, 128)))
+    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
+    with pytest.raises(exc, match=text):
+        decode.single_decode(**args, **kw)
+
+
+def test_single_prefill_rejects_before_the_ffi():
+    q, k, o = fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((4, 32, 128))
+    with pytest.raises(ValueError, match="custom_mask: expected at least 5 bytes"):
+        prefill.single_prefill(q, k, k, o, custom_mask=fake_cuda((4,), "uint8"))
+    with pytest.raises(ValueError, match="causal"):
+        prefill.single_prefill(q, k, k, o, custom_mask=fake_cuda((5,), "uint8"), causal=True)
+    with pytest.raises(ValueError, match="q: expected a 3-D"):
+        prefill.single_prefill(fake_cuda((4, 32)), k, k, o)
+    with pytest.raises(ValueError, match=r"out: expected shape \[4, 32, 64\]"):
+        prefill.single_prefill(q, k, fake_cuda((9, 8, 64)), o)
+    with pytest.raises(KernelNotFoundError, match="head_dim_vo_64"):
+        prefill.single_prefill(q, k, fake_cuda((9, 8, 64)), fake_cuda((4, 32, 64)))
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(batch=st.integers(1, 6), hq_mult=st.sampled_from([1, 2, 3, 4, 8]), hk=st.integers(1, 4),
+       page=st.sampled_from([1, 16, 64]), layout=st.sampled_from(["NHD", "HND"]), data=st.data())
+def test_batch_decode_run_accepts_exactly_the_planned_shapes(make_array, batch, hq_mult, hk, page, layout, data):
+    pages = data.draw(st.lists(st.integers(0, 3), min_size=batch, max_size=batch))
+    indptr = host(np.concatenate([[0], np.cumsum(pages)]))
+    hq = hk * hq_mult
+    plan = decode_plan(make_array, kv_indptr=indptr, num_qo_heads=hq, num_kv_heads=hk, page_size=page,
+                       kv_layout=layout)
+    total = max(int(indptr[-1]), 1)
+    good = decode_run_args(batch=batch, hq=hq, hk=hk, page=page, pages=total, layout=layout)
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_run(plan, *good.values())
+    assert_reached_the_kernel(info.value)
+    # perturb one dimension of one tensor: always rejected before the FFI
+    name = data.draw(st.sampled_from(["q", "k_cache", "v_cache", "out", "kv_indptr", "kv_last_page_len"]))
+    t = good[name]
+    dim = data.draw(st.integers(0, t.ndim - 1))
+    if name in ("k_cache", "v_cache") and dim == 0:
+        dim = 1
+    shape = list(t.shape)
+    shape[dim] += data.draw(st.sampled_from([-1, 1])) if shape[dim] > 1 else 1
+    bad = dict(good, **{name: fake_cuda(tuple(shape), t.dtype.name)})
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        decode.batch_decode_run(plan, *bad.values())
+
+
+def test_plan_settings_are_validated_once_per_argument_values_and_types():
+    ws = workspace()
+    args = [32, 8, 128, 16, "float16", None, None, "NHD", "NONE", -1, 0.0, None, 1.0, 1e4, None, False]
+    first = decode.settings(ws, *args)
+    assert decode.settings(ws, *args) is first
+    assert decode.settings(workspace(), *args) is not first  # per workspace: its buffers are in the frame
+    with pytest.raises(TypeError, match="window_left"):
+        decode.settings(ws, *args[:9], -1.0, *args[10:])  # equal to a cached value, but not an int
+    other = decode.settings(ws, *args[:7], "HND", *args[8:])
+    assert other is not first and other.kv_layout == "HND"
+    ragged = prefill.settings(ws, "ragged", 32, 8, 128, 1, None, "float16", None, None, "NHD", True, None, None,
+                              "NONE", -1, 0.0, None, 1.0, 1e4, None, False, "fa2", False, None, False)
+    assert prefill.settings(ws, "ragged", 32, 8, 128, 1, None, "float16", None, None, "NHD", True, None, None,
+                            "NONE", -1, 0.0, None, 1.0, 1e4, None, False, "fa2", False, None, False) is ragged
+    assert ragged.mask_mode == 1 and ragged.backend == "fa2"

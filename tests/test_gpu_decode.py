@@ -1,0 +1,264 @@
+"""Decode attention on a real GPU against a float32 torch reference (gated by FI_FFI_RUN_GPU_TESTS=1).
+
+Tolerances, absolute and relative, on outputs of magnitude <= ~3 (weighted means of N(0, 1) values):
+float16 5e-3, bfloat16 3e-2 (8-bit mantissa, probabilities are rounded to bf16 before P.V); the log-sum-exp
+(base 2, magnitude ~10) 2e-2 for both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+import torch
+
+from fi_ffi.ops import decode
+from fi_ffi.ops.workspace import Workspace
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+LSE_TOL = 2e-2
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def reference(q, k, v, *, causal=False, sm_scale=None, mask=None):
+    """Attention of q ``[qo, hq, d]`` over k ``[kv, hk, d]`` / v ``[kv, hk, dv]`` in float32.
+
+    Returns (o ``[qo, hq, dv]``, lse ``[qo, hq]`` in base 2). Causal is aligned to the end of the KV.
+    """
+    qo, hq, d = q.shape
+    kv, hk = k.shape[:2]
+    g = hq // hk
+    kf, vf = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    s = torch.einsum("qhd,khd->hqk", q.float(), kf) * (d ** -0.5 if sm_scale is None else sm_scale)
+    allowed = torch.ones(qo, kv, dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(qo, device=q.device)[:, None]
+        j = torch.arange(kv, device=q.device)[None]
+        allowed &= j <= i + kv - qo
+    if mask is not None:
+        allowed &= mask
+    s = s.masked_fill(~allowed, float("-inf"))
+    o = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vf)
+    return o, (torch.logsumexp(s, -1) / math.log(2)).T
+
+
+def close(got, want, dtype, what="out"):
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture(scope="module")
+def ws():
+    with Workspace.allocate(0) as w:
+        yield w
+
+
+class PagedKV:
+    """A paged K/V cache with requests of given lengths on shuffled pages, and its page table."""
+
+    def __init__(self, kv_lens, page_size, hk, d, dtype, layout, spare_pages=3, seed=0):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        self.page_size, self.layout, self.lens = page_size, layout, list(kv_lens)
+        pages = [-(-n // page_size) for n in kv_lens]
+        total = sum(pages) + spare_pages
+        shape = (total, page_size, hk, d) if layout == "NHD" else (total, hk, page_size, d)
+        self.k = torch.randn(shape, dtype=dtype, device="cuda", generator=g)
+        self.v = torch.randn(shape, dtype=dtype, device="cuda", generator=g)
+        perm = torch.randperm(total, device="cuda", generator=g)
+        self.indptr_h = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+        self.last_h = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages, strict=True)],
+                               np.int32)
+        self.indices = perm[: sum(pages)].to(torch.int32).contiguous()
+        self.indptr = torch.from_numpy(self.indptr_h).cuda()
+        self.last = torch.from_numpy(self.last_h).cuda()
+
+    def gather(self, i, cache):
+        """Request ``i``'s keys or values as ``[kv_len, hk, d]``."""
+        ids = self.indices[self.indptr_h[i]: self.indptr_h[i + 1]].long()
+        pages = cache[ids]
+        if self.layout == "HND":
+            pages = pages.transpose(1, 2)
+        return pages.reshape(-1, *pages.shape[2:])[: self.lens[i]]
+
+
+# ------------------------------------------------------------------------------------------ batch decode
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", [(8, 8), (32, 8), (32, 4)])  # GQA group sizes 1, 4, 8
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+def test_batch_decode_matches_reference(ws, dtype, head_dim, heads, layout, page_size):
+    hq, hk = heads
+    kv_lens = [1, 17, 64, 100, 333]  # one-token request, uneven lengths, partially filled last pages
+    kv = PagedKV(kv_lens, page_size, hk, head_dim, dtype, layout)
+    b = len(kv_lens)
+    q = torch.randn(b, hq, head_dim, dtype=dtype, device="cuda")
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, dtype=torch.float32, device="cuda")
+    plan = decode.batch_decode_plan(ws, kv.indptr_h, hq, hk, head_dim, page_size, kv_last_page_len=kv.last_h,
+                                    q_dtype=dtype, kv_layout=layout)
+    assert decode.batch_decode_run(plan, q, kv.k, kv.v, kv.indptr, kv.indices, kv.last, out, lse=lse) is out
+    torch.cuda.synchronize()
+    for i in range(b):
+        o, lse_ref = reference(q[i: i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v))
+        close(out[i], o[0], dtype, f"request {i}")
+        torch.testing.assert_close(lse[i], lse_ref[0], atol=LSE_TOL, rtol=LSE_TOL)
+
+
+def test_batch_decode_growing_cache_replanned_every_step(ws):
+    """A decode loop: one new token per request per step, a plan per step, results exact at every step."""
+    dtype, hq, hk, d, page = torch.float16, 32, 8, 128, 16
+    lens = [1, 15, 30]
+    max_pages = 64
+    k_cache = torch.zeros(max_pages, page, hk, d, dtype=dtype, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    free = list(range(max_pages))[::-1]
+    tables: list[list[int]] = [[] for _ in lens]
+    keys = [torch.randn(n, hk, d, dtype=dtype, device="cuda") for n in lens]
+    vals = [torch.randn(n, hk, d, dtype=dtype, device="cuda") for n in lens]
+
+    def write(i, pos, kk, vv):
+        if pos % page == 0:
+            tables[i].append(free.pop())
+        k_cache[tables[i][pos // page], pos % page] = kk
+        v_cache[tables[i][pos // page], pos % page] = vv
+
+    for i, n in enumerate(lens):
+        for pos in range(n):
+            write(i, pos, keys[i][pos], vals[i][pos])
+    q = torch.empty(len(lens), hq, d, dtype=dtype, device="cuda")
+    out = torch.empty_like(q)
+    previous = None
+    for step in range(24):
+        for i in range(len(lens)):  # append this step's token
+            kk = torch.randn(hk, d, dtype=dtype, device="cuda")
+            vv = torch.randn(hk, d, dtype=dtype, device="cuda")
+            write(i, lens[i], kk, vv)
+            keys[i] = torch.cat([keys[i], kk[None]])
+            vals[i] = torch.cat([vals[i], vv[None]])
+            lens[i] += 1
+        indptr = np.concatenate([[0], np.cumsum([len(t) for t in tables])]).astype(np.int32)
+        last = np.array([n - (len(t) - 1) * page for n, t in zip(lens, tables, strict=True)], np.int32)
+        indices = torch.tensor([p for t in tables for p in t], dtype=torch.int32, device="cuda")
+        plan = decode.batch_decode_plan(ws, indptr, hq, hk, d, page, kv_last_page_len=last)
+        if previous is not None:
+            assert previous.stale
+            with pytest.raises(ValueError, match="stale"):
+                decode.batch_decode_run(previous, q, k_cache, v_cache, torch.from_numpy(indptr).cuda(), indices,
+                                        torch.from_numpy(last).cuda(), out)
+        q.normal_()
+        decode.batch_decode_run(plan, q, k_cache, v_cache, torch.from_numpy(indptr).cuda(), indices,
+                                torch.from_numpy(last).cuda(), out)
+        torch.cuda.synchronize()
+        for i in range(len(lens)):
+            o, _ = reference(q[i: i + 1], keys[i], vals[i])
+            close(out[i], o[0], dtype, f"step {step} request {i}")
+        previous = plan
+
+
+def test_one_plan_serves_many_layers(ws):
+    dtype, hq, hk, d, page = torch.bfloat16, 32, 8, 128, 16
+    layers = [PagedKV([5, 40, 16], page, hk, d, dtype, "NHD", seed=s) for s in range(3)]
+    indptr_h, last_h = layers[0].indptr_h, layers[0].last_h
+    for layer in layers[1:]:  # same page table for every layer (what a runtime has)
+        layer.indices, layer.indptr, layer.last = layers[0].indices, layers[0].indptr, layers[0].last
+    plan = decode.batch_decode_plan(ws, indptr_h, hq, hk, d, page, kv_last_page_len=last_h, q_dtype=dtype)
+    info = plan.info
+    q = torch.randn(3, hq, d, dtype=dtype, device="cuda")
+    outs = []
+    for _ in range(2):  # every layer twice: the plan is reused, never consumed
+        for layer in layers:
+            out = torch.empty_like(q)
+            decode.batch_decode_run(plan, q, layer.k, layer.v, layer.indptr, layer.indices, layer.last, out)
+            outs.append((layer, out))
+    torch.cuda.synchronize()
+    assert plan.info == info and plan.refcount == 1
+    for layer, out in outs:
+        for i in range(3):
+            close(out[i], reference(q[i: i + 1], layer.gather(i, layer.k), layer.gather(i, layer.v))[0][0], dtype)
+    plan.release()
+    with pytest.raises(ValueError, match="released"):
+        decode.batch_decode_run(plan, q, layers[0].k, layers[0].v, layers[0].indptr, layers[0].indices,
+                                layers[0].last, outs[0][1])
+
+
+def test_back_to_back_plans_on_one_stream_wait_for_the_previous_copy(ws):
+    """Plan A, run A, plan B on a busy stream: B must not overwrite the pinned buffer before A's copy ran."""
+    dtype, hq, hk, d, page = torch.float16, 32, 8, 128, 16
+    stream = torch.cuda.Stream()
+    kv_a = PagedKV([700, 3, 250, 64], page, hk, d, dtype, "NHD", seed=1)
+    kv_b = PagedKV([20, 1000], page, hk, d, dtype, "NHD", seed=2)
+    q_a = torch.randn(4, hq, d, dtype=dtype, device="cuda")
+    q_b = torch.randn(2, hq, d, dtype=dtype, device="cuda")
+    out_a, out_b = torch.empty_like(q_a), torch.empty_like(q_b)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time: plan A's copy waits behind it
+        busy = torch.cuda.Event()
+        busy.record(stream)
+        plan_a = decode.batch_decode_plan(ws, kv_a.indptr_h, hq, hk, d, page, kv_last_page_len=kv_a.last_h,
+                                          stream=stream)
+        assert not busy.query()  # plan A did not wait for the stream
+        decode.batch_decode_run(plan_a, q_a, kv_a.k, kv_a.v, kv_a.indptr, kv_a.indices, kv_a.last, out_a,
+                                stream=stream)
+        plan_b = decode.batch_decode_plan(ws, kv_b.indptr_h, hq, hk, d, page, kv_last_page_len=kv_b.last_h,
+                                          stream=stream)
+        assert busy.query()  # plan B waited for A's copy, hence for the work before it
+        decode.batch_decode_run(plan_b, q_b, kv_b.k, kv_b.v, kv_b.indptr, kv_b.indices, kv_b.last, out_b,
+                                stream=stream)
+    torch.cuda.synchronize()
+    for kv, q, out in ((kv_a, q_a, out_a), (kv_b, q_b, out_b)):
+        for i in range(q.shape[0]):
+            close(out[i], reference(q[i: i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v))[0][0], dtype)
+
+
+def test_caller_buffers_and_strided_q(ws):
+    """Workspace.from_buffers over torch tensors (pinned host buffer), and q rows with a stride."""
+    f = torch.zeros(64 << 20, dtype=torch.uint8, device="cuda")
+    i = torch.empty(8 << 20, dtype=torch.uint8, device="cuda")
+    p = torch.empty(8 << 20, dtype=torch.uint8, pin_memory=True)
+    own = Workspace.from_buffers(f, i, p)
+    dtype, hq, hk, d = torch.float16, 16, 8, 64
+    kv = PagedKV([9, 31], 16, hk, d, dtype, "HND")
+    big = torch.randn(2, hq, 2 * d, dtype=dtype, device="cuda")
+    q = big[:, :, :d]  # strides (2*hq*d, 2*d, 1)
+    out = torch.empty(2, hq, d, dtype=dtype, device="cuda")
+    plan = decode.batch_decode_plan(own, kv.indptr_h, hq, hk, d, 16, kv_layout="HND", sm_scale=0.3)
+    decode.batch_decode_run(plan, q, kv.k, kv.v, kv.indptr, kv.indices, kv.last, out)
+    torch.cuda.synchronize()
+    for r in range(2):
+        close(out[r], reference(q[r: r + 1], kv.gather(r, kv.k), kv.gather(r, kv.v), sm_scale=0.3)[0][0], dtype)
+
+
+# ------------------------------------------------------------------------------------------ single decode
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", [(8, 8), (32, 8), (32, 4)])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_single_decode_matches_reference(dtype, head_dim, heads, layout):
+    hq, hk = heads
+    tmp = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
+    for kv_len, scratch in ((1, None), (300, tmp), (5000, tmp), (5000, None)):
+        k = torch.randn(kv_len, hk, head_dim, dtype=dtype, device="cuda")
+        v = torch.randn_like(k)
+        q = torch.randn(hq, head_dim, dtype=dtype, device="cuda")
+        out = torch.empty_like(q)
+        lse = torch.empty(hq, dtype=torch.float32, device="cuda")
+        kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+        decode.single_decode(q, kk, vv, out, tmp=scratch, lse=lse, kv_layout=layout)
+        torch.cuda.synchronize()
+        o, lse_ref = reference(q[None], k, v)
+        close(out, o[0], dtype, f"kv_len {kv_len}")
+        torch.testing.assert_close(lse, lse_ref[0], atol=LSE_TOL, rtol=LSE_TOL)

@@ -1,0 +1,317 @@
+"""Prefill attention on a real GPU against a float32 torch reference (gated by FI_FFI_RUN_GPU_TESTS=1).
+
+Tolerances, absolute and relative, on outputs of magnitude <= ~3: float16 5e-3, bfloat16 3e-2 (probabilities
+are rounded to the input dtype before P.V); log-sum-exp (base 2) 2e-2. FA3 against FA2: the same tolerances.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+import torch
+
+from fi_ffi.ops import prefill
+from fi_ffi.ops.workspace import Workspace
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+LSE_TOL = 2e-2
+DTYPES = [torch.float16, torch.bfloat16]
+GQA = [(8, 8), (32, 8), (32, 4)]  # group sizes 1, 4, 8
+SM90 = torch.cuda.get_device_capability()[0] == 9
+
+
+def reference(q, k, v, *, causal=False, sm_scale=None, mask=None):
+    """Attention of q ``[qo, hq, d]`` over k ``[kv, hk, d]`` / v ``[kv, hk, dv]`` in float32.
+
+    Returns (o ``[qo, hq, dv]``, lse ``[qo, hq]`` in base 2). Causal is aligned to the end of the KV.
+    """
+    qo, hq, d = q.shape
+    kv, hk = k.shape[:2]
+    g = hq // hk
+    kf, vf = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    s = torch.einsum("qhd,khd->hqk", q.float(), kf) * (d ** -0.5 if sm_scale is None else sm_scale)
+    allowed = torch.ones(qo, kv, dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(qo, device=q.device)[:, None]
+        j = torch.arange(kv, device=q.device)[None]
+        allowed &= j <= i + kv - qo
+    if mask is not None:
+        allowed &= mask
+    s = s.masked_fill(~allowed, float("-inf"))
+    o = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vf)
+    return o, (torch.logsumexp(s, -1) / math.log(2)).T
+
+
+def close(got, want, dtype, what="out"):
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def to_layout(t, layout):
+    """``[n, heads, d]`` -> the layout's order (HND: ``[heads, n, d]``, contiguous)."""
+    return t if layout == "NHD" else t.transpose(0, 1).contiguous()
+
+
+@pytest.fixture(scope="module")
+def ws():
+    with Workspace.allocate(0) as w:
+        yield w
+
+
+def indptr(lengths):
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------ single prefill
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", GQA)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_single_prefill_matches_reference(dtype, head_dim, heads, causal, layout):
+    hq, hk = heads
+    tmp = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
+    for qo_len, kv_len in ((1, 1), (37, 129), (128, 128), (16, 2000)):
+        q = torch.randn(qo_len, hq, head_dim, dtype=dtype, device="cuda")
+        k = torch.randn(kv_len, hk, head_dim, dtype=dtype, device="cuda")
+        v = torch.randn_like(k)
+        out = torch.empty_like(q)
+        lse = torch.empty(qo_len, hq, dtype=torch.float32, device="cuda")
+        prefill.single_prefill(q, to_layout(k, layout), to_layout(v, layout), out, tmp=tmp, lse=lse, causal=causal,
+                               kv_layout=layout)
+        torch.cuda.synchronize()
+        o, lse_ref = reference(q, k, v, causal=causal)
+        close(out, o, dtype, f"qo {qo_len} kv {kv_len}")
+        torch.testing.assert_close(lse, lse_ref, atol=LSE_TOL, rtol=LSE_TOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_prefill_custom_mask(dtype):
+    qo_len, kv_len, hq, hk, d = 45, 77, 32, 8, 128
+    q = torch.randn(qo_len, hq, d, dtype=dtype, device="cuda")
+    k = torch.randn(kv_len, hk, d, dtype=dtype, device="cuda")
+    v = torch.randn_like(k)
+    mask = torch.rand(qo_len, kv_len, device="cuda") < 0.3
+    mask[:, 0] = True  # every row attends somewhere
+    packed, _ = prefill.pack_custom_mask([mask.cpu().numpy()])
+    out = torch.empty_like(q)
+    prefill.single_prefill(q, k, v, out, custom_mask=torch.from_numpy(packed).cuda())
+    torch.cuda.synchronize()
+    close(out, reference(q, k, v, mask=mask)[0], dtype)
+
+
+def test_single_prefill_strided_q_and_kv():
+    dtype, hq, hk, d = torch.float16, 16, 4, 64
+    qkv = torch.randn(50, hq + 2 * hk, d, dtype=dtype, device="cuda")  # a fused QKV projection
+    q, k, v = qkv[:, :hq], qkv[:, hq: hq + hk], qkv[:, hq + hk:]
+    out = torch.empty(50, hq, d, dtype=dtype, device="cuda")
+    prefill.single_prefill(q, k, v, out, causal=True, sm_scale=0.2)
+    torch.cuda.synchronize()
+    close(out, reference(q, k, v, causal=True, sm_scale=0.2)[0], dtype)
+
+
+# ------------------------------------------------------------------------------------------ batch prefill, ragged
+
+
+QO_LENS = [1, 7, 33, 64, 2]
+KV_LENS = [1, 20, 33, 100, 50]  # >= qo lengths, so that causal rows are never empty
+
+
+def ragged_inputs(dtype, hq, hk, d, layout, qo_lens=QO_LENS, kv_lens=KV_LENS):
+    q = torch.randn(sum(qo_lens), hq, d, dtype=dtype, device="cuda")
+    k = torch.randn(sum(kv_lens), hk, d, dtype=dtype, device="cuda")
+    v = torch.randn_like(k)
+    return q, k, v, to_layout(k, layout), to_layout(v, layout)
+
+
+def check_ragged(out, q, k, v, qo_lens, kv_lens, dtype, causal, lse=None, masks=None):
+    qo, kv = indptr(qo_lens), indptr(kv_lens)
+    for i in range(len(qo_lens)):
+        o, lse_ref = reference(q[qo[i]: qo[i + 1]], k[kv[i]: kv[i + 1]], v[kv[i]: kv[i + 1]], causal=causal,
+                         mask=None if masks is None else masks[i])
+        close(out[qo[i]: qo[i + 1]], o, dtype, f"request {i}")
+        if lse is not None:
+            torch.testing.assert_close(lse[qo[i]: qo[i + 1]], lse_ref, atol=LSE_TOL, rtol=LSE_TOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", GQA)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_batch_prefill_ragged_fa2(ws, dtype, head_dim, heads, causal, layout):
+    hq, hk = heads
+    q, k, v, kl, vl = ragged_inputs(dtype, hq, hk, head_dim, layout)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device="cuda")
+    plan = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, head_dim, q_dtype=dtype,
+                                             kv_layout=layout, causal=causal, backend="fa2")
+    assert plan.backend == "fa2"
+    prefill.batch_prefill_ragged_run(plan, q, kl, vl, torch.from_numpy(indptr(QO_LENS)).cuda(),
+                                     torch.from_numpy(indptr(KV_LENS)).cuda(), out, lse=lse)
+    torch.cuda.synchronize()
+    check_ragged(out, q, k, v, QO_LENS, KV_LENS, dtype, causal, lse)
+
+
+def test_batch_prefill_ragged_custom_mask(ws):
+    dtype, hq, hk, d = torch.bfloat16, 32, 8, 128
+    q, k, v, _, _ = ragged_inputs(dtype, hq, hk, d, "NHD")
+    masks = []
+    for qo_len, kv_len in zip(QO_LENS, KV_LENS, strict=True):
+        m = torch.rand(qo_len, kv_len, device="cuda") < 0.4
+        m[:, -1] = True
+        masks.append(m)
+    packed, mind = prefill.pack_custom_mask([m.cpu().numpy() for m in masks])
+    plan = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, q_dtype=dtype,
+                                             custom_mask=torch.from_numpy(packed).cuda(),
+                                             mask_indptr=torch.from_numpy(mind).cuda())
+    assert plan.backend == "fa2" and plan.mask_mode == 2
+    out = torch.empty_like(q)
+    prefill.batch_prefill_ragged_run(plan, q, k, v, torch.from_numpy(indptr(QO_LENS)).cuda(),
+                                     torch.from_numpy(indptr(KV_LENS)).cuda(), out)
+    torch.cuda.synchronize()
+    check_ragged(out, q, k, v, QO_LENS, KV_LENS, dtype, False, masks=masks)
+
+
+# ------------------------------------------------------------------------------------------ batch prefill, paged
+
+
+class PagedKV:
+    """Requests' keys/values (contiguous, for the reference) scattered over shuffled pages of a paged cache."""
+
+    def __init__(self, k, v, kv_lens, page_size, layout, spare_pages=2):
+        hk, d = k.shape[1:]
+        pages = [-(-n // page_size) for n in kv_lens]
+        total = sum(pages) + spare_pages
+        perm = torch.randperm(total).tolist()
+        shape = (total, page_size, hk, d)
+        kc = torch.zeros(shape, dtype=k.dtype, device="cuda")
+        vc = torch.zeros_like(kc)
+        table, start = [], 0
+        for n, p in zip(kv_lens, pages, strict=True):
+            ids = perm[len(table): len(table) + p]
+            for j, pid in enumerate(ids):
+                rows = slice(start + j * page_size, min(start + (j + 1) * page_size, start + n))
+                cnt = rows.stop - rows.start
+                kc[pid, :cnt] = k[rows]
+                vc[pid, :cnt] = v[rows]
+            table += ids
+            start += n
+        if layout == "HND":
+            kc, vc = kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous()
+        self.k, self.v = kc, vc
+        self.indptr_h = indptr(pages)
+        self.last_h = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages, strict=True)],
+                               np.int32)
+        self.indices = torch.tensor(table, dtype=torch.int32, device="cuda")
+        self.indptr = torch.from_numpy(self.indptr_h).cuda()
+        self.last = torch.from_numpy(self.last_h).cuda()
+
+
+def paged_case(ws, dtype, hq, hk, d, page_size, layout, causal, backend, qo_lens=QO_LENS, kv_lens=KV_LENS):
+    q, k, v, _, _ = ragged_inputs(dtype, hq, hk, d, "NHD", qo_lens, kv_lens)
+    kv = PagedKV(k, v, kv_lens, page_size, layout)
+    plan = prefill.batch_prefill_paged_plan(ws, indptr(qo_lens), kv.indptr_h, kv.last_h, hq, hk, d, page_size,
+                                            q_dtype=dtype, kv_layout=layout, causal=causal, backend=backend)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device="cuda")
+    prefill.batch_prefill_paged_run(plan, q, kv.k, kv.v, torch.from_numpy(indptr(qo_lens)).cuda(), kv.indptr,
+                                    kv.indices, kv.last, out, lse=lse)
+    torch.cuda.synchronize()
+    return plan, q, k, v, out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_batch_prefill_paged_fa2(ws, dtype, head_dim, page_size, layout, causal):
+    hq, hk = (32, 8) if page_size != 16 else (32, 4)
+    plan, q, k, v, out, lse = paged_case(ws, dtype, hq, hk, head_dim, page_size, layout, causal, "fa2")
+    assert plan.backend == "fa2"
+    check_ragged(out, q, k, v, QO_LENS, KV_LENS, dtype, causal, lse)
+
+
+def test_paged_prefill_plan_reused_then_stale(ws):
+    dtype, hq, hk, d, page = torch.float16, 8, 8, 128, 16
+    q, k, v, _, _ = ragged_inputs(dtype, hq, hk, d, "NHD")
+    kv = PagedKV(k, v, KV_LENS, page, "NHD")
+    qo_d = torch.from_numpy(indptr(QO_LENS)).cuda()
+    plan = prefill.batch_prefill_paged_plan(ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, page,
+                                            causal=True, backend="fa2")
+    outs = [torch.empty_like(q) for _ in range(3)]
+    for out in outs:
+        prefill.batch_prefill_paged_run(plan, q, kv.k, kv.v, qo_d, kv.indptr, kv.indices, kv.last, out)
+    torch.cuda.synchronize()
+    for out in outs:
+        check_ragged(out, q, k, v, QO_LENS, KV_LENS, dtype, True)
+    prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa2")
+    with pytest.raises(ValueError, match="stale"):
+        prefill.batch_prefill_paged_run(plan, q, kv.k, kv.v, qo_d, kv.indptr, kv.indices, kv.last, outs[0])
+
+
+# ------------------------------------------------------------------------------------------ FA3 (SM90)
+
+
+@pytest.mark.skipif(not SM90, reason="FA3 modules need an SM 9.x GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(8, 8), (32, 4)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["ragged", "paged16", "paged1"])
+def test_fa3_matches_fa2_and_reference(ws, dtype, heads, causal, mode):
+    hq, hk, d = *heads, 128
+    if mode == "ragged":
+        q, k, v, _, _ = ragged_inputs(dtype, hq, hk, d, "NHD")
+        outs = {}
+        for backend in ("fa2", "fa3"):
+            plan = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, q_dtype=dtype,
+                                                     causal=causal, backend=backend)
+            assert plan.backend == backend
+            out = torch.empty_like(q)
+            prefill.batch_prefill_ragged_run(plan, q, k, v, torch.from_numpy(indptr(QO_LENS)).cuda(),
+                                             torch.from_numpy(indptr(KV_LENS)).cuda(), out)
+            torch.cuda.synchronize()
+            outs[backend] = out
+    else:
+        page = 16 if mode == "paged16" else 1
+        torch.manual_seed(3)
+        outs = {}
+        for backend in ("fa2", "fa3"):
+            torch.manual_seed(3)  # same inputs for both
+            plan, q, k, v, out, _ = paged_case(ws, dtype, hq, hk, d, page, "NHD", causal, backend)
+            assert plan.backend == backend
+            outs[backend] = out
+    check_ragged(outs["fa3"], q, k, v, QO_LENS, KV_LENS, dtype, causal)
+    close(outs["fa3"], outs["fa2"].float(), dtype, "fa3 vs fa2")
+
+
+@pytest.mark.skipif(not SM90, reason="FA3 modules need an SM 9.x GPU")
+def test_auto_picks_fa3_on_sm90_and_fa2_when_it_must(ws):
+    plan = prefill.batch_prefill_ragged_plan(ws, indptr([3]), indptr([5]), 8, 8, 128)
+    assert plan.backend == "fa3" and plan.uri.endswith("_sm90")
+    plan = prefill.batch_prefill_ragged_plan(ws, indptr([3]), indptr([5]), 8, 8, 64)  # no hd-64 FA3 in the wheel
+    assert plan.backend == "fa2"
+    plan = prefill.batch_prefill_ragged_plan(ws, indptr([3]), indptr([5]), 8, 8, 128, kv_layout="HND")
+    assert plan.backend == "fa2"
+
+
+@pytest.mark.skipif(not SM90, reason="FA3 modules need an SM 9.x GPU")
+def test_fa3_plan_info_shape_and_mixing(ws):
+    hq, hk, d = 8, 8, 128
+    fa3 = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa3")
+    assert len(fa3.info) == 9
+    fa2 = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa2")
+    assert len(fa2.info) == 15
+    assert fa3.stale  # the FA2 plan overwrote the schedule: the FA3 plan cannot run any more

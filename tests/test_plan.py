@@ -1,0 +1,310 @@
+"""Plan objects (ownership against the real libtvm_ffi.so object API), host index checks, workspaces."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fi_ffi.abi.objects import ARRAY, Array
+from fi_ffi.tensor import Tensor
+
+pytestmark = pytest.mark.usefixtures("kernel_modules")
+
+
+@pytest.fixture(scope="module")
+def make_array():
+    from fi_ffi.abi.call import Function
+
+    return Function.global_function("ffi.Array")
+
+
+def _incref(handle: int) -> None:
+    from fi_ffi.abi.cdefs import get_ffi
+    from fi_ffi.abi.runtime import api
+
+    assert api().TVMFFIObjectIncRef(get_ffi().cast("void*", handle)) == 0
+
+
+def fake_cuda(arr: np.ndarray, device: str = "cuda:0") -> Tensor:
+    """A descriptor claiming ``device`` over host memory (stops at the kernels' CUDA checks, never read)."""
+    return Tensor.from_pointer(arr.ctypes.data, arr.shape, str(arr.dtype), device, owner=arr)
+
+
+def fake_workspace(float_bytes: int = 1 << 16, int_bytes: int = 1 << 12, pinned_bytes: int | None = None):
+    from fi_ffi.ops.workspace import Workspace
+
+    pinned = np.zeros(pinned_bytes or int_bytes, np.uint8)
+    return Workspace.from_buffers(fake_cuda(np.zeros(float_bytes, np.uint8)), fake_cuda(np.zeros(int_bytes, np.uint8)),
+                                  Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned))
+
+
+# ------------------------------------------------------------------------------------------ Plan ownership
+
+
+def test_plan_takes_ownership_and_releases_exactly_once(make_array):
+    from fi_ffi.ops.plan import Plan
+
+    arr = make_array(2, 0, 0, 0, 16, 32, 0, 44, 0, 0)
+    assert isinstance(arr, Array) and arr.refcount == 1
+    handle = arr.handle
+    _incref(handle)  # a second holder (the test) so the count stays observable after the plan lets go
+    plan = Plan(arr, kind="batch_decode")
+    assert plan.refcount == 2
+    assert plan.info == [2, 0, 0, 0, 16, 32, 0, 44, 0, 0]
+    assert not plan.released
+    plan.release()
+    assert plan.released
+    assert arr.handle == 0
+    plan.release()  # idempotent: no second DecRef
+    del plan, arr
+    gc.collect()
+    holder = Array(handle, ARRAY)  # adopt the test's reference
+    assert holder.refcount == 1
+    holder.release()
+
+
+def test_plan_released_by_gc_and_by_context_exit(make_array):
+    from fi_ffi.ops.plan import Plan
+
+    inner = make_array(7)
+    assert inner.refcount == 1
+    # Each outer Array holds a reference to `inner`; releasing the outer one drops it.
+    plan = Plan(make_array(inner, 1))
+    assert inner.refcount == 2
+    del plan
+    gc.collect()
+    assert inner.refcount == 1
+    with Plan(make_array(inner)) as p:
+        assert inner.refcount == 2
+    assert p.released and inner.refcount == 1
+
+
+def test_no_leak_over_many_plan_cycles(make_array):
+    from fi_ffi.ops.plan import Plan
+
+    inner = make_array(1, 2, 3)
+    for i in range(10_000):
+        plan = Plan(make_array(inner, i))
+        assert inner.refcount == 2
+        if i % 2:
+            plan.release()
+            plan.release()
+        else:
+            with plan:
+                pass
+        assert inner.refcount == 1
+    for _ in range(1_000):  # dropped without release: the GC path releases once
+        Plan(make_array(inner))
+    gc.collect()
+    assert inner.refcount == 1
+
+
+def test_plan_refuses_anything_but_an_owned_array(make_array):
+    from fi_ffi.abi.objects import ObjectRef
+    from fi_ffi.ops.plan import Plan
+
+    with pytest.raises(TypeError, match="info"):
+        Plan([1, 2, 3])
+    with pytest.raises(TypeError, match="info"):
+        Plan(ObjectRef(0, 0))
+
+
+def test_released_and_stale_plans_are_not_runnable(make_array):
+    from fi_ffi.ops.plan import Plan
+
+    ws = fake_workspace()
+    plan = Plan(make_array(*([0] * 10)), ws, kind="batch_decode", mode="paged")
+    plan.check_runnable("batch_decode", "paged")
+    with pytest.raises(ValueError, match="batch_prefill plan"):
+        plan.check_runnable("batch_prefill", "paged")
+    ws._generation += 1  # what the next plan on this workspace does
+    assert plan.stale
+    with pytest.raises(ValueError, match="stale"):
+        plan.check_runnable("batch_decode", "paged")
+    plan2 = Plan(make_array(*([0] * 10)), ws, kind="batch_decode", mode="paged")
+    plan2.release()
+    with pytest.raises(ValueError, match="released"):
+        plan2.check_runnable("batch_decode", "paged")
+    assert "released" in repr(plan2) and "stale" in repr(plan)
+
+
+def test_memo_is_bounded_and_fifo():
+    from fi_ffi.ops.plan import Memo
+
+    memo = Memo(cap=4)
+    keys = [(object(),) for _ in range(6)]
+    for k in keys:
+        memo.add(k)
+    assert len(memo.seen) == 4
+    assert keys[0] not in memo and keys[1] not in memo
+    assert all(k in memo for k in keys[2:])
+
+
+# ------------------------------------------------------------------------------------------ host index arrays
+
+
+def test_host_array_accepts_numpy_lists_and_host_descriptors():
+    from fi_ffi.ops.plan import host_array
+
+    a = np.array([0, 2, 5], np.int32)
+    assert host_array("kv_indptr", a) is a
+    view = host_array("kv_indptr", [0, 1, 4])
+    assert view.dtype == np.int32 and view.tolist() == [0, 1, 4]
+    d = Tensor.from_pointer(a.ctypes.data, (3,), "int32", "cpu", owner=a)
+    assert host_array("kv_indptr", d).tolist() == [0, 2, 5]
+    strided = np.arange(10, dtype=np.int32)[::2]
+    got = host_array("kv_indptr", strided)
+    assert got.tolist() == [0, 2, 4, 6, 8] and got.flags.c_contiguous
+
+
+def test_host_descriptor_describes_the_array_to_the_runtime(make_array):
+    """The per-thread DLTensor record is a valid host int32 tensor: the runtime wraps and reads it back."""
+    from fi_ffi.abi.cdefs import get_ffi
+    from fi_ffi.ops.plan import host_descriptor
+
+    a = np.array([0, 3, 7, 7], np.int32)
+    addr = host_descriptor(1, a)
+    ffi = get_ffi()
+    t = ffi.cast("DLTensor*", addr)
+    assert int(ffi.cast("uintptr_t", t.data)) == a.ctypes.data
+    assert (t.device.device_type, t.ndim, t.dtype.code, t.dtype.bits, t.dtype.lanes) == (1, 1, 0, 32, 1)
+    assert (t.shape[0], t.strides[0], t.byte_offset) == (4, 1, 0)
+    assert host_descriptor(1, np.zeros(0, np.int32)) == addr  # the slot is reused
+    assert ffi.cast("DLTensor*", addr).shape[0] == 0
+
+
+@pytest.mark.parametrize(("value", "exc", "text"), [
+    (np.array([0, 1], np.int64), TypeError, "int32"),
+    (np.zeros((2, 2), np.int32), ValueError, "1-D"),
+    ([0, 1 << 40], ValueError, "int32"),
+    ("0,1", TypeError, "host int32"),
+    (Tensor.from_pointer(0x1000, (3,), "int32", "cuda:0"), ValueError, "host"),
+    (Tensor.from_pointer(0x1000, (3,), "int64", "cpu"), TypeError, "int32"),
+    (Tensor.from_pointer(0, (3,), "int32", "cpu"), ValueError, "NULL"),
+])
+def test_host_array_rejects(value, exc, text):
+    from fi_ffi.ops.plan import host_array
+
+    with pytest.raises(exc, match=text) as info:
+        host_array("qo_indptr", value)
+    assert str(info.value).startswith("qo_indptr")
+
+
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=20))
+def test_check_indptr_accepts_any_valid_and_rejects_corruptions(lengths):
+    from fi_ffi.ops.plan import check_indptr
+
+    arr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    assert check_indptr("kv_indptr", arr) == sum(lengths)
+    assert check_indptr("kv_indptr", arr, len(lengths)) == sum(lengths)
+    with pytest.raises(ValueError, match=r"kv_indptr: expected \d+ entries"):
+        check_indptr("kv_indptr", arr, len(lengths) + 1)
+    shifted = arr + 1
+    with pytest.raises(ValueError, match="must start at 0"):
+        check_indptr("kv_indptr", shifted)
+    if arr[-1] > 0:
+        broken = arr.copy()
+        broken[-1] = -1
+        with pytest.raises(ValueError, match="non-decreasing"):
+            check_indptr("kv_indptr", broken)
+
+
+def test_check_indptr_needs_a_batch():
+    from fi_ffi.ops.plan import check_indptr
+
+    with pytest.raises(ValueError, match="at least 2"):
+        check_indptr("qo_indptr", np.zeros(1, np.int32))
+
+
+@given(st.integers(1, 64), st.lists(st.integers(0, 6), min_size=1, max_size=40), st.data())
+def test_check_last_page_len(page_size, pages, data):
+    from fi_ffi.ops.plan import check_last_page_len
+
+    indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+    last = np.array([data.draw(st.integers(1, page_size)) if p else 0 for p in pages], np.int32)
+    assert check_last_page_len("kv_last_page_len", last, indptr, page_size) is None
+    lengths = check_last_page_len("kv_last_page_len", last, indptr, page_size, lengths=True)
+    expected = [(p - 1) * page_size + lp if p else 0 for p, lp in zip(pages, last, strict=True)]
+    assert lengths.tolist() == expected
+    i = data.draw(st.integers(0, len(pages) - 1))
+    bad = last.copy()
+    bad[i] = page_size + 1 if pages[i] else 1
+    with pytest.raises(ValueError, match=f"kv_last_page_len: request {i}"):
+        check_last_page_len("kv_last_page_len", bad, indptr, page_size)
+    if pages[i]:
+        bad[i] = 0
+        with pytest.raises(ValueError, match=r"1\.\."):
+            check_last_page_len("kv_last_page_len", bad, indptr, page_size)
+    with pytest.raises(ValueError, match="entries"):
+        check_last_page_len("kv_last_page_len", last[:-1], indptr, page_size)
+
+
+# ------------------------------------------------------------------------------------------ workspaces
+
+
+def test_workspace_from_buffers_validates():
+    from fi_ffi.ops.workspace import Workspace
+
+    ws = fake_workspace(1 << 16, 1 << 12)
+    assert (ws.float_bytes, ws.int_bytes, ws.pinned_bytes) == (1 << 16, 1 << 12, 1 << 12)
+    assert not ws.owns_memory
+    ws.close()  # frees nothing, invalidates plans
+    f, i = fake_cuda(np.zeros(64, np.uint8)), fake_cuda(np.zeros(64, np.uint8))
+    host = np.zeros(64, np.uint8)
+    h = Tensor.from_pointer(host.ctypes.data, (64,), "uint8", "cpu", owner=host)
+    small = Tensor.from_pointer(host.ctypes.data, (32,), "uint8", "cpu", owner=host)
+    with pytest.raises(ValueError, match="pinned_buffer: expected at least 64 bytes"):
+        Workspace.from_buffers(f, i, small)
+    with pytest.raises(ValueError, match="pinned_buffer: expected a host"):
+        Workspace.from_buffers(f, i, fake_cuda(np.zeros(64, np.uint8)))
+    with pytest.raises(ValueError, match="float_buffer: expected a CUDA"):
+        Workspace.from_buffers(h, i, h)
+    with pytest.raises(ValueError, match="int_buffer: expected a tensor on cuda:0"):
+        Workspace.from_buffers(f, fake_cuda(np.zeros(64, np.uint8), "cuda:1"), h)
+    with pytest.raises(ValueError, match="float_buffer: expected a 1-D"):
+        Workspace.from_buffers(fake_cuda(np.zeros((8, 8), np.uint8)), i, h)
+    with pytest.raises(ValueError, match="float_buffer: expected a non-empty"):
+        Workspace.from_buffers(fake_cuda(np.zeros(0, np.uint8)), i, h)
+
+
+def test_workspace_allocate_argument_checks():
+    from fi_ffi.ops.workspace import FLOAT_BYTES, INT_BYTES, PINNED_BYTES, TMP_BYTES, Workspace
+
+    assert (FLOAT_BYTES, INT_BYTES, PINNED_BYTES, TMP_BYTES) == (128 << 20, 8 << 20, 8 << 20, 32 << 20)
+    with pytest.raises(ValueError, match="pinned_bytes"):
+        Workspace.allocate(0, int_bytes=1024, pinned_bytes=512)
+    with pytest.raises(ValueError, match="float_bytes"):
+        Workspace.allocate(0, float_bytes=0)
+
+
+def test_workspace_allocate_without_a_gpu_is_a_clear_error():
+    from cuda.bindings import runtime as rt
+
+    from fi_ffi.errors import KernelError
+    from fi_ffi.ops.workspace import Workspace
+
+    if rt.cudaGetDeviceCount()[0] == rt.cudaError_t.cudaSuccess:
+        pytest.skip("a GPU is present (covered by the GPU tests)")
+    with pytest.raises(KernelError, match=r"cudaMalloc|cudaGetDevice"):
+        Workspace.allocate(0, float_bytes=1024, int_bytes=1024)
+
+
+def test_tmp_bound_is_safe_for_the_launchers_heuristics(monkeypatch):
+    from fi_ffi.ops import workspace as W
+
+    monkeypatch.setitem(W._max_blocks, 0, 132 * 32)
+    assert W.tmp_bytes_needed(0, 256, 1, 32, 8, 128, 2, prefill=False) == 0  # no split at <= 256 tokens
+    # decode: min(ceil(4096 / 256), 4224 // 8) = 16 chunks of 32 rows * (128 * 2 + 4) bytes
+    assert W.tmp_bytes_needed(0, 4096, 1, 32, 8, 128, 2, prefill=False) == 16 * 32 * 260
+    # prefill with many query tiles: too few CTAs left to split
+    assert W.tmp_bytes_needed(0, 4096, 4096, 32, 8, 128, 2, prefill=True) == 0
+    # every bound fits the 32 MiB upstream uses, for head_dim <= 128
+    worst = max(W.tmp_bytes_needed(0, kv, qo, 32, hk, 128, 2, prefill=True)
+                for kv in (512, 4096, 1 << 17) for qo in (1, 16, 64, 256) for hk in (1, 8, 32))
+    assert 0 < worst <= W.TMP_BYTES
+    monkeypatch.setitem(W._max_blocks, 1, None)
+    assert W.tmp_bytes_needed(1, 4096, 1, 32, 8, 128, 2, prefill=False) is None
