@@ -20,6 +20,10 @@ from .dtypes import Device, DType
 # byte_offset u64 @40 (48 bytes); shape and strides (int64 each) follow the record in the same block.
 _DLTENSOR = struct.Struct("<QiiiBBHQQQ")
 _MAX_NDIM = 16
+# The kernels accept exactly kDLCUDA for device memory and kDLCPU for host memory. Managed memory is
+# device-addressable and page-locked host memory is host memory, so the record we pass carries the kind the
+# kernels check for; the descriptor keeps the true device for our own checks and messages.
+_WIRE_DEVICE_TYPE = {_dt.CUDA_MANAGED: _dt.CUDA, _dt.CUDA_HOST: _dt.CPU}
 _INT64_END = 1 << 63
 _ffi: Any = None  # fi_ffi.abi.cdefs.get_ffi(), looked up on the first descriptor (an import per call costs ~2 us)
 
@@ -205,7 +209,8 @@ def _make_dltensor(t: Tensor) -> tuple[Any, int]:
     buf = ffi.buffer(block)
     shape_addr = addr + _DLTENSOR.size
     strides_addr = shape_addr + 8 * n
-    _DLTENSOR.pack_into(buf, 0, t.data_ptr, t.device.device_type, t.device.device_id, n,
+    device_type = _WIRE_DEVICE_TYPE.get(t.device.device_type, t.device.device_type)
+    _DLTENSOR.pack_into(buf, 0, t.data_ptr, device_type, t.device.device_id, n,
                         t.dtype.code, t.dtype.bits, t.dtype.lanes, shape_addr, strides_addr, 0)
     struct.pack_into(f"<{2 * n}q", buf, _DLTENSOR.size, *t.shape, *t.strides)
     return block, addr

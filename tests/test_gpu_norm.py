@@ -173,3 +173,34 @@ def test_default_stream_follows_tvm_ffi_current_stream() -> None:
     torch.cuda.synchronize()
     np.testing.assert_allclose(to_np(out), reference(to_np(x), to_np(w), 1e-6), atol=5e-3, rtol=5e-3)
     assert api().TVMFFIEnvGetStream(2, 0) == 0
+
+
+def test_managed_memory_is_accepted_and_computed() -> None:
+    # Managed memory is presented to the kernel as CUDA memory (the kernels check for kDLCUDA exactly).
+    from cuda.bindings import runtime as rt
+
+    b, d = 2, 128
+    rng = np.random.default_rng(3)
+    xh = rng.standard_normal((b, d)).astype(np.float16)
+    wh = rng.standard_normal(d).astype(np.float16)
+    ptrs = []
+    for nbytes in (xh.nbytes, wh.nbytes, xh.nbytes):
+        err, ptr = rt.cudaMallocManaged(nbytes, rt.cudaMemAttachGlobal)
+        assert err == rt.cudaError_t.cudaSuccess
+        ptrs.append(int(ptr))
+    try:
+        for ptr, host in ((ptrs[0], xh), (ptrs[1], wh)):
+            (err,) = rt.cudaMemcpy(ptr, host.ctypes.data, host.nbytes, rt.cudaMemcpyKind.cudaMemcpyDefault)
+            assert err == rt.cudaError_t.cudaSuccess
+        managed = fi_ffi.Device(fi_ffi.dtypes.CUDA_MANAGED, 0)
+        shapes = ((b, d), (d,), (b, d))
+        x, w, out = (Tensor.from_pointer(p, s, "float16", managed) for p, s in zip(ptrs, shapes, strict=True))
+        fi_ffi.rmsnorm(x, w, out)
+        (err,) = rt.cudaDeviceSynchronize()
+        assert err == rt.cudaError_t.cudaSuccess
+        oh = np.empty_like(xh)
+        rt.cudaMemcpy(oh.ctypes.data, ptrs[2], oh.nbytes, rt.cudaMemcpyKind.cudaMemcpyDefault)
+        np.testing.assert_allclose(oh.astype(np.float32), reference(xh, wh, 1e-6), atol=5e-3, rtol=5e-3)
+    finally:
+        for ptr in ptrs:
+            rt.cudaFree(ptr)

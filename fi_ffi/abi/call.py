@@ -164,7 +164,11 @@ class Callee:
                 if previous != stream:
                     self._set_stream(CUDA, device_id, previous, out)
         if rc != 0:
-            raise take_raised(self.name, describe_frame(frame))
+            self.raise_error(frame)
+
+    def raise_error(self, frame: Frame) -> None:
+        """Raise the error of the call that just failed on this thread, describing ``frame``'s arguments."""
+        raise take_raised(self.name, describe_frame(frame))
 
     def call_packed(self, sig: Signature, values: Sequence[Any], device_id: int = -1,
                     stream: int | None = None) -> Any:

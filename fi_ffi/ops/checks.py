@@ -72,7 +72,9 @@ def host(name: str, t: Tensor) -> None:
 
 
 def same_device(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
-    if t.device != ref.device:
+    """Same memory space and ordinal (managed counts as device memory, pinned host as host memory)."""
+    a, b = t.device, ref.device
+    if a != b and (a.is_cuda != b.is_cuda or a.is_host != b.is_host or a.device_id != b.device_id):
         raise ValueError(f"{name}: expected a tensor on {ref.device} (same as {ref_name}), got {t.device}")
 
 

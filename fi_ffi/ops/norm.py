@@ -13,10 +13,11 @@ Math, per row ``x`` of ``D`` elements (accumulated in float32):
 
 from __future__ import annotations
 
+import threading
 from math import gcd
 from typing import Any
 
-from ..abi.call import EntryPoint, Signature
+from ..abi.call import EntryPoint, Frame, Signature
 from ..dtypes import bfloat16, float16
 from ..streams import stream_handle
 from ..tensor import Tensor
@@ -94,10 +95,11 @@ class _Op:
     """One public norm op: its entry point, argument layout and the last argument triple that passed checks.
 
     Descriptors are immutable, so a triple that passed the checks once passes again: ``last`` lets a runtime
-    that calls again with the same buffers skip re-validation (three identity comparisons).
+    that calls again with the same buffers skip re-validation (three identity comparisons). ``local`` holds
+    this thread's argument frame.
     """
 
-    __slots__ = ("entry", "in_place", "last", "name", "other_name", "rank")
+    __slots__ = ("entry", "in_place", "last", "local", "name", "other_name", "rank")
 
     def __init__(self, name: str, rank: int, in_place: bool) -> None:
         self.name = name
@@ -106,6 +108,7 @@ class _Op:
         self.other_name = "residual" if in_place else "out"
         self.last: tuple[Tensor, Tensor, Tensor] | None = None
         self.entry: EntryPoint | None = None
+        self.local = threading.local()
 
 
 _RMSNORM = _Op("rmsnorm", 2, False)
@@ -129,10 +132,10 @@ def _run(op: _Op, input: Any, weight: Any, other: Any, eps: Any, enable_pdl: Any
         eps = checks.positive_finite("eps", eps)
     if type(enable_pdl) is not bool:
         enable_pdl = checks.flag("enable_pdl", enable_pdl)
-    if stream is not None and type(stream) is not int:
-        stream = stream_handle(stream)
-    ep = op.entry or _bind(op)
-    frame = ep.frame_for(_SIG)
+    try:
+        ep, frame = op.local.bound
+    except AttributeError:
+        ep, frame = op.local.bound = _bind(op)
     q = frame.q
     # Argument order: (out, input, weight) for out-of-place kernels, (input, residual, weight) in place.
     if op.in_place:
@@ -145,12 +148,17 @@ def _run(op: _Op, input: Any, weight: Any, other: Any, eps: Any, enable_pdl: Any
     frame.d[7] = eps
     q[9] = enable_pdl
     q[10] = 0  # result: None
-    ep.invoke(frame, x.device.device_id, stream)
+    if stream is None:
+        if ep._call(ep._self, frame.args, 5, frame.result):
+            ep.raise_error(frame)
+    else:
+        ep.invoke(frame, x.device.device_id, stream if type(stream) is int else stream_handle(stream))
 
 
-def _bind(op: _Op) -> EntryPoint:
-    op.entry = entry_point(_URI, op.name)
-    return op.entry
+def _bind(op: _Op) -> tuple[EntryPoint, Frame]:
+    if op.entry is None:
+        op.entry = entry_point(_URI, op.name)
+    return op.entry, op.entry.frame_for(_SIG)
 
 
 def _check_rows(rank: int, x: Tensor, w: Tensor, o: Tensor, other_name: str) -> None:
