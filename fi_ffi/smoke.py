@@ -117,7 +117,125 @@ def check_fused_add_rmsnorm(dev: Device) -> SmokeResult:
     return SmokeResult("fused_add_rmsnorm f16 [4, 256]", err < 2e-2, err, us)
 
 
-CHECKS: list[Callable[[Device], SmokeResult]] = [check_rmsnorm, check_fused_add_rmsnorm]
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool) -> np.ndarray:
+    """float32 reference: q ``[n_q, Hq, d]`` over k/v ``[n_kv, Hkv, d]`` (GQA by head repetition)."""
+    group = q.shape[1] // k.shape[1]
+    kf = np.repeat(k.astype(np.float32), group, axis=1)
+    vf = np.repeat(v.astype(np.float32), group, axis=1)
+    scores = np.einsum("qhd,khd->hqk", q.astype(np.float32), kf) / np.sqrt(q.shape[2])
+    if causal:  # bottom-right aligned: query i sees keys up to n_kv - n_q + i
+        n_q, n_kv = q.shape[0], k.shape[0]
+        visible = np.arange(n_kv)[None, :] <= (np.arange(n_q)[:, None] + n_kv - n_q)
+        scores = np.where(visible[None], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", p, vf)
+
+
+def check_append_paged_kv_cache(dev: Device) -> SmokeResult:
+    from .ops.page import append_paged_kv_cache
+
+    pages, page, heads, d = 4, 16, 8, 128
+    rng = np.random.default_rng(2)
+    k_new = rng.standard_normal((3, heads, d)).astype(np.float16)
+    v_new = rng.standard_normal((3, heads, d)).astype(np.float16)
+    # request 0 has 15 tokens in page 2 and gets 2 more (crossing into page 0); request 1 gets its first token.
+    batch_idx, positions = np.array([0, 0, 1], np.int32), np.array([15, 16, 0], np.int32)
+    indices, indptr, last = np.array([2, 0, 3], np.int32), np.array([0, 2, 3], np.int32), np.array([1, 1], np.int32)
+    kc, vc = dev.upload(np.zeros((pages, page, heads, d), np.float16)), dev.upload(np.zeros((pages, page, heads, d),
+                                                                                            np.float16))
+    args = [dev.upload(a) for a in (k_new, v_new, batch_idx, positions)] + [kc, vc] + \
+        [dev.upload(a) for a in (indices, indptr, last)]
+    append_paged_kv_cache(*args, layout="NHD", stream=dev.stream_handle)
+    want = np.zeros((pages, page, heads, d), np.float16)
+    for (page_id, slot), token in zip(((2, 15), (0, 0), (3, 0)), range(3), strict=True):
+        want[page_id, slot] = k_new[token]
+    got = dev.download(kc, np.float16)
+    err = float(np.max(np.abs(got.astype(np.float32) - want.astype(np.float32))))
+    us = host_time_us(lambda: append_paged_kv_cache(*args, layout="NHD", stream=dev.stream_handle))
+    return SmokeResult("append_paged_kv_cache f16 3 tokens", err == 0.0, err, us)
+
+
+def check_batch_decode(dev: Device) -> SmokeResult:
+    from .ops.decode import batch_decode_plan, batch_decode_run
+    from .ops.workspace import Workspace
+
+    hq, hk, d, page, lens = 32, 8, 128, 16, [5, 20]
+    rng = np.random.default_rng(3)
+    k_all = [rng.standard_normal((n, hk, d)).astype(np.float16) for n in lens]
+    v_all = [rng.standard_normal((n, hk, d)).astype(np.float16) for n in lens]
+    num_pages = [-(-n // page) for n in lens]
+    k_cache = np.zeros((sum(num_pages), page, hk, d), np.float16)
+    v_cache = np.zeros_like(k_cache)
+    first = 0
+    for n, pages_used, k, v in zip(lens, num_pages, k_all, v_all, strict=True):
+        k_cache.reshape(-1, hk, d)[first * page: first * page + n] = k
+        v_cache.reshape(-1, hk, d)[first * page: first * page + n] = v
+        first += pages_used
+    indptr = np.concatenate([[0], np.cumsum(num_pages)]).astype(np.int32)
+    last = np.array([n - (p - 1) * page for n, p in zip(lens, num_pages, strict=True)], np.int32)
+    q = rng.standard_normal((len(lens), hq, d)).astype(np.float16)
+    qd, kd, vd, od = dev.upload(q), dev.upload(k_cache), dev.upload(v_cache), dev.upload(np.zeros_like(q))
+    indptr_d, indices_d = dev.upload(indptr), dev.upload(np.arange(indptr[-1], dtype=np.int32))
+    last_d = dev.upload(last)
+    with Workspace.allocate(dev.ordinal, float_bytes=16 << 20) as ws:
+        plan = batch_decode_plan(ws, indptr, hq, hk, d, page, kv_last_page_len=last, stream=dev.stream_handle)
+        batch_decode_run(plan, qd, kd, vd, indptr_d, indices_d, last_d, od, stream=dev.stream_handle)
+        got = dev.download(od, np.float16).astype(np.float32)
+        want = np.stack([_attention(q[b:b + 1], k_all[b], v_all[b], False)[0] for b in range(len(lens))])
+        err = float(np.max(np.abs(got - want)))
+        us = host_time_us(lambda: batch_decode_run(plan, qd, kd, vd, indptr_d, indices_d, last_d, od,
+                                                   stream=dev.stream_handle))
+        plan.release()
+    return SmokeResult("batch_decode run f16 32/8 heads d128", err < 5e-3, err, us)
+
+
+def check_single_prefill(dev: Device) -> SmokeResult:
+    from .ops.prefill import single_prefill
+
+    n_q, n_kv, hq, hk, d = 7, 20, 8, 8, 128
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((n_q, hq, d)).astype(np.float16)
+    k = rng.standard_normal((n_kv, hk, d)).astype(np.float16)
+    v = rng.standard_normal((n_kv, hk, d)).astype(np.float16)
+    qd, kd, vd, od = dev.upload(q), dev.upload(k), dev.upload(v), dev.upload(np.zeros_like(q))
+    single_prefill(qd, kd, vd, od, causal=True, stream=dev.stream_handle)
+    err = float(np.max(np.abs(dev.download(od, np.float16).astype(np.float32) - _attention(q, k, v, True))))
+    us = host_time_us(lambda: single_prefill(qd, kd, vd, od, causal=True, stream=dev.stream_handle))
+    return SmokeResult("single_prefill causal f16 d128", err < 5e-3, err, us)
+
+
+def check_gdn_prefill(dev: Device) -> SmokeResult:
+    from .ops.device import compute_capability
+    from .ops.gdn import gdn_prefill, gdn_workspace_size
+
+    if compute_capability(dev.ordinal)[0] != 9:
+        return SmokeResult("gdn_prefill (SM90 only)", True, 0.0, float("nan"), "skipped: not an SM90 GPU")
+    n, heads, d = 6, 2, 128
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((n, heads, d)).astype(np.float16) * 0.1 for _ in range(3))
+    k32 = k.astype(np.float32)
+    k32 /= np.linalg.norm(k32, axis=-1, keepdims=True)  # unit keys keep the delta rule well conditioned
+    k = k32.astype(np.float16)
+    args = [dev.upload(a) for a in (q, k, v)] + [dev.upload(np.array([0, n], np.int64))]
+    out, state = dev.upload(np.zeros((n, heads, d), np.float16)), dev.upload(np.zeros((1, heads, d, d), np.float32))
+    ws = dev.upload(np.zeros(gdn_workspace_size(dev.ordinal), np.uint8))
+    gdn_prefill(*args, out, state, ws, stream=dev.stream_handle)
+    s = np.zeros((heads, d, d), np.float32)  # state [H, V, K]
+    want = np.empty((n, heads, d), np.float32)
+    for t in range(n):
+        kt, vt, qt = k[t].astype(np.float32), v[t].astype(np.float32), q[t].astype(np.float32)
+        s = s + np.einsum("hv,hk->hvk", vt - np.einsum("hvk,hk->hv", s, kt), kt)
+        want[t] = np.einsum("hvk,hk->hv", s, qt) / np.sqrt(d)
+    err = float(np.max(np.abs(dev.download(out, np.float16).astype(np.float32) - want)))
+    us = host_time_us(lambda: gdn_prefill(*args, out, state, ws, stream=dev.stream_handle), calls=200)
+    return SmokeResult("gdn_prefill f16 6 tokens 2 heads", err < 5e-3, err, us)
+
+
+CHECKS: list[Callable[[Device], SmokeResult]] = [
+    check_rmsnorm, check_fused_add_rmsnorm, check_append_paged_kv_cache, check_batch_decode, check_single_prefill,
+    check_gdn_prefill,
+]
 
 
 def run(ordinal: int = 0) -> list[SmokeResult]:
