@@ -16,7 +16,6 @@ from timing import Report
 
 from fi_ffi.abi import dl, runtime
 from fi_ffi.abi.call import Function, Signature
-from fi_ffi.abi.objects import DLTENSOR_PTR, NONE
 from fi_ffi.interop import as_tensor
 from fi_ffi.tensor import Tensor
 
@@ -35,13 +34,19 @@ def main() -> None:
     a = np.zeros((4, 128), np.float32)
     t = Tensor.from_pointer(a.ctypes.data, a.shape, "float32", "cpu", owner=a)
 
+    # What an op does per call: write three payload words into this thread's prepared frame and call.
     sig = Signature("nop", [("a", "tensor"), ("b", "tensor"), ("c", "tensor")])
-    frame = nop.frame(3)
-    pack, buf, invoke, addr = sig.pack.pack_into, frame.buf, nop.invoke, t._dl_addr
+    frame = nop.frame_for(sig)
+    words, call, callee_self, args_ptr, result_ptr, addr = frame.q, nop._call, nop._self, frame.args, frame.result, \
+        t._dl_addr
 
     def ours_prepared() -> None:
-        pack(buf, 0, DLTENSOR_PTR, 0, addr, DLTENSOR_PTR, 0, addr, DLTENSOR_PTR, 0, addr, NONE, 0, 0)
-        invoke(frame)
+        words[1] = addr
+        words[3] = addr
+        words[5] = addr
+        words[6] = 0  # result: None
+        if call(callee_self, args_ptr, 3, result_ptr):
+            nop.raise_error(frame)
 
     def ours_generic() -> None:
         nop(t, t, t)

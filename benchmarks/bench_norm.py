@@ -39,6 +39,7 @@ def main() -> None:
     report.measure("fi_ffi.rmsnorm, prepared descriptors, explicit stream",
                    lambda: rmsnorm(xd, wd, od, stream=stream), n=args.n, sync=sync)
     report.measure("fi_ffi.rmsnorm, torch tensors", lambda: rmsnorm(x, w, out), n=args.n, sync=sync)
+    report.measure("fi_ffi.prepare(fi_ffi.rmsnorm, ...)()", fi_ffi.prepare(rmsnorm, xd, wd, od), n=args.n, sync=sync)
     try:
         import tvm_ffi
 
@@ -59,6 +60,7 @@ def main() -> None:
         ("fi_ffi.rmsnorm, prepared descriptors", "tvm_ffi Cython module.rmsnorm(out, x, w, eps, pdl)"),
         ("fi_ffi.rmsnorm, prepared descriptors, explicit stream", "tvm_ffi Cython module.rmsnorm(out, x, w, eps, pdl)"),
         ("fi_ffi.rmsnorm, torch tensors", "tvm_ffi Cython module.rmsnorm(out, x, w, eps, pdl)"),
+        ("fi_ffi.prepare(fi_ffi.rmsnorm, ...)()", "tvm_ffi Cython module.rmsnorm(out, x, w, eps, pdl)"),
         ("fi_ffi.rmsnorm, prepared descriptors", "flashinfer.norm.rmsnorm(x, w, eps, out=out)"),
     ]
     report.print(ratios)

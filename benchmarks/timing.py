@@ -29,26 +29,47 @@ def per_call_us(fn: Callable[[], Any], n: int = 20_000, warm: int = 500, sync: C
 
 
 class Report:
-    """Rows of (name, us/call) printed as a table with ratios against named baselines."""
+    """Rows of (name, us/call) printed as a table with ratios against named baselines.
 
-    def __init__(self, title: str) -> None:
+    :meth:`measure` only registers a contender; the first :meth:`print` or :meth:`dump` times them all in
+    interleaved rounds (round r times every contender once, in turn) and keeps each one's best round, so
+    that drift on a shared machine affects every contender alike and the ratios of one run stay fair.
+    """
+
+    def __init__(self, title: str, rounds: int = 5) -> None:
         self.title = title
+        self.rounds = rounds
         self.rows: dict[str, float | None] = {}
+        self._pending: list[tuple[str, Callable[[], Any], dict[str, Any]]] = []
 
-    def measure(self, name: str, fn: Callable[[], Any], **kw: Any) -> float | None:
-        try:
-            value: float | None = per_call_us(fn, **kw)
-        except Exception as exc:  # a peer that is missing or broken is reported, not fatal
-            print(f"  {name}: unavailable ({type(exc).__name__}: {exc})")
-            value = None
-        self.rows[name] = value
-        return value
+    def measure(self, name: str, fn: Callable[[], Any], **kw: Any) -> None:
+        """Register ``fn`` under ``name``; ``kw``: ``n`` calls per round, ``warm`` calls, ``sync`` callable."""
+        self.rows[name] = None
+        self._pending.append((name, fn, kw))
+
+    def run(self) -> None:
+        """Time every registered contender (see the class docstring); a failing one is reported as unavailable."""
+        live = []
+        for name, fn, kw in self._pending:
+            try:
+                per_call_us(fn, n=1, warm=kw.get("warm", 500), repeats=1)
+                live.append((name, fn, kw))
+            except Exception as exc:  # a peer that is missing or broken is reported, not fatal
+                print(f"  {name}: unavailable ({type(exc).__name__}: {exc})")
+        self._pending.clear()
+        best = {name: float("inf") for name, _, _ in live}
+        for _ in range(self.rounds):
+            for name, fn, kw in live:
+                value = per_call_us(fn, n=kw.get("n", 20_000), warm=0, sync=kw.get("sync"), repeats=1)
+                best[name] = min(best[name], value)
+        self.rows.update(best)
 
     def ratio(self, ours: str, peer: str) -> float | None:
         a, b = self.rows.get(ours), self.rows.get(peer)
         return None if a is None or b is None else a / b
 
     def print(self, ratios: list[tuple[str, str]]) -> None:
+        self.run()
         print(f"\n{self.title}")
         for name, value in self.rows.items():
             shown = "unavailable" if value is None else f"{value:8.3f} us/call"
@@ -58,6 +79,7 @@ class Report:
             print(f"  ratio {ours} / {peer}: {'n/a' if r is None else f'{r:.2f}x'}")
 
     def dump(self, path: str, ratios: list[tuple[str, str]]) -> None:
+        self.run()
         data = {"title": self.title, "us_per_call": self.rows,
                 "ratios": {f"{a} / {b}": self.ratio(a, b) for a, b in ratios}}
         with open(path, "w") as fh:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .interop import as_tensor
     from .ops.decode import batch_decode_plan, batch_decode_run, single_decode
     from .ops.gdn import gdn_prefill, gdn_workspace_size
-    from .ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, qk_rmsnorm, rmsnorm
+    from .ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, prepare, qk_rmsnorm, rmsnorm
     from .ops.page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions
     from .ops.plan import Plan
     from .ops.prefill import (
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "as_tensor": "interop",
     "stream_scope": "streams",
+    "prepare": "ops.norm",
     "append_paged_kv_cache": "ops.page",
     "append_paged_mla_kv_cache": "ops.page",
     "get_batch_indices_positions": "ops.page",
@@ -115,6 +116,7 @@ __all__ = [
     "int64",
     "list_variants",
     "pack_custom_mask",
+    "prepare",
     "qk_rmsnorm",
     "rmsnorm",
     "single_decode",

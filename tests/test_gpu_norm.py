@@ -204,3 +204,17 @@ def test_managed_memory_is_accepted_and_computed() -> None:
     finally:
         for ptr in ptrs:
             rt.cudaFree(ptr)
+
+
+def test_prepared_call_relaunches_with_current_data() -> None:
+    x = torch.randn(3, 256, dtype=torch.float16, device="cuda")
+    w = torch.randn(256, dtype=torch.float16, device="cuda")
+    out = torch.empty_like(x)
+    s = torch.cuda.Stream()
+    call = fi_ffi.prepare(fi_ffi.rmsnorm, x, w, out, eps=1e-6, stream=s)
+    for _ in range(3):
+        x.normal_()  # same buffer, new contents: the prepared call reads them at launch
+        s.wait_stream(torch.cuda.current_stream())
+        call()
+        s.synchronize()
+        np.testing.assert_allclose(to_np(out), reference(to_np(x), to_np(w), 1e-6), atol=5e-3, rtol=5e-3)

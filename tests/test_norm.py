@@ -146,3 +146,30 @@ def test_validation_memo_does_not_hide_a_changed_argument(kernel_modules: object
     with pytest.raises(KernelError):
         fi_ffi.rmsnorm(x, w, o)
 
+
+
+def test_prepared_call_is_checked_once_and_reaches_the_kernel(kernel_modules: object) -> None:
+    x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
+    call = fi_ffi.prepare(fi_ffi.rmsnorm, x, w, o, eps=1e-5)
+    assert call.keep == (x, w, o)
+    assert "1e-05" in repr(call) and "float16[4, 128] cuda:0" in repr(call)
+    for _ in range(2):  # each call launches again with the same packed arguments
+        with pytest.raises(KernelError) as info:
+            call()
+        assert_reached_the_kernel(info.value)
+    in_place = fi_ffi.prepare(fi_ffi.fused_add_rmsnorm, x, o, w, stream=0)
+    with pytest.raises(KernelError) as info:
+        in_place()
+    assert_reached_the_kernel(info.value)
+
+
+def test_prepare_checks_arguments_and_the_function() -> None:
+    x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
+    with pytest.raises(ValueError, match="weight: expected shape"):
+        fi_ffi.prepare(fi_ffi.rmsnorm, x, fake_cuda((64,)), o)
+    with pytest.raises(ValueError, match="eps"):
+        fi_ffi.prepare(fi_ffi.rmsnorm, x, w, o, eps=-1.0)
+    with pytest.raises(TypeError, match="function: expected one of"):
+        fi_ffi.prepare(print, x, w, o)
+    with pytest.raises(TypeError):
+        fi_ffi.prepare(fi_ffi.rmsnorm, x, w)  # missing `out`

@@ -249,6 +249,41 @@ class Function(Callee):
         return cls(ObjectRef(handle, FUNCTION), name)
 
 
+class PreparedCall:
+    """One kernel call with all its arguments packed once, in a frame of its own.
+
+    Calling it launches the kernel again with the same arguments: one FFI call, plus the stream set/restore
+    when it was prepared with a stream. Safe to call from several threads at once (kernels only read their
+    arguments and these return nothing). ``keep`` holds the descriptors whose memory the frame points at.
+    """
+
+    __slots__ = ("_args", "_call", "_callee", "_frame", "_nargs", "_result", "_self", "device_id", "keep",
+                 "stream")
+
+    def __init__(self, callee: Callee, frame: Frame, keep: tuple[Any, ...], device_id: int,
+                 stream: int | None) -> None:
+        self._callee = callee
+        self._frame = frame
+        self._call = callee._call
+        self._self = callee._self
+        self._args = frame.args
+        self._result = frame.result
+        self._nargs = frame.nargs
+        self.keep = keep
+        self.device_id = device_id
+        self.stream = stream
+
+    def __call__(self) -> None:
+        if self.stream is None:
+            if self._call(self._self, self._args, self._nargs, self._result):
+                self._callee.raise_error(self._frame)
+        else:
+            self._callee.invoke(self._frame, self.device_id, self.stream)
+
+    def __repr__(self) -> str:
+        return f"<PreparedCall {self._callee.name}({', '.join(describe_frame(self._frame))})>"
+
+
 class OpaquePtr(int):
     """An int to be passed as an opaque ``void*`` (type index 4) rather than as an integer."""
 
@@ -371,6 +406,7 @@ __all__ = [
     "Frame",
     "Function",
     "OpaquePtr",
+    "PreparedCall",
     "Signature",
     "describe_frame",
     "object_slot",

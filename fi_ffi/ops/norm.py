@@ -13,11 +13,13 @@ Math, per row ``x`` of ``D`` elements (accumulated in float32):
 
 from __future__ import annotations
 
+import inspect
 import threading
+from collections.abc import Callable
 from math import gcd
 from typing import Any
 
-from ..abi.call import EntryPoint, Frame, Signature
+from ..abi.call import EntryPoint, Frame, PreparedCall, Signature
 from ..dtypes import bfloat16, float16
 from ..streams import stream_handle
 from ..tensor import Tensor
@@ -30,7 +32,7 @@ _DTYPES = (float16, bfloat16)
 _SIG = Signature("norm", [("a", "tensor"), ("b", "tensor"), ("weight", "tensor"), ("eps", "float"),
                           ("enable_pdl", "bool")])
 
-__all__ = ["fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "qk_rmsnorm", "rmsnorm"]
+__all__ = ["fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "prepare", "qk_rmsnorm", "rmsnorm"]
 
 
 def rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False,
@@ -119,8 +121,13 @@ _GEMMA_FUSED_ADD_RMSNORM = _Op("gemma_fused_add_rmsnorm", 2, True)
 _INF = float("inf")
 
 
-def _run(op: _Op, input: Any, weight: Any, other: Any, eps: Any, enable_pdl: Any, stream: Any) -> None:
-    """Check (unless this exact triple passed before), pack and call. The hot path of every norm op."""
+def _run(op: _Op, input: Any, weight: Any, other: Any, eps: Any, enable_pdl: Any, stream: Any,
+         into: Frame | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Check (unless this exact triple passed before), pack and call. The hot path of every norm op.
+
+    With ``into``, pack that frame instead of this thread's and return the checked descriptors without
+    calling (see :func:`prepare`).
+    """
     x = input if type(input) is Tensor else checks.tensor("input", input)
     w = weight if type(weight) is Tensor else checks.tensor("weight", weight)
     o = other if type(other) is Tensor else checks.tensor(op.other_name, other)
@@ -132,10 +139,13 @@ def _run(op: _Op, input: Any, weight: Any, other: Any, eps: Any, enable_pdl: Any
         eps = checks.positive_finite("eps", eps)
     if type(enable_pdl) is not bool:
         enable_pdl = checks.flag("enable_pdl", enable_pdl)
-    try:
-        ep, frame = op.local.bound
-    except AttributeError:
-        ep, frame = op.local.bound = _bind(op)
+    if into is None:
+        try:
+            ep, frame = op.local.bound
+        except AttributeError:
+            ep, frame = op.local.bound = _bind(op)
+    else:
+        frame = into
     q = frame.q
     # Argument order: (out, input, weight) for out-of-place kernels, (input, residual, weight) in place.
     if op.in_place:
@@ -148,11 +158,48 @@ def _run(op: _Op, input: Any, weight: Any, other: Any, eps: Any, enable_pdl: Any
     frame.d[7] = eps
     q[9] = enable_pdl
     q[10] = 0  # result: None
+    if into is not None:
+        return x, w, o
     if stream is None:
         if ep._call(ep._self, frame.args, 5, frame.result):
             ep.raise_error(frame)
     else:
         ep.invoke(frame, x.device.device_id, stream if type(stream) is int else stream_handle(stream))
+    return None
+
+
+_OPS = {}  # public function -> its _Op, for prepare()
+
+
+def prepare(function: Callable[..., Any], *args: Any, **kwargs: Any) -> PreparedCall:
+    """Check and pack one norm call once; the returned :class:`~fi_ffi.abi.call.PreparedCall` launches it.
+
+    ``function`` is one of this module's ops, ``args``/``kwargs`` exactly what it takes. Calling the result
+    launches the kernel again with the same arguments (same buffers, eps, stream) and costs about one FFI
+    call: the per-step path of a runtime whose buffers do not move::
+
+        step_norm = fi_ffi.prepare(fi_ffi.rmsnorm, x, w, out, eps=1e-6)
+        for _ in range(steps):
+            ...
+            step_norm()
+
+    The prepared call keeps its descriptors (and what they keep alive) referenced.
+    """
+    op = _OPS.get(function)
+    if op is None:
+        raise TypeError(f"function: expected one of {', '.join(f.__name__ for f in _OPS)}, got {function!r}")
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    first, second = ("input", "residual") if op.in_place else ("input", "out")
+    other = a[second]
+    ep = op.entry or _bind(op)[0]
+    frame = Frame(5, _SIG.kinds)
+    keep = _run(op, a[first], a["weight"], other, a["eps"], a["enable_pdl"], None, into=frame)
+    assert keep is not None
+    stream = a["stream"]
+    handle = stream if stream is None or type(stream) is int else stream_handle(stream)
+    return PreparedCall(ep, frame, keep, keep[0].device.device_id, handle)
 
 
 def _bind(op: _Op) -> tuple[EntryPoint, Frame]:
@@ -182,3 +229,7 @@ def _check_rows(rank: int, x: Tensor, w: Tensor, o: Tensor, other_name: str) -> 
     vec = gcd(16 // x.dtype.itemsize, d)  # the kernels load gcd(16 B / itemsize, D) elements at a time
     for name, t in (("input", x), ("weight", w), (other_name, o)):
         checks.aligned(name, t, vec)
+
+
+_OPS.update({rmsnorm: _RMSNORM, qk_rmsnorm: _QK_RMSNORM, gemma_rmsnorm: _GEMMA_RMSNORM,
+             fused_add_rmsnorm: _FUSED_ADD_RMSNORM, gemma_fused_add_rmsnorm: _GEMMA_FUSED_ADD_RMSNORM})
