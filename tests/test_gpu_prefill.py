@@ -6,7 +6,6 @@ are rounded to the input dtype before P.V); log-sum-exp (base 2) 2e-2. FA3 again
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -16,44 +15,15 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
 import torch
+from attention_reference import DTYPES, LSE_TOL, close, reference
 
 from fi_ffi.ops import prefill
 from fi_ffi.ops.workspace import Workspace
 
 pytestmark = pytest.mark.gpu
 
-TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
-LSE_TOL = 2e-2
-DTYPES = [torch.float16, torch.bfloat16]
 GQA = [(8, 8), (32, 8), (32, 4)]  # group sizes 1, 4, 8
 SM90 = torch.cuda.get_device_capability()[0] == 9
-
-
-def reference(q, k, v, *, causal=False, sm_scale=None, mask=None):
-    """Attention of q ``[qo, hq, d]`` over k ``[kv, hk, d]`` / v ``[kv, hk, dv]`` in float32.
-
-    Returns (o ``[qo, hq, dv]``, lse ``[qo, hq]`` in base 2). Causal is aligned to the end of the KV.
-    """
-    qo, hq, d = q.shape
-    kv, hk = k.shape[:2]
-    g = hq // hk
-    kf, vf = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
-    s = torch.einsum("qhd,khd->hqk", q.float(), kf) * (d ** -0.5 if sm_scale is None else sm_scale)
-    allowed = torch.ones(qo, kv, dtype=torch.bool, device=q.device)
-    if causal:
-        i = torch.arange(qo, device=q.device)[:, None]
-        j = torch.arange(kv, device=q.device)[None]
-        allowed &= j <= i + kv - qo
-    if mask is not None:
-        allowed &= mask
-    s = s.masked_fill(~allowed, float("-inf"))
-    o = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vf)
-    return o, (torch.logsumexp(s, -1) / math.log(2)).T
-
-
-def close(got, want, dtype, what="out"):
-    tol = TOL[dtype]
-    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
 
 
 def to_layout(t, layout):
