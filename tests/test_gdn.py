@@ -20,6 +20,9 @@ from fi_ffi.ops import device, gdn
 from fi_ffi.ops.kernels import entry_point
 from fi_ffi.tensor import Tensor
 
+# Descriptors here claim cuda:0 over host memory: only a machine without a GPU stops them before a launch.
+pytestmark = pytest.mark.cpu_only
+
 SIGNATURE = ("gdn_prefill(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: DLTensor*, 4: DLTensor*, 5: DLTensor*, "
              "6: Optional<DLTensor*>, 7: Optional<DLTensor*>, 8: Optional<DLTensor*>, 9: float, 10: DLTensor*) "
              "-> void")
