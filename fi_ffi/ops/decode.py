@@ -161,7 +161,7 @@ def settings(ws: Workspace, *args: Any) -> PlanSettings:
     sm, rs, rt = P.scales(d, sm_scale, rope_scale, rope_theta)
     graph = checks.flag("enable_cuda_graph", enable_cuda_graph)
     qd, kd, od = _dtypes(q_dtype, kv_dtype, o_dtype)
-    alibi = _alibi(pos, alibi_slopes, hq, ws.device)
+    alibi = P.alibi(pos, alibi_slopes, hq, ws.device)
     variant, uri = variant_uri(BATCH_DECODE, qd, kd, od, int32, d, d, pos, w != -1, cap > 0)
     st = PlanSettings(kind=BATCH_DECODE, mode="paged", variant=variant, device_id=ws.device.device_id,
                       num_qo_heads=hq, num_kv_heads=hk, head_dim_qk=d, head_dim_vo=d, page_size=ps, kv_layout=layout,
@@ -183,14 +183,6 @@ def settings(ws: Workspace, *args: Any) -> PlanSettings:
             ws._settings.clear()
         ws._settings[key] = st
     return st
-
-
-def _alibi(pos: int, alibi_slopes: Any, num_qo_heads: int, device: Any) -> Any:
-    if pos == 2 and alibi_slopes is None:
-        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
-    if pos != 2 and alibi_slopes is not None:
-        raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
-    return P.optional_object("alibi_slopes", alibi_slopes, "float32", (num_qo_heads,), device)
 
 
 _batch_memo = Memo()
@@ -340,7 +332,7 @@ def single_decode(q: Any, k: Any, v: Any, out: Any, *, tmp: Any = None, lse: Any
             raise ValueError(f"tmp: the kernel may need up to {need} bytes of scratch for kv_len {kv_len}, got "
                              f"{tmp.shape[0] * tmp.dtype.itemsize}; pass a larger buffer (upstream uses 32 MiB) or "
                              f"None")
-    alibi = _alibi(pos, alibi_slopes, q.shape[0], q.device)
+    alibi = P.alibi(pos, alibi_slopes, q.shape[0], q.device)
     _, uri = variant_uri(SINGLE_DECODE, q.dtype, k.dtype, out.dtype, None, d, d, pos, w != -1, cap > 0)
     ep = entry_point(uri, "run")
     s = stream if stream is None or type(stream) is int else stream_handle(stream)

@@ -549,6 +549,16 @@ def workspace_of(value: Any) -> Any:
     return value
 
 
+def alibi(pos: int, alibi_slopes: Any, num_qo_heads: int, device: Any) -> Any:
+    """The ALiBi slopes as an ``ffi.Tensor`` object (float32 ``[num_qo_heads]``), required exactly when
+    ``pos`` is 2 (ALIBI); None otherwise."""
+    if pos == 2 and alibi_slopes is None:
+        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
+    if pos != 2 and alibi_slopes is not None:
+        raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
+    return optional_object("alibi_slopes", alibi_slopes, "float32", (num_qo_heads,), device)
+
+
 def optional_object(name: str, value: Any, dtype: str, shape: tuple[int, ...] | None, device: Any) -> Any:
     """An optional device tensor passed as an ``Optional<ffi.Tensor>``: checked, returned as a TensorObject."""
     if value is None:

@@ -177,7 +177,7 @@ def single_prefill(q: Any, k: Any, v: Any, out: Any, *, tmp: Any = None, lse: An
             raise ValueError(f"custom_mask: expected at least {need_bytes} bytes (qo_len * kv_len bits), got "
                              f"{custom_mask.shape[0]}")
         mask_obj = P.optional_object("custom_mask", custom_mask, "uint8", None, q.device)
-    alibi = _alibi(pos, alibi_slopes, hq, q.device)
+    alibi = P.alibi(pos, alibi_slopes, hq, q.device)
     _, uri = variant_uri(SINGLE_PREFILL, q.dtype, k.dtype, out.dtype, None, dqk, dvo, pos, w >= 0, cap > 0, f16qk)
     mode = MASK_CUSTOM if mask_obj is not None else (MASK_CAUSAL if causal else MASK_NONE)
     ep = entry_point(uri, "run")
@@ -200,14 +200,6 @@ def _u8() -> Any:
     from ..dtypes import uint8
 
     return uint8
-
-
-def _alibi(pos: int, alibi_slopes: Any, num_qo_heads: int, device: Any) -> Any:
-    if pos == 2 and alibi_slopes is None:
-        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
-    if pos != 2 and alibi_slopes is not None:
-        raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
-    return P.optional_object("alibi_slopes", alibi_slopes, "float32", (num_qo_heads,), device)
 
 
 def _strides_u32(name: str, t: Tensor) -> None:
@@ -408,7 +400,7 @@ def settings(ws: Workspace, mode: str, *args: Any) -> PlanSettings:
     if custom_mask is not None:
         mask_obj = P.optional_object("custom_mask", custom_mask, "uint8", None, dev)
         indptr_obj = P.optional_object("mask_indptr", mask_indptr, "int32", None, dev)
-    alibi = _alibi(pos, alibi_slopes, hq, dev)
+    alibi = P.alibi(pos, alibi_slopes, hq, dev)
     custom = mask_obj is not None
     if backend not in ("auto", "fa2", "fa3"):
         raise ValueError(f"backend: expected 'auto', 'fa2' or 'fa3', got {backend!r}")
