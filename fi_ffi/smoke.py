@@ -217,10 +217,10 @@ def check_gdn_prefill(dev: Device) -> SmokeResult:
     k32 = k.astype(np.float32)
     k32 /= np.linalg.norm(k32, axis=-1, keepdims=True)  # unit keys keep the delta rule well conditioned
     k = k32.astype(np.float16)
-    args = [dev.upload(a) for a in (q, k, v)] + [dev.upload(np.array([0, n], np.int64))]
+    qd, kd, vd, cu_seqlens = dev.upload(q), dev.upload(k), dev.upload(v), dev.upload(np.array([0, n], np.int64))
     out, state = dev.upload(np.zeros((n, heads, d), np.float16)), dev.upload(np.zeros((1, heads, d, d), np.float32))
     ws = dev.upload(np.zeros(gdn_workspace_size(dev.ordinal), np.uint8))
-    gdn_prefill(*args, out, state, ws, stream=dev.stream_handle)
+    gdn_prefill(qd, kd, vd, cu_seqlens, out, state, ws, stream=dev.stream_handle)
     s = np.zeros((heads, d, d), np.float32)  # state [H, V, K]
     want = np.empty((n, heads, d), np.float32)
     for t in range(n):
@@ -228,7 +228,8 @@ def check_gdn_prefill(dev: Device) -> SmokeResult:
         s = s + np.einsum("hv,hk->hvk", vt - np.einsum("hvk,hk->hv", s, kt), kt)
         want[t] = np.einsum("hvk,hk->hv", s, qt) / np.sqrt(d)
     err = float(np.max(np.abs(dev.download(out, np.float16).astype(np.float32) - want)))
-    us = host_time_us(lambda: gdn_prefill(*args, out, state, ws, stream=dev.stream_handle), calls=200)
+    us = host_time_us(lambda: gdn_prefill(qd, kd, vd, cu_seqlens, out, state, ws, stream=dev.stream_handle),
+                      calls=200)
     return SmokeResult("gdn_prefill f16 6 tokens 2 heads", err < 5e-3, err, us)
 
 
