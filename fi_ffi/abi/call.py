@@ -44,7 +44,6 @@ from .objects import (
     TYPE_NAMES,
     ObjectRef,
     take_result,
-    tensor_object,
 )
 from .raised import take_raised
 from .runtime import api
@@ -333,25 +332,6 @@ def pack_value(value: Any, keep: list[Any]) -> tuple[int, Any]:
     raise TypeError(f"cannot pass a {type(value).__name__} to a TVM-FFI function")
 
 
-def tensor_slot(value: Tensor | None) -> tuple[int, int]:
-    """(type_index, payload) for a ``DLTensor*`` / ``Optional<DLTensor*>`` parameter."""
-    return (NONE, 0) if value is None else (DLTENSOR_PTR, value._dl_addr)
-
-
-def object_slot(value: Tensor | ObjectRef | None) -> tuple[int, int]:
-    """(type_index, payload) for an ``Optional<ffi.Tensor>`` (or other object) parameter.
-
-    A :class:`~fi_ffi.tensor.Tensor` descriptor is converted to its cached ``ffi.Tensor`` object.
-    """
-    if value is None:
-        return NONE, 0
-    if isinstance(value, Tensor):
-        value = tensor_object(value)
-    if not value.handle:
-        raise ValueError(f"{value!r} has been released and cannot be passed")
-    return value.type_index, value.handle
-
-
 def describe_frame(frame: Frame) -> tuple[str, ...]:
     """A short text per packed argument (type, and dtype/shape/device of tensors), for error messages."""
     out = []
@@ -409,8 +389,6 @@ __all__ = [
     "PreparedCall",
     "Signature",
     "describe_frame",
-    "object_slot",
     "pack_value",
     "signature_text",
-    "tensor_slot",
 ]

@@ -35,7 +35,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ..dtypes import CUDA, Device
+from ..dtypes import Device
 from ..tensor import Tensor
 from . import checks
 
@@ -259,9 +259,9 @@ def _free(owned: list[tuple[str, int]], device_id: int) -> None:
 
 def current_stream(device: Device) -> int:
     """TVM-FFI's current stream of ``device`` on this thread (0: the legacy default stream)."""
-    from ..abi.runtime import api
+    from ..streams import current_stream as current
 
-    return int(api().TVMFFIEnvGetStream(CUDA, device.device_id))
+    return current(device.device_id)
 
 
 _max_blocks: dict[int, int | None] = {}
