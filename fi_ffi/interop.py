@@ -73,7 +73,7 @@ import cffi
 from . import dtypes as _dt
 from .dtypes import CPU, CUDA, CUDA_HOST, CUDA_MANAGED, Device, DType
 from .streams import stream_handle
-from .tensor import _MAX_NDIM, Tensor, _make_dltensor, contiguous_strides
+from .tensor import _MAX_NDIM, Tensor, contiguous_strides, layout_id
 
 __all__ = ["as_tensor"]
 
@@ -184,8 +184,8 @@ def _new(data_ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype:
     t.device = device
     t.ndim = len(shape)
     t.owner = owner
-    t._ffi_object = None
-    t._block, t._dl_addr = _make_dltensor(t)
+    t._block = None
+    t._lid = layout_id(shape, strides, dtype, device)
     return t
 
 

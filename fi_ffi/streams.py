@@ -10,32 +10,63 @@ from __future__ import annotations
 
 from typing import Any
 
+_HANDLE_END = 1 << 64
+
 
 def stream_handle(stream: Any) -> int | None:
-    """The ``cudaStream_t`` value of ``stream`` as an int (None stays None); TypeError if not a stream."""
-    if stream is None or type(stream) is int:
-        return stream
+    """The ``cudaStream_t`` value of ``stream`` as an int (None stays None).
+
+    Raises:
+        TypeError: ``stream`` is not a stream (or its ``__cuda_stream__`` answer is malformed).
+        ValueError: the handle is outside [0, 2**64).
+    """
+    if stream is None:
+        return None
+    if type(stream) is int:
+        return _in_range(stream, stream)
     if isinstance(stream, bool):
         raise TypeError(f"stream: expected a CUDA stream, got {stream!r}")
     if isinstance(stream, int):
-        return int(stream)
+        return _in_range(int(stream), stream)
     protocol = getattr(stream, "__cuda_stream__", None)
     if protocol is not None:
-        value = protocol() if callable(protocol) else protocol
+        try:
+            value = protocol() if callable(protocol) else protocol
+        except Exception as exc:
+            raise TypeError(f"stream: {type(stream).__name__}.__cuda_stream__() failed: {exc}") from exc
         # cuda.core returns (version, handle); accept a bare handle too.
-        handle = value[1] if isinstance(value, tuple) else value
-        return int(handle)
+        handle = value[1] if isinstance(value, tuple) and len(value) == 2 else value
+        if isinstance(handle, bool) or not isinstance(handle, int):
+            raise TypeError(f"stream: {type(stream).__name__}.__cuda_stream__ must give (version, handle) with an "
+                            f"int handle, got {value!r}")
+        return _in_range(int(handle), stream)
     for attr in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy.cuda.Stream
         value = getattr(stream, attr, None)
-        if isinstance(value, int):
-            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _in_range(value, stream)
     get_ptr = getattr(stream, "getPtr", None)  # cuda.bindings CUstream / cudaStream_t
     if callable(get_ptr):
-        return int(get_ptr())
+        return _in_range(int(get_ptr()), stream)
     raise TypeError(
         f"stream: expected None, an int cudaStream_t, a __cuda_stream__ object, a cuda.bindings stream or a "
         f"torch/CuPy stream, got {type(stream).__name__}"
     )
+
+
+def _in_range(handle: int, stream: Any) -> int:
+    if not 0 <= handle < _HANDLE_END:
+        raise ValueError(f"stream: expected a cudaStream_t handle in [0, 2**64), got {handle} (from {stream!r})")
+    return handle
+
+
+def device_ordinal(device: Any) -> int:
+    """``device`` as a CUDA ordinal in [0, 2**31); TypeError/ValueError naming ``device`` otherwise."""
+    if isinstance(device, bool) or not hasattr(device, "__index__"):
+        raise TypeError(f"device: expected an int CUDA ordinal, got {type(device).__name__}")
+    ordinal = int(device.__index__())
+    if not 0 <= ordinal < 1 << 31:
+        raise ValueError(f"device: expected a CUDA ordinal in [0, 2**31), got {ordinal}")
+    return ordinal
 
 
 class stream_scope:
@@ -55,7 +86,7 @@ class stream_scope:
         if handle is None:
             raise TypeError("stream: expected a CUDA stream, got None")
         self.stream = handle
-        self.device = int(device)
+        self.device = device_ordinal(device)
         self._previous: list[int] = []
 
     def __enter__(self) -> int:
@@ -80,4 +111,4 @@ def current_stream(device: int = 0) -> int:
     """TVM-FFI's current stream of CUDA device ``device`` on this thread (0: the legacy default stream)."""
     from .abi.runtime import api
 
-    return int(api().TVMFFIEnvGetStream(2, int(device)))
+    return int(api().TVMFFIEnvGetStream(2, device_ordinal(device)))

@@ -25,6 +25,8 @@ _MAX_NDIM = 16
 # kernels check for; the descriptor keeps the true device for our own checks and messages.
 _WIRE_DEVICE_TYPE = {_dt.CUDA_MANAGED: _dt.CUDA, _dt.CUDA_HOST: _dt.CPU}
 _INT64_END = 1 << 63
+_PTR_END = 1 << 64
+_DEVICE_END = 1 << 31  # DLDevice.device_id is an int32
 _ffi: Any = None  # fi_ffi.abi.cdefs.get_ffi(), looked up on the first descriptor (an import per call costs ~2 us)
 
 
@@ -33,17 +35,17 @@ def _device(value: Any) -> Device:
         return value
     if isinstance(value, bool):
         raise TypeError(f"device: expected an int ordinal, 'cuda:N', 'cpu' or a Device, got {value!r}")
-    if isinstance(value, int) and value >= 0:
+    if isinstance(value, int) and 0 <= value < _DEVICE_END:
         return _dt.cuda(value)
     if (isinstance(value, tuple) and len(value) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            and value[0] in _dt._DEVICE_NAMES and value[1] >= 0):
+            and value[0] in _dt._DEVICE_NAMES and 0 <= value[1] < _DEVICE_END):
         return Device(int(value[0]), int(value[1]))
     if isinstance(value, str):
         kind, _, ordinal = value.partition(":")
         if kind == "cpu" and not ordinal:
             return _dt.cpu()
-        if kind == "cuda" and (not ordinal or ordinal.isdigit()):
+        if kind == "cuda" and (not ordinal or (ordinal.isdigit() and int(ordinal) < _DEVICE_END)):
             return _dt.cuda(int(ordinal or 0))
     raise TypeError(f"device: expected an int ordinal, 'cuda:N', 'cpu' or a Device, got {value!r}")
 
@@ -59,19 +61,23 @@ def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 class Tensor:
-    """A descriptor of a strided tensor in memory owned elsewhere.
+    """A descriptor of a strided tensor in memory owned elsewhere (immutable by convention).
 
-    Attributes (read-only by convention):
+    Attributes:
         data_ptr: address of element ``[0, ..., 0]`` (int; any offset already folded in).
         shape: sizes per dimension, in elements.
         strides: steps per dimension, in elements (not bytes).
         dtype: the element :class:`~fi_ffi.dtypes.DType`.
         device: the :class:`~fi_ffi.dtypes.Device` that owns the memory.
         owner: an object kept alive as long as the descriptor (the producer of the memory), or None.
+
+    A kernel call copies the descriptor's fields into a record the call owns, so a descriptor allocates no
+    C memory; the layout (shape, strides, dtype, device) is interned as a small int (``_lid``) so the ops can
+    remember what they validated by value, cheaply.
     """
 
-    __slots__ = ("__weakref__", "_block", "_dl_addr", "_ffi_object", "data_ptr", "device", "dtype", "ndim",
-                 "owner", "shape", "strides")
+    __slots__ = ("__weakref__", "_block", "_lid", "data_ptr", "device", "dtype", "ndim", "owner", "shape",
+                 "strides")
 
     data_ptr: int
     shape: tuple[int, ...]
@@ -80,7 +86,8 @@ class Tensor:
     device: Device
     ndim: int
     owner: Any
-    _ffi_object: Any  # the cached ffi.Tensor object (fi_ffi.abi.objects.tensor_object), made on demand
+    _lid: int  # interned layout id (see layout_id)
+    _block: Any  # the DLTensor record made on demand by _dl_addr (generic calls, tests)
 
     def __init__(
         self,
@@ -92,38 +99,37 @@ class Tensor:
         owner: Any = None,
     ) -> None:
         """See :meth:`from_pointer`."""
-        if isinstance(data_ptr, bool) or not isinstance(data_ptr, int):
-            raise TypeError(f"data_ptr: expected an int address, got {type(data_ptr).__name__}")
-        if not 0 <= data_ptr < 1 << 64:
-            raise ValueError(f"data_ptr: expected an address in [0, 2**64), got {data_ptr}")
-        shape_t = _int_tuple("shape", shape)
+        if data_ptr.__class__ is not int or not 0 <= data_ptr < _PTR_END:
+            _check_pointer(data_ptr)
+        shape_t = shape if shape.__class__ is tuple and _small_ints(shape) else _sizes("shape", shape)
         if len(shape_t) > _MAX_NDIM:
             raise ValueError(f"shape: at most {_MAX_NDIM} dimensions, got {len(shape_t)}")
-        if any(not 0 <= s < _INT64_END for s in shape_t):
-            raise ValueError(f"shape: sizes must be in [0, 2**63), got {shape_t}")
         if strides is None:
-            strides_t = contiguous_strides(shape_t)
+            strides_t = _CONTIGUOUS.get(shape_t) or _remember_contiguous(shape_t)
         else:
-            strides_t = _int_tuple("strides", strides)
+            strides_t = strides if strides.__class__ is tuple and _small_ints(strides) else _sizes("strides",
+                                                                                                    strides)
             if len(strides_t) != len(shape_t):
                 raise ValueError(f"strides: expected {len(shape_t)} entries to match shape {shape_t}, "
                                  f"got {strides_t}")
-            if any(s < 0 for s in strides_t):
-                raise ValueError(f"strides: negative strides are not supported, got {strides_t}")
-        if strides_t and max(strides_t) >= _INT64_END:
-            raise ValueError(f"strides: steps must be < 2**63, got {strides_t}")
+        dt = _DTYPES.get(dtype) if dtype.__class__ is str or dtype.__class__ is DType else None
+        if dt is None:
+            try:
+                dt = _dt.dtype(dtype)
+            except TypeError as exc:
+                raise TypeError(f"dtype: {exc}") from None
+        dev = _DEVICES.get(device) if device.__class__ is int else None
+        if dev is None:
+            dev = _device(device)
         self.data_ptr = data_ptr
         self.shape = shape_t
         self.strides = strides_t
-        try:
-            self.dtype = _dt.dtype(dtype)
-        except TypeError as exc:
-            raise TypeError(f"dtype: {exc}") from None
-        self.device = _device(device)
+        self.dtype = dt
+        self.device = dev
         self.ndim = len(shape_t)
         self.owner = owner
-        self._ffi_object = None
-        self._block, self._dl_addr = _make_dltensor(self)
+        self._block = None
+        self._lid = layout_id(shape_t, strides_t, dt, dev)
 
     @classmethod
     def from_pointer(
@@ -147,6 +153,35 @@ class Tensor:
         """
         return cls(data_ptr, shape, dtype, device, strides, owner)
 
+    def rebind(self, data_ptr: int | None = None, *, leading: int | None = None, owner: Any = None) -> Tensor:
+        """The same layout at another address and/or with another leading dimension (cheap: no re-parsing).
+
+        For runtimes whose buffers move or whose batch size changes every step: ``out.rebind(ptr)``,
+        ``q.rebind(leading=batch)``. ``leading`` keeps the strides (a contiguous tensor stays contiguous).
+        ``owner`` replaces the owner (default: keep it).
+        """
+        t = Tensor.__new__(Tensor)
+        ptr = self.data_ptr if data_ptr is None else data_ptr
+        if ptr.__class__ is not int or not 0 <= ptr < _PTR_END:
+            _check_pointer(ptr)
+        shape = self.shape
+        if leading is not None:
+            if leading.__class__ is not int or not 0 <= leading < _INT64_END or not shape:
+                if not shape:
+                    raise ValueError("leading: a 0-D tensor has no leading dimension")
+                raise ValueError(f"leading: expected an int in [0, 2**63), got {leading!r}")
+            shape = (leading, *shape[1:])
+        t.data_ptr = ptr
+        t.shape = shape
+        t.strides = self.strides
+        t.dtype = self.dtype
+        t.device = self.device
+        t.ndim = self.ndim
+        t.owner = self.owner if owner is None else owner
+        t._block = None
+        t._lid = self._lid if shape is self.shape else layout_id(shape, self.strides, self.dtype, self.device)
+        return t
+
     @property
     def numel(self) -> int:
         """Number of elements."""
@@ -159,6 +194,16 @@ class Tensor:
     def nbytes(self) -> int:
         """Bytes spanned by the elements if the tensor were contiguous (``numel * itemsize``)."""
         return self.numel * self.dtype.itemsize
+
+    @property
+    def _dl_addr(self) -> int:
+        """Address of a ``DLTensor`` record describing this tensor (made on first use, owned by the descriptor).
+
+        Ops do not use it (they write records of their own); generic calls and tests do.
+        """
+        if self._block is None:
+            self._block = _make_dltensor(self)
+        return int(self._block[1])
 
     def is_contiguous(self) -> bool:
         """True if the strides are row-major contiguous (size-1 dimensions may have any stride; an empty
@@ -182,6 +227,63 @@ class Tensor:
     def __repr__(self) -> str:
         return (f"Tensor(data_ptr=0x{self.data_ptr:x}, shape={self.shape}, strides={self.strides}, "
                 f"dtype={self.dtype.name}, device={self.device})")
+
+
+# ---- interned layouts ----------------------------------------------------------------------------------------
+
+_layout_ids: dict[tuple[Any, ...], int] = {}
+_next_layout_id = [1]
+_MAX_LAYOUTS = 1 << 16
+
+
+def layout_id(shape: tuple[int, ...], strides: tuple[int, ...], dtype: DType, device: Device) -> int:
+    """A small int naming this layout; equal layouts get equal ids (until :func:`clear_layouts`)."""
+    key = (shape, strides, dtype, device)
+    found = _layout_ids.get(key)
+    if found is None:
+        if len(_layout_ids) >= _MAX_LAYOUTS:  # ids are never reused, so forgetting only costs re-validation
+            _layout_ids.clear()
+        found = _layout_ids[key] = _next_layout_id[0]
+        _next_layout_id[0] += 1
+    return found
+
+
+def clear_layouts() -> None:
+    """Forget the interned layouts (descriptors made later get new ids; see :mod:`fi_ffi.caches`)."""
+    _layout_ids.clear()
+
+
+def _small_ints(values: tuple[Any, ...]) -> bool:
+    """Every entry is a plain int in [0, 2**63) (the common case, checked without building anything)."""
+    for v in values:  # noqa: SIM110 (a plain loop: all() with a generator costs ~0.3 us more per descriptor)
+        if v.__class__ is not int or not 0 <= v < _INT64_END:
+            return False
+    return True
+
+
+def _sizes(name: str, values: Any) -> tuple[int, ...]:
+    out = _int_tuple(name, values)
+    if any(not 0 <= s < _INT64_END for s in out):
+        if name == "strides" and any(s < 0 for s in out):
+            raise ValueError(f"strides: negative strides are not supported, got {out}")
+        raise ValueError(f"{name}: sizes must be in [0, 2**63), got {out}")
+    return out
+
+
+def _remember_contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = contiguous_strides(shape)
+    if strides and max(strides) >= _INT64_END:
+        raise ValueError(f"strides: the row-major strides of shape {shape} exceed 2**63 elements")
+    if len(_CONTIGUOUS) < 4096:
+        _CONTIGUOUS[shape] = strides
+    return strides
+
+
+def _check_pointer(data_ptr: Any) -> None:
+    if isinstance(data_ptr, bool) or not isinstance(data_ptr, int):
+        raise TypeError(f"data_ptr: expected an int address, got {type(data_ptr).__name__}")
+    if not 0 <= data_ptr < _PTR_END:
+        raise ValueError(f"data_ptr: expected an address in [0, 2**64), got {data_ptr}")
 
 
 def _int_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:
@@ -214,3 +316,9 @@ def _make_dltensor(t: Tensor) -> tuple[Any, int]:
                         t.dtype.code, t.dtype.bits, t.dtype.lanes, shape_addr, strides_addr, 0)
     struct.pack_into(f"<{2 * n}q", buf, _DLTENSOR.size, *t.shape, *t.strides)
     return block, addr
+
+
+_DTYPES: dict[Any, DType] = {d: d for d in _dt.ALL}
+_DTYPES.update({d.name: d for d in _dt.ALL})
+_DEVICES: dict[int, Device] = {i: _dt.cuda(i) for i in range(64)}
+_CONTIGUOUS: dict[tuple[int, ...], tuple[int, ...]] = {}

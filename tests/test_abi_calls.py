@@ -179,7 +179,9 @@ def test_dltensor_pointer_is_rejected_where_ffi_tensor_is_required(testing_lib: 
 def test_tensor_object_round_trips_with_shape_strides_and_pointer(testing_lib: object) -> None:
     t = _host_tensor((3, 5))
     obj = objects.tensor_object(t)
-    assert objects.tensor_object(t) is obj  # cached on the descriptor
+    other = objects.tensor_object(t)
+    assert other is not obj and other.handle != obj.handle  # one object per request: nothing cached on `t`
+    other.release()
     back = fn("testing.schema_id_tensor")(obj)
     assert isinstance(back, objects.TensorObject)
     assert back.handle == obj.handle
@@ -193,11 +195,18 @@ def test_tensor_object_round_trips_with_shape_strides_and_pointer(testing_lib: o
 
 
 def test_tensor_object_deleter_runs_when_the_last_reference_goes(testing_lib: object) -> None:
+    import gc
+    import weakref
+
     t = _host_tensor()
     obj = objects.tensor_object(t)
     addresses_before = set(objects._managed.alive)
     assert len(addresses_before) >= 1
-    t._ffi_object = None
+    # the object keeps only fi_ffi's own record, never the descriptor (or its producer)
+    gone = weakref.ref(t)
+    del t
+    gc.collect()
+    assert gone() is None
     obj.release()
     assert set(objects._managed.alive) < addresses_before  # the deleter callback dropped our record
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -238,7 +239,7 @@ def test_broken_norm_calls_never_reach_the_ffi(fresh_bindings: dict[tuple[str, s
     names = OPS[op]
     second = names[1] if names[1] != "weight" else names[2]
     # the unbroken call passes every check (so the error below is the flaw's doing)
-    norm._check_rows(2, valid["input"], valid["weight"], valid[second], second)
+    norm._rows(2, second)(SimpleNamespace(**valid, eps=1e-6))
     with pytest.raises((ValueError, TypeError)) as info:
         _call(op, {**valid, culprit: flaw})
     assert not isinstance(info.value, FiFFIError)  # in particular no KernelError from the module

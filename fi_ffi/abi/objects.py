@@ -130,24 +130,30 @@ class Array(ObjectRef):
 
 
 class TensorObject(ObjectRef):
-    """An owned ``ffi.Tensor`` (type 70) made from a :class:`~fi_ffi.tensor.Tensor` descriptor.
+    """An owned ``ffi.Tensor`` (type 70).
 
     Needed for parameters typed ``ffi.Tensor`` / ``Optional<ffi.Tensor>``, which reject a bare DLTensor*.
+    ``shape`` is the described shape (a value; empty for objects received from a callee).
     """
 
-    __slots__ = ("source",)
+    __slots__ = ("shape",)
 
-    def __init__(self, handle: int, source: Tensor | None) -> None:
-        super().__init__(handle, TENSOR)
-        self.source = source
+    def __init__(self, handle: int, type_index: int = 70, shape: tuple[int, ...] = ()) -> None:
+        super().__init__(handle, type_index)
+        self.shape = shape
 
 
 class _ManagedTensors:
-    """Keeps the ``DLManagedTensorVersioned`` records we hand to TVM-FFI alive until its deleter runs."""
+    """The ``DLManagedTensorVersioned`` records we hand to TVM-FFI, kept until its deleter runs.
+
+    Only fi_ffi's own allocations are kept (the record and its shape/strides array), never the caller's
+    tensor: the memory the object describes must stay valid while the object is alive, which for a kernel
+    argument is the duration of the call (the launcher releases the object right after it).
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.alive: dict[int, tuple[Any, Tensor]] = {}
+        self.alive: dict[int, tuple[Any, Any]] = {}
         self.deleter: Any = None
 
     def on_delete(self, managed: Any) -> None:
@@ -160,26 +166,33 @@ _managed = _ManagedTensors()
 
 
 def tensor_object(t: Tensor) -> TensorObject:
-    """The ``ffi.Tensor`` object describing ``t`` (created once per descriptor and cached on it).
+    """A new ``ffi.Tensor`` object describing ``t``'s memory; the caller owns it and releases it.
 
-    The object borrows ``t``'s memory; ``t`` (and what it keeps alive) stays referenced until TVM-FFI frees
-    the object, which may be after the returned wrapper is gone if a callee kept a reference.
+    The object borrows the memory: keep ``t``'s producer alive until the object is released.
     """
-    cached = t._ffi_object
-    if cached is not None and cached.handle:
-        return cached
+    from ..tensor import _WIRE_DEVICE_TYPE
+
     ffi = get_ffi()
     if _managed.deleter is None:
         _managed.deleter = ffi.callback("void(DLManagedTensorVersioned*)", _managed.on_delete)
     managed = ffi.new("DLManagedTensorVersioned*")
+    n = t.ndim
+    dims = ffi.new("int64_t[]", [*t.shape, *t.strides] or [0])
     managed.version.major = 1
     managed.version.minor = 1
     managed.deleter = _managed.deleter
-    # Copy the descriptor's DLTensor record; its shape/strides pointers stay valid while `t` lives.
-    ffi.memmove(ffi.addressof(managed, "dl_tensor"), ffi.cast("void*", t._dl_addr), ffi.sizeof("DLTensor"))
+    dl = managed.dl_tensor
+    dl.data = ffi.cast("void*", t.data_ptr)
+    dl.device.device_type = _WIRE_DEVICE_TYPE.get(t.device.device_type, t.device.device_type)
+    dl.device.device_id = t.device.device_id
+    dl.ndim = n
+    dl.dtype.code, dl.dtype.bits, dl.dtype.lanes = t.dtype.code, t.dtype.bits, t.dtype.lanes
+    dl.shape = dims
+    dl.strides = dims + n
+    dl.byte_offset = 0
     addr = int(ffi.cast("uintptr_t", managed))
     with _managed.lock:
-        _managed.alive[addr] = (managed, t)
+        _managed.alive[addr] = (managed, dims)
     out = ffi.new("void**")
     rc = api().TVMFFITensorFromDLPackVersioned(managed, 1, 0, out)
     if rc != 0:
@@ -188,9 +201,7 @@ def tensor_object(t: Tensor) -> TensorObject:
         from .raised import take_raised
 
         raise take_raised("TVMFFITensorFromDLPackVersioned", (repr(t),))
-    obj = TensorObject(int(ffi.cast("uintptr_t", out[0])), t)
-    t._ffi_object = obj
-    return obj
+    return TensorObject(int(ffi.cast("uintptr_t", out[0])), TENSOR, t.shape)
 
 
 def _pod(type_index: int, raw: int, slot: Any) -> Any:
@@ -240,7 +251,7 @@ def take_result(slot: Any) -> Any:
     if type_index == ARRAY:
         return Array(raw, ARRAY)
     if type_index == TENSOR:
-        return TensorObject(raw, None)
+        return TensorObject(raw, TENSOR)
     if type_index == ERROR:
         from .raised import error_from_handle
 

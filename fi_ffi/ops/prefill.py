@@ -343,13 +343,13 @@ def _plan(mode: str, workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_last_pag
             raise ValueError(f"max_total_num_rows: must be >= qo_indptr[-1] = {rows}, got {total_rows}")
     if st.mask_mode == MASK_CUSTOM:
         need = int(np.sum(((qo[1:] - qo[:-1]).astype(np.int64) * kv_lens.astype(np.int64) + 7) // 8))
-        have = st.extra[0].source.shape[0]
+        have = st.extra[0].shape[0]
         if have < need:
             raise ValueError(f"custom_mask: expected at least {need} bytes (sum of ceil(qo_len * kv_len / 8)), got "
                              f"{have}")
-        if st.extra[1].source.shape[0] != batch + 1:
+        if st.extra[1].shape[0] != batch + 1:
             raise ValueError(f"mask_indptr: expected {batch + 1} entries ([batch_size + 1]), got "
-                             f"{st.extra[1].source.shape[0]}")
+                             f"{st.extra[1].shape[0]}")
     values = (*st.plan_prefix, _T, 0, P.host_descriptor(0, qo), _T, 0, P.host_descriptor(1, kv),
               _T, 0, P.host_descriptor(2, kv_lens), _I, 0, total_rows, _I, 0, batch, *st.plan_suffix)
     s = stream if stream is None or type(stream) is int else stream_handle(stream)

@@ -1,0 +1,680 @@
+"""The one calling mechanism of every op: a launcher compiled from an entry point's declaration.
+
+:func:`launcher` takes a :class:`~fi_ffi.abi.wire.Declaration` (what the entry point takes), the module URI
+and the op's contract check, and returns a function ``launch(*wire_args, stream=None, context=None)`` that
+validates, packs and calls. The function is generated once per declaration (Python source built from the
+declaration, so the per-call path is straight-line code with no loop over parameters and no byte offset
+written by hand).
+
+How a call runs:
+
+1. **Read.** Each tensor argument gives ``(layout key, data pointer)`` through :mod:`fi_ffi.producers`
+   (descriptor, torch, CuPy, any DLPack / CUDA-array-interface producer). Scalars are their own keys.
+2. **Look up.** The tuple of keys (plus ``context``, a hashable value the op adds, e.g. its plan settings)
+   is looked up in this thread's frame cache. A hit is a layout combination that passed every check before:
+   the cache holds the packed frame image for it (argument slots and one ``DLTensor`` record per tensor
+   parameter, owned by the frame), plus the alignment masks the pointers must satisfy.
+3. **Write.** The image is copied over the frame in one slice assignment, then the data pointers (and
+   per-call values: plan info, seeds) are written to their words; the frame's records belong to the call, so
+   a foreign tensor costs no descriptor object.
+4. **Call** the entry point (one cffi call), on the call's stream (set and restored around the call when it
+   is not TVM-FFI's current one).
+
+Anything unusual (a layout not seen, an unhashable argument, a misaligned or NULL pointer, an unknown
+producer) takes the **slow path**: each argument is described and checked with messages naming it
+(:func:`fi_ffi.as_tensor`, generic checks below, then the op's own ``check``), the image is built and
+remembered, and the call proceeds. ``launch.launcher.slow_calls`` counts slow-path entries (tests use it to
+prove a loop stays on the fast path).
+
+What is kept: per thread and entry point, one frame and a bounded dict from layout keys (values: ints,
+shapes, dtypes) to images (bytes). No caller object is referenced after the call returns. TVM-FFI Tensor
+objects made for ``ffi.Tensor`` parameters are released right after the call.
+
+Generic checks done for every tensor argument on the slow path: a supported producer and dtype (as_tensor),
+a non-NULL pointer for a non-empty tensor, natural alignment of the pointer (itemsize), sizes that fit the
+kernels' int32, a byte extent below 2**63 that does not wrap the address space, all CUDA tensors on one
+device, and outputs whose elements do not overlap (no stride-0 or interleaved rows).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+from .. import caches, producers
+from ..abi import wire
+from ..abi.objects import ARRAY, BOOL, DLTENSOR_PTR, FLOAT, INT, NONE, RAW_STR, TENSOR, ObjectRef, take_result
+from ..abi.raised import take_raised
+from ..dtypes import CUDA
+from ..errors import LoaderError
+from ..streams import stream_handle
+from ..tensor import _WIRE_DEVICE_TYPE, Tensor
+
+Check = Callable[[SimpleNamespace], Mapping[str, int] | None]
+
+_SLOT = 16  # bytes per TVMFFIAny
+_MAX_NDIM = 16
+_RECORD = 48 + 16 * _MAX_NDIM  # one DLTensor (48 bytes) + its shape and strides (int64 each)
+_PTR_END = 1 << 64
+_INT32_END = 1 << 31
+_INT64_END = 1 << 63
+# Any pointer with one of these bits set takes the slow path, which checks the extent does not wrap.
+_HIGH = ((1 << 64) - 1) ^ ((1 << 56) - 1)
+_ABSENT = 1  # the "pointer" of an absent optional tensor: its record is not passed, any non-zero value works
+_MAX_IMAGES = 512  # per thread and entry point; cleared (not evicted one by one) when full
+
+
+class _Bad:
+    """Key of a scalar of an unexpected type: never cached, so such a call always takes the slow path."""
+
+    def __repr__(self) -> str:
+        return "<unexpected type>"
+
+
+_BAD = _Bad()
+
+
+class _Slow(Exception):
+    """Internal: leave the fast path."""
+
+
+class Frame:
+    """One thread's argument block for one entry point: ``nargs + 1`` slots, then one record per tensor
+    parameter. ``q``/``d`` view it as int64/float64 words; ``cache`` maps layout keys to images."""
+
+    __slots__ = ("args", "block", "buf", "cache", "call", "d", "mv", "nargs", "q", "records", "result",
+                 "stream_out", "this")
+
+    def __init__(self, nargs: int, ntensors: int, call: Any) -> None:
+        from ..abi.cdefs import get_ffi
+
+        ffi = get_ffi()
+        self.nargs = nargs
+        size = (nargs + 1) * _SLOT + ntensors * _RECORD
+        self.block = ffi.new("char[]", size)
+        self.buf = ffi.buffer(self.block)
+        self.mv = memoryview(self.buf).cast("B")
+        self.q = self.mv.cast("q")
+        self.d = self.mv.cast("d")
+        self.args = ffi.cast("TVMFFIAny*", self.block)
+        self.result = self.args + nargs
+        self.records = int(ffi.cast("uintptr_t", self.block)) + (nargs + 1) * _SLOT
+        self.stream_out = ffi.new("uintptr_t*")
+        self.cache: dict[Hashable, tuple[Any, ...]] = {}
+        self.call = call
+        self.this = ffi.NULL
+
+
+class Launcher:
+    """What a generated launch function needs: the declaration, the module, the check, the bound entry point.
+
+    Attributes:
+        decl: the declaration.
+        uri: the kernel module.
+        slow_calls: number of calls that took the slow path (validation and packing from scratch).
+    """
+
+    def __init__(self, decl: wire.Declaration, uri: str, check: Check | None) -> None:
+        self.decl = decl
+        self.uri = uri
+        self.check = check
+        self.name = f"{uri}.{decl.entry}"
+        self.slow_calls = 0
+        self.tls = threading.local()
+        self.entry: Any = None
+        self._bind_lock = threading.Lock()
+        params = decl.params
+        self.tensor_index = [i for i, p in enumerate(params) if p.wire in wire.TENSOR_TYPES]
+        self.record_of = {i: j for j, i in enumerate(self.tensor_index)}
+        self.keys: Callable[..., tuple[tuple[Any, ...], list[int]]] = _no_keys
+
+    # ---- binding --------------------------------------------------------------------------------------------
+
+    def bind(self) -> Any:
+        """Bind the entry point once and check the module's own signature against the declaration."""
+        if self.entry is None:
+            with self._bind_lock:
+                if self.entry is None:
+                    self.entry = bound_entry(self.uri, self.decl)
+        return self.entry
+
+    def frame(self) -> Frame:
+        """This thread's frame (made on first use; binds the entry point)."""
+        try:
+            return self.tls.frame  # type: ignore[no-any-return]
+        except AttributeError:
+            pass
+        entry = self.bind()
+        f = self.tls.frame = Frame(len(self.decl.params), len(self.tensor_index), entry._call)
+        return f
+
+    # ---- slow path -------------------------------------------------------------------------------------------
+
+    def slow(self, values: Sequence[Any], stream: Any, context: Any, frame: Frame | None = None,
+             remember: bool = True) -> tuple[Frame, tuple[Any, ...], list[int]]:
+        """Describe and check every argument, build the frame image, remember it; return (frame, entry, ptrs)."""
+        self.slow_calls += 1
+        decl = self.decl
+        if len(values) != len(decl.params):
+            raise TypeError(f"{self.name}: expected {len(decl.params)} arguments, got {len(values)}")
+        checked, ptrs, first_cuda = self._describe(values, stream)
+        devices = _one_device(self.name, decl, checked)
+        alignment = {name: t.dtype.itemsize for name, t in checked.items() if isinstance(t, Tensor)}
+        if self.check is not None:
+            extra = self.check(SimpleNamespace(**checked, context=context))
+            for name, bytes_ in (extra or {}).items():
+                alignment[name] = max(alignment.get(name, 1), int(bytes_))
+        for name, bytes_ in alignment.items():
+            t = checked[name]
+            if t.data_ptr % bytes_:
+                raise ValueError(f"{name}: data pointer 0x{t.data_ptr:x} must be aligned to {bytes_} bytes "
+                                 f"({t.dtype.name}{'' if bytes_ == t.dtype.itemsize else ', vector loads'})")
+        if stream is not None:
+            _stream(stream)  # a bad stream is refused before anything is bound or launched
+        f = frame if frame is not None else self.frame()  # binds the module: only once the arguments passed
+        keep: list[Any] = []
+        masks = []
+        for i in self.tensor_index:
+            t = checked[decl.params[i].name]
+            masks.append(0 if t is None else (alignment[decl.params[i].name] - 1) | _HIGH)
+        _write_image(f, decl, self.record_of, checked, keep)
+        device_id = devices[0] if devices else 0
+        source = None
+        if first_cuda is not None:
+            source = producers.stream_source(first_cuda)
+        entry = (bytes(f.mv), tuple(masks), device_id, source, tuple(keep))
+        if remember:
+            try:
+                key, _ = self.keys(*values, stream)
+            except Exception:  # a reader that refuses what as_tensor accepted: just do not remember
+                key = None
+            if key is not None and _cacheable(key, context):
+                cache = f.cache
+                if len(cache) >= _MAX_IMAGES:
+                    cache.clear()
+                cache[(*key, context)] = entry
+        return f, entry, ptrs
+
+    def _describe(self, values: Sequence[Any], stream: Any) -> tuple[dict[str, Any], list[int], Any]:
+        from ..interop import as_tensor
+
+        checked: dict[str, Any] = {}
+        ptrs: list[int] = []
+        first_cuda = None
+        for p, value in zip(self.decl.params, values, strict=True):
+            name, kind = p.name, p.wire
+            if kind in wire.TENSOR_TYPES or kind in wire.OBJECT_TENSOR_TYPES:
+                if value is None:
+                    if kind not in wire.OPTIONAL_TYPES:
+                        raise TypeError(f"{name}: expected a tensor, got None")
+                    checked[name] = None
+                    if kind in wire.TENSOR_TYPES:
+                        ptrs.append(_ABSENT)
+                    continue
+                fast = producers.reader(type(value)) is not producers._read_any
+                t = as_tensor(value, name=name, stream=-1 if fast else producers.dlpack_stream(value, stream))
+                check_tensor(name, t, output=p.output)
+                checked[name] = t
+                if kind in wire.TENSOR_TYPES:
+                    ptr = t.data_ptr
+                    ptrs.append(ptr if ptr < _INT64_END else ptr - _PTR_END)  # int64 words: two's complement
+                if first_cuda is None and t.device.is_cuda and kind in wire.TENSOR_TYPES:
+                    first_cuda = value
+            elif kind == wire.ARRAY:
+                if not isinstance(value, ObjectRef) or value.type_index != ARRAY:
+                    raise TypeError(f"{name}: expected the plan info (an Array from a plan call), got "
+                                    f"{type(value).__name__}")
+                if not value.handle:
+                    raise ValueError(f"{name}: the plan has been released")
+                checked[name] = value
+            else:
+                checked[name] = scalar(name, kind, value)
+        return checked, ptrs, first_cuda
+
+    # ---- prepared calls --------------------------------------------------------------------------------------
+
+    def prepare(self, values: Sequence[Any], stream: Any = None, context: Any = None) -> PreparedCall:
+        """Check and pack one call into a frame of its own; the result launches it again (see PreparedCall)."""
+        if any(p.wire in (wire.ARRAY, wire.FFI_TENSOR, wire.OPT_FFI_TENSOR) or p.per_call for p in self.decl.params):
+            raise TypeError(f"{self.name}: calls with plan info, per-call values or ffi.Tensor arguments cannot "
+                            f"be prepared")
+        entry_point = self.bind()
+        frame = Frame(len(self.decl.params), len(self.tensor_index), entry_point._call)
+        f, entry, ptrs = self.slow(values, stream, context, frame=frame, remember=False)
+        _write_pointers(f, self.decl, self.record_of, ptrs)
+        handle = None if stream is None else _stream(stream)
+        if handle is None and entry[3] is not None:
+            handle = entry[3](entry[2])
+        return PreparedCall(self, f, tuple(values), entry[2], handle)
+
+
+class PreparedCall:
+    """One kernel call with all its arguments packed once, in a frame of its own.
+
+    Calling it launches the kernel again with the same arguments (same buffers, scalars, stream): one FFI call,
+    plus the stream set/restore when it was prepared with a stream. It keeps the arguments it was prepared
+    with referenced (their memory must stay valid); drop it to release them.
+    """
+
+    __slots__ = ("_frame", "_launcher", "device_id", "keep", "stream")
+
+    def __init__(self, launcher: Launcher, frame: Frame, keep: tuple[Any, ...], device_id: int,
+                 stream: int | None) -> None:
+        self._launcher = launcher
+        self._frame = frame
+        self.keep = keep
+        self.device_id = device_id
+        self.stream = stream
+
+    def __call__(self) -> None:
+        f = self._frame
+        if self.stream is None:
+            if f.call(f.this, f.args, f.nargs, f.result):
+                fail(self._launcher.name, f)
+        else:
+            invoke(self._launcher.name, f, self.device_id, self.stream)
+
+    def __repr__(self) -> str:
+        from ..abi.call import describe_frame
+
+        return f"<PreparedCall {self._launcher.name}({', '.join(describe_frame(self._frame))})>"  # type: ignore[arg-type]
+
+
+# ---- checks shared by every op -------------------------------------------------------------------------------
+
+def check_tensor(name: str, t: Tensor, *, output: bool = False) -> None:
+    """The generic contract of a tensor argument (see the module docstring)."""
+    numel = 1
+    extent = 1  # elements spanned, first to last, plus one
+    for size, stride in zip(t.shape, t.strides, strict=True):
+        if size >= _INT32_END:
+            raise ValueError(f"{name}: size {size} in shape {t.shape} does not fit the kernels' int32 sizes")
+        numel *= size
+        if size:
+            extent += (size - 1) * stride
+    if not numel:
+        return
+    if not t.data_ptr:
+        raise ValueError(f"{name}: data pointer is NULL")
+    span = extent * t.dtype.itemsize
+    if span >= _INT64_END:
+        raise ValueError(f"{name}: the tensor spans {span} bytes (shape {t.shape}, strides {t.strides}); at most "
+                         f"2**63 - 1 are supported")
+    if t.data_ptr + span > _PTR_END:
+        raise ValueError(f"{name}: the memory range 0x{t.data_ptr:x} + {span} bytes wraps past the end of the "
+                         f"address space")
+    if output and not _no_overlap(t.shape, t.strides):
+        raise ValueError(f"{name}: an output's elements must not overlap (shape {t.shape}, strides {t.strides}: "
+                         f"stride-0 or interleaved rows would be written by several threads)")
+
+
+def _no_overlap(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """A sufficient test that distinct indices map to distinct elements: sorted by stride, each stride is at
+    least the extent of the dimensions inside it."""
+    dims = sorted((stride, size) for size, stride in zip(shape, strides, strict=True) if size > 1)
+    inner = 1
+    for stride, size in dims:
+        if stride < inner:
+            return False
+        inner = stride * (size - 1) + inner
+    return True
+
+
+def _one_device(name: str, decl: wire.Declaration, checked: dict[str, Any]) -> list[int]:
+    """CUDA ordinals of the tensor arguments (all equal, else a ValueError naming the odd one)."""
+    first: tuple[str, int] | None = None
+    for p in decl.params:
+        t = checked.get(p.name)
+        if isinstance(t, Tensor) and t.device.is_cuda:
+            if first is None:
+                first = (p.name, t.device.device_id)
+            elif t.device.device_id != first[1]:
+                raise ValueError(f"{p.name}: expected a tensor on cuda:{first[1]} (same as {first[0]}), got one "
+                                 f"on {t.device}")
+    return [] if first is None else [first[1]]
+
+
+def scalar(name: str, kind: str, value: Any) -> Any:
+    """``value`` checked and converted for a scalar wire type (int64, float64, bool, text, optional int)."""
+    import math
+
+    if kind == wire.OPT_INT and value is None:
+        return None
+    if kind in (wire.INT, wire.OPT_INT):
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+        value = int(value.__index__())
+        if not -_INT64_END <= value < _INT64_END:
+            raise ValueError(f"{name}: {value} does not fit in int64")
+        return value
+    if kind == wire.FLOAT:
+        if isinstance(value, bool) or (not isinstance(value, (int, float)) and not hasattr(value, "__float__")):
+            raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+        try:
+            out = float(value)
+        except (OverflowError, TypeError, ValueError):
+            raise ValueError(f"{name}: {value!r} does not fit in a float64") from None
+        if math.isinf(out) and not (isinstance(value, float) and math.isinf(value)):
+            raise ValueError(f"{name}: {value!r} does not fit in a float64")
+        return out
+    if kind == wire.BOOL:
+        if value is True or value is False:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+            return bool(value)
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    if kind == wire.STRING:
+        if not isinstance(value, str):
+            raise TypeError(f"{name}: expected a str, got {type(value).__name__}")
+        if "\0" in value:
+            raise ValueError(f"{name}: text must not contain NUL characters")
+        return value
+    raise TypeError(f"{name}: wire type {kind} is not a scalar")
+
+
+def _cacheable(key: tuple[Any, ...], context: Any) -> bool:
+    try:
+        hash((key, context))
+    except TypeError:
+        return False
+    return not any(k is _BAD for k in key)
+
+
+def _stream(stream: Any) -> int:
+    handle = stream_handle(stream)
+    assert handle is not None
+    return handle
+
+
+# ---- frame images ----------------------------------------------------------------------------------------------
+
+def _write_image(f: Frame, decl: wire.Declaration, record_of: dict[int, int], checked: dict[str, Any],
+                 keep: list[Any]) -> None:
+    """Write every slot and record of ``f`` for these checked arguments, with data pointers and per-call values
+    left zero (the launch writes them)."""
+    from ..abi.cdefs import get_ffi
+
+    ffi = get_ffi()
+    q, d = f.q, f.d
+    f.mv[:] = bytes(len(f.mv))
+    for i, p in enumerate(decl.params):
+        value = checked[p.name]
+        type_word, payload = 2 * i, 2 * i + 1
+        kind = p.wire
+        if kind in wire.TENSOR_TYPES:
+            if value is None:
+                q[type_word] = NONE
+                continue
+            record = f.records + record_of[i] * _RECORD
+            q[type_word] = DLTENSOR_PTR
+            q[payload] = record
+            _write_record(f, record, value)
+        elif kind in wire.OBJECT_TENSOR_TYPES:
+            q[type_word] = NONE if value is None else TENSOR
+        elif kind == wire.ARRAY:
+            q[type_word] = ARRAY
+        elif kind in (wire.INT, wire.OPT_INT):
+            q[type_word] = NONE if value is None else INT
+            q[payload] = 0 if value is None or p.per_call else value
+        elif kind == wire.FLOAT:
+            q[type_word] = FLOAT
+            d[payload] = 0.0 if p.per_call else value
+        elif kind == wire.BOOL:
+            q[type_word] = BOOL
+            q[payload] = int(value)
+        elif kind == wire.STRING:
+            text = ffi.new("char[]", value.encode())
+            keep.append(text)
+            q[type_word] = RAW_STR
+            q[payload] = int(ffi.cast("uintptr_t", text))
+    q[2 * len(decl.params)] = NONE
+
+
+def _write_record(f: Frame, record: int, t: Tensor) -> None:
+    base = (record - f.records) + (f.nargs + 1) * _SLOT  # byte offset of the record in the frame
+    q = f.q
+    word = base // 8
+    n = t.ndim
+    device_type = _WIRE_DEVICE_TYPE.get(t.device.device_type, t.device.device_type)
+    q[word] = 0  # data: written per call
+    q[word + 1] = device_type | (t.device.device_id << 32)
+    dt = t.dtype
+    # ndim (int32) then dtype {u8 code, u8 bits, u16 lanes} share one word
+    q[word + 2] = n | (dt.code << 32) | (dt.bits << 40) | (dt.lanes << 48)
+    q[word + 3] = record + 48
+    q[word + 4] = record + 48 + 8 * n
+    q[word + 5] = 0  # byte_offset
+    for k in range(n):
+        q[word + 6 + k] = t.shape[k]
+        q[word + 6 + n + k] = t.strides[k]
+
+
+def _write_pointers(f: Frame, decl: wire.Declaration, record_of: dict[int, int], ptrs: list[int]) -> None:
+    base = (f.nargs + 1) * _SLOT // 8
+    for j, ptr in enumerate(ptrs):
+        f.q[base + j * _RECORD // 8] = ptr
+
+
+# ---- calling -----------------------------------------------------------------------------------------------------
+
+_set_stream: Any = None
+
+
+def invoke(name: str, f: Frame, device_id: int, stream: int) -> None:
+    """Call with ``stream`` as TVM-FFI's current stream of ``device_id`` (restored afterwards, also on error)."""
+    global _set_stream
+    if _set_stream is None:
+        from ..abi.runtime import api
+
+        _set_stream = api().TVMFFIEnvSetStream
+    out = f.stream_out
+    if _set_stream(CUDA, device_id, stream, out) != 0:
+        raise take_raised("TVMFFIEnvSetStream", (str(device_id), hex(stream)))
+    previous = out[0]
+    try:
+        rc = f.call(f.this, f.args, f.nargs, f.result)
+    finally:
+        if previous != stream:
+            _set_stream(CUDA, device_id, previous, out)
+    if rc:
+        fail(name, f)
+
+
+def fail(name: str, f: Frame) -> None:
+    """Raise the error of the call that just failed on this thread, describing the packed arguments."""
+    from ..abi.call import describe_frame
+
+    raise take_raised(name, describe_frame(f))  # type: ignore[arg-type]
+
+
+def result(f: Frame) -> Any:
+    """Take the result slot of ``f`` (after a successful call)."""
+    off = f.nargs * _SLOT
+    return take_result(f.buf[off : off + _SLOT])
+
+
+def _no_keys(*args: Any) -> tuple[tuple[Any, ...], list[int]]:
+    raise _Slow
+
+
+# ---- code generation -----------------------------------------------------------------------------------------
+
+def _source(decl: wire.Declaration, record_of: dict[int, int]) -> str:
+    """Python source of the launch function and of the key function for ``decl``."""
+    params = decl.params
+    n = len(params)
+    args = ", ".join(f"a{i}" for i in range(n))
+    read: list[str] = []  # computes k{i} (and p{i} for tensors)
+    keys: list[str] = []
+    ptrs: list[str] = []
+    masks: list[str] = []
+    nonnull: list[str] = []
+    writes: list[str] = []
+    objects: list[int] = []
+    base = (n + 1) * _SLOT // 8
+    for i, p in enumerate(params):
+        kind = p.wire
+        if kind in wire.TENSOR_TYPES or kind in wire.OBJECT_TENSOR_TYPES:
+            get = f"(_READERS.get(a{i}.__class__) or _reader(a{i}.__class__))(a{i}, stream)"
+            if kind in wire.OPTIONAL_TYPES:
+                read.append(f"if a{i} is None: k{i} = None; p{i} = {_ABSENT}")
+                read.append(f"else: k{i}, p{i} = {get}")
+            else:
+                read.append(f"k{i}, p{i} = {get}")
+            keys.append(f"k{i}")
+            if kind in wire.TENSOR_TYPES:
+                j = record_of[i]
+                ptrs.append(f"p{i}")
+                masks.append(f"(p{i} & m[{j}])")
+                nonnull.append(f"p{i}")
+                writes.append(f"q[{base + j * _RECORD // 8}] = p{i}")
+            else:
+                objects.append(i)
+        elif kind == wire.ARRAY:
+            read.append(f"h{i} = a{i}.handle")
+            read.append(f"if not h{i} or a{i}.type_index != {ARRAY}: raise _Slow")
+            writes.append(f"q[{2 * i + 1}] = h{i}")
+        elif p.per_call:
+            if kind == wire.INT:
+                read.append(f"if a{i}.__class__ is not int or not {-_INT64_END} <= a{i} < {_INT64_END}: raise _Slow")
+                writes.append(f"q[{2 * i + 1}] = a{i}")
+            elif kind == wire.FLOAT:
+                read.append(f"if a{i}.__class__ is not float: raise _Slow")
+                writes.append(f"f.d[{2 * i + 1}] = a{i}")
+            else:
+                raise ValueError(f"{decl.entry}: parameter {p.name}: only int and float can be per_call")
+        else:
+            guard = {wire.INT: "int", wire.FLOAT: "float", wire.BOOL: "bool", wire.STRING: "str"}.get(kind)
+            if kind == wire.OPT_INT:
+                keys.append(f"(a{i} if a{i} is None or a{i}.__class__ is int else _BAD)")
+            else:
+                keys.append(f"(a{i} if a{i}.__class__ is {guard} else _BAD)")
+    key_tuple = "(" + "".join(k + ", " for k in keys) + "context)"
+    ptr_list = "[" + ", ".join(ptrs) + "]"
+    lines = [f"def launch({args}{', ' if n else ''}stream=None, context=None):", "    try:", "        f = _tls.frame"]
+    lines += ["        " + r for r in read]
+    lines += [f"        e = f.cache[{key_tuple}]"]
+    if ptrs:
+        lines += ["        m = e[1]",
+                  f"        if {' | '.join(masks)} or not ({' and '.join(nonnull)}): raise _Slow"]
+    lines += ["    except Exception:",
+              f"        f, e, ({''.join(pp + ', ' for pp in ptrs)}) = _slow(({''.join(f'a{i}, ' for i in range(n))}), "
+              f"stream, context)" if ptrs else
+              f"        f, e, _ = _slow(({''.join(f'a{i}, ' for i in range(n))}), stream, context)"]
+    for i in range(n):
+        if params[i].wire == wire.ARRAY:
+            lines.append(f"        h{i} = a{i}.handle")
+        elif params[i].per_call and params[i].wire == wire.INT:
+            lines.append(f"        a{i} = _scalar({params[i].name!r}, 'int', a{i})")
+        elif params[i].per_call and params[i].wire == wire.FLOAT:
+            lines.append(f"        a{i} = _scalar({params[i].name!r}, 'float', a{i})")
+    lines += ["    f.mv[:] = e[0]", "    q = f.q"]
+    lines += ["    " + w for w in writes]
+    for i in objects:
+        lines.append(f"    o{i} = None if a{i} is None else _tensor_object(a{i}, {params[i].name!r})")
+        lines.append(f"    if o{i} is not None: q[{2 * i + 1}] = o{i}.handle")
+    call = ["if stream is None:",
+            "    src = e[3]",
+            "    if src is None:",
+            "        if f.call(f.this, f.args, f.nargs, f.result): _fail(_name, f)",
+            "    else: _invoke(_name, f, e[2], src(e[2]))",
+            "elif stream.__class__ is int and 0 <= stream < 18446744073709551616: _invoke(_name, f, e[2], stream)",
+            "else: _invoke(_name, f, e[2], _stream(stream))"]
+    if objects:
+        lines.append("    try:")
+        lines += ["        " + c for c in call]
+        lines.append("    finally:")
+        for i in objects:
+            lines.append(f"        if o{i} is not None: o{i}.release()")
+    else:
+        lines += ["    " + c for c in call]
+    if decl.returns != "void":
+        lines.append("    return _result(f)")
+    # the key function: the same reads, for the slow path to remember what it validated
+    key_lines = [f"def keys({args}{', ' if n else ''}stream=None):"]
+    key_lines += ["    " + r for r in read if "raise _Slow" not in r and not r.startswith("h")]
+    key_lines.append(f"    return ({''.join(k + ', ' for k in keys)}), {ptr_list}")
+    return "\n".join(lines) + "\n\n" + "\n".join(key_lines) + "\n"
+
+
+def _tensor_object(value: Any, name: str) -> Any:
+    """A TVM-FFI Tensor object for an ``ffi.Tensor`` parameter, made for one call (the caller releases it)."""
+    from ..abi.objects import tensor_object
+    from ..interop import as_tensor
+
+    return tensor_object(as_tensor(value, name=name))
+
+
+def compile_launcher(decl: wire.Declaration, uri: str, check: Check | None = None) -> Callable[..., Any]:
+    """Generate the launch function of ``decl`` on module ``uri`` (see the module docstring)."""
+    launcher_ = Launcher(decl, uri, check)
+    source = _source(decl, launcher_.record_of)
+    namespace: dict[str, Any] = {
+        "_READERS": producers._readers, "_reader": producers.reader, "_tls": launcher_.tls,
+        "_slow": launcher_.slow, "_Slow": _Slow, "_BAD": _BAD, "_fail": fail, "_invoke": invoke,
+        "_stream": _stream, "_name": launcher_.name, "_result": result, "_scalar": scalar,
+        "_tensor_object": _tensor_object,
+    }
+    exec(compile(source, f"<fi_ffi launcher {launcher_.name}>", "exec"), namespace)
+    launch = namespace["launch"]
+    launcher_.keys = namespace["keys"]
+    launch.launcher = launcher_
+    launch.source = source
+    launch.__doc__ = f"Launch {launcher_.name}: {decl.signature}"
+    return launch  # type: ignore[no-any-return]
+
+
+def launcher(decl: wire.Declaration, uri: str, check: Check | None = None) -> Callable[..., Any]:
+    """The launch function of ``decl`` on ``uri`` (one per declaration, module and check; see compile_launcher)."""
+    key = (decl, uri, check)
+    found = _launchers.get(key)
+    if found is None:
+        with _lock:
+            found = _launchers.get(key)
+            if found is None:
+                found = _launchers[key] = compile_launcher(decl, uri, check)
+    return found
+
+
+# ---- binding with the signature check ------------------------------------------------------------------------
+
+def bound_entry(uri: str, decl: wire.Declaration) -> Any:
+    """Bind ``decl.entry`` of module ``uri`` and check the module's signature against ``decl`` (once).
+
+    Raises:
+        LoaderError: the module states another argument list (built from another FlashInfer release), naming the
+            module, the entry point, the expected and the found signature.
+    """
+    from .kernels import entry_point
+
+    ep = entry_point(uri, decl.entry)
+    key = (uri, decl)
+    if key not in _checked:
+        found = wire.parse_signature(ep.signature_text(), decl.entry)
+        why = wire.signature_mismatch(decl, found)
+        if why:
+            release = f" (declared for FlashInfer {decl.release})" if decl.release else ""
+            raise LoaderError(
+                f"module {uri!r}, entry point {decl.entry!r}: its signature does not match fi_ffi's declaration"
+                f"{release}: {why}.\n  expected: {decl.signature}\n  found:    "
+                f"{found.text if found else '(none)'}\nThe module was built from a FlashInfer release with another "
+                f"argument list; pin a wheel of a release fi_ffi declares (fi-ffi list shows each module's release)")
+        _checked.add(key)
+    return ep
+
+
+_lock = threading.Lock()
+_launchers: dict[tuple[Any, ...], Callable[..., Any]] = {}
+_checked: set[tuple[str, wire.Declaration]] = set()
+
+
+def _reset() -> None:
+    _launchers.clear()
+    _checked.clear()
+
+
+caches.register("launchers (compiled per declaration, with their frames and images)", _reset)
+
+__all__ = ["Launcher", "PreparedCall", "bound_entry", "check_tensor", "compile_launcher", "launcher", "scalar"]

@@ -1,0 +1,154 @@
+"""Reading a tensor argument at call time: its layout key and data pointer, fast for every producer.
+
+An op call needs two things from each tensor argument: what to check (its layout: shape, strides, dtype,
+device) and where it is (the data pointer). :func:`reader` returns, per producer type, a function
+``read(obj, stream) -> (key, data_ptr)`` where ``key`` is a hashable *value* standing for the layout: the
+launcher (:mod:`fi_ffi.ops.launcher`) remembers which layout combinations passed the checks, keyed by these
+values, and never keeps the objects themselves.
+
+==========================  ==============================================================================
+producer                    read per call
+==========================  ==============================================================================
+:class:`~fi_ffi.Tensor`     ``(t._lid, t.data_ptr)``: the descriptor's interned layout id
+``torch.Tensor``            ``shape``, ``stride()``, ``dtype``, ``get_device()``, ``data_ptr()`` (no DLPack)
+CuPy ``ndarray``            ``shape``, ``strides``, ``dtype``, ``data.device_id``, ``data.ptr``
+anything else               :func:`fi_ffi.as_tensor` (DLPack, CUDA array interface, array interface) with
+                            the call's stream as the DLPack consumer stream (JAX needs a real stream)
+==========================  ==============================================================================
+
+The default stream of a call (``stream=None``) follows the first tensor argument's framework, as flashinfer
+and tvm_ffi do: torch's current stream of the tensor's device, CuPy's current stream, otherwise TVM-FFI's
+current stream (:func:`stream_source`).
+
+fi_ffi never imports torch, CuPy or JAX: a type is recognised only if its module is already imported.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from .tensor import Tensor
+
+Reader = Callable[[Any, Any], tuple[Hashable, int]]
+StreamSource = Callable[[int], int]
+
+_readers: dict[type, Reader] = {}
+_stream_sources: dict[type, StreamSource | None] = {}
+
+
+def _read_descriptor(t: Tensor, stream: Any) -> tuple[Hashable, int]:
+    return t._lid, t.data_ptr
+
+
+def _read_torch(t: Any, stream: Any) -> tuple[Hashable, int]:
+    if t.is_neg() or t.is_conj():
+        raise ValueError("lazily negated or conjugated view")  # the slow path names the argument
+    return (t.shape, t.stride(), t.dtype, t.get_device()), t.data_ptr()
+
+
+def _read_cupy(a: Any, stream: Any) -> tuple[Hashable, int]:
+    memory = a.data
+    return (a.shape, a.strides, a.dtype, memory.device_id), memory.ptr
+
+
+def _read_any(obj: Any, stream: Any) -> tuple[Hashable, int]:
+    """Any other producer, through :func:`fi_ffi.as_tensor` (a descriptor per call)."""
+    from .interop import as_tensor
+
+    t = as_tensor(obj, stream=dlpack_stream(obj, stream))
+    return t._lid, t.data_ptr
+
+
+def reader(tp: type) -> Reader:
+    """The reader of producer type ``tp`` (found once per type)."""
+    found = _readers.get(tp)
+    if found is None:
+        found = _readers[tp] = _reader_for(tp)
+    return found
+
+
+def _reader_for(tp: type) -> Reader:
+    if tp is Tensor:
+        return _read_descriptor
+    module = tp.__module__ or ""
+    torch = sys.modules.get("torch") if module.startswith("torch") else None
+    if torch is not None and (tp is torch.Tensor or tp is torch.nn.Parameter):
+        return _read_torch
+    cupy = sys.modules.get("cupy") if module.startswith("cupy") else None
+    if cupy is not None and tp is cupy.ndarray:
+        return _read_cupy
+    return _read_any
+
+
+def read(obj: Any, stream: Any) -> tuple[Hashable, int]:
+    """``(layout key, data pointer)`` of ``obj`` (any producer)."""
+    return reader(type(obj))(obj, stream)
+
+
+# ---- streams ------------------------------------------------------------------------------------------------
+
+def _torch_stream(device_id: int) -> int:
+    return int(sys.modules["torch"]._C._cuda_getCurrentRawStream(device_id))
+
+
+def _cupy_stream(device_id: int) -> int:
+    cupy = sys.modules["cupy"]
+    return int(cupy.cuda.get_current_stream(device_id).ptr)
+
+
+def stream_source(obj: Any) -> StreamSource | None:
+    """Where a call whose first tensor argument is ``obj`` takes its default stream from.
+
+    None means TVM-FFI's current stream of the device (nothing to set); otherwise a function of the device
+    ordinal returning the framework's current ``cudaStream_t`` (torch, CuPy).
+    """
+    tp = type(obj)
+    if tp in _stream_sources:
+        return _stream_sources[tp]
+    found: StreamSource | None = None
+    module = tp.__module__ or ""
+    if module.startswith("torch") and "torch" in sys.modules and hasattr(obj, "is_cuda"):
+        found = _torch_stream
+    elif module.startswith("cupy") and "cupy" in sys.modules:
+        found = _cupy_stream
+    _stream_sources[tp] = found
+    return found
+
+
+def default_stream(obj: Any, device_id: int) -> int | None:
+    """The stream a call with ``stream=None`` runs on when ``obj`` is its first tensor argument (None: TVM-FFI's
+    current stream, left as it is)."""
+    source = stream_source(obj)
+    if source is None or not getattr(obj, "is_cuda", True):
+        return None
+    return source(device_id)
+
+
+def dlpack_stream(obj: Any, stream: Any) -> Any:
+    """The consumer stream to hand to ``obj.__dlpack__`` for a call on ``stream`` (an int handle or None).
+
+    ``None`` (the call uses TVM-FFI's current stream) is resolved to that stream, so a producer that orders its
+    work on the consumer's stream (JAX must) gets a real handle; host producers get DLPack's None.
+    """
+    try:
+        device_type, device_id = obj.__dlpack_device__()
+    except Exception:
+        return -1
+    if device_type not in (2, 13):  # kDLCUDA, kDLCUDAManaged
+        return -1
+    if stream is None:
+        from .streams import current_stream
+
+        stream = current_stream(int(device_id))
+    return stream
+
+
+def reset() -> None:
+    """Forget the per-type choices (for tests that import a framework late)."""
+    _readers.clear()
+    _stream_sources.clear()
+
+
+__all__ = ["Reader", "default_stream", "dlpack_stream", "read", "reader", "reset", "stream_source"]
