@@ -5,7 +5,8 @@
 - ``fetch [--wheel PATH ...] [--all]``: fill the cache from the lock (wheelhouse, download) or from local wheels.
 - ``cache {path,list,verify [--full],clear}``: inspect and repair the cache.
 - ``lock WHEEL... [--kind kernel|runtime]``: print a lock pinning local wheels (for ``FI_FFI_LOCK``).
-- ``list [--kind K] [--dtype D] [--head-dim N]``: the attention variants the active lock provides.
+- ``list [--kind K] [--dtype D] [--head-dim N]``: the attention variants the active lock provides, with the
+  FlashInfer release each comes from.
 - ``smoke [--device N]``: run each op once on the GPU against a reference; without a GPU, say so, print the
   doctor summary and exit 1.
 """
@@ -38,8 +39,8 @@ def _lock_status() -> dict[str, Any]:
     pins = list(chosen.kernels)
     if chosen.runtime is not None and _runtime_status()["source"] == "lock":
         pins.append(chosen.runtime)
-    status["entries"] = [{"filename": pin.filename, "sha256": pin.sha256, "cached": _is_cached(pin, cache)}
-                         for pin in pins]
+    status["entries"] = [{"filename": pin.filename, "sha256": pin.sha256, "cached": _is_cached(pin, cache),
+                          "kind": pin.kind, "release": pin.release} for pin in pins]
     return status
 
 
@@ -100,7 +101,8 @@ def _print_doctor(data: dict[str, Any]) -> None:
         print(f"Lock:           {lock['path']}")
         print(f"  selection:    {lock['reason']}")
         for e in lock["entries"]:
-            print(f"  {'cached ' if e['cached'] else 'missing'}       {e['filename']}")
+            release = f"FlashInfer {e['release'] or '(release not recorded)'}: " if e["kind"] == "kernel" else ""
+            print(f"  {'cached ' if e['cached'] else 'missing'}       {release}{e['filename']}")
     rt = data["tvm_ffi_runtime"]
     print(f"TVM-FFI:        {rt['source']}: {rt['detail']}")
     print(f"Cache:          {data['cache']}")
@@ -171,7 +173,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         dtypes = "/".join(dict.fromkeys((row["dtype_q"], row["dtype_kv"], row["dtype_o"])))
         heads = f"{row['head_dim_qk']}" if row["head_dim_qk"] == row["head_dim_vo"] else \
             f"{row['head_dim_qk']}/{row['head_dim_vo']}"
-        print(f"{row['kind']:15s} {row['backend']:4s} {dtypes:9s} head_dim {heads:8s} {row['uri']}")
+        print(f"{row['kind']:15s} {row['backend']:4s} {dtypes:9s} head_dim {heads:8s} {row['release'] or '-':11s} "
+              f"{row['uri']}")
     if not rows:
         print("no variant matches", file=sys.stderr)
         return 1
@@ -217,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="where the wheel can be downloaded from")
     p.set_defaults(func=cmd_lock)
     p = sub.add_parser("list", help="attention variants the active lock provides")
-    p.add_argument("--kind", help="single_prefill, batch_prefill, single_decode or batch_decode")
+    p.add_argument("--kind", help="single_prefill, batch_prefill, single_decode, batch_decode, batch_mla (or "
+                   "prefill, decode, mla)")
     p.add_argument("--dtype", help="q/kv dtype, e.g. f16 or bf16")
     p.add_argument("--head-dim", type=int, help="head dimension")
     p.add_argument("--json", action="store_true", help="one object per variant, with every field")

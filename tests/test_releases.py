@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import zipfile
 from collections.abc import Callable, Iterator
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from fi_ffi import loader
+from fi_ffi import dtypes, loader
 from fi_ffi.cli import main
 from fi_ffi.errors import KernelNotFoundError, LockError
 from fi_ffi.loader import lockfile
 from fi_ffi.loader.lockfile import WheelPin
+from fi_ffi.ops import variants as V
+from fi_ffi.ops.variants import Variant
 
 REPO = Path(__file__).resolve().parent.parent
 SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
@@ -358,3 +361,170 @@ def _072_uris() -> list[str]:
     from fi_ffi.loader import modules
 
     return [u for p in loader.active_lock().kernels if p.filename == NAME_072 for u in modules.wheel_uris(p)]
+
+
+# ------------------------------------------------------------------------------- module names per release
+
+F16 = dtypes.float16
+FA2_072 = ("batch_prefill_with_kv_cache_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_qk_128_head_dim_vo_"
+           "128_posenc_0_use_swa_False_use_logits_cap_False_f16qk_False_kv_stride_equal")
+FA2_063 = FA2_072.removesuffix("_kv_stride_equal")
+MLA_072 = ("batch_mla_attention_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_ckv_512_head_dim_kpe_64_"
+           "profiler_False_planabi2")
+MLA_063 = MLA_072.removesuffix("_planabi2")
+FA2_BASE = Variant("batch_prefill", F16, F16, F16, 128, 128, dtypes.int32)
+
+
+def test_072_names_are_spelled_as_upstream_builds_them() -> None:
+    assert Variant("batch_prefill", F16, F16, F16, 128, 128, dtypes.int32, abi="kv_stride_equal").uri == FA2_072
+    mla = Variant("batch_mla", F16, F16, F16, 512, 64, dtypes.int32, abi="planabi2")
+    assert mla.uri == MLA_072 and (mla.head_dim_ckv, mla.head_dim_kpe) == (512, 64)
+    assert Variant("batch_mla", F16, F16, F16, 512, 64, dtypes.int32).uri == MLA_063
+    # 0.7.x puts the backend after the tag (get_batch_mla_uri): ..._planabi2_sm90
+    assert Variant("batch_mla", F16, F16, F16, 512, 64, dtypes.int32, backend="fa3", abi="planabi2").uri == (
+        MLA_072 + "_sm90")
+    assert Variant.parse(MLA_072 + "_sm90") == Variant("batch_mla", F16, F16, F16, 512, 64, dtypes.int32, backend="fa3",
+                                                       abi="planabi2")
+
+
+@pytest.mark.parametrize(
+    "kwargs, text",
+    [(dict(kind="batch_decode", abi="kv_stride_equal"), "abi"),
+     (dict(kind="batch_prefill", abi="planabi2"), "abi"),
+     (dict(kind="batch_prefill", backend="fa3", abi="kv_stride_equal"), "abi"),
+     (dict(kind="batch_prefill", use_profiler=True), "use_profiler"),
+     (dict(kind="batch_mla", pos_encoding=1), "batch_mla")],
+)
+def test_a_tag_or_flag_the_kind_does_not_have_is_refused(kwargs: dict[str, object], text: str) -> None:
+    base: dict[str, object] = dict(dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=128, head_dim_vo=128,
+                                   dtype_idx=dtypes.int32)
+    with pytest.raises(ValueError, match=text):
+        Variant(**{**base, **kwargs})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("uri", [FA2_063 + "_kv_stride_bogus", MLA_063 + "_planabi3", FA2_063 + "_sm90_kv_stride_equal",
+                                 MLA_072.replace("profiler_False", "profiler_Maybe")])
+def test_unknown_tags_do_not_parse(uri: str) -> None:
+    assert Variant.parse(uri) is None
+
+
+def test_every_072_module_name_parses_and_round_trips(wheel_072: Path) -> None:
+    with zipfile.ZipFile(wheel_072) as zf:
+        uris = sorted(n.split("/")[-2] for n in zf.namelist() if n.endswith(".so"))
+    parsed = {u: Variant.parse(u) for u in uris}
+    attention = {u: v for u, v in parsed.items() if v is not None}
+    assert sorted(set(uris) - set(attention)) == ["cascade", "norm", "page", "rope", "sampling", "silu_and_mul"]
+    assert all(v.uri == u for u, v in attention.items())
+    assert {(v.kind, v.backend, v.abi) for v in attention.values()} == {
+        ("batch_decode", "fa2", ""), ("batch_prefill", "fa2", "kv_stride_equal"), ("batch_prefill", "fa3", ""),
+        ("batch_mla", "fa2", "planabi2")}
+
+
+def test_the_063_mla_names_parse_untagged(wheels_063: list[Path]) -> None:
+    with zipfile.ZipFile(next(w for w in wheels_063 if "_ext-" in w.name)) as zf:
+        mla = [n.split("/")[-2] for n in zf.namelist() if "batch_mla_attention" in n and n.endswith(".so")]
+    assert len(mla) == 4
+    for uri in mla:
+        v = Variant.parse(uri)
+        assert v is not None and v.kind == "batch_mla" and v.abi == "" and v.uri == uri
+
+
+@pytest.mark.parametrize(
+    "kind, text",
+    [("gdn_prefill", "FlashInfer <= 0.6.13"), ("gdn_prefill_sm90", "removed it in 0.6.14"),
+     ("single_prefill", "use the batch calls"), ("single_decode", "0.7.x does not prebuild single decode")],
+)
+def test_not_shipped_says_which_releases_have_it(kind: str, text: str) -> None:
+    assert text in V.not_shipped(kind)
+    assert kind in V.not_shipped(kind)
+
+
+def test_not_shipped_is_empty_for_what_every_release_ships() -> None:
+    assert V.not_shipped("batch_decode") == "" and V.not_shipped("norm") == ""
+
+
+def test_with_both_releases_fa2_prefill_resolves_to_072_and_priority_turns_it_back(
+    both_releases: Callable[[str], Path],
+) -> None:
+    both_releases("")
+    assert V.resolve(FA2_BASE) == FA2_072
+    chosen = V.choose_prefill(FA2_BASE, "fa2", 0)
+    assert (chosen.abi, chosen.uri) == ("kv_stride_equal", FA2_072)
+    assert V.release_of(FA2_072) == "0.7.2.post1" and V.release_of(FA2_063) == "0.6.3"
+    both_releases(f"{NAME_063}: priority = 1")
+    assert V.resolve(FA2_BASE) == FA2_063
+    assert V.choose_prefill(FA2_BASE, "fa2", 0).abi == ""
+
+
+def test_list_variants_rows_carry_the_release(both_releases: Callable[[str], Path]) -> None:
+    both_releases("")
+    rows = {r["uri"]: r for r in V.list_variants()}
+    assert rows[FA2_072]["release"] == "0.7.2.post1" and rows[FA2_072]["abi"] == "kv_stride_equal"
+    assert rows[FA2_063]["release"] == "0.6.3" and rows[FA2_063]["abi"] == ""
+    assert rows[MLA_072]["kind"] == "batch_mla" and rows[MLA_072]["release"] == "0.7.2.post1"
+    assert {r["uri"] for r in V.list_variants(kind="mla")} >= {MLA_072, MLA_063}
+
+
+@pytest.fixture
+def only_072(wheel_072: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+             capsys: pytest.CaptureFixture[str]) -> Iterator[Path]:
+    assert main(["lock", str(wheel_072)]) == 0
+    lock = tmp_path / "072.lock"
+    lock.write_text(capsys.readouterr().out)
+    monkeypatch.setenv("FI_FFI_LOCK", str(lock))
+    monkeypatch.setenv("FI_FFI_WHEELHOUSE", str(wheel_072.parent))
+    monkeypatch.setenv("FI_FFI_CUDA_VERSION", "13.0")
+    monkeypatch.delenv("FI_FFI_SM", raising=False)
+    _refresh_variants()
+    yield lock
+    _refresh_variants()
+
+
+def test_on_072_alone_the_untagged_fa2_request_finds_the_kv_stride_equal_module(only_072: Path) -> None:
+    assert V.resolve(FA2_BASE) == FA2_072
+    assert V.has(FA2_BASE)
+
+
+def test_on_072_a_missing_variant_lists_072_neighbours(only_072: Path) -> None:
+    want = Variant("batch_prefill", F16, F16, F16, 64, 64, dtypes.int32)
+    with pytest.raises(KernelNotFoundError) as info:
+        V.resolve(want)
+    text = str(info.value)
+    assert "closest available variants" in text and FA2_072 in text
+    assert "FlashInfer 0.7.2.post1" in text
+
+
+def test_on_072_single_prefill_says_which_releases_ship_it(only_072: Path) -> None:
+    want = Variant("single_prefill", F16, F16, F16, 128, 128)
+    with pytest.raises(KernelNotFoundError) as info:
+        V.resolve(want)
+    text = str(info.value)
+    assert "no single_prefill module at all" in text
+    assert "prebuilt only in FlashInfer 0.6.x" in text and "use the batch calls" in text
+    assert "the pinned wheels are FlashInfer 0.7.2.post1" in text
+
+
+# ------------------------------------------------------------------------------------- fi-ffi list / doctor
+
+
+def test_fi_ffi_list_shows_the_release_of_each_variant(
+    both_releases: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    both_releases("")
+    assert main(["list", "--kind", "batch_prefill", "--dtype", "f16", "--head-dim", "128"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    by_uri = {line.split()[-1]: line for line in lines}
+    assert " 0.7.2.post1 " in by_uri[FA2_072] and " 0.6.3 " in by_uri[FA2_063]
+
+
+def test_fi_ffi_doctor_shows_the_release_of_each_kernel_entry(
+    both_releases: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    both_releases("")
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert f"FlashInfer 0.7.2.post1: {NAME_072}" in out
+    assert f"FlashInfer 0.6.3: {NAME_063}" in out
+    assert main(["doctor", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)["lock"]["entries"]
+    assert {e["filename"]: e["release"] for e in entries if e["kind"] == "kernel"}[NAME_072] == "0.7.2.post1"
