@@ -528,3 +528,8 @@ def test_fi_ffi_doctor_shows_the_release_of_each_kernel_entry(
     assert main(["doctor", "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)["lock"]["entries"]
     assert {e["filename"]: e["release"] for e in entries if e["kind"] == "kernel"}[NAME_072] == "0.7.2.post1"
+
+
+def test_the_packaged_lock_records_release_063_on_every_kernel_entry() -> None:
+    lock = lockfile.read_lock(lockfile.default_lock_path())
+    assert lock.kernels and {p.release for p in lock.kernels} == {"0.6.3"}
