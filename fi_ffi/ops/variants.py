@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .. import dtypes as _dt
@@ -328,6 +328,7 @@ class _Pinned:
     variants: tuple[Variant, ...]
     releases: dict[str, str]
     rank: dict[str, tuple[Any, ...]]
+    found: dict[Variant, Variant | None] = field(default_factory=dict)  # find()'s answers (plans ask per call)
 
 
 _pinned: _Pinned | None = None
@@ -397,8 +398,13 @@ def find(variant: Variant) -> Variant | None:
     whose lock entry takes precedence (priority, then newest release: :mod:`fi_ffi.loader.lockfile`) wins; on a
     tie, ``variant``'s own tag."""
     state = _state()
+    try:
+        return state.found[variant]
+    except KeyError:
+        pass
     served = [(state.rank[s.uri], -i, s) for i, s in enumerate(variant.siblings()) if s.uri in state.uris]
-    return max(served, key=lambda t: t[:2])[2] if served else None
+    found = state.found[variant] = max(served, key=lambda t: t[:2])[2] if served else None
+    return found
 
 
 def has(variant: Variant) -> bool:
@@ -526,22 +532,24 @@ def choose_prefill(base: Variant, backend: str, device_id: int, custom_mask: boo
 
     if backend not in ("auto", "fa2", "fa3"):
         raise ValueError(f"backend: expected 'auto', 'fa2' or 'fa3', got {backend!r}")
+    # Variants are built only when needed: a dataclass replace costs ~10 us, and plans ask on every call.
+    fa2 = base if base.backend == "fa2" else _replace(base, backend="fa2", abi="")
+    if backend == "fa2":
+        return _served(fa2)
     why = fa3_ineligible(base.pos_encoding, base.use_fp16_qk_reduction, custom_mask)
-    fa3 = _replace(base, backend="fa3", abi="")
+    major = sm_major(device_id)
     if backend == "auto":
-        major = sm_major(device_id)
-        if major == 9 and not why and has(fa3):
-            return _served(fa3)
-        return _served(_replace(base, backend="fa2"))
-    if backend == "fa3":
-        if why:
-            raise ValueError(f"backend: 'fa3' cannot run this problem: {why}; use 'fa2' or 'auto'")
-        major = sm_major(device_id)
-        if major is not None and major != 9:
-            raise UnsupportedDeviceError(f"backend 'fa3' needs an SM 9.x GPU (H100/H200); cuda:{device_id} is "
-                                         f"SM {major}.x; use 'fa2' or 'auto'")
-        return _served(fa3)
-    return _served(_replace(base, backend="fa2"))
+        if major == 9 and not why:
+            fa3 = _replace(base, backend="fa3", abi="")
+            if has(fa3):
+                return _served(fa3)
+        return _served(fa2)
+    if why:
+        raise ValueError(f"backend: 'fa3' cannot run this problem: {why}; use 'fa2' or 'auto'")
+    if major is not None and major != 9:
+        raise UnsupportedDeviceError(f"backend 'fa3' needs an SM 9.x GPU (H100/H200); cuda:{device_id} is "
+                                     f"SM {major}.x; use 'fa2' or 'auto'")
+    return _served(_replace(base, backend="fa3", abi=""))
 
 
 def _replace(v: Variant, **changes: Any) -> Variant:
