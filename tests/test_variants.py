@@ -105,20 +105,23 @@ _dt = st.sampled_from([F16, BF16, dtypes.float8_e4m3fn, dtypes.float8_e5m2, dtyp
 
 @st.composite
 def variants(draw):
-    kind = draw(st.sampled_from(V.KINDS))
+    kind = draw(st.sampled_from(V.ALL_KINDS))
     batch = kind.startswith("batch")
     prefill = kind.endswith("prefill")
+    mla = kind == V.BATCH_MLA
+    backend = draw(st.sampled_from(["fa2", "fa3"])) if prefill or mla else "fa2"
     return Variant(kind, draw(_dt), draw(_dt), draw(_dt), draw(st.integers(1, 512)), draw(st.integers(1, 512)),
                    draw(st.sampled_from([dtypes.int32, dtypes.int64, dtypes.uint32])) if batch else None,
-                   draw(st.sampled_from([0, 1, 2])), draw(st.booleans()), draw(st.booleans()),
-                   draw(st.booleans()) if prefill else False,
-                   draw(st.sampled_from(["fa2", "fa3"])) if prefill else "fa2")
+                   0 if mla else draw(st.sampled_from([0, 1, 2])), False if mla else draw(st.booleans()),
+                   False if mla else draw(st.booleans()), draw(st.booleans()) if prefill else False, backend,
+                   draw(st.sampled_from(sorted(V.ABI_TAGS.get((kind, backend), {"": ""})))),
+                   draw(st.booleans()) if mla else False)
 
 
 @given(variants())
 def test_uri_round_trips_for_any_variant(v):
     assert Variant.parse(v.uri) == v
-    assert V._URI_RE.match(v.uri)
+    assert (V._MLA_RE if v.kind == V.BATCH_MLA else V._URI_RE).match(v.uri)
 
 
 # ------------------------------------------------------------------------------------------ the pinned wheels
@@ -149,7 +152,8 @@ def test_list_variants_rows_and_filters(kernel_modules):
     assert row == {"kind": "batch_decode", "backend": "fa2", "dtype_q": "float16", "dtype_kv": "float16",
                    "dtype_o": "float16", "dtype_idx": "int32", "head_dim_qk": 128, "head_dim_vo": 128,
                    "pos_encoding": "NONE", "sliding_window": False, "logits_cap": False,
-                   "fp16_qk_reduction": False, "entry_points": ["plan", "run"], "uri": BATCH_DECODE_F16_128}
+                   "fp16_qk_reduction": False, "profiler": False, "abi": "", "entry_points": ["plan", "run"],
+                   "uri": BATCH_DECODE_F16_128, "release": "0.6.3"}
     assert {r["kind"] for r in V.list_variants(kind="decode")} == {"single_decode", "batch_decode"}
     assert len(V.list_variants(kind="decode")) == 8
     assert len(V.list_variants(kind="batch_prefill")) == 6

@@ -44,8 +44,12 @@ __all__ = [
     "list_cache",
     "load_module",
     "loaded_modules",
+    "lock_entries",
     "lock_entry",
     "module_path",
+    "module_release",
+    "module_source",
+    "module_sources",
     "runtime_info",
     "runtime_library",
     "selection",
@@ -107,8 +111,29 @@ def module_path(uri: str) -> Path:
 
 
 def available_uris() -> list[str]:
-    """Sorted URIs of every module in the selected kernel wheels."""
+    """Sorted URIs of every module the selected kernel wheels serve."""
     from .modules import available_uris as impl
+
+    return impl()
+
+
+def module_source(uri: str) -> WheelPin:
+    """The lock entry serving module ``uri`` (several releases in one lock: see :mod:`fi_ffi.loader.lockfile`)."""
+    from .modules import module_source as impl
+
+    return impl(uri)
+
+
+def module_release(uri: str) -> str:
+    """The FlashInfer release module ``uri`` comes from (``"0.7.2.post1"``); ``""`` if its entry records none."""
+    from .modules import module_release as impl
+
+    return impl(uri)
+
+
+def module_sources() -> dict[str, WheelPin]:
+    """Every module the selected wheels serve → the lock entry serving it (``.release``, ``.filename``)."""
+    from .modules import module_sources as impl
 
     return impl()
 
@@ -167,11 +192,23 @@ def lock_entry(
     pip: str = "",
     path: str = "",
     hash_members: bool = False,
+    release: str | None = None,
 ) -> WheelPin:
-    """A lock entry for a local wheel: file name, sha256, size; for kernel wheels CUDA/arch/sm from its name."""
+    """A lock entry for a local wheel: file name, sha256, size; for kernel wheels CUDA/arch/sm and the
+    FlashInfer release from its name."""
     from .lockfile import lock_entry as impl
 
-    return impl(wheel, kind=kind, cuda=cuda, arch=arch, sm=sm, url=url, pip=pip, path=path, hash_members=hash_members)
+    return impl(wheel, kind=kind, cuda=cuda, arch=arch, sm=sm, url=url, pip=pip, path=path, hash_members=hash_members,
+                release=release)
+
+
+def lock_entries(
+    wheels: Iterable[str | os.PathLike[str]], *, kind: Kind | None = None, url: str = ""
+) -> tuple[list[WheelPin], list[str]]:
+    """Entries for a set of wheels, and notes on those left out (a metadata-only wheel has nothing to load)."""
+    from .lockfile import lock_entries as impl
+
+    return impl(wheels, kind=kind, url=url)
 
 
 def dump_lock(pins: Iterable[WheelPin], *, header: str = "") -> str:

@@ -21,6 +21,9 @@ Format, version 1 (TOML, read with :mod:`tomllib`)::
     prefix = "flashinfer_jit_cache/jit_cache"     # optional (this default); holds <uri>/<uri>.so members
     note = "…"                                    # optional; free text
     members = { "flashinfer_jit_cache/jit_cache/norm/norm.so" = "…" }   # optional; member sha256s
+    release = "0.6.3"                             # optional; the FlashInfer release the kernels were built from
+    priority = 0                                  # optional (this default); higher wins a shared module name
+    modules = ["gdn_prefill_sm90", "batch_*"]     # optional; serve only these modules (fnmatch patterns)
 
     [[runtime]]                                   # the TVM-FFI runtime wheel; at most one per arch
     # filename, sha256, arch, size, url, pip, path, note, members: as above
@@ -32,6 +35,20 @@ cache, ``FI_FFI_WHEELHOUSE``, ``path``, ``url``, ``pip``; whatever the source, i
 Selection (:func:`select`): among ``[[kernel]]`` entries for the machine's arch and the CUDA runtime's
 major version, the highest minor not above the runtime's minor wins; every entry at that version is used
 (several wheels may split the kernels by GPU arch), minus those whose ``sm`` list misses ``FI_FFI_SM``.
+
+Several FlashInfer releases in one lock (:func:`provider`): module names repeat across releases (``norm``,
+``page``, ...), so when more than one selected entry holds a module, the one that serves it is, in order:
+
+1. only entries whose ``modules`` list (if any) matches the name are considered;
+2. the highest ``priority`` wins;
+3. at equal priority, the newest ``release`` wins (``0.7.2.post1`` over ``0.6.3``);
+4. at equal priority and release (one build split over several wheels, or no release recorded anywhere),
+   the first entry in the lock wins.
+
+An entry with a ``release`` and one without it at equal priority both holding the module cannot be
+ordered: that is a :class:`LockError` saying to record the release (``fi-ffi lock`` writes it) or to set
+``priority``. By default a lock of 0.6.3 and 0.7.2 wheels thus takes every shared module from 0.7.2 and
+the rest (``gdn_prefill_sm90``, the single prefill/decode modules) from 0.6.3.
 """
 
 from __future__ import annotations
@@ -41,7 +58,7 @@ import json
 import os
 import platform
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -57,7 +74,7 @@ Kind = Literal["kernel", "runtime"]
 
 _COMMON_KEYS = {"filename", "sha256", "arch", "size", "url", "pip", "path", "note", "members"}
 _KEYS: dict[str, set[str]] = {
-    "kernel": _COMMON_KEYS | {"cuda", "sm", "prefix"},
+    "kernel": _COMMON_KEYS | {"cuda", "sm", "prefix", "release", "priority", "modules"},
     "runtime": _COMMON_KEYS | {"library"},
 }
 _REQUIRED: dict[str, tuple[str, ...]] = {
@@ -66,6 +83,8 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 }
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CUDA = re.compile(r"^(\d+)\.(\d+)$")
+# The subset of PEP 440 FlashInfer releases use: 0.6.3, 0.7.2.post1, 0.8.0rc1, 0.8.0.dev2.
+_RELEASE = re.compile(r"^(\d+(?:\.\d+)*)(?:(a|b|rc)(\d+))?(?:\.post(\d+))?(?:\.dev(\d+))?$")
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
 
 
@@ -92,6 +111,15 @@ class WheelPin:
     library: str = DEFAULT_LIBRARY
     note: str = ""
     members: Mapping[str, str] = field(default_factory=dict)
+    release: str = ""
+    priority: int = 0
+    modules: tuple[str, ...] = ()
+
+    def serves(self, uri: str) -> bool:
+        """True if this entry may provide module ``uri``: it has no ``modules`` list, or one pattern matches."""
+        import fnmatch
+
+        return not self.modules or any(fnmatch.fnmatchcase(uri, pattern) for pattern in self.modules)
 
     @property
     def local_path(self) -> Path | None:
@@ -108,6 +136,8 @@ class WheelPin:
     def describe(self) -> str:
         """One line naming the file and what it serves."""
         what = f"CUDA {self.cuda}, {self.arch}" if self.kind == "kernel" else self.arch
+        if self.release:
+            what = f"FlashInfer {self.release}, {what}"
         if self.sm:
             what += f", sm {','.join(self.sm)}"
         return f"{self.filename} ({what})"
@@ -256,6 +286,21 @@ def _parse_entry(entry: dict[str, Any], kind: Kind, path: Path, index: int) -> W
         isinstance(v, str) and _SHA256.match(v.lower()) for v in members.values()
     ):
         raise LockError(f"{where}: 'members' must map member paths to sha256 hex strings")
+    release = entry.get("release", "")
+    if not isinstance(release, str) or (release and not _RELEASE.match(release)):
+        raise LockError(f"{where}: 'release' must be a FlashInfer version like \"0.7.2.post1\" (found {release!r})")
+    priority = entry.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise LockError(f"{where}: 'priority' must be an integer (higher wins a module name several entries hold)")
+    modules = entry.get("modules")
+    if modules is None:
+        modules = []
+    elif not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m and "/" not in m
+                                                                 for m in modules):
+        raise LockError(
+            f'{where}: \'modules\' must be a non-empty list of module names or fnmatch patterns, like ["norm", '
+            '"batch_prefill_*"]'
+        )
     for key in ("prefix", "library"):
         value = entry.get(key)
         if value is not None and (not value or value.startswith("/") or ".." in value.split("/")):
@@ -276,6 +321,9 @@ def _parse_entry(entry: dict[str, Any], kind: Kind, path: Path, index: int) -> W
         library=entry.get("library", DEFAULT_LIBRARY),
         note=entry.get("note", ""),
         members={k: v.lower() for k, v in members.items()},
+        release=release,
+        priority=priority,
+        modules=tuple(modules),
     )
 
 
@@ -346,6 +394,9 @@ def select(lock: Lock, cuda: str, arch: str, *, cuda_source: str = "given", sm: 
     )
     if len(chosen) > 1:
         reason += f" ({len(chosen)} wheels)"
+    releases = sorted({p.release for p in chosen if p.release}, key=release_key)
+    if releases:
+        reason += f"; FlashInfer {', '.join(releases)}"
     if dropped:
         reason += f"; skipped {len(dropped)} wheel(s) without sm {','.join(sm)} (FI_FFI_SM)"
     runtime = select_runtime(lock, arch)
@@ -358,6 +409,64 @@ def select(lock: Lock, cuda: str, arch: str, *, cuda_source: str = "given", sm: 
         runtime=runtime,
         reason=reason,
     )
+
+
+def release_key(release: str) -> tuple[Any, ...]:
+    """A sort key ordering FlashInfer releases by PEP 440 (``0.6.3`` < ``0.7.0rc1`` < ``0.7.0`` < ``0.7.2.post1``).
+
+    ``""`` (not recorded) sorts before every release; anything else not of the form N.N[.N][aN|bN|rcN]
+    [.postN][.devN] is a :class:`LockError`.
+    """
+    if not release:
+        return ((), 0, 0, 0, 0)
+    m = _RELEASE.match(release)
+    if m is None:
+        raise LockError(f"{release!r} is not a FlashInfer release (a version like 0.7.2.post1)")
+    numbers, pre, pre_n, post, dev = m.groups()
+    parts = tuple(int(x) for x in numbers.split("."))
+    while len(parts) > 1 and parts[-1] == 0:  # 0.7 == 0.7.0
+        parts = parts[:-1]
+    # A final release sorts after its pre-releases (3) and its dev releases (-1 before a0); post after both.
+    pre_rank = {"a": 0, "b": 1, "rc": 2}[pre] if pre else (3 if dev is None or post is not None else -1)
+    return (parts, pre_rank, int(pre_n or 0), int(post) if post is not None else -1, int(dev) if dev else 1 << 30)
+
+
+def release_from_version(version: str) -> str:
+    """The FlashInfer release a wheel version names: its public part (``0.7.2.post1+cu130.sm90a`` → ``0.7.2.post1``),
+    or ``""`` when that is not a release number."""
+    public = version.partition("+")[0]
+    return public if _RELEASE.match(public) else ""
+
+
+def provider(uri: str, pins: Sequence[WheelPin], holds: Callable[[WheelPin], bool]) -> WheelPin | None:
+    """The entry of ``pins`` (the selected kernel entries, in lock order) that serves module ``uri``.
+
+    ``holds(pin)`` says whether the pin's wheel has the module; it is asked lazily, in precedence order, so a
+    wheel ranked below the winner is not read. Rules: see the module docstring. ``None`` if no entry serves
+    ``uri``; :class:`LockError` when an entry with a release and one without tie on priority for it.
+    """
+    serving = [p for p in pins if p.serves(uri)]
+    for priority in sorted({p.priority for p in serving}, reverse=True):
+        tier = [p for p in serving if p.priority == priority]
+        recorded = [p for p in tier if p.release]
+        if recorded and len(recorded) < len(tier):
+            holders = [p for p in tier if holds(p)]
+            known = [p for p in holders if p.release]
+            unknown = [p for p in holders if not p.release]
+            if known and unknown:
+                raise LockError(
+                    f"module {uri!r} is in {known[0].filename} (FlashInfer {known[0].release}) and in "
+                    f"{unknown[0].filename} (no release recorded), both at priority {priority} in the lock "
+                    f"{known[0].lock_path}, so fi_ffi cannot tell which to use. Add release = \"…\" to the "
+                    f"entry of {unknown[0].filename} (`fi-ffi lock` writes it), or give one entry a higher "
+                    f"'priority' or a 'modules' list"
+                )
+            tier = holders
+        # sorted() is stable: among equal releases the lock order stands.
+        for pin in sorted(tier, key=lambda p: release_key(p.release), reverse=True):
+            if holds(pin):
+                return pin
+    return None
 
 
 # ------------------------------------------------------------------------------------ writing lock entries
@@ -436,13 +545,19 @@ def lock_entry(
     pip: str = "",
     path: str = "",
     hash_members: bool = False,
+    release: str | None = None,
 ) -> WheelPin:
     """A lock entry for the local wheel file ``wheel`` (hashes it; reads its zip directory).
 
     ``kind`` is guessed from the members (``tvm_ffi/lib/libtvm_ffi.so`` → runtime; ``*/jit_cache/<uri>/<uri>.so``
-    → kernel, with its ``prefix``). For kernel wheels ``cuda``, ``arch`` and ``sm`` are read from the file name
-    (``…+cu130.sm90a-…-linux_x86_64.whl``) unless given. ``path`` is written as given (``""``: no ``path`` key).
-    ``hash_members`` records the sha256 of every ``.so`` member.
+    → kernel, with its ``prefix``). For kernel wheels ``cuda``, ``arch``, ``sm`` and the FlashInfer ``release``
+    are read from the file name (``…-0.7.2.post1+cu130.sm90a-…-linux_x86_64.whl``; sm also from a provider
+    wheel's name, ``flashinfer_jit_cache_sm90a-…``) unless given. ``path`` is written as given (``""``: no
+    ``path`` key). ``hash_members`` records the sha256 of every ``.so`` member.
+
+    A wheel with neither kernel modules nor the runtime library (e.g. the ``flashinfer-jit-cache`` 0.7.x
+    metadata wheel, whose modules are in per-architecture provider wheels) is a :class:`NothingToPinError`
+    unless ``kind`` is given; :func:`lock_entries` skips such wheels with a note.
     """
     import zipfile
 
@@ -455,9 +570,11 @@ def lock_entry(
             guessed: Kind | None = "runtime" if DEFAULT_LIBRARY in names else ("kernel" if prefix else None)
             kind = kind or guessed
             if kind is None:
-                raise LockError(
+                requires = _requirements(zf, names)
+                needs = f"; it requires {', '.join(requires)}: pin those wheels" if requires else ""
+                raise NothingToPinError(
                     f"{file}: neither a kernel wheel (no <prefix>/jit_cache/<uri>/<uri>.so members) nor a TVM-FFI "
-                    f"runtime wheel (no {DEFAULT_LIBRARY}); say which with kind="
+                    f"runtime wheel (no {DEFAULT_LIBRARY}){needs}; to pin it anyway say which with kind="
                 )
             members: dict[str, str] = {}
             if hash_members:
@@ -468,7 +585,7 @@ def lock_entry(
                             while block := src.read(1 << 20):
                                 h.update(block)
                         members[info.filename] = h.hexdigest()
-    except (OSError, zipfile.BadZipFile) as exc:
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
         raise LockError(f"cannot read the wheel {file}: {exc}") from None
     arch = normalize_arch(arch or name.arch)
     if not arch:
@@ -485,16 +602,65 @@ def lock_entry(
         arch=arch,
         lock_path=file.absolute(),
         cuda=(cuda or "") if kind == "kernel" else "",
-        sm=tuple(sm) if sm is not None else (sm_from_label(name.local) if kind == "kernel" else ()),
+        sm=tuple(sm) if sm is not None else (_sm_of(name) if kind == "kernel" else ()),
         size=file.stat().st_size,
         url=url,
         pip=pip,
         path=path,
         members=members,
+        release=(release if release is not None else release_from_version(name.version)) if kind == "kernel" else "",
     )
+    if pin.release and not _RELEASE.match(pin.release):
+        raise LockError(f"release={pin.release!r} is not a FlashInfer version like 0.7.2.post1")
     if kind == "kernel" and prefix and prefix != DEFAULT_PREFIX:
         pin = replace(pin, prefix=prefix)
     return pin
+
+
+class NothingToPinError(LockError):
+    """A wheel with no kernel modules and no runtime library (a metadata-only wheel); :func:`lock_entries` skips it."""
+
+
+def lock_entries(
+    wheels: Iterable[str | os.PathLike[str]], *, kind: Kind | None = None, url: str = ""
+) -> tuple[list[WheelPin], list[str]]:
+    """Lock entries for a set of local wheels (one release split over several wheels, or several releases).
+
+    Returns (entries, notes): a wheel with nothing to load (no kernel modules, no runtime library), such as
+    the 0.7.x ``flashinfer-jit-cache`` metadata wheel next to its per-architecture provider wheels, is left
+    out with a note saying why, since fi_ffi would never read it. :class:`LockError` if no wheel is left.
+    """
+    pins: list[WheelPin] = []
+    notes: list[str] = []
+    for wheel in wheels:
+        try:
+            pins.append(lock_entry(wheel, kind=kind, url=url))
+        except NothingToPinError as exc:
+            notes.append(f"skipped {exc}")
+    if not pins:
+        raise LockError("nothing to pin: " + "; ".join(notes) if notes else "nothing to pin: no wheel given")
+    return pins, notes
+
+
+def _requirements(zf: Any, names: list[str]) -> list[str]:
+    """The Requires-Dist lines of a wheel's METADATA (what a metadata-only wheel pulls in), or []."""
+    import zipfile
+    import zlib
+
+    meta = next((n for n in names if n.count("/") == 1 and n.endswith(".dist-info/METADATA")), None)
+    if meta is None:
+        return []
+    try:
+        text = zf.read(meta)[: 1 << 20].decode("utf-8", errors="replace")
+    except (OSError, RuntimeError, NotImplementedError, zlib.error, zipfile.BadZipFile):
+        return []  # only a hint for the message; the wheel's other faults are reported where it is used
+    return [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Requires-Dist:")]
+
+
+def _sm_of(name: WheelName) -> tuple[str, ...]:
+    """GPU archs named by a wheel: its local label (``+cu130.sm90a``), else its name (``…_sm90a``, upstream's
+    per-architecture provider wheels)."""
+    return sm_from_label(name.local) or sm_from_label(name.name)
 
 
 def _guess_prefix(names: list[str]) -> str:
@@ -524,6 +690,12 @@ def dump_lock(pins: Iterable[WheelPin], *, header: str = "") -> str:
                 fields.append((key, getattr(pin, key)))
         if pin.kind == "kernel" and pin.prefix != DEFAULT_PREFIX:
             fields.append(("prefix", pin.prefix))
+        if pin.release:
+            fields.append(("release", pin.release))
+        if pin.priority:
+            fields.append(("priority", pin.priority))
+        if pin.modules:
+            fields.append(("modules", list(pin.modules)))
         if pin.kind == "runtime" and pin.library != DEFAULT_LIBRARY:
             fields.append(("library", pin.library))
         lines += [f"{k} = {_toml_value(v)}" for k, v in fields]

@@ -74,18 +74,31 @@ def wheel_uris(pin: WheelPin) -> list[str]:
 
 
 def available_uris() -> list[str]:
-    """Every module URI in the selected kernel wheels, sorted (fetches a wheel whose listing is not cached)."""
-    return sorted({uri for pin in selection().kernels for uri in wheel_uris(pin)})
+    """Every module URI the selected kernel wheels serve, sorted (fetches a wheel whose listing is not cached).
+
+    A module held only by entries whose ``modules`` list leaves it out is not among them.
+    """
+    return sorted({uri for pin in selection().kernels for uri in wheel_uris(pin) if pin.serves(uri)})
 
 
 def find_module(uri: str) -> tuple[WheelPin, str]:
-    """The selected wheel holding module ``uri`` and the member path; :class:`KernelNotFoundError` if none does."""
+    """The selected wheel serving module ``uri`` and the member path; :class:`KernelNotFoundError` if none does.
+
+    When several selected entries hold ``uri`` (several FlashInfer releases in one lock), the lock's rules
+    choose (:func:`fi_ffi.loader.lockfile.provider`: ``modules`` lists, then ``priority``, then the newest
+    ``release``, then lock order).
+    """
     chosen = selection()
-    for pin in chosen.kernels:
-        member = pin.module_member(uri)
-        if member in wheel_index(pin):
-            return pin, member
-    known = sorted({u for pin in chosen.kernels for u in wheel_uris(pin)})
+    pin = lockfile.provider(uri, chosen.kernels, lambda p: p.module_member(uri) in wheel_index(p))
+    if pin is not None:
+        return pin, pin.module_member(uri)
+    known = sorted({u for p in chosen.kernels for u in wheel_uris(p)})
+    excluded = [p.filename for p in chosen.kernels if not p.serves(uri) and p.module_member(uri) in wheel_index(p)]
+    if excluded:
+        raise KernelNotFoundError(
+            f"kernel module {uri!r} is in {', '.join(excluded)}, but its lock entry's 'modules' list leaves it "
+            f"out (lock {chosen.kernels[0].lock_path}). Add the name (or a pattern matching it) to that list"
+        )
     close = difflib.get_close_matches(uri, known, n=5, cutoff=0.6)
     wheels = ", ".join(p.filename for p in chosen.kernels)
     hint = (
@@ -98,6 +111,33 @@ def find_module(uri: str) -> tuple[WheelPin, str]:
         f"{chosen.arch}). The pinned wheels hold {len(known)} modules; this variant (dtype, head dim, flags) "
         f"is not among them. {hint}"
     )
+
+
+def module_source(uri: str) -> WheelPin:
+    """The lock entry (wheel) that serves module ``uri``; its ``release`` is the FlashInfer release of the module."""
+    return find_module(uri)[0]
+
+
+def module_release(uri: str) -> str:
+    """The FlashInfer release (``"0.6.3"``, ``"0.7.2.post1"``) module ``uri`` is served from; ``""`` when the
+    lock entry records none. :class:`KernelNotFoundError` if no selected wheel serves ``uri``."""
+    return find_module(uri)[0].release
+
+
+def module_sources() -> dict[str, WheelPin]:
+    """Every module the selected wheels serve → the entry serving it (reads every selected wheel's listing)."""
+    pins = selection().kernels
+    held = [set(wheel_uris(pin)) for pin in pins]
+    out: dict[str, WheelPin] = {}
+    for uri in sorted(set().union(*held)):
+
+        def holds(pin: WheelPin, uri: str = uri) -> bool:
+            return uri in held[next(i for i, p in enumerate(pins) if p is pin)]
+
+        found = lockfile.provider(uri, pins, holds)
+        if found is not None:
+            out[uri] = found
+    return out
 
 
 def module_path(uri: str) -> Path:
