@@ -85,16 +85,22 @@ def _fi_ffi_session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
         wheel = find_shared_wheel()
         if wheel is not None and not os.environ.get("FI_FFI_LOCK"):
             lock = tmp_path_factory.mktemp("fi_ffi_lock") / "shared-wheel.lock"
-            lock.write_text(_lock_text_for(wheel))
+            lock.write_text(_lock_text_for(*shared_wheels(wheel)))
             mp.setenv("FI_FFI_LOCK", str(lock))
             mp.setenv("FI_FFI_WHEELHOUSE", str(wheel.parent))
         yield
 
 
-def _lock_text_for(wheel: Path) -> str:
+def shared_wheels(core: Path) -> list[Path]:
+    """The core test wheel and the kernel wheels beside it (the extension wheel), pinned together by one lock."""
+    return [core, *sorted(p for p in core.parent.glob("flashinfer_jit_cache*.whl") if p != core)]
+
+
+def _lock_text_for(*wheels: Path) -> str:
     from fi_ffi import loader
 
-    return loader.dump_lock([loader.lock_entry(wheel)], header=f"test lock for {wheel.name}")
+    names = ", ".join(w.name for w in wheels)
+    return loader.dump_lock([loader.lock_entry(w) for w in wheels], header=f"test lock for {names}")
 
 
 @pytest.fixture(scope="session")

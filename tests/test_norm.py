@@ -109,7 +109,7 @@ def test_host_device_mismatched_device_and_null_pointer_are_named() -> None:
     x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(ValueError, match=r"input: expected a CUDA device tensor, got one on cpu"):
         fi_ffi.rmsnorm(fake_cuda((4, 128), device="cpu"), w, o)
-    with pytest.raises(ValueError, match=r"weight: expected a tensor on cuda:0 \(same as \w+\), got (one on )?cuda:1"):
+    with pytest.raises(ValueError, match=r"weight: expected a tensor on cuda:0 \(same as input\), got cuda:1"):
         fi_ffi.rmsnorm(x, fake_cuda((128,), device=1), o)
     with pytest.raises(ValueError, match="out: data pointer is NULL"):
         fi_ffi.rmsnorm(x, w, Tensor.from_pointer(0, (4, 128), "float16", 0))

@@ -34,6 +34,18 @@ EXPECTED = {
       for d in ("f16", "bf16") for h in (64, 128)),
     *(BATCH_PREFILL_BF16_128_FA3.replace("bf16", d) for d in ("f16", "bf16")),
 }
+# The attention modules of the shared extension wheel (pinned with the core wheel by the tests' lock).
+_F16_128 = "dtype_q_f16_dtype_kv_{kv}_dtype_o_f16_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_{w}" \
+           "_use_logits_cap_{w}"
+EXPECTED_EXT = {
+    "batch_decode_with_kv_cache_" + _F16_128.format(kv="f16", w="True"),
+    "batch_decode_with_kv_cache_" + _F16_128.format(kv="e4m3", w="False").replace("swa_False_use_logits_cap_False",
+                                                                                  "swa_False_use_logits_cap_False"),
+    "batch_prefill_with_kv_cache_" + _F16_128.format(kv="f16", w="True") + "_f16qk_False",
+    "batch_prefill_with_kv_cache_" + _F16_128.format(kv="e4m3", w="False") + "_f16qk_False",
+    *(f"batch_mla_attention_dtype_q_{d}_dtype_kv_{d}_dtype_o_{d}_dtype_idx_i32_head_dim_ckv_512_head_dim_kpe_64_"
+      f"profiler_False{s}" for d in ("f16", "bf16") for s in ("", "_sm90")),
+}
 
 
 def test_uri_of_each_kind_matches_upstream_spelling():
@@ -137,7 +149,7 @@ def _fresh_listing(request):
 
 def test_the_shared_wheel_holds_exactly_the_expected_attention_variants(kernel_modules):
     uris, found = V.available()
-    assert {v.uri for v in found} == EXPECTED
+    assert {v.uri for v in found} == EXPECTED | EXPECTED_EXT
     assert uris >= EXPECTED
     for v in found:
         assert V.has(v)
@@ -146,8 +158,8 @@ def test_the_shared_wheel_holds_exactly_the_expected_attention_variants(kernel_m
 
 def test_list_variants_rows_and_filters(kernel_modules):
     rows = V.list_variants()
-    assert len(rows) == len(EXPECTED)
-    assert {r["uri"] for r in rows} == EXPECTED
+    assert len(rows) == len(EXPECTED | EXPECTED_EXT)
+    assert {r["uri"] for r in rows} == EXPECTED | EXPECTED_EXT
     row = next(r for r in rows if r["uri"] == BATCH_DECODE_F16_128)
     assert row == {"kind": "batch_decode", "backend": "fa2", "dtype_q": "float16", "dtype_kv": "float16",
                    "dtype_o": "float16", "dtype_idx": "int32", "head_dim_qk": 128, "head_dim_vo": 128,
@@ -155,11 +167,11 @@ def test_list_variants_rows_and_filters(kernel_modules):
                    "fp16_qk_reduction": False, "profiler": False, "abi": "", "entry_points": ["plan", "run"],
                    "uri": BATCH_DECODE_F16_128, "release": "0.6.3"}
     assert {r["kind"] for r in V.list_variants(kind="decode")} == {"single_decode", "batch_decode"}
-    assert len(V.list_variants(kind="decode")) == 8
-    assert len(V.list_variants(kind="batch_prefill")) == 6
+    assert len(V.list_variants(kind="decode")) == 8 + 2  # + the extension wheel's sliding-window and FP8 decode
+    assert len(V.list_variants(kind="batch_prefill")) == 6 + 2
     assert {r["backend"] for r in V.list_variants(kind="batch_prefill", head_dim=128)} == {"fa2", "fa3"}
     assert all(r["dtype_q"] == "bfloat16" for r in V.list_variants(dtype="bf16"))
-    assert len(V.list_variants(dtype=BF16, head_dim=64)) == 4
+    assert len(V.list_variants(dtype=BF16, head_dim=64)) == 4 + 2  # + MLA (its kpe head dim is 64)
     assert V.list_variants(head_dim=256) == []
     with pytest.raises(ValueError, match="kind"):
         V.list_variants(kind="attention")

@@ -160,12 +160,12 @@ class Launcher:
         if len(values) != len(decl.params):
             raise TypeError(f"{self.name}: expected {len(decl.params)} arguments, got {len(values)}")
         checked, ptrs, first_cuda = self._describe(values, stream)
-        devices = _one_device(self.name, decl, checked)
         alignment = {name: t.dtype.itemsize for name, t in checked.items() if isinstance(t, Tensor)}
-        if self.check is not None:
+        if self.check is not None:  # the op's contract first: it names arguments in the op's own order
             extra = self.check(SimpleNamespace(**checked, context=context))
             for name, bytes_ in (extra or {}).items():
                 alignment[name] = max(alignment.get(name, 1), int(bytes_))
+        devices = _one_device(self.name, decl, checked)
         for name, bytes_ in alignment.items():
             t = checked[name]
             if t.data_ptr % bytes_:
@@ -323,17 +323,21 @@ def _no_overlap(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
 
 
 def _one_device(name: str, decl: wire.Declaration, checked: dict[str, Any]) -> list[int]:
-    """CUDA ordinals of the tensor arguments (all equal, else a ValueError naming the odd one)."""
-    first: tuple[str, int] | None = None
-    for p in decl.params:
-        t = checked.get(p.name)
-        if isinstance(t, Tensor) and t.device.is_cuda:
-            if first is None:
-                first = (p.name, t.device.device_id)
-            elif t.device.device_id != first[1]:
-                raise ValueError(f"{p.name}: expected a tensor on cuda:{first[1]} (same as {first[0]}), got one "
-                                 f"on {t.device}")
-    return [] if first is None else [first[1]]
+    """CUDA ordinals of the tensor arguments: all equal, else a ValueError naming the odd one.
+
+    The reference is the first CUDA *input* (outputs follow their inputs), so the message names the tensor
+    that disagrees with what the kernel reads.
+    """
+    tensors = [(p.name, checked[p.name], p.output) for p in decl.params
+               if isinstance(checked.get(p.name), Tensor) and checked[p.name].device.is_cuda]
+    if not tensors:
+        return []
+    ref_name, ref, _ = next((t for t in tensors if not t[2]), tensors[0])
+    for pname, t, _ in tensors:
+        if t.device.device_id != ref.device.device_id:
+            raise ValueError(f"{pname}: expected a tensor on cuda:{ref.device.device_id} (same as {ref_name}), got "
+                             f"one on {t.device}")
+    return [ref.device.device_id]
 
 
 def scalar(name: str, kind: str, value: Any) -> Any:

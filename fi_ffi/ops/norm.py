@@ -37,7 +37,8 @@ GEMMA_RMSNORM = _norm("gemma_rmsnorm", tensor("out", output=True), tensor("input
 FUSED_ADD_RMSNORM = _norm("fused_add_rmsnorm", tensor("input", output=True), tensor("residual", output=True))
 GEMMA_FUSED_ADD_RMSNORM = _norm("gemma_fused_add_rmsnorm", tensor("input", output=True),
                                 tensor("residual", output=True))
-DECLARATIONS = (RMSNORM, GEMMA_RMSNORM, FUSED_ADD_RMSNORM, GEMMA_FUSED_ADD_RMSNORM)
+# (module URI pattern, declaration), checked against the modules by tests/test_declarations.py
+DECLARATIONS = tuple(("norm", d) for d in (RMSNORM, GEMMA_RMSNORM, FUSED_ADD_RMSNORM, GEMMA_FUSED_ADD_RMSNORM))
 
 __all__ = ["fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "prepare", "qk_rmsnorm", "rmsnorm"]
 
@@ -115,10 +116,12 @@ def _rows(rank: int, other: str) -> Callable[[SimpleNamespace], dict[str, int]]:
         checks.ndim("weight", w, 1, "[D]")
         checks.shape("weight", w, (d,), "[D]")
         checks.same_dtype("weight", w, "input", x)
+        checks.same_device("weight", w, "input", x)
         checks.cuda("weight", w)
         checks.last_dim_contiguous("weight", w)
         checks.shape(other, o, x.shape, layout)
         checks.same_dtype(other, o, "input", x)
+        checks.same_device(other, o, "input", x)
         checks.cuda(other, o)
         checks.last_dim_contiguous(other, o)
         checks.positive_finite("eps", a.eps)
