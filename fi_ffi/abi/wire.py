@@ -29,6 +29,15 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()  # the default of a parameter every call must pass
 
 TENSOR = "DLTensor*"
 OPT_TENSOR = "Optional<DLTensor*>"
@@ -57,12 +66,16 @@ class Param:
         output: the kernel writes it (tensors only): rows must not alias.
         per_call: a scalar that changes from call to call (a seed, an offset): written every call instead of
             being part of the validated layout the launcher remembers.
+        default: the value used when the op does not pass it (:data:`REQUIRED`: it must pass it). Arguments a
+            newer release added get defaults that reproduce the older behaviour, so one op call serves both
+            declarations; an argument the bound module's declaration lacks may only be passed at its default.
     """
 
     name: str
     wire: str
     output: bool = False
     per_call: bool = False
+    default: Any = field(default_factory=lambda: REQUIRED)
 
     def __post_init__(self) -> None:
         if self.wire not in WIRE_TYPES:
@@ -77,9 +90,14 @@ def tensor(name: str, *, output: bool = False) -> Param:
     return Param(name, TENSOR, output=output)
 
 
-def optional_tensor(name: str, *, output: bool = False) -> Param:
+def optional_tensor(name: str, *, output: bool = False, default: Any = REQUIRED) -> Param:
     """An ``Optional<DLTensor*>`` parameter."""
-    return Param(name, OPT_TENSOR, output=output)
+    return Param(name, OPT_TENSOR, output=output, default=default)
+
+
+def scalar(name: str, wire: str, default: Any = REQUIRED, *, per_call: bool = False) -> Param:
+    """A scalar parameter (``int``, ``float``, ``bool``, ``Optional<int>``, ``std::string``)."""
+    return Param(name, wire, per_call=per_call, default=default)
 
 
 @dataclass(frozen=True)
@@ -197,6 +215,7 @@ __all__ = [
     "OPT_FFI_TENSOR",
     "OPT_INT",
     "OPT_TENSOR",
+    "REQUIRED",
     "STRING",
     "TENSOR",
     "WIRE_TYPES",
@@ -206,6 +225,16 @@ __all__ = [
     "declare",
     "optional_tensor",
     "parse_signature",
+    "scalar",
+    "select",
     "signature_mismatch",
     "tensor",
 ]
+
+
+def select(declarations: Sequence[Declaration], found: ModuleSignature | None) -> Declaration | None:
+    """The declaration among ``declarations`` (one entry point, several releases) that ``found`` matches."""
+    for decl in declarations:
+        if not signature_mismatch(decl, found):
+            return decl
+    return None

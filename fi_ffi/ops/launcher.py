@@ -505,102 +505,130 @@ def _no_keys(*args: Any) -> tuple[tuple[Any, ...], list[int]]:
 
 # ---- code generation -----------------------------------------------------------------------------------------
 
+def _arg_names(decl: wire.Declaration) -> list[str]:
+    """Python argument names of the launch function: the parameter names (a keyword gets a trailing ``_``)."""
+    import keyword
+
+    return [p.name + "_" if keyword.iskeyword(p.name) else p.name for p in decl.params]
+
+
 def _source(decl: wire.Declaration, record_of: dict[int, int]) -> str:
-    """Python source of the launch function and of the key function for ``decl``."""
+    """Python source of the launch function and of the key function for ``decl``.
+
+    The launch function takes the parameters by name (required ones positional-or-keyword in wire order,
+    those with defaults keyword-only), then ``stream``, ``context`` and ``**_absent`` (arguments of other
+    releases' declarations, accepted only at their "off" value). Locals start with ``_`` so parameter names
+    cannot collide with them.
+    """
     params = decl.params
-    n = len(params)
-    args = ", ".join(f"a{i}" for i in range(n))
-    read: list[str] = []  # computes k{i} (and p{i} for tensors)
+    names = _arg_names(decl)
+    read: list[str] = []  # computes _k{i} (and _p{i} for tensors)
     keys: list[str] = []
     ptrs: list[str] = []
     masks: list[str] = []
     nonnull: list[str] = []
     writes: list[str] = []
     objects: list[int] = []
-    base = (n + 1) * _SLOT // 8
-    for i, p in enumerate(params):
+    base = (len(params) + 1) * _SLOT // 8
+    for i, (p, a) in enumerate(zip(params, names, strict=True)):
         kind = p.wire
         if kind in wire.TENSOR_TYPES or kind in wire.OBJECT_TENSOR_TYPES:
-            get = f"(_READERS.get(a{i}.__class__) or _reader(a{i}.__class__))(a{i}, stream)"
+            get = f"(_READERS.get({a}.__class__) or _reader({a}.__class__))({a}, stream)"
             if kind in wire.OPTIONAL_TYPES:
-                read.append(f"if a{i} is None: k{i} = None; p{i} = {_ABSENT}")
-                read.append(f"else: k{i}, p{i} = {get}")
+                read.append(f"if {a} is None: _k{i} = None; _p{i} = {_ABSENT}")
+                read.append(f"else: _k{i}, _p{i} = {get}")
             else:
-                read.append(f"k{i}, p{i} = {get}")
-            keys.append(f"k{i}")
+                read.append(f"_k{i}, _p{i} = {get}")
+            keys.append(f"_k{i}")
             if kind in wire.TENSOR_TYPES:
                 j = record_of[i]
-                ptrs.append(f"p{i}")
-                masks.append(f"(p{i} & m[{j}])")
-                nonnull.append(f"p{i}")
-                writes.append(f"q[{base + j * _RECORD // 8}] = p{i}")
+                ptrs.append(f"_p{i}")
+                masks.append(f"(_p{i} & _m[{j}])")
+                nonnull.append(f"_p{i}")
+                writes.append(f"_q[{base + j * _RECORD // 8}] = _p{i}")
             else:
                 objects.append(i)
         elif kind == wire.ARRAY:
-            read.append(f"h{i} = a{i}.handle")
-            read.append(f"if not h{i} or a{i}.type_index != {ARRAY}: raise _Slow")
-            writes.append(f"q[{2 * i + 1}] = h{i}")
+            read.append(f"_h{i} = {a}.handle")
+            read.append(f"if not _h{i} or {a}.type_index != {ARRAY}: raise _Slow")
+            writes.append(f"_q[{2 * i + 1}] = _h{i}")
         elif p.per_call:
             if kind == wire.INT:
-                read.append(f"if a{i}.__class__ is not int or not {-_INT64_END} <= a{i} < {_INT64_END}: raise _Slow")
-                writes.append(f"q[{2 * i + 1}] = a{i}")
+                read.append(f"if {a}.__class__ is not int or not {-_INT64_END} <= {a} < {_INT64_END}: raise _Slow")
+                writes.append(f"_q[{2 * i + 1}] = {a}")
             elif kind == wire.FLOAT:
-                read.append(f"if a{i}.__class__ is not float: raise _Slow")
-                writes.append(f"f.d[{2 * i + 1}] = a{i}")
+                read.append(f"if {a}.__class__ is not float: raise _Slow")
+                writes.append(f"_f.d[{2 * i + 1}] = {a}")
             else:
                 raise ValueError(f"{decl.entry}: parameter {p.name}: only int and float can be per_call")
         else:
             guard = {wire.INT: "int", wire.FLOAT: "float", wire.BOOL: "bool", wire.STRING: "str"}.get(kind)
             if kind == wire.OPT_INT:
-                keys.append(f"(a{i} if a{i} is None or a{i}.__class__ is int else _BAD)")
+                keys.append(f"({a} if {a} is None or {a}.__class__ is int else _BAD)")
             else:
-                keys.append(f"(a{i} if a{i}.__class__ is {guard} else _BAD)")
+                keys.append(f"({a} if {a}.__class__ is {guard} else _BAD)")
     key_tuple = "(" + "".join(k + ", " for k in keys) + "context)"
     ptr_list = "[" + ", ".join(ptrs) + "]"
-    lines = [f"def launch({args}{', ' if n else ''}stream=None, context=None):", "    try:", "        f = _tls.frame"]
+    all_args = "(" + "".join(a + ", " for a in names) + ")"
+    required = [a for p, a in zip(params, names, strict=True) if p.default is wire.REQUIRED]
+    optional = [f"{a}=_DEFAULTS[{i}]" for i, (p, a) in enumerate(zip(params, names, strict=True))
+                if p.default is not wire.REQUIRED]
+    signature = ", ".join([*required, "*", *optional, "stream=None", "context=None", "**_absent"])
+    lines = [f"def launch({signature}):",
+             "    if _absent: _refuse_absent(_name, _release, _absent)",
+             "    try:",
+             "        _f = _tls.frame"]
     lines += ["        " + r for r in read]
-    lines += [f"        e = f.cache[{key_tuple}]"]
+    lines += [f"        _e = _f.cache[{key_tuple}]"]
     if ptrs:
-        lines += ["        m = e[1]",
+        lines += ["        _m = _e[1]",
                   f"        if {' | '.join(masks)} or not ({' and '.join(nonnull)}): raise _Slow"]
     lines += ["    except Exception:",
-              f"        f, e, ({''.join(pp + ', ' for pp in ptrs)}) = _slow(({''.join(f'a{i}, ' for i in range(n))}), "
-              f"stream, context)" if ptrs else
-              f"        f, e, _ = _slow(({''.join(f'a{i}, ' for i in range(n))}), stream, context)"]
-    for i in range(n):
-        if params[i].wire == wire.ARRAY:
-            lines.append(f"        h{i} = a{i}.handle")
-        elif params[i].per_call and params[i].wire == wire.INT:
-            lines.append(f"        a{i} = _scalar({params[i].name!r}, 'int', a{i})")
-        elif params[i].per_call and params[i].wire == wire.FLOAT:
-            lines.append(f"        a{i} = _scalar({params[i].name!r}, 'float', a{i})")
-    lines += ["    f.mv[:] = e[0]", "    q = f.q"]
+              f"        _f, _e, ({''.join(pp + ', ' for pp in ptrs)}) = _slow({all_args}, stream, context)"
+              if ptrs else f"        _f, _e, _ = _slow({all_args}, stream, context)"]
+    for i, (p, a) in enumerate(zip(params, names, strict=True)):
+        if p.wire == wire.ARRAY:
+            lines.append(f"        _h{i} = {a}.handle")
+        elif p.per_call:
+            lines.append(f"        {a} = _scalar({p.name!r}, {p.wire!r}, {a})")
+    lines += ["    _f.mv[:] = _e[0]", "    _q = _f.q"]
     lines += ["    " + w for w in writes]
     for i in objects:
-        lines.append(f"    o{i} = None if a{i} is None else _tensor_object(a{i}, {params[i].name!r})")
-        lines.append(f"    if o{i} is not None: q[{2 * i + 1}] = o{i}.handle")
+        a = names[i]
+        lines.append(f"    _o{i} = None if {a} is None else _tensor_object({a}, {params[i].name!r})")
+        lines.append(f"    if _o{i} is not None: _q[{2 * i + 1}] = _o{i}.handle")
     call = ["if stream is None:",
-            "    src = e[3]",
-            "    if src is None:",
-            "        if f.call(f.this, f.args, f.nargs, f.result): _fail(_name, f)",
-            "    else: _invoke(_name, f, e[2], src(e[2]))",
-            "elif stream.__class__ is int and 0 <= stream < 18446744073709551616: _invoke(_name, f, e[2], stream)",
-            "else: _invoke(_name, f, e[2], _stream(stream))"]
+            "    _src = _e[3]",
+            "    if _src is None:",
+            "        if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
+            "    else: _invoke(_name, _f, _e[2], _src(_e[2]))",
+            f"elif stream.__class__ is int and 0 <= stream < {_PTR_END}: _invoke(_name, _f, _e[2], stream)",
+            "else: _invoke(_name, _f, _e[2], _stream(stream))"]
     if objects:
         lines.append("    try:")
         lines += ["        " + c for c in call]
         lines.append("    finally:")
         for i in objects:
-            lines.append(f"        if o{i} is not None: o{i}.release()")
+            lines.append(f"        if _o{i} is not None: _o{i}.release()")
     else:
         lines += ["    " + c for c in call]
     if decl.returns != "void":
-        lines.append("    return _result(f)")
+        lines.append("    return _result(_f)")
     # the key function: the same reads, for the slow path to remember what it validated
-    key_lines = [f"def keys({args}{', ' if n else ''}stream=None):"]
-    key_lines += ["    " + r for r in read if "raise _Slow" not in r and not r.startswith("h")]
+    key_lines = [f"def keys({', '.join(names)}{', ' if names else ''}stream=None):"]
+    key_lines += ["    " + r for r in read if "raise _Slow" not in r and not r.startswith("_h")]
     key_lines.append(f"    return ({''.join(k + ', ' for k in keys)}), {ptr_list}")
     return "\n".join(lines) + "\n\n" + "\n".join(key_lines) + "\n"
+
+
+def _refuse_absent(name: str, release: str, absent: dict[str, Any]) -> None:
+    """Arguments the bound module's declaration lacks: accepted only at their "off" value (None, False, 0)."""
+    for arg, value in absent.items():
+        if value is None or value is False or (type(value) is int and value == 0):
+            continue
+        raise ValueError(f"{arg}: not supported by the bound module's entry point {name} (FlashInfer "
+                         f"{release or 'release of that module'}); pin a release that has it, or leave it at its "
+                         f"default")
 
 
 def _tensor_object(value: Any, name: str) -> Any:
@@ -619,7 +647,8 @@ def compile_launcher(decl: wire.Declaration, uri: str, check: Check | None = Non
         "_READERS": producers._readers, "_reader": producers.reader, "_tls": launcher_.tls,
         "_slow": launcher_.slow, "_Slow": _Slow, "_BAD": _BAD, "_fail": fail, "_invoke": invoke,
         "_stream": _stream, "_name": launcher_.name, "_result": result, "_scalar": scalar,
-        "_tensor_object": _tensor_object,
+        "_tensor_object": _tensor_object, "_refuse_absent": _refuse_absent, "_release": decl.release,
+        "_DEFAULTS": [p.default for p in decl.params],
     }
     exec(compile(source, f"<fi_ffi launcher {launcher_.name}>", "exec"), namespace)
     launch = namespace["launch"]
@@ -630,16 +659,47 @@ def compile_launcher(decl: wire.Declaration, uri: str, check: Check | None = Non
     return launch  # type: ignore[no-any-return]
 
 
-def launcher(decl: wire.Declaration, uri: str, check: Check | None = None) -> Callable[..., Any]:
-    """The launch function of ``decl`` on ``uri`` (one per declaration, module and check; see compile_launcher)."""
-    key = (decl, uri, check)
+def launcher(decl: wire.Declaration | Sequence[wire.Declaration], uri: str,
+             check: Check | None = None) -> Callable[..., Any]:
+    """The launch function of ``decl`` on module ``uri`` (one per declaration, module and check).
+
+    ``decl`` may be a sequence of declarations of one entry point for several FlashInfer releases: the module
+    is then bound at once and the declaration its own signature matches is used (:func:`select_declaration`).
+    Ops call the result with keyword arguments for parameters only some releases have (their defaults
+    reproduce the older behaviour).
+    """
+    key = (id(decl), uri, check)
     found = _launchers.get(key)
     if found is None:
+        chosen = decl if isinstance(decl, wire.Declaration) else select_declaration(decl, uri)
         with _lock:
             found = _launchers.get(key)
             if found is None:
-                found = _launchers[key] = compile_launcher(decl, uri, check)
+                found = compile_launcher(chosen, uri, check)
+                _launchers[key] = found
+                _pinned.append(decl)  # the id in the key stays valid while the entry exists
     return found
+
+
+def select_declaration(declarations: Sequence[wire.Declaration], uri: str) -> wire.Declaration:
+    """The declaration of ``declarations`` (one entry point, several releases) that module ``uri`` matches.
+
+    Raises:
+        LoaderError: none matches; names the module, the entry point, each declaration and the found signature.
+    """
+    from .kernels import entry_point
+
+    entry = declarations[0].entry
+    found = wire.parse_signature(entry_point(uri, entry).signature_text(), entry)
+    chosen = wire.select(declarations, found)
+    if chosen is None:
+        expected = "\n".join(f"  FlashInfer {d.release or '?'}: {d.signature}" for d in declarations)
+        raise LoaderError(f"module {uri!r}, entry point {entry!r}: its signature matches no declaration of fi_ffi\n"
+                          f"{expected}\n  found: {found.text if found else '(none)'}\nThe module was built from a "
+                          f"FlashInfer release fi_ffi does not declare; pin one it does (fi-ffi list shows each "
+                          f"module's release)")
+    _checked.add((uri, chosen))
+    return chosen
 
 
 # ---- binding with the signature check ------------------------------------------------------------------------
@@ -672,13 +732,16 @@ def bound_entry(uri: str, decl: wire.Declaration) -> Any:
 _lock = threading.Lock()
 _launchers: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _checked: set[tuple[str, wire.Declaration]] = set()
+_pinned: list[Any] = []
 
 
 def _reset() -> None:
     _launchers.clear()
     _checked.clear()
+    _pinned.clear()
 
 
 caches.register("launchers (compiled per declaration, with their frames and images)", _reset)
 
-__all__ = ["Launcher", "PreparedCall", "bound_entry", "check_tensor", "compile_launcher", "launcher", "scalar"]
+__all__ = ["Launcher", "PreparedCall", "bound_entry", "check_tensor", "compile_launcher", "launcher", "scalar",
+           "select_declaration"]

@@ -59,7 +59,7 @@ def rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl:
     Returns:
         ``out``, as passed.
     """
-    _rmsnorm(out, input, weight, eps, enable_pdl, stream)
+    _rmsnorm(out, input, weight, eps, enable_pdl, stream=stream)
     return out
 
 
@@ -73,14 +73,14 @@ def qk_rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_p
         weight: ``[D]``, shared by every head.
         out: ``[B, H, D]``, same dtype and device; may be strided like ``input``.
     """
-    _qk_rmsnorm(out, input, weight, eps, enable_pdl, stream)
+    _qk_rmsnorm(out, input, weight, eps, enable_pdl, stream=stream)
     return out
 
 
 def gemma_rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False,
                   stream: Any = None) -> Any:
     """Gemma RMSNorm: ``out = input / RMS(input) * (1 + weight)``, shapes as :func:`rmsnorm` (2-D only)."""
-    _gemma_rmsnorm(out, input, weight, eps, enable_pdl, stream)
+    _gemma_rmsnorm(out, input, weight, eps, enable_pdl, stream=stream)
     return out
 
 
@@ -93,13 +93,13 @@ def fused_add_rmsnorm(input: Any, residual: Any, weight: Any, *, eps: float = 1e
         residual: ``[B, D]``, overwritten with ``residual + input``.
         weight: ``[D]``.
     """
-    _fused_add_rmsnorm(input, residual, weight, eps, enable_pdl, stream)
+    _fused_add_rmsnorm(input, residual, weight, eps, enable_pdl, stream=stream)
 
 
 def gemma_fused_add_rmsnorm(input: Any, residual: Any, weight: Any, *, eps: float = 1e-6,
                             enable_pdl: bool = False, stream: Any = None) -> None:
     """In place, Gemma form: ``residual += input``, then ``input = residual / RMS(residual) * (1 + weight)``."""
-    _gemma_fused_add_rmsnorm(input, residual, weight, eps, enable_pdl, stream)
+    _gemma_fused_add_rmsnorm(input, residual, weight, eps, enable_pdl, stream=stream)
 
 
 def _rows(rank: int, other: str) -> Callable[[SimpleNamespace], dict[str, int]]:
