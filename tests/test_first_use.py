@@ -51,3 +51,67 @@ def test_no_test_names_a_folder_outside_the_checkout_as_a_fallback() -> None:
         if path.name == Path(__file__).name:  # this file names the pattern it looks for
             continue
         assert "/work/" not in path.read_text(), f"{path.name} hard-codes a folder outside the checkout"
+
+
+# ---- set-up: libcudart without a system CUDA, commands that work from a checkout ---------------------------
+
+
+def test_the_plain_install_brings_libcudart_on_linux() -> None:
+    # `python -m pip install .` (the README's set-up) must give a loadable libcudart.so.13 on a machine without
+    # a CUDA toolkit: the CUDA runtime wheel is a default dependency on Linux, not an extra.
+    deps = pyproject()["project"]["dependencies"]
+    runtime = [d for d in deps if d.replace(" ", "").startswith("nvidia-cuda-runtime")]
+    assert runtime, deps
+    assert ">=13.0,<14" in runtime[0].replace(" ", "") and "sys_platform=='linux'" in runtime[0].replace(" ", "")
+
+
+def test_every_install_hint_names_an_extra_that_exists() -> None:
+    # A hint such as `pip install fi-ffi[cudart]` names a package on no index: nothing a checkout can run.
+    import re
+
+    extras = set(pyproject()["project"]["optional-dependencies"])
+    texts = {p: p.read_text() for p in [REPO / "README.md", *sorted((REPO / "fi_ffi").rglob("*.py"))]}
+    for path, text in texts.items():
+        assert "fi-ffi[" not in text, f"{path} names an extra of the fi-ffi distribution, not installable here"
+        for group in re.findall(r"pip install (?:-e )?'?\.\[([\w,-]+)\]", text):
+            for extra in group.split(","):
+                assert extra in extras, f"{path}: extra {extra!r} is not declared in pyproject.toml"
+
+
+def test_gpu_test_dependencies_are_an_extra() -> None:
+    extras = pyproject()["project"]["optional-dependencies"]
+    assert any(d.startswith("torch") for d in extras["gpu-tests"])
+    imports_torch = [p.name for p in (REPO / "tests").glob("test_gpu_*.py") if "import torch" in p.read_text()]
+    assert imports_torch  # the extra is there for these
+
+
+# ---- packaging ------------------------------------------------------------------------------------------------
+
+
+def test_license_is_the_declared_apache_2_0() -> None:
+    project = pyproject()["project"]
+    assert project["license"] == "Apache-2.0"  # an SPDX expression, not the deprecated table form
+    assert project["license-files"] == ["LICENSE"]
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and len(text.splitlines()) > 190  # the full text
+    build = pyproject()["build-system"]["requires"]
+    assert any(r.replace(" ", "").startswith("setuptools>=") and int(r.split(">=")[1].split(".")[0]) >= 77
+               for r in build), "license expressions need setuptools >= 77"
+    assert "Operating System :: POSIX :: Linux" in project["classifiers"]
+
+
+def test_the_sdist_manifest_carries_what_the_tests_need() -> None:
+    # Without MANIFEST.in the sdist lacked tests/conftest.py (and the examples, benchmarks, tools, LICENSE).
+    from setuptools._distutils.filelist import FileList
+
+    files = FileList()
+    files.allfiles = [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.is_file() and ".git" not in p.parts]
+    for line in (REPO / "MANIFEST.in").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            files.process_template_line(line)
+    shipped = set(files.files)
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    needed = {"LICENSE", "README.md", "wheels.lock", "tests/conftest.py", "tests/attention_reference.py"}
+    needed |= {f for f in tracked if f.split("/")[0] in ("tests", "examples", "benchmarks", "tools")}
+    assert needed <= shipped, sorted(needed - shipped)
