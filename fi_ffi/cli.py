@@ -1,7 +1,9 @@
 """The ``fi-ffi`` command (also ``python -m fi_ffi``).
 
-- ``doctor [--json]``: driver, CUDA runtime, GPUs, glibc, the lock entry that would be used and whether it is
-  cached, the TVM-FFI runtime, the cache path. Exit 0 on any machine.
+- ``doctor [--json]``: driver, CUDA runtime (and a ``FI_FFI_CUDA_VERSION`` override), GPUs and whether the
+  selected kernel wheels cover each one's architecture, glibc, the ``FI_FFI_*`` variables set, the lock (which
+  file each section came from) and where each selected wheel would come from, the TVM-FFI runtime, the cache
+  path. Exit 0 on any machine.
 - ``fetch [--wheel PATH ...] [--all]``: fill the cache from the lock (wheelhouse, download) or from local wheels.
 - ``cache {path,list,verify [--full],clear}``: inspect and repair the cache.
 - ``lock WHEEL... [--kind kernel|runtime]``: print a lock pinning local wheels (for ``FI_FFI_LOCK``).
@@ -9,6 +11,10 @@
   FlashInfer release each comes from.
 - ``smoke [--device N]``: run each op once on the GPU against a reference; without a GPU, say so, print the
   doctor summary and exit 1.
+
+Exit status: 0 success; 1 a check failed (``smoke``, ``cache verify``, ``list`` matching nothing); 2 a usage
+error or an fi_ffi error (message on stderr, no traceback); 130 interrupted; 141 the output's reader closed
+the pipe (``fi-ffi list | head``).
 """
 
 from __future__ import annotations
@@ -17,54 +23,189 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
 
+# Variables the test suite reads (tests/conftest.py); doctor lists them as known, not as typos.
+TEST_VARIABLES = ("FI_FFI_RUN_GPU_TESTS", "FI_FFI_TEST_WHEELS", "FI_FFI_TEST_ALLOW_NETWORK")
+
+
+def active_settings() -> list[dict[str, str]]:
+    """Every ``FI_FFI_*`` environment variable that is set: name, value and a note (``""``, or what is wrong).
+
+    A name fi_ffi does not read is flagged (a typo such as ``FI_FFI_OFLINE`` silently does nothing otherwise).
+    """
+    import os
+
+    from .loader import settings
+
+    known = set(settings.ALL) | set(TEST_VARIABLES)
+    rows = []
+    for name in sorted(n for n in os.environ if n.startswith("FI_FFI_")):
+        note = "" if name in known else "not a variable fi_ffi reads (a typo?)"
+        rows.append({"name": name, "value": os.environ[name], "note": note})
+    return rows
+
 
 def _lock_status() -> dict[str, Any]:
     from . import loader
-    from .loader import cache
 
     status: dict[str, Any] = {"path": None, "error": ""}
     try:
+        lock = loader.active_lock()
         chosen = loader.selection()
     except Exception as exc:
         status["error"] = str(exc)
         return status
     status["path"] = str(chosen.lock_path)
+    # FI_FFI_LOCK replaces the packaged lock section by section: say which file each section came from.
+    status["sections"] = {kind: str(path) for kind, path in lock.sources.items()}
     status["cuda"] = chosen.cuda
     status["cuda_source"] = chosen.cuda_source
     status["reason"] = chosen.reason
     pins = list(chosen.kernels)
     if chosen.runtime is not None and _runtime_status()["source"] == "lock":
         pins.append(chosen.runtime)
-    status["entries"] = [{"filename": pin.filename, "sha256": pin.sha256, "cached": _is_cached(pin, cache),
-                          "kind": pin.kind, "release": pin.release} for pin in pins]
+    status["entries"] = [{"filename": pin.filename, "sha256": pin.sha256, "kind": pin.kind, "release": pin.release,
+                          **wheel_status(pin)} for pin in pins]
+    status["kernel_sm"] = sorted({sm for pin in chosen.kernels for sm in wheel_sm(pin)})
     return status
 
 
-def _is_cached(pin: Any, cache: Any) -> bool:
-    """True if the wheel is in the cache with a verification stamp, or stamped in place in a wheelhouse."""
-    from pathlib import Path
+def _cached_wheel_path(pin: Any) -> Path:
+    from .loader import cache
 
-    from .loader import settings
+    # Where the loader keeps its copy of the wheel: keyed by digest (cache.wheel_path) where the loader has that
+    # function, else by file name under <cache>/wheels.
+    locate = getattr(cache, "wheel_path", None)
+    return Path(locate(pin)) if locate is not None else cache.wheels_dir() / pin.filename
 
-    for folder in [cache.wheels_dir(), *(Path(p) for p in settings.wheelhouses())]:
-        path = folder / pin.filename
-        if path.is_file() and cache.stamped(path, pin.sha256):
-            return True
-    return False
+
+def wheel_status(pin: Any) -> dict[str, Any]:
+    """Where the loader would take ``pin``'s wheel from, in its own order, without hashing or fetching anything.
+
+    ``status``: ``"cached"`` (in the cache), ``"wheelhouse"`` or ``"path"`` (a local copy used in place),
+    ``"download"`` (fetched on first use from ``source``) or ``"missing"`` (no way to get it: ``source`` says
+    why). ``verified``: the local copy's sha256 was already checked (a stamp matches); an unverified copy is
+    hashed on first use. ``cached`` is kept for older readers of ``doctor --json``.
+    """
+    import os
+
+    from .loader import cache, settings
+
+    def found(status: str, path: Path, source: str) -> dict[str, Any]:
+        verified = cache.stamped(path, pin.sha256)
+        return {"status": status, "path": str(path), "source": source, "verified": verified,
+                "cached": status == "cached" and verified}
+
+    cached = _cached_wheel_path(pin)
+    if cached.is_file():
+        return found("cached", cached, "the fi_ffi cache")
+    for folder in settings.wheelhouses():
+        candidate = Path(os.path.expanduser(folder)) / pin.filename
+        if candidate.is_file():
+            return found("wheelhouse", candidate, f"the wheelhouse {folder} (FI_FFI_WHEELHOUSE)")
+    local = pin.local_path
+    if local is not None and local.is_file():
+        return found("path", local, f"the lock's 'path' ({pin.lock_path})")
+    missing: dict[str, Any] = {"status": "missing", "path": "", "verified": False, "cached": False}
+    if settings.offline():
+        return {**missing, "source": "FI_FFI_OFFLINE is set and no local copy exists"}
+    if pin.url:
+        return {**missing, "status": "download", "source": pin.url}
+    if pin.pip:
+        return {**missing, "status": "download", "source": f"pip download {pin.pip}"}
+    return {**missing, "source": f"no local copy, and the lock {pin.lock_path} gives no url or pip requirement"}
+
+
+def _status_text(entry: dict[str, Any]) -> str:
+    status = entry.get("status", "cached" if entry.get("cached") else "missing")
+    checked = "verified" if entry.get("verified") else "sha256 checked on first use"
+    if status == "cached":
+        return f"cached ({checked})"
+    if status in ("wheelhouse", "path"):
+        return f"available ({status}: {entry['path']}; {checked})"
+    if status == "download":
+        return f"not here yet: downloaded on first use from {entry['source']}"
+    return f"missing: {entry.get('source', '')}"
+
+
+def wheel_sm(pin: Any) -> tuple[str, ...]:
+    """The GPU archs ``pin``'s wheel has code for: its ``sm`` list, else the ``smXY`` tags of its version label;
+    ``()`` when neither says (the upstream wheels name none)."""
+    from .loader import lockfile
+
+    if pin.sm:
+        return tuple(pin.sm)
+    try:
+        return lockfile.sm_from_label(lockfile.parse_wheel_filename(pin.filename).local)
+    except Exception:  # a lock entry whose file name is not a wheel name: the lock parser already refused it
+        return ()
+
+
+def _sm_runs_on(sm: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for ``sm`` (``"90a"``, ``"100f"``, ``"80"``) runs on a GPU of ``capability``.
+
+    Arch-specific targets (``a``) run on exactly that compute capability; family (``f``) and plain targets on
+    the same major version at the same or a higher minor (CUDA's binary compatibility).
+    """
+    digits = sm.rstrip("abcdefghijklmnopqrstuvwxyz")
+    if not digits.isdigit() or len(digits) < 2:
+        return False
+    major, minor = int(digits[:-1]), int(digits[-1])
+    if sm.endswith("a"):
+        return capability == (major, minor)
+    return capability[0] == major and capability[1] >= minor
+
+
+def gpu_coverage(gpus: Sequence[Any], kernels: Sequence[Any]) -> list[dict[str, Any]]:
+    """For each GPU (``ordinal``, ``name``, ``capability``), whether the selected kernel wheels have code for it.
+
+    ``covered``: ``True`` / ``False``, or ``None`` when a wheel names no GPU archs (then only running a kernel
+    tells). ``wheels``: the file names that cover it; ``detail``: a sentence for the report.
+    """
+    rows = []
+    for gpu in gpus:
+        major, minor = gpu.capability
+        cc = f"{major}.{minor}"
+        by_wheel = {pin.filename: wheel_sm(pin) for pin in kernels}
+        covering = [name for name, sms in by_wheel.items() if any(_sm_runs_on(s, (major, minor)) for s in sms)]
+        unlabelled = [name for name, sms in by_wheel.items() if not sms]
+        if covering:
+            covered: bool | None = True
+            detail = f"covered by {', '.join(covering)}"
+        elif unlabelled:
+            covered = None
+            detail = (f"not known: {', '.join(unlabelled)} names no GPU archs (no sm list in the lock, no smXY "
+                      f"tag in the file name); `fi-ffi smoke` tells")
+        else:
+            covered = False
+            offered = sorted({s for sms in by_wheel.values() for s in sms}) or ["none"]
+            detail = (f"NOT covered: the selected wheels have code for sm {', '.join(offered)} only; pin a wheel "
+                      f"built for sm {major}{minor} (`fi-ffi lock WHEEL`, then FI_FFI_LOCK)")
+        rows.append({"ordinal": gpu.ordinal, "name": gpu.name, "capability": cc, "covered": covered,
+                     "wheels": covering, "detail": detail})
+    return rows
 
 
 def _runtime_status() -> dict[str, str]:
-    from .loader import libraries
+    import os
+
+    from .loader import libraries, settings
 
     try:
         source, detail = libraries.runtime_plan()
-        return {"source": source, "detail": detail}
     except Exception as exc:
-        return {"source": "error", "detail": str(exc)}
+        return {"source": "error", "detail": str(exc), "problem": str(exc)}
+    problem = ""
+    if source == "env":
+        path = os.path.abspath(os.path.expanduser(detail))
+        if not os.path.isfile(path):
+            problem = (f"{settings.RUNTIME}={detail} is not auto, package or lock, and no file exists at {path}; "
+                       f"set it to the path of a libtvm_ffi.so, or unset it")
+    return {"source": source, "detail": detail, "problem": problem}
 
 
 def doctor_data() -> dict[str, Any]:
@@ -72,10 +213,19 @@ def doctor_data() -> dict[str, Any]:
     from . import loader, system
 
     facts = system.report()
+    lock = _lock_status()
+    kernels = []
+    if not lock.get("error"):
+        try:
+            kernels = list(loader.selection().kernels)
+        except Exception:  # reported in lock["error"] already
+            kernels = []
     return {
         "fi_ffi": __version__,
         "system": facts.as_dict(),
-        "lock": _lock_status(),
+        "settings": active_settings(),
+        "lock": lock,
+        "gpu_coverage": gpu_coverage(facts.gpus, kernels) if kernels else [],
         "tvm_ffi_runtime": _runtime_status(),
         "cache": str(loader.cache_root()),
     }
@@ -87,24 +237,40 @@ def _print_doctor(data: dict[str, Any]) -> None:
     print(f"NVIDIA driver:  {s['driver_version'] or 'not available: ' + s['driver_error']}")
     runtime = f"{s['runtime_version']} ({s['runtime_path']})" if s["runtime_version"] else s["runtime_error"]
     print(f"CUDA runtime:   {runtime}")
+    if s.get("cuda_version_override"):
+        print(f"  override:     FI_FFI_CUDA_VERSION={s['cuda_version_override']} (wheels are selected for this "
+              f"version, not for the library above)")
+    coverage = {row["ordinal"]: row for row in data.get("gpu_coverage", [])}
     if s["gpus"]:
         for g in s["gpus"]:
             major, minor = g["capability"]
             print(f"GPU {g['ordinal']}:          {g['name']}, compute capability {major}.{minor}, "
                   f"{g['memory_bytes'] / 2**30:.0f} GiB")
+            if g["ordinal"] in coverage:
+                print(f"  kernels:      {coverage[g['ordinal']]['detail']}")
     else:
         print(f"GPUs:           none ({s['gpu_error']})")
+    settings_rows = data.get("settings", [])
+    print("Settings:" if settings_rows else "Settings:       no FI_FFI_* variable is set (defaults)")
+    for row in settings_rows:
+        note = f"   <- {row['note']}" if row["note"] else ""
+        print(f"  {row['name']}={row['value']}{note}")
     lock = data["lock"]
     if lock.get("error"):
         print(f"Lock:           {lock['error']}")
     else:
         print(f"Lock:           {lock['path']}")
+        for kind, path in sorted(lock.get("sections", {}).items()):
+            origin = "" if path == lock["path"] else " (the packaged lock: the file above has no such entries)"
+            print(f"  {'[[' + kind + ']]:':14s}{path}{origin}")
         print(f"  selection:    {lock['reason']}")
         for e in lock["entries"]:
             release = f"FlashInfer {e['release'] or '(release not recorded)'}: " if e["kind"] == "kernel" else ""
-            print(f"  {'cached ' if e['cached'] else 'missing'}       {release}{e['filename']}")
+            print(f"  {release}{e['filename']}: {_status_text(e)}")
     rt = data["tvm_ffi_runtime"]
     print(f"TVM-FFI:        {rt['source']}: {rt['detail']}")
+    if rt.get("problem"):
+        print(f"  PROBLEM:      {rt['problem']}")
     print(f"Cache:          {data['cache']}")
 
 
@@ -165,7 +331,11 @@ def cmd_lock(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from .ops import variants
 
-    rows = variants.list_variants(kind=args.kind, dtype=args.dtype, head_dim=args.head_dim)
+    try:
+        rows = variants.list_variants(kind=args.kind, dtype=args.dtype, head_dim=args.head_dim)
+    except (ValueError, TypeError) as exc:  # an argument the parser let through; the text names it
+        print(f"fi-ffi list: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
@@ -189,6 +359,11 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         print(f"fi-ffi smoke needs a CUDA GPU: {why}\n")
         _print_doctor(doctor_data())
         return 1
+    try:
+        smoke.check_ordinal(args.device, gpus)
+    except ValueError as exc:
+        print(f"fi-ffi smoke: {exc}", file=sys.stderr)
+        return 2
     results = smoke.run(args.device)
     for r in results:
         verdict = "PASS" if r.passed else "FAIL"
@@ -197,6 +372,49 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     failed = sum(not r.passed for r in results)
     print(f"{len(results) - failed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+# `fi-ffi list --kind`: the variant kinds (fi_ffi.ops.variants.KINDS; a test keeps the two equal) and families.
+LIST_KINDS = ("single_prefill", "batch_prefill", "single_decode", "batch_decode", "batch_mla", "prefill", "decode",
+              "mla")
+
+# Spellings of `--dtype` beyond fi_ffi.dtypes' names: the "fp" forms common in other tools' flags.
+_DTYPE_ALIASES = {"fp16": "float16", "fp32": "float32", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+
+def _q_dtype(text: str) -> str:
+    """argparse type of ``--dtype``: any name :func:`fi_ffi.dtypes.dtype` accepts, or an ``fp`` alias; returns
+    the canonical name. A bad name is a usage error (exit 2) listing what is accepted."""
+    from . import dtypes
+
+    name = _DTYPE_ALIASES.get(text.strip().lower(), text.strip().lower())
+    try:
+        return dtypes.dtype(name).name
+    except TypeError:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {text!r}: use float16 (f16, fp16), bfloat16 (bf16), float8_e4m3fn (e4m3) or "
+            f"float8_e5m2 (e5m2)"
+        ) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _ordinal(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a CUDA device ordinal (0, 1, ...), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a CUDA device ordinal (0, 1, ...), got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,27 +438,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="where the wheel can be downloaded from")
     p.set_defaults(func=cmd_lock)
     p = sub.add_parser("list", help="attention variants the active lock provides")
-    p.add_argument("--kind", help="single_prefill, batch_prefill, single_decode, batch_decode, batch_mla (or "
-                   "prefill, decode, mla)")
-    p.add_argument("--dtype", help="q/kv dtype, e.g. f16 or bf16")
-    p.add_argument("--head-dim", type=int, help="head dimension")
+    p.add_argument("--kind", choices=LIST_KINDS, metavar="KIND",
+                   help=f"one of {', '.join(LIST_KINDS)} ('prefill'/'decode': single and batch)")
+    p.add_argument("--dtype", type=_q_dtype, metavar="DTYPE",
+                   help="q dtype: float16 (f16, fp16), bfloat16 (bf16), float8_e4m3fn (e4m3), float8_e5m2 (e5m2)")
+    p.add_argument("--head-dim", type=_positive_int, metavar="N", help="head dimension (qk or vo)")
     p.add_argument("--json", action="store_true", help="one object per variant, with every field")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("smoke", help="run each op once on the GPU against a reference")
-    p.add_argument("--device", type=int, default=0, help="CUDA ordinal")
+    p.add_argument("--device", type=_ordinal, default=0, help="CUDA ordinal (0 to the GPU count - 1)")
     p.set_defaults(func=cmd_smoke)
     return parser
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv``; returns the exit status (0 ok, 1 check failed, 2 usage or fi_ffi error).
+
+    Output piped into a reader that stops early (``fi-ffi list | head``) ends the command quietly with status
+    141, as for other Unix tools; Ctrl-C ends it with 130, without a traceback.
+    """
     from .errors import FiFFIError
 
-    args = build_parser().parse_args(argv)
+    command = "fi-ffi"
     try:
-        return int(args.func(args))
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, --version, usage errors: argparse printed and asked to exit
+            sys.stdout.flush()
+            return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+        command = f"fi-ffi {args.command}"
+        status = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return status
     except FiFFIError as exc:
-        print(f"fi-ffi {args.command}: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # a pipe of our own (a download, pip): a real error, not the reader of our output leaving
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reading end is closed."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor to ask: stdout is the pipe we write to
+        return True
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ host time per call (mean over repeated asynchronous calls, measured after a warm
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,8 +239,27 @@ CHECKS: list[Callable[[Device], SmokeResult]] = [
 ]
 
 
+def check_ordinal(ordinal: int, gpus: Sequence[Any]) -> None:
+    """``ValueError`` unless ``ordinal`` names one of ``gpus`` (:func:`fi_ffi.system.gpus`' list)."""
+    if isinstance(ordinal, bool) or not isinstance(ordinal, int):
+        raise ValueError(f"--device: expected a CUDA device ordinal (an int), got {ordinal!r}")
+    ordinals = [g.ordinal for g in gpus]
+    if ordinal not in ordinals:
+        have = f"ordinals {ordinals[0]} to {ordinals[-1]}" if ordinals else "none"
+        raise ValueError(
+            f"--device {ordinal}: no such CUDA device; this machine has {len(ordinals)} visible ({have}; "
+            f"CUDA_VISIBLE_DEVICES narrows them). `fi-ffi doctor` lists them"
+        )
+
+
 def run(ordinal: int = 0) -> list[SmokeResult]:
-    """Run every check on GPU ``ordinal``; a check that raises is reported as failed with the error text."""
+    """Run every check on GPU ``ordinal``; a check that raises is reported as failed with the error text.
+
+    ``ordinal`` is checked against the visible GPUs first (:func:`check_ordinal`: ``ValueError``).
+    """
+    from . import system
+
+    check_ordinal(ordinal, system.gpus()[0])
     dev = Device(ordinal)
     results = []
     try:

@@ -29,7 +29,11 @@ class GPU:
 
 @dataclass(frozen=True)
 class SystemReport:
-    """Facts for a doctor report; the ``*_error`` fields say why a fact is missing."""
+    """Facts for a doctor report; the ``*_error`` fields say why a fact is missing.
+
+    ``runtime_version`` is what the loaded libcudart (``runtime_path``) reports; ``cuda_version_override`` is
+    ``FI_FFI_CUDA_VERSION`` as set (``""`` if unset), which wheel selection uses instead.
+    """
 
     python: str
     arch: str
@@ -39,6 +43,7 @@ class SystemReport:
     runtime_version: str = ""
     runtime_path: str = ""
     runtime_error: str = ""
+    cuda_version_override: str = ""
     gpus: list[GPU] = field(default_factory=list)
     gpu_error: str = ""
 
@@ -56,6 +61,21 @@ def glibc_version() -> str:
 
 def _version_text(code: int) -> str:
     return f"{code // 1000}.{code % 1000 // 10}"
+
+
+def cudart_version(path: str) -> str:
+    """The version the CUDA runtime library at ``path`` reports (``cudaRuntimeGetVersion``), e.g. ``"13.0"``.
+
+    Raises ``OSError`` if the library cannot be opened or does not answer.
+    """
+    import ctypes
+
+    lib = ctypes.CDLL(path)  # already loaded by the loader: the same handle, nothing is mapped twice
+    out = ctypes.c_int()
+    rc = lib.cudaRuntimeGetVersion(ctypes.byref(out))
+    if rc != 0:
+        raise OSError(f"cudaRuntimeGetVersion failed with CUDA error {rc} ({path})")
+    return _version_text(out.value)
 
 
 def gpus() -> tuple[list[GPU], str]:
@@ -91,11 +111,14 @@ def report() -> SystemReport:
             info["driver_error"] = f"cuInit failed ({err.name})"
     except Exception as exc:  # no libcuda.so at all: not an NVIDIA machine
         info["driver_error"] = f"no NVIDIA driver ({type(exc).__name__}: {exc})"
-    try:
-        from .loader import libraries
+    from .loader import libraries, settings
 
-        info["runtime_version"], _source = libraries.cuda_runtime_version()
+    # The library's own answer, also when FI_FFI_CUDA_VERSION overrides it for wheel selection (the override is
+    # reported as such, not next to this library's path).
+    info["cuda_version_override"] = settings.get(settings.CUDA_VERSION)
+    try:
         info["runtime_path"] = libraries.ensure_cudart()
+        info["runtime_version"] = cudart_version(info["runtime_path"])
     except Exception as exc:
         info["runtime_error"] = str(exc)
     info["gpus"], info["gpu_error"] = gpus()

@@ -39,6 +39,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_WHEEL_GLOB = "flashinfer_jit_cache-*.whl"
+SHARED_WHEEL_MISSING = (
+    "needs the shared test kernel wheel flashinfer_jit_cache-*.whl, found neither in $FI_FFI_TEST_WHEELS nor in "
+    "<repo>/../shared/wheels (outside the checkout)"
+)
 
 # Run against the checkout even when fi_ffi is not installed (plain `pytest` puts only tests/ on sys.path).
 if importlib.util.find_spec("fi_ffi") is None:
@@ -53,8 +57,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def find_shared_wheel() -> Path | None:
-    """The shared test kernel wheel: ``$FI_FFI_TEST_WHEELS``, ``<repo>/../shared/wheels`` or ``/work/shared/wheels``."""
-    folders = [os.environ.get("FI_FFI_TEST_WHEELS", ""), str(REPO.parent / "shared" / "wheels"), "/work/shared/wheels"]
+    """The shared test kernel wheel, looked for in ``$FI_FFI_TEST_WHEELS`` then ``<repo>/../shared/wheels``.
+
+    Both lie outside the checkout (the wheel is too big to commit); ``None`` when neither holds one, and every
+    test that needs it then skips saying so (:data:`SHARED_WHEEL_MISSING`).
+    """
+    folders = [os.environ.get("FI_FFI_TEST_WHEELS", ""), str(REPO.parent / "shared" / "wheels")]
     for folder in folders:
         if folder and Path(folder).is_dir():
             found = sorted(Path(folder).glob(SHARED_WHEEL_GLOB))
@@ -108,7 +116,7 @@ def shared_wheel() -> Path:
     """Path of the shared test kernel wheel (21 sm_90a modules); skips the test if it is not present."""
     wheel = find_shared_wheel()
     if wheel is None:
-        pytest.skip("the shared test wheel flashinfer_jit_cache-*.whl is not present (<repo>/../shared/wheels)")
+        pytest.skip(SHARED_WHEEL_MISSING)
     return wheel
 
 

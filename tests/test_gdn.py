@@ -152,7 +152,7 @@ def test_other_architectures_are_refused_before_the_kernel(monkeypatch: pytest.M
 
 
 def test_on_sm90_the_workspace_size_is_checked_then_the_device_is_made_current(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, kernel_modules: object) -> None:
     # Pretend cuda:0 is an H100 (cached answers); making it current then fails for want of a driver.
     monkeypatch.setitem(device._capability, 0, (9, 0))
     monkeypatch.setitem(device._sm_count, 0, 132)

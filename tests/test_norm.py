@@ -132,7 +132,7 @@ def test_eps_must_be_finite_and_positive(eps: object) -> None:
         fi_ffi.rmsnorm(fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128)), eps=eps)  # type: ignore[arg-type]
 
 
-def test_bad_stream_and_bad_tensor_kind_are_named() -> None:
+def test_bad_stream_and_bad_tensor_kind_are_named(kernel_modules: object) -> None:
     x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(TypeError, match="stream"):
         fi_ffi.rmsnorm(x, w, o, stream="default")
@@ -166,7 +166,7 @@ def test_prepared_call_is_checked_once_and_reaches_the_kernel(kernel_modules: ob
     assert_reached_the_kernel(info.value)
 
 
-def test_prepare_checks_arguments_and_the_function() -> None:
+def test_prepare_checks_arguments_and_the_function(kernel_modules: object) -> None:
     x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(ValueError, match="weight: expected shape"):
         fi_ffi.prepare(fi_ffi.rmsnorm, x, fake_cuda((64,)), o)

@@ -221,7 +221,8 @@ def test_unsupported_head_dim(head_dim: int) -> None:
 @pytest.mark.parametrize("dtype,head_dim,max_heads", [("float16", 128, 64), ("float16", 64, 128),
                                                       ("bfloat16", 256, 32), ("float8_e4m3fn", 128, 128),
                                                       ("float16", 512, 32)])
-def test_heads_limited_by_the_kernels_block_size(dtype: str, head_dim: int, max_heads: int) -> None:
+def test_heads_limited_by_the_kernels_block_size(kernel_modules: object, dtype: str, head_dim: int,
+                                                max_heads: int) -> None:
     with pytest.raises(KernelError):  # the largest head count that fits a block reaches the kernel
         page.append_paged_kv_cache(**kv_args(heads=max_heads, head_dim=head_dim, dtype=dtype))
     with pytest.raises(ValueError, match="append_key: too many heads for the kernel"):

@@ -32,11 +32,7 @@ NAME_072 = "flashinfer_jit_cache_072-0.7.2.post1+cu130.sm90a-cp39-abi3-linux_x86
 
 
 def _shared(folder: str, pattern: str) -> list[Path]:
-    for base in (REPO.parent / "shared", Path("/work/shared")):
-        found = sorted((base / folder).glob(pattern))
-        if found:
-            return found
-    return []
+    return sorted((REPO.parent / "shared" / folder).glob(pattern))
 
 
 @pytest.fixture(scope="session")

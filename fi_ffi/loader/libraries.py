@@ -84,8 +84,9 @@ def explain_dlopen_error(path: str, message: str, *, wheel: str = "") -> str:
         )
     if "libcudart.so" in message and "cannot open shared object file" in message:
         return (
-            f"{head}\nThe CUDA runtime library is not loadable. Install it with `pip install nvidia-cuda-runtime` "
-            "(or `pip install fi-ffi[cudart]`), or install a CUDA toolkit of that major version and set CUDA_HOME."
+            f"{head}\nThe CUDA runtime library is not loadable. Install it with `python -m pip install "
+            "nvidia-cuda-runtime` (the CUDA 13 runtime, a dependency of fi-ffi on Linux), or install a CUDA toolkit "
+            "of that major version and set CUDA_HOME."
         )
     m = re.search(r"^(?:.*: )?([^:\s]+\.so[^:\s]*): cannot open shared object file", message)
     if m and os.path.basename(m.group(1)) != os.path.basename(path):
@@ -292,8 +293,9 @@ def _load_cudart() -> str:
         found = pathfinder.load_nvidia_dynamic_lib("cudart")
     except pathfinder.DynamicLibNotFoundError as exc:
         raise LibraryLoadError(
-            f"libcudart (the CUDA runtime) was not found: {exc}\nInstall it with `pip install nvidia-cuda-runtime` "
-            "(or `pip install fi-ffi[cudart]`), or install a CUDA 13 toolkit and set CUDA_HOME."
+            f"libcudart (the CUDA runtime) was not found: {exc}\nInstall it with `python -m pip install "
+            "'nvidia-cuda-runtime>=13.0,<14'` (a dependency of fi-ffi on Linux), or install a CUDA 13 toolkit and "
+            "set CUDA_HOME."
         ) from None
     except Exception as exc:  # pathfinder raises RuntimeError subclasses for unloadable files
         raise LibraryLoadError(f"the CUDA runtime library could not be loaded: {exc}") from None
