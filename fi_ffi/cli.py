@@ -49,8 +49,7 @@ def _is_cached(pin: Any, cache: Any) -> bool:
 
     from .loader import settings
 
-    for folder in [cache.wheels_dir(), *(Path(p) for p in settings.wheelhouses())]:
-        path = folder / pin.filename
+    for path in [cache.wheel_path(pin), *(Path(p) / pin.filename for p in settings.wheelhouses())]:
         if path.is_file() and cache.stamped(path, pin.sha256):
             return True
     return False
@@ -139,14 +138,29 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for entry in loader.list_cache():
             print(f"{entry.kind:9s} {entry.size / 2**20:9.1f} MiB  {entry.path}  {entry.detail}")
     elif args.action == "verify":
-        report = loader.verify_cache(full=args.full)
+        try:
+            report = loader.verify_cache(full=args.full)
+        except OSError as exc:  # verify reports what it finds; this is the cache root itself failing
+            print(f"fi-ffi cache verify: cannot read the cache {loader.cache_root()}: {exc}", file=sys.stderr)
+            return 2
+        kept = dict(report.kept)
         for path, problem in report.bad:
-            print(f"removed {path}: {problem}")
-        print(f"checked {report.checked} files, {len(report.bad)} bad (removed; fetched or extracted again on "
-              f"next use), {report.removed_tmp} stale temporary files removed")
+            print(f"{'kept' if path in kept else 'removed'} {path}: {problem}")
+        for path, why in report.kept:
+            print(f"  left in place: {path}: {why}")
+        action = "found, nothing changed: the cache is read-only" if report.read_only else (
+            "removed; fetched or extracted again on next use")
+        print(f"checked {report.checked} files, {len(report.bad)} bad ({action}), {report.removed_tmp} "
+              f"temporary files of dead processes removed")
         return 0 if report.ok else 1
     elif args.action == "clear":
-        print(f"freed {loader.clear_cache() / 2**20:.1f} MiB")
+        cleared = loader.clear_cache()
+        for path, size in cleared.removed:
+            print(f"removed {path} ({size / 2**20:.1f} MiB)")
+        for path, why in cleared.kept:
+            print(f"kept    {path}: {why}")
+        print(f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
+              f"entries fi_ffi created, kept {len(cleared.kept)}")
     return 0
 
 
