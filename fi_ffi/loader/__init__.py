@@ -141,9 +141,11 @@ def fetch(wheel: str | os.PathLike[str] | None = None, *, all_entries: bool = Fa
 
     ``wheel``: copy that local file into the cache (it must be pinned by the lock, name and sha256).
     Otherwise fetch the wheels this machine selects (kernels, plus the runtime wheel when no installed
-    apache-tvm-ffi provides ``libtvm_ffi.so``); ``all_entries``: every wheel in the lock, all arches.
+    apache-tvm-ffi provides ``libtvm_ffi.so``); ``all_entries``: every wheel in the lock, all arches. A kernel
+    wheel served by an installed distribution (:mod:`fi_ffi.loader.installed`) is not fetched: its folder is
+    returned instead.
     """
-    from . import libraries, lockfile, modules, wheels
+    from . import installed, libraries, lockfile, modules, wheels
 
     lock = lockfile.active_lock()
     if wheel is not None:
@@ -155,7 +157,11 @@ def fetch(wheel: str | os.PathLike[str] | None = None, *, all_entries: bool = Fa
         pins = list(chosen.kernels)
         if chosen.runtime is not None and libraries.runtime_plan()[0] == "lock":
             pins.append(chosen.runtime)
-    return [wheels.ensure_wheel(p) for p in pins]
+    out = []
+    for pin in pins:
+        found = installed.find(pin)
+        out.append(found.root if found is not None else wheels.ensure_wheel(pin))
+    return out
 
 
 def lock_entry(
