@@ -99,7 +99,7 @@ def find(pin: WheelPin) -> Installed | None:
     """The installed distribution to use for kernel pin ``pin``, or ``None`` (see the module docstring)."""
     if pin.kind != "kernel":
         return None
-    key = (settings.snapshot(), pin.filename, pin.sha256, tuple(sys.path))
+    key = (settings.snapshot(), pin.filename, pin.sha256, tuple(sorted(pin.members.items())), tuple(sys.path))
     if key not in _found:
         _found[key] = _find(pin)
     return _found[key]
