@@ -77,10 +77,7 @@ def _lock_status() -> dict[str, Any]:
 def _cached_wheel_path(pin: Any) -> Path:
     from .loader import cache
 
-    # Where the loader keeps its copy of the wheel: keyed by digest (cache.wheel_path) where the loader has that
-    # function, else by file name under <cache>/wheels.
-    locate = getattr(cache, "wheel_path", None)
-    return Path(locate(pin)) if locate is not None else cache.wheels_dir() / pin.filename
+    return Path(cache.wheel_path(pin))  # keyed by digest: two builds with one file name coexist
 
 
 def wheel_status(pin: Any) -> dict[str, Any]:
@@ -307,14 +304,29 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for entry in loader.list_cache():
             print(f"{entry.kind:9s} {entry.size / 2**20:9.1f} MiB  {entry.path}  {entry.detail}")
     elif args.action == "verify":
-        report = loader.verify_cache(full=args.full)
+        try:
+            report = loader.verify_cache(full=args.full)
+        except OSError as exc:  # verify reports what it finds; this is the cache root itself failing
+            print(f"fi-ffi cache verify: cannot read the cache {loader.cache_root()}: {exc}", file=sys.stderr)
+            return 2
+        kept = dict(report.kept)
         for path, problem in report.bad:
-            print(f"removed {path}: {problem}")
-        print(f"checked {report.checked} files, {len(report.bad)} bad (removed; fetched or extracted again on "
-              f"next use), {report.removed_tmp} stale temporary files removed")
+            print(f"{'kept' if path in kept else 'removed'} {path}: {problem}")
+        for path, why in report.kept:
+            print(f"  left in place: {path}: {why}")
+        action = "found, nothing changed: the cache is read-only" if report.read_only else (
+            "removed; fetched or extracted again on next use")
+        print(f"checked {report.checked} files, {len(report.bad)} bad ({action}), {report.removed_tmp} "
+              f"temporary files of dead processes removed")
         return 0 if report.ok else 1
     elif args.action == "clear":
-        print(f"freed {loader.clear_cache() / 2**20:.1f} MiB")
+        cleared = loader.clear_cache()
+        for path, size in cleared.removed:
+            print(f"removed {path} ({size / 2**20:.1f} MiB)")
+        for path, why in cleared.kept:
+            print(f"kept    {path}: {why}")
+        print(f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
+              f"entries fi_ffi created, kept {len(cleared.kept)}")
     return 0
 
 

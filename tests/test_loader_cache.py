@@ -186,20 +186,24 @@ def test_verify_cache_cheap_and_full(shared_wheel_env: WheelEnv, monkeypatch: py
     assert not norm.exists()
     full = loader.verify_cache(full=True)
     assert [p.name for p, _ in full.bad] == ["page.so"] and "sha256" in full.bad[0][1]
-    assert full.checked == 1 and not page.exists()
+    assert full.checked == 3 and not page.exists()  # the listing, page.so and the stamped wheelhouse wheel
     assert loader.module_path("page").stat().st_size == st.st_size
     assert loader.verify_cache(full=True).ok
 
 
-def test_verify_cache_judges_cached_wheels_by_stamp_then_by_the_lock(synthetic: Path) -> None:
-    folder = cache.make_dir(cache.cache_root() / "wheels")
-    good = folder / synthetic.name
+def test_verify_cache_judges_cached_wheels_by_their_digest_key_and_keeps_what_is_not_fis(synthetic: Path) -> None:
+    pin = loader.active_lock().kernels[0]
+    good = cache.wheel_path(pin)
+    cache.make_dir(good.parent)
     shutil.copy(synthetic, good)  # put there by hand: no stamp yet
-    junk = folder / "junk-1.0-py3-none-any.whl"
+    wrong = cache.make_dir(good.parent.parent / ("0" * 16)) / synthetic.name  # another digest's folder
+    shutil.copy(synthetic, wrong)
+    junk = good.parent.parent / "junk-1.0-py3-none-any.whl"  # not in fi_ffi's layout
     junk.write_bytes(b"junk")
     report = loader.verify_cache()
-    assert [p.name for p, _ in report.bad] == [junk.name] and "not pinned" in report.bad[0][1]
-    assert not junk.exists() and cache.stamped(good, loader.active_lock().kernels[0].sha256)
+    assert [p for p, _ in report.bad] == [wrong] and "does not start with 0000000000000000" in report.bad[0][1]
+    assert not wrong.exists() and cache.stamped(good, pin.sha256)
+    assert junk.read_bytes() == b"junk" and any(p == junk and "not created by fi_ffi" in w for p, w in report.kept)
     st = good.stat()
     with open(good, "r+b") as f:
         f.seek(100)
@@ -207,7 +211,7 @@ def test_verify_cache_judges_cached_wheels_by_stamp_then_by_the_lock(synthetic: 
     os.utime(good, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert loader.verify_cache().ok  # the cheap check trusts the stamp
     full = loader.verify_cache(full=True)
-    assert [p.name for p, _ in full.bad] == [good.name] and not good.exists()
+    assert [p for p, _ in full.bad] == [good] and not good.exists()
 
 
 def test_list_and_clear_cache(synthetic: Path) -> None:
@@ -217,10 +221,12 @@ def test_list_and_clear_cache(synthetic: Path) -> None:
     assert entries["wheel"].path.name == synthetic.name and entries["wheel"].detail == "verified"
     assert entries["extracted"].size == 5000 and "1 files from tiny-1.0" in entries["extracted"].detail
     root = cache.cache_root()
-    freed = loader.clear_cache()
-    assert freed >= synthetic.stat().st_size + 5000
-    assert not root.exists() and loader.list_cache() == []
-    assert loader.clear_cache() == 0
+    report = loader.clear_cache()
+    assert report.freed >= synthetic.stat().st_size + 5000 and report.kept == ()
+    extracted = cache.extracted_dir(loader.active_lock().kernels[0].sha256)
+    assert {p.name for p, _ in report.removed} >= {synthetic.name, extracted.name}
+    assert root.is_dir() and list(root.iterdir()) == [] and loader.list_cache() == []
+    assert loader.clear_cache().removed == ()
 
 
 # --------------------------------------------------------------------------------------- concurrency

@@ -48,6 +48,12 @@ def no_temp_files(root: Path) -> bool:
     return not [p for p in root.rglob("*") if cache.TMP_MARK in p.name] if root.exists() else True
 
 
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries pause 10 ms, not 1-8 s (the retry logic itself is what runs)."""
+    monkeypatch.setattr(wheels, "BACKOFF_S", 0.01)
+
+
 @pytest.fixture
 def online(monkeypatch: pytest.MonkeyPatch, fresh_cache: Path) -> Path:
     """Network allowed (the local server only), a fresh cache, no wheelhouse."""
@@ -63,10 +69,10 @@ def test_download_lands_verified_in_the_cache_and_is_reused(online: Path, http_s
     url = http_server.add("/dl/a.whl", PAYLOAD)
     pin = pin_for(url, size=len(PAYLOAD))
     path = wheels.ensure_wheel(pin)
-    assert path == online / "wheels" / NAME
+    assert path == online / "wheels" / SHA[:16] / NAME
     assert path.read_bytes() == PAYLOAD
     assert cache.stamped(path, SHA)
-    assert cache_files(online) == [f"wheels/{NAME}"] and no_temp_files(online)
+    assert cache_files(online) == [f"wheels/{SHA[:16]}/{NAME}"] and no_temp_files(online)
     http_server.stop()
     assert wheels.ensure_wheel(pin) == path  # from the cache: no request, no error
     assert http_server.hits == ["/dl/a.whl"]
@@ -161,7 +167,7 @@ def test_offline_module_lookup_then_fetch_wheel_makes_it_work(
         loader.module_path("norm")
     assert shared_wheel.name in str(info.value)
     copied = loader.fetch(shared_wheel)
-    assert copied == [fresh_cache / "wheels" / shared_wheel.name]
+    assert copied == [fresh_cache / "wheels" / pin.sha256[:16] / shared_wheel.name]
     assert cache.stamped(copied[0], pin.sha256)
     assert loader.module_path("norm").name == "norm.so"
     assert loader.fetch() == copied  # the selected wheel is there already
@@ -257,9 +263,9 @@ def test_pip_download_fetches_verifies_and_caches_the_runtime_wheel(
     monkeypatch.setenv("PIP_FIND_LINKS", str(links))
     pin = pip_pin(tvm_ffi_runtime_wheel, "apache-tvm-ffi==0.1.15.post2")
     path = wheels.ensure_wheel(pin)
-    assert path == online / "wheels" / tvm_ffi_runtime_wheel.name
+    assert path == online / "wheels" / pin.sha256[:16] / tvm_ffi_runtime_wheel.name
     assert path.read_bytes() == tvm_ffi_runtime_wheel.read_bytes()
-    assert cache_files(online) == [f"wheels/{tvm_ffi_runtime_wheel.name}"] and no_temp_files(online)
+    assert cache_files(online) == [f"wheels/{pin.sha256[:16]}/{tvm_ffi_runtime_wheel.name}"] and no_temp_files(online)
     missing = replace(
         pip_pin(tvm_ffi_runtime_wheel, "apache-tvm-ffi==0.1.99"),
         sha256="d" * 64,

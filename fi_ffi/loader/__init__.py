@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from .cache import CacheEntry, VerifyReport
     from .libraries import RuntimeInfo
     from .lockfile import Kind, Lock, Selection, WheelPin
+    from .maintenance import CacheEntry, ClearReport, VerifyReport
 
 __all__ = [
     "CacheEntry",
+    "ClearReport",
     "Lock",
     "RuntimeInfo",
     "Selection",
@@ -57,8 +58,9 @@ __all__ = [
 ]
 
 _LAZY_TYPES = {
-    "CacheEntry": "cache",
-    "VerifyReport": "cache",
+    "CacheEntry": "maintenance",
+    "ClearReport": "maintenance",
+    "VerifyReport": "maintenance",
     "RuntimeInfo": "libraries",
     "Lock": "lockfile",
     "Selection": "lockfile",
@@ -164,9 +166,11 @@ def fetch(wheel: str | os.PathLike[str] | None = None, *, all_entries: bool = Fa
 
     ``wheel``: copy that local file into the cache (it must be pinned by the lock, name and sha256).
     Otherwise fetch the wheels this machine selects (kernels, plus the runtime wheel when no installed
-    apache-tvm-ffi provides ``libtvm_ffi.so``); ``all_entries``: every wheel in the lock, all arches.
+    apache-tvm-ffi provides ``libtvm_ffi.so``); ``all_entries``: every wheel in the lock, all arches. A kernel
+    wheel served by an installed distribution (:mod:`fi_ffi.loader.installed`) is not fetched: its folder is
+    returned instead.
     """
-    from . import libraries, lockfile, modules, wheels
+    from . import installed, libraries, lockfile, modules, wheels
 
     lock = lockfile.active_lock()
     if wheel is not None:
@@ -178,7 +182,11 @@ def fetch(wheel: str | os.PathLike[str] | None = None, *, all_entries: bool = Fa
         pins = list(chosen.kernels)
         if chosen.runtime is not None and libraries.runtime_plan()[0] == "lock":
             pins.append(chosen.runtime)
-    return [wheels.ensure_wheel(p) for p in pins]
+    out = []
+    for pin in pins:
+        found = installed.find(pin)
+        out.append(found.root if found is not None else wheels.ensure_wheel(pin))
+    return out
 
 
 def lock_entry(
@@ -226,21 +234,22 @@ def cache_root() -> Path:
 
 
 def verify_cache(full: bool = False) -> VerifyReport:
-    """Check cached wheels and extracted files (``full``: re-hash them); damaged ones are removed."""
-    from .cache import verify_cache as impl
+    """Check cached wheels, listings and extracted files (``full``: re-hash them, and stamped wheelhouse files);
+    damaged files fi_ffi wrote are removed, everything found is reported. Never raises for what it finds."""
+    from .maintenance import verify_cache as impl
 
     return impl(full)
 
 
-def clear_cache() -> int:
-    """Delete the cache folder; returns the bytes freed."""
-    from .cache import clear_cache as impl
+def clear_cache() -> ClearReport:
+    """Remove what fi_ffi created in the cache (and nothing else); the report lists what went and what stayed."""
+    from .maintenance import clear_cache as impl
 
     return impl()
 
 
 def list_cache() -> list[CacheEntry]:
-    """Wheels, extracted folders and wheelhouse stamps in the cache."""
-    from .cache import list_cache as impl
+    """Wheels, extracted folders, wheelhouse stamps and anything else (``"other"``) in the cache."""
+    from .maintenance import list_cache as impl
 
     return impl()

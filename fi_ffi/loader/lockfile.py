@@ -223,6 +223,11 @@ def read_lock(path: Path) -> Lock:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise LockError(f"cannot read the wheel lock {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise LockError(
+            f"the wheel lock {path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start : exc.start + 1]!r}); "
+            "a lock is a TOML file: save it as UTF-8, or regenerate it with `fi-ffi lock WHEEL...`"
+        ) from None
     return parse_lock(text, Path(path))
 
 

