@@ -40,12 +40,30 @@ def main() -> None:
                    lambda: rmsnorm(xd, wd, od, stream=stream), n=args.n, sync=sync)
     report.measure("fi_ffi.rmsnorm, torch tensors", lambda: rmsnorm(x, w, out), n=args.n, sync=sync)
     report.measure("fi_ffi.prepare(fi_ffi.rmsnorm, ...)()", fi_ffi.prepare(rmsnorm, xd, wd, od), n=args.n, sync=sync)
+    ptr = x.data_ptr()
+    report.measure("fi_ffi.Tensor.from_pointer(ptr, (1, 128), 'float16', 0)",
+                   lambda: fi_ffi.Tensor.from_pointer(ptr, (1, 128), "float16", 0), n=args.n)
+    report.measure("descriptor.rebind(ptr)", lambda: xd.rebind(ptr), n=args.n)
+    report.measure("fi_ffi.as_tensor(torch tensor)", lambda: fi_ffi.as_tensor(x), n=args.n)
+    try:
+        import cupy
+
+        xc, wc = cupy.asarray(x), cupy.asarray(w)
+        oc = cupy.empty_like(xc)
+        report.measure("fi_ffi.rmsnorm, CuPy arrays", lambda: rmsnorm(xc, wc, oc), n=args.n, sync=sync)
+        report.measure("fi_ffi.as_tensor(CuPy array)", lambda: fi_ffi.as_tensor(xc), n=args.n)
+    except Exception as exc:
+        xc = None
+        print(f"CuPy unavailable: {exc}")
     try:
         import tvm_ffi
 
         f = tvm_ffi.load_module(str(loader.module_path("norm"))).rmsnorm
         report.measure("tvm_ffi Cython module.rmsnorm(out, x, w, eps, pdl)", lambda: f(out, x, w, 1e-6, False),
                        n=args.n, sync=sync)
+        if xc is not None:
+            report.measure("tvm_ffi Cython module.rmsnorm, CuPy arrays", lambda: f(oc, xc, wc, 1e-6, False),
+                           n=args.n, sync=sync)
     except Exception as exc:
         print(f"tvm_ffi peer unavailable: {exc}")
     try:
@@ -62,6 +80,7 @@ def main() -> None:
         ("fi_ffi.rmsnorm, torch tensors", "tvm_ffi Cython module.rmsnorm(out, x, w, eps, pdl)"),
         ("fi_ffi.prepare(fi_ffi.rmsnorm, ...)()", "tvm_ffi Cython module.rmsnorm(out, x, w, eps, pdl)"),
         ("fi_ffi.rmsnorm, prepared descriptors", "flashinfer.norm.rmsnorm(x, w, eps, out=out)"),
+        ("fi_ffi.rmsnorm, CuPy arrays", "tvm_ffi Cython module.rmsnorm, CuPy arrays"),
     ]
     report.print(ratios)
     if args.json:

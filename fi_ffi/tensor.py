@@ -13,6 +13,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from . import caches
 from . import dtypes as _dt
 from .dtypes import Device, DType
 
@@ -101,35 +102,19 @@ class Tensor:
         """See :meth:`from_pointer`."""
         if data_ptr.__class__ is not int or not 0 <= data_ptr < _PTR_END:
             _check_pointer(data_ptr)
-        shape_t = shape if shape.__class__ is tuple and _small_ints(shape) else _sizes("shape", shape)
-        if len(shape_t) > _MAX_NDIM:
-            raise ValueError(f"shape: at most {_MAX_NDIM} dimensions, got {len(shape_t)}")
-        if strides is None:
-            strides_t = _CONTIGUOUS.get(shape_t) or _remember_contiguous(shape_t)
-        else:
-            strides_t = strides if strides.__class__ is tuple and _small_ints(strides) else _sizes("strides",
-                                                                                                    strides)
-            if len(strides_t) != len(shape_t):
-                raise ValueError(f"strides: expected {len(shape_t)} entries to match shape {shape_t}, "
-                                 f"got {strides_t}")
-        dt = _DTYPES.get(dtype) if dtype.__class__ is str or dtype.__class__ is DType else None
-        if dt is None:
-            try:
-                dt = _dt.dtype(dtype)
-            except TypeError as exc:
-                raise TypeError(f"dtype: {exc}") from None
-        dev = _DEVICES.get(device) if device.__class__ is int else None
-        if dev is None:
-            dev = _device(device)
+        parsed = None
+        if shape.__class__ is tuple and strides is None:
+            for v in shape:  # the cache below compares by value: only plain ints may use it (1.0 == 1)
+                if v.__class__ is not int:
+                    break
+            else:
+                parsed = _PARSED.get((shape, dtype, device))
+        if parsed is None:
+            parsed = _parse(shape, dtype, device, strides)
         self.data_ptr = data_ptr
-        self.shape = shape_t
-        self.strides = strides_t
-        self.dtype = dt
-        self.device = dev
-        self.ndim = len(shape_t)
+        self.shape, self.strides, self.dtype, self.device, self.ndim, self._lid = parsed
         self.owner = owner
         self._block = None
-        self._lid = layout_id(shape_t, strides_t, dt, dev)
 
     @classmethod
     def from_pointer(
@@ -229,6 +214,39 @@ class Tensor:
                 f"dtype={self.dtype.name}, device={self.device})")
 
 
+def _parse(shape: Any, dtype: Any, device: Any, strides: Any) -> tuple[Any, ...]:
+    """Validate a descriptor's layout arguments: (shape, strides, dtype, device, ndim, layout id)."""
+    shape_t = shape if shape.__class__ is tuple and _small_ints(shape) else _sizes("shape", shape)
+    if len(shape_t) > _MAX_NDIM:
+        raise ValueError(f"shape: at most {_MAX_NDIM} dimensions, got {len(shape_t)}")
+    if strides is None:
+        strides_t = _CONTIGUOUS.get(shape_t) or _remember_contiguous(shape_t)
+    else:
+        strides_t = strides if strides.__class__ is tuple and _small_ints(strides) else _sizes("strides", strides)
+        if len(strides_t) != len(shape_t):
+            raise ValueError(f"strides: expected {len(shape_t)} entries to match shape {shape_t}, got {strides_t}")
+    dt = _DTYPES.get(dtype) if dtype.__class__ is str or dtype.__class__ is DType else None
+    if dt is None:
+        try:
+            dt = _dt.dtype(dtype)
+        except TypeError as exc:
+            raise TypeError(f"dtype: {exc}") from None
+    dev = _DEVICES.get(device) if device.__class__ is int else None
+    if dev is None:
+        dev = _device(device)
+    parsed = (shape_t, strides_t, dt, dev, len(shape_t), layout_id(shape_t, strides_t, dt, dev))
+    if strides is None and shape.__class__ is tuple and (dtype.__class__ is str or dtype.__class__ is DType) \
+            and (device.__class__ is int or device.__class__ is str):
+        if len(_PARSED) >= 4096:
+            _PARSED.clear()
+        _PARSED[(shape, dtype, device)] = parsed
+    return parsed
+
+
+_PARSED: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+caches.register("descriptor layouts (parsed arguments, layout ids, row-major strides)", lambda: clear_layouts())
+
+
 # ---- interned layouts ----------------------------------------------------------------------------------------
 
 _layout_ids: dict[tuple[Any, ...], int] = {}
@@ -251,6 +269,8 @@ def layout_id(shape: tuple[int, ...], strides: tuple[int, ...], dtype: DType, de
 def clear_layouts() -> None:
     """Forget the interned layouts (descriptors made later get new ids; see :mod:`fi_ffi.caches`)."""
     _layout_ids.clear()
+    _PARSED.clear()
+    _CONTIGUOUS.clear()
 
 
 def _small_ints(values: tuple[Any, ...]) -> bool:

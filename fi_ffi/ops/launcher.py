@@ -274,7 +274,7 @@ class PreparedCall:
             if f.call(f.this, f.args, f.nargs, f.result):
                 fail(self._launcher.name, f)
         else:
-            invoke(self._launcher.name, f, self.device_id, self.stream)
+            call_on(self._launcher.name, f, self.device_id, self.stream)
 
     def __repr__(self) -> str:
         from ..abi.call import describe_frame
@@ -464,15 +464,37 @@ def _write_pointers(f: Frame, decl: wire.Declaration, record_of: dict[int, int],
 # ---- calling -----------------------------------------------------------------------------------------------------
 
 _set_stream: Any = None
+_get_stream: Any = None
 
 
-def invoke(name: str, f: Frame, device_id: int, stream: int) -> None:
+def invoke(name: str, f: Frame, entry: tuple[Any, ...], stream: Any) -> None:
+    """Call on ``stream`` (None: the framework's current stream of the first tensor, ``entry[3]``).
+
+    The stream is set as TVM-FFI's current stream of the call's device only when it differs from it (one FFI
+    call to compare instead of two to set and restore), and restored afterwards, also on error.
+    """
+    device_id = entry[2]
+    if stream is None:
+        handle = entry[3](device_id)
+    elif stream.__class__ is int and 0 <= stream < _PTR_END:
+        handle = stream
+    else:
+        handle = _stream(stream)
+    call_on(name, f, device_id, handle)
+
+
+def call_on(name: str, f: Frame, device_id: int, stream: int) -> None:
     """Call with ``stream`` as TVM-FFI's current stream of ``device_id`` (restored afterwards, also on error)."""
-    global _set_stream
+    global _set_stream, _get_stream
     if _set_stream is None:
         from ..abi.runtime import api
 
         _set_stream = api().TVMFFIEnvSetStream
+        _get_stream = api().TVMFFIEnvGetStream
+    if _get_stream(CUDA, device_id) == stream:
+        if f.call(f.this, f.args, f.nargs, f.result):
+            fail(name, f)
+        return
     out = f.stream_out
     if _set_stream(CUDA, device_id, stream, out) != 0:
         raise take_raised("TVMFFIEnvSetStream", (str(device_id), hex(stream)))
@@ -512,7 +534,7 @@ def _arg_names(decl: wire.Declaration) -> list[str]:
     return [p.name + "_" if keyword.iskeyword(p.name) else p.name for p in decl.params]
 
 
-def _source(decl: wire.Declaration, record_of: dict[int, int]) -> str:
+def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bool = False) -> str:
     """Python source of the launch function and of the key function for ``decl``.
 
     The launch function takes the parameters by name (required ones positional-or-keyword in wire order,
@@ -533,12 +555,14 @@ def _source(decl: wire.Declaration, record_of: dict[int, int]) -> str:
     for i, (p, a) in enumerate(zip(params, names, strict=True)):
         kind = p.wire
         if kind in wire.TENSOR_TYPES or kind in wire.OBJECT_TENSOR_TYPES:
+            # descriptors inline (no call); other producers through their reader
             get = f"(_READERS.get({a}.__class__) or _reader({a}.__class__))({a}, stream)"
             if kind in wire.OPTIONAL_TYPES:
                 read.append(f"if {a} is None: _k{i} = None; _p{i} = {_ABSENT}")
-                read.append(f"else: _k{i}, _p{i} = {get}")
+                read.append(f"elif {a}.__class__ is _Tensor: _k{i} = {a}._lid; _p{i} = {a}.data_ptr")
             else:
-                read.append(f"_k{i}, _p{i} = {get}")
+                read.append(f"if {a}.__class__ is _Tensor: _k{i} = {a}._lid; _p{i} = {a}.data_ptr")
+            read.append(f"else: _k{i}, _p{i} = {get}")
             keys.append(f"_k{i}")
             if kind in wire.TENSOR_TYPES:
                 j = record_of[i]
@@ -573,11 +597,12 @@ def _source(decl: wire.Declaration, record_of: dict[int, int]) -> str:
     required = [a for p, a in zip(params, names, strict=True) if p.default is wire.REQUIRED]
     optional = [f"{a}=_DEFAULTS[{i}]" for i, (p, a) in enumerate(zip(params, names, strict=True))
                 if p.default is not wire.REQUIRED]
-    signature = ", ".join([*required, "*", *optional, "stream=None", "context=None", "**_absent"])
-    lines = [f"def launch({signature}):",
-             "    if _absent: _refuse_absent(_name, _release, _absent)",
-             "    try:",
-             "        _f = _tls.frame"]
+    absent = ["**_absent"] if accept_absent else []
+    signature = ", ".join([*required, "*", *optional, "stream=None", "context=None", *absent])
+    lines = [f"def launch({signature}):"]
+    if accept_absent:
+        lines.append("    if _absent: _refuse_absent(_name, _release, _absent)")
+    lines += ["    try:", "        _f = _tls.frame"]
     lines += ["        " + r for r in read]
     lines += [f"        _e = _f.cache[{key_tuple}]"]
     if ptrs:
@@ -597,13 +622,9 @@ def _source(decl: wire.Declaration, record_of: dict[int, int]) -> str:
         a = names[i]
         lines.append(f"    _o{i} = None if {a} is None else _tensor_object({a}, {params[i].name!r})")
         lines.append(f"    if _o{i} is not None: _q[{2 * i + 1}] = _o{i}.handle")
-    call = ["if stream is None:",
-            "    _src = _e[3]",
-            "    if _src is None:",
-            "        if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
-            "    else: _invoke(_name, _f, _e[2], _src(_e[2]))",
-            f"elif stream.__class__ is int and 0 <= stream < {_PTR_END}: _invoke(_name, _f, _e[2], stream)",
-            "else: _invoke(_name, _f, _e[2], _stream(stream))"]
+    call = ["if stream is None and _e[3] is None:",
+            "    if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
+            "else: _invoke(_name, _f, _e, stream)"]
     if objects:
         lines.append("    try:")
         lines += ["        " + c for c in call]
@@ -639,12 +660,17 @@ def _tensor_object(value: Any, name: str) -> Any:
     return tensor_object(as_tensor(value, name=name))
 
 
-def compile_launcher(decl: wire.Declaration, uri: str, check: Check | None = None) -> Callable[..., Any]:
-    """Generate the launch function of ``decl`` on module ``uri`` (see the module docstring)."""
+def compile_launcher(decl: wire.Declaration, uri: str, check: Check | None = None,
+                     accept_absent: bool = False) -> Callable[..., Any]:
+    """Generate the launch function of ``decl`` on module ``uri`` (see the module docstring).
+
+    ``accept_absent``: the launch function also takes (as ``**kwargs``) arguments of other releases'
+    declarations of the entry point, refusing them unless they are at their "off" value.
+    """
     launcher_ = Launcher(decl, uri, check)
-    source = _source(decl, launcher_.record_of)
+    source = _source(decl, launcher_.record_of, accept_absent)
     namespace: dict[str, Any] = {
-        "_READERS": producers._readers, "_reader": producers.reader, "_tls": launcher_.tls,
+        "_READERS": producers._readers, "_reader": producers.reader, "_tls": launcher_.tls, "_Tensor": Tensor,
         "_slow": launcher_.slow, "_Slow": _Slow, "_BAD": _BAD, "_fail": fail, "_invoke": invoke,
         "_stream": _stream, "_name": launcher_.name, "_result": result, "_scalar": scalar,
         "_tensor_object": _tensor_object, "_refuse_absent": _refuse_absent, "_release": decl.release,
@@ -675,7 +701,7 @@ def launcher(decl: wire.Declaration | Sequence[wire.Declaration], uri: str,
         with _lock:
             found = _launchers.get(key)
             if found is None:
-                found = compile_launcher(chosen, uri, check)
+                found = compile_launcher(chosen, uri, check, accept_absent=chosen is not decl)
                 _launchers[key] = found
                 _pinned.append(decl)  # the id in the key stays valid while the entry exists
     return found
