@@ -9,13 +9,15 @@ device's properties and refuses them; we decode that refusal into UnsupportedDev
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fi_ffi
-from fi_ffi.errors import KernelError, UnsupportedDeviceError
+from fi_ffi.errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
 from fi_ffi.ops import device, gdn
 from fi_ffi.ops.kernels import entry_point
 from fi_ffi.tensor import Tensor
@@ -27,6 +29,7 @@ SIGNATURE = ("gdn_prefill(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: DLTensor*
              "6: Optional<DLTensor*>, 7: Optional<DLTensor*>, 8: Optional<DLTensor*>, 9: float, 10: DLTensor*) "
              "-> void")
 D = 128
+REPO = Path(__file__).resolve().parent.parent
 
 
 def fake_cuda(shape: tuple[int, ...], dtype: str = "float16", strides: tuple[int, ...] | None = None,
@@ -296,3 +299,113 @@ def test_head_layout_rule_matches_the_kernels(hq: int, hk: int, hv: int) -> None
     with pytest.raises(TypeError if valid else ValueError, match="cu_seqlens: expected dtype int64" if valid
                        else "k, v: with"):
         call_unchecked(args)
+
+
+# ---- the launcher: remembered by layout, any producer, pointers checked on every call ----
+
+
+class HostCAI:
+    """A CUDA-array-interface producer over host memory (taken as cuda:0 on a machine without a driver);
+    unhashable, like CuPy arrays."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, shape: tuple[int, ...], typestr: str) -> None:
+        self.host = np.zeros(256, dtype=np.uint8)
+        ptr = (self.host.ctypes.data + 63) // 64 * 64
+        self.__cuda_array_interface__ = dict(shape=shape, typestr=typestr, data=(ptr, False), strides=None,
+                                             version=3)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+def test_unhashable_producers_reach_the_launcher(kernel_modules: object) -> None:
+    args = dict(q=HostCAI((10, 2, D), "<f2"), k=HostCAI((10, 2, D), "<f2"), v=HostCAI((10, 4, D), "<f2"),
+                cu_seqlens=HostCAI((3,), "<i8"), output=HostCAI((10, 4, D), "<f2"),
+                output_state=HostCAI((2, 4, D, D), "<f4"), workspace=HostCAI((132 * 128,), "|u1"))
+    with pytest.raises((KernelError, UnsupportedDeviceError)) as info:
+        call_unchecked(args, alpha=HostCAI((10, 4), "<f4"))
+    kerr = assert_reached_the_launcher(info.value)
+    assert kerr.arguments[7] == "DLTensor*(float32[10, 4] cuda:0)"
+
+
+def test_new_buffers_of_a_seen_layout_stay_on_the_fast_path(kernel_modules: object) -> None:
+    launcher = gdn._launch.launcher
+    shared = gdn_args(s=37, n=3)
+    with pytest.raises((KernelError, UnsupportedDeviceError)):
+        call_unchecked(shared)
+    before = launcher.slow_calls
+    for _ in range(8):  # other outputs and states at every call, same layouts (a layer loop)
+        args = {**shared, "output": fake_cuda((37, 4, D)), "output_state": fake_cuda((3, 4, D, D), "float32")}
+        with pytest.raises((KernelError, UnsupportedDeviceError)) as info:
+            call_unchecked(args, scale=0.5)
+        assert_reached_the_launcher(info.value)
+    assert launcher.slow_calls == before + 1  # only the first call with scale=0.5 (a new scalar) was validated
+
+
+@pytest.mark.parametrize("name,dtype,shape,offset,align", [
+    ("cu_seqlens", "int64", (3,), 4, 8),
+    ("alpha", "float32", (10, 4), 2, 4),
+    ("beta", "float32", (10, 4), 1, 4),
+    ("input_state", "float32", (2, 4, D, D), 8, 16),
+    ("output_state", "float32", (2, 4, D, D), 4, 16),
+    ("workspace", "uint8", (132 * 128,), 32, 64),
+])
+def test_misaligned_pointers_are_refused(kernel_modules: object, name: str, dtype: str, shape: tuple[int, ...],
+                                         offset: int, align: int) -> None:
+    good = fake_cuda(shape, dtype)
+    bad = Tensor.from_pointer(good.data_ptr + offset, shape, dtype, 0, owner=good)
+    args = gdn_args()
+
+    def call(t: Tensor) -> None:
+        if name in ("alpha", "beta", "input_state"):
+            call_unchecked(args, **{name: t})
+        else:
+            call_unchecked({**args, name: t})
+
+    with pytest.raises((KernelError, UnsupportedDeviceError)):  # the aligned layout passes and is remembered
+        call(good)
+    with pytest.raises(ValueError, match=rf"{name}: data pointer 0x[0-9a-f]+ must be "
+                                         rf"(aligned to {align} bytes|{align}-byte aligned)"):
+        call(bad)
+
+
+@pytest.mark.parametrize("device_id,exc", [(2**70, ValueError), (2**31, ValueError), (-1, ValueError),
+                                           (1.0, TypeError), ("0", TypeError), (True, TypeError)])
+def test_bad_device_ordinals_are_named(device_id: object, exc: type) -> None:
+    with pytest.raises(exc, match="device_id"):
+        gdn.gdn_workspace_size(device_id)  # type: ignore[arg-type]
+    for query in (device.sm_count, device.compute_capability, device.set_device, device.make_current):
+        with pytest.raises(exc, match="device_id"):
+            query(device_id)  # type: ignore[arg-type]
+
+
+def test_bad_streams_are_named_before_the_kernel() -> None:
+    for stream in ("default", 1.5, -1, 2**64):
+        with pytest.raises((TypeError, ValueError), match="stream"):
+            call_unchecked(gdn_args(), stream=stream)
+
+
+def test_a_lock_without_the_gdn_module_says_which_releases_have_it(kernel_modules: object, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only FlashInfer 0.7.2 pinned: it no longer ships gdn_prefill_sm90.
+    from fi_ffi import loader
+    from fi_ffi.ops import kernels
+    from fi_ffi.ops.launcher import compile_launcher
+
+    found = sorted((REPO.parent / "shared" / "wheels-072").glob("flashinfer_jit_cache_072-*.whl"))
+    if not found:
+        pytest.skip("the 0.7.2 test wheel is not present (<repo>/../shared/wheels-072)")
+    lock = tmp_path / "072-only.lock"
+    lock.write_text(loader.dump_lock([loader.lock_entry(found[0])]))
+    monkeypatch.setenv("FI_FFI_LOCK", str(lock))
+    monkeypatch.setenv("FI_FFI_WHEELHOUSE", str(found[0].parent))
+    monkeypatch.setenv("FI_FFI_CUDA_VERSION", "13.0")
+    monkeypatch.setattr(kernels, "_bound", {})  # nothing bound under the test wheels' lock
+    monkeypatch.setattr(gdn, "_launch", compile_launcher(gdn.GDN_PREFILL, gdn._URI, gdn._check))
+    with pytest.raises(KernelNotFoundError) as info:
+        call_unchecked(gdn_args())
+    text = str(info.value)
+    assert "gdn_prefill_sm90" in text
+    assert "FlashInfer <= 0.6.13" in text and "pin a 0.6.x jit-cache wheel" in text

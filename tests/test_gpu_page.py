@@ -266,6 +266,94 @@ def test_append_with_raw_cuda_python_allocations() -> None:
             rt.cudaFree(ptr)
 
 
+LAYERS = 32
+
+
+def test_a_layer_loop_with_torch_tensors_per_call_is_bit_exact_and_validated_once() -> None:
+    # A decode step as a runtime issues it: another cache (same layout) and fresh tokens at each of 32 layers,
+    # torch tensors passed per call. 3 heads and page size 8: a layout no other test uses, so the loop's
+    # first layer is the only call validated from scratch.
+    b = make_batch(seed=31, page_size=8, batch=3, max_before=20, max_append=9)
+    heads, d, dtype = 3, 128, torch.float16
+    shape = (b.num_pages, b.page_size, heads, d)
+    caches = [(random_of(shape, dtype), random_of(shape, dtype)) for _ in range(LAYERS)]
+    expect = [(bits(k), bits(v)) for k, v in caches]
+    idx = b.device_indices()
+    pages, slots = b.slots()
+    launcher = page._append.launcher
+    before = launcher.slow_calls
+    for layer, (k_cache, v_cache) in enumerate(caches):
+        key, value = random_of((b.nnz, heads, d), dtype), random_of((b.nnz, heads, d), dtype)
+        page.append_paged_kv_cache(key, value, idx["batch_indices"], idx["positions"], k_cache, v_cache,
+                                   idx["kv_indices"], idx["kv_indptr"], idx["kv_last_page_len"])
+        expect[layer][0][pages, slots] = bits(key)
+        expect[layer][1][pages, slots] = bits(value)
+    torch.cuda.synchronize()
+    assert launcher.slow_calls - before == 1
+    for layer, (k_cache, v_cache) in enumerate(caches):
+        np.testing.assert_array_equal(bits(k_cache), expect[layer][0], err_msg=f"k_cache of layer {layer}")
+        np.testing.assert_array_equal(bits(v_cache), expect[layer][1], err_msg=f"v_cache of layer {layer}")
+    # an empty append (an idle step) checks its arguments, launches nothing and changes nothing
+    empty = torch.empty((0, heads, d), dtype=dtype, device="cuda")
+    none = torch.empty(0, dtype=torch.int32, device="cuda")
+    with pytest.raises(TypeError, match="stream"):
+        page.append_paged_kv_cache(empty, empty, none, none, *caches[0], idx["kv_indices"], idx["kv_indptr"],
+                                   idx["kv_last_page_len"], stream="default")
+    page.append_paged_kv_cache(empty, empty, none, none, *caches[0], idx["kv_indices"], idx["kv_indptr"],
+                               idx["kv_last_page_len"])
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(bits(caches[0][0]), expect[0][0])
+
+
+def test_a_layer_loop_with_cupy_arrays_per_call_is_bit_exact() -> None:
+    cupy = pytest.importorskip("cupy")
+    b = make_batch(seed=37, page_size=16, batch=4, max_before=40, max_append=12)
+    heads, d = 2, 256
+    rng = np.random.default_rng(37)
+    shape = (b.num_pages, b.page_size, heads, d)
+    host = [(rng.standard_normal(shape).astype(np.float16), rng.standard_normal(shape).astype(np.float16))
+            for _ in range(LAYERS)]
+    caches = [(cupy.asarray(k), cupy.asarray(v)) for k, v in host]
+    idx = {name: cupy.asarray(np.ascontiguousarray(getattr(b, name), dtype=np.int32))
+           for name in ("batch_indices", "positions", "kv_indices", "kv_indptr", "kv_last_page_len")}
+    pages, slots = b.slots()
+    for layer, (k_cache, v_cache) in enumerate(caches):
+        key = rng.standard_normal((b.nnz, heads, d)).astype(np.float16)
+        value = rng.standard_normal((b.nnz, heads, d)).astype(np.float16)
+        page.append_paged_kv_cache(cupy.asarray(key), cupy.asarray(value), idx["batch_indices"], idx["positions"],
+                                   k_cache, v_cache, idx["kv_indices"], idx["kv_indptr"], idx["kv_last_page_len"])
+        host[layer][0][pages, slots] = key  # the expected caches: a copy, so exact
+        host[layer][1][pages, slots] = value
+    cupy.cuda.get_current_stream().synchronize()  # the appends ran on CuPy's current stream (stream=None)
+    for layer, (k_cache, v_cache) in enumerate(caches):
+        np.testing.assert_array_equal(cupy.asnumpy(k_cache).view(np.uint16), host[layer][0].view(np.uint16),
+                                      err_msg=f"k_cache of layer {layer}")
+        np.testing.assert_array_equal(cupy.asnumpy(v_cache).view(np.uint16), host[layer][1].view(np.uint16),
+                                      err_msg=f"v_cache of layer {layer}")
+
+
+def test_mla_append_with_cupy_arrays() -> None:
+    cupy = pytest.importorskip("cupy")
+    b = make_batch(seed=41, page_size=16, batch=3, max_before=30, max_append=10)
+    rng = np.random.default_rng(41)
+    ckv_host = rng.standard_normal((b.num_pages, b.page_size, 512)).astype(np.float16)
+    kpe_host = rng.standard_normal((b.num_pages, b.page_size, 64)).astype(np.float16)
+    ckv_cache, kpe_cache = cupy.asarray(ckv_host), cupy.asarray(kpe_host)
+    ckv = rng.standard_normal((b.nnz, 512)).astype(np.float16)
+    kpe = rng.standard_normal((b.nnz, 64)).astype(np.float16)
+    idx = {name: cupy.asarray(np.ascontiguousarray(getattr(b, name), dtype=np.int32))
+           for name in ("batch_indices", "positions", "kv_indices", "kv_indptr", "kv_last_page_len")}
+    page.append_paged_mla_kv_cache(cupy.asarray(ckv), cupy.asarray(kpe), idx["batch_indices"], idx["positions"],
+                                   ckv_cache, kpe_cache, idx["kv_indices"], idx["kv_indptr"],
+                                   idx["kv_last_page_len"])
+    cupy.cuda.get_current_stream().synchronize()
+    pages, slots = b.slots()
+    ckv_host[pages, slots] = ckv
+    kpe_host[pages, slots] = kpe
+    np.testing.assert_array_equal(cupy.asnumpy(ckv_cache).view(np.uint16), ckv_host.view(np.uint16))
+    np.testing.assert_array_equal(cupy.asnumpy(kpe_cache).view(np.uint16), kpe_host.view(np.uint16))
+
+
 def test_host_helper_rejects_device_tensors_it_cannot_read() -> None:
     with pytest.raises(TypeError, match="append_indptr: expected a host array"):
         page.get_batch_indices_positions(torch.tensor([0, 1], device="cuda"), [1])

@@ -8,6 +8,8 @@ packing matches the real signature. Invalid arguments must be rejected by our ch
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -270,7 +272,7 @@ def test_bad_stream_and_missing_tensor_are_named() -> None:
         (dict(kpe_cache=fake_cuda((6, 16, 64), "float16")), TypeError, r"kpe_cache: expected dtype bfloat16"),
         (dict(kpe_cache=fake_cuda((6, 16, 64), "bfloat16", device="cpu")), ValueError,
          r"kpe_cache: expected a tensor on cuda:0"),
-        (dict(kpe_cache=fake_cuda((6, 16, 64), "bfloat16", strides=(1024, 64, 2))), ValueError,
+        (dict(kpe_cache=fake_cuda((6, 16, 64), "bfloat16", strides=(2048, 128, 2))), ValueError,
          r"kpe_cache: the last dimension must be contiguous"),
         (dict(append_ckv=fake_cuda((5, 512), "bfloat16", strides=(513, 1))), ValueError,
          r"append_ckv: stride of dimension 0 must be a multiple of 2"),
@@ -362,13 +364,14 @@ def test_batch_indices_positions_write_into_given_arrays() -> None:
         ([0, 2], [2, 2], None, {}, ValueError, r"seq_lens: expected shape \(1,\)"),
         ([0, 3], [2], None, {}, ValueError, r"seq_lens: request 0 appends 3 tokens but seq_lens\[0\] = 2"),
         ([0, 3], [3], 4, {}, ValueError, r"nnz: expected append_indptr\[-1\] = 3, got 4"),
-        ([0, 3], [3.0], None, {}, TypeError, r"seq_lens: expected an integer array"),
+        ([0, 3], [3.0], None, {}, TypeError, r"seq_lens: expected integers, got seq_lens\[0\] = 3.0"),
+        ([0, 3], np.array([3.0]), None, {}, TypeError, r"seq_lens: expected an integer array"),
         ([[0, 3]], [3], None, {}, ValueError, r"append_indptr: expected a 1-D array"),
         ([0, 3], [3], None, dict(positions=np.zeros(3, np.int64)), TypeError, r"positions: expected dtype int32"),
         ([0, 3], [3], None, dict(batch_indices=np.zeros(4, np.int32)), ValueError,
          r"batch_indices: expected shape \(3,\)"),
         ([0, 3], [3], None, dict(batch_indices=[0, 0, 0]), TypeError, r"batch_indices: expected an int32 numpy"),
-        ([0, 3], [2**31], None, {}, ValueError, r"seq_lens: positions must fit in int32"),
+        ([0, 3], [2**31], None, {}, ValueError, r"seq_lens: values must fit in int32 .*seq_lens\[0\] = 2147483648"),
     ],
 )
 def test_batch_indices_positions_rejects_bad_input(indptr: list, seq: list, nnz: int | None, kw: dict, exc: type,
@@ -434,3 +437,188 @@ def test_helpers_work_together_for_a_decode_step() -> None:
     bi, pos = page.get_batch_indices_positions([0, 1, 2, 3], page.get_seq_lens(indptr, last, page_size))
     assert pos.tolist() == seq_before.tolist()
     page.check_append_positions(bi, pos, np.arange(indptr[-1]), indptr, last, page_size, num_pages=int(indptr[-1]))
+
+
+# ---- the launcher: a cache per layer stays on the fast path, any producer, nothing escapes ----
+
+
+class HostCAI:
+    """A CUDA-array-interface producer over host memory (on a machine without a driver its pointer is taken as
+    cuda:0). Unhashable, like CuPy arrays: the launcher must key it by its layout, not by the object."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, shape: tuple[int, ...], typestr: str = "<f2", offset: int = 0) -> None:
+        self.host = np.zeros(64, dtype=np.uint8)
+        ptr = (self.host.ctypes.data + 15) // 16 * 16 + offset
+        self.__cuda_array_interface__ = dict(shape=shape, typestr=typestr, data=(ptr, False), strides=None,
+                                             version=3)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+def cai_args(nnz: int, num_pages: int, heads: int = 4, head_dim: int = 128) -> dict[str, object]:
+    """``kv_args`` with every tensor a HostCAI (float16 tokens and caches, int32 indices)."""
+    cache = (num_pages, 16, heads, head_dim)
+    return dict(append_key=HostCAI((nnz, heads, head_dim)), append_value=HostCAI((nnz, heads, head_dim)),
+                batch_indices=HostCAI((nnz,), "<i4"), positions=HostCAI((nnz,), "<i4"), k_cache=HostCAI(cache),
+                v_cache=HostCAI(cache), kv_indices=HostCAI((num_pages,), "<i4"), kv_indptr=HostCAI((3,), "<i4"),
+                kv_last_page_len=HostCAI((2,), "<i4"))
+
+
+@pytest.mark.parametrize("producer", ["descriptors", "cuda_array_interface"])
+def test_a_32_layer_loop_with_a_cache_per_layer_stays_on_the_fast_path(kernel_modules: object,
+                                                                        producer: str) -> None:
+    # A decode step as a runtime issues it: the same token layout, another (same-layout) cache at every layer.
+    # A layout no other test uses, so the first layer is the only one validated from scratch.
+    num_pages = 41 if producer == "descriptors" else 43
+    make = (lambda: kv_args(nnz=3, heads=4, num_pages=num_pages)) if producer == "descriptors" else \
+        (lambda: cai_args(nnz=3, num_pages=num_pages))
+    shared = make()
+    layers = [make() for _ in range(32)]
+    launcher = page._append.launcher
+    before = launcher.slow_calls
+    for step in range(2):
+        for i, layer in enumerate(layers):
+            args = {**shared, "k_cache": layer["k_cache"], "v_cache": layer["v_cache"]}
+            with pytest.raises(KernelError) as info:
+                page.append_paged_kv_cache(**args)
+            assert_reached_the_kernel(info.value)
+            assert f"float16[{num_pages}, 16, 4, 128] cuda:0" in info.value.arguments[4]
+            # the kernel was handed this layer's caches, not those the layout was first validated with
+            assert packed_data_ptr(launcher, 4) == data_ptr(layer["k_cache"])
+            assert packed_data_ptr(launcher, 5) == data_ptr(layer["v_cache"])
+            assert launcher.slow_calls - before == 1, f"step {step}, layer {i} took the slow path"
+
+
+def data_ptr(t: object) -> int:
+    return t.data_ptr if isinstance(t, Tensor) else t.__cuda_array_interface__["data"][0]  # type: ignore
+
+
+def packed_data_ptr(launcher: object, i: int) -> int:
+    """The data pointer of the DLTensor the last call on this thread passed as argument ``i``."""
+    from fi_ffi.abi.cdefs import get_ffi
+
+    frame = launcher.tls.frame  # type: ignore[attr-defined]
+    _type_index, _pad, raw = struct.unpack_from("<iIq", frame.buf, 16 * i)  # TVMFFIAny: 16 bytes per slot
+    return int(get_ffi().cast("uintptr_t", get_ffi().cast("DLTensor*", raw).data))
+
+
+def test_unhashable_producers_reach_the_kernel(kernel_modules: object) -> None:
+    with pytest.raises(KernelError) as info:
+        page.append_paged_kv_cache(**cai_args(nnz=2, num_pages=5))
+    assert_reached_the_kernel(info.value)
+    assert "float16[2, 4, 128] cuda:0" in ", ".join(info.value.arguments)
+
+
+def test_empty_append_still_checks_the_stream_and_every_argument(kernel_modules: object) -> None:
+    with pytest.raises(TypeError, match="stream"):
+        page.append_paged_kv_cache(**kv_args(nnz=0), stream="default")
+    with pytest.raises((TypeError, ValueError), match="stream"):
+        page.append_paged_kv_cache(**kv_args(nnz=0), stream=-1)
+    with pytest.raises(TypeError, match="stream"):
+        page.append_paged_mla_kv_cache(**mla_args(nnz=0), stream=1.5)
+    with pytest.raises(TypeError, match="positions: expected dtype int32"):
+        page.append_paged_kv_cache(**kv_args(nnz=0, positions=fake_cuda((0,), "int64")))
+    with pytest.raises(ValueError, match=r"k_cache: expected head_dim"):
+        page.append_paged_kv_cache(**kv_args(nnz=0, head_dim=96))
+    with pytest.raises(ValueError, match=r"kv_indptr: expected shape \(3,\)"):
+        page.append_paged_mla_kv_cache(**mla_args(nnz=0, kv_indptr=fake_cuda((4,), "int32")))
+    with pytest.raises(TypeError, match="kv_indices: expected a tensor, got None"):
+        page.append_paged_kv_cache(**kv_args(nnz=0, kv_indices=None))
+    assert page.append_paged_kv_cache(**kv_args(nnz=0), stream=7) is None  # valid: nothing launched
+
+
+@pytest.mark.parametrize("name,dtype,offset", [("batch_indices", "int32", 2), ("positions", "int32", 1),
+                                               ("kv_indices", "int32", 2), ("kv_indptr", "int32", 3),
+                                               ("kv_last_page_len", "int32", 2)])
+def test_misaligned_index_pointers_are_refused(kernel_modules: object, name: str, dtype: str, offset: int) -> None:
+    args = kv_args()
+    good = args[name]
+    bad = Tensor.from_pointer(good.data_ptr + offset, good.shape, dtype, 0, owner=good)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=rf"{name}: data pointer 0x[0-9a-f]+ must be aligned to 4 bytes"):
+        page.append_paged_kv_cache(**{**args, name: bad})
+    with pytest.raises(KernelError):  # the same layout at an aligned address is fine (and now remembered)
+        page.append_paged_kv_cache(**args)
+    with pytest.raises(ValueError, match=rf"{name}: data pointer .* must be aligned to 4 bytes"):
+        page.append_paged_kv_cache(**{**args, name: bad})  # the remembered layout does not hide it
+    margs = mla_args()
+    with pytest.raises(ValueError, match=rf"{name}: data pointer .* must be aligned to 4 bytes"):
+        page.append_paged_mla_kv_cache(**{**margs, name: Tensor.from_pointer(
+            margs[name].data_ptr + offset, margs[name].shape, dtype, 0)})  # type: ignore[attr-defined]
+
+
+def test_a_misaligned_cache_after_an_aligned_one_is_refused(kernel_modules: object) -> None:
+    args = kv_args(num_pages=53)
+    with pytest.raises(KernelError):
+        page.append_paged_kv_cache(**args)
+    kc = args["k_cache"]
+    shifted = Tensor.from_pointer(kc.data_ptr + 8, kc.shape, "float16", 0)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"k_cache: data pointer .* must be aligned to 16 bytes"):
+        page.append_paged_kv_cache(**{**args, "k_cache": shifted, "v_cache": shifted})
+
+
+def test_big_endian_producers_are_refused_by_name() -> None:
+    with pytest.raises(TypeError, match="batch_indices"):
+        page.append_paged_kv_cache(**kv_args(batch_indices=HostCAI((5,), ">i4")))
+
+
+# ---- host helpers: bad values are named, never parsed, truncated or wrapped ----
+
+
+@pytest.mark.parametrize(
+    "value,exc,pattern",
+    [
+        ([0, 2**63], ValueError, r"kv_indptr: values must fit in int32 .*kv_indptr\[1\] = 9223372036854775808"),
+        ([0, 2**70], ValueError, r"kv_indptr: values must fit in int32 .*kv_indptr\[1\] = 1180591620717411303424"),
+        ([0, -(2**63) - 1], ValueError, r"kv_indptr: values must fit in int32"),
+        (np.array([0, 2**64 - 1], np.uint64), ValueError, r"kv_indptr: values must fit .*18446744073709551615"),
+        ([0, np.uint64(2**63)], ValueError, r"kv_indptr: values must fit in int32"),
+        ([0, 2**31], ValueError, r"kv_indptr: values must fit in int32"),
+        ([0, "1"], TypeError, r"kv_indptr: expected integers, got kv_indptr\[1\] = '1' \(str\)"),
+        (["0", "1"], TypeError, r"kv_indptr: expected integers, got kv_indptr\[0\] = '0'"),
+        ("01", TypeError, r"kv_indptr: expected a 1-D integer array, got str"),
+        ([0, 1.0], TypeError, r"kv_indptr: expected integers, got kv_indptr\[1\] = 1.0 \(float\)"),
+        ([0, 1.5], TypeError, r"kv_indptr: expected integers"),
+        ([0, True], TypeError, r"kv_indptr: expected integers, got kv_indptr\[1\] = True"),
+        ([0, None], TypeError, r"kv_indptr: expected integers, got kv_indptr\[1\] = None"),
+        ([[0, 1]], ValueError, r"kv_indptr: expected a 1-D array"),
+        (np.array([0.0, 1.0]), TypeError, r"kv_indptr: expected an integer array, got dtype float64"),
+    ],
+)
+def test_host_index_values_are_checked_not_converted(value: object, exc: type, pattern: str) -> None:
+    with pytest.raises(exc, match=pattern):
+        page.get_seq_lens(value, [1], 16)
+
+
+def test_host_helpers_take_big_endian_and_numpy_integer_inputs() -> None:
+    indptr = np.array([0, 1, 1, 4], dtype=">i4")
+    last = np.array([5, 7, 16], dtype=">i8")
+    assert page.get_seq_lens(indptr, last, 16).tolist() == [5, 0, 48]
+    assert page.get_seq_lens([np.int64(0), np.int32(1)], (np.uint8(5),), 16).tolist() == [5]
+    bi, pos = page.get_batch_indices_positions(np.array([0, 1, 3], ">u2"), np.array([5, 5], ">i4"))
+    assert bi.tolist() == [0, 1, 1] and pos.tolist() == [4, 3, 4]
+    with pytest.raises(TypeError, match="positions: expected dtype int32"):
+        page.get_batch_indices_positions([0, 1], [1], positions=np.zeros(1, ">i4"))
+
+
+@pytest.mark.parametrize("page_size", [2**70, 2**63, 2**31])
+def test_huge_page_sizes_are_named(page_size: int) -> None:
+    with pytest.raises(ValueError, match=r"page_size: expected an int < 2\*\*31"):
+        page.get_seq_lens([0, 1], [1], page_size)
+    with pytest.raises(ValueError, match=r"page_size: expected an int < 2\*\*31"):
+        page.check_append_positions([0], [0], [0], [0, 1], [1], page_size)
+    with pytest.raises(TypeError, match="page_size: expected an int"):
+        page.get_seq_lens([0, 1], [1], 16.0)  # type: ignore[arg-type]
+
+
+def test_huge_num_pages_is_named() -> None:
+    with pytest.raises(ValueError, match=r"num_pages: expected an int < 2\*\*31"):
+        page.check_append_positions([0], [0], [0], [0, 1], [1], 16, num_pages=2**70)
+
+
+def test_seq_lens_larger_than_int32_are_refused() -> None:
+    # 2**30 pages of 16 tokens: the product overflows int32 (the kernels' sequence length type)
+    with pytest.raises(ValueError, match="seq_lens: values do not fit in int32"):
+        page.get_seq_lens([0, 2**30], [16], 16)

@@ -50,6 +50,15 @@ def _fail(rt: Any, err: Any, what: str) -> UnsupportedDeviceError:
     return UnsupportedDeviceError(f"{what} failed with {name}")
 
 
+def _ordinal(device_id: Any) -> int:
+    """``device_id`` as a CUDA device ordinal (a C int >= 0), else TypeError/ValueError naming it."""
+    if isinstance(device_id, bool) or not isinstance(device_id, int):
+        raise TypeError(f"device_id: expected an int, got {type(device_id).__name__}")
+    if not 0 <= device_id < 1 << 31:
+        raise ValueError(f"device_id: expected a CUDA device ordinal in [0, 2**31), got {device_id}")
+    return device_id
+
+
 def current_device() -> int:
     """The ordinal of this thread's current CUDA device (``cudaGetDevice``)."""
     rt = _runtime()
@@ -61,6 +70,7 @@ def current_device() -> int:
 
 def set_device(device_id: int) -> None:
     """Make ``device_id`` this thread's current CUDA device (``cudaSetDevice``)."""
+    device_id = _ordinal(device_id)
     rt = _runtime()
     (err,) = rt.cudaSetDevice(device_id)
     if err:
@@ -72,6 +82,7 @@ def make_current(device_id: int) -> int:
 
     -1 means nothing was changed (the cheap, common case: one ``cudaGetDevice`` and no set).
     """
+    device_id = _ordinal(device_id)
     rt = _runtime()
     err, previous = rt.cudaGetDevice()
     if err:
@@ -99,6 +110,7 @@ def _attribute(rt: Any, device_id: int, attr: Any, what: str) -> int:
 
 def compute_capability(device_id: int) -> tuple[int, int]:
     """``(major, minor)`` of CUDA device ``device_id``, e.g. ``(9, 0)`` for H100/H200; cached per device."""
+    device_id = _ordinal(device_id)
     cc = _capability.get(device_id)
     if cc is None:
         rt = _runtime()
@@ -111,6 +123,7 @@ def compute_capability(device_id: int) -> tuple[int, int]:
 
 def sm_count(device_id: int) -> int:
     """Number of streaming multiprocessors of CUDA device ``device_id``; cached per device."""
+    device_id = _ordinal(device_id)
     n = _sm_count.get(device_id)
     if n is None:
         rt = _runtime()

@@ -29,19 +29,18 @@ restoring the previous one after. All calls are asynchronous on ``stream`` and n
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
-from ..abi.call import EntryPoint, Signature
-from ..abi.objects import DLTENSOR_PTR, FLOAT, NONE
+from ..abi.wire import FLOAT, declare, optional_tensor, tensor
 from ..dtypes import bfloat16, float16, float32, int64, uint8
-from ..errors import KernelError, UnsupportedDeviceError
-from ..streams import stream_handle
+from ..errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
 from ..tensor import Tensor
 from . import checks, device
-from .kernels import entry_point
+from .launcher import launcher
+from .variants import not_shipped
 
 _URI = "gdn_prefill_sm90"
-_T, _F, _N = DLTENSOR_PTR, FLOAT, NONE
 _DTYPES = (float16, bfloat16)
 HEAD_DIM = 128
 """The only head dimension the kernel supports (its tile and state layout are fixed at 128)."""
@@ -50,12 +49,17 @@ WORKSPACE_BYTES_PER_SM = 128
 _WORKSPACE_ALIGN = 64  # TMA descriptors in global memory must be 64-byte aligned
 _TMA_ALIGN = 16  # TMA and vectorized state copies need 16-byte aligned bases
 _REFUSED = ("does not support this device major version", "sm_90a is not enabled")
+_DEVICE_END = 1 << 31  # CUDA device ordinals are C ints
 
-_SIG = Signature("gdn_prefill", [
-    ("output", "tensor"), ("output_state", "tensor"), ("q", "tensor"), ("k", "tensor"), ("v", "tensor"),
-    ("cu_seqlens", "tensor"), ("input_state", "tensor?"), ("alpha", "tensor?"), ("beta", "tensor?"),
-    ("scale", "float"), ("workspace_buffer", "tensor"),
-]).pack
+# FlashInfer's C++ names, except ``workspace`` (``workspace_buffer`` there), the public name.
+GDN_PREFILL = declare("gdn_prefill", [
+    tensor("output", output=True), tensor("output_state", output=True), tensor("q"), tensor("k"), tensor("v"),
+    tensor("cu_seqlens"), optional_tensor("input_state"), optional_tensor("alpha"), optional_tensor("beta"),
+    ("scale", FLOAT),  # 0.0: the kernel's default 1 / sqrt(head_dim)
+    tensor("workspace", output=True),
+])
+# (module URI pattern, declaration), checked against the modules by tests/test_declarations.py
+DECLARATIONS = ((_URI, GDN_PREFILL),)
 
 __all__ = ["HEAD_DIM", "WORKSPACE_BYTES_PER_SM", "gdn_prefill", "gdn_workspace_size"]
 
@@ -63,9 +67,12 @@ __all__ = ["HEAD_DIM", "WORKSPACE_BYTES_PER_SM", "gdn_prefill", "gdn_workspace_s
 def gdn_workspace_size(device_id: int = 0) -> int:
     """Bytes of workspace :func:`gdn_prefill` needs on CUDA device ``device_id``: ``sm_count * 128``.
 
-    Raises :class:`~fi_ffi.errors.UnsupportedDeviceError` if the device cannot be queried (no GPU or driver).
+    Raises :class:`~fi_ffi.errors.UnsupportedDeviceError` if the device cannot be queried (no GPU or driver),
+    ``TypeError``/``ValueError`` naming ``device_id`` if it is not an int in ``[0, 2**31)``.
     """
     device_id = checks.integer("device_id", device_id, 0)
+    if device_id >= _DEVICE_END:
+        raise ValueError(f"device_id: expected a CUDA device ordinal < 2**31, got {device_id}")
     return device.sm_count(device_id) * WORKSPACE_BYTES_PER_SM
 
 
@@ -76,7 +83,8 @@ def gdn_prefill(q: Any, k: Any, v: Any, cu_seqlens: Any, output: Any, output_sta
 
     Shapes: ``S`` packed tokens, ``N`` sequences, ``Hq``/``Hk``/``Hv`` heads (GQA or GVA, see the module
     docstring), ``Hs = max(Hq, Hv)``, ``d = 128``. Every tensor is on the same CUDA device (an SM90 GPU) and
-    contiguous.
+    contiguous. Tensors are :class:`~fi_ffi.tensor.Tensor` descriptors or any producer (torch, CuPy, JAX,
+    DLPack, CUDA array interface).
 
     Args:
         q: ``[S, Hq, d]`` float16 or bfloat16.
@@ -97,27 +105,19 @@ def gdn_prefill(q: Any, k: Any, v: Any, cu_seqlens: Any, output: Any, output_sta
             exponentiated); None means ones (no decay).
         beta: optional float32 ``[S, Hs]`` per-token update strength; None means ones.
         scale: query scale, finite and > 0; None means ``1 / sqrt(d)``.
-        stream: where the kernel runs; ``None`` means TVM-FFI's current stream for ``q``'s device.
+        stream: where the kernel runs; ``None`` follows ``output``'s framework (torch's or CuPy's current
+            stream), or TVM-FFI's current stream of the device for descriptors.
 
     Returns:
         ``(output, output_state)``, as passed.
 
     Raises:
         UnsupportedDeviceError: ``q``'s device is not SM90, or no CUDA device is available.
+        KernelNotFoundError: the pinned wheels have no ``gdn_prefill_sm90`` module; says which releases do.
     """
     _gdn_prefill(q, k, v, cu_seqlens, output, output_state, workspace, input_state, alpha, beta, scale, stream,
                  False)
     return output, output_state
-
-
-# The last validated argument set and its packed argument slots (result slot None); the bound entry point.
-_memo: list[tuple[tuple[Any, ...], bytes]] = [((), b"")]
-_bound: list[EntryPoint | None] = [None]
-
-
-def _bind() -> EntryPoint:
-    ep = _bound[0] = entry_point(_URI, "gdn_prefill")
-    return ep
 
 
 def _gdn_prefill(q: Any, k: Any, v: Any, cu_seqlens: Any, output: Any, output_state: Any, workspace: Any,
@@ -126,60 +126,57 @@ def _gdn_prefill(q: Any, k: Any, v: Any, cu_seqlens: Any, output: Any, output_st
 
     Internal: ``skip_arch_check=True`` exists only for the CPU tests, which must reach the kernel module's own
     argument checks on a machine without a GPU. It skips the compute-capability check, the workspace-size
-    check and making ``q``'s device current (all three need a CUDA driver). Never use it elsewhere.
+    check (both in :func:`_check`, told by the launch's ``context``) and making ``q``'s device current (all
+    three need a CUDA driver). Never use it elsewhere.
     """
-    qt = q if type(q) is Tensor else checks.tensor("q", q)
-    kt = k if type(k) is Tensor else checks.tensor("k", k)
-    vt = v if type(v) is Tensor else checks.tensor("v", v)
-    cu = cu_seqlens if type(cu_seqlens) is Tensor else checks.tensor("cu_seqlens", cu_seqlens)
-    ot = output if type(output) is Tensor else checks.tensor("output", output)
-    st = output_state if type(output_state) is Tensor else checks.tensor("output_state", output_state)
-    ws = workspace if type(workspace) is Tensor else checks.tensor("workspace", workspace)
-    it = input_state if input_state is None or type(input_state) is Tensor else checks.tensor("input_state",
-                                                                                            input_state)
-    at = alpha if alpha is None or type(alpha) is Tensor else checks.tensor("alpha", alpha)
-    bt = beta if beta is None or type(beta) is Tensor else checks.tensor("beta", beta)
     if scale is None:
         sc = 0.0  # the kernel's "default": 1 / sqrt(head_dim)
-    elif type(scale) is float and 0.0 < scale < float("inf"):
+    elif scale.__class__ is float and 0.0 < scale < float("inf"):
         sc = scale
     else:
         sc = checks.positive_finite("scale", scale)
-    # Descriptors are immutable and compare by identity: a set that passed the checks once passes again, and its
-    # packed argument slots are the same bytes, so a repeated call only copies them into the frame.
-    key = (qt, kt, vt, cu, ot, st, ws, it, at, bt, sc, skip_arch_check)
-    memo = _memo[0]
-    if key != memo[0]:
-        _check(qt, kt, vt, cu, ot, st, ws, it, at, bt)
-        if not skip_arch_check:
-            _check_arch(qt)
-            dev = qt.device.device_id
-            need = device.sm_count(dev) * WORKSPACE_BYTES_PER_SM
-            if ws.shape[0] < need:
-                raise ValueError(f"workspace: expected at least {need} bytes (gdn_workspace_size({dev}): "
-                                 f"{WORKSPACE_BYTES_PER_SM} per SM), got {ws.shape[0]}")
-        memo = _memo[0] = (key, _SIG.pack(
-            _T, 0, ot._dl_addr, _T, 0, st._dl_addr, _T, 0, qt._dl_addr, _T, 0, kt._dl_addr, _T, 0, vt._dl_addr,
-            _T, 0, cu._dl_addr, _N if it is None else _T, 0, 0 if it is None else it._dl_addr,
-            _N if at is None else _T, 0, 0 if at is None else at._dl_addr,
-            _N if bt is None else _T, 0, 0 if bt is None else bt._dl_addr, _F, 0, sc, _T, 0, ws._dl_addr, 0, 0, 0))
-    s = stream if stream is None or type(stream) is int else stream_handle(stream)
-    dev = qt.device.device_id
-    ep = _bound[0] or _bind()
-    frame = ep.frame(11)
-    frame.buf[:] = memo[1]
-    previous = -1 if skip_arch_check else device.make_current(dev)
+    args = (output, output_state, q, k, v, cu_seqlens, input_state, alpha, beta, sc, workspace)
     try:
-        ep.invoke(frame, dev, s)
-    except KernelError as err:
-        if any(text in err.message for text in _REFUSED):
-            raise UnsupportedDeviceError(
-                f"gdn_prefill: the GDN prefill kernel refused the current CUDA device ({err.message.strip()}); "
-                f"it runs on SM90 (Hopper) GPUs only") from err
+        previous = -1 if skip_arch_check else _make_current(q, args, stream)
+        try:
+            _launch(*args, stream=stream, context=skip_arch_check)
+        except KernelError as err:
+            if any(text in err.message for text in _REFUSED):
+                raise UnsupportedDeviceError(
+                    f"gdn_prefill: the GDN prefill kernel refused the current CUDA device ({err.message.strip()}); "
+                    f"it runs on SM90 (Hopper) GPUs only") from err
+            raise
+        finally:
+            if previous >= 0:
+                device.restore(previous)
+    except KernelNotFoundError as err:
+        raise KernelNotFoundError(f"gdn_prefill: {err}\n{not_shipped('gdn_prefill')}") from err
+
+
+def _make_current(q: Any, args: tuple[Any, ...], stream: Any) -> int:
+    """Make ``q``'s device current (the kernel picks its path from the current device); see device.make_current.
+
+    Without a usable device the arguments are checked first, so a bad one is named before the device is
+    refused (the check's architecture test refuses it).
+    """
+    try:
+        return device.make_current(_device_of(q))
+    except UnsupportedDeviceError:
+        _launch.launcher.slow(args, stream, False, remember=False)  # binds the module only if they pass
         raise
-    finally:
-        if previous >= 0:
-            device.restore(previous)
+
+
+def _device_of(q: Any) -> int:
+    """The CUDA ordinal ``q`` claims, read without a descriptor where the producer says it (DLPack device)."""
+    if q.__class__ is Tensor:
+        return q.device.device_id  # type: ignore[no-any-return]
+    try:
+        ordinal = q.__dlpack_device__()[1]
+        if ordinal.__class__ is int and 0 <= ordinal < _DEVICE_END:
+            return ordinal  # type: ignore[no-any-return]
+    except Exception:  # no DLPack device: read it like the launch does (and name a bad q)
+        pass
+    return checks.tensor("q", q).device.device_id
 
 
 def _check_arch(qt: Tensor) -> None:
@@ -194,8 +191,10 @@ def _check_arch(qt: Tensor) -> None:
             f"{qt.device} has compute capability {major}.{minor}")
 
 
-def _check(qt: Tensor, kt: Tensor, vt: Tensor, cu: Tensor, ot: Tensor, st: Tensor, ws: Tensor,
-           it: Tensor | None, at: Tensor | None, bt: Tensor | None) -> None:
+def _check(a: SimpleNamespace) -> dict[str, int]:
+    """The contract of ``gdn_prefill`` (layouts only); ``a.context`` is True to skip the device queries."""
+    qt, kt, vt, cu, ot, st = a.q, a.k, a.v, a.cu_seqlens, a.output, a.output_state
+    ws, it, at, bt = a.workspace, a.input_state, a.alpha, a.beta
     checks.ndim("q", qt, 3, "[S, Hq, d]")
     checks.dtype_in("q", qt, _DTYPES)
     checks.ndim("k", kt, 3, "[S, Hk, d]")
@@ -258,6 +257,19 @@ def _check(qt: Tensor, kt: Tensor, vt: Tensor, cu: Tensor, ot: Tensor, st: Tenso
     if ws.data_ptr % _WORKSPACE_ALIGN:
         raise ValueError(f"workspace: data pointer 0x{ws.data_ptr:x} must be {_WORKSPACE_ALIGN}-byte aligned "
                          f"(it holds TMA descriptors)")
+    if not a.context:  # device queries: the tensors' device (part of their layout) is an SM90 GPU
+        _check_arch(qt)
+        dev = qt.device.device_id
+        need = device.sm_count(dev) * WORKSPACE_BYTES_PER_SM
+        if ws.shape[0] < need:
+            raise ValueError(f"workspace: expected at least {need} bytes (gdn_workspace_size({dev}): "
+                             f"{WORKSPACE_BYTES_PER_SM} per SM), got {ws.shape[0]}")
+    # the launcher checks these pointers on every call (the checks above saw only this call's)
+    aligned = {name: _TMA_ALIGN for name in ("q", "k", "v", "output", "output_state")}
+    if it is not None:
+        aligned["input_state"] = _TMA_ALIGN
+    aligned["workspace"] = _WORKSPACE_ALIGN
+    return aligned
 
 
 def _dense(name: str, t: Tensor, ref: Tensor, align: bool = True) -> None:
@@ -267,3 +279,7 @@ def _dense(name: str, t: Tensor, ref: Tensor, align: bool = True) -> None:
     checks.contiguous(name, t)
     if align and t.data_ptr % _TMA_ALIGN:
         raise ValueError(f"{name}: data pointer 0x{t.data_ptr:x} must be {_TMA_ALIGN}-byte aligned (TMA loads)")
+
+
+# The launch function (wire order); ``.launcher.slow_calls`` counts calls validated from scratch.
+_launch: Any = launcher(GDN_PREFILL, _URI, _check)

@@ -11,47 +11,57 @@ tokens (see :func:`get_seq_lens`). Appended token ``i`` goes to request ``batch_
 
 What is checked before the kernel is called: ranks, shapes (tokens vs pages vs heads vs head_dim), dtypes,
 int32 index dtypes (the kernel reads every index array as int32 without looking), devices, contiguity,
-alignment and the cache layout. The index arrays live in device memory, so their *values* cannot be checked
-without a device-to-host copy (and a sync): positions past a request's pages or page ids past the pool are
-not detected and corrupt memory. Runtimes that keep host copies of their index arrays (they usually build
-them on the host) can check the values with :func:`check_append_positions`.
+alignment and the cache layout. The checks depend only on the arguments' layouts (shape, strides, dtype,
+device) and the cache layout, so the launcher (:mod:`fi_ffi.ops.launcher`) remembers them by value: a runtime
+that passes another cache at every layer (same layout) stays on the fast path. The index arrays live in device
+memory, so their *values* cannot be checked without a device-to-host copy (and a sync): positions past a
+request's pages or page ids past the pool are not detected and corrupt memory. Runtimes that keep host copies
+of their index arrays (they usually build them on the host) can check the values with
+:func:`check_append_positions`.
+
+The host helpers take "host integer arrays": numpy arrays (any byte order), CPU tensors, or lists/tuples of
+ints. Every value must fit in int32 (the type of the device arrays they describe); floats, strings, bools and
+larger ints are refused with a message naming the argument, never parsed or truncated.
 
 All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from ..abi.call import EntryPoint, Signature
-from ..abi.objects import DLTENSOR_PTR, INT
+from ..abi.wire import INT, declare, tensor
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32
-from ..streams import stream_handle
 from ..tensor import Tensor
 from . import checks
-from .kernels import entry_point
+from .launcher import launcher
 
 _URI = "page"
-_T, _I = DLTENSOR_PTR, INT
 _CACHE_DTYPES = (float16, bfloat16, float8_e4m3fn, float8_e5m2)
 _HEAD_DIMS = (64, 128, 256, 512)
 _MLA_CKV_DIM, _MLA_KPE_DIM = 512, 64
 _LAYOUTS = {"NHD": 0, "HND": 1}
 _STRIDE_LIMIT = 1 << 32  # the kernel keeps cache strides in uint32
 _MAX_THREADS = 1024
+_INT32_END = 1 << 31
 
-_SIG_KV = Signature("append_paged_kv_cache", [
-    ("append_key", "tensor"), ("append_value", "tensor"), ("batch_indices", "tensor"), ("positions", "tensor"),
-    ("paged_k_cache", "tensor"), ("paged_v_cache", "tensor"), ("kv_indices", "tensor"), ("kv_indptr", "tensor"),
-    ("kv_last_page_len", "tensor"), ("layout", "int"),
-]).pack
-_SIG_MLA = Signature("append_paged_mla_kv_cache", [
-    ("append_ckv", "tensor"), ("append_kpe", "tensor"), ("batch_indices", "tensor"), ("positions", "tensor"),
-    ("ckv_cache", "tensor"), ("kpe_cache", "tensor"), ("kv_indices", "tensor"), ("kv_indptr", "tensor"),
-    ("kv_last_page_len", "tensor"),
-]).pack
+# The caches are the kernels' outputs; names are the public ones (FlashInfer's C++ names are paged_k_cache,
+# paged_v_cache): every error message names the argument as the caller passed it.
+APPEND_PAGED_KV_CACHE = declare("append_paged_kv_cache", [
+    tensor("append_key"), tensor("append_value"), tensor("batch_indices"), tensor("positions"),
+    tensor("k_cache", output=True), tensor("v_cache", output=True), tensor("kv_indices"), tensor("kv_indptr"),
+    tensor("kv_last_page_len"), ("layout", INT),  # 0: NHD, 1: HND
+])
+APPEND_PAGED_MLA_KV_CACHE = declare("append_paged_mla_kv_cache", [
+    tensor("append_ckv"), tensor("append_kpe"), tensor("batch_indices"), tensor("positions"),
+    tensor("ckv_cache", output=True), tensor("kpe_cache", output=True), tensor("kv_indices"), tensor("kv_indptr"),
+    tensor("kv_last_page_len"),
+])
+# (module URI pattern, declaration), checked against the modules by tests/test_declarations.py
+DECLARATIONS = (("page", APPEND_PAGED_KV_CACHE), ("page", APPEND_PAGED_MLA_KV_CACHE))
 
 __all__ = [
     "append_paged_kv_cache",
@@ -84,43 +94,24 @@ def append_paged_kv_cache(append_key: Any, append_value: Any, batch_indices: Any
             ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``.
         kv_last_page_len: int32 ``[batch]``, contiguous, device memory: tokens in each request's last page.
         layout: ``"NHD"`` or ``"HND"``, the order of the page, head and token dimensions of the caches.
-        stream: where the kernel runs; ``None`` means TVM-FFI's current stream for the device.
+        stream: where the kernel runs; ``None`` follows ``append_key``'s framework (torch's or CuPy's current
+            stream), or TVM-FFI's current stream of the device for descriptors.
 
-    The index arrays' values are not checked (they are device memory): positions must fit the pages listed
-    and page ids must be ``< num_pages``, or the kernel writes out of bounds. See
-    :func:`check_append_positions`. ``nnz == 0`` is a no-op (no launch).
+    Tensors are :class:`~fi_ffi.tensor.Tensor` descriptors or any producer (torch, CuPy, JAX, DLPack, CUDA
+    array interface). The index arrays' values are not checked (they are device memory): positions must fit
+    the pages listed and page ids must be ``< num_pages``, or the kernel writes out of bounds. See
+    :func:`check_append_positions`. ``nnz == 0`` checks every argument (and ``stream``) and launches nothing.
     """
-    code = _LAYOUTS.get(layout) if type(layout) is str else None
+    code = _LAYOUTS.get(layout) if isinstance(layout, str) else None
     if code is None:
         raise (ValueError if isinstance(layout, str) else TypeError)(
             f"layout: expected 'NHD' or 'HND', got {layout!r}")
-    ak = append_key if type(append_key) is Tensor else checks.tensor("append_key", append_key)
-    av = append_value if type(append_value) is Tensor else checks.tensor("append_value", append_value)
-    bi = batch_indices if type(batch_indices) is Tensor else checks.tensor("batch_indices", batch_indices)
-    po = positions if type(positions) is Tensor else checks.tensor("positions", positions)
-    kc = k_cache if type(k_cache) is Tensor else checks.tensor("k_cache", k_cache)
-    vc = v_cache if type(v_cache) is Tensor else checks.tensor("v_cache", v_cache)
-    ki = kv_indices if type(kv_indices) is Tensor else checks.tensor("kv_indices", kv_indices)
-    kp = kv_indptr if type(kv_indptr) is Tensor else checks.tensor("kv_indptr", kv_indptr)
-    kl = kv_last_page_len if type(kv_last_page_len) is Tensor else checks.tensor("kv_last_page_len",
-                                                                                 kv_last_page_len)
-    # Descriptors are immutable and compare by identity: a tuple that passed the checks once passes again, and
-    # its packed argument slots are the same bytes, so a repeated call only copies them into the frame.
-    key = (ak, av, bi, po, kc, vc, ki, kp, kl, code)
-    memo = _memo.get("kv")
-    if memo is None or key != memo[0]:
-        _check_kv(ak, av, bi, po, kc, vc, ki, kp, kl, code)
-        memo = _memo["kv"] = (key, _SIG_KV.pack(
-            _T, 0, ak._dl_addr, _T, 0, av._dl_addr, _T, 0, bi._dl_addr, _T, 0, po._dl_addr, _T, 0, kc._dl_addr,
-            _T, 0, vc._dl_addr, _T, 0, ki._dl_addr, _T, 0, kp._dl_addr, _T, 0, kl._dl_addr, _I, 0, code, 0, 0, 0))
-    if not ak.shape[0]:
-        return None
-    s = stream if stream is None or type(stream) is int else stream_handle(stream)
-    ep = _bound.get("append_paged_kv_cache") or _bind("append_paged_kv_cache")
-    frame = ep.frame(10)
-    frame.buf[:] = memo[1]
-    ep.invoke(frame, ak.device.device_id, s)
-    return None
+    if _rows(append_key):
+        _append(append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
+                kv_last_page_len, code, stream=stream)
+    else:  # the kernel cannot launch an empty grid: check everything (stream included), launch nothing
+        _append.launcher.slow((append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices,
+                               kv_indptr, kv_last_page_len, code), stream, None, remember=False)
 
 
 def append_paged_mla_kv_cache(append_ckv: Any, append_kpe: Any, batch_indices: Any, positions: Any, ckv_cache: Any,
@@ -137,49 +128,34 @@ def append_paged_mla_kv_cache(append_ckv: Any, append_kpe: Any, batch_indices: A
         ckv_cache: ``[num_pages, page_size, 512]``, written in place; last dimension contiguous.
         kpe_cache: ``[num_pages, page_size, 64]``, same dtype and device; its strides may differ from
             ``ckv_cache``'s.
-        stream: where the kernel runs; ``None`` means TVM-FFI's current stream for the device.
+        stream: as for :func:`append_paged_kv_cache`.
 
-    The kernel only supports ``ckv_dim == 512`` and ``kpe_dim == 64`` (DeepSeek MLA). ``nnz == 0`` is a no-op.
+    The kernel only supports ``ckv_dim == 512`` and ``kpe_dim == 64`` (DeepSeek MLA). ``nnz == 0`` checks every
+    argument and launches nothing.
     """
-    ac = append_ckv if type(append_ckv) is Tensor else checks.tensor("append_ckv", append_ckv)
-    ap = append_kpe if type(append_kpe) is Tensor else checks.tensor("append_kpe", append_kpe)
-    bi = batch_indices if type(batch_indices) is Tensor else checks.tensor("batch_indices", batch_indices)
-    po = positions if type(positions) is Tensor else checks.tensor("positions", positions)
-    cc = ckv_cache if type(ckv_cache) is Tensor else checks.tensor("ckv_cache", ckv_cache)
-    pc = kpe_cache if type(kpe_cache) is Tensor else checks.tensor("kpe_cache", kpe_cache)
-    ki = kv_indices if type(kv_indices) is Tensor else checks.tensor("kv_indices", kv_indices)
-    kp = kv_indptr if type(kv_indptr) is Tensor else checks.tensor("kv_indptr", kv_indptr)
-    kl = kv_last_page_len if type(kv_last_page_len) is Tensor else checks.tensor("kv_last_page_len",
-                                                                                 kv_last_page_len)
-    key = (ac, ap, bi, po, cc, pc, ki, kp, kl)
-    memo = _memo.get("mla")
-    if memo is None or key != memo[0]:
-        _check_mla(ac, ap, bi, po, cc, pc, ki, kp, kl)
-        memo = _memo["mla"] = (key, _SIG_MLA.pack(
-            _T, 0, ac._dl_addr, _T, 0, ap._dl_addr, _T, 0, bi._dl_addr, _T, 0, po._dl_addr, _T, 0, cc._dl_addr,
-            _T, 0, pc._dl_addr, _T, 0, ki._dl_addr, _T, 0, kp._dl_addr, _T, 0, kl._dl_addr, 0, 0, 0))
-    if not ac.shape[0]:
-        return None
-    s = stream if stream is None or type(stream) is int else stream_handle(stream)
-    ep = _bound.get("append_paged_mla_kv_cache") or _bind("append_paged_mla_kv_cache")
-    frame = ep.frame(9)
-    frame.buf[:] = memo[1]
-    ep.invoke(frame, ac.device.device_id, s)
-    return None
+    if _rows(append_ckv):
+        _append_mla(append_ckv, append_kpe, batch_indices, positions, ckv_cache, kpe_cache, kv_indices, kv_indptr,
+                    kv_last_page_len, stream=stream)
+    else:
+        _append_mla.launcher.slow((append_ckv, append_kpe, batch_indices, positions, ckv_cache, kpe_cache,
+                                   kv_indices, kv_indptr, kv_last_page_len), stream, None, remember=False)
 
 
-# Per entry point: the last validated descriptor tuple and its packed argument slots (result slot None).
-_memo: dict[str, tuple[tuple[Any, ...], bytes]] = {}
-_bound: dict[str, EntryPoint] = {}
+def _rows(t: Any) -> int:
+    """The leading dimension (``nnz``) of a tensor argument of any producer, read without a descriptor.
+
+    -1 when the producer has no ``.shape`` or no dimension: the launch then reads it properly and names
+    what is wrong.
+    """
+    try:
+        return int(t.shape[0])
+    except Exception:
+        return -1
 
 
-def _bind(name: str) -> EntryPoint:
-    ep = _bound[name] = entry_point(_URI, name)
-    return ep
-
-
-def _check_kv(ak: Tensor, av: Tensor, bi: Tensor, po: Tensor, kc: Tensor, vc: Tensor, ki: Tensor, kp: Tensor,
-              kl: Tensor, code: int) -> None:
+def _check_kv(a: SimpleNamespace) -> dict[str, int]:
+    """The contract of ``append_paged_kv_cache`` (layouts and the cache layout code only)."""
+    ak, av, kc, vc, code = a.append_key, a.append_value, a.k_cache, a.v_cache, a.layout
     tokens = "[nnz, num_kv_heads, head_dim]"
     checks.ndim("append_key", ak, 3, tokens)
     checks.dtype_in("append_key", ak, _CACHE_DTYPES)
@@ -227,11 +203,14 @@ def _check_kv(ak: Tensor, av: Tensor, bi: Tensor, po: Tensor, kc: Tensor, vc: Te
     align = min(vec, 16 // itemsize)  # the kernel moves `vec` elements per thread in 16-byte pieces
     for name, t in (("append_key", ak), ("append_value", av), ("k_cache", kc), ("v_cache", vc)):
         checks.aligned(name, t, align)
-    _check_indices(ak, "append_key", bi, po, ki, kp, kl)
+    _check_indices(a, ak, "append_key")
+    # the launcher checks these pointers on every call (the check above saw only this call's)
+    return dict.fromkeys(("append_key", "append_value", "k_cache", "v_cache"), align * itemsize)
 
 
-def _check_mla(ac: Tensor, ap: Tensor, bi: Tensor, po: Tensor, cc: Tensor, pc: Tensor, ki: Tensor, kp: Tensor,
-               kl: Tensor) -> None:
+def _check_mla(a: SimpleNamespace) -> dict[str, int]:
+    """The contract of ``append_paged_mla_kv_cache`` (layouts only)."""
+    ac, ap, cc, pc = a.append_ckv, a.append_kpe, a.ckv_cache, a.kpe_cache
     checks.ndim("append_ckv", ac, 2, "[nnz, 512]")
     checks.dtype_in("append_ckv", ac, _CACHE_DTYPES)
     checks.cuda("append_ckv", ac)
@@ -263,9 +242,11 @@ def _check_mla(ac: Tensor, ap: Tensor, bi: Tensor, po: Tensor, cc: Tensor, pc: T
     checks.last_dim_contiguous("kpe_cache", pc)
     _fits_uint32("ckv_cache", cc)
     _fits_uint32("kpe_cache", pc)
-    for name, t in (("append_ckv", ac), ("append_kpe", ap), ("ckv_cache", cc), ("kpe_cache", pc)):
+    names = ("append_ckv", "append_kpe", "ckv_cache", "kpe_cache")
+    for name, t in zip(names, (ac, ap, cc, pc), strict=True):
         checks.aligned(name, t, 2)  # two elements per thread
-    _check_indices(ac, "append_ckv", bi, po, ki, kp, kl)
+    _check_indices(a, ac, "append_ckv")
+    return dict.fromkeys(names, 2 * ac.dtype.itemsize)
 
 
 def _fits_uint32(name: str, t: Tensor) -> None:
@@ -274,8 +255,9 @@ def _fits_uint32(name: str, t: Tensor) -> None:
                          f"got {t.strides}")
 
 
-def _check_indices(ref: Tensor, ref_name: str, bi: Tensor, po: Tensor, ki: Tensor, kp: Tensor, kl: Tensor) -> None:
+def _check_indices(a: SimpleNamespace, ref: Tensor, ref_name: str) -> None:
     nnz = ref.shape[0]
+    bi, po, ki, kp, kl = a.batch_indices, a.positions, a.kv_indices, a.kv_indptr, a.kv_last_page_len
     _index("batch_indices", bi, ref, ref_name, "[nnz]")
     _index("positions", po, ref, ref_name, "[nnz]")
     _index("kv_indices", ki, ref, ref_name, "[total_pages]")
@@ -297,17 +279,31 @@ def _index(name: str, t: Tensor, ref: Tensor, ref_name: str, layout: str) -> Non
     checks.contiguous(name, t)
 
 
+# The launch functions (wire order; ``.launcher.slow_calls`` counts calls that were validated from scratch).
+_append: Any = launcher(APPEND_PAGED_KV_CACHE, _URI, _check_kv)
+_append_mla: Any = launcher(APPEND_PAGED_MLA_KV_CACHE, _URI, _check_mla)
+
+
 # --- host-side helpers (numpy) -------------------------------------------------------------------------------
 
 
 def _host_ints(name: str, value: Any) -> np.ndarray:
-    """``value`` as a 1-D integer numpy array read on the host (no copy when it already is one)."""
+    """``value`` as a 1-D int64 numpy array read on the host, every value within int32 (the kernels' index type).
+
+    Lists and tuples are read element by element: each must be an int (Python or numpy, not bool), so strings,
+    floats and ints beyond int64 are refused instead of being parsed, truncated or wrapped by numpy. Arrays
+    (numpy, CPU tensors, anything with ``__array__``) must have an integer dtype; byte order is honoured.
+    """
     if isinstance(value, Tensor) or hasattr(value, "__cuda_array_interface__"):
         raise TypeError(f"{name}: expected a host array (numpy array, list, CPU tensor), got a device tensor; "
                         f"keep a host copy of the index arrays for this helper")
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name}: expected a 1-D integer array, got {type(value).__name__} {value!r}")
     device = getattr(value, "device", None)
     if device is not None and getattr(device, "type", "cpu") != "cpu":
         raise TypeError(f"{name}: expected a host array (numpy array, list, CPU tensor), got one on {device}")
+    if isinstance(value, (list, tuple)):
+        return _int_list(name, value)
     try:
         arr = np.asarray(value)
     except Exception as exc:  # whatever the producer raises, the message names the argument
@@ -316,7 +312,33 @@ def _host_ints(name: str, value: Any) -> np.ndarray:
         raise ValueError(f"{name}: expected a 1-D array, got shape {arr.shape}")
     if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
         raise TypeError(f"{name}: expected an integer array, got dtype {arr.dtype}")
-    return arr.astype(np.int64, copy=False)
+    if arr.size:
+        low, high = int(arr.min()), int(arr.max())  # Python ints: exact for every integer dtype
+        if low < -_INT32_END or high >= _INT32_END:
+            i = int(np.argmax(arr == (low if low < -_INT32_END else high)))
+            raise ValueError(f"{name}: values must fit in int32 (the kernels' index type), got {name}[{i}] = "
+                             f"{int(arr[i])}")
+    return arr.astype(np.int64)
+
+
+def _int_list(name: str, value: list[Any] | tuple[Any, ...]) -> np.ndarray:
+    """A list or tuple of ints as an int64 array, each element checked (see :func:`_host_ints`)."""
+    for i, v in enumerate(value):
+        if isinstance(v, (list, tuple)):
+            raise ValueError(f"{name}: expected a 1-D array, got a nested sequence at {name}[{i}]")
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name}: expected integers, got {name}[{i}] = {v!r} ({type(v).__name__})")
+        if not -_INT32_END <= int(v) < _INT32_END:
+            raise ValueError(f"{name}: values must fit in int32 (the kernels' index type), got {name}[{i}] = {v}")
+    return np.array([int(v) for v in value], dtype=np.int64)
+
+
+def _bounded(name: str, value: Any, minimum: int) -> int:
+    """An int in ``[minimum, 2**31)`` (the kernels' int32), else TypeError/ValueError naming ``name``."""
+    value = checks.integer(name, value, minimum)
+    if value >= _INT32_END:
+        raise ValueError(f"{name}: expected an int < 2**31 (the kernels' int32), got {value}")
+    return value
 
 
 def _indptr(name: str, value: Any) -> np.ndarray:
@@ -339,12 +361,12 @@ def get_seq_lens(kv_indptr: Any, kv_last_page_len: Any, page_size: int) -> np.nd
     Args:
         kv_indptr: host integer array ``[batch + 1]``, page offsets per request (starts at 0, non-decreasing).
         kv_last_page_len: host integer array ``[batch]``, each in ``[1, page_size]`` for a request with pages.
-        page_size: tokens per page, >= 1.
+        page_size: tokens per page, in ``[1, 2**31)``.
 
     Returns:
         int32 numpy array ``[batch]``.
     """
-    page_size = checks.integer("page_size", page_size, 1)
+    page_size = _bounded("page_size", page_size, 1)
     indptr = _indptr("kv_indptr", kv_indptr)
     last = _host_ints("kv_last_page_len", kv_last_page_len)
     if last.shape != (indptr.size - 1,):
@@ -402,8 +424,6 @@ def get_batch_indices_positions(append_indptr: Any, seq_lens: Any, nnz: int | No
         b = int(np.argmax(short))
         raise ValueError(f"seq_lens: request {b} appends {lens[b]} tokens but seq_lens[{b}] = {seq[b]}; seq_lens "
                          f"must count the appended tokens too")
-    if batch and int(seq.max()) > np.iinfo(np.int32).max:
-        raise ValueError(f"seq_lens: positions must fit in int32, got a sequence length of {int(seq.max())}")
     bi = _out("batch_indices", batch_indices, total)
     po = _out("positions", positions, total)
     owner = np.repeat(np.arange(batch, dtype=np.int64), lens)
@@ -426,13 +446,13 @@ def check_append_positions(batch_indices: Any, positions: Any, kv_indices: Any, 
     Args:
         batch_indices, positions: host integer arrays ``[nnz]``.
         kv_indices, kv_indptr, kv_last_page_len: host integer arrays, as for :func:`append_paged_kv_cache`.
-        page_size: tokens per page, >= 1.
+        page_size: tokens per page, in ``[1, 2**31)``.
         num_pages: pages in the cache (``k_cache.shape[0]``), or None to skip the page-id check.
 
     Raises:
         ValueError naming the first offending token, request or page.
     """
-    page_size = checks.integer("page_size", page_size, 1)
+    page_size = _bounded("page_size", page_size, 1)
     bi = _host_ints("batch_indices", batch_indices)
     po = _host_ints("positions", positions)
     if po.shape != bi.shape:
@@ -454,7 +474,7 @@ def check_append_positions(batch_indices: Any, positions: Any, kv_indices: Any, 
         raise ValueError(f"positions: token {i} of request {bi[i]} has position {po[i]}, but the request's pages "
                          f"hold {limit[i]} tokens (kv_indptr, kv_last_page_len, page_size {page_size})")
     if num_pages is not None:
-        num_pages = checks.integer("num_pages", num_pages, 0)
+        num_pages = _bounded("num_pages", num_pages, 0)
         pages = indices[indptr[bi] + po // page_size]
         bad = (pages < 0) | (pages >= num_pages)
         if bad.any():
