@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+from .. import caches
 from ..abi.call import EntryPoint
 
 _lock = threading.Lock()
@@ -27,3 +28,11 @@ def entry_point(uri: str, name: str) -> EntryPoint:
                 handle = loader.load_module(uri)
                 ep = _bound[(uri, name)] = EntryPoint(handle, name, uri)
     return ep
+
+
+def _reset() -> None:
+    with _lock:
+        _bound.clear()
+
+
+caches.register("bound entry points (per module and name)", _reset)

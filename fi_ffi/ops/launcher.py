@@ -39,6 +39,7 @@ device, and outputs whose elements do not overlap (no stride-0 or interleaved ro
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -129,6 +130,13 @@ class Launcher:
         self.tensor_index = [i for i, p in enumerate(params) if p.wire in wire.TENSOR_TYPES]
         self.record_of = {i: j for j, i in enumerate(self.tensor_index)}
         self.keys: Callable[..., tuple[tuple[Any, ...], list[int]]] = _no_keys
+        self.namespace: dict[str, Any] = {}
+
+    def forget(self) -> None:
+        """Drop every thread's frame and remembered images (the next call of each thread starts afresh)."""
+        self.tls = threading.local()
+        if self.namespace:
+            self.namespace["_tls"] = self.tls
 
     # ---- binding --------------------------------------------------------------------------------------------
 
@@ -677,6 +685,8 @@ def compile_launcher(decl: wire.Declaration, uri: str, check: Check | None = Non
         "_DEFAULTS": [p.default for p in decl.params],
     }
     exec(compile(source, f"<fi_ffi launcher {launcher_.name}>", "exec"), namespace)
+    launcher_.namespace = namespace
+    _all_launchers.add(launcher_)
     launch = namespace["launch"]
     launcher_.keys = namespace["keys"]
     launch.launcher = launcher_
@@ -759,9 +769,12 @@ _lock = threading.Lock()
 _launchers: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _checked: set[tuple[str, wire.Declaration]] = set()
 _pinned: list[Any] = []
+_all_launchers: weakref.WeakSet[Launcher] = weakref.WeakSet()
 
 
 def _reset() -> None:
+    for each in list(_all_launchers):
+        each.forget()
     _launchers.clear()
     _checked.clear()
     _pinned.clear()
