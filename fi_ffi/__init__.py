@@ -5,7 +5,8 @@ runtime and each kernel module are loaded on first use. The public surface:
 
 - descriptors: :class:`Tensor` (``Tensor.from_pointer``), :func:`as_tensor`, dtypes and devices in
   :mod:`fi_ffi.dtypes`;
-- ops: :mod:`fi_ffi.ops` (norms, paged-KV append, GDN prefill, attention);
+- ops: :mod:`fi_ffi.ops` (norms, paged-KV append, GDN prefill, attention, RoPE, activations, cascade merge,
+  bit packing);
 - errors: :class:`KernelError`, :class:`LoaderError` and friends in :mod:`fi_ffi.errors`.
 """
 
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .interop import as_tensor
+    from .ops.activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
+    from .ops.cascade import merge_state, merge_state_in_place, merge_states
     from .ops.decode import batch_decode_plan, batch_decode_run, single_decode
     from .ops.gdn import gdn_prefill, gdn_workspace_size
     from .ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, prepare, qk_rmsnorm, rmsnorm
@@ -34,6 +37,19 @@ if TYPE_CHECKING:
         batch_prefill_ragged_run,
         pack_custom_mask,
         single_prefill,
+    )
+    from .ops.quantization import packbits, segment_packbits, segment_packbits_indptr
+    from .ops.rope import (
+        apply_llama31_rope,
+        apply_llama31_rope_inplace,
+        apply_llama31_rope_pos_ids,
+        apply_llama31_rope_pos_ids_inplace,
+        apply_rope,
+        apply_rope_inplace,
+        apply_rope_pos_ids,
+        apply_rope_pos_ids_inplace,
+        apply_rope_with_cos_sin_cache,
+        apply_rope_with_cos_sin_cache_inplace,
     )
     from .ops.variants import list_variants
     from .ops.workspace import Workspace
@@ -66,6 +82,25 @@ _LAZY = {
     "gemma_rmsnorm": "ops.norm",
     "fused_add_rmsnorm": "ops.norm",
     "gemma_fused_add_rmsnorm": "ops.norm",
+    "silu_and_mul": "ops.activation",
+    "gelu_and_mul": "ops.activation",
+    "gelu_tanh_and_mul": "ops.activation",
+    "merge_state": "ops.cascade",
+    "merge_state_in_place": "ops.cascade",
+    "merge_states": "ops.cascade",
+    "packbits": "ops.quantization",
+    "segment_packbits": "ops.quantization",
+    "segment_packbits_indptr": "ops.quantization",
+    "apply_rope": "ops.rope",
+    "apply_rope_inplace": "ops.rope",
+    "apply_rope_pos_ids": "ops.rope",
+    "apply_rope_pos_ids_inplace": "ops.rope",
+    "apply_llama31_rope": "ops.rope",
+    "apply_llama31_rope_inplace": "ops.rope",
+    "apply_llama31_rope_pos_ids": "ops.rope",
+    "apply_llama31_rope_pos_ids_inplace": "ops.rope",
+    "apply_rope_with_cos_sin_cache": "ops.rope",
+    "apply_rope_with_cos_sin_cache_inplace": "ops.rope",
 }
 
 
@@ -94,6 +129,16 @@ __all__ = [
     "__version__",
     "append_paged_kv_cache",
     "append_paged_mla_kv_cache",
+    "apply_llama31_rope",
+    "apply_llama31_rope_inplace",
+    "apply_llama31_rope_pos_ids",
+    "apply_llama31_rope_pos_ids_inplace",
+    "apply_rope",
+    "apply_rope_inplace",
+    "apply_rope_pos_ids",
+    "apply_rope_pos_ids_inplace",
+    "apply_rope_with_cos_sin_cache",
+    "apply_rope_with_cos_sin_cache_inplace",
     "as_tensor",
     "batch_decode_plan",
     "batch_decode_run",
@@ -109,16 +154,25 @@ __all__ = [
     "fused_add_rmsnorm",
     "gdn_prefill",
     "gdn_workspace_size",
+    "gelu_and_mul",
+    "gelu_tanh_and_mul",
     "gemma_fused_add_rmsnorm",
     "gemma_rmsnorm",
     "get_batch_indices_positions",
     "int32",
     "int64",
     "list_variants",
+    "merge_state",
+    "merge_state_in_place",
+    "merge_states",
     "pack_custom_mask",
+    "packbits",
     "prepare",
     "qk_rmsnorm",
     "rmsnorm",
+    "segment_packbits",
+    "segment_packbits_indptr",
+    "silu_and_mul",
     "single_decode",
     "single_prefill",
     "stream_scope",

@@ -1,0 +1,212 @@
+"""Merging partial attention states (cascade / split-KV attention): the ``cascade`` module.
+
+Attention of a query over KV segments ``A`` and ``B`` can be computed per segment and merged. A segment's
+*state* is its attention output ``v`` (softmax-weighted values, ``[seq_len, num_heads, head_dim]``) and the
+log-sum-exp ``s`` of its scaled logits (float32 ``[seq_len, num_heads]``) **in base 2**, as FlashInfer's
+attention kernels return it: ``s = log2(sum_j 2 ** (sm_scale * log2(e) * q.k_j))``. Merging gives the state
+of ``A`` and ``B`` together::
+
+    s = log2(2 ** s_a + 2 ** s_b)
+    v = (2 ** (s_a - s) * v_a + 2 ** (s_b - s) * v_b)
+
+so a shared-prefix attention and a per-request suffix attention merge into the full attention (cascade
+inference). ``merge_states`` merges ``n`` states at once.
+
+Contract (checked before the kernel): ``v`` tensors float16 or bfloat16 with head_dim 64, 128, 256 or 512,
+contiguous (the kernel uses no strides), 16-byte aligned; ``s`` tensors float32 and contiguous; matching
+shapes; at least one row, head and state. The kernels declare their pointers ``__restrict__``: outputs share no
+memory with inputs (``merge_state_in_place`` is the in-place form); checked on the first call of each layout
+combination (see :mod:`fi_ffi.ops.aliasing`). fi_ffi allocates nothing: pass the outputs.
+
+All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from ..abi.wire import declare, optional_tensor, tensor
+from ..dtypes import bfloat16, bool_, float16, float32, uint8
+from ..tensor import Tensor
+from . import checks
+from .aliasing import disjoint
+from .launcher import launcher
+
+_URI = "cascade"
+_DTYPES = (float16, bfloat16)
+_HEAD_DIMS = (64, 128, 256, 512)
+
+# Wire order as in FlashInfer's csrc/flashinfer_cascade_binding.cu (same in 0.6.3 and 0.7.x).
+MERGE_STATE = declare("merge_state", [
+    tensor("v_a"), tensor("s_a"), tensor("v_b"), tensor("s_b"),
+    tensor("v_merged", output=True), tensor("s_merged", output=True),
+])
+MERGE_STATE_IN_PLACE = declare("merge_state_in_place", [
+    tensor("v", output=True), tensor("s", output=True), tensor("v_other"), tensor("s_other"),
+    optional_tensor("mask", default=None),
+])
+MERGE_STATES = declare("merge_states", [
+    tensor("v"), tensor("s"), tensor("v_merged", output=True), tensor("s_merged", output=True),
+])
+DECLARATIONS = tuple((_URI, d) for d in (MERGE_STATE, MERGE_STATE_IN_PLACE, MERGE_STATES))
+
+__all__ = ["merge_state", "merge_state_in_place", "merge_states"]
+
+
+def _check_v(name: str, v: Tensor, rank: int, layout: str, ref: tuple[str, Tensor] | None = None) -> None:
+    checks.ndim(name, v, rank, layout)
+    if ref is None:
+        checks.dtype_in(name, v, _DTYPES)
+    else:
+        checks.shape(name, v, ref[1].shape, layout)
+        checks.same_dtype(name, v, *ref)
+        checks.same_device(name, v, *ref)
+    checks.cuda(name, v)
+    checks.contiguous(name, v)
+    head_dim = v.shape[-1]
+    if head_dim not in _HEAD_DIMS:
+        raise ValueError(f"{name}: head_dim {head_dim} is not supported; the merge kernels take 64, 128, 256 or 512")
+    if v.shape[0] < 1 or any(n < 1 for n in v.shape[1:-1]):
+        raise ValueError(f"{name}: expected at least one row and one head, got shape {v.shape}")
+    checks.aligned(name, v, 16 // v.dtype.itemsize)
+
+
+def _check_s(name: str, s: Tensor, shape: tuple[int, ...], layout: str, v_name: str, v: Tensor) -> None:
+    checks.ndim(name, s, len(shape), layout)
+    checks.shape(name, s, shape, layout)
+    checks.dtype_in(name, s, (float32,))
+    checks.same_device(name, s, v_name, v)
+    checks.cuda(name, s)
+    checks.contiguous(name, s)
+
+
+def _check_pair(a: SimpleNamespace) -> dict[str, int]:
+    layout, s_layout = "[seq_len, num_heads, head_dim]", "[seq_len, num_heads] float32, base-2 LSE"
+    _check_v("v_a", a.v_a, 3, layout)
+    rows = a.v_a.shape[:2]
+    _check_s("s_a", a.s_a, rows, s_layout, "v_a", a.v_a)
+    _check_v("v_b", a.v_b, 3, layout, ("v_a", a.v_a))
+    _check_s("s_b", a.s_b, rows, s_layout, "v_a", a.v_a)
+    _check_v("v_merged", a.v_merged, 3, layout, ("v_a", a.v_a))
+    _check_s("s_merged", a.s_merged, rows, s_layout, "v_a", a.v_a)
+    # the kernel declares every pointer __restrict__: outputs share no memory with inputs (merge_state_in_place
+    # is the in-place form)
+    for out in ("v_merged", "s_merged"):
+        for name in ("v_a", "s_a", "v_b", "s_b"):
+            disjoint(out, getattr(a, out), name, getattr(a, name))
+    disjoint("v_merged", a.v_merged, "s_merged", a.s_merged)
+    return {"v_a": 16, "v_b": 16, "v_merged": 16}
+
+
+def _check_in_place(a: SimpleNamespace) -> dict[str, int]:
+    layout, s_layout = "[seq_len, num_heads, head_dim]", "[seq_len, num_heads] float32, base-2 LSE"
+    _check_v("v", a.v, 3, layout)
+    rows = a.v.shape[:2]
+    _check_s("s", a.s, rows, s_layout, "v", a.v)
+    _check_v("v_other", a.v_other, 3, layout, ("v", a.v))
+    _check_s("s_other", a.s_other, rows, s_layout, "v", a.v)
+    inputs = [("v_other", a.v_other), ("s_other", a.s_other)]
+    if a.mask is not None:
+        checks.ndim("mask", a.mask, 1, "[seq_len] bool")
+        checks.shape("mask", a.mask, (rows[0],), "[seq_len] bool")
+        checks.dtype_in("mask", a.mask, (bool_, uint8))
+        checks.same_device("mask", a.mask, "v", a.v)
+        checks.cuda("mask", a.mask)
+        checks.contiguous("mask", a.mask)
+        inputs.append(("mask", a.mask))
+    for out in ("v", "s"):
+        for name, t in inputs:
+            disjoint(out, getattr(a, out), name, t)
+    disjoint("v", a.v, "s", a.s)
+    return {"v": 16, "v_other": 16}
+
+
+def _check_many(a: SimpleNamespace) -> dict[str, int]:
+    _check_v("v", a.v, 4, "[seq_len, num_states, num_heads, head_dim]")
+    seq_len, _, num_heads, head_dim = a.v.shape
+    _check_s("s", a.s, a.v.shape[:3], "[seq_len, num_states, num_heads] float32, base-2 LSE", "v", a.v)
+    layout = "[seq_len, num_heads, head_dim]"
+    checks.ndim("v_merged", a.v_merged, 3, layout)
+    checks.shape("v_merged", a.v_merged, (seq_len, num_heads, head_dim), layout)
+    checks.same_dtype("v_merged", a.v_merged, "v", a.v)
+    checks.same_device("v_merged", a.v_merged, "v", a.v)
+    checks.cuda("v_merged", a.v_merged)
+    checks.contiguous("v_merged", a.v_merged)
+    checks.aligned("v_merged", a.v_merged, 16 // a.v.dtype.itemsize)
+    _check_s("s_merged", a.s_merged, (seq_len, num_heads), "[seq_len, num_heads] float32", "v", a.v)
+    for out in ("v_merged", "s_merged"):
+        for name in ("v", "s"):
+            disjoint(out, getattr(a, out), name, getattr(a, name))
+    disjoint("v_merged", a.v_merged, "s_merged", a.s_merged)
+    return {"v": 16, "v_merged": 16}
+
+
+_ALIASED = "an output passed as an input"  # context of calls that must take the checking path
+_merge_state = launcher(MERGE_STATE, _URI, _check_pair)
+_merge_state_in_place = launcher(MERGE_STATE_IN_PLACE, _URI, _check_in_place)
+_merge_states = launcher(MERGE_STATES, _URI, _check_many)
+
+
+def _need(name: str, value: Any, layout: str) -> None:
+    if value is None:
+        raise TypeError(f"{name}: required (fi_ffi never allocates device memory); pass a contiguous {layout}")
+
+
+def merge_state(v_a: Any, s_a: Any, v_b: Any, s_b: Any, *, v_merged: Any = None, s_merged: Any = None,
+                stream: Any = None) -> tuple[Any, Any]:
+    """Merge the states of two KV segments (see the module docstring).
+
+    Args:
+        v_a, v_b: ``[seq_len, num_heads, head_dim]`` float16/bfloat16, contiguous.
+        s_a, s_b: float32 ``[seq_len, num_heads]``, base-2 log-sum-exp.
+        v_merged: ``[seq_len, num_heads, head_dim]`` like ``v_a`` (required), memory of its own.
+        s_merged: float32 ``[seq_len, num_heads]`` (required), memory of its own.
+        stream: where the kernel runs (None: the framework's current stream of ``v_a``).
+
+    Returns:
+        ``(v_merged, s_merged)``, as passed.
+    """
+    if v_merged is None or s_merged is None:
+        _need("v_merged" if v_merged is None else "s_merged", None,
+              "[seq_len, num_heads, head_dim] tensor" if v_merged is None else "float32 [seq_len, num_heads] tensor")
+    # The launcher re-checks a known layout only for alignment: passing an input itself as an output is
+    # caught per call by identity (a different context key sends the call through the checks).
+    aliased = v_merged is v_a or v_merged is v_b or s_merged is s_a or s_merged is s_b
+    _merge_state(v_a, s_a, v_b, s_b, v_merged, s_merged, stream=stream, context=_ALIASED if aliased else None)
+    return v_merged, s_merged
+
+
+def merge_state_in_place(v: Any, s: Any, v_other: Any, s_other: Any, mask: Any = None, *,
+                         stream: Any = None) -> None:
+    """Merge ``(v_other, s_other)`` into ``(v, s)`` in place.
+
+    Args:
+        v: ``[seq_len, num_heads, head_dim]`` float16/bfloat16, contiguous; updated.
+        s: float32 ``[seq_len, num_heads]``; updated.
+        v_other, s_other: the other state, same shapes.
+        mask: optional bool (or uint8 0/1) ``[seq_len]``: rows where it is false are left as they are (a CUDA
+            graph can keep a fixed batch and switch rows off).
+    """
+    aliased = v_other is v or s_other is s
+    _merge_state_in_place(v, s, v_other, s_other, mask=mask, stream=stream, context=_ALIASED if aliased else None)
+
+
+def merge_states(v: Any, s: Any, *, v_merged: Any = None, s_merged: Any = None,
+                 stream: Any = None) -> tuple[Any, Any]:
+    """Merge ``num_states`` states per row.
+
+    Args:
+        v: ``[seq_len, num_states, num_heads, head_dim]`` float16/bfloat16, contiguous.
+        s: float32 ``[seq_len, num_states, num_heads]``.
+        v_merged: ``[seq_len, num_heads, head_dim]`` (required). s_merged: float32 ``[seq_len, num_heads]``
+            (required). Neither may overlap ``v`` or ``s``. ``num_states >= 1``.
+
+    Returns:
+        ``(v_merged, s_merged)``, as passed.
+    """
+    if v_merged is None or s_merged is None:
+        _need("v_merged" if v_merged is None else "s_merged", None,
+              "[seq_len, num_heads, head_dim] tensor" if v_merged is None else "float32 [seq_len, num_heads] tensor")
+    _merge_states(v, s, v_merged, s_merged, stream=stream)
+    return v_merged, s_merged

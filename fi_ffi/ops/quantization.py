@@ -1,0 +1,161 @@
+"""Bit packing of boolean masks (``packbits``, ``segment_packbits``): the ``quantization`` module.
+
+Packs 8 booleans per byte, like ``numpy.packbits``: with ``bitorder="big"`` the first of 8 elements is the
+most significant bit of its byte, with ``"little"`` the least. A last partial byte is padded with zero bits.
+Attention custom masks are packed this way (``bitorder="little"``).
+
+- ``packbits(x)``: ``x`` (contiguous, any shape, read as flat) into ``out[(x.numel + 7) // 8]``.
+- ``segment_packbits(x, indptr)``: each segment ``x[indptr[i]:indptr[i+1]]`` packed on its own into
+  ``out[output_indptr[i]:output_indptr[i+1]]``, where the caller supplies ``output_indptr`` with
+  ``output_indptr[0] = 0`` and ``output_indptr[i+1] - output_indptr[i] = (indptr[i+1] - indptr[i] + 7) // 8``
+  (:func:`segment_packbits_indptr` computes it on the host). fi_ffi allocates nothing and reads no device
+  values, so ``out``'s length (``output_indptr[-1]``) and the index values are the caller's to get right.
+
+Contract (checked before the kernel): ``x`` bool (1 byte per element; uint8 0/1 arrays can be viewed as bool),
+contiguous, non-empty; ``out`` uint8 1-D contiguous; index arrays int32 1-D contiguous with ``batch_size >= 1``;
+``bitorder`` ``"big"`` or ``"little"``; one device.
+
+FlashInfer's ``segment_packbits`` binding (0.6.3 and 0.7.2) ignores the kernel launch status: a failed launch is
+not reported by the call (it surfaces, if at all, at the next synchronizing CUDA call).
+
+All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+from ..abi.wire import STRING, declare, tensor
+from ..dtypes import bool_, int32, uint8
+from . import checks
+from .aliasing import disjoint
+from .launcher import launcher
+
+_URI = "quantization"
+_BITORDERS = ("big", "little")
+
+# Wire order as in FlashInfer's csrc/flashinfer_quantization_binding.cu; the packed output (``y`` there) is
+# ``out`` here, the input indptr ``indptr`` (flashinfer-python's public names).
+PACKBITS = declare("packbits", [tensor("x"), ("bitorder", STRING), tensor("out", output=True)])
+SEGMENT_PACKBITS = declare("segment_packbits", [
+    tensor("x"), tensor("indptr"), tensor("output_indptr"), ("bitorder", STRING), tensor("out", output=True),
+])
+DECLARATIONS = tuple((_URI, d) for d in (PACKBITS, SEGMENT_PACKBITS))
+
+__all__ = ["packbits", "segment_packbits", "segment_packbits_indptr"]
+
+
+def _check_x(a: SimpleNamespace) -> None:
+    x = a.x
+    checks.dtype_in("x", x, (bool_,))
+    checks.cuda("x", x)
+    checks.contiguous("x", x)
+    if x.numel == 0:
+        raise ValueError(f"x: expected at least one element, got shape {x.shape}")
+    if a.bitorder not in _BITORDERS:
+        raise ValueError(f"bitorder: expected 'big' or 'little', got {a.bitorder!r}")
+
+
+def _check_out(a: SimpleNamespace, length: int | None) -> None:
+    out = a.out
+    checks.ndim("out", out, 1, "[packed bytes]")
+    if length is not None:
+        checks.shape("out", out, (length,), "[(x.numel + 7) // 8]")
+    checks.dtype_in("out", out, (uint8,))
+    checks.same_device("out", out, "x", a.x)
+    checks.cuda("out", out)
+    checks.contiguous("out", out)
+    disjoint("out", out, "x", a.x)
+
+
+def _check_packbits(a: SimpleNamespace) -> None:
+    _check_x(a)
+    _check_out(a, (a.x.numel + 7) // 8)
+
+
+def _check_segments(a: SimpleNamespace) -> None:
+    _check_x(a)
+    checks.ndim("x", a.x, 1, "[indptr[-1]]")
+    for name in ("indptr", "output_indptr"):
+        t = getattr(a, name)
+        checks.ndim(name, t, 1, "[batch_size + 1]")
+        if t.shape[0] < 2:
+            raise ValueError(f"{name}: expected [batch_size + 1] with batch_size >= 1, got shape {t.shape}")
+        checks.dtype_in(name, t, (int32,))  # the kernel reads both as int32
+        checks.same_device(name, t, "x", a.x)
+        checks.cuda(name, t)
+        checks.contiguous(name, t)
+    checks.shape("output_indptr", a.output_indptr, a.indptr.shape, "[batch_size + 1], like indptr")
+    _check_out(a, None)
+    disjoint("out", a.out, "indptr", a.indptr)
+    disjoint("out", a.out, "output_indptr", a.output_indptr)
+
+
+_packbits = launcher(PACKBITS, _URI, _check_packbits)
+_segment_packbits = launcher(SEGMENT_PACKBITS, _URI, _check_segments)
+
+
+def packbits(x: Any, bitorder: str = "big", *, out: Any = None, stream: Any = None) -> Any:
+    """Pack the booleans of ``x`` (read flat) 8 per byte.
+
+    Args:
+        x: bool, contiguous, at least one element, on a CUDA device.
+        bitorder: ``"big"`` (first element in the most significant bit) or ``"little"``.
+        out: uint8 ``[(x.numel + 7) // 8]``, contiguous (required).
+        stream: where the kernel runs (None: the framework's current stream of ``x``).
+
+    Returns:
+        ``out``, as passed.
+    """
+    if out is None:
+        raise TypeError("out: required (fi_ffi never allocates device memory); pass a uint8 tensor "
+                        "[(x.numel + 7) // 8]")
+    _packbits(x, bitorder, out, stream=stream)
+    return out
+
+
+def segment_packbits(x: Any, indptr: Any, bitorder: str = "big", *, output_indptr: Any = None, out: Any = None,
+                     stream: Any = None) -> tuple[Any, Any]:
+    """Pack each segment ``x[indptr[i]:indptr[i+1]]`` on its own (see the module docstring).
+
+    Args:
+        x: bool ``[indptr[-1]]`` (at least), contiguous.
+        indptr: int32 ``[batch_size + 1]``, contiguous, non-decreasing from 0 (device values: not checked).
+        bitorder: ``"big"`` or ``"little"``.
+        output_indptr: int32 ``[batch_size + 1]`` with the packed segment offsets (required; see
+            :func:`segment_packbits_indptr`).
+        out: uint8 ``[output_indptr[-1]]`` (required).
+
+    Returns:
+        ``(out, output_indptr)``, as passed (flashinfer-python returns the same pair).
+    """
+    if output_indptr is None or out is None:
+        missing = "output_indptr" if output_indptr is None else "out"
+        raise TypeError(f"{missing}: required (fi_ffi never allocates device memory or reads device values); "
+                        f"compute output_indptr with fi_ffi.segment_packbits_indptr and allocate "
+                        f"out = uint8[output_indptr[-1]]")
+    _segment_packbits(x, indptr, output_indptr, bitorder, out, stream=stream)
+    return out, output_indptr
+
+
+def segment_packbits_indptr(indptr: Sequence[int]) -> list[int]:
+    """On the host: the packed offsets for :func:`segment_packbits`, ``[0, ceil(len_0 / 8), ...]`` cumulated.
+
+    Args:
+        indptr: the segment boundaries (host ints, non-decreasing, ``[batch_size + 1]``).
+
+    Returns:
+        ``output_indptr`` as a list; its last value is the length of ``out``.
+    """
+    values = [int(checks.integer("indptr", v)) for v in indptr]
+    if not values:
+        raise ValueError("indptr: expected at least one entry")
+    out = [0]
+    for i, (start, end) in enumerate(itertools.pairwise(values)):
+        if end < start:
+            raise ValueError(f"indptr: must be non-decreasing, got indptr[{i}] = {start} > indptr[{i + 1}] = {end}")
+        out.append(out[-1] + (end - start + 7) // 8)
+    return out
