@@ -264,6 +264,10 @@ def _from_dlpack(obj: Any, name: str, stream: Any) -> Tensor:
     try:
         if host:
             stream = None
+        elif stream == -1 and (tp.__module__ or "").startswith(("jax", "jaxlib")):
+            # JAX takes a DLPack stream as a CUDA stream handle to order its work before, and fails on -1
+            # (CUDA_ERROR_INVALID_HANDLE); None makes it wait until the array is ready. Ops pass their real stream.
+            stream = None
         if tp in _legacy_exporters:
             capsule = obj.__dlpack__(stream=stream)
         else:

@@ -30,11 +30,7 @@ URIS_072 = ("rope", "silu_and_mul", "cascade")
 
 
 def _wheels_072() -> list[Path]:
-    for base in (REPO.parent / "shared", Path("/work/shared")):
-        found = sorted((base / "wheels-072").glob("flashinfer_jit_cache_072-*.whl"))
-        if found:
-            return found
-    return []
+    return sorted((REPO.parent / "shared" / "wheels-072").glob("flashinfer_jit_cache_072-*.whl"))
 
 
 def _forget_bindings() -> None:
