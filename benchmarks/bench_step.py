@@ -1,0 +1,189 @@
+"""A decode step as a runtime issues it: one plan, then per layer an append and a run, with a cache per layer.
+
+    python benchmarks/bench_step.py [--layers 32] [--steps 20] [--rounds 5] [--json PATH]
+
+Per step: one ``batch_decode_plan`` (host indptr / last-page arrays), then for each of ``--layers`` layers
+``append_paged_kv_cache`` (one new token per request into that layer's own K/V cache) and
+``batch_decode_run`` (that layer's q, caches and output). 32 query / 8 KV heads, head_dim 128, page 16, f16,
+NHD. Two problems:
+
+- batch 1, 16 cached tokens: the host is the bottleneck (host time per step);
+- batch 32, ~1-2k cached tokens per request: the GPU is the bottleneck (wall time per step: the binding must add
+  no GPU idle time).
+
+Contenders, same caches, same modules, interleaved rounds (each round runs every contender's steps once, the
+best round is kept; only ratios of one run mean anything):
+
+- ``fi_ffi descriptors``: descriptors made once (what a runtime holds), a new plan every step;
+- ``fi_ffi torch``: torch tensors passed to every call (no descriptors);
+- ``fi_ffi cupy``: CuPy arrays (views of the same memory) passed to every call;
+- ``flashinfer``: ``BatchDecodeWithPagedKVCacheWrapper`` planned with host indptr / last-page tensors, and
+  ``flashinfer.page.append_paged_kv_cache``.
+
+Every contender's last-layer output after one step is compared with fi_ffi's (they must be equal). Goals
+(issue 7): batch 1: descriptors <= 0.5x flashinfer, torch tensors <= 0.8x; batch 32: <= 1.02x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+HQ, HK, D, PAGE = 32, 8, 128, 16
+
+
+def problem(torch: Any, batch: int, lengths: list[int], layers: int) -> dict[str, Any]:
+    """Caches, q/out per layer, page tables (host and device) and the append indices for one step."""
+    import numpy as np
+
+    dev, dt = "cuda", torch.float16
+    pages_per = [-(-n // PAGE) for n in lengths]
+    total_pages = sum(pages_per)
+    indptr = np.zeros(batch + 1, np.int32)
+    indptr[1:] = np.cumsum(pages_per)
+    last = np.array([n - (p - 1) * PAGE for n, p in zip(lengths, pages_per, strict=True)], np.int32)
+    g = torch.Generator(device=dev).manual_seed(0)
+    kv = [torch.randn(total_pages, 2, PAGE, HK, D, dtype=dt, device=dev, generator=g) * 0.5 for _ in range(layers)]
+    q = [torch.randn(batch, HQ, D, dtype=dt, device=dev, generator=g) for _ in range(layers)]
+    new_k = [torch.randn(batch, HK, D, dtype=dt, device=dev, generator=g) for _ in range(layers)]
+    new_v = [torch.randn(batch, HK, D, dtype=dt, device=dev, generator=g) for _ in range(layers)]
+    return {
+        "batch": batch, "lengths": lengths, "layers": layers,
+        "k": [c[:, 0] for c in kv], "v": [c[:, 1] for c in kv], "q": q, "new_k": new_k, "new_v": new_v,
+        "out": [torch.empty_like(x) for x in q],
+        "indptr_h": indptr, "last_h": last,
+        "indptr": torch.from_numpy(indptr).to(dev), "indices": torch.arange(total_pages, dtype=torch.int32,
+                                                                            device=dev),
+        "last": torch.from_numpy(last).to(dev),
+        # the token appended this step overwrites each request's last cached position (same work every step)
+        "batch_indices": torch.arange(batch, dtype=torch.int32, device=dev),
+        "positions": torch.tensor([n - 1 for n in lengths], dtype=torch.int32, device=dev),
+    }
+
+
+def fi_ffi_step(fi_ffi: Any, p: dict[str, Any], ws: Any, convert: Callable[[Any], Any]) -> Callable[[], None]:
+    """One step with fi_ffi; ``convert`` maps a torch tensor to what is passed (descriptor, itself, CuPy)."""
+    c = {k: [convert(t) for t in v] if isinstance(v, list) and v and hasattr(v[0], "data_ptr") else
+         (convert(v) if hasattr(v, "data_ptr") else v) for k, v in p.items()}
+    plan_fn, run, append = fi_ffi.batch_decode_plan, fi_ffi.batch_decode_run, fi_ffi.append_paged_kv_cache
+    layers = range(p["layers"])
+    indptr_h, last_h = p["indptr_h"], p["last_h"]
+    bi, pos, indices, indptr, last = c["batch_indices"], c["positions"], c["indices"], c["indptr"], c["last"]
+    k, v, q, nk, nv, out = c["k"], c["v"], c["q"], c["new_k"], c["new_v"], c["out"]
+
+    def step() -> None:
+        plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        for i in layers:
+            append(nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last)
+            run(plan, q[i], k[i], v[i], indptr, indices, last, out[i])
+
+    return step
+
+
+def flashinfer_step(torch: Any, p: dict[str, Any]) -> Callable[[], None]:
+    import flashinfer.decode as fdec
+    import flashinfer.page as fpage
+
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    wrapper = fdec.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+    indptr_c, last_c = torch.from_numpy(p["indptr_h"]), torch.from_numpy(p["last_h"])
+    layers = range(p["layers"])
+    append = fpage.append_paged_kv_cache
+    indices, indptr, last, bi, pos = p["indices"], p["indptr"], p["last"], p["batch_indices"], p["positions"]
+    k, v, q, nk, nv = p["k"], p["v"], p["q"], p["new_k"], p["new_v"]
+    out = [torch.empty_like(x) for x in q]
+    p["flashinfer_out"] = out
+
+    def step() -> None:
+        wrapper.plan(indptr_c, indices, last_c, HQ, HK, D, PAGE, q_data_type=torch.float16)
+        for i in layers:
+            append(nk[i], nv[i], bi, pos, (k[i], v[i]), indices, indptr, last, kv_layout="NHD")
+            wrapper.run(q[i], (k[i], v[i]), out=out[i])
+
+    return step
+
+
+def measure(steps: dict[str, Callable[[], None]], n: int, rounds: int, sync: Callable[[], None],
+            wall: bool) -> dict[str, float]:
+    """Best round's time per step, in us: host time (no sync inside the round) or wall time (sync included)."""
+    for fn in steps.values():
+        fn()
+    sync()
+    best = {name: float("inf") for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            sync()
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            if wall:
+                sync()
+            best[name] = min(best[name], (time.perf_counter() - t) / n * 1e6)
+    return best
+
+
+def run_problem(torch: Any, title: str, batch: int, lengths: list[int], args: argparse.Namespace,
+                wall: bool) -> dict[str, Any]:
+    import fi_ffi
+
+    p = problem(torch, batch, lengths, args.layers)
+    ws = fi_ffi.Workspace.allocate(0)
+    steps: dict[str, Callable[[], None]] = {}
+    steps["fi_ffi descriptors"] = fi_ffi_step(fi_ffi, p, ws, fi_ffi.as_tensor)
+    steps["fi_ffi torch"] = fi_ffi_step(fi_ffi, p, ws, lambda t: t)
+    try:
+        import cupy
+
+        steps["fi_ffi cupy"] = fi_ffi_step(fi_ffi, p, ws, cupy.asarray)
+    except Exception as exc:
+        print(f"CuPy contender unavailable: {exc}")
+    try:
+        steps["flashinfer"] = flashinfer_step(torch, p)
+    except Exception:
+        traceback.print_exc(limit=3)
+    # equal outputs: one step each from the same state (appends overwrite the same slots with the same values)
+    outputs = {}
+    for name, fn in steps.items():
+        fn()
+        torch.cuda.synchronize()
+        last_out = p["flashinfer_out"][-1] if name == "flashinfer" else p["out"][-1]
+        outputs[name] = last_out.clone()
+    ref = outputs["fi_ffi descriptors"]
+    equal = {name: bool(torch.equal(o, ref)) for name, o in outputs.items()}
+    times = measure(steps, args.steps, args.rounds, torch.cuda.synchronize, wall)
+    base = times.get("flashinfer")
+    print(f"\n{title} ({'wall' if wall else 'host'} us per step, {args.layers} layers, best of {args.rounds} rounds "
+          f"of {args.steps} steps; {torch.cuda.get_device_name()})")
+    for name, us in times.items():
+        ratio = f"{us / base:.2f}x" if base else "-"
+        print(f"  {name:<22} {us:10.1f} us   {ratio} flashinfer   output equal: {equal[name]}")
+    ws.close()
+    return {"title": title, "us_per_step": times, "ratio_vs_flashinfer": {k: v / base for k, v in times.items()}
+            if base else {}, "outputs_equal": equal, "wall": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args(argv)
+    import torch
+
+    results = [run_problem(torch, "decode step, batch 1, 16 tokens", 1, [16], args, wall=False)]
+    lengths = [1024 + (i * 997) % 1024 for i in range(32)]  # 1-2k tokens, uneven
+    results.append(run_problem(torch, "decode step, batch 32, 1-2k tokens", 32, lengths, args, wall=True))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
