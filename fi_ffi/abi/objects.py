@@ -14,6 +14,8 @@ from typing import Any
 
 from ..tensor import Tensor
 from .cdefs import get_ffi
+from .cells import _HEADER, _view, get_ffi_api_decref, read_byte_array
+from .raised import error_from_handle, take_raised
 from .runtime import api
 
 # Type indices (c_api.h TVMFFITypeIndex).
@@ -30,26 +32,8 @@ TYPE_NAMES = {
     ARRAY: "Array", MAP: "Map", MODULE: "Module",
 }
 
-_HEADER = 24  # sizeof(TVMFFIObject): cells of String/Array/Error/Tensor start here
-_BYTE_ARRAY = struct.Struct("<QQ")  # TVMFFIByteArray {data, size}
 _SEQ_CELL = struct.Struct("<Qqq")  # TVMFFISeqCell {data, size, capacity}
 _ANY = struct.Struct("<iIq")
-
-
-def _view(addr: int, size: int) -> Any:
-    ffi = get_ffi()
-    return ffi.buffer(ffi.cast("char*", addr), size)
-
-
-def read_bytes(addr: int, size: int) -> bytes:
-    """Copy ``size`` bytes at ``addr``."""
-    return bytes(_view(addr, size)) if size else b""
-
-
-def read_byte_array(addr: int) -> bytes:
-    """The bytes a ``TVMFFIByteArray`` at ``addr`` points to (length from ``size``, not NUL-terminated)."""
-    data, size = _BYTE_ARRAY.unpack_from(_view(addr, 16))
-    return read_bytes(data, size)
 
 
 class ObjectRef:
@@ -92,11 +76,6 @@ class ObjectRef:
         name = TYPE_NAMES.get(self.type_index, f"type {self.type_index}")
         state = f"0x{self.handle:x}" if self.handle else "released"
         return f"<{type(self).__name__} {name} {state}>"
-
-
-def get_ffi_api_decref(handle: int) -> None:
-    ffi = get_ffi()
-    api().TVMFFIObjectDecRef(ffi.cast("void*", handle))
 
 
 class Array(ObjectRef):
@@ -198,8 +177,6 @@ def tensor_object(t: Tensor) -> TensorObject:
     if rc != 0:
         with _managed.lock:
             _managed.alive.pop(addr, None)
-        from .raised import take_raised
-
         raise take_raised("TVMFFITensorFromDLPackVersioned", (repr(t),))
     return TensorObject(int(ffi.cast("uintptr_t", out[0])), TENSOR, t.shape)
 
@@ -253,7 +230,5 @@ def take_result(slot: Any) -> Any:
     if type_index == TENSOR:
         return TensorObject(raw, TENSOR)
     if type_index == ERROR:
-        from .raised import error_from_handle
-
         return error_from_handle(raw, "")
     return ObjectRef(raw, type_index)

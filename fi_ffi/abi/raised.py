@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from ..errors import KernelError
 from .cdefs import get_ffi
-from .objects import _HEADER, get_ffi_api_decref, read_byte_array
+from .cells import _HEADER, get_ffi_api_decref, read_byte_array
 from .runtime import api
 
 
