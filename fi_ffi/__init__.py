@@ -5,7 +5,8 @@ runtime and each kernel module are loaded on first use. The public surface:
 
 - descriptors: :class:`Tensor` (``Tensor.from_pointer``), :func:`as_tensor`, dtypes and devices in
   :mod:`fi_ffi.dtypes`;
-- ops: :mod:`fi_ffi.ops` (norms, paged-KV append, GDN prefill, attention);
+- ops: :mod:`fi_ffi.ops` (norms, paged-KV append, GDN prefill, attention, sampling, top-k); the sampling
+  ops' random state: :class:`Generator`;
 - errors: :class:`KernelError`, :class:`LoaderError` and friends in :mod:`fi_ffi.errors`.
 """
 
@@ -21,6 +22,7 @@ from .tensor import Tensor
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .generator import Generator
     from .interop import as_tensor
     from .ops.decode import batch_decode_plan, batch_decode_run, single_decode
     from .ops.gdn import gdn_prefill, gdn_workspace_size
@@ -35,6 +37,22 @@ if TYPE_CHECKING:
         pack_custom_mask,
         single_prefill,
     )
+    from .ops.sampling import (
+        chain_speculative_sampling,
+        min_p_sampling_from_probs,
+        sampling_from_logits,
+        sampling_from_probs,
+        softmax,
+        softmax_workspace_size,
+        top_k_mask_logits,
+        top_k_renorm_probs,
+        top_k_sampling_from_probs,
+        top_k_top_p_sampling_from_probs,
+        top_p_renorm_probs,
+        top_p_renorm_workspace_size,
+        top_p_sampling_from_probs,
+    )
+    from .ops.topk import top_k, top_k_page_table_transform, top_k_ragged_transform
     from .ops.variants import list_variants
     from .ops.workspace import Workspace
     from .streams import current_stream, stream_scope
@@ -61,6 +79,23 @@ _LAZY = {
     "batch_prefill_paged_run": "ops.prefill",
     "pack_custom_mask": "ops.prefill",
     "current_stream": "streams",
+    "Generator": "generator",
+    "chain_speculative_sampling": "ops.sampling",
+    "min_p_sampling_from_probs": "ops.sampling",
+    "sampling_from_logits": "ops.sampling",
+    "sampling_from_probs": "ops.sampling",
+    "softmax": "ops.sampling",
+    "softmax_workspace_size": "ops.sampling",
+    "top_k_mask_logits": "ops.sampling",
+    "top_k_renorm_probs": "ops.sampling",
+    "top_k_sampling_from_probs": "ops.sampling",
+    "top_k_top_p_sampling_from_probs": "ops.sampling",
+    "top_p_renorm_probs": "ops.sampling",
+    "top_p_renorm_workspace_size": "ops.sampling",
+    "top_p_sampling_from_probs": "ops.sampling",
+    "top_k": "ops.topk",
+    "top_k_page_table_transform": "ops.topk",
+    "top_k_ragged_transform": "ops.topk",
     "rmsnorm": "ops.norm",
     "qk_rmsnorm": "ops.norm",
     "gemma_rmsnorm": "ops.norm",
@@ -84,6 +119,7 @@ __all__ = [
     "DType",
     "Device",
     "FiFFIError",
+    "Generator",
     "KernelError",
     "KernelNotFoundError",
     "LoaderError",
@@ -102,6 +138,7 @@ __all__ = [
     "batch_prefill_ragged_plan",
     "batch_prefill_ragged_run",
     "bfloat16",
+    "chain_speculative_sampling",
     "current_stream",
     "dtypes",
     "float16",
@@ -115,12 +152,27 @@ __all__ = [
     "int32",
     "int64",
     "list_variants",
+    "min_p_sampling_from_probs",
     "pack_custom_mask",
     "prepare",
     "qk_rmsnorm",
     "rmsnorm",
+    "sampling_from_logits",
+    "sampling_from_probs",
     "single_decode",
     "single_prefill",
+    "softmax",
+    "softmax_workspace_size",
     "stream_scope",
+    "top_k",
+    "top_k_mask_logits",
+    "top_k_page_table_transform",
+    "top_k_ragged_transform",
+    "top_k_renorm_probs",
+    "top_k_sampling_from_probs",
+    "top_k_top_p_sampling_from_probs",
+    "top_p_renorm_probs",
+    "top_p_renorm_workspace_size",
+    "top_p_sampling_from_probs",
     "uint8",
 ]
