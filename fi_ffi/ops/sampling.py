@@ -181,7 +181,8 @@ def release() -> str:
     """The FlashInfer release whose sampling argument lists the pinned ``sampling`` module has (``"0.6.3"`` or
     ``"0.7.2"``): on ``"0.7.2"`` the ``*_from_probs`` ops need ``valid`` and :func:`top_p_renorm_probs` needs
     ``workspace``. Binds the module (loads it) on first use."""
-    return launcher(SAMPLING_FROM_PROBS, _URI, _check_from_probs).launcher.decl.release  # type: ignore[attr-defined, no-any-return]
+    launch: Any = launcher(SAMPLING_FROM_PROBS, _URI, _check_from_probs)
+    return launch.launcher.decl.release  # type: ignore[no-any-return]
 
 
 # ---- contracts --------------------------------------------------------------------------------------------------
