@@ -6,7 +6,7 @@ runtime and each kernel module are loaded on first use. The public surface:
 - descriptors: :class:`Tensor` (``Tensor.from_pointer``), :func:`as_tensor`, dtypes and devices in
   :mod:`fi_ffi.dtypes`;
 - ops: :mod:`fi_ffi.ops` (norms, paged-KV append, GDN prefill, attention, RoPE, activations, cascade merge,
-  bit packing);
+  bit packing, sampling, top-k); the sampling ops' random state: :class:`Generator`;
 - errors: :class:`KernelError`, :class:`LoaderError` and friends in :mod:`fi_ffi.errors`.
 """
 
@@ -22,6 +22,7 @@ from .tensor import Tensor
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .generator import Generator
     from .interop import as_tensor
     from .ops.activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
     from .ops.cascade import merge_state, merge_state_in_place, merge_states
@@ -51,6 +52,22 @@ if TYPE_CHECKING:
         apply_rope_with_cos_sin_cache,
         apply_rope_with_cos_sin_cache_inplace,
     )
+    from .ops.sampling import (
+        chain_speculative_sampling,
+        min_p_sampling_from_probs,
+        sampling_from_logits,
+        sampling_from_probs,
+        softmax,
+        softmax_workspace_size,
+        top_k_mask_logits,
+        top_k_renorm_probs,
+        top_k_sampling_from_probs,
+        top_k_top_p_sampling_from_probs,
+        top_p_renorm_probs,
+        top_p_renorm_workspace_size,
+        top_p_sampling_from_probs,
+    )
+    from .ops.topk import top_k, top_k_page_table_transform, top_k_ragged_transform
     from .ops.variants import list_variants
     from .ops.workspace import Workspace
     from .streams import current_stream, stream_scope
@@ -77,6 +94,23 @@ _LAZY = {
     "batch_prefill_paged_run": "ops.prefill",
     "pack_custom_mask": "ops.prefill",
     "current_stream": "streams",
+    "Generator": "generator",
+    "chain_speculative_sampling": "ops.sampling",
+    "min_p_sampling_from_probs": "ops.sampling",
+    "sampling_from_logits": "ops.sampling",
+    "sampling_from_probs": "ops.sampling",
+    "softmax": "ops.sampling",
+    "softmax_workspace_size": "ops.sampling",
+    "top_k_mask_logits": "ops.sampling",
+    "top_k_renorm_probs": "ops.sampling",
+    "top_k_sampling_from_probs": "ops.sampling",
+    "top_k_top_p_sampling_from_probs": "ops.sampling",
+    "top_p_renorm_probs": "ops.sampling",
+    "top_p_renorm_workspace_size": "ops.sampling",
+    "top_p_sampling_from_probs": "ops.sampling",
+    "top_k": "ops.topk",
+    "top_k_page_table_transform": "ops.topk",
+    "top_k_ragged_transform": "ops.topk",
     "rmsnorm": "ops.norm",
     "qk_rmsnorm": "ops.norm",
     "gemma_rmsnorm": "ops.norm",
@@ -119,6 +153,7 @@ __all__ = [
     "DType",
     "Device",
     "FiFFIError",
+    "Generator",
     "KernelError",
     "KernelNotFoundError",
     "LoaderError",
@@ -147,6 +182,7 @@ __all__ = [
     "batch_prefill_ragged_plan",
     "batch_prefill_ragged_run",
     "bfloat16",
+    "chain_speculative_sampling",
     "current_stream",
     "dtypes",
     "float16",
@@ -165,16 +201,31 @@ __all__ = [
     "merge_state",
     "merge_state_in_place",
     "merge_states",
+    "min_p_sampling_from_probs",
     "pack_custom_mask",
     "packbits",
     "prepare",
     "qk_rmsnorm",
     "rmsnorm",
+    "sampling_from_logits",
+    "sampling_from_probs",
     "segment_packbits",
     "segment_packbits_indptr",
     "silu_and_mul",
     "single_decode",
     "single_prefill",
+    "softmax",
+    "softmax_workspace_size",
     "stream_scope",
+    "top_k",
+    "top_k_mask_logits",
+    "top_k_page_table_transform",
+    "top_k_ragged_transform",
+    "top_k_renorm_probs",
+    "top_k_sampling_from_probs",
+    "top_k_top_p_sampling_from_probs",
+    "top_p_renorm_probs",
+    "top_p_renorm_workspace_size",
+    "top_p_sampling_from_probs",
     "uint8",
 ]

@@ -78,8 +78,10 @@ def test_unhashable_producers_reach_the_kernel(kernel_modules: list[str]) -> Non
 def test_nothing_fi_ffi_keeps_holds_the_callers_buffers(kernel_modules: list[str]) -> None:
     x, w, out = HostCAI((4, 128)), HostCAI((128,)), HostCAI((4, 128))
     d = fake_cuda((4, 128))
-    reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out))
-    reached_the_kernel(lambda: fi_ffi.rmsnorm(d, w, d))
+    with pytest.raises(KernelError):
+        fi_ffi.rmsnorm(x, w, out)
+    with pytest.raises(KernelError):
+        fi_ffi.rmsnorm(d, w, d)
     with pytest.raises(ValueError):
         fi_ffi.rmsnorm(x, HostCAI((64,)), out)  # a failing call must not keep anything either
     prepared = fi_ffi.prepare(fi_ffi.rmsnorm, d, w, d)
@@ -173,10 +175,11 @@ def test_ffi_tensor_objects_are_released_and_keep_nothing(kernel_modules: list[s
     gc.collect()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     count = len(gc.get_objects())
+    alive = len(objects._managed.alive)  # other tests' objects may still wait for their collection
     for _ in range(100_000):
         objects.tensor_object(t).release()
     gc.collect()
-    assert objects._managed.alive == {}
+    assert len(objects._managed.alive) <= alive
     assert len(gc.get_objects()) - count < 1000
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 16 * 1024  # KiB
 
