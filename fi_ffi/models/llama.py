@@ -40,6 +40,7 @@ from . import kernels
 from .checkpoint import Checkpoint
 from .config import LlamaConfig
 from .paging import (
+    Layout,
     PageAllocator,
     Request,
     Scheduler,
@@ -50,7 +51,7 @@ from .paging import (
     prefill_layout,
 )
 
-__all__ = ["GenerationResult", "LlamaEngine", "SamplingParams"]
+__all__ = ["GenerationResult", "LlamaEngine", "SamplingParams", "step_views"]
 
 _H2D, _D2H = 1, 2  # cudaMemcpyKind
 
@@ -262,42 +263,20 @@ class LlamaEngine:
         return self._cp.zeros(n, np.int32), host
 
     def _view(self, kind: str, rows: int, batch: int) -> SimpleNamespace:
-        """Descriptors of the first ``rows`` token rows of the buffers and of a ``batch``-request index layout
-        (``kind``: "decode" or "prefill"), made once per shape."""
+        """:func:`step_views` over the engine's buffers, made once per shape."""
         key = (kind, rows, batch)
         v = self._views.get(key)
-        if v is not None:
-            return v
-        if len(self._views) > 256:
-            self._views.clear()
-        c, b, dev, dt = self.config, self._buf, self.device, self.dtype
-        hq, hk, d, h, w = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size, self._qkv_width
-        item = 2
-        meta, layout = (self._dmeta, self._dlayout) if kind == "decode" else (self._pmeta, self._playout)
+        if v is None:
+            if len(self._views) > 256:
+                self._views.clear()
+            b = self._buf
+            meta, layout = (self._dmeta, self._dlayout) if kind == "decode" else (self._pmeta, self._playout)
+            arrays = {"h": b.h, "x": b.x, "qkv": b.qkv, "attn": b.attn, "gu": b.gu, "act": b.act,
+                      "logits": b.logits, "ids": b.ids, "meta": meta}
+            v = self._views[key] = step_views(self.config, self.dtype, self.device,
+                                              {k: a.data.ptr for k, a in arrays.items()}, layout, kind, rows, batch,
+                                              arrays)
 
-        def region(name: str, n: int) -> Any:
-            return kernels.descriptor(meta.data.ptr + 4 * layout.offsets[name], (n,), "int32", dev, owner=meta)
-
-        qkv = b.qkv.data.ptr
-        v = SimpleNamespace(
-            h=kernels.descriptor(b.h.data.ptr, (rows, h), dt, dev, owner=b.h),
-            x=kernels.descriptor(b.x.data.ptr, (rows, h), dt, dev, owner=b.x),
-            q=kernels.descriptor(qkv, (rows, hq, d), dt, dev, (w, d, 1), owner=b.qkv),
-            k=kernels.descriptor(qkv + item * hq * d, (rows, hk, d), dt, dev, (w, d, 1), owner=b.qkv),
-            v=kernels.descriptor(qkv + item * (hq + hk) * d, (rows, hk, d), dt, dev, (w, d, 1), owner=b.qkv),
-            attn=kernels.descriptor(b.attn.data.ptr, (rows, hq, d), dt, dev, owner=b.attn),
-            gu=kernels.descriptor(b.gu.data.ptr, (rows, 2 * c.intermediate_size), dt, dev, owner=b.gu),
-            act=kernels.descriptor(b.act.data.ptr, (rows, c.intermediate_size), dt, dev, owner=b.act),
-            token_ids=meta.data.ptr + 4 * layout.offsets["token_ids"],
-            positions=region("positions", rows), batch_indices=region("batch_indices", rows),
-            kv_indptr=region("kv_indptr", batch + 1), kv_last_page_len=region("kv_last_page_len", batch),
-            kv_indices=region("kv_indices", layout.sizes["kv_indices"]),
-            logits=kernels.descriptor(b.logits.data.ptr, (batch, c.vocab_size), "float32", dev, owner=b.logits),
-            ids=kernels.descriptor(b.ids.data.ptr, (batch,), "int32", dev, owner=b.ids))
-        if kind == "prefill":
-            v.qo_indptr = region("qo_indptr", batch + 1)
-            v.last_rows = meta.data.ptr + 4 * layout.offsets["last_rows"]
-        self._views[key] = v
         return v
 
     # ------------------------------------------------------------------------------------------ forward
@@ -551,6 +530,46 @@ class LlamaEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def step_views(c: LlamaConfig, dtype: str, device: int, base: dict[str, int], layout: Layout, kind: str, rows: int,
+               batch: int, owners: dict[str, Any] | None = None) -> SimpleNamespace:
+    """Descriptors of one forward pass's operands: the first ``rows`` token rows of the activation buffers
+    (``base``: their device addresses, plus ``meta``, the index arrays laid out by ``layout``) and the index
+    arrays of a ``batch``-request step (``kind``: "decode" or "prefill").
+
+    q, k and v are strided views into the fused QKV rows ``[rows, (Hq + 2 Hk) * D]`` (no copy); the int32 index
+    arrays are regions of ``meta``; ``token_ids`` and ``last_rows`` are raw addresses (read by the gather kernel).
+    """
+    own = owners or {}
+    hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+    w = (hq + 2 * hk) * d
+    item = 2  # float16 / bfloat16
+    qkv, meta = base["qkv"], base["meta"]
+
+    def t(name: str, shape: tuple[int, ...], dt: str = dtype, at: int | None = None,
+          strides: tuple[int, ...] | None = None) -> Any:
+        return kernels.descriptor(base[name] if at is None else at, shape, dt, device, strides, owner=own.get(name))
+
+    def region(name: str, n: int) -> Any:
+        return t("meta", (n,), "int32", meta + 4 * layout.offsets[name])
+
+    v = SimpleNamespace(
+        h=t("h", (rows, h)), x=t("x", (rows, h)),
+        q=t("qkv", (rows, hq, d), strides=(w, d, 1)),
+        k=t("qkv", (rows, hk, d), at=qkv + item * hq * d, strides=(w, d, 1)),
+        v=t("qkv", (rows, hk, d), at=qkv + item * (hq + hk) * d, strides=(w, d, 1)),
+        attn=t("attn", (rows, hq, d)), gu=t("gu", (rows, 2 * c.intermediate_size)),
+        act=t("act", (rows, c.intermediate_size)),
+        token_ids=meta + 4 * layout.offsets["token_ids"],
+        positions=region("positions", rows), batch_indices=region("batch_indices", rows),
+        kv_indptr=region("kv_indptr", batch + 1), kv_last_page_len=region("kv_last_page_len", batch),
+        kv_indices=region("kv_indices", layout.sizes["kv_indices"]),
+        logits=t("logits", (batch, c.vocab_size), "float32"), ids=t("ids", (batch,), "int32"))
+    if kind == "prefill":
+        v.qo_indptr = region("qo_indptr", batch + 1)
+        v.last_rows = meta + 4 * layout.offsets["last_rows"]
+    return v
 
 
 def _positive(name: str, value: Any) -> int:
