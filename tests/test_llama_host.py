@@ -425,7 +425,8 @@ def test_engine_path_never_imports_torch(tmp_path):
                 return None
         sys.meta_path.insert(0, Spy())
         import fi_ffi.models.llama, fi_ffi.models.kernels, fi_ffi.cli
-                from fi_ffi.models.checkpoint import Checkpoint
+        from fi_ffi.models import paging
+        from fi_ffi.models.checkpoint import Checkpoint
         from fi_ffi.models.config import LlamaConfig
         cfg = LlamaConfig.from_dir({str(tmp_path)!r})
         Checkpoint({str(tmp_path)!r}).array("model.embed_tokens.weight", (8, 4))
