@@ -11,10 +11,14 @@
   FlashInfer release each comes from.
 - ``smoke [--device N]``: run each op once on the GPU against a reference; without a GPU, say so, print the
   doctor summary and exit 1.
+- ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph]``: serve token-id
+  prompts with a local Llama checkpoint (:mod:`fi_ffi.models.llama`, the ``llama`` extra); prints the tokens,
+  tokens/s and host time per decode step.
 
 Exit status: 0 success; 1 a check failed (``smoke``, ``cache verify``, ``list`` matching nothing); 2 a usage
 error or an fi_ffi error (message on stderr, no traceback); 130 interrupted; 141 the output's reader closed
 the pipe (``fi-ffi list | head``).
+
 """
 
 from __future__ import annotations
@@ -429,6 +433,41 @@ def _ordinal(text: str) -> int:
     return value
 
 
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids (e.g. 1,2,3), got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
+def _eos_ids(text: str) -> list[int]:
+    return [] if text == "none" else _token_ids(text)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .models.llama import LlamaEngine, SamplingParams
+
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    try:
+        with LlamaEngine(args.model, max_batch=args.max_batch or len(args.prompt_ids), cuda_graph=args.graph,
+                         device=args.device) as engine:
+            result = engine.generate(args.prompt_ids, args.max_new_tokens, eos_token_ids=args.eos_ids,
+                                     sampling=sampling)
+    except (ValueError, ImportError) as exc:  # a bad checkpoint or argument; CuPy missing (the llama extra)
+        print(f"fi-ffi generate: {exc}", file=sys.stderr)
+        return 2
+    for i, (tokens, why) in enumerate(zip(result.tokens, result.finish_reasons, strict=True)):
+        print(f"[{i}] {','.join(map(str, tokens))}  ({why})")
+    mode = "CUDA graph" if args.graph else "eager"
+    print(f"prefill: {result.prefill_s * 1e3:.1f} ms; decode ({mode}): {result.decode_steps} steps, "
+          f"{result.decode_tokens} tokens, {result.tokens_per_s:.1f} tokens/s, host time per step "
+          f"{result.host_us_per_step:.1f} us (median)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fi-ffi", description="FlashInfer kernels over TVM-FFI, from Python.")
     parser.add_argument("--version", action="version", version=f"fi-ffi {__version__}")
@@ -460,6 +499,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("smoke", help="run each op once on the GPU against a reference")
     p.add_argument("--device", type=_ordinal, default=0, help="CUDA ordinal (0 to the GPU count - 1)")
     p.set_defaults(func=cmd_smoke)
+    p = sub.add_parser("generate", help="serve token-id prompts with a local Llama checkpoint (needs fi-ffi[llama])")
+    p.add_argument("--model", required=True, help="checkpoint directory: config.json + *.safetensors (f16/bf16)")
+    p.add_argument("--prompt-ids", type=_token_ids, action="append", required=True,
+                   help="one prompt as comma-separated token ids (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    p.add_argument("--graph", action="store_true", help="replay the decode step as a CUDA graph")
+    p.add_argument("--max-batch", type=int, default=0, help="batch slots (default: the number of prompts)")
+    p.add_argument("--eos-ids", type=_eos_ids,
+                   help="comma-separated end-of-sequence ids, or 'none' (default: the checkpoint's)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", type=int, default=0, help="CUDA ordinal")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -1,0 +1,14 @@
+"""A small Llama serving engine built on fi_ffi, without torch (``pip install fi-ffi[llama]``).
+
+The binding layer (everything outside this package) never imports it. Modules, one concept each:
+
+- :mod:`~fi_ffi.models.config`: ``config.json`` of a Hugging Face Llama checkpoint, parsed and checked.
+- :mod:`~fi_ffi.models.checkpoint`: ``*.safetensors`` read (and written, for tests) with numpy only.
+- :mod:`~fi_ffi.models.paging`: the host side of serving: page allocator, requests, batching, padding and the
+  index arrays the attention plans take. Pure Python + numpy; no GPU.
+- :mod:`~fi_ffi.models.kernels`: every fi_ffi op the engine calls, in one adapter.
+- :mod:`~fi_ffi.models.dense`: the dense GEMMs (cuBLAS through CuPy) and two tiny CuPy kernels (row gather,
+  argmax).
+- :mod:`~fi_ffi.models.graph`: CUDA graph capture and replay with cuda-python.
+- :mod:`~fi_ffi.models.llama`: the model (weights, buffers, forward) and the serving loop.
+"""

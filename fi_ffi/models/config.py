@@ -1,0 +1,169 @@
+"""The parts of a Hugging Face Llama ``config.json`` the engine needs, parsed and checked.
+
+Both spellings of the rotary settings are read: ``rope_theta`` + ``rope_scaling`` (transformers 4.x) and
+``rope_parameters`` (transformers 5.x, ``rope_theta`` inside). Supported rotary types: ``default`` (plain RoPE)
+and ``llama3`` (Llama 3.1 frequency scaling); anything else is a ValueError, since silently using plain RoPE
+would give wrong logits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LlamaConfig", "RopeConfig"]
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings.
+
+    Attributes:
+        theta: the frequency base (``rope_theta``).
+        llama3: True for Llama 3.1 scaling (then the four fields below are used), False for plain RoPE.
+        factor: ``rope_scale`` of the Llama 3.1 formula (low frequencies are divided by it).
+        low_freq_factor, high_freq_factor: the blend band of the Llama 3.1 formula.
+        original_max_position_embeddings: the pre-training context, in tokens (``old_context_len``).
+    """
+
+    theta: float = 10000.0
+    llama3: bool = False
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: float = 8192.0
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """A Llama-architecture decoder's shape and settings (see :meth:`from_dict` for the keys read)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> LlamaConfig:
+        """Read ``model_dir/config.json``."""
+        path = Path(model_dir) / "config.json"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ValueError(f"model: {path} does not exist; pass a Hugging Face checkpoint directory "
+                             f"(config.json + *.safetensors)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"model: cannot read {path}: {exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model: {path} is not valid JSON ({exc})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "config") -> LlamaConfig:
+        """Parse a config dict. Keys: ``vocab_size``, ``hidden_size``, ``intermediate_size``,
+        ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads`` (default: the attention heads),
+        ``head_dim`` (default ``hidden_size / num_attention_heads``), ``rms_norm_eps``, the rotary keys (module
+        docstring), ``tie_word_embeddings`` (default False, as transformers), ``max_position_embeddings``,
+        ``eos_token_id`` (int, list or absent)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported; this engine runs Llama "
+                             f"checkpoints (model_type 'llama')")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported (Llama uses 'silu')")
+        for key in ("attention_bias", "mlp_bias"):
+            if d.get(key, False):
+                raise ValueError(f"{source}: {key}=true is not supported (Llama projections have no bias)")
+        hidden = _int(d, "hidden_size", source)
+        heads = _int(d, "num_attention_heads", source)
+        kv_heads = _int(d, "num_key_value_heads", source, heads)
+        if heads % kv_heads:
+            raise ValueError(f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                             f"({kv_heads})")
+        if d.get("head_dim") is None and hidden % heads:
+            raise ValueError(f"{source}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
+                             f"and no head_dim is given")
+        head_dim = _int(d, "head_dim", source, hidden // heads)
+        eps = d.get("rms_norm_eps", 1e-6)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"{source}: rms_norm_eps must be a number > 0, got {eps!r}")
+        tie = d.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
+        return cls(vocab_size=_int(d, "vocab_size", source), hidden_size=hidden,
+                   intermediate_size=_int(d, "intermediate_size", source), num_layers=_int(d, "num_hidden_layers",
+                                                                                          source),
+                   num_qo_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rms_norm_eps=float(eps),
+                   rope=_rope(d, source), tie_word_embeddings=tie,
+                   max_position_embeddings=_int(d, "max_position_embeddings", source, 2048),
+                   eos_token_ids=_eos(d.get("eos_token_id"), source))
+
+
+def _int(d: dict[str, Any], key: str, source: str, default: int | None = None) -> int:
+    value = d.get(key)
+    if value is None:
+        if default is None:
+            raise ValueError(f"{source}: missing {key!r} (a positive integer)")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive(params: dict[str, Any], key: str, source: str, default: float | None = None) -> float:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{source}: rope {key} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _rope(d: dict[str, Any], source: str) -> RopeConfig:
+    params = d.get("rope_parameters")
+    scaling = d.get("rope_scaling")
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{source}: {name} must be an object or null, got {value!r}")
+    merged: dict[str, Any] = {}
+    if "rope_theta" in d:
+        merged["rope_theta"] = d["rope_theta"]
+    merged.update(scaling or {})
+    merged.update(params or {})  # transformers 5.x: the whole rotary setting, theta included
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    theta = _positive(merged, "rope_theta", source, 10000.0)
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    if kind == "llama3":
+        factor = _positive(merged, "factor", source)
+        low = _positive(merged, "low_freq_factor", source)
+        high = _positive(merged, "high_freq_factor", source)
+        if high <= low:
+            raise ValueError(f"{source}: rope high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+        old = _positive(merged, "original_max_position_embeddings", source)
+        return RopeConfig(theta=theta, llama3=True, factor=factor, low_freq_factor=low, high_freq_factor=high,
+                          original_max_position_embeddings=old)
+    raise ValueError(f"{source}: rope type {kind!r} is not supported; supported: 'default' (no scaling) and "
+                     f"'llama3' (Llama 3.1 scaling)")
+
+
+def _eos(value: Any, source: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items):
+        raise ValueError(f"{source}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return tuple(items)

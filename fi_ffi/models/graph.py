@@ -1,0 +1,80 @@
+"""One CUDA graph captured from a stream and replayed, with cuda-python (``cuda.bindings.runtime``).
+
+Capture uses ``cudaStreamCaptureModeThreadLocal``: this thread may not make calls that are illegal during
+capture (synchronizing, legacy-stream work); other threads are unaffected. The captured work must use only
+memory that outlives the graph and must not allocate (the engine's buffers are allocated up front).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import KernelError
+
+__all__ = ["CudaGraph"]
+
+
+def _rt() -> Any:
+    from cuda.bindings import runtime
+
+    return runtime
+
+
+def _check(result: Any, what: str) -> Any:
+    rt = _rt()
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != rt.cudaError_t.cudaSuccess:
+        _, name = rt.cudaGetErrorName(err)
+        raise KernelError("RuntimeError", f"{what} failed: {name.decode()}", function=what)
+    return rest[0] if rest else None
+
+
+class CudaGraph:
+    """A graph captured once from the work issued on ``stream`` inside :meth:`capture`, then launched."""
+
+    def __init__(self, stream: int) -> None:
+        self.stream = stream
+        self._s: Any = None  # the cudaStream_t object, made once
+        self._graph: Any = None
+        self._exec: Any = None
+
+    @property
+    def captured(self) -> bool:
+        return self._exec is not None
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Record the work issued on the stream in the ``with`` block (not executed now); instantiate it."""
+        if self._exec is not None:
+            raise ValueError("graph: already captured; close() it first")
+        rt = _rt()
+        s = self._s = rt.cudaStream_t(self.stream)
+        _check(rt.cudaStreamBeginCapture(s, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+               "cudaStreamBeginCapture")
+        try:
+            yield
+        except BaseException:
+            err, graph = rt.cudaStreamEndCapture(s)  # leave the stream usable; drop the partial graph
+            if err == rt.cudaError_t.cudaSuccess and graph is not None:
+                rt.cudaGraphDestroy(graph)
+            raise
+        self._graph = _check(rt.cudaStreamEndCapture(s), "cudaStreamEndCapture")
+        self._exec = _check(rt.cudaGraphInstantiate(self._graph, 0), "cudaGraphInstantiate")
+
+    def launch(self) -> None:
+        """Enqueue one replay on the stream (asynchronous)."""
+        rt = _rt()
+        err = rt.cudaGraphLaunch(self._exec, self._s)[0]
+        if err != rt.cudaError_t.cudaSuccess:
+            _check((err,), "cudaGraphLaunch")
+
+    def close(self) -> None:
+        rt = _rt()
+        if self._exec is not None:
+            rt.cudaGraphExecDestroy(self._exec)
+            self._exec = None
+        if self._graph is not None:
+            rt.cudaGraphDestroy(self._graph)
+            self._graph = None

@@ -1,0 +1,578 @@
+"""A Llama serving engine without torch: fi_ffi for FlashInfer's ops, cuBLAS (via CuPy) for the GEMMs.
+
+::
+
+    from fi_ffi.models.llama import LlamaEngine
+
+    with LlamaEngine("/path/to/Llama-3.2-1B", max_batch=8, cuda_graph=True) as engine:
+        result = engine.generate([[128000, 791, 6864], [128000, 40]], max_new_tokens=32)
+    print(result.tokens, result.tokens_per_s, result.host_us_per_step)
+
+The model (``config.json`` + ``*.safetensors``, float16 or bfloat16): token embedding; per layer RMSNorm,
+fused QKV projection, RoPE (plain or Llama 3.1 scaled) on q and k, K/V appended to the paged cache, attention
+(causal batch prefill, or batch decode) with GQA, output projection, fused residual-add + RMSNorm, fused
+gate/up projection, SiLU-and-mul, down projection; final RMSNorm; LM head (tied to the embedding or not) with
+float32 logits; greedy argmax or top-k/top-p sampling.
+
+Serving (:class:`LlamaEngine`): the prompts are queued (:mod:`fi_ffi.models.paging`), admitted into free batch
+slots and prefilled together (one ``batch_prefill_paged_plan``, one run per layer); then each decode step makes
+one ``batch_decode_plan`` and runs every layer with it, samples one token per request, copies the tokens to the
+host and lets finished requests leave (their pages are freed). With ``cuda_graph=True`` the decode step is
+captured once at a fixed batch of ``max_batch`` rows (empty slots padded) and every step re-plans
+(``enable_cuda_graph=True``), copies the step's index arrays into the graph's buffers and replays it.
+
+Every buffer is allocated once, in :class:`LlamaEngine`'s constructor; the ops write into them (no allocation
+per step, which is also what makes the capture valid). All GPU work runs on the engine's own stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from . import kernels
+from .checkpoint import Checkpoint
+from .config import LlamaConfig
+from .paging import (
+    Layout,
+    PageAllocator,
+    Request,
+    Scheduler,
+    decode_layout,
+    fill_decode,
+    fill_prefill,
+    pages_for,
+    prefill_layout,
+)
+
+__all__ = ["GenerationResult", "LlamaEngine", "SamplingParams", "step_views"]
+
+_H2D, _D2H = 1, 2  # cudaMemcpyKind
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are chosen. ``temperature == 0`` (default): greedy argmax. Otherwise softmax of
+    ``logits / temperature`` restricted to the ``top_k`` most likely tokens (0: all) and the smallest set of
+    probability ``top_p``, drawn with a Philox generator seeded with ``seed``."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature: expected >= 0 (0: greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k: expected an integer >= 0 (0: no limit), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: expected a probability in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationResult:
+    """Tokens per prompt (in the order given) and timings.
+
+    ``decode_steps``: decode steps run; ``decode_tokens``: tokens they produced; ``decode_s``: their wall time;
+    ``step_host_us``: host time of each step (building the index arrays, planning, launching, and handling the
+    sampled tokens; the wait for the GPU excluded).
+    """
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    step_host_us: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput: generated tokens per second of decode-step wall time."""
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def host_us_per_step(self) -> float:
+        """Median host time per decode step, in microseconds."""
+        return float(np.median(self.step_host_us)) if self.step_host_us else 0.0
+
+
+class LlamaEngine:
+    """Loads a Llama checkpoint onto one GPU and serves batches of token-id prompts.
+
+    Args:
+        model_dir: a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``).
+        max_batch: batch slots: requests decoded together (the CUDA graph's fixed batch).
+        page_size: tokens per KV-cache page.
+        max_seq_len: the most tokens (prompt + generated) per request; default
+            ``min(max_position_embeddings, 4096)``.
+        num_pages: KV-cache pages (page 0 is the padding page); default enough for ``max_batch`` requests of
+            ``max_seq_len`` tokens.
+        max_prefill_tokens: the most prompt tokens prefilled together (sizes the activation buffers); default
+            ``max(max_seq_len, max_batch)``.
+        cuda_graph: capture the decode step once and replay it.
+        device: the CUDA device ordinal.
+    """
+
+    def __init__(self, model_dir: str | Path, *, max_batch: int = 32, page_size: int = 16,
+                 max_seq_len: int | None = None, num_pages: int | None = None,
+                 max_prefill_tokens: int | None = None, cuda_graph: bool = False, device: int = 0) -> None:
+        cfg = self.config = LlamaConfig.from_dir(model_dir)
+        self.max_batch = _positive("max_batch", max_batch)
+        self.page_size = _positive("page_size", page_size)
+        self.max_seq_len = _positive("max_seq_len", max_seq_len if max_seq_len is not None else
+                                     min(cfg.max_position_embeddings, 4096))
+        per_request = pages_for(self.max_seq_len, self.page_size)
+        self.num_pages = _positive("num_pages", num_pages if num_pages is not None else
+                                   self.max_batch * per_request + 1)
+        self.max_prefill_tokens = _positive("max_prefill_tokens", max_prefill_tokens if max_prefill_tokens is not
+                                            None else max(self.max_seq_len, self.max_batch))
+        self.device = device
+        self.graph: Any = None
+        self._closed = True  # until everything below exists
+        try:
+            import cupy as cp
+        except ImportError as exc:
+            raise ImportError(f"the Llama engine needs CuPy ({exc}); install it with: pip install 'fi-ffi[llama]'") \
+                from exc
+        self._cp = cp
+        with cp.cuda.Device(device):
+            self.stream = cp.cuda.Stream(non_blocking=True)
+            self._s = self.stream.ptr
+            from .dense import Dense
+
+            self.dense = Dense(self.stream)
+            self._load(Checkpoint(model_dir))
+            self._allocate()
+            self._ws_prefill = kernels.workspace(device)
+            self._ws_decode = kernels.workspace(device)
+            # The uploads and zero fills above ran on the legacy stream, which our non-blocking stream does not
+            # wait for: finish them once here.
+            cp.cuda.Device(device).synchronize()
+            self._closed = False
+            if cuda_graph:
+                try:
+                    with self.stream:
+                        self._capture()
+                except BaseException:
+                    self.close()
+                    raise
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def _load(self, ckpt: Checkpoint) -> None:
+        cp, c = self._cp, self.config
+        hq, hk, d, h, inter = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
+        embed_info = ckpt.info("model.embed_tokens.weight")
+        dtype = embed_info.dtype
+        if dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints "
+                             f"(save the model in one of them)")
+        self.dtype = dtype
+        from .dense import data_type
+
+        self._ab = data_type(dtype)
+        self._f32 = data_type("float32")
+        self._weights: list[Any] = []  # keeps every device array alive
+
+        def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            if ckpt.info(name).dtype != dtype:
+                raise ValueError(f"model: tensor {name!r} is {ckpt.info(name).dtype}, the embedding is {dtype}; "
+                                 f"mixed-precision checkpoints are not supported")
+            return ckpt.array(name, shape)
+
+        def upload(arr: np.ndarray) -> Any:
+            dev = cp.asarray(np.ascontiguousarray(arr))
+            self._weights.append(dev)
+            return dev
+
+        def vector(arr: np.ndarray) -> Any:
+            dev = upload(arr)
+            return kernels.descriptor(dev.data.ptr, (arr.shape[0],), dtype, self.device, owner=dev)
+
+        embed = upload(get("model.embed_tokens.weight", (c.vocab_size, h)))
+        self._embed = embed.data.ptr
+        if c.tie_word_embeddings:
+            self._lm_head = self._embed
+        else:
+            self._lm_head = upload(get("lm_head.weight", (c.vocab_size, h))).data.ptr
+        self._wqkv, self._wo, self._wgu, self._wd, self._ln1, self._ln2 = [], [], [], [], [], []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            self._wqkv.append(upload(np.concatenate([get(p + "self_attn.q_proj.weight", (hq * d, h)),
+                                                     get(p + "self_attn.k_proj.weight", (hk * d, h)),
+                                                     get(p + "self_attn.v_proj.weight", (hk * d, h))])).data.ptr)
+            self._wo.append(upload(get(p + "self_attn.o_proj.weight", (h, hq * d))).data.ptr)
+            self._wgu.append(upload(np.concatenate([get(p + "mlp.gate_proj.weight", (inter, h)),
+                                                    get(p + "mlp.up_proj.weight", (inter, h))])).data.ptr)
+            self._wd.append(upload(get(p + "mlp.down_proj.weight", (h, inter))).data.ptr)
+            self._ln1.append(vector(get(p + "input_layernorm.weight", (h,))))
+            self._ln2.append(vector(get(p + "post_attention_layernorm.weight", (h,))))
+        self._norm = vector(get("model.norm.weight", (h,)))
+
+    def _allocate(self) -> None:
+        cp, c = self._cp, self.config
+        storage = np.float16 if self.dtype == "float16" else np.uint16
+        rows = max(self.max_prefill_tokens, self.max_batch)
+        hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+        self._qkv_width = (hq + 2 * hk) * d
+        b = self._buf = SimpleNamespace(
+            h=cp.empty((rows, h), storage), x=cp.empty((rows, h), storage),
+            qkv=cp.empty((rows, self._qkv_width), storage), attn=cp.empty((rows, hq * d), storage),
+            gu=cp.empty((rows, 2 * c.intermediate_size), storage), act=cp.empty((rows, c.intermediate_size), storage),
+            last=cp.empty((self.max_batch, h), storage), logits=cp.empty((self.max_batch, c.vocab_size), np.float32),
+            ids=cp.empty(self.max_batch, np.int32),
+            kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), storage))
+        kv_shape = (self.num_pages, self.page_size, hk, d)
+        self._k_cache = [kernels.descriptor(b.kv[i, 0].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
+                         for i in range(c.num_layers)]
+        self._v_cache = [kernels.descriptor(b.kv[i, 1].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
+                         for i in range(c.num_layers)]
+        max_pages = self.num_pages  # every request's pages at once, plus padding rows' page 0
+        max_pages += self.max_batch
+        self._dlayout = decode_layout(self.max_batch, max_pages)
+        self._playout = prefill_layout(self.max_prefill_tokens, self.max_batch, max_pages)
+        self._dmeta, self._dhost = self._meta(self._dlayout.total)
+        self._pmeta, self._phost = self._meta(self._playout.total)
+        self._dh = self._dlayout.views(self._dhost)
+        self._ph = self._playout.views(self._phost)
+        self._ids_mem = cp.cuda.alloc_pinned_memory(4 * self.max_batch)
+        self._ids_host = np.frombuffer(self._ids_mem, np.int32, self.max_batch)
+        self._views: dict[tuple[Any, ...], SimpleNamespace] = {}
+        self._probs: Any = None
+        self._gen: Any = None
+        self._gen_seed: int | None = None
+
+    def _meta(self, n: int) -> tuple[Any, np.ndarray]:
+        """A device int32 buffer of ``n`` entries and its page-locked host staging twin."""
+        mem = self._cp.cuda.alloc_pinned_memory(4 * n)
+        host = np.frombuffer(mem, np.int32, n)
+        host[:] = 0
+        self._weights.append(mem)
+        return self._cp.zeros(n, np.int32), host
+
+    def _view(self, kind: str, rows: int, batch: int) -> SimpleNamespace:
+        """:func:`step_views` over the engine's buffers, made once per shape."""
+        key = (kind, rows, batch)
+        v = self._views.get(key)
+        if v is None:
+            if len(self._views) > 256:
+                self._views.clear()
+            b = self._buf
+            meta, layout = (self._dmeta, self._dlayout) if kind == "decode" else (self._pmeta, self._playout)
+            arrays = {"h": b.h, "x": b.x, "qkv": b.qkv, "attn": b.attn, "gu": b.gu, "act": b.act,
+                      "logits": b.logits, "ids": b.ids, "meta": meta}
+            v = self._views[key] = step_views(self.config, self.dtype, self.device,
+                                              {k: a.data.ptr for k, a in arrays.items()}, layout, kind, rows, batch,
+                                              arrays)
+
+        return v
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _forward(self, v: SimpleNamespace, rows: int, attention: Any) -> None:
+        """Embedding to the final RMSNorm for ``rows`` token rows; leaves the normalized hidden states in x."""
+        c, b, dense, s = self.config, self._buf, self.dense, self._s
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
+        x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
+        w, hqd, last = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
+        kernels.rmsnorm(v.h, self._ln1[0], v.x, eps, s)
+        for i in range(c.num_layers):
+            dense.linear(rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab)
+            kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
+            kernels.append_kv(v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i],
+                              v.kv_indices, v.kv_indptr, v.kv_last_page_len, s)
+            attention(i, v)
+            dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)
+            kernels.fused_add_rmsnorm(v.x, v.h, self._ln2[i], eps, s)
+            dense.linear(rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
+            kernels.silu_and_mul(v.gu, v.act, s)
+            dense.linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab)
+            kernels.fused_add_rmsnorm(v.x, v.h, self._ln1[i + 1] if i < last else self._norm, eps, s)
+
+    def _decode_attention(self, i: int, v: SimpleNamespace) -> None:
+        kernels.decode_run(self._decode_plan, v.q, self._k_cache[i], self._v_cache[i], v.kv_indptr, v.kv_indices,
+                           v.kv_last_page_len, v.attn, self._s)
+
+    def _prefill_attention(self, i: int, v: SimpleNamespace) -> None:
+        kernels.prefill_run(self._prefill_plan, v.q, self._k_cache[i], self._v_cache[i], v.qo_indptr, v.kv_indptr,
+                            v.kv_indices, v.kv_last_page_len, v.attn, self._s)
+
+    def _decode_body(self, v: SimpleNamespace, rows: int) -> None:
+        """One decode step on the device: forward, LM head, argmax into ``ids`` (what the graph captures)."""
+        c, b = self.config, self._buf
+        self._forward(v, rows, self._decode_attention)
+        self.dense.linear(rows, b.x.data.ptr, c.hidden_size, self._lm_head, c.vocab_size, c.hidden_size,
+                          b.logits.data.ptr, c.vocab_size, self._ab, self._f32)
+        self.dense.argmax(rows, b.logits.data.ptr, c.vocab_size, c.vocab_size, b.ids.data.ptr)
+
+    def _capture(self) -> None:
+        """Warm up one padded decode step eagerly (loads modules, compiles kernels, picks GEMM algorithms),
+        then capture the same step into a CUDA graph."""
+        from .graph import CudaGraph
+
+        rows = self.max_batch
+        n_pages = fill_decode([None] * rows, self.page_size, self._dh)
+        self._upload_decode(rows, n_pages, cuda_graph=True)
+        v = self._view("decode", rows, rows)
+        self._decode_body(v, rows)
+        self.stream.synchronize()
+        graph = CudaGraph(self._s)
+        with graph.capture():
+            self._decode_body(v, rows)
+        self._graph_plan_info = self._decode_plan.info
+        self._graph_checked = False
+        self.graph = graph
+
+    def _upload_decode(self, rows: int, n_pages: int, cuda_graph: bool) -> None:
+        """Copy the step's index arrays to the device and plan the step (``cuda_graph``: a fixed-batch plan for
+        the captured graph)."""
+        n = self._dlayout.end("kv_indices", n_pages)
+        self._cp.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, self._dhost.ctypes.data, 4 * n, _H2D, self._s)
+        c = self.config
+        self._decode_plan = kernels.decode_plan(self._ws_decode, self._dh["kv_indptr"][:rows + 1], c.num_qo_heads,
+                                                c.num_kv_heads, c.head_dim, self.page_size, self.dtype,
+                                                cuda_graph, self._s)
+
+    # ------------------------------------------------------------------------------------------ serving
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
+                 eos_token_ids: Sequence[int] | None = None,
+                 sampling: SamplingParams | None = None) -> GenerationResult:
+        """Generate tokens for each prompt (lists of token ids) until an end-of-sequence token (kept in the
+        output) or ``max_new_tokens`` (one value, or one per prompt).
+
+        ``eos_token_ids``: default the checkpoint's ``eos_token_id``; ``()`` to always run to
+        ``max_new_tokens``. Returns the tokens in prompt order, with timings.
+        """
+        self._check_open()
+        sampling = sampling or SamplingParams()
+        sched = self._scheduler(eos_token_ids)
+        reqs = self._submit(sched, prompts, max_new_tokens)
+        result = GenerationResult([], [])
+        cp = self._cp
+        with cp.cuda.Device(self.device), self.stream:
+            try:
+                while sched.has_work:
+                    admitted = sched.admit()
+                    if admitted:
+                        t = time.perf_counter()
+                        self._prefill(sched, admitted, sampling)
+                        result.prefill_s += time.perf_counter() - t
+                    if sched.active:
+                        t = time.perf_counter()
+                        result.step_host_us.append(self._decode_step(sched, sampling))
+                        result.decode_s += time.perf_counter() - t
+                        result.decode_steps += 1
+            finally:
+                self.stream.synchronize()
+        result.tokens = [list(r.output) for r in reqs]
+        result.finish_reasons = [r.finish_reason or "" for r in reqs]
+        result.decode_tokens = sum(len(r.output) - 1 for r in reqs)
+        return result
+
+    def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Float32 logits ``[len(prompt), vocab]`` of every position of every prompt (a check against a
+        reference implementation; the prompts are prefilled in batches, then their pages freed)."""
+        self._check_open()
+        sched = self._scheduler(())
+        reqs = self._submit(sched, prompts, 1)
+        out: dict[int, np.ndarray] = {}
+        with self._cp.cuda.Device(self.device), self.stream:
+            while sched.has_work:
+                admitted = sched.admit()
+                for r, logits in zip(admitted, self._prefill(sched, admitted, SamplingParams(), all_logits=True),
+                                     strict=True):
+                    out[r.rid] = logits
+        return [out[r.rid] for r in reqs]
+
+    def _scheduler(self, eos_token_ids: Sequence[int] | None) -> Scheduler:
+        eos = self.config.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
+        return Scheduler(PageAllocator(self.num_pages), self.page_size, self.max_batch, self.max_seq_len,
+                         self.max_prefill_tokens, self.config.vocab_size, eos)
+
+    @staticmethod
+    def _submit(sched: Scheduler, prompts: Sequence[Sequence[int]],
+                max_new_tokens: int | Sequence[int]) -> list[Request]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts: expected a non-empty list of prompts (lists of token ids)")
+        if isinstance(max_new_tokens, Sequence):
+            if len(max_new_tokens) != len(prompts):
+                raise ValueError(f"max_new_tokens: expected one value per prompt ({len(prompts)}), got "
+                                 f"{len(max_new_tokens)}")
+            limits = list(max_new_tokens)
+        else:
+            limits = [max_new_tokens] * len(prompts)
+        return [sched.submit(p, m, name=f"prompts[{i}]") for i, (p, m) in enumerate(zip(prompts, limits,
+                                                                                        strict=True))]
+
+    def _prefill(self, sched: Scheduler, reqs: list[Request], sampling: SamplingParams,
+                 all_logits: bool = False) -> list[np.ndarray]:
+        cp, c, b, s = self._cp, self.config, self._buf, self._s
+        batch = len(reqs)
+        nnz, n_pages = fill_prefill(reqs, self.page_size, self._ph)
+        n = self._playout.end("kv_indices", n_pages)
+        cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, self._phost.ctypes.data, 4 * n, _H2D, s)
+        ph = self._ph
+        self._prefill_plan = kernels.prefill_plan(self._ws_prefill, ph["qo_indptr"][:batch + 1],
+                                                  ph["kv_indptr"][:batch + 1], ph["kv_last_page_len"][:batch],
+                                                  c.num_qo_heads, c.num_kv_heads, c.head_dim, self.page_size,
+                                                  self.dtype, s)
+        v = self._view("prefill", nnz, batch)
+        self._forward(v, nnz, self._prefill_attention)
+        full = None
+        if all_logits:
+            full = cp.empty((nnz, c.vocab_size), np.float32)
+            self.dense.linear(nnz, b.x.data.ptr, c.hidden_size, self._lm_head, c.vocab_size, c.hidden_size,
+                              full.data.ptr, c.vocab_size, self._ab, self._f32)
+        h = c.hidden_size
+        self.dense.gather_rows(batch, b.x.data.ptr, h, v.last_rows, b.last.data.ptr, h, h)
+        self.dense.linear(batch, b.last.data.ptr, h, self._lm_head, c.vocab_size, h, b.logits.data.ptr,
+                          c.vocab_size, self._ab, self._f32)
+        self._pick(v, batch, sampling)
+        tokens = self._fetch_ids(batch)
+        sched.record(reqs, tokens, prefill=True)
+        if full is None:
+            return []
+        host = full.get(stream=self.stream)
+        bounds = ph["qo_indptr"][:batch + 1].tolist()
+        return [host[bounds[i]:bounds[i + 1]] for i in range(batch)]
+
+    def _pick(self, v: SimpleNamespace, rows: int, sampling: SamplingParams) -> None:
+        """Choose each row's token into ``ids`` from ``logits`` (greedy: argmax)."""
+        if sampling.greedy:
+            b = self._buf
+            self.dense.argmax(rows, b.logits.data.ptr, self.config.vocab_size, self.config.vocab_size,
+                              b.ids.data.ptr)
+            return
+        if self._probs is None:
+            self._probs = self._cp.empty((self.max_batch, self.config.vocab_size), np.float32)
+        if self._gen is None or self._gen_seed != sampling.seed:
+            self._gen, self._gen_seed = kernels.generator(sampling.seed), sampling.seed
+        probs = kernels.descriptor(self._probs.data.ptr, (rows, self.config.vocab_size), "float32", self.device,
+                                   owner=self._probs)
+        top_k = sampling.top_k if sampling.top_k > 0 else self.config.vocab_size
+        kernels.sample_top_k_top_p(v.logits, probs, v.ids, top_k, float(sampling.top_p),
+                                   float(sampling.temperature), self._gen, self._s)
+
+    def _fetch_ids(self, rows: int) -> list[int]:
+        """Copy the chosen tokens to the host and wait for the stream (the one synchronization per step)."""
+        self._cp.cuda.runtime.memcpyAsync(self._ids_host.ctypes.data, self._buf.ids.data.ptr, 4 * rows, _D2H,
+                                          self._s)
+        self.stream.synchronize()
+        return self._ids_host[:rows].tolist()
+
+    def _decode_step(self, sched: Scheduler, sampling: SamplingParams) -> float:
+        """One decode step for every active request; returns its host time in microseconds."""
+        t0 = time.perf_counter()
+        graph = self.graph
+        rows = sched.decode_rows(padded=graph is not None)
+        n = len(rows)
+        self._upload_decode(n, fill_decode(rows, self.page_size, self._dh), cuda_graph=graph is not None)
+        v = self._view("decode", n, n)
+        if graph is not None:
+            if not self._graph_checked:
+                # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
+                if self._decode_plan.info != self._graph_plan_info:
+                    raise RuntimeError("a CUDA-graph decode plan changed its schedule layout; the captured graph "
+                                       "cannot replay it")
+                self._graph_checked = True
+            graph.launch()
+            if not sampling.greedy:
+                self._pick(v, n, sampling)
+        else:
+            self._forward(v, n, self._decode_attention)
+            c, b = self.config, self._buf
+            self.dense.linear(n, b.x.data.ptr, c.hidden_size, self._lm_head, c.vocab_size, c.hidden_size,
+                              b.logits.data.ptr, c.vocab_size, self._ab, self._f32)
+            self._pick(v, n, sampling)
+        self._cp.cuda.runtime.memcpyAsync(self._ids_host.ctypes.data, self._buf.ids.data.ptr, 4 * n, _D2H,
+                                          self._s)
+        t1 = time.perf_counter()
+        self.stream.synchronize()
+        t2 = time.perf_counter()
+        sched.record(rows, self._ids_host[:n].tolist())
+        return ((t1 - t0) + (time.perf_counter() - t2)) * 1e6
+
+    # ------------------------------------------------------------------------------------------ lifetime
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("engine: closed")
+
+    def close(self) -> None:
+        """Free the graph, workspaces and cuBLAS handle (device arrays go with the engine). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._cp.cuda.Device(self.device):
+            self.stream.synchronize()
+            if self.graph is not None:
+                self.graph.close()
+            self._ws_prefill.close()
+            self._ws_decode.close()
+            self.dense.close()
+
+    def __enter__(self) -> LlamaEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def step_views(c: LlamaConfig, dtype: str, device: int, base: dict[str, int], layout: Layout, kind: str, rows: int,
+               batch: int, owners: dict[str, Any] | None = None) -> SimpleNamespace:
+    """Descriptors of one forward pass's operands: the first ``rows`` token rows of the activation buffers
+    (``base``: their device addresses, plus ``meta``, the index arrays laid out by ``layout``) and the index
+    arrays of a ``batch``-request step (``kind``: "decode" or "prefill").
+
+    q, k and v are strided views into the fused QKV rows ``[rows, (Hq + 2 Hk) * D]`` (no copy); the int32 index
+    arrays are regions of ``meta``; ``token_ids`` and ``last_rows`` are raw addresses (read by the gather kernel).
+    """
+    own = owners or {}
+    hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+    w = (hq + 2 * hk) * d
+    item = 2  # float16 / bfloat16
+    qkv, meta = base["qkv"], base["meta"]
+
+    def t(name: str, shape: tuple[int, ...], dt: str = dtype, at: int | None = None,
+          strides: tuple[int, ...] | None = None) -> Any:
+        return kernels.descriptor(base[name] if at is None else at, shape, dt, device, strides, owner=own.get(name))
+
+    def region(name: str, n: int) -> Any:
+        return t("meta", (n,), "int32", meta + 4 * layout.offsets[name])
+
+    v = SimpleNamespace(
+        h=t("h", (rows, h)), x=t("x", (rows, h)),
+        q=t("qkv", (rows, hq, d), strides=(w, d, 1)),
+        k=t("qkv", (rows, hk, d), at=qkv + item * hq * d, strides=(w, d, 1)),
+        v=t("qkv", (rows, hk, d), at=qkv + item * (hq + hk) * d, strides=(w, d, 1)),
+        attn=t("attn", (rows, hq, d)), gu=t("gu", (rows, 2 * c.intermediate_size)),
+        act=t("act", (rows, c.intermediate_size)),
+        token_ids=meta + 4 * layout.offsets["token_ids"],
+        positions=region("positions", rows), batch_indices=region("batch_indices", rows),
+        kv_indptr=region("kv_indptr", batch + 1), kv_last_page_len=region("kv_last_page_len", batch),
+        kv_indices=region("kv_indices", layout.sizes["kv_indices"]),
+        logits=t("logits", (batch, c.vocab_size), "float32"), ids=t("ids", (batch,), "int32"))
+    if kind == "prefill":
+        v.qo_indptr = region("qo_indptr", batch + 1)
+        v.last_rows = meta + 4 * layout.offsets["last_rows"]
+    return v
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return value

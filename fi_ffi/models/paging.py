@@ -1,0 +1,349 @@
+"""The host side of serving: pages, requests, batching, padding, and the index arrays the kernels read.
+
+Nothing here touches a GPU, so it is tested on CPU (tests/test_llama_host.py).
+
+KV cache: ``num_pages`` pages of ``page_size`` tokens per layer. Page 0 is reserved as the **padding page**:
+padded rows of a CUDA-graph batch append their (ignored) K/V there and attend to its one token, so a padded
+row is an ordinary one-token request and the kernels need no special case. Real requests get pages
+``1 .. num_pages - 1`` from :class:`PageAllocator`.
+
+A request's life (:class:`Scheduler`):
+
+1. :meth:`Scheduler.submit` checks it and queues it. Its page **budget** is the most it can ever hold:
+   ``ceil((len(prompt) + max_new_tokens - 1) / page_size)`` (the last generated token is never fed back).
+2. :meth:`Scheduler.admit` moves queued requests into free batch slots while the free pages cover every
+   admitted request's remaining budget, so decoding never runs out of pages (no preemption needed). The
+   admitted requests get their prompt's pages and are prefilled together (:func:`fill_prefill`).
+3. Each decode step feeds every active request its last token at position ``cached`` (the tokens whose K/V
+   are in the cache): :meth:`Scheduler.decode_rows` gives it a new page when ``cached`` is a multiple of
+   ``page_size``, :func:`fill_decode` writes the step's arrays.
+4. :meth:`Scheduler.record` appends the sampled tokens; a request that produced an end-of-sequence token or
+   its ``max_new_tokens``-th token finishes, leaves its slot and frees its pages.
+
+Index arrays (FlashInfer's paged layout), for a batch of ``B`` rows: ``kv_indptr`` ``[B + 1]`` (row ``b``
+owns ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``), ``kv_indices`` (page ids), ``kv_last_page_len`` ``[B]``
+(tokens in the last page, ``1..page_size``), plus per appended token its row (``batch_indices``) and position
+(``positions``, also the RoPE position). All int32.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["PAD_PAGE", "Layout", "OutOfPagesError", "PageAllocator", "Request", "Scheduler", "fill_decode",
+           "fill_prefill", "pages_for"]
+
+PAD_PAGE = 0
+
+
+class OutOfPagesError(RuntimeError):
+    """The KV cache has fewer free pages than requested."""
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    """Pages needed to hold ``tokens`` tokens."""
+    return -(-tokens // page_size)
+
+
+class PageAllocator:
+    """Hands out page ids ``reserved .. num_pages - 1``; freed pages are reused first (LIFO, warm in cache)."""
+
+    def __init__(self, num_pages: int, reserved: int = 1) -> None:
+        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages <= reserved:
+            raise ValueError(f"num_pages: expected an integer > {reserved} (page {PAD_PAGE} is the padding page), "
+                             f"got {num_pages!r}")
+        self.num_pages = num_pages
+        self.reserved = reserved
+        self._free = list(range(num_pages - 1, reserved - 1, -1))  # pop() gives the lowest id first
+        self._used = bytearray(num_pages)
+
+    @property
+    def capacity(self) -> int:
+        """Pages requests can ever hold (all but the reserved ones)."""
+        return self.num_pages - self.reserved
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        """``n`` page ids, all or none: OutOfPagesError if fewer than ``n`` are free."""
+        if n > len(self._free):
+            raise OutOfPagesError(f"the KV cache has {len(self._free)} free pages of {self.capacity}, {n} "
+                                  f"requested; allocate more pages (num_pages=) or serve fewer or shorter requests")
+        if n <= 0:
+            return []
+        pages = self._free[-n:]
+        del self._free[-n:]
+        pages.reverse()
+        for p in pages:
+            self._used[p] = 1
+        return pages
+
+    def free(self, pages: Iterable[int]) -> None:
+        """Give pages back. ValueError (nothing freed) for a page that is not allocated (double free)."""
+        pages = list(pages)
+        seen = set()
+        for p in pages:
+            if not (self.reserved <= p < self.num_pages) or not self._used[p] or p in seen:
+                raise ValueError(f"pages: page {p} is not allocated (double free, or not from this allocator)")
+            seen.add(p)
+        for p in reversed(pages):
+            self._used[p] = 0
+            self._free.append(p)
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt being served. ``output`` holds the generated tokens (the first comes from the prefill)."""
+
+    rid: int
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    budget_pages: int
+    output: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    cached: int = 0  # tokens whose K/V are in the cache
+    slot: int = -1  # row in the batch while active
+    finish_reason: str | None = None  # "eos" or "length" once finished
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Layout:
+    """Named int32 regions at fixed offsets of one flat buffer (one host-to-device copy per step).
+
+    Offsets are rounded up to 32 entries (128 bytes) so every region is aligned for vector loads.
+    """
+
+    def __init__(self, sizes: dict[str, int]) -> None:
+        self.offsets: dict[str, int] = {}
+        self.sizes = dict(sizes)
+        at = 0
+        for name, n in sizes.items():
+            self.offsets[name] = at
+            at += -(-n // 32) * 32
+        self.total = at
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Full-size views of each region of ``flat`` (int32, at least :attr:`total` entries)."""
+        return {k: flat[o:o + self.sizes[k]] for k, o in self.offsets.items()}
+
+    def end(self, name: str, used: int) -> int:
+        """Entries of the flat buffer up to the first ``used`` entries of region ``name`` (for partial copies)."""
+        return self.offsets[name] + used
+
+
+def decode_layout(max_rows: int, max_pages: int) -> Layout:
+    """The decode step's regions; ``kv_indices`` last, so a copy can stop after the pages in use."""
+    return Layout({"token_ids": max_rows, "positions": max_rows, "batch_indices": max_rows,
+                   "kv_indptr": max_rows + 1, "kv_last_page_len": max_rows, "kv_indices": max_pages})
+
+
+def prefill_layout(max_tokens: int, max_rows: int, max_pages: int) -> Layout:
+    """The prefill's regions; ``kv_indices`` last."""
+    return Layout({"token_ids": max_tokens, "positions": max_tokens, "batch_indices": max_tokens,
+                   "qo_indptr": max_rows + 1, "kv_indptr": max_rows + 1, "kv_last_page_len": max_rows,
+                   "last_rows": max_rows, "kv_indices": max_pages})
+
+
+def fill_prefill(requests: Sequence[Request], page_size: int, v: dict[str, np.ndarray]) -> tuple[int, int]:
+    """Write the prefill arrays of ``requests`` (their whole prompts, pages already held) into the views ``v``.
+
+    Row ``b`` is ``requests[b]``; its prompt tokens are rows ``qo_indptr[b]:qo_indptr[b+1]`` at positions
+    ``0..n-1``; ``last_rows[b]`` is its last prompt token's row (whose logits give the first new token).
+    Returns ``(nnz, pages)``: tokens and page ids written.
+    """
+    t = p = 0
+    v["qo_indptr"][0] = 0
+    v["kv_indptr"][0] = 0
+    for b, r in enumerate(requests):
+        n = len(r.prompt)
+        need = pages_for(n, page_size)
+        if len(r.pages) != need:
+            raise AssertionError(f"request {r.rid}: holds {len(r.pages)} pages, its prompt needs {need}")
+        v["token_ids"][t:t + n] = r.prompt
+        v["positions"][t:t + n] = np.arange(n, dtype=np.int32)
+        v["batch_indices"][t:t + n] = b
+        v["kv_indices"][p:p + need] = r.pages
+        t += n
+        p += need
+        v["qo_indptr"][b + 1] = t
+        v["kv_indptr"][b + 1] = p
+        v["kv_last_page_len"][b] = (n - 1) % page_size + 1
+        v["last_rows"][b] = t - 1
+    return t, p
+
+
+def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.ndarray]) -> int:
+    """Write one decode step's arrays for ``rows`` (None: a padding row) into the views ``v``; returns the
+    number of page ids written.
+
+    Row ``i`` feeds its request's last token at position ``cached`` (padding: token 0 at position 0 on
+    :data:`PAD_PAGE`) and attends to ``cached + 1`` tokens, so its pages must already cover them
+    (:meth:`Scheduler.decode_rows`).
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    last: list[int] = []
+    indptr = [0]
+    indices: list[int] = []
+    for r in rows:
+        if r is None:
+            ids.append(0)
+            pos.append(0)
+            last.append(1)
+            indices.append(PAD_PAGE)
+        else:
+            if len(r.pages) * page_size <= r.cached:
+                raise AssertionError(f"request {r.rid}: {len(r.pages)} pages cannot hold token {r.cached}")
+            ids.append(r.output[-1])
+            pos.append(r.cached)
+            last.append(r.cached % page_size + 1)
+            indices.extend(r.pages)
+        indptr.append(len(indices))
+    n = len(rows)
+    v["token_ids"][:n] = ids
+    v["positions"][:n] = pos
+    v["batch_indices"][:n] = range(n)
+    v["kv_indptr"][:n + 1] = indptr
+    v["kv_last_page_len"][:n] = last
+    v["kv_indices"][:len(indices)] = indices
+    return len(indices)
+
+
+class Scheduler:
+    """Requests in, batches out: admission, slots, page growth, finishing (see the module docstring).
+
+    Args:
+        allocator: the KV cache's pages.
+        page_size: tokens per page.
+        max_batch: batch slots (the CUDA graph's fixed batch).
+        max_seq_len: the most tokens (prompt + generated) one request may reach.
+        max_prefill_tokens: the most prompt tokens prefilled together (the engine's buffer rows).
+        vocab_size: token ids must be below it.
+        eos_token_ids: tokens that end a request (they are kept in its output).
+    """
+
+    def __init__(self, allocator: PageAllocator, page_size: int, max_batch: int, max_seq_len: int,
+                 max_prefill_tokens: int, vocab_size: int, eos_token_ids: Iterable[int] = ()) -> None:
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.max_prefill_tokens = max_prefill_tokens
+        self.vocab_size = vocab_size
+        self.eos = frozenset(eos_token_ids)
+        self.pending: deque[Request] = deque()
+        self.slots: list[Request | None] = [None] * max_batch
+        self.done: list[Request] = []
+        self._next_id = 0
+
+    # ---- requests in
+
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, name: str = "prompt") -> Request:
+        """Queue a request; ValueError naming ``name`` if it can never be served."""
+        arr = np.asarray(prompt)
+        if arr.ndim != 1 or arr.size == 0 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+            raise ValueError(f"{name}: expected a non-empty list of token ids, got {prompt!r:.80}")
+        if arr.dtype == bool:
+            raise ValueError(f"{name}: expected integer token ids, got booleans")
+        bad = (arr < 0) | (arr >= self.vocab_size)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ValueError(f"{name}[{j}]: token id {int(arr[j])} is outside the vocabulary [0, {self.vocab_size})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+        n = int(arr.size)
+        if n + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"{name}: {n} prompt tokens + {max_new_tokens} new tokens exceed the engine's "
+                             f"max_seq_len {self.max_seq_len}; shorten it or raise max_seq_len")
+        if n > self.max_prefill_tokens:
+            raise ValueError(f"{name}: {n} prompt tokens exceed max_prefill_tokens {self.max_prefill_tokens}; "
+                             f"raise max_prefill_tokens")
+        budget = pages_for(n + max_new_tokens - 1, self.page_size)
+        if budget > self.allocator.capacity:
+            raise ValueError(f"{name}: needs up to {budget} pages of {self.page_size} tokens but the KV cache has "
+                             f"{self.allocator.capacity}; raise num_pages or lower max_new_tokens")
+        r = Request(self._next_id, tuple(int(t) for t in arr), max_new_tokens, budget)
+        self._next_id += 1
+        self.pending.append(r)
+        return r
+
+    # ---- batches out
+
+    @property
+    def active(self) -> list[Request]:
+        """Requests in the batch, in slot order."""
+        return [r for r in self.slots if r is not None]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.pending) or any(r is not None for r in self.slots)
+
+    def admit(self) -> list[Request]:
+        """Move queued requests (in order) into free slots while their page budgets and the prefill token
+        limit allow; give each its prompt's pages. Returns the admitted requests (to prefill together)."""
+        free_slots = [i for i, s in enumerate(self.slots) if s is None]
+        outstanding = sum(r.budget_pages - len(r.pages) for r in self.slots if r is not None)
+        admitted: list[Request] = []
+        tokens = 0
+        while self.pending and free_slots:
+            r = self.pending[0]
+            if tokens + len(r.prompt) > self.max_prefill_tokens:
+                break
+            if self.allocator.num_free - outstanding < r.budget_pages:
+                break
+            self.pending.popleft()
+            r.pages = self.allocator.alloc(pages_for(len(r.prompt), self.page_size))
+            outstanding += r.budget_pages - len(r.pages)
+            r.slot = free_slots.pop(0)
+            self.slots[r.slot] = r
+            admitted.append(r)
+            tokens += len(r.prompt)
+        if self.pending and not admitted and not self.active:
+            raise OutOfPagesError(f"request {self.pending[0].rid} cannot be admitted into an empty batch "
+                                  f"({self.allocator.num_free} free pages)")
+        return admitted
+
+    def decode_rows(self, padded: bool) -> list[Request | None]:
+        """The next decode step's rows, after giving each active request the page its next token needs.
+
+        ``padded``: all ``max_batch`` slots (None for an empty one), the CUDA graph's fixed batch; otherwise
+        the active requests only, in slot order.
+        """
+        for r in self.slots:
+            if r is not None and r.cached == len(r.pages) * self.page_size:
+                r.pages.extend(self.allocator.alloc(1))  # within its budget, reserved at admission
+        if padded:
+            return list(self.slots)
+        rows: list[Request | None] = [r for r in self.slots if r is not None]
+        return rows
+
+    def record(self, rows: Sequence[Request | None], tokens: Sequence[int], *, prefill: bool = False) -> None:
+        """Take the sampled token of each row (padding rows ignored); finish requests that are done.
+
+        ``prefill``: the rows were just prefilled (their prompts are now cached); otherwise they ran one
+        decode step (one more token cached).
+        """
+        for r, t in zip(rows, tokens, strict=True):
+            if r is None:
+                continue
+            r.cached = len(r.prompt) if prefill else r.cached + 1
+            r.output.append(int(t))
+            if int(t) in self.eos:
+                r.finish_reason = "eos"
+            elif len(r.output) >= r.max_new_tokens:
+                r.finish_reason = "length"
+            if r.finish_reason is not None:
+                self.allocator.free(r.pages)
+                r.pages = []
+                self.slots[r.slot] = None
+                r.slot = -1
+                self.done.append(r)

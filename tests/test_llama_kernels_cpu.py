@@ -1,0 +1,148 @@
+"""The Llama engine's operands reach the real kernel modules (CPU machine, shared test wheel).
+
+:func:`fi_ffi.models.llama.step_views` builds the descriptors the engine passes to every fi_ffi op (strided q/k/v
+views of the fused QKV rows, index arrays as regions of one buffer). Here they claim ``cuda:0`` but point at host
+memory: each call through :mod:`fi_ffi.models.kernels` must pass fi_ffi's checks and the module's signature check
+and stop at the module's first CUDA call. That proves, without a GPU, that the engine's shapes, strides, dtypes
+and keyword arguments are ones the ops accept, for both head dims and both dtypes the engine serves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fi_ffi
+from fi_ffi.errors import KernelError
+from fi_ffi.models import kernels
+from fi_ffi.models.config import LlamaConfig, RopeConfig
+from fi_ffi.models.llama import step_views
+from fi_ffi.models.paging import decode_layout, prefill_layout
+from fi_ffi.ops import decode, prefill
+from fi_ffi.ops.plan import Plan
+from fi_ffi.ops.workspace import Workspace
+from fi_ffi.tensor import Tensor
+
+pytestmark = [pytest.mark.usefixtures("kernel_modules"), pytest.mark.cpu_only]
+
+_BLOCK = np.zeros(256, np.uint8)
+FAKE = (_BLOCK.ctypes.data + 127) // 128 * 128  # one aligned host address every fake descriptor points at
+PAGES, PS, ROWS, BATCH = 9, 16, 5, 3
+
+
+def config(head_dim: int) -> LlamaConfig:
+    return LlamaConfig.from_dict({"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+                                  "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 4,
+                                  "head_dim": head_dim, "max_position_embeddings": 4096})
+
+
+def views(c: LlamaConfig, dtype: str, kind: str):
+    layout = decode_layout(BATCH, PAGES) if kind == "decode" else prefill_layout(ROWS, BATCH, PAGES)
+    # each region at its own (never dereferenced: no GPU) address, 1 GiB apart, so no two regions overlap
+    names = ("h", "x", "qkv", "attn", "gu", "act", "logits", "ids", "meta")
+    base = {name: FAKE + (i << 30) for i, name in enumerate(names)}
+    return step_views(c, dtype, 0, base, layout, kind, ROWS if kind == "prefill" else BATCH, BATCH)
+
+
+def cache(c: LlamaConfig, dtype: str) -> Tensor:
+    return kernels.descriptor(FAKE, (PAGES, PS, c.num_kv_heads, c.head_dim), dtype, 0)
+
+
+def workspace() -> Workspace:
+    pinned = np.zeros(1 << 12, np.uint8)
+    return Workspace.from_buffers(kernels.descriptor(FAKE, (1 << 16,), "uint8", 0),
+                                  kernels.descriptor(FAKE, (1 << 12,), "uint8", 0),
+                                  Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned))
+
+
+def reached(call) -> KernelError:
+    """``call()`` got through fi_ffi's checks and the module's signature check, and failed on the missing GPU."""
+    with pytest.raises(KernelError) as info:
+        call()
+    err = info.value
+    assert err.kind != "TypeError", f"signature mismatch: {err}"
+    assert "Mismatched" not in err.message and "Expected" not in err.message, err.message
+    assert "cuda" in err.message.lower(), err.message
+    return err
+
+
+@pytest.fixture(scope="module")
+def make_array():
+    from fi_ffi.abi.call import Function
+
+    return Function.global_function("ffi.Array")
+
+
+VARIANTS = [("float16", 64), ("float16", 128), ("bfloat16", 64), ("bfloat16", 128)]
+
+
+@pytest.mark.parametrize(("dtype", "head_dim"), VARIANTS)
+def test_norms_and_kv_append_accept_the_engine_views(dtype, head_dim):
+    c = config(head_dim)
+    weight = kernels.descriptor(FAKE, (c.hidden_size,), dtype, 0)
+    for kind in ("decode", "prefill"):
+        v = views(c, dtype, kind)
+        reached(lambda v=v: kernels.rmsnorm(v.h, weight, v.x, 1e-5, 0))
+        reached(lambda v=v: kernels.fused_add_rmsnorm(v.x, v.h, weight, 1e-5, 0))
+        reached(lambda v=v: kernels.append_kv(v.k, v.v, v.batch_indices, v.positions, cache(c, dtype),
+                                              cache(c, dtype), v.kv_indices, v.kv_indptr, v.kv_last_page_len, 0))
+
+
+@pytest.mark.parametrize(("dtype", "head_dim"), VARIANTS)
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_decode_plan_and_run_accept_the_engine_views(make_array, dtype, head_dim, cuda_graph):
+    c = config(head_dim)
+    ws = workspace()
+    indptr = np.array([0, 2, 3, 4], np.int32)
+    err = reached(lambda: kernels.decode_plan(ws, indptr, c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, dtype,
+                                              cuda_graph, 0))
+    assert err.function.endswith(".plan") and f"head_dim_qk_{head_dim}" in err.function
+    st = decode.settings(ws, c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, dtype, None, None, "NHD", "NONE", -1,
+                         0.0, None, 1.0, 1e4, None, cuda_graph)
+    plan = Plan.make(make_array(*([0] * 10)), ws, ws._generation, st, BATCH, BATCH, 4)
+    v = views(c, dtype, "decode")
+    reached(lambda: kernels.decode_run(plan, v.q, cache(c, dtype), cache(c, dtype), v.kv_indptr, v.kv_indices,
+                                       v.kv_last_page_len, v.attn, 0))
+
+
+@pytest.mark.parametrize(("dtype", "head_dim"), VARIANTS)
+def test_prefill_plan_and_runs_accept_the_engine_views(make_array, dtype, head_dim):
+    c = config(head_dim)
+    ws = workspace()
+    qo, kv, last = (np.array(a, np.int32) for a in ([0, 2, 4, 5], [0, 1, 2, 3], [2, 2, 1]))
+    reached(lambda: kernels.prefill_plan(ws, qo, kv, last, c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, dtype,
+                                         0))
+    v = views(c, dtype, "prefill")
+    for backend in ("fa2", "fa3") if head_dim == 128 else ("fa2",):  # the wheel has FA3 modules for d128 only
+        st = prefill.settings(ws, "paged", c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, None, dtype, None, None,
+                              "NHD", True, None, None, "NONE", -1, 0.0, None, 1.0, 1e4, None, False, backend, False,
+                              None, False)
+        plan = Plan.make(make_array(*([0] * (9 if backend == "fa3" else 15))), ws, ws._generation, st, BATCH, ROWS,
+                         3)
+        err = reached(lambda plan=plan: kernels.prefill_run(plan, v.q, cache(c, dtype), cache(c, dtype), v.qo_indptr,
+                                                            v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn,
+                                                            0))
+        assert ("_sm90" in err.function) == (backend == "fa3")
+
+
+def needs(name: str) -> None:
+    if not hasattr(fi_ffi, name):
+        pytest.skip(f"fi_ffi.{name} is not on this branch yet (another op family's change)")
+
+
+@pytest.mark.parametrize(("dtype", "head_dim"), VARIANTS)
+@pytest.mark.parametrize("llama3", [False, True])
+def test_rope_accepts_the_fused_qkv_views(dtype, head_dim, llama3):
+    needs("apply_llama31_rope_pos_ids_inplace" if llama3 else "apply_rope_pos_ids_inplace")
+    c = config(head_dim)
+    rope = RopeConfig(theta=5e5, llama3=True, factor=8.0) if llama3 else RopeConfig()
+    for kind in ("decode", "prefill"):
+        v = views(c, dtype, kind)
+        reached(lambda v=v: kernels.rope_inplace(v.q, v.k, v.positions, rope, 0))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_silu_and_mul_accepts_the_engine_views(dtype):
+    needs("silu_and_mul")
+    v = views(config(64), dtype, "prefill")
+    reached(lambda: kernels.silu_and_mul(v.gu, v.act, 0))
