@@ -36,30 +36,16 @@ SINGLE_DECODE_URI = (f"single_decode_with_kv_cache_{F16_128}_head_dim_qk_128_hea
 SINGLE_PREFILL_URI = (f"single_prefill_with_kv_cache_{F16_128}_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_"
                       "use_logits_cap_False_f16qk_False")
 
-_WIRE = {"tensor": "DLTensor*", "tensor?": "Optional<DLTensor*>", "object": "Array<int>",
-         "object?": "Optional<ffi.Tensor>", "int": "int", "float": "float", "bool": "bool"}
-
-
-def signature_of(sig, name: str, returns: str) -> str:
-    return f"{name}(" + ", ".join(f"{i}: {_WIRE[k]}" for i, k in enumerate(sig.kinds)) + f") -> {returns}"
-
-
-@pytest.mark.parametrize(("uri", "name", "sig", "returns"), [
-    (DECODE_URI, "plan", decode.PLAN_SIG, "Array<int>"),
-    (DECODE_URI, "run", decode.RUN_SIG, "void"),
-    (SINGLE_DECODE_URI, "run", decode.SINGLE_SIG, "void"),
-    (SINGLE_PREFILL_URI, "run", prefill.SINGLE_SIG, "void"),
-    (PREFILL_URI, "plan", prefill.FA2_PLAN_SIG, "Array<int>"),
-    (PREFILL_URI, "ragged_run", prefill.FA2_RAGGED_SIG, "void"),
-    (PREFILL_URI, "paged_run", prefill.FA2_PAGED_SIG, "void"),
-    (FA3_URI, "plan", prefill.FA3_PLAN_SIG, "Array<int>"),
-    (FA3_URI, "ragged_run", prefill.FA3_RAGGED_SIG, "void"),
-    (FA3_URI, "paged_run", prefill.FA3_PAGED_SIG, "void"),
+@pytest.mark.parametrize(("uri", "decl"), [
+    (DECODE_URI, decode.PLAN), (DECODE_URI, decode.RUN), (SINGLE_DECODE_URI, decode.SINGLE),
+    (SINGLE_PREFILL_URI, prefill.SINGLE), (PREFILL_URI, prefill.FA2_PLAN), (PREFILL_URI, prefill.FA2_RAGGED),
+    (PREFILL_URI, prefill.FA2_PAGED), (FA3_URI, prefill.FA3_PLAN), (FA3_URI, prefill.FA3_RAGGED),
+    (FA3_URI, prefill.FA3_PAGED),
 ])
-def test_declared_wire_kinds_match_the_module_signature(uri, name, sig, returns):
-    text = entry_point(uri, name).signature_text()
-    assert signature_of(sig, name, returns) in text, text
-    assert f"Expected {sig.nargs} but got 0" in text
+def test_declarations_match_the_module_signature(uri, decl):
+    text = entry_point(uri, decl.entry).signature_text()
+    assert decl.signature in text, text
+    assert f"Expected {len(decl.params)} but got 0" in text
 
 
 def test_every_attention_module_of_the_wheel_exports_its_entry_points():
@@ -113,33 +99,39 @@ def make_array():
     return Function.global_function("ffi.Array")
 
 
-def decode_plan(make_array, ws=None, info_len=10, **kw) -> Plan:
+DECODE_SETTINGS = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, q_dtype="float16",
+                       kv_dtype=None, o_dtype=None, kv_layout="NHD", pos_encoding="NONE", window_left=-1,
+                       logits_soft_cap=0.0, sm_scale=None, rope_scale=1.0, rope_theta=1e4, enable_cuda_graph=False)
+PREFILL_SETTINGS = dict(num_qo_heads=32, num_kv_heads=8, head_dim_qk=128, page_size=1, head_dim_vo=None,
+                        q_dtype="float16", kv_dtype=None, o_dtype=None, kv_layout="NHD", causal=False, custom=False,
+                        pos_encoding="NONE", window_left=-1, logits_soft_cap=0.0, sm_scale=None, rope_scale=1.0,
+                        rope_theta=1e4, use_fp16_qk_reduction=False, backend="fa2", enable_cuda_graph=False,
+                        fixed_split_size=None, disable_split_kv=False)
+
+
+def decode_plan(make_array, ws=None, info_len=10, alibi_slopes=None, **kw) -> Plan:
     """A batch decode Plan as batch_decode_plan builds it, around a synthetic schedule of ``info_len`` ints."""
-    args = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, q_dtype="float16", kv_dtype=None,
-                o_dtype=None, kv_layout="NHD", pos_encoding="NONE", window_left=-1, logits_soft_cap=0.0,
-                sm_scale=None, rope_scale=1.0, rope_theta=1e4, alibi_slopes=None, enable_cuda_graph=False)
     indptr = kw.pop("kv_indptr", host([0, 2, 3]))
-    args.update(kw)
+    args = {**DECODE_SETTINGS, **kw}
     ws = ws or workspace()
-    st = decode.settings(ws, *args.values())
+    st = decode._settings(ws.device.device_id, tuple(args.values()))
     batch = len(indptr) - 1
-    return Plan.make(make_array(*([0] * info_len)), ws, ws._generation, st, batch, batch, int(indptr[-1]))
+    return Plan.make(make_array(*([0] * info_len)), ws, ws._generation, st, batch, batch, int(indptr[-1]),
+                     (None, None, alibi_slopes))
 
 
-def prefill_plan(make_array, mode="ragged", backend="fa2", ws=None, info_len=None, **kw) -> Plan:
+def prefill_plan(make_array, mode="ragged", backend="fa2", ws=None, info_len=None, custom_mask=None,
+                 mask_indptr=None, alibi_slopes=None, **kw) -> Plan:
     """A batch prefill Plan as the plan functions build it, around a synthetic schedule of the right length."""
     qo = kw.pop("qo_indptr", host([0, 3, 4]))
     kv = kw.pop("kv_indptr", host([0, 5, 9] if mode == "ragged" else [0, 1, 3]))
-    args = dict(num_qo_heads=32, num_kv_heads=8, head_dim_qk=128, page_size=1 if mode == "ragged" else 16,
-                head_dim_vo=None, q_dtype="float16", kv_dtype=None, o_dtype=None, kv_layout="NHD", causal=False,
-                custom_mask=None, mask_indptr=None, pos_encoding="NONE", window_left=-1, logits_soft_cap=0.0,
-                sm_scale=None, rope_scale=1.0, rope_theta=1e4, alibi_slopes=None, use_fp16_qk_reduction=False,
-                backend=backend, enable_cuda_graph=False, fixed_split_size=None, disable_split_kv=False)
-    args.update(kw)
+    args = {**PREFILL_SETTINGS, "page_size": 1 if mode == "ragged" else 16, "backend": backend,
+            "custom": custom_mask is not None, **kw}
     ws = ws or workspace()
-    st = prefill.settings(ws, mode, *args.values())
+    st = prefill._settings(mode, ws.device.device_id, tuple(args.values()))
     n = info_len or (9 if st.backend == "fa3" else 15)
-    return Plan.make(make_array(*([0] * n)), ws, ws._generation, st, len(qo) - 1, int(qo[-1]), int(kv[-1]))
+    return Plan.make(make_array(*([0] * n)), ws, ws._generation, st, len(qo) - 1, int(qo[-1]), int(kv[-1]),
+                     (custom_mask, mask_indptr, alibi_slopes))
 
 
 def decode_run_args(batch=2, hq=32, hk=8, d=128, page=16, pages=4, layout="NHD", dtype="float16", **over):
@@ -375,7 +367,7 @@ def test_plan_carries_layout_and_dtype_of_the_cache(make_array):
     (dict(sm_scale=float("nan")), ValueError, "sm_scale"),
     (dict(rope_theta=0.0), ValueError, "rope_theta"),
     (dict(pos_encoding="XPOS"), ValueError, "pos_encoding"),
-    (dict(q_dtype="float32"), TypeError, "dtype_q"),
+    (dict(q_dtype="float32"), TypeError, "q_dtype: no FlashInfer attention module exists for dtype float32"),
     (dict(head_dim=256), KernelNotFoundError, "head_dim_qk_256"),
     (dict(window_left=128), KernelNotFoundError, "use_swa_True"),
     (dict(logits_soft_cap=30.0), KernelNotFoundError, "use_logits_cap_True"),
@@ -510,18 +502,33 @@ def test_batch_decode_run_accepts_exactly_the_planned_shapes(make_array, batch, 
         decode.batch_decode_run(plan, *bad.values())
 
 
-def test_plan_settings_are_validated_once_per_argument_values_and_types():
+def test_plan_settings_are_one_value_per_argument_values_and_types():
     ws = workspace()
-    args = [32, 8, 128, 16, "float16", None, None, "NHD", "NONE", -1, 0.0, None, 1.0, 1e4, None, False]
-    first = decode.settings(ws, *args)
-    assert decode.settings(ws, *args) is first
-    assert decode.settings(workspace(), *args) is not first  # per workspace: its buffers are in the frame
+    first = decode._settings(0, tuple(DECODE_SETTINGS.values()))
+    again = decode._settings(0, tuple(DECODE_SETTINGS.values()))
+    assert first is not again and first == again and hash(first) == hash(again)  # a value, not an identity
+    assert {first: 1}[again] == 1
+    with pytest.raises(AttributeError, match="immutable"):
+        first.page_size = 4
+    other = decode._settings(0, tuple({**DECODE_SETTINGS, "kv_layout": "HND"}.values()))
+    assert other != first and other.kv_layout == "HND" and other.layout_code == 1
+    # the plan's cache: one settings object per argument values *and types*, no workspace in the key
+    a = _plan_settings_of(ws)
+    assert _plan_settings_of(workspace()) is a
     with pytest.raises(TypeError, match="window_left"):
-        decode.settings(ws, *args[:9], -1.0, *args[10:])  # equal to a cached value, but not an int
-    other = decode.settings(ws, *args[:7], "HND", *args[8:])
-    assert other is not first and other.kv_layout == "HND"
-    ragged = prefill.settings(ws, "ragged", 32, 8, 128, 1, None, "float16", None, None, "NHD", True, None, None,
-                              "NONE", -1, 0.0, None, 1.0, 1e4, None, False, "fa2", False, None, False)
-    assert prefill.settings(ws, "ragged", 32, 8, 128, 1, None, "float16", None, None, "NHD", True, None, None,
-                            "NONE", -1, 0.0, None, 1.0, 1e4, None, False, "fa2", False, None, False) is ragged
+        decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16, window_left=-1.0)  # == -1, but a float
+    ragged = prefill._settings("ragged", 0, tuple({**PREFILL_SETTINGS, "causal": True}.values()))
     assert ragged.mask_mode == 1 and ragged.backend == "fa2"
+
+
+def _plan_settings_of(ws):
+    """The settings object batch_decode_plan used (the call itself stops at the missing GPU)."""
+    from fi_ffi.ops import plan_settings
+
+    before = dict(plan_settings._cache)
+    with pytest.raises(KernelError):
+        decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16)
+    found = [v for k, v in plan_settings._cache.items() if k not in before or before[k] is v]
+    assert found
+    return next(v for v in found if v.kind == "batch_decode" and v.num_qo_heads == 32 and v.kv_layout == "NHD"
+                and v.window_left == -1 and v.logits_soft_cap == 0.0 and v.dtype_kv.name == "float16")

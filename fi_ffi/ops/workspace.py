@@ -101,7 +101,7 @@ class Workspace:
     One workspace serves one stream of plan/run calls at a time. Use a workspace per concurrent stream.
     """
 
-    __slots__ = ("__weakref__", "_event", "_event_pending", "_generation", "_lock", "_owned", "_settings", "device",
+    __slots__ = ("__weakref__", "_event", "_event_pending", "_generation", "_lock", "_owned", "device",
                  "float_buffer", "float_bytes", "int_buffer", "int_bytes", "pinned_buffer", "pinned_bytes")
 
     def __init__(self, float_buffer: Any, int_buffer: Any, pinned_buffer: Any) -> None:
@@ -133,7 +133,6 @@ class Workspace:
         self._generation = 0
         self._event: Any = None
         self._event_pending = False
-        self._settings: dict[Any, Any] = {}  # plan settings validated once per argument tuple (fi_ffi.ops.plan)
 
     @classmethod
     def from_buffers(cls, float_buffer: Any, int_buffer: Any, pinned_buffer: Any) -> Workspace:
