@@ -12,8 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..abi.objects import Array
+from ..dtypes import CUDA
 from ..errors import KernelError
-from ..streams import current_stream, stream_handle
+from ..streams import stream_handle
 from .workspace import Workspace
 
 __all__ = ["call_plan"]
@@ -34,6 +35,19 @@ def call_plan(ws: Workspace, launch: Callable[..., Any], stream: Any, *args: Any
                 result.release()
             raise KernelError("TypeError", f"plan returned {type(result).__name__}, expected Array<int>",
                               function=getattr(launch, "__name__", "plan"))
-        ws._record_plan_copy(current_stream(ws.device.device_id) if s is None else s)
+        ws._record_plan_copy(_current_stream(ws.device.device_id) if s is None else s)
         generation = ws._generation
     return result, generation
+
+
+_get_stream: Any = None
+
+
+def _current_stream(device_id: int) -> int:
+    """TVM-FFI's current stream of ``device_id`` (the stream the launch used when none was given)."""
+    global _get_stream
+    if _get_stream is None:
+        from ..abi.runtime import api
+
+        _get_stream = api().TVMFFIEnvGetStream
+    return int(_get_stream(CUDA, device_id))
