@@ -532,3 +532,314 @@ def _plan_settings_of(ws):
     assert found
     return next(v for v in found if v.kind == "batch_decode" and v.num_qo_heads == 32 and v.kv_layout == "NHD"
                 and v.window_left == -1 and v.logits_soft_cap == 0.0 and v.dtype_kv.name == "float16")
+
+
+# ------------------------------------------------------------------------------------------ any producer, nothing kept
+
+
+class UnhashableCAI:
+    """A device array that speaks only the CUDA array interface and cannot be hashed (like CuPy arrays)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, shape, typestr="<f2"):
+        itemsize = int(typestr[2:])
+        self._host = np.zeros(max(1, int(np.prod(shape))) * itemsize + 64, np.uint8)
+        ptr = (self._host.ctypes.data + 15) // 16 * 16
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr, "data": (ptr, False),
+                                         "version": 3, "strides": None}
+
+    def __eq__(self, other):
+        return self is other
+
+
+def _no_driver():
+    from fi_ffi import interop
+
+    if interop._cuda_driver() is not None:
+        pytest.skip("a CUDA driver is present: a CAI pointer's device would be asked from it")
+
+
+def test_unhashable_producers_reach_every_attention_module(make_array):
+    _no_driver()
+    u = UnhashableCAI
+    with pytest.raises(TypeError):
+        hash(u((1,)))
+    with pytest.raises(KernelError) as info:
+        decode.single_decode(u((32, 128)), u((100, 8, 128)), u((100, 8, 128)), u((32, 128)))
+    assert_reached_the_kernel(info.value)
+    with pytest.raises(KernelError) as info:
+        prefill.single_prefill(u((4, 32, 128)), u((9, 8, 128)), u((9, 8, 128)), u((4, 32, 128)),
+                               custom_mask=u((5,), "|u1"))
+    assert_reached_the_kernel(info.value)
+    plan = decode_plan(make_array)
+    args = dict(q=u((2, 32, 128)), k_cache=u((4, 16, 8, 128)), v_cache=u((4, 16, 8, 128)), kv_indptr=u((3,), "<i4"),
+                kv_indices=u((4,), "<i4"), kv_last_page_len=u((2,), "<i4"), out=u((2, 32, 128)))
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_run(plan, *args.values(), lse=u((2, 32), "<f4"))
+    assert_reached_the_kernel(info.value)
+    for backend in ("fa2", "fa3"):
+        ragged = prefill_plan(make_array, "ragged", backend)
+        with pytest.raises(KernelError) as info:
+            prefill.batch_prefill_ragged_run(ragged, u((4, 32, 128)), u((9, 8, 128)), u((9, 8, 128)), u((3,), "<i4"),
+                                             u((3,), "<i4"), u((4, 32, 128)))
+        assert_reached_the_kernel(info.value)
+        paged = prefill_plan(make_array, "paged", backend)
+        with pytest.raises(KernelError) as info:
+            prefill.batch_prefill_paged_run(paged, u((4, 32, 128)), u((4, 16, 8, 128)), u((4, 16, 8, 128)),
+                                            u((3,), "<i4"), u((3,), "<i4"), u((3,), "<i4"), u((2,), "<i4"),
+                                            u((4, 32, 128)))
+        assert_reached_the_kernel(info.value)
+
+
+def test_plans_take_numpy_arrays_and_lists_and_name_a_list_where_an_int_belongs():
+    ws = workspace()
+    for indptr in (np.array([0, 2, 3], np.int32), [0, 2, 3], (0, 2, 3)):
+        with pytest.raises(KernelError) as info:
+            decode.batch_decode_plan(ws, indptr, 32, 8, 128, 16, kv_last_page_len=[5, 16])
+        assert_reached_the_kernel(info.value)
+    with pytest.raises(TypeError, match=r"^num_qo_heads: expected an int, got list"):
+        decode.batch_decode_plan(ws, [0, 2, 3], [32], 8, 128, 16)
+    with pytest.raises(TypeError, match=r"^page_size: expected an int, got list"):
+        prefill.batch_prefill_paged_plan(ws, [0, 3, 4], [0, 1, 3], [5, 4], 32, 8, 128, [16])
+    with pytest.raises(TypeError, match=r"^window_left: expected an int, got ndarray"):
+        prefill.batch_prefill_ragged_plan(ws, [0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=np.zeros(2, int))
+
+
+def test_a_decode_loop_with_per_layer_caches_replanned_every_step_stays_on_the_fast_path(make_array):
+    ws = workspace()
+    layers = [decode_run_args() for _ in range(32)]  # a cache per layer: same layout, other memory
+    run = decode_plan(make_array, ws=ws)._s.run
+    slow = []
+    for step in range(4):
+        plan = decode_plan(make_array, ws=ws, kv_indptr=host([0, 2, 3 + step % 2]))  # new plan, new extent
+        for layer in layers:
+            with pytest.raises(KernelError) as info:
+                decode.batch_decode_run(plan, *layer.values())
+            assert_reached_the_kernel(info.value)
+        slow.append(run.launcher.slow_calls)
+        plan.release()
+    assert slow[1] == slow[2] == slow[3], slow  # from the second step on, no call is validated again
+
+
+def test_run_inputs_are_passed_per_call_and_not_kept(make_array):
+    """A custom mask given to a plan is referenced by the plan only, and reaches every run as a TVM-FFI Tensor
+    made for the call and released right after (no object left alive)."""
+    import gc
+    import weakref
+
+    from fi_ffi.abi.objects import _managed
+    from fi_ffi.ops import plan_settings
+
+    _no_driver()
+    mask, offsets = UnhashableCAI((3,), "|u1"), UnhashableCAI((3,), "<i4")
+    plan = prefill_plan(make_array, "ragged", "auto", custom_mask=mask, mask_indptr=offsets)
+    before = len(_managed.alive)
+    for _ in range(200):
+        with pytest.raises(KernelError) as info:
+            prefill.batch_prefill_ragged_run(plan, fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)),
+                                             fake_cuda((9, 8, 128)), fake_cuda((3,), "int32"),
+                                             fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)))
+        assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
+    assert len(_managed.alive) == before  # every object made for a run was released
+    assert all(mask is not v and offsets is not v for v in plan_settings._cache.values())
+    refs = [weakref.ref(mask), weakref.ref(offsets)]
+    plan.release()
+    del mask, offsets, info
+    gc.collect()
+    assert [r() for r in refs] == [None, None]  # nothing fi_ffi keeps holds the caller's tensors
+
+
+# ------------------------------------------------------------------------------------------ bad input is named
+
+
+def test_none_tensors_in_the_prefill_runs_are_named(make_array):
+    for backend in ("fa2", "fa3"):
+        ragged = prefill_plan(make_array, "ragged", backend)
+        with pytest.raises(TypeError, match=r"^k: expected a tensor, got None"):
+            prefill.batch_prefill_ragged_run(ragged, fake_cuda((4, 32, 128)), None, fake_cuda((9, 8, 128)),
+                                             fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
+                                             fake_cuda((4, 32, 128)))
+        with pytest.raises(TypeError, match=r"^q: expected a tensor, got None"):
+            prefill.batch_prefill_ragged_run(ragged, None, fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
+                                             fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
+                                             fake_cuda((4, 32, 128)))
+        paged = prefill_plan(make_array, "paged", backend)
+        with pytest.raises(TypeError, match=r"^kv_indices: expected a tensor, got None"):
+            prefill.batch_prefill_paged_run(paged, fake_cuda((4, 32, 128)), fake_cuda((4, 16, 8, 128)),
+                                            fake_cuda((4, 16, 8, 128)), fake_cuda((3,), "int32"),
+                                            fake_cuda((3,), "int32"), None, fake_cuda((2,), "int32"),
+                                            fake_cuda((4, 32, 128)))
+        with pytest.raises(TypeError, match=r"^out: expected a tensor, got None"):
+            prefill.batch_prefill_paged_run(paged, fake_cuda((4, 32, 128)), fake_cuda((4, 16, 8, 128)),
+                                            fake_cuda((4, 16, 8, 128)), fake_cuda((3,), "int32"),
+                                            fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
+                                            fake_cuda((2,), "int32"), None)
+    with pytest.raises(TypeError, match=r"^kv_indptr: expected a tensor, got None"):
+        decode.batch_decode_run(decode_plan(make_array), *decode_run_args(kv_indptr=None).values())
+
+
+def test_head_dim_zero_in_the_single_ops_is_named():
+    with pytest.raises(ValueError, match=r"^q: head_dim \(the last dimension\) must be > 0"):
+        decode.single_decode(fake_cuda((32, 0)), fake_cuda((100, 8, 0)), fake_cuda((100, 8, 0)), fake_cuda((32, 0)))
+    with pytest.raises(ValueError, match=r"^q: head_dim \(the last dimension\) must be > 0"):
+        prefill.single_prefill(fake_cuda((4, 32, 0)), fake_cuda((9, 8, 0)), fake_cuda((9, 8, 0)),
+                               fake_cuda((4, 32, 0)))
+    with pytest.raises(ValueError, match=r"^v: head_dim \(the last dimension\) must be > 0"):
+        prefill.single_prefill(fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 0)),
+                               fake_cuda((4, 32, 0)))
+
+
+@pytest.mark.parametrize(("kw", "exc", "text"), [
+    (dict(q_dtype=("a", "b", "c")), TypeError, r"^q_dtype: unsupported dtype"),
+    (dict(kv_dtype="nope"), TypeError, r"^kv_dtype: unsupported dtype"),
+    (dict(o_dtype=3.5), TypeError, r"^o_dtype: unsupported dtype"),
+    (dict(kv_dtype="int32"), TypeError, r"^kv_dtype: no FlashInfer attention module exists for dtype int32"),
+    (dict(num_qo_heads=2 ** 70), ValueError, r"^num_qo_heads: expected an int < 2\*\*31"),
+    (dict(page_size=2 ** 70), ValueError, r"^page_size: expected an int < 2\*\*31"),
+    (dict(head_dim=2 ** 40), ValueError, r"^head_dim: expected an int < 2\*\*31"),
+    (dict(window_left=2 ** 70), ValueError, r"^window_left: expected -1 \(no window\) or 0 <= window_left < 2\*\*31"),
+    (dict(sm_scale=10 ** 400), ValueError, r"^sm_scale: 1000+ does not fit in a float64"),
+    (dict(logits_soft_cap=10 ** 400), ValueError, r"^logits_soft_cap: 1000+ does not fit in a float64"),
+    (dict(rope_theta=-(10 ** 400)), ValueError, r"^rope_theta: -1000+ does not fit in a float64"),
+    (dict(kv_indptr=[0, 2 ** 70]), ValueError, r"^kv_indptr: values must fit in int32"),
+    (dict(kv_indptr=[0, "2"]), TypeError, r"^kv_indptr: expected a sequence of ints, got str"),
+    (dict(kv_indptr=[0, 2.0]), TypeError, r"^kv_indptr: expected a sequence of ints, got float"),
+    (dict(kv_last_page_len=["5"]), TypeError, r"^kv_last_page_len: expected a sequence of ints, got str"),
+])
+def test_batch_decode_plan_names_bad_scalars_and_index_lists(kw, exc, text):
+    args = dict(kv_indptr=[0, 2], num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
+    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
+    ws = workspace()
+    with pytest.raises(exc, match=text):
+        decode.batch_decode_plan(ws, **args, **kw)
+    assert ws._generation == 0
+
+
+@pytest.mark.parametrize(("kw", "exc", "text"), [
+    (dict(fixed_split_size=2 ** 70), ValueError, r"^fixed_split_size: expected an int < 2\*\*31"),
+    (dict(max_total_num_rows=2 ** 70, enable_cuda_graph=True), ValueError, r"^max_total_num_rows: expected an int"),
+    (dict(qo_indptr=[0, 3.5, 4]), TypeError, r"^qo_indptr: expected a sequence of ints, got float"),
+    (dict(kv_indptr=[0, 5, 2 ** 64]), ValueError, r"^kv_indptr: values must fit in int32"),
+    (dict(head_dim_vo=0), ValueError, r"^head_dim_vo: expected an int >= 1"),
+    (dict(backend=["fa2"]), ValueError, r"^backend: expected 'auto', 'fa2' or 'fa3'"),
+])
+def test_batch_prefill_plans_name_bad_scalars_and_index_lists(kw, exc, text):
+    args = dict(qo_indptr=[0, 3, 4], kv_indptr=[0, 5, 9], num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
+    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
+    ws = workspace()
+    with pytest.raises(exc, match=text):
+        prefill.batch_prefill_ragged_plan(ws, **args, **kw)
+    assert ws._generation == 0
+
+
+def test_single_ops_name_a_null_tmp_and_huge_scalars():
+    q, k, o = fake_cuda((32, 128)), fake_cuda((100, 8, 128)), fake_cuda((32, 128))
+    with pytest.raises(ValueError, match=r"^tmp: data pointer is NULL"):
+        decode.single_decode(q, k, k, o, tmp=Tensor.from_pointer(0, (1 << 20,), "uint8", "cuda:0"))
+    with pytest.raises(ValueError, match=r"^tmp: data pointer is NULL"):
+        prefill.single_prefill(fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
+                               fake_cuda((4, 32, 128)), tmp=Tensor.from_pointer(0, (1 << 20,), "uint8", "cuda:0"))
+    with pytest.raises(ValueError, match=r"^sm_scale: 1000+ does not fit in a float64"):
+        decode.single_decode(q, k, k, o, sm_scale=10 ** 400)
+    with pytest.raises(ValueError, match=r"^window_left: expected -1"):
+        decode.single_decode(q, k, k, o, window_left=2 ** 70)
+    with pytest.raises(ValueError, match=r"^logits_soft_cap: 1000+ does not fit"):
+        prefill.single_prefill(fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
+                               fake_cuda((4, 32, 128)), logits_soft_cap=10 ** 400)
+    with pytest.raises(TypeError, match=r"^q: no attention module exists for dtype float32"):
+        decode.single_decode(fake_cuda((32, 128), "float32"), k, k, o)
+
+
+@pytest.mark.parametrize(("masks", "exc", "text"), [
+    (5, TypeError, r"^masks: expected a sequence of boolean \[qo_len, kv_len\] arrays, got int"),
+    ("ab", TypeError, r"^masks: expected a sequence"),
+    ([np.ones((2, 3), np.float32)], TypeError, r"^masks\[0\]: expected a boolean array .* got dtype float32"),
+    ([np.ones((2, 3), bool), np.array([[0, 2]])], TypeError, r"^masks\[1\]: expected a boolean array"),
+    ([np.ones(3, bool)], ValueError, r"^masks\[0\]: expected a 2-D \[qo_len, kv_len\] mask, got shape \(3,\)"),
+    ([[[True, False]], 7], TypeError, r"^masks\[1\]: expected a boolean array"),
+    ([[True, False]], ValueError, r"^masks\[0\]: expected a 2-D"),
+])
+def test_pack_custom_mask_refuses_what_is_not_a_boolean_mask(masks, exc, text):
+    with pytest.raises(exc, match=text):
+        prefill.pack_custom_mask(masks)
+
+
+def test_pack_custom_mask_packs_nested_lists_of_bools():
+    packed, indptr = prefill.pack_custom_mask([[[True, False, True]], np.zeros((2, 5), bool)])
+    assert packed.tolist() == [0b101, 0, 0] and indptr.tolist() == [0, 1, 3]
+
+
+# ------------------------------------------------------------------------------------------ modules of the ext wheel
+
+EXT_SWA_CAP = ("batch_decode_with_kv_cache_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_qk_128_head_dim"
+               "_vo_128_posenc_0_use_swa_True_use_logits_cap_True")
+
+
+def test_sliding_window_and_soft_cap_select_their_modules():
+    ws = workspace()
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_plan(ws, [0, 2, 3], 32, 8, 128, 16, window_left=64, logits_soft_cap=30.0)
+    assert_reached_the_kernel(info.value)
+    assert info.value.function == EXT_SWA_CAP + ".plan"
+    assert info.value.arguments[9:11] == ("64", "30.0")
+    for mode in ("ragged", "paged"):
+        with pytest.raises(KernelError) as info:
+            if mode == "ragged":
+                prefill.batch_prefill_ragged_plan(ws, [0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=16,
+                                                  logits_soft_cap=50.0, causal=True)
+            else:
+                prefill.batch_prefill_paged_plan(ws, [0, 3, 4], [0, 1, 3], [5, 4], 32, 8, 128, 16, window_left=16,
+                                                 logits_soft_cap=50.0)
+        assert_reached_the_kernel(info.value)
+        assert "use_swa_True_use_logits_cap_True_f16qk_False.plan" in info.value.function
+
+
+def test_sliding_window_and_soft_cap_runs_reach_their_modules(make_array):
+    plan = decode_plan(make_array, window_left=64, logits_soft_cap=30.0)
+    assert plan.uri == EXT_SWA_CAP
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_run(plan, *decode_run_args().values())
+    assert_reached_the_kernel(info.value)
+    assert info.value.arguments[12] == "64" and info.value.arguments[15] == "30.0"
+    for mode in ("ragged", "paged"):
+        p = prefill_plan(make_array, mode, "auto", window_left=16, logits_soft_cap=50.0)
+        assert "use_swa_True_use_logits_cap_True" in p.uri
+        with pytest.raises(KernelError) as info:
+            if mode == "ragged":
+                prefill.batch_prefill_ragged_run(p, fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)),
+                                                 fake_cuda((9, 8, 128)), fake_cuda((3,), "int32"),
+                                                 fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)))
+            else:
+                prefill.batch_prefill_paged_run(p, fake_cuda((4, 32, 128)), fake_cuda((4, 16, 8, 128)),
+                                                fake_cuda((4, 16, 8, 128)), fake_cuda((3,), "int32"),
+                                                fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
+                                                fake_cuda((2,), "int32"), fake_cuda((4, 32, 128)))
+        assert_reached_the_kernel(info.value)
+
+
+def test_fp8_kv_cache_selects_its_modules(make_array):
+    ws = workspace()
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_plan(ws, [0, 2, 3], 32, 8, 128, 16, kv_dtype="float8_e4m3fn")
+    assert_reached_the_kernel(info.value)
+    assert "dtype_kv_e4m3" in info.value.function
+    with pytest.raises(KernelError) as info:
+        prefill.batch_prefill_paged_plan(ws, [0, 3, 4], [0, 1, 3], [5, 4], 32, 8, 128, 16, kv_dtype="float8_e4m3fn")
+    assert_reached_the_kernel(info.value)
+    assert "dtype_kv_e4m3" in info.value.function
+    plan = decode_plan(make_array, kv_dtype="float8_e4m3fn")
+    fp8 = decode_run_args(k_cache=fake_cuda((4, 16, 8, 128), "float8_e4m3fn"),
+                          v_cache=fake_cuda((4, 16, 8, 128), "float8_e4m3fn"))
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_run(plan, *fp8.values())
+    assert_reached_the_kernel(info.value)
+    with pytest.raises(TypeError, match=r"^k_cache: expected dtype float8_e4m3fn, got float16"):
+        decode.batch_decode_run(plan, *decode_run_args().values())
+    paged = prefill_plan(make_array, "paged", "auto", kv_dtype="float8_e4m3fn")
+    assert paged.backend == "fa2" and "dtype_kv_e4m3" in paged.uri
+    with pytest.raises(KernelError) as info:
+        prefill.batch_prefill_paged_run(paged, fake_cuda((4, 32, 128)), fp8["k_cache"], fp8["v_cache"],
+                                        fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
+                                        fake_cuda((2,), "int32"), fake_cuda((4, 32, 128)))
+    assert_reached_the_kernel(info.value)

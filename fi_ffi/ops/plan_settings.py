@@ -21,7 +21,7 @@ from .. import caches
 from ..dtypes import DType
 from ..dtypes import dtype as to_dtype
 from . import checks
-from .variants import _URI_DTYPES, POS_ENCODINGS
+from .variants import POS_ENCODINGS
 
 __all__ = ["LAYOUTS", "MASK_CAUSAL", "MASK_CUSTOM", "MASK_NONE", "PlanSettings", "cached"]
 
@@ -228,12 +228,16 @@ def dtypes(q_dtype: Any, kv_dtype: Any, o_dtype: Any) -> tuple[DType, DType, DTy
     return qd, kd, od
 
 
+_ATTENTION_DTYPES = frozenset(("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"))
+
+
 def _dtype(name: str, value: Any) -> DType:
     try:
         d = to_dtype(value)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise TypeError(f"{name}: {exc}") from None
-    if d.short not in _URI_DTYPES:
+    except (TypeError, ValueError, KeyError):
+        raise TypeError(f"{name}: unsupported dtype {value!r}: expected float16, bfloat16, float8_e4m3fn or "
+                        f"float8_e5m2") from None
+    if d.name not in _ATTENTION_DTYPES:
         raise TypeError(f"{name}: no FlashInfer attention module exists for dtype {d.name} (modules are built "
                         f"for float16, bfloat16, and float8_e4m3fn / float8_e5m2 KV caches)")
     return d
