@@ -16,17 +16,26 @@ LSE_TOL = 2e-2
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-def reference(q, k, v, *, causal=False, sm_scale=None, mask=None):
-    """Attention of q ``[qo, hq, d]`` over k ``[kv, hk, d]`` / v ``[kv, hk, dv]`` in float32.
+def reference(q, k, v, *, causal=False, sm_scale=None, mask=None, window_left=-1, soft_cap=0.0):
+    """Attention of q ``[qo, hq, d]`` over k ``[kv, hk, d]`` / v ``[kv, hk, dv]`` in float32 (k and v of any
+    dtype torch converts to float32, FP8 included: the reference dequantizes by that conversion).
 
-    Returns (o ``[qo, hq, dv]``, lse ``[qo, hq]`` in base 2). Causal is aligned to the end of the KV.
+    Returns (o ``[qo, hq, dv]``, lse ``[qo, hq]`` in base 2). Causal is aligned to the end of the KV;
+    ``window_left >= 0`` keeps keys ``j >= i + kv - qo - window_left``; ``soft_cap > 0`` maps the scaled logits
+    ``s`` to ``soft_cap * tanh(s / soft_cap)``.
     """
     qo, hq, d = q.shape
     kv, hk = k.shape[:2]
     g = hq // hk
     kf, vf = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
     s = torch.einsum("qhd,khd->hqk", q.float(), kf) * (d ** -0.5 if sm_scale is None else sm_scale)
+    if soft_cap > 0:
+        s = soft_cap * torch.tanh(s / soft_cap)
     allowed = torch.ones(qo, kv, dtype=torch.bool, device=q.device)
+    if window_left >= 0:
+        i = torch.arange(qo, device=q.device)[:, None]
+        j = torch.arange(kv, device=q.device)[None]
+        allowed &= j >= i + kv - qo - window_left
     if causal:
         i = torch.arange(qo, device=q.device)[:, None]
         j = torch.arange(kv, device=q.device)[None]

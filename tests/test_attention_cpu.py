@@ -36,30 +36,16 @@ SINGLE_DECODE_URI = (f"single_decode_with_kv_cache_{F16_128}_head_dim_qk_128_hea
 SINGLE_PREFILL_URI = (f"single_prefill_with_kv_cache_{F16_128}_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_"
                       "use_logits_cap_False_f16qk_False")
 
-_WIRE = {"tensor": "DLTensor*", "tensor?": "Optional<DLTensor*>", "object": "Array<int>",
-         "object?": "Optional<ffi.Tensor>", "int": "int", "float": "float", "bool": "bool"}
-
-
-def signature_of(sig, name: str, returns: str) -> str:
-    return f"{name}(" + ", ".join(f"{i}: {_WIRE[k]}" for i, k in enumerate(sig.kinds)) + f") -> {returns}"
-
-
-@pytest.mark.parametrize(("uri", "name", "sig", "returns"), [
-    (DECODE_URI, "plan", decode.PLAN_SIG, "Array<int>"),
-    (DECODE_URI, "run", decode.RUN_SIG, "void"),
-    (SINGLE_DECODE_URI, "run", decode.SINGLE_SIG, "void"),
-    (SINGLE_PREFILL_URI, "run", prefill.SINGLE_SIG, "void"),
-    (PREFILL_URI, "plan", prefill.FA2_PLAN_SIG, "Array<int>"),
-    (PREFILL_URI, "ragged_run", prefill.FA2_RAGGED_SIG, "void"),
-    (PREFILL_URI, "paged_run", prefill.FA2_PAGED_SIG, "void"),
-    (FA3_URI, "plan", prefill.FA3_PLAN_SIG, "Array<int>"),
-    (FA3_URI, "ragged_run", prefill.FA3_RAGGED_SIG, "void"),
-    (FA3_URI, "paged_run", prefill.FA3_PAGED_SIG, "void"),
+@pytest.mark.parametrize(("uri", "decl"), [
+    (DECODE_URI, decode.PLAN), (DECODE_URI, decode.RUN), (SINGLE_DECODE_URI, decode.SINGLE),
+    (SINGLE_PREFILL_URI, prefill.SINGLE), (PREFILL_URI, prefill.FA2_PLAN), (PREFILL_URI, prefill.FA2_RAGGED),
+    (PREFILL_URI, prefill.FA2_PAGED), (FA3_URI, prefill.FA3_PLAN), (FA3_URI, prefill.FA3_RAGGED),
+    (FA3_URI, prefill.FA3_PAGED),
 ])
-def test_declared_wire_kinds_match_the_module_signature(uri, name, sig, returns):
-    text = entry_point(uri, name).signature_text()
-    assert signature_of(sig, name, returns) in text, text
-    assert f"Expected {sig.nargs} but got 0" in text
+def test_declarations_match_the_module_signature(uri, decl):
+    text = entry_point(uri, decl.entry).signature_text()
+    assert decl.signature in text, text
+    assert f"Expected {len(decl.params)} but got 0" in text
 
 
 def test_every_attention_module_of_the_wheel_exports_its_entry_points():
@@ -113,33 +99,39 @@ def make_array():
     return Function.global_function("ffi.Array")
 
 
-def decode_plan(make_array, ws=None, info_len=10, **kw) -> Plan:
+DECODE_SETTINGS = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, q_dtype="float16",
+                       kv_dtype=None, o_dtype=None, kv_layout="NHD", pos_encoding="NONE", window_left=-1,
+                       logits_soft_cap=0.0, sm_scale=None, rope_scale=1.0, rope_theta=1e4, enable_cuda_graph=False)
+PREFILL_SETTINGS = dict(num_qo_heads=32, num_kv_heads=8, head_dim_qk=128, page_size=1, head_dim_vo=None,
+                        q_dtype="float16", kv_dtype=None, o_dtype=None, kv_layout="NHD", causal=False, custom=False,
+                        pos_encoding="NONE", window_left=-1, logits_soft_cap=0.0, sm_scale=None, rope_scale=1.0,
+                        rope_theta=1e4, use_fp16_qk_reduction=False, backend="fa2", enable_cuda_graph=False,
+                        fixed_split_size=None, disable_split_kv=False)
+
+
+def decode_plan(make_array, ws=None, info_len=10, alibi_slopes=None, **kw) -> Plan:
     """A batch decode Plan as batch_decode_plan builds it, around a synthetic schedule of ``info_len`` ints."""
-    args = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, q_dtype="float16", kv_dtype=None,
-                o_dtype=None, kv_layout="NHD", pos_encoding="NONE", window_left=-1, logits_soft_cap=0.0,
-                sm_scale=None, rope_scale=1.0, rope_theta=1e4, alibi_slopes=None, enable_cuda_graph=False)
     indptr = kw.pop("kv_indptr", host([0, 2, 3]))
-    args.update(kw)
+    args = {**DECODE_SETTINGS, **kw}
     ws = ws or workspace()
-    st = decode.settings(ws, *args.values())
+    st = decode._settings(ws.device.device_id, tuple(args.values()))
     batch = len(indptr) - 1
-    return Plan.make(make_array(*([0] * info_len)), ws, ws._generation, st, batch, batch, int(indptr[-1]))
+    return Plan.make(make_array(*([0] * info_len)), ws, ws._generation, st, batch, batch, int(indptr[-1]),
+                     (None, None, alibi_slopes))
 
 
-def prefill_plan(make_array, mode="ragged", backend="fa2", ws=None, info_len=None, **kw) -> Plan:
+def prefill_plan(make_array, mode="ragged", backend="fa2", ws=None, info_len=None, custom_mask=None,
+                 mask_indptr=None, alibi_slopes=None, **kw) -> Plan:
     """A batch prefill Plan as the plan functions build it, around a synthetic schedule of the right length."""
     qo = kw.pop("qo_indptr", host([0, 3, 4]))
     kv = kw.pop("kv_indptr", host([0, 5, 9] if mode == "ragged" else [0, 1, 3]))
-    args = dict(num_qo_heads=32, num_kv_heads=8, head_dim_qk=128, page_size=1 if mode == "ragged" else 16,
-                head_dim_vo=None, q_dtype="float16", kv_dtype=None, o_dtype=None, kv_layout="NHD", causal=False,
-                custom_mask=None, mask_indptr=None, pos_encoding="NONE", window_left=-1, logits_soft_cap=0.0,
-                sm_scale=None, rope_scale=1.0, rope_theta=1e4, alibi_slopes=None, use_fp16_qk_reduction=False,
-                backend=backend, enable_cuda_graph=False, fixed_split_size=None, disable_split_kv=False)
-    args.update(kw)
+    args = {**PREFILL_SETTINGS, "page_size": 1 if mode == "ragged" else 16, "backend": backend,
+            "custom": custom_mask is not None, **kw}
     ws = ws or workspace()
-    st = prefill.settings(ws, mode, *args.values())
+    st = prefill._settings(mode, ws.device.device_id, tuple(args.values()))
     n = info_len or (9 if st.backend == "fa3" else 15)
-    return Plan.make(make_array(*([0] * n)), ws, ws._generation, st, len(qo) - 1, int(qo[-1]), int(kv[-1]))
+    return Plan.make(make_array(*([0] * n)), ws, ws._generation, st, len(qo) - 1, int(qo[-1]), int(kv[-1]),
+                     (custom_mask, mask_indptr, alibi_slopes))
 
 
 def decode_run_args(batch=2, hq=32, hk=8, d=128, page=16, pages=4, layout="NHD", dtype="float16", **over):
@@ -375,7 +367,7 @@ def test_plan_carries_layout_and_dtype_of_the_cache(make_array):
     (dict(sm_scale=float("nan")), ValueError, "sm_scale"),
     (dict(rope_theta=0.0), ValueError, "rope_theta"),
     (dict(pos_encoding="XPOS"), ValueError, "pos_encoding"),
-    (dict(q_dtype="float32"), TypeError, "dtype_q"),
+    (dict(q_dtype="float32"), TypeError, "q_dtype: no FlashInfer attention module exists for dtype float32"),
     (dict(head_dim=256), KernelNotFoundError, "head_dim_qk_256"),
     (dict(window_left=128), KernelNotFoundError, "use_swa_True"),
     (dict(logits_soft_cap=30.0), KernelNotFoundError, "use_logits_cap_True"),
@@ -510,18 +502,344 @@ def test_batch_decode_run_accepts_exactly_the_planned_shapes(make_array, batch, 
         decode.batch_decode_run(plan, *bad.values())
 
 
-def test_plan_settings_are_validated_once_per_argument_values_and_types():
+def test_plan_settings_are_one_value_per_argument_values_and_types():
     ws = workspace()
-    args = [32, 8, 128, 16, "float16", None, None, "NHD", "NONE", -1, 0.0, None, 1.0, 1e4, None, False]
-    first = decode.settings(ws, *args)
-    assert decode.settings(ws, *args) is first
-    assert decode.settings(workspace(), *args) is not first  # per workspace: its buffers are in the frame
+    first = decode._settings(0, tuple(DECODE_SETTINGS.values()))
+    again = decode._settings(0, tuple(DECODE_SETTINGS.values()))
+    assert first is not again and first == again and hash(first) == hash(again)  # a value, not an identity
+    assert {first: 1}[again] == 1
+    with pytest.raises(AttributeError, match="immutable"):
+        first.page_size = 4
+    other = decode._settings(0, tuple({**DECODE_SETTINGS, "kv_layout": "HND"}.values()))
+    assert other != first and other.kv_layout == "HND" and other.layout_code == 1
+    # the plan's cache: one settings object per argument values *and types*, no workspace in the key
+    a = _plan_settings_of(ws)
+    assert _plan_settings_of(workspace()) is a
     with pytest.raises(TypeError, match="window_left"):
-        decode.settings(ws, *args[:9], -1.0, *args[10:])  # equal to a cached value, but not an int
-    other = decode.settings(ws, *args[:7], "HND", *args[8:])
-    assert other is not first and other.kv_layout == "HND"
-    ragged = prefill.settings(ws, "ragged", 32, 8, 128, 1, None, "float16", None, None, "NHD", True, None, None,
-                              "NONE", -1, 0.0, None, 1.0, 1e4, None, False, "fa2", False, None, False)
-    assert prefill.settings(ws, "ragged", 32, 8, 128, 1, None, "float16", None, None, "NHD", True, None, None,
-                            "NONE", -1, 0.0, None, 1.0, 1e4, None, False, "fa2", False, None, False) is ragged
+        decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16, window_left=-1.0)  # == -1, but a float
+    ragged = prefill._settings("ragged", 0, tuple({**PREFILL_SETTINGS, "causal": True}.values()))
     assert ragged.mask_mode == 1 and ragged.backend == "fa2"
+
+
+def _plan_settings_of(ws):
+    """The settings object batch_decode_plan used (the call itself stops at the missing GPU)."""
+    from fi_ffi.ops import plan_settings
+
+    before = dict(plan_settings._cache)
+    with pytest.raises(KernelError):
+        decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16)
+    found = [v for k, v in plan_settings._cache.items() if k not in before or before[k] is v]
+    assert found
+    return next(v for v in found if v.kind == "batch_decode" and v.num_qo_heads == 32 and v.kv_layout == "NHD"
+                and v.window_left == -1 and v.logits_soft_cap == 0.0 and v.dtype_kv.name == "float16")
+
+
+# ------------------------------------------------------------------------------------------ any producer, nothing kept
+
+
+class UnhashableCAI:
+    """A device array that speaks only the CUDA array interface and cannot be hashed (like CuPy arrays)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, shape, typestr="<f2"):
+        itemsize = int(typestr[2:])
+        self._host = np.zeros(max(1, int(np.prod(shape))) * itemsize + 64, np.uint8)
+        ptr = (self._host.ctypes.data + 15) // 16 * 16
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr, "data": (ptr, False),
+                                         "version": 3, "strides": None}
+
+    def __eq__(self, other):
+        return self is other
+
+
+def _no_driver():
+    from fi_ffi import interop
+
+    if interop._cuda_driver() is not None:
+        pytest.skip("a CUDA driver is present: a CAI pointer's device would be asked from it")
+
+
+def test_unhashable_producers_reach_every_attention_module(make_array):
+    _no_driver()
+    u = UnhashableCAI
+    with pytest.raises(TypeError):
+        hash(u((1,)))
+    with pytest.raises(KernelError) as info:
+        decode.single_decode(u((32, 128)), u((100, 8, 128)), u((100, 8, 128)), u((32, 128)))
+    assert_reached_the_kernel(info.value)
+    with pytest.raises(KernelError) as info:
+        prefill.single_prefill(u((4, 32, 128)), u((9, 8, 128)), u((9, 8, 128)), u((4, 32, 128)),
+                               custom_mask=u((5,), "|u1"))
+    assert_reached_the_kernel(info.value)
+    plan = decode_plan(make_array)
+    args = dict(q=u((2, 32, 128)), k_cache=u((4, 16, 8, 128)), v_cache=u((4, 16, 8, 128)), kv_indptr=u((3,), "<i4"),
+                kv_indices=u((4,), "<i4"), kv_last_page_len=u((2,), "<i4"), out=u((2, 32, 128)))
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_run(plan, *args.values(), lse=u((2, 32), "<f4"))
+    assert_reached_the_kernel(info.value)
+    for backend in ("fa2", "fa3"):
+        ragged = prefill_plan(make_array, "ragged", backend)
+        with pytest.raises(KernelError) as info:
+            prefill.batch_prefill_ragged_run(ragged, u((4, 32, 128)), u((9, 8, 128)), u((9, 8, 128)), u((3,), "<i4"),
+                                             u((3,), "<i4"), u((4, 32, 128)))
+        assert_reached_the_kernel(info.value)
+        paged = prefill_plan(make_array, "paged", backend)
+        with pytest.raises(KernelError) as info:
+            prefill.batch_prefill_paged_run(paged, u((4, 32, 128)), u((4, 16, 8, 128)), u((4, 16, 8, 128)),
+                                            u((3,), "<i4"), u((3,), "<i4"), u((3,), "<i4"), u((2,), "<i4"),
+                                            u((4, 32, 128)))
+        assert_reached_the_kernel(info.value)
+
+
+def test_plans_take_numpy_arrays_and_lists_and_name_a_list_where_an_int_belongs():
+    ws = workspace()
+    for indptr in (np.array([0, 2, 3], np.int32), [0, 2, 3], (0, 2, 3)):
+        with pytest.raises(KernelError) as info:
+            decode.batch_decode_plan(ws, indptr, 32, 8, 128, 16, kv_last_page_len=[5, 16])
+        assert_reached_the_kernel(info.value)
+    with pytest.raises(TypeError, match=r"^num_qo_heads: expected an int, got list"):
+        decode.batch_decode_plan(ws, [0, 2, 3], [32], 8, 128, 16)
+    with pytest.raises(TypeError, match=r"^page_size: expected an int, got list"):
+        prefill.batch_prefill_paged_plan(ws, [0, 3, 4], [0, 1, 3], [5, 4], 32, 8, 128, [16])
+    with pytest.raises(TypeError, match=r"^window_left: expected an int, got ndarray"):
+        prefill.batch_prefill_ragged_plan(ws, [0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=np.zeros(2, int))
+
+
+def test_a_decode_loop_with_per_layer_caches_replanned_every_step_stays_on_the_fast_path(make_array):
+    ws = workspace()
+    layers = [decode_run_args() for _ in range(32)]  # a cache per layer: same layout, other memory
+    run = decode_plan(make_array, ws=ws)._s.run
+    slow = []
+    for step in range(4):
+        plan = decode_plan(make_array, ws=ws, kv_indptr=host([0, 2, 3 + step % 2]))  # new plan, new extent
+        for layer in layers:
+            with pytest.raises(KernelError) as info:
+                decode.batch_decode_run(plan, *layer.values())
+            assert_reached_the_kernel(info.value)
+        slow.append(run.launcher.slow_calls)
+        plan.release()
+    assert slow[1] == slow[2] == slow[3], slow  # from the second step on, no call is validated again
+
+
+def test_run_inputs_are_passed_per_call_and_not_kept(make_array):
+    """A custom mask given to a plan is referenced by the plan only, and reaches every run as a TVM-FFI Tensor
+    made for the call and released right after (no object left alive)."""
+    import gc
+    import weakref
+
+    from fi_ffi.abi.objects import _managed
+    from fi_ffi.ops import plan_settings
+
+    _no_driver()
+    mask, offsets = UnhashableCAI((3,), "|u1"), UnhashableCAI((3,), "<i4")
+    plan = prefill_plan(make_array, "ragged", "auto", custom_mask=mask, mask_indptr=offsets)
+    before = len(_managed.alive)
+    for _ in range(200):
+        with pytest.raises(KernelError) as info:
+            prefill.batch_prefill_ragged_run(plan, fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)),
+                                             fake_cuda((9, 8, 128)), fake_cuda((3,), "int32"),
+                                             fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)))
+        assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
+    assert len(_managed.alive) == before  # every object made for a run was released
+    assert all(mask is not v and offsets is not v for v in plan_settings._cache.values())
+    refs = [weakref.ref(mask), weakref.ref(offsets)]
+    plan.release()
+    del mask, offsets, info
+    gc.collect()
+    assert [r() for r in refs] == [None, None]  # nothing fi_ffi keeps holds the caller's tensors
+
+
+# ------------------------------------------------------------------------------------------ bad input is named
+
+
+def test_none_tensors_in_the_prefill_runs_are_named(make_array):
+    for backend in ("fa2", "fa3"):
+        ragged = prefill_plan(make_array, "ragged", backend)
+        with pytest.raises(TypeError, match=r"^k: expected a tensor, got None"):
+            prefill.batch_prefill_ragged_run(ragged, fake_cuda((4, 32, 128)), None, fake_cuda((9, 8, 128)),
+                                             fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
+                                             fake_cuda((4, 32, 128)))
+        with pytest.raises(TypeError, match=r"^q: expected a tensor, got None"):
+            prefill.batch_prefill_ragged_run(ragged, None, fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
+                                             fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
+                                             fake_cuda((4, 32, 128)))
+        paged = prefill_plan(make_array, "paged", backend)
+        with pytest.raises(TypeError, match=r"^kv_indices: expected a tensor, got None"):
+            prefill.batch_prefill_paged_run(paged, fake_cuda((4, 32, 128)), fake_cuda((4, 16, 8, 128)),
+                                            fake_cuda((4, 16, 8, 128)), fake_cuda((3,), "int32"),
+                                            fake_cuda((3,), "int32"), None, fake_cuda((2,), "int32"),
+                                            fake_cuda((4, 32, 128)))
+        with pytest.raises(TypeError, match=r"^out: expected a tensor, got None"):
+            prefill.batch_prefill_paged_run(paged, fake_cuda((4, 32, 128)), fake_cuda((4, 16, 8, 128)),
+                                            fake_cuda((4, 16, 8, 128)), fake_cuda((3,), "int32"),
+                                            fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
+                                            fake_cuda((2,), "int32"), None)
+    with pytest.raises(TypeError, match=r"^kv_indptr: expected a tensor, got None"):
+        decode.batch_decode_run(decode_plan(make_array), *decode_run_args(kv_indptr=None).values())
+
+
+def test_head_dim_zero_in_the_single_ops_is_named():
+    with pytest.raises(ValueError, match=r"^q: head_dim \(the last dimension\) must be > 0"):
+        decode.single_decode(fake_cuda((32, 0)), fake_cuda((100, 8, 0)), fake_cuda((100, 8, 0)), fake_cuda((32, 0)))
+    with pytest.raises(ValueError, match=r"^q: head_dim \(the last dimension\) must be > 0"):
+        prefill.single_prefill(fake_cuda((4, 32, 0)), fake_cuda((9, 8, 0)), fake_cuda((9, 8, 0)),
+                               fake_cuda((4, 32, 0)))
+    with pytest.raises(ValueError, match=r"^v: head_dim \(the last dimension\) must be > 0"):
+        prefill.single_prefill(fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 0)),
+                               fake_cuda((4, 32, 0)))
+
+
+@pytest.mark.parametrize(("kw", "exc", "text"), [
+    (dict(q_dtype=("a", "b", "c")), TypeError, r"^q_dtype: unsupported dtype"),
+    (dict(kv_dtype="nope"), TypeError, r"^kv_dtype: unsupported dtype"),
+    (dict(o_dtype=3.5), TypeError, r"^o_dtype: unsupported dtype"),
+    (dict(kv_dtype="int32"), TypeError, r"^kv_dtype: no FlashInfer attention module exists for dtype int32"),
+    (dict(num_qo_heads=2 ** 70), ValueError, r"^num_qo_heads: expected an int < 2\*\*31"),
+    (dict(page_size=2 ** 70), ValueError, r"^page_size: expected an int < 2\*\*31"),
+    (dict(head_dim=2 ** 40), ValueError, r"^head_dim: expected an int < 2\*\*31"),
+    (dict(window_left=2 ** 70), ValueError, r"^window_left: expected -1 \(no window\) or 0 <= window_left < 2\*\*31"),
+    (dict(sm_scale=10 ** 400), ValueError, r"^sm_scale: 1000+ does not fit in a float64"),
+    (dict(logits_soft_cap=10 ** 400), ValueError, r"^logits_soft_cap: 1000+ does not fit in a float64"),
+    (dict(rope_theta=-(10 ** 400)), ValueError, r"^rope_theta: -1000+ does not fit in a float64"),
+    (dict(kv_indptr=[0, 2 ** 70]), ValueError, r"^kv_indptr: values must fit in int32"),
+    (dict(kv_indptr=[0, "2"]), TypeError, r"^kv_indptr: expected a sequence of ints, got str"),
+    (dict(kv_indptr=[0, 2.0]), TypeError, r"^kv_indptr: expected a sequence of ints, got float"),
+    (dict(kv_last_page_len=["5"]), TypeError, r"^kv_last_page_len: expected a sequence of ints, got str"),
+])
+def test_batch_decode_plan_names_bad_scalars_and_index_lists(kw, exc, text):
+    args = dict(kv_indptr=[0, 2], num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
+    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
+    ws = workspace()
+    with pytest.raises(exc, match=text):
+        decode.batch_decode_plan(ws, **args, **kw)
+    assert ws._generation == 0
+
+
+@pytest.mark.parametrize(("kw", "exc", "text"), [
+    (dict(fixed_split_size=2 ** 70), ValueError, r"^fixed_split_size: expected an int < 2\*\*31"),
+    (dict(max_total_num_rows=2 ** 70, enable_cuda_graph=True), ValueError, r"^max_total_num_rows: expected an int"),
+    (dict(qo_indptr=[0, 3.5, 4]), TypeError, r"^qo_indptr: expected a sequence of ints, got float"),
+    (dict(kv_indptr=[0, 5, 2 ** 64]), ValueError, r"^kv_indptr: values must fit in int32"),
+    (dict(head_dim_vo=0), ValueError, r"^head_dim_vo: expected an int >= 1"),
+    (dict(backend=["fa2"]), ValueError, r"^backend: expected 'auto', 'fa2' or 'fa3'"),
+])
+def test_batch_prefill_plans_name_bad_scalars_and_index_lists(kw, exc, text):
+    args = dict(qo_indptr=[0, 3, 4], kv_indptr=[0, 5, 9], num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
+    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
+    ws = workspace()
+    with pytest.raises(exc, match=text):
+        prefill.batch_prefill_ragged_plan(ws, **args, **kw)
+    assert ws._generation == 0
+
+
+def test_single_ops_name_a_null_tmp_and_huge_scalars():
+    q, k, o = fake_cuda((32, 128)), fake_cuda((100, 8, 128)), fake_cuda((32, 128))
+    with pytest.raises(ValueError, match=r"^tmp: data pointer is NULL"):
+        decode.single_decode(q, k, k, o, tmp=Tensor.from_pointer(0, (1 << 20,), "uint8", "cuda:0"))
+    with pytest.raises(ValueError, match=r"^tmp: data pointer is NULL"):
+        prefill.single_prefill(fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
+                               fake_cuda((4, 32, 128)), tmp=Tensor.from_pointer(0, (1 << 20,), "uint8", "cuda:0"))
+    with pytest.raises(ValueError, match=r"^sm_scale: 1000+ does not fit in a float64"):
+        decode.single_decode(q, k, k, o, sm_scale=10 ** 400)
+    with pytest.raises(ValueError, match=r"^window_left: expected -1"):
+        decode.single_decode(q, k, k, o, window_left=2 ** 70)
+    with pytest.raises(ValueError, match=r"^logits_soft_cap: 1000+ does not fit"):
+        prefill.single_prefill(fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
+                               fake_cuda((4, 32, 128)), logits_soft_cap=10 ** 400)
+    with pytest.raises(TypeError, match=r"^q: no attention module exists for dtype float32"):
+        decode.single_decode(fake_cuda((32, 128), "float32"), k, k, o)
+
+
+@pytest.mark.parametrize(("masks", "exc", "text"), [
+    (5, TypeError, r"^masks: expected a sequence of boolean \[qo_len, kv_len\] arrays, got int"),
+    ("ab", TypeError, r"^masks: expected a sequence"),
+    ([np.ones((2, 3), np.float32)], TypeError, r"^masks\[0\]: expected a boolean array .* got dtype float32"),
+    ([np.ones((2, 3), bool), np.array([[0, 2]])], TypeError, r"^masks\[1\]: expected a boolean array"),
+    ([np.ones(3, bool)], ValueError, r"^masks\[0\]: expected a 2-D \[qo_len, kv_len\] mask, got shape \(3,\)"),
+    ([[[True, False]], 7], TypeError, r"^masks\[1\]: expected a boolean array"),
+    ([[True, False]], ValueError, r"^masks\[0\]: expected a 2-D"),
+])
+def test_pack_custom_mask_refuses_what_is_not_a_boolean_mask(masks, exc, text):
+    with pytest.raises(exc, match=text):
+        prefill.pack_custom_mask(masks)
+
+
+def test_pack_custom_mask_packs_nested_lists_of_bools():
+    packed, indptr = prefill.pack_custom_mask([[[True, False, True]], np.zeros((2, 5), bool)])
+    assert packed.tolist() == [0b101, 0, 0] and indptr.tolist() == [0, 1, 3]
+
+
+# ------------------------------------------------------------------------------------------ modules of the ext wheel
+
+EXT_SWA_CAP = ("batch_decode_with_kv_cache_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_qk_128_head_dim"
+               "_vo_128_posenc_0_use_swa_True_use_logits_cap_True")
+
+
+def test_sliding_window_and_soft_cap_select_their_modules():
+    ws = workspace()
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_plan(ws, [0, 2, 3], 32, 8, 128, 16, window_left=64, logits_soft_cap=30.0)
+    assert_reached_the_kernel(info.value)
+    assert info.value.function == EXT_SWA_CAP + ".plan"
+    assert info.value.arguments[9:11] == ("64", "30.0")
+    for mode in ("ragged", "paged"):
+        with pytest.raises(KernelError) as info:
+            if mode == "ragged":
+                prefill.batch_prefill_ragged_plan(ws, [0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=16,
+                                                  logits_soft_cap=50.0, causal=True)
+            else:
+                prefill.batch_prefill_paged_plan(ws, [0, 3, 4], [0, 1, 3], [5, 4], 32, 8, 128, 16, window_left=16,
+                                                 logits_soft_cap=50.0)
+        assert_reached_the_kernel(info.value)
+        assert "use_swa_True_use_logits_cap_True_f16qk_False.plan" in info.value.function
+
+
+def test_sliding_window_and_soft_cap_runs_reach_their_modules(make_array):
+    plan = decode_plan(make_array, window_left=64, logits_soft_cap=30.0)
+    assert plan.uri == EXT_SWA_CAP
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_run(plan, *decode_run_args().values())
+    assert_reached_the_kernel(info.value)
+    assert info.value.arguments[12] == "64" and info.value.arguments[15] == "30.0"
+    for mode in ("ragged", "paged"):
+        p = prefill_plan(make_array, mode, "auto", window_left=16, logits_soft_cap=50.0)
+        assert "use_swa_True_use_logits_cap_True" in p.uri
+        with pytest.raises(KernelError) as info:
+            if mode == "ragged":
+                prefill.batch_prefill_ragged_run(p, fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)),
+                                                 fake_cuda((9, 8, 128)), fake_cuda((3,), "int32"),
+                                                 fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)))
+            else:
+                prefill.batch_prefill_paged_run(p, fake_cuda((4, 32, 128)), fake_cuda((4, 16, 8, 128)),
+                                                fake_cuda((4, 16, 8, 128)), fake_cuda((3,), "int32"),
+                                                fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
+                                                fake_cuda((2,), "int32"), fake_cuda((4, 32, 128)))
+        assert_reached_the_kernel(info.value)
+
+
+def test_fp8_kv_cache_selects_its_modules(make_array):
+    ws = workspace()
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_plan(ws, [0, 2, 3], 32, 8, 128, 16, kv_dtype="float8_e4m3fn")
+    assert_reached_the_kernel(info.value)
+    assert "dtype_kv_e4m3" in info.value.function
+    with pytest.raises(KernelError) as info:
+        prefill.batch_prefill_paged_plan(ws, [0, 3, 4], [0, 1, 3], [5, 4], 32, 8, 128, 16, kv_dtype="float8_e4m3fn")
+    assert_reached_the_kernel(info.value)
+    assert "dtype_kv_e4m3" in info.value.function
+    plan = decode_plan(make_array, kv_dtype="float8_e4m3fn")
+    fp8 = decode_run_args(k_cache=fake_cuda((4, 16, 8, 128), "float8_e4m3fn"),
+                          v_cache=fake_cuda((4, 16, 8, 128), "float8_e4m3fn"))
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_run(plan, *fp8.values())
+    assert_reached_the_kernel(info.value)
+    with pytest.raises(TypeError, match=r"^k_cache: expected dtype float8_e4m3fn, got float16"):
+        decode.batch_decode_run(plan, *decode_run_args().values())
+    paged = prefill_plan(make_array, "paged", "auto", kv_dtype="float8_e4m3fn")
+    assert paged.backend == "fa2" and "dtype_kv_e4m3" in paged.uri
+    with pytest.raises(KernelError) as info:
+        prefill.batch_prefill_paged_run(paged, fake_cuda((4, 32, 128)), fp8["k_cache"], fp8["v_cache"],
+                                        fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
+                                        fake_cuda((2,), "int32"), fake_cuda((4, 32, 128)))
+    assert_reached_the_kernel(info.value)

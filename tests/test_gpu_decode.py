@@ -231,3 +231,70 @@ def test_single_decode_matches_reference(dtype, head_dim, heads, layout):
         o, lse_ref = reference(q[None], k, v)
         close(out, o[0], dtype, f"kv_len {kv_len}")
         torch.testing.assert_close(lse, lse_ref[0], atol=LSE_TOL, rtol=LSE_TOL)
+
+
+# ------------------------------------------------------------------------------------------ producers per call
+
+
+def test_batch_decode_with_torch_tensors_and_cupy_arrays_per_call(ws):
+    """The same run with fresh torch tensors every call and with CuPy arrays (unhashable) every call."""
+    cupy = pytest.importorskip("cupy")
+    dtype, hq, hk, d, page = torch.float16, 32, 8, 128, 16
+    kv = PagedKV([5, 40, 77], page, hk, d, dtype, "NHD", seed=3)
+    b = 3
+    q = torch.randn(b, hq, d, dtype=dtype, device="cuda")
+    plan = decode.batch_decode_plan(ws, kv.indptr_h, hq, hk, d, page, kv_last_page_len=kv.last_h)
+    want = [reference(q[i: i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v))[0][0] for i in range(b)]
+    out_t = torch.empty_like(q)
+    for _ in range(3):  # new tensor objects (and memory for q, indptr) at every call
+        decode.batch_decode_run(plan, q.clone(), kv.k, kv.v, kv.indptr.clone(), kv.indices, kv.last, out_t)
+    torch.cuda.synchronize()
+    c = cupy.asarray  # zero-copy views through the CUDA array interface
+    out_c = cupy.zeros((b, hq, d), dtype=cupy.float16)
+    for _ in range(3):
+        decode.batch_decode_run(plan, c(q), c(kv.k), c(kv.v), c(kv.indptr), c(kv.indices), c(kv.last), out_c)
+    cupy.cuda.runtime.deviceSynchronize()
+    got_c = torch.as_tensor(out_c, device="cuda")
+    for i in range(b):
+        close(out_t[i], want[i], dtype, f"torch, request {i}")
+        close(got_c[i], want[i], dtype, f"cupy, request {i}")
+
+
+# ------------------------------------------------------------------------------------------ modules of the ext wheel
+
+
+def test_batch_decode_sliding_window_and_soft_cap(ws):
+    """f16, head_dim 128: the use_swa_True_use_logits_cap_True module; float32 reference, f16 tolerance."""
+    dtype, hq, hk, d, page, window, cap = torch.float16, 32, 8, 128, 16, 40, 30.0
+    kv = PagedKV([1, 39, 41, 300], page, hk, d, dtype, "NHD", seed=4)
+    b = 4
+    q = torch.randn(b, hq, d, dtype=dtype, device="cuda") * 4  # large logits: the cap matters
+    out = torch.empty_like(q)
+    plan = decode.batch_decode_plan(ws, kv.indptr_h, hq, hk, d, page, kv_last_page_len=kv.last_h,
+                                    window_left=window, logits_soft_cap=cap)
+    assert "use_swa_True_use_logits_cap_True" in plan.uri
+    decode.batch_decode_run(plan, q, kv.k, kv.v, kv.indptr, kv.indices, kv.last, out)
+    torch.cuda.synchronize()
+    for i in range(b):
+        o, _ = reference(q[i: i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v), window_left=window, soft_cap=cap)
+        close(out[i], o[0], dtype, f"request {i}")
+
+
+def test_batch_decode_fp8_e4m3_kv_cache(ws):
+    """q/o float16, K/V float8_e4m3fn: the reference attends over the dequantized (float32) cache. Tolerance
+    1e-2 (f16 outputs of magnitude <= ~3; the FP8 values themselves are exact in f16)."""
+    hq, hk, d, page = 32, 8, 128, 16
+    kv = PagedKV([3, 64, 200], page, hk, d, torch.float16, "NHD", seed=5)
+    k8, v8 = kv.k.to(torch.float8_e4m3fn), kv.v.to(torch.float8_e4m3fn)
+    b = 3
+    q = torch.randn(b, hq, d, dtype=torch.float16, device="cuda")
+    out = torch.empty_like(q)
+    plan = decode.batch_decode_plan(ws, kv.indptr_h, hq, hk, d, page, kv_last_page_len=kv.last_h,
+                                    kv_dtype="float8_e4m3fn")
+    assert "dtype_kv_e4m3" in plan.uri
+    decode.batch_decode_run(plan, q, k8, v8, kv.indptr, kv.indices, kv.last, out)
+    torch.cuda.synchronize()
+    for i in range(b):
+        fp8 = torch.float8_e4m3fn  # gathered in f16 then cast: the same values, no indexing of FP8 tensors
+        o, _ = reference(q[i: i + 1], kv.gather(i, kv.k).to(fp8), kv.gather(i, kv.v).to(fp8))
+        torch.testing.assert_close(out[i].float(), o[0], atol=1e-2, rtol=1e-2)

@@ -285,3 +285,76 @@ def test_fa3_plan_info_shape_and_mixing(ws):
     fa2 = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa2")
     assert len(fa2.info) == 15
     assert fa3.stale  # the FA2 plan overwrote the schedule: the FA3 plan cannot run any more
+
+
+# ------------------------------------------------------------------------------------------ producers per call
+
+
+def test_single_prefill_with_torch_tensors_and_cupy_arrays_per_call():
+    """Fresh torch tensors every call, then CuPy arrays (unhashable) every call; float32 reference, f16 tolerance."""
+    cupy = pytest.importorskip("cupy")
+    dtype, hq, hk, d = torch.float16, 32, 8, 128
+    q = torch.randn(37, hq, d, dtype=dtype, device="cuda")
+    k = torch.randn(129, hk, d, dtype=dtype, device="cuda")
+    v = torch.randn_like(k)
+    want, _ = reference(q, k, v, causal=True)
+    out_t = torch.empty_like(q)
+    for _ in range(3):
+        prefill.single_prefill(q.clone(), k.clone(), v, out_t, causal=True)
+    torch.cuda.synchronize()
+    close(out_t, want, dtype, "torch")
+    c = cupy.asarray
+    out_c = cupy.zeros(q.shape, dtype=cupy.float16)
+    for _ in range(3):
+        prefill.single_prefill(c(q), c(k), c(v), out_c, causal=True)
+    cupy.cuda.runtime.deviceSynchronize()
+    close(torch.as_tensor(out_c, device="cuda"), want, dtype, "cupy")
+
+
+# ------------------------------------------------------------------------------------------ modules of the ext wheel
+
+
+@pytest.mark.parametrize("mode", ["ragged", "paged"])
+def test_batch_prefill_sliding_window_and_soft_cap(ws, mode):
+    """f16, head_dim 128: the use_swa_True_use_logits_cap_True FA2 module (no FA3 build of it: auto picks FA2)."""
+    dtype, hq, hk, d, window, cap = torch.float16, 32, 8, 128, 16, 50.0
+    q, k, v, _, _ = ragged_inputs(dtype, hq, hk, d, "NHD")
+    q = q * 4  # large logits: the cap matters
+    out = torch.empty_like(q)
+    qo = torch.from_numpy(indptr(QO_LENS)).cuda()
+    if mode == "ragged":
+        plan = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, causal=True,
+                                                 window_left=window, logits_soft_cap=cap)
+        prefill.batch_prefill_ragged_run(plan, q, k, v, qo, torch.from_numpy(indptr(KV_LENS)).cuda(), out)
+    else:
+        kv = PagedKV(k, v, KV_LENS, 16, "NHD")
+        plan = prefill.batch_prefill_paged_plan(ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, 16,
+                                                causal=True, window_left=window, logits_soft_cap=cap)
+        prefill.batch_prefill_paged_run(plan, q, kv.k, kv.v, qo, kv.indptr, kv.indices, kv.last, out)
+    assert plan.backend == "fa2" and "use_swa_True_use_logits_cap_True" in plan.uri
+    torch.cuda.synchronize()
+    qi, ki = indptr(QO_LENS), indptr(KV_LENS)
+    for i in range(len(QO_LENS)):
+        o, _ = reference(q[qi[i]: qi[i + 1]], k[ki[i]: ki[i + 1]], v[ki[i]: ki[i + 1]], causal=True,
+                         window_left=window, soft_cap=cap)
+        close(out[qi[i]: qi[i + 1]], o, dtype, f"request {i}")
+
+
+def test_batch_prefill_paged_fp8_e4m3_kv_cache(ws):
+    """q/o float16, paged K/V float8_e4m3fn; the reference attends over the dequantized cache. Tolerance 1e-2."""
+    hq, hk, d = 32, 8, 128
+    q, k, v, _, _ = ragged_inputs(torch.float16, hq, hk, d, "NHD")
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    kv = PagedKV(k8.half(), v8.half(), KV_LENS, 16, "NHD")  # laid out in f16 (exact), then cast: only copies in FP8
+    kc, vc = kv.k.to(torch.float8_e4m3fn), kv.v.to(torch.float8_e4m3fn)
+    out = torch.empty_like(q)
+    plan = prefill.batch_prefill_paged_plan(ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, 16,
+                                            causal=True, kv_dtype="float8_e4m3fn")
+    assert "dtype_kv_e4m3" in plan.uri and plan.backend == "fa2"
+    prefill.batch_prefill_paged_run(plan, q, kc, vc, torch.from_numpy(indptr(QO_LENS)).cuda(), kv.indptr,
+                                    kv.indices, kv.last, out)
+    torch.cuda.synchronize()
+    qi, ki = indptr(QO_LENS), indptr(KV_LENS)
+    for i in range(len(QO_LENS)):
+        o, _ = reference(q[qi[i]: qi[i + 1]], k8[ki[i]: ki[i + 1]], v8[ki[i]: ki[i + 1]], causal=True)
+        torch.testing.assert_close(out[qi[i]: qi[i + 1]].float(), o, atol=1e-2, rtol=1e-2)

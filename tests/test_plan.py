@@ -132,23 +132,11 @@ def test_released_and_stale_plans_are_not_runnable(make_array):
     assert "released" in repr(plan2) and "stale" in repr(plan)
 
 
-def test_memo_is_bounded_and_fifo():
-    from fi_ffi.ops.plan import Memo
-
-    memo = Memo(cap=4)
-    keys = [(object(),) for _ in range(6)]
-    for k in keys:
-        memo.add(k)
-    assert len(memo.seen) == 4
-    assert keys[0] not in memo and keys[1] not in memo
-    assert all(k in memo for k in keys[2:])
-
-
 # ------------------------------------------------------------------------------------------ host index arrays
 
 
 def test_host_array_accepts_numpy_lists_and_host_descriptors():
-    from fi_ffi.ops.plan import host_array
+    from fi_ffi.ops.host_index import host_array
 
     a = np.array([0, 2, 5], np.int32)
     assert host_array("kv_indptr", a) is a
@@ -161,33 +149,48 @@ def test_host_array_accepts_numpy_lists_and_host_descriptors():
     assert got.tolist() == [0, 2, 4, 6, 8] and got.flags.c_contiguous
 
 
-def test_host_descriptor_describes_the_array_to_the_runtime(make_array):
-    """The per-thread DLTensor record is a valid host int32 tensor: the runtime wraps and reads it back."""
-    from fi_ffi.abi.cdefs import get_ffi
-    from fi_ffi.ops.plan import host_descriptor
+def test_host_tensor_describes_the_array_without_copying_it():
+    """The descriptor a plan call gets for a host index array: its memory, int32 [n] on the CPU, nothing kept."""
+    from fi_ffi.ops.host_index import host_tensor
 
     a = np.array([0, 3, 7, 7], np.int32)
-    addr = host_descriptor(1, a)
-    ffi = get_ffi()
-    t = ffi.cast("DLTensor*", addr)
-    assert int(ffi.cast("uintptr_t", t.data)) == a.ctypes.data
-    assert (t.device.device_type, t.ndim, t.dtype.code, t.dtype.bits, t.dtype.lanes) == (1, 1, 0, 32, 1)
-    assert (t.shape[0], t.strides[0], t.byte_offset) == (4, 1, 0)
-    assert host_descriptor(1, np.zeros(0, np.int32)) == addr  # the slot is reused
-    assert ffi.cast("DLTensor*", addr).shape[0] == 0
+    t = host_tensor(a)
+    assert (t.data_ptr, t.shape, t.strides, t.dtype.name, str(t.device)) == (a.ctypes.data, (4,), (1,), "int32", "cpu")
+    assert t.owner is None  # the plan call's caller holds the array; no descriptor keeps a caller's object
+    b = np.array([0, 1, 2, 3], np.int32)
+    assert host_tensor(b).data_ptr == b.ctypes.data and host_tensor(b)._lid == t._lid  # one layout, rebound
+    assert host_tensor(np.zeros(0, np.int32)).shape == (0,)
+
+
+def test_host_array_uses_numpy_int32_arrays_as_they_are_and_converts_lists_once():
+    from fi_ffi.ops.host_index import host_array
+
+    a = np.array([0, 2, 5], np.int32)
+    assert host_array("kv_indptr", a) is a
+    assert host_array("kv_indptr", (0, np.int64(2), 5)).tolist() == [0, 2, 5]
+    ro = np.array([0, 1], np.int32)
+    ro.flags.writeable = False
+    assert host_array("kv_indptr", ro) is ro
 
 
 @pytest.mark.parametrize(("value", "exc", "text"), [
     (np.array([0, 1], np.int64), TypeError, "int32"),
     (np.zeros((2, 2), np.int32), ValueError, "1-D"),
     ([0, 1 << 40], ValueError, "int32"),
+    ([0, 1 << 70], ValueError, r"values must fit in int32, got 1180591620717411303424"),
+    ([0, "1"], TypeError, r"expected a sequence of ints, got str '1' at index 1"),
+    ([0, 1.0], TypeError, r"expected a sequence of ints, got float 1\.0 at index 1"),
+    ([0, 2.7], TypeError, "got float"),
+    ([0, True], TypeError, "got bool"),
+    ([[0, 1]], TypeError, "got list"),
+    (np.array([0, 1], ">i4"), TypeError, "big-endian"),
     ("0,1", TypeError, "host int32"),
     (Tensor.from_pointer(0x1000, (3,), "int32", "cuda:0"), ValueError, "host"),
     (Tensor.from_pointer(0x1000, (3,), "int64", "cpu"), TypeError, "int32"),
     (Tensor.from_pointer(0, (3,), "int32", "cpu"), ValueError, "NULL"),
 ])
 def test_host_array_rejects(value, exc, text):
-    from fi_ffi.ops.plan import host_array
+    from fi_ffi.ops.host_index import host_array
 
     with pytest.raises(exc, match=text) as info:
         host_array("qo_indptr", value)
@@ -196,7 +199,7 @@ def test_host_array_rejects(value, exc, text):
 
 @given(st.lists(st.integers(0, 50), min_size=1, max_size=20))
 def test_check_indptr_accepts_any_valid_and_rejects_corruptions(lengths):
-    from fi_ffi.ops.plan import check_indptr
+    from fi_ffi.ops.host_index import check_indptr
 
     arr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     assert check_indptr("kv_indptr", arr) == sum(lengths)
@@ -214,7 +217,7 @@ def test_check_indptr_accepts_any_valid_and_rejects_corruptions(lengths):
 
 
 def test_check_indptr_needs_a_batch():
-    from fi_ffi.ops.plan import check_indptr
+    from fi_ffi.ops.host_index import check_indptr
 
     with pytest.raises(ValueError, match="at least 2"):
         check_indptr("qo_indptr", np.zeros(1, np.int32))
@@ -222,7 +225,7 @@ def test_check_indptr_needs_a_batch():
 
 @given(st.integers(1, 64), st.lists(st.integers(0, 6), min_size=1, max_size=40), st.data())
 def test_check_last_page_len(page_size, pages, data):
-    from fi_ffi.ops.plan import check_last_page_len
+    from fi_ffi.ops.host_index import check_last_page_len
 
     indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
     last = np.array([data.draw(st.integers(1, page_size)) if p else 0 for p in pages], np.int32)

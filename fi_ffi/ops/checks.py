@@ -105,7 +105,7 @@ def positive_finite(name: str, value: Any) -> float:
     """``value`` as a float that is finite and > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = float(value)
+    value = _float(name, value)
     if not (value > 0.0 and math.isfinite(value)):
         raise ValueError(f"{name}: expected a finite value > 0, got {value}")
     return value
@@ -115,16 +115,27 @@ def finite(name: str, value: Any) -> float:
     """``value`` as a finite float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = float(value)
+    value = _float(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite value, got {value}")
     return value
 
 
+def _float(name: str, value: int | float) -> float:
+    """``float(value)``; an int too large for a float64 (``10**400``) is a ValueError naming ``name``."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name}: {value} does not fit in a float64") from None
+
+
 def integer(name: str, value: Any, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    value = int(value)
+    try:
+        value = int(value.__index__())
+    except (TypeError, ValueError):  # an array with __index__ that refuses (numpy arrays of size != 1)
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return value

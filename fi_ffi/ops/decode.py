@@ -9,57 +9,70 @@ Math, per request and query head ``h`` (KV head ``h // (num_qo_heads / num_kv_he
 ``o[h] = softmax(sm_scale * q[h] . K^T) V`` over the request's ``kv_len`` cached tokens; ``lse[h]`` (optional)
 is the log-sum-exp of the scaled logits in base 2, as FlashInfer defines it. With ``logits_soft_cap > 0``
 the logits are ``cap * tanh(sm_scale * q.k / cap)``; ``window_left >= 0`` keeps the last ``window_left + 1``
-tokens. RoPE and ALiBi apply only with modules compiled for them (``pos_encoding``).
+tokens. RoPE and ALiBi apply only with modules compiled for them (``pos_encoding``). An FP8 KV cache
+(``kv_dtype="float8_e4m3fn"``) is read by the modules built for it (q and o stay float16/bfloat16).
 
 Everything is asynchronous on ``stream`` (see :mod:`fi_ffi.streams`); nothing synchronizes except the one
 documented wait in :mod:`fi_ffi.ops.workspace` (a plan waits for the previous plan's pinned-buffer copy).
 Plan and run must use the same stream. The decode kernels support GQA group sizes 1, 2, 3, 4 and 8, and
 equal q/k and v/o head dims.
+
+Every kernel call goes through a launcher (:mod:`fi_ffi.ops.launcher`) of the declarations below; a run's
+tensors are checked once per layout combination and plan settings (the launcher's ``context``).
 """
 
 from __future__ import annotations
 
 import functools
-import struct
 import threading
+from types import SimpleNamespace
 from typing import Any
 
-from ..abi.call import Frame, Signature
-from ..abi.objects import ARRAY, BOOL, DLTENSOR_PTR, FLOAT, INT, NONE
-from ..dtypes import DType, int32
-from ..dtypes import dtype as to_dtype
-from ..streams import stream_handle
+from .. import caches
+from ..abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
+from ..dtypes import DType, int32, uint8
+from ..producers import _readers, reader
 from ..tensor import Tensor
+from . import attention_checks as AC
 from . import checks
-from . import plan as P
-from .kernels import entry_point
-from .plan import Memo, Plan, PlanSettings
+from . import plan_settings as S
+from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
+from .launcher import launcher
+from .plan import Plan
+from .plan_call import call_plan
+from .plan_settings import LAYOUTS, PlanSettings
 from .variants import BATCH_DECODE, SINGLE_DECODE, Variant, resolve
 from .workspace import Workspace, tmp_bytes_needed
 
 __all__ = ["batch_decode_plan", "batch_decode_run", "single_decode"]
 
-_T, _I, _F, _B, _N, _A = DLTENSOR_PTR, INT, FLOAT, BOOL, NONE, ARRAY
+# ---- declarations (FlashInfer 0.6.3 / 0.7.2 csrc/batch_decode.cu, single_decode.cu; public names where 1:1) -----
 
-PLAN_SIG = Signature("batch_decode.plan", [
-    ("float_workspace_buffer", "tensor"), ("int_workspace_buffer", "tensor"),
-    ("page_locked_int_workspace_buffer", "tensor"), ("indptr", "tensor"), ("batch_size", "int"),
-    ("num_qo_heads", "int"), ("num_kv_heads", "int"), ("page_size", "int"), ("enable_cuda_graph", "bool"),
-    ("window_left", "int"), ("logits_soft_cap", "float"), ("head_dim_qk", "int"), ("head_dim_vo", "int"),
-    ("empty_q_data", "tensor"), ("empty_kv_data", "tensor")])
-RUN_SIG = Signature("batch_decode.run", [
-    ("float_workspace_buffer", "tensor"), ("int_workspace_buffer", "tensor"), ("plan_info_vec", "object"),
-    ("q", "tensor"), ("paged_k_cache", "tensor"), ("paged_v_cache", "tensor"), ("paged_kv_indptr", "tensor"),
-    ("paged_kv_indices", "tensor"), ("paged_kv_last_page_len", "tensor"), ("o", "tensor"),
-    ("maybe_lse", "tensor?"), ("kv_layout_code", "int"), ("window_left", "int"), ("enable_pdl", "bool"),
-    ("maybe_alibi_slopes", "object?"), ("logits_soft_cap", "float"), ("sm_scale", "float"),
-    ("rope_rcp_scale", "float"), ("rope_rcp_theta", "float")])
-SINGLE_SIG = Signature("single_decode.run", [
-    ("q", "tensor"), ("k", "tensor"), ("v", "tensor"), ("tmp", "tensor"), ("o", "tensor"), ("maybe_lse", "tensor?"),
-    ("layout", "int"), ("window_left", "int"), ("maybe_alibi_slopes", "object?"), ("logits_soft_cap", "float"),
-    ("sm_scale", "float"), ("rope_rcp_scale", "float"), ("rope_rcp_theta", "float")])
-_TENSORS8 = struct.Struct("<" + "iIq" * 8).pack_into  # slots 3-10 of a run: q .. maybe_lse
-_SINGLE_PACK = SINGLE_SIG.pack.pack_into
+PLAN = declare("plan", [
+    tensor("float_workspace_buffer"), tensor("int_workspace_buffer"), tensor("page_locked_int_workspace_buffer"),
+    tensor("kv_indptr"), ("batch_size", INT), ("num_qo_heads", INT), ("num_kv_heads", INT), ("page_size", INT),
+    ("enable_cuda_graph", BOOL), ("window_left", INT), ("logits_soft_cap", FLOAT), ("head_dim_qk", INT),
+    ("head_dim_vo", INT), tensor("empty_q_data"), tensor("empty_kv_data"),
+], returns=ARRAY)
+RUN = declare("run", [
+    tensor("float_workspace_buffer"), tensor("int_workspace_buffer"), ("plan_info_vec", ARRAY), tensor("q"),
+    tensor("k_cache"), tensor("v_cache"), tensor("kv_indptr"), tensor("kv_indices"), tensor("kv_last_page_len"),
+    tensor("out", output=True), optional_tensor("lse", output=True), ("kv_layout_code", INT), ("window_left", INT),
+    ("enable_pdl", BOOL), Param("alibi_slopes", OPT_FFI_TENSOR), ("logits_soft_cap", FLOAT), ("sm_scale", FLOAT),
+    ("rope_rcp_scale", FLOAT), ("rope_rcp_theta", FLOAT),
+])
+SINGLE = declare("run", [
+    tensor("q"), tensor("k"), tensor("v"), tensor("tmp", output=True), tensor("out", output=True),
+    optional_tensor("lse", output=True), ("kv_layout_code", INT), ("window_left", INT),
+    Param("alibi_slopes", OPT_FFI_TENSOR), ("logits_soft_cap", FLOAT), ("sm_scale", FLOAT), ("rope_rcp_scale", FLOAT),
+    ("rope_rcp_theta", FLOAT),
+])
+# (module URI pattern, declaration), checked against the pinned modules by tests/test_declarations.py
+DECLARATIONS = (
+    (r"batch_decode_with_kv_cache_.*", PLAN),
+    (r"batch_decode_with_kv_cache_.*", RUN),
+    (r"single_decode_with_kv_cache_.*", SINGLE),
+)
 
 
 @functools.lru_cache(maxsize=256)
@@ -76,11 +89,27 @@ def empty(dt: DType, device: Any) -> Tensor:
     return Tensor(0, (0,), dt, device)
 
 
-def _dtypes(q_dtype: Any, kv_dtype: Any, o_dtype: Any) -> tuple[DType, DType, DType]:
-    qd = to_dtype(q_dtype)
-    kd = qd if kv_dtype is None else to_dtype(kv_dtype)
-    od = qd if o_dtype is None else to_dtype(o_dtype)
-    return qd, kd, od
+def layout_key(name: str, value: Any, stream: Any = None) -> Any:
+    """The launcher's layout key of a tensor argument (a value), read as the launcher reads it; a producer that
+    cannot be read is described by :func:`fi_ffi.as_tensor` instead, which raises the error naming ``name``."""
+    try:
+        return (_readers.get(value.__class__) or reader(value.__class__))(value, stream)[0]
+    except Exception:
+        return checks.tensor(name, value)._lid
+
+
+def extent(name: str, value: Any, dim: int = 0) -> int:
+    """``value.shape[dim]`` (read without describing the tensor where the producer has a ``shape``)."""
+    try:
+        n = value.shape[dim]
+        if n.__class__ is int:
+            return n  # type: ignore[no-any-return]
+    except Exception:
+        pass
+    t = checks.tensor(name, value)
+    if t.ndim <= dim:
+        raise ValueError(f"{name}: expected at least {dim + 1} dimensions, got shape {t.shape}")
+    return t.shape[dim]
 
 
 # ------------------------------------------------------------------------------------------ batch decode
@@ -97,14 +126,16 @@ def batch_decode_plan(workspace: Any, kv_indptr: Any, num_qo_heads: int, num_kv_
     Args:
         workspace: the :class:`~fi_ffi.ops.workspace.Workspace` this plan and its runs use.
         kv_indptr: **host** int32 ``[batch + 1]``: request ``i`` owns pages ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]``.
-            A numpy array, a host descriptor, or a list. Starts at 0, non-decreasing.
+            A numpy int32 array (used without a copy), a host descriptor, or a list of ints. Starts at 0,
+            non-decreasing.
         num_qo_heads, num_kv_heads: query and KV heads; the group size ``num_qo_heads / num_kv_heads`` must be
             1, 2, 3, 4 or 8.
         head_dim: head dimension of q, k, v and o.
         page_size: tokens per page (>= 1).
         kv_last_page_len: optional host int32 ``[batch]``, checked if given: 1..page_size for a request with
             pages, 0 for one without (the run takes the device copy).
-        q_dtype, kv_dtype, o_dtype: element types (kv and o default to q's); they select the module.
+        q_dtype, kv_dtype, o_dtype: element types (kv and o default to q's); they select the module
+            (``kv_dtype="float8_e4m3fn"`` with float16 q/o: the FP8 KV cache modules).
         kv_layout: ``"NHD"`` (``[pages, page_size, kv_heads, dim]``) or ``"HND"`` (``[pages, kv_heads, page_size,
             dim]``), fixed for the runs of this plan.
         pos_encoding: ``"NONE"``, ``"ROPE_LLAMA"`` or ``"ALIBI"`` (selects the module).
@@ -112,82 +143,83 @@ def batch_decode_plan(workspace: Any, kv_indptr: Any, num_qo_heads: int, num_kv_
         logits_soft_cap: 0 (off) or > 0 (selects a soft-cap module).
         sm_scale: softmax scale; default ``1 / sqrt(head_dim)``.
         rope_scale, rope_theta: RoPE interpolation scale and base (the kernel takes their reciprocals).
-        alibi_slopes: float32 ``[num_qo_heads]`` on the workspace's device, required with ALIBI (kept by the plan).
+        alibi_slopes: float32 ``[num_qo_heads]`` on the workspace's device, required with ALIBI; the plan refers
+            to it until released and passes it to every run.
         enable_cuda_graph: plan for a run captured in a CUDA graph (fixed batch size; padded schedule).
         stream: the stream of the plan's asynchronous copy; its runs must use the same stream.
 
     The plan is valid until the next plan on the same workspace; it may be run any number of times before.
     """
-    ws = workspace if type(workspace) is Workspace else P.workspace_of(workspace)
-    st = settings(ws, num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, o_dtype, kv_layout,
-                  pos_encoding, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, alibi_slopes,
-                  enable_cuda_graph)
-    indptr = P.host_array("kv_indptr", kv_indptr)
-    pages = P.check_indptr("kv_indptr", indptr)
+    ws = workspace if workspace.__class__ is Workspace else _workspace(workspace)
+    args = (num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, o_dtype, kv_layout, pos_encoding,
+            window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, enable_cuda_graph)
+    alibi_required(pos_encoding, alibi_slopes)
+    device_id = ws.device.device_id
+    s = S.cached((BATCH_DECODE, device_id, args, tuple(map(type, args))), lambda: _settings(device_id, args))
+    indptr = host_array("kv_indptr", kv_indptr)
+    pages = check_indptr("kv_indptr", indptr)
     batch = indptr.shape[0] - 1
     if kv_last_page_len is not None:
-        P.check_last_page_len("kv_last_page_len", P.host_array("kv_last_page_len", kv_last_page_len), indptr,
-                              st.page_size)
-    values = (*st.plan_prefix, _T, 0, P.host_descriptor(0, indptr), _I, 0, batch, *st.plan_suffix)
-    s = stream if stream is None or type(stream) is int else stream_handle(stream)
-    info, generation = P.call_plan(ws, st.plan_ep, PLAN_SIG, values, s)
-    return Plan.make(info, ws, generation, st, batch, batch, pages)
+        check_last_page_len("kv_last_page_len", host_array("kv_last_page_len", kv_last_page_len), indptr,
+                            s.page_size)
+    if alibi_slopes is not None or s.pos_encoding == 2:
+        _check_alibi(s, alibi_slopes, ws.device)
+    info, generation = call_plan(
+        ws, s.plan, stream, ws.float_buffer, ws.int_buffer, ws.pinned_buffer, host_tensor(indptr), batch,
+        s.num_qo_heads, s.num_kv_heads, s.page_size, s.enable_cuda_graph, s.window_left, s.logits_soft_cap,
+        s.head_dim_qk, s.head_dim_vo, empty(s.dtype_q, "cpu"), empty(s.dtype_kv, "cpu"))
+    return Plan.make(info, ws, generation, s, batch, batch, pages, (None, None, alibi_slopes))
 
 
-def settings(ws: Workspace, *args: Any) -> PlanSettings:
-    """The validated, shared settings of a batch decode plan on ``ws`` (cached per argument values and types).
+def _workspace(value: Any) -> Workspace:
+    if not isinstance(value, Workspace):
+        raise TypeError(f"workspace: expected a fi_ffi.ops.workspace.Workspace (Workspace.allocate() or "
+                        f"Workspace.from_buffers()), got {type(value).__name__}")
+    return value
 
-    ``args``: num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, o_dtype, kv_layout,
-    pos_encoding, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, alibi_slopes,
-    enable_cuda_graph (as :func:`batch_decode_plan` takes them).
-    """
-    cacheable = args[14] is None  # ALiBi slopes are a tensor: not a cache key
-    if cacheable:
-        key = (BATCH_DECODE, args, tuple(map(type, args)))
-        found = ws._settings.get(key)
-        if found is not None:
-            return found
+
+def alibi_required(pos_encoding: Any, alibi_slopes: Any) -> None:
+    """ALiBi slopes are passed exactly with pos_encoding ALIBI (checked before the module is looked up)."""
+    if alibi_slopes is None and pos_encoding.__class__ is str and pos_encoding == "NONE":
+        return
+    pos = S.pos_encoding(pos_encoding)
+    if pos == 2 and alibi_slopes is None:
+        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
+    if pos != 2 and alibi_slopes is not None:
+        raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
+
+
+def _check_alibi(s: PlanSettings, alibi_slopes: Any, device: Any) -> None:
+    """ALiBi slopes: required exactly with pos_encoding ALIBI; float32 ``[num_qo_heads]`` on ``device``."""
+    if s.pos_encoding == 2 and alibi_slopes is None:
+        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
+    if s.pos_encoding != 2:
+        raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
+    AC.vector("alibi_slopes", checks.tensor("alibi_slopes", alibi_slopes), "float32", s.num_qo_heads, device)
+
+
+def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
+    """Validate the settings arguments of :func:`batch_decode_plan` (in its order) into a PlanSettings."""
     (num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, o_dtype, kv_layout, pos_encoding,
-     window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, alibi_slopes, enable_cuda_graph) = args
-    hq = P.positive("num_qo_heads", num_qo_heads)
-    hk = P.positive("num_kv_heads", num_kv_heads)
-    d = P.positive("head_dim", head_dim)
-    ps = P.positive("page_size", page_size)
-    P.gqa(hq, hk, decode=True)
-    layout = P.layout_name(kv_layout)
-    pos = P.pos_encoding(pos_encoding)
-    w = P.window(window_left)
-    cap = P.soft_cap(logits_soft_cap)
-    sm, rs, rt = P.scales(d, sm_scale, rope_scale, rope_theta)
+     window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, enable_cuda_graph) = args
+    hq = S.count("num_qo_heads", num_qo_heads)
+    hk = S.count("num_kv_heads", num_kv_heads)
+    d = S.count("head_dim", head_dim)
+    ps = S.count("page_size", page_size)
+    S.gqa(hq, hk, decode=True)
+    layout = S.layout_name(kv_layout)
+    pos = S.pos_encoding(pos_encoding)
+    w = S.window(window_left)
+    cap = S.soft_cap(logits_soft_cap)
+    sm, rs, rt = S.scales(d, sm_scale, rope_scale, rope_theta)
     graph = checks.flag("enable_cuda_graph", enable_cuda_graph)
-    qd, kd, od = _dtypes(q_dtype, kv_dtype, o_dtype)
-    alibi = P.alibi(pos, alibi_slopes, hq, ws.device)
+    qd, kd, od = S.dtypes(q_dtype, kv_dtype, o_dtype)
     variant, uri = variant_uri(BATCH_DECODE, qd, kd, od, int32, d, d, pos, w != -1, cap > 0)
-    st = PlanSettings(kind=BATCH_DECODE, mode="paged", variant=variant, device_id=ws.device.device_id,
-                      num_qo_heads=hq, num_kv_heads=hk, head_dim_qk=d, head_dim_vo=d, page_size=ps, kv_layout=layout,
-                      dtype_q=qd, dtype_kv=kd, dtype_o=od, window_left=w, logits_soft_cap=cap, sm_scale=sm,
-                      rope_scale=rs, rope_theta=rt, enable_cuda_graph=graph,
-                      extra=(alibi,) if alibi is not None else ())
-    st.plan_ep = entry_point(uri, "plan")
-    st.plan_sig = PLAN_SIG
-    st.plan_prefix = (_T, 0, ws.float_buffer._dl_addr, _T, 0, ws.int_buffer._dl_addr, _T, 0,
-                      ws.pinned_buffer._dl_addr)
-    st.plan_suffix = (_I, 0, hq, _I, 0, hk, _I, 0, ps, _B, 0, graph, _I, 0, w, _F, 0, cap, _I, 0, d, _I, 0, d,
-                      _T, 0, empty(qd, "cpu")._dl_addr, _T, 0, empty(kd, "cpu")._dl_addr)
-    st.ep = entry_point(uri, "run")
-    st.tails = P.run_tails((_I, 0, P.LAYOUTS[layout], _I, 0, w),
-                           ((alibi.type_index, 0, alibi.handle) if alibi is not None else (_N, 0, 0))
-                           + (_F, 0, cap, _F, 0, sm, _F, 0, 1.0 / rs, _F, 0, 1.0 / rt, _N, 0, 0))
-    if cacheable:
-        if len(ws._settings) > 256:
-            ws._settings.clear()
-        ws._settings[key] = st
-    return st
-
-
-_batch_memo = Memo()
-_run_frames = threading.local()
-_batch_seen = _batch_memo.seen  # bound once: the run's fast path tests membership directly
+    return PlanSettings(kind=BATCH_DECODE, mode="paged", variant=variant, device_id=device_id, num_qo_heads=hq,
+                        num_kv_heads=hk, head_dim_qk=d, head_dim_vo=d, page_size=ps, kv_layout=layout, dtype_q=qd,
+                        dtype_kv=kd, dtype_o=od, pos_encoding=pos, window_left=w, logits_soft_cap=cap, sm_scale=sm,
+                        rope_scale=rs, rope_theta=rt, enable_cuda_graph=graph,
+                        plan=launcher(PLAN, uri), run=launcher(RUN, uri, _check_run))
 
 
 def batch_decode_run(plan: Plan, q: Any, k_cache: Any, v_cache: Any, kv_indptr: Any, kv_indices: Any,
@@ -206,86 +238,47 @@ def batch_decode_run(plan: Plan, q: Any, k_cache: Any, v_cache: Any, kv_indptr: 
         out: ``[batch, num_qo_heads, head_dim]`` of the plan's o dtype, contiguous (written densely).
         lse: optional float32 ``[batch, num_qo_heads]``, contiguous.
         enable_pdl: programmatic dependent launch (SM90+).
-        stream: the plan's stream (None: TVM-FFI's current stream of the device).
+        stream: the plan's stream (None: the framework's current stream of the first tensor, as for every op).
 
     Returns:
         ``out``.
     """
-    if type(plan) is not Plan:
+    if plan.__class__ is not Plan:
         raise TypeError(f"plan: expected a Plan from batch_decode_plan, got {type(plan).__name__}")
-    st = plan._s
-    if st.kind != BATCH_DECODE or not plan._info.handle or plan.workspace._generation != plan._generation:
+    s = plan._s
+    ws = plan.workspace
+    if s.kind != BATCH_DECODE or not plan._info.handle or ws is None or ws._generation != plan._generation:
         plan.check_runnable(BATCH_DECODE, "paged")
-    result = out  # returned as passed, whatever it was converted to
-    key = (plan._key, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, out, lse)
-    if key not in _batch_seen:
-        q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, out, lse = _check_batch_run(plan, key)
-    if kv_indices.shape[0] < plan.kv_extent:
+    if extent("kv_indices", kv_indices) < plan.kv_extent:
         raise ValueError(f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has "
-                         f"{kv_indices.shape[0]} entries")
-    if enable_pdl is not False and enable_pdl is not True:
-        enable_pdl = checks.flag("enable_pdl", enable_pdl)
-    ep = st.ep
-    # This thread's frame keeps the plan's head (workspaces, plan Array) and tail (scalars) from the last
-    # run; they are copied again only when another plan or enable_pdl value comes along.
-    frames = _run_frames.__dict__
-    cached = frames.get(ep)
-    if cached is None or cached[1] is not plan or cached[2] is not enable_pdl:
-        frame = cached[0] if cached is not None else Frame(19)  # our own: nothing else writes it
-        buf = frame.buf
-        buf[0:48] = plan._head
-        _TENSORS8(buf, 48, *(_T, 0, 0) * 8)
-        buf[176:320] = st.tails[enable_pdl]
-        frames[ep] = cached = (frame, plan, enable_pdl)
-    frame = cached[0]
-    w = frame.q  # slot i: type word 2i, payload word 2i + 1
-    w[7] = q._dl_addr
-    w[9] = k_cache._dl_addr
-    w[11] = v_cache._dl_addr
-    w[13] = kv_indptr._dl_addr
-    w[15] = kv_indices._dl_addr
-    w[17] = kv_last_page_len._dl_addr
-    w[19] = out._dl_addr
-    if lse is None:
-        w[20] = _N
-        w[21] = 0
-    else:
-        w[20] = _T
-        w[21] = lse._dl_addr
-    w[38] = _N  # result
-    if stream is None:
-        if ep._call(ep._self, frame.args, 19, frame.result):
-            ep.raise_error(frame)
-    else:
-        ep.invoke(frame, st.device_id, stream if type(stream) is int else stream_handle(stream))
-    return result
+                         f"{extent('kv_indices', kv_indices)} entries")
+    s.run(ws.float_buffer, ws.int_buffer, plan._info, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
+          out, lse, s.layout_code, s.window_left, enable_pdl, plan._inputs[2], s.logits_soft_cap, s.sm_scale,
+          s.rope_rcp_scale, s.rope_rcp_theta, stream=stream, context=plan._context)
+    return out
 
 
-def _check_batch_run(plan: Plan, key: tuple[Any, ...]) -> tuple[Any, ...]:
-    _, q, k, v, indptr, indices, last, out, lse = key
-    conv = [x if type(x) is Tensor else checks.tensor(n, x) for n, x in (
-        ("q", q), ("k_cache", k), ("v_cache", v), ("kv_indptr", indptr), ("kv_indices", indices),
-        ("kv_last_page_len", last), ("out", out))]
-    lse_t = checks.optional_tensor("lse", lse)
-    q, k, v, indptr, indices, last, out = conv
-    dev = plan.workspace.device
-    b, hq, hk, d = plan.batch_size, plan.num_qo_heads, plan.num_kv_heads, plan.head_dim_qk
-    P.device_tensor("q", q, (b, hq, d), "[batch, num_qo_heads, head_dim]", plan.dtype_q, dev)
-    P.kv_cache(k, v, plan.kv_layout, hk, plan.page_size, d, d, plan.dtype_kv, dev)
-    P.index_tensor("kv_indptr", indptr, b + 1, dev)
-    P.index_tensor("kv_indices", indices, None, dev)
-    P.index_tensor("kv_last_page_len", last, b, dev)
-    P.device_tensor("out", out, (b, hq, d), "[batch, num_qo_heads, head_dim]", plan.dtype_o, dev, contiguous=True)
-    P.lse_tensor("lse", lse_t, (b, hq), dev)
-    args = (q, k, v, indptr, indices, last, out, lse_t)
-    if all(type(x) is Tensor for x in key[1:8]) and (lse is None or type(lse) is Tensor):
-        _batch_memo.add(key)
-    return args
+def _check_run(a: SimpleNamespace) -> None:
+    """The contract of a batch decode run, against the plan's settings and batch size (``a.context``)."""
+    s, b = a.context
+    dev = a.float_workspace_buffer.device
+    hq, hk, d = s.num_qo_heads, s.num_kv_heads, s.head_dim_qk
+    AC.device_tensor("q", a.q, (b, hq, d), "[batch, num_qo_heads, head_dim]", s.dtype_q, dev)
+    AC.kv_cache(a.k_cache, a.v_cache, s.kv_layout, hk, s.page_size, d, d, s.dtype_kv, dev)
+    AC.index_tensor("kv_indptr", a.kv_indptr, b + 1, dev)
+    AC.index_tensor("kv_indices", a.kv_indices, None, dev)
+    AC.index_tensor("kv_last_page_len", a.kv_last_page_len, b, dev)
+    AC.device_tensor("out", a.out, (b, hq, d), "[batch, num_qo_heads, head_dim]", s.dtype_o, dev, contiguous=True)
+    AC.lse_tensor("lse", a.lse, (b, hq), dev)
+    AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
 
 
 # ------------------------------------------------------------------------------------------ single decode
 
-_single_memo = Memo()
+# (layout keys of q, k, out; pos_encoding, sliding window, soft cap) -> (launch, head_dim, empty tmp): values only
+_single: dict[tuple[Any, ...], tuple[Any, int, Tensor]] = {}
+_single_lock = threading.Lock()
+_MAX_SINGLE = 1024
 
 
 def single_decode(q: Any, k: Any, v: Any, out: Any, *, tmp: Any = None, lse: Any = None, kv_layout: str = "NHD",
@@ -313,74 +306,101 @@ def single_decode(q: Any, k: Any, v: Any, out: Any, *, tmp: Any = None, lse: Any
     Returns:
         ``out``.
     """
-    layout = kv_layout if kv_layout == "NHD" or kv_layout == "HND" else P.layout_name(kv_layout)
-    result = out  # returned as passed, whatever it was converted to
-    key = (layout, q, k, v, out, tmp, lse)
-    if key not in _single_memo.seen:
-        q, k, v, out, tmp, lse = _check_single(key)
-    pos = P.pos_encoding(pos_encoding) if pos_encoding != "NONE" else 0
-    w = window_left if type(window_left) is int and window_left >= -1 else P.window(window_left)
-    cap = logits_soft_cap if type(logits_soft_cap) is float and logits_soft_cap == 0.0 else P.soft_cap(
-        logits_soft_cap)
-    d = q.shape[1]
-    sm, rs, rt = P.scales(d, sm_scale, rope_scale, rope_theta)
-    kv_len = k.shape[0] if layout == "NHD" else k.shape[1]
-    if tmp is not None and kv_len > 256:
-        need = tmp_bytes_needed(q.device.device_id, kv_len, 1, q.shape[0], k.shape[1] if layout == "NHD" else
-                                k.shape[0], d, out.dtype.itemsize, prefill=False)
-        if need and tmp.shape[0] * tmp.dtype.itemsize < need:
-            raise ValueError(f"tmp: the kernel may need up to {need} bytes of scratch for kv_len {kv_len}, got "
-                             f"{tmp.shape[0] * tmp.dtype.itemsize}; pass a larger buffer (upstream uses 32 MiB) or "
-                             f"None")
-    alibi = P.alibi(pos, alibi_slopes, q.shape[0], q.device)
-    _, uri = variant_uri(SINGLE_DECODE, q.dtype, k.dtype, out.dtype, None, d, d, pos, w != -1, cap > 0)
-    ep = entry_point(uri, "run")
-    s = stream if stream is None or type(stream) is int else stream_handle(stream)
-    tmp_t = tmp if tmp is not None else empty(_uint8(), q.device)
-    frame = ep.frame(13)
-    _SINGLE_PACK(frame.buf, 0, _T, 0, q._dl_addr, _T, 0, k._dl_addr, _T, 0, v._dl_addr, _T, 0, tmp_t._dl_addr,
-                 _T, 0, out._dl_addr, *((_N, 0, 0) if lse is None else (_T, 0, lse._dl_addr)),
-                 _I, 0, P.LAYOUTS[layout], _I, 0, w,
-                 *((_N, 0, 0) if alibi is None else (alibi.type_index, 0, alibi.handle)),
-                 _F, 0, cap, _F, 0, sm, _F, 0, 1.0 / rs, _F, 0, 1.0 / rt, _N, 0, 0)
-    ep.invoke(frame, q.device.device_id, s)
-    return result
+    layout = LAYOUTS.get(kv_layout) if kv_layout.__class__ is str else None
+    if layout is None:
+        layout = LAYOUTS[S.layout_name(kv_layout)]
+    pos = 0 if pos_encoding.__class__ is str and pos_encoding == "NONE" else S.pos_encoding(pos_encoding)
+    w = window_left if window_left.__class__ is int and -1 <= window_left < 1 << 31 else S.window(window_left)
+    cap = 0.0 if logits_soft_cap.__class__ is float and logits_soft_cap == 0.0 else S.soft_cap(logits_soft_cap)
+    if (pos == 2) != (alibi_slopes is not None):
+        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])" if pos == 2
+                         else "alibi_slopes: only used with pos_encoding ALIBI")
+    key = (layout_key("q", q, stream), layout_key("k", k, stream), layout_key("out", out, stream), pos, w >= 0,
+           cap > 0)
+    found = _single.get(key)
+    if found is None:
+        found = _single_variant(q, k, out, key)
+    launch, d, no_tmp = found
+    sm, rs, rt = S.scales(d, sm_scale, rope_scale, rope_theta)
+    launch(q, k, v, no_tmp if tmp is None else tmp, out, lse, layout, w, alibi_slopes, cap, sm, 1.0 / rs, 1.0 / rt,
+           stream=stream)
+    return out
 
 
-def _uint8() -> DType:
-    from ..dtypes import uint8
-
-    return uint8
-
-
-def _check_single(key: tuple[Any, ...]) -> tuple[Any, ...]:
-    layout, q, k, v, out, tmp, lse = key
-    qt, kt, vt, ot = (x if type(x) is Tensor else checks.tensor(n, x) for n, x in (("q", q), ("k", k), ("v", v),
-                                                                                       ("out", out)))
-    tt = checks.optional_tensor("tmp", tmp)
-    lt = checks.optional_tensor("lse", lse)
+def _single_variant(q: Any, k: Any, out: Any, key: tuple[Any, ...]) -> tuple[Any, int, Tensor]:
+    """The module of a single decode call (from q's, k's and out's dtypes and the head dim), remembered by value."""
+    qt, kt, ot = checks.tensor("q", q), checks.tensor("k", k), checks.tensor("out", out)
     if qt.ndim != 2:
         raise ValueError(f"q: expected a 2-D tensor [num_qo_heads, head_dim], got shape {qt.shape}")
+    if kt.ndim != 3:
+        raise ValueError(f"k: expected a 3-D tensor (NHD [kv_len, num_kv_heads, head_dim] or HND [num_kv_heads, "
+                         f"kv_len, head_dim]), got shape {kt.shape}")
     if not qt.device.is_cuda:
         raise ValueError(f"q: expected a CUDA device tensor, got one on {qt.device}")
-    dev = qt.device
-    hq, d = qt.shape
-    P.device_tensor("q", qt, (hq, d), "[num_qo_heads, head_dim]", None, dev, contiguous=True)
-    text = "NHD [kv_len, num_kv_heads, head_dim]" if layout == "NHD" else "HND [num_kv_heads, kv_len, head_dim]"
-    P.device_tensor("k", kt, (None, None, d), text, None, dev, contiguous=True)
-    P.device_tensor("v", vt, kt.shape, text, kt.dtype, dev, contiguous=True)
-    hk = kt.shape[1] if layout == "NHD" else kt.shape[0]
+    d = qt.shape[1]
+    if d == 0:
+        raise ValueError(f"q: head_dim (the last dimension) must be > 0, got shape {qt.shape}")
+    for name, t in (("q", qt), ("k", kt), ("out", ot)):
+        _module_dtype(name, t)
+    pos, swa, cap = key[3:]
+    _, uri = variant_uri(SINGLE_DECODE, qt.dtype, kt.dtype, ot.dtype, None, d, d, pos, swa, cap)
+    found = (launcher(SINGLE, uri, _check_single), d, empty(uint8, qt.device))
+    with _single_lock:
+        if len(_single) >= _MAX_SINGLE:
+            _single.clear()
+        _single[key] = found
+    return found
+
+
+_ATTENTION_DTYPES = frozenset(("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"))
+
+
+def _module_dtype(name: str, t: Tensor) -> None:
+    """Attention modules exist for these element types only: a clear error instead of a missing variant."""
+    if t.dtype.name not in _ATTENTION_DTYPES:
+        raise TypeError(f"{name}: no attention module exists for dtype {t.dtype.name} (float16, bfloat16; FP8 for "
+                        f"the KV cache)")
+
+
+def _check_single(a: SimpleNamespace) -> None:
+    """The contract of a single decode call."""
+    q, k, v, out, tmp = a.q, a.k, a.v, a.out, a.tmp
+    if q.ndim != 2:
+        raise ValueError(f"q: expected a 2-D tensor [num_qo_heads, head_dim], got shape {q.shape}")
+    if not q.device.is_cuda:
+        raise ValueError(f"q: expected a CUDA device tensor, got one on {q.device}")
+    dev = q.device
+    hq, d = q.shape
+    AC.device_tensor("q", q, (hq, d), "[num_qo_heads, head_dim]", None, dev, contiguous=True)
+    nhd = a.kv_layout_code == LAYOUTS["NHD"]
+    text = "NHD [kv_len, num_kv_heads, head_dim]" if nhd else "HND [num_kv_heads, kv_len, head_dim]"
+    AC.device_tensor("k", k, (None, None, d), text, None, dev, contiguous=True)
+    AC.device_tensor("v", v, k.shape, text, k.dtype, dev, contiguous=True)
+    hk, kv_len = (k.shape[1], k.shape[0]) if nhd else (k.shape[0], k.shape[1])
     if hk == 0:
-        raise ValueError(f"k: expected at least one KV head, got shape {kt.shape}")
-    P.gqa(hq, hk, decode=True)
-    P.device_tensor("out", ot, (hq, d), "[num_qo_heads, head_dim]", None, dev, contiguous=True)
-    if tt is not None:
-        if tt.ndim != 1 or not tt.is_contiguous():
-            raise ValueError(f"tmp: expected a contiguous 1-D scratch buffer, got shape {tt.shape}")
-        if tt.device != dev:
-            raise ValueError(f"tmp: expected a device buffer on {dev}, got one on {tt.device}")
-    P.lse_tensor("lse", lt, (hq,), dev)
-    args = (qt, kt, vt, ot, tt, lt)
-    if all(type(x) is Tensor or x is None for x in key[1:]):
-        _single_memo.add(key)
-    return args
+        raise ValueError(f"k: expected at least one KV head, got shape {k.shape}")
+    S.gqa(hq, hk, decode=True)
+    AC.device_tensor("out", out, (hq, d), "[num_qo_heads, head_dim]", None, dev, contiguous=True)
+    _check_tmp(tmp, dev, kv_len, 1, hq, hk, d, out.dtype.itemsize, prefill=False)
+    AC.lse_tensor("lse", a.lse, (hq,), dev)
+    AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
+
+
+def _check_tmp(tmp: Tensor, dev: Any, kv_len: int, qo_len: int, hq: int, hk: int, d_vo: int, o_itemsize: int,
+               prefill: bool) -> None:
+    """``tmp``: empty (no split) or a contiguous 1-D device buffer large enough for the kernel's split."""
+    if tmp.shape == (0,):
+        return
+    if tmp.ndim != 1 or not tmp.is_contiguous():
+        raise ValueError(f"tmp: expected a contiguous 1-D scratch buffer, got shape {tmp.shape}")
+    if tmp.device != dev:
+        raise ValueError(f"tmp: expected a device buffer on {dev}, got one on {tmp.device}")
+    if kv_len > 256:
+        need = tmp_bytes_needed(dev.device_id, kv_len, qo_len, hq, hk, d_vo, o_itemsize, prefill=prefill)
+        have = tmp.shape[0] * tmp.dtype.itemsize
+        if need and have < need:
+            raise ValueError(f"tmp: the kernel may need up to {need} bytes of scratch for kv_len {kv_len}, got "
+                             f"{have}; pass a larger buffer (upstream uses 32 MiB) or None")
+
+
+caches.register("single decode modules (by layout values)", _single.clear)

@@ -192,7 +192,10 @@ class Launcher:
         source = None
         if first_cuda is not None:
             source = producers.stream_source(first_cuda)
-        entry = (bytes(f.mv), tuple(masks), device_id, source, tuple(keep))
+        # per record: may its pointer be NULL on the fast path (an empty tensor: the kernel reads nothing)
+        empty_ok = tuple(checked[decl.params[i].name] is not None and checked[decl.params[i].name].numel == 0
+                         for i in self.tensor_index)
+        entry = (bytes(f.mv), tuple(masks), device_id, source, tuple(keep), empty_ok)
         if remember:
             try:
                 key, _ = self.keys(*values, stream)
@@ -576,7 +579,7 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
                 j = record_of[i]
                 ptrs.append(f"_p{i}")
                 masks.append(f"(_p{i} & _m[{j}])")
-                nonnull.append(f"_p{i}")
+                nonnull.append(f"(_p{i} or _e[5][{j}])")
                 writes.append(f"_q[{base + j * _RECORD // 8}] = _p{i}")
             else:
                 objects.append(i)

@@ -19,29 +19,34 @@ builds it). ``window_left >= 0`` further keeps ``j >= i + kv_len - qo_len - wind
 as in :mod:`fi_ffi.ops.decode`. ``lse`` (optional, float32) is the base-2 log-sum-exp of the scaled logits.
 
 Everything is asynchronous on ``stream``; plan and run must use the same stream (see
-:mod:`fi_ffi.ops.workspace` for the one documented wait).
+:mod:`fi_ffi.ops.workspace` for the one documented wait). Every kernel call goes through a launcher
+(:mod:`fi_ffi.ops.launcher`) of the declarations below (FA2 and FA3 modules take different argument lists).
 """
 
 from __future__ import annotations
 
-import struct
+import threading
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from ..abi.call import Signature
-from ..abi.objects import ARRAY, BOOL, DLTENSOR_PTR, FLOAT, INT, NONE
-from ..dtypes import int32
-from ..streams import stream_handle
+from .. import caches
+from ..abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
+from ..dtypes import int32, uint8
 from ..tensor import Tensor
+from . import attention_checks as AC
 from . import checks
-from . import plan as P
-from .decode import _dtypes, empty, variant_uri
-from .kernels import entry_point
-from .plan import MASK_CAUSAL, MASK_CUSTOM, MASK_NONE, Memo, Plan, PlanSettings
+from . import plan_settings as S
+from .decode import _check_tmp, _module_dtype, _workspace, alibi_required, empty, extent, layout_key, variant_uri
+from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
+from .launcher import launcher
+from .plan import Plan
+from .plan_call import call_plan
+from .plan_settings import LAYOUTS, MASK_CAUSAL, MASK_CUSTOM, MASK_NONE, PlanSettings
 from .variants import BATCH_PREFILL, SINGLE_PREFILL, Variant, choose_prefill
-from .workspace import Workspace, tmp_bytes_needed
+from .workspace import Workspace
 
 __all__ = [
     "batch_prefill_paged_plan",
@@ -52,73 +57,106 @@ __all__ = [
     "single_prefill",
 ]
 
-_T, _I, _F, _B, _N, _A = DLTENSOR_PTR, INT, FLOAT, BOOL, NONE, ARRAY
-_OPT = (_N, 0, 0)
+# ---- declarations (FlashInfer 0.6.3 csrc/batch_prefill*.cu, single_prefill.cu; public names where 1:1) ----------
 
-_PLAN_PARAMS = [
-    ("float_workspace_buffer", "tensor"), ("int_workspace_buffer", "tensor"),
-    ("page_locked_int_workspace_buffer", "tensor"), ("qo_indptr", "tensor"), ("kv_indptr", "tensor"),
-    ("kv_len_arr", "tensor"), ("total_num_rows", "int"), ("batch_size", "int"), ("num_qo_heads", "int"),
-    ("num_kv_heads", "int"), ("page_size", "int"), ("enable_cuda_graph", "bool"), ("head_dim_qk", "int"),
-    ("head_dim_vo", "int"), ("causal", "bool"), ("window_left", "int")]
-FA2_PLAN_SIG = Signature("batch_prefill.plan", [*_PLAN_PARAMS, ("fixed_split_size", "int"),
-                                                ("disable_split_kv", "bool"), ("num_colocated_ctas", "int")])
-FA3_PLAN_SIG = Signature("batch_prefill_sm90.plan", _PLAN_PARAMS)
+Params = Param | tuple[str, str]  # a declared parameter, or (name, wire type)
+_PLAN_PARAMS: list[Params] = [
+    tensor("float_workspace_buffer"), tensor("int_workspace_buffer"), tensor("page_locked_int_workspace_buffer"),
+    tensor("qo_indptr"), tensor("kv_indptr"), tensor("kv_len_arr"), ("total_num_rows", INT), ("batch_size", INT),
+    ("num_qo_heads", INT), ("num_kv_heads", INT), ("page_size", INT), ("enable_cuda_graph", BOOL),
+    ("head_dim_qk", INT), ("head_dim_vo", INT), ("causal", BOOL), ("window_left", INT),
+]
+FA2_PLAN = declare("plan", [*_PLAN_PARAMS, Param("fixed_split_size", INT, default=-1),
+                            Param("disable_split_kv", BOOL, default=False),
+                            Param("num_colocated_ctas", INT, default=0)], returns=ARRAY)
+FA3_PLAN = declare("plan", _PLAN_PARAMS, returns=ARRAY)
 
-_RUN_HEAD = [("float_workspace_buffer", "tensor"), ("int_workspace_buffer", "tensor"), ("plan_info_vec", "object"),
-             ("q", "tensor")]
-_RAGGED_KV = [("k", "tensor"), ("v", "tensor"), ("qo_indptr", "tensor"), ("kv_indptr", "tensor")]
-_PAGED_KV = [("paged_k_cache", "tensor"), ("paged_v_cache", "tensor"), ("qo_indptr", "tensor"),
-             ("paged_kv_indptr", "tensor"), ("paged_kv_indices", "tensor"), ("paged_kv_last_page_len", "tensor")]
-_RUN_MID = [("o", "tensor"), ("maybe_lse", "tensor?"), ("mask_mode_code", "int"), ("layout", "int"),
-            ("window_left", "int"), ("enable_pdl", "bool")]
-_MULTI_ITEM = [("maybe_prefix_len_ptr", "object?"), ("maybe_token_pos_in_items_ptr", "object?"),
-               ("maybe_max_item_len_ptr", "object?")]
-_FA2_TAIL = [("maybe_custom_mask", "object?"), ("maybe_mask_indptr", "object?"), ("maybe_alibi_slopes", "object?"),
-             *_MULTI_ITEM, ("logits_soft_cap", "float"), ("sm_scale", "float"), ("rope_rcp_scale", "float"),
-             ("rope_rcp_theta", "float"), ("token_pos_in_items_len", "int")]
-_FA3_TAIL = [*_MULTI_ITEM, ("maybe_scale_v", "object?"), ("logits_soft_cap", "float"), ("sm_scale", "float"),
-             ("scale_v_scalar", "float"), ("token_pos_in_items_len", "int")]
-FA2_RAGGED_SIG = Signature("batch_prefill.ragged_run", _RUN_HEAD + _RAGGED_KV + _RUN_MID + _FA2_TAIL)
-FA2_PAGED_SIG = Signature("batch_prefill.paged_run", _RUN_HEAD + _PAGED_KV + _RUN_MID + _FA2_TAIL)
-FA3_RAGGED_SIG = Signature("batch_prefill_sm90.ragged_run", _RUN_HEAD + _RAGGED_KV + _RUN_MID + _FA3_TAIL)
-FA3_PAGED_SIG = Signature("batch_prefill_sm90.paged_run", _RUN_HEAD + _PAGED_KV + _RUN_MID + _FA3_TAIL)
-SINGLE_SIG = Signature("single_prefill.run", [
-    ("q", "tensor"), ("k", "tensor"), ("v", "tensor"), ("tmp", "tensor"), ("o", "tensor"), ("maybe_lse", "tensor?"),
-    ("mask_mode_code", "int"), ("layout", "int"), ("window_left", "int"), ("maybe_custom_mask", "object?"),
-    ("maybe_alibi_slopes", "object?"), ("logits_soft_cap", "float"), ("sm_scale", "float"),
-    ("rope_rcp_scale", "float"), ("rope_rcp_theta", "float")])
-
-_TENSORS7 = struct.Struct("<" + "iIq" * 7).pack_into  # ragged run slots 3-9: q .. maybe_lse
-_TENSORS9 = struct.Struct("<" + "iIq" * 9).pack_into  # paged run slots 3-11: q .. maybe_lse
-_NARGS = {k: s.nargs for k, s in (((("fa2", "ragged")), FA2_RAGGED_SIG), (("fa2", "paged"), FA2_PAGED_SIG),
-                                  (("fa3", "ragged"), FA3_RAGGED_SIG), (("fa3", "paged"), FA3_PAGED_SIG))}
-_SINGLE_PACK = SINGLE_SIG.pack.pack_into
-_U32 = 1 << 32
+_RUN_HEAD: list[Params] = [
+    tensor("float_workspace_buffer"), tensor("int_workspace_buffer"), ("plan_info_vec", ARRAY), tensor("q")]
+_RAGGED_KV: list[Params] = [tensor("k"), tensor("v"), tensor("qo_indptr"), tensor("kv_indptr")]
+_PAGED_KV: list[Params] = [
+    tensor("k_cache"), tensor("v_cache"), tensor("qo_indptr"), tensor("kv_indptr"), tensor("kv_indices"),
+    tensor("kv_last_page_len")]
+_RUN_MID: list[Params] = [
+    tensor("out", output=True), optional_tensor("lse", output=True), ("mask_mode_code", INT), ("kv_layout_code", INT),
+    ("window_left", INT), ("enable_pdl", BOOL)]
+# multi-item scoring inputs: fi_ffi does not expose them (always None / 0)
+_ITEMS: list[Params] = [
+    Param("maybe_prefix_len_ptr", OPT_FFI_TENSOR, default=None),
+    Param("maybe_token_pos_in_items_ptr", OPT_FFI_TENSOR, default=None),
+    Param("maybe_max_item_len_ptr", OPT_FFI_TENSOR, default=None)]
+_FA2_TAIL: list[Params] = [
+    Param("custom_mask", OPT_FFI_TENSOR), Param("mask_indptr", OPT_FFI_TENSOR), Param("alibi_slopes", OPT_FFI_TENSOR),
+    *_ITEMS, ("logits_soft_cap", FLOAT), ("sm_scale", FLOAT), ("rope_rcp_scale", FLOAT), ("rope_rcp_theta", FLOAT),
+    Param("token_pos_in_items_len", INT, default=0)]
+_FA3_TAIL: list[Params] = [
+    *_ITEMS, Param("maybe_scale_v", OPT_FFI_TENSOR, default=None), ("logits_soft_cap", FLOAT), ("sm_scale", FLOAT),
+    Param("scale_v_scalar", FLOAT, default=1.0), Param("token_pos_in_items_len", INT, default=0)]
+FA2_RAGGED = declare("ragged_run", _RUN_HEAD + _RAGGED_KV + _RUN_MID + _FA2_TAIL)
+FA2_PAGED = declare("paged_run", _RUN_HEAD + _PAGED_KV + _RUN_MID + _FA2_TAIL)
+FA3_RAGGED = declare("ragged_run", _RUN_HEAD + _RAGGED_KV + _RUN_MID + _FA3_TAIL)
+FA3_PAGED = declare("paged_run", _RUN_HEAD + _PAGED_KV + _RUN_MID + _FA3_TAIL)
+SINGLE = declare("run", [
+    tensor("q"), tensor("k"), tensor("v"), tensor("tmp", output=True), tensor("out", output=True),
+    optional_tensor("lse", output=True), ("mask_mode_code", INT), ("kv_layout_code", INT), ("window_left", INT),
+    Param("custom_mask", OPT_FFI_TENSOR), Param("alibi_slopes", OPT_FFI_TENSOR), ("logits_soft_cap", FLOAT),
+    ("sm_scale", FLOAT), ("rope_rcp_scale", FLOAT), ("rope_rcp_theta", FLOAT),
+])
+_FA2_URI = r"batch_prefill_with_kv_cache_.*_f16qk_(True|False)"  # the 0.6.x FA2 names (untagged)
+_FA3_URI = r"batch_prefill_with_kv_cache_.*_sm90"
+# (module URI pattern, declaration), checked against the pinned modules by tests/test_declarations.py
+DECLARATIONS = (
+    (_FA2_URI, FA2_PLAN), (_FA2_URI, FA2_RAGGED), (_FA2_URI, FA2_PAGED),
+    (_FA3_URI, FA3_PLAN), (_FA3_URI, FA3_RAGGED), (_FA3_URI, FA3_PAGED),
+    (r"single_prefill_with_kv_cache_.*", SINGLE),
+)
 
 
 def pack_custom_mask(masks: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     """Pack per-request boolean masks into the kernels' bit layout, on the host.
 
     Args:
-        masks: one boolean array ``[qo_len_i, kv_len_i]`` per request (True = attend).
+        masks: a sequence with one boolean array ``[qo_len_i, kv_len_i]`` per request (True = attend): numpy
+            bool arrays, nested lists of bools, or host array producers of dtype bool.
 
     Returns:
         ``(packed, mask_indptr)``: uint8 bytes (each request's ``qo_len * kv_len`` bits, row-major, little bit
         order, padded to a byte) and int32 ``[batch + 1]`` byte offsets of each request. Copy both to the
         device for :func:`batch_prefill_ragged_plan` / :func:`batch_prefill_paged_plan` (``custom_mask``,
         ``mask_indptr``); :func:`single_prefill` takes ``packed`` of a single mask.
+
+    Raises:
+        TypeError: ``masks`` is not a sequence, or a mask is not boolean (compare it, e.g. ``mask > 0``).
+        ValueError: a mask is not 2-D.
     """
-    parts = [np.packbits(np.asarray(m, dtype=bool).reshape(-1), bitorder="little") for m in masks]
-    indptr = np.zeros(len(parts) + 1, np.int32)
+    if isinstance(masks, (str, bytes)) or (not isinstance(masks, Sequence) and not isinstance(masks, np.ndarray)):
+        raise TypeError(f"masks: expected a sequence of boolean [qo_len, kv_len] arrays, got {type(masks).__name__}")
+    parts = []
+    for i, m in enumerate(masks):
+        try:
+            arr = np.asarray(m)
+        except Exception as exc:  # a device tensor, an object numpy cannot read
+            raise TypeError(f"masks[{i}]: expected a host boolean array, got {type(m).__name__} ({exc})") from None
+        if arr.dtype != np.bool_:
+            raise TypeError(f"masks[{i}]: expected a boolean array (True = attend), got dtype {arr.dtype}; pass "
+                            f"e.g. mask > 0")
+        if arr.ndim != 2:
+            raise ValueError(f"masks[{i}]: expected a 2-D [qo_len, kv_len] mask, got shape {arr.shape}")
+        parts.append(np.packbits(arr.reshape(-1), bitorder="little"))
+    indptr = np.zeros(len(parts) + 1, np.int64)
     indptr[1:] = np.cumsum([p.size for p in parts])
+    if indptr[-1] >= 1 << 31:
+        raise ValueError(f"masks: {int(indptr[-1])} packed bytes do not fit the kernels' int32 offsets")
     packed = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-    return packed.astype(np.uint8), indptr
+    return packed.astype(np.uint8), indptr.astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------------ single prefill
 
-_single_memo = Memo()
+# (layout keys of q, k, v, out; pos_encoding, window, cap, fp16 qk) -> (launch, head_dim_qk, empty tmp): values only
+_single: dict[tuple[Any, ...], tuple[Any, int, Tensor]] = {}
+_single_lock = threading.Lock()
+_MAX_SINGLE = 1024
 
 
 def single_prefill(q: Any, k: Any, v: Any, out: Any, *, tmp: Any = None, lse: Any = None, causal: bool = False,
@@ -136,9 +174,10 @@ def single_prefill(q: Any, k: Any, v: Any, out: Any, *, tmp: Any = None, lse: An
         out: ``[qo_len, num_qo_heads, head_dim_vo]``, contiguous (written densely); its dtype selects the module.
         tmp: uint8 1-D device scratch for splitting long KV (upstream: 32 MiB); None: never split.
         lse: optional float32 ``[qo_len, num_qo_heads]``.
-        causal: causal mask aligned to the end of the KV (ignored when ``custom_mask`` is given: exclusive).
+        causal: causal mask aligned to the end of the KV (a custom mask replaces it: pass one or the other).
         kv_layout: ``"NHD"`` or ``"HND"``.
-        custom_mask: uint8 device ``[>= ceil(qo_len * kv_len / 8)]`` packed bits (:func:`pack_custom_mask`).
+        custom_mask: uint8 device ``[>= ceil(qo_len * kv_len / 8)]`` packed bits (:func:`pack_custom_mask`),
+            passed to the kernel as a TVM-FFI Tensor made for this call.
         pos_encoding, window_left, logits_soft_cap, use_fp16_qk_reduction: select the module.
         sm_scale: default ``1 / sqrt(head_dim_qk)``; rope_scale, rope_theta: RoPE parameters.
         alibi_slopes: float32 ``[num_qo_heads]`` with ALIBI.
@@ -146,106 +185,100 @@ def single_prefill(q: Any, k: Any, v: Any, out: Any, *, tmp: Any = None, lse: An
     Returns:
         ``out``.
     """
-    layout = kv_layout if kv_layout == "NHD" or kv_layout == "HND" else P.layout_name(kv_layout)
-    result = out  # returned as passed, whatever it was converted to
-    key = (layout, q, k, v, out, tmp, lse, custom_mask)
-    if key not in _single_memo.seen:
-        q, k, v, out, tmp, lse, custom_mask = _check_single(key)
+    layout = LAYOUTS.get(kv_layout) if kv_layout.__class__ is str else None
+    if layout is None:
+        layout = LAYOUTS[S.layout_name(kv_layout)]
     if causal is not False and causal is not True:
         causal = checks.flag("causal", causal)
     if custom_mask is not None and causal:
         raise ValueError("causal: a custom mask replaces the causal mask; pass causal=False with custom_mask")
-    pos = P.pos_encoding(pos_encoding) if pos_encoding != "NONE" else 0
-    w = window_left if type(window_left) is int and window_left >= -1 else P.window(window_left)
-    cap = logits_soft_cap if type(logits_soft_cap) is float and logits_soft_cap == 0.0 else P.soft_cap(
-        logits_soft_cap)
-    f16qk = checks.flag("use_fp16_qk_reduction", use_fp16_qk_reduction)
-    qo_len, hq, dqk = q.shape
-    dvo = v.shape[2]
-    kv_len, hk = (k.shape[0], k.shape[1]) if layout == "NHD" else (k.shape[1], k.shape[0])
-    sm, rs, rt = P.scales(dqk, sm_scale, rope_scale, rope_theta)
-    if tmp is not None and kv_len > 256:
-        need = tmp_bytes_needed(q.device.device_id, kv_len, qo_len, hq, hk, dvo, out.dtype.itemsize, prefill=True)
-        if need and tmp.shape[0] * tmp.dtype.itemsize < need:
-            raise ValueError(f"tmp: the kernel may need up to {need} bytes of scratch here, got "
-                             f"{tmp.shape[0] * tmp.dtype.itemsize}; pass a larger buffer (upstream uses 32 MiB) or "
-                             f"None")
-    mask_obj = None
-    if custom_mask is not None:
-        need_bytes = -(-(qo_len * kv_len) // 8)
-        if custom_mask.shape[0] < need_bytes:
-            raise ValueError(f"custom_mask: expected at least {need_bytes} bytes (qo_len * kv_len bits), got "
-                             f"{custom_mask.shape[0]}")
-        mask_obj = P.optional_object("custom_mask", custom_mask, "uint8", None, q.device)
-    alibi = P.alibi(pos, alibi_slopes, hq, q.device)
-    _, uri = variant_uri(SINGLE_PREFILL, q.dtype, k.dtype, out.dtype, None, dqk, dvo, pos, w >= 0, cap > 0, f16qk)
-    mode = MASK_CUSTOM if mask_obj is not None else (MASK_CAUSAL if causal else MASK_NONE)
-    ep = entry_point(uri, "run")
-    s = stream if stream is None or type(stream) is int else stream_handle(stream)
-    tmp_t = tmp if tmp is not None else empty(_u8(), q.device)
-    frame = ep.frame(15)
-    _SINGLE_PACK(frame.buf, 0, _T, 0, q._dl_addr, _T, 0, k._dl_addr, _T, 0, v._dl_addr, _T, 0, tmp_t._dl_addr,
-                 _T, 0, out._dl_addr, *(_OPT if lse is None else (_T, 0, lse._dl_addr)), _I, 0, mode,
-                 _I, 0, P.LAYOUTS[layout], _I, 0, w, *_obj(mask_obj), *_obj(alibi), _F, 0, cap, _F, 0, sm,
-                 _F, 0, 1.0 / rs, _F, 0, 1.0 / rt, _N, 0, 0)
-    ep.invoke(frame, q.device.device_id, s)
-    return result
+    pos = 0 if pos_encoding.__class__ is str and pos_encoding == "NONE" else S.pos_encoding(pos_encoding)
+    w = window_left if window_left.__class__ is int and -1 <= window_left < 1 << 31 else S.window(window_left)
+    cap = 0.0 if logits_soft_cap.__class__ is float and logits_soft_cap == 0.0 else S.soft_cap(logits_soft_cap)
+    f16qk = use_fp16_qk_reduction if use_fp16_qk_reduction.__class__ is bool else checks.flag(
+        "use_fp16_qk_reduction", use_fp16_qk_reduction)
+    if (pos == 2) != (alibi_slopes is not None):
+        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])" if pos == 2
+                         else "alibi_slopes: only used with pos_encoding ALIBI")
+    key = (layout_key("q", q, stream), layout_key("k", k, stream), layout_key("v", v, stream),
+           layout_key("out", out, stream), pos, w >= 0, cap > 0, f16qk)
+    found = _single.get(key)
+    if found is None:
+        found = _single_variant(q, k, v, out, key)
+    launch, dqk, no_tmp = found
+    sm, rs, rt = S.scales(dqk, sm_scale, rope_scale, rope_theta)
+    mode = MASK_CUSTOM if custom_mask is not None else (MASK_CAUSAL if causal else MASK_NONE)
+    launch(q, k, v, no_tmp if tmp is None else tmp, out, lse, mode, layout, w, custom_mask, alibi_slopes, cap, sm,
+           1.0 / rs, 1.0 / rt, stream=stream)
+    return out
 
 
-def _obj(o: Any) -> tuple[int, int, int]:
-    return _OPT if o is None else (o.type_index, 0, o.handle)
-
-
-def _u8() -> Any:
-    from ..dtypes import uint8
-
-    return uint8
-
-
-def _strides_u32(name: str, t: Tensor) -> None:
-    if any(s >= _U32 for s in t.strides):
-        raise ValueError(f"{name}: the kernel takes 32-bit strides, got {t.strides}")
-
-
-def _check_single(key: tuple[Any, ...]) -> tuple[Any, ...]:
-    layout, q, k, v, out, tmp, lse, mask = key
-    qt, kt, vt, ot = (x if type(x) is Tensor else checks.tensor(n, x) for n, x in (("q", q), ("k", k), ("v", v),
-                                                                                       ("out", out)))
-    tt = checks.optional_tensor("tmp", tmp)
-    lt = checks.optional_tensor("lse", lse)
-    mt = checks.optional_tensor("custom_mask", mask)
-    if qt.ndim != 3:
-        raise ValueError(f"q: expected a 3-D tensor [qo_len, num_qo_heads, head_dim_qk], got shape {qt.shape}")
+def _single_variant(q: Any, k: Any, v: Any, out: Any, key: tuple[Any, ...]) -> tuple[Any, int, Tensor]:
+    """The module of a single prefill call (dtypes and head dims of q, k, v, out), remembered by value."""
+    qt, kt, vt, ot = (checks.tensor(n, x) for n, x in (("q", q), ("k", k), ("v", v), ("out", out)))
+    kv_text = "NHD [kv_len, num_kv_heads, head_dim] or HND [num_kv_heads, kv_len, head_dim]"
+    for name, t, text in (("q", qt, "[qo_len, num_qo_heads, head_dim_qk]"), ("k", kt, kv_text), ("v", vt, kv_text)):
+        if t.ndim != 3:
+            raise ValueError(f"{name}: expected a 3-D tensor {text}, got shape {t.shape}")
     if not qt.device.is_cuda:
         raise ValueError(f"q: expected a CUDA device tensor, got one on {qt.device}")
-    dev = qt.device
-    qo_len, hq, dqk = qt.shape
-    P.device_tensor("q", qt, (qo_len, hq, dqk), "[qo_len, num_qo_heads, head_dim_qk]", None, dev)
-    text = "NHD [kv_len, num_kv_heads, head_dim]" if layout == "NHD" else "HND [num_kv_heads, kv_len, head_dim]"
-    P.device_tensor("k", kt, (None, None, dqk), text, None, dev)
-    if vt.ndim != 3:
-        raise ValueError(f"v: expected shape {text}, got {vt.shape}")
-    P.device_tensor("v", vt, (kt.shape[0], kt.shape[1], None), text, kt.dtype, dev)
-    hk = kt.shape[1] if layout == "NHD" else kt.shape[0]
+    dqk, dvo = qt.shape[2], vt.shape[2]
+    if dqk == 0 or dvo == 0:
+        raise ValueError(f"{'q' if dqk == 0 else 'v'}: head_dim (the last dimension) must be > 0, got shape "
+                         f"{(qt if dqk == 0 else vt).shape}")
+    want = (qt.shape[0], qt.shape[1], dvo)
+    if ot.shape != want:  # before the module is looked up: out's head dim is v's
+        raise ValueError(f"out: expected shape [{want[0]}, {want[1]}, {want[2]}] ([qo_len, num_qo_heads, head_dim_vo]),"
+                         f" got {ot.shape}")
+    for name, t in (("q", qt), ("k", kt), ("out", ot)):
+        _module_dtype(name, t)
+    pos, swa, cap, f16qk = key[4:]
+    _, uri = variant_uri(SINGLE_PREFILL, qt.dtype, kt.dtype, ot.dtype, None, dqk, dvo, pos, swa, cap, f16qk)
+    found = (launcher(SINGLE, uri, _check_single), dqk, empty(uint8, qt.device))
+    with _single_lock:
+        if len(_single) >= _MAX_SINGLE:
+            _single.clear()
+        _single[key] = found
+    return found
+
+
+def _check_single(a: SimpleNamespace) -> None:
+    """The contract of a single prefill call."""
+    q, k, v, out = a.q, a.k, a.v, a.out
+    if q.ndim != 3:
+        raise ValueError(f"q: expected a 3-D tensor [qo_len, num_qo_heads, head_dim_qk], got shape {q.shape}")
+    if not q.device.is_cuda:
+        raise ValueError(f"q: expected a CUDA device tensor, got one on {q.device}")
+    dev = q.device
+    qo_len, hq, dqk = q.shape
+    AC.device_tensor("q", q, (qo_len, hq, dqk), "[qo_len, num_qo_heads, head_dim_qk]", None, dev)
+    nhd = a.kv_layout_code == LAYOUTS["NHD"]
+    text = "NHD [kv_len, num_kv_heads, head_dim]" if nhd else "HND [num_kv_heads, kv_len, head_dim]"
+    AC.device_tensor("k", k, (None, None, dqk), text, None, dev)
+    if v.ndim != 3:
+        raise ValueError(f"v: expected shape {text}, got {v.shape}")
+    AC.device_tensor("v", v, (k.shape[0], k.shape[1], None), text, k.dtype, dev)
+    hk, kv_len = (k.shape[1], k.shape[0]) if nhd else (k.shape[0], k.shape[1])
     if hk == 0:
-        raise ValueError(f"k: expected at least one KV head, got shape {kt.shape}")
-    P.gqa(hq, hk, decode=False)
-    for name, t in (("q", qt), ("k", kt), ("v", vt)):
-        _strides_u32(name, t)
-    P.device_tensor("out", ot, (qo_len, hq, vt.shape[2]), "[qo_len, num_qo_heads, head_dim_vo]", None, dev,
-                    contiguous=True)
-    if tt is not None:
-        if tt.ndim != 1 or not tt.is_contiguous():
-            raise ValueError(f"tmp: expected a contiguous 1-D scratch buffer, got shape {tt.shape}")
-        if tt.device != dev:
-            raise ValueError(f"tmp: expected a device buffer on {dev}, got one on {tt.device}")
-    P.lse_tensor("lse", lt, (qo_len, hq), dev)
-    if mt is not None:
-        P.optional_object("custom_mask", mt, "uint8", None, dev)
-    args = (qt, kt, vt, ot, tt, lt, mt)
-    if all(type(x) is Tensor or x is None for x in key[1:]):
-        _single_memo.add(key)
-    return args
+        raise ValueError(f"k: expected at least one KV head, got shape {k.shape}")
+    S.gqa(hq, hk, decode=False)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        AC.strides_u32(name, t)
+    AC.device_tensor("out", out, (qo_len, hq, v.shape[2]), "[qo_len, num_qo_heads, head_dim_vo]", None, dev,
+                     contiguous=True)
+    _check_tmp(a.tmp, dev, kv_len, qo_len, hq, hk, v.shape[2], out.dtype.itemsize, prefill=True)
+    AC.lse_tensor("lse", a.lse, (qo_len, hq), dev)
+    mask = a.custom_mask
+    if mask is not None:
+        AC.vector("custom_mask", mask, "uint8", None, dev)
+        need = -(-(qo_len * kv_len) // 8)
+        if mask.shape[0] < need:
+            raise ValueError(f"custom_mask: expected at least {need} bytes (qo_len * kv_len bits), got "
+                             f"{mask.shape[0]}")
+    AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
+
+
+caches.register("single prefill modules (by layout values)", _single.clear)
 
 
 # ------------------------------------------------------------------------------------------ batch prefill plans
@@ -273,10 +306,11 @@ def batch_prefill_ragged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, nu
         kv_layout: ``"NHD"`` (``[nnz_kv, kv_heads, d]``) or ``"HND"`` (``[kv_heads, nnz_kv, d]``; FA2 only).
         causal: causal mask (per request, aligned to the end of its KV).
         custom_mask, mask_indptr: a custom mask (uint8 device packed bits and int32 device ``[batch + 1]`` byte
-            offsets, :func:`pack_custom_mask`); FA2 only. Kept by the plan; read at run time.
+            offsets, :func:`pack_custom_mask`); FA2 only. The plan refers to them until released and
+            passes them to every run.
         pos_encoding, window_left, logits_soft_cap, use_fp16_qk_reduction: select the module.
         sm_scale: default ``1 / sqrt(head_dim_qk)``; rope_scale, rope_theta: RoPE parameters.
-        alibi_slopes: float32 ``[num_qo_heads]`` with ALIBI (kept by the plan).
+        alibi_slopes: float32 ``[num_qo_heads]`` with ALIBI (referred to by the plan, like the mask).
         backend: ``"auto"``, ``"fa2"`` or ``"fa3"``.
         enable_cuda_graph: plan for runs captured in a CUDA graph; ``max_total_num_rows`` then bounds the rows
             of every later plan replayed into the same graph (default ``qo_indptr[-1]``).
@@ -284,10 +318,11 @@ def batch_prefill_ragged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, nu
         stream: the stream of the plan's asynchronous copy; runs must use the same stream.
     """
     return _plan("ragged", workspace, qo_indptr, kv_indptr, None, max_total_num_rows, stream,
+                 (custom_mask, mask_indptr, alibi_slopes),
                  (num_qo_heads, num_kv_heads, head_dim_qk, 1, head_dim_vo, q_dtype, kv_dtype, o_dtype, kv_layout,
-                  causal, custom_mask, mask_indptr, pos_encoding, window_left, logits_soft_cap, sm_scale,
-                  rope_scale, rope_theta, alibi_slopes, use_fp16_qk_reduction, backend, enable_cuda_graph,
-                  fixed_split_size, disable_split_kv))
+                  causal, custom_mask is not None, pos_encoding, window_left, logits_soft_cap, sm_scale, rope_scale,
+                  rope_theta, use_fp16_qk_reduction, backend, enable_cuda_graph, fixed_split_size,
+                  disable_split_kv))
 
 
 def batch_prefill_paged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_last_page_len: Any,
@@ -312,97 +347,108 @@ def batch_prefill_paged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_
         kv_layout: NHD ``[pages, page_size, kv_heads, d]`` or HND ``[pages, kv_heads, page_size, d]``.
     """
     return _plan("paged", workspace, qo_indptr, kv_indptr, kv_last_page_len, max_total_num_rows, stream,
+                 (custom_mask, mask_indptr, alibi_slopes),
                  (num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo, q_dtype, kv_dtype, o_dtype,
-                  kv_layout, causal, custom_mask, mask_indptr, pos_encoding, window_left, logits_soft_cap, sm_scale,
-                  rope_scale, rope_theta, alibi_slopes, use_fp16_qk_reduction, backend, enable_cuda_graph,
-                  fixed_split_size, disable_split_kv))
+                  kv_layout, causal, custom_mask is not None, pos_encoding, window_left, logits_soft_cap, sm_scale,
+                  rope_scale, rope_theta, use_fp16_qk_reduction, backend, enable_cuda_graph, fixed_split_size,
+                  disable_split_kv))
 
 
 def _plan(mode: str, workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_last_page_len: Any,
-          max_total_num_rows: Any, stream: Any, args: tuple[Any, ...]) -> Plan:
-    ws = workspace if type(workspace) is Workspace else P.workspace_of(workspace)
-    st = settings(ws, mode, *args)
-    qo = P.host_array("qo_indptr", qo_indptr)
-    rows = P.check_indptr("qo_indptr", qo)
+          max_total_num_rows: Any, stream: Any, inputs: tuple[Any, Any, Any], args: tuple[Any, ...]) -> Plan:
+    """A batch prefill plan: settings (by value), host arrays, the mask's size, the plan call."""
+    ws = workspace if workspace.__class__ is Workspace else _workspace(workspace)
+    custom_mask, mask_indptr, alibi_slopes = inputs
+    alibi_required(args[11], alibi_slopes)
+    if (custom_mask is None) != (mask_indptr is None):
+        raise ValueError("custom_mask, mask_indptr: pass both (packed bits and per-request byte offsets) or neither")
+    device_id = ws.device.device_id
+    s = S.cached((BATCH_PREFILL, mode, device_id, args, tuple(map(type, args))),
+                 lambda: _settings(mode, device_id, args))
+    qo = host_array("qo_indptr", qo_indptr)
+    rows = check_indptr("qo_indptr", qo)
     batch = qo.shape[0] - 1
-    kv = P.host_array("kv_indptr", kv_indptr)
-    extent = P.check_indptr("kv_indptr", kv, batch)
+    kv = host_array("kv_indptr", kv_indptr)
+    extent_ = check_indptr("kv_indptr", kv, batch)
     if mode == "paged":
         if kv_last_page_len is None:
             raise ValueError("kv_last_page_len: required for a paged plan (host int32 [batch_size])")
-        kv_lens = P.check_last_page_len("kv_last_page_len", P.host_array("kv_last_page_len", kv_last_page_len), kv,
-                                        st.page_size, lengths=True)
+        kv_lens = check_last_page_len("kv_last_page_len", host_array("kv_last_page_len", kv_last_page_len), kv,
+                                      s.page_size, lengths=True)
     else:
         kv_lens = kv[1:] - kv[:-1]
+    assert kv_lens is not None
     total_rows = rows
     if max_total_num_rows is not None:
-        total_rows = P.positive("max_total_num_rows", max_total_num_rows)
-        if not st.enable_cuda_graph:
+        total_rows = S.count("max_total_num_rows", max_total_num_rows)
+        if not s.enable_cuda_graph:
             raise ValueError("max_total_num_rows: only meaningful with enable_cuda_graph=True")
         if total_rows < rows:
             raise ValueError(f"max_total_num_rows: must be >= qo_indptr[-1] = {rows}, got {total_rows}")
-    if st.mask_mode == MASK_CUSTOM:
-        need = int(np.sum(((qo[1:] - qo[:-1]).astype(np.int64) * kv_lens.astype(np.int64) + 7) // 8))
-        have = st.extra[0].shape[0]
-        if have < need:
-            raise ValueError(f"custom_mask: expected at least {need} bytes (sum of ceil(qo_len * kv_len / 8)), got "
-                             f"{have}")
-        if st.extra[1].shape[0] != batch + 1:
-            raise ValueError(f"mask_indptr: expected {batch + 1} entries ([batch_size + 1]), got "
-                             f"{st.extra[1].shape[0]}")
-    values = (*st.plan_prefix, _T, 0, P.host_descriptor(0, qo), _T, 0, P.host_descriptor(1, kv),
-              _T, 0, P.host_descriptor(2, kv_lens), _I, 0, total_rows, _I, 0, batch, *st.plan_suffix)
-    s = stream if stream is None or type(stream) is int else stream_handle(stream)
-    info, generation = P.call_plan(ws, st.plan_ep, st.plan_sig, values, s)
-    return Plan.make(info, ws, generation, st, batch, rows, extent)
+    if custom_mask is not None:
+        _check_mask(custom_mask, mask_indptr, qo, kv_lens, batch, ws.device)
+    if alibi_slopes is not None or s.pos_encoding == 2:
+        _check_alibi(s, alibi_slopes, ws.device)
+    extra = {} if s.backend == "fa3" else {"fixed_split_size": s.fixed_split_size,
+                                           "disable_split_kv": s.disable_split_kv}
+    info, generation = call_plan(
+        ws, s.plan, stream, ws.float_buffer, ws.int_buffer, ws.pinned_buffer, host_tensor(qo), host_tensor(kv),
+        host_tensor(kv_lens), total_rows, batch, s.num_qo_heads, s.num_kv_heads, s.page_size, s.enable_cuda_graph,
+        s.head_dim_qk, s.head_dim_vo, s.mask_mode == MASK_CAUSAL, s.window_left, **extra)
+    return Plan.make(info, ws, generation, s, batch, rows, extent_, inputs)
 
 
-def settings(ws: Workspace, mode: str, *args: Any) -> PlanSettings:
-    """The validated, shared settings of a batch prefill plan on ``ws`` (cached per argument values and types).
+def _check_mask(custom_mask: Any, mask_indptr: Any, qo: np.ndarray, kv_lens: np.ndarray, batch: int,
+                device: Any) -> None:
+    """The packed mask covers every request's ``qo_len * kv_len`` bits; offsets are int32 ``[batch + 1]``."""
+    mask = checks.tensor("custom_mask", custom_mask)
+    offsets = checks.tensor("mask_indptr", mask_indptr)
+    AC.vector("custom_mask", mask, "uint8", None, device)
+    AC.vector("mask_indptr", offsets, "int32", None, device)
+    need = int(np.sum(((qo[1:] - qo[:-1]).astype(np.int64) * kv_lens.astype(np.int64) + 7) // 8))
+    if mask.shape[0] < need:
+        raise ValueError(f"custom_mask: expected at least {need} bytes (sum of ceil(qo_len * kv_len / 8)), got "
+                         f"{mask.shape[0]}")
+    if offsets.shape[0] != batch + 1:
+        raise ValueError(f"mask_indptr: expected {batch + 1} entries ([batch_size + 1]), got {offsets.shape[0]}")
 
-    ``args``: num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo, q_dtype, kv_dtype, o_dtype,
-    kv_layout, causal, custom_mask, mask_indptr, pos_encoding, window_left, logits_soft_cap, sm_scale, rope_scale,
-    rope_theta, alibi_slopes, use_fp16_qk_reduction, backend, enable_cuda_graph, fixed_split_size,
-    disable_split_kv. The backend is chosen here (see :func:`fi_ffi.ops.variants.choose_prefill`).
+
+def _check_alibi(s: PlanSettings, alibi_slopes: Any, device: Any) -> None:
+    if s.pos_encoding == 2 and alibi_slopes is None:
+        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
+    if s.pos_encoding != 2:
+        raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
+    AC.vector("alibi_slopes", checks.tensor("alibi_slopes", alibi_slopes), "float32", s.num_qo_heads, device)
+
+
+def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
+    """Validate the settings arguments of the batch prefill plans (see ``_plan``'s callers) into a PlanSettings.
+
+    The backend is chosen here (see :func:`fi_ffi.ops.variants.choose_prefill`).
     """
-    cacheable = args[10] is None and args[11] is None and args[18] is None  # tensors are not cache keys
-    if cacheable:
-        key = (BATCH_PREFILL, mode, args, tuple(map(type, args)))
-        found = ws._settings.get(key)
-        if found is not None:
-            return found
     (num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo, q_dtype, kv_dtype, o_dtype, kv_layout, causal,
-     custom_mask, mask_indptr, pos_encoding, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta,
-     alibi_slopes, fp16_qk, backend, enable_cuda_graph, fixed_split_size, disable_split_kv) = args
-    dev = ws.device
-    hq = P.positive("num_qo_heads", num_qo_heads)
-    hk = P.positive("num_kv_heads", num_kv_heads)
-    dqk = P.positive("head_dim_qk", head_dim_qk)
-    dvo = dqk if head_dim_vo is None else P.positive("head_dim_vo", head_dim_vo)
-    ps = P.positive("page_size", page_size)
-    P.gqa(hq, hk, decode=False)
-    layout = P.layout_name(kv_layout)
+     custom, pos_encoding, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, fp16_qk, backend,
+     enable_cuda_graph, fixed_split_size, disable_split_kv) = args
+    hq = S.count("num_qo_heads", num_qo_heads)
+    hk = S.count("num_kv_heads", num_kv_heads)
+    dqk = S.count("head_dim_qk", head_dim_qk)
+    dvo = dqk if head_dim_vo is None else S.count("head_dim_vo", head_dim_vo)
+    ps = S.count("page_size", page_size)
+    S.gqa(hq, hk, decode=False)
+    layout = S.layout_name(kv_layout)
     causal = checks.flag("causal", causal)
-    pos = P.pos_encoding(pos_encoding)
-    w = P.window(window_left)
-    cap = P.soft_cap(logits_soft_cap)
-    sm, rs, rt = P.scales(dqk, sm_scale, rope_scale, rope_theta)
+    pos = S.pos_encoding(pos_encoding)
+    w = S.window(window_left)
+    cap = S.soft_cap(logits_soft_cap)
+    sm, rs, rt = S.scales(dqk, sm_scale, rope_scale, rope_theta)
     f16qk = checks.flag("use_fp16_qk_reduction", fp16_qk)
     graph = checks.flag("enable_cuda_graph", enable_cuda_graph)
     no_split = checks.flag("disable_split_kv", disable_split_kv)
-    split = -1 if fixed_split_size is None else P.positive("fixed_split_size", fixed_split_size)
-    qd, kd, od = _dtypes(q_dtype, kv_dtype, o_dtype)
-    if (custom_mask is None) != (mask_indptr is None):
-        raise ValueError("custom_mask, mask_indptr: pass both (packed bits and per-request byte offsets) or neither")
-    if custom_mask is not None and causal:
+    split = -1 if fixed_split_size is None else S.count("fixed_split_size", fixed_split_size)
+    qd, kd, od = S.dtypes(q_dtype, kv_dtype, o_dtype)
+    if custom and causal:
         raise ValueError("causal: a custom mask replaces the causal mask; pass causal=False with custom_mask")
-    mask_obj = indptr_obj = None
-    if custom_mask is not None:
-        mask_obj = P.optional_object("custom_mask", custom_mask, "uint8", None, dev)
-        indptr_obj = P.optional_object("mask_indptr", mask_indptr, "int32", None, dev)
-    alibi = P.alibi(pos, alibi_slopes, hq, dev)
-    custom = mask_obj is not None
-    if backend not in ("auto", "fa2", "fa3"):
+    if backend.__class__ is not str or backend not in ("auto", "fa2", "fa3"):
         raise ValueError(f"backend: expected 'auto', 'fa2' or 'fa3', got {backend!r}")
     if mode == "ragged" and layout == "HND":
         if backend == "fa3":
@@ -410,41 +456,57 @@ def settings(ws: Workspace, mode: str, *args: Any) -> PlanSettings:
                              "use kv_layout='NHD' or backend 'fa2'")
         backend = "fa2"
     base = Variant(BATCH_PREFILL, qd, kd, od, dqk, dvo, int32, pos, w >= 0, cap > 0, f16qk, "fa2")
-    variant = choose_prefill(base, backend, dev.device_id, custom)
+    variant = choose_prefill(base, backend, device_id, custom)
     fa3 = variant.backend == "fa3"
     uri = variant.uri
-    mask_mode = MASK_CUSTOM if custom else (MASK_CAUSAL if causal else MASK_NONE)
-    st = PlanSettings(kind=BATCH_PREFILL, mode=mode, variant=variant, device_id=dev.device_id, num_qo_heads=hq,
-                      num_kv_heads=hk, head_dim_qk=dqk, head_dim_vo=dvo, page_size=ps, kv_layout=layout, dtype_q=qd,
-                      dtype_kv=kd, dtype_o=od, mask_mode=mask_mode, window_left=w, logits_soft_cap=cap,
-                      sm_scale=sm, rope_scale=rs, rope_theta=rt, enable_cuda_graph=graph,
-                      extra=tuple(x for x in (mask_obj, indptr_obj, alibi) if x is not None))
-    st.plan_ep = entry_point(uri, "plan")
-    st.plan_sig = FA3_PLAN_SIG if fa3 else FA2_PLAN_SIG
-    st.plan_prefix = (_T, 0, ws.float_buffer._dl_addr, _T, 0, ws.int_buffer._dl_addr, _T, 0,
-                      ws.pinned_buffer._dl_addr)
-    st.plan_suffix = (_I, 0, hq, _I, 0, hk, _I, 0, ps, _B, 0, graph, _I, 0, dqk, _I, 0, dvo, _B, 0, causal, _I, 0, w)
-    if not fa3:
-        st.plan_suffix += (_I, 0, split, _B, 0, no_split, _I, 0, 0)
-    st.ep = entry_point(uri, "ragged_run" if mode == "ragged" else "paged_run")
-    mid = (_I, 0, mask_mode, _I, 0, P.LAYOUTS[layout], _I, 0, w)
     if fa3:
-        tail = (*_OPT, *_OPT, *_OPT, *_OPT, _F, 0, cap, _F, 0, sm, _F, 0, 1.0, _I, 0, 0, _N, 0, 0)
+        plan, run = launcher(FA3_PLAN, uri), launcher(FA3_RAGGED if mode == "ragged" else FA3_PAGED, uri,
+                                                      _check_ragged if mode == "ragged" else _check_paged)
     else:
-        tail = (*_obj(mask_obj), *_obj(indptr_obj), *_obj(alibi), *_OPT, *_OPT, *_OPT, _F, 0, cap, _F, 0, sm,
-                _F, 0, 1.0 / rs, _F, 0, 1.0 / rt, _I, 0, 0, _N, 0, 0)
-    st.tails = P.run_tails(mid, tail)
-    if cacheable:
-        if len(ws._settings) > 256:
-            ws._settings.clear()
-        ws._settings[key] = st
-    return st
+        plan, run = launcher(FA2_PLAN, uri), launcher(FA2_RAGGED if mode == "ragged" else FA2_PAGED, uri,
+                                                      _check_ragged if mode == "ragged" else _check_paged)
+    return PlanSettings(kind=BATCH_PREFILL, mode=mode, variant=variant, device_id=device_id, num_qo_heads=hq,
+                        num_kv_heads=hk, head_dim_qk=dqk, head_dim_vo=dvo, page_size=ps, kv_layout=layout,
+                        dtype_q=qd, dtype_kv=kd, dtype_o=od,
+                        mask_mode=MASK_CUSTOM if custom else (MASK_CAUSAL if causal else MASK_NONE),
+                        pos_encoding=pos, window_left=w, logits_soft_cap=cap, sm_scale=sm, rope_scale=rs,
+                        rope_theta=rt, enable_cuda_graph=graph, use_fp16_qk_reduction=f16qk,
+                        fixed_split_size=split, disable_split_kv=no_split, plan=plan, run=run)
 
 
 # ------------------------------------------------------------------------------------------ batch prefill runs
 
-_ragged_memo = Memo()
-_paged_memo = Memo()
+
+def _runnable(plan: Any, mode: str, who: str) -> Any:
+    """The plan's workspace, if ``plan`` is a live batch prefill plan for ``mode`` KV."""
+    if plan.__class__ is not Plan:
+        raise TypeError(f"plan: expected a Plan from {who}, got {type(plan).__name__}")
+    s = plan._s
+    ws = plan.workspace
+    if s.mode != mode or s.kind != BATCH_PREFILL or not plan._info.handle or ws is None or \
+            ws._generation != plan._generation:
+        plan.check_runnable(BATCH_PREFILL, mode)
+    return ws
+
+
+def _check_rows(plan: Plan, q: Any) -> None:
+    rows = extent("q", q)
+    if rows < plan.num_rows:
+        raise ValueError(f"q: the plan's qo_indptr ends at {plan.num_rows} rows, but q has {rows}")
+
+
+def _launch(plan: Plan, ws: Any, tensors: tuple[Any, ...], out: Any, lse: Any, enable_pdl: Any,
+            stream: Any) -> None:
+    """One batch prefill run: the plan's settings as wire scalars (FA2 and FA3 take different ones)."""
+    s = plan._s
+    if s.backend == "fa3":
+        s.run(ws.float_buffer, ws.int_buffer, plan._info, *tensors, out, lse, s.mask_mode, s.layout_code,
+              s.window_left, enable_pdl, s.logits_soft_cap, s.sm_scale, stream=stream, context=plan._context)
+    else:
+        mask, mask_indptr, alibi = plan._inputs
+        s.run(ws.float_buffer, ws.int_buffer, plan._info, *tensors, out, lse, s.mask_mode, s.layout_code,
+              s.window_left, enable_pdl, mask, mask_indptr, alibi, s.logits_soft_cap, s.sm_scale, s.rope_rcp_scale,
+              s.rope_rcp_theta, stream=stream, context=plan._context)
 
 
 def batch_prefill_ragged_run(plan: Plan, q: Any, k: Any, v: Any, qo_indptr: Any, kv_indptr: Any, out: Any, *,
@@ -465,34 +527,13 @@ def batch_prefill_ragged_run(plan: Plan, q: Any, k: Any, v: Any, qo_indptr: Any,
     Returns:
         ``out``.
     """
-    if type(plan) is not Plan:
-        raise TypeError(f"plan: expected a Plan from batch_prefill_ragged_plan, got {type(plan).__name__}")
-    st = plan._s
-    if st.mode != "ragged" or st.kind != BATCH_PREFILL or not plan._info.handle or \
-            plan.workspace._generation != plan._generation:
-        plan.check_runnable(BATCH_PREFILL, "ragged")
-    result = out  # returned as passed, whatever it was converted to
-    key = (plan._key, q, k, v, qo_indptr, kv_indptr, out, lse)
-    if key not in _ragged_memo.seen:
-        q, k, v, qo_indptr, kv_indptr, out, lse = _check_ragged(plan, key)
-    if q.shape[0] < plan.num_rows:
-        raise ValueError(f"q: the plan's qo_indptr ends at {plan.num_rows} rows, but q has {q.shape[0]}")
-    nnz_kv = k.shape[0] if st.kv_layout == "NHD" else k.shape[1]
+    ws = _runnable(plan, "ragged", "batch_prefill_ragged_plan")
+    _check_rows(plan, q)
+    nnz_kv = extent("k", k, 0 if plan._s.kv_layout == "NHD" else 1)
     if nnz_kv < plan.kv_extent:
         raise ValueError(f"k: the plan's kv_indptr ends at {plan.kv_extent} tokens, but k has {nnz_kv}")
-    if enable_pdl is not False and enable_pdl is not True:
-        enable_pdl = checks.flag("enable_pdl", enable_pdl)
-    s = stream if stream is None or type(stream) is int else stream_handle(stream)
-    ep = st.ep
-    frame = ep.frame(_NARGS[(st.backend, "ragged")])
-    buf = frame.buf
-    buf[0:48] = plan._head  # the frame in three pieces: head and tail were packed at plan time
-    _TENSORS7(buf, 48, _T, 0, q._dl_addr, _T, 0, k._dl_addr, _T, 0, v._dl_addr, _T, 0, qo_indptr._dl_addr,
-              _T, 0, kv_indptr._dl_addr, _T, 0, out._dl_addr, _N if lse is None else _T, 0,
-              0 if lse is None else lse._dl_addr)
-    buf[160:] = st.tails[enable_pdl]
-    ep.invoke(frame, st.device_id, s)
-    return result
+    _launch(plan, ws, (q, k, v, qo_indptr, kv_indptr), out, lse, enable_pdl, stream)
+    return out
 
 
 def batch_prefill_paged_run(plan: Plan, q: Any, k_cache: Any, v_cache: Any, qo_indptr: Any, kv_indptr: Any,
@@ -514,87 +555,63 @@ def batch_prefill_paged_run(plan: Plan, q: Any, k_cache: Any, v_cache: Any, qo_i
     Returns:
         ``out``.
     """
-    if type(plan) is not Plan:
-        raise TypeError(f"plan: expected a Plan from batch_prefill_paged_plan, got {type(plan).__name__}")
-    st = plan._s
-    if st.mode != "paged" or st.kind != BATCH_PREFILL or not plan._info.handle or \
-            plan.workspace._generation != plan._generation:
-        plan.check_runnable(BATCH_PREFILL, "paged")
-    result = out  # returned as passed, whatever it was converted to
-    key = (plan._key, q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, lse)
-    if key not in _paged_memo.seen:
-        q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, lse = _check_paged(plan, key)
-    if q.shape[0] < plan.num_rows:
-        raise ValueError(f"q: the plan's qo_indptr ends at {plan.num_rows} rows, but q has {q.shape[0]}")
-    if kv_indices.shape[0] < plan.kv_extent:
+    ws = _runnable(plan, "paged", "batch_prefill_paged_plan")
+    _check_rows(plan, q)
+    pages = extent("kv_indices", kv_indices)
+    if pages < plan.kv_extent:
         raise ValueError(f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has "
-                         f"{kv_indices.shape[0]} entries")
-    if enable_pdl is not False and enable_pdl is not True:
-        enable_pdl = checks.flag("enable_pdl", enable_pdl)
-    s = stream if stream is None or type(stream) is int else stream_handle(stream)
-    ep = st.ep
-    frame = ep.frame(_NARGS[(st.backend, "paged")])
-    buf = frame.buf
-    buf[0:48] = plan._head  # the frame in three pieces: head and tail were packed at plan time
-    _TENSORS9(buf, 48, _T, 0, q._dl_addr, _T, 0, k_cache._dl_addr, _T, 0, v_cache._dl_addr, _T, 0, qo_indptr._dl_addr,
-              _T, 0, kv_indptr._dl_addr, _T, 0, kv_indices._dl_addr, _T, 0, kv_last_page_len._dl_addr,
-              _T, 0, out._dl_addr, _N if lse is None else _T, 0, 0 if lse is None else lse._dl_addr)
-    buf[192:] = st.tails[enable_pdl]
-    ep.invoke(frame, st.device_id, s)
-    return result
+                         f"{pages} entries")
+    _launch(plan, ws, (q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len), out, lse,
+            enable_pdl, stream)
+    return out
 
 
-def _convert(pairs: Sequence[tuple[str, Any]]) -> list[Any]:
-    return [x if type(x) is Tensor or x is None else checks.tensor(n, x) for n, x in pairs]
+def _check_q_out_lse(s: PlanSettings, a: SimpleNamespace, dev: Any) -> None:
+    hq, dqk, dvo = s.num_qo_heads, s.head_dim_qk, s.head_dim_vo
+    AC.device_tensor("q", a.q, (None, hq, dqk), "[nnz_qo, num_qo_heads, head_dim_qk]", s.dtype_q, dev)
+    AC.device_tensor("out", a.out, (a.q.shape[0], hq, dvo), "[nnz_qo, num_qo_heads, head_dim_vo]", s.dtype_o, dev,
+                     contiguous=True)
+    AC.lse_tensor("lse", a.lse, (a.q.shape[0], hq), dev)
 
 
-def _check_q_out_lse(plan: Plan, q: Tensor, out: Tensor, lse: Tensor | None, dev: Any) -> None:
-    hq, dqk, dvo = plan.num_qo_heads, plan.head_dim_qk, plan.head_dim_vo
-    P.device_tensor("q", q, (None, hq, dqk), "[nnz_qo, num_qo_heads, head_dim_qk]", plan.dtype_q, dev)
-    P.device_tensor("out", out, (q.shape[0], hq, dvo), "[nnz_qo, num_qo_heads, head_dim_vo]", plan.dtype_o, dev,
-                    contiguous=True)
-    P.lse_tensor("lse", lse, (q.shape[0], hq), dev)
+def _check_inputs(s: PlanSettings, a: SimpleNamespace, b: int, dev: Any) -> None:
+    """The plan's custom mask and ALiBi slopes (FA2 runs only take them)."""
+    AC.vector("custom_mask", getattr(a, "custom_mask", None), "uint8", None, dev)
+    AC.vector("mask_indptr", getattr(a, "mask_indptr", None), "int32", b + 1, dev)
+    AC.vector("alibi_slopes", getattr(a, "alibi_slopes", None), "float32", s.num_qo_heads, dev)
 
 
-def _check_ragged(plan: Plan, key: tuple[Any, ...]) -> tuple[Any, ...]:
-    _, q, k, v, qo_indptr, kv_indptr, out, lse = key
-    q, k, v, qo_indptr, kv_indptr, out, lse = _convert((("q", q), ("k", k), ("v", v), ("qo_indptr", qo_indptr),
-                                                         ("kv_indptr", kv_indptr), ("out", out), ("lse", lse)))
-    dev = plan.workspace.device
-    hk, dqk, dvo = plan.num_kv_heads, plan.head_dim_qk, plan.head_dim_vo
-    _check_q_out_lse(plan, q, out, lse, dev)
-    if plan.kv_layout == "NHD":
+def _check_ragged(a: SimpleNamespace) -> None:
+    """The contract of a ragged batch prefill run, against the plan's settings and batch size (``a.context``)."""
+    s, b = a.context
+    dev = a.float_workspace_buffer.device
+    hk, dqk, dvo = s.num_kv_heads, s.head_dim_qk, s.head_dim_vo
+    _check_q_out_lse(s, a, dev)
+    k, v = a.k, a.v
+    if s.kv_layout == "NHD":
         text = "NHD [nnz_kv, num_kv_heads, head_dim]"
-        P.device_tensor("k", k, (None, hk, dqk), text, plan.dtype_kv, dev)
-        P.device_tensor("v", v, (k.shape[0], hk, dvo), text, plan.dtype_kv, dev)
+        AC.device_tensor("k", k, (None, hk, dqk), text, s.dtype_kv, dev)
+        AC.device_tensor("v", v, (k.shape[0], hk, dvo), text, s.dtype_kv, dev)
     else:
         text = "HND [num_kv_heads, nnz_kv, head_dim]"
-        P.device_tensor("k", k, (hk, None, dqk), text, plan.dtype_kv, dev)
-        P.device_tensor("v", v, (hk, k.shape[1], dvo), text, plan.dtype_kv, dev)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _strides_u32(name, t)
-    P.index_tensor("qo_indptr", qo_indptr, plan.batch_size + 1, dev)
-    P.index_tensor("kv_indptr", kv_indptr, plan.batch_size + 1, dev)
-    args = (q, k, v, qo_indptr, kv_indptr, out, lse)
-    if all(type(x) is Tensor or x is None for x in key[1:]):
-        _ragged_memo.add(key)
-    return args
+        AC.device_tensor("k", k, (hk, None, dqk), text, s.dtype_kv, dev)
+        AC.device_tensor("v", v, (hk, k.shape[1], dvo), text, s.dtype_kv, dev)
+    for name, t in (("q", a.q), ("k", k), ("v", v)):
+        AC.strides_u32(name, t)
+    AC.index_tensor("qo_indptr", a.qo_indptr, b + 1, dev)
+    AC.index_tensor("kv_indptr", a.kv_indptr, b + 1, dev)
+    _check_inputs(s, a, b, dev)
 
 
-def _check_paged(plan: Plan, key: tuple[Any, ...]) -> tuple[Any, ...]:
-    _, q, k, v, qo_indptr, kv_indptr, kv_indices, last, out, lse = key
-    q, k, v, qo_indptr, kv_indptr, kv_indices, last, out, lse = _convert((
-        ("q", q), ("k_cache", k), ("v_cache", v), ("qo_indptr", qo_indptr), ("kv_indptr", kv_indptr),
-        ("kv_indices", kv_indices), ("kv_last_page_len", last), ("out", out), ("lse", lse)))
-    dev = plan.workspace.device
-    _check_q_out_lse(plan, q, out, lse, dev)
-    P.kv_cache(k, v, plan.kv_layout, plan.num_kv_heads, plan.page_size, plan.head_dim_qk, plan.head_dim_vo,
-               plan.dtype_kv, dev)
-    P.index_tensor("qo_indptr", qo_indptr, plan.batch_size + 1, dev)
-    P.index_tensor("kv_indptr", kv_indptr, plan.batch_size + 1, dev)
-    P.index_tensor("kv_indices", kv_indices, None, dev)
-    P.index_tensor("kv_last_page_len", last, plan.batch_size, dev)
-    args = (q, k, v, qo_indptr, kv_indptr, kv_indices, last, out, lse)
-    if all(type(x) is Tensor or x is None for x in key[1:]):
-        _paged_memo.add(key)
-    return args
+def _check_paged(a: SimpleNamespace) -> None:
+    """The contract of a paged batch prefill run, against the plan's settings and batch size (``a.context``)."""
+    s, b = a.context
+    dev = a.float_workspace_buffer.device
+    _check_q_out_lse(s, a, dev)
+    AC.kv_cache(a.k_cache, a.v_cache, s.kv_layout, s.num_kv_heads, s.page_size, s.head_dim_qk, s.head_dim_vo,
+                s.dtype_kv, dev)
+    AC.index_tensor("qo_indptr", a.qo_indptr, b + 1, dev)
+    AC.index_tensor("kv_indptr", a.kv_indptr, b + 1, dev)
+    AC.index_tensor("kv_indices", a.kv_indices, None, dev)
+    AC.index_tensor("kv_last_page_len", a.kv_last_page_len, b, dev)
+    _check_inputs(s, a, b, dev)

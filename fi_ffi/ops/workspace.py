@@ -47,10 +47,16 @@ TMP_BYTES = 32 << 20  # single prefill/decode scratch (``tmp``) that upstream ca
 __all__ = ["FLOAT_BYTES", "INT_BYTES", "PINNED_BYTES", "TMP_BYTES", "Workspace"]
 
 
-def _rt() -> Any:
-    from cuda.bindings import runtime
+_runtime: Any = None
 
-    return runtime
+
+def _rt() -> Any:
+    global _runtime
+    if _runtime is None:
+        from cuda.bindings import runtime
+
+        _runtime = runtime
+    return _runtime
 
 
 def _check(err: Any, what: str) -> None:
@@ -101,7 +107,7 @@ class Workspace:
     One workspace serves one stream of plan/run calls at a time. Use a workspace per concurrent stream.
     """
 
-    __slots__ = ("__weakref__", "_event", "_event_pending", "_generation", "_lock", "_owned", "_settings", "device",
+    __slots__ = ("__weakref__", "_event", "_event_pending", "_generation", "_lock", "_owned", "device",
                  "float_buffer", "float_bytes", "int_buffer", "int_bytes", "pinned_buffer", "pinned_bytes")
 
     def __init__(self, float_buffer: Any, int_buffer: Any, pinned_buffer: Any) -> None:
@@ -133,7 +139,6 @@ class Workspace:
         self._generation = 0
         self._event: Any = None
         self._event_pending = False
-        self._settings: dict[Any, Any] = {}  # plan settings validated once per argument tuple (fi_ffi.ops.plan)
 
     @classmethod
     def from_buffers(cls, float_buffer: Any, int_buffer: Any, pinned_buffer: Any) -> Workspace:
@@ -230,9 +235,10 @@ class Workspace:
             return
         rt = _rt()
         err = rt.cudaEventQuery(self._event)[0]
-        if err == rt.cudaError_t.cudaErrorNotReady:
-            err = rt.cudaEventSynchronize(self._event)[0]
-        _check(err, "cudaEventSynchronize(previous plan copy)")
+        if err != rt.cudaError_t.cudaSuccess:  # usually done already: the copy is tiny and was enqueued earlier
+            if err == rt.cudaError_t.cudaErrorNotReady:
+                err = rt.cudaEventSynchronize(self._event)[0]
+            _check(err, "cudaEventSynchronize(previous plan copy)")
         self._event_pending = False
 
     def _record_plan_copy(self, stream: int) -> None:
@@ -243,7 +249,9 @@ class Workspace:
                 err, event = rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming)
                 _check(err, "cudaEventCreateWithFlags")
             self._event = event
-        _check(rt.cudaEventRecord(self._event, rt.cudaStream_t(stream))[0], "cudaEventRecord(plan copy)")
+        err = rt.cudaEventRecord(self._event, stream)[0]  # cuda.bindings takes the handle as an int
+        if err != rt.cudaError_t.cudaSuccess:
+            _check(err, "cudaEventRecord(plan copy)")
         self._event_pending = True
 
 

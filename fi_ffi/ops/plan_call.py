@@ -1,0 +1,53 @@
+"""Calling a module's ``plan`` entry point on a workspace: the pinned-buffer handshake around one launch.
+
+A plan call writes the schedule into the workspace's page-locked buffer and enqueues its copy into the int
+workspace on the plan's stream (see :mod:`fi_ffi.ops.workspace`). :func:`call_plan` does, under the
+workspace's lock: wait for the previous plan's copy (only if one is still pending), mark earlier plans stale
+(the generation counter), launch, record the copy's event. Nothing else: the arguments were checked before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..abi.objects import Array
+from ..dtypes import CUDA
+from ..errors import KernelError
+from ..streams import stream_handle
+from .workspace import Workspace
+
+__all__ = ["call_plan"]
+
+
+def call_plan(ws: Workspace, launch: Callable[..., Any], stream: Any, *args: Any, **kwargs: Any) -> tuple[Array, int]:
+    """Launch ``launch(*args, **kwargs)`` (a plan entry point) on ``ws`` and ``stream``.
+
+    Returns (the owned schedule Array, the workspace generation the plan belongs to).
+    """
+    s = stream if stream is None or stream.__class__ is int else stream_handle(stream)
+    with ws._lock:
+        ws._wait_previous_plan_copy()
+        ws._generation += 1  # from here on the int workspace may hold a new schedule: earlier plans are stale
+        result = launch(*args, stream=s, **kwargs)
+        if result.__class__ is not Array:
+            if hasattr(result, "release"):
+                result.release()
+            raise KernelError("TypeError", f"plan returned {type(result).__name__}, expected Array<int>",
+                              function=getattr(launch, "__name__", "plan"))
+        ws._record_plan_copy(_current_stream(ws.device.device_id) if s is None else s)
+        generation = ws._generation
+    return result, generation
+
+
+_get_stream: Any = None
+
+
+def _current_stream(device_id: int) -> int:
+    """TVM-FFI's current stream of ``device_id`` (the stream the launch used when none was given)."""
+    global _get_stream
+    if _get_stream is None:
+        from ..abi.runtime import api
+
+        _get_stream = api().TVMFFIEnvGetStream
+    return int(_get_stream(CUDA, device_id))
