@@ -499,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("smoke", help="run each op once on the GPU against a reference")
     p.add_argument("--device", type=_ordinal, default=0, help="CUDA ordinal (0 to the GPU count - 1)")
     p.set_defaults(func=cmd_smoke)
-    p = sub.add_parser("generate", help="serve token-id prompts with a local Llama checkpoint (needs fi-ffi[llama])")
+    p = sub.add_parser("generate", help="serve token-id prompts with a local Llama checkpoint (needs CuPy: "
+                                            "python -m pip install cupy-cuda13x)")
     p.add_argument("--model", required=True, help="checkpoint directory: config.json + *.safetensors (f16/bf16)")
     p.add_argument("--prompt-ids", type=_token_ids, action="append", required=True,
                    help="one prompt as comma-separated token ids (repeat for a batch)")

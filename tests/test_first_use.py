@@ -135,7 +135,6 @@ fi_ffi.rmsnorm(x, w, x)
 """
 
 
-@pytest.mark.xfail(strict=False, reason="fixed by the calling-mechanism rewrite")
 def test_a_loader_error_on_the_first_op_is_shown_alone(tmp_path: Path) -> None:
     # Offline, an empty cache and no wheelhouse: the first rmsnorm cannot get its module. The traceback must show
     # the LoaderError only, not an AttributeError about a thread-local 'bound' slot chained before it.

@@ -97,8 +97,9 @@ def test_decode_plan_and_run_accept_the_engine_views(make_array, dtype, head_dim
     err = reached(lambda: kernels.decode_plan(ws, indptr, c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, dtype,
                                               cuda_graph, 0))
     assert err.function.endswith(".plan") and f"head_dim_qk_{head_dim}" in err.function
-    st = decode.settings(ws, c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, dtype, None, None, "NHD", "NONE", -1,
-                         0.0, None, 1.0, 1e4, None, cuda_graph)
+    # a plan as batch_decode_plan builds it, around a synthetic schedule (no GPU to compute one)
+    st = decode._settings(ws.device.device_id, (c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, dtype, None, None,
+                                                "NHD", "NONE", -1, 0.0, None, 1.0, 1e4, cuda_graph))
     plan = Plan.make(make_array(*([0] * 10)), ws, ws._generation, st, BATCH, BATCH, 4)
     v = views(c, dtype, "decode")
     reached(lambda: kernels.decode_run(plan, v.q, cache(c, dtype), cache(c, dtype), v.kv_indptr, v.kv_indices,
@@ -114,9 +115,9 @@ def test_prefill_plan_and_runs_accept_the_engine_views(make_array, dtype, head_d
                                          0))
     v = views(c, dtype, "prefill")
     for backend in ("fa2", "fa3") if head_dim == 128 else ("fa2",):  # the wheel has FA3 modules for d128 only
-        st = prefill.settings(ws, "paged", c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, None, dtype, None, None,
-                              "NHD", True, None, None, "NONE", -1, 0.0, None, 1.0, 1e4, None, False, backend, False,
-                              None, False)
+        st = prefill._settings("paged", ws.device.device_id, (
+            c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, None, dtype, None, None, "NHD", True, False, "NONE", -1,
+            0.0, None, 1.0, 1e4, False, backend, False, None, False))
         plan = Plan.make(make_array(*([0] * (9 if backend == "fa3" else 15))), ws, ws._generation, st, BATCH, ROWS,
                          3)
         err = reached(lambda plan=plan: kernels.prefill_run(plan, v.q, cache(c, dtype), cache(c, dtype), v.qo_indptr,

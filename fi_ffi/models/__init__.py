@@ -1,4 +1,6 @@
-"""A small Llama serving engine built on fi_ffi, without torch (``pip install fi-ffi[llama]``).
+"""A small Llama serving engine built on fi_ffi, without torch.
+
+Needs CuPy (the ``llama`` extra; ``python -m pip install cupy-cuda13x``).
 
 The binding layer (everything outside this package) never imports it. Modules, one concept each:
 

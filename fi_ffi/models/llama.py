@@ -144,7 +144,8 @@ class LlamaEngine:
         try:
             import cupy as cp
         except ImportError as exc:
-            raise ImportError(f"the Llama engine needs CuPy ({exc}); install it with: pip install 'fi-ffi[llama]'") \
+            raise ImportError(f"the Llama engine needs CuPy ({exc}); install it with: "
+                              "python -m pip install cupy-cuda13x") \
                 from exc
         self._cp = cp
         with cp.cuda.Device(device):

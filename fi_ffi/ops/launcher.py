@@ -619,7 +619,11 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     if ptrs:
         lines += ["        _m = _e[1]",
                   f"        if {' | '.join(masks)} or not ({' and '.join(nonnull)}): raise _Slow"]
+    # the slow path runs after the except block, so its errors are not shown as raised "during handling" of the
+    # fast path's internal exception
     lines += ["    except Exception:",
+              "        _e = None",
+              "    if _e is None:",
               f"        _f, _e, ({''.join(pp + ', ' for pp in ptrs)}) = _slow({all_args}, stream, context)"
               if ptrs else f"        _f, _e, _ = _slow({all_args}, stream, context)"]
     for i, (p, a) in enumerate(zip(params, names, strict=True)):
