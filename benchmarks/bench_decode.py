@@ -145,17 +145,11 @@ def main(argv: list[str] | None = None) -> int:
 
     record("fi_ffi", "run (descriptors)", ours(stream), gpu=ours)
     record("fi_ffi", "run (torch tensors)", ours_run_torch)
-    # The floor: the module's own run call with a frame packed once (what no wrapper can go below).
-    ep = plan._s.ep
-    decode.batch_decode_run(plan, *desc, enable_pdl=PDL, stream=stream)
-    frame = decode._run_frames.__dict__[ep][0]  # this thread's run frame, filled by the call above
-    record("fi_ffi", "floor: module call", lambda: ep.invoke(frame, 0, stream))
-    # With TVM-FFI's current stream set once on this thread, stream=None skips the per-call set/restore.
+    # With TVM-FFI's current stream set once on this thread, stream=None runs there with no set/restore.
     from fi_ffi.abi.runtime import api
 
     api().TVMFFIEnvSetStream(2, 0, stream, fi_ffi.abi.cdefs.get_ffi().NULL)
     record("fi_ffi", "run (stream=None)", lambda: decode.batch_decode_run(plan, *desc, enable_pdl=PDL))
-    record("fi_ffi", "floor (stream=None)", lambda: ep.invoke(frame, 0, None))
 
     def ours_plan() -> None:
         decode.batch_decode_plan(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h, stream=stream)

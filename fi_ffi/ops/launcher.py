@@ -85,7 +85,7 @@ class Frame:
     """One thread's argument block for one entry point: ``nargs + 1`` slots, then one record per tensor
     parameter. ``q``/``d`` view it as int64/float64 words; ``cache`` maps layout keys to images."""
 
-    __slots__ = ("args", "block", "buf", "cache", "call", "d", "mv", "nargs", "q", "records", "result",
+    __slots__ = ("args", "block", "buf", "cache", "call", "d", "image", "mv", "nargs", "q", "records", "result",
                  "stream_out", "this")
 
     def __init__(self, nargs: int, ntensors: int, call: Any) -> None:
@@ -104,6 +104,7 @@ class Frame:
         self.records = int(ffi.cast("uintptr_t", self.block)) + (nargs + 1) * _SLOT
         self.stream_out = ffi.new("uintptr_t*")
         self.cache: dict[Hashable, tuple[Any, ...]] = {}
+        self.image: Any = None  # the cache entry whose image the frame holds (see the generated launch)
         self.call = call
         self.this = ffi.NULL
 
@@ -231,7 +232,10 @@ class Launcher:
                 if kind in wire.TENSOR_TYPES:
                     ptr = t.data_ptr
                     ptrs.append(ptr if ptr < _INT64_END else ptr - _PTR_END)  # int64 words: two's complement
-                if first_cuda is None and t.device.is_cuda and kind in wire.TENSOR_TYPES:
+                # the default stream follows the first CUDA tensor that comes from a framework with a current
+                # stream (torch, CuPy): for a batch run that is q, not the workspace's descriptors
+                if (first_cuda is None and t.device.is_cuda and kind in wire.TENSOR_TYPES
+                        and producers.stream_source(value) is not None):
                     first_cuda = value
             elif kind == wire.ARRAY:
                 if not isinstance(value, ObjectRef) or value.type_index != ARRAY:
@@ -413,6 +417,7 @@ def _write_image(f: Frame, decl: wire.Declaration, record_of: dict[int, int], ch
 
     ffi = get_ffi()
     q, d = f.q, f.d
+    f.image = None  # overwritten here: no cached image is in the frame any more
     f.mv[:] = bytes(len(f.mv))
     for i, p in enumerate(decl.params):
         value = checked[p.name]
@@ -631,7 +636,13 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
             lines.append(f"        _h{i} = {a}.handle")
         elif p.per_call:
             lines.append(f"        {a} = _scalar({p.name!r}, {p.wire!r}, {a})")
-    lines += ["    _f.mv[:] = _e[0]", "    _q = _f.q"]
+    # the frame still holds this image from its previous call (a loop over layers): only pointers change
+    lines += ["    _q = _f.q",
+              "    if _f.image is not _e:",
+              "        _f.mv[:] = _e[0]",
+              "        _f.image = _e",
+              "    else:",
+              f"        _q[{2 * len(params)}] = 0  # the result slot's type: None"]
     lines += ["    " + w for w in writes]
     for i in objects:
         a = names[i]
