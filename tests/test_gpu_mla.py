@@ -63,6 +63,7 @@ class MLACache:
         self.lens_h = np.array(kv_lens, np.int32)
         self.indices = torch.randperm(total, device="cuda", generator=g)[: sum(pages)].to(torch.int32).contiguous()
         self.indptr = torch.from_numpy(self.indptr_h).cuda()
+        self.last = torch.from_numpy(self.last_h).cuda()
         # every token of every request, appended in one call
         nnz = sum(kv_lens)
         self.ckv = torch.randn(nnz, CKV, dtype=dtype, device="cuda", generator=g)
@@ -72,7 +73,7 @@ class MLACache:
                                                 torch.tensor(kv_lens)).to(torch.int32).cuda()
         positions = torch.cat([torch.arange(n, dtype=torch.int32) for n in kv_lens]).cuda()
         fi_ffi.append_paged_mla_kv_cache(self.ckv, self.kpe, batch_indices, positions, self.ckv_cache, self.kpe_cache,
-                                         self.indices, self.indptr, torch.from_numpy(self.last_h).cuda())
+                                         self.indices, self.indptr, self.last)
         torch.cuda.synchronize()
         for b in range(len(kv_lens)):  # the page table holds exactly the appended tokens
             ckv, kpe = self.gather(b)

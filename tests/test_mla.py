@@ -449,3 +449,59 @@ def test_072_lock_serves_modules_only_063_has_from_063(with_072, make_array):
     fa3 = fake_plan(make_array, backend="fa3")
     assert bf16.uri == MLA_F16.replace("f16", "bf16") and fa3.uri == MLA_F16 + "_sm90"
     assert bf16._s.run.launcher.decl is mla.RUN and not bf16._s.tuple_result
+
+
+# ------------------------------------------------------------------------------------------ FP8 scale arguments
+
+
+def fp8_plan(make_array, uri: str) -> mla.MLAPlan:
+    """A plan whose caches are FP8 e4m3, on module ``uri`` (neither test wheel has an FP8 MLA module: this only
+    drives the argument rules and the packing)."""
+    ws = workspace()
+    st = mla._Settings(ws.device, H, CKV, KPE, 16, False, 0.1, fi_ffi.float16, fi_ffi.dtypes.float8_e4m3fn, "fa2",
+                       uri)
+    return mla.MLAPlan(make_array(*([0] * 18)), ws, ws._generation, st, 2, 2, 3)
+
+
+def fp8_run_args(**over):
+    fp8 = "float8_e4m3fn"
+    return run_args(ckv_cache=fake_cuda((4, 16, CKV), fp8), kpe_cache=fake_cuda((4, 16, KPE), fp8), **over)
+
+
+@pytest.mark.parametrize(
+    "scales, pattern",
+    [
+        (dict(kpe_scale=1.0), r"ckv_scale: an FP8 cache needs exactly one of ckv_scale .* or ckv_scale_arr"),
+        (dict(ckv_scale=1.0, kpe_scale=1.0, ckv_scale_arr=fake_cuda((64, 4), "float32")),
+         r"ckv_scale: .*exactly one"),
+        (dict(ckv_scale=1.0), r"kpe_scale: required with an FP8 cache"),
+        (dict(ckv_scale=0.0, kpe_scale=1.0), r"ckv_scale: expected a finite value > 0"),
+        (dict(ckv_scale=1.0, kpe_scale=float("nan")), r"kpe_scale: expected a finite value > 0"),
+    ],
+)
+def test_fp8_scale_arguments_follow_flashinfer_rules(make_array, scales, pattern):
+    plan = fp8_plan(make_array, MLA_F16)
+    with pytest.raises(ValueError, match=pattern):
+        fi_ffi.batch_mla_run(plan, **fp8_run_args(), **scales)
+
+
+def test_scale_arguments_on_a_063_module_are_refused_by_name(make_array):
+    plan = fp8_plan(make_array, MLA_F16)  # the 0.6.3 run has no scale arguments
+    with pytest.raises(ValueError, match=r"ckv_scale: not supported by the bound module's entry point .*"
+                                         r"\(FlashInfer 0.6.3\)"):
+        fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale=0.5, kpe_scale=0.25)
+
+
+def test_072_scale_arguments_reach_the_planabi2_module(with_072, make_array):
+    plan = fp8_plan(make_array, MLA_F16 + "_planabi2")
+    with pytest.raises(KernelError) as info:
+        fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale=0.5, kpe_scale=0.25)
+    assert_reached_the_kernel(info.value)
+    assert "0.5, 0.25, None" in str(info.value)
+    arr = fake_cuda((4 * 16, CKV // 128), "float32")
+    with pytest.raises(KernelError) as info:
+        fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale_arr=arr, kpe_scale=0.25)
+    assert_reached_the_kernel(info.value)
+    assert "1.0, 0.25, DLTensor*(float32[64, 4] cuda:0)" in str(info.value)
+    with pytest.raises(ValueError, match=r"ckv_scale_arr: expected float32 with 256 elements"):
+        fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale_arr=fake_cuda((16, 4), "float32"), kpe_scale=0.25)

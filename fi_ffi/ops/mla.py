@@ -517,11 +517,9 @@ def _fp8_scales(st: _Settings, ckv_scale: Any, kpe_scale: Any, ckv_scale_arr: An
                          "per-token, per-128-column factors)")
     if kpe_scale is None:
         raise ValueError("kpe_scale: required with an FP8 cache (a finite float > 0)")
-    out: dict[str, Any] = {"kpe_scale": checks.positive_finite("kpe_scale", kpe_scale)}
-    if ckv_scale is not None:
-        out["ckv_scale"] = checks.positive_finite("ckv_scale", ckv_scale)
-    else:
-        out["ckv_scale_arr"] = ckv_scale_arr
+    out: dict[str, Any] = ({"ckv_scale": checks.positive_finite("ckv_scale", ckv_scale)} if ckv_scale is not None
+                           else {"ckv_scale_arr": ckv_scale_arr})
+    out["kpe_scale"] = checks.positive_finite("kpe_scale", kpe_scale)
     return out
 
 
