@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -368,15 +368,11 @@ def test_a_plans_page_size_is_the_runs(make_array):
 
 
 def _shared(folder: str, pattern: str) -> list[Path]:
-    for base in (REPO.parent / "shared", Path("/work/shared")):
-        found = sorted((base / folder).glob(pattern))
-        if found:
-            return found
-    return []
+    return sorted((REPO.parent / "shared" / folder).glob(pattern))
 
 
 @pytest.fixture
-def with_072(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], None]]:
+def with_072(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A lock pinning the two 0.6.3 test wheels and the 0.7.2 one (the newest release serves a shared name)."""
     old, new = _shared("wheels", "flashinfer_jit_cache*.whl"), _shared("wheels-072", "flashinfer_jit_cache_072-*.whl")
     if len(old) < 2 or not new:
@@ -388,9 +384,11 @@ def with_072(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callab
     lock.write_text(loader.dump_lock([loader.lock_entry(w) for w in wheels], header="0.6.3 + 0.7.2"))
     monkeypatch.setenv("FI_FFI_LOCK", str(lock))
     monkeypatch.setenv("FI_FFI_WHEELHOUSE", os.pathsep.join(dict.fromkeys(str(w.parent) for w in wheels)))
-    caches.reset()
+    monkeypatch.setenv("FI_FFI_CUDA_VERSION", "13.0")
+    monkeypatch.delenv("FI_FFI_SM", raising=False)
+    caches.reset()  # launchers, bound entry points and MLA settings resolve again under this lock
     V._refresh()
-    yield lambda: None
+    yield
     monkeypatch.undo()
     caches.reset()
     V._refresh()
