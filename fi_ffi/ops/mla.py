@@ -54,8 +54,8 @@ from ..streams import current_stream, stream_handle
 from ..tensor import Tensor
 from . import checks
 from . import variants as V
+from .host_index import check_indptr, host_array, host_tensor
 from .launcher import launcher
-from .plan import host_array
 from .workspace import Workspace, _DeviceScope, _rt
 from .workspace import _check as _check_cuda
 
@@ -273,8 +273,8 @@ def _plan_on(ws: Workspace, st: _Settings, handle: int, qo: np.ndarray, kv: np.n
     with ws._lock:
         ws._wait_previous_plan_copy()
         ws._generation += 1  # from here on the int workspace may hold a new schedule: earlier plans are stale
-        result = st.plan(ws.float_buffer, ws.int_buffer, ws.pinned_buffer, qo, kv, lens, st.num_heads,
-                         st.head_dim_ckv, st.causal, stream=stream)
+        result = st.plan(ws.float_buffer, ws.int_buffer, ws.pinned_buffer, host_tensor(qo), host_tensor(kv),
+                         host_tensor(lens), st.num_heads, st.head_dim_ckv, st.causal, stream=stream)
         staged = None
         if st.tuple_result:  # 0.7.x: (schedule, staged bytes); the schedule is taken out, the tuple released
             with result:
@@ -407,8 +407,10 @@ def _check_schedule(qo: np.ndarray, kv: np.ndarray, lens: np.ndarray, st: _Setti
         raise ValueError(f"kv_indptr: expected {n} entries ([batch_size + 1], as qo_indptr), got {kv.shape[0]}")
     if lens.shape[0] != batch:
         raise ValueError(f"kv_len_arr: expected {batch} entries ([batch_size]), got {lens.shape[0]}")
-    q_lens = _lengths("qo_indptr", qo)
-    pages = _lengths("kv_indptr", kv)
+    check_indptr("qo_indptr", qo)
+    check_indptr("kv_indptr", kv)
+    q_lens = np.diff(qo.astype(np.int64))
+    pages = np.diff(kv.astype(np.int64))
     kv_lens = lens.astype(np.int64)
     if (kv_lens < 0).any():
         i = int(np.argmax(kv_lens < 0))
@@ -437,18 +439,6 @@ def _check_schedule(qo: np.ndarray, kv: np.ndarray, lens: np.ndarray, st: _Setti
                          f"schedule holds at most {_MAX_WORKS - _SM_MARGIN} (FlashInfer's fixed limit); split the "
                          f"batch into several plans")
     return batch, rows, total_pages
-
-
-def _lengths(name: str, indptr: np.ndarray) -> np.ndarray:
-    """Per-request lengths of an indptr (int64), after checking it starts at 0 and never decreases."""
-    if indptr[0] != 0:
-        raise ValueError(f"{name}: must start at 0, got {int(indptr[0])}")
-    d = np.diff(indptr.astype(np.int64))
-    if (d < 0).any():
-        i = int(np.argmax(d < 0))
-        raise ValueError(f"{name}: must be non-decreasing, but {name}[{i + 1}] = {int(indptr[i + 1])} < "
-                         f"{name}[{i}] = {int(indptr[i])}")
-    return d
 
 
 def _check_plan(a: Any) -> None:
