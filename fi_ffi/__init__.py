@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .ops.cascade import merge_state, merge_state_in_place, merge_states
     from .ops.decode import batch_decode_plan, batch_decode_run, single_decode
     from .ops.gdn import gdn_prefill, gdn_workspace_size
+    from .ops.mla import MLAPlan, batch_mla_plan, batch_mla_run
     from .ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, prepare, qk_rmsnorm, rmsnorm
     from .ops.page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions
     from .ops.plan import Plan
@@ -86,6 +87,9 @@ _LAZY = {
     "list_variants": "ops.variants",
     "batch_decode_plan": "ops.decode",
     "batch_decode_run": "ops.decode",
+    "batch_mla_plan": "ops.mla",
+    "batch_mla_run": "ops.mla",
+    "MLAPlan": "ops.mla",
     "single_decode": "ops.decode",
     "single_prefill": "ops.prefill",
     "batch_prefill_ragged_plan": "ops.prefill",
@@ -157,6 +161,7 @@ __all__ = [
     "KernelError",
     "KernelNotFoundError",
     "LoaderError",
+    "MLAPlan",
     "Plan",
     "Tensor",
     "UnsupportedDeviceError",
@@ -177,6 +182,8 @@ __all__ = [
     "as_tensor",
     "batch_decode_plan",
     "batch_decode_run",
+    "batch_mla_plan",
+    "batch_mla_run",
     "batch_prefill_paged_plan",
     "batch_prefill_paged_run",
     "batch_prefill_ragged_plan",

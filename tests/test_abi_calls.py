@@ -126,6 +126,23 @@ def test_array_result_is_owned_and_decoded(testing_lib: object) -> None:
     assert fn("ffi.ArraySize")(arr) == 4
 
 
+def test_object_elements_of_an_array_come_back_owned(testing_lib: object) -> None:
+    # A Tuple<Array<int>, int> result (FlashInfer 0.7.x MLA plan) is an ArrayObj at run time: an Array holding an
+    # Array and an int. Reading the object element must hand out a reference of its own.
+    schedule = _array(*range(18))
+    result = fn("ffi.Array")(schedule, 4096, "a string longer than seven bytes")
+    assert schedule.refcount == 2
+    info = result[0]
+    assert isinstance(info, objects.Array) and info.handle == schedule.handle
+    assert info.to_list() == list(range(18)) and result[1] == 4096
+    assert result[2] == "a string longer than seven bytes"  # copied out; its extra reference dropped at once
+    assert schedule.refcount == 3  # the element's new reference belongs to `info`
+    result.release()
+    schedule.release()
+    assert info.refcount == 1 and info[17] == 17
+    info.release()
+
+
 def test_object_argument_is_borrowed_and_result_released_exactly_once(testing_lib: object) -> None:
     arr = _array(5, 6)
     echo = fn("testing.echo")

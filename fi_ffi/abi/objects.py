@@ -79,9 +79,10 @@ class ObjectRef:
 
 
 class Array(ObjectRef):
-    """An owned ``ffi.Array`` (type 71). Supports ``len`` and indexing of POD elements (int/float/bool/None).
+    """An owned ``ffi.Array`` (type 71). Supports ``len`` and indexing.
 
-    Plan functions return one; it is passed back unchanged to ``run``.
+    Plan functions return one; it is passed back unchanged to ``run``. A ``Tuple<...>`` result is an Array at
+    run time too (TVM-FFI's ``Tuple`` is backed by an ``ArrayObj``): its elements are read by index.
     """
 
     __slots__ = ()
@@ -96,12 +97,19 @@ class Array(ObjectRef):
         return self._cell()[1]
 
     def __getitem__(self, index: int) -> Any:
+        """Element ``index``: a POD value, or a new owning wrapper of an object element (see take_result)."""
         data, size = self._cell()
         if not -size <= index < size:
             raise IndexError(f"Array index {index} out of range for length {size}")
         index %= size
-        type_index, _pad, raw = _ANY.unpack_from(_view(data + 16 * index, 16))
-        return _pod(type_index, raw, _view(data + 16 * index, 16))
+        slot = _view(data + 16 * index, 16)
+        type_index, _pad, raw = _ANY.unpack_from(slot)
+        if type_index < STATIC_OBJECT_BEGIN:
+            return _pod(type_index, raw, slot)
+        # An object element (a nested Array, a Tensor, a string): the Array keeps its own reference, so take a
+        # new one for the caller, which the returned wrapper owns (take_result's ownership rule).
+        api().TVMFFIObjectIncRef(get_ffi().cast("void*", raw))
+        return take_result(bytes(slot))
 
     def to_list(self) -> list[Any]:
         """The elements as Python values."""
