@@ -77,6 +77,7 @@ from .tensor import _MAX_NDIM, Tensor, contiguous_strides, layout_id
 
 __all__ = ["as_tensor"]
 
+_INT64_END = 1 << 63
 _MAX_VERSION = (1, 3)  # the newest dlpack.h this reader follows; every 1.x shares the struct layouts
 _VERSIONED = b"dltensor_versioned"
 _LEGACY = b"dltensor"
@@ -192,6 +193,8 @@ def _new(data_ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype:
 def _device(device_type: int, device_id: int, name: str) -> Device:
     device = _devices.get((device_type, device_id))
     if device is None:
+        if not 0 <= device_id < 1 << 31 and not (device_type in (CPU, CUDA_HOST) and device_id == -1):
+            raise ValueError(f"{name}: device ordinal {device_id} is outside [0, 2**31)")
         if device_type not in _DEVICE_TYPES:
             raise ValueError(f"{name}: device type {int(device_type)} is not supported (expected CPU=1, CUDA=2, "
                              f"CUDA_HOST=3 or CUDA_MANAGED=13)")
@@ -204,6 +207,8 @@ def _check_layout(name: str, shape: tuple[int, ...], strides: tuple[int, ...]) -
         raise ValueError(f"{name}: at most {_MAX_NDIM} dimensions are supported, got {len(shape)}")
     if strides and min(strides) < 0:
         raise ValueError(f"{name}: negative strides are not supported, got strides {strides} (in elements)")
+    if (shape and max(shape) >= _INT64_END) or (strides and max(strides) >= _INT64_END):
+        raise ValueError(f"{name}: sizes and strides must be below 2**63, got shape {shape}, strides {strides}")
 
 
 # ---- torch -------------------------------------------------------------------------------------------------
@@ -260,6 +265,8 @@ def _from_dlpack(obj: Any, name: str, stream: Any) -> Tensor:
         device_type = obj.__dlpack_device__()[0]
     except AttributeError:
         device_type = None
+    except Exception as exc:  # a producer whose device query fails: named, not a stray error
+        raise TypeError(f"{name}: {tp.__name__}.__dlpack_device__() failed: {type(exc).__name__}: {exc}") from exc
     host = device_type in _STREAMLESS or device_type is None
     try:
         if host:
@@ -327,6 +334,9 @@ def _interface_dtype(obj: Any, typestr: Any, name: str, what: str) -> DType:
         found = _TYPESTR.get(typestr[1:])
         if found is not None and (typestr[0] != "=" or sys.byteorder == "little"):
             return found
+    if isinstance(typestr, str) and (typestr[:1] == ">" or (typestr[:1] == "=" and sys.byteorder == "big")):
+        raise TypeError(f"{name}: big-endian data (typestr {typestr!r} in {what}) is not supported: the kernels read "
+                        f"little-endian values; convert it first (e.g. numpy's .astype('<f2'))")
     # a dtype the typestr cannot spell (ml_dtypes' bfloat16 and float8 are '|V2' / '|V1'): ask the object,
     # and accept its answer when the sizes agree
     value = getattr(obj, "dtype", None)

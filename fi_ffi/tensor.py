@@ -33,7 +33,10 @@ _ffi: Any = None  # fi_ffi.abi.cdefs.get_ffi(), looked up on the first descripto
 
 def _device(value: Any) -> Device:
     if isinstance(value, Device):
-        return value
+        if value.device_type in _dt._DEVICE_NAMES and 0 <= value.device_id < _DEVICE_END:
+            return value
+        raise ValueError(f"device: unsupported device {value!r} (type one of {sorted(_dt._DEVICE_NAMES)}, "
+                         f"ordinal in [0, 2**31))")
     if isinstance(value, bool):
         raise TypeError(f"device: expected an int ordinal, 'cuda:N', 'cpu' or a Device, got {value!r}")
     if isinstance(value, int) and 0 <= value < _DEVICE_END:
