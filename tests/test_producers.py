@@ -18,7 +18,9 @@ class RaisingDevice:
 
 
 class HugeCAI:
-    __cuda_array_interface__ = {"shape": (2**63,), "typestr": "<f2", "data": (4096, False), "version": 3}
+    @property
+    def __cuda_array_interface__(self) -> dict[str, object]:
+        return {"shape": (2**63,), "typestr": "<f2", "data": (4096, False), "version": 3}
 
 
 def test_a_producer_whose_device_query_raises_is_named() -> None:
