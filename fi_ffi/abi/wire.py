@@ -172,7 +172,7 @@ def _split_args(args: str) -> tuple[str, ...]:
     """Split ``0: A, 1: Optional<B, C>`` on top-level commas (types may contain ``<...,...>``)."""
     out: list[str] = []
     depth = 0
-    current = []
+    current: list[str] = []
     for ch in args:
         if ch in "<(":
             depth += 1

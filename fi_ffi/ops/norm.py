@@ -177,4 +177,4 @@ def prepare(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Prepared
         raise TypeError(f"{function.__name__}: {exc}") from None
     bound.apply_defaults()
     a = bound.arguments
-    return launch.launcher.prepare([a[n] for n in names], a["stream"])  # type: ignore[no-any-return]
+    return launch.launcher.prepare([a[n] for n in names], a["stream"])  # type: ignore[attr-defined,no-any-return]
