@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         batch_prefill_ragged_plan,
         batch_prefill_ragged_run,
         pack_custom_mask,
+        pack_custom_mask_device,
         single_prefill,
     )
     from .ops.quantization import packbits, segment_packbits, segment_packbits_indptr
@@ -97,6 +98,7 @@ _LAZY = {
     "batch_prefill_paged_plan": "ops.prefill",
     "batch_prefill_paged_run": "ops.prefill",
     "pack_custom_mask": "ops.prefill",
+    "pack_custom_mask_device": "ops.prefill",
     "current_stream": "streams",
     "Generator": "generator",
     "chain_speculative_sampling": "ops.sampling",
@@ -210,6 +212,7 @@ __all__ = [
     "merge_states",
     "min_p_sampling_from_probs",
     "pack_custom_mask",
+    "pack_custom_mask_device",
     "packbits",
     "prepare",
     "qk_rmsnorm",

@@ -94,3 +94,15 @@ def test_segment_packbits_indptr_matches_flashinfers_definition() -> None:
         fi_ffi.segment_packbits_indptr([0, 1.5])
     with pytest.raises(ValueError, match="indptr: expected at least one entry"):
         fi_ffi.segment_packbits_indptr([])
+
+
+def test_pack_custom_mask_device_packs_through_segment_packbits(kernel_modules: list[str]) -> None:
+    from fi_ffi.ops import quantization
+
+    mask, indptr = fake_cuda((20,), "bool"), fake_cuda((3,), "int32")
+    out, out_indptr = fake_cuda((3,), "uint8"), fake_cuda((3,), "int32")
+    before = quantization._segment_packbits.launcher.slow_calls
+    assert fi_ffi.pack_custom_mask_device(mask, indptr, out=out, output_indptr=out_indptr) == (out, out_indptr)
+    assert quantization._segment_packbits.launcher.slow_calls == before + 1  # went through the segment_packbits launcher
+    with pytest.raises(TypeError, match=r"^x: expected dtype bool"):
+        fi_ffi.pack_custom_mask_device(fake_cuda((20,), "uint8"), indptr, out=out, output_indptr=out_indptr)

@@ -123,7 +123,8 @@ def pack_custom_mask(masks: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         ``(packed, mask_indptr)``: uint8 bytes (each request's ``qo_len * kv_len`` bits, row-major, little bit
         order, padded to a byte) and int32 ``[batch + 1]`` byte offsets of each request. Copy both to the
         device for :func:`batch_prefill_ragged_plan` / :func:`batch_prefill_paged_plan` (``custom_mask``,
-        ``mask_indptr``); :func:`single_prefill` takes ``packed`` of a single mask.
+        ``mask_indptr``); :func:`single_prefill` takes ``packed`` of a single mask. Masks already on the
+        device: :func:`pack_custom_mask_device`.
 
     Raises:
         TypeError: ``masks`` is not a sequence, or a mask is not boolean (compare it, e.g. ``mask > 0``).
@@ -149,6 +150,28 @@ def pack_custom_mask(masks: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"masks: {int(indptr[-1])} packed bytes do not fit the kernels' int32 offsets")
     packed = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
     return packed.astype(np.uint8), indptr.astype(np.int32)
+
+
+def pack_custom_mask_device(mask: Any, indptr: Any, *, out: Any, output_indptr: Any, stream: Any = None) -> tuple[
+        Any, Any]:
+    """Pack masks already on the GPU into the kernels' bit layout (``segment_packbits``, little bit order).
+
+    Args:
+        mask: bool ``[sum(qo_len_i * kv_len_i)]`` on a CUDA device: each request's ``[qo_len, kv_len]`` mask
+            flattened row-major, requests one after another.
+        indptr: int32 ``[batch + 1]`` on the device: element offsets of each request's mask in ``mask``.
+        out: uint8 ``[output_indptr[-1]]`` on the device, written: the packed bytes (``custom_mask`` of the plans).
+        output_indptr: int32 ``[batch + 1]`` on the device with the byte offsets of each packed request
+            (``mask_indptr`` of the plans); compute it on the host with
+            :func:`fi_ffi.segment_packbits_indptr` from the host copy of ``indptr`` and copy it over.
+        stream: where the kernel runs (None: the framework's current stream of ``mask``).
+
+    Returns:
+        ``(out, output_indptr)``, as passed. Asynchronous: nothing is copied back.
+    """
+    from .quantization import segment_packbits
+
+    return segment_packbits(mask, indptr, "little", output_indptr=output_indptr, out=out, stream=stream)
 
 
 # ------------------------------------------------------------------------------------------ single prefill
