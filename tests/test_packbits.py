@@ -103,6 +103,6 @@ def test_pack_custom_mask_device_packs_through_segment_packbits(kernel_modules: 
     out, out_indptr = fake_cuda((3,), "uint8"), fake_cuda((3,), "int32")
     before = quantization._segment_packbits.launcher.slow_calls
     assert fi_ffi.pack_custom_mask_device(mask, indptr, out=out, output_indptr=out_indptr) == (out, out_indptr)
-    assert quantization._segment_packbits.launcher.slow_calls == before + 1  # went through the segment_packbits launcher
+    assert quantization._segment_packbits.launcher.slow_calls == before + 1  # through segment_packbits
     with pytest.raises(TypeError, match=r"^x: expected dtype bool"):
         fi_ffi.pack_custom_mask_device(fake_cuda((20,), "uint8"), indptr, out=out, output_indptr=out_indptr)
