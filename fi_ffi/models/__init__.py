@@ -1,6 +1,7 @@
 """A small Llama serving engine built on fi_ffi, without torch.
 
-Needs CuPy (the ``llama`` extra; ``python -m pip install cupy-cuda13x``).
+Needs CuPy (the ``llama`` extra; ``python -m pip install cupy-cuda13x``) and cuBLAS 13 (a CUDA 13 toolkit, or
+``python -m pip install 'nvidia-cublas>=13,<14'``).
 
 The binding layer (everything outside this package) never imports it. Modules, one concept each:
 
@@ -9,8 +10,9 @@ The binding layer (everything outside this package) never imports it. Modules, o
 - :mod:`~fi_ffi.models.paging`: the host side of serving: page allocator, requests, batching, padding and the
   index arrays the attention plans take. Pure Python + numpy; no GPU.
 - :mod:`~fi_ffi.models.kernels`: every fi_ffi op the engine calls, in one adapter.
-- :mod:`~fi_ffi.models.dense`: the dense GEMMs (cuBLAS through CuPy) and two tiny CuPy kernels (row gather,
-  argmax).
+- :mod:`~fi_ffi.models.cublas`: cuBLAS (libcublas) through cffi in ABI mode: a handle, its stream and workspace,
+  ``cublasGemmEx``. Loaded on first use.
+- :mod:`~fi_ffi.models.dense`: the dense GEMMs (on that handle) and two tiny CuPy kernels (row gather, argmax).
 - :mod:`~fi_ffi.models.graph`: CUDA graph capture and replay with cuda-python.
 - :mod:`~fi_ffi.models.llama`: the model (weights, buffers, forward) and the serving loop.
 """

@@ -1,27 +1,37 @@
-"""Dense math of the engine on CuPy: cuBLAS GEMMs and two tiny kernels (row gather, argmax).
+"""Dense math of the engine: cuBLAS GEMMs (through cffi, :mod:`~fi_ffi.models.cublas`) and two tiny CuPy kernels
+(row gather, argmax).
 
-Why cuBLAS through CuPy's bindings (``cupy_backends.cuda.libs.cublas.gemmEx``) rather than ``cupy.matmul``:
-``matmul`` has no bfloat16 (numpy has no such dtype), may allocate temporaries, and resets the handle's stream
-on every call; ``gemmEx`` on a handle of our own takes raw pointers and data types, writes into our buffers,
-and is safe to capture in a CUDA graph. The two kernels are compiled once with NVRTC (``cupy.RawModule``) and
-never allocate, so the whole decode step can be captured.
+Why ``cublasGemmEx`` on raw pointers rather than ``cupy.matmul``: ``matmul`` has no bfloat16 (numpy has no such
+dtype), may allocate temporaries, and goes through CuPy's cuBLAS wrappers, which reset the handle's stream on every
+call and refuse to run during stream capture. Our handle is bound once to the engine's stream with a fixed
+workspace, writes into our buffers and never allocates, so the GEMMs can be captured in a CUDA graph. The two
+kernels are compiled once with NVRTC (``cupy.RawModule``) and never allocate either (a ``RawKernel`` launch is a
+plain kernel launch, which capture records).
 
 Every launch goes to CuPy's *current* stream (kernels) or the handle's stream (GEMMs); the engine makes its
-stream current and gives it to the handle, so they are the same.
+stream current and gives it to :class:`Dense`, so they are the same.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
+from .cublas import (
+    CUBLAS_COMPUTE_32F,
+    CUBLAS_GEMM_DEFAULT,
+    CUBLAS_OP_N,
+    CUBLAS_OP_T,
+    CUDA_R_16BF,
+    CUDA_R_16F,
+    CUDA_R_32F,
+    CublasError,
+    Handle,
+)
 
-__all__ = ["CUDA_R_16BF", "CUDA_R_16F", "CUDA_R_32F", "Dense", "data_type"]
+__all__ = ["CUDA_R_16BF", "CUDA_R_16F", "CUDA_R_32F", "WORKSPACE_BYTES", "Dense", "data_type"]
 
-# cudaDataType_t values (library_types.h, a stable ABI).
-CUDA_R_32F = 0
-CUDA_R_16F = 2
-CUDA_R_16BF = 14
+# cuBLAS's scratch: 32 MiB, what NVIDIA's cuBLAS documentation recommends for Hopper (4 MiB suffices before it).
+WORKSPACE_BYTES = 32 << 20
 
 
 def data_type(dtype: str) -> int:
@@ -79,7 +89,8 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, long long n,
 
 
 class Dense:
-    """A cuBLAS handle bound to ``stream`` plus the gather/argmax kernels (compiled on construction).
+    """A cuBLAS handle bound to ``stream`` with a workspace of its own, plus the gather/argmax kernels (compiled on
+    construction). Create it on the device it serves (CuPy's current device).
 
     Args:
         stream: the engine's ``cupy.cuda.Stream``; kernels launch on CuPy's current stream, which the engine
@@ -88,30 +99,32 @@ class Dense:
 
     def __init__(self, stream: Any) -> None:
         import cupy
-        from cupy_backends.cuda.libs import cublas
 
-        self._cublas = cublas
-        self._gemm = cublas.gemmEx
-        self._op_n, self._op_t = cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T
-        self._compute = cublas.CUBLAS_COMPUTE_32F  # float32 accumulation, as torch's f16/bf16 matmul
-        self._algo = cublas.CUBLAS_GEMM_DEFAULT
-        self.handle = cublas.create()
-        cublas.setStream(self.handle, stream.ptr)
-        self._scalars = np.array([1.0, 0.0], np.float32)  # alpha, beta (host pointer mode)
-        self._alpha = self._scalars.ctypes.data
-        self._beta = self._alpha + 4
-        module = cupy.RawModule(code=_SOURCE)
-        self._gather_fn = module.get_function("gather_rows16")
-        self._argmax_fn = module.get_function("argmax_rows")
+        # cuBLAS scratch, allocated here so that no GEMM allocates (least of all during capture); kept alive as
+        # long as the handle and any graph captured with it (the engine closes the graph first).
+        self._workspace = cupy.empty(WORKSPACE_BYTES, cupy.uint8)
+        self._blas = Handle()
+        try:
+            self._blas.bind(stream.ptr, self._workspace.data.ptr, WORKSPACE_BYTES)
+            module = cupy.RawModule(code=_SOURCE)
+            self._gather_fn = module.get_function("gather_rows16")
+            self._argmax_fn = module.get_function("argmax_rows")
+        except BaseException:
+            self._blas.close()
+            raise
+        self._gemm, self._h = self._blas.gemm_ex, self._blas.ptr
+        self._one, self._zero = self._blas.one, self._blas.zero
 
     def linear(self, rows: int, x: int, x_ld: int, w: int, n: int, k: int, y: int, y_ld: int, ab_type: int,
                c_type: int) -> None:
         """``y[:rows, :n] = x[:rows, :k] @ w.T`` with ``w`` a row-major ``[n, k]`` matrix (a PyTorch-style
         Linear weight); pointers as ints, leading dimensions (row strides) in elements; ``ab_type``/``c_type``:
-        cudaDataType_t of x and w / of y."""
+        cudaDataType_t of x and w / of y. Accumulates in float32 (as torch's float16/bfloat16 matmul)."""
         # Column-major view: y^T (n x rows, ld y_ld) = op_T(w as k x n, ld k) . x^T (k x rows, ld x_ld).
-        self._gemm(self.handle, self._op_t, self._op_n, n, rows, k, self._alpha, w, ab_type, k, x, ab_type, x_ld,
-                   self._beta, y, c_type, y_ld, self._compute, self._algo)
+        status = self._gemm(self._h, CUBLAS_OP_T, CUBLAS_OP_N, n, rows, k, self._one, w, ab_type, k, x, ab_type,
+                            x_ld, self._zero, y, c_type, y_ld, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        if status:
+            raise CublasError("cublasGemmEx", status)
 
     def gather_rows(self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int) -> None:
         """``dst[r, :width] = src[index[r], :width]`` for ``r < rows`` (16-bit elements; ``index`` int32)."""
@@ -122,6 +135,6 @@ class Dense:
         self._argmax_fn((rows,), (1024,), (x, n, ld, out))
 
     def close(self) -> None:
-        if self.handle:
-            self._cublas.destroy(self.handle)
-            self.handle = 0
+        """Destroy the cuBLAS handle (later GEMMs raise :class:`~fi_ffi.models.cublas.CublasError`). Idempotent."""
+        self._blas.close()
+        self._h = self._blas.ptr  # NULL: cuBLAS answers CUBLAS_STATUS_NOT_INITIALIZED, no use after free

@@ -1,4 +1,5 @@
-"""A Llama serving engine without torch: fi_ffi for FlashInfer's ops, cuBLAS (via CuPy) for the GEMMs.
+"""A Llama serving engine without torch: fi_ffi for FlashInfer's ops, cuBLAS (called through cffi) for the GEMMs,
+CuPy for device memory and two small kernels.
 
 ::
 
@@ -331,7 +332,10 @@ class LlamaEngine:
         self._decode_body(v, rows)
         self.stream.synchronize()
         graph = CudaGraph(self._s)
-        with graph.capture():
+        # Nothing in the step may allocate: memory handed out during capture would go back to CuPy's pool after
+        # it and be reused while every replay still writes to it. The step only uses buffers made in __init__;
+        # this allocator turns a regression into an error at capture instead of silent corruption.
+        with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
             self._decode_body(v, rows)
         self._graph_plan_info = self._decode_plan.info
         self._graph_checked = False
@@ -571,6 +575,12 @@ def step_views(c: LlamaConfig, dtype: str, device: int, base: dict[str, int], la
         v.qo_indptr = region("qo_indptr", batch + 1)
         v.last_rows = meta + 4 * layout.offsets["last_rows"]
     return v
+
+
+def _refuse_allocation(size: int) -> Any:
+    """A CuPy allocator that refuses: installed while the decode step is captured."""
+    raise RuntimeError(f"the decode step asked CuPy for {size} bytes of device memory while being captured as a "
+                       f"CUDA graph; allocate every buffer it uses in LlamaEngine.__init__ instead")
 
 
 def _positive(name: str, value: Any) -> int:
