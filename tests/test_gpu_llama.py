@@ -342,3 +342,23 @@ def test_rope_settings_match_transformers_formula(llama3, d):
     if llama3:  # the test can tell the scaled rotation from the plain one
         plain = rope_reference(qkv[:, :hq * d].reshape(n, hq, d), pos, hf_inv_freq(d, RopeConfig(theta=5e5)))
         assert np.abs(plain.reshape(n, -1) - want_q).max() > 0.5
+
+
+def test_top_k_top_p_sampling_draws_from_the_filtered_distribution_and_reproduces(variant):
+    """Sampled generation (softmax, then the joint top-k/top-p kernel) through fi_ffi's sampling ops: every token is
+    one of the reference's top-k tokens at that position, and the same seed reproduces the same tokens."""
+    from fi_ffi.models.llama import SamplingParams
+
+    path, ref, dtype = variant
+    ps = prompts(PROMPT_LENS)
+    sampling = SamplingParams(temperature=1.0, top_k=5, top_p=0.9, seed=1234)
+    with LlamaEngine(path, max_batch=4, page_size=16) as engine:
+        first = engine.generate(ps, 8, eos_token_ids=(), sampling=sampling)
+        again = engine.generate(ps, 8, eos_token_ids=(), sampling=sampling)
+    assert first.tokens == again.tokens
+    for prompt, tokens in zip(ps, first.tokens, strict=True):
+        lg = reference_logits(ref, list(prompt) + tokens[:-1])
+        for t, tok in enumerate(tokens):
+            row = torch.as_tensor(lg[len(prompt) - 1 + t])
+            top = torch.topk(row, 8).indices.tolist()  # the top 5, plus slack for f16/bf16 rounding near ties
+            assert tok in top, (t, tok, top)

@@ -99,9 +99,15 @@ def generator(seed: int) -> Any:
     return fi_ffi.Generator(seed, 0)
 
 
-def sample_top_k_top_p(logits: Any, probs: Any, out: Any, top_k: int, top_p: float, temperature: float,
-                       gen: Any, stream: int) -> None:
+def softmax_workspace_bytes(max_batch: int, vocab_size: int) -> int:
+    """Bytes of the softmax scratch :func:`sample_top_k_top_p` needs (at least 8, so the buffer is never empty)."""
+    return max(8, fi_ffi.softmax_workspace_size(max_batch, vocab_size))
+
+
+def sample_top_k_top_p(logits: Any, probs: Any, workspace: Any, out: Any, top_k: int, top_p: float,
+                       temperature: float, gen: Any, stream: int) -> None:
     """``out[i]`` = a token drawn from ``softmax(logits[i] / temperature)`` restricted to the top-k and top-p
-    set (``logits`` float32 ``[n, V]``, ``probs`` float32 ``[n, V]`` scratch, ``out`` int32 ``[n]``)."""
-    fi_ffi.softmax(logits, out=probs, temperature=temperature, stream=stream)
+    set (``logits`` float32 ``[n, V]``, ``probs`` float32 ``[n, V]`` scratch, ``workspace`` uint8 softmax scratch
+    of :func:`softmax_workspace_bytes`, ``out`` int32 ``[n]``)."""
+    fi_ffi.softmax(logits, probs, workspace, temperature=temperature, stream=stream)
     fi_ffi.top_k_top_p_sampling_from_probs(probs, top_k, top_p, out=out, generator=gen, stream=stream)

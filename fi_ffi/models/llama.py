@@ -253,6 +253,7 @@ class LlamaEngine:
         self._ids_host = np.frombuffer(self._ids_mem, np.int32, self.max_batch)
         self._views: dict[tuple[Any, ...], SimpleNamespace] = {}
         self._probs: Any = None
+        self._softmax_ws: Any = None
         self._gen: Any = None
         self._gen_seed: int | None = None
 
@@ -462,14 +463,18 @@ class LlamaEngine:
             self.dense.argmax(rows, b.logits.data.ptr, self.config.vocab_size, self.config.vocab_size,
                               b.ids.data.ptr)
             return
-        if self._probs is None:
+        if self._probs is None:  # made on the first sampled (non-greedy) step, outside any graph capture
             self._probs = self._cp.empty((self.max_batch, self.config.vocab_size), np.float32)
+            nbytes = kernels.softmax_workspace_bytes(self.max_batch, self.config.vocab_size)
+            self._softmax_ws = self._cp.empty((nbytes,), np.uint8)
         if self._gen is None or self._gen_seed != sampling.seed:
             self._gen, self._gen_seed = kernels.generator(sampling.seed), sampling.seed
         probs = kernels.descriptor(self._probs.data.ptr, (rows, self.config.vocab_size), "float32", self.device,
                                    owner=self._probs)
         top_k = sampling.top_k if sampling.top_k > 0 else self.config.vocab_size
-        kernels.sample_top_k_top_p(v.logits, probs, v.ids, top_k, float(sampling.top_p),
+        workspace = kernels.descriptor(self._softmax_ws.data.ptr, self._softmax_ws.shape, "uint8", self.device,
+                                       owner=self._softmax_ws)
+        kernels.sample_top_k_top_p(v.logits, probs, workspace, v.ids, top_k, float(sampling.top_p),
                                    float(sampling.temperature), self._gen, self._s)
 
     def _fetch_ids(self, rows: int) -> list[int]:
