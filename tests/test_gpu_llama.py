@@ -349,7 +349,7 @@ def test_top_k_top_p_sampling_draws_from_the_filtered_distribution_and_reproduce
     one of the reference's top-k tokens at that position, and the same seed reproduces the same tokens."""
     from fi_ffi.models.llama import SamplingParams
 
-    path, ref, dtype = variant
+    path, ref, _ = variant
     ps = prompts(PROMPT_LENS)
     sampling = SamplingParams(temperature=1.0, top_k=5, top_p=0.9, seed=1234)
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
