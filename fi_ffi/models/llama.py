@@ -361,10 +361,12 @@ class LlamaEngine:
         output) or ``max_new_tokens`` (one value, or one per prompt).
 
         ``eos_token_ids``: default the checkpoint's ``eos_token_id``; ``()`` to always run to
-        ``max_new_tokens``. Returns the tokens in prompt order, with timings.
+        ``max_new_tokens``. Returns the tokens in prompt order, with timings. Sampled generation starts a new
+        Philox stream from ``sampling.seed`` (offset 0) on every call, so the same call reproduces its tokens.
         """
         self._check_open()
         sampling = sampling or SamplingParams()
+        self._gen = None  # a fresh generator per call (seed, offset 0): reproducible generations
         sched = self._scheduler(eos_token_ids)
         reqs = self._submit(sched, prompts, max_new_tokens)
         result = GenerationResult([], [])
