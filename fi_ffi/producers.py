@@ -29,6 +29,7 @@ import sys
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from . import caches
 from .tensor import Tensor
 
 Reader = Callable[[Any, Any], tuple[Hashable, int]]
@@ -150,5 +151,7 @@ def reset() -> None:
     _readers.clear()
     _stream_sources.clear()
 
+
+caches.register("producer readers and stream sources (per producer type)", reset)
 
 __all__ = ["Reader", "default_stream", "dlpack_stream", "read", "reader", "reset", "stream_source"]

@@ -1,9 +1,11 @@
 """CUDA stream arguments.
 
-Every op takes ``stream=``: ``None`` (use TVM-FFI's current stream of the device on this thread, which is the
-legacy default stream unless something set another), an int handle (``cudaStream_t`` value; 0 is the legacy
-default stream), an object implementing the ``__cuda_stream__`` protocol (cuda.core ``Stream``), a
-cuda.bindings ``CUstream`` / ``cudaStream_t``, a torch / CuPy stream (``.cuda_stream`` / ``.ptr``).
+Every op takes ``stream=``: ``None`` (where the caller's framework would run: torch's current stream of the
+device for torch tensors, CuPy's current stream for CuPy arrays, otherwise TVM-FFI's current stream of the
+device on this thread, the legacy default stream unless something set another; see
+:mod:`fi_ffi.producers`), an int handle (``cudaStream_t`` value; 0 is the legacy default stream), an object
+implementing the ``__cuda_stream__`` protocol (cuda.core ``Stream``), a cuda.bindings ``CUstream`` /
+``cudaStream_t``, a torch / CuPy stream (``.cuda_stream`` / ``.ptr``).
 """
 
 from __future__ import annotations

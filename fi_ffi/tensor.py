@@ -1,10 +1,11 @@
 """Tensor descriptors: a pointer, a shape, strides in elements, a dtype and a device.
 
-A :class:`Tensor` describes memory that someone else owns; it never allocates or copies the data. It
-owns one ``DLTensor`` record (with its shape and strides arrays) that lives as long as the descriptor, so a
-kernel call only has to write the record's address into an argument slot. Build one from a raw pointer
-with :meth:`Tensor.from_pointer`, or from any DLPack / CUDA-array-interface producer with
-:func:`fi_ffi.as_tensor`.
+A :class:`Tensor` describes memory that someone else owns; it never allocates or copies the data, and it
+allocates no C memory itself: a kernel call copies its fields into a ``DLTensor`` record the call owns
+(:mod:`fi_ffi.ops.launcher`). Its layout (shape, strides, dtype, device) is interned as a small int, the key
+under which the ops remember what they validated. Build one from a raw pointer with
+:meth:`Tensor.from_pointer` (and move it with :meth:`Tensor.rebind`), or from any DLPack /
+CUDA-array-interface producer with :func:`fi_ffi.as_tensor`.
 """
 
 from __future__ import annotations

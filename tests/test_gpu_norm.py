@@ -161,8 +161,9 @@ def test_the_stream_argument_decides_where_the_kernel_runs() -> None:
     np.testing.assert_allclose(to_np(out), reference(to_np(x), to_np(w), 1e-6), atol=5e-3, rtol=5e-3)
 
 
-def test_default_stream_follows_tvm_ffi_current_stream() -> None:
-    # stream=None uses TVM-FFI's current stream of the device on this thread, which we leave untouched.
+def test_stream_none_on_the_default_streams_leaves_tvm_ffi_state_alone() -> None:
+    # stream=None with torch tensors on torch's default stream: the legacy default stream, TVM-FFI's current
+    # stream too, so nothing is set; TVM-FFI's state stays as it was.
     from fi_ffi.abi.runtime import api
 
     assert api().TVMFFIEnvGetStream(2, 0) == 0

@@ -1,0 +1,126 @@
+"""Every producer on the GPU: the default stream follows the caller's framework, JAX arrays work, and nothing
+fi_ffi keeps holds a caller's GPU memory after the caller drops it (issue 7)."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX must not take the GPU's memory up front
+torch = pytest.importorskip("torch")
+
+import fi_ffi  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+B, D = 4, 256
+
+
+def reference(x: np.ndarray, w: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    x32 = x.astype(np.float32)
+    return x32 / np.sqrt((x32 * x32).mean(-1, keepdims=True) + eps) * w.astype(np.float32)
+
+
+def test_stream_none_runs_on_torchs_current_stream() -> None:
+    # Captured in a torch CUDA graph: a kernel launched on any other stream would break the capture.
+    x = torch.randn(B, D, dtype=torch.float16, device="cuda")
+    w = torch.randn(D, dtype=torch.float16, device="cuda")
+    out = torch.zeros_like(x)
+    fi_ffi.rmsnorm(x, w, out)  # validate and remember the layout outside the capture
+    out.zero_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        fi_ffi.rmsnorm(x, w, out)  # stream=None: torch's current stream, the capturing one
+    torch.cuda.synchronize()
+    assert not out.any()  # captured, not run
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = reference(x.cpu().numpy(), w.cpu().numpy())
+    np.testing.assert_allclose(out.float().cpu().numpy(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_stream_none_runs_on_cupys_current_stream() -> None:
+    cp = pytest.importorskip("cupy")
+    x = cp.random.standard_normal((B, D)).astype(cp.float16)
+    w = cp.random.standard_normal(D).astype(cp.float16)
+    out = cp.zeros_like(x)
+    fi_ffi.rmsnorm(x, w, out)
+    cp.cuda.Device().synchronize()
+    out[...] = 0
+    s = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Device().synchronize()
+    with s:
+        s.begin_capture()
+        fi_ffi.rmsnorm(x, w, out)  # stream=None: CuPy's current stream, the capturing one
+        graph = s.end_capture()
+    cp.cuda.Device().synchronize()
+    assert not bool(out.any())
+    graph.launch(s)
+    s.synchronize()
+    np.testing.assert_allclose(cp.asnumpy(out).astype(np.float32), reference(cp.asnumpy(x), cp.asnumpy(w)),
+                               atol=2e-2, rtol=2e-2)
+
+
+def test_jax_arrays_as_inputs() -> None:
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    try:
+        gpu = jax.devices("gpu")[0]
+    except RuntimeError as exc:
+        pytest.skip(f"JAX has no GPU here: {exc}")
+    rng = np.random.default_rng(0)
+    xh = rng.standard_normal((B, D)).astype(np.float16)
+    wh = rng.standard_normal(D).astype(np.float16)
+    x, w = jax.device_put(jnp.asarray(xh), gpu), jax.device_put(jnp.asarray(wh), gpu)
+    out = torch.zeros(B, D, dtype=torch.float16, device="cuda")  # JAX arrays are immutable: outputs elsewhere
+    for _ in range(3):  # the first call takes the slow path, the others the fast one
+        fi_ffi.rmsnorm(x, w, out)
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(out.float().cpu().numpy(), reference(xh, wh), atol=2e-2, rtol=2e-2)
+    gate_up = jax.device_put(jnp.asarray(rng.standard_normal((B, 2 * D)).astype(np.float16)), gpu)
+    act = torch.zeros(B, D, dtype=torch.float16, device="cuda")
+    fi_ffi.silu_and_mul(gate_up, out=act)
+    torch.cuda.synchronize()
+    g = np.asarray(gate_up).astype(np.float32)
+    expected = g[:, :D] / (1 + np.exp(-g[:, :D])) * g[:, D:]
+    np.testing.assert_allclose(act.float().cpu().numpy(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_cupy_memory_is_freed_after_the_caller_drops_it() -> None:
+    cp = pytest.importorskip("cupy")
+    pool = cp.get_default_memory_pool()
+    cp.cuda.Device().synchronize()
+    pool.free_all_blocks()
+    base = pool.used_bytes()
+    big = cp.zeros((256 << 20) // 2, dtype=cp.float16)  # 256 MiB
+    x = big[: B * D].reshape(B, D)
+    w = cp.ones(D, dtype=cp.float16)
+    out = big[B * D: 2 * B * D].reshape(B, D)
+    fi_ffi.rmsnorm(x, w, out)
+    fi_ffi.rmsnorm(fi_ffi.as_tensor(x), fi_ffi.as_tensor(w), fi_ffi.as_tensor(out))
+    cp.cuda.Device().synchronize()
+    assert pool.used_bytes() >= base + (256 << 20)
+    del big, x, w, out
+    gc.collect()
+    assert pool.used_bytes() == base
+
+
+def test_torch_memory_is_freed_after_the_caller_drops_it() -> None:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    big = torch.zeros((256 << 20) // 2, dtype=torch.float16, device="cuda")
+    x, out = big[: B * D].view(B, D), big[B * D: 2 * B * D].view(B, D)
+    w = torch.ones(D, dtype=torch.float16, device="cuda")
+    fi_ffi.rmsnorm(x, w, out)
+    fi_ffi.rmsnorm(fi_ffi.as_tensor(x), fi_ffi.as_tensor(w), fi_ffi.as_tensor(out))
+    torch.cuda.synchronize()
+    del big, x, w, out
+    gc.collect()
+    assert torch.cuda.memory_allocated() == base
