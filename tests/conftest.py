@@ -7,12 +7,22 @@ is present and ``FI_FFI_LOCK`` is not already set, uses a lock pinning that whee
 ``FI_FFI_WHEELHOUSE``. So no test can download the 1-2 GB upstream wheels, and every test that loads a kernel
 module gets the shared wheel's. Subprocesses started by tests inherit these variables.
 
+GPU suite against FlashInfer 0.7.2 (``FI_FFI_TEST_RELEASE=0.7.2``): the session lock pins the 0.6.3 test wheels
+and the 0.7.2 one (``$FI_FFI_TEST_WHEELS_072`` or ``<repo>/../shared/wheels-072``) with ``priority = 1`` on the
+0.7.2 entries, so every module 0.7.2 has comes from it and the 0.6.3 wheels serve the rest (single
+prefill/decode, GDN, ...). A GPU test whose module neither pinned wheel holds is reported as skipped, naming the
+module, in that mode only (unless marked ``release_check``). ``tools/gpu_run.sh`` sets this up on the GPU machine.
+
 Fixtures for tests:
 
 - ``shared_wheel``: path of the shared test kernel wheel (skips the test when it is absent);
 - ``shared_wheel_lock``: a lock file pinning it (written with ``fi_ffi.loader.lock_entry``);
 - ``kernel_modules``: the loader is ready to load the shared wheel's modules (runtime and libcudart load);
   returns the available module URIs; skips when the wheel or libcudart is missing;
+- ``release_072``: for one test, a lock pinning the FlashInfer 0.7.2 test wheel alone is active (every cache that
+  remembers a module is emptied before and after); returns its module URIs; skips when the wheel is absent;
+- ``release_072_over_063``: likewise with the 0.6.3 test wheels and the 0.7.2 one in one lock (0.7.2 serves the
+  names both have, 0.6.3 the rest);
 - ``fresh_cache``: an empty cache folder of the test's own (``FI_FFI_CACHE_DIR``);
 - ``shared_wheel_env``: ``fresh_cache`` plus the shared wheel's lock and wheelhouse; returns a ``WheelEnv``;
 - ``make_wheel``: builds a small wheel (zip) from ``{member: bytes}``;
@@ -31,7 +41,7 @@ import os
 import sys
 import threading
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +81,86 @@ def find_shared_wheel() -> Path | None:
     return None
 
 
+SHARED_072_MISSING = (
+    "needs the FlashInfer 0.7.2 test kernel wheel flashinfer_jit_cache_072-*.whl, found neither in "
+    "$FI_FFI_TEST_WHEELS_072 nor in <repo>/../shared/wheels-072 (outside the checkout)"
+)
+TEST_RELEASES = ("0.6.3", "0.7.2")
+TEST_RELEASE = os.environ.get("FI_FFI_TEST_RELEASE", "")
+"""The release whose modules the session lock prefers (``FI_FFI_TEST_RELEASE``; empty: the 0.6.3 test wheels)."""
+
+
+def find_wheels_072() -> list[Path]:
+    """The FlashInfer 0.7.2 test kernel wheels, from ``$FI_FFI_TEST_WHEELS_072`` or ``<repo>/../shared/wheels-072``."""
+    for folder in (os.environ.get("FI_FFI_TEST_WHEELS_072", ""), str(REPO.parent / "shared" / "wheels-072")):
+        if folder and Path(folder).is_dir():
+            found = sorted(Path(folder).glob("flashinfer_jit_cache*.whl"))
+            if found:
+                return found
+    return []
+
+
+def lock_text(wheels: Sequence[Path], preferred: Sequence[Path] = (), header: str = "") -> str:
+    """A lock pinning ``wheels``, then ``preferred`` with ``priority = 1`` (they win every module name they share)."""
+    import dataclasses
+
+    from fi_ffi import loader
+
+    pins = [loader.lock_entry(w) for w in wheels]
+    pins += [dataclasses.replace(loader.lock_entry(w), priority=1) for w in preferred]
+    names = ", ".join(w.name for w in [*wheels, *preferred])
+    return loader.dump_lock(pins, header=header or f"test lock for {names}")
+
+
+def use_lock(monkeypatch: pytest.MonkeyPatch, path: Path, text: str, wheels: list[Path]) -> None:
+    """Make ``text`` (written to ``path``) the active lock, with the wheels' folders as the wheelhouse, and forget
+    everything bound or listed under the previous lock."""
+    from fi_ffi import caches
+    from fi_ffi.ops import variants
+
+    path.write_text(text)
+    monkeypatch.setenv("FI_FFI_LOCK", str(path))
+    monkeypatch.setenv("FI_FFI_WHEELHOUSE", os.pathsep.join(dict.fromkeys(str(w.parent) for w in wheels)))
+    monkeypatch.setenv("FI_FFI_CUDA_VERSION", "13.0")  # the test wheels' CUDA, whatever this machine has
+    monkeypatch.delenv("FI_FFI_SM", raising=False)
+    caches.reset()  # launchers, bound entry points, plan settings: all resolve again under this lock
+    variants._refresh()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if TEST_RELEASE and TEST_RELEASE not in TEST_RELEASES:
+        raise pytest.UsageError(f"FI_FFI_TEST_RELEASE: expected one of {', '.join(TEST_RELEASES)}, got "
+                                f"{TEST_RELEASE!r}")
+    if TEST_RELEASE == "0.7.2" and not find_wheels_072():
+        raise pytest.UsageError(f"FI_FFI_TEST_RELEASE=0.7.2 {SHARED_072_MISSING}")
+    config.addinivalue_line("markers", "release_check: never turned into a skip by FI_FFI_TEST_RELEASE=0.7.2 when "
+                                       "a module is missing (the test is about which module serves a call)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """With ``FI_FFI_TEST_RELEASE=0.7.2``, a GPU test stopped by a module that neither the core 0.6.3 wheel nor the
+    0.7.2 wheel holds (the staged set leaves the extension wheel out) is a skip naming the module, not a failure;
+    so is one stopped by a test-wheel module that does not load for an undefined symbol (see
+    :func:`module_load_defect`)."""
+    outcome = yield
+    if TEST_RELEASE != "0.7.2" or call.excinfo is None or item.get_closest_marker("gpu") is None \
+            or item.get_closest_marker("release_check") is not None:
+        return
+    from fi_ffi.errors import KernelNotFoundError, LibraryLoadError
+
+    text = str(call.excinfo.value)
+    if call.excinfo.errisinstance(KernelNotFoundError):
+        why = f"FI_FFI_TEST_RELEASE=0.7.2 pins no such module: {text.splitlines()[0]}"
+    elif call.excinfo.errisinstance(LibraryLoadError) and "undefined symbol" in text:
+        why = f"a module of the test wheels does not load (a defect of the test data): {text.splitlines()[0]}"
+    else:
+        return
+    report = outcome.get_result()
+    report.outcome = "skipped"
+    report.longrepr = (str(item.path), (item.location[1] or 0) + 1, f"Skipped: {why}")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On the GPU machine, skip tests that need a machine without a GPU (fake cuda:0 descriptors over host
     memory would really launch there)."""
@@ -93,9 +183,12 @@ def _fi_ffi_session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
         wheel = find_shared_wheel()
         if wheel is not None and not os.environ.get("FI_FFI_LOCK"):
             lock = tmp_path_factory.mktemp("fi_ffi_lock") / "shared-wheel.lock"
-            lock.write_text(_lock_text_for(*shared_wheels(wheel)))
+            preferred = find_wheels_072() if TEST_RELEASE == "0.7.2" else []
+            names = {w.name for w in preferred}
+            lock.write_text(lock_text([w for w in shared_wheels(wheel) if w.name not in names], preferred))
             mp.setenv("FI_FFI_LOCK", str(lock))
-            mp.setenv("FI_FFI_WHEELHOUSE", str(wheel.parent))
+            mp.setenv("FI_FFI_WHEELHOUSE", os.pathsep.join(dict.fromkeys(str(w.parent)
+                                                                         for w in [wheel, *preferred])))
         yield
 
 
@@ -105,10 +198,7 @@ def shared_wheels(core: Path) -> list[Path]:
 
 
 def _lock_text_for(*wheels: Path) -> str:
-    from fi_ffi import loader
-
-    names = ", ".join(w.name for w in wheels)
-    return loader.dump_lock([loader.lock_entry(w) for w in wheels], header=f"test lock for {names}")
+    return lock_text(list(wheels))
 
 
 @pytest.fixture(scope="session")
@@ -141,12 +231,79 @@ def kernel_modules(shared_wheel: Path) -> list[str]:
         # These tests send descriptors that claim cuda:0 but point at host memory, relying on the missing GPU
         # to stop the kernel; on a GPU machine the kernel would run on host pointers. The GPU tests cover it.
         pytest.skip("CPU-only signature proof: skipped where a GPU would really launch the kernel")
+    if TEST_RELEASE == "0.7.2":
+        pytest.skip("CPU signature proofs run under the 0.6.3 session lock; FI_FFI_TEST_RELEASE=0.7.2 is for the "
+                    "GPU suite (the release_072 fixture covers 0.7.2 on CPU)")
     loader.runtime_library()
     try:
         loader.ensure_cudart()
     except LibraryLoadError as exc:
         pytest.skip(f"libcudart is not available: {exc}")
     return loader.available_uris()
+
+
+@pytest.fixture
+def release_072(kernel_modules: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """For this test, the FlashInfer 0.7.2 test wheel is the only pinned kernel wheel; returns its module URIs.
+
+    Every cache that remembers a module (launchers and their frames, bound entry points, plan settings, the
+    variant listing) is emptied before and after, so later tests bind the session's 0.6.3 modules again.
+    """
+    wheels = find_wheels_072()
+    if not wheels:
+        pytest.skip(SHARED_072_MISSING)
+    with monkeypatch.context() as mp:
+        use_lock(mp, tmp_path / "072.lock", lock_text(wheels, header="FlashInfer 0.7.2 test wheel"), wheels)
+        yield _available_uris()
+    _forget_lock()
+
+
+@pytest.fixture
+def release_072_over_063(kernel_modules: list[str], shared_wheel: Path, tmp_path: Path,
+                         monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """For this test, one lock pins the 0.6.3 test wheels and the 0.7.2 one (by the lock's default rules the newer
+    release serves a name both have); returns the module URIs. Caches are emptied as for ``release_072``."""
+    wheels = find_wheels_072()
+    if not wheels:
+        pytest.skip(SHARED_072_MISSING)
+    both = [*shared_wheels(shared_wheel), *wheels]
+    with monkeypatch.context() as mp:
+        use_lock(mp, tmp_path / "both.lock", lock_text(both, header="0.6.3 + 0.7.2 test wheels"), both)
+        yield _available_uris()
+    _forget_lock()
+
+
+def module_load_defect(uri: str) -> str:
+    """Why module ``uri`` (active lock) does not load because it references a symbol it does not define, or ``""``
+    when it loads. Such a module is a defect of the test wheel, not of fi_ffi: the 0.7.2 test wheel's FA2 batch
+    prefill module lacks its CTA-tile-32 kernel instantiations (``BatchPrefillWith*KVCacheDispatched<32, ...>``),
+    so no process can load it until the wheel is rebuilt. Other load errors are raised."""
+    from fi_ffi import loader
+    from fi_ffi.errors import LibraryLoadError
+
+    try:
+        loader.load_module(uri)
+    except LibraryLoadError as exc:
+        text = str(exc)
+        if "undefined symbol" not in text:
+            raise
+        symbol = text.split("undefined symbol:", 1)[1].split()[0]
+        return f"module {uri} of the test wheel does not load (a defect of the test data): undefined symbol {symbol}"
+    return ""
+
+
+def _available_uris() -> list[str]:
+    from fi_ffi import loader
+
+    return loader.available_uris()
+
+
+def _forget_lock() -> None:
+    from fi_ffi import caches
+    from fi_ffi.ops import variants
+
+    caches.reset()
+    variants._refresh()
 
 
 @pytest.fixture

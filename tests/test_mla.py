@@ -10,16 +10,13 @@ length (18, an ``ffi.Array`` built with the runtime's global): a wrong length st
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fi_ffi
-from fi_ffi import caches
 from fi_ffi.abi import wire
 from fi_ffi.errors import KernelError, KernelNotFoundError, LoaderError, UnsupportedDeviceError
 from fi_ffi.ops import mla
@@ -31,7 +28,6 @@ from fi_ffi.tensor import Tensor
 
 pytestmark = [pytest.mark.cpu_only, pytest.mark.usefixtures("kernel_modules")]
 
-REPO = Path(__file__).resolve().parent.parent
 MLA_F16 = ("batch_mla_attention_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_ckv_512_head_dim_kpe_64_"
            "profiler_False")
 H, CKV, KPE = 16, 512, 64
@@ -367,37 +363,15 @@ def test_a_plans_page_size_is_the_runs(make_array):
 # ------------------------------------------------------------------------------------------ FlashInfer 0.7.2
 
 
-def _shared(folder: str, pattern: str) -> list[Path]:
-    return sorted((REPO.parent / "shared" / folder).glob(pattern))
+# release_072_over_063 (tests/conftest.py): the 0.6.3 test wheels and the 0.7.2 one in one lock.
 
 
-@pytest.fixture
-def with_072(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A lock pinning the two 0.6.3 test wheels and the 0.7.2 one (the newest release serves a shared name)."""
-    old, new = _shared("wheels", "flashinfer_jit_cache*.whl"), _shared("wheels-072", "flashinfer_jit_cache_072-*.whl")
-    if len(old) < 2 or not new:
-        pytest.skip("the 0.6.3 and 0.7.2 test wheels are not present (<repo>/../shared/wheels, wheels-072)")
-    from fi_ffi import loader
-
-    wheels = [*old, new[0]]
-    lock = tmp_path / "both.lock"
-    lock.write_text(loader.dump_lock([loader.lock_entry(w) for w in wheels], header="0.6.3 + 0.7.2"))
-    monkeypatch.setenv("FI_FFI_LOCK", str(lock))
-    monkeypatch.setenv("FI_FFI_WHEELHOUSE", os.pathsep.join(dict.fromkeys(str(w.parent) for w in wheels)))
-    monkeypatch.setenv("FI_FFI_CUDA_VERSION", "13.0")
-    monkeypatch.delenv("FI_FFI_SM", raising=False)
-    caches.reset()  # launchers, bound entry points and MLA settings resolve again under this lock
-    V._refresh()
-    yield
-    monkeypatch.undo()
-    caches.reset()
-    V._refresh()
-
-
-def test_072_declarations_state_the_planabi2_signatures(with_072):
+def test_072_declarations_state_the_planabi2_signatures(release_072_over_063):
     uri = MLA_F16 + "_planabi2"
     assert uri in V.available()[0]
-    for pattern, decl in mla.DECLARATIONS_072:
+    for pattern, decl in mla.DECLARATIONS:
+        if decl.release != "0.7.2":
+            continue
         assert re.fullmatch(pattern, uri)
         found = wire.parse_signature(entry_point(uri, decl.entry).signature_text(), decl.entry)
         assert wire.signature_mismatch(decl, found) == ""
@@ -405,7 +379,7 @@ def test_072_declarations_state_the_planabi2_signatures(with_072):
 
 
 @pytest.mark.parametrize("decl", [mla.PLAN, mla.RUN], ids=["plan", "run"])
-def test_a_063_declaration_offered_the_072_module_is_refused_by_name(with_072, decl):
+def test_a_063_declaration_offered_the_072_module_is_refused_by_name(release_072_over_063, decl):
     with pytest.raises(LoaderError) as info:
         bound_entry(MLA_F16 + "_planabi2", decl)
     text = str(info.value)
@@ -419,7 +393,7 @@ def test_a_072_declaration_offered_a_063_module_is_refused_by_name():
 
 
 @pytest.mark.parametrize("shape", [DECODE, PREFILL], ids=["decode", "prefill"])
-def test_072_plan_reaches_the_planabi2_module(with_072, shape):
+def test_072_plan_reaches_the_planabi2_module(release_072_over_063, shape):
     ws = workspace()
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_mla_plan(ws, **{**plan_args(causal=shape is PREFILL), **shape}, backend="fa2", stream=0)
@@ -430,7 +404,7 @@ def test_072_plan_reaches_the_planabi2_module(with_072, shape):
 
 
 @pytest.mark.parametrize("with_lse", [False, True])
-def test_072_run_reaches_the_planabi2_module_with_0_6_3_defaults(with_072, make_array, with_lse):
+def test_072_run_reaches_the_planabi2_module_with_0_6_3_defaults(release_072_over_063, make_array, with_lse):
     plan = fake_plan(make_array)
     assert plan.uri == MLA_F16 + "_planabi2"
     lse = fake_cuda((2, H), "float32") if with_lse else None
@@ -442,7 +416,7 @@ def test_072_run_reaches_the_planabi2_module_with_0_6_3_defaults(with_072, make_
     assert "1.0, 1.0, None" in str(info.value)
 
 
-def test_072_lock_serves_modules_only_063_has_from_063(with_072, make_array):
+def test_072_lock_serves_modules_only_063_has_from_063(release_072_over_063, make_array):
     bf16 = fake_plan(make_array, dtype="bfloat16")  # 0.7.2 test wheel has only the f16 FA2 MLA module
     fa3 = fake_plan(make_array, backend="fa3")
     assert bf16.uri == MLA_F16.replace("f16", "bf16") and fa3.uri == MLA_F16 + "_sm90"
@@ -490,7 +464,7 @@ def test_scale_arguments_on_a_063_module_are_refused_by_name(make_array):
         fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale=0.5, kpe_scale=0.25)
 
 
-def test_072_scale_arguments_reach_the_planabi2_module(with_072, make_array):
+def test_072_scale_arguments_reach_the_planabi2_module(release_072_over_063, make_array):
     plan = fp8_plan(make_array, MLA_F16 + "_planabi2")
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale=0.5, kpe_scale=0.25)

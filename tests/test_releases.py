@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fi_ffi import dtypes, loader
+from fi_ffi import caches, dtypes, loader
 from fi_ffi.cli import main
 from fi_ffi.errors import KernelNotFoundError, LockError
 from fi_ffi.loader import lockfile
@@ -529,3 +529,26 @@ def test_fi_ffi_doctor_shows_the_release_of_each_kernel_entry(
 def test_the_packaged_lock_records_release_063_on_every_kernel_entry() -> None:
     lock = lockfile.read_lock(lockfile.default_lock_path())
     assert lock.kernels and {p.release for p in lock.kernels} == {"0.6.3"}
+
+
+# ------------------------------------------------------------------------ the lock of FI_FFI_TEST_RELEASE=0.7.2
+
+
+def test_the_072_test_run_lock_prefers_072_and_keeps_063_for_the_rest(
+    kernel_modules: list[str], wheels_063: list[Path], wheel_072: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The session lock of ``FI_FFI_TEST_RELEASE=0.7.2`` (tests/conftest.py): 0.7.2 entries at priority 1."""
+    from conftest import lock_text, use_lock
+
+    text = lock_text(wheels_063[:1], [wheel_072])
+    try:
+        use_lock(monkeypatch, tmp_path / "run.lock", text, [*wheels_063[:1], wheel_072])
+        assert loader.module_release("norm") == loader.module_release("sampling") == "0.7.2.post1"
+        assert V.resolve(FA2_BASE) == FA2_072
+        assert loader.module_release("gdn_prefill_sm90") == "0.6.3"
+        assert lockfile.read_lock(tmp_path / "run.lock").kernels[1].priority == 1
+    finally:
+        monkeypatch.undo()
+        caches.reset()  # later tests bind the session's 0.6.3 modules again
+        _refresh_variants()

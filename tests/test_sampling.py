@@ -8,10 +8,9 @@ wheel (``../shared/wheels-072``) alone and skip when it is absent.
 
 from __future__ import annotations
 
-import glob
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,9 @@ import numpy as np
 import pytest
 
 import fi_ffi
-from fi_ffi import caches, loader
-from fi_ffi.abi import wire
 from fi_ffi.errors import KernelError, LoaderError
 from fi_ffi.generator import Generator, round_up4
-from fi_ffi.ops import kernels
 from fi_ffi.ops import sampling as S
-from fi_ffi.ops.kernels import entry_point
 from fi_ffi.ops.launcher import bound_entry
 from fi_ffi.tensor import Tensor
 
@@ -146,48 +141,20 @@ def test_a_072_declaration_is_refused_by_the_063_module(kernel_modules: list[str
 
 # ---- FlashInfer 0.7.2 ---------------------------------------------------------------------------------------------
 
-def _wheel_072() -> Path:
-    found = sorted(glob.glob(str(REPO.parent / "shared" / "wheels-072" / "*.whl")))
-    if found:
-        return Path(found[0])
-    pytest.skip("the 0.7.2 test wheel is not present (<repo>/../shared/wheels-072)")
-
-
-@pytest.fixture
-def release_072(kernel_modules: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The 0.7.2 test wheel as the only pinned kernel wheel; every cache that remembers a module is emptied."""
-    wheel = _wheel_072()
-    lock = tmp_path / "072.lock"
-    lock.write_text(loader.dump_lock([loader.lock_entry(wheel)], header="0.7.2 test wheel"))
-    monkeypatch.setenv("FI_FFI_LOCK", str(lock))
-    monkeypatch.setenv("FI_FFI_WHEELHOUSE", str(wheel.parent))
-    monkeypatch.setenv("FI_FFI_CUDA_VERSION", "13.0")
-    caches.reset()
-    # entry points are bound once per (uri, name) and not in the caches registry: start a fresh table
-    monkeypatch.setattr(kernels, "_bound", {})
-    yield
-    caches.reset()
+# The release_072 fixture (tests/conftest.py) pins the 0.7.2 test wheel alone for one test.
 
 
 @pytest.mark.parametrize("name", CALLS)
-def test_072_every_entry_point_reaches_the_device_check(release_072: None, name: str) -> None:
+def test_072_every_entry_point_reaches_the_device_check(release_072: list[str], name: str) -> None:
     text = reached(calls(Args(), {"valid": Args().valid})[name])
     assert f"sampling.{name.removesuffix('_per_row')}(" in text
 
 
-def test_072_is_the_release_of_the_pinned_module(release_072: None) -> None:
+def test_072_is_the_release_of_the_pinned_module(release_072: list[str]) -> None:
     assert S.release() == "0.7.2"
 
 
-def test_072_declarations_match_the_module(release_072: None) -> None:
-    for _, decl in S.DECLARATIONS_072:
-        text = entry_point("sampling", decl.entry).signature_text()
-        assert wire.signature_mismatch(decl, wire.parse_signature(text, decl.entry)) == "", text
-    with pytest.raises(LoaderError, match=r"declared for FlashInfer 0.6.3.*takes 9 arguments, the declaration 6"):
-        bound_entry("sampling", S.SAMPLING_FROM_PROBS[0])
-
-
-def test_072_seed_and_offset_tensors_are_passed_as_tensors(release_072: None) -> None:
+def test_072_seed_and_offset_tensors_are_passed_as_tensors(release_072: list[str]) -> None:
     a = Args()
     text = reached(lambda: fi_ffi.sampling_from_probs(a.probs, a.out, valid=a.valid, seed=fake_cuda((1,), "int64"),
                                                       offset=fake_cuda((R,), "int64")))
@@ -198,13 +165,13 @@ def test_072_seed_and_offset_tensors_are_passed_as_tensors(release_072: None) ->
     assert "DLTensor*(int64[2] cuda:0), 0, DLTensor*(int64[1] cuda:0), 0)" in text
 
 
-def test_072_generator_ints_go_with_absent_tensors(release_072: None) -> None:
+def test_072_generator_ints_go_with_absent_tensors(release_072: list[str]) -> None:
     a = Args()
     text = reached(lambda: fi_ffi.sampling_from_probs(a.probs, a.out, valid=a.valid, generator=Generator(3, 10)))
     assert text.endswith("True, None, 3, None, 14)")
 
 
-def test_072_required_outputs_are_named(release_072: None) -> None:
+def test_072_required_outputs_are_named(release_072: list[str]) -> None:
     a = Args()
     with pytest.raises(TypeError, match="^valid: expected a tensor, got None"):
         fi_ffi.sampling_from_probs(a.probs, a.out, generator=Generator(1))
@@ -220,7 +187,8 @@ def test_072_required_outputs_are_named(release_072: None) -> None:
     ((1, 1), (1,), ValueError, r"^seed: expected a 1-D tensor"),
     ("int32", (1,), TypeError, r"^seed: expected dtype int64"),
 ])
-def test_072_bad_seed_tensors_are_named(release_072: None, seed: Any, offset: Any, exc: type, pattern: str) -> None:
+def test_072_bad_seed_tensors_are_named(release_072: list[str], seed: Any, offset: Any, exc: type,
+                                        pattern: str) -> None:
     a = Args()
     s = fake_cuda((1,), "int32") if seed == "int32" else fake_cuda(seed, "int64")
     with pytest.raises(exc, match=pattern):
@@ -230,7 +198,7 @@ def test_072_bad_seed_tensors_are_named(release_072: None, seed: Any, offset: An
                                    offset=fake_cuda((1,), "int64"))
 
 
-def test_072_bad_valid_is_named(release_072: None) -> None:
+def test_072_bad_valid_is_named(release_072: list[str]) -> None:
     a = Args()
     with pytest.raises(TypeError, match=r"^valid: expected dtype bool, got int32"):
         fi_ffi.sampling_from_probs(a.probs, a.out, valid=fake_cuda((R,), "int32"), seed=1, offset=0)

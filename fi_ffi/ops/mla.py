@@ -10,7 +10,7 @@ head_dim_kpe_64_profiler_False`` (FA2, every GPU FlashInfer supports) and the sa
 FlashInfer 0.7.x names them ``..._profiler_False_planabi2[_sm90]``: its plan returns ``Tuple<Array<int>, int>``
 (the schedule and the bytes it staged in the page-locked buffer, which fi_ffi then copies into the int workspace
 on the plan's stream, as the 0.6.x plan did itself) and its run takes three more arguments (FP8 KV scale
-factors). Both argument lists are declared here (:data:`DECLARATIONS`, :data:`DECLARATIONS_072`) and the
+factors). Both argument lists are declared here (:data:`DECLARATIONS`, each tagged with its release) and the
 one the bound module states is used, so the public API is the same for both releases.
 
 Layout (the "absorbed" form: ``W_UK`` folded into the queries, ``W_UV`` into the output projection), with
@@ -59,7 +59,7 @@ from .launcher import launcher
 from .workspace import Workspace, _DeviceScope, _rt
 from .workspace import _check as _check_cuda
 
-__all__ = ["DECLARATIONS", "DECLARATIONS_072", "MLAPlan", "batch_mla_plan", "batch_mla_run"]
+__all__ = ["DECLARATIONS", "MLAPlan", "batch_mla_plan", "batch_mla_run"]
 
 # ---------------------------------------------------------------------------------------------- declarations
 
@@ -91,10 +91,9 @@ _RUN_DECLS = (RUN, RUN_PLANABI2)
 
 _URI_063 = r"batch_mla_attention_dtype_q_\w+?_profiler_False(_sm90)?"
 _URI_072 = r"batch_mla_attention_dtype_q_\w+?_profiler_False_planabi2(_sm90)?"
-# (module URI pattern, declaration), checked against the pinned modules by tests/test_declarations.py (0.6.3)
-# and tests/test_mla.py (0.7.2, under a lock that pins the 0.7.2 test wheel).
-DECLARATIONS = ((_URI_063, PLAN), (_URI_063, RUN))
-DECLARATIONS_072 = ((_URI_072, PLAN_PLANABI2), (_URI_072, RUN_PLANABI2))
+# (module URI pattern, declaration) of both releases; tests/test_declarations.py checks each declaration against
+# every module of the releases its ``release`` names that the pattern matches.
+DECLARATIONS = ((_URI_063, PLAN), (_URI_063, RUN), (_URI_072, PLAN_PLANABI2), (_URI_072, RUN_PLANABI2))
 
 # ---------------------------------------------------------------------------------------------- limits
 

@@ -57,7 +57,12 @@ __all__ = [
     "single_prefill",
 ]
 
-# ---- declarations (FlashInfer 0.6.3 csrc/batch_prefill*.cu, single_prefill.cu; public names where 1:1) ----------
+# ---- declarations (FlashInfer csrc/batch_prefill*.cu, single_prefill.cu; public names where 1:1) ---------------
+# FlashInfer 0.7 renamed the FA2 batch prefill modules (``..._kv_stride_equal``) and changed their argument lists:
+# the plan takes ``uniform_q_len`` last, the runs take the k/v cache scale factors (packed FP4 caches) after the
+# multi-item inputs. Both argument lists are declared; the launcher binds the one the module states (FA2_*S
+# tuples). The 0.7 additions default to 0.6.3's behaviour (no promise of uniform query lengths, no scale factors).
+# FA3 and single prefill are unchanged where they exist (0.7.x prebuilds no single prefill module).
 
 Params = Param | tuple[str, str]  # a declared parameter, or (name, wire type)
 _PLAN_PARAMS: list[Params] = [
@@ -66,10 +71,13 @@ _PLAN_PARAMS: list[Params] = [
     ("num_qo_heads", INT), ("num_kv_heads", INT), ("page_size", INT), ("enable_cuda_graph", BOOL),
     ("head_dim_qk", INT), ("head_dim_vo", INT), ("causal", BOOL), ("window_left", INT),
 ]
-FA2_PLAN = declare("plan", [*_PLAN_PARAMS, Param("fixed_split_size", INT, default=-1),
-                            Param("disable_split_kv", BOOL, default=False),
-                            Param("num_colocated_ctas", INT, default=0)], returns=ARRAY)
-FA3_PLAN = declare("plan", _PLAN_PARAMS, returns=ARRAY)
+_FA2_SPLIT: list[Params] = [Param("fixed_split_size", INT, default=-1), Param("disable_split_kv", BOOL, default=False),
+                            Param("num_colocated_ctas", INT, default=0)]
+FA2_PLAN = declare("plan", [*_PLAN_PARAMS, *_FA2_SPLIT], returns=ARRAY, release="0.6.3")
+# uniform_q_len: 0 = no promise; n > 0 = every request has n query rows (the CUDA-graph planner sizes tiles for it)
+FA2_PLAN_072 = declare("plan", [*_PLAN_PARAMS, *_FA2_SPLIT, Param("uniform_q_len", INT, default=0)], returns=ARRAY,
+                       release="0.7.2")
+FA3_PLAN = declare("plan", _PLAN_PARAMS, returns=ARRAY, release="0.6.3, 0.7.2")
 
 _RUN_HEAD: list[Params] = [
     tensor("float_workspace_buffer"), tensor("int_workspace_buffer"), ("plan_info_vec", ARRAY), tensor("q")]
@@ -85,28 +93,44 @@ _ITEMS: list[Params] = [
     Param("maybe_prefix_len_ptr", OPT_FFI_TENSOR, default=None),
     Param("maybe_token_pos_in_items_ptr", OPT_FFI_TENSOR, default=None),
     Param("maybe_max_item_len_ptr", OPT_FFI_TENSOR, default=None)]
-_FA2_TAIL: list[Params] = [
+# 0.7: per-block scale factors of packed FP4 K/V caches (uint8); fi_ffi selects no FP4 cache module: always None
+_CACHE_SF: list[Params] = [Param("maybe_k_cache_sf", OPT_FFI_TENSOR, default=None),
+                           Param("maybe_v_cache_sf", OPT_FFI_TENSOR, default=None)]
+_FA2_INPUTS: list[Params] = [
     Param("custom_mask", OPT_FFI_TENSOR), Param("mask_indptr", OPT_FFI_TENSOR), Param("alibi_slopes", OPT_FFI_TENSOR),
-    *_ITEMS, ("logits_soft_cap", FLOAT), ("sm_scale", FLOAT), ("rope_rcp_scale", FLOAT), ("rope_rcp_theta", FLOAT),
+    *_ITEMS]
+_FA2_SCALARS: list[Params] = [
+    ("logits_soft_cap", FLOAT), ("sm_scale", FLOAT), ("rope_rcp_scale", FLOAT), ("rope_rcp_theta", FLOAT),
     Param("token_pos_in_items_len", INT, default=0)]
 _FA3_TAIL: list[Params] = [
     *_ITEMS, Param("maybe_scale_v", OPT_FFI_TENSOR, default=None), ("logits_soft_cap", FLOAT), ("sm_scale", FLOAT),
     Param("scale_v_scalar", FLOAT, default=1.0), Param("token_pos_in_items_len", INT, default=0)]
-FA2_RAGGED = declare("ragged_run", _RUN_HEAD + _RAGGED_KV + _RUN_MID + _FA2_TAIL)
-FA2_PAGED = declare("paged_run", _RUN_HEAD + _PAGED_KV + _RUN_MID + _FA2_TAIL)
-FA3_RAGGED = declare("ragged_run", _RUN_HEAD + _RAGGED_KV + _RUN_MID + _FA3_TAIL)
-FA3_PAGED = declare("paged_run", _RUN_HEAD + _PAGED_KV + _RUN_MID + _FA3_TAIL)
+FA2_RAGGED = declare("ragged_run", [*_RUN_HEAD, *_RAGGED_KV, *_RUN_MID, *_FA2_INPUTS, *_FA2_SCALARS], release="0.6.3")
+FA2_PAGED = declare("paged_run", [*_RUN_HEAD, *_PAGED_KV, *_RUN_MID, *_FA2_INPUTS, *_FA2_SCALARS], release="0.6.3")
+FA2_RAGGED_072 = declare("ragged_run", [*_RUN_HEAD, *_RAGGED_KV, *_RUN_MID, *_FA2_INPUTS, *_CACHE_SF, *_FA2_SCALARS],
+                         release="0.7.2")
+FA2_PAGED_072 = declare("paged_run", [*_RUN_HEAD, *_PAGED_KV, *_RUN_MID, *_FA2_INPUTS, *_CACHE_SF, *_FA2_SCALARS],
+                        release="0.7.2")
+FA3_RAGGED = declare("ragged_run", _RUN_HEAD + _RAGGED_KV + _RUN_MID + _FA3_TAIL, release="0.6.3, 0.7.2")
+FA3_PAGED = declare("paged_run", _RUN_HEAD + _PAGED_KV + _RUN_MID + _FA3_TAIL, release="0.6.3, 0.7.2")
 SINGLE = declare("run", [
     tensor("q"), tensor("k"), tensor("v"), tensor("tmp", output=True), tensor("out", output=True),
     optional_tensor("lse", output=True), ("mask_mode_code", INT), ("kv_layout_code", INT), ("window_left", INT),
     Param("custom_mask", OPT_FFI_TENSOR), Param("alibi_slopes", OPT_FFI_TENSOR), ("logits_soft_cap", FLOAT),
     ("sm_scale", FLOAT), ("rope_rcp_scale", FLOAT), ("rope_rcp_theta", FLOAT),
-])
+], release="0.6.3")
+# one entry point, both releases: the launcher binds the declaration the module's own signature matches
+FA2_PLANS = (FA2_PLAN, FA2_PLAN_072)
+FA2_RAGGED_RUNS = (FA2_RAGGED, FA2_RAGGED_072)
+FA2_PAGED_RUNS = (FA2_PAGED, FA2_PAGED_072)
 _FA2_URI = r"batch_prefill_with_kv_cache_.*_f16qk_(True|False)"  # the 0.6.x FA2 names (untagged)
+_FA2_URI_072 = _FA2_URI + "_kv_stride_equal"  # 0.7.x (the default paged-KV stride mode)
 _FA3_URI = r"batch_prefill_with_kv_cache_.*_sm90"
-# (module URI pattern, declaration), checked against the pinned modules by tests/test_declarations.py
+# (module URI pattern, declaration) of every release; tests/test_declarations.py checks each against every module
+# of the releases its ``release`` names that the pattern matches
 DECLARATIONS = (
     (_FA2_URI, FA2_PLAN), (_FA2_URI, FA2_RAGGED), (_FA2_URI, FA2_PAGED),
+    (_FA2_URI_072, FA2_PLAN_072), (_FA2_URI_072, FA2_RAGGED_072), (_FA2_URI_072, FA2_PAGED_072),
     (_FA3_URI, FA3_PLAN), (_FA3_URI, FA3_RAGGED), (_FA3_URI, FA3_PAGED),
     (r"single_prefill_with_kv_cache_.*", SINGLE),
 )
@@ -316,7 +340,7 @@ def batch_prefill_ragged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, nu
                               use_fp16_qk_reduction: bool = False, backend: str = "auto",
                               enable_cuda_graph: bool = False, max_total_num_rows: int | None = None,
                               fixed_split_size: int | None = None, disable_split_kv: bool = False,
-                              stream: Any = None) -> Plan:
+                              uniform_q_len: int | None = None, stream: Any = None) -> Plan:
     """Plan batch prefill over ragged K/V: request ``i``'s keys are rows ``kv_indptr[i]:kv_indptr[i+1]``.
 
     Args:
@@ -338,9 +362,14 @@ def batch_prefill_ragged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, nu
         enable_cuda_graph: plan for runs captured in a CUDA graph; ``max_total_num_rows`` then bounds the rows
             of every later plan replayed into the same graph (default ``qo_indptr[-1]``).
         fixed_split_size, disable_split_kv: FA2 split-KV controls (deterministic reductions); ignored by FA3.
+        uniform_q_len: a promise that every request has exactly this many query rows (``qo_indptr`` is checked
+            against it), which FlashInfer >= 0.7's FA2 planner uses to size the query tiles of CUDA-graph plans
+            (``enable_cuda_graph=True``; every later plan replayed into the graph must keep it). None or 0: no
+            promise. Ignored by FA3 (as upstream); refused by name on a FlashInfer 0.6.3 FA2 module, which has
+            no such argument.
         stream: the stream of the plan's asynchronous copy; runs must use the same stream.
     """
-    return _plan("ragged", workspace, qo_indptr, kv_indptr, None, max_total_num_rows, stream,
+    return _plan("ragged", workspace, qo_indptr, kv_indptr, None, max_total_num_rows, uniform_q_len, stream,
                  (custom_mask, mask_indptr, alibi_slopes),
                  (num_qo_heads, num_kv_heads, head_dim_qk, 1, head_dim_vo, q_dtype, kv_dtype, o_dtype, kv_layout,
                   causal, custom_mask is not None, pos_encoding, window_left, logits_soft_cap, sm_scale, rope_scale,
@@ -358,7 +387,7 @@ def batch_prefill_paged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_
                              use_fp16_qk_reduction: bool = False, backend: str = "auto",
                              enable_cuda_graph: bool = False, max_total_num_rows: int | None = None,
                              fixed_split_size: int | None = None, disable_split_kv: bool = False,
-                             stream: Any = None) -> Plan:
+                             uniform_q_len: int | None = None, stream: Any = None) -> Plan:
     """Plan batch prefill over a paged KV cache.
 
     Args are those of :func:`batch_prefill_ragged_plan`, except:
@@ -369,8 +398,8 @@ def batch_prefill_paged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_
         page_size: tokens per page.
         kv_layout: NHD ``[pages, page_size, kv_heads, d]`` or HND ``[pages, kv_heads, page_size, d]``.
     """
-    return _plan("paged", workspace, qo_indptr, kv_indptr, kv_last_page_len, max_total_num_rows, stream,
-                 (custom_mask, mask_indptr, alibi_slopes),
+    return _plan("paged", workspace, qo_indptr, kv_indptr, kv_last_page_len, max_total_num_rows, uniform_q_len,
+                 stream, (custom_mask, mask_indptr, alibi_slopes),
                  (num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo, q_dtype, kv_dtype, o_dtype,
                   kv_layout, causal, custom_mask is not None, pos_encoding, window_left, logits_soft_cap, sm_scale,
                   rope_scale, rope_theta, use_fp16_qk_reduction, backend, enable_cuda_graph, fixed_split_size,
@@ -378,7 +407,8 @@ def batch_prefill_paged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_
 
 
 def _plan(mode: str, workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_last_page_len: Any,
-          max_total_num_rows: Any, stream: Any, inputs: tuple[Any, Any, Any], args: tuple[Any, ...]) -> Plan:
+          max_total_num_rows: Any, uniform_q_len: Any, stream: Any, inputs: tuple[Any, Any, Any],
+          args: tuple[Any, ...]) -> Plan:
     """A batch prefill plan: settings (by value), host arrays, the mask's size, the plan call."""
     ws = workspace if workspace.__class__ is Workspace else _workspace(workspace)
     custom_mask, mask_indptr, alibi_slopes = inputs
@@ -414,11 +444,35 @@ def _plan(mode: str, workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_last_pag
         _check_alibi(s, alibi_slopes, ws.device)
     extra = {} if s.backend == "fa3" else {"fixed_split_size": s.fixed_split_size,
                                            "disable_split_kv": s.disable_split_kv}
+    if uniform_q_len is not None:
+        uniform = _uniform_q_len(uniform_q_len, qo, s)
+        if uniform:
+            extra["uniform_q_len"] = uniform
     info, generation = call_plan(
         ws, s.plan, stream, ws.float_buffer, ws.int_buffer, ws.pinned_buffer, host_tensor(qo), host_tensor(kv),
         host_tensor(kv_lens), total_rows, batch, s.num_qo_heads, s.num_kv_heads, s.page_size, s.enable_cuda_graph,
         s.head_dim_qk, s.head_dim_vo, s.mask_mode == MASK_CAUSAL, s.window_left, **extra)
     return Plan.make(info, ws, generation, s, batch, rows, extent_, inputs)
+
+
+def _uniform_q_len(value: Any, qo: np.ndarray, s: PlanSettings) -> int:
+    """The checked ``uniform_q_len`` promise for the FA2 plan (0 for FA3, which takes none), refused before the
+    plan call (which marks the workspace's earlier plans stale) when the bound FA2 module has no such argument."""
+    n = checks.integer("uniform_q_len", value, 0)
+    if n == 0:
+        return 0
+    lengths = qo[1:] - qo[:-1]
+    if lengths.size and not (lengths == n).all():
+        i = int(np.argmax(lengths != n))
+        raise ValueError(f"uniform_q_len: promises {n} query rows per request, but qo_indptr gives request {i} "
+                         f"{int(lengths[i])}; pass None for batches of mixed lengths")
+    if s.backend == "fa3":
+        return 0  # the FA3 planner has no such hint (flashinfer-python drops it too)
+    decl = s.plan.launcher.decl
+    if "uniform_q_len" not in decl.names:
+        raise ValueError(f"uniform_q_len: not supported by the bound module's entry point {s.plan.launcher.name} "
+                         f"(FlashInfer {decl.release}); pin FlashInfer >= 0.7 for this module, or pass None")
+    return n
 
 
 def _check_mask(custom_mask: Any, mask_indptr: Any, qo: np.ndarray, kv_lens: np.ndarray, batch: int,
@@ -486,8 +540,8 @@ def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
         plan, run = launcher(FA3_PLAN, uri), launcher(FA3_RAGGED if mode == "ragged" else FA3_PAGED, uri,
                                                       _check_ragged if mode == "ragged" else _check_paged)
     else:
-        plan, run = launcher(FA2_PLAN, uri), launcher(FA2_RAGGED if mode == "ragged" else FA2_PAGED, uri,
-                                                      _check_ragged if mode == "ragged" else _check_paged)
+        plan, run = launcher(FA2_PLANS, uri), launcher(FA2_RAGGED_RUNS if mode == "ragged" else FA2_PAGED_RUNS, uri,
+                                                       _check_ragged if mode == "ragged" else _check_paged)
     return PlanSettings(kind=BATCH_PREFILL, mode=mode, variant=variant, device_id=device_id, num_qo_heads=hq,
                         num_kv_heads=hk, head_dim_qk=dqk, head_dim_vo=dvo, page_size=ps, kv_layout=layout,
                         dtype_q=qd, dtype_kv=kd, dtype_o=od,

@@ -122,11 +122,9 @@ CHAIN_SPECULATIVE_SAMPLING = _pair("chain_speculative_sampling", _SPEC, _SPEC, [
 
 _PAIRS = (SAMPLING_FROM_PROBS, SAMPLING_FROM_LOGITS, TOP_P_SAMPLING, TOP_K_SAMPLING, MIN_P_SAMPLING,
           TOP_K_TOP_P_SAMPLING, TOP_P_RENORM, TOP_K_RENORM, CHAIN_SPECULATIVE_SAMPLING)
-# (module URI pattern, declaration), checked against the pinned modules by tests/test_declarations.py: the
-# 0.6.3 argument lists (the test lock pins 0.6.3 wheels); DECLARATIONS_072 are checked against the 0.7.2 wheel
-# by tests/test_sampling.py.
-DECLARATIONS = tuple((_URI, d) for d in (SOFTMAX, TOP_K_MASK_LOGITS, *(p[0] for p in _PAIRS)))
-DECLARATIONS_072 = tuple((_URI, d) for d in (SOFTMAX, TOP_K_MASK_LOGITS, *(p[1] for p in _PAIRS)))
+# (module URI pattern, declaration) of both releases; tests/test_declarations.py checks each declaration against
+# the sampling module of every release its ``release`` names.
+DECLARATIONS = tuple((_URI, d) for d in (SOFTMAX, TOP_K_MASK_LOGITS, *(d for p in _PAIRS for d in p)))
 
 __all__ = [
     "ROW_STATES_BYTES",
