@@ -90,8 +90,14 @@ def read(obj: Any, stream: Any) -> tuple[Hashable, int]:
 
 # ---- streams ------------------------------------------------------------------------------------------------
 
+_torch_raw_stream: Callable[[int], int] | None = None  # torch._C._cuda_getCurrentRawStream, found once
+
+
 def _torch_stream(device_id: int) -> int:
-    return int(sys.modules["torch"]._C._cuda_getCurrentRawStream(device_id))
+    global _torch_raw_stream
+    if _torch_raw_stream is None:
+        _torch_raw_stream = sys.modules["torch"]._C._cuda_getCurrentRawStream
+    return _torch_raw_stream(device_id)  # (an int already)
 
 
 def _cupy_stream(device_id: int) -> int:
@@ -148,8 +154,10 @@ def dlpack_stream(obj: Any, stream: Any) -> Any:
 
 def reset() -> None:
     """Forget the per-type choices (for tests that import a framework late)."""
+    global _torch_raw_stream
     _readers.clear()
     _stream_sources.clear()
+    _torch_raw_stream = None
 
 
 caches.register("producer readers and stream sources (per producer type)", reset)

@@ -311,3 +311,64 @@ def test_tmp_bound_is_safe_for_the_launchers_heuristics(monkeypatch):
     assert 0 < worst <= W.TMP_BYTES
     monkeypatch.setitem(W._max_blocks, 1, None)
     assert W.tmp_bytes_needed(1, 4096, 1, 32, 8, 128, 2, prefill=False) is None
+
+
+class _FakeDriver:
+    """Stands in for libcuda (absent on CPU machines) in the plan-copy event calls: records what it is asked."""
+
+    def __init__(self, query: int = 0, sync: int = 0, record: int = 0) -> None:
+        self.results = {"cuEventQuery": query, "cuEventSynchronize": sync, "cuEventRecord": record}
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append((name, *args))
+            if name == "cuGetErrorName":
+                return 1  # unknown: the message falls back to the number
+            return self.results[name]
+        return call
+
+
+@pytest.mark.parametrize("query, sync, expected", [
+    (0, 0, ["cuEventQuery"]),                                    # the copy is done: no wait
+    (600, 0, ["cuEventQuery", "cuEventSynchronize"]),           # not ready: wait for that event only
+])
+def test_plan_copy_event_goes_through_the_driver(monkeypatch, query, sync, expected):
+    import cffi
+
+    from fi_ffi.ops import workspace
+
+    fake = _FakeDriver(query=query, sync=sync)
+    monkeypatch.setattr(workspace, "_cu", (cffi.FFI(), fake))
+    ws = fake_workspace()
+    ws._event, ws._event_handle = object(), 0x1234  # as if a plan had created it
+    ws._record_plan_copy(7)
+    assert fake.calls == [("cuEventRecord", 0x1234, 7)] and ws._event_pending
+    fake.calls.clear()
+    ws._wait_previous_plan_copy()
+    assert [c[0] for c in fake.calls] == expected and all(c[1] == 0x1234 for c in fake.calls)
+    assert not ws._event_pending
+    fake.calls.clear()
+    ws._wait_previous_plan_copy()  # nothing pending: no driver call
+    assert fake.calls == []
+    ws._event = None  # (the fake event is not destroyed through cuda.bindings)
+
+
+@pytest.mark.parametrize("query, sync, record, what", [
+    (0, 0, 999, "cuEventRecord(plan copy) failed: CUresult 999"),
+    (700, 0, 0, "cuEventSynchronize(previous plan copy) failed: CUresult 700"),
+    (600, 719, 0, "cuEventSynchronize(previous plan copy) failed: CUresult 719"),
+])
+def test_plan_copy_event_errors_are_kernel_errors(monkeypatch, query, sync, record, what):
+    import cffi
+
+    from fi_ffi.errors import KernelError
+    from fi_ffi.ops import workspace
+
+    monkeypatch.setattr(workspace, "_cu", (cffi.FFI(), _FakeDriver(query, sync, record)))
+    ws = fake_workspace()
+    ws._event, ws._event_handle = object(), 0x1234
+    with pytest.raises(KernelError, match=what.replace("(", r"\(").replace(")", r"\)")):
+        ws._record_plan_copy(7)
+        ws._wait_previous_plan_copy()
+    ws._event = None

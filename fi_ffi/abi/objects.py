@@ -55,8 +55,9 @@ class ObjectRef:
             get_ffi_api_decref(handle)
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # at interpreter shutdown there is nothing sensible left to do
-            self.release()
+        if self.handle:  # an object released explicitly (the common case) costs nothing more here
+            with contextlib.suppress(Exception):  # at interpreter shutdown there is nothing sensible left to do
+                self.release()
 
     @property
     def refcount(self) -> int:

@@ -249,7 +249,8 @@ def batch_decode_run(plan: Plan, q: Any, k_cache: Any, v_cache: Any, kv_indptr: 
     ws = plan.workspace
     if s.kind != BATCH_DECODE or not plan._info.handle or ws is None or ws._generation != plan._generation:
         plan.check_runnable(BATCH_DECODE, "paged")
-    if extent("kv_indices", kv_indices) < plan.kv_extent:
+    pages = kv_indices.shape[0] if kv_indices.__class__ is Tensor else extent("kv_indices", kv_indices)
+    if pages < plan.kv_extent:
         raise ValueError(f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has "
                          f"{extent('kv_indices', kv_indices)} entries")
     s.run(ws.float_buffer, ws.int_buffer, plan._info, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,

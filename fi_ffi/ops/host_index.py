@@ -13,6 +13,7 @@ Every error names the argument and says what was expected.
 from __future__ import annotations
 
 import threading
+from operator import lt as _lt
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..tensor import Tensor
 __all__ = ["check_indptr", "check_last_page_len", "host_array", "host_tensor"]
 
 _INT32_MIN, _INT32_END = -(1 << 31), 1 << 31
+_I32 = np.dtype(np.int32)  # native int32 arrays share this descriptor object: an identity test is enough
 _SHORT = 64  # up to this many entries, list operations beat numpy's per-call overhead
 
 
@@ -35,6 +37,8 @@ def host_array(name: str, value: Any) -> np.ndarray:
     a TypeError: the kernels read int32 and fi_ffi never converts an array behind the caller's back.
     """
     if value.__class__ is np.ndarray:
+        if value.dtype is _I32 and value.ndim == 1 and value.flags.c_contiguous:  # the common case, no copy
+            return value
         if value.dtype != np.int32:
             if value.dtype.byteorder == ">" and value.dtype.newbyteorder("=") == np.int32:
                 raise TypeError(f"{name}: expected a native (little-endian) int32 array, got a big-endian one")
@@ -129,8 +133,11 @@ def check_last_page_len(name: str, last: np.ndarray, kv_indptr: np.ndarray, page
         raise ValueError(f"{name}: expected {batch} entries ([batch_size]), got {last.shape[0]}")
     if batch <= _SHORT:  # list operations: numpy's per-call overhead dominates short arrays
         ptr = kv_indptr.tolist()
+        values = last.tolist()
+        if not lengths and values and min(values) >= 1 and max(values) <= page_size and all(map(_lt, ptr, ptr[1:])):
+            return None  # every request has pages and a valid last page (the common case, at C speed)
         out_list = []
-        for i, lp in enumerate(last.tolist()):
+        for i, lp in enumerate(values):
             pages_i = ptr[i + 1] - ptr[i]
             if (pages_i and not 1 <= lp <= page_size) or (not pages_i and lp):
                 _bad_last(name, i, pages_i, lp, page_size)
@@ -182,19 +189,22 @@ def host_tensor(arr: np.ndarray) -> Tensor:
             template = _templates[n] = Tensor(0, (n,), "int32", "cpu")
     if not n:
         return template
-    ffi = _ffi()
-    return template.rebind(int(ffi.cast("uintptr_t", ffi.from_buffer(arr))))
+    if _address is None:
+        _bind()
+    return template.rebind(int(_address(_UINTPTR, _from_buffer(arr))))
 
 
-_ffi_cache: list[Any] = []
+_address: Any = None  # ffi.cast, ffi.from_buffer and the uintptr_t type, bound on first use
+_from_buffer: Any = None
+_UINTPTR: Any = None
 
 
-def _ffi() -> Any:
-    if not _ffi_cache:
-        from ..abi.cdefs import get_ffi
+def _bind() -> None:
+    global _address, _from_buffer, _UINTPTR
+    from ..abi.cdefs import get_ffi
 
-        _ffi_cache.append(get_ffi())
-    return _ffi_cache[0]
+    ffi = get_ffi()
+    _UINTPTR, _from_buffer, _address = ffi.typeof("uintptr_t"), ffi.from_buffer, ffi.cast
 
 
 caches.register("host index descriptors (int32 [n] templates of the attention plans)", _templates.clear)

@@ -27,7 +27,8 @@ def call_plan(ws: Workspace, launch: Callable[..., Any], stream: Any, *args: Any
     """
     s = stream if stream is None or stream.__class__ is int else stream_handle(stream)
     with ws._lock:
-        ws._wait_previous_plan_copy()
+        if ws._event_pending:
+            ws._wait_previous_plan_copy()
         ws._generation += 1  # from here on the int workspace may hold a new schedule: earlier plans are stale
         result = launch(*args, stream=s, **kwargs)
         if result.__class__ is not Array:
@@ -35,7 +36,11 @@ def call_plan(ws: Workspace, launch: Callable[..., Any], stream: Any, *args: Any
                 result.release()
             raise KernelError("TypeError", f"plan returned {type(result).__name__}, expected Array<int>",
                               function=getattr(launch, "__name__", "plan"))
-        ws._record_plan_copy(_current_stream(ws.device.device_id) if s is None else s)
+        if s is None:  # the launch used TVM-FFI's current stream (a plan's arguments are all descriptors)
+            if _get_stream is None:
+                _bind()
+            s = _get_stream(CUDA, ws.device.device_id)
+        ws._record_plan_copy(s)
         generation = ws._generation
     return result, generation
 
@@ -43,11 +48,8 @@ def call_plan(ws: Workspace, launch: Callable[..., Any], stream: Any, *args: Any
 _get_stream: Any = None
 
 
-def _current_stream(device_id: int) -> int:
-    """TVM-FFI's current stream of ``device_id`` (the stream the launch used when none was given)."""
+def _bind() -> None:
     global _get_stream
-    if _get_stream is None:
-        from ..abi.runtime import api
+    from ..abi.runtime import api
 
-        _get_stream = api().TVMFFIEnvGetStream
-    return int(_get_stream(CUDA, device_id))
+    _get_stream = api().TVMFFIEnvGetStream

@@ -59,6 +59,48 @@ def _rt() -> Any:
     return _runtime
 
 
+# The two calls of every plan (query and record the plan-copy event) go straight to the CUDA driver through
+# cffi: through cuda.bindings each costs a few microseconds (argument objects, an enum per returned error).
+# The event itself is created and destroyed with cuda.bindings (once per workspace); a runtime event is a
+# driver event.
+_DRIVER_CDEFS = """
+int cuEventQuery(uintptr_t event);
+int cuEventSynchronize(uintptr_t event);
+int cuEventRecord(uintptr_t event, uintptr_t stream);
+int cuGetErrorName(int error, const char** name);
+"""
+_CUDA_ERROR_NOT_READY = 600
+_cu: Any = None
+
+
+def _driver() -> Any:
+    """libcuda (cffi, ABI mode) with the event calls above; a KernelError where it cannot be loaded."""
+    global _cu
+    if _cu is None:
+        import cffi
+
+        ffi = cffi.FFI()
+        ffi.cdef(_DRIVER_CDEFS)
+        try:
+            lib = ffi.dlopen("libcuda.so.1")
+        except OSError as exc:
+            from ..errors import KernelError
+
+            raise KernelError("RuntimeError", f"cannot load the CUDA driver (libcuda.so.1): {exc}",
+                              function="cuEventRecord") from None
+        _cu = (ffi, lib)
+    return _cu[1]
+
+
+def _driver_error(err: int, what: str) -> None:
+    from ..errors import KernelError
+
+    ffi, lib = _cu
+    text = ffi.new("const char**")
+    name = ffi.string(text[0]).decode() if lib.cuGetErrorName(err, text) == 0 else f"CUresult {err}"
+    raise KernelError("RuntimeError", f"{what} failed: {name}", function=what)
+
+
 def _check(err: Any, what: str) -> None:
     rt = _rt()
     if err != rt.cudaError_t.cudaSuccess:
@@ -107,7 +149,7 @@ class Workspace:
     One workspace serves one stream of plan/run calls at a time. Use a workspace per concurrent stream.
     """
 
-    __slots__ = ("__weakref__", "_event", "_event_pending", "_generation", "_lock", "_owned", "device",
+    __slots__ = ("__weakref__", "_event", "_event_handle", "_event_pending", "_generation", "_lock", "_owned", "device",
                  "float_buffer", "float_bytes", "int_buffer", "int_bytes", "pinned_buffer", "pinned_bytes")
 
     def __init__(self, float_buffer: Any, int_buffer: Any, pinned_buffer: Any) -> None:
@@ -138,6 +180,7 @@ class Workspace:
         self._lock = threading.Lock()
         self._generation = 0
         self._event: Any = None
+        self._event_handle = 0  # int(self._event): the CUevent the driver calls take
         self._event_pending = False
 
     @classmethod
@@ -199,7 +242,7 @@ class Workspace:
         """
         with self._lock:
             owned, self._owned = self._owned, []
-            event, self._event = self._event, None
+            event, self._event, self._event_handle = self._event, None, 0
             self._event_pending = False
             self._generation += 1  # every plan made on it is now stale
         if event is not None:
@@ -233,25 +276,29 @@ class Workspace:
         """Block until the previous plan's pinned-to-device copy has read the pinned buffer (caller holds lock)."""
         if not self._event_pending:
             return
-        rt = _rt()
-        err = rt.cudaEventQuery(self._event)[0]
-        if err != rt.cudaError_t.cudaSuccess:  # usually done already: the copy is tiny and was enqueued earlier
-            if err == rt.cudaError_t.cudaErrorNotReady:
-                err = rt.cudaEventSynchronize(self._event)[0]
-            _check(err, "cudaEventSynchronize(previous plan copy)")
+        cu = _driver()
+        err = cu.cuEventQuery(self._event_handle)
+        if err:  # usually done already: the copy is tiny and was enqueued earlier
+            if err == _CUDA_ERROR_NOT_READY:
+                err = cu.cuEventSynchronize(self._event_handle)
+            if err:
+                _driver_error(err, "cuEventSynchronize(previous plan copy)")
         self._event_pending = False
 
     def _record_plan_copy(self, stream: int) -> None:
         """Record the event after a plan call on ``stream`` (caller holds lock)."""
-        rt = _rt()
         if self._event is None:
+            rt = _rt()
             with _DeviceScope(self.device.device_id):
                 err, event = rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming)
                 _check(err, "cudaEventCreateWithFlags")
             self._event = event
-        err = rt.cudaEventRecord(self._event, stream)[0]  # cuda.bindings takes the handle as an int
-        if err != rt.cudaError_t.cudaSuccess:
-            _check(err, "cudaEventRecord(plan copy)")
+            self._event_handle = int(event)
+        # The plan call has just run on this thread, so the device's context is current (as cudaEventRecord
+        # would make it); stream 0 is the legacy default stream in both APIs.
+        err = _driver().cuEventRecord(self._event_handle, stream)
+        if err:
+            _driver_error(err, "cuEventRecord(plan copy)")
         self._event_pending = True
 
 
