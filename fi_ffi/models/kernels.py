@@ -104,10 +104,19 @@ def softmax_workspace_bytes(max_batch: int, vocab_size: int) -> int:
     return max(8, fi_ffi.softmax_workspace_size(max_batch, vocab_size))
 
 
+def sampling_needs_valid() -> bool:
+    """True where the pinned sampling module is FlashInfer 0.7's, whose samplers also write a ``valid`` flag
+    per row (0.6.3's take none: passing one there is refused)."""
+    from fi_ffi.ops import sampling
+
+    return sampling.release() != "0.6.3"
+
+
 def sample_top_k_top_p(logits: Any, probs: Any, workspace: Any, out: Any, top_k: int, top_p: float,
-                       temperature: float, gen: Any, stream: int) -> None:
+                       temperature: float, gen: Any, stream: int, valid: Any = None) -> None:
     """``out[i]`` = a token drawn from ``softmax(logits[i] / temperature)`` restricted to the top-k and top-p
     set (``logits`` float32 ``[n, V]``, ``probs`` float32 ``[n, V]`` scratch, ``workspace`` uint8 softmax scratch
-    of :func:`softmax_workspace_bytes`, ``out`` int32 ``[n]``)."""
+    of :func:`softmax_workspace_bytes`, ``out`` int32 ``[n]``; ``valid`` bool ``[n]`` where
+    :func:`sampling_needs_valid`, else None)."""
     fi_ffi.softmax(logits, probs, workspace, temperature=temperature, stream=stream)
-    fi_ffi.top_k_top_p_sampling_from_probs(probs, top_k, top_p, out=out, generator=gen, stream=stream)
+    fi_ffi.top_k_top_p_sampling_from_probs(probs, top_k, top_p, out=out, valid=valid, generator=gen, stream=stream)

@@ -254,6 +254,7 @@ class LlamaEngine:
         self._views: dict[tuple[Any, ...], SimpleNamespace] = {}
         self._probs: Any = None
         self._softmax_ws: Any = None
+        self._valid: Any = None
         self._gen: Any = None
         self._gen_seed: int | None = None
 
@@ -469,6 +470,7 @@ class LlamaEngine:
             self._probs = self._cp.empty((self.max_batch, self.config.vocab_size), np.float32)
             nbytes = kernels.softmax_workspace_bytes(self.max_batch, self.config.vocab_size)
             self._softmax_ws = self._cp.empty((nbytes,), np.uint8)
+            self._valid = self._cp.empty((self.max_batch,), np.bool_) if kernels.sampling_needs_valid() else None
         if self._gen is None or self._gen_seed != sampling.seed:
             self._gen, self._gen_seed = kernels.generator(sampling.seed), sampling.seed
         probs = kernels.descriptor(self._probs.data.ptr, (rows, self.config.vocab_size), "float32", self.device,
@@ -476,8 +478,10 @@ class LlamaEngine:
         top_k = sampling.top_k if sampling.top_k > 0 else self.config.vocab_size
         workspace = kernels.descriptor(self._softmax_ws.data.ptr, self._softmax_ws.shape, "uint8", self.device,
                                        owner=self._softmax_ws)
+        valid = None if self._valid is None else kernels.descriptor(self._valid.data.ptr, (rows,), "bool",
+                                                                     self.device, owner=self._valid)
         kernels.sample_top_k_top_p(v.logits, probs, workspace, v.ids, top_k, float(sampling.top_p),
-                                   float(sampling.temperature), self._gen, self._s)
+                                   float(sampling.temperature), self._gen, self._s, valid)
 
     def _fetch_ids(self, rows: int) -> list[int]:
         """Copy the chosen tokens to the host and wait for the stream (the one synchronization per step)."""
