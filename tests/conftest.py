@@ -178,6 +178,10 @@ def _fi_ffi_session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FI_FFI_CACHE_DIR", str(tmp_path_factory.mktemp("fi_ffi_cache")))
         mp.setenv("FI_FFI_QUIET", "1")
+        # a flashinfer-jit-cache installed beside the tests (the GPU machine installs the test wheels for the
+        # flashinfer-python peers) must not replace the wheels the tests pin; tests of that feature set it to 1
+        if not os.environ.get("FI_FFI_USE_INSTALLED"):
+            mp.setenv("FI_FFI_USE_INSTALLED", "0")
         if os.environ.get("FI_FFI_TEST_ALLOW_NETWORK") != "1":
             mp.setenv("FI_FFI_OFFLINE", "1")
         wheel = find_shared_wheel()

@@ -31,6 +31,24 @@ def pip_install(wheel: Path, target: Path) -> Path:
     return target
 
 
+@pytest.fixture(autouse=True)
+def _use_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about installed distributions: let the loader use them (the session turns that off)."""
+    monkeypatch.setenv("FI_FFI_USE_INSTALLED", "1")
+
+
+def test_fi_ffi_use_installed_0_turns_installed_distributions_off(site: Path, tiny: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from fi_ffi.loader import installed
+
+    use_lock(tmp_path, monkeypatch, tiny, members=True)
+    monkeypatch.setenv("FI_FFI_TRUST_INSTALLED", "1")
+    pin = loader.active_lock().kernels[0]
+    assert installed.find(pin) is not None
+    monkeypatch.setenv("FI_FFI_USE_INSTALLED", "0")
+    assert installed.find(pin) is None
+
+
 @pytest.fixture
 def tiny(make_wheel: Callable[..., Path]) -> Path:
     return make_wheel(

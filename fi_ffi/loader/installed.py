@@ -97,7 +97,7 @@ _told: set[tuple[str, str]] = set()
 
 def find(pin: WheelPin) -> Installed | None:
     """The installed distribution to use for kernel pin ``pin``, or ``None`` (see the module docstring)."""
-    if pin.kind != "kernel":
+    if pin.kind != "kernel" or not settings.use_installed():
         return None
     key = (settings.snapshot(), pin.filename, pin.sha256, tuple(sorted(pin.members.items())), tuple(sys.path))
     if key not in _found:

@@ -20,6 +20,8 @@
 ``FI_FFI_TRUST_INSTALLED``  ``1``: use a pip-installed kernel distribution (``flashinfer-jit-cache``) whose
                             name, version and wheel tags match a pin even when nothing ties it to the pin's
                             sha256 (see :mod:`fi_ffi.loader.installed`)
+``FI_FFI_USE_INSTALLED``    ``0``: never use pip-installed kernel distributions in place; always the pinned wheel
+                            from the wheelhouse or the cache (default ``1``; the test suite sets ``0``)
 ==========================  ================================================================================
 """
 
@@ -39,8 +41,10 @@ SM = "FI_FFI_SM"
 RUNTIME = "FI_FFI_RUNTIME"
 LOCK_TIMEOUT = "FI_FFI_LOCK_TIMEOUT"
 TRUST_INSTALLED = "FI_FFI_TRUST_INSTALLED"
+USE_INSTALLED = "FI_FFI_USE_INSTALLED"
 
-ALL = (CACHE_DIR, LOCK, WHEELHOUSE, OFFLINE, QUIET, CUDA_VERSION, SM, RUNTIME, LOCK_TIMEOUT, TRUST_INSTALLED)
+ALL = (CACHE_DIR, LOCK, WHEELHOUSE, OFFLINE, QUIET, CUDA_VERSION, SM, RUNTIME, LOCK_TIMEOUT, TRUST_INSTALLED,
+       USE_INSTALLED)
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -105,3 +109,8 @@ def sm_filter() -> tuple[str, ...]:
 def snapshot() -> tuple[str, ...]:
     """The values of all variables above; a change of any of them invalidates the loader's memo tables."""
     return tuple(os.environ.get(name, "") for name in ALL)
+
+
+def use_installed() -> bool:
+    """Installed kernel distributions may be used in place (``FI_FFI_USE_INSTALLED`` is not ``0``)."""
+    return get(USE_INSTALLED).strip() != "0"
