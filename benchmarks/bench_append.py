@@ -51,8 +51,10 @@ def main() -> None:
     append = page.append_paged_kv_cache
     stream = torch.cuda.current_stream().cuda_stream
 
-    report = Report(f"append_paged_kv_cache, 1 token, {heads} kv heads, d {dim}, page {page_size}, float16, "
-                    f"host time per call (n={args.n})")
+    report = Report(
+        f"append_paged_kv_cache, 1 token, {heads} kv heads, d {dim}, page {page_size}, float16, "
+        f"host time per call (n={args.n})"
+    )
     report.measure("torch x.add_(0) (framework floor)", lambda: k.add_(0), n=args.n, sync=sync)
     report.measure(OURS, lambda: append(*desc), n=args.n, sync=sync)
     report.measure(OURS_STREAM, lambda: append(*desc, stream=stream), n=args.n, sync=sync)
@@ -68,9 +70,12 @@ def main() -> None:
     try:
         import flashinfer.page as fpage
 
-        report.measure(FLASHINFER,
-                       lambda: fpage.append_paged_kv_cache(k, v, bi, pos, (kc, vc), ind, indptr, last),
-                       n=args.n, sync=sync)
+        report.measure(
+            FLASHINFER,
+            lambda: fpage.append_paged_kv_cache(k, v, bi, pos, (kc, vc), ind, indptr, last),
+            n=args.n,
+            sync=sync,
+        )
     except Exception as exc:
         report.rows[FLASHINFER] = None
         print(f"flashinfer peer unavailable: {type(exc).__name__}: {exc}")

@@ -37,8 +37,14 @@ def main() -> None:
     # What an op does per call: write three payload words into this thread's prepared frame and call.
     sig = Signature("nop", [("a", "tensor"), ("b", "tensor"), ("c", "tensor")])
     frame = nop.frame_for(sig)
-    words, call, callee_self, args_ptr, result_ptr, addr = frame.q, nop._call, nop._self, frame.args, frame.result, \
-        t._dl_addr
+    words, call, callee_self, args_ptr, result_ptr, addr = (
+        frame.q,
+        nop._call,
+        nop._self,
+        frame.args,
+        frame.result,
+        t._dl_addr,
+    )
 
     def ours_prepared() -> None:
         words[1] = addr
@@ -62,9 +68,10 @@ def main() -> None:
     report.measure("fi_ffi as_tensor(numpy) + generic call", ours_numpy_each_call, n=args.n // 4)
     report.measure("tvm_ffi Cython nop(a, a, a), 3 numpy arrays", lambda: peer(a, a, a), n=args.n)
     report.measure("tvm_ffi Cython nop(None, None, None)", lambda: peer(None, None, None), n=args.n)
-    ratios = [("fi_ffi prepared frame, 3 Tensor descriptors", "tvm_ffi Cython nop(a, a, a), 3 numpy arrays"),
-              ("fi_ffi generic call nop(t, t, t), 3 Tensor descriptors",
-               "tvm_ffi Cython nop(a, a, a), 3 numpy arrays")]
+    ratios = [
+        ("fi_ffi prepared frame, 3 Tensor descriptors", "tvm_ffi Cython nop(a, a, a), 3 numpy arrays"),
+        ("fi_ffi generic call nop(t, t, t), 3 Tensor descriptors", "tvm_ffi Cython nop(a, a, a), 3 numpy arrays"),
+    ]
     report.print(ratios)
     if args.json:
         report.dump(args.json, ratios)

@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     outputs: dict[str, Any] = {}
 
-    def record(name: str, what: str, fn: Callable[[], Any] | None,
-               gpu: Callable[[int], Callable[[], Any]] | None = None) -> None:
+    def record(
+        name: str, what: str, fn: Callable[[], Any] | None, gpu: Callable[[int], Callable[[], Any]] | None = None
+    ) -> None:
         row: dict[str, Any] = {"contender": name, "call": what}
         if fn is None:
             row["status"] = "unavailable"
@@ -130,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     ws = Workspace.allocate(0)
     as_t = fi_ffi.as_tensor
     desc = [as_t(x) for x in (q, k_cache, v_cache, indptr_d, indices_d, last_d, out)]
-    plan = decode.batch_decode_plan(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h, q_dtype="float16",
-                                    stream=stream)
+    plan = decode.batch_decode_plan(
+        ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h, q_dtype="float16", stream=stream
+    )
     decode.batch_decode_run(plan, *desc, enable_pdl=PDL, stream=stream)
     sync()
     outputs["fi_ffi"] = out.clone()
@@ -140,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         return lambda: decode.batch_decode_run(plan, *desc, enable_pdl=PDL, stream=s)
 
     def ours_run_torch() -> None:
-        decode.batch_decode_run(plan, q, k_cache, v_cache, indptr_d, indices_d, last_d, out, enable_pdl=PDL,
-                                stream=stream)
+        decode.batch_decode_run(
+            plan, q, k_cache, v_cache, indptr_d, indices_d, last_d, out, enable_pdl=PDL, stream=stream
+        )
 
     record("fi_ffi", "run (descriptors)", ours(stream), gpu=ours)
     record("fi_ffi", "run (torch tensors)", ours_run_torch)
@@ -169,10 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         wr.run(q, (k_cache, v_cache), out=fout, enable_pdl=PDL)
         sync()
         outputs["flashinfer"] = fout.clone()
-        record("flashinfer", "run", lambda: wr.run(q, (k_cache, v_cache), out=fout, enable_pdl=PDL),
-               gpu=lambda s: lambda: wr.run(q, (k_cache, v_cache), out=fout, enable_pdl=PDL))
-        record("flashinfer", "plan",
-               lambda: wr.plan(indptr_c, indices_d, last_c, HQ, HK, D, PAGE, q_data_type=dt))
+        record(
+            "flashinfer",
+            "run",
+            lambda: wr.run(q, (k_cache, v_cache), out=fout, enable_pdl=PDL),
+            gpu=lambda s: lambda: wr.run(q, (k_cache, v_cache), out=fout, enable_pdl=PDL),
+        )
+        record("flashinfer", "plan", lambda: wr.plan(indptr_c, indices_d, last_c, HQ, HK, D, PAGE, q_data_type=dt))
     except Exception:
         traceback.print_exc(limit=3)
         record("flashinfer", "run", None)
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         tpin = torch.empty(8 << 20, dtype=torch.uint8, pin_memory=True)
         indptr_c = torch.from_numpy(indptr_h)
         eq, ek = torch.empty(0, dtype=dt), torch.empty(0, dtype=dt)
-        sm = D ** -0.5
+        sm = D**-0.5
 
         def t_plan() -> Any:
             return mod.plan(tws, tiws, tpin, indptr_c, B, HQ, HK, PAGE, False, -1, 0.0, D, D, eq, ek)
@@ -199,8 +205,27 @@ def main(argv: list[str] | None = None) -> int:
         tout = torch.empty_like(q)
 
         def t_run() -> None:
-            mod.run(tws, tiws, info, q, k_cache, v_cache, indptr_d, indices_d, last_d, tout, None, 0, -1, PDL, None,
-                    0.0, sm, 1.0, 1e-4)
+            mod.run(
+                tws,
+                tiws,
+                info,
+                q,
+                k_cache,
+                v_cache,
+                indptr_d,
+                indices_d,
+                last_d,
+                tout,
+                None,
+                0,
+                -1,
+                PDL,
+                None,
+                0.0,
+                sm,
+                1.0,
+                1e-4,
+            )
 
         t_run()
         sync()
@@ -216,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     ref = outputs["fi_ffi"]
     agree = {k: bool(torch.equal(v, ref)) for k, v in outputs.items()}
     base = {r["call"].split(" ")[0]: r for r in rows if r["contender"] == "flashinfer" and "host_us" in r}
-    print(f"\nbatch decode, batch {B}, heads {HQ}/{HK}, head_dim {D}, page {PAGE}, {TOKENS} tokens, float16 "
-          f"({torch.cuda.get_device_name()})")
+    print(
+        f"\nbatch decode, batch {B}, heads {HQ}/{HK}, head_dim {D}, page {PAGE}, {TOKENS} tokens, float16 "
+        f"({torch.cuda.get_device_name()})"
+    )
     print(f"{'contender':<11} {'call':<22} {'host us/call':>13} {'vs flashinfer':>14} {'gpu us/run':>11}")
     for r in rows:
         if r["status"] != "ok":
@@ -236,18 +263,34 @@ def main(argv: list[str] | None = None) -> int:
         goals["kernel_time_ratio"] = ours_gpu / fi_gpu
         print(f"kernel time fi_ffi / flashinfer: {ours_gpu / fi_gpu:.3f} (goal within 3%)")
     for call in ("run", "plan"):
-        ours = next((r for r in rows if r["contender"] == "fi_ffi" and r["call"].startswith(call)
-                     and "host_us" in r), None)
+        ours = next(
+            (r for r in rows if r["contender"] == "fi_ffi" and r["call"].startswith(call) and "host_us" in r), None
+        )
         if ours and call in base:
             goals[f"{call}_host_ratio"] = ours["host_us"] / base[call]["host_us"]
             print(f"{call} host time fi_ffi / flashinfer: {goals[f'{call}_host_ratio']:.2f} (goal <= 0.5)")
     print("outputs identical to fi_ffi's:", agree)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"problem": {"batch": B, "num_qo_heads": HQ, "num_kv_heads": HK, "head_dim": D,
-                                   "page_size": PAGE, "tokens": TOKENS, "dtype": "float16",
-                                   "device": torch.cuda.get_device_name()},
-                       "rows": rows, "goals": goals, "outputs_identical": agree}, f, indent=2)
+            json.dump(
+                {
+                    "problem": {
+                        "batch": B,
+                        "num_qo_heads": HQ,
+                        "num_kv_heads": HK,
+                        "head_dim": D,
+                        "page_size": PAGE,
+                        "tokens": TOKENS,
+                        "dtype": "float16",
+                        "device": torch.cuda.get_device_name(),
+                    },
+                    "rows": rows,
+                    "goals": goals,
+                    "outputs_identical": agree,
+                },
+                f,
+                indent=2,
+            )
     plan.release()
     ws.close()
     return 0

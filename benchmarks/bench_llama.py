@@ -39,13 +39,35 @@ from typing import Any
 import numpy as np
 
 PRESETS = {
-    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-               rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    "small": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
-                  num_attention_heads=16, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True,
-                  rope_theta=10000.0),
+    "1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "small": dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    ),
 }
 
 
@@ -53,8 +75,13 @@ def make_checkpoint(preset: str, folder: Path) -> Path:
     """A random float16 Llama checkpoint (config.json + model.safetensors) written with numpy."""
     from fi_ffi.models.checkpoint import write_safetensors
 
-    cfg = {"model_type": "llama", "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "eos_token_id": 2,
-           **PRESETS[preset]}
+    cfg = {
+        "model_type": "llama",
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "eos_token_id": 2,
+        **PRESETS[preset],
+    }
     rng = np.random.default_rng(0)
     h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     hq, hk = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -65,11 +92,19 @@ def make_checkpoint(preset: str, folder: Path) -> Path:
     tensors = {"model.embed_tokens.weight": w(cfg["vocab_size"], h), "model.norm.weight": np.ones(h, np.float16)}
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        tensors.update({p + "self_attn.q_proj.weight": w(hq * d, h), p + "self_attn.k_proj.weight": w(hk * d, h),
-                        p + "self_attn.v_proj.weight": w(hk * d, h), p + "self_attn.o_proj.weight": w(h, hq * d),
-                        p + "mlp.gate_proj.weight": w(i, h), p + "mlp.up_proj.weight": w(i, h),
-                        p + "mlp.down_proj.weight": w(h, i), p + "input_layernorm.weight": np.ones(h, np.float16),
-                        p + "post_attention_layernorm.weight": np.ones(h, np.float16)})
+        tensors.update(
+            {
+                p + "self_attn.q_proj.weight": w(hq * d, h),
+                p + "self_attn.k_proj.weight": w(hk * d, h),
+                p + "self_attn.v_proj.weight": w(hk * d, h),
+                p + "self_attn.o_proj.weight": w(h, hq * d),
+                p + "mlp.gate_proj.weight": w(i, h),
+                p + "mlp.up_proj.weight": w(i, h),
+                p + "mlp.down_proj.weight": w(h, i),
+                p + "input_layernorm.weight": np.ones(h, np.float16),
+                p + "post_attention_layernorm.weight": np.ones(h, np.float16),
+            }
+        )
     write_safetensors(folder / "model.safetensors", tensors)
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
@@ -148,18 +183,23 @@ class TorchLlama:
         self.layers = []
         for n in range(c.num_layers):
             p = f"model.layers.{n}."
-            self.layers.append(dict(
-                qkv=torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
-                o=get(p + "self_attn.o_proj.weight"),
-                gu=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
-                down=get(p + "mlp.down_proj.weight"), ln1=get(p + "input_layernorm.weight"),
-                ln2=get(p + "post_attention_layernorm.weight")))
+            self.layers.append(
+                dict(
+                    qkv=torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+                    o=get(p + "self_attn.o_proj.weight"),
+                    gu=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                    down=get(p + "mlp.down_proj.weight"),
+                    ln1=get(p + "input_layernorm.weight"),
+                    ln2=get(p + "post_attention_layernorm.weight"),
+                )
+            )
         self.norm = get("model.norm.weight")
         self.page_size, self.max_batch, self.graph = 16, max_batch, graph
         self.num_pages = max_batch * pages_for(seq, 16) + 1
         self.seq = seq
-        self.kv = torch.zeros(c.num_layers, 2, self.num_pages, 16, c.num_kv_heads, c.head_dim, dtype=self.embed.dtype,
-                              device=dev)
+        self.kv = torch.zeros(
+            c.num_layers, 2, self.num_pages, 16, c.num_kv_heads, c.head_dim, dtype=self.embed.dtype, device=dev
+        )
         max_pages = self.num_pages + max_batch
         self.dl, self.pl = decode_layout(max_batch, max_pages), prefill_layout(seq, max_batch, max_pages)
         self.dhost = torch.zeros(self.dl.total, dtype=torch.int32, pin_memory=True)
@@ -170,7 +210,7 @@ class TorchLlama:
         self.ids_host = torch.zeros(max_batch, dtype=torch.int32, pin_memory=True)
 
         def region(t: Any, layout: Any, name: str, n: int) -> Any:
-            return t[layout.offsets[name]:layout.offsets[name] + n]
+            return t[layout.offsets[name] : layout.offsets[name] + n]
 
         self.region = region
         b = max_batch
@@ -179,11 +219,16 @@ class TorchLlama:
         self.d_last = region(self.ddev, self.dl, "kv_last_page_len", b)
         ws = torch.zeros(128 << 20, dtype=torch.uint8, device=dev)
         self.decode = BatchDecodeWithPagedKVCacheWrapper(
-            ws, "NHD", use_cuda_graph=graph, paged_kv_indptr_buffer=self.d_indptr if graph else None,
+            ws,
+            "NHD",
+            use_cuda_graph=graph,
+            paged_kv_indptr_buffer=self.d_indptr if graph else None,
             paged_kv_indices_buffer=self.d_indices if graph else None,
-            paged_kv_last_page_len_buffer=self.d_last if graph else None)
-        self.prefill = BatchPrefillWithPagedKVCacheWrapper(torch.zeros(128 << 20, dtype=torch.uint8, device=dev),
-                                                           "NHD", backend="fa3" if c.head_dim == 128 else "fa2")
+            paged_kv_last_page_len_buffer=self.d_last if graph else None,
+        )
+        self.prefill = BatchPrefillWithPagedKVCacheWrapper(
+            torch.zeros(128 << 20, dtype=torch.uint8, device=dev), "NHD", backend="fa3" if c.head_dim == 128 else "fa2"
+        )
         self.stream = torch.cuda.Stream()
         self.cuda_graph = None
 
@@ -199,15 +244,21 @@ class TorchLlama:
         x = fnorm.rmsnorm(h, self.layers[0]["ln1"], c.rms_norm_eps, enable_pdl=False)
         for n, w in enumerate(self.layers):
             qkv = torch.matmul(x, w["qkv"].t())
-            q = qkv[:, :hq * d].view(-1, hq, d)
-            k = qkv[:, hq * d:(hq + hk) * d].view(-1, hk, d)
-            v = qkv[:, (hq + hk) * d:].view(-1, hk, d)
+            q = qkv[:, : hq * d].view(-1, hq, d)
+            k = qkv[:, hq * d : (hq + hk) * d].view(-1, hk, d)
+            v = qkv[:, (hq + hk) * d :].view(-1, hk, d)
             r = c.rope
             if r.llama3:
-                frope.apply_llama31_rope_pos_ids_inplace(q, k, pos, rope_scale=r.factor, rope_theta=r.theta,
-                                                         low_freq_factor=r.low_freq_factor,
-                                                         high_freq_factor=r.high_freq_factor,
-                                                         old_context_len=int(r.original_max_position_embeddings))
+                frope.apply_llama31_rope_pos_ids_inplace(
+                    q,
+                    k,
+                    pos,
+                    rope_scale=r.factor,
+                    rope_theta=r.theta,
+                    low_freq_factor=r.low_freq_factor,
+                    high_freq_factor=r.high_freq_factor,
+                    old_context_len=int(r.original_max_position_embeddings),
+                )
             else:
                 frope.apply_rope_pos_ids_inplace(q, k, pos, rope_theta=r.theta)
             cache = (self.kv[n, 0], self.kv[n, 1])
@@ -226,19 +277,31 @@ class TorchLlama:
         ids = self.region(dd, dl, "token_ids", rows)
         pos = self.region(dd, dl, "positions", rows)
         bidx = self.region(dd, dl, "batch_indices", rows)
-        x = self.forward(ids, pos, bidx, self.d_indices, self.region(dd, dl, "kv_indptr", rows + 1),
-                         self.region(dd, dl, "kv_last_page_len", rows),
-                         lambda q, cache: self.decode.run(q, cache, enable_pdl=False))
+        x = self.forward(
+            ids,
+            pos,
+            bidx,
+            self.d_indices,
+            self.region(dd, dl, "kv_indptr", rows + 1),
+            self.region(dd, dl, "kv_last_page_len", rows),
+            lambda q, cache: self.decode.run(q, cache, enable_pdl=False),
+        )
         return torch.argmax(torch.matmul(x, self.lm_head.t()).float(), dim=-1).to(torch.int32)
 
     def plan_decode(self, rows: int, n_pages: int) -> None:
         c, dl = self.c, self.dl
         end = dl.end("kv_indices", n_pages)
         self.ddev[:end].copy_(self.dhost[:end], non_blocking=True)
-        self.decode.plan(self.region(self.dhost, dl, "kv_indptr", rows + 1),
-                         self.region(self.dhost, dl, "kv_indices", n_pages),
-                         self.region(self.dhost, dl, "kv_last_page_len", rows), c.num_qo_heads, c.num_kv_heads,
-                         c.head_dim, self.page_size, q_data_type=self.embed.dtype)
+        self.decode.plan(
+            self.region(self.dhost, dl, "kv_indptr", rows + 1),
+            self.region(self.dhost, dl, "kv_indices", n_pages),
+            self.region(self.dhost, dl, "kv_last_page_len", rows),
+            c.num_qo_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            self.page_size,
+            q_data_type=self.embed.dtype,
+        )
 
     def capture(self) -> None:
         from fi_ffi.models.paging import fill_decode
@@ -268,16 +331,27 @@ class TorchLlama:
                     b, pl, pd, ph = len(admitted), self.pl, self.pdev, self.phost
                     end = pl.end("kv_indices", n_pages)
                     pd[:end].copy_(ph[:end], non_blocking=True)
-                    self.prefill.plan(self.region(ph, pl, "qo_indptr", b + 1), self.region(ph, pl, "kv_indptr", b + 1),
-                                      self.region(ph, pl, "kv_indices", n_pages),
-                                      self.region(ph, pl, "kv_last_page_len", b), c.num_qo_heads, c.num_kv_heads,
-                                      c.head_dim, 16, causal=True, q_data_type=self.embed.dtype)
-                    x = self.forward(self.region(pd, pl, "token_ids", nnz), self.region(pd, pl, "positions", nnz),
-                                     self.region(pd, pl, "batch_indices", nnz),
-                                     self.region(pd, pl, "kv_indices", n_pages),
-                                     self.region(pd, pl, "kv_indptr", b + 1),
-                                     self.region(pd, pl, "kv_last_page_len", b),
-                                     lambda q, cache: self.prefill.run(q, cache, enable_pdl=False))
+                    self.prefill.plan(
+                        self.region(ph, pl, "qo_indptr", b + 1),
+                        self.region(ph, pl, "kv_indptr", b + 1),
+                        self.region(ph, pl, "kv_indices", n_pages),
+                        self.region(ph, pl, "kv_last_page_len", b),
+                        c.num_qo_heads,
+                        c.num_kv_heads,
+                        c.head_dim,
+                        16,
+                        causal=True,
+                        q_data_type=self.embed.dtype,
+                    )
+                    x = self.forward(
+                        self.region(pd, pl, "token_ids", nnz),
+                        self.region(pd, pl, "positions", nnz),
+                        self.region(pd, pl, "batch_indices", nnz),
+                        self.region(pd, pl, "kv_indices", n_pages),
+                        self.region(pd, pl, "kv_indptr", b + 1),
+                        self.region(pd, pl, "kv_last_page_len", b),
+                        lambda q, cache: self.prefill.run(q, cache, enable_pdl=False),
+                    )
                     last = self.region(pd, pl, "last_rows", b).long()
                     tok = torch.argmax(torch.matmul(x[last], self.lm_head.t()).float(), dim=-1)
                     s.record(admitted, tok.cpu().tolist(), prefill=True)
@@ -301,8 +375,11 @@ class TorchLlama:
                 host_us.append((t1 - t0 + t3 - t2) * 1e6)
                 decode_s += t3 - t0
         tokens = sum(len(r.output) - 1 for r in reqs)
-        return {"tokens_per_s": tokens / decode_s, "host_us": float(np.median(host_us)),
-                "tokens": [r.output for r in reqs]}
+        return {
+            "tokens_per_s": tokens / decode_s,
+            "host_us": float(np.median(host_us)),
+            "tokens": [r.output for r in reqs],
+        }
 
     def gpu_us(self) -> float:
         torch = self.torch
@@ -368,22 +445,36 @@ def main(argv: list[str] | None = None) -> int:
     print("| batch | mode | implementation | tokens/s | host us/step | GPU us/step | ratio vs flashinfer+torch |")
     print("|---:|---|---|---:|---:|---:|---|")
     for r in rows:
-        peer = next((p for p in rows if p["impl"] == "flashinfer + torch" and p["batch"] == r["batch"]
-                     and p["mode"] == r["mode"] and "error" not in p), None)
+        peer = next(
+            (
+                p
+                for p in rows
+                if p["impl"] == "flashinfer + torch"
+                and p["batch"] == r["batch"]
+                and p["mode"] == r["mode"]
+                and "error" not in p
+            ),
+            None,
+        )
         if "error" in r:
             print(f"| {r['batch']} | {r['mode']} | {r['impl']} | unavailable | | | |")
             continue
         ratio = ""
         if peer is not None and peer is not r:
-            ratio = (f"host {r['host_us'] / peer['host_us']:.2f}x, tokens/s "
-                     f"{r['tokens_per_s'] / peer['tokens_per_s']:.3f}x")
+            ratio = (
+                f"host {r['host_us'] / peer['host_us']:.2f}x, tokens/s {r['tokens_per_s'] / peer['tokens_per_s']:.3f}x"
+            )
             r["same_tokens_as_peer"] = r["tokens"] == peer["tokens"]
         gpu = f"{r['gpu_us']:.1f}" if "gpu_us" in r else "(as graph)"
-        print(f"| {r['batch']} | {r['mode']} | {r['impl']} | {r['tokens_per_s']:.0f} | {r['host_us']:.0f} | {gpu} | "
-              f"{ratio} |")
+        print(
+            f"| {r['batch']} | {r['mode']} | {r['impl']} | {r['tokens_per_s']:.0f} | {r['host_us']:.0f} | {gpu} | "
+            f"{ratio} |"
+        )
     same = [r.get("same_tokens_as_peer") for r in rows if "same_tokens_as_peer" in r]
-    print(f"\nidentical greedy tokens to flashinfer + torch in {sum(map(bool, same))}/{len(same)} configurations "
-          f"(near ties may differ: GEMM libraries round differently)")
+    print(
+        f"\nidentical greedy tokens to flashinfer + torch in {sum(map(bool, same))}/{len(same)} configurations "
+        f"(near ties may differ: GEMM libraries round differently)"
+    )
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "tokens"} for r in rows], indent=2))
     if tmp is not None:

@@ -36,13 +36,20 @@ def main() -> None:
     report = Report(f"rmsnorm 1x128 float16, host time per call (n={args.n})")
     report.measure("torch x.add_(0) (framework floor)", lambda: x.add_(0), n=args.n, sync=sync)
     report.measure("fi_ffi.rmsnorm, prepared descriptors", lambda: rmsnorm(xd, wd, od), n=args.n, sync=sync)
-    report.measure("fi_ffi.rmsnorm, prepared descriptors, explicit stream",
-                   lambda: rmsnorm(xd, wd, od, stream=stream), n=args.n, sync=sync)
+    report.measure(
+        "fi_ffi.rmsnorm, prepared descriptors, explicit stream",
+        lambda: rmsnorm(xd, wd, od, stream=stream),
+        n=args.n,
+        sync=sync,
+    )
     report.measure("fi_ffi.rmsnorm, torch tensors", lambda: rmsnorm(x, w, out), n=args.n, sync=sync)
     report.measure("fi_ffi.prepare(fi_ffi.rmsnorm, ...)()", fi_ffi.prepare(rmsnorm, xd, wd, od), n=args.n, sync=sync)
     ptr = x.data_ptr()
-    report.measure("fi_ffi.Tensor.from_pointer(ptr, (1, 128), 'float16', 0)",
-                   lambda: fi_ffi.Tensor.from_pointer(ptr, (1, 128), "float16", 0), n=args.n)
+    report.measure(
+        "fi_ffi.Tensor.from_pointer(ptr, (1, 128), 'float16', 0)",
+        lambda: fi_ffi.Tensor.from_pointer(ptr, (1, 128), "float16", 0),
+        n=args.n,
+    )
     report.measure("descriptor.rebind(ptr)", lambda: xd.rebind(ptr), n=args.n)
     report.measure("fi_ffi.as_tensor(torch tensor)", lambda: fi_ffi.as_tensor(x), n=args.n)
     try:
@@ -59,18 +66,24 @@ def main() -> None:
         import tvm_ffi
 
         f = tvm_ffi.load_module(str(loader.module_path("norm"))).rmsnorm
-        report.measure("tvm_ffi Cython module.rmsnorm(out, x, w, eps, pdl)", lambda: f(out, x, w, 1e-6, False),
-                       n=args.n, sync=sync)
+        report.measure(
+            "tvm_ffi Cython module.rmsnorm(out, x, w, eps, pdl)", lambda: f(out, x, w, 1e-6, False), n=args.n, sync=sync
+        )
         if xc is not None:
-            report.measure("tvm_ffi Cython module.rmsnorm, CuPy arrays", lambda: f(oc, xc, wc, 1e-6, False),
-                           n=args.n, sync=sync)
+            report.measure(
+                "tvm_ffi Cython module.rmsnorm, CuPy arrays", lambda: f(oc, xc, wc, 1e-6, False), n=args.n, sync=sync
+            )
     except Exception as exc:
         print(f"tvm_ffi peer unavailable: {exc}")
     try:
         import flashinfer.norm as fnorm
 
-        report.measure("flashinfer.norm.rmsnorm(x, w, eps, out=out)", lambda: fnorm.rmsnorm(x, w, 1e-6, out=out),
-                       n=args.n, sync=sync)
+        report.measure(
+            "flashinfer.norm.rmsnorm(x, w, eps, out=out)",
+            lambda: fnorm.rmsnorm(x, w, 1e-6, out=out),
+            n=args.n,
+            sync=sync,
+        )
     except Exception as exc:
         print(f"flashinfer peer unavailable: {exc}")
     sync()

@@ -53,12 +53,19 @@ def problem(torch: Any, batch: int, lengths: list[int], layers: int) -> dict[str
     new_k = [torch.randn(batch, HK, D, dtype=dt, device=dev, generator=g) for _ in range(layers)]
     new_v = [torch.randn(batch, HK, D, dtype=dt, device=dev, generator=g) for _ in range(layers)]
     return {
-        "batch": batch, "lengths": lengths, "layers": layers,
-        "k": [c[:, 0] for c in kv], "v": [c[:, 1] for c in kv], "q": q, "new_k": new_k, "new_v": new_v,
+        "batch": batch,
+        "lengths": lengths,
+        "layers": layers,
+        "k": [c[:, 0] for c in kv],
+        "v": [c[:, 1] for c in kv],
+        "q": q,
+        "new_k": new_k,
+        "new_v": new_v,
         "out": [torch.empty_like(x) for x in q],
-        "indptr_h": indptr, "last_h": last,
-        "indptr": torch.from_numpy(indptr).to(dev), "indices": torch.arange(total_pages, dtype=torch.int32,
-                                                                            device=dev),
+        "indptr_h": indptr,
+        "last_h": last,
+        "indptr": torch.from_numpy(indptr).to(dev),
+        "indices": torch.arange(total_pages, dtype=torch.int32, device=dev),
         "last": torch.from_numpy(last).to(dev),
         # the token appended this step overwrites each request's last cached position (same work every step)
         "batch_indices": torch.arange(batch, dtype=torch.int32, device=dev),
@@ -68,8 +75,12 @@ def problem(torch: Any, batch: int, lengths: list[int], layers: int) -> dict[str
 
 def fi_ffi_step(fi_ffi: Any, p: dict[str, Any], ws: Any, convert: Callable[[Any], Any]) -> Callable[[], None]:
     """One step with fi_ffi; ``convert`` maps a torch tensor to what is passed (descriptor, itself, CuPy)."""
-    c = {k: [convert(t) for t in v] if isinstance(v, list) and v and hasattr(v[0], "data_ptr") else
-         (convert(v) if hasattr(v, "data_ptr") else v) for k, v in p.items()}
+    c = {
+        k: [convert(t) for t in v]
+        if isinstance(v, list) and v and hasattr(v[0], "data_ptr")
+        else (convert(v) if hasattr(v, "data_ptr") else v)
+        for k, v in p.items()
+    }
     plan_fn, run, append = fi_ffi.batch_decode_plan, fi_ffi.batch_decode_run, fi_ffi.append_paged_kv_cache
     layers = range(p["layers"])
     indptr_h, last_h = p["indptr_h"], p["last_h"]
@@ -108,8 +119,9 @@ def flashinfer_step(torch: Any, p: dict[str, Any]) -> Callable[[], None]:
     return step
 
 
-def measure(steps: dict[str, Callable[[], None]], n: int, rounds: int, sync: Callable[[], None],
-            wall: bool) -> dict[str, float]:
+def measure(
+    steps: dict[str, Callable[[], None]], n: int, rounds: int, sync: Callable[[], None], wall: bool
+) -> dict[str, float]:
     """Best round's time per step, in us: host time (no sync inside the round) or wall time (sync included)."""
     for fn in steps.values():
         fn()
@@ -127,8 +139,9 @@ def measure(steps: dict[str, Callable[[], None]], n: int, rounds: int, sync: Cal
     return best
 
 
-def run_problem(torch: Any, title: str, batch: int, lengths: list[int], args: argparse.Namespace,
-                wall: bool) -> dict[str, Any]:
+def run_problem(
+    torch: Any, title: str, batch: int, lengths: list[int], args: argparse.Namespace, wall: bool
+) -> dict[str, Any]:
     import fi_ffi
 
     p = problem(torch, batch, lengths, args.layers)
@@ -157,14 +170,21 @@ def run_problem(torch: Any, title: str, batch: int, lengths: list[int], args: ar
     equal = {name: bool(torch.equal(o, ref)) for name, o in outputs.items()}
     times = measure(steps, args.steps, args.rounds, torch.cuda.synchronize, wall)
     base = times.get("flashinfer")
-    print(f"\n{title} ({'wall' if wall else 'host'} us per step, {args.layers} layers, best of {args.rounds} rounds "
-          f"of {args.steps} steps; {torch.cuda.get_device_name()})")
+    print(
+        f"\n{title} ({'wall' if wall else 'host'} us per step, {args.layers} layers, best of {args.rounds} rounds "
+        f"of {args.steps} steps; {torch.cuda.get_device_name()})"
+    )
     for name, us in times.items():
         ratio = f"{us / base:.2f}x" if base else "-"
         print(f"  {name:<22} {us:10.1f} us   {ratio} flashinfer   output equal: {equal[name]}")
     ws.close()
-    return {"title": title, "us_per_step": times, "ratio_vs_flashinfer": {k: v / base for k, v in times.items()}
-            if base else {}, "outputs_equal": equal, "wall": wall}
+    return {
+        "title": title,
+        "us_per_step": times,
+        "ratio_vs_flashinfer": {k: v / base for k, v in times.items()} if base else {},
+        "outputs_equal": equal,
+        "wall": wall,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

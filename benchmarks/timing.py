@@ -8,8 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-def per_call_us(fn: Callable[[], Any], n: int = 20_000, warm: int = 500, sync: Callable[[], Any] | None = None,
-                repeats: int = 3) -> float:
+def per_call_us(
+    fn: Callable[[], Any], n: int = 20_000, warm: int = 500, sync: Callable[[], Any] | None = None, repeats: int = 3
+) -> float:
     """Best of ``repeats`` runs of the mean host time of one call of ``fn``, in microseconds.
 
     ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each timed loop so queued GPU work from the warm-up
@@ -80,7 +81,10 @@ class Report:
 
     def dump(self, path: str, ratios: list[tuple[str, str]]) -> None:
         self.run()
-        data = {"title": self.title, "us_per_call": self.rows,
-                "ratios": {f"{a} / {b}": self.ratio(a, b) for a, b in ratios}}
+        data = {
+            "title": self.title,
+            "us_per_call": self.rows,
+            "ratios": {f"{a} / {b}": self.ratio(a, b) for a, b in ratios},
+        }
         with open(path, "w") as fh:
             json.dump(data, fh, indent=2)

@@ -41,14 +41,20 @@ class DeviceArray:
     def upload(self, host: np.ndarray, stream) -> None:
         host = np.ascontiguousarray(host, dtype=self.dtype)
         assert host.nbytes <= self.nbytes
-        check(rt.cudaMemcpyAsync(self.ptr, host.ctypes.data, host.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                                 stream))
+        check(
+            rt.cudaMemcpyAsync(
+                self.ptr, host.ctypes.data, host.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream
+            )
+        )
         check(rt.cudaStreamSynchronize(stream))  # the host array may go away
 
     def download(self, stream) -> np.ndarray:
         host = np.empty(self.shape, self.dtype)
-        check(rt.cudaMemcpyAsync(host.ctypes.data, self.ptr, self.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
-                                 stream))
+        check(
+            rt.cudaMemcpyAsync(
+                host.ctypes.data, self.ptr, self.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream
+            )
+        )
         check(rt.cudaStreamSynchronize(stream))
         return host
 
@@ -79,12 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     stream = check(rt.cudaStreamCreate())
 
-    caches = [(DeviceArray((max_pages, page, hk, d), np.float16), DeviceArray((max_pages, page, hk, d), np.float16))
-              for _ in range(args.layers)]
+    caches = [
+        (DeviceArray((max_pages, page, hk, d), np.float16), DeviceArray((max_pages, page, hk, d), np.float16))
+        for _ in range(args.layers)
+    ]
     history = [[np.zeros((0, hk, d), np.float16)] * 2 for _ in range(args.layers * batch)]  # per layer, request
     q_d, out_d = DeviceArray((batch, hq, d), np.float16), DeviceArray((batch, hq, d), np.float16)
-    tok_k, tok_v = DeviceArray((max(prompt) * batch, hk, d), np.float16), DeviceArray((max(prompt) * batch, hk, d),
-                                                                                       np.float16)
+    tok_k, tok_v = (
+        DeviceArray((max(prompt) * batch, hk, d), np.float16),
+        DeviceArray((max(prompt) * batch, hk, d), np.float16),
+    )
     batch_idx_d, pos_d = DeviceArray((max(prompt) * batch,), np.int32), DeviceArray((max(prompt) * batch,), np.int32)
     indices_d = DeviceArray((max_pages,), np.int32)
     indptr_d, last_d = DeviceArray((batch + 1,), np.int32), DeviceArray((batch,), np.int32)
@@ -116,10 +126,19 @@ def main(argv: list[str] | None = None) -> int:
             v = rng.standard_normal((nnz, hk, d)).astype(np.float16)
             tok_k.upload(k, stream)
             tok_v.upload(v, stream)
-            append_paged_kv_cache(tok_k.t.view((nnz, hk, d)), tok_v.t.view((nnz, hk, d)),
-                                  batch_idx_d.t.view((nnz,)), pos_d.t.view((nnz,)), kc.t, vc.t,
-                                  indices_d.t.view((int(indptr[-1]),)), indptr_d.t, last_d.t, layout="NHD",
-                                  stream=int(stream))
+            append_paged_kv_cache(
+                tok_k.t.view((nnz, hk, d)),
+                tok_v.t.view((nnz, hk, d)),
+                batch_idx_d.t.view((nnz,)),
+                pos_d.t.view((nnz,)),
+                kc.t,
+                vc.t,
+                indices_d.t.view((int(indptr[-1]),)),
+                indptr_d.t,
+                last_d.t,
+                layout="NHD",
+                stream=int(stream),
+            )
             for b in range(batch):
                 rows = [i for i, x in enumerate(bidx) if x == b]
                 hk_, hv_ = history[layer * batch + b]

@@ -1,6 +1,6 @@
 """RMSNorm on raw device memory with cuda-python only (no torch): allocate, copy in, run on a stream, compare.
 
-    python examples/rmsnorm_cuda_python.py        # exits 1 if the result differs from numpy
+python examples/rmsnorm_cuda_python.py        # exits 1 if the result differs from numpy
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def main() -> int:
     ptrs = [int(check(rt.cudaMalloc(a.nbytes), "cudaMalloc")) for a in (x_host, w_host, x_host)]
     try:
         for ptr, host in zip(ptrs, (x_host, w_host), strict=False):
-            check(rt.cudaMemcpy(ptr, host.ctypes.data, host.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice),
-                  "cudaMemcpy")
+            check(
+                rt.cudaMemcpy(ptr, host.ctypes.data, host.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice),
+                "cudaMemcpy",
+            )
         # Descriptors are made once and reused for every call.
         x = fi_ffi.Tensor.from_pointer(ptrs[0], (rows, hidden), "float16", device=0)
         w = fi_ffi.Tensor.from_pointer(ptrs[1], (hidden,), "float16", device=0)
@@ -40,8 +42,9 @@ def main() -> int:
         check(rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
 
         got = np.empty_like(x_host)
-        check(rt.cudaMemcpy(got.ctypes.data, ptrs[2], got.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost),
-              "cudaMemcpy")
+        check(
+            rt.cudaMemcpy(got.ctypes.data, ptrs[2], got.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy"
+        )
     finally:
         for ptr in ptrs:
             rt.cudaFree(ptr)

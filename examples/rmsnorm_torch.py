@@ -1,6 +1,6 @@
 """RMSNorm and the fused residual form on torch tensors, with descriptors made once for the hot loop.
 
-    python examples/rmsnorm_torch.py              # exits 1 if a result differs from torch
+python examples/rmsnorm_torch.py              # exits 1 if a result differs from torch
 """
 
 from __future__ import annotations

@@ -72,8 +72,10 @@ def _lock_status() -> dict[str, Any]:
     pins = list(chosen.kernels)
     if chosen.runtime is not None and _runtime_status()["source"] == "lock":
         pins.append(chosen.runtime)
-    status["entries"] = [{"filename": pin.filename, "sha256": pin.sha256, "kind": pin.kind, "release": pin.release,
-                          **wheel_status(pin)} for pin in pins]
+    status["entries"] = [
+        {"filename": pin.filename, "sha256": pin.sha256, "kind": pin.kind, "release": pin.release, **wheel_status(pin)}
+        for pin in pins
+    ]
     status["kernel_sm"] = sorted({sm for pin in chosen.kernels for sm in wheel_sm(pin)})
     return status
 
@@ -98,8 +100,13 @@ def wheel_status(pin: Any) -> dict[str, Any]:
 
     def found(status: str, path: Path, source: str) -> dict[str, Any]:
         verified = cache.stamped(path, pin.sha256)
-        return {"status": status, "path": str(path), "source": source, "verified": verified,
-                "cached": status == "cached" and verified}
+        return {
+            "status": status,
+            "path": str(path),
+            "source": source,
+            "verified": verified,
+            "cached": status == "cached" and verified,
+        }
 
     cached = _cached_wheel_path(pin)
     if cached.is_file():
@@ -179,15 +186,27 @@ def gpu_coverage(gpus: Sequence[Any], kernels: Sequence[Any]) -> list[dict[str, 
             detail = f"covered by {', '.join(covering)}"
         elif unlabelled:
             covered = None
-            detail = (f"not known: {', '.join(unlabelled)} names no GPU archs (no sm list in the lock, no smXY "
-                      f"tag in the file name); `fi-ffi smoke` tells")
+            detail = (
+                f"not known: {', '.join(unlabelled)} names no GPU archs (no sm list in the lock, no smXY "
+                f"tag in the file name); `fi-ffi smoke` tells"
+            )
         else:
             covered = False
             offered = sorted({s for sms in by_wheel.values() for s in sms}) or ["none"]
-            detail = (f"NOT covered: the selected wheels have code for sm {', '.join(offered)} only; pin a wheel "
-                      f"built for sm {major}{minor} (`fi-ffi lock WHEEL`, then FI_FFI_LOCK)")
-        rows.append({"ordinal": gpu.ordinal, "name": gpu.name, "capability": cc, "covered": covered,
-                     "wheels": covering, "detail": detail})
+            detail = (
+                f"NOT covered: the selected wheels have code for sm {', '.join(offered)} only; pin a wheel "
+                f"built for sm {major}{minor} (`fi-ffi lock WHEEL`, then FI_FFI_LOCK)"
+            )
+        rows.append(
+            {
+                "ordinal": gpu.ordinal,
+                "name": gpu.name,
+                "capability": cc,
+                "covered": covered,
+                "wheels": covering,
+                "detail": detail,
+            }
+        )
     return rows
 
 
@@ -204,8 +223,10 @@ def _runtime_status() -> dict[str, str]:
     if source == "env":
         path = os.path.abspath(os.path.expanduser(detail))
         if not os.path.isfile(path):
-            problem = (f"{settings.RUNTIME}={detail} is not auto, package or lock, and no file exists at {path}; "
-                       f"set it to the path of a libtvm_ffi.so, or unset it")
+            problem = (
+                f"{settings.RUNTIME}={detail} is not auto, package or lock, and no file exists at {path}; "
+                f"set it to the path of a libtvm_ffi.so, or unset it"
+            )
     return {"source": source, "detail": detail, "problem": problem}
 
 
@@ -239,14 +260,18 @@ def _print_doctor(data: dict[str, Any]) -> None:
     runtime = f"{s['runtime_version']} ({s['runtime_path']})" if s["runtime_version"] else s["runtime_error"]
     print(f"CUDA runtime:   {runtime}")
     if s.get("cuda_version_override"):
-        print(f"  override:     FI_FFI_CUDA_VERSION={s['cuda_version_override']} (wheels are selected for this "
-              f"version, not for the library above)")
+        print(
+            f"  override:     FI_FFI_CUDA_VERSION={s['cuda_version_override']} (wheels are selected for this "
+            f"version, not for the library above)"
+        )
     coverage = {row["ordinal"]: row for row in data.get("gpu_coverage", [])}
     if s["gpus"]:
         for g in s["gpus"]:
             major, minor = g["capability"]
-            print(f"GPU {g['ordinal']}:          {g['name']}, compute capability {major}.{minor}, "
-                  f"{g['memory_bytes'] / 2**30:.0f} GiB")
+            print(
+                f"GPU {g['ordinal']}:          {g['name']}, compute capability {major}.{minor}, "
+                f"{g['memory_bytes'] / 2**30:.0f} GiB"
+            )
             if g["ordinal"] in coverage:
                 print(f"  kernels:      {coverage[g['ordinal']]['detail']}")
     else:
@@ -318,10 +343,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"{'kept' if path in kept else 'removed'} {path}: {problem}")
         for path, why in report.kept:
             print(f"  left in place: {path}: {why}")
-        action = "found, nothing changed: the cache is read-only" if report.read_only else (
-            "removed; fetched or extracted again on next use")
-        print(f"checked {report.checked} files, {len(report.bad)} bad ({action}), {report.removed_tmp} "
-              f"temporary files of dead processes removed")
+        action = (
+            "found, nothing changed: the cache is read-only"
+            if report.read_only
+            else ("removed; fetched or extracted again on next use")
+        )
+        print(
+            f"checked {report.checked} files, {len(report.bad)} bad ({action}), {report.removed_tmp} "
+            f"temporary files of dead processes removed"
+        )
         return 0 if report.ok else 1
     elif args.action == "clear":
         cleared = loader.clear_cache()
@@ -329,8 +359,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"removed {path} ({size / 2**20:.1f} MiB)")
         for path, why in cleared.kept:
             print(f"kept    {path}: {why}")
-        print(f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
-              f"entries fi_ffi created, kept {len(cleared.kept)}")
+        print(
+            f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
+            f"entries fi_ffi created, kept {len(cleared.kept)}"
+        )
     return 0
 
 
@@ -357,10 +389,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         print()
     for row in rows if not args.json else ():
         dtypes = "/".join(dict.fromkeys((row["dtype_q"], row["dtype_kv"], row["dtype_o"])))
-        heads = f"{row['head_dim_qk']}" if row["head_dim_qk"] == row["head_dim_vo"] else \
-            f"{row['head_dim_qk']}/{row['head_dim_vo']}"
-        print(f"{row['kind']:15s} {row['backend']:4s} {dtypes:9s} head_dim {heads:8s} {row['release'] or '-':11s} "
-              f"{row['uri']}")
+        heads = (
+            f"{row['head_dim_qk']}"
+            if row["head_dim_qk"] == row["head_dim_vo"]
+            else f"{row['head_dim_qk']}/{row['head_dim_vo']}"
+        )
+        print(
+            f"{row['kind']:15s} {row['backend']:4s} {dtypes:9s} head_dim {heads:8s} {row['release'] or '-':11s} "
+            f"{row['uri']}"
+        )
     if not rows:
         print("no variant matches", file=sys.stderr)
         return 1
@@ -391,8 +428,16 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 # `fi-ffi list --kind`: the variant kinds (fi_ffi.ops.variants.KINDS; a test keeps the two equal) and families.
-LIST_KINDS = ("single_prefill", "batch_prefill", "single_decode", "batch_decode", "batch_mla", "prefill", "decode",
-              "mla")
+LIST_KINDS = (
+    "single_prefill",
+    "batch_prefill",
+    "single_decode",
+    "batch_decode",
+    "batch_mla",
+    "prefill",
+    "decode",
+    "mla",
+)
 
 # Spellings of `--dtype` beyond fi_ffi.dtypes' names: the "fp" forms common in other tools' flags.
 _DTYPE_ALIASES = {"fp16": "float16", "fp32": "float32", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
@@ -452,19 +497,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     try:
-        with LlamaEngine(args.model, max_batch=args.max_batch or len(args.prompt_ids), cuda_graph=args.graph,
-                         device=args.device) as engine:
-            result = engine.generate(args.prompt_ids, args.max_new_tokens, eos_token_ids=args.eos_ids,
-                                     sampling=sampling)
+        with LlamaEngine(
+            args.model, max_batch=args.max_batch or len(args.prompt_ids), cuda_graph=args.graph, device=args.device
+        ) as engine:
+            result = engine.generate(
+                args.prompt_ids, args.max_new_tokens, eos_token_ids=args.eos_ids, sampling=sampling
+            )
     except (ValueError, ImportError) as exc:  # a bad checkpoint or argument; CuPy missing (the llama extra)
         print(f"fi-ffi generate: {exc}", file=sys.stderr)
         return 2
     for i, (tokens, why) in enumerate(zip(result.tokens, result.finish_reasons, strict=True)):
         print(f"[{i}] {','.join(map(str, tokens))}  ({why})")
     mode = "CUDA graph" if args.graph else "eager"
-    print(f"prefill: {result.prefill_s * 1e3:.1f} ms; decode ({mode}): {result.decode_steps} steps, "
-          f"{result.decode_tokens} tokens, {result.tokens_per_s:.1f} tokens/s, host time per step "
-          f"{result.host_us_per_step:.1f} us (median)")
+    print(
+        f"prefill: {result.prefill_s * 1e3:.1f} ms; decode ({mode}): {result.decode_steps} steps, "
+        f"{result.decode_tokens} tokens, {result.tokens_per_s:.1f} tokens/s, host time per step "
+        f"{result.host_us_per_step:.1f} us (median)"
+    )
     return 0
 
 
@@ -489,26 +538,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="where the wheel can be downloaded from")
     p.set_defaults(func=cmd_lock)
     p = sub.add_parser("list", help="attention variants the active lock provides")
-    p.add_argument("--kind", choices=LIST_KINDS, metavar="KIND",
-                   help=f"one of {', '.join(LIST_KINDS)} ('prefill'/'decode': single and batch)")
-    p.add_argument("--dtype", type=_q_dtype, metavar="DTYPE",
-                   help="q dtype: float16 (f16, fp16), bfloat16 (bf16), float8_e4m3fn (e4m3), float8_e5m2 (e5m2)")
+    p.add_argument(
+        "--kind",
+        choices=LIST_KINDS,
+        metavar="KIND",
+        help=f"one of {', '.join(LIST_KINDS)} ('prefill'/'decode': single and batch)",
+    )
+    p.add_argument(
+        "--dtype",
+        type=_q_dtype,
+        metavar="DTYPE",
+        help="q dtype: float16 (f16, fp16), bfloat16 (bf16), float8_e4m3fn (e4m3), float8_e5m2 (e5m2)",
+    )
     p.add_argument("--head-dim", type=_positive_int, metavar="N", help="head dimension (qk or vo)")
     p.add_argument("--json", action="store_true", help="one object per variant, with every field")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("smoke", help="run each op once on the GPU against a reference")
     p.add_argument("--device", type=_ordinal, default=0, help="CUDA ordinal (0 to the GPU count - 1)")
     p.set_defaults(func=cmd_smoke)
-    p = sub.add_parser("generate", help="serve token-id prompts with a local Llama checkpoint (needs CuPy: "
-                                            "python -m pip install cupy-cuda13x)")
+    p = sub.add_parser(
+        "generate",
+        help="serve token-id prompts with a local Llama checkpoint (needs CuPy: python -m pip install cupy-cuda13x)",
+    )
     p.add_argument("--model", required=True, help="checkpoint directory: config.json + *.safetensors (f16/bf16)")
-    p.add_argument("--prompt-ids", type=_token_ids, action="append", required=True,
-                   help="one prompt as comma-separated token ids (repeat for a batch)")
+    p.add_argument(
+        "--prompt-ids",
+        type=_token_ids,
+        action="append",
+        required=True,
+        help="one prompt as comma-separated token ids (repeat for a batch)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
     p.add_argument("--graph", action="store_true", help="replay the decode step as a CUDA graph")
     p.add_argument("--max-batch", type=int, default=0, help="batch slots (default: the number of prompts)")
-    p.add_argument("--eos-ids", type=_eos_ids,
-                   help="comma-separated end-of-sequence ids, or 'none' (default: the checkpoint's)")
+    p.add_argument(
+        "--eos-ids", type=_eos_ids, help="comma-separated end-of-sequence ids, or 'none' (default: the checkpoint's)"
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass")

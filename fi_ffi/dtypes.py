@@ -79,12 +79,36 @@ uint32 = DType("uint32", 1, 32, 1, "u32")
 bool_ = DType("bool", 6, 8, 1, "bool")
 
 ALL: tuple[DType, ...] = (
-    float16, bfloat16, float32, float8_e4m3fn, float8_e5m2, int8, int32, int64, uint8, uint16, uint32, bool_,
+    float16,
+    bfloat16,
+    float32,
+    float8_e4m3fn,
+    float8_e5m2,
+    int8,
+    int32,
+    int64,
+    uint8,
+    uint16,
+    uint32,
+    bool_,
 )
 _BY_NAME: dict[str, DType] = {d.name: d for d in ALL}
-_BY_NAME.update({"f16": float16, "half": float16, "bf16": bfloat16, "f32": float32, "float": float32,
-                 "e4m3": float8_e4m3fn, "float8_e4m3": float8_e4m3fn, "e5m2": float8_e5m2,
-                 "i32": int32, "i64": int64, "u8": uint8, "bool_": bool_})
+_BY_NAME.update(
+    {
+        "f16": float16,
+        "half": float16,
+        "bf16": bfloat16,
+        "f32": float32,
+        "float": float32,
+        "e4m3": float8_e4m3fn,
+        "float8_e4m3": float8_e4m3fn,
+        "e5m2": float8_e5m2,
+        "i32": int32,
+        "i64": int64,
+        "u8": uint8,
+        "bool_": bool_,
+    }
+)
 _BY_TRIPLE: dict[tuple[int, int, int], DType] = {(d.code, d.bits, d.lanes): d for d in ALL}
 
 

@@ -156,8 +156,10 @@ def _handler_for(obj: Any, name: str) -> _Handler:
     elif hasattr(obj, "__array_interface__"):
         return _from_array_interface
     else:
-        raise TypeError(f"{name}: expected a fi_ffi.Tensor, a torch tensor, a DLPack producer (__dlpack__) or an "
-                        f"object with __cuda_array_interface__ / __array_interface__, got {tp.__name__}")
+        raise TypeError(
+            f"{name}: expected a fi_ffi.Tensor, a torch tensor, a DLPack producer (__dlpack__) or an "
+            f"object with __cuda_array_interface__ / __array_interface__, got {tp.__name__}"
+        )
     _handlers[tp] = handler
     return handler
 
@@ -174,8 +176,9 @@ def _dlpack_stream(stream: Any) -> int | None:
     return 1 if handle == 0 else handle  # cudaStream_t 0 is the legacy default stream: DLPack's 1
 
 
-def _new(data_ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: DType, device: Device,
-         owner: Any) -> Tensor:
+def _new(
+    data_ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: DType, device: Device, owner: Any
+) -> Tensor:
     """A Tensor from values already checked here (skips the constructor's generic validation)."""
     t = Tensor.__new__(Tensor)
     t.data_ptr = data_ptr
@@ -196,8 +199,10 @@ def _device(device_type: int, device_id: int, name: str) -> Device:
         if not 0 <= device_id < 1 << 31 and not (device_type in (CPU, CUDA_HOST) and device_id == -1):
             raise ValueError(f"{name}: device ordinal {device_id} is outside [0, 2**31)")
         if device_type not in _DEVICE_TYPES:
-            raise ValueError(f"{name}: device type {int(device_type)} is not supported (expected CPU=1, CUDA=2, "
-                             f"CUDA_HOST=3 or CUDA_MANAGED=13)")
+            raise ValueError(
+                f"{name}: device type {int(device_type)} is not supported (expected CPU=1, CUDA=2, "
+                f"CUDA_HOST=3 or CUDA_MANAGED=13)"
+            )
         device = _devices[(int(device_type), int(device_id))] = Device(int(device_type), int(device_id))
     return device
 
@@ -212,6 +217,7 @@ def _check_layout(name: str, shape: tuple[int, ...], strides: tuple[int, ...]) -
 
 
 # ---- torch -------------------------------------------------------------------------------------------------
+
 
 def _from_torch(obj: Any, name: str, stream: Any) -> Tensor:
     if obj.is_cuda:
@@ -245,6 +251,7 @@ def _torch_dtype(value: Any, name: str) -> DType:
 
 
 # ---- DLPack -------------------------------------------------------------------------------------------------
+
 
 def _capsule_api() -> tuple[Any, Any]:
     global _ffi, _py
@@ -294,17 +301,19 @@ def _from_dlpack(obj: Any, name: str, stream: Any) -> Tensor:
     if py.PyCapsule_IsValid(address, _VERSIONED):
         managed = py.PyCapsule_GetPointer(address, _VERSIONED)
         if managed.major != 1:
-            raise TypeError(f"{name}: {tp.__name__} exported DLPack {managed.major}.{managed.minor}; fi_ffi "
-                            f"reads 1.x")
+            raise TypeError(f"{name}: {tp.__name__} exported DLPack {managed.major}.{managed.minor}; fi_ffi reads 1.x")
         if managed.flags & _FLAG_IS_COPIED:
-            raise ValueError(f"{name}: {tp.__name__} exported a copy (DLPack flag IS_COPIED); fi_ffi describes "
-                             f"memory in place and never asks for a copy")
+            raise ValueError(
+                f"{name}: {tp.__name__} exported a copy (DLPack flag IS_COPIED); fi_ffi describes "
+                f"memory in place and never asks for a copy"
+            )
         t = managed.dl_tensor
     elif py.PyCapsule_IsValid(address, _LEGACY):
         t = ffi.cast("DLTensor*", py.PyCapsule_GetPointer(address, _LEGACY))  # DLManagedTensor starts with it
     else:
-        raise TypeError(f"{name}: {tp.__name__}.__dlpack__ returned {type(capsule).__name__}, not an unconsumed "
-                        f"DLPack capsule")
+        raise TypeError(
+            f"{name}: {tp.__name__}.__dlpack__ returned {type(capsule).__name__}, not an unconsumed DLPack capsule"
+        )
 
     device = _devices.get((t.device_type, t.device_id)) or _device(t.device_type, t.device_id, name)
     try:
@@ -325,8 +334,17 @@ def _from_dlpack(obj: Any, name: str, stream: Any) -> Tensor:
 # ---- __cuda_array_interface__ / __array_interface__ ---------------------------------------------------------
 
 # typestr without the byte-order character -> dtype (little-endian or byte-order-free only).
-_TYPESTR = {"f2": _dt.float16, "f4": _dt.float32, "i1": _dt.int8, "i4": _dt.int32, "i8": _dt.int64,
-            "u1": _dt.uint8, "u2": _dt.uint16, "u4": _dt.uint32, "b1": _dt.bool_}
+_TYPESTR = {
+    "f2": _dt.float16,
+    "f4": _dt.float32,
+    "i1": _dt.int8,
+    "i4": _dt.int32,
+    "i8": _dt.int64,
+    "u1": _dt.uint8,
+    "u2": _dt.uint16,
+    "u4": _dt.uint32,
+    "b1": _dt.bool_,
+}
 
 
 def _interface_dtype(obj: Any, typestr: Any, name: str, what: str) -> DType:
@@ -335,8 +353,10 @@ def _interface_dtype(obj: Any, typestr: Any, name: str, what: str) -> DType:
         if found is not None and (typestr[0] != "=" or sys.byteorder == "little"):
             return found
     if isinstance(typestr, str) and (typestr[:1] == ">" or (typestr[:1] == "=" and sys.byteorder == "big")):
-        raise TypeError(f"{name}: big-endian data (typestr {typestr!r} in {what}) is not supported: the kernels read "
-                        f"little-endian values; convert it first (e.g. numpy's .astype('<f2'))")
+        raise TypeError(
+            f"{name}: big-endian data (typestr {typestr!r} in {what}) is not supported: the kernels read "
+            f"little-endian values; convert it first (e.g. numpy's .astype('<f2'))"
+        )
     # a dtype the typestr cannot spell (ml_dtypes' bfloat16 and float8 are '|V2' / '|V1'): ask the object,
     # and accept its answer when the sizes agree
     value = getattr(obj, "dtype", None)
@@ -351,8 +371,9 @@ def _interface_dtype(obj: Any, typestr: Any, name: str, what: str) -> DType:
     raise TypeError(f"{name}: unsupported dtype (typestr {typestr!r} in {what}): expected one of {known}")
 
 
-def _interface_fields(obj: Any, iface: Any, name: str, what: str) -> tuple[int, tuple[int, ...],
-                                                                           tuple[int, ...], DType]:
+def _interface_fields(
+    obj: Any, iface: Any, name: str, what: str
+) -> tuple[int, tuple[int, ...], tuple[int, ...], DType]:
     """(data_ptr, shape, strides in elements, dtype) from an array-interface dict."""
     if not isinstance(iface, dict):
         raise TypeError(f"{name}: {what} must be a dict, got {type(iface).__name__}")
@@ -380,8 +401,9 @@ def _interface_fields(obj: Any, iface: Any, name: str, what: str) -> tuple[int, 
             raise ValueError(f"{name}: {what} has {len(byte_strides)} strides for shape {shape}")
         item = dtype.itemsize
         if any(s % item for s in byte_strides):
-            raise ValueError(f"{name}: strides {byte_strides} (bytes) are not multiples of the item size {item} "
-                             f"of {dtype.name}")
+            raise ValueError(
+                f"{name}: strides {byte_strides} (bytes) are not multiples of the item size {item} of {dtype.name}"
+            )
         strides = tuple(s // item for s in byte_strides)
     _check_layout(name, shape, strides)
     return ptr, shape, strides, dtype
@@ -479,23 +501,24 @@ def _pointer_device(ptr: int, name: str) -> Device:
         return _device(CUDA, ordinal, name)
     if mem_type == _MEMORYTYPE_HOST:
         return _device(CUDA_HOST, max(ordinal, 0), name)
-    raise ValueError(f"{name}: __cuda_array_interface__ pointer 0x{ptr:x} is not memory allocated, mapped or "
-                     f"registered through CUDA")
+    raise ValueError(
+        f"{name}: __cuda_array_interface__ pointer 0x{ptr:x} is not memory allocated, mapped or registered through CUDA"
+    )
 
 
 def _wait(producer: Any, consumer: int | None, device: Device, name: str) -> None:
     """Make ``consumer`` wait for the work queued so far on the CAI ``producer`` stream (an event, no sync)."""
     if not _is_int(producer) or int(producer) <= 0:
-        raise ValueError(f"{name}: __cuda_array_interface__ 'stream' must be None or a handle > 0, got "
-                         f"{producer!r}")
+        raise ValueError(f"{name}: __cuda_array_interface__ 'stream' must be None or a handle > 0, got {producer!r}")
     producer = int(producer)
     consumer = 1 if consumer is None else consumer  # CAI/DLPack 1: the legacy default stream
     if producer == consumer:
         return
     lib = _cuda_driver()
     if lib is None:
-        raise ValueError(f"{name}: cannot order stream {consumer} after the producer's stream {producer}: no "
-                         f"usable CUDA driver")
+        raise ValueError(
+            f"{name}: cannot order stream {consumer} after the producer's stream {producer}: no usable CUDA driver"
+        )
     ffi = _ffi
     handle, context, event = ffi.new("int*"), ffi.new("void**"), ffi.new("void**")
     # the event lives in the primary context of the array's device, made current for these calls only
@@ -512,8 +535,10 @@ def _wait(producer: Any, consumer: int | None, device: Device, name: str) -> Non
                 err = lib.cuEventRecord(event[0], producer) or lib.cuStreamWaitEvent(consumer, event[0], 0)
                 lib.cuEventDestroy_v2(event[0])  # released once the wait is done
             if err:
-                raise ValueError(f"{name}: ordering stream {consumer} after the producer's stream {producer} failed "
-                                 f"({_cuda_error(lib, err)})")
+                raise ValueError(
+                    f"{name}: ordering stream {consumer} after the producer's stream {producer} failed "
+                    f"({_cuda_error(lib, err)})"
+                )
         finally:
             lib.cuCtxPopCurrent_v2(ffi.new("void**"))
     finally:

@@ -52,16 +52,20 @@ class Device:
         err, ptr = self.rt.cudaMalloc(max(host.nbytes, 1))
         self._check((err,), "cudaMalloc")
         self._allocations.append(int(ptr))
-        self._check(self.rt.cudaMemcpy(int(ptr), host.ctypes.data, host.nbytes,
-                                       self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy H2D")
+        self._check(
+            self.rt.cudaMemcpy(int(ptr), host.ctypes.data, host.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice),
+            "cudaMemcpy H2D",
+        )
         return Tensor.from_pointer(int(ptr), host.shape, dtype or host.dtype.name, self.ordinal)
 
     def download(self, t: Tensor, np_dtype: Any) -> np.ndarray:
         """Copy a contiguous device tensor back to a new numpy array (after synchronizing the stream)."""
         self.sync()
         out = np.empty(t.shape, dtype=np_dtype)
-        self._check(self.rt.cudaMemcpy(out.ctypes.data, t.data_ptr, out.nbytes,
-                                       self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy D2H")
+        self._check(
+            self.rt.cudaMemcpy(out.ctypes.data, t.data_ptr, out.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost),
+            "cudaMemcpy D2H",
+        )
         return out
 
     def sync(self) -> None:
@@ -142,10 +146,15 @@ def check_append_paged_kv_cache(dev: Device) -> SmokeResult:
     # request 0 has 15 tokens in page 2 and gets 2 more (crossing into page 0); request 1 gets its first token.
     batch_idx, positions = np.array([0, 0, 1], np.int32), np.array([15, 16, 0], np.int32)
     indices, indptr, last = np.array([2, 0, 3], np.int32), np.array([0, 2, 3], np.int32), np.array([1, 1], np.int32)
-    kc, vc = dev.upload(np.zeros((pages, page, heads, d), np.float16)), dev.upload(np.zeros((pages, page, heads, d),
-                                                                                            np.float16))
-    args = [dev.upload(a) for a in (k_new, v_new, batch_idx, positions)] + [kc, vc] + \
-        [dev.upload(a) for a in (indices, indptr, last)]
+    kc, vc = (
+        dev.upload(np.zeros((pages, page, heads, d), np.float16)),
+        dev.upload(np.zeros((pages, page, heads, d), np.float16)),
+    )
+    args = (
+        [dev.upload(a) for a in (k_new, v_new, batch_idx, positions)]
+        + [kc, vc]
+        + [dev.upload(a) for a in (indices, indptr, last)]
+    )
     append_paged_kv_cache(*args, layout="NHD", stream=dev.stream_handle)
     want = np.zeros((pages, page, heads, d), np.float16)
     for (page_id, slot), token in zip(((2, 15), (0, 0), (3, 0)), range(3), strict=True):
@@ -169,8 +178,8 @@ def check_batch_decode(dev: Device) -> SmokeResult:
     v_cache = np.zeros_like(k_cache)
     first = 0
     for n, pages_used, k, v in zip(lens, num_pages, k_all, v_all, strict=True):
-        k_cache.reshape(-1, hk, d)[first * page: first * page + n] = k
-        v_cache.reshape(-1, hk, d)[first * page: first * page + n] = v
+        k_cache.reshape(-1, hk, d)[first * page : first * page + n] = k
+        v_cache.reshape(-1, hk, d)[first * page : first * page + n] = v
         first += pages_used
     indptr = np.concatenate([[0], np.cumsum(num_pages)]).astype(np.int32)
     last = np.array([n - (p - 1) * page for n, p in zip(lens, num_pages, strict=True)], np.int32)
@@ -182,10 +191,11 @@ def check_batch_decode(dev: Device) -> SmokeResult:
         plan = batch_decode_plan(ws, indptr, hq, hk, d, page, kv_last_page_len=last, stream=dev.stream_handle)
         batch_decode_run(plan, qd, kd, vd, indptr_d, indices_d, last_d, od, stream=dev.stream_handle)
         got = dev.download(od, np.float16).astype(np.float32)
-        want = np.stack([_attention(q[b:b + 1], k_all[b], v_all[b], False)[0] for b in range(len(lens))])
+        want = np.stack([_attention(q[b : b + 1], k_all[b], v_all[b], False)[0] for b in range(len(lens))])
         err = float(np.max(np.abs(got - want)))
-        us = host_time_us(lambda: batch_decode_run(plan, qd, kd, vd, indptr_d, indices_d, last_d, od,
-                                                   stream=dev.stream_handle))
+        us = host_time_us(
+            lambda: batch_decode_run(plan, qd, kd, vd, indptr_d, indices_d, last_d, od, stream=dev.stream_handle)
+        )
         plan.release()
     return SmokeResult("batch_decode run f16 32/8 heads d128", err < 5e-3, err, us)
 
@@ -228,13 +238,16 @@ def check_gdn_prefill(dev: Device) -> SmokeResult:
         s = s + np.einsum("hv,hk->hvk", vt - np.einsum("hvk,hk->hv", s, kt), kt)
         want[t] = np.einsum("hvk,hk->hv", s, qt) / np.sqrt(d)
     err = float(np.max(np.abs(dev.download(out, np.float16).astype(np.float32) - want)))
-    us = host_time_us(lambda: gdn_prefill(qd, kd, vd, cu_seqlens, out, state, ws, stream=dev.stream_handle),
-                      calls=200)
+    us = host_time_us(lambda: gdn_prefill(qd, kd, vd, cu_seqlens, out, state, ws, stream=dev.stream_handle), calls=200)
     return SmokeResult("gdn_prefill f16 6 tokens 2 heads", err < 5e-3, err, us)
 
 
 CHECKS: list[Callable[[Device], SmokeResult]] = [
-    check_rmsnorm, check_fused_add_rmsnorm, check_append_paged_kv_cache, check_batch_decode, check_single_prefill,
+    check_rmsnorm,
+    check_fused_add_rmsnorm,
+    check_append_paged_kv_cache,
+    check_batch_decode,
+    check_single_prefill,
     check_gdn_prefill,
 ]
 

@@ -39,8 +39,10 @@ def stream_handle(stream: Any) -> int | None:
         # cuda.core returns (version, handle); accept a bare handle too.
         handle = value[1] if isinstance(value, tuple) and len(value) == 2 else value
         if isinstance(handle, bool) or not isinstance(handle, int):
-            raise TypeError(f"stream: {type(stream).__name__}.__cuda_stream__ must give (version, handle) with an "
-                            f"int handle, got {value!r}")
+            raise TypeError(
+                f"stream: {type(stream).__name__}.__cuda_stream__ must give (version, handle) with an "
+                f"int handle, got {value!r}"
+            )
         return _in_range(int(handle), stream)
     for attr in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy.cuda.Stream
         value = getattr(stream, attr, None)

@@ -36,15 +36,20 @@ def _device(value: Any) -> Device:
     if isinstance(value, Device):
         if value.device_type in _dt._DEVICE_NAMES and 0 <= value.device_id < _DEVICE_END:
             return value
-        raise ValueError(f"device: unsupported device {value!r} (type one of {sorted(_dt._DEVICE_NAMES)}, "
-                         f"ordinal in [0, 2**31))")
+        raise ValueError(
+            f"device: unsupported device {value!r} (type one of {sorted(_dt._DEVICE_NAMES)}, ordinal in [0, 2**31))"
+        )
     if isinstance(value, bool):
         raise TypeError(f"device: expected an int ordinal, 'cuda:N', 'cpu' or a Device, got {value!r}")
     if isinstance(value, int) and 0 <= value < _DEVICE_END:
         return _dt.cuda(value)
-    if (isinstance(value, tuple) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            and value[0] in _dt._DEVICE_NAMES and 0 <= value[1] < _DEVICE_END):
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and value[0] in _dt._DEVICE_NAMES
+        and 0 <= value[1] < _DEVICE_END
+    ):
         return Device(int(value[0]), int(value[1]))
     if isinstance(value, str):
         kind, _, ordinal = value.partition(":")
@@ -81,8 +86,7 @@ class Tensor:
     remember what they validated by value, cheaply.
     """
 
-    __slots__ = ("__weakref__", "_block", "_lid", "data_ptr", "device", "dtype", "ndim", "owner", "shape",
-                 "strides")
+    __slots__ = ("__weakref__", "_block", "_lid", "data_ptr", "device", "dtype", "ndim", "owner", "shape", "strides")
 
     data_ptr: int
     shape: tuple[int, ...]
@@ -210,12 +214,20 @@ class Tensor:
         """A descriptor of the same memory with another shape/strides, starting ``offset`` elements in."""
         if offset < 0:
             raise ValueError(f"offset: expected >= 0 elements, got {offset}")
-        return Tensor(self.data_ptr + offset * self.dtype.itemsize, shape, self.dtype, self.device,
-                      strides, self.owner if self.owner is not None else self)
+        return Tensor(
+            self.data_ptr + offset * self.dtype.itemsize,
+            shape,
+            self.dtype,
+            self.device,
+            strides,
+            self.owner if self.owner is not None else self,
+        )
 
     def __repr__(self) -> str:
-        return (f"Tensor(data_ptr=0x{self.data_ptr:x}, shape={self.shape}, strides={self.strides}, "
-                f"dtype={self.dtype.name}, device={self.device})")
+        return (
+            f"Tensor(data_ptr=0x{self.data_ptr:x}, shape={self.shape}, strides={self.strides}, "
+            f"dtype={self.dtype.name}, device={self.device})"
+        )
 
 
 def _parse(shape: Any, dtype: Any, device: Any, strides: Any) -> tuple[Any, ...]:
@@ -239,8 +251,12 @@ def _parse(shape: Any, dtype: Any, device: Any, strides: Any) -> tuple[Any, ...]
     if dev is None:
         dev = _device(device)
     parsed = (shape_t, strides_t, dt, dev, len(shape_t), layout_id(shape_t, strides_t, dt, dev))
-    if strides is None and shape.__class__ is tuple and (dtype.__class__ is str or dtype.__class__ is DType) \
-            and (device.__class__ is int or device.__class__ is str):
+    if (
+        strides is None
+        and shape.__class__ is tuple
+        and (dtype.__class__ is str or dtype.__class__ is DType)
+        and (device.__class__ is int or device.__class__ is str)
+    ):
         if len(_PARSED) >= 4096:
             _PARSED.clear()
         _PARSED[(shape, dtype, device)] = parsed
@@ -336,8 +352,20 @@ def _make_dltensor(t: Tensor) -> tuple[Any, int]:
     shape_addr = addr + _DLTENSOR.size
     strides_addr = shape_addr + 8 * n
     device_type = _WIRE_DEVICE_TYPE.get(t.device.device_type, t.device.device_type)
-    _DLTENSOR.pack_into(buf, 0, t.data_ptr, device_type, t.device.device_id, n,
-                        t.dtype.code, t.dtype.bits, t.dtype.lanes, shape_addr, strides_addr, 0)
+    _DLTENSOR.pack_into(
+        buf,
+        0,
+        t.data_ptr,
+        device_type,
+        t.device.device_id,
+        n,
+        t.dtype.code,
+        t.dtype.bits,
+        t.dtype.lanes,
+        shape_addr,
+        strides_addr,
+        0,
+    )
     struct.pack_into(f"<{2 * n}q", buf, _DLTENSOR.size, *t.shape, *t.strides)
     return block, addr
 

@@ -28,7 +28,7 @@ def reference(q, k, v, *, causal=False, sm_scale=None, mask=None, window_left=-1
     kv, hk = k.shape[:2]
     g = hq // hk
     kf, vf = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
-    s = torch.einsum("qhd,khd->hqk", q.float(), kf) * (d ** -0.5 if sm_scale is None else sm_scale)
+    s = torch.einsum("qhd,khd->hqk", q.float(), kf) * (d**-0.5 if sm_scale is None else sm_scale)
     if soft_cap > 0:
         s = soft_cap * torch.tanh(s / soft_cap)
     allowed = torch.ones(qo, kv, dtype=torch.bool, device=q.device)

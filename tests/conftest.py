@@ -129,12 +129,16 @@ def use_lock(monkeypatch: pytest.MonkeyPatch, path: Path, text: str, wheels: lis
 
 def pytest_configure(config: pytest.Config) -> None:
     if TEST_RELEASE and TEST_RELEASE not in TEST_RELEASES:
-        raise pytest.UsageError(f"FI_FFI_TEST_RELEASE: expected one of {', '.join(TEST_RELEASES)}, got "
-                                f"{TEST_RELEASE!r}")
+        raise pytest.UsageError(
+            f"FI_FFI_TEST_RELEASE: expected one of {', '.join(TEST_RELEASES)}, got {TEST_RELEASE!r}"
+        )
     if TEST_RELEASE == "0.7.2" and not find_wheels_072():
         raise pytest.UsageError(f"FI_FFI_TEST_RELEASE=0.7.2 {SHARED_072_MISSING}")
-    config.addinivalue_line("markers", "release_check: never turned into a skip by FI_FFI_TEST_RELEASE=0.7.2 when "
-                                       "a module is missing (the test is about which module serves a call)")
+    config.addinivalue_line(
+        "markers",
+        "release_check: never turned into a skip by FI_FFI_TEST_RELEASE=0.7.2 when "
+        "a module is missing (the test is about which module serves a call)",
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -144,8 +148,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     so is one stopped by a test-wheel module that does not load for an undefined symbol (see
     :func:`module_load_defect`)."""
     outcome = yield
-    if TEST_RELEASE != "0.7.2" or call.excinfo is None or item.get_closest_marker("gpu") is None \
-            or item.get_closest_marker("release_check") is not None:
+    if (
+        TEST_RELEASE != "0.7.2"
+        or call.excinfo is None
+        or item.get_closest_marker("gpu") is None
+        or item.get_closest_marker("release_check") is not None
+    ):
         return
     from fi_ffi.errors import KernelNotFoundError, LibraryLoadError
 
@@ -191,8 +199,7 @@ def _fi_ffi_session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
             names = {w.name for w in preferred}
             lock.write_text(lock_text([w for w in shared_wheels(wheel) if w.name not in names], preferred))
             mp.setenv("FI_FFI_LOCK", str(lock))
-            mp.setenv("FI_FFI_WHEELHOUSE", os.pathsep.join(dict.fromkeys(str(w.parent)
-                                                                         for w in [wheel, *preferred])))
+            mp.setenv("FI_FFI_WHEELHOUSE", os.pathsep.join(dict.fromkeys(str(w.parent) for w in [wheel, *preferred])))
         yield
 
 
@@ -236,8 +243,10 @@ def kernel_modules(shared_wheel: Path) -> list[str]:
         # to stop the kernel; on a GPU machine the kernel would run on host pointers. The GPU tests cover it.
         pytest.skip("CPU-only signature proof: skipped where a GPU would really launch the kernel")
     if TEST_RELEASE == "0.7.2":
-        pytest.skip("CPU signature proofs run under the 0.6.3 session lock; FI_FFI_TEST_RELEASE=0.7.2 is for the "
-                    "GPU suite (the release_072 fixture covers 0.7.2 on CPU)")
+        pytest.skip(
+            "CPU signature proofs run under the 0.6.3 session lock; FI_FFI_TEST_RELEASE=0.7.2 is for the "
+            "GPU suite (the release_072 fixture covers 0.7.2 on CPU)"
+        )
     loader.runtime_library()
     try:
         loader.ensure_cudart()
@@ -263,8 +272,9 @@ def release_072(kernel_modules: list[str], tmp_path: Path, monkeypatch: pytest.M
 
 
 @pytest.fixture
-def release_072_over_063(kernel_modules: list[str], shared_wheel: Path, tmp_path: Path,
-                         monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+def release_072_over_063(
+    kernel_modules: list[str], shared_wheel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[str]]:
     """For this test, one lock pins the 0.6.3 test wheels and the 0.7.2 one (by the lock's default rules the newer
     release serves a name both have); returns the module URIs. Caches are emptied as for ``release_072``."""
     wheels = find_wheels_072()

@@ -26,8 +26,28 @@ def fn(name: str) -> Function:
 
 @pytest.mark.parametrize(
     "value",
-    [None, 0, 1, -1, 2**62, -(2**63), 2**63 - 1, True, False, 0.5, -1e300, math.inf, "", "short", "seven77",
-     "a string of more than seven bytes", "ünïcødé", b"", b"bytes", b"longer than seven bytes \x00 nul"],
+    [
+        None,
+        0,
+        1,
+        -1,
+        2**62,
+        -(2**63),
+        2**63 - 1,
+        True,
+        False,
+        0.5,
+        -1e300,
+        math.inf,
+        "",
+        "short",
+        "seven77",
+        "a string of more than seven bytes",
+        "ünïcødé",
+        b"",
+        b"bytes",
+        b"longer than seven bytes \x00 nul",
+    ],
 )
 def test_echo_round_trips_every_pod_and_string_kind(testing_lib: object, value: object) -> None:
     got = fn("testing.echo")(value)

@@ -21,8 +21,17 @@ FIELDS = {
     "DLTensor": ["data", "device", "ndim", "dtype", "shape", "strides", "byte_offset"],
     "DLManagedTensorVersioned": ["version", "manager_ctx", "deleter", "flags", "dl_tensor"],
     "TVMFFIObject": ["combined_ref_count", "type_index", "deleter"],
-    "TVMFFIAny": ["type_index", "zero_padding", "v_int64", "v_float64", "v_ptr", "v_obj", "v_dtype", "v_device",
-                  "v_bytes"],
+    "TVMFFIAny": [
+        "type_index",
+        "zero_padding",
+        "v_int64",
+        "v_float64",
+        "v_ptr",
+        "v_obj",
+        "v_dtype",
+        "v_device",
+        "v_bytes",
+    ],
     "TVMFFIByteArray": ["data", "size"],
     "TVMFFISeqCell": ["data", "size", "capacity", "data_deleter"],
     "TVMFFIErrorCell": ["kind", "message", "backtrace", "update_backtrace", "cause_chain", "extra_context"],
@@ -44,8 +53,13 @@ def c_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if include is None or compiler is None:
         pytest.skip("needs the apache-tvm-ffi headers and a C compiler")
-    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <tvm/ffi/c_api.h>",
-             "#include <tvm/ffi/extra/c_env_api.h>", "int main(void) {"]
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <tvm/ffi/c_api.h>",
+        "#include <tvm/ffi/extra/c_env_api.h>",
+        "int main(void) {",
+    ]
     for struct_name, fields in FIELDS.items():
         lines.append(f'printf("{struct_name} %zu\\n", sizeof({struct_name}));')
         for field in fields:
@@ -55,8 +69,7 @@ def c_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     source = workdir / "layout.c"
     source.write_text("\n".join(lines))
     exe = workdir / "layout"
-    subprocess.run([compiler, "-std=c11", "-I", include, str(source), "-o", str(exe)], check=True,
-                   capture_output=True)
+    subprocess.run([compiler, "-std=c11", "-I", include, str(source), "-o", str(exe)], check=True, capture_output=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     return {key: int(value) for key, value in (line.split() for line in out.splitlines())}
 

@@ -22,8 +22,9 @@ IDS = [op.__name__ for op in OPS]
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("op", OPS, ids=IDS)
 @pytest.mark.parametrize("shape", [(4, 256), (2, 3, 64), (16,)])
-def test_every_activation_reaches_its_kernel(kernel_modules: object, op: Any, dtype: str,
-                                             shape: tuple[int, ...]) -> None:
+def test_every_activation_reaches_its_kernel(
+    kernel_modules: object, op: Any, dtype: str, shape: tuple[int, ...]
+) -> None:
     x = fake_cuda(shape, dtype)
     out = fake_cuda((*shape[:-1], shape[-1] // 2), dtype)
     with pytest.raises(KernelError) as info:
@@ -35,22 +36,41 @@ def test_every_activation_reaches_its_kernel(kernel_modules: object, op: Any, dt
 @pytest.mark.parametrize("op", OPS, ids=IDS)
 @pytest.mark.parametrize(
     "x, out, exc, pattern",
-    [(fake_cuda((4, 256), "float32"), fake_cuda((4, 128), "float32"), TypeError,
-      "input: expected dtype float16, bfloat16, got float32"),
-     (fake_cuda((4, 255)), fake_cuda((4, 127)), ValueError, r"input: its last dimension \(255\) must be even"),
-     (fake_cuda((4, 24)), fake_cuda((4, 12)), ValueError, "input: d = 12 .* must be a positive multiple of 8"),
-     (fake_cuda((4, 256)), fake_cuda((4, 256)), ValueError, r"out: expected shape \(4, 128\)"),
-     (fake_cuda((4, 256)), fake_cuda((2, 2, 128)), ValueError, r"out: expected shape \(4, 128\)"),
-     (fake_cuda((4, 256)), fake_cuda((4, 128), "bfloat16"), TypeError,
-      r"out: expected dtype float16 \(same as input\)"),
-     (fake_cuda((4, 256), strides=(512, 1)), fake_cuda((4, 128)), ValueError, "input: expected a contiguous tensor"),
-     (fake_cuda((4, 256)), fake_cuda((4, 128), strides=(256, 1)), ValueError, "out: expected a contiguous tensor"),
-     (fake_cuda((4, 256)), fake_cuda((4, 128), device=1), ValueError, r"out: expected a tensor on cuda:0"),
-     (fake_cuda((4, 256), device="cpu"), fake_cuda((4, 128)), ValueError, "input: expected a CUDA device tensor"),
-     (fake_cuda((0, 256)), fake_cuda((0, 128)), ValueError, "input: expected at least one row"),
-     (fake_cuda((4, 256)).view((4, 256), offset=4), fake_cuda((4, 128)), ValueError,
-      "input: data pointer .* must be aligned to 16 bytes"),
-     (Tensor.from_pointer(0, (4, 256), "float16", 0), fake_cuda((4, 128)), ValueError, "input: data pointer is NULL")],
+    [
+        (
+            fake_cuda((4, 256), "float32"),
+            fake_cuda((4, 128), "float32"),
+            TypeError,
+            "input: expected dtype float16, bfloat16, got float32",
+        ),
+        (fake_cuda((4, 255)), fake_cuda((4, 127)), ValueError, r"input: its last dimension \(255\) must be even"),
+        (fake_cuda((4, 24)), fake_cuda((4, 12)), ValueError, "input: d = 12 .* must be a positive multiple of 8"),
+        (fake_cuda((4, 256)), fake_cuda((4, 256)), ValueError, r"out: expected shape \(4, 128\)"),
+        (fake_cuda((4, 256)), fake_cuda((2, 2, 128)), ValueError, r"out: expected shape \(4, 128\)"),
+        (
+            fake_cuda((4, 256)),
+            fake_cuda((4, 128), "bfloat16"),
+            TypeError,
+            r"out: expected dtype float16 \(same as input\)",
+        ),
+        (fake_cuda((4, 256), strides=(512, 1)), fake_cuda((4, 128)), ValueError, "input: expected a contiguous tensor"),
+        (fake_cuda((4, 256)), fake_cuda((4, 128), strides=(256, 1)), ValueError, "out: expected a contiguous tensor"),
+        (fake_cuda((4, 256)), fake_cuda((4, 128), device=1), ValueError, r"out: expected a tensor on cuda:0"),
+        (fake_cuda((4, 256), device="cpu"), fake_cuda((4, 128)), ValueError, "input: expected a CUDA device tensor"),
+        (fake_cuda((0, 256)), fake_cuda((0, 128)), ValueError, "input: expected at least one row"),
+        (
+            fake_cuda((4, 256)).view((4, 256), offset=4),
+            fake_cuda((4, 128)),
+            ValueError,
+            "input: data pointer .* must be aligned to 16 bytes",
+        ),
+        (
+            Tensor.from_pointer(0, (4, 256), "float16", 0),
+            fake_cuda((4, 128)),
+            ValueError,
+            "input: data pointer is NULL",
+        ),
+    ],
 )
 def test_bad_inputs_are_named(op: Any, x: Tensor, out: Tensor, exc: type, pattern: str) -> None:
     with pytest.raises(exc, match=pattern):

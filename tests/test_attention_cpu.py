@@ -26,22 +26,39 @@ from fi_ffi.tensor import Tensor
 pytestmark = pytest.mark.usefixtures("kernel_modules")
 
 F16_128 = "dtype_q_f16_dtype_kv_f16_dtype_o_f16"
-DECODE_URI = (f"batch_decode_with_kv_cache_{F16_128}_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_"
-              "False_use_logits_cap_False")
-PREFILL_URI = (f"batch_prefill_with_kv_cache_{F16_128}_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_"
-               "False_use_logits_cap_False_f16qk_False")
+DECODE_URI = (
+    f"batch_decode_with_kv_cache_{F16_128}_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_"
+    "False_use_logits_cap_False"
+)
+PREFILL_URI = (
+    f"batch_prefill_with_kv_cache_{F16_128}_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_"
+    "False_use_logits_cap_False_f16qk_False"
+)
 FA3_URI = PREFILL_URI + "_sm90"
-SINGLE_DECODE_URI = (f"single_decode_with_kv_cache_{F16_128}_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_"
-                     "use_logits_cap_False")
-SINGLE_PREFILL_URI = (f"single_prefill_with_kv_cache_{F16_128}_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_"
-                      "use_logits_cap_False_f16qk_False")
+SINGLE_DECODE_URI = (
+    f"single_decode_with_kv_cache_{F16_128}_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_use_logits_cap_False"
+)
+SINGLE_PREFILL_URI = (
+    f"single_prefill_with_kv_cache_{F16_128}_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_"
+    "use_logits_cap_False_f16qk_False"
+)
 
-@pytest.mark.parametrize(("uri", "decl"), [
-    (DECODE_URI, decode.PLAN), (DECODE_URI, decode.RUN), (SINGLE_DECODE_URI, decode.SINGLE),
-    (SINGLE_PREFILL_URI, prefill.SINGLE), (PREFILL_URI, prefill.FA2_PLAN), (PREFILL_URI, prefill.FA2_RAGGED),
-    (PREFILL_URI, prefill.FA2_PAGED), (FA3_URI, prefill.FA3_PLAN), (FA3_URI, prefill.FA3_RAGGED),
-    (FA3_URI, prefill.FA3_PAGED),
-])
+
+@pytest.mark.parametrize(
+    ("uri", "decl"),
+    [
+        (DECODE_URI, decode.PLAN),
+        (DECODE_URI, decode.RUN),
+        (SINGLE_DECODE_URI, decode.SINGLE),
+        (SINGLE_PREFILL_URI, prefill.SINGLE),
+        (PREFILL_URI, prefill.FA2_PLAN),
+        (PREFILL_URI, prefill.FA2_RAGGED),
+        (PREFILL_URI, prefill.FA2_PAGED),
+        (FA3_URI, prefill.FA3_PLAN),
+        (FA3_URI, prefill.FA3_RAGGED),
+        (FA3_URI, prefill.FA3_PAGED),
+    ],
+)
 def test_declarations_match_the_module_signature(uri, decl):
     text = entry_point(uri, decl.entry).signature_text()
     assert decl.signature in text, text
@@ -80,8 +97,11 @@ def host(arr) -> np.ndarray:
 
 def workspace() -> Workspace:
     pinned = np.zeros(1 << 12, np.uint8)
-    return Workspace.from_buffers(fake_cuda((1 << 16,), "uint8"), fake_cuda((1 << 12,), "uint8"),
-                                  Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned))
+    return Workspace.from_buffers(
+        fake_cuda((1 << 16,), "uint8"),
+        fake_cuda((1 << 12,), "uint8"),
+        Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned),
+    )
 
 
 def assert_reached_the_kernel(err: KernelError) -> None:
@@ -99,14 +119,47 @@ def make_array():
     return Function.global_function("ffi.Array")
 
 
-DECODE_SETTINGS = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16, q_dtype="float16",
-                       kv_dtype=None, o_dtype=None, kv_layout="NHD", pos_encoding="NONE", window_left=-1,
-                       logits_soft_cap=0.0, sm_scale=None, rope_scale=1.0, rope_theta=1e4, enable_cuda_graph=False)
-PREFILL_SETTINGS = dict(num_qo_heads=32, num_kv_heads=8, head_dim_qk=128, page_size=1, head_dim_vo=None,
-                        q_dtype="float16", kv_dtype=None, o_dtype=None, kv_layout="NHD", causal=False, custom=False,
-                        pos_encoding="NONE", window_left=-1, logits_soft_cap=0.0, sm_scale=None, rope_scale=1.0,
-                        rope_theta=1e4, use_fp16_qk_reduction=False, backend="fa2", enable_cuda_graph=False,
-                        fixed_split_size=None, disable_split_kv=False)
+DECODE_SETTINGS = dict(
+    num_qo_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    page_size=16,
+    q_dtype="float16",
+    kv_dtype=None,
+    o_dtype=None,
+    kv_layout="NHD",
+    pos_encoding="NONE",
+    window_left=-1,
+    logits_soft_cap=0.0,
+    sm_scale=None,
+    rope_scale=1.0,
+    rope_theta=1e4,
+    enable_cuda_graph=False,
+)
+PREFILL_SETTINGS = dict(
+    num_qo_heads=32,
+    num_kv_heads=8,
+    head_dim_qk=128,
+    page_size=1,
+    head_dim_vo=None,
+    q_dtype="float16",
+    kv_dtype=None,
+    o_dtype=None,
+    kv_layout="NHD",
+    causal=False,
+    custom=False,
+    pos_encoding="NONE",
+    window_left=-1,
+    logits_soft_cap=0.0,
+    sm_scale=None,
+    rope_scale=1.0,
+    rope_theta=1e4,
+    use_fp16_qk_reduction=False,
+    backend="fa2",
+    enable_cuda_graph=False,
+    fixed_split_size=None,
+    disable_split_kv=False,
+)
 
 
 def decode_plan(make_array, ws=None, info_len=10, alibi_slopes=None, **kw) -> Plan:
@@ -116,29 +169,58 @@ def decode_plan(make_array, ws=None, info_len=10, alibi_slopes=None, **kw) -> Pl
     ws = ws or workspace()
     st = decode._settings(ws.device.device_id, tuple(args.values()))
     batch = len(indptr) - 1
-    return Plan.make(make_array(*([0] * info_len)), ws, ws._generation, st, batch, batch, int(indptr[-1]),
-                     (None, None, alibi_slopes))
+    return Plan.make(
+        make_array(*([0] * info_len)), ws, ws._generation, st, batch, batch, int(indptr[-1]), (None, None, alibi_slopes)
+    )
 
 
-def prefill_plan(make_array, mode="ragged", backend="fa2", ws=None, info_len=None, custom_mask=None,
-                 mask_indptr=None, alibi_slopes=None, **kw) -> Plan:
+def prefill_plan(
+    make_array,
+    mode="ragged",
+    backend="fa2",
+    ws=None,
+    info_len=None,
+    custom_mask=None,
+    mask_indptr=None,
+    alibi_slopes=None,
+    **kw,
+) -> Plan:
     """A batch prefill Plan as the plan functions build it, around a synthetic schedule of the right length."""
     qo = kw.pop("qo_indptr", host([0, 3, 4]))
     kv = kw.pop("kv_indptr", host([0, 5, 9] if mode == "ragged" else [0, 1, 3]))
-    args = {**PREFILL_SETTINGS, "page_size": 1 if mode == "ragged" else 16, "backend": backend,
-            "custom": custom_mask is not None, **kw}
+    args = {
+        **PREFILL_SETTINGS,
+        "page_size": 1 if mode == "ragged" else 16,
+        "backend": backend,
+        "custom": custom_mask is not None,
+        **kw,
+    }
     ws = ws or workspace()
     st = prefill._settings(mode, ws.device.device_id, tuple(args.values()))
     n = info_len or (9 if st.backend == "fa3" else 15)
-    return Plan.make(make_array(*([0] * n)), ws, ws._generation, st, len(qo) - 1, int(qo[-1]), int(kv[-1]),
-                     (custom_mask, mask_indptr, alibi_slopes))
+    return Plan.make(
+        make_array(*([0] * n)),
+        ws,
+        ws._generation,
+        st,
+        len(qo) - 1,
+        int(qo[-1]),
+        int(kv[-1]),
+        (custom_mask, mask_indptr, alibi_slopes),
+    )
 
 
 def decode_run_args(batch=2, hq=32, hk=8, d=128, page=16, pages=4, layout="NHD", dtype="float16", **over):
     cache = (pages, page, hk, d) if layout == "NHD" else (pages, hk, page, d)
-    args = dict(q=fake_cuda((batch, hq, d), dtype), k_cache=fake_cuda(cache, dtype), v_cache=fake_cuda(cache, dtype),
-                kv_indptr=fake_cuda((batch + 1,), "int32"), kv_indices=fake_cuda((pages,), "int32"),
-                kv_last_page_len=fake_cuda((batch,), "int32"), out=fake_cuda((batch, hq, d), dtype))
+    args = dict(
+        q=fake_cuda((batch, hq, d), dtype),
+        k_cache=fake_cuda(cache, dtype),
+        v_cache=fake_cuda(cache, dtype),
+        kv_indptr=fake_cuda((batch + 1,), "int32"),
+        kv_indices=fake_cuda((pages,), "int32"),
+        kv_last_page_len=fake_cuda((batch,), "int32"),
+        out=fake_cuda((batch, hq, d), dtype),
+    )
     args.update(over)
     return args
 
@@ -161,11 +243,13 @@ def test_batch_prefill_plans_reach_the_module(backend, mode):
     ws = workspace()
     with pytest.raises(KernelError) as info:
         if mode == "ragged":
-            prefill.batch_prefill_ragged_plan(ws, host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, causal=True,
-                                              backend=backend, stream=0)
+            prefill.batch_prefill_ragged_plan(
+                ws, host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, causal=True, backend=backend, stream=0
+            )
         else:
-            prefill.batch_prefill_paged_plan(ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16,
-                                             backend=backend)
+            prefill.batch_prefill_paged_plan(
+                ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16, backend=backend
+            )
     assert_reached_the_kernel(info.value)
     assert (".plan" in info.value.function) and (("_sm90" in info.value.function) == (backend == "fa3"))
 
@@ -200,9 +284,16 @@ def test_batch_prefill_ragged_run_reaches_the_module(make_array, backend):
     plan = prefill_plan(make_array, "ragged", backend, causal=True)
     assert plan.backend == backend and plan.mask_mode == 1
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_ragged_run(plan, fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
-                                         fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)),
-                                         lse=fake_cuda((4, 32), "float32"))
+        prefill.batch_prefill_ragged_run(
+            plan,
+            fake_cuda((4, 32, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((4, 32, 128)),
+            lse=fake_cuda((4, 32), "float32"),
+        )
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith("ragged_run")
 
@@ -213,9 +304,17 @@ def test_batch_prefill_paged_run_reaches_the_module(make_array, backend, layout)
     plan = prefill_plan(make_array, "paged", backend, kv_layout=layout)
     cache = (4, 16, 8, 128) if layout == "NHD" else (4, 8, 16, 128)
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_paged_run(plan, fake_cuda((4, 32, 128)), fake_cuda(cache), fake_cuda(cache),
-                                        fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
-                                        fake_cuda((2,), "int32"), fake_cuda((4, 32, 128)))
+        prefill.batch_prefill_paged_run(
+            plan,
+            fake_cuda((4, 32, 128)),
+            fake_cuda(cache),
+            fake_cuda(cache),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((2,), "int32"),
+            fake_cuda((4, 32, 128)),
+        )
     assert_reached_the_kernel(info.value)
 
 
@@ -226,27 +325,69 @@ def test_custom_mask_goes_in_as_tensor_objects(make_array):
     plan = prefill_plan(make_array, "ragged", "auto", custom_mask=mask, mask_indptr=mind)
     assert plan.backend == "fa2" and plan.mask_mode == 2
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_ragged_run(plan, fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
-                                         fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)))
+        prefill.batch_prefill_ragged_run(
+            plan,
+            fake_cuda((4, 32, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((4, 32, 128)),
+        )
     assert_reached_the_kernel(info.value)
     assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
     # the same mask packed as a plain DLTensor* (what flashinfer-rs does) is refused by the module
     ep = entry_point(PREFILL_URI, "ragged_run")
     with pytest.raises(KernelError) as bad:
-        ep(fake_cuda((8,), "uint8"), fake_cuda((8,), "uint8"), make_array(*([0] * 15)), fake_cuda((4, 32, 128)),
-           fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)), fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
-           fake_cuda((4, 32, 128)), None, 2, 0, -1, False, mask, mind, None, None, None, None, 0.0, 0.1, 1.0, 1e-4, 0)
+        ep(
+            fake_cuda((8,), "uint8"),
+            fake_cuda((8,), "uint8"),
+            make_array(*([0] * 15)),
+            fake_cuda((4, 32, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((4, 32, 128)),
+            None,
+            2,
+            0,
+            -1,
+            False,
+            mask,
+            mind,
+            None,
+            None,
+            None,
+            None,
+            0.0,
+            0.1,
+            1.0,
+            1e-4,
+            0,
+        )
     assert bad.value.kind == "TypeError" and "Optional<ffi.Tensor>" in bad.value.message
 
 
 def test_single_decode_reaches_the_module():
     with pytest.raises(KernelError) as info:
-        decode.single_decode(fake_cuda((32, 128)), fake_cuda((100, 8, 128)), fake_cuda((100, 8, 128)),
-                             fake_cuda((32, 128)), lse=fake_cuda((32,), "float32"))
+        decode.single_decode(
+            fake_cuda((32, 128)),
+            fake_cuda((100, 8, 128)),
+            fake_cuda((100, 8, 128)),
+            fake_cuda((32, 128)),
+            lse=fake_cuda((32,), "float32"),
+        )
     assert_reached_the_kernel(info.value)
     with pytest.raises(KernelError) as info:
-        decode.single_decode(fake_cuda((32, 128)), fake_cuda((8, 300, 128)), fake_cuda((8, 300, 128)),
-                             fake_cuda((32, 128)), kv_layout="HND", tmp=fake_cuda((32 << 20,), "uint8"))
+        decode.single_decode(
+            fake_cuda((32, 128)),
+            fake_cuda((8, 300, 128)),
+            fake_cuda((8, 300, 128)),
+            fake_cuda((32, 128)),
+            kv_layout="HND",
+            tmp=fake_cuda((32 << 20,), "uint8"),
+        )
     assert_reached_the_kernel(info.value)
 
 
@@ -255,13 +396,24 @@ def test_single_prefill_reaches_the_module_with_and_without_custom_mask(layout):
     k = fake_cuda((9, 8, 128) if layout == "NHD" else (8, 9, 128))
     mask = fake_cuda((5,), "uint8")  # ceil(4 * 9 / 8) bytes
     with pytest.raises(KernelError) as info:
-        prefill.single_prefill(fake_cuda((4, 32, 128)), k, k, fake_cuda((4, 32, 128)), kv_layout=layout,
-                               custom_mask=mask)
+        prefill.single_prefill(
+            fake_cuda((4, 32, 128)), k, k, fake_cuda((4, 32, 128)), kv_layout=layout, custom_mask=mask
+        )
     assert_reached_the_kernel(info.value)
     assert info.value.arguments[9] == "Tensor" and info.value.arguments[6] == "2"
     with pytest.raises(KernelError) as info:
-        prefill.single_prefill(fake_cuda((4, 32, 128)), k, k, fake_cuda((4, 32, 128)), kv_layout=layout, causal=True,
-                               lse=fake_cuda((4, 32), "float32"), sm_scale=0.5, rope_scale=2.0, rope_theta=5e5)
+        prefill.single_prefill(
+            fake_cuda((4, 32, 128)),
+            k,
+            k,
+            fake_cuda((4, 32, 128)),
+            kv_layout=layout,
+            causal=True,
+            lse=fake_cuda((4, 32), "float32"),
+            sm_scale=0.5,
+            rope_scale=2.0,
+            rope_theta=5e5,
+        )
     assert_reached_the_kernel(info.value)
     assert info.value.arguments[6] == "1" and info.value.arguments[9] == "None"
     assert info.value.arguments[12:15] == ("0.5", "0.5", "2e-06")  # sm_scale, 1/rope_scale, 1/rope_theta
@@ -269,34 +421,37 @@ def test_single_prefill_reaches_the_module_with_and_without_custom_mask(layout):
 
 def test_defaults_on_the_wire(make_array):
     plan = decode_plan(make_array)
-    assert plan.sm_scale == pytest.approx(128 ** -0.5)
+    assert plan.sm_scale == pytest.approx(128**-0.5)
     with pytest.raises(KernelError) as info:
         decode.batch_decode_run(plan, *decode_run_args().values())
-    assert info.value.arguments[11:] == ("0", "-1", "False", "None", "0.0", repr(128 ** -0.5), "1.0", "0.0001")
+    assert info.value.arguments[11:] == ("0", "-1", "False", "None", "0.0", repr(128**-0.5), "1.0", "0.0001")
 
 
 # ------------------------------------------------------------------------------------------ validation
 
 
-@pytest.mark.parametrize(("over", "exc", "text"), [
-    (dict(q=fake_cuda((2, 32, 64))), ValueError, r"q: expected shape \[2, 32, 128\]"),
-    (dict(q=fake_cuda((3, 32, 128))), ValueError, "q: expected shape"),
-    (dict(q=fake_cuda((2, 32, 128), "bfloat16")), TypeError, "q: expected dtype float16"),
-    (dict(q=fake_cuda((2, 32, 128), device="cuda:1")), ValueError, "q: expected a tensor on cuda:0"),
-    (dict(q=fake_cuda((2, 32, 128), device="cpu")), ValueError, "q: expected a CUDA device tensor"),
-    (dict(q=fake_cuda((2, 32, 128), strides=(4096, 128, 2))), ValueError, "q: the last dimension"),
-    (dict(q=fake_cuda((2, 32, 128), strides=(4100, 128, 1))), ValueError, "q: stride of dimension 0"),
-    (dict(k_cache=fake_cuda((4, 8, 16, 128))), ValueError, r"k_cache: expected shape \[\*, 16, 8, 128\]"),
-    (dict(v_cache=fake_cuda((5, 16, 8, 128))), ValueError, "v_cache: expected 4 pages"),
-    (dict(v_cache=fake_cuda((4, 16, 8, 128), strides=(16384 * 2, 1024, 128, 1))), ValueError, "identical|strides"),
-    (dict(kv_indptr=fake_cuda((3,), "int64")), TypeError, "kv_indptr: expected dtype int32"),
-    (dict(kv_indptr=fake_cuda((4,), "int32")), ValueError, "kv_indptr: expected 3 entries"),
-    (dict(kv_indices=fake_cuda((2,), "int32")), ValueError, "kv_indices: the plan's kv_indptr ends at 3 pages"),
-    (dict(kv_indices=fake_cuda((4,), "int32", device="cpu")), ValueError, "kv_indices: expected a device tensor"),
-    (dict(kv_last_page_len=fake_cuda((3,), "int32")), ValueError, "kv_last_page_len: expected 2 entries"),
-    (dict(out=fake_cuda((2, 32, 128), strides=(8192, 256, 1))), ValueError, "out: expected a contiguous"),
-    (dict(out=fake_cuda((2, 32, 128), "bfloat16")), TypeError, "out: expected dtype float16"),
-])
+@pytest.mark.parametrize(
+    ("over", "exc", "text"),
+    [
+        (dict(q=fake_cuda((2, 32, 64))), ValueError, r"q: expected shape \[2, 32, 128\]"),
+        (dict(q=fake_cuda((3, 32, 128))), ValueError, "q: expected shape"),
+        (dict(q=fake_cuda((2, 32, 128), "bfloat16")), TypeError, "q: expected dtype float16"),
+        (dict(q=fake_cuda((2, 32, 128), device="cuda:1")), ValueError, "q: expected a tensor on cuda:0"),
+        (dict(q=fake_cuda((2, 32, 128), device="cpu")), ValueError, "q: expected a CUDA device tensor"),
+        (dict(q=fake_cuda((2, 32, 128), strides=(4096, 128, 2))), ValueError, "q: the last dimension"),
+        (dict(q=fake_cuda((2, 32, 128), strides=(4100, 128, 1))), ValueError, "q: stride of dimension 0"),
+        (dict(k_cache=fake_cuda((4, 8, 16, 128))), ValueError, r"k_cache: expected shape \[\*, 16, 8, 128\]"),
+        (dict(v_cache=fake_cuda((5, 16, 8, 128))), ValueError, "v_cache: expected 4 pages"),
+        (dict(v_cache=fake_cuda((4, 16, 8, 128), strides=(16384 * 2, 1024, 128, 1))), ValueError, "identical|strides"),
+        (dict(kv_indptr=fake_cuda((3,), "int64")), TypeError, "kv_indptr: expected dtype int32"),
+        (dict(kv_indptr=fake_cuda((4,), "int32")), ValueError, "kv_indptr: expected 3 entries"),
+        (dict(kv_indices=fake_cuda((2,), "int32")), ValueError, "kv_indices: the plan's kv_indptr ends at 3 pages"),
+        (dict(kv_indices=fake_cuda((4,), "int32", device="cpu")), ValueError, "kv_indices: expected a device tensor"),
+        (dict(kv_last_page_len=fake_cuda((3,), "int32")), ValueError, "kv_last_page_len: expected 2 entries"),
+        (dict(out=fake_cuda((2, 32, 128), strides=(8192, 256, 1))), ValueError, "out: expected a contiguous"),
+        (dict(out=fake_cuda((2, 32, 128), "bfloat16")), TypeError, "out: expected dtype float16"),
+    ],
+)
 def test_batch_decode_run_rejects_before_the_ffi(make_array, over, exc, text):
     plan = decode_plan(make_array)
     with pytest.raises(exc, match=text):
@@ -334,9 +489,15 @@ def test_plan_state_is_checked_at_run(make_array):
         decode.batch_decode_run(prefill_p, *args.values())
     ragged = prefill_plan(make_array, "ragged", ws=ws)
     with pytest.raises(ValueError, match="expected a batch_prefill plan for paged KV"):
-        prefill.batch_prefill_paged_run(ragged, fake_cuda((4, 32, 128)), fake_cuda((4, 16, 8, 128)),
-                                        fake_cuda((4, 16, 8, 128)), *[fake_cuda((3,), "int32")] * 3,
-                                        fake_cuda((2,), "int32"), fake_cuda((4, 32, 128)))
+        prefill.batch_prefill_paged_run(
+            ragged,
+            fake_cuda((4, 32, 128)),
+            fake_cuda((4, 16, 8, 128)),
+            fake_cuda((4, 16, 8, 128)),
+            *[fake_cuda((3,), "int32")] * 3,
+            fake_cuda((2,), "int32"),
+            fake_cuda((4, 32, 128)),
+        )
 
 
 def test_plan_carries_layout_and_dtype_of_the_cache(make_array):
@@ -351,30 +512,33 @@ def test_plan_carries_layout_and_dtype_of_the_cache(make_array):
         decode.batch_decode_run(plan, *decode_run_args().values())
 
 
-@pytest.mark.parametrize(("kw", "exc", "text"), [
-    (dict(num_qo_heads=40), ValueError, "GQA group sizes 1, 2, 3, 4 and 8"),
-    (dict(num_qo_heads=30), ValueError, "multiple of num_kv_heads"),
-    (dict(num_kv_heads=0), ValueError, "num_kv_heads"),
-    (dict(page_size=0), ValueError, "page_size"),
-    (dict(kv_indptr=host([1, 2, 3])), ValueError, "kv_indptr: must start at 0"),
-    (dict(kv_indptr=host([0, 3, 2])), ValueError, "kv_indptr: must be non-decreasing"),
-    (dict(kv_indptr=np.array([0, 2, 3], np.int64)), TypeError, "kv_indptr: expected dtype int32"),
-    (dict(kv_last_page_len=host([0, 16])), ValueError, "kv_last_page_len: request 0 has 2 page"),
-    (dict(kv_last_page_len=host([5, 17])), ValueError, "kv_last_page_len: request 1"),
-    (dict(kv_layout="NDH"), ValueError, "kv_layout"),
-    (dict(window_left=-2), ValueError, "window_left"),
-    (dict(logits_soft_cap=-1.0), ValueError, "logits_soft_cap"),
-    (dict(sm_scale=float("nan")), ValueError, "sm_scale"),
-    (dict(rope_theta=0.0), ValueError, "rope_theta"),
-    (dict(pos_encoding="XPOS"), ValueError, "pos_encoding"),
-    (dict(q_dtype="float32"), TypeError, "q_dtype: no FlashInfer attention module exists for dtype float32"),
-    (dict(head_dim=256), KernelNotFoundError, "head_dim_qk_256"),
-    (dict(window_left=128), KernelNotFoundError, "use_swa_True"),
-    (dict(logits_soft_cap=30.0), KernelNotFoundError, "use_logits_cap_True"),
-    (dict(pos_encoding="ALIBI"), ValueError, "alibi_slopes: required"),
-    (dict(alibi_slopes=fake_cuda((32,), "float32")), ValueError, "alibi_slopes: only used with"),
-    (dict(enable_cuda_graph="no"), TypeError, "enable_cuda_graph"),
-])
+@pytest.mark.parametrize(
+    ("kw", "exc", "text"),
+    [
+        (dict(num_qo_heads=40), ValueError, "GQA group sizes 1, 2, 3, 4 and 8"),
+        (dict(num_qo_heads=30), ValueError, "multiple of num_kv_heads"),
+        (dict(num_kv_heads=0), ValueError, "num_kv_heads"),
+        (dict(page_size=0), ValueError, "page_size"),
+        (dict(kv_indptr=host([1, 2, 3])), ValueError, "kv_indptr: must start at 0"),
+        (dict(kv_indptr=host([0, 3, 2])), ValueError, "kv_indptr: must be non-decreasing"),
+        (dict(kv_indptr=np.array([0, 2, 3], np.int64)), TypeError, "kv_indptr: expected dtype int32"),
+        (dict(kv_last_page_len=host([0, 16])), ValueError, "kv_last_page_len: request 0 has 2 page"),
+        (dict(kv_last_page_len=host([5, 17])), ValueError, "kv_last_page_len: request 1"),
+        (dict(kv_layout="NDH"), ValueError, "kv_layout"),
+        (dict(window_left=-2), ValueError, "window_left"),
+        (dict(logits_soft_cap=-1.0), ValueError, "logits_soft_cap"),
+        (dict(sm_scale=float("nan")), ValueError, "sm_scale"),
+        (dict(rope_theta=0.0), ValueError, "rope_theta"),
+        (dict(pos_encoding="XPOS"), ValueError, "pos_encoding"),
+        (dict(q_dtype="float32"), TypeError, "q_dtype: no FlashInfer attention module exists for dtype float32"),
+        (dict(head_dim=256), KernelNotFoundError, "head_dim_qk_256"),
+        (dict(window_left=128), KernelNotFoundError, "use_swa_True"),
+        (dict(logits_soft_cap=30.0), KernelNotFoundError, "use_logits_cap_True"),
+        (dict(pos_encoding="ALIBI"), ValueError, "alibi_slopes: required"),
+        (dict(alibi_slopes=fake_cuda((32,), "float32")), ValueError, "alibi_slopes: only used with"),
+        (dict(enable_cuda_graph="no"), TypeError, "enable_cuda_graph"),
+    ],
+)
 def test_batch_decode_plan_rejects_before_the_ffi(kw, exc, text):
     args = dict(kv_indptr=host([0, 2, 3]), num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
     args.update((k, kw.pop(k)) for k in list(kw) if k in args)
@@ -389,28 +553,42 @@ def test_plan_needs_a_workspace():
         decode.batch_decode_plan(object(), host([0, 1]), 32, 8, 128, 16)
 
 
-@pytest.mark.parametrize(("kw", "exc", "text"), [
-    (dict(custom_mask=fake_cuda((4,), "uint8")), ValueError, "pass both"),
-    (dict(custom_mask=fake_cuda((4,), "uint8"), mask_indptr=fake_cuda((3,), "int32"), causal=True), ValueError,
-     "causal"),
-    (dict(custom_mask=fake_cuda((2,), "uint8"), mask_indptr=fake_cuda((3,), "int32")), ValueError,
-     "custom_mask: expected at least 3 bytes"),
-    (dict(custom_mask=fake_cuda((3,), "uint8"), mask_indptr=fake_cuda((3,), "int64")), TypeError,
-     "mask_indptr: expected dtype int32"),
-    (dict(custom_mask=fake_cuda((3,), "uint8"), mask_indptr=fake_cuda((3,), "int32"), backend="fa3"), ValueError,
-     "custom mask"),
-    (dict(kv_layout="HND", backend="fa3"), ValueError, "NHD only"),
-    (dict(kv_indptr=host([0, 5])), ValueError, "kv_indptr: expected 3 entries"),
-    (dict(num_qo_heads=12), ValueError, "multiple of num_kv_heads"),
-    (dict(max_total_num_rows=8), ValueError, "enable_cuda_graph"),
-    (dict(max_total_num_rows=2, enable_cuda_graph=True), ValueError, "max_total_num_rows: must be >= qo_indptr"),
-    (dict(backend="fa5"), ValueError, "backend"),
-    (dict(head_dim_qk=64, backend="fa3"), KernelNotFoundError, "_sm90"),
-    (dict(use_fp16_qk_reduction=True), KernelNotFoundError, "f16qk_True"),
-])
+@pytest.mark.parametrize(
+    ("kw", "exc", "text"),
+    [
+        (dict(custom_mask=fake_cuda((4,), "uint8")), ValueError, "pass both"),
+        (
+            dict(custom_mask=fake_cuda((4,), "uint8"), mask_indptr=fake_cuda((3,), "int32"), causal=True),
+            ValueError,
+            "causal",
+        ),
+        (
+            dict(custom_mask=fake_cuda((2,), "uint8"), mask_indptr=fake_cuda((3,), "int32")),
+            ValueError,
+            "custom_mask: expected at least 3 bytes",
+        ),
+        (
+            dict(custom_mask=fake_cuda((3,), "uint8"), mask_indptr=fake_cuda((3,), "int64")),
+            TypeError,
+            "mask_indptr: expected dtype int32",
+        ),
+        (
+            dict(custom_mask=fake_cuda((3,), "uint8"), mask_indptr=fake_cuda((3,), "int32"), backend="fa3"),
+            ValueError,
+            "custom mask",
+        ),
+        (dict(kv_layout="HND", backend="fa3"), ValueError, "NHD only"),
+        (dict(kv_indptr=host([0, 5])), ValueError, "kv_indptr: expected 3 entries"),
+        (dict(num_qo_heads=12), ValueError, "multiple of num_kv_heads"),
+        (dict(max_total_num_rows=8), ValueError, "enable_cuda_graph"),
+        (dict(max_total_num_rows=2, enable_cuda_graph=True), ValueError, "max_total_num_rows: must be >= qo_indptr"),
+        (dict(backend="fa5"), ValueError, "backend"),
+        (dict(head_dim_qk=64, backend="fa3"), KernelNotFoundError, "_sm90"),
+        (dict(use_fp16_qk_reduction=True), KernelNotFoundError, "f16qk_True"),
+    ],
+)
 def test_batch_prefill_ragged_plan_rejects_before_the_ffi(kw, exc, text):
-    args = dict(qo_indptr=host([0, 3, 4]), kv_indptr=host([0, 5, 9]), num_qo_heads=32, num_kv_heads=8,
-                head_dim_qk=128)
+    args = dict(qo_indptr=host([0, 3, 4]), kv_indptr=host([0, 5, 9]), num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
     args.update((k, kw.pop(k)) for k in list(kw) if k in args)
     ws = workspace()
     with pytest.raises(exc, match=text):
@@ -429,33 +607,63 @@ def test_batch_prefill_paged_plan_needs_last_page_len_and_checks_it():
 def test_prefill_run_checks_rows_and_extent(make_array):
     plan = prefill_plan(make_array, "ragged")
     with pytest.raises(ValueError, match="q: the plan's qo_indptr ends at 4 rows"):
-        prefill.batch_prefill_ragged_run(plan, fake_cuda((3, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
-                                         fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((3, 32, 128)))
+        prefill.batch_prefill_ragged_run(
+            plan,
+            fake_cuda((3, 32, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3, 32, 128)),
+        )
     with pytest.raises(ValueError, match="k: the plan's kv_indptr ends at 9 tokens"):
-        prefill.batch_prefill_ragged_run(plan, fake_cuda((4, 32, 128)), fake_cuda((8, 8, 128)), fake_cuda((8, 8, 128)),
-                                         fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)))
+        prefill.batch_prefill_ragged_run(
+            plan,
+            fake_cuda((4, 32, 128)),
+            fake_cuda((8, 8, 128)),
+            fake_cuda((8, 8, 128)),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((4, 32, 128)),
+        )
     with pytest.raises(ValueError, match=r"v: expected shape \[9, 8, 128\]"):
-        prefill.batch_prefill_ragged_run(plan, fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 4, 128)),
-                                         fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)))
+        prefill.batch_prefill_ragged_run(
+            plan,
+            fake_cuda((4, 32, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((9, 4, 128)),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((4, 32, 128)),
+        )
 
 
-@pytest.mark.parametrize(("kw", "exc", "text"), [
-    (dict(q=fake_cuda((32, 128, 1))), ValueError, "q: expected a 2-D"),
-    (dict(q=fake_cuda((32, 128), strides=(256, 1))), ValueError, "q: expected a contiguous"),
-    (dict(k=fake_cuda((100, 6, 128)), v=fake_cuda((100, 6, 128))), ValueError, "multiple of num_kv_heads"),
-    (dict(k=fake_cuda((100, 5, 128)), v=fake_cuda((100, 5, 128)), q=fake_cuda((25, 128)), out=fake_cuda((25, 128))),
-     ValueError, "GQA group sizes"),
-    (dict(v=fake_cuda((100, 8, 128), "bfloat16")), TypeError, "v: expected dtype float16"),
-    (dict(v=fake_cuda((101, 8, 128))), ValueError, "v: expected shape"),
-    (dict(out=fake_cuda((32, 64))), ValueError, "out: expected shape"),
-    (dict(lse=fake_cuda((32, 1), "float32")), ValueError, r"lse: expected shape \(32,\)"),
-    (dict(tmp=fake_cuda((16, 16), "uint8")), ValueError, "tmp: expected a contiguous 1-D"),
-    (dict(kv_layout="XYZ"), ValueError, "kv_layout"),
-    (dict(window_left=-5), ValueError, "window_left"),
-])
+@pytest.mark.parametrize(
+    ("kw", "exc", "text"),
+    [
+        (dict(q=fake_cuda((32, 128, 1))), ValueError, "q: expected a 2-D"),
+        (dict(q=fake_cuda((32, 128), strides=(256, 1))), ValueError, "q: expected a contiguous"),
+        (dict(k=fake_cuda((100, 6, 128)), v=fake_cuda((100, 6, 128))), ValueError, "multiple of num_kv_heads"),
+        (
+            dict(
+                k=fake_cuda((100, 5, 128)), v=fake_cuda((100, 5, 128)), q=fake_cuda((25, 128)), out=fake_cuda((25, 128))
+            ),
+            ValueError,
+            "GQA group sizes",
+        ),
+        (dict(v=fake_cuda((100, 8, 128), "bfloat16")), TypeError, "v: expected dtype float16"),
+        (dict(v=fake_cuda((101, 8, 128))), ValueError, "v: expected shape"),
+        (dict(out=fake_cuda((32, 64))), ValueError, "out: expected shape"),
+        (dict(lse=fake_cuda((32, 1), "float32")), ValueError, r"lse: expected shape \(32,\)"),
+        (dict(tmp=fake_cuda((16, 16), "uint8")), ValueError, "tmp: expected a contiguous 1-D"),
+        (dict(kv_layout="XYZ"), ValueError, "kv_layout"),
+        (dict(window_left=-5), ValueError, "window_left"),
+    ],
+)
 def test_single_decode_rejects_before_the_ffi(kw, exc, text):
-    args = dict(q=fake_cuda((32, 128)), k=fake_cuda((100, 8, 128)), v=fake_cuda((100, 8, 128)),
-                out=fake_cuda((32, 128)))
+    args = dict(
+        q=fake_cuda((32, 128)), k=fake_cuda((100, 8, 128)), v=fake_cuda((100, 8, 128)), out=fake_cuda((32, 128))
+    )
     args.update((k, kw.pop(k)) for k in list(kw) if k in args)
     with pytest.raises(exc, match=text):
         decode.single_decode(**args, **kw)
@@ -476,14 +684,19 @@ def test_single_prefill_rejects_before_the_ffi():
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
-@given(batch=st.integers(1, 6), hq_mult=st.sampled_from([1, 2, 3, 4, 8]), hk=st.integers(1, 4),
-       page=st.sampled_from([1, 16, 64]), layout=st.sampled_from(["NHD", "HND"]), data=st.data())
+@given(
+    batch=st.integers(1, 6),
+    hq_mult=st.sampled_from([1, 2, 3, 4, 8]),
+    hk=st.integers(1, 4),
+    page=st.sampled_from([1, 16, 64]),
+    layout=st.sampled_from(["NHD", "HND"]),
+    data=st.data(),
+)
 def test_batch_decode_run_accepts_exactly_the_planned_shapes(make_array, batch, hq_mult, hk, page, layout, data):
     pages = data.draw(st.lists(st.integers(0, 3), min_size=batch, max_size=batch))
     indptr = host(np.concatenate([[0], np.cumsum(pages)]))
     hq = hk * hq_mult
-    plan = decode_plan(make_array, kv_indptr=indptr, num_qo_heads=hq, num_kv_heads=hk, page_size=page,
-                       kv_layout=layout)
+    plan = decode_plan(make_array, kv_indptr=indptr, num_qo_heads=hq, num_kv_heads=hk, page_size=page, kv_layout=layout)
     total = max(int(indptr[-1]), 1)
     good = decode_run_args(batch=batch, hq=hq, hk=hk, page=page, pages=total, layout=layout)
     with pytest.raises(KernelError) as info:
@@ -530,8 +743,16 @@ def _plan_settings_of(ws):
         decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16)
     found = [v for k, v in plan_settings._cache.items() if k not in before or before[k] is v]
     assert found
-    return next(v for v in found if v.kind == "batch_decode" and v.num_qo_heads == 32 and v.kv_layout == "NHD"
-                and v.window_left == -1 and v.logits_soft_cap == 0.0 and v.dtype_kv.name == "float16")
+    return next(
+        v
+        for v in found
+        if v.kind == "batch_decode"
+        and v.num_qo_heads == 32
+        and v.kv_layout == "NHD"
+        and v.window_left == -1
+        and v.logits_soft_cap == 0.0
+        and v.dtype_kv.name == "float16"
+    )
 
 
 # ------------------------------------------------------------------------------------------ any producer, nothing kept
@@ -546,8 +767,13 @@ class UnhashableCAI:
         itemsize = int(typestr[2:])
         self._host = np.zeros(max(1, int(np.prod(shape))) * itemsize + 64, np.uint8)
         ptr = (self._host.ctypes.data + 15) // 16 * 16
-        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr, "data": (ptr, False),
-                                         "version": 3, "strides": None}
+        self.__cuda_array_interface__ = {
+            "shape": tuple(shape),
+            "typestr": typestr,
+            "data": (ptr, False),
+            "version": 3,
+            "strides": None,
+        }
 
     def __eq__(self, other):
         return self is other
@@ -569,26 +795,43 @@ def test_unhashable_producers_reach_every_attention_module(make_array):
         decode.single_decode(u((32, 128)), u((100, 8, 128)), u((100, 8, 128)), u((32, 128)))
     assert_reached_the_kernel(info.value)
     with pytest.raises(KernelError) as info:
-        prefill.single_prefill(u((4, 32, 128)), u((9, 8, 128)), u((9, 8, 128)), u((4, 32, 128)),
-                               custom_mask=u((5,), "|u1"))
+        prefill.single_prefill(
+            u((4, 32, 128)), u((9, 8, 128)), u((9, 8, 128)), u((4, 32, 128)), custom_mask=u((5,), "|u1")
+        )
     assert_reached_the_kernel(info.value)
     plan = decode_plan(make_array)
-    args = dict(q=u((2, 32, 128)), k_cache=u((4, 16, 8, 128)), v_cache=u((4, 16, 8, 128)), kv_indptr=u((3,), "<i4"),
-                kv_indices=u((4,), "<i4"), kv_last_page_len=u((2,), "<i4"), out=u((2, 32, 128)))
+    args = dict(
+        q=u((2, 32, 128)),
+        k_cache=u((4, 16, 8, 128)),
+        v_cache=u((4, 16, 8, 128)),
+        kv_indptr=u((3,), "<i4"),
+        kv_indices=u((4,), "<i4"),
+        kv_last_page_len=u((2,), "<i4"),
+        out=u((2, 32, 128)),
+    )
     with pytest.raises(KernelError) as info:
         decode.batch_decode_run(plan, *args.values(), lse=u((2, 32), "<f4"))
     assert_reached_the_kernel(info.value)
     for backend in ("fa2", "fa3"):
         ragged = prefill_plan(make_array, "ragged", backend)
         with pytest.raises(KernelError) as info:
-            prefill.batch_prefill_ragged_run(ragged, u((4, 32, 128)), u((9, 8, 128)), u((9, 8, 128)), u((3,), "<i4"),
-                                             u((3,), "<i4"), u((4, 32, 128)))
+            prefill.batch_prefill_ragged_run(
+                ragged, u((4, 32, 128)), u((9, 8, 128)), u((9, 8, 128)), u((3,), "<i4"), u((3,), "<i4"), u((4, 32, 128))
+            )
         assert_reached_the_kernel(info.value)
         paged = prefill_plan(make_array, "paged", backend)
         with pytest.raises(KernelError) as info:
-            prefill.batch_prefill_paged_run(paged, u((4, 32, 128)), u((4, 16, 8, 128)), u((4, 16, 8, 128)),
-                                            u((3,), "<i4"), u((3,), "<i4"), u((3,), "<i4"), u((2,), "<i4"),
-                                            u((4, 32, 128)))
+            prefill.batch_prefill_paged_run(
+                paged,
+                u((4, 32, 128)),
+                u((4, 16, 8, 128)),
+                u((4, 16, 8, 128)),
+                u((3,), "<i4"),
+                u((3,), "<i4"),
+                u((3,), "<i4"),
+                u((2,), "<i4"),
+                u((4, 32, 128)),
+            )
         assert_reached_the_kernel(info.value)
 
 
@@ -637,9 +880,15 @@ def test_run_inputs_are_passed_per_call_and_not_kept(make_array):
     before = len(_managed.alive)
     for _ in range(200):
         with pytest.raises(KernelError) as info:
-            prefill.batch_prefill_ragged_run(plan, fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)),
-                                             fake_cuda((9, 8, 128)), fake_cuda((3,), "int32"),
-                                             fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)))
+            prefill.batch_prefill_ragged_run(
+                plan,
+                fake_cuda((4, 32, 128)),
+                fake_cuda((9, 8, 128)),
+                fake_cuda((9, 8, 128)),
+                fake_cuda((3,), "int32"),
+                fake_cuda((3,), "int32"),
+                fake_cuda((4, 32, 128)),
+            )
         assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
     assert len(_managed.alive) == before  # every object made for a run was released
     assert all(mask is not v and offsets is not v for v in plan_settings._cache.values())
@@ -657,24 +906,50 @@ def test_none_tensors_in_the_prefill_runs_are_named(make_array):
     for backend in ("fa2", "fa3"):
         ragged = prefill_plan(make_array, "ragged", backend)
         with pytest.raises(TypeError, match=r"^k: expected a tensor, got None"):
-            prefill.batch_prefill_ragged_run(ragged, fake_cuda((4, 32, 128)), None, fake_cuda((9, 8, 128)),
-                                             fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
-                                             fake_cuda((4, 32, 128)))
+            prefill.batch_prefill_ragged_run(
+                ragged,
+                fake_cuda((4, 32, 128)),
+                None,
+                fake_cuda((9, 8, 128)),
+                fake_cuda((3,), "int32"),
+                fake_cuda((3,), "int32"),
+                fake_cuda((4, 32, 128)),
+            )
         with pytest.raises(TypeError, match=r"^q: expected a tensor, got None"):
-            prefill.batch_prefill_ragged_run(ragged, None, fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
-                                             fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
-                                             fake_cuda((4, 32, 128)))
+            prefill.batch_prefill_ragged_run(
+                ragged,
+                None,
+                fake_cuda((9, 8, 128)),
+                fake_cuda((9, 8, 128)),
+                fake_cuda((3,), "int32"),
+                fake_cuda((3,), "int32"),
+                fake_cuda((4, 32, 128)),
+            )
         paged = prefill_plan(make_array, "paged", backend)
         with pytest.raises(TypeError, match=r"^kv_indices: expected a tensor, got None"):
-            prefill.batch_prefill_paged_run(paged, fake_cuda((4, 32, 128)), fake_cuda((4, 16, 8, 128)),
-                                            fake_cuda((4, 16, 8, 128)), fake_cuda((3,), "int32"),
-                                            fake_cuda((3,), "int32"), None, fake_cuda((2,), "int32"),
-                                            fake_cuda((4, 32, 128)))
+            prefill.batch_prefill_paged_run(
+                paged,
+                fake_cuda((4, 32, 128)),
+                fake_cuda((4, 16, 8, 128)),
+                fake_cuda((4, 16, 8, 128)),
+                fake_cuda((3,), "int32"),
+                fake_cuda((3,), "int32"),
+                None,
+                fake_cuda((2,), "int32"),
+                fake_cuda((4, 32, 128)),
+            )
         with pytest.raises(TypeError, match=r"^out: expected a tensor, got None"):
-            prefill.batch_prefill_paged_run(paged, fake_cuda((4, 32, 128)), fake_cuda((4, 16, 8, 128)),
-                                            fake_cuda((4, 16, 8, 128)), fake_cuda((3,), "int32"),
-                                            fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
-                                            fake_cuda((2,), "int32"), None)
+            prefill.batch_prefill_paged_run(
+                paged,
+                fake_cuda((4, 32, 128)),
+                fake_cuda((4, 16, 8, 128)),
+                fake_cuda((4, 16, 8, 128)),
+                fake_cuda((3,), "int32"),
+                fake_cuda((3,), "int32"),
+                fake_cuda((3,), "int32"),
+                fake_cuda((2,), "int32"),
+                None,
+            )
     with pytest.raises(TypeError, match=r"^kv_indptr: expected a tensor, got None"):
         decode.batch_decode_run(decode_plan(make_array), *decode_run_args(kv_indptr=None).values())
 
@@ -683,30 +958,33 @@ def test_head_dim_zero_in_the_single_ops_is_named():
     with pytest.raises(ValueError, match=r"^q: head_dim \(the last dimension\) must be > 0"):
         decode.single_decode(fake_cuda((32, 0)), fake_cuda((100, 8, 0)), fake_cuda((100, 8, 0)), fake_cuda((32, 0)))
     with pytest.raises(ValueError, match=r"^q: head_dim \(the last dimension\) must be > 0"):
-        prefill.single_prefill(fake_cuda((4, 32, 0)), fake_cuda((9, 8, 0)), fake_cuda((9, 8, 0)),
-                               fake_cuda((4, 32, 0)))
+        prefill.single_prefill(fake_cuda((4, 32, 0)), fake_cuda((9, 8, 0)), fake_cuda((9, 8, 0)), fake_cuda((4, 32, 0)))
     with pytest.raises(ValueError, match=r"^v: head_dim \(the last dimension\) must be > 0"):
-        prefill.single_prefill(fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 0)),
-                               fake_cuda((4, 32, 0)))
+        prefill.single_prefill(
+            fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 0)), fake_cuda((4, 32, 0))
+        )
 
 
-@pytest.mark.parametrize(("kw", "exc", "text"), [
-    (dict(q_dtype=("a", "b", "c")), TypeError, r"^q_dtype: unsupported dtype"),
-    (dict(kv_dtype="nope"), TypeError, r"^kv_dtype: unsupported dtype"),
-    (dict(o_dtype=3.5), TypeError, r"^o_dtype: unsupported dtype"),
-    (dict(kv_dtype="int32"), TypeError, r"^kv_dtype: no FlashInfer attention module exists for dtype int32"),
-    (dict(num_qo_heads=2 ** 70), ValueError, r"^num_qo_heads: expected an int < 2\*\*31"),
-    (dict(page_size=2 ** 70), ValueError, r"^page_size: expected an int < 2\*\*31"),
-    (dict(head_dim=2 ** 40), ValueError, r"^head_dim: expected an int < 2\*\*31"),
-    (dict(window_left=2 ** 70), ValueError, r"^window_left: expected -1 \(no window\) or 0 <= window_left < 2\*\*31"),
-    (dict(sm_scale=10 ** 400), ValueError, r"^sm_scale: 1000+ does not fit in a float64"),
-    (dict(logits_soft_cap=10 ** 400), ValueError, r"^logits_soft_cap: 1000+ does not fit in a float64"),
-    (dict(rope_theta=-(10 ** 400)), ValueError, r"^rope_theta: -1000+ does not fit in a float64"),
-    (dict(kv_indptr=[0, 2 ** 70]), ValueError, r"^kv_indptr: values must fit in int32"),
-    (dict(kv_indptr=[0, "2"]), TypeError, r"^kv_indptr: expected a sequence of ints, got str"),
-    (dict(kv_indptr=[0, 2.0]), TypeError, r"^kv_indptr: expected a sequence of ints, got float"),
-    (dict(kv_last_page_len=["5"]), TypeError, r"^kv_last_page_len: expected a sequence of ints, got str"),
-])
+@pytest.mark.parametrize(
+    ("kw", "exc", "text"),
+    [
+        (dict(q_dtype=("a", "b", "c")), TypeError, r"^q_dtype: unsupported dtype"),
+        (dict(kv_dtype="nope"), TypeError, r"^kv_dtype: unsupported dtype"),
+        (dict(o_dtype=3.5), TypeError, r"^o_dtype: unsupported dtype"),
+        (dict(kv_dtype="int32"), TypeError, r"^kv_dtype: no FlashInfer attention module exists for dtype int32"),
+        (dict(num_qo_heads=2**70), ValueError, r"^num_qo_heads: expected an int < 2\*\*31"),
+        (dict(page_size=2**70), ValueError, r"^page_size: expected an int < 2\*\*31"),
+        (dict(head_dim=2**40), ValueError, r"^head_dim: expected an int < 2\*\*31"),
+        (dict(window_left=2**70), ValueError, r"^window_left: expected -1 \(no window\) or 0 <= window_left < 2\*\*31"),
+        (dict(sm_scale=10**400), ValueError, r"^sm_scale: 1000+ does not fit in a float64"),
+        (dict(logits_soft_cap=10**400), ValueError, r"^logits_soft_cap: 1000+ does not fit in a float64"),
+        (dict(rope_theta=-(10**400)), ValueError, r"^rope_theta: -1000+ does not fit in a float64"),
+        (dict(kv_indptr=[0, 2**70]), ValueError, r"^kv_indptr: values must fit in int32"),
+        (dict(kv_indptr=[0, "2"]), TypeError, r"^kv_indptr: expected a sequence of ints, got str"),
+        (dict(kv_indptr=[0, 2.0]), TypeError, r"^kv_indptr: expected a sequence of ints, got float"),
+        (dict(kv_last_page_len=["5"]), TypeError, r"^kv_last_page_len: expected a sequence of ints, got str"),
+    ],
+)
 def test_batch_decode_plan_names_bad_scalars_and_index_lists(kw, exc, text):
     args = dict(kv_indptr=[0, 2], num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
     args.update((k, kw.pop(k)) for k in list(kw) if k in args)
@@ -716,14 +994,17 @@ def test_batch_decode_plan_names_bad_scalars_and_index_lists(kw, exc, text):
     assert ws._generation == 0
 
 
-@pytest.mark.parametrize(("kw", "exc", "text"), [
-    (dict(fixed_split_size=2 ** 70), ValueError, r"^fixed_split_size: expected an int < 2\*\*31"),
-    (dict(max_total_num_rows=2 ** 70, enable_cuda_graph=True), ValueError, r"^max_total_num_rows: expected an int"),
-    (dict(qo_indptr=[0, 3.5, 4]), TypeError, r"^qo_indptr: expected a sequence of ints, got float"),
-    (dict(kv_indptr=[0, 5, 2 ** 64]), ValueError, r"^kv_indptr: values must fit in int32"),
-    (dict(head_dim_vo=0), ValueError, r"^head_dim_vo: expected an int >= 1"),
-    (dict(backend=["fa2"]), ValueError, r"^backend: expected 'auto', 'fa2' or 'fa3'"),
-])
+@pytest.mark.parametrize(
+    ("kw", "exc", "text"),
+    [
+        (dict(fixed_split_size=2**70), ValueError, r"^fixed_split_size: expected an int < 2\*\*31"),
+        (dict(max_total_num_rows=2**70, enable_cuda_graph=True), ValueError, r"^max_total_num_rows: expected an int"),
+        (dict(qo_indptr=[0, 3.5, 4]), TypeError, r"^qo_indptr: expected a sequence of ints, got float"),
+        (dict(kv_indptr=[0, 5, 2**64]), ValueError, r"^kv_indptr: values must fit in int32"),
+        (dict(head_dim_vo=0), ValueError, r"^head_dim_vo: expected an int >= 1"),
+        (dict(backend=["fa2"]), ValueError, r"^backend: expected 'auto', 'fa2' or 'fa3'"),
+    ],
+)
 def test_batch_prefill_plans_name_bad_scalars_and_index_lists(kw, exc, text):
     args = dict(qo_indptr=[0, 3, 4], kv_indptr=[0, 5, 9], num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
     args.update((k, kw.pop(k)) for k in list(kw) if k in args)
@@ -738,28 +1019,41 @@ def test_single_ops_name_a_null_tmp_and_huge_scalars():
     with pytest.raises(ValueError, match=r"^tmp: data pointer is NULL"):
         decode.single_decode(q, k, k, o, tmp=Tensor.from_pointer(0, (1 << 20,), "uint8", "cuda:0"))
     with pytest.raises(ValueError, match=r"^tmp: data pointer is NULL"):
-        prefill.single_prefill(fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
-                               fake_cuda((4, 32, 128)), tmp=Tensor.from_pointer(0, (1 << 20,), "uint8", "cuda:0"))
+        prefill.single_prefill(
+            fake_cuda((4, 32, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((4, 32, 128)),
+            tmp=Tensor.from_pointer(0, (1 << 20,), "uint8", "cuda:0"),
+        )
     with pytest.raises(ValueError, match=r"^sm_scale: 1000+ does not fit in a float64"):
-        decode.single_decode(q, k, k, o, sm_scale=10 ** 400)
+        decode.single_decode(q, k, k, o, sm_scale=10**400)
     with pytest.raises(ValueError, match=r"^window_left: expected -1"):
-        decode.single_decode(q, k, k, o, window_left=2 ** 70)
+        decode.single_decode(q, k, k, o, window_left=2**70)
     with pytest.raises(ValueError, match=r"^logits_soft_cap: 1000+ does not fit"):
-        prefill.single_prefill(fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 128)),
-                               fake_cuda((4, 32, 128)), logits_soft_cap=10 ** 400)
+        prefill.single_prefill(
+            fake_cuda((4, 32, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((4, 32, 128)),
+            logits_soft_cap=10**400,
+        )
     with pytest.raises(TypeError, match=r"^q: no attention module exists for dtype float32"):
         decode.single_decode(fake_cuda((32, 128), "float32"), k, k, o)
 
 
-@pytest.mark.parametrize(("masks", "exc", "text"), [
-    (5, TypeError, r"^masks: expected a sequence of boolean \[qo_len, kv_len\] arrays, got int"),
-    ("ab", TypeError, r"^masks: expected a sequence"),
-    ([np.ones((2, 3), np.float32)], TypeError, r"^masks\[0\]: expected a boolean array .* got dtype float32"),
-    ([np.ones((2, 3), bool), np.array([[0, 2]])], TypeError, r"^masks\[1\]: expected a boolean array"),
-    ([np.ones(3, bool)], ValueError, r"^masks\[0\]: expected a 2-D \[qo_len, kv_len\] mask, got shape \(3,\)"),
-    ([[[True, False]], 7], TypeError, r"^masks\[1\]: expected a boolean array"),
-    ([[True, False]], ValueError, r"^masks\[0\]: expected a 2-D"),
-])
+@pytest.mark.parametrize(
+    ("masks", "exc", "text"),
+    [
+        (5, TypeError, r"^masks: expected a sequence of boolean \[qo_len, kv_len\] arrays, got int"),
+        ("ab", TypeError, r"^masks: expected a sequence"),
+        ([np.ones((2, 3), np.float32)], TypeError, r"^masks\[0\]: expected a boolean array .* got dtype float32"),
+        ([np.ones((2, 3), bool), np.array([[0, 2]])], TypeError, r"^masks\[1\]: expected a boolean array"),
+        ([np.ones(3, bool)], ValueError, r"^masks\[0\]: expected a 2-D \[qo_len, kv_len\] mask, got shape \(3,\)"),
+        ([[[True, False]], 7], TypeError, r"^masks\[1\]: expected a boolean array"),
+        ([[True, False]], ValueError, r"^masks\[0\]: expected a 2-D"),
+    ],
+)
 def test_pack_custom_mask_refuses_what_is_not_a_boolean_mask(masks, exc, text):
     with pytest.raises(exc, match=text):
         prefill.pack_custom_mask(masks)
@@ -772,8 +1066,10 @@ def test_pack_custom_mask_packs_nested_lists_of_bools():
 
 # ------------------------------------------------------------------------------------------ modules of the ext wheel
 
-EXT_SWA_CAP = ("batch_decode_with_kv_cache_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_qk_128_head_dim"
-               "_vo_128_posenc_0_use_swa_True_use_logits_cap_True")
+EXT_SWA_CAP = (
+    "batch_decode_with_kv_cache_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_qk_128_head_dim"
+    "_vo_128_posenc_0_use_swa_True_use_logits_cap_True"
+)
 
 
 def test_sliding_window_and_soft_cap_select_their_modules():
@@ -786,11 +1082,13 @@ def test_sliding_window_and_soft_cap_select_their_modules():
     for mode in ("ragged", "paged"):
         with pytest.raises(KernelError) as info:
             if mode == "ragged":
-                prefill.batch_prefill_ragged_plan(ws, [0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=16,
-                                                  logits_soft_cap=50.0, causal=True)
+                prefill.batch_prefill_ragged_plan(
+                    ws, [0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=16, logits_soft_cap=50.0, causal=True
+                )
             else:
-                prefill.batch_prefill_paged_plan(ws, [0, 3, 4], [0, 1, 3], [5, 4], 32, 8, 128, 16, window_left=16,
-                                                 logits_soft_cap=50.0)
+                prefill.batch_prefill_paged_plan(
+                    ws, [0, 3, 4], [0, 1, 3], [5, 4], 32, 8, 128, 16, window_left=16, logits_soft_cap=50.0
+                )
         assert_reached_the_kernel(info.value)
         assert "use_swa_True_use_logits_cap_True_f16qk_False.plan" in info.value.function
 
@@ -807,14 +1105,27 @@ def test_sliding_window_and_soft_cap_runs_reach_their_modules(make_array):
         assert "use_swa_True_use_logits_cap_True" in p.uri
         with pytest.raises(KernelError) as info:
             if mode == "ragged":
-                prefill.batch_prefill_ragged_run(p, fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)),
-                                                 fake_cuda((9, 8, 128)), fake_cuda((3,), "int32"),
-                                                 fake_cuda((3,), "int32"), fake_cuda((4, 32, 128)))
+                prefill.batch_prefill_ragged_run(
+                    p,
+                    fake_cuda((4, 32, 128)),
+                    fake_cuda((9, 8, 128)),
+                    fake_cuda((9, 8, 128)),
+                    fake_cuda((3,), "int32"),
+                    fake_cuda((3,), "int32"),
+                    fake_cuda((4, 32, 128)),
+                )
             else:
-                prefill.batch_prefill_paged_run(p, fake_cuda((4, 32, 128)), fake_cuda((4, 16, 8, 128)),
-                                                fake_cuda((4, 16, 8, 128)), fake_cuda((3,), "int32"),
-                                                fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
-                                                fake_cuda((2,), "int32"), fake_cuda((4, 32, 128)))
+                prefill.batch_prefill_paged_run(
+                    p,
+                    fake_cuda((4, 32, 128)),
+                    fake_cuda((4, 16, 8, 128)),
+                    fake_cuda((4, 16, 8, 128)),
+                    fake_cuda((3,), "int32"),
+                    fake_cuda((3,), "int32"),
+                    fake_cuda((3,), "int32"),
+                    fake_cuda((2,), "int32"),
+                    fake_cuda((4, 32, 128)),
+                )
         assert_reached_the_kernel(info.value)
 
 
@@ -829,8 +1140,9 @@ def test_fp8_kv_cache_selects_its_modules(make_array):
     assert_reached_the_kernel(info.value)
     assert "dtype_kv_e4m3" in info.value.function
     plan = decode_plan(make_array, kv_dtype="float8_e4m3fn")
-    fp8 = decode_run_args(k_cache=fake_cuda((4, 16, 8, 128), "float8_e4m3fn"),
-                          v_cache=fake_cuda((4, 16, 8, 128), "float8_e4m3fn"))
+    fp8 = decode_run_args(
+        k_cache=fake_cuda((4, 16, 8, 128), "float8_e4m3fn"), v_cache=fake_cuda((4, 16, 8, 128), "float8_e4m3fn")
+    )
     with pytest.raises(KernelError) as info:
         decode.batch_decode_run(plan, *fp8.values())
     assert_reached_the_kernel(info.value)
@@ -839,7 +1151,15 @@ def test_fp8_kv_cache_selects_its_modules(make_array):
     paged = prefill_plan(make_array, "paged", "auto", kv_dtype="float8_e4m3fn")
     assert paged.backend == "fa2" and "dtype_kv_e4m3" in paged.uri
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_paged_run(paged, fake_cuda((4, 32, 128)), fp8["k_cache"], fp8["v_cache"],
-                                        fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), fake_cuda((3,), "int32"),
-                                        fake_cuda((2,), "int32"), fake_cuda((4, 32, 128)))
+        prefill.batch_prefill_paged_run(
+            paged,
+            fake_cuda((4, 32, 128)),
+            fp8["k_cache"],
+            fp8["v_cache"],
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((2,), "int32"),
+            fake_cuda((4, 32, 128)),
+        )
     assert_reached_the_kernel(info.value)

@@ -13,8 +13,9 @@ from conftest import subprocess_env
 
 
 def fi_ffi(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fi_ffi", *args], capture_output=True, text=True, timeout=120,
-                          env=subprocess_env(**env))
+    return subprocess.run(
+        [sys.executable, "-m", "fi_ffi", *args], capture_output=True, text=True, timeout=120, env=subprocess_env(**env)
+    )
 
 
 def test_doctor_reports_and_exits_zero_without_a_gpu(shared_wheel: Path) -> None:
@@ -75,8 +76,9 @@ def test_lock_then_fetch_then_cache_cycle(shared_wheel: Path, tmp_path: Path) ->
 
 
 def test_fetch_offline_with_nothing_available_names_the_fix(tmp_path: Path) -> None:
-    done = fi_ffi("fetch", FI_FFI_LOCK="", FI_FFI_CACHE_DIR=str(tmp_path / "c"), FI_FFI_OFFLINE="1",
-                  FI_FFI_WHEELHOUSE="")
+    done = fi_ffi(
+        "fetch", FI_FFI_LOCK="", FI_FFI_CACHE_DIR=str(tmp_path / "c"), FI_FFI_OFFLINE="1", FI_FFI_WHEELHOUSE=""
+    )
     assert done.returncode == 2
     assert "flashinfer_jit_cache-0.6.3+cu130" in done.stderr
     assert "FI_FFI_WHEELHOUSE" in done.stderr or "fetch --wheel" in done.stderr
@@ -110,9 +112,18 @@ def test_version_and_help() -> None:
 # ---- bad arguments: a usage message and exit 2, never a traceback ------------------------------------------
 
 
-@pytest.mark.parametrize("args", [["list", "--kind", "nope"], ["list", "--dtype", "fp12"], ["list", "--dtype", ""],
-                                  ["list", "--head-dim", "-3"], ["list", "--head-dim", "x"],
-                                  ["smoke", "--device", "-1"], ["smoke", "--device", "one"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["list", "--kind", "nope"],
+        ["list", "--dtype", "fp12"],
+        ["list", "--dtype", ""],
+        ["list", "--head-dim", "-3"],
+        ["list", "--head-dim", "x"],
+        ["smoke", "--device", "-1"],
+        ["smoke", "--device", "one"],
+    ],
+)
 def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
     done = fi_ffi(*args)
     assert done.returncode == 2, done.stderr
@@ -166,15 +177,31 @@ def closed_pipe_run(*args: str) -> tuple[int, str]:
     read_end, write_end = os.pipe()
     os.close(read_end)  # before the child starts: its first write to stdout gets EPIPE
     try:
-        done = subprocess.run([sys.executable, "-m", "fi_ffi", *args], stdout=write_end, stderr=subprocess.PIPE,
-                              text=True, timeout=120, env=subprocess_env())
+        done = subprocess.run(
+            [sys.executable, "-m", "fi_ffi", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env=subprocess_env(),
+        )
     finally:
         os.close(write_end)
     return done.returncode, done.stderr
 
 
-@pytest.mark.parametrize("args", [["doctor"], ["doctor", "--json"], ["cache", "path"], ["cache", "list"],
-                                  ["--help"], ["--version"], ["list", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["doctor"],
+        ["doctor", "--json"],
+        ["cache", "path"],
+        ["cache", "list"],
+        ["--help"],
+        ["--version"],
+        ["list", "--help"],
+    ],
+)
 def test_a_closed_output_pipe_ends_quietly(args: list[str]) -> None:
     status, stderr = closed_pipe_run(*args)
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr and "Exception ignored" not in stderr, stderr
@@ -197,10 +224,14 @@ def doctor_json(**env: str) -> dict:
     return json.loads(done.stdout)
 
 
-def test_doctor_calls_a_wheelhouse_wheel_available_not_missing(shared_wheel: Path, shared_wheel_lock: Path,
-                                                               tmp_path: Path) -> None:
-    env = {"FI_FFI_LOCK": str(shared_wheel_lock), "FI_FFI_WHEELHOUSE": str(shared_wheel.parent),
-           "FI_FFI_CACHE_DIR": str(tmp_path / "cache")}
+def test_doctor_calls_a_wheelhouse_wheel_available_not_missing(
+    shared_wheel: Path, shared_wheel_lock: Path, tmp_path: Path
+) -> None:
+    env = {
+        "FI_FFI_LOCK": str(shared_wheel_lock),
+        "FI_FFI_WHEELHOUSE": str(shared_wheel.parent),
+        "FI_FFI_CACHE_DIR": str(tmp_path / "cache"),
+    }
     entry = doctor_json(**env)["lock"]["entries"][0]
     assert (entry["status"], entry["path"], entry["verified"]) == ("wheelhouse", str(shared_wheel), False)
     text = fi_ffi("doctor", **env).stdout
@@ -270,8 +301,12 @@ def test_gpu_coverage_by_the_wheels_gpu_archs(shared_wheel: Path) -> None:
     from fi_ffi.loader import lockfile
     from fi_ffi.system import GPU
 
-    gpus = [GPU(0, "H100", (9, 0), 0), GPU(1, "A100", (8, 0), 0), GPU(2, "RTX 4090", (8, 9), 0),
-            GPU(3, "B300", (10, 3), 0)]
+    gpus = [
+        GPU(0, "H100", (9, 0), 0),
+        GPU(1, "A100", (8, 0), 0),
+        GPU(2, "RTX 4090", (8, 9), 0),
+        GPU(3, "B300", (10, 3), 0),
+    ]
     labelled = lockfile.lock_entry(shared_wheel)  # ...+cu130.sm90a...: sm taken from the file name
     assert cli.wheel_sm(labelled) == ("90a",)
     rows = cli.gpu_coverage(gpus, [labelled])

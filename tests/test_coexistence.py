@@ -47,8 +47,9 @@ print(json.dumps({
 
 @pytest.mark.parametrize("order", ["tvm_ffi_first", "fi_ffi_first"])
 def test_fi_ffi_and_tvm_ffi_work_side_by_side(order: str, kernel_modules: list[str]) -> None:
-    done = subprocess.run([sys.executable, "-c", BOTH, order], capture_output=True, text=True, timeout=120,
-                          env=subprocess_env())
+    done = subprocess.run(
+        [sys.executable, "-c", BOTH, order], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["ours"] == "fi_ffi" and out["theirs"] == "tvm_ffi" and out["add_one"] == 42

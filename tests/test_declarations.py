@@ -30,12 +30,23 @@ from fi_ffi.ops.launcher import bound_entry
 RELEASES = ("0.6.3", "0.7.2")
 # Entry points of the 0.7.2 test wheel fi_ffi does not call (new exports of 0.7: quantizing norms and RoPE, FP4
 # appends, the workspace-size queries of the attention modules; their ops are not part of fi_ffi).
-NOT_DECLARED_072 = frozenset({
-    "workspace_size", "rmsnorm_quant", "fused_add_rmsnorm_quant", "fused_add_rmsnorm_fp8_block_quant", "layernorm",
-    "layernorm_quant", "fused_dit_layernorm", "fused_qk_rmsnorm_rope", "rope_quantize",
-    "rope_quantize_append_paged_kv_cache", "nvfp4_quantize_append_paged_kv_cache",
-    "nvfp4_quantize_append_paged_kv_cache_with_slot_mapping", "nvfp4_quantize_append_paged_mla_kv_cache",
-})
+NOT_DECLARED_072 = frozenset(
+    {
+        "workspace_size",
+        "rmsnorm_quant",
+        "fused_add_rmsnorm_quant",
+        "fused_add_rmsnorm_fp8_block_quant",
+        "layernorm",
+        "layernorm_quant",
+        "fused_dit_layernorm",
+        "fused_qk_rmsnorm_rope",
+        "rope_quantize",
+        "rope_quantize_append_paged_kv_cache",
+        "nvfp4_quantize_append_paged_kv_cache",
+        "nvfp4_quantize_append_paged_kv_cache_with_slot_mapping",
+        "nvfp4_quantize_append_paged_mla_kv_cache",
+    }
+)
 
 
 def all_declarations() -> list[tuple[str, str, wire.Declaration]]:
@@ -72,8 +83,12 @@ DECLARED = all_declarations()
 LISTED = {r: _listed(r) for r in RELEASES}
 # (family, pattern, declaration, release); an untagged declaration is left out for a release whose test wheel
 # has no module it matches (GDN, top-k, ... in 0.7.2)
-CASES = [(f, p, d, r) for f, p, d in DECLARED for r in releases_of(d)
-         if d.release or LISTED[r] is None or any(re.fullmatch(p, u) for u in LISTED[r] or ())]
+CASES = [
+    (f, p, d, r)
+    for f, p, d in DECLARED
+    for r in releases_of(d)
+    if d.release or LISTED[r] is None or any(re.fullmatch(p, u) for u in LISTED[r] or ())
+]
 
 
 def _modules(request: pytest.FixtureRequest, release: str) -> list[str]:
@@ -89,10 +104,12 @@ def test_every_op_family_declares_its_entry_points() -> None:
         assert set(releases_of(decl)) <= set(RELEASES), f"{family}: {decl.entry}: unknown release {decl.release!r}"
 
 
-@pytest.mark.parametrize(("family", "pattern", "decl", "release"), CASES,
-                         ids=[f"{r}:{f}:{d.entry}:{p[:40]}" for f, p, d, r in CASES])
-def test_declaration_matches_every_module_it_applies_to(request: pytest.FixtureRequest, family: str, pattern: str,
-                                                        decl: wire.Declaration, release: str) -> None:
+@pytest.mark.parametrize(
+    ("family", "pattern", "decl", "release"), CASES, ids=[f"{r}:{f}:{d.entry}:{p[:40]}" for f, p, d, r in CASES]
+)
+def test_declaration_matches_every_module_it_applies_to(
+    request: pytest.FixtureRequest, family: str, pattern: str, decl: wire.Declaration, release: str
+) -> None:
     modules = [uri for uri in _modules(request, release) if re.fullmatch(pattern, uri)]
     if not modules and not decl.release:
         pytest.skip(f"the {release} test wheel has no module matching {pattern!r}")
@@ -113,8 +130,9 @@ def test_every_untagged_declaration_matches_a_module_of_some_release() -> None:
     if any(v is None for v in LISTED.values()):
         pytest.skip("needs both releases' test wheels (<repo>/../shared/wheels, wheels-072)")
     for family, pattern, decl in DECLARED:
-        assert any(re.fullmatch(pattern, u) for r in releases_of(decl) for u in LISTED[r] or ()), \
+        assert any(re.fullmatch(pattern, u) for r in releases_of(decl) for u in LISTED[r] or ()), (
             f"{family}: {decl.entry}: {pattern!r} matches no module of {releases_of(decl)}"
+        )
 
 
 def _signatures_072() -> dict[tuple[str, str], str]:
@@ -140,8 +158,7 @@ def test_every_entry_point_of_the_072_wheel_binds_with_its_declaration(release_0
     undeclared = []
     defects: dict[str, str] = {}
     for (uri, entry), sig in sorted(listed.items()):
-        decls = [d for _, p, d in DECLARED
-                 if d.entry == entry and "0.7.2" in releases_of(d) and re.fullmatch(p, uri)]
+        decls = [d for _, p, d in DECLARED if d.entry == entry and "0.7.2" in releases_of(d) and re.fullmatch(p, uri)]
         if entry in NOT_DECLARED_072:
             assert not decls, f"{uri}.{entry} is declared: take it off NOT_DECLARED_072"
             continue
@@ -176,15 +193,23 @@ PAIRS = _release_pairs()
 
 def test_the_changed_entry_points_are_paired() -> None:
     changed = {(f, old.entry) for f, _, old, _, _ in PAIRS}
-    assert changed >= {("prefill", "plan"), ("prefill", "ragged_run"), ("prefill", "paged_run"), ("mla", "plan"),
-                       ("mla", "run"), ("sampling", "sampling_from_probs"), ("sampling", "top_k_renorm_probs")}
+    assert changed >= {
+        ("prefill", "plan"),
+        ("prefill", "ragged_run"),
+        ("prefill", "paged_run"),
+        ("mla", "plan"),
+        ("mla", "run"),
+        ("sampling", "sampling_from_probs"),
+        ("sampling", "top_k_renorm_probs"),
+    }
 
 
-@pytest.mark.parametrize(("family", "p_old", "old", "p_new", "new"), PAIRS,
-                         ids=[f"{f}:{o.entry}:{po[:30]}" for f, po, o, _, _ in PAIRS])
+@pytest.mark.parametrize(
+    ("family", "p_old", "old", "p_new", "new"), PAIRS, ids=[f"{f}:{o.entry}:{po[:30]}" for f, po, o, _, _ in PAIRS]
+)
 def test_a_declaration_offered_the_other_releases_module_is_refused_by_name(
-        request: pytest.FixtureRequest, family: str, p_old: str, old: wire.Declaration, p_new: str,
-        new: wire.Declaration) -> None:
+    request: pytest.FixtureRequest, family: str, p_old: str, old: wire.Declaration, p_new: str, new: wire.Declaration
+) -> None:
     # 0.7.2 declaration, 0.6.3 module (session lock), then 0.6.3 declaration, 0.7.2 module (its own lock)
     for modules_release, pattern, offered in (("0.6.3", p_old, new), ("0.7.2", p_new, old)):
         modules = [u for u in _modules(request, modules_release) if re.fullmatch(pattern, u)]
@@ -205,8 +230,7 @@ def test_a_declaration_from_another_release_is_refused_by_name(kernel_modules: l
     # norm.rmsnorm with an extra int inserted before the scalars, as a newer release might do
     from fi_ffi.ops.norm import RMSNORM
 
-    shifted = wire.declare("rmsnorm", [*RMSNORM.params[:3], ("extra", wire.INT), *RMSNORM.params[3:]],
-                           release="9.9")
+    shifted = wire.declare("rmsnorm", [*RMSNORM.params[:3], ("extra", wire.INT), *RMSNORM.params[3:]], release="9.9")
     with pytest.raises(LoaderError) as info:
         bound_entry("norm", shifted)
     text = str(info.value)
@@ -220,8 +244,10 @@ def test_a_declaration_from_another_release_is_refused_by_name(kernel_modules: l
 
 
 def test_signature_parsing_handles_nested_types() -> None:
-    text = "Mismatched number of arguments when calling: `plan(0: DLTensor*, 1: Optional<ffi.Tensor>, " \
-           "2: int) -> Tuple<Array<int>, int>`. Expected 3 but got 0 arguments"
+    text = (
+        "Mismatched number of arguments when calling: `plan(0: DLTensor*, 1: Optional<ffi.Tensor>, "
+        "2: int) -> Tuple<Array<int>, int>`. Expected 3 but got 0 arguments"
+    )
     sig = wire.parse_signature(text, "plan")
     assert sig is not None
     assert sig.args == ("DLTensor*", "Optional<ffi.Tensor>", "int")

@@ -33,11 +33,13 @@ DEVICES = st.one_of(
     st.just(("cuda", dtypes.cuda(0))),
     st.just(("cpu", dtypes.cpu())),
     st.sampled_from([1, 2, 3, 13]).flatmap(
-        lambda t: st.integers(0, 7).map(lambda i: (dtypes.Device(t, i), dtypes.Device(t, i)))),
+        lambda t: st.integers(0, 7).map(lambda i: (dtypes.Device(t, i), dtypes.Device(t, i)))
+    ),
     st.sampled_from([1, 2, 3, 13]).flatmap(lambda t: st.integers(0, 7).map(lambda i: ((t, i), dtypes.Device(t, i)))),
 )
 DTYPES = st.sampled_from(dtypes.ALL).flatmap(
-    lambda d: st.sampled_from([d, d.name, (d.code, d.bits, d.lanes)]).map(lambda spec: (spec, d)))
+    lambda d: st.sampled_from([d, d.name, (d.code, d.bits, d.lanes)]).map(lambda spec: (spec, d))
+)
 SIZES = st.integers(0, 2**31)
 STEPS = st.integers(0, 2**40)
 
@@ -65,8 +67,15 @@ def valid_descriptors(draw: st.DrawFn) -> dict[str, Any]:
     strides = draw(st.none() | st.lists(STEPS, min_size=ndim, max_size=ndim).map(tuple))
     dtype_spec, dtype = draw(DTYPES)
     device_spec, device = draw(DEVICES)
-    return {"data_ptr": draw(st.integers(0, 2**64 - 1)), "shape": shape, "strides": strides,
-            "dtype_spec": dtype_spec, "dtype": dtype, "device_spec": device_spec, "device": device}
+    return {
+        "data_ptr": draw(st.integers(0, 2**64 - 1)),
+        "shape": shape,
+        "strides": strides,
+        "dtype_spec": dtype_spec,
+        "dtype": dtype,
+        "device_spec": device_spec,
+        "device": device,
+    }
 
 
 def expected_contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -86,21 +95,32 @@ def test_valid_descriptors_round_trip_through_the_dltensor_record(d: dict[str, A
     t = Tensor.from_pointer(d["data_ptr"], d["shape"], d["dtype_spec"], d["device_spec"], d["strides"], owner)
     strides = d["strides"] if d["strides"] is not None else expected_contiguous(d["shape"])
     assert (t.data_ptr, t.shape, t.strides, t.dtype, t.device, t.ndim) == (
-        d["data_ptr"], d["shape"], strides, d["dtype"], d["device"], len(d["shape"]))
+        d["data_ptr"],
+        d["shape"],
+        strides,
+        d["dtype"],
+        d["device"],
+        len(d["shape"]),
+    )
     assert t.owner is owner
     dt = d["dtype"]
     # On the wire, managed memory is presented as CUDA and pinned host memory as CPU (the kernels check for
     # exactly those two kinds).
     wire = {13: 2, 3: 1}.get(d["device"].device_type, d["device"].device_type), d["device"].device_id
-    assert read_record(t) == {"data": d["data_ptr"], "device": wire, "ndim": len(d["shape"]),
-                              "dtype": (dt.code, dt.bits, dt.lanes), "shape": d["shape"], "strides": strides,
-                              "byte_offset": 0}
+    assert read_record(t) == {
+        "data": d["data_ptr"],
+        "device": wire,
+        "ndim": len(d["shape"]),
+        "dtype": (dt.code, dt.bits, dt.lanes),
+        "shape": d["shape"],
+        "strides": strides,
+        "byte_offset": 0,
+    }
 
 
 @SETTINGS
 @given(st.lists(st.integers(1, 9), min_size=0, max_size=6).map(tuple), st.sampled_from(dtypes.ALL))
-def test_default_strides_are_numpys_row_major_strides_in_elements(shape: tuple[int, ...],
-                                                                  dtype: dtypes.DType) -> None:
+def test_default_strides_are_numpys_row_major_strides_in_elements(shape: tuple[int, ...], dtype: dtypes.DType) -> None:
     # (numpy gives empty arrays zero strides, so sizes start at 1 here; the round-trip test covers size 0)
     t = Tensor.from_pointer(0x1000, shape, dtype)
     assert t.strides == tuple(s // 8 for s in np.empty(shape, np.int64).strides)
@@ -118,33 +138,63 @@ def _invalid_cases() -> st.SearchStrategy[tuple[dict[str, Any], type[Exception],
     shapes = st.lists(st.integers(0, 8), min_size=1, max_size=6)
     return st.one_of(
         # negative sizes, sizes past int64, too many dimensions, non-int entries, bools
-        shapes.flatmap(lambda s: st.integers(0, len(s) - 1).flatmap(lambda i: st.integers(-2**70, -1).map(
-            lambda bad: case(ValueError, "shape", shape=(*s[:i], bad, *s[i + 1:]))))),
+        shapes.flatmap(
+            lambda s: st.integers(0, len(s) - 1).flatmap(
+                lambda i: st.integers(-(2**70), -1).map(
+                    lambda bad: case(ValueError, "shape", shape=(*s[:i], bad, *s[i + 1 :]))
+                )
+            )
+        ),
         st.integers(2**63, 2**70).map(lambda bad: case(ValueError, "shape", shape=(2, bad))),
         st.integers(17, 40).map(lambda n: case(ValueError, "shape", shape=(1,) * n)),
         st.sampled_from([(2, True), (False,), (2.0, 3), ("2",), (None,)]).map(
-            lambda s: case(TypeError, "shape", shape=s)),
+            lambda s: case(TypeError, "shape", shape=s)
+        ),
         st.sampled_from([3, 2.5, None, object()]).map(lambda s: case(TypeError, "shape", shape=s)),
         # wrong stride count, negative strides, strides past int64, bools, non-ints
-        shapes.flatmap(lambda s: st.integers(0, 8).filter(lambda n: n != len(s)).map(
-            lambda n: case(ValueError, "strides", shape=tuple(s), strides=(1,) * n))),
-        st.integers(-2**70, -1).map(lambda bad: case(ValueError, "strides", strides=(bad, 1))),
+        shapes.flatmap(
+            lambda s: (
+                st.integers(0, 8)
+                .filter(lambda n: n != len(s))
+                .map(lambda n: case(ValueError, "strides", shape=tuple(s), strides=(1,) * n))
+            )
+        ),
+        st.integers(-(2**70), -1).map(lambda bad: case(ValueError, "strides", strides=(bad, 1))),
         st.integers(2**63, 2**70).map(lambda bad: case(ValueError, "strides", strides=(bad, 1))),
         st.sampled_from([(3, True), (1.0, 1), ("3", 1)]).map(lambda s: case(TypeError, "strides", strides=s)),
         # contiguous strides that do not fit in int64
         st.just(case(ValueError, "strides", shape=(2**40, 2**40, 2**40))),
         # pointers: wrong types (bools included) and out of range
         st.sampled_from([True, False, 1.0, "0x1000", None, b"\x00", np.int64(4096), object()]).map(
-            lambda p: case(TypeError, "data_ptr", data_ptr=p)),
-        st.one_of(st.integers(-2**70, -1), st.integers(2**64, 2**70)).map(
-            lambda p: case(ValueError, "data_ptr", data_ptr=p)),
+            lambda p: case(TypeError, "data_ptr", data_ptr=p)
+        ),
+        st.one_of(st.integers(-(2**70), -1), st.integers(2**64, 2**70)).map(
+            lambda p: case(ValueError, "data_ptr", data_ptr=p)
+        ),
         # dtypes fi_ffi does not know
         st.sampled_from(["float64", "complex64", "int16", (2, 64, 1), (2, 16, 2), None, 3, np.float64]).map(
-            lambda d: case(TypeError, "dtype", dtype=d)),
+            lambda d: case(TypeError, "dtype", dtype=d)
+        ),
         # devices: bools, negative ordinals, unknown kinds and device types, non-int tuples
-        st.sampled_from([True, -1, -7, "gpu", "cuda:x", "cuda:-1", "cpu:0", 1.0, None, (99, 0), (2, -1),
-                         ("cuda", 0), (2.0, 0), (2, True), (2, 0, 0)]).map(
-            lambda dev: case(TypeError, "device", device=dev)),
+        st.sampled_from(
+            [
+                True,
+                -1,
+                -7,
+                "gpu",
+                "cuda:x",
+                "cuda:-1",
+                "cpu:0",
+                1.0,
+                None,
+                (99, 0),
+                (2, -1),
+                ("cuda", 0),
+                (2.0, 0),
+                (2, True),
+                (2, 0, 0),
+            ]
+        ).map(lambda dev: case(TypeError, "device", device=dev)),
     )
 
 
@@ -170,8 +220,9 @@ OPS = {
 }
 
 
-def fake(shape: tuple[int, ...], dtype: Any = "float16", device: Any = 0, strides: Any = None,
-         offset: int = 0, slot: int = 0) -> Tensor:
+def fake(
+    shape: tuple[int, ...], dtype: Any = "float16", device: Any = 0, strides: Any = None, offset: int = 0, slot: int = 0
+) -> Tensor:
     return Tensor.from_pointer(ALIGN + slot * 0x1000_0000 + offset, shape, dtype, device, strides)
 
 
@@ -192,9 +243,19 @@ def broken_norm_calls(draw: st.DrawFn) -> tuple[str, dict[str, Any], str, Any, t
     slot = {"input": 0, "weight": 1, second: 2}.get(culprit, 0)
     flaws: list[tuple[Any, type[Exception]]]
     if culprit == "eps":
-        flaws = [(0.0, ValueError), (-1e-6, ValueError), (math.nan, ValueError), (math.inf, ValueError),
-                 (-math.inf, ValueError), (0, ValueError), ("1e-6", TypeError), (None, TypeError),
-                 (True, TypeError), (1j, TypeError), ([1e-6], TypeError)]
+        flaws = [
+            (0.0, ValueError),
+            (-1e-6, ValueError),
+            (math.nan, ValueError),
+            (math.inf, ValueError),
+            (-math.inf, ValueError),
+            (0, ValueError),
+            ("1e-6", TypeError),
+            (None, TypeError),
+            (True, TypeError),
+            (1j, TypeError),
+            ([1e-6], TypeError),
+        ]
     elif culprit == "enable_pdl":
         flaws = [(2, TypeError), ("yes", TypeError), (None, TypeError), (0.5, TypeError)]
     else:
@@ -233,8 +294,9 @@ def fresh_bindings(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, str], Any
 
 @settings(SETTINGS, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(broken_norm_calls())
-def test_broken_norm_calls_never_reach_the_ffi(fresh_bindings: dict[tuple[str, str], Any],
-                                              call: tuple[str, dict[str, Any], str, Any, type[Exception]]) -> None:
+def test_broken_norm_calls_never_reach_the_ffi(
+    fresh_bindings: dict[tuple[str, str], Any], call: tuple[str, dict[str, Any], str, Any, type[Exception]]
+) -> None:
     op, valid, culprit, flaw, error = call
     names = OPS[op]
     second = names[1] if names[1] != "weight" else names[2]

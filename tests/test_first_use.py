@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 from conftest import REPO, subprocess_env
 
-LOADER_VARIABLES = ("FI_FFI_LOCK", "FI_FFI_WHEELHOUSE", "FI_FFI_TEST_WHEELS", "FI_FFI_CACHE_DIR", "FI_FFI_RUNTIME",
-                    "FI_FFI_CUDA_VERSION", "FI_FFI_SM")
+LOADER_VARIABLES = (
+    "FI_FFI_LOCK",
+    "FI_FFI_WHEELHOUSE",
+    "FI_FFI_TEST_WHEELS",
+    "FI_FFI_CACHE_DIR",
+    "FI_FFI_RUNTIME",
+    "FI_FFI_CUDA_VERSION",
+    "FI_FFI_SM",
+)
 
 
 def pyproject() -> dict:
@@ -38,9 +45,26 @@ def test_suite_without_the_shared_wheel_skips_and_says_why(tmp_path: Path) -> No
     env = {k: v for k, v in subprocess_env().items() if k not in LOADER_VARIABLES}
     env["PYTHONPATH"] = str(repo)  # the copy, not the checkout, so that <repo>/../shared is the missing folder
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "--ignore=tests/test_first_use.py",
-         "tests/test_norm.py", "tests/test_page.py", "tests/test_gdn.py", "tests/test_cli.py", "tests/test_plan.py"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            "--ignore=tests/test_first_use.py",
+            "tests/test_norm.py",
+            "tests/test_page.py",
+            "tests/test_gdn.py",
+            "tests/test_cli.py",
+            "tests/test_plan.py",
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " failed" not in done.stdout
@@ -97,8 +121,9 @@ def test_license_is_the_declared_apache_2_0() -> None:
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text and len(text.splitlines()) > 190  # the full text
     build = pyproject()["build-system"]["requires"]
-    assert any(r.replace(" ", "").startswith("setuptools>=") and int(r.split(">=")[1].split(".")[0]) >= 77
-               for r in build), "license expressions need setuptools >= 77"
+    assert any(
+        r.replace(" ", "").startswith("setuptools>=") and int(r.split(">=")[1].split(".")[0]) >= 77 for r in build
+    ), "license expressions need setuptools >= 77"
     assert "Operating System :: POSIX :: Linux" in project["classifiers"]
 
 

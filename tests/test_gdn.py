@@ -25,44 +25,78 @@ from fi_ffi.tensor import Tensor
 # Descriptors here claim cuda:0 over host memory: only a machine without a GPU stops them before a launch.
 pytestmark = pytest.mark.cpu_only
 
-SIGNATURE = ("gdn_prefill(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: DLTensor*, 4: DLTensor*, 5: DLTensor*, "
-             "6: Optional<DLTensor*>, 7: Optional<DLTensor*>, 8: Optional<DLTensor*>, 9: float, 10: DLTensor*) "
-             "-> void")
+SIGNATURE = (
+    "gdn_prefill(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: DLTensor*, 4: DLTensor*, 5: DLTensor*, "
+    "6: Optional<DLTensor*>, 7: Optional<DLTensor*>, 8: Optional<DLTensor*>, 9: float, 10: DLTensor*) "
+    "-> void"
+)
 D = 128
 REPO = Path(__file__).resolve().parent.parent
 
 
-def fake_cuda(shape: tuple[int, ...], dtype: str = "float16", strides: tuple[int, ...] | None = None,
-              device: object = "cuda:0", align: int = 64) -> Tensor:
+def fake_cuda(
+    shape: tuple[int, ...],
+    dtype: str = "float16",
+    strides: tuple[int, ...] | None = None,
+    device: object = "cuda:0",
+    align: int = 64,
+) -> Tensor:
     """A descriptor that claims CUDA memory but points at (``align``-byte aligned) host memory it never touches."""
     host = np.zeros(256, dtype=np.uint8)
     ptr = (host.ctypes.data + align - 1) // align * align
     return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
 
 
-def gdn_args(s: int = 10, n: int = 2, hq: int = 2, hk: int = 2, hv: int = 4, dtype: str = "float16",
-             **over: object) -> dict[str, object]:
+def gdn_args(
+    s: int = 10, n: int = 2, hq: int = 2, hk: int = 2, hv: int = 4, dtype: str = "float16", **over: object
+) -> dict[str, object]:
     """Keyword arguments of a valid ``gdn_prefill`` call without the optional inputs, with overrides."""
     hs = max(hq, hv)
     args: dict[str, object] = dict(
-        q=fake_cuda((s, hq, D), dtype), k=fake_cuda((s, hk, D), dtype), v=fake_cuda((s, hv, D), dtype),
-        cu_seqlens=fake_cuda((n + 1,), "int64"), output=fake_cuda((s, hs, D), dtype),
-        output_state=fake_cuda((n, hs, D, D), "float32"), workspace=fake_cuda((132 * 128,), "uint8"),
+        q=fake_cuda((s, hq, D), dtype),
+        k=fake_cuda((s, hk, D), dtype),
+        v=fake_cuda((s, hv, D), dtype),
+        cu_seqlens=fake_cuda((n + 1,), "int64"),
+        output=fake_cuda((s, hs, D), dtype),
+        output_state=fake_cuda((n, hs, D, D), "float32"),
+        workspace=fake_cuda((132 * 128,), "uint8"),
     )
     args.update(over)
     return args
 
 
 def optional(s: int = 10, n: int = 2, hs: int = 4) -> dict[str, Tensor]:
-    return dict(input_state=fake_cuda((n, hs, D, D), "float32"), alpha=fake_cuda((s, hs), "float32"),
-                beta=fake_cuda((s, hs), "float32"))
+    return dict(
+        input_state=fake_cuda((n, hs, D, D), "float32"),
+        alpha=fake_cuda((s, hs), "float32"),
+        beta=fake_cuda((s, hs), "float32"),
+    )
 
 
-def call_unchecked(args: dict[str, object], input_state: object = None, alpha: object = None, beta: object = None,
-                   scale: object = None, stream: object = None) -> None:
+def call_unchecked(
+    args: dict[str, object],
+    input_state: object = None,
+    alpha: object = None,
+    beta: object = None,
+    scale: object = None,
+    stream: object = None,
+) -> None:
     """The public op's body without the device checks that need a CUDA driver (internal test hatch)."""
-    gdn._gdn_prefill(args["q"], args["k"], args["v"], args["cu_seqlens"], args["output"], args["output_state"],
-                     args["workspace"], input_state, alpha, beta, scale, stream, True)
+    gdn._gdn_prefill(
+        args["q"],
+        args["k"],
+        args["v"],
+        args["cu_seqlens"],
+        args["output"],
+        args["output_state"],
+        args["workspace"],
+        input_state,
+        alpha,
+        beta,
+        scale,
+        stream,
+        True,
+    )
 
 
 def kernel_error_of(err: BaseException) -> KernelError:
@@ -90,12 +124,16 @@ def test_signature_of_real_module_matches_our_wire_layout(kernel_modules: object
     assert SIGNATURE in entry_point("gdn_prefill_sm90", "gdn_prefill").signature_text()
 
 
-@pytest.mark.parametrize("heads", [(2, 2, 4), (4, 1, 1), (8, 2, 2), (16, 16, 32), (3, 3, 3)],
-                         ids=["gva", "gqa4", "gqa8:2", "gva16:32", "equal"])
+@pytest.mark.parametrize(
+    "heads",
+    [(2, 2, 4), (4, 1, 1), (8, 2, 2), (16, 16, 32), (3, 3, 3)],
+    ids=["gva", "gqa4", "gqa8:2", "gva16:32", "equal"],
+)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("present", ["", "input_state", "alpha", "beta", "input_state,alpha,beta"])
-def test_packed_call_reaches_the_launcher(kernel_modules: object, heads: tuple[int, int, int], dtype: str,
-                                          present: str) -> None:
+def test_packed_call_reaches_the_launcher(
+    kernel_modules: object, heads: tuple[int, int, int], dtype: str, present: str
+) -> None:
     hq, hk, hv = heads
     hs = max(hq, hv)
     args = gdn_args(hq=hq, hk=hk, hv=hv, dtype=dtype)
@@ -138,16 +176,23 @@ def test_public_op_without_a_gpu_raises_unsupported_device_error() -> None:
 
 
 def test_device_helper_without_a_gpu() -> None:
-    for query in (device.current_device, lambda: device.compute_capability(0), lambda: device.sm_count(0),
-                  lambda: device.make_current(0), lambda: device.set_device(0), lambda: gdn.gdn_workspace_size(0)):
+    for query in (
+        device.current_device,
+        lambda: device.compute_capability(0),
+        lambda: device.sm_count(0),
+        lambda: device.make_current(0),
+        lambda: device.set_device(0),
+        lambda: gdn.gdn_workspace_size(0),
+    ):
         with pytest.raises(UnsupportedDeviceError, match=r"no CUDA device is available .*cudaError"):
             query()
     device.restore(-1)  # nothing to restore: a no-op
 
 
 @pytest.mark.parametrize("cc", [(8, 0), (8, 9), (10, 0), (12, 0)])
-def test_other_architectures_are_refused_before_the_kernel(monkeypatch: pytest.MonkeyPatch,
-                                                           cc: tuple[int, int]) -> None:
+def test_other_architectures_are_refused_before_the_kernel(
+    monkeypatch: pytest.MonkeyPatch, cc: tuple[int, int]
+) -> None:
     # Pretend cuda:0 is a GPU of another architecture (the cached answer of the capability query).
     monkeypatch.setitem(device._capability, 0, cc)
     with pytest.raises(UnsupportedDeviceError, match=rf"SM90 .*cuda:0 has compute capability {cc[0]}\.{cc[1]}"):
@@ -155,7 +200,8 @@ def test_other_architectures_are_refused_before_the_kernel(monkeypatch: pytest.M
 
 
 def test_on_sm90_the_workspace_size_is_checked_then_the_device_is_made_current(
-        monkeypatch: pytest.MonkeyPatch, kernel_modules: object) -> None:
+    monkeypatch: pytest.MonkeyPatch, kernel_modules: object
+) -> None:
     # Pretend cuda:0 is an H100 (cached answers); making it current then fails for want of a driver.
     monkeypatch.setitem(device._capability, 0, (9, 0))
     monkeypatch.setitem(device._sm_count, 0, 132)
@@ -182,12 +228,21 @@ def test_cu_seqlens_must_be_int64() -> None:
         (dict(q=fake_cuda((10, 2, D), "float32")), TypeError, r"q: expected dtype float16, bfloat16, got float32"),
         (dict(q=fake_cuda((10, 2, D), device="cpu")), ValueError, r"q: expected a CUDA device tensor"),
         (dict(q=fake_cuda((10, 2, D), strides=(4 * D, D, 1))), ValueError, r"q: expected a contiguous tensor"),
-        (dict(q=fake_cuda((10, 2, D), align=2).view((10, 2, D), offset=1)), ValueError,
-         r"q: data pointer .* must be 16-byte aligned"),
-        (dict(q=fake_cuda((10, 2, 64)), k=fake_cuda((10, 2, 64)), v=fake_cuda((10, 4, 64))), ValueError,
-         r"q: the kernel supports head_dim 128 only"),
-        (dict(q=fake_cuda((0, 2, D)), k=fake_cuda((0, 2, D)), v=fake_cuda((0, 4, D))), ValueError,
-         r"q: expected at least one packed token"),
+        (
+            dict(q=fake_cuda((10, 2, D), align=2).view((10, 2, D), offset=1)),
+            ValueError,
+            r"q: data pointer .* must be 16-byte aligned",
+        ),
+        (
+            dict(q=fake_cuda((10, 2, 64)), k=fake_cuda((10, 2, 64)), v=fake_cuda((10, 4, 64))),
+            ValueError,
+            r"q: the kernel supports head_dim 128 only",
+        ),
+        (
+            dict(q=fake_cuda((0, 2, D)), k=fake_cuda((0, 2, D)), v=fake_cuda((0, 4, D))),
+            ValueError,
+            r"q: expected at least one packed token",
+        ),
         (dict(k=fake_cuda((10, 2, D), "bfloat16")), TypeError, r"k: expected dtype float16 \(same as q\)"),
         (dict(k=fake_cuda((10, 2, D), device=1)), ValueError, r"k: expected a tensor on cuda:0 \(same as q\)"),
         (dict(k=fake_cuda((9, 2, D))), ValueError, r"k: expected \[10, Hk, 128\]"),
@@ -196,21 +251,36 @@ def test_cu_seqlens_must_be_int64() -> None:
         (dict(v=fake_cuda((10, 4, D), strides=(8 * D, 2 * D, 1))), ValueError, r"v: expected a contiguous tensor"),
         (dict(cu_seqlens=fake_cuda((1,), "int64")), ValueError, r"cu_seqlens: expected \[N \+ 1\] offsets with N >= 1"),
         (dict(cu_seqlens=fake_cuda((3, 1), "int64")), ValueError, r"cu_seqlens: expected a 1-D tensor"),
-        (dict(cu_seqlens=fake_cuda((3,), "int64", device="cpu")), ValueError,
-         r"cu_seqlens: expected a tensor on cuda:0"),
+        (
+            dict(cu_seqlens=fake_cuda((3,), "int64", device="cpu")),
+            ValueError,
+            r"cu_seqlens: expected a tensor on cuda:0",
+        ),
         (dict(output=fake_cuda((10, 2, D))), ValueError, r"output: expected shape \(10, 4, 128\)"),
         (dict(output=fake_cuda((10, 4, D), "bfloat16")), TypeError, r"output: expected dtype float16 \(same as q\)"),
-        (dict(output=fake_cuda((10, 4, D), align=8).view((10, 4, D), offset=4)), ValueError,
-         r"output: data pointer .* must be 16-byte aligned"),
+        (
+            dict(output=fake_cuda((10, 4, D), align=8).view((10, 4, D), offset=4)),
+            ValueError,
+            r"output: data pointer .* must be 16-byte aligned",
+        ),
         (dict(output_state=fake_cuda((2, 4, D, D), "float16")), TypeError, r"output_state: expected dtype float32"),
-        (dict(output_state=fake_cuda((3, 4, D, D), "float32")), ValueError,
-         r"output_state: expected shape \(2, 4, 128, 128\)"),
-        (dict(output_state=fake_cuda((2, 4, D, D), "float32", strides=(4 * D * D, D * D, 1, D))), ValueError,
-         r"output_state: expected a contiguous tensor"),
+        (
+            dict(output_state=fake_cuda((3, 4, D, D), "float32")),
+            ValueError,
+            r"output_state: expected shape \(2, 4, 128, 128\)",
+        ),
+        (
+            dict(output_state=fake_cuda((2, 4, D, D), "float32", strides=(4 * D * D, D * D, 1, D))),
+            ValueError,
+            r"output_state: expected a contiguous tensor",
+        ),
         (dict(workspace=fake_cuda((132 * 128,), "int8")), TypeError, r"workspace: expected dtype uint8"),
         (dict(workspace=fake_cuda((132, 128), "uint8")), ValueError, r"workspace: expected a 1-D tensor"),
-        (dict(workspace=fake_cuda((132 * 128,), "uint8").view((132 * 128,), offset=16)), ValueError,
-         r"workspace: data pointer .* must be 64-byte aligned"),
+        (
+            dict(workspace=fake_cuda((132 * 128,), "uint8").view((132 * 128,), offset=16)),
+            ValueError,
+            r"workspace: data pointer .* must be 64-byte aligned",
+        ),
         (dict(workspace=fake_cuda((132 * 128,), "uint8", device=1)), ValueError, r"workspace: expected a tensor on"),
     ],
 )
@@ -226,10 +296,18 @@ def test_bad_arguments_are_named(change: dict, exc: type, pattern: str) -> None:
     [
         ("input_state", fake_cuda((2, 4, D, D), "float16"), TypeError, r"input_state: expected dtype float32"),
         ("input_state", fake_cuda((2, 2, D, D), "float32"), ValueError, r"input_state: expected shape \(2, 4, 128"),
-        ("input_state", fake_cuda((2, 4, D, D), "float32", strides=(4 * D * D, D * D, 1, D)), ValueError,
-         r"input_state: expected a contiguous tensor"),
-        ("input_state", fake_cuda((2, 4, D, D), "float32", device="cpu"), ValueError,
-         r"input_state: expected a tensor on cuda:0"),
+        (
+            "input_state",
+            fake_cuda((2, 4, D, D), "float32", strides=(4 * D * D, D * D, 1, D)),
+            ValueError,
+            r"input_state: expected a contiguous tensor",
+        ),
+        (
+            "input_state",
+            fake_cuda((2, 4, D, D), "float32", device="cpu"),
+            ValueError,
+            r"input_state: expected a tensor on cuda:0",
+        ),
         ("alpha", fake_cuda((10, 2), "float32"), ValueError, r"alpha: expected shape \(10, 4\)"),
         ("alpha", fake_cuda((10, 4), "float16"), TypeError, r"alpha: expected dtype float32"),
         ("alpha", fake_cuda((10, 4), "float32", strides=(1, 10)), ValueError, r"alpha: expected a contiguous"),
@@ -243,9 +321,11 @@ def test_bad_optional_inputs_are_named(name: str, bad: Tensor, exc: type, patter
         call_unchecked(gdn_args(), **{name: bad})
 
 
-@pytest.mark.parametrize("heads", [(4, 2, 1), (6, 4, 4), (2, 1, 4), (2, 2, 5), (3, 3, 4), (0, 1, 1)],
-                         ids=["gqa-hk!=hv", "gqa-not-multiple", "gva-hk!=hq", "gva-not-multiple",
-                              "gva-not-multiple-2", "no-q-heads"])
+@pytest.mark.parametrize(
+    "heads",
+    [(4, 2, 1), (6, 4, 4), (2, 1, 4), (2, 2, 5), (3, 3, 4), (0, 1, 1)],
+    ids=["gqa-hk!=hv", "gqa-not-multiple", "gva-hk!=hq", "gva-not-multiple", "gva-not-multiple-2", "no-q-heads"],
+)
 def test_head_layout_must_be_gqa_or_gva(heads: tuple[int, int, int]) -> None:
     hq, hk, hv = heads
     with pytest.raises(ValueError, match=r"k, v: with Hq|k, v: with Hv|q, k, v: expected at least one head"):
@@ -277,11 +357,18 @@ def test_validation_memo_does_not_hide_a_changed_argument(kernel_modules: object
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(small=st.sampled_from([1, 2, 4, 8, 16]), ratio=st.sampled_from([1, 2, 3, 4, 8]), gva=st.booleans(),
-       s=st.integers(1, 2000), n=st.integers(1, 64), dtype=st.sampled_from(["float16", "bfloat16"]),
-       gates=st.booleans())
-def test_any_gqa_or_gva_layout_reaches_the_launcher(kernel_modules: object, small: int, ratio: int, gva: bool,
-                                                    s: int, n: int, dtype: str, gates: bool) -> None:
+@given(
+    small=st.sampled_from([1, 2, 4, 8, 16]),
+    ratio=st.sampled_from([1, 2, 3, 4, 8]),
+    gva=st.booleans(),
+    s=st.integers(1, 2000),
+    n=st.integers(1, 64),
+    dtype=st.sampled_from(["float16", "bfloat16"]),
+    gates=st.booleans(),
+)
+def test_any_gqa_or_gva_layout_reaches_the_launcher(
+    kernel_modules: object, small: int, ratio: int, gva: bool, s: int, n: int, dtype: str, gates: bool
+) -> None:
     hq, hk, hv = (small, small, small * ratio) if gva else (small * ratio, small, small)
     hs = max(hq, hv)
     args = gdn_args(s=s, n=n, hq=hq, hk=hk, hv=hv, dtype=dtype)
@@ -296,8 +383,9 @@ def test_any_gqa_or_gva_layout_reaches_the_launcher(kernel_modules: object, smal
 def test_head_layout_rule_matches_the_kernels(hq: int, hk: int, hv: int) -> None:
     valid = (hk == hv and hq % hv == 0) if hq >= hv else (hk == hq and hv % hq == 0)
     args = gdn_args(hq=hq, hk=hk, hv=hv, cu_seqlens=fake_cuda((3,), "int32"))  # stop just after the head rule
-    with pytest.raises(TypeError if valid else ValueError, match="cu_seqlens: expected dtype int64" if valid
-                       else "k, v: with"):
+    with pytest.raises(
+        TypeError if valid else ValueError, match="cu_seqlens: expected dtype int64" if valid else "k, v: with"
+    ):
         call_unchecked(args)
 
 
@@ -313,17 +401,22 @@ class HostCAI:
     def __init__(self, shape: tuple[int, ...], typestr: str) -> None:
         self.host = np.zeros(256, dtype=np.uint8)
         ptr = (self.host.ctypes.data + 63) // 64 * 64
-        self.__cuda_array_interface__ = dict(shape=shape, typestr=typestr, data=(ptr, False), strides=None,
-                                             version=3)
+        self.__cuda_array_interface__ = dict(shape=shape, typestr=typestr, data=(ptr, False), strides=None, version=3)
 
     def __eq__(self, other: object) -> bool:
         return self is other
 
 
 def test_unhashable_producers_reach_the_launcher(kernel_modules: object) -> None:
-    args = dict(q=HostCAI((10, 2, D), "<f2"), k=HostCAI((10, 2, D), "<f2"), v=HostCAI((10, 4, D), "<f2"),
-                cu_seqlens=HostCAI((3,), "<i8"), output=HostCAI((10, 4, D), "<f2"),
-                output_state=HostCAI((2, 4, D, D), "<f4"), workspace=HostCAI((132 * 128,), "|u1"))
+    args = dict(
+        q=HostCAI((10, 2, D), "<f2"),
+        k=HostCAI((10, 2, D), "<f2"),
+        v=HostCAI((10, 4, D), "<f2"),
+        cu_seqlens=HostCAI((3,), "<i8"),
+        output=HostCAI((10, 4, D), "<f2"),
+        output_state=HostCAI((2, 4, D, D), "<f4"),
+        workspace=HostCAI((132 * 128,), "|u1"),
+    )
     with pytest.raises((KernelError, UnsupportedDeviceError)) as info:
         call_unchecked(args, alpha=HostCAI((10, 4), "<f4"))
     kerr = assert_reached_the_launcher(info.value)
@@ -344,16 +437,20 @@ def test_new_buffers_of_a_seen_layout_stay_on_the_fast_path(kernel_modules: obje
     assert launcher.slow_calls == before + 1  # only the first call with scale=0.5 (a new scalar) was validated
 
 
-@pytest.mark.parametrize("name,dtype,shape,offset,align", [
-    ("cu_seqlens", "int64", (3,), 4, 8),
-    ("alpha", "float32", (10, 4), 2, 4),
-    ("beta", "float32", (10, 4), 1, 4),
-    ("input_state", "float32", (2, 4, D, D), 8, 16),
-    ("output_state", "float32", (2, 4, D, D), 4, 16),
-    ("workspace", "uint8", (132 * 128,), 32, 64),
-])
-def test_misaligned_pointers_are_refused(kernel_modules: object, name: str, dtype: str, shape: tuple[int, ...],
-                                         offset: int, align: int) -> None:
+@pytest.mark.parametrize(
+    "name,dtype,shape,offset,align",
+    [
+        ("cu_seqlens", "int64", (3,), 4, 8),
+        ("alpha", "float32", (10, 4), 2, 4),
+        ("beta", "float32", (10, 4), 1, 4),
+        ("input_state", "float32", (2, 4, D, D), 8, 16),
+        ("output_state", "float32", (2, 4, D, D), 4, 16),
+        ("workspace", "uint8", (132 * 128,), 32, 64),
+    ],
+)
+def test_misaligned_pointers_are_refused(
+    kernel_modules: object, name: str, dtype: str, shape: tuple[int, ...], offset: int, align: int
+) -> None:
     good = fake_cuda(shape, dtype)
     bad = Tensor.from_pointer(good.data_ptr + offset, shape, dtype, 0, owner=good)
     args = gdn_args()
@@ -366,13 +463,18 @@ def test_misaligned_pointers_are_refused(kernel_modules: object, name: str, dtyp
 
     with pytest.raises((KernelError, UnsupportedDeviceError)):  # the aligned layout passes and is remembered
         call(good)
-    with pytest.raises(ValueError, match=rf"{name}: data pointer 0x[0-9a-f]+ must be "
-                                         rf"(aligned to {align} bytes|{align}-byte aligned)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}: data pointer 0x[0-9a-f]+ must be "
+        rf"(aligned to {align} bytes|{align}-byte aligned)",
+    ):
         call(bad)
 
 
-@pytest.mark.parametrize("device_id,exc", [(2**70, ValueError), (2**31, ValueError), (-1, ValueError),
-                                           (1.0, TypeError), ("0", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "device_id,exc",
+    [(2**70, ValueError), (2**31, ValueError), (-1, ValueError), (1.0, TypeError), ("0", TypeError), (True, TypeError)],
+)
 def test_bad_device_ordinals_are_named(device_id: object, exc: type) -> None:
     with pytest.raises(exc, match="device_id"):
         gdn.gdn_workspace_size(device_id)  # type: ignore[arg-type]
@@ -387,8 +489,9 @@ def test_bad_streams_are_named_before_the_kernel() -> None:
             call_unchecked(gdn_args(), stream=stream)
 
 
-def test_a_lock_without_the_gdn_module_says_which_releases_have_it(kernel_modules: object, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lock_without_the_gdn_module_says_which_releases_have_it(
+    kernel_modules: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Only FlashInfer 0.7.2 pinned: it no longer ships gdn_prefill_sm90.
     from fi_ffi import loader
     from fi_ffi.ops import kernels

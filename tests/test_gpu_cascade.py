@@ -45,9 +45,14 @@ def test_shared_prefix_plus_suffix_merged_equals_full_attention(dtype: torch.dty
         o2, s2 = reference(q, ks, vs, causal=True)
         v_merged = torch.empty(qo, HQ, head_dim, dtype=dtype, device="cuda")
         s_merged = torch.empty(qo, HQ, dtype=torch.float32, device="cuda")
-        got = fi_ffi.merge_state(o1.to(dtype).contiguous(), s1.contiguous(), o2.to(dtype).contiguous(),
-                                 s2.contiguous(), v_merged=v_merged,
-                                 s_merged=s_merged)
+        got = fi_ffi.merge_state(
+            o1.to(dtype).contiguous(),
+            s1.contiguous(),
+            o2.to(dtype).contiguous(),
+            s2.contiguous(),
+            v_merged=v_merged,
+            s_merged=s_merged,
+        )
         assert got[0] is v_merged and got[1] is s_merged
         torch.cuda.synchronize()
         want_o, want_s = reference(q, torch.cat([kp, ks]), torch.cat([vp, vs]), causal=True)
@@ -78,8 +83,11 @@ def test_cascade_with_fi_ffi_prefills_equals_one_prefill(dtype: torch.dtype, hea
     fi_ffi.merge_state_in_place(o1, s1, o2, s2)
     torch.cuda.synchronize()
     want_o, want_s = reference(q, torch.cat([kp, ks]), torch.cat([vp, vs]), causal=True)
-    for o, s, what in ((merged[0], merged[1], "merge_state"), (o1, s1, "merge_state_in_place"),
-                       (full_o, full_s, "one prefill")):
+    for o, s, what in (
+        (merged[0], merged[1], "merge_state"),
+        (o1, s1, "merge_state_in_place"),
+        (full_o, full_s, "one prefill"),
+    ):
         close(o, want_o, dtype, what)
         torch.testing.assert_close(s, want_s, atol=LSE_TOL, rtol=LSE_TOL)
     close(merged[0], full_o.float(), dtype, "merged vs one prefill")

@@ -43,15 +43,16 @@ class PagedKV:
         self.v = torch.randn(shape, dtype=dtype, device="cuda", generator=g)
         perm = torch.randperm(total, device="cuda", generator=g)
         self.indptr_h = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
-        self.last_h = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages, strict=True)],
-                               np.int32)
+        self.last_h = np.array(
+            [n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages, strict=True)], np.int32
+        )
         self.indices = perm[: sum(pages)].to(torch.int32).contiguous()
         self.indptr = torch.from_numpy(self.indptr_h).cuda()
         self.last = torch.from_numpy(self.last_h).cuda()
 
     def gather(self, i, cache):
         """Request ``i``'s keys or values as ``[kv_len, hk, d]``."""
-        ids = self.indices[self.indptr_h[i]: self.indptr_h[i + 1]].long()
+        ids = self.indices[self.indptr_h[i] : self.indptr_h[i + 1]].long()
         pages = cache[ids]
         if self.layout == "HND":
             pages = pages.transpose(1, 2)
@@ -74,12 +75,13 @@ def test_batch_decode_matches_reference(ws, dtype, head_dim, heads, layout, page
     q = torch.randn(b, hq, head_dim, dtype=dtype, device="cuda")
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, dtype=torch.float32, device="cuda")
-    plan = decode.batch_decode_plan(ws, kv.indptr_h, hq, hk, head_dim, page_size, kv_last_page_len=kv.last_h,
-                                    q_dtype=dtype, kv_layout=layout)
+    plan = decode.batch_decode_plan(
+        ws, kv.indptr_h, hq, hk, head_dim, page_size, kv_last_page_len=kv.last_h, q_dtype=dtype, kv_layout=layout
+    )
     assert decode.batch_decode_run(plan, q, kv.k, kv.v, kv.indptr, kv.indices, kv.last, out, lse=lse) is out
     torch.cuda.synchronize()
     for i in range(b):
-        o, lse_ref = reference(q[i: i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v))
+        o, lse_ref = reference(q[i : i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v))
         close(out[i], o[0], dtype, f"request {i}")
         torch.testing.assert_close(lse[i], lse_ref[0], atol=LSE_TOL, rtol=LSE_TOL)
 
@@ -123,14 +125,23 @@ def test_batch_decode_growing_cache_replanned_every_step(ws):
         if previous is not None:
             assert previous.stale
             with pytest.raises(ValueError, match="stale"):
-                decode.batch_decode_run(previous, q, k_cache, v_cache, torch.from_numpy(indptr).cuda(), indices,
-                                        torch.from_numpy(last).cuda(), out)
+                decode.batch_decode_run(
+                    previous,
+                    q,
+                    k_cache,
+                    v_cache,
+                    torch.from_numpy(indptr).cuda(),
+                    indices,
+                    torch.from_numpy(last).cuda(),
+                    out,
+                )
         q.normal_()
-        decode.batch_decode_run(plan, q, k_cache, v_cache, torch.from_numpy(indptr).cuda(), indices,
-                                torch.from_numpy(last).cuda(), out)
+        decode.batch_decode_run(
+            plan, q, k_cache, v_cache, torch.from_numpy(indptr).cuda(), indices, torch.from_numpy(last).cuda(), out
+        )
         torch.cuda.synchronize()
         for i in range(len(lens)):
-            o, _ = reference(q[i: i + 1], keys[i], vals[i])
+            o, _ = reference(q[i : i + 1], keys[i], vals[i])
             close(out[i], o[0], dtype, f"step {step} request {i}")
         previous = plan
 
@@ -154,11 +165,12 @@ def test_one_plan_serves_many_layers(ws):
     assert plan.info == info and plan.refcount == 1
     for layer, out in outs:
         for i in range(3):
-            close(out[i], reference(q[i: i + 1], layer.gather(i, layer.k), layer.gather(i, layer.v))[0][0], dtype)
+            close(out[i], reference(q[i : i + 1], layer.gather(i, layer.k), layer.gather(i, layer.v))[0][0], dtype)
     plan.release()
     with pytest.raises(ValueError, match="released"):
-        decode.batch_decode_run(plan, q, layers[0].k, layers[0].v, layers[0].indptr, layers[0].indices,
-                                layers[0].last, outs[0][1])
+        decode.batch_decode_run(
+            plan, q, layers[0].k, layers[0].v, layers[0].indptr, layers[0].indices, layers[0].last, outs[0][1]
+        )
 
 
 def test_back_to_back_plans_on_one_stream_wait_for_the_previous_copy(ws):
@@ -175,20 +187,20 @@ def test_back_to_back_plans_on_one_stream_wait_for_the_previous_copy(ws):
         torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time: plan A's copy waits behind it
         busy = torch.cuda.Event()
         busy.record(stream)
-        plan_a = decode.batch_decode_plan(ws, kv_a.indptr_h, hq, hk, d, page, kv_last_page_len=kv_a.last_h,
-                                          stream=stream)
+        plan_a = decode.batch_decode_plan(
+            ws, kv_a.indptr_h, hq, hk, d, page, kv_last_page_len=kv_a.last_h, stream=stream
+        )
         assert not busy.query()  # plan A did not wait for the stream
-        decode.batch_decode_run(plan_a, q_a, kv_a.k, kv_a.v, kv_a.indptr, kv_a.indices, kv_a.last, out_a,
-                                stream=stream)
-        plan_b = decode.batch_decode_plan(ws, kv_b.indptr_h, hq, hk, d, page, kv_last_page_len=kv_b.last_h,
-                                          stream=stream)
+        decode.batch_decode_run(plan_a, q_a, kv_a.k, kv_a.v, kv_a.indptr, kv_a.indices, kv_a.last, out_a, stream=stream)
+        plan_b = decode.batch_decode_plan(
+            ws, kv_b.indptr_h, hq, hk, d, page, kv_last_page_len=kv_b.last_h, stream=stream
+        )
         assert busy.query()  # plan B waited for A's copy, hence for the work before it
-        decode.batch_decode_run(plan_b, q_b, kv_b.k, kv_b.v, kv_b.indptr, kv_b.indices, kv_b.last, out_b,
-                                stream=stream)
+        decode.batch_decode_run(plan_b, q_b, kv_b.k, kv_b.v, kv_b.indptr, kv_b.indices, kv_b.last, out_b, stream=stream)
     torch.cuda.synchronize()
     for kv, q, out in ((kv_a, q_a, out_a), (kv_b, q_b, out_b)):
         for i in range(q.shape[0]):
-            close(out[i], reference(q[i: i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v))[0][0], dtype)
+            close(out[i], reference(q[i : i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v))[0][0], dtype)
 
 
 def test_caller_buffers_and_strided_q(ws):
@@ -206,7 +218,7 @@ def test_caller_buffers_and_strided_q(ws):
     decode.batch_decode_run(plan, q, kv.k, kv.v, kv.indptr, kv.indices, kv.last, out)
     torch.cuda.synchronize()
     for r in range(2):
-        close(out[r], reference(q[r: r + 1], kv.gather(r, kv.k), kv.gather(r, kv.v), sm_scale=0.3)[0][0], dtype)
+        close(out[r], reference(q[r : r + 1], kv.gather(r, kv.k), kv.gather(r, kv.v), sm_scale=0.3)[0][0], dtype)
 
 
 # ------------------------------------------------------------------------------------------ single decode
@@ -244,7 +256,7 @@ def test_batch_decode_with_torch_tensors_and_cupy_arrays_per_call(ws):
     b = 3
     q = torch.randn(b, hq, d, dtype=dtype, device="cuda")
     plan = decode.batch_decode_plan(ws, kv.indptr_h, hq, hk, d, page, kv_last_page_len=kv.last_h)
-    want = [reference(q[i: i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v))[0][0] for i in range(b)]
+    want = [reference(q[i : i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v))[0][0] for i in range(b)]
     out_t = torch.empty_like(q)
     for _ in range(3):  # new tensor objects (and memory for q, indptr) at every call
         decode.batch_decode_run(plan, q.clone(), kv.k, kv.v, kv.indptr.clone(), kv.indices, kv.last, out_t)
@@ -270,13 +282,14 @@ def test_batch_decode_sliding_window_and_soft_cap(ws):
     b = 4
     q = torch.randn(b, hq, d, dtype=dtype, device="cuda") * 4  # large logits: the cap matters
     out = torch.empty_like(q)
-    plan = decode.batch_decode_plan(ws, kv.indptr_h, hq, hk, d, page, kv_last_page_len=kv.last_h,
-                                    window_left=window, logits_soft_cap=cap)
+    plan = decode.batch_decode_plan(
+        ws, kv.indptr_h, hq, hk, d, page, kv_last_page_len=kv.last_h, window_left=window, logits_soft_cap=cap
+    )
     assert "use_swa_True_use_logits_cap_True" in plan.uri
     decode.batch_decode_run(plan, q, kv.k, kv.v, kv.indptr, kv.indices, kv.last, out)
     torch.cuda.synchronize()
     for i in range(b):
-        o, _ = reference(q[i: i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v), window_left=window, soft_cap=cap)
+        o, _ = reference(q[i : i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v), window_left=window, soft_cap=cap)
         close(out[i], o[0], dtype, f"request {i}")
 
 
@@ -289,12 +302,13 @@ def test_batch_decode_fp8_e4m3_kv_cache(ws):
     b = 3
     q = torch.randn(b, hq, d, dtype=torch.float16, device="cuda")
     out = torch.empty_like(q)
-    plan = decode.batch_decode_plan(ws, kv.indptr_h, hq, hk, d, page, kv_last_page_len=kv.last_h,
-                                    kv_dtype="float8_e4m3fn")
+    plan = decode.batch_decode_plan(
+        ws, kv.indptr_h, hq, hk, d, page, kv_last_page_len=kv.last_h, kv_dtype="float8_e4m3fn"
+    )
     assert "dtype_kv_e4m3" in plan.uri
     decode.batch_decode_run(plan, q, k8, v8, kv.indptr, kv.indices, kv.last, out)
     torch.cuda.synchronize()
     for i in range(b):
         fp8 = torch.float8_e4m3fn  # gathered in f16 then cast: the same values, no indexing of FP8 tensors
-        o, _ = reference(q[i: i + 1], kv.gather(i, kv.k).to(fp8), kv.gather(i, kv.v).to(fp8))
+        o, _ = reference(q[i : i + 1], kv.gather(i, kv.k).to(fp8), kv.gather(i, kv.v).to(fp8))
         torch.testing.assert_close(out[i].float(), o[0], atol=1e-2, rtol=1e-2)

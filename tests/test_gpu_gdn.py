@@ -64,8 +64,18 @@ class Problem:
         return out, state
 
 
-def make_problem(lens: list[int], hq: int, hk: int, hv: int, dtype: torch.dtype = torch.float16, *,
-                 seed: int = 0, alpha: bool = True, beta: bool = True, input_state: bool = True) -> Problem:
+def make_problem(
+    lens: list[int],
+    hq: int,
+    hk: int,
+    hv: int,
+    dtype: torch.dtype = torch.float16,
+    *,
+    seed: int = 0,
+    alpha: bool = True,
+    beta: bool = True,
+    input_state: bool = True,
+) -> Problem:
     g = torch.Generator(device="cuda").manual_seed(seed)
     s, hs = sum(lens), max(hq, hv)
 
@@ -79,11 +89,16 @@ def make_problem(lens: list[int], hq: int, hk: int, hv: int, dtype: torch.dtype 
     k = F.normalize(randn(s, hk, D), dim=-1).to(dtype)
     v = randn(s, hv, D).to(dtype)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int64, device="cuda")
-    return Problem(q, k, v, cu,
-                   0.8 + 0.2 * rand(s, hs) if alpha else None,
-                   0.1 + 0.8 * rand(s, hs) if beta else None,
-                   0.1 * randn(len(lens), hs, D, D) if input_state else None,
-                   list(lens))
+    return Problem(
+        q,
+        k,
+        v,
+        cu,
+        0.8 + 0.2 * rand(s, hs) if alpha else None,
+        0.1 + 0.8 * rand(s, hs) if beta else None,
+        0.1 * randn(len(lens), hs, D, D) if input_state else None,
+        list(lens),
+    )
 
 
 def head_maps(hq: int, hv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,8 +112,9 @@ def head_maps(hq: int, hv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return qk, qk, h
 
 
-def reference(p: Problem, scale: float | None = None, input_state: torch.Tensor | None = None,
-              use_input_state: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(
+    p: Problem, scale: float | None = None, input_state: torch.Tensor | None = None, use_input_state: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 gated delta rule, token by token: (output [S, Hs, D], final states [N, Hs, V, K])."""
     torch.backends.cuda.matmul.allow_tf32 = False
     hq, hv = p.q.shape[1], p.v.shape[1]
@@ -136,14 +152,26 @@ def workspace(device_id: int = 0) -> torch.Tensor:
     return torch.empty(gdn.gdn_workspace_size(device_id), dtype=torch.uint8, device=f"cuda:{device_id}")
 
 
-def run(p: Problem, ws: torch.Tensor, *, scale: float | None = None, use_input_state: bool = True,
-        stream: object = None) -> tuple[torch.Tensor, torch.Tensor]:
+def run(
+    p: Problem, ws: torch.Tensor, *, scale: float | None = None, use_input_state: bool = True, stream: object = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     out, state = p.outputs()
     if isinstance(stream, torch.cuda.Stream):
         stream.wait_stream(torch.cuda.current_stream())  # the NaN fill above runs on the current stream
-    result = gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, ws,
-                             input_state=p.input_state if use_input_state else None, alpha=p.alpha, beta=p.beta,
-                             scale=scale, stream=stream)
+    result = gdn.gdn_prefill(
+        p.q,
+        p.k,
+        p.v,
+        p.cu_seqlens,
+        out,
+        state,
+        ws,
+        input_state=p.input_state if use_input_state else None,
+        alpha=p.alpha,
+        beta=p.beta,
+        scale=scale,
+        stream=stream,
+    )
     assert result[0] is out and result[1] is state
     return out, state
 
@@ -157,8 +185,16 @@ LAYOUTS = {"gqa4:2": (4, 2, 2), "gva2:4": (2, 2, 4), "equal2": (2, 2, 2)}
 def test_gdn_matches_reference(layout: str, options: str) -> None:
     hq, hk, hv = LAYOUTS[layout]
     on = {"input_state", "alpha", "beta"} if options == "all" else {options}
-    p = make_problem([5, 64, 70], hq, hk, hv, seed=len(options),
-                     alpha="alpha" in on, beta="beta" in on, input_state="input_state" in on)
+    p = make_problem(
+        [5, 64, 70],
+        hq,
+        hk,
+        hv,
+        seed=len(options),
+        alpha="alpha" in on,
+        beta="beta" in on,
+        input_state="input_state" in on,
+    )
     out, state = run(p, workspace())
     torch.cuda.synchronize()
     ref_out, ref_state = reference(p)
@@ -222,8 +258,16 @@ def test_state_chaining_across_two_calls_equals_one_call(layout: str) -> None:
     def part(idx: torch.Tensor, lens: list[int], init: torch.Tensor | None) -> Problem:
         assert whole.alpha is not None and whole.beta is not None
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int64, device="cuda")
-        return Problem(whole.q[idx].contiguous(), whole.k[idx].contiguous(), whole.v[idx].contiguous(), cu,
-                       whole.alpha[idx].contiguous(), whole.beta[idx].contiguous(), init, lens)
+        return Problem(
+            whole.q[idx].contiguous(),
+            whole.k[idx].contiguous(),
+            whole.v[idx].contiguous(),
+            cu,
+            whole.alpha[idx].contiguous(),
+            whole.beta[idx].contiguous(),
+            init,
+            lens,
+        )
 
     ws = workspace()
     one_out, one_state = run(whole, ws)
@@ -246,8 +290,7 @@ def test_input_state_may_be_output_state() -> None:
     ref_out, ref_state = reference(p)
     out = torch.empty(sum(p.lens), 4, D, dtype=p.q.dtype, device="cuda")
     state = p.input_state.clone()
-    gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, workspace(), input_state=state, alpha=p.alpha,
-                    beta=p.beta)
+    gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, workspace(), input_state=state, alpha=p.alpha, beta=p.beta)
     torch.cuda.synchronize()
     assert_close("output", out, ref_out, torch.float16)
     assert_close("state updated in place", state, ref_state, torch.float16)
@@ -261,7 +304,7 @@ def test_writes_stay_inside_output() -> None:
     state = torch.empty(1, 2, D, D, device="cuda")
     gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, workspace(), alpha=p.alpha, beta=p.beta)
     torch.cuda.synchronize()
-    assert torch.count_nonzero(big[70 * 2 * D:]) == 0
+    assert torch.count_nonzero(big[70 * 2 * D :]) == 0
     assert_close("output", out, reference(p)[0], torch.float16)
 
 
@@ -294,8 +337,7 @@ def test_q_on_another_device_is_made_current_for_the_call_and_restored() -> None
         p = make_problem([12, 3], 2, 2, 4, seed=2)
         ws = workspace(1)
         out, state = p.outputs()
-    gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, ws, input_state=p.input_state, alpha=p.alpha,
-                    beta=p.beta)
+    gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, ws, input_state=p.input_state, alpha=p.alpha, beta=p.beta)
     assert device.current_device() == 0
     torch.cuda.synchronize(1)
     with torch.cuda.device(1):

@@ -53,8 +53,7 @@ def watchdog(case: str, body: Callable[[], None], timeout: float = WATCHDOG_S) -
         raise outcome[0]
 
 
-def check(p: Problem, out: torch.Tensor, state: torch.Tensor, *, scale: float | None = None,
-          what: str = "") -> None:
+def check(p: Problem, out: torch.Tensor, state: torch.Tensor, *, scale: float | None = None, what: str = "") -> None:
     ref_out, ref_state = reference(p, scale=scale)
     assert_close(f"{what} output", out, ref_out, p.q.dtype)
     assert_close(f"{what} output_state", state, ref_state, p.q.dtype)
@@ -108,8 +107,11 @@ def test_all_options(layout: tuple[int, int, int]) -> None:
     watchdog(f"all options, heads {layout}", body)
 
 
-def chain(problems: list[Problem], ws: torch.Tensor, stream: torch.cuda.Stream | None = None,
-          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def chain(
+    problems: list[Problem],
+    ws: torch.Tensor,
+    stream: torch.cuda.Stream | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run ``problems`` in order, each starting from the previous one's output_state (no sync)."""
     results = []
     state = problems[0].input_state
@@ -117,8 +119,19 @@ def chain(problems: list[Problem], ws: torch.Tensor, stream: torch.cuda.Stream |
         out, new_state = p.outputs()
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())  # the NaN fill above runs on the current stream
-        gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, new_state, ws, input_state=state, alpha=p.alpha,
-                        beta=p.beta, stream=stream)
+        gdn.gdn_prefill(
+            p.q,
+            p.k,
+            p.v,
+            p.cu_seqlens,
+            out,
+            new_state,
+            ws,
+            input_state=state,
+            alpha=p.alpha,
+            beta=p.beta,
+            stream=stream,
+        )
         results.append((out, new_state))
         state = new_state
     return results
@@ -215,8 +228,10 @@ def test_production_configuration() -> None:
     # independent request batches on four concurrent streams (each with its own workspace). Every stream's
     # chain is checked against the reference and against the same chain run alone on the default stream.
     def body() -> None:
-        chains = [[make_problem([48, 80, 1], 16, 16, 32, seed=1000 + 10 * s + i, input_state=(i == 0))
-                   for i in range(4)] for s in range(4)]
+        chains = [
+            [make_problem([48, 80, 1], 16, 16, 32, seed=1000 + 10 * s + i, input_state=(i == 0)) for i in range(4)]
+            for s in range(4)
+        ]
         streams = [torch.cuda.Stream() for _ in chains]
         spaces = [workspace() for _ in chains]
         torch.cuda.synchronize()

@@ -65,8 +65,9 @@ def test_captured_decode_step_replays_like_eager_runs(dtype):
         indptr_d.copy_(torch.from_numpy(indptr))
         last_d.copy_(torch.from_numpy(last))
         indices_d[: len(ids)].copy_(ids)
-        plan = decode.batch_decode_plan(ws, indptr, hq, hk, d, page, kv_last_page_len=last, q_dtype=dtype,
-                                        enable_cuda_graph=True, stream=s)
+        plan = decode.batch_decode_plan(
+            ws, indptr, hq, hk, d, page, kv_last_page_len=last, q_dtype=dtype, enable_cuda_graph=True, stream=s
+        )
         decode.batch_decode_run(plan, q, k_cache, v_cache, indptr_d, indices_d, last_d, out, stream=s)
         ok(rt.cudaStreamSynchronize(stream))
         eager = out.clone()
@@ -95,8 +96,9 @@ def test_captured_decode_step_replays_like_eager_runs(dtype):
         # Next step: one more token per request, re-planned (same batch) into the same workspace; replay.
         lens = [n + 1 for n in lens]
         indptr2, last2, ids2 = step_tables(lens)
-        plan2 = decode.batch_decode_plan(ws, indptr2, hq, hk, d, page, kv_last_page_len=last2, q_dtype=dtype,
-                                         enable_cuda_graph=True, stream=s)
+        plan2 = decode.batch_decode_plan(
+            ws, indptr2, hq, hk, d, page, kv_last_page_len=last2, q_dtype=dtype, enable_cuda_graph=True, stream=s
+        )
         assert plan.stale
         assert plan2.info == plan.info  # a CUDA-graph schedule keeps its layout for a fixed batch size
         indptr_d.copy_(torch.from_numpy(indptr2))
@@ -106,7 +108,7 @@ def test_captured_decode_step_replays_like_eager_runs(dtype):
         ok(rt.cudaStreamSynchronize(stream))
         tol = 5e-3 if dtype == torch.float16 else 3e-2
         for i, n in enumerate(lens):
-            pids = ids2[indptr2[i]: indptr2[i + 1]].long().cuda()
+            pids = ids2[indptr2[i] : indptr2[i + 1]].long().cuda()
             k = k_cache[pids].reshape(-1, hk, d)[:n]
             v = v_cache[pids].reshape(-1, hk, d)[:n]
             torch.testing.assert_close(out[i].float(), reference(q[i], k, v), atol=tol, rtol=tol)

@@ -47,14 +47,25 @@ def record(t: Tensor) -> tuple[Any, ...]:
     ffi = get_ffi()
     dl = ffi.cast("DLTensor*", t._dl_addr)
     n = dl.ndim
-    return (int(ffi.cast("uintptr_t", dl.data)), (dl.device.device_type, dl.device.device_id),
-            (dl.dtype.code, dl.dtype.bits, dl.dtype.lanes), tuple(dl.shape[i] for i in range(n)),
-            tuple(dl.strides[i] for i in range(n)), dl.byte_offset)
+    return (
+        int(ffi.cast("uintptr_t", dl.data)),
+        (dl.device.device_type, dl.device.device_id),
+        (dl.dtype.code, dl.dtype.bits, dl.dtype.lanes),
+        tuple(dl.shape[i] for i in range(n)),
+        tuple(dl.strides[i] for i in range(n)),
+        dl.byte_offset,
+    )
 
 
 def fields(t: Tensor) -> tuple[Any, ...]:
-    assert record(t) == (t.data_ptr, tuple(t.device), (t.dtype.code, t.dtype.bits, t.dtype.lanes), t.shape,
-                         t.strides, 0)
+    assert record(t) == (
+        t.data_ptr,
+        tuple(t.device),
+        (t.dtype.code, t.dtype.bits, t.dtype.lanes),
+        t.shape,
+        t.strides,
+        0,
+    )
     return (t.data_ptr, t.shape, t.strides, t.dtype, t.device)
 
 
@@ -64,6 +75,7 @@ def torch_fields(x: torch.Tensor, dtype: dtypes.DType) -> tuple[Any, ...]:
 
 
 # ---- torch --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(("torch_dtype", "expected"), TORCH_DTYPES, ids=[d.name for _, d in TORCH_DTYPES])
 def test_torch_cuda_tensor(torch_dtype: torch.dtype, expected: dtypes.DType) -> None:
@@ -96,8 +108,10 @@ def test_torch_view_with_storage_offset_on_cuda0(view: Any) -> None:
     assert fields(interop._from_dlpack(v, "v", -1)) == fields(t)
     # every element found through (data_ptr, strides) is the view's
     flat = base.flatten().cpu()
-    got = [flat[(t.data_ptr - base.data_ptr()) // 2 + sum(i * s for i, s in zip(idx, t.strides, strict=True))]
-           for idx in np.ndindex(*t.shape)]
+    got = [
+        flat[(t.data_ptr - base.data_ptr()) // 2 + sum(i * s for i, s in zip(idx, t.strides, strict=True))]
+        for idx in np.ndindex(*t.shape)
+    ]
     assert torch.equal(torch.stack(got).view(v.shape), v.cpu())
 
 
@@ -163,6 +177,7 @@ def test_torch_never_synchronizes_by_default_and_orders_on_request() -> None:
 
 
 # ---- CuPy -----------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def cupy() -> Any:
@@ -259,6 +274,7 @@ def test_rmsnorm_on_cupy_arrays(cupy: Any) -> None:
 
 
 # ---- cuda.core -------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def core_device() -> Any:

@@ -46,8 +46,13 @@ from fi_ffi.models.llama import LlamaEngine  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 TOL = {"float16": 2e-2, "bfloat16": 8e-2}
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 VARIANTS = {
     "f16-d64-llama31-tied": ("float16", 64, True, True),
     "f16-d128-plain-untied": ("float16", 128, False, False),
@@ -60,9 +65,20 @@ MAX_NEW = (33, 20, 33, 9)  # 33 = the prefill's token + 32 decode steps; request
 def build(tmp_path, dtype: str, head_dim: int, llama31: bool, tied: bool):
     """Save a random Llama with transformers; return (directory, float32 reference model on the GPU)."""
     theta = 500000.0 if llama31 else 10000.0
-    kw = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
-              num_attention_heads=16, num_key_value_heads=4, head_dim=head_dim, max_position_embeddings=4096,
-              rms_norm_eps=1e-5, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    kw = dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters:  # transformers 5
         kw["rope_parameters"] = {**(LLAMA3 if llama31 else {"rope_type": "default"}), "rope_theta": theta}
     else:
@@ -123,8 +139,10 @@ def check_greedy(ref, ps, outputs, tol):
         for t, tok in enumerate(out):
             row = lg[len(p) - 1 + t]
             best = float(row.max())
-            assert row[tok] >= best - tol, (f"request {i} token {t}: engine chose {tok} (reference logit "
-                                            f"{row[tok]:.4f}), reference best {int(row.argmax())} ({best:.4f})")
+            assert row[tok] >= best - tol, (
+                f"request {i} token {t}: engine chose {tok} (reference logit "
+                f"{row[tok]:.4f}), reference best {int(row.argmax())} ({best:.4f})"
+            )
             exact += int(tok == int(row.argmax()))
     return exact
 
@@ -140,8 +158,10 @@ def test_greedy_decode_eager_and_cuda_graph_match_transformers(variant):
         assert r.finish_reasons == ["length"] * 4
         assert r.decode_steps == max(MAX_NEW) - 1
         exact = check_greedy(ref, ps, r.tokens, TOL[dtype])
-        print(f"{'graph' if graph else 'eager'}: {exact}/{sum(MAX_NEW)} tokens equal to the reference's argmax, "
-              f"{r.tokens_per_s:.0f} tokens/s, host {r.host_us_per_step:.0f} us/step")
+        print(
+            f"{'graph' if graph else 'eager'}: {exact}/{sum(MAX_NEW)} tokens equal to the reference's argmax, "
+            f"{r.tokens_per_s:.0f} tokens/s, host {r.host_us_per_step:.0f} us/step"
+        )
     for i, (a, b) in enumerate(zip(results[False].tokens, results[True].tokens, strict=True)):
         t = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
         if t is not None:  # only a near tie may split them; the prefixes up to t are equal
@@ -266,8 +286,9 @@ def test_linear_is_captured_in_a_cuda_graph(dense):
         y.fill(0)
         graph.launch()
         stream.synchronize()
-        np.testing.assert_allclose(y.get(), x_new.astype(np.float32) @ w_host.astype(np.float32).T, atol=2e-3,
-                                   rtol=1e-4)
+        np.testing.assert_allclose(
+            y.get(), x_new.astype(np.float32) @ w_host.astype(np.float32).T, atol=2e-3, rtol=1e-4
+        )
     finally:
         graph.close()
 
@@ -298,8 +319,7 @@ def hf_inv_freq(d: int, rope: RopeConfig) -> np.ndarray:
     inv = 1.0 / rope.theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
     if not rope.llama3:
         return inv
-    old, lo, hi, f = (rope.original_max_position_embeddings, rope.low_freq_factor, rope.high_freq_factor,
-                      rope.factor)
+    old, lo, hi, f = (rope.original_max_position_embeddings, rope.low_freq_factor, rope.high_freq_factor, rope.factor)
     wavelen = 2 * np.pi / inv
     scaled = np.where(wavelen > old / lo, inv / f, inv)
     smooth = (old / wavelen - lo) / (hi - lo)
@@ -319,8 +339,18 @@ def rope_reference(x: np.ndarray, pos: np.ndarray, inv: np.ndarray) -> np.ndarra
 def test_rope_settings_match_transformers_formula(llama3, d):
     """The engine's mapping of config.json's rotary settings onto FlashInfer's RoPE ops, on the fused-QKV views
     the engine uses, at positions up to 20000 where Llama 3.1 scaling matters."""
-    rope = RopeConfig(theta=500000.0, llama3=True, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=8192.0) if llama3 else RopeConfig(theta=10000.0)
+    rope = (
+        RopeConfig(
+            theta=500000.0,
+            llama3=True,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192.0,
+        )
+        if llama3
+        else RopeConfig(theta=10000.0)
+    )
     rng = np.random.default_rng(d)
     n, hq, hk = 40, 4, 2
     pos = np.sort(rng.integers(0, 20000, size=n)).astype(np.int32)
@@ -334,13 +364,13 @@ def test_rope_settings_match_transformers_formula(llama3, d):
     cp.cuda.Device().synchronize()
     got = buf.get().astype(np.float64)
     inv = hf_inv_freq(d, rope)
-    want_q = rope_reference(qkv[:, :hq * d].reshape(n, hq, d), pos, inv).reshape(n, -1)
-    want_k = rope_reference(qkv[:, hq * d:(hq + hk) * d].reshape(n, hk, d), pos, inv).reshape(n, -1)
-    np.testing.assert_allclose(got[:, :hq * d], want_q, atol=2e-2)
-    np.testing.assert_allclose(got[:, hq * d:(hq + hk) * d], want_k, atol=2e-2)
-    assert np.array_equal(got[:, (hq + hk) * d:], qkv[:, (hq + hk) * d:])  # v untouched
+    want_q = rope_reference(qkv[:, : hq * d].reshape(n, hq, d), pos, inv).reshape(n, -1)
+    want_k = rope_reference(qkv[:, hq * d : (hq + hk) * d].reshape(n, hk, d), pos, inv).reshape(n, -1)
+    np.testing.assert_allclose(got[:, : hq * d], want_q, atol=2e-2)
+    np.testing.assert_allclose(got[:, hq * d : (hq + hk) * d], want_k, atol=2e-2)
+    assert np.array_equal(got[:, (hq + hk) * d :], qkv[:, (hq + hk) * d :])  # v untouched
     if llama3:  # the test can tell the scaled rotation from the plain one
-        plain = rope_reference(qkv[:, :hq * d].reshape(n, hq, d), pos, hf_inv_freq(d, RopeConfig(theta=5e5)))
+        plain = rope_reference(qkv[:, : hq * d].reshape(n, hq, d), pos, hf_inv_freq(d, RopeConfig(theta=5e5)))
         assert np.abs(plain.reshape(n, -1) - want_q).max() > 0.5
 
 

@@ -58,8 +58,9 @@ class MLACache:
         self.ckv_cache = torch.zeros(total, page_size, CKV, dtype=dtype, device="cuda")
         self.kpe_cache = torch.zeros(total, page_size, KPE, dtype=dtype, device="cuda")
         self.indptr_h = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
-        self.last_h = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages, strict=True)],
-                               np.int32)
+        self.last_h = np.array(
+            [n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages, strict=True)], np.int32
+        )
         self.lens_h = np.array(kv_lens, np.int32)
         self.indices = torch.randperm(total, device="cuda", generator=g)[: sum(pages)].to(torch.int32).contiguous()
         self.indptr = torch.from_numpy(self.indptr_h).cuda()
@@ -69,11 +70,23 @@ class MLACache:
         self.ckv = torch.randn(nnz, CKV, dtype=dtype, device="cuda", generator=g)
         self.kpe = torch.randn(nnz, KPE, dtype=dtype, device="cuda", generator=g)
         self.offsets = np.concatenate([[0], np.cumsum(kv_lens)])
-        batch_indices = torch.repeat_interleave(torch.arange(len(kv_lens), dtype=torch.int32),
-                                                torch.tensor(kv_lens)).to(torch.int32).cuda()
+        batch_indices = (
+            torch.repeat_interleave(torch.arange(len(kv_lens), dtype=torch.int32), torch.tensor(kv_lens))
+            .to(torch.int32)
+            .cuda()
+        )
         positions = torch.cat([torch.arange(n, dtype=torch.int32) for n in kv_lens]).cuda()
-        fi_ffi.append_paged_mla_kv_cache(self.ckv, self.kpe, batch_indices, positions, self.ckv_cache, self.kpe_cache,
-                                         self.indices, self.indptr, self.last)
+        fi_ffi.append_paged_mla_kv_cache(
+            self.ckv,
+            self.kpe,
+            batch_indices,
+            positions,
+            self.ckv_cache,
+            self.kpe_cache,
+            self.indices,
+            self.indptr,
+            self.last,
+        )
         torch.cuda.synchronize()
         for b in range(len(kv_lens)):  # the page table holds exactly the appended tokens
             ckv, kpe = self.gather(b)
@@ -86,7 +99,7 @@ class MLACache:
 
     def gather(self, b):
         """Request ``b``'s tokens as read back through the page table."""
-        ids = self.indices[self.indptr_h[b]: self.indptr_h[b + 1]].long()
+        ids = self.indices[self.indptr_h[b] : self.indptr_h[b + 1]].long()
         n = self.lens[b]
         return self.ckv_cache[ids].reshape(-1, CKV)[:n], self.kpe_cache[ids].reshape(-1, KPE)[:n]
 
@@ -96,7 +109,7 @@ def reference(q_nope, q_pe, cache, qo_lens, causal, sm_scale=SM_SCALE):
     outs, lses = [], []
     start = 0
     for b, qo in enumerate(qo_lens):
-        qn, qp = q_nope[start: start + qo].float(), q_pe[start: start + qo].float()
+        qn, qp = q_nope[start : start + qo].float(), q_pe[start : start + qo].float()
         start += qo
         ckv, kpe = (t.float() for t in cache.tokens(b))
         kv = ckv.shape[0]
@@ -120,8 +133,10 @@ def queries(rows, heads, dtype, seed=1, fused=False):
     if fused:
         q = torch.randn(rows, heads, CKV + KPE, dtype=dtype, device="cuda", generator=g)
         return q[..., :CKV], q[..., CKV:]
-    return (torch.randn(rows, heads, CKV, dtype=dtype, device="cuda", generator=g),
-            torch.randn(rows, heads, KPE, dtype=dtype, device="cuda", generator=g))
+    return (
+        torch.randn(rows, heads, CKV, dtype=dtype, device="cuda", generator=g),
+        torch.randn(rows, heads, KPE, dtype=dtype, device="cuda", generator=g),
+    )
 
 
 @pytest.mark.parametrize("mode", ["decode", "causal_prefill", "prefill"])
@@ -138,12 +153,25 @@ def test_batch_mla_matches_reference(ws, backend, dtype, heads, page_size, mode)
     q_nope, q_pe = queries(rows, heads, dtype, fused=mode == "prefill")
     out = torch.empty(rows, heads, CKV, dtype=dtype, device="cuda")
     lse = torch.empty(rows, heads, dtype=torch.float32, device="cuda")
-    plan = fi_ffi.batch_mla_plan(ws, qo_indptr, cache.indptr_h, cache.lens_h, heads, CKV, KPE, page_size, causal,
-                                 SM_SCALE, dtype, backend=backend)
+    plan = fi_ffi.batch_mla_plan(
+        ws,
+        qo_indptr,
+        cache.indptr_h,
+        cache.lens_h,
+        heads,
+        CKV,
+        KPE,
+        page_size,
+        causal,
+        SM_SCALE,
+        dtype,
+        backend=backend,
+    )
     assert plan.backend == backend and plan.uri.endswith("_sm90") == (backend == "fa3")
     where = f"{plan.uri} (FlashInfer {V.release_of(plan.uri) or '?'})"
-    assert fi_ffi.batch_mla_run(plan, q_nope, q_pe, cache.ckv_cache, cache.kpe_cache, cache.indices, out,
-                                lse=lse) is out
+    assert (
+        fi_ffi.batch_mla_run(plan, q_nope, q_pe, cache.ckv_cache, cache.kpe_cache, cache.indices, out, lse=lse) is out
+    )
     torch.cuda.synchronize()
     want_o, want_lse = reference(q_nope, q_pe, cache, qo_lens, causal)
     close(out, want_o, TOL[dtype], f"out of {where}")
@@ -158,8 +186,20 @@ def test_one_plan_serves_every_layer_and_natural_log_lse(ws, backend):
     caches = [MLACache(KV_LENS, page_size, dtype, seed=s) for s in (2, 3)]
     qo_lens = QO_LENS["decode"]
     qo_indptr = np.arange(len(KV_LENS) + 1, dtype=np.int32)
-    plan = fi_ffi.batch_mla_plan(ws, qo_indptr, caches[0].indptr_h, caches[0].lens_h, heads, CKV, KPE, page_size,
-                                 False, SM_SCALE, "float16", backend=backend)
+    plan = fi_ffi.batch_mla_plan(
+        ws,
+        qo_indptr,
+        caches[0].indptr_h,
+        caches[0].lens_h,
+        heads,
+        CKV,
+        KPE,
+        page_size,
+        False,
+        SM_SCALE,
+        "float16",
+        backend=backend,
+    )
     for layer, cache in enumerate(caches):
         q_nope, q_pe = queries(len(KV_LENS), heads, dtype, seed=10 + layer)
         out = torch.empty(len(KV_LENS), heads, CKV, dtype=dtype, device="cuda")
@@ -180,11 +220,13 @@ def test_back_to_back_plans_each_run_their_own_schedule(ws):
     dtype, heads, page_size = torch.bfloat16, 128, 16
     short = MLACache([5, 40], page_size, dtype, seed=4)
     long = MLACache(KV_LENS, page_size, dtype, seed=5)
-    first = fi_ffi.batch_mla_plan(ws, [0, 1, 2], short.indptr_h, short.lens_h, heads, CKV, KPE, page_size, False,
-                                  SM_SCALE, dtype)
+    first = fi_ffi.batch_mla_plan(
+        ws, [0, 1, 2], short.indptr_h, short.lens_h, heads, CKV, KPE, page_size, False, SM_SCALE, dtype
+    )
     qo_indptr = np.concatenate([[0], np.cumsum(QO_LENS["causal_prefill"])]).astype(np.int32)
-    second = fi_ffi.batch_mla_plan(ws, qo_indptr, long.indptr_h, long.lens_h, heads, CKV, KPE, page_size, True,
-                                   SM_SCALE, dtype)
+    second = fi_ffi.batch_mla_plan(
+        ws, qo_indptr, long.indptr_h, long.lens_h, heads, CKV, KPE, page_size, True, SM_SCALE, dtype
+    )
     assert first.stale and not second.stale
     rows = int(qo_indptr[-1])
     q_nope, q_pe = queries(rows, heads, dtype, seed=6)
@@ -193,5 +235,11 @@ def test_back_to_back_plans_each_run_their_own_schedule(ws):
     torch.cuda.synchronize()
     close(out, reference(q_nope, q_pe, long, QO_LENS["causal_prefill"], True)[0], TOL[dtype], "out")
     with pytest.raises(ValueError, match="stale"):
-        fi_ffi.batch_mla_run(first, *queries(2, heads, dtype), short.ckv_cache, short.kpe_cache, short.indices,
-                             torch.empty(2, heads, CKV, dtype=dtype, device="cuda"))
+        fi_ffi.batch_mla_run(
+            first,
+            *queries(2, heads, dtype),
+            short.ckv_cache,
+            short.kpe_cache,
+            short.indices,
+            torch.empty(2, heads, CKV, dtype=dtype, device="cuda"),
+        )

@@ -136,8 +136,9 @@ def test_cupy_arrays_and_cupy_stream() -> None:
     s = cp.cuda.Stream(non_blocking=True)
     fi_ffi.rmsnorm(x, w, out, stream=s)
     s.synchronize()
-    np.testing.assert_allclose(cp.asnumpy(out).astype(np.float32), reference(cp.asnumpy(x), cp.asnumpy(w), 1e-6),
-                               atol=5e-3, rtol=5e-3)
+    np.testing.assert_allclose(
+        cp.asnumpy(out).astype(np.float32), reference(cp.asnumpy(x), cp.asnumpy(w), 1e-6), atol=5e-3, rtol=5e-3
+    )
 
 
 def test_the_stream_argument_decides_where_the_kernel_runs() -> None:

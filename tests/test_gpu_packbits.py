@@ -38,8 +38,9 @@ def test_segment_packbits_equals_numpy_per_segment(bitorder: str) -> None:
     packed = fi_ffi.segment_packbits_indptr(bounds.tolist())
     out = torch.full((packed[-1],), 0xAB, dtype=torch.uint8, device="cuda")
     output_indptr = torch.tensor(packed, dtype=torch.int32, device="cuda")
-    got, got_indptr = fi_ffi.segment_packbits(torch.from_numpy(bits).cuda(), torch.from_numpy(bounds).cuda(),
-                                              bitorder, output_indptr=output_indptr, out=out)
+    got, got_indptr = fi_ffi.segment_packbits(
+        torch.from_numpy(bits).cuda(), torch.from_numpy(bounds).cuda(), bitorder, output_indptr=output_indptr, out=out
+    )
     assert got is out and got_indptr is output_indptr
     torch.cuda.synchronize()
     y = out.cpu().numpy()

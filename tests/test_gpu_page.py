@@ -24,8 +24,12 @@ from fi_ffi.tensor import Tensor
 
 pytestmark = pytest.mark.gpu
 
-BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.int8,
-        torch.float8_e5m2: torch.int8}
+BITS = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float8_e4m3fn: torch.int8,
+    torch.float8_e5m2: torch.int8,
+}
 
 
 @dataclass
@@ -47,8 +51,10 @@ class Batch:
         return int(self.append_lens.sum())
 
     def device_indices(self) -> dict[str, torch.Tensor]:
-        cuda = {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name), dtype=np.int32)).cuda()
-                for name in ("batch_indices", "positions", "kv_indices", "kv_indptr", "kv_last_page_len")}
+        cuda = {
+            name: torch.from_numpy(np.ascontiguousarray(getattr(self, name), dtype=np.int32)).cuda()
+            for name in ("batch_indices", "positions", "kv_indices", "kv_indptr", "kv_last_page_len")
+        }
         return cuda
 
     def slots(self) -> tuple[np.ndarray, np.ndarray]:
@@ -97,9 +103,21 @@ def test_append_matches_the_model(page_size: int, layout: str, dtype: torch.dtyp
     expect_k, expect_v = bits(k_cache), bits(v_cache)
     key, value = random_of((b.nnz, heads, d), dtype), random_of((b.nnz, heads, d), dtype)
     idx = b.device_indices()
-    assert page.append_paged_kv_cache(key, value, idx["batch_indices"], idx["positions"], k_cache, v_cache,
-                                      idx["kv_indices"], idx["kv_indptr"], idx["kv_last_page_len"],
-                                      layout=layout) is None
+    assert (
+        page.append_paged_kv_cache(
+            key,
+            value,
+            idx["batch_indices"],
+            idx["positions"],
+            k_cache,
+            v_cache,
+            idx["kv_indices"],
+            idx["kv_indptr"],
+            idx["kv_last_page_len"],
+            layout=layout,
+        )
+        is None
+    )
     torch.cuda.synchronize()
     pages, slots = b.slots()
     kb, vb = bits(key), bits(value)
@@ -123,8 +141,17 @@ def test_append_fp8_cache_and_other_head_dims(dtype: torch.dtype, head_dim: int)
     expect_k, expect_v = bits(k_cache), bits(v_cache)
     key, value = random_of((b.nnz, heads, head_dim), dtype), random_of((b.nnz, heads, head_dim), dtype)
     idx = b.device_indices()
-    page.append_paged_kv_cache(key, value, idx["batch_indices"], idx["positions"], k_cache, v_cache,
-                               idx["kv_indices"], idx["kv_indptr"], idx["kv_last_page_len"])
+    page.append_paged_kv_cache(
+        key,
+        value,
+        idx["batch_indices"],
+        idx["positions"],
+        k_cache,
+        v_cache,
+        idx["kv_indices"],
+        idx["kv_indptr"],
+        idx["kv_last_page_len"],
+    )
     torch.cuda.synchronize()
     pages, slots = b.slots()
     expect_k[pages, slots] = bits(key)
@@ -144,8 +171,18 @@ def test_append_strided_qkv_slices_into_a_combined_cache_on_a_side_stream() -> N
     idx = b.device_indices()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    page.append_paged_kv_cache(key, value, idx["batch_indices"], idx["positions"], kv[:, 0], kv[:, 1],
-                               idx["kv_indices"], idx["kv_indptr"], idx["kv_last_page_len"], stream=stream)
+    page.append_paged_kv_cache(
+        key,
+        value,
+        idx["batch_indices"],
+        idx["positions"],
+        kv[:, 0],
+        kv[:, 1],
+        idx["kv_indices"],
+        idx["kv_indptr"],
+        idx["kv_last_page_len"],
+        stream=stream,
+    )
     stream.synchronize()
     pages, slots = b.slots()
     expect[pages, 0, slots] = bits(key)
@@ -164,8 +201,10 @@ def test_decode_steps_fill_pages_one_token_at_a_time() -> None:
     base = np.concatenate([[0], np.cumsum(max_pages)])  # request b owns pages base[b]:base[b+1], in order
     model_k = np.zeros(tuple(k_cache.shape), np.float32)
     model_v = np.zeros_like(model_k)
-    kc, vc = Tensor.from_pointer(k_cache.data_ptr(), k_cache.shape, "bfloat16", 0, owner=k_cache), \
-        Tensor.from_pointer(v_cache.data_ptr(), v_cache.shape, "bfloat16", 0, owner=v_cache)
+    kc, vc = (
+        Tensor.from_pointer(k_cache.data_ptr(), k_cache.shape, "bfloat16", 0, owner=k_cache),
+        Tensor.from_pointer(v_cache.data_ptr(), v_cache.shape, "bfloat16", 0, owner=v_cache),
+    )
     for _ in range(steps):
         seq = seq + 1
         pages = -(-seq // page_size)
@@ -175,8 +214,10 @@ def test_decode_steps_fill_pages_one_token_at_a_time() -> None:
         bi, pos = page.get_batch_indices_positions([0, 1, 2, 3], page.get_seq_lens(indptr, last, page_size))
         key = torch.randn(3, heads, d, device="cuda").to(dtype)
         value = torch.randn(3, heads, d, device="cuda").to(dtype)
-        dev = {n: torch.from_numpy(a).cuda() for n, a in (("bi", bi), ("pos", pos), ("ind", indices),
-                                                             ("ptr", indptr), ("last", last))}
+        dev = {
+            n: torch.from_numpy(a).cuda()
+            for n, a in (("bi", bi), ("pos", pos), ("ind", indices), ("ptr", indptr), ("last", last))
+        }
         page.append_paged_kv_cache(key, value, dev["bi"], dev["pos"], kc, vc, dev["ind"], dev["ptr"], dev["last"])
         pg = indices[indptr[bi] + pos // page_size]
         model_k[pg, pos % page_size] = key.float().cpu().numpy()
@@ -195,8 +236,20 @@ def test_mla_append_matches_the_model(page_size: int, dtype: torch.dtype) -> Non
     expect_ckv, expect_kpe = bits(ckv_cache), bits(kpe_cache)
     ckv, kpe = random_of((b.nnz, 512), dtype), random_of((b.nnz, 64), dtype)
     idx = b.device_indices()
-    assert page.append_paged_mla_kv_cache(ckv, kpe, idx["batch_indices"], idx["positions"], ckv_cache, kpe_cache,
-                                          idx["kv_indices"], idx["kv_indptr"], idx["kv_last_page_len"]) is None
+    assert (
+        page.append_paged_mla_kv_cache(
+            ckv,
+            kpe,
+            idx["batch_indices"],
+            idx["positions"],
+            ckv_cache,
+            kpe_cache,
+            idx["kv_indices"],
+            idx["kv_indptr"],
+            idx["kv_last_page_len"],
+        )
+        is None
+    )
     torch.cuda.synchronize()
     pages, slots = b.slots()
     expect_ckv[pages, slots] = bits(ckv)
@@ -213,9 +266,17 @@ def test_mla_append_into_one_buffer_split_in_ckv_and_kpe() -> None:
     expect = bits(buf)
     latent = random_of((b.nnz, 576), dtype)  # the new tokens as one [nnz, 576] tensor, split the same way
     idx = b.device_indices()
-    page.append_paged_mla_kv_cache(latent[:, :512], latent[:, 512:], idx["batch_indices"], idx["positions"],
-                                   buf[..., :512], buf[..., 512:], idx["kv_indices"], idx["kv_indptr"],
-                                   idx["kv_last_page_len"])
+    page.append_paged_mla_kv_cache(
+        latent[:, :512],
+        latent[:, 512:],
+        idx["batch_indices"],
+        idx["positions"],
+        buf[..., :512],
+        buf[..., 512:],
+        idx["kv_indices"],
+        idx["kv_indptr"],
+        idx["kv_last_page_len"],
+    )
     torch.cuda.synchronize()
     pages, slots = b.slots()
     expect[pages, slots] = bits(latent)
@@ -234,8 +295,10 @@ def test_append_with_raw_cuda_python_allocations() -> None:
         "value": rng.standard_normal((b.nnz, heads, d)).astype(np.float16),
         "k_cache": rng.standard_normal(cache_shape).astype(np.float16),
         "v_cache": rng.standard_normal(cache_shape).astype(np.float16),
-        "batch_indices": b.batch_indices.astype(np.int32), "positions": b.positions.astype(np.int32),
-        "kv_indices": b.kv_indices.astype(np.int32), "kv_indptr": b.kv_indptr.astype(np.int32),
+        "batch_indices": b.batch_indices.astype(np.int32),
+        "positions": b.positions.astype(np.int32),
+        "kv_indices": b.kv_indices.astype(np.int32),
+        "kv_indptr": b.kv_indptr.astype(np.int32),
         "kv_last_page_len": b.kv_last_page_len.astype(np.int32),
     }
     ptrs: dict[str, int] = {}
@@ -248,9 +311,18 @@ def test_append_with_raw_cuda_python_allocations() -> None:
             (err,) = rt.cudaMemcpy(ptrs[name], arr.ctypes.data, arr.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice)
             assert err == rt.cudaError_t.cudaSuccess, err
             desc[name] = Tensor.from_pointer(ptrs[name], arr.shape, str(arr.dtype), 0)
-        page.append_paged_kv_cache(desc["key"], desc["value"], desc["batch_indices"], desc["positions"],
-                                   desc["k_cache"], desc["v_cache"], desc["kv_indices"], desc["kv_indptr"],
-                                   desc["kv_last_page_len"], stream=0)
+        page.append_paged_kv_cache(
+            desc["key"],
+            desc["value"],
+            desc["batch_indices"],
+            desc["positions"],
+            desc["k_cache"],
+            desc["v_cache"],
+            desc["kv_indices"],
+            desc["kv_indptr"],
+            desc["kv_last_page_len"],
+            stream=0,
+        )
         (err,) = rt.cudaDeviceSynchronize()
         assert err == rt.cudaError_t.cudaSuccess, err
         pages, slots = b.slots()
@@ -284,8 +356,17 @@ def test_a_layer_loop_with_torch_tensors_per_call_is_bit_exact_and_validated_onc
     before = launcher.slow_calls
     for layer, (k_cache, v_cache) in enumerate(caches):
         key, value = random_of((b.nnz, heads, d), dtype), random_of((b.nnz, heads, d), dtype)
-        page.append_paged_kv_cache(key, value, idx["batch_indices"], idx["positions"], k_cache, v_cache,
-                                   idx["kv_indices"], idx["kv_indptr"], idx["kv_last_page_len"])
+        page.append_paged_kv_cache(
+            key,
+            value,
+            idx["batch_indices"],
+            idx["positions"],
+            k_cache,
+            v_cache,
+            idx["kv_indices"],
+            idx["kv_indptr"],
+            idx["kv_last_page_len"],
+        )
         expect[layer][0][pages, slots] = bits(key)
         expect[layer][1][pages, slots] = bits(value)
     torch.cuda.synchronize()
@@ -297,10 +378,20 @@ def test_a_layer_loop_with_torch_tensors_per_call_is_bit_exact_and_validated_onc
     empty = torch.empty((0, heads, d), dtype=dtype, device="cuda")
     none = torch.empty(0, dtype=torch.int32, device="cuda")
     with pytest.raises(TypeError, match="stream"):
-        page.append_paged_kv_cache(empty, empty, none, none, *caches[0], idx["kv_indices"], idx["kv_indptr"],
-                                   idx["kv_last_page_len"], stream="default")
-    page.append_paged_kv_cache(empty, empty, none, none, *caches[0], idx["kv_indices"], idx["kv_indptr"],
-                               idx["kv_last_page_len"])
+        page.append_paged_kv_cache(
+            empty,
+            empty,
+            none,
+            none,
+            *caches[0],
+            idx["kv_indices"],
+            idx["kv_indptr"],
+            idx["kv_last_page_len"],
+            stream="default",
+        )
+    page.append_paged_kv_cache(
+        empty, empty, none, none, *caches[0], idx["kv_indices"], idx["kv_indptr"], idx["kv_last_page_len"]
+    )
     torch.cuda.synchronize()
     np.testing.assert_array_equal(bits(caches[0][0]), expect[0][0])
 
@@ -311,25 +402,40 @@ def test_a_layer_loop_with_cupy_arrays_per_call_is_bit_exact() -> None:
     heads, d = 2, 256
     rng = np.random.default_rng(37)
     shape = (b.num_pages, b.page_size, heads, d)
-    host = [(rng.standard_normal(shape).astype(np.float16), rng.standard_normal(shape).astype(np.float16))
-            for _ in range(LAYERS)]
+    host = [
+        (rng.standard_normal(shape).astype(np.float16), rng.standard_normal(shape).astype(np.float16))
+        for _ in range(LAYERS)
+    ]
     caches = [(cupy.asarray(k), cupy.asarray(v)) for k, v in host]
-    idx = {name: cupy.asarray(np.ascontiguousarray(getattr(b, name), dtype=np.int32))
-           for name in ("batch_indices", "positions", "kv_indices", "kv_indptr", "kv_last_page_len")}
+    idx = {
+        name: cupy.asarray(np.ascontiguousarray(getattr(b, name), dtype=np.int32))
+        for name in ("batch_indices", "positions", "kv_indices", "kv_indptr", "kv_last_page_len")
+    }
     pages, slots = b.slots()
     for layer, (k_cache, v_cache) in enumerate(caches):
         key = rng.standard_normal((b.nnz, heads, d)).astype(np.float16)
         value = rng.standard_normal((b.nnz, heads, d)).astype(np.float16)
-        page.append_paged_kv_cache(cupy.asarray(key), cupy.asarray(value), idx["batch_indices"], idx["positions"],
-                                   k_cache, v_cache, idx["kv_indices"], idx["kv_indptr"], idx["kv_last_page_len"])
+        page.append_paged_kv_cache(
+            cupy.asarray(key),
+            cupy.asarray(value),
+            idx["batch_indices"],
+            idx["positions"],
+            k_cache,
+            v_cache,
+            idx["kv_indices"],
+            idx["kv_indptr"],
+            idx["kv_last_page_len"],
+        )
         host[layer][0][pages, slots] = key  # the expected caches: a copy, so exact
         host[layer][1][pages, slots] = value
     cupy.cuda.get_current_stream().synchronize()  # the appends ran on CuPy's current stream (stream=None)
     for layer, (k_cache, v_cache) in enumerate(caches):
-        np.testing.assert_array_equal(cupy.asnumpy(k_cache).view(np.uint16), host[layer][0].view(np.uint16),
-                                      err_msg=f"k_cache of layer {layer}")
-        np.testing.assert_array_equal(cupy.asnumpy(v_cache).view(np.uint16), host[layer][1].view(np.uint16),
-                                      err_msg=f"v_cache of layer {layer}")
+        np.testing.assert_array_equal(
+            cupy.asnumpy(k_cache).view(np.uint16), host[layer][0].view(np.uint16), err_msg=f"k_cache of layer {layer}"
+        )
+        np.testing.assert_array_equal(
+            cupy.asnumpy(v_cache).view(np.uint16), host[layer][1].view(np.uint16), err_msg=f"v_cache of layer {layer}"
+        )
 
 
 def test_mla_append_with_cupy_arrays() -> None:
@@ -341,11 +447,21 @@ def test_mla_append_with_cupy_arrays() -> None:
     ckv_cache, kpe_cache = cupy.asarray(ckv_host), cupy.asarray(kpe_host)
     ckv = rng.standard_normal((b.nnz, 512)).astype(np.float16)
     kpe = rng.standard_normal((b.nnz, 64)).astype(np.float16)
-    idx = {name: cupy.asarray(np.ascontiguousarray(getattr(b, name), dtype=np.int32))
-           for name in ("batch_indices", "positions", "kv_indices", "kv_indptr", "kv_last_page_len")}
-    page.append_paged_mla_kv_cache(cupy.asarray(ckv), cupy.asarray(kpe), idx["batch_indices"], idx["positions"],
-                                   ckv_cache, kpe_cache, idx["kv_indices"], idx["kv_indptr"],
-                                   idx["kv_last_page_len"])
+    idx = {
+        name: cupy.asarray(np.ascontiguousarray(getattr(b, name), dtype=np.int32))
+        for name in ("batch_indices", "positions", "kv_indices", "kv_indptr", "kv_last_page_len")
+    }
+    page.append_paged_mla_kv_cache(
+        cupy.asarray(ckv),
+        cupy.asarray(kpe),
+        idx["batch_indices"],
+        idx["positions"],
+        ckv_cache,
+        kpe_cache,
+        idx["kv_indices"],
+        idx["kv_indptr"],
+        idx["kv_last_page_len"],
+    )
     cupy.cuda.get_current_stream().synchronize()
     pages, slots = b.slots()
     ckv_host[pages, slots] = ckv

@@ -58,8 +58,9 @@ def test_single_prefill_matches_reference(dtype, head_dim, heads, causal, layout
         v = torch.randn_like(k)
         out = torch.empty_like(q)
         lse = torch.empty(qo_len, hq, dtype=torch.float32, device="cuda")
-        prefill.single_prefill(q, to_layout(k, layout), to_layout(v, layout), out, tmp=tmp, lse=lse, causal=causal,
-                               kv_layout=layout)
+        prefill.single_prefill(
+            q, to_layout(k, layout), to_layout(v, layout), out, tmp=tmp, lse=lse, causal=causal, kv_layout=layout
+        )
         torch.cuda.synchronize()
         o, lse_ref = reference(q, k, v, causal=causal)
         close(out, o, dtype, f"qo {qo_len} kv {kv_len}")
@@ -84,7 +85,7 @@ def test_single_prefill_custom_mask(dtype):
 def test_single_prefill_strided_q_and_kv():
     dtype, hq, hk, d = torch.float16, 16, 4, 64
     qkv = torch.randn(50, hq + 2 * hk, d, dtype=dtype, device="cuda")  # a fused QKV projection
-    q, k, v = qkv[:, :hq], qkv[:, hq: hq + hk], qkv[:, hq + hk:]
+    q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
     out = torch.empty(50, hq, d, dtype=dtype, device="cuda")
     prefill.single_prefill(q, k, v, out, causal=True, sm_scale=0.2)
     torch.cuda.synchronize()
@@ -108,11 +109,16 @@ def ragged_inputs(dtype, hq, hk, d, layout, qo_lens=QO_LENS, kv_lens=KV_LENS):
 def check_ragged(out, q, k, v, qo_lens, kv_lens, dtype, causal, lse=None, masks=None):
     qo, kv = indptr(qo_lens), indptr(kv_lens)
     for i in range(len(qo_lens)):
-        o, lse_ref = reference(q[qo[i]: qo[i + 1]], k[kv[i]: kv[i + 1]], v[kv[i]: kv[i + 1]], causal=causal,
-                         mask=None if masks is None else masks[i])
-        close(out[qo[i]: qo[i + 1]], o, dtype, f"request {i}")
+        o, lse_ref = reference(
+            q[qo[i] : qo[i + 1]],
+            k[kv[i] : kv[i + 1]],
+            v[kv[i] : kv[i + 1]],
+            causal=causal,
+            mask=None if masks is None else masks[i],
+        )
+        close(out[qo[i] : qo[i + 1]], o, dtype, f"request {i}")
         if lse is not None:
-            torch.testing.assert_close(lse[qo[i]: qo[i + 1]], lse_ref, atol=LSE_TOL, rtol=LSE_TOL)
+            torch.testing.assert_close(lse[qo[i] : qo[i + 1]], lse_ref, atol=LSE_TOL, rtol=LSE_TOL)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -125,11 +131,29 @@ def test_batch_prefill_ragged_fa2(ws, dtype, head_dim, heads, causal, layout):
     q, k, v, kl, vl = ragged_inputs(dtype, hq, hk, head_dim, layout)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device="cuda")
-    plan = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, head_dim, q_dtype=dtype,
-                                             kv_layout=layout, causal=causal, backend="fa2")
+    plan = prefill.batch_prefill_ragged_plan(
+        ws,
+        indptr(QO_LENS),
+        indptr(KV_LENS),
+        hq,
+        hk,
+        head_dim,
+        q_dtype=dtype,
+        kv_layout=layout,
+        causal=causal,
+        backend="fa2",
+    )
     assert plan.backend == "fa2"
-    prefill.batch_prefill_ragged_run(plan, q, kl, vl, torch.from_numpy(indptr(QO_LENS)).cuda(),
-                                     torch.from_numpy(indptr(KV_LENS)).cuda(), out, lse=lse)
+    prefill.batch_prefill_ragged_run(
+        plan,
+        q,
+        kl,
+        vl,
+        torch.from_numpy(indptr(QO_LENS)).cuda(),
+        torch.from_numpy(indptr(KV_LENS)).cuda(),
+        out,
+        lse=lse,
+    )
     torch.cuda.synchronize()
     check_ragged(out, q, k, v, QO_LENS, KV_LENS, dtype, causal, lse)
 
@@ -143,13 +167,22 @@ def test_batch_prefill_ragged_custom_mask(ws):
         m[:, -1] = True
         masks.append(m)
     packed, mind = prefill.pack_custom_mask([m.cpu().numpy() for m in masks])
-    plan = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, q_dtype=dtype,
-                                             custom_mask=torch.from_numpy(packed).cuda(),
-                                             mask_indptr=torch.from_numpy(mind).cuda())
+    plan = prefill.batch_prefill_ragged_plan(
+        ws,
+        indptr(QO_LENS),
+        indptr(KV_LENS),
+        hq,
+        hk,
+        d,
+        q_dtype=dtype,
+        custom_mask=torch.from_numpy(packed).cuda(),
+        mask_indptr=torch.from_numpy(mind).cuda(),
+    )
     assert plan.backend == "fa2" and plan.mask_mode == 2
     out = torch.empty_like(q)
-    prefill.batch_prefill_ragged_run(plan, q, k, v, torch.from_numpy(indptr(QO_LENS)).cuda(),
-                                     torch.from_numpy(indptr(KV_LENS)).cuda(), out)
+    prefill.batch_prefill_ragged_run(
+        plan, q, k, v, torch.from_numpy(indptr(QO_LENS)).cuda(), torch.from_numpy(indptr(KV_LENS)).cuda(), out
+    )
     torch.cuda.synchronize()
     check_ragged(out, q, k, v, QO_LENS, KV_LENS, dtype, False, masks=masks)
 
@@ -170,7 +203,7 @@ class PagedKV:
         vc = torch.zeros_like(kc)
         table, start = [], 0
         for n, p in zip(kv_lens, pages, strict=True):
-            ids = perm[len(table): len(table) + p]
+            ids = perm[len(table) : len(table) + p]
             for j, pid in enumerate(ids):
                 rows = slice(start + j * page_size, min(start + (j + 1) * page_size, start + n))
                 cnt = rows.stop - rows.start
@@ -182,8 +215,9 @@ class PagedKV:
             kc, vc = kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous()
         self.k, self.v = kc, vc
         self.indptr_h = indptr(pages)
-        self.last_h = np.array([n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages, strict=True)],
-                               np.int32)
+        self.last_h = np.array(
+            [n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages, strict=True)], np.int32
+        )
         self.indices = torch.tensor(table, dtype=torch.int32, device="cuda")
         self.indptr = torch.from_numpy(self.indptr_h).cuda()
         self.last = torch.from_numpy(self.last_h).cuda()
@@ -192,12 +226,25 @@ class PagedKV:
 def paged_case(ws, dtype, hq, hk, d, page_size, layout, causal, backend, qo_lens=QO_LENS, kv_lens=KV_LENS):
     q, k, v, _, _ = ragged_inputs(dtype, hq, hk, d, "NHD", qo_lens, kv_lens)
     kv = PagedKV(k, v, kv_lens, page_size, layout)
-    plan = prefill.batch_prefill_paged_plan(ws, indptr(qo_lens), kv.indptr_h, kv.last_h, hq, hk, d, page_size,
-                                            q_dtype=dtype, kv_layout=layout, causal=causal, backend=backend)
+    plan = prefill.batch_prefill_paged_plan(
+        ws,
+        indptr(qo_lens),
+        kv.indptr_h,
+        kv.last_h,
+        hq,
+        hk,
+        d,
+        page_size,
+        q_dtype=dtype,
+        kv_layout=layout,
+        causal=causal,
+        backend=backend,
+    )
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device="cuda")
-    prefill.batch_prefill_paged_run(plan, q, kv.k, kv.v, torch.from_numpy(indptr(qo_lens)).cuda(), kv.indptr,
-                                    kv.indices, kv.last, out, lse=lse)
+    prefill.batch_prefill_paged_run(
+        plan, q, kv.k, kv.v, torch.from_numpy(indptr(qo_lens)).cuda(), kv.indptr, kv.indices, kv.last, out, lse=lse
+    )
     torch.cuda.synchronize()
     return plan, q, k, v, out, lse
 
@@ -219,8 +266,9 @@ def test_paged_prefill_plan_reused_then_stale(ws):
     q, k, v, _, _ = ragged_inputs(dtype, hq, hk, d, "NHD")
     kv = PagedKV(k, v, KV_LENS, page, "NHD")
     qo_d = torch.from_numpy(indptr(QO_LENS)).cuda()
-    plan = prefill.batch_prefill_paged_plan(ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, page,
-                                            causal=True, backend="fa2")
+    plan = prefill.batch_prefill_paged_plan(
+        ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, page, causal=True, backend="fa2"
+    )
     outs = [torch.empty_like(q) for _ in range(3)]
     for out in outs:
         prefill.batch_prefill_paged_run(plan, q, kv.k, kv.v, qo_d, kv.indptr, kv.indices, kv.last, out)
@@ -246,12 +294,14 @@ def test_fa3_matches_fa2_and_reference(ws, dtype, heads, causal, mode):
         q, k, v, _, _ = ragged_inputs(dtype, hq, hk, d, "NHD")
         outs = {}
         for backend in ("fa2", "fa3"):
-            plan = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, q_dtype=dtype,
-                                                     causal=causal, backend=backend)
+            plan = prefill.batch_prefill_ragged_plan(
+                ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, q_dtype=dtype, causal=causal, backend=backend
+            )
             assert plan.backend == backend
             out = torch.empty_like(q)
-            prefill.batch_prefill_ragged_run(plan, q, k, v, torch.from_numpy(indptr(QO_LENS)).cuda(),
-                                             torch.from_numpy(indptr(KV_LENS)).cuda(), out)
+            prefill.batch_prefill_ragged_run(
+                plan, q, k, v, torch.from_numpy(indptr(QO_LENS)).cuda(), torch.from_numpy(indptr(KV_LENS)).cuda(), out
+            )
             torch.cuda.synchronize()
             outs[backend] = out
     else:
@@ -323,21 +373,39 @@ def test_batch_prefill_sliding_window_and_soft_cap(ws, mode):
     out = torch.empty_like(q)
     qo = torch.from_numpy(indptr(QO_LENS)).cuda()
     if mode == "ragged":
-        plan = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, causal=True,
-                                                 window_left=window, logits_soft_cap=cap)
+        plan = prefill.batch_prefill_ragged_plan(
+            ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, causal=True, window_left=window, logits_soft_cap=cap
+        )
         prefill.batch_prefill_ragged_run(plan, q, k, v, qo, torch.from_numpy(indptr(KV_LENS)).cuda(), out)
     else:
         kv = PagedKV(k, v, KV_LENS, 16, "NHD")
-        plan = prefill.batch_prefill_paged_plan(ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, 16,
-                                                causal=True, window_left=window, logits_soft_cap=cap)
+        plan = prefill.batch_prefill_paged_plan(
+            ws,
+            indptr(QO_LENS),
+            kv.indptr_h,
+            kv.last_h,
+            hq,
+            hk,
+            d,
+            16,
+            causal=True,
+            window_left=window,
+            logits_soft_cap=cap,
+        )
         prefill.batch_prefill_paged_run(plan, q, kv.k, kv.v, qo, kv.indptr, kv.indices, kv.last, out)
     assert plan.backend == "fa2" and "use_swa_True_use_logits_cap_True" in plan.uri
     torch.cuda.synchronize()
     qi, ki = indptr(QO_LENS), indptr(KV_LENS)
     for i in range(len(QO_LENS)):
-        o, _ = reference(q[qi[i]: qi[i + 1]], k[ki[i]: ki[i + 1]], v[ki[i]: ki[i + 1]], causal=True,
-                         window_left=window, soft_cap=cap)
-        close(out[qi[i]: qi[i + 1]], o, dtype, f"request {i}")
+        o, _ = reference(
+            q[qi[i] : qi[i + 1]],
+            k[ki[i] : ki[i + 1]],
+            v[ki[i] : ki[i + 1]],
+            causal=True,
+            window_left=window,
+            soft_cap=cap,
+        )
+        close(out[qi[i] : qi[i + 1]], o, dtype, f"request {i}")
 
 
 def test_batch_prefill_paged_fp8_e4m3_kv_cache(ws):
@@ -348,13 +416,15 @@ def test_batch_prefill_paged_fp8_e4m3_kv_cache(ws):
     kv = PagedKV(k8.half(), v8.half(), KV_LENS, 16, "NHD")  # laid out in f16 (exact), then cast: only copies in FP8
     kc, vc = kv.k.to(torch.float8_e4m3fn), kv.v.to(torch.float8_e4m3fn)
     out = torch.empty_like(q)
-    plan = prefill.batch_prefill_paged_plan(ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, 16,
-                                            causal=True, kv_dtype="float8_e4m3fn")
+    plan = prefill.batch_prefill_paged_plan(
+        ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, 16, causal=True, kv_dtype="float8_e4m3fn"
+    )
     assert "dtype_kv_e4m3" in plan.uri and plan.backend == "fa2"
-    prefill.batch_prefill_paged_run(plan, q, kc, vc, torch.from_numpy(indptr(QO_LENS)).cuda(), kv.indptr,
-                                    kv.indices, kv.last, out)
+    prefill.batch_prefill_paged_run(
+        plan, q, kc, vc, torch.from_numpy(indptr(QO_LENS)).cuda(), kv.indptr, kv.indices, kv.last, out
+    )
     torch.cuda.synchronize()
     qi, ki = indptr(QO_LENS), indptr(KV_LENS)
     for i in range(len(QO_LENS)):
-        o, _ = reference(q[qi[i]: qi[i + 1]], k8[ki[i]: ki[i + 1]], v8[ki[i]: ki[i + 1]], causal=True)
-        torch.testing.assert_close(out[qi[i]: qi[i + 1]].float(), o, atol=1e-2, rtol=1e-2)
+        o, _ = reference(q[qi[i] : qi[i + 1]], k8[ki[i] : ki[i + 1]], v8[ki[i] : ki[i + 1]], causal=True)
+        torch.testing.assert_close(out[qi[i] : qi[i + 1]].float(), o, atol=1e-2, rtol=1e-2)

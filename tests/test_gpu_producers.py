@@ -64,8 +64,9 @@ def test_stream_none_runs_on_cupys_current_stream() -> None:
     assert not bool(out.any())
     graph.launch(s)
     s.synchronize()
-    np.testing.assert_allclose(cp.asnumpy(out).astype(np.float32), reference(cp.asnumpy(x), cp.asnumpy(w)),
-                               atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(
+        cp.asnumpy(out).astype(np.float32), reference(cp.asnumpy(x), cp.asnumpy(w)), atol=2e-2, rtol=2e-2
+    )
 
 
 def test_jax_arrays_as_inputs() -> None:
@@ -102,7 +103,7 @@ def test_cupy_memory_is_freed_after_the_caller_drops_it() -> None:
     big = cp.zeros((256 << 20) // 2, dtype=cp.float16)  # 256 MiB
     x = big[: B * D].reshape(B, D)
     w = cp.ones(D, dtype=cp.float16)
-    out = big[B * D: 2 * B * D].reshape(B, D)
+    out = big[B * D : 2 * B * D].reshape(B, D)
     fi_ffi.rmsnorm(x, w, out)
     fi_ffi.rmsnorm(fi_ffi.as_tensor(x), fi_ffi.as_tensor(w), fi_ffi.as_tensor(out))
     cp.cuda.Device().synchronize()
@@ -116,7 +117,7 @@ def test_torch_memory_is_freed_after_the_caller_drops_it() -> None:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     big = torch.zeros((256 << 20) // 2, dtype=torch.float16, device="cuda")
-    x, out = big[: B * D].view(B, D), big[B * D: 2 * B * D].view(B, D)
+    x, out = big[: B * D].view(B, D), big[B * D : 2 * B * D].view(B, D)
     w = torch.ones(D, dtype=torch.float16, device="cuda")
     fi_ffi.rmsnorm(x, w, out)
     fi_ffi.rmsnorm(fi_ffi.as_tensor(x), fi_ffi.as_tensor(w), fi_ffi.as_tensor(out))

@@ -64,8 +64,15 @@ def f64(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
-def check(got: torch.Tensor, x: np.ndarray, positions: np.ndarray, freq: np.ndarray, rotary_dim: int,
-          interleave: bool, dtype: torch.dtype) -> None:
+def check(
+    got: torch.Tensor,
+    x: np.ndarray,
+    positions: np.ndarray,
+    freq: np.ndarray,
+    rotary_dim: int,
+    interleave: bool,
+    dtype: torch.dtype,
+) -> None:
     want = rotate(x, positions, freq, rotary_dim, interleave)
     g = f64(got)
     np.testing.assert_allclose(g[..., :rotary_dim], want[..., :rotary_dim], atol=TOL[dtype], rtol=TOL[dtype])
@@ -82,8 +89,9 @@ def make(nnz: int, hq: int, hk: int, d: int, dtype: torch.dtype) -> tuple[torch.
 @pytest.mark.parametrize("partial", [False, True])
 @pytest.mark.parametrize("llama31", [False, True])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_pos_ids_variants_match_reference(dtype: torch.dtype, head_dim: int, interleave: bool, partial: bool,
-                                          llama31: bool, inplace: bool) -> None:
+def test_pos_ids_variants_match_reference(
+    dtype: torch.dtype, head_dim: int, interleave: bool, partial: bool, llama31: bool, inplace: bool
+) -> None:
     torch.manual_seed(0)
     nnz, hq, hk = 37, 8, 2
     q, k = make(nnz, hq, hk, head_dim, dtype)
@@ -121,8 +129,9 @@ def test_llama31_blend_differs_from_plain_scaling() -> None:
 @pytest.mark.parametrize("llama31", [False, True])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_ragged_indptr_offsets_match_reference(dtype: torch.dtype, llama31: bool, index_dtype: torch.dtype,
-                                               inplace: bool) -> None:
+def test_ragged_indptr_offsets_match_reference(
+    dtype: torch.dtype, llama31: bool, index_dtype: torch.dtype, inplace: bool
+) -> None:
     torch.manual_seed(1)
     lens, offsets = [5, 1, 12, 7], [0, 40, 3, 900]
     nnz = sum(lens)
@@ -137,8 +146,7 @@ def test_ragged_indptr_offsets_match_reference(dtype: torch.dtype, llama31: bool
         qr, kr = q, k
     else:
         qr, kr = torch.empty_like(q), torch.empty_like(k)
-        (fi_ffi.apply_llama31_rope if llama31 else fi_ffi.apply_rope)(q, k, indptr, off, q_rope=qr, k_rope=kr,
-                                                                     **params)
+        (fi_ffi.apply_llama31_rope if llama31 else fi_ffi.apply_rope)(q, k, indptr, off, q_rope=qr, k_rope=kr, **params)
     torch.cuda.synchronize()
     freq = frequencies(128, params["rope_scale"], params["rope_theta"], LLAMA31 if llama31 else None)
     check(qr, q0, positions, freq, 128, False, dtype)
@@ -183,8 +191,16 @@ def test_cos_sin_cache_matches_reference(dtype: torch.dtype, is_neox: bool, rota
     positions = torch.randint(0, 2048, (nnz,), dtype=torch.int64, device="cuda")
     qo, ko = torch.empty_like(q), torch.empty_like(k)
     if flat:  # flashinfer-python's [nnz, heads * head_size] form
-        fi_ffi.apply_rope_with_cos_sin_cache(positions, q.view(nnz, -1), k.view(nnz, -1), d, cache, is_neox,
-                                             query_out=qo.view(nnz, -1), key_out=ko.view(nnz, -1))
+        fi_ffi.apply_rope_with_cos_sin_cache(
+            positions,
+            q.view(nnz, -1),
+            k.view(nnz, -1),
+            d,
+            cache,
+            is_neox,
+            query_out=qo.view(nnz, -1),
+            key_out=ko.view(nnz, -1),
+        )
     else:
         fi_ffi.apply_rope_with_cos_sin_cache(positions, q, k, d, cache, is_neox, query_out=qo, key_out=ko)
     torch.cuda.synchronize()
@@ -205,8 +221,9 @@ def test_descriptors_and_head_dim_512() -> None:
     pos = torch.arange(nnz, dtype=torch.int32, device="cuda") * 31
 
     def desc(t: torch.Tensor) -> Tensor:
-        return Tensor.from_pointer(t.data_ptr(), tuple(t.shape), str(t.dtype).removeprefix("torch."), 0,
-                                   tuple(t.stride()))
+        return Tensor.from_pointer(
+            t.data_ptr(), tuple(t.shape), str(t.dtype).removeprefix("torch."), 0, tuple(t.stride())
+        )
 
     torch.cuda.synchronize()
     fi_ffi.apply_rope_pos_ids(desc(q), desc(k), desc(pos), rotary_dim=256, q_rope=desc(qr), k_rope=desc(kr))

@@ -199,8 +199,9 @@ def test_the_generator_advances_and_replays_exactly() -> None:
     again = draw(fi_ffi.top_k_sampling_from_probs, p, 20, generator=fi_ffi.Generator(99, 40))
     assert (first == again).all()
     # the generator's i-th call is the explicit (seed, advanced offset) call
-    explicit = one_call(99, 40 + ROWS * 32, op=lambda pr, _, out, **kw: fi_ffi.top_k_sampling_from_probs(pr, 20, out,
-                                                                                                          **kw))
+    explicit = one_call(
+        99, 40 + ROWS * 32, op=lambda pr, _, out, **kw: fi_ffi.top_k_sampling_from_probs(pr, 20, out, **kw)
+    )
     assert (explicit == chunks[0]).all()
 
 
@@ -271,6 +272,7 @@ def test_a_graph_captured_with_int_seeds_replays_the_same_draw() -> None:
 
 # ---- softmax, renorm, mask ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(4, 32000), (200, 1000), (3, 5)])
 @pytest.mark.parametrize("per_row", [False, True])
 def test_softmax_matches_float32(shape: tuple[int, int], per_row: bool) -> None:
@@ -333,6 +335,7 @@ def test_top_p_renorm_keeps_the_nucleus() -> None:
 
 # ---- speculative sampling -----------------------------------------------------------------------------------------
 
+
 def test_chain_speculative_sampling_accepts_and_rejects_as_defined() -> None:
     b, n, v = 3, 3, 16
     draft_ids = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=torch.int32, device="cuda")
@@ -390,10 +393,17 @@ def test_speculative_acceptance_rate_is_q_over_p() -> None:
 
 # ---- top-k ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("dtype", "rows", "length", "k"), [
-    (torch.float32, 8, 1000, 64), (torch.float32, 2, 131072, 256), (torch.float16, 3, 32768, 100),
-    (torch.bfloat16, 16, 4096, 2048), (torch.float32, 4, 50, 49),
-])
+
+@pytest.mark.parametrize(
+    ("dtype", "rows", "length", "k"),
+    [
+        (torch.float32, 8, 1000, 64),
+        (torch.float32, 2, 131072, 256),
+        (torch.float16, 3, 32768, 100),
+        (torch.bfloat16, 16, 4096, 2048),
+        (torch.float32, 4, 50, 49),
+    ],
+)
 def test_top_k_equals_a_sort(dtype: torch.dtype, rows: int, length: int, k: int) -> None:
     g = torch.Generator(device="cuda").manual_seed(4)
     x = torch.randn(rows, length, device="cuda", generator=g).to(dtype)  # ties possible in 16 bits: compared as values

@@ -53,13 +53,26 @@ def record(t: Tensor) -> dict[str, Any]:
     }
 
 
-def assert_describes(t: Tensor, ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: dtypes.DType,
-                     device: dtypes.Device) -> None:
+def assert_describes(
+    t: Tensor, ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: dtypes.DType, device: dtypes.Device
+) -> None:
     assert type(t) is Tensor
-    assert (t.data_ptr, t.shape, t.strides, t.dtype, t.device, t.ndim) == (ptr, shape, strides, dtype, device,
-                                                                          len(shape))
-    assert record(t) == {"data": ptr, "device": tuple(device), "dtype": (dtype.code, dtype.bits, dtype.lanes),
-                         "shape": shape, "strides": strides, "byte_offset": 0}
+    assert (t.data_ptr, t.shape, t.strides, t.dtype, t.device, t.ndim) == (
+        ptr,
+        shape,
+        strides,
+        dtype,
+        device,
+        len(shape),
+    )
+    assert record(t) == {
+        "data": ptr,
+        "device": tuple(device),
+        "dtype": (dtype.code, dtype.bits, dtype.lanes),
+        "shape": shape,
+        "strides": strides,
+        "byte_offset": 0,
+    }
 
 
 def elem_strides(a: np.ndarray) -> tuple[int, ...]:
@@ -67,6 +80,7 @@ def elem_strides(a: np.ndarray) -> tuple[int, ...]:
 
 
 # ---- numpy through DLPack ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(("np_dtype", "expected"), NUMPY_DTYPES, ids=[d.name for _, d in NUMPY_DTYPES])
 def test_every_supported_numpy_dtype_maps_to_its_dlpack_triple(np_dtype: Any, expected: dtypes.DType) -> None:
@@ -78,8 +92,11 @@ def test_every_supported_numpy_dtype_maps_to_its_dlpack_triple(np_dtype: Any, ex
 
 def test_ml_dtypes_arrays_go_through_the_array_interface() -> None:
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    for np_dtype, expected in [(ml_dtypes.bfloat16, dtypes.bfloat16), (ml_dtypes.float8_e4m3fn, dtypes.float8_e4m3fn),
-                               (ml_dtypes.float8_e5m2, dtypes.float8_e5m2)]:
+    for np_dtype, expected in [
+        (ml_dtypes.bfloat16, dtypes.bfloat16),
+        (ml_dtypes.float8_e4m3fn, dtypes.float8_e4m3fn),
+        (ml_dtypes.float8_e5m2, dtypes.float8_e5m2),
+    ]:
         a = np.zeros((4, 6), np_dtype)[:, 1:5]
         assert_describes(as_tensor(a), address(a), (4, 4), (6, 1), expected, dtypes.cpu())
 
@@ -199,16 +216,18 @@ def test_matches_tensor_from_pointer_slot_by_slot() -> None:
 
 
 def test_neither_torch_nor_cupy_is_imported() -> None:
-    code = ("import sys, numpy as np, fi_ffi\n"
-            "t = fi_ffi.as_tensor(np.zeros((2, 3), np.float16))\n"
-            "class C:\n"
-            "    __cuda_array_interface__ = {'shape': (2,), 'typestr': '<f4', 'data': (4096, False), 'version': 3}\n"
-            "try:\n"
-            "    fi_ffi.as_tensor(C())\n"
-            "except ValueError:\n"
-            "    pass  # a CUDA driver is present and knows the fake pointer is not its memory\n"
-            "bad = [m for m in ('torch', 'cupy', 'jax') if m in sys.modules]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, numpy as np, fi_ffi\n"
+        "t = fi_ffi.as_tensor(np.zeros((2, 3), np.float16))\n"
+        "class C:\n"
+        "    __cuda_array_interface__ = {'shape': (2,), 'typestr': '<f4', 'data': (4096, False), 'version': 3}\n"
+        "try:\n"
+        "    fi_ffi.as_tensor(C())\n"
+        "except ValueError:\n"
+        "    pass  # a CUDA driver is present and knows the fake pointer is not its memory\n"
+        "bad = [m for m in ('torch', 'cupy', 'jax') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(fi_ffi.__file__)), *sys.path]))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -219,12 +238,26 @@ def test_private_dlpack_structs_match_the_checked_declarations() -> None:
     layouts tests/test_abi_layout.py checks against dlpack.h)."""
     mine, ref = interop._capsule_api()[0], get_ffi()
     pairs = {
-        "DLTensor": [("data", "data"), ("device_type", "device.device_type"), ("device_id", "device.device_id"),
-                     ("ndim", "ndim"), ("code", "dtype.code"), ("bits", "dtype.bits"), ("lanes", "dtype.lanes"),
-                     ("shape", "shape"), ("strides", "strides"), ("byte_offset", "byte_offset")],
-        "DLManagedTensorVersioned": [("major", "version.major"), ("minor", "version.minor"),
-                                     ("manager_ctx", "manager_ctx"), ("deleter", "deleter"), ("flags", "flags"),
-                                     ("dl_tensor", "dl_tensor")],
+        "DLTensor": [
+            ("data", "data"),
+            ("device_type", "device.device_type"),
+            ("device_id", "device.device_id"),
+            ("ndim", "ndim"),
+            ("code", "dtype.code"),
+            ("bits", "dtype.bits"),
+            ("lanes", "dtype.lanes"),
+            ("shape", "shape"),
+            ("strides", "strides"),
+            ("byte_offset", "byte_offset"),
+        ],
+        "DLManagedTensorVersioned": [
+            ("major", "version.major"),
+            ("minor", "version.minor"),
+            ("manager_ctx", "manager_ctx"),
+            ("deleter", "deleter"),
+            ("flags", "flags"),
+            ("dl_tensor", "dl_tensor"),
+        ],
     }
     for struct_name, fields in pairs.items():
         assert mine.sizeof(struct_name) == ref.sizeof(struct_name)
@@ -234,6 +267,7 @@ def test_private_dlpack_structs_match_the_checked_declarations() -> None:
 
 
 # ---- DLPack protocol details, with a recording producer -----------------------------------------------------
+
 
 def _numpy_takes_max_version() -> bool:
     try:
@@ -425,12 +459,19 @@ class CAI:
     """A device array that speaks only the CUDA array interface (the pointer is fake)."""
 
     def __init__(self, **entries: Any) -> None:
-        self.__cuda_array_interface__ = {"shape": (4, 6), "typestr": "<f2", "data": (FAKE, False), "version": 3,
-                                         "strides": None, **entries}
+        self.__cuda_array_interface__ = {
+            "shape": (4, 6),
+            "typestr": "<f2",
+            "data": (FAKE, False),
+            "version": 3,
+            "strides": None,
+            **entries,
+        }
 
 
-no_driver = pytest.mark.skipif(interop._cuda_driver() is not None,
-                               reason="a CUDA driver is present: the pointer's device would be asked from it")
+no_driver = pytest.mark.skipif(
+    interop._cuda_driver() is not None, reason="a CUDA driver is present: the pointer's device would be asked from it"
+)
 
 
 @no_driver
@@ -454,8 +495,9 @@ def test_cai_object_is_a_cuda_descriptor_without_a_driver() -> None:
         ({"stream": 0x5555}, (4, 6), (6, 1), dtypes.float16),  # default: no synchronization, stream ignored
     ],
 )
-def test_cai_strides_are_converted_to_elements(entries: dict[str, Any], shape: tuple[int, ...],
-                                               strides: tuple[int, ...], dtype: dtypes.DType) -> None:
+def test_cai_strides_are_converted_to_elements(
+    entries: dict[str, Any], shape: tuple[int, ...], strides: tuple[int, ...], dtype: dtypes.DType
+) -> None:
     assert_describes(as_tensor(CAI(**entries)), FAKE, shape, strides, dtype, dtypes.cuda(0))
 
 
@@ -476,8 +518,9 @@ def test_cai_strides_are_converted_to_elements(entries: dict[str, Any], shape: t
         ({"shape": (1,) * 17}, ValueError, r"^y: at most 16 dimensions"),
     ],
 )
-def test_malformed_cai_is_rejected_naming_the_argument(entries: dict[str, Any], error: type[Exception],
-                                                      text: str) -> None:
+def test_malformed_cai_is_rejected_naming_the_argument(
+    entries: dict[str, Any], error: type[Exception], text: str
+) -> None:
     with pytest.raises(error, match=text):
         as_tensor(CAI(**entries), name="y")
 

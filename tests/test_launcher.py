@@ -36,9 +36,14 @@ class HostCAI:
     def __init__(self, shape: tuple[int, ...], dtype: str = "<f2") -> None:
         self.host = np.zeros(int(np.prod(shape)) + 256, dtype=np.float16)
         offset = (-self.host.ctypes.data % 256) // 2
-        self.view = self.host[offset:offset + int(np.prod(shape))].reshape(shape)
-        self.__cuda_array_interface__ = {"shape": shape, "typestr": dtype, "data": (self.view.ctypes.data, False),
-                                         "version": 3, "strides": None}
+        self.view = self.host[offset : offset + int(np.prod(shape))].reshape(shape)
+        self.__cuda_array_interface__ = {
+            "shape": shape,
+            "typestr": dtype,
+            "data": (self.view.ctypes.data, False),
+            "version": 3,
+            "strides": None,
+        }
 
     def __eq__(self, other: object) -> bool:
         return self is other
@@ -120,14 +125,17 @@ def test_a_changed_layout_or_misaligned_pointer_is_checked_again(kernel_modules:
         fi_ffi.rmsnorm(x.rebind(0), w, out)
 
 
-@pytest.mark.parametrize(("stream", "exc", "text"), [
-    (-1, ValueError, r"stream: expected a cudaStream_t handle in \[0, 2\*\*64\)"),
-    (2**64, ValueError, r"stream: expected a cudaStream_t handle"),
-    (True, TypeError, r"stream: expected a CUDA stream"),
-    ("s", TypeError, r"stream: expected None, an int"),
-    (type("S", (), {"__cuda_stream__": lambda self: (0,)})(), TypeError, r"stream: .*__cuda_stream__ must give"),
-    (type("S", (), {"__cuda_stream__": lambda self: 1 / 0})(), TypeError, r"stream: .*__cuda_stream__\(\) failed"),
-])
+@pytest.mark.parametrize(
+    ("stream", "exc", "text"),
+    [
+        (-1, ValueError, r"stream: expected a cudaStream_t handle in \[0, 2\*\*64\)"),
+        (2**64, ValueError, r"stream: expected a cudaStream_t handle"),
+        (True, TypeError, r"stream: expected a CUDA stream"),
+        ("s", TypeError, r"stream: expected None, an int"),
+        (type("S", (), {"__cuda_stream__": lambda self: (0,)})(), TypeError, r"stream: .*__cuda_stream__ must give"),
+        (type("S", (), {"__cuda_stream__": lambda self: 1 / 0})(), TypeError, r"stream: .*__cuda_stream__\(\) failed"),
+    ],
+)
 def test_bad_streams_are_named_before_anything_is_bound(stream: Any, exc: type, text: str) -> None:
     x, w, out = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(exc, match=text):
@@ -136,12 +144,15 @@ def test_bad_streams_are_named_before_anything_is_bound(stream: Any, exc: type, 
         fi_ffi.prepare(fi_ffi.rmsnorm, x, w, out, stream=stream)
 
 
-@pytest.mark.parametrize(("eps", "exc", "text"), [
-    (10**400, ValueError, r"^eps: .* does not fit in a float64"),
-    ("1e-6", TypeError, r"^eps: expected a float, got str"),
-    (float("nan"), ValueError, r"^eps: expected a finite value > 0"),
-    ([1e-6], TypeError, r"^eps: expected a float, got list"),
-])
+@pytest.mark.parametrize(
+    ("eps", "exc", "text"),
+    [
+        (10**400, ValueError, r"^eps: .* does not fit in a float64"),
+        ("1e-6", TypeError, r"^eps: expected a float, got str"),
+        (float("nan"), ValueError, r"^eps: expected a finite value > 0"),
+        ([1e-6], TypeError, r"^eps: expected a float, got list"),
+    ],
+)
 def test_bad_scalars_are_named(eps: Any, exc: type, text: str) -> None:
     x, w, out = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(exc, match=text):
@@ -206,8 +217,9 @@ def test_a_module_with_another_argument_list_is_a_loader_error(kernel_modules: l
     from fi_ffi.abi import wire
     from fi_ffi.ops.launcher import launcher
 
-    newer = wire.declare("rmsnorm", [*norm.RMSNORM.params[:3], ("maybe_scale", wire.OPT_TENSOR),
-                                     *norm.RMSNORM.params[3:]], release="9.9")
+    newer = wire.declare(
+        "rmsnorm", [*norm.RMSNORM.params[:3], ("maybe_scale", wire.OPT_TENSOR), *norm.RMSNORM.params[3:]], release="9.9"
+    )
     launch = launcher(newer, "norm", None)
     x, w, out = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(LoaderError, match=r"module 'norm', entry point 'rmsnorm': its signature does not match"):

@@ -32,8 +32,15 @@ ENUMS = {  # name -> (header file, the module's int)
     "CUDA_R_16F": ("library_types.h", cublas.CUDA_R_16F),
     "CUDA_R_16BF": ("library_types.h", cublas.CUDA_R_16BF),
 }
-ARITY = {"cublasCreate_v2": 1, "cublasDestroy_v2": 1, "cublasSetStream_v2": 2, "cublasSetWorkspace_v2": 3,
-         "cublasSetMathMode": 2, "cublasGetStatusName": 1, "cublasGemmEx": 19}
+ARITY = {
+    "cublasCreate_v2": 1,
+    "cublasDestroy_v2": 1,
+    "cublasSetStream_v2": 2,
+    "cublasSetWorkspace_v2": 3,
+    "cublasSetMathMode": 2,
+    "cublasGetStatusName": 1,
+    "cublasGemmEx": 19,
+}
 
 
 def _library():
@@ -56,8 +63,14 @@ def _header_dir() -> Path | None:
 def test_declarations_parse_and_match_the_python_constants():
     ffi = cublas.get_ffi()
     declared = {}
-    for enum in ("cublasOperation_t", "cublasComputeType_t", "cublasGemmAlgo_t", "cudaDataType", "cublasMath_t",
-                 "cublasStatus_t"):
+    for enum in (
+        "cublasOperation_t",
+        "cublasComputeType_t",
+        "cublasGemmAlgo_t",
+        "cudaDataType",
+        "cublasMath_t",
+        "cublasStatus_t",
+    ):
         declared.update(ffi.typeof(enum).relements)
     assert declared == {name: value for name, (_, value) in ENUMS.items()}
     # The opaque handle and stream types are pointers; the scalars are read as float32 (CUBLAS_COMPUTE_32F).
@@ -65,8 +78,14 @@ def test_declarations_parse_and_match_the_python_constants():
     assert ffi.sizeof("cudaStream_t") == ffi.sizeof("void*")
     # uintptr_t stands in for the matrix pointers of cublasGemmEx: only sound where it has a pointer's size.
     assert ffi.sizeof("uintptr_t") == ffi.sizeof("void*")
-    for enum in ("cublasOperation_t", "cublasComputeType_t", "cublasGemmAlgo_t", "cudaDataType", "cublasMath_t",
-                 "cublasStatus_t"):
+    for enum in (
+        "cublasOperation_t",
+        "cublasComputeType_t",
+        "cublasGemmAlgo_t",
+        "cudaDataType",
+        "cublasMath_t",
+        "cublasStatus_t",
+    ):
         assert ffi.sizeof(enum) == ffi.sizeof("int"), enum
     assert set(ARITY) == set(cublas.FUNCTIONS)
 

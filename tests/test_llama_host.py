@@ -89,17 +89,20 @@ def make(num_pages=64, max_batch=4, max_seq_len=256, max_prefill_tokens=512, eos
     return Scheduler(PageAllocator(num_pages), PS, max_batch, max_seq_len, max_prefill_tokens, vocab, eos)
 
 
-@pytest.mark.parametrize(("prompt", "new", "match"), [
-    ([], 4, r"prompts\[0\]: expected a non-empty list"),
-    ([1, 2, 1000], 4, r"prompts\[0\]\[2\]: token id 1000 is outside the vocabulary \[0, 1000\)"),
-    ([1, -1], 4, r"prompts\[0\]\[1\]: token id -1"),
-    ([[1, 2]], 4, "expected a non-empty list"),
-    (["a"], 4, "expected a non-empty list"),
-    ([True], 4, "booleans"),
-    ([1], 0, "max_new_tokens: expected an integer >= 1"),
-    ([1] * 550, 51, "550 prompt tokens \\+ 51 new tokens exceed the engine's max_seq_len 600"),
-    ([1] * 513, 1, "513 prompt tokens exceed max_prefill_tokens 512"),
-])
+@pytest.mark.parametrize(
+    ("prompt", "new", "match"),
+    [
+        ([], 4, r"prompts\[0\]: expected a non-empty list"),
+        ([1, 2, 1000], 4, r"prompts\[0\]\[2\]: token id 1000 is outside the vocabulary \[0, 1000\)"),
+        ([1, -1], 4, r"prompts\[0\]\[1\]: token id -1"),
+        ([[1, 2]], 4, "expected a non-empty list"),
+        (["a"], 4, "expected a non-empty list"),
+        ([True], 4, "booleans"),
+        ([1], 0, "max_new_tokens: expected an integer >= 1"),
+        ([1] * 550, 51, "550 prompt tokens \\+ 51 new tokens exceed the engine's max_seq_len 600"),
+        ([1] * 513, 1, "513 prompt tokens exceed max_prefill_tokens 512"),
+    ],
+)
 def test_submit_rejects_requests_that_can_never_run(prompt, new, match):
     s = make(max_prefill_tokens=512, max_seq_len=600)
     with pytest.raises(ValueError, match=match):
@@ -154,8 +157,8 @@ def test_prefill_tables_match_fi_ffi_host_helpers():
     assert nnz == sum(lens)
     assert n_pages == 1 + 1 + 2 + 3
     b = len(reqs)
-    qo = v["qo_indptr"][:b + 1]
-    kv = v["kv_indptr"][:b + 1]
+    qo = v["qo_indptr"][: b + 1]
+    kv = v["kv_indptr"][: b + 1]
     last = v["kv_last_page_len"][:b]
     assert qo.tolist() == [0, 3, 19, 36, 76]
     assert kv.tolist() == [0, 1, 2, 4, 7]
@@ -189,11 +192,19 @@ def test_decode_tables_pad_to_the_graph_batch_with_the_padding_page():
     assert v["kv_indptr"][:5].tolist() == [0, 2, 3, 4, 5]
     assert v["kv_last_page_len"][:4].tolist() == [1, 6, 1, 1]
     assert v["kv_indices"][:n_pages].tolist() == [*a.pages, *b.pages, PAD_PAGE, PAD_PAGE]
-    seq = plan_checks.check_last_page_len("kv_last_page_len", v["kv_last_page_len"][:4], v["kv_indptr"][:5], PS,
-                                          lengths=True)
+    seq = plan_checks.check_last_page_len(
+        "kv_last_page_len", v["kv_last_page_len"][:4], v["kv_indptr"][:5], PS, lengths=True
+    )
     assert seq.tolist() == [17, 6, 1, 1]
-    check_append_positions(v["batch_indices"][:4], v["positions"][:4], v["kv_indices"][:n_pages],
-                           v["kv_indptr"][:5], v["kv_last_page_len"][:4], PS, num_pages=64)
+    check_append_positions(
+        v["batch_indices"][:4],
+        v["positions"][:4],
+        v["kv_indices"][:n_pages],
+        v["kv_indptr"][:5],
+        v["kv_last_page_len"][:4],
+        PS,
+        num_pages=64,
+    )
 
 
 def test_eager_decode_rows_are_the_active_requests_only():
@@ -234,12 +245,19 @@ def run_simulation(s: Scheduler, prompts, limits, token_of, padded):
             rows = s.decode_rows(padded)
             n_pages = fill_decode(rows, PS, dv)
             n = len(rows)
-            lens = plan_checks.check_last_page_len("kv_last_page_len", dv["kv_last_page_len"][:n],
-                                                   dv["kv_indptr"][:n + 1], PS, lengths=True)
+            lens = plan_checks.check_last_page_len(
+                "kv_last_page_len", dv["kv_last_page_len"][:n], dv["kv_indptr"][: n + 1], PS, lengths=True
+            )
             assert lens.tolist() == [1 if r is None else r.cached + 1 for r in rows]
-            check_append_positions(dv["batch_indices"][:n], dv["positions"][:n], dv["kv_indices"][:n_pages],
-                                   dv["kv_indptr"][:n + 1], dv["kv_last_page_len"][:n], PS,
-                                   num_pages=s.allocator.num_pages)
+            check_append_positions(
+                dv["batch_indices"][:n],
+                dv["positions"][:n],
+                dv["kv_indices"][:n_pages],
+                dv["kv_indptr"][: n + 1],
+                dv["kv_last_page_len"][:n],
+                PS,
+                num_pages=s.allocator.num_pages,
+            )
             held = [p for r in s.active for p in r.pages]
             assert len(held) == len(set(held)) and PAD_PAGE not in held  # no page shared between requests
             steps += 1
@@ -281,17 +299,36 @@ def test_max_new_tokens_one_finishes_at_prefill():
 # ---------------------------------------------------------------------------------------------- config
 
 
-BASE = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
-        "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 4, "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 4096}
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}
+BASE = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 4096,
+}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def test_config_llama31_rope_scaling_transformers4_style():
     c = LlamaConfig.from_dict({**BASE, "rope_theta": 500000.0, "rope_scaling": LLAMA3, "eos_token_id": [1, 2]})
-    assert c.rope == RopeConfig(theta=500000.0, llama3=True, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                original_max_position_embeddings=8192.0)
+    assert c.rope == RopeConfig(
+        theta=500000.0,
+        llama3=True,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192.0,
+    )
     assert c.head_dim == 64 and c.num_kv_heads == 4 and c.eos_token_ids == (1, 2)
 
 
@@ -300,8 +337,14 @@ def test_config_llama31_rope_parameters_transformers5_style():
     assert c.rope.llama3 and c.rope.theta == 500000.0 and c.rope.factor == 8.0
 
 
-@pytest.mark.parametrize("extra", [{}, {"rope_scaling": None, "rope_theta": 10000.0},
-                                   {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"rope_scaling": None, "rope_theta": 10000.0},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    ],
+)
 def test_config_without_rope_scaling_is_plain_rope(extra):
     c = LlamaConfig.from_dict({**BASE, **extra})
     assert c.rope == RopeConfig(theta=10000.0)
@@ -321,17 +364,20 @@ def test_config_tied_embeddings_and_head_dim():
     assert c.head_dim == 128 and c.num_kv_heads == 16 and c.eos_token_ids == ()
 
 
-@pytest.mark.parametrize(("change", "match"), [
-    ({"hidden_size": None}, "missing 'hidden_size'"),
-    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
-    ({"num_key_value_heads": 5}, "multiple of num_key_value_heads"),
-    ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"attention_bias": True}, "attention_bias=true is not supported"),
-    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
-    ({"eos_token_id": "x"}, "eos_token_id must be a token id"),
-    ({"rope_scaling": [1]}, "rope_scaling must be an object"),
-])
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"hidden_size": None}, "missing 'hidden_size'"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+        ({"num_key_value_heads": 5}, "multiple of num_key_value_heads"),
+        ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"attention_bias": True}, "attention_bias=true is not supported"),
+        ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+        ({"eos_token_id": "x"}, "eos_token_id must be a token id"),
+        ({"rope_scaling": [1]}, "rope_scaling must be an object"),
+    ],
+)
 def test_config_errors_name_the_key(change, match):
     with pytest.raises(ValueError, match=match):
         LlamaConfig.from_dict({**BASE, **change})
@@ -358,8 +404,9 @@ def test_safetensors_round_trip_f16_and_bf16_bits(tmp_path):
     a = rng.standard_normal((3, 8)).astype(np.float16)
     bits = rng.integers(0, 1 << 16, size=(5,), dtype=np.uint16)
     write_safetensors(tmp_path / "model-00001.safetensors", {"a": a}, metadata={"format": "pt"})
-    write_safetensors(tmp_path / "model-00002.safetensors", {"b": (bits, "bfloat16"), "empty": np.zeros((0, 4),
-                                                                                                     np.float32)})
+    write_safetensors(
+        tmp_path / "model-00002.safetensors", {"b": (bits, "bfloat16"), "empty": np.zeros((0, 4), np.float32)}
+    )
     ck = Checkpoint(tmp_path)
     assert ck.info("a").dtype == "float16" and ck.info("b").dtype == "bfloat16"
     assert np.array_equal(ck.array("a", (3, 8)), a)
@@ -449,7 +496,6 @@ def test_engine_path_never_imports_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
-
 
 
 # ---------------------------------------------------------------------------------------------- CLI

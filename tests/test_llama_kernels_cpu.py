@@ -31,9 +31,18 @@ PAGES, PS, ROWS, BATCH = 9, 16, 5, 3
 
 
 def config(head_dim: int) -> LlamaConfig:
-    return LlamaConfig.from_dict({"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
-                                  "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 4,
-                                  "head_dim": head_dim, "max_position_embeddings": 4096})
+    return LlamaConfig.from_dict(
+        {
+            "vocab_size": 32000,
+            "hidden_size": 1024,
+            "intermediate_size": 2816,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
+            "head_dim": head_dim,
+            "max_position_embeddings": 4096,
+        }
+    )
 
 
 def views(c: LlamaConfig, dtype: str, kind: str):
@@ -50,9 +59,11 @@ def cache(c: LlamaConfig, dtype: str) -> Tensor:
 
 def workspace() -> Workspace:
     pinned = np.zeros(1 << 12, np.uint8)
-    return Workspace.from_buffers(kernels.descriptor(FAKE, (1 << 16,), "uint8", 0),
-                                  kernels.descriptor(FAKE, (1 << 12,), "uint8", 0),
-                                  Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned))
+    return Workspace.from_buffers(
+        kernels.descriptor(FAKE, (1 << 16,), "uint8", 0),
+        kernels.descriptor(FAKE, (1 << 12,), "uint8", 0),
+        Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned),
+    )
 
 
 def reached(call) -> KernelError:
@@ -84,8 +95,20 @@ def test_norms_and_kv_append_accept_the_engine_views(dtype, head_dim):
         v = views(c, dtype, kind)
         reached(lambda v=v: kernels.rmsnorm(v.h, weight, v.x, 1e-5, 0))
         reached(lambda v=v: kernels.fused_add_rmsnorm(v.x, v.h, weight, 1e-5, 0))
-        reached(lambda v=v: kernels.append_kv(v.k, v.v, v.batch_indices, v.positions, cache(c, dtype),
-                                              cache(c, dtype), v.kv_indices, v.kv_indptr, v.kv_last_page_len, 0))
+        reached(
+            lambda v=v: kernels.append_kv(
+                v.k,
+                v.v,
+                v.batch_indices,
+                v.positions,
+                cache(c, dtype),
+                cache(c, dtype),
+                v.kv_indices,
+                v.kv_indptr,
+                v.kv_last_page_len,
+                0,
+            )
+        )
 
 
 @pytest.mark.parametrize(("dtype", "head_dim"), VARIANTS)
@@ -94,16 +117,38 @@ def test_decode_plan_and_run_accept_the_engine_views(make_array, dtype, head_dim
     c = config(head_dim)
     ws = workspace()
     indptr = np.array([0, 2, 3, 4], np.int32)
-    err = reached(lambda: kernels.decode_plan(ws, indptr, c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, dtype,
-                                              cuda_graph, 0))
+    err = reached(
+        lambda: kernels.decode_plan(ws, indptr, c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, dtype, cuda_graph, 0)
+    )
     assert err.function.endswith(".plan") and f"head_dim_qk_{head_dim}" in err.function
     # a plan as batch_decode_plan builds it, around a synthetic schedule (no GPU to compute one)
-    st = decode._settings(ws.device.device_id, (c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, dtype, None, None,
-                                                "NHD", "NONE", -1, 0.0, None, 1.0, 1e4, cuda_graph))
+    st = decode._settings(
+        ws.device.device_id,
+        (
+            c.num_qo_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            PS,
+            dtype,
+            None,
+            None,
+            "NHD",
+            "NONE",
+            -1,
+            0.0,
+            None,
+            1.0,
+            1e4,
+            cuda_graph,
+        ),
+    )
     plan = Plan.make(make_array(*([0] * 10)), ws, ws._generation, st, BATCH, BATCH, 4)
     v = views(c, dtype, "decode")
-    reached(lambda: kernels.decode_run(plan, v.q, cache(c, dtype), cache(c, dtype), v.kv_indptr, v.kv_indices,
-                                       v.kv_last_page_len, v.attn, 0))
+    reached(
+        lambda: kernels.decode_run(
+            plan, v.q, cache(c, dtype), cache(c, dtype), v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn, 0
+        )
+    )
 
 
 @pytest.mark.parametrize(("dtype", "head_dim"), VARIANTS)
@@ -111,18 +156,52 @@ def test_prefill_plan_and_runs_accept_the_engine_views(make_array, dtype, head_d
     c = config(head_dim)
     ws = workspace()
     qo, kv, last = (np.array(a, np.int32) for a in ([0, 2, 4, 5], [0, 1, 2, 3], [2, 2, 1]))
-    reached(lambda: kernels.prefill_plan(ws, qo, kv, last, c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, dtype,
-                                         0))
+    reached(lambda: kernels.prefill_plan(ws, qo, kv, last, c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, dtype, 0))
     v = views(c, dtype, "prefill")
     for backend in ("fa2", "fa3") if head_dim == 128 else ("fa2",):  # the wheel has FA3 modules for d128 only
-        st = prefill._settings("paged", ws.device.device_id, (
-            c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, None, dtype, None, None, "NHD", True, False, "NONE", -1,
-            0.0, None, 1.0, 1e4, False, backend, False, None, False))
-        plan = Plan.make(make_array(*([0] * (9 if backend == "fa3" else 15))), ws, ws._generation, st, BATCH, ROWS,
-                         3)
-        err = reached(lambda plan=plan: kernels.prefill_run(plan, v.q, cache(c, dtype), cache(c, dtype), v.qo_indptr,
-                                                            v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn,
-                                                            0))
+        st = prefill._settings(
+            "paged",
+            ws.device.device_id,
+            (
+                c.num_qo_heads,
+                c.num_kv_heads,
+                c.head_dim,
+                PS,
+                None,
+                dtype,
+                None,
+                None,
+                "NHD",
+                True,
+                False,
+                "NONE",
+                -1,
+                0.0,
+                None,
+                1.0,
+                1e4,
+                False,
+                backend,
+                False,
+                None,
+                False,
+            ),
+        )
+        plan = Plan.make(make_array(*([0] * (9 if backend == "fa3" else 15))), ws, ws._generation, st, BATCH, ROWS, 3)
+        err = reached(
+            lambda plan=plan: kernels.prefill_run(
+                plan,
+                v.q,
+                cache(c, dtype),
+                cache(c, dtype),
+                v.qo_indptr,
+                v.kv_indptr,
+                v.kv_indices,
+                v.kv_last_page_len,
+                v.attn,
+                0,
+            )
+        )
         assert ("_sm90" in err.function) == (backend == "fa3")
 
 

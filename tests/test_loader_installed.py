@@ -37,8 +37,9 @@ def _use_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FI_FFI_USE_INSTALLED", "1")
 
 
-def test_fi_ffi_use_installed_0_turns_installed_distributions_off(site: Path, tiny: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fi_ffi_use_installed_0_turns_installed_distributions_off(
+    site: Path, tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from fi_ffi.loader import installed
 
     use_lock(tmp_path, monkeypatch, tiny, members=True)
@@ -130,8 +131,11 @@ def test_another_version_or_build_is_not_used(
 
 
 def test_the_installed_shared_wheel_loads_in_place(
-    shared_wheel: Path, shared_wheel_lock: Path, kernel_modules: list[str], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch
+    shared_wheel: Path,
+    shared_wheel_lock: Path,
+    kernel_modules: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     target = pip_install(shared_wheel, tmp_path / "site")
     monkeypatch.syspath_prepend(str(target))

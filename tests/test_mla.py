@@ -28,8 +28,10 @@ from fi_ffi.tensor import Tensor
 
 pytestmark = [pytest.mark.cpu_only, pytest.mark.usefixtures("kernel_modules")]
 
-MLA_F16 = ("batch_mla_attention_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_ckv_512_head_dim_kpe_64_"
-           "profiler_False")
+MLA_F16 = (
+    "batch_mla_attention_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_ckv_512_head_dim_kpe_64_"
+    "profiler_False"
+)
 H, CKV, KPE = 16, 512, 64
 
 
@@ -50,8 +52,11 @@ def fake_cuda(shape, dtype="float16", strides=None, device="cuda:0") -> Tensor:
 
 def workspace() -> Workspace:
     pinned = np.zeros(1 << 12, np.uint8)
-    return Workspace.from_buffers(fake_cuda((1 << 16,), "uint8"), fake_cuda((1 << 12,), "uint8"),
-                                  Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned))
+    return Workspace.from_buffers(
+        fake_cuda((1 << 16,), "uint8"),
+        fake_cuda((1 << 12,), "uint8"),
+        Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned),
+    )
 
 
 def host(values) -> np.ndarray:
@@ -79,14 +84,16 @@ PREFILL = dict(qo_indptr=host([0, 3, 5]), kv_indptr=host([0, 2, 3]), kv_len_arr=
 
 
 def plan_args(**over):
-    args = dict(**DECODE, num_heads=H, head_dim_ckv=CKV, head_dim_kpe=KPE, page_size=16, causal=False,
-                sm_scale=192 ** -0.5)
+    args = dict(
+        **DECODE, num_heads=H, head_dim_ckv=CKV, head_dim_kpe=KPE, page_size=16, causal=False, sm_scale=192**-0.5
+    )
     args.update(over)
     return args
 
 
-def fake_plan(make_array, ws=None, *, rows=2, pages=3, info_len=18, backend="fa2", dtype="float16", page_size=16,
-              causal=False) -> mla.MLAPlan:
+def fake_plan(
+    make_array, ws=None, *, rows=2, pages=3, info_len=18, backend="fa2", dtype="float16", page_size=16, causal=False
+) -> mla.MLAPlan:
     """An MLAPlan as batch_mla_plan builds it, around a synthetic schedule of ``info_len`` ints."""
     ws = ws or workspace()
     st = mla._settings(ws, H, CKV, KPE, page_size, causal, 0.1, dtype, None, backend)
@@ -94,10 +101,14 @@ def fake_plan(make_array, ws=None, *, rows=2, pages=3, info_len=18, backend="fa2
 
 
 def run_args(rows=2, pages=4, page_size=16, dtype="float16", **over):
-    args = dict(q_nope=fake_cuda((rows, H, CKV), dtype), q_pe=fake_cuda((rows, H, KPE), dtype),
-                ckv_cache=fake_cuda((pages, page_size, CKV), dtype),
-                kpe_cache=fake_cuda((pages, page_size, KPE), dtype),
-                kv_indices=fake_cuda((pages,), "int32"), out=fake_cuda((rows, H, CKV), dtype))
+    args = dict(
+        q_nope=fake_cuda((rows, H, CKV), dtype),
+        q_pe=fake_cuda((rows, H, KPE), dtype),
+        ckv_cache=fake_cuda((pages, page_size, CKV), dtype),
+        kpe_cache=fake_cuda((pages, page_size, KPE), dtype),
+        kv_indices=fake_cuda((pages,), "int32"),
+        out=fake_cuda((rows, H, CKV), dtype),
+    )
     args.update(over)
     return args
 
@@ -112,8 +123,10 @@ def test_declarations_state_the_0_6_3_signatures_of_all_four_modules(kernel_modu
         assert re.fullmatch(mla.DECLARATIONS[0][0], uri)
         assert mla.PLAN.signature in entry_point(uri, "plan").signature_text()
         assert mla.RUN.signature in entry_point(uri, "run").signature_text()
-    assert mla.PLAN.signature == ("plan(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: DLTensor*, 4: DLTensor*, "
-                                  "5: DLTensor*, 6: int, 7: int, 8: bool) -> Array<int>")
+    assert mla.PLAN.signature == (
+        "plan(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: DLTensor*, 4: DLTensor*, "
+        "5: DLTensor*, 6: int, 7: int, 8: bool) -> Array<int>"
+    )
     assert len(mla.RUN.params) == 15 and len(mla.RUN_PLANABI2.params) == 18
     assert mla.PLAN_PLANABI2.signature.endswith("-> Tuple<Array<int>, int>")
 
@@ -127,8 +140,9 @@ def test_declarations_state_the_0_6_3_signatures_of_all_four_modules(kernel_modu
 def test_plan_reaches_the_module(backend, dtype, shape):
     ws = workspace()
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_plan(ws, **{**plan_args(causal=shape is PREFILL), **shape}, q_data_type=dtype,
-                              backend=backend, stream=0)
+        fi_ffi.batch_mla_plan(
+            ws, **{**plan_args(causal=shape is PREFILL), **shape}, q_data_type=dtype, backend=backend, stream=0
+        )
     assert_reached_the_kernel(info.value)
     suffix = "_sm90.plan" if backend == "fa3" else "_profiler_False.plan"
     assert info.value.function.endswith(suffix), info.value.function
@@ -173,8 +187,10 @@ def test_run_passes_the_plan_vector(make_array):
 def test_strided_queries_and_a_bfloat16_causal_prefill_reach_the_module(make_array):
     plan = fake_plan(make_array, rows=5, dtype="bfloat16", causal=True)
     # q_nope / q_pe as slices of one [rows, H, 576] projection output
-    q = dict(q_nope=fake_cuda((5, H, CKV), "bfloat16", strides=(H * 576, 576, 1)),
-             q_pe=fake_cuda((5, H, KPE), "bfloat16", strides=(H * 576, 576, 1)))
+    q = dict(
+        q_nope=fake_cuda((5, H, CKV), "bfloat16", strides=(H * 576, 576, 1)),
+        q_pe=fake_cuda((5, H, KPE), "bfloat16", strides=(H * 576, 576, 1)),
+    )
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_mla_run(plan, **run_args(rows=5, dtype="bfloat16", **q))
     assert_reached_the_kernel(info.value)
@@ -221,7 +237,13 @@ def test_a_released_plan_cannot_run(make_array):
 def test_settings_read_through_the_plan(make_array):
     plan = fake_plan(make_array, backend="fa3", causal=True)
     assert (plan.backend, plan.num_heads, plan.head_dim_ckv, plan.head_dim_kpe, plan.page_size, plan.causal) == (
-        "fa3", H, CKV, KPE, 16, True)
+        "fa3",
+        H,
+        CKV,
+        KPE,
+        16,
+        True,
+    )
     assert plan.uri == MLA_F16 + "_sm90" and plan.staged_bytes is None
 
 
@@ -265,15 +287,27 @@ def test_a_072_plans_staged_byte_count_is_checked_and_copied(make_array):
         (dict(kv_indptr=host([0, 3, 2])), ValueError, r"kv_indptr: must be non-decreasing"),
         (dict(kv_len_arr=host([20])), ValueError, r"kv_len_arr: expected 2 entries \(\[batch_size\]\), got 1"),
         (dict(kv_len_arr=host([20, -1])), ValueError, r"kv_len_arr: must be >= 0, got kv_len_arr\[1\] = -1"),
-        (dict(kv_len_arr=host([20, 17])), ValueError,
-         r"kv_len_arr: request 1 has 17 tokens but only 1 page\(s\) of 16"),
+        (
+            dict(kv_len_arr=host([20, 17])),
+            ValueError,
+            r"kv_len_arr: request 1 has 17 tokens but only 1 page\(s\) of 16",
+        ),
         (dict(kv_len_arr=[20, "x"]), TypeError, r"kv_len_arr: expected a sequence of ints"),
-        (dict(causal=True, qo_indptr=host([0, 1, 5]), kv_len_arr=host([20, 3])), ValueError,
-         r"kv_len_arr: with causal=True .* request 1 has 4 rows, 3 tokens"),
-        (dict(kv_indptr=host([0, 1 << 27, 1 << 28]), kv_len_arr=host([16, 16])), ValueError,
-         r"kv_indptr: 268435456 pages of 16 tokens exceed the kernels' 32-bit token index"),
-        (dict(qo_indptr=host([0, 8000, 16000]), kv_len_arr=host([20, 16]), num_heads=128), ValueError,
-         r"qo_indptr: 16000 query rows x 128 heads make 16000 work tiles; the MLA schedule holds at most 15360"),
+        (
+            dict(causal=True, qo_indptr=host([0, 1, 5]), kv_len_arr=host([20, 3])),
+            ValueError,
+            r"kv_len_arr: with causal=True .* request 1 has 4 rows, 3 tokens",
+        ),
+        (
+            dict(kv_indptr=host([0, 1 << 27, 1 << 28]), kv_len_arr=host([16, 16])),
+            ValueError,
+            r"kv_indptr: 268435456 pages of 16 tokens exceed the kernels' 32-bit token index",
+        ),
+        (
+            dict(qo_indptr=host([0, 8000, 16000]), kv_len_arr=host([20, 16]), num_heads=128),
+            ValueError,
+            r"qo_indptr: 16000 query rows x 128 heads make 16000 work tiles; the MLA schedule holds at most 15360",
+        ),
     ],
 )
 def test_bad_plan_inputs_are_named_before_the_ffi(over, exc, pattern):
@@ -303,35 +337,59 @@ def test_plan_needs_a_workspace_and_a_module_for_its_head_dims():
         (dict(q_nope=fake_cuda((2, H, CKV), "bfloat16")), TypeError, r"q_nope: expected dtype float16 \(the plan's\)"),
         (dict(q_nope=fake_cuda((2, H, CKV), "float32")), TypeError, r"q_nope: expected dtype float16"),
         (dict(q_pe=fake_cuda((2, 8, KPE))), ValueError, r"q_pe: expected shape \(2, 16, 64\)"),
-        (dict(q_pe=fake_cuda((2, H, KPE), strides=(H * KPE, KPE, 2))), ValueError,
-         r"q_pe: the last dimension must be contiguous"),
-        (dict(q_pe=fake_cuda((2, H, KPE), strides=(H * 68, 68, 1))), ValueError,
-         r"q_pe: stride of dimension 1 must be a multiple of 8 elements"),
+        (
+            dict(q_pe=fake_cuda((2, H, KPE), strides=(H * KPE, KPE, 2))),
+            ValueError,
+            r"q_pe: the last dimension must be contiguous",
+        ),
+        (
+            dict(q_pe=fake_cuda((2, H, KPE), strides=(H * 68, 68, 1))),
+            ValueError,
+            r"q_pe: stride of dimension 1 must be a multiple of 8 elements",
+        ),
         (dict(ckv_cache=fake_cuda((4, 32, CKV))), ValueError, r"ckv_cache: expected shape \(4, 16, 512\)"),
         (dict(ckv_cache=fake_cuda((4, 16, 256))), ValueError, r"ckv_cache: expected shape \(4, 16, 512\)"),
         (dict(kpe_cache=fake_cuda((5, 16, KPE))), ValueError, r"kpe_cache: expected shape \(4, 16, 64\)"),
         (dict(kpe_cache=fake_cuda((4, 16, KPE), "bfloat16")), TypeError, r"kpe_cache: expected dtype float16"),
         (dict(kv_indices=fake_cuda((4,), "int64")), TypeError, r"kv_indices: expected a 1-D int32 tensor"),
-        (dict(kv_indices=fake_cuda((2,), "int32")), ValueError,
-         r"kv_indices: the plan's kv_indptr ends at 3 pages, but kv_indices has 2 entries"),
+        (
+            dict(kv_indices=fake_cuda((2,), "int32")),
+            ValueError,
+            r"kv_indices: the plan's kv_indptr ends at 3 pages, but kv_indices has 2 entries",
+        ),
         (dict(kv_indices=fake_cuda((4,), "int32", strides=(2,))), ValueError, r"kv_indices: expected a contiguous"),
         (dict(out=fake_cuda((2, H, CKV), "bfloat16")), TypeError, r"out: expected dtype float16"),
         (dict(out=fake_cuda((2, H, KPE))), ValueError, r"out: expected shape \(2, 16, 512\)"),
-        (dict(out=fake_cuda((2, H, CKV), strides=(0, CKV, 1))), ValueError,
-         r"out: an output's elements must not overlap"),
+        (
+            dict(out=fake_cuda((2, H, CKV), strides=(0, CKV, 1))),
+            ValueError,
+            r"out: an output's elements must not overlap",
+        ),
         (dict(lse=fake_cuda((2, H))), TypeError, r"lse: expected dtype float32, got float16"),
         (dict(lse=fake_cuda((2, H + 1), "float32")), ValueError, r"lse: expected shape \(2, 16\)"),
         (dict(lse=fake_cuda((2, H), "float32", strides=(1, 2))), ValueError, r"lse: expected a contiguous tensor"),
-        (dict(q_nope=fake_cuda((2, H, CKV), device="cpu")), ValueError,
-         r"q_nope: expected a CUDA device tensor on cuda:0, got one on cpu"),
-        (dict(ckv_cache=fake_cuda((4, 16, CKV), device="cuda:1")), ValueError,
-         r"ckv_cache: expected a tensor on cuda:0 \(the plan's workspace device\), got cuda:1"),
+        (
+            dict(q_nope=fake_cuda((2, H, CKV), device="cpu")),
+            ValueError,
+            r"q_nope: expected a CUDA device tensor on cuda:0, got one on cpu",
+        ),
+        (
+            dict(ckv_cache=fake_cuda((4, 16, CKV), device="cuda:1")),
+            ValueError,
+            r"ckv_cache: expected a tensor on cuda:0 \(the plan's workspace device\), got cuda:1",
+        ),
         (dict(out=Tensor.from_pointer(0, (2, H, CKV), "float16", 0)), ValueError, r"out: data pointer is NULL"),
-        (dict(q_nope=Tensor.from_pointer(8, (2, H, CKV), "float16", 0)), ValueError,
-         r"q_nope: data pointer 0x8 must be aligned to 16 bytes"),
+        (
+            dict(q_nope=Tensor.from_pointer(8, (2, H, CKV), "float16", 0)),
+            ValueError,
+            r"q_nope: data pointer 0x8 must be aligned to 16 bytes",
+        ),
         (dict(ckv_cache=fake_cuda((4, 16 * CKV))), ValueError, r"ckv_cache: expected shape \(\*, 16, 512\)"),
-        (dict(ckv_cache=fake_cuda((1 << 19, 16, CKV)), kpe_cache=fake_cuda((1 << 19, 16, KPE))), ValueError,
-         r"ckv_cache: spans \d+ elements .* the MLA kernels use 32-bit element offsets"),
+        (
+            dict(ckv_cache=fake_cuda((1 << 19, 16, CKV)), kpe_cache=fake_cuda((1 << 19, 16, KPE))),
+            ValueError,
+            r"ckv_cache: spans \d+ elements .* the MLA kernels use 32-bit element offsets",
+        ),
         (dict(return_lse_base_on_e=2), TypeError, r"return_lse_base_on_e: expected a bool"),
         (dict(ckv_scale=1.0), ValueError, r"ckv_scale: scale factors apply to FP8 KV caches only"),
         (dict(ckv_scale_arr=fake_cuda((64, 4), "float32")), ValueError, r"ckv_scale_arr: scale factors apply to FP8"),
@@ -399,7 +457,7 @@ def test_072_plan_reaches_the_planabi2_module(release_072_over_063, shape):
         fi_ffi.batch_mla_plan(ws, **{**plan_args(causal=shape is PREFILL), **shape}, backend="fa2", stream=0)
     assert_reached_the_kernel(info.value)
     assert info.value.function == MLA_F16 + "_planabi2.plan"
-    st = mla._settings(ws, H, CKV, KPE, 16, shape is PREFILL, 192 ** -0.5, "float16", None, "fa2")
+    st = mla._settings(ws, H, CKV, KPE, 16, shape is PREFILL, 192**-0.5, "float16", None, "fa2")
     assert st.tuple_result and st.plan.launcher.decl is mla.PLAN_PLANABI2 and st.run.launcher.decl is mla.RUN_PLANABI2
 
 
@@ -430,8 +488,7 @@ def fp8_plan(make_array, uri: str) -> mla.MLAPlan:
     """A plan whose caches are FP8 e4m3, on module ``uri`` (neither test wheel has an FP8 MLA module: this only
     drives the argument rules and the packing)."""
     ws = workspace()
-    st = mla._Settings(ws.device, H, CKV, KPE, 16, False, 0.1, fi_ffi.float16, fi_ffi.dtypes.float8_e4m3fn, "fa2",
-                       uri)
+    st = mla._Settings(ws.device, H, CKV, KPE, 16, False, 0.1, fi_ffi.float16, fi_ffi.dtypes.float8_e4m3fn, "fa2", uri)
     return mla.MLAPlan(make_array(*([0] * 18)), ws, ws._generation, st, 2, 2, 3)
 
 
@@ -444,8 +501,7 @@ def fp8_run_args(**over):
     "scales, pattern",
     [
         (dict(kpe_scale=1.0), r"ckv_scale: an FP8 cache needs exactly one of ckv_scale .* or ckv_scale_arr"),
-        (dict(ckv_scale=1.0, kpe_scale=1.0, ckv_scale_arr=fake_cuda((64, 4), "float32")),
-         r"ckv_scale: .*exactly one"),
+        (dict(ckv_scale=1.0, kpe_scale=1.0, ckv_scale_arr=fake_cuda((64, 4), "float32")), r"ckv_scale: .*exactly one"),
         (dict(ckv_scale=1.0), r"kpe_scale: required with an FP8 cache"),
         (dict(ckv_scale=0.0, kpe_scale=1.0), r"ckv_scale: expected a finite value > 0"),
         (dict(ckv_scale=1.0, kpe_scale=float("nan")), r"kpe_scale: expected a finite value > 0"),
@@ -459,8 +515,11 @@ def test_fp8_scale_arguments_follow_flashinfer_rules(make_array, scales, pattern
 
 def test_scale_arguments_on_a_063_module_are_refused_by_name(make_array):
     plan = fp8_plan(make_array, MLA_F16)  # the 0.6.3 run has no scale arguments
-    with pytest.raises(ValueError, match=r"ckv_scale: not supported by the bound module's entry point .*"
-                                         r"\(FlashInfer 0.6.3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"ckv_scale: not supported by the bound module's entry point .*"
+        r"\(FlashInfer 0.6.3\)",
+    ):
         fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale=0.5, kpe_scale=0.25)
 
 

@@ -22,13 +22,15 @@ SIGNATURES = {
     "rmsnorm": "rmsnorm(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: float, 4: bool) -> void",
     "gemma_rmsnorm": "gemma_rmsnorm(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: float, 4: bool) -> void",
     "fused_add_rmsnorm": "fused_add_rmsnorm(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: float, 4: bool) -> void",
-    "gemma_fused_add_rmsnorm":
-        "gemma_fused_add_rmsnorm(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: float, 4: bool) -> void",
+    "gemma_fused_add_rmsnorm": (
+        "gemma_fused_add_rmsnorm(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: float, 4: bool) -> void"
+    ),
 }
 
 
-def fake_cuda(shape: tuple[int, ...], dtype: str = "float16", strides: tuple[int, ...] | None = None,
-              device: object = "cuda:0") -> Tensor:
+def fake_cuda(
+    shape: tuple[int, ...], dtype: str = "float16", strides: tuple[int, ...] | None = None, device: object = "cuda:0"
+) -> Tensor:
     """A descriptor that claims CUDA memory but points at host memory (never touched: there is no GPU)."""
     host = np.zeros(max(1, int(np.prod(shape))) * 4 + 64, dtype=np.uint8)
     ptr = (host.ctypes.data + 15) // 16 * 16
@@ -148,7 +150,6 @@ def test_validation_memo_does_not_hide_a_changed_argument(kernel_modules: object
         fi_ffi.rmsnorm(x, w, fake_cuda((4, 64)))
     with pytest.raises(KernelError):
         fi_ffi.rmsnorm(x, w, o)
-
 
 
 def test_prepared_call_is_checked_once_and_reaches_the_kernel(kernel_modules: object) -> None:

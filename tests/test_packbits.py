@@ -27,26 +27,50 @@ def test_packbits_and_segment_packbits_reach_the_kernel(kernel_modules: object, 
     # failed launch goes unreported, so a call that passed the module's signature and argument checks returns.
     # A wrong argument list would have raised KernelError (TypeError) at the module's signature check.
     out, output_indptr = fake_cuda((3,), "uint8"), fake_cuda((4,), "int32")
-    got = fi_ffi.segment_packbits(fake_cuda((11,), "bool"), fake_cuda((4,), "int32"), bitorder,
-                                  output_indptr=output_indptr, out=out)
+    got = fi_ffi.segment_packbits(
+        fake_cuda((11,), "bool"), fake_cuda((4,), "int32"), bitorder, output_indptr=output_indptr, out=out
+    )
     assert got[0] is out and got[1] is output_indptr
 
 
 @pytest.mark.parametrize(
     "x, bitorder, out, exc, pattern",
-    [(fake_cuda((20,), "bool"), "middle", fake_cuda((3,), "uint8"), ValueError,
-      "bitorder: expected 'big' or 'little', got 'middle'"),
-     (fake_cuda((20,), "bool"), "BIG", fake_cuda((3,), "uint8"), ValueError, "bitorder: expected 'big' or 'little'"),
-     (fake_cuda((20,), "bool"), 1, fake_cuda((3,), "uint8"), TypeError, "bitorder: expected a str, got int"),
-     (fake_cuda((20,), "bool"), "big\0", fake_cuda((3,), "uint8"), ValueError, "bitorder: text must not contain NUL"),
-     (fake_cuda((20,), "uint8"), "big", fake_cuda((3,), "uint8"), TypeError, "x: expected dtype bool, got uint8"),
-     (fake_cuda((20,), "bool"), "big", fake_cuda((2,), "uint8"), ValueError, r"out: expected shape \(3,\)"),
-     (fake_cuda((20,), "bool"), "big", fake_cuda((3,), "int8"), TypeError, "out: expected dtype uint8"),
-     (fake_cuda((20,), "bool", strides=(2,)), "big", fake_cuda((3,), "uint8"), ValueError,
-      "x: expected a contiguous tensor"),
-     (fake_cuda((0,), "bool"), "big", fake_cuda((0,), "uint8"), ValueError, "x: expected at least one element"),
-     (fake_cuda((20,), "bool"), "big", fake_cuda((3,), "uint8", device="cpu"), ValueError,
-      "out: expected a tensor on cuda:0")],
+    [
+        (
+            fake_cuda((20,), "bool"),
+            "middle",
+            fake_cuda((3,), "uint8"),
+            ValueError,
+            "bitorder: expected 'big' or 'little', got 'middle'",
+        ),
+        (fake_cuda((20,), "bool"), "BIG", fake_cuda((3,), "uint8"), ValueError, "bitorder: expected 'big' or 'little'"),
+        (fake_cuda((20,), "bool"), 1, fake_cuda((3,), "uint8"), TypeError, "bitorder: expected a str, got int"),
+        (
+            fake_cuda((20,), "bool"),
+            "big\0",
+            fake_cuda((3,), "uint8"),
+            ValueError,
+            "bitorder: text must not contain NUL",
+        ),
+        (fake_cuda((20,), "uint8"), "big", fake_cuda((3,), "uint8"), TypeError, "x: expected dtype bool, got uint8"),
+        (fake_cuda((20,), "bool"), "big", fake_cuda((2,), "uint8"), ValueError, r"out: expected shape \(3,\)"),
+        (fake_cuda((20,), "bool"), "big", fake_cuda((3,), "int8"), TypeError, "out: expected dtype uint8"),
+        (
+            fake_cuda((20,), "bool", strides=(2,)),
+            "big",
+            fake_cuda((3,), "uint8"),
+            ValueError,
+            "x: expected a contiguous tensor",
+        ),
+        (fake_cuda((0,), "bool"), "big", fake_cuda((0,), "uint8"), ValueError, "x: expected at least one element"),
+        (
+            fake_cuda((20,), "bool"),
+            "big",
+            fake_cuda((3,), "uint8", device="cpu"),
+            ValueError,
+            "out: expected a tensor on cuda:0",
+        ),
+    ],
 )
 def test_bad_packbits_arguments_are_named(x: Any, bitorder: Any, out: Any, exc: type, pattern: str) -> None:
     with pytest.raises(exc, match=pattern):
@@ -63,25 +87,32 @@ def test_packbits_out_is_required_and_must_not_overlap_x() -> None:
 
 @pytest.mark.parametrize(
     "indptr, output_indptr, exc, pattern",
-    [(fake_cuda((4,), "int64"), fake_cuda((4,), "int32"), TypeError, "indptr: expected dtype int32, got int64"),
-     (fake_cuda((4,), "int32"), fake_cuda((4,), "int64"), TypeError, "output_indptr: expected dtype int32"),
-     (fake_cuda((4,), "int32"), fake_cuda((3,), "int32"), ValueError, r"output_indptr: expected shape \(4,\)"),
-     (fake_cuda((1,), "int32"), fake_cuda((1,), "int32"), ValueError, "indptr: expected .* batch_size >= 1"),
-     (fake_cuda((4, 1), "int32"), fake_cuda((4,), "int32"), ValueError, "indptr: expected a 1-D tensor"),
-     (None, fake_cuda((4,), "int32"), TypeError, "indptr: expected a tensor, got None")],
+    [
+        (fake_cuda((4,), "int64"), fake_cuda((4,), "int32"), TypeError, "indptr: expected dtype int32, got int64"),
+        (fake_cuda((4,), "int32"), fake_cuda((4,), "int64"), TypeError, "output_indptr: expected dtype int32"),
+        (fake_cuda((4,), "int32"), fake_cuda((3,), "int32"), ValueError, r"output_indptr: expected shape \(4,\)"),
+        (fake_cuda((1,), "int32"), fake_cuda((1,), "int32"), ValueError, "indptr: expected .* batch_size >= 1"),
+        (fake_cuda((4, 1), "int32"), fake_cuda((4,), "int32"), ValueError, "indptr: expected a 1-D tensor"),
+        (None, fake_cuda((4,), "int32"), TypeError, "indptr: expected a tensor, got None"),
+    ],
 )
 def test_bad_segment_packbits_arguments_are_named(indptr: Any, output_indptr: Any, exc: type, pattern: str) -> None:
     with pytest.raises(exc, match=pattern):
-        fi_ffi.segment_packbits(fake_cuda((11,), "bool"), indptr, output_indptr=output_indptr,
-                                out=fake_cuda((3,), "uint8"))
+        fi_ffi.segment_packbits(
+            fake_cuda((11,), "bool"), indptr, output_indptr=output_indptr, out=fake_cuda((3,), "uint8")
+        )
 
 
 def test_segment_packbits_requires_its_outputs() -> None:
     with pytest.raises(TypeError, match="output_indptr: required .*segment_packbits_indptr"):
         fi_ffi.segment_packbits(fake_cuda((11,), "bool"), fake_cuda((4,), "int32"), out=fake_cuda((3,), "uint8"))
     with pytest.raises(ValueError, match="x: expected a 1-D tensor"):
-        fi_ffi.segment_packbits(fake_cuda((11, 1), "bool"), fake_cuda((4,), "int32"),
-                                output_indptr=fake_cuda((4,), "int32"), out=fake_cuda((3,), "uint8"))
+        fi_ffi.segment_packbits(
+            fake_cuda((11, 1), "bool"),
+            fake_cuda((4,), "int32"),
+            output_indptr=fake_cuda((4,), "int32"),
+            out=fake_cuda((3,), "uint8"),
+        )
 
 
 def test_segment_packbits_indptr_matches_flashinfers_definition() -> None:

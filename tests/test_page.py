@@ -25,15 +25,16 @@ pytestmark = pytest.mark.cpu_only
 
 SIGNATURES = {
     "append_paged_kv_cache": "append_paged_kv_cache(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: DLTensor*, "
-                             "4: DLTensor*, 5: DLTensor*, 6: DLTensor*, 7: DLTensor*, 8: DLTensor*, 9: int) -> void",
+    "4: DLTensor*, 5: DLTensor*, 6: DLTensor*, 7: DLTensor*, 8: DLTensor*, 9: int) -> void",
     "append_paged_mla_kv_cache": "append_paged_mla_kv_cache(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, "
-                                 "3: DLTensor*, 4: DLTensor*, 5: DLTensor*, 6: DLTensor*, 7: DLTensor*, "
-                                 "8: DLTensor*) -> void",
+    "3: DLTensor*, 4: DLTensor*, 5: DLTensor*, 6: DLTensor*, 7: DLTensor*, "
+    "8: DLTensor*) -> void",
 }
 
 
-def fake_cuda(shape: tuple[int, ...], dtype: str = "float16", strides: tuple[int, ...] | None = None,
-              device: object = "cuda:0") -> Tensor:
+def fake_cuda(
+    shape: tuple[int, ...], dtype: str = "float16", strides: tuple[int, ...] | None = None, device: object = "cuda:0"
+) -> Tensor:
     """A descriptor that claims CUDA memory but points at (16-byte aligned) host memory it never touches."""
     host = np.zeros(64, dtype=np.uint8)
     ptr = (host.ctypes.data + 15) // 16 * 16
@@ -47,8 +48,17 @@ def assert_reached_the_kernel(err: KernelError) -> None:
     assert "cuda" in err.message.lower() and "driver" in err.message.lower(), err.message
 
 
-def kv_args(nnz: int = 5, heads: int = 8, head_dim: int = 128, page_size: int = 16, num_pages: int = 6,
-            batch: int = 2, layout: str = "NHD", dtype: str = "float16", **over: object) -> dict[str, object]:
+def kv_args(
+    nnz: int = 5,
+    heads: int = 8,
+    head_dim: int = 128,
+    page_size: int = 16,
+    num_pages: int = 6,
+    batch: int = 2,
+    layout: str = "NHD",
+    dtype: str = "float16",
+    **over: object,
+) -> dict[str, object]:
     """Keyword arguments of a valid ``append_paged_kv_cache`` call (descriptors only), with overrides."""
     cache = (num_pages, page_size, heads, head_dim) if layout == "NHD" else (num_pages, heads, page_size, head_dim)
     args: dict[str, object] = dict(
@@ -67,8 +77,9 @@ def kv_args(nnz: int = 5, heads: int = 8, head_dim: int = 128, page_size: int = 
     return args
 
 
-def mla_args(nnz: int = 5, page_size: int = 16, num_pages: int = 6, batch: int = 2, dtype: str = "bfloat16",
-             **over: object) -> dict[str, object]:
+def mla_args(
+    nnz: int = 5, page_size: int = 16, num_pages: int = 6, batch: int = 2, dtype: str = "bfloat16", **over: object
+) -> dict[str, object]:
     args: dict[str, object] = dict(
         append_ckv=fake_cuda((nnz, 512), dtype),
         append_kpe=fake_cuda((nnz, 64), dtype),
@@ -95,8 +106,7 @@ def test_signature_of_real_module_matches_our_wire_layout(kernel_modules: object
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"])
 @pytest.mark.parametrize("stream", [None, 0, 12345])
-def test_append_gets_past_the_signature_check(kernel_modules: object, layout: str, dtype: str,
-                                              stream: object) -> None:
+def test_append_gets_past_the_signature_check(kernel_modules: object, layout: str, dtype: str, stream: object) -> None:
     with pytest.raises(KernelError) as info:
         page.append_paged_kv_cache(**kv_args(layout=layout, dtype=dtype), stream=stream)
     assert_reached_the_kernel(info.value)
@@ -106,15 +116,15 @@ def test_append_gets_past_the_signature_check(kernel_modules: object, layout: st
     assert info.value.arguments[9] == ("0" if layout == "NHD" else "1")
 
 
-def test_append_with_strided_tokens_and_a_combined_cache_gets_past_the_signature_check(
-        kernel_modules: object) -> None:
+def test_append_with_strided_tokens_and_a_combined_cache_gets_past_the_signature_check(kernel_modules: object) -> None:
     nnz, h, d, p, ps = 3, 4, 128, 5, 16
     # k and v slices of a fused [nnz, 3, H, D] QKV; k/v halves of a combined [P, 2, page, H, D] cache.
     k = fake_cuda((nnz, h, d), strides=(3 * h * d, d, 1))
     kc = fake_cuda((p, ps, h, d), strides=(2 * ps * h * d, h * d, d, 1))
     with pytest.raises(KernelError) as info:
-        page.append_paged_kv_cache(**kv_args(nnz=nnz, heads=h, num_pages=p, append_key=k, append_value=k,
-                                             k_cache=kc, v_cache=kc))
+        page.append_paged_kv_cache(
+            **kv_args(nnz=nnz, heads=h, num_pages=p, append_key=k, append_value=k, k_cache=kc, v_cache=kc)
+        )
     assert_reached_the_kernel(info.value)
 
 
@@ -128,8 +138,10 @@ def test_mla_append_gets_past_the_signature_check(kernel_modules: object, dtype:
 
 def test_host_tensors_stop_at_the_modules_device_check(kernel_modules: object) -> None:
     args = kv_args()
-    host = [Tensor.from_pointer(t.data_ptr, t.shape, t.dtype, "cpu", owner=t)  # type: ignore[attr-defined]
-            for t in list(args.values())[:9]]
+    host = [
+        Tensor.from_pointer(t.data_ptr, t.shape, t.dtype, "cpu", owner=t)  # type: ignore[attr-defined]
+        for t in list(args.values())[:9]
+    ]
     with pytest.raises(KernelError) as info:
         entry_point("page", "append_paged_kv_cache")(*host, 0)  # bypasses our checks on purpose
     assert info.value.kind == "InternalError"
@@ -177,35 +189,65 @@ def test_index_arrays_must_be_int32(name: str, dtype: str) -> None:
         (dict(append_key=fake_cuda((5, 8, 128, 1))), ValueError, r"append_key: expected a 3-D tensor"),
         (dict(append_key=fake_cuda((5, 8, 128), "float32")), TypeError, r"append_key: expected dtype float16, "),
         (dict(append_key=fake_cuda((5, 8, 128), device="cpu")), ValueError, r"append_key: expected a CUDA device"),
-        (dict(append_key=fake_cuda((5, 8, 128), strides=(2048, 256, 2))), ValueError,
-         r"append_key: the last dimension must be contiguous"),
+        (
+            dict(append_key=fake_cuda((5, 8, 128), strides=(2048, 256, 2))),
+            ValueError,
+            r"append_key: the last dimension must be contiguous",
+        ),
         (dict(append_value=fake_cuda((5, 8, 64))), ValueError, r"append_value: expected shape \(5, 8, 128\)"),
-        (dict(append_value=fake_cuda((5, 8, 128), "bfloat16")), TypeError,
-         r"append_value: expected dtype float16 \(same as append_key\)"),
-        (dict(append_value=fake_cuda((5, 8, 128), device=1)), ValueError,
-         r"append_value: expected a tensor on cuda:0 \(same as append_key\), got cuda:1"),
+        (
+            dict(append_value=fake_cuda((5, 8, 128), "bfloat16")),
+            TypeError,
+            r"append_value: expected dtype float16 \(same as append_key\)",
+        ),
+        (
+            dict(append_value=fake_cuda((5, 8, 128), device=1)),
+            ValueError,
+            r"append_value: expected a tensor on cuda:0 \(same as append_key\), got cuda:1",
+        ),
         (dict(k_cache=fake_cuda((6, 16, 8, 128, 1))), ValueError, r"k_cache: expected a 4-D tensor"),
-        (dict(k_cache=fake_cuda((6, 16, 8, 128), "bfloat16")), TypeError,
-         r"append_key: expected k_cache's dtype bfloat16"),
+        (
+            dict(k_cache=fake_cuda((6, 16, 8, 128), "bfloat16")),
+            TypeError,
+            r"append_key: expected k_cache's dtype bfloat16",
+        ),
         (dict(k_cache=fake_cuda((6, 16, 8, 128), device=1)), ValueError, r"k_cache: expected a tensor on cuda:0"),
         (dict(v_cache=fake_cuda((6, 16, 8, 128), device=1)), ValueError, r"v_cache: expected a tensor on cuda:0"),
         (dict(v_cache=fake_cuda((7, 16, 8, 128))), ValueError, r"v_cache: expected shape \(6, 16, 8, 128\)"),
         (dict(v_cache=fake_cuda((6, 16, 8, 128), "bfloat16")), TypeError, r"v_cache: expected dtype float16"),
-        (dict(v_cache=fake_cuda((6, 16, 8, 128), strides=(2 * 16 * 8 * 128, 8 * 128, 128, 1))), ValueError,
-         r"v_cache: expected the same strides as k_cache"),
-        (dict(k_cache=fake_cuda((6, 16, 4, 128)), v_cache=fake_cuda((6, 16, 4, 128))), ValueError,
-         r"append_key: expected \[nnz, 4, 128\] to match k_cache"),
-        (dict(layout="HND", k_cache=fake_cuda((6, 16, 8, 128)), v_cache=fake_cuda((6, 16, 8, 128))), ValueError,
-         r"append_key: expected \[nnz, 16, 128\] to match k_cache .*HND"),
-        (dict(k_cache=fake_cuda((6, 0, 8, 128)), v_cache=fake_cuda((6, 0, 8, 128))), ValueError,
-         r"k_cache: expected page_size >= 1"),
+        (
+            dict(v_cache=fake_cuda((6, 16, 8, 128), strides=(2 * 16 * 8 * 128, 8 * 128, 128, 1))),
+            ValueError,
+            r"v_cache: expected the same strides as k_cache",
+        ),
+        (
+            dict(k_cache=fake_cuda((6, 16, 4, 128)), v_cache=fake_cuda((6, 16, 4, 128))),
+            ValueError,
+            r"append_key: expected \[nnz, 4, 128\] to match k_cache",
+        ),
+        (
+            dict(layout="HND", k_cache=fake_cuda((6, 16, 8, 128)), v_cache=fake_cuda((6, 16, 8, 128))),
+            ValueError,
+            r"append_key: expected \[nnz, 16, 128\] to match k_cache .*HND",
+        ),
+        (
+            dict(k_cache=fake_cuda((6, 0, 8, 128)), v_cache=fake_cuda((6, 0, 8, 128))),
+            ValueError,
+            r"k_cache: expected page_size >= 1",
+        ),
         (dict(batch_indices=fake_cuda((4,), "int32")), ValueError, r"batch_indices: expected shape \(5,\)"),
         (dict(positions=fake_cuda((5, 1), "int32")), ValueError, r"positions: expected a 1-D tensor"),
         (dict(kv_indptr=fake_cuda((2,), "int32")), ValueError, r"kv_indptr: expected shape \(3,\)"),
-        (dict(kv_indices=fake_cuda((6,), "int32", device="cpu")), ValueError,
-         r"kv_indices: expected a tensor on cuda:0 \(same as append_key\), got cpu"),
-        (dict(kv_last_page_len=fake_cuda((4,), "int32", strides=(2,))), ValueError,
-         r"kv_last_page_len: expected a contiguous tensor"),
+        (
+            dict(kv_indices=fake_cuda((6,), "int32", device="cpu")),
+            ValueError,
+            r"kv_indices: expected a tensor on cuda:0 \(same as append_key\), got cpu",
+        ),
+        (
+            dict(kv_last_page_len=fake_cuda((4,), "int32", strides=(2,))),
+            ValueError,
+            r"kv_last_page_len: expected a contiguous tensor",
+        ),
         (dict(positions=Tensor.from_pointer(0, (5,), "int32", 0)), ValueError, r"positions: data pointer is NULL"),
     ],
 )
@@ -220,11 +262,19 @@ def test_unsupported_head_dim(head_dim: int) -> None:
         page.append_paged_kv_cache(**kv_args(head_dim=head_dim))
 
 
-@pytest.mark.parametrize("dtype,head_dim,max_heads", [("float16", 128, 64), ("float16", 64, 128),
-                                                      ("bfloat16", 256, 32), ("float8_e4m3fn", 128, 128),
-                                                      ("float16", 512, 32)])
-def test_heads_limited_by_the_kernels_block_size(kernel_modules: object, dtype: str, head_dim: int,
-                                                max_heads: int) -> None:
+@pytest.mark.parametrize(
+    "dtype,head_dim,max_heads",
+    [
+        ("float16", 128, 64),
+        ("float16", 64, 128),
+        ("bfloat16", 256, 32),
+        ("float8_e4m3fn", 128, 128),
+        ("float16", 512, 32),
+    ],
+)
+def test_heads_limited_by_the_kernels_block_size(
+    kernel_modules: object, dtype: str, head_dim: int, max_heads: int
+) -> None:
     with pytest.raises(KernelError):  # the largest head count that fits a block reaches the kernel
         page.append_paged_kv_cache(**kv_args(heads=max_heads, head_dim=head_dim, dtype=dtype))
     with pytest.raises(ValueError, match="append_key: too many heads for the kernel"):
@@ -239,12 +289,16 @@ def test_alignment_and_32_bit_cache_strides_are_checked() -> None:
         page.append_paged_kv_cache(**kv_args(append_value=fake_cuda((5, 8, 128), strides=(8 * 132, 132, 1))))
     odd = (16 * 8 * 128 + 4, 8 * 128, 128, 1)
     with pytest.raises(ValueError, match="k_cache: stride of dimension 0 must be a multiple of 8"):
-        page.append_paged_kv_cache(**kv_args(k_cache=fake_cuda((6, 16, 8, 128), strides=odd),
-                                             v_cache=fake_cuda((6, 16, 8, 128), strides=odd)))
+        page.append_paged_kv_cache(
+            **kv_args(k_cache=fake_cuda((6, 16, 8, 128), strides=odd), v_cache=fake_cuda((6, 16, 8, 128), strides=odd))
+        )
     huge = (1 << 32, 8 * 128, 128, 1)
     with pytest.raises(ValueError, match=r"k_cache: strides must be < 2\*\*32"):
-        page.append_paged_kv_cache(**kv_args(k_cache=fake_cuda((6, 16, 8, 128), strides=huge),
-                                             v_cache=fake_cuda((6, 16, 8, 128), strides=huge)))
+        page.append_paged_kv_cache(
+            **kv_args(
+                k_cache=fake_cuda((6, 16, 8, 128), strides=huge), v_cache=fake_cuda((6, 16, 8, 128), strides=huge)
+            )
+        )
 
 
 def test_bad_stream_and_missing_tensor_are_named() -> None:
@@ -263,19 +317,33 @@ def test_bad_stream_and_missing_tensor_are_named() -> None:
         (dict(append_kpe=fake_cuda((5, 32), "bfloat16")), ValueError, r"append_kpe: expected shape \(5, 64\)"),
         (dict(append_kpe=fake_cuda((5, 64), "float16")), TypeError, r"append_kpe: expected dtype bfloat16"),
         (dict(append_kpe=fake_cuda((5, 64), "bfloat16", device=1)), ValueError, r"append_kpe: expected a tensor on"),
-        (dict(ckv_cache=fake_cuda((6, 16, 512), "float16")), TypeError,
-         r"append_ckv: expected ckv_cache's dtype float16"),
-        (dict(ckv_cache=fake_cuda((6, 16, 256), "bfloat16")), ValueError,
-         r"ckv_cache: expected \[num_pages, page_size, 512\]"),
-        (dict(kpe_cache=fake_cuda((6, 8, 64), "bfloat16")), ValueError,
-         r"kpe_cache: expected shape \(6, 16, 64\)"),
+        (
+            dict(ckv_cache=fake_cuda((6, 16, 512), "float16")),
+            TypeError,
+            r"append_ckv: expected ckv_cache's dtype float16",
+        ),
+        (
+            dict(ckv_cache=fake_cuda((6, 16, 256), "bfloat16")),
+            ValueError,
+            r"ckv_cache: expected \[num_pages, page_size, 512\]",
+        ),
+        (dict(kpe_cache=fake_cuda((6, 8, 64), "bfloat16")), ValueError, r"kpe_cache: expected shape \(6, 16, 64\)"),
         (dict(kpe_cache=fake_cuda((6, 16, 64), "float16")), TypeError, r"kpe_cache: expected dtype bfloat16"),
-        (dict(kpe_cache=fake_cuda((6, 16, 64), "bfloat16", device="cpu")), ValueError,
-         r"kpe_cache: expected a tensor on cuda:0"),
-        (dict(kpe_cache=fake_cuda((6, 16, 64), "bfloat16", strides=(2048, 128, 2))), ValueError,
-         r"kpe_cache: the last dimension must be contiguous"),
-        (dict(append_ckv=fake_cuda((5, 512), "bfloat16", strides=(513, 1))), ValueError,
-         r"append_ckv: stride of dimension 0 must be a multiple of 2"),
+        (
+            dict(kpe_cache=fake_cuda((6, 16, 64), "bfloat16", device="cpu")),
+            ValueError,
+            r"kpe_cache: expected a tensor on cuda:0",
+        ),
+        (
+            dict(kpe_cache=fake_cuda((6, 16, 64), "bfloat16", strides=(2048, 128, 2))),
+            ValueError,
+            r"kpe_cache: the last dimension must be contiguous",
+        ),
+        (
+            dict(append_ckv=fake_cuda((5, 512), "bfloat16", strides=(513, 1))),
+            ValueError,
+            r"append_ckv: stride of dimension 0 must be a multiple of 2",
+        ),
         (dict(positions=fake_cuda((6,), "int32")), ValueError, r"positions: expected shape \(5,\)"),
     ],
 )
@@ -294,22 +362,43 @@ def test_mla_cache_strides_may_differ_between_ckv_and_kpe(kernel_modules: object
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(nnz=st.integers(1, 300), heads=st.sampled_from([1, 2, 4, 8, 32]), head_dim=st.sampled_from([64, 128, 256]),
-       page_size=st.sampled_from([1, 16, 64]), num_pages=st.integers(1, 50), batch=st.integers(1, 9),
-       layout=st.sampled_from(["NHD", "HND"]), dtype=st.sampled_from(["float16", "bfloat16", "float8_e5m2"]))
-def test_any_valid_shape_reaches_the_kernel(kernel_modules: object, nnz: int, heads: int, head_dim: int,
-                                            page_size: int, num_pages: int, batch: int, layout: str,
-                                            dtype: str) -> None:
+@given(
+    nnz=st.integers(1, 300),
+    heads=st.sampled_from([1, 2, 4, 8, 32]),
+    head_dim=st.sampled_from([64, 128, 256]),
+    page_size=st.sampled_from([1, 16, 64]),
+    num_pages=st.integers(1, 50),
+    batch=st.integers(1, 9),
+    layout=st.sampled_from(["NHD", "HND"]),
+    dtype=st.sampled_from(["float16", "bfloat16", "float8_e5m2"]),
+)
+def test_any_valid_shape_reaches_the_kernel(
+    kernel_modules: object,
+    nnz: int,
+    heads: int,
+    head_dim: int,
+    page_size: int,
+    num_pages: int,
+    batch: int,
+    layout: str,
+    dtype: str,
+) -> None:
     with pytest.raises(KernelError) as info:
         page.append_paged_kv_cache(**kv_args(nnz, heads, head_dim, page_size, num_pages, batch, layout, dtype))
     assert_reached_the_kernel(info.value)
 
 
 @settings(max_examples=60, deadline=None)
-@given(nnz=st.integers(1, 50), extra=st.integers(1, 3), which=st.sampled_from(["batch_indices", "positions"]),
-       heads=st.sampled_from([2, 4]), other_heads=st.sampled_from([1, 3, 8]))
-def test_mismatched_token_counts_and_heads_are_rejected(nnz: int, extra: int, which: str, heads: int,
-                                                        other_heads: int) -> None:
+@given(
+    nnz=st.integers(1, 50),
+    extra=st.integers(1, 3),
+    which=st.sampled_from(["batch_indices", "positions"]),
+    heads=st.sampled_from([2, 4]),
+    other_heads=st.sampled_from([1, 3, 8]),
+)
+def test_mismatched_token_counts_and_heads_are_rejected(
+    nnz: int, extra: int, which: str, heads: int, other_heads: int
+) -> None:
     with pytest.raises(ValueError, match=rf"{which}: expected shape \({nnz},\)"):
         page.append_paged_kv_cache(**kv_args(nnz=nnz, heads=heads, **{which: fake_cuda((nnz + extra,), "int32")}))
     key = fake_cuda((nnz, other_heads, 128))
@@ -349,8 +438,9 @@ def test_batch_indices_positions_decode_step_and_idle_requests() -> None:
 
 def test_batch_indices_positions_write_into_given_arrays() -> None:
     bi_out, pos_out = np.full(3, -1, np.int32), np.full(3, -1, np.int32)
-    bi, pos = page.get_batch_indices_positions(np.array([0, 2, 3]), np.array([4, 1]), 3, batch_indices=bi_out,
-                                               positions=pos_out)
+    bi, pos = page.get_batch_indices_positions(
+        np.array([0, 2, 3]), np.array([4, 1]), 3, batch_indices=bi_out, positions=pos_out
+    )
     assert bi is bi_out and pos is pos_out
     assert bi.tolist() == [0, 0, 1] and pos.tolist() == [2, 3, 0]
 
@@ -368,14 +458,21 @@ def test_batch_indices_positions_write_into_given_arrays() -> None:
         ([0, 3], np.array([3.0]), None, {}, TypeError, r"seq_lens: expected an integer array"),
         ([[0, 3]], [3], None, {}, ValueError, r"append_indptr: expected a 1-D array"),
         ([0, 3], [3], None, dict(positions=np.zeros(3, np.int64)), TypeError, r"positions: expected dtype int32"),
-        ([0, 3], [3], None, dict(batch_indices=np.zeros(4, np.int32)), ValueError,
-         r"batch_indices: expected shape \(3,\)"),
+        (
+            [0, 3],
+            [3],
+            None,
+            dict(batch_indices=np.zeros(4, np.int32)),
+            ValueError,
+            r"batch_indices: expected shape \(3,\)",
+        ),
         ([0, 3], [3], None, dict(batch_indices=[0, 0, 0]), TypeError, r"batch_indices: expected an int32 numpy"),
         ([0, 3], [2**31], None, {}, ValueError, r"seq_lens: values must fit in int32 .*seq_lens\[0\] = 2147483648"),
     ],
 )
-def test_batch_indices_positions_rejects_bad_input(indptr: list, seq: list, nnz: int | None, kw: dict, exc: type,
-                                                   pattern: str) -> None:
+def test_batch_indices_positions_rejects_bad_input(
+    indptr: list, seq: list, nnz: int | None, kw: dict, exc: type, pattern: str
+) -> None:
     with pytest.raises(exc, match=pattern):
         page.get_batch_indices_positions(indptr, seq, nnz, **kw)
 
@@ -451,8 +548,7 @@ class HostCAI:
     def __init__(self, shape: tuple[int, ...], typestr: str = "<f2", offset: int = 0) -> None:
         self.host = np.zeros(64, dtype=np.uint8)
         ptr = (self.host.ctypes.data + 15) // 16 * 16 + offset
-        self.__cuda_array_interface__ = dict(shape=shape, typestr=typestr, data=(ptr, False), strides=None,
-                                             version=3)
+        self.__cuda_array_interface__ = dict(shape=shape, typestr=typestr, data=(ptr, False), strides=None, version=3)
 
     def __eq__(self, other: object) -> bool:
         return self is other
@@ -461,20 +557,29 @@ class HostCAI:
 def cai_args(nnz: int, num_pages: int, heads: int = 4, head_dim: int = 128) -> dict[str, object]:
     """``kv_args`` with every tensor a HostCAI (float16 tokens and caches, int32 indices)."""
     cache = (num_pages, 16, heads, head_dim)
-    return dict(append_key=HostCAI((nnz, heads, head_dim)), append_value=HostCAI((nnz, heads, head_dim)),
-                batch_indices=HostCAI((nnz,), "<i4"), positions=HostCAI((nnz,), "<i4"), k_cache=HostCAI(cache),
-                v_cache=HostCAI(cache), kv_indices=HostCAI((num_pages,), "<i4"), kv_indptr=HostCAI((3,), "<i4"),
-                kv_last_page_len=HostCAI((2,), "<i4"))
+    return dict(
+        append_key=HostCAI((nnz, heads, head_dim)),
+        append_value=HostCAI((nnz, heads, head_dim)),
+        batch_indices=HostCAI((nnz,), "<i4"),
+        positions=HostCAI((nnz,), "<i4"),
+        k_cache=HostCAI(cache),
+        v_cache=HostCAI(cache),
+        kv_indices=HostCAI((num_pages,), "<i4"),
+        kv_indptr=HostCAI((3,), "<i4"),
+        kv_last_page_len=HostCAI((2,), "<i4"),
+    )
 
 
 @pytest.mark.parametrize("producer", ["descriptors", "cuda_array_interface"])
-def test_a_32_layer_loop_with_a_cache_per_layer_stays_on_the_fast_path(kernel_modules: object,
-                                                                        producer: str) -> None:
+def test_a_32_layer_loop_with_a_cache_per_layer_stays_on_the_fast_path(kernel_modules: object, producer: str) -> None:
     # A decode step as a runtime issues it: the same token layout, another (same-layout) cache at every layer.
     # A layout no other test uses, so the first layer is the only one validated from scratch.
     num_pages = 41 if producer == "descriptors" else 43
-    make = (lambda: kv_args(nnz=3, heads=4, num_pages=num_pages)) if producer == "descriptors" else \
-        (lambda: cai_args(nnz=3, num_pages=num_pages))
+    make = (
+        (lambda: kv_args(nnz=3, heads=4, num_pages=num_pages))
+        if producer == "descriptors"
+        else (lambda: cai_args(nnz=3, num_pages=num_pages))
+    )
     shared = make()
     layers = [make() for _ in range(32)]
     launcher = page._append.launcher
@@ -530,9 +635,16 @@ def test_empty_append_still_checks_the_stream_and_every_argument(kernel_modules:
     assert page.append_paged_kv_cache(**kv_args(nnz=0), stream=7) is None  # valid: nothing launched
 
 
-@pytest.mark.parametrize("name,dtype,offset", [("batch_indices", "int32", 2), ("positions", "int32", 1),
-                                               ("kv_indices", "int32", 2), ("kv_indptr", "int32", 3),
-                                               ("kv_last_page_len", "int32", 2)])
+@pytest.mark.parametrize(
+    "name,dtype,offset",
+    [
+        ("batch_indices", "int32", 2),
+        ("positions", "int32", 1),
+        ("kv_indices", "int32", 2),
+        ("kv_indptr", "int32", 3),
+        ("kv_last_page_len", "int32", 2),
+    ],
+)
 def test_misaligned_index_pointers_are_refused(kernel_modules: object, name: str, dtype: str, offset: int) -> None:
     args = kv_args()
     good = args[name]
@@ -545,8 +657,9 @@ def test_misaligned_index_pointers_are_refused(kernel_modules: object, name: str
         page.append_paged_kv_cache(**{**args, name: bad})  # the remembered layout does not hide it
     margs = mla_args()
     with pytest.raises(ValueError, match=rf"{name}: data pointer .* must be aligned to 4 bytes"):
-        page.append_paged_mla_kv_cache(**{**margs, name: Tensor.from_pointer(
-            margs[name].data_ptr + offset, margs[name].shape, dtype, 0)})  # type: ignore[attr-defined]
+        page.append_paged_mla_kv_cache(
+            **{**margs, name: Tensor.from_pointer(margs[name].data_ptr + offset, margs[name].shape, dtype, 0)}
+        )  # type: ignore[attr-defined]
 
 
 def test_a_misaligned_cache_after_an_aligned_one_is_refused(kernel_modules: object) -> None:

@@ -38,8 +38,11 @@ def fake_workspace(float_bytes: int = 1 << 16, int_bytes: int = 1 << 12, pinned_
     from fi_ffi.ops.workspace import Workspace
 
     pinned = np.zeros(pinned_bytes or int_bytes, np.uint8)
-    return Workspace.from_buffers(fake_cuda(np.zeros(float_bytes, np.uint8)), fake_cuda(np.zeros(int_bytes, np.uint8)),
-                                  Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned))
+    return Workspace.from_buffers(
+        fake_cuda(np.zeros(float_bytes, np.uint8)),
+        fake_cuda(np.zeros(int_bytes, np.uint8)),
+        Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned),
+    )
 
 
 # ------------------------------------------------------------------------------------------ Plan ownership
@@ -173,22 +176,25 @@ def test_host_array_uses_numpy_int32_arrays_as_they_are_and_converts_lists_once(
     assert host_array("kv_indptr", ro) is ro
 
 
-@pytest.mark.parametrize(("value", "exc", "text"), [
-    (np.array([0, 1], np.int64), TypeError, "int32"),
-    (np.zeros((2, 2), np.int32), ValueError, "1-D"),
-    ([0, 1 << 40], ValueError, "int32"),
-    ([0, 1 << 70], ValueError, r"values must fit in int32, got 1180591620717411303424"),
-    ([0, "1"], TypeError, r"expected a sequence of ints, got str '1' at index 1"),
-    ([0, 1.0], TypeError, r"expected a sequence of ints, got float 1\.0 at index 1"),
-    ([0, 2.7], TypeError, "got float"),
-    ([0, True], TypeError, "got bool"),
-    ([[0, 1]], TypeError, "got list"),
-    (np.array([0, 1], ">i4"), TypeError, "big-endian"),
-    ("0,1", TypeError, "host int32"),
-    (Tensor.from_pointer(0x1000, (3,), "int32", "cuda:0"), ValueError, "host"),
-    (Tensor.from_pointer(0x1000, (3,), "int64", "cpu"), TypeError, "int32"),
-    (Tensor.from_pointer(0, (3,), "int32", "cpu"), ValueError, "NULL"),
-])
+@pytest.mark.parametrize(
+    ("value", "exc", "text"),
+    [
+        (np.array([0, 1], np.int64), TypeError, "int32"),
+        (np.zeros((2, 2), np.int32), ValueError, "1-D"),
+        ([0, 1 << 40], ValueError, "int32"),
+        ([0, 1 << 70], ValueError, r"values must fit in int32, got 1180591620717411303424"),
+        ([0, "1"], TypeError, r"expected a sequence of ints, got str '1' at index 1"),
+        ([0, 1.0], TypeError, r"expected a sequence of ints, got float 1\.0 at index 1"),
+        ([0, 2.7], TypeError, "got float"),
+        ([0, True], TypeError, "got bool"),
+        ([[0, 1]], TypeError, "got list"),
+        (np.array([0, 1], ">i4"), TypeError, "big-endian"),
+        ("0,1", TypeError, "host int32"),
+        (Tensor.from_pointer(0x1000, (3,), "int32", "cuda:0"), ValueError, "host"),
+        (Tensor.from_pointer(0x1000, (3,), "int64", "cpu"), TypeError, "int32"),
+        (Tensor.from_pointer(0, (3,), "int32", "cpu"), ValueError, "NULL"),
+    ],
+)
 def test_host_array_rejects(value, exc, text):
     from fi_ffi.ops.host_index import host_array
 
@@ -306,8 +312,12 @@ def test_tmp_bound_is_safe_for_the_launchers_heuristics(monkeypatch):
     # prefill with many query tiles: too few CTAs left to split
     assert W.tmp_bytes_needed(0, 4096, 4096, 32, 8, 128, 2, prefill=True) == 0
     # every bound fits the 32 MiB upstream uses, for head_dim <= 128
-    worst = max(W.tmp_bytes_needed(0, kv, qo, 32, hk, 128, 2, prefill=True)
-                for kv in (512, 4096, 1 << 17) for qo in (1, 16, 64, 256) for hk in (1, 8, 32))
+    worst = max(
+        W.tmp_bytes_needed(0, kv, qo, 32, hk, 128, 2, prefill=True)
+        for kv in (512, 4096, 1 << 17)
+        for qo in (1, 16, 64, 256)
+        for hk in (1, 8, 32)
+    )
     assert 0 < worst <= W.TMP_BYTES
     monkeypatch.setitem(W._max_blocks, 1, None)
     assert W.tmp_bytes_needed(1, 4096, 1, 32, 8, 128, 2, prefill=False) is None
@@ -326,13 +336,17 @@ class _FakeDriver:
             if name == "cuGetErrorName":
                 return 1  # unknown: the message falls back to the number
             return self.results[name]
+
         return call
 
 
-@pytest.mark.parametrize("query, sync, expected", [
-    (0, 0, ["cuEventQuery"]),                                    # the copy is done: no wait
-    (600, 0, ["cuEventQuery", "cuEventSynchronize"]),           # not ready: wait for that event only
-])
+@pytest.mark.parametrize(
+    "query, sync, expected",
+    [
+        (0, 0, ["cuEventQuery"]),  # the copy is done: no wait
+        (600, 0, ["cuEventQuery", "cuEventSynchronize"]),  # not ready: wait for that event only
+    ],
+)
 def test_plan_copy_event_goes_through_the_driver(monkeypatch, query, sync, expected):
     import cffi
 
@@ -354,11 +368,14 @@ def test_plan_copy_event_goes_through_the_driver(monkeypatch, query, sync, expec
     ws._event = None  # (the fake event is not destroyed through cuda.bindings)
 
 
-@pytest.mark.parametrize("query, sync, record, what", [
-    (0, 0, 999, "cuEventRecord(plan copy) failed: CUresult 999"),
-    (700, 0, 0, "cuEventSynchronize(previous plan copy) failed: CUresult 700"),
-    (600, 719, 0, "cuEventSynchronize(previous plan copy) failed: CUresult 719"),
-])
+@pytest.mark.parametrize(
+    "query, sync, record, what",
+    [
+        (0, 0, 999, "cuEventRecord(plan copy) failed: CUresult 999"),
+        (700, 0, 0, "cuEventSynchronize(previous plan copy) failed: CUresult 700"),
+        (600, 719, 0, "cuEventSynchronize(previous plan copy) failed: CUresult 719"),
+    ],
+)
 def test_plan_copy_event_errors_are_kernel_errors(monkeypatch, query, sync, record, what):
     import cffi
 

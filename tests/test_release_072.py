@@ -71,19 +71,29 @@ def test_norm_page_rope_silu_cascade_reach_the_072_modules(release_072: list[str
     reached(lambda: page.append_paged_kv_cache(**kv_args()))
     reached(lambda: page.append_paged_mla_kv_cache(**mla_args()))
     q, k = sized_cuda((3, 4, 128)), sized_cuda((3, 2, 128))
-    reached(lambda: fi_ffi.apply_rope_pos_ids(q, k, sized_cuda((3,), "int32"), q_rope=sized_cuda((3, 4, 128)),
-                                              k_rope=sized_cuda((3, 2, 128))))
+    reached(
+        lambda: fi_ffi.apply_rope_pos_ids(
+            q, k, sized_cuda((3,), "int32"), q_rope=sized_cuda((3, 4, 128)), k_rope=sized_cuda((3, 2, 128))
+        )
+    )
     reached(lambda: fi_ffi.silu_and_mul(sized_cuda((2, 128)), sized_cuda((2, 64))))
-    reached(lambda: fi_ffi.merge_state_in_place(sized_cuda((2, 4, 128)), sized_cuda((2, 4), "float32"),
-                                                sized_cuda((2, 4, 128)), sized_cuda((2, 4), "float32")))
+    reached(
+        lambda: fi_ffi.merge_state_in_place(
+            sized_cuda((2, 4, 128)),
+            sized_cuda((2, 4), "float32"),
+            sized_cuda((2, 4, 128)),
+            sized_cuda((2, 4), "float32"),
+        )
+    )
     for uri in ("norm", "page", "rope", "silu_and_mul", "cascade"):
         served_by_072(uri)
 
 
 def test_batch_decode_plan_and_run_reach_the_072_module(release_072: list[str], make_array) -> None:  # type: ignore[no-untyped-def]
     ws = workspace()
-    err = reached(lambda: decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16,
-                                                   kv_last_page_len=host([5, 16]), stream=0))
+    err = reached(
+        lambda: decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16, kv_last_page_len=host([5, 16]), stream=0)
+    )
     assert err.function.endswith(".plan")
     plan = decode_plan(make_array)
     served_by_072(plan.uri)
@@ -94,11 +104,17 @@ def test_batch_decode_plan_and_run_reach_the_072_module(release_072: list[str], 
 def test_fa3_prefill_plan_and_runs_reach_the_072_module(release_072: list[str], make_array, mode: str) -> None:  # type: ignore[no-untyped-def]
     ws = workspace()
     if mode == "ragged":
-        err = reached(lambda: prefill.batch_prefill_ragged_plan(ws, host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128,
-                                                                backend="fa3", uniform_q_len=None))
+        err = reached(
+            lambda: prefill.batch_prefill_ragged_plan(
+                ws, host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, backend="fa3", uniform_q_len=None
+            )
+        )
     else:
-        err = reached(lambda: prefill.batch_prefill_paged_plan(ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]),
-                                                               32, 8, 128, 16, backend="fa3"))
+        err = reached(
+            lambda: prefill.batch_prefill_paged_plan(
+                ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16, backend="fa3"
+            )
+        )
     assert err.function == FA3_072 + ".plan" and len(err.arguments) == 16
     plan = prefill_plan(make_array, mode, "fa3")
     served_by_072(plan.uri)
@@ -115,13 +131,17 @@ def run_reaches(plan, mode: str) -> KernelError:  # type: ignore[no-untyped-def]
         kv = fake_cuda((9, 8, 128))
         return reached(lambda: prefill.batch_prefill_ragged_run(plan, q, kv, kv, i3, i3, out))
     cache = fake_cuda((4, 16, 8, 128))
-    return reached(lambda: prefill.batch_prefill_paged_run(plan, q, cache, cache, i3, i3, i3,
-                                                           fake_cuda((2,), "int32"), out))
+    return reached(
+        lambda: prefill.batch_prefill_paged_run(plan, q, cache, cache, i3, i3, i3, fake_cuda((2,), "int32"), out)
+    )
 
 
 @pytest.mark.parametrize("mode", ["ragged", "paged"])
-def test_fa2_prefill_runs_reach_the_072_module_without_scale_factors(release_072: list[str], make_array,  # type: ignore[no-untyped-def]
-                                                                     mode: str) -> None:
+def test_fa2_prefill_runs_reach_the_072_module_without_scale_factors(
+    release_072: list[str],
+    make_array,  # type: ignore[no-untyped-def]
+    mode: str,
+) -> None:
     fa2_072_or_skip()
     plan = prefill_plan(make_array, mode, "fa2")
     assert plan.uri == FA2_072
@@ -132,17 +152,23 @@ def test_fa2_prefill_runs_reach_the_072_module_without_scale_factors(release_072
     n = len(err.arguments)
     assert n == (27 if mode == "ragged" else 29)
     # maybe_k_cache_sf, maybe_v_cache_sf (None: 0.6.3's behaviour), then the four scales and the item length
-    assert err.arguments[n - 7:n - 5] == ("None", "None") and err.arguments[-1] == "0"
+    assert err.arguments[n - 7 : n - 5] == ("None", "None") and err.arguments[-1] == "0"
 
 
 def test_fa2_prefill_plan_passes_uniform_q_len_to_the_072_module(release_072: list[str]) -> None:
     fa2_072_or_skip()
     ws = workspace()
-    err = reached(lambda: prefill.batch_prefill_ragged_plan(ws, host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128,
-                                                            backend="fa2", enable_cuda_graph=True, uniform_q_len=3))
+    err = reached(
+        lambda: prefill.batch_prefill_ragged_plan(
+            ws, host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128, backend="fa2", enable_cuda_graph=True, uniform_q_len=3
+        )
+    )
     assert err.function == FA2_072 + ".plan" and len(err.arguments) == 20 and err.arguments[-1] == "3"
-    err = reached(lambda: prefill.batch_prefill_paged_plan(ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8,
-                                                           128, 16, backend="fa2"))
+    err = reached(
+        lambda: prefill.batch_prefill_paged_plan(
+            ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16, backend="fa2"
+        )
+    )
     assert err.arguments[-1] == "0"  # no promise: 0.6.3's behaviour
 
 
@@ -152,36 +178,50 @@ def test_fa2_prefill_plan_passes_uniform_q_len_to_the_072_module(release_072: li
 def test_uniform_q_len_on_a_063_fa2_module_is_refused_by_name_before_the_plan(kernel_modules: list[str]) -> None:
     ws = workspace()
     generation = ws._generation
-    with pytest.raises(ValueError, match=r"^uniform_q_len: not supported by the bound module's entry point "
-                                         rf"{PREFILL_URI}\.plan \(FlashInfer 0\.6\.3\); pin FlashInfer >= 0\.7"):
-        prefill.batch_prefill_ragged_plan(ws, host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128, backend="fa2",
-                                          uniform_q_len=3)
+    with pytest.raises(
+        ValueError,
+        match=r"^uniform_q_len: not supported by the bound module's entry point "
+        rf"{PREFILL_URI}\.plan \(FlashInfer 0\.6\.3\); pin FlashInfer >= 0\.7",
+    ):
+        prefill.batch_prefill_ragged_plan(
+            ws, host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128, backend="fa2", uniform_q_len=3
+        )
     assert ws._generation == generation  # refused before the plan call: earlier plans stay valid
     # off (None or 0) is 0.6.3's behaviour and reaches the module
     for off in (None, 0):
-        err = reached(lambda off=off: prefill.batch_prefill_ragged_plan(ws, host([0, 3, 6]), host([0, 5, 9]), 32, 8,
-                                                                        128, backend="fa2", uniform_q_len=off))
+        err = reached(
+            lambda off=off: prefill.batch_prefill_ragged_plan(
+                ws, host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128, backend="fa2", uniform_q_len=off
+            )
+        )
         assert len(err.arguments) == 19
 
 
 def test_uniform_q_len_is_ignored_by_fa3_as_upstream(kernel_modules: list[str]) -> None:
-    err = reached(lambda: prefill.batch_prefill_ragged_plan(workspace(), host([0, 3, 6]), host([0, 5, 9]), 32, 8,
-                                                            128, backend="fa3", uniform_q_len=3))
+    err = reached(
+        lambda: prefill.batch_prefill_ragged_plan(
+            workspace(), host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128, backend="fa3", uniform_q_len=3
+        )
+    )
     assert err.function.endswith("_sm90.plan") and len(err.arguments) == 16
 
 
-@pytest.mark.parametrize(("value", "exc", "pattern"), [
-    (2, ValueError, r"^uniform_q_len: promises 2 query rows per request, but qo_indptr gives request 0 3"),
-    (3, ValueError, r"^uniform_q_len: promises 3 query rows per request, but qo_indptr gives request 1 1"),
-    (-1, ValueError, r"^uniform_q_len: expected an int >= 0, got -1"),
-    (True, TypeError, r"^uniform_q_len: expected an int, got bool"),
-    (2.0, TypeError, r"^uniform_q_len: expected an int, got float"),
-    (np.array([3, 3]), TypeError, r"^uniform_q_len: expected an int, got ndarray"),
-])
+@pytest.mark.parametrize(
+    ("value", "exc", "pattern"),
+    [
+        (2, ValueError, r"^uniform_q_len: promises 2 query rows per request, but qo_indptr gives request 0 3"),
+        (3, ValueError, r"^uniform_q_len: promises 3 query rows per request, but qo_indptr gives request 1 1"),
+        (-1, ValueError, r"^uniform_q_len: expected an int >= 0, got -1"),
+        (True, TypeError, r"^uniform_q_len: expected an int, got bool"),
+        (2.0, TypeError, r"^uniform_q_len: expected an int, got float"),
+        (np.array([3, 3]), TypeError, r"^uniform_q_len: expected an int, got ndarray"),
+    ],
+)
 def test_bad_uniform_q_len_is_named(kernel_modules: list[str], value: object, exc: type, pattern: str) -> None:
     ws = workspace()
     generation = ws._generation
     with pytest.raises(exc, match=pattern):
-        prefill.batch_prefill_paged_plan(ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16,
-                                         backend="fa2", uniform_q_len=value)
+        prefill.batch_prefill_paged_plan(
+            ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16, backend="fa2", uniform_q_len=value
+        )
     assert ws._generation == generation

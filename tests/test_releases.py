@@ -52,8 +52,15 @@ def wheel_072() -> Path:
 
 
 def pin(filename: str, sha: str = SHA_A, **fields: object) -> WheelPin:
-    return WheelPin(kind="kernel", filename=filename, sha256=sha, arch="x86_64", lock_path=Path("/locks/x.lock"),
-                    cuda="13.0", **fields)  # type: ignore[arg-type]
+    return WheelPin(
+        kind="kernel",
+        filename=filename,
+        sha256=sha,
+        arch="x86_64",
+        lock_path=Path("/locks/x.lock"),
+        cuda="13.0",
+        **fields,
+    )  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------- releases
@@ -61,8 +68,17 @@ def pin(filename: str, sha: str = SHA_A, **fields: object) -> WheelPin:
 
 @pytest.mark.parametrize(
     "older, newer",
-    [("0.6.3", "0.7.2.post1"), ("0.7.2", "0.7.2.post1"), ("0.6.13", "0.6.14"), ("0.7.0rc1", "0.7.0"),
-     ("0.7.0.dev3", "0.7.0a1"), ("0.7.0a2", "0.7.0b1"), ("0.7.0", "0.7.0.post1"), ("", "0.1"), ("0.9", "0.10")],
+    [
+        ("0.6.3", "0.7.2.post1"),
+        ("0.7.2", "0.7.2.post1"),
+        ("0.6.13", "0.6.14"),
+        ("0.7.0rc1", "0.7.0"),
+        ("0.7.0.dev3", "0.7.0a1"),
+        ("0.7.0a2", "0.7.0b1"),
+        ("0.7.0", "0.7.0.post1"),
+        ("", "0.1"),
+        ("0.9", "0.10"),
+    ],
 )
 def test_releases_order_as_pep440(older: str, newer: str) -> None:
     assert lockfile.release_key(older) < lockfile.release_key(newer)
@@ -74,8 +90,12 @@ def test_trailing_zeros_do_not_make_a_release_newer() -> None:
 
 @pytest.mark.parametrize(
     "version, release",
-    [("0.6.3+cu130.sm90a", "0.6.3"), ("0.7.2.post1+cu130", "0.7.2.post1"), ("0.7.2.post1", "0.7.2.post1"),
-     ("nightly+cu130", "")],
+    [
+        ("0.6.3+cu130.sm90a", "0.6.3"),
+        ("0.7.2.post1+cu130", "0.7.2.post1"),
+        ("0.7.2.post1", "0.7.2.post1"),
+        ("nightly+cu130", ""),
+    ],
 )
 def test_release_is_the_public_part_of_the_wheel_version(version: str, release: str) -> None:
     assert lockfile.release_from_version(version) == release
@@ -102,17 +122,21 @@ def test_priority_and_modules_survive_dump_and_parse() -> None:
 
 @pytest.mark.parametrize(
     "extra, message",
-    [('release = "latest"', "'release' must be a FlashInfer version"),
-     ("release = 7", "'release' must be a FlashInfer version"),
-     ('priority = "high"', "'priority' must be an integer"),
-     ("priority = true", "'priority' must be an integer"),
-     ('modules = "norm"', "'modules' must be a non-empty list"),
-     ("modules = []", "'modules' must be a non-empty list"),
-     ('modules = ["norm/norm.so"]', "'modules' must be a non-empty list")],
+    [
+        ('release = "latest"', "'release' must be a FlashInfer version"),
+        ("release = 7", "'release' must be a FlashInfer version"),
+        ('priority = "high"', "'priority' must be an integer"),
+        ("priority = true", "'priority' must be an integer"),
+        ('modules = "norm"', "'modules' must be a non-empty list"),
+        ("modules = []", "'modules' must be a non-empty list"),
+        ('modules = ["norm/norm.so"]', "'modules' must be a non-empty list"),
+    ],
 )
 def test_bad_release_priority_or_modules_is_a_lock_error(extra: str, message: str) -> None:
-    text = (f'version = 1\n[[kernel]]\nfilename = "{NAME_063}"\nsha256 = "{SHA_A}"\ncuda = "13.0"\n'
-            f'arch = "x86_64"\n{extra}\n')
+    text = (
+        f'version = 1\n[[kernel]]\nfilename = "{NAME_063}"\nsha256 = "{SHA_A}"\ncuda = "13.0"\n'
+        f'arch = "x86_64"\n{extra}\n'
+    )
     with pytest.raises(LockError, match=message):
         lockfile.parse_lock(text, Path("/l/bad.lock"))
 
@@ -196,8 +220,10 @@ def test_release_against_no_release_at_equal_priority_is_an_error_naming_both() 
 def write_zip(path: Path, files: dict[str, bytes]) -> Path:
     """A wheel holding exactly ``files`` plus a RECORD (no members added)."""
     info = next(n.split("/")[0] for n in files if n.endswith(".dist-info/METADATA"))
-    record = [f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}"
-              for n, d in files.items()]
+    record = [
+        f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}"
+        for n, d in files.items()
+    ]
     files = {**files, f"{info}/RECORD": ("\n".join([*record, f"{info}/RECORD,,"]) + "\n").encode()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as zf:
@@ -212,19 +238,27 @@ def upstream_072_set(tmp_path: Path) -> tuple[Path, Path]:
     only, requiring the provider) and one provider wheel ``flashinfer-jit-cache-sm90a`` holding a module."""
     version = "0.7.2.post1+cu130"
     meta_info = f"flashinfer_jit_cache-{version}.dist-info"
-    meta = write_zip(tmp_path / f"flashinfer_jit_cache-{version}-cp39-abi3-manylinux_2_28_x86_64.whl", {
-        f"{meta_info}/METADATA": (f"Metadata-Version: 2.1\nName: flashinfer-jit-cache\nVersion: {version}\n"
-                                  f"Requires-Dist: flashinfer-jit-cache-sm90a=={version}\n").encode(),
-        f"{meta_info}/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: cp39-abi3-manylinux_2_28_x86_64\n",
-    })
+    meta = write_zip(
+        tmp_path / f"flashinfer_jit_cache-{version}-cp39-abi3-manylinux_2_28_x86_64.whl",
+        {
+            f"{meta_info}/METADATA": (
+                f"Metadata-Version: 2.1\nName: flashinfer-jit-cache\nVersion: {version}\n"
+                f"Requires-Dist: flashinfer-jit-cache-sm90a=={version}\n"
+            ).encode(),
+            f"{meta_info}/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: cp39-abi3-manylinux_2_28_x86_64\n",
+        },
+    )
     prov_info = f"flashinfer_jit_cache_sm90a-{version}.dist-info"
-    provider = write_zip(tmp_path / f"flashinfer_jit_cache_sm90a-{version}-cp39-abi3-manylinux_2_28_x86_64.whl", {
-        "flashinfer_jit_cache/jit_cache/norm/norm.so": b"\x7fELF not really",
-        f"{prov_info}/METADATA": (
-            f"Metadata-Version: 2.1\nName: flashinfer-jit-cache-sm90a\nVersion: {version}\n".encode()
-        ),
-        f"{prov_info}/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: cp39-abi3-manylinux_2_28_x86_64\n",
-    })
+    provider = write_zip(
+        tmp_path / f"flashinfer_jit_cache_sm90a-{version}-cp39-abi3-manylinux_2_28_x86_64.whl",
+        {
+            "flashinfer_jit_cache/jit_cache/norm/norm.so": b"\x7fELF not really",
+            f"{prov_info}/METADATA": (
+                f"Metadata-Version: 2.1\nName: flashinfer-jit-cache-sm90a\nVersion: {version}\n".encode()
+            ),
+            f"{prov_info}/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: cp39-abi3-manylinux_2_28_x86_64\n",
+        },
+    )
     return meta, provider
 
 
@@ -270,7 +304,10 @@ def test_a_metadata_wheel_is_pinned_when_the_kind_is_given(upstream_072_set: tup
 
 @pytest.fixture
 def both_releases(
-    wheels_063: list[Path], wheel_072: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    wheels_063: list[Path],
+    wheel_072: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> Iterator[Callable[[str], Path]]:
     """Lock the three real wheels with `fi-ffi lock`; returns ``use(extra_toml_per_072_entry)`` → lock path,
@@ -362,11 +399,15 @@ def _072_uris() -> list[str]:
 # ------------------------------------------------------------------------------- module names per release
 
 F16 = dtypes.float16
-FA2_072 = ("batch_prefill_with_kv_cache_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_qk_128_head_dim_vo_"
-           "128_posenc_0_use_swa_False_use_logits_cap_False_f16qk_False_kv_stride_equal")
+FA2_072 = (
+    "batch_prefill_with_kv_cache_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_qk_128_head_dim_vo_"
+    "128_posenc_0_use_swa_False_use_logits_cap_False_f16qk_False_kv_stride_equal"
+)
 FA2_063 = FA2_072.removesuffix("_kv_stride_equal")
-MLA_072 = ("batch_mla_attention_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_ckv_512_head_dim_kpe_64_"
-           "profiler_False_planabi2")
+MLA_072 = (
+    "batch_mla_attention_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_ckv_512_head_dim_kpe_64_"
+    "profiler_False_planabi2"
+)
 MLA_063 = MLA_072.removesuffix("_planabi2")
 FA2_BASE = Variant("batch_prefill", F16, F16, F16, 128, 128, dtypes.int32)
 
@@ -378,28 +419,40 @@ def test_072_names_are_spelled_as_upstream_builds_them() -> None:
     assert Variant("batch_mla", F16, F16, F16, 512, 64, dtypes.int32).uri == MLA_063
     # 0.7.x puts the backend after the tag (get_batch_mla_uri): ..._planabi2_sm90
     assert Variant("batch_mla", F16, F16, F16, 512, 64, dtypes.int32, backend="fa3", abi="planabi2").uri == (
-        MLA_072 + "_sm90")
-    assert Variant.parse(MLA_072 + "_sm90") == Variant("batch_mla", F16, F16, F16, 512, 64, dtypes.int32, backend="fa3",
-                                                       abi="planabi2")
+        MLA_072 + "_sm90"
+    )
+    assert Variant.parse(MLA_072 + "_sm90") == Variant(
+        "batch_mla", F16, F16, F16, 512, 64, dtypes.int32, backend="fa3", abi="planabi2"
+    )
 
 
 @pytest.mark.parametrize(
     "kwargs, text",
-    [(dict(kind="batch_decode", abi="kv_stride_equal"), "abi"),
-     (dict(kind="batch_prefill", abi="planabi2"), "abi"),
-     (dict(kind="batch_prefill", backend="fa3", abi="kv_stride_equal"), "abi"),
-     (dict(kind="batch_prefill", use_profiler=True), "use_profiler"),
-     (dict(kind="batch_mla", pos_encoding=1), "batch_mla")],
+    [
+        (dict(kind="batch_decode", abi="kv_stride_equal"), "abi"),
+        (dict(kind="batch_prefill", abi="planabi2"), "abi"),
+        (dict(kind="batch_prefill", backend="fa3", abi="kv_stride_equal"), "abi"),
+        (dict(kind="batch_prefill", use_profiler=True), "use_profiler"),
+        (dict(kind="batch_mla", pos_encoding=1), "batch_mla"),
+    ],
 )
 def test_a_tag_or_flag_the_kind_does_not_have_is_refused(kwargs: dict[str, object], text: str) -> None:
-    base: dict[str, object] = dict(dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=128, head_dim_vo=128,
-                                   dtype_idx=dtypes.int32)
+    base: dict[str, object] = dict(
+        dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=128, head_dim_vo=128, dtype_idx=dtypes.int32
+    )
     with pytest.raises(ValueError, match=text):
         Variant(**{**base, **kwargs})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("uri", [FA2_063 + "_kv_stride_bogus", MLA_063 + "_planabi3", FA2_063 + "_sm90_kv_stride_equal",
-                                 MLA_072.replace("profiler_False", "profiler_Maybe")])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        FA2_063 + "_kv_stride_bogus",
+        MLA_063 + "_planabi3",
+        FA2_063 + "_sm90_kv_stride_equal",
+        MLA_072.replace("profiler_False", "profiler_Maybe"),
+    ],
+)
 def test_unknown_tags_do_not_parse(uri: str) -> None:
     assert Variant.parse(uri) is None
 
@@ -412,8 +465,11 @@ def test_every_072_module_name_parses_and_round_trips(wheel_072: Path) -> None:
     assert sorted(set(uris) - set(attention)) == ["cascade", "norm", "page", "rope", "sampling", "silu_and_mul"]
     assert all(v.uri == u for u, v in attention.items())
     assert {(v.kind, v.backend, v.abi) for v in attention.values()} == {
-        ("batch_decode", "fa2", ""), ("batch_prefill", "fa2", "kv_stride_equal"), ("batch_prefill", "fa3", ""),
-        ("batch_mla", "fa2", "planabi2")}
+        ("batch_decode", "fa2", ""),
+        ("batch_prefill", "fa2", "kv_stride_equal"),
+        ("batch_prefill", "fa3", ""),
+        ("batch_mla", "fa2", "planabi2"),
+    }
 
 
 def test_the_063_mla_names_parse_untagged(wheels_063: list[Path]) -> None:
@@ -427,8 +483,12 @@ def test_the_063_mla_names_parse_untagged(wheels_063: list[Path]) -> None:
 
 @pytest.mark.parametrize(
     "kind, text",
-    [("gdn_prefill", "FlashInfer <= 0.6.13"), ("gdn_prefill_sm90", "removed it in 0.6.14"),
-     ("single_prefill", "use the batch calls"), ("single_decode", "0.7.x does not prebuild single decode")],
+    [
+        ("gdn_prefill", "FlashInfer <= 0.6.13"),
+        ("gdn_prefill_sm90", "removed it in 0.6.14"),
+        ("single_prefill", "use the batch calls"),
+        ("single_decode", "0.7.x does not prebuild single decode"),
+    ],
 )
 def test_not_shipped_says_which_releases_have_it(kind: str, text: str) -> None:
     assert text in V.not_shipped(kind)
@@ -462,8 +522,9 @@ def test_list_variants_rows_carry_the_release(both_releases: Callable[[str], Pat
 
 
 @pytest.fixture
-def only_072(wheel_072: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-             capsys: pytest.CaptureFixture[str]) -> Iterator[Path]:
+def only_072(
+    wheel_072: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Path]:
     assert main(["lock", str(wheel_072)]) == 0
     lock = tmp_path / "072.lock"
     lock.write_text(capsys.readouterr().out)
@@ -535,7 +596,10 @@ def test_the_packaged_lock_records_release_063_on_every_kernel_entry() -> None:
 
 
 def test_the_072_test_run_lock_prefers_072_and_keeps_063_for_the_rest(
-    kernel_modules: list[str], wheels_063: list[Path], wheel_072: Path, tmp_path: Path,
+    kernel_modules: list[str],
+    wheels_063: list[Path],
+    wheel_072: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The session lock of ``FI_FFI_TEST_RELEASE=0.7.2`` (tests/conftest.py): 0.7.2 entries at priority 1."""

@@ -22,8 +22,12 @@ NNZ, HQ, HK, D = 5, 4, 2, 128
 
 
 def qk(dtype: str = "float16", d: int = D) -> dict[str, Tensor]:
-    return {"q": fake_cuda((NNZ, HQ, d), dtype), "k": fake_cuda((NNZ, HK, d), dtype),
-            "q_rope": fake_cuda((NNZ, HQ, d), dtype), "k_rope": fake_cuda((NNZ, HK, d), dtype)}
+    return {
+        "q": fake_cuda((NNZ, HQ, d), dtype),
+        "k": fake_cuda((NNZ, HK, d), dtype),
+        "q_rope": fake_cuda((NNZ, HQ, d), dtype),
+        "k_rope": fake_cuda((NNZ, HK, d), dtype),
+    }
 
 
 def pos(dtype: str = "int32", n: int = NNZ) -> Tensor:
@@ -42,22 +46,32 @@ CALLS = {
     "apply_rope_pos_ids": lambda t: call_pos_ids(t, pos(), rotary_dim=64, interleave=True),
     "apply_rope_pos_ids_inplace": lambda t: fi_ffi.apply_rope_pos_ids_inplace(t["q"], t["k"], pos("int64")),
     "apply_llama31_rope_pos_ids": lambda t: fi_ffi.apply_llama31_rope_pos_ids(
-        t["q"], t["k"], pos(), q_rope=t["q_rope"], k_rope=t["k_rope"]),
+        t["q"], t["k"], pos(), q_rope=t["q_rope"], k_rope=t["k_rope"]
+    ),
     "apply_llama31_rope_pos_ids_inplace": lambda t: fi_ffi.apply_llama31_rope_pos_ids_inplace(
-        t["q"], t["k"], pos(), 32, False, 8, 5e5, 1, 4, 8192),
+        t["q"], t["k"], pos(), 32, False, 8, 5e5, 1, 4, 8192
+    ),
     "apply_rope": lambda t: fi_ffi.apply_rope(t["q"], t["k"], *ragged(), q_rope=t["q_rope"], k_rope=t["k_rope"]),
     "apply_rope_inplace": lambda t: fi_ffi.apply_rope_inplace(t["q"], t["k"], *ragged("int64"), interleave=True),
     "apply_llama31_rope": lambda t: fi_ffi.apply_llama31_rope(
-        t["q"], t["k"], *ragged(), rotary_dim=96, q_rope=t["q_rope"], k_rope=t["k_rope"]),
+        t["q"], t["k"], *ragged(), rotary_dim=96, q_rope=t["q_rope"], k_rope=t["k_rope"]
+    ),
     "apply_llama31_rope_inplace": lambda t: fi_ffi.apply_llama31_rope_inplace(t["q"], t["k"], *ragged()),
     "apply_rope_with_cos_sin_cache (3-D)": lambda t: fi_ffi.apply_rope_with_cos_sin_cache(
-        pos(), t["q"], t["k"], D, fake_cuda((64, D), "float32"), query_out=t["q_rope"], key_out=t["k_rope"]),
+        pos(), t["q"], t["k"], D, fake_cuda((64, D), "float32"), query_out=t["q_rope"], key_out=t["k_rope"]
+    ),
     "apply_rope_with_cos_sin_cache (2-D)": lambda t: fi_ffi.apply_rope_with_cos_sin_cache(
-        pos(), *(fake_cuda((NNZ, h * D), t["q"].dtype.name) for h in (HQ, HK)), D, fake_cuda((64, 64), "float32"),
-        False, query_out=fake_cuda((NNZ, HQ * D), t["q"].dtype.name),
-        key_out=fake_cuda((NNZ, HK * D), t["q"].dtype.name)),
+        pos(),
+        *(fake_cuda((NNZ, h * D), t["q"].dtype.name) for h in (HQ, HK)),
+        D,
+        fake_cuda((64, 64), "float32"),
+        False,
+        query_out=fake_cuda((NNZ, HQ * D), t["q"].dtype.name),
+        key_out=fake_cuda((NNZ, HK * D), t["q"].dtype.name),
+    ),
     "apply_rope_with_cos_sin_cache_inplace": lambda t: fi_ffi.apply_rope_with_cos_sin_cache_inplace(
-        pos("int64"), t["q"], t["k"], D, fake_cuda((64, D), "float32")),
+        pos("int64"), t["q"], t["k"], D, fake_cuda((64, D), "float32")
+    ),
 }
 
 
@@ -89,20 +103,28 @@ def test_fused_qkv_slices_in_place_reach_the_kernel(kernel_modules: object) -> N
     # out of place into slices of another fused buffer
     out = fake_cuda((NNZ, width))
     with pytest.raises(KernelError):
-        fi_ffi.apply_rope_pos_ids(q, k, pos(), q_rope=out.view((NNZ, HQ, D), (width, D, 1)),
-                                  k_rope=out.view((NNZ, HK, D), (width, D, 1), offset=HQ * D))
+        fi_ffi.apply_rope_pos_ids(
+            q,
+            k,
+            pos(),
+            q_rope=out.view((NNZ, HQ, D), (width, D, 1)),
+            k_rope=out.view((NNZ, HK, D), (width, D, 1), offset=HQ * D),
+        )
 
 
 # ---- bad inputs: our errors, naming the argument -----------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "rotary_dim, pattern",
-    [(0, r"rotary_dim: expected 0 < rotary_dim <= head_dim \(128\), got 0"),
-     (-2, r"rotary_dim: expected 0 < rotary_dim <= head_dim"),
-     (130, r"rotary_dim: expected 0 < rotary_dim <= head_dim \(128\), got 130"),
-     (63, r"rotary_dim: expected an even rotary_dim"),
-     (40, r"rotary_dim: expected a multiple of 16 for head_dim 128, not interleaved"),
-     (1 << 40, r"rotary_dim: expected 0 < rotary_dim")],
+    [
+        (0, r"rotary_dim: expected 0 < rotary_dim <= head_dim \(128\), got 0"),
+        (-2, r"rotary_dim: expected 0 < rotary_dim <= head_dim"),
+        (130, r"rotary_dim: expected 0 < rotary_dim <= head_dim \(128\), got 130"),
+        (63, r"rotary_dim: expected an even rotary_dim"),
+        (40, r"rotary_dim: expected a multiple of 16 for head_dim 128, not interleaved"),
+        (1 << 40, r"rotary_dim: expected 0 < rotary_dim"),
+    ],
 )
 def test_rotary_dim_out_of_range_odd_or_off_vector_is_named(rotary_dim: int, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
@@ -118,16 +140,18 @@ def test_rotary_dim_vector_rule_depends_on_interleave_and_head_dim(kernel_module
 
 @pytest.mark.parametrize(
     "kw, exc, pattern",
-    [(dict(rotary_dim=64.0), TypeError, "rotary_dim: expected an int, got float"),
-     (dict(rotary_dim="64"), TypeError, "rotary_dim: expected an int"),
-     (dict(interleave="yes"), TypeError, "interleave: expected a bool, got 'yes'"),
-     (dict(interleave=2), TypeError, "interleave: expected a bool, got 2"),
-     (dict(interleave=None), TypeError, "interleave: expected a bool"),
-     (dict(rope_scale=0.0), ValueError, "rope_scale: expected a finite value > 0, got 0.0"),
-     (dict(rope_scale=float("nan")), ValueError, "rope_scale: expected a finite value > 0"),
-     (dict(rope_theta=-1.0), ValueError, "rope_theta: expected a finite value > 0"),
-     (dict(rope_theta="1e4"), TypeError, "rope_theta: expected a float"),
-     (dict(stream="default"), TypeError, "stream")],
+    [
+        (dict(rotary_dim=64.0), TypeError, "rotary_dim: expected an int, got float"),
+        (dict(rotary_dim="64"), TypeError, "rotary_dim: expected an int"),
+        (dict(interleave="yes"), TypeError, "interleave: expected a bool, got 'yes'"),
+        (dict(interleave=2), TypeError, "interleave: expected a bool, got 2"),
+        (dict(interleave=None), TypeError, "interleave: expected a bool"),
+        (dict(rope_scale=0.0), ValueError, "rope_scale: expected a finite value > 0, got 0.0"),
+        (dict(rope_scale=float("nan")), ValueError, "rope_scale: expected a finite value > 0"),
+        (dict(rope_theta=-1.0), ValueError, "rope_theta: expected a finite value > 0"),
+        (dict(rope_theta="1e4"), TypeError, "rope_theta: expected a float"),
+        (dict(stream="default"), TypeError, "stream"),
+    ],
 )
 def test_bad_scalars_are_named(kw: dict, exc: type, pattern: str) -> None:
     with pytest.raises(exc, match=pattern):
@@ -136,10 +160,12 @@ def test_bad_scalars_are_named(kw: dict, exc: type, pattern: str) -> None:
 
 @pytest.mark.parametrize(
     "kw, pattern",
-    [(dict(high_freq_factor=1.0), r"high_freq_factor: expected a value > low_freq_factor \(1.0\), got 1.0"),
-     (dict(low_freq_factor=0.0), "low_freq_factor: expected a finite value > 0"),
-     (dict(high_freq_factor=float("inf")), "high_freq_factor: expected a finite value"),
-     (dict(old_context_len=-8192), "old_context_len: expected a finite value > 0")],
+    [
+        (dict(high_freq_factor=1.0), r"high_freq_factor: expected a value > low_freq_factor \(1.0\), got 1.0"),
+        (dict(low_freq_factor=0.0), "low_freq_factor: expected a finite value > 0"),
+        (dict(high_freq_factor=float("inf")), "high_freq_factor: expected a finite value"),
+        (dict(old_context_len=-8192), "old_context_len: expected a finite value > 0"),
+    ],
 )
 def test_bad_llama31_factors_are_named(kw: dict, pattern: str) -> None:
     t = qk()
@@ -155,34 +181,69 @@ def with_(**changes: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "tensors, p, exc, pattern",
-    [(with_(), pos("float32"), TypeError, "pos_ids: expected dtype int32, int64, got float32"),
-     (with_(), pos(n=NNZ + 1), ValueError, r"pos_ids: expected shape \(5,\) \(\[nnz\]\), got \(6,\)"),
-     (with_(), fake_cuda((NNZ, 1), "int32"), ValueError, "pos_ids: expected a 1-D tensor"),
-     (with_(), fake_cuda((NNZ,), "int32", strides=(2,)), ValueError, "pos_ids: expected a contiguous tensor"),
-     (with_(), fake_cuda((NNZ,), "int32", device="cpu"), ValueError, "pos_ids: expected a tensor on cuda:0"),
-     (with_(q=fake_cuda((NNZ, HQ, D), "float32")), pos(), TypeError,
-      "q: expected dtype float16, bfloat16, got float32"),
-     (with_(q=fake_cuda((NNZ, HQ * D))), pos(), ValueError,
-      r"q: expected a 3-D tensor \[nnz, num_qo_heads, head_dim\]"),
-     (with_(q=fake_cuda((NNZ, HQ, 96)), q_rope=fake_cuda((NNZ, HQ, 96))), pos(), ValueError,
-      "q: head_dim 96 is not supported"),
-     (with_(k=fake_cuda((NNZ + 1, HK, D))), pos(), ValueError, r"k: expected shape \(5, num_kv_heads >= 1, 128\)"),
-     (with_(k=fake_cuda((NNZ, HK, 64))), pos(), ValueError, r"k: expected shape \(5, num_kv_heads >= 1, 128\)"),
-     (with_(k=fake_cuda((NNZ, HK, D), "bfloat16")), pos(), TypeError, r"k: expected dtype float16 \(same as q\)"),
-     (with_(q_rope=fake_cuda((NNZ, HK, D))), pos(), ValueError, r"q_rope: expected shape \(5, 4, 128\)"),
-     (with_(k_rope=fake_cuda((NNZ, HK, D), "bfloat16")), pos(), TypeError, "k_rope: expected dtype float16"),
-     (with_(k_rope=fake_cuda((NNZ, HK, D), device=1)), pos(), ValueError, r"k_rope: expected a tensor on cuda:0"),
-     (with_(q=fake_cuda((NNZ, HQ, D), device="cpu")), pos(), ValueError, "q: expected a CUDA device tensor"),
-     (with_(q=fake_cuda((NNZ, HQ, D), strides=(HQ * D * 2, D * 2, 2))), pos(), ValueError,
-      "q: the last dimension must be contiguous"),
-     (with_(k=fake_cuda((NNZ, HK, D), strides=(HK * D + 4, D, 1))), pos(), ValueError,
-      "k: stride of dimension 0 must be a multiple of 8 elements"),
-     (with_(q_rope=fake_cuda((NNZ, HQ, D)).view((NNZ, HQ, D), offset=4)), pos(), ValueError,
-      "q_rope: data pointer .* must be aligned to 16 bytes"),
-     (with_(q=Tensor.from_pointer(0, (NNZ, HQ, D), "float16", 0)), pos(), ValueError, "q: data pointer is NULL"),
-     (with_(q=fake_cuda((0, HQ, D)), k=fake_cuda((0, HK, D)), q_rope=fake_cuda((0, HQ, D)),
-            k_rope=fake_cuda((0, HK, D))), pos(n=0), ValueError, "q: expected at least one token"),
-     (with_(k=None), pos(), TypeError, "k: expected a tensor, got None")],
+    [
+        (with_(), pos("float32"), TypeError, "pos_ids: expected dtype int32, int64, got float32"),
+        (with_(), pos(n=NNZ + 1), ValueError, r"pos_ids: expected shape \(5,\) \(\[nnz\]\), got \(6,\)"),
+        (with_(), fake_cuda((NNZ, 1), "int32"), ValueError, "pos_ids: expected a 1-D tensor"),
+        (with_(), fake_cuda((NNZ,), "int32", strides=(2,)), ValueError, "pos_ids: expected a contiguous tensor"),
+        (with_(), fake_cuda((NNZ,), "int32", device="cpu"), ValueError, "pos_ids: expected a tensor on cuda:0"),
+        (
+            with_(q=fake_cuda((NNZ, HQ, D), "float32")),
+            pos(),
+            TypeError,
+            "q: expected dtype float16, bfloat16, got float32",
+        ),
+        (
+            with_(q=fake_cuda((NNZ, HQ * D))),
+            pos(),
+            ValueError,
+            r"q: expected a 3-D tensor \[nnz, num_qo_heads, head_dim\]",
+        ),
+        (
+            with_(q=fake_cuda((NNZ, HQ, 96)), q_rope=fake_cuda((NNZ, HQ, 96))),
+            pos(),
+            ValueError,
+            "q: head_dim 96 is not supported",
+        ),
+        (with_(k=fake_cuda((NNZ + 1, HK, D))), pos(), ValueError, r"k: expected shape \(5, num_kv_heads >= 1, 128\)"),
+        (with_(k=fake_cuda((NNZ, HK, 64))), pos(), ValueError, r"k: expected shape \(5, num_kv_heads >= 1, 128\)"),
+        (with_(k=fake_cuda((NNZ, HK, D), "bfloat16")), pos(), TypeError, r"k: expected dtype float16 \(same as q\)"),
+        (with_(q_rope=fake_cuda((NNZ, HK, D))), pos(), ValueError, r"q_rope: expected shape \(5, 4, 128\)"),
+        (with_(k_rope=fake_cuda((NNZ, HK, D), "bfloat16")), pos(), TypeError, "k_rope: expected dtype float16"),
+        (with_(k_rope=fake_cuda((NNZ, HK, D), device=1)), pos(), ValueError, r"k_rope: expected a tensor on cuda:0"),
+        (with_(q=fake_cuda((NNZ, HQ, D), device="cpu")), pos(), ValueError, "q: expected a CUDA device tensor"),
+        (
+            with_(q=fake_cuda((NNZ, HQ, D), strides=(HQ * D * 2, D * 2, 2))),
+            pos(),
+            ValueError,
+            "q: the last dimension must be contiguous",
+        ),
+        (
+            with_(k=fake_cuda((NNZ, HK, D), strides=(HK * D + 4, D, 1))),
+            pos(),
+            ValueError,
+            "k: stride of dimension 0 must be a multiple of 8 elements",
+        ),
+        (
+            with_(q_rope=fake_cuda((NNZ, HQ, D)).view((NNZ, HQ, D), offset=4)),
+            pos(),
+            ValueError,
+            "q_rope: data pointer .* must be aligned to 16 bytes",
+        ),
+        (with_(q=Tensor.from_pointer(0, (NNZ, HQ, D), "float16", 0)), pos(), ValueError, "q: data pointer is NULL"),
+        (
+            with_(
+                q=fake_cuda((0, HQ, D)),
+                k=fake_cuda((0, HK, D)),
+                q_rope=fake_cuda((0, HQ, D)),
+                k_rope=fake_cuda((0, HK, D)),
+            ),
+            pos(n=0),
+            ValueError,
+            "q: expected at least one token",
+        ),
+        (with_(k=None), pos(), TypeError, "k: expected a tensor, got None"),
+    ],
 )
 def test_bad_tensors_are_named(tensors: dict, p: Any, exc: type, pattern: str) -> None:
     with pytest.raises(exc, match=pattern):
@@ -201,13 +262,23 @@ def test_missing_outputs_say_that_fi_ffi_does_not_allocate() -> None:
 
 @pytest.mark.parametrize(
     "indptr, offsets, exc, pattern",
-    [(fake_cuda((3,), "int32"), fake_cuda((2,), "int64"), TypeError,
-      r"offsets: expected dtype int32 \(same as indptr\)"),
-     (fake_cuda((3,), "int32"), fake_cuda((3,), "int32"), ValueError,
-      r"offsets: expected shape \(2,\) \(\[batch_size\]\)"),
-     (fake_cuda((1,), "int32"), fake_cuda((0,), "int32"), ValueError, "indptr: expected at least 2 entries"),
-     (fake_cuda((3,), "float32"), fake_cuda((2,), "float32"), TypeError, "indptr: expected dtype int32, int64"),
-     (fake_cuda((3, 1), "int32"), fake_cuda((2,), "int32"), ValueError, "indptr: expected a 1-D tensor")],
+    [
+        (
+            fake_cuda((3,), "int32"),
+            fake_cuda((2,), "int64"),
+            TypeError,
+            r"offsets: expected dtype int32 \(same as indptr\)",
+        ),
+        (
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            ValueError,
+            r"offsets: expected shape \(2,\) \(\[batch_size\]\)",
+        ),
+        (fake_cuda((1,), "int32"), fake_cuda((0,), "int32"), ValueError, "indptr: expected at least 2 entries"),
+        (fake_cuda((3,), "float32"), fake_cuda((2,), "float32"), TypeError, "indptr: expected dtype int32, int64"),
+        (fake_cuda((3, 1), "int32"), fake_cuda((2,), "int32"), ValueError, "indptr: expected a 1-D tensor"),
+    ],
 )
 def test_bad_indptr_and_offsets_are_named(indptr: Tensor, offsets: Tensor, exc: type, pattern: str) -> None:
     t = qk()
@@ -216,6 +287,7 @@ def test_bad_indptr_and_offsets_are_named(indptr: Tensor, offsets: Tensor, exc: 
 
 
 # ---- aliasing -----------------------------------------------------------------------------------------------
+
 
 def test_outputs_that_partly_overlap_an_input_are_refused() -> None:
     t = qk()
@@ -251,23 +323,36 @@ def test_row_refined_overlap_test() -> None:
 
 # ---- cos/sin cache --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "cache, head_size, exc, pattern",
-    [(fake_cuda((64, D), "float16"), D, TypeError, "cos_sin_cache: expected dtype float32, got float16"),
-     (fake_cuda((64, 2 * D), "float32"), D, ValueError, r"cos_sin_cache: its width \(rotary_dim\): expected 0 <"),
-     (fake_cuda((64, 24), "float32"), D, ValueError,
-      r"cos_sin_cache: its width \(rotary_dim\): expected a multiple of 16"),
-     (fake_cuda((64, D, 1), "float32"), D, ValueError, "cos_sin_cache: expected a 2-D tensor"),
-     (fake_cuda((64, D), "float32", strides=(2 * D, 1)), D, ValueError, "cos_sin_cache: expected a contiguous"),
-     (fake_cuda((64, D), "float32"), 64, ValueError, r"query: its last dimension \(128\) must equal head_size \(64\)"),
-     (fake_cuda((64, D), "float32"), 0, TypeError, "head_size: expected an int >= 1"),
-     (fake_cuda((64, D), "float32"), 128.0, TypeError, "head_size: expected an int >= 1")],
+    [
+        (fake_cuda((64, D), "float16"), D, TypeError, "cos_sin_cache: expected dtype float32, got float16"),
+        (fake_cuda((64, 2 * D), "float32"), D, ValueError, r"cos_sin_cache: its width \(rotary_dim\): expected 0 <"),
+        (
+            fake_cuda((64, 24), "float32"),
+            D,
+            ValueError,
+            r"cos_sin_cache: its width \(rotary_dim\): expected a multiple of 16",
+        ),
+        (fake_cuda((64, D, 1), "float32"), D, ValueError, "cos_sin_cache: expected a 2-D tensor"),
+        (fake_cuda((64, D), "float32", strides=(2 * D, 1)), D, ValueError, "cos_sin_cache: expected a contiguous"),
+        (
+            fake_cuda((64, D), "float32"),
+            64,
+            ValueError,
+            r"query: its last dimension \(128\) must equal head_size \(64\)",
+        ),
+        (fake_cuda((64, D), "float32"), 0, TypeError, "head_size: expected an int >= 1"),
+        (fake_cuda((64, D), "float32"), 128.0, TypeError, "head_size: expected an int >= 1"),
+    ],
 )
 def test_bad_cos_sin_cache_calls_are_named(cache: Tensor, head_size: Any, exc: type, pattern: str) -> None:
     t = qk()
     with pytest.raises(exc, match=pattern):
-        fi_ffi.apply_rope_with_cos_sin_cache(pos(), t["q"], t["k"], head_size, cache, query_out=t["q_rope"],
-                                             key_out=t["k_rope"])
+        fi_ffi.apply_rope_with_cos_sin_cache(
+            pos(), t["q"], t["k"], head_size, cache, query_out=t["q_rope"], key_out=t["k_rope"]
+        )
 
 
 def test_bad_2d_query_and_positions_are_named() -> None:
@@ -275,11 +360,13 @@ def test_bad_2d_query_and_positions_are_named() -> None:
     with pytest.raises(ValueError, match=r"query: its width 500 is not a multiple of head_size \(128\)"):
         fi_ffi.apply_rope_with_cos_sin_cache_inplace(pos(), fake_cuda((NNZ, 500)), fake_cuda((NNZ, HK * D)), D, cache)
     with pytest.raises(TypeError, match="positions: expected dtype int32, int64, got float16"):
-        fi_ffi.apply_rope_with_cos_sin_cache_inplace(fake_cuda((NNZ,)), fake_cuda((NNZ, HQ * D)),
-                                                     fake_cuda((NNZ, HK * D)), D, cache)
+        fi_ffi.apply_rope_with_cos_sin_cache_inplace(
+            fake_cuda((NNZ,)), fake_cuda((NNZ, HQ * D)), fake_cuda((NNZ, HK * D)), D, cache
+        )
     with pytest.raises(TypeError, match="is_neox: expected a bool"):
-        fi_ffi.apply_rope_with_cos_sin_cache_inplace(pos(), fake_cuda((NNZ, HQ * D)), fake_cuda((NNZ, HK * D)), D,
-                                                     cache, "neox")
+        fi_ffi.apply_rope_with_cos_sin_cache_inplace(
+            pos(), fake_cuda((NNZ, HQ * D)), fake_cuda((NNZ, HK * D)), D, cache, "neox"
+        )
 
 
 def test_a_validated_layout_stays_on_the_fast_path(kernel_modules: object) -> None:

@@ -22,8 +22,9 @@ MIB = 1 << 20
 R, L, K = 4, 256, 8
 
 
-def fake_cuda(shape: tuple[int, ...], dtype: str = "float32", strides: tuple[int, ...] | None = None,
-              device: object = "cuda:0") -> Tensor:
+def fake_cuda(
+    shape: tuple[int, ...], dtype: str = "float32", strides: tuple[int, ...] | None = None, device: object = "cuda:0"
+) -> Tensor:
     """A descriptor that claims CUDA memory but points at host memory (never touched: there is no GPU)."""
     host = np.zeros(max(1, int(np.prod(shape))) * 16 + 64, dtype=np.uint8)
     ptr = (host.ctypes.data + 15) // 16 * 16
@@ -47,42 +48,62 @@ def states(nbytes: int = MIB, **kw: Any) -> Tensor:
 def test_top_k_reaches_the_device_check(kernel_modules: list[str], dtype: str) -> None:
     values, indices = fake_cuda((R, K), dtype), fake_cuda((R, K), "int32")
     text = reached(lambda: fi_ffi.top_k(fake_cuda((R, L), dtype), K, values, indices, states()))
-    assert f"topk.radix_topk(DLTensor*({dtype}[4, 256] cuda:0), DLTensor*(int32[4, 8] cuda:0), " \
-           f"DLTensor*({dtype}[4, 8] cuda:0), DLTensor*(uint8[1048576] cuda:0), 8)" in text
+    assert (
+        f"topk.radix_topk(DLTensor*({dtype}[4, 256] cuda:0), DLTensor*(int32[4, 8] cuda:0), "
+        f"DLTensor*({dtype}[4, 8] cuda:0), DLTensor*(uint8[1048576] cuda:0), 8)" in text
+    )
 
 
 @pytest.mark.parametrize("row_to_batch", [False, True])
 def test_page_table_transform_reaches_the_device_check(kernel_modules: list[str], row_to_batch: bool) -> None:
     extra = {"row_to_batch": fake_cuda((R,), "int32")} if row_to_batch else {}
-    text = reached(lambda: fi_ffi.top_k_page_table_transform(
-        fake_cuda((R, L)), fake_cuda((2 if row_to_batch else R, L), "int32"), fake_cuda((R,), "int32"), K,
-        fake_cuda((R, K), "int32"), states(), **extra))
+    text = reached(
+        lambda: fi_ffi.top_k_page_table_transform(
+            fake_cuda((R, L)),
+            fake_cuda((2 if row_to_batch else R, L), "int32"),
+            fake_cuda((R,), "int32"),
+            K,
+            fake_cuda((R, K), "int32"),
+            states(),
+            **extra,
+        )
+    )
     assert "topk.radix_topk_page_table_transform(" in text
     assert ("DLTensor*(int32[4] cuda:0), DLTensor*(int32[4] cuda:0)" in text) == row_to_batch
 
 
 def test_ragged_transform_reaches_the_device_check(kernel_modules: list[str]) -> None:
-    text = reached(lambda: fi_ffi.top_k_ragged_transform(fake_cuda((R, L), "float16"), fake_cuda((R,), "int32"),
-                                                         fake_cuda((R,), "int32"), 300, fake_cuda((R, 300), "int32"),
-                                                         states()))
+    text = reached(
+        lambda: fi_ffi.top_k_ragged_transform(
+            fake_cuda((R, L), "float16"),
+            fake_cuda((R,), "int32"),
+            fake_cuda((R,), "int32"),
+            300,
+            fake_cuda((R, 300), "int32"),
+            states(),
+        )
+    )
     assert text.rstrip(")").endswith(", 300")  # k may exceed the row length: short rows are padded with -1
 
 
 GOOD = {"input": ((R, L), "float32"), "values": ((R, K), "float32"), "indices": ((R, K), "int32")}
 
 
-@pytest.mark.parametrize(("change", "k", "exc", "pattern"), [
-    ({"input": ((R, L), "int32")}, K, TypeError, r"^input: expected dtype float32, float16, bfloat16, got int32"),
-    ({"input": ((R, 2, L), "float32")}, K, ValueError, r"^input: expected a 2-D tensor"),
-    ({"values": ((R, K), "float16")}, K, TypeError, r"^values: expected dtype float32, got float16"),
-    ({"values": ((R, K + 1), "float32")}, K, ValueError, r"^values: expected shape \(4, 8\)"),
-    ({"indices": ((R, K), "int64")}, K, TypeError, r"^indices: expected dtype int32, got int64"),
-    ({"indices": ((R + 1, K), "int32")}, K, ValueError, r"^indices: expected shape \(4, 8\)"),
-    ({}, 0, ValueError, r"^k: expected an int in \[1, 256\] \(the row length\), got 0"),
-    ({}, L + 1, ValueError, r"^k: expected an int in \[1, 256\] \(the row length\), got 257"),
-    ({}, 2.0, TypeError, r"^k: expected an int, got float"),
-    ({}, True, TypeError, r"^k: expected an int, got bool"),
-])
+@pytest.mark.parametrize(
+    ("change", "k", "exc", "pattern"),
+    [
+        ({"input": ((R, L), "int32")}, K, TypeError, r"^input: expected dtype float32, float16, bfloat16, got int32"),
+        ({"input": ((R, 2, L), "float32")}, K, ValueError, r"^input: expected a 2-D tensor"),
+        ({"values": ((R, K), "float16")}, K, TypeError, r"^values: expected dtype float32, got float16"),
+        ({"values": ((R, K + 1), "float32")}, K, ValueError, r"^values: expected shape \(4, 8\)"),
+        ({"indices": ((R, K), "int64")}, K, TypeError, r"^indices: expected dtype int32, got int64"),
+        ({"indices": ((R + 1, K), "int32")}, K, ValueError, r"^indices: expected shape \(4, 8\)"),
+        ({}, 0, ValueError, r"^k: expected an int in \[1, 256\] \(the row length\), got 0"),
+        ({}, L + 1, ValueError, r"^k: expected an int in \[1, 256\] \(the row length\), got 257"),
+        ({}, 2.0, TypeError, r"^k: expected an int, got float"),
+        ({}, True, TypeError, r"^k: expected an int, got bool"),
+    ],
+)
 def test_bad_top_k_arguments_are_named(change: dict[str, Any], k: Any, exc: type, pattern: str) -> None:
     spec = {**GOOD, **change}
     x, v, i = (fake_cuda(*spec[n]) for n in ("input", "values", "indices"))
@@ -108,8 +129,11 @@ def test_row_states_buffer_is_required_and_sized() -> None:
     x, v, i = fake_cuda((R, L)), fake_cuda((R, K)), fake_cuda((R, K), "int32")
     with pytest.raises(TypeError, match=r"^row_states_buffer: expected a tensor, got None"):
         fi_ffi.top_k(x, K, v, i, None)
-    with pytest.raises(ValueError, match=rf"^row_states_buffer: needs at least {MIB} bytes \(ROW_STATES_BYTES\), "
-                                         rf"got {MIB // 2}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^row_states_buffer: needs at least {MIB} bytes \(ROW_STATES_BYTES\), "
+        rf"got {MIB // 2}",
+    ):
         fi_ffi.top_k(x, K, v, i, states(MIB // 2))
     with pytest.raises(ValueError, match=r"^row_states_buffer: expected a 1-D tensor"):
         fi_ffi.top_k(x, K, v, i, fake_cuda((2, MIB), "uint8"))
@@ -118,40 +142,67 @@ def test_row_states_buffer_is_required_and_sized() -> None:
     assert T.ROW_STATES_BYTES == MIB
 
 
-@pytest.mark.parametrize(("change", "exc", "pattern"), [
-    ({"src_page_table": ((R, L - 1), "int32")}, ValueError,
-     r"^src_page_table: expected at least 256 columns \(the input's row length\)"),
-    ({"src_page_table": ((R - 1, L), "int32")}, ValueError,
-     r"^src_page_table: without row_to_batch, row r reads page-table row r: expected at least 4 rows"),
-    ({"src_page_table": ((R, L), "int64")}, TypeError, r"^src_page_table: expected dtype int32"),
-    ({"lengths": ((R + 1,), "int32")}, ValueError, r"^lengths: expected shape \(4,\)"),
-    ({"lengths": ((R,), "float32")}, TypeError, r"^lengths: expected dtype int32"),
-    ({"row_to_batch": ((R - 1,), "int32")}, ValueError, r"^row_to_batch: expected shape \(4,\)"),
-    ({"out": ((R, K), "int64")}, TypeError, r"^out: expected dtype int32"),
-    ({"out": ((R, K - 1), "int32")}, ValueError, r"^out: expected shape \(4, 8\)"),
-    ({"k": 0}, ValueError, r"^k: expected an int in \[1, 2\*\*31\)"),
-])
+@pytest.mark.parametrize(
+    ("change", "exc", "pattern"),
+    [
+        (
+            {"src_page_table": ((R, L - 1), "int32")},
+            ValueError,
+            r"^src_page_table: expected at least 256 columns \(the input's row length\)",
+        ),
+        (
+            {"src_page_table": ((R - 1, L), "int32")},
+            ValueError,
+            r"^src_page_table: without row_to_batch, row r reads page-table row r: expected at least 4 rows",
+        ),
+        ({"src_page_table": ((R, L), "int64")}, TypeError, r"^src_page_table: expected dtype int32"),
+        ({"lengths": ((R + 1,), "int32")}, ValueError, r"^lengths: expected shape \(4,\)"),
+        ({"lengths": ((R,), "float32")}, TypeError, r"^lengths: expected dtype int32"),
+        ({"row_to_batch": ((R - 1,), "int32")}, ValueError, r"^row_to_batch: expected shape \(4,\)"),
+        ({"out": ((R, K), "int64")}, TypeError, r"^out: expected dtype int32"),
+        ({"out": ((R, K - 1), "int32")}, ValueError, r"^out: expected shape \(4, 8\)"),
+        ({"k": 0}, ValueError, r"^k: expected an int in \[1, 2\*\*31\)"),
+    ],
+)
 def test_bad_page_table_transform_arguments_are_named(change: dict[str, Any], exc: type, pattern: str) -> None:
-    spec: dict[str, Any] = {"src_page_table": ((R, L), "int32"), "lengths": ((R,), "int32"),
-                            "out": ((R, K), "int32"), **change}
+    spec: dict[str, Any] = {
+        "src_page_table": ((R, L), "int32"),
+        "lengths": ((R,), "int32"),
+        "out": ((R, K), "int32"),
+        **change,
+    }
     extra = {"row_to_batch": fake_cuda(*spec["row_to_batch"])} if "row_to_batch" in spec else {}
     with pytest.raises(exc, match=pattern):
-        fi_ffi.top_k_page_table_transform(fake_cuda((R, L)), fake_cuda(*spec["src_page_table"]),
-                                          fake_cuda(*spec["lengths"]), spec.get("k", K), fake_cuda(*spec["out"]),
-                                          states(), **extra)
+        fi_ffi.top_k_page_table_transform(
+            fake_cuda((R, L)),
+            fake_cuda(*spec["src_page_table"]),
+            fake_cuda(*spec["lengths"]),
+            spec.get("k", K),
+            fake_cuda(*spec["out"]),
+            states(),
+            **extra,
+        )
 
 
-@pytest.mark.parametrize(("change", "exc", "pattern"), [
-    ({"offsets": ((R, 1), "int32")}, ValueError, r"^offsets: expected a 1-D tensor"),
-    ({"offsets": ((R,), "int64")}, TypeError, r"^offsets: expected dtype int32"),
-    ({"lengths": ((R - 1,), "int32")}, ValueError, r"^lengths: expected shape \(4,\)"),
-    ({"out": ((R + 1, K), "int32")}, ValueError, r"^out: expected shape \(4, 8\)"),
-    ({"k": -1}, ValueError, r"^k: expected an int in \[1, 2\*\*31\)"),
-    ({"k": 2**31}, ValueError, r"^k: expected an int in \[1, 2\*\*31\)"),
-])
+@pytest.mark.parametrize(
+    ("change", "exc", "pattern"),
+    [
+        ({"offsets": ((R, 1), "int32")}, ValueError, r"^offsets: expected a 1-D tensor"),
+        ({"offsets": ((R,), "int64")}, TypeError, r"^offsets: expected dtype int32"),
+        ({"lengths": ((R - 1,), "int32")}, ValueError, r"^lengths: expected shape \(4,\)"),
+        ({"out": ((R + 1, K), "int32")}, ValueError, r"^out: expected shape \(4, 8\)"),
+        ({"k": -1}, ValueError, r"^k: expected an int in \[1, 2\*\*31\)"),
+        ({"k": 2**31}, ValueError, r"^k: expected an int in \[1, 2\*\*31\)"),
+    ],
+)
 def test_bad_ragged_transform_arguments_are_named(change: dict[str, Any], exc: type, pattern: str) -> None:
-    spec: dict[str, Any] = {"offsets": ((R,), "int32"), "lengths": ((R,), "int32"), "out": ((R, K), "int32"),
-                            **change}
+    spec: dict[str, Any] = {"offsets": ((R,), "int32"), "lengths": ((R,), "int32"), "out": ((R, K), "int32"), **change}
     with pytest.raises(exc, match=pattern):
-        fi_ffi.top_k_ragged_transform(fake_cuda((R, L)), fake_cuda(*spec["offsets"]), fake_cuda(*spec["lengths"]),
-                                      spec.get("k", K), fake_cuda(*spec["out"]), states())
+        fi_ffi.top_k_ragged_transform(
+            fake_cuda((R, L)),
+            fake_cuda(*spec["offsets"]),
+            fake_cuda(*spec["lengths"]),
+            spec.get("k", K),
+            fake_cuda(*spec["out"]),
+            states(),
+        )

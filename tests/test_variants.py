@@ -14,37 +14,59 @@ from fi_ffi.ops.variants import Variant
 F16, BF16 = dtypes.float16, dtypes.bfloat16
 
 # URIs copied from the shared test wheel (ABI.md B): one per kind.
-BATCH_DECODE_F16_128 = ("batch_decode_with_kv_cache_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_qk_128_"
-                        "head_dim_vo_128_posenc_0_use_swa_False_use_logits_cap_False")
-SINGLE_DECODE_BF16_64 = ("single_decode_with_kv_cache_dtype_q_bf16_dtype_kv_bf16_dtype_o_bf16_head_dim_qk_64_"
-                         "head_dim_vo_64_posenc_0_use_swa_False_use_logits_cap_False")
-SINGLE_PREFILL_F16_64 = ("single_prefill_with_kv_cache_dtype_q_f16_dtype_kv_f16_dtype_o_f16_head_dim_qk_64_"
-                         "head_dim_vo_64_posenc_0_use_swa_False_use_logits_cap_False_f16qk_False")
-BATCH_PREFILL_BF16_128_FA3 = ("batch_prefill_with_kv_cache_dtype_q_bf16_dtype_kv_bf16_dtype_o_bf16_dtype_idx_i32_"
-                              "head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_use_logits_cap_False_"
-                              "f16qk_False_sm90")
+BATCH_DECODE_F16_128 = (
+    "batch_decode_with_kv_cache_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_qk_128_"
+    "head_dim_vo_128_posenc_0_use_swa_False_use_logits_cap_False"
+)
+SINGLE_DECODE_BF16_64 = (
+    "single_decode_with_kv_cache_dtype_q_bf16_dtype_kv_bf16_dtype_o_bf16_head_dim_qk_64_"
+    "head_dim_vo_64_posenc_0_use_swa_False_use_logits_cap_False"
+)
+SINGLE_PREFILL_F16_64 = (
+    "single_prefill_with_kv_cache_dtype_q_f16_dtype_kv_f16_dtype_o_f16_head_dim_qk_64_"
+    "head_dim_vo_64_posenc_0_use_swa_False_use_logits_cap_False_f16qk_False"
+)
+BATCH_PREFILL_BF16_128_FA3 = (
+    "batch_prefill_with_kv_cache_dtype_q_bf16_dtype_kv_bf16_dtype_o_bf16_dtype_idx_i32_"
+    "head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_use_logits_cap_False_"
+    "f16qk_False_sm90"
+)
 
 # The attention modules of the shared test wheel.
 EXPECTED = {
-    *(f"{k}_with_kv_cache_dtype_q_{d}_dtype_kv_{d}_dtype_o_{d}_head_dim_qk_{h}_head_dim_vo_{h}_posenc_0_use_swa_False_"
-      f"use_logits_cap_False{s}" for k, s in (("single_decode", ""), ("single_prefill", "_f16qk_False"))
-      for d in ("f16", "bf16") for h in (64, 128)),
-    *(f"{k}_with_kv_cache_dtype_q_{d}_dtype_kv_{d}_dtype_o_{d}_dtype_idx_i32_head_dim_qk_{h}_head_dim_vo_{h}_posenc_0_"
-      f"use_swa_False_use_logits_cap_False{s}" for k, s in (("batch_decode", ""), ("batch_prefill", "_f16qk_False"))
-      for d in ("f16", "bf16") for h in (64, 128)),
+    *(
+        f"{k}_with_kv_cache_dtype_q_{d}_dtype_kv_{d}_dtype_o_{d}_head_dim_qk_{h}_head_dim_vo_{h}_posenc_0_use_swa_False_"
+        f"use_logits_cap_False{s}"
+        for k, s in (("single_decode", ""), ("single_prefill", "_f16qk_False"))
+        for d in ("f16", "bf16")
+        for h in (64, 128)
+    ),
+    *(
+        f"{k}_with_kv_cache_dtype_q_{d}_dtype_kv_{d}_dtype_o_{d}_dtype_idx_i32_head_dim_qk_{h}_head_dim_vo_{h}_posenc_0_"
+        f"use_swa_False_use_logits_cap_False{s}"
+        for k, s in (("batch_decode", ""), ("batch_prefill", "_f16qk_False"))
+        for d in ("f16", "bf16")
+        for h in (64, 128)
+    ),
     *(BATCH_PREFILL_BF16_128_FA3.replace("bf16", d) for d in ("f16", "bf16")),
 }
 # The attention modules of the shared extension wheel (pinned with the core wheel by the tests' lock).
-_F16_128 = "dtype_q_f16_dtype_kv_{kv}_dtype_o_f16_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_{w}" \
-           "_use_logits_cap_{w}"
+_F16_128 = (
+    "dtype_q_f16_dtype_kv_{kv}_dtype_o_f16_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_{w}"
+    "_use_logits_cap_{w}"
+)
 EXPECTED_EXT = {
     "batch_decode_with_kv_cache_" + _F16_128.format(kv="f16", w="True"),
-    "batch_decode_with_kv_cache_" + _F16_128.format(kv="e4m3", w="False").replace("swa_False_use_logits_cap_False",
-                                                                                  "swa_False_use_logits_cap_False"),
+    "batch_decode_with_kv_cache_"
+    + _F16_128.format(kv="e4m3", w="False").replace("swa_False_use_logits_cap_False", "swa_False_use_logits_cap_False"),
     "batch_prefill_with_kv_cache_" + _F16_128.format(kv="f16", w="True") + "_f16qk_False",
     "batch_prefill_with_kv_cache_" + _F16_128.format(kv="e4m3", w="False") + "_f16qk_False",
-    *(f"batch_mla_attention_dtype_q_{d}_dtype_kv_{d}_dtype_o_{d}_dtype_idx_i32_head_dim_ckv_512_head_dim_kpe_64_"
-      f"profiler_False{s}" for d in ("f16", "bf16") for s in ("", "_sm90")),
+    *(
+        f"batch_mla_attention_dtype_q_{d}_dtype_kv_{d}_dtype_o_{d}_dtype_idx_i32_head_dim_ckv_512_head_dim_kpe_64_"
+        f"profiler_False{s}"
+        for d in ("f16", "bf16")
+        for s in ("", "_sm90")
+    ),
 }
 
 
@@ -56,23 +78,33 @@ def test_uri_of_each_kind_matches_upstream_spelling():
     assert fa3.uri == BATCH_PREFILL_BF16_128_FA3
 
 
-@pytest.mark.parametrize(("change", "fragment"), [
-    ({"dtype_q": dtypes.float8_e4m3fn}, "_dtype_q_e4m3_"),
-    ({"dtype_kv": dtypes.float8_e5m2}, "_dtype_kv_e5m2_"),
-    ({"dtype_o": BF16}, "_dtype_o_bf16_"),
-    ({"dtype_idx": dtypes.int64}, "_dtype_idx_i64_"),
-    ({"head_dim_qk": 192}, "_head_dim_qk_192_"),
-    ({"head_dim_vo": 96}, "_head_dim_vo_96_"),
-    ({"pos_encoding": 1}, "_posenc_1_"),
-    ({"pos_encoding": 2}, "_posenc_2_"),
-    ({"use_sliding_window": True}, "_use_swa_True_"),
-    ({"use_logits_cap": True}, "_use_logits_cap_True_"),
-    ({"use_fp16_qk_reduction": True}, "_f16qk_True"),
-    ({"backend": "fa3"}, "_f16qk_False_sm90"),
-])
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"dtype_q": dtypes.float8_e4m3fn}, "_dtype_q_e4m3_"),
+        ({"dtype_kv": dtypes.float8_e5m2}, "_dtype_kv_e5m2_"),
+        ({"dtype_o": BF16}, "_dtype_o_bf16_"),
+        ({"dtype_idx": dtypes.int64}, "_dtype_idx_i64_"),
+        ({"head_dim_qk": 192}, "_head_dim_qk_192_"),
+        ({"head_dim_vo": 96}, "_head_dim_vo_96_"),
+        ({"pos_encoding": 1}, "_posenc_1_"),
+        ({"pos_encoding": 2}, "_posenc_2_"),
+        ({"use_sliding_window": True}, "_use_swa_True_"),
+        ({"use_logits_cap": True}, "_use_logits_cap_True_"),
+        ({"use_fp16_qk_reduction": True}, "_f16qk_True"),
+        ({"backend": "fa3"}, "_f16qk_False_sm90"),
+    ],
+)
 def test_each_field_lands_in_its_uri_slot(change, fragment):
-    base = dict(kind="batch_prefill", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=128, head_dim_vo=128,
-                dtype_idx=dtypes.int32)
+    base = dict(
+        kind="batch_prefill",
+        dtype_q=F16,
+        dtype_kv=F16,
+        dtype_o=F16,
+        head_dim_qk=128,
+        head_dim_vo=128,
+        dtype_idx=dtypes.int32,
+    )
     plain = Variant(**base).uri
     v = Variant(**{**base, **change})
     assert fragment in v.uri
@@ -80,34 +112,111 @@ def test_each_field_lands_in_its_uri_slot(change, fragment):
     assert Variant.parse(v.uri) == v
 
 
-@pytest.mark.parametrize(("kwargs", "exc", "text"), [
-    (dict(kind="batch_decode", dtype_q="float32", dtype_kv=F16, dtype_o=F16, head_dim_qk=64, head_dim_vo=64,
-          dtype_idx="int32"), TypeError, "dtype_q"),
-    (dict(kind="batch_decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=64, head_dim_vo=64),
-     ValueError, "dtype_idx"),
-    (dict(kind="single_decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=64, head_dim_vo=64,
-          dtype_idx="int32"), ValueError, "dtype_idx"),
-    (dict(kind="single_decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=64, head_dim_vo=64,
-          backend="fa3"), ValueError, "backend"),
-    (dict(kind="batch_decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=64, head_dim_vo=64,
-          dtype_idx="int32", use_fp16_qk_reduction=True), ValueError, "use_fp16_qk_reduction"),
-    (dict(kind="single_decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=0, head_dim_vo=64),
-     ValueError, "head_dim_qk"),
-    (dict(kind="single_decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=64, head_dim_vo=64,
-          pos_encoding=3), ValueError, "pos_encoding"),
-    (dict(kind="decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=64, head_dim_vo=64),
-     ValueError, "kind"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "text"),
+    [
+        (
+            dict(
+                kind="batch_decode",
+                dtype_q="float32",
+                dtype_kv=F16,
+                dtype_o=F16,
+                head_dim_qk=64,
+                head_dim_vo=64,
+                dtype_idx="int32",
+            ),
+            TypeError,
+            "dtype_q",
+        ),
+        (
+            dict(kind="batch_decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=64, head_dim_vo=64),
+            ValueError,
+            "dtype_idx",
+        ),
+        (
+            dict(
+                kind="single_decode",
+                dtype_q=F16,
+                dtype_kv=F16,
+                dtype_o=F16,
+                head_dim_qk=64,
+                head_dim_vo=64,
+                dtype_idx="int32",
+            ),
+            ValueError,
+            "dtype_idx",
+        ),
+        (
+            dict(
+                kind="single_decode",
+                dtype_q=F16,
+                dtype_kv=F16,
+                dtype_o=F16,
+                head_dim_qk=64,
+                head_dim_vo=64,
+                backend="fa3",
+            ),
+            ValueError,
+            "backend",
+        ),
+        (
+            dict(
+                kind="batch_decode",
+                dtype_q=F16,
+                dtype_kv=F16,
+                dtype_o=F16,
+                head_dim_qk=64,
+                head_dim_vo=64,
+                dtype_idx="int32",
+                use_fp16_qk_reduction=True,
+            ),
+            ValueError,
+            "use_fp16_qk_reduction",
+        ),
+        (
+            dict(kind="single_decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=0, head_dim_vo=64),
+            ValueError,
+            "head_dim_qk",
+        ),
+        (
+            dict(
+                kind="single_decode",
+                dtype_q=F16,
+                dtype_kv=F16,
+                dtype_o=F16,
+                head_dim_qk=64,
+                head_dim_vo=64,
+                pos_encoding=3,
+            ),
+            ValueError,
+            "pos_encoding",
+        ),
+        (
+            dict(kind="decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=64, head_dim_vo=64),
+            ValueError,
+            "kind",
+        ),
+    ],
+)
 def test_invalid_variants_are_refused_naming_the_field(kwargs, exc, text):
     with pytest.raises(exc, match=text):
         Variant(**kwargs)
 
 
-@pytest.mark.parametrize("uri", [
-    "norm", "page", "gdn_prefill_sm90", BATCH_DECODE_F16_128 + "_sm90", SINGLE_DECODE_BF16_64 + "_f16qk_False",
-    BATCH_DECODE_F16_128.replace("_dtype_idx_i32", ""), SINGLE_PREFILL_F16_64.replace("f16qk_False", "f16qk_Maybe"),
-    SINGLE_PREFILL_F16_64.replace("dtype_q_f16", "dtype_q_f32"), "",
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "norm",
+        "page",
+        "gdn_prefill_sm90",
+        BATCH_DECODE_F16_128 + "_sm90",
+        SINGLE_DECODE_BF16_64 + "_f16qk_False",
+        BATCH_DECODE_F16_128.replace("_dtype_idx_i32", ""),
+        SINGLE_PREFILL_F16_64.replace("f16qk_False", "f16qk_Maybe"),
+        SINGLE_PREFILL_F16_64.replace("dtype_q_f16", "dtype_q_f32"),
+        "",
+    ],
+)
 def test_parse_rejects_what_is_not_an_attention_variant(uri):
     assert Variant.parse(uri) is None
 
@@ -122,12 +231,22 @@ def variants(draw):
     prefill = kind.endswith("prefill")
     mla = kind == V.BATCH_MLA
     backend = draw(st.sampled_from(["fa2", "fa3"])) if prefill or mla else "fa2"
-    return Variant(kind, draw(_dt), draw(_dt), draw(_dt), draw(st.integers(1, 512)), draw(st.integers(1, 512)),
-                   draw(st.sampled_from([dtypes.int32, dtypes.int64, dtypes.uint32])) if batch else None,
-                   0 if mla else draw(st.sampled_from([0, 1, 2])), False if mla else draw(st.booleans()),
-                   False if mla else draw(st.booleans()), draw(st.booleans()) if prefill else False, backend,
-                   draw(st.sampled_from(sorted(V.ABI_TAGS.get((kind, backend), {"": ""})))),
-                   draw(st.booleans()) if mla else False)
+    return Variant(
+        kind,
+        draw(_dt),
+        draw(_dt),
+        draw(_dt),
+        draw(st.integers(1, 512)),
+        draw(st.integers(1, 512)),
+        draw(st.sampled_from([dtypes.int32, dtypes.int64, dtypes.uint32])) if batch else None,
+        0 if mla else draw(st.sampled_from([0, 1, 2])),
+        False if mla else draw(st.booleans()),
+        False if mla else draw(st.booleans()),
+        draw(st.booleans()) if prefill else False,
+        backend,
+        draw(st.sampled_from(sorted(V.ABI_TAGS.get((kind, backend), {"": ""})))),
+        draw(st.booleans()) if mla else False,
+    )
 
 
 @given(variants())
@@ -161,11 +280,25 @@ def test_list_variants_rows_and_filters(kernel_modules):
     assert len(rows) == len(EXPECTED | EXPECTED_EXT)
     assert {r["uri"] for r in rows} == EXPECTED | EXPECTED_EXT
     row = next(r for r in rows if r["uri"] == BATCH_DECODE_F16_128)
-    assert row == {"kind": "batch_decode", "backend": "fa2", "dtype_q": "float16", "dtype_kv": "float16",
-                   "dtype_o": "float16", "dtype_idx": "int32", "head_dim_qk": 128, "head_dim_vo": 128,
-                   "pos_encoding": "NONE", "sliding_window": False, "logits_cap": False,
-                   "fp16_qk_reduction": False, "profiler": False, "abi": "", "entry_points": ["plan", "run"],
-                   "uri": BATCH_DECODE_F16_128, "release": "0.6.3"}
+    assert row == {
+        "kind": "batch_decode",
+        "backend": "fa2",
+        "dtype_q": "float16",
+        "dtype_kv": "float16",
+        "dtype_o": "float16",
+        "dtype_idx": "int32",
+        "head_dim_qk": 128,
+        "head_dim_vo": 128,
+        "pos_encoding": "NONE",
+        "sliding_window": False,
+        "logits_cap": False,
+        "fp16_qk_reduction": False,
+        "profiler": False,
+        "abi": "",
+        "entry_points": ["plan", "run"],
+        "uri": BATCH_DECODE_F16_128,
+        "release": "0.6.3",
+    }
     assert {r["kind"] for r in V.list_variants(kind="decode")} == {"single_decode", "batch_decode"}
     assert len(V.list_variants(kind="decode")) == 8 + 2  # + the extension wheel's sliding-window and FP8 decode
     assert len(V.list_variants(kind="batch_prefill")) == 6 + 2

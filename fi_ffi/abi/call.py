@@ -169,8 +169,7 @@ class Callee:
         """Raise the error of the call that just failed on this thread, describing ``frame``'s arguments."""
         raise take_raised(self.name, describe_frame(frame))
 
-    def call_packed(self, sig: Signature, values: Sequence[Any], device_id: int = -1,
-                    stream: int | None = None) -> Any:
+    def call_packed(self, sig: Signature, values: Sequence[Any], device_id: int = -1, stream: int | None = None) -> Any:
         """Pack ``values`` (triples, as :meth:`Signature.pack` wants) into this thread's frame, call, decode."""
         frame = self.frame(sig.nargs)
         sig.pack.pack_into(frame.buf, 0, *values, NONE, 0, 0)
@@ -256,11 +255,9 @@ class PreparedCall:
     arguments and these return nothing). ``keep`` holds the descriptors whose memory the frame points at.
     """
 
-    __slots__ = ("_args", "_call", "_callee", "_frame", "_nargs", "_result", "_self", "device_id", "keep",
-                 "stream")
+    __slots__ = ("_args", "_call", "_callee", "_frame", "_nargs", "_result", "_self", "device_id", "keep", "stream")
 
-    def __init__(self, callee: Callee, frame: Frame, keep: tuple[Any, ...], device_id: int,
-                 stream: int | None) -> None:
+    def __init__(self, callee: Callee, frame: Frame, keep: tuple[Any, ...], device_id: int, stream: int | None) -> None:
         self._callee = callee
         self._frame = frame
         self._call = callee._call

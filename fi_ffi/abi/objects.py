@@ -25,11 +25,28 @@ STATIC_OBJECT_BEGIN = 64
 STR, BYTES, ERROR, FUNCTION, SHAPE, TENSOR, ARRAY, MAP, MODULE = range(65, 74)
 
 TYPE_NAMES = {
-    NONE: "None", INT: "int", BOOL: "bool", FLOAT: "float", OPAQUE_PTR: "void*", DATA_TYPE: "DataType",
-    DEVICE: "Device", DLTENSOR_PTR: "DLTensor*", RAW_STR: "const char*", BYTE_ARRAY_PTR: "ByteArray*",
-    OBJECT_RVALUE_REF: "ObjectRValueRef", SMALL_STR: "SmallStr", SMALL_BYTES: "SmallBytes",
-    STR: "Str", BYTES: "Bytes", ERROR: "Error", FUNCTION: "Function", SHAPE: "Shape", TENSOR: "Tensor",
-    ARRAY: "Array", MAP: "Map", MODULE: "Module",
+    NONE: "None",
+    INT: "int",
+    BOOL: "bool",
+    FLOAT: "float",
+    OPAQUE_PTR: "void*",
+    DATA_TYPE: "DataType",
+    DEVICE: "Device",
+    DLTENSOR_PTR: "DLTensor*",
+    RAW_STR: "const char*",
+    BYTE_ARRAY_PTR: "ByteArray*",
+    OBJECT_RVALUE_REF: "ObjectRValueRef",
+    SMALL_STR: "SmallStr",
+    SMALL_BYTES: "SmallBytes",
+    STR: "Str",
+    BYTES: "Bytes",
+    ERROR: "Error",
+    FUNCTION: "Function",
+    SHAPE: "Shape",
+    TENSOR: "Tensor",
+    ARRAY: "Array",
+    MAP: "Map",
+    MODULE: "Module",
 }
 
 _SEQ_CELL = struct.Struct("<Qqq")  # TVMFFISeqCell {data, size, capacity}

@@ -34,6 +34,5 @@ def take_raised(function: str, arguments: Sequence[str] = ()) -> KernelError:
     api().TVMFFIErrorMoveFromRaised(out)
     handle = int(ffi.cast("uintptr_t", out[0]))
     if not handle:
-        return KernelError("UnknownError", "the call failed but raised no error object", "", function,
-                           tuple(arguments))
+        return KernelError("UnknownError", "the call failed but raised no error object", "", function, tuple(arguments))
     return error_from_handle(handle, function, arguments)

@@ -79,8 +79,9 @@ class Param:
 
     def __post_init__(self) -> None:
         if self.wire not in WIRE_TYPES:
-            raise ValueError(f"parameter {self.name!r}: unknown wire type {self.wire!r}; expected one of "
-                             f"{', '.join(WIRE_TYPES)}")
+            raise ValueError(
+                f"parameter {self.name!r}: unknown wire type {self.wire!r}; expected one of {', '.join(WIRE_TYPES)}"
+            )
         if self.output and self.wire not in TENSOR_TYPES:
             raise ValueError(f"parameter {self.name!r}: only DLTensor* parameters can be outputs")
 
@@ -131,8 +132,9 @@ class Declaration:
         return f"{self.entry}({args}) -> {self.returns}"
 
 
-def declare(entry: str, params: Sequence[Param | tuple[str, str]], returns: str = "void",
-            release: str = "") -> Declaration:
+def declare(
+    entry: str, params: Sequence[Param | tuple[str, str]], returns: str = "void", release: str = ""
+) -> Declaration:
     """A :class:`Declaration`; parameters may be given as ``(name, wire)`` pairs."""
     return Declaration(entry, tuple(p if isinstance(p, Param) else Param(*p) for p in params), returns, release)
 

@@ -206,8 +206,18 @@ def lock_entry(
     FlashInfer release from its name."""
     from .lockfile import lock_entry as impl
 
-    return impl(wheel, kind=kind, cuda=cuda, arch=arch, sm=sm, url=url, pip=pip, path=path, hash_members=hash_members,
-                release=release)
+    return impl(
+        wheel,
+        kind=kind,
+        cuda=cuda,
+        arch=arch,
+        sm=sm,
+        url=url,
+        pip=pip,
+        path=path,
+        hash_members=hash_members,
+        release=release,
+    )
 
 
 def lock_entries(

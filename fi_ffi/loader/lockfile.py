@@ -300,10 +300,13 @@ def _parse_entry(entry: dict[str, Any], kind: Kind, path: Path, index: int) -> W
     modules = entry.get("modules")
     if modules is None:
         modules = []
-    elif not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m and "/" not in m
-                                                                 for m in modules):
+    elif (
+        not isinstance(modules, list)
+        or not modules
+        or not all(isinstance(m, str) and m and "/" not in m for m in modules)
+    ):
         raise LockError(
-            f'{where}: \'modules\' must be a non-empty list of module names or fnmatch patterns, like ["norm", '
+            f"{where}: 'modules' must be a non-empty list of module names or fnmatch patterns, like [\"norm\", "
             '"batch_prefill_*"]'
         )
     for key in ("prefix", "library"):
@@ -462,7 +465,7 @@ def provider(uri: str, pins: Sequence[WheelPin], holds: Callable[[WheelPin], boo
                 raise LockError(
                     f"module {uri!r} is in {known[0].filename} (FlashInfer {known[0].release}) and in "
                     f"{unknown[0].filename} (no release recorded), both at priority {priority} in the lock "
-                    f"{known[0].lock_path}, so fi_ffi cannot tell which to use. Add release = \"…\" to the "
+                    f'{known[0].lock_path}, so fi_ffi cannot tell which to use. Add release = "…" to the '
                     f"entry of {unknown[0].filename} (`fi-ffi lock` writes it), or give one entry a higher "
                     f"'priority' or a 'modules' list"
                 )

@@ -64,8 +64,10 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
                 raise ValueError(f"{p}: not a safetensors file ({size} bytes; expected an 8-byte header length)")
             n = int.from_bytes(head, "little")
             if n > MAX_HEADER or 8 + n > size:
-                raise ValueError(f"{p}: header length {n} does not fit the file ({size} bytes); the file is "
-                                 f"truncated or not a safetensors file")
+                raise ValueError(
+                    f"{p}: header length {n} does not fit the file ({size} bytes); the file is "
+                    f"truncated or not a safetensors file"
+                )
             raw = f.read(n)
     except OSError as exc:
         raise ValueError(f"{p}: cannot read: {exc}") from None
@@ -93,18 +95,22 @@ def _entry(p: Path, name: str, entry: Any, data_start: int, size: int) -> Tensor
         raise ValueError(f"{where}: unsupported dtype {code!r} (known: {', '.join(DTYPES)})")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                              for s in shape):
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise ValueError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise ValueError(f"{where}: data_offsets must be [begin, end], got {offsets!r}")
     begin, end = offsets
     itemsize = np.dtype(DTYPES[code][1]).itemsize
     nbytes = math.prod(shape) * itemsize
     if begin < 0 or end - begin != nbytes or data_start + end > size:
-        raise ValueError(f"{where}: data_offsets {offsets} do not hold {shape} x {itemsize} bytes inside the "
-                         f"file's {size - data_start} data bytes; the file is damaged")
+        raise ValueError(
+            f"{where}: data_offsets {offsets} do not hold {shape} x {itemsize} bytes inside the "
+            f"file's {size - data_start} data bytes; the file is damaged"
+        )
     return TensorInfo(name, DTYPES[code][0], tuple(shape), p, data_start + begin, nbytes)
 
 
@@ -115,14 +121,15 @@ class Checkpoint:
         root = Path(model_dir)
         files = sorted(root.glob("*.safetensors"))
         if not files:
-            raise ValueError(f"model: no *.safetensors file in {root}; pass a Hugging Face checkpoint directory "
-                             f"saved with safetensors (save_pretrained's default)")
+            raise ValueError(
+                f"model: no *.safetensors file in {root}; pass a Hugging Face checkpoint directory "
+                f"saved with safetensors (save_pretrained's default)"
+            )
         self.tensors: dict[str, TensorInfo] = {}
         for f in files:
             for name, info in read_header(f).items():
                 if name in self.tensors:
-                    raise ValueError(f"model: tensor {name!r} is in both {self.tensors[name].path.name} and "
-                                     f"{f.name}")
+                    raise ValueError(f"model: tensor {name!r} is in both {self.tensors[name].path.name} and {f.name}")
                 self.tensors[name] = info
 
     def __contains__(self, name: str) -> bool:
@@ -141,16 +148,20 @@ class Checkpoint:
         """
         t = self.info(name)
         if shape is not None and t.shape != tuple(shape):
-            raise ValueError(f"model: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)} from "
-                             f"config.json")
+            raise ValueError(
+                f"model: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)} from config.json"
+            )
         storage = DTYPES[_NAMES[t.dtype]][1]
         if not t.nbytes:
             return np.zeros(t.shape, storage)
         return np.memmap(t.path, dtype=storage, mode="r", offset=t.offset, shape=t.shape)
 
 
-def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray | tuple[np.ndarray, str]],
-                      metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | Path,
+    tensors: Mapping[str, np.ndarray | tuple[np.ndarray, str]],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Write ``tensors`` (name -> array, or (array, dtype name) to store e.g. uint16 bits as ``"bfloat16"``).
 
     Used by tests and benchmarks to make checkpoints without torch. The header is padded to 8 bytes.

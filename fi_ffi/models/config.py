@@ -60,8 +60,9 @@ class LlamaConfig:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ValueError(f"model: {path} does not exist; pass a Hugging Face checkpoint directory "
-                             f"(config.json + *.safetensors)") from None
+            raise ValueError(
+                f"model: {path} does not exist; pass a Hugging Face checkpoint directory (config.json + *.safetensors)"
+            ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"model: cannot read {path}: {exc}") from None
         try:
@@ -81,8 +82,10 @@ class LlamaConfig:
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type", "llama")
         if model_type != "llama":
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported; this engine runs Llama "
-                             f"checkpoints (model_type 'llama')")
+            raise ValueError(
+                f"{source}: model_type {model_type!r} is not supported; this engine runs Llama "
+                f"checkpoints (model_type 'llama')"
+            )
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{source}: hidden_act {act!r} is not supported (Llama uses 'silu')")
@@ -93,11 +96,14 @@ class LlamaConfig:
         heads = _int(d, "num_attention_heads", source)
         kv_heads = _int(d, "num_key_value_heads", source, heads)
         if heads % kv_heads:
-            raise ValueError(f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
-                             f"({kv_heads})")
+            raise ValueError(
+                f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+            )
         if d.get("head_dim") is None and hidden % heads:
-            raise ValueError(f"{source}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
-                             f"and no head_dim is given")
+            raise ValueError(
+                f"{source}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
+                f"and no head_dim is given"
+            )
         head_dim = _int(d, "head_dim", source, hidden // heads)
         eps = d.get("rms_norm_eps", 1e-6)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
@@ -105,13 +111,20 @@ class LlamaConfig:
         tie = d.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
             raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
-        return cls(vocab_size=_int(d, "vocab_size", source), hidden_size=hidden,
-                   intermediate_size=_int(d, "intermediate_size", source), num_layers=_int(d, "num_hidden_layers",
-                                                                                          source),
-                   num_qo_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rms_norm_eps=float(eps),
-                   rope=_rope(d, source), tie_word_embeddings=tie,
-                   max_position_embeddings=_int(d, "max_position_embeddings", source, 2048),
-                   eos_token_ids=_eos(d.get("eos_token_id"), source))
+        return cls(
+            vocab_size=_int(d, "vocab_size", source),
+            hidden_size=hidden,
+            intermediate_size=_int(d, "intermediate_size", source),
+            num_layers=_int(d, "num_hidden_layers", source),
+            num_qo_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(eps),
+            rope=_rope(d, source),
+            tie_word_embeddings=tie,
+            max_position_embeddings=_int(d, "max_position_embeddings", source, 2048),
+            eos_token_ids=_eos(d.get("eos_token_id"), source),
+        )
 
 
 def _int(d: dict[str, Any], key: str, source: str, default: int | None = None) -> int:
@@ -154,10 +167,18 @@ def _rope(d: dict[str, Any], source: str) -> RopeConfig:
         if high <= low:
             raise ValueError(f"{source}: rope high_freq_factor ({high}) must exceed low_freq_factor ({low})")
         old = _positive(merged, "original_max_position_embeddings", source)
-        return RopeConfig(theta=theta, llama3=True, factor=factor, low_freq_factor=low, high_freq_factor=high,
-                          original_max_position_embeddings=old)
-    raise ValueError(f"{source}: rope type {kind!r} is not supported; supported: 'default' (no scaling) and "
-                     f"'llama3' (Llama 3.1 scaling)")
+        return RopeConfig(
+            theta=theta,
+            llama3=True,
+            factor=factor,
+            low_freq_factor=low,
+            high_freq_factor=high,
+            original_max_position_embeddings=old,
+        )
+    raise ValueError(
+        f"{source}: rope type {kind!r} is not supported; supported: 'default' (no scaling) and "
+        f"'llama3' (Llama 3.1 scaling)"
+    )
 
 
 def _eos(value: Any, source: str) -> tuple[int, ...]:

@@ -80,23 +80,38 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
                             cudaDataType Ctype, int ldc, cublasComputeType_t computeType, cublasGemmAlgo_t algo);
 """
 
-FUNCTIONS = ("cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2", "cublasSetWorkspace_v2",
-             "cublasSetMathMode", "cublasGetStatusName", "cublasGemmEx")
+FUNCTIONS = (
+    "cublasCreate_v2",
+    "cublasDestroy_v2",
+    "cublasSetStream_v2",
+    "cublasSetWorkspace_v2",
+    "cublasSetMathMode",
+    "cublasGetStatusName",
+    "cublasGemmEx",
+)
 
 # cublasStatus_t names (cublas_api.h), for messages when the library cannot name a status itself.
-_STATUS_NAMES = {0: "CUBLAS_STATUS_SUCCESS", 1: "CUBLAS_STATUS_NOT_INITIALIZED", 3: "CUBLAS_STATUS_ALLOC_FAILED",
-                 7: "CUBLAS_STATUS_INVALID_VALUE", 8: "CUBLAS_STATUS_ARCH_MISMATCH",
-                 11: "CUBLAS_STATUS_MAPPING_ERROR", 13: "CUBLAS_STATUS_EXECUTION_FAILED",
-                 14: "CUBLAS_STATUS_INTERNAL_ERROR", 15: "CUBLAS_STATUS_NOT_SUPPORTED",
-                 16: "CUBLAS_STATUS_LICENSE_ERROR"}
+_STATUS_NAMES = {
+    0: "CUBLAS_STATUS_SUCCESS",
+    1: "CUBLAS_STATUS_NOT_INITIALIZED",
+    3: "CUBLAS_STATUS_ALLOC_FAILED",
+    7: "CUBLAS_STATUS_INVALID_VALUE",
+    8: "CUBLAS_STATUS_ARCH_MISMATCH",
+    11: "CUBLAS_STATUS_MAPPING_ERROR",
+    13: "CUBLAS_STATUS_EXECUTION_FAILED",
+    14: "CUBLAS_STATUS_INTERNAL_ERROR",
+    15: "CUBLAS_STATUS_NOT_SUPPORTED",
+    16: "CUBLAS_STATUS_LICENSE_ERROR",
+}
 
 _lock = threading.Lock()
 _ffi: cffi.FFI | None = None
 _lib: Any = None
 _path = ""
 
-_INSTALL = ("install cuBLAS 13 with `python -m pip install 'nvidia-cublas>=13,<14'` (or a CUDA 13 toolkit, with "
-            "CUDA_HOME set)")
+_INSTALL = (
+    "install cuBLAS 13 with `python -m pip install 'nvidia-cublas>=13,<14'` (or a CUDA 13 toolkit, with CUDA_HOME set)"
+)
 
 
 class CublasError(RuntimeError):
@@ -139,8 +154,10 @@ def library() -> Any:
             except OSError as exc:
                 raise LibraryLoadError(f"cuBLAS ({path}) could not be loaded: {exc}; {_INSTALL}") from None
             if missing:
-                raise LibraryLoadError(f"cuBLAS ({path}) lacks {', '.join(missing)}; it is older than the cuBLAS 12/13 "
-                                       f"this engine declares; {_INSTALL}")
+                raise LibraryLoadError(
+                    f"cuBLAS ({path}) lacks {', '.join(missing)}; it is older than the cuBLAS 12/13 "
+                    f"this engine declares; {_INSTALL}"
+                )
             _lib, _path = lib, path
     return _lib
 
@@ -221,8 +238,10 @@ class Handle:
         ffi = get_ffi()
         _check("cublasSetStream_v2", self._lib.cublasSetStream_v2(self.ptr, ffi.cast("cudaStream_t", stream)))
         # After the stream: cublasSetStream resets the workspace to cuBLAS's own pool.
-        _check("cublasSetWorkspace_v2",
-               self._lib.cublasSetWorkspace_v2(self.ptr, ffi.cast("void*", workspace), workspace_bytes))
+        _check(
+            "cublasSetWorkspace_v2",
+            self._lib.cublasSetWorkspace_v2(self.ptr, ffi.cast("void*", workspace), workspace_bytes),
+        )
 
     @property
     def closed(self) -> bool:

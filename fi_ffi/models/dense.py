@@ -115,14 +115,34 @@ class Dense:
         self._gemm, self._h = self._blas.gemm_ex, self._blas.ptr
         self._one, self._zero = self._blas.one, self._blas.zero
 
-    def linear(self, rows: int, x: int, x_ld: int, w: int, n: int, k: int, y: int, y_ld: int, ab_type: int,
-               c_type: int) -> None:
+    def linear(
+        self, rows: int, x: int, x_ld: int, w: int, n: int, k: int, y: int, y_ld: int, ab_type: int, c_type: int
+    ) -> None:
         """``y[:rows, :n] = x[:rows, :k] @ w.T`` with ``w`` a row-major ``[n, k]`` matrix (a PyTorch-style
         Linear weight); pointers as ints, leading dimensions (row strides) in elements; ``ab_type``/``c_type``:
         cudaDataType_t of x and w / of y. Accumulates in float32 (as torch's float16/bfloat16 matmul)."""
         # Column-major view: y^T (n x rows, ld y_ld) = op_T(w as k x n, ld k) . x^T (k x rows, ld x_ld).
-        status = self._gemm(self._h, CUBLAS_OP_T, CUBLAS_OP_N, n, rows, k, self._one, w, ab_type, k, x, ab_type,
-                            x_ld, self._zero, y, c_type, y_ld, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        status = self._gemm(
+            self._h,
+            CUBLAS_OP_T,
+            CUBLAS_OP_N,
+            n,
+            rows,
+            k,
+            self._one,
+            w,
+            ab_type,
+            k,
+            x,
+            ab_type,
+            x_ld,
+            self._zero,
+            y,
+            c_type,
+            y_ld,
+            CUBLAS_COMPUTE_32F,
+            CUBLAS_GEMM_DEFAULT,
+        )
         if status:
             raise CublasError("cublasGemmEx", status)
 

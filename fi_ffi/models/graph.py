@@ -51,8 +51,10 @@ class CudaGraph:
             raise ValueError("graph: already captured; close() it first")
         rt = _rt()
         s = self._s = rt.cudaStream_t(self.stream)
-        _check(rt.cudaStreamBeginCapture(s, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
-               "cudaStreamBeginCapture")
+        _check(
+            rt.cudaStreamBeginCapture(s, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+            "cudaStreamBeginCapture",
+        )
         try:
             yield
         except BaseException:

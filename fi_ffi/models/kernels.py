@@ -18,13 +18,31 @@ import fi_ffi
 
 from .config import RopeConfig
 
-__all__ = ["append_kv", "decode_plan", "decode_run", "descriptor", "fused_add_rmsnorm", "generator",
-           "prefill_plan", "prefill_run", "rmsnorm", "rope_inplace", "sample_top_k_top_p", "silu_and_mul",
-           "workspace"]
+__all__ = [
+    "append_kv",
+    "decode_plan",
+    "decode_run",
+    "descriptor",
+    "fused_add_rmsnorm",
+    "generator",
+    "prefill_plan",
+    "prefill_run",
+    "rmsnorm",
+    "rope_inplace",
+    "sample_top_k_top_p",
+    "silu_and_mul",
+    "workspace",
+]
 
 
-def descriptor(ptr: int, shape: tuple[int, ...], dtype: str, device_id: int,
-               strides: tuple[int, ...] | None = None, owner: Any = None) -> fi_ffi.Tensor:
+def descriptor(
+    ptr: int,
+    shape: tuple[int, ...],
+    dtype: str,
+    device_id: int,
+    strides: tuple[int, ...] | None = None,
+    owner: Any = None,
+) -> fi_ffi.Tensor:
     """A descriptor of device memory at ``ptr`` (strides in elements; None: contiguous)."""
     return fi_ffi.Tensor(ptr, shape, dtype, device_id, strides, owner)
 
@@ -48,44 +66,133 @@ def rope_inplace(q: Any, k: Any, positions: Any, rope: RopeConfig, stream: int) 
     (non-interleaved) pairing, all of ``D`` rotated."""
     if rope.llama3:
         fi_ffi.apply_llama31_rope_pos_ids_inplace(
-            q, k, positions, rotary_dim=None, interleave=False, rope_scale=rope.factor, rope_theta=rope.theta,
-            low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
-            old_context_len=rope.original_max_position_embeddings, stream=stream)
+            q,
+            k,
+            positions,
+            rotary_dim=None,
+            interleave=False,
+            rope_scale=rope.factor,
+            rope_theta=rope.theta,
+            low_freq_factor=rope.low_freq_factor,
+            high_freq_factor=rope.high_freq_factor,
+            old_context_len=rope.original_max_position_embeddings,
+            stream=stream,
+        )
     else:
-        fi_ffi.apply_rope_pos_ids_inplace(q, k, positions, rotary_dim=None, interleave=False, rope_scale=1.0,
-                                          rope_theta=rope.theta, stream=stream)
+        fi_ffi.apply_rope_pos_ids_inplace(
+            q, k, positions, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=rope.theta, stream=stream
+        )
 
 
-def append_kv(k: Any, v: Any, batch_indices: Any, positions: Any, k_cache: Any, v_cache: Any, kv_indices: Any,
-              kv_indptr: Any, kv_last_page_len: Any, stream: int) -> None:
-    fi_ffi.append_paged_kv_cache(k, v, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
-                                 kv_last_page_len, layout="NHD", stream=stream)
+def append_kv(
+    k: Any,
+    v: Any,
+    batch_indices: Any,
+    positions: Any,
+    k_cache: Any,
+    v_cache: Any,
+    kv_indices: Any,
+    kv_indptr: Any,
+    kv_last_page_len: Any,
+    stream: int,
+) -> None:
+    fi_ffi.append_paged_kv_cache(
+        k,
+        v,
+        batch_indices,
+        positions,
+        k_cache,
+        v_cache,
+        kv_indices,
+        kv_indptr,
+        kv_last_page_len,
+        layout="NHD",
+        stream=stream,
+    )
 
 
-def prefill_plan(ws: Any, qo_indptr: Any, kv_indptr: Any, kv_last_page_len: Any, num_qo_heads: int,
-                 num_kv_heads: int, head_dim: int, page_size: int, dtype: str, stream: int) -> Any:
+def prefill_plan(
+    ws: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_last_page_len: Any,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: str,
+    stream: int,
+) -> Any:
     """A causal paged-prefill plan (host int32 arrays); FlashInfer picks FA3 on Hopper where it can."""
-    return fi_ffi.batch_prefill_paged_plan(ws, qo_indptr, kv_indptr, kv_last_page_len, num_qo_heads,
-                                           num_kv_heads, head_dim, page_size, q_dtype=dtype, causal=True,
-                                           stream=stream)
+    return fi_ffi.batch_prefill_paged_plan(
+        ws,
+        qo_indptr,
+        kv_indptr,
+        kv_last_page_len,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        q_dtype=dtype,
+        causal=True,
+        stream=stream,
+    )
 
 
-def prefill_run(plan: Any, q: Any, k_cache: Any, v_cache: Any, qo_indptr: Any, kv_indptr: Any, kv_indices: Any,
-                kv_last_page_len: Any, out: Any, stream: int) -> None:
-    fi_ffi.batch_prefill_paged_run(plan, q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
-                                   out, stream=stream)
+def prefill_run(
+    plan: Any,
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    out: Any,
+    stream: int,
+) -> None:
+    fi_ffi.batch_prefill_paged_run(
+        plan, q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, stream=stream
+    )
 
 
-def decode_plan(ws: Any, kv_indptr: Any, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                dtype: str, cuda_graph: bool, stream: int) -> Any:
+def decode_plan(
+    ws: Any,
+    kv_indptr: Any,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: str,
+    cuda_graph: bool,
+    stream: int,
+) -> Any:
     """A batch-decode plan (host ``kv_indptr``); ``cuda_graph``: a fixed-batch schedule a captured run
     replays."""
-    return fi_ffi.batch_decode_plan(ws, kv_indptr, num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype=dtype,
-                                    enable_cuda_graph=cuda_graph, stream=stream)
+    return fi_ffi.batch_decode_plan(
+        ws,
+        kv_indptr,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        q_dtype=dtype,
+        enable_cuda_graph=cuda_graph,
+        stream=stream,
+    )
 
 
-def decode_run(plan: Any, q: Any, k_cache: Any, v_cache: Any, kv_indptr: Any, kv_indices: Any,
-               kv_last_page_len: Any, out: Any, stream: int) -> None:
+def decode_run(
+    plan: Any,
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    out: Any,
+    stream: int,
+) -> None:
     fi_ffi.batch_decode_run(plan, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, out, stream=stream)
 
 
@@ -112,8 +219,18 @@ def sampling_needs_valid() -> bool:
     return sampling.release() != "0.6.3"
 
 
-def sample_top_k_top_p(logits: Any, probs: Any, workspace: Any, out: Any, top_k: int, top_p: float,
-                       temperature: float, gen: Any, stream: int, valid: Any = None) -> None:
+def sample_top_k_top_p(
+    logits: Any,
+    probs: Any,
+    workspace: Any,
+    out: Any,
+    top_k: int,
+    top_p: float,
+    temperature: float,
+    gen: Any,
+    stream: int,
+    valid: Any = None,
+) -> None:
     """``out[i]`` = a token drawn from ``softmax(logits[i] / temperature)`` restricted to the top-k and top-p
     set (``logits`` float32 ``[n, V]``, ``probs`` float32 ``[n, V]`` scratch, ``workspace`` uint8 softmax scratch
     of :func:`softmax_workspace_bytes`, ``out`` int32 ``[n]``; ``valid`` bool ``[n]`` where

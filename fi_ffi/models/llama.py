@@ -126,28 +126,41 @@ class LlamaEngine:
         device: the CUDA device ordinal.
     """
 
-    def __init__(self, model_dir: str | Path, *, max_batch: int = 32, page_size: int = 16,
-                 max_seq_len: int | None = None, num_pages: int | None = None,
-                 max_prefill_tokens: int | None = None, cuda_graph: bool = False, device: int = 0) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_batch: int = 32,
+        page_size: int = 16,
+        max_seq_len: int | None = None,
+        num_pages: int | None = None,
+        max_prefill_tokens: int | None = None,
+        cuda_graph: bool = False,
+        device: int = 0,
+    ) -> None:
         cfg = self.config = LlamaConfig.from_dir(model_dir)
         self.max_batch = _positive("max_batch", max_batch)
         self.page_size = _positive("page_size", page_size)
-        self.max_seq_len = _positive("max_seq_len", max_seq_len if max_seq_len is not None else
-                                     min(cfg.max_position_embeddings, 4096))
+        self.max_seq_len = _positive(
+            "max_seq_len", max_seq_len if max_seq_len is not None else min(cfg.max_position_embeddings, 4096)
+        )
         per_request = pages_for(self.max_seq_len, self.page_size)
-        self.num_pages = _positive("num_pages", num_pages if num_pages is not None else
-                                   self.max_batch * per_request + 1)
-        self.max_prefill_tokens = _positive("max_prefill_tokens", max_prefill_tokens if max_prefill_tokens is not
-                                            None else max(self.max_seq_len, self.max_batch))
+        self.num_pages = _positive(
+            "num_pages", num_pages if num_pages is not None else self.max_batch * per_request + 1
+        )
+        self.max_prefill_tokens = _positive(
+            "max_prefill_tokens",
+            max_prefill_tokens if max_prefill_tokens is not None else max(self.max_seq_len, self.max_batch),
+        )
         self.device = device
         self.graph: Any = None
         self._closed = True  # until everything below exists
         try:
             import cupy as cp
         except ImportError as exc:
-            raise ImportError(f"the Llama engine needs CuPy ({exc}); install it with: "
-                              "python -m pip install cupy-cuda13x") \
-                from exc
+            raise ImportError(
+                f"the Llama engine needs CuPy ({exc}); install it with: python -m pip install cupy-cuda13x"
+            ) from exc
         self._cp = cp
         with cp.cuda.Device(device):
             self.stream = cp.cuda.Stream(non_blocking=True)
@@ -179,8 +192,10 @@ class LlamaEngine:
         embed_info = ckpt.info("model.embed_tokens.weight")
         dtype = embed_info.dtype
         if dtype not in ("float16", "bfloat16"):
-            raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints "
-                             f"(save the model in one of them)")
+            raise ValueError(
+                f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints "
+                f"(save the model in one of them)"
+            )
         self.dtype = dtype
         from .dense import data_type
 
@@ -190,8 +205,10 @@ class LlamaEngine:
 
         def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
             if ckpt.info(name).dtype != dtype:
-                raise ValueError(f"model: tensor {name!r} is {ckpt.info(name).dtype}, the embedding is {dtype}; "
-                                 f"mixed-precision checkpoints are not supported")
+                raise ValueError(
+                    f"model: tensor {name!r} is {ckpt.info(name).dtype}, the embedding is {dtype}; "
+                    f"mixed-precision checkpoints are not supported"
+                )
             return ckpt.array(name, shape)
 
         def upload(arr: np.ndarray) -> Any:
@@ -212,12 +229,25 @@ class LlamaEngine:
         self._wqkv, self._wo, self._wgu, self._wd, self._ln1, self._ln2 = [], [], [], [], [], []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            self._wqkv.append(upload(np.concatenate([get(p + "self_attn.q_proj.weight", (hq * d, h)),
-                                                     get(p + "self_attn.k_proj.weight", (hk * d, h)),
-                                                     get(p + "self_attn.v_proj.weight", (hk * d, h))])).data.ptr)
+            self._wqkv.append(
+                upload(
+                    np.concatenate(
+                        [
+                            get(p + "self_attn.q_proj.weight", (hq * d, h)),
+                            get(p + "self_attn.k_proj.weight", (hk * d, h)),
+                            get(p + "self_attn.v_proj.weight", (hk * d, h)),
+                        ]
+                    )
+                ).data.ptr
+            )
             self._wo.append(upload(get(p + "self_attn.o_proj.weight", (h, hq * d))).data.ptr)
-            self._wgu.append(upload(np.concatenate([get(p + "mlp.gate_proj.weight", (inter, h)),
-                                                    get(p + "mlp.up_proj.weight", (inter, h))])).data.ptr)
+            self._wgu.append(
+                upload(
+                    np.concatenate(
+                        [get(p + "mlp.gate_proj.weight", (inter, h)), get(p + "mlp.up_proj.weight", (inter, h))]
+                    )
+                ).data.ptr
+            )
             self._wd.append(upload(get(p + "mlp.down_proj.weight", (h, inter))).data.ptr)
             self._ln1.append(vector(get(p + "input_layernorm.weight", (h,))))
             self._ln2.append(vector(get(p + "post_attention_layernorm.weight", (h,))))
@@ -230,17 +260,26 @@ class LlamaEngine:
         hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
         self._qkv_width = (hq + 2 * hk) * d
         b = self._buf = SimpleNamespace(
-            h=cp.empty((rows, h), storage), x=cp.empty((rows, h), storage),
-            qkv=cp.empty((rows, self._qkv_width), storage), attn=cp.empty((rows, hq * d), storage),
-            gu=cp.empty((rows, 2 * c.intermediate_size), storage), act=cp.empty((rows, c.intermediate_size), storage),
-            last=cp.empty((self.max_batch, h), storage), logits=cp.empty((self.max_batch, c.vocab_size), np.float32),
+            h=cp.empty((rows, h), storage),
+            x=cp.empty((rows, h), storage),
+            qkv=cp.empty((rows, self._qkv_width), storage),
+            attn=cp.empty((rows, hq * d), storage),
+            gu=cp.empty((rows, 2 * c.intermediate_size), storage),
+            act=cp.empty((rows, c.intermediate_size), storage),
+            last=cp.empty((self.max_batch, h), storage),
+            logits=cp.empty((self.max_batch, c.vocab_size), np.float32),
             ids=cp.empty(self.max_batch, np.int32),
-            kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), storage))
+            kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), storage),
+        )
         kv_shape = (self.num_pages, self.page_size, hk, d)
-        self._k_cache = [kernels.descriptor(b.kv[i, 0].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
-                         for i in range(c.num_layers)]
-        self._v_cache = [kernels.descriptor(b.kv[i, 1].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
-                         for i in range(c.num_layers)]
+        self._k_cache = [
+            kernels.descriptor(b.kv[i, 0].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
+            for i in range(c.num_layers)
+        ]
+        self._v_cache = [
+            kernels.descriptor(b.kv[i, 1].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
+            for i in range(c.num_layers)
+        ]
         max_pages = self.num_pages  # every request's pages at once, plus padding rows' page 0
         max_pages += self.max_batch
         self._dlayout = decode_layout(self.max_batch, max_pages)
@@ -275,11 +314,28 @@ class LlamaEngine:
                 self._views.clear()
             b = self._buf
             meta, layout = (self._dmeta, self._dlayout) if kind == "decode" else (self._pmeta, self._playout)
-            arrays = {"h": b.h, "x": b.x, "qkv": b.qkv, "attn": b.attn, "gu": b.gu, "act": b.act,
-                      "logits": b.logits, "ids": b.ids, "meta": meta}
-            v = self._views[key] = step_views(self.config, self.dtype, self.device,
-                                              {k: a.data.ptr for k, a in arrays.items()}, layout, kind, rows, batch,
-                                              arrays)
+            arrays = {
+                "h": b.h,
+                "x": b.x,
+                "qkv": b.qkv,
+                "attn": b.attn,
+                "gu": b.gu,
+                "act": b.act,
+                "logits": b.logits,
+                "ids": b.ids,
+                "meta": meta,
+            }
+            v = self._views[key] = step_views(
+                self.config,
+                self.dtype,
+                self.device,
+                {k: a.data.ptr for k, a in arrays.items()},
+                layout,
+                kind,
+                rows,
+                batch,
+                arrays,
+            )
 
         return v
 
@@ -296,8 +352,18 @@ class LlamaEngine:
         for i in range(c.num_layers):
             dense.linear(rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab)
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
-            kernels.append_kv(v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i],
-                              v.kv_indices, v.kv_indptr, v.kv_last_page_len, s)
+            kernels.append_kv(
+                v.k,
+                v.v,
+                v.batch_indices,
+                v.positions,
+                self._k_cache[i],
+                self._v_cache[i],
+                v.kv_indices,
+                v.kv_indptr,
+                v.kv_last_page_len,
+                s,
+            )
             attention(i, v)
             dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)
             kernels.fused_add_rmsnorm(v.x, v.h, self._ln2[i], eps, s)
@@ -307,19 +373,48 @@ class LlamaEngine:
             kernels.fused_add_rmsnorm(v.x, v.h, self._ln1[i + 1] if i < last else self._norm, eps, s)
 
     def _decode_attention(self, i: int, v: SimpleNamespace) -> None:
-        kernels.decode_run(self._decode_plan, v.q, self._k_cache[i], self._v_cache[i], v.kv_indptr, v.kv_indices,
-                           v.kv_last_page_len, v.attn, self._s)
+        kernels.decode_run(
+            self._decode_plan,
+            v.q,
+            self._k_cache[i],
+            self._v_cache[i],
+            v.kv_indptr,
+            v.kv_indices,
+            v.kv_last_page_len,
+            v.attn,
+            self._s,
+        )
 
     def _prefill_attention(self, i: int, v: SimpleNamespace) -> None:
-        kernels.prefill_run(self._prefill_plan, v.q, self._k_cache[i], self._v_cache[i], v.qo_indptr, v.kv_indptr,
-                            v.kv_indices, v.kv_last_page_len, v.attn, self._s)
+        kernels.prefill_run(
+            self._prefill_plan,
+            v.q,
+            self._k_cache[i],
+            self._v_cache[i],
+            v.qo_indptr,
+            v.kv_indptr,
+            v.kv_indices,
+            v.kv_last_page_len,
+            v.attn,
+            self._s,
+        )
 
     def _decode_body(self, v: SimpleNamespace, rows: int) -> None:
         """One decode step on the device: forward, LM head, argmax into ``ids`` (what the graph captures)."""
         c, b = self.config, self._buf
         self._forward(v, rows, self._decode_attention)
-        self.dense.linear(rows, b.x.data.ptr, c.hidden_size, self._lm_head, c.vocab_size, c.hidden_size,
-                          b.logits.data.ptr, c.vocab_size, self._ab, self._f32)
+        self.dense.linear(
+            rows,
+            b.x.data.ptr,
+            c.hidden_size,
+            self._lm_head,
+            c.vocab_size,
+            c.hidden_size,
+            b.logits.data.ptr,
+            c.vocab_size,
+            self._ab,
+            self._f32,
+        )
         self.dense.argmax(rows, b.logits.data.ptr, c.vocab_size, c.vocab_size, b.ids.data.ptr)
 
     def _capture(self) -> None:
@@ -349,15 +444,28 @@ class LlamaEngine:
         n = self._dlayout.end("kv_indices", n_pages)
         self._cp.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, self._dhost.ctypes.data, 4 * n, _H2D, self._s)
         c = self.config
-        self._decode_plan = kernels.decode_plan(self._ws_decode, self._dh["kv_indptr"][:rows + 1], c.num_qo_heads,
-                                                c.num_kv_heads, c.head_dim, self.page_size, self.dtype,
-                                                cuda_graph, self._s)
+        self._decode_plan = kernels.decode_plan(
+            self._ws_decode,
+            self._dh["kv_indptr"][: rows + 1],
+            c.num_qo_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            self.page_size,
+            self.dtype,
+            cuda_graph,
+            self._s,
+        )
 
     # ------------------------------------------------------------------------------------------ serving
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
-                 eos_token_ids: Sequence[int] | None = None,
-                 sampling: SamplingParams | None = None) -> GenerationResult:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        *,
+        eos_token_ids: Sequence[int] | None = None,
+        sampling: SamplingParams | None = None,
+    ) -> GenerationResult:
         """Generate tokens for each prompt (lists of token ids) until an end-of-sequence token (kept in the
         output) or ``max_new_tokens`` (one value, or one per prompt).
 
@@ -402,69 +510,106 @@ class LlamaEngine:
         with self._cp.cuda.Device(self.device), self.stream:
             while sched.has_work:
                 admitted = sched.admit()
-                for r, logits in zip(admitted, self._prefill(sched, admitted, SamplingParams(), all_logits=True),
-                                     strict=True):
+                for r, logits in zip(
+                    admitted, self._prefill(sched, admitted, SamplingParams(), all_logits=True), strict=True
+                ):
                     out[r.rid] = logits
         return [out[r.rid] for r in reqs]
 
     def _scheduler(self, eos_token_ids: Sequence[int] | None) -> Scheduler:
         eos = self.config.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
-        return Scheduler(PageAllocator(self.num_pages), self.page_size, self.max_batch, self.max_seq_len,
-                         self.max_prefill_tokens, self.config.vocab_size, eos)
+        return Scheduler(
+            PageAllocator(self.num_pages),
+            self.page_size,
+            self.max_batch,
+            self.max_seq_len,
+            self.max_prefill_tokens,
+            self.config.vocab_size,
+            eos,
+        )
 
     @staticmethod
-    def _submit(sched: Scheduler, prompts: Sequence[Sequence[int]],
-                max_new_tokens: int | Sequence[int]) -> list[Request]:
+    def _submit(
+        sched: Scheduler, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int]
+    ) -> list[Request]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise ValueError("prompts: expected a non-empty list of prompts (lists of token ids)")
         if isinstance(max_new_tokens, Sequence):
             if len(max_new_tokens) != len(prompts):
-                raise ValueError(f"max_new_tokens: expected one value per prompt ({len(prompts)}), got "
-                                 f"{len(max_new_tokens)}")
+                raise ValueError(
+                    f"max_new_tokens: expected one value per prompt ({len(prompts)}), got {len(max_new_tokens)}"
+                )
             limits = list(max_new_tokens)
         else:
             limits = [max_new_tokens] * len(prompts)
-        return [sched.submit(p, m, name=f"prompts[{i}]") for i, (p, m) in enumerate(zip(prompts, limits,
-                                                                                        strict=True))]
+        return [sched.submit(p, m, name=f"prompts[{i}]") for i, (p, m) in enumerate(zip(prompts, limits, strict=True))]
 
-    def _prefill(self, sched: Scheduler, reqs: list[Request], sampling: SamplingParams,
-                 all_logits: bool = False) -> list[np.ndarray]:
+    def _prefill(
+        self, sched: Scheduler, reqs: list[Request], sampling: SamplingParams, all_logits: bool = False
+    ) -> list[np.ndarray]:
         cp, c, b, s = self._cp, self.config, self._buf, self._s
         batch = len(reqs)
         nnz, n_pages = fill_prefill(reqs, self.page_size, self._ph)
         n = self._playout.end("kv_indices", n_pages)
         cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, self._phost.ctypes.data, 4 * n, _H2D, s)
         ph = self._ph
-        self._prefill_plan = kernels.prefill_plan(self._ws_prefill, ph["qo_indptr"][:batch + 1],
-                                                  ph["kv_indptr"][:batch + 1], ph["kv_last_page_len"][:batch],
-                                                  c.num_qo_heads, c.num_kv_heads, c.head_dim, self.page_size,
-                                                  self.dtype, s)
+        self._prefill_plan = kernels.prefill_plan(
+            self._ws_prefill,
+            ph["qo_indptr"][: batch + 1],
+            ph["kv_indptr"][: batch + 1],
+            ph["kv_last_page_len"][:batch],
+            c.num_qo_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            self.page_size,
+            self.dtype,
+            s,
+        )
         v = self._view("prefill", nnz, batch)
         self._forward(v, nnz, self._prefill_attention)
         full = None
         if all_logits:
             full = cp.empty((nnz, c.vocab_size), np.float32)
-            self.dense.linear(nnz, b.x.data.ptr, c.hidden_size, self._lm_head, c.vocab_size, c.hidden_size,
-                              full.data.ptr, c.vocab_size, self._ab, self._f32)
+            self.dense.linear(
+                nnz,
+                b.x.data.ptr,
+                c.hidden_size,
+                self._lm_head,
+                c.vocab_size,
+                c.hidden_size,
+                full.data.ptr,
+                c.vocab_size,
+                self._ab,
+                self._f32,
+            )
         h = c.hidden_size
         self.dense.gather_rows(batch, b.x.data.ptr, h, v.last_rows, b.last.data.ptr, h, h)
-        self.dense.linear(batch, b.last.data.ptr, h, self._lm_head, c.vocab_size, h, b.logits.data.ptr,
-                          c.vocab_size, self._ab, self._f32)
+        self.dense.linear(
+            batch,
+            b.last.data.ptr,
+            h,
+            self._lm_head,
+            c.vocab_size,
+            h,
+            b.logits.data.ptr,
+            c.vocab_size,
+            self._ab,
+            self._f32,
+        )
         self._pick(v, batch, sampling)
         tokens = self._fetch_ids(batch)
         sched.record(reqs, tokens, prefill=True)
         if full is None:
             return []
         host = full.get(stream=self.stream)
-        bounds = ph["qo_indptr"][:batch + 1].tolist()
-        return [host[bounds[i]:bounds[i + 1]] for i in range(batch)]
+        bounds = ph["qo_indptr"][: batch + 1].tolist()
+        return [host[bounds[i] : bounds[i + 1]] for i in range(batch)]
 
     def _pick(self, v: SimpleNamespace, rows: int, sampling: SamplingParams) -> None:
         """Choose each row's token into ``ids`` from ``logits`` (greedy: argmax)."""
         if sampling.greedy:
             b = self._buf
-            self.dense.argmax(rows, b.logits.data.ptr, self.config.vocab_size, self.config.vocab_size,
-                              b.ids.data.ptr)
+            self.dense.argmax(rows, b.logits.data.ptr, self.config.vocab_size, self.config.vocab_size, b.ids.data.ptr)
             return
         if self._probs is None:  # made on the first sampled (non-greedy) step, outside any graph capture
             self._probs = self._cp.empty((self.max_batch, self.config.vocab_size), np.float32)
@@ -473,20 +618,34 @@ class LlamaEngine:
             self._valid = self._cp.empty((self.max_batch,), np.bool_) if kernels.sampling_needs_valid() else None
         if self._gen is None or self._gen_seed != sampling.seed:
             self._gen, self._gen_seed = kernels.generator(sampling.seed), sampling.seed
-        probs = kernels.descriptor(self._probs.data.ptr, (rows, self.config.vocab_size), "float32", self.device,
-                                   owner=self._probs)
+        probs = kernels.descriptor(
+            self._probs.data.ptr, (rows, self.config.vocab_size), "float32", self.device, owner=self._probs
+        )
         top_k = sampling.top_k if sampling.top_k > 0 else self.config.vocab_size
-        workspace = kernels.descriptor(self._softmax_ws.data.ptr, self._softmax_ws.shape, "uint8", self.device,
-                                       owner=self._softmax_ws)
-        valid = None if self._valid is None else kernels.descriptor(self._valid.data.ptr, (rows,), "bool",
-                                                                     self.device, owner=self._valid)
-        kernels.sample_top_k_top_p(v.logits, probs, workspace, v.ids, top_k, float(sampling.top_p),
-                                   float(sampling.temperature), self._gen, self._s, valid)
+        workspace = kernels.descriptor(
+            self._softmax_ws.data.ptr, self._softmax_ws.shape, "uint8", self.device, owner=self._softmax_ws
+        )
+        valid = (
+            None
+            if self._valid is None
+            else kernels.descriptor(self._valid.data.ptr, (rows,), "bool", self.device, owner=self._valid)
+        )
+        kernels.sample_top_k_top_p(
+            v.logits,
+            probs,
+            workspace,
+            v.ids,
+            top_k,
+            float(sampling.top_p),
+            float(sampling.temperature),
+            self._gen,
+            self._s,
+            valid,
+        )
 
     def _fetch_ids(self, rows: int) -> list[int]:
         """Copy the chosen tokens to the host and wait for the stream (the one synchronization per step)."""
-        self._cp.cuda.runtime.memcpyAsync(self._ids_host.ctypes.data, self._buf.ids.data.ptr, 4 * rows, _D2H,
-                                          self._s)
+        self._cp.cuda.runtime.memcpyAsync(self._ids_host.ctypes.data, self._buf.ids.data.ptr, 4 * rows, _D2H, self._s)
         self.stream.synchronize()
         return self._ids_host[:rows].tolist()
 
@@ -502,8 +661,9 @@ class LlamaEngine:
             if not self._graph_checked:
                 # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
                 if self._decode_plan.info != self._graph_plan_info:
-                    raise RuntimeError("a CUDA-graph decode plan changed its schedule layout; the captured graph "
-                                       "cannot replay it")
+                    raise RuntimeError(
+                        "a CUDA-graph decode plan changed its schedule layout; the captured graph cannot replay it"
+                    )
                 self._graph_checked = True
             graph.launch()
             if not sampling.greedy:
@@ -511,11 +671,20 @@ class LlamaEngine:
         else:
             self._forward(v, n, self._decode_attention)
             c, b = self.config, self._buf
-            self.dense.linear(n, b.x.data.ptr, c.hidden_size, self._lm_head, c.vocab_size, c.hidden_size,
-                              b.logits.data.ptr, c.vocab_size, self._ab, self._f32)
+            self.dense.linear(
+                n,
+                b.x.data.ptr,
+                c.hidden_size,
+                self._lm_head,
+                c.vocab_size,
+                c.hidden_size,
+                b.logits.data.ptr,
+                c.vocab_size,
+                self._ab,
+                self._f32,
+            )
             self._pick(v, n, sampling)
-        self._cp.cuda.runtime.memcpyAsync(self._ids_host.ctypes.data, self._buf.ids.data.ptr, 4 * n, _D2H,
-                                          self._s)
+        self._cp.cuda.runtime.memcpyAsync(self._ids_host.ctypes.data, self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
         t1 = time.perf_counter()
         self.stream.synchronize()
         t2 = time.perf_counter()
@@ -548,8 +717,17 @@ class LlamaEngine:
         self.close()
 
 
-def step_views(c: LlamaConfig, dtype: str, device: int, base: dict[str, int], layout: Layout, kind: str, rows: int,
-               batch: int, owners: dict[str, Any] | None = None) -> SimpleNamespace:
+def step_views(
+    c: LlamaConfig,
+    dtype: str,
+    device: int,
+    base: dict[str, int],
+    layout: Layout,
+    kind: str,
+    rows: int,
+    batch: int,
+    owners: dict[str, Any] | None = None,
+) -> SimpleNamespace:
     """Descriptors of one forward pass's operands: the first ``rows`` token rows of the activation buffers
     (``base``: their device addresses, plus ``meta``, the index arrays laid out by ``layout``) and the index
     arrays of a ``batch``-request step (``kind``: "decode" or "prefill").
@@ -563,25 +741,36 @@ def step_views(c: LlamaConfig, dtype: str, device: int, base: dict[str, int], la
     item = 2  # float16 / bfloat16
     qkv, meta = base["qkv"], base["meta"]
 
-    def t(name: str, shape: tuple[int, ...], dt: str = dtype, at: int | None = None,
-          strides: tuple[int, ...] | None = None) -> Any:
+    def t(
+        name: str,
+        shape: tuple[int, ...],
+        dt: str = dtype,
+        at: int | None = None,
+        strides: tuple[int, ...] | None = None,
+    ) -> Any:
         return kernels.descriptor(base[name] if at is None else at, shape, dt, device, strides, owner=own.get(name))
 
     def region(name: str, n: int) -> Any:
         return t("meta", (n,), "int32", meta + 4 * layout.offsets[name])
 
     v = SimpleNamespace(
-        h=t("h", (rows, h)), x=t("x", (rows, h)),
+        h=t("h", (rows, h)),
+        x=t("x", (rows, h)),
         q=t("qkv", (rows, hq, d), strides=(w, d, 1)),
         k=t("qkv", (rows, hk, d), at=qkv + item * hq * d, strides=(w, d, 1)),
         v=t("qkv", (rows, hk, d), at=qkv + item * (hq + hk) * d, strides=(w, d, 1)),
-        attn=t("attn", (rows, hq, d)), gu=t("gu", (rows, 2 * c.intermediate_size)),
+        attn=t("attn", (rows, hq, d)),
+        gu=t("gu", (rows, 2 * c.intermediate_size)),
         act=t("act", (rows, c.intermediate_size)),
         token_ids=meta + 4 * layout.offsets["token_ids"],
-        positions=region("positions", rows), batch_indices=region("batch_indices", rows),
-        kv_indptr=region("kv_indptr", batch + 1), kv_last_page_len=region("kv_last_page_len", batch),
+        positions=region("positions", rows),
+        batch_indices=region("batch_indices", rows),
+        kv_indptr=region("kv_indptr", batch + 1),
+        kv_last_page_len=region("kv_last_page_len", batch),
         kv_indices=region("kv_indices", layout.sizes["kv_indices"]),
-        logits=t("logits", (batch, c.vocab_size), "float32"), ids=t("ids", (batch,), "int32"))
+        logits=t("logits", (batch, c.vocab_size), "float32"),
+        ids=t("ids", (batch,), "int32"),
+    )
     if kind == "prefill":
         v.qo_indptr = region("qo_indptr", batch + 1)
         v.last_rows = meta + 4 * layout.offsets["last_rows"]
@@ -590,8 +779,10 @@ def step_views(c: LlamaConfig, dtype: str, device: int, base: dict[str, int], la
 
 def _refuse_allocation(size: int) -> Any:
     """A CuPy allocator that refuses: installed while the decode step is captured."""
-    raise RuntimeError(f"the decode step asked CuPy for {size} bytes of device memory while being captured as a "
-                       f"CUDA graph; allocate every buffer it uses in LlamaEngine.__init__ instead")
+    raise RuntimeError(
+        f"the decode step asked CuPy for {size} bytes of device memory while being captured as a "
+        f"CUDA graph; allocate every buffer it uses in LlamaEngine.__init__ instead"
+    )
 
 
 def _positive(name: str, value: Any) -> int:

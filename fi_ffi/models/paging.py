@@ -34,8 +34,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["PAD_PAGE", "Layout", "OutOfPagesError", "PageAllocator", "Request", "Scheduler", "fill_decode",
-           "fill_prefill", "pages_for"]
+__all__ = [
+    "PAD_PAGE",
+    "Layout",
+    "OutOfPagesError",
+    "PageAllocator",
+    "Request",
+    "Scheduler",
+    "fill_decode",
+    "fill_prefill",
+    "pages_for",
+]
 
 PAD_PAGE = 0
 
@@ -54,8 +63,9 @@ class PageAllocator:
 
     def __init__(self, num_pages: int, reserved: int = 1) -> None:
         if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages <= reserved:
-            raise ValueError(f"num_pages: expected an integer > {reserved} (page {PAD_PAGE} is the padding page), "
-                             f"got {num_pages!r}")
+            raise ValueError(
+                f"num_pages: expected an integer > {reserved} (page {PAD_PAGE} is the padding page), got {num_pages!r}"
+            )
         self.num_pages = num_pages
         self.reserved = reserved
         self._free = list(range(num_pages - 1, reserved - 1, -1))  # pop() gives the lowest id first
@@ -73,8 +83,10 @@ class PageAllocator:
     def alloc(self, n: int) -> list[int]:
         """``n`` page ids, all or none: OutOfPagesError if fewer than ``n`` are free."""
         if n > len(self._free):
-            raise OutOfPagesError(f"the KV cache has {len(self._free)} free pages of {self.capacity}, {n} "
-                                  f"requested; allocate more pages (num_pages=) or serve fewer or shorter requests")
+            raise OutOfPagesError(
+                f"the KV cache has {len(self._free)} free pages of {self.capacity}, {n} "
+                f"requested; allocate more pages (num_pages=) or serve fewer or shorter requests"
+            )
         if n <= 0:
             return []
         pages = self._free[-n:]
@@ -133,7 +145,7 @@ class Layout:
 
     def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Full-size views of each region of ``flat`` (int32, at least :attr:`total` entries)."""
-        return {k: flat[o:o + self.sizes[k]] for k, o in self.offsets.items()}
+        return {k: flat[o : o + self.sizes[k]] for k, o in self.offsets.items()}
 
     def end(self, name: str, used: int) -> int:
         """Entries of the flat buffer up to the first ``used`` entries of region ``name`` (for partial copies)."""
@@ -142,15 +154,32 @@ class Layout:
 
 def decode_layout(max_rows: int, max_pages: int) -> Layout:
     """The decode step's regions; ``kv_indices`` last, so a copy can stop after the pages in use."""
-    return Layout({"token_ids": max_rows, "positions": max_rows, "batch_indices": max_rows,
-                   "kv_indptr": max_rows + 1, "kv_last_page_len": max_rows, "kv_indices": max_pages})
+    return Layout(
+        {
+            "token_ids": max_rows,
+            "positions": max_rows,
+            "batch_indices": max_rows,
+            "kv_indptr": max_rows + 1,
+            "kv_last_page_len": max_rows,
+            "kv_indices": max_pages,
+        }
+    )
 
 
 def prefill_layout(max_tokens: int, max_rows: int, max_pages: int) -> Layout:
     """The prefill's regions; ``kv_indices`` last."""
-    return Layout({"token_ids": max_tokens, "positions": max_tokens, "batch_indices": max_tokens,
-                   "qo_indptr": max_rows + 1, "kv_indptr": max_rows + 1, "kv_last_page_len": max_rows,
-                   "last_rows": max_rows, "kv_indices": max_pages})
+    return Layout(
+        {
+            "token_ids": max_tokens,
+            "positions": max_tokens,
+            "batch_indices": max_tokens,
+            "qo_indptr": max_rows + 1,
+            "kv_indptr": max_rows + 1,
+            "kv_last_page_len": max_rows,
+            "last_rows": max_rows,
+            "kv_indices": max_pages,
+        }
+    )
 
 
 def fill_prefill(requests: Sequence[Request], page_size: int, v: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -168,10 +197,10 @@ def fill_prefill(requests: Sequence[Request], page_size: int, v: dict[str, np.nd
         need = pages_for(n, page_size)
         if len(r.pages) != need:
             raise AssertionError(f"request {r.rid}: holds {len(r.pages)} pages, its prompt needs {need}")
-        v["token_ids"][t:t + n] = r.prompt
-        v["positions"][t:t + n] = np.arange(n, dtype=np.int32)
-        v["batch_indices"][t:t + n] = b
-        v["kv_indices"][p:p + need] = r.pages
+        v["token_ids"][t : t + n] = r.prompt
+        v["positions"][t : t + n] = np.arange(n, dtype=np.int32)
+        v["batch_indices"][t : t + n] = b
+        v["kv_indices"][p : p + need] = r.pages
         t += n
         p += need
         v["qo_indptr"][b + 1] = t
@@ -212,9 +241,9 @@ def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.
     v["token_ids"][:n] = ids
     v["positions"][:n] = pos
     v["batch_indices"][:n] = range(n)
-    v["kv_indptr"][:n + 1] = indptr
+    v["kv_indptr"][: n + 1] = indptr
     v["kv_last_page_len"][:n] = last
-    v["kv_indices"][:len(indices)] = indices
+    v["kv_indices"][: len(indices)] = indices
     return len(indices)
 
 
@@ -231,8 +260,16 @@ class Scheduler:
         eos_token_ids: tokens that end a request (they are kept in its output).
     """
 
-    def __init__(self, allocator: PageAllocator, page_size: int, max_batch: int, max_seq_len: int,
-                 max_prefill_tokens: int, vocab_size: int, eos_token_ids: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        page_size: int,
+        max_batch: int,
+        max_seq_len: int,
+        max_prefill_tokens: int,
+        vocab_size: int,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
         self.allocator = allocator
         self.page_size = page_size
         self.max_batch = max_batch
@@ -262,15 +299,21 @@ class Scheduler:
             raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
         n = int(arr.size)
         if n + max_new_tokens > self.max_seq_len:
-            raise ValueError(f"{name}: {n} prompt tokens + {max_new_tokens} new tokens exceed the engine's "
-                             f"max_seq_len {self.max_seq_len}; shorten it or raise max_seq_len")
+            raise ValueError(
+                f"{name}: {n} prompt tokens + {max_new_tokens} new tokens exceed the engine's "
+                f"max_seq_len {self.max_seq_len}; shorten it or raise max_seq_len"
+            )
         if n > self.max_prefill_tokens:
-            raise ValueError(f"{name}: {n} prompt tokens exceed max_prefill_tokens {self.max_prefill_tokens}; "
-                             f"raise max_prefill_tokens")
+            raise ValueError(
+                f"{name}: {n} prompt tokens exceed max_prefill_tokens {self.max_prefill_tokens}; "
+                f"raise max_prefill_tokens"
+            )
         budget = pages_for(n + max_new_tokens - 1, self.page_size)
         if budget > self.allocator.capacity:
-            raise ValueError(f"{name}: needs up to {budget} pages of {self.page_size} tokens but the KV cache has "
-                             f"{self.allocator.capacity}; raise num_pages or lower max_new_tokens")
+            raise ValueError(
+                f"{name}: needs up to {budget} pages of {self.page_size} tokens but the KV cache has "
+                f"{self.allocator.capacity}; raise num_pages or lower max_new_tokens"
+            )
         r = Request(self._next_id, tuple(int(t) for t in arr), max_new_tokens, budget)
         self._next_id += 1
         self.pending.append(r)
@@ -308,8 +351,10 @@ class Scheduler:
             admitted.append(r)
             tokens += len(r.prompt)
         if self.pending and not admitted and not self.active:
-            raise OutOfPagesError(f"request {self.pending[0].rid} cannot be admitted into an empty batch "
-                                  f"({self.allocator.num_free} free pages)")
+            raise OutOfPagesError(
+                f"request {self.pending[0].rid} cannot be admitted into an empty batch "
+                f"({self.allocator.num_free} free pages)"
+            )
         return admitted
 
     def decode_rows(self, padded: bool) -> list[Request | None]:

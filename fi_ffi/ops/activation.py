@@ -54,13 +54,16 @@ def _check(a: SimpleNamespace) -> dict[str, int]:
     checks.contiguous("input", x)
     width = x.shape[-1]
     if width % 2:
-        raise ValueError(f"input: its last dimension ({width}) must be even: [..., 2 * d] holds the gate, then the "
-                         f"up projection")
+        raise ValueError(
+            f"input: its last dimension ({width}) must be even: [..., 2 * d] holds the gate, then the up projection"
+        )
     d = width // 2
     vec = _VECTOR_BYTES // x.dtype.itemsize
     if d % vec or d == 0:
-        raise ValueError(f"input: d = {d} (half the last dimension) must be a positive multiple of {vec}: the kernel "
-                         f"loads both halves in {_VECTOR_BYTES}-byte vectors")
+        raise ValueError(
+            f"input: d = {d} (half the last dimension) must be a positive multiple of {vec}: the kernel "
+            f"loads both halves in {_VECTOR_BYTES}-byte vectors"
+        )
     if x.numel == 0:
         raise ValueError(f"input: expected at least one row, got shape {x.shape}")
     checks.shape("out", o, (*x.shape[:-1], d), "[..., d]")
@@ -79,8 +82,10 @@ _gelu_tanh_and_mul = launcher(GELU_TANH_AND_MUL, "gelu_tanh_and_mul", _check)
 
 def _need_out(out: Any) -> None:
     if out is None:
-        raise TypeError("out: required (fi_ffi never allocates device memory); pass a contiguous tensor "
-                        "[..., d] of input's dtype, d = input.shape[-1] // 2")
+        raise TypeError(
+            "out: required (fi_ffi never allocates device memory); pass a contiguous tensor "
+            "[..., d] of input's dtype, d = input.shape[-1] // 2"
+        )
 
 
 def silu_and_mul(input: Any, out: Any = None, enable_pdl: bool | None = None, *, stream: Any = None) -> Any:

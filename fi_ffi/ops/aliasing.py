@@ -80,9 +80,11 @@ def same_or_disjoint(out_name: str, out: Tensor, in_name: str, inp: Tensor) -> N
     if out.data_ptr == inp.data_ptr and out.shape == inp.shape and out.strides == inp.strides:
         return
     if overlaps(out, inp):
-        raise ValueError(f"{out_name}: overlaps {in_name} without being the same tensor (address 0x{out.data_ptr:x}"
-                         f" strides {out.strides} vs 0x{inp.data_ptr:x} strides {inp.strides}); pass {in_name} "
-                         f"itself for an in-place call, or memory of its own")
+        raise ValueError(
+            f"{out_name}: overlaps {in_name} without being the same tensor (address 0x{out.data_ptr:x}"
+            f" strides {out.strides} vs 0x{inp.data_ptr:x} strides {inp.strides}); pass {in_name} "
+            f"itself for an in-place call, or memory of its own"
+        )
 
 
 def disjoint(out_name: str, out: Tensor, other_name: str, other: Tensor) -> None:
@@ -92,8 +94,10 @@ def disjoint(out_name: str, out: Tensor, other_name: str, other: Tensor) -> None
         ValueError: naming both, otherwise.
     """
     if overlaps(out, other):
-        raise ValueError(f"{out_name}: overlaps {other_name}; the kernel reads {other_name} while it writes "
-                         f"{out_name}, so they must not share memory")
+        raise ValueError(
+            f"{out_name}: overlaps {other_name}; the kernel reads {other_name} while it writes "
+            f"{out_name}, so they must not share memory"
+        )
 
 
 __all__ = ["byte_range", "disjoint", "overlaps", "same_or_disjoint"]

@@ -15,8 +15,15 @@ from ..tensor import Tensor
 __all__ = ["device_tensor", "index_tensor", "kv_cache", "lse_tensor", "strides_u32", "vector"]
 
 
-def device_tensor(name: str, t: Tensor, shape: tuple[int | None, ...], layout: str, dtype: DType | None,
-                  device: Any, contiguous: bool = False) -> None:
+def device_tensor(
+    name: str,
+    t: Tensor,
+    shape: tuple[int | None, ...],
+    layout: str,
+    dtype: DType | None,
+    device: Any,
+    contiguous: bool = False,
+) -> None:
     """``t`` has ``len(shape)`` dims matching ``shape`` (None = any size), ``dtype``, lives on CUDA ``device``,
     has a contiguous last dimension (or is fully contiguous) and 16-byte aligned rows for vector loads."""
     if t.ndim != len(shape) or any(e is not None and e != g for e, g in zip(shape, t.shape, strict=True)):
@@ -41,8 +48,9 @@ def device_tensor(name: str, t: Tensor, shape: tuple[int | None, ...], layout: s
             raise ValueError(f"{name}: data pointer 0x{t.data_ptr:x} must be 16-byte aligned (vector loads)")
         for dim, stride in enumerate(t.strides[:-1]):
             if stride % vec and t.shape[dim] > 1:
-                raise ValueError(f"{name}: stride of dimension {dim} must be a multiple of {vec} elements "
-                                 f"(16 bytes), got {stride}")
+                raise ValueError(
+                    f"{name}: stride of dimension {dim} must be a multiple of {vec} elements (16 bytes), got {stride}"
+                )
 
 
 def index_tensor(name: str, t: Tensor, length: int | None, device: Any) -> None:
@@ -54,16 +62,27 @@ def index_tensor(name: str, t: Tensor, length: int | None, device: Any) -> None:
     if t.dtype.name != "int32":
         raise TypeError(f"{name}: expected dtype int32, got {t.dtype.name}")
     if t.device != device:
-        raise ValueError(f"{name}: expected a device tensor on {device} (the run reads it on the GPU), got one on "
-                         f"{t.device}")
+        raise ValueError(
+            f"{name}: expected a device tensor on {device} (the run reads it on the GPU), got one on {t.device}"
+        )
     if t.shape[0] > 1 and t.strides[0] != 1:
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.strides}")
     if not t.data_ptr and t.numel:
         raise ValueError(f"{name}: data pointer is NULL")
 
 
-def kv_cache(k: Tensor, v: Tensor, layout: str, num_kv_heads: int, page_size: int | None, head_dim_qk: int,
-             head_dim_vo: int, dtype: DType, device: Any, names: tuple[str, str] = ("k_cache", "v_cache")) -> int:
+def kv_cache(
+    k: Tensor,
+    v: Tensor,
+    layout: str,
+    num_kv_heads: int,
+    page_size: int | None,
+    head_dim_qk: int,
+    head_dim_vo: int,
+    dtype: DType,
+    device: Any,
+    names: tuple[str, str] = ("k_cache", "v_cache"),
+) -> int:
     """Paged K/V caches (4-D, NHD ``[P, page, Hkv, d]`` / HND ``[P, Hkv, page, d]``) with identical strides.
 
     Returns the number of pages ``P``.
@@ -82,8 +101,10 @@ def kv_cache(k: Tensor, v: Tensor, layout: str, num_kv_heads: int, page_size: in
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"{vn}: expected {k.shape[0]} pages (as {kn}), got {v.shape[0]}")
     if k.strides != v.strides:
-        raise ValueError(f"{vn}: the kernels use one set of strides for both caches; {kn} has strides {k.strides},"
-                         f" {vn} has {v.strides}")
+        raise ValueError(
+            f"{vn}: the kernels use one set of strides for both caches; {kn} has strides {k.strides},"
+            f" {vn} has {v.strides}"
+        )
     return k.shape[0]
 
 

@@ -38,17 +38,36 @@ _DTYPES = (float16, bfloat16)
 _HEAD_DIMS = (64, 128, 256, 512)
 
 # Wire order as in FlashInfer's csrc/flashinfer_cascade_binding.cu (same in 0.6.3 and 0.7.x).
-MERGE_STATE = declare("merge_state", [
-    tensor("v_a"), tensor("s_a"), tensor("v_b"), tensor("s_b"),
-    tensor("v_merged", output=True), tensor("s_merged", output=True),
-])
-MERGE_STATE_IN_PLACE = declare("merge_state_in_place", [
-    tensor("v", output=True), tensor("s", output=True), tensor("v_other"), tensor("s_other"),
-    optional_tensor("mask", default=None),
-])
-MERGE_STATES = declare("merge_states", [
-    tensor("v"), tensor("s"), tensor("v_merged", output=True), tensor("s_merged", output=True),
-])
+MERGE_STATE = declare(
+    "merge_state",
+    [
+        tensor("v_a"),
+        tensor("s_a"),
+        tensor("v_b"),
+        tensor("s_b"),
+        tensor("v_merged", output=True),
+        tensor("s_merged", output=True),
+    ],
+)
+MERGE_STATE_IN_PLACE = declare(
+    "merge_state_in_place",
+    [
+        tensor("v", output=True),
+        tensor("s", output=True),
+        tensor("v_other"),
+        tensor("s_other"),
+        optional_tensor("mask", default=None),
+    ],
+)
+MERGE_STATES = declare(
+    "merge_states",
+    [
+        tensor("v"),
+        tensor("s"),
+        tensor("v_merged", output=True),
+        tensor("s_merged", output=True),
+    ],
+)
 DECLARATIONS = tuple((_URI, d) for d in (MERGE_STATE, MERGE_STATE_IN_PLACE, MERGE_STATES))
 
 __all__ = ["merge_state", "merge_state_in_place", "merge_states"]
@@ -153,8 +172,9 @@ def _need(name: str, value: Any, layout: str) -> None:
         raise TypeError(f"{name}: required (fi_ffi never allocates device memory); pass a contiguous {layout}")
 
 
-def merge_state(v_a: Any, s_a: Any, v_b: Any, s_b: Any, *, v_merged: Any = None, s_merged: Any = None,
-                stream: Any = None) -> tuple[Any, Any]:
+def merge_state(
+    v_a: Any, s_a: Any, v_b: Any, s_b: Any, *, v_merged: Any = None, s_merged: Any = None, stream: Any = None
+) -> tuple[Any, Any]:
     """Merge the states of two KV segments (see the module docstring).
 
     Args:
@@ -168,8 +188,11 @@ def merge_state(v_a: Any, s_a: Any, v_b: Any, s_b: Any, *, v_merged: Any = None,
         ``(v_merged, s_merged)``, as passed.
     """
     if v_merged is None or s_merged is None:
-        _need("v_merged" if v_merged is None else "s_merged", None,
-              "[seq_len, num_heads, head_dim] tensor" if v_merged is None else "float32 [seq_len, num_heads] tensor")
+        _need(
+            "v_merged" if v_merged is None else "s_merged",
+            None,
+            "[seq_len, num_heads, head_dim] tensor" if v_merged is None else "float32 [seq_len, num_heads] tensor",
+        )
     # The launcher re-checks a known layout only for alignment: passing an input itself as an output is
     # caught per call by identity (a different context key sends the call through the checks).
     aliased = v_merged is v_a or v_merged is v_b or s_merged is s_a or s_merged is s_b
@@ -177,8 +200,7 @@ def merge_state(v_a: Any, s_a: Any, v_b: Any, s_b: Any, *, v_merged: Any = None,
     return v_merged, s_merged
 
 
-def merge_state_in_place(v: Any, s: Any, v_other: Any, s_other: Any, mask: Any = None, *,
-                         stream: Any = None) -> None:
+def merge_state_in_place(v: Any, s: Any, v_other: Any, s_other: Any, mask: Any = None, *, stream: Any = None) -> None:
     """Merge ``(v_other, s_other)`` into ``(v, s)`` in place.
 
     Args:
@@ -192,8 +214,7 @@ def merge_state_in_place(v: Any, s: Any, v_other: Any, s_other: Any, mask: Any =
     _merge_state_in_place(v, s, v_other, s_other, mask=mask, stream=stream, context=_ALIASED if aliased else None)
 
 
-def merge_states(v: Any, s: Any, *, v_merged: Any = None, s_merged: Any = None,
-                 stream: Any = None) -> tuple[Any, Any]:
+def merge_states(v: Any, s: Any, *, v_merged: Any = None, s_merged: Any = None, stream: Any = None) -> tuple[Any, Any]:
     """Merge ``num_states`` states per row.
 
     Args:
@@ -206,7 +227,10 @@ def merge_states(v: Any, s: Any, *, v_merged: Any = None, s_merged: Any = None,
         ``(v_merged, s_merged)``, as passed.
     """
     if v_merged is None or s_merged is None:
-        _need("v_merged" if v_merged is None else "s_merged", None,
-              "[seq_len, num_heads, head_dim] tensor" if v_merged is None else "float32 [seq_len, num_heads] tensor")
+        _need(
+            "v_merged" if v_merged is None else "s_merged",
+            None,
+            "[seq_len, num_heads, head_dim] tensor" if v_merged is None else "float32 [seq_len, num_heads] tensor",
+        )
     _merge_states(v, s, v_merged, s_merged, stream=stream)
     return v_merged, s_merged

@@ -93,12 +93,15 @@ def aligned(name: str, t: Tensor, elements: int) -> None:
     if elements <= 1:
         return
     if t.data_ptr % (elements * t.dtype.itemsize):
-        raise ValueError(f"{name}: data pointer 0x{t.data_ptr:x} must be aligned to {elements * t.dtype.itemsize}"
-                         f" bytes for this kernel's vector loads")
+        raise ValueError(
+            f"{name}: data pointer 0x{t.data_ptr:x} must be aligned to {elements * t.dtype.itemsize}"
+            f" bytes for this kernel's vector loads"
+        )
     for dim, stride in enumerate(t.strides[:-1]):
         if stride % elements and t.shape[dim] > 1:
-            raise ValueError(f"{name}: stride of dimension {dim} must be a multiple of {elements} elements, "
-                             f"got {stride}")
+            raise ValueError(
+                f"{name}: stride of dimension {dim} must be a multiple of {elements} elements, got {stride}"
+            )
 
 
 def positive_finite(name: str, value: Any) -> float:

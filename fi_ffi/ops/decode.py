@@ -48,25 +48,69 @@ __all__ = ["batch_decode_plan", "batch_decode_run", "single_decode"]
 
 # ---- declarations (FlashInfer 0.6.3 / 0.7.2 csrc/batch_decode.cu, single_decode.cu; public names where 1:1) -----
 
-PLAN = declare("plan", [
-    tensor("float_workspace_buffer"), tensor("int_workspace_buffer"), tensor("page_locked_int_workspace_buffer"),
-    tensor("kv_indptr"), ("batch_size", INT), ("num_qo_heads", INT), ("num_kv_heads", INT), ("page_size", INT),
-    ("enable_cuda_graph", BOOL), ("window_left", INT), ("logits_soft_cap", FLOAT), ("head_dim_qk", INT),
-    ("head_dim_vo", INT), tensor("empty_q_data"), tensor("empty_kv_data"),
-], returns=ARRAY)
-RUN = declare("run", [
-    tensor("float_workspace_buffer"), tensor("int_workspace_buffer"), ("plan_info_vec", ARRAY), tensor("q"),
-    tensor("k_cache"), tensor("v_cache"), tensor("kv_indptr"), tensor("kv_indices"), tensor("kv_last_page_len"),
-    tensor("out", output=True), optional_tensor("lse", output=True), ("kv_layout_code", INT), ("window_left", INT),
-    ("enable_pdl", BOOL), Param("alibi_slopes", OPT_FFI_TENSOR), ("logits_soft_cap", FLOAT), ("sm_scale", FLOAT),
-    ("rope_rcp_scale", FLOAT), ("rope_rcp_theta", FLOAT),
-])
-SINGLE = declare("run", [
-    tensor("q"), tensor("k"), tensor("v"), tensor("tmp", output=True), tensor("out", output=True),
-    optional_tensor("lse", output=True), ("kv_layout_code", INT), ("window_left", INT),
-    Param("alibi_slopes", OPT_FFI_TENSOR), ("logits_soft_cap", FLOAT), ("sm_scale", FLOAT), ("rope_rcp_scale", FLOAT),
-    ("rope_rcp_theta", FLOAT),
-])
+PLAN = declare(
+    "plan",
+    [
+        tensor("float_workspace_buffer"),
+        tensor("int_workspace_buffer"),
+        tensor("page_locked_int_workspace_buffer"),
+        tensor("kv_indptr"),
+        ("batch_size", INT),
+        ("num_qo_heads", INT),
+        ("num_kv_heads", INT),
+        ("page_size", INT),
+        ("enable_cuda_graph", BOOL),
+        ("window_left", INT),
+        ("logits_soft_cap", FLOAT),
+        ("head_dim_qk", INT),
+        ("head_dim_vo", INT),
+        tensor("empty_q_data"),
+        tensor("empty_kv_data"),
+    ],
+    returns=ARRAY,
+)
+RUN = declare(
+    "run",
+    [
+        tensor("float_workspace_buffer"),
+        tensor("int_workspace_buffer"),
+        ("plan_info_vec", ARRAY),
+        tensor("q"),
+        tensor("k_cache"),
+        tensor("v_cache"),
+        tensor("kv_indptr"),
+        tensor("kv_indices"),
+        tensor("kv_last_page_len"),
+        tensor("out", output=True),
+        optional_tensor("lse", output=True),
+        ("kv_layout_code", INT),
+        ("window_left", INT),
+        ("enable_pdl", BOOL),
+        Param("alibi_slopes", OPT_FFI_TENSOR),
+        ("logits_soft_cap", FLOAT),
+        ("sm_scale", FLOAT),
+        ("rope_rcp_scale", FLOAT),
+        ("rope_rcp_theta", FLOAT),
+    ],
+)
+SINGLE = declare(
+    "run",
+    [
+        tensor("q"),
+        tensor("k"),
+        tensor("v"),
+        tensor("tmp", output=True),
+        tensor("out", output=True),
+        optional_tensor("lse", output=True),
+        ("kv_layout_code", INT),
+        ("window_left", INT),
+        Param("alibi_slopes", OPT_FFI_TENSOR),
+        ("logits_soft_cap", FLOAT),
+        ("sm_scale", FLOAT),
+        ("rope_rcp_scale", FLOAT),
+        ("rope_rcp_theta", FLOAT),
+    ],
+)
 # (module URI pattern, declaration), checked against the pinned modules by tests/test_declarations.py
 DECLARATIONS = (
     (r"batch_decode_with_kv_cache_.*", PLAN),
@@ -76,8 +120,20 @@ DECLARATIONS = (
 
 
 @functools.lru_cache(maxsize=256)
-def variant_uri(kind: str, q: DType, kv: DType, o: DType, idx: DType | None, head_dim_qk: int, head_dim_vo: int,
-                pos: int, swa: bool, cap: bool, fp16_qk: bool = False, backend: str = "fa2") -> tuple[Variant, str]:
+def variant_uri(
+    kind: str,
+    q: DType,
+    kv: DType,
+    o: DType,
+    idx: DType | None,
+    head_dim_qk: int,
+    head_dim_vo: int,
+    pos: int,
+    swa: bool,
+    cap: bool,
+    fp16_qk: bool = False,
+    backend: str = "fa2",
+) -> tuple[Variant, str]:
     """(variant, URI) of the module for these settings; KernelNotFoundError if the wheels lack it."""
     v = Variant(kind, q, kv, o, head_dim_qk, head_dim_vo, idx, pos, swa, cap, fp16_qk, backend)
     return v, resolve(v)
@@ -115,12 +171,29 @@ def extent(name: str, value: Any, dim: int = 0) -> int:
 # ------------------------------------------------------------------------------------------ batch decode
 
 
-def batch_decode_plan(workspace: Any, kv_indptr: Any, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-                      page_size: int, *, kv_last_page_len: Any = None, q_dtype: Any = "float16",
-                      kv_dtype: Any = None, o_dtype: Any = None, kv_layout: str = "NHD", pos_encoding: Any = "NONE",
-                      window_left: int = -1, logits_soft_cap: float = 0.0, sm_scale: float | None = None,
-                      rope_scale: float = 1.0, rope_theta: float = 1e4, alibi_slopes: Any = None,
-                      enable_cuda_graph: bool = False, stream: Any = None) -> Plan:
+def batch_decode_plan(
+    workspace: Any,
+    kv_indptr: Any,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    *,
+    kv_last_page_len: Any = None,
+    q_dtype: Any = "float16",
+    kv_dtype: Any = None,
+    o_dtype: Any = None,
+    kv_layout: str = "NHD",
+    pos_encoding: Any = "NONE",
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
+    sm_scale: float | None = None,
+    rope_scale: float = 1.0,
+    rope_theta: float = 1e4,
+    alibi_slopes: Any = None,
+    enable_cuda_graph: bool = False,
+    stream: Any = None,
+) -> Plan:
     """Plan a batch decode step over a paged KV cache; returns the :class:`~fi_ffi.ops.plan.Plan` runs use.
 
     Args:
@@ -151,8 +224,23 @@ def batch_decode_plan(workspace: Any, kv_indptr: Any, num_qo_heads: int, num_kv_
     The plan is valid until the next plan on the same workspace; it may be run any number of times before.
     """
     ws = workspace if workspace.__class__ is Workspace else _workspace(workspace)
-    args = (num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, o_dtype, kv_layout, pos_encoding,
-            window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, enable_cuda_graph)
+    args = (
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        q_dtype,
+        kv_dtype,
+        o_dtype,
+        kv_layout,
+        pos_encoding,
+        window_left,
+        logits_soft_cap,
+        sm_scale,
+        rope_scale,
+        rope_theta,
+        enable_cuda_graph,
+    )
     alibi_required(pos_encoding, alibi_slopes)
     device_id = ws.device.device_id
     s = S.cached((BATCH_DECODE, device_id, args, tuple(map(type, args))), lambda: _settings(device_id, args))
@@ -160,21 +248,38 @@ def batch_decode_plan(workspace: Any, kv_indptr: Any, num_qo_heads: int, num_kv_
     pages = check_indptr("kv_indptr", indptr)
     batch = indptr.shape[0] - 1
     if kv_last_page_len is not None:
-        check_last_page_len("kv_last_page_len", host_array("kv_last_page_len", kv_last_page_len), indptr,
-                            s.page_size)
+        check_last_page_len("kv_last_page_len", host_array("kv_last_page_len", kv_last_page_len), indptr, s.page_size)
     if alibi_slopes is not None or s.pos_encoding == 2:
         _check_alibi(s, alibi_slopes, ws.device)
     info, generation = call_plan(
-        ws, s.plan, stream, ws.float_buffer, ws.int_buffer, ws.pinned_buffer, host_tensor(indptr), batch,
-        s.num_qo_heads, s.num_kv_heads, s.page_size, s.enable_cuda_graph, s.window_left, s.logits_soft_cap,
-        s.head_dim_qk, s.head_dim_vo, empty(s.dtype_q, "cpu"), empty(s.dtype_kv, "cpu"))
+        ws,
+        s.plan,
+        stream,
+        ws.float_buffer,
+        ws.int_buffer,
+        ws.pinned_buffer,
+        host_tensor(indptr),
+        batch,
+        s.num_qo_heads,
+        s.num_kv_heads,
+        s.page_size,
+        s.enable_cuda_graph,
+        s.window_left,
+        s.logits_soft_cap,
+        s.head_dim_qk,
+        s.head_dim_vo,
+        empty(s.dtype_q, "cpu"),
+        empty(s.dtype_kv, "cpu"),
+    )
     return Plan.make(info, ws, generation, s, batch, batch, pages, (None, None, alibi_slopes))
 
 
 def _workspace(value: Any) -> Workspace:
     if not isinstance(value, Workspace):
-        raise TypeError(f"workspace: expected a fi_ffi.ops.workspace.Workspace (Workspace.allocate() or "
-                        f"Workspace.from_buffers()), got {type(value).__name__}")
+        raise TypeError(
+            f"workspace: expected a fi_ffi.ops.workspace.Workspace (Workspace.allocate() or "
+            f"Workspace.from_buffers()), got {type(value).__name__}"
+        )
     return value
 
 
@@ -200,8 +305,23 @@ def _check_alibi(s: PlanSettings, alibi_slopes: Any, device: Any) -> None:
 
 def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
     """Validate the settings arguments of :func:`batch_decode_plan` (in its order) into a PlanSettings."""
-    (num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_dtype, o_dtype, kv_layout, pos_encoding,
-     window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, enable_cuda_graph) = args
+    (
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        q_dtype,
+        kv_dtype,
+        o_dtype,
+        kv_layout,
+        pos_encoding,
+        window_left,
+        logits_soft_cap,
+        sm_scale,
+        rope_scale,
+        rope_theta,
+        enable_cuda_graph,
+    ) = args
     hq = S.count("num_qo_heads", num_qo_heads)
     hk = S.count("num_kv_heads", num_kv_heads)
     d = S.count("head_dim", head_dim)
@@ -215,16 +335,46 @@ def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
     graph = checks.flag("enable_cuda_graph", enable_cuda_graph)
     qd, kd, od = S.dtypes(q_dtype, kv_dtype, o_dtype)
     variant, uri = variant_uri(BATCH_DECODE, qd, kd, od, int32, d, d, pos, w != -1, cap > 0)
-    return PlanSettings(kind=BATCH_DECODE, mode="paged", variant=variant, device_id=device_id, num_qo_heads=hq,
-                        num_kv_heads=hk, head_dim_qk=d, head_dim_vo=d, page_size=ps, kv_layout=layout, dtype_q=qd,
-                        dtype_kv=kd, dtype_o=od, pos_encoding=pos, window_left=w, logits_soft_cap=cap, sm_scale=sm,
-                        rope_scale=rs, rope_theta=rt, enable_cuda_graph=graph,
-                        plan=launcher(PLAN, uri), run=launcher(RUN, uri, _check_run))
+    return PlanSettings(
+        kind=BATCH_DECODE,
+        mode="paged",
+        variant=variant,
+        device_id=device_id,
+        num_qo_heads=hq,
+        num_kv_heads=hk,
+        head_dim_qk=d,
+        head_dim_vo=d,
+        page_size=ps,
+        kv_layout=layout,
+        dtype_q=qd,
+        dtype_kv=kd,
+        dtype_o=od,
+        pos_encoding=pos,
+        window_left=w,
+        logits_soft_cap=cap,
+        sm_scale=sm,
+        rope_scale=rs,
+        rope_theta=rt,
+        enable_cuda_graph=graph,
+        plan=launcher(PLAN, uri),
+        run=launcher(RUN, uri, _check_run),
+    )
 
 
-def batch_decode_run(plan: Plan, q: Any, k_cache: Any, v_cache: Any, kv_indptr: Any, kv_indices: Any,
-                     kv_last_page_len: Any, out: Any, *, lse: Any = None, enable_pdl: bool = False,
-                     stream: Any = None) -> Any:
+def batch_decode_run(
+    plan: Plan,
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    out: Any,
+    *,
+    lse: Any = None,
+    enable_pdl: bool = False,
+    stream: Any = None,
+) -> Any:
     """Run batch decode attention with a plan from :func:`batch_decode_plan`.
 
     Args:
@@ -251,11 +401,33 @@ def batch_decode_run(plan: Plan, q: Any, k_cache: Any, v_cache: Any, kv_indptr: 
         plan.check_runnable(BATCH_DECODE, "paged")
     pages = kv_indices.shape[0] if kv_indices.__class__ is Tensor else extent("kv_indices", kv_indices)
     if pages < plan.kv_extent:
-        raise ValueError(f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has "
-                         f"{extent('kv_indices', kv_indices)} entries")
-    s.run(ws.float_buffer, ws.int_buffer, plan._info, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
-          out, lse, s.layout_code, s.window_left, enable_pdl, plan._inputs[2], s.logits_soft_cap, s.sm_scale,
-          s.rope_rcp_scale, s.rope_rcp_theta, stream=stream, context=plan._context)
+        raise ValueError(
+            f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has "
+            f"{extent('kv_indices', kv_indices)} entries"
+        )
+    s.run(
+        ws.float_buffer,
+        ws.int_buffer,
+        plan._info,
+        q,
+        k_cache,
+        v_cache,
+        kv_indptr,
+        kv_indices,
+        kv_last_page_len,
+        out,
+        lse,
+        s.layout_code,
+        s.window_left,
+        enable_pdl,
+        plan._inputs[2],
+        s.logits_soft_cap,
+        s.sm_scale,
+        s.rope_rcp_scale,
+        s.rope_rcp_theta,
+        stream=stream,
+        context=plan._context,
+    )
     return out
 
 
@@ -282,10 +454,24 @@ _single_lock = threading.Lock()
 _MAX_SINGLE = 1024
 
 
-def single_decode(q: Any, k: Any, v: Any, out: Any, *, tmp: Any = None, lse: Any = None, kv_layout: str = "NHD",
-                  pos_encoding: Any = "NONE", window_left: int = -1, logits_soft_cap: float = 0.0,
-                  sm_scale: float | None = None, rope_scale: float = 1.0, rope_theta: float = 1e4,
-                  alibi_slopes: Any = None, stream: Any = None) -> Any:
+def single_decode(
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    *,
+    tmp: Any = None,
+    lse: Any = None,
+    kv_layout: str = "NHD",
+    pos_encoding: Any = "NONE",
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
+    sm_scale: float | None = None,
+    rope_scale: float = 1.0,
+    rope_theta: float = 1e4,
+    alibi_slopes: Any = None,
+    stream: Any = None,
+) -> Any:
     """Decode attention of one request: ``out[h] = softmax(sm_scale * q[h] . K^T) V``.
 
     Args:
@@ -314,17 +500,33 @@ def single_decode(q: Any, k: Any, v: Any, out: Any, *, tmp: Any = None, lse: Any
     w = window_left if window_left.__class__ is int and -1 <= window_left < 1 << 31 else S.window(window_left)
     cap = 0.0 if logits_soft_cap.__class__ is float and logits_soft_cap == 0.0 else S.soft_cap(logits_soft_cap)
     if (pos == 2) != (alibi_slopes is not None):
-        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])" if pos == 2
-                         else "alibi_slopes: only used with pos_encoding ALIBI")
-    key = (layout_key("q", q, stream), layout_key("k", k, stream), layout_key("out", out, stream), pos, w >= 0,
-           cap > 0)
+        raise ValueError(
+            "alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])"
+            if pos == 2
+            else "alibi_slopes: only used with pos_encoding ALIBI"
+        )
+    key = (layout_key("q", q, stream), layout_key("k", k, stream), layout_key("out", out, stream), pos, w >= 0, cap > 0)
     found = _single.get(key)
     if found is None:
         found = _single_variant(q, k, out, key)
     launch, d, no_tmp = found
     sm, rs, rt = S.scales(d, sm_scale, rope_scale, rope_theta)
-    launch(q, k, v, no_tmp if tmp is None else tmp, out, lse, layout, w, alibi_slopes, cap, sm, 1.0 / rs, 1.0 / rt,
-           stream=stream)
+    launch(
+        q,
+        k,
+        v,
+        no_tmp if tmp is None else tmp,
+        out,
+        lse,
+        layout,
+        w,
+        alibi_slopes,
+        cap,
+        sm,
+        1.0 / rs,
+        1.0 / rt,
+        stream=stream,
+    )
     return out
 
 
@@ -334,8 +536,10 @@ def _single_variant(q: Any, k: Any, out: Any, key: tuple[Any, ...]) -> tuple[Any
     if qt.ndim != 2:
         raise ValueError(f"q: expected a 2-D tensor [num_qo_heads, head_dim], got shape {qt.shape}")
     if kt.ndim != 3:
-        raise ValueError(f"k: expected a 3-D tensor (NHD [kv_len, num_kv_heads, head_dim] or HND [num_kv_heads, "
-                         f"kv_len, head_dim]), got shape {kt.shape}")
+        raise ValueError(
+            f"k: expected a 3-D tensor (NHD [kv_len, num_kv_heads, head_dim] or HND [num_kv_heads, "
+            f"kv_len, head_dim]), got shape {kt.shape}"
+        )
     if not qt.device.is_cuda:
         raise ValueError(f"q: expected a CUDA device tensor, got one on {qt.device}")
     d = qt.shape[1]
@@ -359,8 +563,9 @@ _ATTENTION_DTYPES = frozenset(("float16", "bfloat16", "float8_e4m3fn", "float8_e
 def _module_dtype(name: str, t: Tensor) -> None:
     """Attention modules exist for these element types only: a clear error instead of a missing variant."""
     if t.dtype.name not in _ATTENTION_DTYPES:
-        raise TypeError(f"{name}: no attention module exists for dtype {t.dtype.name} (float16, bfloat16; FP8 for "
-                        f"the KV cache)")
+        raise TypeError(
+            f"{name}: no attention module exists for dtype {t.dtype.name} (float16, bfloat16; FP8 for the KV cache)"
+        )
 
 
 def _check_single(a: SimpleNamespace) -> None:
@@ -387,8 +592,9 @@ def _check_single(a: SimpleNamespace) -> None:
     AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
 
 
-def _check_tmp(tmp: Tensor, dev: Any, kv_len: int, qo_len: int, hq: int, hk: int, d_vo: int, o_itemsize: int,
-               prefill: bool) -> None:
+def _check_tmp(
+    tmp: Tensor, dev: Any, kv_len: int, qo_len: int, hq: int, hk: int, d_vo: int, o_itemsize: int, prefill: bool
+) -> None:
     """``tmp``: empty (no split) or a contiguous 1-D device buffer large enough for the kernel's split."""
     if tmp.shape == (0,):
         return
@@ -400,8 +606,10 @@ def _check_tmp(tmp: Tensor, dev: Any, kv_len: int, qo_len: int, hq: int, hk: int
         need = tmp_bytes_needed(dev.device_id, kv_len, qo_len, hq, hk, d_vo, o_itemsize, prefill=prefill)
         have = tmp.shape[0] * tmp.dtype.itemsize
         if need and have < need:
-            raise ValueError(f"tmp: the kernel may need up to {need} bytes of scratch for kv_len {kv_len}, got "
-                             f"{have}; pass a larger buffer (upstream uses 32 MiB) or None")
+            raise ValueError(
+                f"tmp: the kernel may need up to {need} bytes of scratch for kv_len {kv_len}, got "
+                f"{have}; pass a larger buffer (upstream uses 32 MiB) or None"
+            )
 
 
 caches.register("single decode modules (by layout values)", _single.clear)

@@ -127,8 +127,9 @@ def sm_count(device_id: int) -> int:
     n = _sm_count.get(device_id)
     if n is None:
         rt = _runtime()
-        n = _sm_count[device_id] = _attribute(rt, device_id, rt.cudaDeviceAttr.cudaDevAttrMultiProcessorCount,
-                                              "cudaDeviceGetAttribute")
+        n = _sm_count[device_id] = _attribute(
+            rt, device_id, rt.cudaDeviceAttr.cudaDevAttrMultiProcessorCount, "cudaDeviceGetAttribute"
+        )
     return n
 
 

@@ -52,12 +52,22 @@ _REFUSED = ("does not support this device major version", "sm_90a is not enabled
 _DEVICE_END = 1 << 31  # CUDA device ordinals are C ints
 
 # FlashInfer's C++ names, except ``workspace`` (``workspace_buffer`` there), the public name.
-GDN_PREFILL = declare("gdn_prefill", [
-    tensor("output", output=True), tensor("output_state", output=True), tensor("q"), tensor("k"), tensor("v"),
-    tensor("cu_seqlens"), optional_tensor("input_state"), optional_tensor("alpha"), optional_tensor("beta"),
-    ("scale", FLOAT),  # 0.0: the kernel's default 1 / sqrt(head_dim)
-    tensor("workspace", output=True),
-])
+GDN_PREFILL = declare(
+    "gdn_prefill",
+    [
+        tensor("output", output=True),
+        tensor("output_state", output=True),
+        tensor("q"),
+        tensor("k"),
+        tensor("v"),
+        tensor("cu_seqlens"),
+        optional_tensor("input_state"),
+        optional_tensor("alpha"),
+        optional_tensor("beta"),
+        ("scale", FLOAT),  # 0.0: the kernel's default 1 / sqrt(head_dim)
+        tensor("workspace", output=True),
+    ],
+)
 # (module URI pattern, declaration), checked against the modules by tests/test_declarations.py
 DECLARATIONS = ((_URI, GDN_PREFILL),)
 
@@ -76,9 +86,21 @@ def gdn_workspace_size(device_id: int = 0) -> int:
     return device.sm_count(device_id) * WORKSPACE_BYTES_PER_SM
 
 
-def gdn_prefill(q: Any, k: Any, v: Any, cu_seqlens: Any, output: Any, output_state: Any, workspace: Any, *,
-                input_state: Any = None, alpha: Any = None, beta: Any = None, scale: float | None = None,
-                stream: Any = None) -> tuple[Any, Any]:
+def gdn_prefill(
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens: Any,
+    output: Any,
+    output_state: Any,
+    workspace: Any,
+    *,
+    input_state: Any = None,
+    alpha: Any = None,
+    beta: Any = None,
+    scale: float | None = None,
+    stream: Any = None,
+) -> tuple[Any, Any]:
     """Gated delta rule prefill of ``N`` packed sequences (see the module docstring for the math).
 
     Shapes: ``S`` packed tokens, ``N`` sequences, ``Hq``/``Hk``/``Hv`` heads (GQA or GVA, see the module
@@ -115,13 +137,25 @@ def gdn_prefill(q: Any, k: Any, v: Any, cu_seqlens: Any, output: Any, output_sta
         UnsupportedDeviceError: ``q``'s device is not SM90, or no CUDA device is available.
         KernelNotFoundError: the pinned wheels have no ``gdn_prefill_sm90`` module; says which releases do.
     """
-    _gdn_prefill(q, k, v, cu_seqlens, output, output_state, workspace, input_state, alpha, beta, scale, stream,
-                 False)
+    _gdn_prefill(q, k, v, cu_seqlens, output, output_state, workspace, input_state, alpha, beta, scale, stream, False)
     return output, output_state
 
 
-def _gdn_prefill(q: Any, k: Any, v: Any, cu_seqlens: Any, output: Any, output_state: Any, workspace: Any,
-                 input_state: Any, alpha: Any, beta: Any, scale: Any, stream: Any, skip_arch_check: bool) -> None:
+def _gdn_prefill(
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens: Any,
+    output: Any,
+    output_state: Any,
+    workspace: Any,
+    input_state: Any,
+    alpha: Any,
+    beta: Any,
+    scale: Any,
+    stream: Any,
+    skip_arch_check: bool,
+) -> None:
     """The body of :func:`gdn_prefill`.
 
     Internal: ``skip_arch_check=True`` exists only for the CPU tests, which must reach the kernel module's own
@@ -144,7 +178,8 @@ def _gdn_prefill(q: Any, k: Any, v: Any, cu_seqlens: Any, output: Any, output_st
             if any(text in err.message for text in _REFUSED):
                 raise UnsupportedDeviceError(
                     f"gdn_prefill: the GDN prefill kernel refused the current CUDA device ({err.message.strip()}); "
-                    f"it runs on SM90 (Hopper) GPUs only") from err
+                    f"it runs on SM90 (Hopper) GPUs only"
+                ) from err
             raise
         finally:
             if previous >= 0:
@@ -188,7 +223,8 @@ def _check_arch(qt: Tensor) -> None:
     if major != 9:
         raise UnsupportedDeviceError(
             f"gdn_prefill: the GDN prefill kernel runs on SM90 (Hopper, compute capability 9.x) only; "
-            f"{qt.device} has compute capability {major}.{minor}")
+            f"{qt.device} has compute capability {major}.{minor}"
+        )
 
 
 def _check(a: SimpleNamespace) -> dict[str, int]:
@@ -215,11 +251,14 @@ def _check(a: SimpleNamespace) -> dict[str, int]:
         raise ValueError(f"q, k, v: expected at least one head each, got Hq={hq}, Hk={hk}, Hv={hv}")
     if hq >= hv:  # GQA: groups of q heads share one k/v head
         if hk != hv or hq % hv:
-            raise ValueError(f"k, v: with Hq >= Hv (GQA) the kernel needs Hk == Hv and Hq a multiple of Hv, got "
-                             f"Hq={hq}, Hk={hk}, Hv={hv}")
+            raise ValueError(
+                f"k, v: with Hq >= Hv (GQA) the kernel needs Hk == Hv and Hq a multiple of Hv, got "
+                f"Hq={hq}, Hk={hk}, Hv={hv}"
+            )
     elif hk != hq or hv % hq:  # GVA: groups of v heads share one q/k head
-        raise ValueError(f"k, v: with Hv > Hq (GVA) the kernel needs Hk == Hq and Hv a multiple of Hq, got "
-                         f"Hq={hq}, Hk={hk}, Hv={hv}")
+        raise ValueError(
+            f"k, v: with Hv > Hq (GVA) the kernel needs Hk == Hq and Hv a multiple of Hq, got Hq={hq}, Hk={hk}, Hv={hv}"
+        )
     _dense("q", qt, qt)
     _dense("k", kt, qt)
     _dense("v", vt, qt)
@@ -255,15 +294,19 @@ def _check(a: SimpleNamespace) -> dict[str, int]:
         raise TypeError(f"workspace: expected dtype uint8, got {ws.dtype.name}")
     _dense("workspace", ws, qt, align=False)
     if ws.data_ptr % _WORKSPACE_ALIGN:
-        raise ValueError(f"workspace: data pointer 0x{ws.data_ptr:x} must be {_WORKSPACE_ALIGN}-byte aligned "
-                         f"(it holds TMA descriptors)")
+        raise ValueError(
+            f"workspace: data pointer 0x{ws.data_ptr:x} must be {_WORKSPACE_ALIGN}-byte aligned "
+            f"(it holds TMA descriptors)"
+        )
     if not a.context:  # device queries: the tensors' device (part of their layout) is an SM90 GPU
         _check_arch(qt)
         dev = qt.device.device_id
         need = device.sm_count(dev) * WORKSPACE_BYTES_PER_SM
         if ws.shape[0] < need:
-            raise ValueError(f"workspace: expected at least {need} bytes (gdn_workspace_size({dev}): "
-                             f"{WORKSPACE_BYTES_PER_SM} per SM), got {ws.shape[0]}")
+            raise ValueError(
+                f"workspace: expected at least {need} bytes (gdn_workspace_size({dev}): "
+                f"{WORKSPACE_BYTES_PER_SM} per SM), got {ws.shape[0]}"
+            )
     # the launcher checks these pointers on every call (the checks above saw only this call's)
     aligned = {name: _TMA_ALIGN for name in ("q", "k", "v", "output", "output_state")}
     if it is not None:

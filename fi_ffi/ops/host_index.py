@@ -58,8 +58,9 @@ def host_array(name: str, value: Any) -> np.ndarray:
         from . import checks
 
         return _from_descriptor(name, checks.tensor(name, value))
-    raise TypeError(f"{name}: expected a host int32 array (numpy, host descriptor, list of ints), got "
-                    f"{type(value).__name__}")
+    raise TypeError(
+        f"{name}: expected a host int32 array (numpy, host descriptor, list of ints), got {type(value).__name__}"
+    )
 
 
 def _from_ints(name: str, values: Any) -> np.ndarray:
@@ -76,8 +77,7 @@ def _from_ints(name: str, values: Any) -> np.ndarray:
 
 def _from_descriptor(name: str, t: Tensor) -> np.ndarray:
     if not t.device.is_host:
-        raise ValueError(f"{name}: expected a host (CPU) array, the plan reads it on the host; got one on "
-                         f"{t.device}")
+        raise ValueError(f"{name}: expected a host (CPU) array, the plan reads it on the host; got one on {t.device}")
     if t.dtype.name != "int32":
         raise TypeError(f"{name}: expected dtype int32, got {t.dtype.name}")
     if t.ndim != 1:
@@ -116,12 +116,14 @@ def _bad_indptr(name: str, arr: np.ndarray) -> None:
     if arr[0] != 0:
         raise ValueError(f"{name}: must start at 0, got {int(arr[0])}")
     i = int(np.argmax(arr[1:] < arr[:-1]))
-    raise ValueError(f"{name}: must be non-decreasing, but {name}[{i + 1}] = {int(arr[i + 1])} < "
-                     f"{name}[{i}] = {int(arr[i])}")
+    raise ValueError(
+        f"{name}: must be non-decreasing, but {name}[{i + 1}] = {int(arr[i + 1])} < {name}[{i}] = {int(arr[i])}"
+    )
 
 
-def check_last_page_len(name: str, last: np.ndarray, kv_indptr: np.ndarray, page_size: int,
-                        lengths: bool = False) -> np.ndarray | None:
+def check_last_page_len(
+    name: str, last: np.ndarray, kv_indptr: np.ndarray, page_size: int, lengths: bool = False
+) -> np.ndarray | None:
     """Validate last-page lengths against the page indptr; with ``lengths``, return the KV lengths (int32).
 
     A request with pages has ``1 <= last <= page_size`` (its length is ``(pages - 1) * page_size + last``); a
@@ -163,8 +165,9 @@ def check_last_page_len(name: str, last: np.ndarray, kv_indptr: np.ndarray, page
 
 def _bad_last(name: str, i: int, pages: int, last: int, page_size: int) -> None:
     if pages:
-        raise ValueError(f"{name}: request {i} has {pages} page(s), so its last page holds 1..{page_size} tokens; "
-                         f"got {last}")
+        raise ValueError(
+            f"{name}: request {i} has {pages} page(s), so its last page holds 1..{page_size} tokens; got {last}"
+        )
     raise ValueError(f"{name}: request {i} has no pages, so its last_page_len must be 0; got {last}")
 
 

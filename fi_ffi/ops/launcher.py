@@ -85,8 +85,22 @@ class Frame:
     """One thread's argument block for one entry point: ``nargs + 1`` slots, then one record per tensor
     parameter. ``q``/``d`` view it as int64/float64 words; ``cache`` maps layout keys to images."""
 
-    __slots__ = ("args", "block", "buf", "cache", "call", "d", "image", "mv", "nargs", "q", "records", "result",
-                 "stream_out", "this")
+    __slots__ = (
+        "args",
+        "block",
+        "buf",
+        "cache",
+        "call",
+        "d",
+        "image",
+        "mv",
+        "nargs",
+        "q",
+        "records",
+        "result",
+        "stream_out",
+        "this",
+    )
 
     def __init__(self, nargs: int, ntensors: int, call: Any) -> None:
         from ..abi.cdefs import get_ffi
@@ -161,8 +175,9 @@ class Launcher:
 
     # ---- slow path -------------------------------------------------------------------------------------------
 
-    def slow(self, values: Sequence[Any], stream: Any, context: Any, frame: Frame | None = None,
-             remember: bool = True) -> tuple[Frame, tuple[Any, ...], list[int]]:
+    def slow(
+        self, values: Sequence[Any], stream: Any, context: Any, frame: Frame | None = None, remember: bool = True
+    ) -> tuple[Frame, tuple[Any, ...], list[int]]:
         """Describe and check every argument, build the frame image, remember it; return (frame, entry, ptrs)."""
         self.slow_calls += 1
         decl = self.decl
@@ -178,8 +193,10 @@ class Launcher:
         for name, bytes_ in alignment.items():
             t = checked[name]
             if t.data_ptr % bytes_:
-                raise ValueError(f"{name}: data pointer 0x{t.data_ptr:x} must be aligned to {bytes_} bytes "
-                                 f"({t.dtype.name}{'' if bytes_ == t.dtype.itemsize else ', vector loads'})")
+                raise ValueError(
+                    f"{name}: data pointer 0x{t.data_ptr:x} must be aligned to {bytes_} bytes "
+                    f"({t.dtype.name}{'' if bytes_ == t.dtype.itemsize else ', vector loads'})"
+                )
         if stream is not None:
             _stream(stream)  # a bad stream is refused before anything is bound or launched
         f = frame if frame is not None else self.frame()  # binds the module: only once the arguments passed
@@ -194,8 +211,10 @@ class Launcher:
         if first_cuda is not None:
             source = producers.stream_source(first_cuda)
         # per record: may its pointer be NULL on the fast path (an empty tensor: the kernel reads nothing)
-        empty_ok = tuple(checked[decl.params[i].name] is not None and checked[decl.params[i].name].numel == 0
-                         for i in self.tensor_index)
+        empty_ok = tuple(
+            checked[decl.params[i].name] is not None and checked[decl.params[i].name].numel == 0
+            for i in self.tensor_index
+        )
         entry = (bytes(f.mv), tuple(masks), device_id, source, tuple(keep), empty_ok)
         if remember:
             try:
@@ -234,13 +253,18 @@ class Launcher:
                     ptrs.append(ptr if ptr < _INT64_END else ptr - _PTR_END)  # int64 words: two's complement
                 # the default stream follows the first CUDA tensor that comes from a framework with a current
                 # stream (torch, CuPy): for a batch run that is q, not the workspace's descriptors
-                if (first_cuda is None and t.device.is_cuda and kind in wire.TENSOR_TYPES
-                        and producers.stream_source(value) is not None):
+                if (
+                    first_cuda is None
+                    and t.device.is_cuda
+                    and kind in wire.TENSOR_TYPES
+                    and producers.stream_source(value) is not None
+                ):
                     first_cuda = value
             elif kind == wire.ARRAY:
                 if not isinstance(value, ObjectRef) or value.type_index != ARRAY:
-                    raise TypeError(f"{name}: expected the plan info (an Array from a plan call), got "
-                                    f"{type(value).__name__}")
+                    raise TypeError(
+                        f"{name}: expected the plan info (an Array from a plan call), got {type(value).__name__}"
+                    )
                 if not value.handle:
                     raise ValueError(f"{name}: the plan has been released")
                 checked[name] = value
@@ -253,8 +277,9 @@ class Launcher:
     def prepare(self, values: Sequence[Any], stream: Any = None, context: Any = None) -> PreparedCall:
         """Check and pack one call into a frame of its own; the result launches it again (see PreparedCall)."""
         if any(p.wire in (wire.ARRAY, wire.FFI_TENSOR, wire.OPT_FFI_TENSOR) or p.per_call for p in self.decl.params):
-            raise TypeError(f"{self.name}: calls with plan info, per-call values or ffi.Tensor arguments cannot "
-                            f"be prepared")
+            raise TypeError(
+                f"{self.name}: calls with plan info, per-call values or ffi.Tensor arguments cannot be prepared"
+            )
         entry_point = self.bind()
         frame = Frame(len(self.decl.params), len(self.tensor_index), entry_point._call)
         f, entry, ptrs = self.slow(values, stream, context, frame=frame, remember=False)
@@ -275,8 +300,9 @@ class PreparedCall:
 
     __slots__ = ("_frame", "_launcher", "device_id", "keep", "stream")
 
-    def __init__(self, launcher: Launcher, frame: Frame, keep: tuple[Any, ...], device_id: int,
-                 stream: int | None) -> None:
+    def __init__(
+        self, launcher: Launcher, frame: Frame, keep: tuple[Any, ...], device_id: int, stream: int | None
+    ) -> None:
         self._launcher = launcher
         self._frame = frame
         self.keep = keep
@@ -299,6 +325,7 @@ class PreparedCall:
 
 # ---- checks shared by every op -------------------------------------------------------------------------------
 
+
 def check_tensor(name: str, t: Tensor, *, output: bool = False) -> None:
     """The generic contract of a tensor argument (see the module docstring)."""
     numel = 1
@@ -315,14 +342,19 @@ def check_tensor(name: str, t: Tensor, *, output: bool = False) -> None:
         raise ValueError(f"{name}: data pointer is NULL")
     span = extent * t.dtype.itemsize
     if span >= _INT64_END:
-        raise ValueError(f"{name}: the tensor spans {span} bytes (shape {t.shape}, strides {t.strides}); at most "
-                         f"2**63 - 1 are supported")
+        raise ValueError(
+            f"{name}: the tensor spans {span} bytes (shape {t.shape}, strides {t.strides}); at most "
+            f"2**63 - 1 are supported"
+        )
     if t.data_ptr + span > _PTR_END:
-        raise ValueError(f"{name}: the memory range 0x{t.data_ptr:x} + {span} bytes wraps past the end of the "
-                         f"address space")
+        raise ValueError(
+            f"{name}: the memory range 0x{t.data_ptr:x} + {span} bytes wraps past the end of the address space"
+        )
     if output and not _no_overlap(t.shape, t.strides):
-        raise ValueError(f"{name}: an output's elements must not overlap (shape {t.shape}, strides {t.strides}: "
-                         f"stride-0 or interleaved rows would be written by several threads)")
+        raise ValueError(
+            f"{name}: an output's elements must not overlap (shape {t.shape}, strides {t.strides}: "
+            f"stride-0 or interleaved rows would be written by several threads)"
+        )
 
 
 def _no_overlap(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
@@ -343,15 +375,19 @@ def _one_device(name: str, decl: wire.Declaration, checked: dict[str, Any]) -> l
     The reference is the first CUDA *input* (outputs follow their inputs), so the message names the tensor
     that disagrees with what the kernel reads.
     """
-    tensors = [(p.name, checked[p.name], p.output) for p in decl.params
-               if isinstance(checked.get(p.name), Tensor) and checked[p.name].device.is_cuda]
+    tensors = [
+        (p.name, checked[p.name], p.output)
+        for p in decl.params
+        if isinstance(checked.get(p.name), Tensor) and checked[p.name].device.is_cuda
+    ]
     if not tensors:
         return []
     ref_name, ref, _ = next((t for t in tensors if not t[2]), tensors[0])
     for pname, t, _ in tensors:
         if t.device.device_id != ref.device.device_id:
-            raise ValueError(f"{pname}: expected a tensor on cuda:{ref.device.device_id} (same as {ref_name}), got "
-                             f"one on {t.device}")
+            raise ValueError(
+                f"{pname}: expected a tensor on cuda:{ref.device.device_id} (same as {ref_name}), got one on {t.device}"
+            )
     return [ref.device.device_id]
 
 
@@ -409,8 +445,10 @@ def _stream(stream: Any) -> int:
 
 # ---- frame images ----------------------------------------------------------------------------------------------
 
-def _write_image(f: Frame, decl: wire.Declaration, record_of: dict[int, int], checked: dict[str, Any],
-                 keep: list[Any]) -> None:
+
+def _write_image(
+    f: Frame, decl: wire.Declaration, record_of: dict[int, int], checked: dict[str, Any], keep: list[Any]
+) -> None:
     """Write every slot and record of ``f`` for these checked arguments, with data pointers and per-call values
     left zero (the launch writes them)."""
     from ..abi.cdefs import get_ffi
@@ -546,6 +584,7 @@ def _no_keys(*args: Any) -> tuple[tuple[Any, ...], list[int]]:
 
 # ---- code generation -----------------------------------------------------------------------------------------
 
+
 def _arg_names(decl: wire.Declaration) -> list[str]:
     """Python argument names of the launch function: the parameter names (a keyword gets a trailing ``_``)."""
     import keyword
@@ -614,8 +653,11 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     ptr_list = "[" + ", ".join(ptrs) + "]"
     all_args = "(" + "".join(a + ", " for a in names) + ")"
     required = [a for p, a in zip(params, names, strict=True) if p.default is wire.REQUIRED]
-    optional = [f"{a}=_DEFAULTS[{i}]" for i, (p, a) in enumerate(zip(params, names, strict=True))
-                if p.default is not wire.REQUIRED]
+    optional = [
+        f"{a}=_DEFAULTS[{i}]"
+        for i, (p, a) in enumerate(zip(params, names, strict=True))
+        if p.default is not wire.REQUIRED
+    ]
     absent = ["**_absent"] if accept_absent else []
     signature = ", ".join([*required, "*", *optional, "stream=None", "context=None", *absent])
     lines = [f"def launch({signature}):"]
@@ -625,35 +667,41 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     lines += ["        " + r for r in read]
     lines += [f"        _e = _f.cache[{key_tuple}]"]
     if ptrs:
-        lines += ["        _m = _e[1]",
-                  f"        if {' | '.join(masks)} or not ({' and '.join(nonnull)}): raise _Slow"]
+        lines += ["        _m = _e[1]", f"        if {' | '.join(masks)} or not ({' and '.join(nonnull)}): raise _Slow"]
     # the slow path runs after the except block, so its errors are not shown as raised "during handling" of the
     # fast path's internal exception
-    lines += ["    except Exception:",
-              "        _e = None",
-              "    if _e is None:",
-              f"        _f, _e, ({''.join(pp + ', ' for pp in ptrs)}) = _slow({all_args}, stream, context)"
-              if ptrs else f"        _f, _e, _ = _slow({all_args}, stream, context)"]
+    lines += [
+        "    except Exception:",
+        "        _e = None",
+        "    if _e is None:",
+        f"        _f, _e, ({''.join(pp + ', ' for pp in ptrs)}) = _slow({all_args}, stream, context)"
+        if ptrs
+        else f"        _f, _e, _ = _slow({all_args}, stream, context)",
+    ]
     for i, (p, a) in enumerate(zip(params, names, strict=True)):
         if p.wire == wire.ARRAY:
             lines.append(f"        _h{i} = {a}.handle")
         elif p.per_call:
             lines.append(f"        {a} = _scalar({p.name!r}, {p.wire!r}, {a})")
     # the frame still holds this image from its previous call (a loop over layers): only pointers change
-    lines += ["    _q = _f.q",
-              "    if _f.image is not _e:",
-              "        _f.mv[:] = _e[0]",
-              "        _f.image = _e",
-              "    else:",
-              f"        _q[{2 * len(params)}] = 0  # the result slot's type: None"]
+    lines += [
+        "    _q = _f.q",
+        "    if _f.image is not _e:",
+        "        _f.mv[:] = _e[0]",
+        "        _f.image = _e",
+        "    else:",
+        f"        _q[{2 * len(params)}] = 0  # the result slot's type: None",
+    ]
     lines += ["    " + w for w in writes]
     for i in objects:
         a = names[i]
         lines.append(f"    _o{i} = None if {a} is None else _tensor_object({a}, {params[i].name!r})")
         lines.append(f"    if _o{i} is not None: _q[{2 * i + 1}] = _o{i}.handle")
-    call = ["if stream is None and _e[3] is None:",
-            "    if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
-            "else: _invoke(_name, _f, _e, stream)"]
+    call = [
+        "if stream is None and _e[3] is None:",
+        "    if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
+        "else: _invoke(_name, _f, _e, stream)",
+    ]
     if objects:
         lines.append("    try:")
         lines += ["        " + c for c in call]
@@ -676,9 +724,11 @@ def _refuse_absent(name: str, release: str, absent: dict[str, Any]) -> None:
     for arg, value in absent.items():
         if value is None or value is False or (type(value) is int and value == 0):
             continue
-        raise ValueError(f"{arg}: not supported by the bound module's entry point {name} (FlashInfer "
-                         f"{release or 'release of that module'}); pin a release that has it, or leave it at its "
-                         f"default")
+        raise ValueError(
+            f"{arg}: not supported by the bound module's entry point {name} (FlashInfer "
+            f"{release or 'release of that module'}); pin a release that has it, or leave it at its "
+            f"default"
+        )
 
 
 def _tensor_object(value: Any, name: str) -> Any:
@@ -689,8 +739,9 @@ def _tensor_object(value: Any, name: str) -> Any:
     return tensor_object(as_tensor(value, name=name))
 
 
-def compile_launcher(decl: wire.Declaration, uri: str, check: Check | None = None,
-                     accept_absent: bool = False) -> Callable[..., Any]:
+def compile_launcher(
+    decl: wire.Declaration, uri: str, check: Check | None = None, accept_absent: bool = False
+) -> Callable[..., Any]:
     """Generate the launch function of ``decl`` on module ``uri`` (see the module docstring).
 
     ``accept_absent``: the launch function also takes (as ``**kwargs``) arguments of other releases'
@@ -699,10 +750,22 @@ def compile_launcher(decl: wire.Declaration, uri: str, check: Check | None = Non
     launcher_ = Launcher(decl, uri, check)
     source = _source(decl, launcher_.record_of, accept_absent)
     namespace: dict[str, Any] = {
-        "_READERS": producers._readers, "_reader": producers.reader, "_tls": launcher_.tls, "_Tensor": Tensor,
-        "_slow": launcher_.slow, "_Slow": _Slow, "_BAD": _BAD, "_fail": fail, "_invoke": invoke,
-        "_stream": _stream, "_name": launcher_.name, "_result": result, "_scalar": scalar,
-        "_tensor_object": _tensor_object, "_refuse_absent": _refuse_absent, "_release": decl.release,
+        "_READERS": producers._readers,
+        "_reader": producers.reader,
+        "_tls": launcher_.tls,
+        "_Tensor": Tensor,
+        "_slow": launcher_.slow,
+        "_Slow": _Slow,
+        "_BAD": _BAD,
+        "_fail": fail,
+        "_invoke": invoke,
+        "_stream": _stream,
+        "_name": launcher_.name,
+        "_result": result,
+        "_scalar": scalar,
+        "_tensor_object": _tensor_object,
+        "_refuse_absent": _refuse_absent,
+        "_release": decl.release,
         "_DEFAULTS": [p.default for p in decl.params],
     }
     exec(compile(source, f"<fi_ffi launcher {launcher_.name}>", "exec"), namespace)
@@ -716,8 +779,9 @@ def compile_launcher(decl: wire.Declaration, uri: str, check: Check | None = Non
     return launch  # type: ignore[no-any-return]
 
 
-def launcher(decl: wire.Declaration | Sequence[wire.Declaration], uri: str,
-             check: Check | None = None) -> Callable[..., Any]:
+def launcher(
+    decl: wire.Declaration | Sequence[wire.Declaration], uri: str, check: Check | None = None
+) -> Callable[..., Any]:
     """The launch function of ``decl`` on module ``uri`` (one per declaration, module and check).
 
     ``decl`` may be a sequence of declarations of one entry point for several FlashInfer releases: the module
@@ -751,15 +815,18 @@ def select_declaration(declarations: Sequence[wire.Declaration], uri: str) -> wi
     chosen = wire.select(declarations, found)
     if chosen is None:
         expected = "\n".join(f"  FlashInfer {d.release or '?'}: {d.signature}" for d in declarations)
-        raise LoaderError(f"module {uri!r}, entry point {entry!r}: its signature matches no declaration of fi_ffi\n"
-                          f"{expected}\n  found: {found.text if found else '(none)'}\nThe module was built from a "
-                          f"FlashInfer release fi_ffi does not declare; pin one it does (fi-ffi list shows each "
-                          f"module's release)")
+        raise LoaderError(
+            f"module {uri!r}, entry point {entry!r}: its signature matches no declaration of fi_ffi\n"
+            f"{expected}\n  found: {found.text if found else '(none)'}\nThe module was built from a "
+            f"FlashInfer release fi_ffi does not declare; pin one it does (fi-ffi list shows each "
+            f"module's release)"
+        )
     _checked.add((uri, chosen))
     return chosen
 
 
 # ---- binding with the signature check ------------------------------------------------------------------------
+
 
 def bound_entry(uri: str, decl: wire.Declaration) -> Any:
     """Bind ``decl.entry`` of module ``uri`` and check the module's signature against ``decl`` (once).
@@ -781,7 +848,8 @@ def bound_entry(uri: str, decl: wire.Declaration) -> Any:
                 f"module {uri!r}, entry point {decl.entry!r}: its signature does not match fi_ffi's declaration"
                 f"{release}: {why}.\n  expected: {decl.signature}\n  found:    "
                 f"{found.text if found else '(none)'}\nThe module was built from a FlashInfer release with another "
-                f"argument list; pin a wheel of a release fi_ffi declares (fi-ffi list shows each module's release)")
+                f"argument list; pin a wheel of a release fi_ffi declares (fi-ffi list shows each module's release)"
+            )
         _checked.add(key)
     return ep
 
@@ -803,5 +871,13 @@ def _reset() -> None:
 
 caches.register("launchers (compiled per declaration, with their frames and images)", _reset)
 
-__all__ = ["Launcher", "PreparedCall", "bound_entry", "check_tensor", "compile_launcher", "launcher", "scalar",
-           "select_declaration"]
+__all__ = [
+    "Launcher",
+    "PreparedCall",
+    "bound_entry",
+    "check_tensor",
+    "compile_launcher",
+    "launcher",
+    "scalar",
+    "select_declaration",
+]

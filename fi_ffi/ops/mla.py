@@ -66,25 +66,48 @@ __all__ = ["DECLARATIONS", "MLAPlan", "batch_mla_plan", "batch_mla_run"]
 TUPLE_ARRAY_INT = "Tuple<Array<int>, int>"  # 0.7.x plan: (schedule, bytes staged in the page-locked buffer)
 
 _PLAN_PARAMS: list[Param] = [
-    tensor("float_workspace_buffer"), tensor("int_workspace_buffer"), tensor("page_locked_int_workspace_buffer"),
-    tensor("qo_indptr"), tensor("kv_indptr"), tensor("kv_len_arr"),  # host int32 arrays (C++: kv_len)
-    Param("num_heads", INT), Param("head_dim_o", INT), Param("causal", BOOL),
+    tensor("float_workspace_buffer"),
+    tensor("int_workspace_buffer"),
+    tensor("page_locked_int_workspace_buffer"),
+    tensor("qo_indptr"),
+    tensor("kv_indptr"),
+    tensor("kv_len_arr"),  # host int32 arrays (C++: kv_len)
+    Param("num_heads", INT),
+    Param("head_dim_o", INT),
+    Param("causal", BOOL),
 ]
 PLAN = declare("plan", _PLAN_PARAMS, returns=ARRAY, release="0.6.3")
 PLAN_PLANABI2 = declare("plan", _PLAN_PARAMS, returns=TUPLE_ARRAY_INT, release="0.7.2")
 
 _RUN_PARAMS: list[Param] = [
-    tensor("float_workspace_buffer"), tensor("int_workspace_buffer"), Param("plan_info_vec", ARRAY),
-    tensor("q_nope"), tensor("q_pe"), tensor("ckv_cache"), tensor("kpe_cache"), tensor("kv_indices"),
-    tensor("out", output=True), optional_tensor("lse", output=True),  # C++: o, maybe_lse
-    Param("mask_mode_code", INT), Param("num_heads", INT), Param("page_size", INT), Param("sm_scale", FLOAT),
+    tensor("float_workspace_buffer"),
+    tensor("int_workspace_buffer"),
+    Param("plan_info_vec", ARRAY),
+    tensor("q_nope"),
+    tensor("q_pe"),
+    tensor("ckv_cache"),
+    tensor("kpe_cache"),
+    tensor("kv_indices"),
+    tensor("out", output=True),
+    optional_tensor("lse", output=True),  # C++: o, maybe_lse
+    Param("mask_mode_code", INT),
+    Param("num_heads", INT),
+    Param("page_size", INT),
+    Param("sm_scale", FLOAT),
     Param("return_lse_base_on_e", BOOL),
 ]
 RUN = declare("run", _RUN_PARAMS, release="0.6.3")
 # 0.7.x: FP8 KV dequantization factors after the scalars; their defaults (1.0, 1.0, None) are 0.6.3's behaviour.
-RUN_PLANABI2 = declare("run", [*_RUN_PARAMS, scalar("ckv_scale", FLOAT, 1.0), scalar("kpe_scale", FLOAT, 1.0),
-                               optional_tensor("ckv_scale_arr", default=None)],  # C++: maybe_ckv_scale_arr
-                       release="0.7.2")
+RUN_PLANABI2 = declare(
+    "run",
+    [
+        *_RUN_PARAMS,
+        scalar("ckv_scale", FLOAT, 1.0),
+        scalar("kpe_scale", FLOAT, 1.0),
+        optional_tensor("ckv_scale_arr", default=None),
+    ],  # C++: maybe_ckv_scale_arr
+    release="0.7.2",
+)
 
 _PLAN_DECLS = (PLAN, PLAN_PLANABI2)
 _RUN_DECLS = (RUN, RUN_PLANABI2)
@@ -111,11 +134,38 @@ class _Settings:
     """What every plan with the same arguments on the same device shares: the module, its launch functions, and
     the values the run passes and checks. Compared by identity (the run's ``context``)."""
 
-    __slots__ = ("backend", "causal", "device", "dtype_kv", "dtype_q", "head_dim_ckv", "head_dim_kpe", "mask_mode",
-                 "num_heads", "page_size", "plan", "run", "sm_scale", "tuple_result", "uri")
+    __slots__ = (
+        "backend",
+        "causal",
+        "device",
+        "dtype_kv",
+        "dtype_q",
+        "head_dim_ckv",
+        "head_dim_kpe",
+        "mask_mode",
+        "num_heads",
+        "page_size",
+        "plan",
+        "run",
+        "sm_scale",
+        "tuple_result",
+        "uri",
+    )
 
-    def __init__(self, device: Any, num_heads: int, head_dim_ckv: int, head_dim_kpe: int, page_size: int,
-                 causal: bool, sm_scale: float, dtype_q: DType, dtype_kv: DType, backend: str, uri: str) -> None:
+    def __init__(
+        self,
+        device: Any,
+        num_heads: int,
+        head_dim_ckv: int,
+        head_dim_kpe: int,
+        page_size: int,
+        causal: bool,
+        sm_scale: float,
+        dtype_q: DType,
+        dtype_kv: DType,
+        backend: str,
+        uri: str,
+    ) -> None:
         self.device = device
         self.num_heads = num_heads
         self.head_dim_ckv = head_dim_ckv
@@ -151,11 +201,30 @@ class MLAPlan:
     ValueError (the workspace's generation counter, the rule of :class:`~fi_ffi.ops.plan.Plan`).
     """
 
-    __slots__ = ("__weakref__", "_context", "_generation", "_info", "_s", "batch_size", "kv_extent", "num_rows",
-                 "staged_bytes", "workspace")
+    __slots__ = (
+        "__weakref__",
+        "_context",
+        "_generation",
+        "_info",
+        "_s",
+        "batch_size",
+        "kv_extent",
+        "num_rows",
+        "staged_bytes",
+        "workspace",
+    )
 
-    def __init__(self, info: Array, workspace: Workspace, generation: int, settings: _Settings, batch_size: int,
-                 num_rows: int, kv_extent: int, staged_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        info: Array,
+        workspace: Workspace,
+        generation: int,
+        settings: _Settings,
+        batch_size: int,
+        num_rows: int,
+        kv_extent: int,
+        staged_bytes: int | None = None,
+    ) -> None:
         """Take ownership of ``info`` (a plan call's schedule) made on ``workspace`` at ``generation``."""
         if not isinstance(info, Array):
             raise TypeError(f"info: expected the Array a plan call returned, got {type(info).__name__}")
@@ -202,22 +271,40 @@ class MLAPlan:
     def __repr__(self) -> str:
         s = self._s
         state = "released" if self.released else ("stale" if self.stale else "live")
-        return (f"<MLAPlan {s.backend} batch={self.batch_size} rows={self.num_rows} heads={s.num_heads} "
-                f"ckv={s.head_dim_ckv} kpe={s.head_dim_kpe} page={s.page_size} causal={s.causal} {state}>")
+        return (
+            f"<MLAPlan {s.backend} batch={self.batch_size} rows={self.num_rows} heads={s.num_heads} "
+            f"ckv={s.head_dim_ckv} kpe={s.head_dim_kpe} page={s.page_size} causal={s.causal} {state}>"
+        )
 
     def _refuse(self) -> None:
         if not self._info.handle:
             raise ValueError("plan: has been released")
-        raise ValueError("plan: is stale: another plan was made on its workspace since (or the workspace was "
-                         "closed), which overwrote its schedule; plan again")
+        raise ValueError(
+            "plan: is stale: another plan was made on its workspace since (or the workspace was "
+            "closed), which overwrote its schedule; plan again"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- plan
 
-def batch_mla_plan(workspace: Workspace, qo_indptr: Any, kv_indptr: Any, kv_len_arr: Any, num_heads: int,
-                   head_dim_ckv: int, head_dim_kpe: int, page_size: int, causal: bool, sm_scale: float,
-                   q_data_type: Any = "float16", kv_data_type: Any = None, *, backend: str = "auto",
-                   stream: Any = None) -> MLAPlan:
+
+def batch_mla_plan(
+    workspace: Workspace,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_len_arr: Any,
+    num_heads: int,
+    head_dim_ckv: int,
+    head_dim_kpe: int,
+    page_size: int,
+    causal: bool,
+    sm_scale: float,
+    q_data_type: Any = "float16",
+    kv_data_type: Any = None,
+    *,
+    backend: str = "auto",
+    stream: Any = None,
+) -> MLAPlan:
     """Plan an MLA batch over a paged cache (``BatchMLAPagedAttentionWrapper.plan`` of flashinfer-python).
 
     Args:
@@ -249,10 +336,22 @@ def batch_mla_plan(workspace: Workspace, qo_indptr: Any, kv_indptr: Any, kv_len_
         UnsupportedDeviceError: ``backend="fa3"`` on a GPU that is not SM 9.x.
     """
     if type(workspace) is not Workspace:
-        raise TypeError(f"workspace: expected a fi_ffi.ops.workspace.Workspace (Workspace.allocate() or "
-                        f"Workspace.from_buffers()), got {type(workspace).__name__}")
-    st = _settings(workspace, num_heads, head_dim_ckv, head_dim_kpe, page_size, causal, sm_scale, q_data_type,
-                   kv_data_type, backend)
+        raise TypeError(
+            f"workspace: expected a fi_ffi.ops.workspace.Workspace (Workspace.allocate() or "
+            f"Workspace.from_buffers()), got {type(workspace).__name__}"
+        )
+    st = _settings(
+        workspace,
+        num_heads,
+        head_dim_ckv,
+        head_dim_kpe,
+        page_size,
+        causal,
+        sm_scale,
+        q_data_type,
+        kv_data_type,
+        backend,
+    )
     qo = host_array("qo_indptr", qo_indptr)
     kv = host_array("kv_indptr", kv_indptr)
     lens = host_array("kv_len_arr", kv_len_arr)
@@ -262,8 +361,9 @@ def batch_mla_plan(workspace: Workspace, qo_indptr: Any, kv_indptr: Any, kv_len_
     return MLAPlan(info, workspace, generation, st, batch, rows, pages, staged)
 
 
-def _plan_on(ws: Workspace, st: _Settings, handle: int, qo: np.ndarray, kv: np.ndarray, lens: np.ndarray,
-             stream: Any) -> tuple[Array, int | None, int]:
+def _plan_on(
+    ws: Workspace, st: _Settings, handle: int, qo: np.ndarray, kv: np.ndarray, lens: np.ndarray, stream: Any
+) -> tuple[Array, int | None, int]:
     """Call the plan on ``ws`` under the workspace's two rules (see :mod:`fi_ffi.ops.workspace`): wait for the
     previous plan's pinned-buffer copy, make every earlier plan stale, call, record this plan's copy event.
 
@@ -272,8 +372,18 @@ def _plan_on(ws: Workspace, st: _Settings, handle: int, qo: np.ndarray, kv: np.n
     with ws._lock:
         ws._wait_previous_plan_copy()
         ws._generation += 1  # from here on the int workspace may hold a new schedule: earlier plans are stale
-        result = st.plan(ws.float_buffer, ws.int_buffer, ws.pinned_buffer, host_tensor(qo), host_tensor(kv),
-                         host_tensor(lens), st.num_heads, st.head_dim_ckv, st.causal, stream=stream)
+        result = st.plan(
+            ws.float_buffer,
+            ws.int_buffer,
+            ws.pinned_buffer,
+            host_tensor(qo),
+            host_tensor(kv),
+            host_tensor(lens),
+            st.num_heads,
+            st.head_dim_ckv,
+            st.causal,
+            stream=stream,
+        )
         staged = None
         if st.tuple_result:  # 0.7.x: (schedule, staged bytes); the schedule is taken out, the tuple released
             with result:
@@ -294,8 +404,11 @@ def _plan_on(ws: Workspace, st: _Settings, handle: int, qo: np.ndarray, kv: np.n
 
 def _check_schedule_result(info: Any, st: _Settings) -> None:
     if not isinstance(info, Array):
-        raise KernelError("TypeError", f"plan returned {type(info).__name__}, expected the schedule Array<int>",
-                          function=f"{st.uri}.plan")
+        raise KernelError(
+            "TypeError",
+            f"plan returned {type(info).__name__}, expected the schedule Array<int>",
+            function=f"{st.uri}.plan",
+        )
 
 
 def _copy_staged(ws: Workspace, staged: Any, stream: int, st: _Settings) -> None:
@@ -308,14 +421,23 @@ def _copy_staged(ws: Workspace, staged: Any, stream: int, st: _Settings) -> None
     """
     limit = min(ws.int_bytes, ws.pinned_bytes)
     if type(staged) is not int or not 0 <= staged <= limit:
-        raise KernelError("ValueError", f"plan reported {staged!r} staged bytes; expected an int in 0..{limit} "
-                          f"(the workspace's int and page-locked buffer sizes)", function=f"{st.uri}.plan")
+        raise KernelError(
+            "ValueError",
+            f"plan reported {staged!r} staged bytes; expected an int in 0..{limit} "
+            f"(the workspace's int and page-locked buffer sizes)",
+            function=f"{st.uri}.plan",
+        )
     if not staged:
         return
     rt = _rt()
     with _DeviceScope(ws.device.device_id):
-        err = rt.cudaMemcpyAsync(ws.int_buffer.data_ptr, ws.pinned_buffer.data_ptr, staged,
-                                 rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaStream_t(stream))[0]
+        err = rt.cudaMemcpyAsync(
+            ws.int_buffer.data_ptr,
+            ws.pinned_buffer.data_ptr,
+            staged,
+            rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+            rt.cudaStream_t(stream),
+        )[0]
         _check_cuda(err, "cudaMemcpyAsync(MLA plan schedule, page-locked -> int workspace)")
 
 
@@ -370,8 +492,9 @@ def _dtype(name: str, value: Any) -> DType:
     try:
         return to_dtype(value)
     except (TypeError, ValueError, KeyError) as exc:
-        raise TypeError(f"{name}: expected a dtype (float16, bfloat16, a torch/numpy dtype), got {value!r}: "
-                        f"{exc}") from None
+        raise TypeError(
+            f"{name}: expected a dtype (float16, bfloat16, a torch/numpy dtype), got {value!r}: {exc}"
+        ) from None
 
 
 def _choose(base: V.Variant, backend: str, device_id: int) -> tuple[str, str]:
@@ -391,8 +514,9 @@ def _choose(base: V.Variant, backend: str, device_id: int) -> tuple[str, str]:
             return V.resolve(fa3), "fa3"
         return V.resolve(base), "fa2"
     if major is not None and major != 9:
-        raise UnsupportedDeviceError(f"backend 'fa3' needs an SM 9.x GPU (H100/H200); cuda:{device_id} is SM "
-                                     f"{major}.x; use 'fa2' or 'auto'")
+        raise UnsupportedDeviceError(
+            f"backend 'fa3' needs an SM 9.x GPU (H100/H200); cuda:{device_id} is SM {major}.x; use 'fa2' or 'auto'"
+        )
     return V.resolve(fa3), "fa3"
 
 
@@ -417,26 +541,34 @@ def _check_schedule(qo: np.ndarray, kv: np.ndarray, lens: np.ndarray, st: _Setti
     over = kv_lens > pages * st.page_size
     if over.any():
         i = int(np.argmax(over))
-        raise ValueError(f"kv_len_arr: request {i} has {int(kv_lens[i])} tokens but only {int(pages[i])} page(s) of "
-                         f"{st.page_size} in kv_indptr; its tokens must fit its pages")
+        raise ValueError(
+            f"kv_len_arr: request {i} has {int(kv_lens[i])} tokens but only {int(pages[i])} page(s) of "
+            f"{st.page_size} in kv_indptr; its tokens must fit its pages"
+        )
     if st.causal:
         short = q_lens > kv_lens
         if short.any():
             i = int(np.argmax(short))
-            raise ValueError(f"kv_len_arr: with causal=True each request needs at least as many tokens as query rows "
-                             f"(its rows are its last tokens); request {i} has {int(q_lens[i])} rows, "
-                             f"{int(kv_lens[i])} tokens")
+            raise ValueError(
+                f"kv_len_arr: with causal=True each request needs at least as many tokens as query rows "
+                f"(its rows are its last tokens); request {i} has {int(q_lens[i])} rows, "
+                f"{int(kv_lens[i])} tokens"
+            )
     rows, total_pages = int(qo[-1]), int(kv[-1])
     if total_pages * st.page_size >= _U32:
-        raise ValueError(f"kv_indptr: {total_pages} pages of {st.page_size} tokens exceed the kernels' 32-bit token "
-                         f"index; plan fewer tokens")
+        raise ValueError(
+            f"kv_indptr: {total_pages} pages of {st.page_size} tokens exceed the kernels' 32-bit token "
+            f"index; plan fewer tokens"
+        )
     packed = q_lens * st.num_heads  # rows x heads, tiled by the schedule as FlashInfer's MLAPlan does
     tile = 128 if int(packed.sum()) // batch > 64 else 64
     works = int(((packed + tile - 1) // tile).sum())
     if works + _SM_MARGIN > _MAX_WORKS:
-        raise ValueError(f"qo_indptr: {rows} query rows x {st.num_heads} heads make {works} work tiles; the MLA "
-                         f"schedule holds at most {_MAX_WORKS - _SM_MARGIN} (FlashInfer's fixed limit); split the "
-                         f"batch into several plans")
+        raise ValueError(
+            f"qo_indptr: {rows} query rows x {st.num_heads} heads make {works} work tiles; the MLA "
+            f"schedule holds at most {_MAX_WORKS - _SM_MARGIN} (FlashInfer's fixed limit); split the "
+            f"batch into several plans"
+        )
     return batch, rows, total_pages
 
 
@@ -452,9 +584,23 @@ def _check_plan(a: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- run
 
-def batch_mla_run(plan: MLAPlan, q_nope: Any, q_pe: Any, ckv_cache: Any, kpe_cache: Any, kv_indices: Any, out: Any,
-                  *, lse: Any = None, return_lse_base_on_e: bool = False, ckv_scale: float | None = None,
-                  kpe_scale: float | None = None, ckv_scale_arr: Any = None, stream: Any = None) -> Any:
+
+def batch_mla_run(
+    plan: MLAPlan,
+    q_nope: Any,
+    q_pe: Any,
+    ckv_cache: Any,
+    kpe_cache: Any,
+    kv_indices: Any,
+    out: Any,
+    *,
+    lse: Any = None,
+    return_lse_base_on_e: bool = False,
+    ckv_scale: float | None = None,
+    kpe_scale: float | None = None,
+    ckv_scale_arr: Any = None,
+    stream: Any = None,
+) -> Any:
     """Run MLA paged attention with a plan from :func:`batch_mla_plan` (``BatchMLAPagedAttentionWrapper.run``).
 
     Args:
@@ -483,14 +629,47 @@ def batch_mla_run(plan: MLAPlan, q_nope: Any, q_pe: Any, ckv_cache: Any, kpe_cac
     st = plan._s
     ws = plan.workspace
     if ckv_scale is None and kpe_scale is None and ckv_scale_arr is None:
-        st.run(ws.float_buffer, ws.int_buffer, info, q_nope, q_pe, ckv_cache, kpe_cache, kv_indices, out, lse,
-               st.mask_mode, st.num_heads, st.page_size, st.sm_scale, return_lse_base_on_e, stream=stream,
-               context=plan._context)
+        st.run(
+            ws.float_buffer,
+            ws.int_buffer,
+            info,
+            q_nope,
+            q_pe,
+            ckv_cache,
+            kpe_cache,
+            kv_indices,
+            out,
+            lse,
+            st.mask_mode,
+            st.num_heads,
+            st.page_size,
+            st.sm_scale,
+            return_lse_base_on_e,
+            stream=stream,
+            context=plan._context,
+        )
         return out
     scales = _fp8_scales(st, ckv_scale, kpe_scale, ckv_scale_arr)
-    st.run(ws.float_buffer, ws.int_buffer, info, q_nope, q_pe, ckv_cache, kpe_cache, kv_indices, out, lse,
-           st.mask_mode, st.num_heads, st.page_size, st.sm_scale, return_lse_base_on_e, stream=stream,
-           context=plan._context, **scales)
+    st.run(
+        ws.float_buffer,
+        ws.int_buffer,
+        info,
+        q_nope,
+        q_pe,
+        ckv_cache,
+        kpe_cache,
+        kv_indices,
+        out,
+        lse,
+        st.mask_mode,
+        st.num_heads,
+        st.page_size,
+        st.sm_scale,
+        return_lse_base_on_e,
+        stream=stream,
+        context=plan._context,
+        **scales,
+    )
     return out
 
 
@@ -499,15 +678,22 @@ def _fp8_scales(st: _Settings, ckv_scale: Any, kpe_scale: Any, ckv_scale_arr: An
     one of ``ckv_scale`` / ``ckv_scale_arr``. A module without them (0.6.x) refuses them by name at the call."""
     given = "ckv_scale" if ckv_scale is not None else "kpe_scale" if kpe_scale is not None else "ckv_scale_arr"
     if st.dtype_kv not in _FP8:
-        raise ValueError(f"{given}: scale factors apply to FP8 KV caches only; this plan's caches are "
-                         f"{st.dtype_kv.name}: leave ckv_scale, kpe_scale and ckv_scale_arr None")
+        raise ValueError(
+            f"{given}: scale factors apply to FP8 KV caches only; this plan's caches are "
+            f"{st.dtype_kv.name}: leave ckv_scale, kpe_scale and ckv_scale_arr None"
+        )
     if (ckv_scale is None) == (ckv_scale_arr is None):
-        raise ValueError("ckv_scale: an FP8 cache needs exactly one of ckv_scale (a float) or ckv_scale_arr (float32 "
-                         "per-token, per-128-column factors)")
+        raise ValueError(
+            "ckv_scale: an FP8 cache needs exactly one of ckv_scale (a float) or ckv_scale_arr (float32 "
+            "per-token, per-128-column factors)"
+        )
     if kpe_scale is None:
         raise ValueError("kpe_scale: required with an FP8 cache (a finite float > 0)")
-    out: dict[str, Any] = ({"ckv_scale": checks.positive_finite("ckv_scale", ckv_scale)} if ckv_scale is not None
-                           else {"ckv_scale_arr": ckv_scale_arr})
+    out: dict[str, Any] = (
+        {"ckv_scale": checks.positive_finite("ckv_scale", ckv_scale)}
+        if ckv_scale is not None
+        else {"ckv_scale_arr": ckv_scale_arr}
+    )
     out["kpe_scale"] = checks.positive_finite("kpe_scale", kpe_scale)
     return out
 
@@ -521,15 +707,17 @@ def _check_run(a: Any) -> dict[str, int]:
     _device_tensor("q_pe", a.q_pe, (rows, h, kpe), "[rows, num_heads, head_dim_kpe]", qd, dev)
     n = a.ckv_cache.shape[0] if a.ckv_cache.ndim == 3 else None
     _device_tensor("ckv_cache", a.ckv_cache, (n, ps, ckv), "[pages, page_size, head_dim_ckv]", kd, dev)
-    _device_tensor("kpe_cache", a.kpe_cache, (n, ps, kpe), "[pages, page_size, head_dim_kpe] (pages as ckv_cache)",
-                   kd, dev)
+    _device_tensor(
+        "kpe_cache", a.kpe_cache, (n, ps, kpe), "[pages, page_size, head_dim_kpe] (pages as ckv_cache)", kd, dev
+    )
     idx = a.kv_indices
     if idx.ndim != 1 or idx.dtype != int32:
         raise TypeError(f"kv_indices: expected a 1-D int32 tensor, got {idx.dtype.name}{list(idx.shape)}")
     _on(idx, "kv_indices", dev)
     if idx.shape[0] < pages:
-        raise ValueError(f"kv_indices: the plan's kv_indptr ends at {pages} pages, but kv_indices has "
-                         f"{idx.shape[0]} entries")
+        raise ValueError(
+            f"kv_indices: the plan's kv_indptr ends at {pages} pages, but kv_indices has {idx.shape[0]} entries"
+        )
     if idx.shape[0] > 1 and idx.strides[0] != 1:
         raise ValueError(f"kv_indices: expected a contiguous tensor, got strides {idx.strides}")
     _device_tensor("out", a.out, (rows, h, ckv), "[rows, num_heads, head_dim_ckv], q's dtype", qd, dev)
@@ -545,8 +733,10 @@ def _check_run(a: Any) -> dict[str, int]:
     if arr is not None:
         want = a.ckv_cache.shape[0] * ps * (ckv // 128)
         if arr.dtype != float32 or arr.numel != want:
-            raise ValueError(f"ckv_scale_arr: expected float32 with {want} elements (one per token and 128 "
-                             f"columns), got {arr.dtype.name}{list(arr.shape)}")
+            raise ValueError(
+                f"ckv_scale_arr: expected float32 with {want} elements (one per token and 128 "
+                f"columns), got {arr.dtype.name}{list(arr.shape)}"
+            )
         _on(arr, "ckv_scale_arr", dev)
         checks.contiguous("ckv_scale_arr", arr)
     return {name: 16 for name in ("q_nope", "q_pe", "ckv_cache", "kpe_cache", "out")}
@@ -559,8 +749,7 @@ def _on(t: Tensor, name: str, device: Any) -> None:
         raise ValueError(f"{name}: expected a tensor on {device} (the plan's workspace device), got {t.device}")
 
 
-def _device_tensor(name: str, t: Tensor, shape: tuple[int | None, ...], layout: str, dtype: DType,
-                   device: Any) -> None:
+def _device_tensor(name: str, t: Tensor, shape: tuple[int | None, ...], layout: str, dtype: DType, device: Any) -> None:
     """Shape (None: any size), dtype, device, contiguous last dim, 16-byte aligned rows, 32-bit element offsets."""
     if t.ndim != len(shape) or any(e is not None and e != g for e, g in zip(shape, t.shape, strict=True)):
         want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
@@ -572,5 +761,7 @@ def _device_tensor(name: str, t: Tensor, shape: tuple[int | None, ...], layout: 
     checks.aligned(name, t, 16 // t.dtype.itemsize)  # 128-bit loads and stores
     extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.strides, strict=True) if size)
     if t.numel and extent >= _U32:
-        raise ValueError(f"{name}: spans {extent} elements (shape {t.shape}, strides {t.strides}); the MLA kernels "
-                         f"use 32-bit element offsets, so at most {_U32 - 1}")
+        raise ValueError(
+            f"{name}: spans {extent} elements (shape {t.shape}, strides {t.strides}); the MLA kernels "
+            f"use 32-bit element offsets, so at most {_U32 - 1}"
+        )

@@ -35,16 +35,18 @@ def _norm(entry: str, first: Param, second: Param) -> Declaration:
 RMSNORM = _norm("rmsnorm", tensor("out", output=True), tensor("input"))
 GEMMA_RMSNORM = _norm("gemma_rmsnorm", tensor("out", output=True), tensor("input"))
 FUSED_ADD_RMSNORM = _norm("fused_add_rmsnorm", tensor("input", output=True), tensor("residual", output=True))
-GEMMA_FUSED_ADD_RMSNORM = _norm("gemma_fused_add_rmsnorm", tensor("input", output=True),
-                                tensor("residual", output=True))
+GEMMA_FUSED_ADD_RMSNORM = _norm(
+    "gemma_fused_add_rmsnorm", tensor("input", output=True), tensor("residual", output=True)
+)
 # (module URI pattern, declaration), checked against the modules by tests/test_declarations.py
 DECLARATIONS = tuple(("norm", d) for d in (RMSNORM, GEMMA_RMSNORM, FUSED_ADD_RMSNORM, GEMMA_FUSED_ADD_RMSNORM))
 
 __all__ = ["fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "prepare", "qk_rmsnorm", "rmsnorm"]
 
 
-def rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False,
-            stream: Any = None) -> Any:
+def rmsnorm(
+    input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False, stream: Any = None
+) -> Any:
     """RMSNorm of each row: ``out[b, :] = input[b, :] / RMS(input[b, :]) * weight``.
 
     Args:
@@ -63,8 +65,9 @@ def rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl:
     return out
 
 
-def qk_rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False,
-               stream: Any = None) -> Any:
+def qk_rmsnorm(
+    input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False, stream: Any = None
+) -> Any:
     """Per-head RMSNorm (the fused QK norm): ``out[b, h, :] = input[b, h, :] / RMS(...) * weight``.
 
     Args:
@@ -77,15 +80,17 @@ def qk_rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_p
     return out
 
 
-def gemma_rmsnorm(input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False,
-                  stream: Any = None) -> Any:
+def gemma_rmsnorm(
+    input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False, stream: Any = None
+) -> Any:
     """Gemma RMSNorm: ``out = input / RMS(input) * (1 + weight)``, shapes as :func:`rmsnorm` (2-D only)."""
     _gemma_rmsnorm(out, input, weight, eps, enable_pdl, stream=stream)
     return out
 
 
-def fused_add_rmsnorm(input: Any, residual: Any, weight: Any, *, eps: float = 1e-6, enable_pdl: bool = False,
-                      stream: Any = None) -> None:
+def fused_add_rmsnorm(
+    input: Any, residual: Any, weight: Any, *, eps: float = 1e-6, enable_pdl: bool = False, stream: Any = None
+) -> None:
     """In place: ``residual += input``, then ``input = residual / RMS(residual) * weight``.
 
     Args:
@@ -96,8 +101,9 @@ def fused_add_rmsnorm(input: Any, residual: Any, weight: Any, *, eps: float = 1e
     _fused_add_rmsnorm(input, residual, weight, eps, enable_pdl, stream=stream)
 
 
-def gemma_fused_add_rmsnorm(input: Any, residual: Any, weight: Any, *, eps: float = 1e-6,
-                            enable_pdl: bool = False, stream: Any = None) -> None:
+def gemma_fused_add_rmsnorm(
+    input: Any, residual: Any, weight: Any, *, eps: float = 1e-6, enable_pdl: bool = False, stream: Any = None
+) -> None:
     """In place, Gemma form: ``residual += input``, then ``input = residual / RMS(residual) * (1 + weight)``."""
     _gemma_fused_add_rmsnorm(input, residual, weight, eps, enable_pdl, stream=stream)
 

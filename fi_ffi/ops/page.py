@@ -50,16 +50,35 @@ _INT32_END = 1 << 31
 
 # The caches are the kernels' outputs; names are the public ones (FlashInfer's C++ names are paged_k_cache,
 # paged_v_cache): every error message names the argument as the caller passed it.
-APPEND_PAGED_KV_CACHE = declare("append_paged_kv_cache", [
-    tensor("append_key"), tensor("append_value"), tensor("batch_indices"), tensor("positions"),
-    tensor("k_cache", output=True), tensor("v_cache", output=True), tensor("kv_indices"), tensor("kv_indptr"),
-    tensor("kv_last_page_len"), ("layout", INT),  # 0: NHD, 1: HND
-])
-APPEND_PAGED_MLA_KV_CACHE = declare("append_paged_mla_kv_cache", [
-    tensor("append_ckv"), tensor("append_kpe"), tensor("batch_indices"), tensor("positions"),
-    tensor("ckv_cache", output=True), tensor("kpe_cache", output=True), tensor("kv_indices"), tensor("kv_indptr"),
-    tensor("kv_last_page_len"),
-])
+APPEND_PAGED_KV_CACHE = declare(
+    "append_paged_kv_cache",
+    [
+        tensor("append_key"),
+        tensor("append_value"),
+        tensor("batch_indices"),
+        tensor("positions"),
+        tensor("k_cache", output=True),
+        tensor("v_cache", output=True),
+        tensor("kv_indices"),
+        tensor("kv_indptr"),
+        tensor("kv_last_page_len"),
+        ("layout", INT),  # 0: NHD, 1: HND
+    ],
+)
+APPEND_PAGED_MLA_KV_CACHE = declare(
+    "append_paged_mla_kv_cache",
+    [
+        tensor("append_ckv"),
+        tensor("append_kpe"),
+        tensor("batch_indices"),
+        tensor("positions"),
+        tensor("ckv_cache", output=True),
+        tensor("kpe_cache", output=True),
+        tensor("kv_indices"),
+        tensor("kv_indptr"),
+        tensor("kv_last_page_len"),
+    ],
+)
 # (module URI pattern, declaration), checked against the modules by tests/test_declarations.py
 DECLARATIONS = (("page", APPEND_PAGED_KV_CACHE), ("page", APPEND_PAGED_MLA_KV_CACHE))
 
@@ -72,9 +91,20 @@ __all__ = [
 ]
 
 
-def append_paged_kv_cache(append_key: Any, append_value: Any, batch_indices: Any, positions: Any, k_cache: Any,
-                          v_cache: Any, kv_indices: Any, kv_indptr: Any, kv_last_page_len: Any, *,
-                          layout: str = "NHD", stream: Any = None) -> None:
+def append_paged_kv_cache(
+    append_key: Any,
+    append_value: Any,
+    batch_indices: Any,
+    positions: Any,
+    k_cache: Any,
+    v_cache: Any,
+    kv_indices: Any,
+    kv_indptr: Any,
+    kv_last_page_len: Any,
+    *,
+    layout: str = "NHD",
+    stream: Any = None,
+) -> None:
     """Write ``nnz`` new key/value tokens of several requests into a paged K/V cache.
 
     Args:
@@ -104,19 +134,54 @@ def append_paged_kv_cache(append_key: Any, append_value: Any, batch_indices: Any
     """
     code = _LAYOUTS.get(layout) if isinstance(layout, str) else None
     if code is None:
-        raise (ValueError if isinstance(layout, str) else TypeError)(
-            f"layout: expected 'NHD' or 'HND', got {layout!r}")
+        raise (ValueError if isinstance(layout, str) else TypeError)(f"layout: expected 'NHD' or 'HND', got {layout!r}")
     if _rows(append_key):
-        _append(append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
-                kv_last_page_len, code, stream=stream)
+        _append(
+            append_key,
+            append_value,
+            batch_indices,
+            positions,
+            k_cache,
+            v_cache,
+            kv_indices,
+            kv_indptr,
+            kv_last_page_len,
+            code,
+            stream=stream,
+        )
     else:  # the kernel cannot launch an empty grid: check everything (stream included), launch nothing
-        _append.launcher.slow((append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices,
-                               kv_indptr, kv_last_page_len, code), stream, None, remember=False)
+        _append.launcher.slow(
+            (
+                append_key,
+                append_value,
+                batch_indices,
+                positions,
+                k_cache,
+                v_cache,
+                kv_indices,
+                kv_indptr,
+                kv_last_page_len,
+                code,
+            ),
+            stream,
+            None,
+            remember=False,
+        )
 
 
-def append_paged_mla_kv_cache(append_ckv: Any, append_kpe: Any, batch_indices: Any, positions: Any, ckv_cache: Any,
-                              kpe_cache: Any, kv_indices: Any, kv_indptr: Any, kv_last_page_len: Any, *,
-                              stream: Any = None) -> None:
+def append_paged_mla_kv_cache(
+    append_ckv: Any,
+    append_kpe: Any,
+    batch_indices: Any,
+    positions: Any,
+    ckv_cache: Any,
+    kpe_cache: Any,
+    kv_indices: Any,
+    kv_indptr: Any,
+    kv_last_page_len: Any,
+    *,
+    stream: Any = None,
+) -> None:
     """Write ``nnz`` new MLA tokens (compressed KV and its RoPE part) into a paged MLA cache.
 
     Args:
@@ -134,11 +199,35 @@ def append_paged_mla_kv_cache(append_ckv: Any, append_kpe: Any, batch_indices: A
     argument and launches nothing.
     """
     if _rows(append_ckv):
-        _append_mla(append_ckv, append_kpe, batch_indices, positions, ckv_cache, kpe_cache, kv_indices, kv_indptr,
-                    kv_last_page_len, stream=stream)
+        _append_mla(
+            append_ckv,
+            append_kpe,
+            batch_indices,
+            positions,
+            ckv_cache,
+            kpe_cache,
+            kv_indices,
+            kv_indptr,
+            kv_last_page_len,
+            stream=stream,
+        )
     else:
-        _append_mla.launcher.slow((append_ckv, append_kpe, batch_indices, positions, ckv_cache, kpe_cache,
-                                   kv_indices, kv_indptr, kv_last_page_len), stream, None, remember=False)
+        _append_mla.launcher.slow(
+            (
+                append_ckv,
+                append_kpe,
+                batch_indices,
+                positions,
+                ckv_cache,
+                kpe_cache,
+                kv_indices,
+                kv_indptr,
+                kv_last_page_len,
+            ),
+            stream,
+            None,
+            remember=False,
+        )
 
 
 def _rows(t: Any) -> int:
@@ -166,12 +255,17 @@ def _check_kv(a: SimpleNamespace) -> dict[str, int]:
     checks.same_device("append_value", av, "append_key", ak)
     checks.cuda("append_value", av)
     checks.last_dim_contiguous("append_value", av)
-    pages = "[num_pages, page_size, num_kv_heads, head_dim]" if code == 0 else \
-        "[num_pages, num_kv_heads, page_size, head_dim]"
+    pages = (
+        "[num_pages, page_size, num_kv_heads, head_dim]"
+        if code == 0
+        else "[num_pages, num_kv_heads, page_size, head_dim]"
+    )
     checks.ndim("k_cache", kc, 4, pages)
     if kc.dtype != ak.dtype:
-        raise TypeError(f"append_key: expected k_cache's dtype {kc.dtype.name} (the kernel reads the new tokens "
-                        f"as the cache's type), got {ak.dtype.name}")
+        raise TypeError(
+            f"append_key: expected k_cache's dtype {kc.dtype.name} (the kernel reads the new tokens "
+            f"as the cache's type), got {ak.dtype.name}"
+        )
     checks.same_device("k_cache", kc, "append_key", ak)
     checks.cuda("k_cache", kc)
     checks.last_dim_contiguous("k_cache", kc)
@@ -180,8 +274,10 @@ def _check_kv(a: SimpleNamespace) -> dict[str, int]:
     checks.same_device("v_cache", vc, "k_cache", kc)
     checks.cuda("v_cache", vc)
     if vc.strides != kc.strides:
-        raise ValueError(f"v_cache: expected the same strides as k_cache {kc.strides} (the kernel addresses both "
-                         f"with k_cache's), got {vc.strides}")
+        raise ValueError(
+            f"v_cache: expected the same strides as k_cache {kc.strides} (the kernel addresses both "
+            f"with k_cache's), got {vc.strides}"
+        )
     if code == 0:
         _, page_size, heads, head_dim = kc.shape
     else:
@@ -191,15 +287,19 @@ def _check_kv(a: SimpleNamespace) -> dict[str, int]:
     if head_dim not in _HEAD_DIMS:
         raise ValueError(f"k_cache: expected head_dim (last dimension) in {_HEAD_DIMS}, got {head_dim}")
     if ak.shape[1] != heads or ak.shape[2] != head_dim:
-        raise ValueError(f"append_key: expected [nnz, {heads}, {head_dim}] to match k_cache {kc.shape} "
-                         f"({'HND' if code else 'NHD'}), got {ak.shape}")
+        raise ValueError(
+            f"append_key: expected [nnz, {heads}, {head_dim}] to match k_cache {kc.shape} "
+            f"({'HND' if code else 'NHD'}), got {ak.shape}"
+        )
     _fits_uint32("k_cache", kc)
     itemsize = ak.dtype.itemsize
     vec = max(16 // itemsize, head_dim // 32)
     threads = head_dim // vec * heads
     if threads > _MAX_THREADS:
-        raise ValueError(f"append_key: too many heads for the kernel: num_kv_heads {heads} x head_dim {head_dim} "
-                         f"needs {threads} threads per block (head_dim / {vec} per head), at most {_MAX_THREADS}")
+        raise ValueError(
+            f"append_key: too many heads for the kernel: num_kv_heads {heads} x head_dim {head_dim} "
+            f"needs {threads} threads per block (head_dim / {vec} per head), at most {_MAX_THREADS}"
+        )
     align = min(vec, 16 // itemsize)  # the kernel moves `vec` elements per thread in 16-byte pieces
     for name, t in (("append_key", ak), ("append_value", av), ("k_cache", kc), ("v_cache", vc)):
         checks.aligned(name, t, align)
@@ -225,8 +325,10 @@ def _check_mla(a: SimpleNamespace) -> dict[str, int]:
     checks.last_dim_contiguous("append_kpe", ap)
     checks.ndim("ckv_cache", cc, 3, "[num_pages, page_size, 512]")
     if cc.dtype != ac.dtype:
-        raise TypeError(f"append_ckv: expected ckv_cache's dtype {cc.dtype.name} (the kernel reads the new tokens "
-                        f"as the cache's type), got {ac.dtype.name}")
+        raise TypeError(
+            f"append_ckv: expected ckv_cache's dtype {cc.dtype.name} (the kernel reads the new tokens "
+            f"as the cache's type), got {ac.dtype.name}"
+        )
     checks.same_device("ckv_cache", cc, "append_ckv", ac)
     checks.cuda("ckv_cache", cc)
     checks.last_dim_contiguous("ckv_cache", cc)
@@ -251,8 +353,9 @@ def _check_mla(a: SimpleNamespace) -> dict[str, int]:
 
 def _fits_uint32(name: str, t: Tensor) -> None:
     if any(s >= _STRIDE_LIMIT for s in t.strides):
-        raise ValueError(f"{name}: strides must be < 2**32 elements (the kernel keeps cache strides in 32 bits), "
-                         f"got {t.strides}")
+        raise ValueError(
+            f"{name}: strides must be < 2**32 elements (the kernel keeps cache strides in 32 bits), got {t.strides}"
+        )
 
 
 def _check_indices(a: SimpleNamespace, ref: Tensor, ref_name: str) -> None:
@@ -272,8 +375,9 @@ def _check_indices(a: SimpleNamespace, ref: Tensor, ref_name: str) -> None:
 def _index(name: str, t: Tensor, ref: Tensor, ref_name: str, layout: str) -> None:
     checks.ndim(name, t, 1, layout)
     if t.dtype != int32:
-        raise TypeError(f"{name}: expected dtype int32 (the kernel reads every index array as int32), "
-                        f"got {t.dtype.name}")
+        raise TypeError(
+            f"{name}: expected dtype int32 (the kernel reads every index array as int32), got {t.dtype.name}"
+        )
     checks.same_device(name, t, ref_name, ref)
     checks.cuda(name, t)
     checks.contiguous(name, t)
@@ -295,8 +399,10 @@ def _host_ints(name: str, value: Any) -> np.ndarray:
     (numpy, CPU tensors, anything with ``__array__``) must have an integer dtype; byte order is honoured.
     """
     if isinstance(value, Tensor) or hasattr(value, "__cuda_array_interface__"):
-        raise TypeError(f"{name}: expected a host array (numpy array, list, CPU tensor), got a device tensor; "
-                        f"keep a host copy of the index arrays for this helper")
+        raise TypeError(
+            f"{name}: expected a host array (numpy array, list, CPU tensor), got a device tensor; "
+            f"keep a host copy of the index arrays for this helper"
+        )
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name}: expected a 1-D integer array, got {type(value).__name__} {value!r}")
     device = getattr(value, "device", None)
@@ -316,8 +422,9 @@ def _host_ints(name: str, value: Any) -> np.ndarray:
         low, high = int(arr.min()), int(arr.max())  # Python ints: exact for every integer dtype
         if low < -_INT32_END or high >= _INT32_END:
             i = int(np.argmax(arr == (low if low < -_INT32_END else high)))
-            raise ValueError(f"{name}: values must fit in int32 (the kernels' index type), got {name}[{i}] = "
-                             f"{int(arr[i])}")
+            raise ValueError(
+                f"{name}: values must fit in int32 (the kernels' index type), got {name}[{i}] = {int(arr[i])}"
+            )
     return arr.astype(np.int64)
 
 
@@ -350,8 +457,9 @@ def _indptr(name: str, value: Any) -> np.ndarray:
     steps = np.diff(arr)
     if (steps < 0).any():
         b = int(np.argmax(steps < 0))
-        raise ValueError(f"{name}: expected non-decreasing offsets, got {name}[{b}] = {arr[b]} > "
-                         f"{name}[{b + 1}] = {arr[b + 1]}")
+        raise ValueError(
+            f"{name}: expected non-decreasing offsets, got {name}[{b}] = {arr[b]} > {name}[{b + 1}] = {arr[b + 1]}"
+        )
     return arr
 
 
@@ -370,21 +478,29 @@ def get_seq_lens(kv_indptr: Any, kv_last_page_len: Any, page_size: int) -> np.nd
     indptr = _indptr("kv_indptr", kv_indptr)
     last = _host_ints("kv_last_page_len", kv_last_page_len)
     if last.shape != (indptr.size - 1,):
-        raise ValueError(f"kv_last_page_len: expected shape ({indptr.size - 1},) to match kv_indptr "
-                         f"[batch + 1], got {last.shape}")
+        raise ValueError(
+            f"kv_last_page_len: expected shape ({indptr.size - 1},) to match kv_indptr [batch + 1], got {last.shape}"
+        )
     pages = np.diff(indptr)
     bad = (pages > 0) & ((last < 1) | (last > page_size))
     if bad.any():
         b = int(np.argmax(bad))
-        raise ValueError(f"kv_last_page_len: expected values in [1, {page_size}] (page_size) for requests with "
-                         f"pages, got kv_last_page_len[{b}] = {last[b]}")
+        raise ValueError(
+            f"kv_last_page_len: expected values in [1, {page_size}] (page_size) for requests with "
+            f"pages, got kv_last_page_len[{b}] = {last[b]}"
+        )
     seq = np.where(pages > 0, (pages - 1) * page_size + last, 0)
     return _int32("seq_lens", seq)
 
 
-def get_batch_indices_positions(append_indptr: Any, seq_lens: Any, nnz: int | None = None, *,
-                                batch_indices: np.ndarray | None = None,
-                                positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def get_batch_indices_positions(
+    append_indptr: Any,
+    seq_lens: Any,
+    nnz: int | None = None,
+    *,
+    batch_indices: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Request and position of every appended token, from the append offsets and the new sequence lengths.
 
     Request ``b`` appends the tokens ``append_indptr[b]:append_indptr[b + 1]``; they are the *last*
@@ -422,8 +538,10 @@ def get_batch_indices_positions(append_indptr: Any, seq_lens: Any, nnz: int | No
     short = seq < lens
     if short.any():
         b = int(np.argmax(short))
-        raise ValueError(f"seq_lens: request {b} appends {lens[b]} tokens but seq_lens[{b}] = {seq[b]}; seq_lens "
-                         f"must count the appended tokens too")
+        raise ValueError(
+            f"seq_lens: request {b} appends {lens[b]} tokens but seq_lens[{b}] = {seq[b]}; seq_lens "
+            f"must count the appended tokens too"
+        )
     bi = _out("batch_indices", batch_indices, total)
     po = _out("positions", positions, total)
     owner = np.repeat(np.arange(batch, dtype=np.int64), lens)
@@ -433,8 +551,15 @@ def get_batch_indices_positions(append_indptr: Any, seq_lens: Any, nnz: int | No
     return bi, po
 
 
-def check_append_positions(batch_indices: Any, positions: Any, kv_indices: Any, kv_indptr: Any,
-                           kv_last_page_len: Any, page_size: int, num_pages: int | None = None) -> None:
+def check_append_positions(
+    batch_indices: Any,
+    positions: Any,
+    kv_indices: Any,
+    kv_indptr: Any,
+    kv_last_page_len: Any,
+    page_size: int,
+    num_pages: int | None = None,
+) -> None:
     """Check on the host that every appended token lands in a page its request owns (debug aid).
 
     :func:`append_paged_kv_cache` cannot read its device index arrays; a runtime that keeps host copies of them
@@ -471,16 +596,20 @@ def check_append_positions(batch_indices: Any, positions: Any, kv_indices: Any, 
     bad = (po < 0) | (po >= limit)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"positions: token {i} of request {bi[i]} has position {po[i]}, but the request's pages "
-                         f"hold {limit[i]} tokens (kv_indptr, kv_last_page_len, page_size {page_size})")
+        raise ValueError(
+            f"positions: token {i} of request {bi[i]} has position {po[i]}, but the request's pages "
+            f"hold {limit[i]} tokens (kv_indptr, kv_last_page_len, page_size {page_size})"
+        )
     if num_pages is not None:
         num_pages = _bounded("num_pages", num_pages, 0)
         pages = indices[indptr[bi] + po // page_size]
         bad = (pages < 0) | (pages >= num_pages)
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(f"kv_indices: token {i} (request {bi[i]}, position {po[i]}) goes to page {pages[i]}, "
-                             f"outside the cache's {num_pages} pages")
+            raise ValueError(
+                f"kv_indices: token {i} (request {bi[i]}, position {po[i]}) goes to page {pages[i]}, "
+                f"outside the cache's {num_pages} pages"
+            )
 
 
 def _out(name: str, value: np.ndarray | None, n: int) -> np.ndarray:

@@ -40,24 +40,59 @@ class Plan:
     ``logits_soft_cap``, ``sm_scale``, ``rope_scale``, ``rope_theta``, ``enable_cuda_graph``.
     """
 
-    __slots__ = ("__weakref__", "_context", "_generation", "_info", "_inputs", "_s", "batch_size", "kv_extent",
-                 "num_rows", "workspace")
+    __slots__ = (
+        "__weakref__",
+        "_context",
+        "_generation",
+        "_info",
+        "_inputs",
+        "_s",
+        "batch_size",
+        "kv_extent",
+        "num_rows",
+        "workspace",
+    )
 
     _s: PlanSettings
 
-    def __init__(self, info: Array, workspace: Any = None, *, batch_size: int = 0, num_rows: int = 0,
-                 kv_extent: int = 0, **settings: Any) -> None:
+    def __init__(
+        self,
+        info: Array,
+        workspace: Any = None,
+        *,
+        batch_size: int = 0,
+        num_rows: int = 0,
+        kv_extent: int = 0,
+        **settings: Any,
+    ) -> None:
         """Take ownership of ``info`` (an Array a plan call returned). Ops use :meth:`make`; tests may use this."""
         if not isinstance(info, Array) or info.type_index != ARRAY:
             raise TypeError(f"info: expected an owned Array, got {type(info).__name__}")
         if workspace is not None:
             settings.setdefault("device_id", workspace.device.device_id)
-        self._init(info, workspace, workspace._generation if workspace is not None else 0, PlanSettings(**settings),
-                   batch_size, num_rows, kv_extent, _NO_INPUTS)
+        self._init(
+            info,
+            workspace,
+            workspace._generation if workspace is not None else 0,
+            PlanSettings(**settings),
+            batch_size,
+            num_rows,
+            kv_extent,
+            _NO_INPUTS,
+        )
 
     @classmethod
-    def make(cls, info: Array, workspace: Any, generation: int, settings: PlanSettings, batch_size: int,
-             num_rows: int, kv_extent: int, inputs: tuple[Any, Any, Any] = _NO_INPUTS) -> Plan:
+    def make(
+        cls,
+        info: Array,
+        workspace: Any,
+        generation: int,
+        settings: PlanSettings,
+        batch_size: int,
+        num_rows: int,
+        kv_extent: int,
+        inputs: tuple[Any, Any, Any] = _NO_INPUTS,
+    ) -> Plan:
         """The plan of a schedule ``info`` returned by a plan call on ``workspace`` at ``generation``.
 
         ``inputs``: (custom_mask, mask_indptr, alibi_slopes) as the caller gave them (or None), passed to runs.
@@ -66,8 +101,17 @@ class Plan:
         plan._init(info, workspace, generation, settings, batch_size, num_rows, kv_extent, inputs)
         return plan
 
-    def _init(self, info: Array, workspace: Any, generation: int, settings: PlanSettings, batch_size: int,
-              num_rows: int, kv_extent: int, inputs: tuple[Any, Any, Any]) -> None:
+    def _init(
+        self,
+        info: Array,
+        workspace: Any,
+        generation: int,
+        settings: PlanSettings,
+        batch_size: int,
+        num_rows: int,
+        kv_extent: int,
+        inputs: tuple[Any, Any, Any],
+    ) -> None:
         self._info = info
         self.workspace = workspace
         self._generation = generation
@@ -119,8 +163,10 @@ class Plan:
     def __repr__(self) -> str:
         s = self._s
         state = "released" if self.released else ("stale" if self.stale else "live")
-        return (f"<Plan {s.kind}/{s.mode} {s.backend} batch={self.batch_size} heads={s.num_qo_heads}/"
-                f"{s.num_kv_heads} head_dim={s.head_dim_qk} page={s.page_size} {s.kv_layout} {state}>")
+        return (
+            f"<Plan {s.kind}/{s.mode} {s.backend} batch={self.batch_size} heads={s.num_qo_heads}/"
+            f"{s.num_kv_heads} head_dim={s.head_dim_qk} page={s.page_size} {s.kv_layout} {state}>"
+        )
 
     def check_runnable(self, kind: str, mode: str) -> None:
         """Raise unless this plan is live, current on its workspace, and of ``kind``/``mode``."""
@@ -130,5 +176,7 @@ class Plan:
         if not self._info.handle:
             raise ValueError("plan: has been released")
         if self.workspace is None or self.workspace._generation != self._generation:
-            raise ValueError("plan: is stale: another plan was made on its workspace since (or the workspace was "
-                             "closed), which overwrote its schedule; plan again")
+            raise ValueError(
+                "plan: is stale: another plan was made on its workspace since (or the workspace was "
+                "closed), which overwrote its schedule; plan again"
+            )

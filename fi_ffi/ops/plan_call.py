@@ -34,8 +34,11 @@ def call_plan(ws: Workspace, launch: Callable[..., Any], stream: Any, *args: Any
         if result.__class__ is not Array:
             if hasattr(result, "release"):
                 result.release()
-            raise KernelError("TypeError", f"plan returned {type(result).__name__}, expected Array<int>",
-                              function=getattr(launch, "__name__", "plan"))
+            raise KernelError(
+                "TypeError",
+                f"plan returned {type(result).__name__}, expected Array<int>",
+                function=getattr(launch, "__name__", "plan"),
+            )
         if s is None:  # the launch used TVM-FFI's current stream (a plan's arguments are all descriptors)
             if _get_stream is None:
                 _bind()

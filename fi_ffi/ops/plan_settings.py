@@ -30,16 +30,57 @@ MASK_NONE, MASK_CAUSAL, MASK_CUSTOM = 0, 1, 2
 _INT32_END = 1 << 31
 
 # The value fields, in order (their values make the key; everything else is derived from them).
-_FIELDS = ("kind", "mode", "variant", "device_id", "num_qo_heads", "num_kv_heads", "head_dim_qk", "head_dim_vo",
-           "page_size", "kv_layout", "dtype_q", "dtype_kv", "dtype_o", "mask_mode", "pos_encoding", "window_left",
-           "logits_soft_cap", "sm_scale", "rope_scale", "rope_theta", "enable_cuda_graph", "use_fp16_qk_reduction",
-           "fixed_split_size", "disable_split_kv")
+_FIELDS = (
+    "kind",
+    "mode",
+    "variant",
+    "device_id",
+    "num_qo_heads",
+    "num_kv_heads",
+    "head_dim_qk",
+    "head_dim_vo",
+    "page_size",
+    "kv_layout",
+    "dtype_q",
+    "dtype_kv",
+    "dtype_o",
+    "mask_mode",
+    "pos_encoding",
+    "window_left",
+    "logits_soft_cap",
+    "sm_scale",
+    "rope_scale",
+    "rope_theta",
+    "enable_cuda_graph",
+    "use_fp16_qk_reduction",
+    "fixed_split_size",
+    "disable_split_kv",
+)
 _DEFAULTS: dict[str, Any] = {
-    "kind": "batch_decode", "mode": "paged", "variant": None, "device_id": 0, "num_qo_heads": 0, "num_kv_heads": 0,
-    "head_dim_qk": 0, "head_dim_vo": 0, "page_size": 1, "kv_layout": "NHD", "dtype_q": None, "dtype_kv": None,
-    "dtype_o": None, "mask_mode": MASK_NONE, "pos_encoding": 0, "window_left": -1, "logits_soft_cap": 0.0,
-    "sm_scale": 1.0, "rope_scale": 1.0, "rope_theta": 1e4, "enable_cuda_graph": False,
-    "use_fp16_qk_reduction": False, "fixed_split_size": -1, "disable_split_kv": False,
+    "kind": "batch_decode",
+    "mode": "paged",
+    "variant": None,
+    "device_id": 0,
+    "num_qo_heads": 0,
+    "num_kv_heads": 0,
+    "head_dim_qk": 0,
+    "head_dim_vo": 0,
+    "page_size": 1,
+    "kv_layout": "NHD",
+    "dtype_q": None,
+    "dtype_kv": None,
+    "dtype_o": None,
+    "mask_mode": MASK_NONE,
+    "pos_encoding": 0,
+    "window_left": -1,
+    "logits_soft_cap": 0.0,
+    "sm_scale": 1.0,
+    "rope_scale": 1.0,
+    "rope_theta": 1e4,
+    "enable_cuda_graph": False,
+    "use_fp16_qk_reduction": False,
+    "fixed_split_size": -1,
+    "disable_split_kv": False,
 }
 
 
@@ -59,8 +100,18 @@ class PlanSettings:
     module's entry points, given by the op that builds the settings; None for settings made by hand).
     """
 
-    __slots__ = (*_FIELDS, "_hash", "_key", "backend", "layout_code", "plan", "rope_rcp_scale", "rope_rcp_theta",
-                 "run", "uri")
+    __slots__ = (
+        *_FIELDS,
+        "_hash",
+        "_key",
+        "backend",
+        "layout_code",
+        "plan",
+        "rope_rcp_scale",
+        "rope_rcp_theta",
+        "run",
+        "uri",
+    )
 
     kind: str
     mode: str
@@ -96,8 +147,9 @@ class PlanSettings:
     _key: tuple[Any, ...]
     _hash: int
 
-    def __init__(self, *, plan: Callable[..., Any] | None = None, run: Callable[..., Any] | None = None,
-                 **values: Any) -> None:
+    def __init__(
+        self, *, plan: Callable[..., Any] | None = None, run: Callable[..., Any] | None = None, **values: Any
+    ) -> None:
         unknown = set(values) - set(_FIELDS)
         if unknown:
             raise TypeError(f"PlanSettings: unknown settings {sorted(unknown)}")
@@ -207,7 +259,7 @@ def pos_encoding(value: Any) -> int:
 
 def scales(head_dim_qk: int, sm_scale: Any, rope_scale: Any, rope_theta: Any) -> tuple[float, float, float]:
     """(sm_scale, rope_scale, rope_theta) checked; ``sm_scale`` None means ``1/sqrt(head_dim_qk)``."""
-    s = head_dim_qk ** -0.5 if sm_scale is None else checks.positive_finite("sm_scale", sm_scale)
+    s = head_dim_qk**-0.5 if sm_scale is None else checks.positive_finite("sm_scale", sm_scale)
     return s, checks.positive_finite("rope_scale", rope_scale), checks.positive_finite("rope_theta", rope_theta)
 
 
@@ -216,8 +268,10 @@ def gqa(num_qo_heads: int, num_kv_heads: int, decode: bool) -> None:
     if num_qo_heads % num_kv_heads:
         raise ValueError(f"num_qo_heads: must be a multiple of num_kv_heads ({num_kv_heads}), got {num_qo_heads}")
     if decode and num_qo_heads // num_kv_heads not in (1, 2, 3, 4, 8):
-        raise ValueError(f"num_qo_heads: the decode kernels support GQA group sizes 1, 2, 3, 4 and 8 only; "
-                         f"{num_qo_heads} / {num_kv_heads} = {num_qo_heads // num_kv_heads}")
+        raise ValueError(
+            f"num_qo_heads: the decode kernels support GQA group sizes 1, 2, 3, 4 and 8 only; "
+            f"{num_qo_heads} / {num_kv_heads} = {num_qo_heads // num_kv_heads}"
+        )
 
 
 def dtypes(q_dtype: Any, kv_dtype: Any, o_dtype: Any) -> tuple[DType, DType, DType]:
@@ -235,9 +289,12 @@ def _dtype(name: str, value: Any) -> DType:
     try:
         d = to_dtype(value)
     except (TypeError, ValueError, KeyError):
-        raise TypeError(f"{name}: unsupported dtype {value!r}: expected float16, bfloat16, float8_e4m3fn or "
-                        f"float8_e5m2") from None
+        raise TypeError(
+            f"{name}: unsupported dtype {value!r}: expected float16, bfloat16, float8_e4m3fn or float8_e5m2"
+        ) from None
     if d.name not in _ATTENTION_DTYPES:
-        raise TypeError(f"{name}: no FlashInfer attention module exists for dtype {d.name} (modules are built "
-                        f"for float16, bfloat16, and float8_e4m3fn / float8_e5m2 KV caches)")
+        raise TypeError(
+            f"{name}: no FlashInfer attention module exists for dtype {d.name} (modules are built "
+            f"for float16, bfloat16, and float8_e4m3fn / float8_e5m2 KV caches)"
+        )
     return d

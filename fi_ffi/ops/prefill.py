@@ -66,59 +66,121 @@ __all__ = [
 
 Params = Param | tuple[str, str]  # a declared parameter, or (name, wire type)
 _PLAN_PARAMS: list[Params] = [
-    tensor("float_workspace_buffer"), tensor("int_workspace_buffer"), tensor("page_locked_int_workspace_buffer"),
-    tensor("qo_indptr"), tensor("kv_indptr"), tensor("kv_len_arr"), ("total_num_rows", INT), ("batch_size", INT),
-    ("num_qo_heads", INT), ("num_kv_heads", INT), ("page_size", INT), ("enable_cuda_graph", BOOL),
-    ("head_dim_qk", INT), ("head_dim_vo", INT), ("causal", BOOL), ("window_left", INT),
+    tensor("float_workspace_buffer"),
+    tensor("int_workspace_buffer"),
+    tensor("page_locked_int_workspace_buffer"),
+    tensor("qo_indptr"),
+    tensor("kv_indptr"),
+    tensor("kv_len_arr"),
+    ("total_num_rows", INT),
+    ("batch_size", INT),
+    ("num_qo_heads", INT),
+    ("num_kv_heads", INT),
+    ("page_size", INT),
+    ("enable_cuda_graph", BOOL),
+    ("head_dim_qk", INT),
+    ("head_dim_vo", INT),
+    ("causal", BOOL),
+    ("window_left", INT),
 ]
-_FA2_SPLIT: list[Params] = [Param("fixed_split_size", INT, default=-1), Param("disable_split_kv", BOOL, default=False),
-                            Param("num_colocated_ctas", INT, default=0)]
+_FA2_SPLIT: list[Params] = [
+    Param("fixed_split_size", INT, default=-1),
+    Param("disable_split_kv", BOOL, default=False),
+    Param("num_colocated_ctas", INT, default=0),
+]
 FA2_PLAN = declare("plan", [*_PLAN_PARAMS, *_FA2_SPLIT], returns=ARRAY, release="0.6.3")
 # uniform_q_len: 0 = no promise; n > 0 = every request has n query rows (the CUDA-graph planner sizes tiles for it)
-FA2_PLAN_072 = declare("plan", [*_PLAN_PARAMS, *_FA2_SPLIT, Param("uniform_q_len", INT, default=0)], returns=ARRAY,
-                       release="0.7.2")
+FA2_PLAN_072 = declare(
+    "plan", [*_PLAN_PARAMS, *_FA2_SPLIT, Param("uniform_q_len", INT, default=0)], returns=ARRAY, release="0.7.2"
+)
 FA3_PLAN = declare("plan", _PLAN_PARAMS, returns=ARRAY, release="0.6.3, 0.7.2")
 
 _RUN_HEAD: list[Params] = [
-    tensor("float_workspace_buffer"), tensor("int_workspace_buffer"), ("plan_info_vec", ARRAY), tensor("q")]
+    tensor("float_workspace_buffer"),
+    tensor("int_workspace_buffer"),
+    ("plan_info_vec", ARRAY),
+    tensor("q"),
+]
 _RAGGED_KV: list[Params] = [tensor("k"), tensor("v"), tensor("qo_indptr"), tensor("kv_indptr")]
 _PAGED_KV: list[Params] = [
-    tensor("k_cache"), tensor("v_cache"), tensor("qo_indptr"), tensor("kv_indptr"), tensor("kv_indices"),
-    tensor("kv_last_page_len")]
+    tensor("k_cache"),
+    tensor("v_cache"),
+    tensor("qo_indptr"),
+    tensor("kv_indptr"),
+    tensor("kv_indices"),
+    tensor("kv_last_page_len"),
+]
 _RUN_MID: list[Params] = [
-    tensor("out", output=True), optional_tensor("lse", output=True), ("mask_mode_code", INT), ("kv_layout_code", INT),
-    ("window_left", INT), ("enable_pdl", BOOL)]
+    tensor("out", output=True),
+    optional_tensor("lse", output=True),
+    ("mask_mode_code", INT),
+    ("kv_layout_code", INT),
+    ("window_left", INT),
+    ("enable_pdl", BOOL),
+]
 # multi-item scoring inputs: fi_ffi does not expose them (always None / 0)
 _ITEMS: list[Params] = [
     Param("maybe_prefix_len_ptr", OPT_FFI_TENSOR, default=None),
     Param("maybe_token_pos_in_items_ptr", OPT_FFI_TENSOR, default=None),
-    Param("maybe_max_item_len_ptr", OPT_FFI_TENSOR, default=None)]
+    Param("maybe_max_item_len_ptr", OPT_FFI_TENSOR, default=None),
+]
 # 0.7: per-block scale factors of packed FP4 K/V caches (uint8); fi_ffi selects no FP4 cache module: always None
-_CACHE_SF: list[Params] = [Param("maybe_k_cache_sf", OPT_FFI_TENSOR, default=None),
-                           Param("maybe_v_cache_sf", OPT_FFI_TENSOR, default=None)]
+_CACHE_SF: list[Params] = [
+    Param("maybe_k_cache_sf", OPT_FFI_TENSOR, default=None),
+    Param("maybe_v_cache_sf", OPT_FFI_TENSOR, default=None),
+]
 _FA2_INPUTS: list[Params] = [
-    Param("custom_mask", OPT_FFI_TENSOR), Param("mask_indptr", OPT_FFI_TENSOR), Param("alibi_slopes", OPT_FFI_TENSOR),
-    *_ITEMS]
+    Param("custom_mask", OPT_FFI_TENSOR),
+    Param("mask_indptr", OPT_FFI_TENSOR),
+    Param("alibi_slopes", OPT_FFI_TENSOR),
+    *_ITEMS,
+]
 _FA2_SCALARS: list[Params] = [
-    ("logits_soft_cap", FLOAT), ("sm_scale", FLOAT), ("rope_rcp_scale", FLOAT), ("rope_rcp_theta", FLOAT),
-    Param("token_pos_in_items_len", INT, default=0)]
+    ("logits_soft_cap", FLOAT),
+    ("sm_scale", FLOAT),
+    ("rope_rcp_scale", FLOAT),
+    ("rope_rcp_theta", FLOAT),
+    Param("token_pos_in_items_len", INT, default=0),
+]
 _FA3_TAIL: list[Params] = [
-    *_ITEMS, Param("maybe_scale_v", OPT_FFI_TENSOR, default=None), ("logits_soft_cap", FLOAT), ("sm_scale", FLOAT),
-    Param("scale_v_scalar", FLOAT, default=1.0), Param("token_pos_in_items_len", INT, default=0)]
+    *_ITEMS,
+    Param("maybe_scale_v", OPT_FFI_TENSOR, default=None),
+    ("logits_soft_cap", FLOAT),
+    ("sm_scale", FLOAT),
+    Param("scale_v_scalar", FLOAT, default=1.0),
+    Param("token_pos_in_items_len", INT, default=0),
+]
 FA2_RAGGED = declare("ragged_run", [*_RUN_HEAD, *_RAGGED_KV, *_RUN_MID, *_FA2_INPUTS, *_FA2_SCALARS], release="0.6.3")
 FA2_PAGED = declare("paged_run", [*_RUN_HEAD, *_PAGED_KV, *_RUN_MID, *_FA2_INPUTS, *_FA2_SCALARS], release="0.6.3")
-FA2_RAGGED_072 = declare("ragged_run", [*_RUN_HEAD, *_RAGGED_KV, *_RUN_MID, *_FA2_INPUTS, *_CACHE_SF, *_FA2_SCALARS],
-                         release="0.7.2")
-FA2_PAGED_072 = declare("paged_run", [*_RUN_HEAD, *_PAGED_KV, *_RUN_MID, *_FA2_INPUTS, *_CACHE_SF, *_FA2_SCALARS],
-                        release="0.7.2")
+FA2_RAGGED_072 = declare(
+    "ragged_run", [*_RUN_HEAD, *_RAGGED_KV, *_RUN_MID, *_FA2_INPUTS, *_CACHE_SF, *_FA2_SCALARS], release="0.7.2"
+)
+FA2_PAGED_072 = declare(
+    "paged_run", [*_RUN_HEAD, *_PAGED_KV, *_RUN_MID, *_FA2_INPUTS, *_CACHE_SF, *_FA2_SCALARS], release="0.7.2"
+)
 FA3_RAGGED = declare("ragged_run", _RUN_HEAD + _RAGGED_KV + _RUN_MID + _FA3_TAIL, release="0.6.3, 0.7.2")
 FA3_PAGED = declare("paged_run", _RUN_HEAD + _PAGED_KV + _RUN_MID + _FA3_TAIL, release="0.6.3, 0.7.2")
-SINGLE = declare("run", [
-    tensor("q"), tensor("k"), tensor("v"), tensor("tmp", output=True), tensor("out", output=True),
-    optional_tensor("lse", output=True), ("mask_mode_code", INT), ("kv_layout_code", INT), ("window_left", INT),
-    Param("custom_mask", OPT_FFI_TENSOR), Param("alibi_slopes", OPT_FFI_TENSOR), ("logits_soft_cap", FLOAT),
-    ("sm_scale", FLOAT), ("rope_rcp_scale", FLOAT), ("rope_rcp_theta", FLOAT),
-], release="0.6.3")
+SINGLE = declare(
+    "run",
+    [
+        tensor("q"),
+        tensor("k"),
+        tensor("v"),
+        tensor("tmp", output=True),
+        tensor("out", output=True),
+        optional_tensor("lse", output=True),
+        ("mask_mode_code", INT),
+        ("kv_layout_code", INT),
+        ("window_left", INT),
+        Param("custom_mask", OPT_FFI_TENSOR),
+        Param("alibi_slopes", OPT_FFI_TENSOR),
+        ("logits_soft_cap", FLOAT),
+        ("sm_scale", FLOAT),
+        ("rope_rcp_scale", FLOAT),
+        ("rope_rcp_theta", FLOAT),
+    ],
+    release="0.6.3",
+)
 # one entry point, both releases: the launcher binds the declaration the module's own signature matches
 FA2_PLANS = (FA2_PLAN, FA2_PLAN_072)
 FA2_RAGGED_RUNS = (FA2_RAGGED, FA2_RAGGED_072)
@@ -129,9 +191,15 @@ _FA3_URI = r"batch_prefill_with_kv_cache_.*_sm90"
 # (module URI pattern, declaration) of every release; tests/test_declarations.py checks each against every module
 # of the releases its ``release`` names that the pattern matches
 DECLARATIONS = (
-    (_FA2_URI, FA2_PLAN), (_FA2_URI, FA2_RAGGED), (_FA2_URI, FA2_PAGED),
-    (_FA2_URI_072, FA2_PLAN_072), (_FA2_URI_072, FA2_RAGGED_072), (_FA2_URI_072, FA2_PAGED_072),
-    (_FA3_URI, FA3_PLAN), (_FA3_URI, FA3_RAGGED), (_FA3_URI, FA3_PAGED),
+    (_FA2_URI, FA2_PLAN),
+    (_FA2_URI, FA2_RAGGED),
+    (_FA2_URI, FA2_PAGED),
+    (_FA2_URI_072, FA2_PLAN_072),
+    (_FA2_URI_072, FA2_RAGGED_072),
+    (_FA2_URI_072, FA2_PAGED_072),
+    (_FA3_URI, FA3_PLAN),
+    (_FA3_URI, FA3_RAGGED),
+    (_FA3_URI, FA3_PAGED),
     (r"single_prefill_with_kv_cache_.*", SINGLE),
 )
 
@@ -163,8 +231,9 @@ def pack_custom_mask(masks: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         except Exception as exc:  # a device tensor, an object numpy cannot read
             raise TypeError(f"masks[{i}]: expected a host boolean array, got {type(m).__name__} ({exc})") from None
         if arr.dtype != np.bool_:
-            raise TypeError(f"masks[{i}]: expected a boolean array (True = attend), got dtype {arr.dtype}; pass "
-                            f"e.g. mask > 0")
+            raise TypeError(
+                f"masks[{i}]: expected a boolean array (True = attend), got dtype {arr.dtype}; pass e.g. mask > 0"
+            )
         if arr.ndim != 2:
             raise ValueError(f"masks[{i}]: expected a 2-D [qo_len, kv_len] mask, got shape {arr.shape}")
         parts.append(np.packbits(arr.reshape(-1), bitorder="little"))
@@ -176,8 +245,9 @@ def pack_custom_mask(masks: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     return packed.astype(np.uint8), indptr.astype(np.int32)
 
 
-def pack_custom_mask_device(mask: Any, indptr: Any, *, out: Any, output_indptr: Any, stream: Any = None) -> tuple[
-        Any, Any]:
+def pack_custom_mask_device(
+    mask: Any, indptr: Any, *, out: Any, output_indptr: Any, stream: Any = None
+) -> tuple[Any, Any]:
     """Pack masks already on the GPU into the kernels' bit layout (``segment_packbits``, little bit order).
 
     Args:
@@ -206,11 +276,27 @@ _single_lock = threading.Lock()
 _MAX_SINGLE = 1024
 
 
-def single_prefill(q: Any, k: Any, v: Any, out: Any, *, tmp: Any = None, lse: Any = None, causal: bool = False,
-                   kv_layout: str = "NHD", custom_mask: Any = None, pos_encoding: Any = "NONE",
-                   window_left: int = -1, logits_soft_cap: float = 0.0, sm_scale: float | None = None,
-                   rope_scale: float = 1.0, rope_theta: float = 1e4, alibi_slopes: Any = None,
-                   use_fp16_qk_reduction: bool = False, stream: Any = None) -> Any:
+def single_prefill(
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    *,
+    tmp: Any = None,
+    lse: Any = None,
+    causal: bool = False,
+    kv_layout: str = "NHD",
+    custom_mask: Any = None,
+    pos_encoding: Any = "NONE",
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
+    sm_scale: float | None = None,
+    rope_scale: float = 1.0,
+    rope_theta: float = 1e4,
+    alibi_slopes: Any = None,
+    use_fp16_qk_reduction: bool = False,
+    stream: Any = None,
+) -> Any:
     """Prefill attention of one request (FA2 module).
 
     Args:
@@ -242,21 +328,51 @@ def single_prefill(q: Any, k: Any, v: Any, out: Any, *, tmp: Any = None, lse: An
     pos = 0 if pos_encoding.__class__ is str and pos_encoding == "NONE" else S.pos_encoding(pos_encoding)
     w = window_left if window_left.__class__ is int and -1 <= window_left < 1 << 31 else S.window(window_left)
     cap = 0.0 if logits_soft_cap.__class__ is float and logits_soft_cap == 0.0 else S.soft_cap(logits_soft_cap)
-    f16qk = use_fp16_qk_reduction if use_fp16_qk_reduction.__class__ is bool else checks.flag(
-        "use_fp16_qk_reduction", use_fp16_qk_reduction)
+    f16qk = (
+        use_fp16_qk_reduction
+        if use_fp16_qk_reduction.__class__ is bool
+        else checks.flag("use_fp16_qk_reduction", use_fp16_qk_reduction)
+    )
     if (pos == 2) != (alibi_slopes is not None):
-        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])" if pos == 2
-                         else "alibi_slopes: only used with pos_encoding ALIBI")
-    key = (layout_key("q", q, stream), layout_key("k", k, stream), layout_key("v", v, stream),
-           layout_key("out", out, stream), pos, w >= 0, cap > 0, f16qk)
+        raise ValueError(
+            "alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])"
+            if pos == 2
+            else "alibi_slopes: only used with pos_encoding ALIBI"
+        )
+    key = (
+        layout_key("q", q, stream),
+        layout_key("k", k, stream),
+        layout_key("v", v, stream),
+        layout_key("out", out, stream),
+        pos,
+        w >= 0,
+        cap > 0,
+        f16qk,
+    )
     found = _single.get(key)
     if found is None:
         found = _single_variant(q, k, v, out, key)
     launch, dqk, no_tmp = found
     sm, rs, rt = S.scales(dqk, sm_scale, rope_scale, rope_theta)
     mode = MASK_CUSTOM if custom_mask is not None else (MASK_CAUSAL if causal else MASK_NONE)
-    launch(q, k, v, no_tmp if tmp is None else tmp, out, lse, mode, layout, w, custom_mask, alibi_slopes, cap, sm,
-           1.0 / rs, 1.0 / rt, stream=stream)
+    launch(
+        q,
+        k,
+        v,
+        no_tmp if tmp is None else tmp,
+        out,
+        lse,
+        mode,
+        layout,
+        w,
+        custom_mask,
+        alibi_slopes,
+        cap,
+        sm,
+        1.0 / rs,
+        1.0 / rt,
+        stream=stream,
+    )
     return out
 
 
@@ -271,12 +387,16 @@ def _single_variant(q: Any, k: Any, v: Any, out: Any, key: tuple[Any, ...]) -> t
         raise ValueError(f"q: expected a CUDA device tensor, got one on {qt.device}")
     dqk, dvo = qt.shape[2], vt.shape[2]
     if dqk == 0 or dvo == 0:
-        raise ValueError(f"{'q' if dqk == 0 else 'v'}: head_dim (the last dimension) must be > 0, got shape "
-                         f"{(qt if dqk == 0 else vt).shape}")
+        raise ValueError(
+            f"{'q' if dqk == 0 else 'v'}: head_dim (the last dimension) must be > 0, got shape "
+            f"{(qt if dqk == 0 else vt).shape}"
+        )
     want = (qt.shape[0], qt.shape[1], dvo)
     if ot.shape != want:  # before the module is looked up: out's head dim is v's
-        raise ValueError(f"out: expected shape [{want[0]}, {want[1]}, {want[2]}] ([qo_len, num_qo_heads, head_dim_vo]),"
-                         f" got {ot.shape}")
+        raise ValueError(
+            f"out: expected shape [{want[0]}, {want[1]}, {want[2]}] ([qo_len, num_qo_heads, head_dim_vo]),"
+            f" got {ot.shape}"
+        )
     for name, t in (("q", qt), ("k", kt), ("out", ot)):
         _module_dtype(name, t)
     pos, swa, cap, f16qk = key[4:]
@@ -311,8 +431,9 @@ def _check_single(a: SimpleNamespace) -> None:
     S.gqa(hq, hk, decode=False)
     for name, t in (("q", q), ("k", k), ("v", v)):
         AC.strides_u32(name, t)
-    AC.device_tensor("out", out, (qo_len, hq, v.shape[2]), "[qo_len, num_qo_heads, head_dim_vo]", None, dev,
-                     contiguous=True)
+    AC.device_tensor(
+        "out", out, (qo_len, hq, v.shape[2]), "[qo_len, num_qo_heads, head_dim_vo]", None, dev, contiguous=True
+    )
     _check_tmp(a.tmp, dev, kv_len, qo_len, hq, hk, v.shape[2], out.dtype.itemsize, prefill=True)
     AC.lse_tensor("lse", a.lse, (qo_len, hq), dev)
     mask = a.custom_mask
@@ -320,8 +441,7 @@ def _check_single(a: SimpleNamespace) -> None:
         AC.vector("custom_mask", mask, "uint8", None, dev)
         need = -(-(qo_len * kv_len) // 8)
         if mask.shape[0] < need:
-            raise ValueError(f"custom_mask: expected at least {need} bytes (qo_len * kv_len bits), got "
-                             f"{mask.shape[0]}")
+            raise ValueError(f"custom_mask: expected at least {need} bytes (qo_len * kv_len bits), got {mask.shape[0]}")
     AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
 
 
@@ -331,16 +451,38 @@ caches.register("single prefill modules (by layout values)", _single.clear)
 # ------------------------------------------------------------------------------------------ batch prefill plans
 
 
-def batch_prefill_ragged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, num_qo_heads: int, num_kv_heads: int,
-                              head_dim_qk: int, *, head_dim_vo: int | None = None, q_dtype: Any = "float16",
-                              kv_dtype: Any = None, o_dtype: Any = None, kv_layout: str = "NHD", causal: bool = False,
-                              custom_mask: Any = None, mask_indptr: Any = None, pos_encoding: Any = "NONE",
-                              window_left: int = -1, logits_soft_cap: float = 0.0, sm_scale: float | None = None,
-                              rope_scale: float = 1.0, rope_theta: float = 1e4, alibi_slopes: Any = None,
-                              use_fp16_qk_reduction: bool = False, backend: str = "auto",
-                              enable_cuda_graph: bool = False, max_total_num_rows: int | None = None,
-                              fixed_split_size: int | None = None, disable_split_kv: bool = False,
-                              uniform_q_len: int | None = None, stream: Any = None) -> Plan:
+def batch_prefill_ragged_plan(
+    workspace: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim_qk: int,
+    *,
+    head_dim_vo: int | None = None,
+    q_dtype: Any = "float16",
+    kv_dtype: Any = None,
+    o_dtype: Any = None,
+    kv_layout: str = "NHD",
+    causal: bool = False,
+    custom_mask: Any = None,
+    mask_indptr: Any = None,
+    pos_encoding: Any = "NONE",
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
+    sm_scale: float | None = None,
+    rope_scale: float = 1.0,
+    rope_theta: float = 1e4,
+    alibi_slopes: Any = None,
+    use_fp16_qk_reduction: bool = False,
+    backend: str = "auto",
+    enable_cuda_graph: bool = False,
+    max_total_num_rows: int | None = None,
+    fixed_split_size: int | None = None,
+    disable_split_kv: bool = False,
+    uniform_q_len: int | None = None,
+    stream: Any = None,
+) -> Plan:
     """Plan batch prefill over ragged K/V: request ``i``'s keys are rows ``kv_indptr[i]:kv_indptr[i+1]``.
 
     Args:
@@ -369,25 +511,77 @@ def batch_prefill_ragged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, nu
             no such argument.
         stream: the stream of the plan's asynchronous copy; runs must use the same stream.
     """
-    return _plan("ragged", workspace, qo_indptr, kv_indptr, None, max_total_num_rows, uniform_q_len, stream,
-                 (custom_mask, mask_indptr, alibi_slopes),
-                 (num_qo_heads, num_kv_heads, head_dim_qk, 1, head_dim_vo, q_dtype, kv_dtype, o_dtype, kv_layout,
-                  causal, custom_mask is not None, pos_encoding, window_left, logits_soft_cap, sm_scale, rope_scale,
-                  rope_theta, use_fp16_qk_reduction, backend, enable_cuda_graph, fixed_split_size,
-                  disable_split_kv))
+    return _plan(
+        "ragged",
+        workspace,
+        qo_indptr,
+        kv_indptr,
+        None,
+        max_total_num_rows,
+        uniform_q_len,
+        stream,
+        (custom_mask, mask_indptr, alibi_slopes),
+        (
+            num_qo_heads,
+            num_kv_heads,
+            head_dim_qk,
+            1,
+            head_dim_vo,
+            q_dtype,
+            kv_dtype,
+            o_dtype,
+            kv_layout,
+            causal,
+            custom_mask is not None,
+            pos_encoding,
+            window_left,
+            logits_soft_cap,
+            sm_scale,
+            rope_scale,
+            rope_theta,
+            use_fp16_qk_reduction,
+            backend,
+            enable_cuda_graph,
+            fixed_split_size,
+            disable_split_kv,
+        ),
+    )
 
 
-def batch_prefill_paged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_last_page_len: Any,
-                             num_qo_heads: int, num_kv_heads: int, head_dim_qk: int, page_size: int, *,
-                             head_dim_vo: int | None = None, q_dtype: Any = "float16", kv_dtype: Any = None,
-                             o_dtype: Any = None, kv_layout: str = "NHD", causal: bool = False,
-                             custom_mask: Any = None, mask_indptr: Any = None, pos_encoding: Any = "NONE",
-                             window_left: int = -1, logits_soft_cap: float = 0.0, sm_scale: float | None = None,
-                             rope_scale: float = 1.0, rope_theta: float = 1e4, alibi_slopes: Any = None,
-                             use_fp16_qk_reduction: bool = False, backend: str = "auto",
-                             enable_cuda_graph: bool = False, max_total_num_rows: int | None = None,
-                             fixed_split_size: int | None = None, disable_split_kv: bool = False,
-                             uniform_q_len: int | None = None, stream: Any = None) -> Plan:
+def batch_prefill_paged_plan(
+    workspace: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_last_page_len: Any,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim_qk: int,
+    page_size: int,
+    *,
+    head_dim_vo: int | None = None,
+    q_dtype: Any = "float16",
+    kv_dtype: Any = None,
+    o_dtype: Any = None,
+    kv_layout: str = "NHD",
+    causal: bool = False,
+    custom_mask: Any = None,
+    mask_indptr: Any = None,
+    pos_encoding: Any = "NONE",
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
+    sm_scale: float | None = None,
+    rope_scale: float = 1.0,
+    rope_theta: float = 1e4,
+    alibi_slopes: Any = None,
+    use_fp16_qk_reduction: bool = False,
+    backend: str = "auto",
+    enable_cuda_graph: bool = False,
+    max_total_num_rows: int | None = None,
+    fixed_split_size: int | None = None,
+    disable_split_kv: bool = False,
+    uniform_q_len: int | None = None,
+    stream: Any = None,
+) -> Plan:
     """Plan batch prefill over a paged KV cache.
 
     Args are those of :func:`batch_prefill_ragged_plan`, except:
@@ -398,17 +592,55 @@ def batch_prefill_paged_plan(workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_
         page_size: tokens per page.
         kv_layout: NHD ``[pages, page_size, kv_heads, d]`` or HND ``[pages, kv_heads, page_size, d]``.
     """
-    return _plan("paged", workspace, qo_indptr, kv_indptr, kv_last_page_len, max_total_num_rows, uniform_q_len,
-                 stream, (custom_mask, mask_indptr, alibi_slopes),
-                 (num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo, q_dtype, kv_dtype, o_dtype,
-                  kv_layout, causal, custom_mask is not None, pos_encoding, window_left, logits_soft_cap, sm_scale,
-                  rope_scale, rope_theta, use_fp16_qk_reduction, backend, enable_cuda_graph, fixed_split_size,
-                  disable_split_kv))
+    return _plan(
+        "paged",
+        workspace,
+        qo_indptr,
+        kv_indptr,
+        kv_last_page_len,
+        max_total_num_rows,
+        uniform_q_len,
+        stream,
+        (custom_mask, mask_indptr, alibi_slopes),
+        (
+            num_qo_heads,
+            num_kv_heads,
+            head_dim_qk,
+            page_size,
+            head_dim_vo,
+            q_dtype,
+            kv_dtype,
+            o_dtype,
+            kv_layout,
+            causal,
+            custom_mask is not None,
+            pos_encoding,
+            window_left,
+            logits_soft_cap,
+            sm_scale,
+            rope_scale,
+            rope_theta,
+            use_fp16_qk_reduction,
+            backend,
+            enable_cuda_graph,
+            fixed_split_size,
+            disable_split_kv,
+        ),
+    )
 
 
-def _plan(mode: str, workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_last_page_len: Any,
-          max_total_num_rows: Any, uniform_q_len: Any, stream: Any, inputs: tuple[Any, Any, Any],
-          args: tuple[Any, ...]) -> Plan:
+def _plan(
+    mode: str,
+    workspace: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_last_page_len: Any,
+    max_total_num_rows: Any,
+    uniform_q_len: Any,
+    stream: Any,
+    inputs: tuple[Any, Any, Any],
+    args: tuple[Any, ...],
+) -> Plan:
     """A batch prefill plan: settings (by value), host arrays, the mask's size, the plan call."""
     ws = workspace if workspace.__class__ is Workspace else _workspace(workspace)
     custom_mask, mask_indptr, alibi_slopes = inputs
@@ -416,8 +648,9 @@ def _plan(mode: str, workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_last_pag
     if (custom_mask is None) != (mask_indptr is None):
         raise ValueError("custom_mask, mask_indptr: pass both (packed bits and per-request byte offsets) or neither")
     device_id = ws.device.device_id
-    s = S.cached((BATCH_PREFILL, mode, device_id, args, tuple(map(type, args))),
-                 lambda: _settings(mode, device_id, args))
+    s = S.cached(
+        (BATCH_PREFILL, mode, device_id, args, tuple(map(type, args))), lambda: _settings(mode, device_id, args)
+    )
     qo = host_array("qo_indptr", qo_indptr)
     rows = check_indptr("qo_indptr", qo)
     batch = qo.shape[0] - 1
@@ -426,8 +659,9 @@ def _plan(mode: str, workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_last_pag
     if mode == "paged":
         if kv_last_page_len is None:
             raise ValueError("kv_last_page_len: required for a paged plan (host int32 [batch_size])")
-        kv_lens = check_last_page_len("kv_last_page_len", host_array("kv_last_page_len", kv_last_page_len), kv,
-                                      s.page_size, lengths=True)
+        kv_lens = check_last_page_len(
+            "kv_last_page_len", host_array("kv_last_page_len", kv_last_page_len), kv, s.page_size, lengths=True
+        )
     else:
         kv_lens = kv[1:] - kv[:-1]
     assert kv_lens is not None
@@ -442,16 +676,35 @@ def _plan(mode: str, workspace: Any, qo_indptr: Any, kv_indptr: Any, kv_last_pag
         _check_mask(custom_mask, mask_indptr, qo, kv_lens, batch, ws.device)
     if alibi_slopes is not None or s.pos_encoding == 2:
         _check_alibi(s, alibi_slopes, ws.device)
-    extra = {} if s.backend == "fa3" else {"fixed_split_size": s.fixed_split_size,
-                                           "disable_split_kv": s.disable_split_kv}
+    extra = (
+        {} if s.backend == "fa3" else {"fixed_split_size": s.fixed_split_size, "disable_split_kv": s.disable_split_kv}
+    )
     if uniform_q_len is not None:
         uniform = _uniform_q_len(uniform_q_len, qo, s)
         if uniform:
             extra["uniform_q_len"] = uniform
     info, generation = call_plan(
-        ws, s.plan, stream, ws.float_buffer, ws.int_buffer, ws.pinned_buffer, host_tensor(qo), host_tensor(kv),
-        host_tensor(kv_lens), total_rows, batch, s.num_qo_heads, s.num_kv_heads, s.page_size, s.enable_cuda_graph,
-        s.head_dim_qk, s.head_dim_vo, s.mask_mode == MASK_CAUSAL, s.window_left, **extra)
+        ws,
+        s.plan,
+        stream,
+        ws.float_buffer,
+        ws.int_buffer,
+        ws.pinned_buffer,
+        host_tensor(qo),
+        host_tensor(kv),
+        host_tensor(kv_lens),
+        total_rows,
+        batch,
+        s.num_qo_heads,
+        s.num_kv_heads,
+        s.page_size,
+        s.enable_cuda_graph,
+        s.head_dim_qk,
+        s.head_dim_vo,
+        s.mask_mode == MASK_CAUSAL,
+        s.window_left,
+        **extra,
+    )
     return Plan.make(info, ws, generation, s, batch, rows, extent_, inputs)
 
 
@@ -464,19 +717,24 @@ def _uniform_q_len(value: Any, qo: np.ndarray, s: PlanSettings) -> int:
     lengths = qo[1:] - qo[:-1]
     if lengths.size and not (lengths == n).all():
         i = int(np.argmax(lengths != n))
-        raise ValueError(f"uniform_q_len: promises {n} query rows per request, but qo_indptr gives request {i} "
-                         f"{int(lengths[i])}; pass None for batches of mixed lengths")
+        raise ValueError(
+            f"uniform_q_len: promises {n} query rows per request, but qo_indptr gives request {i} "
+            f"{int(lengths[i])}; pass None for batches of mixed lengths"
+        )
     if s.backend == "fa3":
         return 0  # the FA3 planner has no such hint (flashinfer-python drops it too)
     decl = s.plan.launcher.decl
     if "uniform_q_len" not in decl.names:
-        raise ValueError(f"uniform_q_len: not supported by the bound module's entry point {s.plan.launcher.name} "
-                         f"(FlashInfer {decl.release}); pin FlashInfer >= 0.7 for this module, or pass None")
+        raise ValueError(
+            f"uniform_q_len: not supported by the bound module's entry point {s.plan.launcher.name} "
+            f"(FlashInfer {decl.release}); pin FlashInfer >= 0.7 for this module, or pass None"
+        )
     return n
 
 
-def _check_mask(custom_mask: Any, mask_indptr: Any, qo: np.ndarray, kv_lens: np.ndarray, batch: int,
-                device: Any) -> None:
+def _check_mask(
+    custom_mask: Any, mask_indptr: Any, qo: np.ndarray, kv_lens: np.ndarray, batch: int, device: Any
+) -> None:
     """The packed mask covers every request's ``qo_len * kv_len`` bits; offsets are int32 ``[batch + 1]``."""
     mask = checks.tensor("custom_mask", custom_mask)
     offsets = checks.tensor("mask_indptr", mask_indptr)
@@ -484,8 +742,9 @@ def _check_mask(custom_mask: Any, mask_indptr: Any, qo: np.ndarray, kv_lens: np.
     AC.vector("mask_indptr", offsets, "int32", None, device)
     need = int(np.sum(((qo[1:] - qo[:-1]).astype(np.int64) * kv_lens.astype(np.int64) + 7) // 8))
     if mask.shape[0] < need:
-        raise ValueError(f"custom_mask: expected at least {need} bytes (sum of ceil(qo_len * kv_len / 8)), got "
-                         f"{mask.shape[0]}")
+        raise ValueError(
+            f"custom_mask: expected at least {need} bytes (sum of ceil(qo_len * kv_len / 8)), got {mask.shape[0]}"
+        )
     if offsets.shape[0] != batch + 1:
         raise ValueError(f"mask_indptr: expected {batch + 1} entries ([batch_size + 1]), got {offsets.shape[0]}")
 
@@ -503,9 +762,30 @@ def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
 
     The backend is chosen here (see :func:`fi_ffi.ops.variants.choose_prefill`).
     """
-    (num_qo_heads, num_kv_heads, head_dim_qk, page_size, head_dim_vo, q_dtype, kv_dtype, o_dtype, kv_layout, causal,
-     custom, pos_encoding, window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta, fp16_qk, backend,
-     enable_cuda_graph, fixed_split_size, disable_split_kv) = args
+    (
+        num_qo_heads,
+        num_kv_heads,
+        head_dim_qk,
+        page_size,
+        head_dim_vo,
+        q_dtype,
+        kv_dtype,
+        o_dtype,
+        kv_layout,
+        causal,
+        custom,
+        pos_encoding,
+        window_left,
+        logits_soft_cap,
+        sm_scale,
+        rope_scale,
+        rope_theta,
+        fp16_qk,
+        backend,
+        enable_cuda_graph,
+        fixed_split_size,
+        disable_split_kv,
+    ) = args
     hq = S.count("num_qo_heads", num_qo_heads)
     hk = S.count("num_kv_heads", num_kv_heads)
     dqk = S.count("head_dim_qk", head_dim_qk)
@@ -529,26 +809,59 @@ def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
         raise ValueError(f"backend: expected 'auto', 'fa2' or 'fa3', got {backend!r}")
     if mode == "ragged" and layout == "HND":
         if backend == "fa3":
-            raise ValueError("backend: 'fa3' ragged runs read K/V as NHD only ([nnz_kv, num_kv_heads, head_dim]); "
-                             "use kv_layout='NHD' or backend 'fa2'")
+            raise ValueError(
+                "backend: 'fa3' ragged runs read K/V as NHD only ([nnz_kv, num_kv_heads, head_dim]); "
+                "use kv_layout='NHD' or backend 'fa2'"
+            )
         backend = "fa2"
     base = Variant(BATCH_PREFILL, qd, kd, od, dqk, dvo, int32, pos, w >= 0, cap > 0, f16qk, "fa2")
     variant = choose_prefill(base, backend, device_id, custom)
     fa3 = variant.backend == "fa3"
     uri = variant.uri
     if fa3:
-        plan, run = launcher(FA3_PLAN, uri), launcher(FA3_RAGGED if mode == "ragged" else FA3_PAGED, uri,
-                                                      _check_ragged if mode == "ragged" else _check_paged)
+        plan, run = (
+            launcher(FA3_PLAN, uri),
+            launcher(
+                FA3_RAGGED if mode == "ragged" else FA3_PAGED, uri, _check_ragged if mode == "ragged" else _check_paged
+            ),
+        )
     else:
-        plan, run = launcher(FA2_PLANS, uri), launcher(FA2_RAGGED_RUNS if mode == "ragged" else FA2_PAGED_RUNS, uri,
-                                                       _check_ragged if mode == "ragged" else _check_paged)
-    return PlanSettings(kind=BATCH_PREFILL, mode=mode, variant=variant, device_id=device_id, num_qo_heads=hq,
-                        num_kv_heads=hk, head_dim_qk=dqk, head_dim_vo=dvo, page_size=ps, kv_layout=layout,
-                        dtype_q=qd, dtype_kv=kd, dtype_o=od,
-                        mask_mode=MASK_CUSTOM if custom else (MASK_CAUSAL if causal else MASK_NONE),
-                        pos_encoding=pos, window_left=w, logits_soft_cap=cap, sm_scale=sm, rope_scale=rs,
-                        rope_theta=rt, enable_cuda_graph=graph, use_fp16_qk_reduction=f16qk,
-                        fixed_split_size=split, disable_split_kv=no_split, plan=plan, run=run)
+        plan, run = (
+            launcher(FA2_PLANS, uri),
+            launcher(
+                FA2_RAGGED_RUNS if mode == "ragged" else FA2_PAGED_RUNS,
+                uri,
+                _check_ragged if mode == "ragged" else _check_paged,
+            ),
+        )
+    return PlanSettings(
+        kind=BATCH_PREFILL,
+        mode=mode,
+        variant=variant,
+        device_id=device_id,
+        num_qo_heads=hq,
+        num_kv_heads=hk,
+        head_dim_qk=dqk,
+        head_dim_vo=dvo,
+        page_size=ps,
+        kv_layout=layout,
+        dtype_q=qd,
+        dtype_kv=kd,
+        dtype_o=od,
+        mask_mode=MASK_CUSTOM if custom else (MASK_CAUSAL if causal else MASK_NONE),
+        pos_encoding=pos,
+        window_left=w,
+        logits_soft_cap=cap,
+        sm_scale=sm,
+        rope_scale=rs,
+        rope_theta=rt,
+        enable_cuda_graph=graph,
+        use_fp16_qk_reduction=f16qk,
+        fixed_split_size=split,
+        disable_split_kv=no_split,
+        plan=plan,
+        run=run,
+    )
 
 
 # ------------------------------------------------------------------------------------------ batch prefill runs
@@ -560,8 +873,13 @@ def _runnable(plan: Any, mode: str, who: str) -> Any:
         raise TypeError(f"plan: expected a Plan from {who}, got {type(plan).__name__}")
     s = plan._s
     ws = plan.workspace
-    if s.mode != mode or s.kind != BATCH_PREFILL or not plan._info.handle or ws is None or \
-            ws._generation != plan._generation:
+    if (
+        s.mode != mode
+        or s.kind != BATCH_PREFILL
+        or not plan._info.handle
+        or ws is None
+        or ws._generation != plan._generation
+    ):
         plan.check_runnable(BATCH_PREFILL, mode)
     return ws
 
@@ -572,22 +890,64 @@ def _check_rows(plan: Plan, q: Any) -> None:
         raise ValueError(f"q: the plan's qo_indptr ends at {plan.num_rows} rows, but q has {rows}")
 
 
-def _launch(plan: Plan, ws: Any, tensors: tuple[Any, ...], out: Any, lse: Any, enable_pdl: Any,
-            stream: Any) -> None:
+def _launch(plan: Plan, ws: Any, tensors: tuple[Any, ...], out: Any, lse: Any, enable_pdl: Any, stream: Any) -> None:
     """One batch prefill run: the plan's settings as wire scalars (FA2 and FA3 take different ones)."""
     s = plan._s
     if s.backend == "fa3":
-        s.run(ws.float_buffer, ws.int_buffer, plan._info, *tensors, out, lse, s.mask_mode, s.layout_code,
-              s.window_left, enable_pdl, s.logits_soft_cap, s.sm_scale, stream=stream, context=plan._context)
+        s.run(
+            ws.float_buffer,
+            ws.int_buffer,
+            plan._info,
+            *tensors,
+            out,
+            lse,
+            s.mask_mode,
+            s.layout_code,
+            s.window_left,
+            enable_pdl,
+            s.logits_soft_cap,
+            s.sm_scale,
+            stream=stream,
+            context=plan._context,
+        )
     else:
         mask, mask_indptr, alibi = plan._inputs
-        s.run(ws.float_buffer, ws.int_buffer, plan._info, *tensors, out, lse, s.mask_mode, s.layout_code,
-              s.window_left, enable_pdl, mask, mask_indptr, alibi, s.logits_soft_cap, s.sm_scale, s.rope_rcp_scale,
-              s.rope_rcp_theta, stream=stream, context=plan._context)
+        s.run(
+            ws.float_buffer,
+            ws.int_buffer,
+            plan._info,
+            *tensors,
+            out,
+            lse,
+            s.mask_mode,
+            s.layout_code,
+            s.window_left,
+            enable_pdl,
+            mask,
+            mask_indptr,
+            alibi,
+            s.logits_soft_cap,
+            s.sm_scale,
+            s.rope_rcp_scale,
+            s.rope_rcp_theta,
+            stream=stream,
+            context=plan._context,
+        )
 
 
-def batch_prefill_ragged_run(plan: Plan, q: Any, k: Any, v: Any, qo_indptr: Any, kv_indptr: Any, out: Any, *,
-                             lse: Any = None, enable_pdl: bool = False, stream: Any = None) -> Any:
+def batch_prefill_ragged_run(
+    plan: Plan,
+    q: Any,
+    k: Any,
+    v: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    out: Any,
+    *,
+    lse: Any = None,
+    enable_pdl: bool = False,
+    stream: Any = None,
+) -> Any:
     """Run batch prefill over ragged K/V with a plan from :func:`batch_prefill_ragged_plan`.
 
     Args:
@@ -613,9 +973,21 @@ def batch_prefill_ragged_run(plan: Plan, q: Any, k: Any, v: Any, qo_indptr: Any,
     return out
 
 
-def batch_prefill_paged_run(plan: Plan, q: Any, k_cache: Any, v_cache: Any, qo_indptr: Any, kv_indptr: Any,
-                            kv_indices: Any, kv_last_page_len: Any, out: Any, *, lse: Any = None,
-                            enable_pdl: bool = False, stream: Any = None) -> Any:
+def batch_prefill_paged_run(
+    plan: Plan,
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    out: Any,
+    *,
+    lse: Any = None,
+    enable_pdl: bool = False,
+    stream: Any = None,
+) -> Any:
     """Run batch prefill over a paged KV cache with a plan from :func:`batch_prefill_paged_plan`.
 
     Args:
@@ -636,18 +1008,27 @@ def batch_prefill_paged_run(plan: Plan, q: Any, k_cache: Any, v_cache: Any, qo_i
     _check_rows(plan, q)
     pages = extent("kv_indices", kv_indices)
     if pages < plan.kv_extent:
-        raise ValueError(f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has "
-                         f"{pages} entries")
-    _launch(plan, ws, (q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len), out, lse,
-            enable_pdl, stream)
+        raise ValueError(
+            f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has {pages} entries"
+        )
+    _launch(
+        plan,
+        ws,
+        (q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len),
+        out,
+        lse,
+        enable_pdl,
+        stream,
+    )
     return out
 
 
 def _check_q_out_lse(s: PlanSettings, a: SimpleNamespace, dev: Any) -> None:
     hq, dqk, dvo = s.num_qo_heads, s.head_dim_qk, s.head_dim_vo
     AC.device_tensor("q", a.q, (None, hq, dqk), "[nnz_qo, num_qo_heads, head_dim_qk]", s.dtype_q, dev)
-    AC.device_tensor("out", a.out, (a.q.shape[0], hq, dvo), "[nnz_qo, num_qo_heads, head_dim_vo]", s.dtype_o, dev,
-                     contiguous=True)
+    AC.device_tensor(
+        "out", a.out, (a.q.shape[0], hq, dvo), "[nnz_qo, num_qo_heads, head_dim_vo]", s.dtype_o, dev, contiguous=True
+    )
     AC.lse_tensor("lse", a.lse, (a.q.shape[0], hq), dev)
 
 
@@ -685,8 +1066,9 @@ def _check_paged(a: SimpleNamespace) -> None:
     s, b = a.context
     dev = a.float_workspace_buffer.device
     _check_q_out_lse(s, a, dev)
-    AC.kv_cache(a.k_cache, a.v_cache, s.kv_layout, s.num_kv_heads, s.page_size, s.head_dim_qk, s.head_dim_vo,
-                s.dtype_kv, dev)
+    AC.kv_cache(
+        a.k_cache, a.v_cache, s.kv_layout, s.num_kv_heads, s.page_size, s.head_dim_qk, s.head_dim_vo, s.dtype_kv, dev
+    )
     AC.index_tensor("qo_indptr", a.qo_indptr, b + 1, dev)
     AC.index_tensor("kv_indptr", a.kv_indptr, b + 1, dev)
     AC.index_tensor("kv_indices", a.kv_indices, None, dev)

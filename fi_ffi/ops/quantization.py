@@ -40,9 +40,16 @@ _BITORDERS = ("big", "little")
 # Wire order as in FlashInfer's csrc/flashinfer_quantization_binding.cu; the packed output (``y`` there) is
 # ``out`` here, the input indptr ``indptr`` (flashinfer-python's public names).
 PACKBITS = declare("packbits", [tensor("x"), ("bitorder", STRING), tensor("out", output=True)])
-SEGMENT_PACKBITS = declare("segment_packbits", [
-    tensor("x"), tensor("indptr"), tensor("output_indptr"), ("bitorder", STRING), tensor("out", output=True),
-])
+SEGMENT_PACKBITS = declare(
+    "segment_packbits",
+    [
+        tensor("x"),
+        tensor("indptr"),
+        tensor("output_indptr"),
+        ("bitorder", STRING),
+        tensor("out", output=True),
+    ],
+)
 DECLARATIONS = tuple((_URI, d) for d in (PACKBITS, SEGMENT_PACKBITS))
 
 __all__ = ["packbits", "segment_packbits", "segment_packbits_indptr"]
@@ -111,14 +118,16 @@ def packbits(x: Any, bitorder: str = "big", *, out: Any = None, stream: Any = No
         ``out``, as passed.
     """
     if out is None:
-        raise TypeError("out: required (fi_ffi never allocates device memory); pass a uint8 tensor "
-                        "[(x.numel + 7) // 8]")
+        raise TypeError(
+            "out: required (fi_ffi never allocates device memory); pass a uint8 tensor [(x.numel + 7) // 8]"
+        )
     _packbits(x, bitorder, out, stream=stream)
     return out
 
 
-def segment_packbits(x: Any, indptr: Any, bitorder: str = "big", *, output_indptr: Any = None, out: Any = None,
-                     stream: Any = None) -> tuple[Any, Any]:
+def segment_packbits(
+    x: Any, indptr: Any, bitorder: str = "big", *, output_indptr: Any = None, out: Any = None, stream: Any = None
+) -> tuple[Any, Any]:
     """Pack each segment ``x[indptr[i]:indptr[i+1]]`` on its own (see the module docstring).
 
     Args:
@@ -134,9 +143,11 @@ def segment_packbits(x: Any, indptr: Any, bitorder: str = "big", *, output_indpt
     """
     if output_indptr is None or out is None:
         missing = "output_indptr" if output_indptr is None else "out"
-        raise TypeError(f"{missing}: required (fi_ffi never allocates device memory or reads device values); "
-                        f"compute output_indptr with fi_ffi.segment_packbits_indptr and allocate "
-                        f"out = uint8[output_indptr[-1]]")
+        raise TypeError(
+            f"{missing}: required (fi_ffi never allocates device memory or reads device values); "
+            f"compute output_indptr with fi_ffi.segment_packbits_indptr and allocate "
+            f"out = uint8[output_indptr[-1]]"
+        )
     _segment_packbits(x, indptr, output_indptr, bitorder, out, stream=stream)
     return out, output_indptr
 

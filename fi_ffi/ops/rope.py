@@ -66,12 +66,28 @@ APPLY_LLAMA31_ROPE = declare("apply_llama31_rope", [*_QK, *_RAGGED, *_ROPE, *_LL
 APPLY_ROPE_POS_IDS = declare("apply_rope_pos_ids", [*_QK, tensor("pos_ids"), *_ROPE])
 APPLY_LLAMA31_ROPE_POS_IDS = declare("apply_llama31_rope_pos_ids", [*_QK, tensor("pos_ids"), *_ROPE, *_LLAMA31])
 # The cos/sin-cache op keeps flashinfer-python's public names (query, key, positions), so errors name them.
-APPLY_ROPE_POS_IDS_COS_SIN_CACHE = declare("apply_rope_pos_ids_cos_sin_cache", [
-    tensor("query"), tensor("key"), tensor("query_out", output=True), tensor("key_out", output=True),
-    tensor("cos_sin_cache"), tensor("positions"), Param("interleave", BOOL),
-])
-DECLARATIONS = tuple(("rope", d) for d in (APPLY_ROPE, APPLY_LLAMA31_ROPE, APPLY_ROPE_POS_IDS,
-                                           APPLY_LLAMA31_ROPE_POS_IDS, APPLY_ROPE_POS_IDS_COS_SIN_CACHE))
+APPLY_ROPE_POS_IDS_COS_SIN_CACHE = declare(
+    "apply_rope_pos_ids_cos_sin_cache",
+    [
+        tensor("query"),
+        tensor("key"),
+        tensor("query_out", output=True),
+        tensor("key_out", output=True),
+        tensor("cos_sin_cache"),
+        tensor("positions"),
+        Param("interleave", BOOL),
+    ],
+)
+DECLARATIONS = tuple(
+    ("rope", d)
+    for d in (
+        APPLY_ROPE,
+        APPLY_LLAMA31_ROPE,
+        APPLY_ROPE_POS_IDS,
+        APPLY_LLAMA31_ROPE_POS_IDS,
+        APPLY_ROPE_POS_IDS_COS_SIN_CACHE,
+    )
+)
 
 __all__ = [
     "apply_llama31_rope",
@@ -89,6 +105,7 @@ __all__ = [
 
 # ---- contract ------------------------------------------------------------------------------------------------
 
+
 def _check_heads(a: SimpleNamespace, names: tuple[str, str, str, str]) -> tuple[int, int]:
     """q, k and their outputs; returns (nnz, head_dim)."""
     qn, kn, qrn, krn = names
@@ -104,8 +121,9 @@ def _check_heads(a: SimpleNamespace, names: tuple[str, str, str, str]) -> tuple[
         raise ValueError(f"{qn}: expected at least one token and one head, got shape {q.shape}")
     checks.ndim(kn, k, 3, "[nnz, num_kv_heads, head_dim]")
     if k.shape[0] != nnz or k.shape[2] != head_dim or k.shape[1] < 1:
-        raise ValueError(f"{kn}: expected shape ({nnz}, num_kv_heads >= 1, {head_dim}) (nnz and head_dim of {qn}), "
-                         f"got {k.shape}")
+        raise ValueError(
+            f"{kn}: expected shape ({nnz}, num_kv_heads >= 1, {head_dim}) (nnz and head_dim of {qn}), got {k.shape}"
+        )
     checks.same_dtype(kn, k, qn, q)
     checks.same_device(kn, k, qn, q)
     checks.cuda(kn, k)
@@ -140,8 +158,10 @@ def _check_rotary_dim(name: str, rotary_dim: int, head_dim: int, interleave: boo
     step = vec if interleave else 2 * vec
     if rotary_dim % step:
         layout = "interleaved" if interleave else "not interleaved (each half must start on a vector)"
-        raise ValueError(f"{name}: expected a multiple of {step} for head_dim {head_dim}, {layout}: the kernel "
-                         f"rotates {vec} elements per thread; got {rotary_dim}")
+        raise ValueError(
+            f"{name}: expected a multiple of {step} for head_dim {head_dim}, {layout}: the kernel "
+            f"rotates {vec} elements per thread; got {rotary_dim}"
+        )
 
 
 def _check_index(name: str, t: Any, length: int | None, layout: str, ref_name: str, ref: Any) -> None:
@@ -161,8 +181,10 @@ def _check_scales(a: SimpleNamespace, llama31: bool) -> None:
         low = checks.positive_finite("low_freq_factor", a.low_freq_factor)
         high = checks.finite("high_freq_factor", a.high_freq_factor)
         if not high > low:
-            raise ValueError(f"high_freq_factor: expected a value > low_freq_factor ({low}), got {high} (the blend "
-                             f"divides by high_freq_factor / low_freq_factor - 1)")
+            raise ValueError(
+                f"high_freq_factor: expected a value > low_freq_factor ({low}), got {high} (the blend "
+                f"divides by high_freq_factor / low_freq_factor - 1)"
+            )
         checks.positive_finite("old_context_len", a.old_context_len)
 
 
@@ -174,8 +196,10 @@ def _rope_check(ragged: bool, llama31: bool) -> Callable[[SimpleNamespace], dict
         if ragged:
             _check_index("indptr", a.indptr, None, "[batch_size + 1]", "q", a.q)
             if a.indptr.shape[0] < 2:
-                raise ValueError(f"indptr: expected at least 2 entries ([batch_size + 1], batch_size >= 1), got "
-                                 f"shape {a.indptr.shape}")
+                raise ValueError(
+                    f"indptr: expected at least 2 entries ([batch_size + 1], batch_size >= 1), got "
+                    f"shape {a.indptr.shape}"
+                )
             _check_index("offsets", a.offsets, a.indptr.shape[0] - 1, "[batch_size]", "q", a.q)
             checks.same_dtype("offsets", a.offsets, "indptr", a.indptr)
             inputs += [("indptr", a.indptr), ("offsets", a.offsets)]
@@ -224,6 +248,7 @@ _apply_cos_sin_cache = launcher(APPLY_ROPE_POS_IDS_COS_SIN_CACHE, _URI, _check_c
 
 # ---- helpers of the op functions (per call: cheap) -------------------------------------------------------------
 
+
 def _head_dim(q: Any) -> int:
     """``q``'s last extent, for ``rotary_dim=None`` (every tensor producer fi_ffi reads has ``.shape``)."""
     try:
@@ -240,15 +265,28 @@ def _f(value: Any) -> Any:
 def _outputs(q_rope: Any, k_rope: Any, names: tuple[str, str] = ("q_rope", "k_rope")) -> None:
     if q_rope is None or k_rope is None:
         missing = names[0] if q_rope is None else names[1]
-        raise TypeError(f"{missing}: required (fi_ffi never allocates device memory); pass a tensor shaped like the "
-                        f"input, or use the *_inplace op")
+        raise TypeError(
+            f"{missing}: required (fi_ffi never allocates device memory); pass a tensor shaped like the "
+            f"input, or use the *_inplace op"
+        )
 
 
 # ---- ops ---------------------------------------------------------------------------------------------------------
 
-def apply_rope_pos_ids(q: Any, k: Any, pos_ids: Any, rotary_dim: int | None = None, interleave: bool = False,
-                       rope_scale: float = 1.0, rope_theta: float = 1e4, *, q_rope: Any = None, k_rope: Any = None,
-                       stream: Any = None) -> tuple[Any, Any]:
+
+def apply_rope_pos_ids(
+    q: Any,
+    k: Any,
+    pos_ids: Any,
+    rotary_dim: int | None = None,
+    interleave: bool = False,
+    rope_scale: float = 1.0,
+    rope_theta: float = 1e4,
+    *,
+    q_rope: Any = None,
+    k_rope: Any = None,
+    stream: Any = None,
+) -> tuple[Any, Any]:
     """RoPE with per-token positions, out of place.
 
     Args:
@@ -265,49 +303,133 @@ def apply_rope_pos_ids(q: Any, k: Any, pos_ids: Any, rotary_dim: int | None = No
         ``(q_rope, k_rope)``, as passed.
     """
     _outputs(q_rope, k_rope)
-    _apply_rope_pos_ids(q, k, q_rope, k_rope, pos_ids, _head_dim(q) if rotary_dim is None else rotary_dim,
-                        interleave, _f(rope_scale), _f(rope_theta), stream=stream)
+    _apply_rope_pos_ids(
+        q,
+        k,
+        q_rope,
+        k_rope,
+        pos_ids,
+        _head_dim(q) if rotary_dim is None else rotary_dim,
+        interleave,
+        _f(rope_scale),
+        _f(rope_theta),
+        stream=stream,
+    )
     return q_rope, k_rope
 
 
-def apply_rope_pos_ids_inplace(q: Any, k: Any, pos_ids: Any, rotary_dim: int | None = None,
-                               interleave: bool = False, rope_scale: float = 1.0, rope_theta: float = 1e4, *,
-                               stream: Any = None) -> None:
+def apply_rope_pos_ids_inplace(
+    q: Any,
+    k: Any,
+    pos_ids: Any,
+    rotary_dim: int | None = None,
+    interleave: bool = False,
+    rope_scale: float = 1.0,
+    rope_theta: float = 1e4,
+    *,
+    stream: Any = None,
+) -> None:
     """:func:`apply_rope_pos_ids` writing back into ``q`` and ``k``."""
-    _apply_rope_pos_ids(q, k, q, k, pos_ids, _head_dim(q) if rotary_dim is None else rotary_dim, interleave,
-                        _f(rope_scale), _f(rope_theta), stream=stream)
+    _apply_rope_pos_ids(
+        q,
+        k,
+        q,
+        k,
+        pos_ids,
+        _head_dim(q) if rotary_dim is None else rotary_dim,
+        interleave,
+        _f(rope_scale),
+        _f(rope_theta),
+        stream=stream,
+    )
 
 
-def apply_llama31_rope_pos_ids(q: Any, k: Any, pos_ids: Any, rotary_dim: int | None = None,
-                               interleave: bool = False, rope_scale: float = 8.0, rope_theta: float = 5e5,
-                               low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
-                               old_context_len: float = 8192.0, *, q_rope: Any = None, k_rope: Any = None,
-                               stream: Any = None) -> tuple[Any, Any]:
+def apply_llama31_rope_pos_ids(
+    q: Any,
+    k: Any,
+    pos_ids: Any,
+    rotary_dim: int | None = None,
+    interleave: bool = False,
+    rope_scale: float = 8.0,
+    rope_theta: float = 5e5,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    old_context_len: float = 8192.0,
+    *,
+    q_rope: Any = None,
+    k_rope: Any = None,
+    stream: Any = None,
+) -> tuple[Any, Any]:
     """Llama 3.1 RoPE with per-token positions, out of place (defaults: Llama 3.1's).
 
     Args as :func:`apply_rope_pos_ids`, plus ``low_freq_factor`` (> 0), ``high_freq_factor``
     (> low_freq_factor) and ``old_context_len`` (the pre-training context, in tokens): see the module docstring.
     """
     _outputs(q_rope, k_rope)
-    _apply_llama31_rope_pos_ids(q, k, q_rope, k_rope, pos_ids, _head_dim(q) if rotary_dim is None else rotary_dim,
-                                interleave, _f(rope_scale), _f(rope_theta), _f(low_freq_factor),
-                                _f(high_freq_factor), _f(old_context_len), stream=stream)
+    _apply_llama31_rope_pos_ids(
+        q,
+        k,
+        q_rope,
+        k_rope,
+        pos_ids,
+        _head_dim(q) if rotary_dim is None else rotary_dim,
+        interleave,
+        _f(rope_scale),
+        _f(rope_theta),
+        _f(low_freq_factor),
+        _f(high_freq_factor),
+        _f(old_context_len),
+        stream=stream,
+    )
     return q_rope, k_rope
 
 
-def apply_llama31_rope_pos_ids_inplace(q: Any, k: Any, pos_ids: Any, rotary_dim: int | None = None,
-                                       interleave: bool = False, rope_scale: float = 8.0, rope_theta: float = 5e5,
-                                       low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
-                                       old_context_len: float = 8192.0, *, stream: Any = None) -> None:
+def apply_llama31_rope_pos_ids_inplace(
+    q: Any,
+    k: Any,
+    pos_ids: Any,
+    rotary_dim: int | None = None,
+    interleave: bool = False,
+    rope_scale: float = 8.0,
+    rope_theta: float = 5e5,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    old_context_len: float = 8192.0,
+    *,
+    stream: Any = None,
+) -> None:
     """:func:`apply_llama31_rope_pos_ids` writing back into ``q`` and ``k``."""
-    _apply_llama31_rope_pos_ids(q, k, q, k, pos_ids, _head_dim(q) if rotary_dim is None else rotary_dim, interleave,
-                                _f(rope_scale), _f(rope_theta), _f(low_freq_factor), _f(high_freq_factor),
-                                _f(old_context_len), stream=stream)
+    _apply_llama31_rope_pos_ids(
+        q,
+        k,
+        q,
+        k,
+        pos_ids,
+        _head_dim(q) if rotary_dim is None else rotary_dim,
+        interleave,
+        _f(rope_scale),
+        _f(rope_theta),
+        _f(low_freq_factor),
+        _f(high_freq_factor),
+        _f(old_context_len),
+        stream=stream,
+    )
 
 
-def apply_rope(q: Any, k: Any, indptr: Any, offsets: Any, rotary_dim: int | None = None, interleave: bool = False,
-               rope_scale: float = 1.0, rope_theta: float = 1e4, *, q_rope: Any = None, k_rope: Any = None,
-               stream: Any = None) -> tuple[Any, Any]:
+def apply_rope(
+    q: Any,
+    k: Any,
+    indptr: Any,
+    offsets: Any,
+    rotary_dim: int | None = None,
+    interleave: bool = False,
+    rope_scale: float = 1.0,
+    rope_theta: float = 1e4,
+    *,
+    q_rope: Any = None,
+    k_rope: Any = None,
+    stream: Any = None,
+) -> tuple[Any, Any]:
     """RoPE of a ragged batch, out of place: request ``b`` owns rows ``indptr[b]:indptr[b+1]`` of ``q``/``k``,
     and its row ``t`` is at position ``offsets[b] + t``.
 
@@ -317,40 +439,121 @@ def apply_rope(q: Any, k: Any, indptr: Any, offsets: Any, rotary_dim: int | None
         Others as :func:`apply_rope_pos_ids`.
     """
     _outputs(q_rope, k_rope)
-    _apply_rope(q, k, q_rope, k_rope, indptr, offsets, _head_dim(q) if rotary_dim is None else rotary_dim,
-                interleave, _f(rope_scale), _f(rope_theta), stream=stream)
+    _apply_rope(
+        q,
+        k,
+        q_rope,
+        k_rope,
+        indptr,
+        offsets,
+        _head_dim(q) if rotary_dim is None else rotary_dim,
+        interleave,
+        _f(rope_scale),
+        _f(rope_theta),
+        stream=stream,
+    )
     return q_rope, k_rope
 
 
-def apply_rope_inplace(q: Any, k: Any, indptr: Any, offsets: Any, rotary_dim: int | None = None,
-                       interleave: bool = False, rope_scale: float = 1.0, rope_theta: float = 1e4, *,
-                       stream: Any = None) -> None:
+def apply_rope_inplace(
+    q: Any,
+    k: Any,
+    indptr: Any,
+    offsets: Any,
+    rotary_dim: int | None = None,
+    interleave: bool = False,
+    rope_scale: float = 1.0,
+    rope_theta: float = 1e4,
+    *,
+    stream: Any = None,
+) -> None:
     """:func:`apply_rope` writing back into ``q`` and ``k``."""
-    _apply_rope(q, k, q, k, indptr, offsets, _head_dim(q) if rotary_dim is None else rotary_dim, interleave,
-                _f(rope_scale), _f(rope_theta), stream=stream)
+    _apply_rope(
+        q,
+        k,
+        q,
+        k,
+        indptr,
+        offsets,
+        _head_dim(q) if rotary_dim is None else rotary_dim,
+        interleave,
+        _f(rope_scale),
+        _f(rope_theta),
+        stream=stream,
+    )
 
 
-def apply_llama31_rope(q: Any, k: Any, indptr: Any, offsets: Any, rotary_dim: int | None = None,
-                       interleave: bool = False, rope_scale: float = 8.0, rope_theta: float = 5e5,
-                       low_freq_factor: float = 1.0, high_freq_factor: float = 4.0, old_context_len: float = 8192.0,
-                       *, q_rope: Any = None, k_rope: Any = None, stream: Any = None) -> tuple[Any, Any]:
+def apply_llama31_rope(
+    q: Any,
+    k: Any,
+    indptr: Any,
+    offsets: Any,
+    rotary_dim: int | None = None,
+    interleave: bool = False,
+    rope_scale: float = 8.0,
+    rope_theta: float = 5e5,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    old_context_len: float = 8192.0,
+    *,
+    q_rope: Any = None,
+    k_rope: Any = None,
+    stream: Any = None,
+) -> tuple[Any, Any]:
     """Llama 3.1 RoPE of a ragged batch, out of place (see :func:`apply_rope` and
     :func:`apply_llama31_rope_pos_ids`)."""
     _outputs(q_rope, k_rope)
-    _apply_llama31_rope(q, k, q_rope, k_rope, indptr, offsets, _head_dim(q) if rotary_dim is None else rotary_dim,
-                        interleave, _f(rope_scale), _f(rope_theta), _f(low_freq_factor), _f(high_freq_factor),
-                        _f(old_context_len), stream=stream)
+    _apply_llama31_rope(
+        q,
+        k,
+        q_rope,
+        k_rope,
+        indptr,
+        offsets,
+        _head_dim(q) if rotary_dim is None else rotary_dim,
+        interleave,
+        _f(rope_scale),
+        _f(rope_theta),
+        _f(low_freq_factor),
+        _f(high_freq_factor),
+        _f(old_context_len),
+        stream=stream,
+    )
     return q_rope, k_rope
 
 
-def apply_llama31_rope_inplace(q: Any, k: Any, indptr: Any, offsets: Any, rotary_dim: int | None = None,
-                               interleave: bool = False, rope_scale: float = 8.0, rope_theta: float = 5e5,
-                               low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
-                               old_context_len: float = 8192.0, *, stream: Any = None) -> None:
+def apply_llama31_rope_inplace(
+    q: Any,
+    k: Any,
+    indptr: Any,
+    offsets: Any,
+    rotary_dim: int | None = None,
+    interleave: bool = False,
+    rope_scale: float = 8.0,
+    rope_theta: float = 5e5,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    old_context_len: float = 8192.0,
+    *,
+    stream: Any = None,
+) -> None:
     """:func:`apply_llama31_rope` writing back into ``q`` and ``k``."""
-    _apply_llama31_rope(q, k, q, k, indptr, offsets, _head_dim(q) if rotary_dim is None else rotary_dim, interleave,
-                        _f(rope_scale), _f(rope_theta), _f(low_freq_factor), _f(high_freq_factor),
-                        _f(old_context_len), stream=stream)
+    _apply_llama31_rope(
+        q,
+        k,
+        q,
+        k,
+        indptr,
+        offsets,
+        _head_dim(q) if rotary_dim is None else rotary_dim,
+        interleave,
+        _f(rope_scale),
+        _f(rope_theta),
+        _f(low_freq_factor),
+        _f(high_freq_factor),
+        _f(old_context_len),
+        stream=stream,
+    )
 
 
 def _heads(name: str, x: Any, head_size: Any) -> Any:
@@ -365,8 +568,9 @@ def _heads(name: str, x: Any, head_size: Any) -> Any:
         return x
     t = checks.tensor(name, x)
     if t.ndim != 2:
-        raise ValueError(f"{name}: expected [nnz, num_heads * head_size] or [nnz, num_heads, head_size], got shape "
-                         f"{t.shape}")
+        raise ValueError(
+            f"{name}: expected [nnz, num_heads * head_size] or [nnz, num_heads, head_size], got shape {t.shape}"
+        )
     nnz, width = t.shape
     if width % head_size:
         raise ValueError(f"{name}: its width {width} is not a multiple of head_size ({head_size})")
@@ -385,9 +589,18 @@ def _stream_of(x: Any, view: Tensor, stream: Any) -> Any:
     return producers.default_stream(x, view.device.device_id)
 
 
-def apply_rope_with_cos_sin_cache(positions: Any, query: Any, key: Any, head_size: int, cos_sin_cache: Any,
-                                  is_neox: bool = True, *, query_out: Any = None, key_out: Any = None,
-                                  stream: Any = None) -> tuple[Any, Any]:
+def apply_rope_with_cos_sin_cache(
+    positions: Any,
+    query: Any,
+    key: Any,
+    head_size: int,
+    cos_sin_cache: Any,
+    is_neox: bool = True,
+    *,
+    query_out: Any = None,
+    key_out: Any = None,
+    stream: Any = None,
+) -> tuple[Any, Any]:
     """RoPE with precomputed cos/sin (the SGLang / vLLM form), out of place.
 
     Args:
@@ -409,17 +622,33 @@ def apply_rope_with_cos_sin_cache(positions: Any, query: Any, key: Any, head_siz
     if is_neox is not True and is_neox is not False:
         is_neox = checks.flag("is_neox", is_neox)
     q = _heads("query", query, head_size)
-    _apply_cos_sin_cache(q, _heads("key", key, head_size), _heads("query_out", query_out, head_size),
-                         _heads("key_out", key_out, head_size), cos_sin_cache, positions, not is_neox,
-                         stream=stream if q is query else _stream_of(query, q, stream))
+    _apply_cos_sin_cache(
+        q,
+        _heads("key", key, head_size),
+        _heads("query_out", query_out, head_size),
+        _heads("key_out", key_out, head_size),
+        cos_sin_cache,
+        positions,
+        not is_neox,
+        stream=stream if q is query else _stream_of(query, q, stream),
+    )
     return query_out, key_out
 
 
-def apply_rope_with_cos_sin_cache_inplace(positions: Any, query: Any, key: Any, head_size: int, cos_sin_cache: Any,
-                                          is_neox: bool = True, *, stream: Any = None) -> None:
+def apply_rope_with_cos_sin_cache_inplace(
+    positions: Any,
+    query: Any,
+    key: Any,
+    head_size: int,
+    cos_sin_cache: Any,
+    is_neox: bool = True,
+    *,
+    stream: Any = None,
+) -> None:
     """:func:`apply_rope_with_cos_sin_cache` writing back into ``query`` and ``key``."""
     if is_neox is not True and is_neox is not False:
         is_neox = checks.flag("is_neox", is_neox)
     q, k = _heads("query", query, head_size), _heads("key", key, head_size)
-    _apply_cos_sin_cache(q, k, q, k, cos_sin_cache, positions, not is_neox,
-                         stream=stream if q is query else _stream_of(query, q, stream))
+    _apply_cos_sin_cache(
+        q, k, q, k, cos_sin_cache, positions, not is_neox, stream=stream if q is query else _stream_of(query, q, stream)
+    )

@@ -60,16 +60,22 @@ def _rng_063() -> list[Any]:
 
 
 def _rng_072() -> list[Any]:
-    return [optional_tensor("seed", default=None), scalar("seed_val", INT, per_call=True),
-            optional_tensor("offset", default=None), scalar("offset_val", INT, per_call=True)]
+    return [
+        optional_tensor("seed", default=None),
+        scalar("seed_val", INT, per_call=True),
+        optional_tensor("offset", default=None),
+        scalar("offset_val", INT, per_call=True),
+    ]
 
 
 def _pair(entry: str, head: list[Any], head_072: list[Any], middle: list[Any]) -> tuple[Declaration, Declaration]:
     """The 0.6.3 and 0.7.2 declarations of a sampling entry point: ``head`` (0.7.2: ``head_072``), ``middle``,
     ``deterministic``, then the random state."""
     tail = [("deterministic", BOOL)]
-    return (declare(entry, [*head, *middle, *tail, *_rng_063()], release="0.6.3"),
-            declare(entry, [*head_072, *middle, *tail, *_rng_072()], release="0.7.2"))
+    return (
+        declare(entry, [*head, *middle, *tail, *_rng_063()], release="0.6.3"),
+        declare(entry, [*head_072, *middle, *tail, *_rng_072()], release="0.7.2"),
+    )
 
 
 _OUT = tensor("out", output=True)
@@ -81,47 +87,111 @@ def _from_probs(entry: str, middle: list[Any]) -> tuple[Declaration, Declaration
     return _pair(entry, [tensor("probs"), _OUT], [tensor("probs"), _OUT, _VALID], [_INDICES, *middle])
 
 
-SOFTMAX = declare("softmax", [tensor("workspace", output=True), tensor("logits"), _OUT,
-                              optional_tensor("temperature", default=None), ("temperature_val", FLOAT),
-                              ("enable_pdl", BOOL)], release="0.6.3, 0.7.2")
+SOFTMAX = declare(
+    "softmax",
+    [
+        tensor("workspace", output=True),
+        tensor("logits"),
+        _OUT,
+        optional_tensor("temperature", default=None),
+        ("temperature_val", FLOAT),
+        ("enable_pdl", BOOL),
+    ],
+    release="0.6.3, 0.7.2",
+)
 SAMPLING_FROM_PROBS = _from_probs("sampling_from_probs", [])
-SAMPLING_FROM_LOGITS = _pair("sampling_from_logits", [tensor("logits"), _OUT], [tensor("logits"), _OUT],
-                             [_INDICES])
-TOP_P_SAMPLING = _from_probs("top_p_sampling_from_probs",
-                             [optional_tensor("top_p", default=None), ("top_p_val", FLOAT)])
-TOP_K_SAMPLING = _from_probs("top_k_sampling_from_probs",
-                             [optional_tensor("top_k", default=None), ("top_k_val", INT)])
-MIN_P_SAMPLING = _from_probs("min_p_sampling_from_probs",
-                             [optional_tensor("min_p", default=None), ("min_p_val", FLOAT)])
+SAMPLING_FROM_LOGITS = _pair("sampling_from_logits", [tensor("logits"), _OUT], [tensor("logits"), _OUT], [_INDICES])
+TOP_P_SAMPLING = _from_probs(
+    "top_p_sampling_from_probs", [optional_tensor("top_p", default=None), ("top_p_val", FLOAT)]
+)
+TOP_K_SAMPLING = _from_probs("top_k_sampling_from_probs", [optional_tensor("top_k", default=None), ("top_k_val", INT)])
+MIN_P_SAMPLING = _from_probs(
+    "min_p_sampling_from_probs", [optional_tensor("min_p", default=None), ("min_p_val", FLOAT)]
+)
 # the kernel's top_k_val is a double on the wire (it is converted to the index type on the device)
-TOP_K_TOP_P_SAMPLING = _from_probs("top_k_top_p_sampling_from_probs",
-                                   [optional_tensor("top_k", default=None), ("top_k_val", FLOAT),
-                                    optional_tensor("top_p", default=None), ("top_p_val", FLOAT)])
+TOP_K_TOP_P_SAMPLING = _from_probs(
+    "top_k_top_p_sampling_from_probs",
+    [
+        optional_tensor("top_k", default=None),
+        ("top_k_val", FLOAT),
+        optional_tensor("top_p", default=None),
+        ("top_p_val", FLOAT),
+    ],
+)
 _RENORM_HEAD = [tensor("probs"), _OUT]
 TOP_P_RENORM = (
-    declare("top_p_renorm_probs", [*_RENORM_HEAD, optional_tensor("top_p", default=None), ("top_p_val", FLOAT)],
-            release="0.6.3"),
-    declare("top_p_renorm_probs", [*_RENORM_HEAD, optional_tensor("top_p", default=None), ("top_p_val", FLOAT),
-                                   scalar("is_deterministic", BOOL, False), tensor("workspace", output=True)],
-            release="0.7.2"),
+    declare(
+        "top_p_renorm_probs",
+        [*_RENORM_HEAD, optional_tensor("top_p", default=None), ("top_p_val", FLOAT)],
+        release="0.6.3",
+    ),
+    declare(
+        "top_p_renorm_probs",
+        [
+            *_RENORM_HEAD,
+            optional_tensor("top_p", default=None),
+            ("top_p_val", FLOAT),
+            scalar("is_deterministic", BOOL, False),
+            tensor("workspace", output=True),
+        ],
+        release="0.7.2",
+    ),
 )
 TOP_K_RENORM = (
-    declare("top_k_renorm_probs", [*_RENORM_HEAD, optional_tensor("top_k", default=None), ("top_k_val", INT),
-                                   tensor("row_states_buffer", output=True)], release="0.6.3"),
-    declare("top_k_renorm_probs", [*_RENORM_HEAD, optional_tensor("top_k", default=None), ("top_k_val", INT),
-                                   scalar("is_deterministic", BOOL, False),
-                                   tensor("row_states_buffer", output=True)], release="0.7.2"),
+    declare(
+        "top_k_renorm_probs",
+        [
+            *_RENORM_HEAD,
+            optional_tensor("top_k", default=None),
+            ("top_k_val", INT),
+            tensor("row_states_buffer", output=True),
+        ],
+        release="0.6.3",
+    ),
+    declare(
+        "top_k_renorm_probs",
+        [
+            *_RENORM_HEAD,
+            optional_tensor("top_k", default=None),
+            ("top_k_val", INT),
+            scalar("is_deterministic", BOOL, False),
+            tensor("row_states_buffer", output=True),
+        ],
+        release="0.7.2",
+    ),
 )
-TOP_K_MASK_LOGITS = declare("top_k_mask_logits", [tensor("logits"), _OUT, optional_tensor("top_k", default=None),
-                                                  ("top_k_val", INT), tensor("row_states_buffer", output=True)],
-                            release="0.6.3, 0.7.2")
-_SPEC = [tensor("draft_probs"), tensor("draft_token_ids"), tensor("target_probs"),
-         tensor("output_token_ids", output=True), tensor("output_accepted_token_num", output=True),
-         tensor("output_emitted_draft_token_num", output=True)]
+TOP_K_MASK_LOGITS = declare(
+    "top_k_mask_logits",
+    [
+        tensor("logits"),
+        _OUT,
+        optional_tensor("top_k", default=None),
+        ("top_k_val", INT),
+        tensor("row_states_buffer", output=True),
+    ],
+    release="0.6.3, 0.7.2",
+)
+_SPEC = [
+    tensor("draft_probs"),
+    tensor("draft_token_ids"),
+    tensor("target_probs"),
+    tensor("output_token_ids", output=True),
+    tensor("output_accepted_token_num", output=True),
+    tensor("output_emitted_draft_token_num", output=True),
+]
 CHAIN_SPECULATIVE_SAMPLING = _pair("chain_speculative_sampling", _SPEC, _SPEC, [])
 
-_PAIRS = (SAMPLING_FROM_PROBS, SAMPLING_FROM_LOGITS, TOP_P_SAMPLING, TOP_K_SAMPLING, MIN_P_SAMPLING,
-          TOP_K_TOP_P_SAMPLING, TOP_P_RENORM, TOP_K_RENORM, CHAIN_SPECULATIVE_SAMPLING)
+_PAIRS = (
+    SAMPLING_FROM_PROBS,
+    SAMPLING_FROM_LOGITS,
+    TOP_P_SAMPLING,
+    TOP_K_SAMPLING,
+    MIN_P_SAMPLING,
+    TOP_K_TOP_P_SAMPLING,
+    TOP_P_RENORM,
+    TOP_K_RENORM,
+    CHAIN_SPECULATIVE_SAMPLING,
+)
 # (module URI pattern, declaration) of both releases; tests/test_declarations.py checks each declaration against
 # the sampling module of every release its ``release`` names.
 DECLARATIONS = tuple((_URI, d) for d in (SOFTMAX, TOP_K_MASK_LOGITS, *(d for p in _PAIRS for d in p)))
@@ -147,6 +217,7 @@ __all__ = [
 
 # ---- sizes of the caller's buffers ------------------------------------------------------------------------------
 
+
 def softmax_workspace_size(batch_size: int, vocab_size: int) -> int:
     """Bytes of ``workspace`` :func:`softmax` needs: ``8 * batch_size * ceil(vocab_size / 8192)`` when
     ``batch_size <= 128`` and ``vocab_size >= 24576`` (the vocabulary-split path keeps a (max, denominator)
@@ -171,8 +242,12 @@ def top_p_renorm_workspace_size(batch_size: int, vocab_size: int, is_determinist
 
     buf_len = max(align(vocab_size // 32), 256)
     hist = 8 if checks.flag("is_deterministic", is_deterministic) else 4
-    return (align(384 * batch_size) + align(hist * 2048 * batch_size) + align(4 * 2048 * batch_size)
-            + 2 * align(4 * buf_len * batch_size))
+    return (
+        align(384 * batch_size)
+        + align(hist * 2048 * batch_size)
+        + align(4 * 2048 * batch_size)
+        + 2 * align(4 * buf_len * batch_size)
+    )
 
 
 def release() -> str:
@@ -184,6 +259,7 @@ def release() -> str:
 
 
 # ---- contracts --------------------------------------------------------------------------------------------------
+
 
 def _matrix(name: str, t: Any, dtypes: tuple[DType, ...]) -> tuple[int, int]:
     checks.ndim(name, t, 2, "[R, V]")
@@ -204,8 +280,9 @@ def _like(name: str, t: Any, ref_name: str, ref: Any, dtypes: tuple[DType, ...] 
     checks.contiguous(name, t)
 
 
-def _vector(name: str, t: Any, n: int, what: str, ref_name: str, ref: Any,
-            dtypes: tuple[DType, ...] | None = None) -> None:
+def _vector(
+    name: str, t: Any, n: int, what: str, ref_name: str, ref: Any, dtypes: tuple[DType, ...] | None = None
+) -> None:
     checks.ndim(name, t, 1, f"[{what}]")
     checks.shape(name, t, (n,), what)
     _like(name, t, ref_name, ref, dtypes)
@@ -236,25 +313,30 @@ def _check_rng(a: SimpleNamespace, batch: int, ref_name: str, ref: Any) -> None:
             continue
         checks.ndim(name, t, 1, "[1] or [B]")
         if t.shape[0] not in (1, batch):
-            raise ValueError(f"{name}: expected shape (1,) or ({batch},) (one value, or one per output row), got "
-                             f"{t.shape}")
+            raise ValueError(
+                f"{name}: expected shape (1,) or ({batch},) (one value, or one per output row), got {t.shape}"
+            )
         _like(name, t, ref_name, ref, (int64,))
 
 
-def _param_array(a: SimpleNamespace, name: str, rows: int, batch: int, ref_name: str, ref: Any,
-                 dtype: DType, by_output_row: bool) -> None:
+def _param_array(
+    a: SimpleNamespace, name: str, rows: int, batch: int, ref_name: str, ref: Any, dtype: DType, by_output_row: bool
+) -> None:
     t = getattr(a, name)
     if t is None:
         return
     _vector(name, t, rows, "R", ref_name, ref, (dtype,))
     if by_output_row and a.indices is not None and batch != rows:
         # 0.6.3's top-k and min-p kernels read the array at the output row, not at indices[b]
-        raise ValueError(f"{name}: a per-row {name} with indices needs as many output rows as {ref_name} rows "
-                         f"(got {batch} and {rows}); expand {name} to the output rows and drop indices")
+        raise ValueError(
+            f"{name}: a per-row {name} with indices needs as many output rows as {ref_name} rows "
+            f"(got {batch} and {rows}); expand {name} to the output rows and drop indices"
+        )
 
 
-def _sampling_check(source: str, arrays: tuple[tuple[str, str, bool], ...] = ()) -> Callable[[SimpleNamespace],
-                                                                                              dict[str, int]]:
+def _sampling_check(
+    source: str, arrays: tuple[tuple[str, str, bool], ...] = ()
+) -> Callable[[SimpleNamespace], dict[str, int]]:
     """The contract of a sampling op reading ``source`` (``probs``/``logits``), with per-row ``arrays``
     ``(name, "float32" | "out", indexed by output row)``."""
 
@@ -267,8 +349,10 @@ def _sampling_check(source: str, arrays: tuple[tuple[str, str, bool], ...] = ())
         batch = out.shape[0]
         if a.indices is None:
             if batch != rows:
-                raise ValueError(f"out: expected shape ({rows},) (one sample per {source} row; pass indices to "
-                                 f"sample other rows), got {out.shape}")
+                raise ValueError(
+                    f"out: expected shape ({rows},) (one sample per {source} row; pass indices to "
+                    f"sample other rows), got {out.shape}"
+                )
         else:
             _vector("indices", a.indices, batch, "B", "out", out)
         if getattr(a, "valid", None) is not None:
@@ -301,8 +385,7 @@ def _check_softmax(a: SimpleNamespace) -> dict[str, int]:
     return {"logits": _vec_bytes(a.logits), "out": _vec_bytes(a.out), "workspace": 8}
 
 
-def _renorm_check(source: str, dtypes: tuple[DType, ...], param: str) -> Callable[[SimpleNamespace],
-                                                                                   dict[str, int]]:
+def _renorm_check(source: str, dtypes: tuple[DType, ...], param: str) -> Callable[[SimpleNamespace], dict[str, int]]:
     def check(a: SimpleNamespace) -> dict[str, int]:
         src = getattr(a, source)
         rows, vocab = _matrix(source, src, dtypes)
@@ -313,8 +396,14 @@ def _renorm_check(source: str, dtypes: tuple[DType, ...], param: str) -> Callabl
             _vector(param, arr, rows, "R", source, src, (float32,) if param == "top_p" else (int32,))
         if getattr(a, "workspace", None) is not None:
             need = top_p_renorm_workspace_size(rows, vocab, a.is_deterministic)
-            _scratch("workspace", a.workspace, source, src, need,
-                     f"top_p_renorm_workspace_size({rows}, {vocab}, is_deterministic={a.is_deterministic})")
+            _scratch(
+                "workspace",
+                a.workspace,
+                source,
+                src,
+                need,
+                f"top_p_renorm_workspace_size({rows}, {vocab}, is_deterministic={a.is_deterministic})",
+            )
         if hasattr(a, "row_states_buffer"):
             _scratch("row_states_buffer", a.row_states_buffer, source, src, ROW_STATES_BYTES, "ROW_STATES_BYTES")
         return {source: _vec_bytes(src), "out": _vec_bytes(a.out)}
@@ -351,6 +440,7 @@ def _check_speculative(a: SimpleNamespace) -> dict[str, int]:
 
 
 # ---- argument mapping -------------------------------------------------------------------------------------------
+
 
 def _split(name: str, value: Any, kind: type) -> tuple[Any, Any]:
     """A per-row parameter: ``(tensor, 0)`` for a tensor, ``(None, number)`` for a Python number."""
@@ -395,16 +485,23 @@ def _signed(value: int) -> int:
 
 def _u64(name: str, value: Any) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name}: expected an int (or, on FlashInfer >= 0.7, an int64 CUDA tensor), got "
-                        f"{type(value).__name__}")
+        raise TypeError(
+            f"{name}: expected an int (or, on FlashInfer >= 0.7, an int64 CUDA tensor), got {type(value).__name__}"
+        )
     out = int(value.__index__())
     if not 0 <= out < _U64:
         raise ValueError(f"{name}: expected an int in [0, 2**64), got {out}")
     return out
 
 
-def _sample(launch: Callable[..., Any], increment: Callable[[], int], generator: Generator | None, seed: Any,
-            offset: Any, kwargs: dict[str, Any]) -> None:
+def _sample(
+    launch: Callable[..., Any],
+    increment: Callable[[], int],
+    generator: Generator | None,
+    seed: Any,
+    offset: Any,
+    kwargs: dict[str, Any],
+) -> None:
     """Launch with the random state: ``seed``/``offset`` as given, else drawn from ``generator`` (or the
     default one), whose offset advances only once the call was launched (a refused call draws nothing)."""
     if seed is None and offset is None:
@@ -420,8 +517,9 @@ def _sample(launch: Callable[..., Any], increment: Callable[[], int], generator:
     if generator is not None:
         raise TypeError("generator: pass either generator= or seed= and offset=, not both")
     if seed is None or offset is None:
-        raise TypeError(f"{'seed' if seed is None else 'offset'}: seed and offset go together; pass both (or a "
-                        f"generator)")
+        raise TypeError(
+            f"{'seed' if seed is None else 'offset'}: seed and offset go together; pass both (or a generator)"
+        )
     seed_int = isinstance(seed, int) and not isinstance(seed, bool)
     if seed_int != (isinstance(offset, int) and not isinstance(offset, bool)):
         raise TypeError("seed, offset: pass both as ints or both as int64 CUDA tensors")
@@ -433,8 +531,10 @@ def _sample(launch: Callable[..., Any], increment: Callable[[], int], generator:
 
 # ---- ops ------------------------------------------------------------------------------------------------------------
 
-def softmax(logits: Any, out: Any, workspace: Any, *, temperature: Any = None, enable_pdl: bool = False,
-            stream: Any = None) -> Any:
+
+def softmax(
+    logits: Any, out: Any, workspace: Any, *, temperature: Any = None, enable_pdl: bool = False, stream: Any = None
+) -> Any:
     """Softmax of each row with temperature: ``out[r] = softmax(logits[r] / temperature[r])`` (online, fp32).
 
     Args:
@@ -453,14 +553,30 @@ def softmax(logits: Any, out: Any, workspace: Any, *, temperature: Any = None, e
     arr, val = _split("temperature", temperature, float)
     if arr is None:
         val = checks.positive_finite("temperature", val)
-    launcher(SOFTMAX, _URI, _check_softmax)(workspace=workspace, logits=logits, out=out, temperature=arr,
-                                            temperature_val=float(val), enable_pdl=enable_pdl, stream=stream)
+    launcher(SOFTMAX, _URI, _check_softmax)(
+        workspace=workspace,
+        logits=logits,
+        out=out,
+        temperature=arr,
+        temperature_val=float(val),
+        enable_pdl=enable_pdl,
+        stream=stream,
+    )
     return out
 
 
-def sampling_from_probs(probs: Any, out: Any, *, indices: Any = None, valid: Any = None, deterministic: bool = True,
-                        generator: Generator | None = None, seed: Any = None, offset: Any = None,
-                        stream: Any = None) -> Any:
+def sampling_from_probs(
+    probs: Any,
+    out: Any,
+    *,
+    indices: Any = None,
+    valid: Any = None,
+    deterministic: bool = True,
+    generator: Generator | None = None,
+    seed: Any = None,
+    offset: Any = None,
+    stream: Any = None,
+) -> Any:
     """Draw ``out[b] ~ Categorical(probs[indices[b]])`` (``probs`` need not be normalized: it samples in
     proportion). Generator advance: ``B``.
 
@@ -477,25 +593,55 @@ def sampling_from_probs(probs: Any, out: Any, *, indices: Any = None, valid: Any
         ``out``.
     """
     launch = launcher(SAMPLING_FROM_PROBS, _URI, _check_from_probs)
-    _sample(launch, lambda: _rows("out", out), generator, seed, offset,
-            dict(probs=probs, out=out, valid=valid, indices=indices, deterministic=deterministic, stream=stream))
+    _sample(
+        launch,
+        lambda: _rows("out", out),
+        generator,
+        seed,
+        offset,
+        dict(probs=probs, out=out, valid=valid, indices=indices, deterministic=deterministic, stream=stream),
+    )
     return out
 
 
-def sampling_from_logits(logits: Any, out: Any, *, indices: Any = None, deterministic: bool = True,
-                         generator: Generator | None = None, seed: Any = None, offset: Any = None,
-                         stream: Any = None) -> Any:
+def sampling_from_logits(
+    logits: Any,
+    out: Any,
+    *,
+    indices: Any = None,
+    deterministic: bool = True,
+    generator: Generator | None = None,
+    seed: Any = None,
+    offset: Any = None,
+    stream: Any = None,
+) -> Any:
     """Draw ``out[b] ~ Categorical(softmax(logits[indices[b]]))`` (Gumbel-max, no softmax pass). Generator
     advance: ``B * V``. Shapes as :func:`sampling_from_probs` with ``logits`` ``[R, V]`` float32."""
     launch = launcher(SAMPLING_FROM_LOGITS, _URI, _check_from_logits)
-    _sample(launch, lambda: _rows("out", out) * _rows("logits", logits, 1), generator, seed, offset,
-            dict(logits=logits, out=out, indices=indices, deterministic=deterministic, stream=stream))
+    _sample(
+        launch,
+        lambda: _rows("out", out) * _rows("logits", logits, 1),
+        generator,
+        seed,
+        offset,
+        dict(logits=logits, out=out, indices=indices, deterministic=deterministic, stream=stream),
+    )
     return out
 
 
-def top_p_sampling_from_probs(probs: Any, top_p: Any, out: Any, *, indices: Any = None, valid: Any = None,
-                              deterministic: bool = True, generator: Generator | None = None, seed: Any = None,
-                              offset: Any = None, stream: Any = None) -> Any:
+def top_p_sampling_from_probs(
+    probs: Any,
+    top_p: Any,
+    out: Any,
+    *,
+    indices: Any = None,
+    valid: Any = None,
+    deterministic: bool = True,
+    generator: Generator | None = None,
+    seed: Any = None,
+    offset: Any = None,
+    stream: Any = None,
+) -> Any:
     """Nucleus sampling: draw from the smallest set of most likely tokens whose mass reaches ``top_p``,
     renormalized. ``top_p``: a number in ``(0, 1]`` or a ``[R]`` float32 tensor. Generator advance: ``B * 32``.
     Other arguments as :func:`sampling_from_probs`."""
@@ -503,15 +649,39 @@ def top_p_sampling_from_probs(probs: Any, top_p: Any, out: Any, *, indices: Any 
     if arr is None:
         val = _unit("top_p", val, True)
     launch = launcher(TOP_P_SAMPLING, _URI, _check_top_p)
-    _sample(launch, lambda: _rows("out", out) * 32, generator, seed, offset,
-            dict(probs=probs, out=out, valid=valid, indices=indices, top_p=arr, top_p_val=float(val),
-                 deterministic=deterministic, stream=stream))
+    _sample(
+        launch,
+        lambda: _rows("out", out) * 32,
+        generator,
+        seed,
+        offset,
+        dict(
+            probs=probs,
+            out=out,
+            valid=valid,
+            indices=indices,
+            top_p=arr,
+            top_p_val=float(val),
+            deterministic=deterministic,
+            stream=stream,
+        ),
+    )
     return out
 
 
-def top_k_sampling_from_probs(probs: Any, top_k: Any, out: Any, *, indices: Any = None, valid: Any = None,
-                              deterministic: bool = True, generator: Generator | None = None, seed: Any = None,
-                              offset: Any = None, stream: Any = None) -> Any:
+def top_k_sampling_from_probs(
+    probs: Any,
+    top_k: Any,
+    out: Any,
+    *,
+    indices: Any = None,
+    valid: Any = None,
+    deterministic: bool = True,
+    generator: Generator | None = None,
+    seed: Any = None,
+    offset: Any = None,
+    stream: Any = None,
+) -> Any:
     """Top-k sampling: draw from the ``top_k`` most likely tokens, renormalized. ``top_k``: an int >= 1 or a
     ``[R]`` tensor of ``out``'s dtype (with ``indices``, 0.6.3 reads it per output row: then ``B == R``).
     Generator advance: ``B * 32``. Other arguments as :func:`sampling_from_probs`."""
@@ -519,15 +689,39 @@ def top_k_sampling_from_probs(probs: Any, top_k: Any, out: Any, *, indices: Any 
     if arr is None:
         val = _top_k(val)
     launch = launcher(TOP_K_SAMPLING, _URI, _check_top_k)
-    _sample(launch, lambda: _rows("out", out) * 32, generator, seed, offset,
-            dict(probs=probs, out=out, valid=valid, indices=indices, top_k=arr, top_k_val=val,
-                 deterministic=deterministic, stream=stream))
+    _sample(
+        launch,
+        lambda: _rows("out", out) * 32,
+        generator,
+        seed,
+        offset,
+        dict(
+            probs=probs,
+            out=out,
+            valid=valid,
+            indices=indices,
+            top_k=arr,
+            top_k_val=val,
+            deterministic=deterministic,
+            stream=stream,
+        ),
+    )
     return out
 
 
-def min_p_sampling_from_probs(probs: Any, min_p: Any, out: Any, *, indices: Any = None, valid: Any = None,
-                              deterministic: bool = True, generator: Generator | None = None, seed: Any = None,
-                              offset: Any = None, stream: Any = None) -> Any:
+def min_p_sampling_from_probs(
+    probs: Any,
+    min_p: Any,
+    out: Any,
+    *,
+    indices: Any = None,
+    valid: Any = None,
+    deterministic: bool = True,
+    generator: Generator | None = None,
+    seed: Any = None,
+    offset: Any = None,
+    stream: Any = None,
+) -> Any:
     """Min-p sampling: draw from the tokens with ``p >= min_p * max(p)``, renormalized. ``min_p``: a number in
     ``[0, 1]`` or a ``[R]`` float32 tensor (with ``indices``, 0.6.3 reads it per output row: then ``B == R``).
     Generator advance: ``B``. Other arguments as :func:`sampling_from_probs`."""
@@ -535,15 +729,40 @@ def min_p_sampling_from_probs(probs: Any, min_p: Any, out: Any, *, indices: Any 
     if arr is None:
         val = _unit("min_p", val, False)
     launch = launcher(MIN_P_SAMPLING, _URI, _check_min_p)
-    _sample(launch, lambda: _rows("out", out), generator, seed, offset,
-            dict(probs=probs, out=out, valid=valid, indices=indices, min_p=arr, min_p_val=float(val),
-                 deterministic=deterministic, stream=stream))
+    _sample(
+        launch,
+        lambda: _rows("out", out),
+        generator,
+        seed,
+        offset,
+        dict(
+            probs=probs,
+            out=out,
+            valid=valid,
+            indices=indices,
+            min_p=arr,
+            min_p_val=float(val),
+            deterministic=deterministic,
+            stream=stream,
+        ),
+    )
     return out
 
 
-def top_k_top_p_sampling_from_probs(probs: Any, top_k: Any, top_p: Any, out: Any, *, indices: Any = None,
-                                    valid: Any = None, deterministic: bool = True, generator: Generator | None = None,
-                                    seed: Any = None, offset: Any = None, stream: Any = None) -> Any:
+def top_k_top_p_sampling_from_probs(
+    probs: Any,
+    top_k: Any,
+    top_p: Any,
+    out: Any,
+    *,
+    indices: Any = None,
+    valid: Any = None,
+    deterministic: bool = True,
+    generator: Generator | None = None,
+    seed: Any = None,
+    offset: Any = None,
+    stream: Any = None,
+) -> Any:
     """Top-k and top-p jointly, in one kernel (flashinfer-python's ``filter_apply_order="joint"``): draw from
     the tokens in both the top ``top_k`` and the ``top_p`` nucleus. For flashinfer-python's default
     ``"top_k_first"``, call :func:`top_k_renorm_probs` then :func:`top_p_sampling_from_probs`. ``top_k``: int
@@ -556,14 +775,31 @@ def top_k_top_p_sampling_from_probs(probs: Any, top_k: Any, top_p: Any, out: Any
     if p_arr is None:
         p_val = _unit("top_p", p_val, True)
     launch = launcher(TOP_K_TOP_P_SAMPLING, _URI, _check_top_k_top_p)
-    _sample(launch, lambda: _rows("out", out) * 32, generator, seed, offset,
-            dict(probs=probs, out=out, valid=valid, indices=indices, top_k=k_arr, top_k_val=float(k_val),
-                 top_p=p_arr, top_p_val=float(p_val), deterministic=deterministic, stream=stream))
+    _sample(
+        launch,
+        lambda: _rows("out", out) * 32,
+        generator,
+        seed,
+        offset,
+        dict(
+            probs=probs,
+            out=out,
+            valid=valid,
+            indices=indices,
+            top_k=k_arr,
+            top_k_val=float(k_val),
+            top_p=p_arr,
+            top_p_val=float(p_val),
+            deterministic=deterministic,
+            stream=stream,
+        ),
+    )
     return out
 
 
-def top_p_renorm_probs(probs: Any, top_p: Any, out: Any, *, is_deterministic: bool = False, workspace: Any = None,
-                       stream: Any = None) -> Any:
+def top_p_renorm_probs(
+    probs: Any, top_p: Any, out: Any, *, is_deterministic: bool = False, workspace: Any = None, stream: Any = None
+) -> Any:
     """Keep the top-p nucleus of each row and renormalize it to sum 1; other entries become 0.
 
     Args:
@@ -578,13 +814,20 @@ def top_p_renorm_probs(probs: Any, top_p: Any, out: Any, *, is_deterministic: bo
     if arr is None:
         val = _unit("top_p", val, True)
     launcher(TOP_P_RENORM, _URI, _check_top_p_renorm)(
-        probs=probs, out=out, top_p=arr, top_p_val=float(val), is_deterministic=is_deterministic,
-        workspace=workspace, stream=stream)
+        probs=probs,
+        out=out,
+        top_p=arr,
+        top_p_val=float(val),
+        is_deterministic=is_deterministic,
+        workspace=workspace,
+        stream=stream,
+    )
     return out
 
 
-def top_k_renorm_probs(probs: Any, top_k: Any, out: Any, row_states_buffer: Any, *, is_deterministic: bool = False,
-                       stream: Any = None) -> Any:
+def top_k_renorm_probs(
+    probs: Any, top_k: Any, out: Any, row_states_buffer: Any, *, is_deterministic: bool = False, stream: Any = None
+) -> Any:
     """Keep the ``top_k`` largest entries of each row and renormalize them to sum 1; others become 0.
 
     Args:
@@ -599,8 +842,14 @@ def top_k_renorm_probs(probs: Any, top_k: Any, out: Any, row_states_buffer: Any,
     if arr is None:
         val = _top_k(val)
     launcher(TOP_K_RENORM, _URI, _check_top_k_renorm)(
-        probs=probs, out=out, top_k=arr, top_k_val=val, is_deterministic=is_deterministic,
-        row_states_buffer=row_states_buffer, stream=stream)
+        probs=probs,
+        out=out,
+        top_k=arr,
+        top_k_val=val,
+        is_deterministic=is_deterministic,
+        row_states_buffer=row_states_buffer,
+        stream=stream,
+    )
     return out
 
 
@@ -611,14 +860,25 @@ def top_k_mask_logits(logits: Any, top_k: Any, out: Any, row_states_buffer: Any,
     if arr is None:
         val = _top_k(val)
     launcher(TOP_K_MASK_LOGITS, _URI, _check_top_k_mask)(
-        logits=logits, out=out, top_k=arr, top_k_val=val, row_states_buffer=row_states_buffer, stream=stream)
+        logits=logits, out=out, top_k=arr, top_k_val=val, row_states_buffer=row_states_buffer, stream=stream
+    )
     return out
 
 
-def chain_speculative_sampling(draft_probs: Any, draft_token_ids: Any, target_probs: Any, output_token_ids: Any,
-                               output_accepted_token_num: Any, output_emitted_draft_token_num: Any, *,
-                               deterministic: bool = True, generator: Generator | None = None, seed: Any = None,
-                               offset: Any = None, stream: Any = None) -> Any:
+def chain_speculative_sampling(
+    draft_probs: Any,
+    draft_token_ids: Any,
+    target_probs: Any,
+    output_token_ids: Any,
+    output_accepted_token_num: Any,
+    output_emitted_draft_token_num: Any,
+    *,
+    deterministic: bool = True,
+    generator: Generator | None = None,
+    seed: Any = None,
+    offset: Any = None,
+    stream: Any = None,
+) -> Any:
     """Speculative sampling along a chain of ``N`` draft tokens (Leviathan et al.), per request ``b``:
 
     draft token ``i`` (``t = draft_token_ids[b, i]``) is accepted when ``u * draft_probs[b, i, t] <
@@ -641,10 +901,21 @@ def chain_speculative_sampling(draft_probs: Any, draft_token_ids: Any, target_pr
         ``output_token_ids``.
     """
     launch = launcher(CHAIN_SPECULATIVE_SAMPLING, _URI, _check_speculative)
-    _sample(launch, lambda: _rows("draft_probs", draft_probs) * (_rows("draft_probs", draft_probs, 1) + 1),
-            generator, seed, offset,
-            dict(draft_probs=draft_probs, draft_token_ids=draft_token_ids, target_probs=target_probs,
-                 output_token_ids=output_token_ids, output_accepted_token_num=output_accepted_token_num,
-                 output_emitted_draft_token_num=output_emitted_draft_token_num, deterministic=deterministic,
-                 stream=stream))
+    _sample(
+        launch,
+        lambda: _rows("draft_probs", draft_probs) * (_rows("draft_probs", draft_probs, 1) + 1),
+        generator,
+        seed,
+        offset,
+        dict(
+            draft_probs=draft_probs,
+            draft_token_ids=draft_token_ids,
+            target_probs=target_probs,
+            output_token_ids=output_token_ids,
+            output_accepted_token_num=output_accepted_token_num,
+            output_emitted_draft_token_num=output_emitted_draft_token_num,
+            deterministic=deterministic,
+            stream=stream,
+        ),
+    )
     return output_token_ids

@@ -30,15 +30,29 @@ _URI = "topk"
 _FLOATS = (float32, float16, bfloat16)
 _ROW_STATES = optional_tensor("row_states_buffer", output=True, default=None)
 
-RADIX_TOPK = declare("radix_topk", [tensor("input"), tensor("indices", output=True), tensor("values", output=True),
-                                    _ROW_STATES, ("top_k", INT)], release="0.6.3")
-PAGE_TABLE_TRANSFORM = declare("radix_topk_page_table_transform", [
-    tensor("input"), tensor("out", output=True), tensor("src_page_table"),
-    optional_tensor("row_to_batch", default=None), tensor("lengths"), _ROW_STATES, ("top_k", INT)],
-    release="0.6.3")
-RAGGED_TRANSFORM = declare("radix_topk_ragged_transform", [
-    tensor("input"), tensor("out", output=True), tensor("offsets"), tensor("lengths"), _ROW_STATES,
-    ("top_k", INT)], release="0.6.3")
+RADIX_TOPK = declare(
+    "radix_topk",
+    [tensor("input"), tensor("indices", output=True), tensor("values", output=True), _ROW_STATES, ("top_k", INT)],
+    release="0.6.3",
+)
+PAGE_TABLE_TRANSFORM = declare(
+    "radix_topk_page_table_transform",
+    [
+        tensor("input"),
+        tensor("out", output=True),
+        tensor("src_page_table"),
+        optional_tensor("row_to_batch", default=None),
+        tensor("lengths"),
+        _ROW_STATES,
+        ("top_k", INT),
+    ],
+    release="0.6.3",
+)
+RAGGED_TRANSFORM = declare(
+    "radix_topk_ragged_transform",
+    [tensor("input"), tensor("out", output=True), tensor("offsets"), tensor("lengths"), _ROW_STATES, ("top_k", INT)],
+    release="0.6.3",
+)
 DECLARATIONS = tuple((_URI, d) for d in (RADIX_TOPK, PAGE_TABLE_TRANSFORM, RAGGED_TRANSFORM))
 
 __all__ = ["ROW_STATES_BYTES", "top_k", "top_k_page_table_transform", "top_k_ragged_transform"]
@@ -78,8 +92,9 @@ def _common(a: SimpleNamespace, out: str, k_at_most_len: bool) -> tuple[int, int
     checks.ndim("row_states_buffer", states, 1, "[bytes]")
     _on_input("row_states_buffer", states, a, (states.dtype,))
     if states.nbytes < ROW_STATES_BYTES:
-        raise ValueError(f"row_states_buffer: needs at least {ROW_STATES_BYTES} bytes (ROW_STATES_BYTES), got "
-                         f"{states.nbytes}")
+        raise ValueError(
+            f"row_states_buffer: needs at least {ROW_STATES_BYTES} bytes (ROW_STATES_BYTES), got {states.nbytes}"
+        )
     return rows, length
 
 
@@ -95,12 +110,15 @@ def _check_page_table(a: SimpleNamespace) -> None:
     checks.ndim("src_page_table", table, 2, "[batch, L]")
     _on_input("src_page_table", table, a)
     if table.shape[1] < length:
-        raise ValueError(f"src_page_table: expected at least {length} columns (the input's row length), got "
-                         f"shape {table.shape}")
+        raise ValueError(
+            f"src_page_table: expected at least {length} columns (the input's row length), got shape {table.shape}"
+        )
     if a.row_to_batch is None:
         if table.shape[0] < rows:
-            raise ValueError(f"src_page_table: without row_to_batch, row r reads page-table row r: expected at "
-                             f"least {rows} rows, got shape {table.shape}")
+            raise ValueError(
+                f"src_page_table: without row_to_batch, row r reads page-table row r: expected at "
+                f"least {rows} rows, got shape {table.shape}"
+            )
     else:
         _rows_of("row_to_batch", a.row_to_batch, rows, a)
     _rows_of("lengths", a.lengths, rows, a)
@@ -131,13 +149,23 @@ def top_k(input: Any, k: int, values: Any, indices: Any, row_states_buffer: Any,
     Returns:
         ``(values, indices)``.
     """
-    _radix_topk(input=input, indices=indices, values=values,
-                row_states_buffer=row_states_buffer, top_k=_k(k), stream=stream)
+    _radix_topk(
+        input=input, indices=indices, values=values, row_states_buffer=row_states_buffer, top_k=_k(k), stream=stream
+    )
     return values, indices
 
 
-def top_k_page_table_transform(input: Any, src_page_table: Any, lengths: Any, k: int, out: Any,
-                               row_states_buffer: Any, *, row_to_batch: Any = None, stream: Any = None) -> Any:
+def top_k_page_table_transform(
+    input: Any,
+    src_page_table: Any,
+    lengths: Any,
+    k: int,
+    out: Any,
+    row_states_buffer: Any,
+    *,
+    row_to_batch: Any = None,
+    stream: Any = None,
+) -> Any:
     """Top-k of each row's first ``lengths[r]`` scores, mapped through a page table:
     ``out[r, j] = src_page_table[row_to_batch[r] (or r), topk_index[r, j]]``; -1 past ``lengths[r]`` (when
     ``lengths[r] <= k`` the row is ``src_page_table[., :lengths[r]]`` then -1s).
@@ -155,13 +183,21 @@ def top_k_page_table_transform(input: Any, src_page_table: Any, lengths: Any, k:
         ``out``.
     """
     _page_table_transform(
-        input=input, out=out, src_page_table=src_page_table, row_to_batch=row_to_batch, lengths=lengths,
-        row_states_buffer=row_states_buffer, top_k=_k(k), stream=stream)
+        input=input,
+        out=out,
+        src_page_table=src_page_table,
+        row_to_batch=row_to_batch,
+        lengths=lengths,
+        row_states_buffer=row_states_buffer,
+        top_k=_k(k),
+        stream=stream,
+    )
     return out
 
 
-def top_k_ragged_transform(input: Any, offsets: Any, lengths: Any, k: int, out: Any, row_states_buffer: Any, *,
-                           stream: Any = None) -> Any:
+def top_k_ragged_transform(
+    input: Any, offsets: Any, lengths: Any, k: int, out: Any, row_states_buffer: Any, *, stream: Any = None
+) -> Any:
     """Top-k of each row's first ``lengths[r]`` scores plus a per-row offset:
     ``out[r, j] = topk_index[r, j] + offsets[r]``; -1 past ``lengths[r]``.
 
@@ -176,8 +212,15 @@ def top_k_ragged_transform(input: Any, offsets: Any, lengths: Any, k: int, out: 
     Returns:
         ``out``.
     """
-    _ragged_transform(input=input, out=out, offsets=offsets, lengths=lengths,
-                      row_states_buffer=row_states_buffer, top_k=_k(k), stream=stream)
+    _ragged_transform(
+        input=input,
+        out=out,
+        offsets=offsets,
+        lengths=lengths,
+        row_states_buffer=row_states_buffer,
+        top_k=_k(k),
+        stream=stream,
+    )
     return out
 
 

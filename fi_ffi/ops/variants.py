@@ -91,6 +91,7 @@ def not_shipped(kind: str) -> str:
     releases, instead = found
     return f"{kind} modules are prebuilt only in {releases}; {instead}"
 
+
 # pos_encoding_mode: a compile-time setting (part of the URI).
 POS_ENCODINGS = {"NONE": 0, "ROPE_LLAMA": 1, "ALIBI": 2}
 _POS_NAMES = {v: k for k, v in POS_ENCODINGS.items()}
@@ -98,9 +99,20 @@ _POS_NAMES = {v: k for k, v in POS_ENCODINGS.items()}
 BACKENDS = ("fa2", "fa3")
 
 # flashinfer.jit.utils.filename_safe_dtype_map: the dtypes a URI can name (there is no f32 variant).
-_URI_DTYPES: dict[str, DType] = {d.short: d for d in (
-    _dt.float16, _dt.bfloat16, _dt.float8_e4m3fn, _dt.float8_e5m2, _dt.int8, _dt.uint8, _dt.int32, _dt.uint32,
-    _dt.int64)}
+_URI_DTYPES: dict[str, DType] = {
+    d.short: d
+    for d in (
+        _dt.float16,
+        _dt.bfloat16,
+        _dt.float8_e4m3fn,
+        _dt.float8_e5m2,
+        _dt.int8,
+        _dt.uint8,
+        _dt.int32,
+        _dt.uint32,
+        _dt.int64,
+    )
+}
 
 _PREFIXES = {
     SINGLE_PREFILL: "single_prefill_with_kv_cache",
@@ -197,8 +209,9 @@ class Variant:
             raise ValueError(f"backend: 'fa3' exists only for prefill and MLA modules, not {self.kind!r}")
         if self.kind == BATCH_MLA:
             if self.pos_encoding or self.use_sliding_window or self.use_logits_cap:
-                raise ValueError("batch_mla: has no pos_encoding, sliding window or logits cap in its name; "
-                                 "leave them 0/False")
+                raise ValueError(
+                    "batch_mla: has no pos_encoding, sliding window or logits cap in its name; leave them 0/False"
+                )
         elif self.use_profiler:
             raise ValueError(f"use_profiler: only MLA modules have it, not {self.kind!r}")
         tags = ABI_TAGS.get((self.kind, self.backend), {"": ""})
@@ -222,15 +235,21 @@ class Variant:
         tail = (f"_{self.abi}" if self.abi else "") + ("_sm90" if self.backend == "fa3" else "")
         if self.kind == BATCH_MLA:
             assert self.dtype_idx is not None
-            return (f"batch_mla_attention_dtype_q_{self.dtype_q.short}_dtype_kv_{self.dtype_kv.short}"
-                    f"_dtype_o_{self.dtype_o.short}_dtype_idx_{self.dtype_idx.short}_head_dim_ckv_{self.head_dim_qk}"
-                    f"_head_dim_kpe_{self.head_dim_vo}_profiler_{bool(self.use_profiler)}{tail}")
-        s = (f"{_PREFIXES[self.kind]}_dtype_q_{self.dtype_q.short}_dtype_kv_{self.dtype_kv.short}"
-             f"_dtype_o_{self.dtype_o.short}")
+            return (
+                f"batch_mla_attention_dtype_q_{self.dtype_q.short}_dtype_kv_{self.dtype_kv.short}"
+                f"_dtype_o_{self.dtype_o.short}_dtype_idx_{self.dtype_idx.short}_head_dim_ckv_{self.head_dim_qk}"
+                f"_head_dim_kpe_{self.head_dim_vo}_profiler_{bool(self.use_profiler)}{tail}"
+            )
+        s = (
+            f"{_PREFIXES[self.kind]}_dtype_q_{self.dtype_q.short}_dtype_kv_{self.dtype_kv.short}"
+            f"_dtype_o_{self.dtype_o.short}"
+        )
         if self.dtype_idx is not None:
             s += f"_dtype_idx_{self.dtype_idx.short}"
-        s += (f"_head_dim_qk_{self.head_dim_qk}_head_dim_vo_{self.head_dim_vo}_posenc_{self.pos_encoding}"
-              f"_use_swa_{bool(self.use_sliding_window)}_use_logits_cap_{bool(self.use_logits_cap)}")
+        s += (
+            f"_head_dim_qk_{self.head_dim_qk}_head_dim_vo_{self.head_dim_vo}_posenc_{self.pos_encoding}"
+            f"_use_swa_{bool(self.use_sliding_window)}_use_logits_cap_{bool(self.use_logits_cap)}"
+        )
         if self.kind in (SINGLE_PREFILL, BATCH_PREFILL):
             s += f"_f16qk_{bool(self.use_fp16_qk_reduction)}"
         return s + tail
@@ -249,9 +268,18 @@ class Variant:
             m = _MLA_RE.match(uri)
             if m is not None:
                 q, kv, o, idx, ckv, kpe, profiler, tag, sm90 = m.groups()
-                v = cls(BATCH_MLA, _URI_DTYPES[q], _URI_DTYPES[kv], _URI_DTYPES[o], int(ckv), int(kpe),
-                        _URI_DTYPES[idx], backend="fa3" if sm90 else "fa2", abi=tag or "",
-                        use_profiler=profiler == "True")
+                v = cls(
+                    BATCH_MLA,
+                    _URI_DTYPES[q],
+                    _URI_DTYPES[kv],
+                    _URI_DTYPES[o],
+                    int(ckv),
+                    int(kpe),
+                    _URI_DTYPES[idx],
+                    backend="fa3" if sm90 else "fa2",
+                    abi=tag or "",
+                    use_profiler=profiler == "True",
+                )
                 return v if v.uri == uri else None
             m = _URI_RE.match(uri)
             if m is None:
@@ -261,17 +289,32 @@ class Variant:
             prefill = kind in (SINGLE_PREFILL, BATCH_PREFILL)
             if batch != (idx is not None) or prefill != (f16qk is not None) or (sm90 and not prefill):
                 return None
-            v = cls(kind, _URI_DTYPES[q], _URI_DTYPES[kv], _URI_DTYPES[o], int(dqk), int(dvo),
-                    _URI_DTYPES[idx] if idx is not None else None, int(pos), swa == "True", cap == "True",
-                    f16qk == "True", "fa3" if sm90 else "fa2", tag or "")
+            v = cls(
+                kind,
+                _URI_DTYPES[q],
+                _URI_DTYPES[kv],
+                _URI_DTYPES[o],
+                int(dqk),
+                int(dvo),
+                _URI_DTYPES[idx] if idx is not None else None,
+                int(pos),
+                swa == "True",
+                cap == "True",
+                f16qk == "True",
+                "fa3" if sm90 else "fa2",
+                tag or "",
+            )
         except (KeyError, ValueError, TypeError):
             return None
         return v if v.uri == uri else None
 
     def describe(self) -> str:
         """A short human-readable summary (used in error messages)."""
-        dt = self.dtype_q.name if self.dtype_q == self.dtype_kv == self.dtype_o else (
-            f"q {self.dtype_q.name}/kv {self.dtype_kv.name}/o {self.dtype_o.name}")
+        dt = (
+            self.dtype_q.name
+            if self.dtype_q == self.dtype_kv == self.dtype_o
+            else (f"q {self.dtype_q.name}/kv {self.dtype_kv.name}/o {self.dtype_o.name}")
+        )
         hd = str(self.head_dim_qk) if self.head_dim_qk == self.head_dim_vo else f"{self.head_dim_qk}/{self.head_dim_vo}"
         if self.kind == BATCH_MLA:
             hd = f"ckv {self.head_dim_qk}, kpe {self.head_dim_vo}"
@@ -347,11 +390,13 @@ def _state() -> _Pinned:
                 sources = loader.module_sources()
                 kernels = loader.selection().kernels
                 # Entries later in the lock rank lower at equal priority and release (lockfile.provider's rule).
-                rank = {uri: (pin.priority, release_key(pin.release), -kernels.index(pin))
-                        for uri, pin in sources.items()}
+                rank = {
+                    uri: (pin.priority, release_key(pin.release), -kernels.index(pin)) for uri, pin in sources.items()
+                }
                 variants = tuple(sorted((v for v in map(Variant.parse, sources) if v is not None), key=_sort_key))
-                found = _pinned = _Pinned(frozenset(sources), variants,
-                                          {uri: pin.release for uri, pin in sources.items()}, rank)
+                found = _pinned = _Pinned(
+                    frozenset(sources), variants, {uri: pin.release for uri, pin in sources.items()}, rank
+                )
     return found
 
 
@@ -380,9 +425,21 @@ def pinned_releases() -> list[str]:
 
 
 def _sort_key(v: Variant) -> tuple[Any, ...]:
-    return (ALL_KINDS.index(v.kind), v.backend, v.dtype_q.name, v.dtype_kv.name, v.dtype_o.name, v.head_dim_qk,
-            v.head_dim_vo, v.pos_encoding, v.use_sliding_window, v.use_logits_cap, v.use_fp16_qk_reduction,
-            v.use_profiler, v.abi)
+    return (
+        ALL_KINDS.index(v.kind),
+        v.backend,
+        v.dtype_q.name,
+        v.dtype_kv.name,
+        v.dtype_o.name,
+        v.head_dim_qk,
+        v.head_dim_vo,
+        v.pos_encoding,
+        v.use_sliding_window,
+        v.use_logits_cap,
+        v.use_fp16_qk_reduction,
+        v.use_profiler,
+        v.abi,
+    )
 
 
 def _refresh() -> None:
@@ -412,9 +469,22 @@ def has(variant: Variant) -> bool:
     return find(variant) is not None
 
 
-_WEIGHTS = {"kind": 1000, "dtype_q": 4, "dtype_kv": 4, "dtype_o": 3, "head_dim_qk": 4, "head_dim_vo": 4,
-            "dtype_idx": 2, "pos_encoding": 2, "use_sliding_window": 2, "use_logits_cap": 2,
-            "use_fp16_qk_reduction": 2, "backend": 1, "abi": 1, "use_profiler": 2}
+_WEIGHTS = {
+    "kind": 1000,
+    "dtype_q": 4,
+    "dtype_kv": 4,
+    "dtype_o": 3,
+    "head_dim_qk": 4,
+    "head_dim_vo": 4,
+    "dtype_idx": 2,
+    "pos_encoding": 2,
+    "use_sliding_window": 2,
+    "use_logits_cap": 2,
+    "use_fp16_qk_reduction": 2,
+    "backend": 1,
+    "abi": 1,
+    "use_profiler": 2,
+}
 
 
 def closest(variant: Variant, n: int = 5) -> list[tuple[Variant, tuple[str, ...]]]:
@@ -432,8 +502,10 @@ def closest(variant: Variant, n: int = 5) -> list[tuple[Variant, tuple[str, ...]
 
 def not_found(variant: Variant, reason: str = "") -> KernelNotFoundError:
     """The error for a variant the pinned wheels lack, listing the closest ones that exist."""
-    lines = [f"no prebuilt module for {variant.describe()} ({variant.uri}) in the pinned wheels"
-             + (f": {reason}" if reason else "")]
+    lines = [
+        f"no prebuilt module for {variant.describe()} ({variant.uri}) in the pinned wheels"
+        + (f": {reason}" if reason else "")
+    ]
     near = closest(variant)
     if near:
         lines.append("closest available variants:")
@@ -446,8 +518,10 @@ def not_found(variant: Variant, reason: str = "") -> KernelNotFoundError:
             lines.append(not_shipped(variant.kind))
     releases = pinned_releases()
     pinned = f" (the pinned wheels are FlashInfer {', '.join(releases)})" if releases else ""
-    lines.append(f"list them with `fi-ffi list`{pinned}; fi_ffi never compiles kernels, so use a lock with a "
-                 "wheel that has this variant (FI_FFI_LOCK)")
+    lines.append(
+        f"list them with `fi-ffi list`{pinned}; fi_ffi never compiles kernels, so use a lock with a "
+        "wheel that has this variant (FI_FFI_LOCK)"
+    )
     return KernelNotFoundError("\n".join(lines))
 
 
@@ -547,8 +621,9 @@ def choose_prefill(base: Variant, backend: str, device_id: int, custom_mask: boo
     if why:
         raise ValueError(f"backend: 'fa3' cannot run this problem: {why}; use 'fa2' or 'auto'")
     if major is not None and major != 9:
-        raise UnsupportedDeviceError(f"backend 'fa3' needs an SM 9.x GPU (H100/H200); cuda:{device_id} is "
-                                     f"SM {major}.x; use 'fa2' or 'auto'")
+        raise UnsupportedDeviceError(
+            f"backend 'fa3' needs an SM 9.x GPU (H100/H200); cuda:{device_id} is SM {major}.x; use 'fa2' or 'auto'"
+        )
     return _served(_replace(base, backend="fa3", abi=""))
 
 

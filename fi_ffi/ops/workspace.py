@@ -86,8 +86,9 @@ def _driver() -> Any:
         except OSError as exc:
             from ..errors import KernelError
 
-            raise KernelError("RuntimeError", f"cannot load the CUDA driver (libcuda.so.1): {exc}",
-                              function="cuEventRecord") from None
+            raise KernelError(
+                "RuntimeError", f"cannot load the CUDA driver (libcuda.so.1): {exc}", function="cuEventRecord"
+            ) from None
         _cu = (ffi, lib)
     return _cu[1]
 
@@ -149,8 +150,22 @@ class Workspace:
     One workspace serves one stream of plan/run calls at a time. Use a workspace per concurrent stream.
     """
 
-    __slots__ = ("__weakref__", "_event", "_event_handle", "_event_pending", "_generation", "_lock", "_owned", "device",
-                 "float_buffer", "float_bytes", "int_buffer", "int_bytes", "pinned_buffer", "pinned_bytes")
+    __slots__ = (
+        "__weakref__",
+        "_event",
+        "_event_handle",
+        "_event_pending",
+        "_generation",
+        "_lock",
+        "_owned",
+        "device",
+        "float_buffer",
+        "float_bytes",
+        "int_buffer",
+        "int_bytes",
+        "pinned_buffer",
+        "pinned_bytes",
+    )
 
     def __init__(self, float_buffer: Any, int_buffer: Any, pinned_buffer: Any) -> None:
         """Wrap caller-owned buffers (see :meth:`from_buffers`); nothing is allocated or copied."""
@@ -167,8 +182,9 @@ class Workspace:
         checks.same_device("int_buffer", i, "float_buffer", f)
         checks.host("pinned_buffer", p)
         if _bytes_of(p) < _bytes_of(i):
-            raise ValueError(f"pinned_buffer: expected at least {_bytes_of(i)} bytes (the int_buffer's size), "
-                             f"got {_bytes_of(p)}")
+            raise ValueError(
+                f"pinned_buffer: expected at least {_bytes_of(i)} bytes (the int_buffer's size), got {_bytes_of(p)}"
+            )
         self.float_buffer = f
         self.int_buffer = i
         self.pinned_buffer = p
@@ -192,8 +208,14 @@ class Workspace:
         return cls(float_buffer, int_buffer, pinned_buffer)
 
     @classmethod
-    def allocate(cls, device: int = 0, *, float_bytes: int = FLOAT_BYTES, int_bytes: int = INT_BYTES,
-                 pinned_bytes: int | None = None) -> Workspace:
+    def allocate(
+        cls,
+        device: int = 0,
+        *,
+        float_bytes: int = FLOAT_BYTES,
+        int_bytes: int = INT_BYTES,
+        pinned_bytes: int | None = None,
+    ) -> Workspace:
         """Allocate the three buffers on CUDA device ``device`` with ``cuda.bindings`` (synchronous, once).
 
         ``pinned_bytes`` defaults to ``int_bytes``. The float buffer is zeroed (``cudaMemset``). Free them with
@@ -223,9 +245,11 @@ class Workspace:
         except BaseException:
             _free(owned, device)
             raise
-        ws = cls(Tensor(int(fptr), (float_bytes,), "uint8", device),
-                 Tensor(int(iptr), (int_bytes,), "uint8", device),
-                 Tensor(int(pptr), (pinned_bytes,), "uint8", "cpu"))
+        ws = cls(
+            Tensor(int(fptr), (float_bytes,), "uint8", device),
+            Tensor(int(iptr), (int_bytes,), "uint8", device),
+            Tensor(int(pptr), (pinned_bytes,), "uint8", "cpu"),
+        )
         ws._owned = owned
         return ws
 
@@ -267,8 +291,10 @@ class Workspace:
 
     def __repr__(self) -> str:
         own = "owned" if self._owned else "borrowed"
-        return (f"<Workspace {self.device} float {self.float_bytes} B, int {self.int_bytes} B, "
-                f"pinned {self.pinned_bytes} B, {own}>")
+        return (
+            f"<Workspace {self.device} float {self.float_bytes} B, int {self.int_bytes} B, "
+            f"pinned {self.pinned_bytes} B, {own}>"
+        )
 
     # -------------------------------------------------------------------------------------- plan bookkeeping
 
@@ -337,8 +363,16 @@ def _device_max_resident_blocks(device_id: int) -> int | None:
     return _max_blocks[device_id]
 
 
-def tmp_bytes_needed(device_id: int, kv_len: int, qo_len: int, num_qo_heads: int, num_kv_heads: int,
-                     head_dim_vo: int, o_itemsize: int, prefill: bool) -> int | None:
+def tmp_bytes_needed(
+    device_id: int,
+    kv_len: int,
+    qo_len: int,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim_vo: int,
+    o_itemsize: int,
+    prefill: bool,
+) -> int | None:
     """An upper bound on the scratch the single prefill/decode kernels may use when they split the KV.
 
     Both launchers split the KV into at most ``ceil(kv_len / 256)`` chunks, and into no more chunks than the
