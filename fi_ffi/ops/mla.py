@@ -56,6 +56,7 @@ from . import checks
 from . import variants as V
 from .host_index import check_indptr, host_array, host_tensor
 from .launcher import launcher
+from .plan import Schedule
 from .workspace import Workspace, _DeviceScope, _rt
 from .workspace import _check as _check_cuda
 
@@ -184,7 +185,7 @@ class _Settings:
         self.tuple_result = self.plan.launcher.decl.returns == TUPLE_ARRAY_INT  # type: ignore[attr-defined]
 
 
-class MLAPlan:
+class MLAPlan(Schedule):
     """The schedule of one MLA batch (what :func:`batch_mla_plan` returns) and what its runs must match.
 
     Attributes:
@@ -201,18 +202,7 @@ class MLAPlan:
     ValueError (the workspace's generation counter, the rule of :class:`~fi_ffi.ops.plan.Plan`).
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_context",
-        "_generation",
-        "_info",
-        "_s",
-        "batch_size",
-        "kv_extent",
-        "num_rows",
-        "staged_bytes",
-        "workspace",
-    )
+    __slots__ = ("staged_bytes",)
 
     def __init__(
         self,
@@ -238,50 +228,12 @@ class MLAPlan:
         self.staged_bytes = staged_bytes
         self._context = (settings, num_rows, kv_extent)  # what the run's check validates against, by value
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._s, name)
-
-    @property
-    def released(self) -> bool:
-        """True once the schedule has been released."""
-        return not self._info.handle
-
-    @property
-    def stale(self) -> bool:
-        """True once a later plan on the same workspace (or closing it) has overwritten this plan's schedule."""
-        return self.workspace._generation != self._generation
-
-    @property
-    def info(self) -> list[int]:
-        """The schedule vector as plain ints (18 values: grid size and offsets into the workspaces)."""
-        return self._info.to_list()
-
-    def release(self) -> None:
-        """Release the schedule now (idempotent). Runs already enqueued are unaffected."""
-        self._info.release()
-
-    def __enter__(self) -> MLAPlan:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
     def __repr__(self) -> str:
         s = self._s
         state = "released" if self.released else ("stale" if self.stale else "live")
         return (
             f"<MLAPlan {s.backend} batch={self.batch_size} rows={self.num_rows} heads={s.num_heads} "
             f"ckv={s.head_dim_ckv} kpe={s.head_dim_kpe} page={s.page_size} causal={s.causal} {state}>"
-        )
-
-    def _refuse(self) -> None:
-        if not self._info.handle:
-            raise ValueError("plan: has been released")
-        raise ValueError(
-            "plan: is stale: another plan was made on its workspace since (or the workspace was "
-            "closed), which overwrote its schedule; plan again"
         )
 
 
@@ -625,7 +577,7 @@ def batch_mla_run(
         raise TypeError(f"plan: expected an MLAPlan from batch_mla_plan, got {type(plan).__name__}")
     info = plan._info
     if not info.handle or plan.workspace._generation != plan._generation:
-        plan._refuse()
+        plan.refuse()
     st = plan._s
     ws = plan.workspace
     if ckv_scale is None and kpe_scale is None and ckv_scale_arr is None:

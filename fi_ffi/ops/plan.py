@@ -23,12 +23,79 @@ from typing import Any
 from ..abi.objects import ARRAY, Array
 from .plan_settings import PlanSettings
 
-__all__ = ["Plan", "PlanSettings"]
+__all__ = ["Plan", "PlanSettings", "Schedule"]
 
 _NO_INPUTS = (None, None, None)
 
 
-class Plan:
+class Schedule:
+    """What every plan object shares: it owns a module's schedule (the ``Array<int>`` a plan call returned) made
+    on a workspace at one generation, and reads its settings through ``_s``.
+
+    The Array is released exactly once, by :meth:`release` (idempotent; a ``with`` exit calls it) or when the
+    object is garbage-collected. The schedule is reusable until the next plan on the same workspace overwrites
+    it: from then on the object is :attr:`stale`.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_context",
+        "_generation",
+        "_info",
+        "_s",
+        "batch_size",
+        "kv_extent",
+        "num_rows",
+        "workspace",
+    )
+
+    _info: Array
+    _s: Any
+    workspace: Any
+    _generation: int
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._s, name)
+
+    @property
+    def released(self) -> bool:
+        """True once the schedule has been released."""
+        return not self._info.handle
+
+    @property
+    def stale(self) -> bool:
+        """True if a later plan on the same workspace (or closing it) has overwritten this schedule."""
+        ws = self.workspace
+        return ws is not None and ws._generation != self._generation
+
+    @property
+    def info(self) -> list[int]:
+        """The schedule vector as plain ints (diagnostics)."""
+        return self._info.to_list()
+
+    def release(self) -> None:
+        """Release the schedule now (idempotent). Runs already enqueued are unaffected."""
+        self._info.release()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def refuse(self) -> None:
+        """Raise the ValueError of a plan that cannot run: released, or stale."""
+        if not self._info.handle:
+            raise ValueError("plan: has been released")
+        raise ValueError(
+            "plan: is stale: another plan was made on its workspace since (or the workspace was "
+            "closed), which overwrote its schedule; plan again"
+        )
+
+
+class Plan(Schedule):
     """The result of a ``plan`` call: the module's schedule plus what runs must match.
 
     Per plan: ``workspace``, ``batch_size``, ``num_rows`` (query rows, ``qo_indptr[-1]``; the batch size for
@@ -40,18 +107,7 @@ class Plan:
     ``logits_soft_cap``, ``sm_scale``, ``rope_scale``, ``rope_theta``, ``enable_cuda_graph``.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_context",
-        "_generation",
-        "_info",
-        "_inputs",
-        "_s",
-        "batch_size",
-        "kv_extent",
-        "num_rows",
-        "workspace",
-    )
+    __slots__ = ("_inputs",)
 
     _s: PlanSettings
 
@@ -123,27 +179,6 @@ class Plan:
         # The launchers' context for runs of this plan: what their tensors were checked against (values only).
         self._context = (settings, batch_size)
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._s, name)
-
-    @property
-    def released(self) -> bool:
-        """True once the schedule has been released."""
-        return not self._info.handle
-
-    @property
-    def stale(self) -> bool:
-        """True if a later plan on the same workspace (or closing it) has overwritten this plan's schedule."""
-        ws = self.workspace
-        return ws is not None and ws._generation != self._generation
-
-    @property
-    def info(self) -> list[int]:
-        """The schedule vector as plain ints (diagnostics; FA2 prefill 15, FA3 prefill 9, decode 10 values)."""
-        return self._info.to_list()
-
     @property
     def refcount(self) -> int:
         """Strong reference count of the owned Array (0 once released); diagnostics and tests."""
@@ -153,12 +188,6 @@ class Plan:
         """Release the schedule now (idempotent), and drop the run inputs. Runs already enqueued are unaffected."""
         self._info.release()
         self._inputs = _NO_INPUTS
-
-    def __enter__(self) -> Plan:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
     def __repr__(self) -> str:
         s = self._s
@@ -173,10 +202,5 @@ class Plan:
         s = self._s
         if s.kind != kind or s.mode != mode:
             raise ValueError(f"plan: expected a {kind} plan for {mode} KV, got a {s.kind} plan for {s.mode} KV")
-        if not self._info.handle:
-            raise ValueError("plan: has been released")
-        if self.workspace is None or self.workspace._generation != self._generation:
-            raise ValueError(
-                "plan: is stale: another plan was made on its workspace since (or the workspace was "
-                "closed), which overwrote its schedule; plan again"
-            )
+        if not self._info.handle or self.workspace is None or self.workspace._generation != self._generation:
+            self.refuse()
