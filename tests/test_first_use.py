@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,10 @@ def test_suite_without_the_shared_wheel_skips_and_says_why(tmp_path: Path) -> No
     repo = copy_checkout(tmp_path)
     assert not (repo.parent / "shared").exists()
     env = {k: v for k, v in subprocess_env().items() if k not in LOADER_VARIABLES}
-    env["PYTHONPATH"] = str(repo)  # the copy, not the checkout, so that <repo>/../shared is the missing folder
+    # the copy, not the checkout, so that <repo>/../shared is the missing folder; other entries (a --target site of
+    # the dependencies, as on the GPU machine) stay
+    others = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), *others])
     done = subprocess.run(
         [
             sys.executable,
