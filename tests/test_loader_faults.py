@@ -444,7 +444,9 @@ SETPRIV = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
 
 def as_nobody(env: dict[str, str], *args: str) -> str:
-    probe = subprocess.run([*SETPRIV, sys.executable, "-c", "import fi_ffi.loader"], capture_output=True, text=True,
+    # everything the child imports: a virtual environment in a root-only folder (CI's) is unreadable for nobody
+    probe_code = "import fi_ffi.loader, filelock, platformdirs, cffi, numpy"
+    probe = subprocess.run([*SETPRIV, sys.executable, "-c", probe_code], capture_output=True, text=True,
                            env=subprocess_env(**env))  # fmt: skip
     if probe.returncode != 0:
         pytest.skip(f"nobody cannot import fi_ffi with this Python: {probe.stderr.strip()[-200:]}")
