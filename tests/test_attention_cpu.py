@@ -899,6 +899,45 @@ def test_run_inputs_are_passed_per_call_and_not_kept(make_array):
     assert [r() for r in refs] == [None, None]  # nothing fi_ffi keeps holds the caller's tensors
 
 
+def test_100k_runs_with_a_custom_mask_grow_neither_rss_nor_objects(make_array):
+    """Issue 7: 10**5 runs whose custom mask travels as TVM-FFI Tensor objects (made and released per call; each
+    run here stops at the module's device check) leave no object alive and no memory behind."""
+    import gc
+    import resource
+
+    from fi_ffi.abi.objects import _managed
+
+    _no_driver()
+    mask, offsets = UnhashableCAI((3,), "|u1"), UnhashableCAI((3,), "<i4")
+    plan = prefill_plan(make_array, "ragged", "fa2", custom_mask=mask, mask_indptr=offsets)
+    args = (
+        fake_cuda((4, 32, 128)),
+        fake_cuda((9, 8, 128)),
+        fake_cuda((9, 8, 128)),
+        fake_cuda((3,), "int32"),
+        fake_cuda((3,), "int32"),
+        fake_cuda((4, 32, 128)),
+    )
+
+    def runs(n: int) -> None:
+        for _ in range(n):
+            try:
+                prefill.batch_prefill_ragged_run(plan, *args)
+            except KernelError:
+                pass
+
+    runs(2000)  # warm: layouts validated, frames made
+    gc.collect()
+    alive, objects = len(_managed.alive), len(gc.get_objects())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    runs(100_000)
+    gc.collect()
+    assert len(_managed.alive) == alive
+    assert len(gc.get_objects()) - objects < 1000
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 16 * 1024  # KiB
+    plan.release()
+
+
 # ------------------------------------------------------------------------------------------ bad input is named
 
 
