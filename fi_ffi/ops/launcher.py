@@ -63,7 +63,7 @@ _INT32_END = 1 << 31
 _INT64_END = 1 << 63
 # Any pointer with one of these bits set takes the slow path, which checks the extent does not wrap.
 _HIGH = ((1 << 64) - 1) ^ ((1 << 56) - 1)
-_ABSENT = 1  # the "pointer" of an absent optional tensor: its record is not passed, any non-zero value works
+_ABSENT = 4096  # the "pointer" of an absent optional tensor: its record is not passed; aligned for any mask
 _MAX_IMAGES = 512  # per thread and entry point; cleared (not evicted one by one) when full
 
 
@@ -215,7 +215,12 @@ class Launcher:
             checked[decl.params[i].name] is not None and checked[decl.params[i].name].numel == 0
             for i in self.tensor_index
         )
-        entry = (bytes(f.mv), tuple(masks), device_id, source, tuple(keep), empty_ok)
+        # the fast path first tests every pointer against the union of the masks (one test for the common case:
+        # all pointers aligned for the strictest tensor); only when that fails are the per-tensor masks asked
+        union = 0
+        for mask in masks:
+            union |= mask
+        entry = (bytes(f.mv), tuple(masks), device_id, source, tuple(keep), empty_ok, union)
         if remember:
             try:
                 key, _ = self.keys(*values, stream)
@@ -605,8 +610,6 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     read: list[str] = []  # computes _k{i} (and _p{i} for tensors)
     keys: list[str] = []
     ptrs: list[str] = []
-    masks: list[str] = []
-    nonnull: list[str] = []
     writes: list[str] = []
     objects: list[int] = []
     base = (len(params) + 1) * _SLOT // 8
@@ -625,8 +628,6 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
             if kind in wire.TENSOR_TYPES:
                 j = record_of[i]
                 ptrs.append(f"_p{i}")
-                masks.append(f"(_p{i} & _m[{j}])")
-                nonnull.append(f"(_p{i} or _e[5][{j}])")
                 writes.append(f"_q[{base + j * _RECORD // 8}] = _p{i}")
             else:
                 objects.append(i)
@@ -667,7 +668,10 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     lines += ["        " + r for r in read]
     lines += [f"        _e = _f.cache[{key_tuple}]"]
     if ptrs:
-        lines += ["        _m = _e[1]", f"        if {' | '.join(masks)} or not ({' and '.join(nonnull)}): raise _Slow"]
+        lines += [
+            f"        if ({' | '.join(ptrs)}) & _e[6] or not ({' and '.join(ptrs)}):",
+            f"            if not _pointers_ok(_e, ({''.join(pp + ', ' for pp in ptrs)})): raise _Slow",
+        ]
     # the slow path runs after the except block, so its errors are not shown as raised "during handling" of the
     # fast path's internal exception
     lines += [
@@ -719,6 +723,15 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     return "\n".join(lines) + "\n\n" + "\n".join(key_lines) + "\n"
 
 
+def _pointers_ok(entry: tuple[Any, ...], ptrs: tuple[int, ...]) -> bool:
+    """The per-tensor test behind the fast path's union test: each pointer meets its own alignment mask (and the
+    high-bit guard), and is non-NULL unless its tensor was validated empty."""
+    for ptr, mask, empty_ok in zip(ptrs, entry[1], entry[5], strict=True):
+        if ptr & mask or not (ptr or empty_ok):
+            return False
+    return True
+
+
 def _refuse_absent(name: str, release: str, absent: dict[str, Any]) -> None:
     """Arguments the bound module's declaration lacks: accepted only at their "off" value (None, False, 0)."""
     for arg, value in absent.items():
@@ -764,6 +777,7 @@ def compile_launcher(
         "_result": result,
         "_scalar": scalar,
         "_tensor_object": _tensor_object,
+        "_pointers_ok": _pointers_ok,
         "_refuse_absent": _refuse_absent,
         "_release": decl.release,
         "_DEFAULTS": [p.default for p in decl.params],
