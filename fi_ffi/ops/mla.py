@@ -580,28 +580,9 @@ def batch_mla_run(
         plan.refuse()
     st = plan._s
     ws = plan.workspace
-    if ckv_scale is None and kpe_scale is None and ckv_scale_arr is None:
-        st.run(
-            ws.float_buffer,
-            ws.int_buffer,
-            info,
-            q_nope,
-            q_pe,
-            ckv_cache,
-            kpe_cache,
-            kv_indices,
-            out,
-            lse,
-            st.mask_mode,
-            st.num_heads,
-            st.page_size,
-            st.sm_scale,
-            return_lse_base_on_e,
-            stream=stream,
-            context=plan._context,
-        )
-        return out
-    scales = _fp8_scales(st, ckv_scale, kpe_scale, ckv_scale_arr)
+    # FP8 scales exist only in 0.7.x modules: passed only when given, so a 0.6.3 module refuses them by name
+    no_scales = ckv_scale is None and kpe_scale is None and ckv_scale_arr is None
+    scales = {} if no_scales else _fp8_scales(st, ckv_scale, kpe_scale, ckv_scale_arr)
     st.run(
         ws.float_buffer,
         ws.int_buffer,
