@@ -70,6 +70,7 @@ from typing import Any
 
 import cffi
 
+from . import driver
 from . import dtypes as _dt
 from .dtypes import CPU, CUDA, CUDA_HOST, CUDA_MANAGED, Device, DType
 from .streams import stream_handle
@@ -258,7 +259,6 @@ def _capsule_api() -> tuple[Any, Any]:
     if _py is None:
         ffi = cffi.FFI()
         ffi.cdef(_CDEFS)
-        ffi.cdef(_CUDA_CDEFS)
         _ffi, _py = ffi, ffi.dlopen(None)
     return _ffi, _py
 
@@ -435,55 +435,19 @@ def _from_cai(obj: Any, name: str, stream: Any) -> Tensor:
     return _new(ptr, shape, strides, dtype, device, obj)
 
 
-# The few CUDA driver calls the CUDA array interface needs, through cffi like the rest of fi_ffi. Not through
-# cuda-bindings: its cuPointerGetAttribute(s) reports device ordinal 0 for every pointer (NVIDIA/cuda-python
-# #2928), which would put memory of cuda:1 on cuda:0.
-_CUDA_CDEFS = """
-int cuInit(unsigned int flags);
-int cuGetErrorName(int error, const char** name);
-int cuPointerGetAttributes(unsigned int count, int* attributes, void** data, uint64_t ptr);
-int cuCtxGetDevice(int* device);
-int cuDeviceGet(int* device, int ordinal);
-int cuDevicePrimaryCtxRetain(void** context, int device);
-int cuDevicePrimaryCtxRelease_v2(int device);
-int cuCtxPushCurrent_v2(void* context);
-int cuCtxPopCurrent_v2(void** context);
-int cuEventCreate(void** event, unsigned int flags);
-int cuEventRecord(void* event, uintptr_t stream);
-int cuStreamWaitEvent(uintptr_t stream, void* event, unsigned int flags);
-int cuEventDestroy_v2(void* event);
-"""
+# The CUDA driver calls of the CUDA array interface (the pointer's device, the producer-stream wait) go through
+# fi_ffi.driver (see there why not cuda-bindings).
 _ATTRIBUTES = (2, 9, 8)  # CU_POINTER_ATTRIBUTE_MEMORY_TYPE, _DEVICE_ORDINAL, _IS_MANAGED
 _MEMORYTYPE_HOST, _MEMORYTYPE_DEVICE = 1, 2
 _EVENT_DISABLE_TIMING = 2
-_driver: Any = None  # libcuda (cffi) once cuInit succeeded; False when no driver can be used
-
-
-def _cuda_driver() -> Any:
-    """libcuda after ``cuInit``, or None where there is no usable driver (CPU-only machines)."""
-    global _driver
-    if _driver is None:
-        ffi, _ = _capsule_api()
-        try:
-            lib = ffi.dlopen("libcuda.so.1")
-        except OSError:
-            lib = None
-        _driver = lib if lib is not None and lib.cuInit(0) == 0 else False
-    return _driver or None
-
-
-def _cuda_error(lib: Any, err: int) -> str:
-    ffi = _ffi
-    text = ffi.new("const char**")
-    return ffi.string(text[0]).decode() if lib.cuGetErrorName(err, text) == 0 else f"CUresult {err}"
 
 
 def _pointer_device(ptr: int, name: str) -> Device:
     """The device owning CAI pointer ``ptr``; ``cuda:0`` when no CUDA driver can be asked."""
-    lib = _cuda_driver()
+    lib = driver.load()
     if lib is None:
         return _device(CUDA, 0, name)
-    ffi = _ffi
+    ffi = driver.ffi()
     if ptr == 0:  # empty arrays may carry NULL: take the current device
         current = ffi.new("int*")
         return _device(CUDA, current[0] if lib.cuCtxGetDevice(current) == 0 else 0, name)
@@ -491,7 +455,7 @@ def _pointer_device(ptr: int, name: str) -> Device:
     data = ffi.new("void*[3]", [values + i for i in range(3)])
     err = lib.cuPointerGetAttributes(3, ffi.new("int[3]", _ATTRIBUTES), data, ptr)
     if err:
-        raise ValueError(f"{name}: the CUDA driver cannot describe pointer 0x{ptr:x} ({_cuda_error(lib, err)})")
+        raise ValueError(f"{name}: the CUDA driver cannot describe pointer 0x{ptr:x} ({driver.error_name(err)})")
     mem_type, managed = values[0] & 0xFFFFFFFF, values[2] & 0xFF
     ordinal = values[1] & 0xFFFFFFFF
     ordinal -= (ordinal >> 31) << 32  # an int32 (-2 for host memory)
@@ -514,21 +478,21 @@ def _wait(producer: Any, consumer: int | None, device: Device, name: str) -> Non
     consumer = 1 if consumer is None else consumer  # CAI/DLPack 1: the legacy default stream
     if producer == consumer:
         return
-    lib = _cuda_driver()
+    lib = driver.load()
     if lib is None:
         raise ValueError(
             f"{name}: cannot order stream {consumer} after the producer's stream {producer}: no usable CUDA driver"
         )
-    ffi = _ffi
-    handle, context, event = ffi.new("int*"), ffi.new("void**"), ffi.new("void**")
+    ffi = driver.ffi()
+    handle, context, event = ffi.new("int*"), ffi.new("void**"), ffi.new("uintptr_t*")
     # the event lives in the primary context of the array's device, made current for these calls only
     err = lib.cuDeviceGet(handle, device.device_id) or lib.cuDevicePrimaryCtxRetain(context, handle[0])
     if err:
-        raise ValueError(f"{name}: no CUDA context for {device} ({_cuda_error(lib, err)})")
+        raise ValueError(f"{name}: no CUDA context for {device} ({driver.error_name(err)})")
     try:
         err = lib.cuCtxPushCurrent_v2(context[0])
         if err:
-            raise ValueError(f"{name}: cannot make the context of {device} current ({_cuda_error(lib, err)})")
+            raise ValueError(f"{name}: cannot make the context of {device} current ({driver.error_name(err)})")
         try:
             err = lib.cuEventCreate(event, _EVENT_DISABLE_TIMING)
             if not err:
@@ -537,7 +501,7 @@ def _wait(producer: Any, consumer: int | None, device: Device, name: str) -> Non
             if err:
                 raise ValueError(
                     f"{name}: ordering stream {consumer} after the producer's stream {producer} failed "
-                    f"({_cuda_error(lib, err)})"
+                    f"({driver.error_name(err)})"
                 )
         finally:
             lib.cuCtxPopCurrent_v2(ffi.new("void**"))

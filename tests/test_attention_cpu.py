@@ -780,9 +780,9 @@ class UnhashableCAI:
 
 
 def _no_driver():
-    from fi_ffi import interop
+    from fi_ffi import driver
 
-    if interop._cuda_driver() is not None:
+    if driver.load() is not None:
         pytest.skip("a CUDA driver is present: a CAI pointer's device would be asked from it")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fi_ffi
-from fi_ffi import dtypes, interop
+from fi_ffi import driver, dtypes, interop
 from fi_ffi.abi.cdefs import get_ffi
 from fi_ffi.interop import as_tensor
 from fi_ffi.tensor import Tensor
@@ -470,7 +470,7 @@ class CAI:
 
 
 no_driver = pytest.mark.skipif(
-    interop._cuda_driver() is not None, reason="a CUDA driver is present: the pointer's device would be asked from it"
+    driver.load() is not None, reason="a CUDA driver is present: the pointer's device would be asked from it"
 )
 
 

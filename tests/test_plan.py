@@ -348,12 +348,10 @@ class _FakeDriver:
     ],
 )
 def test_plan_copy_event_goes_through_the_driver(monkeypatch, query, sync, expected):
-    import cffi
-
-    from fi_ffi.ops import workspace
+    from fi_ffi import driver
 
     fake = _FakeDriver(query=query, sync=sync)
-    monkeypatch.setattr(workspace, "_cu", (cffi.FFI(), fake))
+    monkeypatch.setattr(driver, "_state", (driver.ffi(), fake))
     ws = fake_workspace()
     ws._event, ws._event_handle = object(), 0x1234  # as if a plan had created it
     ws._record_plan_copy(7)
@@ -377,12 +375,10 @@ def test_plan_copy_event_goes_through_the_driver(monkeypatch, query, sync, expec
     ],
 )
 def test_plan_copy_event_errors_are_kernel_errors(monkeypatch, query, sync, record, what):
-    import cffi
-
+    from fi_ffi import driver
     from fi_ffi.errors import KernelError
-    from fi_ffi.ops import workspace
 
-    monkeypatch.setattr(workspace, "_cu", (cffi.FFI(), _FakeDriver(query, sync, record)))
+    monkeypatch.setattr(driver, "_state", (driver.ffi(), _FakeDriver(query, sync, record)))
     ws = fake_workspace()
     ws._event, ws._event_handle = object(), 0x1234
     with pytest.raises(KernelError, match=what.replace("(", r"\(").replace(")", r"\)")):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from .. import driver
 from ..dtypes import Device
 from ..tensor import Tensor
 from . import checks
@@ -59,47 +60,25 @@ def _rt() -> Any:
     return _runtime
 
 
-# The two calls of every plan (query and record the plan-copy event) go straight to the CUDA driver through
-# cffi: through cuda.bindings each costs a few microseconds (argument objects, an enum per returned error).
-# The event itself is created and destroyed with cuda.bindings (once per workspace); a runtime event is a
-# driver event.
-_DRIVER_CDEFS = """
-int cuEventQuery(uintptr_t event);
-int cuEventSynchronize(uintptr_t event);
-int cuEventRecord(uintptr_t event, uintptr_t stream);
-int cuGetErrorName(int error, const char** name);
-"""
-_CUDA_ERROR_NOT_READY = 600
-_cu: Any = None
+# The two calls of every plan (query and record the plan-copy event) go straight to the CUDA driver
+# (fi_ffi.driver): through cuda.bindings each costs a few microseconds. The event itself is created and destroyed
+# with cuda.bindings (once per workspace); a runtime event is a driver event.
 
 
 def _driver() -> Any:
-    """libcuda (cffi, ABI mode) with the event calls above; a KernelError where it cannot be loaded."""
-    global _cu
-    if _cu is None:
-        import cffi
+    """libcuda for the event calls; a KernelError where it cannot be used."""
+    lib = driver.load()
+    if lib is None:
+        from ..errors import KernelError
 
-        ffi = cffi.FFI()
-        ffi.cdef(_DRIVER_CDEFS)
-        try:
-            lib = ffi.dlopen("libcuda.so.1")
-        except OSError as exc:
-            from ..errors import KernelError
-
-            raise KernelError(
-                "RuntimeError", f"cannot load the CUDA driver (libcuda.so.1): {exc}", function="cuEventRecord"
-            ) from None
-        _cu = (ffi, lib)
-    return _cu[1]
+        raise KernelError("RuntimeError", "cannot use the CUDA driver (libcuda.so.1)", function="cuEventRecord")
+    return lib
 
 
 def _driver_error(err: int, what: str) -> None:
     from ..errors import KernelError
 
-    ffi, lib = _cu
-    text = ffi.new("const char**")
-    name = ffi.string(text[0]).decode() if lib.cuGetErrorName(err, text) == 0 else f"CUresult {err}"
-    raise KernelError("RuntimeError", f"{what} failed: {name}", function=what)
+    raise KernelError("RuntimeError", f"{what} failed: {driver.error_name(err)}", function=what)
 
 
 def _check(err: Any, what: str) -> None:
@@ -305,7 +284,7 @@ class Workspace:
         cu = _driver()
         err = cu.cuEventQuery(self._event_handle)
         if err:  # usually done already: the copy is tiny and was enqueued earlier
-            if err == _CUDA_ERROR_NOT_READY:
+            if err == driver.ERROR_NOT_READY:
                 err = cu.cuEventSynchronize(self._event_handle)
             if err:
                 _driver_error(err, "cuEventSynchronize(previous plan copy)")
