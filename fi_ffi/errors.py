@@ -64,6 +64,19 @@ class IntegrityError(LoaderError):
     """A file's sha256 does not match the lock."""
 
 
+class DamagedWheelError(IntegrityError):
+    """A wheel that its stamp (or its hash) vouched for could not be unzipped.
+
+    Attributes:
+        refetch: True when the damaged copy was fi_ffi's own (in its cache) and has been removed, so fetching it
+            again may succeed. False for a file fi_ffi does not own (a wheelhouse's), which it never changes.
+    """
+
+    def __init__(self, message: str, refetch: bool = False) -> None:
+        super().__init__(message)
+        self.refetch = refetch
+
+
 class LibraryLoadError(LoaderError):
     """The dynamic loader refused a shared library (missing dependency, glibc version, wrong architecture)."""
 

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import IntegrityError, LoaderError
+from ..errors import DamagedWheelError, IntegrityError, LoaderError
 from . import settings
 from .lockfile import WheelPin
 from .log import announce, warn
@@ -518,15 +518,6 @@ def write_index(pin: WheelPin, wheel: Path) -> dict[str, list[int]]:
     listing = {"filename": pin.filename, "sha256": pin.sha256, "members": members}
     write_json(folder / "index.json", {**listing, "members_sha256": _members_digest(members)})
     return members
-
-
-class DamagedWheelError(IntegrityError):
-    """A wheel whose stamp (or hash) vouched for it could not be unzipped. ``refetch`` is True when the
-    damaged copy was fi_ffi's own and has been removed, so fetching it again may succeed."""
-
-    def __init__(self, message: str, refetch: bool) -> None:
-        super().__init__(message)
-        self.refetch = refetch
 
 
 def _damaged_wheel(pin: WheelPin, wheel: Path, exc: BaseException) -> DamagedWheelError:

@@ -1,0 +1,138 @@
+"""The cache's repairs and checks of issue 16, on real files: the shared test kernel wheel copied into folders of
+the test's own, damaged by flipping bytes with its size kept and its mtime put back (``os.utime``), so that the
+stamp fi_ffi recorded still matches where a test says so.
+
+- ``fi-ffi cache verify --full`` hashes every wheel the lock pins (cache, wheelhouse, the lock's ``path``) against
+  the lock's sha256 whatever its stamp says, and names the path, the expected and the found digest and the fix;
+- a damaged cached wheel is replaced by a verified copy of a good local source, atomically, and the log says so;
+- ``DamagedWheelError`` is a ``LoaderError``;
+- faults a small campaign found in the cache commands (a cache path that cannot be a folder, a file where one
+  of the cache's folders belongs) are typed errors or healed, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import subprocess_env
+
+from fi_ffi import errors, loader
+from fi_ffi.errors import DamagedWheelError, LoaderError
+from fi_ffi.loader import cache, lockfile
+
+PAGE = "flashinfer_jit_cache/jit_cache/page/page.so"
+NORM = "flashinfer_jit_cache/jit_cache/norm/norm.so"
+
+
+@pytest.fixture(scope="session")
+def pinned_entry(shared_wheel: Path) -> lockfile.WheelPin:
+    """The lock entry of the shared wheel (hashed once per session; its copies have the same bytes)."""
+    return loader.lock_entry(shared_wheel)
+
+
+@pytest.fixture
+def use_house(
+    shared_wheel: Path,
+    pinned_entry: lockfile.WheelPin,
+    fresh_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[..., Path]:
+    """``use_house(folder, path_entry=None)``: copy the shared wheel into ``folder``, make that folder the
+    wheelhouse and a lock pinning the wheel the lock in force (with ``path = path_entry`` if given); returns
+    the copy. The cache is this test's own."""
+
+    def make(folder: Path, path_entry: Path | None = None) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        wheel = folder / shared_wheel.name
+        shutil.copyfile(shared_wheel, wheel)  # not copy2: the shared file is read-only
+        pin = pinned_entry if path_entry is None else _with_path(pinned_entry, path_entry)
+        lock = tmp_path / "real.lock"
+        lock.write_text(loader.dump_lock([pin]))
+        monkeypatch.setenv("FI_FFI_LOCK", str(lock))
+        monkeypatch.setenv("FI_FFI_WHEELHOUSE", str(folder))
+        monkeypatch.setenv("FI_FFI_CUDA_VERSION", "13.0")
+        return wheel
+
+    return make
+
+
+def _with_path(pin: lockfile.WheelPin, path: Path) -> lockfile.WheelPin:
+    import dataclasses
+
+    return dataclasses.replace(pin, path=str(path))
+
+
+def pin() -> lockfile.WheelPin:
+    return loader.active_lock().kernels[0]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def member_data_offset(wheel: Path, member: str) -> int:
+    """Where the compressed bytes of ``member`` start in ``wheel``."""
+    with zipfile.ZipFile(wheel) as zf:
+        info = zf.getinfo(member)
+    with open(wheel, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def flip(path: Path, offset: int, n: int = 64) -> None:
+    """Invert ``n`` bytes of ``path`` at ``offset``; size kept, mtime (to the nanosecond) put back."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(n)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def damage_member(wheel: Path, member: str = PAGE) -> None:
+    """Damage the deflate stream of ``member``: the zip still opens, that member fails to unzip."""
+    flip(wheel, member_data_offset(wheel, member) + 1000)
+
+
+def damage_directory(wheel: Path) -> None:
+    """Damage the zip's end-of-central-directory record: the zip no longer opens."""
+    flip(wheel, wheel.read_bytes().rfind(b"PK\x05\x06"), 4)
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if cache.TMP_MARK in p.name]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fi_ffi", *args], capture_output=True, text=True, env=subprocess_env(), timeout=300
+    )
+
+
+# ------------------------------------------------------------------------ verify --full: every wheel, by the lock
+
+
+def test_damaged_wheel_error_is_a_loader_error_of_fi_ffi_errors(use_house: Callable[..., Path], tmp_path: Path) -> None:
+    assert issubclass(errors.DamagedWheelError, errors.IntegrityError)
+    assert issubclass(errors.DamagedWheelError, errors.LoaderError)
+    assert cache.DamagedWheelError is errors.DamagedWheelError
+    wheel = use_house(tmp_path / "house")
+    loader.module_path("norm")
+    damage_member(wheel)
+    with pytest.raises(LoaderError) as info:
+        loader.module_path("page")
+    assert type(info.value) is DamagedWheelError and str(wheel) in str(info.value)
+
+
+# ---------------------------------------------------------------------- faults from the campaign, made real
