@@ -136,3 +136,47 @@ def test_damaged_wheel_error_is_a_loader_error_of_fi_ffi_errors(use_house: Calla
 
 
 # ---------------------------------------------------------------------- faults from the campaign, made real
+
+
+@pytest.mark.parametrize("where", ["a file", "a name too long", "below a file"])
+@pytest.mark.parametrize("command", [("list",), ("clear",), ("verify",), ("verify", "--full")])
+def test_cache_commands_on_a_cache_path_that_cannot_be_a_folder_name_it(
+    use_house: Callable[..., Path], tmp_path: Path, where: str, command: tuple[str, ...]
+) -> None:
+    use_house(tmp_path / "house")
+    if where == "a file":
+        root = tmp_path / "cachefile"
+        root.write_text("mine")
+        fix = "a file is where a folder belongs"
+    elif where == "a name too long":
+        root = tmp_path / ("x" * 300)
+        fix = "File name too long"
+    else:
+        (tmp_path / "plain").write_text("mine")
+        root = tmp_path / "plain" / "cache"
+        fix = "a file is where a folder belongs"
+    os.environ["FI_FFI_CACHE_DIR"] = str(root)  # fresh_cache's monkeypatch restores it
+    done = cli("cache", *command)  # was: a traceback (list, clear), or rc 0 with "0 bad"
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    assert str(root) in done.stderr and fix in done.stderr and "FI_FFI_CACHE_DIR" in done.stderr
+    if where != "a name too long":
+        assert (tmp_path / ("cachefile" if where == "a file" else "plain")).read_text() == "mine"
+
+
+@pytest.mark.parametrize("folder", ["locks", "wheels", "extracted", "wheels/<key>", "extracted/<key>"])
+def test_a_file_where_a_cache_folder_belongs_is_moved_aside_and_the_start_goes_on(
+    use_house: Callable[..., Path], tmp_path: Path, folder: str
+) -> None:
+    wheel = use_house(tmp_path / "house")
+    blocker = cache.cache_root() / folder.replace("<key>", pin().sha256[:16])
+    cache.make_dir(blocker.parent)
+    blocker.write_text("someone's")
+    if folder == "locks":
+        assert not loader.verify_cache().read_only  # was: "the cache is read-only"
+    assert loader.fetch(wheel)[0] == cache.wheel_path(pin())  # was: LoaderError "a file is where a folder belongs"
+    assert loader.module_path("norm").is_file()
+    moved = list((cache.cache_root() / cache.QUARANTINE).iterdir())
+    assert len(moved) == 1 and moved[0].read_text() == "someone's" and blocker.is_dir()
+
+
+# ------------------------------------------------- made real as root: a full disk, a user that obeys file modes

@@ -11,8 +11,8 @@ Layout under the cache root (``FI_FFI_CACHE_DIR``, default ``platformdirs.user_c
     extracted/<sha256[:16]>/<member>     an extracted member, under its path inside the wheel
     extracted/<sha256[:16]>/<member>.stamp   {"size", "mtime_ns", "sha256", "crc32"} written after it
     locks/*.lock                         ``filelock`` files serialising downloads and extraction
-    quarantine/                          things found where fi_ffi keeps a file (a folder in place of a module,
-                                         say): moved here, never deleted by fi_ffi
+    quarantine/                          things found where fi_ffi keeps a file or folder (a folder in place of a
+                                         module, a file in place of ``locks/``): moved here, never deleted by fi_ffi
 
 Every file is written to a temporary name in its final folder and ``os.replace``'d into place, so readers
 see either nothing or a complete file; a member without a matching stamp (crash between the two renames,
@@ -130,12 +130,47 @@ def _owner(path: Path) -> str:
 
 
 def make_dir(folder: Path) -> Path:
-    """Create ``folder`` (and parents); a failure is a :class:`LoaderError` (see :func:`fault`)."""
+    """Create ``folder`` (and parents); a failure is a :class:`LoaderError` (see :func:`fault`).
+
+    A file (or anything but a folder) found where one of the folders below the cache root belongs is moved to
+    ``quarantine/`` and the folder created: fi_ffi never puts a file there, so it is someone else's. The cache
+    root itself, and folders outside it, are the user's: a file there is an error naming it.
+    """
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        blocker = _file_in_the_way(folder)
+        if blocker is None:
+            raise fault(folder, exc, "cannot create the cache folder") from None
+        quarantine(blocker, f"the folder {blocker.name}")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as again:
+            raise fault(folder, again, "cannot create the cache folder") from None
     except OSError as exc:
         raise fault(folder, exc, "cannot create the cache folder") from None
     return folder
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The first path from the cache root down to ``folder`` (root and ``quarantine/`` excluded) that exists and
+    is not a folder (nor a link to one); ``None`` if there is none, or ``folder`` is not below the root."""
+    root = cache_root()
+    folder = Path(os.path.abspath(folder))
+    if not folder.is_relative_to(root) or folder == root:
+        return None
+    step = root
+    for part in folder.relative_to(root).parts:
+        step = step / part
+        if step == root / QUARANTINE:
+            return None
+        try:
+            step.lstat()
+        except OSError:
+            return None  # missing (or unreachable): nothing in the way here
+        if not step.is_dir():
+            return step
+    return None
 
 
 def quarantine(path: Path, what: str) -> Path | None:
@@ -152,7 +187,7 @@ def quarantine(path: Path, what: str) -> Path | None:
         return None
     except OSError as exc:
         raise fault(path, exc, f"cannot move aside what is in the way of {what}:") from None
-    warn(f"{path} was not a file fi_ffi wrote ({what}); moved it to {target} (fi_ffi does not delete it)")
+    warn(f"{path} is not fi_ffi's (it was in the place of {what}); moved it to {target} (fi_ffi does not delete it)")
     return target
 
 

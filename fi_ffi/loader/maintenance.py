@@ -9,9 +9,11 @@ the cache is reported and left alone; things found where fi_ffi keeps a file of 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
+import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from .cache import (
     cache_root,
     clean_temps,
     discard,
+    fault,
     file_lock,
     index_problem,
     make_dir,
@@ -106,12 +109,26 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _cache_exists(root: Path) -> bool:
+    """Whether the cache folder exists (False: nothing was cached yet). Something else in its place, or a
+    path that cannot be looked at (too long, a file as a parent, no permission), is a :class:`LoaderError`."""
+    try:
+        mode = root.stat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise fault(root, exc, "cannot use the cache folder") from None
+    if not stat.S_ISDIR(mode):
+        raise fault(root, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), "cannot use the cache folder")
+    return True
+
+
 def list_cache() -> list[CacheEntry]:
     """What the cache holds: wheels, extracted folders (with their wheel's name), wheelhouse stamps, and
     anything else found there (``"other"``: quarantined, or not fi_ffi's)."""
     root = cache_root()
     out: list[CacheEntry] = []
-    if not root.is_dir():
+    if not _cache_exists(root):
         return out
     for wheel in _cached_wheels(root):
         if wheel.is_file():
@@ -192,12 +209,10 @@ class _Verifier:
 def _writable(root: Path) -> bool:
     """Whether this process can create files in the cache (probed: access() is wrong for root on some mounts)."""
     try:
-        folder = root / "locks"
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / temp_name()
+        probe = make_dir(root / "locks") / temp_name()
         probe.touch()
         probe.unlink()
-    except OSError:
+    except (OSError, LoaderError):
         return False
     return True
 
@@ -210,9 +225,10 @@ def verify_cache(full: bool = False) -> VerifyReport:
     re-hash everything (wheels against the digest they are keyed by, extracted files against their stamps
     and the zip CRCs, and wheelhouse files fi_ffi has stamped). Only fi_ffi's own files are removed; a
     wheelhouse file that changed loses its stamp and is reported. A read-only cache is checked, not changed.
+    A cache folder that is not a folder, or cannot be looked at, is a :class:`LoaderError`.
     """
     root = cache_root()
-    if not root.is_dir():
+    if not _cache_exists(root):
         return VerifyReport(checked=0, bad=(), removed_tmp=0)
     v = _Verifier(root, full)
     _verify_wheels(v)
@@ -398,10 +414,10 @@ def clear_cache() -> ClearReport:
     its folder's files, are kept (that process is writing them).
     """
     root = cache_root()
-    removed: list[tuple[Path, int]] = []
-    kept: list[tuple[Path, str]] = list(_foreign(root)) if root.is_dir() else []
-    if not root.is_dir():
+    if not _cache_exists(root):
         return ClearReport((), ())
+    removed: list[tuple[Path, int]] = []
+    kept: list[tuple[Path, str]] = list(_foreign(root))
 
     def remove(path: Path) -> None:
         size = _size(path)
