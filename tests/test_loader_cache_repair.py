@@ -25,7 +25,7 @@ import pytest
 from conftest import subprocess_env
 
 from fi_ffi import errors, loader
-from fi_ffi.errors import DamagedWheelError, LoaderError
+from fi_ffi.errors import DamagedWheelError, IntegrityError, LoaderError
 from fi_ffi.loader import cache, lockfile
 
 PAGE = "flashinfer_jit_cache/jit_cache/page/page.so"
@@ -121,6 +121,95 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 # ------------------------------------------------------------------------ verify --full: every wheel, by the lock
+
+
+@pytest.mark.parametrize("stamp", ["matching", "stale", "never recorded", "wheelhouse inside the cache folder"])
+def test_verify_full_hashes_a_wheelhouse_wheel_against_the_lock_whatever_its_stamp_says(
+    use_house: Callable[..., Path], shared_wheel: Path, tmp_path: Path, stamp: str
+) -> None:
+    folder = cache.cache_root() / "house" if stamp == "wheelhouse inside the cache folder" else tmp_path / "house"
+    wheel = use_house(folder)
+    if stamp != "never recorded":
+        loader.module_path("norm")  # verifies the wheelhouse wheel and stamps it
+        assert cache.stamped(wheel, pin().sha256)
+    damage_member(wheel)
+    if stamp == "stale":  # the stamp no longer matches (say, a copy tool rounded the mtime): was skipped unhashed
+        st = wheel.stat()
+        os.utime(wheel, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    damaged = wheel.read_bytes()
+    found = hashlib.sha256(damaged).hexdigest()
+    if stamp == "matching":
+        assert cli("cache", "verify").returncode == 0  # without --full a matching stamp spares the hash
+    done = cli("cache", "verify", "--full")  # was: rc 0 for all but "matching"
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    line = next(x for x in done.stdout.splitlines() if x.startswith(f"kept {wheel}:"))
+    assert f"sha256 is {found}" in line and f"expected {pin().sha256}" in line
+    assert "Replace it with the pinned build" in line and "FI_FFI_WHEELHOUSE" in line
+    assert wheel.read_bytes() == damaged and not cache.stamped(wheel, pin().sha256)  # reported, never changed
+    with pytest.raises(IntegrityError) as info:  # the next start hashes it: a clear error, not a failed unzip
+        loader.module_path("page")
+    assert not isinstance(info.value, DamagedWheelError)
+    assert str(wheel) in str(info.value) and found in str(info.value) and pin().sha256 in str(info.value)
+    shutil.copyfile(shared_wheel, wheel)  # the pinned build back: verify passes, the start works
+    assert cli("cache", "verify", "--full").returncode == 0
+    assert loader.module_path("page").is_file()
+
+
+def test_verify_full_passes_a_good_wheelhouse_and_the_start_after_it_works(
+    use_house: Callable[..., Path], tmp_path: Path
+) -> None:
+    wheel = use_house(tmp_path / "house")
+    report = loader.verify_cache(full=True)  # no cache yet: the wheelhouse wheel is hashed all the same
+    assert report.ok and report.checked == 1
+    assert loader.module_path("page").is_file()
+    damage_member(wheel)
+    assert [p for p, _ in loader.verify_cache(full=True).bad] == [wheel]
+
+
+def test_verify_full_checks_the_cached_wheel_against_the_lock_and_the_lock_path(
+    use_house: Callable[..., Path], tmp_path: Path
+) -> None:
+    good = use_house(tmp_path / "elsewhere")
+    wheel = use_house(tmp_path / "house", path_entry=good)  # the lock's 'path' names the other copy
+    cached = loader.fetch(wheel)[0]
+    assert cached == cache.wheel_path(pin())
+    damage_member(good)
+    damage_member(cached)
+    report = loader.verify_cache(full=True)
+    bad = dict(report.bad)
+    assert set(bad) == {good, cached}, report
+    assert "the lock" in bad[good] and "('path')" in bad[good] and pin().sha256 in bad[good]
+    assert f"expected {pin().sha256}" in bad[cached] and not cached.exists()  # fi_ffi's copy: removed
+    assert good.is_file() and any(p == good and "never changes it" in why for p, why in report.kept)
+
+
+def test_verify_full_reports_a_lock_it_cannot_read(use_house: Callable[..., Path], tmp_path: Path) -> None:
+    use_house(tmp_path / "house")
+    broken = tmp_path / "broken.lock"
+    broken.write_text("version = 1\n[[kernel]]\nfilename = 3\n")
+    os.environ["FI_FFI_LOCK"] = str(broken)  # use_house's monkeypatch restores it
+    assert loader.verify_cache().ok  # the cheap check does not read the lock
+    report = loader.verify_cache(full=True)
+    assert [p for p, _ in report.bad] == [broken] and "cannot be read" in report.bad[0][1]
+
+
+# ------------------------------------------------------------------------ a damaged cached wheel is replaced
+
+
+def test_a_start_never_removes_a_wheelhouse_wheel_that_lies_inside_the_cache_folder(
+    use_house: Callable[..., Path],
+) -> None:
+    wheel = use_house(cache.cache_root() / "my-wheels")
+    loader.module_path("norm")
+    damage_member(wheel)
+    damaged = wheel.read_bytes()
+    with pytest.raises(DamagedWheelError) as info:  # was: the user's file deleted as if it were fi_ffi's copy
+        loader.module_path("page")
+    assert not info.value.refetch and "FI_FFI_WHEELHOUSE" in str(info.value)
+    assert wheel.read_bytes() == damaged
+
+
+# ------------------------------------------------------------------------------------- the error's place
 
 
 def test_damaged_wheel_error_is_a_loader_error_of_fi_ffi_errors(use_house: Callable[..., Path], tmp_path: Path) -> None:

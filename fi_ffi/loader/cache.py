@@ -83,8 +83,15 @@ def extracted_dir(sha256: str) -> Path:
 
 
 def in_cache(path: Path) -> bool:
-    """Whether ``path`` lies inside the cache root."""
+    """Whether ``path`` lies inside the cache root (a user's folder may lie there too: see :func:`is_cached_wheel`)."""
     return Path(os.path.abspath(path)).is_relative_to(cache_root())
+
+
+def is_cached_wheel(path: Path) -> bool:
+    """Whether ``path`` is a wheel in fi_ffi's own layout, ``<root>/wheels/<sha256[:16]>/<filename>``: a copy fi_ffi
+    made and may replace or remove. A wheelhouse that happens to lie inside the cache folder is not fi_ffi's."""
+    path = Path(os.path.abspath(path))
+    return path.parent.parent == wheels_dir() and bool(KEY.match(path.parent.name))
 
 
 # ------------------------------------------------------------------------------------------------ faults
@@ -570,7 +577,7 @@ def _damaged_wheel(pin: WheelPin, wheel: Path, exc: BaseException) -> DamagedWhe
             refetch=False,
         )
     changed = f"its sha256 is now {actual}, not the pinned {pin.sha256}" if actual else "it cannot be read"
-    if in_cache(wheel):
+    if is_cached_wheel(wheel):  # never a wheelhouse that lies inside the cache folder: that is the user's
         discard(wheel, "a damaged wheel")
         return DamagedWheelError(
             f"the cached wheel {wheel} is damaged ({problem}; {changed}); it was removed and is fetched again",
@@ -579,7 +586,8 @@ def _damaged_wheel(pin: WheelPin, wheel: Path, exc: BaseException) -> DamagedWhe
     return DamagedWheelError(
         f"{wheel} is damaged ({problem}; {changed}), although its stamp still matched its size and mtime. Its "
         f"stamp was removed; replace the file with the pinned {pin.filename} (sha256 {pin.sha256}), or take it "
-        "out of FI_FFI_WHEELHOUSE (`fi-ffi cache verify --full` re-hashes wheelhouse files fi_ffi has stamped)",
+        "out of FI_FFI_WHEELHOUSE (`fi-ffi cache verify --full` re-hashes every wheel the lock pins, wherever "
+        "it lies)",
         refetch=False,
     )
 

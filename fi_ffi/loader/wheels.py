@@ -61,6 +61,19 @@ def how_to_provide(pin: WheelPin) -> str:
     )
 
 
+def local_sources(pin: WheelPin) -> list[tuple[Path, str]]:
+    """Where ``pin``'s wheel may lie on this machine outside the cache, in the order they are tried: each
+    ``FI_FFI_WHEELHOUSE`` folder, then the lock entry's ``path``. (path, where that path comes from) pairs;
+    the paths need not exist."""
+    out = [
+        (Path(os.path.expanduser(folder)) / pin.filename, f"the wheelhouse {folder} (FI_FFI_WHEELHOUSE)")
+        for folder in settings.wheelhouses()
+    ]
+    if pin.local_path is not None:
+        out.append((pin.local_path, f"the lock {pin.lock_path} ('path')"))
+    return out
+
+
 def ensure_wheel(pin: WheelPin) -> Path:
     """The path of ``pin``'s wheel, verified; fetched into the cache if no local copy exists (see module doc)."""
     cached = cache.wheel_path(pin)
@@ -74,15 +87,11 @@ def ensure_wheel(pin: WheelPin) -> Path:
             if cache.check_wheel(cached, pin.sha256) is None:
                 return cached
             cache.discard(cached, "a damaged cached wheel")
-    for folder in settings.wheelhouses():
-        candidate = Path(os.path.expanduser(folder)) / pin.filename
+    for candidate, where in local_sources(pin):
         if candidate.is_file():
-            _check_local(candidate, pin, f"the wheelhouse {folder} (FI_FFI_WHEELHOUSE)")
+            _check_local(candidate, pin, where)
             return candidate
     local = pin.local_path
-    if local is not None and local.is_file():
-        _check_local(local, pin, f"the lock {pin.lock_path} ('path')")
-        return local
     where = f"; the lock's 'path' {local} does not exist" if local is not None else ""
     if settings.offline():
         raise LoaderError(
