@@ -13,6 +13,7 @@ stamp fi_ffi recorded still matches where a test says so.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -23,10 +24,11 @@ from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
+from test_loader_faults import as_nobody, chown_tree, mounted, needs_root, nobody_world
 
 from fi_ffi import errors, loader
 from fi_ffi.errors import DamagedWheelError, IntegrityError, LoaderError
-from fi_ffi.loader import cache, lockfile
+from fi_ffi.loader import cache, lockfile, wheels
 
 PAGE = "flashinfer_jit_cache/jit_cache/page/page.so"
 NORM = "flashinfer_jit_cache/jit_cache/norm/norm.so"
@@ -196,6 +198,66 @@ def test_verify_full_reports_a_lock_it_cannot_read(use_house: Callable[..., Path
 # ------------------------------------------------------------------------ a damaged cached wheel is replaced
 
 
+@pytest.mark.parametrize("damage", ["stamp matches, found at unzip", "truncated", "directory, listing"])
+def test_a_damaged_cached_wheel_is_replaced_by_a_verified_copy_of_the_wheelhouse_wheel(
+    use_house: Callable[..., Path], tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    wheel = use_house(tmp_path / "house")
+    cached = loader.fetch(wheel)[0]
+    assert cached == cache.wheel_path(pin()) and cache.stamped(cached, pin().sha256)
+    good_mtime = wheel.stat().st_mtime_ns
+    with caplog.at_level(logging.WARNING, logger="fi_ffi.loader"):
+        if damage == "stamp matches, found at unzip":
+            damage_member(cached)
+            assert cache.stamped(cached, pin().sha256)  # the cheap check cannot see it
+            assert loader.module_path("page").read_bytes() == zipfile.ZipFile(wheel).read(PAGE)
+        elif damage == "truncated":
+            with open(cached, "r+b") as f:
+                f.truncate(cached.stat().st_size // 2)
+            assert loader.module_path("norm").read_bytes() == zipfile.ZipFile(wheel).read(NORM)
+        else:  # the listing is read from the wheel: through a function, so a damaged cached copy is replaced
+            damage_directory(cached)
+            assert cache.stamped(cached, pin().sha256)
+            listing = cache.write_index(pin(), lambda: wheels.ensure_wheel(pin()))
+            assert PAGE in listing
+    # was: the cached copy removed, the wheelhouse's used in place
+    assert cached.is_file() and sha256(cached) == pin().sha256 and cache.stamped(cached, pin().sha256)
+    assert f"replaced it by a verified copy of {wheel}" in caplog.text and str(cached) in caplog.text
+    assert not temp_files(cache.cache_root())  # nothing half-written left
+    assert sha256(wheel) == pin().sha256 and wheel.stat().st_mtime_ns == good_mtime  # the source untouched
+
+
+def test_a_damaged_cached_wheel_is_replaced_from_the_lock_path_when_the_wheelhouse_copy_is_bad_too(
+    use_house: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = use_house(tmp_path / "elsewhere")
+    wheel = use_house(tmp_path / "house", path_entry=good)
+    cached = loader.fetch(wheel)[0]
+    damage_member(cached)
+    damage_member(wheel, NORM)  # the wheelhouse's copy: damaged too (no stamp: hashed when copied)
+    bad_wheelhouse = wheel.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="fi_ffi.loader"):
+        assert loader.module_path("page").read_bytes() == zipfile.ZipFile(good).read(PAGE)
+    assert sha256(cached) == pin().sha256 and f"replaced it by a verified copy of {good}" in caplog.text
+    assert wheel.read_bytes() == bad_wheelhouse  # not fi_ffi's: left as it is
+    assert not temp_files(cache.cache_root()) and not temp_files(cached.parent)
+
+
+def test_a_damaged_cached_wheel_without_a_good_source_is_removed_and_the_bad_source_named(
+    use_house: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    wheel = use_house(tmp_path / "house")
+    cached = loader.fetch(wheel)[0]
+    with open(cached, "r+b") as f:
+        f.truncate(1000)
+    damage_member(wheel, NORM)
+    with caplog.at_level(logging.WARNING, logger="fi_ffi.loader"), pytest.raises(IntegrityError) as info:
+        loader.module_path("norm")
+    assert str(wheel) in str(info.value) and pin().sha256 in str(info.value)
+    assert not cached.exists() and "no good local copy replaces it" in caplog.text
+    assert wheel.is_file() and not temp_files(cache.cache_root())
+
+
 def test_a_start_never_removes_a_wheelhouse_wheel_that_lies_inside_the_cache_folder(
     use_house: Callable[..., Path],
 ) -> None:
@@ -269,3 +331,43 @@ def test_a_file_where_a_cache_folder_belongs_is_moved_aside_and_the_start_goes_o
 
 
 # ------------------------------------------------- made real as root: a full disk, a user that obeys file modes
+
+
+@needs_root
+def test_a_replacement_that_does_not_fit_leaves_no_half_written_file_and_the_good_wheel_serves(
+    use_house: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    wheel = use_house(tmp_path / "house")
+    with mounted("-t", "tmpfs", "-o", "size=34M", "tmpfs") as disk:  # one wheel and two modules fit, not two wheels
+        os.environ["FI_FFI_CACHE_DIR"] = str(disk)  # fresh_cache's monkeypatch restores it
+        cached = loader.fetch(wheel)[0]
+        loader.module_path("norm")
+        damage_member(cached)
+        damaged = cached.read_bytes()
+        with caplog.at_level(logging.WARNING, logger="fi_ffi.loader"):
+            assert loader.module_path("page").read_bytes() == zipfile.ZipFile(wheel).read(PAGE)
+        assert "could not be replaced" in caplog.text and "No space left on device" in caplog.text
+        assert cached.read_bytes() == damaged and not temp_files(disk)  # untouched, nothing half-written
+        subprocess.run(["mount", "-o", "remount,size=96M", str(disk)], check=True)
+        other = next(u for u in loader.available_uris() if u not in ("norm", "page"))
+        assert loader.module_path(other).is_file()  # room now: the damaged copy is replaced on the way
+        assert sha256(cached) == pin().sha256 and not temp_files(disk)
+
+
+@needs_root
+def test_an_unreadable_cached_wheel_is_replaced_from_the_wheelhouse_for_a_user_that_obeys_file_modes(
+    use_house: Callable[..., Path], tmp_path: Path
+) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    wheel = use_house(tmp_path / "house")
+    with nobody_world(wheel) as env:
+        os.environ.update(env)  # build the cache as root, then hand it to nobody
+        cached = loader.fetch(Path(env["FI_FFI_WHEELHOUSE"]) / wheel.name)[0]
+        loader.module_path("norm")  # records the listing: only the extraction of page needs the wheel
+        chown_tree(Path(env["FI_FFI_CACHE_DIR"]), nobody.pw_uid, nobody.pw_gid)
+        os.chmod(cached, 0)
+        out = as_nobody(env, "load", "page")  # was: LoaderError "cannot read" the cached wheel
+        assert "LOADERERROR" not in out and f"BYTES {len(zipfile.ZipFile(wheel).read(PAGE))}" in out, out
+        assert sha256(cached) == pin().sha256 and cached.stat().st_uid == nobody.pw_uid

