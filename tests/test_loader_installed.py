@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from fi_ffi import loader
-from fi_ffi.abi import dl
 from fi_ffi.errors import LoaderError
-from fi_ffi.loader import cache, installed, modules
+from fi_ffi.loader import cache, dl, installed, modules
 
 ALPHA = "tiny/jit_cache/alpha/alpha.so"
 
