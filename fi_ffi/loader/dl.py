@@ -100,7 +100,7 @@ def symbol_address(handle: Any, name: str) -> int:
     """
     ffi = get_ffi()
     libc().dlerror()
-    ptr = libc().dlsym(handle, name.encode())
+    ptr = libc().dlsym(handle, name.encode("utf-8", "surrogateescape"))
     return 0 if ptr == ffi.NULL else int(ffi.cast("uintptr_t", ptr))
 
 
