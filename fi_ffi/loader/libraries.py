@@ -13,7 +13,10 @@
 2. ``libcudart.so.13`` through ``cuda.pathfinder.load_nvidia_dynamic_lib("cudart")`` (pip's
    ``nvidia-cuda-runtime`` wheel or a system CUDA); the modules' NEEDED entry then matches it by soname.
 
-3. Kernel modules, RTLD_NOW | RTLD_LOCAL (they export static libstdc++ symbols), on first use; never closed.
+3. Kernel modules, RTLD_LAZY | RTLD_LOCAL, on first use; never closed. Local: they export static libstdc++
+   symbols. Lazy, as TVM-FFI's ``load_module`` does: a function is bound at its first call, so a module that
+   references functions nothing defines still loads (FlashInfer 0.7.2's FA2 batch prefill does);
+   :mod:`fi_ffi.loader.symbols` names those functions when the module is loaded.
 """
 
 from __future__ import annotations
@@ -113,12 +116,15 @@ def explain_dlopen_error(path: str, message: str, *, wheel: str = "") -> str:
     return head
 
 
-def load_library(path: str | os.PathLike[str], *, global_symbols: bool = False, wheel: str = "") -> Any:
-    """dlopen ``path`` RTLD_NOW with RTLD_GLOBAL (``global_symbols``) or RTLD_LOCAL; returns the handle.
+def load_library(
+    path: str | os.PathLike[str], *, global_symbols: bool = False, lazy: bool = False, wheel: str = ""
+) -> Any:
+    """dlopen ``path`` RTLD_NOW (RTLD_LAZY with ``lazy``) with RTLD_GLOBAL (``global_symbols``) or RTLD_LOCAL;
+    returns the handle.
 
     Failures raise :class:`LibraryLoadError` with cause and fix (see :func:`explain_dlopen_error`).
     """
-    flags = dl.RTLD_NOW | (dl.RTLD_GLOBAL if global_symbols else dl.RTLD_LOCAL)
+    flags = (dl.RTLD_LAZY if lazy else dl.RTLD_NOW) | (dl.RTLD_GLOBAL if global_symbols else dl.RTLD_LOCAL)
     path = os.fspath(path)
     try:
         return dl.open_library(path, flags)
