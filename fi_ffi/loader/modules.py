@@ -211,7 +211,8 @@ def load_module(uri: str) -> Any:
 
 def loaded_modules() -> dict[str, str]:
     """The modules loaded so far in this process: URI → path of the file."""
-    return dict(_loaded)
+    with _lock:
+        return dict(_loaded)
 
 
 def files_on_disk() -> dict[str, Path]:
@@ -262,7 +263,8 @@ def symbol_checks(*, on_disk: bool = True) -> dict[str, SymbolCheck]:
     (the TVM-FFI runtime and libcudart are loaded first, as for a module). Fetches and extracts nothing.
     :class:`LoaderError` if the runtime or libcudart cannot be loaded for the on-disk check.
     """
-    out = {uri: _checks[path] for uri, path in _loaded.items() if path in _checks}
+    with _lock:  # another thread may be loading a module
+        out = {uri: _checks[path] for uri, path in _loaded.items() if path in _checks}
     if on_disk:
         files = {uri: path for uri, path in files_on_disk().items() if uri not in out}
         if files:
