@@ -458,6 +458,14 @@ def test_batch_decode_run_rejects_before_the_ffi(make_array, over, exc, text):
         decode.batch_decode_run(plan, *decode_run_args(**over).values())
 
 
+def test_batch_decode_run_names_a_kv_indices_of_rank_0(make_array):
+    plan = decode_plan(make_array)
+    with pytest.raises(ValueError, match=r"kv_indices: expected at least 1 dimensions, got shape \(\)"):
+        decode.batch_decode_run(plan, *decode_run_args(kv_indices=fake_cuda((), "int32")).values())
+    with pytest.raises(ValueError, match=r"kv_indices: expected a 1-D int32 tensor, got shape \(4, 1\)"):
+        decode.batch_decode_run(plan, *decode_run_args(kv_indices=fake_cuda((4, 1), "int32")).values())
+
+
 def test_batch_decode_run_lse_and_flags(make_array):
     plan = decode_plan(make_array)
     with pytest.raises(ValueError, match=r"lse: expected shape \(2, 32\)"):

@@ -399,7 +399,9 @@ def batch_decode_run(
     ws = plan.workspace
     if s.kind != BATCH_DECODE or not plan._info.handle or ws is None or ws._generation != plan._generation:
         plan.check_runnable(BATCH_DECODE, "paged")
-    pages = kv_indices.shape[0] if kv_indices.__class__ is Tensor else extent("kv_indices", kv_indices)
+    pages = (
+        kv_indices.shape[0] if kv_indices.__class__ is Tensor and kv_indices.ndim else extent("kv_indices", kv_indices)
+    )
     if pages < plan.kv_extent:
         raise ValueError(
             f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has "

@@ -444,8 +444,9 @@ def _check_speculative(a: SimpleNamespace) -> dict[str, int]:
 
 def _split(name: str, value: Any, kind: type) -> tuple[Any, Any]:
     """A per-row parameter: ``(tensor, 0)`` for a tensor, ``(None, number)`` for a Python number."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected a {kind.__name__} or a tensor, got bool")
+    if isinstance(value, bool) or value is None:
+        article = "an" if kind is int else "a"
+        raise TypeError(f"{name}: expected {article} {kind.__name__} or a tensor, got {type(value).__name__}")
     if isinstance(value, (int, float)):
         if kind is int and not isinstance(value, int):
             raise TypeError(f"{name}: expected an int or a tensor, got float")
