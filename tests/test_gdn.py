@@ -487,6 +487,8 @@ def test_bad_streams_are_named_before_the_kernel() -> None:
     for stream in ("default", 1.5, -1, 2**64):
         with pytest.raises((TypeError, ValueError), match="stream"):
             call_unchecked(gdn_args(), stream=stream)
+        with pytest.raises((TypeError, ValueError), match="stream"):  # before the missing device is refused
+            gdn.gdn_prefill(**gdn_args(), stream=stream)
 
 
 def test_a_lock_without_the_gdn_module_says_which_releases_have_it(

@@ -587,7 +587,7 @@ def _check_single(a: SimpleNamespace) -> None:
     hk, kv_len = (k.shape[1], k.shape[0]) if nhd else (k.shape[0], k.shape[1])
     if hk == 0:
         raise ValueError(f"k: expected at least one KV head, got shape {k.shape}")
-    S.gqa(hq, hk, decode=True)
+    S.gqa(hq, hk, decode=True, where=f"k (shape {k.shape} read as kv_layout {text})")
     AC.device_tensor("out", out, (hq, d), "[num_qo_heads, head_dim]", None, dev, contiguous=True)
     _check_tmp(tmp, dev, kv_len, 1, hq, hk, d, out.dtype.itemsize, prefill=False)
     AC.lse_tensor("lse", a.lse, (hq,), dev)

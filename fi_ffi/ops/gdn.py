@@ -43,6 +43,7 @@ from typing import Any
 from ..abi.wire import FLOAT, declare, optional_tensor, tensor
 from ..dtypes import Device, bfloat16, float16, float32, int64, uint8
 from ..errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
+from ..streams import stream_handle
 from ..tensor import Tensor
 from . import checks, device
 from .launcher import launcher
@@ -246,6 +247,8 @@ def _make_current(dev: Device, args: tuple[Any, ...], stream: Any) -> int:
     try:
         return device.make_current(dev.device_id)
     except UnsupportedDeviceError:
+        if stream is not None:
+            stream_handle(stream)  # the architecture check below would refuse the device before the stream
         _launch.launcher.slow(args, stream, False, remember=False)  # binds the module only if they pass
         raise
 
