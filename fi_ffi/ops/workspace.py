@@ -121,7 +121,8 @@ class Workspace:
     """The three buffers that batch attention plans and runs share, plus the plan-copy bookkeeping.
 
     Attributes:
-        float_buffer: 1-D contiguous device buffer (any dtype; its size in bytes is what counts).
+        float_buffer: 1-D contiguous device buffer (any dtype; its size in bytes is what counts; fewer than
+            2**31 elements, the kernels' int32 sizes, and an address range inside the address space).
         int_buffer: 1-D contiguous device buffer on the same device.
         pinned_buffer: 1-D contiguous host buffer (page-locked for asynchronous copies), at least as large as
             ``int_buffer``.
