@@ -439,7 +439,10 @@ def _check_run(a: SimpleNamespace) -> None:
     dev = a.float_workspace_buffer.device
     hq, hk, d = s.num_qo_heads, s.num_kv_heads, s.head_dim_qk
     AC.device_tensor("q", a.q, (b, hq, d), "[batch, num_qo_heads, head_dim]", s.dtype_q, dev)
+    if any(stride >= 1 << 31 for stride in a.q.strides):  # BatchDecodeParams keeps q's strides as int32
+        raise ValueError(f"q: the decode kernel takes q's strides as int32, got {a.q.strides}")
     AC.kv_cache(a.k_cache, a.v_cache, s.kv_layout, hk, s.page_size, d, d, s.dtype_kv, dev)
+    AC.strides_u32("k_cache", a.k_cache)  # paged_kv_t keeps 32-bit strides (v_cache's equal k_cache's)
     AC.index_tensor("kv_indptr", a.kv_indptr, b + 1, dev)
     AC.index_tensor("kv_indices", a.kv_indices, None, dev)
     AC.index_tensor("kv_last_page_len", a.kv_last_page_len, b, dev)
