@@ -453,7 +453,7 @@ def _check_run(a: SimpleNamespace) -> PointerRules:
     )
     AC.lse_tensor("lse", a.lse, (b, hq), dev)
     AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
-    return AC.outputs_apart(rules)
+    return AC.outputs_apart(rules, ("alibi_slopes",))
 
 
 # ------------------------------------------------------------------------------------------ single decode
@@ -599,9 +599,10 @@ def _check_single(a: SimpleNamespace) -> PointerRules:
     S.gqa(hq, hk, decode=True, where=f"k (shape {k.shape} read as kv_layout {text})")
     AC.device_tensor(rules, "out", out, (hq, d), "[num_qo_heads, head_dim]", None, dev, contiguous=True)
     _check_tmp(tmp, dev, kv_len, 1, hq, hk, d, out.dtype.itemsize, prefill=False)
+    AC.scratch(rules, "tmp", tmp)
     AC.lse_tensor("lse", a.lse, (hq,), dev)
     AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
-    return AC.outputs_apart(rules)
+    return AC.outputs_apart(rules, ("alibi_slopes",))
 
 
 def _check_tmp(

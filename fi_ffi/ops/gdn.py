@@ -358,12 +358,11 @@ def _check(a: SimpleNamespace) -> PointerRules:
     # TMA loads and stores need 16-byte aligned tensors; the workspace holds TMA descriptors (64-byte aligned)
     rules = PointerRules({name: _TMA_ALIGN for name in ("q", "k", "v", "output", "output_state", "input_state")})
     rules.align("workspace", _WORKSPACE_ALIGN)
-    # the outputs are written while q, k, v (and the gates) are still read by other blocks; the state may be
-    # updated in place (each block reads its head's state before it writes it)
-    for out in ("output", "output_state"):
-        for name in ("q", "k", "v", "alpha", "beta", "cu_seqlens", "workspace"):
-            rules.disjoint(out, name)
-    rules.disjoint("output", "output_state").disjoint("output", "input_state")
+    # the outputs (and the per-SM TMA descriptors the kernel writes into the workspace) are written while q, k, v
+    # and the gates are still read by other blocks; the state may be updated in place (each block reads its
+    # head's state before it writes it)
+    rules.outputs_apart(("output", "output_state", "workspace"), ("q", "k", "v", "alpha", "beta", "cu_seqlens"))
+    rules.disjoint("output", "input_state").disjoint("workspace", "input_state")
     return rules.same_or_disjoint("output_state", "input_state")
 
 

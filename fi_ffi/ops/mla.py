@@ -677,11 +677,10 @@ def _check_run(a: Any) -> PointerRules:
             )
         _on(arr, "ckv_scale_arr", dev)
         checks.contiguous("ckv_scale_arr", arr)
-    # the outputs are written while other blocks still read the queries and the caches
-    for output in ("out", "lse"):
-        for name in ("q_nope", "q_pe", "ckv_cache", "kpe_cache"):
-            rules.disjoint(output, name)
-    return rules.disjoint("lse", "out")
+    # the outputs are written while other blocks still read the queries, the caches, the page table (and the
+    # FP8 scales of 0.7's declaration)
+    reads = ("q_nope", "q_pe", "ckv_cache", "kpe_cache", "kv_indices", *(["ckv_scale_arr"] if arr is not None else []))
+    return rules.outputs_apart(("out", "lse"), reads)
 
 
 def _on(t: Tensor, name: str, device: Any) -> None:

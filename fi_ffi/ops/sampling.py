@@ -364,8 +364,9 @@ def _sampling_check(
         for name, kind, by_row in arrays:
             _param_array(a, name, rows, batch, source, src, float32 if kind == "float32" else out.dtype, by_row)
         _check_rng(a, batch, source, src)
-        inputs = _present(a, (source, "indices", "valid", *(name for name, _, _ in arrays), *_RNG))
-        return PointerRules({source: checks.row_vector_bytes(src)}).outputs_apart(("out",), inputs)
+        # 0.7's `valid` is written (one flag per output row), like `out`
+        inputs = _present(a, (source, "indices", *(name for name, _, _ in arrays), *_RNG))
+        return PointerRules({source: checks.row_vector_bytes(src)}).outputs_apart(_present(a, ("out", "valid")), inputs)
 
     check.__qualname__ = f"check_sampling_{source}_{'_'.join(n for n, _, _ in arrays)}"
     return check
