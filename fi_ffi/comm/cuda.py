@@ -161,3 +161,8 @@ __all__ = [
     "set_device",
     "synchronize",
 ]
+
+
+def device_synchronize() -> None:
+    """Wait for all work on the current device."""
+    _check("cudaDeviceSynchronize", _rt().cudaDeviceSynchronize())

@@ -335,6 +335,11 @@ class Communicator:
     # ---- lifetime ----------------------------------------------------------------------------------------------
 
     @property
+    def stream(self) -> int:
+        """The communicator's own stream (the synchronous helpers and workspace set-up run on it)."""
+        return self._stream
+
+    @property
     def closed(self) -> bool:
         return self._comm is None
 
