@@ -79,8 +79,9 @@ class _Nccl4Py:
         return bytes(self.n.get_unique_id())
 
     def init(self, world_size: int, unique_id: bytes, rank: int) -> Any:
-        # one id, no config: the form nccl4py's own Communicator uses (ncclCommInitRankScalable)
-        return self.n.comm_init_rank_scalable(world_size, rank, 1, bytearray(unique_id), 0)
+        if self.version() >= 22300:  # one id, no config: the form nccl4py's own Communicator uses
+            return self.n.comm_init_rank_scalable(world_size, rank, 1, bytearray(unique_id), 0)
+        return self.n.comm_init_rank(world_size, self.n.UniqueId.from_buffer(bytearray(unique_id)), rank)
 
     def all_reduce(self, comm: Any, send: int, recv: int, count: int, dtype: int, op: int, stream: int) -> None:
         self.n.all_reduce(send, recv, count, dtype, op, comm, stream)
