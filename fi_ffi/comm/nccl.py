@@ -155,7 +155,7 @@ def load_backend(name: str | None = None) -> Any:
             reasons.append(f"{each}: {type(exc).__name__}: {' '.join(str(exc).split())}")
     raise NcclUnavailableError(
         "no NCCL binding could be loaded (" + "; ".join(reasons) + "). Install the comm extra: "
-        "pip install 'fi-ffi[comm]' (nccl4py and nvidia-nccl-cu13), or CuPy with NCCL"
+        "python -m pip install '.[comm]' in the fi_ffi checkout (nccl4py and nvidia-nccl-cu13), or CuPy with NCCL"
     )
 
 
