@@ -303,9 +303,9 @@ def test_fp8_scale_factor_must_be_one_float32() -> None:
 
 
 def _namespace(args: dict[str, Any]) -> SimpleNamespace:
-    from fi_ffi.interop import as_tensor
+    from fi_ffi.ops.pointer_rules import without_address
 
-    ns = {k: (as_tensor(v) if isinstance(v, Tensor) else v) for k, v in args.items() if k != "metadata"}
+    ns = {k: (without_address(v) if isinstance(v, Tensor) else v) for k, v in args.items() if k != "metadata"}
     ns["hidden_size"] = ns.pop("hidden_dim")
     return SimpleNamespace(**ns, context=args["metadata"])
 
@@ -313,7 +313,8 @@ def _namespace(args: dict[str, Any]) -> SimpleNamespace:
 def test_the_check_returns_alignments_and_never_reads_pointer_values() -> None:
     args = fusion_args(0, allreduce_in=fake_cuda((T, H), offset=2), allreduce_out=fake_cuda((T, H), offset=8))
     found = trtllm_ar._check_fusion(_namespace(args))  # misaligned pointers: the check itself does not object
-    assert found == {"allreduce_in": 16, "allreduce_out": 16}
+    assert found.alignment == {"allreduce_in": 16, "allreduce_out": 16}
+    assert ("allreduce_out", "allreduce_in", False) in found.apart
 
 
 @pytest.mark.parametrize("name", ["allreduce_in", "residual_in", "norm_out", "rms_gamma"])
@@ -482,3 +483,58 @@ def test_setup_only_wire_types_cannot_make_a_launcher() -> None:
 
     with pytest.raises(ValueError, match=r"\['handles', 'offsets'\] are setup-only wire types"):
         compile_launcher(vllm_ar.REGISTER_GRAPH_BUFFERS, vllm_ar.URI)
+
+
+# ---- overlaps (PointerRules returned by the checks, tested on every call) -------------------------------------------
+
+
+def _view(t: Tensor, shape: tuple[int, ...], rows_later: int = 0, dtype: str = "bfloat16") -> Tensor:
+    """Another descriptor over ``t``'s memory, ``rows_later`` rows of H bf16 further on."""
+    return Tensor.from_pointer(t.data_ptr + rows_later * H * 2, shape, dtype, "cuda:0", owner=t)
+
+
+def test_an_output_over_the_input_is_refused_naming_both() -> None:
+    x = fake_cuda((T, H))
+    with pytest.raises(ValueError, match=r"norm_out.*allreduce_in"):
+        trtllm_allreduce_fusion(**fusion_args(allreduce_in=x, norm_out=_view(x, (T, H))))
+    with pytest.raises(ValueError, match=r"norm_out.*residual_out|residual_out.*norm_out"):
+        out = fake_cuda((T, H))
+        trtllm_allreduce_fusion(**fusion_args(residual_out=out, norm_out=_view(out, (T, H))))
+
+
+def test_residual_out_may_be_residual_in_but_not_a_shifted_view_of_it(comm_lock: Path) -> None:
+    r = fake_cuda((T + 1, H))
+    with pytest.raises(ValueError, match="residual_out: overlaps residual_in without being the same tensor"):
+        trtllm_allreduce_fusion(**fusion_args(residual_in=_view(r, (T, H)), residual_out=_view(r, (T, H), 1)))
+    with pytest.raises(KernelError):  # in place: accepted, crosses the FFI, stops at the missing device
+        trtllm_allreduce_fusion(
+            **fusion_args(
+                residual_in=r,
+                residual_out=r,
+                allreduce_in=fake_cuda((T + 1, H)),
+                token_num=T + 1,
+                norm_out=fake_cuda((T + 1, H)),
+            )
+        )
+
+
+def test_the_overlap_rule_holds_after_a_valid_call_with_the_same_layout(comm_lock: Path) -> None:
+    """The fast path (same layouts as a call that passed) still tests the addresses."""
+    x = fake_cuda((T, H))
+    with pytest.raises(KernelError):
+        trtllm_allreduce_fusion(**fusion_args(0, allreduce_in=x, allreduce_out=fake_cuda((T, H))))
+    with pytest.raises(ValueError, match=r"allreduce_out.*allreduce_in"):
+        trtllm_allreduce_fusion(**fusion_args(0, allreduce_in=x, allreduce_out=_view(x, (T, H))))
+
+
+def test_vllm_out_may_not_overlap_an_input_read_in_place() -> None:
+    x = fake_cuda((1024,))
+    args = dict(fa=12345, inp=x, out=_view(x, (1024,)), reg_buffer=0, reg_buffer_sz_bytes=0, num_ctas=36)
+    with pytest.raises(ValueError, match=r"out.*inp"):
+        vllm_ar.all_reduce(**args)
+
+
+def test_moe_finalize_outputs_apart() -> None:
+    r = fake_cuda((T, H))
+    with pytest.raises(ValueError, match=r"norm_out.*residual_in"):
+        trtllm_moe_finalize_allreduce_fusion(**moe_args(residual_in=r, norm_out=_view(r, (T, H))))

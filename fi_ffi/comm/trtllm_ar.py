@@ -39,6 +39,7 @@ from ..abi.wire import (
 from ..dtypes import DType, bfloat16, float8_e4m3fn, float16, float32, int32, int64
 from ..ops import checks
 from ..ops.launcher import launcher
+from ..ops.pointer_rules import PointerRules
 from . import control
 
 URI = "trtllm_comm"
@@ -457,7 +458,7 @@ def _pointer_table(name: str, t: Any, entries: int) -> None:
     checks.contiguous(name, t)
 
 
-def _check_fusion(a: SimpleNamespace) -> dict[str, int]:
+def _check_fusion(a: SimpleNamespace) -> PointerRules:
     meta: WorkspaceMetadata = a.context
     x = a.allreduce_in
     checks.dtype_in("allreduce_in", x, _DTYPES)
@@ -537,7 +538,18 @@ def _check_fusion(a: SimpleNamespace) -> dict[str, int]:
         checks.cuda("scale_factor", a.scale_factor)
     if a.layout_code is not None:
         raise ValueError("layout_code: only FP4 outputs use it; pass None")
-    return align
+    # each thread reads its residual element before writing residual_out there: in place is allowed; every other
+    # output must not overlap an input or another output (other threads and peers read the inputs meanwhile)
+    outputs = [n for n in ("allreduce_out", "residual_out", "norm_out", "quant_out") if getattr(a, n) is not None]
+    inputs = [n for n in ("allreduce_in", "rms_gamma", "scale_factor") if getattr(a, n) is not None]
+    rules = PointerRules(align).outputs_apart(outputs, inputs)
+    for out in outputs:
+        if a.residual_in is not None:
+            if out == "residual_out":
+                rules.same_or_disjoint("residual_out", "residual_in")
+            else:
+                rules.disjoint(out, "residual_in")
+    return rules
 
 
 _allreduce_fusion = launcher(ALLREDUCE_FUSION, URI, _check_fusion)
@@ -632,7 +644,7 @@ def trtllm_allreduce_fusion(
 # ---- MoE -------------------------------------------------------------------------------------------------------------
 
 
-def _check_moe_finalize(a: SimpleNamespace) -> dict[str, int]:
+def _check_moe_finalize(a: SimpleNamespace) -> PointerRules:
     meta: WorkspaceMetadata = a.context
     r = a.residual_in
     checks.dtype_in("residual_in", r, (float16, bfloat16))
@@ -688,9 +700,18 @@ def _check_moe_finalize(a: SimpleNamespace) -> dict[str, int]:
         checks.contiguous("expert_scale_factor", s)
     checks.positive_finite("eps", a.eps)
     _pointer_table("workspace", a.workspace, 3 * meta.world_size + 1)
-    return {n: 16 for n in ("allreduce_in", "residual_in", "norm_out", "residual_out", "norm_weight")} | (
-        {"shared_expert_output": 16} if a.shared_expert_output is not None else {}
-    )
+    align = {n: 16 for n in ("allreduce_in", "residual_in", "norm_out", "residual_out", "norm_weight")}
+    if a.shared_expert_output is not None:
+        align["shared_expert_output"] = 16
+    inputs = [
+        "allreduce_in",
+        "norm_weight",
+        "expanded_idx_to_permuted_idx",
+        "shared_expert_output",
+        "expert_scale_factor",
+    ]
+    rules = PointerRules(align).outputs_apart(["norm_out", "residual_out"], inputs)
+    return rules.disjoint("norm_out", "residual_in").same_or_disjoint("residual_out", "residual_in")
 
 
 _moe_finalize = launcher(MOE_FINALIZE_ALLREDUCE_FUSION, URI, _check_moe_finalize)
@@ -742,7 +763,7 @@ def trtllm_moe_finalize_allreduce_fusion(
     )
 
 
-def _check_moe_reduction(a: SimpleNamespace) -> dict[str, int]:
+def _check_moe_reduction(a: SimpleNamespace) -> PointerRules:
     meta: WorkspaceMetadata = a.context
     tokens, hidden, experts = a.token_num, a.hidden_size, a.moe_reduction_device_num_experts
     x = a.moe_reduction_token_input
@@ -794,7 +815,16 @@ def _check_moe_reduction(a: SimpleNamespace) -> dict[str, int]:
         checks.contiguous(name, t)
     checks.positive_finite("rms_eps", a.rms_eps)
     _pointer_table("workspace_ptrs", a.workspace_ptrs, 3 * meta.world_size + 1)
-    return {n: 16 for n in (*shapes, *outs)}
+    inputs = [*shapes, "moe_reduction_scale_input"]
+    rules = PointerRules({n: 16 for n in (*shapes, *outs)})
+    rules.outputs_apart([o for o in outs if o != "residual_out"], inputs)
+    if "residual_out" in outs:
+        rules.outputs_apart(["residual_out"], [n for n in inputs if n != "residual_in"])
+        rules.same_or_disjoint("residual_out", "residual_in")
+        for o in outs:
+            if o != "residual_out":
+                rules.disjoint(o, "residual_out")
+    return rules
 
 
 _moe_reduction = launcher(MOE_ALLREDUCE_FUSION, URI, _check_moe_reduction)
@@ -861,7 +891,7 @@ def trtllm_moe_allreduce_fusion(
 # ---- the older custom all-reduce and the Lamport set-up ------------------------------------------------------------
 
 
-def _check_custom(a: SimpleNamespace) -> dict[str, int]:
+def _check_custom(a: SimpleNamespace) -> PointerRules:
     x, o = getattr(a, "in"), a.out
     checks.dtype_in("inp", x, _DTYPES)
     checks.cuda("inp", x)
@@ -896,7 +926,7 @@ def _check_custom(a: SimpleNamespace) -> dict[str, int]:
         checks.shape("intermediate_buffer", a.intermediate_buffer, x.shape)
         if a.eps is None or not a.eps > 0:
             raise ValueError(f"eps: expected > 0 with RESIDUAL_RMS_NORM, got {a.eps}")
-    return {"in": 16, "out": 16}
+    return PointerRules({"in": 16, "out": 16}).disjoint("out", "in")
 
 
 _custom_all_reduce = launcher(CUSTOM_ALL_REDUCE, URI, _check_custom)

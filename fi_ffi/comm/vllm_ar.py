@@ -27,6 +27,7 @@ from ..abi.wire import ARRAY, ARRAY_OF_ARRAYS, BOOL, INT, declare, tensor
 from ..dtypes import bfloat16, float16, float32, uint8
 from ..ops import checks
 from ..ops.launcher import launcher
+from ..ops.pointer_rules import PointerRules
 from . import control
 
 URI = "vllm_comm"
@@ -183,7 +184,7 @@ def all_reduce(
     return out
 
 
-def _check_all_reduce(a: SimpleNamespace) -> dict[str, int]:
+def _check_all_reduce(a: SimpleNamespace) -> PointerRules:
     x, o = a.inp, a.out
     for name, t in (("inp", x), ("out", o)):
         checks.dtype_in(name, t, _DTYPES)
@@ -207,7 +208,10 @@ def _check_all_reduce(a: SimpleNamespace) -> dict[str, int]:
         raise ValueError(
             f"inp: {x.numel * x.dtype.itemsize} bytes do not fit the registered buffer ({a.reg_buffer_sz_bytes} bytes)"
         )
-    return {"inp": 16, "out": 16}
+    rules = PointerRules({"inp": 16, "out": 16})
+    if not a.reg_buffer:  # the peers read inp in place while this rank writes out
+        rules.disjoint("out", "inp")
+    return rules
 
 
 _all_reduce = launcher(ALL_REDUCE, URI, _check_all_reduce)
