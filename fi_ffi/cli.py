@@ -11,7 +11,7 @@
   FlashInfer release each comes from.
 - ``smoke [--device N]``: run each op once on the GPU against a reference; without a GPU, say so, print the
   doctor summary and exit 1.
-- ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph]``: serve token-id
+- ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph] [--tp N]``: serve token-id
   prompts with a local Llama checkpoint (:mod:`fi_ffi.models.llama`, the ``llama`` extra); prints the tokens,
   tokens/s and host time per decode step.
 - ``launch --nproc N [--master-addr A] [--master-port P] -- cmd ...``: start N ranks of ``cmd`` on this host
@@ -503,12 +503,27 @@ def _eos_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import os
+
     from .models.llama import LlamaEngine, SamplingParams
 
+    if args.tp > 1 and "RANK" not in os.environ:  # the driver: start the ranks, each runs this same command
+        if args.device is not None:
+            print(
+                "fi-ffi generate: --device: each rank of --tp uses GPU LOCAL_RANK; leave --device out", file=sys.stderr
+            )
+            return 2
+        from .comm import launch
+
+        return launch.main(args.tp, [sys.executable, "-m", "fi_ffi", *args.argv], "127.0.0.1", None, 10.0)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     try:
         with LlamaEngine(
-            args.model, max_batch=args.max_batch or len(args.prompt_ids), cuda_graph=args.graph, device=args.device
+            args.model,
+            max_batch=args.max_batch or len(args.prompt_ids),
+            cuda_graph=args.graph,
+            device=args.device,
+            tensor_parallel=args.tp,
         ) as engine:
             result = engine.generate(
                 args.prompt_ids, args.max_new_tokens, eos_token_ids=args.eos_ids, sampling=sampling
@@ -516,6 +531,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (ValueError, ImportError) as exc:  # a bad checkpoint or argument; CuPy missing (the llama extra)
         print(f"fi-ffi generate: {exc}", file=sys.stderr)
         return 2
+    if engine.rank != 0:  # with --tp, only rank 0 prints
+        return 0
     for i, (tokens, why) in enumerate(zip(result.tokens, result.finish_reasons, strict=True)):
         print(f"[{i}] {','.join(map(str, tokens))}  ({why})")
     mode = "CUDA graph" if args.graph else "eager"
@@ -588,7 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", type=int, default=0, help="CUDA ordinal")
+    p.add_argument("--device", type=int, default=None, help="CUDA ordinal (default 0)")
+    p.add_argument(
+        "--tp", type=_positive_int, default=1, help="tensor-parallel ranks on this host (one GPU each; default 1)"
+    )
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser(
         "launch",
@@ -644,6 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
             return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
         command = f"fi-ffi {args.command}"
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what `generate --tp N` restarts as its ranks
         status = int(args.func(args))
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
         return status
