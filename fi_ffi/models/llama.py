@@ -196,35 +196,40 @@ class LlamaEngine:
             self.comm = comm
         self.device = device = 0 if device is None else device
         self.rank = 0 if self.comm is None else self.comm.rank
-        with cp.cuda.Device(device):
-            self.stream = cp.cuda.Stream(non_blocking=True)
-            self._s = self.stream.ptr
-            from .dense import Dense
+        try:
+            with cp.cuda.Device(device):
+                self.stream = cp.cuda.Stream(non_blocking=True)
+                self._s = self.stream.ptr
+                from .dense import Dense
 
-            self.dense = Dense(self.stream)
-            self._load(Checkpoint(model_dir))
-            if self.comm is not None:
-                self._allreduce = ResidualAllReduce(
-                    self.comm,
-                    max(self.max_prefill_tokens, self.max_batch),
-                    cfg.hidden_size,
-                    self.dtype,
-                    fused=fused_allreduce,
-                )
-            self._allocate()
-            self._ws_prefill = kernels.workspace(device)
-            self._ws_decode = kernels.workspace(device)
-            # The uploads and zero fills above ran on the legacy stream, which our non-blocking stream does not
-            # wait for: finish them once here.
-            cp.cuda.Device(device).synchronize()
-            self._closed = False
-            if cuda_graph:
-                try:
-                    with self.stream:
-                        self._capture()
-                except BaseException:
-                    self.close()
-                    raise
+                self.dense = Dense(self.stream)
+                self._load(Checkpoint(model_dir))
+                if self.comm is not None:
+                    self._allreduce = ResidualAllReduce(
+                        self.comm,
+                        max(self.max_prefill_tokens, self.max_batch),
+                        cfg.hidden_size,
+                        self.dtype,
+                        fused=fused_allreduce,
+                    )
+                self._allocate()
+                self._ws_prefill = kernels.workspace(device)
+                self._ws_decode = kernels.workspace(device)
+                # The uploads and zero fills above ran on the legacy stream, which our non-blocking stream does not
+                # wait for: finish them once here.
+                cp.cuda.Device(device).synchronize()
+                self._closed = False
+                if cuda_graph:
+                    try:
+                        with self.stream:
+                            self._capture()
+                    except BaseException:
+                        self.close()
+                        raise
+        except BaseException:
+            if self._closed and self._own_comm:  # the engine never opened: release the communicator it made
+                self.comm.close()
+            raise
 
     # ------------------------------------------------------------------------------------------ loading
 
