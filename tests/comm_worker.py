@@ -266,11 +266,57 @@ def scenario_moe_finalize(comm: Communicator) -> None:
             close(f"moe finalize {tokens} tokens rmsnorm", norm_out, rmsnorm(ref_residual, gamma, eps), 0.15, 0.03)
 
 
+def scenario_moe_reduction(comm: Communicator) -> None:
+    from fi_ffi.comm.trtllm_ar import AllReduceFusionWorkspace, trtllm_moe_allreduce_fusion
+
+    experts, eps = 3, 1e-6
+    dtype = torch.bfloat16
+    with AllReduceFusionWorkspace(comm, 256, HIDDEN, dtype) as ws:
+        for tokens in (1, 7, 128):
+            active = data(experts * tokens, HIDDEN, dtype, 40).view(experts, tokens, HIDDEN)
+            g = torch.Generator(device="cuda").manual_seed(11 + tokens + RANK)
+            scales = torch.rand(experts, tokens, device="cuda", generator=g) + 0.5
+            token_input = data(tokens, HIDDEN, dtype, 41)
+            residual = data(tokens, HIDDEN, dtype, 42)
+            gamma = (1 + 0.1 * data(1, HIDDEN, dtype, 43)[0]).contiguous()
+            ar_out, residual_out, norm_out = (torch.empty_like(residual) for _ in range(3))
+            trtllm_moe_allreduce_fusion(
+                comm.world_size,
+                comm.rank,
+                tokens,
+                HIDDEN,
+                ws,
+                False,
+                residual,
+                gamma,
+                eps,
+                1.0,
+                experts,
+                scales,
+                active,
+                token_input,
+                None,
+                ar_out,
+                residual_out,
+                norm_out,
+                None,
+                None,
+            )
+            local = (active.float() * scales.unsqueeze(-1)).sum(0) + token_input.float()
+            total = nccl_sum(comm, local)
+            torch.cuda.synchronize()
+            ref_residual = total + residual.float()
+            close(f"moe reduction {tokens} tokens all-reduce", ar_out, total, 0.15)
+            close(f"moe reduction {tokens} tokens residual", residual_out, ref_residual, 0.15)
+            close(f"moe reduction {tokens} tokens rmsnorm", norm_out, rmsnorm(ref_residual, gamma, eps), 0.15, 0.03)
+
+
 SCENARIOS = {
     "nccl": scenario_nccl,
     "custom": scenario_custom,
     "fusion": scenario_fusion,
     "moe_finalize": scenario_moe_finalize,
+    "moe_reduction": scenario_moe_reduction,
 }
 
 

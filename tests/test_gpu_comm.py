@@ -108,5 +108,5 @@ def test_fused_all_reduce_patterns_against_float32_references(comm_env: dict[str
 
 
 @pytest.mark.parametrize("n", [2, 4])
-def test_moe_finalize_all_reduce(comm_env: dict[str, str], n: int) -> None:
-    _run(n, ["moe_finalize"], comm_env, timeout=240)
+def test_moe_finalize_and_reduction_all_reduce(comm_env: dict[str, str], n: int) -> None:
+    _run(n, ["moe_finalize", "moe_reduction"], comm_env, timeout=240)
