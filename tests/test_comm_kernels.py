@@ -538,3 +538,121 @@ def test_moe_finalize_outputs_apart() -> None:
     r = fake_cuda((T, H))
     with pytest.raises(ValueError, match=r"norm_out.*residual_in"):
         trtllm_moe_finalize_allreduce_fusion(**moe_args(residual_in=r, norm_out=_view(r, (T, H))))
+
+
+# ---- MoE reduction, the older custom all-reduce, Lamport set-up ------------------------------------------------------
+
+
+def moe_reduction_args(**over: Any) -> dict[str, Any]:
+    e = 3
+    args: dict[str, Any] = dict(
+        world_size=2,
+        world_rank=0,
+        token_num=T,
+        hidden_dim=H,
+        workspace_ptrs=fake_cuda((7,), "int64"),
+        launch_with_pdl=False,
+        residual_in=fake_cuda((T, H)),
+        rms_gamma=fake_cuda((H,)),
+        rms_eps=1e-6,
+        scale_factor=1.0,
+        moe_reduction_device_num_experts=e,
+        moe_reduction_scale_input=fake_cuda((e, T), "float32"),
+        moe_reduction_active_experts_token_input=fake_cuda((e, T, H)),
+        moe_reduction_token_input=fake_cuda((T, H)),
+        layout_code=None,
+        moe_allreduce_out=None,
+        residual_out=fake_cuda((T, H)),
+        norm_out=fake_cuda((T, H)),
+        quant_out=None,
+        scale_out=None,
+        metadata=META,
+    )
+    args.update(over)
+    return args
+
+
+BAD_MOE_REDUCTION = [
+    ({"moe_reduction_scale_input": fake_cuda((3, T))}, TypeError, "moe_reduction_scale_input: expected float32"),
+    ({"moe_reduction_device_num_experts": 2}, ValueError, "moe_reduction_active_experts_token_input"),
+    ({"residual_out": None, "norm_out": None}, ValueError, "pass at least one output"),
+    ({"quant_out": fake_cuda((T, H))}, ValueError, "FP4 output is not supported by fi_ffi"),
+    ({"token_num": 128}, ValueError, r"token_num: 128 x 256 exceed the workspace \(64 x 256\)"),
+    ({"token_num": 8}, ValueError, "moe_reduction_token_input"),
+    ({"world_rank": 2}, ValueError, "world_size, world_rank: the workspace is for 2 ranks"),
+    ({"rms_eps": -1.0}, ValueError, "rms_eps: expected a finite value > 0"),
+]
+
+
+@pytest.mark.parametrize(("over", "error", "message"), BAD_MOE_REDUCTION, ids=[m[:40] for _, _, m in BAD_MOE_REDUCTION])
+def test_every_bad_moe_reduction_argument_is_a_typed_error(over: dict[str, Any], error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        trtllm_ar.trtllm_moe_allreduce_fusion(**moe_reduction_args(**over))
+
+
+def custom_args(**over: Any) -> dict[str, Any]:
+    args: dict[str, Any] = dict(
+        inp=fake_cuda((T, H)),
+        out=fake_cuda((T, H)),
+        tp_size=2,
+        tp_rank=0,
+        token_num=T,
+        fusion_op_code=0,
+        strategy_code=trtllm_ar.AllReduceStrategyType.ONESHOT,
+        config_code=0,
+        launch_with_pdl=False,
+        flag_value=1,
+        peer_comm_buffer_ptrs=fake_cuda((2,), "int64"),
+        peer_barrier_ptrs_in=fake_cuda((2,), "int64"),
+        peer_barrier_ptrs_out=fake_cuda((2,), "int64"),
+        bias=None,
+        residual=None,
+        weight=None,
+        weight_pre_residual_norm=None,
+        eps=None,
+        intermediate_buffer=None,
+        lamport_peer_comm_buffer_ptrs_0=None,
+        lamport_peer_comm_buffer_ptrs_1=None,
+        lamport_peer_comm_buffer_ptrs_2=None,
+    )
+    args.update(over)
+    return args
+
+
+def test_a_valid_older_custom_all_reduce_call_crosses_the_ffi(comm_lock: Path) -> None:
+    with pytest.raises(KernelError) as info:
+        trtllm_ar.trtllm_custom_all_reduce(**custom_args())
+    assert info.value.kind != "TypeError", info.value
+
+
+@pytest.mark.parametrize(
+    ("over", "error", "message"),
+    [
+        ({"tp_size": 3}, ValueError, "tp_size, tp_rank: expected rank < size in 2, 4, 8, 16"),
+        ({"token_num": 7}, ValueError, "token_num: expected a divisor of inp's 4096 elements"),
+        ({"strategy_code": 0}, ValueError, r"strategy_code: expected ONESHOT \(4\) or TWOSHOT \(5\)"),
+        ({"fusion_op_code": 4}, ValueError, "fusion_op_code: fi_ffi passes NONE"),
+        ({"fusion_op_code": 1}, ValueError, "residual: required by RESIDUAL_RMS_NORM"),
+        ({"peer_barrier_ptrs_in": fake_cuda((1,), "int64")}, ValueError, "peer_barrier_ptrs_in: expected an int64"),
+        ({"lamport_peer_comm_buffer_ptrs_0": fake_cuda((2,), "int64")}, ValueError, "pass all three or none"),
+        ({"out": fake_cuda((T, H), "float16")}, TypeError, "out: expected dtype bfloat16"),
+    ],
+)
+def test_bad_older_custom_all_reduce_arguments(over: dict[str, Any], error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        trtllm_ar.trtllm_custom_all_reduce(**custom_args(**over))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: trtllm_ar.trtllm_lamport_initialize(0, 16, "float16"), ValueError, "buffer_ptr: expected a non-NULL"),
+        (lambda: trtllm_ar.trtllm_lamport_initialize(4096, -1, "float16"), ValueError, "size: expected an int >= 0"),
+        (lambda: trtllm_ar.trtllm_lamport_initialize(4096, 16, "int8"), TypeError, "dtype: expected float16, bfloat16"),
+        (lambda: trtllm_ar.trtllm_lamport_initialize(4096, 16, "nope"), TypeError, "nope"),
+        (lambda: trtllm_ar.trtllm_lamport_initialize_all(4096, 0, 4096, 16, "float16"), ValueError, "buffer_1_ptr"),
+    ],
+)
+def test_bad_lamport_arguments(call: Any, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        call()
