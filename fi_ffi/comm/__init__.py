@@ -5,6 +5,11 @@
 - :mod:`.nccl`: :class:`Communicator` (nccl4py or CuPy's NCCL; the ``comm`` extra).
 - :mod:`.launch`: ``fi-ffi launch --nproc N -- cmd``.
 - :mod:`.cuda`: the CUDA runtime calls of this package (device memory, streams, legacy IPC handles).
+- :mod:`.ipc`: :class:`~.ipc.IpcBuffer`, device memory of every rank mapped into each (one host).
+- :mod:`.control`: packing of the kernels' set-up calls (lists of ints, dtypes) from their declarations.
+- :mod:`.vllm_ar`: vLLM's custom all-reduce (``vllm_comm``), :class:`~.vllm_ar.CustomAllReduce`.
+- :mod:`.trtllm_ar`: TensorRT-LLM's fused all-reduce, MoE fusions (``trtllm_comm``),
+  :class:`~.trtllm_ar.AllReduceFusionWorkspace`.
 
 Nothing here imports NCCL, CuPy or torch until a communicator is made.
 """

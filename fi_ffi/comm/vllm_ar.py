@@ -288,7 +288,7 @@ class CustomAllReduce:
             raise ValueError("the custom all-reduce is closed")
         from ..interop import as_tensor
 
-        t = inp if inp.__class__.__name__ == "Tensor" else as_tensor(inp, name="inp")
+        t = as_tensor(inp, name="inp")  # a descriptor is returned as is
         nbytes = t.numel * t.dtype.itemsize
         if nbytes > self.max_size:
             raise ValueError(f"inp: {nbytes} bytes exceed max_size ({self.max_size}); use NCCL for larger inputs")
