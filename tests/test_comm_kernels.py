@@ -113,7 +113,7 @@ def test_a_declaration_of_another_argument_list_is_refused_by_name(comm_lock: Pa
 
 VLLM_CHILD = r"""
 import sys
-from fi_ffi.abi import dl
+from fi_ffi.loader import dl
 dl.open_library(sys.argv[1], dl.RTLD_NOW | dl.RTLD_GLOBAL)  # the stand-in libcuda.so.1, this process only
 from fi_ffi.abi import wire
 from fi_ffi.comm import vllm_ar

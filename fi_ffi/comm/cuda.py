@@ -73,7 +73,7 @@ def copy_to_device(dst: int, data: bytes, stream: int) -> None:
     host = np.frombuffer(bytes(data), np.uint8).copy()  # kept alive until the copy is done (synchronize below)
     _check(
         "cudaMemcpyAsync(host to device)",
-        rt.cudaMemcpyAsync(dst, host.ctypes.data, len(data), rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream),
+        rt.cudaMemcpyAsync(dst, _address(host), len(data), rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream),
     )
     synchronize(stream)
 
@@ -86,10 +86,15 @@ def copy_to_host(src: int, nbytes: int, stream: int) -> bytes:
     out = np.empty(nbytes, np.uint8)
     _check(
         "cudaMemcpyAsync(device to host)",
-        rt.cudaMemcpyAsync(out.ctypes.data, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream),
+        rt.cudaMemcpyAsync(_address(out), src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream),
     )
     synchronize(stream)
     return out.tobytes()
+
+
+def _address(host: Any) -> int:
+    """The address of numpy array ``host``'s first element (its array interface)."""
+    return int(host.__array_interface__["data"][0])
 
 
 def memset(dst: int, value: int, nbytes: int, stream: int) -> None:
@@ -122,21 +127,24 @@ class DeviceBuffer:
 
 def ipc_handle(ptr: int) -> bytes:
     """The 64-byte IPC handle of the ``cudaMalloc`` allocation starting at ``ptr``."""
-    import ctypes
+    from ..abi.cdefs import get_ffi
 
+    ffi = get_ffi()
     handle = _check("cudaIpcGetMemHandle", _rt().cudaIpcGetMemHandle(ptr))
-    return ctypes.string_at(handle.getPtr(), IPC_HANDLE_BYTES)  # the struct's 64 bytes, whatever its field names
+    # the struct's 64 bytes, whatever cuda-bindings names its field
+    return bytes(ffi.buffer(ffi.cast("char *", handle.getPtr()), IPC_HANDLE_BYTES))
 
 
 def ipc_open(handle: bytes) -> int:
     """Map a peer's allocation from its IPC handle (peer access enabled lazily); close with :func:`ipc_close`."""
-    import ctypes
+    from ..abi.cdefs import get_ffi
 
+    ffi = get_ffi()
     rt = _rt()
     if len(handle) != IPC_HANDLE_BYTES:
         raise ValueError(f"handle: expected {IPC_HANDLE_BYTES} bytes (a cudaIpcMemHandle_t), got {len(handle)}")
     h = rt.cudaIpcMemHandle_t()
-    ctypes.memmove(h.getPtr(), bytes(handle), IPC_HANDLE_BYTES)
+    ffi.memmove(ffi.cast("char *", h.getPtr()), bytes(handle), IPC_HANDLE_BYTES)
     ptr = _check("cudaIpcOpenMemHandle", rt.cudaIpcOpenMemHandle(h, rt.cudaIpcMemLazyEnablePeerAccess))
     return int(ptr)
 
