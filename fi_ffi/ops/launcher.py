@@ -437,7 +437,10 @@ def scalar(name: str, kind: str, value: Any) -> Any:
     if kind in (wire.INT, wire.OPT_INT):
         if isinstance(value, bool) or not hasattr(value, "__index__"):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-        value = int(value.__index__())
+        try:
+            value = int(value.__index__())
+        except (TypeError, ValueError):  # numpy arrays of more than one element have an __index__ that refuses
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
         if not -_INT64_END <= value < _INT64_END:
             raise ValueError(f"{name}: {value} does not fit in int64")
         return value
@@ -446,8 +449,10 @@ def scalar(name: str, kind: str, value: Any) -> Any:
             raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
         try:
             out = float(value)
-        except (OverflowError, TypeError, ValueError):
+        except OverflowError:
             raise ValueError(f"{name}: {value!r} does not fit in a float64") from None
+        except (TypeError, ValueError):  # numpy arrays of more than one element have a __float__ that refuses
+            raise TypeError(f"{name}: expected a float, got {type(value).__name__}") from None
         if math.isinf(out) and not (isinstance(value, float) and math.isinf(value)):
             raise ValueError(f"{name}: {value!r} does not fit in a float64")
         return out

@@ -417,6 +417,9 @@ def _settings(ws: Workspace, *args: Any) -> _Settings:
     ps = checks.integer("page_size", page_size, 1)
     if h >= 1 << 16:
         raise ValueError(f"num_heads: expected at most 65535, got {h}")
+    for name, dim in (("head_dim_ckv", ckv), ("head_dim_kpe", kpe)):
+        if dim >= 1 << 16:  # before the module lookup, which would only say no such variant
+            raise ValueError(f"{name}: expected at most 65535 (DeepSeek MLA: 512 and 64), got {dim}")
     if ps >= 1 << 16:
         raise ValueError(f"page_size: expected at most 65535 tokens per page, got {ps}")
     c = checks.flag("causal", causal)

@@ -266,7 +266,13 @@ def pack_custom_mask_device(
     """
     from .quantization import segment_packbits
 
-    return segment_packbits(mask, indptr, "little", output_indptr=output_indptr, out=out, stream=stream)
+    try:
+        return segment_packbits(mask, indptr, "little", output_indptr=output_indptr, out=out, stream=stream)
+    except (TypeError, ValueError) as err:  # segment_packbits calls the mask x; this op's callers know it as mask
+        text = str(err)
+        if not text.startswith("x: "):
+            raise
+        raise type(err)(f"mask: {text[3:]}") from None
 
 
 # ------------------------------------------------------------------------------------------ single prefill
@@ -430,7 +436,7 @@ def _check_single(a: SimpleNamespace) -> PointerRules:
     hk, kv_len = (k.shape[1], k.shape[0]) if nhd else (k.shape[0], k.shape[1])
     if hk == 0:
         raise ValueError(f"k: expected at least one KV head, got shape {k.shape}")
-    S.gqa(hq, hk, decode=False)
+    S.gqa(hq, hk, decode=False, where=f"k (shape {k.shape} read as kv_layout {text})")
     for name, t in (("q", q), ("k", k), ("v", v)):
         AC.strides_u32(name, t)
     AC.device_tensor(
