@@ -420,6 +420,8 @@ def test_every_bad_moe_finalize_argument_is_a_typed_error(over: dict[str, Any], 
         (lambda: vllm_ar.register_buffer(0, [1, 2]), ValueError, "fa: the all-reduce handle is 0"),
         (lambda: vllm_ar.register_buffer(5, [1, 2.0]), TypeError, r"fake_ipc_ptrs\[1\]: expected an int, got float"),
         (lambda: vllm_ar.dispose(0), ValueError, "fa: the all-reduce handle is 0"),
+        (lambda: vllm_ar.register_buffer(np.arange(2), [1, 2]), TypeError, "fa: expected an int, got ndarray"),
+        (lambda: vllm_ar.register_buffer(5, [1, np.arange(2)]), TypeError, r"fake_ipc_ptrs\[1\]: expected an int"),
         (
             lambda: vllm_ar.register_graph_buffers(5, [[0] * 64], [[0], [0]]),
             ValueError,

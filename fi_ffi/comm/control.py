@@ -25,7 +25,10 @@ def _ints(name: str, values: Any) -> list[int]:
     for i, v in enumerate(values):
         if isinstance(v, bool) or not hasattr(v, "__index__"):
             raise TypeError(f"{name}[{i}]: expected an int, got {type(v).__name__}")
-        v = int(v.__index__())
+        try:
+            v = int(v.__index__())
+        except (TypeError, ValueError):  # a numpy array of several elements has __index__ and refuses
+            raise TypeError(f"{name}[{i}]: expected an int, got {type(v).__name__}") from None
         if not -_INT64 <= v < _INT64:
             raise ValueError(f"{name}[{i}]: {v} does not fit in int64")
         out.append(v)
