@@ -478,7 +478,9 @@ def test_batch_decode_run_refuses_strides_its_kernel_truncates(make_array):
     cache = fake_cuda((4, 16, 8, 128), strides=(1 << 32, 1024, 128, 1))  # paged_kv_t: uint32 strides
     with pytest.raises(ValueError, match=r"k_cache: the kernel takes 32-bit strides"):
         decode.batch_decode_run(plan, *decode_run_args(k_cache=cache, v_cache=cache).values())
-    q = fake_cuda((2, 32, 128), strides=((1 << 31) - 8, 128, 1))  # the largest int32 stride that keeps 16 bytes
+    # the largest int32 stride that keeps 16 bytes; its 4 GiB footprint at an address of its own (never read: no
+    # GPU), so that it overlaps no other argument's memory
+    q = Tensor.from_pointer(1 << 40, (2, 32, 128), "float16", "cuda:0", ((1 << 31) - 8, 128, 1))
     with pytest.raises(KernelError) as info:
         decode.batch_decode_run(plan, *decode_run_args(q=q).values())
     assert_reached_the_kernel(info.value)
