@@ -392,7 +392,9 @@ def child_concurrent_first_calls_bind_one_device() -> None:
         p, ws, out, state = cases[ordinal]
         barrier.wait()
         try:
-            gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, ws, input_state=p.input_state)
+            gdn.gdn_prefill(
+                p.q, p.k, p.v, p.cu_seqlens, out, state, ws, input_state=p.input_state, alpha=p.alpha, beta=p.beta
+            )
             outcome[ordinal] = None
         except BaseException as exc:
             outcome[ordinal] = exc
@@ -408,10 +410,21 @@ def child_concurrent_first_calls_bind_one_device() -> None:
     assert gdn._bound_device == won
     assert isinstance(outcome[lost], UnsupportedDeviceError), repr(outcome[lost])
     assert re.search(ONE_DEVICE.format(lost, won), str(outcome[lost])), str(outcome[lost])
-    p, _, out, state = cases[won]
+    p, ws, out, state = cases[won]
     torch.cuda.synchronize(won)
     with torch.cuda.device(won):
         ref_out, ref_state = reference(p)
+        again_out, again_state = p.outputs()
+    # the same call again from the main thread, for the failure message: tells a wrong first call from a wrong device
+    gdn.gdn_prefill(
+        p.q, p.k, p.v, p.cu_seqlens, again_out, again_state, ws, input_state=p.input_state, alpha=p.alpha, beta=p.beta
+    )
+    torch.cuda.synchronize(won)
+    errors = {
+        name: (got.float() - ref).abs().max().item()
+        for name, got, ref in (("first", out, ref_out), ("again", again_out, ref_out))
+    }
+    print(f"winner cuda:{won}, max |output - reference|: {errors}, max |reference| {ref_out.abs().max().item():.3e}")
     assert_close("output", out, ref_out, torch.float16)
     assert_close("output_state", state, ref_state, torch.float16)
     torch.cuda.synchronize(lost)
