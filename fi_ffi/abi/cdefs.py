@@ -8,9 +8,9 @@ and offset declared here. Parsing the declarations costs a few milliseconds, so 
 
 from __future__ import annotations
 
-import threading
-
 import cffi
+
+from ..cdecl import Declarations
 
 CDEFS = r"""
 /* ---- DLPack ---- */
@@ -98,17 +98,9 @@ DLPackManagedTensorAllocator TVMFFIEnvGetDLPackManagedTensorAllocator(void);
 int TVMFFIEnvTensorAlloc(DLTensor* prototype, void** out);
 """
 
-_lock = threading.Lock()
-_ffi: cffi.FFI | None = None
+_DECLARATIONS = Declarations(CDEFS)
 
 
 def get_ffi() -> cffi.FFI:
     """Return the process-wide ``cffi.FFI`` holding the declarations above (parsed once, thread-safe)."""
-    global _ffi
-    if _ffi is None:
-        with _lock:
-            if _ffi is None:
-                ffi = cffi.FFI()
-                ffi.cdef(CDEFS)
-                _ffi = ffi
-    return _ffi
+    return _DECLARATIONS.ffi()

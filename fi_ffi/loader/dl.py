@@ -12,11 +12,11 @@ TVM-FFI type, and :mod:`fi_ffi.abi` (which declares those) builds on the loader,
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
 import cffi
 
+from ..cdecl import Declarations
 from ..errors import LibraryLoadError
 
 RTLD_LAZY = os.RTLD_LAZY
@@ -34,21 +34,13 @@ char* dlerror(void);
 int dlclose(void* handle);
 """
 
-_lock = threading.Lock()
-_ffi: cffi.FFI | None = None
+_DECLARATIONS = Declarations(LIBC_CDEFS)
 _libc: Any = None
 
 
 def get_ffi() -> cffi.FFI:
     """The ``cffi.FFI`` holding libc's ``dl*`` declarations (parsed once, thread-safe)."""
-    global _ffi
-    if _ffi is None:
-        with _lock:
-            if _ffi is None:
-                ffi = cffi.FFI()
-                ffi.cdef(LIBC_CDEFS)
-                _ffi = ffi
-    return _ffi
+    return _DECLARATIONS.ffi()
 
 
 def libc() -> Any:

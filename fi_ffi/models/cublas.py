@@ -25,6 +25,7 @@ from typing import Any
 
 import cffi
 
+from ..cdecl import Declarations
 from ..errors import LibraryLoadError
 
 __all__ = [
@@ -105,7 +106,7 @@ _STATUS_NAMES = {
 }
 
 _lock = threading.Lock()
-_ffi: cffi.FFI | None = None
+_DECLARATIONS = Declarations(CDEFS)
 _lib: Any = None
 _path = ""
 
@@ -128,14 +129,7 @@ class CublasError(RuntimeError):
 
 def get_ffi() -> cffi.FFI:
     """The ``cffi.FFI`` holding :data:`CDEFS` (parsed once, thread-safe; no library is loaded)."""
-    global _ffi
-    if _ffi is None:
-        with _lock:
-            if _ffi is None:
-                ffi = cffi.FFI()
-                ffi.cdef(CDEFS)
-                _ffi = ffi
-    return _ffi
+    return _DECLARATIONS.ffi()
 
 
 def library() -> Any:
