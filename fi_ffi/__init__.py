@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         apply_rope_with_cos_sin_cache,
         apply_rope_with_cos_sin_cache_inplace,
     )
+    from .ops.router import fused_topk_deepseek, mm_M1_16_K7168_N128, mm_M1_16_K7168_N256
     from .ops.sampling import (
         chain_speculative_sampling,
         min_p_sampling_from_probs,
@@ -131,6 +132,9 @@ _LAZY = {
     "packbits": "ops.quantization",
     "segment_packbits": "ops.quantization",
     "segment_packbits_indptr": "ops.quantization",
+    "mm_M1_16_K7168_N256": "ops.router",
+    "mm_M1_16_K7168_N128": "ops.router",
+    "fused_topk_deepseek": "ops.router",
     "apply_rope": "ops.rope",
     "apply_rope_inplace": "ops.rope",
     "apply_rope_pos_ids": "ops.rope",
@@ -197,6 +201,7 @@ __all__ = [
     "float16",
     "float32",
     "fused_add_rmsnorm",
+    "fused_topk_deepseek",
     "gdn_prefill",
     "gdn_workspace_size",
     "gelu_and_mul",
@@ -211,6 +216,8 @@ __all__ = [
     "merge_state_in_place",
     "merge_states",
     "min_p_sampling_from_probs",
+    "mm_M1_16_K7168_N128",
+    "mm_M1_16_K7168_N256",
     "pack_custom_mask",
     "pack_custom_mask_device",
     "packbits",
