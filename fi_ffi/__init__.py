@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .ops.cascade import merge_state, merge_state_in_place, merge_states
     from .ops.decode import batch_decode_plan, batch_decode_run, single_decode
     from .ops.gdn import gdn_prefill, gdn_workspace_size
+    from .ops.mamba import selective_state_update
     from .ops.mla import MLAPlan, batch_mla_plan, batch_mla_run
     from .ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, prepare, qk_rmsnorm, rmsnorm
     from .ops.page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions
@@ -135,6 +136,7 @@ _LAZY = {
     "mm_M1_16_K7168_N256": "ops.router",
     "mm_M1_16_K7168_N128": "ops.router",
     "fused_topk_deepseek": "ops.router",
+    "selective_state_update": "ops.mamba",
     "apply_rope": "ops.rope",
     "apply_rope_inplace": "ops.rope",
     "apply_rope_pos_ids": "ops.rope",
@@ -228,6 +230,7 @@ __all__ = [
     "sampling_from_probs",
     "segment_packbits",
     "segment_packbits_indptr",
+    "selective_state_update",
     "silu_and_mul",
     "single_decode",
     "single_prefill",
