@@ -71,6 +71,7 @@ if TYPE_CHECKING:
         top_p_renorm_workspace_size,
         top_p_sampling_from_probs,
     )
+    from .ops.segment_gemm import segment_gemm
     from .ops.topk import top_k, top_k_page_table_transform, top_k_ragged_transform
     from .ops.variants import list_variants
     from .ops.workspace import Workspace
@@ -137,6 +138,7 @@ _LAZY = {
     "mm_M1_16_K7168_N128": "ops.router",
     "fused_topk_deepseek": "ops.router",
     "selective_state_update": "ops.mamba",
+    "segment_gemm": "ops.segment_gemm",
     "apply_rope": "ops.rope",
     "apply_rope_inplace": "ops.rope",
     "apply_rope_pos_ids": "ops.rope",
@@ -228,6 +230,7 @@ __all__ = [
     "rmsnorm",
     "sampling_from_logits",
     "sampling_from_probs",
+    "segment_gemm",
     "segment_packbits",
     "segment_packbits_indptr",
     "selective_state_update",
