@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .generator import Generator
     from .interop import as_tensor
     from .ops.activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
+    from .ops.bmm_fp8 import bmm_fp8
     from .ops.cascade import merge_state, merge_state_in_place, merge_states
     from .ops.decode import batch_decode_plan, batch_decode_run, single_decode
     from .ops.gdn import gdn_prefill, gdn_workspace_size
@@ -139,6 +140,7 @@ _LAZY = {
     "fused_topk_deepseek": "ops.router",
     "selective_state_update": "ops.mamba",
     "segment_gemm": "ops.segment_gemm",
+    "bmm_fp8": "ops.bmm_fp8",
     "apply_rope": "ops.rope",
     "apply_rope_inplace": "ops.rope",
     "apply_rope_pos_ids": "ops.rope",
@@ -199,6 +201,7 @@ __all__ = [
     "batch_prefill_ragged_plan",
     "batch_prefill_ragged_run",
     "bfloat16",
+    "bmm_fp8",
     "chain_speculative_sampling",
     "current_stream",
     "dtypes",

@@ -340,6 +340,12 @@ def ensure_module_libraries(uri: str) -> None:
             _nvidia_loaded[name] = found.abs_path or f"lib{name}.so.13"
 
 
+def module_library_path(uri: str, name: str) -> str:
+    """The path (or soname) of NVIDIA library ``name`` that module ``uri`` uses, loading it first if needed."""
+    ensure_module_libraries(uri)
+    return _nvidia_loaded[name]
+
+
 def cuda_runtime_version() -> tuple[str, str]:
     """The CUDA runtime version for wheel selection, ``("13.0", source)``.
 
