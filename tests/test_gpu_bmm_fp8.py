@@ -21,6 +21,7 @@ import torch
 
 import fi_ffi
 from fi_ffi.errors import LibraryLoadError
+from fi_ffi.ops.bmm_fp8 import WORKSPACE_BYTES
 
 pytestmark = pytest.mark.gpu
 
@@ -53,7 +54,7 @@ def test_bmm_fp8_matches_float32(
     w8, w_inv = to_fp8(w, b_dtype)
     b8 = w8.transpose(-2, -1)
     out = torch.full((batch, m, n), float("nan"), dtype=out_dtype, device="cuda")
-    workspace = torch.empty(fi_ffi.ops.bmm_fp8.WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
     try:
         got = fi_ffi.bmm_fp8(a8, b8, a_inv, w_inv, out_dtype, out, workspace_buffer=workspace)
     except LibraryLoadError as exc:
