@@ -73,6 +73,12 @@ if TYPE_CHECKING:
         top_p_sampling_from_probs,
     )
     from .ops.segment_gemm import segment_gemm
+    from .ops.sink import (
+        batch_attention_sink_plan,
+        batch_attention_sink_ragged_plan,
+        batch_attention_sink_ragged_run,
+        batch_attention_sink_run,
+    )
     from .ops.topk import top_k, top_k_page_table_transform, top_k_ragged_transform
     from .ops.variants import list_variants
     from .ops.workspace import Workspace
@@ -141,6 +147,10 @@ _LAZY = {
     "selective_state_update": "ops.mamba",
     "segment_gemm": "ops.segment_gemm",
     "bmm_fp8": "ops.bmm_fp8",
+    "batch_attention_sink_plan": "ops.sink",
+    "batch_attention_sink_run": "ops.sink",
+    "batch_attention_sink_ragged_plan": "ops.sink",
+    "batch_attention_sink_ragged_run": "ops.sink",
     "apply_rope": "ops.rope",
     "apply_rope_inplace": "ops.rope",
     "apply_rope_pos_ids": "ops.rope",
@@ -192,6 +202,10 @@ __all__ = [
     "apply_rope_with_cos_sin_cache",
     "apply_rope_with_cos_sin_cache_inplace",
     "as_tensor",
+    "batch_attention_sink_plan",
+    "batch_attention_sink_ragged_plan",
+    "batch_attention_sink_ragged_run",
+    "batch_attention_sink_run",
     "batch_decode_plan",
     "batch_decode_run",
     "batch_mla_plan",
