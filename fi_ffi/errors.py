@@ -64,6 +64,20 @@ class IntegrityError(LoaderError):
     """A file's sha256 does not match the lock."""
 
 
+class DamagedWheelError(IntegrityError):
+    """A wheel that its stamp (or its hash) vouched for could not be unzipped.
+
+    Attributes:
+        refetch: True when the damaged copy is fi_ffi's own (in its cache): its stamp was dropped, so the next
+            look at it hashes it and replaces it from a good source (a wheelhouse, the lock's ``path``) or
+            fetches it again. False for a file fi_ffi does not own (a wheelhouse's), which it never changes.
+    """
+
+    def __init__(self, message: str, refetch: bool = False) -> None:
+        super().__init__(message)
+        self.refetch = refetch
+
+
 class LibraryLoadError(LoaderError):
     """The dynamic loader refused a shared library (missing dependency, glibc version, wrong architecture)."""
 

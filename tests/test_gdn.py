@@ -42,7 +42,9 @@ def fake_cuda(
     align: int = 64,
 ) -> Tensor:
     """A descriptor that claims CUDA memory but points at (``align``-byte aligned) host memory it never touches."""
-    host = np.zeros(256, dtype=np.uint8)
+    # memory of its own for the whole extent: the launcher refuses outputs that overlap inputs
+    extent = int(np.prod(shape)) * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize
+    host = np.zeros(max(extent, 256) + align, dtype=np.uint8)
     ptr = (host.ctypes.data + align - 1) // align * align
     return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
 
@@ -231,7 +233,7 @@ def test_cu_seqlens_must_be_int64() -> None:
         (
             dict(q=fake_cuda((10, 2, D), align=2).view((10, 2, D), offset=1)),
             ValueError,
-            r"q: data pointer .* must be 16-byte aligned",
+            r"q: data pointer .* must be aligned to 16 bytes",
         ),
         (
             dict(q=fake_cuda((10, 2, 64)), k=fake_cuda((10, 2, 64)), v=fake_cuda((10, 4, 64))),
@@ -261,7 +263,7 @@ def test_cu_seqlens_must_be_int64() -> None:
         (
             dict(output=fake_cuda((10, 4, D), align=8).view((10, 4, D), offset=4)),
             ValueError,
-            r"output: data pointer .* must be 16-byte aligned",
+            r"output: data pointer .* must be aligned to 16 bytes",
         ),
         (dict(output_state=fake_cuda((2, 4, D, D), "float16")), TypeError, r"output_state: expected dtype float32"),
         (
@@ -279,7 +281,7 @@ def test_cu_seqlens_must_be_int64() -> None:
         (
             dict(workspace=fake_cuda((132 * 128,), "uint8").view((132 * 128,), offset=16)),
             ValueError,
-            r"workspace: data pointer .* must be 64-byte aligned",
+            r"workspace: data pointer .* must be aligned to 64 bytes",
         ),
         (dict(workspace=fake_cuda((132 * 128,), "uint8", device=1)), ValueError, r"workspace: expected a tensor on"),
     ],
@@ -287,7 +289,12 @@ def test_cu_seqlens_must_be_int64() -> None:
 def test_bad_arguments_are_named(change: dict, exc: type, pattern: str) -> None:
     with pytest.raises(exc, match=pattern):
         call_unchecked(gdn_args(**change))
-    with pytest.raises(exc, match=pattern):  # the public op validates before anything that needs a GPU
+    if "data pointer" in pattern:
+        # pointer rules are tested after the op's check, which asks the device (none here) for its architecture
+        with pytest.raises((exc, UnsupportedDeviceError)):
+            gdn.gdn_prefill(**gdn_args(**change))
+        return
+    with pytest.raises(exc, match=pattern):  # the public op validates layouts before anything that needs a GPU
         gdn.gdn_prefill(**gdn_args(**change))
 
 
@@ -399,7 +406,7 @@ class HostCAI:
     __hash__ = None  # type: ignore[assignment]
 
     def __init__(self, shape: tuple[int, ...], typestr: str) -> None:
-        self.host = np.zeros(256, dtype=np.uint8)
+        self.host = np.zeros(int(np.prod(shape)) * 8 + 64, dtype=np.uint8)  # its own memory: outputs must not overlap
         ptr = (self.host.ctypes.data + 63) // 64 * 64
         self.__cuda_array_interface__ = dict(shape=shape, typestr=typestr, data=(ptr, False), strides=None, version=3)
 

@@ -90,7 +90,7 @@ VARIANTS = [("float16", 64), ("float16", 128), ("bfloat16", 64), ("bfloat16", 12
 @pytest.mark.parametrize(("dtype", "head_dim"), VARIANTS)
 def test_norms_and_kv_append_accept_the_engine_views(dtype, head_dim):
     c = config(head_dim)
-    weight = kernels.descriptor(FAKE, (c.hidden_size,), dtype, 0)
+    weight = kernels.descriptor(FAKE + (16 << 30), (c.hidden_size,), dtype, 0)  # apart from the views
     for kind in ("decode", "prefill"):
         v = views(c, dtype, kind)
         reached(lambda v=v: kernels.rmsnorm(v.h, weight, v.x, 1e-5, 0))

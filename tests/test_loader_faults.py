@@ -204,12 +204,12 @@ def test_a_damaged_wheelhouse_wheel_whose_stamp_matches_is_reported_and_verify_f
     assert synthetic.is_file() and not cache.stamped(synthetic, pin().sha256)
 
 
-def test_a_damaged_cached_wheel_whose_stamp_matches_is_removed_and_fetched_again(synthetic: Path) -> None:
+def test_a_damaged_cached_wheel_whose_stamp_matches_is_replaced_from_the_wheelhouse(synthetic: Path) -> None:
     copied = loader.fetch(synthetic)[0]
     assert copied == cache.wheel_path(pin())
     corrupt_member_data(copied, BETA)
     assert loader.module_path("beta").read_bytes() == zipfile.ZipFile(synthetic).read(BETA)
-    assert not copied.exists()  # the damaged copy went; the wheelhouse's good one served
+    assert copied.read_bytes() == synthetic.read_bytes()  # the damaged copy replaced by the wheelhouse's good one
 
 
 def test_a_damaged_listing_is_detected_by_verify_and_listed_again(synthetic: Path) -> None:

@@ -21,6 +21,7 @@ from fi_ffi.abi import wire
 from fi_ffi.errors import KernelError, KernelNotFoundError, LoaderError, UnsupportedDeviceError
 from fi_ffi.ops import mla
 from fi_ffi.ops import variants as V
+from fi_ffi.ops.aliasing import footprint
 from fi_ffi.ops.kernels import entry_point
 from fi_ffi.ops.launcher import bound_entry
 from fi_ffi.ops.workspace import Workspace
@@ -45,7 +46,10 @@ def _fresh_settings() -> Iterator[None]:
 
 def fake_cuda(shape, dtype="float16", strides=None, device="cuda:0") -> Tensor:
     """A descriptor that claims CUDA memory, pointing at 16-byte aligned host memory the module never reads."""
-    host = np.zeros(64, dtype=np.uint8)
+    # memory of its own for the tensor's extent (the launcher refuses outputs over inputs); huge test shapes are
+    # refused before any kernel, so they get a token allocation
+    extent = footprint(Tensor.from_pointer(16, shape, dtype, device, strides))[1]
+    host = np.zeros((extent if extent < 1 << 26 else 0) + 64, dtype=np.uint8)
     ptr = (host.ctypes.data + 15) // 16 * 16
     return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from fi_ffi.errors import KernelError
 from fi_ffi.ops import page
+from fi_ffi.ops.aliasing import footprint
 from fi_ffi.ops.kernels import entry_point
 from fi_ffi.tensor import Tensor
 
@@ -36,7 +37,10 @@ def fake_cuda(
     shape: tuple[int, ...], dtype: str = "float16", strides: tuple[int, ...] | None = None, device: object = "cuda:0"
 ) -> Tensor:
     """A descriptor that claims CUDA memory but points at (16-byte aligned) host memory it never touches."""
-    host = np.zeros(64, dtype=np.uint8)
+    # memory of its own for the tensor's extent (the launcher refuses outputs over inputs); huge test shapes are
+    # refused before any kernel, so they get a token allocation
+    extent = footprint(Tensor.from_pointer(16, shape, dtype, device, strides))[1]
+    host = np.zeros((extent if extent < 1 << 26 else 0) + 64, dtype=np.uint8)
     ptr = (host.ctypes.data + 15) // 16 * 16
     return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
 

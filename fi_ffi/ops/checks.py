@@ -1,8 +1,11 @@
 """Contract checks shared by the ops, run before anything crosses the FFI.
 
 Each check raises ``TypeError`` (wrong kind of value, wrong dtype) or ``ValueError`` (wrong shape, device,
-strides, null pointer, out-of-range scalar) with a message that starts with the argument's name and says
-what was expected and what was given.
+strides, out-of-range scalar) with a message that starts with the argument's name and says what was expected
+and what was given. Checks run inside an op's launcher check see no addresses (its verdict is cached per
+layout): what they require of a data pointer goes into a :class:`~fi_ffi.ops.pointer_rules.PointerRules`, which
+the launcher tests on every call. NULL pointers of non-empty tensors are refused by the launcher for every
+tensor; :func:`not_null` is for descriptors used outside a launcher (host reads, workspace buffers).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 from ..dtypes import DType
 from ..tensor import Tensor
+from .pointer_rules import PointerRules
 
 
 def tensor(name: str, value: Any, host: bool = False) -> Tensor:
@@ -56,17 +60,19 @@ def same_dtype(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
 
 
 def cuda(name: str, t: Tensor) -> None:
-    """``t`` is device memory of a CUDA device and its pointer is not NULL (empty tensors excepted)."""
+    """``t`` is device memory of a CUDA device."""
     if not t.device.is_cuda:
         raise ValueError(f"{name}: expected a CUDA device tensor, got one on {t.device}")
-    if not t.data_ptr and t.numel:
-        raise ValueError(f"{name}: data pointer is NULL")
 
 
 def host(name: str, t: Tensor) -> None:
-    """``t`` is host memory (plain or page-locked) the CPU can read, with a non-NULL pointer."""
+    """``t`` is host memory (plain or page-locked) the CPU can read."""
     if not t.device.is_host:
         raise ValueError(f"{name}: expected a host (CPU) tensor, got one on {t.device}")
+
+
+def not_null(name: str, t: Tensor) -> None:
+    """``t``'s data pointer is not NULL (empty tensors excepted): for descriptors used outside a launcher."""
     if not t.data_ptr and t.numel:
         raise ValueError(f"{name}: data pointer is NULL")
 
@@ -88,20 +94,25 @@ def contiguous(name: str, t: Tensor) -> None:
         raise ValueError(f"{name}: expected a contiguous tensor, got shape {t.shape} strides {t.strides}")
 
 
-def aligned(name: str, t: Tensor, elements: int) -> None:
-    """The data pointer and every outer stride are multiples of ``elements`` elements (vector loads)."""
+def aligned(rules: PointerRules, name: str, t: Tensor, elements: int) -> None:
+    """Vector loads of ``elements`` elements: every outer stride is a multiple of ``elements`` (checked here) and
+    the data pointer of a non-empty ``t`` a multiple of ``elements * itemsize`` bytes (added to ``rules``)."""
     if elements <= 1:
         return
-    if t.data_ptr % (elements * t.dtype.itemsize):
-        raise ValueError(
-            f"{name}: data pointer 0x{t.data_ptr:x} must be aligned to {elements * t.dtype.itemsize}"
-            f" bytes for this kernel's vector loads"
-        )
+    if t.numel:
+        rules.align(name, elements * t.dtype.itemsize)
     for dim, stride in enumerate(t.strides[:-1]):
         if stride % elements and t.shape[dim] > 1:
             raise ValueError(
                 f"{name}: stride of dimension {dim} must be a multiple of {elements} elements, got {stride}"
             )
+
+
+def row_vector_bytes(t: Tensor) -> int:
+    """Alignment (bytes) of vector loads along the rows of ``t``: ``gcd(16 B / itemsize, row length)`` elements
+    (a row whose length is not a multiple of the full vector is loaded in smaller pieces)."""
+    size = t.dtype.itemsize
+    return math.gcd(16 // size, t.shape[-1]) * size
 
 
 def positive_finite(name: str, value: Any) -> float:

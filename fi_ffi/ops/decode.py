@@ -41,6 +41,7 @@ from .launcher import launcher
 from .plan import Plan
 from .plan_call import call_plan
 from .plan_settings import LAYOUTS, PlanSettings
+from .pointer_rules import PointerRules
 from .variants import BATCH_DECODE, SINGLE_DECODE, Variant, resolve
 from .workspace import Workspace, tmp_bytes_needed
 
@@ -431,19 +432,23 @@ def batch_decode_run(
     return out
 
 
-def _check_run(a: SimpleNamespace) -> None:
+def _check_run(a: SimpleNamespace) -> PointerRules:
     """The contract of a batch decode run, against the plan's settings and batch size (``a.context``)."""
     s, b = a.context
     dev = a.float_workspace_buffer.device
     hq, hk, d = s.num_qo_heads, s.num_kv_heads, s.head_dim_qk
-    AC.device_tensor("q", a.q, (b, hq, d), "[batch, num_qo_heads, head_dim]", s.dtype_q, dev)
-    AC.kv_cache(a.k_cache, a.v_cache, s.kv_layout, hk, s.page_size, d, d, s.dtype_kv, dev)
+    rules = PointerRules()
+    AC.device_tensor(rules, "q", a.q, (b, hq, d), "[batch, num_qo_heads, head_dim]", s.dtype_q, dev)
+    AC.kv_cache(rules, a.k_cache, a.v_cache, s.kv_layout, hk, s.page_size, d, d, s.dtype_kv, dev)
     AC.index_tensor("kv_indptr", a.kv_indptr, b + 1, dev)
     AC.index_tensor("kv_indices", a.kv_indices, None, dev)
     AC.index_tensor("kv_last_page_len", a.kv_last_page_len, b, dev)
-    AC.device_tensor("out", a.out, (b, hq, d), "[batch, num_qo_heads, head_dim]", s.dtype_o, dev, contiguous=True)
+    AC.device_tensor(
+        rules, "out", a.out, (b, hq, d), "[batch, num_qo_heads, head_dim]", s.dtype_o, dev, contiguous=True
+    )
     AC.lse_tensor("lse", a.lse, (b, hq), dev)
     AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
+    return AC.outputs_apart(rules)
 
 
 # ------------------------------------------------------------------------------------------ single decode
@@ -568,7 +573,7 @@ def _module_dtype(name: str, t: Tensor) -> None:
         )
 
 
-def _check_single(a: SimpleNamespace) -> None:
+def _check_single(a: SimpleNamespace) -> PointerRules:
     """The contract of a single decode call."""
     q, k, v, out, tmp = a.q, a.k, a.v, a.out, a.tmp
     if q.ndim != 2:
@@ -577,19 +582,21 @@ def _check_single(a: SimpleNamespace) -> None:
         raise ValueError(f"q: expected a CUDA device tensor, got one on {q.device}")
     dev = q.device
     hq, d = q.shape
-    AC.device_tensor("q", q, (hq, d), "[num_qo_heads, head_dim]", None, dev, contiguous=True)
+    rules = PointerRules()
+    AC.device_tensor(rules, "q", q, (hq, d), "[num_qo_heads, head_dim]", None, dev, contiguous=True)
     nhd = a.kv_layout_code == LAYOUTS["NHD"]
     text = "NHD [kv_len, num_kv_heads, head_dim]" if nhd else "HND [num_kv_heads, kv_len, head_dim]"
-    AC.device_tensor("k", k, (None, None, d), text, None, dev, contiguous=True)
-    AC.device_tensor("v", v, k.shape, text, k.dtype, dev, contiguous=True)
+    AC.device_tensor(rules, "k", k, (None, None, d), text, None, dev, contiguous=True)
+    AC.device_tensor(rules, "v", v, k.shape, text, k.dtype, dev, contiguous=True)
     hk, kv_len = (k.shape[1], k.shape[0]) if nhd else (k.shape[0], k.shape[1])
     if hk == 0:
         raise ValueError(f"k: expected at least one KV head, got shape {k.shape}")
     S.gqa(hq, hk, decode=True)
-    AC.device_tensor("out", out, (hq, d), "[num_qo_heads, head_dim]", None, dev, contiguous=True)
+    AC.device_tensor(rules, "out", out, (hq, d), "[num_qo_heads, head_dim]", None, dev, contiguous=True)
     _check_tmp(tmp, dev, kv_len, 1, hq, hk, d, out.dtype.itemsize, prefill=False)
     AC.lse_tensor("lse", a.lse, (hq,), dev)
     AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
+    return AC.outputs_apart(rules)
 
 
 def _check_tmp(

@@ -38,6 +38,7 @@ from ..errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
 from ..tensor import Tensor
 from . import checks, device
 from .launcher import launcher
+from .pointer_rules import PointerRules
 from .variants import not_shipped
 
 _URI = "gdn_prefill_sm90"
@@ -227,7 +228,7 @@ def _check_arch(qt: Tensor) -> None:
         )
 
 
-def _check(a: SimpleNamespace) -> dict[str, int]:
+def _check(a: SimpleNamespace) -> PointerRules:
     """The contract of ``gdn_prefill`` (layouts only); ``a.context`` is True to skip the device queries."""
     qt, kt, vt, cu, ot, st = a.q, a.k, a.v, a.cu_seqlens, a.output, a.output_state
     ws, it, at, bt = a.workspace, a.input_state, a.alpha, a.beta
@@ -266,7 +267,7 @@ def _check(a: SimpleNamespace) -> dict[str, int]:
     checks.ndim("cu_seqlens", cu, 1, "[N + 1]")
     if cu.dtype != int64:
         raise TypeError(f"cu_seqlens: expected dtype int64 (the kernel reads it as int64), got {cu.dtype.name}")
-    _dense("cu_seqlens", cu, qt, align=False)
+    _dense("cu_seqlens", cu, qt)
     nseq = cu.shape[0] - 1
     if nseq < 1:
         raise ValueError(f"cu_seqlens: expected [N + 1] offsets with N >= 1 sequences, got shape {cu.shape}")
@@ -288,16 +289,11 @@ def _check(a: SimpleNamespace) -> dict[str, int]:
             checks.shape(name, gate, (packed, hs), "[S, max(Hq, Hv)]")
             if gate.dtype != float32:
                 raise TypeError(f"{name}: expected dtype float32, got {gate.dtype.name}")
-            _dense(name, gate, qt, align=False)
+            _dense(name, gate, qt)
     checks.ndim("workspace", ws, 1, "[bytes]")
     if ws.dtype != uint8:
         raise TypeError(f"workspace: expected dtype uint8, got {ws.dtype.name}")
-    _dense("workspace", ws, qt, align=False)
-    if ws.data_ptr % _WORKSPACE_ALIGN:
-        raise ValueError(
-            f"workspace: data pointer 0x{ws.data_ptr:x} must be {_WORKSPACE_ALIGN}-byte aligned "
-            f"(it holds TMA descriptors)"
-        )
+    _dense("workspace", ws, qt)
     if not a.context:  # device queries: the tensors' device (part of their layout) is an SM90 GPU
         _check_arch(qt)
         dev = qt.device.device_id
@@ -307,21 +303,23 @@ def _check(a: SimpleNamespace) -> dict[str, int]:
                 f"workspace: expected at least {need} bytes (gdn_workspace_size({dev}): "
                 f"{WORKSPACE_BYTES_PER_SM} per SM), got {ws.shape[0]}"
             )
-    # the launcher checks these pointers on every call (the checks above saw only this call's)
-    aligned = {name: _TMA_ALIGN for name in ("q", "k", "v", "output", "output_state")}
-    if it is not None:
-        aligned["input_state"] = _TMA_ALIGN
-    aligned["workspace"] = _WORKSPACE_ALIGN
-    return aligned
+    # TMA loads and stores need 16-byte aligned tensors; the workspace holds TMA descriptors (64-byte aligned)
+    rules = PointerRules({name: _TMA_ALIGN for name in ("q", "k", "v", "output", "output_state", "input_state")})
+    rules.align("workspace", _WORKSPACE_ALIGN)
+    # the outputs are written while q, k, v (and the gates) are still read by other blocks; the state may be
+    # updated in place (each block reads its head's state before it writes it)
+    for out in ("output", "output_state"):
+        for name in ("q", "k", "v", "alpha", "beta", "cu_seqlens", "workspace"):
+            rules.disjoint(out, name)
+    rules.disjoint("output", "output_state").disjoint("output", "input_state")
+    return rules.same_or_disjoint("output_state", "input_state")
 
 
-def _dense(name: str, t: Tensor, ref: Tensor, align: bool = True) -> None:
+def _dense(name: str, t: Tensor, ref: Tensor) -> None:
     """``t`` is on ``ref``'s CUDA device and contiguous (the kernel derives every stride from the shapes)."""
     checks.same_device(name, t, "q", ref)
     checks.cuda(name, t)
     checks.contiguous(name, t)
-    if align and t.data_ptr % _TMA_ALIGN:
-        raise ValueError(f"{name}: data pointer 0x{t.data_ptr:x} must be {_TMA_ALIGN}-byte aligned (TMA loads)")
 
 
 # The launch function (wire order); ``.launcher.slow_calls`` counts calls validated from scratch.

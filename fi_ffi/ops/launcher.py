@@ -13,18 +13,24 @@ How a call runs:
 2. **Look up.** The tuple of keys (plus ``context``, a hashable value the op adds, e.g. its plan settings)
    is looked up in this thread's frame cache. A hit is a layout combination that passed every check before:
    the cache holds the packed frame image for it (argument slots and one ``DLTensor`` record per tensor
-   parameter, owned by the frame), plus the alignment masks the pointers must satisfy.
-3. **Write.** The image is copied over the frame in one slice assignment, then the data pointers (and
+   parameter, owned by the frame), plus that layout's pointer rules (:mod:`fi_ffi.ops.pointer_rules`).
+3. **Test the pointers**, every call: each against its alignment mask (one test of all pointers against the
+   union of the masks first), non-NULL unless its tensor is empty, no high bits (the slow path checks such an
+   address range does not wrap), and the op's overlap rules (a few integer comparisons per rule). A pointer
+   that fails takes the slow path, which raises the error naming the argument.
+4. **Write.** The image is copied over the frame in one slice assignment, then the data pointers (and
    per-call values: plan info, seeds) are written to their words; the frame's records belong to the call, so
    a foreign tensor costs no descriptor object.
-4. **Call** the entry point (one cffi call), on the call's stream (set and restored around the call when it
+5. **Call** the entry point (one cffi call), on the call's stream (set and restored around the call when it
    is not TVM-FFI's current one).
 
-Anything unusual (a layout not seen, an unhashable argument, a misaligned or NULL pointer, an unknown
+Anything unusual (a layout not seen, an unhashable argument, a pointer that fails a rule, an unknown
 producer) takes the **slow path**: each argument is described and checked with messages naming it
 (:func:`fi_ffi.as_tensor`, generic checks below, then the op's own ``check``), the image is built and
-remembered, and the call proceeds. ``launch.launcher.slow_calls`` counts slow-path entries (tests use it to
-prove a loop stays on the fast path).
+remembered, and the call proceeds. The op's check sees the arguments without their addresses, because its
+verdict is remembered per layout: what it requires of addresses it returns as
+:class:`~fi_ffi.ops.pointer_rules.PointerRules`, which step 3 tests. ``launch.launcher.slow_calls`` counts
+slow-path entries (tests use it to prove a loop stays on the fast path).
 
 What is kept: per thread and entry point, one frame and a bounded dict from layout keys (values: ints,
 shapes, dtypes) to images (bytes). No caller object is referenced after the call returns. TVM-FFI Tensor
@@ -52,8 +58,11 @@ from ..dtypes import CUDA
 from ..errors import LoaderError
 from ..streams import stream_handle
 from ..tensor import _WIRE_DEVICE_TYPE, Tensor
+from .pointer_rules import HIDDEN_ADDRESS, PointerRules, apart_ok, compile_apart, enforce, without_address
 
-Check = Callable[[SimpleNamespace], Mapping[str, int] | None]
+# An op's contract: given the call's arguments without their addresses (and ``context``), raise on a bad layout or
+# scalar, and return what the data pointers must satisfy (a mapping is alignments in bytes by parameter name).
+Check = Callable[[SimpleNamespace], PointerRules | Mapping[str, int] | None]
 
 _SLOT = 16  # bytes per TVMFFIAny
 _MAX_NDIM = 16
@@ -144,6 +153,11 @@ class Launcher:
         params = decl.params
         self.tensor_index = [i for i, p in enumerate(params) if p.wire in wire.TENSOR_TYPES]
         self.record_of = {i: j for j, i in enumerate(self.tensor_index)}
+        # every tensor parameter (DLTensor records and ffi.Tensor objects): the pointers each call tests
+        self.pointer_index = [
+            i for i, p in enumerate(params) if p.wire in wire.TENSOR_TYPES or p.wire in wire.OBJECT_TENSOR_TYPES
+        ]
+        self.pointer_position = {params[i].name: k for k, i in enumerate(self.pointer_index)}
         self.keys: Callable[..., tuple[tuple[Any, ...], list[int]]] = _no_keys
         self.namespace: dict[str, Any] = {}
 
@@ -184,27 +198,21 @@ class Launcher:
         if len(values) != len(decl.params):
             raise TypeError(f"{self.name}: expected {len(decl.params)} arguments, got {len(values)}")
         checked, ptrs, first_cuda = self._describe(values, stream)
-        alignment = {name: t.dtype.itemsize for name, t in checked.items() if isinstance(t, Tensor)}
+        tensors = {name: t for name, t in checked.items() if isinstance(t, Tensor)}
+        rules = PointerRules({name: t.dtype.itemsize for name, t in tensors.items()})
         if self.check is not None:  # the op's contract first: it names arguments in the op's own order
-            extra = self.check(SimpleNamespace(**checked, context=context))
-            for name, bytes_ in (extra or {}).items():
-                alignment[name] = max(alignment.get(name, 1), int(bytes_))
+            rules.update(self.check(self._check_view(checked, context)))
+            self._known(rules)
         devices = _one_device(self.name, decl, checked)
-        for name, bytes_ in alignment.items():
-            t = checked[name]
-            if t.data_ptr % bytes_:
-                raise ValueError(
-                    f"{name}: data pointer 0x{t.data_ptr:x} must be aligned to {bytes_} bytes "
-                    f"({t.dtype.name}{'' if bytes_ == t.dtype.itemsize else ', vector loads'})"
-                )
+        enforce(rules, tensors)
         if stream is not None:
             _stream(stream)  # a bad stream is refused before anything is bound or launched
         f = frame if frame is not None else self.frame()  # binds the module: only once the arguments passed
         keep: list[Any] = []
         masks = []
-        for i in self.tensor_index:
-            t = checked[decl.params[i].name]
-            masks.append(0 if t is None else (alignment[decl.params[i].name] - 1) | _HIGH)
+        for i in self.pointer_index:
+            name = decl.params[i].name
+            masks.append(0 if checked[name] is None else (rules.alignment.get(name, 1) - 1) | _HIGH)
         _write_image(f, decl, self.record_of, checked, keep)
         device_id = devices[0] if devices else 0
         source = None
@@ -213,14 +221,16 @@ class Launcher:
         # per record: may its pointer be NULL on the fast path (an empty tensor: the kernel reads nothing)
         empty_ok = tuple(
             checked[decl.params[i].name] is not None and checked[decl.params[i].name].numel == 0
-            for i in self.tensor_index
+            for i in self.pointer_index
         )
         # the fast path first tests every pointer against the union of the masks (one test for the common case:
         # all pointers aligned for the strictest tensor); only when that fails are the per-tensor masks asked
         union = 0
         for mask in masks:
             union |= mask
-        entry = (bytes(f.mv), tuple(masks), device_id, source, tuple(keep), empty_ok, union)
+        # the overlap rules of this layout combination, as integers the fast path tests (None: nothing to test)
+        apart = compile_apart(rules, tensors, self.pointer_position)
+        entry = (bytes(f.mv), tuple(masks), device_id, source, tuple(keep), empty_ok, union, apart)
         if remember:
             try:
                 key, _ = self.keys(*values, stream)
@@ -232,6 +242,28 @@ class Launcher:
                     cache.clear()
                 cache[(*key, context)] = entry
         return f, entry, ptrs
+
+    def _check_view(self, checked: dict[str, Any], context: Any) -> SimpleNamespace:
+        """The arguments as the op's check sees them: what the layout key covers, nothing else (tensors without
+        their addresses, per-call scalars and plan infos hidden), so the check's verdict may be cached."""
+        view = {}
+        for p in self.decl.params:
+            value = checked[p.name]
+            if isinstance(value, Tensor):
+                value = without_address(value)
+            elif p.per_call or p.wire == wire.ARRAY:
+                value = HIDDEN_ADDRESS
+            view[p.name] = value
+        return SimpleNamespace(**view, context=context)
+
+    def _known(self, rules: PointerRules) -> None:
+        """Every name in ``rules`` is a tensor parameter (a misspelt name would silently test nothing)."""
+        names = [*rules.alignment, *(n for pair in rules.apart for n in pair[:2])]
+        for name in names:
+            if name not in self.pointer_position:
+                raise TypeError(
+                    f"{self.name}: the op's check states a pointer rule for {name!r}, not a tensor parameter"
+                )
 
     def _describe(self, values: Sequence[Any], stream: Any) -> tuple[dict[str, Any], list[int], Any]:
         from ..interop import as_tensor
@@ -609,7 +641,8 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     names = _arg_names(decl)
     read: list[str] = []  # computes _k{i} (and _p{i} for tensors)
     keys: list[str] = []
-    ptrs: list[str] = []
+    ptrs: list[str] = []  # pointers written into DLTensor records
+    tested: list[str] = []  # pointers of every tensor parameter: tested against the entry's rules each call
     writes: list[str] = []
     objects: list[int] = []
     base = (len(params) + 1) * _SLOT // 8
@@ -625,6 +658,7 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
                 read.append(f"if {a}.__class__ is _Tensor: _k{i} = {a}._lid; _p{i} = {a}.data_ptr")
             read.append(f"else: _k{i}, _p{i} = {get}")
             keys.append(f"_k{i}")
+            tested.append(f"_p{i}")
             if kind in wire.TENSOR_TYPES:
                 j = record_of[i]
                 ptrs.append(f"_p{i}")
@@ -667,10 +701,14 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     lines += ["    try:", "        _f = _tls.frame"]
     lines += ["        " + r for r in read]
     lines += [f"        _e = _f.cache[{key_tuple}]"]
-    if ptrs:
+    if tested:
+        # alignment, NULL and address range: one test of all pointers against the union of the masks, the per-tensor
+        # test only when that fails; then the overlap rules of this layout, if it has any
+        pointer_tuple = "(" + "".join(pp + ", " for pp in tested) + ")"
         lines += [
-            f"        if ({' | '.join(ptrs)}) & _e[6] or not ({' and '.join(ptrs)}):",
-            f"            if not _pointers_ok(_e, ({''.join(pp + ', ' for pp in ptrs)})): raise _Slow",
+            f"        if ({' | '.join(tested)}) & _e[6] or not ({' and '.join(tested)}):",
+            f"            if not _pointers_ok(_e, {pointer_tuple}): raise _Slow",
+            f"        if _e[7] is not None and not _apart_ok(_e[7], {pointer_tuple}): raise _Slow",
         ]
     # the slow path runs after the except block, so its errors are not shown as raised "during handling" of the
     # fast path's internal exception
@@ -778,6 +816,7 @@ def compile_launcher(
         "_scalar": scalar,
         "_tensor_object": _tensor_object,
         "_pointers_ok": _pointers_ok,
+        "_apart_ok": apart_ok,
         "_refuse_absent": _refuse_absent,
         "_release": decl.release,
         "_DEFAULTS": [p.default for p in decl.params],

@@ -57,6 +57,7 @@ from . import variants as V
 from .host_index import check_indptr, host_array, host_tensor
 from .launcher import launcher
 from .plan import Schedule
+from .pointer_rules import PointerRules
 from .workspace import Workspace, _DeviceScope, _rt
 from .workspace import _check as _check_cuda
 
@@ -631,17 +632,18 @@ def _fp8_scales(st: _Settings, ckv_scale: Any, kpe_scale: Any, ckv_scale_arr: An
     return out
 
 
-def _check_run(a: Any) -> dict[str, int]:
+def _check_run(a: Any) -> PointerRules:
     """The run's contract against its plan (``a.context``: settings, query rows, pages in the page table)."""
     st, rows, pages = a.context
     h, ckv, kpe, ps = st.num_heads, st.head_dim_ckv, st.head_dim_kpe, st.page_size
     qd, kd, dev = st.dtype_q, st.dtype_kv, st.device
-    _device_tensor("q_nope", a.q_nope, (rows, h, ckv), "[rows, num_heads, head_dim_ckv]", qd, dev)
-    _device_tensor("q_pe", a.q_pe, (rows, h, kpe), "[rows, num_heads, head_dim_kpe]", qd, dev)
+    rules = PointerRules()
+    _device_tensor(rules, "q_nope", a.q_nope, (rows, h, ckv), "[rows, num_heads, head_dim_ckv]", qd, dev)
+    _device_tensor(rules, "q_pe", a.q_pe, (rows, h, kpe), "[rows, num_heads, head_dim_kpe]", qd, dev)
     n = a.ckv_cache.shape[0] if a.ckv_cache.ndim == 3 else None
-    _device_tensor("ckv_cache", a.ckv_cache, (n, ps, ckv), "[pages, page_size, head_dim_ckv]", kd, dev)
+    _device_tensor(rules, "ckv_cache", a.ckv_cache, (n, ps, ckv), "[pages, page_size, head_dim_ckv]", kd, dev)
     _device_tensor(
-        "kpe_cache", a.kpe_cache, (n, ps, kpe), "[pages, page_size, head_dim_kpe] (pages as ckv_cache)", kd, dev
+        rules, "kpe_cache", a.kpe_cache, (n, ps, kpe), "[pages, page_size, head_dim_kpe] (pages as ckv_cache)", kd, dev
     )
     idx = a.kv_indices
     if idx.ndim != 1 or idx.dtype != int32:
@@ -653,7 +655,7 @@ def _check_run(a: Any) -> dict[str, int]:
         )
     if idx.shape[0] > 1 and idx.strides[0] != 1:
         raise ValueError(f"kv_indices: expected a contiguous tensor, got strides {idx.strides}")
-    _device_tensor("out", a.out, (rows, h, ckv), "[rows, num_heads, head_dim_ckv], q's dtype", qd, dev)
+    _device_tensor(rules, "out", a.out, (rows, h, ckv), "[rows, num_heads, head_dim_ckv], q's dtype", qd, dev)
     if a.lse is not None:
         t = a.lse
         if t.shape != (rows, h):
@@ -672,7 +674,11 @@ def _check_run(a: Any) -> dict[str, int]:
             )
         _on(arr, "ckv_scale_arr", dev)
         checks.contiguous("ckv_scale_arr", arr)
-    return {name: 16 for name in ("q_nope", "q_pe", "ckv_cache", "kpe_cache", "out")}
+    # the outputs are written while other blocks still read the queries and the caches
+    for output in ("out", "lse"):
+        for name in ("q_nope", "q_pe", "ckv_cache", "kpe_cache"):
+            rules.disjoint(output, name)
+    return rules.disjoint("lse", "out")
 
 
 def _on(t: Tensor, name: str, device: Any) -> None:
@@ -682,7 +688,9 @@ def _on(t: Tensor, name: str, device: Any) -> None:
         raise ValueError(f"{name}: expected a tensor on {device} (the plan's workspace device), got {t.device}")
 
 
-def _device_tensor(name: str, t: Tensor, shape: tuple[int | None, ...], layout: str, dtype: DType, device: Any) -> None:
+def _device_tensor(
+    rules: PointerRules, name: str, t: Tensor, shape: tuple[int | None, ...], layout: str, dtype: DType, device: Any
+) -> None:
     """Shape (None: any size), dtype, device, contiguous last dim, 16-byte aligned rows, 32-bit element offsets."""
     if t.ndim != len(shape) or any(e is not None and e != g for e, g in zip(shape, t.shape, strict=True)):
         want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
@@ -691,7 +699,7 @@ def _device_tensor(name: str, t: Tensor, shape: tuple[int | None, ...], layout: 
         raise TypeError(f"{name}: expected dtype {dtype.name} (the plan's), got {t.dtype.name}")
     _on(t, name, device)
     checks.last_dim_contiguous(name, t)
-    checks.aligned(name, t, 16 // t.dtype.itemsize)  # 128-bit loads and stores
+    checks.aligned(rules, name, t, 16 // t.dtype.itemsize)  # 128-bit loads and stores
     extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.strides, strict=True) if size)
     if t.numel and extent >= _U32:
         raise ValueError(

@@ -22,6 +22,7 @@ from ..abi.wire import BOOL, FLOAT, Declaration, Param, declare, tensor
 from ..dtypes import bfloat16, float16
 from . import checks
 from .launcher import PreparedCall, launcher
+from .pointer_rules import PointerRules
 
 _URI = "norm"
 _DTYPES = (float16, bfloat16)
@@ -108,11 +109,11 @@ def gemma_fused_add_rmsnorm(
     _gemma_fused_add_rmsnorm(input, residual, weight, eps, enable_pdl, stream=stream)
 
 
-def _rows(rank: int, other: str) -> Callable[[SimpleNamespace], dict[str, int]]:
+def _rows(rank: int, other: str) -> Callable[[SimpleNamespace], PointerRules]:
     """The contract of a norm call whose rows are ``input`` and ``other`` (``out`` or ``residual``)."""
     layout = "[B, D]" if rank == 2 else "[B, H, D]"
 
-    def check(a: SimpleNamespace) -> dict[str, int]:
+    def check(a: SimpleNamespace) -> PointerRules:
         x, w, o = a.input, a.weight, getattr(a, other)
         checks.ndim("input", x, rank, layout)
         checks.dtype_in("input", x, _DTYPES)
@@ -132,9 +133,16 @@ def _rows(rank: int, other: str) -> Callable[[SimpleNamespace], dict[str, int]]:
         checks.last_dim_contiguous(other, o)
         checks.positive_finite("eps", a.eps)
         vec = gcd(16 // x.dtype.itemsize, d)  # the kernels load gcd(16 B / itemsize, D) elements at a time
+        rules = PointerRules()
         for name, t in (("input", x), ("weight", w), (other, o)):
-            checks.aligned(name, t, vec)
-        return {name: vec * x.dtype.itemsize for name in ("input", "weight", other)}
+            checks.aligned(rules, name, t, vec)
+        # a block reads its row of every operand before it writes that row: `out` may be `input` itself (in place)
+        # but no other overlap; with a residual both rows are written, so they must be apart
+        if other == "out":
+            rules.same_or_disjoint("out", "input")
+        else:
+            rules.disjoint("residual", "input")
+        return rules.disjoint(other, "weight").disjoint("input", "weight")
 
     check.__qualname__ = f"check_norm_rank{rank}_{other}"
     return check

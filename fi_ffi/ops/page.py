@@ -38,6 +38,7 @@ from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32
 from ..tensor import Tensor
 from . import checks
 from .launcher import launcher
+from .pointer_rules import PointerRules
 
 _URI = "page"
 _CACHE_DTYPES = (float16, bfloat16, float8_e4m3fn, float8_e5m2)
@@ -242,7 +243,7 @@ def _rows(t: Any) -> int:
         return -1
 
 
-def _check_kv(a: SimpleNamespace) -> dict[str, int]:
+def _check_kv(a: SimpleNamespace) -> PointerRules:
     """The contract of ``append_paged_kv_cache`` (layouts and the cache layout code only)."""
     ak, av, kc, vc, code = a.append_key, a.append_value, a.k_cache, a.v_cache, a.layout
     tokens = "[nnz, num_kv_heads, head_dim]"
@@ -301,14 +302,14 @@ def _check_kv(a: SimpleNamespace) -> dict[str, int]:
             f"needs {threads} threads per block (head_dim / {vec} per head), at most {_MAX_THREADS}"
         )
     align = min(vec, 16 // itemsize)  # the kernel moves `vec` elements per thread in 16-byte pieces
+    rules = PointerRules()
     for name, t in (("append_key", ak), ("append_value", av), ("k_cache", kc), ("v_cache", vc)):
-        checks.aligned(name, t, align)
+        checks.aligned(rules, name, t, align)
     _check_indices(a, ak, "append_key")
-    # the launcher checks these pointers on every call (the check above saw only this call's)
-    return dict.fromkeys(("append_key", "append_value", "k_cache", "v_cache"), align * itemsize)
+    return rules
 
 
-def _check_mla(a: SimpleNamespace) -> dict[str, int]:
+def _check_mla(a: SimpleNamespace) -> PointerRules:
     """The contract of ``append_paged_mla_kv_cache`` (layouts only)."""
     ac, ap, cc, pc = a.append_ckv, a.append_kpe, a.ckv_cache, a.kpe_cache
     checks.ndim("append_ckv", ac, 2, "[nnz, 512]")
@@ -345,10 +346,11 @@ def _check_mla(a: SimpleNamespace) -> dict[str, int]:
     _fits_uint32("ckv_cache", cc)
     _fits_uint32("kpe_cache", pc)
     names = ("append_ckv", "append_kpe", "ckv_cache", "kpe_cache")
+    rules = PointerRules()
     for name, t in zip(names, (ac, ap, cc, pc), strict=True):
-        checks.aligned(name, t, 2)  # two elements per thread
+        checks.aligned(rules, name, t, 2)  # two elements per thread
     _check_indices(a, ac, "append_ckv")
-    return dict.fromkeys(names, 2 * ac.dtype.itemsize)
+    return rules
 
 
 def _fits_uint32(name: str, t: Tensor) -> None:

@@ -45,6 +45,7 @@ from .launcher import launcher
 from .plan import Plan
 from .plan_call import call_plan
 from .plan_settings import LAYOUTS, MASK_CAUSAL, MASK_CUSTOM, MASK_NONE, PlanSettings
+from .pointer_rules import PointerRules
 from .variants import BATCH_PREFILL, SINGLE_PREFILL, Variant, choose_prefill
 from .workspace import Workspace
 
@@ -409,7 +410,7 @@ def _single_variant(q: Any, k: Any, v: Any, out: Any, key: tuple[Any, ...]) -> t
     return found
 
 
-def _check_single(a: SimpleNamespace) -> None:
+def _check_single(a: SimpleNamespace) -> PointerRules:
     """The contract of a single prefill call."""
     q, k, v, out = a.q, a.k, a.v, a.out
     if q.ndim != 3:
@@ -418,13 +419,14 @@ def _check_single(a: SimpleNamespace) -> None:
         raise ValueError(f"q: expected a CUDA device tensor, got one on {q.device}")
     dev = q.device
     qo_len, hq, dqk = q.shape
-    AC.device_tensor("q", q, (qo_len, hq, dqk), "[qo_len, num_qo_heads, head_dim_qk]", None, dev)
+    rules = PointerRules()
+    AC.device_tensor(rules, "q", q, (qo_len, hq, dqk), "[qo_len, num_qo_heads, head_dim_qk]", None, dev)
     nhd = a.kv_layout_code == LAYOUTS["NHD"]
     text = "NHD [kv_len, num_kv_heads, head_dim]" if nhd else "HND [num_kv_heads, kv_len, head_dim]"
-    AC.device_tensor("k", k, (None, None, dqk), text, None, dev)
+    AC.device_tensor(rules, "k", k, (None, None, dqk), text, None, dev)
     if v.ndim != 3:
         raise ValueError(f"v: expected shape {text}, got {v.shape}")
-    AC.device_tensor("v", v, (k.shape[0], k.shape[1], None), text, k.dtype, dev)
+    AC.device_tensor(rules, "v", v, (k.shape[0], k.shape[1], None), text, k.dtype, dev)
     hk, kv_len = (k.shape[1], k.shape[0]) if nhd else (k.shape[0], k.shape[1])
     if hk == 0:
         raise ValueError(f"k: expected at least one KV head, got shape {k.shape}")
@@ -432,7 +434,7 @@ def _check_single(a: SimpleNamespace) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         AC.strides_u32(name, t)
     AC.device_tensor(
-        "out", out, (qo_len, hq, v.shape[2]), "[qo_len, num_qo_heads, head_dim_vo]", None, dev, contiguous=True
+        rules, "out", out, (qo_len, hq, v.shape[2]), "[qo_len, num_qo_heads, head_dim_vo]", None, dev, contiguous=True
     )
     _check_tmp(a.tmp, dev, kv_len, qo_len, hq, hk, v.shape[2], out.dtype.itemsize, prefill=True)
     AC.lse_tensor("lse", a.lse, (qo_len, hq), dev)
@@ -443,6 +445,7 @@ def _check_single(a: SimpleNamespace) -> None:
         if mask.shape[0] < need:
             raise ValueError(f"custom_mask: expected at least {need} bytes (qo_len * kv_len bits), got {mask.shape[0]}")
     AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
+    return AC.outputs_apart(rules)
 
 
 caches.register("single prefill modules (by layout values)", _single.clear)
@@ -1023,13 +1026,21 @@ def batch_prefill_paged_run(
     return out
 
 
-def _check_q_out_lse(s: PlanSettings, a: SimpleNamespace, dev: Any) -> None:
+def _check_q_out_lse(rules: PointerRules, s: PlanSettings, a: SimpleNamespace, dev: Any) -> None:
     hq, dqk, dvo = s.num_qo_heads, s.head_dim_qk, s.head_dim_vo
-    AC.device_tensor("q", a.q, (None, hq, dqk), "[nnz_qo, num_qo_heads, head_dim_qk]", s.dtype_q, dev)
+    AC.device_tensor(rules, "q", a.q, (None, hq, dqk), "[nnz_qo, num_qo_heads, head_dim_qk]", s.dtype_q, dev)
     AC.device_tensor(
-        "out", a.out, (a.q.shape[0], hq, dvo), "[nnz_qo, num_qo_heads, head_dim_vo]", s.dtype_o, dev, contiguous=True
+        rules,
+        "out",
+        a.out,
+        (a.q.shape[0], hq, dvo),
+        "[nnz_qo, num_qo_heads, head_dim_vo]",
+        s.dtype_o,
+        dev,
+        contiguous=True,
     )
     AC.lse_tensor("lse", a.lse, (a.q.shape[0], hq), dev)
+    AC.outputs_apart(rules)
 
 
 def _check_inputs(s: PlanSettings, a: SimpleNamespace, b: int, dev: Any) -> None:
@@ -1039,38 +1050,51 @@ def _check_inputs(s: PlanSettings, a: SimpleNamespace, b: int, dev: Any) -> None
     AC.vector("alibi_slopes", getattr(a, "alibi_slopes", None), "float32", s.num_qo_heads, dev)
 
 
-def _check_ragged(a: SimpleNamespace) -> None:
+def _check_ragged(a: SimpleNamespace) -> PointerRules:
     """The contract of a ragged batch prefill run, against the plan's settings and batch size (``a.context``)."""
     s, b = a.context
     dev = a.float_workspace_buffer.device
     hk, dqk, dvo = s.num_kv_heads, s.head_dim_qk, s.head_dim_vo
-    _check_q_out_lse(s, a, dev)
+    rules = PointerRules()
+    _check_q_out_lse(rules, s, a, dev)
     k, v = a.k, a.v
     if s.kv_layout == "NHD":
         text = "NHD [nnz_kv, num_kv_heads, head_dim]"
-        AC.device_tensor("k", k, (None, hk, dqk), text, s.dtype_kv, dev)
-        AC.device_tensor("v", v, (k.shape[0], hk, dvo), text, s.dtype_kv, dev)
+        AC.device_tensor(rules, "k", k, (None, hk, dqk), text, s.dtype_kv, dev)
+        AC.device_tensor(rules, "v", v, (k.shape[0], hk, dvo), text, s.dtype_kv, dev)
     else:
         text = "HND [num_kv_heads, nnz_kv, head_dim]"
-        AC.device_tensor("k", k, (hk, None, dqk), text, s.dtype_kv, dev)
-        AC.device_tensor("v", v, (hk, k.shape[1], dvo), text, s.dtype_kv, dev)
+        AC.device_tensor(rules, "k", k, (hk, None, dqk), text, s.dtype_kv, dev)
+        AC.device_tensor(rules, "v", v, (hk, k.shape[1], dvo), text, s.dtype_kv, dev)
     for name, t in (("q", a.q), ("k", k), ("v", v)):
         AC.strides_u32(name, t)
     AC.index_tensor("qo_indptr", a.qo_indptr, b + 1, dev)
     AC.index_tensor("kv_indptr", a.kv_indptr, b + 1, dev)
     _check_inputs(s, a, b, dev)
+    return rules
 
 
-def _check_paged(a: SimpleNamespace) -> None:
+def _check_paged(a: SimpleNamespace) -> PointerRules:
     """The contract of a paged batch prefill run, against the plan's settings and batch size (``a.context``)."""
     s, b = a.context
     dev = a.float_workspace_buffer.device
-    _check_q_out_lse(s, a, dev)
+    rules = PointerRules()
+    _check_q_out_lse(rules, s, a, dev)
     AC.kv_cache(
-        a.k_cache, a.v_cache, s.kv_layout, s.num_kv_heads, s.page_size, s.head_dim_qk, s.head_dim_vo, s.dtype_kv, dev
+        rules,
+        a.k_cache,
+        a.v_cache,
+        s.kv_layout,
+        s.num_kv_heads,
+        s.page_size,
+        s.head_dim_qk,
+        s.head_dim_vo,
+        s.dtype_kv,
+        dev,
     )
     AC.index_tensor("qo_indptr", a.qo_indptr, b + 1, dev)
     AC.index_tensor("kv_indptr", a.kv_indptr, b + 1, dev)
     AC.index_tensor("kv_indices", a.kv_indices, None, dev)
     AC.index_tensor("kv_last_page_len", a.kv_last_page_len, b, dev)
     _check_inputs(s, a, b, dev)
+    return rules

@@ -31,8 +31,8 @@ from typing import Any
 from ..abi.wire import STRING, declare, tensor
 from ..dtypes import bool_, int32, uint8
 from . import checks
-from .aliasing import disjoint
 from .launcher import launcher
+from .pointer_rules import PointerRules
 
 _URI = "quantization"
 _BITORDERS = ("big", "little")
@@ -75,15 +75,15 @@ def _check_out(a: SimpleNamespace, length: int | None) -> None:
     checks.same_device("out", out, "x", a.x)
     checks.cuda("out", out)
     checks.contiguous("out", out)
-    disjoint("out", out, "x", a.x)
 
 
-def _check_packbits(a: SimpleNamespace) -> None:
+def _check_packbits(a: SimpleNamespace) -> PointerRules:
     _check_x(a)
     _check_out(a, (a.x.numel + 7) // 8)
+    return PointerRules().disjoint("out", "x")
 
 
-def _check_segments(a: SimpleNamespace) -> None:
+def _check_segments(a: SimpleNamespace) -> PointerRules:
     _check_x(a)
     checks.ndim("x", a.x, 1, "[indptr[-1]]")
     for name in ("indptr", "output_indptr"):
@@ -97,8 +97,7 @@ def _check_segments(a: SimpleNamespace) -> None:
         checks.contiguous(name, t)
     checks.shape("output_indptr", a.output_indptr, a.indptr.shape, "[batch_size + 1], like indptr")
     _check_out(a, None)
-    disjoint("out", a.out, "indptr", a.indptr)
-    disjoint("out", a.out, "output_indptr", a.output_indptr)
+    return PointerRules().disjoint("out", "x").disjoint("out", "indptr").disjoint("out", "output_indptr")
 
 
 _packbits = launcher(PACKBITS, _URI, _check_packbits)

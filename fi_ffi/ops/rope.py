@@ -30,7 +30,7 @@ heads may be strided (q and k may be slices of one fused QKV tensor); data point
 strides multiples of 8 elements; ``rotary_dim`` even, at most head_dim, and a multiple of the elements one
 thread rotates: ``v = max(8, head_dim / 32)`` when interleaved, ``2 v`` otherwise (so both halves start on a
 vector). An output is either its input itself (in place) or shares no memory with any input; this is checked
-on the first call of each layout combination (see :mod:`fi_ffi.ops.aliasing`).
+on every call (see :mod:`fi_ffi.ops.pointer_rules`).
 
 All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize. Pass the float
 parameters as Python floats (ints are converted), so repeated calls stay on the launcher's fast path.
@@ -46,8 +46,8 @@ from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor
 from ..dtypes import bfloat16, float16, float32, int32, int64
 from ..tensor import Tensor
 from . import checks
-from .aliasing import disjoint, same_or_disjoint
 from .launcher import launcher
+from .pointer_rules import PointerRules
 
 _URI = "rope"
 _DTYPES = (float16, bfloat16)
@@ -106,7 +106,7 @@ __all__ = [
 # ---- contract ------------------------------------------------------------------------------------------------
 
 
-def _check_heads(a: SimpleNamespace, names: tuple[str, str, str, str]) -> tuple[int, int]:
+def _check_heads(rules: PointerRules, a: SimpleNamespace, names: tuple[str, str, str, str]) -> tuple[int, int]:
     """q, k and their outputs; returns (nnz, head_dim)."""
     qn, kn, qrn, krn = names
     q, k, qr, kr = (getattr(a, n) for n in names)
@@ -135,16 +135,11 @@ def _check_heads(a: SimpleNamespace, names: tuple[str, str, str, str]) -> tuple[
         checks.cuda(name, out)
         checks.last_dim_contiguous(name, out)
     for name, t in zip(names, (q, k, qr, kr), strict=True):
-        checks.aligned(name, t, _ALIGN_ELEMENTS)
+        checks.aligned(rules, name, t, _ALIGN_ELEMENTS)
     # In place, q_rope is q and k_rope is k; then q and k may interleave (a fused QKV tensor): each element
-    # is read and written by one thread. Out of place, the outputs must not share memory with any input.
-    same_or_disjoint(qrn, qr, qn, q)
-    same_or_disjoint(krn, kr, kn, k)
-    if qr.data_ptr != q.data_ptr:
-        disjoint(qrn, qr, kn, k)
-    if kr.data_ptr != k.data_ptr:
-        disjoint(krn, kr, qn, q)
-    disjoint(qrn, qr, krn, kr)
+    # is read and written by one thread. Otherwise an output shares no memory with any input or the other output.
+    rules.same_or_disjoint(qrn, qn).same_or_disjoint(krn, kn)
+    rules.disjoint(qrn, kn).disjoint(krn, qn).disjoint(qrn, krn)
     return nnz, head_dim
 
 
@@ -188,11 +183,11 @@ def _check_scales(a: SimpleNamespace, llama31: bool) -> None:
         checks.positive_finite("old_context_len", a.old_context_len)
 
 
-def _rope_check(ragged: bool, llama31: bool) -> Callable[[SimpleNamespace], dict[str, int]]:
-    def check(a: SimpleNamespace) -> dict[str, int]:
+def _rope_check(ragged: bool, llama31: bool) -> Callable[[SimpleNamespace], PointerRules]:
+    def check(a: SimpleNamespace) -> PointerRules:
         names = ("q", "k", "q_rope", "k_rope")
-        nnz, head_dim = _check_heads(a, names)
-        inputs = [("q", a.q), ("k", a.k)]
+        rules = PointerRules()
+        nnz, head_dim = _check_heads(rules, a, names)
         if ragged:
             _check_index("indptr", a.indptr, None, "[batch_size + 1]", "q", a.q)
             if a.indptr.shape[0] < 2:
@@ -202,28 +197,22 @@ def _rope_check(ragged: bool, llama31: bool) -> Callable[[SimpleNamespace], dict
                 )
             _check_index("offsets", a.offsets, a.indptr.shape[0] - 1, "[batch_size]", "q", a.q)
             checks.same_dtype("offsets", a.offsets, "indptr", a.indptr)
-            inputs += [("indptr", a.indptr), ("offsets", a.offsets)]
+            indices: tuple[str, ...] = ("indptr", "offsets")
         else:
             _check_index("pos_ids", a.pos_ids, nnz, "[nnz]", "q", a.q)
-            inputs.append(("pos_ids", a.pos_ids))
+            indices = ("pos_ids",)
         _check_rotary_dim("rotary_dim", a.rotary_dim, head_dim, a.interleave)
         _check_scales(a, llama31)
-        _check_outputs_apart_from(a, ("q_rope", "k_rope"), inputs[2:])
-        return {n: 16 for n in names}
+        return rules.outputs_apart(("q_rope", "k_rope"), indices)
 
     check.__qualname__ = f"check_rope{'_ragged' if ragged else '_pos_ids'}{'_llama31' if llama31 else ''}"
     return check
 
 
-def _check_outputs_apart_from(a: SimpleNamespace, outputs: tuple[str, ...], inputs: list[tuple[str, Any]]) -> None:
-    for out in outputs:
-        for name, t in inputs:
-            disjoint(out, getattr(a, out), name, t)
-
-
-def _check_cos_sin_cache(a: SimpleNamespace) -> dict[str, int]:
+def _check_cos_sin_cache(a: SimpleNamespace) -> PointerRules:
     names = ("query", "key", "query_out", "key_out")
-    nnz, head_dim = _check_heads(a, names)
+    rules = PointerRules()
+    nnz, head_dim = _check_heads(rules, a, names)
     cache = a.cos_sin_cache
     checks.ndim("cos_sin_cache", cache, 2, "[max_position + 1, rotary_dim]: cos then sin")
     checks.dtype_in("cos_sin_cache", cache, (float32,))
@@ -234,9 +223,9 @@ def _check_cos_sin_cache(a: SimpleNamespace) -> dict[str, int]:
         raise ValueError(f"cos_sin_cache: expected at least one position, got shape {cache.shape}")
     _check_rotary_dim("cos_sin_cache: its width (rotary_dim)", cache.shape[1], head_dim, a.interleave)
     _check_index("positions", a.positions, nnz, "[nnz]", "query", a.query)
-    _check_outputs_apart_from(a, ("query_out", "key_out"), [("cos_sin_cache", cache), ("positions", a.positions)])
     # the kernel reads cos/sin in 16-byte vectors
-    return {**{n: 16 for n in names}, "cos_sin_cache": 16}
+    rules.align("cos_sin_cache", 16)
+    return rules.outputs_apart(("query_out", "key_out"), ("cos_sin_cache", "positions"))
 
 
 _apply_rope = launcher(APPLY_ROPE, _URI, _rope_check(ragged=True, llama31=False))

@@ -31,7 +31,6 @@ same; arguments only 0.7 has are refused by name on a 0.6.3 module (``valid``, `
 from __future__ import annotations
 
 from collections.abc import Callable
-from math import gcd
 from types import SimpleNamespace
 from typing import Any
 
@@ -40,11 +39,13 @@ from ..dtypes import DType, bfloat16, bool_, float16, float32, int32, int64
 from ..generator import Generator, default_generator, round_up4
 from . import checks
 from .launcher import launcher
+from .pointer_rules import PointerRules
 
 _URI = "sampling"
 _U64 = 1 << 64
 _I64 = 1 << 63
 ROW_STATES_BYTES = 1 << 20
+ROW_STATE_ALIGNMENT = 4  # bytes: the radix kernels' row states are 4-byte fields
 """Size (bytes) of the ``row_states_buffer`` of the radix top-k kernels: what flashinfer-python allocates (one
 state per CTA group, at most one group per SM; the deterministic 0.7 kernels add scratch after them). It must
 be zero-filled once before its first use (the kernels leave it zeroed) and not be shared by calls that may
@@ -297,12 +298,6 @@ def _scratch(name: str, t: Any, ref_name: str, ref: Any, nbytes: int, formula: s
         raise ValueError(f"{name}: needs at least {nbytes} bytes ({formula}), got {t.nbytes}")
 
 
-def _vec_bytes(t: Any) -> int:
-    """Alignment (bytes) of the kernels' vector loads along rows of ``t``: gcd(16 B / itemsize, V) elements."""
-    size = t.dtype.itemsize
-    return gcd(16 // size, t.shape[-1]) * size
-
-
 def _check_rng(a: SimpleNamespace, batch: int, ref_name: str, ref: Any) -> None:
     """0.7 seed/offset tensors: both or neither, int64 ``[1]`` or ``[B]``, on the reference's device."""
     seed, offset = getattr(a, "seed", None), getattr(a, "offset", None)
@@ -334,13 +329,16 @@ def _param_array(
         )
 
 
+_RNG = ("seed", "offset")  # 0.7 device seed/offset tensors (absent from 0.6.3 declarations: no rule applies)
+
+
 def _sampling_check(
     source: str, arrays: tuple[tuple[str, str, bool], ...] = ()
-) -> Callable[[SimpleNamespace], dict[str, int]]:
+) -> Callable[[SimpleNamespace], PointerRules]:
     """The contract of a sampling op reading ``source`` (``probs``/``logits``), with per-row ``arrays``
     ``(name, "float32" | "out", indexed by output row)``."""
 
-    def check(a: SimpleNamespace) -> dict[str, int]:
+    def check(a: SimpleNamespace) -> PointerRules:
         src = getattr(a, source)
         rows, _ = _matrix(source, src, (float32,))
         out = a.out
@@ -360,7 +358,8 @@ def _sampling_check(
         for name, kind, by_row in arrays:
             _param_array(a, name, rows, batch, source, src, float32 if kind == "float32" else out.dtype, by_row)
         _check_rng(a, batch, source, src)
-        return {source: _vec_bytes(src)}
+        inputs = _present(a, (source, "indices", "valid", *(name for name, _, _ in arrays), *_RNG))
+        return PointerRules({source: checks.row_vector_bytes(src)}).outputs_apart(("out",), inputs)
 
     check.__qualname__ = f"check_sampling_{source}_{'_'.join(n for n, _, _ in arrays)}"
     return check
@@ -374,7 +373,12 @@ _check_min_p = _sampling_check("probs", (("min_p", "float32", True),))
 _check_top_k_top_p = _sampling_check("probs", (("top_k", "out", False), ("top_p", "float32", False)))
 
 
-def _check_softmax(a: SimpleNamespace) -> dict[str, int]:
+def _present(a: SimpleNamespace, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The parameters among ``names`` that the bound declaration has (0.6.3 and 0.7 declarations differ)."""
+    return tuple(name for name in names if hasattr(a, name))
+
+
+def _check_softmax(a: SimpleNamespace) -> PointerRules:
     rows, vocab = _matrix("logits", a.logits, (float32,))
     checks.shape("out", a.out, a.logits.shape, "[R, V]")
     _like("out", a.out, "logits", a.logits)
@@ -382,11 +386,13 @@ def _check_softmax(a: SimpleNamespace) -> dict[str, int]:
         _vector("temperature", a.temperature, rows, "R", "logits", a.logits, (float32,))
     need = softmax_workspace_size(rows, vocab)
     _scratch("workspace", a.workspace, "logits", a.logits, need, f"softmax_workspace_size({rows}, {vocab})")
-    return {"logits": _vec_bytes(a.logits), "out": _vec_bytes(a.out), "workspace": 8}
+    rules = PointerRules({"logits": checks.row_vector_bytes(a.logits), "out": checks.row_vector_bytes(a.out)})
+    # the workspace holds 8-byte per-row partial results; the kernel reads logits in several passes
+    return rules.align("workspace", 8).outputs_apart(("out", "workspace"), ("logits", "temperature"))
 
 
-def _renorm_check(source: str, dtypes: tuple[DType, ...], param: str) -> Callable[[SimpleNamespace], dict[str, int]]:
-    def check(a: SimpleNamespace) -> dict[str, int]:
+def _renorm_check(source: str, dtypes: tuple[DType, ...], param: str) -> Callable[[SimpleNamespace], PointerRules]:
+    def check(a: SimpleNamespace) -> PointerRules:
         src = getattr(a, source)
         rows, vocab = _matrix(source, src, dtypes)
         checks.shape("out", a.out, src.shape, "[R, V]")
@@ -404,9 +410,13 @@ def _renorm_check(source: str, dtypes: tuple[DType, ...], param: str) -> Callabl
                 need,
                 f"top_p_renorm_workspace_size({rows}, {vocab}, is_deterministic={a.is_deterministic})",
             )
+        rules = PointerRules({source: checks.row_vector_bytes(src), "out": checks.row_vector_bytes(a.out)})
         if hasattr(a, "row_states_buffer"):
             _scratch("row_states_buffer", a.row_states_buffer, source, src, ROW_STATES_BYTES, "ROW_STATES_BYTES")
-        return {source: _vec_bytes(src), "out": _vec_bytes(a.out)}
+            rules.align("row_states_buffer", ROW_STATE_ALIGNMENT)
+        # the kernels read the row in several passes before they write it: the outputs and scratch are apart
+        scratch = _present(a, ("workspace", "row_states_buffer"))
+        return rules.outputs_apart(("out", *scratch), (source, param))
 
     check.__qualname__ = f"check_renorm_{source}_{param}"
     return check
@@ -417,7 +427,7 @@ _check_top_k_renorm = _renorm_check("probs", (float32, float16, bfloat16), "top_
 _check_top_k_mask = _renorm_check("logits", (float32, float16, bfloat16), "top_k")
 
 
-def _check_speculative(a: SimpleNamespace) -> dict[str, int]:
+def _check_speculative(a: SimpleNamespace) -> PointerRules:
     draft, target = a.draft_probs, a.target_probs
     checks.ndim("draft_probs", draft, 3, "[B, N, V]")
     checks.dtype_in("draft_probs", draft, (float32,))
@@ -436,7 +446,11 @@ def _check_speculative(a: SimpleNamespace) -> dict[str, int]:
     for name in ("output_accepted_token_num", "output_emitted_draft_token_num"):
         _vector(name, getattr(a, name), b, "B", "draft_probs", draft, (int32,))
     _check_rng(a, b, "draft_probs", draft)
-    return {"draft_probs": _vec_bytes(draft), "target_probs": _vec_bytes(target)}
+    rules = PointerRules(
+        {"draft_probs": checks.row_vector_bytes(draft), "target_probs": checks.row_vector_bytes(target)}
+    )
+    outputs = ("output_token_ids", "output_accepted_token_num", "output_emitted_draft_token_num")
+    return rules.outputs_apart(outputs, ("draft_probs", "draft_token_ids", "target_probs", *_present(a, _RNG)))
 
 
 # ---- argument mapping -------------------------------------------------------------------------------------------

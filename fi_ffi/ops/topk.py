@@ -24,7 +24,8 @@ from ..abi.wire import INT, declare, optional_tensor, tensor
 from ..dtypes import bfloat16, float16, float32, int32
 from . import checks
 from .launcher import launcher
-from .sampling import ROW_STATES_BYTES
+from .pointer_rules import PointerRules
+from .sampling import ROW_STATE_ALIGNMENT, ROW_STATES_BYTES
 
 _URI = "topk"
 _FLOATS = (float32, float16, bfloat16)
@@ -72,7 +73,7 @@ def _rows_of(name: str, t: Any, n: int, a: SimpleNamespace) -> None:
 
 
 def _common(a: SimpleNamespace, out: str, k_at_most_len: bool) -> tuple[int, int]:
-    """Checks shared by the three entry points; returns ``(R, L)``."""
+    """Layout checks shared by the three entry points; returns ``(R, L)``."""
     x = a.input
     checks.ndim("input", x, 2, "[R, L]")
     checks.dtype_in("input", x, _FLOATS)
@@ -98,13 +99,21 @@ def _common(a: SimpleNamespace, out: str, k_at_most_len: bool) -> tuple[int, int
     return rows, length
 
 
-def _check_topk(a: SimpleNamespace) -> None:
+def _rules(a: SimpleNamespace, outputs: tuple[str, ...], inputs: tuple[str, ...]) -> PointerRules:
+    """The kernels load rows of ``input`` in vectors and keep 4-byte fields per row in ``row_states_buffer``;
+    the outputs and the row states are written while other blocks read the inputs."""
+    rules = PointerRules({"input": checks.row_vector_bytes(a.input), "row_states_buffer": ROW_STATE_ALIGNMENT})
+    return rules.outputs_apart((*outputs, "row_states_buffer"), ("input", *inputs))
+
+
+def _check_topk(a: SimpleNamespace) -> PointerRules:
     _common(a, "indices", True)
     checks.shape("values", a.values, a.indices.shape, "[R, k]")
     _on_input("values", a.values, a, (a.input.dtype,))
+    return _rules(a, ("indices", "values"), ())
 
 
-def _check_page_table(a: SimpleNamespace) -> None:
+def _check_page_table(a: SimpleNamespace) -> PointerRules:
     rows, length = _common(a, "out", False)
     table = a.src_page_table
     checks.ndim("src_page_table", table, 2, "[batch, L]")
@@ -122,12 +131,14 @@ def _check_page_table(a: SimpleNamespace) -> None:
     else:
         _rows_of("row_to_batch", a.row_to_batch, rows, a)
     _rows_of("lengths", a.lengths, rows, a)
+    return _rules(a, ("out",), ("src_page_table", "row_to_batch", "lengths"))
 
 
-def _check_ragged(a: SimpleNamespace) -> None:
+def _check_ragged(a: SimpleNamespace) -> PointerRules:
     rows, _ = _common(a, "out", False)
     _rows_of("offsets", a.offsets, rows, a)
     _rows_of("lengths", a.lengths, rows, a)
+    return _rules(a, ("out",), ("offsets", "lengths"))
 
 
 _radix_topk = launcher(RADIX_TOPK, _URI, _check_topk)
