@@ -229,3 +229,14 @@ def test_the_sink_settings_are_values(models_modules: object) -> None:
     assert a == b and hash(a) == hash(b)
     assert settings(window_left=3) != a
     assert np.isclose(a.sm_scale, D**-0.5)
+
+
+def test_out_must_not_overlap_the_sink(make_array: Any) -> None:
+    from fi_ffi.tensor import Tensor
+
+    plan = fake_plan(make_array)
+    args = run_args()
+    out = args["out"]
+    args["sink"] = Tensor.from_pointer(out.data_ptr, (H_Q,), "float32", 0, owner=out)
+    with pytest.raises(ValueError, match="out: overlaps sink"):
+        fi_ffi.batch_attention_sink_run(plan, **args)

@@ -27,8 +27,8 @@ from ..abi.wire import INT, declare, tensor
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, float32, int8, uint8
 from ..dtypes import dtype as dtype_of
 from . import checks
-from .aliasing import disjoint
 from .launcher import launcher
+from .pointer_rules import PointerRules
 
 __all__ = ["WORKSPACE_BYTES", "bmm_fp8"]
 
@@ -51,7 +51,7 @@ _OUT = (float16, bfloat16)
 _ALIGN = 16
 
 
-def _check(a: SimpleNamespace) -> dict[str, int]:
+def _check(a: SimpleNamespace) -> PointerRules:
     A, B, D = a.A, a.B, a.D
     checks.ndim("A", A, 3, "[batch, m, k]")
     checks.dtype_in("A", A, _FP8)
@@ -94,13 +94,10 @@ def _check(a: SimpleNamespace) -> dict[str, int]:
     checks.contiguous("workspace_buffer", ws)
     checks.same_device("workspace_buffer", ws, "A", A)
     checks.cuda("workspace_buffer", ws)
-    for name, t in (("A", A), ("B", B), ("A_scale", a.A_scale), ("B_scale", a.B_scale)):
-        disjoint("D", D, name, t)
-        disjoint("workspace_buffer", ws, name, t)
-    disjoint("D", D, "workspace_buffer", ws)
     if not 0 < a.cublas_handle < 1 << 64:
         raise ValueError(f"cublas_handle: expected a cublasLtHandle_t (a non-zero address), got {a.cublas_handle}")
-    return {"A": _ALIGN, "B": _ALIGN, "D": _ALIGN, "workspace_buffer": _ALIGN}
+    rules = PointerRules({"A": _ALIGN, "B": _ALIGN, "D": _ALIGN, "workspace_buffer": _ALIGN})
+    return rules.outputs_apart(["D", "workspace_buffer"], ["A", "B", "A_scale", "B_scale"])
 
 
 _bmm_fp8 = launcher(BMM_FP8, "gemm", _check)

@@ -36,8 +36,8 @@ from ..abi.wire import BOOL, INT, declare, optional_tensor, tensor
 from ..dtypes import bfloat16, float16, float32, int32, int64
 from ..tensor import Tensor
 from . import checks
-from .aliasing import disjoint
 from .launcher import launcher
+from .pointer_rules import PointerRules
 
 __all__ = ["selective_state_update"]
 
@@ -93,7 +93,7 @@ def _rows16(name: str, t: Tensor) -> None:
 
 
 def _check(sm90: bool) -> Any:
-    def check(a: SimpleNamespace) -> dict[str, int]:
+    def check(a: SimpleNamespace) -> PointerRules:
         state, x, dt = a.state, a.x, a.dt
         if a.intermediate_states_buffer is not None or a.intermediate_state_indices is not None or a.cache_steps:
             name = (
@@ -188,15 +188,12 @@ def _check(sm90: bool) -> Any:
             if t is not None:
                 checks.cuda(name, t)
                 checks.same_device(name, t, "state", state)
-        inputs = [(n, t) for n, t in named.items() if t is not None and n not in ("state", "out")]
-        for name, t in inputs:  # state is updated in place while other blocks read the inputs; out is written
-            disjoint("state", state, name, t)
-            disjoint("out", out, name, t)
-        disjoint("out", out, "state", state)
-        need = {"x": _VECTOR, "B": _VECTOR, "C": _VECTOR, "state": _TMA if sm90 else _VECTOR}
+        need = PointerRules({"x": _VECTOR, "B": _VECTOR, "C": _VECTOR, "state": _TMA if sm90 else _VECTOR})
         if a.z is not None:
-            need["z"] = _VECTOR
-        return need
+            need.align("z", _VECTOR)
+        # state is updated in place while other blocks read the inputs; out is written: neither may overlap them
+        inputs = [n for n, t in named.items() if t is not None and n not in ("state", "out")]
+        return need.outputs_apart(["state", "out"], inputs)
 
     check.__qualname__ = f"check_selective_state_update{'_sm90' if sm90 else ''}"
     return check

@@ -28,8 +28,8 @@ from typing import Any
 from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor
 from ..dtypes import bfloat16, float16, float32, int32
 from . import checks
-from .aliasing import disjoint
 from .launcher import launcher
+from .pointer_rules import PointerRules
 
 __all__ = ["fused_topk_deepseek", "mm_M1_16_K7168_N128", "mm_M1_16_K7168_N256"]
 
@@ -76,7 +76,7 @@ _SCORE_DTYPES = (float32, float16, bfloat16)
 
 
 def _router_check(experts: int, out_dtype: Any) -> Any:
-    def check(a: SimpleNamespace) -> dict[str, int]:
+    def check(a: SimpleNamespace) -> PointerRules:
         x, w, o = a.mat_a, a.mat_b, a.out
         checks.ndim("mat_a", x, 2, "[num_tokens, 7168]")
         checks.dtype_in("mat_a", x, (bfloat16,))
@@ -103,9 +103,8 @@ def _router_check(experts: int, out_dtype: Any) -> Any:
         checks.same_device("out", o, "mat_a", x)
         checks.cuda("out", o)
         checks.contiguous("out", o)
-        disjoint("out", o, "mat_a", x)
-        disjoint("out", o, "mat_b", w)
-        return {"mat_a": _VECTOR, "mat_b": _VECTOR}
+        # the kernel's blocks read all of mat_a while others write their out columns
+        return PointerRules({"mat_a": _VECTOR, "mat_b": _VECTOR}).outputs_apart(["out"], ["mat_a", "mat_b"])
 
     check.__qualname__ = f"check_router_gemm_n{experts}"
     return check
@@ -137,7 +136,7 @@ def mm_M1_16_K7168_N128(mat_a: Any, mat_b: Any, out: Any, launch_with_pdl: bool 
     return out
 
 
-def _check_routing(a: SimpleNamespace) -> None:
+def _check_routing(a: SimpleNamespace) -> PointerRules:
     s, b, vals, idx = a.scores, a.bias, a.topk_values, a.topk_indices
     checks.ndim("scores", s, 2, "[num_tokens, num_experts]")
     checks.dtype_in("scores", s, _SCORE_DTYPES)
@@ -163,10 +162,7 @@ def _check_routing(a: SimpleNamespace) -> None:
     checks.same_device("topk_indices", idx, "scores", s)
     checks.cuda("topk_indices", idx)
     checks.contiguous("topk_indices", idx)
-    for out_name, out in (("topk_values", vals), ("topk_indices", idx)):
-        disjoint(out_name, out, "scores", s)
-        disjoint(out_name, out, "bias", b)
-    disjoint("topk_indices", idx, "topk_values", vals)
+    return PointerRules().outputs_apart(["topk_values", "topk_indices"], ["scores", "bias"])
 
 
 def routing_limits(num_experts: int, n_group: int, topk_group: int, topk: int) -> None:

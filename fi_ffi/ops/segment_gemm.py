@@ -46,6 +46,7 @@ from . import checks
 from .aliasing import disjoint
 from .host_index import host_array
 from .launcher import launcher
+from .pointer_rules import PointerRules
 from .workspace import Workspace
 
 __all__ = ["SegmentGEMMArgs", "segment_gemm", "segment_gemm_args"]
@@ -194,7 +195,7 @@ def segment_gemm_args(
 def _arrays_check(ld_names: tuple[str, str, str], has_y: bool) -> Any:
     """The contract of the argument arrays fi_ffi itself laid out in the workspace (a wrong one is a bug here)."""
 
-    def check(a: SimpleNamespace) -> dict[str, int]:
+    def check(a: SimpleNamespace) -> PointerRules:
         count = a.all_problems.shape[0]
         checks.shape("all_problems", a.all_problems, (count, 3), "[problems, 3]")
         checks.dtype_in("all_problems", a.all_problems, (int32,))
@@ -206,7 +207,9 @@ def _arrays_check(ld_names: tuple[str, str, str], has_y: bool) -> Any:
             aligned[name] = _ALIGN
         if has_y:
             aligned["empty_y_data"] = _ALIGN  # out itself
-        return aligned
+        # x and out (empty_x_data, empty_y_data) are checked apart by segment_gemm itself, with the weights the
+        # kernel reaches only through w_ptr; the argument arrays are fi_ffi's own, in the workspace
+        return PointerRules(aligned)
 
     check.__qualname__ = f"check_segment_gemm_{ld_names[0]}"
     return check

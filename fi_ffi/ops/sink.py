@@ -40,6 +40,7 @@ from .launcher import launcher
 from .plan import Plan
 from .plan_call import call_plan
 from .plan_settings import MASK_CAUSAL, MASK_NONE, PlanSettings
+from .pointer_rules import PointerRules
 from .prefill import _PAGED_KV, _RAGGED_KV, _RUN_HEAD, _RUN_MID, FA2_PLAN, FA3_PLAN, _check_paged, _check_ragged
 from .workspace import Workspace
 
@@ -288,19 +289,18 @@ def _runnable(plan: Any, mode: str, who: str) -> Any:
     return ws
 
 
-def _check_sink(a: SimpleNamespace) -> None:
+def _check_sink(a: SimpleNamespace, rules: PointerRules) -> PointerRules:
     s, _ = a.context
     AC.vector("sink", a.sink, "float32", s.num_qo_heads, a.float_workspace_buffer.device)
+    return rules.disjoint("out", "sink").disjoint("lse", "sink")  # the kernel reads sink while writing out/lse
 
 
-def _check_run_ragged(a: SimpleNamespace) -> None:
-    _check_ragged(a)  # q, k, v, indptrs, out, lse against the plan (prefill's run contract)
-    _check_sink(a)
+def _check_run_ragged(a: SimpleNamespace) -> PointerRules:
+    return _check_sink(a, _check_ragged(a))  # q, k, v, indptrs, out, lse against the plan: prefill's run contract
 
 
-def _check_run_paged(a: SimpleNamespace) -> None:
-    _check_paged(a)
-    _check_sink(a)
+def _check_run_paged(a: SimpleNamespace) -> PointerRules:
+    return _check_sink(a, _check_paged(a))
 
 
 def _launch(
