@@ -114,3 +114,37 @@ def test_softmax_topk_bad_inputs(logits: np.ndarray, k: object, exc: type, patte
 def test_group_by_expert_bad_inputs(experts: np.ndarray, num_experts: object, exc: type, pattern: str) -> None:
     with pytest.raises(exc, match=pattern):
         group_by_expert(experts, num_experts)  # type: ignore[arg-type]
+
+
+def test_moe_weights_shapes_are_checked() -> None:
+    from fi_ffi.models.moe import MoEWeights
+
+    e, h, i = 8, 64, 96
+    ok = MoEWeights(np.zeros((e, h)), np.zeros((e, 2 * i, h)), np.zeros((e, h, i)))
+    assert ok.shapes() == (e, h, i)
+    with pytest.raises(ValueError, match=r"gate_up: expected \[8, 2 \* intermediate, 64\]"):
+        MoEWeights(np.zeros((e, h)), np.zeros((e, 2 * i + 1, h)), np.zeros((e, h, i))).shapes()
+    with pytest.raises(ValueError, match=r"down: expected \[8, 64, 96\]"):
+        MoEWeights(np.zeros((e, h)), np.zeros((e, 2 * i, h)), np.zeros((e, i, h))).shapes()
+
+
+def test_the_moe_modules_never_import_torch() -> None:
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    code = (
+        "import sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch': raise ImportError('torch import attempted: ' + name)\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import fi_ffi.models.moe, fi_ffi.models.moe_routing\n"
+        "import numpy as np\n"
+        "w, e = fi_ffi.models.moe_routing.softmax_topk(np.ones((3, 4), np.float32), 2)\n"
+        "fi_ffi.models.moe_routing.group_by_expert(e, 4)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
