@@ -158,8 +158,9 @@ class MoELayer:
         import cupy
 
         e, h = self.num_experts, self.hidden
+        x_ld = x.strides[0] // x.itemsize
         self.dense.linear(
-            tokens, int(x.data.ptr), h, int(self.weights.router.data.ptr), e, h, int(self.logits.data.ptr), e,
+            tokens, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr), e, h, int(self.logits.data.ptr), e,
             self._ab, CUDA_R_32F,
         )  # fmt: skip
         logits = cupy.asnumpy(self.logits[:tokens], stream=self.stream)
@@ -169,8 +170,13 @@ class MoELayer:
 
     def forward(self, x: Any, out: Any, tokens: int | None = None) -> Any:
         """``out[:T] = MoE(x[:T])`` for CuPy arrays ``x``, ``out`` ``[>= T, hidden]`` of the layer's storage dtype,
-        contiguous rows; ``T`` defaults to ``x.shape[0]``. Returns ``out``."""
+        rows contiguous (row strides may be larger); ``T`` defaults to ``x.shape[0]``. Returns ``out``."""
+        for name, a in (("x", x), ("out", out)):
+            if a.ndim != 2 or a.shape[1] != self.hidden or a.strides[1] != a.itemsize:
+                raise ValueError(f"{name}: expected [tokens, {self.hidden}] with contiguous rows, got {a.shape}")
         t = x.shape[0] if tokens is None else tokens
+        if t > x.shape[0] or t > out.shape[0]:
+            raise ValueError(f"tokens: {t} exceeds the rows of x ({x.shape[0]}) or out ({out.shape[0]})")
         if not 0 <= t <= self.max_tokens:
             raise ValueError(f"tokens: expected 0..max_tokens ({self.max_tokens}), got {t}")
         if t == 0:
@@ -189,7 +195,8 @@ class MoELayer:
         self.row_token[:rows].set(groups.row_token, stream=s)
         self.row_of[:rows].set(groups.row_of.reshape(-1), stream=s)
         self.route_weights[:rows].set(weights.reshape(-1).astype(np.float32), stream=s)
-        self.dense.gather_rows(rows, int(x.data.ptr), h, int(self.row_token.data.ptr), int(self.xs.data.ptr), h, h)
+        x_ld = x.strides[0] // x.itemsize
+        self.dense.gather_rows(rows, int(x.data.ptr), x_ld, int(self.row_token.data.ptr), int(self.xs.data.ptr), h, h)
         sm80 = self.backend == "sm80" or (self.backend == "auto" and not _is_sm90(self.device_id))
         if sm80:  # the generic grouped GEMM adds into its output
             self.gate_up_out[:rows].fill(0)
