@@ -75,16 +75,16 @@ def main() -> None:
         x_c = as_cupy(x)
         out_c = cupy.empty_like(x_c)
 
-        def run_fi() -> None:
+        def run_fi(x_c: object = x_c, out_c: object = out_c) -> None:
             layer.forward(x_c, out_c)
             stream.synchronize()
 
-        def run_torch() -> None:
+        def run_torch(x: torch.Tensor = x) -> None:
             torch_moe(x)
             torch.cuda.synchronize()
 
-        best = {}
-        for name, fn in (("fi_ffi", run_fi), ("torch", run_torch)):
+        best: dict[str, float] = {}
+        for fn in (run_fi, run_torch):
             for _ in range(3):
                 fn()
         for name, fn in (("fi_ffi", run_fi), ("torch", run_torch)) * 3:  # interleaved rounds
