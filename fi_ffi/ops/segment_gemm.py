@@ -307,17 +307,23 @@ def segment_gemm(
     p = args.count
     problems = array("all_problems", (p, 3), int32)
     ptrs = [array(n, (p,), int64) for n in ("x_ptr", "w_ptr", "y_ptr", "x_ld", "w_ld", "y_ld")]
-    with workspace._lock:
-        if workspace._event_pending:
-            workspace._wait_previous_plan_copy()
-        workspace._generation += 1  # the int buffer now holds these arrays: earlier plans are stale
-        _stage(workspace, data, s)
-        workspace._record_plan_copy(s)
-        if use_sm90:
-            rest = Tensor(base + len(data), (workspace.int_bytes - len(data),), uint8, dev)
-            _sm90(workspace.float_buffer, rest, problems, *ptrs, x, out, column_major, stream=s)
-        else:
-            _sm80(workspace.float_buffer, problems, *ptrs, x, column_major, stream=s)
+    from . import device
+
+    previous = device.make_current(dev.device_id)  # the driver's copy needs the device's context current
+    try:
+        with workspace._lock:
+            if workspace._event_pending:
+                workspace._wait_previous_plan_copy()
+            workspace._generation += 1  # the int buffer now holds these arrays: earlier plans are stale
+            _stage(workspace, data, s)
+            workspace._record_plan_copy(s)
+            if use_sm90:
+                rest = Tensor(base + len(data), (workspace.int_bytes - len(data),), uint8, dev)
+                _sm90(workspace.float_buffer, rest, problems, *ptrs, x, out, column_major, stream=s)
+            else:
+                _sm80(workspace.float_buffer, problems, *ptrs, x, column_major, stream=s)
+    finally:
+        device.restore(previous)
     return out
 
 
