@@ -10,10 +10,12 @@ CuPy for device memory and two small kernels.
     print(result.tokens, result.tokens_per_s, result.host_us_per_step)
 
 The model (``config.json`` + ``*.safetensors``, float16 or bfloat16): token embedding; per layer RMSNorm,
-fused QKV projection, RoPE (plain or Llama 3.1 scaled) on q and k, K/V appended to the paged cache, attention
-(causal batch prefill, or batch decode) with GQA, output projection, fused residual-add + RMSNorm, fused
-gate/up projection, SiLU-and-mul, down projection; final RMSNorm; LM head (tied to the embedding or not) with
-float32 logits; greedy argmax or top-k/top-p sampling.
+fused QKV projection, (Qwen3: per-head RMSNorm of q and k,) RoPE (plain or Llama 3.1 scaled) on q and k, K/V
+appended to the paged cache, attention (causal batch prefill, or batch decode) with GQA, output projection, fused
+residual-add + RMSNorm, fused gate/up projection, SiLU-and-mul, down projection (Mixtral, Qwen3-MoE: the
+mixture-of-experts layer of :mod:`fi_ffi.models.moe` instead); final RMSNorm; LM head (tied to the embedding or
+not) with float32 logits; greedy argmax or top-k/top-p sampling. Model types: ``llama``, ``qwen3``, ``mixtral``,
+``qwen3_moe`` (:mod:`fi_ffi.models.config`); the MoE types run eagerly only (their routing is on the host).
 
 Serving (:class:`LlamaEngine`): the prompts are queued (:mod:`fi_ffi.models.paging`), admitted into free batch
 slots and prefilled together (one ``batch_prefill_paged_plan``, one run per layer); then each decode step makes
@@ -139,6 +141,12 @@ class LlamaEngine:
         device: int = 0,
     ) -> None:
         cfg = self.config = LlamaConfig.from_dir(model_dir)
+        if cfg.moe is not None and cuda_graph:
+            raise ValueError(
+                f"cuda_graph: not available for {cfg.model_type} checkpoints: the mixture-of-experts layers route "
+                "tokens on the host (the grouped GEMM takes host segment offsets), which a captured graph cannot "
+                "replay; pass cuda_graph=False"
+            )
         self.max_batch = _positive("max_batch", max_batch)
         self.page_size = _positive("page_size", page_size)
         self.max_seq_len = _positive(
@@ -227,6 +235,11 @@ class LlamaEngine:
         else:
             self._lm_head = upload(get("lm_head.weight", (c.vocab_size, h))).data.ptr
         self._wqkv, self._wo, self._wgu, self._wd, self._ln1, self._ln2 = [], [], [], [], [], []
+        self._q_norm: list[Any] = []
+        self._k_norm: list[Any] = []
+        self._moe: list[Any] = []
+        if c.moe is not None:
+            self._ws_moe = kernels.workspace(self.device)  # the grouped GEMMs' own (argument arrays, scratch)
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             self._wqkv.append(
@@ -241,17 +254,59 @@ class LlamaEngine:
                 ).data.ptr
             )
             self._wo.append(upload(get(p + "self_attn.o_proj.weight", (h, hq * d))).data.ptr)
-            self._wgu.append(
-                upload(
-                    np.concatenate(
-                        [get(p + "mlp.gate_proj.weight", (inter, h)), get(p + "mlp.up_proj.weight", (inter, h))]
-                    )
-                ).data.ptr
-            )
-            self._wd.append(upload(get(p + "mlp.down_proj.weight", (h, inter))).data.ptr)
+            if c.qk_norm:
+                self._q_norm.append(vector(get(p + "self_attn.q_norm.weight", (d,))))
+                self._k_norm.append(vector(get(p + "self_attn.k_norm.weight", (d,))))
+            if c.moe is not None:
+                self._moe.append(self._moe_layer(p, get, upload))
+            else:
+                self._wgu.append(
+                    upload(
+                        np.concatenate(
+                            [get(p + "mlp.gate_proj.weight", (inter, h)), get(p + "mlp.up_proj.weight", (inter, h))]
+                        )
+                    ).data.ptr
+                )
+                self._wd.append(upload(get(p + "mlp.down_proj.weight", (h, inter))).data.ptr)
             self._ln1.append(vector(get(p + "input_layernorm.weight", (h,))))
             self._ln2.append(vector(get(p + "post_attention_layernorm.weight", (h,))))
         self._norm = vector(get("model.norm.weight", (h,)))
+
+    def _moe_layer(self, p: str, get: Any, upload: Any) -> Any:
+        """The :class:`~fi_ffi.models.moe.MoELayer` of layer prefix ``p``: router, experts' gate/up stacked as
+        ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as ``[E, H, I]``."""
+        from .moe import MoELayer, MoEWeights
+
+        c = self.config
+        m = c.moe
+        assert m is not None
+        e, h, i = m.num_experts, c.hidden_size, m.intermediate_size
+        if c.model_type == "mixtral":  # block_sparse_moe.experts.N.w1 (gate), w3 (up), w2 (down)
+            base, gate, up, down = p + "block_sparse_moe.", "w1", "w3", "w2"
+        else:  # qwen3_moe: mlp.experts.N.gate_proj, up_proj, down_proj
+            base, gate, up, down = p + "mlp.", "gate_proj", "up_proj", "down_proj"
+        router = upload(get(base + "gate.weight", (e, h)))
+        gate_up = upload(
+            np.stack(
+                [
+                    np.concatenate(
+                        [get(f"{base}experts.{x}.{gate}.weight", (i, h)), get(f"{base}experts.{x}.{up}.weight", (i, h))]
+                    )
+                    for x in range(e)
+                ]
+            )
+        )
+        down_w = upload(np.stack([get(f"{base}experts.{x}.{down}.weight", (h, i)) for x in range(e)]))
+        return MoELayer(
+            MoEWeights(router, gate_up, down_w),
+            dtype=self.dtype,
+            top_k=m.top_k,
+            renormalize=m.renormalize,
+            max_tokens=max(self.max_prefill_tokens, self.max_batch),
+            stream=self.stream,
+            dense=self.dense,
+            workspace=self._ws_moe,
+        )
 
     def _allocate(self) -> None:
         cp, c = self._cp, self.config
@@ -351,6 +406,9 @@ class LlamaEngine:
         kernels.rmsnorm(v.h, self._ln1[0], v.x, eps, s)
         for i in range(c.num_layers):
             dense.linear(rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab)
+            if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE
+                kernels.qk_rmsnorm(v.q, self._q_norm[i], eps, s)
+                kernels.qk_rmsnorm(v.k, self._k_norm[i], eps, s)
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
             kernels.append_kv(
                 v.k,
@@ -367,9 +425,12 @@ class LlamaEngine:
             attention(i, v)
             dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)
             kernels.fused_add_rmsnorm(v.x, v.h, self._ln2[i], eps, s)
-            dense.linear(rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
-            kernels.silu_and_mul(v.gu, v.act, s)
-            dense.linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab)
+            if self._moe:  # routes on the host: synchronizes the stream (eager only)
+                self._moe[i].forward(b.x, b.x, rows)
+            else:
+                dense.linear(rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
+                kernels.silu_and_mul(v.gu, v.act, s)
+                dense.linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab)
             kernels.fused_add_rmsnorm(v.x, v.h, self._ln1[i + 1] if i < last else self._norm, eps, s)
 
     def _decode_attention(self, i: int, v: SimpleNamespace) -> None:
@@ -708,6 +769,8 @@ class LlamaEngine:
                 self.graph.close()
             self._ws_prefill.close()
             self._ws_decode.close()
+            if self._moe:
+                self._ws_moe.close()
             self.dense.close()
 
     def __enter__(self) -> LlamaEngine:
