@@ -258,7 +258,7 @@ class LlamaEngine:
                 self._q_norm.append(vector(get(p + "self_attn.q_norm.weight", (d,))))
                 self._k_norm.append(vector(get(p + "self_attn.k_norm.weight", (d,))))
             if c.moe is not None:
-                self._moe.append(self._moe_layer(p, get, upload))
+                self._moe.append(self._moe_layer(ckpt, p, get, upload))
             else:
                 self._wgu.append(
                     upload(
@@ -272,7 +272,7 @@ class LlamaEngine:
             self._ln2.append(vector(get(p + "post_attention_layernorm.weight", (h,))))
         self._norm = vector(get("model.norm.weight", (h,)))
 
-    def _moe_layer(self, p: str, get: Any, upload: Any) -> Any:
+    def _moe_layer(self, ckpt: Checkpoint, p: str, get: Any, upload: Any) -> Any:
         """The :class:`~fi_ffi.models.moe.MoELayer` of layer prefix ``p``: router, experts' gate/up stacked as
         ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as ``[E, H, I]``."""
         from .moe import MoELayer, MoEWeights
@@ -281,22 +281,34 @@ class LlamaEngine:
         m = c.moe
         assert m is not None
         e, h, i = m.num_experts, c.hidden_size, m.intermediate_size
-        if c.model_type == "mixtral":  # block_sparse_moe.experts.N.w1 (gate), w3 (up), w2 (down)
+        # Per-expert tensors (checkpoints on the Hub, transformers 4): Mixtral block_sparse_moe.experts.N.w1 (gate),
+        # w3 (up), w2 (down); Qwen3-MoE mlp.experts.N.gate_proj, up_proj, down_proj. Fused tensors (transformers
+        # 5 saves these): mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then up rows) and down_proj [E, H, I].
+        if c.model_type == "mixtral" and p + "block_sparse_moe.gate.weight" in ckpt:
             base, gate, up, down = p + "block_sparse_moe.", "w1", "w3", "w2"
-        else:  # qwen3_moe: mlp.experts.N.gate_proj, up_proj, down_proj
+        elif c.model_type == "mixtral":
+            base, gate, up, down = p + "mlp.", "w1", "w3", "w2"
+        else:
             base, gate, up, down = p + "mlp.", "gate_proj", "up_proj", "down_proj"
         router = upload(get(base + "gate.weight", (e, h)))
-        gate_up = upload(
-            np.stack(
-                [
-                    np.concatenate(
-                        [get(f"{base}experts.{x}.{gate}.weight", (i, h)), get(f"{base}experts.{x}.{up}.weight", (i, h))]
-                    )
-                    for x in range(e)
-                ]
+        if base + "experts.gate_up_proj" in ckpt:
+            gate_up = upload(get(base + "experts.gate_up_proj", (e, 2 * i, h)))
+            down_w = upload(get(base + "experts.down_proj", (e, h, i)))
+        else:
+            gate_up = upload(
+                np.stack(
+                    [
+                        np.concatenate(
+                            [
+                                get(f"{base}experts.{x}.{gate}.weight", (i, h)),
+                                get(f"{base}experts.{x}.{up}.weight", (i, h)),
+                            ]
+                        )
+                        for x in range(e)
+                    ]
+                )
             )
-        )
-        down_w = upload(np.stack([get(f"{base}experts.{x}.{down}.weight", (h, i)) for x in range(e)]))
+            down_w = upload(np.stack([get(f"{base}experts.{x}.{down}.weight", (h, i)) for x in range(e)]))
         return MoELayer(
             MoEWeights(router, gate_up, down_w),
             dtype=self.dtype,
