@@ -14,9 +14,10 @@ import os
 import numpy as np
 from timing import Report
 
-from fi_ffi.abi import dl, runtime
+from fi_ffi.abi import runtime
 from fi_ffi.abi.call import Function, Signature
 from fi_ffi.interop import as_tensor
+from fi_ffi.loader import dl
 from fi_ffi.tensor import Tensor
 
 

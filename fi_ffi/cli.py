@@ -3,12 +3,13 @@
 - ``doctor [--json]``: driver, CUDA runtime (and a ``FI_FFI_CUDA_VERSION`` override), GPUs and whether the
   selected kernel wheels cover each one's architecture, glibc, the ``FI_FFI_*`` variables set, the lock (which
   file each section came from) and where each selected wheel would come from, the TVM-FFI runtime, the cache
-  path. Exit 0 on any machine.
+  path, and the kernel modules on disk that reference symbols nothing provides. Exit 0 on any machine.
 - ``fetch [--wheel PATH ...] [--all]``: fill the cache from the lock (wheelhouse, download) or from local wheels.
 - ``cache {path,list,verify [--full],clear}``: inspect and repair the cache.
 - ``lock WHEEL... [--kind kernel|runtime]``: print a lock pinning local wheels (for ``FI_FFI_LOCK``).
 - ``list [--kind K] [--dtype D] [--head-dim N]``: the attention variants the active lock provides, with the
-  FlashInfer release each comes from.
+  FlashInfer release each comes from (``--json``: also the symbols each module on disk references that
+  nothing provides).
 - ``smoke [--device N]``: run each op once on the GPU against a reference; without a GPU, say so, print the
   doctor summary and exit 1.
 - ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph]``: serve token-id
@@ -230,6 +231,19 @@ def _runtime_status() -> dict[str, str]:
     return {"source": source, "detail": detail, "problem": problem}
 
 
+def module_symbols() -> dict[str, Any]:
+    """The symbol check of every kernel module loaded here or already on disk (:func:`fi_ffi.loader.symbol_checks`;
+    fetches and extracts nothing): ``modules`` maps each URI checked to its result, ``error`` says why nothing
+    could be checked (``""`` if it could)."""
+    from . import loader
+
+    try:
+        checks = loader.symbol_checks()
+    except Exception as exc:  # no lock, no runtime: doctor still reports everything else
+        return {"error": str(exc), "modules": {}}
+    return {"error": "", "modules": {uri: check.as_dict() for uri, check in checks.items()}}
+
+
 def doctor_data() -> dict[str, Any]:
     """Everything ``fi-ffi doctor`` reports, as a JSON-able dict."""
     from . import loader, system
@@ -250,6 +264,7 @@ def doctor_data() -> dict[str, Any]:
         "gpu_coverage": gpu_coverage(facts.gpus, kernels) if kernels else [],
         "tvm_ffi_runtime": _runtime_status(),
         "cache": str(loader.cache_root()),
+        "module_symbols": module_symbols(),
     }
 
 
@@ -298,6 +313,29 @@ def _print_doctor(data: dict[str, Any]) -> None:
     if rt.get("problem"):
         print(f"  PROBLEM:      {rt['problem']}")
     print(f"Cache:          {data['cache']}")
+    symbols = data["module_symbols"]
+    modules = symbols["modules"]
+    bad = {uri: m for uri, m in modules.items() if m["unresolved"] or m["missing_libraries"] or m["error"]}
+    if symbols["error"]:
+        print(f"Module symbols: not checked: {symbols['error']}")
+    elif not modules:
+        print("Module symbols: no kernel module loaded or on disk yet (checked when one is)")
+    else:
+        state = f"{len(bad)} of them reference symbols nothing provides" if bad else "all their symbols are provided"
+        print(f"Module symbols: {len(modules)} kernel modules checked (loaded or on disk): {state}")
+    for uri, m in bad.items():
+        print(f"  {uri}:")
+        if m["error"]:
+            print(f"    not checked: {m['error']}")
+        if m["unresolved"]:
+            print(
+                f"    {len(m['unresolved'])} undefined symbols nothing provides (it loads; code that calls one "
+                "aborts the process):"
+            )
+            for name in m["unresolved"]:
+                print(f"      {name}")
+        if m["missing_libraries"]:
+            print(f"    needed libraries not found: {', '.join(m['missing_libraries'])}")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -385,6 +423,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"fi-ffi list: {exc}", file=sys.stderr)
         return 2
     if args.json:
+        symbols = module_symbols()
+        if symbols["error"]:
+            print(f"fi-ffi list: module symbols not checked: {symbols['error']}", file=sys.stderr)
+        for row in rows:  # a list of names (empty: all provided), or null: the module is not on disk yet
+            checked = symbols["modules"].get(row["uri"])
+            row["unresolved_symbols"] = checked["unresolved"] if checked is not None else None
         json.dump(rows, sys.stdout, indent=2)
         print()
     for row in rows if not args.json else ():

@@ -53,7 +53,12 @@ class Device:
         self._check((err,), "cudaMalloc")
         self._allocations.append(int(ptr))
         self._check(
-            self.rt.cudaMemcpy(int(ptr), host.ctypes.data, host.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice),
+            self.rt.cudaMemcpy(
+                int(ptr),
+                host.__array_interface__["data"][0],
+                host.nbytes,
+                self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+            ),
             "cudaMemcpy H2D",
         )
         return Tensor.from_pointer(int(ptr), host.shape, dtype or host.dtype.name, self.ordinal)
@@ -63,7 +68,12 @@ class Device:
         self.sync()
         out = np.empty(t.shape, dtype=np_dtype)
         self._check(
-            self.rt.cudaMemcpy(out.ctypes.data, t.data_ptr, out.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost),
+            self.rt.cudaMemcpy(
+                out.__array_interface__["data"][0],
+                t.data_ptr,
+                out.nbytes,
+                self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+            ),
             "cudaMemcpy D2H",
         )
         return out

@@ -66,16 +66,12 @@ def _version_text(code: int) -> str:
 def cudart_version(path: str) -> str:
     """The version the CUDA runtime library at ``path`` reports (``cudaRuntimeGetVersion``), e.g. ``"13.0"``.
 
-    Raises ``OSError`` if the library cannot be opened or does not answer.
+    Asked through the loader's cffi binding (:func:`fi_ffi.loader.libraries.cudart_version`); raises
+    :class:`~fi_ffi.errors.LibraryLoadError` if the library cannot be opened or does not answer.
     """
-    import ctypes
+    from .loader import libraries
 
-    lib = ctypes.CDLL(path)  # already loaded by the loader: the same handle, nothing is mapped twice
-    out = ctypes.c_int()
-    rc = lib.cudaRuntimeGetVersion(ctypes.byref(out))
-    if rc != 0:
-        raise OSError(f"cudaRuntimeGetVersion failed with CUDA error {rc} ({path})")
-    return _version_text(out.value)
+    return libraries.cudart_version(path)
 
 
 def gpus() -> tuple[list[GPU], str]:

@@ -29,7 +29,9 @@ _WIRE_DEVICE_TYPE = {_dt.CUDA_MANAGED: _dt.CUDA, _dt.CUDA_HOST: _dt.CPU}
 _INT64_END = 1 << 63
 _PTR_END = 1 << 64
 _DEVICE_END = 1 << 31  # DLDevice.device_id is an int32
-_ffi: Any = None  # fi_ffi.abi.cdefs.get_ffi(), looked up on the first descriptor (an import per call costs ~2 us)
+# A bare cffi.FFI (no declarations: the record is packed with _DLTENSOR) for the DLTensor blocks, made on the
+# first one; fi_ffi.abi builds on this module, so the record's memory does not come from there.
+_ffi: Any = None
 
 
 def _device(value: Any) -> Device:
@@ -342,9 +344,9 @@ def _make_dltensor(t: Tensor) -> tuple[Any, int]:
     global _ffi
     ffi = _ffi
     if ffi is None:
-        from .abi.cdefs import get_ffi
+        import cffi
 
-        ffi = _ffi = get_ffi()
+        ffi = _ffi = cffi.FFI()
     n = t.ndim
     block = ffi.new("char[]", _DLTENSOR.size + 16 * n)
     addr = int(ffi.cast("uintptr_t", block))

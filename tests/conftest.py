@@ -144,9 +144,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """With ``FI_FFI_TEST_RELEASE=0.7.2``, a GPU test stopped by a module that neither the core 0.6.3 wheel nor the
-    0.7.2 wheel holds (the staged set leaves the extension wheel out) is a skip naming the module, not a failure;
-    so is one stopped by a test-wheel module that does not load for an undefined symbol (see
-    :func:`module_load_defect`)."""
+    0.7.2 wheel holds (the staged set leaves the extension wheel out) is a skip naming the module, not a failure."""
     outcome = yield
     if (
         TEST_RELEASE != "0.7.2"
@@ -155,15 +153,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         or item.get_closest_marker("release_check") is not None
     ):
         return
-    from fi_ffi.errors import KernelNotFoundError, LibraryLoadError
+    from fi_ffi.errors import KernelNotFoundError
 
-    text = str(call.excinfo.value)
-    if call.excinfo.errisinstance(KernelNotFoundError):
-        why = f"FI_FFI_TEST_RELEASE=0.7.2 pins no such module: {text.splitlines()[0]}"
-    elif call.excinfo.errisinstance(LibraryLoadError) and "undefined symbol" in text:
-        why = f"a module of the test wheels does not load (a defect of the test data): {text.splitlines()[0]}"
-    else:
+    if not call.excinfo.errisinstance(KernelNotFoundError):
         return
+    why = f"FI_FFI_TEST_RELEASE=0.7.2 pins no such module: {str(call.excinfo.value).splitlines()[0]}"
     report = outcome.get_result()
     report.outcome = "skipped"
     report.longrepr = (str(item.path), (item.location[1] or 0) + 1, f"Skipped: {why}")
@@ -319,25 +313,6 @@ def release_072_over_063(
         use_lock(mp, tmp_path / "both.lock", lock_text(both, header="0.6.3 + 0.7.2 test wheels"), both)
         yield _available_uris()
     _forget_lock()
-
-
-def module_load_defect(uri: str) -> str:
-    """Why module ``uri`` (active lock) does not load because it references a symbol it does not define, or ``""``
-    when it loads. Such a module is a defect of the test wheel, not of fi_ffi: the 0.7.2 test wheel's FA2 batch
-    prefill module lacks its CTA-tile-32 kernel instantiations (``BatchPrefillWith*KVCacheDispatched<32, ...>``),
-    so no process can load it until the wheel is rebuilt. Other load errors are raised."""
-    from fi_ffi import loader
-    from fi_ffi.errors import LibraryLoadError
-
-    try:
-        loader.load_module(uri)
-    except LibraryLoadError as exc:
-        text = str(exc)
-        if "undefined symbol" not in text:
-            raise
-        symbol = text.split("undefined symbol:", 1)[1].split()[0]
-        return f"module {uri} of the test wheel does not load (a defect of the test data): undefined symbol {symbol}"
-    return ""
 
 
 def _available_uris() -> list[str]:

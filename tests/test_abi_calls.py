@@ -353,7 +353,8 @@ def testing_lib() -> object:
     import importlib.util
     import os
 
-    from fi_ffi.abi import dl, runtime
+    from fi_ffi.abi import runtime
+    from fi_ffi.loader import dl
 
     candidates = [os.path.join(os.path.dirname(runtime.library_path()), "libtvm_ffi_testing.so")]
     spec = importlib.util.find_spec("tvm_ffi")

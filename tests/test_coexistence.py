@@ -21,7 +21,7 @@ if order == "tvm_ffi_first":
     import tvm_ffi
 import fi_ffi
 from fi_ffi import loader
-from fi_ffi.abi import dl
+from fi_ffi.loader import dl
 from fi_ffi.abi.call import Function
 from fi_ffi.ops.kernels import entry_point
 lib = loader.runtime_library()

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import find_shared_wheel, find_wheels_072, module_load_defect, shared_wheels
+from conftest import find_shared_wheel, find_wheels_072, shared_wheels
 
 import fi_ffi.ops
 from fi_ffi.abi import wire
@@ -114,22 +114,22 @@ def test_declaration_matches_every_module_it_applies_to(
     if not modules and not decl.release:
         pytest.skip(f"the {release} test wheel has no module matching {pattern!r}")
     assert modules, f"{family}: no {release} module matches {pattern!r} for {decl.entry} (declared for {decl.release})"
-    defects = [why for why in map(_unloadable_here, modules) if why]
+    without_driver = [why for why in map(_needs_a_driver, modules) if why]
     for uri in modules:
-        if any(uri in why for why in defects):
+        if any(uri in why for why in without_driver):
             continue
         text = entry_point(uri, decl.entry).signature_text()
         found = wire.parse_signature(text, decl.entry)
         assert wire.signature_mismatch(decl, found) == "", f"{uri}: {text}"
         bound_entry(uri, decl)  # the launcher's own bind-time check accepts it
-    if defects:
-        pytest.skip("; ".join(defects))
+    if without_driver:
+        pytest.skip("; ".join(without_driver))
 
 
-def _unloadable_here(uri: str) -> str:
-    """Why module ``uri`` cannot be loaded on this machine (``""`` when it loads): a defect of the test data
-    (:func:`module_load_defect`), or ``libcuda.so.1`` listed as NEEDED on a machine without a driver
-    (``mamba_selective_state_update_sm90``; tests/test_mamba.py binds it in a child process with a driver stub)."""
+def _needs_a_driver(uri: str) -> str:
+    """Why module ``uri`` cannot be loaded here (``""`` when it loads): it lists ``libcuda.so.1`` as NEEDED and this
+    machine has no driver (``mamba_selective_state_update_sm90``; tests/test_mamba.py binds it in a child process
+    with a driver stub). Any other load error is raised."""
     from fi_ffi import loader
     from fi_ffi.errors import LibraryLoadError
 
@@ -138,7 +138,8 @@ def _unloadable_here(uri: str) -> str:
     except LibraryLoadError as exc:
         if "libcuda.so.1" in str(exc) and "undefined symbol" not in str(exc):
             return f"module {uri} needs libcuda.so.1, absent here (tests/test_mamba.py binds it with a driver stub)"
-    return module_load_defect(uri)
+        raise
+    return ""
 
 
 def test_every_untagged_declaration_matches_a_module_of_some_release() -> None:
@@ -171,7 +172,6 @@ def test_every_entry_point_of_the_072_wheel_binds_with_its_declaration(release_0
     listed = _signatures_072()
     assert {uri for uri, _ in listed} == set(release_072)
     undeclared = []
-    defects: dict[str, str] = {}
     for (uri, entry), sig in sorted(listed.items()):
         decls = [d for _, p, d in DECLARED if d.entry == entry and "0.7.2" in releases_of(d) and re.fullmatch(p, uri)]
         if entry in NOT_DECLARED_072:
@@ -181,13 +181,8 @@ def test_every_entry_point_of_the_072_wheel_binds_with_its_declaration(release_0
             undeclared.append(f"{uri}.{entry}: {len(decls)} declarations")
             continue
         assert decls[0].signature == sig, f"{uri}: {sig}"
-        if uri not in defects and not (why := module_load_defect(uri)):
-            bound_entry(uri, decls[0])
-        elif why:
-            defects[uri] = why
+        bound_entry(uri, decls[0])  # against the module's own signature, FA2 batch prefill included
     assert not undeclared, undeclared
-    if defects:  # every signature matched its text in signatures-072.txt, but these modules could not be bound
-        pytest.skip("; ".join(defects.values()))
 
 
 def _release_pairs() -> list[tuple[str, str, wire.Declaration, str, wire.Declaration]]:
@@ -229,9 +224,6 @@ def test_a_declaration_offered_the_other_releases_module_is_refused_by_name(
     for modules_release, pattern, offered in (("0.6.3", p_old, new), ("0.7.2", p_new, old)):
         modules = [u for u in _modules(request, modules_release) if re.fullmatch(pattern, u)]
         assert modules, f"no {modules_release} module matches {pattern!r}"
-        defects = [why for why in map(module_load_defect, modules) if why]
-        if defects:
-            pytest.skip("; ".join(defects))
         for uri in modules:
             with pytest.raises(LoaderError) as info:
                 bound_entry(uri, offered)

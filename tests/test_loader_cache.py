@@ -16,9 +16,8 @@ import pytest
 from conftest import WheelEnv, subprocess_env
 
 from fi_ffi import loader
-from fi_ffi.abi import dl
 from fi_ffi.errors import IntegrityError, KernelNotFoundError, LoaderError
-from fi_ffi.loader import cache, lockfile
+from fi_ffi.loader import cache, dl, lockfile
 
 PREFIX = "flashinfer_jit_cache/jit_cache"
 FIXED = ("norm", "page", "gdn_prefill_sm90")

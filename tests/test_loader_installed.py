@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from fi_ffi import loader
-from fi_ffi.abi import dl
 from fi_ffi.errors import LoaderError
-from fi_ffi.loader import cache, installed, modules
+from fi_ffi.loader import cache, dl, installed, modules
 
 ALPHA = "tiny/jit_cache/alpha/alpha.so"
 
@@ -150,3 +149,22 @@ def test_the_installed_shared_wheel_loads_in_place(
     assert loader.loaded_modules()["norm"] == str(target / "flashinfer_jit_cache/jit_cache/norm/norm.so")
     assert dl.symbol_address(handle, "__tvm_ffi_rmsnorm") != 0
     assert len(loader.available_uris()) == 21  # every module of the core wheel
+
+
+def test_symbol_checks_read_installed_files_in_place_without_loading_or_extracting(
+    site: Path,
+    tiny: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_cache: Path,
+    kernel_modules: list[str],
+) -> None:
+    use_lock(tmp_path, monkeypatch, tiny, members=False)
+    beta = "tiny/jit_cache/beta/beta.so"
+    assert modules.files_on_disk() == {"alpha": site / ALPHA, "beta": site / beta}
+    checks = loader.symbol_checks()
+    for uri, member in (("alpha", ALPHA), ("beta", beta)):  # the tiny wheel's "modules" are not ELF files
+        check = checks[uri]
+        assert check.path == str(site / member) and not check.loaded and not check.ok
+        assert check.error.startswith(f"{site / member}: not a readable ELF64 shared library: it does not start")
+    assert "alpha" not in loader.loaded_modules() and not (fresh_cache / "extracted").exists()

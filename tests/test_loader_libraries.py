@@ -14,10 +14,9 @@ import pytest
 from conftest import WheelEnv, subprocess_env
 
 from fi_ffi import loader
-from fi_ffi.abi import dl
 from fi_ffi.abi.cdefs import get_ffi
 from fi_ffi.errors import LibraryLoadError, LoaderError
-from fi_ffi.loader import libraries
+from fi_ffi.loader import dl, libraries
 
 # Entry points each module family exports (ABI.md B).
 SYMBOLS = {
@@ -80,7 +79,7 @@ def test_installed_package_runtime_is_the_one_tvm_ffi_imports() -> None:
         pytest.skip(why)
     assert "apache-tvm-ffi 0.1." in why
     result = run_python(
-        "import json; from fi_ffi import loader; from fi_ffi.abi import dl\n"
+        "import json; from fi_ffi import loader; from fi_ffi.loader import dl\n"
         "info = loader.runtime_info()\n"
         "import tvm_ffi\n"
         "print(json.dumps({'source': info.source, 'path': info.path, 'maps': dl.loaded_paths('libtvm_ffi.so')}))",
@@ -94,7 +93,7 @@ def test_a_copy_loaded_first_by_tvm_ffi_is_reused_and_a_conflicting_choice_refus
     if libraries.package_runtime()[0] is None:
         pytest.skip("apache-tvm-ffi is not installed")
     code = (
-        "import json, tvm_ffi; from fi_ffi import loader; from fi_ffi.abi import dl\n"
+        "import json, tvm_ffi; from fi_ffi import loader; from fi_ffi.loader import dl\n"
         "from fi_ffi.errors import LoaderError\n"
         "try:\n"
         "    info = loader.runtime_info(); out = {'source': info.source, 'path': info.path}\n"
@@ -121,7 +120,7 @@ def test_runtime_extracted_from_the_locks_wheel_loads_and_serves_the_modules(
         (house / wheel.name).symlink_to(wheel)
     cache_dir = tmp_path / "cache"
     result = run_python(
-        "import json; from fi_ffi import loader; from fi_ffi.abi import dl; from fi_ffi.abi.cdefs import get_ffi\n"
+        "import json; from fi_ffi import loader; from fi_ffi.loader import dl; from fi_ffi.abi.cdefs import get_ffi\n"
         "info = loader.runtime_info()\n"
         "ffi = get_ffi(); v = ffi.new('TVMFFIVersion*'); ffi.dlopen(info.path).TVMFFIGetVersion(v)\n"
         "h = loader.load_module('norm')\n"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import module_load_defect
 from test_attention_cpu import (
     PREFILL_URI,
     decode_plan,
@@ -53,12 +52,6 @@ def reached(call) -> KernelError:  # type: ignore[no-untyped-def]
 
 def served_by_072(uri: str) -> None:
     assert loader.module_release(uri) == "0.7.2.post1"
-
-
-def fa2_072_or_skip() -> None:
-    why = module_load_defect(FA2_072)
-    if why:
-        pytest.skip(why)
 
 
 # ------------------------------------------------------------------------------------ unchanged modules
@@ -142,7 +135,6 @@ def test_fa2_prefill_runs_reach_the_072_module_without_scale_factors(
     make_array,  # type: ignore[no-untyped-def]
     mode: str,
 ) -> None:
-    fa2_072_or_skip()
     plan = prefill_plan(make_array, mode, "fa2")
     assert plan.uri == FA2_072
     served_by_072(plan.uri)
@@ -156,7 +148,6 @@ def test_fa2_prefill_runs_reach_the_072_module_without_scale_factors(
 
 
 def test_fa2_prefill_plan_passes_uniform_q_len_to_the_072_module(release_072: list[str]) -> None:
-    fa2_072_or_skip()
     ws = workspace()
     err = reached(
         lambda: prefill.batch_prefill_ragged_plan(

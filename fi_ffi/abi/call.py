@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..dtypes import CUDA, Device, DType
+from ..loader import dl
 from ..tensor import Tensor
-from . import dl
 from .cdefs import get_ffi
 from .objects import (
     ARRAY,

@@ -98,15 +98,6 @@ DLPackManagedTensorAllocator TVMFFIEnvGetDLPackManagedTensorAllocator(void);
 int TVMFFIEnvTensorAlloc(DLTensor* prototype, void** out);
 """
 
-# libc's dynamic-loader entry points: explicit flags, RTLD_NOLOAD probes, dlsym of any exported name
-# (kernel entry points are looked up by name, not declared one by one) and dlerror's exact text.
-LIBC_CDEFS = r"""
-void* dlopen(const char* filename, int flags);
-void* dlsym(void* handle, const char* symbol);
-char* dlerror(void);
-int dlclose(void* handle);
-"""
-
 _lock = threading.Lock()
 _ffi: cffi.FFI | None = None
 
@@ -119,6 +110,5 @@ def get_ffi() -> cffi.FFI:
             if _ffi is None:
                 ffi = cffi.FFI()
                 ffi.cdef(CDEFS)
-                ffi.cdef(LIBC_CDEFS)
                 _ffi = ffi
     return _ffi

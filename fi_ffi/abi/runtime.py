@@ -2,6 +2,7 @@
 
 :func:`api` returns it, loading it on first use through :mod:`fi_ffi.loader` (which decides which copy:
 one already in the process, the installed ``apache-tvm-ffi`` package's, or the one pinned in the lock).
+The layers go one way: :mod:`fi_ffi.abi` uses the loader; the loader knows nothing of TVM-FFI's C API.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from .. import loader
 from .cdefs import get_ffi
 
 _lock = threading.Lock()
@@ -44,8 +46,6 @@ def _load() -> None:
     with _lock:
         if _api is not None:
             return
-        from .. import loader
-
         path = loader.runtime_library()
         ffi = get_ffi()
         # The loader has dlopen'ed the file RTLD_GLOBAL already; this only binds the declared names to it.

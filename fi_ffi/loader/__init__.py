@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .libraries import RuntimeInfo
     from .lockfile import Kind, Lock, Selection, WheelPin
     from .maintenance import CacheEntry, ClearReport, VerifyReport
+    from .symbols import SymbolCheck
 
 __all__ = [
     "CacheEntry",
@@ -33,6 +34,7 @@ __all__ = [
     "Lock",
     "RuntimeInfo",
     "Selection",
+    "SymbolCheck",
     "VerifyReport",
     "WheelPin",
     "active_lock",
@@ -54,6 +56,7 @@ __all__ = [
     "runtime_info",
     "runtime_library",
     "selection",
+    "symbol_checks",
     "verify_cache",
 ]
 
@@ -65,6 +68,7 @@ _LAZY_TYPES = {
     "Lock": "lockfile",
     "Selection": "lockfile",
     "WheelPin": "lockfile",
+    "SymbolCheck": "symbols",
 }
 
 
@@ -99,7 +103,8 @@ def ensure_cudart() -> str:
 
 
 def load_module(uri: str) -> Any:
-    """Handle (``void*`` cdata) of kernel module ``uri``, loaded once after the runtime and libcudart."""
+    """Handle (``void*`` cdata) of kernel module ``uri``, loaded once (RTLD_LAZY | RTLD_LOCAL, as TVM-FFI does)
+    after the runtime and libcudart."""
     from .modules import load_module as impl
 
     return impl(uri)
@@ -145,6 +150,16 @@ def loaded_modules() -> dict[str, str]:
     from .modules import loaded_modules as impl
 
     return impl()
+
+
+def symbol_checks(*, on_disk: bool = True) -> dict[str, SymbolCheck]:
+    """URI → :class:`SymbolCheck` (``.unresolved``: the undefined symbols nothing in this process provides) for
+    every module loaded here and, with ``on_disk``, every module of the selected wheels already on disk; fetches
+    and extracts nothing. A module loads although such symbols exist (lazy binding); calling code that needs
+    one aborts the process."""
+    from .modules import symbol_checks as impl
+
+    return impl(on_disk=on_disk)
 
 
 def selection(*, cuda: str | None = None, arch: str | None = None) -> Selection:

@@ -13,7 +13,10 @@
 2. ``libcudart.so.13`` through ``cuda.pathfinder.load_nvidia_dynamic_lib("cudart")`` (pip's
    ``nvidia-cuda-runtime`` wheel or a system CUDA); the modules' NEEDED entry then matches it by soname.
 
-3. Kernel modules, RTLD_NOW | RTLD_LOCAL (they export static libstdc++ symbols), on first use; never closed.
+3. Kernel modules, RTLD_LAZY | RTLD_LOCAL, on first use; never closed. Local: they export static libstdc++
+   symbols. Lazy, as TVM-FFI's ``load_module`` does: a function is bound at its first call, so a module that
+   references functions nothing defines still loads (FlashInfer 0.7.2's FA2 batch prefill does);
+   :mod:`fi_ffi.loader.symbols` names those functions when the module is loaded.
 """
 
 from __future__ import annotations
@@ -25,10 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..abi import dl
-from ..abi.cdefs import get_ffi
 from ..errors import LibraryLoadError, LoaderError
-from . import settings
+from . import dl, settings
 
 TVM_FFI_BASENAME = "libtvm_ffi.so"
 MIN_TVM_FFI = (0, 1, 6)
@@ -115,12 +116,15 @@ def explain_dlopen_error(path: str, message: str, *, wheel: str = "") -> str:
     return head
 
 
-def load_library(path: str | os.PathLike[str], *, global_symbols: bool = False, wheel: str = "") -> Any:
-    """dlopen ``path`` RTLD_NOW with RTLD_GLOBAL (``global_symbols``) or RTLD_LOCAL; returns the handle.
+def load_library(
+    path: str | os.PathLike[str], *, global_symbols: bool = False, lazy: bool = False, wheel: str = ""
+) -> Any:
+    """dlopen ``path`` RTLD_NOW (RTLD_LAZY with ``lazy``) with RTLD_GLOBAL (``global_symbols``) or RTLD_LOCAL;
+    returns the handle.
 
     Failures raise :class:`LibraryLoadError` with cause and fix (see :func:`explain_dlopen_error`).
     """
-    flags = dl.RTLD_NOW | (dl.RTLD_GLOBAL if global_symbols else dl.RTLD_LOCAL)
+    flags = (dl.RTLD_LAZY if lazy else dl.RTLD_NOW) | (dl.RTLD_GLOBAL if global_symbols else dl.RTLD_LOCAL)
     path = os.fspath(path)
     try:
         return dl.open_library(path, flags)
@@ -128,7 +132,7 @@ def load_library(path: str | os.PathLike[str], *, global_symbols: bool = False, 
         message = dl.last_error()
         if not message:  # open_library consumed dlerror(); ask again for the text
             probe = dl.libc().dlopen(os.fsencode(path), flags)
-            message = dl.last_error() if probe == get_ffi().NULL else ""
+            message = dl.last_error() if probe == dl.get_ffi().NULL else ""
         raise LibraryLoadError(explain_dlopen_error(path, message or "unknown error", wheel=wheel)) from None
 
 
@@ -264,10 +268,10 @@ def _tvm_ffi_version(handle: Any, path: str) -> str:
     address = dl.symbol_address(handle, "TVMFFIGetVersion")
     if not address:
         raise LibraryLoadError(f"{path} does not export TVMFFIGetVersion; it is not a TVM-FFI runtime library")
-    ffi = get_ffi()
-    out = ffi.new("TVMFFIVersion*")
-    ffi.cast("void(*)(TVMFFIVersion*)", address)(out)
-    return f"{out.major}.{out.minor}.{out.patch}"
+    ffi = dl.get_ffi()
+    out = ffi.new("uint32_t[3]")  # TVMFFIVersion: {uint32_t major, minor, patch}
+    ffi.cast("void(*)(uint32_t*)", address)(out)
+    return f"{out[0]}.{out[1]}.{out[2]}"
 
 
 # --------------------------------------------------------------------------------------------- CUDA runtime
@@ -361,14 +365,23 @@ def cuda_runtime_version() -> tuple[str, str]:
     global _cuda_version
     path = ensure_cudart()
     if _cuda_version is None:
-        handle = load_library(path)
-        address = dl.symbol_address(handle, "cudaRuntimeGetVersion")
-        if not address:
-            raise LibraryLoadError(f"{path} does not export cudaRuntimeGetVersion; it is not a CUDA runtime")
-        ffi = get_ffi()
-        out = ffi.new("int*")
-        rc = ffi.cast("int(*)(int*)", address)(out)
-        if rc != 0:
-            raise LibraryLoadError(f"cudaRuntimeGetVersion failed with CUDA error {rc} ({path})")
-        _cuda_version = f"{out[0] // 1000}.{out[0] % 1000 // 10}"
+        _cuda_version = cudart_version(path)
     return _cuda_version, f"cudaRuntimeGetVersion of {path}"
+
+
+def cudart_version(path: str) -> str:
+    """The version the CUDA runtime library at ``path`` reports (``cudaRuntimeGetVersion``), e.g. ``"13.0"``.
+
+    ``path`` is opened with the loader's flags (the library the loader loaded: the same handle, nothing is
+    mapped twice). :class:`LibraryLoadError` if it cannot be opened, is not a CUDA runtime, or fails.
+    """
+    handle = load_library(path)
+    address = dl.symbol_address(handle, "cudaRuntimeGetVersion")
+    if not address:
+        raise LibraryLoadError(f"{path} does not export cudaRuntimeGetVersion; it is not a CUDA runtime")
+    ffi = dl.get_ffi()
+    out = ffi.new("int*")
+    rc = ffi.cast("int(*)(int*)", address)(out)
+    if rc != 0:
+        raise LibraryLoadError(f"cudaRuntimeGetVersion failed with CUDA error {rc} ({path})")
+    return f"{out[0] // 1000}.{out[0] % 1000 // 10}"

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import difflib
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import KernelNotFoundError, LibraryLoadError
-from . import cache, installed, libraries, lockfile, settings, wheels
+from . import cache, installed, libraries, lockfile, settings, symbols, wheels
 from .lockfile import Selection, WheelPin
+from .log import logger
+from .symbols import SymbolCheck
 
 _lock = threading.RLock()
 _selections: dict[tuple[Any, ...], Selection] = {}
 _indexes: dict[tuple[Any, ...], dict[str, list[int]]] = {}  # (cache root, wheel sha256, settings) -> .so listing
 _handles: dict[tuple[str, tuple[str, ...]], Any] = {}  # (uri, settings snapshot) -> handle
 _loaded: dict[str, str] = {}  # uri -> path of the file loaded for it, in load order
+_checks: dict[str, SymbolCheck] = {}  # path of a loaded module file -> its symbols, checked when it was loaded
 
 
 def selection(*, cuda: str | None = None, arch: str | None = None) -> Selection:
@@ -170,10 +174,12 @@ def _intact(pin: WheelPin, member: str, path: Path) -> bool:
 
 
 def load_module(uri: str) -> Any:
-    """dlopen module ``uri`` RTLD_NOW | RTLD_LOCAL (after libtvm_ffi.so and libcudart) once; returns the handle.
+    """dlopen module ``uri`` RTLD_LAZY | RTLD_LOCAL (after libtvm_ffi.so and libcudart) once; returns the handle.
 
-    Thread-safe; the handle is kept for the life of the process (never closed). A cached file the loader
-    rejects is checked in full and, if damaged, extracted again before one more try.
+    Lazy, as TVM-FFI loads modules: a function is bound at its first call. The module's undefined symbols that
+    nothing provides are found right after loading (:mod:`fi_ffi.loader.symbols`), logged at DEBUG and kept
+    for :func:`symbol_checks`. Thread-safe; the handle is kept for the life of the process (never closed). A
+    cached file the loader rejects is checked in full and, if damaged, extracted again before one more try.
     """
     key = (uri, settings.snapshot())
     handle = _handles.get(key)
@@ -189,12 +195,16 @@ def load_module(uri: str) -> Any:
         libraries.ensure_module_libraries(uri)
         path = member_file(pin, member)
         try:
-            handle = libraries.load_library(path, wheel=pin.filename)
+            handle = libraries.load_library(path, lazy=True, wheel=pin.filename)
         except LibraryLoadError:
             if _intact(pin, member, path):
                 raise
             path = member_file(pin, member, repair=True)
-            handle = libraries.load_library(path, wheel=pin.filename)
+            handle = libraries.load_library(path, lazy=True, wheel=pin.filename)
+        check = _checks.get(str(path))
+        if check is None:
+            check = _checks[str(path)] = symbols.check_loaded(path, handle)
+            logger.debug("module %s (%s): %s", uri, path, check.summary())
         _handles[key] = handle
         _loaded[uri] = str(path)
         return handle
@@ -202,4 +212,65 @@ def load_module(uri: str) -> Any:
 
 def loaded_modules() -> dict[str, str]:
     """The modules loaded so far in this process: URI → path of the file."""
-    return dict(_loaded)
+    with _lock:
+        return dict(_loaded)
+
+
+def files_on_disk() -> dict[str, Path]:
+    """The modules the selected wheels serve whose files are already on disk (extracted into the cache and
+    matching their stamp, or in an installed distribution): URI → file. Fetches, extracts, hashes and loads
+    nothing. A wheel whose listing is not cached yet contributes nothing, and a module it might serve in
+    place of another wheel's is left out (which file would serve it is not known without that listing)."""
+    pins = selection().kernels
+    listings: list[dict[str, list[int]] | None] = []
+    for pin in pins:
+        found = installed.find(pin)
+        listings.append(found.index() if found is not None else cache.read_index(pin))
+
+    def holder(uri: str) -> Callable[[WheelPin], bool]:
+        def holds(pin: WheelPin) -> bool:
+            listing = listings[next(i for i, p in enumerate(pins) if p is pin)]
+            return listing is None or pin.module_member(uri) in listing  # unknown: it may
+
+        return holds
+
+    out: dict[str, Path] = {}
+    for pin, listing in zip(pins, listings, strict=True):
+        head = pin.prefix + "/"
+        for member in listing or {}:
+            parts = member[len(head) :].split("/") if member.startswith(head) else []
+            if len(parts) != 2 or parts[1] != parts[0] + ".so" or parts[0] in out:
+                continue
+            uri = parts[0]
+            if lockfile.provider(uri, pins, holder(uri)) is not pin:
+                continue
+            found = installed.find(pin)
+            if found is not None:  # not hashed here: the file is only read, and checked in full when loaded
+                path = found.root / member
+                if path.is_file():
+                    out[uri] = path
+            else:
+                path = cache.extracted_dir(pin.sha256) / member
+                if cache.member_ok(path, expected_sha256=pin.members.get(member, "")):
+                    out[uri] = path
+    return out
+
+
+def symbol_checks(*, on_disk: bool = True) -> dict[str, SymbolCheck]:
+    """Which modules reference symbols nothing in this process provides: URI → :class:`SymbolCheck`.
+
+    Every module loaded in this process (checked when it was loaded) and, with ``on_disk``, every other module
+    of the selected wheels whose file is already on disk (:func:`files_on_disk`), checked without loading it
+    (the TVM-FFI runtime and libcudart are loaded first, as for a module). Fetches and extracts nothing.
+    :class:`LoaderError` if the runtime or libcudart cannot be loaded for the on-disk check.
+    """
+    with _lock:  # another thread may be loading a module
+        out = {uri: _checks[path] for uri, path in _loaded.items() if path in _checks}
+    if on_disk:
+        files = {uri: path for uri, path in files_on_disk().items() if uri not in out}
+        if files:
+            libraries.runtime_library()
+            libraries.ensure_cudart()
+        for uri, path in sorted(files.items()):
+            out[uri] = symbols.check_file(path)
+    return dict(sorted(out.items()))

@@ -515,7 +515,7 @@ class LlamaEngine:
         """Copy the step's index arrays to the device and plan the step (``cuda_graph``: a fixed-batch plan for
         the captured graph)."""
         n = self._dlayout.end("kv_indices", n_pages)
-        self._cp.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, self._dhost.ctypes.data, 4 * n, _H2D, self._s)
+        self._cp.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, _address(self._dhost), 4 * n, _H2D, self._s)
         c = self.config
         self._decode_plan = kernels.decode_plan(
             self._ws_decode,
@@ -624,7 +624,7 @@ class LlamaEngine:
         batch = len(reqs)
         nnz, n_pages = fill_prefill(reqs, self.page_size, self._ph)
         n = self._playout.end("kv_indices", n_pages)
-        cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, self._phost.ctypes.data, 4 * n, _H2D, s)
+        cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, _address(self._phost), 4 * n, _H2D, s)
         ph = self._ph
         self._prefill_plan = kernels.prefill_plan(
             self._ws_prefill,
@@ -718,7 +718,7 @@ class LlamaEngine:
 
     def _fetch_ids(self, rows: int) -> list[int]:
         """Copy the chosen tokens to the host and wait for the stream (the one synchronization per step)."""
-        self._cp.cuda.runtime.memcpyAsync(self._ids_host.ctypes.data, self._buf.ids.data.ptr, 4 * rows, _D2H, self._s)
+        self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * rows, _D2H, self._s)
         self.stream.synchronize()
         return self._ids_host[:rows].tolist()
 
@@ -757,7 +757,7 @@ class LlamaEngine:
                 self._f32,
             )
             self._pick(v, n, sampling)
-        self._cp.cuda.runtime.memcpyAsync(self._ids_host.ctypes.data, self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
+        self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
         t1 = time.perf_counter()
         self.stream.synchronize()
         t2 = time.perf_counter()
@@ -850,6 +850,11 @@ def step_views(
         v.qo_indptr = region("qo_indptr", batch + 1)
         v.last_rows = meta + 4 * layout.offsets["last_rows"]
     return v
+
+
+def _address(host: np.ndarray) -> int:
+    """The address of ``host``'s first element (numpy's array interface)."""
+    return int(host.__array_interface__["data"][0])
 
 
 def _refuse_allocation(size: int) -> Any:

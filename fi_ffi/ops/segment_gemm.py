@@ -412,14 +412,14 @@ def _check_operands(
 
 def _stage(ws: Workspace, data: bytes, stream: int) -> None:
     """Write ``data`` into the page-locked buffer and enqueue its copy into the int buffer on ``stream``."""
-    import ctypes
-
+    from ..abi.cdefs import get_ffi
     from ..errors import KernelError
 
     lib = driver.load()
     if lib is None:
         raise KernelError("RuntimeError", "cannot use the CUDA driver (libcuda.so.1)", function="cuMemcpyHtoDAsync")
-    ctypes.memmove(ws.pinned_buffer.data_ptr, data, len(data))
+    ffi = get_ffi()
+    ffi.memmove(ffi.cast("char *", ws.pinned_buffer.data_ptr), data, len(data))
     err = lib.cuMemcpyHtoDAsync_v2(ws.int_buffer.data_ptr, ws.pinned_buffer.data_ptr, len(data), stream)
     if err:
         raise KernelError(

@@ -1,17 +1,23 @@
-"""Thin wrappers over libc's ``dlopen``/``dlsym``/``dlerror``, called through cffi.
+"""Thin wrappers over libc's ``dlopen``/``dlsym``/``dlerror``, called through cffi (ABI mode).
 
 ``ffi.dlopen`` only exposes declared names; kernel modules export one ``__tvm_ffi_<name>`` symbol per entry
-point and we look those up by name at bind time, so we go to libc directly. This also gives
-``RTLD_NOLOAD`` (is a library already in the process?) and the loader's exact error text.
+point and we look those up by name at bind time, so we go to libc directly. This also gives explicit flags
+(``RTLD_LAZY`` for kernel modules), ``RTLD_NOLOAD`` (is a library already in the process?), ``dlsym`` of any
+name in a library's scope or the process's global scope (:func:`global_scope`), and the loader's exact error text.
+
+The declarations here are libc's only, in an ``FFI`` of their own (:func:`get_ffi`): the loader needs no
+TVM-FFI type, and :mod:`fi_ffi.abi` (which declares those) builds on the loader, never the reverse.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
+import cffi
+
 from ..errors import LibraryLoadError
-from .cdefs import get_ffi
 
 RTLD_LAZY = os.RTLD_LAZY
 RTLD_NOW = os.RTLD_NOW
@@ -19,7 +25,30 @@ RTLD_GLOBAL = os.RTLD_GLOBAL
 RTLD_LOCAL = os.RTLD_LOCAL
 RTLD_NOLOAD = os.RTLD_NOLOAD
 
+# libc's dynamic-loader entry points: explicit flags, RTLD_NOLOAD probes, dlsym of any exported name
+# (kernel entry points are looked up by name, not declared one by one) and dlerror's exact text.
+LIBC_CDEFS = r"""
+void* dlopen(const char* filename, int flags);
+void* dlsym(void* handle, const char* symbol);
+char* dlerror(void);
+int dlclose(void* handle);
+"""
+
+_lock = threading.Lock()
+_ffi: cffi.FFI | None = None
 _libc: Any = None
+
+
+def get_ffi() -> cffi.FFI:
+    """The ``cffi.FFI`` holding libc's ``dl*`` declarations (parsed once, thread-safe)."""
+    global _ffi
+    if _ffi is None:
+        with _lock:
+            if _ffi is None:
+                ffi = cffi.FFI()
+                ffi.cdef(LIBC_CDEFS)
+                _ffi = ffi
+    return _ffi
 
 
 def libc() -> Any:
@@ -53,16 +82,25 @@ def open_library(path: str, flags: int) -> Any:
 def find_loaded(path: str) -> Any | None:
     """The handle of ``path`` if it is already loaded in this process (``RTLD_NOLOAD``), else ``None``."""
     ffi = get_ffi()
-    handle = libc().dlopen(os.fsencode(path), RTLD_NOW | RTLD_NOLOAD)
+    handle = libc().dlopen(os.fsencode(path), RTLD_LAZY | RTLD_NOLOAD)
     libc().dlerror()
     return None if handle == ffi.NULL else handle
 
 
+def global_scope() -> Any:
+    """glibc's ``RTLD_DEFAULT`` (``(void*)0``): as a handle for :func:`symbol_address`, the global scope."""
+    return get_ffi().NULL
+
+
 def symbol_address(handle: Any, name: str) -> int:
-    """The address of exported symbol ``name`` in ``handle``, or 0 if it does not export it."""
+    """The address of exported symbol ``name`` in ``handle``, or 0 if it does not export it.
+
+    ``handle`` is a library's handle (the library and the libraries it needs are searched, in load order) or
+    :func:`global_scope` (the process's global scope: the program, its libraries and RTLD_GLOBAL ones).
+    """
     ffi = get_ffi()
     libc().dlerror()
-    ptr = libc().dlsym(handle, name.encode())
+    ptr = libc().dlsym(handle, name.encode("utf-8", "surrogateescape"))
     return 0 if ptr == ffi.NULL else int(ffi.cast("uintptr_t", ptr))
 
 
