@@ -202,7 +202,8 @@ def shared_wheels(core: Path) -> list[Path]:
     """The core test wheel, the kernel wheels beside it (the extension wheel) and the model-family wheel
     (:func:`find_wheels_models`), pinned together by one lock (their module names are disjoint)."""
     beside = sorted(p for p in core.parent.glob("flashinfer_jit_cache*.whl") if p != core)
-    return [core, *beside, *(w for w in find_wheels_models() if w not in beside)]
+    names = {p.name for p in beside}
+    return [core, *beside, *(w for w in find_wheels_models() if w.name not in names)]
 
 
 SHARED_MODELS_MISSING = (
