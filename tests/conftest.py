@@ -19,6 +19,9 @@ Fixtures for tests:
 - ``shared_wheel_lock``: a lock file pinning it (written with ``fi_ffi.loader.lock_entry``);
 - ``kernel_modules``: the loader is ready to load the shared wheel's modules (runtime and libcudart load);
   returns the available module URIs; skips when the wheel or libcudart is missing;
+- ``models_modules``: the model-family test wheel (``../shared/wheels-models``: grouped/FP8 GEMM, routing,
+  attention sinks, head_dim 256, Mamba) is pinned by the session lock beside the core wheels; returns the module
+  URIs; skips naming the wheel when it is absent (on the GPU machine: stage it in ``.gpu/kernels``);
 - ``release_072``: for one test, a lock pinning the FlashInfer 0.7.2 test wheel alone is active (every cache that
   remembers a module is emptied before and after); returns its module URIs; skips when the wheel is absent;
 - ``release_072_over_063``: likewise with the 0.6.3 test wheels and the 0.7.2 one in one lock (0.7.2 serves the
