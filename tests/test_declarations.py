@@ -129,15 +129,19 @@ def test_declaration_matches_every_module_it_applies_to(
 def _needs_a_driver(uri: str) -> str:
     """Why module ``uri`` cannot be loaded here (``""`` when it loads): it lists ``libcuda.so.1`` as NEEDED and this
     machine has no driver (``mamba_selective_state_update_sm90``; tests/test_mamba.py binds it in a child process
-    with a driver stub). Any other load error is raised."""
+    with a driver stub), or it links cuBLAS and the ``nvidia-cublas`` wheel is not installed (``gemm``: the
+    ``gemm`` extra). Any other load error is raised."""
     from fi_ffi import loader
     from fi_ffi.errors import LibraryLoadError
 
     try:
         loader.load_module(uri)
     except LibraryLoadError as exc:
-        if "libcuda.so.1" in str(exc) and "undefined symbol" not in str(exc):
+        text = str(exc)
+        if "libcuda.so.1" in text and "undefined symbol" not in text:
             return f"module {uri} needs libcuda.so.1, absent here (tests/test_mamba.py binds it with a driver stub)"
+        if "nvidia-cublas" in text:
+            return f"module {uri} needs cuBLAS: python -m pip install '.[gemm]' ({text.splitlines()[0]})"
         raise
     return ""
 
