@@ -31,6 +31,7 @@ int cuEventSynchronize(uintptr_t event);
 int cuStreamWaitEvent(uintptr_t stream, uintptr_t event, unsigned int flags);
 int cuEventDestroy_v2(uintptr_t event);
 int cuMemcpyHtoDAsync_v2(uint64_t dst, uintptr_t src, size_t bytes, uintptr_t stream);
+int cuMemcpyHtoD_v2(uint64_t dst, uintptr_t src, size_t bytes);
 """
 ERROR_NOT_READY = 600  # CUDA_ERROR_NOT_READY: an event query whose work is still pending
 

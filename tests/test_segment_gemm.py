@@ -218,3 +218,39 @@ def test_out_must_not_overlap_x_or_the_weights(other: str) -> None:
     args["out"] = Tensor.from_pointer(victim.data_ptr, (11, 128), "bfloat16", 0, owner=victim)
     with pytest.raises(ValueError, match=f"out: overlaps {other}"):
         fi_ffi.segment_gemm(**args)
+
+
+# ------------------------------------------------------------------------------------------ prepared form
+
+
+@pytest.mark.parametrize("segments", [1, 3, 5, 8, 128])
+def test_args_bytes_is_the_packed_size(segments: int) -> None:
+    indptr = np.arange(segments + 1, dtype=np.int32)
+    args = G.segment_gemm_args(indptr, None, segments, 64, 64, 0, 0, 0, 2, 2, 2, True)
+    assert len(args.pack()[0]) == G.segment_gemm_args_bytes(segments)
+
+
+def test_prepare_checks_its_buffer_then_copies_once() -> None:
+    args = call_args()
+    del args["backend"]
+    need = G.segment_gemm_args_bytes(3)  # 3 non-empty segments
+    with pytest.raises(ValueError, match=rf"args_buffer: the argument arrays of 3 segments need {need} bytes"):
+        G.prepare_segment_gemm(**args, args_buffer=fake_cuda((need - 16,), "uint8"), backend="sm90")
+    with pytest.raises(TypeError, match="args_buffer: expected dtype uint8"):
+        G.prepare_segment_gemm(**args, args_buffer=fake_cuda((need,), "int32"), backend="sm90")
+    with pytest.raises(ValueError, match="args_buffer: data pointer .* aligned to 16"):
+        G.prepare_segment_gemm(**args, args_buffer=fake_cuda((need + 16,), "uint8").view((need,), offset=8))
+    x = args["x"]
+    overlapping = Tensor.from_pointer(x.data_ptr, (need,), "uint8", 0, owner=x)
+    with pytest.raises(ValueError, match="args_buffer: overlaps x"):
+        G.prepare_segment_gemm(**args, args_buffer=overlapping, backend="sm90")
+    # a valid call stops only at the copy, which needs the driver (none here)
+    with pytest.raises(KernelError, match="cuMemcpyHtoD|CUDA driver"):
+        G.prepare_segment_gemm(**args, args_buffer=fake_cuda((need,), "uint8"), backend="sm90")
+
+
+def test_a_prepared_call_of_empty_segments_copies_and_launches_nothing() -> None:
+    args = call_args(x=fake_cuda((0, 64), "bfloat16"), out=fake_cuda((0, 128), "bfloat16"), seg_indptr=[0] * 6)
+    prepared = G.prepare_segment_gemm(**args, args_buffer=fake_cuda((16,), "uint8"))
+    assert prepared.count == 0
+    prepared()  # nothing to launch

@@ -49,7 +49,14 @@ from .launcher import launcher
 from .pointer_rules import PointerRules
 from .workspace import Workspace
 
-__all__ = ["SegmentGEMMArgs", "segment_gemm", "segment_gemm_args"]
+__all__ = [
+    "PreparedSegmentGEMM",
+    "SegmentGEMMArgs",
+    "prepare_segment_gemm",
+    "segment_gemm",
+    "segment_gemm_args",
+    "segment_gemm_args_bytes",
+]
 
 _ARRAYS = [
     tensor("all_problems"),
@@ -254,6 +261,68 @@ def segment_gemm(
     Returns:
         ``out``.
     """
+    c = _checked(
+        workspace,
+        x,
+        weights,
+        batch_size,
+        weight_column_major,
+        out,
+        seg_lens,
+        seg_indptr,
+        weight_indices,
+        backend,
+        stream,
+    )
+    if c.args.count == 0:  # nothing to multiply: everything is checked, nothing is copied or launched
+        return out
+    data, offsets = c.args.pack()
+    if len(data) > workspace.int_bytes:
+        raise ValueError(
+            f"workspace: the argument arrays of {c.args.count} segments need {len(data)} bytes of int buffer, "
+            f"the workspace has {workspace.int_bytes}"
+        )
+    arrays = _arrays(workspace.int_buffer.data_ptr, offsets, c.args.count, workspace.device)
+    from . import device
+
+    previous = device.make_current(workspace.device.device_id)  # the driver's copy needs the context current
+    try:
+        with workspace._lock:
+            if workspace._event_pending:
+                workspace._wait_previous_plan_copy()
+            workspace._generation += 1  # the int buffer now holds these arrays: earlier plans are stale
+            _stage(workspace, data, c.stream)
+            workspace._record_plan_copy(c.stream)
+            _launch(c, workspace, arrays, x, out)
+    finally:
+        device.restore(previous)
+    return out
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A checked segment GEMM call: its argument arrays (host), module, layout flag and stream."""
+
+    args: SegmentGEMMArgs
+    sm90: bool
+    column_major: bool
+    stream: int
+
+
+def _checked(
+    workspace: Any,
+    x: Any,
+    weights: Any,
+    batch_size: Any,
+    weight_column_major: Any,
+    out: Any,
+    seg_lens: Any,
+    seg_indptr: Any,
+    weight_indices: Any,
+    backend: Any,
+    stream: Any,
+) -> _Call:
+    """Every argument checked (pointers included: this runs on every call) and the argument arrays computed."""
     if out is None:
         raise TypeError(
             "out: required (fi_ffi never allocates device memory); pass a contiguous [total_rows, d_out] tensor"
@@ -290,41 +359,141 @@ def segment_gemm(
         s = producers.default_stream(x, xt.device.device_id)
         if s is None:
             s = current_stream(xt.device.device_id)
-    if args.count == 0:  # nothing to multiply: everything is checked, nothing is copied or launched
-        return out
-    data, offsets = args.pack()
-    if len(data) > workspace.int_bytes:
+    return _Call(args, use_sm90, column_major, s)
+
+
+def _arrays(base: int, offsets: dict[str, int], count: int, dev: Any) -> list[Tensor]:
+    """Descriptors of the packed argument arrays at device address ``base`` (problems, then the six int64 arrays)."""
+    out = [Tensor(base + offsets["all_problems"], (count, 3), int32, dev)]
+    out += [
+        Tensor(base + offsets[n], (count,), int64, dev) for n in ("x_ptr", "w_ptr", "y_ptr", "x_ld", "w_ld", "y_ld")
+    ]
+    return out
+
+
+def _launch(c: _Call, workspace: Workspace, arrays: list[Tensor], x: Any, out: Any) -> None:
+    if c.sm90:  # the int workspace argument is not read by the SM90 kernel: the workspace's own buffer is passed
+        _sm90(workspace.float_buffer, workspace.int_buffer, *arrays, x, out, c.column_major, stream=c.stream)
+    else:
+        _sm80(workspace.float_buffer, *arrays, x, c.column_major, stream=c.stream)
+
+
+class PreparedSegmentGEMM:
+    """A grouped GEMM whose argument arrays live in a device buffer of the caller's, copied there once; calling it
+    launches the kernel with no copy and no host computation (one launcher call): what a CUDA graph can capture,
+    and what a fixed-shape step (a MoE layer at a fixed capacity per expert) repeats.
+
+    It keeps ``x``, ``weights``, ``out``, the workspace and ``args_buffer`` referenced until dropped: their
+    addresses are in the copied arrays, so they must neither move nor be freed while it is used.
+    """
+
+    __slots__ = ("_arrays", "_call", "_keep", "count")
+
+    def __init__(self, call: _Call, arrays: list[Tensor], keep: tuple[Any, ...]) -> None:
+        self._call = call
+        self._arrays = arrays
+        self._keep = keep
+        self.count = call.args.count
+
+    def __call__(self, stream: Any = None) -> None:
+        """Launch on ``stream`` (None: the stream it was prepared for)."""
+        if self.count == 0:
+            return
+        c = self._call
+        if stream is not None:
+            c = _Call(c.args, c.sm90, c.column_major, _stream_int(stream))
+        workspace, x, out = self._keep[0], self._keep[1], self._keep[3]
+        _launch(c, workspace, self._arrays, x, out)
+
+
+def _stream_int(stream: Any) -> int:
+    s = stream_handle(stream)
+    assert s is not None
+    return s
+
+
+def prepare_segment_gemm(
+    workspace: Workspace,
+    x: Any,
+    weights: Any,
+    batch_size: int,
+    weight_column_major: bool,
+    out: Any,
+    *,
+    args_buffer: Any,
+    seg_lens: Any = None,
+    seg_indptr: Any = None,
+    weight_indices: Any = None,
+    backend: str = "auto",
+    stream: Any = None,
+) -> PreparedSegmentGEMM:
+    """Check a :func:`segment_gemm` call once and copy its argument arrays into ``args_buffer`` (synchronously:
+    call it outside any stream capture); the result launches the same GEMM again (see
+    :class:`PreparedSegmentGEMM`). Arguments as :func:`segment_gemm`, plus:
+
+    Args:
+        args_buffer: a uint8 device buffer of at least :func:`segment_gemm_args_bytes` bytes, 16-byte aligned,
+            used by nothing else while the prepared GEMM lives (the workspace's int buffer is not written).
+    """
+    c = _checked(
+        workspace,
+        x,
+        weights,
+        batch_size,
+        weight_column_major,
+        out,
+        seg_lens,
+        seg_indptr,
+        weight_indices,
+        backend,
+        stream,
+    )
+    buf = checks.tensor("args_buffer", args_buffer)
+    checks.ndim("args_buffer", buf, 1, "[bytes]")
+    checks.dtype_in("args_buffer", buf, (uint8,))
+    checks.contiguous("args_buffer", buf)
+    checks.cuda("args_buffer", buf)
+    checks.same_device("args_buffer", buf, "x", checks.tensor("x", x))
+    data, offsets = c.args.pack()
+    if buf.shape[0] < len(data):
         raise ValueError(
-            f"workspace: the argument arrays of {args.count} segments need {len(data)} bytes of int buffer, "
-            f"the workspace has {workspace.int_bytes}"
+            f"args_buffer: the argument arrays of {c.args.count} segments need {len(data)} bytes, got {buf.shape[0]}"
         )
-    base = workspace.int_buffer.data_ptr
-    dev = workspace.device
+    if buf.data_ptr % _ALIGN:
+        raise ValueError(f"args_buffer: data pointer 0x{buf.data_ptr:x} must be aligned to {_ALIGN} bytes")
+    for name, value in (("x", x), ("weights", weights), ("out", out)):
+        disjoint("args_buffer", buf, name, checks.tensor(name, value))
+    arrays = _arrays(buf.data_ptr, offsets, c.args.count, buf.device)
+    if c.args.count:
+        _copy_sync(buf.data_ptr, data, buf.device.device_id)
+    return PreparedSegmentGEMM(c, arrays, (workspace, x, weights, out, args_buffer))
 
-    def array(name: str, shape: tuple[int, ...], dtype: Any) -> Tensor:
-        return Tensor(base + offsets[name], shape, dtype, dev)
 
-    p = args.count
-    problems = array("all_problems", (p, 3), int32)
-    ptrs = [array(n, (p,), int64) for n in ("x_ptr", "w_ptr", "y_ptr", "x_ld", "w_ld", "y_ld")]
+def segment_gemm_args_bytes(batch_size: int) -> int:
+    """Bytes of the argument arrays of ``batch_size`` non-empty segments (what ``args_buffer`` must hold)."""
+    n = checks.integer("batch_size", batch_size, 0)
+    return -(-12 * n // _ALIGN) * _ALIGN + 6 * (-(-8 * n // _ALIGN) * _ALIGN)
+
+
+def _copy_sync(dst: int, data: bytes, device_id: int) -> None:
+    """Copy ``data`` from the host to device address ``dst`` and wait for it (driver ``cuMemcpyHtoD``)."""
+    from ..errors import KernelError
     from . import device
 
-    previous = device.make_current(dev.device_id)  # the driver's copy needs the device's context current
+    lib = driver.load()
+    if lib is None:
+        raise KernelError("RuntimeError", "cannot use the CUDA driver (libcuda.so.1)", function="cuMemcpyHtoD")
+    from ..abi.cdefs import get_ffi
+
+    ffi = get_ffi()
+    host = ffi.from_buffer(data)  # kept alive by this frame until the synchronous copy returns
+    previous = device.make_current(device_id)
     try:
-        with workspace._lock:
-            if workspace._event_pending:
-                workspace._wait_previous_plan_copy()
-            workspace._generation += 1  # the int buffer now holds these arrays: earlier plans are stale
-            _stage(workspace, data, s)
-            workspace._record_plan_copy(s)
-            if use_sm90:
-                rest = Tensor(base + len(data), (workspace.int_bytes - len(data),), uint8, dev)
-                _sm90(workspace.float_buffer, rest, problems, *ptrs, x, out, column_major, stream=s)
-            else:
-                _sm80(workspace.float_buffer, problems, *ptrs, x, column_major, stream=s)
+        err = lib.cuMemcpyHtoD_v2(dst, int(ffi.cast("uintptr_t", host)), len(data))
     finally:
         device.restore(previous)
-    return out
+    if err:
+        raise KernelError("RuntimeError", f"cuMemcpyHtoD failed: {driver.error_name(err)}", function="cuMemcpyHtoD")
 
 
 def _indptr(seg_lens: Any, seg_indptr: Any, batch_size: int) -> np.ndarray:
