@@ -15,7 +15,8 @@ appended to the paged cache, attention (causal batch prefill, or batch decode) w
 residual-add + RMSNorm, fused gate/up projection, SiLU-and-mul, down projection (Mixtral, Qwen3-MoE: the
 mixture-of-experts layer of :mod:`fi_ffi.models.moe` instead); final RMSNorm; LM head (tied to the embedding or
 not) with float32 logits; greedy argmax or top-k/top-p sampling. Model types: ``llama``, ``qwen3``, ``mixtral``,
-``qwen3_moe`` (:mod:`fi_ffi.models.config`); the MoE types run eagerly only (their routing is on the host).
+``qwen3_moe`` (:mod:`fi_ffi.models.config`). MoE layers route on the host for prefill and eager decode, and take
+their fixed-capacity device path in the decode graph.
 
 Serving (:class:`LlamaEngine`): the prompts are queued (:mod:`fi_ffi.models.paging`), admitted into free batch
 slots and prefilled together (one ``batch_prefill_paged_plan``, one run per layer); then each decode step makes
@@ -141,12 +142,9 @@ class LlamaEngine:
         device: int = 0,
     ) -> None:
         cfg = self.config = LlamaConfig.from_dir(model_dir)
-        if cfg.moe is not None and cuda_graph:
-            raise ValueError(
-                f"cuda_graph: not available for {cfg.model_type} checkpoints: the mixture-of-experts layers route "
-                "tokens on the host (the grouped GEMM takes host segment offsets), which a captured graph cannot "
-                "replay; pass cuda_graph=False"
-            )
+        # MoE layers: host routing (only the chosen experts' weights are read) for prefill and eager decode; the
+        # fixed-capacity device path, which a graph can capture, for the decode graph (every expert each step)
+        self._static_moe = cuda_graph and cfg.moe is not None
         self.max_batch = _positive("max_batch", max_batch)
         self.page_size = _positive("page_size", page_size)
         self.max_seq_len = _positive(
@@ -318,6 +316,7 @@ class LlamaEngine:
             stream=self.stream,
             dense=self.dense,
             workspace=self._ws_moe,
+            capacity=self.max_batch if self._static_moe else None,
         )
 
     def _allocate(self) -> None:
@@ -408,8 +407,9 @@ class LlamaEngine:
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _forward(self, v: SimpleNamespace, rows: int, attention: Any) -> None:
-        """Embedding to the final RMSNorm for ``rows`` token rows; leaves the normalized hidden states in x."""
+    def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+        """Embedding to the final RMSNorm for ``rows`` token rows; leaves the normalized hidden states in x.
+        ``static_moe``: MoE layers take their fixed-capacity device path (the decode graph's)."""
         c, b, dense, s = self.config, self._buf, self.dense, self._s
         h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
@@ -437,7 +437,9 @@ class LlamaEngine:
             attention(i, v)
             dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)
             kernels.fused_add_rmsnorm(v.x, v.h, self._ln2[i], eps, s)
-            if self._moe:  # routes on the host: synchronizes the stream (eager only)
+            if self._moe and static_moe:  # device routing, fixed capacity: capturable
+                self._moe[i].forward_static(b.x, b.x, rows)
+            elif self._moe:  # routes on the host: synchronizes the stream (not capturable)
                 self._moe[i].forward(b.x, b.x, rows)
             else:
                 dense.linear(rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
@@ -475,7 +477,7 @@ class LlamaEngine:
     def _decode_body(self, v: SimpleNamespace, rows: int) -> None:
         """One decode step on the device: forward, LM head, argmax into ``ids`` (what the graph captures)."""
         c, b = self.config, self._buf
-        self._forward(v, rows, self._decode_attention)
+        self._forward(v, rows, self._decode_attention, static_moe=self._static_moe)
         self.dense.linear(
             rows,
             b.x.data.ptr,

@@ -13,6 +13,10 @@ Per forward of ``T`` tokens ``x [T, H]`` with ``E`` experts, ``k`` chosen per to
 6. ``y = segment_gemm(act, down)`` ``[T*k, H]``;
 7. combine: ``out[t] = sum_j weight[t, j] * y[row_of[t, j]]`` (a small CuPy kernel, float32 sums, one rounding).
 
+With ``capacity=C`` the layer also has a fixed-capacity path (:meth:`MoELayer.forward_static`) with no host step:
+routing on the device, every expert owning ``C`` rows of the expert GEMMs (their argument arrays prepared once),
+so a CUDA graph can capture it (the engine's decode graph does); it reads every expert's weights each step.
+
 Weights are the checkpoint's, stacked per expert: ``router [E, H]``, ``gate_up [E, 2I, H]`` (Mixtral's ``w1``
 rows, then ``w3``; Qwen3-MoE's ``gate_proj`` then ``up_proj``) and ``down [E, H, I]`` (``w2`` / ``down_proj``),
 all nn.Linear layouts (``weight_column_major=True`` for the grouped GEMM). float16 arrays, or uint16 arrays
@@ -61,6 +65,45 @@ extern "C" __global__ void moe_combine(const unsigned short* __restrict__ y, con
         out[t * out_ld + c] = store16(acc, bf16);
     }
 }
+
+// Device routing of the fixed-capacity path, one thread per token t < T: softmax over the E logits (float32), the k
+// largest (ties: the lower expert id), renormalized when renorm; row_of[t * k + j] = expert * capacity + t.
+extern "C" __global__ void moe_route(const float* __restrict__ logits, int E, int k, int renorm, int T, int capacity,
+                                     int* __restrict__ experts, float* __restrict__ w, int* __restrict__ row_of) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const float* l = logits + (long long)t * E;
+    float m = l[0];
+    for (int e = 1; e < E; ++e) m = fmaxf(m, l[e]);
+    float total = 0.f;
+    for (int e = 0; e < E; ++e) total += expf(l[e] - m);
+    float picked = 0.f;
+    for (int j = 0; j < k; ++j) {
+        int best = -1;
+        float bv = 0.f;
+        for (int e = 0; e < E; ++e) {
+            bool taken = false;
+            for (int i = 0; i < j; ++i) taken |= experts[t * k + i] == e;
+            if (!taken && (best < 0 || l[e] > bv)) { best = e; bv = l[e]; }
+        }
+        const float p = expf(bv - m) / total;
+        experts[t * k + j] = best;
+        w[t * k + j] = p;
+        row_of[t * k + j] = best * capacity + t;
+        picked += p;
+    }
+    if (renorm)
+        for (int j = 0; j < k; ++j) w[t * k + j] /= picked;
+}
+
+// xs[row_of[b], :] = x[b / k, :] for 16-bit elements; one block per assignment b = t * k + j.
+extern "C" __global__ void moe_scatter(const unsigned short* __restrict__ x, long long x_ld,
+                                       const int* __restrict__ row_of, int k, unsigned short* __restrict__ xs,
+                                       long long hidden) {
+    const unsigned short* src = x + (long long)(blockIdx.x / k) * x_ld;
+    unsigned short* dst = xs + (long long)row_of[blockIdx.x] * hidden;
+    for (long long c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = src[c];
+}
 """
 
 
@@ -97,6 +140,7 @@ class MoELayer:
         workspace: an fi_ffi ``Workspace`` for the grouped GEMMs, used by nothing else (their argument arrays
             go through its int buffer and make other plans on it stale); None: one of its own.
         backend: the grouped GEMM's ``backend`` (``"auto"``: the SM90 module on Hopper).
+        capacity: also build the fixed-capacity path (:meth:`forward_static`) for up to ``capacity`` tokens.
     """
 
     def __init__(
@@ -111,6 +155,7 @@ class MoELayer:
         dense: Dense | None = None,
         workspace: Any = None,
         backend: str = "auto",
+        capacity: int | None = None,
     ) -> None:
         import cupy
 
@@ -147,8 +192,98 @@ class MoELayer:
         self.row_token = cupy.empty(rows, cupy.int32)
         self.row_of = cupy.empty(rows, cupy.int32)
         self.route_weights = cupy.empty(rows, cupy.float32)
-        self._combine = cupy.RawModule(code=_COMBINE).get_function("moe_combine")
+        module = cupy.RawModule(code=_COMBINE)
+        self._combine = module.get_function("moe_combine")
+        self._route_fn = module.get_function("moe_route")
+        self._scatter_fn = module.get_function("moe_scatter")
         self.last_routing: tuple[np.ndarray, np.ndarray, ExpertGroups] | None = None
+        self.capacity = 0
+        if capacity is not None:
+            self._build_static(capacity, storage)
+
+    def _build_static(self, capacity: int, storage: Any) -> None:
+        """Buffers and prepared grouped GEMMs of the fixed-capacity path: expert ``e`` owns rows
+        ``[e * capacity, (e + 1) * capacity)`` of every activation buffer, token ``t`` its row ``t`` in each expert
+        it chose, so the GEMMs' argument arrays never change and are copied once."""
+        import cupy
+
+        from ..ops.segment_gemm import prepare_segment_gemm, segment_gemm_args_bytes
+
+        if not 1 <= capacity <= self.max_tokens:
+            raise ValueError(f"capacity: expected 1..max_tokens ({self.max_tokens}), got {capacity}")
+        self.capacity = c = capacity
+        e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
+        rows = e * c
+        # zeroed once: rows no token chose this step still go through the GEMMs (finite values, never read)
+        self.s_xs = cupy.zeros((rows, h), storage)
+        self.s_gu = cupy.zeros((rows, 2 * i), storage)
+        self.s_act = cupy.zeros((rows, i), storage)
+        self.s_y = cupy.zeros((rows, h), storage)
+        self.s_experts = cupy.zeros(c * k, cupy.int32)
+        self.s_row_of = cupy.zeros(c * k, cupy.int32)
+        self.s_weights = cupy.zeros(c * k, cupy.float32)
+        nbytes = segment_gemm_args_bytes(e)
+        self._s_args = cupy.zeros(2 * nbytes, cupy.uint8)
+        seg = (np.arange(e + 1) * c).astype(np.int32)
+        ptr = int(self._s_args.data.ptr)
+        args_gu = fi_ffi.Tensor(ptr, (nbytes,), "uint8", self.device_id)
+        args_down = fi_ffi.Tensor(ptr + nbytes, (nbytes,), "uint8", self.device_id)
+        cupy.cuda.Device().synchronize()  # the zero fills (legacy stream) before the synchronous argument copies
+        self._gemm_gu = prepare_segment_gemm(
+            self.workspace, self._t(self.s_xs, (rows, h)), self._t(self.weights.gate_up, (e, 2 * i, h)), e, True,
+            self._t(self.s_gu, (rows, 2 * i)), args_buffer=args_gu, seg_indptr=seg, backend=self.backend,
+            stream=self.stream.ptr,
+        )  # fmt: skip
+        self._gemm_down = prepare_segment_gemm(
+            self.workspace, self._t(self.s_act, (rows, i)), self._t(self.weights.down, (e, h, i)), e, True,
+            self._t(self.s_y, (rows, h)), args_buffer=args_down, seg_indptr=seg, backend=self.backend,
+            stream=self.stream.ptr,
+        )  # fmt: skip
+        self._s_gu_t = self._t(self.s_gu, (rows, 2 * i))
+        self._s_act_t = self._t(self.s_act, (rows, i))
+
+    def forward_static(self, x: Any, out: Any, tokens: int | None = None) -> Any:
+        """``out[:T] = MoE(x[:T])`` with no host synchronization and no host routing: router GEMM, routing on the
+        device (softmax + top-k, as :func:`~fi_ffi.models.moe_routing.softmax_topk`), a scatter into each chosen
+        expert's fixed rows, the two grouped GEMMs over every expert's ``capacity`` rows (prepared once), the
+        combine. Everything is a launch on the layer's stream, so a CUDA graph can capture it; the price is that
+        every expert's weights are read each step (the eager :meth:`forward` reads only those of chosen experts).
+        Needs ``capacity`` at construction; ``T <= capacity``."""
+        if not self.capacity:
+            raise ValueError("forward_static: build the layer with capacity= (the most tokens of a static step)")
+        for name, a in (("x", x), ("out", out)):
+            if a.ndim != 2 or a.shape[1] != self.hidden or a.strides[1] != a.itemsize:
+                raise ValueError(f"{name}: expected [tokens, {self.hidden}] with contiguous rows, got {a.shape}")
+        t = x.shape[0] if tokens is None else tokens
+        if not 0 <= t <= min(self.capacity, x.shape[0], out.shape[0]):
+            raise ValueError(f"tokens: expected 0..capacity ({self.capacity}) within the rows of x and out, got {t}")
+        if t == 0:
+            return out
+        e, h, k = self.num_experts, self.hidden, self.top_k
+        s = self.stream
+        with s:
+            x_ld = x.strides[0] // x.itemsize
+            self.dense.linear(
+                t, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr), e, h, int(self.logits.data.ptr), e,
+                self._ab, CUDA_R_32F,
+            )  # fmt: skip
+            route = (self.logits, np.int32(e), np.int32(k), np.int32(1 if self.renormalize else 0), np.int32(t),
+                     np.int32(self.capacity), self.s_experts, self.s_weights, self.s_row_of)  # fmt: skip
+            self._route_fn(((t + 127) // 128,), (128,), route, stream=s)
+            self._scatter_fn((t * k,), (256,), (x, np.int64(x_ld), self.s_row_of, np.int32(k), self.s_xs, np.int64(h)),
+                             stream=s)  # fmt: skip
+            sm80 = self.backend == "sm80" or (self.backend == "auto" and not _is_sm90(self.device_id))
+            if sm80:  # the generic grouped GEMM adds into its output
+                self.s_gu.fill(0)
+                self.s_y.fill(0)
+            self._gemm_gu(s.ptr)
+            fi_ffi.silu_and_mul(self._s_gu_t, self._s_act_t, stream=s.ptr)
+            self._gemm_down(s.ptr)
+            ld = out.strides[0] // out.itemsize
+            args = (self.s_y, self.s_row_of, self.s_weights, out, np.int32(k), np.int64(h), np.int64(ld),
+                    np.int32(self._bf16))  # fmt: skip
+            self._combine((t,), (256,), args, stream=s)
+        return out
 
     def _t(self, arr: Any, shape: tuple[int, ...], dtype: str | None = None) -> fi_ffi.Tensor:
         return fi_ffi.Tensor(int(arr.data.ptr), shape, dtype or self.dtype, self.device_id)
