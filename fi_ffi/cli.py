@@ -12,9 +12,12 @@
   nothing provides).
 - ``smoke [--device N]``: run each op once on the GPU against a reference; without a GPU, say so, print the
   doctor summary and exit 1.
-- ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph]``: serve token-id
+- ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph] [--tp N]``: serve token-id
   prompts with a local Llama checkpoint (:mod:`fi_ffi.models.llama`, the ``llama`` extra); prints the tokens,
   tokens/s and host time per decode step.
+- ``launch --nproc N [--master-addr A] [--master-port P] -- cmd ...``: start N ranks of ``cmd`` on this host
+  with the torchrun variables and NVLink multicast off (:mod:`fi_ffi.comm.launch`); exits with the worst rank's
+  status.
 
 Exit status: 0 success; 1 a check failed (``smoke``, ``cache verify``, ``list`` matching nothing); 2 a usage
 error or an fi_ffi error (message on stderr, no traceback); 130 interrupted; 141 the output's reader closed
@@ -34,7 +37,14 @@ from typing import Any
 from . import __version__
 
 # Variables the test suite reads (tests/conftest.py); doctor lists them as known, not as typos.
-TEST_VARIABLES = ("FI_FFI_RUN_GPU_TESTS", "FI_FFI_TEST_WHEELS", "FI_FFI_TEST_ALLOW_NETWORK")
+TEST_VARIABLES = (
+    "FI_FFI_RUN_GPU_TESTS",
+    "FI_FFI_TEST_WHEELS",
+    "FI_FFI_TEST_ALLOW_NETWORK",
+    "FI_FFI_TEST_WHEELS_COMM",
+)
+# Variables fi_ffi.comm reads (tensor parallelism)
+COMM_VARIABLES = ("FI_FFI_NCCL_BACKEND", "FI_FFI_RENDEZVOUS_TIMEOUT")
 
 
 def active_settings() -> list[dict[str, str]]:
@@ -46,7 +56,7 @@ def active_settings() -> list[dict[str, str]]:
 
     from .loader import settings
 
-    known = set(settings.ALL) | set(TEST_VARIABLES)
+    known = set(settings.ALL) | set(TEST_VARIABLES) | set(COMM_VARIABLES)
     rows = []
     for name in sorted(n for n in os.environ if n.startswith("FI_FFI_")):
         note = "" if name in known else "not a variable fi_ffi reads (a typo?)"
@@ -537,12 +547,27 @@ def _eos_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import os
+
     from .models.llama import LlamaEngine, SamplingParams
 
+    if args.tp > 1 and "RANK" not in os.environ:  # the driver: start the ranks, each runs this same command
+        if args.device is not None:
+            print(
+                "fi-ffi generate: --device: each rank of --tp uses GPU LOCAL_RANK; leave --device out", file=sys.stderr
+            )
+            return 2
+        from .comm import launch
+
+        return launch.main(args.tp, [sys.executable, "-m", "fi_ffi", *args.argv], "127.0.0.1", None, 10.0)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     try:
         with LlamaEngine(
-            args.model, max_batch=args.max_batch or len(args.prompt_ids), cuda_graph=args.graph, device=args.device
+            args.model,
+            max_batch=args.max_batch or len(args.prompt_ids),
+            cuda_graph=args.graph,
+            device=args.device,
+            tensor_parallel=args.tp,
         ) as engine:
             result = engine.generate(
                 args.prompt_ids, args.max_new_tokens, eos_token_ids=args.eos_ids, sampling=sampling
@@ -550,6 +575,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (ValueError, ImportError) as exc:  # a bad checkpoint or argument; CuPy missing (the llama extra)
         print(f"fi-ffi generate: {exc}", file=sys.stderr)
         return 2
+    if engine.rank != 0:  # with --tp, only rank 0 prints
+        return 0
     for i, (tokens, why) in enumerate(zip(result.tokens, result.finish_reasons, strict=True)):
         print(f"[{i}] {','.join(map(str, tokens))}  ({why})")
     mode = "CUDA graph" if args.graph else "eager"
@@ -622,9 +649,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", type=int, default=0, help="CUDA ordinal")
+    p.add_argument("--device", type=int, default=None, help="CUDA ordinal (default 0)")
+    p.add_argument(
+        "--tp", type=_positive_int, default=1, help="tensor-parallel ranks on this host (one GPU each; default 1)"
+    )
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser(
+        "launch",
+        help="start N ranks of a command on this host (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set)",
+    )
+    p.add_argument("--nproc", type=_positive_int, required=True, help="number of ranks (one per GPU)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (default 127.0.0.1)")
+    p.add_argument("--master-port", type=_port, default=None, help="rendezvous port (default: a free one)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command each rank runs")
+    p.set_defaults(func=cmd_launch)
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (1..65535), got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (1..65535), got {value}")
+    return value
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .comm import launch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print(
+            "fi-ffi launch: expected a command after `--` (fi-ffi launch --nproc 2 -- python app.py)", file=sys.stderr
+        )
+        return 2
+    return launch.main(args.nproc, command, args.master_addr, args.master_port, args.grace)
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away
@@ -646,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
             return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
         command = f"fi-ffi {args.command}"
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what `generate --tp N` restarts as its ranks
         status = int(args.func(args))
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
         return status

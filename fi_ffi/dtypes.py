@@ -124,10 +124,12 @@ def dtype(value: Any) -> DType:
         found = _BY_NAME.get(value)
         if found is not None:
             return found
-    elif isinstance(value, tuple) and len(value) == 3:
-        found = _BY_TRIPLE.get(tuple(int(v) for v in value))  # type: ignore[arg-type]
-        if found is not None:
-            return found
+    elif isinstance(value, tuple):
+        # a DLPack (code, bits, lanes) triple of ints; anything else (floats, strings, other lengths) is refused
+        if len(value) == 3 and all(v.__class__ is int for v in value):
+            found = _BY_TRIPLE.get(value)  # type: ignore[arg-type]
+            if found is not None:
+                return found
     else:
         # torch.float16 -> "torch.float16"; numpy dtype("float16") -> "float16"; ml_dtypes bfloat16 -> "bfloat16"
         text = str(value).removeprefix("torch.")

@@ -40,9 +40,13 @@ _U64 = 1 << 64
 
 
 def _u64(name: str, value: object) -> int:
+    """``value`` as a Python int in ``[0, 2**64)`` (numpy integers included), else TypeError/ValueError naming it."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    out = int(value.__index__())  # type: ignore[attr-defined]
+    try:
+        out = int(value.__index__())  # type: ignore[attr-defined]
+    except (TypeError, ValueError):  # numpy arrays of more than one element have an __index__ that refuses
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
     if not 0 <= out < _U64:
         raise ValueError(f"{name}: expected an int in [0, 2**64), got {out}")
     return out
@@ -88,9 +92,10 @@ class Generator:
             self._seed, self._offset = seed, offset
 
     def advance(self, increment: int) -> tuple[int, int]:
-        """Advance the offset by ``increment`` rounded up to a multiple of 4; return ``(seed, new offset)``,
-        the values the op passes to its kernel (flashinfer-python's order: advance, then use)."""
-        step = round_up4(increment)
+        """Advance the offset by ``increment`` (an int in ``[0, 2**64)``, random values) rounded up to a multiple
+        of 4; return ``(seed, new offset)``, the values the op passes to its kernel (flashinfer-python's order:
+        advance, then use)."""
+        step = round_up4(_u64("increment", increment))
         with self._lock:
             self._offset = (self._offset + step) % _U64
             return self._seed, self._offset

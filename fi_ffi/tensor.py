@@ -11,7 +11,7 @@ CUDA-array-interface producer with :func:`fi_ffi.as_tensor`.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
 from . import caches
@@ -113,8 +113,15 @@ class Tensor:
         if data_ptr.__class__ is not int or not 0 <= data_ptr < _PTR_END:
             _check_pointer(data_ptr)
         parsed = None
-        if shape.__class__ is tuple and strides is None:
-            for v in shape:  # the cache below compares by value: only plain ints may use it (1.0 == 1)
+        if (
+            shape.__class__ is tuple
+            and strides is None
+            and (dtype.__class__ is str or dtype.__class__ is DType)
+            and (device.__class__ is int or device.__class__ is str)
+        ):
+            # The cache compares by value, so only the plain types _parse stores may look it up (False == 0,
+            # 1.0 == 1, and an unhashable dict or list must reach _parse to be named).
+            for v in shape:
                 if v.__class__ is not int:
                     break
             else:
@@ -214,6 +221,8 @@ class Tensor:
 
     def view(self, shape: Sequence[int], strides: Sequence[int] | None = None, offset: int = 0) -> Tensor:
         """A descriptor of the same memory with another shape/strides, starting ``offset`` elements in."""
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise TypeError(f"offset: expected an int (elements), got {type(offset).__name__}")
         if offset < 0:
             raise ValueError(f"offset: expected >= 0 elements, got {offset}")
         return Tensor(
@@ -329,6 +338,8 @@ def _check_pointer(data_ptr: Any) -> None:
 
 
 def _int_tuple(name: str, values: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(values, (Mapping, Set, str, bytes)):  # iterable, but not a sequence of sizes (a dict's keys)
+        raise TypeError(f"{name}: expected a sequence of ints, got {type(values).__name__}")
     try:
         out = tuple(values)
     except TypeError:

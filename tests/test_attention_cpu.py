@@ -462,6 +462,30 @@ def test_batch_decode_run_rejects_before_the_ffi(make_array, over, exc, text):
         decode.batch_decode_run(plan, *decode_run_args(**over).values())
 
 
+def test_batch_decode_run_names_a_kv_indices_of_rank_0(make_array):
+    plan = decode_plan(make_array)
+    with pytest.raises(ValueError, match=r"kv_indices: expected at least 1 dimensions, got shape \(\)"):
+        decode.batch_decode_run(plan, *decode_run_args(kv_indices=fake_cuda((), "int32")).values())
+    with pytest.raises(ValueError, match=r"kv_indices: expected a 1-D int32 tensor, got shape \(4, 1\)"):
+        decode.batch_decode_run(plan, *decode_run_args(kv_indices=fake_cuda((4, 1), "int32")).values())
+
+
+def test_batch_decode_run_refuses_strides_its_kernel_truncates(make_array):
+    plan = decode_plan(make_array)
+    q = fake_cuda((2, 32, 128), strides=(1 << 31, 128, 1))  # BatchDecodeParams: int32 q strides
+    with pytest.raises(ValueError, match=r"q: the decode kernel takes q's strides as int32"):
+        decode.batch_decode_run(plan, *decode_run_args(q=q).values())
+    cache = fake_cuda((4, 16, 8, 128), strides=(1 << 32, 1024, 128, 1))  # paged_kv_t: uint32 strides
+    with pytest.raises(ValueError, match=r"k_cache: the kernel takes 32-bit strides"):
+        decode.batch_decode_run(plan, *decode_run_args(k_cache=cache, v_cache=cache).values())
+    # the largest int32 stride that keeps 16 bytes; its 4 GiB footprint at an address of its own (never read: no
+    # GPU), so that it overlaps no other argument's memory
+    q = Tensor.from_pointer(1 << 40, (2, 32, 128), "float16", "cuda:0", ((1 << 31) - 8, 128, 1))
+    with pytest.raises(KernelError) as info:
+        decode.batch_decode_run(plan, *decode_run_args(q=q).values())
+    assert_reached_the_kernel(info.value)
+
+
 def test_batch_decode_run_lse_and_flags(make_array):
     plan = decode_plan(make_array)
     with pytest.raises(ValueError, match=r"lse: expected shape \(2, 32\)"):

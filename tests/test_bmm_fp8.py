@@ -102,8 +102,8 @@ def test_without_a_handle_one_is_made_for_the_device(kernel_modules: object, mod
             ValueError,
             "B: n = 84 must be a positive multiple of 8",
         ),
-        ({"out": fake_cuda((2, 48, 80), "float32"), "dtype": None}, TypeError, "D: expected dtype float16, bfloat16"),
-        ({"out": fake_cuda((2, 48, 96), "bfloat16")}, ValueError, r"D: expected shape \(2, 48, 80\)"),
+        ({"out": fake_cuda((2, 48, 80), "float32"), "dtype": None}, TypeError, "out: expected dtype float16, bfloat16"),
+        ({"out": fake_cuda((2, 48, 96), "bfloat16")}, ValueError, r"out: expected shape \(2, 48, 80\)"),
         ({"A_scale": fake_cuda((2,), "float32")}, ValueError, "A_scale: expected a single float32 value"),
         ({"B_scale": fake_cuda((1,), "float16")}, TypeError, "B_scale: expected dtype float32"),
         ({"A_scale": fake_cuda((1,), "float32", device="cpu")}, ValueError, "A_scale: expected a tensor on cuda:0"),
@@ -125,7 +125,7 @@ def test_without_a_handle_one_is_made_for_the_device(kernel_modules: object, mod
         ),
         ({"cublas_handle": 0}, ValueError, "cublas_handle: expected a cublasLtHandle_t"),
         ({"cublas_handle": "h"}, TypeError, "cublas_handle"),
-        ({"out": fake_cuda((2, 48, 80), "bfloat16", device=1)}, ValueError, "D: expected a tensor on cuda:0"),
+        ({"out": fake_cuda((2, 48, 80), "bfloat16", device=1)}, ValueError, "out: expected a tensor on cuda:0"),
     ],
 )
 def test_bad_inputs_are_named(change: dict[str, Any], exc: type, pattern: str) -> None:
@@ -137,5 +137,5 @@ def test_out_must_not_overlap_the_inputs() -> None:
     call = args()
     a = call["A"]
     call["out"] = Tensor.from_pointer(a.data_ptr, (2, 48, 80), "bfloat16", 0, owner=a)
-    with pytest.raises(ValueError, match="D: overlaps A"):
+    with pytest.raises(ValueError, match="out: overlaps A"):
         fi_ffi.bmm_fp8(**call)

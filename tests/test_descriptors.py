@@ -312,3 +312,49 @@ def test_broken_norm_calls_never_reach_the_ffi(
     allowed = names if culprit == "input" else (culprit,)
     assert text.startswith(tuple(f"{n}: " for n in allowed)), text
     assert not any(uri == "norm" for uri, _ in fresh_bindings), "the norm module was bound"
+
+
+@pytest.mark.parametrize(
+    "kwargs,arg",
+    [
+        # unhashable and malformed dtypes (the parse cache must not see them first), non-int triples
+        (dict(dtype={}), "dtype"),
+        (dict(dtype=[2, 16, 1]), "dtype"),
+        (dict(dtype=({}, 16, 1)), "dtype"),
+        (dict(dtype=([],)), "dtype"),
+        (dict(dtype=("a", "b", "c")), "dtype"),
+        (dict(dtype=(2.5, 16, 1)), "dtype"),
+        (dict(dtype=(True, 16, 1)), "dtype"),
+        # unhashable devices, and values equal to a cached int ordinal (False == 0, 1.0 == 1)
+        (dict(device={}), "device"),
+        (dict(device=[0]), "device"),
+        (dict(device=(2, {})), "device"),
+        (dict(device=False), "device"),
+        (dict(device=0.0), "device"),
+        (dict(device=True), "device"),
+        (dict(device=1.0), "device"),
+        # iterables that are not sequences of sizes
+        (dict(shape={}), "shape"),
+        (dict(shape={2: 3}), "shape"),
+        (dict(shape={2, 3}), "shape"),
+        (dict(shape="23"), "shape"),
+    ],
+)
+def test_bad_layout_arguments_are_named_after_the_same_layout_was_parsed(kwargs: dict[str, Any], arg: str) -> None:
+    for device in (0, 1):  # warm the parse cache for (shape, "float16", 0) and (shape, "float16", 1)
+        Tensor.from_pointer(0x1000, (2, 3), "float16", device)
+    with pytest.raises(TypeError) as info:
+        Tensor.from_pointer(**{"data_ptr": 0x1000, "shape": (2, 3), "dtype": "float16", "device": 0, **kwargs})
+    assert str(info.value).startswith(f"{arg}: "), str(info.value)
+    assert type(info.value) is TypeError
+
+
+def test_a_triple_of_ints_is_a_dtype() -> None:
+    assert Tensor.from_pointer(0x1000, (2,), (2, 16, 1)).dtype == dtypes.float16
+    assert dtypes.dtype((4, 16, 1)) == dtypes.bfloat16
+
+
+@pytest.mark.parametrize("offset,exc", [(1.5, TypeError), ("1", TypeError), (True, TypeError), (-1, ValueError)])
+def test_a_bad_view_offset_is_named(offset: Any, exc: type) -> None:
+    with pytest.raises(exc, match="^offset: "):
+        Tensor.from_pointer(0x1000, (8,), "float16").view((4,), offset=offset)

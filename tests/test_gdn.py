@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import fi_ffi
 from fi_ffi.errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
 from fi_ffi.ops import device, gdn
+from fi_ffi.ops.aliasing import footprint
 from fi_ffi.ops.kernels import entry_point
 from fi_ffi.tensor import Tensor
 
@@ -43,7 +44,7 @@ def fake_cuda(
 ) -> Tensor:
     """A descriptor that claims CUDA memory but points at (``align``-byte aligned) host memory it never touches."""
     # memory of its own for the whole extent: the launcher refuses outputs that overlap inputs
-    extent = int(np.prod(shape)) * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize
+    extent = footprint(Tensor.from_pointer(align, shape, dtype, device, strides))[1]
     host = np.zeros(max(extent, 256) + align, dtype=np.uint8)
     ptr = (host.ctypes.data + align - 1) // align * align
     return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
@@ -494,6 +495,8 @@ def test_bad_streams_are_named_before_the_kernel() -> None:
     for stream in ("default", 1.5, -1, 2**64):
         with pytest.raises((TypeError, ValueError), match="stream"):
             call_unchecked(gdn_args(), stream=stream)
+        with pytest.raises((TypeError, ValueError), match="stream"):  # before the missing device is refused
+            gdn.gdn_prefill(**gdn_args(), stream=stream)
 
 
 def test_a_lock_without_the_gdn_module_says_which_releases_have_it(
@@ -519,3 +522,49 @@ def test_a_lock_without_the_gdn_module_says_which_releases_have_it(
     text = str(info.value)
     assert "gdn_prefill_sm90" in text
     assert "FlashInfer <= 0.6.13" in text and "pin a 0.6.x jit-cache wheel" in text
+
+
+# ---- one device per process (FlashInfer 0.6.3's gdn_prefill_sm90 runs only on the first device it ran on) ----
+
+ONE_DEVICE = r"q is on cuda:{}, but this process already ran gdn_prefill on cuda:{}; .*runs only on the first CUDA"
+
+
+def on_device(ordinal: int) -> dict[str, object]:
+    """A valid call's arguments with every tensor on cuda:``ordinal``."""
+    return {name: fake_cuda(t.shape, t.dtype, device=ordinal) for name, t in gdn_args().items()}  # type: ignore[union-attr]
+
+
+def test_another_device_than_the_bound_one_is_refused_before_anything_needs_a_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # This process "already ran" GDN on cuda:0 (a CPU machine cannot launch it, so the binding is set here).
+    monkeypatch.setattr(gdn, "_bound_device", 0)
+    for call in (lambda a: gdn.gdn_prefill(**a), call_unchecked):
+        with pytest.raises(UnsupportedDeviceError, match=ONE_DEVICE.format(1, 0)) as info:
+            call(on_device(1))
+        assert "one process per device" in str(info.value)
+    # the bound device passes the rule and goes on to what needs a GPU (there is none here)
+    with pytest.raises(UnsupportedDeviceError, match="no CUDA device is available"):
+        gdn.gdn_prefill(**on_device(0))
+    monkeypatch.setattr(gdn, "_bound_device", 3)
+    with pytest.raises(UnsupportedDeviceError, match=ONE_DEVICE.format(0, 3)):
+        gdn.gdn_prefill(**on_device(0))
+    # a q that is not on a CUDA device is named by the argument checks, not by the rule
+    with pytest.raises(ValueError, match="q: expected a CUDA device tensor"):
+        call_unchecked(gdn_args(q=fake_cuda((10, 2, D), device="cpu")))
+    with pytest.raises(TypeError, match="q: expected a tensor, got None"):
+        gdn.gdn_prefill(**gdn_args(q=None))
+
+
+def test_a_call_that_does_not_reach_the_kernel_binds_no_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (Binding by a launch needs a GPU: tests/test_gpu_gdn.py runs first calls on cuda:1, and on both at once.)
+    monkeypatch.setattr(gdn, "_bound_device", None)
+    with pytest.raises(ValueError, match="k: expected"):  # refused by our checks
+        call_unchecked({**on_device(1), "k": fake_cuda((9, 2, D), device=1)})
+    with pytest.raises(UnsupportedDeviceError, match="no CUDA device is available"):  # no device to make current
+        gdn.gdn_prefill(**on_device(1))
+    assert gdn._bound_device is None
+    # so the next first call may be on any device
+    with pytest.raises(UnsupportedDeviceError, match="no CUDA device is available"):
+        gdn.gdn_prefill(**on_device(0))
+    assert gdn._bound_device is None

@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -328,15 +332,33 @@ def test_the_current_device_is_left_as_it_was() -> None:
     assert device.current_device() == before
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_q_on_another_device_is_made_current_for_the_call_and_restored() -> None:
-    if torch.cuda.get_device_capability(1)[0] != 9:
-        pytest.skip("cuda:1 is not SM90")
-    device.set_device(0)
+TWO_SM90 = pytest.mark.skipif(
+    torch.cuda.device_count() < 2 or torch.cuda.get_device_capability(1)[0] != 9, reason="needs two SM90 GPUs"
+)
+ONE_DEVICE = r"q is on cuda:{}, but this process already ran gdn_prefill on cuda:{}; .*runs only on the first CUDA"
+
+
+def in_child(function: str) -> None:
+    """Run ``test_gpu_gdn.<function>()`` in a fresh Python process (its first GDN call is the process's first)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    code = f"import test_gpu_gdn as t; t.{function}(); print('child ok')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "child ok" in done.stdout, f"child failed:\n{done.stdout}\n{done.stderr}"
+
+
+def problem_on_cuda1() -> tuple[Problem, torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.cuda.device(1):
         p = make_problem([12, 3], 2, 2, 4, seed=2)
-        ws = workspace(1)
         out, state = p.outputs()
+        return p, workspace(1), out, state
+
+
+def child_first_call_on_cuda1_while_cuda0_is_current() -> None:
+    """The process's first GDN call has its tensors on cuda:1 while cuda:0 is current: it runs there (cuda:1
+    made current for the call, cuda:0 restored) and binds the process to cuda:1, so cuda:0 is then refused."""
+    device.set_device(0)
+    p, ws, out, state = problem_on_cuda1()
     gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, ws, input_state=p.input_state, alpha=p.alpha, beta=p.beta)
     assert device.current_device() == 0
     torch.cuda.synchronize(1)
@@ -344,6 +366,87 @@ def test_q_on_another_device_is_made_current_for_the_call_and_restored() -> None
         ref_out, ref_state = reference(p)
     assert_close("output", out, ref_out, torch.float16)
     assert_close("output_state", state, ref_state, torch.float16)
+    p0 = make_problem([8], 2, 2, 2)  # on cuda:0
+    out0, state0 = p0.outputs()
+    with pytest.raises(UnsupportedDeviceError, match=ONE_DEVICE.format(0, 1)):
+        gdn.gdn_prefill(p0.q, p0.k, p0.v, p0.cu_seqlens, out0, state0, workspace(0))
+    torch.cuda.synchronize(0)
+    assert torch.isnan(out0).all() and torch.isnan(state0).all()  # refused before any launch
+    assert device.current_device() == 0
+
+
+def child_concurrent_first_calls_bind_one_device() -> None:
+    """Two threads make the process's first GDN calls at once, on cuda:0 and cuda:1: exactly one runs (and
+    binds its device); the other is refused by name, before a launch."""
+    p1, ws1, out1, state1 = problem_on_cuda1()
+    p0 = make_problem([12, 3], 2, 2, 4, seed=2)
+    ws0 = workspace(0)
+    out0, state0 = p0.outputs()
+    torch.cuda.synchronize(0)
+    torch.cuda.synchronize(1)
+    cases = {0: (p0, ws0, out0, state0), 1: (p1, ws1, out1, state1)}
+    outcome: dict[int, BaseException | None] = {}
+    barrier = threading.Barrier(2)
+
+    def call(ordinal: int) -> None:
+        p, ws, out, state = cases[ordinal]
+        barrier.wait()
+        try:
+            gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, ws, input_state=p.input_state)
+            outcome[ordinal] = None
+        except BaseException as exc:
+            outcome[ordinal] = exc
+
+    threads = [threading.Thread(target=call, args=(ordinal,)) for ordinal in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    winners = [ordinal for ordinal, exc in outcome.items() if exc is None]
+    assert len(outcome) == 2 and len(winners) == 1, outcome
+    won, lost = winners[0], 1 - winners[0]
+    assert gdn._bound_device == won
+    assert isinstance(outcome[lost], UnsupportedDeviceError), repr(outcome[lost])
+    assert re.search(ONE_DEVICE.format(lost, won), str(outcome[lost])), str(outcome[lost])
+    p, _, out, state = cases[won]
+    torch.cuda.synchronize(won)
+    with torch.cuda.device(won):
+        ref_out, ref_state = reference(p)
+    assert_close("output", out, ref_out, torch.float16)
+    assert_close("output_state", state, ref_state, torch.float16)
+    torch.cuda.synchronize(lost)
+    assert torch.isnan(cases[lost][2]).all()
+
+
+@TWO_SM90
+def test_q_on_another_device_is_made_current_for_the_call_and_restored() -> None:
+    in_child("child_first_call_on_cuda1_while_cuda0_is_current")
+
+
+@TWO_SM90
+def test_concurrent_first_calls_on_two_devices_bind_exactly_one() -> None:
+    in_child("child_concurrent_first_calls_bind_one_device")
+
+
+@TWO_SM90
+def test_a_second_device_is_refused_by_name_before_the_launch() -> None:
+    """FlashInfer 0.6.3's kernel runs only on the first device it ran on in a process: after cuda:0 (this
+    process's first GDN device, as the tests above ran there), cuda:1 is refused, naming both, and nothing runs."""
+    p0 = make_problem([8], 2, 2, 2)
+    ref0 = reference(p0)
+    run(p0, workspace())
+    assert gdn._bound_device == 0
+    device.set_device(0)
+    p, ws, out, state = problem_on_cuda1()
+    with pytest.raises(UnsupportedDeviceError, match=ONE_DEVICE.format(1, 0)):
+        gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, ws, input_state=p.input_state)
+    torch.cuda.synchronize(1)
+    assert torch.isnan(out).all() and torch.isnan(state).all()
+    assert device.current_device() == 0
+    out0, state0 = run(p0, workspace())  # cuda:0 still runs
+    torch.cuda.synchronize()
+    assert_close("output", out0, ref0[0], torch.float16)
+    assert_close("output_state", state0, ref0[1], torch.float16)
 
 
 def test_a_non_sm90_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

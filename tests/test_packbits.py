@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 from test_norm import assert_reached_the_kernel, fake_cuda
 
@@ -127,6 +128,17 @@ def test_segment_packbits_indptr_matches_flashinfers_definition() -> None:
         fi_ffi.segment_packbits_indptr([])
 
 
+def test_segment_packbits_indptr_takes_sequences_and_integer_arrays_only() -> None:
+    assert fi_ffi.segment_packbits_indptr(np.array([0, 4, 7], np.int64)) == [0, 1, 2]
+    assert fi_ffi.segment_packbits_indptr((0, np.int32(9))) == [0, 2]
+    for bad in ({0, 8}, b"\x00\x08", "08", None, 5, np.array(3), np.array([0.0, 8.0]), {0: 1}):
+        with pytest.raises(TypeError, match=r"^indptr: expected a list, tuple or 1-D numpy integer array"):
+            fi_ffi.segment_packbits_indptr(bad)  # type: ignore[arg-type]
+    for bad_values in ([0, 2**31], [-1, 4], [0, 10**400]):
+        with pytest.raises(ValueError, match=r"^indptr: expected offsets in \[0, 2\*\*31\)"):
+            fi_ffi.segment_packbits_indptr(bad_values)
+
+
 def test_pack_custom_mask_device_packs_through_segment_packbits(kernel_modules: list[str]) -> None:
     from fi_ffi.ops import quantization
 
@@ -135,5 +147,7 @@ def test_pack_custom_mask_device_packs_through_segment_packbits(kernel_modules: 
     before = quantization._segment_packbits.launcher.slow_calls
     assert fi_ffi.pack_custom_mask_device(mask, indptr, out=out, output_indptr=out_indptr) == (out, out_indptr)
     assert quantization._segment_packbits.launcher.slow_calls == before + 1  # through segment_packbits
-    with pytest.raises(TypeError, match=r"^x: expected dtype bool"):
+    with pytest.raises(TypeError, match=r"^mask: expected dtype bool"):  # its own name, not segment_packbits' x
         fi_ffi.pack_custom_mask_device(fake_cuda((20,), "uint8"), indptr, out=out, output_indptr=out_indptr)
+    with pytest.raises(TypeError, match=r"^mask: expected a tensor, got None"):
+        fi_ffi.pack_custom_mask_device(None, indptr, out=out, output_indptr=out_indptr)

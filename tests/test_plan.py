@@ -280,6 +280,29 @@ def test_workspace_from_buffers_validates():
         Workspace.from_buffers(fake_cuda(np.zeros(0, np.uint8)), i, h)
 
 
+def test_workspace_buffers_must_not_wrap_the_address_space_or_exceed_int32_sizes():
+    from fi_ffi.ops.workspace import Workspace
+
+    host = np.zeros(64, np.uint8)
+    h = Tensor.from_pointer(host.ctypes.data, (64,), "uint8", "cpu", owner=host)
+    i = fake_cuda(np.zeros(64, np.uint8))
+    top = 2**64 - 256  # 1024 float32 elements from here run 3840 bytes past the last address
+    with pytest.raises(ValueError, match=r"float_buffer: the buffer 0x[0-9a-f]+ \+ 4096 bytes wraps past the end"):
+        Workspace.from_buffers(Tensor.from_pointer(top, (1024,), "float32", 0), i, h)
+    with pytest.raises(ValueError, match="int_buffer: the buffer .* wraps past the end"):
+        Workspace.from_buffers(i, Tensor.from_pointer(top, (65,), "float32", 0), h)
+    Workspace.from_buffers(Tensor.from_pointer(top, (64,), "float32", 0), i, h)  # ends exactly at 2**64: fits
+    with pytest.raises(ValueError, match="pinned_buffer: the buffer .* wraps past the end"):
+        Workspace.from_buffers(i, i, Tensor.from_pointer(top, (33,), "int64", "cpu"))
+    with pytest.raises(ValueError, match="float_buffer: 2147483648 elements do not fit the kernels' int32 sizes"):
+        Workspace.from_buffers(Tensor.from_pointer(1 << 40, (1 << 31,), "uint8", 0), i, h)
+    Workspace.from_buffers(Tensor.from_pointer(1 << 40, (1 << 29,), "float32", 0), i, h)  # 2 GiB as float32
+    with pytest.raises(ValueError, match=r"float_bytes: expected fewer than 2\*\*31 bytes"):
+        Workspace.allocate(0, float_bytes=1 << 31)
+    with pytest.raises(ValueError, match=r"device: expected a CUDA device ordinal < 2\*\*31"):
+        Workspace.allocate(1 << 31)
+
+
 def test_workspace_allocate_argument_checks():
     from fi_ffi.ops.workspace import FLOAT_BYTES, INT_BYTES, PINNED_BYTES, TMP_BYTES, Workspace
 

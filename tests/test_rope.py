@@ -6,6 +6,7 @@ its first CUDA call; each bad argument is refused by our checks with a TypeError
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -173,6 +174,41 @@ def test_bad_llama31_factors_are_named(kw: dict, pattern: str) -> None:
         fi_ffi.apply_llama31_rope_pos_ids(t["q"], t["k"], pos(), q_rope=t["q_rope"], k_rope=t["k_rope"], **kw)
     with pytest.raises(ValueError, match=pattern):
         fi_ffi.apply_llama31_rope_inplace(t["q"], t["k"], *ragged(), **kw)
+
+
+HUGE = 10**400  # an int no float64 holds
+
+
+FLOAT_ARGS = ("rope_scale", "rope_theta", "low_freq_factor", "high_freq_factor", "old_context_len")
+
+
+@pytest.mark.parametrize(
+    "name,arg",
+    [
+        (name, arg)
+        for name in sorted(n for n in CALLS if "cos_sin" not in n)
+        for arg in FLOAT_ARGS
+        if arg in inspect.signature(getattr(fi_ffi, name)).parameters
+    ],
+)
+def test_an_int_too_large_for_a_float_is_named(name: str, arg: str) -> None:
+    op = getattr(fi_ffi, name)
+    t = qk()
+    index = (pos(),) if "pos_ids" in name else ragged()
+    outputs = {} if name.endswith("_inplace") else {"q_rope": t["q_rope"], "k_rope": t["k_rope"]}
+    for value in (HUGE, -HUGE):
+        with pytest.raises(ValueError, match=rf"^{arg}: expected a finite float, got an int too large for a float64"):
+            op(t["q"], t["k"], *index, **outputs, **{arg: value})
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CALLS if "cos_sin" not in n))
+def test_a_0d_q_without_rotary_dim_is_named(name: str) -> None:
+    op = getattr(fi_ffi, name)
+    t = qk()
+    index = (pos(),) if "pos_ids" in name else ragged()
+    outputs = {} if name.endswith("_inplace") else {"q_rope": t["q_rope"], "k_rope": t["k_rope"]}
+    with pytest.raises(ValueError, match=r"^q: expected"):
+        op(fake_cuda((), "float16"), t["k"], *index, **outputs)
 
 
 def with_(**changes: Any) -> dict[str, Any]:

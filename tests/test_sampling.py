@@ -280,6 +280,38 @@ def test_generator_refuses_bad_state(args: tuple[Any, ...], exc: type, pattern: 
         Generator(*args)
 
 
+@pytest.mark.parametrize(
+    "increment,exc,pattern",
+    [
+        ("5", TypeError, r"^increment: expected an int, got str"),
+        (None, TypeError, r"^increment: expected an int, got NoneType"),
+        (1.5, TypeError, r"^increment: expected an int, got float"),
+        (float("nan"), TypeError, r"^increment: expected an int, got float"),
+        (True, TypeError, r"^increment: expected an int, got bool"),
+        (np.array([1, 2]), TypeError, r"^increment: expected an int, got ndarray"),
+        (-4, ValueError, r"^increment: expected an int in \[0, 2\*\*64\)"),
+        (2**64, ValueError, r"^increment: expected an int in \[0, 2\*\*64\)"),
+    ],
+)
+def test_generator_advance_refuses_what_is_not_a_count(increment: Any, exc: type, pattern: str) -> None:
+    g = Generator(7, 8)
+    with pytest.raises(exc, match=pattern):
+        g.advance(increment)
+    assert g.get_state() == (7, 8)  # a refused advance draws nothing
+
+
+def test_generator_takes_numpy_integers() -> None:
+    g = Generator(np.uint64(7), np.int32(8))
+    assert g.advance(np.int64(5)) == (7, 16)
+    assert all(type(v) is int for v in g.get_state())  # Python ints: no numpy overflow on later advances
+    g.set_state(np.uint64(2**64 - 1), np.uint64(2**64 - 4))
+    assert g.advance(np.int64(4)) == (2**64 - 1, 0)  # wraps like cuRAND's unsigned 64-bit offset
+    with pytest.raises(TypeError, match=r"^seed: expected an int, got ndarray"):
+        Generator(np.array([1, 2]))
+    with pytest.raises(TypeError, match=r"^offset: expected an int, got ndarray"):
+        g.set_state(1, np.array([1, 2]))
+
+
 def test_generator_advance_is_atomic_across_threads() -> None:
     g = Generator(0)
     threads = [threading.Thread(target=lambda: [g.advance(4) for _ in range(500)]) for _ in range(4)]
@@ -456,6 +488,10 @@ def test_bad_sampling_tensors_are_named(
         ("top_k_sampling_from_probs", (2**31,), ValueError, r"^top_k: expected an int in \[1, 2\*\*31\)"),
         ("top_k_sampling_from_probs", (2.0,), TypeError, r"^top_k: expected an int or a tensor, got float"),
         ("min_p_sampling_from_probs", (-0.1,), ValueError, r"^min_p: expected a value in \[0, 1\]"),
+        ("min_p_sampling_from_probs", (None,), TypeError, r"^min_p: expected a float or a tensor, got NoneType"),
+        ("top_p_sampling_from_probs", (None,), TypeError, r"^top_p: expected a float or a tensor, got NoneType"),
+        ("top_k_sampling_from_probs", (None,), TypeError, r"^top_k: expected an int or a tensor, got NoneType"),
+        ("top_k_top_p_sampling_from_probs", (3, None), TypeError, r"^top_p: expected a float or a tensor, got None"),
         ("top_k_top_p_sampling_from_probs", (0, 0.5), ValueError, r"^top_k: expected an int in \[1, 2\*\*31\)"),
         ("top_k_top_p_sampling_from_probs", (3, 2.0), ValueError, r"^top_p: expected a value in \(0, 1\]"),
     ],

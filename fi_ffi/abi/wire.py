@@ -17,9 +17,16 @@ The wire types fi_ffi can pass:
 ``int`` / ``float`` /      scalars (int64, float64, bool)
 ``bool``
 ``Optional<int>``          an int or None
+``Optional<float>``        a float or None
 ``std::string``            a short text (passed as a C string)
-``Array<int>``             a TVM-FFI object handed back by a plan function (the plan info), passed as is
+``Array<int>``             a TVM-FFI object handed back by a plan function (the plan info), passed as is;
+                           for setup calls (:mod:`fi_ffi.comm.control`) a list of ints
+``Array<Array<int>>``      setup calls only: a list of lists of ints
+``DataType``               setup calls only: a dtype
 =========================  ==========================================================================
+
+Setup calls (once per communicator, not per step) are packed by :func:`fi_ffi.comm.control.call`; the
+launcher (every per-step call) refuses the last two types.
 
 Nothing here knows byte offsets: :mod:`fi_ffi.ops.launcher` lays out the frame from the declaration.
 """
@@ -46,14 +53,32 @@ OPT_FFI_TENSOR = "Optional<ffi.Tensor>"
 INT = "int"
 OPT_INT = "Optional<int>"
 FLOAT = "float"
+OPT_FLOAT = "Optional<float>"
 BOOL = "bool"
 STRING = "std::string"
 ARRAY = "Array<int>"
+ARRAY_OF_ARRAYS = "Array<Array<int>>"
+DATA_TYPE = "DataType"
 
-WIRE_TYPES = (TENSOR, OPT_TENSOR, FFI_TENSOR, OPT_FFI_TENSOR, INT, OPT_INT, FLOAT, BOOL, STRING, ARRAY)
+WIRE_TYPES = (
+    TENSOR,
+    OPT_TENSOR,
+    FFI_TENSOR,
+    OPT_FFI_TENSOR,
+    INT,
+    OPT_INT,
+    FLOAT,
+    OPT_FLOAT,
+    BOOL,
+    STRING,
+    ARRAY,
+    ARRAY_OF_ARRAYS,
+    DATA_TYPE,
+)
+SETUP_ONLY_TYPES = frozenset((ARRAY_OF_ARRAYS, DATA_TYPE))
 TENSOR_TYPES = frozenset((TENSOR, OPT_TENSOR))
 OBJECT_TENSOR_TYPES = frozenset((FFI_TENSOR, OPT_FFI_TENSOR))
-OPTIONAL_TYPES = frozenset((OPT_TENSOR, OPT_FFI_TENSOR, OPT_INT))
+OPTIONAL_TYPES = frozenset((OPT_TENSOR, OPT_FFI_TENSOR, OPT_INT, OPT_FLOAT))
 
 
 @dataclass(frozen=True)
@@ -210,14 +235,18 @@ def signature_mismatch(decl: Declaration, found: ModuleSignature | None) -> str:
 
 __all__ = [
     "ARRAY",
+    "ARRAY_OF_ARRAYS",
     "BOOL",
+    "DATA_TYPE",
     "FFI_TENSOR",
     "FLOAT",
     "INT",
     "OPT_FFI_TENSOR",
+    "OPT_FLOAT",
     "OPT_INT",
     "OPT_TENSOR",
     "REQUIRED",
+    "SETUP_ONLY_TYPES",
     "STRING",
     "TENSOR",
     "WIRE_TYPES",

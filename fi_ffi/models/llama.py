@@ -126,7 +126,16 @@ class LlamaEngine:
         max_prefill_tokens: the most prompt tokens prefilled together (sizes the activation buffers); default
             ``max(max_seq_len, max_batch)``.
         cuda_graph: capture the decode step once and replay it.
-        device: the CUDA device ordinal.
+        device: the CUDA device ordinal (default 0; with tensor parallelism the communicator's).
+        tensor_parallel: ranks the model is split over (:mod:`fi_ffi.models.tensor_parallel`): every rank makes
+            its engine with the same arguments and makes the same calls (``fi-ffi generate --tp N`` does that).
+        comm: the ranks' :class:`~fi_ffi.comm.nccl.Communicator` (default: made from the launcher's variables,
+            and closed with the engine).
+        fused_allreduce: sum the partial outputs with the fused all-reduce + residual + RMSNorm kernel where it
+            applies (False: NCCL's all-reduce, then ``fused_add_rmsnorm``).
+
+    ``config`` is this rank's shard of the model (heads and MLP columns divided by ``tensor_parallel``),
+    ``model_config`` the checkpoint's.
     """
 
     def __init__(
@@ -139,9 +148,21 @@ class LlamaEngine:
         num_pages: int | None = None,
         max_prefill_tokens: int | None = None,
         cuda_graph: bool = False,
-        device: int = 0,
+        device: int | None = None,
+        tensor_parallel: int = 1,
+        comm: Any = None,
+        fused_allreduce: bool = True,
     ) -> None:
-        cfg = self.config = LlamaConfig.from_dir(model_dir)
+        from .tensor_parallel import ResidualAllReduce, shard_config
+
+        self.model_config = LlamaConfig.from_dir(model_dir)
+        self.tensor_parallel = _positive("tensor_parallel", tensor_parallel)
+        if self.model_config.moe is not None and self.tensor_parallel > 1:
+            raise ValueError(
+                f"tensor_parallel: {self.model_config.model_type} checkpoints run on one GPU here (the experts are not "
+                f"sharded); pass tensor_parallel=1"
+            )
+        cfg = self.config = shard_config(self.model_config, self.tensor_parallel)
         # MoE layers: host routing (only the chosen experts' weights are read) for prefill and eager decode; the
         # fixed-capacity device path, which a graph can capture, for the decode graph (every expert each step)
         self._static_moe = cuda_graph and cfg.moe is not None
@@ -158,8 +179,10 @@ class LlamaEngine:
             "max_prefill_tokens",
             max_prefill_tokens if max_prefill_tokens is not None else max(self.max_seq_len, self.max_batch),
         )
-        self.device = device
         self.graph: Any = None
+        self.comm: Any = None
+        self._own_comm = False
+        self._allreduce: Any = None
         self._closed = True  # until everything below exists
         try:
             import cupy as cp
@@ -168,33 +191,65 @@ class LlamaEngine:
                 f"the Llama engine needs CuPy ({exc}); install it with: python -m pip install cupy-cuda13x"
             ) from exc
         self._cp = cp
-        with cp.cuda.Device(device):
-            self.stream = cp.cuda.Stream(non_blocking=True)
-            self._s = self.stream.ptr
-            from .dense import Dense
+        if self.tensor_parallel > 1:
+            if comm is None:
+                from ..comm import Communicator
 
-            self.dense = Dense(self.stream)
-            self._load(Checkpoint(model_dir))
-            self._allocate()
-            self._ws_prefill = kernels.workspace(device)
-            self._ws_decode = kernels.workspace(device)
-            # The uploads and zero fills above ran on the legacy stream, which our non-blocking stream does not
-            # wait for: finish them once here.
-            cp.cuda.Device(device).synchronize()
-            self._closed = False
-            if cuda_graph:
-                try:
-                    with self.stream:
-                        self._capture()
-                except BaseException:
-                    self.close()
-                    raise
+                comm, self._own_comm = Communicator.from_env(), True
+            if comm.world_size != self.tensor_parallel:
+                raise ValueError(
+                    f"comm: has {comm.world_size} ranks, tensor_parallel is {self.tensor_parallel}; start as many "
+                    f"ranks as the tensor-parallel size"
+                )
+            if device is not None and device != comm.device:
+                raise ValueError(f"device: {device}, but this rank's communicator drives cuda:{comm.device}")
+            device = comm.device
+            self.comm = comm
+        self.device = device = 0 if device is None else device
+        self.rank = 0 if self.comm is None else self.comm.rank
+        try:
+            with cp.cuda.Device(device):
+                self.stream = cp.cuda.Stream(non_blocking=True)
+                self._s = self.stream.ptr
+                from .dense import Dense
+
+                self.dense = Dense(self.stream)
+                self._load(Checkpoint(model_dir))
+                if self.comm is not None:
+                    self._allreduce = ResidualAllReduce(
+                        self.comm,
+                        max(self.max_prefill_tokens, self.max_batch),
+                        cfg.hidden_size,
+                        self.dtype,
+                        fused=fused_allreduce,
+                    )
+                self._allocate()
+                self._ws_prefill = kernels.workspace(device)
+                self._ws_decode = kernels.workspace(device)
+                # The uploads and zero fills above ran on the legacy stream, which our non-blocking stream does not
+                # wait for: finish them once here.
+                cp.cuda.Device(device).synchronize()
+                self._closed = False
+                if cuda_graph:
+                    try:
+                        with self.stream:
+                            self._capture()
+                    except BaseException:
+                        self.close()
+                        raise
+        except BaseException:
+            if self._closed and self._own_comm:  # the engine never opened: release the communicator it made
+                self.comm.close()
+            raise
 
     # ------------------------------------------------------------------------------------------ loading
 
     def _load(self, ckpt: Checkpoint) -> None:
-        cp, c = self._cp, self.config
+        from .tensor_parallel import columns, rows
+
+        cp, c = self._cp, self.model_config  # the checkpoint's shapes; this rank keeps its shard
         hq, hk, d, h, inter = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
+        r, n = self.rank, self.tensor_parallel
         embed_info = ckpt.info("model.embed_tokens.weight")
         dtype = embed_info.dtype
         if dtype not in ("float16", "bfloat16"):
@@ -244,15 +299,15 @@ class LlamaEngine:
                 upload(
                     np.concatenate(
                         [
-                            get(p + "self_attn.q_proj.weight", (hq * d, h)),
-                            get(p + "self_attn.k_proj.weight", (hk * d, h)),
-                            get(p + "self_attn.v_proj.weight", (hk * d, h)),
+                            rows(get(p + "self_attn.q_proj.weight", (hq * d, h)), r, n),
+                            rows(get(p + "self_attn.k_proj.weight", (hk * d, h)), r, n),
+                            rows(get(p + "self_attn.v_proj.weight", (hk * d, h)), r, n),
                         ]
                     )
                 ).data.ptr
             )
-            self._wo.append(upload(get(p + "self_attn.o_proj.weight", (h, hq * d))).data.ptr)
-            if c.qk_norm:
+            self._wo.append(upload(columns(get(p + "self_attn.o_proj.weight", (h, hq * d)), r, n)).data.ptr)
+            if c.qk_norm:  # per head_dim: every rank keeps the whole vector
                 self._q_norm.append(vector(get(p + "self_attn.q_norm.weight", (d,))))
                 self._k_norm.append(vector(get(p + "self_attn.k_norm.weight", (d,))))
             if c.moe is not None:
@@ -261,11 +316,14 @@ class LlamaEngine:
                 self._wgu.append(
                     upload(
                         np.concatenate(
-                            [get(p + "mlp.gate_proj.weight", (inter, h)), get(p + "mlp.up_proj.weight", (inter, h))]
+                            [
+                                rows(get(p + "mlp.gate_proj.weight", (inter, h)), r, n),
+                                rows(get(p + "mlp.up_proj.weight", (inter, h)), r, n),
+                            ]
                         )
                     ).data.ptr
                 )
-                self._wd.append(upload(get(p + "mlp.down_proj.weight", (h, inter))).data.ptr)
+                self._wd.append(upload(columns(get(p + "mlp.down_proj.weight", (h, inter)), r, n)).data.ptr)
             self._ln1.append(vector(get(p + "input_layernorm.weight", (h,))))
             self._ln2.append(vector(get(p + "post_attention_layernorm.weight", (h,))))
         self._norm = vector(get("model.norm.weight", (h,)))
@@ -337,6 +395,10 @@ class LlamaEngine:
             ids=cp.empty(self.max_batch, np.int32),
             kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), storage),
         )
+        # where the normalized rows live: x (normalized in place), or x2 when the fused all-reduce writes them
+        if self._allreduce is not None and self._allreduce.fused:
+            b.x2 = cp.empty((rows, h), storage)
+        self._normed = b.x2 if hasattr(b, "x2") else b.x
         kv_shape = (self.num_pages, self.page_size, hk, d)
         self._k_cache = [
             kernels.descriptor(b.kv[i, 0].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
@@ -383,6 +445,7 @@ class LlamaEngine:
             arrays = {
                 "h": b.h,
                 "x": b.x,
+                "x2": self._normed,
                 "qkv": b.qkv,
                 "attn": b.attn,
                 "gu": b.gu,
@@ -413,11 +476,12 @@ class LlamaEngine:
         c, b, dense, s = self.config, self._buf, self.dense, self._s
         h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
+        normed = self._normed.data.ptr  # x, or x2 with the fused all-reduce
         w, hqd, last = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
         dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
-        kernels.rmsnorm(v.h, self._ln1[0], v.x, eps, s)
+        kernels.rmsnorm(v.h, self._ln1[0], v.x2, eps, s)
         for i in range(c.num_layers):
-            dense.linear(rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab)
+            dense.linear(rows, normed, h, self._wqkv[i], w, h, qkv, w, ab, ab)
             if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE
                 kernels.qk_rmsnorm(v.q, self._q_norm[i], eps, s)
                 kernels.qk_rmsnorm(v.k, self._k_norm[i], eps, s)
@@ -435,17 +499,25 @@ class LlamaEngine:
                 s,
             )
             attention(i, v)
-            dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)
-            kernels.fused_add_rmsnorm(v.x, v.h, self._ln2[i], eps, s)
+            dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
+            self._add_norm(v, self._ln2[i])
             if self._moe and static_moe:  # device routing, fixed capacity: capturable
-                self._moe[i].forward_static(b.x, b.x, rows)
+                self._moe[i].forward_static(self._normed, b.x, rows)
             elif self._moe:  # routes on the host: synchronizes the stream (not capturable)
-                self._moe[i].forward(b.x, b.x, rows)
+                self._moe[i].forward(self._normed, b.x, rows)
             else:
-                dense.linear(rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
+                dense.linear(rows, normed, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
                 kernels.silu_and_mul(v.gu, v.act, s)
                 dense.linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab)
-            kernels.fused_add_rmsnorm(v.x, v.h, self._ln1[i + 1] if i < last else self._norm, eps, s)
+            self._add_norm(v, self._ln1[i + 1] if i < last else self._norm)
+
+    def _add_norm(self, v: SimpleNamespace, weight: Any) -> None:
+        """``h += x`` (summed over the ranks first with TP); the rows normalized with ``weight`` into ``x2``."""
+        eps = self.config.rms_norm_eps
+        if self._allreduce is None:
+            kernels.fused_add_rmsnorm(v.x, v.h, weight, eps, self._s)
+        else:
+            self._allreduce(v.x, v.h, weight, v.x2, eps, self._s)
 
     def _decode_attention(self, i: int, v: SimpleNamespace) -> None:
         kernels.decode_run(
@@ -480,7 +552,7 @@ class LlamaEngine:
         self._forward(v, rows, self._decode_attention, static_moe=self._static_moe)
         self.dense.linear(
             rows,
-            b.x.data.ptr,
+            self._normed.data.ptr,
             c.hidden_size,
             self._lm_head,
             c.vocab_size,
@@ -647,7 +719,7 @@ class LlamaEngine:
             full = cp.empty((nnz, c.vocab_size), np.float32)
             self.dense.linear(
                 nnz,
-                b.x.data.ptr,
+                self._normed.data.ptr,
                 c.hidden_size,
                 self._lm_head,
                 c.vocab_size,
@@ -658,7 +730,7 @@ class LlamaEngine:
                 self._f32,
             )
         h = c.hidden_size
-        self.dense.gather_rows(batch, b.x.data.ptr, h, v.last_rows, b.last.data.ptr, h, h)
+        self.dense.gather_rows(batch, self._normed.data.ptr, h, v.last_rows, b.last.data.ptr, h, h)
         self.dense.linear(
             batch,
             b.last.data.ptr,
@@ -718,8 +790,14 @@ class LlamaEngine:
             valid,
         )
 
+    def _share_ids(self) -> None:
+        """With TP: every rank takes rank 0's tokens (they compute the same ones; this makes it certain)."""
+        if self.comm is not None:
+            self.comm.broadcast(self._buf.ids, root=0, stream=self._s)
+
     def _fetch_ids(self, rows: int) -> list[int]:
         """Copy the chosen tokens to the host and wait for the stream (the one synchronization per step)."""
+        self._share_ids()
         self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * rows, _D2H, self._s)
         self.stream.synchronize()
         return self._ids_host[:rows].tolist()
@@ -748,7 +826,7 @@ class LlamaEngine:
             c, b = self.config, self._buf
             self.dense.linear(
                 n,
-                b.x.data.ptr,
+                self._normed.data.ptr,
                 c.hidden_size,
                 self._lm_head,
                 c.vocab_size,
@@ -759,6 +837,7 @@ class LlamaEngine:
                 self._f32,
             )
             self._pick(v, n, sampling)
+        self._share_ids()
         self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
         t1 = time.perf_counter()
         self.stream.synchronize()
@@ -786,6 +865,10 @@ class LlamaEngine:
             if self._moe:
                 self._ws_moe.close()
             self.dense.close()
+            if self._allreduce is not None:
+                self._allreduce.close()  # a collective: every rank closes its engine
+            if self._own_comm:
+                self.comm.close()
 
     def __enter__(self) -> LlamaEngine:
         return self
@@ -833,6 +916,7 @@ def step_views(
     v = SimpleNamespace(
         h=t("h", (rows, h)),
         x=t("x", (rows, h)),
+        x2=t("x2" if "x2" in base else "x", (rows, h)),  # the normalized rows (x itself without a fused all-reduce)
         q=t("qkv", (rows, hq, d), strides=(w, d, 1)),
         k=t("qkv", (rows, hk, d), at=qkv + item * hq * d, strides=(w, d, 1)),
         v=t("qkv", (rows, hk, d), at=qkv + item * (hq + hk) * d, strides=(w, d, 1)),

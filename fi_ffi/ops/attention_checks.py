@@ -9,13 +9,23 @@ those on every call, and refuses NULL pointers of non-empty tensors for every te
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..dtypes import DType
 from ..tensor import Tensor
 from .pointer_rules import PointerRules
 
-__all__ = ["device_tensor", "index_tensor", "kv_cache", "lse_tensor", "outputs_apart", "strides_u32", "vector"]
+__all__ = [
+    "device_tensor",
+    "index_tensor",
+    "kv_cache",
+    "lse_tensor",
+    "outputs_apart",
+    "scratch",
+    "strides_u32",
+    "vector",
+]
 
 
 def device_tensor(
@@ -144,11 +154,25 @@ def strides_u32(name: str, t: Tensor) -> None:
         raise ValueError(f"{name}: the kernel takes 32-bit strides, got {t.strides}")
 
 
-def outputs_apart(rules: PointerRules) -> PointerRules:
+def outputs_apart(rules: PointerRules, reads: Sequence[str] = ()) -> PointerRules:
     """The attention kernels' outputs do not alias what they read: ``out`` shares no byte with ``q`` (other
-    blocks may still be loading q rows when one writes its output rows), and ``lse`` none with ``out`` or ``q``.
+    blocks may still be loading q rows when one writes its output rows), and ``lse`` none with ``out`` or ``q``;
+    nor do they share a byte with the optional inputs ``reads`` (custom mask, its offsets, ALiBi slopes: absent
+    in the common case, where their rules cost nothing).
 
-    The KV cache is not compared: a cache is gigabytes that an output of a few rows would have to be carved
-    from, and testing it would cost every decode step of every layer.
+    The KV cache and the index arrays are not compared: a cache is gigabytes that an output of a few rows would
+    have to be carved from, and testing them would cost every decode step of every layer.
     """
-    return rules.disjoint("out", "q").disjoint("lse", "out").disjoint("lse", "q")
+    rules.disjoint("out", "q").disjoint("lse", "out").disjoint("lse", "q")
+    for name in reads:
+        rules.disjoint("out", name).disjoint("lse", name)
+    return rules
+
+
+def scratch(rules: PointerRules, name: str, t: Tensor) -> None:
+    """A single prefill/decode ``tmp``: when given (not empty), the kernel writes its partial outputs there in
+    16-byte vectors (as it writes ``out``) and merges them into ``out``, so it is 16-byte aligned and shares no
+    byte with ``q``, ``out`` or ``lse``."""
+    if t.numel:
+        rules.align(name, 16)
+        rules.disjoint(name, "q").disjoint(name, "out").disjoint(name, "lse")

@@ -37,7 +37,7 @@ BMM_FP8 = declare(
     [
         tensor("A"),
         tensor("B"),
-        tensor("D", output=True),
+        tensor("out", output=True),  # FlashInfer's D; named as the public argument, which messages name
         tensor("A_scale"),
         tensor("B_scale"),
         tensor("workspace_buffer", output=True),
@@ -52,7 +52,7 @@ _ALIGN = 16
 
 
 def _check(a: SimpleNamespace) -> PointerRules:
-    A, B, D = a.A, a.B, a.D
+    A, B, D = a.A, a.B, a.out
     checks.ndim("A", A, 3, "[batch, m, k]")
     checks.dtype_in("A", A, _FP8)
     checks.cuda("A", A)
@@ -76,11 +76,11 @@ def _check(a: SimpleNamespace) -> PointerRules:
         raise ValueError(f"A: k = {k} must be a positive multiple of 16 (cuBLASLt FP8 leading dimension)")
     if n % 8 or n == 0:
         raise ValueError(f"B: n = {n} must be a positive multiple of 8 (16-byte rows of out)")
-    checks.shape("D", D, (batch, m, n), "[batch, m, n]")
-    checks.dtype_in("D", D, _OUT)
-    checks.same_device("D", D, "A", A)
-    checks.cuda("D", D)
-    checks.contiguous("D", D)
+    checks.shape("out", D, (batch, m, n), "[batch, m, n]")
+    checks.dtype_in("out", D, _OUT)
+    checks.same_device("out", D, "A", A)
+    checks.cuda("out", D)
+    checks.contiguous("out", D)
     for name in ("A_scale", "B_scale"):
         s = getattr(a, name)
         if s.numel != 1:
@@ -96,8 +96,8 @@ def _check(a: SimpleNamespace) -> PointerRules:
     checks.cuda("workspace_buffer", ws)
     if not 0 < a.cublas_handle < 1 << 64:
         raise ValueError(f"cublas_handle: expected a cublasLtHandle_t (a non-zero address), got {a.cublas_handle}")
-    rules = PointerRules({"A": _ALIGN, "B": _ALIGN, "D": _ALIGN, "workspace_buffer": _ALIGN})
-    return rules.outputs_apart(["D", "workspace_buffer"], ["A", "B", "A_scale", "B_scale"])
+    rules = PointerRules({"A": _ALIGN, "B": _ALIGN, "out": _ALIGN, "workspace_buffer": _ALIGN})
+    return rules.outputs_apart(["out", "workspace_buffer"], ["A", "B", "A_scale", "B_scale"])
 
 
 _bmm_fp8 = launcher(BMM_FP8, "gemm", _check)

@@ -400,7 +400,9 @@ def batch_decode_run(
     ws = plan.workspace
     if s.kind != BATCH_DECODE or not plan._info.handle or ws is None or ws._generation != plan._generation:
         plan.check_runnable(BATCH_DECODE, "paged")
-    pages = kv_indices.shape[0] if kv_indices.__class__ is Tensor else extent("kv_indices", kv_indices)
+    pages = (
+        kv_indices.shape[0] if kv_indices.__class__ is Tensor and kv_indices.ndim else extent("kv_indices", kv_indices)
+    )
     if pages < plan.kv_extent:
         raise ValueError(
             f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has "
@@ -439,7 +441,10 @@ def _check_run(a: SimpleNamespace) -> PointerRules:
     hq, hk, d = s.num_qo_heads, s.num_kv_heads, s.head_dim_qk
     rules = PointerRules()
     AC.device_tensor(rules, "q", a.q, (b, hq, d), "[batch, num_qo_heads, head_dim]", s.dtype_q, dev)
+    if any(stride >= 1 << 31 for stride in a.q.strides):  # BatchDecodeParams keeps q's strides as int32
+        raise ValueError(f"q: the decode kernel takes q's strides as int32, got {a.q.strides}")
     AC.kv_cache(rules, a.k_cache, a.v_cache, s.kv_layout, hk, s.page_size, d, d, s.dtype_kv, dev)
+    AC.strides_u32("k_cache", a.k_cache)  # paged_kv_t keeps 32-bit strides (v_cache's equal k_cache's)
     AC.index_tensor("kv_indptr", a.kv_indptr, b + 1, dev)
     AC.index_tensor("kv_indices", a.kv_indices, None, dev)
     AC.index_tensor("kv_last_page_len", a.kv_last_page_len, b, dev)
@@ -448,7 +453,7 @@ def _check_run(a: SimpleNamespace) -> PointerRules:
     )
     AC.lse_tensor("lse", a.lse, (b, hq), dev)
     AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
-    return AC.outputs_apart(rules)
+    return AC.outputs_apart(rules, ("alibi_slopes",))
 
 
 # ------------------------------------------------------------------------------------------ single decode
@@ -591,12 +596,13 @@ def _check_single(a: SimpleNamespace) -> PointerRules:
     hk, kv_len = (k.shape[1], k.shape[0]) if nhd else (k.shape[0], k.shape[1])
     if hk == 0:
         raise ValueError(f"k: expected at least one KV head, got shape {k.shape}")
-    S.gqa(hq, hk, decode=True)
+    S.gqa(hq, hk, decode=True, where=f"k (shape {k.shape} read as kv_layout {text})")
     AC.device_tensor(rules, "out", out, (hq, d), "[num_qo_heads, head_dim]", None, dev, contiguous=True)
     _check_tmp(tmp, dev, kv_len, 1, hq, hk, d, out.dtype.itemsize, prefill=False)
+    AC.scratch(rules, "tmp", tmp)
     AC.lse_tensor("lse", a.lse, (hq,), dev)
     AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
-    return AC.outputs_apart(rules)
+    return AC.outputs_apart(rules, ("alibi_slopes",))
 
 
 def _check_tmp(

@@ -25,16 +25,25 @@ The kernel is built for SM90 (Hopper) only and picks its path from the *current*
 :func:`gdn_prefill` checks the compute capability of ``q``'s device first (raising
 :class:`~fi_ffi.errors.UnsupportedDeviceError` elsewhere) and makes that device current for the call,
 restoring the previous one after. All calls are asynchronous on ``stream`` and never synchronize.
+
+**One device per process.** FlashInfer 0.6.3's ``gdn_prefill_sm90`` runs only on the first CUDA device it ran
+on in a process: a launch on any other device fails inside the module ("run failed"), whatever the order. So
+the first call that reaches the kernel binds the process to its device (process-wide, thread-safe: concurrent
+first calls launch one at a time), and a later call with tensors on another device raises
+:class:`~fi_ffi.errors.UnsupportedDeviceError` naming both devices, before anything is launched. Use one
+process per device to run GDN on several GPUs.
 """
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 from typing import Any
 
 from ..abi.wire import FLOAT, declare, optional_tensor, tensor
-from ..dtypes import bfloat16, float16, float32, int64, uint8
+from ..dtypes import Device, bfloat16, float16, float32, int64, uint8
 from ..errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
+from ..streams import stream_handle
 from ..tensor import Tensor
 from . import checks, device
 from .launcher import launcher
@@ -51,6 +60,11 @@ _WORKSPACE_ALIGN = 64  # TMA descriptors in global memory must be 64-byte aligne
 _TMA_ALIGN = 16  # TMA and vectorized state copies need 16-byte aligned bases
 _REFUSED = ("does not support this device major version", "sm_90a is not enabled")
 _DEVICE_END = 1 << 31  # CUDA device ordinals are C ints
+
+# The CUDA ordinal the first launch of this process ran on (see "One device per process" above); None until then.
+# Set once, under _bind_lock, by the call that first reaches the kernel; read without the lock afterwards.
+_bound_device: int | None = None
+_bind_lock = threading.Lock()
 
 # FlashInfer's C++ names, except ``workspace`` (``workspace_buffer`` there), the public name.
 GDN_PREFILL = declare(
@@ -134,8 +148,13 @@ def gdn_prefill(
     Returns:
         ``(output, output_state)``, as passed.
 
+    One device per process: the first call that reaches the kernel binds this process to ``q``'s device,
+    because FlashInfer 0.6.3's ``gdn_prefill_sm90`` runs only on the first CUDA device it ran on in a process
+    (see the module docstring).
+
     Raises:
-        UnsupportedDeviceError: ``q``'s device is not SM90, or no CUDA device is available.
+        UnsupportedDeviceError: ``q``'s device is not SM90, or no CUDA device is available, or this process
+            already ran ``gdn_prefill`` on another device (raised before the launch; the message names both).
         KernelNotFoundError: the pinned wheels have no ``gdn_prefill_sm90`` module; says which releases do.
     """
     _gdn_prefill(q, k, v, cu_seqlens, output, output_state, workspace, input_state, alpha, beta, scale, stream, False)
@@ -162,7 +181,8 @@ def _gdn_prefill(
     Internal: ``skip_arch_check=True`` exists only for the CPU tests, which must reach the kernel module's own
     argument checks on a machine without a GPU. It skips the compute-capability check, the workspace-size
     check (both in :func:`_check`, told by the launch's ``context``) and making ``q``'s device current (all
-    three need a CUDA driver). Never use it elsewhere.
+    three need a CUDA driver). Never use it elsewhere. The one-device rule applies either way (it needs no
+    driver): a call that reaches the module binds the process to ``q``'s device.
     """
     if scale is None:
         sc = 0.0  # the kernel's "default": 1 / sqrt(head_dim)
@@ -171,48 +191,80 @@ def _gdn_prefill(
     else:
         sc = checks.positive_finite("scale", scale)
     args = (output, output_state, q, k, v, cu_seqlens, input_state, alpha, beta, sc, workspace)
+    dev = _device_of(q)
     try:
-        previous = -1 if skip_arch_check else _make_current(q, args, stream)
-        try:
-            _launch(*args, stream=stream, context=skip_arch_check)
-        except KernelError as err:
-            if any(text in err.message for text in _REFUSED):
-                raise UnsupportedDeviceError(
-                    f"gdn_prefill: the GDN prefill kernel refused the current CUDA device ({err.message.strip()}); "
-                    f"it runs on SM90 (Hopper) GPUs only"
-                ) from err
-            raise
-        finally:
-            if previous >= 0:
-                device.restore(previous)
+        bound = _bound_device
+        if bound is None:
+            with _bind_lock:  # the process's first launch: one caller at a time, so exactly one device binds
+                if _bound_device is None:
+                    _run(args, dev, stream, skip_arch_check)
+                    return
+                bound = _bound_device
+        if dev.is_cuda and dev.device_id != bound:  # a non-CUDA q is named by the launch's checks
+            raise UnsupportedDeviceError(
+                f"gdn_prefill: q is on {dev}, but this process already ran gdn_prefill on cuda:{bound}; "
+                f"FlashInfer 0.6.3's gdn_prefill_sm90 kernel runs only on the first CUDA device it ran on in a "
+                f"process (on another it fails with 'run failed'). Run every gdn_prefill of this process on "
+                f"cuda:{bound}, or use one process per device"
+            )
+        _run(args, dev, stream, skip_arch_check)
     except KernelNotFoundError as err:
         raise KernelNotFoundError(f"gdn_prefill: {err}\n{not_shipped('gdn_prefill')}") from err
 
 
-def _make_current(q: Any, args: tuple[Any, ...], stream: Any) -> int:
-    """Make ``q``'s device current (the kernel picks its path from the current device); see device.make_current.
+def _run(args: tuple[Any, ...], dev: Device, stream: Any, skip_arch_check: bool) -> None:
+    """Make ``dev`` current, launch, put the previous device back; bind the process to ``dev`` once the call has
+    reached the kernel (launched, or failed inside the module other than by refusing the architecture)."""
+    previous = -1 if skip_arch_check else _make_current(dev, args, stream)
+    try:
+        _launch(*args, stream=stream, context=skip_arch_check)
+    except KernelError as err:
+        if any(text in err.message for text in _REFUSED):
+            raise UnsupportedDeviceError(
+                f"gdn_prefill: the GDN prefill kernel refused the current CUDA device ({err.message.strip()}); "
+                f"it runs on SM90 (Hopper) GPUs only"
+            ) from err
+        _bind(dev)  # the module may have run far enough to keep its per-process state: bind conservatively
+        raise
+    finally:
+        if previous >= 0:
+            device.restore(previous)
+    _bind(dev)
+
+
+def _bind(dev: Device) -> None:
+    """Record ``dev`` as the process's GDN device if none is yet (callers hold ``_bind_lock`` while it is None)."""
+    global _bound_device
+    if _bound_device is None and dev.is_cuda:
+        _bound_device = dev.device_id
+
+
+def _make_current(dev: Device, args: tuple[Any, ...], stream: Any) -> int:
+    """Make ``dev`` current (the kernel picks its path from the current device); see device.make_current.
 
     Without a usable device the arguments are checked first, so a bad one is named before the device is
     refused (the check's architecture test refuses it).
     """
     try:
-        return device.make_current(_device_of(q))
+        return device.make_current(dev.device_id)
     except UnsupportedDeviceError:
+        if stream is not None:
+            stream_handle(stream)  # the architecture check below would refuse the device before the stream
         _launch.launcher.slow(args, stream, False, remember=False)  # binds the module only if they pass
         raise
 
 
-def _device_of(q: Any) -> int:
-    """The CUDA ordinal ``q`` claims, read without a descriptor where the producer says it (DLPack device)."""
+def _device_of(q: Any) -> Device:
+    """The device ``q`` claims, read without a descriptor where the producer says it (DLPack device)."""
     if q.__class__ is Tensor:
-        return q.device.device_id  # type: ignore[no-any-return]
+        return q.device  # type: ignore[no-any-return]
     try:
-        ordinal = q.__dlpack_device__()[1]
-        if ordinal.__class__ is int and 0 <= ordinal < _DEVICE_END:
-            return ordinal  # type: ignore[no-any-return]
+        kind, ordinal = q.__dlpack_device__()  # torch gives an IntEnum kind
+        if isinstance(kind, int) and ordinal.__class__ is int and 0 <= ordinal < _DEVICE_END:
+            return Device(int(kind), ordinal)
     except Exception:  # no DLPack device: read it like the launch does (and name a bad q)
         pass
-    return checks.tensor("q", q).device.device_id
+    return checks.tensor("q", q).device
 
 
 def _check_arch(qt: Tensor) -> None:
@@ -306,12 +358,11 @@ def _check(a: SimpleNamespace) -> PointerRules:
     # TMA loads and stores need 16-byte aligned tensors; the workspace holds TMA descriptors (64-byte aligned)
     rules = PointerRules({name: _TMA_ALIGN for name in ("q", "k", "v", "output", "output_state", "input_state")})
     rules.align("workspace", _WORKSPACE_ALIGN)
-    # the outputs are written while q, k, v (and the gates) are still read by other blocks; the state may be
-    # updated in place (each block reads its head's state before it writes it)
-    for out in ("output", "output_state"):
-        for name in ("q", "k", "v", "alpha", "beta", "cu_seqlens", "workspace"):
-            rules.disjoint(out, name)
-    rules.disjoint("output", "output_state").disjoint("output", "input_state")
+    # the outputs (and the per-SM TMA descriptors the kernel writes into the workspace) are written while q, k, v
+    # and the gates are still read by other blocks; the state may be updated in place (each block reads its
+    # head's state before it writes it)
+    rules.outputs_apart(("output", "output_state", "workspace"), ("q", "k", "v", "alpha", "beta", "cu_seqlens"))
+    rules.disjoint("output", "input_state").disjoint("workspace", "input_state")
     return rules.same_or_disjoint("output_state", "input_state")
 
 

@@ -432,22 +432,27 @@ def scalar(name: str, kind: str, value: Any) -> Any:
     """``value`` checked and converted for a scalar wire type (int64, float64, bool, text, optional int)."""
     import math
 
-    if kind == wire.OPT_INT and value is None:
+    if kind in (wire.OPT_INT, wire.OPT_FLOAT) and value is None:
         return None
     if kind in (wire.INT, wire.OPT_INT):
         if isinstance(value, bool) or not hasattr(value, "__index__"):
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-        value = int(value.__index__())
+        try:
+            value = int(value.__index__())
+        except (TypeError, ValueError):  # numpy arrays of more than one element have an __index__ that refuses
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
         if not -_INT64_END <= value < _INT64_END:
             raise ValueError(f"{name}: {value} does not fit in int64")
         return value
-    if kind == wire.FLOAT:
+    if kind in (wire.FLOAT, wire.OPT_FLOAT):
         if isinstance(value, bool) or (not isinstance(value, (int, float)) and not hasattr(value, "__float__")):
             raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
         try:
             out = float(value)
-        except (OverflowError, TypeError, ValueError):
+        except OverflowError:
             raise ValueError(f"{name}: {value!r} does not fit in a float64") from None
+        except (TypeError, ValueError):  # numpy arrays of more than one element have a __float__ that refuses
+            raise TypeError(f"{name}: expected a float, got {type(value).__name__}") from None
         if math.isinf(out) and not (isinstance(value, float) and math.isinf(value)):
             raise ValueError(f"{name}: {value!r} does not fit in a float64")
         return out
@@ -516,6 +521,9 @@ def _write_image(
         elif kind == wire.FLOAT:
             q[type_word] = FLOAT
             d[payload] = 0.0 if p.per_call else value
+        elif kind == wire.OPT_FLOAT:
+            q[type_word] = NONE if value is None else FLOAT
+            d[payload] = 0.0 if value is None else value
         elif kind == wire.BOOL:
             q[type_word] = BOOL
             q[payload] = int(value)
@@ -682,6 +690,8 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
             guard = {wire.INT: "int", wire.FLOAT: "float", wire.BOOL: "bool", wire.STRING: "str"}.get(kind)
             if kind == wire.OPT_INT:
                 keys.append(f"({a} if {a} is None or {a}.__class__ is int else _BAD)")
+            elif kind == wire.OPT_FLOAT:
+                keys.append(f"({a} if {a} is None or {a}.__class__ is float else _BAD)")
             else:
                 keys.append(f"({a} if {a}.__class__ is {guard} else _BAD)")
     key_tuple = "(" + "".join(k + ", " for k in keys) + "context)"
@@ -798,6 +808,11 @@ def compile_launcher(
     ``accept_absent``: the launch function also takes (as ``**kwargs``) arguments of other releases'
     declarations of the entry point, refusing them unless they are at their "off" value.
     """
+    setup_only = [p.name for p in decl.params if p.wire in wire.SETUP_ONLY_TYPES]
+    if setup_only:
+        raise ValueError(
+            f"{decl.entry}: parameters {setup_only} are setup-only wire types; call it with fi_ffi.comm.control.call"
+        )
     launcher_ = Launcher(decl, uri, check)
     source = _source(decl, launcher_.record_of, accept_absent)
     namespace: dict[str, Any] = {

@@ -417,6 +417,9 @@ def _settings(ws: Workspace, *args: Any) -> _Settings:
     ps = checks.integer("page_size", page_size, 1)
     if h >= 1 << 16:
         raise ValueError(f"num_heads: expected at most 65535, got {h}")
+    for name, dim in (("head_dim_ckv", ckv), ("head_dim_kpe", kpe)):
+        if dim >= 1 << 16:  # before the module lookup, which would only say no such variant
+            raise ValueError(f"{name}: expected at most 65535 (DeepSeek MLA: 512 and 64), got {dim}")
     if ps >= 1 << 16:
         raise ValueError(f"page_size: expected at most 65535 tokens per page, got {ps}")
     c = checks.flag("causal", causal)
@@ -674,11 +677,10 @@ def _check_run(a: Any) -> PointerRules:
             )
         _on(arr, "ckv_scale_arr", dev)
         checks.contiguous("ckv_scale_arr", arr)
-    # the outputs are written while other blocks still read the queries and the caches
-    for output in ("out", "lse"):
-        for name in ("q_nope", "q_pe", "ckv_cache", "kpe_cache"):
-            rules.disjoint(output, name)
-    return rules.disjoint("lse", "out")
+    # the outputs are written while other blocks still read the queries, the caches, the page table (and the
+    # FP8 scales of 0.7's declaration)
+    reads = ("q_nope", "q_pe", "ckv_cache", "kpe_cache", "kv_indices", *(["ckv_scale_arr"] if arr is not None else []))
+    return rules.outputs_apart(("out", "lse"), reads)
 
 
 def _on(t: Tensor, name: str, device: Any) -> None:

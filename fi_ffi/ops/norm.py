@@ -137,12 +137,11 @@ def _rows(rank: int, other: str) -> Callable[[SimpleNamespace], PointerRules]:
         for name, t in (("input", x), ("weight", w), (other, o)):
             checks.aligned(rules, name, t, vec)
         # a block reads its row of every operand before it writes that row: `out` may be `input` itself (in place)
-        # but no other overlap; with a residual both rows are written, so they must be apart
+        # but no other overlap; with a residual both rows are written in place, so they are apart from each other
+        # and from the weight
         if other == "out":
-            rules.same_or_disjoint("out", "input")
-        else:
-            rules.disjoint("residual", "input")
-        return rules.disjoint(other, "weight").disjoint("input", "weight")
+            return rules.same_or_disjoint("out", "input").disjoint("out", "weight")
+        return rules.outputs_apart(("input", "residual"), ("weight",))
 
     check.__qualname__ = f"check_norm_rank{rank}_{other}"
     return check

@@ -263,13 +263,19 @@ def scales(head_dim_qk: int, sm_scale: Any, rope_scale: Any, rope_theta: Any) ->
     return s, checks.positive_finite("rope_scale", rope_scale), checks.positive_finite("rope_theta", rope_theta)
 
 
-def gqa(num_qo_heads: int, num_kv_heads: int, decode: bool) -> None:
-    """``num_qo_heads`` is a multiple of ``num_kv_heads`` (and a group size the decode kernels have)."""
+def gqa(num_qo_heads: int, num_kv_heads: int, decode: bool, where: str = "num_qo_heads") -> None:
+    """``num_qo_heads`` is a multiple of ``num_kv_heads`` (and a group size the decode kernels have).
+
+    ``where`` names what the errors start with: the argument, or for the single ops (whose head counts are read
+    from ``q`` and ``k``) the tensor and layout the KV heads came from, e.g. ``"k (NHD [kv_len, ...])"``.
+    """
     if num_qo_heads % num_kv_heads:
-        raise ValueError(f"num_qo_heads: must be a multiple of num_kv_heads ({num_kv_heads}), got {num_qo_heads}")
+        raise ValueError(
+            f"{where}: num_qo_heads must be a multiple of num_kv_heads ({num_kv_heads}), got {num_qo_heads}"
+        )
     if decode and num_qo_heads // num_kv_heads not in (1, 2, 3, 4, 8):
         raise ValueError(
-            f"num_qo_heads: the decode kernels support GQA group sizes 1, 2, 3, 4 and 8 only; "
+            f"{where}: the decode kernels support GQA group sizes 1, 2, 3, 4 and 8 only; "
             f"{num_qo_heads} / {num_kv_heads} = {num_qo_heads // num_kv_heads}"
         )
 

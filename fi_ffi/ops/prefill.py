@@ -266,7 +266,13 @@ def pack_custom_mask_device(
     """
     from .quantization import segment_packbits
 
-    return segment_packbits(mask, indptr, "little", output_indptr=output_indptr, out=out, stream=stream)
+    try:
+        return segment_packbits(mask, indptr, "little", output_indptr=output_indptr, out=out, stream=stream)
+    except (TypeError, ValueError) as err:  # segment_packbits calls the mask x; this op's callers know it as mask
+        text = str(err)
+        if not text.startswith("x: "):
+            raise
+        raise type(err)(f"mask: {text[3:]}") from None
 
 
 # ------------------------------------------------------------------------------------------ single prefill
@@ -430,13 +436,14 @@ def _check_single(a: SimpleNamespace) -> PointerRules:
     hk, kv_len = (k.shape[1], k.shape[0]) if nhd else (k.shape[0], k.shape[1])
     if hk == 0:
         raise ValueError(f"k: expected at least one KV head, got shape {k.shape}")
-    S.gqa(hq, hk, decode=False)
+    S.gqa(hq, hk, decode=False, where=f"k (shape {k.shape} read as kv_layout {text})")
     for name, t in (("q", q), ("k", k), ("v", v)):
         AC.strides_u32(name, t)
     AC.device_tensor(
         rules, "out", out, (qo_len, hq, v.shape[2]), "[qo_len, num_qo_heads, head_dim_vo]", None, dev, contiguous=True
     )
     _check_tmp(a.tmp, dev, kv_len, qo_len, hq, hk, v.shape[2], out.dtype.itemsize, prefill=True)
+    AC.scratch(rules, "tmp", a.tmp)
     AC.lse_tensor("lse", a.lse, (qo_len, hq), dev)
     mask = a.custom_mask
     if mask is not None:
@@ -445,7 +452,7 @@ def _check_single(a: SimpleNamespace) -> PointerRules:
         if mask.shape[0] < need:
             raise ValueError(f"custom_mask: expected at least {need} bytes (qo_len * kv_len bits), got {mask.shape[0]}")
     AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
-    return AC.outputs_apart(rules)
+    return AC.outputs_apart(rules, ("custom_mask", "alibi_slopes"))
 
 
 caches.register("single prefill modules (by layout values)", _single.clear)
@@ -1040,7 +1047,8 @@ def _check_q_out_lse(rules: PointerRules, s: PlanSettings, a: SimpleNamespace, d
         contiguous=True,
     )
     AC.lse_tensor("lse", a.lse, (a.q.shape[0], hq), dev)
-    AC.outputs_apart(rules)
+    # the plan's custom mask and ALiBi slopes (FA2 declarations only)
+    AC.outputs_apart(rules, tuple(n for n in ("custom_mask", "mask_indptr", "alibi_slopes") if hasattr(a, n)))
 
 
 def _check_inputs(s: PlanSettings, a: SimpleNamespace, b: int, dev: Any) -> None:

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+
 from ..abi.wire import STRING, declare, tensor
 from ..dtypes import bool_, int32, uint8
 from . import checks
@@ -155,14 +157,24 @@ def segment_packbits_indptr(indptr: Sequence[int]) -> list[int]:
     """On the host: the packed offsets for :func:`segment_packbits`, ``[0, ceil(len_0 / 8), ...]`` cumulated.
 
     Args:
-        indptr: the segment boundaries (host ints, non-decreasing, ``[batch_size + 1]``).
+        indptr: the segment boundaries: a list or tuple of ints or a 1-D numpy integer array, non-decreasing,
+            ``[batch_size + 1]``, each in ``[0, 2**31)`` (the kernel's int32 offsets).
 
     Returns:
         ``output_indptr`` as a list; its last value is the length of ``out``.
     """
-    values = [int(checks.integer("indptr", v)) for v in indptr]
+    if isinstance(indptr, np.ndarray) and indptr.ndim == 1 and indptr.dtype.kind in "iu":
+        values = indptr.tolist()
+    elif isinstance(indptr, (list, tuple)):
+        values = [int(checks.integer("indptr", v)) for v in indptr]
+    else:  # sets, bytes, strings and dicts iterate too, but are no boundaries
+        what = f"a {indptr.ndim}-D {indptr.dtype} array" if isinstance(indptr, np.ndarray) else type(indptr).__name__
+        raise TypeError(f"indptr: expected a list, tuple or 1-D numpy integer array of ints, got {what}")
     if not values:
         raise ValueError("indptr: expected at least one entry")
+    if min(values) < 0 or max(values) >= 1 << 31:
+        bad = next(v for v in values if not 0 <= v < 1 << 31)
+        raise ValueError(f"indptr: expected offsets in [0, 2**31) (the kernel's int32), got {bad}")
     out = [0]
     for i, (start, end) in enumerate(itertools.pairwise(values)):
         if end < start:

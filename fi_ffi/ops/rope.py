@@ -239,16 +239,24 @@ _apply_cos_sin_cache = launcher(APPLY_ROPE_POS_IDS_COS_SIN_CACHE, _URI, _check_c
 
 
 def _head_dim(q: Any) -> int:
-    """``q``'s last extent, for ``rotary_dim=None`` (every tensor producer fi_ffi reads has ``.shape``)."""
+    """``q``'s last extent, for ``rotary_dim=None`` (every tensor producer fi_ffi reads has ``.shape``); 0 when it
+    has none (a 0-d or missing ``q``: the launch's checks then name ``q``)."""
     try:
         return int(q.shape[-1])
     except Exception:
-        return checks.tensor("q", q).shape[-1] if q is not None else 0
+        shape = checks.tensor("q", q).shape if q is not None else ()
+        return shape[-1] if shape else 0
 
 
-def _f(value: Any) -> Any:
-    """An int parameter as a float (the launcher's fast path keys floats by type); anything else as is."""
-    return float(value) if value.__class__ is int else value
+def _f(name: str, value: Any) -> Any:
+    """An int parameter as a float (the launcher's fast path keys floats by type); anything else as is (the
+    launch's checks name what is not a number)."""
+    if value.__class__ is int:
+        try:
+            return float(value)
+        except OverflowError:  # 10**400
+            raise ValueError(f"{name}: expected a finite float, got an int too large for a float64") from None
+    return value
 
 
 def _outputs(q_rope: Any, k_rope: Any, names: tuple[str, str] = ("q_rope", "k_rope")) -> None:
@@ -300,8 +308,8 @@ def apply_rope_pos_ids(
         pos_ids,
         _head_dim(q) if rotary_dim is None else rotary_dim,
         interleave,
-        _f(rope_scale),
-        _f(rope_theta),
+        _f("rope_scale", rope_scale),
+        _f("rope_theta", rope_theta),
         stream=stream,
     )
     return q_rope, k_rope
@@ -327,8 +335,8 @@ def apply_rope_pos_ids_inplace(
         pos_ids,
         _head_dim(q) if rotary_dim is None else rotary_dim,
         interleave,
-        _f(rope_scale),
-        _f(rope_theta),
+        _f("rope_scale", rope_scale),
+        _f("rope_theta", rope_theta),
         stream=stream,
     )
 
@@ -363,11 +371,11 @@ def apply_llama31_rope_pos_ids(
         pos_ids,
         _head_dim(q) if rotary_dim is None else rotary_dim,
         interleave,
-        _f(rope_scale),
-        _f(rope_theta),
-        _f(low_freq_factor),
-        _f(high_freq_factor),
-        _f(old_context_len),
+        _f("rope_scale", rope_scale),
+        _f("rope_theta", rope_theta),
+        _f("low_freq_factor", low_freq_factor),
+        _f("high_freq_factor", high_freq_factor),
+        _f("old_context_len", old_context_len),
         stream=stream,
     )
     return q_rope, k_rope
@@ -396,11 +404,11 @@ def apply_llama31_rope_pos_ids_inplace(
         pos_ids,
         _head_dim(q) if rotary_dim is None else rotary_dim,
         interleave,
-        _f(rope_scale),
-        _f(rope_theta),
-        _f(low_freq_factor),
-        _f(high_freq_factor),
-        _f(old_context_len),
+        _f("rope_scale", rope_scale),
+        _f("rope_theta", rope_theta),
+        _f("low_freq_factor", low_freq_factor),
+        _f("high_freq_factor", high_freq_factor),
+        _f("old_context_len", old_context_len),
         stream=stream,
     )
 
@@ -437,8 +445,8 @@ def apply_rope(
         offsets,
         _head_dim(q) if rotary_dim is None else rotary_dim,
         interleave,
-        _f(rope_scale),
-        _f(rope_theta),
+        _f("rope_scale", rope_scale),
+        _f("rope_theta", rope_theta),
         stream=stream,
     )
     return q_rope, k_rope
@@ -466,8 +474,8 @@ def apply_rope_inplace(
         offsets,
         _head_dim(q) if rotary_dim is None else rotary_dim,
         interleave,
-        _f(rope_scale),
-        _f(rope_theta),
+        _f("rope_scale", rope_scale),
+        _f("rope_theta", rope_theta),
         stream=stream,
     )
 
@@ -501,11 +509,11 @@ def apply_llama31_rope(
         offsets,
         _head_dim(q) if rotary_dim is None else rotary_dim,
         interleave,
-        _f(rope_scale),
-        _f(rope_theta),
-        _f(low_freq_factor),
-        _f(high_freq_factor),
-        _f(old_context_len),
+        _f("rope_scale", rope_scale),
+        _f("rope_theta", rope_theta),
+        _f("low_freq_factor", low_freq_factor),
+        _f("high_freq_factor", high_freq_factor),
+        _f("old_context_len", old_context_len),
         stream=stream,
     )
     return q_rope, k_rope
@@ -536,11 +544,11 @@ def apply_llama31_rope_inplace(
         offsets,
         _head_dim(q) if rotary_dim is None else rotary_dim,
         interleave,
-        _f(rope_scale),
-        _f(rope_theta),
-        _f(low_freq_factor),
-        _f(high_freq_factor),
-        _f(old_context_len),
+        _f("rope_scale", rope_scale),
+        _f("rope_theta", rope_theta),
+        _f("low_freq_factor", low_freq_factor),
+        _f("high_freq_factor", high_freq_factor),
+        _f("old_context_len", old_context_len),
         stream=stream,
     )
 

@@ -223,11 +223,18 @@ def softmax_workspace_size(batch_size: int, vocab_size: int) -> int:
     """Bytes of ``workspace`` :func:`softmax` needs: ``8 * batch_size * ceil(vocab_size / 8192)`` when
     ``batch_size <= 128`` and ``vocab_size >= 24576`` (the vocabulary-split path keeps a (max, denominator)
     float pair per 8192-token slice), else 0. flashinfer-python passes 1 MiB, enough for every shape."""
-    batch_size = checks.integer("batch_size", batch_size, 0)
-    vocab_size = checks.integer("vocab_size", vocab_size, 0)
+    batch_size, vocab_size = _size("batch_size", batch_size), _size("vocab_size", vocab_size)
     if batch_size <= 128 and vocab_size >= 24576:
         return 8 * batch_size * -(-vocab_size // 8192)
     return 0
+
+
+def _size(name: str, value: Any) -> int:
+    """A row or vocabulary count: an int in ``[0, 2**31)`` (the kernels take them as int32)."""
+    value = checks.integer(name, value, 0)
+    if value >= 1 << 31:
+        raise ValueError(f"{name}: expected an int in [0, 2**31) (the kernels' int32 sizes), got {value}")
+    return value
 
 
 def top_p_renorm_workspace_size(batch_size: int, vocab_size: int, is_deterministic: bool = False) -> int:
@@ -235,8 +242,7 @@ def top_p_renorm_workspace_size(batch_size: int, vocab_size: int, is_determinist
     pass; 0.6.3 takes none): five 256-byte aligned regions per the kernel's ``GetAirTopPRenormWorkspaceSize``:
     384-byte counters, a 2048-bin histogram (8 bytes per bin when deterministic, else 4), a 2048-bin count
     histogram and two buffers of ``max(align256(vocab_size // 32), 256)`` floats, each per row."""
-    batch_size = checks.integer("batch_size", batch_size, 0)
-    vocab_size = checks.integer("vocab_size", vocab_size, 0)
+    batch_size, vocab_size = _size("batch_size", batch_size), _size("vocab_size", vocab_size)
 
     def align(x: int) -> int:
         return (x + 255) // 256 * 256
@@ -358,8 +364,9 @@ def _sampling_check(
         for name, kind, by_row in arrays:
             _param_array(a, name, rows, batch, source, src, float32 if kind == "float32" else out.dtype, by_row)
         _check_rng(a, batch, source, src)
-        inputs = _present(a, (source, "indices", "valid", *(name for name, _, _ in arrays), *_RNG))
-        return PointerRules({source: checks.row_vector_bytes(src)}).outputs_apart(("out",), inputs)
+        # 0.7's `valid` is written (one flag per output row), like `out`
+        inputs = _present(a, (source, "indices", *(name for name, _, _ in arrays), *_RNG))
+        return PointerRules({source: checks.row_vector_bytes(src)}).outputs_apart(_present(a, ("out", "valid")), inputs)
 
     check.__qualname__ = f"check_sampling_{source}_{'_'.join(n for n, _, _ in arrays)}"
     return check
@@ -458,8 +465,9 @@ def _check_speculative(a: SimpleNamespace) -> PointerRules:
 
 def _split(name: str, value: Any, kind: type) -> tuple[Any, Any]:
     """A per-row parameter: ``(tensor, 0)`` for a tensor, ``(None, number)`` for a Python number."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected a {kind.__name__} or a tensor, got bool")
+    if isinstance(value, bool) or value is None:
+        article = "an" if kind is int else "a"
+        raise TypeError(f"{name}: expected {article} {kind.__name__} or a tensor, got {type(value).__name__}")
     if isinstance(value, (int, float)):
         if kind is int and not isinstance(value, int):
             raise TypeError(f"{name}: expected an int or a tensor, got float")
@@ -827,6 +835,8 @@ def top_p_renorm_probs(
     arr, val = _split("top_p", top_p, float)
     if arr is None:
         val = _unit("top_p", val, True)
+    if is_deterministic is not False and is_deterministic is not True:  # None is not "off": a bool or 0/1
+        is_deterministic = checks.flag("is_deterministic", is_deterministic)
     launcher(TOP_P_RENORM, _URI, _check_top_p_renorm)(
         probs=probs,
         out=out,
@@ -855,6 +865,8 @@ def top_k_renorm_probs(
     arr, val = _split("top_k", top_k, int)
     if arr is None:
         val = _top_k(val)
+    if is_deterministic is not False and is_deterministic is not True:  # None is not "off": a bool or 0/1
+        is_deterministic = checks.flag("is_deterministic", is_deterministic)
     launcher(TOP_K_RENORM, _URI, _check_top_k_renorm)(
         probs=probs,
         out=out,

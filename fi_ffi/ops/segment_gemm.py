@@ -253,7 +253,7 @@ def segment_gemm(
         out: ``[total_rows, d_out]`` (x's dtype; float16/bfloat16 for FP8 x), contiguous (required).
         seg_lens: host int32 ``[S]`` rows per segment, or
         seg_indptr: host int32 ``[S + 1]`` row offsets (starts at 0, non-decreasing; ``seg_indptr[-1]`` is
-            ``total_rows``); one of the two is required, ``seg_indptr`` wins.
+            ``total_rows``); exactly one of the two.
         weight_indices: host int32 ``[S]``: the weight of each segment (default: segment ``i`` uses ``i``).
         backend: ``"auto"``, ``"sm90"`` (Hopper) or ``"sm80"`` (the generic module; adds into ``out``).
         stream: where the copy and the kernel run (None: x's framework's current stream, else TVM-FFI's).
@@ -499,6 +499,8 @@ def _copy_sync(dst: int, data: bytes, device_id: int) -> None:
 def _indptr(seg_lens: Any, seg_indptr: Any, batch_size: int) -> np.ndarray:
     from .host_index import check_indptr
 
+    if seg_indptr is not None and seg_lens is not None:
+        raise ValueError("seg_lens: pass seg_lens or seg_indptr, not both (flashinfer-python ignores seg_lens then)")
     if seg_indptr is not None:
         indptr = host_array("seg_indptr", seg_indptr)
         check_indptr("seg_indptr", indptr, batch_size)

@@ -236,6 +236,9 @@ def top_k_ragged_transform(
 
 
 def _k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    """``k`` as an int, named ``k`` (the wire calls it ``top_k``); the launch's check bounds it by the rows."""
+    if k.__class__ is not int:
+        k = checks.integer("k", k)
+    if not -(1 << 63) <= k < 1 << 63:  # past the wire's int64, which would name top_k
+        raise ValueError(f"k: expected an int in [1, 2**31), got {k}")
     return k

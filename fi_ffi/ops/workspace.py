@@ -44,6 +44,8 @@ FLOAT_BYTES = 128 << 20
 INT_BYTES = 8 << 20
 PINNED_BYTES = 8 << 20
 TMP_BYTES = 32 << 20  # single prefill/decode scratch (``tmp``) that upstream caches per device
+_INT32_END = 1 << 31  # the kernels take each buffer's element count as an int32
+_PTR_END = 1 << 64
 
 __all__ = ["FLOAT_BYTES", "INT_BYTES", "PINNED_BYTES", "TMP_BYTES", "Workspace"]
 
@@ -119,7 +121,8 @@ class Workspace:
     """The three buffers that batch attention plans and runs share, plus the plan-copy bookkeeping.
 
     Attributes:
-        float_buffer: 1-D contiguous device buffer (any dtype; its size in bytes is what counts).
+        float_buffer: 1-D contiguous device buffer (any dtype; its size in bytes is what counts; fewer than
+            2**31 elements, the kernels' int32 sizes, and an address range inside the address space).
         int_buffer: 1-D contiguous device buffer on the same device.
         pinned_buffer: 1-D contiguous host buffer (page-locked for asynchronous copies), at least as large as
             ``int_buffer``.
@@ -156,6 +159,16 @@ class Workspace:
             checks.contiguous(name, t)
             if t.numel == 0:
                 raise ValueError(f"{name}: expected a non-empty buffer, got shape {t.shape}")
+            if t.shape[0] >= _INT32_END:
+                raise ValueError(
+                    f"{name}: {t.shape[0]} elements do not fit the kernels' int32 sizes; describe the buffer "
+                    f"with a wider dtype (its size in bytes is what counts) or use a smaller one"
+                )
+            if t.data_ptr + _bytes_of(t) > _PTR_END:
+                raise ValueError(
+                    f"{name}: the buffer 0x{t.data_ptr:x} + {_bytes_of(t)} bytes wraps past the end of the "
+                    f"address space; pass the address and size of memory you allocated"
+                )
         checks.cuda("float_buffer", f)
         checks.cuda("int_buffer", i)
         checks.same_device("int_buffer", i, "float_buffer", f)
@@ -204,6 +217,11 @@ class Workspace:
         int_bytes = checks.integer("int_bytes", int_bytes, 1)
         pinned_bytes = int_bytes if pinned_bytes is None else checks.integer("pinned_bytes", pinned_bytes, 1)
         device = checks.integer("device", device, 0)
+        for name, size in (("float_bytes", float_bytes), ("int_bytes", int_bytes), ("pinned_bytes", pinned_bytes)):
+            if size >= _INT32_END:  # described as uint8 buffers below
+                raise ValueError(f"{name}: expected fewer than 2**31 bytes (the kernels' int32 sizes), got {size}")
+        if device >= _INT32_END:
+            raise ValueError(f"device: expected a CUDA device ordinal < 2**31, got {device}")
         if pinned_bytes < int_bytes:
             raise ValueError(f"pinned_bytes: expected at least int_bytes ({int_bytes}), got {pinned_bytes}")
         rt = _rt()

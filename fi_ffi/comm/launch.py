@@ -1,0 +1,160 @@
+"""``fi-ffi launch --nproc N -- cmd ...``: start N ranks of ``cmd`` on this host, one process per GPU.
+
+Each rank gets the variables torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT``; so :func:`fi_ffi.comm.Communicator.from_env` and torch's ``env://`` both work)
+plus the three that keep NVLink multicast off (``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``,
+``NVSHMEM_DISABLE_NVLS=1``). Without ``--master-port`` a free port of this host is picked.
+
+Every rank runs in a process group of its own. SIGINT, SIGTERM and SIGHUP sent to the launcher are forwarded to
+every rank. When a rank fails (non-zero exit or a signal), the others are sent SIGTERM, then SIGKILL after
+``--grace`` seconds. The exit status is the worst one among the ranks that ended by themselves (a signal ``s``
+counts as ``128 + s``); ranks the launcher stopped do not count. 0 only when every rank exited 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from types import FrameType
+
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port of ``addr`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return int(s.getsockname()[1])
+
+
+def rank_env(base: Mapping[str, str], rank: int, nproc: int, master_addr: str, master_port: int) -> dict[str, str]:
+    """The environment of rank ``rank`` of ``nproc`` on this host (see the module docstring)."""
+    env = dict(base)
+    env.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+        **MULTICAST_OFF,
+    )
+    return env
+
+
+def _status(code: int) -> int:
+    return 128 - code if code < 0 else code  # Popen: -s for a signal s
+
+
+def launch(
+    command: Sequence[str],
+    nproc: int,
+    *,
+    master_addr: str = "127.0.0.1",
+    master_port: int | None = None,
+    grace: float = 10.0,
+    poll: float = 0.05,
+) -> int:
+    """Run ``command`` as ``nproc`` ranks; returns the exit status described in the module docstring.
+
+    Raises:
+        ValueError: ``nproc`` < 1, an empty command or a bad port.
+        FileNotFoundError: the command does not exist (nothing was started).
+    """
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc: expected an int >= 1, got {nproc!r}")
+    if not command:
+        raise ValueError("command: expected a command after `--` (e.g. fi-ffi launch --nproc 2 -- python app.py)")
+    port = free_port(master_addr) if master_port is None else master_port
+    if not 1 <= port <= 65535:
+        raise ValueError(f"master_port: expected 1..65535, got {port}")
+    procs: list[subprocess.Popen[bytes]] = []
+    stopped: set[int] = set()  # ranks the launcher signalled (their status is a consequence, not a cause)
+    received: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        for i, p in enumerate(procs):
+            if p.poll() is None:
+                stopped.add(i)
+                _signal_group(p, signum)
+
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    try:
+        try:
+            for rank in range(nproc):
+                procs.append(
+                    subprocess.Popen(
+                        list(command), env=rank_env(os.environ, rank, nproc, master_addr, port), start_new_session=True
+                    )
+                )
+        except OSError:
+            _stop(procs, stopped, grace, poll)
+            raise
+        failed_at: float | None = None
+        while True:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes):
+                break
+            own_failure = any(c not in (None, 0) and i not in stopped for i, c in enumerate(codes))
+            if (own_failure or received) and failed_at is None:
+                failed_at = time.monotonic()
+                for i, p in enumerate(procs):
+                    if p.poll() is None:
+                        stopped.add(i)
+                        _signal_group(p, signal.SIGTERM)
+            if failed_at is not None and time.monotonic() - failed_at > grace:
+                for p in procs:
+                    if p.poll() is None:
+                        _signal_group(p, signal.SIGKILL)
+            time.sleep(poll)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    own = [_status(p.returncode) for i, p in enumerate(procs) if i not in stopped]
+    worst = max(own, default=0)
+    if worst == 0 and received:
+        return 128 + received[0]
+    if worst == 0 and any(p.returncode for p in procs):
+        return max(_status(p.returncode) for p in procs)
+    return worst
+
+
+def _signal_group(p: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+        os.killpg(p.pid, signum)  # the rank and whatever it started (its own process group)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], stopped: set[int], grace: float, poll: float) -> None:
+    for i, p in enumerate(procs):
+        stopped.add(i)
+        _signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(poll)
+    for p in procs:
+        if p.poll() is None:
+            _signal_group(p, signal.SIGKILL)
+            p.wait()
+
+
+def main(nproc: int, command: Sequence[str], master_addr: str, master_port: int | None, grace: float) -> int:
+    """The CLI's entry (see :mod:`fi_ffi.cli`)."""
+    try:
+        return launch(command, nproc, master_addr=master_addr, master_port=master_port, grace=grace)
+    except FileNotFoundError as exc:
+        print(f"fi-ffi launch: {exc.filename or command[0]}: command not found", file=sys.stderr)
+        return 127
+    except PermissionError as exc:
+        print(f"fi-ffi launch: {exc.filename or command[0]}: not executable", file=sys.stderr)
+        return 126
+
+
+__all__ = ["MULTICAST_OFF", "free_port", "launch", "main", "rank_env"]

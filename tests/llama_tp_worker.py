@@ -1,0 +1,56 @@
+"""One rank of the tensor-parallel Llama test (tests/test_gpu_llama_tp.py), or the single-GPU reference.
+
+``python tests/llama_tp_worker.py MODEL_DIR OUT.npz [--graph] [--nccl]``: under ``fi-ffi launch`` (``RANK`` set)
+the engine runs with ``tensor_parallel = WORLD_SIZE``, otherwise on one GPU. Greedy generation of fixed prompts;
+rank 0 (or the single process) saves the tokens and the prefill logits of the first two prompts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+
+import numpy as np
+
+from fi_ffi.models.llama import LlamaEngine
+
+PROMPT_LENS = (3, 16, 29, 50)
+MAX_NEW = 24
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(1)
+    return [rng.integers(3, vocab, n).tolist() for n in PROMPT_LENS]
+
+
+def main() -> None:
+    model, out = sys.argv[1], sys.argv[2]
+    tp = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    with LlamaEngine(
+        model,
+        max_batch=4,
+        max_seq_len=128,
+        cuda_graph="--graph" in sys.argv,
+        tensor_parallel=tp,
+        fused_allreduce="--nccl" not in sys.argv,
+    ) as engine:
+        ps = prompts(engine.config.vocab_size)
+        result = engine.generate(ps, MAX_NEW, eos_token_ids=())
+        logits = engine.prefill_logits(ps[:2])
+        fused = engine._allreduce is not None and engine._allreduce.fused
+        if engine.rank == 0:
+            np.savez(
+                out,
+                tokens=np.array(result.tokens, dtype=np.int64),
+                logits0=logits[0],
+                logits1=logits[1],
+                fused=np.array(fused),
+                tp=np.array(tp),
+            )
+            print(f"rank 0: tp {tp}, fused all-reduce {fused}, {result.tokens_per_s:.1f} tokens/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,703 @@
+"""A generated bad-input campaign over the public ops' scalar, shape and tensor arguments (CPU, deterministic).
+
+For every op, one valid call is written out by hand (descriptors claiming cuda:0 at distinct, aligned fake
+addresses, host index arrays, synthetic plans); it must reach the kernel module (which then fails for want of a
+GPU) or, for host helpers, return. Then every argument in turn is replaced by values from a catalogue chosen by
+the argument's kind (wrong types, None, NaN and infinities, ``10**400``, ``-1``, ``2**31``, ``2**63``, numpy
+scalars, bools, 0-d and other-rank tensors, ...), the others kept valid. Each bad call must either
+
+- raise ``TypeError``/``ValueError`` (exactly those classes) or an ``fi_ffi.errors`` type whose message names the
+  argument (never ``AttributeError``, ``OverflowError``, ``IndexError``, ``KeyError``, ``struct.error``,
+  ``ZeroDivisionError``, "unhashable type", numpy's errors, or a ``KernelError`` from the module's own checks), or
+- for values that may be valid for that argument (``-1``, ``2**31``, other ranks, ...), reach the kernel like the
+  valid call does.
+
+Values that are never valid for the argument's kind (a str for an int, None for a required tensor, NaN for a
+float, ...) must be refused. Pointer values (alignment, NULL, overlap, address ranges) are not varied here.
+After its cases each op's valid call is made again and must still reach the kernel. About 9,000 calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from test_attention_cpu import decode_plan, prefill_plan
+from test_attention_cpu import workspace as attention_workspace
+from test_mla import fake_plan as mla_fake_plan
+
+import fi_ffi
+from fi_ffi.errors import FiFFIError, KernelError, KernelNotFoundError, UnsupportedDeviceError
+from fi_ffi.ops import gdn
+from fi_ffi.tensor import Tensor
+
+# Descriptors here claim cuda:0 over addresses nothing maps: only a machine without a GPU stops them.
+pytestmark = pytest.mark.cpu_only
+
+_BASE = 1 << 44  # fake device addresses 4 GiB apart: distinct, aligned for any rule, never dereferenced
+_SPAN = 1 << 32
+_slots = itertools.count(1)
+
+
+def dev(shape: tuple[int, ...], dtype: str = "float16") -> Tensor:
+    """A descriptor claiming cuda:0 at a fresh fake address (valid tensors here span far less than 4 GiB)."""
+    return Tensor.from_pointer(_BASE + next(_slots) * _SPAN, shape, dtype, 0)
+
+
+def host(values: list[int]) -> np.ndarray:
+    return np.asarray(values, dtype=np.int32)
+
+
+class _Opaque:
+    """An object of no kind any op takes."""
+
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+HUGE = 10**400
+NAN, INF = float("nan"), float("inf")
+COMMON_INVALID: tuple[Any, ...] = ("x", {}, {1, 2}, _Opaque(), b"\x00", 1 + 2j)
+
+# kind -> (never valid: must be refused by name, may be valid: refused by name or reaching the kernel)
+SCALARS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
+    "int": (
+        (None, 1.5, NAN, INF, HUGE, -HUGE, True, False, "5", (1,), [1], np.float64(2.0), np.array([1, 2])),
+        (-1, 0, 1, 2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, np.int64(5), np.int32(-1)),
+    ),
+    "float": (
+        (None, NAN, -NAN, HUGE, -HUGE, True, False, "0.5", (0.5,), [0.5], np.array([0.5, 0.5]), np.float64(NAN)),
+        (-1.0, 0, 0.0, -0.0, INF, -INF, 1, 2**31, 2**63, 1e-300, 1e300, np.float32(0.5), np.float64(2.0), np.int64(3)),
+    ),
+    "bool": (
+        (None, 2, -1, 1.5, NAN, "True", HUGE, (True,), np.array([True, False])),
+        (0, 1, np.bool_(True), np.int64(1)),
+    ),
+    "str": (
+        (None, 5, 1.5, True, "nonsense", b"NHD", ("NHD",), HUGE),
+        ("nhd", "HND", "auto", "little", "fa2", "fa3", "NONE"),
+    ),
+    "enum": ((None, "nonsense", 1.5, True, HUGE, -1, 99), (0, 1, 2, "ROPE_LLAMA", "ALIBI", "rope_llama")),
+    "dtype": ((5, 1.5, "nonsense", HUGE, (2, 64, 1)), (None, "float32", "int8", "bfloat16", np.float16, "f16")),
+    "stream": (("x", 1.5, -1, 2**64, HUGE, NAN), (None, 0)),
+    "generator": (("x", 5, 1.5), (None,)),
+    "seed": (("x", 1.5, -1, 2**64, HUGE, NAN), (None, 0, 2**64 - 1, np.int64(5))),
+    "object": ((None, "x", 5, 1.5), ()),
+    "masks": (  # pack_custom_mask's list of [qo_len, kv_len] boolean masks
+        (None, 5, 1.5, [None], ["ab"], [{}], [np.ones((3, 5), np.float32)], [np.array([[1, 2]])], [[[0.5]]]),
+        ([], [np.ones(3, bool)], [np.ones((2, 2, 2), bool)], [np.ones((0, 4), bool)], [[[True, False]]]),
+    ),
+}
+SCALARS["opt_int"] = (tuple(v for v in SCALARS["int"][0] if v is not None), (None, *SCALARS["int"][1]))
+SCALARS["opt_float"] = (tuple(v for v in SCALARS["float"][0] if v is not None), (None, *SCALARS["float"][1]))
+SCALARS["opt_bool"] = (tuple(v for v in SCALARS["bool"][0] if v is not None), (None, *SCALARS["bool"][1]))
+
+# kinds of the parameters whose valid value does not tell (None defaults, Any-typed numbers)
+KIND_OF_NAME = {
+    **dict.fromkeys(
+        ["rotary_dim", "head_dim_vo", "max_total_num_rows", "fixed_split_size", "uniform_q_len", "nnz"], "opt_int"
+    ),
+    **dict.fromkeys(["sm_scale", "scale", "ckv_scale", "kpe_scale"], "opt_float"),
+    **dict.fromkeys(["q_dtype", "kv_dtype", "o_dtype", "q_data_type", "kv_data_type"], "dtype"),
+    "enable_pdl": "opt_bool",  # None is "off" for the activations; other ops may refuse it
+    "cublas_handle": "opt_int",  # bmm_fp8: None makes fi_ffi's own handle
+    "dtype": "dtype",  # bmm_fp8's out dtype (None: out's)
+    "pos_encoding": "enum",
+    "masks": "masks",
+    "stream": "stream",
+    "generator": "generator",
+    "seed": "seed",
+    "offset": "seed",
+}
+# which other names an error about a parameter may name instead (the two halves of one random state)
+PARTNERS = {"seed": ("seed", "offset", "generator"), "offset": ("seed", "offset", "generator")}
+# per-row parameters that take a number or a [R] tensor (ops.sampling._split)
+PER_ROW = {"top_p": "float", "min_p": "float", "top_k": "int", "temperature": "opt_float"}
+
+
+def tensor_values(t: Tensor | None) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(never valid, may be valid) replacements of a tensor argument whose valid value is ``t``."""
+    never: tuple[Any, ...] = (*COMMON_INVALID, 5, 1.5, NAN, True, HUGE, [1.5])
+    if t is None:  # optional: other ranks and dtypes may happen to fit
+        return never, (None, dev((), "float32"), dev((3,), "float32"), dev((2, 3), "int32"), dev((1,), "bool"))
+    other = "int32" if t.dtype.name != "int32" else "float32"
+    maybe: list[Any] = [
+        dev((), t.dtype.name),
+        dev((*t.shape, 1), t.dtype.name),
+        dev(t.shape, other),
+        dev(tuple(s + 1 for s in t.shape), t.dtype.name),
+        np.zeros(t.shape, np.float32),  # host memory
+    ]
+    if t.ndim:  # a size past the kernels' int32, first and last
+        maybe += [dev((2**31, *t.shape[1:]), t.dtype.name), dev((*t.shape[:-1], 2**31), t.dtype.name)]
+    if t.ndim > 1:
+        maybe.append(dev(t.shape[1:], t.dtype.name))
+    if t.ndim == 1:
+        maybe.append(dev((t.shape[0], 2), t.dtype.name))
+    return (None, *never), tuple(maybe)
+
+
+def host_array_values(a: np.ndarray, optional: bool) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(never valid, may be valid) replacements of a host index array (``optional``: None is its default)."""
+    never = (
+        *COMMON_INVALID,
+        *(() if optional else (None,)),
+        5,
+        1.5,
+        NAN,
+        [0.0, 1.5],
+        ["0", "1"],
+        [True, False],
+        [0, HUGE],
+        np.array(["0", "1"]),
+        a.astype(np.float32),
+    )
+    maybe = (
+        [int(v) for v in a],
+        a.astype(np.int64),
+        np.array(int(a[0]), np.int32),
+        a.reshape(1, -1),
+        host([0, 2**31 - 1]),
+        host([-1, 2]),
+        host([0]),
+        host([]),
+    )
+    return never, maybe
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    arg: str
+    value: Any
+    must_refuse: bool
+
+
+def _kind(name: str, value: Any, default: Any) -> str:
+    if name in PER_ROW and not isinstance(value, Tensor):
+        return PER_ROW[name]
+    if name in KIND_OF_NAME:
+        return KIND_OF_NAME[name]
+    if isinstance(value, bool) or isinstance(default, bool):
+        return "opt_bool" if value is None or default is None else "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "object"
+
+
+def cases_of(op: str, valid: dict[str, Any]) -> list[Case]:
+    """Every (argument, replacement) of ``op``: the arguments of its valid call and its other parameters."""
+    fn = getattr(fi_ffi, op)
+    out = []
+    for name, p in inspect.signature(fn).parameters.items():
+        value = valid.get(name, p.default)
+        if value is inspect.Parameter.empty:
+            continue
+        if isinstance(value, Tensor) or (value is None and name not in KIND_OF_NAME and name not in PER_ROW):
+            never, maybe = tensor_values(value)
+        elif isinstance(value, np.ndarray):
+            never, maybe = host_array_values(value, p.default is None)
+        else:
+            never, maybe = SCALARS[_kind(name, value, p.default)]
+            if name in PER_ROW and not isinstance(value, Tensor):
+                maybe = (*maybe, dev((), "float32"), dev((2, 2), "float32"))
+        out += [Case(op, name, v, True) for v in never if not _same(v, value)]
+        out += [Case(op, name, v, False) for v in maybe if not _same(v, value)]
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and isinstance(a, (int, float, str)) and a == b)
+
+
+# ---- the valid calls ----------------------------------------------------------------------------------------------
+
+R, V = 4, 64
+MIB = 1 << 20
+
+
+def _rope(op: str) -> dict[str, Any]:
+    q, k = dev((5, 4, 128)), dev((5, 2, 128))
+    args: dict[str, Any] = {"q": q, "k": k}
+    if "pos_ids" in op:
+        args["pos_ids"] = dev((5,), "int32")
+    else:
+        args["indptr"], args["offsets"] = dev((3,), "int32"), dev((2,), "int32")
+    if not op.endswith("_inplace"):
+        args["q_rope"], args["k_rope"] = dev((5, 4, 128)), dev((5, 2, 128))
+    return args
+
+
+def _cos_sin(op: str) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "positions": dev((5,), "int32"),
+        "query": dev((5, 4, 128)),
+        "key": dev((5, 2, 128)),
+        "head_size": 128,
+        "cos_sin_cache": dev((64, 128), "float32"),
+    }
+    if not op.endswith("_inplace"):
+        args["query_out"], args["key_out"] = dev((5, 4, 128)), dev((5, 2, 128))
+    return args
+
+
+def _probs(**more: Any) -> dict[str, Any]:
+    return {"probs": dev((R, V), "float32"), "out": dev((R,), "int32"), "seed": 1, "offset": 8, **more}
+
+
+def strided(shape: tuple[int, ...], strides: tuple[int, ...], dtype: str) -> Tensor:
+    """Like :func:`dev`, with strides (in elements)."""
+    return Tensor.from_pointer(_BASE + next(_slots) * _SPAN, shape, dtype, 0, strides)
+
+
+def _sink_run(make_array: Any, mode: str) -> dict[str, Any]:
+    from test_sink import fake_plan as sink_fake_plan
+
+    args: dict[str, Any] = {"plan": sink_fake_plan(make_array, mode), "q": dev((4, 8, 64), "bfloat16")}
+    if mode == "paged":
+        args.update(k_cache=dev((4, 16, 2, 64), "bfloat16"), v_cache=dev((4, 16, 2, 64), "bfloat16"))
+        args.update(qo_indptr=dev((3,), "int32"), kv_indptr=dev((3,), "int32"), kv_indices=dev((3,), "int32"))
+        args["kv_last_page_len"] = dev((2,), "int32")
+    else:
+        args.update(k=dev((9, 2, 64), "bfloat16"), v=dev((9, 2, 64), "bfloat16"))
+        args.update(qo_indptr=dev((3,), "int32"), kv_indptr=dev((3,), "int32"))
+    return {**args, "out": dev((4, 8, 64), "bfloat16"), "sink": dev((8,), "float32")}
+
+
+def _models_plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
+    """Valid calls of the model-family ops that take a plan or a workspace."""
+    return {
+        "batch_attention_sink_plan": lambda: dict(
+            workspace=attention_workspace(),
+            qo_indptr=host([0, 3, 4]),
+            kv_indptr=host([0, 1, 3]),
+            kv_last_page_len=host([5, 4]),
+            num_qo_heads=8,
+            num_kv_heads=2,
+            head_dim=64,
+            page_size=16,
+            backend="fa2",
+        ),
+        "batch_attention_sink_ragged_plan": lambda: dict(
+            workspace=attention_workspace(),
+            qo_indptr=host([0, 3, 4]),
+            kv_indptr=host([0, 5, 9]),
+            num_qo_heads=8,
+            num_kv_heads=2,
+            head_dim=64,
+            backend="fa2",
+        ),
+        "batch_attention_sink_run": lambda: _sink_run(make_array, "paged"),
+        "batch_attention_sink_ragged_run": lambda: _sink_run(make_array, "ragged"),
+        "segment_gemm": lambda: dict(
+            workspace=attention_workspace(),
+            x=dev((11, 64), "bfloat16"),
+            weights=dev((4, 128, 64), "bfloat16"),
+            batch_size=5,
+            weight_column_major=True,
+            out=dev((11, 128), "bfloat16"),
+            seg_indptr=host([0, 3, 3, 10, 11, 11]),
+            weight_indices=host([0, 1, 2, 3, 0]),
+            backend="sm90",
+        ),
+    }
+
+
+def _models_simple() -> dict[str, Callable[[], dict[str, Any]]]:
+    """Valid calls of the model-family ops without a plan (modules of the model-family test wheel)."""
+    h = 7168
+    b, heads, dim, dstate = 2, 4, 64, 128
+    return {
+        "mm_M1_16_K7168_N256": lambda: dict(
+            mat_a=dev((2, h), "bfloat16"), mat_b=strided((h, 256), (1, h), "bfloat16"), out=dev((2, 256), "float32")
+        ),
+        "mm_M1_16_K7168_N128": lambda: dict(
+            mat_a=dev((2, h), "bfloat16"), mat_b=strided((h, 128), (1, h), "bfloat16"), out=dev((2, 128), "bfloat16")
+        ),
+        "fused_topk_deepseek": lambda: dict(
+            scores=dev((3, 256), "float32"),
+            bias=dev((256,), "float32"),
+            n_group=8,
+            topk_group=4,
+            topk=8,
+            routed_scaling_factor=2.5,
+            topk_values=dev((3, 8), "float32"),
+            topk_indices=dev((3, 8), "int32"),
+        ),
+        "selective_state_update": lambda: dict(
+            state=dev((6, heads, dim, dstate), "float32"),
+            x=dev((b, heads, dim), "bfloat16"),
+            dt=strided((b, heads, dim), (heads, 1, 0), "float32"),
+            A=strided((heads, dim, dstate), (1, 0, 0), "float32"),
+            B=dev((b, 2, dstate), "bfloat16"),
+            C=dev((b, 2, dstate), "bfloat16"),
+            D=strided((heads, dim), (1, 0), "float32"),
+            out=dev((b, heads, dim), "bfloat16"),
+            backend="simple",
+        ),
+        "bmm_fp8": lambda: dict(
+            A=dev((2, 48, 64), "float8_e4m3fn"),
+            B=strided((2, 64, 80), (5120, 1, 64), "float8_e4m3fn"),
+            A_scale=dev((1,), "float32"),
+            B_scale=dev((1,), "float32"),
+            dtype="bfloat16",
+            out=dev((2, 48, 80), "bfloat16"),
+            workspace_buffer=dev((1 << 16,), "uint8"),
+            cublas_handle=0x1000,
+        ),
+    }
+
+
+def _plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
+    """Valid calls of the ops that take a plan or a workspace (built per op: plans go stale)."""
+    d = 128
+    return {
+        **_models_plans(make_array),
+        "batch_decode_plan": lambda: dict(
+            workspace=attention_workspace(),
+            kv_indptr=host([0, 2, 3]),
+            num_qo_heads=32,
+            num_kv_heads=8,
+            head_dim=d,
+            page_size=16,
+            kv_last_page_len=host([5, 16]),
+        ),
+        "batch_decode_run": lambda: dict(
+            plan=decode_plan(make_array),
+            q=dev((2, 32, d)),
+            k_cache=dev((4, 16, 8, d)),
+            v_cache=dev((4, 16, 8, d)),
+            kv_indptr=dev((3,), "int32"),
+            kv_indices=dev((4,), "int32"),
+            kv_last_page_len=dev((2,), "int32"),
+            out=dev((2, 32, d)),
+        ),
+        "batch_prefill_ragged_plan": lambda: dict(
+            workspace=attention_workspace(),
+            qo_indptr=host([0, 3, 4]),
+            kv_indptr=host([0, 5, 9]),
+            num_qo_heads=32,
+            num_kv_heads=8,
+            head_dim_qk=d,
+            causal=True,
+            backend="fa2",
+        ),
+        "batch_prefill_paged_plan": lambda: dict(
+            workspace=attention_workspace(),
+            qo_indptr=host([0, 3, 4]),
+            kv_indptr=host([0, 1, 3]),
+            kv_last_page_len=host([5, 4]),
+            num_qo_heads=32,
+            num_kv_heads=8,
+            head_dim_qk=d,
+            page_size=16,
+            backend="fa2",
+        ),
+        "batch_prefill_ragged_run": lambda: dict(
+            plan=prefill_plan(make_array, "ragged", "fa2", causal=True),
+            q=dev((4, 32, d)),
+            k=dev((9, 8, d)),
+            v=dev((9, 8, d)),
+            qo_indptr=dev((3,), "int32"),
+            kv_indptr=dev((3,), "int32"),
+            out=dev((4, 32, d)),
+        ),
+        "batch_prefill_paged_run": lambda: dict(
+            plan=prefill_plan(make_array, "paged", "fa2"),
+            q=dev((4, 32, d)),
+            k_cache=dev((4, 16, 8, d)),
+            v_cache=dev((4, 16, 8, d)),
+            qo_indptr=dev((3,), "int32"),
+            kv_indptr=dev((3,), "int32"),
+            kv_indices=dev((3,), "int32"),
+            kv_last_page_len=dev((2,), "int32"),
+            out=dev((4, 32, d)),
+        ),
+        "batch_mla_plan": lambda: dict(
+            workspace=attention_workspace(),
+            qo_indptr=host([0, 1, 2]),
+            kv_indptr=host([0, 2, 3]),
+            kv_len_arr=host([20, 16]),
+            num_heads=16,
+            head_dim_ckv=512,
+            head_dim_kpe=64,
+            page_size=16,
+            causal=False,
+            sm_scale=192**-0.5,
+            backend="fa2",
+        ),
+        "batch_mla_run": lambda: dict(
+            plan=mla_fake_plan(make_array),
+            q_nope=dev((2, 16, 512)),
+            q_pe=dev((2, 16, 64)),
+            ckv_cache=dev((4, 16, 512)),
+            kpe_cache=dev((4, 16, 64)),
+            kv_indices=dev((4,), "int32"),
+            out=dev((2, 16, 512)),
+        ),
+    }
+
+
+def _simple() -> dict[str, Callable[[], dict[str, Any]]]:
+    calls: dict[str, Callable[[], dict[str, Any]]] = {
+        **_models_simple(),
+        "rmsnorm": lambda: dict(input=dev((4, 128)), weight=dev((128,)), out=dev((4, 128))),
+        "gemma_rmsnorm": lambda: dict(input=dev((4, 128)), weight=dev((128,)), out=dev((4, 128))),
+        "qk_rmsnorm": lambda: dict(input=dev((4, 2, 128)), weight=dev((128,)), out=dev((4, 2, 128))),
+        "fused_add_rmsnorm": lambda: dict(input=dev((4, 128)), residual=dev((4, 128)), weight=dev((128,))),
+        "gemma_fused_add_rmsnorm": lambda: dict(input=dev((4, 128)), residual=dev((4, 128)), weight=dev((128,))),
+        "append_paged_kv_cache": lambda: dict(
+            append_key=dev((5, 8, 128)),
+            append_value=dev((5, 8, 128)),
+            batch_indices=dev((5,), "int32"),
+            positions=dev((5,), "int32"),
+            k_cache=dev((6, 16, 8, 128)),
+            v_cache=dev((6, 16, 8, 128)),
+            kv_indices=dev((6,), "int32"),
+            kv_indptr=dev((3,), "int32"),
+            kv_last_page_len=dev((2,), "int32"),
+        ),
+        "append_paged_mla_kv_cache": lambda: dict(
+            append_ckv=dev((5, 512), "bfloat16"),
+            append_kpe=dev((5, 64), "bfloat16"),
+            batch_indices=dev((5,), "int32"),
+            positions=dev((5,), "int32"),
+            ckv_cache=dev((6, 16, 512), "bfloat16"),
+            kpe_cache=dev((6, 16, 64), "bfloat16"),
+            kv_indices=dev((6,), "int32"),
+            kv_indptr=dev((3,), "int32"),
+            kv_last_page_len=dev((2,), "int32"),
+        ),
+        "get_batch_indices_positions": lambda: dict(append_indptr=host([0, 2, 5]), seq_lens=host([4, 7])),
+        "gdn_prefill": lambda: dict(
+            q=dev((10, 2, 128)),
+            k=dev((10, 2, 128)),
+            v=dev((10, 4, 128)),
+            cu_seqlens=dev((3,), "int64"),
+            output=dev((10, 4, 128)),
+            output_state=dev((2, 4, 128, 128), "float32"),
+            workspace=dev((132 * 128,), "uint8"),
+        ),
+        "gdn_workspace_size": lambda: dict(device_id=0),
+        "single_decode": lambda: dict(q=dev((32, 128)), k=dev((100, 8, 128)), v=dev((100, 8, 128)), out=dev((32, 128))),
+        "single_prefill": lambda: dict(
+            q=dev((4, 32, 128)), k=dev((9, 8, 128)), v=dev((9, 8, 128)), out=dev((4, 32, 128)), causal=True
+        ),
+        "pack_custom_mask": lambda: dict(masks=[np.ones((3, 5), bool), np.tril(np.ones((1, 4), bool))]),
+        "merge_state": lambda: dict(
+            v_a=dev((6, 4, 128)),
+            s_a=dev((6, 4), "float32"),
+            v_b=dev((6, 4, 128)),
+            s_b=dev((6, 4), "float32"),
+            v_merged=dev((6, 4, 128)),
+            s_merged=dev((6, 4), "float32"),
+        ),
+        "merge_state_in_place": lambda: dict(
+            v=dev((6, 4, 128)), s=dev((6, 4), "float32"), v_other=dev((6, 4, 128)), s_other=dev((6, 4), "float32")
+        ),
+        "merge_states": lambda: dict(
+            v=dev((6, 3, 4, 128)),
+            s=dev((6, 3, 4), "float32"),
+            v_merged=dev((6, 4, 128)),
+            s_merged=dev((6, 4), "float32"),
+        ),
+        "packbits": lambda: dict(x=dev((20,), "bool"), out=dev((3,), "uint8")),
+        "segment_packbits": lambda: dict(
+            x=dev((11,), "bool"), indptr=dev((4,), "int32"), output_indptr=dev((4,), "int32"), out=dev((3,), "uint8")
+        ),
+        "segment_packbits_indptr": lambda: dict(indptr=host([0, 5, 11, 11])),
+        "pack_custom_mask_device": lambda: dict(
+            mask=dev((11,), "bool"), indptr=dev((4,), "int32"), out=dev((3,), "uint8"), output_indptr=dev((4,), "int32")
+        ),
+        "softmax": lambda: dict(
+            logits=dev((R, V), "float32"), out=dev((R, V), "float32"), workspace=dev((MIB,), "uint8"), temperature=0.7
+        ),
+        "softmax_workspace_size": lambda: dict(batch_size=R, vocab_size=V),
+        "sampling_from_probs": lambda: _probs(),
+        "sampling_from_logits": lambda: dict(logits=dev((R, V), "float32"), out=dev((R,), "int32"), seed=1, offset=8),
+        "top_p_sampling_from_probs": lambda: _probs(top_p=0.9),
+        "top_k_sampling_from_probs": lambda: _probs(top_k=5),
+        "min_p_sampling_from_probs": lambda: _probs(min_p=0.05),
+        "top_k_top_p_sampling_from_probs": lambda: _probs(top_k=20, top_p=0.9),
+        "top_p_renorm_probs": lambda: dict(probs=dev((R, V), "float32"), top_p=0.9, out=dev((R, V), "float32")),
+        "top_p_renorm_workspace_size": lambda: dict(batch_size=R, vocab_size=V),
+        "top_k_renorm_probs": lambda: dict(
+            probs=dev((R, V), "float32"), top_k=8, out=dev((R, V), "float32"), row_states_buffer=dev((MIB,), "uint8")
+        ),
+        "top_k_mask_logits": lambda: dict(
+            logits=dev((R, V), "float32"), top_k=8, out=dev((R, V), "float32"), row_states_buffer=dev((MIB,), "uint8")
+        ),
+        "chain_speculative_sampling": lambda: dict(
+            draft_probs=dev((2, 3, V), "float32"),
+            draft_token_ids=dev((2, 3), "int32"),
+            target_probs=dev((2, 4, V), "float32"),
+            output_token_ids=dev((2, 4), "int32"),
+            output_accepted_token_num=dev((2,), "int32"),
+            output_emitted_draft_token_num=dev((2,), "int32"),
+            seed=1,
+            offset=8,
+        ),
+        "top_k": lambda: dict(
+            input=dev((R, 256), "float32"),
+            k=8,
+            values=dev((R, 8), "float32"),
+            indices=dev((R, 8), "int32"),
+            row_states_buffer=dev((MIB,), "uint8"),
+        ),
+        "top_k_page_table_transform": lambda: dict(
+            input=dev((R, 256), "float32"),
+            src_page_table=dev((R, 256), "int32"),
+            lengths=dev((R,), "int32"),
+            k=8,
+            out=dev((R, 8), "int32"),
+            row_states_buffer=dev((MIB,), "uint8"),
+        ),
+        "top_k_ragged_transform": lambda: dict(
+            input=dev((R, 256), "float32"),
+            offsets=dev((R,), "int32"),
+            lengths=dev((R,), "int32"),
+            k=8,
+            out=dev((R, 8), "int32"),
+            row_states_buffer=dev((MIB,), "uint8"),
+        ),
+    }
+    for act in ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul"):
+        calls[act] = lambda: dict(input=dev((4, 256)), out=dev((4, 128)))
+    for rope in (
+        "apply_rope",
+        "apply_rope_inplace",
+        "apply_rope_pos_ids",
+        "apply_rope_pos_ids_inplace",
+        "apply_llama31_rope",
+        "apply_llama31_rope_inplace",
+        "apply_llama31_rope_pos_ids",
+        "apply_llama31_rope_pos_ids_inplace",
+    ):
+        calls[rope] = lambda rope=rope: _rope(rope)
+    for cs in ("apply_rope_with_cos_sin_cache", "apply_rope_with_cos_sin_cache_inplace"):
+        calls[cs] = lambda cs=cs: _cos_sin(cs)
+    return calls
+
+
+OPS = sorted([*_simple(), *_plans(None)])
+
+
+# ---- the oracle -----------------------------------------------------------------------------------------------------
+
+
+def _reached(exc: BaseException | None) -> bool:
+    """The call passed every check and stopped at the missing GPU (or, for host helpers, returned)."""
+    if exc is None:
+        return True
+    if isinstance(exc, (UnsupportedDeviceError, KernelNotFoundError)):  # no GPU; a variant the wheels lack
+        return True
+    if type(exc) is KernelError:  # the module's own argument checks say "Mismatched ..." / "Expected ..."
+        text = exc.message.lower()
+        about_arguments = "mismatched" in text or "expected" in text or "fromvector" in text
+        return not about_arguments and any(word in text for word in ("cuda", "driver", "device", "initialize"))
+    return False
+
+
+def _names(exc: BaseException, names: tuple[str, ...]) -> bool:
+    text = str(exc)
+    return any(re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", text) for n in names)
+
+
+def _verdict(case: Case, exc: BaseException | None, params: tuple[str, ...]) -> str:
+    """'' when the outcome is allowed, else what is wrong. A value that is never valid must be refused naming its
+    argument; one that may be valid may instead be refused by another argument it disagrees with (``params``:
+    the op's parameters), e.g. a longer ``input`` by ``out``'s expected shape."""
+    typed = exc is not None and (type(exc) in (TypeError, ValueError) or isinstance(exc, FiFFIError))
+    if typed and not _reached(exc):
+        assert exc is not None
+        if type(exc) is KernelError:
+            return f"the kernel module's own check caught it: {exc.message[:200]}"
+        if "unhashable type" in str(exc):
+            return f"untyped: {exc!r}"
+        names = PARTNERS.get(case.arg, (case.arg,)) if case.must_refuse else params
+        return "" if _names(exc, names) else f"does not name {case.arg!r}: {type(exc).__name__}: {exc}"
+    if _reached(exc):
+        return "accepted (reached the kernel)" if case.must_refuse else ""
+    return f"untyped: {type(exc).__name__}: {exc}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:28] + "..." + text[-28:]
+
+
+def run_op(op: str, build: Callable[[], dict[str, Any]]) -> tuple[int, list[str]]:
+    fn = getattr(fi_ffi, op)
+
+    def call(kwargs: dict[str, Any]) -> BaseException | None:
+        try:
+            fn(**kwargs)
+        except Exception as exc:  # the verdict decides
+            return exc
+        return None
+
+    valid = build()
+    first = call(valid)
+    assert _reached(first), f"{op}: the valid call did not reach the kernel: {first!r}"
+    problems = []
+    params = tuple(inspect.signature(fn).parameters)
+    cases = cases_of(op, valid)
+    for case in cases:
+        kwargs = build() if "plan" in valid or "workspace" in valid else dict(valid)
+        kwargs[case.arg] = case.value
+        why = _verdict(case, call(kwargs), params)
+        if why:
+            problems.append(f"{op}({case.arg}={_short(case.value)}): {why.splitlines()[0][:300]}")
+    again = call(build())
+    assert _reached(again), f"{op}: the valid call no longer reaches the kernel after the campaign: {again!r}"
+    return len(cases), problems
+
+
+@pytest.fixture(scope="module")
+def builders(kernel_modules: object) -> dict[str, Callable[[], dict[str, Any]]]:
+    from fi_ffi.abi.call import Function
+
+    return {**_simple(), **_plans(Function.global_function("ffi.Array"))}
+
+
+@pytest.fixture(autouse=True)
+def _no_gdn_device_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gdn, "_bound_device", None)  # gdn_prefill's one-device rule is tested in test_gdn.py
+
+
+MODEL_FAMILY_OPS = {*_models_simple(), *_models_plans(None)}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bad_arguments_are_refused_by_name(
+    builders: dict[str, Callable[[], dict[str, Any]]], op: str, request: pytest.FixtureRequest
+) -> None:
+    if op in MODEL_FAMILY_OPS:
+        request.getfixturevalue("models_modules")  # skips, naming the wheel, without the model-family test wheel
+    if op == "bmm_fp8":
+        from fi_ffi.errors import LibraryLoadError
+        from fi_ffi.loader import libraries
+
+        try:
+            libraries.ensure_module_libraries("gemm")
+        except LibraryLoadError as exc:
+            pytest.skip(f"bmm_fp8's module needs cuBLAS: python -m pip install '.[gemm]' ({exc})")
+    count, problems = run_op(op, builders[op])
+    assert count >= 10
+    assert not problems, f"{len(problems)} of {count} bad calls of {op}:\n" + "\n".join(problems)
+
+
+def test_the_campaign_covers_every_public_op() -> None:
+    skip = {"as_tensor", "current_stream", "list_variants", "prepare", "stream_scope"}  # not ops / covered elsewhere
+    public = {n for n in fi_ffi.__all__ if callable(getattr(fi_ffi, n)) and not isinstance(getattr(fi_ffi, n), type)}
+    assert public - skip <= set(OPS), sorted(public - skip - set(OPS))

@@ -1,0 +1,191 @@
+"""``fi-ffi launch`` with tiny Python ranks (no GPU): the variables each rank gets, the worst exit status, the
+others stopped when one fails, signals forwarded; and the NCCL communicator's lazy import and its errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import subprocess_env
+
+from fi_ffi.comm import launch as launch_mod
+from fi_ffi.comm.launch import MULTICAST_OFF, free_port, launch, rank_env
+
+# each rank writes its line with one os.write (atomic on a pipe), so lines of several ranks never interleave
+PRINT_ENV = (
+    "import os; e = os.environ; os.write(1, ('rank %s %s %s %s %s %s %s %s %s\\n' % (e['RANK'], e['WORLD_SIZE'], "
+    "e['LOCAL_RANK'], e['LOCAL_WORLD_SIZE'], e['MASTER_ADDR'], e['MASTER_PORT'], e['NCCL_NVLS_ENABLE'], "
+    "e['TORCH_SYMM_MEM_DISABLE_MULTICAST'], e['NVSHMEM_DISABLE_NVLS'])).encode())"
+)
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fi_ffi", "launch", *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_each_rank_prints_its_rank_and_gets_the_torchrun_variables() -> None:
+    done = _cli("--nproc", "3", "--master-port", "29999", "--", sys.executable, "-c", PRINT_ENV)
+    assert done.returncode == 0, done.stderr
+    lines = sorted(done.stdout.splitlines())
+    assert lines == [f"rank {r} 3 {r} 3 127.0.0.1 29999 0 1 1" for r in range(3)]
+
+
+def test_a_free_port_is_picked_and_shared() -> None:
+    done = _cli("--nproc", "2", "--", sys.executable, "-c", PRINT_ENV)
+    ports = {line.split()[6] for line in done.stdout.splitlines()}
+    assert done.returncode == 0 and len(ports) == 1 and 1 <= int(ports.pop()) <= 65535
+
+
+def test_ranks_can_bootstrap_from_what_launch_sets() -> None:
+    child = (
+        "from fi_ffi.comm.env import read_env; from fi_ffi.comm.rendezvous import exchange; e = read_env(); "
+        "import os; os.write(1, b'%d %s\\n' % (e.rank, exchange(e, b'uid' if e.rank == 0 else None, timeout=30)))"
+    )
+    done = _cli("--nproc", "3", "--", sys.executable, "-c", child)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.splitlines()) == ["0 uid", "1 uid", "2 uid"]
+
+
+def test_a_failing_rank_stops_the_others_and_its_status_is_returned() -> None:
+    child = "import os, sys, time; r = int(os.environ['RANK']); time.sleep(0.2 if r == 1 else 120); sys.exit(3)"
+    start = time.monotonic()
+    done = _cli("--nproc", "3", "--grace", "5", "--", sys.executable, "-c", child)
+    assert done.returncode == 3
+    assert time.monotonic() - start < 60  # the sleeping ranks were stopped, not waited for
+
+
+def test_a_rank_killed_by_a_signal_counts_as_128_plus_the_signal() -> None:
+    child = "import os, signal, time; r = int(os.environ['RANK']); r == 0 and os.kill(os.getpid(), 9); time.sleep(120)"
+    done = _cli("--nproc", "2", "--", sys.executable, "-c", child)
+    assert done.returncode == 128 + 9
+
+
+def test_a_rank_ignoring_sigterm_is_killed_after_the_grace_period() -> None:
+    child = (
+        "import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); r = int(os.environ['RANK']); "
+        "time.sleep(0.2) if r == 0 else time.sleep(120); sys.exit(4)"
+    )
+    start = time.monotonic()
+    done = _cli("--nproc", "2", "--grace", "1", "--", sys.executable, "-c", child)
+    assert done.returncode == 4
+    assert time.monotonic() - start < 30
+
+
+def test_signals_to_the_launcher_are_forwarded_to_every_rank(tmp_path: os.PathLike[str]) -> None:
+    child = (
+        "import os, signal, sys, time\n"
+        "def bye(s, f):\n"
+        "    os.write(1, ('rank %s got %d\\n' % (os.environ['RANK'], s)).encode()); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "open(os.path.join(sys.argv[1], os.environ['RANK']), 'w').close()\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fi_ffi", "launch", "--nproc", "2", "--", sys.executable, "-c", child, str(tmp_path)],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while len(os.listdir(tmp_path)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert sorted(out.splitlines()) == ["rank 0 got 15", "rank 1 got 15"]
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
+def test_usage_errors() -> None:
+    assert _cli("--nproc", "2").returncode == 2
+    assert "expected a command after `--`" in _cli("--nproc", "2", "--").stderr
+    assert _cli("--nproc", "0", "--", "true").returncode == 2
+    assert _cli("--nproc", "2", "--master-port", "70000", "--", "true").returncode == 2
+    missing = _cli("--nproc", "2", "--", "/nonexistent/fi-ffi-rank")
+    assert missing.returncode == 127 and "command not found" in missing.stderr
+
+
+def test_launch_function_arguments() -> None:
+    with pytest.raises(ValueError, match="nproc: expected an int >= 1"):
+        launch(["true"], 0)
+    with pytest.raises(ValueError, match="nproc: expected an int >= 1"):
+        launch(["true"], True)
+    with pytest.raises(ValueError, match="command: expected a command"):
+        launch([], 2)
+    assert launch([sys.executable, "-c", "pass"], 2) == 0
+
+
+def test_rank_env_keeps_the_callers_variables_and_turns_multicast_off() -> None:
+    env = rank_env({"PATH": "/bin", "NCCL_NVLS_ENABLE": "1"}, 1, 4, "127.0.0.1", free_port())
+    assert env["PATH"] == "/bin" and env["RANK"] == "1" and env["WORLD_SIZE"] == "4"
+    assert {k: env[k] for k in MULTICAST_OFF} == MULTICAST_OFF
+    assert launch_mod.main(1, ["/nonexistent/x"], "127.0.0.1", None, 1.0) == 127
+
+
+# ---- the communicator's backend ---------------------------------------------------------------------------------
+
+
+def test_importing_fi_ffi_comm_imports_no_nccl_binding() -> None:
+    code = "import sys, fi_ffi.comm; print(sorted(m for m in ('nccl', 'cupy', 'torch') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
+def _nccl_loads() -> bool:
+    from fi_ffi.comm.nccl import NcclUnavailableError, load_backend
+
+    try:
+        load_backend()
+    except NcclUnavailableError:
+        return False
+    return True
+
+
+@pytest.mark.skipif("_nccl_loads()", reason="an NCCL binding loads here: nothing is missing")
+def test_no_nccl_binding_is_a_clear_error() -> None:
+    from fi_ffi.comm.nccl import NcclUnavailableError, load_backend
+
+    with pytest.raises(NcclUnavailableError, match=r"nccl4py: .*; cupy: .*pip install '\.\[comm\]'") as info:
+        load_backend()
+    assert isinstance(info.value, ImportError)
+
+
+def test_unknown_backend_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fi_ffi.comm.nccl import load_backend
+
+    with pytest.raises(ValueError, match="backend: expected one of nccl4py, cupy, got 'mpi'"):
+        load_backend("mpi")
+    monkeypatch.setenv("FI_FFI_NCCL_BACKEND", "gloo")
+    with pytest.raises(ValueError, match="FI_FFI_NCCL_BACKEND: expected one of nccl4py, cupy, got 'gloo'"):
+        load_backend()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"rank": 2, "world_size": 2}, ValueError, r"rank: expected 0 <= rank < world_size \(2\), got 2"),
+        ({"rank": -1}, ValueError, r"rank: expected 0 <= rank"),
+        ({"world_size": 0}, ValueError, r"world_size: expected >= 1, got 0"),
+        ({"rank": 1.0}, TypeError, r"rank: expected an int, got float"),
+        ({"device": -1}, ValueError, r"device: expected a CUDA ordinal >= 0"),
+        ({"device": "0"}, TypeError, r"device: expected an int, got str"),
+        ({"unique_id": b"short"}, ValueError, r"unique_id: expected 128 bytes"),
+    ],
+)
+def test_communicator_arguments_are_checked_before_nccl_is_touched(
+    kwargs: dict[str, object], error: type, message: str
+) -> None:
+    from fi_ffi.comm import Communicator
+
+    args: dict[str, object] = {"rank": 0, "world_size": 2, "unique_id": bytes(128), "device": 0, **kwargs}
+    with pytest.raises(error, match=message):
+        Communicator(args.pop("rank"), args.pop("world_size"), args.pop("unique_id"), **args)  # type: ignore[arg-type]

@@ -1,0 +1,200 @@
+"""The Llama engine with tensor parallelism 2 and 4 against one GPU (FI_FFI_RUN_GPU_TESTS=1, CuPy, the comm
+extra and the comm test wheel; skipped with fewer GPUs).
+
+A random float16 Llama whose heads divide by 4 (16 query heads, 4 KV heads, hidden 1024, MLP 2816) is saved with
+fi_ffi's own safetensors writer. tests/llama_tp_worker.py runs greedy generation on one GPU, then as 2 and 4
+ranks under ``fi-ffi launch`` (eager and CUDA graph; the fused all-reduce and NCCL): the tokens must equal the
+single-GPU tokens and the prefill logits agree within float16 tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, lock_text, subprocess_env
+
+os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1", reason="GPU tests need FI_FFI_RUN_GPU_TESTS=1"),
+]
+
+CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 8192,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
+}
+
+
+def _write_model(path: Path) -> Path:
+    from fi_ffi.models.checkpoint import write_safetensors
+
+    c = CONFIG
+    h, inter, hq, hk, d = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], 4, c["head_dim"]
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int, scale: float = 0.03) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float16)
+
+    def norm() -> np.ndarray:
+        return (1 + 0.1 * rng.standard_normal(h)).astype(np.float16)
+
+    tensors = {"model.embed_tokens.weight": w(c["vocab_size"], h, scale=1.0), "lm_head.weight": w(c["vocab_size"], h)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors.update(
+            {
+                p + "self_attn.q_proj.weight": w(hq * d, h),
+                p + "self_attn.k_proj.weight": w(hk * d, h),
+                p + "self_attn.v_proj.weight": w(hk * d, h),
+                p + "self_attn.o_proj.weight": w(h, hq * d),
+                p + "mlp.gate_proj.weight": w(inter, h),
+                p + "mlp.up_proj.weight": w(inter, h),
+                p + "mlp.down_proj.weight": w(h, inter),
+                p + "input_layernorm.weight": norm(),
+                p + "post_attention_layernorm.weight": norm(),
+            }
+        )
+    tensors["model.norm.weight"] = norm()
+    write_safetensors(path / "model.safetensors", tensors)
+    (path / "config.json").write_text(json.dumps(CONFIG))
+    return path
+
+
+def _comm_wheel() -> Path | None:
+    for folder in (
+        os.environ.get("FI_FFI_TEST_WHEELS_COMM", ""),
+        str(REPO.parent / "shared" / "wheels-comm"),
+        os.environ.get("FI_FFI_TEST_WHEELS", ""),
+    ):
+        if folder and Path(folder).is_dir():
+            found = sorted(Path(folder).glob("flashinfer_jit_cache_comm-*.whl"))
+            if found:
+                return found[0]
+    return None
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], dict[str, np.ndarray]]:
+    pytest.importorskip("cupy", reason="the Llama engine needs CuPy")
+    comm = _comm_wheel()
+    if comm is None:
+        pytest.skip("needs the comm test wheel flashinfer_jit_cache_comm-*.whl (FI_FFI_TEST_WHEELS_COMM)")
+    base = os.environ.get("FI_FFI_TEST_WHEELS", str(REPO.parent / "shared" / "wheels"))
+    wheels = [
+        *sorted(Path(base).glob("flashinfer_jit_cache-*.whl")),
+        *sorted(Path(base).glob("flashinfer_jit_cache_ext-*.whl")),
+        comm,
+    ]
+    lock = tmp_path_factory.mktemp("tp_lock") / "tp.lock"
+    lock.write_text(lock_text(wheels))
+    env = subprocess_env(
+        FI_FFI_LOCK=str(lock),
+        FI_FFI_WHEELHOUSE=os.pathsep.join(dict.fromkeys(str(w.parent) for w in wheels)),
+        FI_FFI_CUDA_VERSION="13.0",
+        FI_FFI_OFFLINE="1",
+    )
+    model = _write_model(tmp_path_factory.mktemp("tp_model"))
+    out = model / "tp1.npz"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return model, env, dict(np.load(out))
+
+
+def _gpus() -> int:
+    from fi_ffi.comm.cuda import device_count
+
+    return device_count()
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("mode", ["eager", "graph", "graph-nccl"])
+def test_tensor_parallel_matches_one_gpu(
+    setup: tuple[Path, dict[str, str], dict[str, np.ndarray]], n: int, mode: str
+) -> None:
+    if _gpus() < n:
+        pytest.skip(f"needs {n} GPUs, found {_gpus()}")
+    model, env, ref = setup
+    out = model / f"tp{n}-{mode}.npz"
+    flags = {"eager": [], "graph": ["--graph"], "graph-nccl": ["--graph", "--nccl"]}[mode]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fi_ffi",
+            "launch",
+            "--nproc",
+            str(n),
+            "--",
+            sys.executable,
+            str(REPO / "tests" / "llama_tp_worker.py"),
+            str(model),
+            str(out),
+            *flags,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    got = dict(np.load(out))
+    assert int(got["tp"]) == n
+    assert bool(got["fused"]) == (mode != "graph-nccl")
+    for k in ("logits0", "logits1"):
+        np.testing.assert_allclose(got[k], ref[k], atol=3e-2, rtol=3e-2, err_msg=f"{k} (tp {n}, {mode})")
+    assert got["tokens"].tolist() == ref["tokens"].tolist()
+
+
+def test_cli_generate_tp_prints_once(setup: tuple[Path, dict[str, str], dict[str, np.ndarray]]) -> None:
+    if _gpus() < 2:
+        pytest.skip("needs 2 GPUs")
+    model, env, _ = setup
+    prompt = ",".join(map(str, [5, 6, 7, 8]))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fi_ffi",
+            "generate",
+            "--model",
+            str(model),
+            "--prompt-ids",
+            prompt,
+            "--max-new-tokens",
+            "8",
+            "--eos-ids",
+            "none",
+            "--tp",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("[0] ") == 1 and "tokens/s" in done.stdout
