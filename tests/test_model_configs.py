@@ -84,3 +84,13 @@ def test_qwen3_moe_norm_topk_prob_defaults_to_false() -> None:
 def test_what_the_engine_does_not_implement_is_refused(config: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         LlamaConfig.from_dict(config)
+
+
+def test_the_engine_refuses_tensor_parallel_moe_before_loading_anything(tmp_path: Any) -> None:
+    import json
+
+    from fi_ffi.models.llama import LlamaEngine
+
+    (tmp_path / "config.json").write_text(json.dumps(MIXTRAL))
+    with pytest.raises(ValueError, match="tensor_parallel: mixtral checkpoints run on one GPU here"):
+        LlamaEngine(tmp_path, tensor_parallel=2)
