@@ -23,6 +23,10 @@ the MoE layer a :class:`~fi_ffi.ops.workspace.Workspace` of its own. The SM90 ke
 scratch in the float buffer. Empty segments are left out of the argument arrays (the kernels never see a
 zero-row problem); a call whose segments are all empty checks every argument and launches nothing.
 
+:func:`prepare_segment_gemm` checks a call once and copies its arrays into a buffer of the caller's; the
+:class:`PreparedSegmentGEMM` it returns launches the same GEMM with no copy and no host computation, which a CUDA
+graph can capture (the MoE layer's fixed-capacity path, where every expert owns the same rows each step).
+
 Contract (checked on every call, before the FFI): ``x`` ``[seg_indptr[-1], d_in]``, ``weights`` 3-D and ``out``
 ``[seg_indptr[-1], d_out]`` contiguous on one device; ``d_in`` and ``d_out`` multiples of 16 bytes of their
 element type (CUTLASS's 128-bit alignment of every row); 16-byte aligned data pointers; ``weight_indices``
