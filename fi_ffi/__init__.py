@@ -25,9 +25,11 @@ if TYPE_CHECKING:
     from .generator import Generator
     from .interop import as_tensor
     from .ops.activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
+    from .ops.bmm_fp8 import bmm_fp8
     from .ops.cascade import merge_state, merge_state_in_place, merge_states
     from .ops.decode import batch_decode_plan, batch_decode_run, single_decode
     from .ops.gdn import gdn_prefill, gdn_workspace_size
+    from .ops.mamba import selective_state_update
     from .ops.mla import MLAPlan, batch_mla_plan, batch_mla_run
     from .ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, prepare, qk_rmsnorm, rmsnorm
     from .ops.page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
         apply_rope_with_cos_sin_cache,
         apply_rope_with_cos_sin_cache_inplace,
     )
+    from .ops.router import fused_topk_deepseek, mm_M1_16_K7168_N128, mm_M1_16_K7168_N256
     from .ops.sampling import (
         chain_speculative_sampling,
         min_p_sampling_from_probs,
@@ -68,6 +71,13 @@ if TYPE_CHECKING:
         top_p_renorm_probs,
         top_p_renorm_workspace_size,
         top_p_sampling_from_probs,
+    )
+    from .ops.segment_gemm import segment_gemm
+    from .ops.sink import (
+        batch_attention_sink_plan,
+        batch_attention_sink_ragged_plan,
+        batch_attention_sink_ragged_run,
+        batch_attention_sink_run,
     )
     from .ops.topk import top_k, top_k_page_table_transform, top_k_ragged_transform
     from .ops.variants import list_variants
@@ -131,6 +141,16 @@ _LAZY = {
     "packbits": "ops.quantization",
     "segment_packbits": "ops.quantization",
     "segment_packbits_indptr": "ops.quantization",
+    "mm_M1_16_K7168_N256": "ops.router",
+    "mm_M1_16_K7168_N128": "ops.router",
+    "fused_topk_deepseek": "ops.router",
+    "selective_state_update": "ops.mamba",
+    "segment_gemm": "ops.segment_gemm",
+    "bmm_fp8": "ops.bmm_fp8",
+    "batch_attention_sink_plan": "ops.sink",
+    "batch_attention_sink_run": "ops.sink",
+    "batch_attention_sink_ragged_plan": "ops.sink",
+    "batch_attention_sink_ragged_run": "ops.sink",
     "apply_rope": "ops.rope",
     "apply_rope_inplace": "ops.rope",
     "apply_rope_pos_ids": "ops.rope",
@@ -182,6 +202,10 @@ __all__ = [
     "apply_rope_with_cos_sin_cache",
     "apply_rope_with_cos_sin_cache_inplace",
     "as_tensor",
+    "batch_attention_sink_plan",
+    "batch_attention_sink_ragged_plan",
+    "batch_attention_sink_ragged_run",
+    "batch_attention_sink_run",
     "batch_decode_plan",
     "batch_decode_run",
     "batch_mla_plan",
@@ -191,12 +215,14 @@ __all__ = [
     "batch_prefill_ragged_plan",
     "batch_prefill_ragged_run",
     "bfloat16",
+    "bmm_fp8",
     "chain_speculative_sampling",
     "current_stream",
     "dtypes",
     "float16",
     "float32",
     "fused_add_rmsnorm",
+    "fused_topk_deepseek",
     "gdn_prefill",
     "gdn_workspace_size",
     "gelu_and_mul",
@@ -211,6 +237,8 @@ __all__ = [
     "merge_state_in_place",
     "merge_states",
     "min_p_sampling_from_probs",
+    "mm_M1_16_K7168_N128",
+    "mm_M1_16_K7168_N256",
     "pack_custom_mask",
     "pack_custom_mask_device",
     "packbits",
@@ -219,8 +247,10 @@ __all__ = [
     "rmsnorm",
     "sampling_from_logits",
     "sampling_from_probs",
+    "segment_gemm",
     "segment_packbits",
     "segment_packbits_indptr",
+    "selective_state_update",
     "silu_and_mul",
     "single_decode",
     "single_prefill",

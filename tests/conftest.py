@@ -19,6 +19,9 @@ Fixtures for tests:
 - ``shared_wheel_lock``: a lock file pinning it (written with ``fi_ffi.loader.lock_entry``);
 - ``kernel_modules``: the loader is ready to load the shared wheel's modules (runtime and libcudart load);
   returns the available module URIs; skips when the wheel or libcudart is missing;
+- ``models_modules``: the model-family test wheel (``../shared/wheels-models``: grouped/FP8 GEMM, routing,
+  attention sinks, head_dim 256, Mamba) is pinned by the session lock beside the core wheels; returns the module
+  URIs; skips naming the wheel when it is absent (on the GPU machine: stage it in ``.gpu/kernels``);
 - ``release_072``: for one test, a lock pinning the FlashInfer 0.7.2 test wheel alone is active (every cache that
   remembers a module is emptied before and after); returns its module URIs; skips when the wheel is absent;
 - ``release_072_over_063``: likewise with the 0.6.3 test wheels and the 0.7.2 one in one lock (0.7.2 serves the
@@ -191,15 +194,37 @@ def _fi_ffi_session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
             lock = tmp_path_factory.mktemp("fi_ffi_lock") / "shared-wheel.lock"
             preferred = find_wheels_072() if TEST_RELEASE == "0.7.2" else []
             names = {w.name for w in preferred}
-            lock.write_text(lock_text([w for w in shared_wheels(wheel) if w.name not in names], preferred))
+            pinned = [w for w in shared_wheels(wheel) if w.name not in names]
+            lock.write_text(lock_text(pinned, preferred))
             mp.setenv("FI_FFI_LOCK", str(lock))
-            mp.setenv("FI_FFI_WHEELHOUSE", os.pathsep.join(dict.fromkeys(str(w.parent) for w in [wheel, *preferred])))
+            mp.setenv("FI_FFI_WHEELHOUSE", os.pathsep.join(dict.fromkeys(str(w.parent) for w in [*pinned, *preferred])))
         yield
 
 
 def shared_wheels(core: Path) -> list[Path]:
-    """The core test wheel and the kernel wheels beside it (the extension wheel), pinned together by one lock."""
-    return [core, *sorted(p for p in core.parent.glob("flashinfer_jit_cache*.whl") if p != core)]
+    """The core test wheel, the kernel wheels beside it (the extension wheel) and the model-family wheel
+    (:func:`find_wheels_models`), pinned together by one lock (their module names are disjoint)."""
+    beside = sorted(p for p in core.parent.glob("flashinfer_jit_cache*.whl") if p != core)
+    names = {p.name for p in beside}
+    return [core, *beside, *(w for w in find_wheels_models() if w.name not in names)]
+
+
+SHARED_MODELS_MISSING = (
+    "needs the model-family test kernel wheel flashinfer_jit_cache_models-*.whl, found neither beside the core test "
+    "wheel, nor in $FI_FFI_TEST_WHEELS_MODELS, nor in <repo>/../shared/wheels-models (outside the checkout)"
+)
+
+
+def find_wheels_models() -> list[Path]:
+    """The FlashInfer 0.6.3 model-family test kernel wheel (grouped/FP8 GEMM, routing, attention sinks, head_dim
+    256, Mamba), from ``$FI_FFI_TEST_WHEELS_MODELS`` or ``<repo>/../shared/wheels-models``. On the GPU machine it
+    is staged beside the core wheel instead (``.gpu/kernels``), where :func:`shared_wheels` finds it."""
+    for folder in (os.environ.get("FI_FFI_TEST_WHEELS_MODELS", ""), str(REPO.parent / "shared" / "wheels-models")):
+        if folder and Path(folder).is_dir():
+            found = sorted(Path(folder).glob("flashinfer_jit_cache_models-*.whl"))
+            if found:
+                return found
+    return []
 
 
 def _lock_text_for(*wheels: Path) -> str:
@@ -247,6 +272,19 @@ def kernel_modules(shared_wheel: Path) -> list[str]:
     except LibraryLoadError as exc:
         pytest.skip(f"libcudart is not available: {exc}")
     return loader.available_uris()
+
+
+@pytest.fixture(scope="session")
+def models_modules() -> list[str]:
+    """The model-family modules are pinned by the session lock (CPU: ``../shared/wheels-models``; GPU machine: the
+    wheel staged beside the core one); returns every available module URI; skips naming the wheel otherwise.
+    Needs no GPU and no libcudart of its own: the tests that load modules on CPU also ask ``kernel_modules``."""
+    from fi_ffi import loader
+
+    uris = loader.available_uris()
+    if "dsv3_fused_routing" not in uris:
+        pytest.skip(SHARED_MODELS_MISSING)
+    return uris
 
 
 @pytest.fixture

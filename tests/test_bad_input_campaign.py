@@ -106,6 +106,8 @@ KIND_OF_NAME = {
     **dict.fromkeys(["sm_scale", "scale", "ckv_scale", "kpe_scale"], "opt_float"),
     **dict.fromkeys(["q_dtype", "kv_dtype", "o_dtype", "q_data_type", "kv_data_type"], "dtype"),
     "enable_pdl": "opt_bool",  # None is "off" for the activations; other ops may refuse it
+    "cublas_handle": "opt_int",  # bmm_fp8: None makes fi_ffi's own handle
+    "dtype": "dtype",  # bmm_fp8's out dtype (None: out's)
     "pos_encoding": "enum",
     "masks": "masks",
     "stream": "stream",
@@ -253,10 +255,114 @@ def _probs(**more: Any) -> dict[str, Any]:
     return {"probs": dev((R, V), "float32"), "out": dev((R,), "int32"), "seed": 1, "offset": 8, **more}
 
 
+def strided(shape: tuple[int, ...], strides: tuple[int, ...], dtype: str) -> Tensor:
+    """Like :func:`dev`, with strides (in elements)."""
+    return Tensor.from_pointer(_BASE + next(_slots) * _SPAN, shape, dtype, 0, strides)
+
+
+def _sink_run(make_array: Any, mode: str) -> dict[str, Any]:
+    from test_sink import fake_plan as sink_fake_plan
+
+    args: dict[str, Any] = {"plan": sink_fake_plan(make_array, mode), "q": dev((4, 8, 64), "bfloat16")}
+    if mode == "paged":
+        args.update(k_cache=dev((4, 16, 2, 64), "bfloat16"), v_cache=dev((4, 16, 2, 64), "bfloat16"))
+        args.update(qo_indptr=dev((3,), "int32"), kv_indptr=dev((3,), "int32"), kv_indices=dev((3,), "int32"))
+        args["kv_last_page_len"] = dev((2,), "int32")
+    else:
+        args.update(k=dev((9, 2, 64), "bfloat16"), v=dev((9, 2, 64), "bfloat16"))
+        args.update(qo_indptr=dev((3,), "int32"), kv_indptr=dev((3,), "int32"))
+    return {**args, "out": dev((4, 8, 64), "bfloat16"), "sink": dev((8,), "float32")}
+
+
+def _models_plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
+    """Valid calls of the model-family ops that take a plan or a workspace."""
+    return {
+        "batch_attention_sink_plan": lambda: dict(
+            workspace=attention_workspace(),
+            qo_indptr=host([0, 3, 4]),
+            kv_indptr=host([0, 1, 3]),
+            kv_last_page_len=host([5, 4]),
+            num_qo_heads=8,
+            num_kv_heads=2,
+            head_dim=64,
+            page_size=16,
+            backend="fa2",
+        ),
+        "batch_attention_sink_ragged_plan": lambda: dict(
+            workspace=attention_workspace(),
+            qo_indptr=host([0, 3, 4]),
+            kv_indptr=host([0, 5, 9]),
+            num_qo_heads=8,
+            num_kv_heads=2,
+            head_dim=64,
+            backend="fa2",
+        ),
+        "batch_attention_sink_run": lambda: _sink_run(make_array, "paged"),
+        "batch_attention_sink_ragged_run": lambda: _sink_run(make_array, "ragged"),
+        "segment_gemm": lambda: dict(
+            workspace=attention_workspace(),
+            x=dev((11, 64), "bfloat16"),
+            weights=dev((4, 128, 64), "bfloat16"),
+            batch_size=5,
+            weight_column_major=True,
+            out=dev((11, 128), "bfloat16"),
+            seg_indptr=host([0, 3, 3, 10, 11, 11]),
+            weight_indices=host([0, 1, 2, 3, 0]),
+            backend="sm90",
+        ),
+    }
+
+
+def _models_simple() -> dict[str, Callable[[], dict[str, Any]]]:
+    """Valid calls of the model-family ops without a plan (modules of the model-family test wheel)."""
+    h = 7168
+    b, heads, dim, dstate = 2, 4, 64, 128
+    return {
+        "mm_M1_16_K7168_N256": lambda: dict(
+            mat_a=dev((2, h), "bfloat16"), mat_b=strided((h, 256), (1, h), "bfloat16"), out=dev((2, 256), "float32")
+        ),
+        "mm_M1_16_K7168_N128": lambda: dict(
+            mat_a=dev((2, h), "bfloat16"), mat_b=strided((h, 128), (1, h), "bfloat16"), out=dev((2, 128), "bfloat16")
+        ),
+        "fused_topk_deepseek": lambda: dict(
+            scores=dev((3, 256), "float32"),
+            bias=dev((256,), "float32"),
+            n_group=8,
+            topk_group=4,
+            topk=8,
+            routed_scaling_factor=2.5,
+            topk_values=dev((3, 8), "float32"),
+            topk_indices=dev((3, 8), "int32"),
+        ),
+        "selective_state_update": lambda: dict(
+            state=dev((6, heads, dim, dstate), "float32"),
+            x=dev((b, heads, dim), "bfloat16"),
+            dt=strided((b, heads, dim), (heads, 1, 0), "float32"),
+            A=strided((heads, dim, dstate), (1, 0, 0), "float32"),
+            B=dev((b, 2, dstate), "bfloat16"),
+            C=dev((b, 2, dstate), "bfloat16"),
+            D=strided((heads, dim), (1, 0), "float32"),
+            out=dev((b, heads, dim), "bfloat16"),
+            backend="simple",
+        ),
+        "bmm_fp8": lambda: dict(
+            A=dev((2, 48, 64), "float8_e4m3fn"),
+            B=strided((2, 64, 80), (5120, 1, 64), "float8_e4m3fn"),
+            A_scale=dev((1,), "float32"),
+            B_scale=dev((1,), "float32"),
+            dtype="bfloat16",
+            out=dev((2, 48, 80), "bfloat16"),
+            workspace_buffer=dev((1 << 16,), "uint8"),
+            cublas_handle=0x1000,
+        ),
+    }
+
+
 def _plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
     """Valid calls of the ops that take a plan or a workspace (built per op: plans go stale)."""
     d = 128
     return {
+        **_models_plans(make_array),
         "batch_decode_plan": lambda: dict(
             workspace=attention_workspace(),
             kv_indptr=host([0, 2, 3]),
@@ -344,6 +450,7 @@ def _plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
 
 def _simple() -> dict[str, Callable[[], dict[str, Any]]]:
     calls: dict[str, Callable[[], dict[str, Any]]] = {
+        **_models_simple(),
         "rmsnorm": lambda: dict(input=dev((4, 128)), weight=dev((128,)), out=dev((4, 128))),
         "gemma_rmsnorm": lambda: dict(input=dev((4, 128)), weight=dev((128,)), out=dev((4, 128))),
         "qk_rmsnorm": lambda: dict(input=dev((4, 2, 128)), weight=dev((128,)), out=dev((4, 2, 128))),
@@ -568,8 +675,23 @@ def _no_gdn_device_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gdn, "_bound_device", None)  # gdn_prefill's one-device rule is tested in test_gdn.py
 
 
+MODEL_FAMILY_OPS = {*_models_simple(), *_models_plans(None)}
+
+
 @pytest.mark.parametrize("op", OPS)
-def test_bad_arguments_are_refused_by_name(builders: dict[str, Callable[[], dict[str, Any]]], op: str) -> None:
+def test_bad_arguments_are_refused_by_name(
+    builders: dict[str, Callable[[], dict[str, Any]]], op: str, request: pytest.FixtureRequest
+) -> None:
+    if op in MODEL_FAMILY_OPS:
+        request.getfixturevalue("models_modules")  # skips, naming the wheel, without the model-family test wheel
+    if op == "bmm_fp8":
+        from fi_ffi.errors import LibraryLoadError
+        from fi_ffi.loader import libraries
+
+        try:
+            libraries.ensure_module_libraries("gemm")
+        except LibraryLoadError as exc:
+            pytest.skip(f"bmm_fp8's module needs cuBLAS: python -m pip install '.[gemm]' ({exc})")
     count, problems = run_op(op, builders[op])
     assert count >= 10
     assert not problems, f"{len(problems)} of {count} bad calls of {op}:\n" + "\n".join(problems)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import find_wheels_models
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -68,6 +69,18 @@ EXPECTED_EXT = {
         for s in ("", "_sm90")
     ),
 }
+
+# Gemma's head_dim 256 modules of the model-family wheel (sliding window + soft cap, bfloat16; FA2 only). Its
+# attention-sink prefill modules are another kind (``batch_prefill_with_attention_sink_*``, fi_ffi.ops.sink).
+_BF16_256_SWA_CAP = (
+    "dtype_q_bf16_dtype_kv_bf16_dtype_o_bf16_dtype_idx_i32_head_dim_qk_256_head_dim_vo_256_posenc_0_use_swa_True"
+    "_use_logits_cap_True"
+)
+EXPECTED_MODELS = {
+    "batch_decode_with_kv_cache_" + _BF16_256_SWA_CAP,
+    "batch_prefill_with_kv_cache_" + _BF16_256_SWA_CAP + "_f16qk_False",
+}
+EXPECTED_EXT |= EXPECTED_MODELS if find_wheels_models() else set()
 
 
 def test_uri_of_each_kind_matches_upstream_spelling():
@@ -300,12 +313,14 @@ def test_list_variants_rows_and_filters(kernel_modules):
         "release": "0.6.3",
     }
     assert {r["kind"] for r in V.list_variants(kind="decode")} == {"single_decode", "batch_decode"}
-    assert len(V.list_variants(kind="decode")) == 8 + 2  # + the extension wheel's sliding-window and FP8 decode
-    assert len(V.list_variants(kind="batch_prefill")) == 6 + 2
+    gemma = len(EXPECTED_MODELS & EXPECTED_EXT) // 2  # the model-family wheel's head_dim 256 decode and prefill
+    assert len(V.list_variants(kind="decode")) == 8 + 2 + gemma  # + the extension wheel's sliding-window and FP8
+    assert len(V.list_variants(kind="batch_prefill")) == 6 + 2 + gemma
     assert {r["backend"] for r in V.list_variants(kind="batch_prefill", head_dim=128)} == {"fa2", "fa3"}
     assert all(r["dtype_q"] == "bfloat16" for r in V.list_variants(dtype="bf16"))
     assert len(V.list_variants(dtype=BF16, head_dim=64)) == 4 + 2  # + MLA (its kpe head dim is 64)
-    assert V.list_variants(head_dim=256) == []
+    assert {r["uri"] for r in V.list_variants(head_dim=256)} == EXPECTED_MODELS & EXPECTED_EXT
+    assert all(r["sliding_window"] and r["logits_cap"] for r in V.list_variants(head_dim=256))
     with pytest.raises(ValueError, match="kind"):
         V.list_variants(kind="attention")
 

@@ -310,6 +310,46 @@ def _load_cudart() -> str:
     return path
 
 
+# Kernel modules that list NVIDIA libraries beyond libcudart as NEEDED: loaded through cuda-pathfinder first (pip
+# wheels or a CUDA toolkit), so the module's NEEDED entries resolve by soname to those copies.
+MODULE_LIBRARIES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gemm": (("cublasLt", "nvidia-cublas>=13,<14"), ("cublas", "nvidia-cublas>=13,<14")),
+}
+_nvidia_loaded: dict[str, str] = {}
+
+
+def ensure_module_libraries(uri: str) -> None:
+    """Load the NVIDIA libraries module ``uri`` needs beyond libcudart (:data:`MODULE_LIBRARIES`), once each.
+
+    Raises:
+        LibraryLoadError: a library was not found or could not be loaded, naming the module and the pip package.
+    """
+    for name, package in MODULE_LIBRARIES.get(uri, ()):
+        if name in _nvidia_loaded:
+            continue
+        with _lock:
+            if name in _nvidia_loaded:
+                continue
+            try:
+                import cuda.pathfinder as pathfinder
+            except ImportError as exc:
+                raise LoaderError(f"cuda-pathfinder is not installed ({exc}); `pip install cuda-pathfinder`") from None
+            try:
+                found = pathfinder.load_nvidia_dynamic_lib(name)
+            except Exception as exc:  # DynamicLibNotFoundError, or a RuntimeError for a file that does not load
+                raise LibraryLoadError(
+                    f"kernel module {uri!r} needs lib{name}.so.13, which was not found or did not load: {exc}\n"
+                    f"Install it with `python -m pip install '{package}'`, or install a CUDA 13 toolkit."
+                ) from None
+            _nvidia_loaded[name] = found.abs_path or f"lib{name}.so.13"
+
+
+def module_library_path(uri: str, name: str) -> str:
+    """The path (or soname) of NVIDIA library ``name`` that module ``uri`` uses, loading it first if needed."""
+    ensure_module_libraries(uri)
+    return _nvidia_loaded[name]
+
+
 def cuda_runtime_version() -> tuple[str, str]:
     """The CUDA runtime version for wheel selection, ``("13.0", source)``.
 

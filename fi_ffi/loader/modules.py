@@ -192,6 +192,7 @@ def load_module(uri: str) -> Any:
         libraries.runtime_library()
         libraries.ensure_cudart()
         pin, member = find_module(uri)
+        libraries.ensure_module_libraries(uri)
         path = member_file(pin, member)
         try:
             handle = libraries.load_library(path, lazy=True, wheel=pin.filename)

@@ -1,4 +1,9 @@
-"""The parts of a Hugging Face Llama ``config.json`` the engine needs, parsed and checked.
+"""The parts of a Hugging Face ``config.json`` the engine needs, parsed and checked.
+
+Model types: ``llama``; ``qwen3`` (Llama plus a per-head RMSNorm of q and k before RoPE, ``head_dim`` given
+explicitly); ``mixtral`` and ``qwen3_moe`` (a mixture-of-experts MLP in every layer: :class:`MoEConfig`;
+Qwen3-MoE with Qwen3's q/k norm). Settings these architectures have but the engine does not implement (sliding
+windows, attention biases, dense layers between MoE layers) are refused by name rather than ignored.
 
 Both spellings of the rotary settings are read: ``rope_theta`` + ``rope_scaling`` (transformers 4.x) and
 ``rope_parameters`` (transformers 5.x, ``rope_theta`` inside). Supported rotary types: ``default`` (plain RoPE)
@@ -13,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LlamaConfig", "RopeConfig"]
+__all__ = ["MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
+
+MODEL_TYPES = ("llama", "qwen3", "mixtral", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,25 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """The mixture-of-experts MLP of every layer.
+
+    Attributes:
+        num_experts: experts per layer (``num_local_experts`` / ``num_experts``).
+        top_k: experts per token (``num_experts_per_tok``).
+        intermediate_size: each expert's intermediate size (Mixtral ``intermediate_size``, Qwen3-MoE
+            ``moe_intermediate_size``).
+        renormalize: the chosen softmax probabilities are renormalized to sum to 1 (Mixtral always; Qwen3-MoE
+            ``norm_topk_prob``).
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool
+
+
+@dataclass(frozen=True)
 class LlamaConfig:
     """A Llama-architecture decoder's shape and settings (see :meth:`from_dict` for the keys read)."""
 
@@ -52,6 +78,9 @@ class LlamaConfig:
     tie_word_embeddings: bool
     max_position_embeddings: int
     eos_token_ids: tuple[int, ...]
+    model_type: str = "llama"
+    qk_norm: bool = False  # Qwen3: RMSNorm of each q and k head (weights [head_dim]) before RoPE
+    moe: MoEConfig | None = None  # Mixtral, Qwen3-MoE: the MLP of every layer
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> LlamaConfig:
@@ -81,10 +110,15 @@ class LlamaConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type", "llama")
-        if model_type != "llama":
+        if model_type not in MODEL_TYPES:
             raise ValueError(
-                f"{source}: model_type {model_type!r} is not supported; this engine runs Llama "
-                f"checkpoints (model_type 'llama')"
+                f"{source}: model_type {model_type!r} is not supported; this engine runs "
+                f"{', '.join(repr(t) for t in MODEL_TYPES)} checkpoints"
+            )
+        if d.get("use_sliding_window", False) or (model_type == "mixtral" and d.get("sliding_window") is not None):
+            raise ValueError(
+                f"{source}: sliding-window attention (use_sliding_window / sliding_window) is not supported by this "
+                f"engine; every layer attends to the whole context"
             )
         act = d.get("hidden_act", "silu")
         if act != "silu":
@@ -111,7 +145,11 @@ class LlamaConfig:
         tie = d.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
             raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
+        moe = _moe(d, model_type, source)
         return cls(
+            model_type=model_type,
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            moe=moe,
             vocab_size=_int(d, "vocab_size", source),
             hidden_size=hidden,
             intermediate_size=_int(d, "intermediate_size", source),
@@ -125,6 +163,33 @@ class LlamaConfig:
             max_position_embeddings=_int(d, "max_position_embeddings", source, 2048),
             eos_token_ids=_eos(d.get("eos_token_id"), source),
         )
+
+
+def _moe(d: dict[str, Any], model_type: str, source: str) -> MoEConfig | None:
+    if model_type == "mixtral":
+        experts = _int(d, "num_local_experts", source, 8)
+        return MoEConfig(experts, _topk(d, experts, source), _int(d, "intermediate_size", source), True)
+    if model_type != "qwen3_moe":
+        return None
+    if _int(d, "decoder_sparse_step", source, 1) != 1 or d.get("mlp_only_layers"):
+        raise ValueError(
+            f"{source}: dense MLP layers between the MoE layers (decoder_sparse_step > 1 or mlp_only_layers) are "
+            f"not supported; every layer must be a MoE layer"
+        )
+    if d.get("shared_expert_intermediate_size"):
+        raise ValueError(f"{source}: shared experts are not supported (shared_expert_intermediate_size)")
+    experts = _int(d, "num_experts", source)
+    renorm = d.get("norm_topk_prob", False)
+    if not isinstance(renorm, bool):
+        raise ValueError(f"{source}: norm_topk_prob must be true or false, got {renorm!r}")
+    return MoEConfig(experts, _topk(d, experts, source), _int(d, "moe_intermediate_size", source), renorm)
+
+
+def _topk(d: dict[str, Any], experts: int, source: str) -> int:
+    k = _int(d, "num_experts_per_tok", source)
+    if k > experts:
+        raise ValueError(f"{source}: num_experts_per_tok ({k}) exceeds the {experts} experts")
+    return k
 
 
 def _int(d: dict[str, Any], key: str, source: str, default: int | None = None) -> int:

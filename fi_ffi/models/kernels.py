@@ -4,7 +4,7 @@ The engine passes fi_ffi :class:`~fi_ffi.tensor.Tensor` descriptors made once ov
 call skips conversion and hits the ops' validation memo) and one explicit ``stream``. The names and keyword
 arguments are flashinfer-python's; if an op's spelling changes, only this module changes.
 
-Ops used: ``rmsnorm``, ``fused_add_rmsnorm``, ``apply_rope_pos_ids_inplace`` /
+Ops used: ``rmsnorm``, ``fused_add_rmsnorm``, ``qk_rmsnorm`` (Qwen3), ``apply_rope_pos_ids_inplace`` /
 ``apply_llama31_rope_pos_ids_inplace``, ``append_paged_kv_cache``, ``batch_prefill_paged_plan`` / ``_run``,
 ``batch_decode_plan`` / ``_run``, ``silu_and_mul``, ``softmax``, ``top_k_top_p_sampling_from_probs``,
 ``Generator``, ``Workspace``.
@@ -27,6 +27,7 @@ __all__ = [
     "generator",
     "prefill_plan",
     "prefill_run",
+    "qk_rmsnorm",
     "rmsnorm",
     "rope_inplace",
     "sample_top_k_top_p",
@@ -54,6 +55,11 @@ def workspace(device_id: int) -> Any:
 
 def rmsnorm(x: Any, weight: Any, out: Any, eps: float, stream: int) -> None:
     fi_ffi.rmsnorm(x, weight, out, eps=eps, stream=stream)
+
+
+def qk_rmsnorm(x: Any, weight: Any, eps: float, stream: int) -> None:
+    """RMSNorm of every head of ``x`` ``[n, H, D]`` (a strided q or k view of the fused QKV rows), in place."""
+    fi_ffi.qk_rmsnorm(x, weight, x, eps=eps, stream=stream)
 
 
 def fused_add_rmsnorm(x: Any, residual: Any, weight: Any, eps: float, stream: int) -> None:

@@ -10,10 +10,13 @@ CuPy for device memory and two small kernels.
     print(result.tokens, result.tokens_per_s, result.host_us_per_step)
 
 The model (``config.json`` + ``*.safetensors``, float16 or bfloat16): token embedding; per layer RMSNorm,
-fused QKV projection, RoPE (plain or Llama 3.1 scaled) on q and k, K/V appended to the paged cache, attention
-(causal batch prefill, or batch decode) with GQA, output projection, fused residual-add + RMSNorm, fused
-gate/up projection, SiLU-and-mul, down projection; final RMSNorm; LM head (tied to the embedding or not) with
-float32 logits; greedy argmax or top-k/top-p sampling.
+fused QKV projection, (Qwen3: per-head RMSNorm of q and k,) RoPE (plain or Llama 3.1 scaled) on q and k, K/V
+appended to the paged cache, attention (causal batch prefill, or batch decode) with GQA, output projection, fused
+residual-add + RMSNorm, fused gate/up projection, SiLU-and-mul, down projection (Mixtral, Qwen3-MoE: the
+mixture-of-experts layer of :mod:`fi_ffi.models.moe` instead); final RMSNorm; LM head (tied to the embedding or
+not) with float32 logits; greedy argmax or top-k/top-p sampling. Model types: ``llama``, ``qwen3``, ``mixtral``,
+``qwen3_moe`` (:mod:`fi_ffi.models.config`). MoE layers route on the host for prefill and eager decode, and take
+their fixed-capacity device path in the decode graph.
 
 Serving (:class:`LlamaEngine`): the prompts are queued (:mod:`fi_ffi.models.paging`), admitted into free batch
 slots and prefilled together (one ``batch_prefill_paged_plan``, one run per layer); then each decode step makes
@@ -154,7 +157,15 @@ class LlamaEngine:
 
         self.model_config = LlamaConfig.from_dir(model_dir)
         self.tensor_parallel = _positive("tensor_parallel", tensor_parallel)
+        if self.model_config.moe is not None and self.tensor_parallel > 1:
+            raise ValueError(
+                f"tensor_parallel: {self.model_config.model_type} checkpoints run on one GPU here (the experts are not "
+                f"sharded); pass tensor_parallel=1"
+            )
         cfg = self.config = shard_config(self.model_config, self.tensor_parallel)
+        # MoE layers: host routing (only the chosen experts' weights are read) for prefill and eager decode; the
+        # fixed-capacity device path, which a graph can capture, for the decode graph (every expert each step)
+        self._static_moe = cuda_graph and cfg.moe is not None
         self.max_batch = _positive("max_batch", max_batch)
         self.page_size = _positive("page_size", page_size)
         self.max_seq_len = _positive(
@@ -277,6 +288,11 @@ class LlamaEngine:
         else:
             self._lm_head = upload(get("lm_head.weight", (c.vocab_size, h))).data.ptr
         self._wqkv, self._wo, self._wgu, self._wd, self._ln1, self._ln2 = [], [], [], [], [], []
+        self._q_norm: list[Any] = []
+        self._k_norm: list[Any] = []
+        self._moe: list[Any] = []
+        if c.moe is not None:
+            self._ws_moe = kernels.workspace(self.device)  # the grouped GEMMs' own (argument arrays, scratch)
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             self._wqkv.append(
@@ -291,20 +307,75 @@ class LlamaEngine:
                 ).data.ptr
             )
             self._wo.append(upload(columns(get(p + "self_attn.o_proj.weight", (h, hq * d)), r, n)).data.ptr)
-            self._wgu.append(
-                upload(
-                    np.concatenate(
-                        [
-                            rows(get(p + "mlp.gate_proj.weight", (inter, h)), r, n),
-                            rows(get(p + "mlp.up_proj.weight", (inter, h)), r, n),
-                        ]
-                    )
-                ).data.ptr
-            )
-            self._wd.append(upload(columns(get(p + "mlp.down_proj.weight", (h, inter)), r, n)).data.ptr)
+            if c.qk_norm:  # per head_dim: every rank keeps the whole vector
+                self._q_norm.append(vector(get(p + "self_attn.q_norm.weight", (d,))))
+                self._k_norm.append(vector(get(p + "self_attn.k_norm.weight", (d,))))
+            if c.moe is not None:
+                self._moe.append(self._moe_layer(ckpt, p, get, upload))
+            else:
+                self._wgu.append(
+                    upload(
+                        np.concatenate(
+                            [
+                                rows(get(p + "mlp.gate_proj.weight", (inter, h)), r, n),
+                                rows(get(p + "mlp.up_proj.weight", (inter, h)), r, n),
+                            ]
+                        )
+                    ).data.ptr
+                )
+                self._wd.append(upload(columns(get(p + "mlp.down_proj.weight", (h, inter)), r, n)).data.ptr)
             self._ln1.append(vector(get(p + "input_layernorm.weight", (h,))))
             self._ln2.append(vector(get(p + "post_attention_layernorm.weight", (h,))))
         self._norm = vector(get("model.norm.weight", (h,)))
+
+    def _moe_layer(self, ckpt: Checkpoint, p: str, get: Any, upload: Any) -> Any:
+        """The :class:`~fi_ffi.models.moe.MoELayer` of layer prefix ``p``: router, experts' gate/up stacked as
+        ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as ``[E, H, I]``."""
+        from .moe import MoELayer, MoEWeights
+
+        c = self.config
+        m = c.moe
+        assert m is not None
+        e, h, i = m.num_experts, c.hidden_size, m.intermediate_size
+        # Per-expert tensors (checkpoints on the Hub, transformers 4): Mixtral block_sparse_moe.experts.N.w1 (gate),
+        # w3 (up), w2 (down); Qwen3-MoE mlp.experts.N.gate_proj, up_proj, down_proj. Fused tensors (transformers
+        # 5 saves these): mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then up rows) and down_proj [E, H, I].
+        if c.model_type == "mixtral" and p + "block_sparse_moe.gate.weight" in ckpt:
+            base, gate, up, down = p + "block_sparse_moe.", "w1", "w3", "w2"
+        elif c.model_type == "mixtral":
+            base, gate, up, down = p + "mlp.", "w1", "w3", "w2"
+        else:
+            base, gate, up, down = p + "mlp.", "gate_proj", "up_proj", "down_proj"
+        router = upload(get(base + "gate.weight", (e, h)))
+        if base + "experts.gate_up_proj" in ckpt:
+            gate_up = upload(get(base + "experts.gate_up_proj", (e, 2 * i, h)))
+            down_w = upload(get(base + "experts.down_proj", (e, h, i)))
+        else:
+            gate_up = upload(
+                np.stack(
+                    [
+                        np.concatenate(
+                            [
+                                get(f"{base}experts.{x}.{gate}.weight", (i, h)),
+                                get(f"{base}experts.{x}.{up}.weight", (i, h)),
+                            ]
+                        )
+                        for x in range(e)
+                    ]
+                )
+            )
+            down_w = upload(np.stack([get(f"{base}experts.{x}.{down}.weight", (h, i)) for x in range(e)]))
+        return MoELayer(
+            MoEWeights(router, gate_up, down_w),
+            dtype=self.dtype,
+            top_k=m.top_k,
+            renormalize=m.renormalize,
+            max_tokens=max(self.max_prefill_tokens, self.max_batch),
+            stream=self.stream,
+            dense=self.dense,
+            workspace=self._ws_moe,
+            capacity=self.max_batch if self._static_moe else None,
+        )
 
     def _allocate(self) -> None:
         cp, c = self._cp, self.config
@@ -399,8 +470,9 @@ class LlamaEngine:
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _forward(self, v: SimpleNamespace, rows: int, attention: Any) -> None:
-        """Embedding to the final RMSNorm for ``rows`` token rows; leaves the normalized hidden states in x."""
+    def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+        """Embedding to the final RMSNorm for ``rows`` token rows; leaves the normalized hidden states in x.
+        ``static_moe``: MoE layers take their fixed-capacity device path (the decode graph's)."""
         c, b, dense, s = self.config, self._buf, self.dense, self._s
         h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
@@ -410,6 +482,9 @@ class LlamaEngine:
         kernels.rmsnorm(v.h, self._ln1[0], v.x2, eps, s)
         for i in range(c.num_layers):
             dense.linear(rows, normed, h, self._wqkv[i], w, h, qkv, w, ab, ab)
+            if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE
+                kernels.qk_rmsnorm(v.q, self._q_norm[i], eps, s)
+                kernels.qk_rmsnorm(v.k, self._k_norm[i], eps, s)
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
             kernels.append_kv(
                 v.k,
@@ -426,9 +501,14 @@ class LlamaEngine:
             attention(i, v)
             dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
             self._add_norm(v, self._ln2[i])
-            dense.linear(rows, normed, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
-            kernels.silu_and_mul(v.gu, v.act, s)
-            dense.linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab)
+            if self._moe and static_moe:  # device routing, fixed capacity: capturable
+                self._moe[i].forward_static(self._normed, b.x, rows)
+            elif self._moe:  # routes on the host: synchronizes the stream (not capturable)
+                self._moe[i].forward(self._normed, b.x, rows)
+            else:
+                dense.linear(rows, normed, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
+                kernels.silu_and_mul(v.gu, v.act, s)
+                dense.linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab)
             self._add_norm(v, self._ln1[i + 1] if i < last else self._norm)
 
     def _add_norm(self, v: SimpleNamespace, weight: Any) -> None:
@@ -469,7 +549,7 @@ class LlamaEngine:
     def _decode_body(self, v: SimpleNamespace, rows: int) -> None:
         """One decode step on the device: forward, LM head, argmax into ``ids`` (what the graph captures)."""
         c, b = self.config, self._buf
-        self._forward(v, rows, self._decode_attention)
+        self._forward(v, rows, self._decode_attention, static_moe=self._static_moe)
         self.dense.linear(
             rows,
             self._normed.data.ptr,
@@ -782,6 +862,8 @@ class LlamaEngine:
                 self.graph.close()
             self._ws_prefill.close()
             self._ws_decode.close()
+            if self._moe:
+                self._ws_moe.close()
             self.dense.close()
             if self._allreduce is not None:
                 self._allreduce.close()  # a collective: every rank closes its engine

@@ -1,0 +1,125 @@
+"""Decode throughput of fi_ffi's engine on a random Mixtral-shaped checkpoint (hidden 4096, intermediate 14336,
+8 experts, top-2, 32/8 heads, head_dim 128; ``--layers`` of them, 4 by default so that it fits one GPU: the full
+32 layers are 90 GB), float16, eager (MoE layers route on the host) and CUDA graph (their fixed-capacity device
+path), at batch 1 and 32: decode tokens/s, host us/step, and for the graph the GPU time of one replayed step.
+
+Needs a GPU, CuPy, cuBLAS and the model-family kernel wheel (``gemm_sm90``). No peer: this measures the engine
+only. ``--json PATH`` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
+    """A random float16 Mixtral checkpoint (config.json + one .safetensors per layer), written with numpy."""
+    from fi_ffi.models.checkpoint import write_safetensors
+
+    h, i, e, hq, hk, d = 4096, 14336, 8, 32, 8, 128
+    cfg = {
+        "model_type": "mixtral",
+        "vocab_size": vocab,
+        "hidden_size": h,
+        "intermediate_size": i,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hq,
+        "num_key_value_heads": hk,
+        "head_dim": d,
+        "num_local_experts": e,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "eos_token_id": 2,
+    }
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+
+    write_safetensors(
+        folder / "model-embed.safetensors",
+        {
+            "model.embed_tokens.weight": w(vocab, h),
+            "lm_head.weight": w(vocab, h),
+            "model.norm.weight": np.ones(h, np.float16),
+        },
+    )
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        tensors = {
+            p + "self_attn.q_proj.weight": w(hq * d, h),
+            p + "self_attn.k_proj.weight": w(hk * d, h),
+            p + "self_attn.v_proj.weight": w(hk * d, h),
+            p + "self_attn.o_proj.weight": w(h, hq * d),
+            p + "block_sparse_moe.gate.weight": w(e, h),
+            p + "input_layernorm.weight": np.ones(h, np.float16),
+            p + "post_attention_layernorm.weight": np.ones(h, np.float16),
+        }
+        for x in range(e):
+            q = f"{p}block_sparse_moe.experts.{x}."
+            tensors.update({q + "w1.weight": w(i, h), q + "w3.weight": w(i, h), q + "w2.weight": w(h, i)})
+        write_safetensors(folder / f"model-{n:03d}.safetensors", tensors)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--batch", type=int, nargs="*", default=[1, 32])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+
+    import cupy as cp
+
+    from fi_ffi.models.llama import LlamaEngine
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        model = make_checkpoint(Path(tmp), a.layers, a.vocab)
+        print(
+            f"random Mixtral-shaped checkpoint ({a.layers} layers) in {time.perf_counter() - t:.0f} s", file=sys.stderr
+        )
+        rng = np.random.default_rng(1)
+        for batch in a.batch:
+            prompts = [rng.integers(3, a.vocab, size=32).tolist() for _ in range(batch)]
+            for graph in (False, True):
+                with LlamaEngine(model, max_batch=batch, cuda_graph=graph, max_seq_len=256) as engine:
+                    engine.generate(prompts, 8, eos_token_ids=())  # warm-up
+                    r = engine.generate(prompts, a.new_tokens, eos_token_ids=())
+                    row = {"batch": batch, "mode": "graph" if graph else "eager", "tokens_per_s": r.tokens_per_s,
+                           "host_us_per_step": r.host_us_per_step}  # fmt: skip
+                    if graph:
+                        with cp.cuda.Device(engine.device), engine.stream:
+                            e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+                            engine.graph.launch()
+                            e0.record(engine.stream)
+                            for _ in range(20):
+                                engine.graph.launch()
+                            e1.record(engine.stream)
+                            e1.synchronize()
+                            row["gpu_us_per_step"] = cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 20
+                rows.append(row)
+                extra = f", GPU {row['gpu_us_per_step']:.0f} us/step" if "gpu_us_per_step" in row else ""
+                print(f"batch {batch:3d} {row['mode']:5s}: {row['tokens_per_s']:8.0f} tokens/s, "
+                      f"host {row['host_us_per_step']:.0f} us/step{extra}")  # fmt: skip
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

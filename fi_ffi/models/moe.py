@@ -1,0 +1,376 @@
+"""A mixture-of-experts MLP layer (Mixtral, Qwen3-MoE) from fi_ffi's ops, without torch (needs CuPy).
+
+Per forward of ``T`` tokens ``x [T, H]`` with ``E`` experts, ``k`` chosen per token, intermediate size ``I``:
+
+1. router logits ``[T, E] = x @ router.T`` (cuBLAS, float32 out);
+2. routing on the host (:mod:`fi_ffi.models.moe_routing`): softmax + top-k (renormalized for Mixtral, and for
+   Qwen3-MoE when ``norm_topk_prob``), then the ``T * k`` assignments grouped by expert. This copies the logits
+   to the host and waits for them: one synchronization per layer and forward, and the reason this layer is not
+   captured in a CUDA graph (the grouped GEMM's segment offsets are host values);
+3. permute: ``xs[r] = x[row_token[r]]`` (the engine's row-gather kernel);
+4. ``gu = segment_gemm(xs, gate_up)`` ``[T*k, 2I]`` (expert ``e``'s rows against its ``[2I, H]`` gate/up weight);
+5. ``act = silu_and_mul(gu)`` ``[T*k, I]``;
+6. ``y = segment_gemm(act, down)`` ``[T*k, H]``;
+7. combine: ``out[t] = sum_j weight[t, j] * y[row_of[t, j]]`` (a small CuPy kernel, float32 sums, one rounding).
+
+With ``capacity=C`` the layer also has a fixed-capacity path (:meth:`MoELayer.forward_static`) with no host step:
+routing on the device, every expert owning ``C`` rows of the expert GEMMs (their argument arrays prepared once),
+so a CUDA graph can capture it (the engine's decode graph does); it reads every expert's weights each step.
+
+Weights are the checkpoint's, stacked per expert: ``router [E, H]``, ``gate_up [E, 2I, H]`` (Mixtral's ``w1``
+rows, then ``w3``; Qwen3-MoE's ``gate_proj`` then ``up_proj``) and ``down [E, H, I]`` (``w2`` / ``down_proj``),
+all nn.Linear layouts (``weight_column_major=True`` for the grouped GEMM). float16 arrays, or uint16 arrays
+holding bfloat16 bits (``dtype="bfloat16"``), as the engine stores them. Every buffer is allocated once, for
+``max_tokens``; nothing is allocated per forward except the host routing arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import fi_ffi
+
+from .dense import CUDA_R_32F, Dense, data_type
+from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
+
+__all__ = ["MoELayer", "MoEWeights"]
+
+_COMBINE = r"""
+__device__ __forceinline__ float load16(unsigned short v, int bf16) {
+    if (bf16) return __uint_as_float(((unsigned int)v) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+__device__ __forceinline__ unsigned short store16(float f, int bf16) {
+    unsigned short h;
+    if (bf16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+// out[t, c] = sum_j w[t * k + j] * y[row_of[t * k + j], c], accumulated in float32; one block per token.
+extern "C" __global__ void moe_combine(const unsigned short* __restrict__ y, const int* __restrict__ row_of,
+                                       const float* __restrict__ w, unsigned short* __restrict__ out, int k,
+                                       long long hidden, long long out_ld, int bf16) {
+    const long long t = blockIdx.x;
+    for (long long c = threadIdx.x; c < hidden; c += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < k; ++j) {
+            const long long r = row_of[t * k + j];
+            acc += w[t * k + j] * load16(y[r * hidden + c], bf16);
+        }
+        out[t * out_ld + c] = store16(acc, bf16);
+    }
+}
+
+// Device routing of the fixed-capacity path, one thread per token t < T: softmax over the E logits (float32), the k
+// largest (ties: the lower expert id), renormalized when renorm; row_of[t * k + j] = expert * capacity + t.
+extern "C" __global__ void moe_route(const float* __restrict__ logits, int E, int k, int renorm, int T, int capacity,
+                                     int* __restrict__ experts, float* __restrict__ w, int* __restrict__ row_of) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const float* l = logits + (long long)t * E;
+    float m = l[0];
+    for (int e = 1; e < E; ++e) m = fmaxf(m, l[e]);
+    float total = 0.f;
+    for (int e = 0; e < E; ++e) total += expf(l[e] - m);
+    float picked = 0.f;
+    for (int j = 0; j < k; ++j) {
+        int best = -1;
+        float bv = 0.f;
+        for (int e = 0; e < E; ++e) {
+            bool taken = false;
+            for (int i = 0; i < j; ++i) taken |= experts[t * k + i] == e;
+            if (!taken && (best < 0 || l[e] > bv)) { best = e; bv = l[e]; }
+        }
+        const float p = expf(bv - m) / total;
+        experts[t * k + j] = best;
+        w[t * k + j] = p;
+        row_of[t * k + j] = best * capacity + t;
+        picked += p;
+    }
+    if (renorm)
+        for (int j = 0; j < k; ++j) w[t * k + j] /= picked;
+}
+
+// xs[row_of[b], :] = x[b / k, :] for 16-bit elements; one block per assignment b = t * k + j.
+extern "C" __global__ void moe_scatter(const unsigned short* __restrict__ x, long long x_ld,
+                                       const int* __restrict__ row_of, int k, unsigned short* __restrict__ xs,
+                                       long long hidden) {
+    const unsigned short* src = x + (long long)(blockIdx.x / k) * x_ld;
+    unsigned short* dst = xs + (long long)row_of[blockIdx.x] * hidden;
+    for (long long c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = src[c];
+}
+"""
+
+
+@dataclass(frozen=True)
+class MoEWeights:
+    """One layer's expert weights (CuPy arrays, see the module docstring for layouts and dtypes)."""
+
+    router: Any
+    gate_up: Any
+    down: Any
+
+    def shapes(self) -> tuple[int, int, int]:
+        """``(num_experts, hidden, intermediate)``, checked across the three arrays."""
+        e, h = self.router.shape
+        if self.gate_up.shape[0] != e or self.gate_up.shape[2] != h or self.gate_up.shape[1] % 2:
+            raise ValueError(f"gate_up: expected [{e}, 2 * intermediate, {h}], got {tuple(self.gate_up.shape)}")
+        i = self.gate_up.shape[1] // 2
+        if tuple(self.down.shape) != (e, h, i):
+            raise ValueError(f"down: expected [{e}, {h}, {i}] (experts, hidden, intermediate), got {self.down.shape}")
+        return e, h, i
+
+
+class MoELayer:
+    """The MoE MLP of one layer (see the module docstring).
+
+    Args:
+        weights: the layer's :class:`MoEWeights`.
+        dtype: ``"float16"`` or ``"bfloat16"`` (activations and weights).
+        top_k: experts per token.
+        renormalize: renormalize the chosen probabilities to sum to 1.
+        max_tokens: the most tokens one forward takes (buffers are sized for it).
+        stream: the ``cupy.cuda.Stream`` everything runs on (made current by the caller, as the engine does).
+        dense: a :class:`~fi_ffi.models.dense.Dense` bound to ``stream`` (the engine's); None: one of its own.
+        workspace: an fi_ffi ``Workspace`` for the grouped GEMMs, used by nothing else (their argument arrays
+            go through its int buffer and make other plans on it stale); None: one of its own.
+        backend: the grouped GEMM's ``backend`` (``"auto"``: the SM90 module on Hopper).
+        capacity: also build the fixed-capacity path (:meth:`forward_static`) for up to ``capacity`` tokens.
+    """
+
+    def __init__(
+        self,
+        weights: MoEWeights,
+        *,
+        dtype: str,
+        top_k: int,
+        renormalize: bool = True,
+        max_tokens: int,
+        stream: Any,
+        dense: Dense | None = None,
+        workspace: Any = None,
+        backend: str = "auto",
+        capacity: int | None = None,
+    ) -> None:
+        import cupy
+
+        self.num_experts, self.hidden, self.intermediate = weights.shapes()
+        if not 1 <= top_k <= self.num_experts:
+            raise ValueError(f"top_k: expected 1..num_experts ({self.num_experts}), got {top_k}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens: expected >= 1, got {max_tokens}")
+        self.weights, self.dtype, self.top_k, self.renormalize = weights, dtype, top_k, renormalize
+        self.max_tokens, self.stream, self.backend = max_tokens, stream, backend
+        self._ab = data_type(dtype)
+        self._bf16 = 1 if dtype == "bfloat16" else 0
+        storage = cupy.float16 if dtype == "float16" else cupy.uint16
+        for name in ("router", "gate_up", "down"):
+            arr = getattr(weights, name)
+            if arr.dtype != storage or not arr.flags.c_contiguous:
+                raise ValueError(f"weights.{name}: expected a contiguous {np.dtype(storage).name} array ({dtype})")
+        self.device_id = int(cupy.cuda.Device().id)
+        self._own_dense = dense is None
+        self.dense = Dense(stream) if dense is None else dense
+        self._own_ws = workspace is None
+        self.workspace = (
+            fi_ffi.Workspace.allocate(self.device_id, float_bytes=32 << 20, int_bytes=1 << 20)
+            if workspace is None
+            else workspace
+        )
+        rows = max_tokens * top_k
+        e, h, i = self.num_experts, self.hidden, self.intermediate
+        self.logits = cupy.empty((max_tokens, e), cupy.float32)
+        self.xs = cupy.empty((rows, h), storage)
+        self.gate_up_out = cupy.empty((rows, 2 * i), storage)
+        self.act = cupy.empty((rows, i), storage)
+        self.y = cupy.empty((rows, h), storage)
+        self.row_token = cupy.empty(rows, cupy.int32)
+        self.row_of = cupy.empty(rows, cupy.int32)
+        self.route_weights = cupy.empty(rows, cupy.float32)
+        module = cupy.RawModule(code=_COMBINE)
+        self._combine = module.get_function("moe_combine")
+        self._route_fn = module.get_function("moe_route")
+        self._scatter_fn = module.get_function("moe_scatter")
+        self.last_routing: tuple[np.ndarray, np.ndarray, ExpertGroups] | None = None
+        self.capacity = 0
+        if capacity is not None:
+            self._build_static(capacity, storage)
+
+    def _build_static(self, capacity: int, storage: Any) -> None:
+        """Buffers and prepared grouped GEMMs of the fixed-capacity path: expert ``e`` owns rows
+        ``[e * capacity, (e + 1) * capacity)`` of every activation buffer, token ``t`` its row ``t`` in each expert
+        it chose, so the GEMMs' argument arrays never change and are copied once."""
+        import cupy
+
+        from ..ops.segment_gemm import prepare_segment_gemm, segment_gemm_args_bytes
+
+        if not 1 <= capacity <= self.max_tokens:
+            raise ValueError(f"capacity: expected 1..max_tokens ({self.max_tokens}), got {capacity}")
+        self.capacity = c = capacity
+        e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
+        rows = e * c
+        # zeroed once: rows no token chose this step still go through the GEMMs (finite values, never read)
+        self.s_xs = cupy.zeros((rows, h), storage)
+        self.s_gu = cupy.zeros((rows, 2 * i), storage)
+        self.s_act = cupy.zeros((rows, i), storage)
+        self.s_y = cupy.zeros((rows, h), storage)
+        self.s_experts = cupy.zeros(c * k, cupy.int32)
+        self.s_row_of = cupy.zeros(c * k, cupy.int32)
+        self.s_weights = cupy.zeros(c * k, cupy.float32)
+        nbytes = segment_gemm_args_bytes(e)
+        self._s_args = cupy.zeros(2 * nbytes, cupy.uint8)
+        seg = (np.arange(e + 1) * c).astype(np.int32)
+        ptr = int(self._s_args.data.ptr)
+        args_gu = fi_ffi.Tensor(ptr, (nbytes,), "uint8", self.device_id)
+        args_down = fi_ffi.Tensor(ptr + nbytes, (nbytes,), "uint8", self.device_id)
+        cupy.cuda.Device().synchronize()  # the zero fills (legacy stream) before the synchronous argument copies
+        self._gemm_gu = prepare_segment_gemm(
+            self.workspace, self._t(self.s_xs, (rows, h)), self._t(self.weights.gate_up, (e, 2 * i, h)), e, True,
+            self._t(self.s_gu, (rows, 2 * i)), args_buffer=args_gu, seg_indptr=seg, backend=self.backend,
+            stream=self.stream.ptr,
+        )  # fmt: skip
+        self._gemm_down = prepare_segment_gemm(
+            self.workspace, self._t(self.s_act, (rows, i)), self._t(self.weights.down, (e, h, i)), e, True,
+            self._t(self.s_y, (rows, h)), args_buffer=args_down, seg_indptr=seg, backend=self.backend,
+            stream=self.stream.ptr,
+        )  # fmt: skip
+        self._s_gu_t = self._t(self.s_gu, (rows, 2 * i))
+        self._s_act_t = self._t(self.s_act, (rows, i))
+
+    def forward_static(self, x: Any, out: Any, tokens: int | None = None) -> Any:
+        """``out[:T] = MoE(x[:T])`` with no host synchronization and no host routing: router GEMM, routing on the
+        device (softmax + top-k, as :func:`~fi_ffi.models.moe_routing.softmax_topk`), a scatter into each chosen
+        expert's fixed rows, the two grouped GEMMs over every expert's ``capacity`` rows (prepared once), the
+        combine. Everything is a launch on the layer's stream, so a CUDA graph can capture it; the price is that
+        every expert's weights are read each step (the eager :meth:`forward` reads only those of chosen experts).
+        Needs ``capacity`` at construction; ``T <= capacity``."""
+        if not self.capacity:
+            raise ValueError("forward_static: build the layer with capacity= (the most tokens of a static step)")
+        for name, a in (("x", x), ("out", out)):
+            if a.ndim != 2 or a.shape[1] != self.hidden or a.strides[1] != a.itemsize:
+                raise ValueError(f"{name}: expected [tokens, {self.hidden}] with contiguous rows, got {a.shape}")
+        t = x.shape[0] if tokens is None else tokens
+        if not 0 <= t <= min(self.capacity, x.shape[0], out.shape[0]):
+            raise ValueError(f"tokens: expected 0..capacity ({self.capacity}) within the rows of x and out, got {t}")
+        if t == 0:
+            return out
+        e, h, k = self.num_experts, self.hidden, self.top_k
+        s = self.stream
+        with s:
+            x_ld = x.strides[0] // x.itemsize
+            self.dense.linear(
+                t, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr), e, h, int(self.logits.data.ptr), e,
+                self._ab, CUDA_R_32F,
+            )  # fmt: skip
+            route = (self.logits, np.int32(e), np.int32(k), np.int32(1 if self.renormalize else 0), np.int32(t),
+                     np.int32(self.capacity), self.s_experts, self.s_weights, self.s_row_of)  # fmt: skip
+            self._route_fn(((t + 127) // 128,), (128,), route, stream=s)
+            self._scatter_fn((t * k,), (256,), (x, np.int64(x_ld), self.s_row_of, np.int32(k), self.s_xs, np.int64(h)),
+                             stream=s)  # fmt: skip
+            sm80 = self.backend == "sm80" or (self.backend == "auto" and not _is_sm90(self.device_id))
+            if sm80:  # the generic grouped GEMM adds into its output
+                self.s_gu.fill(0)
+                self.s_y.fill(0)
+            self._gemm_gu(s.ptr)
+            fi_ffi.silu_and_mul(self._s_gu_t, self._s_act_t, stream=s.ptr)
+            self._gemm_down(s.ptr)
+            ld = out.strides[0] // out.itemsize
+            args = (self.s_y, self.s_row_of, self.s_weights, out, np.int32(k), np.int64(h), np.int64(ld),
+                    np.int32(self._bf16))  # fmt: skip
+            self._combine((t,), (256,), args, stream=s)
+        return out
+
+    def _t(self, arr: Any, shape: tuple[int, ...], dtype: str | None = None) -> fi_ffi.Tensor:
+        return fi_ffi.Tensor(int(arr.data.ptr), shape, dtype or self.dtype, self.device_id)
+
+    def route(self, x: Any, tokens: int) -> tuple[np.ndarray, np.ndarray, ExpertGroups]:
+        """Router logits on the GPU, then softmax + top-k and grouping on the host (synchronizes the stream)."""
+        import cupy
+
+        e, h = self.num_experts, self.hidden
+        x_ld = x.strides[0] // x.itemsize
+        self.dense.linear(
+            tokens, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr), e, h, int(self.logits.data.ptr), e,
+            self._ab, CUDA_R_32F,
+        )  # fmt: skip
+        logits = cupy.asnumpy(self.logits[:tokens], stream=self.stream)
+        self.stream.synchronize()
+        weights, experts = softmax_topk(logits, self.top_k, self.renormalize)
+        return weights, experts, group_by_expert(experts, e)
+
+    def forward(self, x: Any, out: Any, tokens: int | None = None) -> Any:
+        """``out[:T] = MoE(x[:T])`` for CuPy arrays ``x``, ``out`` ``[>= T, hidden]`` of the layer's storage dtype,
+        rows contiguous (row strides may be larger); ``T`` defaults to ``x.shape[0]``. Returns ``out``."""
+        for name, a in (("x", x), ("out", out)):
+            if a.ndim != 2 or a.shape[1] != self.hidden or a.strides[1] != a.itemsize:
+                raise ValueError(f"{name}: expected [tokens, {self.hidden}] with contiguous rows, got {a.shape}")
+        t = x.shape[0] if tokens is None else tokens
+        if t > x.shape[0] or t > out.shape[0]:
+            raise ValueError(f"tokens: {t} exceeds the rows of x ({x.shape[0]}) or out ({out.shape[0]})")
+        if not 0 <= t <= self.max_tokens:
+            raise ValueError(f"tokens: expected 0..max_tokens ({self.max_tokens}), got {t}")
+        if t == 0:
+            return out
+        with self.stream:  # the gather and combine kernels launch on CuPy's current stream
+            weights, experts, groups = self.route(x, t)
+            self.last_routing = (weights, experts, groups)
+            return self.forward_routed(x, out, weights, groups, t)
+
+    def forward_routed(self, x: Any, out: Any, weights: np.ndarray, groups: ExpertGroups, tokens: int) -> Any:
+        """Steps 3-7 for a routing decided elsewhere (``weights [T, k]`` float32, ``groups`` of its experts); with
+        the layer's stream current (``forward`` makes it so)."""
+        t, k, h, i = tokens, self.top_k, self.hidden, self.intermediate
+        rows = t * k
+        s = self.stream
+        self.row_token[:rows].set(groups.row_token, stream=s)
+        self.row_of[:rows].set(groups.row_of.reshape(-1), stream=s)
+        self.route_weights[:rows].set(weights.reshape(-1).astype(np.float32), stream=s)
+        x_ld = x.strides[0] // x.itemsize
+        self.dense.gather_rows(rows, int(x.data.ptr), x_ld, int(self.row_token.data.ptr), int(self.xs.data.ptr), h, h)
+        sm80 = self.backend == "sm80" or (self.backend == "auto" and not _is_sm90(self.device_id))
+        if sm80:  # the generic grouped GEMM adds into its output
+            self.gate_up_out[:rows].fill(0)
+            self.y[:rows].fill(0)
+        seg = groups.seg_indptr
+        handle = s.ptr
+        fi_ffi.segment_gemm(
+            self.workspace, self._t(self.xs, (rows, h)), self._t(self.weights.gate_up, (self.num_experts, 2 * i, h)),
+            self.num_experts, True, self._t(self.gate_up_out, (rows, 2 * i)), seg_indptr=seg, backend=self.backend,
+            stream=handle,
+        )  # fmt: skip
+        fi_ffi.silu_and_mul(self._t(self.gate_up_out, (rows, 2 * i)), self._t(self.act, (rows, i)), stream=handle)
+        fi_ffi.segment_gemm(
+            self.workspace, self._t(self.act, (rows, i)), self._t(self.weights.down, (self.num_experts, h, i)),
+            self.num_experts, True, self._t(self.y, (rows, h)), seg_indptr=seg, backend=self.backend, stream=handle,
+        )  # fmt: skip
+        ld = out.strides[0] // out.itemsize
+        args = (
+            self.y,
+            self.row_of,
+            self.route_weights,
+            out,
+            np.int32(k),
+            np.int64(h),
+            np.int64(ld),
+            np.int32(self._bf16),
+        )
+        self._combine((t,), (256,), args, stream=s)
+        return out
+
+    def close(self) -> None:
+        """Free what the layer made for itself (its workspace, its cuBLAS handle). Idempotent."""
+        if self._own_ws:
+            self.workspace.close()
+        if self._own_dense:
+            self.dense.close()
+
+
+def _is_sm90(device_id: int) -> bool:
+    from ..ops.variants import sm_major
+
+    return sm_major(device_id) == 9

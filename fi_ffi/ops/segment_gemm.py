@@ -1,0 +1,602 @@
+"""Grouped ("segment") GEMM: one GEMM per segment of rows, each with its own weight matrix (MoE experts, LoRA).
+
+``segment_gemm`` is flashinfer-python's ``SegmentGEMMWrapper.run``: for segment ``i`` (rows
+``seg_indptr[i]:seg_indptr[i+1]`` of ``x``) and its weight ``W = weights[weight_indices[i]]`` (or ``weights[i]``)::
+
+    out[rows] = x[rows] @ W.T      weight_column_major=True   (weights [num_weights, d_out, d_in]: nn.Linear's)
+    out[rows] = x[rows] @ W        weight_column_major=False  (weights [num_weights, d_in, d_out])
+
+accumulated in float32. Modules: ``gemm_sm90`` (``cutlass_segment_gemm_sm90``: CUTLASS grouped GEMM for Hopper;
+float16/bfloat16, and FP8 e4m3/e5m2 inputs with a float16/bfloat16 ``out`` and column-major weights) and
+``gemm`` (``cutlass_segment_gemm``: the SM80 grouped GEMM, float16/bfloat16; the module needs cuBLAS, which
+fi_ffi loads from the ``nvidia-cublas`` wheel or a CUDA toolkit). ``backend="auto"`` picks ``sm90`` on SM 9.x.
+The generic module's epilogue **adds** to ``out`` (``out += x @ W``, as upstream's, whose own ``out`` is zeroed
+when it allocates it): zero ``out`` first for a plain product.
+
+Both kernels take per-segment argument arrays on the device (problem sizes, row pointers of x, W and out,
+leading dimensions); flashinfer-python fills them with a Triton kernel. fi_ffi, with no JIT, computes them on the
+host (:func:`segment_gemm_args`: the segment offsets, lengths and weight indices are therefore host int32 arrays
+or lists of ints, not device tensors), writes them into the workspace's page-locked buffer and copies them into
+its int buffer on the call's stream, with the workspace's plan-copy handshake (see
+:mod:`fi_ffi.ops.workspace`): so a segment GEMM makes earlier attention plans of the same workspace stale. Give
+the MoE layer a :class:`~fi_ffi.ops.workspace.Workspace` of its own. The SM90 kernel also keeps its CUTLASS
+scratch in the float buffer. Empty segments are left out of the argument arrays (the kernels never see a
+zero-row problem); a call whose segments are all empty checks every argument and launches nothing.
+
+:func:`prepare_segment_gemm` checks a call once and copies its arrays into a buffer of the caller's; the
+:class:`PreparedSegmentGEMM` it returns launches the same GEMM with no copy and no host computation, which a CUDA
+graph can capture (the MoE layer's fixed-capacity path, where every expert owns the same rows each step).
+
+Contract (checked on every call, before the FFI): ``x`` ``[seg_indptr[-1], d_in]``, ``weights`` 3-D and ``out``
+``[seg_indptr[-1], d_out]`` contiguous on one device; ``d_in`` and ``d_out`` multiples of 16 bytes of their
+element type (CUTLASS's 128-bit alignment of every row); 16-byte aligned data pointers; ``weight_indices``
+within ``[0, num_weights)``; ``out`` shares no memory with ``x`` or ``weights``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from .. import driver, producers
+from ..abi.wire import BOOL, declare, tensor
+from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32, int64, uint8
+from ..streams import current_stream, stream_handle
+from ..tensor import Tensor
+from . import checks
+from .aliasing import disjoint
+from .host_index import host_array
+from .launcher import launcher
+from .pointer_rules import PointerRules
+from .workspace import Workspace
+
+__all__ = [
+    "PreparedSegmentGEMM",
+    "SegmentGEMMArgs",
+    "prepare_segment_gemm",
+    "segment_gemm",
+    "segment_gemm_args",
+    "segment_gemm_args_bytes",
+]
+
+_ARRAYS = [
+    tensor("all_problems"),
+    tensor("x_ptr"),
+    tensor("w_ptr"),
+    tensor("y_ptr"),
+]
+SEGMENT_GEMM_SM90 = declare(
+    "cutlass_segment_gemm_sm90",
+    [
+        tensor("float_workspace_buffer"),
+        tensor("int_workspace_buffer"),
+        *_ARRAYS,
+        tensor("x_stride"),
+        tensor("weight_stride"),
+        tensor("y_stride"),
+        tensor("empty_x_data"),  # only its dtype is read: fi_ffi passes x itself
+        tensor("empty_y_data"),  # ... and out itself
+        ("weight_column_major", BOOL),
+    ],
+)
+SEGMENT_GEMM = declare(
+    "cutlass_segment_gemm",
+    [
+        tensor("workspace_buffer"),
+        *_ARRAYS,
+        tensor("x_ld"),
+        tensor("w_ld"),
+        tensor("y_ld"),
+        tensor("empty_x_data"),
+        ("weight_column_major", BOOL),
+    ],
+)
+DECLARATIONS = (("gemm_sm90", SEGMENT_GEMM_SM90), ("gemm", SEGMENT_GEMM))
+
+_ALIGN = 16  # bytes: CUTLASS's 128-bit alignment of A, B and C rows; each argument array starts 16-byte aligned
+_HALF = (float16, bfloat16)
+_FP8 = (float8_e4m3fn, float8_e5m2)
+BACKENDS = ("auto", "sm90", "sm80")
+
+
+@dataclass(frozen=True)
+class SegmentGEMMArgs:
+    """The per-problem argument arrays of one segment GEMM (empty segments left out), as host numpy arrays.
+
+    Attributes:
+        problems: int32 ``[P, 3]``: ``(m, n, k)`` = (rows of the segment, d_out, d_in).
+        x_ptr, w_ptr, y_ptr: int64 ``[P]``: addresses of each problem's first row of x, its weight, out.
+        x_ld, w_ld, y_ld: int64 ``[P]``: leading dimensions in elements (``d_in``; ``d_in`` column-major or
+            ``d_out`` row-major; ``d_out``).
+        segments: int64 ``[P]``: the segment each problem is (for messages and tests).
+    """
+
+    problems: np.ndarray
+    x_ptr: np.ndarray
+    w_ptr: np.ndarray
+    y_ptr: np.ndarray
+    x_ld: np.ndarray
+    w_ld: np.ndarray
+    y_ld: np.ndarray
+    segments: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.problems.shape[0])
+
+    def pack(self) -> tuple[bytes, dict[str, int]]:
+        """The arrays laid out one after another, each at a 16-byte aligned offset: (bytes, name -> offset)."""
+        parts = {
+            "all_problems": self.problems,
+            "x_ptr": self.x_ptr,
+            "w_ptr": self.w_ptr,
+            "y_ptr": self.y_ptr,
+            "x_ld": self.x_ld,
+            "w_ld": self.w_ld,
+            "y_ld": self.y_ld,
+        }
+        offsets: dict[str, int] = {}
+        chunks: list[bytes] = []
+        at = 0
+        for name, arr in parts.items():
+            offsets[name] = at
+            data = np.ascontiguousarray(arr).tobytes()
+            pad = -len(data) % _ALIGN
+            chunks.append(data + bytes(pad))
+            at += len(data) + pad
+        return b"".join(chunks), offsets
+
+
+def segment_gemm_args(
+    seg_indptr: np.ndarray,
+    weight_indices: np.ndarray | None,
+    num_weights: int,
+    d_in: int,
+    d_out: int,
+    x_ptr: int,
+    w_ptr: int,
+    y_ptr: int,
+    x_itemsize: int,
+    w_itemsize: int,
+    y_itemsize: int,
+    weight_column_major: bool,
+) -> SegmentGEMMArgs:
+    """The kernels' per-problem arguments (what flashinfer-python's ``compute_sm90_group_gemm_args`` writes), on
+    the host, leaving out empty segments. ``seg_indptr`` int ``[S + 1]`` (checked by the caller),
+    ``weight_indices`` int ``[S]`` or None (segment ``i`` uses weight ``i``).
+
+    Raises:
+        ValueError: a weight index outside ``[0, num_weights)`` (naming ``weight_indices`` and the segment).
+    """
+    starts = seg_indptr[:-1].astype(np.int64)
+    rows = seg_indptr[1:].astype(np.int64) - starts
+    segs = np.arange(rows.shape[0], dtype=np.int64)
+    widx = segs if weight_indices is None else weight_indices.astype(np.int64)
+    bad = np.nonzero((widx < 0) | (widx >= num_weights))[0]
+    if bad.size:
+        i = int(bad[0])
+        what = "weight_indices" if weight_indices is not None else "batch_size"
+        raise ValueError(
+            f"{what}: segment {i} uses weight {int(widx[i])}, outside [0, {num_weights}) (weights holds "
+            f"{num_weights} matrices)"
+        )
+    keep = rows > 0
+    starts, rows, widx, segs = starts[keep], rows[keep], widx[keep], segs[keep]
+    p = rows.shape[0]
+    problems = np.empty((p, 3), np.int32)
+    problems[:, 0] = rows
+    problems[:, 1] = d_out
+    problems[:, 2] = d_in
+    matrix = d_in * d_out
+    return SegmentGEMMArgs(
+        problems=problems,
+        x_ptr=x_ptr + starts * d_in * x_itemsize,
+        w_ptr=w_ptr + widx * matrix * w_itemsize,
+        y_ptr=y_ptr + starts * d_out * y_itemsize,
+        x_ld=np.full(p, d_in, np.int64),
+        w_ld=np.full(p, d_in if weight_column_major else d_out, np.int64),
+        y_ld=np.full(p, d_out, np.int64),
+        segments=segs,
+    )
+
+
+def _arrays_check(ld_names: tuple[str, str, str], has_y: bool) -> Any:
+    """The contract of the argument arrays fi_ffi itself laid out in the workspace (a wrong one is a bug here)."""
+
+    def check(a: SimpleNamespace) -> PointerRules:
+        count = a.all_problems.shape[0]
+        checks.shape("all_problems", a.all_problems, (count, 3), "[problems, 3]")
+        checks.dtype_in("all_problems", a.all_problems, (int32,))
+        aligned = {"all_problems": _ALIGN, "empty_x_data": _ALIGN}  # x itself: its pointer is tested every call
+        for name in ("x_ptr", "w_ptr", "y_ptr", *ld_names):
+            t = getattr(a, name)
+            checks.shape(name, t, (count,), "[problems]")
+            checks.dtype_in(name, t, (int64,))
+            aligned[name] = _ALIGN
+        if has_y:
+            aligned["empty_y_data"] = _ALIGN  # out itself
+        # x and out (empty_x_data, empty_y_data) are checked apart by segment_gemm itself, with the weights the
+        # kernel reaches only through w_ptr; the argument arrays are fi_ffi's own, in the workspace
+        return PointerRules(aligned)
+
+    check.__qualname__ = f"check_segment_gemm_{ld_names[0]}"
+    return check
+
+
+_sm90 = launcher(SEGMENT_GEMM_SM90, "gemm_sm90", _arrays_check(("x_stride", "weight_stride", "y_stride"), True))
+_sm80 = launcher(SEGMENT_GEMM, "gemm", _arrays_check(("x_ld", "w_ld", "y_ld"), False))
+
+
+def segment_gemm(
+    workspace: Workspace,
+    x: Any,
+    weights: Any,
+    batch_size: int,
+    weight_column_major: bool,
+    out: Any = None,
+    *,
+    seg_lens: Any = None,
+    seg_indptr: Any = None,
+    weight_indices: Any = None,
+    backend: str = "auto",
+    stream: Any = None,
+) -> Any:
+    """Grouped GEMM over segments of ``x`` (``SegmentGEMMWrapper.run``; see the module docstring).
+
+    Args:
+        workspace: a :class:`~fi_ffi.ops.workspace.Workspace` (its int buffer receives the argument arrays, 60
+            bytes per non-empty segment; the float buffer is the SM90 kernel's scratch).
+        x: ``[total_rows, d_in]``, float16/bfloat16 (FP8 with ``backend`` sm90), contiguous.
+        weights: ``[num_weights, d_out, d_in]`` (column-major) or ``[num_weights, d_in, d_out]``, x's dtype,
+            contiguous.
+        batch_size: the number of segments ``S``.
+        weight_column_major: the weights' layout (True: nn.Linear's ``[out_features, in_features]``).
+        out: ``[total_rows, d_out]`` (x's dtype; float16/bfloat16 for FP8 x), contiguous (required).
+        seg_lens: host int32 ``[S]`` rows per segment, or
+        seg_indptr: host int32 ``[S + 1]`` row offsets (starts at 0, non-decreasing; ``seg_indptr[-1]`` is
+            ``total_rows``); exactly one of the two.
+        weight_indices: host int32 ``[S]``: the weight of each segment (default: segment ``i`` uses ``i``).
+        backend: ``"auto"``, ``"sm90"`` (Hopper) or ``"sm80"`` (the generic module; adds into ``out``).
+        stream: where the copy and the kernel run (None: x's framework's current stream, else TVM-FFI's).
+
+    Returns:
+        ``out``.
+    """
+    c = _checked(
+        workspace,
+        x,
+        weights,
+        batch_size,
+        weight_column_major,
+        out,
+        seg_lens,
+        seg_indptr,
+        weight_indices,
+        backend,
+        stream,
+    )
+    if c.args.count == 0:  # nothing to multiply: everything is checked, nothing is copied or launched
+        return out
+    data, offsets = c.args.pack()
+    if len(data) > workspace.int_bytes:
+        raise ValueError(
+            f"workspace: the argument arrays of {c.args.count} segments need {len(data)} bytes of int buffer, "
+            f"the workspace has {workspace.int_bytes}"
+        )
+    arrays = _arrays(workspace.int_buffer.data_ptr, offsets, c.args.count, workspace.device)
+    from . import device
+
+    previous = device.make_current(workspace.device.device_id)  # the driver's copy needs the context current
+    try:
+        with workspace._lock:
+            if workspace._event_pending:
+                workspace._wait_previous_plan_copy()
+            workspace._generation += 1  # the int buffer now holds these arrays: earlier plans are stale
+            _stage(workspace, data, c.stream)
+            workspace._record_plan_copy(c.stream)
+            _launch(c, workspace, arrays, x, out)
+    finally:
+        device.restore(previous)
+    return out
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A checked segment GEMM call: its argument arrays (host), module, layout flag and stream."""
+
+    args: SegmentGEMMArgs
+    sm90: bool
+    column_major: bool
+    stream: int
+
+
+def _checked(
+    workspace: Any,
+    x: Any,
+    weights: Any,
+    batch_size: Any,
+    weight_column_major: Any,
+    out: Any,
+    seg_lens: Any,
+    seg_indptr: Any,
+    weight_indices: Any,
+    backend: Any,
+    stream: Any,
+) -> _Call:
+    """Every argument checked (pointers included: this runs on every call) and the argument arrays computed."""
+    if out is None:
+        raise TypeError(
+            "out: required (fi_ffi never allocates device memory); pass a contiguous [total_rows, d_out] tensor"
+        )
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace: expected a fi_ffi Workspace, got {type(workspace).__name__}")
+    batch_size = checks.integer("batch_size", batch_size, 0)
+    column_major = checks.flag("weight_column_major", weight_column_major)
+    indptr = _indptr(seg_lens, seg_indptr, batch_size)
+    xt, wt, yt = checks.tensor("x", x), checks.tensor("weights", weights), checks.tensor("out", out)
+    use_sm90 = _use_sm90(backend, xt)
+    d_in, d_out = _check_operands(xt, wt, yt, column_major, use_sm90, int(indptr[-1]), workspace)
+    widx = None
+    if weight_indices is not None:
+        widx = host_array("weight_indices", weight_indices)
+        if widx.shape[0] != batch_size:
+            raise ValueError(f"weight_indices: expected {batch_size} entries (batch_size), got {widx.shape[0]}")
+    args = segment_gemm_args(
+        indptr,
+        widx,
+        wt.shape[0],
+        d_in,
+        d_out,
+        xt.data_ptr,
+        wt.data_ptr,
+        yt.data_ptr,
+        xt.dtype.itemsize,
+        wt.dtype.itemsize,
+        yt.dtype.itemsize,
+        column_major,
+    )
+    s = stream_handle(stream)
+    if s is None:
+        s = producers.default_stream(x, xt.device.device_id)
+        if s is None:
+            s = current_stream(xt.device.device_id)
+    return _Call(args, use_sm90, column_major, s)
+
+
+def _arrays(base: int, offsets: dict[str, int], count: int, dev: Any) -> list[Tensor]:
+    """Descriptors of the packed argument arrays at device address ``base`` (problems, then the six int64 arrays)."""
+    out = [Tensor(base + offsets["all_problems"], (count, 3), int32, dev)]
+    out += [
+        Tensor(base + offsets[n], (count,), int64, dev) for n in ("x_ptr", "w_ptr", "y_ptr", "x_ld", "w_ld", "y_ld")
+    ]
+    return out
+
+
+def _launch(c: _Call, workspace: Workspace, arrays: list[Tensor], x: Any, out: Any) -> None:
+    if c.sm90:  # the int workspace argument is not read by the SM90 kernel: the workspace's own buffer is passed
+        _sm90(workspace.float_buffer, workspace.int_buffer, *arrays, x, out, c.column_major, stream=c.stream)
+    else:
+        _sm80(workspace.float_buffer, *arrays, x, c.column_major, stream=c.stream)
+
+
+class PreparedSegmentGEMM:
+    """A grouped GEMM whose argument arrays live in a device buffer of the caller's, copied there once; calling it
+    launches the kernel with no copy and no host computation (one launcher call): what a CUDA graph can capture,
+    and what a fixed-shape step (a MoE layer at a fixed capacity per expert) repeats.
+
+    It keeps ``x``, ``weights``, ``out``, the workspace and ``args_buffer`` referenced until dropped: their
+    addresses are in the copied arrays, so they must neither move nor be freed while it is used.
+    """
+
+    __slots__ = ("_arrays", "_call", "_keep", "count")
+
+    def __init__(self, call: _Call, arrays: list[Tensor], keep: tuple[Any, ...]) -> None:
+        self._call = call
+        self._arrays = arrays
+        self._keep = keep
+        self.count = call.args.count
+
+    def __call__(self, stream: Any = None) -> None:
+        """Launch on ``stream`` (None: the stream it was prepared for)."""
+        if self.count == 0:
+            return
+        c = self._call
+        if stream is not None:
+            c = _Call(c.args, c.sm90, c.column_major, _stream_int(stream))
+        workspace, x, out = self._keep[0], self._keep[1], self._keep[3]
+        _launch(c, workspace, self._arrays, x, out)
+
+
+def _stream_int(stream: Any) -> int:
+    s = stream_handle(stream)
+    assert s is not None
+    return s
+
+
+def prepare_segment_gemm(
+    workspace: Workspace,
+    x: Any,
+    weights: Any,
+    batch_size: int,
+    weight_column_major: bool,
+    out: Any,
+    *,
+    args_buffer: Any,
+    seg_lens: Any = None,
+    seg_indptr: Any = None,
+    weight_indices: Any = None,
+    backend: str = "auto",
+    stream: Any = None,
+) -> PreparedSegmentGEMM:
+    """Check a :func:`segment_gemm` call once and copy its argument arrays into ``args_buffer`` (synchronously:
+    call it outside any stream capture); the result launches the same GEMM again (see
+    :class:`PreparedSegmentGEMM`). Arguments as :func:`segment_gemm`, plus:
+
+    Args:
+        args_buffer: a uint8 device buffer of at least :func:`segment_gemm_args_bytes` bytes, 16-byte aligned,
+            used by nothing else while the prepared GEMM lives (the workspace's int buffer is not written).
+    """
+    c = _checked(
+        workspace,
+        x,
+        weights,
+        batch_size,
+        weight_column_major,
+        out,
+        seg_lens,
+        seg_indptr,
+        weight_indices,
+        backend,
+        stream,
+    )
+    buf = checks.tensor("args_buffer", args_buffer)
+    checks.ndim("args_buffer", buf, 1, "[bytes]")
+    checks.dtype_in("args_buffer", buf, (uint8,))
+    checks.contiguous("args_buffer", buf)
+    checks.cuda("args_buffer", buf)
+    checks.same_device("args_buffer", buf, "x", checks.tensor("x", x))
+    data, offsets = c.args.pack()
+    if buf.shape[0] < len(data):
+        raise ValueError(
+            f"args_buffer: the argument arrays of {c.args.count} segments need {len(data)} bytes, got {buf.shape[0]}"
+        )
+    if buf.data_ptr % _ALIGN:
+        raise ValueError(f"args_buffer: data pointer 0x{buf.data_ptr:x} must be aligned to {_ALIGN} bytes")
+    for name, value in (("x", x), ("weights", weights), ("out", out)):
+        disjoint("args_buffer", buf, name, checks.tensor(name, value))
+    arrays = _arrays(buf.data_ptr, offsets, c.args.count, buf.device)
+    if c.args.count:
+        _copy_sync(buf.data_ptr, data, buf.device.device_id)
+    return PreparedSegmentGEMM(c, arrays, (workspace, x, weights, out, args_buffer))
+
+
+def segment_gemm_args_bytes(batch_size: int) -> int:
+    """Bytes of the argument arrays of ``batch_size`` non-empty segments (what ``args_buffer`` must hold)."""
+    n = checks.integer("batch_size", batch_size, 0)
+    return -(-12 * n // _ALIGN) * _ALIGN + 6 * (-(-8 * n // _ALIGN) * _ALIGN)
+
+
+def _copy_sync(dst: int, data: bytes, device_id: int) -> None:
+    """Copy ``data`` from the host to device address ``dst`` and wait for it (driver ``cuMemcpyHtoD``)."""
+    from ..errors import KernelError
+    from . import device
+
+    lib = driver.load()
+    if lib is None:
+        raise KernelError("RuntimeError", "cannot use the CUDA driver (libcuda.so.1)", function="cuMemcpyHtoD")
+    from ..abi.cdefs import get_ffi
+
+    ffi = get_ffi()
+    host = ffi.from_buffer(data)  # kept alive by this frame until the synchronous copy returns
+    previous = device.make_current(device_id)
+    try:
+        err = lib.cuMemcpyHtoD_v2(dst, int(ffi.cast("uintptr_t", host)), len(data))
+    finally:
+        device.restore(previous)
+    if err:
+        raise KernelError("RuntimeError", f"cuMemcpyHtoD failed: {driver.error_name(err)}", function="cuMemcpyHtoD")
+
+
+def _indptr(seg_lens: Any, seg_indptr: Any, batch_size: int) -> np.ndarray:
+    from .host_index import check_indptr
+
+    if seg_indptr is not None and seg_lens is not None:
+        raise ValueError("seg_lens: pass seg_lens or seg_indptr, not both (flashinfer-python ignores seg_lens then)")
+    if seg_indptr is not None:
+        indptr = host_array("seg_indptr", seg_indptr)
+        check_indptr("seg_indptr", indptr, batch_size)
+        return indptr
+    if seg_lens is None:
+        raise TypeError("seg_indptr: one of seg_lens and seg_indptr is required (host int32 arrays)")
+    lens = host_array("seg_lens", seg_lens)
+    if lens.shape[0] != batch_size:
+        raise ValueError(f"seg_lens: expected {batch_size} entries (batch_size), got {lens.shape[0]}")
+    if (lens < 0).any():
+        raise ValueError(f"seg_lens: expected lengths >= 0, got {int(lens.min())}")
+    indptr = np.zeros(batch_size + 1, np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    if indptr[-1] >= 1 << 31:
+        raise ValueError(f"seg_lens: {int(indptr[-1])} rows in all do not fit the kernels' int32")
+    return indptr
+
+
+def _use_sm90(backend: Any, x: Tensor) -> bool:
+    if backend == "sm90":
+        return True
+    if backend == "sm80":
+        return False
+    if backend != "auto":
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    from .variants import sm_major
+
+    return x.device.is_cuda and sm_major(x.device.device_id) == 9
+
+
+def _check_operands(
+    x: Tensor, w: Tensor, y: Tensor, column_major: bool, sm90: bool, rows: int, ws: Workspace
+) -> tuple[int, int]:
+    """Shapes, dtypes, devices, layout, alignment (pointers included: this runs on every call) and overlap."""
+    checks.ndim("x", x, 2, "[total_rows, d_in]")
+    allowed = (*_HALF, *_FP8) if sm90 else _HALF
+    checks.dtype_in("x", x, allowed)
+    checks.cuda("x", x)
+    checks.contiguous("x", x)
+    layout = "[num_weights, d_out, d_in]" if column_major else "[num_weights, d_in, d_out]"
+    checks.ndim("weights", w, 3, layout)
+    checks.same_dtype("weights", w, "x", x)
+    checks.same_device("weights", w, "x", x)
+    checks.cuda("weights", w)
+    checks.contiguous("weights", w)
+    d_in = x.shape[1]
+    d_out = w.shape[1] if column_major else w.shape[2]
+    w_in = w.shape[2] if column_major else w.shape[1]
+    if w_in != d_in:
+        raise ValueError(f"weights: expected d_in = {d_in} (x.shape[1]) in {layout}, got shape {w.shape}")
+    if w.shape[0] == 0:
+        raise ValueError(f"weights: expected at least one weight matrix, got shape {w.shape}")
+    if x.shape[0] != rows:
+        raise ValueError(f"x: expected {rows} rows (seg_indptr[-1]), got shape {x.shape}")
+    if x.dtype in _FP8:
+        checks.dtype_in("out", y, _HALF)
+        if not column_major:
+            raise ValueError("weight_column_major: FP8 inputs need column-major weights [num_weights, d_out, d_in]")
+    else:
+        checks.same_dtype("out", y, "x", x)
+    checks.shape("out", y, (rows, d_out), "[total_rows, d_out]")
+    checks.same_device("out", y, "x", x)
+    checks.cuda("out", y)
+    checks.contiguous("out", y)
+    w_row = ("d_in", d_in) if column_major else ("d_out", d_out)  # the weights' contiguous dimension
+    for name, (dim, width), t in (("x", ("d_in", d_in), x), ("weights", w_row, w), ("out", ("d_out", d_out), y)):
+        if (width * t.dtype.itemsize) % _ALIGN or width == 0:
+            raise ValueError(
+                f"{name}: {dim} = {width} must be a positive multiple of {_ALIGN // t.dtype.itemsize} "
+                f"({_ALIGN} bytes of {t.dtype.name}): the kernels access rows in 128-bit vectors"
+            )
+        if t.data_ptr % _ALIGN:
+            raise ValueError(f"{name}: data pointer 0x{t.data_ptr:x} must be aligned to {_ALIGN} bytes")
+    if ws.device.device_id != x.device.device_id or not ws.device.is_cuda:
+        raise ValueError(f"workspace: expected a workspace on {x.device} (same as x), got one on {ws.device}")
+    disjoint("out", y, "x", x)
+    disjoint("out", y, "weights", w)
+    return d_in, d_out
+
+
+def _stage(ws: Workspace, data: bytes, stream: int) -> None:
+    """Write ``data`` into the page-locked buffer and enqueue its copy into the int buffer on ``stream``."""
+    from ..abi.cdefs import get_ffi
+    from ..errors import KernelError
+
+    lib = driver.load()
+    if lib is None:
+        raise KernelError("RuntimeError", "cannot use the CUDA driver (libcuda.so.1)", function="cuMemcpyHtoDAsync")
+    ffi = get_ffi()
+    ffi.memmove(ffi.cast("char *", ws.pinned_buffer.data_ptr), data, len(data))
+    err = lib.cuMemcpyHtoDAsync_v2(ws.int_buffer.data_ptr, ws.pinned_buffer.data_ptr, len(data), stream)
+    if err:
+        raise KernelError(
+            "RuntimeError", f"cuMemcpyHtoDAsync failed: {driver.error_name(err)}", function="cuMemcpyHtoDAsync"
+        )

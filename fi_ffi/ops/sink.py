@@ -1,0 +1,401 @@
+"""Batch prefill/decode attention with attention sinks (gpt-oss): plan, then run, over a paged or ragged KV.
+
+flashinfer-python's ``BatchAttentionWithAttentionSinkWrapper`` (``.plan`` / ``.run``); modules
+``batch_prefill_with_attention_sink_kv_cache_dtype_q_{d}_dtype_kv_{d}_dtype_o_{d}_dtype_idx_i32_head_dim_qk_{h}_
+head_dim_vo_{h}_use_swa_{False,True}_`` (FA2) and the same with ``_sm90`` (FA3). The plan entry points are the
+batch prefill ones (same argument lists as :mod:`fi_ffi.ops.prefill`'s); the runs end with the per-head ``sink``
+(a float32 device tensor passed as a TVM-FFI Tensor made for the call) and ``sm_scale``.
+
+Math, per request, query row ``i`` and head ``h`` (KV head ``h // group``), in float32: the logits
+``s_j = sm_scale * q[i, h] . k[j]`` over the keys ``j`` the mask allows (causal or not; ``window_left >= 0``
+keeps ``j >= i + kv_len - qo_len - window_left``), then::
+
+    o[i, h] = sum_j exp(s_j - m) v[j] / (exp(sink[h] - m) + sum_j exp(s_j - m)),   m = max(sink[h], max_j s_j)
+
+The sink is an extra logit (natural-log units, not scaled by ``sm_scale``) that takes part in the normalization
+and contributes no value: a head may put its attention "nowhere". ``window_left >= 0`` selects the
+``use_swa_True`` module. No custom mask, positional encoding or soft cap (the modules have none).
+
+``backend="auto"`` picks FA3 on an SM 9.x GPU when the ``_sm90`` module is pinned, else FA2. Plans are values as in
+:mod:`fi_ffi.ops.prefill`: a later plan on the same workspace makes this one stale, and plan and runs share one
+stream. Outputs (``out``, ``lse``) must not overlap the inputs (the launcher refuses overlapping outputs; the
+kernels read q/k/v/sink while writing ``out``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from ..abi.wire import ARRAY, FFI_TENSOR, FLOAT, Param, declare
+from ..dtypes import DType
+from ..errors import KernelNotFoundError, UnsupportedDeviceError
+from . import attention_checks as AC
+from . import checks
+from . import plan_settings as S
+from .decode import _workspace, extent
+from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
+from .launcher import launcher
+from .plan import Plan
+from .plan_call import call_plan
+from .plan_settings import MASK_CAUSAL, MASK_NONE, PlanSettings
+from .pointer_rules import PointerRules
+from .prefill import _PAGED_KV, _RAGGED_KV, _RUN_HEAD, _RUN_MID, FA2_PLAN, FA3_PLAN, _check_paged, _check_ragged
+from .workspace import Workspace
+
+__all__ = [
+    "batch_attention_sink_plan",
+    "batch_attention_sink_ragged_plan",
+    "batch_attention_sink_ragged_run",
+    "batch_attention_sink_run",
+]
+
+KIND = "batch_attention_sink"
+_SINK_TAIL: list[Param | tuple[str, str]] = [Param("sink", FFI_TENSOR), ("sm_scale", FLOAT)]
+# the plan entry points are the batch prefill ones; the sink modules are built from FlashInfer 0.6.3 only here
+SINK_FA3_PLAN = declare("plan", FA3_PLAN.params, returns=ARRAY, release="0.6.3")
+SINK_RAGGED = declare("ragged_run", [*_RUN_HEAD, *_RAGGED_KV, *_RUN_MID, *_SINK_TAIL])
+SINK_PAGED = declare("paged_run", [*_RUN_HEAD, *_PAGED_KV, *_RUN_MID, *_SINK_TAIL])
+_FA2 = r"batch_prefill_with_attention_sink_kv_cache_.*_use_swa_(True|False)_"
+_FA3 = _FA2 + "_sm90"
+DECLARATIONS = (
+    (_FA2, FA2_PLAN),
+    (_FA2, SINK_RAGGED),
+    (_FA2, SINK_PAGED),
+    (_FA3, SINK_FA3_PLAN),
+    (_FA3, SINK_RAGGED),
+    (_FA3, SINK_PAGED),
+)
+
+
+@dataclass(frozen=True)
+class SinkVariant:
+    """The attention-sink module of a dtype, head dim, window and backend (``uri`` as upstream spells it)."""
+
+    dtype: DType
+    head_dim: int
+    sliding_window: bool
+    backend: str  # "fa2" | "fa3"
+
+    @property
+    def uri(self) -> str:
+        d = self.dtype.short
+        return (
+            f"batch_prefill_with_attention_sink_kv_cache_dtype_q_{d}_dtype_kv_{d}_dtype_o_{d}_dtype_idx_i32_"
+            f"head_dim_qk_{self.head_dim}_head_dim_vo_{self.head_dim}_use_swa_{self.sliding_window}_"
+            + ("_sm90" if self.backend == "fa3" else "")
+        )
+
+
+def _pinned(uri: str) -> bool:
+    from .variants import available
+
+    return uri in available()[0]
+
+
+def _choose(dtype: DType, head_dim: int, swa: bool, backend: Any, device_id: int) -> SinkVariant:
+    from .variants import available, sm_major
+
+    if backend.__class__ is not str or backend not in ("auto", "fa2", "fa3"):
+        raise ValueError(f"backend: expected 'auto', 'fa2' or 'fa3', got {backend!r}")
+    major = sm_major(device_id)
+    fa3 = SinkVariant(dtype, head_dim, swa, "fa3")
+    fa2 = SinkVariant(dtype, head_dim, swa, "fa2")
+    if backend == "fa3" and major is not None and major != 9:
+        raise UnsupportedDeviceError(
+            f"backend 'fa3' needs an SM 9.x GPU (H100/H200); cuda:{device_id} is SM {major}.x; use 'fa2' or 'auto'"
+        )
+    chosen = fa3 if backend == "fa3" or (backend == "auto" and major == 9 and _pinned(fa3.uri)) else fa2
+    if not _pinned(chosen.uri):
+        sinks = sorted(u for u in available()[0] if u.startswith("batch_prefill_with_attention_sink_"))
+        listed = "\n  ".join(sinks) if sinks else "(none)"
+        raise KernelNotFoundError(
+            f"no pinned module {chosen.uri} (attention sinks, {dtype.name}, head_dim {head_dim}, "
+            f"window {'on' if swa else 'off'}, {chosen.backend}); the pinned wheels have these sink "
+            f"modules:\n  {listed}"
+        )
+    return chosen
+
+
+def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
+    (hq, hk, d, page_size, dtype, kv_layout, causal, window_left, sm_scale, backend, graph) = args
+    hq = S.count("num_qo_heads", hq)
+    hk = S.count("num_kv_heads", hk)
+    d = S.count("head_dim", d)
+    ps = S.count("page_size", page_size)
+    S.gqa(hq, hk, decode=False)
+    layout = S.layout_name(kv_layout)
+    causal = checks.flag("causal", causal)
+    w = S.window(window_left)
+    sm, _, _ = S.scales(d, sm_scale, 1.0, 1e4)
+    graph = checks.flag("enable_cuda_graph", graph)
+    qd, _, _ = S.dtypes(dtype, None, None)
+    if mode == "ragged" and layout == "HND" and backend == "fa3":
+        raise ValueError("backend: 'fa3' ragged runs read K/V as NHD only; use kv_layout='NHD' or backend 'fa2'")
+    variant = _choose(qd, d, w >= 0, "fa2" if mode == "ragged" and layout == "HND" else backend, device_id)
+    fa3 = variant.backend == "fa3"
+    uri = variant.uri
+    run = launcher(
+        SINK_RAGGED if mode == "ragged" else SINK_PAGED,
+        uri,
+        _check_run_ragged if mode == "ragged" else _check_run_paged,
+    )
+    return PlanSettings(
+        kind=KIND,
+        mode=mode,
+        variant=variant,
+        device_id=device_id,
+        num_qo_heads=hq,
+        num_kv_heads=hk,
+        head_dim_qk=d,
+        head_dim_vo=d,
+        page_size=ps,
+        kv_layout=layout,
+        dtype_q=qd,
+        dtype_kv=qd,
+        dtype_o=qd,
+        mask_mode=MASK_CAUSAL if causal else MASK_NONE,
+        window_left=w,
+        sm_scale=sm,
+        enable_cuda_graph=graph,
+        plan=launcher(SINK_FA3_PLAN if fa3 else FA2_PLAN, uri),
+        run=run,
+    )
+
+
+def _plan(
+    mode: str,
+    workspace: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_last_page_len: Any,
+    stream: Any,
+    args: tuple[Any, ...],
+) -> Plan:
+    ws = workspace if workspace.__class__ is Workspace else _workspace(workspace)
+    device_id = ws.device.device_id
+    s = S.cached((KIND, mode, device_id, args, tuple(map(type, args))), lambda: _settings(mode, device_id, args))
+    qo = host_array("qo_indptr", qo_indptr)
+    rows = check_indptr("qo_indptr", qo)
+    batch = qo.shape[0] - 1
+    kv = host_array("kv_indptr", kv_indptr)
+    extent_ = check_indptr("kv_indptr", kv, batch)
+    if mode == "paged":
+        if kv_last_page_len is None:
+            raise ValueError("kv_last_page_len: required for a paged plan (host int32 [batch_size])")
+        kv_lens = check_last_page_len(
+            "kv_last_page_len", host_array("kv_last_page_len", kv_last_page_len), kv, s.page_size, lengths=True
+        )
+    else:
+        kv_lens = kv[1:] - kv[:-1]
+    assert kv_lens is not None
+    extra = {} if s.backend == "fa3" else {"fixed_split_size": -1, "disable_split_kv": False}
+    info, generation = call_plan(
+        ws,
+        s.plan,
+        stream,
+        ws.float_buffer,
+        ws.int_buffer,
+        ws.pinned_buffer,
+        host_tensor(qo),
+        host_tensor(kv),
+        host_tensor(kv_lens),
+        rows,
+        batch,
+        s.num_qo_heads,
+        s.num_kv_heads,
+        s.page_size,
+        s.enable_cuda_graph,
+        s.head_dim_qk,
+        s.head_dim_vo,
+        s.mask_mode == MASK_CAUSAL,
+        s.window_left,
+        **extra,
+    )
+    return Plan.make(info, ws, generation, s, batch, rows, extent_)
+
+
+def batch_attention_sink_plan(
+    workspace: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_last_page_len: Any,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    *,
+    q_dtype: Any = "bfloat16",
+    kv_layout: str = "NHD",
+    causal: bool = True,
+    window_left: int = -1,
+    sm_scale: float | None = None,
+    backend: str = "auto",
+    enable_cuda_graph: bool = False,
+    stream: Any = None,
+) -> Plan:
+    """Plan attention with sinks over a paged KV cache (``BatchAttentionWithAttentionSinkWrapper.plan``).
+
+    Args:
+        workspace: the :class:`~fi_ffi.ops.workspace.Workspace` of this plan and its runs.
+        qo_indptr: host int32 ``[batch + 1]`` query rows per request (decode: ``[0, 1, 2, ...]``).
+        kv_indptr: host int32 ``[batch + 1]`` in pages; kv_last_page_len: host int32 ``[batch]``.
+        num_qo_heads, num_kv_heads, head_dim, page_size: the problem (q/kv/o share ``q_dtype``).
+        kv_layout: ``"NHD"`` ``[pages, page_size, kv_heads, d]`` or ``"HND"``.
+        causal: causal mask aligned to the end of each request's KV (gpt-oss: True).
+        window_left: -1 (no window) or the left window in tokens (gpt-oss's sliding layers: 127).
+        sm_scale: default ``1 / sqrt(head_dim)``.
+        backend: ``"auto"``, ``"fa2"`` or ``"fa3"``.
+        enable_cuda_graph: plan for runs captured in a CUDA graph.
+        stream: the stream of the plan's copy; runs must use the same stream.
+    """
+    args = (num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_layout, causal, window_left, sm_scale,
+            backend, enable_cuda_graph)  # fmt: skip
+    return _plan("paged", workspace, qo_indptr, kv_indptr, kv_last_page_len, stream, args)
+
+
+def batch_attention_sink_ragged_plan(
+    workspace: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    q_dtype: Any = "bfloat16",
+    kv_layout: str = "NHD",
+    causal: bool = True,
+    window_left: int = -1,
+    sm_scale: float | None = None,
+    backend: str = "auto",
+    enable_cuda_graph: bool = False,
+    stream: Any = None,
+) -> Plan:
+    """Plan attention with sinks over ragged K/V (``kv_indptr`` in tokens); arguments as
+    :func:`batch_attention_sink_plan`."""
+    args = (num_qo_heads, num_kv_heads, head_dim, 1, q_dtype, kv_layout, causal, window_left, sm_scale, backend,
+            enable_cuda_graph)  # fmt: skip
+    return _plan("ragged", workspace, qo_indptr, kv_indptr, None, stream, args)
+
+
+def _runnable(plan: Any, mode: str, who: str) -> Any:
+    if plan.__class__ is not Plan:
+        raise TypeError(f"plan: expected a Plan from {who}, got {type(plan).__name__}")
+    s = plan._s
+    ws = plan.workspace
+    if s.kind != KIND or s.mode != mode or not plan._info.handle or ws is None or ws._generation != plan._generation:
+        plan.check_runnable(KIND, mode)
+    return ws
+
+
+def _check_sink(a: SimpleNamespace, rules: PointerRules) -> PointerRules:
+    s, _ = a.context
+    AC.vector("sink", a.sink, "float32", s.num_qo_heads, a.float_workspace_buffer.device)
+    return rules.disjoint("out", "sink").disjoint("lse", "sink")  # the kernel reads sink while writing out/lse
+
+
+def _check_run_ragged(a: SimpleNamespace) -> PointerRules:
+    return _check_sink(a, _check_ragged(a))  # q, k, v, indptrs, out, lse against the plan: prefill's run contract
+
+
+def _check_run_paged(a: SimpleNamespace) -> PointerRules:
+    return _check_sink(a, _check_paged(a))
+
+
+def _launch(
+    plan: Plan, ws: Any, tensors: tuple[Any, ...], out: Any, sink: Any, lse: Any, pdl: Any, stream: Any
+) -> None:
+    s = plan._s
+    if sink is None:
+        raise TypeError(
+            f"sink: expected a float32 device tensor [{s.num_qo_heads}] (one logit per query head), got None"
+        )
+    s.run(
+        ws.float_buffer,
+        ws.int_buffer,
+        plan._info,
+        *tensors,
+        out,
+        lse,
+        s.mask_mode,
+        s.layout_code,
+        s.window_left,
+        pdl,
+        sink,
+        s.sm_scale,
+        stream=stream,
+        context=plan._context,
+    )
+
+
+def batch_attention_sink_run(
+    plan: Plan,
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    out: Any,
+    sink: Any,
+    *,
+    lse: Any = None,
+    enable_pdl: bool = False,
+    stream: Any = None,
+) -> Any:
+    """Run attention with sinks over a paged KV cache with a plan from :func:`batch_attention_sink_plan`.
+
+    Args:
+        plan: a live paged sink plan.
+        q: ``[>= qo_indptr[-1], num_qo_heads, head_dim]``; last dim contiguous.
+        k_cache, v_cache: NHD ``[pages, page_size, num_kv_heads, head_dim]`` / HND, the plan's dtype.
+        qo_indptr, kv_indptr, kv_last_page_len: device int32 copies of the plan's host arrays.
+        kv_indices: device int32 ``[>= kv_indptr[-1]]`` page ids.
+        out: ``[q.shape[0], num_qo_heads, head_dim]``, contiguous; written.
+        sink: float32 device ``[num_qo_heads]``: each head's sink logit.
+        lse: optional float32 ``[q.shape[0], num_qo_heads]`` (base 2).
+
+    Returns:
+        ``out``.
+    """
+    ws = _runnable(plan, "paged", "batch_attention_sink_plan")
+    rows = extent("q", q)
+    if rows < plan.num_rows:
+        raise ValueError(f"q: the plan's qo_indptr ends at {plan.num_rows} rows, but q has {rows}")
+    pages = extent("kv_indices", kv_indices)
+    if pages < plan.kv_extent:
+        raise ValueError(
+            f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has {pages} entries"
+        )
+    tensors = (q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
+    _launch(plan, ws, tensors, out, sink, lse, enable_pdl, stream)
+    return out
+
+
+def batch_attention_sink_ragged_run(
+    plan: Plan,
+    q: Any,
+    k: Any,
+    v: Any,
+    qo_indptr: Any,
+    kv_indptr: Any,
+    out: Any,
+    sink: Any,
+    *,
+    lse: Any = None,
+    enable_pdl: bool = False,
+    stream: Any = None,
+) -> Any:
+    """Run attention with sinks over ragged K/V (NHD ``[>= kv_indptr[-1], num_kv_heads, head_dim]`` or HND) with a
+    plan from :func:`batch_attention_sink_ragged_plan`; other arguments as :func:`batch_attention_sink_run`."""
+    ws = _runnable(plan, "ragged", "batch_attention_sink_ragged_plan")
+    rows = extent("q", q)
+    if rows < plan.num_rows:
+        raise ValueError(f"q: the plan's qo_indptr ends at {plan.num_rows} rows, but q has {rows}")
+    nnz_kv = extent("k", k, 0 if plan._s.kv_layout == "NHD" else 1)
+    if nnz_kv < plan.kv_extent:
+        raise ValueError(f"k: the plan's kv_indptr ends at {plan.kv_extent} tokens, but k has {nnz_kv}")
+    _launch(plan, ws, (q, k, v, qo_indptr, kv_indptr), out, sink, lse, enable_pdl, stream)
+    return out

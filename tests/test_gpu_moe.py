@@ -1,0 +1,181 @@
+"""The MoE layer (fi_ffi.models.moe) on a real GPU against a float32 numpy reference (gated by
+FI_FFI_RUN_GPU_TESTS=1; needs CuPy and the model-family test wheel; bfloat16 cases convert through torch).
+
+Reference, per token: softmax over the router logits (float32, from the dtype-rounded x and router weight), top-k,
+renormalized (Mixtral) or not (Qwen3-MoE without ``norm_topk_prob``); then
+``sum_j w_j * down_e(silu(gate_e(x)) * up_e(x))`` in float32 on the dtype-rounded weights, with the intermediate
+activation rounded to the dtype as the kernels store it. The layer's chosen experts must equal the reference's
+for every token whose k-th and (k+1)-th logits are more than 1e-3 apart (near-ties may differ: both computations
+round differently); outputs are compared under the layer's own routing, tolerance 2e-2 (float16) / 5e-2
+(bfloat16) absolute and relative on outputs of magnitude ~1. Token counts include 1 (six of eight experts
+empty), and batches where some experts get no token at all.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+import numpy as np
+
+cupy = pytest.importorskip("cupy")
+
+from fi_ffi.models.moe import MoELayer, MoEWeights  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+TOL = {"float16": 2e-2, "bfloat16": 5e-2}
+
+
+@pytest.fixture(autouse=True)
+def _models(models_modules: list[str]) -> None:
+    """Skips (naming the wheel) when the model-family modules are not pinned."""
+
+
+def to_device(a: np.ndarray, dtype: str) -> tuple[object, np.ndarray]:
+    """(device array in the layer's storage, the float32 values it holds)."""
+    if dtype == "float16":
+        h = a.astype(np.float16)
+        return cupy.asarray(h), h.astype(np.float32)
+    torch = pytest.importorskip("torch")
+    b = torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+    return cupy.asarray(b.view(torch.int16).numpy().view(np.uint16)), b.float().numpy()
+
+
+def round_to(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float16":
+        return a.astype(np.float16).astype(np.float32)
+    import torch
+
+    return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16).float().numpy()
+
+
+def from_device(a: object, dtype: str) -> np.ndarray:
+    host = cupy.asnumpy(a)
+    if dtype == "float16":
+        return host.astype(np.float32)
+    import torch
+
+    return torch.from_numpy(host.view(np.int16)).view(torch.bfloat16).float().numpy()
+
+
+def silu(v: np.ndarray) -> np.ndarray:
+    return v / (1.0 + np.exp(-v))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("tokens", [1, 5, 64, 300])
+@pytest.mark.parametrize(("experts", "top_k", "renormalize"), [(8, 2, True), (16, 4, False)], ids=["mixtral", "qwen3"])
+def test_moe_layer_matches_float32(dtype: str, tokens: int, experts: int, top_k: int, renormalize: bool) -> None:
+    rng = np.random.default_rng(tokens + experts)
+    h, i = 256, 512
+    x_d, x = to_device(rng.standard_normal((tokens, h)), dtype)
+    router_d, router = to_device(rng.standard_normal((experts, h)) / h**0.5, dtype)
+    gu_d, gu = to_device(rng.standard_normal((experts, 2 * i, h)) / h**0.5, dtype)
+    down_d, down = to_device(rng.standard_normal((experts, h, i)) / i**0.5, dtype)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    layer = MoELayer(
+        MoEWeights(router_d, gu_d, down_d), dtype=dtype, top_k=top_k, renormalize=renormalize, max_tokens=512,
+        stream=stream,
+    )  # fmt: skip
+    try:
+        out = cupy.zeros_like(x_d)
+        assert layer.forward(x_d, out) is out
+        stream.synchronize()
+        weights, chosen, groups = layer.last_routing  # type: ignore[misc]
+        logits = x @ router.T
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        want_experts = np.argsort(-p, axis=1, kind="stable")[:, :top_k]
+        srt = np.sort(logits, axis=1)[:, ::-1]
+        clear = (srt[:, top_k - 1] - srt[:, top_k]) > 1e-3 if top_k < experts else np.ones(tokens, bool)
+        assert (np.sort(chosen[clear], 1) == np.sort(want_experts[clear], 1)).all()
+        if tokens == 1:
+            assert (groups.counts == 0).sum() == experts - top_k  # the empty experts' segments
+        want = np.zeros((tokens, h), np.float32)
+        for t in range(tokens):
+            for j in range(top_k):
+                e = chosen[t, j]
+                g = gu[e] @ x[t]
+                act = round_to(silu(round_to(g[:i], dtype)) * round_to(g[i:], dtype), dtype)
+                want[t] += weights[t, j] * round_to(down[e] @ act, dtype)
+        got = from_device(out, dtype)
+        np.testing.assert_allclose(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+    finally:
+        layer.close()
+
+
+def test_moe_layer_reuses_its_buffers_across_batch_sizes() -> None:
+    rng = np.random.default_rng(0)
+    h, i, experts = 128, 256, 8
+    router_d, _ = to_device(rng.standard_normal((experts, h)) / h**0.5, "float16")
+    gu_d, _ = to_device(rng.standard_normal((experts, 2 * i, h)) / h**0.5, "float16")
+    down_d, _ = to_device(rng.standard_normal((experts, h, i)) / i**0.5, "float16")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    layer = MoELayer(MoEWeights(router_d, gu_d, down_d), dtype="float16", top_k=2, max_tokens=64, stream=stream)
+    try:
+        x_d, _ = to_device(rng.standard_normal((64, h)), "float16")
+        full = cupy.zeros_like(x_d)
+        layer.forward(x_d, full)
+        for n in (1, 17, 64):  # a prefix of the batch gives the prefix of the result
+            part = cupy.zeros_like(x_d)
+            layer.forward(x_d[:n], part)
+            stream.synchronize()
+            np.testing.assert_allclose(cupy.asnumpy(part[:n]), cupy.asnumpy(full[:n]), atol=1e-3, rtol=1e-3)
+        with pytest.raises(ValueError, match="tokens: 65 exceeds the rows of x"):
+            layer.forward(x_d, full, tokens=65)
+    finally:
+        layer.close()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(("experts", "top_k", "renormalize"), [(8, 2, True), (16, 4, False)], ids=["mixtral", "qwen3"])
+def test_the_fixed_capacity_path_matches_the_host_path_and_replays_in_a_graph(
+    dtype: str, experts: int, top_k: int, renormalize: bool
+) -> None:
+    """forward_static (device routing, every expert C rows, prepared GEMMs) gives forward's result, and a CUDA graph
+    captured around it gives the result of each new input it is replayed on."""
+    rng = np.random.default_rng(experts)
+    h, i, cap = 256, 512, 32
+    router_d, _ = to_device(rng.standard_normal((experts, h)) / h**0.5, dtype)
+    gu_d, _ = to_device(rng.standard_normal((experts, 2 * i, h)) / h**0.5, dtype)
+    down_d, _ = to_device(rng.standard_normal((experts, h, i)) / i**0.5, dtype)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    layer = MoELayer(
+        MoEWeights(router_d, gu_d, down_d), dtype=dtype, top_k=top_k, renormalize=renormalize, max_tokens=64,
+        stream=stream, capacity=cap,
+    )  # fmt: skip
+    try:
+        for tokens in (1, 7, cap):
+            x_d, _ = to_device(rng.standard_normal((tokens, h)), dtype)
+            host_out, dev_out = cupy.zeros_like(x_d), cupy.zeros_like(x_d)
+            layer.forward(x_d, host_out)
+            layer.forward_static(x_d, dev_out)
+            stream.synchronize()
+            np.testing.assert_allclose(
+                from_device(dev_out, dtype), from_device(host_out, dtype), atol=TOL[dtype], rtol=TOL[dtype]
+            )
+        # capture one static step at the full capacity, then replay it on new inputs written into the same buffer
+        x_buf, _ = to_device(rng.standard_normal((cap, h)), dtype)
+        out_buf = cupy.zeros_like(x_buf)
+        layer.forward_static(x_buf, out_buf)  # warm-up outside the capture (modules, cuBLAS algorithms)
+        stream.synchronize()
+        stream.begin_capture()
+        layer.forward_static(x_buf, out_buf)
+        graph = stream.end_capture()
+        for _ in range(2):
+            new, _ = to_device(rng.standard_normal((cap, h)), dtype)
+            x_buf[...] = new
+            cupy.cuda.Device().synchronize()
+            graph.launch(stream)
+            want = cupy.zeros_like(x_buf)
+            layer.forward(x_buf, want)
+            stream.synchronize()
+            np.testing.assert_allclose(
+                from_device(out_buf, dtype), from_device(want, dtype), atol=TOL[dtype], rtol=TOL[dtype]
+            )
+    finally:
+        layer.close()

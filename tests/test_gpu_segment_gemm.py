@@ -1,0 +1,134 @@
+"""Grouped (segment) GEMM on a real GPU against float32 torch (gated by FI_FFI_RUN_GPU_TESTS=1; the model-family
+test wheel staged beside the core wheel; the generic ``gemm`` module also needs the ``nvidia-cublas`` wheel).
+
+Reference: per segment ``x[rows].float() @ W.float().T`` (column-major weights) or ``@ W.float()`` (row-major), on
+the dtype-rounded inputs (FP8 inputs: their float8 values). Outputs have magnitude ~1 (weights scaled by
+``1/sqrt(d_in)``); tolerances absolute and relative: float16 1e-2, bfloat16 3e-2 (one rounding of the result,
+float32 accumulation in a different order). Rows of empty segments do not exist; rows of other segments must
+all be written (``out`` starts as NaN for the SM90 module, zero for the generic one, which adds into ``out``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+import numpy as np
+import torch
+
+import fi_ffi
+from fi_ffi.errors import LibraryLoadError
+
+pytestmark = pytest.mark.gpu
+TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _models(models_modules: list[str]) -> None:
+    """Skips (naming the wheel) when the model-family modules are not pinned."""
+
+
+@pytest.fixture(scope="module")
+def ws():  # type: ignore[no-untyped-def]
+    with fi_ffi.Workspace.allocate(0) as w:
+        yield w
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, indptr: list[int], widx: list[int], column_major: bool) -> torch.Tensor:
+    d_out = w.shape[1] if column_major else w.shape[2]
+    out = torch.zeros(x.shape[0], d_out, dtype=torch.float32, device=x.device)
+    for i in range(len(indptr) - 1):
+        a, b = indptr[i], indptr[i + 1]
+        if a == b:
+            continue
+        W = w[widx[i]].float()
+        out[a:b] = x[a:b].float() @ (W.T if column_major else W)
+    return out
+
+
+def backend_or_skip(backend: str) -> None:
+    if backend == "sm90" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the gemm_sm90 module runs on SM 9.x only")
+
+
+SEGMENTS = {
+    "uneven_and_empty": [5, 0, 17, 1, 0, 64, 3],
+    "one": [40],
+    "many_small": [1] * 12 + [0] * 4 + [2] * 6,
+}
+
+
+@pytest.mark.parametrize("backend", ["sm90", "sm80"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("column_major", [True, False])
+@pytest.mark.parametrize("segments", sorted(SEGMENTS))
+@pytest.mark.parametrize("indexed", [False, True])
+def test_segment_gemm_matches_float32(
+    ws: fi_ffi.Workspace, backend: str, dtype: torch.dtype, column_major: bool, segments: str, indexed: bool
+) -> None:
+    backend_or_skip(backend)
+    lens = SEGMENTS[segments]
+    torch.manual_seed(len(lens))
+    d_in, d_out, num_w = 256, 384, 5
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    rows = int(indptr[-1])
+    x = torch.randn(rows, d_in, device="cuda").to(dtype)
+    shape = (num_w, d_out, d_in) if column_major else (num_w, d_in, d_out)
+    w = (torch.randn(shape, device="cuda") / d_in**0.5).to(dtype)
+    widx = [int(v) for v in np.random.default_rng(1).integers(0, num_w, len(lens))] if indexed else None
+    fill = 0.0 if backend == "sm80" else float("nan")  # the generic module adds into out
+    out = torch.full((rows, d_out), fill, dtype=dtype, device="cuda")
+    try:
+        got = fi_ffi.segment_gemm(
+            ws, x, w, len(lens), column_major, out, seg_indptr=indptr, weight_indices=widx, backend=backend
+        )
+    except LibraryLoadError as exc:
+        pytest.skip(f"the generic gemm module needs cuBLAS: {exc}")
+    assert got is out
+    torch.cuda.synchronize()
+    want = reference(x, w, indptr.tolist(), widx or list(range(len(lens))), column_major)
+    torch.testing.assert_close(out.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_fp8_inputs_with_a_bfloat16_out(ws: fi_ffi.Workspace) -> None:
+    backend_or_skip("sm90")
+    lens = [7, 0, 33, 128]
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    rows, d_in, d_out = int(indptr[-1]), 256, 256
+    x = torch.randn(rows, d_in, device="cuda").to(torch.float8_e4m3fn)
+    w = (torch.randn(4, d_out, d_in, device="cuda") / d_in**0.5).to(torch.float8_e4m3fn)
+    out = torch.full((rows, d_out), float("nan"), dtype=torch.bfloat16, device="cuda")
+    fi_ffi.segment_gemm(ws, x, w, 4, True, out, seg_lens=lens, backend="sm90")
+    torch.cuda.synchronize()
+    want = reference(x, w, indptr.tolist(), [0, 1, 2, 3], True)
+    torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
+
+
+def test_back_to_back_calls_on_one_workspace_and_cupy_arrays(ws: fi_ffi.Workspace) -> None:
+    """Each call restages the argument arrays (the pinned buffer is reused only after the last copy read it)."""
+    cp = pytest.importorskip("cupy")
+    backend_or_skip("sm90")
+    rng = np.random.default_rng(0)
+    d = 128
+    results = []
+    wants = []
+    for _ in range(6):
+        lens = rng.integers(0, 20, 8).tolist()
+        indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        x = cp.asarray(rng.standard_normal((int(indptr[-1]), d)).astype(np.float16))
+        w = cp.asarray((rng.standard_normal((8, d, d)) / d**0.5).astype(np.float16))
+        out = cp.empty((int(indptr[-1]), d), cp.float16)
+        fi_ffi.segment_gemm(ws, x, w, 8, True, out, seg_indptr=indptr, backend="sm90")
+        results.append(out)
+        xs, ws_ = cp.asnumpy(x).astype(np.float32), cp.asnumpy(w).astype(np.float32)
+        want = np.zeros((int(indptr[-1]), d), np.float32)
+        for i in range(8):
+            want[indptr[i] : indptr[i + 1]] = xs[indptr[i] : indptr[i + 1]] @ ws_[i].T
+        wants.append(want)
+    cp.cuda.Device().synchronize()
+    for got, want in zip(results, wants, strict=True):
+        np.testing.assert_allclose(cp.asnumpy(got).astype(np.float32), want, atol=1e-2, rtol=1e-2)

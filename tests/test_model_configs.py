@@ -1,0 +1,96 @@
+"""The engine's configs of today's model families (fi_ffi.models.config): Qwen3 (q/k norm), Mixtral and Qwen3-MoE
+(MoE MLPs) parsed from the keys transformers writes, and what the engine does not implement refused by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fi_ffi.models.config import LlamaConfig, MoEConfig
+
+BASE: dict[str, Any] = {
+    "vocab_size": 1000,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 4096,
+}
+QWEN3 = {**BASE, "model_type": "qwen3", "head_dim": 64, "attention_bias": False, "use_sliding_window": False,
+         "sliding_window": None, "rope_theta": 1000000.0}  # fmt: skip
+MIXTRAL = {**BASE, "model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None}
+QWEN3_MOE = {
+    **QWEN3,
+    "model_type": "qwen3_moe",
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "moe_intermediate_size": 128,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+}
+
+
+def test_llama_has_neither_qk_norm_nor_experts() -> None:
+    c = LlamaConfig.from_dict({**BASE, "model_type": "llama"})
+    assert c.model_type == "llama" and not c.qk_norm and c.moe is None
+
+
+def test_qwen3_dense() -> None:
+    c = LlamaConfig.from_dict(QWEN3)
+    assert c.model_type == "qwen3" and c.qk_norm and c.moe is None
+    assert c.head_dim == 64 and c.rope.theta == 1000000.0 and not c.rope.llama3
+
+
+def test_mixtral() -> None:
+    c = LlamaConfig.from_dict(MIXTRAL)
+    assert not c.qk_norm
+    assert c.moe == MoEConfig(num_experts=8, top_k=2, intermediate_size=512, renormalize=True)
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_qwen3_moe(renorm: bool) -> None:
+    c = LlamaConfig.from_dict({**QWEN3_MOE, "norm_topk_prob": renorm})
+    assert c.qk_norm
+    assert c.moe == MoEConfig(num_experts=16, top_k=4, intermediate_size=128, renormalize=renorm)
+
+
+def test_qwen3_moe_norm_topk_prob_defaults_to_false() -> None:
+    d = dict(QWEN3_MOE)
+    del d["norm_topk_prob"]
+    moe = LlamaConfig.from_dict(d).moe
+    assert moe is not None and not moe.renormalize
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({**QWEN3, "use_sliding_window": True}, "sliding-window attention .* is not supported"),
+        ({**MIXTRAL, "sliding_window": 4096}, "sliding-window attention"),
+        ({**QWEN3, "attention_bias": True}, "attention_bias=true is not supported"),
+        ({**MIXTRAL, "num_experts_per_tok": 9}, r"num_experts_per_tok \(9\) exceeds the 8 experts"),
+        ({**MIXTRAL, "num_experts_per_tok": None}, "missing 'num_experts_per_tok'"),
+        ({**QWEN3_MOE, "decoder_sparse_step": 2}, "dense MLP layers between the MoE layers"),
+        ({**QWEN3_MOE, "mlp_only_layers": [0]}, "dense MLP layers between the MoE layers"),
+        ({**QWEN3_MOE, "moe_intermediate_size": 0}, "moe_intermediate_size must be a positive integer"),
+        ({**QWEN3_MOE, "norm_topk_prob": "yes"}, "norm_topk_prob must be true or false"),
+        ({**QWEN3_MOE, "shared_expert_intermediate_size": 64}, "shared experts are not supported"),
+        ({**BASE, "model_type": "qwen2_moe"}, "model_type 'qwen2_moe' is not supported.*'qwen3_moe'"),
+    ],
+)
+def test_what_the_engine_does_not_implement_is_refused(config: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig.from_dict(config)
+
+
+def test_the_engine_refuses_tensor_parallel_moe_before_loading_anything(tmp_path: Any) -> None:
+    import json
+
+    from fi_ffi.models.llama import LlamaEngine
+
+    (tmp_path / "config.json").write_text(json.dumps(MIXTRAL))
+    with pytest.raises(ValueError, match="tensor_parallel: mixtral checkpoints run on one GPU here"):
+        LlamaEngine(tmp_path, tensor_parallel=2)

@@ -1,0 +1,256 @@
+"""Grouped (segment) GEMM on the CPU machine: the host-computed argument arrays (uneven, empty and re-indexed
+segments), their packing into the workspace layout, both declarations packed into the real ``gemm_sm90`` and
+``gemm`` modules of the model-family test wheel (``gemm`` loads only with cuBLAS: the ``nvidia-cublas`` wheel),
+and every bad argument refused before anything is staged or launched, naming the argument."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from test_norm import assert_reached_the_kernel, fake_cuda
+
+import fi_ffi
+from fi_ffi.errors import KernelError, LibraryLoadError, UnsupportedDeviceError
+from fi_ffi.ops import segment_gemm as G
+from fi_ffi.tensor import Tensor
+
+pytestmark = pytest.mark.cpu_only
+
+
+def workspace(int_bytes: int = 1 << 12) -> fi_ffi.Workspace:
+    pinned = np.zeros(int_bytes, np.uint8)
+    return fi_ffi.Workspace.from_buffers(
+        fake_cuda((1 << 12,), "uint8"),
+        fake_cuda((int_bytes,), "uint8"),
+        Tensor.from_pointer(pinned.ctypes.data, (int_bytes,), "uint8", "cpu", owner=pinned),
+    )
+
+
+def test_arguments_of_uneven_and_empty_segments() -> None:
+    indptr = np.array([0, 3, 3, 10, 11, 11], np.int32)  # segments of 3, 0, 7, 1, 0 rows
+    args = G.segment_gemm_args(indptr, None, 5, 64, 128, 0x1000, 0x100000, 0x200000, 2, 2, 2, True)
+    assert args.count == 3
+    assert args.segments.tolist() == [0, 2, 3]
+    assert args.problems.tolist() == [[3, 128, 64], [7, 128, 64], [1, 128, 64]]
+    assert args.x_ptr.tolist() == [0x1000, 0x1000 + 3 * 64 * 2, 0x1000 + 10 * 64 * 2]
+    assert args.w_ptr.tolist() == [0x100000 + i * 64 * 128 * 2 for i in (0, 2, 3)]
+    assert args.y_ptr.tolist() == [0x200000, 0x200000 + 3 * 128 * 2, 0x200000 + 10 * 128 * 2]
+    assert args.x_ld.tolist() == [64] * 3 and args.w_ld.tolist() == [64] * 3 and args.y_ld.tolist() == [128] * 3
+
+
+def test_arguments_with_weight_indices_fp8_and_row_major_weights() -> None:
+    indptr = np.array([0, 2, 5], np.int32)
+    args = G.segment_gemm_args(indptr, np.array([3, 0], np.int32), 4, 32, 16, 0, 0, 0, 1, 1, 2, False)
+    assert args.w_ptr.tolist() == [3 * 32 * 16, 0]
+    assert args.x_ptr.tolist() == [0, 2 * 32]  # FP8 x: one byte per element
+    assert args.y_ptr.tolist() == [0, 2 * 16 * 2]  # bfloat16 out
+    assert args.w_ld.tolist() == [16, 16]  # row-major [d_in, d_out]: leading dimension d_out
+
+
+def test_a_weight_index_out_of_range_is_named() -> None:
+    with pytest.raises(ValueError, match=r"weight_indices: segment 1 uses weight 4, outside \[0, 4\)"):
+        G.segment_gemm_args(
+            np.array([0, 1, 2], np.int32), np.array([0, 4], np.int32), 4, 16, 16, 0, 0, 0, 2, 2, 2, True
+        )
+    with pytest.raises(ValueError, match=r"batch_size: segment 2 uses weight 2, outside \[0, 2\)"):
+        G.segment_gemm_args(np.array([0, 1, 2, 3], np.int32), None, 2, 16, 16, 0, 0, 0, 2, 2, 2, True)
+
+
+def test_packing_aligns_every_array_to_16_bytes() -> None:
+    args = G.segment_gemm_args(np.array([0, 1, 3, 6], np.int32), None, 3, 64, 64, 16, 32, 48, 2, 2, 2, True)
+    data, offsets = args.pack()
+    assert all(o % 16 == 0 for o in offsets.values())
+    assert offsets["all_problems"] == 0 and offsets["x_ptr"] == 48  # 3 x 12 bytes, padded to 48
+    problems = np.frombuffer(data[:36], np.int32).reshape(3, 3)
+    assert problems.tolist() == args.problems.tolist()
+    assert np.frombuffer(data[offsets["y_ld"] : offsets["y_ld"] + 24], np.int64).tolist() == [64, 64, 64]
+
+
+def arrays(p: int = 3) -> list[Tensor]:
+    return [fake_cuda((p, 3), "int32")] + [fake_cuda((p,), "int64") for _ in range(6)]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float8_e4m3fn"])
+def test_the_sm90_declaration_reaches_its_kernel(kernel_modules: object, models_modules: object, dtype: str) -> None:
+    x, y = fake_cuda((10, 64), dtype), fake_cuda((10, 128), "bfloat16")
+    with pytest.raises(KernelError) as info:
+        G._sm90(fake_cuda((1 << 20,), "uint8"), fake_cuda((1 << 10,), "uint8"), *arrays(), x, y, True)
+    assert_reached_the_kernel(info.value)
+    assert "gemm_sm90.cutlass_segment_gemm_sm90" in str(info.value)
+
+
+def test_the_generic_declaration_reaches_its_kernel(kernel_modules: object, models_modules: object) -> None:
+    x = fake_cuda((10, 64), "float16")
+    try:
+        with pytest.raises(KernelError) as info:
+            G._sm80(fake_cuda((1 << 10,), "uint8"), *arrays(), x, False)
+    except LibraryLoadError as exc:  # the module lists libcublas.so.13 / libcublasLt.so.13 as NEEDED
+        assert "nvidia-cublas" in str(exc)
+        pytest.skip(f"the gemm module needs cuBLAS (pip install 'nvidia-cublas>=13,<14'): {exc}")
+    assert_reached_the_kernel(info.value)
+    assert "gemm.cutlass_segment_gemm" in str(info.value)
+
+
+def call_args(**change: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "workspace": workspace(),
+        "x": fake_cuda((11, 64), "bfloat16"),
+        "weights": fake_cuda((4, 128, 64), "bfloat16"),
+        "batch_size": 5,
+        "weight_column_major": True,
+        "out": fake_cuda((11, 128), "bfloat16"),
+        "seg_indptr": np.array([0, 3, 3, 10, 11, 11], np.int32),
+        "weight_indices": [0, 1, 2, 3, 0],
+        "backend": "sm90",
+    }
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("backend", ["sm90", "sm80"])
+def test_a_valid_call_passes_every_check_and_stops_at_the_missing_driver(backend: str) -> None:
+    # making the device current for the argument copy is the first thing that needs the GPU: everything before
+    # it has been checked
+    with pytest.raises(UnsupportedDeviceError, match="no CUDA device"):
+        fi_ffi.segment_gemm(**call_args(backend=backend))
+
+
+def test_seg_lens_work_like_seg_indptr() -> None:
+    args = call_args(seg_indptr=None, seg_lens=[3, 0, 7, 1, 0])
+    with pytest.raises(UnsupportedDeviceError, match="no CUDA device"):
+        fi_ffi.segment_gemm(**args)
+
+
+def test_all_empty_segments_launch_nothing() -> None:
+    args = call_args(
+        x=fake_cuda((0, 64), "bfloat16"), out=fake_cuda((0, 128), "bfloat16"), seg_indptr=[0, 0, 0, 0, 0, 0]
+    )
+    assert fi_ffi.segment_gemm(**args) is args["out"]
+
+
+@pytest.mark.parametrize(
+    ("change", "exc", "pattern"),
+    [
+        ({"out": None}, TypeError, "out: required"),
+        ({"workspace": object()}, TypeError, "workspace: expected a fi_ffi Workspace"),
+        ({"batch_size": -1}, ValueError, "batch_size: expected an int >= 0"),
+        ({"batch_size": 4}, ValueError, r"seg_indptr: expected 5 entries"),
+        ({"seg_indptr": None}, TypeError, "seg_indptr: one of seg_lens and seg_indptr is required"),
+        ({"seg_indptr": np.array([0, 3, 2, 10, 11, 11], np.int32)}, ValueError, "seg_indptr"),
+        ({"seg_indptr": np.array([0, 3, 3, 10, 11, 11], np.int64)}, TypeError, "seg_indptr"),
+        ({"seg_indptr": None, "seg_lens": [3, -1, 7, 1, 1]}, ValueError, "seg_lens: expected lengths >= 0"),
+        ({"seg_indptr": None, "seg_lens": [3, 7]}, ValueError, r"seg_lens: expected 5 entries \(batch_size\)"),
+        ({"weight_indices": [0, 1, 2, 3]}, ValueError, r"weight_indices: expected 5 entries"),
+        ({"weight_indices": [0, 1, 9, 3, 0]}, ValueError, r"weight_indices: segment 2 uses weight 9"),
+        ({"weight_indices": [0.5, 1, 2, 3, 0]}, TypeError, "weight_indices"),
+        ({"x": fake_cuda((12, 64), "bfloat16")}, ValueError, r"x: expected 11 rows \(seg_indptr\[-1\]\)"),
+        ({"x": fake_cuda((11, 64), "float32")}, TypeError, "x: expected dtype"),
+        (
+            {
+                "x": fake_cuda((11, 64), "float8_e4m3fn"),
+                "weights": fake_cuda((4, 128, 64), "float8_e4m3fn"),
+                "backend": "sm80",
+            },
+            TypeError,
+            "x: expected dtype float16, bfloat16",
+        ),
+        (
+            {
+                "x": fake_cuda((11, 64), "float8_e4m3fn"),
+                "weights": fake_cuda((4, 64, 128), "float8_e4m3fn"),
+                "weight_column_major": False,
+            },
+            ValueError,
+            "weight_column_major: FP8 inputs need column-major",
+        ),
+        (
+            {
+                "x": fake_cuda((11, 64), "float8_e4m3fn"),
+                "weights": fake_cuda((4, 128, 64), "float8_e4m3fn"),
+                "out": fake_cuda((11, 128), "float8_e4m3fn"),
+            },
+            TypeError,
+            "out: expected dtype float16, bfloat16",
+        ),
+        ({"weights": fake_cuda((4, 128, 64), "float16")}, TypeError, r"weights: expected dtype bfloat16 \(same as x\)"),
+        ({"weights": fake_cuda((4, 128, 32), "bfloat16")}, ValueError, r"weights: expected d_in = 64"),
+        ({"weights": fake_cuda((0, 128, 64), "bfloat16")}, ValueError, "weights: expected at least one weight"),
+        ({"weights": fake_cuda((4, 128, 64, 1), "bfloat16")}, ValueError, "weights: expected a 3-D tensor"),
+        (
+            {"weights": fake_cuda((4, 64, 128), "bfloat16").view((4, 128, 64), strides=(8192, 1, 128))},
+            ValueError,
+            "weights: expected a contiguous tensor",
+        ),
+        ({"out": fake_cuda((11, 64), "bfloat16")}, ValueError, r"out: expected shape \(11, 128\)"),
+        ({"out": fake_cuda((11, 128), "float16")}, TypeError, r"out: expected dtype bfloat16 \(same as x\)"),
+        ({"out": fake_cuda((11, 128), "bfloat16", device=1)}, ValueError, "out: expected a tensor on cuda:0"),
+        (
+            {"x": fake_cuda((11, 60), "bfloat16"), "weights": fake_cuda((4, 128, 60), "bfloat16")},
+            ValueError,
+            r"x: d_in = 60 must be a positive multiple of 8 \(16 bytes of bfloat16\)",
+        ),
+        (
+            {"weights": fake_cuda((4, 100, 64), "bfloat16"), "out": fake_cuda((11, 100), "bfloat16")},
+            ValueError,
+            "out: d_out = 100 must be a positive multiple of 8",
+        ),
+        (
+            {"x": fake_cuda((12, 64), "bfloat16").view((11, 64), offset=4)},
+            ValueError,
+            "x: data pointer .* must be aligned to 16 bytes",
+        ),
+        ({"backend": "cutlass"}, ValueError, "backend: expected one of auto, sm90, sm80"),
+        ({"weight_column_major": 2}, TypeError, "weight_column_major"),
+        ({"workspace": workspace(64)}, ValueError, r"workspace: the argument arrays of 3 segments need \d+ bytes"),
+    ],
+)
+def test_bad_inputs_are_named(change: dict[str, Any], exc: type, pattern: str) -> None:
+    with pytest.raises(exc, match=pattern):
+        fi_ffi.segment_gemm(**call_args(**change))
+
+
+@pytest.mark.parametrize("other", ["x", "weights"])
+def test_out_must_not_overlap_x_or_the_weights(other: str) -> None:
+    args = call_args()
+    victim = args[other]
+    args["out"] = Tensor.from_pointer(victim.data_ptr, (11, 128), "bfloat16", 0, owner=victim)
+    with pytest.raises(ValueError, match=f"out: overlaps {other}"):
+        fi_ffi.segment_gemm(**args)
+
+
+# ------------------------------------------------------------------------------------------ prepared form
+
+
+@pytest.mark.parametrize("segments", [1, 3, 5, 8, 128])
+def test_args_bytes_is_the_packed_size(segments: int) -> None:
+    indptr = np.arange(segments + 1, dtype=np.int32)
+    args = G.segment_gemm_args(indptr, None, segments, 64, 64, 0, 0, 0, 2, 2, 2, True)
+    assert len(args.pack()[0]) == G.segment_gemm_args_bytes(segments)
+
+
+def test_prepare_checks_its_buffer_then_copies_once() -> None:
+    args = call_args()
+    del args["backend"]
+    need = G.segment_gemm_args_bytes(3)  # 3 non-empty segments
+    with pytest.raises(ValueError, match=rf"args_buffer: the argument arrays of 3 segments need {need} bytes"):
+        G.prepare_segment_gemm(**args, args_buffer=fake_cuda((need - 16,), "uint8"), backend="sm90")
+    with pytest.raises(TypeError, match="args_buffer: expected dtype uint8"):
+        G.prepare_segment_gemm(**args, args_buffer=fake_cuda((need,), "int32"), backend="sm90")
+    with pytest.raises(ValueError, match="args_buffer: data pointer .* aligned to 16"):
+        G.prepare_segment_gemm(**args, args_buffer=fake_cuda((need + 16,), "uint8").view((need,), offset=8))
+    x = args["x"]
+    overlapping = Tensor.from_pointer(x.data_ptr, (need,), "uint8", 0, owner=x)
+    with pytest.raises(ValueError, match="args_buffer: overlaps x"):
+        G.prepare_segment_gemm(**args, args_buffer=overlapping, backend="sm90")
+    # a valid call stops only at the copy, which needs the driver (none here)
+    with pytest.raises(KernelError, match="cuMemcpyHtoD|CUDA driver"):
+        G.prepare_segment_gemm(**args, args_buffer=fake_cuda((need,), "uint8"), backend="sm90")
+
+
+def test_a_prepared_call_of_empty_segments_copies_and_launches_nothing() -> None:
+    args = call_args(x=fake_cuda((0, 64), "bfloat16"), out=fake_cuda((0, 128), "bfloat16"), seg_indptr=[0] * 6)
+    prepared = G.prepare_segment_gemm(**args, args_buffer=fake_cuda((16,), "uint8"))
+    assert prepared.count == 0
+    prepared()  # nothing to launch

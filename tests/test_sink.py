@@ -1,0 +1,242 @@
+"""Attention with sinks on the CPU machine, against the real ``batch_prefill_with_attention_sink_*`` modules (FA2
+and FA3, window off and on) of the model-family test wheel: plans and runs are packed and reach the modules
+(which stop at the missing device), the module is chosen from dtype, head dim, window and backend, and bad
+arguments are refused before the FFI, naming the argument."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from test_attention_cpu import assert_reached_the_kernel, fake_cuda, host, workspace
+
+import fi_ffi
+from fi_ffi.errors import KernelError, KernelNotFoundError
+from fi_ffi.ops import sink as K
+from fi_ffi.ops.plan import Plan
+
+pytestmark = pytest.mark.cpu_only
+H_Q, H_K, D, PAGE = 8, 2, 64, 16
+
+
+@pytest.fixture(scope="module")
+def make_array():  # type: ignore[no-untyped-def]
+    from fi_ffi.abi.call import Function
+
+    return Function.global_function("ffi.Array")
+
+
+def settings(mode: str = "paged", backend: str = "fa2", window_left: int = -1, layout: str = "NHD") -> Any:
+    args = (H_Q, H_K, D, PAGE if mode == "paged" else 1, "bfloat16", layout, True, window_left, None, backend, False)
+    return K._settings(mode, 0, args)
+
+
+def fake_plan(make_array, mode: str = "paged", backend: str = "fa2", window_left: int = -1) -> Plan:  # type: ignore[no-untyped-def]
+    """A sink Plan as the plan functions build it, around a synthetic schedule of the module's length."""
+    ws = workspace()
+    s = settings(mode, backend, window_left)
+    n = 9 if backend == "fa3" else 15
+    return Plan.make(make_array(*([0] * n)), ws, ws._generation, s, 2, 4, 3 if mode == "paged" else 9)
+
+
+@pytest.mark.parametrize("window_left", [-1, 127])
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+@pytest.mark.parametrize("mode", ["paged", "ragged"])
+def test_plans_reach_the_sink_modules(
+    kernel_modules: object, models_modules: object, mode: str, backend: str, window_left: int
+) -> None:
+    ws = workspace()
+    with pytest.raises(KernelError) as info:
+        if mode == "paged":
+            fi_ffi.batch_attention_sink_plan(
+                ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), H_Q, H_K, D, PAGE, window_left=window_left,
+                backend=backend,
+            )  # fmt: skip
+        else:
+            fi_ffi.batch_attention_sink_ragged_plan(
+                ws, host([0, 3, 4]), host([0, 5, 9]), H_Q, H_K, D, window_left=window_left, backend=backend
+            )
+    assert_reached_the_kernel(info.value)
+    uri = info.value.function.rsplit(".", 1)[0]
+    assert uri == K.SinkVariant(fi_ffi.bfloat16, D, window_left >= 0, backend).uri
+    assert uri.startswith("batch_prefill_with_attention_sink_") and uri.endswith("_sm90") == (backend == "fa3")
+
+
+@pytest.mark.parametrize("window_left", [-1, 127])
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+def test_paged_runs_reach_the_sink_modules(
+    kernel_modules: object, models_modules: object, make_array: Any, backend: str, window_left: int
+) -> None:
+    plan = fake_plan(make_array, "paged", backend, window_left)
+    sink = fake_cuda((H_Q,), "float32")
+    with pytest.raises(KernelError) as info:
+        fi_ffi.batch_attention_sink_run(
+            plan,
+            fake_cuda((4, H_Q, D), "bfloat16"),
+            fake_cuda((4, PAGE, H_K, D), "bfloat16"),
+            fake_cuda((4, PAGE, H_K, D), "bfloat16"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((2,), "int32"),
+            fake_cuda((4, H_Q, D), "bfloat16"),
+            sink,
+            lse=fake_cuda((4, H_Q), "float32"),
+        )
+    assert_reached_the_kernel(info.value)
+    assert info.value.function.endswith("paged_run")
+    args = info.value.arguments
+    assert (
+        args[12] == "1"
+        and args[14] == str(window_left)
+        and args[16].startswith("Tensor")
+        and float(args[17]) == pytest.approx(D**-0.5)
+    )
+
+
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+def test_ragged_runs_reach_the_sink_modules(
+    kernel_modules: object, models_modules: object, make_array: Any, backend: str
+) -> None:
+    plan = fake_plan(make_array, "ragged", backend)
+    with pytest.raises(KernelError) as info:
+        fi_ffi.batch_attention_sink_ragged_run(
+            plan,
+            fake_cuda((4, H_Q, D), "bfloat16"),
+            fake_cuda((9, H_K, D), "bfloat16"),
+            fake_cuda((9, H_K, D), "bfloat16"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((3,), "int32"),
+            fake_cuda((4, H_Q, D), "bfloat16"),
+            fake_cuda((H_Q,), "float32"),
+        )
+    assert_reached_the_kernel(info.value)
+    assert info.value.function.endswith("ragged_run")
+
+
+def run_args(**change: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "q": fake_cuda((4, H_Q, D), "bfloat16"),
+        "k_cache": fake_cuda((4, PAGE, H_K, D), "bfloat16"),
+        "v_cache": fake_cuda((4, PAGE, H_K, D), "bfloat16"),
+        "qo_indptr": fake_cuda((3,), "int32"),
+        "kv_indptr": fake_cuda((3,), "int32"),
+        "kv_indices": fake_cuda((3,), "int32"),
+        "kv_last_page_len": fake_cuda((2,), "int32"),
+        "out": fake_cuda((4, H_Q, D), "bfloat16"),
+        "sink": fake_cuda((H_Q,), "float32"),
+    }
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("change", "exc", "pattern"),
+    [
+        ({"sink": None}, TypeError, r"sink: expected a float32 device tensor \[8\]"),
+        ({"sink": fake_cuda((H_Q,), "bfloat16")}, (TypeError, ValueError), "sink"),
+        ({"sink": fake_cuda((H_K,), "float32")}, ValueError, "sink"),
+        ({"sink": fake_cuda((H_Q,), "float32", device="cpu")}, ValueError, "sink"),
+        ({"q": fake_cuda((4, H_Q, D), "float16")}, (TypeError, ValueError), "q"),
+        ({"q": fake_cuda((3, H_Q, D), "bfloat16")}, ValueError, "q: the plan's qo_indptr ends at 4 rows"),
+        ({"kv_indices": fake_cuda((2,), "int32")}, ValueError, "kv_indices: the plan's kv_indptr ends at 3 pages"),
+        ({"out": fake_cuda((4, H_Q, 32), "bfloat16")}, ValueError, "out"),
+        ({"k_cache": fake_cuda((4, PAGE, H_K + 1, D), "bfloat16")}, ValueError, "k_cache"),
+    ],
+)
+def test_bad_run_arguments_are_named(make_array: Any, change: dict[str, Any], exc: Any, pattern: str) -> None:
+    plan = fake_plan(make_array)
+    with pytest.raises(exc, match=pattern):
+        fi_ffi.batch_attention_sink_run(plan, **run_args(**change))
+
+
+def test_a_plain_prefill_plan_is_refused_by_the_sink_run(make_array: Any) -> None:
+    from test_attention_cpu import prefill_plan
+
+    plan = prefill_plan(make_array, "paged", "fa2")
+    with pytest.raises(ValueError, match="plan: expected a batch_attention_sink plan for paged KV"):
+        fi_ffi.batch_attention_sink_run(plan, **run_args())
+    with pytest.raises(TypeError, match="plan: expected a Plan"):
+        fi_ffi.batch_attention_sink_run(object(), **run_args())  # type: ignore[arg-type]
+
+
+def test_a_stale_plan_is_refused(make_array: Any) -> None:
+    plan = fake_plan(make_array)
+    plan.workspace._generation += 1  # a later plan on the same workspace
+    with pytest.raises(ValueError, match="stale"):
+        fi_ffi.batch_attention_sink_run(plan, **run_args())
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "pattern"),
+    [
+        ({"head_dim": 128}, KernelNotFoundError, "no pinned module .*head_dim_qk_128.*these sink modules"),
+        ({"q_dtype": "float16"}, KernelNotFoundError, "attention sinks, float16"),
+        ({"backend": "fa4"}, ValueError, "backend: expected 'auto', 'fa2' or 'fa3'"),
+        ({"window_left": -2}, ValueError, "window_left"),
+        ({"num_qo_heads": 6}, ValueError, r"num_qo_heads: .*must be a multiple of num_kv_heads \(4\)"),
+        ({"kv_layout": "XYZ"}, ValueError, "kv_layout"),
+        ({"sm_scale": -1.0}, ValueError, "sm_scale"),
+        ({"causal": "yes"}, TypeError, "causal"),
+    ],
+)
+def test_bad_plan_arguments_are_named(models_modules: object, kw: dict[str, Any], exc: type, pattern: str) -> None:
+    args: dict[str, Any] = {"num_qo_heads": 8, "num_kv_heads": 4, "head_dim": D, "page_size": PAGE, **kw}
+    with pytest.raises(exc, match=pattern):
+        fi_ffi.batch_attention_sink_plan(workspace(), host([0, 1]), host([0, 1]), host([3]), **args)
+
+
+def test_uri_spelling_matches_the_pinned_modules(models_modules: list[str]) -> None:
+    sinks = {u for u in models_modules if u.startswith("batch_prefill_with_attention_sink_")}
+    ours = {K.SinkVariant(fi_ffi.bfloat16, 64, w, b).uri for w in (False, True) for b in ("fa2", "fa3")}
+    assert ours == sinks
+
+
+def test_the_gemma_head_dim_256_modules_serve_decode_and_prefill_plans(
+    kernel_modules: object, models_modules: object
+) -> None:
+    """Gemma 2/3 (head_dim 256, sliding window, soft cap, bfloat16) through the existing batch decode and prefill
+    ops: the settings select the model-family wheel's modules and the plans reach them."""
+    ws = workspace()
+    with pytest.raises(KernelError) as info:
+        fi_ffi.batch_decode_plan(
+            ws, host([0, 2, 3]), 8, 4, 256, 16, kv_last_page_len=host([5, 16]), q_dtype="bfloat16",
+            window_left=4095, logits_soft_cap=50.0,
+        )  # fmt: skip
+    assert_reached_the_kernel(info.value)
+    assert "batch_decode_with_kv_cache_dtype_q_bf16" in info.value.function
+    assert "head_dim_qk_256_head_dim_vo_256_posenc_0_use_swa_True_use_logits_cap_True" in info.value.function
+    with pytest.raises(KernelError) as info:
+        fi_ffi.batch_prefill_paged_plan(
+            ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 8, 4, 256, 16, q_dtype="bfloat16", causal=True,
+            window_left=4095, logits_soft_cap=50.0,
+        )  # fmt: skip
+    assert_reached_the_kernel(info.value)
+    assert "head_dim_qk_256_head_dim_vo_256_posenc_0_use_swa_True_use_logits_cap_True_f16qk_False" in (
+        info.value.function
+    )
+    # FA3 has no head_dim 256 module here: a forced FA3 plan is a KernelNotFoundError naming the variant
+    with pytest.raises(KernelNotFoundError, match="head_dim_qk_256"):
+        fi_ffi.batch_prefill_paged_plan(
+            ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 8, 4, 256, 16, q_dtype="bfloat16", causal=True,
+            window_left=4095, logits_soft_cap=50.0, backend="fa3",
+        )  # fmt: skip
+
+
+def test_the_sink_settings_are_values(models_modules: object) -> None:
+    a, b = settings(), settings()
+    assert a == b and hash(a) == hash(b)
+    assert settings(window_left=3) != a
+    assert np.isclose(a.sm_scale, D**-0.5)
+
+
+def test_out_must_not_overlap_the_sink(make_array: Any) -> None:
+    from fi_ffi.tensor import Tensor
+
+    plan = fake_plan(make_array)
+    args = run_args()
+    out = args["out"]
+    args["sink"] = Tensor.from_pointer(out.data_ptr, (H_Q,), "float32", 0, owner=out)
+    with pytest.raises(ValueError, match="out: overlaps sink"):
+        fi_ffi.batch_attention_sink_run(plan, **args)
