@@ -4,7 +4,9 @@ modules of the model-family test wheel, staged beside the core wheel).
 Reference, in float64 on the dtype-rounded inputs (see fi_ffi.ops.mamba for the math): the new state and ``out``.
 Tolerances: ``out`` (bfloat16) 2e-2 absolute and relative; the new state 1e-4 in float32 (the kernels use
 ``__expf``), 2e-2 in bfloat16/float16 (one rounding). Padding requests (``pad_slot_id``) leave their state row
-untouched, as do all rows with ``disable_state_update``. Both modules: ``simple`` and (on SM 9.x) ``sm90``.
+untouched, as do all rows with ``disable_state_update``. Both modules: ``simple`` and (on SM 9.x) ``sm90``, which
+refuses ``dim = 256`` (FlashInfer 0.6.3's SM90 kernel writes ``out`` for 128 rows per head only; see
+fi_ffi.ops.mamba): those cases check the refusal, then run ``backend="auto"`` (the simple module).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def test_selective_state_update_matches_the_recurrence(
     if backend == "sm90" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the sm90 module runs on SM 9.x only")
     torch.manual_seed(dim + dstate)
+    refused = backend == "sm90" and dim > 128  # its kernel writes out for 128 rows per head only: refused by name
+    if refused:
+        backend = "auto"  # ... and "auto" runs dim 256 on the simple module
     batch, heads, groups, cache = 4, 8, 2, 7
     dev = "cuda"
     state = (torch.randn(cache, heads, dim, dstate, device=dev) * 0.5).to(state_dtype)
@@ -90,6 +95,12 @@ def test_selective_state_update_matches_the_recurrence(
     indices = torch.tensor([5, PAD, 0, 3], dtype=torch.int32, device=dev) if full else None
     out = torch.full((batch, heads, dim), float("nan"), dtype=torch.bfloat16, device=dev)
     before = state.clone()
+    if refused:
+        with pytest.raises(ValueError, match=f"state: dim = {dim} is not supported by the SM90 module"):
+            fi_ffi.selective_state_update(state, x, dt_h[:, :, None].expand(batch, heads, dim),
+                                          A_h[:, None, None].expand(heads, dim, dstate), B, C,
+                                          D_h[:, None].expand(heads, dim), out=out, backend="sm90")  # fmt: skip
+        assert torch.equal(state, before) and torch.isnan(out).all()  # refused before the FFI
     fi_ffi.selective_state_update(
         state,
         x,

@@ -10,9 +10,16 @@ tests/test_gpu_llama.py, whose helpers and tolerances this reuses: prefill logit
 near ties allowed), eager and as a CUDA graph (MoE models: host routing eagerly, the fixed-capacity device path
 in the graph).
 
-A near tie in the router (two experts' logits within the rounding of float16/bfloat16) may send a token to the
-other expert in one of the two computations; with random weights and these sizes it does not happen in practice,
-and the logit tolerances would show it if it did.
+Router near ties: the engine routes on float16/bfloat16 activations, the reference on float32 ones, so where the
+reference's k-th and (k+1)-th router logits are closer than that rounding the two may pick different experts, and
+that token's logits then differ by far more than the tolerance. Measured on this Mixtral in bfloat16 (transformers
+5.23, CPU): router logits carry up to 9.2e-3 of rounding error (median 1.7e-3); gaps below it are common (8.9e-4
+to 2.4e-3 among these prompts); the whole bfloat16 model with the reference's routing stays within 0.015 of it,
+while swapping one near-tied expert gives 0.18 to 0.64 (0.3755 for token 7 of the 33-token prompt in layer 0; the
+H100 run saw 0.3709 there). So the prefill test records the engine's routing: wherever it differs from the
+reference's, the reference's logits of the two experts must be within ``ROUTER_TIE`` (about twice the worst
+rounding error: the routing itself is checked), and the logits are then compared, at the same tolerance, with the
+reference run on the engine's routing (its own softmax weights of the experts the engine chose).
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ FAMILIES = {
         ),
     ),
 }
+ROUTER_TIE = {"float16": 3e-3, "bfloat16": 2e-2}  # router-logit gaps the engine's rounding may cross
 PROMPT_LENS = (3, 16, 29, 50)
 MAX_NEW = (33, 20, 33, 9)
 
@@ -129,17 +137,97 @@ def prompts(lens, seed=1):  # type: ignore[no-untyped-def]
     return [rng.integers(3, VOCAB, size=n).tolist() for n in lens]
 
 
+def record_routing(engine):  # type: ignore[no-untyped-def]
+    """Per MoE layer, the experts ``[tokens, k]`` it chose in each forward (a wrapper that observes
+    ``MoELayer.forward`` and keeps ``last_routing``; the layer itself runs unchanged)."""
+    seen: list[list[np.ndarray]] = [[] for _ in engine._moe]
+    for moe, calls in zip(engine._moe, seen, strict=True):
+
+        def forward(x, out, tokens=None, _moe=moe, _forward=moe.forward, _calls=calls):  # type: ignore[no-untyped-def]
+            result = _forward(x, out, tokens)
+            _calls.append(_moe.last_routing[1].copy())
+            return result
+
+        moe.forward = forward
+    return seen
+
+
+def reference_routed(ref, tokens, forced=None):  # type: ignore[no-untyped-def]
+    """The reference's (logits, router logits per layer) of one prompt; ``forced``: per layer, the experts
+    ``[T, k]`` to use instead of its own top-k (weights: its own softmax of those, renormalized as the model does)."""
+    hooks = []
+    for layer, chosen in zip(ref.model.layers, forced or [], strict=False):
+        gate = (layer.mlp if hasattr(layer.mlp, "gate") else layer.block_sparse_moe).gate
+
+        def hook(module, args, out, _chosen=chosen):  # type: ignore[no-untyped-def]
+            if not (isinstance(out, tuple) and len(out) == 3):
+                pytest.skip(
+                    "a router near tie went the other way, and this transformers' router cannot be given the "
+                    "engine's routing (transformers 5's returns (logits, weights, experts))"
+                )
+            logits = out[0]
+            idx = torch.as_tensor(_chosen, device=logits.device).long()
+            w = torch.softmax(logits.float(), dim=-1).gather(1, idx)
+            if getattr(module, "norm_topk_prob", True):  # Mixtral's router always renormalizes
+                w = w / w.sum(dim=-1, keepdim=True)
+            return logits, w.to(out[1].dtype), idx.to(out[2].dtype)
+
+        hooks.append(gate.register_forward_hook(hook))
+    try:
+        ids = torch.tensor([tokens], device=next(ref.parameters()).device)
+        r = ref(input_ids=ids, output_router_logits=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return r.logits[0].float().cpu().numpy(), [x.float().cpu().numpy() for x in r.router_logits]
+
+
+def near_tie_flips(name, i, ref_router, chosen, k, tie):  # type: ignore[no-untyped-def]
+    """The (layer, token) where the engine's experts differ from the reference's top-k; asserts each is a near tie:
+    every expert the engine chose instead scores within ``tie`` of the reference's k-th router logit."""
+    flips = []
+    for layer, (logits, eng) in enumerate(zip(ref_router, chosen, strict=True)):
+        assert eng.shape == (logits.shape[0], k)
+        for t in range(logits.shape[0]):
+            kth = np.sort(logits[t])[::-1][k - 1]
+            ours = set(np.argsort(-logits[t], kind="stable")[:k].tolist())
+            for e in set(eng[t].tolist()) - ours:
+                gap = kth - logits[t, e]
+                assert gap < tie, (
+                    f"{name} prompt {i} layer {layer} token {t}: the engine chose expert {e}, {gap:.2e} below the "
+                    f"reference's k-th router logit (not a near tie: < {tie}); engine {sorted(eng[t].tolist())}, "
+                    f"reference {sorted(ours)}"
+                )
+                flips.append((layer, t))
+    return flips
+
+
 def test_prefill_logits_match_transformers(family) -> None:  # type: ignore[no-untyped-def]
     name, path, ref, dtype = family
     ps = prompts((1, 7, 16, 33, 50))
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
         assert engine.config.model_type == name.split("-")[0].replace("qwen3moe", "qwen3_moe")
+        moe = engine.config.moe
+        seen = record_routing(engine) if moe is not None else []
         got = engine.prefill_logits(ps)
+    # the prompts are prefilled in order, so each layer's forwards hold their tokens one prompt after another
+    bounds = np.cumsum([0] + [len(p) for p in ps])
+    routed = [np.concatenate(calls) for calls in seen]
+    assert all(r.shape[0] == bounds[-1] for r in routed)
     for i, (p, g) in enumerate(zip(ps, got, strict=True)):
-        want = reference_logits(ref, p)
+        want, router = reference_routed(ref, p) if moe is not None else (reference_logits(ref, p), [])
         assert g.shape == want.shape == (len(p), VOCAB)
+        flips = []
+        if moe is not None:
+            chosen = [r[bounds[i] : bounds[i + 1]] for r in routed]
+            flips = near_tie_flips(name, i, router, chosen, moe.top_k, ROUTER_TIE[dtype])
+            if flips:  # compare with the reference on the engine's routing
+                want, _ = reference_routed(ref, p, chosen)
         err = float(np.abs(g - want).max())
-        assert err <= TOL[dtype], f"{name} prompt {i} ({len(p)} tokens): max |logit error| {err:.4f} > {TOL[dtype]}"
+        assert err <= TOL[dtype], (
+            f"{name} prompt {i} ({len(p)} tokens): max |logit error| {err:.4f} > {TOL[dtype]}"
+            f"{f' (reference on the engine routing; near ties at (layer, token) {flips})' if flips else ''}"
+        )
 
 
 def test_greedy_decode_matches_transformers(family) -> None:  # type: ignore[no-untyped-def]

@@ -73,7 +73,9 @@ def test_segment_gemm_matches_float32(
     backend_or_skip(backend)
     lens = SEGMENTS[segments]
     torch.manual_seed(len(lens))
-    d_in, d_out, num_w = 256, 384, 5
+    # without weight_indices segment i uses weights[i] (upstream's rule, empty segments keeping their number):
+    # one matrix per segment; with them, 5 matrices shared by the segments
+    d_in, d_out, num_w = 256, 384, 5 if indexed else len(lens)
     indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     rows = int(indptr[-1])
     x = torch.randn(rows, d_in, device="cuda").to(dtype)

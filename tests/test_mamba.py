@@ -253,6 +253,30 @@ def test_the_sm90_module_wants_a_128_byte_aligned_state() -> None:
         fi_ffi.selective_state_update(**args, backend="sm90")
 
 
+@pytest.mark.parametrize("dstate", [64, 256])
+def test_the_sm90_module_refuses_dim_256_by_name(dstate: int) -> None:
+    # FlashInfer 0.6.3's SM90 kernel stores out from 4 warps x 32 lanes: rows 128.. of each head stay unwritten
+    args = ssu_args(dim=256, dstate=dstate)
+    with pytest.raises(ValueError, match=r"state: dim = 256 is not supported by the SM90 module .* backend='simple'"):
+        fi_ffi.selective_state_update(**args, backend="sm90")
+
+
+def test_auto_picks_the_sm90_module_on_hopper_up_to_dim_128() -> None:
+    from fi_ffi.ops.mamba import module_for
+
+    sm90, simple = "mamba_selective_state_update_sm90", "mamba_selective_state_update"
+    assert [module_for("auto", 9, d) for d in (64, 128, 256)] == [sm90, sm90, simple]
+    assert [module_for("auto", sm, 64) for sm in (8, 10, None)] == [simple] * 3
+    assert module_for("sm90", None, 64) == sm90 and module_for("simple", 9, 64) == simple
+
+
+def test_auto_runs_dim_256_on_the_simple_module(kernel_modules: object, models_modules: object) -> None:
+    with pytest.raises(KernelError) as info:
+        fi_ffi.selective_state_update(**ssu_args(dim=256, dstate=256))
+    assert_reached_the_kernel(info.value)
+    assert "mamba_selective_state_update.selective_state_update" in str(info.value)
+
+
 @pytest.mark.parametrize("other", ["x", "B", "state"])
 def test_out_and_state_must_not_overlap_the_inputs(other: str) -> None:
     args = ssu_args()

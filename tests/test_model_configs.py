@@ -58,6 +58,23 @@ def test_qwen3_moe(renorm: bool) -> None:
     assert c.moe == MoEConfig(num_experts=16, top_k=4, intermediate_size=128, renormalize=renorm)
 
 
+def test_qwen3_moe_from_transformers_5_names_its_experts_num_local_experts() -> None:
+    # transformers 5's Qwen3MoeConfig maps num_experts to the attribute num_local_experts and writes that key.
+    d = {k: v for k, v in QWEN3_MOE.items() if k != "num_experts"}
+    moe = LlamaConfig.from_dict({**d, "num_local_experts": 12}).moe
+    assert moe is not None and moe.num_experts == 12
+    both = LlamaConfig.from_dict({**QWEN3_MOE, "num_local_experts": 16}).moe
+    assert both is not None and both.num_experts == 16
+
+
+def test_mixtral_accepts_num_experts_too() -> None:
+    d = {k: v for k, v in MIXTRAL.items() if k != "num_local_experts"}
+    moe = LlamaConfig.from_dict({**d, "num_experts": 4}).moe
+    assert moe is not None and moe.num_experts == 4
+    default = LlamaConfig.from_dict(d).moe  # transformers' Mixtral default
+    assert default is not None and default.num_experts == 8
+
+
 def test_qwen3_moe_norm_topk_prob_defaults_to_false() -> None:
     d = dict(QWEN3_MOE)
     del d["norm_topk_prob"]
@@ -73,6 +90,9 @@ def test_qwen3_moe_norm_topk_prob_defaults_to_false() -> None:
         ({**QWEN3, "attention_bias": True}, "attention_bias=true is not supported"),
         ({**MIXTRAL, "num_experts_per_tok": 9}, r"num_experts_per_tok \(9\) exceeds the 8 experts"),
         ({**MIXTRAL, "num_experts_per_tok": None}, "missing 'num_experts_per_tok'"),
+        ({**QWEN3_MOE, "num_experts": None}, "missing 'num_local_experts' or 'num_experts'"),
+        ({**QWEN3_MOE, "num_local_experts": 8}, r"num_local_experts \(8\) and num_experts \(16\) disagree"),
+        ({**QWEN3_MOE, "num_local_experts": 0}, "num_local_experts must be a positive integer"),
         ({**QWEN3_MOE, "decoder_sparse_step": 2}, "dense MLP layers between the MoE layers"),
         ({**QWEN3_MOE, "mlp_only_layers": [0]}, "dense MLP layers between the MoE layers"),
         ({**QWEN3_MOE, "moe_intermediate_size": 0}, "moe_intermediate_size must be a positive integer"),

@@ -54,8 +54,11 @@ def test_a_weight_index_out_of_range_is_named() -> None:
         G.segment_gemm_args(
             np.array([0, 1, 2], np.int32), np.array([0, 4], np.int32), 4, 16, 16, 0, 0, 0, 2, 2, 2, True
         )
-    with pytest.raises(ValueError, match=r"batch_size: segment 2 uses weight 2, outside \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"batch_size: 3 segments but weights holds 2 matrices; without weight_indi"):
         G.segment_gemm_args(np.array([0, 1, 2, 3], np.int32), None, 2, 16, 16, 0, 0, 0, 2, 2, 2, True)
+    # an empty segment keeps its number: segment 2 (empty) would still be weights[2]
+    with pytest.raises(ValueError, match=r"batch_size: 3 segments but weights holds 2 matrices"):
+        G.segment_gemm_args(np.array([0, 1, 2, 2], np.int32), None, 2, 16, 16, 0, 0, 0, 2, 2, 2, True)
 
 
 def test_packing_aligns_every_array_to_16_bytes() -> None:

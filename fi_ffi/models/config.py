@@ -8,7 +8,8 @@ windows, attention biases, dense layers between MoE layers) are refused by name 
 Both spellings of the rotary settings are read: ``rope_theta`` + ``rope_scaling`` (transformers 4.x) and
 ``rope_parameters`` (transformers 5.x, ``rope_theta`` inside). Supported rotary types: ``default`` (plain RoPE)
 and ``llama3`` (Llama 3.1 frequency scaling); anything else is a ValueError, since silently using plain RoPE
-would give wrong logits.
+would give wrong logits. Likewise the experts per layer: ``num_local_experts`` (Mixtral, and Qwen3-MoE from
+transformers 5.x) or ``num_experts`` (Qwen3-MoE from transformers 4.x).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class MoEConfig:
     """The mixture-of-experts MLP of every layer.
 
     Attributes:
-        num_experts: experts per layer (``num_local_experts`` / ``num_experts``).
+        num_experts: experts per layer (``num_local_experts``, or ``num_experts`` as transformers 4 writes
+            Qwen3-MoE configs).
         top_k: experts per token (``num_experts_per_tok``).
         intermediate_size: each expert's intermediate size (Mixtral ``intermediate_size``, Qwen3-MoE
             ``moe_intermediate_size``).
@@ -167,7 +169,7 @@ class LlamaConfig:
 
 def _moe(d: dict[str, Any], model_type: str, source: str) -> MoEConfig | None:
     if model_type == "mixtral":
-        experts = _int(d, "num_local_experts", source, 8)
+        experts = _num_experts(d, source, 8)
         return MoEConfig(experts, _topk(d, experts, source), _int(d, "intermediate_size", source), True)
     if model_type != "qwen3_moe":
         return None
@@ -178,11 +180,29 @@ def _moe(d: dict[str, Any], model_type: str, source: str) -> MoEConfig | None:
         )
     if d.get("shared_expert_intermediate_size"):
         raise ValueError(f"{source}: shared experts are not supported (shared_expert_intermediate_size)")
-    experts = _int(d, "num_experts", source)
+    experts = _num_experts(d, source)
     renorm = d.get("norm_topk_prob", False)
     if not isinstance(renorm, bool):
         raise ValueError(f"{source}: norm_topk_prob must be true or false, got {renorm!r}")
     return MoEConfig(experts, _topk(d, experts, source), _int(d, "moe_intermediate_size", source), renorm)
+
+
+def _num_experts(d: dict[str, Any], source: str, default: int | None = None) -> int:
+    """The experts per layer under either name transformers writes: ``num_local_experts`` (Mixtral; Qwen3-MoE from
+    transformers 5, whose config stores ``num_experts`` under that name) or ``num_experts`` (Qwen3-MoE from
+    transformers 4)."""
+    present = [key for key in ("num_local_experts", "num_experts") if d.get(key) is not None]
+    if not present:
+        if default is None:
+            raise ValueError(f"{source}: missing 'num_local_experts' or 'num_experts' (experts per layer)")
+        return default
+    values = {key: _int(d, key, source) for key in present}
+    if len(set(values.values())) > 1:
+        raise ValueError(
+            f"{source}: num_local_experts ({values['num_local_experts']}) and num_experts ({values['num_experts']}) "
+            f"disagree; keep one of them"
+        )
+    return values[present[0]]
 
 
 def _topk(d: dict[str, Any], experts: int, source: str) -> int:

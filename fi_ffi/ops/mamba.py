@@ -2,7 +2,12 @@
 
 Modules: ``mamba_selective_state_update_sm90`` (TMA producer/consumer kernel, SM 9.x; needs the driver library
 ``libcuda.so.1``) and ``mamba_selective_state_update`` (the simple kernel, any architecture the wheel has).
-``backend="auto"`` picks the SM90 module on an SM 9.x GPU, the simple one elsewhere.
+``backend="auto"`` picks the SM90 module on an SM 9.x GPU for ``dim <= 128``, the simple one otherwise.
+
+The SM90 module of FlashInfer 0.6.3 serves ``dim`` 64 and 128 only: its kernel writes ``out`` from its four
+consumer warps, one row per thread (``d = warp * 32 + lane``), so for ``dim = 256`` rows 128..255 of every head's
+``out`` are never written (the state itself is updated in full). fi_ffi refuses ``dim = 256`` on that module by
+name and routes it to the simple kernel under ``"auto"``.
 
 Math, per request ``b`` (its state row ``s = state_batch_indices[b]``, or ``b``), head ``h``, row ``d`` of the
 head's ``dim`` and state column ``n`` of ``dstate``, with ``g = h // (nheads // ngroups)`` (float32 inside)::
@@ -20,11 +25,12 @@ the new state back (speculative verification).
 
 Contract (checked before the FFI): ``x``, ``B``, ``C``, ``z``, ``out`` bfloat16; ``dt``, ``D``, ``dt_bias``
 bfloat16 or float32 (one dtype); ``A`` float32; ``state`` bfloat16, float16 or float32; ``dim`` and ``dstate``
-each 64, 128 or 256; ``nheads`` a multiple of ``ngroups``; rows of ``x``, ``z``, ``B``, ``C`` 16-byte aligned
-(pointer and batch stride); ``state`` rows (``[nheads, dim, dstate]``) contiguous and 16-byte aligned (128 bytes
-for the SM90 module's TMA). Only the single-token form is bound (``x`` ``[batch, nheads, dim]``); the multi-token
-form (``cache_steps``, intermediate states) is refused by name. ``out`` must not overlap any input or
-``state``; ``state`` must not overlap the inputs (it is read and written in place).
+each 64, 128 or 256 (``dim`` 64 or 128 on the SM90 module); ``nheads`` a multiple of ``ngroups``; rows of
+``x``, ``z``, ``B``, ``C`` 16-byte aligned (pointer and batch stride); ``state`` rows (``[nheads, dim, dstate]``)
+contiguous and 16-byte aligned (128 bytes for the SM90 module's TMA). Only the single-token form is bound (``x``
+``[batch, nheads, dim]``); the multi-token form (``cache_steps``, intermediate states) is refused by name.
+``out`` must not overlap any input or ``state``; ``state`` must not overlap the inputs (it is read and written in
+place).
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ _BASE, _SM90 = "mamba_selective_state_update", "mamba_selective_state_update_sm9
 DECLARATIONS = ((_BASE, SELECTIVE_STATE_UPDATE), (_SM90, SELECTIVE_STATE_UPDATE))
 
 SIZES = (64, 128, 256)  # the dim and dstate values the kernels are compiled for
+# The SM90 kernel's output store covers 4 consumer warps x 32 lanes = 128 rows of each head (module docstring)
+SM90_MAX_DIM = 128
 _VECTOR = 16  # bytes of one vector load of x, z, B, C and of state
 _TMA = 128  # the SM90 module loads state tiles with TMA from a 128-byte aligned base
 _STATE_DTYPES = (bfloat16, float16, float32)
@@ -114,6 +122,12 @@ def _check(sm90: bool) -> Any:
             raise ValueError(
                 f"state: {which} = {dim if which == 'dim' else dstate} is not one the kernels are compiled for "
                 f"({', '.join(map(str, SIZES))}); shape {state.shape} is [state_cache_size, nheads, dim, dstate]"
+            )
+        if sm90 and dim > SM90_MAX_DIM:
+            raise ValueError(
+                f"state: dim = {dim} is not supported by the SM90 module (mamba_selective_state_update_sm90): its "
+                f"kernel writes out for the first {SM90_MAX_DIM} rows of each head only, leaving the rest unwritten; "
+                f"use backend='simple' (backend='auto' picks it for dim > {SM90_MAX_DIM})"
             )
         if heads == 0:
             raise ValueError(f"state: expected at least one head, got shape {state.shape}")
@@ -245,7 +259,8 @@ def selective_state_update(
         out: ``[batch, nheads, dim]``, x's dtype, contiguous (required: fi_ffi allocates nothing); written.
         disable_state_update: compute ``out`` only.
         intermediate_states_buffer, intermediate_state_indices, cache_steps: the multi-token form; refused.
-        backend: ``"auto"`` (SM90 module on SM 9.x, else the simple one), ``"sm90"`` or ``"simple"``.
+        backend: ``"auto"`` (SM90 module on SM 9.x for ``dim <= 128``, else the simple one), ``"sm90"`` or
+            ``"simple"``.
 
     Returns:
         ``out``.
@@ -280,13 +295,22 @@ def selective_state_update(
 
 
 def _module(backend: Any, state: Any) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return module_for(backend, None, 0)
+    from .variants import sm_major
+
+    t = checks.tensor("state", state)
+    sm = sm_major(t.device.device_id) if t.device.is_cuda else None
+    return module_for("auto", sm, t.shape[2] if len(t.shape) == 4 else 0)
+
+
+def module_for(backend: str, sm: int | None, dim: int) -> str:
+    """The module a call runs on: ``backend`` ``"sm90"``/``"simple"`` as named; ``"auto"`` the SM90 module on
+    compute capability 9.x (``sm``, None when unknown) for ``dim <= SM90_MAX_DIM``, else the simple one."""
     if backend == "sm90":
         return _SM90
     if backend == "simple":
         return _BASE
-    if backend != "auto":
-        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    from .variants import sm_major
-
-    device = checks.tensor("state", state).device
-    return _SM90 if device.is_cuda and sm_major(device.device_id) == 9 else _BASE
+    return _SM90 if sm == 9 and dim <= SM90_MAX_DIM else _BASE

@@ -30,7 +30,8 @@ graph can capture (the MoE layer's fixed-capacity path, where every expert owns 
 Contract (checked on every call, before the FFI): ``x`` ``[seg_indptr[-1], d_in]``, ``weights`` 3-D and ``out``
 ``[seg_indptr[-1], d_out]`` contiguous on one device; ``d_in`` and ``d_out`` multiples of 16 bytes of their
 element type (CUTLASS's 128-bit alignment of every row); 16-byte aligned data pointers; ``weight_indices``
-within ``[0, num_weights)``; ``out`` shares no memory with ``x`` or ``weights``.
+within ``[0, num_weights)``, or without them ``batch_size <= num_weights`` (segment ``i`` uses ``weights[i]``,
+empty segments keeping their number, as upstream); ``out`` shares no memory with ``x`` or ``weights``.
 """
 
 from __future__ import annotations
@@ -169,18 +170,26 @@ def segment_gemm_args(
     ``weight_indices`` int ``[S]`` or None (segment ``i`` uses weight ``i``).
 
     Raises:
-        ValueError: a weight index outside ``[0, num_weights)`` (naming ``weight_indices`` and the segment).
+        ValueError: a weight index outside ``[0, num_weights)`` (naming ``weight_indices`` and the segment), or
+            more segments than weights without ``weight_indices`` (naming ``batch_size``).
     """
     starts = seg_indptr[:-1].astype(np.int64)
     rows = seg_indptr[1:].astype(np.int64) - starts
     segs = np.arange(rows.shape[0], dtype=np.int64)
     widx = segs if weight_indices is None else weight_indices.astype(np.int64)
+    if weight_indices is None and rows.shape[0] > num_weights:
+        # upstream's rule (its Triton argument kernel uses the segment number as the weight index), empty
+        # segments included: they keep their number, so segment i is weights[i] whatever the others hold
+        raise ValueError(
+            f"batch_size: {rows.shape[0]} segments but weights holds {num_weights} matrices; without "
+            f"weight_indices segment i uses weights[i] (empty segments included), so pass weight_indices to "
+            f"share matrices between segments"
+        )
     bad = np.nonzero((widx < 0) | (widx >= num_weights))[0]
     if bad.size:
         i = int(bad[0])
-        what = "weight_indices" if weight_indices is not None else "batch_size"
         raise ValueError(
-            f"{what}: segment {i} uses weight {int(widx[i])}, outside [0, {num_weights}) (weights holds "
+            f"weight_indices: segment {i} uses weight {int(widx[i])}, outside [0, {num_weights}) (weights holds "
             f"{num_weights} matrices)"
         )
     keep = rows > 0
