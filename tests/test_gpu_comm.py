@@ -84,11 +84,13 @@ def _run(n: int, scenarios: list[str], env: dict[str, str], timeout: float = 540
         text=True,
         timeout=timeout,
     )
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-8000:]
+    # the ranks' FAIL lines (with their numbers) first: the tail alone is mostly kernel logging
+    fails = [line for line in done.stdout.splitlines() if "FAIL" in line]
+    out = "\n".join(fails)[:12000] + "\n...\n" + (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == 0, out
     oks = [line for line in done.stdout.splitlines() if " OK " in line]
-    assert len(oks) == n, out[-8000:]
-    assert "FAIL" not in done.stdout, out[-8000:]
+    assert len(oks) == n, out
+    assert not fails, out
     return done.stdout
 
 

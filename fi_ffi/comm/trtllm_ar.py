@@ -588,7 +588,8 @@ def trtllm_allreduce_fusion(
 
     - 0 ``kAllReduce``: ``allreduce_out = out``.
     - 1 ``kARResidualRMSNorm``: ``residual_out = out + residual_in``; ``norm_out = rmsnorm(residual_out) * rms_gamma``.
-    - 2 ``kARResidualRMSNormFP8Quant``: as 1, then ``quant_out = fp8_e4m3(norm / scale_factor)`` instead of norm_out.
+    - 2 ``kARResidualRMSNormFP8Quant``: as 1, then ``quant_out = fp8_e4m3(norm / scale_factor)`` instead of norm_out
+      (the norm rounded to the dtype first, times ``1 / scale_factor``, round to nearest, saturated at +-448).
     - 4 ``kARResidualRMSNormOutFP8Quant``: as 2, and norm_out too.
 
     ``allreduce_out`` may be given with every pattern. ``workspace_ptrs`` is an :class:`AllReduceFusionWorkspace`,
