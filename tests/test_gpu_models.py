@@ -175,11 +175,12 @@ def reference_routed(ref, tokens, forced=None):  # type: ignore[no-untyped-def]
         hooks.append(gate.register_forward_hook(hook))
     try:
         ids = torch.tensor([tokens], device=next(ref.parameters()).device)
-        r = ref(input_ids=ids, output_router_logits=True)
+        with torch.no_grad():
+            r = ref(input_ids=ids, output_router_logits=True)
     finally:
         for h in hooks:
             h.remove()
-    return r.logits[0].float().cpu().numpy(), [x.float().cpu().numpy() for x in r.router_logits]
+    return r.logits[0].detach().float().cpu().numpy(), [x.detach().float().cpu().numpy() for x in r.router_logits]
 
 
 def near_tie_flips(name, i, ref_router, chosen, k, tie):  # type: ignore[no-untyped-def]
