@@ -19,6 +19,9 @@ from fi_ffi.loader import cache, lockfile, wheels
 
 NAME = "demo_kernels-1.0+cu130-py3-none-linux_x86_64.whl"
 PAYLOAD = os.urandom(300_000)
+# One byte that differs from PAYLOAD's first and last bytes: tampering with a fixed byte would change nothing
+# in one run of 256 (a random payload may already hold it).
+OTHER_BYTE = bytes([next(b for b in range(256) if b not in (PAYLOAD[0], PAYLOAD[-1]))])
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
@@ -79,12 +82,12 @@ def test_download_lands_verified_in_the_cache_and_is_reused(online: Path, http_s
 
 
 def test_download_with_wrong_hash_is_rejected_and_leaves_nothing(online: Path, http_server: LocalServer) -> None:
-    url = http_server.add("/dl/bad.whl", PAYLOAD[:-1] + b"!")
+    url = http_server.add("/dl/bad.whl", PAYLOAD[:-1] + OTHER_BYTE)
     with pytest.raises(IntegrityError) as info:
         wheels.ensure_wheel(pin_for(url))
     text = str(info.value)
     assert url in text and SHA in text
-    assert hashlib.sha256(PAYLOAD[:-1] + b"!").hexdigest() in text
+    assert hashlib.sha256(PAYLOAD[:-1] + OTHER_BYTE).hexdigest() in text
     assert "fi-ffi lock" in text and "FI_FFI_WHEELHOUSE" in text
     assert cache_files(online) == [] and no_temp_files(online)
 
@@ -224,7 +227,7 @@ def test_stamp_spares_rehashing_until_size_or_mtime_change(
     assert wheels.ensure_wheel(pin) == wheel
     st = wheel.stat()
     with open(wheel, "r+b") as f:  # same size, mtime put back: the cheap check cannot see it
-        f.write(b"X")
+        f.write(OTHER_BYTE)
     os.utime(wheel, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert wheels.ensure_wheel(pin) == wheel  # trusted by its stamp, not re-hashed
     os.utime(wheel, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
