@@ -2,7 +2,9 @@
 ``MoELayer`` (cuBLAS router, host routing, grouped GEMMs, silu_and_mul, combine) against the same layer in torch
 (router, softmax + top-k on the GPU, tokens gathered per expert and padded to the largest group, ``torch.bmm``
 with the stacked expert weights, weighted scatter-add), at 1, 32 and 512 tokens. Wall time per forward (each
-forward synchronized: fi_ffi's routing synchronizes anyway), best of the rounds; outputs compared once.
+forward synchronized: fi_ffi's routing synchronizes anyway), best of the rounds; outputs compared once, on
+each side's routing and on fi_ffi's (with the count of tokens whose experts differ: fi_ffi routes on float32
+logits, torch on bfloat16 ones).
 
 Needs a GPU, CuPy, torch and the model-family kernel wheel (``gemm_sm90``). Prints a table; ``--json PATH``.
 """
@@ -49,11 +51,14 @@ def main() -> None:
         stream=stream, capacity=cap,
     )  # fmt: skip
 
-    def torch_moe(x: torch.Tensor) -> torch.Tensor:
-        logits = x @ router.T
+    def torch_route(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = x @ router.T  # bfloat16 logits, as a bfloat16 nn.Linear router gives them
         p = torch.softmax(logits.float(), -1)
         w, chosen = torch.topk(p, k, -1)
-        w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        return (w / w.sum(-1, keepdim=True)).to(x.dtype), chosen
+
+    def torch_moe(x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        w, chosen = torch_route(x) if routing is None else routing
         flat = chosen.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=e)
@@ -105,11 +110,33 @@ def main() -> None:
         got = torch.from_numpy(cupy.asnumpy(out_c).view(np.int16)).view(torch.bfloat16).float()
         want = torch_moe(x).float().cpu()
         err = float((got - want).abs().max())
-        results.append({"tokens": t, **{f"{n}_us": v for n, v in best.items()}, "max_abs_diff": err})
+        # fi_ffi routes on float32 logits, torch on bfloat16 ones: a near tie may pick another expert. Compare
+        # the expert math on fi_ffi's own routing too, and count the tokens whose chosen experts differ.
+        fi_w, fi_experts, _ = layer.last_routing
+        same_routing = (
+            torch.from_numpy(fi_w).to(dev, torch.bfloat16),
+            torch.from_numpy(fi_experts.astype(np.int64)).to(dev),
+        )
+        want_same = torch_moe(x, same_routing).float().cpu()
+        err_same = float((got - want_same).abs().max())
+        torch_experts = torch_route(x)[1].cpu().numpy()
+        rerouted = int((np.sort(torch_experts, -1) != np.sort(fi_experts, -1)).any(-1).sum())
+        scale = float(want_same.abs().max())
+        results.append(
+            {
+                "tokens": t,
+                **{f"{n}_us": v for n, v in best.items()},
+                "max_abs_diff": err,
+                "max_abs_diff_same_routing": err_same,
+                "max_abs_output": scale,
+                "tokens_routed_differently": rerouted,
+            }
+        )
         static = f"  fi_ffi static {best['fi_ffi static']:9.1f} us" if "fi_ffi static" in best else ""
         print(
             f"tokens {t:4d}: fi_ffi {best['fi_ffi']:9.1f} us  torch bmm {best['torch']:9.1f} us  "
-            f"ratio {best['fi_ffi'] / best['torch']:.2f}x{static}  max |diff| {err:.3g}"
+            f"ratio {best['fi_ffi'] / best['torch']:.2f}x{static}  max |diff| {err:.3g} "
+            f"(same routing {err_same:.3g}; max |out| {scale:.3g}; {rerouted} of {t} tokens routed differently)"
         )
     layer.close()
     if a.json:
