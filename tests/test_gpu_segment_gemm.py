@@ -22,6 +22,7 @@ import torch
 
 import fi_ffi
 from fi_ffi.errors import LibraryLoadError
+from fi_ffi.ops.segment_gemm import prepare_segment_gemm, segment_gemm_args_bytes
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -134,3 +135,48 @@ def test_back_to_back_calls_on_one_workspace_and_cupy_arrays(ws: fi_ffi.Workspac
     cp.cuda.Device().synchronize()
     for got, want in zip(results, wants, strict=True):
         np.testing.assert_allclose(cp.asnumpy(got).astype(np.float32), want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["sm90", "sm80"])
+def test_a_prepared_gemm_computes_the_rows_written_into_its_problem_sizes(ws: fi_ffi.Workspace, backend: str) -> None:
+    """Lowering each problem's m on the device (0 included) between launches: the first m rows of each segment are
+    the product, the segment's other rows of out keep what they held (a sentinel), in direct launches and in a
+    CUDA graph replayed after the sizes changed."""
+    backend_or_skip(backend)
+    segs, cap, d_in, d_out = 6, 16, 128, 256
+    torch.manual_seed(3)
+    x = torch.randn(segs * cap, d_in, device="cuda").to(torch.float16)
+    w = (torch.randn(segs, d_out, d_in, device="cuda") / d_in**0.5).to(torch.float16)
+    sentinel = -7.0
+    out = torch.full((segs * cap, d_out), sentinel, dtype=torch.float16, device="cuda")
+    args = torch.zeros(segment_gemm_args_bytes(segs), dtype=torch.uint8, device="cuda")
+    try:
+        gemm = prepare_segment_gemm(ws, x, w, segs, True, out, args_buffer=args, seg_lens=[cap] * segs, backend=backend)
+    except LibraryLoadError as exc:
+        pytest.skip(f"the generic gemm module needs cuBLAS: {exc}")
+    assert gemm.count == segs and gemm.prepared_rows.tolist() == [cap] * segs
+    off = gemm.problem_sizes.data_ptr - args.data_ptr()
+    problems = args[off : off + 12 * segs].view(torch.int32).view(segs, 3)
+    assert problems.tolist() == [[cap, d_out, d_in]] * segs
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        gemm(stream.cuda_stream)  # warm-up outside the capture
+        stream.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            gemm(stream.cuda_stream)
+    full = (x.float().view(segs, cap, d_in) @ w.float().transpose(1, 2)).view(segs * cap, d_out)
+    for rows_each, replay in (([3, 0, cap, 1, 0, 9], False), ([0, 5, 0, 0, cap, 2], True)):
+        out.fill_(sentinel if backend == "sm90" else 0.0)  # the generic module adds into out
+        problems[:, 0] = torch.tensor(rows_each, dtype=torch.int32, device="cuda")
+        torch.cuda.synchronize()
+        if replay:
+            graph.replay()
+        else:
+            gemm(stream.cuda_stream)
+        torch.cuda.synchronize()
+        for s, m in enumerate(rows_each):
+            seg = out[s * cap : (s + 1) * cap].float()
+            torch.testing.assert_close(seg[:m], full[s * cap : s * cap + m], atol=1e-2, rtol=1e-2)
+            untouched = sentinel if backend == "sm90" else 0.0
+            assert bool((seg[m:] == untouched).all()), f"segment {s}: rows past m={m} were written"

@@ -256,4 +256,6 @@ def test_a_prepared_call_of_empty_segments_copies_and_launches_nothing() -> None
     args = call_args(x=fake_cuda((0, 64), "bfloat16"), out=fake_cuda((0, 128), "bfloat16"), seg_indptr=[0] * 6)
     prepared = G.prepare_segment_gemm(**args, args_buffer=fake_cuda((16,), "uint8"))
     assert prepared.count == 0
+    assert prepared.problem_sizes.shape == (0, 3) and prepared.problem_sizes.dtype.name == "int32"
+    assert prepared.prepared_rows.shape == (0,) and prepared.segments.shape == (0,)
     prepared()  # nothing to launch

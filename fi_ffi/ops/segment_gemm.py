@@ -25,7 +25,9 @@ zero-row problem); a call whose segments are all empty checks every argument and
 
 :func:`prepare_segment_gemm` checks a call once and copies its arrays into a buffer of the caller's; the
 :class:`PreparedSegmentGEMM` it returns launches the same GEMM with no copy and no host computation, which a CUDA
-graph can capture (the MoE layer's fixed-capacity path, where every expert owns the same rows each step).
+graph can capture (the MoE layer's fixed-capacity path, where every expert owns the same rows each step); a
+device kernel of the caller's may lower each problem's row count between launches (see
+:class:`PreparedSegmentGEMM`), so the rows computed can follow the data with nothing decided on the host.
 
 Contract (checked on every call, before the FFI): ``x`` ``[seg_indptr[-1], d_in]``, ``weights`` 3-D and ``out``
 ``[seg_indptr[-1], d_out]`` contiguous on one device; ``d_in`` and ``d_out`` multiples of 16 bytes of their
@@ -398,15 +400,32 @@ class PreparedSegmentGEMM:
 
     It keeps ``x``, ``weights``, ``out``, the workspace and ``args_buffer`` referenced until dropped: their
     addresses are in the copied arrays, so they must neither move nor be freed while it is used.
+
+    Rows computed at run time: :attr:`problem_sizes` is the device array the kernel reads its problems' ``(m, n,
+    k)`` from. A kernel of the caller's may lower a problem's ``m`` (its rows, from the segment's first row) to
+    any value in ``[0, prepared_rows[p]]`` on the launch stream before a launch; the GEMM then computes only those
+    rows (``m = 0``: none, and that segment's weight is not read) and leaves the segment's other rows of ``out``
+    as they were. Nothing else in the arrays may change: the checks made at preparation covered the prepared
+    rows, and a larger ``m`` would reach past them. (The MoE layer's fixed-capacity path writes each expert's
+    token count there, so a step reads only the chosen experts' weights.)
+
+    Attributes:
+        count: problems in the arrays (the non-empty segments at preparation).
+        problem_sizes: descriptor of the device int32 ``[count, 3]`` array of ``(m, n, k)`` rows.
+        prepared_rows: host int32 ``[count]``: each problem's ``m`` as prepared (the most it may be set to).
+        segments: host int64 ``[count]``: the segment each problem is (empty segments have no problem).
     """
 
-    __slots__ = ("_arrays", "_call", "_keep", "count")
+    __slots__ = ("_arrays", "_call", "_keep", "count", "prepared_rows", "problem_sizes", "segments")
 
     def __init__(self, call: _Call, arrays: list[Tensor], keep: tuple[Any, ...]) -> None:
         self._call = call
         self._arrays = arrays
         self._keep = keep
         self.count = call.args.count
+        self.problem_sizes = arrays[0]
+        self.prepared_rows = call.args.problems[:, 0].copy()
+        self.segments = call.args.segments.copy()
 
     def __call__(self, stream: Any = None) -> None:
         """Launch on ``stream`` (None: the stream it was prepared for)."""
