@@ -45,7 +45,7 @@ def main() -> None:
         return cupy.asarray(t.view(torch.int16)).view(cupy.uint16)
 
     stream = cupy.cuda.Stream(non_blocking=True)
-    cap = 32  # the fixed-capacity path (device routing, every expert's 32 rows): what a decode graph captures
+    cap = 32  # the fixed-capacity path (device routing, 32 rows per expert): what a decode graph captures
     layer = MoELayer(
         MoEWeights(as_cupy(router), as_cupy(w13), as_cupy(w2)), dtype="bfloat16", top_k=k, max_tokens=max(a.tokens),
         stream=stream, capacity=cap,

@@ -179,3 +179,44 @@ def test_the_fixed_capacity_path_matches_the_host_path_and_replays_in_a_graph(
             )
     finally:
         layer.close()
+
+
+def test_the_fixed_capacity_path_computes_only_the_chosen_experts_rows() -> None:
+    """moe_slots writes each expert's token count into both grouped GEMMs' problem sizes: the counts equal the
+    routing's, and the output rows of experts no token chose (and rows past each count) keep a sentinel, so their
+    weights were not multiplied; the result still equals the host path's."""
+    rng = np.random.default_rng(11)
+    experts, top_k, h, i, cap, dtype = 8, 2, 256, 512, 32, "float16"
+    router_d, _ = to_device(rng.standard_normal((experts, h)) / h**0.5, dtype)
+    gu_d, _ = to_device(rng.standard_normal((experts, 2 * i, h)) / h**0.5, dtype)
+    down_d, _ = to_device(rng.standard_normal((experts, h, i)) / i**0.5, dtype)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    layer = MoELayer(
+        MoEWeights(router_d, gu_d, down_d), dtype=dtype, top_k=top_k, max_tokens=cap, stream=stream, capacity=cap
+    )
+    sentinel = np.float16(-7.0)
+    try:
+        for tokens in (1, 3, cap):
+            x_d, _ = to_device(rng.standard_normal((tokens, h)), dtype)
+            layer.s_y.fill(sentinel)
+            cupy.cuda.Device().synchronize()  # the fill ran on the legacy stream, the layer's is non-blocking
+            dev_out, host_out = cupy.zeros_like(x_d), cupy.zeros_like(x_d)
+            layer.forward_static(x_d, dev_out)
+            stream.synchronize()
+            chosen = cupy.asnumpy(layer.s_experts[: tokens * top_k])
+            counts = np.bincount(chosen, minlength=experts)
+            for problems in layer._s_problems:
+                assert cupy.asnumpy(problems.reshape(experts, 3)[:, 0]).tolist() == counts.tolist()
+            y = cupy.asnumpy(layer.s_y).reshape(experts, cap, h)
+            for e in range(experts):
+                assert not (y[e, : counts[e]] == sentinel).all(axis=1).any(), f"expert {e}: a chosen row unwritten"
+                assert (y[e, counts[e] :] == sentinel).all(), f"expert {e}: rows past its {counts[e]} written"
+            if tokens == 1:
+                assert (counts == 0).sum() == experts - top_k
+            layer.forward(x_d, host_out)
+            stream.synchronize()
+            np.testing.assert_allclose(
+                from_device(dev_out, dtype), from_device(host_out, dtype), atol=TOL[dtype], rtol=TOL[dtype]
+            )
+    finally:
+        layer.close()

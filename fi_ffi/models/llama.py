@@ -164,7 +164,7 @@ class LlamaEngine:
             )
         cfg = self.config = shard_config(self.model_config, self.tensor_parallel)
         # MoE layers: host routing (only the chosen experts' weights are read) for prefill and eager decode; the
-        # fixed-capacity device path, which a graph can capture, for the decode graph (every expert each step)
+        # fixed-capacity device path, which a graph can capture, for the decode graph (token counts set on the device)
         self._static_moe = cuda_graph and cfg.moe is not None
         self.max_batch = _positive("max_batch", max_batch)
         self.page_size = _positive("page_size", page_size)

@@ -15,7 +15,9 @@ Per forward of ``T`` tokens ``x [T, H]`` with ``E`` experts, ``k`` chosen per to
 
 With ``capacity=C`` the layer also has a fixed-capacity path (:meth:`MoELayer.forward_static`) with no host step:
 routing on the device, every expert owning ``C`` rows of the expert GEMMs (their argument arrays prepared once),
-so a CUDA graph can capture it (the engine's decode graph does); it reads every expert's weights each step.
+so a CUDA graph can capture it (the engine's decode graph does). A small device kernel writes each expert's token
+count into the prepared GEMMs' problem sizes before they run, so an expert no token chose computes nothing and its
+weights are not read: a step reads what the host path reads, without waiting for the host.
 
 Weights are the checkpoint's, stacked per expert: ``router [E, H]``, ``gate_up [E, 2I, H]`` (Mixtral's ``w1``
 rows, then ``w3``; Qwen3-MoE's ``gate_proj`` then ``up_proj``) and ``down [E, H, I]`` (``w2`` / ``down_proj``),
@@ -67,9 +69,9 @@ extern "C" __global__ void moe_combine(const unsigned short* __restrict__ y, con
 }
 
 // Device routing of the fixed-capacity path, one thread per token t < T: softmax over the E logits (float32), the k
-// largest (ties: the lower expert id), renormalized when renorm; row_of[t * k + j] = expert * capacity + t.
-extern "C" __global__ void moe_route(const float* __restrict__ logits, int E, int k, int renorm, int T, int capacity,
-                                     int* __restrict__ experts, float* __restrict__ w, int* __restrict__ row_of) {
+// largest (ties: the lower expert id), renormalized when renorm.
+extern "C" __global__ void moe_route(const float* __restrict__ logits, int E, int k, int renorm, int T,
+                                     int* __restrict__ experts, float* __restrict__ w) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     const float* l = logits + (long long)t * E;
@@ -89,11 +91,26 @@ extern "C" __global__ void moe_route(const float* __restrict__ logits, int E, in
         const float p = expf(bv - m) / total;
         experts[t * k + j] = best;
         w[t * k + j] = p;
-        row_of[t * k + j] = best * capacity + t;
         picked += p;
     }
     if (renorm)
         for (int j = 0; j < k; ++j) w[t * k + j] /= picked;
+}
+
+// Rows of the fixed-capacity path; one block, a thread per expert e: the choices of e, in token order, take e's rows
+// e * capacity + 0, 1, ... (row_of[t * k + j]); then e's count goes into the m of problem e of both prepared grouped
+// GEMMs, so an expert no token chose computes no row and its weights are not read. A token chooses distinct
+// experts, so a count is at most T <= capacity: never more rows than were prepared.
+extern "C" __global__ void moe_slots(const int* __restrict__ experts, int E, int k, int T, int capacity,
+                                     int* __restrict__ row_of, int* __restrict__ problems_gu,
+                                     int* __restrict__ problems_down) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int n = 0;
+        for (int b = 0; b < T * k; ++b)
+            if (experts[b] == e) row_of[b] = e * capacity + n++;
+        problems_gu[3 * e] = n;
+        problems_down[3 * e] = n;
+    }
 }
 
 // xs[row_of[b], :] = x[b / k, :] for 16-bit elements; one block per assignment b = t * k + j.
@@ -195,6 +212,7 @@ class MoELayer:
         module = cupy.RawModule(code=_COMBINE)
         self._combine = module.get_function("moe_combine")
         self._route_fn = module.get_function("moe_route")
+        self._slots_fn = module.get_function("moe_slots")
         self._scatter_fn = module.get_function("moe_scatter")
         self.last_routing: tuple[np.ndarray, np.ndarray, ExpertGroups] | None = None
         self.capacity = 0
@@ -203,8 +221,9 @@ class MoELayer:
 
     def _build_static(self, capacity: int, storage: Any) -> None:
         """Buffers and prepared grouped GEMMs of the fixed-capacity path: expert ``e`` owns rows
-        ``[e * capacity, (e + 1) * capacity)`` of every activation buffer, token ``t`` its row ``t`` in each expert
-        it chose, so the GEMMs' argument arrays never change and are copied once."""
+        ``[e * capacity, (e + 1) * capacity)`` of every activation buffer, the tokens that chose it the first of
+        them, so the GEMMs' argument arrays are copied once; only each expert's row count (the ``m`` of its
+        problem) changes per step, written on the device by ``moe_slots``."""
         import cupy
 
         from ..ops.segment_gemm import prepare_segment_gemm, segment_gemm_args_bytes
@@ -239,6 +258,16 @@ class MoELayer:
             self._t(self.s_y, (rows, h)), args_buffer=args_down, seg_indptr=seg, backend=self.backend,
             stream=self.stream.ptr,
         )  # fmt: skip
+        # the problem sizes, (m, n, k) int32 per expert, inside our argument buffer: moe_slots writes each m
+        for gemm in (self._gemm_gu, self._gemm_down):
+            if gemm.count != e or list(gemm.segments) != list(range(e)):
+                raise AssertionError(f"the fixed-capacity GEMM has {gemm.count} problems, expected one per expert")
+        base = int(self._s_args.data.ptr)
+        self._s_problems = [
+            self._s_args[off : off + 12 * e].view(cupy.int32)
+            for off in (g.problem_sizes.data_ptr - base for g in (self._gemm_gu, self._gemm_down))
+        ]
+        self._slots_threads = min(1024, -(-e // 32) * 32)
         self._s_gu_t = self._t(self.s_gu, (rows, 2 * i))
         self._s_act_t = self._t(self.s_act, (rows, i))
 
@@ -246,9 +275,9 @@ class MoELayer:
         """``out[:T] = MoE(x[:T])`` with no host synchronization and no host routing: router GEMM, routing on the
         device (softmax + top-k, as :func:`~fi_ffi.models.moe_routing.softmax_topk`), a scatter into each chosen
         expert's fixed rows, the two grouped GEMMs over every expert's ``capacity`` rows (prepared once), the
-        combine. Everything is a launch on the layer's stream, so a CUDA graph can capture it; the price is that
-        every expert's weights are read each step (the eager :meth:`forward` reads only those of chosen experts).
-        Needs ``capacity`` at construction; ``T <= capacity``."""
+        combine. Everything is a launch on the layer's stream, so a CUDA graph can capture it. Each expert's token
+        count becomes its GEMM rows on the device, so only the chosen experts' weights are read, as in
+        :meth:`forward`. Needs ``capacity`` at construction; ``T <= capacity``."""
         if not self.capacity:
             raise ValueError("forward_static: build the layer with capacity= (the most tokens of a static step)")
         for name, a in (("x", x), ("out", out)):
@@ -268,8 +297,11 @@ class MoELayer:
                 self._ab, CUDA_R_32F,
             )  # fmt: skip
             route = (self.logits, np.int32(e), np.int32(k), np.int32(1 if self.renormalize else 0), np.int32(t),
-                     np.int32(self.capacity), self.s_experts, self.s_weights, self.s_row_of)  # fmt: skip
+                     self.s_experts, self.s_weights)  # fmt: skip
             self._route_fn(((t + 127) // 128,), (128,), route, stream=s)
+            slots = (self.s_experts, np.int32(e), np.int32(k), np.int32(t), np.int32(self.capacity), self.s_row_of,
+                     *self._s_problems)  # fmt: skip
+            self._slots_fn((1,), (self._slots_threads,), slots, stream=s)
             self._scatter_fn((t * k,), (256,), (x, np.int64(x_ld), self.s_row_of, np.int32(k), self.s_xs, np.int64(h)),
                              stream=s)  # fmt: skip
             sm80 = self.backend == "sm80" or (self.backend == "auto" and not _is_sm90(self.device_id))
