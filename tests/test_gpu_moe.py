@@ -220,3 +220,45 @@ def test_the_fixed_capacity_path_computes_only_the_chosen_experts_rows() -> None
             )
     finally:
         layer.close()
+
+
+def test_layers_sharing_one_scratch_give_their_own_results() -> None:
+    """Two layers on one MoEScratch (as the engine's layers are), run in turn on both paths, give what each gives
+    with buffers of its own; a scratch of another shape is refused naming it."""
+    from fi_ffi.models.moe import MoEScratch
+
+    rng = np.random.default_rng(5)
+    experts, top_k, h, i, cap, dtype = 8, 2, 256, 512, 16, "bfloat16"
+    stream = cupy.cuda.Stream(non_blocking=True)
+    shared = MoEScratch(
+        num_experts=experts, hidden=h, intermediate=i, top_k=top_k, max_tokens=64, dtype=dtype, capacity=cap
+    )
+    pairs = []
+    for _ in range(2):
+        w = MoEWeights(
+            to_device(rng.standard_normal((experts, h)) / h**0.5, dtype)[0],
+            to_device(rng.standard_normal((experts, 2 * i, h)) / h**0.5, dtype)[0],
+            to_device(rng.standard_normal((experts, h, i)) / i**0.5, dtype)[0],
+        )
+        kw = dict(dtype=dtype, top_k=top_k, max_tokens=64, stream=stream, capacity=cap)
+        pairs.append((MoELayer(w, scratch=shared, **kw), MoELayer(w, **kw)))  # type: ignore[arg-type]
+    assert pairs[0][0].xs is pairs[1][0].xs and pairs[0][0].s_y is pairs[1][0].s_y
+    assert pairs[0][1].xs is not pairs[1][1].xs
+    try:
+        for tokens, static in ((40, False), (cap, True), (3, True), (1, False)):
+            x_d = to_device(rng.standard_normal((tokens, h)), dtype)[0]
+            outs = []
+            for layer in (pairs[0][0], pairs[1][0], pairs[0][1], pairs[1][1]):  # the shared ones back to back
+                out = cupy.zeros_like(x_d)
+                (layer.forward_static if static else layer.forward)(x_d, out)
+                outs.append(out)
+            stream.synchronize()
+            for a, b in ((outs[0], outs[2]), (outs[1], outs[3])):
+                assert (cupy.asnumpy(a) == cupy.asnumpy(b)).all(), f"{tokens} tokens, static={static}"
+        w0 = pairs[0][0].weights
+        with pytest.raises(ValueError, match="scratch: expected a MoEScratch"):
+            MoELayer(w0, dtype=dtype, top_k=top_k, max_tokens=32, stream=stream, capacity=cap, scratch=shared)
+    finally:
+        for shared_layer, own in pairs:
+            shared_layer.close()
+            own.close()

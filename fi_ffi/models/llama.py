@@ -291,6 +291,7 @@ class LlamaEngine:
         self._q_norm: list[Any] = []
         self._k_norm: list[Any] = []
         self._moe: list[Any] = []
+        self._moe_scratch: Any = None
         if c.moe is not None:
             self._ws_moe = kernels.workspace(self.device)  # the grouped GEMMs' own (argument arrays, scratch)
         for i in range(c.num_layers):
@@ -331,12 +332,19 @@ class LlamaEngine:
     def _moe_layer(self, ckpt: Checkpoint, p: str, get: Any, upload: Any) -> Any:
         """The :class:`~fi_ffi.models.moe.MoELayer` of layer prefix ``p``: router, experts' gate/up stacked as
         ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as ``[E, H, I]``."""
-        from .moe import MoELayer, MoEWeights
+        from .moe import MoELayer, MoEScratch, MoEWeights
 
         c = self.config
         m = c.moe
         assert m is not None
         e, h, i = m.num_experts, c.hidden_size, m.intermediate_size
+        max_tokens = max(self.max_prefill_tokens, self.max_batch)
+        capacity = self.max_batch if self._static_moe else None
+        if self._moe_scratch is None:  # one set of activation buffers for every MoE layer (they run in turn)
+            self._moe_scratch = MoEScratch(
+                num_experts=e, hidden=h, intermediate=i, top_k=m.top_k, max_tokens=max_tokens, dtype=self.dtype,
+                capacity=capacity,
+            )  # fmt: skip
         # Per-expert tensors (checkpoints on the Hub, transformers 4): Mixtral block_sparse_moe.experts.N.w1 (gate),
         # w3 (up), w2 (down); Qwen3-MoE mlp.experts.N.gate_proj, up_proj, down_proj. Fused tensors (transformers
         # 5 saves these): mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then up rows) and down_proj [E, H, I].
@@ -370,11 +378,12 @@ class LlamaEngine:
             dtype=self.dtype,
             top_k=m.top_k,
             renormalize=m.renormalize,
-            max_tokens=max(self.max_prefill_tokens, self.max_batch),
+            max_tokens=max_tokens,
             stream=self.stream,
             dense=self.dense,
             workspace=self._ws_moe,
-            capacity=self.max_batch if self._static_moe else None,
+            capacity=capacity,
+            scratch=self._moe_scratch,
         )
 
     def _allocate(self) -> None:

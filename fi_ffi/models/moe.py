@@ -23,7 +23,10 @@ Weights are the checkpoint's, stacked per expert: ``router [E, H]``, ``gate_up [
 rows, then ``w3``; Qwen3-MoE's ``gate_proj`` then ``up_proj``) and ``down [E, H, I]`` (``w2`` / ``down_proj``),
 all nn.Linear layouts (``weight_column_major=True`` for the grouped GEMM). float16 arrays, or uint16 arrays
 holding bfloat16 bits (``dtype="bfloat16"``), as the engine stores them. Every buffer is allocated once, for
-``max_tokens``; nothing is allocated per forward except the host routing arrays.
+``max_tokens``; nothing is allocated per forward except the host routing arrays. The activation buffers
+(:class:`MoEScratch`) can be shared by all MoE layers of a model, which run one after another on one stream: the
+engine allocates one set, not one per layer (for Mixtral-8x7B at 4096 prefill tokens that is 0.8 GB instead of
+27 GB).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import fi_ffi
 from .dense import CUDA_R_32F, Dense, data_type
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
 
-__all__ = ["MoELayer", "MoEWeights"]
+__all__ = ["MoELayer", "MoEScratch", "MoEWeights"]
 
 _COMBINE = r"""
 __device__ __forceinline__ float load16(unsigned short v, int bf16) {
@@ -143,6 +146,67 @@ class MoEWeights:
         return e, h, i
 
 
+class MoEScratch:
+    """The activation buffers of MoE layers of one shape, shareable by layers that run one after another on one
+    stream (each forward writes before it reads and is done with them when the next layer starts). Device arrays,
+    ``R = max_tokens * top_k`` rows for the host path and ``E * capacity`` for the fixed-capacity path:
+
+    - ``logits [max_tokens, E]`` float32; ``xs [R, H]``, ``gate_up_out [R, 2I]``, ``act [R, I]``, ``y [R, H]`` in
+      the storage dtype; ``row_token``, ``row_of`` int32 ``[R]``, ``route_weights`` float32 ``[R]``;
+    - with ``capacity``: ``s_xs [E*C, H]``, ``s_gu [E*C, 2I]``, ``s_act [E*C, I]``, ``s_y [E*C, H]`` (zeroed
+      once), ``s_experts``, ``s_row_of`` int32 ``[C*k]``, ``s_weights`` float32 ``[C*k]``.
+
+    ``key`` is what a layer must match to use it: ``(E, H, I, k, max_tokens, capacity or 0, dtype)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        hidden: int,
+        intermediate: int,
+        top_k: int,
+        max_tokens: int,
+        dtype: str,
+        capacity: int | None = None,
+    ) -> None:
+        import cupy
+
+        if dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens: expected >= 1, got {max_tokens}")
+        if capacity is not None and not 1 <= capacity <= max_tokens:
+            raise ValueError(f"capacity: expected 1..max_tokens ({max_tokens}), got {capacity}")
+        e, h, i, k = num_experts, hidden, intermediate, top_k
+        self.key = (e, h, i, k, max_tokens, capacity or 0, dtype)
+        storage = cupy.float16 if dtype == "float16" else cupy.uint16
+        rows = max_tokens * k
+        self.logits = cupy.empty((max_tokens, e), cupy.float32)
+        self.xs = cupy.empty((rows, h), storage)
+        self.gate_up_out = cupy.empty((rows, 2 * i), storage)
+        self.act = cupy.empty((rows, i), storage)
+        self.y = cupy.empty((rows, h), storage)
+        self.row_token = cupy.empty(rows, cupy.int32)
+        self.row_of = cupy.empty(rows, cupy.int32)
+        self.route_weights = cupy.empty(rows, cupy.float32)
+        if capacity:
+            c = capacity
+            # zeroed once: rows past an expert's count are never computed or read, but stay finite
+            self.s_xs = cupy.zeros((e * c, h), storage)
+            self.s_gu = cupy.zeros((e * c, 2 * i), storage)
+            self.s_act = cupy.zeros((e * c, i), storage)
+            self.s_y = cupy.zeros((e * c, h), storage)
+            self.s_experts = cupy.zeros(c * k, cupy.int32)
+            self.s_row_of = cupy.zeros(c * k, cupy.int32)
+            self.s_weights = cupy.zeros(c * k, cupy.float32)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held."""
+        return sum(int(getattr(a, "nbytes", 0)) for a in vars(self).values())
+
+
 class MoELayer:
     """The MoE MLP of one layer (see the module docstring).
 
@@ -158,6 +222,8 @@ class MoELayer:
             go through its int buffer and make other plans on it stale); None: one of its own.
         backend: the grouped GEMM's ``backend`` (``"auto"``: the SM90 module on Hopper).
         capacity: also build the fixed-capacity path (:meth:`forward_static`) for up to ``capacity`` tokens.
+        scratch: a :class:`MoEScratch` of this layer's shape (its ``key``), shared with the other layers that run
+            on ``stream``; None: one of its own.
     """
 
     def __init__(
@@ -173,6 +239,7 @@ class MoELayer:
         workspace: Any = None,
         backend: str = "auto",
         capacity: int | None = None,
+        scratch: MoEScratch | None = None,
     ) -> None:
         import cupy
 
@@ -199,16 +266,24 @@ class MoELayer:
             if workspace is None
             else workspace
         )
-        rows = max_tokens * top_k
         e, h, i = self.num_experts, self.hidden, self.intermediate
-        self.logits = cupy.empty((max_tokens, e), cupy.float32)
-        self.xs = cupy.empty((rows, h), storage)
-        self.gate_up_out = cupy.empty((rows, 2 * i), storage)
-        self.act = cupy.empty((rows, i), storage)
-        self.y = cupy.empty((rows, h), storage)
-        self.row_token = cupy.empty(rows, cupy.int32)
-        self.row_of = cupy.empty(rows, cupy.int32)
-        self.route_weights = cupy.empty(rows, cupy.float32)
+        if capacity is not None and not 1 <= capacity <= max_tokens:
+            raise ValueError(f"capacity: expected 1..max_tokens ({max_tokens}), got {capacity}")
+        key = (e, h, i, top_k, max_tokens, capacity or 0, dtype)
+        if scratch is None:
+            scratch = MoEScratch(
+                num_experts=e, hidden=h, intermediate=i, top_k=top_k, max_tokens=max_tokens, dtype=dtype,
+                capacity=capacity,
+            )  # fmt: skip
+        elif not isinstance(scratch, MoEScratch) or scratch.key != key:
+            got = scratch.key if isinstance(scratch, MoEScratch) else type(scratch).__name__
+            raise ValueError(
+                f"scratch: expected a MoEScratch of key (experts, hidden, intermediate, top_k, max_tokens, capacity, "
+                f"dtype) = {key}, got {got}; build it with this layer's arguments"
+            )
+        self.scratch = sc = scratch
+        self.logits, self.xs, self.gate_up_out, self.act, self.y = sc.logits, sc.xs, sc.gate_up_out, sc.act, sc.y
+        self.row_token, self.row_of, self.route_weights = sc.row_token, sc.row_of, sc.route_weights
         module = cupy.RawModule(code=_COMBINE)
         self._combine = module.get_function("moe_combine")
         self._route_fn = module.get_function("moe_route")
@@ -217,9 +292,9 @@ class MoELayer:
         self.last_routing: tuple[np.ndarray, np.ndarray, ExpertGroups] | None = None
         self.capacity = 0
         if capacity is not None:
-            self._build_static(capacity, storage)
+            self._build_static(capacity)
 
-    def _build_static(self, capacity: int, storage: Any) -> None:
+    def _build_static(self, capacity: int) -> None:
         """Buffers and prepared grouped GEMMs of the fixed-capacity path: expert ``e`` owns rows
         ``[e * capacity, (e + 1) * capacity)`` of every activation buffer, the tokens that chose it the first of
         them, so the GEMMs' argument arrays are copied once; only each expert's row count (the ``m`` of its
@@ -228,19 +303,12 @@ class MoELayer:
 
         from ..ops.segment_gemm import prepare_segment_gemm, segment_gemm_args_bytes
 
-        if not 1 <= capacity <= self.max_tokens:
-            raise ValueError(f"capacity: expected 1..max_tokens ({self.max_tokens}), got {capacity}")
         self.capacity = c = capacity
-        e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
+        e, h, i = self.num_experts, self.hidden, self.intermediate
         rows = e * c
-        # zeroed once: rows no token chose this step still go through the GEMMs (finite values, never read)
-        self.s_xs = cupy.zeros((rows, h), storage)
-        self.s_gu = cupy.zeros((rows, 2 * i), storage)
-        self.s_act = cupy.zeros((rows, i), storage)
-        self.s_y = cupy.zeros((rows, h), storage)
-        self.s_experts = cupy.zeros(c * k, cupy.int32)
-        self.s_row_of = cupy.zeros(c * k, cupy.int32)
-        self.s_weights = cupy.zeros(c * k, cupy.float32)
+        sc = self.scratch
+        self.s_xs, self.s_gu, self.s_act, self.s_y = sc.s_xs, sc.s_gu, sc.s_act, sc.s_y
+        self.s_experts, self.s_row_of, self.s_weights = sc.s_experts, sc.s_row_of, sc.s_weights
         nbytes = segment_gemm_args_bytes(e)
         self._s_args = cupy.zeros(2 * nbytes, cupy.uint8)
         seg = (np.arange(e + 1) * c).astype(np.int32)
