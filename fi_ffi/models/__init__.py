@@ -1,4 +1,5 @@
-"""A small Llama serving engine built on fi_ffi, without torch.
+"""A small serving engine for Llama-architecture models (Llama, Qwen3, Mixtral, Qwen3-MoE) built on fi_ffi, without
+torch.
 
 Needs CuPy (the ``llama`` extra; ``python -m pip install cupy-cuda13x``) and cuBLAS 13 (a CUDA 13 toolkit, or
 ``python -m pip install 'nvidia-cublas>=13,<14'``).
@@ -14,5 +15,9 @@ The binding layer (everything outside this package) never imports it. Modules, o
   ``cublasGemmEx``. Loaded on first use.
 - :mod:`~fi_ffi.models.dense`: the dense GEMMs (on that handle) and two tiny CuPy kernels (row gather, argmax).
 - :mod:`~fi_ffi.models.graph`: CUDA graph capture and replay with cuda-python.
+- :mod:`~fi_ffi.models.moe_routing`: mixture-of-experts softmax + top-k and grouping by expert, in numpy.
+- :mod:`~fi_ffi.models.moe`: the MoE MLP layer (grouped GEMMs, a host-routed and a fixed-capacity device path) and
+  the activation buffers its layers share.
+- :mod:`~fi_ffi.models.tensor_parallel`: what each rank of a tensor-parallel engine holds, and its all-reduce.
 - :mod:`~fi_ffi.models.llama`: the model (weights, buffers, forward) and the serving loop.
 """
