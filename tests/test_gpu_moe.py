@@ -243,6 +243,7 @@ def test_layers_sharing_one_scratch_give_their_own_results() -> None:
         kw = dict(dtype=dtype, top_k=top_k, max_tokens=64, stream=stream, capacity=cap)
         pairs.append((MoELayer(w, scratch=shared, **kw), MoELayer(w, **kw)))  # type: ignore[arg-type]
     assert pairs[0][0].xs is pairs[1][0].xs and pairs[0][0].s_y is pairs[1][0].s_y
+    assert shared.nbytes == MoEScratch.bytes_needed(experts, h, i, top_k, 64, cap)
     assert pairs[0][1].xs is not pairs[1][1].xs
     try:
         for tokens, static in ((40, False), (cap, True), (3, True), (1, False)):

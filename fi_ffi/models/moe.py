@@ -38,10 +38,13 @@ import numpy as np
 
 import fi_ffi
 
+from ..ops import checks
 from .dense import CUDA_R_32F, Dense, data_type
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
 
 __all__ = ["MoELayer", "MoEScratch", "MoEWeights"]
+
+_MAX_SCRATCH_BYTES = 1 << 46  # 64 TiB: far above any GPU's memory, far below int64 overflow
 
 _COMBINE = r"""
 __device__ __forceinline__ float load16(unsigned short v, int bf16) {
@@ -170,16 +173,41 @@ class MoEScratch:
         dtype: str,
         capacity: int | None = None,
     ) -> None:
-        import cupy
-
+        # checked before CuPy is imported: bad arguments are named the same with or without a GPU
+        e = checks.integer("num_experts", num_experts, 1)
+        h = checks.integer("hidden", hidden, 1)
+        i = checks.integer("intermediate", intermediate, 1)
+        k = checks.integer("top_k", top_k, 1)
+        if k > e:
+            raise ValueError(f"top_k: expected 1..num_experts ({e}), got {k}")
+        max_tokens = checks.integer("max_tokens", max_tokens, 1)
+        if capacity is not None:
+            capacity = checks.integer("capacity", capacity, 1)
+            if capacity > max_tokens:
+                raise ValueError(f"capacity: expected 1..max_tokens ({max_tokens}), got {capacity}")
         if dtype not in ("float16", "bfloat16"):
             raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens: expected >= 1, got {max_tokens}")
-        if capacity is not None and not 1 <= capacity <= max_tokens:
-            raise ValueError(f"capacity: expected 1..max_tokens ({max_tokens}), got {capacity}")
-        e, h, i, k = num_experts, hidden, intermediate, top_k
         self.key = (e, h, i, k, max_tokens, capacity or 0, dtype)
+        need = self.bytes_needed(e, h, i, k, max_tokens, capacity)
+        if need > _MAX_SCRATCH_BYTES:  # no device holds this: refuse before CuPy overflows or rounds it
+            raise ValueError(
+                f"MoEScratch: max_tokens={max_tokens}, top_k={k}, hidden={h}, intermediate={i}, capacity={capacity} "
+                f"need {need} bytes of activation buffers, more than any device has; expected sizes of a real model"
+            )
+        import cupy
+
+        try:
+            self._allocate(cupy, e, h, i, k, max_tokens, capacity, dtype)
+        except cupy.cuda.memory.OutOfMemoryError as exc:
+            raise MemoryError(
+                f"MoEScratch: the activation buffers for max_tokens={max_tokens} x top_k={k} rows (hidden {h}, "
+                f"intermediate {i}) and capacity={capacity} do not fit in the device's free memory ({exc}); lower "
+                f"max_tokens (the engine's max_prefill_tokens) or capacity (its max_batch)"
+            ) from None
+
+    def _allocate(
+        self, cupy: Any, e: int, h: int, i: int, k: int, max_tokens: int, capacity: int | None, dtype: str
+    ) -> None:
         storage = cupy.float16 if dtype == "float16" else cupy.uint16
         rows = max_tokens * k
         self.logits = cupy.empty((max_tokens, e), cupy.float32)
@@ -200,6 +228,14 @@ class MoEScratch:
             self.s_experts = cupy.zeros(c * k, cupy.int32)
             self.s_row_of = cupy.zeros(c * k, cupy.int32)
             self.s_weights = cupy.zeros(c * k, cupy.float32)
+
+    @staticmethod
+    def bytes_needed(e: int, h: int, i: int, k: int, max_tokens: int, capacity: int | None) -> int:
+        """Device bytes of the buffers of a scratch of these sizes (16-bit activations)."""
+        rows, static = max_tokens * k, e * (capacity or 0)
+        per_row = 2 * (2 * h + 3 * i)  # xs, y; gate_up_out (2I), act (I)
+        routing = 4 * max_tokens * e + 12 * rows + (12 * (capacity or 0) * k)
+        return (rows + static) * per_row + routing
 
     @property
     def nbytes(self) -> int:
