@@ -293,18 +293,9 @@ class MoELayer:
             arr = getattr(weights, name)
             if arr.dtype != storage or not arr.flags.c_contiguous:
                 raise ValueError(f"weights.{name}: expected a contiguous {np.dtype(storage).name} array ({dtype})")
-        self.device_id = int(cupy.cuda.Device().id)
-        self._own_dense = dense is None
-        self.dense = Dense(stream) if dense is None else dense
-        self._own_ws = workspace is None
-        self.workspace = (
-            fi_ffi.Workspace.allocate(self.device_id, float_bytes=32 << 20, int_bytes=1 << 20)
-            if workspace is None
-            else workspace
-        )
+        # the buffers before the cuBLAS handle and workspace: a refused or unallocatable scratch leaves nothing open
+        # (MoEScratch checks capacity against max_tokens; a given one must have been built for this layer)
         e, h, i = self.num_experts, self.hidden, self.intermediate
-        if capacity is not None and not 1 <= capacity <= max_tokens:
-            raise ValueError(f"capacity: expected 1..max_tokens ({max_tokens}), got {capacity}")
         key = (e, h, i, top_k, max_tokens, capacity or 0, dtype)
         if scratch is None:
             scratch = MoEScratch(
@@ -317,7 +308,17 @@ class MoELayer:
                 f"scratch: expected a MoEScratch of key (experts, hidden, intermediate, top_k, max_tokens, capacity, "
                 f"dtype) = {key}, got {got}; build it with this layer's arguments"
             )
-        self.scratch = sc = scratch
+        self.scratch = scratch
+        self.device_id = int(cupy.cuda.Device().id)
+        self._own_dense = dense is None
+        self.dense = Dense(stream) if dense is None else dense
+        self._own_ws = workspace is None
+        self.workspace = (
+            fi_ffi.Workspace.allocate(self.device_id, float_bytes=32 << 20, int_bytes=1 << 20)
+            if workspace is None
+            else workspace
+        )
+        sc = self.scratch
         self.logits, self.xs, self.gate_up_out, self.act, self.y = sc.logits, sc.xs, sc.gate_up_out, sc.act, sc.y
         self.row_token, self.row_of, self.route_weights = sc.row_token, sc.row_of, sc.route_weights
         module = cupy.RawModule(code=_COMBINE)
