@@ -66,6 +66,14 @@ def silu(v: np.ndarray) -> np.ndarray:
     return v / (1.0 + np.exp(-v))
 
 
+def random_weights(rng: np.random.Generator, experts: int, h: int, i: int, dtype: str) -> MoEWeights:
+    """Router, gate/up and down weights on the device, entries ~N(0, 1/fan_in) (outputs of magnitude ~1)."""
+    router_d, _ = to_device(rng.standard_normal((experts, h)) / h**0.5, dtype)
+    gu_d, _ = to_device(rng.standard_normal((experts, 2 * i, h)) / h**0.5, dtype)
+    down_d, _ = to_device(rng.standard_normal((experts, h, i)) / i**0.5, dtype)
+    return MoEWeights(router_d, gu_d, down_d)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("tokens", [1, 5, 64, 300])
 @pytest.mark.parametrize(("experts", "top_k", "renormalize"), [(8, 2, True), (16, 4, False)], ids=["mixtral", "qwen3"])
@@ -111,11 +119,9 @@ def test_moe_layer_matches_float32(dtype: str, tokens: int, experts: int, top_k:
 def test_moe_layer_reuses_its_buffers_across_batch_sizes() -> None:
     rng = np.random.default_rng(0)
     h, i, experts = 128, 256, 8
-    router_d, _ = to_device(rng.standard_normal((experts, h)) / h**0.5, "float16")
-    gu_d, _ = to_device(rng.standard_normal((experts, 2 * i, h)) / h**0.5, "float16")
-    down_d, _ = to_device(rng.standard_normal((experts, h, i)) / i**0.5, "float16")
     stream = cupy.cuda.Stream(non_blocking=True)
-    layer = MoELayer(MoEWeights(router_d, gu_d, down_d), dtype="float16", top_k=2, max_tokens=64, stream=stream)
+    weights = random_weights(rng, experts, h, i, "float16")
+    layer = MoELayer(weights, dtype="float16", top_k=2, max_tokens=64, stream=stream)
     try:
         x_d, _ = to_device(rng.standard_normal((64, h)), "float16")
         full = cupy.zeros_like(x_d)
@@ -140,12 +146,9 @@ def test_the_fixed_capacity_path_matches_the_host_path_and_replays_in_a_graph(
     captured around it gives the result of each new input it is replayed on."""
     rng = np.random.default_rng(experts)
     h, i, cap = 256, 512, 32
-    router_d, _ = to_device(rng.standard_normal((experts, h)) / h**0.5, dtype)
-    gu_d, _ = to_device(rng.standard_normal((experts, 2 * i, h)) / h**0.5, dtype)
-    down_d, _ = to_device(rng.standard_normal((experts, h, i)) / i**0.5, dtype)
     stream = cupy.cuda.Stream(non_blocking=True)
     layer = MoELayer(
-        MoEWeights(router_d, gu_d, down_d), dtype=dtype, top_k=top_k, renormalize=renormalize, max_tokens=64,
+        random_weights(rng, experts, h, i, dtype), dtype=dtype, top_k=top_k, renormalize=renormalize, max_tokens=64,
         stream=stream, capacity=cap,
     )  # fmt: skip
     try:
@@ -187,12 +190,9 @@ def test_the_fixed_capacity_path_computes_only_the_chosen_experts_rows() -> None
     weights were not multiplied; the result still equals the host path's."""
     rng = np.random.default_rng(11)
     experts, top_k, h, i, cap, dtype = 8, 2, 256, 512, 32, "float16"
-    router_d, _ = to_device(rng.standard_normal((experts, h)) / h**0.5, dtype)
-    gu_d, _ = to_device(rng.standard_normal((experts, 2 * i, h)) / h**0.5, dtype)
-    down_d, _ = to_device(rng.standard_normal((experts, h, i)) / i**0.5, dtype)
     stream = cupy.cuda.Stream(non_blocking=True)
     layer = MoELayer(
-        MoEWeights(router_d, gu_d, down_d), dtype=dtype, top_k=top_k, max_tokens=cap, stream=stream, capacity=cap
+        random_weights(rng, experts, h, i, dtype), dtype=dtype, top_k=top_k, max_tokens=cap, stream=stream, capacity=cap
     )
     sentinel = np.float16(-7.0)
     try:
@@ -235,11 +235,7 @@ def test_layers_sharing_one_scratch_give_their_own_results() -> None:
     )
     pairs = []
     for _ in range(2):
-        w = MoEWeights(
-            to_device(rng.standard_normal((experts, h)) / h**0.5, dtype)[0],
-            to_device(rng.standard_normal((experts, 2 * i, h)) / h**0.5, dtype)[0],
-            to_device(rng.standard_normal((experts, h, i)) / i**0.5, dtype)[0],
-        )
+        w = random_weights(rng, experts, h, i, dtype)
         kw = dict(dtype=dtype, top_k=top_k, max_tokens=64, stream=stream, capacity=cap)
         pairs.append((MoELayer(w, scratch=shared, **kw), MoELayer(w, **kw)))  # type: ignore[arg-type]
     assert pairs[0][0].xs is pairs[1][0].xs and pairs[0][0].s_y is pairs[1][0].s_y
