@@ -48,6 +48,7 @@ BARRIER_FLAG_COUNT = 256
 MAX_COMM_SIZE = 2147483647 & ~((1 << 21) - 1)  # int32 max rounded down to 2 MiB: the kernels' byte offsets
 ONESHOT_MAX_MIB = {2: 512, 4: 64, 8: 42, 16: 42}  # flashinfer's one-shot heuristic (B200), by world size
 _ALIGN = 1 << 21
+MAX_ELEMENTS = (1 << 31) - 1  # token_num * hidden_dim of one call: the kernels' int32 element counts
 _DTYPES = (float16, bfloat16, float32)
 
 
@@ -280,6 +281,11 @@ def workspace_metadata(world_size: int, max_token_num: int, hidden_dim: int, dty
         raise ValueError(f"world_size: the fusion kernels run on 2, 4, 8 or 16 ranks, got {world_size}")
     max_token_num = checks.integer("max_token_num", max_token_num, 1)
     hidden_dim = checks.integer("hidden_dim", hidden_dim, 1)
+    if max_token_num * hidden_dim > MAX_ELEMENTS:
+        raise ValueError(
+            f"max_token_num, hidden_dim: {max_token_num} x {hidden_dim} elements exceed {MAX_ELEMENTS} (the kernels "
+            f"count a call's elements in int32); make the workspace for fewer tokens"
+        )
     dt = to_dtype(dtype)
     if dt not in _DTYPES:
         raise TypeError(f"dtype: expected float16, bfloat16 or float32, got {dt.name}")
@@ -309,7 +315,9 @@ class AllReduceFusionWorkspace:
         from ..tensor import Tensor
         from . import cuda
         from .ipc import IpcBuffer
+        from .nccl import open_communicator
 
+        comm = open_communicator("comm", comm, "an AllReduceFusionWorkspace")
         self.metadata = workspace_metadata(comm.world_size, max_token_num, hidden_dim, dtype)
         if comm.env is not None and not comm.env.single_host:
             raise ValueError("comm: the fusion kernels need every rank on one host (CUDA IPC); use NCCL")
@@ -385,7 +393,7 @@ class AllReduceFusionWorkspace:
         """:func:`trtllm_allreduce_fusion` on this workspace, with the token count and hidden size taken from
         ``allreduce_in`` (``[token_num, hidden_dim]``)."""
         if self.closed:
-            raise ValueError("the workspace is closed")
+            raise ValueError(_CLOSED)
         from ..interop import as_tensor
 
         t = as_tensor(allreduce_in, name="allreduce_in")
@@ -417,11 +425,17 @@ class AllReduceFusionWorkspace:
         )
 
 
+_CLOSED = (
+    "AllReduceFusionWorkspace: this workspace is closed (close() or its with block ended); make a new "
+    "AllReduceFusionWorkspace(comm, max_token_num, hidden_dim, dtype) on every rank"
+)
+
+
 def _workspace(workspace_ptrs: Any, metadata: WorkspaceMetadata | None) -> tuple[Any, WorkspaceMetadata]:
     """The pointer array and metadata of ``workspace_ptrs`` (a workspace, or a tensor with ``metadata``)."""
     if isinstance(workspace_ptrs, AllReduceFusionWorkspace):
         if workspace_ptrs.closed:
-            raise ValueError("workspace_ptrs: the workspace is closed")
+            raise ValueError(f"workspace_ptrs: {_CLOSED}")
         return workspace_ptrs.ptrs, workspace_ptrs.metadata
     if not isinstance(metadata, WorkspaceMetadata):
         raise TypeError(
@@ -470,12 +484,15 @@ def _check_fusion(a: SimpleNamespace) -> PointerRules:
         raise ValueError(f"world_rank: expected 0 <= world_rank < {a.world_size}, got {a.world_rank}")
     if a.token_num < 1 or a.hidden_size < 1 or x.numel != a.token_num * a.hidden_size:
         raise ValueError(
-            f"token_num, hidden_size: expected allreduce_in's {x.numel} elements as token_num x hidden_size, got "
+            f"token_num, hidden_dim: expected allreduce_in's {x.numel} elements as token_num x hidden_dim, got "
             f"{a.token_num} x {a.hidden_size}"
         )
     vec = 16 // x.dtype.itemsize
-    if a.hidden_size % vec:
-        raise ValueError(f"hidden_size: expected a multiple of {vec} (16 bytes of {x.dtype.name}), got {a.hidden_size}")
+    if a.hidden_size % vec:  # the declaration's hidden_size is the caller's hidden_dim (allreduce_in.shape[1])
+        raise ValueError(
+            f"hidden_dim: expected a multiple of {vec} (16 bytes of {x.dtype.name}), got {a.hidden_size}; pad "
+            f"allreduce_in's rows (allreduce_in.shape[1]) to it"
+        )
     if a.token_num * a.hidden_size > meta.max_token_num * meta.hidden_dim:
         raise ValueError(
             f"allreduce_in: {a.token_num} x {a.hidden_size} elements exceed the workspace ({meta.max_token_num} tokens "
@@ -634,7 +651,7 @@ def trtllm_allreduce_fusion(
         quant_out,
         scale_out,
         rms_gamma,
-        None if rms_eps is None else float(rms_eps) if isinstance(rms_eps, int) else rms_eps,
+        None if rms_eps is None else checks.finite("rms_eps", rms_eps),
         scale_factor,
         layout_code,
         stream=stream,
@@ -756,7 +773,7 @@ def trtllm_moe_finalize_allreduce_fusion(
         ptrs,
         world_rank,
         world_size,
-        float(eps) if isinstance(eps, int) and not isinstance(eps, bool) else eps,
+        checks.finite("eps", eps),
         shared_expert_output,
         expert_scale_factor,
         stream=stream,
@@ -778,8 +795,8 @@ def _check_moe_reduction(a: SimpleNamespace) -> PointerRules:
         raise TypeError("workspace_ptrs: made for float32 calls; the MoE fusions run float16/bfloat16")
     if tokens < 1 or hidden < 1 or hidden % 8 or experts < 1:
         raise ValueError(
-            f"token_num, hidden_size, moe_reduction_device_num_experts: expected >= 1 (hidden a multiple of 8), got "
-            f"{tokens}, {hidden}, {experts}"
+            f"token_num, hidden_dim, moe_reduction_device_num_experts: expected >= 1 (hidden_dim a multiple of 8), "
+            f"got {tokens}, {hidden}, {experts}"
         )
     if tokens * hidden > meta.max_token_num * meta.hidden_dim:
         raise ValueError(
@@ -872,8 +889,8 @@ def trtllm_moe_allreduce_fusion(
         launch_with_pdl,
         residual_in,
         rms_gamma,
-        float(rms_eps) if isinstance(rms_eps, int) and not isinstance(rms_eps, bool) else rms_eps,
-        float(scale_factor) if isinstance(scale_factor, int) and not isinstance(scale_factor, bool) else scale_factor,
+        checks.finite("rms_eps", rms_eps),
+        checks.finite("scale_factor", scale_factor),
         moe_reduction_device_num_experts,
         moe_reduction_scale_input,
         moe_reduction_active_experts_token_input,
@@ -980,7 +997,7 @@ def trtllm_custom_all_reduce(
         residual,
         weight,
         weight_pre_residual_norm,
-        None if eps is None else float(eps),
+        None if eps is None else checks.finite("eps", eps),
         intermediate_buffer,
         lamport_peer_comm_buffer_ptrs_0,
         lamport_peer_comm_buffer_ptrs_1,
