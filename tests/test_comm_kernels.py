@@ -793,3 +793,60 @@ def test_a_bad_hidden_size_is_named_hidden_dim_as_the_caller_wrote_it() -> None:
         trtllm_allreduce_fusion(**fusion_args(allreduce_in=x, hidden_dim=H - 4, allreduce_out=None))
     with pytest.raises(ValueError, match=r"^token_num, hidden_dim, moe_reduction_device_num_experts: "):
         trtllm_ar.trtllm_moe_allreduce_fusion(**moe_reduction_args(hidden_dim=H - 4))
+
+
+# ---- the Lamport stride defect of trtllm_custom_all_reduce before FlashInfer 0.6.17 (issue 21) ----------------------
+
+
+def rms_norm_custom_args(tp_size: int, **over: Any) -> dict[str, Any]:
+    table = fake_cuda((tp_size,), "int64")
+    return custom_args(
+        tp_size=tp_size,
+        fusion_op_code=trtllm_ar.AllReduceFusionOp.RESIDUAL_RMS_NORM,
+        residual=fake_cuda((T, H)),
+        weight=fake_cuda((H,)),
+        eps=1e-6,
+        intermediate_buffer=fake_cuda((T, H)),
+        peer_comm_buffer_ptrs=table,
+        peer_barrier_ptrs_in=fake_cuda((tp_size,), "int64"),
+        peer_barrier_ptrs_out=fake_cuda((tp_size,), "int64"),
+        **over,
+    )
+
+
+DEFECT = r"^tp_size: 2 ranks with RESIDUAL_RMS_NORM or Lamport buffers on FlashInfer 0\.6\.3: .*PR #3903 in 0\.6\.17"
+
+
+def test_the_lamport_stride_defect_of_0_6_3_is_refused_below_16_ranks(comm_lock: Path) -> None:
+    from fi_ffi import loader
+
+    assert loader.module_release("trtllm_comm") == "0.6.3"
+    with pytest.raises(ValueError, match=DEFECT):
+        trtllm_ar.trtllm_custom_all_reduce(**rms_norm_custom_args(2))
+    lamport = {f"lamport_peer_comm_buffer_ptrs_{i}": fake_cuda((2,), "int64") for i in range(3)}
+    with pytest.raises(ValueError, match=DEFECT):  # Lamport pointers given: the host writes them mis-strided
+        trtllm_ar.trtllm_custom_all_reduce(**custom_args(**lamport))
+    # 16 ranks: the strides agree; fusion NONE without Lamport buffers never reads them: both reach the kernel
+    for args in (rms_norm_custom_args(16, tp_rank=15), custom_args()):
+        with pytest.raises(KernelError) as info:
+            trtllm_ar.trtllm_custom_all_reduce(**args)
+        assert info.value.kind != "TypeError" and "cuda" in info.value.message.lower(), info.value
+
+
+def test_a_release_with_the_fix_is_not_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from fi_ffi import caches, loader
+
+    wheel = comm_wheel()
+    if wheel is None:
+        pytest.skip(COMM_MISSING)
+    fixed = dataclasses.replace(loader.lock_entry(wheel), release="0.6.17")  # what a lock of 0.6.17 records
+    use_lock(monkeypatch, tmp_path / "fixed.lock", loader.dump_lock([fixed], header="0.6.17"), [wheel])
+    try:
+        assert loader.module_release("trtllm_comm") == "0.6.17"
+        with pytest.raises(KernelError) as info:  # past every check: the module's first CUDA call
+            trtllm_ar.trtllm_custom_all_reduce(**rms_norm_custom_args(2))
+        assert info.value.kind != "TypeError" and "cuda" in info.value.message.lower(), info.value
+    finally:
+        caches.reset()

@@ -944,10 +944,43 @@ def _check_custom(a: SimpleNamespace) -> PointerRules:
         checks.shape("intermediate_buffer", a.intermediate_buffer, x.shape)
         if a.eps is None or not a.eps > 0:
             raise ValueError(f"eps: expected > 0 with RESIDUAL_RMS_NORM, got {a.eps}")
+    # last: every argument checked first (this one asks the lock which release serves the module)
+    if a.tp_size != LAMPORT_STRIDE and (
+        a.fusion_op_code == AllReduceFusionOp.RESIDUAL_RMS_NORM or any(t is not None for t in lamport)
+    ):
+        _refuse_lamport_stride_defect(a.tp_size)
     return PointerRules({"in": 16, "out": 16}).disjoint("out", "in")
 
 
 _custom_all_reduce = launcher(CUSTOM_ALL_REDUCE, URI, _check_custom)
+
+LAMPORT_STRIDE = 16  # MAX_RANKS_PER_NODE: the stride at which the kernels read the three Lamport pointer rows
+LAMPORT_STRIDE_FIXED_IN = "0.6.17"  # the first FlashInfer release whose host code writes them at that stride
+
+
+def _refuse_lamport_stride_defect(tp_size: int) -> None:
+    """Refuse a call that may reach the Lamport kernel on a module whose host code mis-strides its pointers.
+
+    FlashInfer's ``trtllm_custom_all_reduce`` before 0.6.17 writes the Lamport buffer pointers of rank ``i`` at
+    ``i + tp_size * k`` while the kernels read ``i + MAX_RANKS_PER_NODE * k`` (k = 0, 1, 2; upstream PR #3903
+    fixed it): they agree only at 16 ranks, and at any other world size the kernel dereferences unset pointers.
+    The Lamport kernel runs for RESIDUAL_RMS_NORM (up to 16 tokens of at least 256 elements, chosen on the
+    device side of the FFI), so such calls, and any call given the Lamport pointers, are refused there.
+    """
+    from .. import loader
+    from ..loader.lockfile import release_key
+
+    release = loader.module_release(URI)
+    if release and release_key(release) >= release_key(LAMPORT_STRIDE_FIXED_IN):
+        return
+    which = f"FlashInfer {release}" if release else "a module whose lock entry records no FlashInfer release"
+    raise ValueError(
+        f"tp_size: {tp_size} ranks with RESIDUAL_RMS_NORM or Lamport buffers on {which}: its host code writes the "
+        f"Lamport buffer pointers at stride tp_size while the kernels read them at stride {LAMPORT_STRIDE} "
+        f"(upstream defect, fixed by FlashInfer PR #3903 in {LAMPORT_STRIDE_FIXED_IN}), so only {LAMPORT_STRIDE} "
+        f"ranks are safe; pin trtllm_comm from FlashInfer >= {LAMPORT_STRIDE_FIXED_IN}, use fusion_op_code NONE "
+        f"without Lamport buffers, or use trtllm_allreduce_fusion"
+    )
 
 
 def trtllm_custom_all_reduce(
@@ -978,7 +1011,9 @@ def trtllm_custom_all_reduce(
 ) -> None:
     """TensorRT-LLM's older custom all-reduce (deprecated upstream in favour of :func:`trtllm_allreduce_fusion`):
     declared and checked; fi_ffi makes no workspace for it (its 7 IPC buffers: see
-    :class:`~fi_ffi.comm.ipc.IpcBuffer`)."""
+    :class:`~fi_ffi.comm.ipc.IpcBuffer`). On modules from FlashInfer before 0.6.17 a call that may reach the Lamport
+    kernel (RESIDUAL_RMS_NORM, or Lamport buffers given) is refused below 16 ranks: that host code mis-strides the
+    Lamport pointers (upstream PR #3903)."""
     _custom_all_reduce(
         inp,
         out,
