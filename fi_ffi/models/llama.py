@@ -155,7 +155,7 @@ class LlamaEngine:
     ) -> None:
         from .tensor_parallel import ResidualAllReduce, shard_config
 
-        self.model_config = LlamaConfig.from_dir(model_dir)
+        self.model_config = self._read_config(model_dir)
         self.tensor_parallel = _positive("tensor_parallel", tensor_parallel)
         if self.model_config.moe is not None and self.tensor_parallel > 1:
             raise ValueError(
@@ -243,6 +243,11 @@ class LlamaEngine:
             raise
 
     # ------------------------------------------------------------------------------------------ loading
+
+    @staticmethod
+    def _read_config(model_dir: str | Path) -> Any:
+        """The checkpoint's config (a hook: another architecture's engine reads its own config class)."""
+        return LlamaConfig.from_dir(model_dir)
 
     def _load(self, ckpt: Checkpoint) -> None:
         from .tensor_parallel import columns, rows
@@ -404,11 +409,17 @@ class LlamaEngine:
             ids=cp.empty(self.max_batch, np.int32),
             kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), storage),
         )
+        self._allocate_attention_caches()
         # where the normalized rows live: x (normalized in place), or x2 when the fused all-reduce writes them
         if self._allreduce is not None and self._allreduce.fused:
             b.x2 = cp.empty((rows, h), storage)
         self._normed = b.x2 if hasattr(b, "x2") else b.x
-        kv_shape = (self.num_pages, self.page_size, hk, d)
+        self._allocate_steps()
+
+    def _allocate_attention_caches(self) -> None:
+        """Descriptors of each layer's K and V cache in ``_buf.kv``."""
+        c, b = self.config, self._buf
+        kv_shape = (self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
         self._k_cache = [
             kernels.descriptor(b.kv[i, 0].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
             for i in range(c.num_layers)
@@ -417,6 +428,11 @@ class LlamaEngine:
             kernels.descriptor(b.kv[i, 1].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
             for i in range(c.num_layers)
         ]
+
+    def _allocate_steps(self) -> None:
+        """The per-step index arrays (host staging and device), the token-id buffers and the sampling state:
+        what every architecture's serving loop shares."""
+        cp = self._cp
         max_pages = self.num_pages  # every request's pages at once, plus padding rows' page 0
         max_pages += self.max_batch
         self._dlayout = decode_layout(self.max_batch, max_pages)
@@ -599,6 +615,10 @@ class LlamaEngine:
         the captured graph)."""
         n = self._dlayout.end("kv_indices", n_pages)
         self._cp.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, _address(self._dhost), 4 * n, _H2D, self._s)
+        self._plan_decode(rows, cuda_graph)
+
+    def _plan_decode(self, rows: int, cuda_graph: bool) -> None:
+        """Plan the decode attention of ``rows`` requests from the host index arrays (a hook)."""
         c = self.config
         self._decode_plan = kernels.decode_plan(
             self._ws_decode,
@@ -709,18 +729,7 @@ class LlamaEngine:
         n = self._playout.end("kv_indices", n_pages)
         cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, _address(self._phost), 4 * n, _H2D, s)
         ph = self._ph
-        self._prefill_plan = kernels.prefill_plan(
-            self._ws_prefill,
-            ph["qo_indptr"][: batch + 1],
-            ph["kv_indptr"][: batch + 1],
-            ph["kv_last_page_len"][:batch],
-            c.num_qo_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            self.page_size,
-            self.dtype,
-            s,
-        )
+        self._plan_prefill(batch)
         v = self._view("prefill", nnz, batch)
         self._forward(v, nnz, self._prefill_attention)
         full = None
@@ -760,6 +769,22 @@ class LlamaEngine:
         host = full.get(stream=self.stream)
         bounds = ph["qo_indptr"][: batch + 1].tolist()
         return [host[bounds[i] : bounds[i + 1]] for i in range(batch)]
+
+    def _plan_prefill(self, batch: int) -> None:
+        """Plan the prefill attention of ``batch`` requests from the host index arrays (a hook)."""
+        c, ph = self.config, self._ph
+        self._prefill_plan = kernels.prefill_plan(
+            self._ws_prefill,
+            ph["qo_indptr"][: batch + 1],
+            ph["kv_indptr"][: batch + 1],
+            ph["kv_last_page_len"][:batch],
+            c.num_qo_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            self.page_size,
+            self.dtype,
+            self._s,
+        )
 
     def _pick(self, v: SimpleNamespace, rows: int, sampling: SamplingParams) -> None:
         """Choose each row's token into ``ids`` from ``logits`` (greedy: argmax)."""
