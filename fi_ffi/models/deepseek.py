@@ -410,8 +410,9 @@ class DeepSeekEngine(LlamaEngine):
         logits = self._cp.asnumpy(layer.logits[:rows], stream=self.stream)
         self.stream.synchronize()
         weights, experts = grouped_topk(logits, c.moe.top_k, c.routing, c.moe.renormalize, w.bias[i])
-        layer.last_routing = None
-        layer.forward_routed(self._normed, b.x, weights, group_by_expert(experts, e), rows)
+        groups = group_by_expert(experts, e)
+        layer.last_routing = (weights, experts, groups)  # what the layer was given (tests read it)
+        layer.forward_routed(self._normed, b.x, weights, groups, rows)
         if si:
             dense.linear(rows, b.act.data.ptr, si, w.shared_d[i], h, si, b.x.data.ptr, h, ab, ab, accumulate=True)
 
