@@ -3,11 +3,11 @@ wheel, the ext wheel's bfloat16 MLA modules, rope and silu_and_mul, and the mode
 
 Random small checkpoints built with transformers' own config and model classes, saved in bfloat16:
 
-- ``v3``: DeepseekV3Config, 3 layers (``first_k_dense_replace=1``: one dense, two MoE), 16 heads (as the MLA kernel tests), ``q_lora_rank``
-  128, ``kv_lora_rank`` 512 and ``qk_rope_head_dim`` 64 (the MLA kernels' sizes), ``qk_nope_head_dim`` 32,
-  ``v_head_dim`` 32, 8 routed experts in 2 groups (``topk_group`` 1, top-2, random ``e_score_correction_bias``),
-  one shared expert, ``routed_scaling_factor`` 2.5, YaRN (factor 4, ``mscale`` 1.0, ``mscale_all_dim`` 0.8: the
-  cos/sin and the softmax scale both change);
+- ``v3``: DeepseekV3Config, 3 layers (``first_k_dense_replace=1``: one dense, two MoE), 16 heads (as the MLA
+  kernel tests), ``q_lora_rank`` 128, ``kv_lora_rank`` 512 and ``qk_rope_head_dim`` 64 (the MLA kernels' sizes),
+  ``qk_nope_head_dim`` 32, ``v_head_dim`` 32, 8 routed experts in 2 groups (``topk_group`` 1, top-2, random
+  ``e_score_correction_bias``), one shared expert, ``routed_scaling_factor`` 2.5, YaRN (factor 4, ``mscale`` 1.0,
+  ``mscale_all_dim`` 0.8: the cos/sin and the softmax scale both change);
 - ``v2lite``: DeepseekV2Config shaped like DeepSeek-V2-Lite (no ``q_lora_rank``, softmax ``greedy`` routing of 8
   experts, top-2, not renormalized, two shared experts), plain RoPE.
 
