@@ -389,3 +389,28 @@ def test_grouped_topk_refusals() -> None:
         grouped_topk(np.full((1, 8), np.nan, np.float32), 2, routing, True, np.zeros(8, np.float32))
     with pytest.raises(ValueError, match="2-D"):
         grouped_topk(np.zeros(8, np.float32), 2, routing, True, np.zeros(8, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------- fused routing
+
+
+def test_fused_routing_applies_to_v3_only_within_the_kernel_limits() -> None:
+    from fi_ffi.models.deepseek import fused_routing_blocker
+
+    assert fused_routing_blocker(DeepSeekConfig.from_dict(V3)) is None  # 256 experts, 8 groups, top-4 groups, top-8
+    why = fused_routing_blocker(DeepSeekConfig.from_dict(V2_LITE))
+    assert why is not None and "greedy" in why
+    why = fused_routing_blocker(DeepSeekConfig.from_dict({**V3, "norm_topk_prob": False}))
+    assert why is not None and "norm_topk_prob" in why
+    why = fused_routing_blocker(DeepSeekConfig.from_dict({**V3, "n_routed_experts": 512}))  # Kimi-K2-like 384+
+    assert why is not None and "limits" in why
+    dense = DeepSeekConfig.from_dict({k: v for k, v in V3.items() if k != "n_routed_experts"})
+    assert fused_routing_blocker(dense) == "the model has no MoE layers"
+
+
+def test_engine_refuses_a_bad_fused_routing_value(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fi_ffi.models.deepseek import DeepSeekEngine
+
+    (tmp_path / "config.json").write_text(json.dumps(V3))
+    with pytest.raises(ValueError, match="fused_routing"):
+        DeepSeekEngine(tmp_path, fused_routing="yes")  # type: ignore[arg-type]

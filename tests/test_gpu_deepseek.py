@@ -235,6 +235,8 @@ def test_prefill_logits_match_transformers(family) -> None:  # type: ignore[no-u
         seen = record_routing(engine)
         got = engine.prefill_logits(ps)
         bias = biases(engine)
+        fused = engine.fused_routing_used
+        assert fused is (name == "v3")  # the models wheel is staged: V3 takes the fused kernel by default
     bounds = np.cumsum([0] + [len(p) for p in ps])
     routed = [np.concatenate(calls) for calls in seen.values()]
     assert all(r.shape == (bounds[-1], cfg.moe.top_k) for r in routed)
@@ -250,7 +252,7 @@ def test_prefill_logits_match_transformers(family) -> None:  # type: ignore[no-u
         yard = float(np.abs(reference(bf16, p, cfg)[0] - want).max())
         err = float(np.abs(g - want).max())
         print(f"{name} prompt {i} ({len(p)} tokens): max |logit error| {err:.4f}, transformers bf16 {yard:.4f}, "
-              f"router flips {n}")  # fmt: skip
+              f"router flips {n}, fused routing {fused}")  # fmt: skip
         assert g.shape == want.shape == (len(p), VOCAB)
         assert err <= TOL, f"{name} prompt {i}: max |logit error| {err:.4f} > {TOL} (bf16 transformers: {yard:.4f})"
     assert total_flips <= 0.1 * bounds[-1] * len(routed), f"{name}: {total_flips} routing differences"
@@ -283,6 +285,32 @@ def test_greedy_decode_matches_transformers(family) -> None:  # type: ignore[no-
     print(f"{name} eager: {exact}/{total} tokens equal to the reference's argmax; batched {batched.tokens_per_s:.0f} "
           f"tokens/s")  # fmt: skip
     assert [len(t) for t in batched.tokens] == [MAX_NEW] * len(ps)
+
+
+def test_fused_and_host_routing_agree(family) -> None:  # type: ignore[no-untyped-def]
+    """V3: the models wheel's NoAuxTc kernel (the default where it applies) and the host routing choose the same
+    experts on the same logits, and the logits agree; V2: the fused routing is refused when asked for."""
+    name, path, _, _ = family
+    if name != "v3":
+        with pytest.raises(ValueError, match="fused_routing"):
+            DeepSeekEngine(path, fused_routing=True)
+        with DeepSeekEngine(path, max_batch=2) as engine:
+            assert not engine.fused_routing_used
+        return
+    ps = prompts((7, 33), seed=3)
+    results = {}
+    for fused in (True, False):
+        with DeepSeekEngine(path, max_batch=4, fused_routing=fused) as engine:
+            assert engine.fused_routing_used is fused
+            seen = record_routing(engine)
+            logits = engine.prefill_logits(ps)
+        results[fused] = (logits, [np.concatenate(calls) for calls in seen.values()])
+    (lf, rf), (lh, rh) = results[True], results[False]
+    for layer, (a, b) in enumerate(zip(rf, rh, strict=True)):
+        assert [sorted(x) for x in a.tolist()] == [sorted(x) for x in b.tolist()], f"MoE layer {layer}"
+    err = max(float(np.abs(a - b).max()) for a, b in zip(lf, lh, strict=True))
+    print(f"v3 fused vs host routing: same experts, max |logit difference| {err:.5f}")
+    assert err <= 1e-2
 
 
 def test_cuda_graph_is_refused(family) -> None:  # type: ignore[no-untyped-def]

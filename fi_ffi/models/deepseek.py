@@ -53,14 +53,43 @@ from .llama import LlamaEngine
 from .mla_weights import split_kv_b
 from .moe_routing import group_by_expert
 
-__all__ = ["DeepSeekEngine"]
+__all__ = ["DeepSeekEngine", "fused_routing_blocker"]
+
+FUSED_ROUTING_MODULE = "dsv3_fused_routing"  # the models wheel's NoAuxTc kernel
+
+
+def fused_routing_blocker(c: DeepSeekConfig) -> str | None:
+    """Why the models wheel's fused routing kernel (``NoAuxTc``, :func:`fi_ffi.ops.router.fused_topk_deepseek`)
+    cannot route this model's experts, or None when it can (its availability in the kernel lock aside): it computes
+    V3's ``noaux_tc`` with renormalized weights, within its size limits
+    (:func:`~fi_ffi.ops.router.routing_limits`)."""
+    from ..ops.router import routing_limits
+
+    if c.moe is None or c.routing is None:
+        return "the model has no MoE layers"
+    if c.routing.method != "noaux_tc":
+        return f"topk_method {c.routing.method!r} (DeepSeek-V2's softmax routing) is not the kernel's noaux_tc"
+    if not c.moe.renormalize:
+        return "the kernel always renormalizes the chosen weights, and norm_topk_prob is false"
+    try:
+        routing_limits(c.moe.num_experts, c.routing.n_group, c.routing.topk_group, c.moe.top_k)
+    except ValueError as exc:
+        return f"beyond the kernel's limits ({exc})"
+    return None
 
 
 class DeepSeekEngine(LlamaEngine):
     """Loads a DeepSeek-V3 / V2 checkpoint (bfloat16 or float16) onto one GPU and serves batches of token-id prompts.
 
     Arguments as :class:`~fi_ffi.models.llama.LlamaEngine`'s; ``tensor_parallel`` must be 1 and ``cuda_graph``
-    False (both refused otherwise, with a ValueError naming them).
+    False (both refused otherwise, with a ValueError naming them), plus:
+
+    Args:
+        fused_routing: route V3 experts with the models wheel's fused ``NoAuxTc`` kernel on the device (then only
+            the chosen experts and weights come back to the host for grouping, not the router logits). None
+            (default): where it applies (:func:`fused_routing_blocker`) and the kernel lock has the module; True:
+            required (ValueError saying why not); False: the host routing
+            (:func:`~fi_ffi.models.deepseek_routing.grouped_topk`). ``fused_routing_used`` says which ran.
     """
 
     def __init__(
@@ -77,7 +106,11 @@ class DeepSeekEngine(LlamaEngine):
         tensor_parallel: int = 1,
         comm: Any = None,
         fused_allreduce: bool = True,
+        fused_routing: bool | None = None,
     ) -> None:
+        if fused_routing not in (None, True, False):
+            raise ValueError(f"fused_routing: expected None (where it applies), True or False, got {fused_routing!r}")
+        self._fused_routing_request = fused_routing
         if tensor_parallel != 1 or comm is not None:
             raise ValueError(
                 f"tensor_parallel: DeepSeek checkpoints run on one GPU here (got {tensor_parallel!r}; MLA and the "
@@ -149,12 +182,13 @@ class DeepSeekEngine(LlamaEngine):
         )
         w = SimpleNamespace(
             q=[], qa=[], qa_norm=[], qb=[], ckv=[], kpe=[], kv_norm=[], uk_t=[], uv=[], o=[], gu=[], d=[],
-            shared_gu=[], shared_d=[], bias=[],
+            shared_gu=[], shared_d=[], bias=[], bias_dev=[],
         )  # fmt: skip
         self._w = w
         self._ln1, self._ln2 = [], []
         self._moe: list[Any] = []
         self._moe_scratch: Any = None
+        self.fused_routing_used = self._choose_routing()
         if c.moe is not None:
             self._ws_moe = kernels.workspace(self.device)
         qk = dn + dr
@@ -182,7 +216,14 @@ class DeepSeekEngine(LlamaEngine):
                 # router and experts as the Qwen3-MoE names them (mlp.gate, mlp.experts.N.{gate,up,down}_proj, or
                 # transformers 5's fused mlp.experts.gate_up_proj / down_proj): the Llama engine's loader
                 self._moe.append(self._moe_layer(ckpt, p, get, upload))
-                w.bias.append(self._correction_bias(ckpt, p + "mlp.gate.e_score_correction_bias"))
+                bias = self._correction_bias(ckpt, p + "mlp.gate.e_score_correction_bias")
+                w.bias.append(bias)
+                if self.fused_routing_used:  # the kernel reads it on the device (float32)
+                    assert bias is not None
+                    dev = upload(bias)
+                    w.bias_dev.append(kernels.descriptor(dev.data.ptr, bias.shape, "float32", self.device, owner=dev))
+                else:
+                    w.bias_dev.append(None)
                 si = c.shared_intermediate
                 if si:
                     s = p + "mlp.shared_experts."
@@ -198,6 +239,7 @@ class DeepSeekEngine(LlamaEngine):
                 inter = c.intermediate_size
                 self._moe.append(None)
                 w.bias.append(None)
+                w.bias_dev.append(None)
                 w.shared_gu.append(0)
                 w.shared_d.append(0)
                 gate_up = np.concatenate(
@@ -208,6 +250,26 @@ class DeepSeekEngine(LlamaEngine):
             self._ln1.append(vector(get(p + "input_layernorm.weight", (h,))))
             self._ln2.append(vector(get(p + "post_attention_layernorm.weight", (h,))))
         self._norm = vector(get("model.norm.weight", (h,)))
+
+    def _choose_routing(self) -> bool:
+        """Whether the MoE layers route with the fused kernel (``fused_routing``, see the class docstring)."""
+        request = self._fused_routing_request
+        if request is False or self._ds.moe is None:
+            if request:
+                raise ValueError("fused_routing: the model has no MoE layers")
+            return False
+        why = fused_routing_blocker(self._ds)
+        if why is None:
+            from ..errors import FiFFIError
+            from ..loader import module_source
+
+            try:
+                module_source(FUSED_ROUTING_MODULE)
+            except FiFFIError as exc:
+                why = f"the kernel lock has no {FUSED_ROUTING_MODULE} module (the models wheel): {exc}"
+        if why is not None and request:
+            raise ValueError(f"fused_routing: cannot use the fused routing kernel: {why}")
+        return why is None
 
     def _correction_bias(self, ckpt: Checkpoint, name: str) -> np.ndarray | None:
         """V3's ``e_score_correction_bias`` as float32 on the host (transformers keeps it in float32; a bfloat16
@@ -257,6 +319,10 @@ class DeepSeekEngine(LlamaEngine):
             ckv_cache=cp.zeros((c.num_layers, self.num_pages, self.page_size, r), storage),
             kpe_cache=cp.zeros((c.num_layers, self.num_pages, self.page_size, dr), storage),
         )
+        if self.fused_routing_used:  # the fused routing kernel's outputs
+            assert c.moe is not None
+            b.topk_w = cp.empty((rows, c.moe.top_k), np.float32)
+            b.topk_i = cp.empty((rows, c.moe.top_k), np.int32)
         self._normed = b.x
         positions = self.max_seq_len  # rows 0..max_seq_len, one spare row for the interleaved kernel's read-ahead
         table = c.cos_sin_cache(positions + 1)
@@ -313,6 +379,12 @@ class DeepSeekEngine(LlamaEngine):
             shared_gu=t(b.gu, (rows, 2 * si)),
             shared_act=t(b.act, (rows, si)),
         )
+        if self.fused_routing_used:
+            assert c.moe is not None
+            k, logits = c.moe.top_k, self._moe_scratch.logits
+            m.logits = kernels.descriptor(logits.data.ptr, (rows, c.moe.num_experts), "float32", dev, owner=logits)
+            m.topk_w = kernels.descriptor(b.topk_w.data.ptr, (rows, k), "float32", dev, owner=b.topk_w)
+            m.topk_i = kernels.descriptor(b.topk_i.data.ptr, (rows, k), "int32", dev, owner=b.topk_i)
         return m
 
     # ------------------------------------------------------------------------------------------ plans
@@ -407,9 +479,19 @@ class DeepSeekEngine(LlamaEngine):
         e = c.moe.num_experts
         # router logits in float32 (as transformers: a float32 GEMM of the bfloat16 rows), then routing on the host
         dense.linear(rows, normed, h, layer.weights.router.data.ptr, e, h, layer.logits.data.ptr, e, ab, self._f32)
-        logits = self._cp.asnumpy(layer.logits[:rows], stream=self.stream)
-        self.stream.synchronize()
-        weights, experts = grouped_topk(logits, c.moe.top_k, c.routing, c.moe.renormalize, w.bias[i])
+        if self.fused_routing_used:  # the models wheel's NoAuxTc on the device; only [rows, k] come back
+            r = c.routing
+            fi_ffi.fused_topk_deepseek(
+                m.logits, w.bias_dev[i], r.n_group, r.topk_group, c.moe.top_k, r.routed_scaling_factor, m.topk_w,
+                m.topk_i, stream=s,
+            )  # fmt: skip
+            weights = self._cp.asnumpy(b.topk_w[:rows], stream=self.stream)
+            experts = self._cp.asnumpy(b.topk_i[:rows], stream=self.stream)
+            self.stream.synchronize()
+        else:  # host routing from the float32 logits
+            logits = self._cp.asnumpy(layer.logits[:rows], stream=self.stream)
+            self.stream.synchronize()
+            weights, experts = grouped_topk(logits, c.moe.top_k, c.routing, c.moe.renormalize, w.bias[i])
         groups = group_by_expert(experts, e)
         layer.last_routing = (weights, experts, groups)  # what the layer was given (tests read it)
         layer.forward_routed(self._normed, b.x, weights, groups, rows)

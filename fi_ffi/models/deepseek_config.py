@@ -242,7 +242,7 @@ class DeepSeekConfig:
             rope_interleave=interleave,
             tie_word_embeddings=tie,
             max_position_embeddings=_int(d, "max_position_embeddings", source, 4096),
-            eos_token_ids=_eos(d.get("eos_token_id"), source),
+            eos_token_ids=_eos(d.get("eos_token_id"), _int(d, "vocab_size", source), source),
             first_k_dense_replace=first_dense,
             moe=moe,
             routing=routing,
