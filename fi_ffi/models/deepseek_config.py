@@ -46,8 +46,9 @@ KV_LORA_RANK = 512  # head_dim_ckv of the MLA kernels
 ROPE_HEAD_DIM = 64  # head_dim_kpe of the MLA kernels
 
 _BF16_HINT = (
-    "load it in transformers with dequantization and save it in bfloat16 (e.g. AutoModelForCausalLM.from_pretrained("
-    "path, torch_dtype=torch.bfloat16) then save_pretrained), or use a published bfloat16 conversion"
+    "convert it to bfloat16 first: DeepSeek's inference/fp8_cast_bf16.py (in the DeepSeek-V3 repository) writes a "
+    "bfloat16 copy of the weights (then drop quantization_config from config.json), or load it with transformers "
+    "dequantizing and save_pretrained in bfloat16; or use a published bfloat16 conversion"
 )
 
 
