@@ -549,7 +549,8 @@ def _eos_ids(text: str) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import os
 
-    from .models.llama import LlamaEngine, SamplingParams
+    from .models.engines import engine_class
+    from .models.llama import SamplingParams
 
     if args.tp > 1 and "RANK" not in os.environ:  # the driver: start the ranks, each runs this same command
         if args.device is not None:
@@ -562,7 +563,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return launch.main(args.tp, [sys.executable, "-m", "fi_ffi", *args.argv], "127.0.0.1", None, 10.0)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     try:
-        with LlamaEngine(
+        engine_type = engine_class(args.model)  # LlamaEngine, Gemma2Engine or GptOssEngine, by model_type
+        with engine_type(
             args.model,
             max_batch=args.max_batch or len(args.prompt_ids),
             cuda_graph=args.graph,
