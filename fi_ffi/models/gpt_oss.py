@@ -53,7 +53,7 @@ from .family_configs import MXFP4_HELP, GptOssSettings
 from .llama import LlamaEngine
 from .weights import WeightLoader
 
-__all__ = ["GptOssEngine", "rope_cos_sin_cache"]
+__all__ = ["GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache"]
 
 _SOURCE = r"""
 __device__ __forceinline__ float bf(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
@@ -149,6 +149,43 @@ def rope_cos_sin_cache(cfg: LlamaConfig, positions: int) -> np.ndarray:
     return (np.concatenate([np.cos(angles), np.sin(angles)], axis=1) * np.float32(scale)).astype(np.float32)
 
 
+def check_checkpoint(ckpt: Checkpoint) -> str:
+    """The checkpoint's dtype, which must be bfloat16 and unquantized (ValueError naming the tensor otherwise)."""
+    quantized = next((n for n in ckpt.tensors if n.endswith(("_blocks", "_scales"))), None)
+    if quantized is not None:
+        raise ValueError(f"model: tensor {quantized!r} is MXFP4-quantized; {MXFP4_HELP}")
+    dtype = ckpt.info("model.embed_tokens.weight").dtype
+    if dtype != "bfloat16":
+        raise ValueError(
+            f"model: weights are {dtype}; gpt-oss runs in bfloat16 here (the attention-sink kernels are "
+            f"bfloat16): save the model with torch_dtype=torch.bfloat16"
+        )
+    return dtype
+
+
+def expert_matrices(gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One layer's experts as the dense-over-experts MoE multiplies them.
+
+    Args:
+        gate_up: ``[E, H, 2I]`` (the checkpoint's ``experts.gate_up_proj``: ``x @ gate_up[e]``, gate on the even
+            and up on the odd columns).
+        gate_up_bias: ``[E, 2I]``, interleaved the same way.
+        down: ``[E, I, H]`` (``act @ down[e]``).
+
+    Returns:
+        ``(w_gu [E * 2I, H], b_gu [E, 2I], w_down [H, E * I])``: ``w_gu`` an nn.Linear weight whose rows are expert
+        0's gate rows, its up rows, expert 1's gate rows, ...; ``b_gu`` likewise (gate, then up, per expert);
+        ``w_down`` the experts' down projections side by side as one nn.Linear weight (``x @ w_down.T`` sums
+        ``act_e @ down[e]`` over the experts when ``x`` holds every expert's activations ``[T, E * I]``).
+    """
+    e, h, two_i = gate_up.shape
+    t = gate_up.transpose(0, 2, 1)  # [E, 2I, H]
+    w_gu = np.concatenate([t[:, 0::2], t[:, 1::2]], axis=1).reshape(e * two_i, h)
+    b_gu = np.concatenate([gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]], axis=1)
+    w_down = down.transpose(2, 0, 1).reshape(h, e * down.shape[1])
+    return np.ascontiguousarray(w_gu), np.ascontiguousarray(b_gu), np.ascontiguousarray(w_down)
+
+
 class GptOssEngine(LlamaEngine):
     """A bfloat16 gpt-oss checkpoint on one GPU; arguments and serving API as
     :class:`~fi_ffi.models.llama.LlamaEngine`."""
@@ -170,15 +207,7 @@ class GptOssEngine(LlamaEngine):
         assert c.moe is not None
         hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
         e, i_size = c.moe.num_experts, c.moe.intermediate_size
-        quantized = next((n for n in ckpt.tensors if n.endswith(("_blocks", "_scales"))), None)
-        if quantized is not None:
-            raise ValueError(f"model: tensor {quantized!r} is MXFP4-quantized; {MXFP4_HELP}")
-        dtype = ckpt.info("model.embed_tokens.weight").dtype
-        if dtype != "bfloat16":
-            raise ValueError(
-                f"model: weights are {dtype}; gpt-oss runs in bfloat16 here (the attention-sink kernels are "
-                f"bfloat16): save the model with torch_dtype=torch.bfloat16"
-            )
+        dtype = check_checkpoint(ckpt)
         self.dtype, self._ab, self._f32 = dtype, data_type(dtype), data_type("float32")
         self._weights: list[Any] = []
         self._moe: list[Any] = []
@@ -213,15 +242,14 @@ class GptOssEngine(LlamaEngine):
             m = p + "mlp."
             self._router.append(w.ptr(w.get(m + "router.weight", (e, h))))
             self._router_bias.append(f32(m + "router.bias", (e,)))
-            # gate/up: [E, H, 2I] with gate on even and up on odd columns -> rows [E * 2I, H]: expert e's gate rows,
-            # then its up rows (an nn.Linear weight the GEMM takes as is)
-            gu = w.get(m + "experts.gate_up_proj", (e, h, 2 * i_size)).transpose(0, 2, 1)
-            self._w_gu.append(w.ptr(np.concatenate([gu[:, 0::2], gu[:, 1::2]], axis=1).reshape(e * 2 * i_size, h)))
-            b_gu = bf16_to_f32(w.get(m + "experts.gate_up_proj_bias", (e, 2 * i_size)))
-            self._b_gu.append(w.upload(np.concatenate([b_gu[:, 0::2], b_gu[:, 1::2]], axis=1)))
-            # down: [E, I, H] -> [H, E * I] (the experts side by side: one GEMM sums them)
-            down = w.get(m + "experts.down_proj", (e, i_size, h))
-            self._w_down.append(w.ptr(down.transpose(2, 0, 1).reshape(h, e * i_size)))
+            w_gu, b_gu, w_down = expert_matrices(
+                w.get(m + "experts.gate_up_proj", (e, h, 2 * i_size)),
+                bf16_to_f32(w.get(m + "experts.gate_up_proj_bias", (e, 2 * i_size))),
+                w.get(m + "experts.down_proj", (e, i_size, h)),
+            )
+            self._w_gu.append(w.ptr(w_gu))
+            self._b_gu.append(w.upload(b_gu))
+            self._w_down.append(w.ptr(w_down))
             self._b_down.append(f32(m + "experts.down_proj_bias", (e, h)))
         self._norm = w.vector(w.get("model.norm.weight", (h,)))
         self._q_norm: list[Any] = []
