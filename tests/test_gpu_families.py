@@ -9,7 +9,7 @@ Each family is a random small checkpoint built with transformers' own config and
   generations run past it), attention soft cap 5, final soft cap 3 (weights drawn with std 0.1 so the caps bend
   the logits), tied embeddings, random norm weights;
 - gpt-oss: 4 layers (sliding, full, ...), hidden 512, 8 query / 2 KV heads, head_dim 64, 4 experts top-2 (expert
-  intermediate 256), a 16-token window, YaRN (factor 8 over an original context of 64, so the scaling is visible at
+  intermediate 192), a 16-token window, YaRN (factor 8 over an original context of 64, so the scaling is visible at
   these positions), random biases and sinks, gate/up weights large enough that the SwiGLU clamp (7) is hit.
 
 The reference is the same transformers model in **float32** on the saved (rounded) weights, with eager attention
@@ -77,7 +77,7 @@ def gpt_oss_model():  # type: ignore[no-untyped-def]
     yarn = {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
             "original_max_position_embeddings": 64}  # fmt: skip
     kw = dict(
-        vocab_size=VOCAB, hidden_size=512, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
+        vocab_size=VOCAB, hidden_size=512, intermediate_size=192, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
         max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False, swiglu_limit=7.0,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="eager",
