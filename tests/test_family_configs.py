@@ -75,6 +75,7 @@ def test_gemma2_defaults_and_layer_types() -> None:
         ({"sliding_window": 0}, "sliding_window"),
         ({"query_pre_attn_scalar": -1}, "query_pre_attn_scalar"),
         ({"attn_logit_softcapping": "50"}, "attn_logit_softcapping"),
+        ({"final_logit_softcapping": float("inf")}, "final_logit_softcapping"),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
     ],
 )

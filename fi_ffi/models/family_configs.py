@@ -112,9 +112,14 @@ def _number(d: dict[str, Any], key: str, source: str, default: float | None, all
     value = d.get(key, default)
     if value is None and allow_zero:
         return 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 or (allow_zero and value == 0)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not (value > 0 or (allow_zero and value == 0))
+    ):
         raise ValueError(
-            f"{source}: {key} must be a number > 0{' (or null: off)' if allow_zero else ''}, got {value!r}"
+            f"{source}: {key} must be a finite number > 0{' (or null: off)' if allow_zero else ''}, got {value!r}"
         )
     return float(value)
 
