@@ -76,6 +76,7 @@ def test_gemma2_defaults_and_layer_types() -> None:
         ({"query_pre_attn_scalar": -1}, "query_pre_attn_scalar"),
         ({"attn_logit_softcapping": "50"}, "attn_logit_softcapping"),
         ({"final_logit_softcapping": float("inf")}, "final_logit_softcapping"),
+        ({"query_pre_attn_scalar": 10**400}, "query_pre_attn_scalar"),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
     ],
 )

@@ -115,7 +115,7 @@ def _number(d: dict[str, Any], key: str, source: str, default: float | None, all
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
-        or not math.isfinite(value)
+        or not math.isfinite(float(value) if not isinstance(value, int) or abs(value) < 1 << 1000 else math.inf)
         or not (value > 0 or (allow_zero and value == 0))
     ):
         raise ValueError(
