@@ -73,6 +73,7 @@ def test_gemma2_defaults_and_layer_types() -> None:
         ({"layer_types": ["full_attention"]}, "layer_types"),
         ({"layer_types": ["global"] * 26}, "layer_types"),
         ({"sliding_window": 0}, "sliding_window"),
+        ({"sliding_window": 1 << 31}, "sliding_window"),
         ({"query_pre_attn_scalar": -1}, "query_pre_attn_scalar"),
         ({"attn_logit_softcapping": "50"}, "attn_logit_softcapping"),
         ({"final_logit_softcapping": float("inf")}, "final_logit_softcapping"),

@@ -126,8 +126,8 @@ def _number(d: dict[str, Any], key: str, source: str, default: float | None, all
 
 def _positive_int(d: dict[str, Any], key: str, source: str, default: int) -> int:
     value = d.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 31:
+        raise ValueError(f"{source}: {key} must be a positive integer below 2**31 (an int32), got {value!r:.40}")
     return value
 
 
