@@ -1,5 +1,5 @@
-"""A small serving engine for Llama-architecture models (Llama, Qwen3, Mixtral, Qwen3-MoE) built on fi_ffi, without
-torch.
+"""A small serving engine for Llama-architecture models (Llama, Qwen3, Mixtral, Qwen3-MoE) and Gemma 2 and gpt-oss,
+built on fi_ffi, without torch.
 
 Needs CuPy (the ``llama`` extra; ``python -m pip install cupy-cuda13x``) and cuBLAS 13 (a CUDA 13 toolkit, or
 ``python -m pip install 'nvidia-cublas>=13,<14'``).
@@ -20,4 +20,9 @@ The binding layer (everything outside this package) never imports it. Modules, o
   the activation buffers its layers share.
 - :mod:`~fi_ffi.models.tensor_parallel`: what each rank of a tensor-parallel engine holds, and its all-reduce.
 - :mod:`~fi_ffi.models.llama`: the model (weights, buffers, forward) and the serving loop.
+- :mod:`~fi_ffi.models.family_configs`: Gemma 2's and gpt-oss's own settings (windows, soft caps, YaRN, refusals).
+- :mod:`~fi_ffi.models.weights`: checkpoint tensors onto the GPU for the family engines.
+- :mod:`~fi_ffi.models.gemma2`, :mod:`~fi_ffi.models.gpt_oss`: those families' engines (subclasses of the Llama
+  engine: their weights, forward and attention plans).
+- :mod:`~fi_ffi.models.engines`: which engine serves a checkpoint, by ``model_type``.
 """
