@@ -550,19 +550,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import os
 
     from .models.deepseek_config import is_deepseek
-    from .models.llama import LlamaEngine, SamplingParams
+    from .models.engines import engine_class
+    from .models.llama import SamplingParams
 
-    engine_class: type[LlamaEngine] = LlamaEngine
-    if is_deepseek(args.model):  # model_type deepseek_v2 / deepseek_v3: MLA and the DeepSeek MoE
-        if args.tp > 1 or args.graph:
-            print(
-                "fi-ffi generate: DeepSeek checkpoints run on one GPU, eagerly, here: leave out --tp and --graph",
-                file=sys.stderr,
-            )
-            return 2
-        from .models.deepseek import DeepSeekEngine
-
-        engine_class = DeepSeekEngine
+    if is_deepseek(args.model) and (args.tp > 1 or args.graph):  # model_type deepseek_v2 / deepseek_v3
+        print(
+            "fi-ffi generate: DeepSeek checkpoints run on one GPU, eagerly, here: leave out --tp and --graph",
+            file=sys.stderr,
+        )
+        return 2
     if args.tp > 1 and "RANK" not in os.environ:  # the driver: start the ranks, each runs this same command
         if args.device is not None:
             print(
@@ -574,7 +570,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return launch.main(args.tp, [sys.executable, "-m", "fi_ffi", *args.argv], "127.0.0.1", None, 10.0)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     try:
-        with engine_class(
+        engine_type = engine_class(args.model)  # LlamaEngine, Gemma2Engine, GptOssEngine or DeepSeekEngine
+        with engine_type(
             args.model,
             max_batch=args.max_batch or len(args.prompt_ids),
             cuda_graph=args.graph,

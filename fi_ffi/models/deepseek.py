@@ -139,6 +139,9 @@ class DeepSeekEngine(LlamaEngine):
         """``config``, typed as what :meth:`_read_config` made it."""
         return self.config  # type: ignore[return-value]
 
+    def _check_family(self, cfg: Any) -> None:
+        """A DeepSeekConfig is this engine's own (the Llama engine's family check reads LlamaConfig.family)."""
+
     @staticmethod
     def _read_config(model_dir: str | Path) -> Any:
         return DeepSeekConfig.from_dir(model_dir)

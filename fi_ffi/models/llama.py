@@ -157,6 +157,7 @@ class LlamaEngine:
 
         self.model_config = self._read_config(model_dir)
         self.tensor_parallel = _positive("tensor_parallel", tensor_parallel)
+        self._check_family(self.model_config)
         if self.model_config.moe is not None and self.tensor_parallel > 1:
             raise ValueError(
                 f"tensor_parallel: {self.model_config.model_type} checkpoints run on one GPU here (the experts are not "
@@ -587,6 +588,7 @@ class LlamaEngine:
             self._ab,
             self._f32,
         )
+        self._finish_logits(b.logits.data.ptr, rows)
         self.dense.argmax(rows, b.logits.data.ptr, c.vocab_size, c.vocab_size, b.ids.data.ptr)
 
     def _capture(self) -> None:
@@ -617,8 +619,22 @@ class LlamaEngine:
         self._cp.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, _address(self._dhost), 4 * n, _H2D, self._s)
         self._plan_decode(rows, cuda_graph)
 
+    # ------------------------------------------------------------------------------------------ family hooks
+    # (fi_ffi.models.gemma2 and fi_ffi.models.gpt_oss subclass the engine and override these)
+
+    def _check_family(self, cfg: LlamaConfig) -> None:
+        """Refuse the model types a subclass serves (``fi_ffi.models.engines.engine_class`` picks it)."""
+        if cfg.family is not None:
+            from .engines import ENGINES
+
+            name = ENGINES[cfg.model_type]
+            raise ValueError(
+                f"model: a {cfg.model_type} checkpoint; load it with fi_ffi.models.{name} (or "
+                f"fi_ffi.models.engines.open_engine, which picks the engine from config.json)"
+            )
+
     def _plan_decode(self, rows: int, cuda_graph: bool) -> None:
-        """Plan the decode attention of ``rows`` requests from the host index arrays (a hook)."""
+        """Plan a decode step of ``rows`` rows whose index arrays are in ``self._dh``."""
         c = self.config
         self._decode_plan = kernels.decode_plan(
             self._ws_decode,
@@ -631,6 +647,9 @@ class LlamaEngine:
             cuda_graph,
             self._s,
         )
+
+    def _finish_logits(self, logits: int, rows: int) -> None:
+        """Post-process float32 logits ``[rows, vocab]`` at ``logits`` in place (Gemma 2: the final soft cap)."""
 
     # ------------------------------------------------------------------------------------------ serving
 
@@ -747,6 +766,7 @@ class LlamaEngine:
                 self._ab,
                 self._f32,
             )
+            self._finish_logits(full.data.ptr, nnz)
         h = c.hidden_size
         self.dense.gather_rows(batch, self._normed.data.ptr, h, v.last_rows, b.last.data.ptr, h, h)
         self.dense.linear(
@@ -761,6 +781,7 @@ class LlamaEngine:
             self._ab,
             self._f32,
         )
+        self._finish_logits(b.logits.data.ptr, batch)
         self._pick(v, batch, sampling)
         tokens = self._fetch_ids(batch)
         sched.record(reqs, tokens, prefill=True)
@@ -870,6 +891,7 @@ class LlamaEngine:
                 self._ab,
                 self._f32,
             )
+            self._finish_logits(b.logits.data.ptr, n)
             self._pick(v, n, sampling)
         self._share_ids()
         self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
