@@ -888,6 +888,8 @@ class LlamaEngine:
         if self._closed:
             return
         self._closed = True
+        if self.comm is not None and self.comm.aborted:
+            return  # the peers are gone or going: no synchronization (queued collectives never finish), no teardown
         with self._cp.cuda.Device(self.device):
             self.stream.synchronize()
             if self.graph is not None:
@@ -905,7 +907,11 @@ class LlamaEngine:
     def __enter__(self) -> LlamaEngine:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None and self.comm is not None and not self._closed and not isinstance(exc, GeneratorExit):
+            # With TP an exception on one rank would leave the others waiting in a collective and this rank in
+            # close()'s own: tell them (they exit naming this rank; fi_ffi.comm.watchdog) and skip the teardown.
+            self.comm.abort(f"{type(exc).__name__}: {exc}")
         self.close()
 
 
