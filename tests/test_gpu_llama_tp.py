@@ -4,7 +4,9 @@ extra and the comm test wheel; skipped with fewer GPUs).
 A random float16 Llama whose heads divide by 4 (16 query heads, 4 KV heads, hidden 1024, MLP 2816) is saved with
 fi_ffi's own safetensors writer. tests/llama_tp_worker.py runs greedy generation on one GPU, then as 2 and 4
 ranks under ``fi-ffi launch`` (eager and CUDA graph; the fused all-reduce and NCCL): the tokens must equal the
-single-GPU tokens and the prefill logits agree within float16 tolerance.
+single-GPU tokens and the prefill logits agree within float16 tolerance (the vocabulary split over the ranks, the
+engine's default; tests/test_gpu_moe_tp.py compares it with the whole vocabulary). A rank SIGKILLed in the middle
+of a generation ends the job within a bound, and a second run works.
 """
 
 from __future__ import annotations
@@ -198,3 +200,50 @@ def test_cli_generate_tp_prints_once(setup: tuple[Path, dict[str, str], dict[str
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("[0] ") == 1 and "tokens/s" in done.stdout
+
+
+def test_a_killed_rank_ends_every_rank_and_a_second_run_works(
+    setup: tuple[Path, dict[str, str], dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """SIGKILL one rank in the middle of a CUDA-graph generation loop: the other rank (blocked in the dead rank's
+    collectives) and ``fi-ffi launch`` end within 60 s, the launcher naming the rank and the survivor saying it lost
+    it; then a fresh TP 2 run on the same GPUs gives the single-GPU tokens."""
+    import signal
+    import time
+
+    if _gpus() < 2:
+        pytest.skip("needs 2 GPUs")
+    model, env, ref = setup
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fi_ffi", "launch", "--nproc", "2", "--grace", "300", "--",
+         sys.executable, str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(tmp_path / "x.npz"), "--graph",
+         "--loop", str(tmp_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.glob("ready-*"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1][-4000:]
+    time.sleep(0.5)  # well inside the generation loop
+    victim = int((tmp_path / "ready-1").read_text())
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the job hung after SIGKILL of rank 1: {proc.communicate()[1][-4000:]}") from None
+    took = time.monotonic() - killed_at
+    print(f"rank 1 killed: the job ended after {took:.2f} s\n{err[-2000:]}")
+    assert took < 60, err[-4000:]
+    assert f"fi-ffi launch: rank 1 (pid {victim}) was killed by signal 9 (SIGKILL)" in err, err[-4000:]
+    assert "fi_ffi: rank 0 of 2: lost rank 1 died" in err, err[-4000:]
+    assert proc.returncode == 128 + signal.SIGKILL
+    out = tmp_path / "again.npz"
+    done = subprocess.run(
+        [sys.executable, "-m", "fi_ffi", "launch", "--nproc", "2", "--", sys.executable,
+         str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(out), "--graph"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    assert dict(np.load(out))["tokens"].tolist() == ref["tokens"].tolist()
