@@ -205,40 +205,52 @@ def test_cli_generate_tp_prints_once(setup: tuple[Path, dict[str, str], dict[str
 def test_a_killed_rank_ends_every_rank_and_a_second_run_works(
     setup: tuple[Path, dict[str, str], dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
-    """SIGKILL one rank in the middle of a CUDA-graph generation loop: the other rank (blocked in the dead rank's
-    collectives) and ``fi-ffi launch`` end within 60 s, the launcher naming the rank and the survivor saying it lost
-    it; then a fresh TP 2 run on the same GPUs gives the single-GPU tokens."""
+    """SIGKILL rank 1 in the middle of a CUDA-graph generation loop: rank 0, blocked on the GPU in collectives whose
+    peer is gone, exits within 60 s with PEER_LOST_EXIT_CODE and a message naming rank 1. The ranks are started
+    without a launcher (which would stop rank 0 itself; tests/test_comm_watchdog.py covers fi-ffi launch), so only
+    the watchdog can end it. Then a fresh TP 2 run on the same GPUs under fi-ffi launch gives one GPU's tokens."""
     import signal
     import time
+
+    from fi_ffi.comm.launch import free_port, rank_env
+    from fi_ffi.comm.watchdog import PEER_LOST_EXIT_CODE
 
     if _gpus() < 2:
         pytest.skip("needs 2 GPUs")
     model, env, ref = setup
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fi_ffi", "launch", "--nproc", "2", "--grace", "300", "--",
-         sys.executable, str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(tmp_path / "x.npz"), "--graph",
-         "--loop", str(tmp_path)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while len(list(tmp_path.glob("ready-*"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.communicate()[1][-4000:]
-    time.sleep(0.5)  # well inside the generation loop
-    victim = int((tmp_path / "ready-1").read_text())
-    killed_at = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
+    port = free_port()
+    worker = [sys.executable, str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(tmp_path / "x.npz")]
+    procs = [
+        subprocess.Popen(
+            [*worker, "--graph", "--loop", str(tmp_path)],
+            env=rank_env(env, r, 2, "127.0.0.1", port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"the job hung after SIGKILL of rank 1: {proc.communicate()[1][-4000:]}") from None
-    took = time.monotonic() - killed_at
-    print(f"rank 1 killed: the job ended after {took:.2f} s\n{err[-2000:]}")
-    assert took < 60, err[-4000:]
-    assert f"fi-ffi launch: rank 1 (pid {victim}) was killed by signal 9 (SIGKILL)" in err, err[-4000:]
-    assert "fi_ffi: rank 0 of 2: lost rank 1 died" in err, err[-4000:]
-    assert proc.returncode == 128 + signal.SIGKILL
+        deadline = time.monotonic() + 300
+        while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+            time.sleep(0.1)
+        time.sleep(0.5)  # well inside the generation loop
+        killed_at = time.monotonic()
+        procs[1].kill()
+        try:
+            _, err = procs[0].communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("rank 0 hung after SIGKILL of rank 1") from None
+        took = time.monotonic() - killed_at
+        print(f"rank 1 killed: rank 0 exited {procs[0].returncode} after {took:.2f} s: {err.strip()[-500:]}")
+        assert took < 60 and procs[0].returncode == PEER_LOST_EXIT_CODE, err[-4000:]
+        assert "fi_ffi: rank 0 of 2: lost rank 1 died" in err, err[-4000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+            p.communicate()
     out = tmp_path / "again.npz"
     done = subprocess.run(
         [sys.executable, "-m", "fi_ffi", "launch", "--nproc", "2", "--", sys.executable,
