@@ -81,9 +81,7 @@ def make(folder: Path, layers: int) -> None:
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
-def run_rank(
-    model: str, out: str, variant: str, new_tokens: int, batches: list[int], modes: list[str], rank: int = 0
-) -> None:
+def run_rank(model: str, out: str, variant: str, new_tokens: int, batches: list[int], modes: list[str]) -> None:
     """One rank (or the single GPU): every configuration, rank 0 writes the rows."""
     from fi_ffi.models.llama import LlamaEngine
 
