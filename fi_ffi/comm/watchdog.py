@@ -61,7 +61,8 @@ class Watchdog:
         self.lost: str | None = None  # the text, once a peer was lost
         self._peers: dict[socket.socket, int] = {}  # rank 0: the others' connections; others: {rank 0's: 0}
         self._server: socket.socket | None = None
-        self._closing = False
+        self._closing = False  # set first thing by fail() and close(): the watch thread then acts on nothing
+        self._closed = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -189,6 +190,7 @@ class Watchdog:
     def fail(self, reason: str) -> None:
         """This rank failed (an exception it will not survive): tell rank 0, which tells the others (rank 0 tells
         them itself). The caller then ends without collectives; its peers exit instead of waiting for it."""
+        self._closing = True  # before sending: rank 0's relay of this very failure must not end this rank
         if self.env.rank == 0:
             self._send_all(_LOST, f"rank 0 failed: {reason}")
         else:
@@ -197,11 +199,11 @@ class Watchdog:
 
     def close(self, goodbye: bool = True) -> None:
         """Stop watching; with ``goodbye`` tell the peers this rank ended normally. Idempotent."""
-        if self._closing:
+        if self._closed:
             return
+        self._closed = self._closing = True
         if goodbye:
             self._send_all(_BYE, "")
-        self._closing = True
         with self._lock:
             conns, self._peers = list(self._peers), {}
         for conn in conns:
