@@ -87,6 +87,7 @@ def _env(tmp: Path) -> dict[str, str]:
     return subprocess_env(
         FI_FFI_LOCK=str(lock),
         FI_FFI_WHEELHOUSE=os.pathsep.join(dict.fromkeys(str(w.parent) for w in wheels)),
+        FI_FFI_CUDA_VERSION="13.0",
         FI_FFI_OFFLINE="1",
     )
 
