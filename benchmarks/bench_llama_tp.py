@@ -10,7 +10,9 @@ over the ranks by vocabulary rows (``whole-vocab`` rows). Not a test: nothing is
         --variants fused,whole-vocab
 
 The driver runs each size in fresh processes (``fi-ffi launch --nproc N`` for N > 1) and prints one table.
-``--layers`` shrinks the model (same shapes per layer) when disk or time is short.
+``--layers`` shrinks the model (same shapes per layer) when disk or time is short. ``--make-mixtral DIR`` writes
+benchmarks/bench_mixtral.py's random Mixtral-shaped checkpoint (8 experts of 4096 x 14336, top-2, ``--layers`` of
+them) instead, for the MoE engine's tokens/s at TP 1/2/4 (its experts split by intermediate columns).
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ def run_rank(model: str, out: str, variant: str, new_tokens: int, batches: list[
     nccl = variant == "nccl"
     rows = []
     rng = np.random.default_rng(0)
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     for batch in batches:
-        prompts = [rng.integers(3, 128000, 32).tolist() for _ in range(batch)]
+        prompts = [rng.integers(3, vocab, 32).tolist() for _ in range(batch)]
         for graph in [m == "graph" for m in modes]:
             with LlamaEngine(
                 model,
@@ -123,6 +126,7 @@ def run_rank(model: str, out: str, variant: str, new_tokens: int, batches: list[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--make", type=Path, help="write a random 8B-shaped checkpoint here and exit")
+    ap.add_argument("--make-mixtral", type=Path, help="write a random Mixtral-shaped checkpoint here and exit")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--model", type=Path)
     ap.add_argument("--tp", default="1,2,4", help="tensor-parallel sizes (comma-separated)")
@@ -141,6 +145,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.make:
         make(args.make, args.layers)
+        return
+    if args.make_mixtral:
+        from bench_mixtral import make_checkpoint  # beside this file (the script's folder is on sys.path)
+
+        args.make_mixtral.mkdir(parents=True, exist_ok=True)
+        make_checkpoint(args.make_mixtral, args.layers, 32000)
         return
     if args.model is None:
         ap.error("--model DIR (or --make DIR first)")
