@@ -48,23 +48,31 @@ class SupportsDLPack(Protocol):
     device type's class (an int, an ``IntEnum`` or, in JAX, an ``Enum``).
     """
 
-    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
+        """A DLPack capsule of the memory (fi_ffi passes ``stream`` and, where accepted, ``max_version``)."""
+        ...
 
-    def __dlpack_device__(self) -> Any: ...
+    def __dlpack_device__(self) -> Any:
+        """``(device_type, device_id)`` as DLPack numbers them (1 CPU, 2 CUDA, 3 CUDA host, 13 managed)."""
+        ...
 
 
 class SupportsCudaArrayInterface(Protocol):
     """An object with ``__cuda_array_interface__`` (v2/v3): a mapping with ``shape``, ``typestr``, ``data``, ..."""
 
     @property
-    def __cuda_array_interface__(self) -> Mapping[str, Any]: ...
+    def __cuda_array_interface__(self) -> Mapping[str, Any]:
+        """The interface's mapping (numba's CUDA array interface, v2 or v3)."""
+        ...
 
 
 class SupportsArrayInterface(Protocol):
     """An object with numpy's ``__array_interface__`` (host memory)."""
 
     @property
-    def __array_interface__(self) -> Mapping[str, Any]: ...
+    def __array_interface__(self) -> Mapping[str, Any]:
+        """numpy's array interface mapping (``shape``, ``typestr``, ``data``, ``strides``)."""
+        ...
 
 
 TensorLike: TypeAlias = Tensor | SupportsDLPack | SupportsCudaArrayInterface | SupportsArrayInterface
@@ -81,7 +89,9 @@ TensorT = TypeVar("TensorT", bound=TensorLike)
 class SupportsCudaStream(Protocol):
     """cuda.core's stream protocol: ``__cuda_stream__()`` gives ``(version, handle)``."""
 
-    def __cuda_stream__(self) -> Any: ...
+    def __cuda_stream__(self) -> Any:
+        """``(version, handle)``: the protocol's version and the ``cudaStream_t`` as an int."""
+        ...
 
 
 class _TorchStream(Protocol):

@@ -136,7 +136,8 @@ def gemma_fused_add_rmsnorm(
     enable_pdl: bool = False,
     stream: StreamLike = None,
 ) -> None:
-    """In place, Gemma form: ``residual += input``, then ``input = residual / RMS(residual) * (1 + weight)``."""
+    """In place, Gemma form: ``residual += input``, then ``input = residual / RMS(residual) * (1 + weight)``;
+    arguments as :func:`fused_add_rmsnorm`."""
     _gemma_fused_add_rmsnorm(input, residual, weight, eps, enable_pdl, stream=stream)
 
 

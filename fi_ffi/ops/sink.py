@@ -389,8 +389,9 @@ def batch_attention_sink_ragged_run(
     enable_pdl: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
-    """Run attention with sinks over ragged K/V (NHD ``[>= kv_indptr[-1], num_kv_heads, head_dim]`` or HND) with a
-    plan from :func:`batch_attention_sink_ragged_plan`; other arguments as :func:`batch_attention_sink_run`."""
+    """Run attention with sinks over ragged ``k``/``v`` (NHD ``[>= kv_indptr[-1], num_kv_heads, head_dim]`` or
+    HND) with a plan from :func:`batch_attention_sink_ragged_plan`; other arguments as
+    :func:`batch_attention_sink_run`."""
     ws = _runnable(plan, "ragged", "batch_attention_sink_ragged_plan")
     rows = extent("q", q)
     if rows < plan.num_rows:
