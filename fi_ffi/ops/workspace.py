@@ -204,6 +204,12 @@ class Workspace:
     def from_buffers(cls, float_buffer: TensorLike, int_buffer: TensorLike, pinned_buffer: TensorLike) -> Workspace:
         """Wrap caller-owned buffers: descriptors or DLPack/CUDA-array-interface producers (torch, CuPy).
 
+        Args:
+            float_buffer: 1-D ``[bytes]`` contiguous, on the CUDA device (any dtype; its size in bytes counts),
+                :data:`FLOAT_BYTES` recommended.
+            int_buffer: 1-D ``[bytes]`` contiguous, on the same device, :data:`INT_BYTES` recommended.
+            pinned_buffer: 1-D ``[bytes]`` contiguous page-locked host memory, at least as large as ``int_buffer``.
+
         The caller keeps them alive and frees them; :meth:`close` frees nothing here.
         """
         return cls(float_buffer, int_buffer, pinned_buffer)
