@@ -75,6 +75,7 @@ from . import dtypes as _dt
 from .dtypes import CPU, CUDA, CUDA_HOST, CUDA_MANAGED, Device, DType
 from .streams import stream_handle
 from .tensor import _MAX_NDIM, Tensor, contiguous_strides, layout_id
+from .typing import StreamLike, TensorLike
 
 __all__ = ["as_tensor"]
 
@@ -113,7 +114,7 @@ _torch_dtypes: dict[Any, DType] = {}
 _torch_strided: Any = None
 
 
-def as_tensor(obj: Any, *, name: str = "tensor", stream: Any = -1) -> Tensor:
+def as_tensor(obj: TensorLike, *, name: str = "tensor", stream: StreamLike = -1) -> Tensor:
     """A :class:`~fi_ffi.tensor.Tensor` describing ``obj``'s memory (no copy); ``obj`` becomes its ``owner``.
 
     Args:
