@@ -522,6 +522,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _count(text)
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: greedy), got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0: greedy), got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text}")
+    return value
+
+
 def _ordinal(text: str) -> int:
     try:
         value = int(text)
@@ -549,19 +588,24 @@ def _eos_ids(text: str) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import os
 
-    from .models.llama import LlamaEngine, SamplingParams
+    from .errors import FiFFIError
 
-    if args.tp > 1 and "RANK" not in os.environ:  # the driver: start the ranks, each runs this same command
-        if args.device is not None:
-            print(
-                "fi-ffi generate: --device: each rank of --tp uses GPU LOCAL_RANK; leave --device out", file=sys.stderr
-            )
-            return 2
-        from .comm import launch
-
-        return launch.main(args.tp, [sys.executable, "-m", "fi_ffi", *args.argv], "127.0.0.1", None, 10.0)
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    rank = os.environ.get("RANK")
+    # Under --tp every rank runs this command: what is the same on every rank (the checkpoint's config, whether
+    # --tp divides it, whether there are GPUs enough) is checked once by the driver before any rank starts, and a
+    # rank prefixes what it reports with its number (its own GPU or communicator may differ from the others').
+    where = "fi-ffi generate" if args.tp == 1 or rank is None else f"fi-ffi generate [rank {rank}]"
     try:
+        from .models.llama import LlamaEngine, SamplingParams
+
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+        if args.tp > 1 and rank is None:  # the driver: start the ranks, each runs this same command
+            if args.device is not None:
+                raise ValueError("--device: each rank of --tp uses GPU LOCAL_RANK; leave --device out")
+            _check_tp(args.model, args.tp)
+            from .comm import launch
+
+            return launch.main(args.tp, [sys.executable, "-m", "fi_ffi", *args.argv], "127.0.0.1", None, 10.0)
         with LlamaEngine(
             args.model,
             max_batch=args.max_batch or len(args.prompt_ids),
@@ -572,8 +616,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             result = engine.generate(
                 args.prompt_ids, args.max_new_tokens, eos_token_ids=args.eos_ids, sampling=sampling
             )
-    except (ValueError, ImportError) as exc:  # a bad checkpoint or argument; CuPy missing (the llama extra)
-        print(f"fi-ffi generate: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, ImportError, FiFFIError) as exc:  # a bad checkpoint or argument; no GPU; no CuPy
+        print(f"{where}: {exc}", file=sys.stderr)
         return 2
     if engine.rank != 0:  # with --tp, only rank 0 prints
         return 0
@@ -586,6 +630,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{result.host_us_per_step:.1f} us (median)"
     )
     return 0
+
+
+def _check_tp(model: str, tp: int) -> None:
+    """What every rank of ``generate --tp`` would find the same, checked once before they start: the checkpoint's
+    config, that ``tp`` divides it, and that this host has ``tp`` GPUs."""
+    from . import system
+    from .errors import UnsupportedDeviceError
+    from .models.config import LlamaConfig
+    from .models.tensor_parallel import shard_config
+
+    shard_config(LlamaConfig.from_dir(model), tp)
+    found, why = system.gpus()
+    if len(found) < tp:
+        raise UnsupportedDeviceError(
+            f"--tp {tp}: needs {tp} GPUs on this host (one per rank), found {len(found)}"
+            f"{f' ({why})' if why else ''}; use --tp {max(len(found), 1)} or a machine with more GPUs"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -639,17 +700,17 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="one prompt as comma-separated token ids (repeat for a batch)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate per prompt (>= 1)")
     p.add_argument("--graph", action="store_true", help="replay the decode step as a CUDA graph")
-    p.add_argument("--max-batch", type=int, default=0, help="batch slots (default: the number of prompts)")
+    p.add_argument("--max-batch", type=_positive_int, default=None, help="batch slots (default: the number of prompts)")
     p.add_argument(
         "--eos-ids", type=_eos_ids, help="comma-separated end-of-sequence ids, or 'none' (default: the checkpoint's)"
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", type=int, default=None, help="CUDA ordinal (default 0)")
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="a finite value >= 0; 0 (default): greedy")
+    p.add_argument("--top-k", type=_count, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="sample within this probability mass, in (0, 1]")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**64)")
+    p.add_argument("--device", type=_ordinal, default=None, help="CUDA ordinal (default 0)")
     p.add_argument(
         "--tp", type=_positive_int, default=1, help="tensor-parallel ranks on this host (one GPU each; default 1)"
     )

@@ -62,6 +62,14 @@ def test_a_failing_rank_stops_the_others_and_its_status_is_returned() -> None:
     done = _cli("--nproc", "3", "--grace", "5", "--", sys.executable, "-c", child)
     assert done.returncode == 3
     assert time.monotonic() - start < 60  # the sleeping ranks were stopped, not waited for
+    # the failing rank is named, with its status; the ranks the launcher stopped are named as such
+    assert "fi-ffi launch: rank 1 exited with status 3; stopped ranks 0, 2" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_clean_run_prints_no_rank_summary() -> None:
+    done = _cli("--nproc", "2", "--", sys.executable, "-c", "pass")
+    assert done.returncode == 0 and "fi-ffi launch" not in done.stderr
 
 
 def test_a_rank_killed_by_a_signal_counts_as_128_plus_the_signal() -> None:

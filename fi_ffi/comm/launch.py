@@ -120,6 +120,15 @@ def launch(
             signal.signal(s, handler)
     own = [_status(p.returncode) for i, p in enumerate(procs) if i not in stopped]
     worst = max(own, default=0)
+    failed = [
+        f"rank {i} exited with status {_status(p.returncode)}"
+        for i, p in enumerate(procs)
+        if i not in stopped and p.returncode
+    ]
+    if failed:  # name the rank(s) that failed on their own: the others' status is the launcher's stop
+        others = [str(i) for i in sorted(stopped) if procs[i].returncode]
+        tail = f"; stopped rank{'s' if len(others) > 1 else ''} {', '.join(others)}" if others else ""
+        print(f"fi-ffi launch: {'; '.join(failed)}{tail}", file=sys.stderr)
     if worst == 0 and received:
         return 128 + received[0]
     if worst == 0 and any(p.returncode for p in procs):
