@@ -42,6 +42,9 @@ TEST_VARIABLES = (
     "FI_FFI_TEST_WHEELS",
     "FI_FFI_TEST_ALLOW_NETWORK",
     "FI_FFI_TEST_WHEELS_COMM",
+    "FI_FFI_TEST_WHEELS_072",
+    "FI_FFI_TEST_WHEELS_MODELS",
+    "FI_FFI_TEST_RELEASE",
 )
 # Variables fi_ffi.comm reads (tensor parallelism)
 COMM_VARIABLES = ("FI_FFI_NCCL_BACKEND", "FI_FFI_RENDEZVOUS_TIMEOUT")
@@ -57,9 +60,10 @@ def active_settings() -> list[dict[str, str]]:
     from .loader import settings
 
     known = set(settings.ALL) | set(TEST_VARIABLES) | set(COMM_VARIABLES)
+    problems = settings.problems()
     rows = []
     for name in sorted(n for n in os.environ if n.startswith("FI_FFI_")):
-        note = "" if name in known else "not a variable fi_ffi reads (a typo?)"
+        note = problems.get(name, "") if name in known else "not a variable fi_ffi reads (a typo?)"
         rows.append({"name": name, "value": os.environ[name], "note": note})
     return rows
 
@@ -122,15 +126,19 @@ def wheel_status(pin: Any) -> dict[str, Any]:
     cached = _cached_wheel_path(pin)
     if cached.is_file():
         return found("cached", cached, "the fi_ffi cache")
-    for folder in settings.wheelhouses():
+    missing: dict[str, Any] = {"status": "missing", "path": "", "verified": False, "cached": False}
+    try:
+        folders, offline = settings.wheelhouses(), settings.offline()
+    except Exception as exc:  # a bad FI_FFI_* value: the loader would refuse it the same way
+        return {**missing, "source": str(exc)}
+    for folder in folders:
         candidate = Path(os.path.expanduser(folder)) / pin.filename
         if candidate.is_file():
             return found("wheelhouse", candidate, f"the wheelhouse {folder} (FI_FFI_WHEELHOUSE)")
     local = pin.local_path
     if local is not None and local.is_file():
         return found("path", local, f"the lock's 'path' ({pin.lock_path})")
-    missing: dict[str, Any] = {"status": "missing", "path": "", "verified": False, "cached": False}
-    if settings.offline():
+    if offline:
         return {**missing, "source": "FI_FFI_OFFLINE is set and no local copy exists"}
     if pin.url:
         return {**missing, "status": "download", "source": pin.url}
@@ -274,8 +282,28 @@ def doctor_data() -> dict[str, Any]:
         "gpu_coverage": gpu_coverage(facts.gpus, kernels) if kernels else [],
         "tvm_ffi_runtime": _runtime_status(),
         "cache": str(loader.cache_root()),
+        "cache_problem": cache_problem(loader.cache_root()),
         "module_symbols": module_symbols(),
     }
+
+
+def cache_problem(root: Path) -> str:
+    """Why the cache folder ``root`` cannot be used (``""``: it is a writable folder, or can be made in a writable
+    one)."""
+    import os
+
+    if root.exists():
+        if not root.is_dir():
+            return f"{root} is a file, not a folder; set FI_FFI_CACHE_DIR to a folder"
+        if not os.access(root, os.W_OK | os.X_OK):
+            return f"{root} is not writable by this user; set FI_FFI_CACHE_DIR to a folder it can write"
+        return ""
+    parent = root.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"{root} does not exist and cannot be made in {parent}; set FI_FFI_CACHE_DIR to a writable folder"
+    return ""
 
 
 def _print_doctor(data: dict[str, Any]) -> None:
@@ -323,6 +351,8 @@ def _print_doctor(data: dict[str, Any]) -> None:
     if rt.get("problem"):
         print(f"  PROBLEM:      {rt['problem']}")
     print(f"Cache:          {data['cache']}")
+    if data.get("cache_problem"):
+        print(f"  PROBLEM:      {data['cache_problem']}")
     symbols = data["module_symbols"]
     modules = symbols["modules"]
     bad = {uri: m for uri, m in modules.items() if m["unresolved"] or m["missing_libraries"] or m["error"]}

@@ -98,6 +98,9 @@ def ensure_wheel(pin: WheelPin) -> Path:
             return candidate
     local = pin.local_path
     where = f"; the lock's 'path' {local} does not exist" if local is not None else ""
+    for folder in settings.wheelhouses():  # a wheelhouse that is not there is the likely cause: name it
+        if not os.path.isdir(os.path.expanduser(folder)):
+            where += f"; the wheelhouse {folder} (FI_FFI_WHEELHOUSE) does not exist"
     if settings.offline():
         raise LoaderError(
             f"fi_ffi needs {pin.filename} and FI_FFI_OFFLINE forbids downloading it{where}. {how_to_provide(pin)}"
