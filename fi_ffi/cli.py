@@ -421,11 +421,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"{'kept' if path in kept else 'removed'} {path}: {problem}")
         for path, why in report.kept:
             print(f"  left in place: {path}: {why}")
-        action = (
-            "found, nothing changed: the cache is read-only"
-            if report.read_only
-            else ("removed; fetched or extracted again on next use")
-        )
+        left = sum(path in kept for path, _ in report.bad)
+        if report.read_only:
+            action = "found, nothing changed: the cache is read-only"
+        elif left:
+            action = f"{len(report.bad) - left} removed (fetched or extracted again on next use), {left} left in place"
+        else:
+            action = "removed; fetched or extracted again on next use"
         print(
             f"checked {report.checked} files, {len(report.bad)} bad ({action}), {report.removed_tmp} "
             f"temporary files of dead processes removed"
@@ -437,10 +439,21 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"removed {path} ({size / 2**20:.1f} MiB)")
         for path, why in cleared.kept:
             print(f"kept    {path}: {why}")
-        print(
-            f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
-            f"entries fi_ffi created, kept {len(cleared.kept)}"
-        )
+        if cleared.removed:
+            summary = (
+                f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
+                f"entries fi_ffi created"
+            )
+        else:
+            summary = f"nothing removed from {loader.cache_root()}"
+        print(f"{summary}, kept {len(cleared.kept)}")
+        if cleared.failed:
+            print(
+                f"fi-ffi cache clear: could not remove {len(cleared.failed)} of fi_ffi's files (listed above as "
+                f"'could not remove it'); is the cache read-only, or another user's?",
+                file=sys.stderr,
+            )
+            return 1
     return 0
 
 
