@@ -457,9 +457,35 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lock_arguments(wheels: Sequence[str], url: str | None) -> str:
+    """What is wrong with ``fi-ffi lock``'s arguments before any wheel is opened (``""``: nothing)."""
+    import os
+    import urllib.parse
+
+    for text in wheels:
+        path = Path(os.path.expanduser(text))
+        if path.is_dir():
+            return f"{text} is a folder; name its wheels (fi-ffi lock {os.path.join(text, '*.whl')})"
+        if not path.exists():
+            if any(c in text for c in "*?["):
+                return f"{text} matched no file (the shell passes a pattern that matches nothing as it is)"
+            return f"{text}: no such file"
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.netloc):
+            return f"--url: expected an http(s):// or file:// address of the wheel, got {url!r}"
+        if len(wheels) > 1:
+            return "--url: names one wheel's address; lock one wheel per --url (or edit the lock's url fields)"
+    return ""
+
+
 def cmd_lock(args: argparse.Namespace) -> int:
     from . import loader
 
+    problem = _lock_arguments(args.wheels, args.url)
+    if problem:
+        print(f"fi-ffi lock: {problem}", file=sys.stderr)
+        return 2
     pins, notes = loader.lock_entries(args.wheels, kind=args.kind, url=args.url or "")
     for note in notes:  # e.g. the 0.7.x flashinfer-jit-cache metadata wheel: its modules are in provider wheels
         print(f"fi-ffi lock: {note}", file=sys.stderr)
