@@ -494,10 +494,12 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from . import loader
     from .ops import variants
 
     try:
-        rows = variants.list_variants(kind=args.kind, dtype=args.dtype, head_dim=args.head_dim)
+        with loader.listing_without_download():  # a wheel not here: its central directory, not 1-2 GB
+            rows = variants.list_variants(kind=args.kind, dtype=args.dtype, head_dim=args.head_dim)
     except (ValueError, TypeError) as exc:  # an argument the parser let through; the text names it
         print(f"fi-ffi list: {exc}", file=sys.stderr)
         return 2
