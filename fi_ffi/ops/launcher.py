@@ -317,11 +317,11 @@ class Launcher:
             raise TypeError(
                 f"{self.name}: calls with plan info, per-call values or ffi.Tensor arguments cannot be prepared"
             )
+        handle = None if stream is None else _stream(stream)  # a bad stream is named before the module is bound
         entry_point = self.bind()
         frame = Frame(len(self.decl.params), len(self.tensor_index), entry_point._call)
         f, entry, ptrs = self.slow(values, stream, context, frame=frame, remember=False)
         _write_pointers(f, self.decl, self.record_of, ptrs)
-        handle = None if stream is None else _stream(stream)
         if handle is None and entry[3] is not None:
             handle = entry[3](entry[2])
         return PreparedCall(self, f, tuple(values), entry[2], handle)
