@@ -280,8 +280,6 @@ class Launcher:
                 )
 
     def _describe(self, values: Sequence[Any], stream: Any) -> tuple[dict[str, Any], list[int], Any]:
-        from ..interop import as_tensor
-
         checked: dict[str, Any] = {}
         ptrs: list[int] = []
         first_cuda = None
@@ -295,8 +293,7 @@ class Launcher:
                     if kind in wire.TENSOR_TYPES:
                         ptrs.append(_ABSENT)
                     continue
-                fast = producers.reader(type(value)) is not producers._read_any
-                t = as_tensor(value, name=name, stream=-1 if fast else producers.dlpack_stream(value, stream))
+                t = producers.describe(value, name, stream)
                 check_tensor(name, t, output=p.output)
                 checked[name] = t
                 if kind in wire.TENSOR_TYPES:
@@ -809,9 +806,8 @@ def _refuse_absent(name: str, release: str, absent: dict[str, Any]) -> None:
 def _tensor_object(value: Any, name: str) -> Any:
     """A TVM-FFI Tensor object for an ``ffi.Tensor`` parameter, made for one call (the caller releases it)."""
     from ..abi.objects import tensor_object
-    from ..interop import as_tensor
 
-    return tensor_object(as_tensor(value, name=name))
+    return tensor_object(producers.describe(value, name, -1))  # -1: no DLPack synchronization, as as_tensor
 
 
 def compile_launcher(
