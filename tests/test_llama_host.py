@@ -353,7 +353,7 @@ def test_config_without_rope_scaling_is_plain_rope(extra):
 def test_config_unsupported_rope_type_is_an_error():
     with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
         LlamaConfig.from_dict({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(ValueError, match="rope factor must be a number > 0"):
+    with pytest.raises(ValueError, match="rope factor must be a finite number > 0"):
         LlamaConfig.from_dict({**BASE, "rope_scaling": {**LLAMA3, "factor": 0}})
 
 

@@ -142,7 +142,7 @@ def load_backend(name: str | None = None) -> Any:
         NcclUnavailableError: none loads (nccl4py missing or without libnccl, CuPy missing or without NCCL).
     """
     name = name if name is not None else os.environ.get("FI_FFI_NCCL_BACKEND") or None
-    if name is not None and name not in _BACKENDS:
+    if name is not None and (not isinstance(name, str) or name not in _BACKENDS):
         where = "backend" if "FI_FFI_NCCL_BACKEND" not in os.environ else "FI_FFI_NCCL_BACKEND"
         raise ValueError(f"{where}: expected one of {', '.join(_BACKENDS)}, got {name!r}")
     reasons = []
@@ -160,6 +160,23 @@ def load_backend(name: str | None = None) -> Any:
 
 
 # ---- the communicator -------------------------------------------------------------------------------------------
+
+
+def open_communicator(name: str, comm: Any, what: str) -> Communicator:
+    """``comm`` as an open :class:`Communicator`, for the objects built over one (``what`` names the object).
+
+    Raises:
+        TypeError: ``comm`` is not a Communicator (naming ``name`` and how to make one).
+        ValueError: it is closed.
+    """
+    if not isinstance(comm, Communicator):
+        raise TypeError(
+            f"{name}: expected a fi_ffi.comm.Communicator (Communicator.from_env() on every rank), got "
+            f"{type(comm).__name__}"
+        )
+    if comm.closed:
+        raise ValueError(f"{name}: the communicator is closed; make {what} over an open one")
+    return comm
 
 
 class Communicator:
@@ -222,7 +239,25 @@ class Communicator:
             backend: ``"nccl4py"`` or ``"cupy"`` (default: the first that loads).
             timeout: seconds for the rendezvous (default ``FI_FFI_RENDEZVOUS_TIMEOUT`` or 300).
         """
-        env = read_env() if env is None else env
+        # every argument checked before NCCL is loaded (loading it is slow, and may fail for its own reasons)
+        if env is None:
+            env = read_env()
+        elif not isinstance(env, DistEnv):
+            raise TypeError(
+                f"env: expected a fi_ffi.comm.DistEnv (read_env(variables) makes one from a mapping), or None to "
+                f"read os.environ; got {type(env).__name__}"
+            )
+        if device is not None:
+            if isinstance(device, bool) or not isinstance(device, int):
+                raise TypeError(f"device: expected a CUDA ordinal (int) or None, got {type(device).__name__}")
+            if not 0 <= device < 1 << 31:
+                raise ValueError(f"device: expected a CUDA ordinal in [0, 2**31), got {device}")
+        if backend is not None and (not isinstance(backend, str) or backend not in _BACKENDS):
+            raise ValueError(f"backend: expected one of {', '.join(_BACKENDS)} or None, got {backend!r}")
+        if timeout is not None:
+            from ..ops import checks
+
+            checks.positive_finite("timeout", timeout)
         loaded = load_backend(backend)  # before the rendezvous: a rank without NCCL fails at once, by itself
         unique_id = exchange(env, loaded.unique_id() if env.rank == 0 else None, timeout=timeout)
         return cls(

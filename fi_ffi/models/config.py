@@ -15,6 +15,8 @@ transformers 5.x) or ``num_experts`` (Qwen3-MoE from transformers 4.x).
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 __all__ = ["MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
 
 MODEL_TYPES = ("llama", "qwen3", "mixtral", "qwen3_moe")
+MAX_SIZE = (1 << 31) - 1  # every size and token id reaches the kernels as an int32
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,14 @@ class LlamaConfig:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> LlamaConfig:
         """Read ``model_dir/config.json``."""
+        if not isinstance(model_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"model_dir: expected a path (str or os.PathLike) of a Hugging Face checkpoint directory, got "
+                f"{type(model_dir).__name__}"
+            )
+        fs = os.fspath(model_dir)
+        if ("\0" if isinstance(fs, str) else b"\0") in fs:  # type: ignore[operator]
+            raise ValueError(f"model_dir: contains a NUL byte: {model_dir!r:.80}; pass the directory's path")
         path = Path(model_dir) / "config.json"
         try:
             text = path.read_text(encoding="utf-8")
@@ -98,8 +109,12 @@ class LlamaConfig:
             raise ValueError(f"model: cannot read {path}: {exc}") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"model: {path} is not valid JSON ({exc})") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
+            raise ValueError(f"model: {path} is not valid JSON or holds a number no config needs ({exc})") from None
+        except RecursionError:
+            raise ValueError(
+                f"model: {path} nests its JSON too deeply to parse; a config.json is a flat object of settings"
+            ) from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -141,9 +156,7 @@ class LlamaConfig:
                 f"and no head_dim is given"
             )
         head_dim = _int(d, "head_dim", source, hidden // heads)
-        eps = d.get("rms_norm_eps", 1e-6)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"{source}: rms_norm_eps must be a number > 0, got {eps!r}")
+        eps = _positive(d, "rms_norm_eps", source, 1e-6, what="rms_norm_eps")
         tie = d.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
             raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
@@ -163,7 +176,7 @@ class LlamaConfig:
             rope=_rope(d, source),
             tie_word_embeddings=tie,
             max_position_embeddings=_int(d, "max_position_embeddings", source, 2048),
-            eos_token_ids=_eos(d.get("eos_token_id"), source),
+            eos_token_ids=_eos(d.get("eos_token_id"), _int(d, "vocab_size", source), source),
         )
 
 
@@ -218,16 +231,35 @@ def _int(d: dict[str, Any], key: str, source: str, default: int | None = None) -
         if default is None:
             raise ValueError(f"{source}: missing {key!r} (a positive integer)")
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+        raise ValueError(
+            f"{source}: {key} must be a positive integer no larger than {MAX_SIZE} (the kernels' int32), got "
+            f"{_show(value)}"
+        )
     return value
 
 
-def _positive(params: dict[str, Any], key: str, source: str, default: float | None = None) -> float:
+def _show(value: Any) -> str:
+    """``repr(value)`` cut short (a config may hold a 4000-digit number or a huge list)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _positive(params: dict[str, Any], key: str, source: str, default: float | None = None, *, what: str = "") -> float:
+    """``params[key]`` as a finite float > 0 (a float64 holds it)."""
     value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{source}: rope {key} must be a number > 0, got {value!r}")
-    return float(value)
+    name = what or f"rope {key}"
+    number = math.nan
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float64
+            number = math.inf
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"{source}: {name} must be a finite number > 0, got {_show(value)}")
+    return number
 
 
 def _rope(d: dict[str, Any], source: str) -> RopeConfig:
@@ -266,10 +298,13 @@ def _rope(d: dict[str, Any], source: str) -> RopeConfig:
     )
 
 
-def _eos(value: Any, source: str) -> tuple[int, ...]:
+def _eos(value: Any, vocab_size: int, source: str) -> tuple[int, ...]:
     if value is None:
         return ()
     items = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items):
-        raise ValueError(f"{source}: eos_token_id must be a token id or a list of them, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size for v in items):
+        raise ValueError(
+            f"{source}: eos_token_id must be a token id in [0, vocab_size={vocab_size}) or a list of them, got "
+            f"{_show(value)}"
+        )
     return tuple(items)

@@ -39,6 +39,7 @@ from .. import driver
 from ..dtypes import Device
 from ..tensor import Tensor
 from . import checks
+from .aliasing import disjoint
 
 FLOAT_BYTES = 128 << 20
 INT_BYTES = 8 << 20
@@ -159,6 +160,11 @@ class Workspace:
             checks.contiguous(name, t)
             if t.numel == 0:
                 raise ValueError(f"{name}: expected a non-empty buffer, got shape {t.shape}")
+            if not t.data_ptr:  # plans and kernels would write there: address 0 takes the CUDA context down
+                raise ValueError(
+                    f"{name}: data pointer is NULL; pass the address of a buffer you allocated (or use "
+                    f"Workspace.allocate)"
+                )
             if t.shape[0] >= _INT32_END:
                 raise ValueError(
                     f"{name}: {t.shape[0]} elements do not fit the kernels' int32 sizes; describe the buffer "
@@ -173,6 +179,8 @@ class Workspace:
         checks.cuda("int_buffer", i)
         checks.same_device("int_buffer", i, "float_buffer", f)
         checks.host("pinned_buffer", p)
+        # the plans write the int buffer while the kernels use the float buffer as scratch
+        disjoint("int_buffer", i, "float_buffer", f)
         if _bytes_of(p) < _bytes_of(i):
             raise ValueError(
                 f"pinned_buffer: expected at least {_bytes_of(i)} bytes (the int_buffer's size), got {_bytes_of(p)}"
