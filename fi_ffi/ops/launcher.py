@@ -197,6 +197,10 @@ class Launcher:
         except AttributeError:
             pass
         entry = self.bind()
+        if self.namespace.get("_get_stream") is None:  # the runtime is loaded now (binding loaded it)
+            from ..abi.runtime import api
+
+            self.namespace["_get_stream"] = api().TVMFFIEnvGetStream
         f = self.tls.frame = Frame(len(self.decl.params), len(self.tensor_index), entry._call)
         return f
 
@@ -760,8 +764,12 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
         a = names[i]
         lines.append(f"    _o{i} = None if {a} is None else _tensor_object({a}, {params[i].name!r})")
         lines.append(f"    if _o{i} is not None: _q[{2 * i + 1}] = _o{i}.handle")
+    # on TVM-FFI's current stream: no stream given and none from the framework, or the given stream is the
+    # current one already (a runtime inside stream_scope); otherwise invoke sets and restores it
     call = [
         "if stream is None and _e.stream_source is None:",
+        "    if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
+        f"elif stream.__class__ is int and stream == _get_stream({CUDA}, _e.device_id):",
         "    if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
         "else: _invoke(_name, _f, _e, stream)",
     ]
@@ -835,6 +843,7 @@ def compile_launcher(
         "_BAD": _BAD,
         "_fail": fail,
         "_invoke": invoke,
+        "_get_stream": None,  # TVMFFIEnvGetStream, set when the first frame is made (the runtime is loaded then)
         "_stream": _stream,
         "_name": launcher_.name,
         "_result": result,
