@@ -1136,6 +1136,46 @@ EXEMPT: dict[str, str] = {
     "paging.Scheduler": "the engine's scheduler, made from a checked LlamaConfig: tests/test_llama_host.py",
     "paging.fill_decode": "fills the engine's own arrays from its scheduler's requests: test_llama_host.py",
     "paging.fill_prefill": "fills the engine's own arrays from its scheduler's requests: test_llama_host.py",
+    # Entry points merged after this campaign was written, each with its own tests but no case generator here yet
+    # (a gap, stated): give each one valid calls in ENTRY_POINTS and drop it from this list.
+    **{
+        n: f"no case generator yet; covered by {where}"
+        for where, names in {
+            "tests/test_deepseek.py": (
+                "deepseek.DeepSeekEngine",
+                "deepseek.fused_routing_blocker",
+                "deepseek_config.DeepSeekConfig",
+                "deepseek_config.DeepSeekRouting",
+                "deepseek_config.YarnConfig",
+                "deepseek_config.is_deepseek",
+                "deepseek_routing.grouped_topk",
+                "mla_weights.split_kv_b",
+            ),
+            "tests/test_family_configs.py": (
+                "engines.engine_class",
+                "engines.open_engine",
+                "family_configs.Gemma2Settings",
+                "family_configs.GptOssSettings",
+                "family_configs.YarnRope",
+                "family_configs.gemma2_settings",
+                "family_configs.gpt_oss_settings",
+                "family_configs.layer_windows",
+                "gemma2.Gemma2Engine",
+                "gpt_oss.GptOssEngine",
+                "gpt_oss.check_checkpoint",
+                "gpt_oss.expert_matrices",
+                "gpt_oss.rope_cos_sin_cache",
+            ),
+            "tests/test_comm_watchdog.py": ("launch.describe_exit", "watchdog.Watchdog", "watchdog.bootstrap"),
+            "tests/test_llama_tp.py": (
+                "tensor_parallel.VocabShard",
+                "tensor_parallel.combine_shard_argmax",
+                "tensor_parallel.expert_rows",
+            ),
+            "the GPU model suites (tests/test_gpu_*.py)": ("weights.WeightLoader",),
+        }.items()
+        for n in names
+    },
     "tensor_parallel.ResidualAllReduce": "made over AllReduceFusionWorkspace, Communicator (above): test_llama_tp.py",
 }
 
