@@ -61,7 +61,7 @@ def workspace() -> Workspace:
     pinned = np.zeros(1 << 12, np.uint8)
     return Workspace.from_buffers(
         kernels.descriptor(FAKE, (1 << 16,), "uint8", 0),
-        kernels.descriptor(FAKE, (1 << 12,), "uint8", 0),
+        kernels.descriptor(FAKE + (64 << 30), (1 << 12,), "uint8", 0),  # apart from the float buffer (plans write it)
         Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned),
     )
 
