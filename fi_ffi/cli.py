@@ -667,9 +667,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # rank prefixes what it reports with its number (its own GPU or communicator may differ from the others').
     where = "fi-ffi generate" if args.tp == 1 or rank is None else f"fi-ffi generate [rank {rank}]"
     try:
-        from .models.llama import LlamaEngine, SamplingParams
+        from .models.deepseek_config import is_deepseek
+        from .models.engines import engine_class
+        from .models.llama import SamplingParams
 
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+        if is_deepseek(args.model) and (args.tp > 1 or args.graph):  # model_type deepseek_v2 / deepseek_v3
+            raise ValueError("DeepSeek checkpoints run on one GPU, eagerly, here: leave out --tp and --graph")
         if args.tp > 1 and rank is None:  # the driver: start the ranks, each runs this same command
             if args.device is not None:
                 raise ValueError("--device: each rank of --tp uses GPU LOCAL_RANK; leave --device out")
@@ -677,7 +681,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             from .comm import launch
 
             return launch.main(args.tp, [sys.executable, "-m", "fi_ffi", *args.argv], "127.0.0.1", None, 10.0)
-        with LlamaEngine(
+        engine_type = engine_class(args.model)  # LlamaEngine, Gemma2Engine, GptOssEngine or DeepSeekEngine
+        with engine_type(
             args.model,
             max_batch=args.max_batch or len(args.prompt_ids),
             cuda_graph=args.graph,

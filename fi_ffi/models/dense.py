@@ -113,14 +113,27 @@ class Dense:
             self._blas.close()
             raise
         self._gemm, self._h = self._blas.gemm_ex, self._blas.ptr
+        self._batched = self._blas.gemm_strided_batched_ex
         self._one, self._zero = self._blas.one, self._blas.zero
 
     def linear(
-        self, rows: int, x: int, x_ld: int, w: int, n: int, k: int, y: int, y_ld: int, ab_type: int, c_type: int
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        accumulate: bool = False,
     ) -> None:
         """``y[:rows, :n] = x[:rows, :k] @ w.T`` with ``w`` a row-major ``[n, k]`` matrix (a PyTorch-style
         Linear weight); pointers as ints, leading dimensions (row strides) in elements; ``ab_type``/``c_type``:
-        cudaDataType_t of x and w / of y. Accumulates in float32 (as torch's float16/bfloat16 matmul)."""
+        cudaDataType_t of x and w / of y. Accumulates in float32 (as torch's float16/bfloat16 matmul).
+        ``accumulate``: ``y += x @ w.T`` (y's old values join the float32 sum)."""
         # Column-major view: y^T (n x rows, ld y_ld) = op_T(w as k x n, ld k) . x^T (k x rows, ld x_ld).
         status = self._gemm(
             self._h,
@@ -136,7 +149,7 @@ class Dense:
             x,
             ab_type,
             x_ld,
-            self._zero,
+            self._one if accumulate else self._zero,
             y,
             c_type,
             y_ld,
@@ -145,6 +158,55 @@ class Dense:
         )
         if status:
             raise CublasError("cublasGemmEx", status)
+
+    def batched_linear(
+        self,
+        batch: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        x_stride: int,
+        w: int,
+        n: int,
+        k: int,
+        w_stride: int,
+        y: int,
+        y_ld: int,
+        y_stride: int,
+        ab_type: int,
+        c_type: int,
+    ) -> None:
+        """``batch`` independent :meth:`linear` products: ``y_b = x_b @ w_b.T`` for ``b < batch`` where ``x_b``,
+        ``w_b`` (row-major ``[n, k]``) and ``y_b`` start ``b * x_stride``, ``b * w_stride``, ``b * y_stride``
+        elements after ``x``, ``w``, ``y`` (MLA's per-head products: head ``b``'s columns of a ``[rows, H * d]``
+        activation, its own weight). One cuBLAS call."""
+        status = self._batched(
+            self._h,
+            CUBLAS_OP_T,
+            CUBLAS_OP_N,
+            n,
+            rows,
+            k,
+            self._one,
+            w,
+            ab_type,
+            k,
+            w_stride,
+            x,
+            ab_type,
+            x_ld,
+            x_stride,
+            self._zero,
+            y,
+            c_type,
+            y_ld,
+            y_stride,
+            batch,
+            CUBLAS_COMPUTE_32F,
+            CUBLAS_GEMM_DEFAULT,
+        )
+        if status:
+            raise CublasError("cublasGemmStridedBatchedEx", status)
 
     def gather_rows(self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int) -> None:
         """``dst[r, :width] = src[index[r], :width]`` for ``r < rows`` (16-bit elements; ``index`` int32)."""

@@ -179,8 +179,9 @@ class LlamaEngine:
     ) -> None:
         from .tensor_parallel import ResidualAllReduce, shard_config
 
-        self.model_config = LlamaConfig.from_dir(model_dir)
+        self.model_config = self._read_config(model_dir)
         self.tensor_parallel = _positive("tensor_parallel", tensor_parallel)
+        self._check_family(self.model_config)
         if self.model_config.moe is not None and self.tensor_parallel > 1:
             raise ValueError(
                 f"tensor_parallel: {self.model_config.model_type} checkpoints run on one GPU here (the experts are not "
@@ -268,6 +269,11 @@ class LlamaEngine:
             raise
 
     # ------------------------------------------------------------------------------------------ loading
+
+    @staticmethod
+    def _read_config(model_dir: str | Path) -> Any:
+        """The checkpoint's config (a hook: another architecture's engine reads its own config class)."""
+        return LlamaConfig.from_dir(model_dir)
 
     def _load(self, ckpt: Checkpoint) -> None:
         from .tensor_parallel import columns, rows
@@ -429,11 +435,17 @@ class LlamaEngine:
             ids=cp.empty(self.max_batch, np.int32),
             kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), storage),
         )
+        self._allocate_attention_caches()
         # where the normalized rows live: x (normalized in place), or x2 when the fused all-reduce writes them
         if self._allreduce is not None and self._allreduce.fused:
             b.x2 = cp.empty((rows, h), storage)
         self._normed = b.x2 if hasattr(b, "x2") else b.x
-        kv_shape = (self.num_pages, self.page_size, hk, d)
+        self._allocate_steps()
+
+    def _allocate_attention_caches(self) -> None:
+        """Descriptors of each layer's K and V cache in ``_buf.kv``."""
+        c, b = self.config, self._buf
+        kv_shape = (self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
         self._k_cache = [
             kernels.descriptor(b.kv[i, 0].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
             for i in range(c.num_layers)
@@ -442,6 +454,11 @@ class LlamaEngine:
             kernels.descriptor(b.kv[i, 1].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
             for i in range(c.num_layers)
         ]
+
+    def _allocate_steps(self) -> None:
+        """The per-step index arrays (host staging and device), the token-id buffers and the sampling state:
+        what every architecture's serving loop shares."""
+        cp = self._cp
         max_pages = self.num_pages  # every request's pages at once, plus padding rows' page 0
         max_pages += self.max_batch
         self._dlayout = decode_layout(self.max_batch, max_pages)
@@ -596,6 +613,7 @@ class LlamaEngine:
             self._ab,
             self._f32,
         )
+        self._finish_logits(b.logits.data.ptr, rows)
         self.dense.argmax(rows, b.logits.data.ptr, c.vocab_size, c.vocab_size, b.ids.data.ptr)
 
     def _capture(self) -> None:
@@ -624,6 +642,24 @@ class LlamaEngine:
         the captured graph)."""
         n = self._dlayout.end("kv_indices", n_pages)
         self._cp.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, _address(self._dhost), 4 * n, _H2D, self._s)
+        self._plan_decode(rows, cuda_graph)
+
+    # ------------------------------------------------------------------------------------------ family hooks
+    # (fi_ffi.models.gemma2 and fi_ffi.models.gpt_oss subclass the engine and override these)
+
+    def _check_family(self, cfg: LlamaConfig) -> None:
+        """Refuse the model types a subclass serves (``fi_ffi.models.engines.engine_class`` picks it)."""
+        if cfg.family is not None:
+            from .engines import ENGINES
+
+            name = ENGINES[cfg.model_type]
+            raise ValueError(
+                f"model: a {cfg.model_type} checkpoint; load it with fi_ffi.models.{name} (or "
+                f"fi_ffi.models.engines.open_engine, which picks the engine from config.json)"
+            )
+
+    def _plan_decode(self, rows: int, cuda_graph: bool) -> None:
+        """Plan a decode step of ``rows`` rows whose index arrays are in ``self._dh``."""
         c = self.config
         self._decode_plan = kernels.decode_plan(
             self._ws_decode,
@@ -636,6 +672,9 @@ class LlamaEngine:
             cuda_graph,
             self._s,
         )
+
+    def _finish_logits(self, logits: int, rows: int) -> None:
+        """Post-process float32 logits ``[rows, vocab]`` at ``logits`` in place (Gemma 2: the final soft cap)."""
 
     # ------------------------------------------------------------------------------------------ serving
 
@@ -734,18 +773,7 @@ class LlamaEngine:
         n = self._playout.end("kv_indices", n_pages)
         cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, _address(self._phost), 4 * n, _H2D, s)
         ph = self._ph
-        self._prefill_plan = kernels.prefill_plan(
-            self._ws_prefill,
-            ph["qo_indptr"][: batch + 1],
-            ph["kv_indptr"][: batch + 1],
-            ph["kv_last_page_len"][:batch],
-            c.num_qo_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            self.page_size,
-            self.dtype,
-            s,
-        )
+        self._plan_prefill(batch)
         v = self._view("prefill", nnz, batch)
         self._forward(v, nnz, self._prefill_attention)
         full = None
@@ -763,6 +791,7 @@ class LlamaEngine:
                 self._ab,
                 self._f32,
             )
+            self._finish_logits(full.data.ptr, nnz)
         h = c.hidden_size
         self.dense.gather_rows(batch, self._normed.data.ptr, h, v.last_rows, b.last.data.ptr, h, h)
         self.dense.linear(
@@ -777,6 +806,7 @@ class LlamaEngine:
             self._ab,
             self._f32,
         )
+        self._finish_logits(b.logits.data.ptr, batch)
         self._pick(v, batch, sampling)
         tokens = self._fetch_ids(batch)
         sched.record(reqs, tokens, prefill=True)
@@ -785,6 +815,22 @@ class LlamaEngine:
         host = full.get(stream=self.stream)
         bounds = ph["qo_indptr"][: batch + 1].tolist()
         return [host[bounds[i] : bounds[i + 1]] for i in range(batch)]
+
+    def _plan_prefill(self, batch: int) -> None:
+        """Plan the prefill attention of ``batch`` requests from the host index arrays (a hook)."""
+        c, ph = self.config, self._ph
+        self._prefill_plan = kernels.prefill_plan(
+            self._ws_prefill,
+            ph["qo_indptr"][: batch + 1],
+            ph["kv_indptr"][: batch + 1],
+            ph["kv_last_page_len"][:batch],
+            c.num_qo_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            self.page_size,
+            self.dtype,
+            self._s,
+        )
 
     def _pick(self, v: SimpleNamespace, rows: int, sampling: SamplingParams) -> None:
         """Choose each row's token into ``ids`` from ``logits`` (greedy: argmax)."""
@@ -870,6 +916,7 @@ class LlamaEngine:
                 self._ab,
                 self._f32,
             )
+            self._finish_logits(b.logits.data.ptr, n)
             self._pick(v, n, sampling)
         self._share_ids()
         self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
