@@ -782,9 +782,14 @@ def _check_tp(model: str, tp: int) -> None:
     from . import system
     from .errors import UnsupportedDeviceError
     from .models.config import LlamaConfig
+    from .models.engines import engine_class
+    from .models.llama import LlamaEngine
     from .models.tensor_parallel import shard_config
 
-    shard_config(LlamaConfig.from_dir(model), tp)
+    cfg = LlamaConfig.from_dir(model)
+    if engine_class(model) is not LlamaEngine:  # Gemma 2, gpt-oss: one GPU (their engines say so too)
+        raise ValueError(f"--tp {tp}: {cfg.model_type} checkpoints run on one GPU here; leave out --tp")
+    shard_config(cfg, tp)
     found, why = system.gpus()
     if len(found) < tp:
         raise UnsupportedDeviceError(
