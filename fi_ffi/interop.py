@@ -84,6 +84,7 @@ from . import dtypes as _dt
 from .dtypes import CPU, CUDA, CUDA_HOST, CUDA_MANAGED, Device, DType
 from .streams import stream_handle
 from .tensor import _MAX_NDIM, Tensor, contiguous_strides, layout_id
+from .typing import StreamLike, TensorLike
 
 __all__ = ["as_tensor"]
 
@@ -130,7 +131,7 @@ _MAX_LAYOUTS = 4096  # cleared when full (forgetting only costs one slow descrip
 _alloc = Tensor.__new__
 
 
-def as_tensor(obj: Any, *, name: str = "tensor", stream: Any = -1) -> Tensor:
+def as_tensor(obj: TensorLike, *, name: str = "tensor", stream: StreamLike = -1) -> Tensor:
     """A :class:`~fi_ffi.tensor.Tensor` describing ``obj``'s memory (no copy); ``obj`` becomes its ``owner``.
 
     Args:

@@ -108,14 +108,16 @@ def test_what_the_engine_does_not_implement_is_refused(config: dict[str, Any], m
         LlamaConfig.from_dict(config)
 
 
-def test_the_engine_refuses_tensor_parallel_moe_before_loading_anything(tmp_path: Any) -> None:
+def test_tensor_parallel_moe_whose_expert_columns_do_not_divide_is_refused_before_loading(tmp_path: Any) -> None:
     import json
 
     from fi_ffi.models.llama import LlamaEngine
 
-    (tmp_path / "config.json").write_text(json.dumps(MIXTRAL))
-    with pytest.raises(ValueError, match="tensor_parallel: mixtral checkpoints run on one GPU here"):
-        LlamaEngine(tmp_path, tensor_parallel=2)
+    # Qwen3-MoE: 8 heads, 4 KV heads and 512 dense columns divide by 4, the experts' 130 columns do not
+    (tmp_path / "config.json").write_text(json.dumps({**QWEN3_MOE, "moe_intermediate_size": 130}))
+    with pytest.raises(ValueError, match=r"4 does not divide the model's 130 expert intermediate columns "
+                       r"\(moe_intermediate_size\)"):  # fmt: skip
+        LlamaEngine(tmp_path, tensor_parallel=4)
 
 
 # ---- bad input (issue 23): bounds, non-finite numbers, JSON no config holds, bad from_dir arguments ----------------

@@ -28,7 +28,7 @@ from typing import Any
 from ..dtypes import DType
 from ..errors import FiFFIError
 from .env import DistEnv, read_env
-from .rendezvous import exchange
+from .watchdog import Watchdog, bootstrap
 
 UNIQUE_ID_BYTES = 128
 
@@ -215,6 +215,8 @@ class Communicator:
         self.backend = self._backend.name
         self._comm: Any = None
         self._stream = 0
+        self.watchdog: Watchdog | None = None  # from_env's: the peers' liveness (fi_ffi.comm.watchdog)
+        self.aborted = False
         _set_device(device)
         try:
             self._comm = self._backend.init(world_size, bytes(unique_id), rank)
@@ -238,6 +240,9 @@ class Communicator:
             device: the CUDA device (default ``LOCAL_RANK``).
             backend: ``"nccl4py"`` or ``"cupy"`` (default: the first that loads).
             timeout: seconds for the rendezvous (default ``FI_FFI_RENDEZVOUS_TIMEOUT`` or 300).
+
+        The ranks also open their liveness connections (:mod:`fi_ffi.comm.watchdog`): from here on, a rank that
+        dies or fails makes every other rank exit with a message naming it instead of waiting forever.
         """
         # every argument checked before NCCL is loaded (loading it is slow, and may fail for its own reasons)
         if env is None:
@@ -259,15 +264,22 @@ class Communicator:
 
             checks.positive_finite("timeout", timeout)
         loaded = load_backend(backend)  # before the rendezvous: a rank without NCCL fails at once, by itself
-        unique_id = exchange(env, loaded.unique_id() if env.rank == 0 else None, timeout=timeout)
-        return cls(
-            env.rank,
-            env.world_size,
-            unique_id,
-            device=env.local_rank if device is None else device,
-            backend=loaded.name,
-            env=env,
-        )
+        unique_id, dog = bootstrap(env, loaded.unique_id() if env.rank == 0 else None, timeout=timeout)
+        try:
+            comm = cls(
+                env.rank,
+                env.world_size,
+                unique_id,
+                device=env.local_rank if device is None else device,
+                backend=loaded.name,
+                env=env,
+            )
+        except BaseException as exc:
+            if dog is not None:
+                dog.fail(f"{type(exc).__name__}: {exc}")
+            raise
+        comm.watchdog = dog
+        return comm
 
     # ---- collectives on tensors ------------------------------------------------------------------------------
 
@@ -379,9 +391,20 @@ class Communicator:
     def closed(self) -> bool:
         return self._comm is None
 
+    def abort(self, reason: str) -> None:
+        """This rank will not finish (an exception): tell the peers (they exit, naming this rank and ``reason``,
+        instead of waiting in a collective) and drop the communicator without the collective teardown, which
+        would wait for them. Later collectives raise; :meth:`close` does nothing more."""
+        self.aborted = True
+        if self.watchdog is not None:
+            self.watchdog.fail(reason)
+        self._comm = None
+
     def close(self) -> None:
         """Destroy the NCCL communicator (after the work queued on it); a second call does nothing."""
         comm, self._comm = self._comm, None
+        if self.watchdog is not None:
+            self.watchdog.close()  # goodbye: this rank ended normally
         if comm is None:
             return
         _set_device(self.device)

@@ -14,6 +14,7 @@ transformers 5.x) or ``num_experts`` (Qwen3-MoE from transformers 4.x).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,9 @@ from typing import Any
 
 __all__ = ["MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
 
-MODEL_TYPES = ("llama", "qwen3", "mixtral", "qwen3_moe")
+MODEL_TYPES = ("llama", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gpt_oss")
+# families whose own settings (windows, soft caps, sinks, biases, YaRN) live in LlamaConfig.family
+FAMILIES = ("gemma2", "gpt_oss")
 MAX_SIZE = (1 << 31) - 1  # every size and token id reaches the kernels as an int32
 
 
@@ -85,7 +88,8 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...]
     model_type: str = "llama"
     qk_norm: bool = False  # Qwen3: RMSNorm of each q and k head (weights [head_dim]) before RoPE
-    moe: MoEConfig | None = None  # Mixtral, Qwen3-MoE: the MLP of every layer
+    moe: MoEConfig | None = None  # Mixtral, Qwen3-MoE, gpt-oss: the MLP of every layer
+    family: Any = None  # Gemma2Settings / GptOssSettings (fi_ffi.models.family_configs); None for Llama's kind
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> LlamaConfig:
@@ -132,6 +136,8 @@ class LlamaConfig:
                 f"{source}: model_type {model_type!r} is not supported; this engine runs "
                 f"{', '.join(repr(t) for t in MODEL_TYPES)} checkpoints"
             )
+        if model_type in FAMILIES:
+            return cls._family(d, model_type, source)
         if d.get("use_sliding_window", False) or (model_type == "mixtral" and d.get("sliding_window") is not None):
             raise ValueError(
                 f"{source}: sliding-window attention (use_sliding_window / sliding_window) is not supported by this "
@@ -143,6 +149,32 @@ class LlamaConfig:
         for key in ("attention_bias", "mlp_bias"):
             if d.get(key, False):
                 raise ValueError(f"{source}: {key}=true is not supported (Llama projections have no bias)")
+        return cls._common(d, model_type, source, _moe(d, model_type, source))
+
+    @classmethod
+    def _family(cls, d: dict[str, Any], model_type: str, source: str) -> LlamaConfig:
+        """Gemma 2 and gpt-oss: the shared fields, plus the family's settings (:mod:`.family_configs`)."""
+        from .family_configs import gemma2_settings, gpt_oss_settings, refuse_quantized
+
+        refuse_quantized(d, source)
+        layers = _int(d, "num_hidden_layers", source)
+        if model_type == "gemma2":
+            d = {
+                "head_dim": 256,
+                "tie_word_embeddings": True,
+                "max_position_embeddings": 8192,
+                **d,
+            }  # Gemma2Config's defaults (left out when equal)
+            return dataclasses.replace(
+                cls._common(d, model_type, source, None), family=gemma2_settings(d, layers, source)
+            )
+        d = {"head_dim": 64, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, **d}  # GptOssConfig's defaults
+        experts = _num_experts(d, source, 128)
+        moe = MoEConfig(experts, _topk(d, experts, source), _int(d, "intermediate_size", source), True)
+        return dataclasses.replace(cls._common(d, model_type, source, moe), family=gpt_oss_settings(d, layers, source))
+
+    @classmethod
+    def _common(cls, d: dict[str, Any], model_type: str, source: str, moe: MoEConfig | None) -> LlamaConfig:
         hidden = _int(d, "hidden_size", source)
         heads = _int(d, "num_attention_heads", source)
         kv_heads = _int(d, "num_key_value_heads", source, heads)
@@ -160,7 +192,6 @@ class LlamaConfig:
         tie = d.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
             raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
-        moe = _moe(d, model_type, source)
         return cls(
             model_type=model_type,
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
@@ -173,7 +204,7 @@ class LlamaConfig:
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(eps),
-            rope=_rope(d, source),
+            rope=_rope(d, source) if model_type != "gpt_oss" else _plain_theta(d, source),
             tie_word_embeddings=tie,
             max_position_embeddings=_int(d, "max_position_embeddings", source, 2048),
             eos_token_ids=_eos(d.get("eos_token_id"), _int(d, "vocab_size", source), source),
@@ -296,6 +327,13 @@ def _rope(d: dict[str, Any], source: str) -> RopeConfig:
         f"{source}: rope type {kind!r} is not supported; supported: 'default' (no scaling) and "
         f"'llama3' (Llama 3.1 scaling)"
     )
+
+
+def _plain_theta(d: dict[str, Any], source: str) -> RopeConfig:
+    """gpt-oss: only the base here; its YaRN scaling is GptOssSettings.yarn (applied through a cos/sin cache)."""
+    from .family_configs import rope_settings
+
+    return RopeConfig(theta=_positive(rope_settings(d), "rope_theta", source, 150000.0))
 
 
 def _eos(value: Any, vocab_size: int, source: str) -> tuple[int, ...]:

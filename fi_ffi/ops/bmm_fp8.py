@@ -26,6 +26,7 @@ from typing import Any
 from ..abi.wire import INT, declare, tensor
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, float32, int8, uint8
 from ..dtypes import dtype as dtype_of
+from ..typing import StreamLike, TensorLike, TensorT
 from . import checks
 from .launcher import launcher
 from .pointer_rules import PointerRules
@@ -104,17 +105,17 @@ _bmm_fp8 = launcher(BMM_FP8, "gemm", _check)
 
 
 def bmm_fp8(
-    A: Any,
-    B: Any,
-    A_scale: Any,
-    B_scale: Any,
+    A: TensorLike,
+    B: TensorLike,
+    A_scale: TensorLike,
+    B_scale: TensorLike,
     dtype: Any = None,
-    out: Any = None,
+    out: TensorT | None = None,
     *,
-    workspace_buffer: Any,
+    workspace_buffer: TensorLike,
     cublas_handle: int | None = None,
-    stream: Any = None,
-) -> Any:
+    stream: StreamLike = None,
+) -> TensorT:
     """``out[b] = A[b] @ B[b] * A_scale * B_scale`` (see the module docstring).
 
     Args:

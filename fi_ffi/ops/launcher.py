@@ -332,11 +332,11 @@ class Launcher:
             raise TypeError(
                 f"{self.name}: calls with plan info, per-call values or ffi.Tensor arguments cannot be prepared"
             )
+        handle = None if stream is None else _stream(stream)  # a bad stream is named before the module is bound
         entry_point = self.bind()
         frame = Frame(len(self.decl.params), len(self.tensor_index), entry_point._call)
         f, entry, ptrs = self.slow(values, stream, context, frame=frame, remember=False)
         _write_pointers(f, self.decl, self.record_of, ptrs)
-        handle = None if stream is None else _stream(stream)
         if handle is None and entry.stream_source is not None:
             handle = entry.stream_source(entry.device_id)
         return PreparedCall(self, f, tuple(values), entry.device_id, handle)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -52,6 +52,7 @@ from ..abi.wire import BOOL, declare, tensor
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32, int64, uint8
 from ..streams import current_stream, stream_handle
 from ..tensor import Tensor
+from ..typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import checks
 from .aliasing import disjoint
 from .host_index import host_array
@@ -264,20 +265,26 @@ _sm90 = launcher(SEGMENT_GEMM_SM90, "gemm_sm90", _arrays_check(("x_stride", "wei
 _sm80 = launcher(SEGMENT_GEMM, "gemm", _arrays_check(("x_ld", "w_ld", "y_ld"), False))
 
 
+def _need_out() -> NoReturn:
+    raise TypeError(
+        "out: required (fi_ffi never allocates device memory); pass a contiguous [total_rows, d_out] tensor"
+    )
+
+
 def segment_gemm(
     workspace: Workspace,
-    x: Any,
-    weights: Any,
+    x: TensorLike,
+    weights: TensorLike,
     batch_size: int,
     weight_column_major: bool,
-    out: Any = None,
+    out: TensorT | None = None,
     *,
-    seg_lens: Any = None,
-    seg_indptr: Any = None,
-    weight_indices: Any = None,
+    seg_lens: IndexLike | None = None,
+    seg_indptr: IndexLike | None = None,
+    weight_indices: IndexLike | None = None,
     backend: str = "auto",
-    stream: Any = None,
-) -> Any:
+    stream: StreamLike = None,
+) -> TensorT:
     """Grouped GEMM over segments of ``x`` (``SegmentGEMMWrapper.run``; see the module docstring).
 
     Args:
@@ -299,6 +306,8 @@ def segment_gemm(
     Returns:
         ``out``.
     """
+    if out is None:
+        _need_out()
     c = _checked(
         workspace,
         x,
@@ -362,9 +371,7 @@ def _checked(
 ) -> _Call:
     """Every argument checked (pointers included: this runs on every call) and the argument arrays computed."""
     if out is None:
-        raise TypeError(
-            "out: required (fi_ffi never allocates device memory); pass a contiguous [total_rows, d_out] tensor"
-        )
+        _need_out()
     if not isinstance(workspace, Workspace):
         raise TypeError(f"workspace: expected a fi_ffi Workspace, got {type(workspace).__name__}")
     batch_size = checks.integer("batch_size", batch_size, 0)

@@ -38,6 +38,7 @@ from typing import Any
 from .. import driver
 from ..dtypes import Device
 from ..tensor import Tensor
+from ..typing import TensorLike
 from . import checks
 from .aliasing import disjoint
 
@@ -150,7 +151,7 @@ class Workspace:
         "pinned_bytes",
     )
 
-    def __init__(self, float_buffer: Any, int_buffer: Any, pinned_buffer: Any) -> None:
+    def __init__(self, float_buffer: TensorLike, int_buffer: TensorLike, pinned_buffer: TensorLike) -> None:
         """Wrap caller-owned buffers (see :meth:`from_buffers`); nothing is allocated or copied."""
         f = checks.tensor("float_buffer", float_buffer)
         i = checks.tensor("int_buffer", int_buffer)
@@ -200,8 +201,14 @@ class Workspace:
         self._event_pending = False
 
     @classmethod
-    def from_buffers(cls, float_buffer: Any, int_buffer: Any, pinned_buffer: Any) -> Workspace:
+    def from_buffers(cls, float_buffer: TensorLike, int_buffer: TensorLike, pinned_buffer: TensorLike) -> Workspace:
         """Wrap caller-owned buffers: descriptors or DLPack/CUDA-array-interface producers (torch, CuPy).
+
+        Args:
+            float_buffer: 1-D ``[bytes]`` contiguous, on the CUDA device (any dtype; its size in bytes counts),
+                :data:`FLOAT_BYTES` recommended.
+            int_buffer: 1-D ``[bytes]`` contiguous, on the same device, :data:`INT_BYTES` recommended.
+            pinned_buffer: 1-D ``[bytes]`` contiguous page-locked host memory, at least as large as ``int_buffer``.
 
         The caller keeps them alive and frees them; :meth:`close` frees nothing here.
         """
