@@ -42,6 +42,9 @@ TEST_VARIABLES = (
     "FI_FFI_TEST_WHEELS",
     "FI_FFI_TEST_ALLOW_NETWORK",
     "FI_FFI_TEST_WHEELS_COMM",
+    "FI_FFI_TEST_WHEELS_072",
+    "FI_FFI_TEST_WHEELS_MODELS",
+    "FI_FFI_TEST_RELEASE",
 )
 # Variables fi_ffi.comm reads (tensor parallelism)
 COMM_VARIABLES = ("FI_FFI_NCCL_BACKEND", "FI_FFI_RENDEZVOUS_TIMEOUT")
@@ -57,9 +60,10 @@ def active_settings() -> list[dict[str, str]]:
     from .loader import settings
 
     known = set(settings.ALL) | set(TEST_VARIABLES) | set(COMM_VARIABLES)
+    problems = settings.problems()
     rows = []
     for name in sorted(n for n in os.environ if n.startswith("FI_FFI_")):
-        note = "" if name in known else "not a variable fi_ffi reads (a typo?)"
+        note = problems.get(name, "") if name in known else "not a variable fi_ffi reads (a typo?)"
         rows.append({"name": name, "value": os.environ[name], "note": note})
     return rows
 
@@ -122,15 +126,19 @@ def wheel_status(pin: Any) -> dict[str, Any]:
     cached = _cached_wheel_path(pin)
     if cached.is_file():
         return found("cached", cached, "the fi_ffi cache")
-    for folder in settings.wheelhouses():
+    missing: dict[str, Any] = {"status": "missing", "path": "", "verified": False, "cached": False}
+    try:
+        folders, offline = settings.wheelhouses(), settings.offline()
+    except Exception as exc:  # a bad FI_FFI_* value: the loader would refuse it the same way
+        return {**missing, "source": str(exc)}
+    for folder in folders:
         candidate = Path(os.path.expanduser(folder)) / pin.filename
         if candidate.is_file():
             return found("wheelhouse", candidate, f"the wheelhouse {folder} (FI_FFI_WHEELHOUSE)")
     local = pin.local_path
     if local is not None and local.is_file():
         return found("path", local, f"the lock's 'path' ({pin.lock_path})")
-    missing: dict[str, Any] = {"status": "missing", "path": "", "verified": False, "cached": False}
-    if settings.offline():
+    if offline:
         return {**missing, "source": "FI_FFI_OFFLINE is set and no local copy exists"}
     if pin.url:
         return {**missing, "status": "download", "source": pin.url}
@@ -274,8 +282,28 @@ def doctor_data() -> dict[str, Any]:
         "gpu_coverage": gpu_coverage(facts.gpus, kernels) if kernels else [],
         "tvm_ffi_runtime": _runtime_status(),
         "cache": str(loader.cache_root()),
+        "cache_problem": cache_problem(loader.cache_root()),
         "module_symbols": module_symbols(),
     }
+
+
+def cache_problem(root: Path) -> str:
+    """Why the cache folder ``root`` cannot be used (``""``: it is a writable folder, or can be made in a writable
+    one)."""
+    import os
+
+    if root.exists():
+        if not root.is_dir():
+            return f"{root} is a file, not a folder; set FI_FFI_CACHE_DIR to a folder"
+        if not os.access(root, os.W_OK | os.X_OK):
+            return f"{root} is not writable by this user; set FI_FFI_CACHE_DIR to a folder it can write"
+        return ""
+    parent = root.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"{root} does not exist and cannot be made in {parent}; set FI_FFI_CACHE_DIR to a writable folder"
+    return ""
 
 
 def _print_doctor(data: dict[str, Any]) -> None:
@@ -323,6 +351,8 @@ def _print_doctor(data: dict[str, Any]) -> None:
     if rt.get("problem"):
         print(f"  PROBLEM:      {rt['problem']}")
     print(f"Cache:          {data['cache']}")
+    if data.get("cache_problem"):
+        print(f"  PROBLEM:      {data['cache_problem']}")
     symbols = data["module_symbols"]
     modules = symbols["modules"]
     bad = {uri: m for uri, m in modules.items() if m["unresolved"] or m["missing_libraries"] or m["error"]}
@@ -391,11 +421,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"{'kept' if path in kept else 'removed'} {path}: {problem}")
         for path, why in report.kept:
             print(f"  left in place: {path}: {why}")
-        action = (
-            "found, nothing changed: the cache is read-only"
-            if report.read_only
-            else ("removed; fetched or extracted again on next use")
-        )
+        left = sum(path in kept for path, _ in report.bad)
+        if report.read_only:
+            action = "found, nothing changed: the cache is read-only"
+        elif left:
+            action = f"{len(report.bad) - left} removed (fetched or extracted again on next use), {left} left in place"
+        else:
+            action = "removed; fetched or extracted again on next use"
         print(
             f"checked {report.checked} files, {len(report.bad)} bad ({action}), {report.removed_tmp} "
             f"temporary files of dead processes removed"
@@ -407,16 +439,53 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"removed {path} ({size / 2**20:.1f} MiB)")
         for path, why in cleared.kept:
             print(f"kept    {path}: {why}")
-        print(
-            f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
-            f"entries fi_ffi created, kept {len(cleared.kept)}"
-        )
+        if cleared.removed:
+            summary = (
+                f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
+                f"entries fi_ffi created"
+            )
+        else:
+            summary = f"nothing removed from {loader.cache_root()}"
+        print(f"{summary}, kept {len(cleared.kept)}")
+        if cleared.failed:
+            print(
+                f"fi-ffi cache clear: could not remove {len(cleared.failed)} of fi_ffi's files (listed above as "
+                f"'could not remove it'); is the cache read-only, or another user's?",
+                file=sys.stderr,
+            )
+            return 1
     return 0
+
+
+def _lock_arguments(wheels: Sequence[str], url: str | None) -> str:
+    """What is wrong with ``fi-ffi lock``'s arguments before any wheel is opened (``""``: nothing)."""
+    import os
+    import urllib.parse
+
+    for text in wheels:
+        path = Path(os.path.expanduser(text))
+        if path.is_dir():
+            return f"{text} is a folder; name its wheels (fi-ffi lock {os.path.join(text, '*.whl')})"
+        if not path.exists():
+            if any(c in text for c in "*?["):
+                return f"{text} matched no file (the shell passes a pattern that matches nothing as it is)"
+            return f"{text}: no such file"
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.netloc):
+            return f"--url: expected an http(s):// or file:// address of the wheel, got {url!r}"
+        if len(wheels) > 1:
+            return "--url: names one wheel's address; lock one wheel per --url (or edit the lock's url fields)"
+    return ""
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
     from . import loader
 
+    problem = _lock_arguments(args.wheels, args.url)
+    if problem:
+        print(f"fi-ffi lock: {problem}", file=sys.stderr)
+        return 2
     pins, notes = loader.lock_entries(args.wheels, kind=args.kind, url=args.url or "")
     for note in notes:  # e.g. the 0.7.x flashinfer-jit-cache metadata wheel: its modules are in provider wheels
         print(f"fi-ffi lock: {note}", file=sys.stderr)
@@ -425,10 +494,12 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from . import loader
     from .ops import variants
 
     try:
-        rows = variants.list_variants(kind=args.kind, dtype=args.dtype, head_dim=args.head_dim)
+        with loader.listing_without_download():  # a wheel not here: its central directory, not 1-2 GB
+            rows = variants.list_variants(kind=args.kind, dtype=args.dtype, head_dim=args.head_dim)
     except (ValueError, TypeError) as exc:  # an argument the parser let through; the text names it
         print(f"fi-ffi list: {exc}", file=sys.stderr)
         return 2
@@ -522,6 +593,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _count(text)
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: greedy), got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0: greedy), got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text}")
+    return value
+
+
 def _ordinal(text: str) -> int:
     try:
         value = int(text)
@@ -549,27 +659,28 @@ def _eos_ids(text: str) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import os
 
-    from .models.deepseek_config import is_deepseek
-    from .models.engines import engine_class
-    from .models.llama import SamplingParams
+    from .errors import FiFFIError
 
-    if is_deepseek(args.model) and (args.tp > 1 or args.graph):  # model_type deepseek_v2 / deepseek_v3
-        print(
-            "fi-ffi generate: DeepSeek checkpoints run on one GPU, eagerly, here: leave out --tp and --graph",
-            file=sys.stderr,
-        )
-        return 2
-    if args.tp > 1 and "RANK" not in os.environ:  # the driver: start the ranks, each runs this same command
-        if args.device is not None:
-            print(
-                "fi-ffi generate: --device: each rank of --tp uses GPU LOCAL_RANK; leave --device out", file=sys.stderr
-            )
-            return 2
-        from .comm import launch
-
-        return launch.main(args.tp, [sys.executable, "-m", "fi_ffi", *args.argv], "127.0.0.1", None, 10.0)
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    rank = os.environ.get("RANK")
+    # Under --tp every rank runs this command: what is the same on every rank (the checkpoint's config, whether
+    # --tp divides it, whether there are GPUs enough) is checked once by the driver before any rank starts, and a
+    # rank prefixes what it reports with its number (its own GPU or communicator may differ from the others').
+    where = "fi-ffi generate" if args.tp == 1 or rank is None else f"fi-ffi generate [rank {rank}]"
     try:
+        from .models.deepseek_config import is_deepseek
+        from .models.engines import engine_class
+        from .models.llama import SamplingParams
+
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+        if is_deepseek(args.model) and (args.tp > 1 or args.graph):  # model_type deepseek_v2 / deepseek_v3
+            raise ValueError("DeepSeek checkpoints run on one GPU, eagerly, here: leave out --tp and --graph")
+        if args.tp > 1 and rank is None:  # the driver: start the ranks, each runs this same command
+            if args.device is not None:
+                raise ValueError("--device: each rank of --tp uses GPU LOCAL_RANK; leave --device out")
+            _check_tp(args.model, args.tp)
+            from .comm import launch
+
+            return launch.main(args.tp, [sys.executable, "-m", "fi_ffi", *args.argv], "127.0.0.1", None, 10.0)
         engine_type = engine_class(args.model)  # LlamaEngine, Gemma2Engine, GptOssEngine or DeepSeekEngine
         with engine_type(
             args.model,
@@ -581,8 +692,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             result = engine.generate(
                 args.prompt_ids, args.max_new_tokens, eos_token_ids=args.eos_ids, sampling=sampling
             )
-    except (ValueError, ImportError) as exc:  # a bad checkpoint or argument; CuPy missing (the llama extra)
-        print(f"fi-ffi generate: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, ImportError, FiFFIError) as exc:  # a bad checkpoint or argument; no GPU; no CuPy
+        print(f"{where}: {exc}", file=sys.stderr)
         return 2
     if engine.rank != 0:  # with --tp, only rank 0 prints
         return 0
@@ -595,6 +706,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{result.host_us_per_step:.1f} us (median)"
     )
     return 0
+
+
+def _check_tp(model: str, tp: int) -> None:
+    """What every rank of ``generate --tp`` would find the same, checked once before they start: the checkpoint's
+    config, that ``tp`` divides it, and that this host has ``tp`` GPUs."""
+    from . import system
+    from .errors import UnsupportedDeviceError
+    from .models.config import LlamaConfig
+    from .models.engines import engine_class
+    from .models.llama import LlamaEngine
+    from .models.tensor_parallel import shard_config
+
+    cfg = LlamaConfig.from_dir(model)
+    if engine_class(model) is not LlamaEngine:  # Gemma 2, gpt-oss: one GPU (their engines say so too)
+        raise ValueError(f"--tp {tp}: {cfg.model_type} checkpoints run on one GPU here; leave out --tp")
+    shard_config(cfg, tp)
+    found, why = system.gpus()
+    if len(found) < tp:
+        raise UnsupportedDeviceError(
+            f"--tp {tp}: needs {tp} GPUs on this host (one per rank), found {len(found)}"
+            f"{f' ({why})' if why else ''}; use --tp {max(len(found), 1)} or a machine with more GPUs"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -648,17 +781,17 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="one prompt as comma-separated token ids (repeat for a batch)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate per prompt (>= 1)")
     p.add_argument("--graph", action="store_true", help="replay the decode step as a CUDA graph")
-    p.add_argument("--max-batch", type=int, default=0, help="batch slots (default: the number of prompts)")
+    p.add_argument("--max-batch", type=_positive_int, default=None, help="batch slots (default: the number of prompts)")
     p.add_argument(
         "--eos-ids", type=_eos_ids, help="comma-separated end-of-sequence ids, or 'none' (default: the checkpoint's)"
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", type=int, default=None, help="CUDA ordinal (default 0)")
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="a finite value >= 0; 0 (default): greedy")
+    p.add_argument("--top-k", type=_count, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="sample within this probability mass, in (0, 1]")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**64)")
+    p.add_argument("--device", type=_ordinal, default=None, help="CUDA ordinal (default 0)")
     p.add_argument(
         "--tp", type=_positive_int, default=1, help="tensor-parallel ranks on this host (one GPU each; default 1)"
     )

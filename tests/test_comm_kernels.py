@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import REPO, lock_text, subprocess_env, use_lock
+from conftest import REPO, WHEELS_HINT, lock_text, subprocess_env, use_lock
 
 from fi_ffi.abi import wire
 from fi_ffi.comm import trtllm_ar, vllm_ar
@@ -36,7 +36,7 @@ from fi_ffi.tensor import Tensor
 
 pytestmark = pytest.mark.cpu_only  # descriptors claim cuda:0 over host memory
 
-COMM_MISSING = "needs the comm test wheel (FI_FFI_TEST_WHEELS_COMM or <repo>/../shared/wheels-comm)"
+COMM_MISSING = f"needs the comm test wheel (FI_FFI_TEST_WHEELS_COMM or <repo>/../shared/wheels-comm); {WHEELS_HINT}"
 STUB = REPO.parent / "shared" / "stubs" / "libcuda.so.1"
 
 
@@ -130,7 +130,7 @@ print("meta_size", vllm_ar.meta_size())
 
 def test_vllm_comm_binds_every_declaration_with_the_libcuda_stand_in(comm_lock: Path) -> None:
     if not STUB.is_file():
-        pytest.skip("needs ../shared/stubs/libcuda.so.1")
+        pytest.skip(f"needs ../shared/stubs/libcuda.so.1; {WHEELS_HINT}")
     done = subprocess.run(
         [sys.executable, "-c", VLLM_CHILD, str(STUB)], env=subprocess_env(), capture_output=True, text=True, timeout=120
     )

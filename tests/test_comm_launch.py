@@ -4,6 +4,7 @@ others stopped when one fails, signals forwarded; and the NCCL communicator's la
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +63,15 @@ def test_a_failing_rank_stops_the_others_and_its_status_is_returned() -> None:
     done = _cli("--nproc", "3", "--grace", "5", "--", sys.executable, "-c", child)
     assert done.returncode == 3
     assert time.monotonic() - start < 60  # the sleeping ranks were stopped, not waited for
+    # the failing rank is named, with its pid and status, and the launcher says it stops the others
+    assert re.search(r"fi-ffi launch: rank 1 \(pid \d+\) exited with status 3; stopping the other ranks", done.stderr)
+    assert "rank 0 (pid" not in done.stderr and "rank 2 (pid" not in done.stderr  # stopped ranks are not blamed
+    assert "Traceback" not in done.stderr
+
+
+def test_a_clean_run_prints_no_rank_summary() -> None:
+    done = _cli("--nproc", "2", "--", sys.executable, "-c", "pass")
+    assert done.returncode == 0 and "fi-ffi launch" not in done.stderr
 
 
 def test_a_rank_killed_by_a_signal_counts_as_128_plus_the_signal() -> None:

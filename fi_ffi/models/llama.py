@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ..streams import stream_scope
 from . import kernels
 from .checkpoint import Checkpoint
 from .config import LlamaConfig
@@ -60,6 +61,26 @@ __all__ = ["GenerationResult", "LlamaEngine", "SamplingParams", "step_views"]
 _H2D, _D2H = 1, 2  # cudaMemcpyKind
 
 
+def _require_gpu(device: int | None) -> None:
+    """Raise :class:`~fi_ffi.errors.UnsupportedDeviceError` unless CUDA device ``device`` (None: 0) is usable."""
+    from .. import system
+    from ..errors import UnsupportedDeviceError
+
+    if device is not None and (isinstance(device, bool) or not isinstance(device, int) or device < 0):
+        raise ValueError(f"device: expected a CUDA ordinal (an int >= 0) or None, got {device!r}")
+    found, why = system.gpus()
+    if not found:
+        raise UnsupportedDeviceError(
+            f"the Llama engine needs an NVIDIA GPU and its driver: {why or 'CUDA reports no device'}; run it on a "
+            f"machine with one (`fi-ffi doctor` shows what this machine has)"
+        )
+    if (device or 0) >= len(found):
+        raise UnsupportedDeviceError(
+            f"device: cuda:{device} does not exist; this machine has {len(found)} GPU(s) (ordinals 0 to "
+            f"{len(found) - 1})"
+        )
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How tokens are chosen. ``temperature == 0`` (default): greedy argmax. Otherwise softmax of
@@ -72,10 +93,14 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature: expected >= 0 (0: greedy), got {self.temperature!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(f"temperature: expected a float >= 0 (0: greedy), got {type(self.temperature).__name__}")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature: expected a finite value >= 0 (0: greedy), got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k: expected an integer >= 0 (0: no limit), got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+            raise TypeError(f"top_p: expected a probability in (0, 1], got {type(self.top_p).__name__}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p: expected a probability in (0, 1], got {self.top_p!r}")
 
@@ -183,6 +208,7 @@ class LlamaEngine:
         self._own_comm = False
         self._allreduce: Any = None
         self._closed = True  # until everything below exists
+        _require_gpu(device)  # before CuPy: its CUDARuntimeError would name neither the cause nor the fix
         try:
             import cupy as cp
         except ImportError as exc:
@@ -722,7 +748,9 @@ class LlamaEngine:
         reqs = self._submit(sched, prompts, max_new_tokens)
         result = GenerationResult([], [])
         cp = self._cp
-        with cp.cuda.Device(self.device), self.stream:
+        # TVM-FFI's current stream is the engine's for the whole call: every op is given that stream, and finds it
+        # current already (one query instead of a set and a restore around each of the ~10 kernels per layer)
+        with cp.cuda.Device(self.device), self.stream, stream_scope(self._s, self.device):
             try:
                 while sched.has_work:
                     admitted = sched.admit()
@@ -749,7 +777,7 @@ class LlamaEngine:
         sched = self._scheduler(())
         reqs = self._submit(sched, prompts, 1)
         out: dict[int, np.ndarray] = {}
-        with self._cp.cuda.Device(self.device), self.stream:
+        with self._cp.cuda.Device(self.device), self.stream, stream_scope(self._s, self.device):
             while sched.has_work:
                 admitted = sched.admit()
                 for r, logits in zip(
