@@ -61,7 +61,7 @@ def workspace() -> Workspace:
     pinned = np.zeros(1 << 12, np.uint8)
     return Workspace.from_buffers(
         kernels.descriptor(FAKE, (1 << 16,), "uint8", 0),
-        kernels.descriptor(FAKE, (1 << 12,), "uint8", 0),
+        kernels.descriptor(FAKE + (1 << 16), (1 << 12,), "uint8", 0),  # after the float buffer: the two may not overlap
         Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned),
     )
 
