@@ -13,8 +13,9 @@
 - ``smoke [--device N]``: run each op once on the GPU against a reference; without a GPU, say so, print the
   doctor summary and exit 1.
 - ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph] [--tp N]``: serve token-id
-  prompts with a local Llama checkpoint (:mod:`fi_ffi.models.llama`, the ``llama`` extra); prints the tokens,
-  tokens/s and host time per decode step.
+  prompts with a local checkpoint, on the engine its ``model_type`` needs (:func:`fi_ffi.models.engines.engine_class`:
+  Llama/Qwen3/Mixtral/Qwen3-MoE, Gemma 2, gpt-oss, DeepSeek; the ``llama`` extra); prints the tokens, tokens/s and
+  host time per decode step.
 - ``launch --nproc N [--master-addr A] [--master-port P] -- cmd ...``: start N ranks of ``cmd`` on this host
   with the torchrun variables and NVLink multicast off (:mod:`fi_ffi.comm.launch`); exits with the worst rank's
   status.
