@@ -18,8 +18,9 @@ Rows (contenders of one table are timed in interleaved rounds, best round kept; 
    up to the one synchronization, over the wall time of the prefill).
 
 ``--before DIR``: also run this script against the fi_ffi package found in DIR (e.g. an older commit's
-``git archive <rev> fi_ffi | tar -x -C DIR``) in a subprocess, before and after this process's own rounds, and
-print both tables side by side (best of the two runs of the old package).
+``git archive <rev> fi_ffi | tar -x -C DIR``) in a subprocess, before and after this process's own rounds
+(``--before-runs 1``: after only), and print both tables side by side (per metric, the better run of the old
+package).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def as_tensor_rows(n: int) -> dict[str, float | None]:
 
         xc = cupy.asarray(x)
         report.measure("as_tensor(CuPy)", lambda: fi_ffi.as_tensor(xc), n=n)
+        report.measure("  of which CuPy's __dlpack_device__()", xc.__dlpack_device__, n=n)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
     report.measure("Tensor.from_pointer", lambda: fi_ffi.Tensor.from_pointer(ptr, (1, 128), "float16", 0), n=n)
@@ -348,10 +350,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20, help="decode steps per timed round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", type=int, default=25, help="functions shown in the engine's eager-step profile")
+    ap.add_argument(
+        "--before-runs", type=int, choices=(1, 2), default=2, help="runs of the old package: after ours, or around it"
+    )
     args = ap.parse_args()
     import fi_ffi
 
-    old_first = before(args) if args.before else None
+    old_first = before(args) if args.before and args.before_runs == 2 else None
     mine = own(args)
     old_second = before(args) if args.before else None
     runs = {"this tree": mine}

@@ -11,7 +11,7 @@ CUDA-array-interface producer with :func:`fi_ffi.as_tensor`.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
 from . import caches
@@ -109,16 +109,7 @@ class Tensor:
         strides: Sequence[int] | None = None,
         owner: Any = None,
     ) -> None:
-        """Describe memory at ``data_ptr`` (also spelt :meth:`from_pointer`).
-
-        Args:
-            data_ptr: address of the first element (an int, e.g. from ``cuda.bindings`` ``cuMemAlloc``).
-            shape: sizes in elements.
-            dtype: a :class:`~fi_ffi.dtypes.DType` or a name such as ``"float16"`` / ``"bfloat16"``.
-            device: CUDA ordinal (int), ``"cuda:N"``, ``"cpu"`` or a :class:`~fi_ffi.dtypes.Device`.
-            strides: steps in elements; row-major contiguous when omitted.
-            owner: any object to keep alive as long as this descriptor.
-        """
+        """See :meth:`from_pointer`."""
         if data_ptr.__class__ is not int or not 0 <= data_ptr < _PTR_END:
             _check_pointer(data_ptr)
         parsed = None
@@ -142,9 +133,27 @@ class Tensor:
         self.owner = owner
         self._block = None
 
-    # ``Tensor.from_pointer(ptr, shape, dtype, device, strides, owner)`` is the constructor itself (a classmethod
-    # would add a bound method and a second call per descriptor: ~0.15 us); its arguments are documented there
-    from_pointer: Callable[..., Tensor]
+    # a static method, not a class method: no bound method is made per descriptor (Tensor has no subclasses)
+    @staticmethod
+    def from_pointer(
+        data_ptr: int,
+        shape: Sequence[int],
+        dtype: Any,
+        device: Any = 0,
+        strides: Sequence[int] | None = None,
+        owner: Any = None,
+    ) -> Tensor:
+        """Describe memory at ``data_ptr``.
+
+        Args:
+            data_ptr: address of the first element (an int, e.g. from ``cuda.bindings`` ``cuMemAlloc``).
+            shape: sizes in elements.
+            dtype: a :class:`~fi_ffi.dtypes.DType` or a name such as ``"float16"`` / ``"bfloat16"``.
+            device: CUDA ordinal (int), ``"cuda:N"``, ``"cpu"`` or a :class:`~fi_ffi.dtypes.Device`.
+            strides: steps in elements; row-major contiguous when omitted.
+            owner: any object to keep alive as long as this descriptor.
+        """
+        return Tensor(data_ptr, shape, dtype, device, strides, owner)
 
     def rebind(self, data_ptr: int | None = None, *, leading: int | None = None, owner: Any = None) -> Tensor:
         """The same layout at another address and/or with another leading dimension (cheap: no re-parsing).
@@ -266,8 +275,6 @@ def _parse(shape: Any, dtype: Any, device: Any, strides: Any) -> tuple[Any, ...]
 
 
 _PARSED: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-Tensor.from_pointer = staticmethod(Tensor)  # type: ignore[assignment]
-
 caches.register("descriptor layouts (parsed arguments, layout ids, row-major strides)", lambda: clear_layouts())
 
 

@@ -131,7 +131,7 @@ def cupy_fields(t: fi_ffi.Tensor) -> tuple[object, ...]:
     return (t.data_ptr, t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid, t.owner)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32", "int8", "int32", "int64", "uint8", "bool"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int8", "int32", "int64", "uint8"])
 def test_the_warm_cupy_path_describes_as_dlpack(dtype: str) -> None:
     # issue 21: a CuPy layout seen before is described from data.ptr and the remembered layout, no capsule;
     # every field equals DLPack's description, for strided, sliced, transposed and empty views

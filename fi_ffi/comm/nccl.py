@@ -115,8 +115,12 @@ class _CuPy:
         return bytes(b & 0xFF for b in self.n.get_unique_id())
 
     def init(self, world_size: int, unique_id: bytes, rank: int) -> Any:
-        signed = tuple(b - 256 if b > 127 else b for b in unique_id)  # CuPy keeps the id as C chars
-        return self.n.NcclCommunicator(world_size, signed, rank)
+        # CuPy 13 takes the id as a tuple of C chars (signed), CuPy 14 as bytes ("expected bytes, got tuple")
+        try:
+            return self.n.NcclCommunicator(world_size, bytes(unique_id), rank)
+        except TypeError:
+            signed = tuple(b - 256 if b > 127 else b for b in unique_id)
+            return self.n.NcclCommunicator(world_size, signed, rank)
 
     def all_reduce(self, comm: Any, send: int, recv: int, count: int, dtype: int, op: int, stream: int) -> None:
         comm.allReduce(send, recv, count, dtype, op, stream)
