@@ -13,8 +13,9 @@
 - ``smoke [--device N]``: run each op once on the GPU against a reference; without a GPU, say so, print the
   doctor summary and exit 1.
 - ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph] [--tp N]``: serve token-id
-  prompts with a local Llama checkpoint (:mod:`fi_ffi.models.llama`, the ``llama`` extra); prints the tokens,
-  tokens/s and host time per decode step.
+  prompts with a local checkpoint, on the engine its ``model_type`` needs (:func:`fi_ffi.models.engines.engine_class`:
+  Llama/Qwen3/Mixtral/Qwen3-MoE, Gemma 2, gpt-oss, DeepSeek; the ``llama`` extra); prints the tokens, tokens/s and
+  host time per decode step.
 - ``launch --nproc N [--master-addr A] [--master-port P] -- cmd ...``: start N ranks of ``cmd`` on this host
   with the torchrun variables and NVLink multicast off (:mod:`fi_ffi.comm.launch`); exits with the worst rank's
   status.
@@ -28,8 +29,10 @@ the pipe (``fi-ffi list | head``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -397,6 +400,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             paths += loader.fetch(wheel)
     else:
         paths = loader.fetch(all_entries=args.all)
+    if args.json:
+        json.dump([str(p) for p in paths], sys.stdout, indent=2)
+        print()
+        return 0
     for path in paths:
         print(path)
     return 0
@@ -406,10 +413,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from . import loader
 
     if args.action == "path":
-        print(loader.cache_root())
+        _emit(args, {"path": str(loader.cache_root())}, lambda: print(loader.cache_root()))
     elif args.action == "list":
-        for entry in loader.list_cache():
-            print(f"{entry.kind:9s} {entry.size / 2**20:9.1f} MiB  {entry.path}  {entry.detail}")
+        entries = loader.list_cache()
+        rows = [{"kind": e.kind, "path": str(e.path), "size": e.size, "detail": e.detail} for e in entries]
+
+        def table() -> None:
+            if not entries:
+                print(f"the cache {loader.cache_root()} is empty")
+                return
+            print(f"{'KIND':9s} {'SIZE':>10s}  PATH  DETAIL")
+            for entry in entries:
+                print(f"{entry.kind:9s} {_size_text(entry.size):>10s}  {entry.path}  {entry.detail}")
+
+        _emit(args, rows, table)
     elif args.action == "verify":
         try:
             report = loader.verify_cache(full=args.full)
@@ -417,6 +434,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"fi-ffi cache verify: cannot read the cache {loader.cache_root()}: {exc}", file=sys.stderr)
             return 2
         kept = dict(report.kept)
+        if args.json:
+            _emit(
+                args,
+                {
+                    "checked": report.checked,
+                    "bad": [{"path": str(p), "problem": why, "removed": p not in kept} for p, why in report.bad],
+                    "kept": [{"path": str(p), "why": why} for p, why in report.kept],
+                    "removed_tmp": report.removed_tmp,
+                    "read_only": report.read_only,
+                },
+                lambda: None,
+            )
+            return 0 if report.ok else 1
         for path, problem in report.bad:
             print(f"{'kept' if path in kept else 'removed'} {path}: {problem}")
         for path, why in report.kept:
@@ -435,6 +465,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0 if report.ok else 1
     elif args.action == "clear":
         cleared = loader.clear_cache()
+        if args.json:
+            _emit(
+                args,
+                {
+                    "removed": [{"path": str(p), "size": n} for p, n in cleared.removed],
+                    "kept": [{"path": str(p), "why": why} for p, why in cleared.kept],
+                    "failed": [{"path": str(p), "why": why} for p, why in cleared.failed],
+                    "freed": cleared.freed,
+                },
+                lambda: None,
+            )
+            return 1 if cleared.failed else 0
         for path, size in cleared.removed:
             print(f"removed {path} ({size / 2**20:.1f} MiB)")
         for path, why in cleared.kept:
@@ -479,6 +521,23 @@ def _lock_arguments(wheels: Sequence[str], url: str | None) -> str:
     return ""
 
 
+def _size_text(n: int) -> str:
+    """``n`` bytes for a reader: ``812 B``, ``4.0 KiB``, ``1.2 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _emit(args: argparse.Namespace, data: Any, table: Any) -> None:
+    """``--json``: ``data`` as JSON on stdout; else ``table()`` prints the human form."""
+    if getattr(args, "json", False):
+        json.dump(data, sys.stdout, indent=2, default=str)
+        print()
+    else:
+        table()
+
+
 def cmd_lock(args: argparse.Namespace) -> int:
     from . import loader
 
@@ -512,17 +571,19 @@ def cmd_list(args: argparse.Namespace) -> int:
             row["unresolved_symbols"] = checked["unresolved"] if checked is not None else None
         json.dump(rows, sys.stdout, indent=2)
         print()
-    for row in rows if not args.json else ():
-        dtypes = "/".join(dict.fromkeys((row["dtype_q"], row["dtype_kv"], row["dtype_o"])))
-        heads = (
-            f"{row['head_dim_qk']}"
-            if row["head_dim_qk"] == row["head_dim_vo"]
-            else f"{row['head_dim_qk']}/{row['head_dim_vo']}"
-        )
-        print(
-            f"{row['kind']:15s} {row['backend']:4s} {dtypes:9s} head_dim {heads:8s} {row['release'] or '-':11s} "
-            f"{row['uri']}"
-        )
+    if rows and not args.json:
+        table = [("KIND", "BACKEND", "DTYPES", "HEAD_DIM", "RELEASE", "MODULE")]
+        for row in rows:
+            dtypes = "/".join(dict.fromkeys((row["dtype_q"], row["dtype_kv"], row["dtype_o"])))
+            heads = (
+                f"{row['head_dim_qk']}"
+                if row["head_dim_qk"] == row["head_dim_vo"]
+                else f"{row['head_dim_qk']}/{row['head_dim_vo']}"
+            )
+            table.append((row["kind"], row["backend"], dtypes, heads, row["release"] or "-", row["uri"]))
+        widths = [max(len(r[i]) for r in table) for i in range(5)]
+        for r in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
     if not rows:
         print("no variant matches", file=sys.stderr)
         return 1
@@ -533,6 +594,10 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from . import smoke, system
 
     gpus, why = system.gpus()
+    if not gpus and args.json:
+        json.dump({"error": f"needs a CUDA GPU: {why}", "doctor": doctor_data()}, sys.stdout, indent=2, default=str)
+        print()
+        return 1
     if not gpus:
         print(f"fi-ffi smoke needs a CUDA GPU: {why}\n")
         _print_doctor(doctor_data())
@@ -543,6 +608,10 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         print(f"fi-ffi smoke: {exc}", file=sys.stderr)
         return 2
     results = smoke.run(args.device)
+    if args.json:
+        json.dump([dataclasses.asdict(r) for r in results], sys.stdout, indent=2, default=str)
+        print()
+        return 1 if any(not r.passed for r in results) else 0
     for r in results:
         verdict = "PASS" if r.passed else "FAIL"
         extra = f"  {r.detail}" if r.detail else ""
@@ -731,26 +800,97 @@ def _check_tp(model: str, tp: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fi-ffi", description="FlashInfer kernels over TVM-FFI, from Python.")
+    common = argparse.ArgumentParser(add_help=False)  # -q/-v before or after the subcommand
+    common.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or progress lines"
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="log what the loader does to stderr (-vv: debug detail)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="fi-ffi",
+        description="FlashInfer kernels over TVM-FFI, from Python: set up, inspect and check them.",
+        epilog="Run `fi-ffi COMMAND --help` for a command's options and examples. Exit status: 0 success, 1 a check "
+        "failed, 2 a usage or fi_ffi error.",
+        parents=[common],
+    )
     parser.add_argument("--version", action="version", version=f"fi-ffi {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("doctor", help="report driver, CUDA, GPUs, lock selection and cache")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=textwrap.fill(description, 100),
+            epilog="examples:\n" + "\n".join(f"  {line}" for line in examples.strip().splitlines()),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[common],
+        )
+
+    p = command(
+        "doctor",
+        "report driver, CUDA, GPUs, lock selection and cache",
+        "Report what this machine offers and what fi_ffi would use: the NVIDIA driver, the CUDA runtime, the GPUs "
+        "and whether the selected kernel wheels cover them, the FI_FFI_* variables (flagging bad values and "
+        "typos), the lock and where each wheel would come from, the TVM-FFI runtime and the cache. Exits 0.",
+        "fi-ffi doctor\nfi-ffi doctor --json",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
-    p = sub.add_parser("fetch", help="fill the cache from the lock, the wheelhouse or local wheels")
+    p = command(
+        "fetch",
+        "fill the cache from the lock, the wheelhouse or local wheels",
+        "Put the wheels the lock selects for this machine into the cache (from FI_FFI_WHEELHOUSE, the lock's "
+        "path, or a download), sha256-verified; or copy local wheels the lock pins (--wheel). Prints each path.",
+        "fi-ffi fetch\nfi-ffi fetch --all\nfi-ffi fetch --wheel ./flashinfer_jit_cache-0.6.3+cu130-cp39-abi3-"
+        "manylinux_2_28_x86_64.whl",
+    )
     p.add_argument("--wheel", action="append", help="a local wheel pinned by the lock (repeatable)")
     p.add_argument("--all", action="store_true", help="every wheel in the lock, all architectures")
+    p.add_argument("--json", action="store_true", help="the paths as a JSON list")
     p.set_defaults(func=cmd_fetch)
-    p = sub.add_parser("cache", help="path, list, verify or clear the cache")
-    p.add_argument("action", choices=["path", "list", "verify", "clear"])
+    p = command(
+        "cache",
+        "path, list, verify or clear the cache",
+        "path: print the cache folder. list: what it holds. verify: check every file (--full: re-hash all, and "
+        "the wheels the lock pins outside the cache); damaged files of fi_ffi's are removed, others reported; exit "
+        "1 if any is bad. clear: remove what fi_ffi created; exit 1 if some of it could not be removed.",
+        "fi-ffi cache path\nfi-ffi cache list --json\nfi-ffi cache verify --full\nfi-ffi cache clear",
+    )
+    p.add_argument("action", choices=["path", "list", "verify", "clear"], help="what to do")
     p.add_argument("--full", action="store_true", help="verify: re-hash every file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_cache)
-    p = sub.add_parser("lock", help="print a lock pinning local wheels (use with FI_FFI_LOCK)")
-    p.add_argument("wheels", nargs="+")
-    p.add_argument("--kind", choices=["kernel", "runtime"], default=None)
-    p.add_argument("--url", help="where the wheel can be downloaded from")
+    p = command(
+        "lock",
+        "print a lock pinning local wheels (use with FI_FFI_LOCK)",
+        "Print a lock file (TOML) pinning the given wheels by sha256, with their CUDA version, arch, GPU archs and "
+        "FlashInfer release read from the files. Save it and point FI_FFI_LOCK at it to use self-built or "
+        "mirrored wheels; put the wheels in a folder named by FI_FFI_WHEELHOUSE.",
+        "fi-ffi lock ../wheels/*.whl > my.lock && export FI_FFI_LOCK=$PWD/my.lock\n"
+        "fi-ffi lock --url https://mirror.example/w/x.whl x.whl",
+    )
+    p.add_argument("wheels", nargs="+", metavar="WHEEL", help="wheel files (.whl) to pin; a folder is refused")
+    p.add_argument(
+        "--kind",
+        choices=["kernel", "runtime"],
+        default=None,
+        help="what the wheels hold (default: read from their members)",
+    )
+    p.add_argument("--url", help="http(s):// or file:// address the (one) wheel can be downloaded from")
     p.set_defaults(func=cmd_lock)
-    p = sub.add_parser("list", help="attention variants the active lock provides")
+    p = command(
+        "list",
+        "attention variants the active lock provides",
+        "List the attention variants (kind, backend, dtypes, head dims, FlashInfer release, module) of the wheels "
+        "the lock selects. A wheel that is not here is read from its URL's zip central directory, not downloaded. "
+        "Exit 1 when nothing matches.",
+        "fi-ffi list\nfi-ffi list --kind decode --dtype bf16 --head-dim 128\nfi-ffi list --json",
+    )
     p.add_argument(
         "--kind",
         choices=LIST_KINDS,
@@ -766,12 +906,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=_positive_int, metavar="N", help="head dimension (qk or vo)")
     p.add_argument("--json", action="store_true", help="one object per variant, with every field")
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("smoke", help="run each op once on the GPU against a reference")
+    p = command(
+        "smoke",
+        "run each op once on the GPU against a reference",
+        "Run rmsnorm, fused_add_rmsnorm, append_paged_kv_cache, batch decode, single prefill and (SM90) GDN "
+        "prefill once against a numpy reference; print pass/fail and host time per call. Exit 1 on a failure, or "
+        "without a GPU (then the doctor summary is printed).",
+        "fi-ffi smoke\nfi-ffi smoke --device 1 --json",
+    )
     p.add_argument("--device", type=_ordinal, default=0, help="CUDA ordinal (0 to the GPU count - 1)")
+    p.add_argument("--json", action="store_true", help="one object per check")
     p.set_defaults(func=cmd_smoke)
-    p = sub.add_parser(
+    p = command(
         "generate",
-        help="serve token-id prompts with a local Llama checkpoint (needs CuPy: python -m pip install cupy-cuda13x)",
+        "serve token-id prompts with a local checkpoint (needs CuPy and a GPU)",
+        "Load a Hugging Face checkpoint (Llama, Qwen3, Mixtral, Qwen3-MoE, Gemma 2, gpt-oss, DeepSeek; f16/bf16) "
+        "onto the GPU and generate from token-id prompts; prints the tokens, tokens/s and host time per decode "
+        "step. Needs CuPy (python -m pip install cupy-cuda13x). Every value is checked before the GPU is touched.",
+        "fi-ffi generate --model ./SmolLM2-135M --prompt-ids 1,2,3 --max-new-tokens 16\n"
+        "fi-ffi generate --model ./m --prompt-ids 1,2 --prompt-ids 4,5 --temperature 0.7 --top-p 0.9 --graph\n"
+        "fi-ffi generate --model ./m --prompt-ids 1,2,3 --tp 2",
     )
     p.add_argument("--model", required=True, help="checkpoint directory: config.json + *.safetensors (f16/bf16)")
     p.add_argument(
@@ -796,9 +950,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--tp", type=_positive_int, default=1, help="tensor-parallel ranks on this host (one GPU each; default 1)"
     )
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser(
+    p = command(
         "launch",
-        help="start N ranks of a command on this host (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set)",
+        "start N ranks of a command on this host (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set)",
+        "Start N ranks of a command on this host, one per GPU, with the variables torchrun sets and NVLink "
+        "multicast off. When a rank fails the others are stopped; the failing rank is named and its status "
+        "returned.",
+        "fi-ffi launch --nproc 2 -- python my_tp_app.py\nfi-ffi launch --nproc 4 --master-port 29500 -- fi-ffi "
+        "generate --model ./m --prompt-ids 1,2 --tp 4",
     )
     p.add_argument("--nproc", type=_positive_int, required=True, help="number of ranks (one per GPU)")
     p.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (default 127.0.0.1)")
@@ -850,6 +1009,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
             return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
         command = f"fi-ffi {args.command}"
+        _apply_verbosity(getattr(args, "quiet", False), getattr(args, "verbose", 0))
         args.argv = list(sys.argv[1:] if argv is None else argv)  # what `generate --tp N` restarts as its ranks
         status = int(args.func(args))
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
@@ -865,6 +1025,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _apply_verbosity(quiet: bool, verbose: int) -> None:
+    """``-q``: no progress bars or ``fi_ffi:`` progress lines (``FI_FFI_QUIET=1`` for this process and the ranks
+    or children it starts); ``-v``/``-vv``: the loader's log at INFO/DEBUG on stderr."""
+    import logging
+    import os
+
+    if quiet:
+        os.environ["FI_FFI_QUIET"] = "1"
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fi_ffi: %(message)s"))
+        logger = logging.getLogger("fi_ffi")
+        logger.addHandler(handler)  # a handler of our own: announce() then prints nothing twice
+        logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
 
 def _stdout_gone() -> bool:

@@ -30,6 +30,8 @@ from typing import Any, Protocol, TypeAlias, TypeVar
 from .tensor import Tensor
 
 __all__ = [
+    "BindingsStreamLike",
+    "CupyStreamLike",
     "IndexLike",
     "StreamLike",
     "SupportsArrayInterface",
@@ -38,6 +40,7 @@ __all__ = [
     "SupportsDLPack",
     "TensorLike",
     "TensorT",
+    "TorchStreamLike",
 ]
 
 
@@ -94,19 +97,31 @@ class SupportsCudaStream(Protocol):
         ...
 
 
-class _TorchStream(Protocol):
+class TorchStreamLike(Protocol):
+    """A torch stream: ``torch.cuda.Stream`` (its ``cuda_stream`` is the ``cudaStream_t`` as an int)."""
+
     @property
-    def cuda_stream(self) -> int: ...
+    def cuda_stream(self) -> int:
+        """The ``cudaStream_t`` value."""
+        ...
 
 
-class _CupyStream(Protocol):
+class CupyStreamLike(Protocol):
+    """A CuPy stream: ``cupy.cuda.Stream`` (its ``ptr`` is the ``cudaStream_t`` as an int)."""
+
     @property
-    def ptr(self) -> int: ...
+    def ptr(self) -> int:
+        """The ``cudaStream_t`` value."""
+        ...
 
 
-class _BindingsStream(Protocol):
-    def getPtr(self) -> int: ...
+class BindingsStreamLike(Protocol):
+    """A cuda.bindings ``CUstream`` / ``cudaStream_t`` (``getPtr()`` gives the handle as an int)."""
+
+    def getPtr(self) -> int:
+        """The handle's value."""
+        ...
 
 
-StreamLike: TypeAlias = int | SupportsCudaStream | _TorchStream | _CupyStream | _BindingsStream | None
+StreamLike: TypeAlias = int | SupportsCudaStream | TorchStreamLike | CupyStreamLike | BindingsStreamLike | None
 """A ``stream=`` argument: None, an int ``cudaStream_t`` or a stream object (see the module docstring)."""

@@ -199,3 +199,26 @@ def test_communicator_arguments_are_checked_before_nccl_is_touched(
     args: dict[str, object] = {"rank": 0, "world_size": 2, "unique_id": bytes(128), "device": 0, **kwargs}
     with pytest.raises(error, match=message):
         Communicator(args.pop("rank"), args.pop("world_size"), args.pop("unique_id"), **args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("wants", [bytes, tuple])
+def test_the_cupy_backend_gives_the_id_in_the_form_its_cupy_takes(wants: type) -> None:
+    # CuPy is not installed here: a stand-in with CuPy 13's (signed C chars) or CuPy 14's (bytes) signature; the
+    # real CuPy 14 refused the tuple with "Argument 'commId' has incorrect type (expected bytes, got tuple)"
+    from types import SimpleNamespace
+
+    from fi_ffi.comm.nccl import _CuPy
+
+    got: list[object] = []
+
+    def communicator(n: int, comm_id: object, rank: int) -> str:
+        if not isinstance(comm_id, wants):
+            raise TypeError(f"Argument 'commId' has incorrect type (expected {wants.__name__})")
+        got.append(comm_id)
+        return "comm"
+
+    backend = object.__new__(_CuPy)
+    backend.n = SimpleNamespace(NcclCommunicator=communicator)
+    uid = bytes(range(120, 248))
+    assert backend.init(2, uid, 1) == "comm"
+    assert got == [uid] if wants is bytes else got == [tuple(b - 256 if b > 127 else b for b in uid)]

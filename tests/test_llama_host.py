@@ -506,7 +506,7 @@ def test_cli_generate_reports_a_missing_checkpoint(tmp_path, capsys):
 
     assert cli.main(["generate", "--model", str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
-    assert "fi-ffi generate: model:" in err and "config.json does not exist" in err
+    assert "fi-ffi generate: model_dir:" in err and "config.json does not exist" in err
 
 
 @pytest.mark.parametrize("ids", ["1,x", ",", ""])

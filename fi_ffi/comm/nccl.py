@@ -115,8 +115,12 @@ class _CuPy:
         return bytes(b & 0xFF for b in self.n.get_unique_id())
 
     def init(self, world_size: int, unique_id: bytes, rank: int) -> Any:
-        signed = tuple(b - 256 if b > 127 else b for b in unique_id)  # CuPy keeps the id as C chars
-        return self.n.NcclCommunicator(world_size, signed, rank)
+        # CuPy 13 takes the id as a tuple of C chars (signed), CuPy 14 as bytes ("expected bytes, got tuple")
+        try:
+            return self.n.NcclCommunicator(world_size, bytes(unique_id), rank)
+        except TypeError:
+            signed = tuple(b - 256 if b > 127 else b for b in unique_id)
+            return self.n.NcclCommunicator(world_size, signed, rank)
 
     def all_reduce(self, comm: Any, send: int, recv: int, count: int, dtype: int, op: int, stream: int) -> None:
         comm.allReduce(send, recv, count, dtype, op, stream)
@@ -199,12 +203,14 @@ class Communicator:
         for name, value in (("rank", rank), ("world_size", world_size), ("device", device)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-        if world_size < 1:
-            raise ValueError(f"world_size: expected >= 1, got {world_size}")
+        if not 1 <= world_size < 1 << 31:
+            raise ValueError(f"world_size: expected 1 <= world_size < 2**31 (NCCL's int), got {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: expected 0 <= rank < world_size ({world_size}), got {rank}")
-        if device < 0:
-            raise ValueError(f"device: expected a CUDA ordinal >= 0, got {device}")
+        if not 0 <= device < 1 << 31:
+            raise ValueError(f"device: expected a CUDA ordinal in [0, 2**31), got {device}")
+        if env is not None and not isinstance(env, DistEnv):
+            raise TypeError(f"env: expected a fi_ffi.comm.DistEnv (read_env()) or None, got {type(env).__name__}")
         if not isinstance(unique_id, (bytes, bytearray)) or len(unique_id) != UNIQUE_ID_BYTES:
             raise ValueError(f"unique_id: expected {UNIQUE_ID_BYTES} bytes (an NCCL unique id), got {unique_id!r:.40}")
         self.rank = rank

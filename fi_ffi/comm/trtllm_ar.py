@@ -38,7 +38,7 @@ from ..abi.wire import (
 )
 from ..dtypes import DType, bfloat16, float8_e4m3fn, float16, float32, int32, int64
 from ..ops import checks
-from ..ops.launcher import launcher
+from ..ops.launcher import check_tensor, launcher
 from ..ops.pointer_rules import PointerRules
 from . import control
 
@@ -442,7 +442,23 @@ def _workspace(workspace_ptrs: Any, metadata: WorkspaceMetadata | None) -> tuple
             "metadata: a raw workspace_ptrs tensor needs its WorkspaceMetadata (workspace_metadata(...)), so that "
             "sizes can be checked; or pass the AllReduceFusionWorkspace itself"
         )
-    return workspace_ptrs, metadata
+    # named as the caller wrote it (the MoE finalize declaration calls it "workspace"), on every call
+    t = checks.tensor("workspace_ptrs", workspace_ptrs)
+    check_tensor("workspace_ptrs", t)
+    _pointer_table("workspace_ptrs", t, 3 * metadata.world_size + 1)
+    if t.data_ptr % 8:
+        raise ValueError(f"workspace_ptrs: data pointer 0x{t.data_ptr:x} must be aligned to 8 bytes (int64)")
+    return t, metadata
+
+
+def _dims(token_num: Any, hidden_dim: Any) -> tuple[int, int]:
+    """``token_num`` and ``hidden_dim`` as the caller named them, each at least 1 and their product an int32."""
+    tokens = checks.integer("token_num", token_num, 1)
+    hidden = checks.integer("hidden_dim", hidden_dim, 1)
+    for name, value in (("token_num", tokens), ("hidden_dim", hidden)):
+        if value > MAX_ELEMENTS:
+            raise ValueError(f"{name}: expected at most {MAX_ELEMENTS} (the kernels' int32), got {value}")
+    return tokens, hidden
 
 
 def _should_use_oneshot(token_num: int, hidden_dim: int, itemsize: int, world_size: int) -> bool:
@@ -616,8 +632,7 @@ def trtllm_allreduce_fusion(
     ``layout_code`` (FP4 only) must be None.
     """
     ptrs, meta = _workspace(workspace_ptrs, metadata)
-    token_num = checks.integer("token_num", token_num, 1)
-    hidden_dim = checks.integer("hidden_dim", hidden_dim, 1)
+    token_num, hidden_dim = _dims(token_num, hidden_dim)
     world_size = checks.integer("world_size", world_size)
     if world_size not in ONESHOT_MAX_MIB:
         raise ValueError(f"world_size: the fusion kernels run on 2, 4, 8 or 16 ranks, got {world_size}")
@@ -880,6 +895,7 @@ def trtllm_moe_allreduce_fusion(
     (each output optional, at least one). float16/bfloat16; scales float32 ``[experts, token_num]``.
     """
     ptrs, meta = _workspace(workspace_ptrs, metadata)
+    token_num, hidden_dim = _dims(token_num, hidden_dim)
     _moe_reduction(
         world_size,
         world_rank,
@@ -1014,6 +1030,11 @@ def trtllm_custom_all_reduce(
     :class:`~fi_ffi.comm.ipc.IpcBuffer`). On modules from FlashInfer before 0.6.17 a call that may reach the Lamport
     kernel (RESIDUAL_RMS_NORM, or Lamport buffers given) is refused below 16 ranks: that host code mis-strides the
     Lamport pointers (upstream PR #3903)."""
+    # the declaration calls the input "in" (a Python keyword): checked here under the caller's name
+    inp = checks.tensor("inp", inp)
+    check_tensor("inp", inp)
+    if inp.data_ptr % 16:
+        raise ValueError(f"inp: data pointer 0x{inp.data_ptr:x} must be aligned to 16 bytes (vector loads)")
     _custom_all_reduce(
         inp,
         out,

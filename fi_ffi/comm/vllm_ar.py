@@ -26,7 +26,7 @@ from typing import Any
 from ..abi.wire import ARRAY, ARRAY_OF_ARRAYS, BOOL, INT, declare, tensor
 from ..dtypes import bfloat16, float16, float32, uint8
 from ..ops import checks
-from ..ops.launcher import launcher
+from ..ops.launcher import check_tensor, launcher
 from ..ops.pointer_rules import PointerRules
 from . import control
 
@@ -80,6 +80,8 @@ def _handle(name: str, fa: Any) -> int:
     value = checks.integer(name, fa)
     if value == 0:
         raise ValueError(f"{name}: the all-reduce handle is 0 (disposed, or never made by init_custom_ar)")
+    if not 0 < value < 1 << 63:
+        raise ValueError(f"{name}: expected the handle init_custom_ar returned (an address below 2**63), got {value}")
     return value
 
 
@@ -122,6 +124,7 @@ def init_custom_ar(ipc_tensors: Any, rank_data: Any, rank: int, full_nvlink: boo
             "NVLink-connected; use NCCL on this machine"
         )
     t = checks.tensor("rank_data", rank_data)
+    check_tensor("rank_data", t, output=True)  # NULL, or a range past the end of the address space
     checks.cuda("rank_data", t)
     checks.contiguous("rank_data", t)
     if t.dtype != uint8 or t.numel < RANK_DATA_BYTES:

@@ -135,7 +135,6 @@ class Watchdog:
     # ---- the watch -------------------------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        me = f"fi_ffi: rank {self.env.rank} of {self.env.world_size}"
         while True:
             with self._lock:
                 conns = list(self._peers)
@@ -161,15 +160,14 @@ class Watchdog:
                     why = f"rank {rank} failed: {text}"
                 else:  # closed without a goodbye (killed, crashed)
                     why = f"rank {rank} died (its connection closed without a goodbye; killed or crashed)"
-                self._lost(f"{me}: lost {why}; exiting")
+                self._lost(why)
                 return
 
-    def _lost(self, text: str) -> None:
-        self.lost = text
+    def _lost(self, why: str) -> None:
         if self.env.rank == 0:  # tell the others which rank it was
-            why = text.split(": lost ", 1)[-1].rsplit("; exiting", 1)[0]
             self._send_all(_LOST, why)
-        self.on_lost(text)
+        self.lost = f"fi_ffi: rank {self.env.rank} of {self.env.world_size}: lost {why}; exiting"
+        self.on_lost(self.lost)
 
     def _drop(self, conn: socket.socket) -> None:
         with self._lock:

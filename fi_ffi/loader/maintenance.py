@@ -154,7 +154,12 @@ def list_cache() -> list[CacheEntry]:
         data = read_json(stamp) or {}
         path = Path(str(data.get("path", "?")))
         if not path.is_relative_to(root):
-            out.append(CacheEntry("stamp", stamp, int(data.get("size", 0) or 0), f"stamped file {path}"))
+            stamped_size = int(data.get("size", 0) or 0)
+            out.append(
+                CacheEntry(
+                    "stamp", stamp, _size(stamp), f"verified {path} ({stamped_size / 2**20:.1f} MiB, kept there)"
+                )
+            )
     for path, why in _foreign(root):
         out.append(CacheEntry("other", path, _size(path), why))
     return out

@@ -107,17 +107,18 @@ class LlamaConfig:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ValueError(
-                f"model: {path} does not exist; pass a Hugging Face checkpoint directory (config.json + *.safetensors)"
+                f"model_dir: {path} does not exist; pass a Hugging Face checkpoint directory (config.json + "
+                f"*.safetensors)"
             ) from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"model: cannot read {path}: {exc}") from None
+            raise ValueError(f"model_dir: cannot read {path}: {exc}") from None
         try:
             data = json.loads(text)
         except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
-            raise ValueError(f"model: {path} is not valid JSON or holds a number no config needs ({exc})") from None
+            raise ValueError(f"model_dir: {path} is not valid JSON or holds a number no config needs ({exc})") from None
         except RecursionError:
             raise ValueError(
-                f"model: {path} nests its JSON too deeply to parse; a config.json is a flat object of settings"
+                f"model_dir: {path} nests its JSON too deeply to parse; a config.json is a flat object of settings"
             ) from None
         return cls.from_dict(data, source=str(path))
 
@@ -128,8 +129,10 @@ class LlamaConfig:
         ``head_dim`` (default ``hidden_size / num_attention_heads``), ``rms_norm_eps``, the rotary keys (module
         docstring), ``tie_word_embeddings`` (default False, as transformers), ``max_position_embeddings``,
         ``eos_token_id`` (int, list or absent)."""
+        if not isinstance(source, str):
+            raise TypeError(f"source: expected a str naming where the config came from, got {type(source).__name__}")
         if not isinstance(d, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+            raise ValueError(f"d: expected a JSON object (a dict) from {source}, got {type(d).__name__}")
         model_type = d.get("model_type", "llama")
         if model_type not in MODEL_TYPES:
             raise ValueError(

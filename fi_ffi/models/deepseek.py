@@ -106,6 +106,7 @@ class DeepSeekEngine(LlamaEngine):
         tensor_parallel: int = 1,
         comm: Any = None,
         fused_allreduce: bool = True,
+        vocab_parallel: bool = True,
         fused_routing: bool | None = None,
     ) -> None:
         if fused_routing not in (None, True, False):
@@ -132,6 +133,7 @@ class DeepSeekEngine(LlamaEngine):
             device=device,
             tensor_parallel=1,
             fused_allreduce=fused_allreduce,
+            vocab_parallel=vocab_parallel,
         )
 
     @property
@@ -183,6 +185,7 @@ class DeepSeekEngine(LlamaEngine):
         self._lm_head = (
             self._embed if c.tie_word_embeddings else upload(get("lm_head.weight", (c.vocab_size, h))).data.ptr
         )
+        self._head_rows = c.vocab_size  # the LM head's output columns (the whole vocabulary: one GPU)
         w = SimpleNamespace(
             q=[], qa=[], qa_norm=[], qb=[], ckv=[], kpe=[], kv_norm=[], uk_t=[], uv=[], o=[], gu=[], d=[],
             shared_gu=[], shared_d=[], bias=[], bias_dev=[],

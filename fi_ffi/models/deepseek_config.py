@@ -121,6 +121,7 @@ class DeepSeekConfig:
         return self.moe.intermediate_size * self.routing.n_shared_experts
 
     def is_moe_layer(self, i: int) -> bool:
+        """Whether layer ``i`` (from 0) has routed experts: a MoE model's layers from ``first_k_dense_replace``."""
         return self.moe is not None and i >= self.first_k_dense_replace
 
     @property
@@ -175,10 +176,12 @@ class DeepSeekConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> DeepSeekConfig:
+        """Read ``model_dir/config.json`` (errors name the file)."""
         return cls.from_dict(_read(model_dir), source=str(Path(model_dir) / "config.json"))
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "config") -> DeepSeekConfig:
+        """Parse a DeepSeek-V2/V3 config dict; ``source`` names it in errors (ValueError)."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type")

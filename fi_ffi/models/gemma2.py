@@ -109,6 +109,7 @@ class Gemma2Engine(LlamaEngine):
         self._embed = w.ptr(w.get("model.embed_tokens.weight", (c.vocab_size, h)))
         tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
         self._lm_head = self._embed if tied else w.ptr(w.get("lm_head.weight", (c.vocab_size, h)))
+        self._head_rows = c.vocab_size  # one GPU: the LM head keeps every row (no vocabulary shard)
         self._wqkv, self._wo, self._wgu, self._wd = [], [], [], []
         self._ln1, self._post_attn, self._pre_ff, self._post_ff = [], [], [], []
         for i in range(c.num_layers):

@@ -224,6 +224,7 @@ class GptOssEngine(LlamaEngine):
         self._embed = w.ptr(w.get("model.embed_tokens.weight", (c.vocab_size, h)))
         tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
         self._lm_head = self._embed if tied else w.ptr(w.get("lm_head.weight", (c.vocab_size, h)))
+        self._head_rows = c.vocab_size  # one GPU: the LM head keeps every row (no vocabulary shard)
         self._wqkv, self._bqkv, self._wo, self._bo, self._ln1, self._ln2 = [], [], [], [], [], []
         self._sinks: list[Any] = []
         self._router, self._router_bias, self._w_gu, self._b_gu, self._w_down, self._b_down = [], [], [], [], [], []

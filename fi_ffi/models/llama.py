@@ -186,7 +186,9 @@ class LlamaEngine:
         self.model_config = self._read_config(model_dir)
         self.tensor_parallel = _positive("tensor_parallel", tensor_parallel)
         self._check_family(self.model_config)
-        cfg = self.config = shard_config(self.model_config, self.tensor_parallel)
+        # one GPU: the config as read (a subclass's own config type, e.g. DeepSeek's, is never sharded)
+        tp = self.tensor_parallel
+        cfg = self.config = self.model_config if tp == 1 else shard_config(self.model_config, tp)
         # MoE layers: host routing (only the chosen experts' weights are read) for prefill and eager decode; the
         # fixed-capacity device path, which a graph can capture, for the decode graph (token counts set on the device)
         self._static_moe = cuda_graph and cfg.moe is not None

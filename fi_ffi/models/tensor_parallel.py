@@ -39,6 +39,10 @@ def shard_config(cfg: LlamaConfig, tensor_parallel: int) -> LlamaConfig:
     Raises:
         ValueError: naming ``tensor_parallel`` and the dimension it does not divide.
     """
+    if not isinstance(cfg, LlamaConfig):
+        raise TypeError(f"cfg: expected a LlamaConfig (LlamaConfig.from_dir), got {type(cfg).__name__}")
+    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel: expected an int >= 1 (ranks), got {tensor_parallel!r}")
     n = tensor_parallel
     checked = [
         ("query heads", "num_attention_heads", cfg.num_qo_heads),
@@ -62,6 +66,23 @@ def shard_config(cfg: LlamaConfig, tensor_parallel: int) -> LlamaConfig:
         intermediate_size=cfg.intermediate_size // n,
         moe=moe,
     )
+
+
+def _block(weight: Any, rank: Any, parts: Any, axis: int) -> int:
+    """The block length of ``weight``'s ``axis`` split ``parts`` ways, the arguments checked (named)."""
+    if not isinstance(weight, np.ndarray) or weight.ndim != 2 or weight.dtype.kind in "OUSM":
+        what = (
+            f"{weight.dtype} array of shape {weight.shape}" if isinstance(weight, np.ndarray) else type(weight).__name__
+        )
+        raise TypeError(f"weight: expected a 2-D numpy array of numbers [out, in], got {what}")
+    for name, value in (("rank", rank), ("parts", parts)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not 0 <= rank < parts:
+        raise ValueError(f"rank, parts: expected 0 <= rank < parts, got rank {rank} of {parts}")
+    if weight.shape[axis] % parts:
+        raise ValueError(f"parts: {parts} does not divide weight's dimension {axis} ({weight.shape[axis]})")
+    return int(weight.shape[axis] // parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,13 +147,13 @@ def combine_shard_argmax(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
 
 def rows(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
     """Rank ``rank``'s block of output rows of ``weight`` ``[out, in]`` (column-parallel)."""
-    step = weight.shape[0] // parts
+    step = _block(weight, rank, parts, 0)
     return weight[rank * step : (rank + 1) * step]
 
 
 def columns(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
     """Rank ``rank``'s block of input columns of ``weight`` ``[out, in]`` (row-parallel)."""
-    step = weight.shape[1] // parts
+    step = _block(weight, rank, parts, 1)
     return np.ascontiguousarray(weight[:, rank * step : (rank + 1) * step])
 
 
