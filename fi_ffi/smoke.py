@@ -226,7 +226,7 @@ def check_single_prefill(dev: Device) -> SmokeResult:
 
 
 def check_gdn_prefill(dev: Device) -> SmokeResult:
-    from .ops.device import compute_capability
+    from .launch.device import compute_capability
     from .ops.gdn import gdn_prefill, gdn_workspace_size
 
     if compute_capability(dev.ordinal)[0] != 9:

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fi_ffi.errors import KernelError, KernelNotFoundError
+from fi_ffi.launch.aliasing import footprint
+from fi_ffi.launch.kernels import entry_point
 from fi_ffi.ops import decode, prefill
 from fi_ffi.ops import variants as V
-from fi_ffi.ops.aliasing import footprint
-from fi_ffi.ops.kernels import entry_point
 from fi_ffi.ops.plan import Plan
 from fi_ffi.ops.workspace import Workspace
 from fi_ffi.tensor import Tensor

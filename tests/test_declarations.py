@@ -24,8 +24,8 @@ from conftest import find_shared_wheel, find_wheels_072, shared_wheels
 import fi_ffi.ops
 from fi_ffi.abi import wire
 from fi_ffi.errors import LoaderError
-from fi_ffi.ops.kernels import entry_point
-from fi_ffi.ops.launcher import bound_entry
+from fi_ffi.launch.kernels import entry_point
+from fi_ffi.launch.launcher import bound_entry
 
 RELEASES = ("0.6.3", "0.7.2")
 # Entry points of the 0.7.2 test wheel fi_ffi does not call (new exports of 0.7: quantizing norms and RoPE, FP4

@@ -19,11 +19,11 @@ import pytest
 import fi_ffi
 from fi_ffi.abi import wire
 from fi_ffi.errors import KernelError, KernelNotFoundError, LoaderError, UnsupportedDeviceError
+from fi_ffi.launch.aliasing import footprint
+from fi_ffi.launch.kernels import entry_point
+from fi_ffi.launch.launcher import bound_entry
 from fi_ffi.ops import mla
 from fi_ffi.ops import variants as V
-from fi_ffi.ops.aliasing import footprint
-from fi_ffi.ops.kernels import entry_point
-from fi_ffi.ops.launcher import bound_entry
 from fi_ffi.ops.workspace import Workspace
 from fi_ffi.tensor import Tensor
 

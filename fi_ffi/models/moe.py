@@ -38,7 +38,7 @@ import numpy as np
 
 import fi_ffi
 
-from ..ops import checks
+from ..launch import checks
 from .dense import CUDA_R_32F, Dense, data_type
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
 

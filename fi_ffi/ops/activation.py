@@ -23,9 +23,9 @@ from typing import Any
 
 from ..abi.wire import BOOL, Declaration, declare, tensor
 from ..dtypes import bfloat16, float16
-from . import checks
-from .launcher import launcher
-from .pointer_rules import PointerRules
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 
 _DTYPES = (float16, bfloat16)
 _VECTOR_BYTES = 16

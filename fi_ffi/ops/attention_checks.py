@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..dtypes import DType
+from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
-from .pointer_rules import PointerRules
 
 __all__ = [
     "device_tensor",

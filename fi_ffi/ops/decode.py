@@ -17,7 +17,7 @@ documented wait in :mod:`fi_ffi.ops.workspace` (a plan waits for the previous pl
 Plan and run must use the same stream. The decode kernels support GQA group sizes 1, 2, 3, 4 and 8, and
 equal q/k and v/o head dims.
 
-Every kernel call goes through a launcher (:mod:`fi_ffi.ops.launcher`) of the declarations below; a run's
+Every kernel call goes through a launcher (:mod:`fi_ffi.launch.launcher`) of the declarations below; a run's
 tensors are checked once per layout combination and plan settings (the launcher's ``context``).
 """
 
@@ -31,17 +31,17 @@ from typing import Any
 from .. import caches
 from ..abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
 from ..dtypes import DType, int32, uint8
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..producers import _readers, reader
 from ..tensor import Tensor
 from . import attention_checks as AC
-from . import checks
 from . import plan_settings as S
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
-from .launcher import launcher
 from .plan import Plan
 from .plan_call import call_plan
 from .plan_settings import LAYOUTS, PlanSettings
-from .pointer_rules import PointerRules
 from .variants import BATCH_DECODE, SINGLE_DECODE, Variant, resolve
 from .workspace import Workspace, tmp_bytes_needed
 

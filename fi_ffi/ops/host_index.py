@@ -55,7 +55,7 @@ def host_array(name: str, value: Any) -> np.ndarray:
     if isinstance(value, (list, tuple)):
         return _from_ints(name, value)
     if hasattr(value, "__dlpack__") or hasattr(value, "__array_interface__"):
-        from . import checks
+        from ..launch import checks
 
         return _from_descriptor(name, checks.tensor(name, value))
     raise TypeError(

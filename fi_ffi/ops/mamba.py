@@ -40,10 +40,10 @@ from typing import Any
 
 from ..abi.wire import BOOL, INT, declare, optional_tensor, tensor
 from ..dtypes import bfloat16, float16, float32, int32, int64
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
-from . import checks
-from .launcher import launcher
-from .pointer_rules import PointerRules
 
 __all__ = ["selective_state_update"]
 

@@ -50,14 +50,14 @@ from ..abi.wire import ARRAY, BOOL, FLOAT, INT, Param, declare, optional_tensor,
 from ..dtypes import DType, bfloat16, float8_e4m3fn, float8_e5m2, float16, float32, int32
 from ..dtypes import dtype as to_dtype
 from ..errors import KernelError, UnsupportedDeviceError
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..streams import current_stream, stream_handle
 from ..tensor import Tensor
-from . import checks
 from . import variants as V
 from .host_index import check_indptr, host_array, host_tensor
-from .launcher import launcher
 from .plan import Schedule
-from .pointer_rules import PointerRules
 from .workspace import Workspace, _DeviceScope, _rt
 from .workspace import _check as _check_cuda
 

@@ -20,7 +20,7 @@ from typing import Any
 from .. import caches
 from ..dtypes import DType
 from ..dtypes import dtype as to_dtype
-from . import checks
+from ..launch import checks
 from .variants import POS_ENCODINGS
 
 __all__ = ["LAYOUTS", "MASK_CAUSAL", "MASK_CUSTOM", "MASK_NONE", "PlanSettings", "cached"]

@@ -20,7 +20,7 @@ as in :mod:`fi_ffi.ops.decode`. ``lse`` (optional, float32) is the base-2 log-su
 
 Everything is asynchronous on ``stream``; plan and run must use the same stream (see
 :mod:`fi_ffi.ops.workspace` for the one documented wait). Every kernel call goes through a launcher
-(:mod:`fi_ffi.ops.launcher`) of the declarations below (FA2 and FA3 modules take different argument lists).
+(:mod:`fi_ffi.launch.launcher`) of the declarations below (FA2 and FA3 modules take different argument lists).
 """
 
 from __future__ import annotations
@@ -35,17 +35,17 @@ import numpy as np
 from .. import caches
 from ..abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
 from ..dtypes import int32, uint8
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
 from . import attention_checks as AC
-from . import checks
 from . import plan_settings as S
 from .decode import _check_tmp, _module_dtype, _workspace, alibi_required, empty, extent, layout_key, variant_uri
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
-from .launcher import launcher
 from .plan import Plan
 from .plan_call import call_plan
 from .plan_settings import LAYOUTS, MASK_CAUSAL, MASK_CUSTOM, MASK_NONE, PlanSettings
-from .pointer_rules import PointerRules
 from .variants import BATCH_PREFILL, SINGLE_PREFILL, Variant, choose_prefill
 from .workspace import Workspace
 

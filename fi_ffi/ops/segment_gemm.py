@@ -47,13 +47,13 @@ import numpy as np
 from .. import driver, producers
 from ..abi.wire import BOOL, declare, tensor
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32, int64, uint8
+from ..launch import checks
+from ..launch.aliasing import disjoint
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..streams import current_stream, stream_handle
 from ..tensor import Tensor
-from . import checks
-from .aliasing import disjoint
 from .host_index import host_array
-from .launcher import launcher
-from .pointer_rules import PointerRules
 from .workspace import Workspace
 
 __all__ = [
@@ -298,7 +298,7 @@ def segment_gemm(
             f"the workspace has {workspace.int_bytes}"
         )
     arrays = _arrays(workspace.int_buffer.data_ptr, offsets, c.args.count, workspace.device)
-    from . import device
+    from ..launch import device
 
     previous = device.make_current(workspace.device.device_id)  # the driver's copy needs the context current
     try:
@@ -510,7 +510,7 @@ def segment_gemm_args_bytes(batch_size: int) -> int:
 def _copy_sync(dst: int, data: bytes, device_id: int) -> None:
     """Copy ``data`` from the host to device address ``dst`` and wait for it (driver ``cuMemcpyHtoD``)."""
     from ..errors import KernelError
-    from . import device
+    from ..launch import device
 
     lib = driver.load()
     if lib is None:

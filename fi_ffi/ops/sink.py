@@ -31,16 +31,16 @@ from typing import Any
 from ..abi.wire import ARRAY, FFI_TENSOR, FLOAT, Param, declare
 from ..dtypes import DType
 from ..errors import KernelNotFoundError, UnsupportedDeviceError
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from . import attention_checks as AC
-from . import checks
 from . import plan_settings as S
 from .decode import _workspace, extent
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
-from .launcher import launcher
 from .plan import Plan
 from .plan_call import call_plan
 from .plan_settings import MASK_CAUSAL, MASK_NONE, PlanSettings
-from .pointer_rules import PointerRules
 from .prefill import _PAGED_KV, _RAGGED_KV, _RUN_HEAD, _RUN_MID, FA2_PLAN, FA3_PLAN, _check_paged, _check_ragged
 from .workspace import Workspace
 

@@ -37,8 +37,8 @@ from typing import Any
 
 from .. import driver
 from ..dtypes import Device
+from ..launch import checks
 from ..tensor import Tensor
-from . import checks
 
 FLOAT_BYTES = 128 << 20
 INT_BYTES = 8 << 20
