@@ -425,7 +425,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .ops import variants
+    from .ops.attention import variants
 
     try:
         rows = variants.list_variants(kind=args.kind, dtype=args.dtype, head_dim=args.head_dim)
@@ -481,7 +481,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-# `fi-ffi list --kind`: the variant kinds (fi_ffi.ops.variants.KINDS; a test keeps the two equal) and families.
+# `fi-ffi list --kind`: the variant kinds (ops.attention.variants.KINDS; a test keeps the two equal) and families.
 LIST_KINDS = (
     "single_prefill",
     "batch_prefill",

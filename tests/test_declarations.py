@@ -52,10 +52,10 @@ NOT_DECLARED_072 = frozenset(
 def all_declarations() -> list[tuple[str, str, wire.Declaration]]:
     """(op module, URI pattern, declaration) for every op module that declares entry points."""
     found = []
-    for info in pkgutil.iter_modules(fi_ffi.ops.__path__):
-        module = importlib.import_module(f"fi_ffi.ops.{info.name}")
+    for info in pkgutil.walk_packages(fi_ffi.ops.__path__, "fi_ffi.ops."):
+        module = importlib.import_module(info.name)
         for pattern, decl in getattr(module, "DECLARATIONS", ()):
-            found.append((info.name, pattern, decl))
+            found.append((info.name.rpartition(".")[2], pattern, decl))
     return found
 
 

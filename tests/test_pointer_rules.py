@@ -47,7 +47,8 @@ from fi_ffi.launch import aliasing
 from fi_ffi.launch import launcher as launcher_module
 from fi_ffi.launch.launcher import compile_launcher
 from fi_ffi.launch.pointer_rules import PointerRules, apart_ok, compile_apart
-from fi_ffi.ops import decode, norm, prefill
+from fi_ffi.ops import norm
+from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.sampling import ROW_STATES_BYTES
 from fi_ffi.tensor import Tensor
 

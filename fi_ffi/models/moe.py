@@ -508,6 +508,6 @@ class MoELayer:
 
 
 def _is_sm90(device_id: int) -> bool:
-    from ..ops.variants import sm_major
+    from ..ops.attention.variants import sm_major
 
     return sm_major(device_id) == 9

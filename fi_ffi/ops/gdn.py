@@ -48,7 +48,7 @@ from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
 from ..streams import stream_handle
 from ..tensor import Tensor
-from .variants import not_shipped
+from .attention.variants import not_shipped
 
 _URI = "gdn_prefill_sm90"
 _DTYPES = (float16, bfloat16)

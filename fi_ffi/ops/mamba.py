@@ -299,7 +299,7 @@ def _module(backend: Any, state: Any) -> str:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return module_for(backend, None, 0)
-    from .variants import sm_major
+    from .attention.variants import sm_major
 
     t = checks.tensor("state", state)
     sm = sm_major(t.device.device_id) if t.device.is_cuda else None

@@ -26,12 +26,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from ..abi.wire import declare, optional_tensor, tensor
-from ..dtypes import bfloat16, bool_, float16, float32, uint8
-from ..launch import checks
-from ..launch.launcher import launcher
-from ..launch.pointer_rules import PointerRules
-from ..tensor import Tensor
+from ...abi.wire import declare, optional_tensor, tensor
+from ...dtypes import bfloat16, bool_, float16, float32, uint8
+from ...launch import checks
+from ...launch.launcher import launcher
+from ...launch.pointer_rules import PointerRules
+from ...tensor import Tensor
 
 _URI = "cascade"
 _DTYPES = (float16, bfloat16)
