@@ -1,7 +1,9 @@
 """CPU proxy of the per-call cost: calling the global ``testing.nop`` of ``libtvm_ffi_testing.so``.
 
-Ours (prepared descriptors, one packed frame) against the tvm_ffi Cython binding calling the same function
-with numpy arrays, in one run. Runs on any machine with the dev extra installed (no GPU needed).
+Ours (prepared descriptors, one packed frame; and rmsnorm's generated launcher bound to ``testing.nop``, with
+descriptors and torch CPU tensors) against the tvm_ffi Cython binding calling the same function with numpy
+arrays / torch tensors, in one run. Runs on any machine with the dev extra installed (no GPU needed; torch
+optional).
 
     python benchmarks/bench_cpu_proxy.py [--json out.json]
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from types import SimpleNamespace
 
 import numpy as np
 from timing import Report
@@ -64,12 +67,46 @@ def main() -> None:
 
     peer = tvm_ffi.get_global_func("testing.nop")
     report = Report(f"testing.nop with 3 tensor arguments, host time per call (n={args.n})")
+
+    # The op layer on top of the frame: rmsnorm's generated launcher (layout key, pointer rules, payload writes,
+    # stream, error check) with its entry point bound to testing.nop, and its contract check (alignment and
+    # overlap rules) without the CUDA-device test, so host tensors pass: what a warm rmsnorm call costs the host
+    # before the kernel launch.
+    from fi_ffi.launch import checks
+    from fi_ffi.launch.launcher import compile_launcher
+    from fi_ffi.ops import norm
+
+    checks.cuda = lambda *a: None  # this process only: the proxy's tensors are host memory
+    launch = compile_launcher(norm.RMSNORM, "norm", norm._check_2d_out)
+    launch.launcher.entry = SimpleNamespace(_call=nop._call)  # bound: no module to load
+    launch.launcher.frame().this = nop._self
+    host = np.zeros(4096, np.uint8)
+    base = (host.ctypes.data + 255) // 256 * 256
+    xd, wd, od = (
+        Tensor.from_pointer(base + off, s, "float16", "cpu")
+        for off, s in ((0, (1, 128)), (512, (128,)), (1024, (1, 128)))
+    )
+    report.measure("fi_ffi rmsnorm launcher -> nop, 3 descriptors", lambda: launch(od, xd, wd, 1e-6, False), n=args.n)
+    try:
+        import torch
+
+        xt, wt, ot = (torch.zeros(s, dtype=torch.float16) for s in ((1, 128), (128,), (1, 128)))
+        report.measure(
+            "fi_ffi rmsnorm launcher -> nop, 3 torch tensors", lambda: launch(ot, xt, wt, 1e-6, False), n=args.n
+        )
+        report.measure("tvm_ffi Cython nop(x, w, out), 3 torch tensors", lambda: peer(xt, wt, ot), n=args.n)
+        report.measure("fi_ffi.as_tensor(torch tensor)", lambda: as_tensor(xt), n=args.n)
+    except ImportError:
+        print("torch unavailable: its rows are left out")
+    report.measure("fi_ffi.Tensor.from_pointer", lambda: Tensor.from_pointer(base, (1, 128), "float16", 0), n=args.n)
     report.measure("fi_ffi prepared frame, 3 Tensor descriptors", ours_prepared, n=args.n)
     report.measure("fi_ffi generic call nop(t, t, t), 3 Tensor descriptors", ours_generic, n=args.n)
     report.measure("fi_ffi as_tensor(numpy) + generic call", ours_numpy_each_call, n=args.n // 4)
     report.measure("tvm_ffi Cython nop(a, a, a), 3 numpy arrays", lambda: peer(a, a, a), n=args.n)
     report.measure("tvm_ffi Cython nop(None, None, None)", lambda: peer(None, None, None), n=args.n)
     ratios = [
+        ("fi_ffi rmsnorm launcher -> nop, 3 descriptors", "fi_ffi prepared frame, 3 Tensor descriptors"),
+        ("fi_ffi rmsnorm launcher -> nop, 3 torch tensors", "tvm_ffi Cython nop(x, w, out), 3 torch tensors"),
         ("fi_ffi prepared frame, 3 Tensor descriptors", "tvm_ffi Cython nop(a, a, a), 3 numpy arrays"),
         ("fi_ffi generic call nop(t, t, t), 3 Tensor descriptors", "tvm_ffi Cython nop(a, a, a), 3 numpy arrays"),
     ]

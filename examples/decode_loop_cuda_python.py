@@ -6,6 +6,11 @@ plan (``batch_decode_run``), copies the output back and compares it with a float
 a mismatch.
 
     python examples/decode_loop_cuda_python.py [--steps 32] [--layers 2]
+
+Needs: an NVIDIA GPU with its driver that the pinned kernel wheels cover (SM 9.0 and others: `fi-ffi doctor`
+says), and fi_ffi installed (cuda-python and the CUDA runtime come with it). The first run fetches the pinned
+wheels (1-2 GB) into the cache unless a wheelhouse holds them (README, "Offline machines"). Without a GPU it says
+so and exits 2.
 """
 
 from __future__ import annotations
@@ -73,11 +78,28 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.einsum("hn,nhd->hd", p, vf)
 
 
+def require_gpu() -> str:
+    """``""`` when a CUDA GPU is usable here, else what to tell the user (instead of a CUDA traceback)."""
+    from fi_ffi import system
+
+    gpus, why = system.gpus()
+    if gpus:
+        return ""
+    return (
+        f"{sys.argv[0]}: needs an NVIDIA GPU and its driver ({why}); run it on a GPU machine "
+        "(`fi-ffi doctor` shows what this one has)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--layers", type=int, default=2)
     args = ap.parse_args(argv)
+    problem = require_gpu()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
 
     hq, hk, d, page, max_pages = 32, 8, 128, 16, 256
     prompt = [5, 16, 33]  # tokens already cached per request (uneven, page-crossing)

@@ -1,6 +1,11 @@
 """RMSNorm on raw device memory with cuda-python only (no torch): allocate, copy in, run on a stream, compare.
 
 python examples/rmsnorm_cuda_python.py        # exits 1 if the result differs from numpy
+
+Needs: an NVIDIA GPU with its driver that the pinned kernel wheels cover (SM 9.0 and others: `fi-ffi doctor`
+says), and fi_ffi installed (cuda-python and the CUDA runtime come with it). The first run fetches the pinned
+wheels (1-2 GB) into the cache unless a wheelhouse holds them (README, "Offline machines"). Without a GPU it says
+so and exits 2.
 """
 
 from __future__ import annotations
@@ -19,7 +24,24 @@ def check(result: tuple, what: str) -> object:
     return result[1] if len(result) > 1 else None
 
 
+def require_gpu() -> str:
+    """``""`` when a CUDA GPU is usable here, else what to tell the user (instead of a CUDA traceback)."""
+    from fi_ffi import system
+
+    gpus, why = system.gpus()
+    if gpus:
+        return ""
+    return (
+        f"{sys.argv[0]}: needs an NVIDIA GPU and its driver ({why}); run it on a GPU machine "
+        "(`fi-ffi doctor` shows what this one has)"
+    )
+
+
 def main() -> int:
+    problem = require_gpu()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     rows, hidden, eps = 8, 4096, 1e-6
     rng = np.random.default_rng(0)
     x_host = rng.standard_normal((rows, hidden)).astype(np.float16)

@@ -1,13 +1,20 @@
 """RMSNorm and the fused residual form on torch tensors, with descriptors made once for the hot loop.
 
 python examples/rmsnorm_torch.py              # exits 1 if a result differs from torch
+
+Needs: torch with CUDA (python -m pip install torch) and an NVIDIA GPU that the pinned kernel wheels cover
+(`fi-ffi doctor` says); the first run fetches the pinned wheels (1-2 GB) unless cached. Without torch or a GPU it
+says which is missing and exits 2.
 """
 
 from __future__ import annotations
 
 import sys
 
-import torch
+try:
+    import torch
+except ImportError:  # said in main(), not as a traceback
+    torch = None
 
 import fi_ffi
 
@@ -18,6 +25,16 @@ def reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def main() -> int:
+    if torch is None:
+        print(f"{sys.argv[0]}: needs torch (python -m pip install torch)", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print(
+            f"{sys.argv[0]}: needs torch with CUDA and an NVIDIA GPU (torch {torch.__version__} sees none; "
+            "`fi-ffi doctor` shows what this machine has)",
+            file=sys.stderr,
+        )
+        return 2
     eps = 1e-6
     x = torch.randn(16, 2048, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(2048, dtype=torch.bfloat16, device="cuda")

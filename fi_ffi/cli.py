@@ -13,8 +13,9 @@
 - ``smoke [--device N]``: run each op once on the GPU against a reference; without a GPU, say so, print the
   doctor summary and exit 1.
 - ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph] [--tp N]``: serve token-id
-  prompts with a local Llama checkpoint (:mod:`fi_ffi.models.llama`, the ``llama`` extra); prints the tokens,
-  tokens/s and host time per decode step.
+  prompts with a local checkpoint, on the engine its ``model_type`` needs (:func:`fi_ffi.models.engines.engine_class`:
+  Llama/Qwen3/Mixtral/Qwen3-MoE, Gemma 2, gpt-oss, DeepSeek; the ``llama`` extra); prints the tokens, tokens/s and
+  host time per decode step.
 - ``launch --nproc N [--master-addr A] [--master-port P] -- cmd ...``: start N ranks of ``cmd`` on this host
   with the torchrun variables and NVLink multicast off (:mod:`fi_ffi.comm.launch`); exits with the worst rank's
   status.
@@ -28,8 +29,10 @@ the pipe (``fi-ffi list | head``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,9 @@ TEST_VARIABLES = (
     "FI_FFI_TEST_WHEELS",
     "FI_FFI_TEST_ALLOW_NETWORK",
     "FI_FFI_TEST_WHEELS_COMM",
+    "FI_FFI_TEST_WHEELS_072",
+    "FI_FFI_TEST_WHEELS_MODELS",
+    "FI_FFI_TEST_RELEASE",
 )
 # Variables fi_ffi.comm reads (tensor parallelism)
 COMM_VARIABLES = ("FI_FFI_NCCL_BACKEND", "FI_FFI_RENDEZVOUS_TIMEOUT")
@@ -57,9 +63,10 @@ def active_settings() -> list[dict[str, str]]:
     from .loader import settings
 
     known = set(settings.ALL) | set(TEST_VARIABLES) | set(COMM_VARIABLES)
+    problems = settings.problems()
     rows = []
     for name in sorted(n for n in os.environ if n.startswith("FI_FFI_")):
-        note = "" if name in known else "not a variable fi_ffi reads (a typo?)"
+        note = problems.get(name, "") if name in known else "not a variable fi_ffi reads (a typo?)"
         rows.append({"name": name, "value": os.environ[name], "note": note})
     return rows
 
@@ -122,15 +129,19 @@ def wheel_status(pin: Any) -> dict[str, Any]:
     cached = _cached_wheel_path(pin)
     if cached.is_file():
         return found("cached", cached, "the fi_ffi cache")
-    for folder in settings.wheelhouses():
+    missing: dict[str, Any] = {"status": "missing", "path": "", "verified": False, "cached": False}
+    try:
+        folders, offline = settings.wheelhouses(), settings.offline()
+    except Exception as exc:  # a bad FI_FFI_* value: the loader would refuse it the same way
+        return {**missing, "source": str(exc)}
+    for folder in folders:
         candidate = Path(os.path.expanduser(folder)) / pin.filename
         if candidate.is_file():
             return found("wheelhouse", candidate, f"the wheelhouse {folder} (FI_FFI_WHEELHOUSE)")
     local = pin.local_path
     if local is not None and local.is_file():
         return found("path", local, f"the lock's 'path' ({pin.lock_path})")
-    missing: dict[str, Any] = {"status": "missing", "path": "", "verified": False, "cached": False}
-    if settings.offline():
+    if offline:
         return {**missing, "source": "FI_FFI_OFFLINE is set and no local copy exists"}
     if pin.url:
         return {**missing, "status": "download", "source": pin.url}
@@ -274,8 +285,28 @@ def doctor_data() -> dict[str, Any]:
         "gpu_coverage": gpu_coverage(facts.gpus, kernels) if kernels else [],
         "tvm_ffi_runtime": _runtime_status(),
         "cache": str(loader.cache_root()),
+        "cache_problem": cache_problem(loader.cache_root()),
         "module_symbols": module_symbols(),
     }
+
+
+def cache_problem(root: Path) -> str:
+    """Why the cache folder ``root`` cannot be used (``""``: it is a writable folder, or can be made in a writable
+    one)."""
+    import os
+
+    if root.exists():
+        if not root.is_dir():
+            return f"{root} is a file, not a folder; set FI_FFI_CACHE_DIR to a folder"
+        if not os.access(root, os.W_OK | os.X_OK):
+            return f"{root} is not writable by this user; set FI_FFI_CACHE_DIR to a folder it can write"
+        return ""
+    parent = root.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"{root} does not exist and cannot be made in {parent}; set FI_FFI_CACHE_DIR to a writable folder"
+    return ""
 
 
 def _print_doctor(data: dict[str, Any]) -> None:
@@ -323,6 +354,8 @@ def _print_doctor(data: dict[str, Any]) -> None:
     if rt.get("problem"):
         print(f"  PROBLEM:      {rt['problem']}")
     print(f"Cache:          {data['cache']}")
+    if data.get("cache_problem"):
+        print(f"  PROBLEM:      {data['cache_problem']}")
     symbols = data["module_symbols"]
     modules = symbols["modules"]
     bad = {uri: m for uri, m in modules.items() if m["unresolved"] or m["missing_libraries"] or m["error"]}
@@ -367,6 +400,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             paths += loader.fetch(wheel)
     else:
         paths = loader.fetch(all_entries=args.all)
+    if args.json:
+        json.dump([str(p) for p in paths], sys.stdout, indent=2)
+        print()
+        return 0
     for path in paths:
         print(path)
     return 0
@@ -376,10 +413,20 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from . import loader
 
     if args.action == "path":
-        print(loader.cache_root())
+        _emit(args, {"path": str(loader.cache_root())}, lambda: print(loader.cache_root()))
     elif args.action == "list":
-        for entry in loader.list_cache():
-            print(f"{entry.kind:9s} {entry.size / 2**20:9.1f} MiB  {entry.path}  {entry.detail}")
+        entries = loader.list_cache()
+        rows = [{"kind": e.kind, "path": str(e.path), "size": e.size, "detail": e.detail} for e in entries]
+
+        def table() -> None:
+            if not entries:
+                print(f"the cache {loader.cache_root()} is empty")
+                return
+            print(f"{'KIND':9s} {'SIZE':>10s}  PATH  DETAIL")
+            for entry in entries:
+                print(f"{entry.kind:9s} {_size_text(entry.size):>10s}  {entry.path}  {entry.detail}")
+
+        _emit(args, rows, table)
     elif args.action == "verify":
         try:
             report = loader.verify_cache(full=args.full)
@@ -387,15 +434,30 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"fi-ffi cache verify: cannot read the cache {loader.cache_root()}: {exc}", file=sys.stderr)
             return 2
         kept = dict(report.kept)
+        if args.json:
+            _emit(
+                args,
+                {
+                    "checked": report.checked,
+                    "bad": [{"path": str(p), "problem": why, "removed": p not in kept} for p, why in report.bad],
+                    "kept": [{"path": str(p), "why": why} for p, why in report.kept],
+                    "removed_tmp": report.removed_tmp,
+                    "read_only": report.read_only,
+                },
+                lambda: None,
+            )
+            return 0 if report.ok else 1
         for path, problem in report.bad:
             print(f"{'kept' if path in kept else 'removed'} {path}: {problem}")
         for path, why in report.kept:
             print(f"  left in place: {path}: {why}")
-        action = (
-            "found, nothing changed: the cache is read-only"
-            if report.read_only
-            else ("removed; fetched or extracted again on next use")
-        )
+        left = sum(path in kept for path, _ in report.bad)
+        if report.read_only:
+            action = "found, nothing changed: the cache is read-only"
+        elif left:
+            action = f"{len(report.bad) - left} removed (fetched or extracted again on next use), {left} left in place"
+        else:
+            action = "removed; fetched or extracted again on next use"
         print(
             f"checked {report.checked} files, {len(report.bad)} bad ({action}), {report.removed_tmp} "
             f"temporary files of dead processes removed"
@@ -403,20 +465,86 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0 if report.ok else 1
     elif args.action == "clear":
         cleared = loader.clear_cache()
+        if args.json:
+            _emit(
+                args,
+                {
+                    "removed": [{"path": str(p), "size": n} for p, n in cleared.removed],
+                    "kept": [{"path": str(p), "why": why} for p, why in cleared.kept],
+                    "failed": [{"path": str(p), "why": why} for p, why in cleared.failed],
+                    "freed": cleared.freed,
+                },
+                lambda: None,
+            )
+            return 1 if cleared.failed else 0
         for path, size in cleared.removed:
             print(f"removed {path} ({size / 2**20:.1f} MiB)")
         for path, why in cleared.kept:
             print(f"kept    {path}: {why}")
-        print(
-            f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
-            f"entries fi_ffi created, kept {len(cleared.kept)}"
-        )
+        if cleared.removed:
+            summary = (
+                f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
+                f"entries fi_ffi created"
+            )
+        else:
+            summary = f"nothing removed from {loader.cache_root()}"
+        print(f"{summary}, kept {len(cleared.kept)}")
+        if cleared.failed:
+            print(
+                f"fi-ffi cache clear: could not remove {len(cleared.failed)} of fi_ffi's files (listed above as "
+                f"'could not remove it'); is the cache read-only, or another user's?",
+                file=sys.stderr,
+            )
+            return 1
     return 0
+
+
+def _lock_arguments(wheels: Sequence[str], url: str | None) -> str:
+    """What is wrong with ``fi-ffi lock``'s arguments before any wheel is opened (``""``: nothing)."""
+    import os
+    import urllib.parse
+
+    for text in wheels:
+        path = Path(os.path.expanduser(text))
+        if path.is_dir():
+            return f"{text} is a folder; name its wheels (fi-ffi lock {os.path.join(text, '*.whl')})"
+        if not path.exists():
+            if any(c in text for c in "*?["):
+                return f"{text} matched no file (the shell passes a pattern that matches nothing as it is)"
+            return f"{text}: no such file"
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.netloc):
+            return f"--url: expected an http(s):// or file:// address of the wheel, got {url!r}"
+        if len(wheels) > 1:
+            return "--url: names one wheel's address; lock one wheel per --url (or edit the lock's url fields)"
+    return ""
+
+
+def _size_text(n: int) -> str:
+    """``n`` bytes for a reader: ``812 B``, ``4.0 KiB``, ``1.2 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _emit(args: argparse.Namespace, data: Any, table: Any) -> None:
+    """``--json``: ``data`` as JSON on stdout; else ``table()`` prints the human form."""
+    if getattr(args, "json", False):
+        json.dump(data, sys.stdout, indent=2, default=str)
+        print()
+    else:
+        table()
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
     from . import loader
 
+    problem = _lock_arguments(args.wheels, args.url)
+    if problem:
+        print(f"fi-ffi lock: {problem}", file=sys.stderr)
+        return 2
     pins, notes = loader.lock_entries(args.wheels, kind=args.kind, url=args.url or "")
     for note in notes:  # e.g. the 0.7.x flashinfer-jit-cache metadata wheel: its modules are in provider wheels
         print(f"fi-ffi lock: {note}", file=sys.stderr)
@@ -425,10 +553,12 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from . import loader
     from .ops.attention import variants
 
     try:
-        rows = variants.list_variants(kind=args.kind, dtype=args.dtype, head_dim=args.head_dim)
+        with loader.listing_without_download():  # a wheel not here: its central directory, not 1-2 GB
+            rows = variants.list_variants(kind=args.kind, dtype=args.dtype, head_dim=args.head_dim)
     except (ValueError, TypeError) as exc:  # an argument the parser let through; the text names it
         print(f"fi-ffi list: {exc}", file=sys.stderr)
         return 2
@@ -441,17 +571,19 @@ def cmd_list(args: argparse.Namespace) -> int:
             row["unresolved_symbols"] = checked["unresolved"] if checked is not None else None
         json.dump(rows, sys.stdout, indent=2)
         print()
-    for row in rows if not args.json else ():
-        dtypes = "/".join(dict.fromkeys((row["dtype_q"], row["dtype_kv"], row["dtype_o"])))
-        heads = (
-            f"{row['head_dim_qk']}"
-            if row["head_dim_qk"] == row["head_dim_vo"]
-            else f"{row['head_dim_qk']}/{row['head_dim_vo']}"
-        )
-        print(
-            f"{row['kind']:15s} {row['backend']:4s} {dtypes:9s} head_dim {heads:8s} {row['release'] or '-':11s} "
-            f"{row['uri']}"
-        )
+    if rows and not args.json:
+        table = [("KIND", "BACKEND", "DTYPES", "HEAD_DIM", "RELEASE", "MODULE")]
+        for row in rows:
+            dtypes = "/".join(dict.fromkeys((row["dtype_q"], row["dtype_kv"], row["dtype_o"])))
+            heads = (
+                f"{row['head_dim_qk']}"
+                if row["head_dim_qk"] == row["head_dim_vo"]
+                else f"{row['head_dim_qk']}/{row['head_dim_vo']}"
+            )
+            table.append((row["kind"], row["backend"], dtypes, heads, row["release"] or "-", row["uri"]))
+        widths = [max(len(r[i]) for r in table) for i in range(5)]
+        for r in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
     if not rows:
         print("no variant matches", file=sys.stderr)
         return 1
@@ -462,6 +594,10 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from . import smoke, system
 
     gpus, why = system.gpus()
+    if not gpus and args.json:
+        json.dump({"error": f"needs a CUDA GPU: {why}", "doctor": doctor_data()}, sys.stdout, indent=2, default=str)
+        print()
+        return 1
     if not gpus:
         print(f"fi-ffi smoke needs a CUDA GPU: {why}\n")
         _print_doctor(doctor_data())
@@ -472,6 +608,10 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         print(f"fi-ffi smoke: {exc}", file=sys.stderr)
         return 2
     results = smoke.run(args.device)
+    if args.json:
+        json.dump([dataclasses.asdict(r) for r in results], sys.stdout, indent=2, default=str)
+        print()
+        return 1 if any(not r.passed for r in results) else 0
     for r in results:
         verdict = "PASS" if r.passed else "FAIL"
         extra = f"  {r.detail}" if r.detail else ""
@@ -522,6 +662,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _count(text)
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: greedy), got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0: greedy), got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text}")
+    return value
+
+
 def _ordinal(text: str) -> int:
     try:
         value = int(text)
@@ -549,20 +728,30 @@ def _eos_ids(text: str) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import os
 
-    from .models.llama import LlamaEngine, SamplingParams
+    from .errors import FiFFIError
 
-    if args.tp > 1 and "RANK" not in os.environ:  # the driver: start the ranks, each runs this same command
-        if args.device is not None:
-            print(
-                "fi-ffi generate: --device: each rank of --tp uses GPU LOCAL_RANK; leave --device out", file=sys.stderr
-            )
-            return 2
-        from .comm import launch
-
-        return launch.main(args.tp, [sys.executable, "-m", "fi_ffi", *args.argv], "127.0.0.1", None, 10.0)
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    rank = os.environ.get("RANK")
+    # Under --tp every rank runs this command: what is the same on every rank (the checkpoint's config, whether
+    # --tp divides it, whether there are GPUs enough) is checked once by the driver before any rank starts, and a
+    # rank prefixes what it reports with its number (its own GPU or communicator may differ from the others').
+    where = "fi-ffi generate" if args.tp == 1 or rank is None else f"fi-ffi generate [rank {rank}]"
     try:
-        with LlamaEngine(
+        from .models.deepseek_config import is_deepseek
+        from .models.engines import engine_class
+        from .models.llama import SamplingParams
+
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+        if is_deepseek(args.model) and (args.tp > 1 or args.graph):  # model_type deepseek_v2 / deepseek_v3
+            raise ValueError("DeepSeek checkpoints run on one GPU, eagerly, here: leave out --tp and --graph")
+        if args.tp > 1 and rank is None:  # the driver: start the ranks, each runs this same command
+            if args.device is not None:
+                raise ValueError("--device: each rank of --tp uses GPU LOCAL_RANK; leave --device out")
+            _check_tp(args.model, args.tp)
+            from .comm import launch
+
+            return launch.main(args.tp, [sys.executable, "-m", "fi_ffi", *args.argv], "127.0.0.1", None, 10.0)
+        engine_type = engine_class(args.model)  # LlamaEngine, Gemma2Engine, GptOssEngine or DeepSeekEngine
+        with engine_type(
             args.model,
             max_batch=args.max_batch or len(args.prompt_ids),
             cuda_graph=args.graph,
@@ -572,8 +761,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             result = engine.generate(
                 args.prompt_ids, args.max_new_tokens, eos_token_ids=args.eos_ids, sampling=sampling
             )
-    except (ValueError, ImportError) as exc:  # a bad checkpoint or argument; CuPy missing (the llama extra)
-        print(f"fi-ffi generate: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, ImportError, FiFFIError) as exc:  # a bad checkpoint or argument; no GPU; no CuPy
+        print(f"{where}: {exc}", file=sys.stderr)
         return 2
     if engine.rank != 0:  # with --tp, only rank 0 prints
         return 0
@@ -588,27 +777,120 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_tp(model: str, tp: int) -> None:
+    """What every rank of ``generate --tp`` would find the same, checked once before they start: the checkpoint's
+    config, that ``tp`` divides it, and that this host has ``tp`` GPUs."""
+    from . import system
+    from .errors import UnsupportedDeviceError
+    from .models.config import LlamaConfig
+    from .models.engines import engine_class
+    from .models.llama import LlamaEngine
+    from .models.tensor_parallel import shard_config
+
+    cfg = LlamaConfig.from_dir(model)
+    if engine_class(model) is not LlamaEngine:  # Gemma 2, gpt-oss: one GPU (their engines say so too)
+        raise ValueError(f"--tp {tp}: {cfg.model_type} checkpoints run on one GPU here; leave out --tp")
+    shard_config(cfg, tp)
+    found, why = system.gpus()
+    if len(found) < tp:
+        raise UnsupportedDeviceError(
+            f"--tp {tp}: needs {tp} GPUs on this host (one per rank), found {len(found)}"
+            f"{f' ({why})' if why else ''}; use --tp {max(len(found), 1)} or a machine with more GPUs"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fi-ffi", description="FlashInfer kernels over TVM-FFI, from Python.")
+    common = argparse.ArgumentParser(add_help=False)  # -q/-v before or after the subcommand
+    common.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or progress lines"
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="log what the loader does to stderr (-vv: debug detail)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="fi-ffi",
+        description="FlashInfer kernels over TVM-FFI, from Python: set up, inspect and check them.",
+        epilog="Run `fi-ffi COMMAND --help` for a command's options and examples. Exit status: 0 success, 1 a check "
+        "failed, 2 a usage or fi_ffi error.",
+        parents=[common],
+    )
     parser.add_argument("--version", action="version", version=f"fi-ffi {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("doctor", help="report driver, CUDA, GPUs, lock selection and cache")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=textwrap.fill(description, 100),
+            epilog="examples:\n" + "\n".join(f"  {line}" for line in examples.strip().splitlines()),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[common],
+        )
+
+    p = command(
+        "doctor",
+        "report driver, CUDA, GPUs, lock selection and cache",
+        "Report what this machine offers and what fi_ffi would use: the NVIDIA driver, the CUDA runtime, the GPUs "
+        "and whether the selected kernel wheels cover them, the FI_FFI_* variables (flagging bad values and "
+        "typos), the lock and where each wheel would come from, the TVM-FFI runtime and the cache. Exits 0.",
+        "fi-ffi doctor\nfi-ffi doctor --json",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
-    p = sub.add_parser("fetch", help="fill the cache from the lock, the wheelhouse or local wheels")
+    p = command(
+        "fetch",
+        "fill the cache from the lock, the wheelhouse or local wheels",
+        "Put the wheels the lock selects for this machine into the cache (from FI_FFI_WHEELHOUSE, the lock's "
+        "path, or a download), sha256-verified; or copy local wheels the lock pins (--wheel). Prints each path.",
+        "fi-ffi fetch\nfi-ffi fetch --all\nfi-ffi fetch --wheel ./flashinfer_jit_cache-0.6.3+cu130-cp39-abi3-"
+        "manylinux_2_28_x86_64.whl",
+    )
     p.add_argument("--wheel", action="append", help="a local wheel pinned by the lock (repeatable)")
     p.add_argument("--all", action="store_true", help="every wheel in the lock, all architectures")
+    p.add_argument("--json", action="store_true", help="the paths as a JSON list")
     p.set_defaults(func=cmd_fetch)
-    p = sub.add_parser("cache", help="path, list, verify or clear the cache")
-    p.add_argument("action", choices=["path", "list", "verify", "clear"])
+    p = command(
+        "cache",
+        "path, list, verify or clear the cache",
+        "path: print the cache folder. list: what it holds. verify: check every file (--full: re-hash all, and "
+        "the wheels the lock pins outside the cache); damaged files of fi_ffi's are removed, others reported; exit "
+        "1 if any is bad. clear: remove what fi_ffi created; exit 1 if some of it could not be removed.",
+        "fi-ffi cache path\nfi-ffi cache list --json\nfi-ffi cache verify --full\nfi-ffi cache clear",
+    )
+    p.add_argument("action", choices=["path", "list", "verify", "clear"], help="what to do")
     p.add_argument("--full", action="store_true", help="verify: re-hash every file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_cache)
-    p = sub.add_parser("lock", help="print a lock pinning local wheels (use with FI_FFI_LOCK)")
-    p.add_argument("wheels", nargs="+")
-    p.add_argument("--kind", choices=["kernel", "runtime"], default=None)
-    p.add_argument("--url", help="where the wheel can be downloaded from")
+    p = command(
+        "lock",
+        "print a lock pinning local wheels (use with FI_FFI_LOCK)",
+        "Print a lock file (TOML) pinning the given wheels by sha256, with their CUDA version, arch, GPU archs and "
+        "FlashInfer release read from the files. Save it and point FI_FFI_LOCK at it to use self-built or "
+        "mirrored wheels; put the wheels in a folder named by FI_FFI_WHEELHOUSE.",
+        "fi-ffi lock ../wheels/*.whl > my.lock && export FI_FFI_LOCK=$PWD/my.lock\n"
+        "fi-ffi lock --url https://mirror.example/w/x.whl x.whl",
+    )
+    p.add_argument("wheels", nargs="+", metavar="WHEEL", help="wheel files (.whl) to pin; a folder is refused")
+    p.add_argument(
+        "--kind",
+        choices=["kernel", "runtime"],
+        default=None,
+        help="what the wheels hold (default: read from their members)",
+    )
+    p.add_argument("--url", help="http(s):// or file:// address the (one) wheel can be downloaded from")
     p.set_defaults(func=cmd_lock)
-    p = sub.add_parser("list", help="attention variants the active lock provides")
+    p = command(
+        "list",
+        "attention variants the active lock provides",
+        "List the attention variants (kind, backend, dtypes, head dims, FlashInfer release, module) of the wheels "
+        "the lock selects. A wheel that is not here is read from its URL's zip central directory, not downloaded. "
+        "Exit 1 when nothing matches.",
+        "fi-ffi list\nfi-ffi list --kind decode --dtype bf16 --head-dim 128\nfi-ffi list --json",
+    )
     p.add_argument(
         "--kind",
         choices=LIST_KINDS,
@@ -624,12 +906,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=_positive_int, metavar="N", help="head dimension (qk or vo)")
     p.add_argument("--json", action="store_true", help="one object per variant, with every field")
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("smoke", help="run each op once on the GPU against a reference")
+    p = command(
+        "smoke",
+        "run each op once on the GPU against a reference",
+        "Run rmsnorm, fused_add_rmsnorm, append_paged_kv_cache, batch decode, single prefill and (SM90) GDN "
+        "prefill once against a numpy reference; print pass/fail and host time per call. Exit 1 on a failure, or "
+        "without a GPU (then the doctor summary is printed).",
+        "fi-ffi smoke\nfi-ffi smoke --device 1 --json",
+    )
     p.add_argument("--device", type=_ordinal, default=0, help="CUDA ordinal (0 to the GPU count - 1)")
+    p.add_argument("--json", action="store_true", help="one object per check")
     p.set_defaults(func=cmd_smoke)
-    p = sub.add_parser(
+    p = command(
         "generate",
-        help="serve token-id prompts with a local Llama checkpoint (needs CuPy: python -m pip install cupy-cuda13x)",
+        "serve token-id prompts with a local checkpoint (needs CuPy and a GPU)",
+        "Load a Hugging Face checkpoint (Llama, Qwen3, Mixtral, Qwen3-MoE, Gemma 2, gpt-oss, DeepSeek; f16/bf16) "
+        "onto the GPU and generate from token-id prompts; prints the tokens, tokens/s and host time per decode "
+        "step. Needs CuPy (python -m pip install cupy-cuda13x). Every value is checked before the GPU is touched.",
+        "fi-ffi generate --model ./SmolLM2-135M --prompt-ids 1,2,3 --max-new-tokens 16\n"
+        "fi-ffi generate --model ./m --prompt-ids 1,2 --prompt-ids 4,5 --temperature 0.7 --top-p 0.9 --graph\n"
+        "fi-ffi generate --model ./m --prompt-ids 1,2,3 --tp 2",
     )
     p.add_argument("--model", required=True, help="checkpoint directory: config.json + *.safetensors (f16/bf16)")
     p.add_argument(
@@ -639,24 +935,29 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="one prompt as comma-separated token ids (repeat for a batch)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate per prompt (>= 1)")
     p.add_argument("--graph", action="store_true", help="replay the decode step as a CUDA graph")
-    p.add_argument("--max-batch", type=int, default=0, help="batch slots (default: the number of prompts)")
+    p.add_argument("--max-batch", type=_positive_int, default=None, help="batch slots (default: the number of prompts)")
     p.add_argument(
         "--eos-ids", type=_eos_ids, help="comma-separated end-of-sequence ids, or 'none' (default: the checkpoint's)"
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", type=int, default=None, help="CUDA ordinal (default 0)")
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="a finite value >= 0; 0 (default): greedy")
+    p.add_argument("--top-k", type=_count, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="sample within this probability mass, in (0, 1]")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**64)")
+    p.add_argument("--device", type=_ordinal, default=None, help="CUDA ordinal (default 0)")
     p.add_argument(
         "--tp", type=_positive_int, default=1, help="tensor-parallel ranks on this host (one GPU each; default 1)"
     )
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser(
+    p = command(
         "launch",
-        help="start N ranks of a command on this host (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set)",
+        "start N ranks of a command on this host (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set)",
+        "Start N ranks of a command on this host, one per GPU, with the variables torchrun sets and NVLink "
+        "multicast off. When a rank fails the others are stopped; the failing rank is named and its status "
+        "returned.",
+        "fi-ffi launch --nproc 2 -- python my_tp_app.py\nfi-ffi launch --nproc 4 --master-port 29500 -- fi-ffi "
+        "generate --model ./m --prompt-ids 1,2 --tp 4",
     )
     p.add_argument("--nproc", type=_positive_int, required=True, help="number of ranks (one per GPU)")
     p.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (default 127.0.0.1)")
@@ -708,6 +1009,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
             return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
         command = f"fi-ffi {args.command}"
+        _apply_verbosity(getattr(args, "quiet", False), getattr(args, "verbose", 0))
         args.argv = list(sys.argv[1:] if argv is None else argv)  # what `generate --tp N` restarts as its ranks
         status = int(args.func(args))
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
@@ -723,6 +1025,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _apply_verbosity(quiet: bool, verbose: int) -> None:
+    """``-q``: no progress bars or ``fi_ffi:`` progress lines (``FI_FFI_QUIET=1`` for this process and the ranks
+    or children it starts); ``-v``/``-vv``: the loader's log at INFO/DEBUG on stderr."""
+    import logging
+    import os
+
+    if quiet:
+        os.environ["FI_FFI_QUIET"] = "1"
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fi_ffi: %(message)s"))
+        logger = logging.getLogger("fi_ffi")
+        logger.addHandler(handler)  # a handler of our own: announce() then prints nothing twice
+        logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
 
 def _stdout_gone() -> bool:

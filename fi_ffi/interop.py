@@ -59,22 +59,32 @@ The torch fast path reads ``data_ptr()``, ``shape``, ``stride()``, ``dtype`` and
 (above). It covers strided tensors on ``cuda`` and ``cpu`` (pinned ones included, as CPU: the kernels' host
 checks want kDLCPU, whereas torch's DLPack says CUDA_HOST), rejects lazily negated views (``is_neg()``), and
 goes through DLPack when an explicit ``stream`` asks torch to order its work.
+
+Remembered layouts (issue 21). Once a torch tensor (or a CuPy array, described through DLPack) has been described
+with every field checked, its layout (shape, strides, dtype, device, layout id) is remembered under the
+producer's own values (torch: ``shape``, ``stride()``, ``dtype``, ``device``; CuPy: ``shape``, ``strides``,
+``dtype``, ``__dlpack_device__()``), values only. A later tensor with the same values is described by reading
+them and its pointer (torch: ``data_ptr()``, after the strided-layout and ``is_neg()`` tests; CuPy:
+``data.ptr``): no capsule, no re-validation. The table is bounded (cleared when full) and cleared with
+:func:`fi_ffi.caches.reset`.
 """
 
 from __future__ import annotations
 
 import operator
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import cffi
 
-from . import driver
+from . import caches, driver
 from . import dtypes as _dt
 from .dtypes import CPU, CUDA, CUDA_HOST, CUDA_MANAGED, Device, DType
 from .streams import stream_handle
 from .tensor import _MAX_NDIM, Tensor, contiguous_strides, layout_id
+from .typing import StreamLike, TensorLike
 
 __all__ = ["as_tensor"]
 
@@ -112,8 +122,16 @@ _devices: dict[tuple[int, int], Device] = {}
 _torch_dtypes: dict[Any, DType] = {}
 _torch_strided: Any = None
 
+# The layout of a descriptor, remembered under the producer's own description of it (torch: shape, stride(), dtype,
+# device; CuPy: shape, strides, dtype, __dlpack_device__()): a producer seen before is described by reading those
+# values and its pointer, without DLPack or re-validation. Values only, never the producer.
+Layout = tuple[tuple[int, ...], tuple[int, ...], DType, Device, int, int]  # shape, strides, dtype, device, ndim, lid
+_layouts: dict[Any, Layout] = {}
+_MAX_LAYOUTS = 4096  # cleared when full (forgetting only costs one slow description)
+_alloc = Tensor.__new__
 
-def as_tensor(obj: Any, *, name: str = "tensor", stream: Any = -1) -> Tensor:
+
+def as_tensor(obj: TensorLike, *, name: str = "tensor", stream: StreamLike = -1) -> Tensor:
     """A :class:`~fi_ffi.tensor.Tensor` describing ``obj``'s memory (no copy); ``obj`` becomes its ``owner``.
 
     Args:
@@ -144,8 +162,11 @@ def _handler_for(obj: Any, name: str) -> _Handler:
     tp = type(obj)
     torch = sys.modules.get("torch") if tp.__module__.startswith("torch") else None
     handler: _Handler
+    cupy = sys.modules.get("cupy") if tp.__module__.startswith("cupy") else None
     if torch is not None and (tp is torch.Tensor or tp is torch.nn.Parameter):
         handler = _from_torch
+    elif cupy is not None and tp is cupy.ndarray:
+        handler = _from_cupy
     elif hasattr(tp, "__dlpack__"):
         handler = _from_dlpack
     elif hasattr(tp, "__cuda_array_interface__"):
@@ -194,6 +215,22 @@ def _new(
     return t
 
 
+def _with_layout(data_ptr: int, layout: Layout, owner: Any) -> Tensor:
+    """A Tensor at ``data_ptr`` with a remembered layout (the fast paths of torch and CuPy)."""
+    t = _alloc(Tensor)
+    t.data_ptr = data_ptr
+    t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = layout
+    t.owner = owner
+    t._block = None
+    return t
+
+
+def _remember(key: Any, t: Tensor) -> None:
+    if len(_layouts) >= _MAX_LAYOUTS:
+        _layouts.clear()
+    _layouts[key] = (t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid)
+
+
 def _device(device_type: int, device_id: int, name: str) -> Device:
     device = _devices.get((device_type, device_id))
     if device is None:
@@ -221,6 +258,20 @@ def _check_layout(name: str, shape: tuple[int, ...], strides: tuple[int, ...]) -
 
 
 def _from_torch(obj: Any, name: str, stream: Any) -> Tensor:
+    # fast path: a strided tensor whose (shape, stride(), dtype, device) was described before; the layout check
+    # comes first because stride() raises for sparse layouts; the neg bit is not part of the layout, so asked
+    if stream == -1 and obj.layout is _torch_strided:
+        found = _layouts.get((obj.shape, obj.stride(), obj.dtype, obj.device))
+        if found is not None and not obj.is_neg():
+            return _with_layout(obj.data_ptr(), found, obj)
+    t = _describe_torch(obj, name, stream)
+    if t.owner is obj and stream == -1:  # (not through DLPack)
+        _remember((obj.shape, obj.stride(), obj.dtype, obj.device), t)
+    return t
+
+
+def _describe_torch(obj: Any, name: str, stream: Any) -> Tensor:
+    """A torch tensor described from its attributes, every field checked (or through DLPack for a stream)."""
     if obj.is_cuda:
         if stream != -1:
             return _from_dlpack(obj, name, stream)  # torch orders its pending work before ``stream``
@@ -238,6 +289,19 @@ def _from_torch(obj: Any, name: str, stream: Any) -> Tensor:
     if len(shape) > _MAX_NDIM:
         raise ValueError(f"{name}: at most {_MAX_NDIM} dimensions are supported, got {len(shape)}")
     return _new(obj.data_ptr(), shape, obj.stride(), dtype, device, obj)
+
+
+def _from_cupy(obj: Any, name: str, stream: Any) -> Tensor:
+    """A CuPy array: its first description of a layout goes through DLPack (every field checked); after that the
+    layout is remembered under CuPy's own values and the pointer is read from ``data.ptr`` (no capsule)."""
+    if stream == -1:
+        found = _layouts.get((obj.shape, obj.strides, obj.dtype, obj.__dlpack_device__()))
+        if found is not None:
+            return _with_layout(obj.data.ptr, found, obj)
+    t = _from_dlpack(obj, name, stream)
+    if stream == -1 and t.data_ptr == obj.data.ptr:  # (DLPack's data + byte_offset is CuPy's pointer)
+        _remember((obj.shape, obj.strides, obj.dtype, obj.__dlpack_device__()), t)
+    return t
 
 
 def _torch_dtype(value: Any, name: str) -> DType:
@@ -428,7 +492,7 @@ def _from_array_interface(obj: Any, name: str, stream: Any) -> Tensor:
 def _from_cai(obj: Any, name: str, stream: Any) -> Tensor:
     iface = obj.__cuda_array_interface__
     ptr, shape, strides, dtype = _interface_fields(obj, iface, name, "__cuda_array_interface__")
-    device = _pointer_device(ptr, name)
+    device = pointer_device(ptr, name)
     producer = iface.get("stream")
     if stream != -1 and producer is not None:
         _wait(producer, stream, device, name)
@@ -442,8 +506,22 @@ _MEMORYTYPE_HOST, _MEMORYTYPE_DEVICE = 1, 2
 _EVENT_DISABLE_TIMING = 2
 
 
-def _pointer_device(ptr: int, name: str) -> Device:
+class _Query(threading.local):
+    """This thread's argument buffers of ``cuPointerGetAttributes`` (made once, not per call)."""
+
+    def __init__(self) -> None:
+        ffi = driver.ffi()
+        self.values = ffi.new("int64_t[3]")
+        self.data = ffi.new("void*[3]", [self.values + i for i in range(3)])
+        self.attributes = ffi.new("int[3]", _ATTRIBUTES)
+
+
+_query: _Query | None = None
+
+
+def pointer_device(ptr: int, name: str) -> Device:
     """The device owning CAI pointer ``ptr``; ``cuda:0`` when no CUDA driver can be asked."""
+    global _query
     lib = driver.load()
     if lib is None:
         return _device(CUDA, 0, name)
@@ -451,9 +529,12 @@ def _pointer_device(ptr: int, name: str) -> Device:
     if ptr == 0:  # empty arrays may carry NULL: take the current device
         current = ffi.new("int*")
         return _device(CUDA, current[0] if lib.cuCtxGetDevice(current) == 0 else 0, name)
-    values = ffi.new("int64_t[3]")  # zeroed: each attribute writes at most 4 bytes
-    data = ffi.new("void*[3]", [values + i for i in range(3)])
-    err = lib.cuPointerGetAttributes(3, ffi.new("int[3]", _ATTRIBUTES), data, ptr)
+    query = _query
+    if query is None:
+        query = _query = _Query()
+    values, data = query.values, query.data
+    values[0] = values[1] = values[2] = 0  # each attribute writes at most 4 bytes
+    err = lib.cuPointerGetAttributes(3, query.attributes, data, ptr)
     if err:
         raise ValueError(f"{name}: the CUDA driver cannot describe pointer 0x{ptr:x} ({driver.error_name(err)})")
     mem_type, managed = values[0] & 0xFFFFFFFF, values[2] & 0xFF
@@ -507,3 +588,11 @@ def _wait(producer: Any, consumer: int | None, device: Device, name: str) -> Non
             lib.cuCtxPopCurrent_v2(ffi.new("void**"))
     finally:
         lib.cuDevicePrimaryCtxRelease_v2(handle[0])
+
+
+def _forget() -> None:
+    _layouts.clear()
+    _handlers.clear()
+
+
+caches.register("producer layouts remembered by as_tensor (torch, CuPy)", _forget)

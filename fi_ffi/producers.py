@@ -10,11 +10,17 @@ values, and never keeps the objects themselves.
 producer                    read per call
 ==========================  ==============================================================================
 :class:`~fi_ffi.Tensor`     ``(t._lid, t.data_ptr)``: the descriptor's interned layout id
-``torch.Tensor``            ``shape``, ``stride()``, ``dtype``, ``get_device()``, ``data_ptr()`` (no DLPack)
+``torch.Tensor``            ``shape``, ``stride()``, ``dtype``, ``device``, ``data_ptr()`` (no DLPack)
 CuPy ``ndarray``            ``shape``, ``strides``, ``dtype``, ``data.device_id``, ``data.ptr``
-anything else               :func:`fi_ffi.as_tensor` (DLPack, CUDA array interface, array interface) with
-                            the call's stream as the DLPack consumer stream (JAX needs a real stream)
+CUDA array interface        the interface's ``shape``, ``strides``, ``typestr`` and ``data`` (no descriptor),
+(a type with it, no DLPack) and the pointer's device from the driver (as :func:`fi_ffi.as_tensor` does)
+anything else               :func:`fi_ffi.as_tensor` (DLPack, array interface) with the call's stream as the
+                            DLPack consumer stream (JAX needs a real stream)
 ==========================  ==============================================================================
+
+A key stands for the layout that :func:`describe` (the launcher's slow path) gives the same object, so a key
+the launcher has seen validated means that layout. Describing goes one way: the launcher asks this module (a
+reader per call, :func:`describe` on the slow path), this module asks :mod:`fi_ffi.interop` (the protocols).
 
 The default stream of a call (``stream=None``) follows the first tensor argument's framework, as flashinfer
 and tvm_ffi do: torch's current stream of the tensor's device, CuPy's current stream, otherwise TVM-FFI's
@@ -29,7 +35,7 @@ import sys
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from . import caches
+from . import caches, interop
 from .tensor import Tensor
 
 Reader = Callable[[Any, Any], tuple[Hashable, int]]
@@ -46,7 +52,7 @@ def _read_descriptor(t: Tensor, stream: Any) -> tuple[Hashable, int]:
 def _read_torch(t: Any, stream: Any) -> tuple[Hashable, int]:
     if t.is_neg():  # (conjugate views are complex: their dtype is refused on the slow path)
         raise ValueError("lazily negated view")  # the slow path names the argument
-    return (t.shape, t.stride(), t.dtype, t.get_device()), t.data_ptr()
+    return (t.shape, t.stride(), t.dtype, t.device), t.data_ptr()
 
 
 def _read_cupy(a: Any, stream: Any) -> tuple[Hashable, int]:
@@ -54,11 +60,29 @@ def _read_cupy(a: Any, stream: Any) -> tuple[Hashable, int]:
     return (a.shape, a.strides, a.dtype, memory.device_id), memory.ptr
 
 
+# typestrs whose dtype the interface spells alone (a '|V2' needs the object's dtype: such calls are not keyed)
+_PLAIN_TYPESTRS = frozenset(
+    f"{order}{code}" for order in "<|" for code in ("f2", "f4", "i1", "i4", "i8", "u1", "u2", "u4", "b1")
+)
+
+
+def _read_cai(obj: Any, stream: Any) -> tuple[Hashable, int]:
+    """A ``__cuda_array_interface__`` producer: the interface's own values are the key (no descriptor).
+
+    A malformed interface raises here (a KeyError, ...): the launcher then takes the slow path, which names it.
+    """
+    iface = obj.__cuda_array_interface__
+    typestr = iface["typestr"]
+    if typestr not in _PLAIN_TYPESTRS:
+        raise ValueError("typestr needs the object's dtype")
+    ptr = iface["data"][0]
+    device = interop.pointer_device(ptr, "tensor")
+    return (iface["shape"], iface.get("strides"), typestr, iface.get("mask"), device), ptr
+
+
 def _read_any(obj: Any, stream: Any) -> tuple[Hashable, int]:
     """Any other producer, through :func:`fi_ffi.as_tensor` (a descriptor per call)."""
-    from .interop import as_tensor
-
-    t = as_tensor(obj, stream=dlpack_stream(obj, stream))
+    t = interop.as_tensor(obj, stream=dlpack_stream(obj, stream))
     return t._lid, t.data_ptr
 
 
@@ -80,12 +104,24 @@ def _reader_for(tp: type) -> Reader:
     cupy = sys.modules.get("cupy") if module.startswith("cupy") else None
     if cupy is not None and tp is cupy.ndarray:
         return _read_cupy
+    if hasattr(tp, "__cuda_array_interface__") and not hasattr(tp, "__dlpack__"):  # as as_tensor chooses
+        return _read_cai
     return _read_any
 
 
 def read(obj: Any, stream: Any) -> tuple[Hashable, int]:
     """``(layout key, data pointer)`` of ``obj`` (any producer)."""
     return reader(type(obj))(obj, stream)
+
+
+def describe(obj: Any, name: str, stream: Any) -> Tensor:
+    """The descriptor of tensor argument ``name`` for a call on ``stream`` (the launcher's slow path).
+
+    Producers with a reader of their own are described without synchronization (as their reader reads them);
+    the others are handed the call's stream as their DLPack consumer stream (:func:`dlpack_stream`).
+    """
+    fast = reader(type(obj)) is not _read_any
+    return interop.as_tensor(obj, name=name, stream=-1 if fast else dlpack_stream(obj, stream))
 
 
 # ---- streams ------------------------------------------------------------------------------------------------
@@ -162,4 +198,4 @@ def reset() -> None:
 
 caches.register("producer readers and stream sources (per producer type)", reset)
 
-__all__ = ["Reader", "default_stream", "dlpack_stream", "read", "reader", "reset", "stream_source"]
+__all__ = ["Reader", "default_stream", "describe", "dlpack_stream", "read", "reader", "reset", "stream_source"]

@@ -10,7 +10,10 @@ implementing the ``__cuda_stream__`` protocol (cuda.core ``Stream``), a cuda.bin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .typing import StreamLike
 
 _HANDLE_END = 1 << 64
 
@@ -85,7 +88,7 @@ class stream_scope:
                 fi_ffi.rmsnorm(x, w, out)
     """
 
-    def __init__(self, stream: Any, device: int = 0) -> None:
+    def __init__(self, stream: StreamLike, device: int = 0) -> None:
         handle = stream_handle(stream)
         if handle is None:
             raise TypeError("stream: expected a CUDA stream, got None")

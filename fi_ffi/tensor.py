@@ -133,9 +133,9 @@ class Tensor:
         self.owner = owner
         self._block = None
 
-    @classmethod
+    # a static method, not a class method: no bound method is made per descriptor (Tensor has no subclasses)
+    @staticmethod
     def from_pointer(
-        cls,
         data_ptr: int,
         shape: Sequence[int],
         dtype: Any,
@@ -153,7 +153,7 @@ class Tensor:
             strides: steps in elements; row-major contiguous when omitted.
             owner: any object to keep alive as long as this descriptor.
         """
-        return cls(data_ptr, shape, dtype, device, strides, owner)
+        return Tensor(data_ptr, shape, dtype, device, strides, owner)
 
     def rebind(self, data_ptr: int | None = None, *, leading: int | None = None, owner: Any = None) -> Tensor:
         """The same layout at another address and/or with another leading dimension (cheap: no re-parsing).

@@ -1,8 +1,12 @@
 """One rank of the tensor-parallel Llama test (tests/test_gpu_llama_tp.py), or the single-GPU reference.
 
-``python tests/llama_tp_worker.py MODEL_DIR OUT.npz [--graph] [--nccl]``: under ``fi-ffi launch`` (``RANK`` set)
-the engine runs with ``tensor_parallel = WORLD_SIZE``, otherwise on one GPU. Greedy generation of fixed prompts;
-rank 0 (or the single process) saves the tokens and the prefill logits of the first two prompts.
+``python tests/llama_tp_worker.py MODEL_DIR OUT.npz [--graph] [--nccl] [--whole-vocab] [--topk1] [--loop DIR]``:
+under ``fi-ffi launch`` (``RANK`` set) the engine runs with ``tensor_parallel = WORLD_SIZE``, otherwise on one GPU.
+Greedy generation of fixed prompts; rank 0 (or the single process) saves the tokens and the prefill logits of the
+first two prompts. ``--whole-vocab``: every rank keeps the whole embedding and LM head (``vocab_parallel=False``);
+``--topk1``: also a sampled generation with ``top_k=1`` (the gathered-logits path; must equal greedy);
+``--loop DIR``: after the first generation write ``DIR/ready-RANK`` (its pid) and generate forever (the rank-death
+test kills one rank there).
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import sys
 
 os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
 
+from pathlib import Path
+
 import numpy as np
 
-from fi_ffi.models.llama import LlamaEngine
+from fi_ffi.models.llama import LlamaEngine, SamplingParams
 
 PROMPT_LENS = (3, 16, 29, 50)
 MAX_NEW = 24
@@ -35,19 +41,32 @@ def main() -> None:
         cuda_graph="--graph" in sys.argv,
         tensor_parallel=tp,
         fused_allreduce="--nccl" not in sys.argv,
+        vocab_parallel="--whole-vocab" not in sys.argv,
     ) as engine:
         ps = prompts(engine.config.vocab_size)
         result = engine.generate(ps, MAX_NEW, eos_token_ids=())
+        if "--loop" in sys.argv:
+            folder = Path(sys.argv[sys.argv.index("--loop") + 1])
+            (folder / f"ready-{engine.rank}").write_text(str(os.getpid()))
+            while True:
+                engine.generate(ps, MAX_NEW, eos_token_ids=())
+        sampled = result.tokens
+        if "--topk1" in sys.argv:
+            sampled = engine.generate(
+                ps, MAX_NEW, eos_token_ids=(), sampling=SamplingParams(temperature=1.0, top_k=1, seed=7)
+            ).tokens
         logits = engine.prefill_logits(ps[:2])
         fused = engine._allreduce is not None and engine._allreduce.fused
         if engine.rank == 0:
             np.savez(
                 out,
                 tokens=np.array(result.tokens, dtype=np.int64),
+                tokens_topk1=np.array(sampled, dtype=np.int64),
                 logits0=logits[0],
                 logits1=logits[1],
                 fused=np.array(fused),
                 tp=np.array(tp),
+                vocab_shard=np.array(engine.vocab_shard is not None),
             )
             print(f"rank 0: tp {tp}, fused all-reduce {fused}, {result.tokens_per_s:.1f} tokens/s", flush=True)
 

@@ -96,8 +96,10 @@ def test_list_prints_the_variants_of_the_active_lock(kernel_modules: list[str]) 
     pytest.importorskip("fi_ffi.ops.attention.variants")
     done = fi_ffi("list", "--kind", "batch_decode", "--dtype", "f16")
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
+    header, *lines = done.stdout.strip().splitlines()
+    assert header.split() == ["KIND", "BACKEND", "DTYPES", "HEAD_DIM", "RELEASE", "MODULE"]
     assert lines and all("batch_decode" in line and "f16" in line for line in lines)
+    assert all(line.index("batch_decode_with") == header.index("MODULE") for line in lines)  # columns line up
     none = fi_ffi("list", "--head-dim", "96")
     assert none.returncode == 1
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import REPO, lock_text, subprocess_env, use_lock
+from conftest import REPO, WHEELS_HINT, lock_text, subprocess_env, use_lock
 
 from fi_ffi.abi import wire
 from fi_ffi.comm import trtllm_ar, vllm_ar
@@ -36,7 +36,7 @@ from fi_ffi.tensor import Tensor
 
 pytestmark = pytest.mark.cpu_only  # descriptors claim cuda:0 over host memory
 
-COMM_MISSING = "needs the comm test wheel (FI_FFI_TEST_WHEELS_COMM or <repo>/../shared/wheels-comm)"
+COMM_MISSING = f"needs the comm test wheel (FI_FFI_TEST_WHEELS_COMM or <repo>/../shared/wheels-comm); {WHEELS_HINT}"
 STUB = REPO.parent / "shared" / "stubs" / "libcuda.so.1"
 
 
@@ -130,7 +130,7 @@ print("meta_size", vllm_ar.meta_size())
 
 def test_vllm_comm_binds_every_declaration_with_the_libcuda_stand_in(comm_lock: Path) -> None:
     if not STUB.is_file():
-        pytest.skip("needs ../shared/stubs/libcuda.so.1")
+        pytest.skip(f"needs ../shared/stubs/libcuda.so.1; {WHEELS_HINT}")
     done = subprocess.run(
         [sys.executable, "-c", VLLM_CHILD, str(STUB)], env=subprocess_env(), capture_output=True, text=True, timeout=120
     )
@@ -231,7 +231,7 @@ BAD_FUSION = [
     ({"world_size": 4}, ValueError, "world_size: the workspace was made for 2 ranks, got 4"),
     ({"world_size": 3}, ValueError, "world_size: the fusion kernels run on 2, 4, 8 or 16 ranks"),
     ({"world_rank": 2}, ValueError, r"world_rank: expected 0 <= world_rank < 2, got 2"),
-    ({"token_num": 8}, ValueError, r"token_num, hidden_size: expected allreduce_in's 4096 elements"),
+    ({"token_num": 8}, ValueError, r"token_num, hidden_dim: expected allreduce_in's 4096 elements"),
     ({"allreduce_in": fake_cuda((T, H), "float32")}, TypeError, "the workspace was made for float16/bfloat16 calls"),
     ({"allreduce_in": fake_cuda((T, H), "int32")}, TypeError, "allreduce_in"),
     (
@@ -262,7 +262,7 @@ BAD_FUSION = [
     ({"residual_in": None}, ValueError, "residual_in: required by pattern kARResidualRMSNorm"),
     ({"rms_gamma": None}, ValueError, "rms_gamma: required by pattern kARResidualRMSNorm"),
     ({"rms_eps": None}, ValueError, r"rms_eps: expected a finite value > 0 with RMSNorm, got None"),
-    ({"rms_eps": float("nan")}, ValueError, r"rms_eps: expected a finite value > 0"),
+    ({"rms_eps": float("nan")}, ValueError, r"rms_eps: expected a finite value"),
     ({"rms_eps": "1e-6"}, TypeError, "rms_eps: expected a float, got str"),
     (
         {"quant_out": fake_cuda((T, H), "float8_e4m3fn")},
@@ -658,3 +658,195 @@ def test_bad_older_custom_all_reduce_arguments(over: dict[str, Any], error: type
 def test_bad_lamport_arguments(call: Any, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         call()
+
+
+# ---- the all-reduce objects' arguments (issue 23) ------------------------------------------------------------------
+
+
+def cpu_communicator(world_size: int = 2, *, closed: bool = False) -> Any:
+    """A :class:`~fi_ffi.comm.nccl.Communicator` of rank 0 on cuda:0 without NCCL (none loads on this machine):
+    the objects below check it and their other arguments before they allocate anything."""
+    from fi_ffi.comm.nccl import Communicator
+
+    comm = object.__new__(Communicator)
+    comm.rank, comm.world_size, comm.device, comm.env, comm.backend, comm._stream = 0, world_size, 0, None, "none", 0
+    comm._comm = None if closed else object()
+    return comm
+
+
+def past_the_checks(exc: BaseException) -> bool:
+    """The object got past its argument checks: it failed at its first CUDA call or module load (no GPU here)."""
+    from fi_ffi.comm.cuda import CudaError
+    from fi_ffi.errors import LoaderError, UnsupportedDeviceError
+
+    return isinstance(exc, (CudaError, LoaderError, UnsupportedDeviceError, KernelError))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"comm": None}, TypeError, r"^comm: expected a fi_ffi.comm.Communicator \(Communicator.from_env\(\)"),
+        ({"comm": 5}, TypeError, r"^comm: expected a fi_ffi.comm.Communicator"),
+        ({"comm": "closed"}, ValueError, r"^comm: the communicator is closed; make a CustomAllReduce over an open"),
+        ({"full_nvlink": "yes"}, TypeError, r"^full_nvlink: expected a bool, got 'yes'"),
+        ({"full_nvlink": 2}, TypeError, r"^full_nvlink: expected a bool, got 2"),
+        ({"full_nvlink": None}, TypeError, r"^full_nvlink: expected a bool, got None"),
+        ({"max_size": 2**63}, ValueError, r"^max_size: expected a multiple of 16 bytes up to 2147483632"),
+        ({"max_size": 2**70}, ValueError, r"^max_size: expected a multiple of 16 bytes up to"),
+        ({"max_size": 1.5}, TypeError, r"^max_size: expected an int"),
+        ({"max_graph_all_reduces": 2**63}, ValueError, r"^max_graph_all_reduces: expected at most 33554430"),
+        ({"max_graph_all_reduces": -1}, ValueError, r"^max_graph_all_reduces: expected an int >= 0"),
+        ({"num_ctas": 37}, ValueError, r"^num_ctas: expected 1..36"),
+    ],
+)
+def test_bad_custom_all_reduce_arguments_are_named_before_any_allocation(
+    kwargs: dict[str, Any], error: type, message: str
+) -> None:
+    args: dict[str, Any] = {"comm": cpu_communicator(), **kwargs}
+    if args["comm"] == "closed":
+        args["comm"] = cpu_communicator(closed=True)
+    with pytest.raises(error, match=message):
+        vllm_ar.CustomAllReduce(**args)
+
+
+def test_a_valid_custom_all_reduce_gets_past_its_checks(comm_lock: Path) -> None:
+    with pytest.raises(Exception) as info:
+        vllm_ar.CustomAllReduce(cpu_communicator(), max_size=vllm_ar.MAX_SIZE, max_graph_all_reduces=0)
+    assert past_the_checks(info.value), repr(info.value)
+
+
+def closed_custom_all_reduce() -> Any:
+    """A CustomAllReduce as close() leaves it (its handle 0, its parts released)."""
+    car = object.__new__(vllm_ar.CustomAllReduce)
+    car.fa, car._parts, car.comm, car.max_size, car.num_ctas = 0, [], cpu_communicator(), 1 << 20, 36
+    return car
+
+
+def test_a_closed_custom_all_reduce_names_itself_and_the_fix() -> None:
+    car = closed_custom_all_reduce()
+    message = r"^CustomAllReduce: this object is closed .*make a new CustomAllReduce\(comm, \.\.\.\) on every rank"
+    with pytest.raises(ValueError, match=message):
+        car.all_reduce(fake_cuda((T, H)), fake_cuda((T, H)))
+    with pytest.raises(ValueError, match=message):
+        car.register_graph_buffers()
+
+
+def test_registered_must_be_a_bool() -> None:
+    car = closed_custom_all_reduce()
+    car.fa = 1  # open as far as the argument checks go: registered is checked before anything is touched
+    with pytest.raises(TypeError, match=r"^registered: expected a bool, got 'yes'"):
+        car.all_reduce(fake_cuda((T, H)), fake_cuda((T, H)), registered="yes")
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ((None, 16, 1024), TypeError, r"^comm: expected a fi_ffi.comm.Communicator"),
+        (("closed", 16, 1024), ValueError, r"^comm: the communicator is closed; make an AllReduceFusionWorkspace"),
+        (("comm", 2**63, 1024), ValueError, r"^max_token_num, hidden_dim: 9223372036854775808 x 1024 elements exceed"),
+        (("comm", 16, 2**70), ValueError, r"^max_token_num, hidden_dim: 16 x 1180591620717411303424 elements exceed"),
+        (("comm", 2**21, 1024), ValueError, r"^max_token_num, hidden_dim: .* \(the kernels count a call's elements"),
+        (("comm", 16, 1.5), TypeError, r"^hidden_dim: expected an int"),
+        (("comm", 16, 1020), ValueError, r"^hidden_dim: expected a multiple of 8"),
+    ],
+)
+def test_bad_fusion_workspace_arguments_are_named_before_any_allocation(
+    args: tuple[Any, ...], error: type, message: str
+) -> None:
+    comm = {"comm": cpu_communicator(), "closed": cpu_communicator(closed=True)}.get(args[0], args[0])  # type: ignore[call-overload]
+    with pytest.raises(error, match=message):
+        trtllm_ar.AllReduceFusionWorkspace(comm, *args[1:])
+
+
+def test_a_valid_fusion_workspace_gets_past_its_checks(comm_lock: Path) -> None:
+    with pytest.raises(Exception) as info:
+        trtllm_ar.AllReduceFusionWorkspace(cpu_communicator(), 16, 1024)
+    assert past_the_checks(info.value), repr(info.value)
+
+
+def test_a_closed_fusion_workspace_names_itself_and_the_fix() -> None:
+    ws = object.__new__(trtllm_ar.AllReduceFusionWorkspace)
+    ws._parts, ws.comm, ws.metadata = [], cpu_communicator(), workspace_metadata(2, 16, 1024, "bfloat16")
+    fix = r"make a new AllReduceFusionWorkspace\(comm, max_token_num, hidden_dim, dtype\) on every rank"
+    with pytest.raises(ValueError, match=rf"^AllReduceFusionWorkspace: this workspace is closed .*{fix}"):
+        ws.allreduce_fusion(fake_cuda((T, H)))
+    with pytest.raises(ValueError, match=r"^workspace_ptrs: AllReduceFusionWorkspace: this workspace is closed"):
+        trtllm_allreduce_fusion(**fusion_args(workspace_ptrs=ws))
+
+
+@pytest.mark.parametrize("eps", [10**400, -(10**400), float("inf"), "1e-6"])
+def test_an_eps_no_float64_holds_is_named(eps: Any) -> None:
+    error = TypeError if isinstance(eps, str) else ValueError
+    with pytest.raises(error, match=r"^rms_eps: "):
+        trtllm_allreduce_fusion(**fusion_args(rms_eps=eps))
+    with pytest.raises(error, match=r"^rms_eps: "):
+        trtllm_ar.trtllm_moe_allreduce_fusion(**moe_reduction_args(rms_eps=eps))
+    with pytest.raises(error, match=r"^eps: "):
+        trtllm_moe_finalize_allreduce_fusion(**moe_args(eps=eps))
+    with pytest.raises(error, match=r"^eps: "):
+        trtllm_ar.trtllm_custom_all_reduce(**custom_args(eps=eps))
+
+
+def test_a_bad_hidden_size_is_named_hidden_dim_as_the_caller_wrote_it() -> None:
+    x = fake_cuda((T, H - 4))
+    with pytest.raises(ValueError, match=r"^hidden_dim: expected a multiple of 8 .*allreduce_in.shape\[1\]"):
+        trtllm_allreduce_fusion(**fusion_args(allreduce_in=x, hidden_dim=H - 4, allreduce_out=None))
+    with pytest.raises(ValueError, match=r"^token_num, hidden_dim, moe_reduction_device_num_experts: "):
+        trtllm_ar.trtllm_moe_allreduce_fusion(**moe_reduction_args(hidden_dim=H - 4))
+
+
+# ---- the Lamport stride defect of trtllm_custom_all_reduce before FlashInfer 0.6.17 (issue 21) ----------------------
+
+
+def rms_norm_custom_args(tp_size: int, **over: Any) -> dict[str, Any]:
+    table = fake_cuda((tp_size,), "int64")
+    return custom_args(
+        tp_size=tp_size,
+        fusion_op_code=trtllm_ar.AllReduceFusionOp.RESIDUAL_RMS_NORM,
+        residual=fake_cuda((T, H)),
+        weight=fake_cuda((H,)),
+        eps=1e-6,
+        intermediate_buffer=fake_cuda((T, H)),
+        peer_comm_buffer_ptrs=table,
+        peer_barrier_ptrs_in=fake_cuda((tp_size,), "int64"),
+        peer_barrier_ptrs_out=fake_cuda((tp_size,), "int64"),
+        **over,
+    )
+
+
+DEFECT = r"^tp_size: 2 ranks with RESIDUAL_RMS_NORM or Lamport buffers on FlashInfer 0\.6\.3: .*PR #3903 in 0\.6\.17"
+
+
+def test_the_lamport_stride_defect_of_0_6_3_is_refused_below_16_ranks(comm_lock: Path) -> None:
+    from fi_ffi import loader
+
+    assert loader.module_release("trtllm_comm") == "0.6.3"
+    with pytest.raises(ValueError, match=DEFECT):
+        trtllm_ar.trtllm_custom_all_reduce(**rms_norm_custom_args(2))
+    lamport = {f"lamport_peer_comm_buffer_ptrs_{i}": fake_cuda((2,), "int64") for i in range(3)}
+    with pytest.raises(ValueError, match=DEFECT):  # Lamport pointers given: the host writes them mis-strided
+        trtllm_ar.trtllm_custom_all_reduce(**custom_args(**lamport))
+    # 16 ranks: the strides agree; fusion NONE without Lamport buffers never reads them: both reach the kernel
+    for args in (rms_norm_custom_args(16, tp_rank=15), custom_args()):
+        with pytest.raises(KernelError) as info:
+            trtllm_ar.trtllm_custom_all_reduce(**args)
+        assert info.value.kind != "TypeError" and "cuda" in info.value.message.lower(), info.value
+
+
+def test_a_release_with_the_fix_is_not_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from fi_ffi import caches, loader
+
+    wheel = comm_wheel()
+    if wheel is None:
+        pytest.skip(COMM_MISSING)
+    fixed = dataclasses.replace(loader.lock_entry(wheel), release="0.6.17")  # what a lock of 0.6.17 records
+    use_lock(monkeypatch, tmp_path / "fixed.lock", loader.dump_lock([fixed], header="0.6.17"), [wheel])
+    try:
+        assert loader.module_release("trtllm_comm") == "0.6.17"
+        with pytest.raises(KernelError) as info:  # past every check: the module's first CUDA call
+            trtllm_ar.trtllm_custom_all_reduce(**rms_norm_custom_args(2))
+        assert info.value.kind != "TypeError" and "cuda" in info.value.message.lower(), info.value
+    finally:
+        caches.reset()

@@ -4,6 +4,7 @@ others stopped when one fails, signals forwarded; and the NCCL communicator's la
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +63,15 @@ def test_a_failing_rank_stops_the_others_and_its_status_is_returned() -> None:
     done = _cli("--nproc", "3", "--grace", "5", "--", sys.executable, "-c", child)
     assert done.returncode == 3
     assert time.monotonic() - start < 60  # the sleeping ranks were stopped, not waited for
+    # the failing rank is named, with its pid and status, and the launcher says it stops the others
+    assert re.search(r"fi-ffi launch: rank 1 \(pid \d+\) exited with status 3; stopping the other ranks", done.stderr)
+    assert "rank 0 (pid" not in done.stderr and "rank 2 (pid" not in done.stderr  # stopped ranks are not blamed
+    assert "Traceback" not in done.stderr
+
+
+def test_a_clean_run_prints_no_rank_summary() -> None:
+    done = _cli("--nproc", "2", "--", sys.executable, "-c", "pass")
+    assert done.returncode == 0 and "fi-ffi launch" not in done.stderr
 
 
 def test_a_rank_killed_by_a_signal_counts_as_128_plus_the_signal() -> None:
@@ -189,3 +199,26 @@ def test_communicator_arguments_are_checked_before_nccl_is_touched(
     args: dict[str, object] = {"rank": 0, "world_size": 2, "unique_id": bytes(128), "device": 0, **kwargs}
     with pytest.raises(error, match=message):
         Communicator(args.pop("rank"), args.pop("world_size"), args.pop("unique_id"), **args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("wants", [bytes, tuple])
+def test_the_cupy_backend_gives_the_id_in_the_form_its_cupy_takes(wants: type) -> None:
+    # CuPy is not installed here: a stand-in with CuPy 13's (signed C chars) or CuPy 14's (bytes) signature; the
+    # real CuPy 14 refused the tuple with "Argument 'commId' has incorrect type (expected bytes, got tuple)"
+    from types import SimpleNamespace
+
+    from fi_ffi.comm.nccl import _CuPy
+
+    got: list[object] = []
+
+    def communicator(n: int, comm_id: object, rank: int) -> str:
+        if not isinstance(comm_id, wants):
+            raise TypeError(f"Argument 'commId' has incorrect type (expected {wants.__name__})")
+        got.append(comm_id)
+        return "comm"
+
+    backend = object.__new__(_CuPy)
+    backend.n = SimpleNamespace(NcclCommunicator=communicator)
+    uid = bytes(range(120, 248))
+    assert backend.init(2, uid, 1) == "comm"
+    assert got == [uid] if wants is bytes else got == [tuple(b - 256 if b > 127 else b for b in uid)]

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import find_shared_wheel, find_wheels_072, shared_wheels
+from conftest import WHEELS_HINT, find_shared_wheel, find_wheels_072, shared_wheels
 
 import fi_ffi.ops
 from fi_ffi.abi import wire
@@ -148,7 +148,7 @@ def _needs_a_driver(uri: str) -> str:
 
 def test_every_untagged_declaration_matches_a_module_of_some_release() -> None:
     if any(v is None for v in LISTED.values()):
-        pytest.skip("needs both releases' test wheels (<repo>/../shared/wheels, wheels-072)")
+        pytest.skip(f"needs both releases' test wheels (<repo>/../shared/wheels, wheels-072); {WHEELS_HINT}")
     for family, pattern, decl in DECLARED:
         assert any(re.fullmatch(pattern, u) for r in releases_of(decl) for u in LISTED[r] or ()), (
             f"{family}: {decl.entry}: {pattern!r} matches no module of {releases_of(decl)}"
@@ -160,7 +160,9 @@ def _signatures_072() -> dict[tuple[str, str], str]:
     wheels = find_wheels_072()
     path = wheels[0].parent / "signatures-072.txt" if wheels else Path("/nonexistent")
     if not path.is_file():
-        pytest.skip("signatures-072.txt of the 0.7.2 test wheel is not present (<repo>/../shared/wheels-072)")
+        pytest.skip(
+            f"signatures-072.txt of the 0.7.2 test wheel is not present (<repo>/../shared/wheels-072); {WHEELS_HINT}"
+        )
     found: dict[tuple[str, str], str] = {}
     uri = ""
     for line in path.read_text().splitlines():

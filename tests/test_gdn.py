@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import WHEELS_HINT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -510,7 +511,7 @@ def test_a_lock_without_the_gdn_module_says_which_releases_have_it(
 
     found = sorted((REPO.parent / "shared" / "wheels-072").glob("flashinfer_jit_cache_072-*.whl"))
     if not found:
-        pytest.skip("the 0.7.2 test wheel is not present (<repo>/../shared/wheels-072)")
+        pytest.skip(f"the 0.7.2 test wheel is not present (<repo>/../shared/wheels-072); {WHEELS_HINT}")
     lock = tmp_path / "072-only.lock"
     lock.write_text(loader.dump_lock([loader.lock_entry(found[0])]))
     monkeypatch.setenv("FI_FFI_LOCK", str(lock))

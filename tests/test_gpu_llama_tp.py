@@ -4,7 +4,9 @@ extra and the comm test wheel; skipped with fewer GPUs).
 A random float16 Llama whose heads divide by 4 (16 query heads, 4 KV heads, hidden 1024, MLP 2816) is saved with
 fi_ffi's own safetensors writer. tests/llama_tp_worker.py runs greedy generation on one GPU, then as 2 and 4
 ranks under ``fi-ffi launch`` (eager and CUDA graph; the fused all-reduce and NCCL): the tokens must equal the
-single-GPU tokens and the prefill logits agree within float16 tolerance.
+single-GPU tokens and the prefill logits agree within float16 tolerance (the vocabulary split over the ranks, the
+engine's default; tests/test_gpu_moe_tp.py compares it with the whole vocabulary). A rank SIGKILLed in the middle
+of a generation ends the job within a bound, and a second run works.
 """
 
 from __future__ import annotations
@@ -198,3 +200,62 @@ def test_cli_generate_tp_prints_once(setup: tuple[Path, dict[str, str], dict[str
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("[0] ") == 1 and "tokens/s" in done.stdout
+
+
+def test_a_killed_rank_ends_every_rank_and_a_second_run_works(
+    setup: tuple[Path, dict[str, str], dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """SIGKILL rank 1 in the middle of a CUDA-graph generation loop: rank 0, blocked on the GPU in collectives whose
+    peer is gone, exits within 60 s with PEER_LOST_EXIT_CODE and a message naming rank 1. The ranks are started
+    without a launcher (which would stop rank 0 itself; tests/test_comm_watchdog.py covers fi-ffi launch), so only
+    the watchdog can end it. Then a fresh TP 2 run on the same GPUs under fi-ffi launch gives one GPU's tokens."""
+    import signal
+    import time
+
+    from fi_ffi.comm.launch import free_port, rank_env
+    from fi_ffi.comm.watchdog import PEER_LOST_EXIT_CODE
+
+    if _gpus() < 2:
+        pytest.skip("needs 2 GPUs")
+    model, env, ref = setup
+    port = free_port()
+    worker = [sys.executable, str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(tmp_path / "x.npz")]
+    procs = [
+        subprocess.Popen(
+            [*worker, "--graph", "--loop", str(tmp_path)],
+            env=rank_env(env, r, 2, "127.0.0.1", port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), [p.communicate()[1][-3000:] for p in procs]
+            time.sleep(0.1)
+        time.sleep(0.5)  # well inside the generation loop
+        killed_at = time.monotonic()
+        procs[1].kill()
+        try:
+            _, err = procs[0].communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("rank 0 hung after SIGKILL of rank 1") from None
+        took = time.monotonic() - killed_at
+        print(f"rank 1 killed: rank 0 exited {procs[0].returncode} after {took:.2f} s: {err.strip()[-500:]}")
+        assert took < 60 and procs[0].returncode == PEER_LOST_EXIT_CODE, err[-4000:]
+        assert "fi_ffi: rank 0 of 2: lost rank 1 died" in err, err[-4000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+            p.communicate()
+    out = tmp_path / "again.npz"
+    done = subprocess.run(
+        [sys.executable, "-m", "fi_ffi", "launch", "--nproc", "2", "--", sys.executable,
+         str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(out), "--graph"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    assert dict(np.load(out))["tokens"].tolist() == ref["tokens"].tolist()

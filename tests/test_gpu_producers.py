@@ -125,3 +125,23 @@ def test_torch_memory_is_freed_after_the_caller_drops_it() -> None:
     del big, x, w, out
     gc.collect()
     assert torch.cuda.memory_allocated() == base
+
+
+def cupy_fields(t: fi_ffi.Tensor) -> tuple[object, ...]:
+    return (t.data_ptr, t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid, t.owner)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int8", "int32", "int64", "uint8"])
+def test_the_warm_cupy_path_describes_as_dlpack(dtype: str) -> None:
+    # issue 21: a CuPy layout seen before is described from data.ptr and the remembered layout, no capsule;
+    # every field equals DLPack's description, for strided, sliced, transposed and empty views
+    cp = pytest.importorskip("cupy")
+    from fi_ffi import interop
+
+    base = cp.zeros((6, 10), dtype=dtype)
+    for x in (base, base[1:4, 2:9], base.T, base[:, ::3], base[2], base[0:0], base.reshape(3, 2, 10)[:, 1]):
+        full = interop._from_dlpack(x, "x", -1)
+        first, warm = fi_ffi.as_tensor(x), fi_ffi.as_tensor(x)
+        assert cupy_fields(first) == cupy_fields(full) == cupy_fields(warm), x
+    # the remembered layouts hold values, never the arrays
+    assert not any(isinstance(v, cp.ndarray) for key in interop._layouts for v in key)

@@ -180,3 +180,80 @@ def test_a_prepared_gemm_computes_the_rows_written_into_its_problem_sizes(ws: fi
             torch.testing.assert_close(seg[:m], full[s * cap : s * cap + m], atol=1e-2, rtol=1e-2)
             untouched = sentinel if backend == "sm90" else 0.0
             assert bool((seg[m:] == untouched).all()), f"segment {s}: rows past m={m} were written"
+
+
+# ---- bad pointers after a warm call (issue 23): refused before anything is staged, the context alive -------------
+
+# The child: a valid call (warm), then the same layout with x at NULL or 2 bytes off its 16-byte alignment (the
+# pointers go into the device argument arrays, where no launcher check sees them: a launch would read address 0 or
+# misaligned rows and kill the context), then a valid call again, compared with a float32 reference after a device
+# synchronize. It prints one JSON line.
+POINTER_CHILD = r"""
+import json, sys
+import numpy as np
+import torch
+import fi_ffi
+
+case = sys.argv[1]
+torch.manual_seed(0)
+lens = [5, 0, 17, 3]
+indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+rows, d_in, d_out = int(indptr[-1]), 128, 256
+raw = torch.zeros(rows * d_in + 64, dtype=torch.bfloat16, device="cuda")  # room for x 2 bytes further in
+x = raw[:rows * d_in].view(rows, d_in)
+x.copy_(torch.randn(rows, d_in, device="cuda").to(torch.bfloat16))
+w = (torch.randn(4, d_out, d_in, device="cuda") / d_in**0.5).to(torch.bfloat16)
+out = torch.zeros(rows, d_out, dtype=torch.bfloat16, device="cuda")  # zero: the generic module adds into out
+result = {"error": None}
+with fi_ffi.Workspace.allocate(0) as ws:
+    def call(x_arg):
+        out.zero_()
+        return fi_ffi.segment_gemm(ws, x_arg, w, 4, True, out, seg_indptr=indptr)
+    call(x)  # warm
+    torch.cuda.synchronize()
+    if case == "null":
+        bad = fi_ffi.Tensor.from_pointer(0, (rows, d_in), "bfloat16", 0)
+    else:
+        bad = fi_ffi.Tensor.from_pointer(x.data_ptr() + 2, (rows, d_in), "bfloat16", 0, owner=raw)
+    try:
+        call(bad)
+    except ValueError as err:
+        result["error"] = str(err)
+    call(x)
+    torch.cuda.synchronize()
+    want = torch.zeros(rows, d_out, dtype=torch.float32, device="cuda")
+    for i in range(len(lens)):
+        a, b = int(indptr[i]), int(indptr[i + 1])
+        if a < b:
+            want[a:b] = x[a:b].float() @ w[i].float().T
+    result["max_abs_error_after"] = float((out.float() - want).abs().max())
+    result["max_abs_want"] = float(want.abs().max())
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("null", r"^x: data pointer is NULL"),
+        ("misaligned", r"^x: data pointer 0x[0-9a-f]+ must be aligned to 16 bytes"),
+    ],
+)
+def test_a_bad_pointer_after_a_warm_segment_gemm_is_refused_and_the_context_lives(case: str, message: str) -> None:
+    """Tolerance of the valid call after the bad one: 3e-2 absolute on outputs of magnitude ~1 (bfloat16 output,
+    float32 accumulation), as test_segment_gemm_matches_float32."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    done = subprocess.run(
+        [sys.executable, "-c", POINTER_CHILD, case], capture_output=True, text=True, timeout=300, env=subprocess_env()
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] is not None and re.search(message, result["error"]), result
+    assert result["max_abs_want"] > 0.1, result  # the reference is not trivially zero
+    assert result["max_abs_error_after"] < 3e-2, result

@@ -40,6 +40,7 @@ ARITY = {
     "cublasSetMathMode": 2,
     "cublasGetStatusName": 1,
     "cublasGemmEx": 19,
+    "cublasGemmStridedBatchedEx": 23,
 }
 
 

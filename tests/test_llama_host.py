@@ -353,7 +353,7 @@ def test_config_without_rope_scaling_is_plain_rope(extra):
 def test_config_unsupported_rope_type_is_an_error():
     with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
         LlamaConfig.from_dict({**BASE, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(ValueError, match="rope factor must be a number > 0"):
+    with pytest.raises(ValueError, match="rope factor must be a finite number > 0"):
         LlamaConfig.from_dict({**BASE, "rope_scaling": {**LLAMA3, "factor": 0}})
 
 
@@ -506,7 +506,7 @@ def test_cli_generate_reports_a_missing_checkpoint(tmp_path, capsys):
 
     assert cli.main(["generate", "--model", str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
-    assert "fi-ffi generate: model:" in err and "config.json does not exist" in err
+    assert "fi-ffi generate: model_dir:" in err and "config.json does not exist" in err
 
 
 @pytest.mark.parametrize("ids", ["1,x", ",", ""])

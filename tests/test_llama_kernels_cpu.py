@@ -59,9 +59,9 @@ def cache(c: LlamaConfig, dtype: str) -> Tensor:
 
 def workspace() -> Workspace:
     pinned = np.zeros(1 << 12, np.uint8)
-    return Workspace.from_buffers(
+    return Workspace.from_buffers(  # float and int buffers apart: Workspace refuses overlapping ones
         kernels.descriptor(FAKE, (1 << 16,), "uint8", 0),
-        kernels.descriptor(FAKE, (1 << 12,), "uint8", 0),
+        kernels.descriptor(FAKE + (1 << 16), (1 << 12,), "uint8", 0),
         Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned),
     )
 

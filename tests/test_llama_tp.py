@@ -14,7 +14,7 @@ import pytest
 from conftest import subprocess_env
 
 from fi_ffi.models.config import LlamaConfig
-from fi_ffi.models.tensor_parallel import columns, rows, shard_config
+from fi_ffi.models.tensor_parallel import VocabShard, columns, combine_shard_argmax, expert_rows, rows, shard_config
 
 LLAMA = {
     "model_type": "llama",
@@ -112,3 +112,142 @@ def test_generate_tp_refuses_a_device(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "--device: each rank of --tp uses GPU LOCAL_RANK" in done.stderr
+
+
+# ---- MoE and vocabulary sharding (the arithmetic the loader and the kernels follow) ----------------------------
+
+MIXTRAL = {**LLAMA, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}
+QWEN3_MOE = {
+    **LLAMA,
+    "model_type": "qwen3_moe",
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 96,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+}
+
+
+def test_moe_shards_divide_every_experts_columns_and_keep_the_router() -> None:
+    for config, inter in ((MIXTRAL, 2816), (QWEN3_MOE, 96)):
+        cfg = LlamaConfig.from_dict(config)
+        for n in (1, 2, 4):
+            local = shard_config(cfg, n)
+            assert local.moe is not None and cfg.moe is not None
+            assert local.moe.intermediate_size == inter // n
+            assert (local.moe.num_experts, local.moe.top_k) == (cfg.moe.num_experts, cfg.moe.top_k)
+    with pytest.raises(ValueError, match=r"8 does not divide the model's 4 KV heads"):
+        shard_config(LlamaConfig.from_dict(QWEN3_MOE), 8)
+    with pytest.raises(ValueError, match=r"tensor_parallel: 3 does not divide the model's 16 query heads"):
+        shard_config(LlamaConfig.from_dict(QWEN3_MOE), 3)
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def test_expert_shards_partial_sums_add_up_to_the_whole_expert() -> None:
+    # [E, 2I, H] gate rows then up rows; each rank's block keeps its gate rows then its up rows, and its slice of
+    # down's columns: the ranks' outputs are partial sums of the unsharded expert MLP (float64, so exactly)
+    rng = np.random.default_rng(0)
+    e, i, h, n = 3, 8, 5, 4
+    gate_up = rng.standard_normal((e, 2 * i, h))
+    down = rng.standard_normal((e, h, i))
+    x = rng.standard_normal(h)
+    for expert in range(e):
+        gu = gate_up[expert] @ x
+        whole = down[expert] @ (_silu(gu[:i]) * gu[i:])
+        parts = []
+        for r in range(n):
+            block = expert_rows(gate_up, r, n)
+            assert block.shape == (e, 2 * i // n, h) and block.flags.c_contiguous
+            g = block[expert] @ x
+            half = i // n
+            parts.append(down[expert][:, r * half : (r + 1) * half] @ (_silu(g[:half]) * g[half:]))
+        np.testing.assert_allclose(np.sum(parts, axis=0), whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("vocab", "n"), [(1000, 1), (1000, 2), (1001, 2), (1001, 4), (10, 3), (5, 4), (128256, 8)])
+def test_vocab_shards_tile_the_padded_vocabulary(vocab: int, n: int) -> None:
+    shards = [VocabShard.of(vocab, r, n) for r in range(n)]
+    step = -(-vocab // n)
+    assert all(s.rows == step and s.start == r * step for r, s in enumerate(shards))
+    assert sum(s.valid for s in shards) == vocab  # every token in exactly one shard
+    ids = np.concatenate([np.arange(s.start, s.start + s.valid) for s in shards])
+    assert ids.tolist() == list(range(vocab))
+    table = np.arange(vocab * 3, dtype=np.float32).reshape(vocab, 3) + 1
+    blocks = [s.take(table) for s in shards]
+    assert all(b.shape == (step, 3) for b in blocks)
+    stacked = np.concatenate(blocks)
+    np.testing.assert_array_equal(stacked[:vocab], table)
+    assert not stacked[vocab:].any()  # the padding rows are zeros (their logits are never read)
+
+
+def test_vocab_shard_refuses_a_table_of_another_vocabulary() -> None:
+    with pytest.raises(ValueError, match=r"table: expected \[10, hidden\]"):
+        VocabShard.of(10, 0, 2).take(np.zeros((12, 4), np.float32))
+    with pytest.raises(ValueError, match="VocabShard"):
+        VocabShard.of(10, 2, 2)
+
+
+def _shard_embedding(table: np.ndarray, ids: np.ndarray, s: VocabShard) -> np.ndarray:
+    """What gather_rows16_shard writes: the rows this shard holds, zeros for the rest."""
+    block = s.take(table)
+    local = ids - s.start
+    mine = (local >= 0) & (local < s.valid)
+    return np.where(mine[:, None], block[np.clip(local, 0, s.rows - 1)], 0)
+
+
+@pytest.mark.parametrize(("vocab", "n"), [(1001, 4), (64, 2), (7, 4)])
+def test_the_sum_of_the_shards_embeddings_is_the_embedding(vocab: int, n: int) -> None:
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((vocab, 6)).astype(np.float32)
+    ids = rng.integers(0, vocab, 50)
+    total = sum(_shard_embedding(table, ids, VocabShard.of(vocab, r, n)) for r in range(n))
+    np.testing.assert_array_equal(total, table[ids])  # one non-zero term per row: exact
+
+
+def _shard_argmax(logits: np.ndarray, s: VocabShard) -> tuple[np.ndarray, np.ndarray]:
+    """What argmax_rows_shard writes: each row's largest of the shard's real columns (NaN never wins) and its id."""
+    cols = logits[:, s.start : s.start + s.valid]
+    values = np.full(len(logits), -np.inf, np.float32)
+    idx = np.zeros(len(logits), np.int64)
+    for r, row in enumerate(cols):
+        finite = np.where(np.isnan(row), -np.inf, row)
+        if finite.size and finite.max() > -np.inf:
+            values[r], idx[r] = finite.max(), int(np.argmax(finite))
+    return values, idx + s.start
+
+
+@pytest.mark.parametrize(("vocab", "n"), [(1000, 2), (1001, 4), (37, 8)])
+def test_combined_shard_argmax_is_the_argmax_of_the_whole_row(vocab: int, n: int) -> None:
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((40, vocab)).astype(np.float32)
+    logits[1] = 0.0  # all tied: the first id
+    logits[2, [3, vocab - 1]] = 50.0  # a tie across shards: the lower id
+    logits[3, :] = np.nan  # nothing wins anywhere: 0, as the single-GPU argmax
+    logits[4, :] = -np.inf
+    logits[5, : vocab // 2] = np.nan  # NaN never wins
+    logits[6, -1] = np.inf
+    shards = [VocabShard.of(vocab, r, n) for r in range(n)]
+    values, indices = zip(*(_shard_argmax(logits, s) for s in shards), strict=True)
+    got = combine_shard_argmax(np.stack(values), np.stack(indices))
+    want = [int(np.argmax(np.where(np.isnan(r), -np.inf, r))) if (np.nan_to_num(r, nan=-np.inf) > -np.inf).any()
+            else 0 for r in logits]  # fmt: skip
+    assert got.tolist() == want
+    assert got[1] == 0 and got[2] == 3 and got[3] == 0 and got[6] == vocab - 1
+
+
+def test_gathered_shard_logits_rebuild_the_row() -> None:
+    # what unshard_columns does with the all-gathered [N, rows, V'/N] logits: the columns side by side, padding off
+    vocab, n, rows = 1001, 4, 3
+    logits = np.arange(rows * vocab, dtype=np.float32).reshape(rows, vocab)
+    shards = [VocabShard.of(vocab, r, n) for r in range(n)]
+    gathered = np.stack([s.take(logits.T).T for s in shards])  # each rank's [rows, V'/N] columns
+    assert gathered.shape == (n, rows, shards[0].rows)
+    flat = gathered.reshape(-1)
+    width = shards[0].rows
+    c = np.arange(vocab)
+    rebuilt = np.stack([flat[((c // width) * rows + r) * width + c % width] for r in range(rows)])
+    np.testing.assert_array_equal(rebuilt, logits)

@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import find_wheels_072
+from conftest import WHEELS_HINT, find_wheels_072
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +31,9 @@ def signatures_072() -> dict[str, set[str]]:
     wheels = find_wheels_072()
     listing = wheels[0].parent / "signatures-072.txt" if wheels else Path("/nonexistent")
     if not listing.is_file():
-        pytest.skip("signatures-072.txt of the 0.7.2 test wheel is not present (<repo>/../shared/wheels-072)")
+        pytest.skip(
+            f"signatures-072.txt of the 0.7.2 test wheel is not present (<repo>/../shared/wheels-072); {WHEELS_HINT}"
+        )
     out: dict[str, set[str]] = {}
     uri = ""
     for line in listing.read_text().splitlines():

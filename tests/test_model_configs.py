@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import pytest
@@ -106,11 +108,73 @@ def test_what_the_engine_does_not_implement_is_refused(config: dict[str, Any], m
         LlamaConfig.from_dict(config)
 
 
-def test_the_engine_refuses_tensor_parallel_moe_before_loading_anything(tmp_path: Any) -> None:
+def test_tensor_parallel_moe_whose_expert_columns_do_not_divide_is_refused_before_loading(tmp_path: Any) -> None:
     import json
 
     from fi_ffi.models.llama import LlamaEngine
 
-    (tmp_path / "config.json").write_text(json.dumps(MIXTRAL))
-    with pytest.raises(ValueError, match="tensor_parallel: mixtral checkpoints run on one GPU here"):
-        LlamaEngine(tmp_path, tensor_parallel=2)
+    # Qwen3-MoE: 8 heads, 4 KV heads and 512 dense columns divide by 4, the experts' 130 columns do not
+    (tmp_path / "config.json").write_text(json.dumps({**QWEN3_MOE, "moe_intermediate_size": 130}))
+    with pytest.raises(ValueError, match=r"4 does not divide the model's 130 expert intermediate columns "
+                       r"\(moe_intermediate_size\)"):  # fmt: skip
+        LlamaEngine(tmp_path, tensor_parallel=4)
+
+
+# ---- bad input (issue 23): bounds, non-finite numbers, JSON no config holds, bad from_dir arguments ----------------
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"vocab_size": 2**70}, r"vocab_size must be a positive integer no larger than 2147483647 .* 71 bits"),
+        ({"hidden_size": 2**31}, r"hidden_size must be a positive integer no larger than 2147483647"),
+        ({"head_dim": 2**70}, r"head_dim must be a positive integer no larger than"),
+        ({"num_hidden_layers": 10**5000}, r"num_hidden_layers must be a positive integer .* 16610 bits"),
+        ({"max_position_embeddings": 2**63}, r"max_position_embeddings must be a positive integer no larger"),
+        ({"eos_token_id": 2**70}, r"eos_token_id must be a token id in \[0, vocab_size=1000\)"),
+        ({"eos_token_id": [1, 1000]}, r"eos_token_id must be a token id in \[0, vocab_size=1000\)"),
+        ({"rms_norm_eps": float("inf")}, r"rms_norm_eps must be a finite number > 0, got inf"),
+        ({"rms_norm_eps": float("nan")}, r"rms_norm_eps must be a finite number > 0, got nan"),
+        ({"rms_norm_eps": 10**400}, r"rms_norm_eps must be a finite number > 0, got an integer of 1329 bits"),
+        ({"rms_norm_eps": "1e-6"}, r"rms_norm_eps must be a finite number > 0, got '1e-6'"),
+        ({"rope_theta": float("inf")}, r"rope rope_theta must be a finite number > 0, got inf"),
+    ],
+)
+def test_sizes_past_int32_and_non_finite_numbers_are_refused_by_field(change: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=rf"^config\.json: {match}"):
+        LlamaConfig.from_dict({**BASE, **change}, source="config.json")
+
+
+def test_experts_past_int32_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"^c: num_local_experts must be a positive integer no larger than"):
+        LlamaConfig.from_dict({**MIXTRAL, "num_local_experts": 2**70}, source="c")
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[" * 100_000 + "]" * 100_000, r"nests its JSON too deeply to parse"),
+        ('{"vocab_size": ' + "9" * 5000 + "}", r"is not valid JSON or holds a number no config needs"),
+        (json.dumps({**BASE, "rms_norm_eps": float("inf")}), r"rms_norm_eps must be a finite number > 0, got inf"),
+    ],
+    ids=["nested", "5000 digits", "Infinity"],
+)
+def test_json_no_config_holds_is_named_with_its_file(tmp_path: Any, text: str, match: str) -> None:
+    (tmp_path / "config.json").write_text(text)
+    assert "Infinity" in text or "rms_norm_eps" not in text  # json writes float("inf") as Infinity
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'config.json'))}.*{match}"):
+        LlamaConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("model_dir", "error", "match"),
+    [
+        (None, TypeError, r"^model_dir: expected a path \(str or os.PathLike\).*got NoneType"),
+        (5, TypeError, r"^model_dir: expected a path .*got int"),
+        (b"/tmp", TypeError, r"^model_dir: expected a path .*got bytes"),
+        ("/tmp/a\x00b", ValueError, r"^model_dir: contains a NUL byte"),
+    ],
+)
+def test_bad_from_dir_arguments_are_named(model_dir: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        LlamaConfig.from_dir(model_dir)

@@ -280,6 +280,35 @@ def test_workspace_from_buffers_validates():
         Workspace.from_buffers(fake_cuda(np.zeros(0, np.uint8)), i, h)
 
 
+@pytest.mark.parametrize("which", ["float_buffer", "int_buffer", "pinned_buffer"])
+def test_a_null_workspace_buffer_is_refused_by_name(which: str) -> None:
+    """Issue 21: a NULL buffer would reach the plans' copies and the kernels' scratch writes at address 0."""
+    from fi_ffi.ops.attention.workspace import Workspace
+
+    host = np.zeros(64, np.uint8)
+    buffers = {
+        "float_buffer": fake_cuda(np.zeros(64, np.uint8)),
+        "int_buffer": fake_cuda(np.zeros(64, np.uint8)),
+        "pinned_buffer": Tensor.from_pointer(host.ctypes.data, (64,), "uint8", "cpu", owner=host),
+    }
+    Workspace.from_buffers(**buffers)  # valid as given
+    null = Tensor.from_pointer(0, (64,), "uint8", "cpu" if which == "pinned_buffer" else 0)
+    with pytest.raises(ValueError, match=rf"^{which}: data pointer is NULL; pass the address of a buffer"):
+        Workspace.from_buffers(**{**buffers, which: null})
+
+
+def test_the_int_buffer_must_not_overlap_the_float_buffer() -> None:
+    from fi_ffi.ops.attention.workspace import Workspace
+
+    host = np.zeros(64, np.uint8)
+    h = Tensor.from_pointer(host.ctypes.data, (64,), "uint8", "cpu", owner=host)
+    f = fake_cuda(np.zeros(64, np.uint8))
+    with pytest.raises(ValueError, match="^int_buffer: overlaps float_buffer"):
+        Workspace.from_buffers(f, f, h)
+    with pytest.raises(ValueError, match="^int_buffer: overlaps float_buffer"):
+        Workspace.from_buffers(f, f.rebind(f.data_ptr + 32), h)
+
+
 def test_workspace_buffers_must_not_wrap_the_address_space_or_exceed_int32_sizes():
     from fi_ffi.ops.attention.workspace import Workspace
 
@@ -293,7 +322,7 @@ def test_workspace_buffers_must_not_wrap_the_address_space_or_exceed_int32_sizes
         Workspace.from_buffers(i, Tensor.from_pointer(top, (65,), "float32", 0), h)
     Workspace.from_buffers(Tensor.from_pointer(top, (64,), "float32", 0), i, h)  # ends exactly at 2**64: fits
     with pytest.raises(ValueError, match="pinned_buffer: the buffer .* wraps past the end"):
-        Workspace.from_buffers(i, i, Tensor.from_pointer(top, (33,), "int64", "cpu"))
+        Workspace.from_buffers(fake_cuda(np.zeros(64, np.uint8)), i, Tensor.from_pointer(top, (33,), "int64", "cpu"))
     with pytest.raises(ValueError, match="float_buffer: 2147483648 elements do not fit the kernels' int32 sizes"):
         Workspace.from_buffers(Tensor.from_pointer(1 << 40, (1 << 31,), "uint8", 0), i, h)
     Workspace.from_buffers(Tensor.from_pointer(1 << 40, (1 << 29,), "float32", 0), i, h)  # 2 GiB as float32

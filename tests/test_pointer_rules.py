@@ -46,7 +46,7 @@ from fi_ffi.errors import KernelError, UnsupportedDeviceError
 from fi_ffi.launch import aliasing
 from fi_ffi.launch import launcher as launcher_module
 from fi_ffi.launch.launcher import compile_launcher
-from fi_ffi.launch.pointer_rules import PointerRules, apart_ok, compile_apart
+from fi_ffi.launch.pointer_rules import PointerRules, apart_ok, apart_test, compile_apart
 from fi_ffi.ops import norm
 from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.sampling import ROW_STATES_BYTES
@@ -1053,6 +1053,9 @@ def test_compiled_overlap_rules_agree_with_aliasing(pair: tuple[Tensor, Tensor],
         overlap = aliasing.overlaps(ma, mb)
         assert apart_ok(disjoint, (pa, pb)) is (not overlap)
         assert apart_ok(in_place, (pa, pb)) is ((same_layout and pa == pb) or not overlap)
+        # the generated test the launcher runs on every call answers exactly as the reference
+        assert apart_test(disjoint, 2)(pa, pb) is (not overlap)
+        assert apart_test(in_place, 2)(pa, pb) is ((same_layout and pa == pb) or not overlap)
         if byte_set(ma) & byte_set(mb):
             assert overlap, "a shared byte was not seen"
         if rows is not None:
@@ -1078,6 +1081,9 @@ def test_fused_qkv_slices_are_apart_and_a_shifted_one_is_not() -> None:
     assert aliasing.overlaps(q, k.rebind(left))
     # the next buffer along: k of the following row block is still apart from q
     assert apart_ok(compiled, (q.data_ptr, k.data_ptr + NNZ * width * 2, v.data_ptr))
+    test = apart_test(compiled, 3)  # the launcher's generated form of the same rules
+    assert test(q.data_ptr, k.data_ptr, v.data_ptr) and not test(q.data_ptr, left, v.data_ptr)
+    assert test(q.data_ptr, k.data_ptr + NNZ * width * 2, v.data_ptr)
     # in place: the output is q itself (same address and layout), anything else over q is refused
     q_rope = at(BASE, (NNZ, HQ, D), "float16", (HQ * D, D, 1))  # contiguous: another layout
     same = compile_apart(PointerRules().same_or_disjoint("q_rope", "q"), {"q_rope": q, "q": q}, {"q_rope": 0, "q": 1})

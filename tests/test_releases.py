@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import WHEELS_HINT
 
 from fi_ffi import caches, dtypes, loader
 from fi_ffi.cli import main
@@ -39,7 +40,7 @@ def _shared(folder: str, pattern: str) -> list[Path]:
 def wheels_063() -> list[Path]:
     found = _shared("wheels", "flashinfer_jit_cache*.whl")
     if len(found) < 2:
-        pytest.skip("the two 0.6.3 test wheels are not present (<repo>/../shared/wheels)")
+        pytest.skip(f"the two 0.6.3 test wheels are not present (<repo>/../shared/wheels); {WHEELS_HINT}")
     return found
 
 
@@ -47,7 +48,7 @@ def wheels_063() -> list[Path]:
 def wheel_072() -> Path:
     found = _shared("wheels-072", "flashinfer_jit_cache_072-*.whl")
     if not found:
-        pytest.skip("the 0.7.2 test wheel is not present (<repo>/../shared/wheels-072)")
+        pytest.skip(f"the 0.7.2 test wheel is not present (<repo>/../shared/wheels-072); {WHEELS_HINT}")
     return found[0]
 
 

@@ -259,3 +259,104 @@ def test_a_prepared_call_of_empty_segments_copies_and_launches_nothing() -> None
     assert prepared.problem_sizes.shape == (0, 3) and prepared.problem_sizes.dtype.name == "int32"
     assert prepared.prepared_rows.shape == (0,) and prepared.segments.shape == (0,)
     prepared()  # nothing to launch
+
+
+# ------------------------------------------------------------------------------------------ pointers (issue 23)
+
+TOP = 1 << 64
+
+
+def _at(t: Tensor, address: int) -> Tensor:
+    """``t``'s layout at ``address`` (never read: the call must be refused before anything is staged)."""
+    return Tensor.from_pointer(address, t.shape, t.dtype.name, 0)
+
+
+def _pointer_cases() -> list[Any]:
+    """(argument, new address as a function of the valid tensor, the error): NULL, misaligned, a range that wraps
+    past 2**64, an address at 2**63 or above whose range wraps, and out over x / the weights."""
+    cases = []
+    for name in ("x", "weights", "out"):
+        cases.append(pytest.param(name, lambda t: 0, rf"^{name}: data pointer is NULL", id=f"{name}=NULL"))
+        for shift in (2, 8):
+            cases.append(
+                pytest.param(
+                    name,
+                    lambda t, s=shift: t.data_ptr + s,
+                    rf"^{name}: data pointer 0x[0-9a-f]+ must be aligned to 16",
+                    id=f"{name}+{shift}",
+                )
+            )
+        cases.append(
+            pytest.param(
+                name,
+                lambda t: TOP - 256,
+                rf"^{name}: the memory range 0x[0-9a-f]+ \+ \d+ bytes wraps past the end",
+                id=f"{name} wraps past 2**64",
+            )
+        )
+    cases.append(pytest.param("out", "x", "^out: overlaps x", id="out over x"))
+    cases.append(pytest.param("out", "weights", "^out: overlaps weights", id="out over weights"))
+    return cases
+
+
+def _bad(args: dict[str, Any], name: str, where: Any) -> dict[str, Any]:
+    t = args[name]
+    address = args[where].data_ptr if isinstance(where, str) else where(t)
+    return {**args, name: _at(t, address)}
+
+
+@pytest.mark.parametrize(("name", "where", "error"), _pointer_cases())
+@pytest.mark.parametrize("backend", ["sm90", "sm80"])
+def test_warm_then_bad_pointers_are_refused_on_every_call(name: str, where: Any, error: str, backend: str) -> None:
+    """A valid call, then the same layout at a bad address: refused naming the argument (the pointers go into the
+    device argument arrays, where no launcher check sees them), then a valid call passes again."""
+    with pytest.raises(UnsupportedDeviceError, match="no CUDA device"):
+        fi_ffi.segment_gemm(**call_args(backend=backend))
+    with pytest.raises(ValueError, match=error):
+        fi_ffi.segment_gemm(**_bad(call_args(backend=backend), name, where))
+    with pytest.raises(UnsupportedDeviceError, match="no CUDA device"):
+        fi_ffi.segment_gemm(**call_args(backend=backend))
+
+
+@pytest.mark.parametrize(("name", "where", "error"), _pointer_cases())
+def test_prepare_refuses_bad_pointers_after_a_valid_preparation(name: str, where: Any, error: str) -> None:
+    need = G.segment_gemm_args_bytes(3)
+    with pytest.raises(KernelError, match="cuMemcpyHtoD|CUDA driver"):  # valid: stops only at the copy
+        G.prepare_segment_gemm(**call_args(), args_buffer=fake_cuda((need,), "uint8"))
+    with pytest.raises(ValueError, match=error):
+        G.prepare_segment_gemm(**_bad(call_args(), name, where), args_buffer=fake_cuda((need,), "uint8"))
+
+
+@pytest.mark.parametrize(
+    ("address", "error"),
+    [
+        (0, r"^args_buffer: data pointer is NULL"),
+        (TOP - 64, r"^args_buffer: the memory range 0x[0-9a-f]+ \+ \d+ bytes wraps past the end"),
+    ],
+)
+def test_prepare_refuses_a_null_or_wrapping_args_buffer(address: int, error: str) -> None:
+    need = G.segment_gemm_args_bytes(3)
+    with pytest.raises(ValueError, match=error):
+        G.prepare_segment_gemm(**call_args(), args_buffer=Tensor.from_pointer(address, (need,), "uint8", 0))
+
+
+def test_prepare_keeps_args_buffer_apart_from_the_float_workspace() -> None:
+    args = call_args()
+    need = G.segment_gemm_args_bytes(3)
+    scratch = args["workspace"].float_buffer
+    over = Tensor.from_pointer(scratch.data_ptr, (need,), "uint8", 0)
+    with pytest.raises(ValueError, match="^args_buffer: overlaps workspace.float_buffer"):
+        G.prepare_segment_gemm(**args, args_buffer=over)
+
+
+def test_addresses_at_or_above_2_63_keep_their_bits_and_a_wrap_is_named() -> None:
+    high = (1 << 63) + 0x1000
+    args = G.segment_gemm_args(np.array([0, 2, 5], np.int32), None, 2, 64, 64, high, high, high, 2, 2, 2, True)
+    assert args.x_ptr.dtype == np.int64
+    assert [int(v) for v in args.x_ptr.view(np.uint64)] == [high, high + 2 * 64 * 2]
+    with pytest.raises(ValueError, match=r"^w_ptr: 0x[0-9a-f]+ \+ 8192 bytes wraps past the end of the address"):
+        G.segment_gemm_args(np.array([0, 2, 5], np.int32), None, 2, 64, 64, 16, TOP - 4096, 16, 2, 2, 2, True)
+    with pytest.raises(ValueError, match=r"^y_ptr: expected a device address below 2\*\*64"):
+        G.segment_gemm_args(np.array([0, 2, 5], np.int32), None, 2, 64, 64, 16, 16, TOP, 2, 2, 2, True)
+    with pytest.raises(TypeError, match="^x_ptr: expected an int"):
+        G.segment_gemm_args(np.array([0, 2, 5], np.int32), None, 2, 64, 64, "16", 16, 16, 2, 2, 2, True)

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.cpu_only
 H_Q, H_K, D, PAGE = 8, 2, 64, 16
 
 
-@pytest.fixture(scope="module")
-def make_array():  # type: ignore[no-untyped-def]
+@pytest.fixture
+def make_array(models_modules: object):  # type: ignore[no-untyped-def]
+    """``ffi.Array``; asks for the model-family wheel too, since a sink plan's settings name its pinned modules."""
     from fi_ffi.abi.call import Function
 
     return Function.global_function("ffi.Array")

@@ -79,18 +79,38 @@ _LAUNCHERS = (
 _OPTIONAL_LOCAL_SIZE = frozenset({"LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"})
 
 
-def _int(env: Mapping[str, str], name: str, low: int, high: int | None = None, *, what: str) -> int:
-    """``env[name]`` as a decimal int in ``[low, high)``; a LaunchEnvironmentError naming ``name`` otherwise."""
+MAX_WORLD_SIZE = (1 << 31) - 1  # NCCL's ranks and world size are C ints
+_MAX_DIGITS = 30  # far more than MAX_WORLD_SIZE needs: longer is refused before int() (its digit limit)
+_MAX_ADDR = 253  # the longest DNS name
+
+
+def _text(env: Mapping[str, str], name: str) -> str | None:
+    """``env[name]`` as a str without NUL bytes (None when not set); a LaunchEnvironmentError naming it otherwise."""
     raw = env.get(name)
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise LaunchEnvironmentError(
+            name, f"expected a string (environment variables are text), got {type(raw).__name__} {raw!r:.40}"
+        )
+    if "\0" in raw:
+        raise LaunchEnvironmentError(name, f"contains a NUL byte: {raw!r:.60}; set it to plain text")
+    return raw
+
+
+def _int(env: Mapping[str, str], name: str, low: int, high: int, *, what: str) -> int:
+    """``env[name]`` as a decimal int in ``[low, high)``; a LaunchEnvironmentError naming ``name`` otherwise."""
+    raw = _text(env, name)
     if raw is None:
         raise LaunchEnvironmentError(name, f"not set; expected {what}")
     text = raw.strip()
     if not text.isdigit() or not text.isascii():
-        raise LaunchEnvironmentError(name, f"expected {what} (a decimal integer), got {raw!r}")
+        raise LaunchEnvironmentError(name, f"expected {what} (a decimal integer), got {raw!r:.60}")
+    if len(text.lstrip("0")) > _MAX_DIGITS:
+        raise LaunchEnvironmentError(name, f"expected {what} in [{low}, {high}), got a {len(text)}-digit number")
     value = int(text)
-    if value < low or (high is not None and value >= high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise LaunchEnvironmentError(name, f"expected {what} {bound}, got {value}")
+    if not low <= value < high:
+        raise LaunchEnvironmentError(name, f"expected {what} in [{low}, {high}), got {value}")
     return value
 
 
@@ -102,27 +122,41 @@ def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
             names the variable).
     """
     env = os.environ if env is None else env
+    if not isinstance(env, Mapping):
+        raise TypeError(
+            f"env: expected a mapping of variable names to strings (os.environ or a dict), got {type(env).__name__}"
+        )
     for launcher, (rank_var, size_var, local_var, local_size_var) in _LAUNCHERS:
         if rank_var not in env:
             continue
-        world = _int(env, size_var, 1, what="the number of processes")
+        world = _int(env, size_var, 1, MAX_WORLD_SIZE + 1, what="the number of processes")
         rank = _int(env, rank_var, 0, world, what=f"this process's rank (< {size_var}={world})")
         if local_size_var in _OPTIONAL_LOCAL_SIZE and local_size_var not in env:
             local_world = world
         elif local_size_var == "SLURM_NTASKS_PER_NODE":  # Slurm may write "4(x2)": tasks per node, node count
+            raw = _text(env, local_size_var) or ""
             local_world = _int(
-                {local_size_var: env[local_size_var].split("(")[0]}, local_size_var, 1, what="processes on this host"
+                {local_size_var: raw.split("(")[0]},
+                local_size_var,
+                1,
+                world + 1,
+                what=f"processes on this host (<= {size_var}={world})",
             )
         else:
             local_world = _int(env, local_size_var, 1, world + 1, what=f"processes on this host (<= {world})")
         local = _int(env, local_var, 0, local_world, what=f"the rank on this host (< {local_world})")
-        addr = env.get("MASTER_ADDR")
+        addr = _text(env, "MASTER_ADDR")
         if addr is None:
             raise LaunchEnvironmentError(
                 "MASTER_ADDR", "not set; expected the host name or address of rank 0 (the rendezvous server)"
             )
-        if not addr.strip() or any(c.isspace() for c in addr.strip()):
-            raise LaunchEnvironmentError("MASTER_ADDR", f"expected a host name or address, got {addr!r}")
+        name = addr.strip()
+        if not name or len(name) > _MAX_ADDR or not name.isprintable() or any(c.isspace() for c in name):
+            raise LaunchEnvironmentError(
+                "MASTER_ADDR",
+                f"expected a host name or address (printable, no spaces, at most {_MAX_ADDR} characters), got "
+                f"{addr!r:.60}",
+            )
         port = _int(env, "MASTER_PORT", 1, 65536, what="the rendezvous TCP port")
         return DistEnv(rank, world, local, local_world, addr.strip(), port, launcher)
     raise LaunchEnvironmentError(

@@ -9,6 +9,11 @@ Every rank runs in a process group of its own. SIGINT, SIGTERM and SIGHUP sent t
 every rank. When a rank fails (non-zero exit or a signal), the others are sent SIGTERM, then SIGKILL after
 ``--grace`` seconds. The exit status is the worst one among the ranks that ended by themselves (a signal ``s``
 counts as ``128 + s``); ranks the launcher stopped do not count. 0 only when every rank exited 0.
+
+The launcher says on stderr which rank failed first and how (``fi-ffi launch: rank 1 (pid 4242) was killed by
+signal 9 (SIGKILL); stopping the other ranks``). Ranks that exited with
+:data:`~fi_ffi.comm.watchdog.PEER_LOST_EXIT_CODE` only learnt of that failure (their communicator's watchdog) and
+are named as such, never as the cause, and their status counts only when no rank failed by itself.
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ import time
 from collections.abc import Mapping, Sequence
 from types import FrameType
 
+from .watchdog import PEER_LOST_EXIT_CODE
+
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_CAUSE_WAIT_S = 3.0  # how long ranks that only lost a peer wait for that peer's own end to show
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
@@ -51,6 +59,33 @@ def rank_env(base: Mapping[str, str], rank: int, nproc: int, master_addr: str, m
 
 def _status(code: int) -> int:
     return 128 - code if code < 0 else code  # Popen: -s for a signal s
+
+
+def describe_exit(code: int) -> str:
+    """A rank's end in words, from a Popen return code (``-s``: signal ``s``)."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown"
+        return f"was killed by signal {-code} ({name})"
+    if code == PEER_LOST_EXIT_CODE:
+        return f"exited with status {code} (it lost a peer rank)"
+    return f"exited with status {code}"
+
+
+def _report(procs: Sequence[subprocess.Popen[bytes]], codes: Sequence[int | None], stopped: set[int]) -> None:
+    """Name the failed ranks: those that failed by themselves, not those that only lost a peer (if any did)."""
+    failed = [i for i, c in enumerate(codes) if c not in (None, 0) and i not in stopped]
+    causes = [i for i in failed if codes[i] != PEER_LOST_EXIT_CODE] or failed
+    for i in causes:
+        code = codes[i]
+        assert code is not None
+        print(
+            f"fi-ffi launch: rank {i} (pid {procs[i].pid}) {describe_exit(code)}; stopping the other ranks",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def launch(
@@ -99,11 +134,23 @@ def launch(
             _stop(procs, stopped, grace, poll)
             raise
         failed_at: float | None = None
+        killed: set[int] = set()
+        reported = False
+        lost_since: float | None = None
         while True:
             codes = [p.poll() for p in procs]
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0) and i not in stopped]
+            own_failure = bool(failed)
+            if failed and all(codes[i] == PEER_LOST_EXIT_CODE for i in failed) and None in codes:
+                # only ranks that lost a peer so far: the peer is ending too; give it a moment to be seen as the
+                # cause (its status and name) before the others are stopped
+                lost_since = time.monotonic() if lost_since is None else lost_since
+                own_failure = time.monotonic() - lost_since > min(grace, _CAUSE_WAIT_S)
+            if own_failure and not reported:  # even when every rank is already gone
+                reported = True
+                _report(procs, codes, stopped)
             if all(c is not None for c in codes):
                 break
-            own_failure = any(c not in (None, 0) and i not in stopped for i, c in enumerate(codes))
             if (own_failure or received) and failed_at is None:
                 failed_at = time.monotonic()
                 for i, p in enumerate(procs):
@@ -111,15 +158,22 @@ def launch(
                         stopped.add(i)
                         _signal_group(p, signal.SIGTERM)
             if failed_at is not None and time.monotonic() - failed_at > grace:
-                for p in procs:
-                    if p.poll() is None:
+                for i, p in enumerate(procs):
+                    if p.poll() is None and i not in killed:
+                        killed.add(i)
+                        print(
+                            f"fi-ffi launch: rank {i} (pid {p.pid}) did not stop within --grace {grace:g} s; SIGKILL",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         _signal_group(p, signal.SIGKILL)
             time.sleep(poll)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     own = [_status(p.returncode) for i, p in enumerate(procs) if i not in stopped]
-    worst = max(own, default=0)
+    causes = [c for c in own if c not in (0, PEER_LOST_EXIT_CODE)]  # a survivor's 75 is a consequence
+    worst = max(causes or own, default=0)
     if worst == 0 and received:
         return 128 + received[0]
     if worst == 0 and any(p.returncode for p in procs):
@@ -157,4 +211,4 @@ def main(nproc: int, command: Sequence[str], master_addr: str, master_port: int 
         return 126
 
 
-__all__ = ["MULTICAST_OFF", "free_port", "launch", "main", "rank_env"]
+__all__ = ["MULTICAST_OFF", "describe_exit", "free_port", "launch", "main", "rank_env"]

@@ -28,7 +28,7 @@ from typing import Any
 from ..dtypes import DType
 from ..errors import FiFFIError
 from .env import DistEnv, read_env
-from .rendezvous import exchange
+from .watchdog import Watchdog, bootstrap
 
 UNIQUE_ID_BYTES = 128
 
@@ -115,8 +115,12 @@ class _CuPy:
         return bytes(b & 0xFF for b in self.n.get_unique_id())
 
     def init(self, world_size: int, unique_id: bytes, rank: int) -> Any:
-        signed = tuple(b - 256 if b > 127 else b for b in unique_id)  # CuPy keeps the id as C chars
-        return self.n.NcclCommunicator(world_size, signed, rank)
+        # CuPy 13 takes the id as a tuple of C chars (signed), CuPy 14 as bytes ("expected bytes, got tuple")
+        try:
+            return self.n.NcclCommunicator(world_size, bytes(unique_id), rank)
+        except TypeError:
+            signed = tuple(b - 256 if b > 127 else b for b in unique_id)
+            return self.n.NcclCommunicator(world_size, signed, rank)
 
     def all_reduce(self, comm: Any, send: int, recv: int, count: int, dtype: int, op: int, stream: int) -> None:
         comm.allReduce(send, recv, count, dtype, op, stream)
@@ -142,7 +146,7 @@ def load_backend(name: str | None = None) -> Any:
         NcclUnavailableError: none loads (nccl4py missing or without libnccl, CuPy missing or without NCCL).
     """
     name = name if name is not None else os.environ.get("FI_FFI_NCCL_BACKEND") or None
-    if name is not None and name not in _BACKENDS:
+    if name is not None and (not isinstance(name, str) or name not in _BACKENDS):
         where = "backend" if "FI_FFI_NCCL_BACKEND" not in os.environ else "FI_FFI_NCCL_BACKEND"
         raise ValueError(f"{where}: expected one of {', '.join(_BACKENDS)}, got {name!r}")
     reasons = []
@@ -160,6 +164,23 @@ def load_backend(name: str | None = None) -> Any:
 
 
 # ---- the communicator -------------------------------------------------------------------------------------------
+
+
+def open_communicator(name: str, comm: Any, what: str) -> Communicator:
+    """``comm`` as an open :class:`Communicator`, for the objects built over one (``what`` names the object).
+
+    Raises:
+        TypeError: ``comm`` is not a Communicator (naming ``name`` and how to make one).
+        ValueError: it is closed.
+    """
+    if not isinstance(comm, Communicator):
+        raise TypeError(
+            f"{name}: expected a fi_ffi.comm.Communicator (Communicator.from_env() on every rank), got "
+            f"{type(comm).__name__}"
+        )
+    if comm.closed:
+        raise ValueError(f"{name}: the communicator is closed; make {what} over an open one")
+    return comm
 
 
 class Communicator:
@@ -182,12 +203,14 @@ class Communicator:
         for name, value in (("rank", rank), ("world_size", world_size), ("device", device)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-        if world_size < 1:
-            raise ValueError(f"world_size: expected >= 1, got {world_size}")
+        if not 1 <= world_size < 1 << 31:
+            raise ValueError(f"world_size: expected 1 <= world_size < 2**31 (NCCL's int), got {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: expected 0 <= rank < world_size ({world_size}), got {rank}")
-        if device < 0:
-            raise ValueError(f"device: expected a CUDA ordinal >= 0, got {device}")
+        if not 0 <= device < 1 << 31:
+            raise ValueError(f"device: expected a CUDA ordinal in [0, 2**31), got {device}")
+        if env is not None and not isinstance(env, DistEnv):
+            raise TypeError(f"env: expected a fi_ffi.comm.DistEnv (read_env()) or None, got {type(env).__name__}")
         if not isinstance(unique_id, (bytes, bytearray)) or len(unique_id) != UNIQUE_ID_BYTES:
             raise ValueError(f"unique_id: expected {UNIQUE_ID_BYTES} bytes (an NCCL unique id), got {unique_id!r:.40}")
         self.rank = rank
@@ -198,6 +221,8 @@ class Communicator:
         self.backend = self._backend.name
         self._comm: Any = None
         self._stream = 0
+        self.watchdog: Watchdog | None = None  # from_env's: the peers' liveness (fi_ffi.comm.watchdog)
+        self.aborted = False
         _set_device(device)
         try:
             self._comm = self._backend.init(world_size, bytes(unique_id), rank)
@@ -221,18 +246,46 @@ class Communicator:
             device: the CUDA device (default ``LOCAL_RANK``).
             backend: ``"nccl4py"`` or ``"cupy"`` (default: the first that loads).
             timeout: seconds for the rendezvous (default ``FI_FFI_RENDEZVOUS_TIMEOUT`` or 300).
+
+        The ranks also open their liveness connections (:mod:`fi_ffi.comm.watchdog`): from here on, a rank that
+        dies or fails makes every other rank exit with a message naming it instead of waiting forever.
         """
-        env = read_env() if env is None else env
+        # every argument checked before NCCL is loaded (loading it is slow, and may fail for its own reasons)
+        if env is None:
+            env = read_env()
+        elif not isinstance(env, DistEnv):
+            raise TypeError(
+                f"env: expected a fi_ffi.comm.DistEnv (read_env(variables) makes one from a mapping), or None to "
+                f"read os.environ; got {type(env).__name__}"
+            )
+        if device is not None:
+            if isinstance(device, bool) or not isinstance(device, int):
+                raise TypeError(f"device: expected a CUDA ordinal (int) or None, got {type(device).__name__}")
+            if not 0 <= device < 1 << 31:
+                raise ValueError(f"device: expected a CUDA ordinal in [0, 2**31), got {device}")
+        if backend is not None and (not isinstance(backend, str) or backend not in _BACKENDS):
+            raise ValueError(f"backend: expected one of {', '.join(_BACKENDS)} or None, got {backend!r}")
+        if timeout is not None:
+            from ..launch import checks
+
+            checks.positive_finite("timeout", timeout)
         loaded = load_backend(backend)  # before the rendezvous: a rank without NCCL fails at once, by itself
-        unique_id = exchange(env, loaded.unique_id() if env.rank == 0 else None, timeout=timeout)
-        return cls(
-            env.rank,
-            env.world_size,
-            unique_id,
-            device=env.local_rank if device is None else device,
-            backend=loaded.name,
-            env=env,
-        )
+        unique_id, dog = bootstrap(env, loaded.unique_id() if env.rank == 0 else None, timeout=timeout)
+        try:
+            comm = cls(
+                env.rank,
+                env.world_size,
+                unique_id,
+                device=env.local_rank if device is None else device,
+                backend=loaded.name,
+                env=env,
+            )
+        except BaseException as exc:
+            if dog is not None:
+                dog.fail(f"{type(exc).__name__}: {exc}")
+            raise
+        comm.watchdog = dog
+        return comm
 
     # ---- collectives on tensors ------------------------------------------------------------------------------
 
@@ -344,9 +397,20 @@ class Communicator:
     def closed(self) -> bool:
         return self._comm is None
 
+    def abort(self, reason: str) -> None:
+        """This rank will not finish (an exception): tell the peers (they exit, naming this rank and ``reason``,
+        instead of waiting in a collective) and drop the communicator without the collective teardown, which
+        would wait for them. Later collectives raise; :meth:`close` does nothing more."""
+        self.aborted = True
+        if self.watchdog is not None:
+            self.watchdog.fail(reason)
+        self._comm = None
+
     def close(self) -> None:
         """Destroy the NCCL communicator (after the work queued on it); a second call does nothing."""
         comm, self._comm = self._comm, None
+        if self.watchdog is not None:
+            self.watchdog.close()  # goodbye: this rank ended normally
         if comm is None:
             return
         _set_device(self.device)

@@ -38,7 +38,7 @@ from ..abi.wire import (
 )
 from ..dtypes import DType, bfloat16, float8_e4m3fn, float16, float32, int32, int64
 from ..launch import checks
-from ..launch.launcher import launcher
+from ..launch.launcher import check_tensor, launcher
 from ..launch.pointer_rules import PointerRules
 from . import control
 
@@ -48,6 +48,7 @@ BARRIER_FLAG_COUNT = 256
 MAX_COMM_SIZE = 2147483647 & ~((1 << 21) - 1)  # int32 max rounded down to 2 MiB: the kernels' byte offsets
 ONESHOT_MAX_MIB = {2: 512, 4: 64, 8: 42, 16: 42}  # flashinfer's one-shot heuristic (B200), by world size
 _ALIGN = 1 << 21
+MAX_ELEMENTS = (1 << 31) - 1  # token_num * hidden_dim of one call: the kernels' int32 element counts
 _DTYPES = (float16, bfloat16, float32)
 
 
@@ -280,6 +281,11 @@ def workspace_metadata(world_size: int, max_token_num: int, hidden_dim: int, dty
         raise ValueError(f"world_size: the fusion kernels run on 2, 4, 8 or 16 ranks, got {world_size}")
     max_token_num = checks.integer("max_token_num", max_token_num, 1)
     hidden_dim = checks.integer("hidden_dim", hidden_dim, 1)
+    if max_token_num * hidden_dim > MAX_ELEMENTS:
+        raise ValueError(
+            f"max_token_num, hidden_dim: {max_token_num} x {hidden_dim} elements exceed {MAX_ELEMENTS} (the kernels "
+            f"count a call's elements in int32); make the workspace for fewer tokens"
+        )
     dt = to_dtype(dtype)
     if dt not in _DTYPES:
         raise TypeError(f"dtype: expected float16, bfloat16 or float32, got {dt.name}")
@@ -309,7 +315,9 @@ class AllReduceFusionWorkspace:
         from ..tensor import Tensor
         from . import cuda
         from .ipc import IpcBuffer
+        from .nccl import open_communicator
 
+        comm = open_communicator("comm", comm, "an AllReduceFusionWorkspace")
         self.metadata = workspace_metadata(comm.world_size, max_token_num, hidden_dim, dtype)
         if comm.env is not None and not comm.env.single_host:
             raise ValueError("comm: the fusion kernels need every rank on one host (CUDA IPC); use NCCL")
@@ -385,7 +393,7 @@ class AllReduceFusionWorkspace:
         """:func:`trtllm_allreduce_fusion` on this workspace, with the token count and hidden size taken from
         ``allreduce_in`` (``[token_num, hidden_dim]``)."""
         if self.closed:
-            raise ValueError("the workspace is closed")
+            raise ValueError(_CLOSED)
         from ..interop import as_tensor
 
         t = as_tensor(allreduce_in, name="allreduce_in")
@@ -417,18 +425,40 @@ class AllReduceFusionWorkspace:
         )
 
 
+_CLOSED = (
+    "AllReduceFusionWorkspace: this workspace is closed (close() or its with block ended); make a new "
+    "AllReduceFusionWorkspace(comm, max_token_num, hidden_dim, dtype) on every rank"
+)
+
+
 def _workspace(workspace_ptrs: Any, metadata: WorkspaceMetadata | None) -> tuple[Any, WorkspaceMetadata]:
     """The pointer array and metadata of ``workspace_ptrs`` (a workspace, or a tensor with ``metadata``)."""
     if isinstance(workspace_ptrs, AllReduceFusionWorkspace):
         if workspace_ptrs.closed:
-            raise ValueError("workspace_ptrs: the workspace is closed")
+            raise ValueError(f"workspace_ptrs: {_CLOSED}")
         return workspace_ptrs.ptrs, workspace_ptrs.metadata
     if not isinstance(metadata, WorkspaceMetadata):
         raise TypeError(
             "metadata: a raw workspace_ptrs tensor needs its WorkspaceMetadata (workspace_metadata(...)), so that "
             "sizes can be checked; or pass the AllReduceFusionWorkspace itself"
         )
-    return workspace_ptrs, metadata
+    # named as the caller wrote it (the MoE finalize declaration calls it "workspace"), on every call
+    t = checks.tensor("workspace_ptrs", workspace_ptrs)
+    check_tensor("workspace_ptrs", t)
+    _pointer_table("workspace_ptrs", t, 3 * metadata.world_size + 1)
+    if t.data_ptr % 8:
+        raise ValueError(f"workspace_ptrs: data pointer 0x{t.data_ptr:x} must be aligned to 8 bytes (int64)")
+    return t, metadata
+
+
+def _dims(token_num: Any, hidden_dim: Any) -> tuple[int, int]:
+    """``token_num`` and ``hidden_dim`` as the caller named them, each at least 1 and their product an int32."""
+    tokens = checks.integer("token_num", token_num, 1)
+    hidden = checks.integer("hidden_dim", hidden_dim, 1)
+    for name, value in (("token_num", tokens), ("hidden_dim", hidden)):
+        if value > MAX_ELEMENTS:
+            raise ValueError(f"{name}: expected at most {MAX_ELEMENTS} (the kernels' int32), got {value}")
+    return tokens, hidden
 
 
 def _should_use_oneshot(token_num: int, hidden_dim: int, itemsize: int, world_size: int) -> bool:
@@ -470,12 +500,15 @@ def _check_fusion(a: SimpleNamespace) -> PointerRules:
         raise ValueError(f"world_rank: expected 0 <= world_rank < {a.world_size}, got {a.world_rank}")
     if a.token_num < 1 or a.hidden_size < 1 or x.numel != a.token_num * a.hidden_size:
         raise ValueError(
-            f"token_num, hidden_size: expected allreduce_in's {x.numel} elements as token_num x hidden_size, got "
+            f"token_num, hidden_dim: expected allreduce_in's {x.numel} elements as token_num x hidden_dim, got "
             f"{a.token_num} x {a.hidden_size}"
         )
     vec = 16 // x.dtype.itemsize
-    if a.hidden_size % vec:
-        raise ValueError(f"hidden_size: expected a multiple of {vec} (16 bytes of {x.dtype.name}), got {a.hidden_size}")
+    if a.hidden_size % vec:  # the declaration's hidden_size is the caller's hidden_dim (allreduce_in.shape[1])
+        raise ValueError(
+            f"hidden_dim: expected a multiple of {vec} (16 bytes of {x.dtype.name}), got {a.hidden_size}; pad "
+            f"allreduce_in's rows (allreduce_in.shape[1]) to it"
+        )
     if a.token_num * a.hidden_size > meta.max_token_num * meta.hidden_dim:
         raise ValueError(
             f"allreduce_in: {a.token_num} x {a.hidden_size} elements exceed the workspace ({meta.max_token_num} tokens "
@@ -599,8 +632,7 @@ def trtllm_allreduce_fusion(
     ``layout_code`` (FP4 only) must be None.
     """
     ptrs, meta = _workspace(workspace_ptrs, metadata)
-    token_num = checks.integer("token_num", token_num, 1)
-    hidden_dim = checks.integer("hidden_dim", hidden_dim, 1)
+    token_num, hidden_dim = _dims(token_num, hidden_dim)
     world_size = checks.integer("world_size", world_size)
     if world_size not in ONESHOT_MAX_MIB:
         raise ValueError(f"world_size: the fusion kernels run on 2, 4, 8 or 16 ranks, got {world_size}")
@@ -634,7 +666,7 @@ def trtllm_allreduce_fusion(
         quant_out,
         scale_out,
         rms_gamma,
-        None if rms_eps is None else float(rms_eps) if isinstance(rms_eps, int) else rms_eps,
+        None if rms_eps is None else checks.finite("rms_eps", rms_eps),
         scale_factor,
         layout_code,
         stream=stream,
@@ -756,7 +788,7 @@ def trtllm_moe_finalize_allreduce_fusion(
         ptrs,
         world_rank,
         world_size,
-        float(eps) if isinstance(eps, int) and not isinstance(eps, bool) else eps,
+        checks.finite("eps", eps),
         shared_expert_output,
         expert_scale_factor,
         stream=stream,
@@ -778,8 +810,8 @@ def _check_moe_reduction(a: SimpleNamespace) -> PointerRules:
         raise TypeError("workspace_ptrs: made for float32 calls; the MoE fusions run float16/bfloat16")
     if tokens < 1 or hidden < 1 or hidden % 8 or experts < 1:
         raise ValueError(
-            f"token_num, hidden_size, moe_reduction_device_num_experts: expected >= 1 (hidden a multiple of 8), got "
-            f"{tokens}, {hidden}, {experts}"
+            f"token_num, hidden_dim, moe_reduction_device_num_experts: expected >= 1 (hidden_dim a multiple of 8), "
+            f"got {tokens}, {hidden}, {experts}"
         )
     if tokens * hidden > meta.max_token_num * meta.hidden_dim:
         raise ValueError(
@@ -863,6 +895,7 @@ def trtllm_moe_allreduce_fusion(
     (each output optional, at least one). float16/bfloat16; scales float32 ``[experts, token_num]``.
     """
     ptrs, meta = _workspace(workspace_ptrs, metadata)
+    token_num, hidden_dim = _dims(token_num, hidden_dim)
     _moe_reduction(
         world_size,
         world_rank,
@@ -872,8 +905,8 @@ def trtllm_moe_allreduce_fusion(
         launch_with_pdl,
         residual_in,
         rms_gamma,
-        float(rms_eps) if isinstance(rms_eps, int) and not isinstance(rms_eps, bool) else rms_eps,
-        float(scale_factor) if isinstance(scale_factor, int) and not isinstance(scale_factor, bool) else scale_factor,
+        checks.finite("rms_eps", rms_eps),
+        checks.finite("scale_factor", scale_factor),
         moe_reduction_device_num_experts,
         moe_reduction_scale_input,
         moe_reduction_active_experts_token_input,
@@ -927,10 +960,43 @@ def _check_custom(a: SimpleNamespace) -> PointerRules:
         checks.shape("intermediate_buffer", a.intermediate_buffer, x.shape)
         if a.eps is None or not a.eps > 0:
             raise ValueError(f"eps: expected > 0 with RESIDUAL_RMS_NORM, got {a.eps}")
+    # last: every argument checked first (this one asks the lock which release serves the module)
+    if a.tp_size != LAMPORT_STRIDE and (
+        a.fusion_op_code == AllReduceFusionOp.RESIDUAL_RMS_NORM or any(t is not None for t in lamport)
+    ):
+        _refuse_lamport_stride_defect(a.tp_size)
     return PointerRules({"in": 16, "out": 16}).disjoint("out", "in")
 
 
 _custom_all_reduce = launcher(CUSTOM_ALL_REDUCE, URI, _check_custom)
+
+LAMPORT_STRIDE = 16  # MAX_RANKS_PER_NODE: the stride at which the kernels read the three Lamport pointer rows
+LAMPORT_STRIDE_FIXED_IN = "0.6.17"  # the first FlashInfer release whose host code writes them at that stride
+
+
+def _refuse_lamport_stride_defect(tp_size: int) -> None:
+    """Refuse a call that may reach the Lamport kernel on a module whose host code mis-strides its pointers.
+
+    FlashInfer's ``trtllm_custom_all_reduce`` before 0.6.17 writes the Lamport buffer pointers of rank ``i`` at
+    ``i + tp_size * k`` while the kernels read ``i + MAX_RANKS_PER_NODE * k`` (k = 0, 1, 2; upstream PR #3903
+    fixed it): they agree only at 16 ranks, and at any other world size the kernel dereferences unset pointers.
+    The Lamport kernel runs for RESIDUAL_RMS_NORM (up to 16 tokens of at least 256 elements, chosen on the
+    device side of the FFI), so such calls, and any call given the Lamport pointers, are refused there.
+    """
+    from .. import loader
+    from ..loader.lockfile import release_key
+
+    release = loader.module_release(URI)
+    if release and release_key(release) >= release_key(LAMPORT_STRIDE_FIXED_IN):
+        return
+    which = f"FlashInfer {release}" if release else "a module whose lock entry records no FlashInfer release"
+    raise ValueError(
+        f"tp_size: {tp_size} ranks with RESIDUAL_RMS_NORM or Lamport buffers on {which}: its host code writes the "
+        f"Lamport buffer pointers at stride tp_size while the kernels read them at stride {LAMPORT_STRIDE} "
+        f"(upstream defect, fixed by FlashInfer PR #3903 in {LAMPORT_STRIDE_FIXED_IN}), so only {LAMPORT_STRIDE} "
+        f"ranks are safe; pin trtllm_comm from FlashInfer >= {LAMPORT_STRIDE_FIXED_IN}, use fusion_op_code NONE "
+        f"without Lamport buffers, or use trtllm_allreduce_fusion"
+    )
 
 
 def trtllm_custom_all_reduce(
@@ -961,7 +1027,14 @@ def trtllm_custom_all_reduce(
 ) -> None:
     """TensorRT-LLM's older custom all-reduce (deprecated upstream in favour of :func:`trtllm_allreduce_fusion`):
     declared and checked; fi_ffi makes no workspace for it (its 7 IPC buffers: see
-    :class:`~fi_ffi.comm.ipc.IpcBuffer`)."""
+    :class:`~fi_ffi.comm.ipc.IpcBuffer`). On modules from FlashInfer before 0.6.17 a call that may reach the Lamport
+    kernel (RESIDUAL_RMS_NORM, or Lamport buffers given) is refused below 16 ranks: that host code mis-strides the
+    Lamport pointers (upstream PR #3903)."""
+    # the declaration calls the input "in" (a Python keyword): checked here under the caller's name
+    inp = checks.tensor("inp", inp)
+    check_tensor("inp", inp)
+    if inp.data_ptr % 16:
+        raise ValueError(f"inp: data pointer 0x{inp.data_ptr:x} must be aligned to 16 bytes (vector loads)")
     _custom_all_reduce(
         inp,
         out,
@@ -980,7 +1053,7 @@ def trtllm_custom_all_reduce(
         residual,
         weight,
         weight_pre_residual_norm,
-        None if eps is None else float(eps),
+        None if eps is None else checks.finite("eps", eps),
         intermediate_buffer,
         lamport_peer_comm_buffer_ptrs_0,
         lamport_peer_comm_buffer_ptrs_1,

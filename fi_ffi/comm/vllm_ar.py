@@ -26,7 +26,7 @@ from typing import Any
 from ..abi.wire import ARRAY, ARRAY_OF_ARRAYS, BOOL, INT, declare, tensor
 from ..dtypes import bfloat16, float16, float32, uint8
 from ..launch import checks
-from ..launch.launcher import launcher
+from ..launch.launcher import check_tensor, launcher
 from ..launch.pointer_rules import PointerRules
 from . import control
 
@@ -34,6 +34,8 @@ URI = "vllm_comm"
 MAX_CTAS = 36  # kMaxBlocks
 RANK_DATA_BYTES = 64  # one RankData: 8 peer pointers
 WORLD_SIZES = (2, 4, 6, 8)
+MAX_SIZE = (1 << 31) - 16  # bytes: the kernels' element counts are int32 (and so is a uint8 descriptor's size)
+MAX_GRAPH_ALL_REDUCES = (1 << 31) // RANK_DATA_BYTES - 2  # the table (one more entry) stays an int32 size
 _DTYPES = (float32, float16, bfloat16)
 
 INIT_CUSTOM_AR = declare(
@@ -78,6 +80,8 @@ def _handle(name: str, fa: Any) -> int:
     value = checks.integer(name, fa)
     if value == 0:
         raise ValueError(f"{name}: the all-reduce handle is 0 (disposed, or never made by init_custom_ar)")
+    if not 0 < value < 1 << 63:
+        raise ValueError(f"{name}: expected the handle init_custom_ar returned (an address below 2**63), got {value}")
     return value
 
 
@@ -120,6 +124,7 @@ def init_custom_ar(ipc_tensors: Any, rank_data: Any, rank: int, full_nvlink: boo
             "NVLink-connected; use NCCL on this machine"
         )
     t = checks.tensor("rank_data", rank_data)
+    check_tensor("rank_data", t, output=True)  # NULL, or a range past the end of the address space
     checks.cuda("rank_data", t)
     checks.contiguous("rank_data", t)
     if t.dtype != uint8 or t.numel < RANK_DATA_BYTES:
@@ -243,10 +248,16 @@ class CustomAllReduce:
         from ..tensor import Tensor
         from . import cuda
         from .ipc import IpcBuffer
+        from .nccl import open_communicator
 
+        comm = open_communicator("comm", comm, "a CustomAllReduce")
         max_size = checks.integer("max_size", max_size, 16)
-        if max_size % 16:
-            raise ValueError(f"max_size: expected a multiple of 16 bytes, got {max_size}")
+        if max_size % 16 or max_size > MAX_SIZE:
+            raise ValueError(
+                f"max_size: expected a multiple of 16 bytes up to {MAX_SIZE} (the kernels count elements in int32; "
+                f"NCCL serves larger messages), got {max_size}"
+            )
+        full_nvlink = checks.flag("full_nvlink", full_nvlink)
         if comm.world_size not in WORLD_SIZES:
             raise ValueError(f"comm: the custom all-reduce runs on 2, 4, 6 or 8 ranks, this one has {comm.world_size}")
         if comm.env is not None and not comm.env.single_host:
@@ -257,6 +268,11 @@ class CustomAllReduce:
         if self.num_ctas > MAX_CTAS:
             raise ValueError(f"num_ctas: expected 1..{MAX_CTAS}, got {num_ctas}")
         graphs = checks.integer("max_graph_all_reduces", max_graph_all_reduces, 0)
+        if graphs > MAX_GRAPH_ALL_REDUCES:
+            raise ValueError(
+                f"max_graph_all_reduces: expected at most {MAX_GRAPH_ALL_REDUCES} (the table of {RANK_DATA_BYTES} "
+                f"bytes each is described with an int32 size), got {graphs}"
+            )
         self.comm = comm
         self.max_size = max_size
         self.fa = 0
@@ -284,8 +300,8 @@ class CustomAllReduce:
         :meth:`register_graph_buffers` once after capture, on every rank), where ``inp`` must be ``cudaMalloc``
         memory (torch's and CuPy's default allocators are).
         """
-        if not self.fa:
-            raise ValueError("the custom all-reduce is closed")
+        self._open()
+        registered = checks.flag("registered", registered)
         from ..interop import as_tensor
 
         t = as_tensor(inp, name="inp")  # a descriptor is returned as is
@@ -302,8 +318,7 @@ class CustomAllReduce:
         """After CUDA-graph capture, on every rank: exchange and register the captured inputs; returns how many."""
         import struct
 
-        if not self.fa:
-            raise ValueError("the custom all-reduce is closed")
+        self._open()
         handles, offsets = get_graph_buffer_ipc_meta(self.fa)
         count = len(offsets)
         counts = self.comm.all_gather_bytes(struct.pack("<q", count))
@@ -324,6 +339,13 @@ class CustomAllReduce:
     @property
     def closed(self) -> bool:
         return not self.fa
+
+    def _open(self) -> None:
+        if not self.fa:
+            raise ValueError(
+                "CustomAllReduce: this object is closed (close() or its with block ended); make a new "
+                "CustomAllReduce(comm, ...) on every rank"
+            )
 
     def close(self) -> None:
         """Dispose of the object and release the IPC buffers (after every rank got here); once."""

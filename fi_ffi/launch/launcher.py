@@ -48,7 +48,7 @@ import threading
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import caches, producers
 from ..abi import wire
@@ -58,7 +58,7 @@ from ..dtypes import CUDA
 from ..errors import LoaderError
 from ..streams import stream_handle
 from ..tensor import _WIRE_DEVICE_TYPE, Tensor
-from .pointer_rules import HIDDEN_ADDRESS, PointerRules, apart_ok, compile_apart, enforce, without_address
+from .pointer_rules import HIDDEN_ADDRESS, ApartTest, PointerRules, apart_test, compile_apart, enforce, without_address
 
 # An op's contract: given the call's arguments without their addresses (and ``context``), raise on a bad layout or
 # scalar, and return what the data pointers must satisfy (a mapping is alignments in bytes by parameter name).
@@ -88,6 +88,19 @@ _BAD = _Bad()
 
 class _Slow(Exception):
     """Internal: leave the fast path."""
+
+
+class Entry(NamedTuple):
+    """What a frame cache remembers of one layout combination that passed every check (one per layout key)."""
+
+    image: bytes  # the frame's bytes for it, data pointers and per-call values left zero
+    masks: tuple[int, ...]  # per tensor parameter: alignment - 1 | high bits (0 for an absent tensor)
+    device_id: int  # the CUDA ordinal of its tensors (0 when none is on a CUDA device)
+    stream_source: producers.StreamSource | None  # the default stream's source (None: TVM-FFI's current one)
+    keep: tuple[Any, ...]  # what the image points to (text arguments' buffers)
+    empty_ok: tuple[bool, ...]  # per tensor parameter: validated empty, so its pointer may be NULL
+    union: int  # the union of ``masks``: one test of all pointers for the common case
+    apart: ApartTest | None  # the overlap test of its pointers (None: no rule to test)
 
 
 class Frame:
@@ -126,7 +139,7 @@ class Frame:
         self.result = self.args + nargs
         self.records = int(ffi.cast("uintptr_t", self.block)) + (nargs + 1) * _SLOT
         self.stream_out = ffi.new("uintptr_t*")
-        self.cache: dict[Hashable, tuple[Any, ...]] = {}
+        self.cache: dict[Hashable, Entry] = {}
         self.image: Any = None  # the cache entry whose image the frame holds (see the generated launch)
         self.call = call
         self.this = ffi.NULL
@@ -184,6 +197,10 @@ class Launcher:
         except AttributeError:
             pass
         entry = self.bind()
+        if self.namespace.get("_get_stream") is None:  # the runtime is loaded now (binding loaded it)
+            from ..abi.runtime import api
+
+            self.namespace["_get_stream"] = api().TVMFFIEnvGetStream
         f = self.tls.frame = Frame(len(self.decl.params), len(self.tensor_index), entry._call)
         return f
 
@@ -191,7 +208,7 @@ class Launcher:
 
     def slow(
         self, values: Sequence[Any], stream: Any, context: Any, frame: Frame | None = None, remember: bool = True
-    ) -> tuple[Frame, tuple[Any, ...], list[int]]:
+    ) -> tuple[Frame, Entry, list[int]]:
         """Describe and check every argument, build the frame image, remember it; return (frame, entry, ptrs)."""
         self.slow_calls += 1
         decl = self.decl
@@ -229,8 +246,9 @@ class Launcher:
         for mask in masks:
             union |= mask
         # the overlap rules of this layout combination, as integers the fast path tests (None: nothing to test)
-        apart = compile_apart(rules, tensors, self.pointer_position)
-        entry = (bytes(f.mv), tuple(masks), device_id, source, tuple(keep), empty_ok, union, apart)
+        compiled = compile_apart(rules, tensors, self.pointer_position)
+        apart = None if compiled is None else apart_test(compiled, len(self.pointer_index))
+        entry = Entry(bytes(f.mv), tuple(masks), device_id, source, tuple(keep), empty_ok, union, apart)
         if remember:
             try:
                 key, _ = self.keys(*values, stream)
@@ -266,8 +284,6 @@ class Launcher:
                 )
 
     def _describe(self, values: Sequence[Any], stream: Any) -> tuple[dict[str, Any], list[int], Any]:
-        from ..interop import as_tensor
-
         checked: dict[str, Any] = {}
         ptrs: list[int] = []
         first_cuda = None
@@ -281,8 +297,7 @@ class Launcher:
                     if kind in wire.TENSOR_TYPES:
                         ptrs.append(_ABSENT)
                     continue
-                fast = producers.reader(type(value)) is not producers._read_any
-                t = as_tensor(value, name=name, stream=-1 if fast else producers.dlpack_stream(value, stream))
+                t = producers.describe(value, name, stream)
                 check_tensor(name, t, output=p.output)
                 checked[name] = t
                 if kind in wire.TENSOR_TYPES:
@@ -317,14 +332,14 @@ class Launcher:
             raise TypeError(
                 f"{self.name}: calls with plan info, per-call values or ffi.Tensor arguments cannot be prepared"
             )
+        handle = None if stream is None else _stream(stream)  # a bad stream is named before the module is bound
         entry_point = self.bind()
         frame = Frame(len(self.decl.params), len(self.tensor_index), entry_point._call)
         f, entry, ptrs = self.slow(values, stream, context, frame=frame, remember=False)
         _write_pointers(f, self.decl, self.record_of, ptrs)
-        handle = None if stream is None else _stream(stream)
-        if handle is None and entry[3] is not None:
-            handle = entry[3](entry[2])
-        return PreparedCall(self, f, tuple(values), entry[2], handle)
+        if handle is None and entry.stream_source is not None:
+            handle = entry.stream_source(entry.device_id)
+        return PreparedCall(self, f, tuple(values), entry.device_id, handle)
 
 
 class PreparedCall:
@@ -566,15 +581,15 @@ _set_stream: Any = None
 _get_stream: Any = None
 
 
-def invoke(name: str, f: Frame, entry: tuple[Any, ...], stream: Any) -> None:
-    """Call on ``stream`` (None: the framework's current stream of the first tensor, ``entry[3]``).
+def invoke(name: str, f: Frame, entry: Entry, stream: Any) -> None:
+    """Call on ``stream`` (None: the framework's current stream of the first tensor, ``entry.stream_source``).
 
     The stream is set as TVM-FFI's current stream of the call's device only when it differs from it (one FFI
     call to compare instead of two to set and restore), and restored afterwards, also on error.
     """
-    device_id = entry[2]
+    device_id = entry.device_id
     if stream is None:
-        handle = entry[3](device_id)
+        handle = entry.stream_source(device_id)  # type: ignore[misc]  # invoke is called only with a source
     elif stream.__class__ is int and 0 <= stream < _PTR_END:
         handle = stream
     else:
@@ -716,9 +731,9 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
         # test only when that fails; then the overlap rules of this layout, if it has any
         pointer_tuple = "(" + "".join(pp + ", " for pp in tested) + ")"
         lines += [
-            f"        if ({' | '.join(tested)}) & _e[6] or not ({' and '.join(tested)}):",
+            f"        if ({' | '.join(tested)}) & _e.union or not ({' and '.join(tested)}):",
             f"            if not _pointers_ok(_e, {pointer_tuple}): raise _Slow",
-            f"        if _e[7] is not None and not _apart_ok(_e[7], {pointer_tuple}): raise _Slow",
+            f"        if _e.apart is not None and not _e.apart({', '.join(tested)}): raise _Slow",
         ]
     # the slow path runs after the except block, so its errors are not shown as raised "during handling" of the
     # fast path's internal exception
@@ -739,7 +754,7 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     lines += [
         "    _q = _f.q",
         "    if _f.image is not _e:",
-        "        _f.mv[:] = _e[0]",
+        "        _f.mv[:] = _e.image",
         "        _f.image = _e",
         "    else:",
         f"        _q[{2 * len(params)}] = 0  # the result slot's type: None",
@@ -749,8 +764,12 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
         a = names[i]
         lines.append(f"    _o{i} = None if {a} is None else _tensor_object({a}, {params[i].name!r})")
         lines.append(f"    if _o{i} is not None: _q[{2 * i + 1}] = _o{i}.handle")
+    # on TVM-FFI's current stream: no stream given and none from the framework, or the given stream is the
+    # current one already (a runtime inside stream_scope); otherwise invoke sets and restores it
     call = [
-        "if stream is None and _e[3] is None:",
+        "if stream is None and _e.stream_source is None:",
+        "    if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
+        f"elif stream.__class__ is int and stream == _get_stream({CUDA}, _e.device_id):",
         "    if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
         "else: _invoke(_name, _f, _e, stream)",
     ]
@@ -771,10 +790,10 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     return "\n".join(lines) + "\n\n" + "\n".join(key_lines) + "\n"
 
 
-def _pointers_ok(entry: tuple[Any, ...], ptrs: tuple[int, ...]) -> bool:
+def _pointers_ok(entry: Entry, ptrs: tuple[int, ...]) -> bool:
     """The per-tensor test behind the fast path's union test: each pointer meets its own alignment mask (and the
     high-bit guard), and is non-NULL unless its tensor was validated empty."""
-    for ptr, mask, empty_ok in zip(ptrs, entry[1], entry[5], strict=True):
+    for ptr, mask, empty_ok in zip(ptrs, entry.masks, entry.empty_ok, strict=True):
         if ptr & mask or not (ptr or empty_ok):
             return False
     return True
@@ -795,9 +814,8 @@ def _refuse_absent(name: str, release: str, absent: dict[str, Any]) -> None:
 def _tensor_object(value: Any, name: str) -> Any:
     """A TVM-FFI Tensor object for an ``ffi.Tensor`` parameter, made for one call (the caller releases it)."""
     from ..abi.objects import tensor_object
-    from ..interop import as_tensor
 
-    return tensor_object(as_tensor(value, name=name))
+    return tensor_object(producers.describe(value, name, -1))  # -1: no DLPack synchronization, as as_tensor
 
 
 def compile_launcher(
@@ -825,13 +843,13 @@ def compile_launcher(
         "_BAD": _BAD,
         "_fail": fail,
         "_invoke": invoke,
+        "_get_stream": None,  # TVMFFIEnvGetStream, set when the first frame is made (the runtime is loaded then)
         "_stream": _stream,
         "_name": launcher_.name,
         "_result": result,
         "_scalar": scalar,
         "_tensor_object": _tensor_object,
         "_pointers_ok": _pointers_ok,
-        "_apart_ok": apart_ok,
         "_refuse_absent": _refuse_absent,
         "_release": decl.release,
         "_DEFAULTS": [p.default for p in decl.params],
@@ -940,6 +958,7 @@ def _reset() -> None:
 caches.register("launchers (compiled per declaration, with their frames and images)", _reset)
 
 __all__ = [
+    "Entry",
     "Launcher",
     "PreparedCall",
     "bound_entry",

@@ -16,19 +16,31 @@ NULL for a non-empty tensor, and an address range that wraps, are refused for ev
 
 The launcher compiles the rules of each layout once (:func:`compile_apart`: byte offsets of each tensor's
 footprint, and the row geometry that makes views of one buffer exact) and tests the pointers of every call
-against them (:func:`apart_ok`, a few integer comparisons per rule); a call that fails the test goes to the slow
-path, which raises the error naming the arguments (:func:`enforce`).
+against them; a call that fails the test goes to the slow path, which raises the error naming the arguments
+(:func:`enforce`). The test of one layout combination is a small function generated from its compiled rules
+(:func:`apart_test`: the offsets are constants in its code, so a warm call pays one call and one or two
+comparisons per rule); :func:`apart_ok` is the same test read from the compiled tuple (the reference the generated
+one is tested against).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..tensor import Tensor
 from . import aliasing
 
-__all__ = ["HIDDEN_ADDRESS", "CompiledApart", "PointerRules", "apart_ok", "compile_apart", "enforce", "without_address"]
+__all__ = [
+    "HIDDEN_ADDRESS",
+    "CompiledApart",
+    "PointerRules",
+    "apart_ok",
+    "apart_test",
+    "compile_apart",
+    "enforce",
+    "without_address",
+]
 
 # One compiled overlap rule: (index of out, index of other) in the call's pointer tuple, the byte offsets of their
 # footprints relative to their pointers (first, end), whether the in-place form is allowed (both layouts equal),
@@ -147,6 +159,42 @@ def apart_ok(compiled: CompiledApart, ptrs: Sequence[int]) -> bool:
             if rows is None or aliasing.rows_overlap(rows, b0 - a0):
                 return False
     return True
+
+
+ApartTest = Callable[..., bool]
+_apart_tests: dict[tuple[int, CompiledApart], ApartTest] = {}  # generated tests by (pointer count, rules)
+_MAX_APART_TESTS = 1024
+
+
+def apart_test(compiled: CompiledApart, npointers: int) -> ApartTest:
+    """A function ``test(p0, ..., p{npointers-1}) -> bool`` answering as :func:`apart_ok` for ``compiled``.
+
+    Generated once per compiled rule set (remembered by value): per rule ``(i, j)``, with ``d = p_j - p_i``, the
+    footprints meet iff ``lo_a - hi_b < d < hi_a - lo_b`` (both bounds constants here); the in-place form
+    allows ``d == 0``; rows of one stride are then asked exactly (:func:`aliasing.rows_overlap`).
+    """
+    key = (npointers, compiled)
+    found = _apart_tests.get(key)
+    if found is not None:
+        return found
+    lines = [f"def test({', '.join(f'p{k}' for k in range(npointers))}):"]
+    namespace: dict[str, Any] = {"_rows_overlap": aliasing.rows_overlap}
+    for r, (i, j, lo_a, hi_a, lo_b, hi_b, same, rows) in enumerate(compiled):
+        lines.append(f"    d = p{j} - p{i}")
+        test = f"{lo_a - hi_b} < d < {hi_a - lo_b}"
+        if same:
+            test += " and d != 0"
+        if rows is not None:
+            namespace[f"_rows{r}"] = rows
+            test += f" and _rows_overlap(_rows{r}, d + {lo_b - lo_a})"
+        lines.append(f"    if {test}: return False")
+    lines.append("    return True")
+    exec(compile("\n".join(lines) + "\n", "<fi_ffi pointer rules>", "exec"), namespace)
+    found = namespace["test"]
+    if len(_apart_tests) >= _MAX_APART_TESTS:
+        _apart_tests.clear()
+    _apart_tests[key] = found
+    return found  # type: ignore[no-any-return]
 
 
 class _HiddenAddress:

@@ -16,6 +16,7 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ __all__ = [
     "ensure_cudart",
     "fetch",
     "list_cache",
+    "listing_without_download",
     "load_module",
     "loaded_modules",
     "lock_entries",
@@ -141,6 +143,14 @@ def module_release(uri: str) -> str:
 def module_sources() -> dict[str, WheelPin]:
     """Every module the selected wheels serve → the lock entry serving it (``.release``, ``.filename``)."""
     from .modules import module_sources as impl
+
+    return impl()
+
+
+def listing_without_download() -> contextlib.AbstractContextManager[None]:
+    """A block in which wheels that are neither cached nor local are listed from their URL's zip central directory
+    (HTTP range requests) instead of downloaded, where the server allows it (``fi-ffi list``)."""
+    from .modules import listing_without_download as impl
 
     return impl()
 

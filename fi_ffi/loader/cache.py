@@ -413,7 +413,7 @@ def progress(total: int | None, desc: str) -> Any:
     disable = settings.quiet() or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
     return tqdm(
         total=total,
-        desc=desc,
+        desc=progress_label(desc),
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
@@ -421,6 +421,21 @@ def progress(total: int | None, desc: str) -> Any:
         disable=disable,
         leave=False,
     )
+
+
+LABEL_WIDTH = 40
+"""At most this many columns of a progress bar's line are its label: at 120 columns the bar keeps 40 or more."""
+
+
+def progress_label(desc: str) -> str:
+    """``desc`` shortened for a progress bar: a wheel's file name becomes ``<name> <version>`` (the tags say
+    nothing a user needs there), and whatever is left longer than :data:`LABEL_WIDTH` is cut with an ellipsis."""
+    words = desc.split(" ")
+    if words and words[-1].endswith(".whl") and words[-1].count("-") >= 4:
+        name, version = words[-1].split("-")[:2]
+        words[-1] = f"{name} {version.split('+')[0]}"
+    label = " ".join(words)
+    return label if len(label) <= LABEL_WIDTH else label[: LABEL_WIDTH - 1] + "\u2026"
 
 
 def sha256_file(path: Path, desc: str = "") -> str:

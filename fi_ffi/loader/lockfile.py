@@ -582,7 +582,8 @@ def lock_entry(
                 needs = f"; it requires {', '.join(requires)}: pin those wheels" if requires else ""
                 raise NothingToPinError(
                     f"{file}: neither a kernel wheel (no <prefix>/jit_cache/<uri>/<uri>.so members) nor a TVM-FFI "
-                    f"runtime wheel (no {DEFAULT_LIBRARY}){needs}; to pin it anyway say which with kind="
+                    f"runtime wheel (no {DEFAULT_LIBRARY}){needs}; to pin it anyway say which with kind= "
+                    "(`fi-ffi lock --kind kernel|runtime`)"
                 )
             members: dict[str, str] = {}
             if hash_members:
@@ -593,8 +594,13 @@ def lock_entry(
                             while block := src.read(1 << 20):
                                 h.update(block)
                         members[info.filename] = h.hexdigest()
-    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
-        raise LockError(f"cannot read the wheel {file}: {exc}") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+        raise LockError(
+            f"cannot read the wheel {file}: {exc}: the file is damaged or incomplete (a truncated download or "
+            f"copy?); download or copy it again, then pin it"
+        ) from None
+    except OSError as exc:
+        raise LockError(f"cannot read the wheel {file}: {exc.strerror or exc}") from None
     arch = normalize_arch(arch or name.arch)
     if not arch:
         raise LockError(f"{file.name}: cannot tell the arch from the file name; pass arch=")

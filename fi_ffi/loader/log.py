@@ -23,7 +23,11 @@ def announce(message: str, level: int = logging.INFO) -> None:
     logger.log(level, message)
     if level < logging.WARNING and not logger.hasHandlers() and not settings.quiet():
         try:
-            sys.stderr.write(f"fi_ffi: {message}\n")
+            bars = sys.modules.get("tqdm")  # a progress bar on screen: write above it, not into its line
+            if bars is not None and getattr(bars.tqdm, "_instances", None):
+                bars.tqdm.write(f"fi_ffi: {message}", file=sys.stderr)
+            else:
+                sys.stderr.write(f"fi_ffi: {message}\n")
             sys.stderr.flush()
         except (OSError, ValueError):  # a closed or broken stderr must not stop a start
             pass

@@ -92,10 +92,13 @@ class VerifyReport:
 @dataclass(frozen=True)
 class ClearReport:
     """The result of :func:`clear_cache`: ``removed`` (path, bytes) of what fi_ffi created and removed,
-    ``kept`` (path, why) of what it left (not created by fi_ffi, in use, or not removable)."""
+    ``kept`` (path, why) of what it left (not created by fi_ffi, in use, or not removable); ``failed`` (path,
+    why) lists the entries of ``kept`` that fi_ffi meant to remove and could not (a read-only cache, a file
+    another user owns): the clear did not do what was asked."""
 
     removed: tuple[tuple[Path, int], ...]
     kept: tuple[tuple[Path, str], ...]
+    failed: tuple[tuple[Path, str], ...] = ()
 
     @property
     def freed(self) -> int:
@@ -151,7 +154,12 @@ def list_cache() -> list[CacheEntry]:
         data = read_json(stamp) or {}
         path = Path(str(data.get("path", "?")))
         if not path.is_relative_to(root):
-            out.append(CacheEntry("stamp", stamp, int(data.get("size", 0) or 0), f"stamped file {path}"))
+            stamped_size = int(data.get("size", 0) or 0)
+            out.append(
+                CacheEntry(
+                    "stamp", stamp, _size(stamp), f"verified {path} ({stamped_size / 2**20:.1f} MiB, kept there)"
+                )
+            )
     for path, why in _foreign(root):
         out.append(CacheEntry("other", path, _size(path), why))
     return out
@@ -326,11 +334,35 @@ def _wheel_problem(wheel: Path, full: bool, key: str, pinned: str) -> str:
     return f"changed since it was verified, or never verified: its sha256 {actual} does not start with {key}"
 
 
+def _foreign_wheel_damage(v: _Verifier, wheel: Path) -> str:
+    """``full``: what is wrong with a wheel in the cache that fi_ffi did not create (``""``: nothing found). Against
+    the lock in force when it pins that file name (the sha256), else as a zip (every member's CRC)."""
+    import zipfile
+
+    pins = [pin for pin in v.lock_in_force.all_pins() if pin.filename == wheel.name] if v.lock_in_force else []
+    try:
+        if pins:
+            actual = sha256_file(wheel, desc=f"verifying {wheel.name}")
+            expected = {pin.sha256 for pin in pins}
+            return (
+                "" if actual in expected else f"its sha256 is {actual}, the lock pins {' or '.join(sorted(expected))}"
+            )
+        with zipfile.ZipFile(wheel) as zf:
+            broken = zf.testzip()
+        return f"damaged: member {broken} fails its CRC check" if broken else ""
+    except (OSError, LoaderError, zipfile.BadZipFile, EOFError) as exc:
+        return f"damaged: cannot be read as a wheel ({exc})"
+
+
 def _adopt_legacy_wheel(v: _Verifier, wheel: Path) -> None:
     """``wheels/<filename>`` (an older layout): move it to ``wheels/<key>/`` if its stamp vouches for it."""
     stamp = read_json(stamp_path(wheel))
     sha = str((stamp or {}).get("sha256", ""))
     if not wheel.is_file() or not stamp or not re.fullmatch(r"[0-9a-f]{64}", sha) or not stamped(wheel, sha):
+        damage = _foreign_wheel_damage(v, wheel) if v.full and wheel.is_file() else ""
+        if damage:  # bad, and said so (exit 1); still not fi_ffi's to delete
+            v.checked += 1
+            v.bad.append((wheel, f"{damage}; not created by fi_ffi, so left in place: replace or remove it"))
         v.kept.append(
             (
                 wheel,
@@ -525,7 +557,12 @@ def clear_cache() -> ClearReport:
     if not settings.get(settings.CACHE_DIR):  # the default folder is fi_ffi's own; FI_FFI_CACHE_DIR is the user's
         with contextlib.suppress(OSError):
             root.rmdir()  # only if empty
-    return ClearReport(tuple(removed), tuple(kept))
+    failed = tuple((p, why) for p, why in kept if why.startswith(_NOT_REMOVED))
+    return ClearReport(tuple(removed), tuple(kept), failed)
+
+
+_NOT_REMOVED = "could not remove it"
+"""How :func:`clear_cache` begins the reason for a file of fi_ffi's that it failed to remove."""
 
 
 def _clear_extracted(folder: Path, removed: list[tuple[Path, int]], kept: list[tuple[Path, str]]) -> None:
@@ -564,7 +601,8 @@ def _clear_extracted(folder: Path, removed: list[tuple[Path, int]], kept: list[t
         if path.exists() or path.is_symlink():
             kept.append((path, "not created by fi_ffi (neither listed nor stamped)"))
     _prune_empty(folder)
-    removed.append((folder, total))
+    if total or not folder.exists():  # an entry only when something went: a read-only cache removes nothing
+        removed.append((folder, total))
 
 
 def _clear_lock(lock: Path, removed: list[tuple[Path, int]], kept: list[tuple[Path, str]]) -> None:
@@ -572,11 +610,19 @@ def _clear_lock(lock: Path, removed: list[tuple[Path, int]], kept: list[tuple[Pa
     notice an unlinked lock file and retry on a new one, so mutual exclusion holds)."""
     import filelock
 
+    try:  # filelock reports a lock file it may not open as held (it retries until the timeout): ask first
+        os.close(os.open(lock, os.O_RDWR))
+    except OSError as exc:
+        kept.append((lock, f"{_NOT_REMOVED}: cannot open it to see whether a process holds it ({exc.strerror or exc})"))
+        return
     held = filelock.FileLock(str(lock))
     try:
         held.acquire(timeout=0)
-    except (filelock.Timeout, OSError):
-        kept.append((lock, "held by a running process (or not accessible)"))
+    except filelock.Timeout:
+        kept.append((lock, "held by a running process"))
+        return
+    except OSError as exc:  # cannot even be opened (a read-only cache): whether it is held is unknown
+        kept.append((lock, f"{_NOT_REMOVED}: cannot open it to see whether a process holds it ({exc.strerror or exc})"))
         return
     try:
         lock.unlink()

@@ -8,13 +8,15 @@ A pinned wheel already installed with pip is used in place instead (:mod:`fi_ffi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import KernelNotFoundError, LibraryLoadError
+from ..errors import FetchError, KernelNotFoundError, LibraryLoadError
 from . import cache, installed, libraries, lockfile, settings, symbols, wheels
 from .lockfile import Selection, WheelPin
 from .log import logger
@@ -53,13 +55,58 @@ def selection(*, cuda: str | None = None, arch: str | None = None) -> Selection:
     return chosen
 
 
+_listing_only = contextvars.ContextVar("fi_ffi_listing_only", default=False)
+_remote_indexes: dict[tuple[Any, ...], dict[str, list[int]]] = {}
+
+
+@contextlib.contextmanager
+def listing_without_download() -> Iterator[None]:
+    """Within this block, a wheel that is neither cached nor local is listed from its URL's zip central directory
+    (HTTP range requests, :mod:`fi_ffi.loader.remote`) instead of being downloaded, where the server allows it.
+    For listings (``fi-ffi list``) only: such a listing is not verified, so it is kept apart from the verified
+    ones and never recorded in the cache."""
+    token = _listing_only.set(True)
+    try:
+        yield
+    finally:
+        _listing_only.reset(token)
+
+
+def _remote_index(pin: WheelPin, key: tuple[Any, ...]) -> dict[str, list[int]] | None:
+    """``pin``'s listing read from its URL without the download, or ``None``: a local copy exists (it is read
+    instead), there is no http(s) URL, the machine is offline, or the server refused (said before downloading)."""
+    if key in _remote_indexes:
+        return _remote_indexes[key]
+    local = [cache.wheel_path(pin), *(path for path, _ in wheels.local_sources(pin))]
+    if any(p.is_file() for p in local) or settings.offline() or not pin.url.startswith(("https://", "http://")):
+        return None
+    from . import remote
+    from .log import announce
+
+    try:
+        members, size, requests = remote.zip_listing(pin.url, wheels._opener(), {"User-Agent": wheels.USER_AGENT})
+    except FetchError as exc:
+        announce(f"cannot list {pin.filename} without downloading it ({exc}); downloading the whole wheel")
+        return None
+    logger.info(
+        "listed %s from its central directory (%d requests; the wheel is %d bytes)", pin.filename, requests, size
+    )
+    _remote_indexes[key] = members
+    return members
+
+
 def wheel_index(pin: WheelPin) -> dict[str, list[int]]:
-    """The ``.so`` members of ``pin``'s wheel ({member: [size, crc32]}), from the cache or the wheel."""
+    """The ``.so`` members of ``pin``'s wheel ({member: [size, crc32]}), from the cache or the wheel (under
+    :func:`listing_without_download`, from the remote wheel's central directory when no copy is here)."""
     key = (str(cache.cache_root()), pin.sha256, settings.snapshot())
     index = _indexes.get(key)
     if index is None:
         found = installed.find(pin)
         index = found.index() if found is not None else cache.read_index(pin)
+        if index is None and _listing_only.get():
+            index = _remote_index(pin, key)
+            if index is not None:
+                return index  # unverified: not memoised beside the verified listings
         if index is None:
             with cache.file_lock(f"extract-{pin.sha256[:16]}", f"listing the modules of {pin.filename}"):
                 index = cache.read_index(pin) or cache.write_index(pin, lambda: wheels.ensure_wheel(pin))

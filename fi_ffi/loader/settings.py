@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from ..errors import LoaderError
 
@@ -58,6 +59,9 @@ ALL = (
 )
 
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+FLAGS = (OFFLINE, QUIET, TRUST_INSTALLED, USE_INSTALLED)
+"""The on/off variables: ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (any case), or unset."""
 
 
 def get(name: str) -> str:
@@ -65,9 +69,23 @@ def get(name: str) -> str:
     return os.environ.get(name, "").strip()
 
 
-def flag(name: str) -> bool:
-    """Whether ``name`` is set to a true value (``1``, ``true``, ``yes``, ``on``; any case)."""
-    return get(name).lower() in _TRUE
+def flag(name: str, default: bool = False) -> bool:
+    """Whether on/off variable ``name`` is on (``default`` when unset or empty).
+
+    Raises:
+        LoaderError: any other value, naming the variable and the values accepted (a value such as ``maybe``
+            must not silently mean off).
+    """
+    value = get(name).lower()
+    if not value:
+        return default
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise LoaderError(
+        f"{name}={get(name)!r}: expected 1 (or true/yes/on) to turn it on, 0 (or false/no/off) or unset to turn it off"
+    )
 
 
 def offline() -> bool:
@@ -103,8 +121,63 @@ def trust_installed() -> bool:
 
 
 def wheelhouses() -> list[str]:
-    """The folders named by ``FI_FFI_WHEELHOUSE``, in order."""
-    return [p for p in get(WHEELHOUSE).split(os.pathsep) if p]
+    """The folders named by ``FI_FFI_WHEELHOUSE``, in order.
+
+    Raises:
+        LoaderError: an entry is a file (a wheel named instead of its folder); a missing folder is allowed here
+            (``fi-ffi doctor`` and the error for a wheel found nowhere name it).
+    """
+    folders = [p for p in get(WHEELHOUSE).split(os.pathsep) if p]
+    for folder in folders:
+        problem = wheelhouse_problem(folder)
+        if problem and os.path.exists(os.path.expanduser(folder)):
+            raise LoaderError(f"{WHEELHOUSE}: {problem}")
+    return folders
+
+
+def wheelhouse_problem(folder: str) -> str:
+    """What is wrong with wheelhouse entry ``folder`` (``""``: a readable folder)."""
+    path = os.path.expanduser(folder)
+    if os.path.isdir(path):
+        return "" if os.access(path, os.R_OK | os.X_OK) else f"{folder} is a folder this user cannot read"
+    if folder.endswith(".whl") and os.path.isfile(path):
+        parent = os.path.dirname(folder) or "."
+        return f"{folder} is a wheel, not a folder: name the folder that holds it ({parent})"
+    if os.path.exists(path):
+        return f"{folder} is a file, not a folder of wheels"
+    return f"{folder} does not exist"
+
+
+def problems() -> dict[str, str]:
+    """Every set ``FI_FFI_*`` loader variable whose value fi_ffi would refuse or that points nowhere useful, with
+    what is wrong (for ``fi-ffi doctor``); reading them never raises here."""
+    out: dict[str, str] = {}
+    for name in FLAGS:
+        try:
+            flag(name)
+        except LoaderError as exc:
+            out[name] = str(exc)
+    try:
+        lock_timeout()
+    except LoaderError as exc:
+        out[LOCK_TIMEOUT] = str(exc)
+    bad = [p for p in (wheelhouse_problem(f) for f in get(WHEELHOUSE).split(os.pathsep) if f) if p]
+    if bad:
+        out[WHEELHOUSE] = "; ".join(bad)
+    cuda = get(CUDA_VERSION)
+    if cuda and not re.fullmatch(r"\d+\.\d+", cuda):
+        out[CUDA_VERSION] = f"{CUDA_VERSION}={cuda!r}: expected major.minor, such as 13.0"
+    sm = get(SM)
+    bad_sm = [a for a in sm_filter() if not re.fullmatch(r"\d+[a-z]?", a)]
+    if sm and (bad_sm or not sm_filter()):
+        out[SM] = f"{SM}={sm!r}: expected comma-separated GPU archs such as 90a,100a"
+    runtime = get(RUNTIME)
+    if runtime and runtime not in ("auto", "package", "lock") and not os.path.isfile(os.path.expanduser(runtime)):
+        out[RUNTIME] = f"{RUNTIME}={runtime!r}: expected auto, package, lock or the path of a libtvm_ffi.so"
+    lock = get(LOCK)
+    if lock and not os.path.isfile(os.path.expanduser(lock)):
+        out[LOCK] = f"{LOCK}={lock!r}: no such file"
+    return out
 
 
 def sm_filter() -> tuple[str, ...]:
@@ -124,4 +197,4 @@ def snapshot() -> tuple[str, ...]:
 
 def use_installed() -> bool:
     """Installed kernel distributions may be used in place (``FI_FFI_USE_INSTALLED`` is not ``0``)."""
-    return get(USE_INSTALLED).strip() != "0"
+    return flag(USE_INSTALLED, default=True)

@@ -98,6 +98,9 @@ def ensure_wheel(pin: WheelPin) -> Path:
             return candidate
     local = pin.local_path
     where = f"; the lock's 'path' {local} does not exist" if local is not None else ""
+    for folder in settings.wheelhouses():  # a wheelhouse that is not there is the likely cause: name it
+        if not os.path.isdir(os.path.expanduser(folder)):
+            where += f"; the wheelhouse {folder} (FI_FFI_WHEELHOUSE) does not exist"
     if settings.offline():
         raise LoaderError(
             f"fi_ffi needs {pin.filename} and FI_FFI_OFFLINE forbids downloading it{where}. {how_to_provide(pin)}"
@@ -191,12 +194,30 @@ def _adopt_legacy_copy(pin: WheelPin, cached: Path) -> None:
 
 def _check_local(path: Path, pin: WheelPin, where: str) -> None:
     actual = cache.check_wheel(path, pin.sha256)
+    if actual is not None and not _is_whole_zip(path):
+        raise IntegrityError(
+            f"{path} from {where} is damaged or incomplete (not a whole zip file; sha256 {actual}, the lock "
+            f"{pin.lock_path} pins {pin.sha256}): a truncated download or copy? Copy the pinned {pin.filename} "
+            f"there again, or remove it so that the wheel is fetched"
+        )
     if actual is not None:
         raise IntegrityError(
             f"{path} from {where} has sha256 {actual}, but the lock {pin.lock_path} pins {pin.filename} with "
             f"sha256 {pin.sha256}. Replace the file with the pinned build, or pin this one in a lock of your "
             f"own (`fi-ffi lock {path}`, then FI_FFI_LOCK=that file)"
         )
+
+
+def _is_whole_zip(path: Path) -> bool:
+    """Whether ``path`` opens as a zip (its central directory, at the end of the file, is there and readable): a
+    truncated copy fails here, a complete wheel of another build does not."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return False
 
 
 def _size_text(n: int | None) -> str:

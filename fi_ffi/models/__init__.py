@@ -1,5 +1,5 @@
-"""A small serving engine for Llama-architecture models (Llama, Qwen3, Mixtral, Qwen3-MoE) built on fi_ffi, without
-torch.
+"""A small serving engine for Llama-architecture models (Llama, Qwen3, Mixtral, Qwen3-MoE), Gemma 2, gpt-oss and
+DeepSeek-V3/V2, built on fi_ffi, without torch.
 
 Needs CuPy (the ``llama`` extra; ``python -m pip install cupy-cuda13x``) and cuBLAS 13 (a CUDA 13 toolkit, or
 ``python -m pip install 'nvidia-cublas>=13,<14'``).
@@ -12,7 +12,7 @@ The binding layer (everything outside this package) never imports it. Modules, o
   index arrays the attention plans take. Pure Python + numpy; no GPU.
 - :mod:`~fi_ffi.models.kernels`: every fi_ffi op the engine calls, in one adapter.
 - :mod:`~fi_ffi.models.cublas`: cuBLAS (libcublas) through cffi in ABI mode: a handle, its stream and workspace,
-  ``cublasGemmEx``. Loaded on first use.
+  ``cublasGemmEx`` (and its strided batched form). Loaded on first use.
 - :mod:`~fi_ffi.models.dense`: the dense GEMMs (on that handle) and two tiny CuPy kernels (row gather, argmax).
 - :mod:`~fi_ffi.models.graph`: CUDA graph capture and replay with cuda-python.
 - :mod:`~fi_ffi.models.moe_routing`: mixture-of-experts softmax + top-k and grouping by expert, in numpy.
@@ -20,4 +20,12 @@ The binding layer (everything outside this package) never imports it. Modules, o
   the activation buffers its layers share.
 - :mod:`~fi_ffi.models.tensor_parallel`: what each rank of a tensor-parallel engine holds, and its all-reduce.
 - :mod:`~fi_ffi.models.llama`: the model (weights, buffers, forward) and the serving loop.
+- :mod:`~fi_ffi.models.deepseek_config`, :mod:`~fi_ffi.models.deepseek_routing`, :mod:`~fi_ffi.models.mla_weights`:
+  DeepSeek-V2/V3's config, group-limited expert routing (numpy) and MLA weight absorption (numpy);
+  :mod:`~fi_ffi.models.deepseek`: its engine (the Llama serving loop with an MLA + MoE layer body).
+- :mod:`~fi_ffi.models.family_configs`: Gemma 2's and gpt-oss's own settings (windows, soft caps, YaRN, refusals).
+- :mod:`~fi_ffi.models.weights`: checkpoint tensors onto the GPU for the family engines.
+- :mod:`~fi_ffi.models.gemma2`, :mod:`~fi_ffi.models.gpt_oss`: those families' engines (subclasses of the Llama
+  engine: their weights, forward and attention plans).
+- :mod:`~fi_ffi.models.engines`: which engine serves a checkpoint, by ``model_type``.
 """

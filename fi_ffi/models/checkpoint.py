@@ -136,6 +136,7 @@ class Checkpoint:
         return name in self.tensors
 
     def info(self, name: str) -> TensorInfo:
+        """Where tensor ``name`` lies (file, byte range), its dtype and shape; a missing name is a ValueError."""
         try:
             return self.tensors[name]
         except KeyError:

@@ -14,14 +14,20 @@ transformers 5.x) or ``num_experts`` (Qwen3-MoE from transformers 4.x).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = ["MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
 
-MODEL_TYPES = ("llama", "qwen3", "mixtral", "qwen3_moe")
+MODEL_TYPES = ("llama", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gpt_oss")
+# families whose own settings (windows, soft caps, sinks, biases, YaRN) live in LlamaConfig.family
+FAMILIES = ("gemma2", "gpt_oss")
+MAX_SIZE = (1 << 31) - 1  # every size and token id reaches the kernels as an int32
 
 
 @dataclass(frozen=True)
@@ -82,24 +88,38 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...]
     model_type: str = "llama"
     qk_norm: bool = False  # Qwen3: RMSNorm of each q and k head (weights [head_dim]) before RoPE
-    moe: MoEConfig | None = None  # Mixtral, Qwen3-MoE: the MLP of every layer
+    moe: MoEConfig | None = None  # Mixtral, Qwen3-MoE, gpt-oss: the MLP of every layer
+    family: Any = None  # Gemma2Settings / GptOssSettings (fi_ffi.models.family_configs); None for Llama's kind
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> LlamaConfig:
         """Read ``model_dir/config.json``."""
+        if not isinstance(model_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"model_dir: expected a path (str or os.PathLike) of a Hugging Face checkpoint directory, got "
+                f"{type(model_dir).__name__}"
+            )
+        fs = os.fspath(model_dir)
+        if ("\0" if isinstance(fs, str) else b"\0") in fs:  # type: ignore[operator]
+            raise ValueError(f"model_dir: contains a NUL byte: {model_dir!r:.80}; pass the directory's path")
         path = Path(model_dir) / "config.json"
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ValueError(
-                f"model: {path} does not exist; pass a Hugging Face checkpoint directory (config.json + *.safetensors)"
+                f"model_dir: {path} does not exist; pass a Hugging Face checkpoint directory (config.json + "
+                f"*.safetensors)"
             ) from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"model: cannot read {path}: {exc}") from None
+            raise ValueError(f"model_dir: cannot read {path}: {exc}") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"model: {path} is not valid JSON ({exc})") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
+            raise ValueError(f"model_dir: {path} is not valid JSON or holds a number no config needs ({exc})") from None
+        except RecursionError:
+            raise ValueError(
+                f"model_dir: {path} nests its JSON too deeply to parse; a config.json is a flat object of settings"
+            ) from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -109,14 +129,18 @@ class LlamaConfig:
         ``head_dim`` (default ``hidden_size / num_attention_heads``), ``rms_norm_eps``, the rotary keys (module
         docstring), ``tie_word_embeddings`` (default False, as transformers), ``max_position_embeddings``,
         ``eos_token_id`` (int, list or absent)."""
+        if not isinstance(source, str):
+            raise TypeError(f"source: expected a str naming where the config came from, got {type(source).__name__}")
         if not isinstance(d, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+            raise ValueError(f"d: expected a JSON object (a dict) from {source}, got {type(d).__name__}")
         model_type = d.get("model_type", "llama")
         if model_type not in MODEL_TYPES:
             raise ValueError(
                 f"{source}: model_type {model_type!r} is not supported; this engine runs "
                 f"{', '.join(repr(t) for t in MODEL_TYPES)} checkpoints"
             )
+        if model_type in FAMILIES:
+            return cls._family(d, model_type, source)
         if d.get("use_sliding_window", False) or (model_type == "mixtral" and d.get("sliding_window") is not None):
             raise ValueError(
                 f"{source}: sliding-window attention (use_sliding_window / sliding_window) is not supported by this "
@@ -128,6 +152,32 @@ class LlamaConfig:
         for key in ("attention_bias", "mlp_bias"):
             if d.get(key, False):
                 raise ValueError(f"{source}: {key}=true is not supported (Llama projections have no bias)")
+        return cls._common(d, model_type, source, _moe(d, model_type, source))
+
+    @classmethod
+    def _family(cls, d: dict[str, Any], model_type: str, source: str) -> LlamaConfig:
+        """Gemma 2 and gpt-oss: the shared fields, plus the family's settings (:mod:`.family_configs`)."""
+        from .family_configs import gemma2_settings, gpt_oss_settings, refuse_quantized
+
+        refuse_quantized(d, source)
+        layers = _int(d, "num_hidden_layers", source)
+        if model_type == "gemma2":
+            d = {
+                "head_dim": 256,
+                "tie_word_embeddings": True,
+                "max_position_embeddings": 8192,
+                **d,
+            }  # Gemma2Config's defaults (left out when equal)
+            return dataclasses.replace(
+                cls._common(d, model_type, source, None), family=gemma2_settings(d, layers, source)
+            )
+        d = {"head_dim": 64, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, **d}  # GptOssConfig's defaults
+        experts = _num_experts(d, source, 128)
+        moe = MoEConfig(experts, _topk(d, experts, source), _int(d, "intermediate_size", source), True)
+        return dataclasses.replace(cls._common(d, model_type, source, moe), family=gpt_oss_settings(d, layers, source))
+
+    @classmethod
+    def _common(cls, d: dict[str, Any], model_type: str, source: str, moe: MoEConfig | None) -> LlamaConfig:
         hidden = _int(d, "hidden_size", source)
         heads = _int(d, "num_attention_heads", source)
         kv_heads = _int(d, "num_key_value_heads", source, heads)
@@ -141,13 +191,10 @@ class LlamaConfig:
                 f"and no head_dim is given"
             )
         head_dim = _int(d, "head_dim", source, hidden // heads)
-        eps = d.get("rms_norm_eps", 1e-6)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"{source}: rms_norm_eps must be a number > 0, got {eps!r}")
+        eps = _positive(d, "rms_norm_eps", source, 1e-6, what="rms_norm_eps")
         tie = d.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
             raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
-        moe = _moe(d, model_type, source)
         return cls(
             model_type=model_type,
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
@@ -160,10 +207,10 @@ class LlamaConfig:
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(eps),
-            rope=_rope(d, source),
+            rope=_rope(d, source) if model_type != "gpt_oss" else _plain_theta(d, source),
             tie_word_embeddings=tie,
             max_position_embeddings=_int(d, "max_position_embeddings", source, 2048),
-            eos_token_ids=_eos(d.get("eos_token_id"), source),
+            eos_token_ids=_eos(d.get("eos_token_id"), _int(d, "vocab_size", source), source),
         )
 
 
@@ -218,16 +265,35 @@ def _int(d: dict[str, Any], key: str, source: str, default: int | None = None) -
         if default is None:
             raise ValueError(f"{source}: missing {key!r} (a positive integer)")
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+        raise ValueError(
+            f"{source}: {key} must be a positive integer no larger than {MAX_SIZE} (the kernels' int32), got "
+            f"{_show(value)}"
+        )
     return value
 
 
-def _positive(params: dict[str, Any], key: str, source: str, default: float | None = None) -> float:
+def _show(value: Any) -> str:
+    """``repr(value)`` cut short (a config may hold a 4000-digit number or a huge list)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _positive(params: dict[str, Any], key: str, source: str, default: float | None = None, *, what: str = "") -> float:
+    """``params[key]`` as a finite float > 0 (a float64 holds it)."""
     value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{source}: rope {key} must be a number > 0, got {value!r}")
-    return float(value)
+    name = what or f"rope {key}"
+    number = math.nan
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float64
+            number = math.inf
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"{source}: {name} must be a finite number > 0, got {_show(value)}")
+    return number
 
 
 def _rope(d: dict[str, Any], source: str) -> RopeConfig:
@@ -266,10 +332,20 @@ def _rope(d: dict[str, Any], source: str) -> RopeConfig:
     )
 
 
-def _eos(value: Any, source: str) -> tuple[int, ...]:
+def _plain_theta(d: dict[str, Any], source: str) -> RopeConfig:
+    """gpt-oss: only the base here; its YaRN scaling is GptOssSettings.yarn (applied through a cos/sin cache)."""
+    from .family_configs import rope_settings
+
+    return RopeConfig(theta=_positive(rope_settings(d), "rope_theta", source, 150000.0))
+
+
+def _eos(value: Any, vocab_size: int, source: str) -> tuple[int, ...]:
     if value is None:
         return ()
     items = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items):
-        raise ValueError(f"{source}: eos_token_id must be a token id or a list of them, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size for v in items):
+        raise ValueError(
+            f"{source}: eos_token_id must be a token id in [0, vocab_size={vocab_size}) or a list of them, got "
+            f"{_show(value)}"
+        )
     return tuple(items)

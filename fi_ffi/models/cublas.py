@@ -79,6 +79,13 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
                             int m, int n, int k, const void* alpha, uintptr_t A, cudaDataType Atype, int lda,
                             uintptr_t B, cudaDataType Btype, int ldb, const void* beta, uintptr_t C,
                             cudaDataType Ctype, int ldc, cublasComputeType_t computeType, cublasGemmAlgo_t algo);
+/* batchCount GEMMs whose matrices lie at fixed element strides (MLA: one GEMM per attention head). */
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb,
+                                          int m, int n, int k, const void* alpha, uintptr_t A, cudaDataType Atype,
+                                          int lda, long long strideA, uintptr_t B, cudaDataType Btype, int ldb,
+                                          long long strideB, const void* beta, uintptr_t C, cudaDataType Ctype,
+                                          int ldc, long long strideC, int batchCount,
+                                          cublasComputeType_t computeType, cublasGemmAlgo_t algo);
 """
 
 FUNCTIONS = (
@@ -89,6 +96,7 @@ FUNCTIONS = (
     "cublasSetMathMode",
     "cublasGetStatusName",
     "cublasGemmEx",
+    "cublasGemmStridedBatchedEx",
 )
 
 # cublasStatus_t names (cublas_api.h), for messages when the library cannot name a status itself.
@@ -216,6 +224,7 @@ class Handle:
         self.ptr: Any = out[0]
         self._lib = lib
         self.gemm_ex = lib.cublasGemmEx
+        self.gemm_strided_batched_ex = lib.cublasGemmStridedBatchedEx
         self._scalars = ffi.new("float[2]", [1.0, 0.0])  # float32: the scalar type of CUBLAS_COMPUTE_32F
         self.one = self._scalars
         self.zero = self._scalars + 1

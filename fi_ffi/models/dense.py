@@ -1,5 +1,6 @@
-"""Dense math of the engine: cuBLAS GEMMs (through cffi, :mod:`~fi_ffi.models.cublas`) and two tiny CuPy kernels
-(row gather, argmax).
+"""Dense math of the engine: cuBLAS GEMMs (through cffi, :mod:`~fi_ffi.models.cublas`) and a few small CuPy kernels
+(row gather, argmax; with a vocabulary split over ranks: the shard's gather and argmax, the argmaxes' combination,
+the gathered logits' reassembly).
 
 Why ``cublasGemmEx`` on raw pointers rather than ``cupy.matmul``: ``matmul`` has no bfloat16 (numpy has no such
 dtype), may allocate temporaries, and goes through CuPy's cuBLAS wrappers, which reset the handle's stream on every
@@ -58,12 +59,26 @@ __device__ __forceinline__ void keep_first_max(float& best, int& idx, float ob, 
     if (ob > best || (ob == best && oi < idx)) { best = ob; idx = oi; }
 }
 
-// out[r] = the first index of the largest of x[r, :n] (NaN never wins; a row of NaN/-inf gives 0).
-extern "C" __global__ void argmax_rows(const float* __restrict__ x, long long n, long long ld,
-                                       int* __restrict__ out) {
-    const float* row = x + (long long)blockIdx.x * ld;
-    float best = NEG_INF;
-    int idx = 0x7fffffff;
+// dst[r, :width] = src[rows[r] - lo, :width] where lo <= rows[r] < lo + n, else zeros: the rows a vocabulary shard
+// holds (the other ranks add the rest); one block per output row.
+extern "C" __global__ void gather_rows16_shard(const unsigned short* __restrict__ src, const int* __restrict__ rows,
+                                               unsigned short* __restrict__ dst, long long width, long long src_ld,
+                                               long long dst_ld, int lo, int n) {
+    const int id = rows[blockIdx.x] - lo;
+    unsigned short* b = dst + (long long)blockIdx.x * dst_ld;
+    if (id < 0 || id >= n) {
+        for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = 0;
+        return;
+    }
+    const unsigned short* a = src + (long long)id * src_ld;
+    for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = a[c];
+}
+
+// The largest of row[:n] and its first index, for the whole block; the answer is in thread 0's (best, idx);
+// idx 0x7fffffff when no value beats -inf (NaN never wins).
+__device__ __forceinline__ void block_argmax(const float* __restrict__ row, long long n, float& best, int& idx) {
+    best = NEG_INF;
+    idx = 0x7fffffff;
     for (long long i = threadIdx.x; i < n; i += blockDim.x) {
         float v = row[i];
         if (v > best) { best = v; idx = (int)i; }  // a thread's indices ascend: '>' keeps its first max
@@ -82,15 +97,62 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, long long n,
         for (int off = 16; off; off >>= 1)
             keep_first_max(best, idx, __shfl_down_sync(0xffffffffu, best, off),
                            __shfl_down_sync(0xffffffffu, idx, off));
-        if (lane == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
     }
+}
+
+// out[r] = the first index of the largest of x[r, :n] (NaN never wins; a row of NaN/-inf gives 0).
+extern "C" __global__ void argmax_rows(const float* __restrict__ x, long long n, long long ld,
+                                       int* __restrict__ out) {
+    float best;
+    int idx;
+    block_argmax(x + (long long)blockIdx.x * ld, n, best, idx);
+    if (threadIdx.x == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
+}
+
+// A vocabulary shard's argmax: pairs[r] = (the largest of x[r, :n] as float bits, its first index + offset);
+// (-inf, offset) for a row with no value above -inf (or n == 0).
+extern "C" __global__ void argmax_rows_shard(const float* __restrict__ x, long long n, long long ld, int offset,
+                                             int* __restrict__ pairs) {
+    float best;
+    int idx;
+    block_argmax(x + (long long)blockIdx.x * ld, n, best, idx);
+    if (threadIdx.x == 0) {
+        pairs[2 * blockIdx.x] = __float_as_int(best);
+        pairs[2 * blockIdx.x + 1] = (idx == 0x7fffffff ? 0 : idx) + offset;
+    }
+}
+
+// The ranks' shard argmaxes combined, one thread per row: pairs [parts, rows, 2] (all-gathered, rank order); the
+// largest value wins, an equal value on a later rank does not (its ids are larger); nothing above -inf anywhere:
+// rank 0's index (0 for its -inf row, as argmax_rows). fi_ffi.models.tensor_parallel.combine_shard_argmax is the
+// same rule in numpy.
+extern "C" __global__ void combine_argmax(const int* __restrict__ pairs, int parts, int rows, int* __restrict__ out) {
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float best = NEG_INF;
+    int idx = pairs[2 * r + 1];
+    for (int p = 0; p < parts; ++p) {
+        const long long at = 2 * ((long long)p * rows + r);
+        const float v = __int_as_float(pairs[at]);
+        if (v > best) { best = v; idx = pairs[at + 1]; }
+    }
+    out[r] = idx;
+}
+
+// dst[r, c] = the gathered shards' column c: src [parts, rows, width] (rank order) -> dst [rows, :n], n <= parts *
+// width (the padding columns past n dropped); float32; one block per row.
+extern "C" __global__ void unshard_columns(const float* __restrict__ src, int rows, long long width, long long n,
+                                           float* __restrict__ dst, long long dst_ld) {
+    const int r = blockIdx.x;
+    for (long long c = threadIdx.x; c < n; c += blockDim.x)
+        dst[r * dst_ld + c] = src[((c / width) * rows + r) * width + c % width];
 }
 """
 
 
 class Dense:
-    """A cuBLAS handle bound to ``stream`` with a workspace of its own, plus the gather/argmax kernels (compiled on
-    construction). Create it on the device it serves (CuPy's current device).
+    """A cuBLAS handle bound to ``stream`` with a workspace of its own, plus the gather/argmax kernels and the
+    vocabulary shards' (compiled on construction). Create it on the device it serves (CuPy's current device).
 
     Args:
         stream: the engine's ``cupy.cuda.Stream``; kernels launch on CuPy's current stream, which the engine
@@ -109,18 +171,35 @@ class Dense:
             module = cupy.RawModule(code=_SOURCE)
             self._gather_fn = module.get_function("gather_rows16")
             self._argmax_fn = module.get_function("argmax_rows")
+            self._gather_shard_fn = module.get_function("gather_rows16_shard")
+            self._argmax_shard_fn = module.get_function("argmax_rows_shard")
+            self._combine_argmax_fn = module.get_function("combine_argmax")
+            self._unshard_fn = module.get_function("unshard_columns")
         except BaseException:
             self._blas.close()
             raise
         self._gemm, self._h = self._blas.gemm_ex, self._blas.ptr
+        self._batched = self._blas.gemm_strided_batched_ex
         self._one, self._zero = self._blas.one, self._blas.zero
 
     def linear(
-        self, rows: int, x: int, x_ld: int, w: int, n: int, k: int, y: int, y_ld: int, ab_type: int, c_type: int
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        accumulate: bool = False,
     ) -> None:
         """``y[:rows, :n] = x[:rows, :k] @ w.T`` with ``w`` a row-major ``[n, k]`` matrix (a PyTorch-style
         Linear weight); pointers as ints, leading dimensions (row strides) in elements; ``ab_type``/``c_type``:
-        cudaDataType_t of x and w / of y. Accumulates in float32 (as torch's float16/bfloat16 matmul)."""
+        cudaDataType_t of x and w / of y. Accumulates in float32 (as torch's float16/bfloat16 matmul).
+        ``accumulate``: ``y += x @ w.T`` (y's old values join the float32 sum)."""
         # Column-major view: y^T (n x rows, ld y_ld) = op_T(w as k x n, ld k) . x^T (k x rows, ld x_ld).
         status = self._gemm(
             self._h,
@@ -136,7 +215,7 @@ class Dense:
             x,
             ab_type,
             x_ld,
-            self._zero,
+            self._one if accumulate else self._zero,
             y,
             c_type,
             y_ld,
@@ -146,6 +225,55 @@ class Dense:
         if status:
             raise CublasError("cublasGemmEx", status)
 
+    def batched_linear(
+        self,
+        batch: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        x_stride: int,
+        w: int,
+        n: int,
+        k: int,
+        w_stride: int,
+        y: int,
+        y_ld: int,
+        y_stride: int,
+        ab_type: int,
+        c_type: int,
+    ) -> None:
+        """``batch`` independent :meth:`linear` products: ``y_b = x_b @ w_b.T`` for ``b < batch`` where ``x_b``,
+        ``w_b`` (row-major ``[n, k]``) and ``y_b`` start ``b * x_stride``, ``b * w_stride``, ``b * y_stride``
+        elements after ``x``, ``w``, ``y`` (MLA's per-head products: head ``b``'s columns of a ``[rows, H * d]``
+        activation, its own weight). One cuBLAS call."""
+        status = self._batched(
+            self._h,
+            CUBLAS_OP_T,
+            CUBLAS_OP_N,
+            n,
+            rows,
+            k,
+            self._one,
+            w,
+            ab_type,
+            k,
+            w_stride,
+            x,
+            ab_type,
+            x_ld,
+            x_stride,
+            self._zero,
+            y,
+            c_type,
+            y_ld,
+            y_stride,
+            batch,
+            CUBLAS_COMPUTE_32F,
+            CUBLAS_GEMM_DEFAULT,
+        )
+        if status:
+            raise CublasError("cublasGemmStridedBatchedEx", status)
+
     def gather_rows(self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int) -> None:
         """``dst[r, :width] = src[index[r], :width]`` for ``r < rows`` (16-bit elements; ``index`` int32)."""
         self._gather_fn((rows,), (256,), (src, index, dst, width, src_ld, dst_ld))
@@ -153,6 +281,32 @@ class Dense:
     def argmax(self, rows: int, x: int, n: int, ld: int, out: int) -> None:
         """``out[r] = argmax(x[r, :n])`` (float32 ``x``, int32 ``out``; ties: the first index)."""
         self._argmax_fn((rows,), (1024,), (x, n, ld, out))
+
+    def gather_rows_shard(
+        self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int, lo: int, n: int
+    ) -> None:
+        """``dst[r] = src[index[r] - lo]`` where ``lo <= index[r] < lo + n``, else a row of zeros (16-bit)."""
+        import numpy as np
+
+        self._gather_shard_fn((rows,), (256,), (src, index, dst, width, src_ld, dst_ld, np.int32(lo), np.int32(n)))
+
+    def argmax_shard(self, rows: int, x: int, n: int, ld: int, offset: int, pairs: int) -> None:
+        """``pairs[r] = (max(x[r, :n]) as float32 bits, first argmax + offset)`` (int32 ``[rows, 2]``)."""
+        import numpy as np
+
+        self._argmax_shard_fn((rows,), (1024,), (x, n, ld, np.int32(offset), pairs))
+
+    def combine_argmax(self, rows: int, pairs: int, parts: int, out: int) -> None:
+        """``out[r]`` = the winning index of the all-gathered ``pairs [parts, rows, 2]`` (see the kernel)."""
+        import numpy as np
+
+        self._combine_argmax_fn(((rows + 127) // 128,), (128,), (pairs, np.int32(parts), np.int32(rows), out))
+
+    def unshard_columns(self, rows: int, src: int, width: int, n: int, dst: int, dst_ld: int) -> None:
+        """``dst[r, :n]`` = the columns of the all-gathered float32 shards ``src [parts, rows, width]``."""
+        import numpy as np
+
+        self._unshard_fn((rows,), (256,), (src, np.int32(rows), width, n, dst, dst_ld))
 
     def close(self) -> None:
         """Destroy the cuBLAS handle (later GEMMs raise :class:`~fi_ffi.models.cublas.CublasError`). Idempotent."""

@@ -73,6 +73,7 @@ class CudaGraph:
             _check((err,), "cudaGraphLaunch")
 
     def close(self) -> None:
+        """Destroy the executable graph and the graph (idempotent; the stream stays the caller's)."""
         rt = _rt()
         if self._exec is not None:
             rt.cudaGraphExecDestroy(self._exec)

@@ -54,6 +54,7 @@ def workspace(device_id: int) -> Any:
 
 
 def rmsnorm(x: Any, weight: Any, out: Any, eps: float, stream: int) -> None:
+    """:func:`fi_ffi.rmsnorm` of ``x`` ``[n, hidden]`` into ``out``, on the engine's stream."""
     fi_ffi.rmsnorm(x, weight, out, eps=eps, stream=stream)
 
 
@@ -102,6 +103,7 @@ def append_kv(
     kv_last_page_len: Any,
     stream: int,
 ) -> None:
+    """:func:`fi_ffi.append_paged_kv_cache` of this step's ``k``/``v`` ``[nnz, kv_heads, head_dim]``."""
     fi_ffi.append_paged_kv_cache(
         k,
         v,
@@ -157,6 +159,7 @@ def prefill_run(
     out: Any,
     stream: int,
 ) -> None:
+    """:func:`fi_ffi.batch_prefill_paged_run` with a plan from :func:`prefill_plan`."""
     fi_ffi.batch_prefill_paged_run(
         plan, q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, stream=stream
     )
@@ -199,6 +202,7 @@ def decode_run(
     out: Any,
     stream: int,
 ) -> None:
+    """:func:`fi_ffi.batch_decode_run` with a plan from :func:`decode_plan`."""
     fi_ffi.batch_decode_run(plan, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, out, stream=stream)
 
 

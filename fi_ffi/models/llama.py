@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ..streams import stream_scope
 from . import kernels
 from .checkpoint import Checkpoint
 from .config import LlamaConfig
@@ -60,6 +61,26 @@ __all__ = ["GenerationResult", "LlamaEngine", "SamplingParams", "step_views"]
 _H2D, _D2H = 1, 2  # cudaMemcpyKind
 
 
+def _require_gpu(device: int | None) -> None:
+    """Raise :class:`~fi_ffi.errors.UnsupportedDeviceError` unless CUDA device ``device`` (None: 0) is usable."""
+    from .. import system
+    from ..errors import UnsupportedDeviceError
+
+    if device is not None and (isinstance(device, bool) or not isinstance(device, int) or device < 0):
+        raise ValueError(f"device: expected a CUDA ordinal (an int >= 0) or None, got {device!r}")
+    found, why = system.gpus()
+    if not found:
+        raise UnsupportedDeviceError(
+            f"the Llama engine needs an NVIDIA GPU and its driver: {why or 'CUDA reports no device'}; run it on a "
+            f"machine with one (`fi-ffi doctor` shows what this machine has)"
+        )
+    if (device or 0) >= len(found):
+        raise UnsupportedDeviceError(
+            f"device: cuda:{device} does not exist; this machine has {len(found)} GPU(s) (ordinals 0 to "
+            f"{len(found) - 1})"
+        )
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How tokens are chosen. ``temperature == 0`` (default): greedy argmax. Otherwise softmax of
@@ -72,10 +93,14 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature: expected >= 0 (0: greedy), got {self.temperature!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(f"temperature: expected a float >= 0 (0: greedy), got {type(self.temperature).__name__}")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature: expected a finite value >= 0 (0: greedy), got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k: expected an integer >= 0 (0: no limit), got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+            raise TypeError(f"top_p: expected a probability in (0, 1], got {type(self.top_p).__name__}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p: expected a probability in (0, 1], got {self.top_p!r}")
 
@@ -133,6 +158,8 @@ class LlamaEngine:
             and closed with the engine).
         fused_allreduce: sum the partial outputs with the fused all-reduce + residual + RMSNorm kernel where it
             applies (False: NCCL's all-reduce, then ``fused_add_rmsnorm``).
+        vocab_parallel: with ``tensor_parallel > 1``, each rank keeps ``1/N`` of the embedding and LM head rows
+            (:class:`~fi_ffi.models.tensor_parallel.VocabShard`); False: both whole on every rank.
 
     ``config`` is this rank's shard of the model (heads and MLP columns divided by ``tensor_parallel``),
     ``model_config`` the checkpoint's.
@@ -152,17 +179,16 @@ class LlamaEngine:
         tensor_parallel: int = 1,
         comm: Any = None,
         fused_allreduce: bool = True,
+        vocab_parallel: bool = True,
     ) -> None:
         from .tensor_parallel import ResidualAllReduce, shard_config
 
-        self.model_config = LlamaConfig.from_dir(model_dir)
+        self.model_config = self._read_config(model_dir)
         self.tensor_parallel = _positive("tensor_parallel", tensor_parallel)
-        if self.model_config.moe is not None and self.tensor_parallel > 1:
-            raise ValueError(
-                f"tensor_parallel: {self.model_config.model_type} checkpoints run on one GPU here (the experts are not "
-                f"sharded); pass tensor_parallel=1"
-            )
-        cfg = self.config = shard_config(self.model_config, self.tensor_parallel)
+        self._check_family(self.model_config)
+        # one GPU: the config as read (a subclass's own config type, e.g. DeepSeek's, is never sharded)
+        tp = self.tensor_parallel
+        cfg = self.config = self.model_config if tp == 1 else shard_config(self.model_config, tp)
         # MoE layers: host routing (only the chosen experts' weights are read) for prefill and eager decode; the
         # fixed-capacity device path, which a graph can capture, for the decode graph (token counts set on the device)
         self._static_moe = cuda_graph and cfg.moe is not None
@@ -184,6 +210,7 @@ class LlamaEngine:
         self._own_comm = False
         self._allreduce: Any = None
         self._closed = True  # until everything below exists
+        _require_gpu(device)  # before CuPy: its CUDARuntimeError would name neither the cause nor the fix
         try:
             import cupy as cp
         except ImportError as exc:
@@ -207,6 +234,12 @@ class LlamaEngine:
             self.comm = comm
         self.device = device = 0 if device is None else device
         self.rank = 0 if self.comm is None else self.comm.rank
+        from .tensor_parallel import VocabShard
+
+        # this rank's rows of the embedding and the LM head (None: the whole vocabulary)
+        self.vocab_shard: VocabShard | None = None
+        if self.comm is not None and vocab_parallel:
+            self.vocab_shard = VocabShard.of(cfg.vocab_size, self.rank, self.tensor_parallel)
         try:
             with cp.cuda.Device(device):
                 self.stream = cp.cuda.Stream(non_blocking=True)
@@ -243,6 +276,11 @@ class LlamaEngine:
             raise
 
     # ------------------------------------------------------------------------------------------ loading
+
+    @staticmethod
+    def _read_config(model_dir: str | Path) -> Any:
+        """The checkpoint's config (a hook: another architecture's engine reads its own config class)."""
+        return LlamaConfig.from_dir(model_dir)
 
     def _load(self, ckpt: Checkpoint) -> None:
         from .tensor_parallel import columns, rows
@@ -281,12 +319,15 @@ class LlamaEngine:
             dev = upload(arr)
             return kernels.descriptor(dev.data.ptr, (arr.shape[0],), dtype, self.device, owner=dev)
 
-        embed = upload(get("model.embed_tokens.weight", (c.vocab_size, h)))
-        self._embed = embed.data.ptr
-        if c.tie_word_embeddings:
-            self._lm_head = self._embed
-        else:
-            self._lm_head = upload(get("lm_head.weight", (c.vocab_size, h))).data.ptr
+        vs = self.vocab_shard
+
+        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
+            whole = get(name, (c.vocab_size, h))
+            return whole if vs is None else vs.take(whole)
+
+        self._embed = upload(table("model.embed_tokens.weight")).data.ptr
+        self._lm_head = self._embed if c.tie_word_embeddings else upload(table("lm_head.weight")).data.ptr
+        self._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
         self._wqkv, self._wo, self._wgu, self._wd, self._ln1, self._ln2 = [], [], [], [], [], []
         self._q_norm: list[Any] = []
         self._k_norm: list[Any] = []
@@ -333,11 +374,12 @@ class LlamaEngine:
         """The :class:`~fi_ffi.models.moe.MoELayer` of layer prefix ``p``: router, experts' gate/up stacked as
         ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as ``[E, H, I]``."""
         from .moe import MoELayer, MoEScratch, MoEWeights
+        from .tensor_parallel import columns, expert_rows, rows
 
         c = self.config
         m = c.moe
         assert m is not None
-        e, h, i = m.num_experts, c.hidden_size, m.intermediate_size
+        e, h, i = m.num_experts, c.hidden_size, m.intermediate_size  # i: this rank's share with TP
         max_tokens = max(self.max_prefill_tokens, self.max_batch)
         capacity = self.max_batch if self._static_moe else None
         if self._moe_scratch is None:  # one set of activation buffers for every MoE layer (they run in turn)
@@ -354,25 +396,33 @@ class LlamaEngine:
             base, gate, up, down = p + "mlp.", "w1", "w3", "w2"
         else:
             base, gate, up, down = p + "mlp.", "gate_proj", "up_proj", "down_proj"
+        # With TP (i is this rank's share, full = i * n): every rank keeps the whole router (the ranks route alike)
+        # and columns [r * i, (r + 1) * i) of every expert's intermediate size, so its output is a partial sum
         router = upload(get(base + "gate.weight", (e, h)))
+        r, n = self.rank, self.tensor_parallel
+        full = i * n
         if base + "experts.gate_up_proj" in ckpt:
-            gate_up = upload(get(base + "experts.gate_up_proj", (e, 2 * i, h)))
-            down_w = upload(get(base + "experts.down_proj", (e, h, i)))
+            gate_up = upload(expert_rows(get(base + "experts.gate_up_proj", (e, 2 * full, h)), r, n))
+            down_w = upload(
+                np.ascontiguousarray(get(base + "experts.down_proj", (e, h, full))[:, :, r * i : (r + 1) * i])
+            )
         else:
             gate_up = upload(
                 np.stack(
                     [
                         np.concatenate(
                             [
-                                get(f"{base}experts.{x}.{gate}.weight", (i, h)),
-                                get(f"{base}experts.{x}.{up}.weight", (i, h)),
+                                rows(get(f"{base}experts.{x}.{gate}.weight", (full, h)), r, n),
+                                rows(get(f"{base}experts.{x}.{up}.weight", (full, h)), r, n),
                             ]
                         )
                         for x in range(e)
                     ]
                 )
             )
-            down_w = upload(np.stack([get(f"{base}experts.{x}.{down}.weight", (h, i)) for x in range(e)]))
+            down_w = upload(
+                np.stack([columns(get(f"{base}experts.{x}.{down}.weight", (h, full)), r, n) for x in range(e)])
+            )
         return MoELayer(
             MoEWeights(router, gate_up, down_w),
             dtype=self.dtype,
@@ -404,11 +454,23 @@ class LlamaEngine:
             ids=cp.empty(self.max_batch, np.int32),
             kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), storage),
         )
+        self._allocate_attention_caches()
+        if self.vocab_shard is not None:
+            # this rank's logits columns, and every rank's shard argmax (value bits, index); the whole logits are
+            # only gathered (into `logits`) for sampling
+            b.head = cp.empty((self.max_batch, self._head_rows), np.float32)
+            b.pairs = cp.empty((self.max_batch, 2), np.int32)
+            b.pairs_all = cp.empty(self.tensor_parallel * self.max_batch * 2, np.int32)
         # where the normalized rows live: x (normalized in place), or x2 when the fused all-reduce writes them
         if self._allreduce is not None and self._allreduce.fused:
             b.x2 = cp.empty((rows, h), storage)
         self._normed = b.x2 if hasattr(b, "x2") else b.x
-        kv_shape = (self.num_pages, self.page_size, hk, d)
+        self._allocate_steps()
+
+    def _allocate_attention_caches(self) -> None:
+        """Descriptors of each layer's K and V cache in ``_buf.kv``."""
+        c, b = self.config, self._buf
+        kv_shape = (self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
         self._k_cache = [
             kernels.descriptor(b.kv[i, 0].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
             for i in range(c.num_layers)
@@ -417,6 +479,11 @@ class LlamaEngine:
             kernels.descriptor(b.kv[i, 1].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
             for i in range(c.num_layers)
         ]
+
+    def _allocate_steps(self) -> None:
+        """The per-step index arrays (host staging and device), the token-id buffers and the sampling state:
+        what every architecture's serving loop shares."""
+        cp = self._cp
         max_pages = self.num_pages  # every request's pages at once, plus padding rows' page 0
         max_pages += self.max_batch
         self._dlayout = decode_layout(self.max_batch, max_pages)
@@ -429,6 +496,7 @@ class LlamaEngine:
         self._ids_host = np.frombuffer(self._ids_mem, np.int32, self.max_batch)
         self._views: dict[tuple[Any, ...], SimpleNamespace] = {}
         self._probs: Any = None
+        self._gathered: Any = None  # [N, max_batch, V/N] float32, made on the first sampled step (vocabulary shards)
         self._softmax_ws: Any = None
         self._valid: Any = None
         self._gen: Any = None
@@ -487,8 +555,14 @@ class LlamaEngine:
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
         normed = self._normed.data.ptr  # x, or x2 with the fused all-reduce
         w, hqd, last = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
-        dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
-        kernels.rmsnorm(v.h, self._ln1[0], v.x2, eps, s)
+        vs = self.vocab_shard
+        if vs is None:
+            dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
+            kernels.rmsnorm(v.h, self._ln1[0], v.x2, eps, s)
+        else:  # each rank has some rows (zeros for the rest): summed by the all-reduce, into h = 0 as the residual
+            dense.gather_rows_shard(rows, self._embed, h, v.token_ids, x, h, h, vs.start, vs.valid)
+            self._cp.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
+            self._add_norm(v, self._ln1[0])
         for i in range(c.num_layers):
             dense.linear(rows, normed, h, self._wqkv[i], w, h, qkv, w, ab, ab)
             if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE
@@ -555,23 +629,42 @@ class LlamaEngine:
             self._s,
         )
 
+    def _head(self, rows: int, x: int) -> None:
+        """The LM head of ``rows`` normalized rows at ``x``: float32 logits into ``logits`` (whole vocabulary) or,
+        with a vocabulary shard, this rank's columns into ``head``."""
+        h, n = self.config.hidden_size, self._head_rows
+        out = self._buf.logits if self.vocab_shard is None else self._buf.head
+        self.dense.linear(rows, x, h, self._lm_head, n, h, out.data.ptr, n, self._ab, self._f32)
+        if self.vocab_shard is None:  # the families with a final logit transform run on one GPU
+            self._finish_logits(out.data.ptr, rows)
+
+    def _argmax(self, rows: int) -> None:
+        """Greedy tokens into ``ids`` from what :meth:`_head` wrote; with a vocabulary shard each rank's argmax
+        (value, global id) is all-gathered and combined (the same token on every rank)."""
+        b, vs = self._buf, self.vocab_shard
+        if vs is None:
+            v = self.config.vocab_size
+            self.dense.argmax(rows, b.logits.data.ptr, v, v, b.ids.data.ptr)
+            return
+        self.dense.argmax_shard(rows, b.head.data.ptr, vs.valid, vs.rows, vs.start, b.pairs.data.ptr)
+        self.comm.all_gather(b.pairs[:rows], b.pairs_all[: vs.parts * rows * 2], stream=self._s)
+        self.dense.combine_argmax(rows, b.pairs_all.data.ptr, vs.parts, b.ids.data.ptr)
+
+    def _gather_logits(self, rows: int) -> None:
+        """With a vocabulary shard: every rank's logits columns into the whole ``logits [rows, V]`` (sampling)."""
+        vs, b = self.vocab_shard, self._buf
+        assert vs is not None
+        if self._gathered is None:  # made on the first sampled step, outside any graph capture
+            self._gathered = self._cp.empty(vs.parts * self.max_batch * vs.rows, np.float32)
+        self.comm.all_gather(b.head[:rows], self._gathered[: vs.parts * rows * vs.rows], stream=self._s)
+        v = self.config.vocab_size
+        self.dense.unshard_columns(rows, self._gathered.data.ptr, vs.rows, v, b.logits.data.ptr, v)
+
     def _decode_body(self, v: SimpleNamespace, rows: int) -> None:
         """One decode step on the device: forward, LM head, argmax into ``ids`` (what the graph captures)."""
-        c, b = self.config, self._buf
         self._forward(v, rows, self._decode_attention, static_moe=self._static_moe)
-        self.dense.linear(
-            rows,
-            self._normed.data.ptr,
-            c.hidden_size,
-            self._lm_head,
-            c.vocab_size,
-            c.hidden_size,
-            b.logits.data.ptr,
-            c.vocab_size,
-            self._ab,
-            self._f32,
-        )
-        self.dense.argmax(rows, b.logits.data.ptr, c.vocab_size, c.vocab_size, b.ids.data.ptr)
+        self._head(rows, self._normed.data.ptr)
+        self._argmax(rows)
 
     def _capture(self) -> None:
         """Warm up one padded decode step eagerly (loads modules, compiles kernels, picks GEMM algorithms),
@@ -599,6 +692,24 @@ class LlamaEngine:
         the captured graph)."""
         n = self._dlayout.end("kv_indices", n_pages)
         self._cp.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, _address(self._dhost), 4 * n, _H2D, self._s)
+        self._plan_decode(rows, cuda_graph)
+
+    # ------------------------------------------------------------------------------------------ family hooks
+    # (fi_ffi.models.gemma2 and fi_ffi.models.gpt_oss subclass the engine and override these)
+
+    def _check_family(self, cfg: LlamaConfig) -> None:
+        """Refuse the model types a subclass serves (``fi_ffi.models.engines.engine_class`` picks it)."""
+        if cfg.family is not None:
+            from .engines import ENGINES
+
+            name = ENGINES[cfg.model_type]
+            raise ValueError(
+                f"model: a {cfg.model_type} checkpoint; load it with fi_ffi.models.{name} (or "
+                f"fi_ffi.models.engines.open_engine, which picks the engine from config.json)"
+            )
+
+    def _plan_decode(self, rows: int, cuda_graph: bool) -> None:
+        """Plan a decode step of ``rows`` rows whose index arrays are in ``self._dh``."""
         c = self.config
         self._decode_plan = kernels.decode_plan(
             self._ws_decode,
@@ -611,6 +722,9 @@ class LlamaEngine:
             cuda_graph,
             self._s,
         )
+
+    def _finish_logits(self, logits: int, rows: int) -> None:
+        """Post-process float32 logits ``[rows, vocab]`` at ``logits`` in place (Gemma 2: the final soft cap)."""
 
     # ------------------------------------------------------------------------------------------ serving
 
@@ -636,7 +750,9 @@ class LlamaEngine:
         reqs = self._submit(sched, prompts, max_new_tokens)
         result = GenerationResult([], [])
         cp = self._cp
-        with cp.cuda.Device(self.device), self.stream:
+        # TVM-FFI's current stream is the engine's for the whole call: every op is given that stream, and finds it
+        # current already (one query instead of a set and a restore around each of the ~10 kernels per layer)
+        with cp.cuda.Device(self.device), self.stream, stream_scope(self._s, self.device):
             try:
                 while sched.has_work:
                     admitted = sched.admit()
@@ -663,7 +779,7 @@ class LlamaEngine:
         sched = self._scheduler(())
         reqs = self._submit(sched, prompts, 1)
         out: dict[int, np.ndarray] = {}
-        with self._cp.cuda.Device(self.device), self.stream:
+        with self._cp.cuda.Device(self.device), self.stream, stream_scope(self._s, self.device):
             while sched.has_work:
                 admitted = sched.admit()
                 for r, logits in zip(
@@ -709,6 +825,40 @@ class LlamaEngine:
         n = self._playout.end("kv_indices", n_pages)
         cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, _address(self._phost), 4 * n, _H2D, s)
         ph = self._ph
+        self._plan_prefill(batch)
+        v = self._view("prefill", nnz, batch)
+        self._forward(v, nnz, self._prefill_attention)
+        full = None
+        if all_logits:  # a check, not serving: allocated here
+            hr = self._head_rows
+            part = cp.empty((nnz, hr), np.float32)
+            self.dense.linear(
+                nnz, self._normed.data.ptr, c.hidden_size, self._lm_head, hr, c.hidden_size, part.data.ptr, hr,
+                self._ab, self._f32,
+            )  # fmt: skip
+            full = part
+            if self.vocab_shard is None:
+                self._finish_logits(part.data.ptr, nnz)
+            else:  # every rank's columns, then [nnz, V] on the host
+                full = cp.empty((self.tensor_parallel, nnz, hr), np.float32)
+                self.comm.all_gather(part, full, stream=s)
+        h = c.hidden_size
+        self.dense.gather_rows(batch, self._normed.data.ptr, h, v.last_rows, b.last.data.ptr, h, h)
+        self._head(batch, b.last.data.ptr)
+        self._pick(v, batch, sampling)
+        tokens = self._fetch_ids(batch)
+        sched.record(reqs, tokens, prefill=True)
+        if full is None:
+            return []
+        host = full.get(stream=self.stream)
+        if host.ndim == 3:  # [ranks, nnz, V/N]: the columns side by side, the padding dropped
+            host = np.concatenate(list(host), axis=1)[:, : c.vocab_size]
+        bounds = ph["qo_indptr"][: batch + 1].tolist()
+        return [host[bounds[i] : bounds[i + 1]] for i in range(batch)]
+
+    def _plan_prefill(self, batch: int) -> None:
+        """Plan the prefill attention of ``batch`` requests from the host index arrays (a hook)."""
+        c, ph = self.config, self._ph
         self._prefill_plan = kernels.prefill_plan(
             self._ws_prefill,
             ph["qo_indptr"][: batch + 1],
@@ -719,54 +869,16 @@ class LlamaEngine:
             c.head_dim,
             self.page_size,
             self.dtype,
-            s,
+            self._s,
         )
-        v = self._view("prefill", nnz, batch)
-        self._forward(v, nnz, self._prefill_attention)
-        full = None
-        if all_logits:
-            full = cp.empty((nnz, c.vocab_size), np.float32)
-            self.dense.linear(
-                nnz,
-                self._normed.data.ptr,
-                c.hidden_size,
-                self._lm_head,
-                c.vocab_size,
-                c.hidden_size,
-                full.data.ptr,
-                c.vocab_size,
-                self._ab,
-                self._f32,
-            )
-        h = c.hidden_size
-        self.dense.gather_rows(batch, self._normed.data.ptr, h, v.last_rows, b.last.data.ptr, h, h)
-        self.dense.linear(
-            batch,
-            b.last.data.ptr,
-            h,
-            self._lm_head,
-            c.vocab_size,
-            h,
-            b.logits.data.ptr,
-            c.vocab_size,
-            self._ab,
-            self._f32,
-        )
-        self._pick(v, batch, sampling)
-        tokens = self._fetch_ids(batch)
-        sched.record(reqs, tokens, prefill=True)
-        if full is None:
-            return []
-        host = full.get(stream=self.stream)
-        bounds = ph["qo_indptr"][: batch + 1].tolist()
-        return [host[bounds[i] : bounds[i + 1]] for i in range(batch)]
 
     def _pick(self, v: SimpleNamespace, rows: int, sampling: SamplingParams) -> None:
         """Choose each row's token into ``ids`` from ``logits`` (greedy: argmax)."""
         if sampling.greedy:
-            b = self._buf
-            self.dense.argmax(rows, b.logits.data.ptr, self.config.vocab_size, self.config.vocab_size, b.ids.data.ptr)
+            self._argmax(rows)
             return
+        if self.vocab_shard is not None:
+            self._gather_logits(rows)
         if self._probs is None:  # made on the first sampled (non-greedy) step, outside any graph capture
             self._probs = self._cp.empty((self.max_batch, self.config.vocab_size), np.float32)
             nbytes = kernels.softmax_workspace_bytes(self.max_batch, self.config.vocab_size)
@@ -832,19 +944,7 @@ class LlamaEngine:
                 self._pick(v, n, sampling)
         else:
             self._forward(v, n, self._decode_attention)
-            c, b = self.config, self._buf
-            self.dense.linear(
-                n,
-                self._normed.data.ptr,
-                c.hidden_size,
-                self._lm_head,
-                c.vocab_size,
-                c.hidden_size,
-                b.logits.data.ptr,
-                c.vocab_size,
-                self._ab,
-                self._f32,
-            )
+            self._head(n, self._normed.data.ptr)
             self._pick(v, n, sampling)
         self._share_ids()
         self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
@@ -865,6 +965,8 @@ class LlamaEngine:
         if self._closed:
             return
         self._closed = True
+        if self.comm is not None and self.comm.aborted:
+            return  # the peers are gone or going: no synchronization (queued collectives never finish), no teardown
         with self._cp.cuda.Device(self.device):
             self.stream.synchronize()
             if self.graph is not None:
@@ -882,7 +984,11 @@ class LlamaEngine:
     def __enter__(self) -> LlamaEngine:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None and self.comm is not None and not self._closed and not isinstance(exc, GeneratorExit):
+            # With TP an exception on one rank would leave the others waiting in a collective and this rank in
+            # close()'s own: tell them (they exit naming this rank; fi_ffi.comm.watchdog) and skip the teardown.
+            self.comm.abort(f"{type(exc).__name__}: {exc}")
         self.close()
 
 

@@ -191,7 +191,8 @@ class MoEScratch:
         need = self.bytes_needed(e, h, i, k, max_tokens, capacity)
         if need > _MAX_SCRATCH_BYTES:  # no device holds this: refuse before CuPy overflows or rounds it
             raise ValueError(
-                f"MoEScratch: max_tokens={max_tokens}, top_k={k}, hidden={h}, intermediate={i}, capacity={capacity} "
+                f"MoEScratch: num_experts={e}, max_tokens={max_tokens}, top_k={k}, hidden={h}, intermediate={i}, "
+                f"capacity={capacity} "
                 f"need {need} bytes of activation buffers, more than any device has; expected sizes of a real model"
             )
         import cupy

@@ -15,10 +15,17 @@ Everything is a plain array in, plain arrays out; nothing here touches a GPU (th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 __all__ = ["ExpertGroups", "group_by_expert", "softmax_topk"]
+
+MAX_EXPERTS = 1 << 20
+
+
+def _what(value: Any) -> str:
+    return f"{value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
 
 
 def softmax_topk(logits: np.ndarray, k: int, renormalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -33,7 +40,13 @@ def softmax_topk(logits: np.ndarray, k: int, renormalize: bool = True) -> tuple[
         ValueError: ``logits`` is not 2-D, or ``k`` is not in ``[1, E]``, or a logit is not finite.
         TypeError: ``k`` is not an int.
     """
-    x = np.asarray(logits)
+    x = np.asarray(logits) if isinstance(logits, np.ndarray) else None
+    if x is None or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise TypeError(f"logits: expected a numeric numpy array [num_tokens, num_experts], got {_what(logits)}")
+    if isinstance(renormalize, np.bool_):
+        renormalize = bool(renormalize)
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize: expected a bool, got {renormalize!r:.40}")
     if x.ndim != 2:
         raise ValueError(f"logits: expected a 2-D [num_tokens, num_experts] array, got shape {x.shape}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -81,13 +94,20 @@ def group_by_expert(experts: np.ndarray, num_experts: int) -> ExpertGroups:
         ValueError: ``experts`` is not 2-D or holds an id outside ``[0, num_experts)``; ``num_experts < 1``.
         TypeError: ``experts`` is not an integer array.
     """
-    e = np.asarray(experts)
+    if not isinstance(experts, np.ndarray):
+        raise TypeError(f"experts: expected a numpy array of expert ids [num_tokens, k], got {_what(experts)}")
+    e = experts
     if e.ndim != 2:
         raise ValueError(f"experts: expected a 2-D [num_tokens, k] array, got shape {e.shape}")
     if not np.issubdtype(e.dtype, np.integer):
         raise TypeError(f"experts: expected integer expert ids, got dtype {e.dtype}")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
-        raise ValueError(f"num_experts: expected an int >= 1, got {num_experts!r}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)):
+        raise TypeError(f"num_experts: expected an int, got {type(num_experts).__name__}")
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(
+            f"num_experts: expected 1..{MAX_EXPERTS} (more experts than any model; arrays of this length are made "
+            f"per call), got {num_experts}"
+        )
     tokens, k = e.shape
     flat = e.reshape(-1).astype(np.int64)
     if flat.size and (flat.min() < 0 or flat.max() >= num_experts):

@@ -49,12 +49,23 @@ __all__ = [
 PAD_PAGE = 0
 
 
+# More pages than any device's KV cache holds (2**24 pages of 16 tokens at >= 1 KiB per token: >= 256 GiB), and
+# far below the kernels' int32 page ids; the allocator keeps a free list of this length.
+MAX_PAGES = 1 << 24
+
+
 class OutOfPagesError(RuntimeError):
     """The KV cache has fewer free pages than requested."""
 
 
 def pages_for(tokens: int, page_size: int) -> int:
-    """Pages needed to hold ``tokens`` tokens."""
+    """Pages needed to hold ``tokens`` tokens (``tokens >= 0``, ``page_size >= 1``)."""
+    from ..launch import checks
+
+    tokens = checks.integer("tokens", tokens, 0)
+    page_size = checks.integer("page_size", page_size, 1)
+    if tokens >= 1 << 63 or page_size >= 1 << 31:
+        raise ValueError(f"tokens, page_size: expected tokens < 2**63 and page_size < 2**31, got {tokens}, {page_size}")
     return -(-tokens // page_size)
 
 
@@ -62,9 +73,12 @@ class PageAllocator:
     """Hands out page ids ``reserved .. num_pages - 1``; freed pages are reused first (LIFO, warm in cache)."""
 
     def __init__(self, num_pages: int, reserved: int = 1) -> None:
-        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages <= reserved:
+        if isinstance(reserved, bool) or not isinstance(reserved, int) or not 0 <= reserved < MAX_PAGES:
+            raise ValueError(f"reserved: expected an integer in [0, {MAX_PAGES}), got {reserved!r}")
+        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or not reserved < num_pages <= MAX_PAGES:
             raise ValueError(
-                f"num_pages: expected an integer > {reserved} (page {PAD_PAGE} is the padding page), got {num_pages!r}"
+                f"num_pages: expected an integer in ({reserved}, {MAX_PAGES}] (page {PAD_PAGE} is the padding page; "
+                f"no device holds more), got {num_pages!r}"
             )
         self.num_pages = num_pages
         self.reserved = reserved

@@ -5,9 +5,17 @@ Each of ``N`` ranks (one process per GPU, :class:`~fi_ffi.comm.nccl.Communicator
 - attention heads ``[r * Hq / N, (r + 1) * Hq / N)`` and KV heads ``[r * Hk / N, ...)``: the Q, K, V projections
   split by output rows (column-parallel), the output projection by input columns (row-parallel), and the KV cache
   for its own KV heads only;
-- MLP columns ``[r * I / N, (r + 1) * I / N)``: gate/up by output rows, down by input columns;
-- the embedding, the norms and the LM head whole (every rank computes the same logits and tokens; rank 0's
-  tokens are broadcast each step so the ranks can never drift apart).
+- MLP columns ``[r * I / N, (r + 1) * I / N)``: gate/up by output rows, down by input columns; in an MoE layer
+  (Mixtral, Qwen3-MoE) the same slice of *every* expert's intermediate columns, and the whole router (every rank
+  routes every token the same way, so each expert's partial output is a plain partial sum);
+- vocabulary rows ``[r * V' / N, (r + 1) * V' / N)`` of the embedding and of the LM head (:class:`VocabShard`;
+  ``V'`` is the vocabulary padded up to a multiple of ``N`` with zero rows): the embedding gathers the rows it
+  has (zeros for the others) and the ranks' rows are summed by the same all-reduce that adds the first residual;
+  the LM head gives each rank its columns of the logits, greedy decoding takes each shard's argmax and combines
+  the ``N`` (value, index) pairs (:func:`combine_shard_argmax`), sampling gathers the logits first
+  (``vocab_parallel=False`` keeps both whole on every rank, as before);
+- the norms whole. Every rank ends a step with the same tokens; rank 0's are broadcast each step all the same, so
+  the ranks can never drift apart.
 
 The O and down projections give partial sums; :class:`ResidualAllReduce` sums them over the ranks and, as the
 unsharded model does next, adds the residual and applies the next RMSNorm: in one kernel
@@ -31,36 +39,131 @@ def shard_config(cfg: LlamaConfig, tensor_parallel: int) -> LlamaConfig:
     Raises:
         ValueError: naming ``tensor_parallel`` and the dimension it does not divide.
     """
+    if not isinstance(cfg, LlamaConfig):
+        raise TypeError(f"cfg: expected a LlamaConfig (LlamaConfig.from_dir), got {type(cfg).__name__}")
+    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel: expected an int >= 1 (ranks), got {tensor_parallel!r}")
     n = tensor_parallel
-    for what, key, value in (
+    checked = [
         ("query heads", "num_attention_heads", cfg.num_qo_heads),
         ("KV heads", "num_key_value_heads", cfg.num_kv_heads),
         ("MLP columns", "intermediate_size", cfg.intermediate_size),
-    ):
+    ]
+    if cfg.moe is not None:
+        key = "moe_intermediate_size" if cfg.model_type == "qwen3_moe" else "intermediate_size"
+        checked.append(("expert intermediate columns", key, cfg.moe.intermediate_size))
+    for what, key, value in checked:
         if value % n:
             raise ValueError(
                 f"tensor_parallel: {n} does not divide the model's {value} {what} ({key}); use a tensor-parallel "
-                f"size that divides {cfg.num_qo_heads} query heads, {cfg.num_kv_heads} KV heads and "
-                f"{cfg.intermediate_size} MLP columns (1 always does)"
+                f"size that divides {', '.join(f'{v} {w}' for w, _, v in checked)} (1 always does)"
             )
+    moe = cfg.moe if cfg.moe is None else dataclasses.replace(cfg.moe, intermediate_size=cfg.moe.intermediate_size // n)
     return dataclasses.replace(
         cfg,
         num_qo_heads=cfg.num_qo_heads // n,
         num_kv_heads=cfg.num_kv_heads // n,
         intermediate_size=cfg.intermediate_size // n,
+        moe=moe,
     )
+
+
+def _block(weight: Any, rank: Any, parts: Any, axis: int) -> int:
+    """The block length of ``weight``'s ``axis`` split ``parts`` ways, the arguments checked (named)."""
+    if not isinstance(weight, np.ndarray) or weight.ndim != 2 or weight.dtype.kind in "OUSM":
+        what = (
+            f"{weight.dtype} array of shape {weight.shape}" if isinstance(weight, np.ndarray) else type(weight).__name__
+        )
+        raise TypeError(f"weight: expected a 2-D numpy array of numbers [out, in], got {what}")
+    for name, value in (("rank", rank), ("parts", parts)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not 0 <= rank < parts:
+        raise ValueError(f"rank, parts: expected 0 <= rank < parts, got rank {rank} of {parts}")
+    if weight.shape[axis] % parts:
+        raise ValueError(f"parts: {parts} does not divide weight's dimension {axis} ({weight.shape[axis]})")
+    return int(weight.shape[axis] // parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabShard:
+    """The vocabulary rows one rank keeps of the embedding and the LM head (and its columns of the logits).
+
+    Attributes:
+        vocab: the model's vocabulary size ``V``.
+        rank, parts: this rank of ``parts``.
+        rows: rows per rank, ``ceil(V / parts)`` (the padded vocabulary ``V' = rows * parts``).
+        start: the first token id of the shard, ``rank * rows``.
+        valid: the shard's real rows, ``min(rows, V - start)`` clipped at 0: the last ranks' tails are padding
+            (zero rows; their logits are never read).
+    """
+
+    vocab: int
+    rank: int
+    parts: int
+    rows: int
+    start: int
+    valid: int
+
+    @classmethod
+    def of(cls, vocab: int, rank: int, parts: int) -> VocabShard:
+        """Rank ``rank``'s shard of a ``vocab``-token vocabulary split ``parts`` ways."""
+        if parts < 1 or not 0 <= rank < parts or vocab < 1:
+            raise ValueError(f"VocabShard: expected vocab >= 1 and 0 <= rank < parts, got {vocab}, {rank}, {parts}")
+        step = -(-vocab // parts)
+        start = rank * step
+        return cls(vocab, rank, parts, step, start, max(0, min(step, vocab - start)))
+
+    def take(self, table: np.ndarray) -> np.ndarray:
+        """This shard's ``[rows, H]`` block of a ``[V, H]`` table (embedding or LM head), zero rows past ``V``."""
+        if table.ndim != 2 or table.shape[0] != self.vocab:
+            raise ValueError(f"table: expected [{self.vocab}, hidden], got {table.shape}")
+        out = np.zeros((self.rows, table.shape[1]), table.dtype)
+        out[: self.valid] = table[self.start : self.start + self.valid]
+        return out
+
+
+def combine_shard_argmax(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """The token each row takes from the ranks' shard argmaxes (the rule the device combine kernel follows).
+
+    Args:
+        values: ``[parts, rows]`` float32, each shard's largest logit (-inf for a shard with no real rows or only
+            NaN / -inf logits).
+        indices: ``[parts, rows]`` int, the global token id of that largest logit (the first one on ties).
+
+    Returns ``[rows]`` int32: the id of the largest value; on ties the lowest id (the lower rank: shards ascend),
+    which is what one argmax over the whole row gives (the first maximum); a row with no finite maximum anywhere
+    gives rank 0's index, as the single-GPU argmax gives 0.
+    """
+    values = np.asarray(values, np.float32)
+    best = np.full(values.shape[1], -np.inf, np.float32)
+    out = np.asarray(indices[0], np.int32).copy()
+    for r in range(values.shape[0]):
+        win = values[r] > best  # strictly larger: an equal value on a later rank has a larger id
+        best = np.where(win, values[r], best)
+        out = np.where(win, np.asarray(indices[r], np.int32), out)
+    return out
 
 
 def rows(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
     """Rank ``rank``'s block of output rows of ``weight`` ``[out, in]`` (column-parallel)."""
-    step = weight.shape[0] // parts
+    step = _block(weight, rank, parts, 0)
     return weight[rank * step : (rank + 1) * step]
 
 
 def columns(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
     """Rank ``rank``'s block of input columns of ``weight`` ``[out, in]`` (row-parallel)."""
-    step = weight.shape[1] // parts
+    step = _block(weight, rank, parts, 1)
     return np.ascontiguousarray(weight[:, rank * step : (rank + 1) * step])
+
+
+def expert_rows(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
+    """Rank ``rank``'s block of every expert's intermediate rows of a stacked gate/up weight ``[E, 2I, H]`` (gate
+    rows, then up rows): ``[E, 2I/N, H]``, its gate rows then its up rows (what ``silu_and_mul`` pairs)."""
+    i = weight.shape[1] // 2
+    step = i // parts
+    lo = rank * step
+    return np.ascontiguousarray(np.concatenate([weight[:, lo : lo + step], weight[:, i + lo : i + lo + step]], axis=1))
 
 
 class ResidualAllReduce:
@@ -115,4 +218,4 @@ class ResidualAllReduce:
             self.workspace.close()
 
 
-__all__ = ["ResidualAllReduce", "columns", "rows", "shard_config"]
+__all__ = ["ResidualAllReduce", "VocabShard", "columns", "combine_shard_argmax", "expert_rows", "rows", "shard_config"]

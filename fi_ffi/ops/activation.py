@@ -19,13 +19,14 @@ All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never s
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import NoReturn
 
 from ..abi.wire import BOOL, Declaration, declare, tensor
 from ..dtypes import bfloat16, float16
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..typing import StreamLike, TensorLike, TensorT
 
 _DTYPES = (float16, bfloat16)
 _VECTOR_BYTES = 16
@@ -80,15 +81,16 @@ _gelu_and_mul = launcher(GELU_AND_MUL, "gelu_and_mul", _check)
 _gelu_tanh_and_mul = launcher(GELU_TANH_AND_MUL, "gelu_tanh_and_mul", _check)
 
 
-def _need_out(out: Any) -> None:
-    if out is None:
-        raise TypeError(
-            "out: required (fi_ffi never allocates device memory); pass a contiguous tensor "
-            "[..., d] of input's dtype, d = input.shape[-1] // 2"
-        )
+def _need_out(out: None) -> NoReturn:
+    raise TypeError(
+        "out: required (fi_ffi never allocates device memory); pass a contiguous tensor "
+        "[..., d] of input's dtype, d = input.shape[-1] // 2"
+    )
 
 
-def silu_and_mul(input: Any, out: Any = None, enable_pdl: bool | None = None, *, stream: Any = None) -> Any:
+def silu_and_mul(
+    input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
+) -> TensorT:
     """``out = silu(input[..., :d]) * input[..., d:]``.
 
     Args:
@@ -106,7 +108,9 @@ def silu_and_mul(input: Any, out: Any = None, enable_pdl: bool | None = None, *,
     return out
 
 
-def gelu_and_mul(input: Any, out: Any = None, enable_pdl: bool | None = None, *, stream: Any = None) -> Any:
+def gelu_and_mul(
+    input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
+) -> TensorT:
     """``out = gelu(input[..., :d]) * input[..., d:]`` (erf form); arguments as :func:`silu_and_mul`."""
     if out is None:
         _need_out(out)
@@ -114,7 +118,9 @@ def gelu_and_mul(input: Any, out: Any = None, enable_pdl: bool | None = None, *,
     return out
 
 
-def gelu_tanh_and_mul(input: Any, out: Any = None, enable_pdl: bool | None = None, *, stream: Any = None) -> Any:
+def gelu_tanh_and_mul(
+    input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
+) -> TensorT:
     """``out = gelu_tanh(input[..., :d]) * input[..., d:]`` (tanh approximation); arguments as
     :func:`silu_and_mul`."""
     if out is None:

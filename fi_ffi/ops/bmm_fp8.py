@@ -29,6 +29,7 @@ from ..dtypes import dtype as dtype_of
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..typing import StreamLike, TensorLike, TensorT
 
 __all__ = ["WORKSPACE_BYTES", "bmm_fp8"]
 
@@ -104,17 +105,17 @@ _bmm_fp8 = launcher(BMM_FP8, "gemm", _check)
 
 
 def bmm_fp8(
-    A: Any,
-    B: Any,
-    A_scale: Any,
-    B_scale: Any,
+    A: TensorLike,
+    B: TensorLike,
+    A_scale: TensorLike,
+    B_scale: TensorLike,
     dtype: Any = None,
-    out: Any = None,
+    out: TensorT | None = None,
     *,
-    workspace_buffer: Any,
+    workspace_buffer: TensorLike,
     cublas_handle: int | None = None,
-    stream: Any = None,
-) -> Any:
+    stream: StreamLike = None,
+) -> TensorT:
     """``out[b] = A[b] @ B[b] * A_scale * B_scale`` (see the module docstring).
 
     Args:

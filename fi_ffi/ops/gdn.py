@@ -48,6 +48,7 @@ from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
 from ..streams import stream_handle
 from ..tensor import Tensor
+from ..typing import StreamLike, TensorLike, TensorT
 from .attention.variants import not_shipped
 
 _URI = "gdn_prefill_sm90"
@@ -102,20 +103,20 @@ def gdn_workspace_size(device_id: int = 0) -> int:
 
 
 def gdn_prefill(
-    q: Any,
-    k: Any,
-    v: Any,
-    cu_seqlens: Any,
-    output: Any,
-    output_state: Any,
-    workspace: Any,
+    q: TensorLike,
+    k: TensorLike,
+    v: TensorLike,
+    cu_seqlens: TensorLike,
+    output: TensorT,
+    output_state: TensorT,
+    workspace: TensorLike,
     *,
-    input_state: Any = None,
-    alpha: Any = None,
-    beta: Any = None,
+    input_state: TensorLike | None = None,
+    alpha: TensorLike | None = None,
+    beta: TensorLike | None = None,
     scale: float | None = None,
-    stream: Any = None,
-) -> tuple[Any, Any]:
+    stream: StreamLike = None,
+) -> tuple[TensorT, TensorT]:
     """Gated delta rule prefill of ``N`` packed sequences (see the module docstring for the math).
 
     Shapes: ``S`` packed tokens, ``N`` sequences, ``Hq``/``Hk``/``Hv`` heads (GQA or GVA, see the module

@@ -44,6 +44,7 @@ from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
+from ..typing import StreamLike, TensorLike, TensorT
 
 __all__ = ["selective_state_update"]
 
@@ -221,27 +222,27 @@ BACKENDS = ("auto", "sm90", "simple")
 
 
 def selective_state_update(
-    state: Any,
-    x: Any,
-    dt: Any,
-    A: Any,
-    B: Any,
-    C: Any,
-    D: Any,
-    z: Any = None,
-    dt_bias: Any = None,
+    state: TensorLike,
+    x: TensorLike,
+    dt: TensorLike,
+    A: TensorLike,
+    B: TensorLike,
+    C: TensorLike,
+    D: TensorLike,
+    z: TensorLike | None = None,
+    dt_bias: TensorLike | None = None,
     dt_softplus: bool = False,
-    state_batch_indices: Any = None,
+    state_batch_indices: TensorLike | None = None,
     pad_slot_id: int = -1,
-    out: Any = None,
+    out: TensorT | None = None,
     disable_state_update: bool = False,
-    intermediate_states_buffer: Any = None,
-    intermediate_state_indices: Any = None,
+    intermediate_states_buffer: TensorLike | None = None,
+    intermediate_state_indices: TensorLike | None = None,
     cache_steps: int = 0,
     *,
     backend: str = "auto",
-    stream: Any = None,
-) -> Any:
+    stream: StreamLike = None,
+) -> TensorT:
     """One Mamba-2 decode step (see the module docstring for the math and the contract).
 
     Args:

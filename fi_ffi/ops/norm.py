@@ -23,6 +23,7 @@ from ..dtypes import bfloat16, float16
 from ..launch import checks
 from ..launch.launcher import PreparedCall, launcher
 from ..launch.pointer_rules import PointerRules
+from ..typing import StreamLike, TensorLike, TensorT
 
 _URI = "norm"
 _DTYPES = (float16, bfloat16)
@@ -46,8 +47,14 @@ __all__ = ["fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "pre
 
 
 def rmsnorm(
-    input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False, stream: Any = None
-) -> Any:
+    input: TensorLike,
+    weight: TensorLike,
+    out: TensorT,
+    *,
+    eps: float = 1e-6,
+    enable_pdl: bool = False,
+    stream: StreamLike = None,
+) -> TensorT:
     """RMSNorm of each row: ``out[b, :] = input[b, :] / RMS(input[b, :]) * weight``.
 
     Args:
@@ -67,8 +74,14 @@ def rmsnorm(
 
 
 def qk_rmsnorm(
-    input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False, stream: Any = None
-) -> Any:
+    input: TensorLike,
+    weight: TensorLike,
+    out: TensorT,
+    *,
+    eps: float = 1e-6,
+    enable_pdl: bool = False,
+    stream: StreamLike = None,
+) -> TensorT:
     """Per-head RMSNorm (the fused QK norm): ``out[b, h, :] = input[b, h, :] / RMS(...) * weight``.
 
     Args:
@@ -82,15 +95,27 @@ def qk_rmsnorm(
 
 
 def gemma_rmsnorm(
-    input: Any, weight: Any, out: Any, *, eps: float = 1e-6, enable_pdl: bool = False, stream: Any = None
-) -> Any:
+    input: TensorLike,
+    weight: TensorLike,
+    out: TensorT,
+    *,
+    eps: float = 1e-6,
+    enable_pdl: bool = False,
+    stream: StreamLike = None,
+) -> TensorT:
     """Gemma RMSNorm: ``out = input / RMS(input) * (1 + weight)``, shapes as :func:`rmsnorm` (2-D only)."""
     _gemma_rmsnorm(out, input, weight, eps, enable_pdl, stream=stream)
     return out
 
 
 def fused_add_rmsnorm(
-    input: Any, residual: Any, weight: Any, *, eps: float = 1e-6, enable_pdl: bool = False, stream: Any = None
+    input: TensorLike,
+    residual: TensorLike,
+    weight: TensorLike,
+    *,
+    eps: float = 1e-6,
+    enable_pdl: bool = False,
+    stream: StreamLike = None,
 ) -> None:
     """In place: ``residual += input``, then ``input = residual / RMS(residual) * weight``.
 
@@ -103,9 +128,16 @@ def fused_add_rmsnorm(
 
 
 def gemma_fused_add_rmsnorm(
-    input: Any, residual: Any, weight: Any, *, eps: float = 1e-6, enable_pdl: bool = False, stream: Any = None
+    input: TensorLike,
+    residual: TensorLike,
+    weight: TensorLike,
+    *,
+    eps: float = 1e-6,
+    enable_pdl: bool = False,
+    stream: StreamLike = None,
 ) -> None:
-    """In place, Gemma form: ``residual += input``, then ``input = residual / RMS(residual) * (1 + weight)``."""
+    """In place, Gemma form: ``residual += input``, then ``input = residual / RMS(residual) * (1 + weight)``;
+    arguments as :func:`fused_add_rmsnorm`."""
     _gemma_fused_add_rmsnorm(input, residual, weight, eps, enable_pdl, stream=stream)
 
 

@@ -39,6 +39,7 @@ from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
+from ..typing import IndexLike, StreamLike, TensorLike
 
 _URI = "page"
 _CACHE_DTYPES = (float16, bfloat16, float8_e4m3fn, float8_e5m2)
@@ -93,18 +94,18 @@ __all__ = [
 
 
 def append_paged_kv_cache(
-    append_key: Any,
-    append_value: Any,
-    batch_indices: Any,
-    positions: Any,
-    k_cache: Any,
-    v_cache: Any,
-    kv_indices: Any,
-    kv_indptr: Any,
-    kv_last_page_len: Any,
+    append_key: TensorLike,
+    append_value: TensorLike,
+    batch_indices: TensorLike,
+    positions: TensorLike,
+    k_cache: TensorLike,
+    v_cache: TensorLike,
+    kv_indices: TensorLike,
+    kv_indptr: TensorLike,
+    kv_last_page_len: TensorLike,
     *,
     layout: str = "NHD",
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> None:
     """Write ``nnz`` new key/value tokens of several requests into a paged K/V cache.
 
@@ -171,17 +172,17 @@ def append_paged_kv_cache(
 
 
 def append_paged_mla_kv_cache(
-    append_ckv: Any,
-    append_kpe: Any,
-    batch_indices: Any,
-    positions: Any,
-    ckv_cache: Any,
-    kpe_cache: Any,
-    kv_indices: Any,
-    kv_indptr: Any,
-    kv_last_page_len: Any,
+    append_ckv: TensorLike,
+    append_kpe: TensorLike,
+    batch_indices: TensorLike,
+    positions: TensorLike,
+    ckv_cache: TensorLike,
+    kpe_cache: TensorLike,
+    kv_indices: TensorLike,
+    kv_indptr: TensorLike,
+    kv_last_page_len: TensorLike,
     *,
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> None:
     """Write ``nnz`` new MLA tokens (compressed KV and its RoPE part) into a paged MLA cache.
 
@@ -496,8 +497,8 @@ def get_seq_lens(kv_indptr: Any, kv_last_page_len: Any, page_size: int) -> np.nd
 
 
 def get_batch_indices_positions(
-    append_indptr: Any,
-    seq_lens: Any,
+    append_indptr: IndexLike,
+    seq_lens: IndexLike,
     nnz: int | None = None,
     *,
     batch_indices: np.ndarray | None = None,

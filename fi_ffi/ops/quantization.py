@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 
@@ -35,6 +34,7 @@ from ..dtypes import bool_, int32, uint8
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..typing import StreamLike, TensorLike, TensorT
 
 _URI = "quantization"
 _BITORDERS = ("big", "little")
@@ -106,7 +106,7 @@ _packbits = launcher(PACKBITS, _URI, _check_packbits)
 _segment_packbits = launcher(SEGMENT_PACKBITS, _URI, _check_segments)
 
 
-def packbits(x: Any, bitorder: str = "big", *, out: Any = None, stream: Any = None) -> Any:
+def packbits(x: TensorLike, bitorder: str = "big", *, out: TensorT | None = None, stream: StreamLike = None) -> TensorT:
     """Pack the booleans of ``x`` (read flat) 8 per byte.
 
     Args:
@@ -127,8 +127,14 @@ def packbits(x: Any, bitorder: str = "big", *, out: Any = None, stream: Any = No
 
 
 def segment_packbits(
-    x: Any, indptr: Any, bitorder: str = "big", *, output_indptr: Any = None, out: Any = None, stream: Any = None
-) -> tuple[Any, Any]:
+    x: TensorLike,
+    indptr: TensorLike,
+    bitorder: str = "big",
+    *,
+    output_indptr: TensorT | None = None,
+    out: TensorT | None = None,
+    stream: StreamLike = None,
+) -> tuple[TensorT, TensorT]:
     """Pack each segment ``x[indptr[i]:indptr[i+1]]`` on its own (see the module docstring).
 
     Args:

@@ -48,6 +48,7 @@ from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
+from ..typing import StreamLike, TensorLike, TensorT
 
 _URI = "rope"
 _DTYPES = (float16, bfloat16)
@@ -259,31 +260,35 @@ def _f(name: str, value: Any) -> Any:
     return value
 
 
-def _outputs(q_rope: Any, k_rope: Any, names: tuple[str, str] = ("q_rope", "k_rope")) -> None:
+def _outputs(
+    q_rope: TensorT | None, k_rope: TensorT | None, names: tuple[str, str] = ("q_rope", "k_rope")
+) -> tuple[TensorT, TensorT]:
+    """The two outputs, both required (a missing one is a TypeError naming it)."""
     if q_rope is None or k_rope is None:
         missing = names[0] if q_rope is None else names[1]
         raise TypeError(
             f"{missing}: required (fi_ffi never allocates device memory); pass a tensor shaped like the "
             f"input, or use the *_inplace op"
         )
+    return q_rope, k_rope
 
 
 # ---- ops ---------------------------------------------------------------------------------------------------------
 
 
 def apply_rope_pos_ids(
-    q: Any,
-    k: Any,
-    pos_ids: Any,
+    q: TensorLike,
+    k: TensorLike,
+    pos_ids: TensorLike,
     rotary_dim: int | None = None,
     interleave: bool = False,
     rope_scale: float = 1.0,
     rope_theta: float = 1e4,
     *,
-    q_rope: Any = None,
-    k_rope: Any = None,
-    stream: Any = None,
-) -> tuple[Any, Any]:
+    q_rope: TensorT | None = None,
+    k_rope: TensorT | None = None,
+    stream: StreamLike = None,
+) -> tuple[TensorT, TensorT]:
     """RoPE with per-token positions, out of place.
 
     Args:
@@ -299,7 +304,7 @@ def apply_rope_pos_ids(
     Returns:
         ``(q_rope, k_rope)``, as passed.
     """
-    _outputs(q_rope, k_rope)
+    q_rope, k_rope = _outputs(q_rope, k_rope)
     _apply_rope_pos_ids(
         q,
         k,
@@ -316,15 +321,15 @@ def apply_rope_pos_ids(
 
 
 def apply_rope_pos_ids_inplace(
-    q: Any,
-    k: Any,
-    pos_ids: Any,
+    q: TensorLike,
+    k: TensorLike,
+    pos_ids: TensorLike,
     rotary_dim: int | None = None,
     interleave: bool = False,
     rope_scale: float = 1.0,
     rope_theta: float = 1e4,
     *,
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> None:
     """:func:`apply_rope_pos_ids` writing back into ``q`` and ``k``."""
     _apply_rope_pos_ids(
@@ -342,9 +347,9 @@ def apply_rope_pos_ids_inplace(
 
 
 def apply_llama31_rope_pos_ids(
-    q: Any,
-    k: Any,
-    pos_ids: Any,
+    q: TensorLike,
+    k: TensorLike,
+    pos_ids: TensorLike,
     rotary_dim: int | None = None,
     interleave: bool = False,
     rope_scale: float = 8.0,
@@ -353,16 +358,16 @@ def apply_llama31_rope_pos_ids(
     high_freq_factor: float = 4.0,
     old_context_len: float = 8192.0,
     *,
-    q_rope: Any = None,
-    k_rope: Any = None,
-    stream: Any = None,
-) -> tuple[Any, Any]:
+    q_rope: TensorT | None = None,
+    k_rope: TensorT | None = None,
+    stream: StreamLike = None,
+) -> tuple[TensorT, TensorT]:
     """Llama 3.1 RoPE with per-token positions, out of place (defaults: Llama 3.1's).
 
     Args as :func:`apply_rope_pos_ids`, plus ``low_freq_factor`` (> 0), ``high_freq_factor``
     (> low_freq_factor) and ``old_context_len`` (the pre-training context, in tokens): see the module docstring.
     """
-    _outputs(q_rope, k_rope)
+    q_rope, k_rope = _outputs(q_rope, k_rope)
     _apply_llama31_rope_pos_ids(
         q,
         k,
@@ -382,9 +387,9 @@ def apply_llama31_rope_pos_ids(
 
 
 def apply_llama31_rope_pos_ids_inplace(
-    q: Any,
-    k: Any,
-    pos_ids: Any,
+    q: TensorLike,
+    k: TensorLike,
+    pos_ids: TensorLike,
     rotary_dim: int | None = None,
     interleave: bool = False,
     rope_scale: float = 8.0,
@@ -393,7 +398,7 @@ def apply_llama31_rope_pos_ids_inplace(
     high_freq_factor: float = 4.0,
     old_context_len: float = 8192.0,
     *,
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> None:
     """:func:`apply_llama31_rope_pos_ids` writing back into ``q`` and ``k``."""
     _apply_llama31_rope_pos_ids(
@@ -414,19 +419,19 @@ def apply_llama31_rope_pos_ids_inplace(
 
 
 def apply_rope(
-    q: Any,
-    k: Any,
-    indptr: Any,
-    offsets: Any,
+    q: TensorLike,
+    k: TensorLike,
+    indptr: TensorLike,
+    offsets: TensorLike,
     rotary_dim: int | None = None,
     interleave: bool = False,
     rope_scale: float = 1.0,
     rope_theta: float = 1e4,
     *,
-    q_rope: Any = None,
-    k_rope: Any = None,
-    stream: Any = None,
-) -> tuple[Any, Any]:
+    q_rope: TensorT | None = None,
+    k_rope: TensorT | None = None,
+    stream: StreamLike = None,
+) -> tuple[TensorT, TensorT]:
     """RoPE of a ragged batch, out of place: request ``b`` owns rows ``indptr[b]:indptr[b+1]`` of ``q``/``k``,
     and its row ``t`` is at position ``offsets[b] + t``.
 
@@ -435,7 +440,7 @@ def apply_rope(
         offsets: ``[batch_size]``, same dtype as ``indptr``.
         Others as :func:`apply_rope_pos_ids`.
     """
-    _outputs(q_rope, k_rope)
+    q_rope, k_rope = _outputs(q_rope, k_rope)
     _apply_rope(
         q,
         k,
@@ -453,16 +458,16 @@ def apply_rope(
 
 
 def apply_rope_inplace(
-    q: Any,
-    k: Any,
-    indptr: Any,
-    offsets: Any,
+    q: TensorLike,
+    k: TensorLike,
+    indptr: TensorLike,
+    offsets: TensorLike,
     rotary_dim: int | None = None,
     interleave: bool = False,
     rope_scale: float = 1.0,
     rope_theta: float = 1e4,
     *,
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> None:
     """:func:`apply_rope` writing back into ``q`` and ``k``."""
     _apply_rope(
@@ -481,10 +486,10 @@ def apply_rope_inplace(
 
 
 def apply_llama31_rope(
-    q: Any,
-    k: Any,
-    indptr: Any,
-    offsets: Any,
+    q: TensorLike,
+    k: TensorLike,
+    indptr: TensorLike,
+    offsets: TensorLike,
     rotary_dim: int | None = None,
     interleave: bool = False,
     rope_scale: float = 8.0,
@@ -493,13 +498,13 @@ def apply_llama31_rope(
     high_freq_factor: float = 4.0,
     old_context_len: float = 8192.0,
     *,
-    q_rope: Any = None,
-    k_rope: Any = None,
-    stream: Any = None,
-) -> tuple[Any, Any]:
+    q_rope: TensorT | None = None,
+    k_rope: TensorT | None = None,
+    stream: StreamLike = None,
+) -> tuple[TensorT, TensorT]:
     """Llama 3.1 RoPE of a ragged batch, out of place (see :func:`apply_rope` and
     :func:`apply_llama31_rope_pos_ids`)."""
-    _outputs(q_rope, k_rope)
+    q_rope, k_rope = _outputs(q_rope, k_rope)
     _apply_llama31_rope(
         q,
         k,
@@ -520,10 +525,10 @@ def apply_llama31_rope(
 
 
 def apply_llama31_rope_inplace(
-    q: Any,
-    k: Any,
-    indptr: Any,
-    offsets: Any,
+    q: TensorLike,
+    k: TensorLike,
+    indptr: TensorLike,
+    offsets: TensorLike,
     rotary_dim: int | None = None,
     interleave: bool = False,
     rope_scale: float = 8.0,
@@ -532,7 +537,7 @@ def apply_llama31_rope_inplace(
     high_freq_factor: float = 4.0,
     old_context_len: float = 8192.0,
     *,
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> None:
     """:func:`apply_llama31_rope` writing back into ``q`` and ``k``."""
     _apply_llama31_rope(
@@ -587,17 +592,17 @@ def _stream_of(x: Any, view: Tensor, stream: Any) -> Any:
 
 
 def apply_rope_with_cos_sin_cache(
-    positions: Any,
-    query: Any,
-    key: Any,
+    positions: TensorLike,
+    query: TensorLike,
+    key: TensorLike,
     head_size: int,
-    cos_sin_cache: Any,
+    cos_sin_cache: TensorLike,
     is_neox: bool = True,
     *,
-    query_out: Any = None,
-    key_out: Any = None,
-    stream: Any = None,
-) -> tuple[Any, Any]:
+    query_out: TensorT | None = None,
+    key_out: TensorT | None = None,
+    stream: StreamLike = None,
+) -> tuple[TensorT, TensorT]:
     """RoPE with precomputed cos/sin (the SGLang / vLLM form), out of place.
 
     Args:
@@ -615,7 +620,7 @@ def apply_rope_with_cos_sin_cache(
     Returns:
         ``(query_out, key_out)``, as passed.
     """
-    _outputs(query_out, key_out, ("query_out", "key_out"))
+    query_out, key_out = _outputs(query_out, key_out, ("query_out", "key_out"))
     if is_neox is not True and is_neox is not False:
         is_neox = checks.flag("is_neox", is_neox)
     q = _heads("query", query, head_size)
@@ -633,14 +638,14 @@ def apply_rope_with_cos_sin_cache(
 
 
 def apply_rope_with_cos_sin_cache_inplace(
-    positions: Any,
-    query: Any,
-    key: Any,
+    positions: TensorLike,
+    query: TensorLike,
+    key: TensorLike,
     head_size: int,
-    cos_sin_cache: Any,
+    cos_sin_cache: TensorLike,
     is_neox: bool = True,
     *,
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> None:
     """:func:`apply_rope_with_cos_sin_cache` writing back into ``query`` and ``key``."""
     if is_neox is not True and is_neox is not False:

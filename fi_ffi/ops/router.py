@@ -30,6 +30,7 @@ from ..dtypes import bfloat16, float16, float32, int32
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..typing import StreamLike, TensorLike, TensorT
 
 __all__ = ["fused_topk_deepseek", "mm_M1_16_K7168_N128", "mm_M1_16_K7168_N256"]
 
@@ -114,7 +115,9 @@ _dsv3_router_gemm = launcher(DSV3_ROUTER_GEMM, "dsv3_router_gemm", _router_check
 _ml3_router_gemm = launcher(ML3_ROUTER_GEMM, "dsv3_router_gemm", _router_check(128, bfloat16))
 
 
-def mm_M1_16_K7168_N256(mat_a: Any, mat_b: Any, out: Any, launch_with_pdl: bool = False, *, stream: Any = None) -> Any:
+def mm_M1_16_K7168_N256(
+    mat_a: TensorLike, mat_b: TensorLike, out: TensorT, launch_with_pdl: bool = False, *, stream: StreamLike = None
+) -> TensorT:
     """DeepSeek-V3 router logits: ``out = mat_a @ mat_b`` (float32 accumulation).
 
     Args:
@@ -130,7 +133,9 @@ def mm_M1_16_K7168_N256(mat_a: Any, mat_b: Any, out: Any, launch_with_pdl: bool 
     return out
 
 
-def mm_M1_16_K7168_N128(mat_a: Any, mat_b: Any, out: Any, launch_with_pdl: bool = False, *, stream: Any = None) -> Any:
+def mm_M1_16_K7168_N128(
+    mat_a: TensorLike, mat_b: TensorLike, out: TensorT, launch_with_pdl: bool = False, *, stream: StreamLike = None
+) -> TensorT:
     """Mistral Large 3 router logits: as :func:`mm_M1_16_K7168_N256` with 128 experts and a bfloat16 ``out``."""
     _ml3_router_gemm(mat_a, mat_b, out, launch_with_pdl, stream=stream)
     return out
@@ -214,18 +219,18 @@ _noaux_tc = launcher(NOAUX_TC, "dsv3_fused_routing", _check_routing)
 
 
 def fused_topk_deepseek(
-    scores: Any,
-    bias: Any,
+    scores: TensorLike,
+    bias: TensorLike,
     n_group: int,
     topk_group: int,
     topk: int,
     routed_scaling_factor: float,
-    topk_values: Any,
-    topk_indices: Any,
+    topk_values: TensorT,
+    topk_indices: TensorT,
     launch_with_pdl: bool = True,
     *,
-    stream: Any = None,
-) -> tuple[Any, Any]:
+    stream: StreamLike = None,
+) -> tuple[TensorT, TensorT]:
     """DeepSeek-V3 routing (sigmoid, bias-corrected grouped top-k, normalized weights; see the module docstring).
 
     Args:

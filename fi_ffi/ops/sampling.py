@@ -40,6 +40,7 @@ from ..generator import Generator, default_generator, round_up4
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..typing import StreamLike, TensorLike, TensorT
 
 _URI = "sampling"
 _U64 = 1 << 64
@@ -555,8 +556,14 @@ def _sample(
 
 
 def softmax(
-    logits: Any, out: Any, workspace: Any, *, temperature: Any = None, enable_pdl: bool = False, stream: Any = None
-) -> Any:
+    logits: TensorLike,
+    out: TensorT,
+    workspace: TensorLike,
+    *,
+    temperature: float | TensorLike | None = None,
+    enable_pdl: bool = False,
+    stream: StreamLike = None,
+) -> TensorT:
     """Softmax of each row with temperature: ``out[r] = softmax(logits[r] / temperature[r])`` (online, fp32).
 
     Args:
@@ -588,17 +595,17 @@ def softmax(
 
 
 def sampling_from_probs(
-    probs: Any,
-    out: Any,
+    probs: TensorLike,
+    out: TensorT,
     *,
-    indices: Any = None,
-    valid: Any = None,
+    indices: TensorLike | None = None,
+    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
-    seed: Any = None,
-    offset: Any = None,
-    stream: Any = None,
-) -> Any:
+    seed: int | TensorLike | None = None,
+    offset: int | TensorLike | None = None,
+    stream: StreamLike = None,
+) -> TensorT:
     """Draw ``out[b] ~ Categorical(probs[indices[b]])`` (``probs`` need not be normalized: it samples in
     proportion). Generator advance: ``B``.
 
@@ -627,16 +634,16 @@ def sampling_from_probs(
 
 
 def sampling_from_logits(
-    logits: Any,
-    out: Any,
+    logits: TensorLike,
+    out: TensorT,
     *,
-    indices: Any = None,
+    indices: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
-    seed: Any = None,
-    offset: Any = None,
-    stream: Any = None,
-) -> Any:
+    seed: int | TensorLike | None = None,
+    offset: int | TensorLike | None = None,
+    stream: StreamLike = None,
+) -> TensorT:
     """Draw ``out[b] ~ Categorical(softmax(logits[indices[b]]))`` (Gumbel-max, no softmax pass). Generator
     advance: ``B * V``. Shapes as :func:`sampling_from_probs` with ``logits`` ``[R, V]`` float32."""
     launch = launcher(SAMPLING_FROM_LOGITS, _URI, _check_from_logits)
@@ -652,18 +659,18 @@ def sampling_from_logits(
 
 
 def top_p_sampling_from_probs(
-    probs: Any,
-    top_p: Any,
-    out: Any,
+    probs: TensorLike,
+    top_p: float | TensorLike,
+    out: TensorT,
     *,
-    indices: Any = None,
-    valid: Any = None,
+    indices: TensorLike | None = None,
+    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
-    seed: Any = None,
-    offset: Any = None,
-    stream: Any = None,
-) -> Any:
+    seed: int | TensorLike | None = None,
+    offset: int | TensorLike | None = None,
+    stream: StreamLike = None,
+) -> TensorT:
     """Nucleus sampling: draw from the smallest set of most likely tokens whose mass reaches ``top_p``,
     renormalized. ``top_p``: a number in ``(0, 1]`` or a ``[R]`` float32 tensor. Generator advance: ``B * 32``.
     Other arguments as :func:`sampling_from_probs`."""
@@ -692,18 +699,18 @@ def top_p_sampling_from_probs(
 
 
 def top_k_sampling_from_probs(
-    probs: Any,
-    top_k: Any,
-    out: Any,
+    probs: TensorLike,
+    top_k: int | TensorLike,
+    out: TensorT,
     *,
-    indices: Any = None,
-    valid: Any = None,
+    indices: TensorLike | None = None,
+    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
-    seed: Any = None,
-    offset: Any = None,
-    stream: Any = None,
-) -> Any:
+    seed: int | TensorLike | None = None,
+    offset: int | TensorLike | None = None,
+    stream: StreamLike = None,
+) -> TensorT:
     """Top-k sampling: draw from the ``top_k`` most likely tokens, renormalized. ``top_k``: an int >= 1 or a
     ``[R]`` tensor of ``out``'s dtype (with ``indices``, 0.6.3 reads it per output row: then ``B == R``).
     Generator advance: ``B * 32``. Other arguments as :func:`sampling_from_probs`."""
@@ -732,18 +739,18 @@ def top_k_sampling_from_probs(
 
 
 def min_p_sampling_from_probs(
-    probs: Any,
-    min_p: Any,
-    out: Any,
+    probs: TensorLike,
+    min_p: float | TensorLike,
+    out: TensorT,
     *,
-    indices: Any = None,
-    valid: Any = None,
+    indices: TensorLike | None = None,
+    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
-    seed: Any = None,
-    offset: Any = None,
-    stream: Any = None,
-) -> Any:
+    seed: int | TensorLike | None = None,
+    offset: int | TensorLike | None = None,
+    stream: StreamLike = None,
+) -> TensorT:
     """Min-p sampling: draw from the tokens with ``p >= min_p * max(p)``, renormalized. ``min_p``: a number in
     ``[0, 1]`` or a ``[R]`` float32 tensor (with ``indices``, 0.6.3 reads it per output row: then ``B == R``).
     Generator advance: ``B``. Other arguments as :func:`sampling_from_probs`."""
@@ -772,19 +779,19 @@ def min_p_sampling_from_probs(
 
 
 def top_k_top_p_sampling_from_probs(
-    probs: Any,
-    top_k: Any,
-    top_p: Any,
-    out: Any,
+    probs: TensorLike,
+    top_k: int | TensorLike,
+    top_p: float | TensorLike,
+    out: TensorT,
     *,
-    indices: Any = None,
-    valid: Any = None,
+    indices: TensorLike | None = None,
+    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
-    seed: Any = None,
-    offset: Any = None,
-    stream: Any = None,
-) -> Any:
+    seed: int | TensorLike | None = None,
+    offset: int | TensorLike | None = None,
+    stream: StreamLike = None,
+) -> TensorT:
     """Top-k and top-p jointly, in one kernel (flashinfer-python's ``filter_apply_order="joint"``): draw from
     the tokens in both the top ``top_k`` and the ``top_p`` nucleus. For flashinfer-python's default
     ``"top_k_first"``, call :func:`top_k_renorm_probs` then :func:`top_p_sampling_from_probs`. ``top_k``: int
@@ -820,8 +827,14 @@ def top_k_top_p_sampling_from_probs(
 
 
 def top_p_renorm_probs(
-    probs: Any, top_p: Any, out: Any, *, is_deterministic: bool = False, workspace: Any = None, stream: Any = None
-) -> Any:
+    probs: TensorLike,
+    top_p: float | TensorLike,
+    out: TensorT,
+    *,
+    is_deterministic: bool = False,
+    workspace: TensorLike | None = None,
+    stream: StreamLike = None,
+) -> TensorT:
     """Keep the top-p nucleus of each row and renormalize it to sum 1; other entries become 0.
 
     Args:
@@ -850,8 +863,14 @@ def top_p_renorm_probs(
 
 
 def top_k_renorm_probs(
-    probs: Any, top_k: Any, out: Any, row_states_buffer: Any, *, is_deterministic: bool = False, stream: Any = None
-) -> Any:
+    probs: TensorLike,
+    top_k: int | TensorLike,
+    out: TensorT,
+    row_states_buffer: TensorLike,
+    *,
+    is_deterministic: bool = False,
+    stream: StreamLike = None,
+) -> TensorT:
     """Keep the ``top_k`` largest entries of each row and renormalize them to sum 1; others become 0.
 
     Args:
@@ -879,7 +898,14 @@ def top_k_renorm_probs(
     return out
 
 
-def top_k_mask_logits(logits: Any, top_k: Any, out: Any, row_states_buffer: Any, *, stream: Any = None) -> Any:
+def top_k_mask_logits(
+    logits: TensorLike,
+    top_k: int | TensorLike,
+    out: TensorT,
+    row_states_buffer: TensorLike,
+    *,
+    stream: StreamLike = None,
+) -> TensorT:
     """Keep the ``top_k`` largest logits of each row, set the others to ``-inf``. ``logits``/``out``:
     ``[R, V]`` float32/float16/bfloat16; ``top_k`` and ``row_states_buffer`` as :func:`top_k_renorm_probs`."""
     arr, val = _split("top_k", top_k, int)
@@ -892,19 +918,19 @@ def top_k_mask_logits(logits: Any, top_k: Any, out: Any, row_states_buffer: Any,
 
 
 def chain_speculative_sampling(
-    draft_probs: Any,
-    draft_token_ids: Any,
-    target_probs: Any,
-    output_token_ids: Any,
-    output_accepted_token_num: Any,
-    output_emitted_draft_token_num: Any,
+    draft_probs: TensorLike,
+    draft_token_ids: TensorLike,
+    target_probs: TensorLike,
+    output_token_ids: TensorT,
+    output_accepted_token_num: TensorLike,
+    output_emitted_draft_token_num: TensorLike,
     *,
     deterministic: bool = True,
     generator: Generator | None = None,
-    seed: Any = None,
-    offset: Any = None,
-    stream: Any = None,
-) -> Any:
+    seed: int | TensorLike | None = None,
+    offset: int | TensorLike | None = None,
+    stream: StreamLike = None,
+) -> TensorT:
     """Speculative sampling along a chain of ``N`` draft tokens (Leviathan et al.), per request ``b``:
 
     draft token ``i`` (``t = draft_token_ids[b, i]``) is accepted when ``u * draft_probs[b, i, t] <

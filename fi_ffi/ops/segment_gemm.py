@@ -18,7 +18,7 @@ leading dimensions); flashinfer-python fills them with a Triton kernel. fi_ffi, 
 host (:func:`segment_gemm_args`: the segment offsets, lengths and weight indices are therefore host int32 arrays
 or lists of ints, not device tensors), writes them into the workspace's page-locked buffer and copies them into
 its int buffer on the call's stream, with the workspace's plan-copy handshake (see
-:mod:`.workspace`): so a segment GEMM makes earlier attention plans of the same workspace stale. Give
+:mod:`.attention.workspace`): so a segment GEMM makes earlier attention plans of the same workspace stale. Give
 the MoE layer a :class:`~fi_ffi.ops.attention.workspace.Workspace` of its own. The SM90 kernel also keeps its CUTLASS
 scratch in the float buffer. Empty segments are left out of the argument arrays (the kernels never see a
 zero-row problem); a call whose segments are all empty checks every argument and launches nothing.
@@ -33,14 +33,17 @@ Contract (checked on every call, before the FFI): ``x`` ``[seg_indptr[-1], d_in]
 ``[seg_indptr[-1], d_out]`` contiguous on one device; ``d_in`` and ``d_out`` multiples of 16 bytes of their
 element type (CUTLASS's 128-bit alignment of every row); 16-byte aligned data pointers; ``weight_indices``
 within ``[0, num_weights)``, or without them ``batch_size <= num_weights`` (segment ``i`` uses ``weights[i]``,
-empty segments keeping their number, as upstream); ``out`` shares no memory with ``x`` or ``weights``.
+empty segments keeping their number, as upstream); ``out`` shares no memory with ``x`` or ``weights``; no
+non-empty operand at NULL or over the end of the address space. The pointers reach the kernel inside the
+argument arrays, where the launcher's own tensor checks do not see them, so these rules are tested here on every
+call (and :func:`prepare_segment_gemm` holds ``args_buffer`` to them too).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -49,10 +52,11 @@ from ..abi.wire import BOOL, declare, tensor
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32, int64, uint8
 from ..launch import checks
 from ..launch.aliasing import disjoint
-from ..launch.launcher import launcher
+from ..launch.launcher import check_tensor, launcher
 from ..launch.pointer_rules import PointerRules
 from ..streams import current_stream, stream_handle
 from ..tensor import Tensor
+from ..typing import IndexLike, StreamLike, TensorLike, TensorT
 from .attention.host_index import host_array
 from .attention.workspace import Workspace
 
@@ -99,6 +103,7 @@ SEGMENT_GEMM = declare(
 )
 DECLARATIONS = (("gemm_sm90", SEGMENT_GEMM_SM90), ("gemm", SEGMENT_GEMM))
 
+_PTR_END = 1 << 64  # addresses are 64-bit
 _ALIGN = 16  # bytes: CUTLASS's 128-bit alignment of A, B and C rows; each argument array starts 16-byte aligned
 _HALF = (float16, bfloat16)
 _FP8 = (float8_e4m3fn, float8_e5m2)
@@ -204,14 +209,33 @@ def segment_gemm_args(
     matrix = d_in * d_out
     return SegmentGEMMArgs(
         problems=problems,
-        x_ptr=x_ptr + starts * d_in * x_itemsize,
-        w_ptr=w_ptr + widx * matrix * w_itemsize,
-        y_ptr=y_ptr + starts * d_out * y_itemsize,
+        x_ptr=_addresses("x_ptr", x_ptr, starts * (d_in * x_itemsize)),
+        w_ptr=_addresses("w_ptr", w_ptr, widx * (matrix * w_itemsize)),
+        y_ptr=_addresses("y_ptr", y_ptr, starts * (d_out * y_itemsize)),
         x_ld=np.full(p, d_in, np.int64),
         w_ld=np.full(p, d_in if weight_column_major else d_out, np.int64),
         y_ld=np.full(p, d_out, np.int64),
         segments=segs,
     )
+
+
+def _addresses(name: str, base: Any, offsets: np.ndarray) -> np.ndarray:
+    """``base + offsets`` (bytes) as the kernels' int64 pointer array: computed in uint64, so an address at or
+    above 2**63 keeps its bits instead of overflowing numpy's int64. Each address must lie in ``[0, 2**64)`` (NULL
+    operands are refused by :func:`segment_gemm`, which knows which are empty).
+
+    Raises:
+        TypeError, ValueError: naming ``name``, for a base that is no address or a result outside the address space.
+    """
+    base = checks.integer(name, base, 0)
+    if base >= _PTR_END:
+        raise ValueError(f"{name}: expected a device address below 2**64, got {base}")
+    if offsets.size and base + int(offsets.max()) >= _PTR_END:
+        raise ValueError(
+            f"{name}: 0x{base:x} + {int(offsets.max())} bytes wraps past the end of the address space; pass the "
+            f"address of memory you allocated"
+        )
+    return (np.uint64(base) + offsets.astype(np.uint64)).view(np.int64)
 
 
 def _arrays_check(ld_names: tuple[str, str, str], has_y: bool) -> Any:
@@ -241,20 +265,26 @@ _sm90 = launcher(SEGMENT_GEMM_SM90, "gemm_sm90", _arrays_check(("x_stride", "wei
 _sm80 = launcher(SEGMENT_GEMM, "gemm", _arrays_check(("x_ld", "w_ld", "y_ld"), False))
 
 
+def _need_out() -> NoReturn:
+    raise TypeError(
+        "out: required (fi_ffi never allocates device memory); pass a contiguous [total_rows, d_out] tensor"
+    )
+
+
 def segment_gemm(
     workspace: Workspace,
-    x: Any,
-    weights: Any,
+    x: TensorLike,
+    weights: TensorLike,
     batch_size: int,
     weight_column_major: bool,
-    out: Any = None,
+    out: TensorT | None = None,
     *,
-    seg_lens: Any = None,
-    seg_indptr: Any = None,
-    weight_indices: Any = None,
+    seg_lens: IndexLike | None = None,
+    seg_indptr: IndexLike | None = None,
+    weight_indices: IndexLike | None = None,
     backend: str = "auto",
-    stream: Any = None,
-) -> Any:
+    stream: StreamLike = None,
+) -> TensorT:
     """Grouped GEMM over segments of ``x`` (``SegmentGEMMWrapper.run``; see the module docstring).
 
     Args:
@@ -276,6 +306,8 @@ def segment_gemm(
     Returns:
         ``out``.
     """
+    if out is None:
+        _need_out()
     c = _checked(
         workspace,
         x,
@@ -339,9 +371,7 @@ def _checked(
 ) -> _Call:
     """Every argument checked (pointers included: this runs on every call) and the argument arrays computed."""
     if out is None:
-        raise TypeError(
-            "out: required (fi_ffi never allocates device memory); pass a contiguous [total_rows, d_out] tensor"
-        )
+        _need_out()
     if not isinstance(workspace, Workspace):
         raise TypeError(f"workspace: expected a fi_ffi Workspace, got {type(workspace).__name__}")
     batch_size = checks.integer("batch_size", batch_size, 0)
@@ -491,10 +521,12 @@ def prepare_segment_gemm(
         raise ValueError(
             f"args_buffer: the argument arrays of {c.args.count} segments need {len(data)} bytes, got {buf.shape[0]}"
         )
+    check_tensor("args_buffer", buf, output=True)  # NULL, or a range past the end of the address space
     if buf.data_ptr % _ALIGN:
         raise ValueError(f"args_buffer: data pointer 0x{buf.data_ptr:x} must be aligned to {_ALIGN} bytes")
     for name, value in (("x", x), ("weights", weights), ("out", out)):
         disjoint("args_buffer", buf, name, checks.tensor(name, value))
+    disjoint("args_buffer", buf, "workspace.float_buffer", workspace.float_buffer)  # the SM90 kernel's scratch
     arrays = _arrays(buf.data_ptr, offsets, c.args.count, buf.device)
     if c.args.count:
         _copy_sync(buf.data_ptr, data, buf.device.device_id)
@@ -597,6 +629,11 @@ def _check_operands(
     checks.same_device("out", y, "x", x)
     checks.cuda("out", y)
     checks.contiguous("out", y)
+    # the pointers reach the kernel through the argument arrays, past the launcher's own tensor checks: the same
+    # rules here, on every call (NULL, an address range that wraps; then alignment and overlap below)
+    check_tensor("x", x)
+    check_tensor("weights", w)
+    check_tensor("out", y, output=True)
     w_row = ("d_in", d_in) if column_major else ("d_out", d_out)  # the weights' contiguous dimension
     for name, (dim, width), t in (("x", ("d_in", d_in), x), ("weights", w_row, w), ("out", ("d_out", d_out), y)):
         if (width * t.dtype.itemsize) % _ALIGN or width == 0:

@@ -25,6 +25,7 @@ from ..dtypes import bfloat16, float16, float32, int32
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..typing import StreamLike, TensorLike, TensorT
 from .sampling import ROW_STATE_ALIGNMENT, ROW_STATES_BYTES
 
 _URI = "topk"
@@ -146,7 +147,15 @@ _page_table_transform = launcher(PAGE_TABLE_TRANSFORM, _URI, _check_page_table)
 _ragged_transform = launcher(RAGGED_TRANSFORM, _URI, _check_ragged)
 
 
-def top_k(input: Any, k: int, values: Any, indices: Any, row_states_buffer: Any, *, stream: Any = None) -> Any:
+def top_k(
+    input: TensorLike,
+    k: int,
+    values: TensorT,
+    indices: TensorT,
+    row_states_buffer: TensorLike,
+    *,
+    stream: StreamLike = None,
+) -> tuple[TensorT, TensorT]:
     """The ``k`` largest entries of each row of ``input``: ``values[r]`` and their column ``indices[r]``
     (unordered).
 
@@ -167,16 +176,16 @@ def top_k(input: Any, k: int, values: Any, indices: Any, row_states_buffer: Any,
 
 
 def top_k_page_table_transform(
-    input: Any,
-    src_page_table: Any,
-    lengths: Any,
+    input: TensorLike,
+    src_page_table: TensorLike,
+    lengths: TensorLike,
     k: int,
-    out: Any,
-    row_states_buffer: Any,
+    out: TensorT,
+    row_states_buffer: TensorLike,
     *,
-    row_to_batch: Any = None,
-    stream: Any = None,
-) -> Any:
+    row_to_batch: TensorLike | None = None,
+    stream: StreamLike = None,
+) -> TensorT:
     """Top-k of each row's first ``lengths[r]`` scores, mapped through a page table:
     ``out[r, j] = src_page_table[row_to_batch[r] (or r), topk_index[r, j]]``; -1 past ``lengths[r]`` (when
     ``lengths[r] <= k`` the row is ``src_page_table[., :lengths[r]]`` then -1s).
@@ -207,8 +216,15 @@ def top_k_page_table_transform(
 
 
 def top_k_ragged_transform(
-    input: Any, offsets: Any, lengths: Any, k: int, out: Any, row_states_buffer: Any, *, stream: Any = None
-) -> Any:
+    input: TensorLike,
+    offsets: TensorLike,
+    lengths: TensorLike,
+    k: int,
+    out: TensorT,
+    row_states_buffer: TensorLike,
+    *,
+    stream: StreamLike = None,
+) -> TensorT:
     """Top-k of each row's first ``lengths[r]`` scores plus a per-row offset:
     ``out[r, j] = topk_index[r, j] + offsets[r]``; -1 past ``lengths[r]``.
 

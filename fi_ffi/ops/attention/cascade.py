@@ -24,7 +24,7 @@ All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never s
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import NoReturn
 
 from ...abi.wire import declare, optional_tensor, tensor
 from ...dtypes import bfloat16, bool_, float16, float32, uint8
@@ -32,6 +32,7 @@ from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
 from ...tensor import Tensor
+from ...typing import StreamLike, TensorLike, TensorT
 
 _URI = "cascade"
 _DTYPES = (float16, bfloat16)
@@ -157,14 +158,20 @@ _merge_state_in_place = launcher(MERGE_STATE_IN_PLACE, _URI, _check_in_place)
 _merge_states = launcher(MERGE_STATES, _URI, _check_many)
 
 
-def _need(name: str, value: Any, layout: str) -> None:
-    if value is None:
-        raise TypeError(f"{name}: required (fi_ffi never allocates device memory); pass a contiguous {layout}")
+def _need(name: str, value: None, layout: str) -> NoReturn:
+    raise TypeError(f"{name}: required (fi_ffi never allocates device memory); pass a contiguous {layout}")
 
 
 def merge_state(
-    v_a: Any, s_a: Any, v_b: Any, s_b: Any, *, v_merged: Any = None, s_merged: Any = None, stream: Any = None
-) -> tuple[Any, Any]:
+    v_a: TensorLike,
+    s_a: TensorLike,
+    v_b: TensorLike,
+    s_b: TensorLike,
+    *,
+    v_merged: TensorT | None = None,
+    s_merged: TensorT | None = None,
+    stream: StreamLike = None,
+) -> tuple[TensorT, TensorT]:
     """Merge the states of two KV segments (see the module docstring).
 
     Args:
@@ -187,7 +194,15 @@ def merge_state(
     return v_merged, s_merged
 
 
-def merge_state_in_place(v: Any, s: Any, v_other: Any, s_other: Any, mask: Any = None, *, stream: Any = None) -> None:
+def merge_state_in_place(
+    v: TensorLike,
+    s: TensorLike,
+    v_other: TensorLike,
+    s_other: TensorLike,
+    mask: TensorLike | None = None,
+    *,
+    stream: StreamLike = None,
+) -> None:
     """Merge ``(v_other, s_other)`` into ``(v, s)`` in place.
 
     Args:
@@ -200,7 +215,14 @@ def merge_state_in_place(v: Any, s: Any, v_other: Any, s_other: Any, mask: Any =
     _merge_state_in_place(v, s, v_other, s_other, mask=mask, stream=stream)
 
 
-def merge_states(v: Any, s: Any, *, v_merged: Any = None, s_merged: Any = None, stream: Any = None) -> tuple[Any, Any]:
+def merge_states(
+    v: TensorLike,
+    s: TensorLike,
+    *,
+    v_merged: TensorT | None = None,
+    s_merged: TensorT | None = None,
+    stream: StreamLike = None,
+) -> tuple[TensorT, TensorT]:
     """Merge ``num_states`` states per row.
 
     Args:

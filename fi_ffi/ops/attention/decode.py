@@ -36,6 +36,7 @@ from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
 from ...producers import _readers, reader
 from ...tensor import Tensor
+from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
@@ -173,14 +174,14 @@ def extent(name: str, value: Any, dim: int = 0) -> int:
 
 
 def batch_decode_plan(
-    workspace: Any,
-    kv_indptr: Any,
+    workspace: Workspace,
+    kv_indptr: IndexLike,
     num_qo_heads: int,
     num_kv_heads: int,
     head_dim: int,
     page_size: int,
     *,
-    kv_last_page_len: Any = None,
+    kv_last_page_len: IndexLike | None = None,
     q_dtype: Any = "float16",
     kv_dtype: Any = None,
     o_dtype: Any = None,
@@ -191,9 +192,9 @@ def batch_decode_plan(
     sm_scale: float | None = None,
     rope_scale: float = 1.0,
     rope_theta: float = 1e4,
-    alibi_slopes: Any = None,
+    alibi_slopes: TensorLike | None = None,
     enable_cuda_graph: bool = False,
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> Plan:
     """Plan a batch decode step over a paged KV cache; returns the :class:`~fi_ffi.ops.attention.plan.Plan` runs use.
 
@@ -364,18 +365,18 @@ def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
 
 def batch_decode_run(
     plan: Plan,
-    q: Any,
-    k_cache: Any,
-    v_cache: Any,
-    kv_indptr: Any,
-    kv_indices: Any,
-    kv_last_page_len: Any,
-    out: Any,
+    q: TensorLike,
+    k_cache: TensorLike,
+    v_cache: TensorLike,
+    kv_indptr: TensorLike,
+    kv_indices: TensorLike,
+    kv_last_page_len: TensorLike,
+    out: TensorT,
     *,
-    lse: Any = None,
+    lse: TensorLike | None = None,
     enable_pdl: bool = False,
-    stream: Any = None,
-) -> Any:
+    stream: StreamLike = None,
+) -> TensorT:
     """Run batch decode attention with a plan from :func:`batch_decode_plan`.
 
     Args:
@@ -465,13 +466,13 @@ _MAX_SINGLE = 1024
 
 
 def single_decode(
-    q: Any,
-    k: Any,
-    v: Any,
-    out: Any,
+    q: TensorLike,
+    k: TensorLike,
+    v: TensorLike,
+    out: TensorT,
     *,
-    tmp: Any = None,
-    lse: Any = None,
+    tmp: TensorLike | None = None,
+    lse: TensorLike | None = None,
     kv_layout: str = "NHD",
     pos_encoding: Any = "NONE",
     window_left: int = -1,
@@ -479,9 +480,9 @@ def single_decode(
     sm_scale: float | None = None,
     rope_scale: float = 1.0,
     rope_theta: float = 1e4,
-    alibi_slopes: Any = None,
-    stream: Any = None,
-) -> Any:
+    alibi_slopes: TensorLike | None = None,
+    stream: StreamLike = None,
+) -> TensorT:
     """Decode attention of one request: ``out[h] = softmax(sm_scale * q[h] . K^T) V``.
 
     Args:

@@ -55,6 +55,7 @@ from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
 from ...streams import current_stream, stream_handle
 from ...tensor import Tensor
+from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import variants as V
 from .host_index import check_indptr, host_array, host_tensor
 from .plan import Schedule
@@ -243,9 +244,9 @@ class MLAPlan(Schedule):
 
 def batch_mla_plan(
     workspace: Workspace,
-    qo_indptr: Any,
-    kv_indptr: Any,
-    kv_len_arr: Any,
+    qo_indptr: IndexLike,
+    kv_indptr: IndexLike,
+    kv_len_arr: IndexLike,
     num_heads: int,
     head_dim_ckv: int,
     head_dim_kpe: int,
@@ -256,7 +257,7 @@ def batch_mla_plan(
     kv_data_type: Any = None,
     *,
     backend: str = "auto",
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> MLAPlan:
     """Plan an MLA batch over a paged cache (``BatchMLAPagedAttentionWrapper.plan`` of flashinfer-python).
 
@@ -543,20 +544,20 @@ def _check_plan(a: Any) -> None:
 
 def batch_mla_run(
     plan: MLAPlan,
-    q_nope: Any,
-    q_pe: Any,
-    ckv_cache: Any,
-    kpe_cache: Any,
-    kv_indices: Any,
-    out: Any,
+    q_nope: TensorLike,
+    q_pe: TensorLike,
+    ckv_cache: TensorLike,
+    kpe_cache: TensorLike,
+    kv_indices: TensorLike,
+    out: TensorT,
     *,
-    lse: Any = None,
+    lse: TensorLike | None = None,
     return_lse_base_on_e: bool = False,
     ckv_scale: float | None = None,
     kpe_scale: float | None = None,
-    ckv_scale_arr: Any = None,
-    stream: Any = None,
-) -> Any:
+    ckv_scale_arr: TensorLike | None = None,
+    stream: StreamLike = None,
+) -> TensorT:
     """Run MLA paged attention with a plan from :func:`batch_mla_plan` (``BatchMLAPagedAttentionWrapper.run``).
 
     Args:

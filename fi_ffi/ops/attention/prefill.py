@@ -39,6 +39,7 @@ from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
 from ...tensor import Tensor
+from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
 from .decode import _check_tmp, _module_dtype, _workspace, alibi_required, empty, extent, layout_key, variant_uri
@@ -247,8 +248,8 @@ def pack_custom_mask(masks: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pack_custom_mask_device(
-    mask: Any, indptr: Any, *, out: Any, output_indptr: Any, stream: Any = None
-) -> tuple[Any, Any]:
+    mask: TensorLike, indptr: TensorLike, *, out: TensorT, output_indptr: TensorT, stream: StreamLike = None
+) -> tuple[TensorT, TensorT]:
     """Pack masks already on the GPU into the kernels' bit layout (``segment_packbits``, little bit order).
 
     Args:
@@ -284,26 +285,26 @@ _MAX_SINGLE = 1024
 
 
 def single_prefill(
-    q: Any,
-    k: Any,
-    v: Any,
-    out: Any,
+    q: TensorLike,
+    k: TensorLike,
+    v: TensorLike,
+    out: TensorT,
     *,
-    tmp: Any = None,
-    lse: Any = None,
+    tmp: TensorLike | None = None,
+    lse: TensorLike | None = None,
     causal: bool = False,
     kv_layout: str = "NHD",
-    custom_mask: Any = None,
+    custom_mask: TensorLike | None = None,
     pos_encoding: Any = "NONE",
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
     sm_scale: float | None = None,
     rope_scale: float = 1.0,
     rope_theta: float = 1e4,
-    alibi_slopes: Any = None,
+    alibi_slopes: TensorLike | None = None,
     use_fp16_qk_reduction: bool = False,
-    stream: Any = None,
-) -> Any:
+    stream: StreamLike = None,
+) -> TensorT:
     """Prefill attention of one request (FA2 module).
 
     Args:
@@ -462,9 +463,9 @@ caches.register("single prefill modules (by layout values)", _single.clear)
 
 
 def batch_prefill_ragged_plan(
-    workspace: Any,
-    qo_indptr: Any,
-    kv_indptr: Any,
+    workspace: Workspace,
+    qo_indptr: IndexLike,
+    kv_indptr: IndexLike,
     num_qo_heads: int,
     num_kv_heads: int,
     head_dim_qk: int,
@@ -475,15 +476,15 @@ def batch_prefill_ragged_plan(
     o_dtype: Any = None,
     kv_layout: str = "NHD",
     causal: bool = False,
-    custom_mask: Any = None,
-    mask_indptr: Any = None,
+    custom_mask: TensorLike | None = None,
+    mask_indptr: TensorLike | None = None,
     pos_encoding: Any = "NONE",
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
     sm_scale: float | None = None,
     rope_scale: float = 1.0,
     rope_theta: float = 1e4,
-    alibi_slopes: Any = None,
+    alibi_slopes: TensorLike | None = None,
     use_fp16_qk_reduction: bool = False,
     backend: str = "auto",
     enable_cuda_graph: bool = False,
@@ -491,7 +492,7 @@ def batch_prefill_ragged_plan(
     fixed_split_size: int | None = None,
     disable_split_kv: bool = False,
     uniform_q_len: int | None = None,
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> Plan:
     """Plan batch prefill over ragged K/V: request ``i``'s keys are rows ``kv_indptr[i]:kv_indptr[i+1]``.
 
@@ -559,10 +560,10 @@ def batch_prefill_ragged_plan(
 
 
 def batch_prefill_paged_plan(
-    workspace: Any,
-    qo_indptr: Any,
-    kv_indptr: Any,
-    kv_last_page_len: Any,
+    workspace: Workspace,
+    qo_indptr: IndexLike,
+    kv_indptr: IndexLike,
+    kv_last_page_len: IndexLike,
     num_qo_heads: int,
     num_kv_heads: int,
     head_dim_qk: int,
@@ -574,15 +575,15 @@ def batch_prefill_paged_plan(
     o_dtype: Any = None,
     kv_layout: str = "NHD",
     causal: bool = False,
-    custom_mask: Any = None,
-    mask_indptr: Any = None,
+    custom_mask: TensorLike | None = None,
+    mask_indptr: TensorLike | None = None,
     pos_encoding: Any = "NONE",
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
     sm_scale: float | None = None,
     rope_scale: float = 1.0,
     rope_theta: float = 1e4,
-    alibi_slopes: Any = None,
+    alibi_slopes: TensorLike | None = None,
     use_fp16_qk_reduction: bool = False,
     backend: str = "auto",
     enable_cuda_graph: bool = False,
@@ -590,7 +591,7 @@ def batch_prefill_paged_plan(
     fixed_split_size: int | None = None,
     disable_split_kv: bool = False,
     uniform_q_len: int | None = None,
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> Plan:
     """Plan batch prefill over a paged KV cache.
 
@@ -641,7 +642,7 @@ def batch_prefill_paged_plan(
 
 def _plan(
     mode: str,
-    workspace: Any,
+    workspace: Workspace,
     qo_indptr: Any,
     kv_indptr: Any,
     kv_last_page_len: Any,
@@ -947,17 +948,17 @@ def _launch(plan: Plan, ws: Any, tensors: tuple[Any, ...], out: Any, lse: Any, e
 
 def batch_prefill_ragged_run(
     plan: Plan,
-    q: Any,
-    k: Any,
-    v: Any,
-    qo_indptr: Any,
-    kv_indptr: Any,
-    out: Any,
+    q: TensorLike,
+    k: TensorLike,
+    v: TensorLike,
+    qo_indptr: TensorLike,
+    kv_indptr: TensorLike,
+    out: TensorT,
     *,
-    lse: Any = None,
+    lse: TensorLike | None = None,
     enable_pdl: bool = False,
-    stream: Any = None,
-) -> Any:
+    stream: StreamLike = None,
+) -> TensorT:
     """Run batch prefill over ragged K/V with a plan from :func:`batch_prefill_ragged_plan`.
 
     Args:
@@ -985,19 +986,19 @@ def batch_prefill_ragged_run(
 
 def batch_prefill_paged_run(
     plan: Plan,
-    q: Any,
-    k_cache: Any,
-    v_cache: Any,
-    qo_indptr: Any,
-    kv_indptr: Any,
-    kv_indices: Any,
-    kv_last_page_len: Any,
-    out: Any,
+    q: TensorLike,
+    k_cache: TensorLike,
+    v_cache: TensorLike,
+    qo_indptr: TensorLike,
+    kv_indptr: TensorLike,
+    kv_indices: TensorLike,
+    kv_last_page_len: TensorLike,
+    out: TensorT,
     *,
-    lse: Any = None,
+    lse: TensorLike | None = None,
     enable_pdl: bool = False,
-    stream: Any = None,
-) -> Any:
+    stream: StreamLike = None,
+) -> TensorT:
     """Run batch prefill over a paged KV cache with a plan from :func:`batch_prefill_paged_plan`.
 
     Args:

@@ -34,6 +34,7 @@ from ...errors import KernelNotFoundError, UnsupportedDeviceError
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
+from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
 from .decode import _workspace, extent
@@ -166,7 +167,7 @@ def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
 
 def _plan(
     mode: str,
-    workspace: Any,
+    workspace: Workspace,
     qo_indptr: Any,
     kv_indptr: Any,
     kv_last_page_len: Any,
@@ -217,10 +218,10 @@ def _plan(
 
 
 def batch_attention_sink_plan(
-    workspace: Any,
-    qo_indptr: Any,
-    kv_indptr: Any,
-    kv_last_page_len: Any,
+    workspace: Workspace,
+    qo_indptr: IndexLike,
+    kv_indptr: IndexLike,
+    kv_last_page_len: IndexLike,
     num_qo_heads: int,
     num_kv_heads: int,
     head_dim: int,
@@ -233,7 +234,7 @@ def batch_attention_sink_plan(
     sm_scale: float | None = None,
     backend: str = "auto",
     enable_cuda_graph: bool = False,
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> Plan:
     """Plan attention with sinks over a paged KV cache (``BatchAttentionWithAttentionSinkWrapper.plan``).
 
@@ -256,9 +257,9 @@ def batch_attention_sink_plan(
 
 
 def batch_attention_sink_ragged_plan(
-    workspace: Any,
-    qo_indptr: Any,
-    kv_indptr: Any,
+    workspace: Workspace,
+    qo_indptr: IndexLike,
+    kv_indptr: IndexLike,
     num_qo_heads: int,
     num_kv_heads: int,
     head_dim: int,
@@ -270,7 +271,7 @@ def batch_attention_sink_ragged_plan(
     sm_scale: float | None = None,
     backend: str = "auto",
     enable_cuda_graph: bool = False,
-    stream: Any = None,
+    stream: StreamLike = None,
 ) -> Plan:
     """Plan attention with sinks over ragged K/V (``kv_indptr`` in tokens); arguments as
     :func:`batch_attention_sink_plan`."""
@@ -331,20 +332,20 @@ def _launch(
 
 def batch_attention_sink_run(
     plan: Plan,
-    q: Any,
-    k_cache: Any,
-    v_cache: Any,
-    qo_indptr: Any,
-    kv_indptr: Any,
-    kv_indices: Any,
-    kv_last_page_len: Any,
-    out: Any,
-    sink: Any,
+    q: TensorLike,
+    k_cache: TensorLike,
+    v_cache: TensorLike,
+    qo_indptr: TensorLike,
+    kv_indptr: TensorLike,
+    kv_indices: TensorLike,
+    kv_last_page_len: TensorLike,
+    out: TensorT,
+    sink: TensorLike,
     *,
-    lse: Any = None,
+    lse: TensorLike | None = None,
     enable_pdl: bool = False,
-    stream: Any = None,
-) -> Any:
+    stream: StreamLike = None,
+) -> TensorT:
     """Run attention with sinks over a paged KV cache with a plan from :func:`batch_attention_sink_plan`.
 
     Args:
@@ -376,20 +377,21 @@ def batch_attention_sink_run(
 
 def batch_attention_sink_ragged_run(
     plan: Plan,
-    q: Any,
-    k: Any,
-    v: Any,
-    qo_indptr: Any,
-    kv_indptr: Any,
-    out: Any,
-    sink: Any,
+    q: TensorLike,
+    k: TensorLike,
+    v: TensorLike,
+    qo_indptr: TensorLike,
+    kv_indptr: TensorLike,
+    out: TensorT,
+    sink: TensorLike,
     *,
-    lse: Any = None,
+    lse: TensorLike | None = None,
     enable_pdl: bool = False,
-    stream: Any = None,
-) -> Any:
-    """Run attention with sinks over ragged K/V (NHD ``[>= kv_indptr[-1], num_kv_heads, head_dim]`` or HND) with a
-    plan from :func:`batch_attention_sink_ragged_plan`; other arguments as :func:`batch_attention_sink_run`."""
+    stream: StreamLike = None,
+) -> TensorT:
+    """Run attention with sinks over ragged ``k``/``v`` (NHD ``[>= kv_indptr[-1], num_kv_heads, head_dim]`` or
+    HND) with a plan from :func:`batch_attention_sink_ragged_plan`; other arguments as
+    :func:`batch_attention_sink_run`."""
     ws = _runnable(plan, "ragged", "batch_attention_sink_ragged_plan")
     rows = extent("q", q)
     if rows < plan.num_rows:

@@ -38,7 +38,9 @@ from typing import Any
 from ... import driver
 from ...dtypes import Device
 from ...launch import checks
+from ...launch.aliasing import disjoint
 from ...tensor import Tensor
+from ...typing import TensorLike
 
 FLOAT_BYTES = 128 << 20
 INT_BYTES = 8 << 20
@@ -149,7 +151,7 @@ class Workspace:
         "pinned_bytes",
     )
 
-    def __init__(self, float_buffer: Any, int_buffer: Any, pinned_buffer: Any) -> None:
+    def __init__(self, float_buffer: TensorLike, int_buffer: TensorLike, pinned_buffer: TensorLike) -> None:
         """Wrap caller-owned buffers (see :meth:`from_buffers`); nothing is allocated or copied."""
         f = checks.tensor("float_buffer", float_buffer)
         i = checks.tensor("int_buffer", int_buffer)
@@ -159,6 +161,11 @@ class Workspace:
             checks.contiguous(name, t)
             if t.numel == 0:
                 raise ValueError(f"{name}: expected a non-empty buffer, got shape {t.shape}")
+            if not t.data_ptr:  # plans and kernels would write there: address 0 takes the CUDA context down
+                raise ValueError(
+                    f"{name}: data pointer is NULL; pass the address of a buffer you allocated (or use "
+                    f"Workspace.allocate)"
+                )
             if t.shape[0] >= _INT32_END:
                 raise ValueError(
                     f"{name}: {t.shape[0]} elements do not fit the kernels' int32 sizes; describe the buffer "
@@ -173,6 +180,8 @@ class Workspace:
         checks.cuda("int_buffer", i)
         checks.same_device("int_buffer", i, "float_buffer", f)
         checks.host("pinned_buffer", p)
+        # the plans write the int buffer while the kernels use the float buffer as scratch
+        disjoint("int_buffer", i, "float_buffer", f)
         if _bytes_of(p) < _bytes_of(i):
             raise ValueError(
                 f"pinned_buffer: expected at least {_bytes_of(i)} bytes (the int_buffer's size), got {_bytes_of(p)}"
@@ -192,8 +201,14 @@ class Workspace:
         self._event_pending = False
 
     @classmethod
-    def from_buffers(cls, float_buffer: Any, int_buffer: Any, pinned_buffer: Any) -> Workspace:
+    def from_buffers(cls, float_buffer: TensorLike, int_buffer: TensorLike, pinned_buffer: TensorLike) -> Workspace:
         """Wrap caller-owned buffers: descriptors or DLPack/CUDA-array-interface producers (torch, CuPy).
+
+        Args:
+            float_buffer: 1-D ``[bytes]`` contiguous, on the CUDA device (any dtype; its size in bytes counts),
+                :data:`FLOAT_BYTES` recommended.
+            int_buffer: 1-D ``[bytes]`` contiguous, on the same device, :data:`INT_BYTES` recommended.
+            pinned_buffer: 1-D ``[bytes]`` contiguous page-locked host memory, at least as large as ``int_buffer``.
 
         The caller keeps them alive and frees them; :meth:`close` frees nothing here.
         """

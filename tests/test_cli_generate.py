@@ -1,0 +1,111 @@
+"""``fi-ffi generate`` as a new user meets it on a machine without a GPU: every bad value and the missing GPU end
+in one message and exit status 2, never a traceback, before any GPU is touched (the real CLI in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import subprocess_env
+
+from fi_ffi import system
+
+CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 4096,
+}
+NO_GPU = pytest.mark.skipif(bool(system.gpus()[0]), reason="needs a machine without a GPU (CI has none)")
+
+
+def generate(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fi_ffi", "generate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(**env),
+    )
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    """A checkpoint folder whose config.json is valid (no weights: every case here stops before they are read)."""
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--temperature", "-1", "expected a finite number >= 0"),
+        ("--temperature", "nan", "expected a finite number >= 0"),
+        ("--temperature", "inf", "expected a finite number >= 0"),
+        ("--temperature", "hot", "expected a number >= 0"),
+        ("--top-p", "0", r"expected a probability in (0, 1], got 0"),
+        ("--top-p", "2", r"expected a probability in (0, 1], got 2"),
+        ("--top-p", "nan", "expected a probability in (0, 1]"),
+        ("--top-k", "-1", "expected an integer >= 0, got -1"),
+        ("--max-new-tokens", "-5", "expected a positive integer, got -5"),
+        ("--max-batch", "0", "expected a positive integer, got 0"),
+        ("--seed", "-3", "expected an integer >= 0"),
+        ("--device", "-1", "expected a CUDA device ordinal"),
+        ("--tp", "0", "expected a positive integer, got 0"),
+    ],
+)
+def test_bad_values_are_usage_errors_before_the_gpu(model: Path, flag: str, value: str, message: str) -> None:
+    done = generate("--model", str(model), "--prompt-ids", "1,2,3", f"{flag}={value}")
+    assert done.returncode == 2
+    assert f"argument {flag}: {message}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@NO_GPU
+def test_no_gpu_is_named_with_its_fix(model: Path) -> None:
+    done = generate("--model", str(model), "--prompt-ids", "1,2,3")
+    assert done.returncode == 2
+    assert done.stderr.startswith("fi-ffi generate: the Llama engine needs an NVIDIA GPU and its driver")
+    assert "fi-ffi doctor" in done.stderr and "Traceback" not in done.stderr
+
+
+@NO_GPU
+def test_the_engine_raises_our_error_without_a_gpu(model: Path) -> None:
+    from fi_ffi.errors import UnsupportedDeviceError
+    from fi_ffi.models.llama import LlamaEngine
+
+    with pytest.raises(UnsupportedDeviceError, match="needs an NVIDIA GPU"):
+        LlamaEngine(model)
+
+
+def test_a_bad_checkpoint_is_named_before_the_gpu(tmp_path: Path) -> None:
+    done = generate("--model", str(tmp_path / "nothing"), "--prompt-ids", "1")
+    assert done.returncode == 2 and "config.json does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@NO_GPU
+def test_tp_checks_run_once_before_any_rank_starts(model: Path) -> None:
+    done = generate("--model", str(model), "--prompt-ids", "1,2", "--tp", "2")
+    assert done.returncode == 2
+    assert done.stderr.count("fi-ffi generate") == 1  # printed once: by the driver, no rank was started
+    assert "--tp 2: needs 2 GPUs on this host (one per rank), found 0" in done.stderr
+    done = generate("--model", str(model), "--prompt-ids", "1,2", "--tp", "3")  # 3 divides neither 16 nor 4 heads
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "tensor_parallel: 3 does not divide the model's 16 query heads" in done.stderr
+
+
+@NO_GPU
+def test_a_rank_names_itself_in_what_it_reports(model: Path) -> None:
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    done = generate("--model", str(model), "--prompt-ids", "1,2", "--tp", "2", **env)
+    assert done.returncode == 2
+    assert done.stderr.startswith("fi-ffi generate [rank 1]: the Llama engine needs an NVIDIA GPU")

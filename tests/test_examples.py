@@ -1,0 +1,55 @@
+"""The examples as a new user runs them (subprocess): the CPU example works on any machine, and each GPU example
+says what it needs and exits 2 on a machine without a GPU (or torch), never with a traceback."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, subprocess_env
+
+from fi_ffi import system
+
+EXAMPLES = sorted((REPO / "examples").glob("*.py"))
+NO_GPU = pytest.mark.skipif(bool(system.gpus()[0]), reason="needs a machine without a GPU (CI has none)")
+
+
+def run(name: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "examples" / name)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(),
+    )
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_each_example_says_what_it_needs(path) -> None:  # type: ignore[no-untyped-def]
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    assert "Needs:" in doc, f"{path.name}: the docstring does not say what the example needs"
+
+
+def test_the_cpu_example_refuses_every_bad_call_by_name() -> None:
+    done = run("argument_checks_cpu.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "7 of 7 bad calls refused before any kernel was looked for" in done.stdout
+    assert "weight: expected shape (128,)" in done.stdout and "out: data pointer is NULL" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+@NO_GPU
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("rmsnorm_cuda_python.py", "needs an NVIDIA GPU and its driver"),
+        ("decode_loop_cuda_python.py", "needs an NVIDIA GPU and its driver"),
+        ("rmsnorm_torch.py", "needs torch"),
+    ],
+)
+def test_gpu_examples_say_what_is_missing(name: str, message: str) -> None:
+    done = run(name)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,135 @@
+"""``FI_FFI_*`` values: a value fi_ffi would not understand is an error naming the variable and what it accepts
+where the loader reads it, and ``fi-ffi doctor`` flags it (exit 0) together with wheelhouse entries that are not
+folders and a cache path that is not a writable folder. The real CLI runs in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import subprocess_env
+
+from fi_ffi.errors import LoaderError
+from fi_ffi.loader import settings
+
+
+def fi_ffi(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fi_ffi", *args], capture_output=True, text=True, timeout=120, env=subprocess_env(**env)
+    )
+
+
+def doctor_notes(**env: str) -> dict[str, str]:
+    done = fi_ffi("doctor", "--json", **env)
+    assert done.returncode == 0, done.stderr
+    return {row["name"]: row["note"] for row in json.loads(done.stdout)["settings"]}
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", "on", " 1 "])
+def test_flags_take_the_documented_on_values(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("FI_FFI_OFFLINE", value)
+    assert settings.offline() is True
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", "off", ""])
+def test_flags_take_the_documented_off_values(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("FI_FFI_OFFLINE", value)
+    assert settings.offline() is False
+    monkeypatch.setenv("FI_FFI_USE_INSTALLED", value)
+    assert settings.use_installed() is (value == "")  # unset or empty: the default, on
+
+
+@pytest.mark.parametrize("name", ["FI_FFI_OFFLINE", "FI_FFI_QUIET", "FI_FFI_TRUST_INSTALLED", "FI_FFI_USE_INSTALLED"])
+def test_a_flag_with_another_value_is_an_error_naming_it(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv(name, "maybe")
+    with pytest.raises(LoaderError, match=rf"^{name}='maybe': expected 1 \(or true/yes/on\).*0 \(or false/no/off\)"):
+        settings.flag(name)
+
+
+def test_offline_maybe_is_refused_at_once_not_retried(tmp_path: Path) -> None:
+    start = time.monotonic()
+    done = fi_ffi("fetch", FI_FFI_OFFLINE="maybe", FI_FFI_LOCK="", FI_FFI_CACHE_DIR=str(tmp_path / "cache"))
+    assert done.returncode == 2
+    assert "FI_FFI_OFFLINE='maybe': expected 1" in done.stderr and "Traceback" not in done.stderr
+    assert time.monotonic() - start < 30  # no download attempts (they would retry for longer)
+
+
+def test_doctor_flags_bad_values_and_still_exits_zero(tmp_path: Path) -> None:
+    notes = doctor_notes(
+        FI_FFI_OFFLINE="maybe",
+        FI_FFI_LOCK_TIMEOUT="abc",
+        FI_FFI_CUDA_VERSION="13",
+        FI_FFI_SM="sm_90a,!",
+        FI_FFI_RUNTIME="pkg",
+        FI_FFI_QUIET="1",
+    )
+    assert "expected 1 (or true/yes/on)" in notes["FI_FFI_OFFLINE"]
+    assert "FI_FFI_LOCK_TIMEOUT must be a number of seconds >= 0 (found 'abc')" in notes["FI_FFI_LOCK_TIMEOUT"]
+    assert "expected major.minor" in notes["FI_FFI_CUDA_VERSION"]
+    assert "expected comma-separated GPU archs" in notes["FI_FFI_SM"]
+    assert "expected auto, package, lock or the path" in notes["FI_FFI_RUNTIME"]
+    assert notes["FI_FFI_QUIET"] == ""
+    text = fi_ffi("doctor", FI_FFI_LOCK_TIMEOUT="abc").stdout
+    assert "FI_FFI_LOCK_TIMEOUT=abc   <- FI_FFI_LOCK_TIMEOUT must be a number" in text
+
+
+def test_doctor_names_each_wheelhouse_entry_that_is_not_a_folder(tmp_path: Path) -> None:
+    wheel = tmp_path / "w" / "flashinfer_jit_cache-0.6.3-cp39-abi3-linux_x86_64.whl"
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"PK")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("x")
+    missing = tmp_path / "nowhere"
+    house = os.pathsep.join([str(missing), str(plain), str(wheel), str(wheel.parent)])
+    note = doctor_notes(FI_FFI_WHEELHOUSE=house)["FI_FFI_WHEELHOUSE"]
+    assert f"{missing} does not exist" in note
+    assert f"{plain} is a file, not a folder of wheels" in note
+    assert f"{wheel} is a wheel, not a folder: name the folder that holds it ({wheel.parent})" in note
+    assert doctor_notes(FI_FFI_WHEELHOUSE=str(wheel.parent))["FI_FFI_WHEELHOUSE"] == ""  # a real folder is fine
+
+
+def test_a_wheel_named_as_the_wheelhouse_is_refused_where_it_is_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    wheel = tmp_path / "x-1-py3-none-any.whl"
+    wheel.write_bytes(b"PK")
+    monkeypatch.setenv("FI_FFI_WHEELHOUSE", str(wheel))
+    with pytest.raises(LoaderError, match=r"^FI_FFI_WHEELHOUSE: .*x-1-py3-none-any.whl is a wheel, not a folder"):
+        settings.wheelhouses()
+
+
+def test_a_missing_wheelhouse_is_named_when_a_wheel_is_found_nowhere(tmp_path: Path) -> None:
+    missing = tmp_path / "wheelhouse"
+    done = fi_ffi(
+        "fetch",
+        FI_FFI_OFFLINE="1",
+        FI_FFI_LOCK="",
+        FI_FFI_WHEELHOUSE=str(missing),
+        FI_FFI_CACHE_DIR=str(tmp_path / "c"),
+    )
+    assert done.returncode == 2
+    assert f"the wheelhouse {missing} (FI_FFI_WHEELHOUSE) does not exist" in done.stderr
+
+
+def test_doctor_checks_the_cache_is_a_writable_folder(tmp_path: Path) -> None:
+    good = json.loads(fi_ffi("doctor", "--json", FI_FFI_CACHE_DIR=str(tmp_path / "new" / "cache")).stdout)
+    assert good["cache_problem"] == ""  # not there yet, but can be made
+    plain = tmp_path / "file"
+    plain.write_text("x")
+    done = fi_ffi("doctor", FI_FFI_CACHE_DIR=str(plain))
+    assert done.returncode == 0
+    assert f"PROBLEM:      {plain} is a file, not a folder; set FI_FFI_CACHE_DIR to a folder" in done.stdout
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "ro"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            data = json.loads(fi_ffi("doctor", "--json", FI_FFI_CACHE_DIR=str(locked)).stdout)
+            assert "is not writable by this user" in data["cache_problem"]
+        finally:
+            locked.chmod(0o700)
