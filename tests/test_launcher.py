@@ -1,4 +1,4 @@
-"""The calling mechanism itself (fi_ffi.ops.launcher), on CPU against the real norm module.
+"""The calling mechanism itself (fi_ffi.launch.launcher), on CPU against the real norm module.
 
 Descriptors and CUDA-array-interface objects here claim cuda:0 over host memory: a valid call passes every
 check, crosses the FFI and stops at the module's device check (no GPU), which proves the packing; nothing
@@ -215,7 +215,7 @@ def test_the_generated_source_reads_like_the_declaration() -> None:
 
 def test_a_module_with_another_argument_list_is_a_loader_error(kernel_modules: list[str]) -> None:
     from fi_ffi.abi import wire
-    from fi_ffi.ops.launcher import launcher
+    from fi_ffi.launch.launcher import launcher
 
     newer = wire.declare(
         "rmsnorm", [*norm.RMSNORM.params[:3], ("maybe_scale", wire.OPT_TENSOR), *norm.RMSNORM.params[3:]], release="9.9"
