@@ -72,8 +72,9 @@ def main() -> None:
     # stream, error check) with its entry point bound to testing.nop, and its contract check (alignment and
     # overlap rules) without the CUDA-device test, so host tensors pass: what a warm rmsnorm call costs the host
     # before the kernel launch.
-    from fi_ffi.ops import checks, norm
-    from fi_ffi.ops.launcher import compile_launcher
+    from fi_ffi.launch import checks
+    from fi_ffi.launch.launcher import compile_launcher
+    from fi_ffi.ops import norm
 
     checks.cuda = lambda *a: None  # this process only: the proxy's tensors are host memory
     launch = compile_launcher(norm.RMSNORM, "norm", norm._check_2d_out)

@@ -5,7 +5,7 @@ heads, head_dim 128, page size 16, 16 cached tokens, float16, NHD.
 
 Contenders, all on the same prebuilt module of the pinned kernel wheel:
 
-- ``fi_ffi``: :func:`fi_ffi.ops.decode.batch_decode_plan` / ``batch_decode_run`` with descriptors made once
+- ``fi_ffi``: :func:`fi_ffi.ops.attention.decode.batch_decode_plan` / ``batch_decode_run`` with descriptors made once
   (what a runtime holds), and with torch tensors converted on every call;
 - ``flashinfer``: ``BatchDecodeWithPagedKVCacheWrapper.plan`` (host indptr/last_page_len) and ``.run``;
 - ``tvm_ffi``: the Cython ``tvm_ffi.load_module(...).plan`` / ``.run`` with torch tensors (no wrapper).
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import fi_ffi
     import fi_ffi.abi.cdefs
-    from fi_ffi.ops import decode
-    from fi_ffi.ops.workspace import Workspace
+    from fi_ffi.ops.attention import decode
+    from fi_ffi.ops.attention.workspace import Workspace
 
     dev = "cuda"
     dt = torch.float16

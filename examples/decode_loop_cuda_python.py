@@ -22,9 +22,9 @@ import numpy as np
 from cuda.bindings import runtime as rt
 
 from fi_ffi import Tensor
-from fi_ffi.ops.decode import batch_decode_plan, batch_decode_run
+from fi_ffi.ops.attention.decode import batch_decode_plan, batch_decode_run
+from fi_ffi.ops.attention.workspace import Workspace
 from fi_ffi.ops.page import append_paged_kv_cache
-from fi_ffi.ops.workspace import Workspace
 
 
 def check(result):

@@ -25,16 +25,11 @@ if TYPE_CHECKING:
     from .generator import Generator
     from .interop import as_tensor
     from .ops.activation import gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
-    from .ops.bmm_fp8 import bmm_fp8
-    from .ops.cascade import merge_state, merge_state_in_place, merge_states
-    from .ops.decode import batch_decode_plan, batch_decode_run, single_decode
-    from .ops.gdn import gdn_prefill, gdn_workspace_size
-    from .ops.mamba import selective_state_update
-    from .ops.mla import MLAPlan, batch_mla_plan, batch_mla_run
-    from .ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, prepare, qk_rmsnorm, rmsnorm
-    from .ops.page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions
-    from .ops.plan import Plan
-    from .ops.prefill import (
+    from .ops.attention.cascade import merge_state, merge_state_in_place, merge_states
+    from .ops.attention.decode import batch_decode_plan, batch_decode_run, single_decode
+    from .ops.attention.mla import MLAPlan, batch_mla_plan, batch_mla_run
+    from .ops.attention.plan import Plan
+    from .ops.attention.prefill import (
         batch_prefill_paged_plan,
         batch_prefill_paged_run,
         batch_prefill_ragged_plan,
@@ -43,6 +38,19 @@ if TYPE_CHECKING:
         pack_custom_mask_device,
         single_prefill,
     )
+    from .ops.attention.sink import (
+        batch_attention_sink_plan,
+        batch_attention_sink_ragged_plan,
+        batch_attention_sink_ragged_run,
+        batch_attention_sink_run,
+    )
+    from .ops.attention.variants import list_variants
+    from .ops.attention.workspace import Workspace
+    from .ops.bmm_fp8 import bmm_fp8
+    from .ops.gdn import gdn_prefill, gdn_workspace_size
+    from .ops.mamba import selective_state_update
+    from .ops.norm import fused_add_rmsnorm, gemma_fused_add_rmsnorm, gemma_rmsnorm, prepare, qk_rmsnorm, rmsnorm
+    from .ops.page import append_paged_kv_cache, append_paged_mla_kv_cache, get_batch_indices_positions
     from .ops.quantization import packbits, segment_packbits, segment_packbits_indptr
     from .ops.rope import (
         apply_llama31_rope,
@@ -73,15 +81,7 @@ if TYPE_CHECKING:
         top_p_sampling_from_probs,
     )
     from .ops.segment_gemm import segment_gemm
-    from .ops.sink import (
-        batch_attention_sink_plan,
-        batch_attention_sink_ragged_plan,
-        batch_attention_sink_ragged_run,
-        batch_attention_sink_run,
-    )
     from .ops.topk import top_k, top_k_page_table_transform, top_k_ragged_transform
-    from .ops.variants import list_variants
-    from .ops.workspace import Workspace
     from .streams import current_stream, stream_scope
 
 _LAZY = {
@@ -93,22 +93,22 @@ _LAZY = {
     "get_batch_indices_positions": "ops.page",
     "gdn_prefill": "ops.gdn",
     "gdn_workspace_size": "ops.gdn",
-    "Workspace": "ops.workspace",
-    "Plan": "ops.plan",
-    "list_variants": "ops.variants",
-    "batch_decode_plan": "ops.decode",
-    "batch_decode_run": "ops.decode",
-    "batch_mla_plan": "ops.mla",
-    "batch_mla_run": "ops.mla",
-    "MLAPlan": "ops.mla",
-    "single_decode": "ops.decode",
-    "single_prefill": "ops.prefill",
-    "batch_prefill_ragged_plan": "ops.prefill",
-    "batch_prefill_ragged_run": "ops.prefill",
-    "batch_prefill_paged_plan": "ops.prefill",
-    "batch_prefill_paged_run": "ops.prefill",
-    "pack_custom_mask": "ops.prefill",
-    "pack_custom_mask_device": "ops.prefill",
+    "Workspace": "ops.attention.workspace",
+    "Plan": "ops.attention.plan",
+    "list_variants": "ops.attention.variants",
+    "batch_decode_plan": "ops.attention.decode",
+    "batch_decode_run": "ops.attention.decode",
+    "batch_mla_plan": "ops.attention.mla",
+    "batch_mla_run": "ops.attention.mla",
+    "MLAPlan": "ops.attention.mla",
+    "single_decode": "ops.attention.decode",
+    "single_prefill": "ops.attention.prefill",
+    "batch_prefill_ragged_plan": "ops.attention.prefill",
+    "batch_prefill_ragged_run": "ops.attention.prefill",
+    "batch_prefill_paged_plan": "ops.attention.prefill",
+    "batch_prefill_paged_run": "ops.attention.prefill",
+    "pack_custom_mask": "ops.attention.prefill",
+    "pack_custom_mask_device": "ops.attention.prefill",
     "current_stream": "streams",
     "Generator": "generator",
     "chain_speculative_sampling": "ops.sampling",
@@ -135,9 +135,9 @@ _LAZY = {
     "silu_and_mul": "ops.activation",
     "gelu_and_mul": "ops.activation",
     "gelu_tanh_and_mul": "ops.activation",
-    "merge_state": "ops.cascade",
-    "merge_state_in_place": "ops.cascade",
-    "merge_states": "ops.cascade",
+    "merge_state": "ops.attention.cascade",
+    "merge_state_in_place": "ops.attention.cascade",
+    "merge_states": "ops.attention.cascade",
     "packbits": "ops.quantization",
     "segment_packbits": "ops.quantization",
     "segment_packbits_indptr": "ops.quantization",
@@ -147,10 +147,10 @@ _LAZY = {
     "selective_state_update": "ops.mamba",
     "segment_gemm": "ops.segment_gemm",
     "bmm_fp8": "ops.bmm_fp8",
-    "batch_attention_sink_plan": "ops.sink",
-    "batch_attention_sink_run": "ops.sink",
-    "batch_attention_sink_ragged_plan": "ops.sink",
-    "batch_attention_sink_ragged_run": "ops.sink",
+    "batch_attention_sink_plan": "ops.attention.sink",
+    "batch_attention_sink_run": "ops.attention.sink",
+    "batch_attention_sink_ragged_plan": "ops.attention.sink",
+    "batch_attention_sink_ragged_run": "ops.attention.sink",
     "apply_rope": "ops.rope",
     "apply_rope_inplace": "ops.rope",
     "apply_rope_pos_ids": "ops.rope",

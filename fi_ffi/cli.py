@@ -554,7 +554,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from . import loader
-    from .ops import variants
+    from .ops.attention import variants
 
     try:
         with loader.listing_without_download():  # a wheel not here: its central directory, not 1-2 GB
@@ -621,7 +621,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-# `fi-ffi list --kind`: the variant kinds (fi_ffi.ops.variants.KINDS; a test keeps the two equal) and families.
+# `fi-ffi list --kind`: the variant kinds (ops.attention.variants.KINDS; a test keeps the two equal) and families.
 LIST_KINDS = (
     "single_prefill",
     "batch_prefill",

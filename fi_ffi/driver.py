@@ -1,7 +1,7 @@
 """The few CUDA driver calls fi_ffi makes itself, through cffi in ABI mode (libcuda, nothing compiled).
 
 Three users: :mod:`fi_ffi.interop` asks which device owns a CUDA-array-interface pointer and orders a consumer
-stream after a producer's (an event), :class:`~fi_ffi.ops.workspace.Workspace` records and waits for the
+stream after a producer's (an event), :class:`~fi_ffi.ops.attention.workspace.Workspace` records and waits for the
 plan-copy event on every plan, and :mod:`fi_ffi.ops.segment_gemm` copies its host-computed argument arrays from
 the workspace's page-locked buffer. Not through cuda-bindings: its ``cuPointerGetAttribute(s)`` reports device
 ordinal 0 for every pointer (NVIDIA/cuda-python #2928), and each call there costs microseconds (argument objects,

@@ -3,7 +3,7 @@
 An op call needs two things from each tensor argument: what to check (its layout: shape, strides, dtype,
 device) and where it is (the data pointer). :func:`reader` returns, per producer type, a function
 ``read(obj, stream) -> (key, data_ptr)`` where ``key`` is a hashable *value* standing for the layout: the
-launcher (:mod:`fi_ffi.ops.launcher`) remembers which layout combinations passed the checks, keyed by these
+launcher (:mod:`fi_ffi.launch.launcher`) remembers which layout combinations passed the checks, keyed by these
 values, and never keeps the objects themselves.
 
 ==========================  ==============================================================================

@@ -176,8 +176,8 @@ def check_append_paged_kv_cache(dev: Device) -> SmokeResult:
 
 
 def check_batch_decode(dev: Device) -> SmokeResult:
-    from .ops.decode import batch_decode_plan, batch_decode_run
-    from .ops.workspace import Workspace
+    from .ops.attention.decode import batch_decode_plan, batch_decode_run
+    from .ops.attention.workspace import Workspace
 
     hq, hk, d, page, lens = 32, 8, 128, 16, [5, 20]
     rng = np.random.default_rng(3)
@@ -211,7 +211,7 @@ def check_batch_decode(dev: Device) -> SmokeResult:
 
 
 def check_single_prefill(dev: Device) -> SmokeResult:
-    from .ops.prefill import single_prefill
+    from .ops.attention.prefill import single_prefill
 
     n_q, n_kv, hq, hk, d = 7, 20, 8, 8, 128
     rng = np.random.default_rng(4)
@@ -226,7 +226,7 @@ def check_single_prefill(dev: Device) -> SmokeResult:
 
 
 def check_gdn_prefill(dev: Device) -> SmokeResult:
-    from .ops.device import compute_capability
+    from .launch.device import compute_capability
     from .ops.gdn import gdn_prefill, gdn_workspace_size
 
     if compute_capability(dev.ordinal)[0] != 9:

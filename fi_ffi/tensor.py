@@ -2,7 +2,7 @@
 
 A :class:`Tensor` describes memory that someone else owns; it never allocates or copies the data, and it
 allocates no C memory itself: a kernel call copies its fields into a ``DLTensor`` record the call owns
-(:mod:`fi_ffi.ops.launcher`). Its layout (shape, strides, dtype, device) is interned as a small int, the key
+(:mod:`fi_ffi.launch.launcher`). Its layout (shape, strides, dtype, device) is interned as a small int, the key
 under which the ops remember what they validated. Build one from a raw pointer with
 :meth:`Tensor.from_pointer` (and move it with :meth:`Tensor.rebind`), or from any DLPack /
 CUDA-array-interface producer with :func:`fi_ffi.as_tensor`.

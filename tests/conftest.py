@@ -132,7 +132,7 @@ def use_lock(monkeypatch: pytest.MonkeyPatch, path: Path, text: str, wheels: lis
     """Make ``text`` (written to ``path``) the active lock, with the wheels' folders as the wheelhouse, and forget
     everything bound or listed under the previous lock."""
     from fi_ffi import caches
-    from fi_ffi.ops import variants
+    from fi_ffi.ops.attention import variants
 
     path.write_text(text)
     monkeypatch.setenv("FI_FFI_LOCK", str(path))
@@ -343,7 +343,7 @@ def _available_uris() -> list[str]:
 
 def _forget_lock() -> None:
     from fi_ffi import caches
-    from fi_ffi.ops import variants
+    from fi_ffi.ops.attention import variants
 
     caches.reset()
     variants._refresh()

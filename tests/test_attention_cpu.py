@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fi_ffi.errors import KernelError, KernelNotFoundError
-from fi_ffi.ops import decode, prefill
-from fi_ffi.ops import variants as V
-from fi_ffi.ops.aliasing import footprint
-from fi_ffi.ops.kernels import entry_point
-from fi_ffi.ops.plan import Plan
-from fi_ffi.ops.workspace import Workspace
+from fi_ffi.launch.aliasing import footprint
+from fi_ffi.launch.kernels import entry_point
+from fi_ffi.ops.attention import decode, prefill
+from fi_ffi.ops.attention import variants as V
+from fi_ffi.ops.attention.plan import Plan
+from fi_ffi.ops.attention.workspace import Workspace
 from fi_ffi.tensor import Tensor
 
 pytestmark = pytest.mark.usefixtures("kernel_modules")
@@ -577,7 +577,7 @@ def test_batch_decode_plan_rejects_before_the_ffi(kw, exc, text):
 
 
 def test_plan_needs_a_workspace():
-    with pytest.raises(TypeError, match=r"workspace: expected a fi_ffi\.ops\.workspace\.Workspace"):
+    with pytest.raises(TypeError, match=r"workspace: expected a fi_ffi\.Workspace \("):
         decode.batch_decode_plan(object(), host([0, 1]), 32, 8, 128, 16)
 
 
@@ -764,7 +764,7 @@ def test_plan_settings_are_one_value_per_argument_values_and_types():
 
 def _plan_settings_of(ws):
     """The settings object batch_decode_plan used (the call itself stops at the missing GPU)."""
-    from fi_ffi.ops import plan_settings
+    from fi_ffi.ops.attention import plan_settings
 
     before = dict(plan_settings._cache)
     with pytest.raises(KernelError):
@@ -900,7 +900,7 @@ def test_run_inputs_are_passed_per_call_and_not_kept(make_array):
     import weakref
 
     from fi_ffi.abi.objects import _managed
-    from fi_ffi.ops import plan_settings
+    from fi_ffi.ops.attention import plan_settings
 
     _no_driver()
     mask, offsets = UnhashableCAI((3,), "|u1"), UnhashableCAI((3,), "<i4")

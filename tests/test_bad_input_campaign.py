@@ -1255,7 +1255,7 @@ def entry_cases(
 def pointer_cases(label: str, valid: dict[str, Any]) -> list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]]:
     """Warm-then-bad pointers of every non-empty tensor argument: NULL, one byte off its dtype's alignment, and a
     range that wraps past 2**64 (each must be refused naming the argument)."""
-    from fi_ffi.ops.aliasing import footprint
+    from fi_ffi.launch.aliasing import footprint
 
     out = []
     for name, t in valid.items():

@@ -93,7 +93,7 @@ def test_fetch_rejects_a_wheel_the_lock_does_not_pin(tmp_path: Path) -> None:
 
 
 def test_list_prints_the_variants_of_the_active_lock(kernel_modules: list[str]) -> None:
-    pytest.importorskip("fi_ffi.ops.variants")
+    pytest.importorskip("fi_ffi.ops.attention.variants")
     done = fi_ffi("list", "--kind", "batch_decode", "--dtype", "f16")
     assert done.returncode == 0, done.stderr
     header, *lines = done.stdout.strip().splitlines()
@@ -134,7 +134,7 @@ def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
 
 def test_list_kinds_are_the_variant_kinds() -> None:
     from fi_ffi import cli
-    from fi_ffi.ops import variants
+    from fi_ffi.ops.attention import variants
 
     assert (*variants.ALL_KINDS, "prefill", "decode", "mla") == cli.LIST_KINDS
 

@@ -92,8 +92,8 @@ def test_declarations_match_the_printed_signatures(decl: wire.Declaration) -> No
 
 
 def test_trtllm_comm_binds_every_declaration(comm_lock: Path) -> None:
-    from fi_ffi.ops.kernels import entry_point
-    from fi_ffi.ops.launcher import bound_entry
+    from fi_ffi.launch.kernels import entry_point
+    from fi_ffi.launch.launcher import bound_entry
 
     for uri, decl in trtllm_ar.DECLARATIONS:
         found = wire.parse_signature(entry_point(uri, decl.entry).signature_text(), decl.entry)
@@ -103,7 +103,7 @@ def test_trtllm_comm_binds_every_declaration(comm_lock: Path) -> None:
 
 def test_a_declaration_of_another_argument_list_is_refused_by_name(comm_lock: Path) -> None:
     from fi_ffi.errors import LoaderError
-    from fi_ffi.ops.launcher import bound_entry
+    from fi_ffi.launch.launcher import bound_entry
 
     wrong = wire.declare("trtllm_lamport_initialize", [("buffer_ptr", wire.INT), ("size", wire.INT)])
     expected = r"'trtllm_comm', entry point 'trtllm_lamport_initialize'.*takes 3 arguments, the declaration 2"
@@ -117,8 +117,8 @@ from fi_ffi.loader import dl
 dl.open_library(sys.argv[1], dl.RTLD_NOW | dl.RTLD_GLOBAL)  # the stand-in libcuda.so.1, this process only
 from fi_ffi.abi import wire
 from fi_ffi.comm import vllm_ar
-from fi_ffi.ops.kernels import entry_point
-from fi_ffi.ops.launcher import bound_entry
+from fi_ffi.launch.kernels import entry_point
+from fi_ffi.launch.launcher import bound_entry
 for uri, decl in vllm_ar.DECLARATIONS:
     if decl.params:
         found = wire.parse_signature(entry_point(uri, decl.entry).signature_text(), decl.entry)
@@ -303,7 +303,7 @@ def test_fp8_scale_factor_must_be_one_float32() -> None:
 
 
 def _namespace(args: dict[str, Any]) -> SimpleNamespace:
-    from fi_ffi.ops.pointer_rules import without_address
+    from fi_ffi.launch.pointer_rules import without_address
 
     ns = {k: (without_address(v) if isinstance(v, Tensor) else v) for k, v in args.items() if k != "metadata"}
     ns["hidden_size"] = ns.pop("hidden_dim")
@@ -481,7 +481,7 @@ def test_bad_vllm_all_reduce_arguments(over: dict[str, Any], error: type, messag
 
 
 def test_setup_only_wire_types_cannot_make_a_launcher() -> None:
-    from fi_ffi.ops.launcher import compile_launcher
+    from fi_ffi.launch.launcher import compile_launcher
 
     with pytest.raises(ValueError, match=r"\['handles', 'offsets'\] are setup-only wire types"):
         compile_launcher(vllm_ar.REGISTER_GRAPH_BUFFERS, vllm_ar.URI)

@@ -24,8 +24,8 @@ from conftest import WHEELS_HINT, find_shared_wheel, find_wheels_072, shared_whe
 import fi_ffi.ops
 from fi_ffi.abi import wire
 from fi_ffi.errors import LoaderError
-from fi_ffi.ops.kernels import entry_point
-from fi_ffi.ops.launcher import bound_entry
+from fi_ffi.launch.kernels import entry_point
+from fi_ffi.launch.launcher import bound_entry
 
 RELEASES = ("0.6.3", "0.7.2")
 # Entry points of the 0.7.2 test wheel fi_ffi does not call (new exports of 0.7: quantizing norms and RoPE, FP4
@@ -52,10 +52,10 @@ NOT_DECLARED_072 = frozenset(
 def all_declarations() -> list[tuple[str, str, wire.Declaration]]:
     """(op module, URI pattern, declaration) for every op module that declares entry points."""
     found = []
-    for info in pkgutil.iter_modules(fi_ffi.ops.__path__):
-        module = importlib.import_module(f"fi_ffi.ops.{info.name}")
+    for info in pkgutil.walk_packages(fi_ffi.ops.__path__, "fi_ffi.ops."):
+        module = importlib.import_module(info.name)
         for pattern, decl in getattr(module, "DECLARATIONS", ()):
-            found.append((info.name, pattern, decl))
+            found.append((info.name.rpartition(".")[2], pattern, decl))
     return found
 
 

@@ -22,7 +22,8 @@ import fi_ffi
 from fi_ffi import dtypes
 from fi_ffi.abi.cdefs import get_ffi
 from fi_ffi.errors import FiFFIError
-from fi_ffi.ops import kernels, norm
+from fi_ffi.launch import kernels
+from fi_ffi.ops import norm
 from fi_ffi.tensor import Tensor
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 import fi_ffi
 from fi_ffi.errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
-from fi_ffi.ops import device, gdn
-from fi_ffi.ops.aliasing import footprint
-from fi_ffi.ops.kernels import entry_point
+from fi_ffi.launch import device
+from fi_ffi.launch.aliasing import footprint
+from fi_ffi.launch.kernels import entry_point
+from fi_ffi.ops import gdn
 from fi_ffi.tensor import Tensor
 
 # Descriptors here claim cuda:0 over host memory: only a machine without a GPU stops them before a launch.
@@ -505,8 +506,8 @@ def test_a_lock_without_the_gdn_module_says_which_releases_have_it(
 ) -> None:
     # Only FlashInfer 0.7.2 pinned: it no longer ships gdn_prefill_sm90.
     from fi_ffi import loader
-    from fi_ffi.ops import kernels
-    from fi_ffi.ops.launcher import compile_launcher
+    from fi_ffi.launch import kernels
+    from fi_ffi.launch.launcher import compile_launcher
 
     found = sorted((REPO.parent / "shared" / "wheels-072").glob("flashinfer_jit_cache_072-*.whl"))
     if not found:

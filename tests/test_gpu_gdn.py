@@ -35,7 +35,8 @@ import torch  # only on the GPU machine
 import torch.nn.functional as F
 
 from fi_ffi.errors import UnsupportedDeviceError
-from fi_ffi.ops import device, gdn
+from fi_ffi.launch import device
+from fi_ffi.ops import gdn
 
 pytestmark = pytest.mark.gpu
 

@@ -18,8 +18,8 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 import torch
 from cuda.bindings import runtime as rt
 
-from fi_ffi.ops import decode
-from fi_ffi.ops.workspace import Workspace
+from fi_ffi.ops.attention import decode
+from fi_ffi.ops.attention.workspace import Workspace
 
 pytestmark = pytest.mark.gpu
 

@@ -28,8 +28,8 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 import torch  # only on the GPU machine
 
 import fi_ffi
-from fi_ffi.ops import variants as V
-from fi_ffi.ops.workspace import Workspace
+from fi_ffi.ops.attention import variants as V
+from fi_ffi.ops.attention.workspace import Workspace
 
 pytestmark = pytest.mark.gpu
 

@@ -27,7 +27,7 @@ import json, sys
 import cupy as cp
 import numpy as np
 import fi_ffi
-from fi_ffi.ops import decode
+from fi_ffi.ops.attention import decode
 
 case = sys.argv[1]
 hq, hk, d, kv_len = 32, 8, 128, 64

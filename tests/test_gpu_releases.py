@@ -20,8 +20,8 @@ from conftest import TEST_RELEASE
 
 import fi_ffi
 from fi_ffi import dtypes, loader
-from fi_ffi.ops import variants as V
-from fi_ffi.ops.variants import Variant
+from fi_ffi.ops.attention import variants as V
+from fi_ffi.ops.attention.variants import Variant
 
 pytestmark = [pytest.mark.gpu, pytest.mark.release_check]
 

@@ -23,7 +23,7 @@ from attention_reference import close, reference
 from test_gpu_prefill import KV_LENS, QO_LENS, PagedKV, indptr
 
 import fi_ffi
-from fi_ffi.ops.workspace import Workspace
+from fi_ffi.ops.attention.workspace import Workspace
 
 pytestmark = pytest.mark.gpu
 SM90 = torch.cuda.get_device_capability()[0] == 9

@@ -27,7 +27,7 @@ from fi_ffi.models.paging import (
     fill_prefill,
     prefill_layout,
 )
-from fi_ffi.ops import host_index as plan_checks
+from fi_ffi.ops.attention import host_index as plan_checks
 from fi_ffi.ops.page import check_append_positions, get_batch_indices_positions
 
 PS = 16

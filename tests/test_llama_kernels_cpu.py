@@ -18,9 +18,9 @@ from fi_ffi.models import kernels
 from fi_ffi.models.config import LlamaConfig, RopeConfig
 from fi_ffi.models.llama import step_views
 from fi_ffi.models.paging import decode_layout, prefill_layout
-from fi_ffi.ops import decode, prefill
-from fi_ffi.ops.plan import Plan
-from fi_ffi.ops.workspace import Workspace
+from fi_ffi.ops.attention import decode, prefill
+from fi_ffi.ops.attention.plan import Plan
+from fi_ffi.ops.attention.workspace import Workspace
 from fi_ffi.tensor import Tensor
 
 pytestmark = [pytest.mark.usefixtures("kernel_modules"), pytest.mark.cpu_only]

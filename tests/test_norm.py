@@ -12,7 +12,7 @@ import pytest
 
 import fi_ffi
 from fi_ffi.errors import KernelError
-from fi_ffi.ops.kernels import entry_point
+from fi_ffi.launch.kernels import entry_point
 from fi_ffi.tensor import Tensor
 
 # Descriptors here claim cuda:0 over host memory: only a machine without a GPU stops them before a launch.

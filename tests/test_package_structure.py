@@ -4,6 +4,10 @@
 - The layers ``fi_ffi.tensor`` (descriptors), ``fi_ffi.abi`` (the TVM-FFI C API) and ``fi_ffi.loader`` (finding
   and opening libraries) import one another in one direction only: every import counts, function-local and
   ``TYPE_CHECKING`` ones included, since a function-local import is still a dependency.
+- The whole package stands in :data:`FLOORS`: a module imports only modules of its own unit (package or top-level
+  module) or of a lower floor. Units on one floor are siblings and import neither each other: ``fi_ffi.ops`` and
+  ``fi_ffi.comm`` both stand on the calling engine ``fi_ffi.launch``, which imports neither.
+- ``fi_ffi.comm`` and ``fi_ffi.models`` take no private (``_name``) names from ``fi_ffi.ops`` or ``fi_ffi.launch``.
 """
 
 from __future__ import annotations
@@ -122,3 +126,107 @@ def test_function_local_and_relative_imports_are_counted() -> None:
     assert "fi_ffi.loader" in imported_names("fi_ffi.abi.runtime", tree, False)
     tree = ast.parse("from .libraries import x\nfrom ..abi import dl\n")
     assert {"fi_ffi.loader.libraries", "fi_ffi.abi.dl"} <= imported_names("fi_ffi.loader", tree, True)
+
+
+# The floors of the package, from the ground up. A unit is a subpackage (``fi_ffi.ops`` with ``fi_ffi.ops.attention``)
+# or a top-level module; ``fi_ffi`` is the package's face (``__init__``: the lazy public names).
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("fi_ffi.errors", "fi_ffi.dtypes", "fi_ffi.caches", "fi_ffi.cdecl", "fi_ffi.driver", "fi_ffi.generator"),
+    ("fi_ffi.tensor", "fi_ffi.loader"),  # descriptors; finding and opening libraries
+    ("fi_ffi.typing", "fi_ffi.abi", "fi_ffi.system"),  # the TVM-FFI C API
+    ("fi_ffi.streams",),
+    ("fi_ffi.interop",),  # DLPack / CUDA array interface producers described as Tensors
+    ("fi_ffi.producers",),  # per producer type: layout key and data pointer, for the launcher
+    ("fi_ffi.launch",),  # the calling engine
+    ("fi_ffi.ops", "fi_ffi.comm"),  # op families; tensor parallelism
+    ("fi_ffi", "fi_ffi.smoke"),  # the public face; the first-use checks
+    ("fi_ffi.models",),  # the serving engine
+    ("fi_ffi.cli",),
+    ("fi_ffi.__main__",),
+)
+
+
+def unit_of(module: str) -> str:
+    """``fi_ffi.ops.attention.decode`` → ``fi_ffi.ops``; ``fi_ffi.tensor`` → itself; ``fi_ffi`` → ``fi_ffi``."""
+    return ".".join(module.split(".")[:2])
+
+
+def floor_of(unit: str) -> int:
+    return next(i for i, units in enumerate(FLOORS) if unit in units)
+
+
+def module_imports(trees: dict[str, ast.Module]) -> dict[str, dict[str, set[str]]]:
+    """Module → imported fi_ffi module → the names taken from it. ``from .. import caches`` imports
+    ``fi_ffi.caches`` (a submodule), not the package's face; every import counts, function-local included."""
+    packages = {name for name in trees if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()}
+    out: dict[str, dict[str, set[str]]] = {}
+    for module, tree in trees.items():
+        found: dict[str, set[str]] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in trees:
+                        found.setdefault(alias.name, set())
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = module.split(".") if module in packages else module.split(".")[:-1]
+                    base = base[: len(base) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                for alias in node.names:
+                    if f"{target}.{alias.name}" in trees:
+                        found.setdefault(f"{target}.{alias.name}", set())
+                    elif target in trees:
+                        found.setdefault(target, set()).add(alias.name)
+        out[module] = found
+    return out
+
+
+def floor_violations(imports: dict[str, dict[str, set[str]]]) -> list[str]:
+    """``a -> b`` for every import of a module of another unit that is not on a lower floor."""
+    bad = []
+    for module, targets in imports.items():
+        here = unit_of(module)
+        for target in targets:
+            there = unit_of(target)
+            if there != here and floor_of(there) >= floor_of(here):
+                bad.append(f"{module} -> {target}")
+    return sorted(bad)
+
+
+def test_every_module_stands_on_a_floor() -> None:
+    placed = {unit for units in FLOORS for unit in units}
+    assert {unit_of(module) for module in sources()} <= placed, "add the new unit to FLOORS"
+
+
+def test_no_import_runs_up_or_sideways_between_floors() -> None:
+    assert floor_violations(module_imports(sources())) == []
+
+
+def test_the_floor_check_finds_an_upward_and_a_sideways_import() -> None:  # the check above could fail
+    imports = {
+        "fi_ffi.launch.launcher": {"fi_ffi.ops.norm": set(), "fi_ffi.tensor": set()},
+        "fi_ffi.comm.control": {"fi_ffi.ops.attention.decode": {"x"}},
+        "fi_ffi.ops.norm": {"fi_ffi.launch.launcher": set(), "fi_ffi.ops.rope": set()},
+    }
+    assert floor_violations(imports) == [
+        "fi_ffi.comm.control -> fi_ffi.ops.attention.decode",
+        "fi_ffi.launch.launcher -> fi_ffi.ops.norm",
+    ]
+
+
+def test_comm_and_models_take_no_private_names_of_ops_or_the_engine() -> None:
+    taken = []
+    for module, targets in module_imports(sources()).items():
+        if unit_of(module) in ("fi_ffi.comm", "fi_ffi.models"):
+            for target, names in targets.items():
+                if unit_of(target) in ("fi_ffi.ops", "fi_ffi.launch"):
+                    taken += [f"{module} takes {target}.{n}" for n in sorted(names) if n.startswith("_")]
+    assert taken == []
+
+
+def test_from_package_import_submodule_is_an_import_of_the_submodule() -> None:
+    trees = {"fi_ffi": ast.parse(""), "fi_ffi.caches": ast.parse(""), "fi_ffi.ops.norm": ast.parse("")}
+    trees["fi_ffi.launch.kernels"] = ast.parse("def f():\n    from .. import caches\n    from ..ops.norm import _x\n")
+    assert module_imports(trees)["fi_ffi.launch.kernels"] == {"fi_ffi.caches": set(), "fi_ffi.ops.norm": {"_x"}}

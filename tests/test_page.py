@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fi_ffi.errors import KernelError
+from fi_ffi.launch.aliasing import footprint
+from fi_ffi.launch.kernels import entry_point
 from fi_ffi.ops import page
-from fi_ffi.ops.aliasing import footprint
-from fi_ffi.ops.kernels import entry_point
 from fi_ffi.tensor import Tensor
 
 # Descriptors here claim cuda:0 over host memory: only a machine without a GPU stops them before a launch.

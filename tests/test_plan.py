@@ -35,7 +35,7 @@ def fake_cuda(arr: np.ndarray, device: str = "cuda:0") -> Tensor:
 
 
 def fake_workspace(float_bytes: int = 1 << 16, int_bytes: int = 1 << 12, pinned_bytes: int | None = None):
-    from fi_ffi.ops.workspace import Workspace
+    from fi_ffi.ops.attention.workspace import Workspace
 
     pinned = np.zeros(pinned_bytes or int_bytes, np.uint8)
     return Workspace.from_buffers(
@@ -49,7 +49,7 @@ def fake_workspace(float_bytes: int = 1 << 16, int_bytes: int = 1 << 12, pinned_
 
 
 def test_plan_takes_ownership_and_releases_exactly_once(make_array):
-    from fi_ffi.ops.plan import Plan
+    from fi_ffi.ops.attention.plan import Plan
 
     arr = make_array(2, 0, 0, 0, 16, 32, 0, 44, 0, 0)
     assert isinstance(arr, Array) and arr.refcount == 1
@@ -71,7 +71,7 @@ def test_plan_takes_ownership_and_releases_exactly_once(make_array):
 
 
 def test_plan_released_by_gc_and_by_context_exit(make_array):
-    from fi_ffi.ops.plan import Plan
+    from fi_ffi.ops.attention.plan import Plan
 
     inner = make_array(7)
     assert inner.refcount == 1
@@ -87,7 +87,7 @@ def test_plan_released_by_gc_and_by_context_exit(make_array):
 
 
 def test_no_leak_over_many_plan_cycles(make_array):
-    from fi_ffi.ops.plan import Plan
+    from fi_ffi.ops.attention.plan import Plan
 
     inner = make_array(1, 2, 3)
     for i in range(10_000):
@@ -108,7 +108,7 @@ def test_no_leak_over_many_plan_cycles(make_array):
 
 def test_plan_refuses_anything_but_an_owned_array(make_array):
     from fi_ffi.abi.objects import ObjectRef
-    from fi_ffi.ops.plan import Plan
+    from fi_ffi.ops.attention.plan import Plan
 
     with pytest.raises(TypeError, match="info"):
         Plan([1, 2, 3])
@@ -117,7 +117,7 @@ def test_plan_refuses_anything_but_an_owned_array(make_array):
 
 
 def test_released_and_stale_plans_are_not_runnable(make_array):
-    from fi_ffi.ops.plan import Plan
+    from fi_ffi.ops.attention.plan import Plan
 
     ws = fake_workspace()
     plan = Plan(make_array(*([0] * 10)), ws, kind="batch_decode", mode="paged")
@@ -139,7 +139,7 @@ def test_released_and_stale_plans_are_not_runnable(make_array):
 
 
 def test_host_array_accepts_numpy_lists_and_host_descriptors():
-    from fi_ffi.ops.host_index import host_array
+    from fi_ffi.ops.attention.host_index import host_array
 
     a = np.array([0, 2, 5], np.int32)
     assert host_array("kv_indptr", a) is a
@@ -154,7 +154,7 @@ def test_host_array_accepts_numpy_lists_and_host_descriptors():
 
 def test_host_tensor_describes_the_array_without_copying_it():
     """The descriptor a plan call gets for a host index array: its memory, int32 [n] on the CPU, nothing kept."""
-    from fi_ffi.ops.host_index import host_tensor
+    from fi_ffi.ops.attention.host_index import host_tensor
 
     a = np.array([0, 3, 7, 7], np.int32)
     t = host_tensor(a)
@@ -166,7 +166,7 @@ def test_host_tensor_describes_the_array_without_copying_it():
 
 
 def test_host_array_uses_numpy_int32_arrays_as_they_are_and_converts_lists_once():
-    from fi_ffi.ops.host_index import host_array
+    from fi_ffi.ops.attention.host_index import host_array
 
     a = np.array([0, 2, 5], np.int32)
     assert host_array("kv_indptr", a) is a
@@ -196,7 +196,7 @@ def test_host_array_uses_numpy_int32_arrays_as_they_are_and_converts_lists_once(
     ],
 )
 def test_host_array_rejects(value, exc, text):
-    from fi_ffi.ops.host_index import host_array
+    from fi_ffi.ops.attention.host_index import host_array
 
     with pytest.raises(exc, match=text) as info:
         host_array("qo_indptr", value)
@@ -205,7 +205,7 @@ def test_host_array_rejects(value, exc, text):
 
 @given(st.lists(st.integers(0, 50), min_size=1, max_size=20))
 def test_check_indptr_accepts_any_valid_and_rejects_corruptions(lengths):
-    from fi_ffi.ops.host_index import check_indptr
+    from fi_ffi.ops.attention.host_index import check_indptr
 
     arr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     assert check_indptr("kv_indptr", arr) == sum(lengths)
@@ -223,7 +223,7 @@ def test_check_indptr_accepts_any_valid_and_rejects_corruptions(lengths):
 
 
 def test_check_indptr_needs_a_batch():
-    from fi_ffi.ops.host_index import check_indptr
+    from fi_ffi.ops.attention.host_index import check_indptr
 
     with pytest.raises(ValueError, match="at least 2"):
         check_indptr("qo_indptr", np.zeros(1, np.int32))
@@ -231,7 +231,7 @@ def test_check_indptr_needs_a_batch():
 
 @given(st.integers(1, 64), st.lists(st.integers(0, 6), min_size=1, max_size=40), st.data())
 def test_check_last_page_len(page_size, pages, data):
-    from fi_ffi.ops.host_index import check_last_page_len
+    from fi_ffi.ops.attention.host_index import check_last_page_len
 
     indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
     last = np.array([data.draw(st.integers(1, page_size)) if p else 0 for p in pages], np.int32)
@@ -256,7 +256,7 @@ def test_check_last_page_len(page_size, pages, data):
 
 
 def test_workspace_from_buffers_validates():
-    from fi_ffi.ops.workspace import Workspace
+    from fi_ffi.ops.attention.workspace import Workspace
 
     ws = fake_workspace(1 << 16, 1 << 12)
     assert (ws.float_bytes, ws.int_bytes, ws.pinned_bytes) == (1 << 16, 1 << 12, 1 << 12)
@@ -283,7 +283,7 @@ def test_workspace_from_buffers_validates():
 @pytest.mark.parametrize("which", ["float_buffer", "int_buffer", "pinned_buffer"])
 def test_a_null_workspace_buffer_is_refused_by_name(which: str) -> None:
     """Issue 21: a NULL buffer would reach the plans' copies and the kernels' scratch writes at address 0."""
-    from fi_ffi.ops.workspace import Workspace
+    from fi_ffi.ops.attention.workspace import Workspace
 
     host = np.zeros(64, np.uint8)
     buffers = {
@@ -298,7 +298,7 @@ def test_a_null_workspace_buffer_is_refused_by_name(which: str) -> None:
 
 
 def test_the_int_buffer_must_not_overlap_the_float_buffer() -> None:
-    from fi_ffi.ops.workspace import Workspace
+    from fi_ffi.ops.attention.workspace import Workspace
 
     host = np.zeros(64, np.uint8)
     h = Tensor.from_pointer(host.ctypes.data, (64,), "uint8", "cpu", owner=host)
@@ -310,7 +310,7 @@ def test_the_int_buffer_must_not_overlap_the_float_buffer() -> None:
 
 
 def test_workspace_buffers_must_not_wrap_the_address_space_or_exceed_int32_sizes():
-    from fi_ffi.ops.workspace import Workspace
+    from fi_ffi.ops.attention.workspace import Workspace
 
     host = np.zeros(64, np.uint8)
     h = Tensor.from_pointer(host.ctypes.data, (64,), "uint8", "cpu", owner=host)
@@ -333,7 +333,7 @@ def test_workspace_buffers_must_not_wrap_the_address_space_or_exceed_int32_sizes
 
 
 def test_workspace_allocate_argument_checks():
-    from fi_ffi.ops.workspace import FLOAT_BYTES, INT_BYTES, PINNED_BYTES, TMP_BYTES, Workspace
+    from fi_ffi.ops.attention.workspace import FLOAT_BYTES, INT_BYTES, PINNED_BYTES, TMP_BYTES, Workspace
 
     assert (FLOAT_BYTES, INT_BYTES, PINNED_BYTES, TMP_BYTES) == (128 << 20, 8 << 20, 8 << 20, 32 << 20)
     with pytest.raises(ValueError, match="pinned_bytes"):
@@ -346,7 +346,7 @@ def test_workspace_allocate_without_a_gpu_is_a_clear_error():
     from cuda.bindings import runtime as rt
 
     from fi_ffi.errors import KernelError
-    from fi_ffi.ops.workspace import Workspace
+    from fi_ffi.ops.attention.workspace import Workspace
 
     if rt.cudaGetDeviceCount()[0] == rt.cudaError_t.cudaSuccess:
         pytest.skip("a GPU is present (covered by the GPU tests)")
@@ -355,7 +355,7 @@ def test_workspace_allocate_without_a_gpu_is_a_clear_error():
 
 
 def test_tmp_bound_is_safe_for_the_launchers_heuristics(monkeypatch):
-    from fi_ffi.ops import workspace as W
+    from fi_ffi.ops.attention import workspace as W
 
     monkeypatch.setitem(W._max_blocks, 0, 132 * 32)
     assert W.tmp_bytes_needed(0, 256, 1, 32, 8, 128, 2, prefill=False) == 0  # no split at <= 256 tokens

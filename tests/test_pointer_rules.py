@@ -2,7 +2,7 @@
 
 The launcher remembers a validated call by its layout (shapes, strides, dtypes, devices, scalars); what an op
 requires of the data pointers themselves (alignment, non-NULL, no forbidden overlap) is returned by its check as
-:class:`~fi_ffi.ops.pointer_rules.PointerRules` and tested on every call, the fast path included. Each scenario
+:class:`~fi_ffi.launch.pointer_rules.PointerRules` and tested on every call, the fast path included. Each scenario
 below is one op call with valid fake ``cuda:0`` descriptors (host memory of their own, never read: with no GPU a
 valid call passes every fi_ffi check, crosses the FFI and stops at the module's first CUDA call) and the rules
 it states. For each rule the test
@@ -21,7 +21,7 @@ table states, and the in-place forms the rules allow): 0 slow-path entries.
 To add an op: one :class:`Scenario` in ``SCENARIOS`` (its tensors, the call, the alignments stricter than each
 dtype's size, the overlaps it forbids, the in-place forms it allows). Below the scenarios, unit tests of the
 mechanism: a check that reads a data pointer fails loudly, a rule naming an unknown parameter is refused, and the
-compiled overlap test agrees with :func:`fi_ffi.ops.aliasing.overlaps` on random views of one buffer.
+compiled overlap test agrees with :func:`fi_ffi.launch.aliasing.overlaps` on random views of one buffer.
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ from test_mla import fake_plan as mla_plan
 import fi_ffi
 from fi_ffi.dtypes import dtype as as_dtype
 from fi_ffi.errors import KernelError, UnsupportedDeviceError
-from fi_ffi.ops import aliasing, decode, norm, prefill
-from fi_ffi.ops import launcher as launcher_module
-from fi_ffi.ops.launcher import compile_launcher
-from fi_ffi.ops.pointer_rules import PointerRules, apart_ok, apart_test, compile_apart
+from fi_ffi.launch import aliasing
+from fi_ffi.launch import launcher as launcher_module
+from fi_ffi.launch.launcher import compile_launcher
+from fi_ffi.launch.pointer_rules import PointerRules, apart_ok, apart_test, compile_apart
+from fi_ffi.ops import norm
+from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.sampling import ROW_STATES_BYTES
 from fi_ffi.tensor import Tensor
 

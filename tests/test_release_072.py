@@ -28,7 +28,8 @@ from test_page import kv_args, mla_args
 import fi_ffi
 from fi_ffi import loader
 from fi_ffi.errors import KernelError
-from fi_ffi.ops import decode, page, prefill
+from fi_ffi.ops import page
+from fi_ffi.ops.attention import decode, prefill
 
 pytestmark = pytest.mark.cpu_only  # fake cuda:0 descriptors over host memory
 

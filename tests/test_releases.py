@@ -23,8 +23,8 @@ from fi_ffi.cli import main
 from fi_ffi.errors import KernelNotFoundError, LockError
 from fi_ffi.loader import lockfile
 from fi_ffi.loader.lockfile import WheelPin
-from fi_ffi.ops import variants as V
-from fi_ffi.ops.variants import Variant
+from fi_ffi.ops.attention import variants as V
+from fi_ffi.ops.attention.variants import Variant
 
 REPO = Path(__file__).resolve().parent.parent
 SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
@@ -338,7 +338,7 @@ def both_releases(
 
 
 def _refresh_variants() -> None:
-    from fi_ffi.ops import variants
+    from fi_ffi.ops.attention import variants
 
     variants._refresh()
 

@@ -14,7 +14,7 @@ from test_norm import assert_reached_the_kernel, fake_cuda
 
 import fi_ffi
 from fi_ffi.errors import KernelError
-from fi_ffi.ops import aliasing
+from fi_ffi.launch import aliasing
 from fi_ffi.tensor import Tensor
 
 pytestmark = pytest.mark.cpu_only

@@ -13,8 +13,8 @@ from test_attention_cpu import assert_reached_the_kernel, fake_cuda, host, works
 
 import fi_ffi
 from fi_ffi.errors import KernelError, KernelNotFoundError
-from fi_ffi.ops import sink as K
-from fi_ffi.ops.plan import Plan
+from fi_ffi.ops.attention import sink as K
+from fi_ffi.ops.attention.plan import Plan
 
 pytestmark = pytest.mark.cpu_only
 H_Q, H_K, D, PAGE = 8, 2, 64, 16

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from fi_ffi import dtypes
 from fi_ffi.errors import KernelNotFoundError, UnsupportedDeviceError
-from fi_ffi.ops import variants as V
-from fi_ffi.ops.variants import Variant
+from fi_ffi.ops.attention import variants as V
+from fi_ffi.ops.attention.variants import Variant
 
 F16, BF16 = dtypes.float16, dtypes.bfloat16
 
@@ -71,7 +71,7 @@ EXPECTED_EXT = {
 }
 
 # Gemma's head_dim 256 modules of the model-family wheel (sliding window + soft cap, bfloat16; FA2 only). Its
-# attention-sink prefill modules are another kind (``batch_prefill_with_attention_sink_*``, fi_ffi.ops.sink).
+# attention-sink prefill modules are another kind (``batch_prefill_with_attention_sink_*``, fi_ffi.ops.attention.sink).
 _BF16_256_SWA_CAP = (
     "dtype_q_bf16_dtype_kv_bf16_dtype_o_bf16_dtype_idx_i32_head_dim_qk_256_head_dim_vo_256_posenc_0_use_swa_True"
     "_use_logits_cap_True"

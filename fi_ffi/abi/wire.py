@@ -28,7 +28,7 @@ The wire types fi_ffi can pass:
 Setup calls (once per communicator, not per step) are packed by :func:`fi_ffi.comm.control.call`; the
 launcher (every per-step call) refuses the last two types.
 
-Nothing here knows byte offsets: :mod:`fi_ffi.ops.launcher` lays out the frame from the declaration.
+Nothing here knows byte offsets: :mod:`fi_ffi.launch.launcher` lays out the frame from the declaration.
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ class Communicator:
         if backend is not None and (not isinstance(backend, str) or backend not in _BACKENDS):
             raise ValueError(f"backend: expected one of {', '.join(_BACKENDS)} or None, got {backend!r}")
         if timeout is not None:
-            from ..ops import checks
+            from ..launch import checks
 
             checks.positive_finite("timeout", timeout)
         loaded = load_backend(backend)  # before the rendezvous: a rank without NCCL fails at once, by itself

@@ -37,9 +37,9 @@ from ..abi.wire import (
     tensor,
 )
 from ..dtypes import DType, bfloat16, float8_e4m3fn, float16, float32, int32, int64
-from ..ops import checks
-from ..ops.launcher import check_tensor, launcher
-from ..ops.pointer_rules import PointerRules
+from ..launch import checks
+from ..launch.launcher import check_tensor, launcher
+from ..launch.pointer_rules import PointerRules
 from . import control
 
 URI = "trtllm_comm"

@@ -25,9 +25,9 @@ from typing import Any
 
 from ..abi.wire import ARRAY, ARRAY_OF_ARRAYS, BOOL, INT, declare, tensor
 from ..dtypes import bfloat16, float16, float32, uint8
-from ..ops import checks
-from ..ops.launcher import check_tensor, launcher
-from ..ops.pointer_rules import PointerRules
+from ..launch import checks
+from ..launch.launcher import check_tensor, launcher
+from ..launch.pointer_rules import PointerRules
 from . import control
 
 URI = "vllm_comm"

@@ -38,7 +38,7 @@ import numpy as np
 
 import fi_ffi
 
-from ..ops import checks
+from ..launch import checks
 from .dense import CUDA_R_32F, Dense, data_type
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
 
@@ -509,6 +509,6 @@ class MoELayer:
 
 
 def _is_sm90(device_id: int) -> bool:
-    from ..ops.variants import sm_major
+    from ..ops.attention.variants import sm_major
 
     return sm_major(device_id) == 9

@@ -60,7 +60,7 @@ class OutOfPagesError(RuntimeError):
 
 def pages_for(tokens: int, page_size: int) -> int:
     """Pages needed to hold ``tokens`` tokens (``tokens >= 0``, ``page_size >= 1``)."""
-    from ..ops import checks
+    from ..launch import checks
 
     tokens = checks.integer("tokens", tokens, 0)
     page_size = checks.integer("page_size", page_size, 1)

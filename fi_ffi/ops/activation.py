@@ -23,10 +23,10 @@ from typing import NoReturn
 
 from ..abi.wire import BOOL, Declaration, declare, tensor
 from ..dtypes import bfloat16, float16
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..typing import StreamLike, TensorLike, TensorT
-from . import checks
-from .launcher import launcher
-from .pointer_rules import PointerRules
 
 _DTYPES = (float16, bfloat16)
 _VECTOR_BYTES = 16

@@ -26,10 +26,10 @@ from typing import Any
 from ..abi.wire import INT, declare, tensor
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, float32, int8, uint8
 from ..dtypes import dtype as dtype_of
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..typing import StreamLike, TensorLike, TensorT
-from . import checks
-from .launcher import launcher
-from .pointer_rules import PointerRules
 
 __all__ = ["WORKSPACE_BYTES", "bmm_fp8"]
 

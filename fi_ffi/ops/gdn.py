@@ -43,13 +43,13 @@ from typing import Any
 from ..abi.wire import FLOAT, declare, optional_tensor, tensor
 from ..dtypes import Device, bfloat16, float16, float32, int64, uint8
 from ..errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
+from ..launch import checks, device
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..streams import stream_handle
 from ..tensor import Tensor
 from ..typing import StreamLike, TensorLike, TensorT
-from . import checks, device
-from .launcher import launcher
-from .pointer_rules import PointerRules
-from .variants import not_shipped
+from .attention.variants import not_shipped
 
 _URI = "gdn_prefill_sm90"
 _DTYPES = (float16, bfloat16)

@@ -40,11 +40,11 @@ from typing import Any
 
 from ..abi.wire import BOOL, INT, declare, optional_tensor, tensor
 from ..dtypes import bfloat16, float16, float32, int32, int64
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
 from ..typing import StreamLike, TensorLike, TensorT
-from . import checks
-from .launcher import launcher
-from .pointer_rules import PointerRules
 
 __all__ = ["selective_state_update"]
 
@@ -300,7 +300,7 @@ def _module(backend: Any, state: Any) -> str:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return module_for(backend, None, 0)
-    from .variants import sm_major
+    from .attention.variants import sm_major
 
     t = checks.tensor("state", state)
     sm = sm_major(t.device.device_id) if t.device.is_cuda else None

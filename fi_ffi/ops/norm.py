@@ -20,10 +20,10 @@ from typing import Any
 
 from ..abi.wire import BOOL, FLOAT, Declaration, Param, declare, tensor
 from ..dtypes import bfloat16, float16
+from ..launch import checks
+from ..launch.launcher import PreparedCall, launcher
+from ..launch.pointer_rules import PointerRules
 from ..typing import StreamLike, TensorLike, TensorT
-from . import checks
-from .launcher import PreparedCall, launcher
-from .pointer_rules import PointerRules
 
 _URI = "norm"
 _DTYPES = (float16, bfloat16)
@@ -197,7 +197,7 @@ _PREPARABLE: dict[Callable[..., Any], tuple[Callable[..., Any], tuple[str, ...]]
 
 
 def prepare(function: Callable[..., Any], *args: Any, **kwargs: Any) -> PreparedCall:
-    """Check and pack one norm call once; the returned :class:`~fi_ffi.ops.launcher.PreparedCall` launches it.
+    """Check and pack one norm call once; the returned :class:`~fi_ffi.launch.launcher.PreparedCall` launches it.
 
     ``function`` is one of this module's ops, ``args``/``kwargs`` exactly what it takes. Calling the result
     launches the kernel again with the same arguments (same buffers, eps, stream) and costs about one FFI

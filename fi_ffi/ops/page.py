@@ -12,7 +12,7 @@ tokens (see :func:`get_seq_lens`). Appended token ``i`` goes to request ``batch_
 What is checked before the kernel is called: ranks, shapes (tokens vs pages vs heads vs head_dim), dtypes,
 int32 index dtypes (the kernel reads every index array as int32 without looking), devices, contiguity,
 alignment and the cache layout. The checks depend only on the arguments' layouts (shape, strides, dtype,
-device) and the cache layout, so the launcher (:mod:`fi_ffi.ops.launcher`) remembers them by value: a runtime
+device) and the cache layout, so the launcher (:mod:`fi_ffi.launch.launcher`) remembers them by value: a runtime
 that passes another cache at every layer (same layout) stays on the fast path. The index arrays live in device
 memory, so their *values* cannot be checked without a device-to-host copy (and a sync): positions past a
 request's pages or page ids past the pool are not detected and corrupt memory. Runtimes that keep host copies
@@ -35,11 +35,11 @@ import numpy as np
 
 from ..abi.wire import INT, declare, tensor
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
 from ..typing import IndexLike, StreamLike, TensorLike
-from . import checks
-from .launcher import launcher
-from .pointer_rules import PointerRules
 
 _URI = "page"
 _CACHE_DTYPES = (float16, bfloat16, float8_e4m3fn, float8_e5m2)

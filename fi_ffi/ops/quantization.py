@@ -31,10 +31,10 @@ import numpy as np
 
 from ..abi.wire import STRING, declare, tensor
 from ..dtypes import bool_, int32, uint8
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..typing import StreamLike, TensorLike, TensorT
-from . import checks
-from .launcher import launcher
-from .pointer_rules import PointerRules
 
 _URI = "quantization"
 _BITORDERS = ("big", "little")

@@ -30,7 +30,7 @@ heads may be strided (q and k may be slices of one fused QKV tensor); data point
 strides multiples of 8 elements; ``rotary_dim`` even, at most head_dim, and a multiple of the elements one
 thread rotates: ``v = max(8, head_dim / 32)`` when interleaved, ``2 v`` otherwise (so both halves start on a
 vector). An output is either its input itself (in place) or shares no memory with any input; this is checked
-on every call (see :mod:`fi_ffi.ops.pointer_rules`).
+on every call (see :mod:`fi_ffi.launch.pointer_rules`).
 
 All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize. Pass the float
 parameters as Python floats (ints are converted), so repeated calls stay on the launcher's fast path.
@@ -44,11 +44,11 @@ from typing import Any
 
 from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor
 from ..dtypes import bfloat16, float16, float32, int32, int64
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
 from ..typing import StreamLike, TensorLike, TensorT
-from . import checks
-from .launcher import launcher
-from .pointer_rules import PointerRules
 
 _URI = "rope"
 _DTYPES = (float16, bfloat16)

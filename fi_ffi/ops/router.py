@@ -27,10 +27,10 @@ from typing import Any
 
 from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor
 from ..dtypes import bfloat16, float16, float32, int32
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..typing import StreamLike, TensorLike, TensorT
-from . import checks
-from .launcher import launcher
-from .pointer_rules import PointerRules
 
 __all__ = ["fused_topk_deepseek", "mm_M1_16_K7168_N128", "mm_M1_16_K7168_N256"]
 

@@ -37,10 +37,10 @@ from typing import Any
 from ..abi.wire import BOOL, FLOAT, INT, Declaration, declare, optional_tensor, scalar, tensor
 from ..dtypes import DType, bfloat16, bool_, float16, float32, int32, int64
 from ..generator import Generator, default_generator, round_up4
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..typing import StreamLike, TensorLike, TensorT
-from . import checks
-from .launcher import launcher
-from .pointer_rules import PointerRules
 
 _URI = "sampling"
 _U64 = 1 << 64

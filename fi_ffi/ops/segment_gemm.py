@@ -18,8 +18,8 @@ leading dimensions); flashinfer-python fills them with a Triton kernel. fi_ffi, 
 host (:func:`segment_gemm_args`: the segment offsets, lengths and weight indices are therefore host int32 arrays
 or lists of ints, not device tensors), writes them into the workspace's page-locked buffer and copies them into
 its int buffer on the call's stream, with the workspace's plan-copy handshake (see
-:mod:`fi_ffi.ops.workspace`): so a segment GEMM makes earlier attention plans of the same workspace stale. Give
-the MoE layer a :class:`~fi_ffi.ops.workspace.Workspace` of its own. The SM90 kernel also keeps its CUTLASS
+:mod:`.attention.workspace`): so a segment GEMM makes earlier attention plans of the same workspace stale. Give
+the MoE layer a :class:`~fi_ffi.ops.attention.workspace.Workspace` of its own. The SM90 kernel also keeps its CUTLASS
 scratch in the float buffer. Empty segments are left out of the argument arrays (the kernels never see a
 zero-row problem); a call whose segments are all empty checks every argument and launches nothing.
 
@@ -50,15 +50,15 @@ import numpy as np
 from .. import driver, producers
 from ..abi.wire import BOOL, declare, tensor
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32, int64, uint8
+from ..launch import checks
+from ..launch.aliasing import disjoint
+from ..launch.launcher import check_tensor, launcher
+from ..launch.pointer_rules import PointerRules
 from ..streams import current_stream, stream_handle
 from ..tensor import Tensor
 from ..typing import IndexLike, StreamLike, TensorLike, TensorT
-from . import checks
-from .aliasing import disjoint
-from .host_index import host_array
-from .launcher import check_tensor, launcher
-from .pointer_rules import PointerRules
-from .workspace import Workspace
+from .attention.host_index import host_array
+from .attention.workspace import Workspace
 
 __all__ = [
     "PreparedSegmentGEMM",
@@ -288,7 +288,7 @@ def segment_gemm(
     """Grouped GEMM over segments of ``x`` (``SegmentGEMMWrapper.run``; see the module docstring).
 
     Args:
-        workspace: a :class:`~fi_ffi.ops.workspace.Workspace` (its int buffer receives the argument arrays, 60
+        workspace: a :class:`~fi_ffi.ops.attention.workspace.Workspace` (its int buffer receives the argument arrays, 60
             bytes per non-empty segment; the float buffer is the SM90 kernel's scratch).
         x: ``[total_rows, d_in]``, float16/bfloat16 (FP8 with ``backend`` sm90), contiguous.
         weights: ``[num_weights, d_out, d_in]`` (column-major) or ``[num_weights, d_in, d_out]``, x's dtype,
@@ -330,7 +330,7 @@ def segment_gemm(
             f"the workspace has {workspace.int_bytes}"
         )
     arrays = _arrays(workspace.int_buffer.data_ptr, offsets, c.args.count, workspace.device)
-    from . import device
+    from ..launch import device
 
     previous = device.make_current(workspace.device.device_id)  # the driver's copy needs the context current
     try:
@@ -542,7 +542,7 @@ def segment_gemm_args_bytes(batch_size: int) -> int:
 def _copy_sync(dst: int, data: bytes, device_id: int) -> None:
     """Copy ``data`` from the host to device address ``dst`` and wait for it (driver ``cuMemcpyHtoD``)."""
     from ..errors import KernelError
-    from . import device
+    from ..launch import device
 
     lib = driver.load()
     if lib is None:
@@ -561,7 +561,7 @@ def _copy_sync(dst: int, data: bytes, device_id: int) -> None:
 
 
 def _indptr(seg_lens: Any, seg_indptr: Any, batch_size: int) -> np.ndarray:
-    from .host_index import check_indptr
+    from .attention.host_index import check_indptr
 
     if seg_indptr is not None and seg_lens is not None:
         raise ValueError("seg_lens: pass seg_lens or seg_indptr, not both (flashinfer-python ignores seg_lens then)")
@@ -590,7 +590,7 @@ def _use_sm90(backend: Any, x: Tensor) -> bool:
         return False
     if backend != "auto":
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    from .variants import sm_major
+    from .attention.variants import sm_major
 
     return x.device.is_cuda and sm_major(x.device.device_id) == 9
 

@@ -22,10 +22,10 @@ from typing import Any
 
 from ..abi.wire import INT, declare, optional_tensor, tensor
 from ..dtypes import bfloat16, float16, float32, int32
+from ..launch import checks
+from ..launch.launcher import launcher
+from ..launch.pointer_rules import PointerRules
 from ..typing import StreamLike, TensorLike, TensorT
-from . import checks
-from .launcher import launcher
-from .pointer_rules import PointerRules
 from .sampling import ROW_STATE_ALIGNMENT, ROW_STATES_BYTES
 
 _URI = "topk"

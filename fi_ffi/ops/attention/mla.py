@@ -1,7 +1,7 @@
 """Multi-head latent attention (DeepSeek MLA) over a paged compressed-KV cache: plan once, run every layer.
 
 - :func:`batch_mla_plan` computes the schedule of a batch (``plan`` of a ``batch_mla_attention_*`` module) on a
-  :class:`~fi_ffi.ops.workspace.Workspace` and returns an :class:`MLAPlan`;
+  :class:`~fi_ffi.ops.attention.workspace.Workspace` and returns an :class:`MLAPlan`;
 - :func:`batch_mla_run` runs the attention with it (``run``), any number of times, until the next plan on the
   same workspace.
 
@@ -34,7 +34,7 @@ tokens, FlashInfer's bottom-right alignment); one-row (decode) requests see ever
 
 Everything is asynchronous on ``stream`` (see :mod:`fi_ffi.streams`); a plan and its runs must use the same
 stream. The only wait is the workspace's: a plan waits for the previous plan's pinned-buffer copy
-(:mod:`fi_ffi.ops.workspace`).
+(:mod:`fi_ffi.ops.attention.workspace`).
 """
 
 from __future__ import annotations
@@ -44,21 +44,21 @@ from typing import Any
 
 import numpy as np
 
-from .. import caches
-from ..abi.objects import Array
-from ..abi.wire import ARRAY, BOOL, FLOAT, INT, Param, declare, optional_tensor, scalar, tensor
-from ..dtypes import DType, bfloat16, float8_e4m3fn, float8_e5m2, float16, float32, int32
-from ..dtypes import dtype as to_dtype
-from ..errors import KernelError, UnsupportedDeviceError
-from ..streams import current_stream, stream_handle
-from ..tensor import Tensor
-from ..typing import IndexLike, StreamLike, TensorLike, TensorT
-from . import checks
+from ... import caches
+from ...abi.objects import Array
+from ...abi.wire import ARRAY, BOOL, FLOAT, INT, Param, declare, optional_tensor, scalar, tensor
+from ...dtypes import DType, bfloat16, float8_e4m3fn, float8_e5m2, float16, float32, int32
+from ...dtypes import dtype as to_dtype
+from ...errors import KernelError, UnsupportedDeviceError
+from ...launch import checks
+from ...launch.launcher import launcher
+from ...launch.pointer_rules import PointerRules
+from ...streams import current_stream, stream_handle
+from ...tensor import Tensor
+from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import variants as V
 from .host_index import check_indptr, host_array, host_tensor
-from .launcher import launcher
 from .plan import Schedule
-from .pointer_rules import PointerRules
 from .workspace import Workspace, _DeviceScope, _rt
 from .workspace import _check as _check_cuda
 
@@ -191,7 +191,7 @@ class MLAPlan(Schedule):
     """The schedule of one MLA batch (what :func:`batch_mla_plan` returns) and what its runs must match.
 
     Attributes:
-        workspace: the :class:`~fi_ffi.ops.workspace.Workspace` the schedule lives in.
+        workspace: the :class:`~fi_ffi.ops.attention.workspace.Workspace` the schedule lives in.
         batch_size: requests; ``num_rows``: query rows (``qo_indptr[-1]``); ``kv_extent``: pages in the page table
             (``kv_indptr[-1]``).
         staged_bytes: bytes of the page-locked buffer the plan staged (0.7.x modules report it; None on 0.6.x).
@@ -201,7 +201,7 @@ class MLAPlan(Schedule):
     Ownership: the schedule (an ``Array<int>``) is released once, by :meth:`release` (idempotent; a ``with`` exit
     calls it) or when the plan is garbage-collected. A plan is reusable for any number of runs until the next
     plan on its workspace overwrites the schedule: from then on it is :attr:`stale` and running it is a
-    ValueError (the workspace's generation counter, the rule of :class:`~fi_ffi.ops.plan.Plan`).
+    ValueError (the workspace's generation counter, the rule of :class:`~fi_ffi.ops.attention.plan.Plan`).
     """
 
     __slots__ = ("staged_bytes",)
@@ -262,7 +262,7 @@ def batch_mla_plan(
     """Plan an MLA batch over a paged cache (``BatchMLAPagedAttentionWrapper.plan`` of flashinfer-python).
 
     Args:
-        workspace: the :class:`~fi_ffi.ops.workspace.Workspace` of this plan and its runs (128 MiB float buffer
+        workspace: the :class:`~.workspace.Workspace` of this plan and its runs (128 MiB float buffer
             is plenty: the plan needs about ``4 * SMs * 128 * (2 * head_dim_ckv + 4)`` bytes of it).
         qo_indptr: **host** int32 ``[batch + 1]``: request ``b``'s query rows are ``qo_indptr[b]:qo_indptr[b+1]``
             (``[0, 1, ..., batch]`` for decode). Numpy array, host descriptor or list; starts at 0,
@@ -291,7 +291,7 @@ def batch_mla_plan(
     """
     if type(workspace) is not Workspace:
         raise TypeError(
-            f"workspace: expected a fi_ffi.ops.workspace.Workspace (Workspace.allocate() or "
+            f"workspace: expected a fi_ffi.Workspace (Workspace.allocate() or "
             f"Workspace.from_buffers()), got {type(workspace).__name__}"
         )
     st = _settings(
@@ -318,7 +318,7 @@ def batch_mla_plan(
 def _plan_on(
     ws: Workspace, st: _Settings, handle: int, qo: np.ndarray, kv: np.ndarray, lens: np.ndarray, stream: Any
 ) -> tuple[Array, int | None, int]:
-    """Call the plan on ``ws`` under the workspace's two rules (see :mod:`fi_ffi.ops.workspace`): wait for the
+    """Call the plan on ``ws`` under the workspace's two rules (see :mod:`fi_ffi.ops.attention.workspace`): wait for the
     previous plan's pinned-buffer copy, make every earlier plan stale, call, record this plan's copy event.
 
     Returns (schedule, staged bytes or None, the workspace generation of this plan).

@@ -16,7 +16,7 @@ Contract (checked before the kernel): ``v`` tensors float16 or bfloat16 with hea
 contiguous (the kernel uses no strides), 16-byte aligned; ``s`` tensors float32 and contiguous; matching
 shapes; at least one row, head and state. The kernels declare their pointers ``__restrict__``: outputs share no
 memory with inputs (``merge_state_in_place`` is the in-place form); checked on the first call of each layout
-combination (see :mod:`fi_ffi.ops.aliasing`). fi_ffi allocates nothing: pass the outputs.
+combination (see :mod:`fi_ffi.launch.aliasing`). fi_ffi allocates nothing: pass the outputs.
 
 All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize.
 """
@@ -26,13 +26,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import NoReturn
 
-from ..abi.wire import declare, optional_tensor, tensor
-from ..dtypes import bfloat16, bool_, float16, float32, uint8
-from ..tensor import Tensor
-from ..typing import StreamLike, TensorLike, TensorT
-from . import checks
-from .launcher import launcher
-from .pointer_rules import PointerRules
+from ...abi.wire import declare, optional_tensor, tensor
+from ...dtypes import bfloat16, bool_, float16, float32, uint8
+from ...launch import checks
+from ...launch.launcher import launcher
+from ...launch.pointer_rules import PointerRules
+from ...tensor import Tensor
+from ...typing import StreamLike, TensorLike, TensorT
 
 _URI = "cascade"
 _DTYPES = (float16, bfloat16)

@@ -4,7 +4,7 @@ Batch prefill and batch decode ``plan`` calls compute a schedule on the host, wr
 page-locked buffer and enqueue an asynchronous copy of it into the int workspace (``cudaMemcpyAsync`` on
 the plan's stream, never synchronized). ``run`` calls read the schedule from the int workspace and keep
 split-KV partial results in the float workspace. So a plan and the runs that use it must share one
-:class:`Workspace` (a :class:`~fi_ffi.ops.plan.Plan` carries its workspace, so they always do) and be issued
+:class:`Workspace` (a :class:`~fi_ffi.ops.attention.plan.Plan` carries its workspace, so they always do) and be issued
 on one stream.
 
 Sizes (FlashInfer 0.6.3 defaults, ``flashinfer/decode.py`` and ``flashinfer/prefill.py`` wrappers):
@@ -35,12 +35,12 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .. import driver
-from ..dtypes import Device
-from ..tensor import Tensor
-from ..typing import TensorLike
-from . import checks
-from .aliasing import disjoint
+from ... import driver
+from ...dtypes import Device
+from ...launch import checks
+from ...launch.aliasing import disjoint
+from ...tensor import Tensor
+from ...typing import TensorLike
 
 FLOAT_BYTES = 128 << 20
 INT_BYTES = 8 << 20
@@ -73,14 +73,14 @@ def _driver() -> Any:
     """libcuda for the event calls; a KernelError where it cannot be used."""
     lib = driver.load()
     if lib is None:
-        from ..errors import KernelError
+        from ...errors import KernelError
 
         raise KernelError("RuntimeError", "cannot use the CUDA driver (libcuda.so.1)", function="cuEventRecord")
     return lib
 
 
 def _driver_error(err: int, what: str) -> None:
-    from ..errors import KernelError
+    from ...errors import KernelError
 
     raise KernelError("RuntimeError", f"{what} failed: {driver.error_name(err)}", function=what)
 
@@ -88,7 +88,7 @@ def _driver_error(err: int, what: str) -> None:
 def _check(err: Any, what: str) -> None:
     rt = _rt()
     if err != rt.cudaError_t.cudaSuccess:
-        from ..errors import KernelError
+        from ...errors import KernelError
 
         _, name = rt.cudaGetErrorName(err)
         _, text = rt.cudaGetErrorString(err)
@@ -352,7 +352,7 @@ def _free(owned: list[tuple[str, int]], device_id: int) -> None:
 
 def current_stream(device: Device) -> int:
     """TVM-FFI's current stream of ``device`` on this thread (0: the legacy default stream)."""
-    from ..streams import current_stream as current
+    from ...streams import current_stream as current
 
     return current(device.device_id)
 

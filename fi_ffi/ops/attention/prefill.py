@@ -16,11 +16,11 @@ by the mask: all (non-causal), ``j <= i + kv_len - qo_len`` (causal, aligned to 
 the bits of a custom mask (row-major ``qo_len x kv_len`` bits per request, little bit order: bit ``i *
 kv_len + j`` at byte ``(i * kv_len + j) // 8``, bit ``(i * kv_len + j) % 8``; :func:`pack_custom_mask`
 builds it). ``window_left >= 0`` further keeps ``j >= i + kv_len - qo_len - window_left``; soft-capping
-as in :mod:`fi_ffi.ops.decode`. ``lse`` (optional, float32) is the base-2 log-sum-exp of the scaled logits.
+as in :mod:`fi_ffi.ops.attention.decode`. ``lse`` (optional, float32) is the base-2 log-sum-exp of the scaled logits.
 
 Everything is asynchronous on ``stream``; plan and run must use the same stream (see
-:mod:`fi_ffi.ops.workspace` for the one documented wait). Every kernel call goes through a launcher
-(:mod:`fi_ffi.ops.launcher`) of the declarations below (FA2 and FA3 modules take different argument lists).
+:mod:`fi_ffi.ops.attention.workspace` for the one documented wait). Every kernel call goes through a launcher
+(:mod:`fi_ffi.launch.launcher`) of the declarations below (FA2 and FA3 modules take different argument lists).
 """
 
 from __future__ import annotations
@@ -32,21 +32,21 @@ from typing import Any
 
 import numpy as np
 
-from .. import caches
-from ..abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
-from ..dtypes import int32, uint8
-from ..tensor import Tensor
-from ..typing import IndexLike, StreamLike, TensorLike, TensorT
+from ... import caches
+from ...abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
+from ...dtypes import int32, uint8
+from ...launch import checks
+from ...launch.launcher import launcher
+from ...launch.pointer_rules import PointerRules
+from ...tensor import Tensor
+from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
-from . import checks
 from . import plan_settings as S
 from .decode import _check_tmp, _module_dtype, _workspace, alibi_required, empty, extent, layout_key, variant_uri
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
-from .launcher import launcher
 from .plan import Plan
 from .plan_call import call_plan
 from .plan_settings import LAYOUTS, MASK_CAUSAL, MASK_CUSTOM, MASK_NONE, PlanSettings
-from .pointer_rules import PointerRules
 from .variants import BATCH_PREFILL, SINGLE_PREFILL, Variant, choose_prefill
 from .workspace import Workspace
 
@@ -265,7 +265,7 @@ def pack_custom_mask_device(
     Returns:
         ``(out, output_indptr)``, as passed. Asynchronous: nothing is copied back.
     """
-    from .quantization import segment_packbits
+    from ..quantization import segment_packbits
 
     try:
         return segment_packbits(mask, indptr, "little", output_indptr=output_indptr, out=out, stream=stream)
@@ -497,7 +497,7 @@ def batch_prefill_ragged_plan(
     """Plan batch prefill over ragged K/V: request ``i``'s keys are rows ``kv_indptr[i]:kv_indptr[i+1]``.
 
     Args:
-        workspace: the :class:`~fi_ffi.ops.workspace.Workspace` of this plan and its runs.
+        workspace: the :class:`~fi_ffi.ops.attention.workspace.Workspace` of this plan and its runs.
         qo_indptr: host int32 ``[batch + 1]``: request ``i``'s query rows are ``qo_indptr[i]:qo_indptr[i+1]``.
         kv_indptr: host int32 ``[batch + 1]``, in tokens.
         num_qo_heads, num_kv_heads: heads (``num_qo_heads`` a multiple of ``num_kv_heads``).
@@ -771,7 +771,7 @@ def _check_alibi(s: PlanSettings, alibi_slopes: Any, device: Any) -> None:
 def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
     """Validate the settings arguments of the batch prefill plans (see ``_plan``'s callers) into a PlanSettings.
 
-    The backend is chosen here (see :func:`fi_ffi.ops.variants.choose_prefill`).
+    The backend is chosen here (see :func:`fi_ffi.ops.attention.variants.choose_prefill`).
     """
     (
         num_qo_heads,

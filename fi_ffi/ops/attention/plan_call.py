@@ -1,7 +1,7 @@
 """Calling a module's ``plan`` entry point on a workspace: the pinned-buffer handshake around one launch.
 
 A plan call writes the schedule into the workspace's page-locked buffer and enqueues its copy into the int
-workspace on the plan's stream (see :mod:`fi_ffi.ops.workspace`). :func:`call_plan` does, under the
+workspace on the plan's stream (see :mod:`fi_ffi.ops.attention.workspace`). :func:`call_plan` does, under the
 workspace's lock: wait for the previous plan's copy (only if one is still pending), mark earlier plans stale
 (the generation counter), launch, record the copy's event. Nothing else: the arguments were checked before.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..abi.objects import Array
-from ..dtypes import CUDA
-from ..errors import KernelError
-from ..streams import stream_handle
+from ...abi.objects import Array
+from ...dtypes import CUDA
+from ...errors import KernelError
+from ...streams import stream_handle
 from .workspace import Workspace
 
 __all__ = ["call_plan"]
@@ -53,6 +53,6 @@ _get_stream: Any = None
 
 def _bind() -> None:
     global _get_stream
-    from ..abi.runtime import api
+    from ...abi.runtime import api
 
     _get_stream = api().TVMFFIEnvGetStream

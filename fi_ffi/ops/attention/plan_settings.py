@@ -17,10 +17,10 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from .. import caches
-from ..dtypes import DType
-from ..dtypes import dtype as to_dtype
-from . import checks
+from ... import caches
+from ...dtypes import DType
+from ...dtypes import dtype as to_dtype
+from ...launch import checks
 from .variants import POS_ENCODINGS
 
 __all__ = ["LAYOUTS", "MASK_CAUSAL", "MASK_CUSTOM", "MASK_NONE", "PlanSettings", "cached"]

@@ -3,7 +3,7 @@
 flashinfer-python's ``BatchAttentionWithAttentionSinkWrapper`` (``.plan`` / ``.run``); modules
 ``batch_prefill_with_attention_sink_kv_cache_dtype_q_{d}_dtype_kv_{d}_dtype_o_{d}_dtype_idx_i32_head_dim_qk_{h}_
 head_dim_vo_{h}_use_swa_{False,True}_`` (FA2) and the same with ``_sm90`` (FA3). The plan entry points are the
-batch prefill ones (same argument lists as :mod:`fi_ffi.ops.prefill`'s); the runs end with the per-head ``sink``
+batch prefill ones (same argument lists as :mod:`.prefill`'s); the runs end with the per-head ``sink``
 (a float32 device tensor passed as a TVM-FFI Tensor made for the call) and ``sm_scale``.
 
 Math, per request, query row ``i`` and head ``h`` (KV head ``h // group``), in float32: the logits
@@ -17,7 +17,7 @@ and contributes no value: a head may put its attention "nowhere". ``window_left 
 ``use_swa_True`` module. No custom mask, positional encoding or soft cap (the modules have none).
 
 ``backend="auto"`` picks FA3 on an SM 9.x GPU when the ``_sm90`` module is pinned, else FA2. Plans are values as in
-:mod:`fi_ffi.ops.prefill`: a later plan on the same workspace makes this one stale, and plan and runs share one
+:mod:`.prefill`: a later plan on the same workspace makes this one stale, and plan and runs share one
 stream. Outputs (``out``, ``lse``) must not overlap the inputs (the launcher refuses overlapping outputs; the
 kernels read q/k/v/sink while writing ``out``).
 """
@@ -28,20 +28,20 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from ..abi.wire import ARRAY, FFI_TENSOR, FLOAT, Param, declare
-from ..dtypes import DType
-from ..errors import KernelNotFoundError, UnsupportedDeviceError
-from ..typing import IndexLike, StreamLike, TensorLike, TensorT
+from ...abi.wire import ARRAY, FFI_TENSOR, FLOAT, Param, declare
+from ...dtypes import DType
+from ...errors import KernelNotFoundError, UnsupportedDeviceError
+from ...launch import checks
+from ...launch.launcher import launcher
+from ...launch.pointer_rules import PointerRules
+from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
-from . import checks
 from . import plan_settings as S
 from .decode import _workspace, extent
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
-from .launcher import launcher
 from .plan import Plan
 from .plan_call import call_plan
 from .plan_settings import MASK_CAUSAL, MASK_NONE, PlanSettings
-from .pointer_rules import PointerRules
 from .prefill import _PAGED_KV, _RAGGED_KV, _RUN_HEAD, _RUN_MID, FA2_PLAN, FA3_PLAN, _check_paged, _check_ragged
 from .workspace import Workspace
 
@@ -239,7 +239,7 @@ def batch_attention_sink_plan(
     """Plan attention with sinks over a paged KV cache (``BatchAttentionWithAttentionSinkWrapper.plan``).
 
     Args:
-        workspace: the :class:`~fi_ffi.ops.workspace.Workspace` of this plan and its runs.
+        workspace: the :class:`~fi_ffi.ops.attention.workspace.Workspace` of this plan and its runs.
         qo_indptr: host int32 ``[batch + 1]`` query rows per request (decode: ``[0, 1, 2, ...]``).
         kv_indptr: host int32 ``[batch + 1]`` in pages; kv_last_page_len: host int32 ``[batch]``.
         num_qo_heads, num_kv_heads, head_dim, page_size: the problem (q/kv/o share ``q_dtype``).

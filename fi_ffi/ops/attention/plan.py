@@ -1,7 +1,7 @@
 """The Plan object: a module's schedule for one batch, and what its runs must agree with.
 
 A :class:`Plan` owns the ``Array<int>`` a module's ``plan`` entry point returned (the schedule's offsets into
-the int workspace) and refers to its :class:`~fi_ffi.ops.plan_settings.PlanSettings` (module, heads, head dims,
+the int workspace) and refers to its :class:`~.plan_settings.PlanSettings` (module, heads, head dims,
 page size, KV layout, dtypes, mask mode, window, soft cap, scales), its workspace, and its per-batch sizes. A
 run with tensors that disagree is a ValueError/TypeError raised before the kernel is called, never a wrong
 answer.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..abi.objects import ARRAY, Array
+from ...abi.objects import ARRAY, Array
 from .plan_settings import PlanSettings
 
 __all__ = ["Plan", "PlanSettings", "Schedule"]
@@ -100,7 +100,7 @@ class Plan(Schedule):
 
     Per plan: ``workspace``, ``batch_size``, ``num_rows`` (query rows, ``qo_indptr[-1]``; the batch size for
     decode), ``kv_extent`` (``kv_indptr[-1]``: pages, or tokens for ragged). Shared with every plan of the same
-    settings (:class:`~fi_ffi.ops.plan_settings.PlanSettings`, read through the plan): ``kind``
+    settings (:class:`~fi_ffi.ops.attention.plan_settings.PlanSettings`, read through the plan): ``kind``
     (``"batch_decode"`` / ``"batch_prefill"``), ``mode`` (``"paged"`` / ``"ragged"``), ``variant``, ``uri``,
     ``backend``, ``device_id``, ``num_qo_heads``, ``num_kv_heads``, ``head_dim_qk``, ``head_dim_vo``,
     ``page_size``, ``kv_layout``, ``dtype_q``, ``dtype_kv``, ``dtype_o``, ``mask_mode``, ``window_left``,

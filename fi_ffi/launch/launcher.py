@@ -13,7 +13,7 @@ How a call runs:
 2. **Look up.** The tuple of keys (plus ``context``, a hashable value the op adds, e.g. its plan settings)
    is looked up in this thread's frame cache. A hit is a layout combination that passed every check before:
    the cache holds the packed frame image for it (argument slots and one ``DLTensor`` record per tensor
-   parameter, owned by the frame), plus that layout's pointer rules (:mod:`fi_ffi.ops.pointer_rules`).
+   parameter, owned by the frame), plus that layout's pointer rules (:mod:`fi_ffi.launch.pointer_rules`).
 3. **Test the pointers**, every call: each against its alignment mask (one test of all pointers against the
    union of the masks first), non-NULL unless its tensor is empty, no high bits (the slow path checks such an
    address range does not wrap), and the op's overlap rules (a few integer comparisons per rule). A pointer
@@ -29,7 +29,7 @@ producer) takes the **slow path**: each argument is described and checked with m
 (:func:`fi_ffi.as_tensor`, generic checks below, then the op's own ``check``), the image is built and
 remembered, and the call proceeds. The op's check sees the arguments without their addresses, because its
 verdict is remembered per layout: what it requires of addresses it returns as
-:class:`~fi_ffi.ops.pointer_rules.PointerRules`, which step 3 tests. ``launch.launcher.slow_calls`` counts
+:class:`~fi_ffi.launch.pointer_rules.PointerRules`, which step 3 tests. ``launch.launcher.slow_calls`` counts
 slow-path entries (tests use it to prove a loop stays on the fast path).
 
 What is kept: per thread and entry point, one frame and a bounded dict from layout keys (values: ints,

@@ -8,7 +8,7 @@ another tensor's) makes threads read what other threads already wrote, and the r
 The test works on byte ranges of each tensor, refined row by row for views of one buffer with a common row
 stride (q and k of a fused QKV tensor do not overlap): conservative otherwise, and cheap. The geometry depends on
 layouts only, so the launcher computes it once per layout combination and tests each call's pointers against it
-(:mod:`fi_ffi.ops.pointer_rules`); the raising functions below give the slow path its messages.
+(:mod:`fi_ffi.launch.pointer_rules`); the raising functions below give the slow path its messages.
 """
 
 from __future__ import annotations

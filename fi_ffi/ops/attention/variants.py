@@ -26,9 +26,9 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .. import dtypes as _dt
-from ..dtypes import DType
-from ..errors import KernelNotFoundError
+from ... import dtypes as _dt
+from ...dtypes import DType
+from ...errors import KernelNotFoundError
 
 SINGLE_PREFILL = "single_prefill"
 BATCH_PREFILL = "batch_prefill"
@@ -384,8 +384,8 @@ def _state() -> _Pinned:
         with _lock:
             found = _pinned
             if found is None:
-                from .. import loader
-                from ..loader.lockfile import release_key
+                from ... import loader
+                from ...loader.lockfile import release_key
 
                 sources = loader.module_sources()
                 kernels = loader.selection().kernels
@@ -413,9 +413,9 @@ def release_of(uri: str) -> str:
 
 def pinned_releases() -> list[str]:
     """The FlashInfer releases the selected kernel wheels record, oldest first (best effort: [] on a lock error)."""
-    from .. import loader
-    from ..errors import LoaderError
-    from ..loader.lockfile import release_key
+    from ... import loader
+    from ...errors import LoaderError
+    from ...loader.lockfile import release_key
 
     try:
         kernels = loader.selection().kernels
@@ -602,7 +602,7 @@ def choose_prefill(base: Variant, backend: str, device_id: int, custom_mask: boo
     ``_sm90`` variant, else FA2. A forced ``fa3`` on an ineligible problem is a ValueError, on a device known
     not to be SM 9.x an UnsupportedDeviceError, and a missing module a KernelNotFoundError.
     """
-    from ..errors import UnsupportedDeviceError
+    from ...errors import UnsupportedDeviceError
 
     if backend not in ("auto", "fa2", "fa3"):
         raise ValueError(f"backend: expected 'auto', 'fa2' or 'fa3', got {backend!r}")

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import caches
-from ..tensor import Tensor
+from ... import caches
+from ...tensor import Tensor
 
 __all__ = ["check_indptr", "check_last_page_len", "host_array", "host_tensor"]
 
@@ -55,7 +55,7 @@ def host_array(name: str, value: Any) -> np.ndarray:
     if isinstance(value, (list, tuple)):
         return _from_ints(name, value)
     if hasattr(value, "__dlpack__") or hasattr(value, "__array_interface__"):
-        from . import checks
+        from ...launch import checks
 
         return _from_descriptor(name, checks.tensor(name, value))
     raise TypeError(
@@ -88,7 +88,7 @@ def _from_descriptor(name: str, t: Tensor) -> np.ndarray:
         return np.zeros(0, np.int32)
     if not t.data_ptr:
         raise ValueError(f"{name}: data pointer is NULL")
-    from ..abi.cdefs import get_ffi
+    from ...abi.cdefs import get_ffi
 
     ffi = get_ffi()
     return np.frombuffer(ffi.buffer(ffi.cast("char*", t.data_ptr), t.shape[0] * 4), dtype=np.int32)
@@ -204,7 +204,7 @@ _UINTPTR: Any = None
 
 def _bind() -> None:
     global _address, _from_buffer, _UINTPTR
-    from ..abi.cdefs import get_ffi
+    from ...abi.cdefs import get_ffi
 
     ffi = get_ffi()
     _UINTPTR, _from_buffer, _address = ffi.typeof("uintptr_t"), ffi.from_buffer, ffi.cast

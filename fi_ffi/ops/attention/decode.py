@@ -3,7 +3,7 @@
 - :func:`single_decode`: one request, contiguous K/V (``single_decode_with_kv_cache_*`` ``run``).
 - :func:`batch_decode_plan` then :func:`batch_decode_run`: a batch over a paged KV cache
   (``batch_decode_with_kv_cache_*`` ``plan`` / ``run``). A runtime plans once per step (the page table
-  changed) and runs every layer with the same :class:`~fi_ffi.ops.plan.Plan`.
+  changed) and runs every layer with the same :class:`~fi_ffi.ops.attention.plan.Plan`.
 
 Math, per request and query head ``h`` (KV head ``h // (num_qo_heads / num_kv_heads)``), in float32:
 ``o[h] = softmax(sm_scale * q[h] . K^T) V`` over the request's ``kv_len`` cached tokens; ``lse[h]`` (optional)
@@ -13,11 +13,11 @@ tokens. RoPE and ALiBi apply only with modules compiled for them (``pos_encoding
 (``kv_dtype="float8_e4m3fn"``) is read by the modules built for it (q and o stay float16/bfloat16).
 
 Everything is asynchronous on ``stream`` (see :mod:`fi_ffi.streams`); nothing synchronizes except the one
-documented wait in :mod:`fi_ffi.ops.workspace` (a plan waits for the previous plan's pinned-buffer copy).
+documented wait in :mod:`fi_ffi.ops.attention.workspace` (a plan waits for the previous plan's pinned-buffer copy).
 Plan and run must use the same stream. The decode kernels support GQA group sizes 1, 2, 3, 4 and 8, and
 equal q/k and v/o head dims.
 
-Every kernel call goes through a launcher (:mod:`fi_ffi.ops.launcher`) of the declarations below; a run's
+Every kernel call goes through a launcher (:mod:`fi_ffi.launch.launcher`) of the declarations below; a run's
 tensors are checked once per layout combination and plan settings (the launcher's ``context``).
 """
 
@@ -28,21 +28,21 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
-from .. import caches
-from ..abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
-from ..dtypes import DType, int32, uint8
-from ..producers import _readers, reader
-from ..tensor import Tensor
-from ..typing import IndexLike, StreamLike, TensorLike, TensorT
+from ... import caches
+from ...abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
+from ...dtypes import DType, int32, uint8
+from ...launch import checks
+from ...launch.launcher import launcher
+from ...launch.pointer_rules import PointerRules
+from ...producers import _readers, reader
+from ...tensor import Tensor
+from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
-from . import checks
 from . import plan_settings as S
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
-from .launcher import launcher
 from .plan import Plan
 from .plan_call import call_plan
 from .plan_settings import LAYOUTS, PlanSettings
-from .pointer_rules import PointerRules
 from .variants import BATCH_DECODE, SINGLE_DECODE, Variant, resolve
 from .workspace import Workspace, tmp_bytes_needed
 
@@ -196,10 +196,10 @@ def batch_decode_plan(
     enable_cuda_graph: bool = False,
     stream: StreamLike = None,
 ) -> Plan:
-    """Plan a batch decode step over a paged KV cache; returns the :class:`~fi_ffi.ops.plan.Plan` runs use.
+    """Plan a batch decode step over a paged KV cache; returns the :class:`~fi_ffi.ops.attention.plan.Plan` runs use.
 
     Args:
-        workspace: the :class:`~fi_ffi.ops.workspace.Workspace` this plan and its runs use.
+        workspace: the :class:`~fi_ffi.ops.attention.workspace.Workspace` this plan and its runs use.
         kv_indptr: **host** int32 ``[batch + 1]``: request ``i`` owns pages ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]``.
             A numpy int32 array (used without a copy), a host descriptor, or a list of ints. Starts at 0,
             non-decreasing.
@@ -279,7 +279,7 @@ def batch_decode_plan(
 def _workspace(value: Any) -> Workspace:
     if not isinstance(value, Workspace):
         raise TypeError(
-            f"workspace: expected a fi_ffi.ops.workspace.Workspace (Workspace.allocate() or "
+            f"workspace: expected a fi_ffi.Workspace (Workspace.allocate() or "
             f"Workspace.from_buffers()), got {type(value).__name__}"
         )
     return value
@@ -491,7 +491,7 @@ def single_decode(
             one dtype.
         out: ``[num_qo_heads, head_dim]``, contiguous; its dtype selects the module (usually q's).
         tmp: uint8 1-D device scratch for splitting long KV across CTAs (upstream uses 32 MiB,
-            :data:`~fi_ffi.ops.workspace.TMP_BYTES`; a workspace's ``float_buffer`` serves on the same stream).
+            :data:`~.workspace.TMP_BYTES`; a workspace's ``float_buffer`` serves on the same stream).
             None: never split (slower for long ``kv_len``, no scratch). A scratch smaller than the split may
             need is a ValueError stating the bytes.
         lse: optional float32 ``[num_qo_heads]``.

@@ -3,7 +3,7 @@
 Each check raises ``TypeError`` (wrong kind of value, wrong dtype) or ``ValueError`` (wrong shape, device,
 strides, out-of-range scalar) with a message that starts with the argument's name and says what was expected
 and what was given. Checks run inside an op's launcher check see no addresses (its verdict is cached per
-layout): what they require of a data pointer goes into a :class:`~fi_ffi.ops.pointer_rules.PointerRules`, which
+layout): what they require of a data pointer goes into a :class:`~fi_ffi.launch.pointer_rules.PointerRules`, which
 the launcher tests on every call. NULL pointers of non-empty tensors are refused by the launcher for every
 tensor; :func:`not_null` is for descriptors used outside a launcher (host reads, workspace buffers).
 """

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..dtypes import DType
-from ..tensor import Tensor
-from .pointer_rules import PointerRules
+from ...dtypes import DType
+from ...launch.pointer_rules import PointerRules
+from ...tensor import Tensor
 
 __all__ = [
     "device_tensor",

@@ -206,7 +206,7 @@ class _HiddenAddress:
     def _refuse(self, *args: Any) -> Any:
         raise RuntimeError(
             "an op's check read a data pointer; its verdict is cached per layout, so address requirements must be "
-            "returned as PointerRules (fi_ffi.ops.pointer_rules) and are then tested on every call"
+            "returned as PointerRules (fi_ffi.launch.pointer_rules) and are then tested on every call"
         )
 
     __bool__ = __int__ = __index__ = __hash__ = __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse

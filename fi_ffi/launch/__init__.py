@@ -1,0 +1,12 @@
+"""The calling engine: how one kernel call is described, checked and made. ``fi_ffi.ops`` and ``fi_ffi.comm`` stand
+on it; it imports neither.
+
+- :mod:`.kernels`: a declaration bound to the entry point of its module (once per module and name).
+- :mod:`.launcher`: from a declaration, a generated straight-line function that reads the arguments, looks up
+  the layout cache, tests the pointers and calls.
+- :mod:`.pointer_rules`: what a cached verdict requires of the addresses (alignment, disjoint outputs), tested on
+  every call.
+- :mod:`.aliasing`: the byte-range overlap test under those rules.
+- :mod:`.checks`: the generic argument checks the ops' ``check`` functions are written with.
+- :mod:`.device`: the properties of a CUDA device a kernel's launch depends on (compute capability, SM count).
+"""
