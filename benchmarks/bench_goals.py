@@ -17,10 +17,10 @@ Rows (contenders of one table are timed in interleaved rounds, best round kept; 
 5. the same engine prefilling one 2048-token prompt: host share of the wall time (time to issue every kernel,
    up to the one synchronization, over the wall time of the prefill).
 
-``--before DIR``: also run this script against the fi_ffi package found in DIR (e.g. an older commit's
-``git archive <rev> fi_ffi | tar -x -C DIR``) in a subprocess, before and after this process's own rounds
-(``--before-runs 1``: after only), and print both tables side by side (per metric, the better run of the old
-package).
+``--before DIR``: also run this script against the fi_ffi package found in DIR (an older commit's
+``git archive <rev> fi_ffi wheels.lock | tar -x -C DIR``: ``fi_ffi/wheels.lock`` links to the top-level file)
+in a subprocess, before and after this process's own rounds (``--before-runs 1``: after only), and print both
+tables side by side (per metric, the better run of the old package).
 """
 
 from __future__ import annotations
@@ -323,6 +323,9 @@ def before(args: argparse.Namespace) -> dict[str, Any] | None:
         if done.returncode:
             print(f"the old package's run failed ({done.returncode}):\n{done.stdout[-3000:]}")
             return None
+        for line in done.stdout.splitlines():  # its contenders that could not run, and why
+            if "unavailable" in line:
+                print(f"before: {line[:300]}")
         return json.loads(Path(fh.name).read_text())  # type: ignore[no-any-return]
 
 

@@ -224,3 +224,16 @@ def test_a_module_with_another_argument_list_is_a_loader_error(kernel_modules: l
     x, w, out = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(LoaderError, match=r"module 'norm', entry point 'rmsnorm': its signature does not match"):
         launch(out, x, w, None, 1e-6, False)
+
+
+def test_a_given_stream_that_is_current_already_is_called_on_directly(kernel_modules: list[str]) -> None:
+    # issue 21: inside stream_scope(s), a call given stream=s finds s current and calls straight from the generated
+    # code; a call given another stream still sets it for the call and restores s afterwards, also on error
+    x, w, out = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
+    with fi_ffi.stream_scope(0x40):
+        for _ in range(2):
+            reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out, stream=0x40))
+            assert fi_ffi.current_stream(0) == 0x40
+        reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out, stream=0x50))
+        assert fi_ffi.current_stream(0) == 0x40
+    assert "_get_stream(2, _e.device_id)" in norm._rmsnorm.source  # type: ignore[attr-defined]
