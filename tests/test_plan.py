@@ -437,3 +437,26 @@ def test_plan_copy_event_errors_are_kernel_errors(monkeypatch, query, sync, reco
         ws._record_plan_copy(7)
         ws._wait_previous_plan_copy()
     ws._event = None
+
+
+# ------------------------------------------------------------------------------------------ PlanSettings
+
+
+def test_plan_settings_is_a_frozen_value_with_derived_fields():
+    import dataclasses
+
+    from fi_ffi.ops.attention.plan_settings import PlanSettings
+
+    a = PlanSettings(kind="batch_prefill", num_qo_heads=8, kv_layout="HND", rope_scale=2.0, rope_theta=5e5)
+    b = PlanSettings(kind="batch_prefill", num_qo_heads=8, kv_layout="HND", rope_scale=2.0, rope_theta=5e5, run=print)
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1  # plan / run are not part of the value
+    assert a != PlanSettings(kind="batch_prefill", num_qo_heads=8, kv_layout="NHD", rope_scale=2.0, rope_theta=5e5)
+    assert (a.layout_code, a.rope_rcp_scale, a.rope_rcp_theta, a.uri, a.backend) == (1, 0.5, 2e-6, "", "")
+    assert not hasattr(a, "__dict__")  # slotted
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.num_qo_heads = 4  # type: ignore[misc]
+    with pytest.raises(TypeError, match="bogus"):
+        PlanSettings(bogus=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        PlanSettings("batch_decode")  # type: ignore[misc]  # keyword-only
+    assert "num_qo_heads=8" in repr(a) and "variant" not in repr(a)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ... import caches
@@ -29,158 +30,77 @@ LAYOUTS = {"NHD": 0, "HND": 1}
 MASK_NONE, MASK_CAUSAL, MASK_CUSTOM = 0, 1, 2
 _INT32_END = 1 << 31
 
-# The value fields, in order (their values make the key; everything else is derived from them).
-_FIELDS = (
-    "kind",
-    "mode",
-    "variant",
-    "device_id",
-    "num_qo_heads",
-    "num_kv_heads",
-    "head_dim_qk",
-    "head_dim_vo",
-    "page_size",
-    "kv_layout",
-    "dtype_q",
-    "dtype_kv",
-    "dtype_o",
-    "mask_mode",
-    "pos_encoding",
-    "window_left",
-    "logits_soft_cap",
-    "sm_scale",
-    "rope_scale",
-    "rope_theta",
-    "enable_cuda_graph",
-    "use_fp16_qk_reduction",
-    "fixed_split_size",
-    "disable_split_kv",
-)
-_DEFAULTS: dict[str, Any] = {
-    "kind": "batch_decode",
-    "mode": "paged",
-    "variant": None,
-    "device_id": 0,
-    "num_qo_heads": 0,
-    "num_kv_heads": 0,
-    "head_dim_qk": 0,
-    "head_dim_vo": 0,
-    "page_size": 1,
-    "kv_layout": "NHD",
-    "dtype_q": None,
-    "dtype_kv": None,
-    "dtype_o": None,
-    "mask_mode": MASK_NONE,
-    "pos_encoding": 0,
-    "window_left": -1,
-    "logits_soft_cap": 0.0,
-    "sm_scale": 1.0,
-    "rope_scale": 1.0,
-    "rope_theta": 1e4,
-    "enable_cuda_graph": False,
-    "use_fp16_qk_reduction": False,
-    "fixed_split_size": -1,
-    "disable_split_kv": False,
-}
 
-
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class PlanSettings:
     """What every plan made with the same settings shares: an immutable, hashable value.
 
-    Value attributes (compared and hashed): ``kind`` (``"batch_decode"`` / ``"batch_prefill"``), ``mode``
-    (``"paged"`` / ``"ragged"``), ``variant``, ``device_id``, ``num_qo_heads``, ``num_kv_heads``,
-    ``head_dim_qk``, ``head_dim_vo``, ``page_size`` (tokens), ``kv_layout`` (``"NHD"`` / ``"HND"``),
-    ``dtype_q``, ``dtype_kv``, ``dtype_o``, ``mask_mode`` (0 none, 1 causal, 2 custom), ``pos_encoding``,
-    ``window_left`` (tokens, -1 off), ``logits_soft_cap`` (0 off), ``sm_scale``, ``rope_scale``,
-    ``rope_theta``, ``enable_cuda_graph``, ``use_fp16_qk_reduction``, ``fixed_split_size`` (-1 off),
-    ``disable_split_kv``.
+    Build it with keyword arguments (each defaults as below); an unknown name is a ``TypeError``. The value
+    fields are compared and hashed (the hash is computed once, at construction); the derived fields and
+    ``plan`` / ``run`` are not.
 
     Derived: ``uri``, ``backend``, ``layout_code`` (the wire code of ``kv_layout``), ``rope_rcp_scale``,
-    ``rope_rcp_theta`` (the reciprocals the kernels take), and ``plan`` / ``run`` (the launch functions of the
-    module's entry points, given by the op that builds the settings; None for settings made by hand).
+    ``rope_rcp_theta`` (the reciprocals the kernels take). ``plan`` / ``run``: the launch functions of the
+    module's entry points, given by the op that builds the settings; None for settings made by hand.
     """
 
-    __slots__ = (
-        *_FIELDS,
-        "_hash",
-        "_key",
-        "backend",
-        "layout_code",
-        "plan",
-        "rope_rcp_scale",
-        "rope_rcp_theta",
-        "run",
-        "uri",
-    )
+    # ---- the value fields (their values make the key; everything below them is derived or not compared)
+    kind: str = "batch_decode"  # "batch_decode" / "batch_prefill"
+    mode: str = "paged"  # "paged" / "ragged"
+    variant: Any = None  # the module variant (uri, backend); None for settings made by hand
+    device_id: int = 0
+    num_qo_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim_qk: int = 0
+    head_dim_vo: int = 0
+    page_size: int = 1  # tokens
+    kv_layout: str = "NHD"  # "NHD" / "HND"
+    dtype_q: DType | None = None
+    dtype_kv: DType | None = None
+    dtype_o: DType | None = None
+    mask_mode: int = MASK_NONE  # 0 none, 1 causal, 2 custom
+    pos_encoding: int = 0
+    window_left: int = -1  # tokens, -1 off
+    logits_soft_cap: float = 0.0  # 0 off
+    sm_scale: float = 1.0
+    rope_scale: float = 1.0
+    rope_theta: float = 1e4
+    enable_cuda_graph: bool = False
+    use_fp16_qk_reduction: bool = False
+    fixed_split_size: int = -1  # -1 off
+    disable_split_kv: bool = False
+    # ---- not compared: the module's launch functions, given by the op
+    plan: Any = field(default=None, compare=False)
+    run: Any = field(default=None, compare=False)
+    # ---- derived from the values (set in __post_init__)
+    uri: str = field(init=False, compare=False)
+    backend: str = field(init=False, compare=False)
+    layout_code: int = field(init=False, compare=False)
+    rope_rcp_scale: float = field(init=False, compare=False)
+    rope_rcp_theta: float = field(init=False, compare=False)
+    _hash: int = field(init=False, compare=False)
 
-    kind: str
-    mode: str
-    variant: Any
-    device_id: int
-    num_qo_heads: int
-    num_kv_heads: int
-    head_dim_qk: int
-    head_dim_vo: int
-    page_size: int
-    kv_layout: str
-    dtype_q: DType
-    dtype_kv: DType
-    dtype_o: DType
-    mask_mode: int
-    pos_encoding: int
-    window_left: int
-    logits_soft_cap: float
-    sm_scale: float
-    rope_scale: float
-    rope_theta: float
-    enable_cuda_graph: bool
-    use_fp16_qk_reduction: bool
-    fixed_split_size: int
-    disable_split_kv: bool
-    uri: str
-    backend: str
-    layout_code: int
-    rope_rcp_scale: float
-    rope_rcp_theta: float
-    plan: Any
-    run: Any
-    _key: tuple[Any, ...]
-    _hash: int
-
-    def __init__(
-        self, *, plan: Callable[..., Any] | None = None, run: Callable[..., Any] | None = None, **values: Any
-    ) -> None:
-        unknown = set(values) - set(_FIELDS)
-        if unknown:
-            raise TypeError(f"PlanSettings: unknown settings {sorted(unknown)}")
-        merged = {**_DEFAULTS, **values}
-        put = object.__setattr__
-        for name in _FIELDS:
-            put(self, name, merged[name])
-        variant = merged["variant"]
+    def __post_init__(self) -> None:
+        put = object.__setattr__  # frozen: the derived fields are set once, here
+        variant = self.variant
         put(self, "uri", variant.uri if variant is not None else "")
         put(self, "backend", variant.backend if variant is not None else "")
-        put(self, "layout_code", LAYOUTS.get(merged["kv_layout"], 0))
-        put(self, "rope_rcp_scale", 1.0 / merged["rope_scale"])
-        put(self, "rope_rcp_theta", 1.0 / merged["rope_theta"])
-        put(self, "plan", plan)
-        put(self, "run", run)
-        key = tuple(merged[name] for name in _FIELDS)
-        put(self, "_key", key)
-        put(self, "_hash", hash(key))
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"PlanSettings is immutable (tried to set {name!r})")
+        put(self, "layout_code", LAYOUTS.get(self.kv_layout, 0))
+        put(self, "rope_rcp_scale", 1.0 / self.rope_scale)
+        put(self, "rope_rcp_theta", 1.0 / self.rope_theta)
+        # Computed once: the settings key the launchers' caches on every run.
+        put(self, "_hash", hash(tuple(getattr(self, name) for name in _VALUE_FIELDS)))
 
     def __hash__(self) -> int:
-        return self._hash  # type: ignore[no-any-return]
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or (other.__class__ is PlanSettings and self._key == other._key)  # type: ignore[attr-defined]
+        return self._hash
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in _FIELDS if n != "variant")
-        return f"PlanSettings({self.uri or '-'}: {fields})"
+        values = ", ".join(f"{n}={getattr(self, n)!r}" for n in _VALUE_FIELDS if n != "variant")
+        return f"PlanSettings({self.uri or '-'}: {values})"
+
+
+# The value fields, in order (what __eq__ compares and the hash covers).
+_VALUE_FIELDS = tuple(f.name for f in fields(PlanSettings) if f.compare)
 
 
 # ---- the value-keyed cache ------------------------------------------------------------------------------------
