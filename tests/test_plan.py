@@ -460,3 +460,80 @@ def test_plan_settings_is_a_frozen_value_with_derived_fields():
     with pytest.raises(TypeError):
         PlanSettings("batch_decode")  # type: ignore[misc]  # keyword-only
     assert "num_qo_heads=8" in repr(a) and "variant" not in repr(a)
+
+
+# ------------------------------------------------------------------------------------------ Workspace.staging
+
+
+def _staged_workspace(monkeypatch, fake):
+    from fi_ffi import driver
+
+    monkeypatch.setattr(driver, "_state", (driver.ffi(), fake))
+    ws = fake_workspace()
+    ws._event, ws._event_handle = object(), 0x1234  # as if a plan had created it
+    return ws
+
+
+def test_staging_waits_for_the_previous_copy_bumps_the_generation_and_records_on_exit(monkeypatch):
+    fake = _FakeDriver(query=600)  # the previous copy is still running: the staging waits for it
+    ws = _staged_workspace(monkeypatch, fake)
+    with ws.staging(7) as stage:
+        assert fake.calls == [] and ws._generation == stage.generation == 1  # nothing pending yet
+        assert ws._lock.locked()
+    assert fake.calls == [("cuEventRecord", 0x1234, 7)] and ws._event_pending and not ws._lock.locked()
+    fake.calls.clear()
+    with ws.staging(9) as stage:
+        assert [c[0] for c in fake.calls] == ["cuEventQuery", "cuEventSynchronize"]  # that event only
+        assert stage.generation == 2
+        fake.calls.clear()
+        stage.record()  # early (e.g. before a launch the next staging need not wait for): not again at exit
+        stage.record(11)
+    assert fake.calls == [("cuEventRecord", 0x1234, 9), ("cuEventRecord", 0x1234, 11)]
+    ws._event = None
+
+
+def test_staging_releases_the_lock_and_records_nothing_on_an_exception(monkeypatch):
+    fake = _FakeDriver()
+    ws = _staged_workspace(monkeypatch, fake)
+    with pytest.raises(RuntimeError, match="plan failed"), ws.staging(7):
+        raise RuntimeError("plan failed")
+    assert not ws._lock.locked() and not ws._event_pending and fake.calls == []
+    assert ws._generation == 1  # the int workspace may be half written: earlier plans stay stale
+    with ws.staging(7) as stage:  # the next staging gets in
+        assert stage.generation == 2
+    ws._event = None
+
+
+def test_a_failed_wait_for_the_previous_copy_releases_the_lock(monkeypatch):
+    from fi_ffi.errors import KernelError
+
+    ws = _staged_workspace(monkeypatch, _FakeDriver(query=700))
+    ws._event_pending = True
+    with pytest.raises(KernelError, match="previous plan copy"), ws.staging(7):
+        pass
+    assert not ws._lock.locked() and ws._generation == 0
+    ws._event = None
+
+
+def test_a_second_staging_waits_until_the_first_leaves_its_block(monkeypatch):
+    import threading
+
+    ws = _staged_workspace(monkeypatch, _FakeDriver())
+    order: list[str] = []
+    entered = threading.Event()
+
+    def second() -> None:
+        entered.set()
+        with ws.staging(8) as stage:
+            order.append(f"second {stage.generation}")
+
+    with ws.staging(7) as stage:
+        t = threading.Thread(target=second)
+        t.start()
+        assert entered.wait(10)
+        t.join(0.2)
+        assert t.is_alive()  # blocked on the workspace's lock
+        order.append(f"first {stage.generation}")
+    t.join(10)
+    assert order == ["first 1", "second 2"]
+    ws._event = None

@@ -334,12 +334,11 @@ def segment_gemm(
 
     previous = device.make_current(workspace.device.device_id)  # the driver's copy needs the context current
     try:
-        with workspace._lock:
-            if workspace._event_pending:
-                workspace._wait_previous_plan_copy()
-            workspace._generation += 1  # the int buffer now holds these arrays: earlier plans are stale
+        # the int buffer will hold these arrays: earlier plans are stale; the launch stays under the staging's
+        # lock (no other staging overwrites the arrays before it is enqueued) but out of the copy's event
+        with workspace.staging(c.stream) as stage:
             _stage(workspace, data, c.stream)
-            workspace._record_plan_copy(c.stream)
+            stage.record()
             _launch(c, workspace, arrays, x, out)
     finally:
         device.restore(previous)

@@ -323,9 +323,7 @@ def _plan_on(
 
     Returns (schedule, staged bytes or None, the workspace generation of this plan).
     """
-    with ws._lock:
-        ws._wait_previous_plan_copy()
-        ws._generation += 1  # from here on the int workspace may hold a new schedule: earlier plans are stale
+    with ws.staging(handle) as stage:  # records this plan's copy event on ``handle`` when the block succeeds
         result = st.plan(
             ws.float_buffer,
             ws.int_buffer,
@@ -352,8 +350,7 @@ def _plan_on(
         else:
             info = result
             _check_schedule_result(info, st)
-        ws._record_plan_copy(handle)
-        return info, staged, ws._generation
+        return info, staged, stage.generation
 
 
 def _check_schedule_result(info: Any, st: _Settings) -> None:

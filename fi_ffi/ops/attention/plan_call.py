@@ -2,8 +2,9 @@
 
 A plan call writes the schedule into the workspace's page-locked buffer and enqueues its copy into the int
 workspace on the plan's stream (see :mod:`fi_ffi.ops.attention.workspace`). :func:`call_plan` does, under the
-workspace's lock: wait for the previous plan's copy (only if one is still pending), mark earlier plans stale
-(the generation counter), launch, record the copy's event. Nothing else: the arguments were checked before.
+workspace's staging (:meth:`~fi_ffi.ops.attention.workspace.Workspace.staging`: its lock, the wait for the
+previous plan's copy, the generation counter, the copy's event): launch. Nothing else: the arguments were
+checked before.
 """
 
 from __future__ import annotations
@@ -26,10 +27,7 @@ def call_plan(ws: Workspace, launch: Callable[..., Any], stream: Any, *args: Any
     Returns (the owned schedule Array, the workspace generation the plan belongs to).
     """
     s = stream if stream is None or stream.__class__ is int else stream_handle(stream)
-    with ws._lock:
-        if ws._event_pending:
-            ws._wait_previous_plan_copy()
-        ws._generation += 1  # from here on the int workspace may hold a new schedule: earlier plans are stale
+    with ws.staging(0 if s is None else s) as stage:  # s None: recorded below on the stream the launch used
         result = launch(*args, stream=s, **kwargs)
         if result.__class__ is not Array:
             if hasattr(result, "release"):
@@ -42,9 +40,8 @@ def call_plan(ws: Workspace, launch: Callable[..., Any], stream: Any, *args: Any
         if s is None:  # the launch used TVM-FFI's current stream (a plan's arguments are all descriptors)
             if _get_stream is None:
                 _bind()
-            s = _get_stream(CUDA, ws.device.device_id)
-        ws._record_plan_copy(s)
-        generation = ws._generation
+            stage.record(_get_stream(CUDA, ws.device.device_id))
+        generation = stage.generation
     return result, generation
 
 

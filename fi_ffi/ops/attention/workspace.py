@@ -25,6 +25,9 @@ Two rules make back-to-back plans safe:
 - **One live schedule per workspace.** Each plan overwrites the int workspace, so an earlier plan on the same
   workspace becomes stale; running it is a ValueError, not a wrong answer (a generation counter).
 
+Both rules live in one place, :meth:`Workspace.staging`: every op that writes the int workspace (the attention
+plans, MLA plans, segment GEMM's argument arrays) does so inside ``with workspace.staging(stream) as stage:``.
+
 :meth:`Workspace.allocate` allocates the three buffers with ``cuda.bindings`` (``cudaMalloc``,
 ``cudaMallocHost``; the float buffer is zeroed once, as upstream asks) and frees them on :meth:`close` or at
 context exit. :meth:`Workspace.from_buffers` wraps buffers the caller owns.
@@ -49,7 +52,7 @@ TMP_BYTES = 32 << 20  # single prefill/decode scratch (``tmp``) that upstream ca
 _INT32_END = 1 << 31  # the kernels take each buffer's element count as an int32
 _PTR_END = 1 << 64
 
-__all__ = ["FLOAT_BYTES", "INT_BYTES", "PINNED_BYTES", "TMP_BYTES", "Workspace"]
+__all__ = ["FLOAT_BYTES", "INT_BYTES", "PINNED_BYTES", "TMP_BYTES", "Staging", "Workspace"]
 
 
 _runtime: Any = None
@@ -310,6 +313,29 @@ class Workspace:
 
     # -------------------------------------------------------------------------------------- plan bookkeeping
 
+    def staging(self, stream: int) -> Staging:
+        """The one way to write the int workspace: ``with workspace.staging(stream) as stage: ...``.
+
+        On entry, in this order: take the workspace's lock (a second staging, from any thread, waits here until
+        the first has left its block); wait for the previous staging's pinned-to-device copy only (its event;
+        nothing enqueued after it), so the block may overwrite the page-locked buffer; bump the generation, so
+        every plan made before is stale from here on (even if the block fails: the int workspace may be half
+        written). ``stage.generation`` is the new generation (what a plan made in the block records).
+
+        Inside the block the caller writes the page-locked buffer and enqueues its copy into the int workspace
+        on ``stream`` (a plan call does both), then, while still holding the lock, may launch what reads the int
+        workspace (so no other staging can overwrite it before that launch is enqueued).
+
+        On leaving the block without an exception the copy's event is recorded on ``stream`` (the next staging
+        waits for it), unless the block recorded it earlier with ``stage.record(...)`` (to keep a launch made
+        in the block out of what the next staging waits for, or on a stream known only after the call). On an
+        exception no event is recorded (no copy is assumed enqueued); the lock is released either way.
+
+        Args:
+            stream: the CUDA stream handle (int; 0 is the legacy default stream) the copy is enqueued on.
+        """
+        return Staging(self, stream)
+
     def _wait_previous_plan_copy(self) -> None:
         """Block until the previous plan's pinned-to-device copy has read the pinned buffer (caller holds lock)."""
         if not self._event_pending:
@@ -338,6 +364,50 @@ class Workspace:
         if err:
             _driver_error(err, "cuEventRecord(plan copy)")
         self._event_pending = True
+
+
+class Staging:
+    """One staging of a :class:`Workspace` (see :meth:`Workspace.staging`): a context manager.
+
+    Attributes:
+        workspace: the workspace staged.
+        stream: the stream handle its copy event is recorded on at exit.
+        generation: the workspace generation this staging made (valid inside the block and after it).
+    """
+
+    __slots__ = ("_recorded", "generation", "stream", "workspace")
+
+    def __init__(self, workspace: Workspace, stream: int) -> None:
+        self.workspace = workspace
+        self.stream = stream
+        self.generation = 0
+        self._recorded = False
+
+    def __enter__(self) -> Staging:
+        ws = self.workspace
+        ws._lock.acquire()
+        try:
+            ws._wait_previous_plan_copy()
+        except BaseException:
+            ws._lock.release()
+            raise
+        ws._generation += 1  # from here on the int workspace may hold a new schedule: earlier plans are stale
+        self.generation = ws._generation
+        return self
+
+    def record(self, stream: int | None = None) -> None:
+        """Record the copy's event now, on ``stream`` (default: the staging's stream), not at exit."""
+        if stream is not None:
+            self.stream = stream
+        self.workspace._record_plan_copy(self.stream)
+        self._recorded = True
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None and not self._recorded:
+                self.record()
+        finally:
+            self.workspace._lock.release()
 
 
 def _free(owned: list[tuple[str, int]], device_id: int) -> None:
