@@ -230,3 +230,22 @@ def test_from_package_import_submodule_is_an_import_of_the_submodule() -> None:
     trees = {"fi_ffi": ast.parse(""), "fi_ffi.caches": ast.parse(""), "fi_ffi.ops.norm": ast.parse("")}
     trees["fi_ffi.launch.kernels"] = ast.parse("def f():\n    from .. import caches\n    from ..ops.norm import _x\n")
     assert module_imports(trees)["fi_ffi.launch.kernels"] == {"fi_ffi.caches": set(), "fi_ffi.ops.norm": {"_x"}}
+
+
+ATTENTION_OPS = ("decode", "prefill", "sink", "mla", "cascade")
+
+
+def test_the_attention_ops_take_no_private_names_of_one_another() -> None:
+    # siblings share through common.py or each other's public names (sink builds on prefill's run declarations)
+    ops = {f"fi_ffi.ops.attention.{name}" for name in ATTENTION_OPS}
+    assert ops <= set(sources())  # the check below could not fail if a module were renamed away
+    taken = [
+        f"{module} takes {target}.{n}"
+        for module, targets in module_imports(sources()).items()
+        if module in ops
+        for target, names in targets.items()
+        if target in ops and target != module
+        for n in sorted(names)
+        if n.startswith("_")
+    ]
+    assert taken == []

@@ -107,14 +107,15 @@ FA2_PLAN_072 = declare(
 )
 FA3_PLAN = declare("plan", _PLAN_PARAMS, returns=ARRAY, release="0.6.3, 0.7.2")
 
-_RUN_HEAD: list[Params] = [
+# The run parameters shared with the sink modules (:mod:`.sink` builds its runs on them): public for that.
+RUN_HEAD: list[Params] = [
     tensor("float_workspace_buffer"),
     tensor("int_workspace_buffer"),
     ("plan_info_vec", ARRAY),
     tensor("q"),
 ]
-_RAGGED_KV: list[Params] = [tensor("k"), tensor("v"), tensor("qo_indptr"), tensor("kv_indptr")]
-_PAGED_KV: list[Params] = [
+RAGGED_KV: list[Params] = [tensor("k"), tensor("v"), tensor("qo_indptr"), tensor("kv_indptr")]
+PAGED_KV: list[Params] = [
     tensor("k_cache"),
     tensor("v_cache"),
     tensor("qo_indptr"),
@@ -122,7 +123,7 @@ _PAGED_KV: list[Params] = [
     tensor("kv_indices"),
     tensor("kv_last_page_len"),
 ]
-_RUN_MID: list[Params] = [
+RUN_MID: list[Params] = [
     tensor("out", output=True),
     optional_tensor("lse", output=True),
     ("mask_mode_code", INT),
@@ -162,16 +163,16 @@ _FA3_TAIL: list[Params] = [
     Param("scale_v_scalar", FLOAT, default=1.0),
     Param("token_pos_in_items_len", INT, default=0),
 ]
-FA2_RAGGED = declare("ragged_run", [*_RUN_HEAD, *_RAGGED_KV, *_RUN_MID, *_FA2_INPUTS, *_FA2_SCALARS], release="0.6.3")
-FA2_PAGED = declare("paged_run", [*_RUN_HEAD, *_PAGED_KV, *_RUN_MID, *_FA2_INPUTS, *_FA2_SCALARS], release="0.6.3")
+FA2_RAGGED = declare("ragged_run", [*RUN_HEAD, *RAGGED_KV, *RUN_MID, *_FA2_INPUTS, *_FA2_SCALARS], release="0.6.3")
+FA2_PAGED = declare("paged_run", [*RUN_HEAD, *PAGED_KV, *RUN_MID, *_FA2_INPUTS, *_FA2_SCALARS], release="0.6.3")
 FA2_RAGGED_072 = declare(
-    "ragged_run", [*_RUN_HEAD, *_RAGGED_KV, *_RUN_MID, *_FA2_INPUTS, *_CACHE_SF, *_FA2_SCALARS], release="0.7.2"
+    "ragged_run", [*RUN_HEAD, *RAGGED_KV, *RUN_MID, *_FA2_INPUTS, *_CACHE_SF, *_FA2_SCALARS], release="0.7.2"
 )
 FA2_PAGED_072 = declare(
-    "paged_run", [*_RUN_HEAD, *_PAGED_KV, *_RUN_MID, *_FA2_INPUTS, *_CACHE_SF, *_FA2_SCALARS], release="0.7.2"
+    "paged_run", [*RUN_HEAD, *PAGED_KV, *RUN_MID, *_FA2_INPUTS, *_CACHE_SF, *_FA2_SCALARS], release="0.7.2"
 )
-FA3_RAGGED = declare("ragged_run", _RUN_HEAD + _RAGGED_KV + _RUN_MID + _FA3_TAIL, release="0.6.3, 0.7.2")
-FA3_PAGED = declare("paged_run", _RUN_HEAD + _PAGED_KV + _RUN_MID + _FA3_TAIL, release="0.6.3, 0.7.2")
+FA3_RAGGED = declare("ragged_run", RUN_HEAD + RAGGED_KV + RUN_MID + _FA3_TAIL, release="0.6.3, 0.7.2")
+FA3_PAGED = declare("paged_run", RUN_HEAD + PAGED_KV + RUN_MID + _FA3_TAIL, release="0.6.3, 0.7.2")
 SINGLE = declare(
     "run",
     [
@@ -843,7 +844,9 @@ def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
         plan, run = (
             launcher(FA3_PLAN, uri),
             launcher(
-                FA3_RAGGED if mode == "ragged" else FA3_PAGED, uri, _check_ragged if mode == "ragged" else _check_paged
+                FA3_RAGGED if mode == "ragged" else FA3_PAGED,
+                uri,
+                check_ragged_run if mode == "ragged" else check_paged_run,
             ),
         )
     else:
@@ -852,7 +855,7 @@ def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
             launcher(
                 FA2_RAGGED_RUNS if mode == "ragged" else FA2_PAGED_RUNS,
                 uri,
-                _check_ragged if mode == "ragged" else _check_paged,
+                check_ragged_run if mode == "ragged" else check_paged_run,
             ),
         )
     return PlanSettings(
@@ -1069,7 +1072,7 @@ def _check_inputs(s: PlanSettings, a: SimpleNamespace, b: int, dev: Any) -> None
     AC.vector("alibi_slopes", getattr(a, "alibi_slopes", None), "float32", s.num_qo_heads, dev)
 
 
-def _check_ragged(a: SimpleNamespace) -> PointerRules:
+def check_ragged_run(a: SimpleNamespace) -> PointerRules:
     """The contract of a ragged batch prefill run, against the plan's settings and batch size (``a.context``)."""
     s, b = a.context
     dev = a.float_workspace_buffer.device
@@ -1093,7 +1096,7 @@ def _check_ragged(a: SimpleNamespace) -> PointerRules:
     return rules
 
 
-def _check_paged(a: SimpleNamespace) -> PointerRules:
+def check_paged_run(a: SimpleNamespace) -> PointerRules:
     """The contract of a paged batch prefill run, against the plan's settings and batch size (``a.context``)."""
     s, b = a.context
     dev = a.float_workspace_buffer.device

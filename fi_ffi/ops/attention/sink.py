@@ -42,7 +42,7 @@ from .host_index import check_indptr, check_last_page_len, host_array, host_tens
 from .plan import Plan
 from .plan_call import call_plan
 from .plan_settings import MASK_CAUSAL, MASK_NONE, PlanSettings
-from .prefill import _PAGED_KV, _RAGGED_KV, _RUN_HEAD, _RUN_MID, FA2_PLAN, FA3_PLAN, _check_paged, _check_ragged
+from .prefill import FA2_PLAN, FA3_PLAN, PAGED_KV, RAGGED_KV, RUN_HEAD, RUN_MID, check_paged_run, check_ragged_run
 from .workspace import Workspace
 
 __all__ = [
@@ -56,8 +56,8 @@ KIND = "batch_attention_sink"
 _SINK_TAIL: list[Param | tuple[str, str]] = [Param("sink", FFI_TENSOR), ("sm_scale", FLOAT)]
 # the plan entry points are the batch prefill ones; the sink modules are built from FlashInfer 0.6.3 only here
 SINK_FA3_PLAN = declare("plan", FA3_PLAN.params, returns=ARRAY, release="0.6.3")
-SINK_RAGGED = declare("ragged_run", [*_RUN_HEAD, *_RAGGED_KV, *_RUN_MID, *_SINK_TAIL])
-SINK_PAGED = declare("paged_run", [*_RUN_HEAD, *_PAGED_KV, *_RUN_MID, *_SINK_TAIL])
+SINK_RAGGED = declare("ragged_run", [*RUN_HEAD, *RAGGED_KV, *RUN_MID, *_SINK_TAIL])
+SINK_PAGED = declare("paged_run", [*RUN_HEAD, *PAGED_KV, *RUN_MID, *_SINK_TAIL])
 _FA2 = r"batch_prefill_with_attention_sink_kv_cache_.*_use_swa_(True|False)_"
 _FA3 = _FA2 + "_sm90"
 DECLARATIONS = (
@@ -297,11 +297,11 @@ def _check_sink(a: SimpleNamespace, rules: PointerRules) -> PointerRules:
 
 
 def _check_run_ragged(a: SimpleNamespace) -> PointerRules:
-    return _check_sink(a, _check_ragged(a))  # q, k, v, indptrs, out, lse against the plan: prefill's run contract
+    return _check_sink(a, check_ragged_run(a))  # q, k, v, indptrs, out, lse against the plan: prefill's run contract
 
 
 def _check_run_paged(a: SimpleNamespace) -> PointerRules:
-    return _check_sink(a, _check_paged(a))
+    return _check_sink(a, check_paged_run(a))
 
 
 def _launch(
