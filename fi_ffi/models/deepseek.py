@@ -65,6 +65,8 @@ def fused_routing_blocker(c: DeepSeekConfig) -> str | None:
     (:func:`~fi_ffi.ops.router.routing_limits`)."""
     from ..ops.router import routing_limits
 
+    if not isinstance(c, DeepSeekConfig):
+        raise TypeError(f"c: expected a DeepSeekConfig (DeepSeekConfig.from_dir), got {type(c).__name__}")
     if c.moe is None or c.routing is None:
         return "the model has no MoE layers"
     if c.routing.method != "noaux_tc":
