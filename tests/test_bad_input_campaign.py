@@ -945,6 +945,34 @@ def _gpt_oss_yarn(rope_scaling: dict[str, Any]) -> Any:
     return family_configs.gpt_oss_settings({**GPT_OSS, "rope_scaling": rope_scaling}, 2, "config.json")
 
 
+from pathlib import Path  # noqa: E402
+
+
+def _bad_config_dirs() -> tuple[str, ...]:
+    """Directories whose config.json is broken: deeply nested JSON, a 5000-digit number, a NUL byte, not UTF-8,
+    a top level that is no object, empty (made once per session; each must be refused naming model_dir), and a
+    million-entry list under a DeepSeek model_type (last: a parser refuses it by key, a dispatcher may pass it)."""
+    texts: dict[str, bytes] = {
+        "nested": b"[" * 200_000 + b"]" * 200_000,
+        "nested_obj": b'{"model_type": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001,
+        "digits": b'{"model_type": "deepseek_v3", "vocab_size": ' + b"9" * 5000 + b"}",
+        "nul": b'{"model_type": "deepseek_v3\x00"}',
+        "latin1": b'{"model_type": "\xff"}',
+        "list": b"[1, 2, 3]",
+        "empty": b"",
+        "huge_list": b'{"model_type": "deepseek_v3", "layer_types": [' + b"1," * 1_000_000 + b"1]}",
+    }
+    if "bad" not in _family_dirs:
+        import tempfile
+
+        _family_dirs["bad"] = tempfile.TemporaryDirectory(prefix="fi_ffi_campaign_bad_")
+        for name, text in texts.items():
+            d = Path(_family_dirs["bad"].name) / name
+            d.mkdir()
+            (d / "config.json").write_bytes(text)
+    return tuple(str(Path(_family_dirs["bad"].name) / name) for name in texts)
+
+
 _family_dirs: dict[str, Any] = {}
 
 
@@ -1489,9 +1517,10 @@ ENTRY_KINDS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
         (None, 5, "x", b"12", [0, 1 << 40], [-1, 1 << 40], [1.5, 2.0], [1 << 64, 1 << 40], [HUGE, 1], [None, 1]),
         ([1 << 40] * 4, [1 << 40]),
     ),
-    "path": ((None, 5, 1.5, b"/tmp", "/tmp/a\0b", "/nonexistent/fi_ffi", ["x"], {}), ()),
+    # (the last broken directory is refused by its key, not by model_dir: is_deepseek's maybe-valid values only)
+    "path": ((None, 5, 1.5, b"/tmp", "/tmp/a\0b", "/nonexistent/fi_ffi", ["x"], {}, *_bad_config_dirs()[:-1]), ()),
     # is_deepseek: a directory without a readable DeepSeek config.json is "not DeepSeek" (False), not an error
-    "path_or_false": ((None, 5, 1.5, b"/tmp", ["x"], {}), ("/nonexistent/fi_ffi", "/tmp/a\0b")),
+    "path_or_false": ((None, 5, 1.5, b"/tmp", ["x"], {}), ("/nonexistent/fi_ffi", "/tmp/a\0b", *_bad_config_dirs())),
     "opt_array": ((*COMMON_INVALID, 5, 1.5, NAN, True, [1.5], np.zeros(3, np.float32), np.array(["a"] * 8)), ()),
     "opt_callable": (("x", 5, 1.5, {}), (None,)),
     # a count of rows a host table gets (bounded: 2**31 rows would allocate gigabytes)

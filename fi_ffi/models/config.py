@@ -364,6 +364,10 @@ def read_config_json(model_dir: Any) -> tuple[Any, Path]:
         raise ValueError(
             f"model_dir: {path} nests its JSON too deeply to parse; a config.json is a flat object of settings"
         ) from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"model_dir: {path} holds a JSON {type(data).__name__}; a config.json is an object of settings"
+        )
     return data, path
 
 
