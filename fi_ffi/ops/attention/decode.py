@@ -23,28 +23,37 @@ tensors are checked once per layout combination and plan settings (the launcher'
 
 from __future__ import annotations
 
-import functools
 import threading
 from types import SimpleNamespace
 from typing import Any
 
 from ... import caches
 from ...abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
-from ...dtypes import DType, int32, uint8
+from ...dtypes import int32, uint8
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
-from ...producers import _readers, reader
 from ...tensor import Tensor
 from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
+from .common import (
+    POS_ALIBI,
+    alibi_required,
+    check_module_dtype,
+    check_tmp,
+    check_workspace,
+    empty,
+    extent,
+    layout_key,
+    variant_uri,
+)
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
 from .plan import Plan
 from .plan_call import call_plan
 from .plan_settings import LAYOUTS, PlanSettings
-from .variants import BATCH_DECODE, SINGLE_DECODE, Variant, resolve
-from .workspace import Workspace, tmp_bytes_needed
+from .variants import BATCH_DECODE, SINGLE_DECODE
+from .workspace import Workspace
 
 __all__ = ["batch_decode_plan", "batch_decode_run", "single_decode"]
 
@@ -121,55 +130,6 @@ DECLARATIONS = (
 )
 
 
-@functools.lru_cache(maxsize=256)
-def variant_uri(
-    kind: str,
-    q: DType,
-    kv: DType,
-    o: DType,
-    idx: DType | None,
-    head_dim_qk: int,
-    head_dim_vo: int,
-    pos: int,
-    swa: bool,
-    cap: bool,
-    fp16_qk: bool = False,
-    backend: str = "fa2",
-) -> tuple[Variant, str]:
-    """(variant, URI) of the module for these settings; KernelNotFoundError if the wheels lack it."""
-    v = Variant(kind, q, kv, o, head_dim_qk, head_dim_vo, idx, pos, swa, cap, fp16_qk, backend)
-    return v, resolve(v)
-
-
-@functools.lru_cache(maxsize=64)
-def empty(dt: DType, device: Any) -> Tensor:
-    """A ``[0]``-shaped descriptor with no data (for parameters that only carry a dtype, or disable scratch)."""
-    return Tensor(0, (0,), dt, device)
-
-
-def layout_key(name: str, value: Any, stream: Any = None) -> Any:
-    """The launcher's layout key of a tensor argument (a value), read as the launcher reads it; a producer that
-    cannot be read is described by :func:`fi_ffi.as_tensor` instead, which raises the error naming ``name``."""
-    try:
-        return (_readers.get(value.__class__) or reader(value.__class__))(value, stream)[0]
-    except Exception:
-        return checks.tensor(name, value)._lid
-
-
-def extent(name: str, value: Any, dim: int = 0) -> int:
-    """``value.shape[dim]`` (read without describing the tensor where the producer has a ``shape``)."""
-    try:
-        n = value.shape[dim]
-        if n.__class__ is int:
-            return n  # type: ignore[no-any-return]
-    except Exception:
-        pass
-    t = checks.tensor(name, value)
-    if t.ndim <= dim:
-        raise ValueError(f"{name}: expected at least {dim + 1} dimensions, got shape {t.shape}")
-    return t.shape[dim]
-
-
 # ------------------------------------------------------------------------------------------ batch decode
 
 
@@ -225,7 +185,7 @@ def batch_decode_plan(
 
     The plan is valid until the next plan on the same workspace; it may be run any number of times before.
     """
-    ws = workspace if workspace.__class__ is Workspace else _workspace(workspace)
+    ws = workspace if workspace.__class__ is Workspace else check_workspace(workspace)
     args = (
         num_qo_heads,
         num_kv_heads,
@@ -251,7 +211,7 @@ def batch_decode_plan(
     batch = indptr.shape[0] - 1
     if kv_last_page_len is not None:
         check_last_page_len("kv_last_page_len", host_array("kv_last_page_len", kv_last_page_len), indptr, s.page_size)
-    if alibi_slopes is not None or s.pos_encoding == 2:
+    if alibi_slopes is not None or s.pos_encoding == POS_ALIBI:
         _check_alibi(s, alibi_slopes, ws.device)
     info, generation = call_plan(
         ws,
@@ -276,31 +236,11 @@ def batch_decode_plan(
     return Plan.make(info, ws, generation, s, batch, batch, pages, (None, None, alibi_slopes))
 
 
-def _workspace(value: Any) -> Workspace:
-    if not isinstance(value, Workspace):
-        raise TypeError(
-            f"workspace: expected a fi_ffi.Workspace (Workspace.allocate() or "
-            f"Workspace.from_buffers()), got {type(value).__name__}"
-        )
-    return value
-
-
-def alibi_required(pos_encoding: Any, alibi_slopes: Any) -> None:
-    """ALiBi slopes are passed exactly with pos_encoding ALIBI (checked before the module is looked up)."""
-    if alibi_slopes is None and pos_encoding.__class__ is str and pos_encoding == "NONE":
-        return
-    pos = S.pos_encoding(pos_encoding)
-    if pos == 2 and alibi_slopes is None:
-        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
-    if pos != 2 and alibi_slopes is not None:
-        raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
-
-
 def _check_alibi(s: PlanSettings, alibi_slopes: Any, device: Any) -> None:
     """ALiBi slopes: required exactly with pos_encoding ALIBI; float32 ``[num_qo_heads]`` on ``device``."""
-    if s.pos_encoding == 2 and alibi_slopes is None:
+    if s.pos_encoding == POS_ALIBI and alibi_slopes is None:
         raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
-    if s.pos_encoding != 2:
+    if s.pos_encoding != POS_ALIBI:
         raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
     AC.vector("alibi_slopes", checks.tensor("alibi_slopes", alibi_slopes), "float32", s.num_qo_heads, device)
 
@@ -510,10 +450,10 @@ def single_decode(
     pos = 0 if pos_encoding.__class__ is str and pos_encoding == "NONE" else S.pos_encoding(pos_encoding)
     w = window_left if window_left.__class__ is int and -1 <= window_left < 1 << 31 else S.window(window_left)
     cap = 0.0 if logits_soft_cap.__class__ is float and logits_soft_cap == 0.0 else S.soft_cap(logits_soft_cap)
-    if (pos == 2) != (alibi_slopes is not None):
+    if (pos == POS_ALIBI) != (alibi_slopes is not None):
         raise ValueError(
             "alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])"
-            if pos == 2
+            if pos == POS_ALIBI
             else "alibi_slopes: only used with pos_encoding ALIBI"
         )
     key = (layout_key("q", q, stream), layout_key("k", k, stream), layout_key("out", out, stream), pos, w >= 0, cap > 0)
@@ -557,7 +497,7 @@ def _single_variant(q: Any, k: Any, out: Any, key: tuple[Any, ...]) -> tuple[Any
     if d == 0:
         raise ValueError(f"q: head_dim (the last dimension) must be > 0, got shape {qt.shape}")
     for name, t in (("q", qt), ("k", kt), ("out", ot)):
-        _module_dtype(name, t)
+        check_module_dtype(name, t)
     pos, swa, cap = key[3:]
     _, uri = variant_uri(SINGLE_DECODE, qt.dtype, kt.dtype, ot.dtype, None, d, d, pos, swa, cap)
     found = (launcher(SINGLE, uri, _check_single), d, empty(uint8, qt.device))
@@ -566,17 +506,6 @@ def _single_variant(q: Any, k: Any, out: Any, key: tuple[Any, ...]) -> tuple[Any
             _single.clear()
         _single[key] = found
     return found
-
-
-_ATTENTION_DTYPES = frozenset(("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"))
-
-
-def _module_dtype(name: str, t: Tensor) -> None:
-    """Attention modules exist for these element types only: a clear error instead of a missing variant."""
-    if t.dtype.name not in _ATTENTION_DTYPES:
-        raise TypeError(
-            f"{name}: no attention module exists for dtype {t.dtype.name} (float16, bfloat16; FP8 for the KV cache)"
-        )
 
 
 def _check_single(a: SimpleNamespace) -> PointerRules:
@@ -599,31 +528,11 @@ def _check_single(a: SimpleNamespace) -> PointerRules:
         raise ValueError(f"k: expected at least one KV head, got shape {k.shape}")
     S.gqa(hq, hk, decode=True, where=f"k (shape {k.shape} read as kv_layout {text})")
     AC.device_tensor(rules, "out", out, (hq, d), "[num_qo_heads, head_dim]", None, dev, contiguous=True)
-    _check_tmp(tmp, dev, kv_len, 1, hq, hk, d, out.dtype.itemsize, prefill=False)
+    check_tmp(tmp, dev, kv_len, 1, hq, hk, d, out.dtype.itemsize, prefill=False)
     AC.scratch(rules, "tmp", tmp)
     AC.lse_tensor("lse", a.lse, (hq,), dev)
     AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
     return AC.outputs_apart(rules, ("alibi_slopes",))
-
-
-def _check_tmp(
-    tmp: Tensor, dev: Any, kv_len: int, qo_len: int, hq: int, hk: int, d_vo: int, o_itemsize: int, prefill: bool
-) -> None:
-    """``tmp``: empty (no split) or a contiguous 1-D device buffer large enough for the kernel's split."""
-    if tmp.shape == (0,):
-        return
-    if tmp.ndim != 1 or not tmp.is_contiguous():
-        raise ValueError(f"tmp: expected a contiguous 1-D scratch buffer, got shape {tmp.shape}")
-    if tmp.device != dev:
-        raise ValueError(f"tmp: expected a device buffer on {dev}, got one on {tmp.device}")
-    if kv_len > 256:
-        need = tmp_bytes_needed(dev.device_id, kv_len, qo_len, hq, hk, d_vo, o_itemsize, prefill=prefill)
-        have = tmp.shape[0] * tmp.dtype.itemsize
-        if need and have < need:
-            raise ValueError(
-                f"tmp: the kernel may need up to {need} bytes of scratch for kv_len {kv_len}, got "
-                f"{have}; pass a larger buffer (upstream uses 32 MiB) or None"
-            )
 
 
 caches.register("single decode modules (by layout values)", _single.clear)

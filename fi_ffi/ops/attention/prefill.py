@@ -42,7 +42,17 @@ from ...tensor import Tensor
 from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
-from .decode import _check_tmp, _module_dtype, _workspace, alibi_required, empty, extent, layout_key, variant_uri
+from .common import (
+    POS_ALIBI,
+    alibi_required,
+    check_module_dtype,
+    check_tmp,
+    check_workspace,
+    empty,
+    extent,
+    layout_key,
+    variant_uri,
+)
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
 from .plan import Plan
 from .plan_call import call_plan
@@ -341,10 +351,10 @@ def single_prefill(
         if use_fp16_qk_reduction.__class__ is bool
         else checks.flag("use_fp16_qk_reduction", use_fp16_qk_reduction)
     )
-    if (pos == 2) != (alibi_slopes is not None):
+    if (pos == POS_ALIBI) != (alibi_slopes is not None):
         raise ValueError(
             "alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])"
-            if pos == 2
+            if pos == POS_ALIBI
             else "alibi_slopes: only used with pos_encoding ALIBI"
         )
     key = (
@@ -406,7 +416,7 @@ def _single_variant(q: Any, k: Any, v: Any, out: Any, key: tuple[Any, ...]) -> t
             f" got {ot.shape}"
         )
     for name, t in (("q", qt), ("k", kt), ("out", ot)):
-        _module_dtype(name, t)
+        check_module_dtype(name, t)
     pos, swa, cap, f16qk = key[4:]
     _, uri = variant_uri(SINGLE_PREFILL, qt.dtype, kt.dtype, ot.dtype, None, dqk, dvo, pos, swa, cap, f16qk)
     found = (launcher(SINGLE, uri, _check_single), dqk, empty(uint8, qt.device))
@@ -443,7 +453,7 @@ def _check_single(a: SimpleNamespace) -> PointerRules:
     AC.device_tensor(
         rules, "out", out, (qo_len, hq, v.shape[2]), "[qo_len, num_qo_heads, head_dim_vo]", None, dev, contiguous=True
     )
-    _check_tmp(a.tmp, dev, kv_len, qo_len, hq, hk, v.shape[2], out.dtype.itemsize, prefill=True)
+    check_tmp(a.tmp, dev, kv_len, qo_len, hq, hk, v.shape[2], out.dtype.itemsize, prefill=True)
     AC.scratch(rules, "tmp", a.tmp)
     AC.lse_tensor("lse", a.lse, (qo_len, hq), dev)
     mask = a.custom_mask
@@ -653,7 +663,7 @@ def _plan(
     args: tuple[Any, ...],
 ) -> Plan:
     """A batch prefill plan: settings (by value), host arrays, the mask's size, the plan call."""
-    ws = workspace if workspace.__class__ is Workspace else _workspace(workspace)
+    ws = workspace if workspace.__class__ is Workspace else check_workspace(workspace)
     custom_mask, mask_indptr, alibi_slopes = inputs
     alibi_required(args[11], alibi_slopes)
     if (custom_mask is None) != (mask_indptr is None):
@@ -685,7 +695,7 @@ def _plan(
             raise ValueError(f"max_total_num_rows: must be >= qo_indptr[-1] = {rows}, got {total_rows}")
     if custom_mask is not None:
         _check_mask(custom_mask, mask_indptr, qo, kv_lens, batch, ws.device)
-    if alibi_slopes is not None or s.pos_encoding == 2:
+    if alibi_slopes is not None or s.pos_encoding == POS_ALIBI:
         _check_alibi(s, alibi_slopes, ws.device)
     extra = (
         {} if s.backend == "fa3" else {"fixed_split_size": s.fixed_split_size, "disable_split_kv": s.disable_split_kv}
@@ -761,9 +771,9 @@ def _check_mask(
 
 
 def _check_alibi(s: PlanSettings, alibi_slopes: Any, device: Any) -> None:
-    if s.pos_encoding == 2 and alibi_slopes is None:
+    if s.pos_encoding == POS_ALIBI and alibi_slopes is None:
         raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
-    if s.pos_encoding != 2:
+    if s.pos_encoding != POS_ALIBI:
         raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
     AC.vector("alibi_slopes", checks.tensor("alibi_slopes", alibi_slopes), "float32", s.num_qo_heads, device)
 

@@ -37,7 +37,7 @@ from ...launch.pointer_rules import PointerRules
 from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
-from .decode import _workspace, extent
+from .common import check_workspace, extent
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
 from .plan import Plan
 from .plan_call import call_plan
@@ -174,7 +174,7 @@ def _plan(
     stream: Any,
     args: tuple[Any, ...],
 ) -> Plan:
-    ws = workspace if workspace.__class__ is Workspace else _workspace(workspace)
+    ws = workspace if workspace.__class__ is Workspace else check_workspace(workspace)
     device_id = ws.device.device_id
     s = S.cached((KIND, mode, device_id, args, tuple(map(type, args))), lambda: _settings(mode, device_id, args))
     qo = host_array("qo_indptr", qo_indptr)

@@ -1,0 +1,123 @@
+"""What the attention ops share, stated once: variant URIs, layout keys, extents, the position-encoding modes and
+the checks every attention op makes the same way (workspace, module dtype, ALiBi slopes, the ``tmp`` scratch).
+
+Decode, prefill, sinks and MLA are siblings: each imports this module, none imports another's private names.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from ...dtypes import DType
+from ...launch import checks
+from ...producers import _readers, reader
+from ...tensor import Tensor
+from . import plan_settings as S
+from .variants import POS_ENCODINGS, Variant, resolve
+from .workspace import Workspace, tmp_bytes_needed
+
+# The position-encoding modes the kernels take (``pos_encoding_mode``), by name.
+POS_NONE = POS_ENCODINGS["NONE"]
+POS_ROPE_LLAMA = POS_ENCODINGS["ROPE_LLAMA"]
+POS_ALIBI = POS_ENCODINGS["ALIBI"]
+
+_ATTENTION_DTYPES = frozenset(("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"))
+
+
+@functools.lru_cache(maxsize=256)
+def variant_uri(
+    kind: str,
+    q: DType,
+    kv: DType,
+    o: DType,
+    idx: DType | None,
+    head_dim_qk: int,
+    head_dim_vo: int,
+    pos: int,
+    swa: bool,
+    cap: bool,
+    fp16_qk: bool = False,
+    backend: str = "fa2",
+) -> tuple[Variant, str]:
+    """(variant, URI) of the module for these settings; KernelNotFoundError if the wheels lack it."""
+    v = Variant(kind, q, kv, o, head_dim_qk, head_dim_vo, idx, pos, swa, cap, fp16_qk, backend)
+    return v, resolve(v)
+
+
+@functools.lru_cache(maxsize=64)
+def empty(dt: DType, device: Any) -> Tensor:
+    """A ``[0]``-shaped descriptor with no data (for parameters that only carry a dtype, or disable scratch)."""
+    return Tensor(0, (0,), dt, device)
+
+
+def layout_key(name: str, value: Any, stream: Any = None) -> Any:
+    """The launcher's layout key of a tensor argument (a value), read as the launcher reads it; a producer that
+    cannot be read is described by :func:`fi_ffi.as_tensor` instead, which raises the error naming ``name``."""
+    try:
+        return (_readers.get(value.__class__) or reader(value.__class__))(value, stream)[0]
+    except Exception:
+        return checks.tensor(name, value)._lid
+
+
+def extent(name: str, value: Any, dim: int = 0) -> int:
+    """``value.shape[dim]`` (read without describing the tensor where the producer has a ``shape``)."""
+    try:
+        n = value.shape[dim]
+        if n.__class__ is int:
+            return n  # type: ignore[no-any-return]
+    except Exception:
+        pass
+    t = checks.tensor(name, value)
+    if t.ndim <= dim:
+        raise ValueError(f"{name}: expected at least {dim + 1} dimensions, got shape {t.shape}")
+    return t.shape[dim]
+
+
+def check_workspace(value: Any) -> Workspace:
+    """``value`` itself if it is a :class:`~.workspace.Workspace`, else a TypeError naming ``workspace``."""
+    if not isinstance(value, Workspace):
+        raise TypeError(
+            f"workspace: expected a fi_ffi.Workspace (Workspace.allocate() or "
+            f"Workspace.from_buffers()), got {type(value).__name__}"
+        )
+    return value
+
+
+def alibi_required(pos_encoding: Any, alibi_slopes: Any) -> None:
+    """ALiBi slopes are passed exactly with pos_encoding ALIBI (checked before the module is looked up)."""
+    if alibi_slopes is None and pos_encoding.__class__ is str and pos_encoding == "NONE":
+        return
+    pos = S.pos_encoding(pos_encoding)
+    if pos == POS_ALIBI and alibi_slopes is None:
+        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
+    if pos != POS_ALIBI and alibi_slopes is not None:
+        raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
+
+
+def check_module_dtype(name: str, t: Tensor) -> None:
+    """Attention modules exist for these element types only: a clear error instead of a missing variant."""
+    if t.dtype.name not in _ATTENTION_DTYPES:
+        raise TypeError(
+            f"{name}: no attention module exists for dtype {t.dtype.name} (float16, bfloat16; FP8 for the KV cache)"
+        )
+
+
+def check_tmp(
+    tmp: Tensor, dev: Any, kv_len: int, qo_len: int, hq: int, hk: int, d_vo: int, o_itemsize: int, prefill: bool
+) -> None:
+    """``tmp``: empty (no split) or a contiguous 1-D device buffer large enough for the kernel's split."""
+    if tmp.shape == (0,):
+        return
+    if tmp.ndim != 1 or not tmp.is_contiguous():
+        raise ValueError(f"tmp: expected a contiguous 1-D scratch buffer, got shape {tmp.shape}")
+    if tmp.device != dev:
+        raise ValueError(f"tmp: expected a device buffer on {dev}, got one on {tmp.device}")
+    if kv_len > 256:
+        need = tmp_bytes_needed(dev.device_id, kv_len, qo_len, hq, hk, d_vo, o_itemsize, prefill=prefill)
+        have = tmp.shape[0] * tmp.dtype.itemsize
+        if need and have < need:
+            raise ValueError(
+                f"tmp: the kernel may need up to {need} bytes of scratch for kv_len {kv_len}, got "
+                f"{have}; pass a larger buffer (upstream uses 32 MiB) or None"
+            )
