@@ -746,12 +746,13 @@ from fi_ffi.comm import (  # noqa: E402
     watchdog,
 )
 from fi_ffi.models import config as model_config  # noqa: E402
-from fi_ffi.models import (  # noqa: E402  # noqa: E402
+from fi_ffi.models import (  # noqa: E402
     deepseek,
     deepseek_config,
     deepseek_routing,
     engines,
     family_configs,
+    gemma2,
     gpt_oss,
     mla_weights,
     moe,
@@ -992,6 +993,16 @@ def _ds_routing() -> Any:
     return deepseek_config.DeepSeekConfig.from_dict(dict(DEEPSEEK)).routing
 
 
+engine_modules = {"gemma2": gemma2, "gpt_oss": gpt_oss, "deepseek": deepseek}
+ENGINE_KINDS = {
+    "model_dir": "path",
+    "max_seq_len": "opt_int",
+    "num_pages": "opt_int",
+    "max_prefill_tokens": "opt_int",
+    "device": "opt_int",
+    "comm": "opt_object",
+    "fused_routing": "opt_bool",
+}
 ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     # fi_ffi.comm
     "env.read_env": lambda: [
@@ -1391,6 +1402,28 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
+    # the engines: their argument and config checks run before the device is opened (here: no GPU, the end)
+    **{
+        f"{module}.{cls}": lambda module=module, cls=cls, config=config: [
+            (
+                cls,
+                Entry(
+                    getattr(engine_modules[module], cls),
+                    lambda: {"model_dir": _family_dir(module, config())},
+                    kinds=ENGINE_KINDS,
+                ),
+            )
+        ]
+        for module, cls, config in (
+            ("gemma2", "Gemma2Engine", lambda: {**CONFIG, **GEMMA2, "model_type": "gemma2"}),
+            (
+                "gpt_oss",
+                "GptOssEngine",
+                lambda: {**CONFIG, **GPT_OSS, **GPT_OSS_MOE, "model_type": "gpt_oss", "rope_scaling": GPT_OSS_YARN},
+            ),
+            ("deepseek", "DeepSeekEngine", lambda: DEEPSEEK),
+        )
+    },
     # the prepared segment GEMM (fi_ffi.ops; not exported by fi_ffi: the MoE layer's fixed-capacity path)
     "ops.segment_gemm.prepare_segment_gemm": lambda: [
         (
@@ -1495,9 +1528,6 @@ EXEMPT: dict[str, str] = {
         ],
         _RECORD,
     ),
-    # the family engines: their constructors read config.json through the parsers above (engine_class, the config
-    # generators), then need CuPy and a GPU; tests/test_family_configs.py and test_deepseek.py cover their refusals
-    **dict.fromkeys(["deepseek.DeepSeekEngine", "gemma2.Gemma2Engine", "gpt_oss.GptOssEngine"], _GPU),
     "gpt_oss.check_checkpoint": "reads a safetensors checkpoint (the Checkpoint above): tests/test_family_configs.py",
     "weights.WeightLoader": "uploads through the caller's CuPy module onto a GPU: the GPU model suites",
     "watchdog.bootstrap": "opens sockets to rank 0 (its DistEnv comes from read_env, above): test_comm_watchdog.py",
