@@ -754,6 +754,7 @@ from fi_ffi.models import (  # noqa: E402
     family_configs,
     gemma2,
     gpt_oss,
+    llama,
     mla_weights,
     moe,
     moe_routing,
@@ -993,7 +994,7 @@ def _ds_routing() -> Any:
     return deepseek_config.DeepSeekConfig.from_dict(dict(DEEPSEEK)).routing
 
 
-engine_modules = {"gemma2": gemma2, "gpt_oss": gpt_oss, "deepseek": deepseek}
+engine_modules = {"gemma2": gemma2, "gpt_oss": gpt_oss, "deepseek": deepseek, "llama": llama}
 ENGINE_KINDS = {
     "model_dir": "path",
     "max_seq_len": "opt_int",
@@ -1422,6 +1423,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
                 lambda: {**CONFIG, **GPT_OSS, **GPT_OSS_MOE, "model_type": "gpt_oss", "rope_scaling": GPT_OSS_YARN},
             ),
             ("deepseek", "DeepSeekEngine", lambda: DEEPSEEK),
+            ("llama", "LlamaEngine", lambda: CONFIG),
         )
     },
     # the prepared segment GEMM (fi_ffi.ops; not exported by fi_ffi: the MoE layer's fixed-capacity path)
@@ -1508,7 +1510,6 @@ EXEMPT: dict[str, str] = {
             "workspace",
         )
     },
-    "llama.LlamaEngine": _GPU,
     "llama.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/test_llama_host.py",
     "llama.step_views": "the engine's own views of its step buffers (fi_ffi's values): test_llama_host.py",
     "moe.MoELayer": _GPU,
