@@ -12,7 +12,8 @@ A failure is one :class:`~fi_ffi.errors.CudaError` naming the call, the CUDA err
 it carries the error code (``code``) so that a caller that must say "no GPU" differently (the device queries
 of :mod:`fi_ffi.launch.device` raise :class:`~fi_ffi.errors.UnsupportedDeviceError`) converts it there, by code
 (:func:`no_device`). ``cuda.bindings.runtime`` is imported on first use (a few hundred milliseconds), never at
-import of fi_ffi. The CUDA *driver* calls on the per-plan hot path are not here: see :mod:`fi_ffi.driver`.
+import of fi_ffi. The CUDA *driver* calls on the per-plan hot path are made through :mod:`fi_ffi.driver` (cffi,
+no per-call objects); their failures become the same CudaError through :func:`driver_error` / :func:`no_driver`.
 """
 
 from __future__ import annotations
@@ -108,9 +109,35 @@ def check(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def driver_error(err: int, what: str) -> CudaError:
+    """The :class:`CudaError` for ``CUresult`` ``err`` of the CUDA *driver* call ``what`` (:mod:`fi_ffi.driver`).
+
+    The driver's codes agree with the runtime's where the hints differ (2 out of memory, 3/34/100/999 no usable
+    GPU, 101 bad ordinal), so :func:`hint` and :func:`no_device` hold for both.
+    """
+    from . import driver
+
+    return CudaError(what, int(err), driver.error_name(err), "a CUDA driver call failed", hint(int(err)))
+
+
+def no_driver(what: str) -> CudaError:
+    """The :class:`CudaError` for a driver call ``what`` made where libcuda cannot be loaded or initialised."""
+    return CudaError(what, 100, "", "cannot use the CUDA driver (libcuda.so.1)", _HINT_NO_DEVICE)
+
+
 def no_device(exc: CudaError) -> bool:
     """True if ``exc`` means there is no usable GPU at all (no driver, no device, or cuda-bindings missing)."""
     return exc.code is None or exc.code in NO_DEVICE_CODES
 
 
-__all__ = ["NO_DEVICE_CODES", "CudaError", "check", "error", "hint", "no_device", "runtime"]
+__all__ = [
+    "NO_DEVICE_CODES",
+    "CudaError",
+    "check",
+    "driver_error",
+    "error",
+    "hint",
+    "no_device",
+    "no_driver",
+    "runtime",
+]

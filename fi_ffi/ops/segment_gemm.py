@@ -541,12 +541,12 @@ def segment_gemm_args_bytes(batch_size: int) -> int:
 
 def _copy_sync(dst: int, data: bytes, device_id: int) -> None:
     """Copy ``data`` from the host to device address ``dst`` and wait for it (driver ``cuMemcpyHtoD``)."""
-    from ..errors import KernelError
+    from .. import cuda_runtime
     from ..launch import device
 
     lib = driver.load()
     if lib is None:
-        raise KernelError("RuntimeError", "cannot use the CUDA driver (libcuda.so.1)", function="cuMemcpyHtoD")
+        raise cuda_runtime.no_driver("cuMemcpyHtoD")
     from ..abi.cdefs import get_ffi
 
     ffi = get_ffi()
@@ -557,7 +557,7 @@ def _copy_sync(dst: int, data: bytes, device_id: int) -> None:
     finally:
         device.restore(previous)
     if err:
-        raise KernelError("RuntimeError", f"cuMemcpyHtoD failed: {driver.error_name(err)}", function="cuMemcpyHtoD")
+        raise cuda_runtime.driver_error(err, "cuMemcpyHtoD")
 
 
 def _indptr(seg_lens: Any, seg_indptr: Any, batch_size: int) -> np.ndarray:
