@@ -33,7 +33,7 @@ _BAD_DEVICE_CODES = frozenset((101,))  # cudaErrorInvalidDevice
 
 _HINT_NO_DEVICE = (
     "No usable CUDA GPU: check that `nvidia-smi` lists one, that CUDA_VISIBLE_DEVICES does not hide it and that the "
-    "driver is at least as new as the CUDA runtime (`python -m fi_ffi info` shows both)"
+    "driver is at least as new as the CUDA runtime (`python -m fi_ffi doctor` shows both)"
 )
 _HINT_MEMORY = "The device is out of memory: free buffers, or ask for smaller ones"
 _HINT_BAD_DEVICE = "The device ordinal does not exist: use one below cudaGetDeviceCount() (`nvidia-smi` lists them)"

@@ -40,6 +40,7 @@ from ... import cuda_runtime, driver
 from ...cuda_runtime import check as _check  # CUDA runtime results: values, or the one CudaError
 from ...cuda_runtime import runtime as _rt  # cuda.bindings.runtime, imported on first use
 from ...dtypes import Device
+from ...errors import CudaError
 from ...launch import checks
 from ...launch.aliasing import disjoint
 from ...tensor import Tensor
@@ -343,11 +344,10 @@ def _device_max_resident_blocks(device_id: int) -> int | None:
         try:
             rt = _rt()
             a = rt.cudaDeviceAttr
-            e1, sms = rt.cudaDeviceGetAttribute(a.cudaDevAttrMultiProcessorCount, device_id)
-            e2, per_sm = rt.cudaDeviceGetAttribute(a.cudaDevAttrMaxBlocksPerMultiprocessor, device_id)
-            ok = e1 == e2 == rt.cudaError_t.cudaSuccess
-            _max_blocks[device_id] = int(sms) * int(per_sm) if ok else None
-        except Exception:  # no driver / no cuda-bindings: unknown
+            sms = _check(rt.cudaDeviceGetAttribute(a.cudaDevAttrMultiProcessorCount, device_id), "SM count")
+            per_sm = _check(rt.cudaDeviceGetAttribute(a.cudaDevAttrMaxBlocksPerMultiprocessor, device_id), "blocks/SM")
+            _max_blocks[device_id] = int(sms) * int(per_sm)
+        except (CudaError, OverflowError):  # no driver / no device / no cuda-bindings: unknown
             _max_blocks[device_id] = None
     return _max_blocks[device_id]
 
