@@ -75,3 +75,22 @@ def test_comm_cuda_error_is_the_one_class() -> None:
     from fi_ffi.comm import cuda as comm_cuda
 
     assert comm_cuda.CudaError is CudaError
+
+
+def test_driver_results_become_the_same_error() -> None:  # fi_ffi.driver's cffi calls (event, staging copy)
+    exc = cuda_runtime.driver_error(2, "cuMemcpyHtoDAsync")
+    assert type(exc) is CudaError and exc.code == 2 and "out of memory" in str(exc)
+    assert str(exc).startswith("cuMemcpyHtoDAsync failed: ") and exc.name in str(exc)  # CUDA_ERROR_... / CUresult 2
+    missing = cuda_runtime.no_driver("cuEventRecord")
+    assert cuda_runtime.no_device(missing) and "libcuda.so.1" in str(missing) and "nvidia-smi" in str(missing)
+
+
+def test_device_queries_say_no_gpu_as_unsupported_device() -> None:  # the one documented conversion
+    from fi_ffi.errors import UnsupportedDeviceError
+    from fi_ffi.launch import device
+
+    if not _no_gpu():
+        pytest.skip("a usable GPU is present")
+    with pytest.raises(UnsupportedDeviceError, match=r"no CUDA device is available \(cudaGetDevice failed") as info:
+        device.current_device()
+    assert isinstance(info.value.__cause__, CudaError) and cuda_runtime.no_device(info.value.__cause__)

@@ -652,16 +652,14 @@ def _check_operands(
 
 def _stage(ws: Workspace, data: bytes, stream: int) -> None:
     """Write ``data`` into the page-locked buffer and enqueue its copy into the int buffer on ``stream``."""
+    from .. import cuda_runtime
     from ..abi.cdefs import get_ffi
-    from ..errors import KernelError
 
     lib = driver.load()
     if lib is None:
-        raise KernelError("RuntimeError", "cannot use the CUDA driver (libcuda.so.1)", function="cuMemcpyHtoDAsync")
+        raise cuda_runtime.no_driver("cuMemcpyHtoDAsync")
     ffi = get_ffi()
     ffi.memmove(ffi.cast("char *", ws.pinned_buffer.data_ptr), data, len(data))
     err = lib.cuMemcpyHtoDAsync_v2(ws.int_buffer.data_ptr, ws.pinned_buffer.data_ptr, len(data), stream)
     if err:
-        raise KernelError(
-            "RuntimeError", f"cuMemcpyHtoDAsync failed: {driver.error_name(err)}", function="cuMemcpyHtoDAsync"
-        )
+        raise cuda_runtime.driver_error(err, "cuMemcpyHtoDAsync")
