@@ -650,7 +650,10 @@ def _verdict(
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # a deeply nested list; an int past the digit limit
+        return f"<{type(value).__name__} too deep or too long to print>"
     return text if len(text) <= 60 else text[:28] + "..." + text[-28:]
 
 
@@ -739,9 +742,29 @@ from test_comm_kernels import (  # noqa: E402 - the comm builders, and the fixtu
 )
 
 from fi_ffi.comm import env as comm_env  # noqa: E402
-from fi_ffi.comm import nccl, trtllm_ar, vllm_ar  # noqa: E402
+from fi_ffi.comm import launch as comm_launch  # noqa: E402
+from fi_ffi.comm import (  # noqa: E402
+    nccl,
+    trtllm_ar,
+    vllm_ar,
+    watchdog,
+)
 from fi_ffi.models import config as model_config  # noqa: E402
-from fi_ffi.models import moe, moe_routing, paging, tensor_parallel  # noqa: E402
+from fi_ffi.models import (  # noqa: E402
+    deepseek,
+    deepseek_config,
+    deepseek_routing,
+    engines,
+    family_configs,
+    gemma2,
+    gpt_oss,
+    llama,
+    mla_weights,
+    moe,
+    moe_routing,
+    paging,
+    tensor_parallel,
+)
 from fi_ffi.ops import segment_gemm as seg  # noqa: E402
 
 _TOP = 1 << 64
@@ -844,6 +867,147 @@ def _segment_gemm_call() -> dict[str, Any]:
     )
 
 
+# a small DeepSeek-V3 config (MoE with grouped noaux_tc routing, YaRN): every key varied one at a time
+DEEPSEEK = {
+    "model_type": "deepseek_v3",
+    "vocab_size": 1000,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "n_shared_experts": 1,
+    "n_routed_experts": 8,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 64,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 32,
+    "qk_nope_head_dim": 32,
+    "topk_method": "noaux_tc",
+    "n_group": 2,
+    "topk_group": 1,
+    "num_experts_per_tok": 2,
+    "moe_layer_freq": 1,
+    "first_k_dense_replace": 1,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
+}
+YARN = {
+    "type": "yarn",
+    "factor": 40.0,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+# gemma-2 and gpt-oss keys their settings read (the rest of config.json is LlamaConfig's, above)
+GEMMA2 = {
+    "query_pre_attn_scalar": 256.0,  # a float setting (published as 256 or 224; any number > 0 is a scale)
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "sliding_window": 4096,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "attention_bias": False,
+}
+GPT_OSS = {"sliding_window": 128, "swiglu_limit": 7.0, "attention_bias": True}  # rope_theta: LlamaConfig's
+GPT_OSS_MOE = {"num_local_experts": 4, "num_experts_per_tok": 2}
+GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "truncate": False}
+NESTED: Any = 0
+for _ in range(100_000):  # deeper than any recursion limit
+    NESTED = [NESTED]
+
+
+def _family_values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """config.json values of the DeepSeek / Gemma 2 / gpt-oss keys, by the kind of the valid one."""
+    if key == "eos_token_id":
+        return _config_values(key, value)
+    if key in ("mscale", "mscale_all_dim", "attn_logit_softcapping", "final_logit_softcapping"):  # 0: off
+        return tuple(v for v in _family_values("", value)[0] if not _same(v, 0.0)), (0.0, 0, 1.0, None)
+    if key in ("n_shared_experts", "first_k_dense_replace"):  # 0: none
+        return tuple(v for v in (*CFG_INT[0], NESTED) if not _same(v, 0)), (0, *CFG_INT[1])
+    if isinstance(value, bool):
+        return (None, 1, 0, "true", 1.5, [True], {}), (True, False)
+    if isinstance(value, str):
+        return (None, 5, "nonsense", [value], {}, b"x", "x\0"), (value,)
+    if isinstance(value, float):
+        return (NAN, INF, -INF, HUGE, -HUGE, 0.0, -1.0, True, "1.0", [1.0], {}, NESTED), (1, 1e-300, 1e300, None)
+    return (*CFG_INT[0], NESTED), (None, *CFG_INT[1])
+
+
+def _deepseek_yarn(rope_scaling: dict[str, Any]) -> Any:
+    """DeepSeekConfig.from_dict of DEEPSEEK with ``rope_scaling`` (its YaRN keys varied one at a time)."""
+    return deepseek_config.DeepSeekConfig.from_dict({**DEEPSEEK, "rope_scaling": rope_scaling})
+
+
+def _gpt_oss_yarn(rope_scaling: dict[str, Any]) -> Any:
+    """gpt_oss_settings of GPT_OSS with ``rope_scaling`` (its YaRN keys varied one at a time)."""
+    return family_configs.gpt_oss_settings({**GPT_OSS, "rope_scaling": rope_scaling}, 2, "config.json")
+
+
+from pathlib import Path  # noqa: E402
+
+
+def _bad_config_dirs() -> tuple[str, ...]:
+    """Directories whose config.json is broken: deeply nested JSON, a 5000-digit number, a NUL byte, not UTF-8,
+    a top level that is no object, empty (made once per session; each must be refused naming model_dir), and a
+    million-entry list under a DeepSeek model_type (last: a parser refuses it by key, a dispatcher may pass it)."""
+    texts: dict[str, bytes] = {
+        "nested": b"[" * 200_000 + b"]" * 200_000,
+        "nested_obj": b'{"model_type": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001,
+        "digits": b'{"model_type": "deepseek_v3", "vocab_size": ' + b"9" * 5000 + b"}",
+        "nul": b'{"model_type": "deepseek_v3\x00"}',
+        "latin1": b'{"model_type": "\xff"}',
+        "list": b"[1, 2, 3]",
+        "empty": b"",
+        "huge_list": b'{"model_type": "deepseek_v3", "layer_types": [' + b"1," * 1_000_000 + b"1]}",
+    }
+    if "bad" not in _family_dirs:
+        import tempfile
+
+        _family_dirs["bad"] = tempfile.TemporaryDirectory(prefix="fi_ffi_campaign_bad_")
+        for name, text in texts.items():
+            d = Path(_family_dirs["bad"].name) / name
+            d.mkdir()
+            (d / "config.json").write_bytes(text)
+    return tuple(str(Path(_family_dirs["bad"].name) / name) for name in texts)
+
+
+_family_dirs: dict[str, Any] = {}
+
+
+def _family_dir(name: str, config: dict[str, Any]) -> str:
+    """A checkpoint directory holding ``config`` as config.json (made once per session)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    if name not in _family_dirs:
+        _family_dirs[name] = tempfile.TemporaryDirectory(prefix=f"fi_ffi_campaign_{name}_")
+        (Path(_family_dirs[name].name) / "config.json").write_text(json.dumps(config))
+    return str(_family_dirs[name].name)
+
+
+def _ds_routing() -> Any:
+    return deepseek_config.DeepSeekConfig.from_dict(dict(DEEPSEEK)).routing
+
+
+engine_modules = {"gemma2": gemma2, "gpt_oss": gpt_oss, "deepseek": deepseek, "llama": llama}
+ENGINE_KINDS = {
+    "model_dir": "path",
+    "max_seq_len": "opt_int",
+    "num_pages": "opt_int",
+    "max_prefill_tokens": "opt_int",
+    "device": "opt_int",
+    "comm": "opt_object",
+    "fused_routing": "opt_bool",
+}
 ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     # fi_ffi.comm
     "env.read_env": lambda: [
@@ -1046,6 +1210,226 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
+    "deepseek_config.DeepSeekConfig": lambda: [
+        (
+            "DeepSeekConfig.from_dict",
+            Entry(
+                deepseek_config.DeepSeekConfig.from_dict,
+                lambda: {"d": dict(DEEPSEEK), "source": "config.json"},
+                fields=("d", _family_values),
+                kinds={"source": "label"},
+            ),
+        ),
+        (
+            "DeepSeekConfig YaRN",
+            Entry(_deepseek_yarn, lambda: {"rope_scaling": dict(YARN)}, fields=("rope_scaling", _family_values)),
+        ),
+        (
+            "DeepSeekConfig.from_dir",
+            Entry(
+                deepseek_config.DeepSeekConfig.from_dir,
+                lambda: {"model_dir": _family_dir("deepseek", DEEPSEEK)},
+                kinds={"model_dir": "path"},
+            ),
+        ),
+    ],
+    "deepseek_config.is_deepseek": lambda: [
+        (
+            "is_deepseek",
+            Entry(
+                deepseek_config.is_deepseek,
+                lambda: {"model_dir": _family_dir("deepseek", DEEPSEEK)},
+                kinds={"model_dir": "path_or_false"},
+            ),
+        )
+    ],
+    "deepseek_routing.grouped_topk": lambda: [
+        (
+            "grouped_topk",
+            Entry(
+                deepseek_routing.grouped_topk,
+                lambda: dict(
+                    logits=np.zeros((3, 8), np.float32),
+                    top_k=2,
+                    routing=_ds_routing(),
+                    renormalize=True,
+                    bias=np.zeros(8, np.float32),
+                ),
+                kinds={"routing": "object", "bias": "opt_array"},
+            ),
+        )
+    ],
+    "deepseek.fused_routing_blocker": lambda: [
+        (
+            "fused_routing_blocker",
+            Entry(
+                deepseek.fused_routing_blocker,
+                lambda: {"c": deepseek_config.DeepSeekConfig.from_dict(dict(DEEPSEEK))},
+                kinds={"c": "object"},
+            ),
+        )
+    ],
+    "mla_weights.split_kv_b": lambda: [
+        (
+            "split_kv_b",
+            Entry(
+                mla_weights.split_kv_b,
+                lambda: dict(kv_b=np.zeros((2 * (32 + 16), 64), np.float32), heads=2, nope=32, v_dim=16),
+            ),
+        )
+    ],
+    "family_configs.gemma2_settings": lambda: [
+        (
+            "gemma2_settings",
+            Entry(
+                family_configs.gemma2_settings,
+                lambda: dict(d=dict(GEMMA2), num_layers=2, source="config.json"),
+                fields=("d", _family_values),
+                kinds={"source": "label"},
+            ),
+        )
+    ],
+    "family_configs.gpt_oss_settings": lambda: [
+        (
+            "gpt_oss_settings",
+            Entry(
+                family_configs.gpt_oss_settings,
+                lambda: dict(d=dict(GPT_OSS), num_layers=2, source="config.json"),
+                fields=("d", _family_values),
+                kinds={"source": "label"},
+            ),
+        ),
+        (
+            "gpt_oss_settings YaRN",
+            Entry(_gpt_oss_yarn, lambda: {"rope_scaling": dict(GPT_OSS_YARN)}, fields=("rope_scaling", _family_values)),
+        ),
+    ],
+    "family_configs.layer_windows": lambda: [
+        (
+            "layer_windows",
+            Entry(
+                family_configs.layer_windows,
+                lambda: dict(
+                    d={"layer_types": ["sliding_attention", "full_attention"]},
+                    num_layers=2,
+                    sliding_window=128,
+                    source="config.json",
+                ),
+                kinds={"source": "label", "d": "object"},
+            ),
+        )
+    ],
+    "engines.engine_class": lambda: [
+        (
+            f"engine_class ({name})",
+            Entry(
+                engines.engine_class,
+                lambda c=c, name=name: {"model_dir": _family_dir(name, c)},
+                kinds={"model_dir": "path"},
+            ),
+        )
+        for name, c in (
+            ("llama", CONFIG),
+            ("deepseek", DEEPSEEK),
+            ("gemma2", {**CONFIG, **GEMMA2, "model_type": "gemma2"}),
+        )
+    ],
+    "engines.open_engine": lambda: [
+        ("open_engine", Entry(engines.open_engine, lambda: {"model_dir": _model_dir()}, kinds={"model_dir": "path"}))
+    ],
+    "gpt_oss.expert_matrices": lambda: [
+        (
+            "expert_matrices",
+            Entry(
+                gpt_oss.expert_matrices,
+                lambda: dict(
+                    gate_up=np.zeros((2, 8, 12), np.float32),
+                    gate_up_bias=np.zeros((2, 12), np.float32),
+                    down=np.zeros((2, 6, 8), np.float32),
+                ),
+            ),
+        )
+    ],
+    "gpt_oss.rope_cos_sin_cache": lambda: [
+        (
+            "rope_cos_sin_cache",
+            Entry(
+                gpt_oss.rope_cos_sin_cache,
+                lambda: dict(
+                    cfg=model_config.LlamaConfig.from_dict(
+                        {
+                            **CONFIG,
+                            **GPT_OSS,
+                            "model_type": "gpt_oss",
+                            "rope_scaling": dict(GPT_OSS_YARN),
+                            **GPT_OSS_MOE,
+                        }
+                    ),
+                    positions=16,
+                ),
+                kinds={"cfg": "object", "positions": "size"},
+            ),
+        )
+    ],
+    "tensor_parallel.VocabShard": lambda: [
+        ("VocabShard.of", Entry(tensor_parallel.VocabShard.of, lambda: dict(vocab=1000, rank=1, parts=3))),
+        (
+            "VocabShard.take",
+            Entry(
+                lambda table: tensor_parallel.VocabShard.of(10, 1, 3).take(table),
+                lambda: dict(table=np.zeros((10, 4), np.float32)),
+            ),
+        ),
+    ],
+    "tensor_parallel.combine_shard_argmax": lambda: [
+        (
+            "combine_shard_argmax",
+            Entry(
+                tensor_parallel.combine_shard_argmax,
+                lambda: dict(values=np.zeros((2, 3), np.float32), indices=np.array([[0, 1, 2], [5, 6, 7]], np.int32)),
+            ),
+        )
+    ],
+    "tensor_parallel.expert_rows": lambda: [
+        (
+            "expert_rows",
+            Entry(tensor_parallel.expert_rows, lambda: dict(weight=np.zeros((2, 8, 4), np.float32), rank=1, parts=2)),
+        )
+    ],
+    "launch.describe_exit": lambda: [("describe_exit", Entry(comm_launch.describe_exit, lambda: dict(code=-9)))],
+    "watchdog.Watchdog": lambda: [
+        (
+            "Watchdog",
+            Entry(
+                watchdog.Watchdog,
+                lambda: dict(env=comm_env.read_env({**TORCHRUN, **ADDR}), on_lost=print),
+                kinds={"env": "object", "on_lost": "opt_callable"},
+            ),
+        )
+    ],
+    # the engines: their argument and config checks run before the device is opened (here: no GPU, the end)
+    **{
+        f"{module}.{cls}": lambda module=module, cls=cls, config=config: [
+            (
+                cls,
+                Entry(
+                    getattr(engine_modules[module], cls),
+                    lambda: {"model_dir": _family_dir(module, config())},
+                    kinds=ENGINE_KINDS,
+                ),
+            )
+        ]
+        for module, cls, config in (
+            ("gemma2", "Gemma2Engine", lambda: {**CONFIG, **GEMMA2, "model_type": "gemma2"}),
+            (
+                "gpt_oss",
+                "GptOssEngine",
+                lambda: {**CONFIG, **GPT_OSS, **GPT_OSS_MOE, "model_type": "gpt_oss", "rope_scaling": GPT_OSS_YARN},
+            ),
+            ("deepseek", "DeepSeekEngine", lambda: DEEPSEEK),
+            ("llama", "LlamaEngine", lambda: CONFIG),
+        )
+    },
     # the prepared segment GEMM (fi_ffi.ops; not exported by fi_ffi: the MoE layer's fixed-capacity path)
     "ops.segment_gemm.prepare_segment_gemm": lambda: [
         (
@@ -1130,7 +1514,6 @@ EXEMPT: dict[str, str] = {
             "workspace",
         )
     },
-    "llama.LlamaEngine": _GPU,
     "llama.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/test_llama_host.py",
     "llama.step_views": "the engine's own views of its step buffers (fi_ffi's values): test_llama_host.py",
     "moe.MoELayer": _GPU,
@@ -1140,46 +1523,19 @@ EXEMPT: dict[str, str] = {
     "paging.Scheduler": "the engine's scheduler, made from a checked LlamaConfig: tests/test_llama_host.py",
     "paging.fill_decode": "fills the engine's own arrays from its scheduler's requests: test_llama_host.py",
     "paging.fill_prefill": "fills the engine's own arrays from its scheduler's requests: test_llama_host.py",
-    # Entry points merged after this campaign was written, each with its own tests but no case generator here yet
-    # (a gap, stated): give each one valid calls in ENTRY_POINTS and drop it from this list.
-    **{
-        n: f"no case generator yet; covered by {where}"
-        for where, names in {
-            "tests/test_deepseek.py": (
-                "deepseek.DeepSeekEngine",
-                "deepseek.fused_routing_blocker",
-                "deepseek_config.DeepSeekConfig",
-                "deepseek_config.DeepSeekRouting",
-                "deepseek_config.YarnConfig",
-                "deepseek_config.is_deepseek",
-                "deepseek_routing.grouped_topk",
-                "mla_weights.split_kv_b",
-            ),
-            "tests/test_family_configs.py": (
-                "engines.engine_class",
-                "engines.open_engine",
-                "family_configs.Gemma2Settings",
-                "family_configs.GptOssSettings",
-                "family_configs.YarnRope",
-                "family_configs.gemma2_settings",
-                "family_configs.gpt_oss_settings",
-                "family_configs.layer_windows",
-                "gemma2.Gemma2Engine",
-                "gpt_oss.GptOssEngine",
-                "gpt_oss.check_checkpoint",
-                "gpt_oss.expert_matrices",
-                "gpt_oss.rope_cos_sin_cache",
-            ),
-            "tests/test_comm_watchdog.py": ("launch.describe_exit", "watchdog.Watchdog", "watchdog.bootstrap"),
-            "tests/test_llama_tp.py": (
-                "tensor_parallel.VocabShard",
-                "tensor_parallel.combine_shard_argmax",
-                "tensor_parallel.expert_rows",
-            ),
-            "the GPU model suites (tests/test_gpu_*.py)": ("weights.WeightLoader",),
-        }.items()
-        for n in names
-    },
+    **dict.fromkeys(
+        [
+            "deepseek_config.DeepSeekRouting",
+            "deepseek_config.YarnConfig",
+            "family_configs.Gemma2Settings",
+            "family_configs.GptOssSettings",
+            "family_configs.YarnRope",
+        ],
+        _RECORD,
+    ),
+    "gpt_oss.check_checkpoint": "reads a safetensors checkpoint (the Checkpoint above): tests/test_family_configs.py",
+    "weights.WeightLoader": "uploads through the caller's CuPy module onto a GPU: the GPU model suites",
+    "watchdog.bootstrap": "opens sockets to rank 0 (its DistEnv comes from read_env, above): test_comm_watchdog.py",
     "tensor_parallel.ResidualAllReduce": "made over AllReduceFusionWorkspace, Communicator (above): test_llama_tp.py",
 }
 
@@ -1196,7 +1552,14 @@ ENTRY_KINDS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
         (None, 5, "x", b"12", [0, 1 << 40], [-1, 1 << 40], [1.5, 2.0], [1 << 64, 1 << 40], [HUGE, 1], [None, 1]),
         ([1 << 40] * 4, [1 << 40]),
     ),
-    "path": ((None, 5, 1.5, b"/tmp", "/tmp/a\0b", "/nonexistent/fi_ffi", ["x"], {}), ()),
+    # (the last broken directory is refused by its key, not by model_dir: is_deepseek's maybe-valid values only)
+    "path": ((None, 5, 1.5, b"/tmp", "/tmp/a\0b", "/nonexistent/fi_ffi", ["x"], {}, *_bad_config_dirs()[:-1]), ()),
+    # is_deepseek: a directory without a readable DeepSeek config.json is "not DeepSeek" (False), not an error
+    "path_or_false": ((None, 5, 1.5, b"/tmp", ["x"], {}), ("/nonexistent/fi_ffi", "/tmp/a\0b", *_bad_config_dirs())),
+    "opt_array": ((*COMMON_INVALID, 5, 1.5, NAN, True, [1.5], np.zeros(3, np.float32), np.array(["a"] * 8)), ()),
+    "opt_callable": (("x", 5, 1.5, {}), (None,)),
+    # a count of rows a host table gets (bounded: 2**31 rows would allocate gigabytes)
+    "size": ((None, 1.5, NAN, INF, HUGE, True, "5", [1], np.float64(2.0), -1, 2**31, 2**63, 2**70), (0, 1, 4096)),
 }
 # arguments another name of which an error may use instead (load_backend's ``name`` is the caller's ``backend``)
 ENTRY_PARTNERS = {"name": ("name", "backend")}

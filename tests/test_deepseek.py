@@ -156,7 +156,7 @@ def test_transformers5_rope_parameters_spelling() -> None:
         ({"kv_lora_rank": 256}, "kv_lora_rank"),
         ({"qk_rope_head_dim": 32}, "qk_rope_head_dim"),
         ({"quantization_config": V3_FP8["quantization_config"]}, "quantization_config"),
-        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear'"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, r"rope_type \(or type\) 'linear'"),
         ({"scoring_func": "softmax"}, "scoring_func"),
         ({"topk_method": "greedy"}, "topk_method"),
         ({"moe_layer_freq": 2}, "moe_layer_freq"),

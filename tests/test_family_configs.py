@@ -105,7 +105,7 @@ def test_gpt_oss_mxfp4_is_refused_with_the_recipe() -> None:
     ("change", "key"),
     [
         ({"attention_bias": False}, "attention_bias"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope type"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_type"),
         ({"rope_scaling": {"rope_type": "yarn"}}, "factor"),
         ({"rope_scaling": {**GPT_OSS["rope_scaling"], "truncate": "no"}}, "truncate"),
         ({"swiglu_limit": 0}, "swiglu_limit"),

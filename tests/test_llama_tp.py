@@ -72,7 +72,9 @@ def test_the_engine_refuses_before_touching_a_gpu(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="tensor_parallel: 2 does not divide the model's 9 query heads"):
         LlamaEngine(_model_dir(tmp_path, SMOLLM2), tensor_parallel=2)
-    with pytest.raises(ValueError, match="tensor_parallel: expected a positive integer, got 0"):
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel: expected a positive integer below 2\*\*31 \(an int32 size\), got 0"
+    ):
         LlamaEngine(_model_dir(tmp_path, SMOLLM2), tensor_parallel=0)
 
 
@@ -187,7 +189,7 @@ def test_vocab_shards_tile_the_padded_vocabulary(vocab: int, n: int) -> None:
 def test_vocab_shard_refuses_a_table_of_another_vocabulary() -> None:
     with pytest.raises(ValueError, match=r"table: expected \[10, hidden\]"):
         VocabShard.of(10, 0, 2).take(np.zeros((12, 4), np.float32))
-    with pytest.raises(ValueError, match="VocabShard"):
+    with pytest.raises(ValueError, match=r"rank: expected an int in \[0, 1\]"):
         VocabShard.of(10, 2, 2)
 
 

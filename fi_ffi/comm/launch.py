@@ -63,6 +63,10 @@ def _status(code: int) -> int:
 
 def describe_exit(code: int) -> str:
     """A rank's end in words, from a Popen return code (``-s``: signal ``s``)."""
+    if isinstance(code, bool) or not isinstance(code, int):
+        raise TypeError(f"code: expected a process return code (an int), got {type(code).__name__}")
+    if not -(1 << 31) <= code < 1 << 32:
+        raise ValueError(f"code: expected a process return code in [-2**31, 2**32), got {str(code)[:40]}")
     if code < 0:
         try:
             name = signal.Signals(-code).name

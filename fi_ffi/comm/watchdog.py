@@ -56,6 +56,10 @@ class Watchdog:
     """
 
     def __init__(self, env: DistEnv, on_lost: Callable[[str], None] | None = None) -> None:
+        if not isinstance(env, DistEnv):
+            raise TypeError(f"env: expected a DistEnv (fi_ffi.comm.env.read_env), got {type(env).__name__}")
+        if on_lost is not None and not callable(on_lost):
+            raise TypeError(f"on_lost: expected None or a callable taking the text, got {type(on_lost).__name__}")
         self.env = env
         self.on_lost = on_lost or _exit_now
         self.lost: str | None = None  # the text, once a peer was lost

@@ -18,9 +18,12 @@ import dataclasses
 import json
 import math
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 __all__ = ["MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
 
@@ -94,32 +97,7 @@ class LlamaConfig:
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> LlamaConfig:
         """Read ``model_dir/config.json``."""
-        if not isinstance(model_dir, (str, os.PathLike)):
-            raise TypeError(
-                f"model_dir: expected a path (str or os.PathLike) of a Hugging Face checkpoint directory, got "
-                f"{type(model_dir).__name__}"
-            )
-        fs = os.fspath(model_dir)
-        if ("\0" if isinstance(fs, str) else b"\0") in fs:  # type: ignore[operator]
-            raise ValueError(f"model_dir: contains a NUL byte: {model_dir!r:.80}; pass the directory's path")
-        path = Path(model_dir) / "config.json"
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ValueError(
-                f"model_dir: {path} does not exist; pass a Hugging Face checkpoint directory (config.json + "
-                f"*.safetensors)"
-            ) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"model_dir: cannot read {path}: {exc}") from None
-        try:
-            data = json.loads(text)
-        except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
-            raise ValueError(f"model_dir: {path} is not valid JSON or holds a number no config needs ({exc})") from None
-        except RecursionError:
-            raise ValueError(
-                f"model_dir: {path} nests its JSON too deeply to parse; a config.json is a flat object of settings"
-            ) from None
+        data, path = read_config_json(model_dir)
         return cls.from_dict(data, source=str(path))
 
     @classmethod
@@ -273,11 +251,18 @@ def _int(d: dict[str, Any], key: str, source: str, default: int | None = None) -
     return value
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+
+
 def _show(value: Any) -> str:
     """``repr(value)`` cut short (a config may hold a 4000-digit number or a huge list)."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:
         return f"an integer of {value.bit_length()} bits"
-    text = repr(value)
+    try:  # reprlib stops at a depth (a deeply nested list would exhaust the recursion limit)
+        text = _REPR.repr(value)
+    except ValueError:  # an integer past Python's digit limit inside a container
+        text = f"a {type(value).__name__} holding an integer too long to print"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -349,3 +334,58 @@ def _eos(value: Any, vocab_size: int, source: str) -> tuple[int, ...]:
             f"{_show(value)}"
         )
     return tuple(items)
+
+
+def read_config_json(model_dir: Any) -> tuple[Any, Path]:
+    """The parsed ``model_dir/config.json`` and its path; TypeError/ValueError naming ``model_dir`` (a path that
+    is not one, a NUL byte, a missing or unreadable file, JSON too deep or with a number past the digit limit)."""
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"model_dir: expected a path (str or os.PathLike) of a Hugging Face checkpoint directory, got "
+            f"{type(model_dir).__name__}"
+        )
+    fs = os.fspath(model_dir)
+    if ("\0" if isinstance(fs, str) else b"\0") in fs:  # type: ignore[operator]
+        raise ValueError(f"model_dir: contains a NUL byte: {model_dir!r:.80}; pass the directory's path")
+    path = Path(model_dir) / "config.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(
+            f"model_dir: {path} does not exist; pass a Hugging Face checkpoint directory (config.json + *.safetensors)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"model_dir: cannot read {path}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
+        raise ValueError(f"model_dir: {path} is not valid JSON or holds a number no config needs ({exc})") from None
+    except RecursionError:
+        raise ValueError(
+            f"model_dir: {path} nests its JSON too deeply to parse; a config.json is a flat object of settings"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"model_dir: {path} holds a JSON {type(data).__name__}; a config.json is an object of settings"
+        )
+    return data, path
+
+
+def _arg_int(name: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi]`` (a bool or a float is no int), else TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {int(value)}")
+    return int(value)
+
+
+def _arg_array(name: str, value: Any, ndim: int, shape: str) -> np.ndarray:
+    """``value`` if it is a ``ndim``-D numpy array of numbers (``shape`` describes it), else TypeError/ValueError
+    naming ``name``."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+        what = f"{value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
+        raise TypeError(f"{name}: expected a numpy array of numbers {shape}, got {what}")
+    if value.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array {shape}, got shape {value.shape}")
+    return value

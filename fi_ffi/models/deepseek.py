@@ -65,6 +65,8 @@ def fused_routing_blocker(c: DeepSeekConfig) -> str | None:
     (:func:`~fi_ffi.ops.router.routing_limits`)."""
     from ..ops.router import routing_limits
 
+    if not isinstance(c, DeepSeekConfig):
+        raise TypeError(f"c: expected a DeepSeekConfig (DeepSeekConfig.from_dir), got {type(c).__name__}")
     if c.moe is None or c.routing is None:
         return "the model has no MoE layers"
     if c.routing.method != "noaux_tc":
@@ -109,14 +111,19 @@ class DeepSeekEngine(LlamaEngine):
         vocab_parallel: bool = True,
         fused_routing: bool | None = None,
     ) -> None:
-        if fused_routing not in (None, True, False):
-            raise ValueError(f"fused_routing: expected None (where it applies), True or False, got {fused_routing!r}")
-        self._fused_routing_request = fused_routing
-        if tensor_parallel != 1 or comm is not None:
+        if fused_routing is not None and not isinstance(fused_routing, bool):
             raise ValueError(
-                f"tensor_parallel: DeepSeek checkpoints run on one GPU here (got {tensor_parallel!r}; MLA and the "
-                f"experts are not sharded yet); pass tensor_parallel=1"
+                f"fused_routing: expected None (where it applies), True or False, got {fused_routing!r:.40}"
             )
+        self._fused_routing_request = fused_routing
+        if type(tensor_parallel) is not int or tensor_parallel != 1 or comm is not None:
+            raise ValueError(
+                f"tensor_parallel, comm: DeepSeek checkpoints run on one GPU here (got tensor_parallel "
+                f"{tensor_parallel!r:.40} and comm {type(comm).__name__}; MLA and the experts are not sharded yet); "
+                f"pass tensor_parallel=1 and no comm"
+            )
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph: expected True or False, got {cuda_graph!r:.40}")
         if cuda_graph:
             raise ValueError(
                 "cuda_graph: not supported for DeepSeek checkpoints yet (the MLA plan has no CUDA-graph mode and the "

@@ -29,15 +29,15 @@ RoPE kernel reads.
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import MoEConfig, _eos, _int
+from .config import MAX_SIZE, MoEConfig, _eos, _int, _show, read_config_json
 
 __all__ = ["DEEPSEEK_MODEL_TYPES", "DeepSeekConfig", "DeepSeekRouting", "YarnConfig", "is_deepseek"]
 
@@ -182,21 +182,23 @@ class DeepSeekConfig:
     @classmethod
     def from_dict(cls, d: Any, source: str = "config") -> DeepSeekConfig:
         """Parse a DeepSeek-V2/V3 config dict; ``source`` names it in errors (ValueError)."""
+        if not isinstance(source, str):
+            raise TypeError(f"source: expected a str naming where the config came from, got {type(source).__name__}")
         if not isinstance(d, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+            raise ValueError(f"d: expected a JSON object (a dict) from {source}, got {type(d).__name__}")
         model_type = d.get("model_type")
         if model_type not in DEEPSEEK_MODEL_TYPES:
-            raise ValueError(f"{source}: model_type {model_type!r} is not a DeepSeek-V2/V3 checkpoint")
+            raise ValueError(f"{source}: model_type {_show(model_type)} is not a DeepSeek-V2/V3 checkpoint")
         quant = d.get("quantization_config")
         if quant is not None:
             method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
             raise ValueError(
-                f"{source}: quantization_config (quant_method {method!r}) is not supported: this engine serves "
+                f"{source}: quantization_config (quant_method {_show(method)}) is not supported: this engine serves "
                 f"bfloat16 or float16 weights, not FP8 block-quantized ones; {_BF16_HINT}"
             )
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"{source}: hidden_act {act!r} is not supported (DeepSeek uses 'silu')")
+            raise ValueError(f"{source}: hidden_act {_show(act)} is not supported (DeepSeek uses 'silu')")
         for key in ("attention_bias", "mlp_bias"):
             if d.get(key, False):
                 raise ValueError(f"{source}: {key}=true is not supported (DeepSeek projections have no bias)")
@@ -216,14 +218,14 @@ class DeepSeekConfig:
             if value % 8:
                 raise ValueError(f"{source}: {name} ({value}) must be a multiple of 8 (16-byte aligned head rows)")
         eps = d.get("rms_norm_eps", 1e-6)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"{source}: rms_norm_eps must be a number > 0, got {eps!r}")
+        if not _finite(eps) or not eps > 0:
+            raise ValueError(f"{source}: rms_norm_eps must be a finite number > 0, got {_show(eps)}")
         tie = d.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
-            raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
+            raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {_show(tie)}")
         interleave = d.get("rope_interleave", True) if model_type == "deepseek_v3" else True
         if not isinstance(interleave, bool):
-            raise ValueError(f"{source}: rope_interleave must be true or false, got {interleave!r}")
+            raise ValueError(f"{source}: rope_interleave must be true or false, got {_show(interleave)}")
         layers = _int(d, "num_hidden_layers", source)
         theta, yarn = _rope(d, source)
         moe, routing, first_dense = _moe(d, model_type, layers, source)
@@ -256,22 +258,24 @@ class DeepSeekConfig:
 def is_deepseek(model_dir: str | Path) -> bool:
     """True when ``model_dir/config.json`` names a DeepSeek-V2/V3 model type (False when unreadable: the Llama
     engine's parser then reports the problem)."""
+    if not isinstance(model_dir, (str, os.PathLike)):  # a wrong argument is an error, not "not DeepSeek"
+        read_config_json(model_dir)
     try:
-        return _read(model_dir).get("model_type") in DEEPSEEK_MODEL_TYPES
-    except (ValueError, AttributeError):
+        d = _read(model_dir)
+    except ValueError:
         return False
+    return isinstance(d, dict) and d.get("model_type") in DEEPSEEK_MODEL_TYPES
 
 
 def _read(model_dir: str | Path) -> Any:
-    path = Path(model_dir) / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(
-            f"model: {path} does not exist; pass a Hugging Face checkpoint directory (config.json + *.safetensors)"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"model: cannot read {path}: {exc}") from None
+    return read_config_json(model_dir)[0]
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number a float64 holds finitely (no bool, no NaN or infinity, no integer past 2**1023)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 1 << 1000 if isinstance(value, int) else math.isfinite(value)
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -282,8 +286,10 @@ def _number(params: dict[str, Any], key: str, source: str, default: float | None
     value = params.get(key, default)
     if value is None and default is None:
         raise ValueError(f"{source}: rope {key} is missing (a number > 0)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if zero else value > 0):
-        raise ValueError(f"{source}: rope {key} must be a number {'>= 0' if zero else '> 0'}, got {value!r}")
+    if value is None or not _finite(value) or not (value >= 0 if zero else value > 0):
+        raise ValueError(
+            f"{source}: rope {key} must be a finite number {'>= 0' if zero else '> 0'}, got {_show(value)}"
+        )
     return float(value)
 
 
@@ -291,7 +297,7 @@ def _rope(d: dict[str, Any], source: str) -> tuple[float, YarnConfig | None]:
     params, scaling = d.get("rope_parameters"), d.get("rope_scaling")
     for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if value is not None and not isinstance(value, dict):
-            raise ValueError(f"{source}: {name} must be an object or null, got {value!r}")
+            raise ValueError(f"{source}: {name} must be an object or null, got {_show(value)}")
     merged: dict[str, Any] = {}
     if "rope_theta" in d:
         merged["rope_theta"] = d["rope_theta"]
@@ -302,20 +308,24 @@ def _rope(d: dict[str, Any], source: str) -> tuple[float, YarnConfig | None]:
     if kind == "default":
         return theta, None
     if kind != "yarn":
-        raise ValueError(f"{source}: rope type {kind!r} is not supported for DeepSeek; supported: 'default' and 'yarn'")
+        raise ValueError(
+            f"{source}: rope_type (or type) {_show(kind)} is not supported for DeepSeek; supported: 'default' and "
+            "'yarn'"
+        )
     original = merged.get("original_max_position_embeddings")
     factor = merged.get("factor")
     if factor is None and original is not None:  # transformers: the ratio of the context lengths
+        original = _int(merged, "original_max_position_embeddings", source)
         factor = _int(d, "max_position_embeddings", source) / original
     attention = merged.get("attention_factor")
     truncate = merged.get("truncate", True)
     if not isinstance(truncate, bool):
-        raise ValueError(f"{source}: rope truncate must be true or false, got {truncate!r}")
+        raise ValueError(f"{source}: rope truncate must be true or false, got {_show(truncate)}")
     return theta, YarnConfig(
         factor=_number({"factor": factor}, "factor", source),
-        original_max_position_embeddings=_number(merged, "original_max_position_embeddings", source),
-        beta_fast=_number(merged, "beta_fast", source, 32.0) if merged.get("beta_fast") else 32.0,
-        beta_slow=_number(merged, "beta_slow", source, 1.0) if merged.get("beta_slow") else 1.0,
+        original_max_position_embeddings=_int(merged, "original_max_position_embeddings", source),
+        beta_fast=_number(merged, "beta_fast", source, 32.0) if merged.get("beta_fast") is not None else 32.0,
+        beta_slow=_number(merged, "beta_slow", source, 1.0) if merged.get("beta_slow") is not None else 1.0,
         mscale=_number(merged, "mscale", source, 0.0, zero=True) if merged.get("mscale") is not None else 0.0,
         mscale_all_dim=(
             _number(merged, "mscale_all_dim", source, 0.0, zero=True)
@@ -332,8 +342,8 @@ def _moe(
 ) -> tuple[MoEConfig | None, DeepSeekRouting | None, int]:
     experts = d.get("n_routed_experts")
     first = d.get("first_k_dense_replace", 0 if model_type == "deepseek_v2" else 3)
-    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
-        raise ValueError(f"{source}: first_k_dense_replace must be an integer >= 0, got {first!r}")
+    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= MAX_SIZE:
+        raise ValueError(f"{source}: first_k_dense_replace must be an integer in [0, {MAX_SIZE}], got {_show(first)}")
     if experts is None:
         return None, None, layers  # every layer dense
     experts = _int(d, "n_routed_experts", source)
@@ -347,12 +357,14 @@ def _moe(
     scoring = d.get("scoring_func", "sigmoid" if model_type == "deepseek_v3" else "softmax")
     if model_type == "deepseek_v3" and (method, scoring) != ("noaux_tc", "sigmoid"):
         raise ValueError(
-            f"{source}: topk_method {method!r} with scoring_func {scoring!r}: DeepSeek-V3 routing is 'noaux_tc' "
+            f"{source}: topk_method {_show(method)} with scoring_func {_show(scoring)}: DeepSeek-V3 routing is "
+            f"'noaux_tc' "
             f"with 'sigmoid' scores"
         )
     if model_type == "deepseek_v2" and (method not in ("greedy", "group_limited_greedy") or scoring != "softmax"):
         raise ValueError(
-            f"{source}: topk_method {method!r} with scoring_func {scoring!r}: DeepSeek-V2 routing is 'greedy' or "
+            f"{source}: topk_method {_show(method)} with scoring_func {_show(scoring)}: DeepSeek-V2 routing is "
+            f"'greedy' or "
             f"'group_limited_greedy' with 'softmax' scores"
         )
     grouped = method != "greedy"
@@ -369,13 +381,14 @@ def _moe(
         raise ValueError(f"{source}: noaux_tc ranks a group by its two best experts; groups need >= 2 experts")
     renorm = d.get("norm_topk_prob", model_type == "deepseek_v3")
     if not isinstance(renorm, bool):
-        raise ValueError(f"{source}: norm_topk_prob must be true or false, got {renorm!r}")
+        raise ValueError(f"{source}: norm_topk_prob must be true or false, got {_show(renorm)}")
     scale = d.get("routed_scaling_factor", 2.5 if model_type == "deepseek_v3" else 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"{source}: routed_scaling_factor must be a number > 0, got {scale!r}")
-    shared = d.get("n_shared_experts") or 0
-    if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
-        raise ValueError(f"{source}: n_shared_experts must be an integer >= 0, got {shared!r}")
+    if not _finite(scale) or not scale > 0:
+        raise ValueError(f"{source}: routed_scaling_factor must be a finite number > 0, got {_show(scale)}")
+    shared = d.get("n_shared_experts")
+    shared = 0 if shared is None else shared
+    if isinstance(shared, bool) or not isinstance(shared, int) or not 0 <= shared <= MAX_SIZE:
+        raise ValueError(f"{source}: n_shared_experts must be an integer in [0, {MAX_SIZE}], got {_show(shared)}")
     moe = MoEConfig(experts, k, _int(d, "moe_intermediate_size", source), renorm)
     routing = DeepSeekRouting(method, scoring, n_group, topk_group, float(scale), shared)
     return moe, routing, min(first, layers)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import _arg_array, _arg_int
 from .deepseek_config import DeepSeekRouting
 
 __all__ = ["grouped_topk"]
@@ -32,14 +33,19 @@ def grouped_topk(
         of the score they were chosen by (ties: the lower id first).
 
     Raises:
+        TypeError: an argument of the wrong type (``logits``/``bias`` not numeric numpy arrays, ``top_k`` not an
+            int, ``renormalize`` not a bool, ``routing`` not a DeepSeekRouting).
         ValueError: ``logits`` not 2-D or not finite; ``bias`` not ``[E]``; ``top_k`` not in ``[1, E]``.
     """
-    x = np.asarray(logits, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"logits: expected a 2-D [num_tokens, num_experts] array, got shape {x.shape}")
+    x = _arg_array("logits", logits, 2, "[num_tokens, num_experts]").astype(np.float32, copy=False)
     tokens, experts = x.shape
-    if not 1 <= top_k <= experts:
+    top_k = _arg_int("top_k", top_k, 1, max(experts, 1))
+    if top_k > experts:
         raise ValueError(f"top_k: expected 1 <= top_k <= num_experts ({experts}), got {top_k}")
+    if not isinstance(routing, DeepSeekRouting):
+        raise TypeError(f"routing: expected a DeepSeekRouting (DeepSeekConfig.routing), got {type(routing).__name__}")
+    if not isinstance(renormalize, (bool, np.bool_)):
+        raise TypeError(f"renormalize: expected a bool, got {renormalize!r:.40}")
     if tokens and not np.isfinite(x).all():
         raise ValueError("logits: expected finite values (a NaN or inf came out of the router GEMM)")
     g = routing.n_group
@@ -55,7 +61,7 @@ def grouped_topk(
     if routing.method == "noaux_tc":
         if bias is None:
             raise ValueError("bias: noaux_tc routing needs the layer's e_score_correction_bias [E]")
-        b = np.asarray(bias, dtype=np.float32)
+        b = _arg_array("bias", bias, 1, f"[{experts}]").astype(np.float32, copy=False)
         if b.shape != (experts,):
             raise ValueError(f"bias: expected shape ({experts},), got {b.shape}")
         choice = scores + b

@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .config import _arg_int, _show
+
 __all__ = ["Gemma2Settings", "GptOssSettings", "YarnRope", "gemma2_settings", "gpt_oss_settings", "layer_windows"]
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -119,7 +121,7 @@ def _number(d: dict[str, Any], key: str, source: str, default: float | None, all
         or not (value > 0 or (allow_zero and value == 0))
     ):
         raise ValueError(
-            f"{source}: {key} must be a finite number > 0{' (or null: off)' if allow_zero else ''}, got {value!r}"
+            f"{source}: {key} must be a finite number > 0{' (or null: off)' if allow_zero else ''}, got {_show(value)}"
         )
     return float(value)
 
@@ -127,21 +129,42 @@ def _number(d: dict[str, Any], key: str, source: str, default: float | None, all
 def _positive_int(d: dict[str, Any], key: str, source: str, default: int) -> int:
     value = d.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 31:
-        raise ValueError(f"{source}: {key} must be a positive integer below 2**31 (an int32), got {value!r:.40}")
+        raise ValueError(f"{source}: {key} must be a positive integer below 2**31 (an int32), got {_show(value)}")
     return value
 
 
 def layer_windows(d: dict[str, Any], num_layers: int, sliding_window: int, source: str) -> tuple[int, ...]:
     """Each layer's ``window_left``: ``sliding_window - 1`` for a sliding layer, -1 for a full one."""
+    if not isinstance(source, str):
+        raise TypeError(f"source: expected a str naming where the config came from, got {type(source).__name__}")
+    if not isinstance(d, dict):
+        raise TypeError(f"d: expected the config.json object (a dict) from {source}, got {type(d).__name__}")
+    num_layers = _arg_int("num_layers", num_layers, 1, 1 << 20)
+    sliding_window = _arg_int("sliding_window", sliding_window, 1, (1 << 31) - 1)
     types = d.get("layer_types")
     if types is None:
         types = [SLIDING if (i + 1) % 2 else FULL for i in range(num_layers)]
     if not isinstance(types, list) or len(types) != num_layers or any(t not in (SLIDING, FULL) for t in types):
         raise ValueError(
-            f"{source}: layer_types must list {num_layers} entries (one per layer), each {SLIDING!r} or {FULL!r}; "
-            f"got {types!r:.200}"
+            f"{source}: layer_types must list num_layers={num_layers} entries (one per layer), each {SLIDING!r} or "
+            f"{FULL!r}; "
+            f"got {_show(types)}"
         )
     return tuple(sliding_window - 1 if t == SLIDING else -1 for t in types)
+
+
+def _flag(d: dict[str, Any], key: str, source: str, default: bool) -> bool:
+    value = d.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{source}: {key} must be true or false, got {_show(value)}")
+    return value
+
+
+def _check_dict(d: Any, source: Any) -> None:
+    if not isinstance(source, str):
+        raise TypeError(f"source: expected a str naming where the config came from, got {type(source).__name__}")
+    if not isinstance(d, dict):
+        raise TypeError(f"d: expected the config.json object (a dict) from {source}, got {type(d).__name__}")
 
 
 def refuse_quantized(d: dict[str, Any], source: str) -> None:
@@ -150,16 +173,19 @@ def refuse_quantized(d: dict[str, Any], source: str) -> None:
         return
     method = q.get("quant_method") if isinstance(q, dict) else q
     extra = f"; {MXFP4_HELP}" if d.get("model_type") == "gpt_oss" else "; save the model in bfloat16 or float16"
-    raise ValueError(f"{source}: quantization_config (quant_method {method!r}) is not supported{extra}")
+    raise ValueError(f"{source}: quantization_config (quant_method {_show(method)}) is not supported{extra}")
 
 
 def gemma2_settings(d: dict[str, Any], num_layers: int, source: str) -> Gemma2Settings:
     """Gemma 2's settings (defaults: ``Gemma2Config``'s)."""
+    _check_dict(d, source)
     refuse_quantized(d, source)
     act = d.get("hidden_activation", d.get("hidden_act", "gelu_pytorch_tanh"))
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ValueError(f"{source}: hidden_activation {act!r} is not supported (Gemma 2 uses 'gelu_pytorch_tanh')")
-    if d.get("attention_bias", False):
+        raise ValueError(
+            f"{source}: hidden_activation {_show(act)} is not supported (Gemma 2 uses 'gelu_pytorch_tanh')"
+        )
+    if _flag(d, "attention_bias", source, False):
         raise ValueError(f"{source}: attention_bias=true is not supported (Gemma 2 projections have no bias)")
     window = _positive_int(d, "sliding_window", source, 4096)
     return Gemma2Settings(
@@ -173,8 +199,9 @@ def gemma2_settings(d: dict[str, Any], num_layers: int, source: str) -> Gemma2Se
 
 def gpt_oss_settings(d: dict[str, Any], num_layers: int, source: str) -> GptOssSettings:
     """gpt-oss's settings (defaults: ``GptOssConfig``'s)."""
+    _check_dict(d, source)
     refuse_quantized(d, source)
-    if not d.get("attention_bias", True):
+    if not _flag(d, "attention_bias", source, True):
         raise ValueError(f"{source}: attention_bias=false is not supported (gpt-oss projections carry biases)")
     window = _positive_int(d, "sliding_window", source, 128)
     return GptOssSettings(
@@ -198,17 +225,24 @@ def rope_settings(d: dict[str, Any]) -> dict[str, Any]:
 
 def yarn(d: dict[str, Any], source: str) -> YarnRope | None:
     """The YaRN settings of a gpt-oss config; None for plain RoPE."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ValueError(f"{source}: {key} must be an object or null, got {_show(d[key])}")
     r = rope_settings(d)
     kind = r.get("rope_type", r.get("type", "default"))
     if kind == "default":
         return None
     if kind != "yarn":
-        raise ValueError(f"{source}: rope type {kind!r} is not supported for gpt_oss; supported: 'default', 'yarn'")
+        raise ValueError(
+            f"{source}: rope_type (or type) {_show(kind)} is not supported for gpt_oss; supported: 'default', 'yarn'"
+        )
     optional = {k: _number(r, k, source, None) for k in ("attention_factor", "mscale", "mscale_all_dim") if r.get(k)}
     truncate = r.get("truncate", True)
     if not isinstance(truncate, bool):
-        raise ValueError(f"{source}: rope truncate must be true or false, got {truncate!r}")
-    original = r.get("original_max_position_embeddings") or d.get("max_position_embeddings", 4096)
+        raise ValueError(f"{source}: rope truncate must be true or false, got {_show(truncate)}")
+    original = r.get("original_max_position_embeddings")
+    if original is None:
+        original = d.get("max_position_embeddings", 4096)
     return YarnRope(
         factor=_number(r, "factor", source, None),
         original_max_position_embeddings=_positive_int(

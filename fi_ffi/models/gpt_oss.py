@@ -48,12 +48,15 @@ import fi_ffi
 
 from . import kernels
 from .checkpoint import Checkpoint
-from .config import LlamaConfig
+from .config import LlamaConfig, _arg_array, _arg_int
 from .family_configs import MXFP4_HELP, GptOssSettings
 from .llama import LlamaEngine
 from .weights import WeightLoader
 
 __all__ = ["GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache"]
+
+# rows of the cos/sin table: p * f is a float32 product (exact positions up to 2**24, as transformers computes it)
+MAX_ROPE_POSITIONS = 1 << 24
 
 _SOURCE = r"""
 __device__ __forceinline__ float bf(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
@@ -139,6 +142,9 @@ def rope_cos_sin_cache(cfg: LlamaConfig, positions: int) -> np.ndarray:
     """float32 ``[positions, head_dim]``: ``cos(p * f_j) * s`` for ``j < head_dim / 2``, then ``sin(p * f_j) * s``,
     with gpt-oss's frequencies ``f`` and scale ``s`` (YaRN's, or plain RoPE's with ``s = 1``); as transformers,
     ``p * f`` is a float32 product."""
+    if not isinstance(cfg, LlamaConfig) or not isinstance(cfg.family, GptOssSettings):
+        raise TypeError(f"cfg: expected a gpt-oss LlamaConfig (LlamaConfig.from_dir), got {type(cfg).__name__}")
+    positions = _arg_int("positions", positions, 0, MAX_ROPE_POSITIONS)
     g: GptOssSettings = cfg.family
     d, theta = cfg.head_dim, cfg.rope.theta
     if g.yarn is None:
@@ -178,7 +184,21 @@ def expert_matrices(gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndar
         ``w_down`` the experts' down projections side by side as one nn.Linear weight (``x @ w_down.T`` sums
         ``act_e @ down[e]`` over the experts when ``x`` holds every expert's activations ``[T, E * I]``).
     """
+    _arg_array("gate_up", gate_up, 3, "[num_experts, hidden, 2 * intermediate]")
     e, h, two_i = gate_up.shape
+    if two_i % 2:
+        raise ValueError(f"gate_up: expected an even last dimension (gate and up interleaved), got {gate_up.shape}")
+    _arg_array("gate_up_bias", gate_up_bias, 2, f"[{e}, {two_i}]")
+    if gate_up_bias.shape != (e, two_i):
+        raise ValueError(
+            f"gate_up_bias: expected shape ({e}, {two_i}) (gate_up's experts and columns), got {gate_up_bias.shape}"
+        )
+    _arg_array("down", down, 3, f"[{e}, {two_i // 2}, {h}]")
+    if down.shape != (e, two_i // 2, h):
+        raise ValueError(
+            f"down: expected shape ({e}, {two_i // 2}, {h}) (gate_up's experts, intermediate and "
+            f"hidden), got {down.shape}"
+        )
     t = gate_up.transpose(0, 2, 1)  # [E, 2I, H]
     w_gu = np.concatenate([t[:, 0::2], t[:, 1::2]], axis=1).reshape(e * two_i, h)
     b_gu = np.concatenate([gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]], axis=1)

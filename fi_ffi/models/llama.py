@@ -183,6 +183,7 @@ class LlamaEngine:
     ) -> None:
         from .tensor_parallel import ResidualAllReduce, shard_config
 
+        _check_engine_arguments(cuda_graph, fused_allreduce, vocab_parallel, device, comm)
         self.model_config = self._read_config(model_dir)
         self.tensor_parallel = _positive("tensor_parallel", tensor_parallel)
         self._check_family(self.model_config)
@@ -1067,6 +1068,24 @@ def _refuse_allocation(size: int) -> Any:
 
 
 def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    """A size the engine allocates by (tokens, pages, rows): an int in ``[1, 2**31)`` (the kernels' int32)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 31:
+        shown = f"an integer of {value.bit_length()} bits" if isinstance(value, int) and value >= 1 << 31 else value
+        raise ValueError(f"{name}: expected a positive integer below 2**31 (an int32 size), got {shown!r:.60}")
     return value
+
+
+def _check_engine_arguments(cuda_graph: Any, fused_allreduce: Any, vocab_parallel: Any, device: Any, comm: Any) -> None:
+    """The constructor's flags are bools, ``device`` None or a CUDA ordinal, ``comm`` None or a communicator (before
+    any of them is used: a truthy string would otherwise switch a path on)."""
+    for name, value in (
+        ("cuda_graph", cuda_graph),
+        ("fused_allreduce", fused_allreduce),
+        ("vocab_parallel", vocab_parallel),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected True or False, got {value!r:.40}")
+    if device is not None and (isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < 1 << 16):
+        raise ValueError(f"device: expected None or a CUDA device ordinal (an int >= 0), got {str(device)[:40]}")
+    if comm is not None and not all(hasattr(comm, a) for a in ("world_size", "rank", "device")):
+        raise TypeError(f"comm: expected None or a communicator (fi_ffi.comm.Communicator), got {type(comm).__name__}")

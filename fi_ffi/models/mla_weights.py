@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import _arg_array, _arg_int
+
 __all__ = ["split_kv_b"]
 
 
@@ -27,11 +29,17 @@ def split_kv_b(kv_b: np.ndarray, heads: int, nope: int, v_dim: int) -> tuple[np.
     - ``w_uv [heads, v_dim, R]``: ``W_v[h]`` (so ``v[h] = o[h] @ w_uv[h].T``).
 
     Raises:
-        ValueError: ``kv_b`` is not 2-D with ``heads * (nope + v_dim)`` rows.
+        TypeError: ``kv_b`` not a numeric numpy array, or a size not an int.
+        ValueError: ``kv_b`` is not 2-D with ``heads * (nope + v_dim)`` rows, or a size < 1.
     """
-    if kv_b.ndim != 2 or kv_b.shape[0] != heads * (nope + v_dim):
+    _arg_array("kv_b", kv_b, 2, "[heads * (nope + v_dim), kv_lora_rank]")
+    for name, value in (("heads", heads), ("nope", nope), ("v_dim", v_dim)):
+        _arg_int(name, value, 1, kv_b.shape[0])
+    if kv_b.shape[0] != heads * (nope + v_dim):
         raise ValueError(
-            f"kv_b_proj.weight: expected [{heads} * ({nope} + {v_dim}), kv_lora_rank], got shape {kv_b.shape}"
+            f"kv_b (kv_b_proj.weight): expected [heads * (nope + v_dim), kv_lora_rank] = "
+            f"[{heads} * ({nope} + {v_dim}), "
+            f"kv_lora_rank], got shape {kv_b.shape}; pass the heads, nope and v_dim of the layer's config"
         )
     per_head = kv_b.reshape(heads, nope + v_dim, kv_b.shape[1])
     w_uk_t = np.ascontiguousarray(per_head[:, :nope, :].transpose(0, 2, 1))

@@ -30,7 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import LlamaConfig
+from .config import LlamaConfig, _arg_array, _arg_int
+
+MAX_VOCAB = (1 << 31) - 1  # token ids are int32
+MAX_PARTS = 1 << 16  # ranks of one tensor-parallel group (a bound that keeps the arithmetic in int64)
 
 
 def shard_config(cfg: LlamaConfig, tensor_parallel: int) -> LlamaConfig:
@@ -108,15 +111,17 @@ class VocabShard:
     @classmethod
     def of(cls, vocab: int, rank: int, parts: int) -> VocabShard:
         """Rank ``rank``'s shard of a ``vocab``-token vocabulary split ``parts`` ways."""
-        if parts < 1 or not 0 <= rank < parts or vocab < 1:
-            raise ValueError(f"VocabShard: expected vocab >= 1 and 0 <= rank < parts, got {vocab}, {rank}, {parts}")
+        vocab = _arg_int("vocab", vocab, 1, MAX_VOCAB)
+        parts = _arg_int("parts", parts, 1, MAX_PARTS)
+        rank = _arg_int("rank", rank, 0, parts - 1)
         step = -(-vocab // parts)
         start = rank * step
         return cls(vocab, rank, parts, step, start, max(0, min(step, vocab - start)))
 
     def take(self, table: np.ndarray) -> np.ndarray:
         """This shard's ``[rows, H]`` block of a ``[V, H]`` table (embedding or LM head), zero rows past ``V``."""
-        if table.ndim != 2 or table.shape[0] != self.vocab:
+        _arg_array("table", table, 2, f"[{self.vocab}, hidden]")
+        if table.shape[0] != self.vocab:
             raise ValueError(f"table: expected [{self.vocab}, hidden], got {table.shape}")
         out = np.zeros((self.rows, table.shape[1]), table.dtype)
         out[: self.valid] = table[self.start : self.start + self.valid]
@@ -135,7 +140,13 @@ def combine_shard_argmax(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
     which is what one argmax over the whole row gives (the first maximum); a row with no finite maximum anywhere
     gives rank 0's index, as the single-GPU argmax gives 0.
     """
-    values = np.asarray(values, np.float32)
+    values = _arg_array("values", values, 2, "[parts, rows]").astype(np.float32, copy=False)
+    idx = _arg_array("indices", indices, 2, f"[parts, rows] {values.shape}")
+    if idx.shape != values.shape or not values.shape[0]:
+        raise ValueError(f"indices: expected the shape of values {values.shape} (at least one part), got {idx.shape}")
+    if idx.dtype.kind == "f" or (idx.size and not (idx.min() >= 0 and idx.max() < 1 << 31)):
+        raise ValueError("indices: expected integer token ids in [0, 2**31) (an int32 array)")
+    indices = idx
     best = np.full(values.shape[1], -np.inf, np.float32)
     out = np.asarray(indices[0], np.int32).copy()
     for r in range(values.shape[0]):
@@ -160,6 +171,13 @@ def columns(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
 def expert_rows(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
     """Rank ``rank``'s block of every expert's intermediate rows of a stacked gate/up weight ``[E, 2I, H]`` (gate
     rows, then up rows): ``[E, 2I/N, H]``, its gate rows then its up rows (what ``silu_and_mul`` pairs)."""
+    _arg_array("weight", weight, 3, "[num_experts, 2 * intermediate, hidden]")
+    parts = _arg_int("parts", parts, 1, MAX_PARTS)
+    rank = _arg_int("rank", rank, 0, parts - 1)
+    if weight.shape[1] % (2 * parts):
+        raise ValueError(
+            f"parts: 2 * {parts} does not divide weight's dimension 1 ({weight.shape[1]}, the gate and up rows)"
+        )
     i = weight.shape[1] // 2
     step = i // parts
     lo = rank * step
