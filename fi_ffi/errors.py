@@ -6,6 +6,8 @@ the argument and what was expected. Everything that goes wrong below that line h
 - :class:`KernelError`: a TVM-FFI call returned non-zero; carries the error kind, message and backtrace.
 - :class:`LoaderError` and its subclasses: locating, fetching, verifying, extracting or loading libraries.
 - :class:`UnsupportedDeviceError`: the GPU cannot run the requested kernel (for example SM90-only kernels).
+- :class:`CudaError`: a CUDA runtime call fi_ffi makes itself (allocation, streams, events, graphs, device
+  queries) failed; raised by :func:`fi_ffi.cuda_runtime.check` and carrying the CUDA error code and name.
 """
 
 from __future__ import annotations
@@ -88,3 +90,31 @@ class KernelNotFoundError(LoaderError):
 
 class UnsupportedDeviceError(FiFFIError):
     """The device cannot run the requested kernel (for example an SM90-only kernel on another GPU)."""
+
+
+class CudaError(FiFFIError):
+    """A CUDA runtime call that fi_ffi made itself failed (through ``cuda.bindings.runtime``).
+
+    Raised by :func:`fi_ffi.cuda_runtime.check`, the one place that turns a cuda-python ``(err, *values)`` result
+    into values or this error. The text names the call, the CUDA error and a fix.
+
+    Attributes:
+        what: the call that failed, as the caller described it (e.g. ``"cudaMalloc(1024)"``).
+        code: the ``cudaError_t`` value as an int, or None where cuda-bindings itself could not be imported.
+        name: the CUDA error name, e.g. ``"cudaErrorMemoryAllocation"`` (``""`` when ``code`` is None).
+        description: the runtime's one-line description of the error (``cudaGetErrorString``).
+        hint: what to do about it.
+    """
+
+    def __init__(self, what: str, code: int | None, name: str, description: str, hint: str) -> None:
+        self.what = what
+        self.code = code
+        self.name = name
+        self.description = description
+        self.hint = hint
+        cause = f"{name}: {description}" if name else description
+        super().__init__(f"{what} failed: {cause}. {hint}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None, str, str, str]]:
+        # picklable with its fields (worker processes send errors back to the parent)
+        return (type(self), (self.what, self.code, self.name, self.description, self.hint))

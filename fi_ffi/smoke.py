@@ -32,25 +32,27 @@ class Device:
     """Device memory and one stream on GPU ``ordinal``, freed on :meth:`close` (cuda.bindings runtime)."""
 
     def __init__(self, ordinal: int = 0) -> None:
-        from cuda.bindings import runtime as rt
+        from . import cuda_runtime
 
+        rt = cuda_runtime.runtime()
         self.rt = rt
         self.ordinal = ordinal
-        self._check(rt.cudaSetDevice(ordinal), "cudaSetDevice")
-        err, self.stream = rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking)
-        self._check((err,), "cudaStreamCreateWithFlags")
+        self._check(rt.cudaSetDevice(ordinal), f"cudaSetDevice({ordinal})")
+        self.stream = self._check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
         self.stream_handle = int(self.stream)
         self._allocations: list[int] = []
 
-    def _check(self, result: tuple[Any, ...], what: str) -> None:
-        if result[0] != self.rt.cudaError_t.cudaSuccess:
-            raise RuntimeError(f"{what} failed: {result[0].name}")
+    @staticmethod
+    def _check(result: Any, what: str) -> Any:
+        """:func:`fi_ffi.cuda_runtime.check`: the value(s), or :class:`~fi_ffi.errors.CudaError` naming ``what``."""
+        from . import cuda_runtime
+
+        return cuda_runtime.check(result, what)
 
     def upload(self, host: np.ndarray, dtype: str | None = None) -> Tensor:
         """Copy ``host`` to new device memory; returns a contiguous descriptor (dtype defaults to host's)."""
         host = np.ascontiguousarray(host)
-        err, ptr = self.rt.cudaMalloc(max(host.nbytes, 1))
-        self._check((err,), "cudaMalloc")
+        ptr = self._check(self.rt.cudaMalloc(max(host.nbytes, 1)), f"cudaMalloc({max(host.nbytes, 1)})")
         self._allocations.append(int(ptr))
         self._check(
             self.rt.cudaMemcpy(

@@ -75,21 +75,22 @@ def cudart_version(path: str) -> str:
 
 
 def gpus() -> tuple[list[GPU], str]:
-    """The CUDA devices and an error text ("" if the query worked)."""
-    try:
-        from cuda.bindings import runtime as rt
-    except ImportError as exc:
-        return [], f"cuda-bindings is not installed ({exc})"
-    err, count = rt.cudaGetDeviceCount()
-    if err != rt.cudaError_t.cudaSuccess:
-        return [], f"no usable CUDA device ({err.name})"
+    """The CUDA devices and an error text ("" if the query worked): the :class:`~fi_ffi.errors.CudaError`'s, which
+    names the call, the CUDA error and the fix."""
+    from . import cuda_runtime
+    from .errors import CudaError
+
     found: list[GPU] = []
-    for ordinal in range(count):
-        err, prop = rt.cudaGetDeviceProperties(ordinal)
-        if err != rt.cudaError_t.cudaSuccess:
-            return found, f"cudaGetDeviceProperties({ordinal}) failed ({err.name})"
-        name = prop.name.split(b"\0", 1)[0].decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-        found.append(GPU(ordinal, name, (prop.major, prop.minor), int(prop.totalGlobalMem)))
+    try:
+        rt = cuda_runtime.runtime()
+        count = cuda_runtime.check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+        for ordinal in range(count):
+            prop = cuda_runtime.check(rt.cudaGetDeviceProperties(ordinal), f"cudaGetDeviceProperties({ordinal})")
+            raw = prop.name
+            name = raw.split(b"\0", 1)[0].decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            found.append(GPU(ordinal, name, (prop.major, prop.minor), int(prop.totalGlobalMem)))
+    except CudaError as exc:
+        return found, str(exc)
     return found, ""
 
 

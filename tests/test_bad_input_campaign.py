@@ -40,7 +40,7 @@ from test_attention_cpu import workspace as attention_workspace
 from test_mla import fake_plan as mla_fake_plan
 
 import fi_ffi
-from fi_ffi.errors import FiFFIError, KernelError, KernelNotFoundError, UnsupportedDeviceError
+from fi_ffi.errors import CudaError, FiFFIError, KernelError, KernelNotFoundError, UnsupportedDeviceError
 from fi_ffi.ops import gdn
 from fi_ffi.tensor import Tensor
 
@@ -609,6 +609,10 @@ def _reached(exc: BaseException | None) -> bool:
         return True
     if isinstance(exc, (UnsupportedDeviceError, KernelNotFoundError)):  # no GPU; a variant the wheels lack
         return True
+    if isinstance(exc, CudaError):  # our own CUDA call (workspace event, staging copy) found no usable GPU
+        from fi_ffi import cuda_runtime
+
+        return cuda_runtime.no_device(exc)
     if type(exc) is KernelError:  # the module's own argument checks say "Mismatched ..." / "Expected ..."
         text = exc.message.lower()
         about_arguments = "mismatched" in text or "expected" in text or "fromvector" in text

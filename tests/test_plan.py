@@ -345,12 +345,12 @@ def test_workspace_allocate_argument_checks():
 def test_workspace_allocate_without_a_gpu_is_a_clear_error():
     from cuda.bindings import runtime as rt
 
-    from fi_ffi.errors import KernelError
+    from fi_ffi.errors import CudaError
     from fi_ffi.ops.attention.workspace import Workspace
 
     if rt.cudaGetDeviceCount()[0] == rt.cudaError_t.cudaSuccess:
         pytest.skip("a GPU is present (covered by the GPU tests)")
-    with pytest.raises(KernelError, match=r"cudaMalloc|cudaGetDevice"):
+    with pytest.raises(CudaError, match=r"(cudaMalloc|cudaGetDevice) failed: cudaError\w+: .*nvidia-smi"):
         Workspace.allocate(0, float_bytes=1024, int_bytes=1024)
 
 
@@ -426,16 +426,20 @@ def test_plan_copy_event_goes_through_the_driver(monkeypatch, query, sync, expec
         (600, 719, 0, "cuEventSynchronize(previous plan copy) failed: CUresult 719"),
     ],
 )
-def test_plan_copy_event_errors_are_kernel_errors(monkeypatch, query, sync, record, what):
+def test_plan_copy_event_errors_are_cuda_errors(monkeypatch, query, sync, record, what):
     from fi_ffi import driver
-    from fi_ffi.errors import KernelError
+    from fi_ffi.errors import CudaError
 
     monkeypatch.setattr(driver, "_state", (driver.ffi(), _FakeDriver(query, sync, record)))
     ws = fake_workspace()
     ws._event, ws._event_handle = object(), 0x1234
-    with pytest.raises(KernelError, match=what.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(CudaError, match=what.replace("(", r"\(").replace(")", r"\)")) as info:
         ws._record_plan_copy(7)
         ws._wait_previous_plan_copy()
+    from fi_ffi import cuda_runtime
+
+    exc = info.value  # the driver's code, and the fix for it in the text
+    assert exc.code in (record, query, sync) and exc.hint == cuda_runtime.hint(exc.code) and exc.hint in str(exc)
     ws._event = None
 
 

@@ -3,66 +3,50 @@
 Device memory for IPC workspaces and staging, streams of its own, copies, and the legacy IPC handles
 (``cudaIpcGetMemHandle`` / ``cudaIpcOpenMemHandle``): 64-byte handles of ``cudaMalloc`` allocations that a process
 on the same host opens to map a peer's memory. No multicast object is ever made here.
+
+Errors are :class:`fi_ffi.errors.CudaError` from :func:`fi_ffi.cuda_runtime.check` (``CudaError`` stays importable
+from here: it is the same class).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..errors import FiFFIError
+from .. import cuda_runtime
+from ..errors import CudaError
 
 IPC_HANDLE_BYTES = 64
 
-
-class CudaError(FiFFIError):
-    """A CUDA runtime call failed; the text names the call and the error."""
-
-
-def _rt() -> Any:
-    from cuda.bindings import runtime
-
-    return runtime
-
-
-def _check(what: str, result: Any) -> Any:
-    """``result`` of a cuda.bindings call is ``(err, *values)``: raise on error, return the values."""
-    rt = _rt()
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != rt.cudaError_t.cudaSuccess:
-        _, name = rt.cudaGetErrorName(err)
-        raise CudaError(f"{what} failed: {name.decode() if isinstance(name, bytes) else name}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else tuple(values)
+_rt = cuda_runtime.runtime  # cuda.bindings.runtime, imported on first use
 
 
 def device_count() -> int:
     """Number of visible CUDA devices (0 without a driver)."""
     try:
-        return int(_check("cudaGetDeviceCount", _rt().cudaGetDeviceCount()))
+        return int(cuda_runtime.check(_rt().cudaGetDeviceCount(), "cudaGetDeviceCount"))
     except (CudaError, ImportError, OSError, RuntimeError):
         return 0
 
 
 def set_device(device: int) -> None:
     """Make ``device`` current on this thread."""
-    _check(f"cudaSetDevice({device})", _rt().cudaSetDevice(device))
+    cuda_runtime.check(_rt().cudaSetDevice(device), f"cudaSetDevice({device})")
 
 
 def new_stream(device: int) -> int:
     """A new non-blocking stream on ``device`` (destroy it with :func:`destroy_stream`)."""
     rt = _rt()
     set_device(device)
-    stream = _check("cudaStreamCreateWithFlags", rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
+    stream = cuda_runtime.check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
     return int(stream)
 
 
 def destroy_stream(stream: int) -> None:
-    _check("cudaStreamDestroy", _rt().cudaStreamDestroy(stream))
+    cuda_runtime.check(_rt().cudaStreamDestroy(stream), "cudaStreamDestroy")
 
 
 def synchronize(stream: int) -> None:
-    _check("cudaStreamSynchronize", _rt().cudaStreamSynchronize(stream))
+    cuda_runtime.check(_rt().cudaStreamSynchronize(stream), "cudaStreamSynchronize")
 
 
 def copy_to_device(dst: int, data: bytes, stream: int) -> None:
@@ -71,9 +55,9 @@ def copy_to_device(dst: int, data: bytes, stream: int) -> None:
 
     rt = _rt()
     host = np.frombuffer(bytes(data), np.uint8).copy()  # kept alive until the copy is done (synchronize below)
-    _check(
-        "cudaMemcpyAsync(host to device)",
+    cuda_runtime.check(
         rt.cudaMemcpyAsync(dst, _address(host), len(data), rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream),
+        "cudaMemcpyAsync(host to device)",
     )
     synchronize(stream)
 
@@ -84,9 +68,9 @@ def copy_to_host(src: int, nbytes: int, stream: int) -> bytes:
 
     rt = _rt()
     out = np.empty(nbytes, np.uint8)
-    _check(
-        "cudaMemcpyAsync(device to host)",
+    cuda_runtime.check(
         rt.cudaMemcpyAsync(_address(out), src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream),
+        "cudaMemcpyAsync(device to host)",
     )
     synchronize(stream)
     return out.tobytes()
@@ -98,7 +82,7 @@ def _address(host: Any) -> int:
 
 
 def memset(dst: int, value: int, nbytes: int, stream: int) -> None:
-    _check("cudaMemsetAsync", _rt().cudaMemsetAsync(dst, value, nbytes, stream))
+    cuda_runtime.check(_rt().cudaMemsetAsync(dst, value, nbytes, stream), "cudaMemsetAsync")
 
 
 class DeviceBuffer:
@@ -110,13 +94,13 @@ class DeviceBuffer:
         set_device(device)
         self.device = device
         self.nbytes = nbytes
-        self.ptr = int(_check(f"cudaMalloc({nbytes})", _rt().cudaMalloc(nbytes)))
+        self.ptr = int(cuda_runtime.check(_rt().cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
 
     def close(self) -> None:
         ptr, self.ptr = self.ptr, 0
         if ptr:
             set_device(self.device)
-            _check("cudaFree", _rt().cudaFree(ptr))
+            cuda_runtime.check(_rt().cudaFree(ptr), "cudaFree")
 
     def __enter__(self) -> DeviceBuffer:
         return self
@@ -130,7 +114,7 @@ def ipc_handle(ptr: int) -> bytes:
     from ..abi.cdefs import get_ffi
 
     ffi = get_ffi()
-    handle = _check("cudaIpcGetMemHandle", _rt().cudaIpcGetMemHandle(ptr))
+    handle = cuda_runtime.check(_rt().cudaIpcGetMemHandle(ptr), "cudaIpcGetMemHandle")
     # the struct's 64 bytes, whatever cuda-bindings names its field
     return bytes(ffi.buffer(ffi.cast("char *", handle.getPtr()), IPC_HANDLE_BYTES))
 
@@ -145,12 +129,12 @@ def ipc_open(handle: bytes) -> int:
         raise ValueError(f"handle: expected {IPC_HANDLE_BYTES} bytes (a cudaIpcMemHandle_t), got {len(handle)}")
     h = rt.cudaIpcMemHandle_t()
     ffi.memmove(ffi.cast("char *", h.getPtr()), bytes(handle), IPC_HANDLE_BYTES)
-    ptr = _check("cudaIpcOpenMemHandle", rt.cudaIpcOpenMemHandle(h, rt.cudaIpcMemLazyEnablePeerAccess))
+    ptr = cuda_runtime.check(rt.cudaIpcOpenMemHandle(h, rt.cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle")
     return int(ptr)
 
 
 def ipc_close(ptr: int) -> None:
-    _check("cudaIpcCloseMemHandle", _rt().cudaIpcCloseMemHandle(ptr))
+    cuda_runtime.check(_rt().cudaIpcCloseMemHandle(ptr), "cudaIpcCloseMemHandle")
 
 
 __all__ = [
@@ -173,4 +157,4 @@ __all__ = [
 
 def device_synchronize() -> None:
     """Wait for all work on the current device."""
-    _check("cudaDeviceSynchronize", _rt().cudaDeviceSynchronize())
+    cuda_runtime.check(_rt().cudaDeviceSynchronize(), "cudaDeviceSynchronize")

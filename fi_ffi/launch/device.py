@@ -7,47 +7,44 @@ back with :func:`restore`.
 
 ``cuda.bindings.runtime`` is imported on first use (it takes a few hundred milliseconds), never at import of
 fi_ffi. Compute capability and SM count are cached per device ordinal: they cannot change while the process
-lives. A failing query (no driver, no device, bad ordinal) raises
-:class:`~fi_ffi.errors.UnsupportedDeviceError` whose text names the CUDA error.
+lives. Results go through :func:`fi_ffi.cuda_runtime.check`. Where the failure means there is no usable GPU at all
+(no driver, no device, cuda-bindings missing: :func:`fi_ffi.cuda_runtime.no_device`) the query raises
+:class:`~fi_ffi.errors.UnsupportedDeviceError` (what ops refuse devices with; its ``__cause__`` is the
+:class:`~fi_ffi.errors.CudaError` with the code); any other failure (a bad ordinal, say) is that ``CudaError``.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
-from ..errors import UnsupportedDeviceError
+from .. import cuda_runtime
+from ..errors import CudaError, UnsupportedDeviceError
 
-_rt: Any = None
-_lock = threading.Lock()
 _capability: dict[int, tuple[int, int]] = {}
 _sm_count: dict[int, int] = {}
-# cudaErrorInitializationError, StubLibrary, InsufficientDriver, NoDevice, Unknown: no usable GPU at all.
-_NO_DEVICE = (3, 34, 35, 100, 999)
+
+
+def _no_device(exc: CudaError, what: str) -> UnsupportedDeviceError:
+    cause = exc.name or exc.description
+    return UnsupportedDeviceError(f"no CUDA device is available ({what} failed with {cause}). {exc.hint}")
 
 
 def _runtime() -> Any:
-    global _rt
-    if _rt is None:
-        with _lock:
-            if _rt is None:
-                try:
-                    from cuda.bindings import runtime
-                except ImportError as exc:
-                    raise UnsupportedDeviceError(
-                        f"cannot query CUDA devices: cuda.bindings.runtime is not importable ({exc}); "
-                        "install cuda-bindings"
-                    ) from exc
-                _rt = runtime
-    return _rt
+    """``cuda.bindings.runtime``; UnsupportedDeviceError where cuda-bindings cannot be imported."""
+    try:
+        return cuda_runtime.runtime()
+    except CudaError as exc:
+        raise _no_device(exc, "cannot query CUDA devices: import cuda.bindings.runtime") from exc
 
 
-def _fail(rt: Any, err: Any, what: str) -> UnsupportedDeviceError:
-    name = rt.cudaGetErrorName(err)[1]
-    name = name.decode() if isinstance(name, bytes) else str(name)
-    if int(err) in _NO_DEVICE:
-        return UnsupportedDeviceError(f"no CUDA device is available ({what} failed with {name})")
-    return UnsupportedDeviceError(f"{what} failed with {name}")
+def _check(result: Any, what: str) -> Any:
+    """:func:`fi_ffi.cuda_runtime.check`, with "no usable GPU" failures as UnsupportedDeviceError."""
+    try:
+        return cuda_runtime.check(result, what)
+    except CudaError as exc:
+        if cuda_runtime.no_device(exc):
+            raise _no_device(exc, what) from exc
+        raise
 
 
 def _ordinal(device_id: Any) -> int:
@@ -61,20 +58,13 @@ def _ordinal(device_id: Any) -> int:
 
 def current_device() -> int:
     """The ordinal of this thread's current CUDA device (``cudaGetDevice``)."""
-    rt = _runtime()
-    err, device = rt.cudaGetDevice()
-    if err:
-        raise _fail(rt, err, "cudaGetDevice")
-    return int(device)
+    return int(_check(_runtime().cudaGetDevice(), "cudaGetDevice"))
 
 
 def set_device(device_id: int) -> None:
     """Make ``device_id`` this thread's current CUDA device (``cudaSetDevice``)."""
     device_id = _ordinal(device_id)
-    rt = _runtime()
-    (err,) = rt.cudaSetDevice(device_id)
-    if err:
-        raise _fail(rt, err, f"cudaSetDevice({device_id})")
+    _check(_runtime().cudaSetDevice(device_id), f"cudaSetDevice({device_id})")
 
 
 def make_current(device_id: int) -> int:
@@ -84,28 +74,26 @@ def make_current(device_id: int) -> int:
     """
     device_id = _ordinal(device_id)
     rt = _runtime()
-    err, previous = rt.cudaGetDevice()
-    if err:
-        raise _fail(rt, err, "cudaGetDevice")
+    previous = int(_check(rt.cudaGetDevice(), "cudaGetDevice"))
     if previous == device_id:
         return -1
-    (err,) = rt.cudaSetDevice(device_id)
-    if err:
-        raise _fail(rt, err, f"cudaSetDevice({device_id})")
-    return int(previous)
+    _check(rt.cudaSetDevice(device_id), f"cudaSetDevice({device_id})")
+    return previous
 
 
 def restore(previous: int) -> None:
     """Undo :func:`make_current`: set ``previous`` back unless it is -1. Never raises (used in ``finally``)."""
     if previous >= 0:
-        _rt.cudaSetDevice(previous)
+        cuda_runtime.runtime().cudaSetDevice(previous)  # imported: make_current returned >= 0
 
 
-def _attribute(rt: Any, device_id: int, attr: Any, what: str) -> int:
-    err, value = rt.cudaDeviceGetAttribute(attr, device_id)
-    if err:
-        raise _fail(rt, err, f"{what} of cuda:{device_id}")
-    return int(value)
+def _attribute(device_id: int, name: str) -> int:
+    """``cudaDeviceGetAttribute(cudaDevAttr<name>, device_id)``."""
+    rt = _runtime()
+    attr = getattr(rt.cudaDeviceAttr, f"cudaDevAttr{name}")
+    return int(
+        _check(rt.cudaDeviceGetAttribute(attr, device_id), f"cudaDeviceGetAttribute({name}) of cuda:{device_id}")
+    )
 
 
 def compute_capability(device_id: int) -> tuple[int, int]:
@@ -113,10 +101,8 @@ def compute_capability(device_id: int) -> tuple[int, int]:
     device_id = _ordinal(device_id)
     cc = _capability.get(device_id)
     if cc is None:
-        rt = _runtime()
-        attrs = rt.cudaDeviceAttr
-        major = _attribute(rt, device_id, attrs.cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute")
-        minor = _attribute(rt, device_id, attrs.cudaDevAttrComputeCapabilityMinor, "cudaDeviceGetAttribute")
+        major = _attribute(device_id, "ComputeCapabilityMajor")
+        minor = _attribute(device_id, "ComputeCapabilityMinor")
         cc = _capability[device_id] = (major, minor)
     return cc
 
@@ -126,10 +112,7 @@ def sm_count(device_id: int) -> int:
     device_id = _ordinal(device_id)
     n = _sm_count.get(device_id)
     if n is None:
-        rt = _runtime()
-        n = _sm_count[device_id] = _attribute(
-            rt, device_id, rt.cudaDeviceAttr.cudaDevAttrMultiProcessorCount, "cudaDeviceGetAttribute"
-        )
+        n = _sm_count[device_id] = _attribute(device_id, "MultiProcessorCount")
     return n
 
 

@@ -2,7 +2,8 @@
 
 Capture uses ``cudaStreamCaptureModeThreadLocal``: this thread may not make calls that are illegal during
 capture (synchronizing, legacy-stream work); other threads are unaffected. The captured work must use only
-memory that outlives the graph and must not allocate (the engine's buffers are allocated up front).
+memory that outlives the graph and must not allocate (the engine's buffers are allocated up front). A failing
+call raises :class:`~fi_ffi.errors.CudaError` (:func:`fi_ffi.cuda_runtime.check`).
 """
 
 from __future__ import annotations
@@ -11,24 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import KernelError
+from .. import cuda_runtime
+from ..cuda_runtime import check as _check
 
 __all__ = ["CudaGraph"]
 
-
-def _rt() -> Any:
-    from cuda.bindings import runtime
-
-    return runtime
-
-
-def _check(result: Any, what: str) -> Any:
-    rt = _rt()
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if err != rt.cudaError_t.cudaSuccess:
-        _, name = rt.cudaGetErrorName(err)
-        raise KernelError("RuntimeError", f"{what} failed: {name.decode()}", function=what)
-    return rest[0] if rest else None
+_rt = cuda_runtime.runtime  # cuda.bindings.runtime, imported on first use
 
 
 class CudaGraph:
@@ -68,9 +57,7 @@ class CudaGraph:
     def launch(self) -> None:
         """Enqueue one replay on the stream (asynchronous)."""
         rt = _rt()
-        err = rt.cudaGraphLaunch(self._exec, self._s)[0]
-        if err != rt.cudaError_t.cudaSuccess:
-            _check((err,), "cudaGraphLaunch")
+        _check(rt.cudaGraphLaunch(self._exec, self._s), "cudaGraphLaunch")
 
     def close(self) -> None:
         """Destroy the executable graph and the graph (idempotent; the stream stays the caller's)."""

@@ -540,12 +540,12 @@ def segment_gemm_args_bytes(batch_size: int) -> int:
 
 def _copy_sync(dst: int, data: bytes, device_id: int) -> None:
     """Copy ``data`` from the host to device address ``dst`` and wait for it (driver ``cuMemcpyHtoD``)."""
-    from ..errors import KernelError
+    from .. import cuda_runtime
     from ..launch import device
 
     lib = driver.load()
     if lib is None:
-        raise KernelError("RuntimeError", "cannot use the CUDA driver (libcuda.so.1)", function="cuMemcpyHtoD")
+        raise cuda_runtime.no_driver("cuMemcpyHtoD")
     from ..abi.cdefs import get_ffi
 
     ffi = get_ffi()
@@ -556,7 +556,7 @@ def _copy_sync(dst: int, data: bytes, device_id: int) -> None:
     finally:
         device.restore(previous)
     if err:
-        raise KernelError("RuntimeError", f"cuMemcpyHtoD failed: {driver.error_name(err)}", function="cuMemcpyHtoD")
+        raise cuda_runtime.driver_error(err, "cuMemcpyHtoD")
 
 
 def _indptr(seg_lens: Any, seg_indptr: Any, batch_size: int) -> np.ndarray:
@@ -651,16 +651,14 @@ def _check_operands(
 
 def _stage(ws: Workspace, data: bytes, stream: int) -> None:
     """Write ``data`` into the page-locked buffer and enqueue its copy into the int buffer on ``stream``."""
+    from .. import cuda_runtime
     from ..abi.cdefs import get_ffi
-    from ..errors import KernelError
 
     lib = driver.load()
     if lib is None:
-        raise KernelError("RuntimeError", "cannot use the CUDA driver (libcuda.so.1)", function="cuMemcpyHtoDAsync")
+        raise cuda_runtime.no_driver("cuMemcpyHtoDAsync")
     ffi = get_ffi()
     ffi.memmove(ffi.cast("char *", ws.pinned_buffer.data_ptr), data, len(data))
     err = lib.cuMemcpyHtoDAsync_v2(ws.int_buffer.data_ptr, ws.pinned_buffer.data_ptr, len(data), stream)
     if err:
-        raise KernelError(
-            "RuntimeError", f"cuMemcpyHtoDAsync failed: {driver.error_name(err)}", function="cuMemcpyHtoDAsync"
-        )
+        raise cuda_runtime.driver_error(err, "cuMemcpyHtoDAsync")

@@ -28,7 +28,7 @@ from typing import Any
 
 from ... import dtypes as _dt
 from ...dtypes import DType
-from ...errors import KernelNotFoundError
+from ...errors import CudaError, KernelNotFoundError
 
 SINGLE_PREFILL = "single_prefill"
 BATCH_PREFILL = "batch_prefill"
@@ -573,12 +573,14 @@ _sm_major: dict[int, int | None] = {}
 def sm_major(device_id: int) -> int | None:
     """The compute capability major of CUDA device ``device_id``, or None if it cannot be read (no GPU)."""
     if device_id not in _sm_major:
-        try:
-            from cuda.bindings import runtime as rt
+        from ... import cuda_runtime
 
-            err, major = rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device_id)
-            _sm_major[device_id] = int(major) if err == rt.cudaError_t.cudaSuccess else None
-        except Exception:  # no driver, no cuda-bindings: unknown
+        try:
+            rt = cuda_runtime.runtime()
+            attr = rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor
+            major = cuda_runtime.check(rt.cudaDeviceGetAttribute(attr, device_id), "cudaDeviceGetAttribute")
+            _sm_major[device_id] = int(major)
+        except (CudaError, OverflowError):  # no driver, no device, no cuda-bindings, no such ordinal: unknown
             _sm_major[device_id] = None
     return _sm_major[device_id]
 

@@ -30,7 +30,8 @@ plans, MLA plans, segment GEMM's argument arrays) does so inside ``with workspac
 
 :meth:`Workspace.allocate` allocates the three buffers with ``cuda.bindings`` (``cudaMalloc``,
 ``cudaMallocHost``; the float buffer is zeroed once, as upstream asks) and frees them on :meth:`close` or at
-context exit. :meth:`Workspace.from_buffers` wraps buffers the caller owns.
+context exit. :meth:`Workspace.from_buffers` wraps buffers the caller owns. A failing CUDA runtime call raises
+:class:`~fi_ffi.errors.CudaError` (through :func:`fi_ffi.cuda_runtime.check`).
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ... import driver
+from ... import cuda_runtime, driver
+from ...cuda_runtime import check as _check  # CUDA runtime results: values, or the one CudaError
+from ...cuda_runtime import runtime as _rt  # cuda.bindings.runtime, imported on first use
 from ...dtypes import Device
+from ...errors import CudaError
 from ...launch import checks
 from ...launch.aliasing import disjoint
 from ...tensor import Tensor
@@ -55,47 +59,21 @@ _PTR_END = 1 << 64
 __all__ = ["FLOAT_BYTES", "INT_BYTES", "PINNED_BYTES", "TMP_BYTES", "Staging", "Workspace"]
 
 
-_runtime: Any = None
-
-
-def _rt() -> Any:
-    global _runtime
-    if _runtime is None:
-        from cuda.bindings import runtime
-
-        _runtime = runtime
-    return _runtime
-
-
 # The two calls of every plan (query and record the plan-copy event) go straight to the CUDA driver
 # (fi_ffi.driver): through cuda.bindings each costs a few microseconds. The event itself is created and destroyed
 # with cuda.bindings (once per workspace); a runtime event is a driver event.
 
 
 def _driver() -> Any:
-    """libcuda for the event calls; a KernelError where it cannot be used."""
+    """libcuda for the event calls; a CudaError where it cannot be used."""
     lib = driver.load()
     if lib is None:
-        from ...errors import KernelError
-
-        raise KernelError("RuntimeError", "cannot use the CUDA driver (libcuda.so.1)", function="cuEventRecord")
+        raise cuda_runtime.no_driver("cuEventRecord")
     return lib
 
 
 def _driver_error(err: int, what: str) -> None:
-    from ...errors import KernelError
-
-    raise KernelError("RuntimeError", f"{what} failed: {driver.error_name(err)}", function=what)
-
-
-def _check(err: Any, what: str) -> None:
-    rt = _rt()
-    if err != rt.cudaError_t.cudaSuccess:
-        from ...errors import KernelError
-
-        _, name = rt.cudaGetErrorName(err)
-        _, text = rt.cudaGetErrorString(err)
-        raise KernelError("RuntimeError", f"{what} failed: {name.decode()}: {text.decode()}", function=what)
+    raise cuda_runtime.driver_error(err, what)
 
 
 class _DeviceScope:
@@ -436,11 +414,10 @@ def _device_max_resident_blocks(device_id: int) -> int | None:
         try:
             rt = _rt()
             a = rt.cudaDeviceAttr
-            e1, sms = rt.cudaDeviceGetAttribute(a.cudaDevAttrMultiProcessorCount, device_id)
-            e2, per_sm = rt.cudaDeviceGetAttribute(a.cudaDevAttrMaxBlocksPerMultiprocessor, device_id)
-            ok = e1 == e2 == rt.cudaError_t.cudaSuccess
-            _max_blocks[device_id] = int(sms) * int(per_sm) if ok else None
-        except Exception:  # no driver / no cuda-bindings: unknown
+            sms = _check(rt.cudaDeviceGetAttribute(a.cudaDevAttrMultiProcessorCount, device_id), "SM count")
+            per_sm = _check(rt.cudaDeviceGetAttribute(a.cudaDevAttrMaxBlocksPerMultiprocessor, device_id), "blocks/SM")
+            _max_blocks[device_id] = int(sms) * int(per_sm)
+        except (CudaError, OverflowError):  # no driver / no device / no cuda-bindings: unknown
             _max_blocks[device_id] = None
     return _max_blocks[device_id]
 

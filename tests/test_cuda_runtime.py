@@ -1,0 +1,96 @@
+"""fi_ffi.cuda_runtime: one ``check`` for every CUDA runtime result, one ``CudaError``.
+
+This CPU machine has cuda-bindings but no driver, so every real runtime call fails: the error path is tested
+with the real library (no mocks). On a GPU machine the failing calls below are skipped.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from fi_ffi import cuda_runtime
+from fi_ffi.errors import CudaError, FiFFIError
+
+rt = pytest.importorskip("cuda.bindings.runtime")
+
+
+def _no_gpu() -> bool:
+    return int(rt.cudaGetDeviceCount()[0]) != 0
+
+
+needs_no_gpu = pytest.mark.skipif(not _no_gpu(), reason="a usable GPU is present: the runtime calls succeed")
+
+
+@needs_no_gpu
+def test_failing_call_raises_cuda_error_naming_call_error_and_fix() -> None:
+    with pytest.raises(CudaError) as info:
+        cuda_runtime.check(cuda_runtime.runtime().cudaMalloc(1024), "cudaMalloc(1024)")
+    exc = info.value
+    assert isinstance(exc, FiFFIError)
+    text = str(exc)
+    assert text.startswith("cudaMalloc(1024) failed: ")
+    assert exc.name.startswith("cudaError") and exc.name in text  # e.g. cudaErrorInsufficientDriver
+    assert exc.code is not None and exc.code != 0 and exc.code in cuda_runtime.NO_DEVICE_CODES
+    assert cuda_runtime.no_device(exc)
+    assert "nvidia-smi" in exc.hint and exc.hint in text  # the fix
+    assert exc.description and exc.description in text
+
+
+@needs_no_gpu
+def test_cuda_error_survives_pickling() -> None:  # workers send errors to their parent
+    with pytest.raises(CudaError) as info:
+        cuda_runtime.check(cuda_runtime.runtime().cudaSetDevice(0), "cudaSetDevice(0)")
+    back = pickle.loads(pickle.dumps(info.value))
+    assert type(back) is CudaError and str(back) == str(info.value)
+    assert (back.what, back.code, back.name, back.hint) == (
+        info.value.what,
+        info.value.code,
+        info.value.name,
+        info.value.hint,
+    )
+
+
+def test_check_returns_the_values() -> None:
+    ok = rt.cudaError_t.cudaSuccess
+    assert cuda_runtime.check((ok,), "x") is None
+    assert cuda_runtime.check(ok, "x") is None
+    assert cuda_runtime.check((ok, 7), "x") == 7
+    assert cuda_runtime.check((ok, 1, 2), "x") == (1, 2)
+
+
+def test_each_error_class_has_its_own_hint() -> None:
+    err = rt.cudaError_t.cudaErrorMemoryAllocation
+    with pytest.raises(CudaError, match=r"cudaMalloc\(8\) failed: cudaErrorMemoryAllocation: .*out of memory"):
+        cuda_runtime.check((err, None), "cudaMalloc(8)")
+    with pytest.raises(CudaError, match=r"cudaErrorInvalidDevice.*cudaGetDeviceCount") as info:
+        cuda_runtime.check((rt.cudaError_t.cudaErrorInvalidDevice,), "cudaSetDevice(9)")
+    assert not cuda_runtime.no_device(info.value)
+    with pytest.raises(CudaError, match="CUDA_LAUNCH_BLOCKING=1"):
+        cuda_runtime.check((rt.cudaError_t.cudaErrorLaunchFailure,), "cudaStreamSynchronize")
+
+
+def test_comm_cuda_error_is_the_one_class() -> None:
+    from fi_ffi.comm import cuda as comm_cuda
+
+    assert comm_cuda.CudaError is CudaError
+
+
+def test_driver_results_become_the_same_error() -> None:  # fi_ffi.driver's cffi calls (event, staging copy)
+    exc = cuda_runtime.driver_error(2, "cuMemcpyHtoDAsync")
+    assert type(exc) is CudaError and exc.code == 2 and "out of memory" in str(exc)
+    assert str(exc).startswith("cuMemcpyHtoDAsync failed: ") and exc.name in str(exc)  # CUDA_ERROR_... / CUresult 2
+    missing = cuda_runtime.no_driver("cuEventRecord")
+    assert cuda_runtime.no_device(missing) and "libcuda.so.1" in str(missing) and "nvidia-smi" in str(missing)
+
+
+def test_device_queries_say_no_gpu_as_unsupported_device() -> None:  # the one documented conversion
+    from fi_ffi.errors import UnsupportedDeviceError
+    from fi_ffi.launch import device
+
+    if not _no_gpu():
+        pytest.skip("a usable GPU is present")
+    with pytest.raises(UnsupportedDeviceError, match=r"no CUDA device is available \(cudaGetDevice failed") as info:
+        device.current_device()
+    assert isinstance(info.value.__cause__, CudaError) and cuda_runtime.no_device(info.value.__cause__)
