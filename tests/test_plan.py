@@ -509,11 +509,11 @@ def test_staging_releases_the_lock_and_records_nothing_on_an_exception(monkeypat
 
 
 def test_a_failed_wait_for_the_previous_copy_releases_the_lock(monkeypatch):
-    from fi_ffi.errors import KernelError
+    from fi_ffi.errors import CudaError
 
     ws = _staged_workspace(monkeypatch, _FakeDriver(query=700))
     ws._event_pending = True
-    with pytest.raises(KernelError, match="previous plan copy"), ws.staging(7):
+    with pytest.raises(CudaError, match="previous plan copy"), ws.staging(7):
         pass
     assert not ws._lock.locked() and ws._generation == 0
     ws._event = None
