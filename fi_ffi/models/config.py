@@ -18,19 +18,20 @@ import dataclasses
 import json
 import math
 import os
-import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from .values import MAX_SIZE, show
 
 __all__ = ["MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
 
 MODEL_TYPES = ("llama", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gpt_oss")
 # families whose own settings (windows, soft caps, sinks, biases, YaRN) live in LlamaConfig.family
 FAMILIES = ("gemma2", "gpt_oss")
-MAX_SIZE = (1 << 31) - 1  # every size and token id reaches the kernels as an int32
+# the engine class ("module.Class" under fi_ffi.models) that serves each family: data here, so that the Llama
+# engine can name it in its refusal without importing the module that picks engines (which imports it)
+FAMILY_ENGINES = {"gemma2": "gemma2.Gemma2Engine", "gpt_oss": "gpt_oss.GptOssEngine"}
 
 
 @dataclass(frozen=True)
@@ -246,24 +247,9 @@ def _int(d: dict[str, Any], key: str, source: str, default: int | None = None) -
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
         raise ValueError(
             f"{source}: {key} must be a positive integer no larger than {MAX_SIZE} (the kernels' int32), got "
-            f"{_show(value)}"
+            f"{show(value)}"
         )
     return value
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
-
-
-def _show(value: Any) -> str:
-    """``repr(value)`` cut short (a config may hold a 4000-digit number or a huge list)."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:
-        return f"an integer of {value.bit_length()} bits"
-    try:  # reprlib stops at a depth (a deeply nested list would exhaust the recursion limit)
-        text = _REPR.repr(value)
-    except ValueError:  # an integer past Python's digit limit inside a container
-        text = f"a {type(value).__name__} holding an integer too long to print"
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _positive(params: dict[str, Any], key: str, source: str, default: float | None = None, *, what: str = "") -> float:
@@ -277,7 +263,7 @@ def _positive(params: dict[str, Any], key: str, source: str, default: float | No
         except OverflowError:  # an int past float64
             number = math.inf
     if not (number > 0 and math.isfinite(number)):
-        raise ValueError(f"{source}: {name} must be a finite number > 0, got {_show(value)}")
+        raise ValueError(f"{source}: {name} must be a finite number > 0, got {show(value)}")
     return number
 
 
@@ -331,7 +317,7 @@ def _eos(value: Any, vocab_size: int, source: str) -> tuple[int, ...]:
     if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size for v in items):
         raise ValueError(
             f"{source}: eos_token_id must be a token id in [0, vocab_size={vocab_size}) or a list of them, got "
-            f"{_show(value)}"
+            f"{show(value)}"
         )
     return tuple(items)
 
@@ -369,23 +355,3 @@ def read_config_json(model_dir: Any) -> tuple[Any, Path]:
             f"model_dir: {path} holds a JSON {type(data).__name__}; a config.json is an object of settings"
         )
     return data, path
-
-
-def _arg_int(name: str, value: Any, lo: int, hi: int) -> int:
-    """``value`` as an int in ``[lo, hi]`` (a bool or a float is no int), else TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {int(value)}")
-    return int(value)
-
-
-def _arg_array(name: str, value: Any, ndim: int, shape: str) -> np.ndarray:
-    """``value`` if it is a ``ndim``-D numpy array of numbers (``shape`` describes it), else TypeError/ValueError
-    naming ``name``."""
-    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
-        what = f"{value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
-        raise TypeError(f"{name}: expected a numpy array of numbers {shape}, got {what}")
-    if value.ndim != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D array {shape}, got shape {value.shape}")
-    return value

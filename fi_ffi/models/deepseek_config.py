@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import MAX_SIZE, MoEConfig, _eos, _int, _show, read_config_json
+from .config import MoEConfig, _eos, _int, read_config_json
+from .values import MAX_SIZE, show
 
 __all__ = ["DEEPSEEK_MODEL_TYPES", "DeepSeekConfig", "DeepSeekRouting", "YarnConfig", "is_deepseek"]
 
@@ -188,17 +189,17 @@ class DeepSeekConfig:
             raise ValueError(f"d: expected a JSON object (a dict) from {source}, got {type(d).__name__}")
         model_type = d.get("model_type")
         if model_type not in DEEPSEEK_MODEL_TYPES:
-            raise ValueError(f"{source}: model_type {_show(model_type)} is not a DeepSeek-V2/V3 checkpoint")
+            raise ValueError(f"{source}: model_type {show(model_type)} is not a DeepSeek-V2/V3 checkpoint")
         quant = d.get("quantization_config")
         if quant is not None:
             method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
             raise ValueError(
-                f"{source}: quantization_config (quant_method {_show(method)}) is not supported: this engine serves "
+                f"{source}: quantization_config (quant_method {show(method)}) is not supported: this engine serves "
                 f"bfloat16 or float16 weights, not FP8 block-quantized ones; {_BF16_HINT}"
             )
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"{source}: hidden_act {_show(act)} is not supported (DeepSeek uses 'silu')")
+            raise ValueError(f"{source}: hidden_act {show(act)} is not supported (DeepSeek uses 'silu')")
         for key in ("attention_bias", "mlp_bias"):
             if d.get(key, False):
                 raise ValueError(f"{source}: {key}=true is not supported (DeepSeek projections have no bias)")
@@ -219,13 +220,13 @@ class DeepSeekConfig:
                 raise ValueError(f"{source}: {name} ({value}) must be a multiple of 8 (16-byte aligned head rows)")
         eps = d.get("rms_norm_eps", 1e-6)
         if not _finite(eps) or not eps > 0:
-            raise ValueError(f"{source}: rms_norm_eps must be a finite number > 0, got {_show(eps)}")
+            raise ValueError(f"{source}: rms_norm_eps must be a finite number > 0, got {show(eps)}")
         tie = d.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
-            raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {_show(tie)}")
+            raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {show(tie)}")
         interleave = d.get("rope_interleave", True) if model_type == "deepseek_v3" else True
         if not isinstance(interleave, bool):
-            raise ValueError(f"{source}: rope_interleave must be true or false, got {_show(interleave)}")
+            raise ValueError(f"{source}: rope_interleave must be true or false, got {show(interleave)}")
         layers = _int(d, "num_hidden_layers", source)
         theta, yarn = _rope(d, source)
         moe, routing, first_dense = _moe(d, model_type, layers, source)
@@ -287,9 +288,7 @@ def _number(params: dict[str, Any], key: str, source: str, default: float | None
     if value is None and default is None:
         raise ValueError(f"{source}: rope {key} is missing (a number > 0)")
     if value is None or not _finite(value) or not (value >= 0 if zero else value > 0):
-        raise ValueError(
-            f"{source}: rope {key} must be a finite number {'>= 0' if zero else '> 0'}, got {_show(value)}"
-        )
+        raise ValueError(f"{source}: rope {key} must be a finite number {'>= 0' if zero else '> 0'}, got {show(value)}")
     return float(value)
 
 
@@ -297,7 +296,7 @@ def _rope(d: dict[str, Any], source: str) -> tuple[float, YarnConfig | None]:
     params, scaling = d.get("rope_parameters"), d.get("rope_scaling")
     for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if value is not None and not isinstance(value, dict):
-            raise ValueError(f"{source}: {name} must be an object or null, got {_show(value)}")
+            raise ValueError(f"{source}: {name} must be an object or null, got {show(value)}")
     merged: dict[str, Any] = {}
     if "rope_theta" in d:
         merged["rope_theta"] = d["rope_theta"]
@@ -309,8 +308,7 @@ def _rope(d: dict[str, Any], source: str) -> tuple[float, YarnConfig | None]:
         return theta, None
     if kind != "yarn":
         raise ValueError(
-            f"{source}: rope_type (or type) {_show(kind)} is not supported for DeepSeek; supported: 'default' and "
-            "'yarn'"
+            f"{source}: rope_type (or type) {show(kind)} is not supported for DeepSeek; supported: 'default' and 'yarn'"
         )
     original = merged.get("original_max_position_embeddings")
     factor = merged.get("factor")
@@ -320,7 +318,7 @@ def _rope(d: dict[str, Any], source: str) -> tuple[float, YarnConfig | None]:
     attention = merged.get("attention_factor")
     truncate = merged.get("truncate", True)
     if not isinstance(truncate, bool):
-        raise ValueError(f"{source}: rope truncate must be true or false, got {_show(truncate)}")
+        raise ValueError(f"{source}: rope truncate must be true or false, got {show(truncate)}")
     return theta, YarnConfig(
         factor=_number({"factor": factor}, "factor", source),
         original_max_position_embeddings=_int(merged, "original_max_position_embeddings", source),
@@ -343,7 +341,7 @@ def _moe(
     experts = d.get("n_routed_experts")
     first = d.get("first_k_dense_replace", 0 if model_type == "deepseek_v2" else 3)
     if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= MAX_SIZE:
-        raise ValueError(f"{source}: first_k_dense_replace must be an integer in [0, {MAX_SIZE}], got {_show(first)}")
+        raise ValueError(f"{source}: first_k_dense_replace must be an integer in [0, {MAX_SIZE}], got {show(first)}")
     if experts is None:
         return None, None, layers  # every layer dense
     experts = _int(d, "n_routed_experts", source)
@@ -357,13 +355,13 @@ def _moe(
     scoring = d.get("scoring_func", "sigmoid" if model_type == "deepseek_v3" else "softmax")
     if model_type == "deepseek_v3" and (method, scoring) != ("noaux_tc", "sigmoid"):
         raise ValueError(
-            f"{source}: topk_method {_show(method)} with scoring_func {_show(scoring)}: DeepSeek-V3 routing is "
+            f"{source}: topk_method {show(method)} with scoring_func {show(scoring)}: DeepSeek-V3 routing is "
             f"'noaux_tc' "
             f"with 'sigmoid' scores"
         )
     if model_type == "deepseek_v2" and (method not in ("greedy", "group_limited_greedy") or scoring != "softmax"):
         raise ValueError(
-            f"{source}: topk_method {_show(method)} with scoring_func {_show(scoring)}: DeepSeek-V2 routing is "
+            f"{source}: topk_method {show(method)} with scoring_func {show(scoring)}: DeepSeek-V2 routing is "
             f"'greedy' or "
             f"'group_limited_greedy' with 'softmax' scores"
         )
@@ -381,14 +379,14 @@ def _moe(
         raise ValueError(f"{source}: noaux_tc ranks a group by its two best experts; groups need >= 2 experts")
     renorm = d.get("norm_topk_prob", model_type == "deepseek_v3")
     if not isinstance(renorm, bool):
-        raise ValueError(f"{source}: norm_topk_prob must be true or false, got {_show(renorm)}")
+        raise ValueError(f"{source}: norm_topk_prob must be true or false, got {show(renorm)}")
     scale = d.get("routed_scaling_factor", 2.5 if model_type == "deepseek_v3" else 1.0)
     if not _finite(scale) or not scale > 0:
-        raise ValueError(f"{source}: routed_scaling_factor must be a finite number > 0, got {_show(scale)}")
+        raise ValueError(f"{source}: routed_scaling_factor must be a finite number > 0, got {show(scale)}")
     shared = d.get("n_shared_experts")
     shared = 0 if shared is None else shared
     if isinstance(shared, bool) or not isinstance(shared, int) or not 0 <= shared <= MAX_SIZE:
-        raise ValueError(f"{source}: n_shared_experts must be an integer in [0, {MAX_SIZE}], got {_show(shared)}")
+        raise ValueError(f"{source}: n_shared_experts must be an integer in [0, {MAX_SIZE}], got {show(shared)}")
     moe = MoEConfig(experts, k, _int(d, "moe_intermediate_size", source), renorm)
     routing = DeepSeekRouting(method, scoring, n_group, topk_group, float(scale), shared)
     return moe, routing, min(first, layers)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import _arg_array, _arg_int
 from .deepseek_config import DeepSeekRouting
+from .values import arg_array, arg_int
 
 __all__ = ["grouped_topk"]
 
@@ -37,9 +37,9 @@ def grouped_topk(
             int, ``renormalize`` not a bool, ``routing`` not a DeepSeekRouting).
         ValueError: ``logits`` not 2-D or not finite; ``bias`` not ``[E]``; ``top_k`` not in ``[1, E]``.
     """
-    x = _arg_array("logits", logits, 2, "[num_tokens, num_experts]").astype(np.float32, copy=False)
+    x = arg_array("logits", logits, 2, "[num_tokens, num_experts]").astype(np.float32, copy=False)
     tokens, experts = x.shape
-    top_k = _arg_int("top_k", top_k, 1, max(experts, 1))
+    top_k = arg_int("top_k", top_k, 1, max(experts, 1))
     if top_k > experts:
         raise ValueError(f"top_k: expected 1 <= top_k <= num_experts ({experts}), got {top_k}")
     if not isinstance(routing, DeepSeekRouting):
@@ -61,7 +61,7 @@ def grouped_topk(
     if routing.method == "noaux_tc":
         if bias is None:
             raise ValueError("bias: noaux_tc routing needs the layer's e_score_correction_bias [E]")
-        b = _arg_array("bias", bias, 1, f"[{experts}]").astype(np.float32, copy=False)
+        b = arg_array("bias", bias, 1, f"[{experts}]").astype(np.float32, copy=False)
         if b.shape != (experts,):
             raise ValueError(f"bias: expected shape ({experts},), got {b.shape}")
         choice = scores + b

@@ -12,13 +12,13 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from .config import LlamaConfig
+from .config import FAMILY_ENGINES, LlamaConfig
 from .deepseek_config import is_deepseek
 
 __all__ = ["ENGINES", "engine_class", "open_engine"]
 
 # model_type -> "module.Class" under fi_ffi.models; model types not listed are LlamaEngine's
-ENGINES = {"gemma2": "gemma2.Gemma2Engine", "gpt_oss": "gpt_oss.GptOssEngine"}
+ENGINES = FAMILY_ENGINES
 
 
 def engine_class(model_dir: str | Path) -> Any:

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .config import _arg_int, _show
+from .values import arg_int, show
 
 __all__ = ["Gemma2Settings", "GptOssSettings", "YarnRope", "gemma2_settings", "gpt_oss_settings", "layer_windows"]
 
@@ -121,7 +121,7 @@ def _number(d: dict[str, Any], key: str, source: str, default: float | None, all
         or not (value > 0 or (allow_zero and value == 0))
     ):
         raise ValueError(
-            f"{source}: {key} must be a finite number > 0{' (or null: off)' if allow_zero else ''}, got {_show(value)}"
+            f"{source}: {key} must be a finite number > 0{' (or null: off)' if allow_zero else ''}, got {show(value)}"
         )
     return float(value)
 
@@ -129,7 +129,7 @@ def _number(d: dict[str, Any], key: str, source: str, default: float | None, all
 def _positive_int(d: dict[str, Any], key: str, source: str, default: int) -> int:
     value = d.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 31:
-        raise ValueError(f"{source}: {key} must be a positive integer below 2**31 (an int32), got {_show(value)}")
+        raise ValueError(f"{source}: {key} must be a positive integer below 2**31 (an int32), got {show(value)}")
     return value
 
 
@@ -139,8 +139,8 @@ def layer_windows(d: dict[str, Any], num_layers: int, sliding_window: int, sourc
         raise TypeError(f"source: expected a str naming where the config came from, got {type(source).__name__}")
     if not isinstance(d, dict):
         raise TypeError(f"d: expected the config.json object (a dict) from {source}, got {type(d).__name__}")
-    num_layers = _arg_int("num_layers", num_layers, 1, 1 << 20)
-    sliding_window = _arg_int("sliding_window", sliding_window, 1, (1 << 31) - 1)
+    num_layers = arg_int("num_layers", num_layers, 1, 1 << 20)
+    sliding_window = arg_int("sliding_window", sliding_window, 1, (1 << 31) - 1)
     types = d.get("layer_types")
     if types is None:
         types = [SLIDING if (i + 1) % 2 else FULL for i in range(num_layers)]
@@ -148,7 +148,7 @@ def layer_windows(d: dict[str, Any], num_layers: int, sliding_window: int, sourc
         raise ValueError(
             f"{source}: layer_types must list num_layers={num_layers} entries (one per layer), each {SLIDING!r} or "
             f"{FULL!r}; "
-            f"got {_show(types)}"
+            f"got {show(types)}"
         )
     return tuple(sliding_window - 1 if t == SLIDING else -1 for t in types)
 
@@ -156,7 +156,7 @@ def layer_windows(d: dict[str, Any], num_layers: int, sliding_window: int, sourc
 def _flag(d: dict[str, Any], key: str, source: str, default: bool) -> bool:
     value = d.get(key, default)
     if not isinstance(value, bool):
-        raise ValueError(f"{source}: {key} must be true or false, got {_show(value)}")
+        raise ValueError(f"{source}: {key} must be true or false, got {show(value)}")
     return value
 
 
@@ -173,7 +173,7 @@ def refuse_quantized(d: dict[str, Any], source: str) -> None:
         return
     method = q.get("quant_method") if isinstance(q, dict) else q
     extra = f"; {MXFP4_HELP}" if d.get("model_type") == "gpt_oss" else "; save the model in bfloat16 or float16"
-    raise ValueError(f"{source}: quantization_config (quant_method {_show(method)}) is not supported{extra}")
+    raise ValueError(f"{source}: quantization_config (quant_method {show(method)}) is not supported{extra}")
 
 
 def gemma2_settings(d: dict[str, Any], num_layers: int, source: str) -> Gemma2Settings:
@@ -182,9 +182,7 @@ def gemma2_settings(d: dict[str, Any], num_layers: int, source: str) -> Gemma2Se
     refuse_quantized(d, source)
     act = d.get("hidden_activation", d.get("hidden_act", "gelu_pytorch_tanh"))
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ValueError(
-            f"{source}: hidden_activation {_show(act)} is not supported (Gemma 2 uses 'gelu_pytorch_tanh')"
-        )
+        raise ValueError(f"{source}: hidden_activation {show(act)} is not supported (Gemma 2 uses 'gelu_pytorch_tanh')")
     if _flag(d, "attention_bias", source, False):
         raise ValueError(f"{source}: attention_bias=true is not supported (Gemma 2 projections have no bias)")
     window = _positive_int(d, "sliding_window", source, 4096)
@@ -227,19 +225,19 @@ def yarn(d: dict[str, Any], source: str) -> YarnRope | None:
     """The YaRN settings of a gpt-oss config; None for plain RoPE."""
     for key in ("rope_scaling", "rope_parameters"):
         if d.get(key) is not None and not isinstance(d[key], dict):
-            raise ValueError(f"{source}: {key} must be an object or null, got {_show(d[key])}")
+            raise ValueError(f"{source}: {key} must be an object or null, got {show(d[key])}")
     r = rope_settings(d)
     kind = r.get("rope_type", r.get("type", "default"))
     if kind == "default":
         return None
     if kind != "yarn":
         raise ValueError(
-            f"{source}: rope_type (or type) {_show(kind)} is not supported for gpt_oss; supported: 'default', 'yarn'"
+            f"{source}: rope_type (or type) {show(kind)} is not supported for gpt_oss; supported: 'default', 'yarn'"
         )
     optional = {k: _number(r, k, source, None) for k in ("attention_factor", "mscale", "mscale_all_dim") if r.get(k)}
     truncate = r.get("truncate", True)
     if not isinstance(truncate, bool):
-        raise ValueError(f"{source}: rope truncate must be true or false, got {_show(truncate)}")
+        raise ValueError(f"{source}: rope truncate must be true or false, got {show(truncate)}")
     original = r.get("original_max_position_embeddings")
     if original is None:
         original = d.get("max_position_embeddings", 4096)

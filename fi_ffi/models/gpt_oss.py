@@ -48,9 +48,10 @@ import fi_ffi
 
 from . import kernels
 from .checkpoint import Checkpoint
-from .config import LlamaConfig, _arg_array, _arg_int
+from .config import LlamaConfig
 from .family_configs import MXFP4_HELP, GptOssSettings
 from .llama import LlamaEngine
+from .values import arg_array, arg_int
 from .weights import WeightLoader
 
 __all__ = ["GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache"]
@@ -144,7 +145,7 @@ def rope_cos_sin_cache(cfg: LlamaConfig, positions: int) -> np.ndarray:
     ``p * f`` is a float32 product."""
     if not isinstance(cfg, LlamaConfig) or not isinstance(cfg.family, GptOssSettings):
         raise TypeError(f"cfg: expected a gpt-oss LlamaConfig (LlamaConfig.from_dir), got {type(cfg).__name__}")
-    positions = _arg_int("positions", positions, 0, MAX_ROPE_POSITIONS)
+    positions = arg_int("positions", positions, 0, MAX_ROPE_POSITIONS)
     g: GptOssSettings = cfg.family
     d, theta = cfg.head_dim, cfg.rope.theta
     if g.yarn is None:
@@ -184,16 +185,16 @@ def expert_matrices(gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndar
         ``w_down`` the experts' down projections side by side as one nn.Linear weight (``x @ w_down.T`` sums
         ``act_e @ down[e]`` over the experts when ``x`` holds every expert's activations ``[T, E * I]``).
     """
-    _arg_array("gate_up", gate_up, 3, "[num_experts, hidden, 2 * intermediate]")
+    arg_array("gate_up", gate_up, 3, "[num_experts, hidden, 2 * intermediate]")
     e, h, two_i = gate_up.shape
     if two_i % 2:
         raise ValueError(f"gate_up: expected an even last dimension (gate and up interleaved), got {gate_up.shape}")
-    _arg_array("gate_up_bias", gate_up_bias, 2, f"[{e}, {two_i}]")
+    arg_array("gate_up_bias", gate_up_bias, 2, f"[{e}, {two_i}]")
     if gate_up_bias.shape != (e, two_i):
         raise ValueError(
             f"gate_up_bias: expected shape ({e}, {two_i}) (gate_up's experts and columns), got {gate_up_bias.shape}"
         )
-    _arg_array("down", down, 3, f"[{e}, {two_i // 2}, {h}]")
+    arg_array("down", down, 3, f"[{e}, {two_i // 2}, {h}]")
     if down.shape != (e, two_i // 2, h):
         raise ValueError(
             f"down: expected shape ({e}, {two_i // 2}, {h}) (gate_up's experts, intermediate and "

@@ -43,7 +43,7 @@ import numpy as np
 from ..streams import stream_scope
 from . import kernels
 from .checkpoint import Checkpoint
-from .config import LlamaConfig
+from .config import FAMILY_ENGINES, LlamaConfig
 from .paging import (
     Layout,
     PageAllocator,
@@ -701,9 +701,7 @@ class LlamaEngine:
     def _check_family(self, cfg: LlamaConfig) -> None:
         """Refuse the model types a subclass serves (``fi_ffi.models.engines.engine_class`` picks it)."""
         if cfg.family is not None:
-            from .engines import ENGINES
-
-            name = ENGINES[cfg.model_type]
+            name = FAMILY_ENGINES[cfg.model_type]
             raise ValueError(
                 f"model: a {cfg.model_type} checkpoint; load it with fi_ffi.models.{name} (or "
                 f"fi_ffi.models.engines.open_engine, which picks the engine from config.json)"

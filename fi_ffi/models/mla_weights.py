@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import _arg_array, _arg_int
+from .values import arg_array, arg_int
 
 __all__ = ["split_kv_b"]
 
@@ -32,9 +32,9 @@ def split_kv_b(kv_b: np.ndarray, heads: int, nope: int, v_dim: int) -> tuple[np.
         TypeError: ``kv_b`` not a numeric numpy array, or a size not an int.
         ValueError: ``kv_b`` is not 2-D with ``heads * (nope + v_dim)`` rows, or a size < 1.
     """
-    _arg_array("kv_b", kv_b, 2, "[heads * (nope + v_dim), kv_lora_rank]")
+    arg_array("kv_b", kv_b, 2, "[heads * (nope + v_dim), kv_lora_rank]")
     for name, value in (("heads", heads), ("nope", nope), ("v_dim", v_dim)):
-        _arg_int(name, value, 1, kv_b.shape[0])
+        arg_int(name, value, 1, kv_b.shape[0])
     if kv_b.shape[0] != heads * (nope + v_dim):
         raise ValueError(
             f"kv_b (kv_b_proj.weight): expected [heads * (nope + v_dim), kv_lora_rank] = "

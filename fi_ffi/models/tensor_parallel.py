@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import LlamaConfig, _arg_array, _arg_int
+from .config import LlamaConfig
+from .values import arg_array, arg_int
 
 MAX_VOCAB = (1 << 31) - 1  # token ids are int32
 MAX_PARTS = 1 << 16  # ranks of one tensor-parallel group (a bound that keeps the arithmetic in int64)
@@ -111,16 +112,16 @@ class VocabShard:
     @classmethod
     def of(cls, vocab: int, rank: int, parts: int) -> VocabShard:
         """Rank ``rank``'s shard of a ``vocab``-token vocabulary split ``parts`` ways."""
-        vocab = _arg_int("vocab", vocab, 1, MAX_VOCAB)
-        parts = _arg_int("parts", parts, 1, MAX_PARTS)
-        rank = _arg_int("rank", rank, 0, parts - 1)
+        vocab = arg_int("vocab", vocab, 1, MAX_VOCAB)
+        parts = arg_int("parts", parts, 1, MAX_PARTS)
+        rank = arg_int("rank", rank, 0, parts - 1)
         step = -(-vocab // parts)
         start = rank * step
         return cls(vocab, rank, parts, step, start, max(0, min(step, vocab - start)))
 
     def take(self, table: np.ndarray) -> np.ndarray:
         """This shard's ``[rows, H]`` block of a ``[V, H]`` table (embedding or LM head), zero rows past ``V``."""
-        _arg_array("table", table, 2, f"[{self.vocab}, hidden]")
+        arg_array("table", table, 2, f"[{self.vocab}, hidden]")
         if table.shape[0] != self.vocab:
             raise ValueError(f"table: expected [{self.vocab}, hidden], got {table.shape}")
         out = np.zeros((self.rows, table.shape[1]), table.dtype)
@@ -140,8 +141,8 @@ def combine_shard_argmax(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
     which is what one argmax over the whole row gives (the first maximum); a row with no finite maximum anywhere
     gives rank 0's index, as the single-GPU argmax gives 0.
     """
-    values = _arg_array("values", values, 2, "[parts, rows]").astype(np.float32, copy=False)
-    idx = _arg_array("indices", indices, 2, f"[parts, rows] {values.shape}")
+    values = arg_array("values", values, 2, "[parts, rows]").astype(np.float32, copy=False)
+    idx = arg_array("indices", indices, 2, f"[parts, rows] {values.shape}")
     if idx.shape != values.shape or not values.shape[0]:
         raise ValueError(f"indices: expected the shape of values {values.shape} (at least one part), got {idx.shape}")
     if idx.dtype.kind == "f" or (idx.size and not (idx.min() >= 0 and idx.max() < 1 << 31)):
@@ -171,9 +172,9 @@ def columns(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
 def expert_rows(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
     """Rank ``rank``'s block of every expert's intermediate rows of a stacked gate/up weight ``[E, 2I, H]`` (gate
     rows, then up rows): ``[E, 2I/N, H]``, its gate rows then its up rows (what ``silu_and_mul`` pairs)."""
-    _arg_array("weight", weight, 3, "[num_experts, 2 * intermediate, hidden]")
-    parts = _arg_int("parts", parts, 1, MAX_PARTS)
-    rank = _arg_int("rank", rank, 0, parts - 1)
+    arg_array("weight", weight, 3, "[num_experts, 2 * intermediate, hidden]")
+    parts = arg_int("parts", parts, 1, MAX_PARTS)
+    rank = arg_int("rank", rank, 0, parts - 1)
     if weight.shape[1] % (2 * parts):
         raise ValueError(
             f"parts: 2 * {parts} does not divide weight's dimension 1 ({weight.shape[1]}, the gate and up rows)"
