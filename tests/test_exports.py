@@ -5,6 +5,7 @@
 - ``__all__`` is the table's names (plus ``__version__``), each written once in the table's source;
 - the type stubs ``__init__.pyi`` are what ``tools/gen_init_stub.py`` writes from the tables now (a row added
   without re-running the tool fails here, naming the command);
+- ``fi_ffi.loader`` resolves a name at each use, so patching a loader submodule works as before;
 - ``import fi_ffi`` still imports no op module, no cffi, numpy or cuda-python, and loads no shared library.
 """
 
@@ -122,6 +123,19 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
         fi_ffi.no_such_op  # type: ignore[attr-defined]  # noqa: B018
     with pytest.raises(AttributeError, match="no_such_function"):
         fi_ffi.loader.no_such_function  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_the_loader_reads_its_submodule_at_each_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    # fi_ffi.loader keeps nothing it resolved: a patched submodule function is what loader.<name> gives, as with
+    # the forwarding functions the table replaced (fi_ffi's own __getattr__ keeps what it found: ops are not patched)
+    from fi_ffi.loader import modules
+
+    real = modules.loaded_modules
+    assert fi_ffi.loader.loaded_modules is real
+    monkeypatch.setattr(modules, "loaded_modules", lambda: {"patched": "/x.so"})
+    assert fi_ffi.loader.loaded_modules() == {"patched": "/x.so"}
+    monkeypatch.undo()
+    assert fi_ffi.loader.loaded_modules is real and "loaded_modules" not in vars(fi_ffi.loader)
 
 
 def test_cuda_error_is_public() -> None:
