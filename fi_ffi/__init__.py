@@ -15,11 +15,11 @@ runtime and each kernel module are loaded on first use. The public surface:
 # table: ``__all__``, the lazy module ``__getattr__`` (PEP 562: a name's module is imported on first use, so
 # ``import fi_ffi`` stays light) and ``__dir__``, and the type stub ``__init__.pyi`` that type checkers and IDEs
 # read instead of this file (PEP 561), written by ``python tools/gen_init_stub.py`` and kept equal to what the tool
-# writes by tests/test_exports.py. This is scientific-python's lazy-loader pattern (SPEC 1: a lazy
-# ``__getattr__`` plus a ``.pyi`` stub for type checkers) with the table as the source instead of the stub: a dict
-# literal costs nothing at import (lazy_loader.attach_stub parses the stub with ``ast`` at every import) and is
-# plain data a test can read, as cuda.core keeps its public surface in one explicit list. ``TYPE_CHECKING``
-# imports would restate every name a second time.
+# writes by tests/test_exports.py. Why this shape: cuda.core states each public name once, as an eager import,
+# which a lazy package cannot do without loading every op module; scientific-python's lazy-loader (SPEC 1) pairs a
+# lazy ``__getattr__`` with a ``.pyi`` stub for type checkers, and makes the stub the source (parsed with ``ast`` at
+# every import). Here the source is a dict literal instead: it costs nothing at import, a test reads it as data,
+# and the stub is generated from it. ``TYPE_CHECKING`` imports would restate every name a second time.
 
 from __future__ import annotations
 
