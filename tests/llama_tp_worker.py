@@ -1,4 +1,5 @@
-"""One rank of the tensor-parallel Llama test (tests/test_gpu_llama_tp.py), or the single-GPU reference.
+"""One rank of the tensor-parallel tests (tests/test_gpu_llama_tp.py, test_gpu_moe_tp.py, test_gpu_family_tp.py),
+or the single-GPU reference. The engine class is the checkpoint's (fi_ffi.models.engines: Llama, Gemma 2, gpt-oss).
 
 ``python tests/llama_tp_worker.py MODEL_DIR OUT.npz [--graph] [--nccl] [--whole-vocab] [--topk1] [--loop DIR]``:
 under ``fi-ffi launch`` (``RANK`` set) the engine runs with ``tensor_parallel = WORLD_SIZE``, otherwise on one GPU.
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fi_ffi.models.llama import LlamaEngine, SamplingParams
+from fi_ffi.models.engines import engine_class
+from fi_ffi.models.llama import SamplingParams
 
 PROMPT_LENS = (3, 16, 29, 50)
 MAX_NEW = 24
@@ -34,7 +36,7 @@ def prompts(vocab: int) -> list[list[int]]:
 def main() -> None:
     model, out = sys.argv[1], sys.argv[2]
     tp = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
-    with LlamaEngine(
+    with engine_class(model)(
         model,
         max_batch=4,
         max_seq_len=128,

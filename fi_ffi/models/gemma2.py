@@ -22,7 +22,14 @@ What differs from Llama (transformers' ``Gemma2ForCausalLM``):
 - the final logits are soft-capped (``final_logit_softcapping``) in float32 before sampling;
 - the LM head is tied to the embedding unless the config says otherwise (Gemma2Config's default).
 
-One GPU (``tensor_parallel=1``); float16 or bfloat16 checkpoints (the kernel wheel's modules are bfloat16).
+Tensor parallelism (``tensor_parallel=N``, :mod:`fi_ffi.models.tensor_parallel`): heads, KV cache and GeGLU
+columns split as Llama's, the embedding and LM head by vocabulary rows. The post-attention and post-feed-forward
+norms apply to the *summed* output of the row-parallel O and down projections, before the residual add, so the
+fused all-reduce + residual + RMSNorm (which adds first) does not fit: each partial sum is all-reduced on its own
+(the fused workspace's plain ``kAllReduce``, or NCCL), then the two Gemma norms run as on one GPU. The scaled
+embedding: each rank scales the rows it has (zeros for the others; the sum is exact). The final soft cap is
+elementwise, so it runs on each rank's logits columns before the argmax (which it does not change) or the gather
+for sampling. Float16 or bfloat16 checkpoints (the kernel wheel's modules are bfloat16).
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ from .weights import WeightLoader
 
 __all__ = ["Gemma2Engine"]
 
+_D2D = 3  # cudaMemcpyKind
+
 _SOURCE = r"""
 __device__ __forceinline__ float load16(unsigned short v, int bf16) {
     if (bf16) return __uint_as_float(((unsigned int)v) << 16);
@@ -57,11 +66,18 @@ __device__ __forceinline__ unsigned short store16(float f, int bf16) {
     else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
-// dst[r, :width] = round(src[rows[r], :width] * scale): Gemma's scaled embedding (scale already in the dtype).
+// dst[r, :width] = round(src[rows[r] - start, :width] * scale): Gemma's scaled embedding (scale already in the
+// dtype), from a table of the ids [start, start + valid) (a vocabulary shard); zeros for an id outside it.
 extern "C" __global__ void gather_scale16(const unsigned short* __restrict__ src, const int* __restrict__ rows,
-                                          unsigned short* __restrict__ dst, long long width, float scale, int bf16) {
-    const unsigned short* a = src + (long long)rows[blockIdx.x] * width;
+                                          unsigned short* __restrict__ dst, long long width, float scale, int bf16,
+                                          long long start, long long valid) {
+    const long long id = (long long)rows[blockIdx.x] - start;
     unsigned short* b = dst + (long long)blockIdx.x * width;
+    if (id < 0 || id >= valid) {
+        for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = 0;
+        return;
+    }
+    const unsigned short* a = src + id * width;
     for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = store16(load16(a[c], bf16) * scale, bf16);
 }
 // x[i] = cap * tanh(x[i] / cap) for i < n (float32 logits).
@@ -82,20 +98,21 @@ def round_to(value: float, dtype: str) -> float:
 
 
 class Gemma2Engine(LlamaEngine):
-    """A Gemma 2 checkpoint on one GPU; arguments and serving API as :class:`~fi_ffi.models.llama.LlamaEngine`."""
+    """A Gemma 2 checkpoint on one GPU or ``tensor_parallel`` GPUs; arguments and serving API as
+    :class:`~fi_ffi.models.llama.LlamaEngine`."""
 
     def _check_family(self, cfg: LlamaConfig) -> None:
         if cfg.model_type != "gemma2" or not isinstance(cfg.family, Gemma2Settings):
             raise ValueError(f"model: Gemma2Engine serves gemma2 checkpoints, this one is {cfg.model_type!r}")
-        if self.tensor_parallel != 1:
-            raise ValueError("tensor_parallel: gemma2 checkpoints run on one GPU here; pass tensor_parallel=1")
 
     # ------------------------------------------------------------------------------------------ loading
 
     def _load(self, ckpt: Checkpoint) -> None:
         from .dense import data_type
+        from .tensor_parallel import columns, rows
 
-        c = self.model_config
+        c = self.model_config  # the checkpoint's shapes; this rank keeps its shard (rank r of n)
+        r, n, vs = self.rank, self.tensor_parallel, self.vocab_shard
         g: Gemma2Settings = c.family
         hq, hk, d, h, inter = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
         dtype = ckpt.info("model.embed_tokens.weight").dtype
@@ -106,10 +123,18 @@ class Gemma2Engine(LlamaEngine):
         self._moe: list[Any] = []
         self._moe_scratch = None
         w = WeightLoader(ckpt, self._cp, dtype, self.device, self._weights)
-        self._embed = w.ptr(w.get("model.embed_tokens.weight", (c.vocab_size, h)))
+
+        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
+            whole = w.get(name, (c.vocab_size, h))
+            return whole if vs is None else vs.take(whole)
+
+        self._embed = w.ptr(table("model.embed_tokens.weight"))
         tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
-        self._lm_head = self._embed if tied else w.ptr(w.get("lm_head.weight", (c.vocab_size, h)))
-        self._head_rows = c.vocab_size  # one GPU: the LM head keeps every row (no vocabulary shard)
+        self._lm_head = self._embed if tied else w.ptr(table("lm_head.weight"))
+        self._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
+        # the embedding's token ids [start, start + valid) (the whole vocabulary on one GPU)
+        first, count = (0, c.vocab_size) if vs is None else (vs.start, vs.valid)
+        self._embed_ids = (np.int64(first), np.int64(count))
         self._wqkv, self._wo, self._wgu, self._wd = [], [], [], []
         self._ln1, self._post_attn, self._pre_ff, self._post_ff = [], [], [], []
         for i in range(c.num_layers):
@@ -117,11 +142,11 @@ class Gemma2Engine(LlamaEngine):
             a = p + "self_attn."
             qkv = [w.get(a + "q_proj.weight", (hq * d, h)), w.get(a + "k_proj.weight", (hk * d, h))]
             qkv.append(w.get(a + "v_proj.weight", (hk * d, h)))
-            self._wqkv.append(w.ptr(np.concatenate(qkv)))
-            self._wo.append(w.ptr(w.get(a + "o_proj.weight", (h, hq * d))))
+            self._wqkv.append(w.ptr(np.concatenate([rows(x, r, n) for x in qkv])))  # this rank's heads
+            self._wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))  # a partial sum
             gate_up = [w.get(p + "mlp.gate_proj.weight", (inter, h)), w.get(p + "mlp.up_proj.weight", (inter, h))]
-            self._wgu.append(w.ptr(np.concatenate(gate_up)))
-            self._wd.append(w.ptr(w.get(p + "mlp.down_proj.weight", (h, inter))))
+            self._wgu.append(w.ptr(np.concatenate([rows(x, r, n) for x in gate_up])))  # its GeGLU columns
+            self._wd.append(w.ptr(columns(w.get(p + "mlp.down_proj.weight", (h, inter)), r, n)))
             self._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
             self._post_attn.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
             self._pre_ff.append(w.vector(w.get(p + "pre_feedforward_layernorm.weight", (h,))))
@@ -143,7 +168,11 @@ class Gemma2Engine(LlamaEngine):
         rows = max(self.max_prefill_tokens, self.max_batch)
         storage = np.float16 if self.dtype == "float16" else np.uint16
         self._y = self._cp.empty((rows, self.config.hidden_size), storage)  # attention / MLP output before its norm
-        self._y_views: dict[int, Any] = {}
+        self._row_views: dict[tuple[int, int], Any] = {}
+        # Gemma's norms write their rows into x (the LM head's input too); the fused all-reduce's x2, where the base
+        # engine made one, holds the plain all-reduce's sums instead (its output may not overlap its input)
+        self._sum = getattr(self._buf, "x2", None)
+        self._normed = self._buf.x
         # one workspace per distinct window (a plan is stale once another is made on its workspace)
         self._plan_windows = sorted(set(self._windows))
         self._extra_ws = [kernels.workspace(self.device) for _ in range(2 * (len(self._plan_windows) - 1))]
@@ -213,13 +242,22 @@ class Gemma2Engine(LlamaEngine):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _y_view(self, rows: int) -> Any:
-        t = self._y_views.get(rows)
+    def _rows_view(self, buf: Any, rows: int) -> Any:
+        """A descriptor of the first ``rows`` rows of ``buf`` (``[*, hidden]``), made once per (buffer, rows)."""
+        key = (int(buf.data.ptr), rows)
+        t = self._row_views.get(key)
         if t is None:
-            t = self._y_views[rows] = kernels.descriptor(
-                self._y.data.ptr, (rows, self.config.hidden_size), self.dtype, self.device, owner=self._y
+            t = self._row_views[key] = kernels.descriptor(
+                buf.data.ptr, (rows, self.config.hidden_size), self.dtype, self.device, owner=buf
             )
         return t
+
+    def _reduced(self, vy: Any, rows: int) -> Any:
+        """The sum over the ranks of each rank's partial rows ``vy`` (one GPU: ``vy`` itself)."""
+        if self._allreduce is None:
+            return vy
+        out = None if self._sum is None else self._rows_view(self._sum, rows)
+        return self._allreduce.sum(vy, out, self._s)
 
     def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
         """Embedding to the final norm for ``rows`` token rows; the normalized rows end in ``x`` (the LM head's
@@ -227,8 +265,17 @@ class Gemma2Engine(LlamaEngine):
         c, b, dense, s = self.config, self._buf, self.dense, self._s
         h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
         x, qkv, attn, gu, act, y = (a.data.ptr for a in (b.x, b.qkv, b.attn, b.gu, b.act, self._y))
-        w, hqd, last, vy = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1, self._y_view(rows)
-        self._gather_scale((rows,), (256,), (self._embed, v.token_ids, b.h.data.ptr, h, self._scale, self._bf16))
+        w, hqd, last = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        vy = self._rows_view(self._y, rows)
+        start, valid = self._embed_ids
+        if self.vocab_shard is None:  # the whole table
+            self._gather_scale((rows,), (256,), (self._embed, v.token_ids, b.h.data.ptr, h, self._scale, self._bf16,
+                                                 start, valid))  # fmt: skip
+        else:  # each rank's vocabulary rows, zeros for the others: their sum is the embedding (exactly)
+            self._gather_scale((rows,), (256,), (self._embed, v.token_ids, y, h, self._scale, self._bf16, start,
+                                                 valid))  # fmt: skip
+            got = self._reduced(vy, rows)
+            self._cp.cuda.runtime.memcpyAsync(b.h.data.ptr, got.data_ptr, rows * h * b.h.itemsize, _D2D, s)
         fi_ffi.gemma_rmsnorm(v.h, self._ln1[0], v.x, eps=eps, stream=s)
         for i in range(c.num_layers):
             dense.linear(rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab)
@@ -238,20 +285,20 @@ class Gemma2Engine(LlamaEngine):
                 v.kv_last_page_len, s,
             )  # fmt: skip
             attention(i, v)
-            dense.linear(rows, attn, hqd, self._wo[i], h, hqd, y, h, ab, ab)
-            fi_ffi.gemma_rmsnorm(vy, self._post_attn[i], v.x, eps=eps, stream=s)  # post-attention norm
+            dense.linear(rows, attn, hqd, self._wo[i], h, hqd, y, h, ab, ab)  # a partial sum with TP
+            fi_ffi.gemma_rmsnorm(self._reduced(vy, rows), self._post_attn[i], v.x, eps=eps, stream=s)  # post-attn
             fi_ffi.gemma_fused_add_rmsnorm(v.x, v.h, self._pre_ff[i], eps=eps, stream=s)  # h += x; x = pre-FF norm
             dense.linear(rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
             fi_ffi.gelu_tanh_and_mul(v.gu, v.act, stream=s)
-            dense.linear(rows, act, inter, self._wd[i], h, inter, y, h, ab, ab)
-            fi_ffi.gemma_rmsnorm(vy, self._post_ff[i], v.x, eps=eps, stream=s)  # post-feed-forward norm
+            dense.linear(rows, act, inter, self._wd[i], h, inter, y, h, ab, ab)  # a partial sum with TP
+            fi_ffi.gemma_rmsnorm(self._reduced(vy, rows), self._post_ff[i], v.x, eps=eps, stream=s)  # post-FF norm
             nxt = self._ln1[i + 1] if i < last else self._norm
             fi_ffi.gemma_fused_add_rmsnorm(v.x, v.h, nxt, eps=eps, stream=s)
 
-    def _finish_logits(self, logits: int, rows: int) -> None:
+    def _finish_logits(self, logits: int, rows: int, columns: int) -> None:
         cap = self.config.family.final_logit_softcapping
         if cap > 0 and rows:
-            n = rows * self.config.vocab_size
+            n = rows * columns
             self._soft_cap((min(1024, -(-n // 256)),), (256,), (logits, n, np.float32(cap)))
 
     def close(self) -> None:

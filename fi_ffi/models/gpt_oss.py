@@ -33,8 +33,17 @@ every expert's weights are read and multiplied on every step (``E / k`` times th
 gpt-oss-20b), which the routed grouped-GEMM path of :mod:`fi_ffi.models.moe` (no biases, no clamped SwiGLU) would
 avoid once it grows those.
 
+Tensor parallelism (``tensor_parallel=N``, :mod:`fi_ffi.models.tensor_parallel`): each rank keeps its heads (q/k/v
+rows with their biases, its heads' sinks, its KV heads' cache), its columns of the O projection, the whole router
+(every rank routes every token alike), and the same slice ``[r * I / N, (r + 1) * I / N)`` of every expert's
+intermediate columns (:func:`shard_experts`: in the checkpoint's interleaved gate/up layout that is one contiguous
+block of ``2I / N`` columns, with its biases; the clamped SwiGLU is elementwise per column pair, so it runs on the
+slice as on the whole); the embedding and LM head by vocabulary rows. The O and expert-down outputs are partial sums,
+summed by the fused all-reduce + residual + RMSNorm as Llama's; their biases (``o_proj.bias``, the routing-weighted
+``down_proj_bias``) are added on rank 0 only, so the sum has each once.
+
 Only bfloat16 checkpoints (the sink modules are bfloat16); MXFP4 checkpoints (the published ones) are refused with
-the recipe for a bfloat16 copy (README: gpt-oss). One GPU (``tensor_parallel=1``).
+the recipe for a bfloat16 copy (README: gpt-oss).
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ from .llama import LlamaEngine
 from .values import arg_array, arg_int
 from .weights import WeightLoader
 
-__all__ = ["GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache"]
+__all__ = ["GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache", "shard_experts"]
 
 # rows of the cos/sin table: p * f is a float32 product (exact positions up to 2**24, as transformers computes it)
 MAX_ROPE_POSITIONS = 1 << 24
@@ -117,14 +126,15 @@ extern "C" __global__ void swiglu(const unsigned short* __restrict__ gu, const f
         a[j] = to_bf(we * (up + 1.f) * gate / (1.f + expf(-alpha * gate)));
     }
 }
-// out[t, c] = round(y[t, c] + sum_e w[t, e] * b_down[e, c]); one block per token.
+// out[t, c] = round(y[t, c] + sum_e w[t, e] * b_down[e, c]) (bias != 0; else round(y[t, c]): the ranks but the
+// first of a tensor-parallel group, whose sum must have the bias once); one block per token.
 extern "C" __global__ void finish(const float* __restrict__ y, const float* __restrict__ w,
                                   const float* __restrict__ b_down, int E, long long H,
-                                  unsigned short* __restrict__ out, long long out_ld) {
+                                  unsigned short* __restrict__ out, long long out_ld, int bias) {
     const long long t = blockIdx.x;
     for (long long c = threadIdx.x; c < H; c += blockDim.x) {
         float acc = y[t * H + c];
-        for (int e = 0; e < E; ++e) {
+        for (int e = 0; bias && e < E; ++e) {
             const float we = w[t * E + e];
             if (we != 0.f) acc += we * b_down[e * H + c];
         }
@@ -207,15 +217,55 @@ def expert_matrices(gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndar
     return np.ascontiguousarray(w_gu), np.ascontiguousarray(b_gu), np.ascontiguousarray(w_down)
 
 
+def shard_experts(
+    gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndarray, rank: int, parts: int
+) -> tuple[np.ndarray, ...]:
+    """Rank ``rank``'s slice of every expert's intermediate columns, in the checkpoint's layout (what
+    :func:`expert_matrices` takes).
+
+    Args:
+        gate_up: ``[E, H, 2I]``, gate and up interleaved (even and odd columns: intermediate column ``j`` is the
+            pair ``2j, 2j + 1``).
+        gate_up_bias: ``[E, 2I]``, interleaved the same way.
+        down: ``[E, I, H]``.
+        rank, parts: this rank of ``parts``; ``parts`` must divide ``I``.
+
+    Returns ``(gate_up [E, H, 2I/N], gate_up_bias [E, 2I/N], down [E, I/N, H])``: intermediate columns
+    ``[r * I/N, (r + 1) * I/N)``, i.e. interleaved columns ``[2r * I/N, 2(r + 1) * I/N)``. Every rank's experts
+    give a partial sum of each expert's down projection (without its bias, which one rank adds).
+    """
+    from .tensor_parallel import MAX_PARTS
+
+    arg_array("gate_up", gate_up, 3, "[num_experts, hidden, 2 * intermediate]")
+    e, _, two_i = gate_up.shape
+    arg_array("gate_up_bias", gate_up_bias, 2, f"[{e}, {two_i}]")
+    arg_array("down", down, 3, f"[{e}, {two_i // 2}, hidden]")
+    if gate_up_bias.shape != (e, two_i) or down.shape[:2] != (e, two_i // 2) or two_i % 2:
+        raise ValueError(
+            f"gate_up_bias, down: expected [{e}, {two_i}] and [{e}, {two_i // 2}, hidden] (gate_up {gate_up.shape}: "
+            f"an even number of interleaved columns), got {gate_up_bias.shape} and {down.shape}"
+        )
+    parts = arg_int("parts", parts, 1, MAX_PARTS)
+    rank = arg_int("rank", rank, 0, parts - 1)
+    i = two_i // 2
+    if i % parts:
+        raise ValueError(f"parts: {parts} does not divide the experts' {i} intermediate columns")
+    step = i // parts
+    lo, hi = rank * step, (rank + 1) * step
+    return (
+        np.ascontiguousarray(gate_up[:, :, 2 * lo : 2 * hi]),
+        np.ascontiguousarray(gate_up_bias[:, 2 * lo : 2 * hi]),
+        np.ascontiguousarray(down[:, lo:hi]),
+    )
+
+
 class GptOssEngine(LlamaEngine):
-    """A bfloat16 gpt-oss checkpoint on one GPU; arguments and serving API as
+    """A bfloat16 gpt-oss checkpoint on one GPU or ``tensor_parallel`` GPUs; arguments and serving API as
     :class:`~fi_ffi.models.llama.LlamaEngine`."""
 
     def _check_family(self, cfg: LlamaConfig) -> None:
         if cfg.model_type != "gpt_oss" or not isinstance(cfg.family, GptOssSettings):
             raise ValueError(f"model: GptOssEngine serves gpt_oss checkpoints, this one is {cfg.model_type!r}")
-        if self.tensor_parallel != 1:
-            raise ValueError("tensor_parallel: gpt_oss checkpoints run on one GPU here; pass tensor_parallel=1")
         if cfg.moe is None or cfg.moe.top_k > 16:
             raise ValueError("model: num_experts_per_tok above 16 is not supported by the gpt-oss routing kernel")
 
@@ -223,8 +273,10 @@ class GptOssEngine(LlamaEngine):
 
     def _load(self, ckpt: Checkpoint) -> None:
         from .dense import data_type
+        from .tensor_parallel import columns, rows, segment
 
-        c = self.model_config
+        c = self.model_config  # the checkpoint's shapes; this rank keeps its shard (rank r of n)
+        r, n, vs = self.rank, self.tensor_parallel, self.vocab_shard
         assert c.moe is not None
         hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
         e, i_size = c.moe.num_experts, c.moe.intermediate_size
@@ -235,17 +287,24 @@ class GptOssEngine(LlamaEngine):
         self._moe_scratch = None
         w = WeightLoader(ckpt, self._cp, dtype, self.device, self._weights)
 
-        def f32(name: str, shape: tuple[int, ...]) -> Any:  # biases and sinks, float32 on the device
+        def host_f32(name: str, shape: tuple[int, ...]) -> np.ndarray:  # biases and sinks, as float32
             info = ckpt.info(name)
             arr = ckpt.array(name, shape)
             if info.dtype not in ("bfloat16", "float32"):
                 raise ValueError(f"model: tensor {name!r} is {info.dtype}, expected bfloat16 or float32")
-            return w.upload(bf16_to_f32(arr) if info.dtype == "bfloat16" else np.asarray(arr, np.float32))
+            return bf16_to_f32(arr) if info.dtype == "bfloat16" else np.asarray(arr, np.float32)
 
-        self._embed = w.ptr(w.get("model.embed_tokens.weight", (c.vocab_size, h)))
+        def f32(name: str, shape: tuple[int, ...]) -> Any:  # on the device
+            return w.upload(host_f32(name, shape))
+
+        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
+            whole = w.get(name, (c.vocab_size, h))
+            return whole if vs is None else vs.take(whole)
+
+        self._embed = w.ptr(table("model.embed_tokens.weight"))
         tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
-        self._lm_head = self._embed if tied else w.ptr(w.get("lm_head.weight", (c.vocab_size, h)))
-        self._head_rows = c.vocab_size  # one GPU: the LM head keeps every row (no vocabulary shard)
+        self._lm_head = self._embed if tied else w.ptr(table("lm_head.weight"))
+        self._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
         self._wqkv, self._bqkv, self._wo, self._bo, self._ln1, self._ln2 = [], [], [], [], [], []
         self._sinks: list[Any] = []
         self._router, self._router_bias, self._w_gu, self._b_gu, self._w_down, self._b_down = [], [], [], [], [], []
@@ -253,22 +312,26 @@ class GptOssEngine(LlamaEngine):
             p = f"model.layers.{i}."
             a = p + "self_attn."
             shapes = (("q_proj", hq * d), ("k_proj", hk * d), ("v_proj", hk * d))
-            self._wqkv.append(w.ptr(np.concatenate([w.get(f"{a}{n}.weight", (r, h)) for n, r in shapes])))
-            self._bqkv.append(w.ptr(np.concatenate([w.get(f"{a}{n}.bias", (r,)) for n, r in shapes])))
-            self._wo.append(w.ptr(w.get(a + "o_proj.weight", (h, hq * d))))
-            self._bo.append(w.ptr(w.get(a + "o_proj.bias", (h,))))
-            sinks = f32(a + "sinks", (hq,))
-            self._sinks.append(kernels.descriptor(sinks.data.ptr, (hq,), "float32", self.device, owner=sinks))
+            # this rank's heads: q/k/v rows with their biases, its heads' sinks; the O projection's columns
+            self._wqkv.append(w.ptr(np.concatenate([rows(w.get(f"{a}{x}.weight", (k, h)), r, n) for x, k in shapes])))
+            self._bqkv.append(w.ptr(np.concatenate([segment(w.get(f"{a}{x}.bias", (k,)), r, n) for x, k in shapes])))
+            self._wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))
+            self._bo.append(w.ptr(w.get(a + "o_proj.bias", (h,))))  # added by rank 0 only
+            sinks = w.upload(segment(host_f32(a + "sinks", (hq,)), r, n))
+            self._sinks.append(kernels.descriptor(sinks.data.ptr, sinks.shape, "float32", self.device, owner=sinks))
             self._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
             self._ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
             m = p + "mlp."
             self._router.append(w.ptr(w.get(m + "router.weight", (e, h))))
             self._router_bias.append(f32(m + "router.bias", (e,)))
-            w_gu, b_gu, w_down = expert_matrices(
+            experts = shard_experts(
                 w.get(m + "experts.gate_up_proj", (e, h, 2 * i_size)),
                 bf16_to_f32(w.get(m + "experts.gate_up_proj_bias", (e, 2 * i_size))),
                 w.get(m + "experts.down_proj", (e, i_size, h)),
+                r,
+                n,
             )
+            w_gu, b_gu, w_down = expert_matrices(*experts)
             self._w_gu.append(w.ptr(w_gu))
             self._b_gu.append(w.upload(b_gu))
             self._w_down.append(w.ptr(w_down))
@@ -284,6 +347,7 @@ class GptOssEngine(LlamaEngine):
         )
         g: GptOssSettings = c.family
         self._alpha, self._limit = np.float32(g.alpha), np.float32(g.swiglu_limit)
+        self._with_bias = np.int32(r == 0)  # the row-parallel outputs' biases: once in the ranks' sum
         self._windows = list(g.windows)
 
     def _allocate(self) -> None:
@@ -363,15 +427,23 @@ class GptOssEngine(LlamaEngine):
     # ------------------------------------------------------------------------------------------ forward
 
     def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
-        """Embedding to the final RMSNorm for ``rows`` token rows; the normalized rows end in ``x``."""
+        """Embedding to the final RMSNorm for ``rows`` token rows; the normalized rows end in ``x2`` (``x``
+        itself unless the fused all-reduce writes them), the residual stream in ``h``."""
         c, b, dense, s = self.config, self._buf, self.dense, self._s
         h, eps, ab, f32 = c.hidden_size, c.rms_norm_eps, self._ab, self._f32
         x, qkv, attn = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr
+        normed = self._normed.data.ptr
         w, hqd, last = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
-        dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
-        kernels.rmsnorm(v.h, self._ln1[0], v.x, eps, s)
+        vs = self.vocab_shard
+        if vs is None:
+            dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
+            kernels.rmsnorm(v.h, self._ln1[0], v.x2, eps, s)
+        else:  # each rank has some rows (zeros for the rest): summed by the all-reduce, into h = 0 as the residual
+            dense.gather_rows_shard(rows, self._embed, h, v.token_ids, x, h, h, vs.start, vs.valid)
+            self._cp.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
+            self._add_norm(v, self._ln1[0])
         for i in range(c.num_layers):
-            dense.linear(rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab)
+            dense.linear(rows, normed, h, self._wqkv[i], w, h, qkv, w, ab, ab)
             self._k_bias((rows,), (256,), (qkv, self._bqkv[i], w, w))
             fi_ffi.apply_rope_with_cos_sin_cache_inplace(
                 v.positions, v.q, v.k, c.head_dim, self._cos_sin, is_neox=True, stream=s
@@ -381,26 +453,32 @@ class GptOssEngine(LlamaEngine):
                 v.kv_last_page_len, s,
             )  # fmt: skip
             attention(i, v)
-            dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)
-            self._k_bias((rows,), (256,), (x, self._bo[i], h, h))
+            dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
+            if self._with_bias:
+                self._k_bias((rows,), (256,), (x, self._bo[i], h, h))
             self._add_norm(v, self._ln2[i])
-            self._moe_forward(i, rows, x, f32)
+            self._moe_forward(i, rows, normed, x, f32)
             self._add_norm(v, self._ln1[i + 1] if i < last else self._norm)
 
-    def _moe_forward(self, i: int, rows: int, x: int, f32: int) -> None:
-        """``x[:rows] = MoE_i(x[:rows])``, dense over the experts (module docstring)."""
+    def _moe_forward(self, i: int, rows: int, xin: int, x: int, f32: int) -> None:
+        """``x[:rows] = MoE_i(xin[:rows])`` (``xin`` may be ``x``), dense over the experts (module docstring);
+        with TP this rank's partial sum."""
         c, m, dense, ab = self.config, self._moe_buf, self.dense, self._ab
         assert c.moe is not None
         e, k, i_size, h = c.moe.num_experts, c.moe.top_k, c.moe.intermediate_size, c.hidden_size
-        dense.linear(rows, x, h, self._router[i], e, h, m.logits.data.ptr, e, ab, f32)
+        dense.linear(rows, xin, h, self._router[i], e, h, m.logits.data.ptr, e, ab, f32)
         self._k_route(((rows + 127) // 128,), (128,), (m.logits, self._router_bias[i], np.int32(e), np.int32(k),
                                                        np.int32(rows), m.weights))  # fmt: skip
-        dense.linear(rows, x, h, self._w_gu[i], e * 2 * i_size, h, m.gu.data.ptr, e * 2 * i_size, ab, ab)
+        dense.linear(rows, xin, h, self._w_gu[i], e * 2 * i_size, h, m.gu.data.ptr, e * 2 * i_size, ab, ab)
         threads = min(256, -(-i_size // 32) * 32)
         self._k_swiglu((rows * e,), (threads,), (m.gu, self._b_gu[i], m.weights, np.int32(e), np.int32(i_size),
                                                  self._alpha, self._limit, m.act))  # fmt: skip
         dense.linear(rows, m.act.data.ptr, e * i_size, self._w_down[i], h, e * i_size, m.y.data.ptr, h, ab, f32)
-        self._k_finish((rows,), (256,), (m.y, m.weights, self._b_down[i], np.int32(e), np.int64(h), x, np.int64(h)))
+        self._k_finish(
+            (rows,),
+            (256,),
+            (m.y, m.weights, self._b_down[i], np.int32(e), np.int64(h), x, np.int64(h), self._with_bias),
+        )
 
     def close(self) -> None:
         was_open = not self._closed

@@ -636,8 +636,7 @@ class LlamaEngine:
         h, n = self.config.hidden_size, self._head_rows
         out = self._buf.logits if self.vocab_shard is None else self._buf.head
         self.dense.linear(rows, x, h, self._lm_head, n, h, out.data.ptr, n, self._ab, self._f32)
-        if self.vocab_shard is None:  # the families with a final logit transform run on one GPU
-            self._finish_logits(out.data.ptr, rows)
+        self._finish_logits(out.data.ptr, rows, n)  # on the shard's columns too: sampling gathers finished logits
 
     def _argmax(self, rows: int) -> None:
         """Greedy tokens into ``ids`` from what :meth:`_head` wrote; with a vocabulary shard each rank's argmax
@@ -722,8 +721,10 @@ class LlamaEngine:
             self._s,
         )
 
-    def _finish_logits(self, logits: int, rows: int) -> None:
-        """Post-process float32 logits ``[rows, vocab]`` at ``logits`` in place (Gemma 2: the final soft cap)."""
+    def _finish_logits(self, logits: int, rows: int, columns: int) -> None:
+        """Post-process float32 logits ``[rows, columns]`` at ``logits`` in place: the whole vocabulary, or this
+        rank's columns of it with a vocabulary shard (so the transform is elementwise; Gemma 2: the final soft
+        cap)."""
 
     # ------------------------------------------------------------------------------------------ serving
 
@@ -836,9 +837,8 @@ class LlamaEngine:
                 self._ab, self._f32,
             )  # fmt: skip
             full = part
-            if self.vocab_shard is None:
-                self._finish_logits(part.data.ptr, nnz)
-            else:  # every rank's columns, then [nnz, V] on the host
+            self._finish_logits(part.data.ptr, nnz, hr)
+            if self.vocab_shard is not None:  # every rank's columns, then [nnz, V] on the host
                 full = cp.empty((self.tensor_parallel, nnz, hr), np.float32)
                 self.comm.all_gather(part, full, stream=s)
         h = c.hidden_size

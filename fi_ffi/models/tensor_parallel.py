@@ -169,6 +169,18 @@ def columns(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
     return np.ascontiguousarray(weight[:, rank * step : (rank + 1) * step])
 
 
+def segment(vector: np.ndarray, rank: int, parts: int) -> np.ndarray:
+    """Rank ``rank``'s block of a 1-D ``vector`` split ``parts`` ways: the biases of column-parallel rows (gpt-oss's
+    q/k/v biases) and per-head values (gpt-oss's attention sinks) go with their rows and heads."""
+    arg_array("vector", vector, 1, "[length]")
+    parts = arg_int("parts", parts, 1, MAX_PARTS)
+    rank = arg_int("rank", rank, 0, parts - 1)
+    if vector.shape[0] % parts:
+        raise ValueError(f"parts: {parts} does not divide vector's length ({vector.shape[0]})")
+    step = vector.shape[0] // parts
+    return vector[rank * step : (rank + 1) * step].copy()
+
+
 def expert_rows(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
     """Rank ``rank``'s block of every expert's intermediate rows of a stacked gate/up weight ``[E, 2I, H]`` (gate
     rows, then up rows): ``[E, 2I/N, H]``, its gate rows then its up rows (what ``silu_and_mul`` pairs)."""
@@ -231,10 +243,34 @@ class ResidualAllReduce:
         self.comm.all_reduce(partial, stream=stream)
         fi_ffi.fused_add_rmsnorm(partial, residual, weight, eps=eps, stream=stream)
 
+    def sum(self, partial: Any, out: Any, stream: int) -> Any:
+        """The plain all-reduce (no residual, no norm: Gemma 2 normalizes a layer's output before adding it to the
+        residual): the sum of ``partial`` (``[rows, hidden]``) over the ranks lands in ``out`` (fused kernel's
+        ``kAllReduce``; ``out`` must not overlap ``partial``) or in ``partial`` itself (NCCL). Returns the one
+        holding it."""
+        if self.workspace is not None:
+            from ..comm.trtllm_ar import AllReduceFusionPattern
+
+            self.workspace.allreduce_fusion(
+                partial, pattern=AllReduceFusionPattern.kAllReduce, allreduce_out=out, stream=stream
+            )
+            return out
+        self.comm.all_reduce(partial, stream=stream)
+        return partial
+
     def close(self) -> None:
         """Release the fused kernel's workspace (a collective: every rank calls it)."""
         if self.workspace is not None:
             self.workspace.close()
 
 
-__all__ = ["ResidualAllReduce", "VocabShard", "columns", "combine_shard_argmax", "expert_rows", "rows", "shard_config"]
+__all__ = [
+    "ResidualAllReduce",
+    "VocabShard",
+    "columns",
+    "combine_shard_argmax",
+    "expert_rows",
+    "rows",
+    "segment",
+    "shard_config",
+]
