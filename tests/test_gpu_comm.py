@@ -1,7 +1,7 @@
 """Multi-GPU tests of fi_ffi.comm (FI_FFI_RUN_GPU_TESTS=1; 2 and 4 GPUs of one host, skipped with fewer).
 
-Each test starts one process per GPU with ``fi-ffi launch`` (which also turns NVLink multicast off in every
-rank) running tests/comm_worker.py, and passes when every rank exits 0. The ranks compare each kernel with NCCL's
+Each test starts one process per GPU with ``fi-ffi launch`` (which also turns NVLink multicast off in every rank)
+running tests/helpers/comm_worker.py, and passes when every rank exits 0. The ranks compare each kernel with NCCL's
 all-reduce of the same data (bfloat16, float16, float32; 1 token of 4096 to 64 MiB; odd token counts), the fused
 patterns with all-reduce + add + RMSNorm in float32, and replays of captured CUDA graphs. The ranks pin the comm
 test wheel with a lock of their own (``FI_FFI_TEST_WHEELS_COMM``, ``../shared/wheels-comm`` or the
@@ -76,7 +76,7 @@ def _run(n: int, scenarios: list[str], env: dict[str, str], timeout: float = 540
             str(n),
             "--",
             sys.executable,
-            str(REPO / "tests" / "comm_worker.py"),
+            str(REPO / "tests" / "helpers" / "comm_worker.py"),
             *scenarios,
         ],
         env=env,

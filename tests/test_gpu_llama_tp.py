@@ -2,11 +2,11 @@
 extra and the comm test wheel; skipped with fewer GPUs).
 
 A random float16 Llama whose heads divide by 4 (16 query heads, 4 KV heads, hidden 1024, MLP 2816) is saved with
-fi_ffi's own safetensors writer. tests/llama_tp_worker.py runs greedy generation on one GPU, then as 2 and 4
+fi_ffi's own safetensors writer. tests/helpers/llama_tp_worker.py runs greedy generation on one GPU, then as 2 and 4
 ranks under ``fi-ffi launch`` (eager and CUDA graph; the fused all-reduce and NCCL): the tokens must equal the
 single-GPU tokens and the prefill logits agree within float16 tolerance (the vocabulary split over the ranks, the
-engine's default; tests/test_gpu_moe_tp.py compares it with the whole vocabulary). A rank SIGKILLed in the middle
-of a generation ends the job within a bound, and a second run works.
+engine's default; tests/test_gpu_moe_tp.py compares it with the whole vocabulary). A rank SIGKILLed in the middle of
+a generation ends the job within a bound, and a second run works.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
     model = _write_model(tmp_path_factory.mktemp("tp_model"))
     out = model / "tp1.npz"
     done = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(out)],
+        [sys.executable, str(REPO / "tests" / "helpers" / "llama_tp_worker.py"), str(model), str(out)],
         env=env,
         capture_output=True,
         text=True,
@@ -152,7 +152,7 @@ def test_tensor_parallel_matches_one_gpu(
             str(n),
             "--",
             sys.executable,
-            str(REPO / "tests" / "llama_tp_worker.py"),
+            str(REPO / "tests" / "helpers" / "llama_tp_worker.py"),
             str(model),
             str(out),
             *flags,
@@ -219,7 +219,12 @@ def test_a_killed_rank_ends_every_rank_and_a_second_run_works(
         pytest.skip("needs 2 GPUs")
     model, env, ref = setup
     port = free_port()
-    worker = [sys.executable, str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(tmp_path / "x.npz")]
+    worker = [
+        sys.executable,
+        str(REPO / "tests" / "helpers" / "llama_tp_worker.py"),
+        str(model),
+        str(tmp_path / "x.npz"),
+    ]
     procs = [
         subprocess.Popen(
             [*worker, "--graph", "--loop", str(tmp_path)],
@@ -254,7 +259,7 @@ def test_a_killed_rank_ends_every_rank_and_a_second_run_works(
     out = tmp_path / "again.npz"
     done = subprocess.run(
         [sys.executable, "-m", "fi_ffi", "launch", "--nproc", "2", "--", sys.executable,
-         str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(out), "--graph"],
+         str(REPO / "tests" / "helpers" / "llama_tp_worker.py"), str(model), str(out), "--graph"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]

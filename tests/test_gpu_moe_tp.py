@@ -3,7 +3,7 @@
 
 Random small Mixtral (bfloat16, 8 experts, top-2) and Qwen3-MoE (float16, 16 experts, top-4, ``norm_topk_prob``)
 checkpoints are built with transformers' own classes and ``save_pretrained``, with a vocabulary of 4099 tokens
-(no tensor-parallel size divides it: the last rank's shard is padded). tests/llama_tp_worker.py runs greedy
+(no tensor-parallel size divides it: the last rank's shard is padded). tests/helpers/llama_tp_worker.py runs greedy
 generation and prefill logits on one GPU, then as N ranks under ``fi-ffi launch``: eager, CUDA graph (the MoE
 layers' fixed-capacity device path), and graph with the whole vocabulary on every rank (``--whole-vocab``).
 
@@ -108,7 +108,7 @@ def _build(path: Path, config_cls: str, model_cls: str, dtype: str, extra: dict)
 
 
 def _run(env: dict[str, str], model: Path, out: Path, n: int, *flags: str) -> dict[str, np.ndarray]:
-    cmd = [sys.executable, str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(out), *flags]
+    cmd = [sys.executable, str(REPO / "tests" / "helpers" / "llama_tp_worker.py"), str(model), str(out), *flags]
     if n > 1:
         cmd = [sys.executable, "-m", "fi_ffi", "launch", "--nproc", str(n), "--", *cmd]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

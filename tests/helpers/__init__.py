@@ -1,0 +1,14 @@
+"""What the tests share that is not a fixture: references, yardsticks, set-up and the workers tests start.
+
+pytest puts ``tests/`` on ``sys.path`` (the test folder has no ``__init__.py``, the default ``prepend`` import
+mode), so a test imports ``from helpers.attention_reference import reference`` as it imports ``from conftest
+import ...``. The workers are scripts started by path (``python tests/helpers/comm_worker.py``); they import
+``fi_ffi`` only, never this package or ``conftest``, so they run the same from a checkout, a plain copy or an
+unpacked sdist.
+
+- :mod:`helpers.attention_reference`: the float32 torch attention reference and tolerances (GPU tests only);
+- :mod:`helpers.comm_worker`: one rank of the multi-GPU communication tests (``tests/test_gpu_comm.py``);
+- :mod:`helpers.llama_tp_worker`: one rank of the tensor-parallel engine tests (``tests/test_gpu_llama_tp.py``,
+  ``tests/test_gpu_moe_tp.py``);
+- :mod:`helpers.watchdog_worker`: one rank of the rank-death tests (``tests/test_comm_watchdog.py``; no GPU).
+"""
