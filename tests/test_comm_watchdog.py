@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, subprocess_env
+from conftest import subprocess_env
+from helpers.subprocess_run import worker_path
 
 from fi_ffi.comm.launch import free_port, rank_env
 from fi_ffi.comm.watchdog import PEER_LOST_EXIT_CODE
 
-WORKER = str(REPO / "tests" / "helpers" / "watchdog_worker.py")
+WORKER = worker_path("watchdog_worker")
 BOUND_S = 20.0  # generous for 2 shared CPU cores; the watchdog itself reacts within milliseconds
 
 

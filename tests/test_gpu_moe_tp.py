@@ -19,20 +19,17 @@ gathered-logits path) equal to the same run's greedy tokens everywhere.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, find_shared_wheel, lock_text, shared_wheels, subprocess_env
+from conftest import find_shared_wheel, shared_wheels
+from helpers.subprocess_run import comm_wheel, gpu_count, launched, multicast_off, run_ok, wheels_env, worker
 
-os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+multicast_off()
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
-
-from test_gpu_llama_tp import _comm_wheel, _gpus
 
 pytestmark = pytest.mark.gpu
 
@@ -76,20 +73,13 @@ TOL = {"float16": 0.02, "bfloat16": 0.08}
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    core, comm = find_shared_wheel(), _comm_wheel()
+    core, comm = find_shared_wheel(), comm_wheel()
     if core is None or comm is None:
         pytest.skip("needs the core and comm test kernel wheels (FI_FFI_TEST_WHEELS, FI_FFI_TEST_WHEELS_COMM)")
     wheels = list({w.name: w for w in [*shared_wheels(core), comm]}.values())
     if not any(w.name.startswith("flashinfer_jit_cache_models-") for w in wheels):
         pytest.skip("needs the model-family test kernel wheel (the grouped GEMM of the MoE layers)")
-    lock = tmp / "moe_tp.lock"
-    lock.write_text(lock_text(wheels))
-    return subprocess_env(
-        FI_FFI_LOCK=str(lock),
-        FI_FFI_WHEELHOUSE=os.pathsep.join(dict.fromkeys(str(w.parent) for w in wheels)),
-        FI_FFI_CUDA_VERSION="13.0",
-        FI_FFI_OFFLINE="1",
-    )
+    return wheels_env(tmp / "moe_tp.lock", wheels)
 
 
 def _build(path: Path, config_cls: str, model_cls: str, dtype: str, extra: dict) -> Path:
@@ -108,11 +98,8 @@ def _build(path: Path, config_cls: str, model_cls: str, dtype: str, extra: dict)
 
 
 def _run(env: dict[str, str], model: Path, out: Path, n: int, *flags: str) -> dict[str, np.ndarray]:
-    cmd = [sys.executable, str(REPO / "tests" / "helpers" / "llama_tp_worker.py"), str(model), str(out), *flags]
-    if n > 1:
-        cmd = [sys.executable, "-m", "fi_ffi", "launch", "--nproc", str(n), "--", *cmd]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    cmd = worker("llama_tp_worker", model, out, *flags)
+    done = run_ok(launched(n, cmd) if n > 1 else cmd, env)
     print(done.stdout.strip())
     return dict(np.load(out))
 
@@ -145,8 +132,8 @@ def _check_logits(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: f
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("mode", ["eager", "graph", "graph-whole-vocab"])
 def test_moe_tensor_parallel_matches_one_gpu(family: tuple, tmp_path: Path, n: int, mode: str) -> None:
-    if _gpus() < n:
-        pytest.skip(f"needs {n} GPUs, found {_gpus()}")
+    if gpu_count() < n:
+        pytest.skip(f"needs {n} GPUs, found {gpu_count()}")
     name, model, env, dtype, ref = family
     flags = {"eager": ["--topk1"], "graph": ["--graph", "--topk1"], "graph-whole-vocab": ["--graph", "--whole-vocab"]}
     got = _run(env, model, tmp_path / "out.npz", n, *flags[mode])
