@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import find_shared_wheel, shared_wheels
+from helpers.checkpoints import MIXTRAL_MOE, SMALL, qwen3_moe, save_random
 from helpers.subprocess_run import comm_wheel, gpu_count, launched, multicast_off, run_ok, wheels_env, worker
+from helpers.yardstick import LOGIT_TOL
 
 multicast_off()
 
@@ -34,42 +36,11 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 pytestmark = pytest.mark.gpu
 
 VOCAB = 4099
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=64,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+COMMON = dict(vocab_size=VOCAB, **SMALL)
 FAMILIES = {
-    "mixtral-bf16": (
-        "MixtralConfig",
-        "MixtralForCausalLM",
-        "bfloat16",
-        dict(intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
-    ),
-    "qwen3moe-f16": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        "float16",
-        dict(
-            intermediate_size=1024,
-            moe_intermediate_size=256,
-            num_experts=16,
-            num_experts_per_tok=4,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-        ),
-    ),
+    "mixtral-bf16": ("MixtralConfig", "MixtralForCausalLM", "bfloat16", MIXTRAL_MOE),
+    "qwen3moe-f16": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "float16", qwen3_moe(norm_topk_prob=True)),
 }
-TOL = {"float16": 0.02, "bfloat16": 0.08}
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -80,21 +51,6 @@ def _env(tmp: Path) -> dict[str, str]:
     if not any(w.name.startswith("flashinfer_jit_cache_models-") for w in wheels):
         pytest.skip("needs the model-family test kernel wheel (the grouped GEMM of the MoE layers)")
     return wheels_env(tmp / "moe_tp.lock", wheels)
-
-
-def _build(path: Path, config_cls: str, model_cls: str, dtype: str, extra: dict) -> Path:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, config_cls):
-        pytest.skip(f"this transformers has no {config_cls}")
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**COMMON, **extra}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0, 0.1)
-    model.to(getattr(torch, dtype)).save_pretrained(path)
-    return path
 
 
 def _run(env: dict[str, str], model: Path, out: Path, n: int, *flags: str) -> dict[str, np.ndarray]:
@@ -110,7 +66,8 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     config_cls, model_cls, dtype, extra = FAMILIES[request.param]
     tmp = tmp_path_factory.mktemp(request.param)
     env = _env(tmp)
-    model = _build(tmp / "model", config_cls, model_cls, dtype, extra)
+    model = tmp / "model"
+    save_random(model, config_cls, model_cls, dtype, {**COMMON, **extra})
     ref = _run(env, model, tmp / "tp1.npz", 1)
     return request.param, model, env, dtype, ref
 
@@ -138,7 +95,7 @@ def test_moe_tensor_parallel_matches_one_gpu(family: tuple, tmp_path: Path, n: i
     flags = {"eager": ["--topk1"], "graph": ["--graph", "--topk1"], "graph-whole-vocab": ["--graph", "--whole-vocab"]}
     got = _run(env, model, tmp_path / "out.npz", n, *flags[mode])
     assert int(got["tp"]) == n and bool(got["vocab_shard"]) == (mode != "graph-whole-vocab")
-    _check_logits(got, ref, TOL[dtype], f"{name} tp {n} {mode}")
+    _check_logits(got, ref, LOGIT_TOL[dtype], f"{name} tp {n} {mode}")
     same = [a == b for a, b in zip(got["tokens"].tolist(), ref["tokens"].tolist(), strict=True)]
     assert sum(same) >= 3, f"{name} tp {n} {mode}: greedy tokens equal for prompts {same}"
     assert got["tokens_topk1"].tolist() == got["tokens"].tolist()  # top_k=1 sampling over gathered logits

@@ -7,6 +7,12 @@ import ...``. The workers are scripts started by path (``python tests/helpers/co
 unpacked sdist.
 
 - :mod:`helpers.attention_reference`: the float32 torch attention reference and tolerances (GPU tests only);
+- :mod:`helpers.checkpoints`: random small transformers checkpoints (seed 0, random norm weights) and their
+  float32 reference, for the GPU engine tests;
+- :mod:`helpers.yardstick`: the engine against the float32 reference: prompts, reference logits, the greedy token
+  check, eager against CUDA graph, transformers' own bfloat16 error, the logit tolerances;
+- :mod:`helpers.subprocess_run`: child processes: a worker's command line, ``fi-ffi launch`` ranks, a lock and
+  environment pinning the test wheels, the comm wheel, the GPU count, NVLink multicast off;
 - :mod:`helpers.comm_worker`: one rank of the multi-GPU communication tests (``tests/test_gpu_comm.py``);
 - :mod:`helpers.llama_tp_worker`: one rank of the tensor-parallel engine tests (``tests/test_gpu_llama_tp.py``,
   ``tests/test_gpu_moe_tp.py``);
