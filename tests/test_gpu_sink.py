@@ -20,7 +20,7 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 
 import torch
 from helpers.attention_reference import close, reference
-from test_gpu_prefill import KV_LENS, QO_LENS, PagedKV, indptr
+from helpers.paged_kv import KV_LENS, QO_LENS, PagedKV, indptr
 
 import fi_ffi
 from fi_ffi.ops.attention.workspace import Workspace

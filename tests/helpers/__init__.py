@@ -7,6 +7,7 @@ import ...``. The workers are scripts started by path (``python tests/helpers/co
 unpacked sdist.
 
 - :mod:`helpers.attention_reference`: the float32 torch attention reference and tolerances (GPU tests only);
+- :mod:`helpers.paged_kv`: a paged K/V cache over shuffled pages and the ragged prefill batch (GPU tests only);
 - :mod:`helpers.gdn_reference`: GDN prefill problems, the float32 gated-delta-rule reference and its tolerance
   check (GPU tests only);
 - :mod:`helpers.checkpoints`: random small transformers checkpoints (seed 0, random norm weights) and their
