@@ -37,6 +37,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
 
 from helpers.checkpoints import float32_reference, rope_kwargs, save_random  # noqa: E402
+from helpers.no_torch import TORCH_SPY  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, check_eager_matches_graph, check_greedy, prompts, reference_logits  # noqa: E402
 
 from fi_ffi.models import kernels  # noqa: E402
@@ -153,15 +154,7 @@ def test_eos_finishes_a_request_early_and_frees_its_slot(variant):
 def test_cli_generate_runs_without_torch(variant):
     """``fi-ffi generate`` end to end in a fresh interpreter that records any attempt to import torch."""
     path, _, _ = variant
-    code = textwrap.dedent(f"""
-        import sys
-        attempts = []
-        class Spy:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "torch":
-                    attempts.append(name)
-                return None
-        sys.meta_path.insert(0, Spy())
+    code = TORCH_SPY + textwrap.dedent(f"""
         from fi_ffi import cli
         rc = cli.main(["generate", "--model", {str(path)!r}, "--prompt-ids", "5,6,7", "--prompt-ids", "8,9",
                        "--max-new-tokens", "5", "--graph", "--eos-ids", "none"])

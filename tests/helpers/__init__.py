@@ -14,6 +14,7 @@ unpacked sdist.
   float32 reference, for the GPU engine tests;
 - :mod:`helpers.yardstick`: the engine against the float32 reference: prompts, reference logits, the greedy token
   check, eager against CUDA graph, transformers' own bfloat16 error, the logit tolerances;
+- :mod:`helpers.no_torch`: the meta-path spy a child interpreter runs first to show torch is never imported;
 - :mod:`helpers.subprocess_run`: child processes: a worker's command line, ``fi-ffi launch`` ranks, a lock and
   environment pinning the test wheels, the comm wheel, the GPU count, NVLink multicast off;
 - :mod:`helpers.comm_worker`: one rank of the multi-GPU communication tests (``tests/test_gpu_comm.py``);
