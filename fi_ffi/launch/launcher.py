@@ -834,7 +834,7 @@ def compile_launcher(
     launcher_ = Launcher(decl, uri, check)
     source = _source(decl, launcher_.record_of, accept_absent)
     namespace: dict[str, Any] = {
-        "_READERS": producers._readers,
+        "_READERS": producers.readers,
         "_reader": producers.reader,
         "_tls": launcher_.tls,
         "_Tensor": Tensor,

@@ -11,7 +11,7 @@ from typing import Any
 
 from ...dtypes import DType
 from ...launch import checks
-from ...producers import _readers, reader
+from ...producers import reader, readers
 from ...tensor import Tensor
 from . import plan_settings as S
 from .variants import POS_ENCODINGS, Variant, resolve
@@ -55,7 +55,7 @@ def layout_key(name: str, value: Any, stream: Any = None) -> Any:
     """The launcher's layout key of a tensor argument (a value), read as the launcher reads it; a producer that
     cannot be read is described by :func:`fi_ffi.as_tensor` instead, which raises the error naming ``name``."""
     try:
-        return (_readers.get(value.__class__) or reader(value.__class__))(value, stream)[0]
+        return (readers.get(value.__class__) or reader(value.__class__))(value, stream)[0]
     except Exception:
         return checks.tensor(name, value)._lid
 
