@@ -25,7 +25,6 @@ logits within the same tolerance), with the default routing and with the device 
 
 from __future__ import annotations
 
-import copy
 import os
 
 import numpy as np
@@ -38,12 +37,15 @@ cp = pytest.importorskip("cupy", reason="the engine needs CuPy (pip install 'fi-
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
 
+from helpers.checkpoints import float32_reference, randomize_norms  # noqa: E402
+from helpers.yardstick import LOGIT_TOL, prompts  # noqa: E402
+
 from fi_ffi.models.deepseek import DeepSeekEngine  # noqa: E402
 from fi_ffi.models.deepseek_routing import grouped_topk  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-TOL = 8e-2
+TOL = LOGIT_TOL["bfloat16"]
 VOCAB = 4096
 COMMON = dict(
     vocab_size=VOCAB,
@@ -131,26 +133,19 @@ def family(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     config = _config(getattr(transformers, config_cls), extra, rope)
     model = getattr(transformers, model_cls)(config)
+    randomize_norms(model)  # q_a, kv_a included
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):  # random norm weights (q_a, kv_a included): a skipped one shows
-                p.normal_(1.0, 0.1)
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # a bias that matters to the choice
                 buf.normal_(0.0, 0.05)
     model = model.to(torch.bfloat16)
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
-    ref = copy.deepcopy(model).float().cuda().eval()
+    ref = float32_reference(model)
     bf16 = model.cuda().eval()
     yield request.param, path, ref, bf16
     del ref, bf16
     torch.cuda.empty_cache()
-
-
-def prompts(lens, seed=1):  # type: ignore[no-untyped-def]
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, VOCAB, size=n).tolist() for n in lens]
 
 
 def record_routing(engine):  # type: ignore[no-untyped-def]
@@ -229,7 +224,7 @@ def flips(engine_choice, ref_choice):  # type: ignore[no-untyped-def]
 
 def test_prefill_logits_match_transformers(family) -> None:  # type: ignore[no-untyped-def]
     name, path, ref, bf16 = family
-    ps = prompts(PROMPT_LENS)
+    ps = prompts(PROMPT_LENS, VOCAB)
     with DeepSeekEngine(path, max_batch=4, page_size=16) as engine:
         cfg = engine.config
         assert cfg.model_type == ("deepseek_v3" if name == "v3" else "deepseek_v2")
@@ -263,7 +258,7 @@ def test_greedy_decode_matches_transformers(family) -> None:  # type: ignore[no-
     """Each prompt generated alone (its forwards then hold exactly the teacher-forced sequence's tokens in order,
     so the engine's routing can be given to the reference); every token is the reference's choice up to TOL."""
     name, path, ref, _ = family
-    ps = prompts(DECODE_LENS, seed=2)
+    ps = prompts(DECODE_LENS, VOCAB, seed=2)
     exact = total = 0
     with DeepSeekEngine(path, max_batch=4, page_size=16) as engine:
         cfg = engine.config
@@ -298,7 +293,7 @@ def test_fused_and_host_routing_agree(family) -> None:  # type: ignore[no-untype
         with DeepSeekEngine(path, max_batch=2) as engine:
             assert not engine.fused_routing_used
         return
-    ps = prompts((7, 33), seed=3)
+    ps = prompts((7, 33), VOCAB, seed=3)
     results = {}
     for fused in (True, False):
         with DeepSeekEngine(path, max_batch=4, fused_routing=fused) as engine:
