@@ -13,7 +13,7 @@ of 4099 tokens (no tensor-parallel size divides it: the last rank's shard is pad
   the wrong head, shows), gate/up values past the SwiGLU clamp for some tokens, a router whose logits are spread
   wide enough that rounding rarely swaps an expert.
 
-tests/llama_tp_worker.py runs greedy generation and prefill logits on one GPU, then as N ranks under
+tests/helpers/llama_tp_worker.py runs greedy generation and prefill logits on one GPU, then as N ranks under
 ``fi-ffi launch``: eager with top-k 1 sampling (the gathered, soft-capped logits), CUDA graph with the fused
 all-reduce, and CUDA graph with NCCL's all-reduce (Gemma 2's plain all-reduce in place). Yardstick as
 tests/test_gpu_moe_tp.py: the prefill logits of at least 95% of the positions within the bfloat16 engine-vs-float32
@@ -23,27 +23,21 @@ tolerance (0.08) of one GPU's, the median within a quarter of it, the greedy tok
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
 import pytest
+from helpers.checkpoints import rope_kwargs
+from helpers.subprocess_run import gpu_count, multicast_off
+from helpers.yardstick import LOGIT_TOL
+from test_gpu_moe_tp import VOCAB, _check_logits, _env, _run
 
-os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+multicast_off()
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-from test_gpu_llama_tp import _gpus
-from test_gpu_moe_tp import TOL, VOCAB, _check_logits, _env, _run
-
 pytestmark = pytest.mark.gpu
-
-
-def _rope(config_cls, theta: float, scaling: dict | None) -> dict:  # type: ignore[no-untyped-def]
-    if "rope_parameters" in inspect.signature(config_cls.__init__).parameters:  # transformers 5
-        return {"rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": theta}}
-    return {"rope_scaling": scaling, "rope_theta": theta}
 
 
 def _gemma2(transformers, torch):  # type: ignore[no-untyped-def]
@@ -54,7 +48,7 @@ def _gemma2(transformers, torch):  # type: ignore[no-untyped-def]
         initializer_range=0.05, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
         bos_token_id=2, eos_token_id=1, pad_token_id=0,
     )  # fmt: skip
-    kw.update(_rope(transformers.Gemma2Config, 10000.0, None))
+    kw.update(rope_kwargs(transformers.Gemma2Config, 10000.0, None))
     model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**kw))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -72,7 +66,7 @@ def _gpt_oss(transformers, torch):  # type: ignore[no-untyped-def]
         max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False, swiglu_limit=7.0,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
-    kw.update(_rope(transformers.GptOssConfig, 150000.0, yarn))
+    kw.update(rope_kwargs(transformers.GptOssConfig, 150000.0, yarn))
     model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**kw))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -114,14 +108,14 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("mode", ["eager", "graph", "graph-nccl"])
 def test_family_tensor_parallel_matches_one_gpu(family: tuple, tmp_path: Path, n: int, mode: str) -> None:
-    if _gpus() < n:
-        pytest.skip(f"needs {n} GPUs, found {_gpus()}")
+    if gpu_count() < n:
+        pytest.skip(f"needs {n} GPUs, found {gpu_count()}")
     name, model, env, ref = family
     flags = {"eager": ["--topk1"], "graph": ["--graph", "--topk1"], "graph-nccl": ["--graph", "--nccl"]}
     got = _run(env, model, tmp_path / "out.npz", n, *flags[mode])
     assert int(got["tp"]) == n and bool(got["vocab_shard"])
     assert bool(got["fused"]) == (mode != "graph-nccl")
-    _check_logits(got, ref, TOL["bfloat16"], f"{name} tp {n} {mode}")
+    _check_logits(got, ref, LOGIT_TOL["bfloat16"], f"{name} tp {n} {mode}")
     same = [a == b for a, b in zip(got["tokens"].tolist(), ref["tokens"].tolist(), strict=True)]
     assert sum(same) >= 3, f"{name} tp {n} {mode}: greedy tokens equal for prompts {same}"
     assert got["tokens_topk1"].tolist() == got["tokens"].tolist()  # top_k=1 sampling over gathered logits
