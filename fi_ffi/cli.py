@@ -782,14 +782,9 @@ def _check_tp(model: str, tp: int) -> None:
     from . import system
     from .errors import UnsupportedDeviceError
     from .models.config import LlamaConfig
-    from .models.engines import engine_class
-    from .models.llama import LlamaEngine
     from .models.tensor_parallel import shard_config
 
-    cfg = LlamaConfig.from_dir(model)
-    if engine_class(model) is not LlamaEngine:  # Gemma 2, gpt-oss: one GPU (their engines say so too)
-        raise ValueError(f"--tp {tp}: {cfg.model_type} checkpoints run on one GPU here; leave out --tp")
-    shard_config(cfg, tp)
+    shard_config(LlamaConfig.from_dir(model), tp)  # every LlamaConfig model type (Gemma 2 and gpt-oss too)
     found, why = system.gpus()
     if len(found) < tp:
         raise UnsupportedDeviceError(

@@ -208,3 +208,20 @@ def test_gemma2_scaled_embedding_and_soft_capped_logits_on_vocab_shards(vocab: i
     gathered = np.concatenate(shards, axis=1)[:, :vocab]
     np.testing.assert_allclose(gathered, capped, rtol=1e-6)
     assert np.array_equal(gathered.argmax(1), logits.argmax(1))  # tanh is increasing: greedy tokens unchanged
+
+
+def test_generate_tp_checks_the_family_checkpoint_before_starting_ranks(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA2))
+    cmd = [sys.executable, "-m", "fi_ffi", "generate", "--model", str(tmp_path), "--prompt-ids", "1,2", "--tp"]
+    done = subprocess.run([*cmd, "8"], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "tensor_parallel: 8 does not divide the model's 4 KV heads (num_key_value_heads)" in done.stderr
+    (tmp_path / "config.json").write_text(json.dumps(GPT_OSS_BF16))
+    done = subprocess.run([*cmd, "3"], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "tensor_parallel: 3 does not divide the model's 64 query heads" in done.stderr
