@@ -1259,6 +1259,24 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
+    "deepseek.graph_blocker": lambda: [
+        (
+            "graph_blocker",
+            Entry(
+                deepseek.graph_blocker,
+                lambda: {"c": deepseek_config.DeepSeekConfig.from_dict(dict(DEEPSEEK))},
+                kinds={"c": "object"},
+            ),
+        )
+    ],
+    "deepseek_routing.device_routing_blocker": lambda: [
+        (
+            "device_routing_blocker",
+            Entry(
+                deepseek_routing.device_routing_blocker, lambda: {"routing": _ds_routing()}, kinds={"routing": "object"}
+            ),
+        )
+    ],
     "deepseek.fused_routing_blocker": lambda: [
         (
             "fused_routing_blocker",
@@ -1449,6 +1467,8 @@ _PACKING = "packs a declaration's values for the comm set-up calls, reached only
 _PLUMBING = "internal plumbing over the CUDA runtime (raw addresses fi_ffi itself allocated); test_gpu_comm.py"
 EXEMPT: dict[str, str] = {
     **dict.fromkeys(["env.DistEnv", "trtllm_ar.WorkspaceMetadata", "checkpoint.TensorInfo"], _RECORD),
+    # compiles its CUDA kernel with CuPy in the constructor; its argument checks run before that (tests/test_deepseek.py)
+    "deepseek_routing.DeviceGroupedTopk": _GPU,
     **dict.fromkeys(
         ["config.MoEConfig", "config.RopeConfig", "moe_routing.ExpertGroups", "llama.GenerationResult"], _RECORD
     ),
