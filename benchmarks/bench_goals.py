@@ -53,11 +53,15 @@ SMOLLM2 = dict(  # SmolLM2-135M's shape (random weights)
 )
 
 
-def rmsnorm_rows(n: int) -> dict[str, float | None]:
+def rmsnorm_rows(n: int, rounds: int) -> dict[str, float | None]:
+    """``n`` launches per timed loop from an idle GPU (sync before each loop): fewer than the launch queue holds,
+    so the loop never waits for the GPU and its time is the host's (with loops of 20,000 launches the queue fills
+    and every contender measures the GPU's rate of tiny kernels, about 4.6 us on the H100: bench_floor.py)."""
     import torch
 
     import fi_ffi
     from fi_ffi import loader
+    from fi_ffi.ops import norm
 
     sync = torch.cuda.synchronize
     x = torch.randn(1, 128, dtype=torch.float16, device="cuda")
@@ -65,7 +69,10 @@ def rmsnorm_rows(n: int) -> dict[str, float | None]:
     out = torch.empty_like(x)
     xd, wd, od = (fi_ffi.as_tensor(t) for t in (x, w, out))
     rmsnorm = fi_ffi.rmsnorm
-    report = Report(f"rmsnorm 1x128 float16, host us per call (n={n})")
+    report = Report(f"rmsnorm 1x128 float16, host us per call ({rounds} rounds of {n} launches)", rounds=rounds)
+    # the floor: the module's function called with a frame packed once (no op-layer work at all)
+    floor = norm._rmsnorm.launcher.prepare((od, xd, wd, 1e-6, False))
+    report.measure("floor: frame packed once", floor, n=n, sync=sync)
     report.measure("fi_ffi, descriptors", lambda: rmsnorm(xd, wd, od), n=n, sync=sync)
     report.measure("fi_ffi, torch tensors", lambda: rmsnorm(x, w, out), n=n, sync=sync)
     xc = wc = oc = None
@@ -84,6 +91,8 @@ def rmsnorm_rows(n: int) -> dict[str, float | None]:
         report.measure("tvm_ffi, torch tensors", lambda: f(out, x, w, 1e-6, False), n=n, sync=sync)
         if xc is not None:
             report.measure("tvm_ffi, CuPy arrays", lambda: f(oc, xc, wc, 1e-6, False), n=n, sync=sync)
+        xt, wt, ot = (tvm_ffi.from_dlpack(t) for t in (x, w, out))
+        report.measure("tvm_ffi, its Tensors converted once", lambda: f(ot, xt, wt, 1e-6, False), n=n, sync=sync)
     except Exception as exc:
         print(f"tvm_ffi unavailable: {exc}")
     try:
@@ -208,17 +217,22 @@ def engine_rows(folder: Path, profile: int) -> dict[str, Any]:
 
 def own(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
+    parts = set(args.parts.split(","))
     for part, fn in (
-        ("rmsnorm", lambda: rmsnorm_rows(args.n)),
+        ("rmsnorm", lambda: rmsnorm_rows(args.launches, args.launch_rounds)),
         ("as_tensor", lambda: as_tensor_rows(args.n)),
         ("decode step b1", lambda: decode_step_rows(args.steps, args.rounds)),
     ):
+        result[part] = {}
+        if part.split()[0] not in parts:
+            continue
         try:
             result[part] = fn()
         except Exception as exc:  # one part failing still leaves the others' figures
             print(f"{part}: unavailable ({type(exc).__name__}: {exc})")
-            result[part] = {}
     result["engine"] = {}
+    if "engine" not in parts:
+        return result
     # SmolLM2-135M's shape; should its 9/3 heads find no kernel in the installed wheels, a 30-layer model of
     # 8/2 heads (512 wide) stands in, and the table says so
     for shape in (SMOLLM2, {**SMOLLM2, "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2}):
@@ -291,6 +305,12 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
             a, b = r["rmsnorm"].get(key), r["rmsnorm"].get("tvm_ffi, torch tensors")
             vals.append(None if a is None or not b else a / b)
         row(f"rmsnorm {key} / tvm_ffi(torch)", vals, "{:.2f}x")
+    for key in ("fi_ffi, descriptors", "fi_ffi, torch tensors", "fi_ffi, CuPy arrays", "tvm_ffi, torch tensors"):
+        vals = []
+        for r in runs.values():
+            a, b = r["rmsnorm"].get(key), r["rmsnorm"].get("floor: frame packed once")
+            vals.append(None if a is None or b is None else a - b)
+        row(f"rmsnorm {key}: us above the floor", vals)
     for key in first["as_tensor"]:
         row(f"{key} us", [r["as_tensor"].get(key) for r in runs.values()])
     for key in first["decode step b1"]:
@@ -318,7 +338,8 @@ def before(args: argparse.Namespace) -> dict[str, Any] | None:
         path = [str(Path(args.before).resolve()), str(HERE), os.environ.get("PYTHONPATH", "")]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
         cmd = [sys.executable, __file__, "--json", fh.name, "-n", str(args.n), "--steps", str(args.steps)]
-        cmd += ["--rounds", str(args.rounds), "--profile", "0"]
+        cmd += ["--rounds", str(args.rounds), "--profile", "0", "--parts", args.parts]
+        cmd += ["--launches", str(args.launches), "--launch-rounds", str(args.launch_rounds)]
         done = subprocess.run(cmd, env=env, cwd=str(HERE), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if done.returncode:
             print(f"the old package's run failed ({done.returncode}):\n{done.stdout[-3000:]}")
@@ -349,7 +370,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", help="a folder holding an older fi_ffi package to compare with (in a subprocess)")
     ap.add_argument("--json", help="write the figures to this file")
-    ap.add_argument("-n", type=int, default=20_000, help="calls per timed loop (rmsnorm, as_tensor)")
+    ap.add_argument("-n", type=int, default=20_000, help="calls per timed loop (as_tensor)")
+    ap.add_argument("--launches", type=int, default=256, help="launches per timed loop (rmsnorm)")
+    ap.add_argument("--launch-rounds", type=int, default=100, help="interleaved rounds (rmsnorm)")
+    ap.add_argument("--parts", default="rmsnorm,as_tensor,decode,engine", help="which parts to run (comma-separated)")
+    ap.add_argument("--floor", action="store_true", help="also print bench_floor.py's breakdown (this tree only)")
     ap.add_argument("--steps", type=int, default=20, help="decode steps per timed round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", type=int, default=25, help="functions shown in the engine's eager-step profile")
@@ -359,6 +384,10 @@ def main() -> int:
     args = ap.parse_args()
     import fi_ffi
 
+    if args.floor:
+        import bench_floor
+
+        bench_floor.main([])
     old_first = before(args) if args.before and args.before_runs == 2 else None
     mine = own(args)
     old_second = before(args) if args.before else None

@@ -215,16 +215,6 @@ def _new(
     return t
 
 
-def _with_layout(data_ptr: int, layout: Layout, owner: Any) -> Tensor:
-    """A Tensor at ``data_ptr`` with a remembered layout (the fast paths of torch and CuPy)."""
-    t = _alloc(Tensor)
-    t.data_ptr = data_ptr
-    t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = layout
-    t.owner = owner
-    t._block = None
-    return t
-
-
 def _remember(key: Any, t: Tensor) -> None:
     if len(_layouts) >= _MAX_LAYOUTS:
         _layouts.clear()
@@ -263,7 +253,12 @@ def _from_torch(obj: Any, name: str, stream: Any) -> Tensor:
     if stream == -1 and obj.layout is _torch_strided:
         found = _layouts.get((obj.shape, obj.stride(), obj.dtype, obj.device))
         if found is not None and not obj.is_neg():
-            return _with_layout(obj.data_ptr(), found, obj)
+            t = _alloc(Tensor)  # from the remembered layout (no helper call on the hot path)
+            t.data_ptr = obj.data_ptr()
+            t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = found
+            t.owner = obj
+            t._block = None
+            return t
     t = _describe_torch(obj, name, stream)
     if t.owner is obj and stream == -1:  # (not through DLPack)
         _remember((obj.shape, obj.stride(), obj.dtype, obj.device), t)
@@ -297,7 +292,12 @@ def _from_cupy(obj: Any, name: str, stream: Any) -> Tensor:
     if stream == -1:
         found = _layouts.get((obj.shape, obj.strides, obj.dtype, obj.__dlpack_device__()))
         if found is not None:
-            return _with_layout(obj.data.ptr, found, obj)
+            t = _alloc(Tensor)  # from the remembered layout
+            t.data_ptr = obj.data.ptr
+            t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = found
+            t.owner = obj
+            t._block = None
+            return t
     t = _from_dlpack(obj, name, stream)
     if stream == -1 and t.data_ptr == obj.data.ptr:  # (DLPack's data + byte_offset is CuPy's pointer)
         _remember((obj.shape, obj.strides, obj.dtype, obj.__dlpack_device__()), t)
