@@ -64,9 +64,9 @@ Remembered layouts (issue 21). Once a torch tensor (or a CuPy array, described t
 with every field checked, its layout (shape, strides, dtype, device, layout id) is remembered under the
 producer's own values (torch: ``shape``, ``stride()``, ``dtype``, ``device``; CuPy: ``shape``, ``strides``,
 ``dtype``, ``__dlpack_device__()``), values only. A later tensor with the same values is described by reading
-them and its pointer (torch: ``data_ptr()``, after the strided-layout and ``is_neg()`` tests; CuPy:
-``data.ptr``): no capsule, no re-validation. The table is bounded (cleared when full) and cleared with
-:func:`fi_ffi.caches.reset`.
+them and its pointer (torch: ``data_ptr()``, after the ``is_neg()`` test; a non-strided layout has no
+``stride()``, so it is described in full; CuPy: ``data.ptr``): no capsule, no re-validation. The table is
+bounded (cleared when full) and cleared with :func:`fi_ffi.caches.reset`.
 """
 
 from __future__ import annotations
@@ -248,10 +248,14 @@ def _check_layout(name: str, shape: tuple[int, ...], strides: tuple[int, ...]) -
 
 
 def _from_torch(obj: Any, name: str, stream: Any) -> Tensor:
-    # fast path: a strided tensor whose (shape, stride(), dtype, device) was described before; the layout check
-    # comes first because stride() raises for sparse layouts; the neg bit is not part of the layout, so asked
-    if stream == -1 and obj.layout is _torch_strided:
-        found = _layouts.get((obj.shape, obj.stride(), obj.dtype, obj.device))
+    # fast path: a tensor whose (shape, stride(), dtype, device) was described before. Only strided tensors are
+    # remembered, and stride() raises for every other layout (sparse, mkldnn), so such a tensor is described, and
+    # refused, below; the neg bit is not part of the layout, so asked
+    if stream == -1:
+        try:
+            found = _layouts.get((obj.shape, obj.stride(), obj.dtype, obj.device))
+        except Exception:
+            found = None
         if found is not None and not obj.is_neg():
             t = _alloc(Tensor)  # from the remembered layout (no helper call on the hot path)
             t.data_ptr = obj.data_ptr()
