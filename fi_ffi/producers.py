@@ -154,11 +154,6 @@ def _torch_stream(device_id: int) -> int:
     return _torch_raw_stream(device_id)  # (an int already)
 
 
-def _cupy_stream(device_id: int) -> int:
-    cupy = sys.modules["cupy"]
-    return int(cupy.cuda.get_current_stream(device_id).ptr)
-
-
 def stream_source(obj: Any) -> StreamSource | None:
     """Where a call whose first tensor argument is ``obj`` takes its default stream from.
 
@@ -174,7 +169,12 @@ def stream_source(obj: Any) -> StreamSource | None:
         # torch's own function (an int per device ordinal) when this build has it: no Python frame per call
         found = getattr(sys.modules["torch"]._C, "_cuda_getCurrentRawStream", None) or _torch_stream
     elif module.startswith("cupy") and "cupy" in sys.modules:
-        found = _cupy_stream
+        get_current = sys.modules["cupy"].cuda.get_current_stream  # found once, not per call
+
+        def cupy_current(device_id: int) -> int:
+            return get_current(device_id).ptr  # type: ignore[no-any-return]
+
+        found = cupy_current
     _stream_sources[tp] = found
     return found
 
