@@ -53,11 +53,29 @@ SMOLLM2 = dict(  # SmolLM2-135M's shape (random weights)
 )
 
 
-def rmsnorm_rows(n: int) -> dict[str, float | None]:
+def load_package(folder: str, name: str = "fi_ffi_before") -> Any:
+    """The fi_ffi package found in ``folder`` imported under another name, beside this tree's (its ops import
+    each other relatively), so both are timed in one process, interleaved."""
+    import importlib.util
+
+    root = Path(folder).resolve() / "fi_ffi"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def rmsnorm_rows(n: int, rounds: int, old: Any = None) -> dict[str, float | None]:
+    """``n`` launches per timed loop from an idle GPU (sync before each loop): fewer than the launch queue holds,
+    so the loop never waits for the GPU and its time is the host's (with loops of 20,000 launches the queue fills
+    and every contender measures the GPU's rate of tiny kernels, about 4.6 us on the H100: bench_floor.py)."""
     import torch
 
     import fi_ffi
     from fi_ffi import loader
+    from fi_ffi.ops import norm
 
     sync = torch.cuda.synchronize
     x = torch.randn(1, 128, dtype=torch.float16, device="cuda")
@@ -65,9 +83,16 @@ def rmsnorm_rows(n: int) -> dict[str, float | None]:
     out = torch.empty_like(x)
     xd, wd, od = (fi_ffi.as_tensor(t) for t in (x, w, out))
     rmsnorm = fi_ffi.rmsnorm
-    report = Report(f"rmsnorm 1x128 float16, host us per call (n={n})")
+    report = Report(f"rmsnorm 1x128 float16, host us per call ({rounds} rounds of {n} launches)", rounds=rounds)
+    # the floor: the module's function called with a frame packed once (no op-layer work at all)
+    floor = norm._rmsnorm.launcher.prepare((od, xd, wd, 1e-6, False))
+    report.measure("floor: frame packed once", floor, n=n, sync=sync)
     report.measure("fi_ffi, descriptors", lambda: rmsnorm(xd, wd, od), n=n, sync=sync)
     report.measure("fi_ffi, torch tensors", lambda: rmsnorm(x, w, out), n=n, sync=sync)
+    if old is not None:  # the old package, interleaved with this tree's
+        xo, wo, oo = (old.as_tensor(t) for t in (x, w, out))
+        report.measure("before: fi_ffi, descriptors", lambda: old.rmsnorm(xo, wo, oo), n=n, sync=sync)
+        report.measure("before: fi_ffi, torch tensors", lambda: old.rmsnorm(x, w, out), n=n, sync=sync)
     xc = wc = oc = None
     try:
         import cupy
@@ -75,6 +100,8 @@ def rmsnorm_rows(n: int) -> dict[str, float | None]:
         xc, wc = cupy.asarray(x), cupy.asarray(w)
         oc = cupy.empty_like(xc)
         report.measure("fi_ffi, CuPy arrays", lambda: rmsnorm(xc, wc, oc), n=n, sync=sync)
+        if old is not None:
+            report.measure("before: fi_ffi, CuPy arrays", lambda: old.rmsnorm(xc, wc, oc), n=n, sync=sync)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
     try:
@@ -84,6 +111,8 @@ def rmsnorm_rows(n: int) -> dict[str, float | None]:
         report.measure("tvm_ffi, torch tensors", lambda: f(out, x, w, 1e-6, False), n=n, sync=sync)
         if xc is not None:
             report.measure("tvm_ffi, CuPy arrays", lambda: f(oc, xc, wc, 1e-6, False), n=n, sync=sync)
+        xt, wt, ot = (tvm_ffi.from_dlpack(t) for t in (x, w, out))
+        report.measure("tvm_ffi, its Tensors converted once", lambda: f(ot, xt, wt, 1e-6, False), n=n, sync=sync)
     except Exception as exc:
         print(f"tvm_ffi unavailable: {exc}")
     try:
@@ -97,7 +126,7 @@ def rmsnorm_rows(n: int) -> dict[str, float | None]:
     return report.rows
 
 
-def as_tensor_rows(n: int) -> dict[str, float | None]:
+def as_tensor_rows(n: int, old: Any = None) -> dict[str, float | None]:
     import torch
 
     import fi_ffi
@@ -106,20 +135,26 @@ def as_tensor_rows(n: int) -> dict[str, float | None]:
     ptr = x.data_ptr()
     report = Report(f"describing one tensor, us per call (n={n})")
     report.measure("as_tensor(torch)", lambda: fi_ffi.as_tensor(x), n=n)
+    if old is not None:
+        report.measure("before: as_tensor(torch)", lambda: old.as_tensor(x), n=n)
     try:
         import cupy
 
         xc = cupy.asarray(x)
         report.measure("as_tensor(CuPy)", lambda: fi_ffi.as_tensor(xc), n=n)
+        if old is not None:
+            report.measure("before: as_tensor(CuPy)", lambda: old.as_tensor(xc), n=n)
         report.measure("  of which CuPy's __dlpack_device__()", xc.__dlpack_device__, n=n)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
     report.measure("Tensor.from_pointer", lambda: fi_ffi.Tensor.from_pointer(ptr, (1, 128), "float16", 0), n=n)
+    if old is not None:
+        report.measure("before: Tensor.from_pointer", lambda: old.Tensor.from_pointer(ptr, (1, 128), "float16", 0), n=n)
     report.run()
     return report.rows
 
 
-def decode_step_rows(steps: int, rounds: int) -> dict[str, float]:
+def decode_step_rows(steps: int, rounds: int, old: Any = None) -> dict[str, float]:
     import torch
     from bench_step import fi_ffi_step, flashinfer_step, measure, problem
 
@@ -129,10 +164,17 @@ def decode_step_rows(steps: int, rounds: int) -> dict[str, float]:
     ws = fi_ffi.Workspace.allocate(0)
     contenders = {"descriptors": fi_ffi_step(fi_ffi, p, ws, fi_ffi.as_tensor)}
     contenders["torch"] = fi_ffi_step(fi_ffi, p, ws, lambda t: t)
+    old_ws = None
+    if old is not None:
+        old_ws = old.Workspace.allocate(0)
+        contenders["before: descriptors"] = fi_ffi_step(old, p, old_ws, old.as_tensor)
+        contenders["before: torch"] = fi_ffi_step(old, p, old_ws, lambda t: t)
     try:
         import cupy
 
         contenders["CuPy"] = fi_ffi_step(fi_ffi, p, ws, cupy.asarray)
+        if old is not None:
+            contenders["before: CuPy"] = fi_ffi_step(old, p, old_ws, cupy.asarray)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
     try:
@@ -141,6 +183,8 @@ def decode_step_rows(steps: int, rounds: int) -> dict[str, float]:
         print(f"flashinfer-python unavailable: {exc}")
     times = measure(contenders, steps, rounds, torch.cuda.synchronize, wall=False)
     ws.close()
+    if old_ws is not None:
+        old_ws.close()
     return times
 
 
@@ -208,17 +252,23 @@ def engine_rows(folder: Path, profile: int) -> dict[str, Any]:
 
 def own(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
+    parts = set(args.parts.split(","))
+    old = load_package(args.before_inline) if args.before_inline else None
     for part, fn in (
-        ("rmsnorm", lambda: rmsnorm_rows(args.n)),
-        ("as_tensor", lambda: as_tensor_rows(args.n)),
-        ("decode step b1", lambda: decode_step_rows(args.steps, args.rounds)),
+        ("rmsnorm", lambda: rmsnorm_rows(args.launches, args.launch_rounds, old)),
+        ("as_tensor", lambda: as_tensor_rows(args.n, old)),
+        ("decode step b1", lambda: decode_step_rows(args.steps, args.rounds, old)),
     ):
+        result[part] = {}
+        if part.split()[0] not in parts:
+            continue
         try:
             result[part] = fn()
         except Exception as exc:  # one part failing still leaves the others' figures
             print(f"{part}: unavailable ({type(exc).__name__}: {exc})")
-            result[part] = {}
     result["engine"] = {}
+    if "engine" not in parts:
+        return result
     # SmolLM2-135M's shape; should its 9/3 heads find no kernel in the installed wheels, a 30-layer model of
     # 8/2 heads (512 wide) stands in, and the table says so
     for shape in (SMOLLM2, {**SMOLLM2, "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2}):
@@ -285,17 +335,30 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     first = runs[names[0]]
     for key in first["rmsnorm"]:
         row(f"rmsnorm 1x128 us/call: {key}", [r["rmsnorm"].get(key) for r in runs.values()])
-    for key in ("fi_ffi, descriptors", "fi_ffi, torch tensors", "fi_ffi, CuPy arrays"):
+    ours = ("fi_ffi, descriptors", "fi_ffi, torch tensors", "fi_ffi, CuPy arrays")
+    for key in (*ours, *(f"before: {k}" for k in ours)):
+        if key not in first["rmsnorm"]:
+            continue
         vals = []
         for r in runs.values():
             a, b = r["rmsnorm"].get(key), r["rmsnorm"].get("tvm_ffi, torch tensors")
             vals.append(None if a is None or not b else a / b)
         row(f"rmsnorm {key} / tvm_ffi(torch)", vals, "{:.2f}x")
+    for key in (*ours, *(f"before: {k}" for k in ours), "tvm_ffi, torch tensors", "tvm_ffi, CuPy arrays"):
+        if key not in first["rmsnorm"]:
+            continue
+        vals = []
+        for r in runs.values():
+            a, b = r["rmsnorm"].get(key), r["rmsnorm"].get("floor: frame packed once")
+            vals.append(None if a is None or b is None else a - b)
+        row(f"rmsnorm {key}: us above the floor", vals)
     for key in first["as_tensor"]:
         row(f"{key} us", [r["as_tensor"].get(key) for r in runs.values()])
     for key in first["decode step b1"]:
         row(f"decode step b1 host us/step: {key}", [r["decode step b1"].get(key) for r in runs.values()], "{:.1f}")
-    for key in ("descriptors", "torch", "CuPy"):
+    for key in ("descriptors", "torch", "CuPy", "before: descriptors", "before: torch", "before: CuPy"):
+        if key not in first["decode step b1"]:
+            continue
         vals = []
         for r in runs.values():
             a, b = r["decode step b1"].get(key), r["decode step b1"].get("flashinfer-python")
@@ -318,7 +381,8 @@ def before(args: argparse.Namespace) -> dict[str, Any] | None:
         path = [str(Path(args.before).resolve()), str(HERE), os.environ.get("PYTHONPATH", "")]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
         cmd = [sys.executable, __file__, "--json", fh.name, "-n", str(args.n), "--steps", str(args.steps)]
-        cmd += ["--rounds", str(args.rounds), "--profile", "0"]
+        cmd += ["--rounds", str(args.rounds), "--profile", "0", "--parts", args.parts]
+        cmd += ["--launches", str(args.launches), "--launch-rounds", str(args.launch_rounds)]
         done = subprocess.run(cmd, env=env, cwd=str(HERE), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if done.returncode:
             print(f"the old package's run failed ({done.returncode}):\n{done.stdout[-3000:]}")
@@ -349,7 +413,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", help="a folder holding an older fi_ffi package to compare with (in a subprocess)")
     ap.add_argument("--json", help="write the figures to this file")
-    ap.add_argument("-n", type=int, default=20_000, help="calls per timed loop (rmsnorm, as_tensor)")
+    ap.add_argument("-n", type=int, default=20_000, help="calls per timed loop (as_tensor)")
+    ap.add_argument("--launches", type=int, default=256, help="launches per timed loop (rmsnorm)")
+    ap.add_argument("--launch-rounds", type=int, default=100, help="interleaved rounds (rmsnorm)")
+    ap.add_argument("--parts", default="rmsnorm,as_tensor,decode,engine", help="which parts to run (comma-separated)")
+    ap.add_argument(
+        "--before-inline",
+        help="a folder holding an older fi_ffi package, imported as fi_ffi_before and timed in this process, "
+        "interleaved with this tree (rows 'before: ...'; not for the engine)",
+    )
+    ap.add_argument("--floor", action="store_true", help="also print bench_floor.py's breakdown (this tree only)")
     ap.add_argument("--steps", type=int, default=20, help="decode steps per timed round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", type=int, default=25, help="functions shown in the engine's eager-step profile")
@@ -359,6 +432,10 @@ def main() -> int:
     args = ap.parse_args()
     import fi_ffi
 
+    if args.floor:
+        import bench_floor
+
+        bench_floor.main([])
     old_first = before(args) if args.before and args.before_runs == 2 else None
     mine = own(args)
     old_second = before(args) if args.before else None
