@@ -177,7 +177,7 @@ def make_checkpoint(folder: Path, shape: dict[str, Any]) -> Path:
     return folder
 
 
-def engine_rows(folder: Path, profile: int) -> dict[str, Any]:
+def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
     import cProfile
     import io
     import pstats
@@ -188,8 +188,19 @@ def engine_rows(folder: Path, profile: int) -> dict[str, Any]:
     prompt = [[(7 * k) % 40000 + 3 for k in range(16)]]
     with LlamaEngine(folder, max_batch=1, cuda_graph=False, max_seq_len=4096, max_prefill_tokens=2048) as engine:
         engine.generate(prompt, 8, eos_token_ids=())  # warm-up: modules, kernels, GEMM heuristics
-        best = min(engine.generate(prompt, 64, eos_token_ids=()).host_us_per_step for _ in range(3))
-        out["engine eager host us per decode step"] = best
+        # the GEMMs through cuBLASLt (algorithms cached per shape) and through cublasGemmEx, interleaved rounds
+        contenders = {"cuBLASLt": True, "cublasGemmEx": False} if engine.dense.lt else {"cublasGemmEx": False}
+        best: dict[str, float] = {}
+        for _ in range(3):
+            for name, lt in contenders.items():
+                engine.dense.lt = lt
+                us = engine.generate(prompt, 64, eos_token_ids=()).host_us_per_step
+                best[name] = min(us, best.get(name, us))
+        engine.dense.lt = "cuBLASLt" in contenders
+        out["engine eager host us per decode step"] = min(best.values())
+        for name, us in best.items():
+            out[f"engine eager host us per decode step, GEMMs by {name}"] = us
+        out.update(gemm_rows(engine))
         if profile:
             prof = cProfile.Profile()
             prof.enable()
@@ -199,11 +210,60 @@ def engine_rows(folder: Path, profile: int) -> dict[str, Any]:
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(profile)
             out["profile"] = text.getvalue()
             out["profile steps"] = r.decode_steps + 1
-        # prefill of 2048 tokens (timed by engine_share around the engine's _prefill)
+        # prefill of 2048 tokens (timed by engine_share around the engine's _prefill): eagerly, then with the
+        # per-shape graph (the first of those runs sees the shape, the second captures it, the rest replay it)
         long_prompt = [[(13 * k) % 40000 + 3 for k in range(2048)]]
-        for _ in range(4):
+        engine.prefill_graphs = False
+        for _ in range(3):
+            label[0] = "eager"
             engine.generate(long_prompt, 1, eos_token_ids=())
+        if profile:  # where an eager 2048-token prefill's host time goes
+            prof = cProfile.Profile()
+            prof.enable()
+            engine.generate(long_prompt, 1, eos_token_ids=())
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(profile)
+            out["prefill profile"] = text.getvalue()
+        engine.prefill_graphs = True
+        for n in range(5):
+            label[0] = "graph" if n >= 2 else "warm"
+            engine.generate(long_prompt, 1, eos_token_ids=())
+        label[0] = ""
     return out
+
+
+def gemm_rows(engine: Any, n: int = 500) -> dict[str, float]:
+    """Host us per Dense.linear call at one row, the decode step's four GEMM shapes, cuBLASLt vs GemmEx."""
+    c, b, d = engine.config, engine._buf, engine.dense
+    h, inter, w = c.hidden_size, c.intermediate_size, engine._qkv_width
+    hqd = c.num_qo_heads * c.head_dim
+    ab = engine._ab
+    shapes = {
+        "qkv": (b.x.data.ptr, h, engine._wqkv[0], w, h, b.qkv.data.ptr, w),
+        "o": (b.attn.data.ptr, hqd, engine._wo[0], h, hqd, b.x.data.ptr, h),
+        "gate_up": (b.x.data.ptr, h, engine._wgu[0], 2 * inter, h, b.gu.data.ptr, 2 * inter),
+        "down": (b.act.data.ptr, inter, engine._wd[0], h, inter, b.x.data.ptr, h),
+    }
+    report = Report(f"Dense.linear at 1 row, host us per call (n={n})")
+    sync = engine.stream.synchronize
+
+    def loop(lt: bool, args: tuple[int, ...]) -> Any:
+        def run() -> None:
+            d.lt = lt
+            d.linear(1, *args, ab, ab)
+
+        return run
+
+    with engine.stream:
+        for name, args in shapes.items():
+            if d._lt is not None:
+                report.measure(f"{name}: cuBLASLt", loop(True, args), n=n, sync=sync)
+            report.measure(f"{name}: cublasGemmEx", loop(False, args), n=n, sync=sync)
+        report.run()
+    sync()
+    d.lt = d._lt is not None
+    return {f"linear {k}": v for k, v in report.rows.items() if v is not None}
 
 
 def own(args: argparse.Namespace) -> dict[str, Any]:
@@ -213,6 +273,9 @@ def own(args: argparse.Namespace) -> dict[str, Any]:
         ("as_tensor", lambda: as_tensor_rows(args.n)),
         ("decode step b1", lambda: decode_step_rows(args.steps, args.rounds)),
     ):
+        if args.engine_only:
+            result[part] = {}
+            continue
         try:
             result[part] = fn()
         except Exception as exc:  # one part failing still leaves the others' figures
@@ -239,7 +302,8 @@ def engine_share(folder: Path, profile: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     original = llama.LlamaEngine._prefill
-    spans: list[tuple[float, float]] = []
+    spans: list[tuple[str, float, float]] = []
+    label = [""]
 
     def timed_prefill(self: Any, sched: Any, reqs: Any, sampling: Any, all_logits: bool = False) -> Any:
         begin = time.perf_counter()
@@ -256,20 +320,21 @@ def engine_share(folder: Path, profile: int) -> dict[str, Any]:
         finally:
             del self._fetch_ids
             end = time.perf_counter()
-            if issued:
-                spans.append((issued[0] - begin, end - begin))
+            if issued and label[0]:
+                spans.append((label[0], issued[0] - begin, end - begin))
 
     llama.LlamaEngine._prefill = timed_prefill  # type: ignore[method-assign]
     try:
-        out.update(engine_rows(folder, profile))
+        out.update(engine_rows(folder, profile, label))
     finally:
         llama.LlamaEngine._prefill = original  # type: ignore[method-assign]
-    long = [s for s in spans if s[1] > 0][-4:]  # the 2048-token prefills
-    if long:
-        host, wall = min(long, key=lambda s: s[1])
-        out["prefill 2048 host ms"] = host * 1e3
-        out["prefill 2048 wall ms"] = wall * 1e3
-        out["prefill host share"] = host / wall
+    for mode, suffix in (("eager", " (eager)"), ("graph", "")):
+        long = [(h, w) for m, h, w in spans if m == mode and w > 0]
+        if long:
+            host, wall = min(long, key=lambda s: s[1])
+            out[f"prefill 2048 host ms{suffix}"] = host * 1e3
+            out[f"prefill 2048 wall ms{suffix}"] = wall * 1e3
+            out[f"prefill host share{suffix}"] = host / wall
     return out
 
 
@@ -304,11 +369,19 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     lines.append(f"SmolLM2-shaped engine: {', '.join(str(r['engine'].get('shape')) for r in runs.values())}")
     for key, fmt in (
         ("engine eager host us per decode step", "{:.0f}"),
+        ("engine eager host us per decode step, GEMMs by cuBLASLt", "{:.0f}"),
+        ("engine eager host us per decode step, GEMMs by cublasGemmEx", "{:.0f}"),
         ("prefill 2048 host ms", "{:.2f}"),
         ("prefill 2048 wall ms", "{:.2f}"),
         ("prefill host share", "{:.0%}"),
+        ("prefill 2048 host ms (eager)", "{:.2f}"),
+        ("prefill 2048 wall ms (eager)", "{:.2f}"),
+        ("prefill host share (eager)", "{:.0%}"),
     ):
         row(f"engine, 30 layers: {key}", [r["engine"].get(key) for r in runs.values()], fmt)
+    for key in first["engine"]:
+        if key.startswith("linear "):
+            row(f"{key} us", [r["engine"].get(key) for r in runs.values()])
     return "\n".join(lines)
 
 
@@ -353,6 +426,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20, help="decode steps per timed round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", type=int, default=25, help="functions shown in the engine's eager-step profile")
+    ap.add_argument("--engine-only", action="store_true", help="only the engine's rows (decode step, prefill)")
     ap.add_argument(
         "--before-runs", type=int, choices=(1, 2), default=2, help="runs of the old package: after ours, or around it"
     )
@@ -372,6 +446,9 @@ def main() -> int:
         steps = mine["engine"]["profile steps"]
         print(f"\nprofile of the engine's eager generate (prefill + {steps - 1} decode steps), by own time:")
         print(mine["engine"]["profile"])
+    if mine["engine"].get("prefill profile"):
+        print("\nprofile of one eager 2048-token prefill (generate(prompt, 1)), by own time:")
+        print(mine["engine"]["prefill profile"])
     if args.json:
         Path(args.json).write_text(json.dumps(runs if args.before else mine, indent=2))
     return 0

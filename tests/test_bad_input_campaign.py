@@ -1494,6 +1494,7 @@ EXEMPT: dict[str, str] = {
     "checkpoint.write_safetensors": "a test helper writing checkpoints: tests/test_llama_host.py",
     **{f"cublas.{n}": _GPU for n in ("Handle", "get_ffi", "library", "library_path", "status_name")},
     **{f"dense.{n}": _GPU for n in ("Dense", "data_type")},
+    **{f"cublas_lt.{n}": _GPU for n in ("LtMatmuls", "library")},
     "graph.CudaGraph": _GPU,
     **{
         f"values.{n}": "a shared value check that the config and host-helper generators above reach on every bad case"
@@ -1508,6 +1509,7 @@ EXEMPT: dict[str, str] = {
             "descriptor",
             "fused_add_rmsnorm",
             "generator",
+            "prepared_fused_add_rmsnorm",
             "prefill_plan",
             "prefill_run",
             "qk_rmsnorm",

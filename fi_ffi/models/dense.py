@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import LibraryLoadError
 from .cublas import (
     CUBLAS_COMPUTE_32F,
     CUBLAS_GEMM_DEFAULT,
@@ -181,6 +182,26 @@ class Dense:
         self._gemm, self._h = self._blas.gemm_ex, self._blas.ptr
         self._batched = self._blas.gemm_strided_batched_ex
         self._one, self._zero = self._blas.one, self._blas.zero
+        # cuBLASLt with the algorithm chosen once per shape (cublas_lt's docstring says why); None: GemmEx only
+        self._lt: Any = None
+        self._lt_shape: Any = None
+        try:
+            from .cublas_lt import LtMatmuls
+
+            self._lt = LtMatmuls(stream.ptr, self._workspace.data.ptr, WORKSPACE_BYTES, self._one, self._zero)
+            self._lt_shape = self._lt.shape
+        except (LibraryLoadError, CublasError):
+            self._lt = None
+
+    @property
+    def lt(self) -> bool:
+        """Whether :meth:`linear` goes through cuBLASLt (cached algorithms); False: ``cublasGemmEx``. Settable (a
+        benchmark compares the two); cuBLASLt that could not be loaded stays off."""
+        return self._lt_shape is not None
+
+    @lt.setter
+    def lt(self, on: bool) -> None:
+        self._lt_shape = self._lt.shape if on and self._lt is not None else None
 
     def linear(
         self,
@@ -201,6 +222,14 @@ class Dense:
         cudaDataType_t of x and w / of y. Accumulates in float32 (as torch's float16/bfloat16 matmul).
         ``accumulate``: ``y += x @ w.T`` (y's old values join the float32 sum)."""
         # Column-major view: y^T (n x rows, ld y_ld) = op_T(w as k x n, ld k) . x^T (k x rows, ld x_ld).
+        shape = self._lt_shape
+        if shape is not None:
+            entry = shape(rows, n, k, x_ld, y_ld, ab_type, c_type)
+            if entry is not None:
+                status = self._lt(entry, x, w, y, accumulate)
+                if status:
+                    raise CublasError("cublasLtMatmul", status)
+                return
         status = self._gemm(
             self._h,
             CUBLAS_OP_T,
@@ -309,6 +338,9 @@ class Dense:
         self._unshard_fn((rows,), (256,), (src, np.int32(rows), width, n, dst, dst_ld))
 
     def close(self) -> None:
-        """Destroy the cuBLAS handle (later GEMMs raise :class:`~fi_ffi.models.cublas.CublasError`). Idempotent."""
+        """Destroy the cuBLAS handles (later GEMMs raise :class:`~fi_ffi.models.cublas.CublasError`). Idempotent."""
+        self._lt_shape = None
+        if self._lt is not None:
+            self._lt.close()
         self._blas.close()
         self._h = self._blas.ptr  # NULL: cuBLAS answers CUBLAS_STATUS_NOT_INITIALIZED, no use after free
