@@ -200,7 +200,7 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
         out["engine eager host us per decode step"] = min(best.values())
         for name, us in best.items():
             out[f"engine eager host us per decode step, GEMMs by {name}"] = us
-        out.update(gemm_rows(engine))
+        out.update(part_rows(engine))
         if profile:
             prof = cProfile.Profile()
             prof.enable()
@@ -233,37 +233,99 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
     return out
 
 
-def gemm_rows(engine: Any, n: int = 500) -> dict[str, float]:
-    """Host us per Dense.linear call at one row, the decode step's four GEMM shapes, cuBLASLt vs GemmEx."""
-    c, b, d = engine.config, engine._buf, engine.dense
+def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
+    """Host us per call of each launch of the eager decode step at one row (the engine's own buffers, views and
+    plan, inside the engine's stream scope as generate runs them): the four GEMMs through cuBLASLt and through
+    cublasGemmEx, the FlashInfer launches, and a CuPy RawKernel launch (the embedding gather) for scale.
+    ``n`` calls per round stay below the launch queue's depth, so a round times the host alone."""
+    from fi_ffi.models import kernels
+    from fi_ffi.streams import stream_scope
+
+    c, b, d, s = engine.config, engine._buf, engine.dense, engine._s
     h, inter, w = c.hidden_size, c.intermediate_size, engine._qkv_width
     hqd = c.num_qo_heads * c.head_dim
     ab = engine._ab
+    v = engine._view("decode", 1, 1)
     shapes = {
         "qkv": (b.x.data.ptr, h, engine._wqkv[0], w, h, b.qkv.data.ptr, w),
         "o": (b.attn.data.ptr, hqd, engine._wo[0], h, hqd, b.x.data.ptr, h),
         "gate_up": (b.x.data.ptr, h, engine._wgu[0], 2 * inter, h, b.gu.data.ptr, 2 * inter),
         "down": (b.act.data.ptr, inter, engine._wd[0], h, inter, b.x.data.ptr, h),
     }
-    report = Report(f"Dense.linear at 1 row, host us per call (n={n})")
+    report = Report(f"eager decode step parts at 1 row, host us per call (n={n})")
     sync = engine.stream.synchronize
 
-    def loop(lt: bool, args: tuple[int, ...]) -> Any:
+    def gemm(lt: bool, args: tuple[int, ...]) -> Any:
         def run() -> None:
             d.lt = lt
             d.linear(1, *args, ab, ab)
 
         return run
 
-    with engine.stream:
+    eps = c.rms_norm_eps
+    norm = kernels.prepared_fused_add_rmsnorm(v.x, v.h, engine._ln2[0], eps, s)
+    parts = {
+        "fused_add_rmsnorm (prepared)": norm,
+        "fused_add_rmsnorm (op)": lambda: kernels.fused_add_rmsnorm(v.x, v.h, engine._ln2[0], eps, s),
+        "rope": lambda: kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s),
+        "append_paged_kv_cache": lambda: kernels.append_kv(
+            v.k,
+            v.v,
+            v.batch_indices,
+            v.positions,
+            engine._k_cache[0],
+            engine._v_cache[0],
+            v.kv_indices,
+            v.kv_indptr,
+            v.kv_last_page_len,
+            s,
+        ),
+        "batch_decode_run": lambda: engine._decode_attention(0, v),
+        "silu_and_mul": lambda: kernels.silu_and_mul(v.gu, v.act, s),
+        "CuPy RawKernel (row gather)": lambda: d.gather_rows(1, engine._embed, h, v.token_ids, b.h.data.ptr, h, h),
+    }
+    raw = raw_launch(d, engine._embed, v.token_ids, b.h.data.ptr, h, s)
+    if raw is not None:
+        parts["raw cuLaunchKernel through cffi (row gather)"] = raw
+    with engine.stream, stream_scope(s, engine.device):
         for name, args in shapes.items():
             if d._lt is not None:
-                report.measure(f"{name}: cuBLASLt", loop(True, args), n=n, sync=sync)
-            report.measure(f"{name}: cublasGemmEx", loop(False, args), n=n, sync=sync)
+                report.measure(f"GEMM {name}: cuBLASLt", gemm(True, args), n=n, sync=sync)
+            report.measure(f"GEMM {name}: cublasGemmEx", gemm(False, args), n=n, sync=sync)
+        for name, fn in parts.items():
+            report.measure(name, fn, n=n, sync=sync)
         report.run()
-    sync()
+        sync()
     d.lt = d._lt is not None
-    return {f"linear {k}": v for k, v in report.rows.items() if v is not None}
+    return {f"part {k}": v for k, v in report.rows.items() if v is not None}
+
+
+def raw_launch(dense: Any, src: int, index: int, dst: int, width: int, stream: int) -> Any:
+    """The floor of one launch on this host: the row-gather kernel through ``cuLaunchKernel`` (libcuda, cffi,
+    argument array packed once); None where it cannot be set up."""
+    try:
+        import cffi
+
+        ffi = cffi.FFI()
+        ffi.cdef(
+            "int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, "
+            "unsigned bz, unsigned smem, uintptr_t stream, void** params, void** extra);"
+        )
+        lib = ffi.dlopen("libcuda.so.1")
+        fn = ffi.cast("void*", dense._gather_fn.ptr)
+        values = ffi.new("uint64_t[6]", [src, index, dst, width, width, width])
+        params = ffi.new("void*[6]", [values + i for i in range(6)])
+        call, null = lib.cuLaunchKernel, ffi.NULL
+    except Exception as exc:
+        print(f"raw cuLaunchKernel: unavailable ({type(exc).__name__}: {exc})")
+        return None
+
+    def launch() -> None:
+        if call(fn, 1, 1, 1, 256, 1, 1, 0, stream, params, null):
+            raise RuntimeError("cuLaunchKernel failed")
+
+    launch.keep = (values, params)  # type: ignore[attr-defined]
+    return launch
 
 
 def own(args: argparse.Namespace) -> dict[str, Any]:
@@ -380,7 +442,7 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     ):
         row(f"engine, 30 layers: {key}", [r["engine"].get(key) for r in runs.values()], fmt)
     for key in first["engine"]:
-        if key.startswith("linear "):
+        if key.startswith("part "):
             row(f"{key} us", [r["engine"].get(key) for r in runs.values()])
     return "\n".join(lines)
 

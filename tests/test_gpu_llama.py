@@ -130,6 +130,24 @@ def test_prefill_logits_match_transformers(variant):
         assert err <= TOL[dtype], f"prompt {i} ({len(p)} tokens): max |logit error| {err:.4f} > {TOL[dtype]}"
 
 
+def test_prefill_graph_replays_match_the_eager_prefill(variant):
+    """A prefill shape met a second time runs as a CUDA graph captured then: its logits equal the eager pass's
+    (same kernels, same GEMM algorithms) on the second and third sight, and the graph is kept."""
+    path, _, dtype = variant
+    ps = prompts((1, 7, 16, 33, 50))  # two prefill batches of different shapes
+    with LlamaEngine(path, max_batch=4, page_size=16) as engine:
+        engine.prefill_graphs = False
+        eager = engine.prefill_logits(ps)
+        assert not engine._prefill_graph_cache
+        engine.prefill_graphs = True
+        runs = [engine.prefill_logits(ps) for _ in range(3)]  # seen, captured + replayed, replayed
+        assert len(engine._prefill_graph_cache) == 2
+    for n, got in enumerate(runs):
+        for i, (g, e) in enumerate(zip(got, eager, strict=True)):
+            err = float(np.abs(g - e).max())
+            assert err <= TOL[dtype] / 10, f"run {n}, prompt {i}: graph vs eager max |logit difference| {err:.5f}"
+
+
 def check_greedy(ref, ps, outputs, tol):
     """Every generated token is the reference's choice up to ``tol`` (teacher forcing). Returns how many are
     exactly the reference's argmax."""
@@ -260,6 +278,32 @@ def test_linear_matches_float32(dense, dtype, rows):
     stream.synchronize()
     # float32 output of rounded inputs: only the accumulation order differs (|y| ~ 32)
     np.testing.assert_allclose(y.get(), x32 @ w32.T, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_linear_through_cublaslt_matches_gemm_ex(dense, accumulate):
+    """The cached cuBLASLt path (the default) and cublasGemmEx compute the same product, y = x @ w.T or
+    y += x @ w.T, for a decode row and a prefill block."""
+    d, stream = dense
+    assert d.lt  # cuBLASLt loads wherever cuBLAS does (libcublas links it)
+    rng = np.random.default_rng(3)
+    n, k = 960, 576  # SmolLM2's fused QKV
+    for rows in (1, 96):
+        x, w = rng.standard_normal((rows, k)).astype(np.float16), rng.standard_normal((n, k)).astype(np.float16)
+        y0 = rng.standard_normal((rows, n)).astype(np.float32)
+        xd, wd = cp.asarray(x), cp.asarray(w)
+        out = {}
+        for lt in (True, False):
+            y = cp.asarray(y0)
+            cp.cuda.Device().synchronize()
+            d.lt = lt
+            d.linear(rows, xd.data.ptr, k, wd.data.ptr, n, k, y.data.ptr, n, CUDA_R_16F, CUDA_R_32F, accumulate)
+            stream.synchronize()
+            out[lt] = y.get()
+        d.lt = True
+        want = x.astype(np.float32) @ w.astype(np.float32).T + (y0 if accumulate else 0)
+        np.testing.assert_allclose(out[True], want, atol=2e-3, rtol=1e-4)
+        np.testing.assert_allclose(out[True], out[False], atol=2e-3, rtol=1e-4)
 
 
 def test_linear_is_captured_in_a_cuda_graph(dense):
