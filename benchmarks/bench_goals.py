@@ -189,14 +189,19 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
     with LlamaEngine(folder, max_batch=1, cuda_graph=False, max_seq_len=4096, max_prefill_tokens=2048) as engine:
         engine.generate(prompt, 8, eos_token_ids=())  # warm-up: modules, kernels, GEMM heuristics
         # the GEMMs through cuBLASLt (algorithms cached per shape) and through cublasGemmEx, interleaved rounds
-        contenders = {"cuBLASLt": True, "cublasGemmEx": False} if engine.dense.lt else {"cublasGemmEx": False}
+        dense = engine.dense
+        lt, gemv = dense.lt, dense.gemv
+        if not gemv:
+            print(f"GEMV unavailable: {dense.gemv_error}")
+        contenders = {"GEMV": (lt, True), "cuBLASLt": (True, False), "cublasGemmEx": (False, False)}
+        contenders = {k: v for k, v in contenders.items() if (lt or not v[0]) and (gemv or not v[1])}
         best: dict[str, float] = {}
         for _ in range(3):
-            for name, lt in contenders.items():
-                engine.dense.lt = lt
+            for name, (use_lt, use_gemv) in contenders.items():
+                dense.lt, dense.gemv = use_lt, use_gemv
                 us = engine.generate(prompt, 64, eos_token_ids=()).host_us_per_step
                 best[name] = min(us, best.get(name, us))
-        engine.dense.lt = "cuBLASLt" in contenders
+        dense.lt, dense.gemv = lt, gemv
         out["engine eager host us per decode step"] = min(best.values())
         for name, us in best.items():
             out[f"engine eager host us per decode step, GEMMs by {name}"] = us
@@ -255,12 +260,14 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
     report = Report(f"eager decode step parts at 1 row, host us per call (n={n})")
     sync = engine.stream.synchronize
 
-    def gemm(lt: bool, args: tuple[int, ...]) -> Any:
+    def gemm(lt: bool, args: tuple[int, ...], gemv: bool = False) -> Any:
         def run() -> None:
-            d.lt = lt
+            d.lt, d.gemv = lt, gemv
             d.linear(1, *args, ab, ab)
 
         return run
+
+    gemv = d.gemv
 
     eps = c.rms_norm_eps
     norm = kernels.prepared_fused_add_rmsnorm(v.x, v.h, engine._ln2[0], eps, s)
@@ -289,6 +296,8 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
         parts["raw cuLaunchKernel through cffi (row gather)"] = raw
     with engine.stream, stream_scope(s, engine.device):
         for name, args in shapes.items():
+            if gemv:
+                report.measure(f"GEMM {name}: GEMV", gemm(True, args, True), n=n, sync=sync)
             if d._lt is not None:
                 report.measure(f"GEMM {name}: cuBLASLt", gemm(True, args), n=n, sync=sync)
             report.measure(f"GEMM {name}: cublasGemmEx", gemm(False, args), n=n, sync=sync)
@@ -296,7 +305,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
             report.measure(name, fn, n=n, sync=sync)
         report.run()
         sync()
-    d.lt = d._lt is not None
+    d.lt, d.gemv = d._lt is not None, gemv
     return {f"part {k}": v for k, v in report.rows.items() if v is not None}
 
 
@@ -312,7 +321,7 @@ def raw_launch(dense: Any, src: int, index: int, dst: int, width: int, stream: i
             "unsigned bz, unsigned smem, uintptr_t stream, void** params, void** extra);"
         )
         lib = ffi.dlopen("libcuda.so.1")
-        fn = ffi.cast("void*", dense._gather_fn.ptr)
+        fn = ffi.cast("void*", getattr(dense._gather_fn, "kernel", dense._gather_fn).ptr)
         values = ffi.new("uint64_t[6]", [src, index, dst, width, width, width])
         params = ffi.new("void*[6]", [values + i for i in range(6)])
         call, null = lib.cuLaunchKernel, ffi.NULL
@@ -431,6 +440,7 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     lines.append(f"SmolLM2-shaped engine: {', '.join(str(r['engine'].get('shape')) for r in runs.values())}")
     for key, fmt in (
         ("engine eager host us per decode step", "{:.0f}"),
+        ("engine eager host us per decode step, GEMMs by GEMV", "{:.0f}"),
         ("engine eager host us per decode step, GEMMs by cuBLASLt", "{:.0f}"),
         ("engine eager host us per decode step, GEMMs by cublasGemmEx", "{:.0f}"),
         ("prefill 2048 host ms", "{:.2f}"),

@@ -306,6 +306,42 @@ def test_linear_through_cublaslt_matches_gemm_ex(dense, accumulate):
         np.testing.assert_allclose(out[True], out[False], atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("out32", [False, True], ids=["out16", "out32"])
+def test_gemv_matches_float32_and_falls_back_to_cublas(dense, dtype, out32):
+    """The small-row GEMV (rows <= GEMV_MAX_ROWS) gives the float32 product rounded once to the output type; where
+    it does not apply (more rows, a misaligned x, y += x w^T) cuBLAS computes the same product."""
+    d, stream = dense
+    assert d.gemv, d.gemv_error  # the kernel compiles and the driver loads on every GPU the suite runs on
+    rng = np.random.default_rng(11)
+    n, k = 1001, 576  # n: a last block with idle warps
+    x32, w32 = rng.standard_normal((6, k + 8)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    if dtype == "float16":
+        x, w, ab, ulp = x32.astype(np.float16), w32.astype(np.float16), CUDA_R_16F, 2.0**-10
+        x32, w32 = x.astype(np.float32), w.astype(np.float32)
+    else:
+        x, w, ab, ulp = bf16_bits(x32), bf16_bits(w32), CUDA_R_16BF, 2.0**-7
+        x32, w32 = from_bf16_bits(x), from_bf16_bits(w)
+    xd, wd = cp.asarray(x), cp.asarray(w)
+    item = 2
+    cases = [(rows, 0) for rows in (1, 2, 3, 4, 5)] + [(2, 1)]  # (rows, x offset in elements: 1 = misaligned)
+    for rows, off in cases:
+        y = cp.zeros((rows, n), np.float32 if out32 else np.uint16)
+        cp.cuda.Device().synchronize()
+        d.linear(
+            rows, xd.data.ptr + item * off, k + 8, wd.data.ptr, n, k, y.data.ptr, n, ab,
+            CUDA_R_32F if out32 else ab,
+        )  # fmt: skip
+        stream.synchronize()
+        want = x32[:rows, off : off + k] @ w32.T
+        got = y.get()
+        if not out32:
+            got = got.view(np.float16).astype(np.float32) if dtype == "float16" else from_bf16_bits(got)
+            np.testing.assert_allclose(got, want, rtol=ulp, atol=1e-2, err_msg=f"rows {rows}, offset {off}")
+        else:
+            np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-4, err_msg=f"rows {rows}, offset {off}")
+
+
 def test_linear_is_captured_in_a_cuda_graph(dense):
     """The GEMM can be captured (CuPy's cuBLAS wrappers refused: "calling cuBLAS API during stream capture is
     currently unsupported") and a replay computes from the buffers' contents at replay time."""
