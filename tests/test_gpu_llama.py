@@ -115,7 +115,7 @@ def test_prefill_graph_replays_match_the_eager_prefill(variant):
     """A prefill shape met a second time runs as a CUDA graph captured then: its logits equal the eager pass's
     (same kernels, same GEMM algorithms) on the second and third sight, and the graph is kept."""
     path, _, dtype = variant
-    ps = prompts((1, 7, 16, 33, 50))  # two prefill batches of different shapes
+    ps = prompts((1, 7, 16, 33, 50), VOCAB)  # two prefill batches of different shapes
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
         engine.prefill_graphs = False
         eager = engine.prefill_logits(ps)

@@ -1,6 +1,7 @@
-"""Dense math of the engine: cuBLAS GEMMs (through cffi, :mod:`~fi_ffi.models.cublas`) and a few small CuPy kernels
-(row gather, argmax; with a vocabulary split over ranks: the shard's gather and argmax, the argmaxes' combination,
-the gathered logits' reassembly).
+"""Dense math of the engine: cuBLAS GEMMs (through cffi, :mod:`~fi_ffi.models.cublas`; cuBLASLt with algorithms
+cached per shape, :mod:`~fi_ffi.models.cublas_lt`), a GEMV of its own for GEMMs of at most 4 rows, and a few small
+CuPy kernels (row gather, argmax; with a vocabulary split over ranks: the shard's gather and argmax, the argmaxes'
+combination, the gathered logits' reassembly).
 
 Why ``cublasGemmEx`` on raw pointers rather than ``cupy.matmul``: ``matmul`` has no bfloat16 (numpy has no such
 dtype), may allocate temporaries, and goes through CuPy's cuBLAS wrappers, which reset the handle's stream on every
@@ -9,8 +10,8 @@ workspace, writes into our buffers and never allocates, so the GEMMs can be capt
 kernels are compiled once with NVRTC (``cupy.RawModule``) and never allocate either (a ``RawKernel`` launch is a
 plain kernel launch, which capture records).
 
-Every launch goes to CuPy's *current* stream (kernels) or the handle's stream (GEMMs); the engine makes its
-stream current and gives it to :class:`Dense`, so they are the same.
+Every launch goes to CuPy's *current* stream (kernels) or the handle's stream (GEMMs, the GEMV); the engine makes
+its stream current and gives it to :class:`Dense`, so they are the same.
 """
 
 from __future__ import annotations
