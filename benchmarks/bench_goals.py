@@ -221,7 +221,7 @@ def make_checkpoint(folder: Path, shape: dict[str, Any]) -> Path:
     return folder
 
 
-def engine_rows(folder: Path, profile: int) -> dict[str, Any]:
+def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
     import cProfile
     import io
     import pstats
@@ -232,8 +232,24 @@ def engine_rows(folder: Path, profile: int) -> dict[str, Any]:
     prompt = [[(7 * k) % 40000 + 3 for k in range(16)]]
     with LlamaEngine(folder, max_batch=1, cuda_graph=False, max_seq_len=4096, max_prefill_tokens=2048) as engine:
         engine.generate(prompt, 8, eos_token_ids=())  # warm-up: modules, kernels, GEMM heuristics
-        best = min(engine.generate(prompt, 64, eos_token_ids=()).host_us_per_step for _ in range(3))
-        out["engine eager host us per decode step"] = best
+        # the GEMMs through cuBLASLt (algorithms cached per shape) and through cublasGemmEx, interleaved rounds
+        dense = engine.dense
+        lt, gemv = dense.lt, dense.gemv
+        if not gemv:
+            print(f"GEMV unavailable: {dense.gemv_error}")
+        contenders = {"GEMV": (lt, True), "cuBLASLt": (True, False), "cublasGemmEx": (False, False)}
+        contenders = {k: v for k, v in contenders.items() if (lt or not v[0]) and (gemv or not v[1])}
+        best: dict[str, float] = {}
+        for _ in range(3):
+            for name, (use_lt, use_gemv) in contenders.items():
+                dense.lt, dense.gemv = use_lt, use_gemv
+                us = engine.generate(prompt, 64, eos_token_ids=()).host_us_per_step
+                best[name] = min(us, best.get(name, us))
+        dense.lt, dense.gemv = lt, gemv
+        out["engine eager host us per decode step"] = min(best.values())
+        for name, us in best.items():
+            out[f"engine eager host us per decode step, GEMMs by {name}"] = us
+        out.update(part_rows(engine))
         if profile:
             prof = cProfile.Profile()
             prof.enable()
@@ -243,16 +259,131 @@ def engine_rows(folder: Path, profile: int) -> dict[str, Any]:
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(profile)
             out["profile"] = text.getvalue()
             out["profile steps"] = r.decode_steps + 1
-        # prefill of 2048 tokens (timed by engine_share around the engine's _prefill)
+        # prefill of 2048 tokens (timed by engine_share around the engine's _prefill): eagerly, then with the
+        # per-shape graph (the first of those runs sees the shape, the second captures it, the rest replay it)
         long_prompt = [[(13 * k) % 40000 + 3 for k in range(2048)]]
-        for _ in range(4):
+        engine.prefill_graphs = False
+        for _ in range(3):
+            label[0] = "eager"
             engine.generate(long_prompt, 1, eos_token_ids=())
+        if profile:  # where an eager 2048-token prefill's host time goes
+            prof = cProfile.Profile()
+            prof.enable()
+            engine.generate(long_prompt, 1, eos_token_ids=())
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(profile)
+            out["prefill profile"] = text.getvalue()
+        engine.prefill_graphs = True
+        for n in range(5):
+            label[0] = "graph" if n >= 2 else "warm"
+            engine.generate(long_prompt, 1, eos_token_ids=())
+        label[0] = ""
     return out
+
+
+def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
+    """Host us per call of each launch of the eager decode step at one row (the engine's own buffers, views and
+    plan, inside the engine's stream scope as generate runs them): the four GEMMs through cuBLASLt and through
+    cublasGemmEx, the FlashInfer launches, and a CuPy RawKernel launch (the embedding gather) for scale.
+    ``n`` calls per round stay below the launch queue's depth, so a round times the host alone."""
+    from fi_ffi.models import kernels
+    from fi_ffi.streams import stream_scope
+
+    c, b, d, s = engine.config, engine._buf, engine.dense, engine._s
+    h, inter, w = c.hidden_size, c.intermediate_size, engine._qkv_width
+    hqd = c.num_qo_heads * c.head_dim
+    ab = engine._ab
+    v = engine._view("decode", 1, 1)
+    shapes = {
+        "qkv": (b.x.data.ptr, h, engine._wqkv[0], w, h, b.qkv.data.ptr, w),
+        "o": (b.attn.data.ptr, hqd, engine._wo[0], h, hqd, b.x.data.ptr, h),
+        "gate_up": (b.x.data.ptr, h, engine._wgu[0], 2 * inter, h, b.gu.data.ptr, 2 * inter),
+        "down": (b.act.data.ptr, inter, engine._wd[0], h, inter, b.x.data.ptr, h),
+    }
+    report = Report(f"eager decode step parts at 1 row, host us per call (n={n})")
+    sync = engine.stream.synchronize
+
+    def gemm(lt: bool, args: tuple[int, ...], gemv: bool = False) -> Any:
+        def run() -> None:
+            d.lt, d.gemv = lt, gemv
+            d.linear(1, *args, ab, ab)
+
+        return run
+
+    gemv = d.gemv
+
+    eps = c.rms_norm_eps
+    norm = kernels.prepared_fused_add_rmsnorm(v.x, v.h, engine._ln2[0], eps, s)
+    parts = {
+        "fused_add_rmsnorm (prepared)": norm,
+        "fused_add_rmsnorm (op)": lambda: kernels.fused_add_rmsnorm(v.x, v.h, engine._ln2[0], eps, s),
+        "rope": lambda: kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s),
+        "append_paged_kv_cache": lambda: kernels.append_kv(
+            v.k,
+            v.v,
+            v.batch_indices,
+            v.positions,
+            engine._k_cache[0],
+            engine._v_cache[0],
+            v.kv_indices,
+            v.kv_indptr,
+            v.kv_last_page_len,
+            s,
+        ),
+        "batch_decode_run": lambda: engine._decode_attention(0, v),
+        "silu_and_mul": lambda: kernels.silu_and_mul(v.gu, v.act, s),
+        "CuPy RawKernel (row gather)": lambda: d.gather_rows(1, engine._embed, h, v.token_ids, b.h.data.ptr, h, h),
+    }
+    raw = raw_launch(d, engine._embed, v.token_ids, b.h.data.ptr, h, s)
+    if raw is not None:
+        parts["raw cuLaunchKernel through cffi (row gather)"] = raw
+    with engine.stream, stream_scope(s, engine.device):
+        for name, args in shapes.items():
+            if gemv:
+                report.measure(f"GEMM {name}: GEMV", gemm(True, args, True), n=n, sync=sync)
+            if d._lt is not None:
+                report.measure(f"GEMM {name}: cuBLASLt", gemm(True, args), n=n, sync=sync)
+            report.measure(f"GEMM {name}: cublasGemmEx", gemm(False, args), n=n, sync=sync)
+        for name, fn in parts.items():
+            report.measure(name, fn, n=n, sync=sync)
+        report.run()
+        sync()
+    d.lt, d.gemv = d._lt is not None, gemv
+    return {f"part {k}": v for k, v in report.rows.items() if v is not None}
+
+
+def raw_launch(dense: Any, src: int, index: int, dst: int, width: int, stream: int) -> Any:
+    """The floor of one launch on this host: the row-gather kernel through ``cuLaunchKernel`` (libcuda, cffi,
+    argument array packed once); None where it cannot be set up."""
+    try:
+        import cffi
+
+        ffi = cffi.FFI()
+        ffi.cdef(
+            "int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, "
+            "unsigned bz, unsigned smem, uintptr_t stream, void** params, void** extra);"
+        )
+        lib = ffi.dlopen("libcuda.so.1")
+        fn = ffi.cast("void*", getattr(dense._gather_fn, "kernel", dense._gather_fn).ptr)
+        values = ffi.new("uint64_t[6]", [src, index, dst, width, width, width])
+        params = ffi.new("void*[6]", [values + i for i in range(6)])
+        call, null = lib.cuLaunchKernel, ffi.NULL
+    except Exception as exc:
+        print(f"raw cuLaunchKernel: unavailable ({type(exc).__name__}: {exc})")
+        return None
+
+    def launch() -> None:
+        if call(fn, 1, 1, 1, 256, 1, 1, 0, stream, params, null):
+            raise RuntimeError("cuLaunchKernel failed")
+
+    launch.keep = (values, params)  # type: ignore[attr-defined]
+    return launch
 
 
 def own(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    parts = set(args.parts.split(","))
+    parts = {"engine"} if args.engine_only else set(args.parts.split(","))
     old = load_package(args.before_inline) if args.before_inline else None
     for part, fn in (
         ("rmsnorm", lambda: rmsnorm_rows(args.launches, args.launch_rounds, old)),
@@ -289,7 +420,8 @@ def engine_share(folder: Path, profile: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     original = llama.LlamaEngine._prefill
-    spans: list[tuple[float, float]] = []
+    spans: list[tuple[str, float, float]] = []
+    label = [""]
 
     def timed_prefill(self: Any, sched: Any, reqs: Any, sampling: Any, all_logits: bool = False) -> Any:
         begin = time.perf_counter()
@@ -306,20 +438,21 @@ def engine_share(folder: Path, profile: int) -> dict[str, Any]:
         finally:
             del self._fetch_ids
             end = time.perf_counter()
-            if issued:
-                spans.append((issued[0] - begin, end - begin))
+            if issued and label[0]:
+                spans.append((label[0], issued[0] - begin, end - begin))
 
     llama.LlamaEngine._prefill = timed_prefill  # type: ignore[method-assign]
     try:
-        out.update(engine_rows(folder, profile))
+        out.update(engine_rows(folder, profile, label))
     finally:
         llama.LlamaEngine._prefill = original  # type: ignore[method-assign]
-    long = [s for s in spans if s[1] > 0][-4:]  # the 2048-token prefills
-    if long:
-        host, wall = min(long, key=lambda s: s[1])
-        out["prefill 2048 host ms"] = host * 1e3
-        out["prefill 2048 wall ms"] = wall * 1e3
-        out["prefill host share"] = host / wall
+    for mode, suffix in (("eager", " (eager)"), ("graph", "")):
+        long = [(h, w) for m, h, w in spans if m == mode and w > 0]
+        if long:
+            host, wall = min(long, key=lambda s: s[1])
+            out[f"prefill 2048 host ms{suffix}"] = host * 1e3
+            out[f"prefill 2048 wall ms{suffix}"] = wall * 1e3
+            out[f"prefill host share{suffix}"] = host / wall
     return out
 
 
@@ -367,11 +500,20 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     lines.append(f"SmolLM2-shaped engine: {', '.join(str(r['engine'].get('shape')) for r in runs.values())}")
     for key, fmt in (
         ("engine eager host us per decode step", "{:.0f}"),
+        ("engine eager host us per decode step, GEMMs by GEMV", "{:.0f}"),
+        ("engine eager host us per decode step, GEMMs by cuBLASLt", "{:.0f}"),
+        ("engine eager host us per decode step, GEMMs by cublasGemmEx", "{:.0f}"),
         ("prefill 2048 host ms", "{:.2f}"),
         ("prefill 2048 wall ms", "{:.2f}"),
         ("prefill host share", "{:.0%}"),
+        ("prefill 2048 host ms (eager)", "{:.2f}"),
+        ("prefill 2048 wall ms (eager)", "{:.2f}"),
+        ("prefill host share (eager)", "{:.0%}"),
     ):
         row(f"engine, 30 layers: {key}", [r["engine"].get(key) for r in runs.values()], fmt)
+    for key in first["engine"]:
+        if key.startswith("part "):
+            row(f"{key} us", [r["engine"].get(key) for r in runs.values()])
     return "\n".join(lines)
 
 
@@ -427,6 +569,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", type=int, default=25, help="functions shown in the engine's eager-step profile")
     ap.add_argument(
+        "--engine-only", action="store_true", help="only the engine's rows (decode step, prefill): --parts engine"
+    )
+    ap.add_argument(
         "--before-runs", type=int, choices=(1, 2), default=2, help="runs of the old package: after ours, or around it"
     )
     args = ap.parse_args()
@@ -449,6 +594,9 @@ def main() -> int:
         steps = mine["engine"]["profile steps"]
         print(f"\nprofile of the engine's eager generate (prefill + {steps - 1} decode steps), by own time:")
         print(mine["engine"]["profile"])
+    if mine["engine"].get("prefill profile"):
+        print("\nprofile of one eager 2048-token prefill (generate(prompt, 1)), by own time:")
+        print(mine["engine"]["prefill profile"])
     if args.json:
         Path(args.json).write_text(json.dumps(runs if args.before else mine, indent=2))
     return 0
