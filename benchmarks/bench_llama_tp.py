@@ -128,17 +128,20 @@ def run_rank(
             ) as engine:
                 if variant == "bcast":  # the step as before: rank 0's greedy ids broadcast every step
                     engine._ids_agree = False
+                if variant == "ahead":  # the next step's index arrays and plan prepared while the GPU runs this one
+                    engine._prepare_ahead = type(engine)._plan_decode is LlamaEngine._plan_decode
                 engine.generate(prompts, 4, eos_token_ids=())  # warm-up
                 result = engine.generate(prompts, new_tokens, eos_token_ids=())
                 rank = engine.rank
-                parts = step_parts(engine) if profile and graph else None
+                parts = step_parts(engine) if profile and graph and variant == "fused" else None
             rows.append(
                 {
                     "tp": tp,
                     "layers": cfg["num_hidden_layers"],
                     "all-reduce": "nccl" if nccl or tp == 1 else "fused",
                     "vocab": "whole" if tp == 1 or variant == "whole-vocab" else "split",
-                    "ids": "broadcast" if tp > 1 and (variant != "fused" or nccl) else "-",
+                    "ids": "broadcast" if tp > 1 and variant in ("bcast", "nccl", "whole-vocab") else "-",
+                    "host prep": "ahead" if variant == "ahead" else "in step",
                     "batch": batch,
                     "mode": "graph" if graph else "eager",
                     "tokens_per_s": result.tokens_per_s,
@@ -272,7 +275,8 @@ def main() -> None:
         default="fused,nccl,whole-vocab",
         help="TP > 1 rows: fused (fused all-reduce, vocabulary split), nccl (NCCL + fused_add_rmsnorm), "
         "whole-vocab (fused all-reduce, embedding and LM head whole on every rank), bcast (as fused, with rank 0's "
-        "greedy ids broadcast every step as before 2026-11-23)",
+        "greedy ids broadcast every step as before 2026-11-23), ahead (as fused, the next step prepared while the "
+        "GPU runs this one; TP 1 runs it too)",
     )
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
     args = ap.parse_args()
@@ -294,7 +298,8 @@ def main() -> None:
         return
     table = []
     for tp in [int(t) for t in args.tp.split(",")]:
-        for variant in ["fused"] if tp == 1 else args.variants.split(","):
+        variants = args.variants.split(",")
+        for variant in (["fused"] + (["ahead"] if "ahead" in variants else [])) if tp == 1 else variants:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = [sys.executable, __file__, "--model", str(args.model), "--rank-out", out.name]
                 cmd += ["--new-tokens", str(args.new_tokens), "--variant", variant]
@@ -306,12 +311,13 @@ def main() -> None:
                     print(f"tp {tp} {variant}: failed ({done.returncode})", file=sys.stderr)
                     continue
                 table += json.loads(Path(out.name).read_text())
-    print(f"{'layers':>6} {'tp':>3} {'all-reduce':>10} {'vocab':>6} {'ids':>9} {'batch':>5} {'mode':>6} "
-          f"{'tokens/s':>10} {'ms/step':>8} {'host us/step':>13}")  # fmt: skip
+    print(f"{'layers':>6} {'tp':>3} {'all-reduce':>10} {'vocab':>6} {'ids':>9} {'host prep':>9} {'batch':>5} "
+          f"{'mode':>6} {'tokens/s':>10} {'ms/step':>8} {'host us/step':>13}")  # fmt: skip
     for r in table:
         print(
-            f"{r['layers']:>6} {r['tp']:>3} {r['all-reduce']:>10} {r['vocab']:>6} {r['ids']:>9} {r['batch']:>5} "
-            f"{r['mode']:>6} {r['tokens_per_s']:>10.1f} {r['step_ms']:>8.3f} {r['host_us_per_step']:>13.1f}"
+            f"{r['layers']:>6} {r['tp']:>3} {r['all-reduce']:>10} {r['vocab']:>6} {r['ids']:>9} {r['host prep']:>9} "
+            f"{r['batch']:>5} {r['mode']:>6} {r['tokens_per_s']:>10.1f} {r['step_ms']:>8.3f} "
+            f"{r['host_us_per_step']:>13.1f}"
         )
     profiled = [r for r in table if r.get("parts_us")]
     if profiled:  # one column per profiled row: us per step of each part
