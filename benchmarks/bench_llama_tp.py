@@ -18,6 +18,7 @@ them) instead, for the MoE engine's tokens/s at TP 1/2/4 (its experts split by i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -147,6 +148,7 @@ def run_rank(
                     "tokens_per_s": result.tokens_per_s,
                     "host_us_per_step": result.host_us_per_step,
                     "step_ms": result.decode_s / max(1, result.decode_steps) * 1e3,
+                    "tokens_sha": hashlib.sha256(json.dumps(result.tokens).encode()).hexdigest()[:12],
                     "parts_us": parts,
                 }
             )
@@ -319,6 +321,12 @@ def main() -> None:
             f"{r['batch']:>5} {r['mode']:>6} {r['tokens_per_s']:>10.1f} {r['step_ms']:>8.3f} "
             f"{r['host_us_per_step']:>13.1f}"
         )
+    # bcast and ahead change no arithmetic: their greedy tokens must equal the fused rows' of the same shape
+    key = ("tp", "batch", "layers", "mode", "vocab", "all-reduce")
+    for r in table:
+        ref = [q for q in table if q["host prep"] == "in step" and q["ids"] == "-" and all(q[k] == r[k] for k in key)]
+        if ref and ref[0]["tokens_sha"] != r["tokens_sha"]:
+            print(f"tokens differ from the fused row's: {r}")
     profiled = [r for r in table if r.get("parts_us")]
     if profiled:  # one column per profiled row: us per step of each part
         names = list(dict.fromkeys(k for r in profiled for k in r["parts_us"]))
