@@ -110,6 +110,10 @@ def run_rank(
 
     tp = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
     nccl = variant == "nccl"
+    if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
+        from fi_ffi.models.tensor_parallel import ResidualAllReduce
+
+        ResidualAllReduce.launch_with_pdl = True
     rows = []
     rng = np.random.default_rng(0)
     cfg = json.loads((Path(model) / "config.json").read_text())
@@ -143,6 +147,7 @@ def run_rank(
                     "vocab": "whole" if tp == 1 or variant == "whole-vocab" else "split",
                     "ids": "broadcast" if tp > 1 and variant in ("bcast", "nccl", "whole-vocab") else "-",
                     "host prep": "ahead" if variant == "ahead" else "in step",
+                    "pdl": variant == "pdl",
                     "batch": batch,
                     "mode": "graph" if graph else "eager",
                     "tokens_per_s": result.tokens_per_s,
@@ -278,7 +283,8 @@ def main() -> None:
         help="TP > 1 rows: fused (fused all-reduce, vocabulary split), nccl (NCCL + fused_add_rmsnorm), "
         "whole-vocab (fused all-reduce, embedding and LM head whole on every rank), bcast (as fused, with rank 0's "
         "greedy ids broadcast every step as before 2026-11-23), ahead (as fused, the next step prepared while the "
-        "GPU runs this one; TP 1 runs it too)",
+        "GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce launched with programmatic dependent "
+        "launch)",
     )
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
     args = ap.parse_args()
@@ -314,17 +320,21 @@ def main() -> None:
                     continue
                 table += json.loads(Path(out.name).read_text())
     print(f"{'layers':>6} {'tp':>3} {'all-reduce':>10} {'vocab':>6} {'ids':>9} {'host prep':>9} {'batch':>5} "
-          f"{'mode':>6} {'tokens/s':>10} {'ms/step':>8} {'host us/step':>13}")  # fmt: skip
+          f"{'mode':>6} {'pdl':>4} {'tokens/s':>10} {'ms/step':>8} {'host us/step':>13}")  # fmt: skip
     for r in table:
         print(
             f"{r['layers']:>6} {r['tp']:>3} {r['all-reduce']:>10} {r['vocab']:>6} {r['ids']:>9} {r['host prep']:>9} "
-            f"{r['batch']:>5} {r['mode']:>6} {r['tokens_per_s']:>10.1f} {r['step_ms']:>8.3f} "
-            f"{r['host_us_per_step']:>13.1f}"
+            f"{r['batch']:>5} {r['mode']:>6} {'yes' if r['pdl'] else '-':>4} {r['tokens_per_s']:>10.1f} "
+            f"{r['step_ms']:>8.3f} {r['host_us_per_step']:>13.1f}"
         )
     # bcast and ahead change no arithmetic: their greedy tokens must equal the fused rows' of the same shape
-    key = ("tp", "batch", "layers", "mode", "vocab", "all-reduce")
+    key = ("tp", "batch", "layers", "mode", "vocab", "all-reduce")  # pdl rows: the same kernels, the same sums
     for r in table:
-        ref = [q for q in table if q["host prep"] == "in step" and q["ids"] == "-" and all(q[k] == r[k] for k in key)]
+        ref = [
+            q
+            for q in table
+            if q["host prep"] == "in step" and q["ids"] == "-" and not q["pdl"] and all(q[k] == r[k] for k in key)
+        ]
         if ref and ref[0]["tokens_sha"] != r["tokens_sha"]:
             print(f"tokens differ from the fused row's: {r}")
     profiled = [r for r in table if r.get("parts_us")]
