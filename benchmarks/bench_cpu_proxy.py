@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import numpy as np
 from timing import Report
 
-from fi_ffi.abi import runtime
-from fi_ffi.abi.call import Function, Signature
+from fi_ffi.abi import objects, runtime
+from fi_ffi.abi.call import Function
+from fi_ffi.abi.frame import Frame, fail
 from fi_ffi.interop import as_tensor
 from fi_ffi.loader import dl
 from fi_ffi.tensor import Tensor
@@ -38,13 +39,13 @@ def main() -> None:
     a = np.zeros((4, 128), np.float32)
     t = Tensor.from_pointer(a.ctypes.data, a.shape, "float32", "cpu", owner=a)
 
-    # What an op does per call: write three payload words into this thread's prepared frame and call.
-    sig = Signature("nop", [("a", "tensor"), ("b", "tensor"), ("c", "tensor")])
-    frame = nop.frame_for(sig)
+    # What an op does per call: write three payload words into a frame whose type words are set, and call.
+    frame = Frame(3, 0, nop.safe_call, nop.this)
+    frame.q[0] = frame.q[2] = frame.q[4] = objects.DLTENSOR_PTR
     words, call, callee_self, args_ptr, result_ptr, addr = (
         frame.q,
-        nop._call,
-        nop._self,
+        nop.safe_call,
+        nop.this,
         frame.args,
         frame.result,
         t._dl_addr,
@@ -56,7 +57,7 @@ def main() -> None:
         words[5] = addr
         words[6] = 0  # result: None
         if call(callee_self, args_ptr, 3, result_ptr):
-            nop.raise_error(frame)
+            fail("testing.nop", frame)
 
     def ours_generic() -> None:
         nop(t, t, t)
@@ -78,8 +79,7 @@ def main() -> None:
 
     checks.cuda = lambda *a: None  # this process only: the proxy's tensors are host memory
     launch = compile_launcher(norm.RMSNORM, "norm", norm._check_2d_out)
-    launch.launcher.entry = SimpleNamespace(_call=nop._call)  # bound: no module to load
-    launch.launcher.frame().this = nop._self
+    launch.launcher.entry = SimpleNamespace(safe_call=nop.safe_call, this=nop.this)  # bound: no module to load
     host = np.zeros(4096, np.uint8)
     base = (host.ctypes.data + 255) // 256 * 256
     xd, wd, od = (

@@ -109,6 +109,32 @@ def check(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+class DeviceScope:
+    """``with DeviceScope(device_id):`` makes ``device_id`` the calling thread's current CUDA device for the block
+    and puts the previous one back after it (also on error); nothing is set when it is current already.
+
+    A failed ``cudaGetDevice`` / ``cudaSetDevice`` on entry is a :class:`CudaError`; restoring never raises.
+    """
+
+    __slots__ = ("device_id", "previous")
+
+    def __init__(self, device_id: int) -> None:
+        self.device_id = device_id
+        self.previous: int | None = None
+
+    def __enter__(self) -> None:
+        rt = runtime()
+        current = check(rt.cudaGetDevice(), "cudaGetDevice")
+        if current != self.device_id:
+            check(rt.cudaSetDevice(self.device_id), f"cudaSetDevice({self.device_id})")
+            self.previous = current
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            runtime().cudaSetDevice(self.previous)
+            self.previous = None
+
+
 def driver_error(err: int, what: str) -> CudaError:
     """The :class:`CudaError` for ``CUresult`` ``err`` of the CUDA *driver* call ``what`` (:mod:`fi_ffi.driver`).
 
@@ -133,6 +159,7 @@ def no_device(exc: CudaError) -> bool:
 __all__ = [
     "NO_DEVICE_CODES",
     "CudaError",
+    "DeviceScope",
     "check",
     "driver_error",
     "error",

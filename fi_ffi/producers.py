@@ -41,7 +41,9 @@ from .tensor import Tensor
 Reader = Callable[[Any, Any], tuple[Hashable, int]]
 StreamSource = Callable[[int], int]
 
-_readers: dict[type, Reader] = {}
+# The reader found per producer type (filled by :func:`reader`): ``readers.get(tp) or reader(tp)`` is reader(tp)
+# without a call when the type was seen, as the generated launchers read it.
+readers: dict[type, Reader] = {}
 _stream_sources: dict[type, StreamSource | None] = {}
 
 
@@ -88,9 +90,9 @@ def _read_any(obj: Any, stream: Any) -> tuple[Hashable, int]:
 
 def reader(tp: type) -> Reader:
     """The reader of producer type ``tp`` (found once per type)."""
-    found = _readers.get(tp)
+    found = readers.get(tp)
     if found is None:
-        found = _readers[tp] = _reader_for(tp)
+        found = readers[tp] = _reader_for(tp)
     return found
 
 
@@ -191,11 +193,21 @@ def dlpack_stream(obj: Any, stream: Any) -> Any:
 def reset() -> None:
     """Forget the per-type choices (for tests that import a framework late)."""
     global _torch_raw_stream
-    _readers.clear()
+    readers.clear()
     _stream_sources.clear()
     _torch_raw_stream = None
 
 
 caches.register("producer readers and stream sources (per producer type)", reset)
 
-__all__ = ["Reader", "default_stream", "describe", "dlpack_stream", "read", "reader", "reset", "stream_source"]
+__all__ = [
+    "Reader",
+    "default_stream",
+    "describe",
+    "dlpack_stream",
+    "read",
+    "reader",
+    "readers",
+    "reset",
+    "stream_source",
+]

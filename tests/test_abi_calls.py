@@ -13,8 +13,9 @@ import pytest
 
 from fi_ffi import dtypes
 from fi_ffi.abi import objects
-from fi_ffi.abi.call import EntryPoint, Function, OpaquePtr, Signature
+from fi_ffi.abi.call import EntryPoint, Function, OpaquePtr
 from fi_ffi.abi.cdefs import get_ffi
+from fi_ffi.abi.frame import Frame, call, call_on, describe_frame, result
 from fi_ffi.abi.runtime import api
 from fi_ffi.errors import KernelError
 from fi_ffi.tensor import Tensor
@@ -304,12 +305,11 @@ def _set_stream(value: int) -> None:
 def test_stream_is_set_for_the_call_and_restored_after(testing_lib: object) -> None:
     probe = _StreamProbe()
     _set_stream(0x1111)
-    frame = probe.function.frame(0)
-    Signature("probe", ()).pack.pack_into(frame.buf, 0, 0, 0, 0)
-    probe.function.invoke(frame, 0, 0x2222)
+    frame = probe.function.frame(0)  # zero-filled: the result slot holds None
+    call_on("probe", frame, 0, 0x2222)
     assert probe.seen == [0x2222]
     assert api().TVMFFIEnvGetStream(2, 0) == 0x1111
-    probe.function.invoke(frame, 0, None)  # None: leave the current stream alone
+    call("probe", frame)  # no stream: the current one is left alone
     assert probe.seen[-1] == 0x1111
     _set_stream(0)
 
@@ -320,7 +320,7 @@ def test_stream_is_restored_when_the_callee_fails(testing_lib: object) -> None:
     _set_stream(0x3333)
     frame = probe.function.frame(0)
     with pytest.raises(KernelError, match="probe failed"):
-        probe.function.invoke(frame, 0, 0x4444)
+        call_on("probe", frame, 0, 0x4444)
     assert probe.seen == [0x4444]
     assert api().TVMFFIEnvGetStream(2, 0) == 0x3333
     _set_stream(0)
@@ -337,14 +337,21 @@ def test_stream_table_is_thread_local(testing_lib: object) -> None:
     _set_stream(0)
 
 
-def test_prepared_signature_packs_tensor_and_scalars(testing_lib: object) -> None:
-    # testing.echo returns its first argument: a packed Int slot written by the struct comes back intact,
-    # and the trailing result slot is reset to None by the same pack.
+def test_a_frame_written_word_by_word_is_what_the_callee_reads(testing_lib: object) -> None:
+    # what the launchers do: type and payload words written into a Frame, one call. testing.echo returns its
+    # first argument, so a packed Int (and then a Float) comes back intact through the result slot.
     echo = fn("testing.echo")
-    sig = Signature("echo", [("x", "int"), ("t", "tensor"), ("f", "float")])
     t = _host_tensor()
-    out = echo.call_packed(sig, (objects.INT, 0, 1234, objects.DLTENSOR_PTR, 0, t._dl_addr, objects.FLOAT, 0, 2.5))
-    assert out == 1234
+    frame = Frame(3, 0, echo.safe_call, echo.this)
+    frame.q[0], frame.q[1] = objects.INT, 1234
+    frame.q[2], frame.q[3] = objects.DLTENSOR_PTR, t._dl_addr
+    frame.q[4], frame.d[5] = objects.FLOAT, 2.5
+    call("echo", frame)
+    assert result(frame) == 1234
+    assert describe_frame(frame) == ("1234", "DLTensor*(float32[4, 8] cpu)", "2.5")
+    frame.q[0], frame.d[1] = objects.FLOAT, -0.75
+    call("echo", frame)
+    assert result(frame) == -0.75
 
 
 @pytest.fixture(scope="module")
@@ -373,12 +380,11 @@ def test_stream_scope_sets_for_the_block_and_restores_even_on_error(testing_lib:
     probe = _StreamProbe()
     _set_stream(0x10)
     frame = probe.function.frame(0)
-    Signature("probe", ()).pack.pack_into(frame.buf, 0, 0, 0, 0)
     with fi_ffi.stream_scope(0x20) as handle:
         assert handle == 0x20
-        probe.function.invoke(frame, 0, None)
+        call("probe", frame)
         with fi_ffi.stream_scope(0x30):  # nested scopes unwind in order
-            probe.function.invoke(frame, 0, None)
+            call("probe", frame)
         assert fi_ffi.current_stream(0) == 0x20
     assert probe.seen == [0x20, 0x30]
     assert fi_ffi.current_stream(0) == 0x10

@@ -55,3 +55,20 @@ def test_the_example_declaration_is_the_one_the_declaration_test_binds() -> None
 
     m = example_module()
     assert m.DECLARATIONS == (("norm", norm.RMSNORM),)  # tests/test_declarations.py binds norm.RMSNORM
+
+
+def test_the_export_step_is_one_row_of_the_table_then_the_stub() -> None:
+    import importlib
+
+    import fi_ffi
+
+    text = DOC.read_text(encoding="utf-8")
+    step = text[text.index("## 2. Export it") : text.index("## 3.")]
+    assert "`_EXPORTS`" in step and "python tools/gen_init_stub.py" in step and "python tools/api_reference.py" in step
+    row = re.search(r'^\s*"(\w+)": "([\w.]+)",$', step, re.M)
+    assert row is not None, "the guide lost its example row"
+    # the row is spelled as the table's rows are: a module relative to fi_ffi that exists, as an existing row has it
+    table: dict[str, str] = fi_ffi._EXPORTS  # type: ignore[attr-defined]
+    assert row.group(2) in table.values()
+    importlib.import_module(f"fi_ffi.{row.group(2)}")
+    assert (DOC.parent.parent / "tools" / "gen_init_stub.py").is_file()

@@ -94,3 +94,15 @@ def test_device_queries_say_no_gpu_as_unsupported_device() -> None:  # the one d
     with pytest.raises(UnsupportedDeviceError, match=r"no CUDA device is available \(cudaGetDevice failed") as info:
         device.current_device()
     assert isinstance(info.value.__cause__, CudaError) and cuda_runtime.no_device(info.value.__cause__)
+
+
+@needs_no_gpu
+def test_device_scope_refuses_on_entry_with_the_one_cuda_error() -> None:
+    # what workspace allocation and MLA's schedule copy stand in: no usable GPU means a CudaError naming the call,
+    # raised before the block runs and with nothing to restore afterwards
+    ran = []
+    scope = cuda_runtime.DeviceScope(0)
+    with pytest.raises(CudaError, match=r"^cudaGetDevice failed: cudaError\w+") as info, scope:
+        ran.append(True)
+    assert ran == [] and scope.previous is None
+    assert cuda_runtime.no_device(info.value)

@@ -7,7 +7,8 @@
 - The whole package stands in :data:`FLOORS`: a module imports only modules of its own unit (package or top-level
   module) or of a lower floor. Units on one floor are siblings and import neither each other: ``fi_ffi.ops`` and
   ``fi_ffi.comm`` both stand on the calling engine ``fi_ffi.launch``, which imports neither.
-- ``fi_ffi.comm`` and ``fi_ffi.models`` take no private (``_name``) names from ``fi_ffi.ops`` or ``fi_ffi.launch``.
+- ``fi_ffi.comm`` and ``fi_ffi.models`` take no private (``_name``) names from ``fi_ffi.ops`` or ``fi_ffi.launch``;
+  no module of ``fi_ffi.ops.attention`` takes a private name from another module.
 """
 
 from __future__ import annotations
@@ -247,5 +248,23 @@ def test_the_attention_ops_take_no_private_names_of_one_another() -> None:
         if target in ops and target != module
         for n in sorted(names)
         if n.startswith("_")
+    ]
+    assert taken == []
+
+
+def test_no_attention_module_takes_a_private_name_of_another_module() -> None:
+    # the workspace's device scope and the producers' reader cache are public names (cuda_runtime.DeviceScope,
+    # producers.readers): what one module needs of another it names through its public surface
+    trees = sources()
+    attention = {m for m in trees if m.startswith("fi_ffi.ops.attention.")}
+    assert {"fi_ffi.ops.attention.mla", "fi_ffi.ops.attention.workspace", "fi_ffi.ops.attention.common"} <= attention
+    taken = [
+        f"{module} takes {target}.{n}"
+        for module, targets in module_imports(trees).items()
+        if module in attention
+        for target, names in targets.items()
+        if target != module
+        for n in sorted(names)
+        if n.startswith("_") and not n.startswith("__")
     ]
     assert taken == []

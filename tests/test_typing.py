@@ -1,6 +1,8 @@
 """A user's code type-checked against fi_ffi's public signatures (:mod:`fi_ffi.typing`), as mypy sees it from
 outside the checkout: descriptors, numpy arrays and objects of the interchange protocols are accepted as tensors,
-an op returns the caller's own tensor type, and a string passed as a tensor or a stream is flagged.
+an op returns the caller's own tensor type, and a string passed as a tensor or a stream is flagged. The names
+come through the generated stubs (``fi_ffi/__init__.pyi``, ``fi_ffi/loader/__init__.pyi``): a name the exports
+table lacks is an error, not a silent ``Any`` from the lazy ``__getattr__``.
 
 One mypy run (``--strict``) over a small snippet; every line marked ``# error`` must be reported, and nothing else.
 The snippet also passes with the lowest declared versions (mypy 1.10, numpy 1.26: no bare ``np.ndarray``).
@@ -28,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 import fi_ffi
+from fi_ffi import loader
 from fi_ffi.typing import IndexLike, StreamLike, TensorLike
 
 
@@ -70,6 +73,10 @@ fi_ffi.rmsnorm("not a tensor", w, d)  # error
 fi_ffi.rmsnorm(d, w, d, stream="0")  # error
 fi_ffi.as_tensor([1.0, 2.0])  # error
 bad: npt.NDArray[np.float16] = fi_ffi.rmsnorm(d, w, d)  # error
+err: type[fi_ffi.FiFFIError] = fi_ffi.CudaError
+paths: dict[str, str] = loader.loaded_modules()
+fi_ffi.no_such_op(d)  # error
+loader.load_module(3)  # error
 """
 
 

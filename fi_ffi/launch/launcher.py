@@ -52,8 +52,10 @@ from typing import Any, NamedTuple
 
 from .. import caches, producers
 from ..abi import wire
-from ..abi.objects import ARRAY, BOOL, DLTENSOR_PTR, FLOAT, INT, NONE, RAW_STR, TENSOR, Array, ObjectRef, take_result
-from ..abi.raised import take_raised
+from ..abi.frame import RECORD as _RECORD
+from ..abi.frame import SLOT as _SLOT
+from ..abi.frame import Frame, call_on, describe_frame, fail, result
+from ..abi.objects import ARRAY, BOOL, DLTENSOR_PTR, FLOAT, INT, NONE, RAW_STR, TENSOR, ObjectRef
 from ..dtypes import CUDA
 from ..errors import LoaderError
 from ..streams import stream_handle
@@ -64,9 +66,6 @@ from .pointer_rules import HIDDEN_ADDRESS, ApartTest, PointerRules, apart_test, 
 # scalar, and return what the data pointers must satisfy (a mapping is alignments in bytes by parameter name).
 Check = Callable[[SimpleNamespace], PointerRules | Mapping[str, int] | None]
 
-_SLOT = 16  # bytes per TVMFFIAny
-_MAX_NDIM = 16
-_RECORD = 48 + 16 * _MAX_NDIM  # one DLTensor (48 bytes) + its shape and strides (int64 each)
 _PTR_END = 1 << 64
 _INT32_END = 1 << 31
 _INT64_END = 1 << 63
@@ -103,46 +102,17 @@ class Entry(NamedTuple):
     apart: ApartTest | None  # the overlap test of its pointers (None: no rule to test)
 
 
-class Frame:
-    """One thread's argument block for one entry point: ``nargs + 1`` slots, then one record per tensor
-    parameter. ``q``/``d`` view it as int64/float64 words; ``cache`` maps layout keys to images."""
+class LaunchFrame(Frame):
+    """One thread's :class:`~fi_ffi.abi.frame.Frame` for one entry point (one DLTensor record per tensor
+    parameter), with the layout cache: ``cache`` maps layout keys to entries, ``image`` is the entry whose image
+    the frame holds now (see the generated launch)."""
 
-    __slots__ = (
-        "args",
-        "block",
-        "buf",
-        "cache",
-        "call",
-        "d",
-        "image",
-        "mv",
-        "nargs",
-        "q",
-        "records",
-        "result",
-        "stream_out",
-        "this",
-    )
+    __slots__ = ("cache", "image")
 
-    def __init__(self, nargs: int, ntensors: int, call: Any) -> None:
-        from ..abi.cdefs import get_ffi
-
-        ffi = get_ffi()
-        self.nargs = nargs
-        size = (nargs + 1) * _SLOT + ntensors * _RECORD
-        self.block = ffi.new("char[]", size)
-        self.buf = ffi.buffer(self.block)
-        self.mv = memoryview(self.buf).cast("B")
-        self.q = self.mv.cast("q")
-        self.d = self.mv.cast("d")
-        self.args = ffi.cast("TVMFFIAny*", self.block)
-        self.result = self.args + nargs
-        self.records = int(ffi.cast("uintptr_t", self.block)) + (nargs + 1) * _SLOT
-        self.stream_out = ffi.new("uintptr_t*")
+    def __init__(self, nargs: int, ntensors: int, call: Any, this: Any = None) -> None:
+        super().__init__(nargs, ntensors, call, this)
         self.cache: dict[Hashable, Entry] = {}
-        self.image: Any = None  # the cache entry whose image the frame holds (see the generated launch)
-        self.call = call
-        self.this = ffi.NULL
+        self.image: Entry | None = None
 
 
 class Launcher:
@@ -190,10 +160,11 @@ class Launcher:
                     self.entry = bound_entry(self.uri, self.decl)
         return self.entry
 
-    def frame(self) -> Frame:
+    def frame(self) -> LaunchFrame:
         """This thread's frame (made on first use; binds the entry point)."""
         try:
-            return self.tls.frame  # type: ignore[no-any-return]
+            frame: LaunchFrame = self.tls.frame
+            return frame
         except AttributeError:
             pass
         entry = self.bind()
@@ -201,14 +172,14 @@ class Launcher:
             from ..abi.runtime import api
 
             self.namespace["_get_stream"] = api().TVMFFIEnvGetStream
-        f = self.tls.frame = Frame(len(self.decl.params), len(self.tensor_index), entry._call)
+        f = self.tls.frame = LaunchFrame(len(self.decl.params), len(self.tensor_index), entry.safe_call, entry.this)
         return f
 
     # ---- slow path -------------------------------------------------------------------------------------------
 
     def slow(
-        self, values: Sequence[Any], stream: Any, context: Any, frame: Frame | None = None, remember: bool = True
-    ) -> tuple[Frame, Entry, list[int]]:
+        self, values: Sequence[Any], stream: Any, context: Any, frame: LaunchFrame | None = None, remember: bool = True
+    ) -> tuple[LaunchFrame, Entry, list[int]]:
         """Describe and check every argument, build the frame image, remember it; return (frame, entry, ptrs)."""
         self.slow_calls += 1
         decl = self.decl
@@ -334,7 +305,7 @@ class Launcher:
             )
         handle = None if stream is None else _stream(stream)  # a bad stream is named before the module is bound
         entry_point = self.bind()
-        frame = Frame(len(self.decl.params), len(self.tensor_index), entry_point._call)
+        frame = LaunchFrame(len(self.decl.params), len(self.tensor_index), entry_point.safe_call, entry_point.this)
         f, entry, ptrs = self.slow(values, stream, context, frame=frame, remember=False)
         _write_pointers(f, self.decl, self.record_of, ptrs)
         if handle is None and entry.stream_source is not None:
@@ -370,9 +341,7 @@ class PreparedCall:
             call_on(self._launcher.name, f, self.device_id, self.stream)
 
     def __repr__(self) -> str:
-        from ..abi.call import describe_frame
-
-        return f"<PreparedCall {self._launcher.name}({', '.join(describe_frame(self._frame))})>"  # type: ignore[arg-type]
+        return f"<PreparedCall {self._launcher.name}({', '.join(describe_frame(self._frame))})>"
 
 
 # ---- checks shared by every op -------------------------------------------------------------------------------
@@ -504,7 +473,7 @@ def _stream(stream: Any) -> int:
 
 
 def _write_image(
-    f: Frame, decl: wire.Declaration, record_of: dict[int, int], checked: dict[str, Any], keep: list[Any]
+    f: LaunchFrame, decl: wire.Declaration, record_of: dict[int, int], checked: dict[str, Any], keep: list[Any]
 ) -> None:
     """Write every slot and record of ``f`` for these checked arguments, with data pointers and per-call values
     left zero (the launch writes them)."""
@@ -577,9 +546,6 @@ def _write_pointers(f: Frame, decl: wire.Declaration, record_of: dict[int, int],
 
 # ---- calling -----------------------------------------------------------------------------------------------------
 
-_set_stream: Any = None
-_get_stream: Any = None
-
 
 def invoke(name: str, f: Frame, entry: Entry, stream: Any) -> None:
     """Call on ``stream`` (None: the framework's current stream of the first tensor, ``entry.stream_source``).
@@ -589,53 +555,14 @@ def invoke(name: str, f: Frame, entry: Entry, stream: Any) -> None:
     """
     device_id = entry.device_id
     if stream is None:
-        handle = entry.stream_source(device_id)  # type: ignore[misc]  # invoke is called only with a source
+        source = entry.stream_source
+        assert source is not None  # the launch calls invoke without a stream only when the entry has a source
+        handle = source(device_id)
     elif stream.__class__ is int and 0 <= stream < _PTR_END:
         handle = stream
     else:
         handle = _stream(stream)
     call_on(name, f, device_id, handle)
-
-
-def call_on(name: str, f: Frame, device_id: int, stream: int) -> None:
-    """Call with ``stream`` as TVM-FFI's current stream of ``device_id`` (restored afterwards, also on error)."""
-    global _set_stream, _get_stream
-    if _set_stream is None:
-        from ..abi.runtime import api
-
-        _set_stream = api().TVMFFIEnvSetStream
-        _get_stream = api().TVMFFIEnvGetStream
-    if _get_stream(CUDA, device_id) == stream:
-        if f.call(f.this, f.args, f.nargs, f.result):
-            fail(name, f)
-        return
-    out = f.stream_out
-    if _set_stream(CUDA, device_id, stream, out) != 0:
-        raise take_raised("TVMFFIEnvSetStream", (str(device_id), hex(stream)))
-    previous = out[0]
-    try:
-        rc = f.call(f.this, f.args, f.nargs, f.result)
-    finally:
-        if previous != stream:
-            _set_stream(CUDA, device_id, previous, out)
-    if rc:
-        fail(name, f)
-
-
-def fail(name: str, f: Frame) -> None:
-    """Raise the error of the call that just failed on this thread, describing the packed arguments."""
-    from ..abi.call import describe_frame
-
-    raise take_raised(name, describe_frame(f))  # type: ignore[arg-type]
-
-
-def result(f: Frame) -> Any:
-    """Take the result slot of ``f`` (after a successful call)."""
-    word = 2 * f.nargs
-    if f.q[word] == ARRAY:  # a plan's schedule (type index 71, zero padding): read in place, no slot copy
-        return Array(f.q[word + 1], ARRAY)
-    off = f.nargs * _SLOT
-    return take_result(f.buf[off : off + _SLOT])
 
 
 def _no_keys(*args: Any) -> tuple[tuple[Any, ...], list[int]]:
@@ -834,7 +761,7 @@ def compile_launcher(
     launcher_ = Launcher(decl, uri, check)
     source = _source(decl, launcher_.record_of, accept_absent)
     namespace: dict[str, Any] = {
-        "_READERS": producers._readers,
+        "_READERS": producers.readers,
         "_reader": producers.reader,
         "_tls": launcher_.tls,
         "_Tensor": Tensor,
@@ -862,7 +789,8 @@ def compile_launcher(
     launch.launcher = launcher_
     launch.source = source
     launch.__doc__ = f"Launch {launcher_.name}: {decl.signature}"
-    return launch  # type: ignore[no-any-return]
+    compiled: Callable[..., Any] = launch
+    return compiled
 
 
 def launcher(

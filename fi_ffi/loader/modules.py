@@ -1,4 +1,4 @@
-"""Kernel modules: which wheels are selected, which URIs they hold, where a module's file is, loading it.
+"""Kernel modules: which wheels are selected, fetching them, which URIs they hold, where a module's file is, loading it.
 
 A module ``<uri>`` is the member ``<prefix>/<uri>/<uri>.so`` of a selected kernel wheel (prefix
 ``flashinfer_jit_cache/jit_cache``). A wheel's ``.so`` listing is read from its zip directory once and
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import difflib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -321,3 +322,29 @@ def symbol_checks(*, on_disk: bool = True) -> dict[str, SymbolCheck]:
         for uri, path in sorted(files.items()):
             out[uri] = symbols.check_file(path)
     return dict(sorted(out.items()))
+
+
+def fetch(wheel: str | os.PathLike[str] | None = None, *, all_entries: bool = False) -> list[Path]:
+    """Make wheels available offline; returns their verified paths.
+
+    ``wheel``: copy that local file into the cache (it must be pinned by the lock, name and sha256).
+    Otherwise fetch the wheels this machine selects (kernels, plus the runtime wheel when no installed
+    apache-tvm-ffi provides ``libtvm_ffi.so``); ``all_entries``: every wheel in the lock, all arches. A kernel
+    wheel served by an installed distribution (:mod:`fi_ffi.loader.installed`) is not fetched: its folder is
+    returned instead.
+    """
+    lock = lockfile.active_lock()
+    if wheel is not None:
+        return [wheels.import_wheel(Path(wheel), lock)]
+    if all_entries:
+        pins = list({(p.filename, p.sha256): p for p in lock.all_pins()}.values())
+    else:
+        chosen = selection()
+        pins = list(chosen.kernels)
+        if chosen.runtime is not None and libraries.runtime_plan()[0] == "lock":
+            pins.append(chosen.runtime)
+    out = []
+    for pin in pins:
+        found = installed.find(pin)
+        out.append(found.root if found is not None else wheels.ensure_wheel(pin))
+    return out

@@ -1,5 +1,6 @@
 """What the attention ops share, stated once: variant URIs, layout keys, extents, the position-encoding modes and
-the checks every attention op makes the same way (workspace, module dtype, ALiBi slopes, the ``tmp`` scratch).
+the checks every attention op makes the same way (workspace, module dtype, ALiBi slopes, the ``tmp`` scratch, and
+a batch run's arguments against its plan: live and current, enough query rows, KV tokens and pages).
 
 Decode, prefill, sinks and MLA are siblings: each imports this module, none imports another's private names.
 """
@@ -11,9 +12,10 @@ from typing import Any
 
 from ...dtypes import DType
 from ...launch import checks
-from ...producers import _readers, reader
+from ...producers import reader, readers
 from ...tensor import Tensor
 from . import plan_settings as S
+from .plan import Plan
 from .variants import POS_ENCODINGS, Variant, resolve
 from .workspace import Workspace, tmp_bytes_needed
 
@@ -55,7 +57,7 @@ def layout_key(name: str, value: Any, stream: Any = None) -> Any:
     """The launcher's layout key of a tensor argument (a value), read as the launcher reads it; a producer that
     cannot be read is described by :func:`fi_ffi.as_tensor` instead, which raises the error naming ``name``."""
     try:
-        return (_readers.get(value.__class__) or reader(value.__class__))(value, stream)[0]
+        return (readers.get(value.__class__) or reader(value.__class__))(value, stream)[0]
     except Exception:
         return checks.tensor(name, value)._lid
 
@@ -72,6 +74,44 @@ def extent(name: str, value: Any, dim: int = 0) -> int:
     if t.ndim <= dim:
         raise ValueError(f"{name}: expected at least {dim + 1} dimensions, got shape {t.shape}")
     return t.shape[dim]
+
+
+def runnable(plan: Any, kind: str, mode: str, who: str) -> Workspace:
+    """The workspace of ``plan`` if it is a live :class:`~.plan.Plan` of ``kind`` for ``mode`` KV, current on that
+    workspace; else a TypeError naming ``who`` (the function that makes such plans), or the plan's own refusal."""
+    if plan.__class__ is not Plan:
+        raise TypeError(f"plan: expected a Plan from {who}, got {type(plan).__name__}")
+    s = plan._s
+    ws: Workspace | None = plan.workspace
+    if s.kind != kind or s.mode != mode or not plan._info.handle or ws is None or ws._generation != plan._generation:
+        plan.check_runnable(kind, mode)
+    assert ws is not None  # check_runnable refuses a plan without a workspace
+    return ws
+
+
+def check_rows(plan: Plan, q: Any) -> None:
+    """``q`` has at least the rows the plan's ``qo_indptr`` ends at."""
+    rows = extent("q", q)
+    if rows < plan.num_rows:
+        raise ValueError(f"q: the plan's qo_indptr ends at {plan.num_rows} rows, but q has {rows}")
+
+
+def check_kv_tokens(plan: Plan, k: Any) -> None:
+    """Ragged ``k`` has at least the tokens the plan's ``kv_indptr`` ends at (dim 0 for NHD, 1 for HND)."""
+    nnz_kv = extent("k", k, 0 if plan._s.kv_layout == "NHD" else 1)
+    if nnz_kv < plan.kv_extent:
+        raise ValueError(f"k: the plan's kv_indptr ends at {plan.kv_extent} tokens, but k has {nnz_kv}")
+
+
+def check_pages(plan: Plan, kv_indices: Any) -> None:
+    """``kv_indices`` has at least the pages the plan's ``kv_indptr`` ends at (a descriptor's length read inline)."""
+    pages = (
+        kv_indices.shape[0] if kv_indices.__class__ is Tensor and kv_indices.ndim else extent("kv_indices", kv_indices)
+    )
+    if pages < plan.kv_extent:
+        raise ValueError(
+            f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has {pages} entries"
+        )
 
 
 def check_workspace(value: Any) -> Workspace:

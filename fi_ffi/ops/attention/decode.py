@@ -41,11 +41,12 @@ from .common import (
     POS_ALIBI,
     alibi_required,
     check_module_dtype,
+    check_pages,
     check_tmp,
     check_workspace,
     empty,
-    extent,
     layout_key,
+    runnable,
     variant_uri,
 )
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
@@ -335,20 +336,9 @@ def batch_decode_run(
     Returns:
         ``out``.
     """
-    if plan.__class__ is not Plan:
-        raise TypeError(f"plan: expected a Plan from batch_decode_plan, got {type(plan).__name__}")
+    ws = runnable(plan, BATCH_DECODE, "paged", "batch_decode_plan")
+    check_pages(plan, kv_indices)
     s = plan._s
-    ws = plan.workspace
-    if s.kind != BATCH_DECODE or not plan._info.handle or ws is None or ws._generation != plan._generation:
-        plan.check_runnable(BATCH_DECODE, "paged")
-    pages = (
-        kv_indices.shape[0] if kv_indices.__class__ is Tensor and kv_indices.ndim else extent("kv_indices", kv_indices)
-    )
-    if pages < plan.kv_extent:
-        raise ValueError(
-            f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has "
-            f"{extent('kv_indices', kv_indices)} entries"
-        )
     s.run(
         ws.float_buffer,
         ws.int_buffer,

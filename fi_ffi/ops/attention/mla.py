@@ -47,6 +47,7 @@ import numpy as np
 from ... import caches
 from ...abi.objects import Array
 from ...abi.wire import ARRAY, BOOL, FLOAT, INT, Param, declare, optional_tensor, scalar, tensor
+from ...cuda_runtime import DeviceScope, runtime
 from ...cuda_runtime import check as _check_cuda
 from ...dtypes import DType, bfloat16, float8_e4m3fn, float8_e5m2, float16, float32, int32
 from ...dtypes import dtype as to_dtype
@@ -60,7 +61,7 @@ from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import variants as V
 from .host_index import check_indptr, host_array, host_tensor
 from .plan import Schedule
-from .workspace import Workspace, _DeviceScope, _rt
+from .workspace import Workspace
 
 __all__ = ["DECLARATIONS", "MLAPlan", "batch_mla_plan", "batch_mla_run"]
 
@@ -380,8 +381,8 @@ def _copy_staged(ws: Workspace, staged: Any, stream: int, st: _Settings) -> None
         )
     if not staged:
         return
-    rt = _rt()
-    with _DeviceScope(ws.device.device_id):
+    rt = runtime()
+    with DeviceScope(ws.device.device_id):
         err = rt.cudaMemcpyAsync(
             ws.int_buffer.data_ptr,
             ws.pinned_buffer.data_ptr,

@@ -45,12 +45,15 @@ from . import plan_settings as S
 from .common import (
     POS_ALIBI,
     alibi_required,
+    check_kv_tokens,
     check_module_dtype,
+    check_pages,
+    check_rows,
     check_tmp,
     check_workspace,
     empty,
-    extent,
     layout_key,
+    runnable,
     variant_uri,
 )
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
@@ -891,29 +894,6 @@ def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
 # ------------------------------------------------------------------------------------------ batch prefill runs
 
 
-def _runnable(plan: Any, mode: str, who: str) -> Any:
-    """The plan's workspace, if ``plan`` is a live batch prefill plan for ``mode`` KV."""
-    if plan.__class__ is not Plan:
-        raise TypeError(f"plan: expected a Plan from {who}, got {type(plan).__name__}")
-    s = plan._s
-    ws = plan.workspace
-    if (
-        s.mode != mode
-        or s.kind != BATCH_PREFILL
-        or not plan._info.handle
-        or ws is None
-        or ws._generation != plan._generation
-    ):
-        plan.check_runnable(BATCH_PREFILL, mode)
-    return ws
-
-
-def _check_rows(plan: Plan, q: Any) -> None:
-    rows = extent("q", q)
-    if rows < plan.num_rows:
-        raise ValueError(f"q: the plan's qo_indptr ends at {plan.num_rows} rows, but q has {rows}")
-
-
 def _launch(plan: Plan, ws: Any, tensors: tuple[Any, ...], out: Any, lse: Any, enable_pdl: Any, stream: Any) -> None:
     """One batch prefill run: the plan's settings as wire scalars (FA2 and FA3 take different ones)."""
     s = plan._s
@@ -988,11 +968,9 @@ def batch_prefill_ragged_run(
     Returns:
         ``out``.
     """
-    ws = _runnable(plan, "ragged", "batch_prefill_ragged_plan")
-    _check_rows(plan, q)
-    nnz_kv = extent("k", k, 0 if plan._s.kv_layout == "NHD" else 1)
-    if nnz_kv < plan.kv_extent:
-        raise ValueError(f"k: the plan's kv_indptr ends at {plan.kv_extent} tokens, but k has {nnz_kv}")
+    ws = runnable(plan, BATCH_PREFILL, "ragged", "batch_prefill_ragged_plan")
+    check_rows(plan, q)
+    check_kv_tokens(plan, k)
     _launch(plan, ws, (q, k, v, qo_indptr, kv_indptr), out, lse, enable_pdl, stream)
     return out
 
@@ -1028,13 +1006,9 @@ def batch_prefill_paged_run(
     Returns:
         ``out``.
     """
-    ws = _runnable(plan, "paged", "batch_prefill_paged_plan")
-    _check_rows(plan, q)
-    pages = extent("kv_indices", kv_indices)
-    if pages < plan.kv_extent:
-        raise ValueError(
-            f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has {pages} entries"
-        )
+    ws = runnable(plan, BATCH_PREFILL, "paged", "batch_prefill_paged_plan")
+    check_rows(plan, q)
+    check_pages(plan, kv_indices)
     _launch(
         plan,
         ws,

@@ -37,7 +37,7 @@ from ...launch.pointer_rules import PointerRules
 from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
-from .common import check_workspace, extent
+from .common import check_kv_tokens, check_pages, check_rows, check_workspace, runnable
 from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
 from .plan import Plan
 from .plan_call import call_plan
@@ -280,16 +280,6 @@ def batch_attention_sink_ragged_plan(
     return _plan("ragged", workspace, qo_indptr, kv_indptr, None, stream, args)
 
 
-def _runnable(plan: Any, mode: str, who: str) -> Any:
-    if plan.__class__ is not Plan:
-        raise TypeError(f"plan: expected a Plan from {who}, got {type(plan).__name__}")
-    s = plan._s
-    ws = plan.workspace
-    if s.kind != KIND or s.mode != mode or not plan._info.handle or ws is None or ws._generation != plan._generation:
-        plan.check_runnable(KIND, mode)
-    return ws
-
-
 def _check_sink(a: SimpleNamespace, rules: PointerRules) -> PointerRules:
     s, _ = a.context
     AC.vector("sink", a.sink, "float32", s.num_qo_heads, a.float_workspace_buffer.device)
@@ -361,15 +351,9 @@ def batch_attention_sink_run(
     Returns:
         ``out``.
     """
-    ws = _runnable(plan, "paged", "batch_attention_sink_plan")
-    rows = extent("q", q)
-    if rows < plan.num_rows:
-        raise ValueError(f"q: the plan's qo_indptr ends at {plan.num_rows} rows, but q has {rows}")
-    pages = extent("kv_indices", kv_indices)
-    if pages < plan.kv_extent:
-        raise ValueError(
-            f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has {pages} entries"
-        )
+    ws = runnable(plan, KIND, "paged", "batch_attention_sink_plan")
+    check_rows(plan, q)
+    check_pages(plan, kv_indices)
     tensors = (q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
     _launch(plan, ws, tensors, out, sink, lse, enable_pdl, stream)
     return out
@@ -392,12 +376,8 @@ def batch_attention_sink_ragged_run(
     """Run attention with sinks over ragged ``k``/``v`` (NHD ``[>= kv_indptr[-1], num_kv_heads, head_dim]`` or
     HND) with a plan from :func:`batch_attention_sink_ragged_plan`; other arguments as
     :func:`batch_attention_sink_run`."""
-    ws = _runnable(plan, "ragged", "batch_attention_sink_ragged_plan")
-    rows = extent("q", q)
-    if rows < plan.num_rows:
-        raise ValueError(f"q: the plan's qo_indptr ends at {plan.num_rows} rows, but q has {rows}")
-    nnz_kv = extent("k", k, 0 if plan._s.kv_layout == "NHD" else 1)
-    if nnz_kv < plan.kv_extent:
-        raise ValueError(f"k: the plan's kv_indptr ends at {plan.kv_extent} tokens, but k has {nnz_kv}")
+    ws = runnable(plan, KIND, "ragged", "batch_attention_sink_ragged_plan")
+    check_rows(plan, q)
+    check_kv_tokens(plan, k)
     _launch(plan, ws, (q, k, v, qo_indptr, kv_indptr), out, sink, lse, enable_pdl, stream)
     return out

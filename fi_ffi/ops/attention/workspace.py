@@ -40,6 +40,7 @@ import threading
 from typing import Any
 
 from ... import cuda_runtime, driver
+from ...cuda_runtime import DeviceScope
 from ...cuda_runtime import check as _check  # CUDA runtime results: values, or the one CudaError
 from ...cuda_runtime import runtime as _rt  # cuda.bindings.runtime, imported on first use
 from ...dtypes import Device
@@ -74,26 +75,6 @@ def _driver() -> Any:
 
 def _driver_error(err: int, what: str) -> None:
     raise cuda_runtime.driver_error(err, what)
-
-
-class _DeviceScope:
-    """Makes ``device_id`` the current CUDA device for a block and restores the previous one."""
-
-    def __init__(self, device_id: int) -> None:
-        self.device_id = device_id
-        self.previous: int | None = None
-
-    def __enter__(self) -> None:
-        rt = _rt()
-        err, current = rt.cudaGetDevice()
-        _check(err, "cudaGetDevice")
-        if current != self.device_id:
-            _check(rt.cudaSetDevice(self.device_id)[0], "cudaSetDevice")
-            self.previous = current
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            _rt().cudaSetDevice(self.previous)
 
 
 def _bytes_of(t: Tensor) -> int:
@@ -223,7 +204,7 @@ class Workspace:
         rt = _rt()
         owned: list[tuple[str, int]] = []
         try:
-            with _DeviceScope(device):
+            with DeviceScope(device):
                 err, fptr = rt.cudaMalloc(float_bytes)
                 _check(err, "cudaMalloc")
                 owned.append(("device", int(fptr)))
@@ -331,7 +312,7 @@ class Workspace:
         """Record the event after a plan call on ``stream`` (caller holds lock)."""
         if self._event is None:
             rt = _rt()
-            with _DeviceScope(self.device.device_id):
+            with DeviceScope(self.device.device_id):
                 err, event = rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming)
                 _check(err, "cudaEventCreateWithFlags")
             self._event = event
@@ -390,7 +371,7 @@ class Staging:
 
 def _free(owned: list[tuple[str, int]], device_id: int) -> None:
     rt = _rt()
-    with _DeviceScope(device_id):
+    with DeviceScope(device_id):
         for kind, ptr in owned:
             if kind == "device":
                 rt.cudaFree(ptr)

@@ -1,0 +1,153 @@
+"""The argument frame of a TVM-FFI call and the one way to call through it.
+
+Every callee (a kernel's entry point, an ``ffi.Function``) takes ``int f(self, const TVMFFIAny* args, int n,
+TVMFFIAny* result)``. A :class:`Frame` is the memory of one such call: ``nargs`` argument slots of 16 bytes, the
+result slot, then room for ``ntensors`` ``DLTensor`` records (48 bytes and up to 16 shape and 16 stride words each)
+that tensor slots point at. It also holds the callee (``call``, ``this``), so calling needs nothing else.
+
+- :func:`call`: call on TVM-FFI's current stream.
+- :func:`call_on`: call with a given stream as TVM-FFI's current stream of the device (sticky and thread-local in
+  TVM-FFI), restored afterwards, on success and on error.
+- :func:`fail`: raise the error the failed call left, with :func:`describe_frame`'s text of its arguments.
+- :func:`result`: the result slot as a Python value.
+
+The generated launchers of :mod:`fi_ffi.launch.launcher` write a frame's words directly and call
+``f.call(f.this, f.args, f.nargs, f.result)`` inline on their fast path; everything else goes through here.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from ..dtypes import CUDA, Device
+from .cdefs import get_ffi
+from .objects import ARRAY, BOOL, DLTENSOR_PTR, FLOAT, INT, NONE, STATIC_OBJECT_BEGIN, TYPE_NAMES, Array, take_result
+from .raised import take_raised
+from .runtime import api
+
+SLOT = 16  # bytes per TVMFFIAny
+MAX_NDIM = 16
+RECORD = 48 + 16 * MAX_NDIM  # one DLTensor (48 bytes) + its shape and strides (int64 each)
+
+
+class Frame:
+    """One call's argument block: ``nargs + 1`` slots (the last is the result), then ``ntensors`` DLTensor records.
+
+    Attributes:
+        q, d: the block as int64 / float64 words; slot ``i`` is words ``2*i`` (type index; writing a small int sets
+            the type and zeroes the padding) and ``2*i + 1`` (the payload).
+        mv, buf: the block as bytes (a memoryview, a cffi buffer).
+        args, result: ``TVMFFIAny*`` to the first argument slot and to the result slot.
+        records: the address of the first DLTensor record.
+        call, this: the callee's safe-call function and its ``self`` (NULL for an entry point).
+        stream_out: scratch for the previous stream of :func:`call_on`.
+    """
+
+    __slots__ = ("args", "block", "buf", "call", "d", "mv", "nargs", "q", "records", "result", "stream_out", "this")
+
+    def __init__(self, nargs: int, ntensors: int, call: Any, this: Any = None) -> None:
+        ffi = get_ffi()
+        self.nargs = nargs
+        self.block = ffi.new("char[]", (nargs + 1) * SLOT + ntensors * RECORD)
+        self.buf = ffi.buffer(self.block)
+        self.mv = memoryview(self.buf).cast("B")
+        self.q = self.mv.cast("q")
+        self.d = self.mv.cast("d")
+        self.args = ffi.cast("TVMFFIAny*", self.block)
+        self.result = self.args + nargs
+        self.records = int(ffi.cast("uintptr_t", self.block)) + (nargs + 1) * SLOT
+        self.stream_out = ffi.new("uintptr_t*")
+        self.call = call
+        self.this = ffi.NULL if this is None else this
+
+
+def call(name: str, f: Frame) -> None:
+    """Call ``f``'s callee with the arguments packed in ``f``, on TVM-FFI's current stream.
+
+    Raises:
+        KernelError: the callee failed (see :func:`fail`).
+    """
+    if f.call(f.this, f.args, f.nargs, f.result):
+        fail(name, f)
+
+
+_set_stream: Any = None
+_get_stream: Any = None
+
+
+def call_on(name: str, f: Frame, device_id: int, stream: int) -> None:
+    """Call with ``stream`` as TVM-FFI's current stream of CUDA device ``device_id``, restored afterwards (also on
+    error). When ``stream`` is the current one already, one FFI call compares instead of two to set and restore."""
+    global _set_stream, _get_stream
+    if _set_stream is None:
+        _set_stream = api().TVMFFIEnvSetStream
+        _get_stream = api().TVMFFIEnvGetStream
+    if _get_stream(CUDA, device_id) == stream:
+        if f.call(f.this, f.args, f.nargs, f.result):
+            fail(name, f)
+        return
+    out = f.stream_out
+    if _set_stream(CUDA, device_id, stream, out) != 0:
+        raise take_raised("TVMFFIEnvSetStream", (str(device_id), hex(stream)))
+    previous = out[0]
+    try:
+        rc = f.call(f.this, f.args, f.nargs, f.result)
+    finally:
+        if previous != stream:
+            _set_stream(CUDA, device_id, previous, out)
+    if rc:
+        fail(name, f)
+
+
+def fail(name: str, f: Frame) -> None:
+    """Raise the error of the call that just failed on this thread, describing the packed arguments."""
+    raise take_raised(name, describe_frame(f))
+
+
+def result(f: Frame) -> Any:
+    """Take the result slot of ``f`` (after a successful call)."""
+    word = 2 * f.nargs
+    if f.q[word] == ARRAY:  # a plan's schedule (type index 71, zero padding): read in place, no slot copy
+        return Array(f.q[word + 1], ARRAY)
+    off = f.nargs * SLOT
+    return take_result(f.buf[off : off + SLOT])
+
+
+def describe_frame(frame: Frame) -> tuple[str, ...]:
+    """A short text per packed argument (type, and dtype/shape/device of tensors), for error messages."""
+    out = []
+    for i in range(frame.nargs):
+        type_index, _pad, raw = struct.unpack_from("<iIq", frame.buf, i * SLOT)
+        if type_index == DLTENSOR_PTR and raw:
+            out.append("DLTensor*(" + _describe_dltensor(raw) + ")")
+        elif type_index == INT:
+            out.append(str(raw))
+        elif type_index == BOOL:
+            out.append(str(bool(raw)))
+        elif type_index == FLOAT:
+            out.append(repr(struct.unpack_from("<d", frame.buf, i * SLOT + 8)[0]))
+        elif type_index == NONE:
+            out.append("None")
+        elif type_index >= STATIC_OBJECT_BEGIN:
+            out.append(TYPE_NAMES.get(type_index, f"Object[{type_index}]"))
+        else:
+            out.append(TYPE_NAMES.get(type_index, f"type {type_index}"))
+    return tuple(out)
+
+
+def _describe_dltensor(addr: int) -> str:
+    from ..dtypes import from_dlpack
+
+    ffi = get_ffi()
+    t = ffi.cast("DLTensor*", addr)
+    shape = [t.shape[i] for i in range(t.ndim)] if t.shape != ffi.NULL else []
+    try:
+        name = from_dlpack(t.dtype.code, t.dtype.bits, t.dtype.lanes).name
+    except TypeError:
+        name = f"dtype({t.dtype.code},{t.dtype.bits},{t.dtype.lanes})"
+    dev = Device(t.device.device_type, t.device.device_id)
+    return f"{name}{shape} {dev}"
+
+
+__all__ = ["MAX_NDIM", "RECORD", "SLOT", "Frame", "call", "call_on", "describe_frame", "fail", "result"]
