@@ -740,8 +740,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .models.llama import SamplingParams
 
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-        if is_deepseek(args.model) and (args.tp > 1 or args.graph):  # model_type deepseek_v2 / deepseek_v3
-            raise ValueError("DeepSeek checkpoints run on one GPU, eagerly, here: leave out --tp and --graph")
+        if is_deepseek(args.model) and args.tp > 1:  # model_type deepseek_v2 / deepseek_v3 (the engine refuses too)
+            raise ValueError(f"--tp {args.tp}: DeepSeek checkpoints run on one GPU here; leave out --tp")
         if args.tp > 1 and rank is None:  # the driver: start the ranks, each runs this same command
             if args.device is not None:
                 raise ValueError("--device: each rank of --tp uses GPU LOCAL_RANK; leave --device out")

@@ -1,5 +1,5 @@
 """A rank that dies or raises does not hang the others (no GPU: the real launcher, rendezvous and watchdog, with
-ranks that wait forever as ranks blocked in a collective would; tests/watchdog_worker.py).
+ranks that wait forever as ranks blocked in a collective would; tests/helpers/watchdog_worker.py).
 
 Every rank that lost a peer must exit within a bound with ``PEER_LOST_EXIT_CODE`` and a message naming the rank,
 and ``fi-ffi launch`` must name the rank that failed, even though the survivors ignore the launcher's SIGTERM and
@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, subprocess_env
+from conftest import subprocess_env
+from helpers.subprocess_run import worker_path
 
 from fi_ffi.comm.launch import free_port, rank_env
 from fi_ffi.comm.watchdog import PEER_LOST_EXIT_CODE
 
-WORKER = str(REPO / "tests" / "watchdog_worker.py")
+WORKER = worker_path("watchdog_worker")
 BOUND_S = 20.0  # generous for 2 shared CPU cores; the watchdog itself reacts within milliseconds
 
 

@@ -196,14 +196,62 @@ def test_is_deepseek_and_from_dir(tmp_path) -> None:  # type: ignore[no-untyped-
     assert not is_deepseek(tmp_path / "missing")
 
 
-def test_engine_refuses_tp_and_graph_before_touching_a_gpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+# a V3-style model beyond the fused kernel (512 experts) and the device routing (128 groups): no decode graph
+V3_MANY_GROUPS = {**V3, "n_routed_experts": 512, "n_group": 128, "topk_group": 4}
+
+
+def test_engine_refuses_tp_through_the_family_hook_before_touching_a_gpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from fi_ffi.models.deepseek import DeepSeekEngine
 
     (tmp_path / "config.json").write_text(json.dumps(V3))
-    with pytest.raises(ValueError, match="tensor_parallel"):
+    with pytest.raises(ValueError, match=r"tensor_parallel: deepseek_v3 .*pass tensor_parallel=1"):
         DeepSeekEngine(tmp_path, tensor_parallel=2)
-    with pytest.raises(ValueError, match="cuda_graph"):
+    with pytest.raises(ValueError, match="tensor_parallel"):  # the hook runs whatever else is asked
+        DeepSeekEngine(tmp_path, tensor_parallel=4, cuda_graph=True)
+
+
+def test_engine_takes_a_graph_where_the_routing_runs_on_the_device(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """V3 (fused kernel) and V2-Lite (the device fallback) pass the family check with cuda_graph=True and get as far
+    as looking for a GPU; a routing neither device path does is refused naming n_group."""
+    from fi_ffi.errors import UnsupportedDeviceError
+    from fi_ffi.models import deepseek
+    from fi_ffi.models.deepseek import DeepSeekEngine
+
+    for cfg in (V3, V2_LITE, {**V3, "norm_topk_prob": False}):
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        assert deepseek.graph_blocker(DeepSeekConfig.from_dir(tmp_path)) is None
+        with pytest.raises(UnsupportedDeviceError):  # this machine has no GPU: the graph itself was not refused
+            DeepSeekEngine(tmp_path, cuda_graph=True)
+    (tmp_path / "config.json").write_text(json.dumps(V3_MANY_GROUPS))
+    why = deepseek.graph_blocker(DeepSeekConfig.from_dir(tmp_path))
+    assert why is not None and "n_group 128" in why
+    with pytest.raises(ValueError, match=r"cuda_graph: n_group 128 .*pass cuda_graph=False"):
         DeepSeekEngine(tmp_path, cuda_graph=True)
+    with pytest.raises(UnsupportedDeviceError):  # eager: routed on the host, accepted
+        DeepSeekEngine(tmp_path)
+    with pytest.raises(TypeError, match="DeepSeekConfig"):
+        deepseek.graph_blocker(V3)  # type: ignore[arg-type]
+
+
+def test_device_routing_refusals_name_the_field() -> None:
+    from fi_ffi.models.deepseek_routing import MAX_DEVICE_GROUPS, DeviceGroupedTopk, device_routing_blocker
+
+    many = DeepSeekConfig.from_dict(V3_MANY_GROUPS).routing
+    assert many is not None and many.n_group > MAX_DEVICE_GROUPS
+    why = device_routing_blocker(many)
+    assert why is not None and "n_group" in why
+    with pytest.raises(ValueError, match="routing: n_group"):
+        DeviceGroupedTopk(many, 512, 8, True)
+    ok = DeepSeekConfig.from_dict(V3).routing
+    assert ok is not None and device_routing_blocker(ok) is None
+    with pytest.raises(ValueError, match="top_k"):
+        DeviceGroupedTopk(ok, 256, 0, True)
+    with pytest.raises(ValueError, match="n_group"):
+        DeviceGroupedTopk(ok, 250, 8, True)  # 8 groups do not divide 250 experts
+    with pytest.raises(TypeError, match="renormalize"):
+        DeviceGroupedTopk(ok, 256, 8, "yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="DeepSeekRouting"):
+        device_routing_blocker("noaux_tc")  # type: ignore[arg-type]
 
 
 def test_cli_generate_refuses_tp_for_deepseek(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

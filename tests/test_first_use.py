@@ -147,7 +147,7 @@ def test_the_sdist_manifest_carries_what_the_tests_need() -> None:
     except OSError:
         tracked = []
     tracked = tracked or files.allfiles
-    needed = {"LICENSE", "README.md", "wheels.lock", "tests/conftest.py", "tests/attention_reference.py"}
+    needed = {"LICENSE", "README.md", "wheels.lock", "tests/conftest.py", "tests/helpers/attention_reference.py"}
     needed |= {f for f in tracked if f.split("/")[0] in ("tests", "examples", "benchmarks", "tools", "docs")}
     assert needed <= shipped, sorted(needed - shipped)
 

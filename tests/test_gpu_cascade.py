@@ -2,7 +2,7 @@
 every request + each request's own suffix, computed separately and merged with ``merge_state``) equals one
 full attention over prefix + suffix.
 
-Partial states come from the float32 torch reference (``attention_reference.reference``: output and base-2
+Partial states come from the float32 torch reference (``helpers.attention_reference.reference``: output and base-2
 log-sum-exp) rounded to the dtype, and from fi_ffi's own ``single_prefill`` with ``lse``. Tolerances, absolute
 and relative, on outputs of magnitude <= ~3: float16 5e-3, bfloat16 3e-2; merged LSE (base 2) 2e-2.
 """
@@ -17,7 +17,7 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
 import torch
-from attention_reference import DTYPES, LSE_TOL, close, reference
+from helpers.attention_reference import DTYPES, LSE_TOL, close, reference
 
 import fi_ffi
 

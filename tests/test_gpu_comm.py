@@ -1,7 +1,7 @@
 """Multi-GPU tests of fi_ffi.comm (FI_FFI_RUN_GPU_TESTS=1; 2 and 4 GPUs of one host, skipped with fewer).
 
-Each test starts one process per GPU with ``fi-ffi launch`` (which also turns NVLink multicast off in every
-rank) running tests/comm_worker.py, and passes when every rank exits 0. The ranks compare each kernel with NCCL's
+Each test starts one process per GPU with ``fi-ffi launch`` (which also turns NVLink multicast off in every rank)
+running tests/helpers/comm_worker.py, and passes when every rank exits 0. The ranks compare each kernel with NCCL's
 all-reduce of the same data (bfloat16, float16, float32; 1 token of 4096 to 64 MiB; odd token counts), the fused
 patterns with all-reduce + add + RMSNorm in float32, and replays of captured CUDA graphs. The ranks pin the comm
 test wheel with a lock of their own (``FI_FFI_TEST_WHEELS_COMM``, ``../shared/wheels-comm`` or the
@@ -12,18 +12,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import REPO, lock_text, subprocess_env
+from helpers.subprocess_run import comm_wheel, gpu_count, launched, multicast_off, wheels_env, worker
 
-for _name, _value in (
-    ("NCCL_NVLS_ENABLE", "0"),
-    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-    ("NVSHMEM_DISABLE_NVLS", "1"),
-):
-    os.environ[_name] = _value
+multicast_off()
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,54 +24,19 @@ pytestmark = [
 ]
 
 
-def _comm_wheel() -> Path | None:
-    folders = [
-        os.environ.get("FI_FFI_TEST_WHEELS_COMM", ""),
-        str(REPO.parent / "shared" / "wheels-comm"),
-        os.environ.get("FI_FFI_TEST_WHEELS", ""),
-    ]
-    for folder in folders:
-        if folder and Path(folder).is_dir():
-            found = sorted(Path(folder).glob("flashinfer_jit_cache_comm-*.whl"))
-            if found:
-                return found[0]
-    return None
-
-
-def _gpus() -> int:
-    from fi_ffi.comm.cuda import device_count
-
-    return device_count()
-
-
 @pytest.fixture(scope="module")
 def comm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    wheel = _comm_wheel()
+    wheel = comm_wheel()
     if wheel is None:
         pytest.skip("needs the comm test wheel flashinfer_jit_cache_comm-*.whl (FI_FFI_TEST_WHEELS_COMM)")
-    lock = tmp_path_factory.mktemp("comm_lock") / "comm.lock"
-    lock.write_text(lock_text([wheel]))
-    return subprocess_env(
-        FI_FFI_LOCK=str(lock), FI_FFI_WHEELHOUSE=str(wheel.parent), FI_FFI_CUDA_VERSION="13.0", FI_FFI_OFFLINE="1"
-    )
+    return wheels_env(tmp_path_factory.mktemp("comm_lock") / "comm.lock", [wheel])
 
 
 def _run(n: int, scenarios: list[str], env: dict[str, str], timeout: float = 540) -> str:
-    if _gpus() < n:
-        pytest.skip(f"needs {n} GPUs, found {_gpus()}")
+    if gpu_count() < n:
+        pytest.skip(f"needs {n} GPUs, found {gpu_count()}")
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fi_ffi",
-            "launch",
-            "--nproc",
-            str(n),
-            "--",
-            sys.executable,
-            str(REPO / "tests" / "comm_worker.py"),
-            *scenarios,
-        ],
+        launched(n, worker("comm_worker", *scenarios)),
         env=env,
         capture_output=True,
         text=True,

@@ -16,7 +16,7 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
 import torch
-from attention_reference import DTYPES, LSE_TOL, close, reference
+from helpers.attention_reference import DTYPES, LSE_TOL, close, reference
 
 from fi_ffi.ops.attention import decode
 from fi_ffi.ops.attention.workspace import Workspace

@@ -19,12 +19,12 @@ close may take other experts (tests/test_gpu_models.py measured it for Mixtral).
 against transformers'), counts where the engine's choice differs (at most 10% of (layer, token) pairs), and
 compares the logits with the reference run on the engine's experts (weights: the reference's own scores of them).
 Tolerance on the logits: 0.08 (bfloat16, as tests/test_gpu_llama.py); transformers' own bfloat16 error on the same
-prompts is printed as the yardstick.
+prompts is printed as the yardstick. The decode CUDA graph is checked against eager decode (same tokens, last-step
+logits within the same tolerance), with the default routing and with the device fallback.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 
 import numpy as np
@@ -37,12 +37,15 @@ cp = pytest.importorskip("cupy", reason="the engine needs CuPy (pip install 'fi-
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
 
+from helpers.checkpoints import float32_reference, randomize_norms  # noqa: E402
+from helpers.yardstick import LOGIT_TOL, prompts  # noqa: E402
+
 from fi_ffi.models.deepseek import DeepSeekEngine  # noqa: E402
 from fi_ffi.models.deepseek_routing import grouped_topk  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-TOL = 8e-2
+TOL = LOGIT_TOL["bfloat16"]
 VOCAB = 4096
 COMMON = dict(
     vocab_size=VOCAB,
@@ -130,26 +133,19 @@ def family(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     config = _config(getattr(transformers, config_cls), extra, rope)
     model = getattr(transformers, model_cls)(config)
+    randomize_norms(model)  # q_a, kv_a included
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):  # random norm weights (q_a, kv_a included): a skipped one shows
-                p.normal_(1.0, 0.1)
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # a bias that matters to the choice
                 buf.normal_(0.0, 0.05)
     model = model.to(torch.bfloat16)
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
-    ref = copy.deepcopy(model).float().cuda().eval()
+    ref = float32_reference(model)
     bf16 = model.cuda().eval()
     yield request.param, path, ref, bf16
     del ref, bf16
     torch.cuda.empty_cache()
-
-
-def prompts(lens, seed=1):  # type: ignore[no-untyped-def]
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, VOCAB, size=n).tolist() for n in lens]
 
 
 def record_routing(engine):  # type: ignore[no-untyped-def]
@@ -228,7 +224,7 @@ def flips(engine_choice, ref_choice):  # type: ignore[no-untyped-def]
 
 def test_prefill_logits_match_transformers(family) -> None:  # type: ignore[no-untyped-def]
     name, path, ref, bf16 = family
-    ps = prompts(PROMPT_LENS)
+    ps = prompts(PROMPT_LENS, VOCAB)
     with DeepSeekEngine(path, max_batch=4, page_size=16) as engine:
         cfg = engine.config
         assert cfg.model_type == ("deepseek_v3" if name == "v3" else "deepseek_v2")
@@ -262,7 +258,7 @@ def test_greedy_decode_matches_transformers(family) -> None:  # type: ignore[no-
     """Each prompt generated alone (its forwards then hold exactly the teacher-forced sequence's tokens in order,
     so the engine's routing can be given to the reference); every token is the reference's choice up to TOL."""
     name, path, ref, _ = family
-    ps = prompts(DECODE_LENS, seed=2)
+    ps = prompts(DECODE_LENS, VOCAB, seed=2)
     exact = total = 0
     with DeepSeekEngine(path, max_batch=4, page_size=16) as engine:
         cfg = engine.config
@@ -297,7 +293,7 @@ def test_fused_and_host_routing_agree(family) -> None:  # type: ignore[no-untype
         with DeepSeekEngine(path, max_batch=2) as engine:
             assert not engine.fused_routing_used
         return
-    ps = prompts((7, 33), seed=3)
+    ps = prompts((7, 33), VOCAB, seed=3)
     results = {}
     for fused in (True, False):
         with DeepSeekEngine(path, max_batch=4, fused_routing=fused) as engine:
@@ -313,10 +309,39 @@ def test_fused_and_host_routing_agree(family) -> None:  # type: ignore[no-untype
     assert err <= 1e-2
 
 
-def test_cuda_graph_is_refused(family) -> None:  # type: ignore[no-untyped-def]
-    _, path, _, _ = family
-    with pytest.raises(ValueError, match="cuda_graph"):
-        DeepSeekEngine(path, cuda_graph=True)
+@pytest.mark.parametrize("fused", [None, False], ids=["default_routing", "device_fallback"])
+def test_cuda_graph_decode_matches_eager(family, fused) -> None:  # type: ignore[no-untyped-def]
+    """The decode step as a CUDA graph (MLA plan before each replay, MoE routed on the device: V3 by the fused kernel
+    by default, V2-Lite and V3 with fused_routing=False by DeviceGroupedTopk): the greedy tokens equal eager decode's
+    (3 prompts in 4 slots, one finishing early, so padding rows run), and the last step's logits agree within TOL."""
+    name, path, _, _ = family
+    if name != "v3" and fused is False:
+        pytest.skip("V2 routes with the device fallback in either case")
+    ps = prompts((5, 21, 40), seed=4)
+    limits = [MAX_NEW, 5, MAX_NEW]
+    runs = {}
+    for graph in (False, True):
+        with DeepSeekEngine(path, max_batch=4, page_size=16, cuda_graph=graph, fused_routing=fused) as engine:
+            assert (engine.graph is not None) is graph
+            if graph:
+                assert engine._static_moe and (engine._device_topk is None) is engine.fused_routing_used
+            r = engine.generate(ps, limits, eos_token_ids=())
+            # the last step: eager ran the two active requests (slots 0, 2), the graph all 4 slots
+            rows = [0, 2] if graph else [0, 1]
+            logits = engine._buf.logits[: max(rows) + 1].get()[rows]
+            again = engine.generate(ps[:1], 4, eos_token_ids=()).tokens[0]  # the graph replays on a later call too
+        runs[graph] = (r, logits, again)
+    (er, el, ea), (gr, gl, ga) = runs[False], runs[True]
+    assert [len(t) for t in gr.tokens] == limits
+    assert gr.tokens == er.tokens, f"{name}: graph tokens {gr.tokens} != eager {er.tokens}"
+    assert ga == ea
+    err = float(np.abs(gl - el).max())
+    print(
+        f"{name} graph ({'fused' if fused is None and name == 'v3' else 'device'} routing): tokens equal to eager; "
+        f"last-step max |logit difference| {err:.4f}; eager {er.tokens_per_s:.0f} tokens/s, graph "
+        f"{gr.tokens_per_s:.0f} tokens/s, host us/step {er.host_us_per_step:.0f} -> {gr.host_us_per_step:.0f}"
+    )
+    assert err <= TOL
 
 
 def test_batched_linear_matches_numpy() -> None:

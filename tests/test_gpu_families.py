@@ -28,7 +28,6 @@ random model's routing is chaotic, bf16 rounding flips experts in transformers t
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 import subprocess
 import sys
@@ -43,7 +42,14 @@ cp = pytest.importorskip("cupy", reason="the engine needs CuPy (pip install 'fi-
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
 
-from test_gpu_llama import check_greedy, reference_logits  # noqa: E402
+from helpers.checkpoints import float32_reference, randomize_norms, rope_kwargs  # noqa: E402
+from helpers.yardstick import (  # noqa: E402
+    bf16_yardstick,
+    check_eager_matches_graph,
+    check_greedy,
+    prompts,
+    reference_logits,
+)
 
 from fi_ffi.models.engines import open_engine  # noqa: E402
 
@@ -52,12 +58,6 @@ pytestmark = pytest.mark.gpu
 VOCAB = 4096
 PROMPT_LENS = (3, 16, 29, 50)
 MAX_NEW = (33, 20, 33, 9)
-
-
-def rope_kwargs(config_cls, theta: float, scaling: dict | None) -> dict:  # type: ignore[no-untyped-def]
-    if "rope_parameters" in inspect.signature(config_cls.__init__).parameters:  # transformers 5
-        return {"rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": theta}}
-    return {"rope_scaling": scaling, "rope_theta": theta}
 
 
 def gemma2_model():  # type: ignore[no-untyped-def]
@@ -70,10 +70,7 @@ def gemma2_model():  # type: ignore[no-untyped-def]
     )  # fmt: skip
     kw.update(rope_kwargs(transformers.Gemma2Config, 10000.0, None))
     model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):  # Gemma's (1 + w): random w, so a skipped or misplaced norm shows
-                p.normal_(0.0, 0.3)
+    randomize_norms(model, 0.0, 0.3)  # Gemma's (1 + w): random w, so a skipped or misplaced norm shows
     return model
 
 
@@ -114,22 +111,15 @@ def family(request, tmp_path_factory, models_modules):  # type: ignore[no-untype
     model = make().to(torch.bfloat16)
     model.save_pretrained(path)
     hf16 = copy.deepcopy(model).cuda().eval()
-    ref = copy.deepcopy(model).float().cuda().eval()  # exactly the saved (rounded) weights, in float32
+    ref = float32_reference(model)
     print(f"transformers {transformers.__version__}, {request.param}: saved", sorted(os.listdir(path)))
-    ps = prompts((1, 7, 16, 33, 50))
+    ps = prompts((1, 7, 16, 33, 50), VOCAB)
     refs = [reference_logits(ref, p) for p in ps]
-    hf = [reference_logits(hf16, p) for p in ps]
-    hf_err = max(float(np.abs(h - r).max()) for h, r in zip(hf, refs, strict=True))
-    hf_agree = sum(int((h.argmax(1) == r.argmax(1)).sum()) for h, r in zip(hf, refs, strict=True))
+    hf_err, hf_agree = bf16_yardstick(hf16, refs, ps)
     del hf16
     yield request.param, path, ref, ps, refs, (hf_err, hf_agree)
     del ref
     torch.cuda.empty_cache()
-
-
-def prompts(lens, seed=1):  # type: ignore[no-untyped-def]
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, VOCAB, size=n).tolist() for n in lens]
 
 
 def test_prefill_logits_within_transformers_bfloat16_error(family) -> None:  # type: ignore[no-untyped-def]
@@ -155,7 +145,7 @@ def test_prefill_logits_within_transformers_bfloat16_error(family) -> None:  # t
 
 def test_greedy_decode_eager_and_cuda_graph(family) -> None:  # type: ignore[no-untyped-def]
     name, path, ref, _, _, (hf_err, _) = family
-    ps = prompts(PROMPT_LENS)
+    ps = prompts(PROMPT_LENS, VOCAB)
     tol = 1.5 * hf_err
     results = {}
     for graph in (False, True):
@@ -166,11 +156,7 @@ def test_greedy_decode_eager_and_cuda_graph(family) -> None:  # type: ignore[no-
         exact = check_greedy(ref, ps, r.tokens, tol)
         print(f"{name} {'graph' if graph else 'eager'}: {exact}/{sum(MAX_NEW)} tokens equal to the reference's "
               f"argmax, {r.tokens_per_s:.0f} tokens/s")  # fmt: skip
-    for i, (a, b) in enumerate(zip(results[False].tokens, results[True].tokens, strict=True)):
-        t = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
-        if t is not None:  # only a near tie may split them
-            row = reference_logits(ref, ps[i] + a[:t])[-1]
-            assert abs(float(row[a[t]] - row[b[t]])) <= tol, f"{name} request {i}: eager and graph differ at {t}"
+    check_eager_matches_graph(ref, ps, results[False].tokens, results[True].tokens, tol, f"{name} ")
 
 
 def test_cli_generate_picks_the_family_engine(family) -> None:  # type: ignore[no-untyped-def]

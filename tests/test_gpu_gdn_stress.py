@@ -3,8 +3,8 @@
 Every case runs in a worker thread under a 60 s watchdog: a case that does not finish fails with
 "HANG DETECTED: <case>" instead of blocking the run (the worker is a daemon thread; a truly hung GPU still
 needs the process to be killed). Each case synchronizes inside the worker and checks its results against the
-float32 reference of ``test_gpu_gdn`` (same tolerances), or, where several launches compute the same thing,
-also checks that they agree with a single-stream run.
+float32 reference of ``helpers.gdn_reference`` (the tolerances of ``test_gpu_gdn``), or, where several launches
+compute the same thing, also checks that they agree with a single-stream run.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fi_ffi.ops import gdn
 if torch.cuda.get_device_capability(0)[0] != 9:
     pytest.skip("gdn_prefill runs on SM90 (Hopper) only", allow_module_level=True)
 
-from test_gpu_gdn import Problem, assert_close, make_problem, reference, run, workspace
+from helpers.gdn_reference import Problem, assert_close, make_problem, reference, run, workspace
 
 pytestmark = pytest.mark.gpu
 

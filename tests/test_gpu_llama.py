@@ -20,8 +20,6 @@ huggingface-hub tokenizers safetensors regex pyyaml requests ...``); torch and C
 
 from __future__ import annotations
 
-import copy
-import inspect
 import json
 import os
 import subprocess
@@ -38,6 +36,10 @@ cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy (pip instal
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
 
+from helpers.checkpoints import float32_reference, rope_kwargs, save_random  # noqa: E402
+from helpers.no_torch import TORCH_SPY  # noqa: E402
+from helpers.yardstick import LOGIT_TOL, check_eager_matches_graph, check_greedy, prompts, reference_logits  # noqa: E402
+
 from fi_ffi.models import kernels  # noqa: E402
 from fi_ffi.models.config import RopeConfig  # noqa: E402
 from fi_ffi.models.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
@@ -45,7 +47,7 @@ from fi_ffi.models.llama import LlamaEngine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-TOL = {"float16": 2e-2, "bfloat16": 8e-2}
+VOCAB = 32000
 LLAMA3 = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -66,7 +68,7 @@ def build(tmp_path, dtype: str, head_dim: int, llama31: bool, tied: bool):
     """Save a random Llama with transformers; return (directory, float32 reference model on the GPU)."""
     theta = 500000.0 if llama31 else 10000.0
     kw = dict(
-        vocab_size=32000,
+        vocab_size=VOCAB,
         hidden_size=1024,
         intermediate_size=2816,
         num_hidden_layers=2,
@@ -79,23 +81,11 @@ def build(tmp_path, dtype: str, head_dim: int, llama31: bool, tied: bool):
         bos_token_id=1,
         eos_token_id=2,
     )
-    if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters:  # transformers 5
-        kw["rope_parameters"] = {**(LLAMA3 if llama31 else {"rope_type": "default"}), "rope_theta": theta}
-    else:
-        kw["rope_scaling"] = dict(LLAMA3) if llama31 else None
-        kw["rope_theta"] = theta
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):  # random norm weights, so a skipped or misplaced norm shows
-                p.normal_(1.0, 0.1)
-    model = model.to(getattr(torch, dtype))
-    model.save_pretrained(tmp_path)
+    kw.update(rope_kwargs(transformers.LlamaConfig, theta, dict(LLAMA3) if llama31 else None))
+    model = save_random(tmp_path, "LlamaConfig", "LlamaForCausalLM", dtype, kw)  # random norm weights, seed 0
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved.get("tie_word_embeddings", False) == tied
-    ref = copy.deepcopy(model).float().cuda().eval()  # exactly the saved (rounded) weights, computed in float32
-    return tmp_path, ref
+    return tmp_path, float32_reference(model)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
@@ -107,49 +97,23 @@ def variant(request, tmp_path_factory):
     torch.cuda.empty_cache()
 
 
-def prompts(lens, seed=1):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, 32000, size=n).tolist() for n in lens]
-
-
-@torch.no_grad()
-def reference_logits(ref, tokens) -> np.ndarray:
-    ids = torch.tensor([tokens], device="cuda")
-    return ref(input_ids=ids).logits[0].float().cpu().numpy()
-
-
 def test_prefill_logits_match_transformers(variant):
     path, ref, dtype = variant
-    ps = prompts((1, 7, 16, 33, 50))  # 5 prompts, 4 slots: two prefill batches
+    ps = prompts((1, 7, 16, 33, 50), VOCAB)  # 5 prompts, 4 slots: two prefill batches
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
         got = engine.prefill_logits(ps)
     for i, (p, g) in enumerate(zip(ps, got, strict=True)):
         want = reference_logits(ref, p)
         assert g.shape == want.shape == (len(p), 32000)
         err = float(np.abs(g - want).max())
-        assert err <= TOL[dtype], f"prompt {i} ({len(p)} tokens): max |logit error| {err:.4f} > {TOL[dtype]}"
-
-
-def check_greedy(ref, ps, outputs, tol):
-    """Every generated token is the reference's choice up to ``tol`` (teacher forcing). Returns how many are
-    exactly the reference's argmax."""
-    exact = 0
-    for i, (p, out) in enumerate(zip(ps, outputs, strict=True)):
-        lg = reference_logits(ref, p + out[:-1])  # position len(p) - 1 + t predicts out[t]
-        for t, tok in enumerate(out):
-            row = lg[len(p) - 1 + t]
-            best = float(row.max())
-            assert row[tok] >= best - tol, (
-                f"request {i} token {t}: engine chose {tok} (reference logit "
-                f"{row[tok]:.4f}), reference best {int(row.argmax())} ({best:.4f})"
-            )
-            exact += int(tok == int(row.argmax()))
-    return exact
+        assert err <= LOGIT_TOL[dtype], (
+            f"prompt {i} ({len(p)} tokens): max |logit error| {err:.4f} > {LOGIT_TOL[dtype]}"
+        )
 
 
 def test_greedy_decode_eager_and_cuda_graph_match_transformers(variant):
     path, ref, dtype = variant
-    ps = prompts(PROMPT_LENS)
+    ps = prompts(PROMPT_LENS, VOCAB)
     results = {}
     for graph in (False, True):
         with LlamaEngine(path, max_batch=8, page_size=16, cuda_graph=graph) as engine:  # 8 slots: padded rows
@@ -157,21 +121,17 @@ def test_greedy_decode_eager_and_cuda_graph_match_transformers(variant):
         assert [len(t) for t in r.tokens] == list(MAX_NEW)
         assert r.finish_reasons == ["length"] * 4
         assert r.decode_steps == max(MAX_NEW) - 1
-        exact = check_greedy(ref, ps, r.tokens, TOL[dtype])
+        exact = check_greedy(ref, ps, r.tokens, LOGIT_TOL[dtype])
         print(
             f"{'graph' if graph else 'eager'}: {exact}/{sum(MAX_NEW)} tokens equal to the reference's argmax, "
             f"{r.tokens_per_s:.0f} tokens/s, host {r.host_us_per_step:.0f} us/step"
         )
-    for i, (a, b) in enumerate(zip(results[False].tokens, results[True].tokens, strict=True)):
-        t = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
-        if t is not None:  # only a near tie may split them; the prefixes up to t are equal
-            row = reference_logits(ref, ps[i] + a[:t])[-1]
-            assert abs(float(row[a[t]] - row[b[t]])) <= TOL[dtype], f"request {i}: eager and graph differ at {t}"
+    check_eager_matches_graph(ref, ps, results[False].tokens, results[True].tokens, LOGIT_TOL[dtype])
 
 
 def test_eos_finishes_a_request_early_and_frees_its_slot(variant):
     path, ref, dtype = variant
-    ps = prompts(PROMPT_LENS)
+    ps = prompts(PROMPT_LENS, VOCAB)
     with LlamaEngine(path, max_batch=4, page_size=16, cuda_graph=True) as engine:
         full = engine.generate(ps, 24, eos_token_ids=())
         eos = full.tokens[1][6]
@@ -188,21 +148,13 @@ def test_eos_finishes_a_request_early_and_frees_its_slot(variant):
         assert len(tokens) == 24 or tokens[-1] == eos
     stop = full.tokens[1].index(eos) + 1
     assert cut.tokens[1] == full.tokens[1][:stop] and cut.finish_reasons[1] == "eos" and stop <= 7
-    check_greedy(ref, ps, cut.tokens, TOL[dtype])
+    check_greedy(ref, ps, cut.tokens, LOGIT_TOL[dtype])
 
 
 def test_cli_generate_runs_without_torch(variant):
     """``fi-ffi generate`` end to end in a fresh interpreter that records any attempt to import torch."""
     path, _, _ = variant
-    code = textwrap.dedent(f"""
-        import sys
-        attempts = []
-        class Spy:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "torch":
-                    attempts.append(name)
-                return None
-        sys.meta_path.insert(0, Spy())
+    code = TORCH_SPY + textwrap.dedent(f"""
         from fi_ffi import cli
         rc = cli.main(["generate", "--model", {str(path)!r}, "--prompt-ids", "5,6,7", "--prompt-ids", "8,9",
                        "--max-new-tokens", "5", "--graph", "--eos-ids", "none"])
@@ -380,7 +332,7 @@ def test_top_k_top_p_sampling_draws_from_the_filtered_distribution_and_reproduce
     from fi_ffi.models.llama import SamplingParams
 
     path, ref, _ = variant
-    ps = prompts(PROMPT_LENS)
+    ps = prompts(PROMPT_LENS, VOCAB)
     sampling = SamplingParams(temperature=1.0, top_k=5, top_p=0.9, seed=1234)
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
         first = engine.generate(ps, 8, eos_token_ids=(), sampling=sampling)

@@ -2,11 +2,11 @@
 extra and the comm test wheel; skipped with fewer GPUs).
 
 A random float16 Llama whose heads divide by 4 (16 query heads, 4 KV heads, hidden 1024, MLP 2816) is saved with
-fi_ffi's own safetensors writer. tests/llama_tp_worker.py runs greedy generation on one GPU, then as 2 and 4
+fi_ffi's own safetensors writer. tests/helpers/llama_tp_worker.py runs greedy generation on one GPU, then as 2 and 4
 ranks under ``fi-ffi launch`` (eager and CUDA graph; the fused all-reduce and NCCL): the tokens must equal the
 single-GPU tokens and the prefill logits agree within float16 tolerance (the vocabulary split over the ranks, the
-engine's default; tests/test_gpu_moe_tp.py compares it with the whole vocabulary). A rank SIGKILLed in the middle
-of a generation ends the job within a bound, and a second run works.
+engine's default; tests/test_gpu_moe_tp.py compares it with the whole vocabulary). A rank SIGKILLed in the middle of
+a generation ends the job within a bound, and a second run works.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, lock_text, subprocess_env
+from conftest import REPO
+from helpers.subprocess_run import comm_wheel, gpu_count, launched, multicast_off, run_ok, wheels_env, worker
 
-os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+multicast_off()
 
 pytestmark = [
     pytest.mark.gpu,
@@ -80,23 +81,10 @@ def _write_model(path: Path) -> Path:
     return path
 
 
-def _comm_wheel() -> Path | None:
-    for folder in (
-        os.environ.get("FI_FFI_TEST_WHEELS_COMM", ""),
-        str(REPO.parent / "shared" / "wheels-comm"),
-        os.environ.get("FI_FFI_TEST_WHEELS", ""),
-    ):
-        if folder and Path(folder).is_dir():
-            found = sorted(Path(folder).glob("flashinfer_jit_cache_comm-*.whl"))
-            if found:
-                return found[0]
-    return None
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], dict[str, np.ndarray]]:
     pytest.importorskip("cupy", reason="the Llama engine needs CuPy")
-    comm = _comm_wheel()
+    comm = comm_wheel()
     if comm is None:
         pytest.skip("needs the comm test wheel flashinfer_jit_cache_comm-*.whl (FI_FFI_TEST_WHEELS_COMM)")
     base = os.environ.get("FI_FFI_TEST_WHEELS", str(REPO.parent / "shared" / "wheels"))
@@ -105,31 +93,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
         *sorted(Path(base).glob("flashinfer_jit_cache_ext-*.whl")),
         comm,
     ]
-    lock = tmp_path_factory.mktemp("tp_lock") / "tp.lock"
-    lock.write_text(lock_text(wheels))
-    env = subprocess_env(
-        FI_FFI_LOCK=str(lock),
-        FI_FFI_WHEELHOUSE=os.pathsep.join(dict.fromkeys(str(w.parent) for w in wheels)),
-        FI_FFI_CUDA_VERSION="13.0",
-        FI_FFI_OFFLINE="1",
-    )
+    env = wheels_env(tmp_path_factory.mktemp("tp_lock") / "tp.lock", wheels)
     model = _write_model(tmp_path_factory.mktemp("tp_model"))
     out = model / "tp1.npz"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    run_ok(worker("llama_tp_worker", model, out), env)
     return model, env, dict(np.load(out))
-
-
-def _gpus() -> int:
-    from fi_ffi.comm.cuda import device_count
-
-    return device_count()
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -137,32 +105,12 @@ def _gpus() -> int:
 def test_tensor_parallel_matches_one_gpu(
     setup: tuple[Path, dict[str, str], dict[str, np.ndarray]], n: int, mode: str
 ) -> None:
-    if _gpus() < n:
-        pytest.skip(f"needs {n} GPUs, found {_gpus()}")
+    if gpu_count() < n:
+        pytest.skip(f"needs {n} GPUs, found {gpu_count()}")
     model, env, ref = setup
     out = model / f"tp{n}-{mode}.npz"
     flags = {"eager": [], "graph": ["--graph"], "graph-nccl": ["--graph", "--nccl"]}[mode]
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fi_ffi",
-            "launch",
-            "--nproc",
-            str(n),
-            "--",
-            sys.executable,
-            str(REPO / "tests" / "llama_tp_worker.py"),
-            str(model),
-            str(out),
-            *flags,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    run_ok(launched(n, worker("llama_tp_worker", model, out, *flags)), env)
     got = dict(np.load(out))
     assert int(got["tp"]) == n
     assert bool(got["fused"]) == (mode != "graph-nccl")
@@ -172,7 +120,7 @@ def test_tensor_parallel_matches_one_gpu(
 
 
 def test_cli_generate_tp_prints_once(setup: tuple[Path, dict[str, str], dict[str, np.ndarray]]) -> None:
-    if _gpus() < 2:
+    if gpu_count() < 2:
         pytest.skip("needs 2 GPUs")
     model, env, _ = setup
     prompt = ",".join(map(str, [5, 6, 7, 8]))
@@ -215,14 +163,14 @@ def test_a_killed_rank_ends_every_rank_and_a_second_run_works(
     from fi_ffi.comm.launch import free_port, rank_env
     from fi_ffi.comm.watchdog import PEER_LOST_EXIT_CODE
 
-    if _gpus() < 2:
+    if gpu_count() < 2:
         pytest.skip("needs 2 GPUs")
     model, env, ref = setup
     port = free_port()
-    worker = [sys.executable, str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(tmp_path / "x.npz")]
+    rank = worker("llama_tp_worker", model, tmp_path / "x.npz")
     procs = [
         subprocess.Popen(
-            [*worker, "--graph", "--loop", str(tmp_path)],
+            [*rank, "--graph", "--loop", str(tmp_path)],
             env=rank_env(env, r, 2, "127.0.0.1", port),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -252,10 +200,5 @@ def test_a_killed_rank_ends_every_rank_and_a_second_run_works(
                 p.send_signal(signal.SIGKILL)
             p.communicate()
     out = tmp_path / "again.npz"
-    done = subprocess.run(
-        [sys.executable, "-m", "fi_ffi", "launch", "--nproc", "2", "--", sys.executable,
-         str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(out), "--graph"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    run_ok(launched(2, worker("llama_tp_worker", model, out, "--graph")), env)
     assert dict(np.load(out))["tokens"].tolist() == ref["tokens"].tolist()

@@ -3,7 +3,7 @@
 
 Random small Mixtral (bfloat16, 8 experts, top-2) and Qwen3-MoE (float16, 16 experts, top-4, ``norm_topk_prob``)
 checkpoints are built with transformers' own classes and ``save_pretrained``, with a vocabulary of 4099 tokens
-(no tensor-parallel size divides it: the last rank's shard is padded). tests/llama_tp_worker.py runs greedy
+(no tensor-parallel size divides it: the last rank's shard is padded). tests/helpers/llama_tp_worker.py runs greedy
 generation and prefill logits on one GPU, then as N ranks under ``fi-ffi launch``: eager, CUDA graph (the MoE
 layers' fixed-capacity device path), and graph with the whole vocabulary on every rank (``--whole-vocab``).
 
@@ -19,100 +19,43 @@ gathered-logits path) equal to the same run's greedy tokens everywhere.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, find_shared_wheel, lock_text, shared_wheels, subprocess_env
+from conftest import find_shared_wheel, shared_wheels
+from helpers.checkpoints import MIXTRAL_MOE, SMALL, qwen3_moe, save_random
+from helpers.subprocess_run import comm_wheel, gpu_count, launched, multicast_off, run_ok, wheels_env, worker
+from helpers.yardstick import LOGIT_TOL
 
-os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+multicast_off()
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-from test_gpu_llama_tp import _comm_wheel, _gpus
-
 pytestmark = pytest.mark.gpu
 
 VOCAB = 4099
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=64,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+COMMON = dict(vocab_size=VOCAB, **SMALL)
 FAMILIES = {
-    "mixtral-bf16": (
-        "MixtralConfig",
-        "MixtralForCausalLM",
-        "bfloat16",
-        dict(intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
-    ),
-    "qwen3moe-f16": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        "float16",
-        dict(
-            intermediate_size=1024,
-            moe_intermediate_size=256,
-            num_experts=16,
-            num_experts_per_tok=4,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-        ),
-    ),
+    "mixtral-bf16": ("MixtralConfig", "MixtralForCausalLM", "bfloat16", MIXTRAL_MOE),
+    "qwen3moe-f16": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "float16", qwen3_moe(norm_topk_prob=True)),
 }
-TOL = {"float16": 0.02, "bfloat16": 0.08}
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    core, comm = find_shared_wheel(), _comm_wheel()
+    core, comm = find_shared_wheel(), comm_wheel()
     if core is None or comm is None:
         pytest.skip("needs the core and comm test kernel wheels (FI_FFI_TEST_WHEELS, FI_FFI_TEST_WHEELS_COMM)")
     wheels = list({w.name: w for w in [*shared_wheels(core), comm]}.values())
     if not any(w.name.startswith("flashinfer_jit_cache_models-") for w in wheels):
         pytest.skip("needs the model-family test kernel wheel (the grouped GEMM of the MoE layers)")
-    lock = tmp / "moe_tp.lock"
-    lock.write_text(lock_text(wheels))
-    return subprocess_env(
-        FI_FFI_LOCK=str(lock),
-        FI_FFI_WHEELHOUSE=os.pathsep.join(dict.fromkeys(str(w.parent) for w in wheels)),
-        FI_FFI_CUDA_VERSION="13.0",
-        FI_FFI_OFFLINE="1",
-    )
-
-
-def _build(path: Path, config_cls: str, model_cls: str, dtype: str, extra: dict) -> Path:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, config_cls):
-        pytest.skip(f"this transformers has no {config_cls}")
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**COMMON, **extra}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0, 0.1)
-    model.to(getattr(torch, dtype)).save_pretrained(path)
-    return path
+    return wheels_env(tmp / "moe_tp.lock", wheels)
 
 
 def _run(env: dict[str, str], model: Path, out: Path, n: int, *flags: str) -> dict[str, np.ndarray]:
-    cmd = [sys.executable, str(REPO / "tests" / "llama_tp_worker.py"), str(model), str(out), *flags]
-    if n > 1:
-        cmd = [sys.executable, "-m", "fi_ffi", "launch", "--nproc", str(n), "--", *cmd]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    cmd = worker("llama_tp_worker", model, out, *flags)
+    done = run_ok(launched(n, cmd) if n > 1 else cmd, env)
     print(done.stdout.strip())
     return dict(np.load(out))
 
@@ -123,7 +66,8 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     config_cls, model_cls, dtype, extra = FAMILIES[request.param]
     tmp = tmp_path_factory.mktemp(request.param)
     env = _env(tmp)
-    model = _build(tmp / "model", config_cls, model_cls, dtype, extra)
+    model = tmp / "model"
+    save_random(model, config_cls, model_cls, dtype, {**COMMON, **extra})
     ref = _run(env, model, tmp / "tp1.npz", 1)
     return request.param, model, env, dtype, ref
 
@@ -145,13 +89,13 @@ def _check_logits(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: f
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("mode", ["eager", "graph", "graph-whole-vocab"])
 def test_moe_tensor_parallel_matches_one_gpu(family: tuple, tmp_path: Path, n: int, mode: str) -> None:
-    if _gpus() < n:
-        pytest.skip(f"needs {n} GPUs, found {_gpus()}")
+    if gpu_count() < n:
+        pytest.skip(f"needs {n} GPUs, found {gpu_count()}")
     name, model, env, dtype, ref = family
     flags = {"eager": ["--topk1"], "graph": ["--graph", "--topk1"], "graph-whole-vocab": ["--graph", "--whole-vocab"]}
     got = _run(env, model, tmp_path / "out.npz", n, *flags[mode])
     assert int(got["tp"]) == n and bool(got["vocab_shard"]) == (mode != "graph-whole-vocab")
-    _check_logits(got, ref, TOL[dtype], f"{name} tp {n} {mode}")
+    _check_logits(got, ref, LOGIT_TOL[dtype], f"{name} tp {n} {mode}")
     same = [a == b for a, b in zip(got["tokens"].tolist(), ref["tokens"].tolist(), strict=True)]
     assert sum(same) >= 3, f"{name} tp {n} {mode}: greedy tokens equal for prompts {same}"
     assert got["tokens_topk1"].tolist() == got["tokens"].tolist()  # top_k=1 sampling over gathered logits

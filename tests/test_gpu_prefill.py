@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
 import torch
-from attention_reference import DTYPES, LSE_TOL, close, reference
+from helpers.attention_reference import DTYPES, LSE_TOL, close, reference
+from helpers.paged_kv import KV_LENS, QO_LENS, PagedKV, indptr
 
 from fi_ffi.ops.attention import prefill
 from fi_ffi.ops.attention.workspace import Workspace
@@ -35,10 +35,6 @@ def to_layout(t, layout):
 def ws():
     with Workspace.allocate(0) as w:
         yield w
-
-
-def indptr(lengths):
-    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------------ single prefill
@@ -93,10 +89,6 @@ def test_single_prefill_strided_q_and_kv():
 
 
 # ------------------------------------------------------------------------------------------ batch prefill, ragged
-
-
-QO_LENS = [1, 7, 33, 64, 2]
-KV_LENS = [1, 20, 33, 100, 50]  # >= qo lengths, so that causal rows are never empty
 
 
 def ragged_inputs(dtype, hq, hk, d, layout, qo_lens=QO_LENS, kv_lens=KV_LENS):
@@ -188,39 +180,6 @@ def test_batch_prefill_ragged_custom_mask(ws):
 
 
 # ------------------------------------------------------------------------------------------ batch prefill, paged
-
-
-class PagedKV:
-    """Requests' keys/values (contiguous, for the reference) scattered over shuffled pages of a paged cache."""
-
-    def __init__(self, k, v, kv_lens, page_size, layout, spare_pages=2):
-        hk, d = k.shape[1:]
-        pages = [-(-n // page_size) for n in kv_lens]
-        total = sum(pages) + spare_pages
-        perm = torch.randperm(total).tolist()
-        shape = (total, page_size, hk, d)
-        kc = torch.zeros(shape, dtype=k.dtype, device="cuda")
-        vc = torch.zeros_like(kc)
-        table, start = [], 0
-        for n, p in zip(kv_lens, pages, strict=True):
-            ids = perm[len(table) : len(table) + p]
-            for j, pid in enumerate(ids):
-                rows = slice(start + j * page_size, min(start + (j + 1) * page_size, start + n))
-                cnt = rows.stop - rows.start
-                kc[pid, :cnt] = k[rows]
-                vc[pid, :cnt] = v[rows]
-            table += ids
-            start += n
-        if layout == "HND":
-            kc, vc = kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous()
-        self.k, self.v = kc, vc
-        self.indptr_h = indptr(pages)
-        self.last_h = np.array(
-            [n - (p - 1) * page_size if p else 0 for n, p in zip(kv_lens, pages, strict=True)], np.int32
-        )
-        self.indices = torch.tensor(table, dtype=torch.int32, device="cuda")
-        self.indptr = torch.from_numpy(self.indptr_h).cuda()
-        self.last = torch.from_numpy(self.last_h).cuda()
 
 
 def paged_case(ws, dtype, hq, hk, d, page_size, layout, causal, backend, qo_lens=QO_LENS, kv_lens=KV_LENS):

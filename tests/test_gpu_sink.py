@@ -6,7 +6,7 @@ references (gated by FI_FFI_RUN_GPU_TESTS=1; modules of the model-family test wh
   (``o = sum_j e^{s_j} v_j / (e^{sink[h]} + sum_j e^{s_j})``); paged and ragged, FA2 and (on SM 9.x) FA3, window
   off and on (window 15: smaller than most requests), bfloat16 (the modules' dtype): tolerance 3e-2.
 - Gemma: head_dim 256, sliding window and soft cap, bfloat16: batch decode and batch prefill (FA2) through the
-  existing ops against ``attention_reference.reference(..., window_left, soft_cap)``: tolerance 3e-2.
+  existing ops against ``helpers.attention_reference.reference(..., window_left, soft_cap)``: tolerance 3e-2.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
 import torch
-from attention_reference import close, reference
-from test_gpu_prefill import KV_LENS, QO_LENS, PagedKV, indptr
+from helpers.attention_reference import close, reference
+from helpers.paged_kv import KV_LENS, QO_LENS, PagedKV, indptr
 
 import fi_ffi
 from fi_ffi.ops.attention.workspace import Workspace

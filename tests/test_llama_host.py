@@ -14,6 +14,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from helpers.no_torch import TORCH_SPY
 
 from fi_ffi.models.checkpoint import Checkpoint, read_header, write_safetensors
 from fi_ffi.models.config import LlamaConfig, RopeConfig
@@ -512,15 +513,7 @@ def test_engine_path_never_imports_torch(tmp_path):
     attempted (a meta-path hook records attempts, so this bites whether or not torch is installed)."""
     write_safetensors(tmp_path / "model.safetensors", {"model.embed_tokens.weight": np.zeros((8, 4), np.float16)})
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "rope_scaling": LLAMA3}))
-    code = textwrap.dedent(f"""
-        import sys
-        attempts = []
-        class Spy:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "torch":
-                    attempts.append(name)
-                return None
-        sys.meta_path.insert(0, Spy())
+    code = TORCH_SPY + textwrap.dedent(f"""
         import fi_ffi.models.llama, fi_ffi.models.kernels, fi_ffi.cli
         from fi_ffi.models import paging
         from fi_ffi.models.checkpoint import Checkpoint

@@ -31,8 +31,16 @@ code path and one cache format (only the latents are ever stored), at the cost o
 token than expanding K and V to ``H`` heads would need (``R + dr = 576`` against ``dn + dr = 192`` per head for
 V3); the README says so.
 
-Not supported (refused with a message): tensor parallelism, CUDA graphs (the MLA plan has no CUDA-graph mode and the
-routing synchronizes with the host), FP8 block-quantized checkpoints.
+CUDA graph (``cuda_graph=True``): the decode step is captured once at ``max_batch`` rows, as the Llama engine's. The
+MLA plan is made on the host before every replay into the decode workspace (its schedule layout is fixed for a fixed
+batch of one-row requests: the engine checks it), the step's index arrays go into the graph's fixed buffers, and the
+MoE layers take :meth:`~fi_ffi.models.moe.MoELayer.forward_static_routed`'s fixed-capacity path, routed on the
+device: the models wheel's fused ``NoAuxTc`` kernel where it applies (:func:`fused_routing_blocker`), else
+:class:`~fi_ffi.models.deepseek_routing.DeviceGroupedTopk` (V2's softmax routing included). Prefill stays eager.
+
+Refused with a message naming the field (:meth:`DeepSeekEngine._check_family`, the hook every family engine refuses
+through): tensor parallelism, a CUDA graph for a routing the device kernel cannot do (``n_group`` above
+:data:`~fi_ffi.models.deepseek_routing.MAX_DEVICE_GROUPS`); FP8 block-quantized checkpoints (at load).
 """
 
 from __future__ import annotations
@@ -48,12 +56,12 @@ import fi_ffi
 from . import kernels
 from .checkpoint import Checkpoint
 from .deepseek_config import DeepSeekConfig
-from .deepseek_routing import grouped_topk
+from .deepseek_routing import DeviceGroupedTopk, device_routing_blocker, grouped_topk
 from .llama import LlamaEngine
 from .mla_weights import split_kv_b
 from .moe_routing import group_by_expert
 
-__all__ = ["DeepSeekEngine", "fused_routing_blocker"]
+__all__ = ["DeepSeekEngine", "fused_routing_blocker", "graph_blocker"]
 
 FUSED_ROUTING_MODULE = "dsv3_fused_routing"  # the models wheel's NoAuxTc kernel
 
@@ -80,11 +88,23 @@ def fused_routing_blocker(c: DeepSeekConfig) -> str | None:
     return None
 
 
+def graph_blocker(c: DeepSeekConfig) -> str | None:
+    """Why the decode step of this model cannot be captured as a CUDA graph (the config field named), or None: its
+    MoE layers must route on the device, by the fused kernel or, where that does not apply,
+    :class:`~fi_ffi.models.deepseek_routing.DeviceGroupedTopk`."""
+    if not isinstance(c, DeepSeekConfig):
+        raise TypeError(f"c: expected a DeepSeekConfig (DeepSeekConfig.from_dir), got {type(c).__name__}")
+    if c.routing is None or c.moe is None or fused_routing_blocker(c) is None:
+        return None
+    return device_routing_blocker(c.routing)
+
+
 class DeepSeekEngine(LlamaEngine):
     """Loads a DeepSeek-V3 / V2 checkpoint (bfloat16 or float16) onto one GPU and serves batches of token-id prompts.
 
-    Arguments as :class:`~fi_ffi.models.llama.LlamaEngine`'s; ``tensor_parallel`` must be 1 and ``cuda_graph``
-    False (both refused otherwise, with a ValueError naming them), plus:
+    Arguments as :class:`~fi_ffi.models.llama.LlamaEngine`'s; ``tensor_parallel`` must be 1 (refused otherwise by
+    :meth:`_check_family`, with a ValueError naming it); ``cuda_graph=True`` captures the decode step (module
+    docstring), plus:
 
     Args:
         fused_routing: route V3 experts with the models wheel's fused ``NoAuxTc`` kernel on the device (then only
@@ -116,19 +136,6 @@ class DeepSeekEngine(LlamaEngine):
                 f"fused_routing: expected None (where it applies), True or False, got {fused_routing!r:.40}"
             )
         self._fused_routing_request = fused_routing
-        if type(tensor_parallel) is not int or tensor_parallel != 1 or comm is not None:
-            raise ValueError(
-                f"tensor_parallel, comm: DeepSeek checkpoints run on one GPU here (got tensor_parallel "
-                f"{tensor_parallel!r:.40} and comm {type(comm).__name__}; MLA and the experts are not sharded yet); "
-                f"pass tensor_parallel=1 and no comm"
-            )
-        if not isinstance(cuda_graph, bool):
-            raise TypeError(f"cuda_graph: expected True or False, got {cuda_graph!r:.40}")
-        if cuda_graph:
-            raise ValueError(
-                "cuda_graph: not supported for DeepSeek checkpoints yet (the MLA plan has no CUDA-graph mode and the "
-                "expert routing runs on the host); pass cuda_graph=False"
-            )
         super().__init__(
             model_dir,
             max_batch=max_batch,
@@ -136,9 +143,10 @@ class DeepSeekEngine(LlamaEngine):
             max_seq_len=max_seq_len,
             num_pages=num_pages,
             max_prefill_tokens=max_prefill_tokens,
-            cuda_graph=False,
+            cuda_graph=cuda_graph,
             device=device,
-            tensor_parallel=1,
+            tensor_parallel=tensor_parallel,
+            comm=comm,
             fused_allreduce=fused_allreduce,
             vocab_parallel=vocab_parallel,
         )
@@ -149,7 +157,21 @@ class DeepSeekEngine(LlamaEngine):
         return self.config  # type: ignore[return-value]
 
     def _check_family(self, cfg: Any) -> None:
-        """A DeepSeekConfig is this engine's own (the Llama engine's family check reads LlamaConfig.family)."""
+        """Refuse what this engine cannot serve, before any GPU work (the Llama engine calls this hook with
+        ``tensor_parallel`` and ``cuda_graph`` set): a config that is not a DeepSeekConfig, tensor parallelism (MLA
+        and the experts are not sharded), a CUDA graph whose MoE routing has no device path."""
+        if not isinstance(cfg, DeepSeekConfig):
+            raise ValueError(
+                f"model: DeepSeekEngine serves deepseek_v2 / deepseek_v3 checkpoints, got a {type(cfg).__name__}"
+            )
+        if self.tensor_parallel != 1:
+            raise ValueError(
+                f"tensor_parallel: {cfg.model_type} checkpoints run on one GPU here (MLA and the experts are not "
+                f"sharded yet), got {self.tensor_parallel}; pass tensor_parallel=1"
+            )
+        why = graph_blocker(cfg)
+        if self.cuda_graph and why is not None:
+            raise ValueError(f"cuda_graph: {why}; pass cuda_graph=False (eager decode routes on the host)")
 
     @staticmethod
     def _read_config(model_dir: str | Path) -> Any:
@@ -195,15 +217,20 @@ class DeepSeekEngine(LlamaEngine):
         self._head_rows = c.vocab_size  # the LM head's output columns (the whole vocabulary: one GPU)
         w = SimpleNamespace(
             q=[], qa=[], qa_norm=[], qb=[], ckv=[], kpe=[], kv_norm=[], uk_t=[], uv=[], o=[], gu=[], d=[],
-            shared_gu=[], shared_d=[], bias=[], bias_dev=[],
+            shared_gu=[], shared_d=[], bias=[], bias_arr=[], bias_dev=[],
         )  # fmt: skip
         self._w = w
         self._ln1, self._ln2 = [], []
         self._moe: list[Any] = []
         self._moe_scratch: Any = None
         self.fused_routing_used = self._choose_routing()
+        # the decode graph's routing where the fused kernel does not serve (_check_family refused what neither does)
+        self._device_topk: DeviceGroupedTopk | None = None
         if c.moe is not None:
             self._ws_moe = kernels.workspace(self.device)
+            if self._static_moe and not self.fused_routing_used:
+                assert c.routing is not None
+                self._device_topk = DeviceGroupedTopk(c.routing, c.moe.num_experts, c.moe.top_k, c.moe.renormalize)
         qk = dn + dr
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
@@ -231,11 +258,12 @@ class DeepSeekEngine(LlamaEngine):
                 self._moe.append(self._moe_layer(ckpt, p, get, upload))
                 bias = self._correction_bias(ckpt, p + "mlp.gate.e_score_correction_bias")
                 w.bias.append(bias)
-                if self.fused_routing_used:  # the kernel reads it on the device (float32)
-                    assert bias is not None
+                if bias is not None:  # the device routing (fused kernel, or the graph's fallback) reads it (float32)
                     dev = upload(bias)
+                    w.bias_arr.append(dev)
                     w.bias_dev.append(kernels.descriptor(dev.data.ptr, bias.shape, "float32", self.device, owner=dev))
                 else:
+                    w.bias_arr.append(None)
                     w.bias_dev.append(None)
                 si = c.shared_intermediate
                 if si:
@@ -252,6 +280,7 @@ class DeepSeekEngine(LlamaEngine):
                 inter = c.intermediate_size
                 self._moe.append(None)
                 w.bias.append(None)
+                w.bias_arr.append(None)
                 w.bias_dev.append(None)
                 w.shared_gu.append(0)
                 w.shared_d.append(0)
@@ -398,6 +427,12 @@ class DeepSeekEngine(LlamaEngine):
             m.logits = kernels.descriptor(logits.data.ptr, (rows, c.moe.num_experts), "float32", dev, owner=logits)
             m.topk_w = kernels.descriptor(b.topk_w.data.ptr, (rows, k), "float32", dev, owner=b.topk_w)
             m.topk_i = kernels.descriptor(b.topk_i.data.ptr, (rows, k), "int32", dev, owner=b.topk_i)
+        if self._static_moe and self.fused_routing_used and rows <= self.max_batch:
+            # the fixed-capacity path's routing buffers, which the fused kernel writes in the decode graph
+            assert c.moe is not None
+            sc, k = self._moe_scratch, c.moe.top_k
+            m.s_topk_w = kernels.descriptor(sc.s_weights.data.ptr, (rows, k), "float32", dev, owner=sc.s_weights)
+            m.s_topk_i = kernels.descriptor(sc.s_experts.data.ptr, (rows, k), "int32", dev, owner=sc.s_experts)
         return m
 
     # ------------------------------------------------------------------------------------------ plans
@@ -474,6 +509,8 @@ class DeepSeekEngine(LlamaEngine):
                 dense.linear(rows, normed, h, w.gu[i], 2 * inter, h, b.gu.data.ptr, 2 * inter, ab, ab)
                 kernels.silu_and_mul(m.gu, m.act, s)
                 dense.linear(rows, b.act.data.ptr, inter, w.d[i], h, inter, x, h, ab, ab)
+            elif static_moe:  # the decode graph: routed on the device, fixed capacity
+                self._moe_forward_static(i, rows)
             else:
                 self._moe_forward(i, rows)
             self._add_norm(v, self._ln1[i + 1] if i < last else self._norm)
@@ -508,6 +545,31 @@ class DeepSeekEngine(LlamaEngine):
         groups = group_by_expert(experts, e)
         layer.last_routing = (weights, experts, groups)  # what the layer was given (tests read it)
         layer.forward_routed(self._normed, b.x, weights, groups, rows)
+        if si:
+            dense.linear(rows, b.act.data.ptr, si, w.shared_d[i], h, si, b.x.data.ptr, h, ab, ab, accumulate=True)
+
+    def _moe_forward_static(self, i: int, rows: int) -> None:
+        """:meth:`_moe_forward` without a host step (what the decode graph captures): the router GEMM, the routing on
+        the device into the layer's fixed-capacity buffers (the fused kernel, or :class:`DeviceGroupedTopk`), the
+        experts over their fixed rows, the shared experts added by their down projection."""
+        c, b, w, dense, ab = self._ds, self._buf, self._w, self.dense, self._ab
+        h, m, layer = c.hidden_size, self._mv, self._moe[i]
+        assert c.moe is not None and c.routing is not None
+        si, normed, e = c.shared_intermediate, self._normed.data.ptr, c.moe.num_experts
+        if si:
+            dense.linear(rows, normed, h, w.shared_gu[i], 2 * si, h, b.gu.data.ptr, 2 * si, ab, ab)
+            kernels.silu_and_mul(m.shared_gu, m.shared_act, self._s)
+        dense.linear(rows, normed, h, layer.weights.router.data.ptr, e, h, layer.logits.data.ptr, e, ab, self._f32)
+        if self.fused_routing_used:
+            r = c.routing
+            fi_ffi.fused_topk_deepseek(
+                m.logits, w.bias_dev[i], r.n_group, r.topk_group, c.moe.top_k, r.routed_scaling_factor, m.s_topk_w,
+                m.s_topk_i, False, stream=self._s,
+            )  # fmt: skip
+        else:
+            assert self._device_topk is not None
+            self._device_topk(layer.logits, w.bias_arr[i], rows, layer.s_experts, layer.s_weights, self.stream)
+        layer.forward_static_routed(self._normed, b.x, rows)
         if si:
             dense.linear(rows, b.act.data.ptr, si, w.shared_d[i], h, si, b.x.data.ptr, h, ab, ab, accumulate=True)
 

@@ -1,5 +1,6 @@
-"""DeepSeek-V2/V3 expert routing on the host, in numpy (the engine's routing for every forward: see the README for
-why not the models wheel's fused kernel here).
+"""DeepSeek-V2/V3 expert routing: on the host, in numpy (:func:`grouped_topk`), and the same rule as a small device
+kernel (:class:`DeviceGroupedTopk`) for the decode CUDA graph where the models wheel's fused ``NoAuxTc`` kernel does
+not apply (V2's softmax routing, ``norm_topk_prob`` false, sizes beyond its limits).
 
 :func:`grouped_topk` takes the router's float32 logits ``[T, E]`` and returns the chosen experts and their weights,
 as :class:`~fi_ffi.models.deepseek_config.DeepSeekRouting` describes (V3 ``noaux_tc``: sigmoid, correction bias,
@@ -10,12 +11,135 @@ score). The result feeds :meth:`fi_ffi.models.moe.MoELayer.forward_routed` after
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .deepseek_config import DeepSeekRouting
 from .values import arg_array, arg_int
 
-__all__ = ["grouped_topk"]
+__all__ = ["MAX_DEVICE_GROUPS", "DeviceGroupedTopk", "device_routing_blocker", "grouped_topk"]
+
+MAX_DEVICE_GROUPS = 64  # the device kernel keeps the chosen groups as bits of one 64-bit word
+
+_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+# One thread per token t < T, the rule of grouped_topk (the Python below): scores (sigmoid, or softmax over the E
+# logits), the choice score (+ bias for noaux_tc), the topk_group best groups (noaux_tc: by the sum of their two best
+# choice scores, V2: by their best; ties: the lower group), then the k best experts of those groups (ties: the lower
+# id), weights their scores (renormalized when renorm), times scale. Float32 throughout.
+_KERNEL = r"""
+extern "C" __global__ void ds_grouped_topk(const float* __restrict__ logits, const float* __restrict__ bias, int E,
+                                           int k, int G, int topk_group, int method, int sigmoid_scores, int renorm,
+                                           float scale, int T, int* __restrict__ experts, float* __restrict__ w) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const float* l = logits + (long long)t * E;
+    float m = 0.f, total = 1.f;
+    if (!sigmoid_scores) {
+        m = l[0];
+        for (int e = 1; e < E; ++e) m = fmaxf(m, l[e]);
+        total = 0.f;
+        for (int e = 0; e < E; ++e) total += expf(l[e] - m);
+    }
+#define NEG_INF __int_as_float(0xff800000u)
+#define SCORE(e) (sigmoid_scores ? 1.f / (1.f + expf(-l[e])) : expf(l[e] - m) / total)
+#define CHOICE(e) (method == 2 ? SCORE(e) + bias[e] : SCORE(e))
+    unsigned long long keep = ~0ull;
+    const int per = E / G;
+    if (method != 0 && G > 1) {
+        float gs[64];
+        for (int g = 0; g < G; ++g) {
+            float b1 = NEG_INF, b2 = NEG_INF;
+            for (int e = g * per; e < (g + 1) * per; ++e) {
+                const float c = CHOICE(e);
+                if (c > b1) { b2 = b1; b1 = c; } else if (c > b2) { b2 = c; }
+            }
+            gs[g] = (method == 2 && per > 1) ? b1 + b2 : b1;
+        }
+        keep = 0ull;
+        for (int j = 0; j < topk_group; ++j) {
+            int best = -1;
+            float bv = 0.f;
+            for (int g = 0; g < G; ++g)
+                if (!((keep >> g) & 1ull) && (best < 0 || gs[g] > bv)) { best = g; bv = gs[g]; }
+            keep |= 1ull << best;
+        }
+    }
+    float picked = 0.f;
+    for (int j = 0; j < k; ++j) {
+        int best = -1;
+        float bv = 0.f;
+        for (int e = 0; e < E; ++e) {
+            bool taken = false;
+            for (int i = 0; i < j; ++i) taken |= experts[t * k + i] == e;
+            if (taken) continue;
+            const float c = ((keep >> (e / per)) & 1ull) ? CHOICE(e) : NEG_INF;
+            if (best < 0 || c > bv) { best = e; bv = c; }
+        }
+        const float p = SCORE(best);
+        experts[t * k + j] = best;
+        w[t * k + j] = p;
+        picked += p;
+    }
+    for (int j = 0; j < k; ++j) w[t * k + j] = (renorm ? w[t * k + j] / (picked + 1e-20f) : w[t * k + j]) * scale;
+#undef SCORE
+#undef CHOICE
+#undef NEG_INF
+}
+"""
+
+
+def device_routing_blocker(routing: DeepSeekRouting) -> str | None:
+    """Why :class:`DeviceGroupedTopk` cannot route with ``routing`` (its field named), or None when it can."""
+    if not isinstance(routing, DeepSeekRouting):
+        raise TypeError(f"routing: expected a DeepSeekRouting (DeepSeekConfig.routing), got {type(routing).__name__}")
+    if routing.method not in _METHODS:
+        return f"topk_method {routing.method!r} is none of {sorted(_METHODS)}"
+    if routing.method != "greedy" and routing.n_group > MAX_DEVICE_GROUPS:
+        return f"n_group {routing.n_group} is above the device routing's {MAX_DEVICE_GROUPS} groups"
+    return None
+
+
+class DeviceGroupedTopk:
+    """:func:`grouped_topk` as a CUDA kernel (CuPy), for ``E`` experts and ``top_k``: no host step, so a CUDA
+    graph can capture it. ``__call__`` reads float32 logits ``[T, E]`` (and, for ``noaux_tc``, the float32 bias
+    ``[E]``) and writes int32 experts and float32 weights ``[T, top_k]`` (row-major, contiguous CuPy arrays of at
+    least ``T * top_k`` entries), launched on ``stream`` (a ``cupy.cuda.Stream``).
+
+    Raises:
+        ValueError: a routing the kernel cannot do (:func:`device_routing_blocker`), or sizes that do not fit.
+    """
+
+    def __init__(self, routing: DeepSeekRouting, num_experts: int, top_k: int, renormalize: bool) -> None:
+        why = device_routing_blocker(routing)
+        if why is not None:
+            raise ValueError(f"routing: {why}")
+        e = arg_int("num_experts", num_experts, 1, 1 << 20)
+        self.top_k = arg_int("top_k", top_k, 1, e)
+        if e % routing.n_group:
+            raise ValueError(f"routing.n_group: {routing.n_group} does not divide the {e} experts")
+        if not isinstance(renormalize, (bool, np.bool_)):
+            raise TypeError(f"renormalize: expected a bool, got {renormalize!r:.40}")
+        self.routing, self.num_experts, self.renormalize = routing, e, bool(renormalize)
+        import cupy
+
+        self._fn = cupy.RawModule(code=_KERNEL).get_function("ds_grouped_topk")
+
+    def __call__(self, logits: Any, bias: Any, tokens: int, experts: Any, weights: Any, stream: Any) -> None:
+        r, e, k = self.routing, self.num_experts, self.top_k
+        if tokens < 1:
+            return
+        if logits.size < tokens * e or experts.size < tokens * k or weights.size < tokens * k:
+            raise ValueError(f"DeviceGroupedTopk: buffers smaller than {tokens} tokens x {e} experts / top-{k}")
+        if r.method == "noaux_tc" and (bias is None or bias.size != e):
+            raise ValueError(f"bias: noaux_tc routing needs the layer's e_score_correction_bias [{e}] on the device")
+        args = (
+            logits, logits if bias is None else bias, np.int32(e), np.int32(k), np.int32(r.n_group),
+            np.int32(r.topk_group), np.int32(_METHODS[r.method]), np.int32(r.scoring == "sigmoid"),
+            np.int32(self.renormalize), np.float32(r.routed_scaling_factor), np.int32(tokens), experts, weights,
+        )  # fmt: skip
+        self._fn(((tokens + 127) // 128,), (128,), args, stream=stream)
 
 
 def grouped_topk(

@@ -186,6 +186,7 @@ class LlamaEngine:
         _check_engine_arguments(cuda_graph, fused_allreduce, vocab_parallel, device, comm)
         self.model_config = self._read_config(model_dir)
         self.tensor_parallel = _positive("tensor_parallel", tensor_parallel)
+        self.cuda_graph = cuda_graph
         self._check_family(self.model_config)
         # one GPU: the config as read (a subclass's own config type, e.g. DeepSeek's, is never sharded)
         tp = self.tensor_parallel
@@ -709,7 +710,10 @@ class LlamaEngine:
     # (fi_ffi.models.gemma2 and fi_ffi.models.gpt_oss subclass the engine and override these)
 
     def _check_family(self, cfg: LlamaConfig) -> None:
-        """Refuse the model types a subclass serves (``fi_ffi.models.engines.engine_class`` picks it)."""
+        """Refuse the model types a subclass serves (``fi_ffi.models.engines.engine_class`` picks it). The one hook
+        through which every family engine refuses what it cannot serve (tensor parallelism, a CUDA graph, ...),
+        called before any GPU work with ``tensor_parallel`` and ``cuda_graph`` already set on the engine; the
+        message names the field and the fix."""
         if cfg.family is not None:
             name = FAMILY_ENGINES[cfg.model_type]
             raise ValueError(

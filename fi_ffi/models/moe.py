@@ -386,9 +386,7 @@ class MoELayer:
         :meth:`forward`. Needs ``capacity`` at construction; ``T <= capacity``."""
         if not self.capacity:
             raise ValueError("forward_static: build the layer with capacity= (the most tokens of a static step)")
-        for name, a in (("x", x), ("out", out)):
-            if a.ndim != 2 or a.shape[1] != self.hidden or a.strides[1] != a.itemsize:
-                raise ValueError(f"{name}: expected [tokens, {self.hidden}] with contiguous rows, got {a.shape}")
+        self._check_static(x, out)
         t = x.shape[0] if tokens is None else tokens
         if not 0 <= t <= min(self.capacity, x.shape[0], out.shape[0]):
             raise ValueError(f"tokens: expected 0..capacity ({self.capacity}) within the rows of x and out, got {t}")
@@ -405,6 +403,34 @@ class MoELayer:
             route = (self.logits, np.int32(e), np.int32(k), np.int32(1 if self.renormalize else 0), np.int32(t),
                      self.s_experts, self.s_weights)  # fmt: skip
             self._route_fn(((t + 127) // 128,), (128,), route, stream=s)
+        return self._static_experts(x, out, t)
+
+    def forward_static_routed(self, x: Any, out: Any, tokens: int) -> Any:
+        """:meth:`forward_static` after its routing, for a routing made on the device by the caller (DeepSeek's
+        grouped top-k): the first ``tokens * top_k`` entries of ``s_experts`` (int32 expert ids, ``[tokens, k]``
+        row-major, distinct per token) and ``s_weights`` (float32, the combine's weights, scaling included) are
+        already written on the layer's stream. Capturable as :meth:`forward_static` is."""
+        if not self.capacity:
+            raise ValueError("forward_static_routed: build the layer with capacity= (the most tokens of a static step)")
+        self._check_static(x, out)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= self.capacity:
+            raise ValueError(f"tokens: expected 0..capacity ({self.capacity}), got {tokens!r:.40}")
+        if tokens > min(x.shape[0], out.shape[0]):
+            raise ValueError(f"tokens: {tokens} exceeds the rows of x ({x.shape[0]}) or out ({out.shape[0]})")
+        return self._static_experts(x, out, tokens) if tokens else out
+
+    def _check_static(self, x: Any, out: Any) -> None:
+        for name, a in (("x", x), ("out", out)):
+            if a.ndim != 2 or a.shape[1] != self.hidden or a.strides[1] != a.itemsize:
+                raise ValueError(f"{name}: expected [tokens, {self.hidden}] with contiguous rows, got {a.shape}")
+
+    def _static_experts(self, x: Any, out: Any, t: int) -> Any:
+        """Slots, scatter, the two prepared grouped GEMMs and the combine of ``t >= 1`` tokens routed into
+        ``s_experts`` / ``s_weights``."""
+        e, h, k = self.num_experts, self.hidden, self.top_k
+        s = self.stream
+        with s:
+            x_ld = x.strides[0] // x.itemsize
             slots = (self.s_experts, np.int32(e), np.int32(k), np.int32(t), np.int32(self.capacity), self.s_row_of,
                      *self._s_problems)  # fmt: skip
             self._slots_fn((1,), (self._slots_threads,), slots, stream=s)

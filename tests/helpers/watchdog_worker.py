@@ -1,7 +1,7 @@
 """One rank of the rank-death tests (tests/test_comm_watchdog.py): no GPU, the real rendezvous and watchdog.
 
-``python tests/watchdog_worker.py DIR MODE``: bootstraps (rank 0's payload ``b"uid"``), writes ``DIR/ready-RANK``
-(holding its pid), then by MODE:
+``python tests/helpers/watchdog_worker.py DIR MODE``: bootstraps (rank 0's payload ``b"uid"``), writes
+``DIR/ready-RANK`` (holding its pid), then by MODE:
 
 - ``hang``: every rank waits "in a collective" (sleeps; SIGTERM ignored, as a rank blocked on a GPU that the
   launcher's SIGTERM may not reach in time) until the watchdog ends it;

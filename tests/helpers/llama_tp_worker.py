@@ -1,6 +1,6 @@
 """One rank of the tensor-parallel Llama test (tests/test_gpu_llama_tp.py), or the single-GPU reference.
 
-``python tests/llama_tp_worker.py MODEL_DIR OUT.npz [--graph] [--nccl] [--whole-vocab] [--topk1] [--loop DIR]``:
+``python tests/helpers/llama_tp_worker.py MODEL_DIR OUT.npz [--graph] [--nccl] [--whole-vocab] [--topk1] [--loop DIR]``:
 under ``fi-ffi launch`` (``RANK`` set) the engine runs with ``tensor_parallel = WORLD_SIZE``, otherwise on one GPU.
 Greedy generation of fixed prompts; rank 0 (or the single process) saves the tokens and the prefill logits of the
 first two prompts. ``--whole-vocab``: every rank keeps the whole embedding and LM head (``vocab_parallel=False``);

@@ -1,6 +1,6 @@
 """One rank of the multi-GPU communication tests (started by tests/test_gpu_comm.py through ``fi-ffi launch``).
 
-``python tests/comm_worker.py SCENARIO``: runs the scenario's checks on GPU ``LOCAL_RANK`` against NCCL's
+``python tests/helpers/comm_worker.py SCENARIO``: runs the scenario's checks on GPU ``LOCAL_RANK`` against NCCL's
 all-reduce of the same data (and float32 references for the fused patterns), prints one ``FAIL ...`` line per
 failed check and ``rank R OK N`` at the end; exits 1 when anything failed. Uses torch for tensors and references
 (fi_ffi itself is torch-free).

@@ -1,0 +1,110 @@
+"""Decode throughput of the gpt-oss engine on a random gpt-oss-20b-shaped checkpoint (hidden 2880, 32 experts of
+intermediate 2880, top-4, 64/8 heads of 64, alternating 128-token windows), bfloat16, ``--layers`` of its 24 layers
+(2 by default: 2.2 GB of experts), CUDA graph, at batch 1 and 32: decode tokens/s and host us/step.
+
+``--baseline MODULE`` also times ``MODULE.GptOssEngine`` (another implementation of the same engine, e.g. a copy of
+an earlier ``fi_ffi/models/gpt_oss.py``) on the same checkpoint, interleaved with this one (one run each per batch).
+
+Needs a GPU, CuPy, cuBLAS and the model-family kernel wheel (attention sinks, ``gemm_sm90``). ``--json PATH`` writes
+the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
+    """A random bfloat16 gpt-oss checkpoint (config.json + one .safetensors per layer), written with numpy."""
+    from fi_ffi.models.checkpoint import write_safetensors
+
+    h, i, e, hq, hk, d = 2880, 2880, 32, 64, 8, 64
+    cfg: dict[str, Any] = {
+        "model_type": "gpt_oss", "attention_bias": True, "eos_token_id": 2, "experts_per_token": 4, "head_dim": d,
+        "hidden_act": "silu", "hidden_size": h, "intermediate_size": i,
+        "layer_types": ["sliding_attention", "full_attention"] * layers, "max_position_embeddings": 131072,
+        "num_attention_heads": hq, "num_experts_per_tok": 4, "num_hidden_layers": layers, "num_key_value_heads": hk,
+        "num_local_experts": e, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                         "rope_type": "yarn", "truncate": False},
+        "rope_theta": 150000, "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": False,
+        "vocab_size": vocab,
+    }  # fmt: skip
+    cfg["layer_types"] = cfg["layer_types"][:layers]
+    rng = np.random.default_rng(0)
+    block = ((rng.standard_normal(1 << 20, dtype=np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16)
+
+    def w(*shape: int) -> tuple[np.ndarray, str]:  # bfloat16 bits, a random block tiled (fast for GBs)
+        n = int(np.prod(shape))
+        return np.resize(block, n).reshape(shape), "bfloat16"
+
+    def ones(n: int) -> tuple[np.ndarray, str]:
+        return np.full(n, 0x3F80, np.uint16), "bfloat16"
+
+    write_safetensors(
+        folder / "model-embed.safetensors",
+        {"model.embed_tokens.weight": w(vocab, h), "lm_head.weight": w(vocab, h), "model.norm.weight": ones(h)},
+    )
+    for n in range(layers):
+        p, a, m = f"model.layers.{n}.", f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
+        tensors = {
+            a + "q_proj.weight": w(hq * d, h), a + "q_proj.bias": w(hq * d),
+            a + "k_proj.weight": w(hk * d, h), a + "k_proj.bias": w(hk * d),
+            a + "v_proj.weight": w(hk * d, h), a + "v_proj.bias": w(hk * d),
+            a + "o_proj.weight": w(h, hq * d), a + "o_proj.bias": w(h), a + "sinks": w(hq),
+            p + "input_layernorm.weight": ones(h), p + "post_attention_layernorm.weight": ones(h),
+            m + "router.weight": w(e, h), m + "router.bias": w(e),
+            m + "experts.gate_up_proj": w(e, h, 2 * i), m + "experts.gate_up_proj_bias": w(e, 2 * i),
+            m + "experts.down_proj": w(e, i, h), m + "experts.down_proj_bias": w(e, h),
+        }  # fmt: skip
+        write_safetensors(folder / f"model-{n:02d}.safetensors", tensors)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def run(engine_cls: Any, path: Path, batch: int, new_tokens: int) -> dict[str, Any]:
+    rng = np.random.default_rng(batch)
+    prompts = [rng.integers(3, 1000, size=32).tolist() for _ in range(batch)]
+    with engine_cls(path, max_batch=batch, max_seq_len=256, cuda_graph=True) as engine:
+        engine.generate(prompts, 4, eos_token_ids=())  # warm-up
+        r = engine.generate(prompts, new_tokens, eos_token_ids=())
+    return {"batch": batch, "tokens_per_s": r.tokens_per_s, "host_us_per_step": r.host_us_per_step}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--baseline", help="a module with another GptOssEngine to time on the same checkpoint")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    from fi_ffi.models.gpt_oss import GptOssEngine
+
+    engines = {"fi_ffi.models.gpt_oss": GptOssEngine}
+    if args.baseline:
+        engines[args.baseline] = importlib.import_module(args.baseline).GptOssEngine
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_checkpoint(Path(tmp), args.layers, args.vocab)
+        for batch in (1, 32):
+            for name, cls in engines.items():  # interleaved: one run of each per batch
+                row = {"engine": name, "layers": args.layers, **run(cls, path, batch, args.new_tokens)}
+                rows.append(row)
+                print(f"{name:40s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tokens/s, host "
+                      f"{row['host_us_per_step']:7.1f} us/step", flush=True)  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

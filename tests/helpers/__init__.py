@@ -1,0 +1,24 @@
+"""What the tests share that is not a fixture: references, yardsticks, set-up and the workers tests start.
+
+pytest puts ``tests/`` on ``sys.path`` (the test folder has no ``__init__.py``, the default ``prepend`` import
+mode), so a test imports ``from helpers.attention_reference import reference`` as it imports ``from conftest
+import ...``. The workers are scripts started by path (``python tests/helpers/comm_worker.py``); they import
+``fi_ffi`` only, never this package or ``conftest``, so they run the same from a checkout, a plain copy or an
+unpacked sdist.
+
+- :mod:`helpers.attention_reference`: the float32 torch attention reference and tolerances (GPU tests only);
+- :mod:`helpers.paged_kv`: a paged K/V cache over shuffled pages and the ragged prefill batch (GPU tests only);
+- :mod:`helpers.gdn_reference`: GDN prefill problems, the float32 gated-delta-rule reference and its tolerance
+  check (GPU tests only);
+- :mod:`helpers.checkpoints`: random small transformers checkpoints (seed 0, random norm weights) and their
+  float32 reference, for the GPU engine tests;
+- :mod:`helpers.yardstick`: the engine against the float32 reference: prompts, reference logits, the greedy token
+  check, eager against CUDA graph, transformers' own bfloat16 error, the logit tolerances;
+- :mod:`helpers.no_torch`: the meta-path spy a child interpreter runs first to show torch is never imported;
+- :mod:`helpers.subprocess_run`: child processes: a worker's command line, ``fi-ffi launch`` ranks, a lock and
+  environment pinning the test wheels, the comm wheel, the GPU count, NVLink multicast off;
+- :mod:`helpers.comm_worker`: one rank of the multi-GPU communication tests (``tests/test_gpu_comm.py``);
+- :mod:`helpers.llama_tp_worker`: one rank of the tensor-parallel engine tests (``tests/test_gpu_llama_tp.py``,
+  ``tests/test_gpu_moe_tp.py``);
+- :mod:`helpers.watchdog_worker`: one rank of the rank-death tests (``tests/test_comm_watchdog.py``; no GPU).
+"""
