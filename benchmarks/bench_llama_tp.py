@@ -184,6 +184,7 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
     hqd, w = c.num_qo_heads * c.head_dim, e._qkv_width
     normed, x, qkv, attn, gu, act = (a.data.ptr for a in (e._normed, b.x, b.qkv, b.attn, b.gu, b.act))
     out: dict[str, float] = {}
+    gemv, dense.gemv = dense.gemv, False  # as in the engine's decode graph (its GEMMs are cuBLASLt's)
     with cp.cuda.Device(e.device), e.stream, stream_scope(s, e.device):
         n_pages = fill_decode([None] * rows, e.page_size, e._dh)
         e._upload_decode(rows, n_pages, cuda_graph=True)
@@ -261,6 +262,7 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
                 fn()
             out[name] = (time.perf_counter() - t) * 1e6 / reps
             e.stream.synchronize()
+    dense.gemv = gemv
     return out
 
 

@@ -1,6 +1,7 @@
 """The GEMMs of one rank's decode step on the 8B-shaped Llama at TP 1/2/4, batch 1 and 32: cuBLAS as the engine
-calls it (``cublasGemmEx``, default algorithm) against every candidate of cuBLASLt's heuristic for the same
-problem, us per GEMM and the weight-read bandwidth it reaches, on one GPU. Not a test: nothing is asserted.
+was first written (``cublasGemmEx``, default algorithm), the engine's GEMV (at most 4 rows; the engine uses it in
+eager decode) and every candidate of cuBLASLt's heuristic for the same problem (the engine takes the first), us per
+GEMM and the weight-read bandwidth it reaches, on one GPU. Not a test: nothing is asserted.
 
     python3 benchmarks/bench_tp_gemms.py [--tp 1,2,4] [--batches 1,32] [--algos 16] [--json PATH]
 
@@ -160,7 +161,7 @@ def main() -> None:
     import cupy as cp
 
     from fi_ffi.models.cublas import CUDA_R_16BF, CUDA_R_32F
-    from fi_ffi.models.dense import Dense
+    from fi_ffi.models.dense import GEMV_MAX_ROWS, Dense
     from fi_ffi.models.graph import CudaGraph
 
     stream = cp.cuda.Stream(non_blocking=True)
@@ -194,10 +195,16 @@ def main() -> None:
             weight copies at ``ptrs``."""
             c_type = CUDA_R_32F if f32 else CUDA_R_16BF
 
-            def gemm_ex(j: int) -> None:
+            def linear(j: int) -> None:
                 dense.linear(batch, xb.data.ptr, k, ptrs[j % len(ptrs)], n, k, y.data.ptr, n, CUDA_R_16BF, c_type)
 
-            out: dict[str, Any] = {"gemm_ex_us": timed(gemm_ex, args.reps)}
+            gemv, lt_on = dense.gemv, dense.lt
+            dense.gemv, dense.lt = False, False  # cublasGemmEx
+            out: dict[str, Any] = {"gemm_ex_us": timed(linear, args.reps), "gemv_us": None}
+            if gemv and batch <= GEMV_MAX_ROWS:  # the engine's own GEMV (eager decode only, today)
+                dense.gemv = True
+                out["gemv_us"] = timed(linear, args.reps)
+            dense.gemv, dense.lt = gemv, lt_on
             desc, layouts = lt.problem(batch, n, k, _R_32F if f32 else _R_16BF)
             lt_us = []
             for cand in lt.candidates(desc, layouts, args.algos):
@@ -237,13 +244,14 @@ def main() -> None:
 
     print(
         f"{'tp':>3} {'gemm':>8} {'n':>6} {'k':>6} {'batch':>5} {'MB':>7} {'GemmEx us':>10} {'GB/s':>6} "
-        f"{'Lt 1st us':>10} {'Lt best us':>10} {'(#)':>4} {'GB/s':>6} {'best/GemmEx':>11}"
+        f"{'GEMV us':>8} {'Lt 1st us':>10} {'Lt best us':>10} {'(#)':>4} {'GB/s':>6} {'best/GemmEx':>11}"
     )
     for r in rows_out:
         best = r["lt_best_us"]
         print(
             f"{r['tp']:>3} {r['gemm']:>8} {r['n']:>6} {r['k']:>6} {r['batch']:>5} {r['mb']:>7.1f} "
             f"{r['gemm_ex_us']:>10.1f} {r['mb'] * 1e3 / r['gemm_ex_us']:>6.0f} "
+            f"{r['gemv_us'] or float('nan'):>8.1f} "
             f"{r['lt_first_us'] or float('nan'):>10.1f} {best or float('nan'):>10.1f} "
             f"{r['lt_best_index'] if best else '-':>4} "
             f"{(r['mb'] * 1e3 / best) if best else float('nan'):>6.0f} "
