@@ -192,12 +192,16 @@ def test_gpt_oss_expert_matrices_compute_transformers_experts() -> None:
         p = np.exp(rng.normal(size=2))
         weights[r, chosen] = p / p.sum()
     w_gu, b_gu, w_down = expert_matrices(gate_up, gate_up_bias, down)
-    assert w_gu.shape == (e * 2 * i, h) and b_gu.shape == (e, 2 * i) and w_down.shape == (h, e * i)
-    # the engine's math on these matrices: one GEMM, bias + clamped SwiGLU times the weight, one GEMM, bias sum
-    gu = (x @ w_gu.T).reshape(t, e, 2 * i) + b_gu
-    gate, up = np.minimum(gu[..., :i], 7.0), np.clip(gu[..., i:], -7.0, 7.0)
-    act = weights[..., None] * (up + 1) * gate / (1 + np.exp(-1.702 * gate))
-    got = act.reshape(t, e * i) @ w_down.T + weights @ down_bias
+    assert w_gu.shape == (e, 2 * i, h) and b_gu.shape == (e, 2 * i) and w_down.shape == (e, h, i)
+    assert all(a.flags.c_contiguous for a in (w_gu, b_gu, w_down))
+    # the routed layer's math on these matrices (MoELayer with MoEBiases and ClampedSwiGLU): per chosen expert, its
+    # gate/up rows plus bias, the clamped SwiGLU, its down projection plus bias, weighted
+    got = np.zeros((t, h))
+    for e_ in range(e):
+        gu = x @ w_gu[e_].T + b_gu[e_]
+        gate, up = np.minimum(gu[:, :i], 7.0), np.clip(gu[:, i:], -7.0, 7.0)
+        act = (up + 1) * gate / (1 + np.exp(-1.702 * gate))
+        got += weights[:, e_ : e_ + 1] * (act @ w_down[e_].T + down_bias[e_])
     np.testing.assert_allclose(got, hf_experts(x, gate_up, gate_up_bias, down, down_bias, weights), rtol=1e-12)
 
 

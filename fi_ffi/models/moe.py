@@ -42,7 +42,7 @@ from ..launch import checks
 from .dense import CUDA_R_32F, Dense, data_type
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
 
-__all__ = ["MoELayer", "MoEScratch", "MoEWeights"]
+__all__ = ["ClampedSwiGLU", "MoEBiases", "MoELayer", "MoEScratch", "MoEWeights"]
 
 _MAX_SCRATCH_BYTES = 1 << 46  # 64 TiB: far above any GPU's memory, far below int64 overflow
 
@@ -119,6 +119,64 @@ extern "C" __global__ void moe_slots(const int* __restrict__ experts, int E, int
     }
 }
 
+// The expert of row r of a buffer grouped by expert (seg[e] <= r < seg[e + 1], seg non-decreasing, E + 1 entries).
+__device__ __forceinline__ int expert_of(const int* __restrict__ seg, int E, long long r) {
+    int e = 0;
+    while (e + 1 < E && seg[e + 1] <= r) ++e;
+    return e;
+}
+
+// Biased activation, one block per row r of the gate/up buffer gu [rows, 2I] (gate columns, then up): with e the row's
+// expert, g = gate + b_gu[e, j], u = up + b_gu[e, I + j] (float32 biases [E, 2I]); clamped (gpt-oss):
+// act = (clamp(u, -L, L) + 1) * g' * sigmoid(alpha * g'), g' = min(g, L); else act = silu(g) * u.
+extern "C" __global__ void moe_bias_act(const unsigned short* __restrict__ gu, const float* __restrict__ b_gu,
+                                        const int* __restrict__ seg, int E, long long I, int clamped, float alpha,
+                                        float limit, int bf16, unsigned short* __restrict__ act) {
+    const long long r = blockIdx.x;
+    const int e = expert_of(seg, E, r);
+    const unsigned short* row = gu + r * 2 * I;
+    const float* b = b_gu + (long long)e * 2 * I;
+    for (long long j = threadIdx.x; j < I; j += blockDim.x) {
+        float g = load16(row[j], bf16) + b[j];
+        float u = load16(row[I + j], bf16) + b[I + j];
+        float a;
+        if (clamped) {
+            g = fminf(g, limit);
+            u = fminf(fmaxf(u, -limit), limit);
+            a = (u + 1.f) * g / (1.f + expf(-alpha * g));
+        } else {
+            a = g / (1.f + expf(-g)) * u;
+        }
+        act[r * I + j] = store16(a, bf16);
+    }
+}
+
+// moe_combine with the experts' down bias: out[t, c] = sum_j w[t * k + j] * (y[row_of[t * k + j], c] + b_down[e_j, c]),
+// e_j the expert of that row (seg as above; float32 b_down [E, hidden]); k <= 64; one block per token.
+extern "C" __global__ void moe_combine_bias(const unsigned short* __restrict__ y, const int* __restrict__ row_of,
+                                            const float* __restrict__ w, const float* __restrict__ b_down,
+                                            const int* __restrict__ seg, int E, unsigned short* __restrict__ out,
+                                            int k, long long hidden, long long out_ld, int bf16) {
+    __shared__ int ex[64];
+    const long long t = blockIdx.x;
+    for (int j = threadIdx.x; j < k; j += blockDim.x) ex[j] = expert_of(seg, E, row_of[t * k + j]);
+    __syncthreads();
+    for (long long c = threadIdx.x; c < hidden; c += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < k; ++j) {
+            const long long r = row_of[t * k + j];
+            acc += w[t * k + j] * (load16(y[r * hidden + c], bf16) + b_down[(long long)ex[j] * hidden + c]);
+        }
+        out[t * out_ld + c] = store16(acc, bf16);
+    }
+}
+
+// logits[t, e] += bias[e] (float32 [T, E], one block per token).
+extern "C" __global__ void moe_router_bias(float* __restrict__ logits, const float* __restrict__ bias, int E) {
+    float* l = logits + (long long)blockIdx.x * E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) l[e] += bias[e];
+}
+
 // xs[row_of[b], :] = x[b / k, :] for 16-bit elements; one block per assignment b = t * k + j.
 extern "C" __global__ void moe_scatter(const unsigned short* __restrict__ x, long long x_ld,
                                        const int* __restrict__ row_of, int k, unsigned short* __restrict__ xs,
@@ -147,6 +205,26 @@ class MoEWeights:
         if tuple(self.down.shape) != (e, h, i):
             raise ValueError(f"down: expected [{e}, {h}, {i}] (experts, hidden, intermediate), got {self.down.shape}")
         return e, h, i
+
+
+@dataclass(frozen=True)
+class MoEBiases:
+    """Biases of one layer's router and experts (gpt-oss), float32 CuPy arrays: ``router [E]`` (added to the router
+    logits before the routing), ``gate_up [E, 2I]`` (gate columns, then up, as ``gate_up``'s rows) and ``down [E, H]``
+    (each expert's output bias, weighted by the routing weight like the expert's output)."""
+
+    router: Any
+    gate_up: Any
+    down: Any
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation: ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``,
+    ``g = min(gate, limit)`` (transformers' ``GptOssExperts``: alpha 1.702, limit ``swiglu_limit`` 7)."""
+
+    alpha: float
+    limit: float
 
 
 class MoEScratch:
@@ -261,6 +339,8 @@ class MoELayer:
         capacity: also build the fixed-capacity path (:meth:`forward_static`) for up to ``capacity`` tokens.
         scratch: a :class:`MoEScratch` of this layer's shape (its ``key``), shared with the other layers that run
             on ``stream``; None: one of its own.
+        biases: the router's and experts' :class:`MoEBiases` (gpt-oss); None: no biases.
+        activation: None: SiLU-and-mul; a :class:`ClampedSwiGLU`: gpt-oss's clamped SwiGLU.
     """
 
     def __init__(
@@ -277,6 +357,8 @@ class MoELayer:
         backend: str = "auto",
         capacity: int | None = None,
         scratch: MoEScratch | None = None,
+        biases: MoEBiases | None = None,
+        activation: ClampedSwiGLU | None = None,
     ) -> None:
         import cupy
 
@@ -286,6 +368,8 @@ class MoELayer:
         if max_tokens < 1:
             raise ValueError(f"max_tokens: expected >= 1, got {max_tokens}")
         self.weights, self.dtype, self.top_k, self.renormalize = weights, dtype, top_k, renormalize
+        self._check_extras(biases, activation, top_k, cupy)
+        self.biases, self.activation = biases, activation
         self.max_tokens, self.stream, self.backend = max_tokens, stream, backend
         self._ab = data_type(dtype)
         self._bf16 = 1 if dtype == "bfloat16" else 0
@@ -327,10 +411,71 @@ class MoELayer:
         self._route_fn = module.get_function("moe_route")
         self._slots_fn = module.get_function("moe_slots")
         self._scatter_fn = module.get_function("moe_scatter")
+        self._act_fn = module.get_function("moe_bias_act")
+        self._combine_bias_fn = module.get_function("moe_combine_bias")
+        self._router_bias_fn = module.get_function("moe_router_bias")
+        # where each expert's rows start in the host path's grouped buffers (written per forward; biased layers)
+        self._seg = cupy.zeros(self.num_experts + 1, cupy.int32)
+        self._plain = biases is None and activation is None  # fi_ffi.silu_and_mul and moe_combine serve
         self.last_routing: tuple[np.ndarray, np.ndarray, ExpertGroups] | None = None
         self.capacity = 0
         if capacity is not None:
             self._build_static(capacity)
+
+    def _check_extras(self, biases: Any, activation: Any, top_k: int, cupy: Any) -> None:
+        if activation is not None and not isinstance(activation, ClampedSwiGLU):
+            raise TypeError(
+                f"activation: expected None (SiLU-and-mul) or a ClampedSwiGLU, got {type(activation).__name__}"
+            )
+        if biases is None:
+            if activation is not None:
+                raise ValueError("activation: a ClampedSwiGLU layer needs its biases (biases=MoEBiases(...), gpt-oss)")
+            return
+        if not isinstance(biases, MoEBiases):
+            raise TypeError(f"biases: expected None or a MoEBiases, got {type(biases).__name__}")
+        e, h, i = self.num_experts, self.hidden, self.intermediate
+        for name, shape in (("router", (e,)), ("gate_up", (e, 2 * i)), ("down", (e, h))):
+            arr = getattr(biases, name)
+            if tuple(getattr(arr, "shape", ())) != shape or arr.dtype != cupy.float32 or not arr.flags.c_contiguous:
+                raise ValueError(f"biases.{name}: expected a contiguous float32 CuPy array of shape {shape}")
+        if top_k > 64:
+            raise ValueError(f"top_k: expected at most 64 with biases (the biased combine's limit), got {top_k}")
+
+    def _router_logits(self, x: Any, t: int) -> None:
+        """``logits[:t] = x[:t] @ router.T`` (float32), plus the router bias when the layer has one."""
+        e, h = self.num_experts, self.hidden
+        x_ld = x.strides[0] // x.itemsize
+        self.dense.linear(
+            t, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr), e, h, int(self.logits.data.ptr), e,
+            self._ab, CUDA_R_32F,
+        )  # fmt: skip
+        if self.biases is not None:
+            self._router_bias_fn((t,), (128,), (self.logits, self.biases.router, np.int32(e)), stream=self.stream)
+
+    def _activate(self, gu: Any, act: Any, rows: int, seg: Any) -> None:
+        """``act[:rows] = activation(gu[:rows] + gate/up bias)``; ``seg``: the experts' first rows (device)."""
+        i = self.intermediate
+        if self._plain:
+            fi_ffi.silu_and_mul(self._t(gu, (rows, 2 * i)), self._t(act, (rows, i)), stream=self.stream.ptr)
+            return
+        a, b = self.activation, self.biases
+        assert b is not None  # _plain otherwise
+        alpha, limit = (a.alpha, a.limit) if a is not None else (0.0, 0.0)
+        args = (gu, b.gate_up, seg, np.int32(self.num_experts), np.int64(i), np.int32(a is not None),
+                np.float32(alpha), np.float32(limit), np.int32(self._bf16), act)  # fmt: skip
+        self._act_fn((rows,), (min(256, -(-i // 32) * 32),), args, stream=self.stream)
+
+    def _combine_rows(self, y: Any, row_of: Any, weights: Any, out: Any, t: int, seg: Any) -> None:
+        """``out[t] = sum_j w[t, j] * (y[row_of[t, j]] (+ the expert's down bias))``."""
+        k, h = self.top_k, self.hidden
+        ld = out.strides[0] // out.itemsize
+        if self.biases is None:
+            args = (y, row_of, weights, out, np.int32(k), np.int64(h), np.int64(ld), np.int32(self._bf16))
+            self._combine((t,), (256,), args, stream=self.stream)
+        else:
+            args = (y, row_of, weights, self.biases.down, seg, np.int32(self.num_experts), out, np.int32(k),  # type: ignore[assignment]
+                    np.int64(h), np.int64(ld), np.int32(self._bf16))  # fmt: skip
+            self._combine_bias_fn((t,), (256,), args, stream=self.stream)
 
     def _build_static(self, capacity: int) -> None:
         """Buffers and prepared grouped GEMMs of the fixed-capacity path: expert ``e`` owns rows
@@ -350,6 +495,7 @@ class MoELayer:
         nbytes = segment_gemm_args_bytes(e)
         self._s_args = cupy.zeros(2 * nbytes, cupy.uint8)
         seg = (np.arange(e + 1) * c).astype(np.int32)
+        self._s_seg = cupy.asarray(seg)  # expert e owns rows [e * c, (e + 1) * c): the biased kernels' row -> expert
         ptr = int(self._s_args.data.ptr)
         args_gu = fi_ffi.Tensor(ptr, (nbytes,), "uint8", self.device_id)
         args_down = fi_ffi.Tensor(ptr + nbytes, (nbytes,), "uint8", self.device_id)
@@ -392,14 +538,10 @@ class MoELayer:
             raise ValueError(f"tokens: expected 0..capacity ({self.capacity}) within the rows of x and out, got {t}")
         if t == 0:
             return out
-        e, h, k = self.num_experts, self.hidden, self.top_k
+        e, k = self.num_experts, self.top_k
         s = self.stream
         with s:
-            x_ld = x.strides[0] // x.itemsize
-            self.dense.linear(
-                t, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr), e, h, int(self.logits.data.ptr), e,
-                self._ab, CUDA_R_32F,
-            )  # fmt: skip
+            self._router_logits(x, t)
             route = (self.logits, np.int32(e), np.int32(k), np.int32(1 if self.renormalize else 0), np.int32(t),
                      self.s_experts, self.s_weights)  # fmt: skip
             self._route_fn(((t + 127) // 128,), (128,), route, stream=s)
@@ -441,12 +583,9 @@ class MoELayer:
                 self.s_gu.fill(0)
                 self.s_y.fill(0)
             self._gemm_gu(s.ptr)
-            fi_ffi.silu_and_mul(self._s_gu_t, self._s_act_t, stream=s.ptr)
+            self._activate(self.s_gu, self.s_act, e * self.capacity, self._s_seg)
             self._gemm_down(s.ptr)
-            ld = out.strides[0] // out.itemsize
-            args = (self.s_y, self.s_row_of, self.s_weights, out, np.int32(k), np.int64(h), np.int64(ld),
-                    np.int32(self._bf16))  # fmt: skip
-            self._combine((t,), (256,), args, stream=s)
+            self._combine_rows(self.s_y, self.s_row_of, self.s_weights, out, t, self._s_seg)
         return out
 
     def _t(self, arr: Any, shape: tuple[int, ...], dtype: str | None = None) -> fi_ffi.Tensor:
@@ -456,12 +595,8 @@ class MoELayer:
         """Router logits on the GPU, then softmax + top-k and grouping on the host (synchronizes the stream)."""
         import cupy
 
-        e, h = self.num_experts, self.hidden
-        x_ld = x.strides[0] // x.itemsize
-        self.dense.linear(
-            tokens, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr), e, h, int(self.logits.data.ptr), e,
-            self._ab, CUDA_R_32F,
-        )  # fmt: skip
+        e = self.num_experts
+        self._router_logits(x, tokens)
         logits = cupy.asnumpy(self.logits[:tokens], stream=self.stream)
         self.stream.synchronize()
         weights, experts = softmax_topk(logits, self.top_k, self.renormalize)
@@ -507,23 +642,14 @@ class MoELayer:
             self.num_experts, True, self._t(self.gate_up_out, (rows, 2 * i)), seg_indptr=seg, backend=self.backend,
             stream=handle,
         )  # fmt: skip
-        fi_ffi.silu_and_mul(self._t(self.gate_up_out, (rows, 2 * i)), self._t(self.act, (rows, i)), stream=handle)
+        if not self._plain:
+            self._seg.set(np.asarray(seg, np.int32), stream=s)
+        self._activate(self.gate_up_out, self.act, rows, self._seg)
         fi_ffi.segment_gemm(
             self.workspace, self._t(self.act, (rows, i)), self._t(self.weights.down, (self.num_experts, h, i)),
             self.num_experts, True, self._t(self.y, (rows, h)), seg_indptr=seg, backend=self.backend, stream=handle,
         )  # fmt: skip
-        ld = out.strides[0] // out.itemsize
-        args = (
-            self.y,
-            self.row_of,
-            self.route_weights,
-            out,
-            np.int32(k),
-            np.int64(h),
-            np.int64(ld),
-            np.int32(self._bf16),
-        )
-        self._combine((t,), (256,), args, stream=s)
+        self._combine_rows(self.y, self.row_of, self.route_weights, out, t, self._seg)
         return out
 
     def close(self) -> None:
