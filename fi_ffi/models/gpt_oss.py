@@ -24,13 +24,26 @@ What differs from Llama (transformers' ``GptOssForCausalLM``):
   interleaved (even and odd columns), ``gate_up_proj_bias [E, 2I]``, ``down_proj [E, I, H]``, ``down_proj_bias
   [E, H]``.
 
-The MoE layer is :class:`~fi_ffi.models.moe.MoELayer`, the routed grouped-GEMM layer of Mixtral and Qwen3-MoE, with
-gpt-oss's extras (:class:`~fi_ffi.models.moe.MoEBiases`, :class:`~fi_ffi.models.moe.ClampedSwiGLU`): the router bias
-added to the float32 router logits (then top-k and softmax over the k chosen, which is the softmax over every expert
-renormalized over the chosen: the layer's routing with ``renormalize``), the gate/up bias and the clamped SwiGLU in
-one kernel between the two grouped GEMMs, the down bias weighted in the combine. Only the chosen experts' weights are
-read: prefill and eager decode route on the host (one synchronization per layer, as Mixtral), the decode CUDA graph
-takes the layer's fixed-capacity path, routed on the device.
+The MoE layer is :class:`~fi_ffi.models.moe.MoELayer`, the layer of Mixtral and Qwen3-MoE, with gpt-oss's extras
+(:class:`~fi_ffi.models.moe.MoEBiases`, :class:`~fi_ffi.models.moe.ClampedSwiGLU`): the router bias added to the
+float32 router logits (then top-k and softmax over the k chosen, which is the softmax over every expert renormalized
+over the chosen: the layer's routing with ``renormalize``), the gate/up bias and the clamped SwiGLU in one kernel
+between the expert GEMMs, the down bias weighted in the combine. The experts are held once, in the routed layout
+(``gate_up [E, 2I, H]``, ``down [E, H, I]``), and **each step picks one of two paths over them** (``moe_path``):
+
+- **routed**: only the chosen experts' weights are read (grouped GEMM over the ``T * k`` assignments). Prefill and
+  eager decode route on the host (one synchronization per layer, as Mixtral); the decode CUDA graph takes the
+  layer's fixed-capacity path, routed on the device;
+- **dense over the experts** (:meth:`~fi_ffi.models.moe.MoELayer.forward_dense`): every token through every expert
+  (``gate_up`` read as one ``[E * 2I, H]`` GEMM, ``down`` as a strided-batched GEMM over the experts), the routing
+  weights picking each token's k; no host step, so eager decode and the graph run it alike.
+
+The rule (``moe_path="auto"``, :func:`~fi_ffi.models.moe.choose_path`): dense when a step's ``rows * k`` assignments
+reach the number of experts (gpt-oss-20b, 32 experts top-4: from 8 rows), routed below, where few experts are touched
+and reading only theirs wins; steps of more than ``max_batch`` rows (long prefills, compute-bound, where routing's
+``k / E`` of the FLOPs counts) are always routed. The decode graph, captured at ``max_batch`` rows, picks once at
+capture. Measured on an H100 (README: gpt-oss; ``benchmarks/bench_gpt_oss.py``): routed is about twice as fast as
+dense at batch 1, dense about 1.4 times as fast as routed at batch 32.
 
 Only bfloat16 checkpoints (the sink modules are bfloat16); MXFP4 checkpoints (the published ones) are refused with
 the recipe for a bfloat16 copy (README: gpt-oss). One GPU (``tensor_parallel=1``).
@@ -50,10 +63,13 @@ from .checkpoint import Checkpoint
 from .config import LlamaConfig
 from .family_configs import MXFP4_HELP, GptOssSettings
 from .llama import LlamaEngine
+from .moe import choose_path
 from .values import arg_array, arg_int
 from .weights import WeightLoader
 
 __all__ = ["GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache"]
+
+MOE_PATHS = ("auto", "routed", "dense")
 
 # rows of the cos/sin table: p * f is a float32 product (exact positions up to 2**24, as transformers computes it)
 MAX_ROPE_POSITIONS = 1 << 24
@@ -148,7 +164,33 @@ def expert_matrices(gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndar
 
 class GptOssEngine(LlamaEngine):
     """A bfloat16 gpt-oss checkpoint on one GPU; arguments and serving API as
-    :class:`~fi_ffi.models.llama.LlamaEngine`."""
+    :class:`~fi_ffi.models.llama.LlamaEngine`, plus:
+
+    Args:
+        moe_path: how the MoE layers run a step of up to ``max_batch`` token rows (module docstring):
+            ``"auto"`` (default) picks per step by :func:`~fi_ffi.models.moe.choose_path` (dense over the experts
+            from ``num_experts / top_k`` rows, routed below; the decode CUDA graph, captured at ``max_batch`` rows,
+            picks once); ``"routed"`` or ``"dense"`` force one path. Steps of more rows (long prefills) are always
+            routed.
+    """
+
+    def __init__(self, model_dir: Any, *, moe_path: str = "auto", **kwargs: Any) -> None:
+        if not isinstance(moe_path, str) or moe_path not in MOE_PATHS:
+            raise ValueError(f"moe_path: expected one of {', '.join(map(repr, MOE_PATHS))}, got {moe_path!r:.60}")
+        self.moe_path = moe_path
+        super().__init__(model_dir, **kwargs)
+
+    def moe_path_for(self, rows: int) -> str:
+        """``"routed"`` or ``"dense"``: the path the MoE layers take for a step of ``rows`` token rows (the decode
+        graph's: ``moe_path_for(max_batch)``)."""
+        rows = arg_int("rows", rows, 1, MAX_ROPE_POSITIONS)
+        if rows > self.max_batch:  # long prefills: the dense path's buffers hold max_batch rows
+            return "routed"
+        if self.moe_path != "auto":
+            return self.moe_path
+        c = self.model_config
+        assert c.moe is not None
+        return choose_path(rows, c.moe.num_experts, c.moe.top_k)
 
     def _check_family(self, cfg: LlamaConfig) -> None:
         if cfg.model_type != "gpt_oss" or not isinstance(cfg.family, GptOssSettings):
@@ -192,10 +234,14 @@ class GptOssEngine(LlamaEngine):
         g: GptOssSettings = c.family
         self._ws_moe = kernels.workspace(self.device)  # the grouped GEMMs' own
         max_tokens = max(self.max_prefill_tokens, self.max_batch)
-        capacity = self.max_batch if self._static_moe else None  # the decode graph's fixed-capacity path
+        # buffers for the paths this engine can take: the fixed-capacity routed path where the decode graph
+        # (max_batch rows) routes, the dense path where some step of up to max_batch rows goes dense
+        graph_path = self.moe_path_for(self.max_batch)
+        capacity = self.max_batch if self._static_moe and graph_path == "routed" else None
+        dense_rows = self.max_batch if self.moe_path == "dense" or graph_path == "dense" else None
         self._moe_scratch = MoEScratch(
             num_experts=e, hidden=h, intermediate=i_size, top_k=c.moe.top_k, max_tokens=max_tokens, dtype=dtype,
-            capacity=capacity,
+            capacity=capacity, dense_rows=dense_rows,
         )  # fmt: skip
         activation = ClampedSwiGLU(float(g.alpha), float(g.swiglu_limit))
         for i in range(c.num_layers):
@@ -222,7 +268,7 @@ class GptOssEngine(LlamaEngine):
                 MoELayer(
                     weights, dtype=dtype, top_k=c.moe.top_k, renormalize=True, max_tokens=max_tokens,
                     stream=self.stream, dense=self.dense, workspace=self._ws_moe, capacity=capacity,
-                    scratch=self._moe_scratch, biases=biases, activation=activation,
+                    scratch=self._moe_scratch, biases=biases, activation=activation, dense_rows=dense_rows,
                 )
             )  # fmt: skip
         self._norm = w.vector(w.get("model.norm.weight", (h,)))
@@ -306,6 +352,7 @@ class GptOssEngine(LlamaEngine):
         h, eps, ab = c.hidden_size, c.rms_norm_eps, self._ab
         x, qkv, attn = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr
         w, hqd, last = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        path = self.moe_path_for(rows)
         dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
         kernels.rmsnorm(v.h, self._ln1[0], v.x, eps, s)
         for i in range(c.num_layers):
@@ -322,7 +369,9 @@ class GptOssEngine(LlamaEngine):
             dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)
             self._k_bias((rows,), (256,), (x, self._bo[i], h, h))
             self._add_norm(v, self._ln2[i])
-            if static_moe:  # the decode graph: routed on the device, fixed capacity (capturable)
+            if path == "dense":  # every expert, no host step (capturable)
+                self._moe[i].forward_dense(b.x, b.x, rows)
+            elif static_moe:  # the decode graph: routed on the device, fixed capacity (capturable)
                 self._moe[i].forward_static(b.x, b.x, rows)
             else:  # routed on the host: only the chosen experts' weights are read
                 self._moe[i].forward(b.x, b.x, rows)
