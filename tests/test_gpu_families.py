@@ -21,8 +21,8 @@ token against the reference (teacher forcing: each token is the reference's argm
 its best logit); the CLI ``fi-ffi generate`` picks the family's engine.
 
 Measured on an H100 (transformers 5.17): Gemma 2 engine error 0.157 against transformers-bf16's 0.173 (logit std
-1.66), greedy 95/95 tokens the reference's argmax, eager and graph; gpt-oss 1.72 against 1.78 (logit std 0.45: this
-random model's routing is chaotic, bf16 rounding flips experts in transformers too), greedy 87/95, eager and graph.
+1.66), greedy 95/95 tokens the reference's argmax, eager and graph; gpt-oss 0.91 against 1.78 (logit std 0.45: this
+random model's routing is chaotic, bf16 rounding flips experts in transformers too), greedy 91/95, eager and graph.
 gpt-oss also runs with each MoE path forced (``moe_path``: routed, dense over the experts): prefill logits and graph
 greedy decode against the same reference.
 """
