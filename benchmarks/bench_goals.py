@@ -53,11 +53,29 @@ SMOLLM2 = dict(  # SmolLM2-135M's shape (random weights)
 )
 
 
-def rmsnorm_rows(n: int) -> dict[str, float | None]:
+def load_package(folder: str, name: str = "fi_ffi_before") -> Any:
+    """The fi_ffi package found in ``folder`` imported under another name, beside this tree's (its ops import
+    each other relatively), so both are timed in one process, interleaved."""
+    import importlib.util
+
+    root = Path(folder).resolve() / "fi_ffi"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def rmsnorm_rows(n: int, rounds: int, old: Any = None) -> dict[str, float | None]:
+    """``n`` launches per timed loop from an idle GPU (sync before each loop): fewer than the launch queue holds,
+    so the loop never waits for the GPU and its time is the host's (with loops of 20,000 launches the queue fills
+    and every contender measures the GPU's rate of tiny kernels, about 4.6 us on the H100: bench_floor.py)."""
     import torch
 
     import fi_ffi
     from fi_ffi import loader
+    from fi_ffi.ops import norm
 
     sync = torch.cuda.synchronize
     x = torch.randn(1, 128, dtype=torch.float16, device="cuda")
@@ -65,9 +83,16 @@ def rmsnorm_rows(n: int) -> dict[str, float | None]:
     out = torch.empty_like(x)
     xd, wd, od = (fi_ffi.as_tensor(t) for t in (x, w, out))
     rmsnorm = fi_ffi.rmsnorm
-    report = Report(f"rmsnorm 1x128 float16, host us per call (n={n})")
+    report = Report(f"rmsnorm 1x128 float16, host us per call ({rounds} rounds of {n} launches)", rounds=rounds)
+    # the floor: the module's function called with a frame packed once (no op-layer work at all)
+    floor = norm._rmsnorm.launcher.prepare((od, xd, wd, 1e-6, False))
+    report.measure("floor: frame packed once", floor, n=n, sync=sync)
     report.measure("fi_ffi, descriptors", lambda: rmsnorm(xd, wd, od), n=n, sync=sync)
     report.measure("fi_ffi, torch tensors", lambda: rmsnorm(x, w, out), n=n, sync=sync)
+    if old is not None:  # the old package, interleaved with this tree's
+        xo, wo, oo = (old.as_tensor(t) for t in (x, w, out))
+        report.measure("before: fi_ffi, descriptors", lambda: old.rmsnorm(xo, wo, oo), n=n, sync=sync)
+        report.measure("before: fi_ffi, torch tensors", lambda: old.rmsnorm(x, w, out), n=n, sync=sync)
     xc = wc = oc = None
     try:
         import cupy
@@ -75,6 +100,8 @@ def rmsnorm_rows(n: int) -> dict[str, float | None]:
         xc, wc = cupy.asarray(x), cupy.asarray(w)
         oc = cupy.empty_like(xc)
         report.measure("fi_ffi, CuPy arrays", lambda: rmsnorm(xc, wc, oc), n=n, sync=sync)
+        if old is not None:
+            report.measure("before: fi_ffi, CuPy arrays", lambda: old.rmsnorm(xc, wc, oc), n=n, sync=sync)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
     try:
@@ -84,6 +111,8 @@ def rmsnorm_rows(n: int) -> dict[str, float | None]:
         report.measure("tvm_ffi, torch tensors", lambda: f(out, x, w, 1e-6, False), n=n, sync=sync)
         if xc is not None:
             report.measure("tvm_ffi, CuPy arrays", lambda: f(oc, xc, wc, 1e-6, False), n=n, sync=sync)
+        xt, wt, ot = (tvm_ffi.from_dlpack(t) for t in (x, w, out))
+        report.measure("tvm_ffi, its Tensors converted once", lambda: f(ot, xt, wt, 1e-6, False), n=n, sync=sync)
     except Exception as exc:
         print(f"tvm_ffi unavailable: {exc}")
     try:
@@ -97,7 +126,7 @@ def rmsnorm_rows(n: int) -> dict[str, float | None]:
     return report.rows
 
 
-def as_tensor_rows(n: int) -> dict[str, float | None]:
+def as_tensor_rows(n: int, old: Any = None) -> dict[str, float | None]:
     import torch
 
     import fi_ffi
@@ -106,20 +135,26 @@ def as_tensor_rows(n: int) -> dict[str, float | None]:
     ptr = x.data_ptr()
     report = Report(f"describing one tensor, us per call (n={n})")
     report.measure("as_tensor(torch)", lambda: fi_ffi.as_tensor(x), n=n)
+    if old is not None:
+        report.measure("before: as_tensor(torch)", lambda: old.as_tensor(x), n=n)
     try:
         import cupy
 
         xc = cupy.asarray(x)
         report.measure("as_tensor(CuPy)", lambda: fi_ffi.as_tensor(xc), n=n)
+        if old is not None:
+            report.measure("before: as_tensor(CuPy)", lambda: old.as_tensor(xc), n=n)
         report.measure("  of which CuPy's __dlpack_device__()", xc.__dlpack_device__, n=n)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
     report.measure("Tensor.from_pointer", lambda: fi_ffi.Tensor.from_pointer(ptr, (1, 128), "float16", 0), n=n)
+    if old is not None:
+        report.measure("before: Tensor.from_pointer", lambda: old.Tensor.from_pointer(ptr, (1, 128), "float16", 0), n=n)
     report.run()
     return report.rows
 
 
-def decode_step_rows(steps: int, rounds: int) -> dict[str, float]:
+def decode_step_rows(steps: int, rounds: int, old: Any = None) -> dict[str, float]:
     import torch
     from bench_step import fi_ffi_step, flashinfer_step, measure, problem
 
@@ -129,10 +164,17 @@ def decode_step_rows(steps: int, rounds: int) -> dict[str, float]:
     ws = fi_ffi.Workspace.allocate(0)
     contenders = {"descriptors": fi_ffi_step(fi_ffi, p, ws, fi_ffi.as_tensor)}
     contenders["torch"] = fi_ffi_step(fi_ffi, p, ws, lambda t: t)
+    old_ws = None
+    if old is not None:
+        old_ws = old.Workspace.allocate(0)
+        contenders["before: descriptors"] = fi_ffi_step(old, p, old_ws, old.as_tensor)
+        contenders["before: torch"] = fi_ffi_step(old, p, old_ws, lambda t: t)
     try:
         import cupy
 
         contenders["CuPy"] = fi_ffi_step(fi_ffi, p, ws, cupy.asarray)
+        if old is not None:
+            contenders["before: CuPy"] = fi_ffi_step(old, p, old_ws, cupy.asarray)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
     try:
@@ -141,6 +183,8 @@ def decode_step_rows(steps: int, rounds: int) -> dict[str, float]:
         print(f"flashinfer-python unavailable: {exc}")
     times = measure(contenders, steps, rounds, torch.cuda.synchronize, wall=False)
     ws.close()
+    if old_ws is not None:
+        old_ws.close()
     return times
 
 
@@ -177,7 +221,7 @@ def make_checkpoint(folder: Path, shape: dict[str, Any]) -> Path:
     return folder
 
 
-def engine_rows(folder: Path, profile: int) -> dict[str, Any]:
+def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
     import cProfile
     import io
     import pstats
@@ -188,8 +232,24 @@ def engine_rows(folder: Path, profile: int) -> dict[str, Any]:
     prompt = [[(7 * k) % 40000 + 3 for k in range(16)]]
     with LlamaEngine(folder, max_batch=1, cuda_graph=False, max_seq_len=4096, max_prefill_tokens=2048) as engine:
         engine.generate(prompt, 8, eos_token_ids=())  # warm-up: modules, kernels, GEMM heuristics
-        best = min(engine.generate(prompt, 64, eos_token_ids=()).host_us_per_step for _ in range(3))
-        out["engine eager host us per decode step"] = best
+        # the GEMMs through cuBLASLt (algorithms cached per shape) and through cublasGemmEx, interleaved rounds
+        dense = engine.dense
+        lt, gemv = dense.lt, dense.gemv
+        if not gemv:
+            print(f"GEMV unavailable: {dense.gemv_error}")
+        contenders = {"GEMV": (lt, True), "cuBLASLt": (True, False), "cublasGemmEx": (False, False)}
+        contenders = {k: v for k, v in contenders.items() if (lt or not v[0]) and (gemv or not v[1])}
+        best: dict[str, float] = {}
+        for _ in range(3):
+            for name, (use_lt, use_gemv) in contenders.items():
+                dense.lt, dense.gemv = use_lt, use_gemv
+                us = engine.generate(prompt, 64, eos_token_ids=()).host_us_per_step
+                best[name] = min(us, best.get(name, us))
+        dense.lt, dense.gemv = lt, gemv
+        out["engine eager host us per decode step"] = min(best.values())
+        for name, us in best.items():
+            out[f"engine eager host us per decode step, GEMMs by {name}"] = us
+        out.update(part_rows(engine))
         if profile:
             prof = cProfile.Profile()
             prof.enable()
@@ -199,26 +259,147 @@ def engine_rows(folder: Path, profile: int) -> dict[str, Any]:
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(profile)
             out["profile"] = text.getvalue()
             out["profile steps"] = r.decode_steps + 1
-        # prefill of 2048 tokens (timed by engine_share around the engine's _prefill)
+        # prefill of 2048 tokens (timed by engine_share around the engine's _prefill): eagerly, then with the
+        # per-shape graph (the first of those runs sees the shape, the second captures it, the rest replay it)
         long_prompt = [[(13 * k) % 40000 + 3 for k in range(2048)]]
-        for _ in range(4):
+        engine.prefill_graphs = False
+        for _ in range(3):
+            label[0] = "eager"
             engine.generate(long_prompt, 1, eos_token_ids=())
+        if profile:  # where an eager 2048-token prefill's host time goes
+            prof = cProfile.Profile()
+            prof.enable()
+            engine.generate(long_prompt, 1, eos_token_ids=())
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(profile)
+            out["prefill profile"] = text.getvalue()
+        engine.prefill_graphs = True
+        for n in range(5):
+            label[0] = "graph" if n >= 2 else "warm"
+            engine.generate(long_prompt, 1, eos_token_ids=())
+        label[0] = ""
     return out
+
+
+def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
+    """Host us per call of each launch of the eager decode step at one row (the engine's own buffers, views and
+    plan, inside the engine's stream scope as generate runs them): the four GEMMs through cuBLASLt and through
+    cublasGemmEx, the FlashInfer launches, and a CuPy RawKernel launch (the embedding gather) for scale.
+    ``n`` calls per round stay below the launch queue's depth, so a round times the host alone."""
+    from fi_ffi.models import kernels
+    from fi_ffi.streams import stream_scope
+
+    c, b, d, s = engine.config, engine._buf, engine.dense, engine._s
+    h, inter, w = c.hidden_size, c.intermediate_size, engine._qkv_width
+    hqd = c.num_qo_heads * c.head_dim
+    ab = engine._ab
+    v = engine._view("decode", 1, 1)
+    shapes = {
+        "qkv": (b.x.data.ptr, h, engine._wqkv[0], w, h, b.qkv.data.ptr, w),
+        "o": (b.attn.data.ptr, hqd, engine._wo[0], h, hqd, b.x.data.ptr, h),
+        "gate_up": (b.x.data.ptr, h, engine._wgu[0], 2 * inter, h, b.gu.data.ptr, 2 * inter),
+        "down": (b.act.data.ptr, inter, engine._wd[0], h, inter, b.x.data.ptr, h),
+    }
+    report = Report(f"eager decode step parts at 1 row, host us per call (n={n})")
+    sync = engine.stream.synchronize
+
+    def gemm(lt: bool, args: tuple[int, ...], gemv: bool = False) -> Any:
+        def run() -> None:
+            d.lt, d.gemv = lt, gemv
+            d.linear(1, *args, ab, ab)
+
+        return run
+
+    gemv = d.gemv
+
+    eps = c.rms_norm_eps
+    norm = kernels.prepared_fused_add_rmsnorm(v.x, v.h, engine._ln2[0], eps, s)
+    parts = {
+        "fused_add_rmsnorm (prepared)": norm,
+        "fused_add_rmsnorm (op)": lambda: kernels.fused_add_rmsnorm(v.x, v.h, engine._ln2[0], eps, s),
+        "rope": lambda: kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s),
+        "append_paged_kv_cache": lambda: kernels.append_kv(
+            v.k,
+            v.v,
+            v.batch_indices,
+            v.positions,
+            engine._k_cache[0],
+            engine._v_cache[0],
+            v.kv_indices,
+            v.kv_indptr,
+            v.kv_last_page_len,
+            s,
+        ),
+        "batch_decode_run": lambda: engine._decode_attention(0, v),
+        "silu_and_mul": lambda: kernels.silu_and_mul(v.gu, v.act, s),
+        "CuPy RawKernel (row gather)": lambda: d.gather_rows(1, engine._embed, h, v.token_ids, b.h.data.ptr, h, h),
+    }
+    raw = raw_launch(d, engine._embed, v.token_ids, b.h.data.ptr, h, s)
+    if raw is not None:
+        parts["raw cuLaunchKernel through cffi (row gather)"] = raw
+    with engine.stream, stream_scope(s, engine.device):
+        for name, args in shapes.items():
+            if gemv:
+                report.measure(f"GEMM {name}: GEMV", gemm(True, args, True), n=n, sync=sync)
+            if d._lt is not None:
+                report.measure(f"GEMM {name}: cuBLASLt", gemm(True, args), n=n, sync=sync)
+            report.measure(f"GEMM {name}: cublasGemmEx", gemm(False, args), n=n, sync=sync)
+        for name, fn in parts.items():
+            report.measure(name, fn, n=n, sync=sync)
+        report.run()
+        sync()
+    d.lt, d.gemv = d._lt is not None, gemv
+    return {f"part {k}": v for k, v in report.rows.items() if v is not None}
+
+
+def raw_launch(dense: Any, src: int, index: int, dst: int, width: int, stream: int) -> Any:
+    """The floor of one launch on this host: the row-gather kernel through ``cuLaunchKernel`` (libcuda, cffi,
+    argument array packed once); None where it cannot be set up."""
+    try:
+        import cffi
+
+        ffi = cffi.FFI()
+        ffi.cdef(
+            "int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, "
+            "unsigned bz, unsigned smem, uintptr_t stream, void** params, void** extra);"
+        )
+        lib = ffi.dlopen("libcuda.so.1")
+        fn = ffi.cast("void*", getattr(dense._gather_fn, "kernel", dense._gather_fn).ptr)
+        values = ffi.new("uint64_t[6]", [src, index, dst, width, width, width])
+        params = ffi.new("void*[6]", [values + i for i in range(6)])
+        call, null = lib.cuLaunchKernel, ffi.NULL
+    except Exception as exc:
+        print(f"raw cuLaunchKernel: unavailable ({type(exc).__name__}: {exc})")
+        return None
+
+    def launch() -> None:
+        if call(fn, 1, 1, 1, 256, 1, 1, 0, stream, params, null):
+            raise RuntimeError("cuLaunchKernel failed")
+
+    launch.keep = (values, params)  # type: ignore[attr-defined]
+    return launch
 
 
 def own(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
+    parts = {"engine"} if args.engine_only else set(args.parts.split(","))
+    old = load_package(args.before_inline) if args.before_inline else None
     for part, fn in (
-        ("rmsnorm", lambda: rmsnorm_rows(args.n)),
-        ("as_tensor", lambda: as_tensor_rows(args.n)),
-        ("decode step b1", lambda: decode_step_rows(args.steps, args.rounds)),
+        ("rmsnorm", lambda: rmsnorm_rows(args.launches, args.launch_rounds, old)),
+        ("as_tensor", lambda: as_tensor_rows(args.n, old)),
+        ("decode step b1", lambda: decode_step_rows(args.steps, args.rounds, old)),
     ):
+        result[part] = {}
+        if part.split()[0] not in parts:
+            continue
         try:
             result[part] = fn()
         except Exception as exc:  # one part failing still leaves the others' figures
             print(f"{part}: unavailable ({type(exc).__name__}: {exc})")
-            result[part] = {}
     result["engine"] = {}
+    if "engine" not in parts:
+        return result
     # SmolLM2-135M's shape; should its 9/3 heads find no kernel in the installed wheels, a 30-layer model of
     # 8/2 heads (512 wide) stands in, and the table says so
     for shape in (SMOLLM2, {**SMOLLM2, "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2}):
@@ -239,7 +420,8 @@ def engine_share(folder: Path, profile: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     original = llama.LlamaEngine._prefill
-    spans: list[tuple[float, float]] = []
+    spans: list[tuple[str, float, float]] = []
+    label = [""]
 
     def timed_prefill(self: Any, sched: Any, reqs: Any, sampling: Any, all_logits: bool = False) -> Any:
         begin = time.perf_counter()
@@ -256,20 +438,21 @@ def engine_share(folder: Path, profile: int) -> dict[str, Any]:
         finally:
             del self._fetch_ids
             end = time.perf_counter()
-            if issued:
-                spans.append((issued[0] - begin, end - begin))
+            if issued and label[0]:
+                spans.append((label[0], issued[0] - begin, end - begin))
 
     llama.LlamaEngine._prefill = timed_prefill  # type: ignore[method-assign]
     try:
-        out.update(engine_rows(folder, profile))
+        out.update(engine_rows(folder, profile, label))
     finally:
         llama.LlamaEngine._prefill = original  # type: ignore[method-assign]
-    long = [s for s in spans if s[1] > 0][-4:]  # the 2048-token prefills
-    if long:
-        host, wall = min(long, key=lambda s: s[1])
-        out["prefill 2048 host ms"] = host * 1e3
-        out["prefill 2048 wall ms"] = wall * 1e3
-        out["prefill host share"] = host / wall
+    for mode, suffix in (("eager", " (eager)"), ("graph", "")):
+        long = [(h, w) for m, h, w in spans if m == mode and w > 0]
+        if long:
+            host, wall = min(long, key=lambda s: s[1])
+            out[f"prefill 2048 host ms{suffix}"] = host * 1e3
+            out[f"prefill 2048 wall ms{suffix}"] = wall * 1e3
+            out[f"prefill host share{suffix}"] = host / wall
     return out
 
 
@@ -285,17 +468,30 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     first = runs[names[0]]
     for key in first["rmsnorm"]:
         row(f"rmsnorm 1x128 us/call: {key}", [r["rmsnorm"].get(key) for r in runs.values()])
-    for key in ("fi_ffi, descriptors", "fi_ffi, torch tensors", "fi_ffi, CuPy arrays"):
+    ours = ("fi_ffi, descriptors", "fi_ffi, torch tensors", "fi_ffi, CuPy arrays")
+    for key in (*ours, *(f"before: {k}" for k in ours)):
+        if key not in first["rmsnorm"]:
+            continue
         vals = []
         for r in runs.values():
             a, b = r["rmsnorm"].get(key), r["rmsnorm"].get("tvm_ffi, torch tensors")
             vals.append(None if a is None or not b else a / b)
         row(f"rmsnorm {key} / tvm_ffi(torch)", vals, "{:.2f}x")
+    for key in (*ours, *(f"before: {k}" for k in ours), "tvm_ffi, torch tensors", "tvm_ffi, CuPy arrays"):
+        if key not in first["rmsnorm"]:
+            continue
+        vals = []
+        for r in runs.values():
+            a, b = r["rmsnorm"].get(key), r["rmsnorm"].get("floor: frame packed once")
+            vals.append(None if a is None or b is None else a - b)
+        row(f"rmsnorm {key}: us above the floor", vals)
     for key in first["as_tensor"]:
         row(f"{key} us", [r["as_tensor"].get(key) for r in runs.values()])
     for key in first["decode step b1"]:
         row(f"decode step b1 host us/step: {key}", [r["decode step b1"].get(key) for r in runs.values()], "{:.1f}")
-    for key in ("descriptors", "torch", "CuPy"):
+    for key in ("descriptors", "torch", "CuPy", "before: descriptors", "before: torch", "before: CuPy"):
+        if key not in first["decode step b1"]:
+            continue
         vals = []
         for r in runs.values():
             a, b = r["decode step b1"].get(key), r["decode step b1"].get("flashinfer-python")
@@ -304,11 +500,20 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     lines.append(f"SmolLM2-shaped engine: {', '.join(str(r['engine'].get('shape')) for r in runs.values())}")
     for key, fmt in (
         ("engine eager host us per decode step", "{:.0f}"),
+        ("engine eager host us per decode step, GEMMs by GEMV", "{:.0f}"),
+        ("engine eager host us per decode step, GEMMs by cuBLASLt", "{:.0f}"),
+        ("engine eager host us per decode step, GEMMs by cublasGemmEx", "{:.0f}"),
         ("prefill 2048 host ms", "{:.2f}"),
         ("prefill 2048 wall ms", "{:.2f}"),
         ("prefill host share", "{:.0%}"),
+        ("prefill 2048 host ms (eager)", "{:.2f}"),
+        ("prefill 2048 wall ms (eager)", "{:.2f}"),
+        ("prefill host share (eager)", "{:.0%}"),
     ):
         row(f"engine, 30 layers: {key}", [r["engine"].get(key) for r in runs.values()], fmt)
+    for key in first["engine"]:
+        if key.startswith("part "):
+            row(f"{key} us", [r["engine"].get(key) for r in runs.values()])
     return "\n".join(lines)
 
 
@@ -318,7 +523,8 @@ def before(args: argparse.Namespace) -> dict[str, Any] | None:
         path = [str(Path(args.before).resolve()), str(HERE), os.environ.get("PYTHONPATH", "")]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
         cmd = [sys.executable, __file__, "--json", fh.name, "-n", str(args.n), "--steps", str(args.steps)]
-        cmd += ["--rounds", str(args.rounds), "--profile", "0"]
+        cmd += ["--rounds", str(args.rounds), "--profile", "0", "--parts", args.parts]
+        cmd += ["--launches", str(args.launches), "--launch-rounds", str(args.launch_rounds)]
         done = subprocess.run(cmd, env=env, cwd=str(HERE), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if done.returncode:
             print(f"the old package's run failed ({done.returncode}):\n{done.stdout[-3000:]}")
@@ -349,16 +555,32 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", help="a folder holding an older fi_ffi package to compare with (in a subprocess)")
     ap.add_argument("--json", help="write the figures to this file")
-    ap.add_argument("-n", type=int, default=20_000, help="calls per timed loop (rmsnorm, as_tensor)")
+    ap.add_argument("-n", type=int, default=20_000, help="calls per timed loop (as_tensor)")
+    ap.add_argument("--launches", type=int, default=256, help="launches per timed loop (rmsnorm)")
+    ap.add_argument("--launch-rounds", type=int, default=100, help="interleaved rounds (rmsnorm)")
+    ap.add_argument("--parts", default="rmsnorm,as_tensor,decode,engine", help="which parts to run (comma-separated)")
+    ap.add_argument(
+        "--before-inline",
+        help="a folder holding an older fi_ffi package, imported as fi_ffi_before and timed in this process, "
+        "interleaved with this tree (rows 'before: ...'; not for the engine)",
+    )
+    ap.add_argument("--floor", action="store_true", help="also print bench_floor.py's breakdown (this tree only)")
     ap.add_argument("--steps", type=int, default=20, help="decode steps per timed round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", type=int, default=25, help="functions shown in the engine's eager-step profile")
+    ap.add_argument(
+        "--engine-only", action="store_true", help="only the engine's rows (decode step, prefill): --parts engine"
+    )
     ap.add_argument(
         "--before-runs", type=int, choices=(1, 2), default=2, help="runs of the old package: after ours, or around it"
     )
     args = ap.parse_args()
     import fi_ffi
 
+    if args.floor:
+        import bench_floor
+
+        bench_floor.main([])
     old_first = before(args) if args.before and args.before_runs == 2 else None
     mine = own(args)
     old_second = before(args) if args.before else None
@@ -372,6 +594,9 @@ def main() -> int:
         steps = mine["engine"]["profile steps"]
         print(f"\nprofile of the engine's eager generate (prefill + {steps - 1} decode steps), by own time:")
         print(mine["engine"]["profile"])
+    if mine["engine"].get("prefill profile"):
+        print("\nprofile of one eager 2048-token prefill (generate(prompt, 1)), by own time:")
+        print(mine["engine"]["prefill profile"])
     if args.json:
         Path(args.json).write_text(json.dumps(runs if args.before else mine, indent=2))
     return 0

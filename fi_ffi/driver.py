@@ -1,12 +1,13 @@
 """The few CUDA driver calls fi_ffi makes itself, through cffi in ABI mode (libcuda, nothing compiled).
 
-Three users: :mod:`fi_ffi.interop` asks which device owns a CUDA-array-interface pointer and orders a consumer
+Four users: :mod:`fi_ffi.interop` asks which device owns a CUDA-array-interface pointer and orders a consumer
 stream after a producer's (an event), :class:`~fi_ffi.ops.attention.workspace.Workspace` records and waits for the
-plan-copy event on every plan, and :mod:`fi_ffi.ops.segment_gemm` copies its host-computed argument arrays from
-the workspace's page-locked buffer. Not through cuda-bindings: its ``cuPointerGetAttribute(s)`` reports device
-ordinal 0 for every pointer (NVIDIA/cuda-python #2928), and each call there costs microseconds (argument objects,
-an enum per returned error), which the per-plan event calls cannot afford. Events and streams are passed as
-integer handles.
+plan-copy event on every plan, :mod:`fi_ffi.ops.segment_gemm` copies its host-computed argument arrays from the
+workspace's page-locked buffer, and the engine's small-row GEMV (:mod:`fi_ffi.models.dense`) is launched with
+``cuLaunchKernel`` on an argument array packed once. Not through cuda-bindings: its ``cuPointerGetAttribute(s)``
+reports device ordinal 0 for every pointer (NVIDIA/cuda-python #2928), and each call there costs microseconds
+(argument objects, an enum per returned error), which the per-plan event calls cannot afford. Events and streams
+are passed as integer handles.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ int cuStreamWaitEvent(uintptr_t stream, uintptr_t event, unsigned int flags);
 int cuEventDestroy_v2(uintptr_t event);
 int cuMemcpyHtoDAsync_v2(uint64_t dst, uintptr_t src, size_t bytes, uintptr_t stream);
 int cuMemcpyHtoD_v2(uint64_t dst, uintptr_t src, size_t bytes);
+int cuLaunchKernel(uintptr_t f, unsigned int gridDimX, unsigned int gridDimY, unsigned int gridDimZ,
+                   unsigned int blockDimX, unsigned int blockDimY, unsigned int blockDimZ, unsigned int sharedMemBytes,
+                   uintptr_t stream, void** kernelParams, void** extra);
 """
 ERROR_NOT_READY = 600  # CUDA_ERROR_NOT_READY: an event query whose work is still pending
 

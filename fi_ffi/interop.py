@@ -64,9 +64,9 @@ Remembered layouts (issue 21). Once a torch tensor (or a CuPy array, described t
 with every field checked, its layout (shape, strides, dtype, device, layout id) is remembered under the
 producer's own values (torch: ``shape``, ``stride()``, ``dtype``, ``device``; CuPy: ``shape``, ``strides``,
 ``dtype``, ``__dlpack_device__()``), values only. A later tensor with the same values is described by reading
-them and its pointer (torch: ``data_ptr()``, after the strided-layout and ``is_neg()`` tests; CuPy:
-``data.ptr``): no capsule, no re-validation. The table is bounded (cleared when full) and cleared with
-:func:`fi_ffi.caches.reset`.
+them and its pointer (torch: ``data_ptr()``, after the ``is_neg()`` test; a non-strided layout has no
+``stride()``, so it is described in full; CuPy: ``data.ptr``): no capsule, no re-validation. The table is
+bounded (cleared when full) and cleared with :func:`fi_ffi.caches.reset`.
 """
 
 from __future__ import annotations
@@ -215,16 +215,6 @@ def _new(
     return t
 
 
-def _with_layout(data_ptr: int, layout: Layout, owner: Any) -> Tensor:
-    """A Tensor at ``data_ptr`` with a remembered layout (the fast paths of torch and CuPy)."""
-    t = _alloc(Tensor)
-    t.data_ptr = data_ptr
-    t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = layout
-    t.owner = owner
-    t._block = None
-    return t
-
-
 def _remember(key: Any, t: Tensor) -> None:
     if len(_layouts) >= _MAX_LAYOUTS:
         _layouts.clear()
@@ -258,12 +248,21 @@ def _check_layout(name: str, shape: tuple[int, ...], strides: tuple[int, ...]) -
 
 
 def _from_torch(obj: Any, name: str, stream: Any) -> Tensor:
-    # fast path: a strided tensor whose (shape, stride(), dtype, device) was described before; the layout check
-    # comes first because stride() raises for sparse layouts; the neg bit is not part of the layout, so asked
-    if stream == -1 and obj.layout is _torch_strided:
-        found = _layouts.get((obj.shape, obj.stride(), obj.dtype, obj.device))
+    # fast path: a tensor whose (shape, stride(), dtype, device) was described before. Only strided tensors are
+    # remembered, and stride() raises for every other layout (sparse, mkldnn), so such a tensor is described, and
+    # refused, below; the neg bit is not part of the layout, so asked
+    if stream == -1:
+        try:
+            found = _layouts.get((obj.shape, obj.stride(), obj.dtype, obj.device))
+        except Exception:
+            found = None
         if found is not None and not obj.is_neg():
-            return _with_layout(obj.data_ptr(), found, obj)
+            t = _alloc(Tensor)  # from the remembered layout (no helper call on the hot path)
+            t.data_ptr = obj.data_ptr()
+            t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = found
+            t.owner = obj
+            t._block = None
+            return t
     t = _describe_torch(obj, name, stream)
     if t.owner is obj and stream == -1:  # (not through DLPack)
         _remember((obj.shape, obj.stride(), obj.dtype, obj.device), t)
@@ -297,7 +296,12 @@ def _from_cupy(obj: Any, name: str, stream: Any) -> Tensor:
     if stream == -1:
         found = _layouts.get((obj.shape, obj.strides, obj.dtype, obj.__dlpack_device__()))
         if found is not None:
-            return _with_layout(obj.data.ptr, found, obj)
+            t = _alloc(Tensor)  # from the remembered layout
+            t.data_ptr = obj.data.ptr
+            t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = found
+            t.owner = obj
+            t._block = None
+            return t
     t = _from_dlpack(obj, name, stream)
     if stream == -1 and t.data_ptr == obj.data.ptr:  # (DLPack's data + byte_offset is CuPy's pointer)
         _remember((obj.shape, obj.strides, obj.dtype, obj.__dlpack_device__()), t)

@@ -18,8 +18,11 @@ anything else               :func:`fi_ffi.as_tensor` (DLPack, array interface) w
                             DLPack consumer stream (JAX needs a real stream)
 ==========================  ==============================================================================
 
-A key stands for the layout that :func:`describe` (the launcher's slow path) gives the same object, so a key
-the launcher has seen validated means that layout. Describing goes one way: the launcher asks this module (a
+The launcher's generated code does the torch and CuPy reads of this table itself (no reader call per argument;
+the same keys), for ``torch.Tensor`` and ``cupy.ndarray`` exactly (:data:`torch_tensor`, :data:`cupy_ndarray`,
+set when the first object of each is read); a lazily negated torch view goes to :func:`_read_torch`, which
+refuses it. A key stands for the layout that :func:`describe` (the launcher's slow path) gives the same object,
+so a key the launcher has seen validated means that layout. Describing goes one way: the launcher asks this module (a
 reader per call, :func:`describe` on the slow path), this module asks :mod:`fi_ffi.interop` (the protocols).
 
 The default stream of a call (``stream=None``) follows the first tensor argument's framework, as flashinfer
@@ -45,6 +48,16 @@ StreamSource = Callable[[int], int]
 # without a call when the type was seen, as the generated launchers read it.
 readers: dict[type, Reader] = {}
 _stream_sources: dict[type, StreamSource | None] = {}
+
+
+class _NotSeen:
+    """Stands for a framework's class until its first object is read (no object is of this class)."""
+
+
+# The classes whose reads the launcher's generated code does inline (the reads of read_torch / read_cupy, the same
+# keys); set when the first object of each is read, so fi_ffi never imports torch or CuPy itself.
+torch_tensor: type = _NotSeen
+cupy_ndarray: type = _NotSeen
 
 
 def _read_descriptor(t: Tensor, stream: Any) -> tuple[Hashable, int]:
@@ -101,10 +114,13 @@ def _reader_for(tp: type) -> Reader:
         return _read_descriptor
     module = tp.__module__ or ""
     torch = sys.modules.get("torch") if module.startswith("torch") else None
+    global torch_tensor, cupy_ndarray
     if torch is not None and (tp is torch.Tensor or tp is torch.nn.Parameter):
+        torch_tensor = torch.Tensor
         return _read_torch
     cupy = sys.modules.get("cupy") if module.startswith("cupy") else None
     if cupy is not None and tp is cupy.ndarray:
+        cupy_ndarray = cupy.ndarray
         return _read_cupy
     if hasattr(tp, "__cuda_array_interface__") and not hasattr(tp, "__dlpack__"):  # as as_tensor chooses
         return _read_cai
@@ -138,11 +154,6 @@ def _torch_stream(device_id: int) -> int:
     return _torch_raw_stream(device_id)  # (an int already)
 
 
-def _cupy_stream(device_id: int) -> int:
-    cupy = sys.modules["cupy"]
-    return int(cupy.cuda.get_current_stream(device_id).ptr)
-
-
 def stream_source(obj: Any) -> StreamSource | None:
     """Where a call whose first tensor argument is ``obj`` takes its default stream from.
 
@@ -155,9 +166,15 @@ def stream_source(obj: Any) -> StreamSource | None:
     found: StreamSource | None = None
     module = tp.__module__ or ""
     if module.startswith("torch") and "torch" in sys.modules and hasattr(obj, "is_cuda"):
-        found = _torch_stream
+        # torch's own function (an int per device ordinal) when this build has it: no Python frame per call
+        found = getattr(sys.modules["torch"]._C, "_cuda_getCurrentRawStream", None) or _torch_stream
     elif module.startswith("cupy") and "cupy" in sys.modules:
-        found = _cupy_stream
+        get_current = sys.modules["cupy"].cuda.get_current_stream  # found once, not per call
+
+        def cupy_current(device_id: int) -> int:
+            return get_current(device_id).ptr  # type: ignore[no-any-return]
+
+        found = cupy_current
     _stream_sources[tp] = found
     return found
 
@@ -192,10 +209,11 @@ def dlpack_stream(obj: Any, stream: Any) -> Any:
 
 def reset() -> None:
     """Forget the per-type choices (for tests that import a framework late)."""
-    global _torch_raw_stream
+    global _torch_raw_stream, torch_tensor, cupy_ndarray
     readers.clear()
     _stream_sources.clear()
     _torch_raw_stream = None
+    torch_tensor = cupy_ndarray = _NotSeen
 
 
 caches.register("producer readers and stream sources (per producer type)", reset)

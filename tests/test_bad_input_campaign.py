@@ -1259,6 +1259,24 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
+    "deepseek.graph_blocker": lambda: [
+        (
+            "graph_blocker",
+            Entry(
+                deepseek.graph_blocker,
+                lambda: {"c": deepseek_config.DeepSeekConfig.from_dict(dict(DEEPSEEK))},
+                kinds={"c": "object"},
+            ),
+        )
+    ],
+    "deepseek_routing.device_routing_blocker": lambda: [
+        (
+            "device_routing_blocker",
+            Entry(
+                deepseek_routing.device_routing_blocker, lambda: {"routing": _ds_routing()}, kinds={"routing": "object"}
+            ),
+        )
+    ],
     "deepseek.fused_routing_blocker": lambda: [
         (
             "fused_routing_blocker",
@@ -1449,6 +1467,8 @@ _PACKING = "packs a declaration's values for the comm set-up calls, reached only
 _PLUMBING = "internal plumbing over the CUDA runtime (raw addresses fi_ffi itself allocated); test_gpu_comm.py"
 EXEMPT: dict[str, str] = {
     **dict.fromkeys(["env.DistEnv", "trtllm_ar.WorkspaceMetadata", "checkpoint.TensorInfo"], _RECORD),
+    # compiles its kernel with CuPy in the constructor; its argument checks run before that (test_deepseek.py)
+    "deepseek_routing.DeviceGroupedTopk": _GPU,
     **dict.fromkeys(
         ["config.MoEConfig", "config.RopeConfig", "moe_routing.ExpertGroups", "llama.GenerationResult"], _RECORD
     ),
@@ -1494,6 +1514,7 @@ EXEMPT: dict[str, str] = {
     "checkpoint.write_safetensors": "a test helper writing checkpoints: tests/test_llama_host.py",
     **{f"cublas.{n}": _GPU for n in ("Handle", "get_ffi", "library", "library_path", "status_name")},
     **{f"dense.{n}": _GPU for n in ("Dense", "data_type")},
+    **{f"cublas_lt.{n}": _GPU for n in ("LtMatmuls", "library")},
     "graph.CudaGraph": _GPU,
     **{
         f"values.{n}": "a shared value check that the config and host-helper generators above reach on every bad case"
@@ -1508,6 +1529,7 @@ EXEMPT: dict[str, str] = {
             "descriptor",
             "fused_add_rmsnorm",
             "generator",
+            "prepared_fused_add_rmsnorm",
             "prefill_plan",
             "prefill_run",
             "qk_rmsnorm",

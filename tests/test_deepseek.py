@@ -210,6 +210,7 @@ def test_engine_refuses_tp_through_the_family_hook_before_touching_a_gpu(tmp_pat
         DeepSeekEngine(tmp_path, tensor_parallel=4, cuda_graph=True)
 
 
+@pytest.mark.cpu_only  # it reaches the GPU look-up, which must fail here
 def test_engine_takes_a_graph_where_the_routing_runs_on_the_device(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """V3 (fused kernel) and V2-Lite (the device fallback) pass the family check with cuda_graph=True and get as far
     as looking for a GPU; a routing neither device path does is refused naming n_group."""

@@ -4,12 +4,17 @@
   only those and ``data_ptr()``: compared here field by field with the full description, for every dtype fi_ffi
   knows and strided, sliced, transposed and empty views;
 - a type with ``__cuda_array_interface__`` (and no DLPack) is read by the launcher from its interface alone: a
-  warm call stays on the fast path, a changed layout or dtype is checked again and refused by name.
+  warm call stays on the fast path, a changed layout or dtype is checked again and refused by name;
+- the launcher's generated code reads ``torch.Tensor`` and ``cupy.ndarray`` arguments inline (no reader call):
+  the same keys and pointers as the readers for every dtype and view, a warm call packs the frame as the slow
+  path's own description does (on a GPU, with the real op), a negated view or a misaligned pointer of a warm
+  layout is still refused by name, and nothing kept refers to the tensors.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 from typing import Any
 
@@ -111,3 +116,152 @@ def test_a_cai_type_is_read_from_its_interface_and_stays_on_the_fast_path(kernel
     x.ptr += 2
     with pytest.raises(ValueError, match=r"^input: "):
         fi_ffi.rmsnorm(x, w, out)
+
+
+# ---- the launcher's inline reads (issue 21): torch tensors and CuPy arrays read in the generated code -------------
+
+on_gpu = pytest.mark.skipif(
+    os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1" or not torch.cuda.is_available(),
+    reason="launches on a GPU (FI_FFI_RUN_GPU_TESTS=1)",
+)
+
+
+def unchecked_launch() -> Any:
+    """rmsnorm's launch function without the op's check (its keys function reads as every launcher's does)."""
+    from fi_ffi.launch.launcher import launcher
+
+    return launcher(norm.RMSNORM, "norm", None)
+
+
+def packed(launch: Any, frame: Any) -> tuple[Any, ...]:
+    """What the frame passes: per argument slot its type and payload, a DLTensor record decoded field by field
+    (data, device, ndim, dtype, shape, strides, byte offset), so frames at other addresses compare."""
+    from fi_ffi.abi.cdefs import get_ffi
+    from fi_ffi.abi.objects import DLTENSOR_PTR
+
+    ffi = get_ffi()
+    out: list[Any] = []
+    for i in range(len(launch.launcher.decl.params)):
+        kind, payload = frame.q[2 * i], frame.q[2 * i + 1]
+        if kind == DLTENSOR_PTR:
+            t = ffi.cast("DLTensor*", payload)
+            n = t.ndim
+            strides = None if t.strides == ffi.NULL else [t.strides[k] for k in range(n)]
+            payload = (
+                int(ffi.cast("uintptr_t", t.data)),
+                (t.device.device_type, t.device.device_id),
+                (n, t.dtype.code, t.dtype.bits, t.dtype.lanes),
+                [t.shape[k] for k in range(n)],
+                strides,
+                t.byte_offset,
+            )
+        out.append((kind, payload))
+    return tuple(out)
+
+
+def warm_call_packs_as_the_slow_path(args: tuple[Any, ...]) -> None:
+    """``fi_ffi.rmsnorm(input, weight, out)`` after a call that remembered the layouts stays on the fast path (read
+    inline: no description, no check) and packs the frame as the slow path's own description of the same
+    arguments does (prepare: describe, check, pack)."""
+    x, w, out = args
+    lau = norm._rmsnorm.launcher
+    fi_ffi.rmsnorm(x, w, out)
+    before = lau.slow_calls
+    fi_ffi.rmsnorm(x, w, out)
+    assert lau.slow_calls == before
+    reference = lau.prepare((out, x, w, 1e-6, False))
+    assert packed(norm._rmsnorm, lau.tls.frame) == packed(norm._rmsnorm, reference._frame)
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES)
+def test_the_launchers_inline_torch_reads_key_as_the_reader(dtype: str) -> None:
+    launch = unchecked_launch()
+    source = launch.source
+    assert "_pr.torch_tensor and not out.is_neg()" in source and "out.data_ptr()" in source
+    producers.reader(torch.Tensor)
+    assert producers.torch_tensor is torch.Tensor  # the generated code reads torch tensors itself now
+    for x in views(dtype):
+        other = torch.zeros_like(x)  # another tensor, another pointer
+        keys, ptrs = launch.launcher.keys(x, other, x, 1e-6, False)
+        key_x, key_other = producers._read_torch(x, None)[0], producers._read_torch(other, None)[0]
+        assert keys[:3] == (key_x, key_other, key_x)
+        assert ptrs == [x.data_ptr(), other.data_ptr(), x.data_ptr()]
+    # a subclass (a parameter) and a negated view go to the reader: the first keys alike, the second is refused
+    x = torch.ones(4, 8)
+    assert launch.launcher.keys(torch.nn.Parameter(x), x, x, 1e-6, False)[0][0] == producers._read_torch(x, None)[0]
+    with pytest.raises(ValueError, match="lazily negated"):
+        launch.launcher.keys(torch._neg_view(x), x, x, 1e-6, False)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_warm_torch_call_packs_as_the_slow_path(dtype: str) -> None:
+    t = getattr(torch, dtype)
+    wide = torch.randn(6, 256, dtype=t, device="cuda")
+    w = torch.randn(128, dtype=t, device="cuda")
+    for x in (wide[:, :128].contiguous(), wide[:, :128], wide[1:4, 64:192]):  # rows strided too
+        out = torch.zeros(x.shape, dtype=t, device="cuda")
+        warm_call_packs_as_the_slow_path((x, w, out))
+        if x.numel():
+            x32 = x.float()
+            expected = x32 / torch.sqrt((x32 * x32).mean(-1, keepdim=True) + 1e-6) * w.float()
+            torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@on_gpu
+def test_the_inline_torch_reads_refuse_a_negated_view_and_keep_nothing() -> None:
+    x = torch.ones(4, 128, dtype=torch.float16, device="cuda")
+    w = torch.ones(128, dtype=torch.float16, device="cuda")
+    out = torch.zeros_like(x)
+    for _ in range(2):
+        fi_ffi.rmsnorm(x, w, out)
+    # the warm layout, negated lazily: refused by name, not launched with the sign lost
+    with pytest.raises(ValueError, match=r"^input: the tensor is a lazily negated view"):
+        fi_ffi.rmsnorm(torch._neg_view(x), w, out)
+    # a parameter (a subclass: through the reader) of the warm layout stays on the fast path
+    lau = norm._rmsnorm.launcher
+    before = lau.slow_calls
+    fi_ffi.rmsnorm(torch.nn.Parameter(x.clone(), requires_grad=False), w, out)
+    assert lau.slow_calls == before
+    # a misaligned pointer of the warm layout is refused by the pointer rules, not launched
+    with pytest.raises(ValueError, match=r"^input: data pointer 0x[0-9a-f]+ must be aligned"):
+        fi_ffi.rmsnorm(torch.ones(4 * 128 + 1, dtype=torch.float16, device="cuda")[1:].view(4, 128), w, out)
+    torch.cuda.synchronize()
+    refs = [weakref.ref(v) for v in (x, w, out)]
+    del x, w, out
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+    frame = lau.tls.frame
+    assert not any(isinstance(v, torch.Tensor) for key in frame.cache for part in key for v in _flat(part))
+
+
+def _flat(value: Any) -> list[Any]:
+    return [w for v in value for w in _flat(v)] if isinstance(value, tuple) else [value]
+
+
+@on_gpu
+def test_the_launchers_inline_cupy_reads_key_as_the_reader_and_pack_as_the_slow_path() -> None:
+    cupy = pytest.importorskip("cupy")
+    launch = unchecked_launch()
+    producers.reader(cupy.ndarray)
+    assert producers.cupy_ndarray is cupy.ndarray
+    for dtype in ("float16", "float32", "int8", "int64", "bool"):
+        base = cupy.zeros((6, 10), dtype=dtype)
+        for x in (base, base[1:4, 2:9], base.T, base[:, ::3], base[2], base[0:0]):
+            keys, ptrs = launch.launcher.keys(x, x, x, 1e-6, False)
+            assert keys[:3] == (producers._read_cupy(x, None)[0],) * 3
+            assert ptrs == [x.data.ptr] * 3
+    # the real op: a warm call launches from the inline reads, packed as the slow path packs
+    wide = cupy.random.standard_normal((6, 256)).astype(cupy.float16)
+    w = cupy.ones(128, dtype=cupy.float16)
+    for x in (wide[:, :128].copy(), wide[:, :128], wide[1:4, 64:192]):
+        out = cupy.zeros(x.shape, dtype=cupy.float16)
+        warm_call_packs_as_the_slow_path((x, w, out))
+        cupy.cuda.Device().synchronize()
+        x32 = x.astype(cupy.float32)
+        expected = x32 / cupy.sqrt((x32 * x32).mean(-1, keepdims=True) + 1e-6)
+        assert float(abs(out.astype(cupy.float32) - expected).max()) < 2e-2
+    ref = weakref.ref(wide)
+    del wide, x, w, out
+    gc.collect()
+    assert ref() is None

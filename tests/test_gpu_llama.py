@@ -111,6 +111,24 @@ def test_prefill_logits_match_transformers(variant):
         )
 
 
+def test_prefill_graph_replays_match_the_eager_prefill(variant):
+    """A prefill shape met a second time runs as a CUDA graph captured then: its logits equal the eager pass's
+    (same kernels, same GEMM algorithms) on the second and third sight, and the graph is kept."""
+    path, _, dtype = variant
+    ps = prompts((1, 7, 16, 33, 50), VOCAB)  # two prefill batches of different shapes
+    with LlamaEngine(path, max_batch=4, page_size=16) as engine:
+        engine.prefill_graphs = False
+        eager = engine.prefill_logits(ps)
+        assert not engine._prefill_graph_cache
+        engine.prefill_graphs = True
+        runs = [engine.prefill_logits(ps) for _ in range(3)]  # seen, captured + replayed, replayed
+        assert len(engine._prefill_graph_cache) == 2
+    for n, got in enumerate(runs):
+        for i, (g, e) in enumerate(zip(got, eager, strict=True)):
+            err = float(np.abs(g - e).max())
+            assert err <= LOGIT_TOL[dtype] / 10, f"run {n}, prompt {i}: graph vs eager max |logit difference| {err:.5f}"
+
+
 def test_greedy_decode_eager_and_cuda_graph_match_transformers(variant):
     path, ref, dtype = variant
     ps = prompts(PROMPT_LENS, VOCAB)
@@ -212,6 +230,68 @@ def test_linear_matches_float32(dense, dtype, rows):
     stream.synchronize()
     # float32 output of rounded inputs: only the accumulation order differs (|y| ~ 32)
     np.testing.assert_allclose(y.get(), x32 @ w32.T, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_linear_through_cublaslt_matches_gemm_ex(dense, accumulate):
+    """The cached cuBLASLt path (the default) and cublasGemmEx compute the same product, y = x @ w.T or
+    y += x @ w.T, for a decode row and a prefill block."""
+    d, stream = dense
+    assert d.lt  # cuBLASLt loads wherever cuBLAS does (libcublas links it)
+    rng = np.random.default_rng(3)
+    n, k = 960, 576  # SmolLM2's fused QKV
+    for rows in (1, 96):
+        x, w = rng.standard_normal((rows, k)).astype(np.float16), rng.standard_normal((n, k)).astype(np.float16)
+        y0 = rng.standard_normal((rows, n)).astype(np.float32)
+        xd, wd = cp.asarray(x), cp.asarray(w)
+        out = {}
+        for lt in (True, False):
+            y = cp.asarray(y0)
+            cp.cuda.Device().synchronize()
+            d.lt = lt
+            d.linear(rows, xd.data.ptr, k, wd.data.ptr, n, k, y.data.ptr, n, CUDA_R_16F, CUDA_R_32F, accumulate)
+            stream.synchronize()
+            out[lt] = y.get()
+        d.lt = True
+        want = x.astype(np.float32) @ w.astype(np.float32).T + (y0 if accumulate else 0)
+        np.testing.assert_allclose(out[True], want, atol=2e-3, rtol=1e-4)
+        np.testing.assert_allclose(out[True], out[False], atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("out32", [False, True], ids=["out16", "out32"])
+def test_gemv_matches_float32_and_falls_back_to_cublas(dense, dtype, out32):
+    """The small-row GEMV (rows <= GEMV_MAX_ROWS) gives the float32 product rounded once to the output type; where
+    it does not apply (more rows, a misaligned x, y += x w^T) cuBLAS computes the same product."""
+    d, stream = dense
+    assert d.gemv, d.gemv_error  # the kernel compiles and the driver loads on every GPU the suite runs on
+    rng = np.random.default_rng(11)
+    n, k = 1001, 576  # n: a last block with idle warps
+    x32, w32 = rng.standard_normal((6, k + 8)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    if dtype == "float16":
+        x, w, ab, ulp = x32.astype(np.float16), w32.astype(np.float16), CUDA_R_16F, 2.0**-10
+        x32, w32 = x.astype(np.float32), w.astype(np.float32)
+    else:
+        x, w, ab, ulp = bf16_bits(x32), bf16_bits(w32), CUDA_R_16BF, 2.0**-7
+        x32, w32 = from_bf16_bits(x), from_bf16_bits(w)
+    xd, wd = cp.asarray(x), cp.asarray(w)
+    item = 2
+    cases = [(rows, 0) for rows in (1, 2, 3, 4, 5)] + [(2, 1)]  # (rows, x offset in elements: 1 = misaligned)
+    for rows, off in cases:
+        y = cp.zeros((rows, n), np.float32 if out32 else np.uint16)
+        cp.cuda.Device().synchronize()
+        d.linear(
+            rows, xd.data.ptr + item * off, k + 8, wd.data.ptr, n, k, y.data.ptr, n, ab,
+            CUDA_R_32F if out32 else ab,
+        )  # fmt: skip
+        stream.synchronize()
+        want = x32[:rows, off : off + k] @ w32.T
+        got = y.get()
+        if not out32:
+            got = got.view(np.float16).astype(np.float32) if dtype == "float16" else from_bf16_bits(got)
+            np.testing.assert_allclose(got, want, rtol=ulp, atol=1e-2, err_msg=f"rows {rows}, offset {off}")
+        else:
+            np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-4, err_msg=f"rows {rows}, offset {off}")
 
 
 def test_linear_is_captured_in_a_cuda_graph(dense):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fi_ffi.errors import LibraryLoadError
-from fi_ffi.models import cublas
+from fi_ffi.models import cublas, cublas_lt
 
 ENUMS = {  # name -> (header file, the module's int)
     "CUBLAS_OP_N": ("cublas_api.h", cublas.CUBLAS_OP_N),
@@ -173,3 +173,60 @@ def test_importing_the_engine_does_not_load_cublas():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# ---- cuBLASLt (fi_ffi.models.cublas_lt): the engine's GEMMs with the algorithm chosen once per shape ----------
+
+LT_ENUMS = {  # name -> the module's int (cublasLt.h)
+    "CUBLASLT_MATMUL_DESC_TRANSA": cublas_lt.CUBLASLT_MATMUL_DESC_TRANSA,
+    "CUBLASLT_MATMUL_DESC_TRANSB": cublas_lt.CUBLASLT_MATMUL_DESC_TRANSB,
+    "CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES": cublas_lt.CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+}
+LT_ARITY = {
+    "cublasLtCreate": 1,
+    "cublasLtDestroy": 1,
+    "cublasLtMatmulDescCreate": 3,
+    "cublasLtMatmulDescDestroy": 1,
+    "cublasLtMatmulDescSetAttribute": 4,
+    "cublasLtMatrixLayoutCreate": 5,
+    "cublasLtMatrixLayoutDestroy": 1,
+    "cublasLtMatmulPreferenceCreate": 1,
+    "cublasLtMatmulPreferenceDestroy": 1,
+    "cublasLtMatmulPreferenceSetAttribute": 4,
+    "cublasLtMatmulAlgoGetHeuristic": 10,
+    "cublasLtMatmul": 16,
+}
+
+
+def test_lt_declarations_parse_with_the_header_layouts():
+    ffi = cublas_lt._DECLARATIONS.ffi()
+    assert set(LT_ARITY) == set(cublas_lt.FUNCTIONS)
+    # cublasLt.h: the algorithm is 8 uint64 words; the heuristic result adds workspaceSize, state, wavesCount and
+    # four reserved ints (96 bytes on LP64), and the library writes an array of them
+    assert ffi.sizeof("cublasLtMatmulAlgo_t") == 64
+    assert ffi.sizeof("cublasLtMatmulHeuristicResult_t") == 96
+    assert ffi.offsetof("cublasLtMatmulHeuristicResult_t", "workspaceSize") == 64
+    assert ffi.offsetof("cublasLtMatmulHeuristicResult_t", "state") == 72
+    # the transposes the GEMM needs (w^T . x^T in column-major terms) are cuBLAS's own operation values
+    assert (cublas_lt.CUBLAS_OP_T, cublas_lt.CUBLAS_OP_N) == (cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N)
+
+
+def test_lt_enum_values_match_the_installed_header():
+    include = _header_dir()
+    if include is None or not (include / "cublasLt.h").is_file():
+        pytest.skip("cublasLt.h not installed (nvidia-cublas wheel or a CUDA toolkit)")
+    text = (include / "cublasLt.h").read_text(errors="replace")
+    for name, value in LT_ENUMS.items():
+        m = re.search(rf"\b{name}\s*=\s*(-?\d+)", text)
+        assert m, f"{name} not in cublasLt.h"
+        assert int(m.group(1)) == value, f"{name}: header says {m.group(1)}, we declare {value}"
+
+
+def test_lt_functions_resolve_with_the_declared_arity():
+    try:
+        lib = cublas_lt.library()
+    except LibraryLoadError as exc:
+        pytest.skip(f"cuBLASLt is not installed here ({str(exc).splitlines()[0]})")
+    ffi = cublas_lt._DECLARATIONS.ffi()
+    for name, arity in LT_ARITY.items():
+        assert len(ffi.typeof(getattr(lib, name)).args) == arity, name

@@ -599,13 +599,23 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     for i, (p, a) in enumerate(zip(params, names, strict=True)):
         kind = p.wire
         if kind in wire.TENSOR_TYPES or kind in wire.OBJECT_TENSOR_TYPES:
-            # descriptors inline (no call); other producers through their reader
+            # descriptors, torch tensors and CuPy arrays inline (no call: the reads of producers.read_torch and
+            # read_cupy, the same keys); other producers through their reader. A negated torch view goes to the
+            # reader, which refuses it (the slow path then names it)
             get = f"(_READERS.get({a}.__class__) or _reader({a}.__class__))({a}, stream)"
             if kind in wire.OPTIONAL_TYPES:
                 read.append(f"if {a} is None: _k{i} = None; _p{i} = {_ABSENT}")
                 read.append(f"elif {a}.__class__ is _Tensor: _k{i} = {a}._lid; _p{i} = {a}.data_ptr")
             else:
                 read.append(f"if {a}.__class__ is _Tensor: _k{i} = {a}._lid; _p{i} = {a}.data_ptr")
+            read.append(
+                f"elif {a}.__class__ is _pr.torch_tensor and not {a}.is_neg(): "
+                f"_k{i} = ({a}.shape, {a}.stride(), {a}.dtype, {a}.device); _p{i} = {a}.data_ptr()"
+            )
+            read.append(
+                f"elif {a}.__class__ is _pr.cupy_ndarray: "
+                f"_m = {a}.data; _k{i} = ({a}.shape, {a}.strides, {a}.dtype, _m.device_id); _p{i} = _m.ptr"
+            )
             read.append(f"else: _k{i}, _p{i} = {get}")
             keys.append(f"_k{i}")
             tested.append(f"_p{i}")
@@ -693,9 +703,12 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
         lines.append(f"    if _o{i} is not None: _q[{2 * i + 1}] = _o{i}.handle")
     # on TVM-FFI's current stream: no stream given and none from the framework, or the given stream is the
     # current one already (a runtime inside stream_scope); otherwise invoke sets and restores it
+    # (a framework's current stream that is TVM-FFI's current one too, the common case, is compared here inline)
     call = [
-        "if stream is None and _e.stream_source is None:",
-        "    if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
+        "if stream is None:",
+        f"    if _e.stream_source is None or _e.stream_source(_e.device_id) == _get_stream({CUDA}, _e.device_id):",
+        "        if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
+        "    else: _invoke(_name, _f, _e, None)",
         f"elif stream.__class__ is int and stream == _get_stream({CUDA}, _e.device_id):",
         "    if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
         "else: _invoke(_name, _f, _e, stream)",
@@ -762,6 +775,7 @@ def compile_launcher(
     source = _source(decl, launcher_.record_of, accept_absent)
     namespace: dict[str, Any] = {
         "_READERS": producers.readers,
+        "_pr": producers,  # its torch_tensor / cupy_ndarray: the classes read inline (set once each is seen)
         "_reader": producers.reader,
         "_tls": launcher_.tls,
         "_Tensor": Tensor,

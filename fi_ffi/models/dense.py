@@ -1,6 +1,7 @@
-"""Dense math of the engine: cuBLAS GEMMs (through cffi, :mod:`~fi_ffi.models.cublas`) and a few small CuPy kernels
-(row gather, argmax; with a vocabulary split over ranks: the shard's gather and argmax, the argmaxes' combination,
-the gathered logits' reassembly).
+"""Dense math of the engine: cuBLAS GEMMs (through cffi, :mod:`~fi_ffi.models.cublas`; cuBLASLt with algorithms
+cached per shape, :mod:`~fi_ffi.models.cublas_lt`), a GEMV of its own for GEMMs of at most 4 rows, and a few small
+CuPy kernels (row gather, argmax; with a vocabulary split over ranks: the shard's gather and argmax, the argmaxes'
+combination, the gathered logits' reassembly).
 
 Why ``cublasGemmEx`` on raw pointers rather than ``cupy.matmul``: ``matmul`` has no bfloat16 (numpy has no such
 dtype), may allocate temporaries, and goes through CuPy's cuBLAS wrappers, which reset the handle's stream on every
@@ -9,14 +10,16 @@ workspace, writes into our buffers and never allocates, so the GEMMs can be capt
 kernels are compiled once with NVRTC (``cupy.RawModule``) and never allocate either (a ``RawKernel`` launch is a
 plain kernel launch, which capture records).
 
-Every launch goes to CuPy's *current* stream (kernels) or the handle's stream (GEMMs); the engine makes its
-stream current and gives it to :class:`Dense`, so they are the same.
+Every launch goes to CuPy's *current* stream (kernels) or the handle's stream (GEMMs, the GEMV); the engine makes
+its stream current and gives it to :class:`Dense`, so they are the same.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..driver import error_name
+from ..errors import CudaError, LibraryLoadError
 from .cublas import (
     CUBLAS_COMPUTE_32F,
     CUBLAS_GEMM_DEFAULT,
@@ -29,7 +32,7 @@ from .cublas import (
     Handle,
 )
 
-__all__ = ["CUDA_R_16BF", "CUDA_R_16F", "CUDA_R_32F", "WORKSPACE_BYTES", "Dense", "data_type"]
+__all__ = ["CUDA_R_16BF", "CUDA_R_16F", "CUDA_R_32F", "GEMV_MAX_ROWS", "WORKSPACE_BYTES", "Dense", "data_type"]
 
 # cuBLAS's scratch: 32 MiB, what NVIDIA's cuBLAS documentation recommends for Hopper (4 MiB suffices before it).
 WORKSPACE_BYTES = 32 << 20
@@ -150,6 +153,93 @@ extern "C" __global__ void unshard_columns(const float* __restrict__ src, int ro
 """
 
 
+_GEMV_SOURCE = r"""
+// y[r, j] = sum_c x[r, c] * w[j, c] for r < rows <= 4 (float32 sums; 16-bit x and w, 16-bit or float32 y): the
+// GEMM of a decode step with few rows. One warp per output column j reads w's row j once in 16-byte vectors and
+// keeps one sum per x row; k a multiple of 8, x, w and x_ld 16-byte aligned (the caller checks). Conversions by
+// PTX (no headers): float16 via cvt, bfloat16 as the high half of a float32, rounded to nearest even on output.
+__device__ __forceinline__ float h2f(unsigned short u) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
+    return f;
+}
+__device__ __forceinline__ float b2f(unsigned short u) {
+    return __int_as_float(((unsigned)u) << 16);
+}
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short u;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+__device__ __forceinline__ unsigned short f2b(float f) {
+    unsigned short u;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+
+template <bool BF16, bool F32OUT>
+__device__ __forceinline__ void gemv_rows(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                                          void* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                          long long y_ld) {
+    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= n) return;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
+    const int vecs = k >> 3;
+    for (int c = lane; c < vecs; c += 32) {
+        uint4 a = __ldg(wv + c);
+        const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
+        float wf[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) wf[e] = BF16 ? b2f(av[e]) : h2f(av[e]);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            if (r < rows) {
+                uint4 b = __ldg(reinterpret_cast<const uint4*>(x + r * x_ld) + c);
+                const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[r] += wf[e] * (BF16 ? b2f(bv[e]) : h2f(bv[e]));
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        float v = acc[r];
+        for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0 && r < rows) {
+            if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
+            else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = BF16 ? f2b(v) : f2h(v);
+        }
+    }
+}
+
+#define GEMV(name, bf16, f32out)                                                                                    \
+    extern "C" __global__ void name(const unsigned short* x, const unsigned short* w, void* y, int rows, int n,      \
+                                    int k, long long x_ld, long long y_ld) {                                        \
+        gemv_rows<bf16, f32out>(x, w, y, rows, n, k, x_ld, y_ld);                                                   \
+    }
+GEMV(gemv_f16_f16, false, false)
+GEMV(gemv_f16_f32, false, true)
+GEMV(gemv_bf16_bf16, true, false)
+GEMV(gemv_bf16_f32, true, true)
+"""
+GEMV_MAX_ROWS = 4  # the rows one GEMV launch takes (the kernel keeps a sum per row in registers)
+_GEMV_WARPS = 4  # output columns per block (one warp each)
+_GEMV_NAMES = {
+    (CUDA_R_16F, CUDA_R_16F): "gemv_f16_f16",
+    (CUDA_R_16F, CUDA_R_32F): "gemv_f16_f32",
+    (CUDA_R_16BF, CUDA_R_16BF): "gemv_bf16_bf16",
+    (CUDA_R_16BF, CUDA_R_32F): "gemv_bf16_f32",
+}
+
+
+def _function_ptr(kernel: Any) -> int:
+    """The ``CUfunction`` of a CuPy ``RawModule`` function (its compiled ``Function``'s handle)."""
+    function = getattr(kernel, "kernel", kernel)  # cupy RawKernel -> cupy.cuda.function.Function
+    return int(function.ptr)
+
+
 class Dense:
     """A cuBLAS handle bound to ``stream`` with a workspace of its own, plus the gather/argmax kernels and the
     vocabulary shards' (compiled on construction). Create it on the device it serves (CuPy's current device).
@@ -157,6 +247,11 @@ class Dense:
     Args:
         stream: the engine's ``cupy.cuda.Stream``; kernels launch on CuPy's current stream, which the engine
             keeps equal to it.
+
+    ``gemv`` (True where the kernel compiled and the driver loaded): :meth:`linear` of at most
+    :data:`GEMV_MAX_ROWS` rows runs a GEMV kernel of its own, launched with ``cuLaunchKernel`` on arguments packed
+    once per call site, instead of cuBLAS (whose launch costs several times more host time: an eager decode step
+    is host-bound). ``lt``: the other GEMMs go through cuBLASLt with cached algorithms.
     """
 
     def __init__(self, stream: Any) -> None:
@@ -178,9 +273,49 @@ class Dense:
         except BaseException:
             self._blas.close()
             raise
+        self._stream = stream.ptr
+        self._gemv_fns: dict[tuple[int, int], int] = {}
+        self._gemv_args: dict[tuple[int, ...], tuple[Any, ...]] = {}
+        self._launch: Any = None
+        self._null: Any = None
+        self.gemv = False
+        self.gemv_error = ""  # why the GEMV is unavailable, if it is
+        try:  # the small-row GEMV (see linear); a GPU or driver it cannot serve leaves it off
+            from .. import driver
+
+            lib = driver.load()
+            if lib is not None:
+                gemv = cupy.RawModule(code=_GEMV_SOURCE)
+                self._gemv_fns = {key: _function_ptr(gemv.get_function(name)) for key, name in _GEMV_NAMES.items()}
+                self._gemv_module = gemv
+                self._launch, self._driver_ffi = lib.cuLaunchKernel, driver.ffi()
+                self._null = self._driver_ffi.NULL
+                self.gemv = True
+        except Exception as exc:  # NVRTC or the driver refusing: cuBLAS serves every GEMM
+            self._gemv_fns, self.gemv_error = {}, f"{type(exc).__name__}: {exc}"
         self._gemm, self._h = self._blas.gemm_ex, self._blas.ptr
         self._batched = self._blas.gemm_strided_batched_ex
         self._one, self._zero = self._blas.one, self._blas.zero
+        # cuBLASLt with the algorithm chosen once per shape (cublas_lt's docstring says why); None: GemmEx only
+        self._lt: Any = None
+        self._lt_shape: Any = None
+        try:
+            from .cublas_lt import LtMatmuls
+
+            self._lt = LtMatmuls(stream.ptr, self._workspace.data.ptr, WORKSPACE_BYTES, self._one, self._zero)
+            self._lt_shape = self._lt.shape
+        except (LibraryLoadError, CublasError):
+            self._lt = None
+
+    @property
+    def lt(self) -> bool:
+        """Whether :meth:`linear` goes through cuBLASLt (cached algorithms); False: ``cublasGemmEx``. Settable (a
+        benchmark compares the two); cuBLASLt that could not be loaded stays off."""
+        return self._lt_shape is not None
+
+    @lt.setter
+    def lt(self, on: bool) -> None:
+        self._lt_shape = self._lt.shape if on and self._lt is not None else None
 
     def linear(
         self,
@@ -200,7 +335,29 @@ class Dense:
         Linear weight); pointers as ints, leading dimensions (row strides) in elements; ``ab_type``/``c_type``:
         cudaDataType_t of x and w / of y. Accumulates in float32 (as torch's float16/bfloat16 matmul).
         ``accumulate``: ``y += x @ w.T`` (y's old values join the float32 sum)."""
+        if self.gemv and rows <= GEMV_MAX_ROWS and not accumulate:
+            key = (rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
+            packed = self._gemv_args.get(key)
+            if packed is None:
+                packed = self._pack_gemv(key)
+            if packed:
+                fn, grid, params, _ = packed
+                err = self._launch(fn, grid, 1, 1, 32 * _GEMV_WARPS, 1, 1, 0, self._stream, params, self._null)
+                if err:
+                    raise CudaError(
+                        f"cuLaunchKernel(gemv, rows={rows}, n={n}, k={k})", err, error_name(err), "the GEMV launch",
+                        "check the device state (an earlier kernel may have faulted)",
+                    )  # fmt: skip
+                return
         # Column-major view: y^T (n x rows, ld y_ld) = op_T(w as k x n, ld k) . x^T (k x rows, ld x_ld).
+        shape = self._lt_shape
+        if shape is not None:
+            entry = shape(rows, n, k, x_ld, y_ld, ab_type, c_type)
+            if entry is not None:
+                status = self._lt(entry, x, w, y, accumulate)
+                if status:
+                    raise CublasError("cublasLtMatmul", status)
+                return
         status = self._gemm(
             self._h,
             CUBLAS_OP_T,
@@ -224,6 +381,24 @@ class Dense:
         )
         if status:
             raise CublasError("cublasGemmEx", status)
+
+    def _pack_gemv(self, key: tuple[int, ...]) -> tuple[Any, ...]:
+        """The GEMV launch of one :meth:`linear` call, its kernel arguments packed once: ``(function, grid,
+        params)``, or ``()`` where the GEMV does not apply (a dtype pair it lacks, k not a multiple of 8, x, w or
+        x's rows not 16-byte aligned)."""
+        rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = key
+        fn = self._gemv_fns.get((ab_type, c_type))
+        packed: tuple[Any, ...] = ()
+        if fn is not None and k % 8 == 0 and x_ld % 8 == 0 and x % 16 == 0 and w % 16 == 0 and 0 < n < 1 << 31:
+            ffi = self._driver_ffi
+            # one 8-byte slot per kernel argument (the int ones read their low 4 bytes: little-endian)
+            values = ffi.new("uint64_t[8]", [x, w, y, rows, n, k, x_ld, y_ld])
+            params = ffi.new("void*[8]", [values + i for i in range(8)])
+            packed = (fn, (n + _GEMV_WARPS - 1) // _GEMV_WARPS, params, values)  # values: kept with params
+        if len(self._gemv_args) > 4096:
+            self._gemv_args.clear()
+        self._gemv_args[key] = packed
+        return packed
 
     def batched_linear(
         self,
@@ -309,6 +484,9 @@ class Dense:
         self._unshard_fn((rows,), (256,), (src, np.int32(rows), width, n, dst, dst_ld))
 
     def close(self) -> None:
-        """Destroy the cuBLAS handle (later GEMMs raise :class:`~fi_ffi.models.cublas.CublasError`). Idempotent."""
+        """Destroy the cuBLAS handles (later GEMMs raise :class:`~fi_ffi.models.cublas.CublasError`). Idempotent."""
+        self._lt_shape = None
+        if self._lt is not None:
+            self._lt.close()
         self._blas.close()
         self._h = self._blas.ptr  # NULL: cuBLAS answers CUBLAS_STATUS_NOT_INITIALIZED, no use after free

@@ -27,6 +27,7 @@ __all__ = [
     "generator",
     "prefill_plan",
     "prefill_run",
+    "prepared_fused_add_rmsnorm",
     "qk_rmsnorm",
     "rmsnorm",
     "rope_inplace",
@@ -66,6 +67,12 @@ def qk_rmsnorm(x: Any, weight: Any, eps: float, stream: int) -> None:
 def fused_add_rmsnorm(x: Any, residual: Any, weight: Any, eps: float, stream: int) -> None:
     """``residual += x``; ``x = rmsnorm(residual) * weight`` (both in place)."""
     fi_ffi.fused_add_rmsnorm(x, residual, weight, eps=eps, stream=stream)
+
+
+def prepared_fused_add_rmsnorm(x: Any, residual: Any, weight: Any, eps: float, stream: int) -> Any:
+    """:func:`fused_add_rmsnorm` checked and packed once (:func:`fi_ffi.prepare`): calling the result launches it
+    again on the same buffers (about one FFI call; the engine's buffers never move)."""
+    return fi_ffi.prepare(fi_ffi.fused_add_rmsnorm, x, residual, weight, eps=eps, stream=stream)
 
 
 def rope_inplace(q: Any, k: Any, positions: Any, rope: RopeConfig, stream: int) -> None:

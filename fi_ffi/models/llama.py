@@ -162,7 +162,8 @@ class LlamaEngine:
             (:class:`~fi_ffi.models.tensor_parallel.VocabShard`); False: both whole on every rank.
 
     ``config`` is this rank's shard of the model (heads and MLP columns divided by ``tensor_parallel``),
-    ``model_config`` the checkpoint's.
+    ``model_config`` the checkpoint's. ``prefill_graphs`` (default True): a prefill shape met a second time runs
+    as a CUDA graph captured then (see :meth:`_prefill_graph`); set it False to always prefill eagerly.
     """
 
     def __init__(
@@ -210,6 +211,9 @@ class LlamaEngine:
         self.graph: Any = None
         # the MoE layers' grouped-GEMM workspace: made by _load where the model has routed experts (close() frees it)
         self._ws_moe: Any = None
+        self.prefill_graphs = True
+        self._prefill_graph_cache: dict[tuple[int, ...], Any] = {}
+        self._prefill_seen: dict[tuple[int, ...], int] = {}
         self.comm: Any = None
         self._own_comm = False
         self._allreduce: Any = None
@@ -601,8 +605,11 @@ class LlamaEngine:
     def _add_norm(self, v: SimpleNamespace, weight: Any) -> None:
         """``h += x`` (summed over the ranks first with TP); the rows normalized with ``weight`` into ``x2``."""
         eps = self.config.rms_norm_eps
-        if self._allreduce is None:
-            kernels.fused_add_rmsnorm(v.x, v.h, weight, eps, self._s)
+        if self._allreduce is None:  # packed once per view and weight: a warm call is one FFI call
+            call = v.prepared.get(id(weight))
+            if call is None:
+                call = v.prepared[id(weight)] = kernels.prepared_fused_add_rmsnorm(v.x, v.h, weight, eps, self._s)
+            call()
         else:
             self._allreduce(v.x, v.h, weight, v.x2, eps, self._s)
 
@@ -673,6 +680,14 @@ class LlamaEngine:
     def _capture(self) -> None:
         """Warm up one padded decode step eagerly (loads modules, compiles kernels, picks GEMM algorithms),
         then capture the same step into a CUDA graph."""
+        # the captured step is GPU-bound: its GEMMs stay cuBLAS's (the GEMV saves host time, which a replay lacks)
+        gemv, self.dense.gemv = self.dense.gemv, False
+        try:
+            self._capture_step()
+        finally:
+            self.dense.gemv = gemv
+
+    def _capture_step(self) -> None:
         from .graph import CudaGraph
 
         rows = self.max_batch
@@ -832,7 +847,8 @@ class LlamaEngine:
         ph = self._ph
         self._plan_prefill(batch)
         v = self._view("prefill", nnz, batch)
-        self._forward(v, nnz, self._prefill_attention)
+        if not self._prefill_graph(v, nnz, batch):
+            self._forward(v, nnz, self._prefill_attention)
         full = None
         if all_logits:  # a check, not serving: allocated here
             hr = self._head_rows
@@ -860,6 +876,39 @@ class LlamaEngine:
             host = np.concatenate(list(host), axis=1)[:, : c.vocab_size]
         bounds = ph["qo_indptr"][: batch + 1].tolist()
         return [host[bounds[i] : bounds[i + 1]] for i in range(batch)]
+
+    def _prefill_graph(self, v: SimpleNamespace, nnz: int, batch: int) -> bool:
+        """Run the prefill forward pass as a CUDA graph when this shape was prefilled before; False: run it eagerly.
+
+        Issuing ~10 launches per layer costs more host time than a small model's GPU takes for them, so a prefill
+        is host-bound even at thousands of tokens. A shape (token rows, requests, the plan's schedule vector, which
+        fixes every workspace offset and grid the attention run reads) seen a second time is captured once and
+        replayed from then on; the plan's arrays are copied to the same workspace offsets before each replay and
+        every buffer the pass touches was allocated in the constructor. At most :data:`_PREFILL_GRAPHS` are kept.
+        Off for MoE layers (host routing synchronizes), tensor parallelism, and the engines that override the pass.
+        """
+        if not self.prefill_graphs or self._moe or self.comm is not None or not _plain_forward(self):
+            return False
+        key = (nnz, batch, *self._prefill_plan.info)
+        graph = self._prefill_graph_cache.get(key)
+        if graph is None:
+            seen = self._prefill_seen.get(key, 0)
+            if seen < 1:  # the first sight runs eagerly: a one-off prompt length never pays for a capture
+                if len(self._prefill_seen) > 4096:
+                    self._prefill_seen.clear()
+                self._prefill_seen[key] = seen + 1
+                return False
+            from .graph import CudaGraph
+
+            if len(self._prefill_graph_cache) >= _PREFILL_GRAPHS:  # the oldest goes, after its last replay
+                self.stream.synchronize()
+                self._prefill_graph_cache.pop(next(iter(self._prefill_graph_cache))).close()
+            graph = CudaGraph(self._s)
+            with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
+                self._forward(v, nnz, self._prefill_attention)
+            self._prefill_graph_cache[key] = graph
+        graph.launch()
+        return True
 
     def _plan_prefill(self, batch: int) -> None:
         """Plan the prefill attention of ``batch`` requests from the host index arrays (a hook)."""
@@ -976,6 +1025,9 @@ class LlamaEngine:
             self.stream.synchronize()
             if self.graph is not None:
                 self.graph.close()
+            for graph in self._prefill_graph_cache.values():
+                graph.close()
+            self._prefill_graph_cache.clear()
             self._ws_prefill.close()
             self._ws_decode.close()
             if self._ws_moe is not None:  # not `if self._moe`: DeepSeek lists None for its dense layers
@@ -1051,11 +1103,22 @@ def step_views(
         kv_indices=region("kv_indices", layout.sizes["kv_indices"]),
         logits=t("logits", (batch, c.vocab_size), "float32"),
         ids=t("ids", (batch,), "int32"),
+        prepared={},  # the engine's launches packed once over these views (id of the other operand -> call)
     )
     if kind == "prefill":
         v.qo_indptr = region("qo_indptr", batch + 1)
         v.last_rows = meta + 4 * layout.offsets["last_rows"]
     return v
+
+
+_PREFILL_GRAPHS = 8  # prefill shapes kept as CUDA graphs per engine
+
+
+def _plain_forward(engine: LlamaEngine) -> bool:
+    """Whether ``engine`` runs LlamaEngine's own forward pass and prefill attention (a subclass's may do host work
+    between launches, which a graph would not repeat)."""
+    cls = type(engine)
+    return cls._forward is LlamaEngine._forward and cls._prefill_attention is LlamaEngine._prefill_attention
 
 
 def _address(host: np.ndarray) -> int:
