@@ -48,6 +48,7 @@ import fi_ffi
 from ..launch import checks
 from .dense import CUDA_R_32F, Dense, data_type
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
+from .values import MAX_SIZE, arg_int
 
 __all__ = ["DENSE_MIN_FILL", "ClampedSwiGLU", "MoEBiases", "MoELayer", "MoEScratch", "MoEWeights", "choose_path"]
 
@@ -261,9 +262,9 @@ def choose_path(rows: int, num_experts: int, top_k: int) -> str:
     num_experts`` (the step's assignments cover most experts anyway, and reading every expert's weights through one
     GEMM and one batched GEMM is faster than the grouped GEMM's per-expert problems), routed otherwise (only the
     chosen experts' weights are read). For gpt-oss-20b (32 experts, top-4): dense from 8 rows."""
-    rows = checks.integer("rows", rows, 0)
-    num_experts = checks.integer("num_experts", num_experts, 1)
-    top_k = checks.integer("top_k", top_k, 1)
+    rows = arg_int("rows", rows, 0, MAX_SIZE)
+    num_experts = arg_int("num_experts", num_experts, 1, MAX_SIZE)
+    top_k = arg_int("top_k", top_k, 1, num_experts)
     return "dense" if rows * top_k >= DENSE_MIN_FILL * num_experts else "routed"
 
 
