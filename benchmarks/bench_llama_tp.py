@@ -131,8 +131,8 @@ def run_rank(
                 fused_allreduce=not nccl,
                 vocab_parallel=variant != "whole-vocab",
             ) as engine:
-                if variant == "bcast":  # the step as before: rank 0's greedy ids broadcast every step
-                    engine._ids_agree = False
+                if variant == "agree":  # greedy ids from the shards' combined argmax, no broadcast from rank 0
+                    engine._ids_agree = engine.vocab_shard is not None
                 if variant == "ahead":  # the next step's index arrays and plan prepared while the GPU runs this one
                     engine._prepare_ahead = type(engine)._plan_decode is LlamaEngine._plan_decode
                 engine.generate(prompts, 4, eos_token_ids=())  # warm-up
@@ -145,7 +145,7 @@ def run_rank(
                     "layers": cfg["num_hidden_layers"],
                     "all-reduce": "nccl" if nccl or tp == 1 else "fused",
                     "vocab": "whole" if tp == 1 or variant == "whole-vocab" else "split",
-                    "ids": "broadcast" if tp > 1 and variant in ("bcast", "nccl", "whole-vocab") else "-",
+                    "ids": "broadcast" if tp > 1 and variant != "agree" else "-",
                     "host prep": "ahead" if variant == "ahead" else "in step",
                     "pdl": variant == "pdl",
                     "batch": batch,
@@ -283,8 +283,9 @@ def main() -> None:
         "--variants",
         default="fused,nccl,whole-vocab",
         help="TP > 1 rows: fused (fused all-reduce, vocabulary split), nccl (NCCL + fused_add_rmsnorm), "
-        "whole-vocab (fused all-reduce, embedding and LM head whole on every rank), bcast (as fused, with rank 0's "
-        "greedy ids broadcast every step as before 2026-11-23), ahead (as fused, the next step prepared while the "
+        "whole-vocab (fused all-reduce, embedding and LM head whole on every rank), agree (as fused, greedy ids "
+        "from the shards' combined argmax without rank 0's broadcast; off in the engine until measured), "
+        "ahead (as fused, the next step prepared while the "
         "GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce launched with programmatic dependent "
         "launch)",
     )
@@ -329,7 +330,7 @@ def main() -> None:
             f"{r['batch']:>5} {r['mode']:>6} {'yes' if r['pdl'] else '-':>4} {r['tokens_per_s']:>10.1f} "
             f"{r['step_ms']:>8.3f} {r['host_us_per_step']:>13.1f}"
         )
-    # bcast and ahead change no arithmetic: their greedy tokens must equal the fused rows' of the same shape
+    # agree and ahead change no arithmetic: their greedy tokens must equal the fused rows' of the same shape
     key = ("tp", "batch", "layers", "mode", "vocab", "all-reduce")  # pdl rows: the same kernels, the same sums
     for r in table:
         ref = [

@@ -248,8 +248,10 @@ class LlamaEngine:
         self.vocab_shard: VocabShard | None = None
         if self.comm is not None and vocab_parallel:
             self.vocab_shard = VocabShard.of(cfg.vocab_size, self.rank, self.tensor_parallel)
-        # greedy ids need no broadcast from rank 0 when they come from the shards' combined argmax (_share_ids)
-        self._ids_agree = self.vocab_shard is not None
+        # greedy ids need no broadcast from rank 0 when they come from the shards' combined argmax (_share_ids);
+        # off until a 2-GPU run has checked the tokens and measured the step (bench_llama_tp.py, variant "bcast"):
+        # set to `self.vocab_shard is not None` to try it
+        self._ids_agree = False
         try:
             with cp.cuda.Device(device):
                 self.stream = cp.cuda.Stream(non_blocking=True)
