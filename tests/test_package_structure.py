@@ -9,6 +9,7 @@
   ``fi_ffi.comm`` both stand on the calling engine ``fi_ffi.launch``, which imports neither.
 - ``fi_ffi.comm`` and ``fi_ffi.models`` take no private (``_name``) names from ``fi_ffi.ops`` or ``fi_ffi.launch``;
   no module of ``fi_ffi.ops.attention`` takes a private name from another module.
+- The top level of ``fi_ffi.ops`` holds only op families (modules with ``DECLARATIONS``).
 - README's layout tree names every top-level module and subpackage, and every module of the engine and the ops.
 """
 
@@ -286,3 +287,18 @@ def test_the_readme_layout_names_every_unit_and_every_module_of_the_engine_and_o
             if p.stem != "__init__" and p.stem not in named
         ]
     assert len(top) > 15 and missing == []
+
+
+def test_the_top_level_of_ops_holds_only_op_families() -> None:
+    # an op family declares its entry points (DECLARATIONS, bound by tests/test_declarations.py); what serves
+    # several families or the engine belongs in ops/attention/ or fi_ffi/launch/, not beside the families
+    trees = sources()
+    top = [m for m in trees if m.startswith("fi_ffi.ops.") and m.count(".") == 2 and m != "fi_ffi.ops.attention"]
+    assert len(top) > 10
+    declaring = {
+        m
+        for m in top
+        for node in trees[m].body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "DECLARATIONS" for t in node.targets)
+    }
+    assert sorted(set(top) - declaring) == []
