@@ -9,6 +9,7 @@
   ``fi_ffi.comm`` both stand on the calling engine ``fi_ffi.launch``, which imports neither.
 - ``fi_ffi.comm`` and ``fi_ffi.models`` take no private (``_name``) names from ``fi_ffi.ops`` or ``fi_ffi.launch``;
   no module of ``fi_ffi.ops.attention`` takes a private name from another module.
+- No module takes a private (``_name``) name of another unit.
 - The top level of ``fi_ffi.ops`` holds only op families (modules with ``DECLARATIONS``).
 - README's layout tree names every top-level module and subpackage, and every module of the engine and the ops.
 """
@@ -302,3 +303,16 @@ def test_the_top_level_of_ops_holds_only_op_families() -> None:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "DECLARATIONS" for t in node.targets)
     }
     assert sorted(set(top) - declaring) == []
+
+
+def test_no_module_takes_a_private_name_of_another_unit() -> None:
+    # what one unit needs of another is part of that unit's public surface (tensor.WIRE_DEVICE_TYPE, MAX_NDIM)
+    taken = [
+        f"{module} takes {target}.{n}"
+        for module, targets in module_imports(sources()).items()
+        for target, names in targets.items()
+        if unit_of(target) != unit_of(module)
+        for n in sorted(names)
+        if n.startswith("_") and not n.startswith("__")
+    ]
+    assert taken == []
