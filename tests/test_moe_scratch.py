@@ -32,6 +32,9 @@ GOOD: dict[str, Any] = dict(
         ({"capacity": 0}, ValueError, "capacity"),
         ({"capacity": 65}, ValueError, "capacity"),
         ({"capacity": 1.0}, TypeError, "capacity"),
+        ({"dense_rows": 0}, ValueError, "dense_rows"),
+        ({"dense_rows": 65}, ValueError, "dense_rows"),
+        ({"dense_rows": "8"}, TypeError, "dense_rows"),
         ({"dtype": "float32"}, ValueError, "dtype"),
         ({"dtype": {}}, ValueError, "dtype"),
         ({"hidden": 2**40, "max_tokens": 2**20}, ValueError, "more than any device has"),
@@ -55,3 +58,23 @@ def test_bytes_needed_counts_every_buffer() -> None:
     )
     assert MoEScratch.bytes_needed(e, h, i, k, t, c) == want
     assert MoEScratch.bytes_needed(e, h, i, k, t, None) == want - 2 * static * (2 * h + 3 * i) - c * k * 12
+
+
+def test_bytes_needed_counts_the_dense_path_buffers() -> None:
+    e, h, i, k, t, c, d = 8, 256, 512, 2, 64, 16, 32
+    dense = 2 * d * e * 2 * i + 2 * d * e * i + 4 * e * d * h + d * k * (4 + 4)  # d_gu, d_act, d_y, d_experts/weights
+    assert MoEScratch.bytes_needed(e, h, i, k, t, c, d) == MoEScratch.bytes_needed(e, h, i, k, t, c) + dense
+
+
+def test_choose_path_is_dense_once_the_assignments_cover_the_experts() -> None:
+    from fi_ffi.models.moe import DENSE_MIN_FILL, choose_path
+
+    assert DENSE_MIN_FILL == 1
+    # gpt-oss-20b: 32 experts, top-4: dense from 8 rows; gpt-oss-120b: 128 experts, top-4: from 32
+    assert [choose_path(r, 32, 4) for r in (1, 4, 7, 8, 32, 4096)] == ["routed"] * 3 + ["dense"] * 3
+    assert choose_path(31, 128, 4) == "routed" and choose_path(32, 128, 4) == "dense"
+    assert choose_path(0, 8, 2) == "routed"
+    with pytest.raises(ValueError, match="num_experts"):
+        choose_path(4, 0, 2)
+    with pytest.raises(TypeError, match="rows"):
+        choose_path(4.0, 8, 2)  # type: ignore[arg-type]

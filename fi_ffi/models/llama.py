@@ -209,6 +209,8 @@ class LlamaEngine:
             max_prefill_tokens if max_prefill_tokens is not None else max(self.max_seq_len, self.max_batch),
         )
         self.graph: Any = None
+        # the MoE layers' grouped-GEMM workspace: made by _load where the model has routed experts (close() frees it)
+        self._ws_moe: Any = None
         self.prefill_graphs = True
         self._prefill_graph_cache: dict[tuple[int, ...], Any] = {}
         self._prefill_seen: dict[tuple[int, ...], int] = {}
@@ -1028,7 +1030,7 @@ class LlamaEngine:
             self._prefill_graph_cache.clear()
             self._ws_prefill.close()
             self._ws_decode.close()
-            if self._moe:
+            if self._ws_moe is not None:  # not `if self._moe`: DeepSeek lists None for its dense layers
                 self._ws_moe.close()
             self.dense.close()
             if self._allreduce is not None:
