@@ -317,7 +317,7 @@ def test_cuda_graph_decode_matches_eager(family, fused) -> None:  # type: ignore
     name, path, _, _ = family
     if name != "v3" and fused is False:
         pytest.skip("V2 routes with the device fallback in either case")
-    ps = prompts((5, 21, 40), seed=4)
+    ps = prompts((5, 21, 40), VOCAB, seed=4)
     limits = [MAX_NEW, 5, MAX_NEW]
     runs = {}
     for graph in (False, True):
