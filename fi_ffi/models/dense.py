@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..driver import error_name
-from ..errors import CudaError, LibraryLoadError
+from ..cuda_runtime import driver_error
+from ..errors import LibraryLoadError
 from .cublas import (
     CUBLAS_COMPUTE_32F,
     CUBLAS_GEMM_DEFAULT,
@@ -344,10 +344,7 @@ class Dense:
                 fn, grid, params, _ = packed
                 err = self._launch(fn, grid, 1, 1, 32 * _GEMV_WARPS, 1, 1, 0, self._stream, params, self._null)
                 if err:
-                    raise CudaError(
-                        f"cuLaunchKernel(gemv, rows={rows}, n={n}, k={k})", err, error_name(err), "the GEMV launch",
-                        "check the device state (an earlier kernel may have faulted)",
-                    )  # fmt: skip
+                    raise driver_error(err, f"cuLaunchKernel(gemv, rows={rows}, n={n}, k={k})")
                 return
         # Column-major view: y^T (n x rows, ld y_ld) = op_T(w as k x n, ld k) . x^T (k x rows, ld x_ld).
         shape = self._lt_shape
