@@ -31,6 +31,7 @@ per step, which is also what makes the capture valid). All GPU work runs on the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -283,8 +284,13 @@ class LlamaEngine:
                         self.close()
                         raise
         except BaseException:
-            if self._closed and self._own_comm:  # the engine never opened: release the communicator it made
-                self.comm.close()
+            if self._closed:  # the engine never opened: release what it made that no finalizer would
+                dense = getattr(self, "dense", None)
+                if dense is not None:  # cuBLAS and cuBLASLt handles (the original error is the one raised)
+                    with contextlib.suppress(Exception), cp.cuda.Device(device):
+                        dense.close()
+                if self._own_comm:  # the communicator it made
+                    self.comm.close()
             raise
 
     # ------------------------------------------------------------------------------------------ loading
@@ -918,8 +924,12 @@ class LlamaEngine:
                 self.stream.synchronize()
                 self._prefill_graph_cache.pop(next(iter(self._prefill_graph_cache))).close()
             graph = CudaGraph(self._s)
-            with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
-                self._forward(v, nnz, self._prefill_attention)
+            try:
+                with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
+                    self._forward(v, nnz, self._prefill_attention)
+            except BaseException:  # e.g. instantiation refused: the captured graph is kept by nothing else
+                graph.close()
+                raise
             self._prefill_graph_cache[key] = graph
         graph.launch()
         return True
