@@ -78,3 +78,41 @@ def test_choose_path_is_dense_once_the_assignments_cover_the_experts() -> None:
         choose_path(4, 0, 2)
     with pytest.raises(TypeError, match="rows"):
         choose_path(4.0, 8, 2)  # type: ignore[arg-type]
+
+
+def _layer_weights(e: int = 8, h: int = 16, i: int = 32) -> Any:
+    """Stand-ins of the right shapes: MoELayer reads only the shapes before importing CuPy."""
+    from fi_ffi.models.moe import MoEWeights
+
+    return MoEWeights(
+        np.zeros((e, h), np.float16), np.zeros((e, 2 * i, h), np.float16), np.zeros((e, h, i), np.float16)
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "names"),
+    [
+        ({"weights": "w"}, TypeError, "weights: expected a MoEWeights"),
+        ({"weights": "router 1-D"}, ValueError, "weights.router: expected a 2-D"),
+        ({"top_k": True}, TypeError, "top_k"),
+        ({"top_k": "2"}, TypeError, "top_k"),
+        ({"top_k": 9}, ValueError, "top_k"),
+        ({"max_tokens": 2.0}, TypeError, "max_tokens"),
+        ({"max_tokens": 0}, ValueError, "max_tokens"),
+        ({"capacity": True}, TypeError, "capacity"),
+        ({"dense_rows": "8"}, TypeError, "dense_rows"),
+        ({"dense_rows": 0}, ValueError, "dense_rows"),
+        ({"dtype": "float32"}, ValueError, "dtype"),
+    ],
+)
+def test_moe_layer_names_a_bad_argument_before_cupy(change: dict[str, Any], error: type, names: str) -> None:
+    """MoELayer's size and type checks run before CuPy is imported (none is on a CPU machine: an unchecked argument
+    would surface as ModuleNotFoundError here, and on a GPU as a stray TypeError from a comparison)."""
+    from fi_ffi.models.moe import MoELayer, MoEWeights
+
+    if change.get("weights") == "router 1-D":
+        w = _layer_weights()
+        change = {"weights": MoEWeights(np.zeros(8, np.float16), w.gate_up, w.down)}
+    args: dict[str, Any] = dict(weights=_layer_weights(), dtype="float16", top_k=2, max_tokens=64, stream=None)
+    with pytest.raises(error, match=names):
+        MoELayer(**{**args, **change})

@@ -278,6 +278,12 @@ class MoEWeights:
 
     def shapes(self) -> tuple[int, int, int]:
         """``(num_experts, hidden, intermediate)``, checked across the three arrays."""
+        for name, ndim in (("router", 2), ("gate_up", 3), ("down", 3)):
+            shape = getattr(getattr(self, name), "shape", None)
+            if not isinstance(shape, tuple) or len(shape) != ndim:
+                raise ValueError(
+                    f"weights.{name}: expected a {ndim}-D CuPy array, got {type(getattr(self, name)).__name__}"
+                )
         e, h = self.router.shape
         if self.gate_up.shape[0] != e or self.gate_up.shape[2] != h or self.gate_up.shape[1] % 2:
             raise ValueError(f"gate_up: expected [{e}, 2 * intermediate, {h}], got {tuple(self.gate_up.shape)}")
@@ -471,13 +477,20 @@ class MoELayer:
         activation: ClampedSwiGLU | None = None,
         dense_rows: int | None = None,
     ) -> None:
+        # checked before CuPy is imported (as MoEScratch): bad arguments are named the same with or without a GPU
+        if not isinstance(weights, MoEWeights):
+            raise TypeError(f"weights: expected a MoEWeights, got {type(weights).__name__}")
+        self.num_experts, self.hidden, self.intermediate = weights.shapes()
+        top_k = checks.integer("top_k", top_k, 1)
+        if top_k > self.num_experts:
+            raise ValueError(f"top_k: expected 1..num_experts ({self.num_experts}), got {top_k}")
+        max_tokens = checks.integer("max_tokens", max_tokens, 1)
+        capacity = None if capacity is None else checks.integer("capacity", capacity, 1)
+        dense_rows = None if dense_rows is None else checks.integer("dense_rows", dense_rows, 1)
+        if dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r:.40}")
         import cupy
 
-        self.num_experts, self.hidden, self.intermediate = weights.shapes()
-        if not 1 <= top_k <= self.num_experts:
-            raise ValueError(f"top_k: expected 1..num_experts ({self.num_experts}), got {top_k}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens: expected >= 1, got {max_tokens}")
         self.weights, self.dtype, self.top_k, self.renormalize = weights, dtype, top_k, renormalize
         self._check_extras(biases, activation, top_k, cupy)
         self.biases, self.activation = biases, activation
@@ -506,14 +519,24 @@ class MoELayer:
             )
         self.scratch = scratch
         self.device_id = int(cupy.cuda.Device().id)
-        self._own_dense = dense is None
+        self._own_dense = self._own_ws = False  # until made: close() releases only what exists
         self.dense = Dense(stream) if dense is None else dense
-        self._own_ws = workspace is None
-        self.workspace = (
-            fi_ffi.Workspace.allocate(self.device_id, float_bytes=32 << 20, int_bytes=1 << 20)
-            if workspace is None
-            else workspace
-        )
+        self._own_dense = dense is None
+        try:
+            self._own_ws = workspace is None
+            self.workspace = (
+                fi_ffi.Workspace.allocate(self.device_id, float_bytes=32 << 20, int_bytes=1 << 20)
+                if workspace is None
+                else workspace
+            )
+            self._build(cupy, biases, activation, capacity, dense_rows)
+        except BaseException:  # the cuBLAS handles have no finalizer: nothing the layer made outlives the failure
+            self._own_ws = self._own_ws and hasattr(self, "workspace")
+            self.close()
+            raise
+
+    def _build(self, cupy: Any, biases: Any, activation: Any, capacity: int | None, dense_rows: int | None) -> None:
+        """The kernels, the scratch views and (with ``capacity``) the fixed-capacity path of :meth:`__init__`."""
         sc = self.scratch
         self.logits, self.xs, self.gate_up_out, self.act, self.y = sc.logits, sc.xs, sc.gate_up_out, sc.act, sc.y
         self.row_token, self.row_of, self.route_weights = sc.row_token, sc.row_of, sc.route_weights
@@ -550,7 +573,12 @@ class MoELayer:
         e, h, i = self.num_experts, self.hidden, self.intermediate
         for name, shape in (("router", (e,)), ("gate_up", (e, 2 * i)), ("down", (e, h))):
             arr = getattr(biases, name)
-            if tuple(getattr(arr, "shape", ())) != shape or arr.dtype != cupy.float32 or not arr.flags.c_contiguous:
+            if (
+                not isinstance(arr, cupy.ndarray)
+                or arr.shape != shape
+                or arr.dtype != cupy.float32
+                or not arr.flags.c_contiguous
+            ):
                 raise ValueError(f"biases.{name}: expected a contiguous float32 CuPy array of shape {shape}")
         if top_k > 64:
             raise ValueError(f"top_k: expected at most 64 with biases (the biased combine's limit), got {top_k}")
@@ -647,7 +675,7 @@ class MoELayer:
         if not self.capacity:
             raise ValueError("forward_static: build the layer with capacity= (the most tokens of a static step)")
         self._check_static(x, out)
-        t = x.shape[0] if tokens is None else tokens
+        t = _token_count(tokens, x)
         if not 0 <= t <= min(self.capacity, x.shape[0], out.shape[0]):
             raise ValueError(f"tokens: expected 0..capacity ({self.capacity}) within the rows of x and out, got {t}")
         if t == 0:
@@ -669,8 +697,9 @@ class MoELayer:
         if not self.capacity:
             raise ValueError("forward_static_routed: build the layer with capacity= (the most tokens of a static step)")
         self._check_static(x, out)
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= self.capacity:
-            raise ValueError(f"tokens: expected 0..capacity ({self.capacity}), got {tokens!r:.40}")
+        tokens = _token_count(tokens, x)
+        if not 0 <= tokens <= self.capacity:
+            raise ValueError(f"tokens: expected 0..capacity ({self.capacity}), got {tokens}")
         if tokens > min(x.shape[0], out.shape[0]):
             raise ValueError(f"tokens: {tokens} exceeds the rows of x ({x.shape[0]}) or out ({out.shape[0]})")
         return self._static_experts(x, out, tokens) if tokens else out
@@ -716,14 +745,10 @@ class MoELayer:
         if not self.dense_rows:
             raise ValueError("forward_dense: build the layer with dense_rows= (the most tokens of a dense step)")
         self._check_static(x, out)
-        t = x.shape[0] if tokens is None else tokens
-        if (
-            isinstance(t, bool)
-            or not isinstance(t, int)
-            or not 0 <= t <= min(self.dense_rows, x.shape[0], out.shape[0])
-        ):
+        t = _token_count(tokens, x)
+        if not 0 <= t <= min(self.dense_rows, x.shape[0], out.shape[0]):
             raise ValueError(
-                f"tokens: expected 0..dense_rows ({self.dense_rows}) within the rows of x and out, got {t!r:.40}"
+                f"tokens: expected 0..dense_rows ({self.dense_rows}) within the rows of x and out, got {t}"
             )
         if t == 0:
             return out
@@ -777,7 +802,7 @@ class MoELayer:
         for name, a in (("x", x), ("out", out)):
             if a.ndim != 2 or a.shape[1] != self.hidden or a.strides[1] != a.itemsize:
                 raise ValueError(f"{name}: expected [tokens, {self.hidden}] with contiguous rows, got {a.shape}")
-        t = x.shape[0] if tokens is None else tokens
+        t = _token_count(tokens, x)
         if t > x.shape[0] or t > out.shape[0]:
             raise ValueError(f"tokens: {t} exceeds the rows of x ({x.shape[0]}) or out ({out.shape[0]})")
         if not 0 <= t <= self.max_tokens:
@@ -827,6 +852,15 @@ class MoELayer:
             self.workspace.close()
         if self._own_dense:
             self.dense.close()
+
+
+def _token_count(tokens: Any, x: Any) -> int:
+    """A forward's ``tokens`` (None: the rows of ``x``) as an int; TypeError naming it otherwise (a bool or a float
+    is no count). The range is the caller's to check."""
+    t = x.shape[0] if tokens is None else tokens
+    if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+        raise TypeError(f"tokens: expected an int (a count of token rows) or None, got {type(t).__name__}")
+    return int(t)
 
 
 def _is_sm90(device_id: int) -> bool:
