@@ -274,7 +274,7 @@ def test_device_routing_checks_topk_group_and_its_call_arguments() -> None:
     topk(host, None, 0, host, host, None)  # no tokens: nothing checked or launched
     for bad, error in ((True, TypeError), ("2", TypeError), (2.0, TypeError), (-1, ValueError), (1 << 40, ValueError)):
         with pytest.raises(error, match="tokens"):
-            topk(host, None, bad, host, host, None)
+            topk(host, None, bad, host, host, None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="logits: expected a float32 CuPy array, got ndarray"):
         topk(host, None, 2, host, host, None)
 
