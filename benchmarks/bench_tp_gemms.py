@@ -24,45 +24,17 @@ from typing import Any
 
 import cffi
 
-_CDEFS = r"""
-typedef struct cublasLtContext* cublasLtHandle_t;
-typedef struct cublasLtMatmulDescOpaque_st* cublasLtMatmulDesc_t;
-typedef struct cublasLtMatrixLayoutOpaque_st* cublasLtMatrixLayout_t;
-typedef struct cublasLtMatmulPreferenceOpaque_st* cublasLtMatmulPreference_t;
-typedef struct { uint64_t data[8]; } cublasLtMatmulAlgo_t;
-typedef struct {
-    cublasLtMatmulAlgo_t algo;
-    size_t workspaceSize;
-    int state;
-    float wavesCount;
-    int reserved[4];
-} cublasLtMatmulHeuristicResult_t;
-int cublasLtCreate(cublasLtHandle_t* handle);
-int cublasLtDestroy(cublasLtHandle_t handle);
-int cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* desc, int computeType, int scaleType);
-int cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t desc);
-int cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t desc, int attr, const void* buf, size_t size);
-int cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* layout, int type, uint64_t rows, uint64_t cols, int64_t ld);
-int cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t layout);
-int cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t* pref);
-int cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t pref);
-int cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t pref, int attr, const void* buf, size_t size);
-int cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a,
-                                   cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t d,
-                                   cublasLtMatmulPreference_t pref, int requested,
-                                   cublasLtMatmulHeuristicResult_t* results, int* returned);
-int cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, const void* alpha, uintptr_t a,
-                   cublasLtMatrixLayout_t adesc, uintptr_t b, cublasLtMatrixLayout_t bdesc, const void* beta,
-                   uintptr_t c, cublasLtMatrixLayout_t cdesc, uintptr_t d, cublasLtMatrixLayout_t ddesc,
-                   const cublasLtMatmulAlgo_t* algo, uintptr_t workspace, size_t workspace_bytes, uintptr_t stream);
-"""
-# cublasLt.h / library_types.h values
-_DESC_TRANSA, _DESC_TRANSB = 3, 4
-_PREF_MAX_WORKSPACE_BYTES = 1
-_OP_N, _OP_T = 0, 1
-_COMPUTE_32F = 68
-_R_32F, _R_16BF = 0, 14
-_WORKSPACE = 32 << 20
+# the engine's own declarations and enum values (cublasLt.h / library_types.h), not a second copy
+from fi_ffi.models.cublas import CUBLAS_COMPUTE_32F as _COMPUTE_32F
+from fi_ffi.models.cublas import CUBLAS_OP_N as _OP_N
+from fi_ffi.models.cublas import CUBLAS_OP_T as _OP_T
+from fi_ffi.models.cublas import CUDA_R_16BF as _R_16BF
+from fi_ffi.models.cublas import CUDA_R_32F as _R_32F
+from fi_ffi.models.cublas_lt import CDEFS as _CDEFS
+from fi_ffi.models.cublas_lt import CUBLASLT_MATMUL_DESC_TRANSA as _DESC_TRANSA
+from fi_ffi.models.cublas_lt import CUBLASLT_MATMUL_DESC_TRANSB as _DESC_TRANSB
+from fi_ffi.models.cublas_lt import CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES as _PREF_MAX_WORKSPACE_BYTES
+from fi_ffi.models.dense import WORKSPACE_BYTES as _WORKSPACE
 
 HIDDEN, QKV, INTER, VOCAB = 4096, 6144, 14336, 128256
 

@@ -166,7 +166,7 @@ class LtMatmuls:
         """The cached ``(A, B, C layouts, algorithm, workspace bytes)`` of one problem; None where the heuristic
         offers no algorithm, or after :meth:`close` (the caller falls back to ``cublasGemmEx``). Sizes and
         leading dimensions in elements; ``ab_type``/``c_type``: cudaDataType_t of x and w / of y. At most
-        :data:`_MAX_SHAPES` kept, then every layout is destroyed and the cache starts again."""
+        1024 shapes kept, then every layout is destroyed and the cache starts again."""
         if self._h is None:  # closed: no layout made on a destroyed handle (nothing would destroy it)
             return None
         key = (rows, n, k, x_ld, y_ld, ab_type, c_type)
