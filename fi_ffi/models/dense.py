@@ -291,6 +291,8 @@ class Dense:
                 self._launch, self._driver_ffi = lib.cuLaunchKernel, driver.ffi()
                 self._null = self._driver_ffi.NULL
                 self.gemv = True
+            else:
+                self.gemv_error = "libcuda could not be loaded or cuInit failed (fi_ffi.driver.load)"
         except Exception as exc:  # NVRTC or the driver refusing: cuBLAS serves every GEMM
             self._gemv_fns, self.gemv_error = {}, f"{type(exc).__name__}: {exc}"
         self._gemm, self._h = self._blas.gemm_ex, self._blas.ptr
