@@ -428,9 +428,9 @@ def engine_share(folder: Path, profile: int) -> dict[str, Any]:
         fetch = self._fetch_ids
         issued: list[float] = []
 
-        def timed_fetch(rows: int) -> Any:
+        def timed_fetch(rows: int, sampling: Any) -> Any:
             issued.append(time.perf_counter())
-            return fetch(rows)
+            return fetch(rows, sampling)
 
         self._fetch_ids = timed_fetch
         try:

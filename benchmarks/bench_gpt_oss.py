@@ -1,6 +1,8 @@
 """Decode throughput of the gpt-oss engine on a random gpt-oss-20b-shaped checkpoint (hidden 2880, 32 experts of
 intermediate 2880, top-4, 64/8 heads of 64, alternating 128-token windows), bfloat16, ``--layers`` of its 24 layers
-(2 by default: 2.2 GB of experts), CUDA graph, at batch 1 and 32: decode tokens/s and host us/step.
+(2 by default: 3.2 GB of experts), CUDA graph, at ``--batches`` (1, 4, 8, 32): decode tokens/s and host us/step,
+for each MoE path the engine can be forced to (``--modes``, default ``routed,dense``), and which one its default
+``moe_path="auto"`` rule picks at that batch (the graph is captured at ``max_batch`` = the batch).
 
 ``--baseline MODULE`` also times ``MODULE.GptOssEngine`` (another implementation of the same engine, e.g. a copy of
 an earlier ``fi_ffi/models/gpt_oss.py``) on the same checkpoint, interleaved with this one (one run each per batch).
@@ -70,13 +72,14 @@ def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
     return folder
 
 
-def run(engine_cls: Any, path: Path, batch: int, new_tokens: int) -> dict[str, Any]:
+def run(engine_cls: Any, kwargs: dict[str, Any], path: Path, batch: int, new_tokens: int) -> dict[str, Any]:
     rng = np.random.default_rng(batch)
     prompts = [rng.integers(3, 1000, size=32).tolist() for _ in range(batch)]
-    with engine_cls(path, max_batch=batch, max_seq_len=256, cuda_graph=True) as engine:
+    with engine_cls(path, max_batch=batch, max_seq_len=256, cuda_graph=True, **kwargs) as engine:
         engine.generate(prompts, 4, eos_token_ids=())  # warm-up
         r = engine.generate(prompts, new_tokens, eos_token_ids=())
-    return {"batch": batch, "tokens_per_s": r.tokens_per_s, "host_us_per_step": r.host_us_per_step}
+        auto = engine.moe_path_for(batch) if kwargs.get("moe_path") == "auto" else kwargs.get("moe_path", "")
+    return {"batch": batch, "moe_path": auto, "tokens_per_s": r.tokens_per_s, "host_us_per_step": r.host_us_per_step}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,20 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batches", default="1,4,8,32", help="comma-separated batch sizes (default 1,4,8,32)")
+    ap.add_argument("--modes", default="routed,dense", help="moe_path values to time (auto, routed, dense)")
     ap.add_argument("--baseline", help="a module with another GptOssEngine to time on the same checkpoint")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     from fi_ffi.models.gpt_oss import GptOssEngine
+    from fi_ffi.models.moe import choose_path
 
-    engines = {"fi_ffi.models.gpt_oss": GptOssEngine}
+    contenders: list[tuple[str, Any, dict[str, Any]]] = [
+        (f"gpt_oss moe_path={m}", GptOssEngine, {"moe_path": m}) for m in args.modes.split(",")
+    ]
     if args.baseline:
-        engines[args.baseline] = importlib.import_module(args.baseline).GptOssEngine
+        contenders.append((args.baseline, importlib.import_module(args.baseline).GptOssEngine, {}))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(Path(tmp), args.layers, args.vocab)
-        for batch in (1, 32):
-            for name, cls in engines.items():  # interleaved: one run of each per batch
-                row = {"engine": name, "layers": args.layers, **run(cls, path, batch, args.new_tokens)}
+        for batch in (int(b) for b in args.batches.split(",")):
+            print(f"batch {batch}: moe_path='auto' picks {choose_path(batch, 32, 4)}", flush=True)
+            for name, cls, kwargs in contenders:  # interleaved: one run of each per batch
+                row = {"engine": name, "layers": args.layers, **run(cls, kwargs, path, batch, args.new_tokens)}
                 rows.append(row)
                 print(f"{name:40s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tokens/s, host "
                       f"{row['host_us_per_step']:7.1f} us/step", flush=True)  # fmt: skip

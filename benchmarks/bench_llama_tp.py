@@ -18,12 +18,14 @@ them) instead, for the MoE engine's tokens/s at TP 1/2/4 (its experts split by i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,56 +44,81 @@ SHAPE_8B = dict(
 
 
 def make(folder: Path, layers: int) -> None:
-    """A random bfloat16 checkpoint: every weight cut from one random block (fast to write; values do not matter
-    for timing)."""
-    from fi_ffi.models.checkpoint import write_safetensors
-
-    cfg = {"model_type": "llama", "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "eos_token_id": 2}
+    """A random bfloat16 checkpoint written fast, whatever its depth: one random block per tensor shape, and every
+    tensor of that shape (each layer's, the embedding's and the LM head's) points at the same bytes of the file
+    (fi_ffi's reader allows it; the ``safetensors`` package would not). The file holds about 1.3 GB for the 8B shape
+    at any depth, while the engine still uploads every tensor to a buffer of its own, so the GPU reads as much per
+    step as with distinct weights (the values do not matter for timing)."""
+    cfg: dict[str, Any] = {
+        "model_type": "llama",
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "eos_token_id": 2,
+    }
     cfg.update(SHAPE_8B, num_hidden_layers=layers)
     block = (np.random.default_rng(0).standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(np.float32)
     bits = (block.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bits
-
-    def w(*shape: int) -> tuple[np.ndarray, str]:
-        n = int(np.prod(shape))
-        return np.resize(bits, n).reshape(shape), "bfloat16"
-
     one = (np.full(cfg["hidden_size"], 1.0, np.float32).view(np.uint32) >> 16).astype(np.uint16)
     h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     hq, hk, v = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "model.embed_tokens.weight": w(v, h),
-        "lm_head.weight": w(v, h),
-        "model.norm.weight": (one, "bfloat16"),
+    shapes = {
+        "model.embed_tokens.weight": (v, h),
+        "lm_head.weight": (v, h),
+        "model.norm.weight": (h,),
     }
     for n in range(layers):
         p = f"model.layers.{n}."
-        tensors.update(
+        shapes.update(
             {
-                p + "self_attn.q_proj.weight": w(hq * d, h),
-                p + "self_attn.k_proj.weight": w(hk * d, h),
-                p + "self_attn.v_proj.weight": w(hk * d, h),
-                p + "self_attn.o_proj.weight": w(h, hq * d),
-                p + "mlp.gate_proj.weight": w(i, h),
-                p + "mlp.up_proj.weight": w(i, h),
-                p + "mlp.down_proj.weight": w(h, i),
-                p + "input_layernorm.weight": (one, "bfloat16"),
-                p + "post_attention_layernorm.weight": (one, "bfloat16"),
+                p + "self_attn.q_proj.weight": (hq * d, h),
+                p + "self_attn.k_proj.weight": (hk * d, h),
+                p + "self_attn.v_proj.weight": (hk * d, h),
+                p + "self_attn.o_proj.weight": (h, hq * d),
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
             }
         )
-    write_safetensors(folder / "model.safetensors", tensors)
+    blobs: dict[tuple[int, ...], tuple[int, np.ndarray]] = {}  # shape -> (offset, bits)
+    offset = 0
+    header: dict[str, object] = {}
+    for name, shape in shapes.items():
+        if shape not in blobs:
+            arr = one if len(shape) == 1 else np.resize(bits, int(np.prod(shape)))
+            blobs[shape] = (offset, arr)
+            offset += arr.nbytes
+        at, arr = blobs[shape]
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [at, at + arr.nbytes]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "model.safetensors").open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for _, arr in blobs.values():
+            f.write(arr.tobytes())
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
-def run_rank(model: str, out: str, variant: str, new_tokens: int, batches: list[int], modes: list[str]) -> None:
+def run_rank(
+    model: str, out: str, variant: str, new_tokens: int, batches: list[int], modes: list[str], profile: bool
+) -> None:
     """One rank (or the single GPU): every configuration, rank 0 writes the rows."""
     from fi_ffi.models.llama import LlamaEngine
 
     tp = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
     nccl = variant == "nccl"
+    if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
+        from fi_ffi.models.tensor_parallel import ResidualAllReduce
+
+        ResidualAllReduce.launch_with_pdl = True
     rows = []
     rng = np.random.default_rng(0)
-    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    vocab = cfg["vocab_size"]
+    rank = 0
     for batch in batches:
         prompts = [rng.integers(3, vocab, 32).tolist() for _ in range(batch)]
         for graph in [m == "graph" for m in modes]:
@@ -104,23 +131,139 @@ def run_rank(model: str, out: str, variant: str, new_tokens: int, batches: list[
                 fused_allreduce=not nccl,
                 vocab_parallel=variant != "whole-vocab",
             ) as engine:
+                if variant == "agree":  # greedy ids from the shards' combined argmax, no broadcast from rank 0
+                    engine._ids_agree = engine.vocab_shard is not None
+                if variant == "ahead":  # the next step's index arrays and plan prepared while the GPU runs this one
+                    engine._prepare_ahead = type(engine)._plan_decode is LlamaEngine._plan_decode
                 engine.generate(prompts, 4, eos_token_ids=())  # warm-up
                 result = engine.generate(prompts, new_tokens, eos_token_ids=())
                 rank = engine.rank
+                parts = step_parts(engine) if profile and graph and variant == "fused" else None
             rows.append(
                 {
                     "tp": tp,
+                    "layers": cfg["num_hidden_layers"],
                     "all-reduce": "nccl" if nccl or tp == 1 else "fused",
                     "vocab": "whole" if tp == 1 or variant == "whole-vocab" else "split",
+                    "ids": "broadcast" if tp > 1 and variant != "agree" else "-",
+                    "host prep": "ahead" if variant == "ahead" else "in step",
+                    "pdl": variant == "pdl",
                     "batch": batch,
                     "mode": "graph" if graph else "eager",
                     "tokens_per_s": result.tokens_per_s,
                     "host_us_per_step": result.host_us_per_step,
                     "step_ms": result.decode_s / max(1, result.decode_steps) * 1e3,
+                    "tokens_sha": hashlib.sha256(json.dumps(result.tokens).encode()).hexdigest()[:12],
+                    "parts_us": parts,
                 }
             )
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
+
+
+def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
+    """Where a graph decode step's device time goes: each part of the step (over all layers) captured as a CUDA
+    graph of its own and replayed ``reps`` times back to back, us per step (CUDA events); ``graph replay`` is the
+    engine's own decode graph replayed back to back (no host work between steps), ``host: ...`` the host time of
+    the per-step calls outside the graph. Runs the parts on padded rows of the last plan; it leaves the engine's
+    buffers garbage (call it last). Reads the engine's private state: a measurement, not an API."""
+    import time
+
+    import cupy as cp
+
+    from fi_ffi.models import kernels
+    from fi_ffi.models.graph import CudaGraph
+    from fi_ffi.models.llama import SamplingParams, _refuse_allocation
+    from fi_ffi.models.paging import fill_decode
+    from fi_ffi.streams import stream_scope
+
+    e: Any = engine
+    c, b, dense, s = e.config, e._buf, e.dense, e._s
+    h, inter, ab, eps = c.hidden_size, c.intermediate_size, e._ab, c.rms_norm_eps
+    rows, layers = e.max_batch, c.num_layers
+    hqd, w = c.num_qo_heads * c.head_dim, e._qkv_width
+    normed, x, qkv, attn, gu, act = (a.data.ptr for a in (e._normed, b.x, b.qkv, b.attn, b.gu, b.act))
+    out: dict[str, float] = {}
+    gemv, dense.gemv = dense.gemv, False  # as in the engine's decode graph (its GEMMs are cuBLASLt's)
+    with cp.cuda.Device(e.device), e.stream, stream_scope(s, e.device):
+        n_pages = fill_decode([None] * rows, e.page_size, e._dh)
+        e._upload_decode(rows, n_pages, cuda_graph=True)
+        v = e._view("decode", rows, rows)
+
+        def embed() -> None:
+            vs = e.vocab_shard
+            if vs is None:
+                dense.gather_rows(rows, e._embed, h, v.token_ids, b.h.data.ptr, h, h)
+                kernels.rmsnorm(v.h, e._ln1[0], v.x2, eps, s)
+            else:
+                dense.gather_rows_shard(rows, e._embed, h, v.token_ids, x, h, h, vs.start, vs.valid)
+                cp.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
+                e._add_norm(v, e._ln1[0])
+
+        def rope_append(i: int) -> None:
+            kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
+            kernels.append_kv(
+                v.k, v.v, v.batch_indices, v.positions, e._k_cache[i], e._v_cache[i], v.kv_indices, v.kv_indptr,
+                v.kv_last_page_len, s,
+            )  # fmt: skip
+
+        per_layer = {
+            "qkv gemm": lambda i: dense.linear(rows, normed, h, e._wqkv[i], w, h, qkv, w, ab, ab),
+            "rope + kv append": rope_append,
+            "attention": lambda i: e._decode_attention(i, v),
+            "o gemm": lambda i: dense.linear(rows, attn, hqd, e._wo[i], h, hqd, x, h, ab, ab),
+            "add+norm (all-reduce) x2": lambda i: (e._add_norm(v, e._ln2[i]), e._add_norm(v, e._ln1[i])),
+            "gate/up gemm": lambda i: dense.linear(rows, normed, h, e._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab),
+            "silu_and_mul": lambda i: kernels.silu_and_mul(v.gu, v.act, s),
+            "down gemm": lambda i: dense.linear(rows, act, inter, e._wd[i], h, inter, x, h, ab, ab),
+        }
+        parts: dict[str, Any] = {"embedding": embed}
+        for name, fn in per_layer.items():
+            parts[name] = lambda fn=fn: [fn(i) for i in range(layers)]
+        parts["lm head"] = lambda: e._head(rows, normed)
+        parts["argmax (+ combine)"] = lambda: e._argmax(rows)
+        if e.comm is not None:
+            parts["ids broadcast"] = lambda: e.comm.broadcast(b.ids, root=0, stream=s)
+        parts["step (one graph)"] = lambda: e._decode_body(v, rows)
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+
+        def timed(launch: Any) -> float:
+            launch()
+            e.stream.synchronize()
+            start.record(e.stream)
+            for _ in range(reps):
+                launch()
+            end.record(e.stream)
+            end.synchronize()
+            return float(cp.cuda.get_elapsed_time(start, end)) * 1e3 / reps
+
+        for name, fn in parts.items():
+            g = CudaGraph(s)
+            try:
+                with cp.cuda.using_allocator(_refuse_allocation), g.capture():
+                    fn()
+                out[name] = timed(g.launch)
+            except Exception as exc:  # a part that cannot be captured alone: say so, time the others
+                print(f"step_parts: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            finally:
+                g.close()
+        out["graph replay"] = timed(e.graph.launch)
+        # host time of what _decode_step does outside the graph, per call
+        greedy = SamplingParams()
+        for name, fn in {
+            "host: upload + plan": lambda: e._upload_decode(rows, n_pages, cuda_graph=True),
+            "host: graph launch": e.graph.launch,
+            "host: ids broadcast call": lambda: e.comm.broadcast(b.ids, root=0, stream=s) if e.comm else None,
+            "host: step's share_ids": lambda: e._share_ids(greedy),
+        }.items():
+            e.stream.synchronize()
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            out[name] = (time.perf_counter() - t) * 1e6 / reps
+            e.stream.synchronize()
+    dense.gemv = gemv
+    return out
 
 
 def main() -> None:
@@ -140,8 +283,13 @@ def main() -> None:
         "--variants",
         default="fused,nccl,whole-vocab",
         help="TP > 1 rows: fused (fused all-reduce, vocabulary split), nccl (NCCL + fused_add_rmsnorm), "
-        "whole-vocab (fused all-reduce, embedding and LM head whole on every rank)",
+        "whole-vocab (fused all-reduce, embedding and LM head whole on every rank), agree (as fused, greedy ids "
+        "from the shards' combined argmax without rank 0's broadcast; off in the engine until measured), "
+        "ahead (as fused, the next step prepared while the "
+        "GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce launched with programmatic dependent "
+        "launch)",
     )
+    ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
     args = ap.parse_args()
     if args.make:
         make(args.make, args.layers)
@@ -157,15 +305,16 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
     if args.rank_out:
-        run_rank(str(args.model), args.rank_out, args.variant, args.new_tokens, batches, modes)
+        run_rank(str(args.model), args.rank_out, args.variant, args.new_tokens, batches, modes, args.profile)
         return
     table = []
     for tp in [int(t) for t in args.tp.split(",")]:
-        for variant in ["fused"] if tp == 1 else args.variants.split(","):
+        variants = args.variants.split(",")
+        for variant in (["fused"] + (["ahead"] if "ahead" in variants else [])) if tp == 1 else variants:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = [sys.executable, __file__, "--model", str(args.model), "--rank-out", out.name]
                 cmd += ["--new-tokens", str(args.new_tokens), "--variant", variant]
-                cmd += ["--batches", args.batches, "--modes", args.modes]
+                cmd += ["--batches", args.batches, "--modes", args.modes] + (["--profile"] if args.profile else [])
                 if tp > 1:
                     cmd = [sys.executable, "-m", "fi_ffi", "launch", "--nproc", str(tp), "--", *cmd]
                 done = subprocess.run(cmd)
@@ -173,13 +322,32 @@ def main() -> None:
                     print(f"tp {tp} {variant}: failed ({done.returncode})", file=sys.stderr)
                     continue
                 table += json.loads(Path(out.name).read_text())
-    print(f"{'tp':>3} {'all-reduce':>10} {'vocab':>6} {'batch':>5} {'mode':>6} {'tokens/s':>10} {'ms/step':>8} "
-          f"{'host us/step':>13}")  # fmt: skip
+    print(f"{'layers':>6} {'tp':>3} {'all-reduce':>10} {'vocab':>6} {'ids':>9} {'host prep':>9} {'batch':>5} "
+          f"{'mode':>6} {'pdl':>4} {'tokens/s':>10} {'ms/step':>8} {'host us/step':>13}")  # fmt: skip
     for r in table:
         print(
-            f"{r['tp']:>3} {r['all-reduce']:>10} {r['vocab']:>6} {r['batch']:>5} {r['mode']:>6} "
-            f"{r['tokens_per_s']:>10.1f} {r['step_ms']:>8.2f} {r['host_us_per_step']:>13.1f}"
+            f"{r['layers']:>6} {r['tp']:>3} {r['all-reduce']:>10} {r['vocab']:>6} {r['ids']:>9} {r['host prep']:>9} "
+            f"{r['batch']:>5} {r['mode']:>6} {'yes' if r['pdl'] else '-':>4} {r['tokens_per_s']:>10.1f} "
+            f"{r['step_ms']:>8.3f} {r['host_us_per_step']:>13.1f}"
         )
+    # agree and ahead change no arithmetic: their greedy tokens must equal the fused rows' of the same shape
+    key = ("tp", "batch", "layers", "mode", "vocab", "all-reduce")  # pdl rows: the same kernels, the same sums
+    for r in table:
+        ref = [
+            q
+            for q in table
+            if q["host prep"] == "in step" and q["ids"] == "-" and not q["pdl"] and all(q[k] == r[k] for k in key)
+        ]
+        if ref and ref[0]["tokens_sha"] != r["tokens_sha"]:
+            print(f"tokens differ from the fused row's: {r}")
+    profiled = [r for r in table if r.get("parts_us")]
+    if profiled:  # one column per profiled row: us per step of each part
+        names = list(dict.fromkeys(k for r in profiled for k in r["parts_us"]))
+        heads = [f"L{r['layers']} tp{r['tp']} b{r['batch']}" for r in profiled]
+        print(f"\n{'us per step':<28}" + "".join(f"{x:>15}" for x in heads))
+        for k in names:
+            cells = [r["parts_us"].get(k) for r in profiled]
+            print(f"{k:<28}" + "".join(f"{'-' if c is None else format(c, '.1f'):>15}" for c in cells))
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1))
 

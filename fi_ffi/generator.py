@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections.abc import Callable
 
 _U64 = 1 << 64
 
@@ -108,6 +109,17 @@ _default: list[Generator] = []
 _default_lock = threading.Lock()
 
 
+def draw(generator: Generator, increment: int, use: Callable[[int, int], object]) -> None:
+    """Call ``use(seed, offset)`` with ``generator``'s offset advanced by ``increment`` (random values, rounded up to
+    a multiple of 4), holding its lock; the advance is kept only if ``use`` returns. The sampling ops launch in
+    ``use``, so a call refused by its checks draws nothing, and two threads never launch with one offset."""
+    step = round_up4(increment)
+    with generator._lock:
+        new = (generator._offset + step) % _U64
+        use(generator._seed, new)
+        generator._offset = new
+
+
 def default_generator() -> Generator:
     """The process-wide generator the sampling ops use when given neither ``generator`` nor ``seed``/``offset``:
     seeded from the OS's randomness on first use (so runs differ); pass a :class:`Generator` to reproduce."""
@@ -118,4 +130,4 @@ def default_generator() -> Generator:
     return _default[0]
 
 
-__all__ = ["Generator", "default_generator", "round_up4"]
+__all__ = ["Generator", "default_generator", "draw", "round_up4"]

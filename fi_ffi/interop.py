@@ -83,7 +83,7 @@ from . import caches, driver
 from . import dtypes as _dt
 from .dtypes import CPU, CUDA, CUDA_HOST, CUDA_MANAGED, Device, DType
 from .streams import stream_handle
-from .tensor import _MAX_NDIM, Tensor, contiguous_strides, layout_id
+from .tensor import MAX_NDIM, Tensor, contiguous_strides, layout_id
 from .typing import StreamLike, TensorLike
 
 __all__ = ["as_tensor"]
@@ -236,8 +236,8 @@ def _device(device_type: int, device_id: int, name: str) -> Device:
 
 
 def _check_layout(name: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
-    if len(shape) > _MAX_NDIM:
-        raise ValueError(f"{name}: at most {_MAX_NDIM} dimensions are supported, got {len(shape)}")
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"{name}: at most {MAX_NDIM} dimensions are supported, got {len(shape)}")
     if strides and min(strides) < 0:
         raise ValueError(f"{name}: negative strides are not supported, got strides {strides} (in elements)")
     if (shape and max(shape) >= _INT64_END) or (strides and max(strides) >= _INT64_END):
@@ -285,8 +285,8 @@ def _describe_torch(obj: Any, name: str, stream: Any) -> Tensor:
     if obj.is_neg():
         raise ValueError(f"{name}: the tensor is a lazily negated view (is_neg()); call .resolve_neg() first")
     shape = tuple(obj.shape)
-    if len(shape) > _MAX_NDIM:
-        raise ValueError(f"{name}: at most {_MAX_NDIM} dimensions are supported, got {len(shape)}")
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"{name}: at most {MAX_NDIM} dimensions are supported, got {len(shape)}")
     return _new(obj.data_ptr(), shape, obj.stride(), dtype, device, obj)
 
 

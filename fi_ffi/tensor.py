@@ -21,11 +21,11 @@ from .dtypes import Device, DType
 # DLTensor: data u64 @0, device {i32,i32} @8, ndim i32 @16, dtype {u8,u8,u16} @20, shape* @24, strides* @32,
 # byte_offset u64 @40 (48 bytes); shape and strides (int64 each) follow the record in the same block.
 _DLTENSOR = struct.Struct("<QiiiBBHQQQ")
-_MAX_NDIM = 16
+MAX_NDIM = 16  # the most dimensions a descriptor (and a producer read by fi_ffi.interop) may have
 # The kernels accept exactly kDLCUDA for device memory and kDLCPU for host memory. Managed memory is
 # device-addressable and page-locked host memory is host memory, so the record we pass carries the kind the
 # kernels check for; the descriptor keeps the true device for our own checks and messages.
-_WIRE_DEVICE_TYPE = {_dt.CUDA_MANAGED: _dt.CUDA, _dt.CUDA_HOST: _dt.CPU}
+WIRE_DEVICE_TYPE = {_dt.CUDA_MANAGED: _dt.CUDA, _dt.CUDA_HOST: _dt.CPU}
 _INT64_END = 1 << 63
 _PTR_END = 1 << 64
 _DEVICE_END = 1 << 31  # DLDevice.device_id is an int32
@@ -244,8 +244,8 @@ class Tensor:
 def _parse(shape: Any, dtype: Any, device: Any, strides: Any) -> tuple[Any, ...]:
     """Validate a descriptor's layout arguments: (shape, strides, dtype, device, ndim, layout id)."""
     shape_t = shape if shape.__class__ is tuple and _small_ints(shape) else _sizes("shape", shape)
-    if len(shape_t) > _MAX_NDIM:
-        raise ValueError(f"shape: at most {_MAX_NDIM} dimensions, got {len(shape_t)}")
+    if len(shape_t) > MAX_NDIM:
+        raise ValueError(f"shape: at most {MAX_NDIM} dimensions, got {len(shape_t)}")
     if strides is None:
         strides_t = _CONTIGUOUS.get(shape_t) or _remember_contiguous(shape_t)
     else:
@@ -364,7 +364,7 @@ def _make_dltensor(t: Tensor) -> tuple[Any, int]:
     buf = ffi.buffer(block)
     shape_addr = addr + _DLTENSOR.size
     strides_addr = shape_addr + 8 * n
-    device_type = _WIRE_DEVICE_TYPE.get(t.device.device_type, t.device.device_type)
+    device_type = WIRE_DEVICE_TYPE.get(t.device.device_type, t.device.device_type)
     _DLTENSOR.pack_into(
         buf,
         0,

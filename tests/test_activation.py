@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_norm import assert_reached_the_kernel, fake_cuda
+from helpers.fakes import assert_reached_the_kernel, fake_cuda
 
 import fi_ffi
 from fi_ffi.errors import KernelError

@@ -8,7 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
-from test_norm import assert_reached_the_kernel, fake_cuda
+from helpers.fakes import assert_reached_the_kernel, fake_cuda
 
 from fi_ffi.errors import KernelError
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.fakes import fake_cuda  # re-exported: test_sink and test_release_072 take it from here
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fi_ffi.errors import KernelError, KernelNotFoundError
-from fi_ffi.launch.aliasing import footprint
 from fi_ffi.launch.kernels import entry_point
 from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.attention import variants as V
@@ -83,16 +83,6 @@ def _cpu_only():
     err, count = rt.cudaGetDeviceCount()
     if err == rt.cudaError_t.cudaSuccess and count > 0:
         pytest.skip("fake-device packing tests need a machine without a GPU (the GPU suite covers the calls)")
-
-
-def fake_cuda(shape, dtype="float16", strides=None, device="cuda:0") -> Tensor:
-    """A descriptor that claims CUDA memory, pointing at 16-byte aligned host memory the module never reads."""
-    # memory of its own for the tensor's extent (the launcher refuses outputs over inputs); huge test shapes are
-    # refused before any kernel, so they get a token allocation
-    extent = footprint(Tensor.from_pointer(16, shape, dtype, device, strides))[1]
-    host = np.zeros((extent if extent < 1 << 26 else 0) + 64, dtype=np.uint8)
-    ptr = (host.ctypes.data + 15) // 16 * 16
-    return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
 
 
 def host(arr) -> np.ndarray:

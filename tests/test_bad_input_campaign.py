@@ -1189,10 +1189,11 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             Entry(
                 moe.MoEScratch,
                 lambda: dict(num_experts=8, hidden=256, intermediate=512, top_k=2, max_tokens=16, dtype="bfloat16"),
-                kinds={"capacity": "opt_int"},
+                kinds={"capacity": "opt_int", "dense_rows": "opt_int"},
             ),
         )
     ],
+    "moe.choose_path": lambda: [("choose_path", Entry(moe.choose_path, lambda: dict(rows=4, num_experts=32, top_k=4)))],
     "paging.pages_for": lambda: [("pages_for", Entry(paging.pages_for, lambda: dict(tokens=33, page_size=16)))],
     "paging.PageAllocator": lambda: [("PageAllocator", Entry(paging.PageAllocator, lambda: dict(num_pages=8)))],
     "tensor_parallel.rows": lambda: [
@@ -1470,7 +1471,15 @@ EXEMPT: dict[str, str] = {
     # compiles its kernel with CuPy in the constructor; its argument checks run before that (test_deepseek.py)
     "deepseek_routing.DeviceGroupedTopk": _GPU,
     **dict.fromkeys(
-        ["config.MoEConfig", "config.RopeConfig", "moe_routing.ExpertGroups", "llama.GenerationResult"], _RECORD
+        [
+            "config.MoEConfig",
+            "config.RopeConfig",
+            "moe_routing.ExpertGroups",
+            "llama.GenerationResult",
+            "moe.ClampedSwiGLU",
+            "moe.MoEBiases",
+        ],
+        _RECORD,
     ),
     **dict.fromkeys(
         [

@@ -255,6 +255,30 @@ def test_device_routing_refusals_name_the_field() -> None:
         device_routing_blocker("noaux_tc")  # type: ignore[arg-type]
 
 
+def test_device_routing_checks_topk_group_and_its_call_arguments() -> None:
+    """topk_group beyond n_group is refused at construction (the kernel would pick a group -1); a call's tokens must
+    be an int and its arrays device arrays of the kernel's dtypes, named before any launch. The call is made on an
+    instance built without CuPy (none on a CPU machine): its checks come before the kernel, never reached here."""
+    import dataclasses
+
+    from fi_ffi.models.deepseek_routing import DeviceGroupedTopk
+
+    ok = DeepSeekConfig.from_dict(V3).routing
+    assert ok is not None
+    with pytest.raises(ValueError, match="routing.topk_group"):
+        DeviceGroupedTopk(dataclasses.replace(ok, topk_group=ok.n_group + 1), 256, 8, True)
+    topk = object.__new__(DeviceGroupedTopk)
+    topk.routing, topk.num_experts, topk.top_k, topk.renormalize = ok, 256, 8, True
+    topk._fn = None  # not callable: a launch would fail the test with another error than the ones below
+    host = np.zeros((2, 256), np.float32)
+    topk(host, None, 0, host, host, None)  # no tokens: nothing checked or launched
+    for bad, error in ((True, TypeError), ("2", TypeError), (2.0, TypeError), (-1, ValueError), (1 << 40, ValueError)):
+        with pytest.raises(error, match="tokens"):
+            topk(host, None, bad, host, host, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="logits: expected a float32 CuPy array, got ndarray"):
+        topk(host, None, 2, host, host, None)
+
+
 def test_cli_generate_refuses_tp_for_deepseek(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     from fi_ffi.cli import main
 

@@ -192,13 +192,27 @@ def test_gpt_oss_expert_matrices_compute_transformers_experts() -> None:
         p = np.exp(rng.normal(size=2))
         weights[r, chosen] = p / p.sum()
     w_gu, b_gu, w_down = expert_matrices(gate_up, gate_up_bias, down)
-    assert w_gu.shape == (e * 2 * i, h) and b_gu.shape == (e, 2 * i) and w_down.shape == (h, e * i)
-    # the engine's math on these matrices: one GEMM, bias + clamped SwiGLU times the weight, one GEMM, bias sum
-    gu = (x @ w_gu.T).reshape(t, e, 2 * i) + b_gu
+    assert w_gu.shape == (e, 2 * i, h) and b_gu.shape == (e, 2 * i) and w_down.shape == (e, h, i)
+    assert all(a.flags.c_contiguous for a in (w_gu, b_gu, w_down))
+    # the routed layer's math on these matrices (MoELayer with MoEBiases and ClampedSwiGLU): per chosen expert, its
+    # gate/up rows plus bias, the clamped SwiGLU, its down projection plus bias, weighted
+    got = np.zeros((t, h))
+    for e_ in range(e):
+        gu = x @ w_gu[e_].T + b_gu[e_]
+        gate, up = np.minimum(gu[:, :i], 7.0), np.clip(gu[:, i:], -7.0, 7.0)
+        act = (up + 1) * gate / (1 + np.exp(-1.702 * gate))
+        got += weights[:, e_ : e_ + 1] * (act @ w_down[e_].T + down_bias[e_])
+    want = hf_experts(x, gate_up, gate_up_bias, down, down_bias, weights)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # the dense path's math on the same arrays (MoELayer.forward_dense): gate_up read as one [E * 2I, H] matrix (one
+    # GEMM for every expert), the activation where the token chose the expert and 0 elsewhere, down as a batched
+    # GEMM over the experts ([E, T, H]), then each token's chosen experts plus their down biases, weighted
+    gu = (x @ w_gu.reshape(e * 2 * i, h).T).reshape(t, e, 2 * i) + b_gu
     gate, up = np.minimum(gu[..., :i], 7.0), np.clip(gu[..., i:], -7.0, 7.0)
-    act = weights[..., None] * (up + 1) * gate / (1 + np.exp(-1.702 * gate))
-    got = act.reshape(t, e * i) @ w_down.T + weights @ down_bias
-    np.testing.assert_allclose(got, hf_experts(x, gate_up, gate_up_bias, down, down_bias, weights), rtol=1e-12)
+    act = np.where(weights[..., None] > 0, (up + 1) * gate / (1 + np.exp(-1.702 * gate)), 0.0)  # [T, E, I]
+    y = np.stack([act[:, e_] @ w_down[e_].T for e_ in range(e)])  # [E, T, H]
+    dense = np.einsum("te,eth->th", weights, y + down_bias[:, None, :])
+    np.testing.assert_allclose(dense, want, rtol=1e-12)
 
 
 def bf16(a: np.ndarray) -> tuple[np.ndarray, str]:
@@ -252,5 +266,8 @@ def test_family_engines_refuse_other_types(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="GptOssEngine serves gpt_oss checkpoints, this one is 'gemma2'"):
         GptOssEngine(tmp_path)  # refused before CuPy is needed (tensor parallelism: tests/test_family_tp.py)
     (tmp_path / "config.json").write_text(json.dumps(GPT_OSS_BF16))
+    for bad in ("fast", None, 1):  # refused before the config is read or CuPy is needed
+        with pytest.raises(ValueError, match="moe_path: expected one of 'auto', 'routed', 'dense'"):
+            GptOssEngine(tmp_path, moe_path=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Gemma2Engine serves gemma2 checkpoints"):
         Gemma2Engine(tmp_path)

@@ -133,11 +133,13 @@ def test_gpt_oss_expert_shards_sum_to_transformers_experts(n: int) -> None:
         assert [a.shape for a in shard] == [(e, h, 2 * i // n), (e, 2 * i // n), (e, i // n, h)]
         assert all(a.flags.c_contiguous for a in shard)
         w_gu, b_gu, w_down = expert_matrices(*shard)
-        j = i // n  # the engine's math on this rank's matrices (tests/test_family_configs.py), down bias on rank 0
-        gu = (x @ w_gu.T).reshape(t, e, 2 * j) + b_gu
-        gate, up = np.minimum(gu[..., :j], 7.0), np.clip(gu[..., j:], -7.0, 7.0)
-        act = weights[..., None] * (up + 1) * gate / (1 + np.exp(-1.702 * gate))
-        total += act.reshape(t, e * j) @ w_down.T + (weights @ down_bias if r == 0 else 0)
+        j = i // n  # the MoE layer's math on this rank's matrices (tests/test_family_configs.py), down bias on rank 0
+        assert w_gu.shape == (e, 2 * j, h) and w_down.shape == (e, h, j)
+        for x_ in range(e):
+            gu = x @ w_gu[x_].T + b_gu[x_]
+            gate, up = np.minimum(gu[:, :j], 7.0), np.clip(gu[:, j:], -7.0, 7.0)
+            act = (up + 1) * gate / (1 + np.exp(-1.702 * gate))
+            total += weights[:, x_ : x_ + 1] * (act @ w_down[x_].T + (down_bias[x_] if r == 0 else 0))
     np.testing.assert_allclose(total, want, rtol=1e-10, atol=1e-10)
 
 

@@ -317,7 +317,7 @@ def test_cuda_graph_decode_matches_eager(family, fused) -> None:  # type: ignore
     name, path, _, _ = family
     if name != "v3" and fused is False:
         pytest.skip("V2 routes with the device fallback in either case")
-    ps = prompts((5, 21, 40), seed=4)
+    ps = prompts((5, 21, 40), VOCAB, seed=4)
     limits = [MAX_NEW, 5, MAX_NEW]
     runs = {}
     for graph in (False, True):
@@ -371,3 +371,29 @@ def test_batched_linear_matches_numpy() -> None:
         dense.close()
     want = np.concatenate([xr[:, h * stride : h * stride + k] @ wr[h].T for h in range(heads)], axis=1)
     np.testing.assert_allclose(cp.asnumpy(y), want, rtol=1e-4, atol=1e-3)
+
+
+def test_a_model_without_routed_experts_opens_and_closes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``n_routed_experts: null`` (every layer dense, no MoE workspace made): the engine serves it, eager and as a
+    graph, and close() frees what exists (it once looked for the missing MoE workspace: AttributeError)."""
+    import json
+
+    if not hasattr(transformers, "DeepseekV3Config"):
+        pytest.skip("this transformers has no DeepseekV3Config")
+    torch.manual_seed(0)
+    extra = {**FAMILIES["v3"][2], "first_k_dense_replace": COMMON["num_hidden_layers"]}  # no MoE layer in transformers
+    model = transformers.DeepseekV3ForCausalLM(_config(transformers.DeepseekV3Config, extra, None)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["n_routed_experts"] = None
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    tokens = {}
+    for graph in (False, True):
+        engine = DeepSeekEngine(tmp_path, max_batch=2, page_size=16, cuda_graph=graph)
+        assert engine._ds.moe is None and engine._ws_moe is None and engine._moe == [None] * 3
+        tokens[graph] = engine.generate([[5, 6, 7]], 4, eos_token_ids=()).tokens[0]
+        engine.close()
+        engine.close()  # idempotent
+        with pytest.raises(ValueError, match="engine: closed"):
+            engine.generate([[5]], 1)
+    assert len(tokens[False]) == 4 and tokens[True] == tokens[False]

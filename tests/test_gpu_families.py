@@ -21,8 +21,10 @@ token against the reference (teacher forcing: each token is the reference's argm
 its best logit); the CLI ``fi-ffi generate`` picks the family's engine.
 
 Measured on an H100 (transformers 5.17): Gemma 2 engine error 0.157 against transformers-bf16's 0.173 (logit std
-1.66), greedy 95/95 tokens the reference's argmax, eager and graph; gpt-oss 1.72 against 1.78 (logit std 0.45: this
-random model's routing is chaotic, bf16 rounding flips experts in transformers too), greedy 87/95, eager and graph.
+1.66), greedy 95/95 tokens the reference's argmax, eager and graph; gpt-oss 0.91 against 1.78 (logit std 0.45: this
+random model's routing is chaotic, bf16 rounding flips experts in transformers too), greedy 91/95, eager and graph.
+gpt-oss also runs with each MoE path forced (``moe_path``: routed, dense over the experts): prefill logits and graph
+greedy decode against the same reference.
 """
 
 from __future__ import annotations
@@ -157,6 +159,28 @@ def test_greedy_decode_eager_and_cuda_graph(family) -> None:  # type: ignore[no-
         print(f"{name} {'graph' if graph else 'eager'}: {exact}/{sum(MAX_NEW)} tokens equal to the reference's "
               f"argmax, {r.tokens_per_s:.0f} tokens/s")  # fmt: skip
     check_eager_matches_graph(ref, ps, results[False].tokens, results[True].tokens, tol, f"{name} ")
+
+
+@pytest.mark.parametrize("moe_path", ["routed", "dense"])
+def test_gpt_oss_each_moe_path_alone(family, moe_path) -> None:  # type: ignore[no-untyped-def]
+    """gpt-oss with its MoE path forced (the default picks per step: test_greedy_decode_eager_and_cuda_graph runs
+    dense steps in its graph and eager decode, routed ones in its prefills): prefill logits within the yardstick
+    with every prompt row in one step (max_batch 128 >= 107 rows, so a forced dense path covers it), and greedy
+    decode in a CUDA graph (routed: the fixed-capacity device path)."""
+    name, path, ref, ps, refs, (hf_err, _) = family
+    if name != "gpt_oss":
+        pytest.skip("the MoE path is gpt-oss's option")
+    with open_engine(path, max_batch=128, page_size=16, moe_path=moe_path) as engine:
+        assert engine.moe_path_for(sum(len(p) for p in ps)) == moe_path == engine.moe_path_for(1)
+        got = engine.prefill_logits(ps)
+    err = max(float(np.abs(g - want).max()) for g, want in zip(got, refs, strict=True))
+    ps2 = prompts(PROMPT_LENS, VOCAB)
+    with open_engine(path, max_batch=8, page_size=16, cuda_graph=True, moe_path=moe_path) as engine:
+        r = engine.generate(ps2, list(MAX_NEW), eos_token_ids=())
+    exact = check_greedy(ref, ps2, r.tokens, 1.5 * hf_err)
+    print(f"gpt_oss moe_path={moe_path}: prefill max |logit error| {err:.4f} (transformers-bf16 {hf_err:.4f}); "
+          f"graph greedy {exact}/{sum(MAX_NEW)} the reference's argmax, {r.tokens_per_s:.0f} tokens/s")  # fmt: skip
+    assert err <= 1.5 * hf_err
 
 
 def test_cli_generate_picks_the_family_engine(family) -> None:  # type: ignore[no-untyped-def]

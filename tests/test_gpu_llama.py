@@ -294,6 +294,27 @@ def test_gemv_matches_float32_and_falls_back_to_cublas(dense, dtype, out32):
             np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-4, err_msg=f"rows {rows}, offset {off}")
 
 
+def test_closed_dense_refuses_small_and_large_gemms():
+    """close() turns the GEMV and cuBLASLt off with the handles: a GEMM of any row count afterwards raises
+    CublasError (no kernel launches on a closed Dense), ``lt = True`` cannot bring back the destroyed cuBLASLt
+    handle, and a second close() is a no-op."""
+    from fi_ffi.models.cublas import CublasError
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    d = Dense(stream)
+    x, w, y = cp.zeros((8, 64), np.float16), cp.zeros((32, 64), np.float16), cp.zeros((8, 32), np.float16)
+    cp.cuda.Device().synchronize()
+    d.close()
+    d.close()
+    assert not d.gemv and not d.lt
+    d.lt = True
+    assert not d.lt
+    with stream:
+        for rows in (1, 8):  # the GEMV's rows, then cuBLAS's
+            with pytest.raises(CublasError):
+                d.linear(rows, x.data.ptr, 64, w.data.ptr, 32, 64, y.data.ptr, 32, CUDA_R_16F, CUDA_R_16F)
+
+
 def test_linear_is_captured_in_a_cuda_graph(dense):
     """The GEMM can be captured (CuPy's cuBLAS wrappers refused: "calling cuBLAS API during stream capture is
     currently unsupported") and a replay computes from the buffers' contents at replay time."""

@@ -9,6 +9,9 @@ for every token whose k-th and (k+1)-th logits are more than 1e-3 apart (near-ti
 round differently); outputs are compared under the layer's own routing, tolerance 2e-2 (float16) / 5e-2
 (bfloat16) absolute and relative on outputs of magnitude ~1. Token counts include 1 (six of eight experts
 empty), and batches where some experts get no token at all.
+
+gpt-oss's layer (router bias, gate/up and down biases, clamped SwiGLU) is checked the same way against its float32
+formula, and the dense-over-experts path (``forward_dense``) against the routed ones, eager and replayed in a graph.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 
 cupy = pytest.importorskip("cupy")
 
-from fi_ffi.models.moe import MoELayer, MoEWeights  # noqa: E402
+from fi_ffi.models.moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEWeights  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 TOL = {"float16": 2e-2, "bfloat16": 5e-2}
@@ -259,3 +262,96 @@ def test_layers_sharing_one_scratch_give_their_own_results() -> None:
         for shared_layer, own in pairs:
             shared_layer.close()
             own.close()
+
+
+def biases_of(rng: np.random.Generator, experts: int, h: int, i: int) -> MoEBiases:
+    """gpt-oss-like biases (float32 on the device, ~N(0, 0.5): each one moves the result)."""
+
+    def f32(*shape: int) -> object:
+        return cupy.asarray(rng.normal(0.0, 0.5, size=shape).astype(np.float32))
+
+    return MoEBiases(f32(experts), f32(experts, 2 * i), f32(experts, h))
+
+
+def biased_reference(layer: MoELayer, x: np.ndarray, dtype: str) -> np.ndarray:
+    """gpt-oss's experts in float32 (transformers' GptOssExperts with the gate/up columns already split) under the
+    layer's own last routing, rounding where the kernels store 16-bit values."""
+    weights, chosen, _ = layer.last_routing  # type: ignore[misc]
+    gu, down = from_device(layer.weights.gate_up, dtype), from_device(layer.weights.down, dtype)
+    b = layer.biases
+    assert b is not None and layer.activation is not None
+    b_gu, b_down = cupy.asnumpy(b.gate_up), cupy.asnumpy(b.down)
+    alpha, limit = layer.activation.alpha, layer.activation.limit
+    i = layer.intermediate
+    want = np.zeros((x.shape[0], layer.hidden), np.float32)
+    for t in range(x.shape[0]):
+        for j in range(layer.top_k):
+            e = chosen[t, j]
+            g = round_to(gu[e] @ x[t], dtype) + b_gu[e]
+            gate, up = np.minimum(g[:i], limit), np.clip(g[i:], -limit, limit)
+            act = round_to((up + 1) * gate / (1 + np.exp(-alpha * gate)), dtype)
+            want[t] += weights[t, j] * (round_to(down[e] @ act, dtype) + b_down[e])
+    return want
+
+
+@pytest.mark.parametrize("kind", ["plain", "gpt_oss"])
+def test_the_dense_path_matches_the_routed_paths_and_replays_in_a_graph(kind: str) -> None:
+    """forward_dense (every expert's gate/up in one GEMM, down as a batched GEMM, the combine over the chosen) gives
+    forward's result (and forward_static's) on one set of weights, with SiLU (Mixtral-like, 8 experts top-2) and
+    with gpt-oss's biases and clamped SwiGLU (16 experts top-4, checked against the float32 formula too); a graph
+    captured around it gives the result of each new input it is replayed on; it refuses more tokens than dense_rows."""
+    rng = np.random.default_rng(3)
+    dtype, h, i, cap = "bfloat16", 256, 512, 16
+    experts, top_k = (8, 2) if kind == "plain" else (16, 4)
+    extras: dict = {} if kind == "plain" else {
+        "biases": biases_of(rng, experts, h, i), "activation": ClampedSwiGLU(1.702, 7.0)}  # fmt: skip
+    stream = cupy.cuda.Stream(non_blocking=True)
+    weights = random_weights(rng, experts, h, i, dtype)
+    if kind == "gpt_oss":  # gate/up values past the clamp (7) for some rows
+        weights = MoEWeights(weights.router, to_device(from_device(weights.gate_up, dtype) * 6.0, dtype)[0],
+                             weights.down)  # fmt: skip
+    layer = MoELayer(
+        weights, dtype=dtype, top_k=top_k, max_tokens=64, stream=stream, capacity=cap, dense_rows=cap, **extras
+    )
+    tol = TOL[dtype] * (1 if kind == "plain" else 2)  # the biases and the clamp make outputs of magnitude ~5
+    try:
+        with pytest.raises(ValueError, match=r"tokens: expected 0..dense_rows \(16\)"):
+            x_d = to_device(rng.standard_normal((cap + 1, h)), dtype)[0]
+            layer.forward_dense(x_d, cupy.zeros_like(x_d))
+        for tokens in (1, 5, cap):
+            x_d, x = to_device(rng.standard_normal((tokens, h)), dtype)
+            outs = {name: cupy.zeros_like(x_d) for name in ("host", "static", "dense")}
+            layer.forward(x_d, outs["host"])
+            layer.forward_static(x_d, outs["static"])
+            layer.forward_dense(x_d, outs["dense"])
+            stream.synchronize()
+            got = {name: from_device(o, dtype) for name, o in outs.items()}
+            if kind == "gpt_oss":
+                want = biased_reference(layer, x, dtype)
+                assert np.abs(want).max() > 3.0  # the biases count
+                np.testing.assert_allclose(got["host"], want, atol=tol, rtol=tol)
+            np.testing.assert_allclose(got["dense"], got["host"], atol=tol, rtol=tol)
+            np.testing.assert_allclose(got["static"], got["host"], atol=tol, rtol=tol)
+        x_buf = to_device(rng.standard_normal((cap, h)), dtype)[0]
+        out_buf = cupy.zeros_like(x_buf)
+        layer.forward_dense(x_buf, out_buf)  # warm-up outside the capture
+        stream.synchronize()
+        stream.begin_capture()
+        layer.forward_dense(x_buf, out_buf)
+        graph = stream.end_capture()
+        for _ in range(2):
+            x_buf[...] = to_device(rng.standard_normal((cap, h)), dtype)[0]
+            cupy.cuda.Device().synchronize()
+            graph.launch(stream)
+            want_d = cupy.zeros_like(x_buf)
+            layer.forward(x_buf, want_d)
+            stream.synchronize()
+            np.testing.assert_allclose(from_device(out_buf, dtype), from_device(want_d, dtype), atol=tol, rtol=tol)
+    finally:
+        layer.close()
+    plain = MoELayer(random_weights(rng, 8, h, i, dtype), dtype=dtype, top_k=2, max_tokens=8, stream=stream)
+    try:
+        with pytest.raises(ValueError, match="forward_dense: build the layer with dense_rows="):
+            plain.forward_dense(x_buf[:2], out_buf[:2])
+    finally:
+        plain.close()

@@ -284,6 +284,56 @@ def test_requests_finish_at_different_steps_and_free_their_pages(padded):
     assert steps >= 39
 
 
+@pytest.mark.parametrize("eos_at", [None, 9])
+def test_the_step_prepared_ahead_equals_the_step_made_after_recording(eos_at):
+    """The engine's graph loop prepares step n + 1 while step n runs (peek_rows, fill_decode(ahead=1)) and uses it
+    when the slots are unchanged after recording step n, with step n's tokens as its input ids: its tables must
+    equal the ones decode_rows + fill_decode make then, and no page may leak."""
+    s = make(num_pages=1 + 12, max_batch=3, eos=(500,))
+    prompts = [[1] * 3, [2] * 16, [3] * 30, [4] * 7, [5] * 1]
+    limits = [40, 5, 20, 33, 2]
+    reqs = [s.submit(p, m) for p, m in zip(prompts, limits, strict=True)]
+    layout = decode_layout(s.max_batch, s.allocator.num_pages + s.max_batch)
+    now = layout.views(np.zeros(layout.total, np.int32))
+    ahead = layout.views(np.zeros(layout.total, np.int32))
+    peeked, used, steps = None, 0, 0
+
+    def token_of(r):
+        return 500 if (r.rid == 3 and len(r.output) == eos_at) else 100 + len(r.output)
+
+    while s.has_work:
+        admitted = s.admit()
+        if admitted:
+            s.record(admitted, [token_of(r) for r in admitted], prefill=True)
+            peeked = None  # a prefill writes the ids buffer: nothing prepared survives it
+        if not s.active:
+            continue
+        valid = peeked is not None and s.same_rows(peeked)
+        rows = s.decode_rows(padded=True)  # allocates nothing after a valid peek: the pages came with it
+        n_pages = fill_decode(rows, PS, now)
+        if valid:
+            used += 1
+            assert rows == peeked
+            n = len(rows)
+            ids = [0 if r is None else r.output[-1] for r in rows]
+            assert [a for a, r in zip(ahead["token_ids"][:n], rows, strict=True) if r is not None] == [
+                0 for r in rows if r is not None
+            ]
+            ahead["token_ids"][:n] = ids  # what the engine's device copy does (padding rows: any token)
+            for name in ("token_ids", "positions", "batch_indices", "kv_last_page_len"):
+                assert ahead[name][:n].tolist() == now[name][:n].tolist(), name
+            assert ahead["kv_indptr"][: n + 1].tolist() == now["kv_indptr"][: n + 1].tolist()
+            assert ahead["kv_indices"][:n_pages].tolist() == now["kv_indices"][:n_pages].tolist()
+        tokens = [0 if r is None else token_of(r) for r in rows]
+        peeked = s.peek_rows()
+        fill_decode(peeked, PS, ahead, ahead=1)
+        s.record(rows, tokens)
+        steps += 1
+    assert [len(r.output) for r in reqs] == [40, 5, 20, 10 if eos_at else 33, 2]
+    assert s.allocator.num_free == s.allocator.capacity  # every page came back, the ones given ahead too
+    assert used >= steps - 8  # only steps after an admission or an eos fall back
+
+
 def test_a_request_that_fits_only_alone_waits_for_the_others():
     s = make(num_pages=1 + 4, max_batch=4)  # 4 usable pages
     reqs, _ = run_simulation(s, [[1] * 10, [2] * 10], [50, 50], lambda r, i: 7, padded=False)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import REPO, subprocess_env
-from test_norm import assert_reached_the_kernel, fake_cuda
+from helpers.fakes import assert_reached_the_kernel, fake_cuda
 
 import fi_ffi
 from fi_ffi.errors import KernelError

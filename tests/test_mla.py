@@ -15,11 +15,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from helpers.fakes import fake_cuda
 
 import fi_ffi
 from fi_ffi.abi import wire
 from fi_ffi.errors import CudaError, KernelError, KernelNotFoundError, LoaderError, UnsupportedDeviceError
-from fi_ffi.launch.aliasing import footprint
 from fi_ffi.launch.kernels import entry_point
 from fi_ffi.launch.launcher import bound_entry
 from fi_ffi.ops.attention import mla
@@ -42,16 +42,6 @@ def _fresh_settings() -> Iterator[None]:
     mla._settings_cache.clear()
     yield
     mla._settings_cache.clear()
-
-
-def fake_cuda(shape, dtype="float16", strides=None, device="cuda:0") -> Tensor:
-    """A descriptor that claims CUDA memory, pointing at 16-byte aligned host memory the module never reads."""
-    # memory of its own for the tensor's extent (the launcher refuses outputs over inputs); huge test shapes are
-    # refused before any kernel, so they get a token allocation
-    extent = footprint(Tensor.from_pointer(16, shape, dtype, device, strides))[1]
-    host = np.zeros((extent if extent < 1 << 26 else 0) + 64, dtype=np.uint8)
-    ptr = (host.ctypes.data + 15) // 16 * 16
-    return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
 
 
 def workspace() -> Workspace:

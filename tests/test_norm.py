@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.fakes import assert_reached_the_kernel, fake_cuda
 
 import fi_ffi
 from fi_ffi.errors import KernelError
@@ -26,21 +27,6 @@ SIGNATURES = {
         "gemma_fused_add_rmsnorm(0: DLTensor*, 1: DLTensor*, 2: DLTensor*, 3: float, 4: bool) -> void"
     ),
 }
-
-
-def fake_cuda(
-    shape: tuple[int, ...], dtype: str = "float16", strides: tuple[int, ...] | None = None, device: object = "cuda:0"
-) -> Tensor:
-    """A descriptor that claims CUDA memory but points at host memory (never touched: there is no GPU)."""
-    host = np.zeros(max(1, int(np.prod(shape))) * 4 + 64, dtype=np.uint8)
-    ptr = (host.ctypes.data + 15) // 16 * 16
-    return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
-
-
-def assert_reached_the_kernel(err: KernelError) -> None:
-    """The module accepted the argument list and failed on the missing CUDA device/driver."""
-    assert err.kind != "TypeError", f"signature mismatch: {err}"
-    assert "cuda" in err.message.lower() or "device" in err.message.lower(), err.message
 
 
 @pytest.mark.parametrize("name", sorted(SIGNATURES))

@@ -9,11 +9,15 @@
   ``fi_ffi.comm`` both stand on the calling engine ``fi_ffi.launch``, which imports neither.
 - ``fi_ffi.comm`` and ``fi_ffi.models`` take no private (``_name``) names from ``fi_ffi.ops`` or ``fi_ffi.launch``;
   no module of ``fi_ffi.ops.attention`` takes a private name from another module.
+- No module takes a private (``_name``) name of another unit.
+- The top level of ``fi_ffi.ops`` holds only op families (modules with ``DECLARATIONS``).
+- README's layout tree names every top-level module and subpackage, and every module of the engine and the ops.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fi_ffi"
@@ -264,6 +268,50 @@ def test_no_attention_module_takes_a_private_name_of_another_module() -> None:
         if module in attention
         for target, names in targets.items()
         if target != module
+        for n in sorted(names)
+        if n.startswith("_") and not n.startswith("__")
+    ]
+    assert taken == []
+
+
+def test_the_readme_layout_names_every_unit_and_every_module_of_the_engine_and_ops() -> None:
+    # README's tree is the newcomer's map: a file added or moved without it goes missing here
+    text = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    tree = text[text.index("```\nfi_ffi/\n") : text.index("```", text.index("```\nfi_ffi/\n") + 3)]
+    named = set(re.findall(r"[\w.]+", tree))
+    top = {p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    missing = sorted(n for n in top if n not in named and f"{n}/" not in tree)
+    for folder in ("launch", "ops", "ops/attention"):
+        missing += [
+            f"{folder}/{p.name}"
+            for p in (PACKAGE / folder).glob("*.py")
+            if p.stem != "__init__" and p.stem not in named
+        ]
+    assert len(top) > 15 and missing == []
+
+
+def test_the_top_level_of_ops_holds_only_op_families() -> None:
+    # an op family declares its entry points (DECLARATIONS, bound by tests/test_declarations.py); what serves
+    # several families or the engine belongs in ops/attention/ or fi_ffi/launch/, not beside the families
+    trees = sources()
+    top = [m for m in trees if m.startswith("fi_ffi.ops.") and m.count(".") == 2 and m != "fi_ffi.ops.attention"]
+    assert len(top) > 10
+    declaring = {
+        m
+        for m in top
+        for node in trees[m].body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "DECLARATIONS" for t in node.targets)
+    }
+    assert sorted(set(top) - declaring) == []
+
+
+def test_no_module_takes_a_private_name_of_another_unit() -> None:
+    # what one unit needs of another is part of that unit's public surface (tensor.WIRE_DEVICE_TYPE, MAX_NDIM)
+    taken = [
+        f"{module} takes {target}.{n}"
+        for module, targets in module_imports(sources()).items()
+        for target, names in targets.items()
+        if unit_of(target) != unit_of(module)
         for n in sorted(names)
         if n.startswith("_") and not n.startswith("__")
     ]

@@ -12,11 +12,11 @@ import struct
 
 import numpy as np
 import pytest
+from helpers.fakes import fake_cuda
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fi_ffi.errors import KernelError
-from fi_ffi.launch.aliasing import footprint
 from fi_ffi.launch.kernels import entry_point
 from fi_ffi.ops import page
 from fi_ffi.tensor import Tensor
@@ -31,18 +31,6 @@ SIGNATURES = {
     "3: DLTensor*, 4: DLTensor*, 5: DLTensor*, 6: DLTensor*, 7: DLTensor*, "
     "8: DLTensor*) -> void",
 }
-
-
-def fake_cuda(
-    shape: tuple[int, ...], dtype: str = "float16", strides: tuple[int, ...] | None = None, device: object = "cuda:0"
-) -> Tensor:
-    """A descriptor that claims CUDA memory but points at (16-byte aligned) host memory it never touches."""
-    # memory of its own for the tensor's extent (the launcher refuses outputs over inputs); huge test shapes are
-    # refused before any kernel, so they get a token allocation
-    extent = footprint(Tensor.from_pointer(16, shape, dtype, device, strides))[1]
-    host = np.zeros((extent if extent < 1 << 26 else 0) + 64, dtype=np.uint8)
-    ptr = (host.ctypes.data + 15) // 16 * 16
-    return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
 
 
 def assert_reached_the_kernel(err: KernelError) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.fakes import assert_reached_the_kernel
+from helpers.fakes import fake_cuda as sized_cuda  # host memory of the tensor's extent (outputs must not overlap)
 from test_attention_cpu import (
     PREFILL_URI,
     decode_plan,
@@ -21,8 +23,6 @@ from test_attention_cpu import (
     prefill_plan,
     workspace,
 )
-from test_norm import assert_reached_the_kernel
-from test_norm import fake_cuda as sized_cuda  # host memory of the tensor's size (outputs must not overlap)
 from test_page import kv_args, mla_args
 
 import fi_ffi

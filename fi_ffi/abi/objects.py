@@ -175,7 +175,7 @@ def tensor_object(t: Tensor) -> TensorObject:
 
     The object borrows the memory: keep ``t``'s producer alive until the object is released.
     """
-    from ..tensor import _WIRE_DEVICE_TYPE
+    from ..tensor import WIRE_DEVICE_TYPE
 
     ffi = get_ffi()
     if _managed.deleter is None:
@@ -188,7 +188,7 @@ def tensor_object(t: Tensor) -> TensorObject:
     managed.deleter = _managed.deleter
     dl = managed.dl_tensor
     dl.data = ffi.cast("void*", t.data_ptr)
-    dl.device.device_type = _WIRE_DEVICE_TYPE.get(t.device.device_type, t.device.device_type)
+    dl.device.device_type = WIRE_DEVICE_TYPE.get(t.device.device_type, t.device.device_type)
     dl.device.device_id = t.device.device_id
     dl.ndim = n
     dl.dtype.code, dl.dtype.bits, dl.dtype.lanes = t.dtype.code, t.dtype.bits, t.dtype.lanes

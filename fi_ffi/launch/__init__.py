@@ -9,4 +9,5 @@ on it; it imports neither.
 - :mod:`.aliasing`: the byte-range overlap test under those rules.
 - :mod:`.checks`: the generic argument checks the ops' ``check`` functions are written with.
 - :mod:`.device`: the properties of a CUDA device a kernel's launch depends on (compute capability, SM count).
+- :mod:`.cublaslt`: the per-device cuBLASLt handle a kernel that takes one is launched with (``bmm_fp8``).
 """

@@ -59,7 +59,7 @@ from ..abi.objects import ARRAY, BOOL, DLTENSOR_PTR, FLOAT, INT, NONE, RAW_STR, 
 from ..dtypes import CUDA
 from ..errors import LoaderError
 from ..streams import stream_handle
-from ..tensor import _WIRE_DEVICE_TYPE, Tensor
+from ..tensor import WIRE_DEVICE_TYPE, Tensor
 from .pointer_rules import HIDDEN_ADDRESS, ApartTest, PointerRules, apart_test, compile_apart, enforce, without_address
 
 # An op's contract: given the call's arguments without their addresses (and ``context``), raise on a bad layout or
@@ -524,7 +524,7 @@ def _write_record(f: Frame, record: int, t: Tensor) -> None:
     q = f.q
     word = base // 8
     n = t.ndim
-    device_type = _WIRE_DEVICE_TYPE.get(t.device.device_type, t.device.device_type)
+    device_type = WIRE_DEVICE_TYPE.get(t.device.device_type, t.device.device_type)
     q[word] = 0  # data: written per call
     q[word + 1] = device_type | (t.device.device_id << 32)
     dt = t.dtype

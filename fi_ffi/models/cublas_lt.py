@@ -164,7 +164,11 @@ class LtMatmuls:
         self, rows: int, n: int, k: int, x_ld: int, y_ld: int, ab_type: int, c_type: int
     ) -> tuple[Any, ...] | None:
         """The cached ``(A, B, C layouts, algorithm, workspace bytes)`` of one problem; None where the heuristic
-        offers no algorithm (the caller falls back to ``cublasGemmEx``)."""
+        offers no algorithm, or after :meth:`close` (the caller falls back to ``cublasGemmEx``). Sizes and
+        leading dimensions in elements; ``ab_type``/``c_type``: cudaDataType_t of x and w / of y. At most
+        1024 shapes kept, then every layout is destroyed and the cache starts again."""
+        if self._h is None:  # closed: no layout made on a destroyed handle (nothing would destroy it)
+            return None
         key = (rows, n, k, x_ld, y_ld, ab_type, c_type)
         found = self._shapes.get(key)
         if found is not None or key in self._shapes:

@@ -119,6 +119,9 @@ class DeviceGroupedTopk:
         self.top_k = arg_int("top_k", top_k, 1, e)
         if e % routing.n_group:
             raise ValueError(f"routing.n_group: {routing.n_group} does not divide the {e} experts")
+        if routing.method != "greedy" and not 1 <= routing.topk_group <= routing.n_group:
+            # the kernel keeps topk_group distinct groups: more than there are would shift a bit by -1
+            raise ValueError(f"routing.topk_group: expected 1..n_group ({routing.n_group}), got {routing.topk_group}")
         if not isinstance(renormalize, (bool, np.bool_)):
             raise TypeError(f"renormalize: expected a bool, got {renormalize!r:.40}")
         self.routing, self.num_experts, self.renormalize = routing, e, bool(renormalize)
@@ -127,19 +130,42 @@ class DeviceGroupedTopk:
         self._fn = cupy.RawModule(code=_KERNEL).get_function("ds_grouped_topk")
 
     def __call__(self, logits: Any, bias: Any, tokens: int, experts: Any, weights: Any, stream: Any) -> None:
+        """Route ``tokens`` rows (0: nothing launched); the arrays as the class docstring says (checked: dtype,
+        contiguity, size; a wrong one would be read or written as another type by the kernel)."""
         r, e, k = self.routing, self.num_experts, self.top_k
-        if tokens < 1:
+        tokens = arg_int("tokens", tokens, 0, (1 << 31) - 1)
+        if tokens == 0:
             return
-        if logits.size < tokens * e or experts.size < tokens * k or weights.size < tokens * k:
-            raise ValueError(f"DeviceGroupedTopk: buffers smaller than {tokens} tokens x {e} experts / top-{k}")
-        if r.method == "noaux_tc" and (bias is None or bias.size != e):
-            raise ValueError(f"bias: noaux_tc routing needs the layer's e_score_correction_bias [{e}] on the device")
+        for name, arr, dtype, need in (
+            ("logits", logits, np.float32, tokens * e),
+            ("experts", experts, np.int32, tokens * k),
+            ("weights", weights, np.float32, tokens * k),
+        ):
+            _check_device_array(name, arr, dtype, need)
+        if r.method == "noaux_tc":
+            if bias is None:
+                raise ValueError(
+                    f"bias: noaux_tc routing needs the layer's e_score_correction_bias [{e}] on the device"
+                )
+            _check_device_array("bias", bias, np.float32, e)
+            if bias.size != e:
+                raise ValueError(f"bias: expected the layer's e_score_correction_bias of {e} entries, got {bias.size}")
         args = (
             logits, logits if bias is None else bias, np.int32(e), np.int32(k), np.int32(r.n_group),
             np.int32(r.topk_group), np.int32(_METHODS[r.method]), np.int32(r.scoring == "sigmoid"),
             np.int32(self.renormalize), np.float32(r.routed_scaling_factor), np.int32(tokens), experts, weights,
         )  # fmt: skip
         self._fn(((tokens + 127) // 128,), (128,), args, stream=stream)
+
+
+def _check_device_array(name: str, arr: Any, dtype: Any, need: int) -> None:
+    """``arr``: a C-contiguous device array of ``dtype`` with at least ``need`` entries, else the error naming it."""
+    if getattr(arr, "dtype", None) != dtype or not hasattr(arr, "__cuda_array_interface__"):
+        raise TypeError(f"{name}: expected a {np.dtype(dtype).name} CuPy array, got {type(arr).__name__}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a contiguous array, got strides {arr.strides}")
+    if arr.size < need:
+        raise ValueError(f"{name}: {arr.size} entries, fewer than the {need} this call reads or writes")
 
 
 def grouped_topk(

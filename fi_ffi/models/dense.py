@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..driver import error_name
-from ..errors import CudaError, LibraryLoadError
+from ..cuda_runtime import driver_error
+from ..errors import LibraryLoadError
 from .cublas import (
     CUBLAS_COMPUTE_32F,
     CUBLAS_GEMM_DEFAULT,
@@ -291,6 +291,8 @@ class Dense:
                 self._launch, self._driver_ffi = lib.cuLaunchKernel, driver.ffi()
                 self._null = self._driver_ffi.NULL
                 self.gemv = True
+            else:
+                self.gemv_error = "libcuda could not be loaded or cuInit failed (fi_ffi.driver.load)"
         except Exception as exc:  # NVRTC or the driver refusing: cuBLAS serves every GEMM
             self._gemv_fns, self.gemv_error = {}, f"{type(exc).__name__}: {exc}"
         self._gemm, self._h = self._blas.gemm_ex, self._blas.ptr
@@ -306,6 +308,9 @@ class Dense:
             self._lt_shape = self._lt.shape
         except (LibraryLoadError, CublasError):
             self._lt = None
+        except BaseException:  # anything else is raised: the cuBLAS handle has no finalizer, destroy it first
+            self._blas.close()
+            raise
 
     @property
     def lt(self) -> bool:
@@ -344,10 +349,7 @@ class Dense:
                 fn, grid, params, _ = packed
                 err = self._launch(fn, grid, 1, 1, 32 * _GEMV_WARPS, 1, 1, 0, self._stream, params, self._null)
                 if err:
-                    raise CudaError(
-                        f"cuLaunchKernel(gemv, rows={rows}, n={n}, k={k})", err, error_name(err), "the GEMV launch",
-                        "check the device state (an earlier kernel may have faulted)",
-                    )  # fmt: skip
+                    raise driver_error(err, f"cuLaunchKernel(gemv, rows={rows}, n={n}, k={k})")
                 return
         # Column-major view: y^T (n x rows, ld y_ld) = op_T(w as k x n, ld k) . x^T (k x rows, ld x_ld).
         shape = self._lt_shape
@@ -384,8 +386,10 @@ class Dense:
 
     def _pack_gemv(self, key: tuple[int, ...]) -> tuple[Any, ...]:
         """The GEMV launch of one :meth:`linear` call, its kernel arguments packed once: ``(function, grid,
-        params)``, or ``()`` where the GEMV does not apply (a dtype pair it lacks, k not a multiple of 8, x, w or
-        x's rows not 16-byte aligned)."""
+        params, values)`` (``params``: the ``void*[8]`` of argument addresses into ``values``, the ``uint64_t[8]``
+        that must live as long as it), or ``()`` where the GEMV does not apply (a dtype pair it lacks, k not a
+        multiple of 8, x, w or x's rows not 16-byte aligned). Keyed by the call's ints only (values, no caller
+        object); at most 4096 kept, then the cache starts again."""
         rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = key
         fn = self._gemv_fns.get((ab_type, c_type))
         packed: tuple[Any, ...] = ()
@@ -484,9 +488,13 @@ class Dense:
         self._unshard_fn((rows,), (256,), (src, np.int32(rows), width, n, dst, dst_ld))
 
     def close(self) -> None:
-        """Destroy the cuBLAS handles (later GEMMs raise :class:`~fi_ffi.models.cublas.CublasError`). Idempotent."""
+        """Destroy the cuBLAS handles (later GEMMs raise :class:`~fi_ffi.models.cublas.CublasError`, small-row ones
+        included: the GEMV is turned off). Idempotent."""
+        self.gemv = False  # else a GEMM of <= GEMV_MAX_ROWS rows would still launch after close
+        self._gemv_args.clear()
         self._lt_shape = None
-        if self._lt is not None:
-            self._lt.close()
+        lt, self._lt = self._lt, None  # `lt = True` after close cannot bring back a destroyed cuBLASLt handle
+        if lt is not None:
+            lt.close()
         self._blas.close()
         self._h = self._blas.ptr  # NULL: cuBLAS answers CUBLAS_STATUS_NOT_INITIALIZED, no use after free

@@ -24,27 +24,37 @@ What differs from Llama (transformers' ``GptOssForCausalLM``):
   interleaved (even and odd columns), ``gate_up_proj_bias [E, 2I]``, ``down_proj [E, I, H]``, ``down_proj_bias
   [E, H]``.
 
-The MoE layer here is **dense over the experts**, as transformers' own inference path: one GEMM gives every
-expert's gate/up for every token (``[T, E * 2I]``), a kernel adds the biases, applies the clamped SwiGLU and
-multiplies by the token's routing weight (0 for an expert it did not choose), one GEMM against the experts' down
-projections side by side (``[H, E * I]``) sums the experts, and a last kernel adds the weighted down biases. No host
-step and no synchronization, so prefill, eager decode and the CUDA-graph decode run the same code; the price is that
-every expert's weights are read and multiplied on every step (``E / k`` times the routed work: 32 / 4 = 8x for
-gpt-oss-20b). The routed grouped-GEMM layer of :mod:`fi_ffi.models.moe`, given the router bias, the expert biases
-and the clamped SwiGLU (branch ``h20b-gptoss``: it passes tests/test_gpu_families.py), was measured against this
-on an H100 (``benchmarks/bench_gpt_oss.py``, gpt-oss-20b-shaped, 2 layers, CUDA graph): 1093 against 574 tokens/s
-at batch 1, but 11158 against 15591 at batch 32, where 32 tokens x top-4 touch nearly every expert anyway and one
-dense GEMM reads the weights faster than 32 small grouped-GEMM problems. So this stays dense; what would win at
-both ends is a per-step choice over one weight layout (routed below about ``E / k`` rows, dense above).
+The MoE layer is :class:`~fi_ffi.models.moe.MoELayer`, the layer of Mixtral and Qwen3-MoE, with gpt-oss's extras
+(:class:`~fi_ffi.models.moe.MoEBiases`, :class:`~fi_ffi.models.moe.ClampedSwiGLU`): the router bias added to the
+float32 router logits (then top-k and softmax over the k chosen, which is the softmax over every expert renormalized
+over the chosen: the layer's routing with ``renormalize``), the gate/up bias and the clamped SwiGLU in one kernel
+between the expert GEMMs, the down bias weighted in the combine. The experts are held once, in the routed layout
+(``gate_up [E, 2I, H]``, ``down [E, H, I]``), and **each step picks one of two paths over them** (``moe_path``):
+
+- **routed**: only the chosen experts' weights are read (grouped GEMM over the ``T * k`` assignments). Prefill and
+  eager decode route on the host (one synchronization per layer, as Mixtral); the decode CUDA graph takes the
+  layer's fixed-capacity path, routed on the device;
+- **dense over the experts** (:meth:`~fi_ffi.models.moe.MoELayer.forward_dense`): every token through every expert
+  (``gate_up`` read as one ``[E * 2I, H]`` GEMM, ``down`` as a strided-batched GEMM over the experts), the routing
+  weights picking each token's k; no host step, so eager decode and the graph run it alike.
+
+The rule (``moe_path="auto"``, :func:`~fi_ffi.models.moe.choose_path`): dense when a step's ``rows * k`` assignments
+reach the number of experts (gpt-oss-20b, 32 experts top-4: from 8 rows), routed below, where few experts are touched
+and reading only theirs wins; steps of more than ``max_batch`` rows (long prefills, compute-bound, where routing's
+``k / E`` of the FLOPs counts) are always routed. The decode graph, captured at ``max_batch`` rows, picks once at
+capture. Measured on an H100 (README: gpt-oss; ``benchmarks/bench_gpt_oss.py``, gpt-oss-20b-shaped, 2 layers, graph):
+routed 998 / 2565 / 3879 / 11886 tokens/s at batch 1 / 4 / 8 / 32, dense 605 / 2289 / 4617 / 16573: the crossover
+lies between 4 and 8 rows, where the rule puts it.
 
 Tensor parallelism (``tensor_parallel=N``, :mod:`fi_ffi.models.tensor_parallel`): each rank keeps its heads (q/k/v
 rows with their biases, its heads' sinks, its KV heads' cache), its columns of the O projection, the whole router
-(every rank routes every token alike), and the same slice ``[r * I / N, (r + 1) * I / N)`` of every expert's
-intermediate columns (:func:`shard_experts`: in the checkpoint's interleaved gate/up layout that is one contiguous
-block of ``2I / N`` columns, with its biases; the clamped SwiGLU is elementwise per column pair, so it runs on the
-slice as on the whole); the embedding and LM head by vocabulary rows. The O and expert-down outputs are partial sums,
-summed by the fused all-reduce + residual + RMSNorm as Llama's; their biases (``o_proj.bias``, the routing-weighted
-``down_proj_bias``) are added on rank 0 only, so the sum has each once.
+(every rank routes every token alike, so every rank takes the same path), and the same slice
+``[r * I / N, (r + 1) * I / N)`` of every expert's intermediate columns (:func:`shard_experts`: in the checkpoint's
+interleaved gate/up layout that is one contiguous block of ``2I / N`` columns, with its biases; the clamped SwiGLU
+is elementwise per column pair, so it runs on the slice as on the whole); the embedding and LM head by vocabulary
+rows. The O and expert-down outputs are partial sums, summed by the fused all-reduce + residual + RMSNorm as
+Llama's; their biases (``o_proj.bias``, the routing-weighted ``down_proj_bias``) are added on rank 0 only (the other
+ranks' MoE layers get a zero down bias), so the sum has each once.
 
 Only bfloat16 checkpoints (the sink modules are bfloat16); MXFP4 checkpoints (the published ones) are refused with
 the recipe for a bfloat16 copy (README: gpt-oss).
@@ -64,10 +74,13 @@ from .checkpoint import Checkpoint
 from .config import LlamaConfig
 from .family_configs import MXFP4_HELP, GptOssSettings
 from .llama import LlamaEngine
+from .moe import choose_path
 from .values import arg_array, arg_int
 from .weights import WeightLoader
 
 __all__ = ["GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache", "shard_experts"]
+
+MOE_PATHS = ("auto", "routed", "dense")
 
 # rows of the cos/sin table: p * f is a float32 product (exact positions up to 2**24, as transformers computes it)
 MAX_ROPE_POSITIONS = 1 << 24
@@ -84,66 +97,6 @@ extern "C" __global__ void add_bias(unsigned short* __restrict__ x, const unsign
                                     long long width, long long ld) {
     unsigned short* row = x + (long long)blockIdx.x * ld;
     for (long long c = threadIdx.x; c < width; c += blockDim.x) row[c] = to_bf(bf(row[c]) + bf(b[c]));
-}
-// Routing, one thread per token t < T: logits + bias, the k <= 16 largest (ties: the lower expert), softmax over
-// those k; w[t, e] = that weight for a chosen expert, 0 otherwise (float32 [T, E]).
-extern "C" __global__ void route(const float* __restrict__ logits, const float* __restrict__ bias, int E, int k,
-                                 int T, float* __restrict__ w) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= T) return;
-    const float* l = logits + (long long)t * E;
-    float* out = w + (long long)t * E;
-    int chosen[16];
-    float value[16];
-    for (int j = 0; j < k; ++j) {
-        int best = -1;
-        float bv = 0.f;
-        for (int e = 0; e < E; ++e) {
-            bool taken = false;
-            for (int i = 0; i < j; ++i) taken |= chosen[i] == e;
-            const float v = l[e] + bias[e];
-            if (!taken && (best < 0 || v > bv)) { best = e; bv = v; }
-        }
-        chosen[j] = best;
-        value[j] = bv;
-    }
-    float total = 0.f;
-    for (int j = 0; j < k; ++j) total += expf(value[j] - value[0]);
-    for (int e = 0; e < E; ++e) out[e] = 0.f;
-    for (int j = 0; j < k; ++j) out[chosen[j]] = expf(value[j] - value[0]) / total;
-}
-// act[t, e*I + j] = w[t, e] * (clamp(u, -L, L) + 1) * g * sigmoid(alpha * g), g = min(gate + bg, L), u = up + bu,
-// gate = gu[t, e*2I + j], up = gu[t, e*2I + I + j]; one block per (token, expert).
-extern "C" __global__ void swiglu(const unsigned short* __restrict__ gu, const float* __restrict__ b_gu,
-                                  const float* __restrict__ w, int E, int I, float alpha, float limit,
-                                  unsigned short* __restrict__ act) {
-    const long long t = blockIdx.x / E;
-    const int e = blockIdx.x % E;
-    const float we = w[t * E + e];
-    const unsigned short* g = gu + (t * E + e) * 2LL * I;
-    const float* b = b_gu + (long long)e * 2 * I;
-    unsigned short* a = act + (t * E + e) * (long long)I;
-    for (int j = threadIdx.x; j < I; j += blockDim.x) {
-        if (we == 0.f) { a[j] = 0; continue; }
-        const float gate = fminf(bf(g[j]) + b[j], limit);
-        const float up = fminf(fmaxf(bf(g[I + j]) + b[I + j], -limit), limit);
-        a[j] = to_bf(we * (up + 1.f) * gate / (1.f + expf(-alpha * gate)));
-    }
-}
-// out[t, c] = round(y[t, c] + sum_e w[t, e] * b_down[e, c]) (bias != 0; else round(y[t, c]): the ranks but the
-// first of a tensor-parallel group, whose sum must have the bias once); one block per token.
-extern "C" __global__ void finish(const float* __restrict__ y, const float* __restrict__ w,
-                                  const float* __restrict__ b_down, int E, long long H,
-                                  unsigned short* __restrict__ out, long long out_ld, int bias) {
-    const long long t = blockIdx.x;
-    for (long long c = threadIdx.x; c < H; c += blockDim.x) {
-        float acc = y[t * H + c];
-        for (int e = 0; bias && e < E; ++e) {
-            const float we = w[t * E + e];
-            if (we != 0.f) acc += we * b_down[e * H + c];
-        }
-        out[t * out_ld + c] = to_bf(acc);
-    }
 }
 """
 
@@ -185,7 +138,7 @@ def check_checkpoint(ckpt: Checkpoint) -> str:
 
 
 def expert_matrices(gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, ...]:
-    """One layer's experts as the dense-over-experts MoE multiplies them.
+    """One layer's experts in :class:`~fi_ffi.models.moe.MoEWeights`' layouts (nn.Linear weights per expert).
 
     Args:
         gate_up: ``[E, H, 2I]`` (the checkpoint's ``experts.gate_up_proj``: ``x @ gate_up[e]``, gate on the even
@@ -194,10 +147,9 @@ def expert_matrices(gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndar
         down: ``[E, I, H]`` (``act @ down[e]``).
 
     Returns:
-        ``(w_gu [E * 2I, H], b_gu [E, 2I], w_down [H, E * I])``: ``w_gu`` an nn.Linear weight whose rows are expert
-        0's gate rows, its up rows, expert 1's gate rows, ...; ``b_gu`` likewise (gate, then up, per expert);
-        ``w_down`` the experts' down projections side by side as one nn.Linear weight (``x @ w_down.T`` sums
-        ``act_e @ down[e]`` over the experts when ``x`` holds every expert's activations ``[T, E * I]``).
+        ``(w_gu [E, 2I, H], b_gu [E, 2I], w_down [E, H, I])``: ``w_gu[e]`` expert ``e``'s gate rows, then its up
+        rows (``x @ w_gu[e].T`` gives ``[gate, up]``); ``b_gu`` likewise (gate, then up); ``w_down[e]`` its down
+        projection (``act @ w_down[e].T``).
     """
     arg_array("gate_up", gate_up, 3, "[num_experts, hidden, 2 * intermediate]")
     e, h, two_i = gate_up.shape
@@ -215,9 +167,9 @@ def expert_matrices(gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndar
             f"hidden), got {down.shape}"
         )
     t = gate_up.transpose(0, 2, 1)  # [E, 2I, H]
-    w_gu = np.concatenate([t[:, 0::2], t[:, 1::2]], axis=1).reshape(e * two_i, h)
+    w_gu = np.concatenate([t[:, 0::2], t[:, 1::2]], axis=1)
     b_gu = np.concatenate([gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]], axis=1)
-    w_down = down.transpose(2, 0, 1).reshape(h, e * down.shape[1])
+    w_down = down.transpose(0, 2, 1)
     return np.ascontiguousarray(w_gu), np.ascontiguousarray(b_gu), np.ascontiguousarray(w_down)
 
 
@@ -265,13 +217,39 @@ def shard_experts(
 
 class GptOssEngine(LlamaEngine):
     """A bfloat16 gpt-oss checkpoint on one GPU or ``tensor_parallel`` GPUs; arguments and serving API as
-    :class:`~fi_ffi.models.llama.LlamaEngine`."""
+    :class:`~fi_ffi.models.llama.LlamaEngine`, plus:
+
+    Args:
+        moe_path: how the MoE layers run a step of up to ``max_batch`` token rows (module docstring):
+            ``"auto"`` (default) picks per step by :func:`~fi_ffi.models.moe.choose_path` (dense over the experts
+            from ``num_experts / top_k`` rows, routed below; the decode CUDA graph, captured at ``max_batch`` rows,
+            picks once); ``"routed"`` or ``"dense"`` force one path. Steps of more rows (long prefills) are always
+            routed.
+    """
+
+    def __init__(self, model_dir: Any, *, moe_path: str = "auto", **kwargs: Any) -> None:
+        if not isinstance(moe_path, str) or moe_path not in MOE_PATHS:
+            raise ValueError(f"moe_path: expected one of {', '.join(map(repr, MOE_PATHS))}, got {moe_path!r:.60}")
+        self.moe_path = moe_path
+        super().__init__(model_dir, **kwargs)
+
+    def moe_path_for(self, rows: int) -> str:
+        """``"routed"`` or ``"dense"``: the path the MoE layers take for a step of ``rows`` token rows (the decode
+        graph's: ``moe_path_for(max_batch)``)."""
+        rows = arg_int("rows", rows, 1, MAX_ROPE_POSITIONS)
+        if rows > self.max_batch:  # long prefills: the dense path's buffers hold max_batch rows
+            return "routed"
+        if self.moe_path != "auto":
+            return self.moe_path
+        c = self.model_config
+        assert c.moe is not None
+        return choose_path(rows, c.moe.num_experts, c.moe.top_k)
 
     def _check_family(self, cfg: LlamaConfig) -> None:
         if cfg.model_type != "gpt_oss" or not isinstance(cfg.family, GptOssSettings):
             raise ValueError(f"model: GptOssEngine serves gpt_oss checkpoints, this one is {cfg.model_type!r}")
-        if cfg.moe is None or cfg.moe.top_k > 16:
-            raise ValueError("model: num_experts_per_tok above 16 is not supported by the gpt-oss routing kernel")
+        if cfg.moe is None or cfg.moe.top_k > 64:
+            raise ValueError("num_experts_per_tok: above 64 is not supported by the biased MoE combine kernel")
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -309,9 +287,24 @@ class GptOssEngine(LlamaEngine):
         tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
         self._lm_head = self._embed if tied else w.ptr(table("lm_head.weight"))
         self._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
+        self._with_bias = r == 0  # the row-parallel outputs' biases: once in the ranks' sum
         self._wqkv, self._bqkv, self._wo, self._bo, self._ln1, self._ln2 = [], [], [], [], [], []
         self._sinks: list[Any] = []
-        self._router, self._router_bias, self._w_gu, self._b_gu, self._w_down, self._b_down = [], [], [], [], [], []
+        from .moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEScratch, MoEWeights
+
+        g: GptOssSettings = c.family
+        self._ws_moe = kernels.workspace(self.device)  # the grouped GEMMs' own
+        max_tokens = max(self.max_prefill_tokens, self.max_batch)
+        # buffers for the paths this engine can take: the fixed-capacity routed path where the decode graph
+        # (max_batch rows) routes, the dense path where some step of up to max_batch rows goes dense
+        graph_path = self.moe_path_for(self.max_batch)
+        capacity = self.max_batch if self._static_moe and graph_path == "routed" else None
+        dense_rows = self.max_batch if self.moe_path == "dense" or graph_path == "dense" else None
+        self._moe_scratch = MoEScratch(
+            num_experts=e, hidden=h, intermediate=i_size // n, top_k=c.moe.top_k, max_tokens=max_tokens, dtype=dtype,
+            capacity=capacity, dense_rows=dense_rows,
+        )  # fmt: skip
+        activation = ClampedSwiGLU(float(g.alpha), float(g.swiglu_limit))
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
@@ -326,9 +319,7 @@ class GptOssEngine(LlamaEngine):
             self._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
             self._ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
             m = p + "mlp."
-            self._router.append(w.ptr(w.get(m + "router.weight", (e, h))))
-            self._router_bias.append(f32(m + "router.bias", (e,)))
-            experts = shard_experts(
+            experts = shard_experts(  # this rank's slice of every expert's intermediate columns
                 w.get(m + "experts.gate_up_proj", (e, h, 2 * i_size)),
                 bf16_to_f32(w.get(m + "experts.gate_up_proj_bias", (e, 2 * i_size))),
                 w.get(m + "experts.down_proj", (e, i_size, h)),
@@ -336,37 +327,29 @@ class GptOssEngine(LlamaEngine):
                 n,
             )
             w_gu, b_gu, w_down = expert_matrices(*experts)
-            self._w_gu.append(w.ptr(w_gu))
-            self._b_gu.append(w.upload(b_gu))
-            self._w_down.append(w.ptr(w_down))
-            self._b_down.append(f32(m + "experts.down_proj_bias", (e, h)))
+            weights = MoEWeights(w.upload(w.get(m + "router.weight", (e, h))), w.upload(w_gu), w.upload(w_down))
+            b_down = host_f32(m + "experts.down_proj_bias", (e, h))
+            b_down = b_down if self._with_bias else np.zeros_like(b_down)  # rank 0's partial sum carries it
+            biases = MoEBiases(f32(m + "router.bias", (e,)), w.upload(b_gu), w.upload(b_down))
+            self._moe.append(
+                MoELayer(
+                    weights, dtype=dtype, top_k=c.moe.top_k, renormalize=True, max_tokens=max_tokens,
+                    stream=self.stream, dense=self.dense, workspace=self._ws_moe, capacity=capacity,
+                    scratch=self._moe_scratch, biases=biases, activation=activation, dense_rows=dense_rows,
+                )
+            )  # fmt: skip
         self._norm = w.vector(w.get("model.norm.weight", (h,)))
         self._q_norm: list[Any] = []
         self._k_norm: list[Any] = []
         cache = w.upload(rope_cos_sin_cache(c, self.max_seq_len))
         self._cos_sin = kernels.descriptor(cache.data.ptr, cache.shape, "float32", self.device, owner=cache)
         module = self._cp.RawModule(code=_SOURCE)
-        self._k_bias, self._k_route, self._k_swiglu, self._k_finish = (
-            module.get_function(n) for n in ("add_bias", "route", "swiglu", "finish")
-        )
-        g: GptOssSettings = c.family
-        self._alpha, self._limit = np.float32(g.alpha), np.float32(g.swiglu_limit)
-        self._with_bias = np.int32(r == 0)  # the row-parallel outputs' biases: once in the ranks' sum
+        self._k_bias = module.get_function("add_bias")
         self._windows = list(g.windows)
 
     def _allocate(self) -> None:
         super()._allocate()
-        cp, c = self._cp, self.config
-        assert c.moe is not None
-        e, i_size = c.moe.num_experts, c.moe.intermediate_size
-        rows = max(self.max_prefill_tokens, self.max_batch)
-        self._moe_buf = SimpleNamespace(
-            logits=cp.empty((rows, e), np.float32),
-            weights=cp.empty((rows, e), np.float32),
-            gu=cp.empty((rows, e * 2 * i_size), np.uint16),
-            act=cp.empty((rows, e * i_size), np.uint16),
-            y=cp.empty((rows, c.hidden_size), np.float32),
-        )
+        cp = self._cp
         # decode: one query row per request (the sink prefill kernels serve decode)
         self._qo_host = np.arange(self.max_batch + 1, dtype=np.int32)
         self._qo_dev = cp.asarray(self._qo_host)
@@ -434,10 +417,11 @@ class GptOssEngine(LlamaEngine):
         """Embedding to the final RMSNorm for ``rows`` token rows; the normalized rows end in ``x2`` (``x``
         itself unless the fused all-reduce writes them), the residual stream in ``h``."""
         c, b, dense, s = self.config, self._buf, self.dense, self._s
-        h, eps, ab, f32 = c.hidden_size, c.rms_norm_eps, self._ab, self._f32
+        h, eps, ab = c.hidden_size, c.rms_norm_eps, self._ab
         x, qkv, attn = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr
         normed = self._normed.data.ptr
         w, hqd, last = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        path = self.moe_path_for(rows)
         vs = self.vocab_shard
         if vs is None:
             dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
@@ -461,28 +445,14 @@ class GptOssEngine(LlamaEngine):
             if self._with_bias:
                 self._k_bias((rows,), (256,), (x, self._bo[i], h, h))
             self._add_norm(v, self._ln2[i])
-            self._moe_forward(i, rows, normed, x, f32)
+            xin = self._normed  # x, or x2 with the fused all-reduce; the MoE's (partial) output goes to x
+            if path == "dense":  # every expert, no host step (capturable)
+                self._moe[i].forward_dense(xin, b.x, rows)
+            elif static_moe:  # the decode graph: routed on the device, fixed capacity (capturable)
+                self._moe[i].forward_static(xin, b.x, rows)
+            else:  # routed on the host: only the chosen experts' weights are read
+                self._moe[i].forward(xin, b.x, rows)
             self._add_norm(v, self._ln1[i + 1] if i < last else self._norm)
-
-    def _moe_forward(self, i: int, rows: int, xin: int, x: int, f32: int) -> None:
-        """``x[:rows] = MoE_i(xin[:rows])`` (``xin`` may be ``x``), dense over the experts (module docstring);
-        with TP this rank's partial sum."""
-        c, m, dense, ab = self.config, self._moe_buf, self.dense, self._ab
-        assert c.moe is not None
-        e, k, i_size, h = c.moe.num_experts, c.moe.top_k, c.moe.intermediate_size, c.hidden_size
-        dense.linear(rows, xin, h, self._router[i], e, h, m.logits.data.ptr, e, ab, f32)
-        self._k_route(((rows + 127) // 128,), (128,), (m.logits, self._router_bias[i], np.int32(e), np.int32(k),
-                                                       np.int32(rows), m.weights))  # fmt: skip
-        dense.linear(rows, xin, h, self._w_gu[i], e * 2 * i_size, h, m.gu.data.ptr, e * 2 * i_size, ab, ab)
-        threads = min(256, -(-i_size // 32) * 32)
-        self._k_swiglu((rows * e,), (threads,), (m.gu, self._b_gu[i], m.weights, np.int32(e), np.int32(i_size),
-                                                 self._alpha, self._limit, m.act))  # fmt: skip
-        dense.linear(rows, m.act.data.ptr, e * i_size, self._w_down[i], h, e * i_size, m.y.data.ptr, h, ab, f32)
-        self._k_finish(
-            (rows,),
-            (256,),
-            (m.y, m.weights, self._b_down[i], np.int32(e), np.int64(h), x, np.int64(h), self._with_bias),
-        )
 
     def close(self) -> None:
         was_open = not self._closed

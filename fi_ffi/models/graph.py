@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import cuda_runtime
 from ..cuda_runtime import check as _check
+from ..errors import CudaError
 
 __all__ = ["CudaGraph"]
 
@@ -47,8 +48,11 @@ class CudaGraph:
         try:
             yield
         except BaseException:
-            err, graph = rt.cudaStreamEndCapture(s)  # leave the stream usable; drop the partial graph
-            if err == rt.cudaError_t.cudaSuccess and graph is not None:
+            try:  # leave the stream usable; drop the partial graph (the block's error is the one raised)
+                graph = _check(rt.cudaStreamEndCapture(s), "cudaStreamEndCapture")
+            except CudaError:
+                graph = None
+            if graph is not None:
                 rt.cudaGraphDestroy(graph)
             raise
         self._graph = _check(rt.cudaStreamEndCapture(s), "cudaStreamEndCapture")

@@ -31,6 +31,7 @@ per step, which is also what makes the capture valid). All GPU work runs on the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ from .paging import (
 
 __all__ = ["GenerationResult", "LlamaEngine", "SamplingParams", "step_views"]
 
-_H2D, _D2H = 1, 2  # cudaMemcpyKind
+_H2D, _D2H, _D2D = 1, 2, 3  # cudaMemcpyKind
 
 
 def _require_gpu(device: int | None) -> None:
@@ -209,6 +210,8 @@ class LlamaEngine:
             max_prefill_tokens if max_prefill_tokens is not None else max(self.max_seq_len, self.max_batch),
         )
         self.graph: Any = None
+        # the MoE layers' grouped-GEMM workspace: made by _load where the model has routed experts (close() frees it)
+        self._ws_moe: Any = None
         self.prefill_graphs = True
         self._prefill_graph_cache: dict[tuple[int, ...], Any] = {}
         self._prefill_seen: dict[tuple[int, ...], int] = {}
@@ -246,6 +249,10 @@ class LlamaEngine:
         self.vocab_shard: VocabShard | None = None
         if self.comm is not None and vocab_parallel:
             self.vocab_shard = VocabShard.of(cfg.vocab_size, self.rank, self.tensor_parallel)
+        # greedy ids need no broadcast from rank 0 when they come from the shards' combined argmax (_share_ids);
+        # off until a 2-GPU run has checked the tokens and measured the step (bench_llama_tp.py, variant "bcast"):
+        # set to `self.vocab_shard is not None` to try it
+        self._ids_agree = False
         try:
             with cp.cuda.Device(device):
                 self.stream = cp.cuda.Stream(non_blocking=True)
@@ -277,8 +284,13 @@ class LlamaEngine:
                         self.close()
                         raise
         except BaseException:
-            if self._closed and self._own_comm:  # the engine never opened: release the communicator it made
-                self.comm.close()
+            if self._closed:  # the engine never opened: release what it made that no finalizer would
+                dense = getattr(self, "dense", None)
+                if dense is not None:  # cuBLAS and cuBLASLt handles (the original error is the one raised)
+                    with contextlib.suppress(Exception), cp.cuda.Device(device):
+                        dense.close()
+                if self._own_comm:  # the communicator it made
+                    self.comm.close()
             raise
 
     # ------------------------------------------------------------------------------------------ loading
@@ -507,6 +519,13 @@ class LlamaEngine:
         self._valid: Any = None
         self._gen: Any = None
         self._gen_seed: int | None = None
+        # `_prepare_ahead`: the graph loop prepares the next decode step (index arrays copied, attention planned)
+        # while the GPU runs this one (_decode_step); `_staged` marks the end of the last copy out of the host
+        # staging buffers. Off until measured on GPUs (benchmarks/bench_llama_tp.py, variant "ahead"); only where
+        # the decode plan is this class's (its copy is ordered on the engine's stream).
+        self._next_rows: list[Request | None] | None = None
+        self._staged = cp.cuda.Event(disable_timing=True)
+        self._prepare_ahead = False
 
     def _meta(self, n: int) -> tuple[Any, np.ndarray]:
         """A device int32 buffer of ``n`` entries and its page-locked host staging twin."""
@@ -709,6 +728,7 @@ class LlamaEngine:
         n = self._dlayout.end("kv_indices", n_pages)
         self._cp.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, _address(self._dhost), 4 * n, _H2D, self._s)
         self._plan_decode(rows, cuda_graph)
+        self._staged.record(self.stream)  # the host staging (ours and the plan's) may be rewritten after this
 
     # ------------------------------------------------------------------------------------------ family hooks
     # (fi_ffi.models.gemma2 and fi_ffi.models.gpt_oss subclass the engine and override these)
@@ -765,6 +785,7 @@ class LlamaEngine:
         self._check_open()
         sampling = sampling or SamplingParams()
         self._gen = None  # a fresh generator per call (seed, offset 0): reproducible generations
+        self._next_rows = None
         sched = self._scheduler(eos_token_ids)
         reqs = self._submit(sched, prompts, max_new_tokens)
         result = GenerationResult([], [])
@@ -840,6 +861,7 @@ class LlamaEngine:
     ) -> list[np.ndarray]:
         cp, c, b, s = self._cp, self.config, self._buf, self._s
         batch = len(reqs)
+        self._next_rows = None  # the prefill's tokens overwrite `ids`: a step prepared before it cannot run
         nnz, n_pages = fill_prefill(reqs, self.page_size, self._ph)
         n = self._playout.end("kv_indices", n_pages)
         cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, _address(self._phost), 4 * n, _H2D, s)
@@ -865,7 +887,7 @@ class LlamaEngine:
         self.dense.gather_rows(batch, self._normed.data.ptr, h, v.last_rows, b.last.data.ptr, h, h)
         self._head(batch, b.last.data.ptr)
         self._pick(v, batch, sampling)
-        tokens = self._fetch_ids(batch)
+        tokens = self._fetch_ids(batch, sampling)
         sched.record(reqs, tokens, prefill=True)
         if full is None:
             return []
@@ -902,8 +924,12 @@ class LlamaEngine:
                 self.stream.synchronize()
                 self._prefill_graph_cache.pop(next(iter(self._prefill_graph_cache))).close()
             graph = CudaGraph(self._s)
-            with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
-                self._forward(v, nnz, self._prefill_attention)
+            try:
+                with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
+                    self._forward(v, nnz, self._prefill_attention)
+            except BaseException:  # e.g. instantiation refused: the captured graph is kept by nothing else
+                graph.close()
+                raise
             self._prefill_graph_cache[key] = graph
         graph.launch()
         return True
@@ -963,25 +989,38 @@ class LlamaEngine:
             valid,
         )
 
-    def _share_ids(self) -> None:
-        """With TP: every rank takes rank 0's tokens (they compute the same ones; this makes it certain)."""
-        if self.comm is not None:
+    def _share_ids(self, sampling: SamplingParams) -> None:
+        """With TP: every rank takes rank 0's tokens (they compute the same ones; this makes it certain). Not
+        needed for greedy tokens from vocabulary shards: every rank combines the same all-gathered (value, id)
+        pairs with the same kernel, so the ids agree bit for bit without a collective (one NCCL call and its
+        host time saved per step)."""
+        if self.comm is not None and not (sampling.greedy and self._ids_agree):
             self.comm.broadcast(self._buf.ids, root=0, stream=self._s)
 
-    def _fetch_ids(self, rows: int) -> list[int]:
+    def _fetch_ids(self, rows: int, sampling: SamplingParams) -> list[int]:
         """Copy the chosen tokens to the host and wait for the stream (the one synchronization per step)."""
-        self._share_ids()
+        self._share_ids(sampling)
         self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * rows, _D2H, self._s)
         self.stream.synchronize()
         return self._ids_host[:rows].tolist()
 
     def _decode_step(self, sched: Scheduler, sampling: SamplingParams) -> float:
-        """One decode step for every active request; returns its host time in microseconds."""
+        """One decode step for every active request; returns its host time in microseconds (with a graph, the
+        next step's preparation included, which runs while the GPU computes this step)."""
         t0 = time.perf_counter()
         graph = self.graph
-        rows = sched.decode_rows(padded=graph is not None)
-        n = len(rows)
-        self._upload_decode(n, fill_decode(rows, self.page_size, self._dh), cuda_graph=graph is not None)
+        prepared, self._next_rows = self._next_rows, None
+        if prepared is not None and sched.same_rows(prepared):
+            # prepared during the previous step (index arrays and plan enqueued behind it); its input tokens are
+            # that step's output, still in `ids` in slot order: copied on the device
+            rows = prepared
+            n = len(rows)
+            token_ids = self._dmeta.data.ptr + 4 * self._dlayout.offsets["token_ids"]
+            self._cp.cuda.runtime.memcpyAsync(token_ids, self._buf.ids.data.ptr, 4 * n, _D2D, self._s)
+        else:
+            rows = sched.decode_rows(padded=graph is not None)
+            n = len(rows)
+            self._upload_decode(n, fill_decode(rows, self.page_size, self._dh), cuda_graph=graph is not None)
         v = self._view("decode", n, n)
         if graph is not None:
             if not self._graph_checked:
@@ -998,13 +1037,20 @@ class LlamaEngine:
             self._forward(v, n, self._decode_attention)
             self._head(n, self._normed.data.ptr)
             self._pick(v, n, sampling)
-        self._share_ids()
+        self._share_ids(sampling)
         self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
-        t1 = time.perf_counter()
-        self.stream.synchronize()
+        if graph is not None and self._prepare_ahead:
+            # the next step, as it will be unless a request ends with an end-of-sequence token or a prefill comes
+            # first (then it is dropped and made again): staged and planned while the GPU runs this one
+            self._staged.synchronize()  # this step's copies out of the staging buffers are done
+            ahead = sched.peek_rows()
+            self._upload_decode(n, fill_decode(ahead, self.page_size, self._dh, ahead=1), cuda_graph=True)
+            self._next_rows = ahead
         t2 = time.perf_counter()
+        self.stream.synchronize()
+        t3 = time.perf_counter()
         sched.record(rows, self._ids_host[:n].tolist())
-        return ((t1 - t0) + (time.perf_counter() - t2)) * 1e6
+        return ((t2 - t0) + (time.perf_counter() - t3)) * 1e6
 
     # ------------------------------------------------------------------------------------------ lifetime
 
@@ -1028,7 +1074,7 @@ class LlamaEngine:
             self._prefill_graph_cache.clear()
             self._ws_prefill.close()
             self._ws_decode.close()
-            if self._moe:
+            if self._ws_moe is not None:  # not `if self._moe`: DeepSeek lists None for its dense layers
                 self._ws_moe.close()
             self.dense.close()
             if self._allreduce is not None:

@@ -19,6 +19,13 @@ so a CUDA graph can capture it (the engine's decode graph does). A small device 
 count into the prepared GEMMs' problem sizes before they run, so an expert no token chose computes nothing and its
 weights are not read: a step reads what the host path reads, without waiting for the host.
 
+With ``dense_rows=D`` the layer also has a dense-over-experts path (:meth:`MoELayer.forward_dense`, no host step
+either, capturable): every token through every expert's gate/up in one GEMM (``gate_up`` read as one
+``[E * 2I, H]`` matrix), the activation where the token chose the expert, the down projections as one strided-batched
+GEMM over the experts, then the combine over each token's chosen experts. It reads every expert's weights on every
+step, and still wins once a step's ``T * k`` assignments cover most experts (:func:`choose_path`). All paths share
+one weight layout, so a model holds its experts once and picks a path per step.
+
 Weights are the checkpoint's, stacked per expert: ``router [E, H]``, ``gate_up [E, 2I, H]`` (Mixtral's ``w1``
 rows, then ``w3``; Qwen3-MoE's ``gate_proj`` then ``up_proj``) and ``down [E, H, I]`` (``w2`` / ``down_proj``),
 all nn.Linear layouts (``weight_column_major=True`` for the grouped GEMM). float16 arrays, or uint16 arrays
@@ -41,8 +48,13 @@ import fi_ffi
 from ..launch import checks
 from .dense import CUDA_R_32F, Dense, data_type
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
+from .values import MAX_SIZE, arg_int
 
-__all__ = ["MoELayer", "MoEScratch", "MoEWeights"]
+__all__ = ["DENSE_MIN_FILL", "ClampedSwiGLU", "MoEBiases", "MoELayer", "MoEScratch", "MoEWeights", "choose_path"]
+
+DENSE_MIN_FILL = 1
+""":func:`choose_path`'s crossover: a step goes dense when its ``rows * top_k`` expert assignments are at least this
+many times the number of experts (measured on an H100, README: gpt-oss)."""
 
 _MAX_SCRATCH_BYTES = 1 << 46  # 64 TiB: far above any GPU's memory, far below int64 overflow
 
@@ -119,6 +131,64 @@ extern "C" __global__ void moe_slots(const int* __restrict__ experts, int E, int
     }
 }
 
+// The expert of row r of a buffer grouped by expert (seg[e] <= r < seg[e + 1], seg non-decreasing, E + 1 entries).
+__device__ __forceinline__ int expert_of(const int* __restrict__ seg, int E, long long r) {
+    int e = 0;
+    while (e + 1 < E && seg[e + 1] <= r) ++e;
+    return e;
+}
+
+// Biased activation, one block per row r of the gate/up buffer gu [rows, 2I] (gate columns, then up): with e the row's
+// expert, g = gate + b_gu[e, j], u = up + b_gu[e, I + j] (float32 biases [E, 2I]); clamped (gpt-oss):
+// act = (clamp(u, -L, L) + 1) * g' * sigmoid(alpha * g'), g' = min(g, L); else act = silu(g) * u.
+extern "C" __global__ void moe_bias_act(const unsigned short* __restrict__ gu, const float* __restrict__ b_gu,
+                                        const int* __restrict__ seg, int E, long long I, int clamped, float alpha,
+                                        float limit, int bf16, unsigned short* __restrict__ act) {
+    const long long r = blockIdx.x;
+    const int e = expert_of(seg, E, r);
+    const unsigned short* row = gu + r * 2 * I;
+    const float* b = b_gu + (long long)e * 2 * I;
+    for (long long j = threadIdx.x; j < I; j += blockDim.x) {
+        float g = load16(row[j], bf16) + b[j];
+        float u = load16(row[I + j], bf16) + b[I + j];
+        float a;
+        if (clamped) {
+            g = fminf(g, limit);
+            u = fminf(fmaxf(u, -limit), limit);
+            a = (u + 1.f) * g / (1.f + expf(-alpha * g));
+        } else {
+            a = g / (1.f + expf(-g)) * u;
+        }
+        act[r * I + j] = store16(a, bf16);
+    }
+}
+
+// moe_combine with the experts' down bias: out[t, c] = sum_j w[t * k + j] * (y[row_of[t * k + j], c] + b_down[e_j, c]),
+// e_j the expert of that row (seg as above; float32 b_down [E, hidden]); k <= 64; one block per token.
+extern "C" __global__ void moe_combine_bias(const unsigned short* __restrict__ y, const int* __restrict__ row_of,
+                                            const float* __restrict__ w, const float* __restrict__ b_down,
+                                            const int* __restrict__ seg, int E, unsigned short* __restrict__ out,
+                                            int k, long long hidden, long long out_ld, int bf16) {
+    __shared__ int ex[64];
+    const long long t = blockIdx.x;
+    for (int j = threadIdx.x; j < k; j += blockDim.x) ex[j] = expert_of(seg, E, row_of[t * k + j]);
+    __syncthreads();
+    for (long long c = threadIdx.x; c < hidden; c += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < k; ++j) {
+            const long long r = row_of[t * k + j];
+            acc += w[t * k + j] * (load16(y[r * hidden + c], bf16) + b_down[(long long)ex[j] * hidden + c]);
+        }
+        out[t * out_ld + c] = store16(acc, bf16);
+    }
+}
+
+// logits[t, e] += bias[e] (float32 [T, E], one block per token).
+extern "C" __global__ void moe_router_bias(float* __restrict__ logits, const float* __restrict__ bias, int E) {
+    float* l = logits + (long long)blockIdx.x * E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) l[e] += bias[e];
+}
+
 // xs[row_of[b], :] = x[b / k, :] for 16-bit elements; one block per assignment b = t * k + j.
 extern "C" __global__ void moe_scatter(const unsigned short* __restrict__ x, long long x_ld,
                                        const int* __restrict__ row_of, int k, unsigned short* __restrict__ xs,
@@ -127,7 +197,75 @@ extern "C" __global__ void moe_scatter(const unsigned short* __restrict__ x, lon
     unsigned short* dst = xs + (long long)row_of[blockIdx.x] * hidden;
     for (long long c = threadIdx.x; c < hidden; c += blockDim.x) dst[c] = src[c];
 }
+
+// Dense-over-experts activation, one block per (token t, expert e) (blockIdx.x = t * E + e): gu [T, E * 2I] holds
+// every expert's gate (I columns) then up (I columns) for every token; when t chose e (experts [T, k]),
+// act[t, e * I + j] = activation(gate + b_gu[e, j], up + b_gu[e, I + j]) as moe_bias_act (bias when has_bias),
+// otherwise 0 (the down GEMM multiplies it; the combine never reads that expert's output for t).
+extern "C" __global__ void moe_dense_act(const unsigned short* __restrict__ gu, const float* __restrict__ b_gu,
+                                         int has_bias, const int* __restrict__ experts, int E, int k, long long I,
+                                         int clamped, float alpha, float limit, int bf16,
+                                         unsigned short* __restrict__ act) {
+    const long long t = blockIdx.x / E;
+    const int e = blockIdx.x % E;
+    bool chosen = false;
+    for (int j = 0; j < k; ++j) chosen |= experts[t * k + j] == e;
+    unsigned short* a = act + (t * E + e) * I;
+    if (!chosen) {
+        for (long long j = threadIdx.x; j < I; j += blockDim.x) a[j] = 0;
+        return;
+    }
+    const unsigned short* row = gu + (t * E + e) * 2 * I;
+    const float* b = b_gu + (long long)e * 2 * I;
+    for (long long j = threadIdx.x; j < I; j += blockDim.x) {
+        float g = load16(row[j], bf16);
+        float u = load16(row[I + j], bf16);
+        if (has_bias) { g += b[j]; u += b[I + j]; }
+        float v;
+        if (clamped) {
+            g = fminf(g, limit);
+            u = fminf(fmaxf(u, -limit), limit);
+            v = (u + 1.f) * g / (1.f + expf(-alpha * g));
+        } else {
+            v = g / (1.f + expf(-g)) * u;
+        }
+        a[j] = store16(v, bf16);
+    }
+}
+
+// Dense-over-experts combine, one block per token t: out[t, c] = sum_j w[t, j] * (y[e_j, t, c] + b_down[e_j, c])
+// over the k experts e_j that t chose (experts, w [T, k]); y float32 [E, y_rows, hidden] (expert e's down projection
+// of every token), b_down float32 [E, hidden] when has_bias. Accumulated in float32, rounded once.
+extern "C" __global__ void moe_dense_combine(const float* __restrict__ y, long long y_rows,
+                                             const int* __restrict__ experts, const float* __restrict__ w, int k,
+                                             const float* __restrict__ b_down, int has_bias,
+                                             unsigned short* __restrict__ out, long long hidden, long long out_ld,
+                                             int bf16) {
+    const long long t = blockIdx.x;
+    for (long long c = threadIdx.x; c < hidden; c += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < k; ++j) {
+            const long long e = experts[t * k + j];
+            float v = y[(e * y_rows + t) * hidden + c];
+            if (has_bias) v += b_down[e * hidden + c];
+            acc += w[t * k + j] * v;
+        }
+        out[t * out_ld + c] = store16(acc, bf16);
+    }
+}
 """
+
+
+def choose_path(rows: int, num_experts: int, top_k: int) -> str:
+    """``"dense"`` or ``"routed"``: the faster MoE path for a step of ``rows`` tokens by the rule the gpt-oss engine
+    follows: dense over the experts (:meth:`MoELayer.forward_dense`) when ``rows * top_k >= DENSE_MIN_FILL *
+    num_experts`` (the step's assignments cover most experts anyway, and reading every expert's weights through one
+    GEMM and one batched GEMM is faster than the grouped GEMM's per-expert problems), routed otherwise (only the
+    chosen experts' weights are read). For gpt-oss-20b (32 experts, top-4): dense from 8 rows."""
+    rows = arg_int("rows", rows, 0, MAX_SIZE)
+    num_experts = arg_int("num_experts", num_experts, 1, MAX_SIZE)
+    top_k = arg_int("top_k", top_k, 1, num_experts)
+    return "dense" if rows * top_k >= DENSE_MIN_FILL * num_experts else "routed"
 
 
 @dataclass(frozen=True)
@@ -140,6 +278,12 @@ class MoEWeights:
 
     def shapes(self) -> tuple[int, int, int]:
         """``(num_experts, hidden, intermediate)``, checked across the three arrays."""
+        for name, ndim in (("router", 2), ("gate_up", 3), ("down", 3)):
+            shape = getattr(getattr(self, name), "shape", None)
+            if not isinstance(shape, tuple) or len(shape) != ndim:
+                raise ValueError(
+                    f"weights.{name}: expected a {ndim}-D CuPy array, got {type(getattr(self, name)).__name__}"
+                )
         e, h = self.router.shape
         if self.gate_up.shape[0] != e or self.gate_up.shape[2] != h or self.gate_up.shape[1] % 2:
             raise ValueError(f"gate_up: expected [{e}, 2 * intermediate, {h}], got {tuple(self.gate_up.shape)}")
@@ -147,6 +291,26 @@ class MoEWeights:
         if tuple(self.down.shape) != (e, h, i):
             raise ValueError(f"down: expected [{e}, {h}, {i}] (experts, hidden, intermediate), got {self.down.shape}")
         return e, h, i
+
+
+@dataclass(frozen=True)
+class MoEBiases:
+    """Biases of one layer's router and experts (gpt-oss), float32 CuPy arrays: ``router [E]`` (added to the router
+    logits before the routing), ``gate_up [E, 2I]`` (gate columns, then up, as ``gate_up``'s rows) and ``down [E, H]``
+    (each expert's output bias, weighted by the routing weight like the expert's output)."""
+
+    router: Any
+    gate_up: Any
+    down: Any
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation: ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``,
+    ``g = min(gate, limit)`` (transformers' ``GptOssExperts``: alpha 1.702, limit ``swiglu_limit`` 7)."""
+
+    alpha: float
+    limit: float
 
 
 class MoEScratch:
@@ -157,9 +321,12 @@ class MoEScratch:
     - ``logits [max_tokens, E]`` float32; ``xs [R, H]``, ``gate_up_out [R, 2I]``, ``act [R, I]``, ``y [R, H]`` in
       the storage dtype; ``row_token``, ``row_of`` int32 ``[R]``, ``route_weights`` float32 ``[R]``;
     - with ``capacity``: ``s_xs [E*C, H]``, ``s_gu [E*C, 2I]``, ``s_act [E*C, I]``, ``s_y [E*C, H]`` (zeroed
-      once), ``s_experts``, ``s_row_of`` int32 ``[C*k]``, ``s_weights`` float32 ``[C*k]``.
+      once), ``s_experts``, ``s_row_of`` int32 ``[C*k]``, ``s_weights`` float32 ``[C*k]``;
+    - with ``dense_rows=D`` (the dense-over-experts path, :meth:`MoELayer.forward_dense`): ``d_gu [D, E*2I]``,
+      ``d_act [D, E*I]`` in the storage dtype, ``d_y`` float32 ``[E, D, H]``, ``d_experts`` int32 and ``d_weights``
+      float32 ``[D*k]``.
 
-    ``key`` is what a layer must match to use it: ``(E, H, I, k, max_tokens, capacity or 0, dtype)``.
+    ``key`` is what a layer must match to use it: ``(E, H, I, k, max_tokens, capacity or 0, dtype, dense_rows or 0)``.
     """
 
     def __init__(
@@ -172,6 +339,7 @@ class MoEScratch:
         max_tokens: int,
         dtype: str,
         capacity: int | None = None,
+        dense_rows: int | None = None,
     ) -> None:
         # checked before CuPy is imported: bad arguments are named the same with or without a GPU
         e = checks.integer("num_experts", num_experts, 1)
@@ -185,29 +353,43 @@ class MoEScratch:
             capacity = checks.integer("capacity", capacity, 1)
             if capacity > max_tokens:
                 raise ValueError(f"capacity: expected 1..max_tokens ({max_tokens}), got {capacity}")
+        if dense_rows is not None:
+            dense_rows = checks.integer("dense_rows", dense_rows, 1)
+            if dense_rows > max_tokens:
+                raise ValueError(f"dense_rows: expected 1..max_tokens ({max_tokens}), got {dense_rows}")
         if dtype not in ("float16", "bfloat16"):
             raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r}")
-        self.key = (e, h, i, k, max_tokens, capacity or 0, dtype)
-        need = self.bytes_needed(e, h, i, k, max_tokens, capacity)
+        self.key = (e, h, i, k, max_tokens, capacity or 0, dtype, dense_rows or 0)
+        need = self.bytes_needed(e, h, i, k, max_tokens, capacity, dense_rows)
         if need > _MAX_SCRATCH_BYTES:  # no device holds this: refuse before CuPy overflows or rounds it
             raise ValueError(
                 f"MoEScratch: num_experts={e}, max_tokens={max_tokens}, top_k={k}, hidden={h}, intermediate={i}, "
-                f"capacity={capacity} "
+                f"capacity={capacity}, dense_rows={dense_rows} "
                 f"need {need} bytes of activation buffers, more than any device has; expected sizes of a real model"
             )
         import cupy
 
         try:
-            self._allocate(cupy, e, h, i, k, max_tokens, capacity, dtype)
+            self._allocate(cupy, e, h, i, k, max_tokens, capacity, dtype, dense_rows)
         except cupy.cuda.memory.OutOfMemoryError as exc:
             raise MemoryError(
                 f"MoEScratch: the activation buffers for max_tokens={max_tokens} x top_k={k} rows (hidden {h}, "
-                f"intermediate {i}) and capacity={capacity} do not fit in the device's free memory ({exc}); lower "
-                f"max_tokens (the engine's max_prefill_tokens) or capacity (its max_batch)"
+                f"intermediate {i}), capacity={capacity} and dense_rows={dense_rows} do not fit in the device's free "
+                f"memory ({exc}); lower max_tokens (the engine's max_prefill_tokens) or capacity and dense_rows (its "
+                f"max_batch)"
             ) from None
 
     def _allocate(
-        self, cupy: Any, e: int, h: int, i: int, k: int, max_tokens: int, capacity: int | None, dtype: str
+        self,
+        cupy: Any,
+        e: int,
+        h: int,
+        i: int,
+        k: int,
+        max_tokens: int,
+        capacity: int | None,
+        dtype: str,
+        dense_rows: int | None,
     ) -> None:
         storage = cupy.float16 if dtype == "float16" else cupy.uint16
         rows = max_tokens * k
@@ -229,14 +411,25 @@ class MoEScratch:
             self.s_experts = cupy.zeros(c * k, cupy.int32)
             self.s_row_of = cupy.zeros(c * k, cupy.int32)
             self.s_weights = cupy.zeros(c * k, cupy.float32)
+        if dense_rows:
+            d = dense_rows
+            self.d_gu = cupy.empty((d, e * 2 * i), storage)
+            self.d_act = cupy.empty((d, e * i), storage)
+            self.d_y = cupy.empty((e, d, h), cupy.float32)
+            self.d_experts = cupy.zeros(d * k, cupy.int32)
+            self.d_weights = cupy.zeros(d * k, cupy.float32)
 
     @staticmethod
-    def bytes_needed(e: int, h: int, i: int, k: int, max_tokens: int, capacity: int | None) -> int:
+    def bytes_needed(
+        e: int, h: int, i: int, k: int, max_tokens: int, capacity: int | None, dense_rows: int | None = None
+    ) -> int:
         """Device bytes of the buffers of a scratch of these sizes (16-bit activations)."""
         rows, static = max_tokens * k, e * (capacity or 0)
         per_row = 2 * (2 * h + 3 * i)  # xs, y; gate_up_out (2I), act (I)
         routing = 4 * max_tokens * e + 12 * rows + (12 * (capacity or 0) * k)
-        return (rows + static) * per_row + routing
+        d = dense_rows or 0
+        dense = d * e * (2 * 3 * i + 4 * h) + 8 * d * k  # d_gu, d_act (16-bit), d_y (float32); d_experts, d_weights
+        return (rows + static) * per_row + routing + dense
 
     @property
     def nbytes(self) -> int:
@@ -261,6 +454,9 @@ class MoELayer:
         capacity: also build the fixed-capacity path (:meth:`forward_static`) for up to ``capacity`` tokens.
         scratch: a :class:`MoEScratch` of this layer's shape (its ``key``), shared with the other layers that run
             on ``stream``; None: one of its own.
+        biases: the router's and experts' :class:`MoEBiases` (gpt-oss); None: no biases.
+        activation: None: SiLU-and-mul; a :class:`ClampedSwiGLU`: gpt-oss's clamped SwiGLU.
+        dense_rows: also build the dense-over-experts path (:meth:`forward_dense`) for up to ``dense_rows`` tokens.
     """
 
     def __init__(
@@ -277,15 +473,27 @@ class MoELayer:
         backend: str = "auto",
         capacity: int | None = None,
         scratch: MoEScratch | None = None,
+        biases: MoEBiases | None = None,
+        activation: ClampedSwiGLU | None = None,
+        dense_rows: int | None = None,
     ) -> None:
+        # checked before CuPy is imported (as MoEScratch): bad arguments are named the same with or without a GPU
+        if not isinstance(weights, MoEWeights):
+            raise TypeError(f"weights: expected a MoEWeights, got {type(weights).__name__}")
+        self.num_experts, self.hidden, self.intermediate = weights.shapes()
+        top_k = checks.integer("top_k", top_k, 1)
+        if top_k > self.num_experts:
+            raise ValueError(f"top_k: expected 1..num_experts ({self.num_experts}), got {top_k}")
+        max_tokens = checks.integer("max_tokens", max_tokens, 1)
+        capacity = None if capacity is None else checks.integer("capacity", capacity, 1)
+        dense_rows = None if dense_rows is None else checks.integer("dense_rows", dense_rows, 1)
+        if dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r:.40}")
         import cupy
 
-        self.num_experts, self.hidden, self.intermediate = weights.shapes()
-        if not 1 <= top_k <= self.num_experts:
-            raise ValueError(f"top_k: expected 1..num_experts ({self.num_experts}), got {top_k}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens: expected >= 1, got {max_tokens}")
         self.weights, self.dtype, self.top_k, self.renormalize = weights, dtype, top_k, renormalize
+        self._check_extras(biases, activation, top_k, cupy)
+        self.biases, self.activation = biases, activation
         self.max_tokens, self.stream, self.backend = max_tokens, stream, backend
         self._ab = data_type(dtype)
         self._bf16 = 1 if dtype == "bfloat16" else 0
@@ -297,28 +505,38 @@ class MoELayer:
         # the buffers before the cuBLAS handle and workspace: a refused or unallocatable scratch leaves nothing open
         # (MoEScratch checks capacity against max_tokens; a given one must have been built for this layer)
         e, h, i = self.num_experts, self.hidden, self.intermediate
-        key = (e, h, i, top_k, max_tokens, capacity or 0, dtype)
+        key = (e, h, i, top_k, max_tokens, capacity or 0, dtype, dense_rows or 0)
         if scratch is None:
             scratch = MoEScratch(
                 num_experts=e, hidden=h, intermediate=i, top_k=top_k, max_tokens=max_tokens, dtype=dtype,
-                capacity=capacity,
+                capacity=capacity, dense_rows=dense_rows,
             )  # fmt: skip
         elif not isinstance(scratch, MoEScratch) or scratch.key != key:
             got = scratch.key if isinstance(scratch, MoEScratch) else type(scratch).__name__
             raise ValueError(
                 f"scratch: expected a MoEScratch of key (experts, hidden, intermediate, top_k, max_tokens, capacity, "
-                f"dtype) = {key}, got {got}; build it with this layer's arguments"
+                f"dtype, dense_rows) = {key}, got {got}; build it with this layer's arguments"
             )
         self.scratch = scratch
         self.device_id = int(cupy.cuda.Device().id)
-        self._own_dense = dense is None
+        self._own_dense = self._own_ws = False  # until made: close() releases only what exists
         self.dense = Dense(stream) if dense is None else dense
-        self._own_ws = workspace is None
-        self.workspace = (
-            fi_ffi.Workspace.allocate(self.device_id, float_bytes=32 << 20, int_bytes=1 << 20)
-            if workspace is None
-            else workspace
-        )
+        self._own_dense = dense is None
+        try:
+            self._own_ws = workspace is None
+            self.workspace = (
+                fi_ffi.Workspace.allocate(self.device_id, float_bytes=32 << 20, int_bytes=1 << 20)
+                if workspace is None
+                else workspace
+            )
+            self._build(cupy, biases, activation, capacity, dense_rows)
+        except BaseException:  # the cuBLAS handles have no finalizer: nothing the layer made outlives the failure
+            self._own_ws = self._own_ws and hasattr(self, "workspace")
+            self.close()
+            raise
+
+    def _build(self, cupy: Any, biases: Any, activation: Any, capacity: int | None, dense_rows: int | None) -> None:
+        """The kernels, the scratch views and (with ``capacity``) the fixed-capacity path of :meth:`__init__`."""
         sc = self.scratch
         self.logits, self.xs, self.gate_up_out, self.act, self.y = sc.logits, sc.xs, sc.gate_up_out, sc.act, sc.y
         self.row_token, self.row_of, self.route_weights = sc.row_token, sc.row_of, sc.route_weights
@@ -327,10 +545,79 @@ class MoELayer:
         self._route_fn = module.get_function("moe_route")
         self._slots_fn = module.get_function("moe_slots")
         self._scatter_fn = module.get_function("moe_scatter")
+        self._act_fn = module.get_function("moe_bias_act")
+        self._combine_bias_fn = module.get_function("moe_combine_bias")
+        self._router_bias_fn = module.get_function("moe_router_bias")
+        self._dense_act_fn = module.get_function("moe_dense_act")
+        self._dense_combine_fn = module.get_function("moe_dense_combine")
+        self.dense_rows = dense_rows or 0
+        # where each expert's rows start in the host path's grouped buffers (written per forward; biased layers)
+        self._seg = cupy.zeros(self.num_experts + 1, cupy.int32)
+        self._plain = biases is None and activation is None  # fi_ffi.silu_and_mul and moe_combine serve
         self.last_routing: tuple[np.ndarray, np.ndarray, ExpertGroups] | None = None
         self.capacity = 0
         if capacity is not None:
             self._build_static(capacity)
+
+    def _check_extras(self, biases: Any, activation: Any, top_k: int, cupy: Any) -> None:
+        if activation is not None and not isinstance(activation, ClampedSwiGLU):
+            raise TypeError(
+                f"activation: expected None (SiLU-and-mul) or a ClampedSwiGLU, got {type(activation).__name__}"
+            )
+        if biases is None:
+            if activation is not None:
+                raise ValueError("activation: a ClampedSwiGLU layer needs its biases (biases=MoEBiases(...), gpt-oss)")
+            return
+        if not isinstance(biases, MoEBiases):
+            raise TypeError(f"biases: expected None or a MoEBiases, got {type(biases).__name__}")
+        e, h, i = self.num_experts, self.hidden, self.intermediate
+        for name, shape in (("router", (e,)), ("gate_up", (e, 2 * i)), ("down", (e, h))):
+            arr = getattr(biases, name)
+            if (
+                not isinstance(arr, cupy.ndarray)
+                or arr.shape != shape
+                or arr.dtype != cupy.float32
+                or not arr.flags.c_contiguous
+            ):
+                raise ValueError(f"biases.{name}: expected a contiguous float32 CuPy array of shape {shape}")
+        if top_k > 64:
+            raise ValueError(f"top_k: expected at most 64 with biases (the biased combine's limit), got {top_k}")
+
+    def _router_logits(self, x: Any, t: int) -> None:
+        """``logits[:t] = x[:t] @ router.T`` (float32), plus the router bias when the layer has one."""
+        e, h = self.num_experts, self.hidden
+        x_ld = x.strides[0] // x.itemsize
+        self.dense.linear(
+            t, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr), e, h, int(self.logits.data.ptr), e,
+            self._ab, CUDA_R_32F,
+        )  # fmt: skip
+        if self.biases is not None:
+            self._router_bias_fn((t,), (128,), (self.logits, self.biases.router, np.int32(e)), stream=self.stream)
+
+    def _activate(self, gu: Any, act: Any, rows: int, seg: Any) -> None:
+        """``act[:rows] = activation(gu[:rows] + gate/up bias)``; ``seg``: the experts' first rows (device)."""
+        i = self.intermediate
+        if self._plain:
+            fi_ffi.silu_and_mul(self._t(gu, (rows, 2 * i)), self._t(act, (rows, i)), stream=self.stream.ptr)
+            return
+        a, b = self.activation, self.biases
+        assert b is not None  # _plain otherwise
+        alpha, limit = (a.alpha, a.limit) if a is not None else (0.0, 0.0)
+        args = (gu, b.gate_up, seg, np.int32(self.num_experts), np.int64(i), np.int32(a is not None),
+                np.float32(alpha), np.float32(limit), np.int32(self._bf16), act)  # fmt: skip
+        self._act_fn((rows,), (min(256, -(-i // 32) * 32),), args, stream=self.stream)
+
+    def _combine_rows(self, y: Any, row_of: Any, weights: Any, out: Any, t: int, seg: Any) -> None:
+        """``out[t] = sum_j w[t, j] * (y[row_of[t, j]] (+ the expert's down bias))``."""
+        k, h = self.top_k, self.hidden
+        ld = out.strides[0] // out.itemsize
+        if self.biases is None:
+            args = (y, row_of, weights, out, np.int32(k), np.int64(h), np.int64(ld), np.int32(self._bf16))
+            self._combine((t,), (256,), args, stream=self.stream)
+        else:
+            args = (y, row_of, weights, self.biases.down, seg, np.int32(self.num_experts), out, np.int32(k),  # type: ignore[assignment]
+                    np.int64(h), np.int64(ld), np.int32(self._bf16))  # fmt: skip
+            self._combine_bias_fn((t,), (256,), args, stream=self.stream)
 
     def _build_static(self, capacity: int) -> None:
         """Buffers and prepared grouped GEMMs of the fixed-capacity path: expert ``e`` owns rows
@@ -350,6 +637,7 @@ class MoELayer:
         nbytes = segment_gemm_args_bytes(e)
         self._s_args = cupy.zeros(2 * nbytes, cupy.uint8)
         seg = (np.arange(e + 1) * c).astype(np.int32)
+        self._s_seg = cupy.asarray(seg)  # expert e owns rows [e * c, (e + 1) * c): the biased kernels' row -> expert
         ptr = int(self._s_args.data.ptr)
         args_gu = fi_ffi.Tensor(ptr, (nbytes,), "uint8", self.device_id)
         args_down = fi_ffi.Tensor(ptr + nbytes, (nbytes,), "uint8", self.device_id)
@@ -387,19 +675,15 @@ class MoELayer:
         if not self.capacity:
             raise ValueError("forward_static: build the layer with capacity= (the most tokens of a static step)")
         self._check_static(x, out)
-        t = x.shape[0] if tokens is None else tokens
+        t = _token_count(tokens, x)
         if not 0 <= t <= min(self.capacity, x.shape[0], out.shape[0]):
             raise ValueError(f"tokens: expected 0..capacity ({self.capacity}) within the rows of x and out, got {t}")
         if t == 0:
             return out
-        e, h, k = self.num_experts, self.hidden, self.top_k
+        e, k = self.num_experts, self.top_k
         s = self.stream
         with s:
-            x_ld = x.strides[0] // x.itemsize
-            self.dense.linear(
-                t, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr), e, h, int(self.logits.data.ptr), e,
-                self._ab, CUDA_R_32F,
-            )  # fmt: skip
+            self._router_logits(x, t)
             route = (self.logits, np.int32(e), np.int32(k), np.int32(1 if self.renormalize else 0), np.int32(t),
                      self.s_experts, self.s_weights)  # fmt: skip
             self._route_fn(((t + 127) // 128,), (128,), route, stream=s)
@@ -413,8 +697,9 @@ class MoELayer:
         if not self.capacity:
             raise ValueError("forward_static_routed: build the layer with capacity= (the most tokens of a static step)")
         self._check_static(x, out)
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens <= self.capacity:
-            raise ValueError(f"tokens: expected 0..capacity ({self.capacity}), got {tokens!r:.40}")
+        tokens = _token_count(tokens, x)
+        if not 0 <= tokens <= self.capacity:
+            raise ValueError(f"tokens: expected 0..capacity ({self.capacity}), got {tokens}")
         if tokens > min(x.shape[0], out.shape[0]):
             raise ValueError(f"tokens: {tokens} exceeds the rows of x ({x.shape[0]}) or out ({out.shape[0]})")
         return self._static_experts(x, out, tokens) if tokens else out
@@ -441,12 +726,60 @@ class MoELayer:
                 self.s_gu.fill(0)
                 self.s_y.fill(0)
             self._gemm_gu(s.ptr)
-            fi_ffi.silu_and_mul(self._s_gu_t, self._s_act_t, stream=s.ptr)
+            self._activate(self.s_gu, self.s_act, e * self.capacity, self._s_seg)
             self._gemm_down(s.ptr)
+            self._combine_rows(self.s_y, self.s_row_of, self.s_weights, out, t, self._s_seg)
+        return out
+
+    def forward_dense(self, x: Any, out: Any, tokens: int | None = None) -> Any:
+        """``out[:T] = MoE(x[:T])`` computed **dense over the experts**, with no host step (capturable, as
+        :meth:`forward_static`): router GEMM and device routing (as :meth:`forward_static`); one GEMM of every
+        token against every expert's gate/up rows (``gate_up`` read as one ``[E * 2I, H]`` matrix: ``[T, E * 2I]``);
+        bias and activation where the token chose the expert (zeros elsewhere); one strided-batched GEMM, expert
+        ``e``'s ``[T, I]`` activations against its ``down[e]`` (float32 ``[E, T, H]``); the combine sums each
+        token's ``k`` chosen experts (plus their down biases) with the routing weights. Every expert's weights are
+        read once per call, whatever the routing: it pays when ``T * k`` spreads over most experts anyway (one
+        large GEMM and one batched GEMM stream the weights faster than ``E`` small grouped-GEMM problems), see
+        :func:`choose_path`. Same weights and layouts as the routed paths. Needs ``dense_rows`` at construction;
+        ``T <= dense_rows``."""
+        if not self.dense_rows:
+            raise ValueError("forward_dense: build the layer with dense_rows= (the most tokens of a dense step)")
+        self._check_static(x, out)
+        t = _token_count(tokens, x)
+        if not 0 <= t <= min(self.dense_rows, x.shape[0], out.shape[0]):
+            raise ValueError(
+                f"tokens: expected 0..dense_rows ({self.dense_rows}) within the rows of x and out, got {t}"
+            )
+        if t == 0:
+            return out
+        e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
+        sc, s, d = self.scratch, self.stream, self.dense_rows
+        with s:
+            self._router_logits(x, t)
+            route = (self.logits, np.int32(e), np.int32(k), np.int32(1 if self.renormalize else 0), np.int32(t),
+                     sc.d_experts, sc.d_weights)  # fmt: skip
+            self._route_fn(((t + 127) // 128,), (128,), route, stream=s)
+            x_ld = x.strides[0] // x.itemsize
+            self.dense.linear(
+                t, int(x.data.ptr), x_ld, int(self.weights.gate_up.data.ptr), e * 2 * i, h, int(sc.d_gu.data.ptr),
+                e * 2 * i, self._ab, self._ab,
+            )  # fmt: skip
+            a, b = self.activation, self.biases
+            alpha, limit = (a.alpha, a.limit) if a is not None else (0.0, 0.0)
+            b_gu = b.gate_up if b is not None else self.logits  # unread without biases
+            flags = (np.int32(a is not None), np.float32(alpha), np.float32(limit), np.int32(self._bf16))
+            act = (sc.d_gu, b_gu, np.int32(b is not None), sc.d_experts, np.int32(e), np.int32(k), np.int64(i),
+                   *flags, sc.d_act)  # fmt: skip
+            self._dense_act_fn((t * e,), (min(256, -(-i // 32) * 32),), act, stream=s)
+            self.dense.batched_linear(
+                e, t, int(sc.d_act.data.ptr), e * i, i, int(self.weights.down.data.ptr), h, i, h * i,
+                int(sc.d_y.data.ptr), h, d * h, self._ab, CUDA_R_32F,
+            )  # fmt: skip
+            b_down = b.down if b is not None else self.logits  # unread without biases
             ld = out.strides[0] // out.itemsize
-            args = (self.s_y, self.s_row_of, self.s_weights, out, np.int32(k), np.int64(h), np.int64(ld),
-                    np.int32(self._bf16))  # fmt: skip
-            self._combine((t,), (256,), args, stream=s)
+            combine = (sc.d_y, np.int64(d), sc.d_experts, sc.d_weights, np.int32(k), b_down, np.int32(b is not None),
+                       out, np.int64(h), np.int64(ld), np.int32(self._bf16))  # fmt: skip
+            self._dense_combine_fn((t,), (256,), combine, stream=s)
         return out
 
     def _t(self, arr: Any, shape: tuple[int, ...], dtype: str | None = None) -> fi_ffi.Tensor:
@@ -456,12 +789,8 @@ class MoELayer:
         """Router logits on the GPU, then softmax + top-k and grouping on the host (synchronizes the stream)."""
         import cupy
 
-        e, h = self.num_experts, self.hidden
-        x_ld = x.strides[0] // x.itemsize
-        self.dense.linear(
-            tokens, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr), e, h, int(self.logits.data.ptr), e,
-            self._ab, CUDA_R_32F,
-        )  # fmt: skip
+        e = self.num_experts
+        self._router_logits(x, tokens)
         logits = cupy.asnumpy(self.logits[:tokens], stream=self.stream)
         self.stream.synchronize()
         weights, experts = softmax_topk(logits, self.top_k, self.renormalize)
@@ -473,7 +802,7 @@ class MoELayer:
         for name, a in (("x", x), ("out", out)):
             if a.ndim != 2 or a.shape[1] != self.hidden or a.strides[1] != a.itemsize:
                 raise ValueError(f"{name}: expected [tokens, {self.hidden}] with contiguous rows, got {a.shape}")
-        t = x.shape[0] if tokens is None else tokens
+        t = _token_count(tokens, x)
         if t > x.shape[0] or t > out.shape[0]:
             raise ValueError(f"tokens: {t} exceeds the rows of x ({x.shape[0]}) or out ({out.shape[0]})")
         if not 0 <= t <= self.max_tokens:
@@ -507,23 +836,14 @@ class MoELayer:
             self.num_experts, True, self._t(self.gate_up_out, (rows, 2 * i)), seg_indptr=seg, backend=self.backend,
             stream=handle,
         )  # fmt: skip
-        fi_ffi.silu_and_mul(self._t(self.gate_up_out, (rows, 2 * i)), self._t(self.act, (rows, i)), stream=handle)
+        if not self._plain:
+            self._seg.set(np.asarray(seg, np.int32), stream=s)
+        self._activate(self.gate_up_out, self.act, rows, self._seg)
         fi_ffi.segment_gemm(
             self.workspace, self._t(self.act, (rows, i)), self._t(self.weights.down, (self.num_experts, h, i)),
             self.num_experts, True, self._t(self.y, (rows, h)), seg_indptr=seg, backend=self.backend, stream=handle,
         )  # fmt: skip
-        ld = out.strides[0] // out.itemsize
-        args = (
-            self.y,
-            self.row_of,
-            self.route_weights,
-            out,
-            np.int32(k),
-            np.int64(h),
-            np.int64(ld),
-            np.int32(self._bf16),
-        )
-        self._combine((t,), (256,), args, stream=s)
+        self._combine_rows(self.y, self.row_of, self.route_weights, out, t, self._seg)
         return out
 
     def close(self) -> None:
@@ -532,6 +852,15 @@ class MoELayer:
             self.workspace.close()
         if self._own_dense:
             self.dense.close()
+
+
+def _token_count(tokens: Any, x: Any) -> int:
+    """A forward's ``tokens`` (None: the rows of ``x``) as an int; TypeError naming it otherwise (a bool or a float
+    is no count). The range is the caller's to check."""
+    t = x.shape[0] if tokens is None else tokens
+    if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+        raise TypeError(f"tokens: expected an int (a count of token rows) or None, got {type(t).__name__}")
+    return int(t)
 
 
 def _is_sm90(device_id: int) -> bool:

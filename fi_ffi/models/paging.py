@@ -224,13 +224,16 @@ def fill_prefill(requests: Sequence[Request], page_size: int, v: dict[str, np.nd
     return t, p
 
 
-def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.ndarray]) -> int:
+def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.ndarray], ahead: int = 0) -> int:
     """Write one decode step's arrays for ``rows`` (None: a padding row) into the views ``v``; returns the
     number of page ids written.
 
     Row ``i`` feeds its request's last token at position ``cached`` (padding: token 0 at position 0 on
     :data:`PAD_PAGE`) and attends to ``cached + 1`` tokens, so its pages must already cover them
     (:meth:`Scheduler.decode_rows`).
+
+    ``ahead=1``: the step after the one in flight (:meth:`Scheduler.peek_rows`): position ``cached + 1``, and
+    token id 0 in place of the token that step in flight has not produced yet (the caller writes it).
     """
     ids: list[int] = []
     pos: list[int] = []
@@ -244,11 +247,12 @@ def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.
             last.append(1)
             indices.append(PAD_PAGE)
         else:
-            if len(r.pages) * page_size <= r.cached:
-                raise AssertionError(f"request {r.rid}: {len(r.pages)} pages cannot hold token {r.cached}")
-            ids.append(r.output[-1])
-            pos.append(r.cached)
-            last.append(r.cached % page_size + 1)
+            at = r.cached + ahead
+            if len(r.pages) * page_size <= at:
+                raise AssertionError(f"request {r.rid}: {len(r.pages)} pages cannot hold token {at}")
+            ids.append(r.output[-1] if not ahead else 0)
+            pos.append(at)
+            last.append(at % page_size + 1)
             indices.extend(r.pages)
         indptr.append(len(indices))
     n = len(rows)
@@ -384,6 +388,26 @@ class Scheduler:
             return list(self.slots)
         rows: list[Request | None] = [r for r in self.slots if r is not None]
         return rows
+
+    def peek_rows(self) -> list[Request | None]:
+        """The padded rows of the decode step after the one in flight (issued from :meth:`decode_rows`, not yet
+        :meth:`record`-ed), as they will be if no request ends with an end-of-sequence token: a request whose
+        step in flight gives its ``max_new_tokens``-th token is None. Gives each continuing request the page
+        that next step needs (within its budget: it would get it from :meth:`decode_rows` then). Compare the
+        result with :attr:`slots` after :meth:`record` (:meth:`same_rows`) before using it."""
+        rows: list[Request | None] = []
+        for r in self.slots:
+            if r is None or len(r.output) + 1 >= r.max_new_tokens:
+                rows.append(None)
+                continue
+            if r.cached + 1 == len(r.pages) * self.page_size:
+                r.pages.extend(self.allocator.alloc(1))
+            rows.append(r)
+        return rows
+
+    def same_rows(self, rows: Sequence[Request | None]) -> bool:
+        """True when ``rows`` (from :meth:`peek_rows`) are the slots now: the same request (or None) in each."""
+        return len(rows) == len(self.slots) and all(a is b for a, b in zip(rows, self.slots, strict=True))
 
     def record(self, rows: Sequence[Request | None], tokens: Sequence[int], *, prefill: bool = False) -> None:
         """Take the sampled token of each row (padding rows ignored); finish requests that are done.

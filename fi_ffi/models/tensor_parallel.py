@@ -208,8 +208,12 @@ class ResidualAllReduce:
         fused: use the fused kernel where it applies (False: always NCCL).
 
     ``fused`` (attribute) says which path was taken: the fused kernel writes the normalized rows into a buffer
-    of their own (``normed``), the NCCL path normalizes ``partial`` in place.
+    of their own (``normed``), the NCCL path normalizes ``partial`` in place. ``launch_with_pdl`` (class
+    attribute, off): launch the fused kernel with programmatic dependent launch (benchmarks/bench_llama_tp.py,
+    variant "pdl", measures it).
     """
+
+    launch_with_pdl = False
 
     def __init__(self, comm: Any, max_rows: int, hidden: int, dtype: str, *, fused: bool = True) -> None:
         self.comm = comm
@@ -235,6 +239,7 @@ class ResidualAllReduce:
                 norm_out=normed,
                 rms_gamma=weight,
                 rms_eps=eps,
+                launch_with_pdl=self.launch_with_pdl,
                 stream=stream,
             )
             return

@@ -9,7 +9,7 @@ the current scale).
 
 Differences from flashinfer-python: ``out`` and ``workspace_buffer`` are required (fi_ffi never allocates;
 upstream uses a 32 MiB buffer, :data:`WORKSPACE_BYTES`), and the cuBLASLt handle is fi_ffi's own per device
-(:mod:`fi_ffi.ops.cublaslt`) unless ``cublas_handle`` is given. The module needs cuBLAS (``nvidia-cublas`` wheel
+(:mod:`fi_ffi.launch.cublaslt`) unless ``cublas_handle`` is given. The module needs cuBLAS (``nvidia-cublas`` wheel
 or a CUDA toolkit; the loader loads it).
 
 Contract (checked before the FFI): shapes and layouts above, one device; ``k`` a multiple of 16 and ``n`` a
@@ -142,7 +142,7 @@ def bmm_fp8(
         if want != got:
             raise TypeError(f"dtype: {want.name} differs from out's dtype {got.name}; pass one or the other")
     if cublas_handle is None:
-        from .cublaslt import handle
+        from ..launch.cublaslt import handle
 
         at = checks.tensor("A", A)
         if not at.device.is_cuda:

@@ -40,12 +40,12 @@ from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
 from ..typing import IndexLike, StreamLike, TensorLike
+from .attention.plan_settings import LAYOUTS  # the KV layout codes the kernels take, stated once
 
 _URI = "page"
 _CACHE_DTYPES = (float16, bfloat16, float8_e4m3fn, float8_e5m2)
 _HEAD_DIMS = (64, 128, 256, 512)
 _MLA_CKV_DIM, _MLA_KPE_DIM = 512, 64
-_LAYOUTS = {"NHD": 0, "HND": 1}
 _STRIDE_LIMIT = 1 << 32  # the kernel keeps cache strides in uint32
 _MAX_THREADS = 1024
 _INT32_END = 1 << 31
@@ -134,7 +134,7 @@ def append_paged_kv_cache(
     the pages listed and page ids must be ``< num_pages``, or the kernel writes out of bounds. See
     :func:`check_append_positions`. ``nnz == 0`` checks every argument (and ``stream``) and launches nothing.
     """
-    code = _LAYOUTS.get(layout) if isinstance(layout, str) else None
+    code = LAYOUTS.get(layout) if isinstance(layout, str) else None
     if code is None:
         raise (ValueError if isinstance(layout, str) else TypeError)(f"layout: expected 'NHD' or 'HND', got {layout!r}")
     if _rows(append_key):
@@ -257,10 +257,9 @@ def _check_kv(a: SimpleNamespace) -> PointerRules:
     checks.same_device("append_value", av, "append_key", ak)
     checks.cuda("append_value", av)
     checks.last_dim_contiguous("append_value", av)
+    nhd = code == LAYOUTS["NHD"]
     pages = (
-        "[num_pages, page_size, num_kv_heads, head_dim]"
-        if code == 0
-        else "[num_pages, num_kv_heads, page_size, head_dim]"
+        "[num_pages, page_size, num_kv_heads, head_dim]" if nhd else "[num_pages, num_kv_heads, page_size, head_dim]"
     )
     checks.ndim("k_cache", kc, 4, pages)
     if kc.dtype != ak.dtype:
@@ -280,7 +279,7 @@ def _check_kv(a: SimpleNamespace) -> PointerRules:
             f"v_cache: expected the same strides as k_cache {kc.strides} (the kernel addresses both "
             f"with k_cache's), got {vc.strides}"
         )
-    if code == 0:
+    if nhd:
         _, page_size, heads, head_dim = kc.shape
     else:
         _, heads, page_size, head_dim = kc.shape
@@ -291,7 +290,7 @@ def _check_kv(a: SimpleNamespace) -> PointerRules:
     if ak.shape[1] != heads or ak.shape[2] != head_dim:
         raise ValueError(
             f"append_key: expected [nnz, {heads}, {head_dim}] to match k_cache {kc.shape} "
-            f"({'HND' if code else 'NHD'}), got {ak.shape}"
+            f"({'NHD' if nhd else 'HND'}), got {ak.shape}"
         )
     _fits_uint32("k_cache", kc)
     itemsize = ak.dtype.itemsize

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..abi.wire import BOOL, FLOAT, INT, Declaration, declare, optional_tensor, scalar, tensor
 from ..dtypes import DType, bfloat16, bool_, float16, float32, int32, int64
-from ..generator import Generator, default_generator, round_up4
+from ..generator import Generator, default_generator, draw
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
@@ -531,11 +531,7 @@ def _sample(
         gen = default_generator() if generator is None else generator
         if not isinstance(gen, Generator):
             raise TypeError(f"generator: expected a fi_ffi.Generator, got {type(gen).__name__}")
-        step = round_up4(increment())
-        with gen._lock:
-            new = (gen._offset + step) % _U64
-            launch(**kwargs, seed_val=_signed(gen._seed), offset_val=_signed(new))
-            gen._offset = new
+        draw(gen, increment(), lambda s, o: launch(**kwargs, seed_val=_signed(s), offset_val=_signed(o)))
         return
     if generator is not None:
         raise TypeError("generator: pass either generator= or seed= and offset=, not both")

@@ -6,6 +6,8 @@ import ...``. The workers are scripts started by path (``python tests/helpers/co
 ``fi_ffi`` only, never this package or ``conftest``, so they run the same from a checkout, a plain copy or an
 unpacked sdist.
 
+- :mod:`helpers.fakes`: descriptors that claim ``cuda:0`` over host memory, and the check that a call reached the
+  kernel, for the CPU tests of every op family;
 - :mod:`helpers.attention_reference`: the float32 torch attention reference and tolerances (GPU tests only);
 - :mod:`helpers.paged_kv`: a paged K/V cache over shuffled pages and the ragged prefill batch (GPU tests only);
 - :mod:`helpers.gdn_reference`: GDN prefill problems, the float32 gated-delta-rule reference and its tolerance

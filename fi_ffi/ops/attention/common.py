@@ -14,6 +14,7 @@ from ...dtypes import DType
 from ...launch import checks
 from ...producers import reader, readers
 from ...tensor import Tensor
+from . import attention_checks as AC
 from . import plan_settings as S
 from .plan import Plan
 from .variants import POS_ENCODINGS, Variant, resolve
@@ -124,15 +125,31 @@ def check_workspace(value: Any) -> Workspace:
     return value
 
 
+def alibi_error(pos: int) -> ValueError:
+    """The ALiBi rule broken under position-encoding code ``pos``: slopes missing with ALIBI, or passed without.
+
+    The rule itself, ``(pos == POS_ALIBI) != (alibi_slopes is not None)``, stays inline where an op tests it on its
+    fast path; the message is stated here once."""
+    if pos == POS_ALIBI:
+        return ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
+    return ValueError("alibi_slopes: only used with pos_encoding ALIBI")
+
+
 def alibi_required(pos_encoding: Any, alibi_slopes: Any) -> None:
     """ALiBi slopes are passed exactly with pos_encoding ALIBI (checked before the module is looked up)."""
     if alibi_slopes is None and pos_encoding.__class__ is str and pos_encoding == "NONE":
         return
     pos = S.pos_encoding(pos_encoding)
-    if pos == POS_ALIBI and alibi_slopes is None:
-        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
-    if pos != POS_ALIBI and alibi_slopes is not None:
-        raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
+    if (pos == POS_ALIBI) != (alibi_slopes is not None):
+        raise alibi_error(pos)
+
+
+def check_alibi(s: S.PlanSettings, alibi_slopes: Any, device: Any) -> None:
+    """A plan's ALiBi slopes, where given or required: passed exactly with pos_encoding ALIBI, float32
+    ``[num_qo_heads]`` on ``device``."""
+    if (s.pos_encoding == POS_ALIBI) != (alibi_slopes is not None):
+        raise alibi_error(s.pos_encoding)
+    AC.vector("alibi_slopes", checks.tensor("alibi_slopes", alibi_slopes), "float32", s.num_qo_heads, device)
 
 
 def check_module_dtype(name: str, t: Tensor) -> None:

@@ -39,7 +39,10 @@ from . import attention_checks as AC
 from . import plan_settings as S
 from .common import (
     POS_ALIBI,
+    POS_NONE,
+    alibi_error,
     alibi_required,
+    check_alibi,
     check_module_dtype,
     check_pages,
     check_tmp,
@@ -213,7 +216,7 @@ def batch_decode_plan(
     if kv_last_page_len is not None:
         check_last_page_len("kv_last_page_len", host_array("kv_last_page_len", kv_last_page_len), indptr, s.page_size)
     if alibi_slopes is not None or s.pos_encoding == POS_ALIBI:
-        _check_alibi(s, alibi_slopes, ws.device)
+        check_alibi(s, alibi_slopes, ws.device)
     info, generation = call_plan(
         ws,
         s.plan,
@@ -235,15 +238,6 @@ def batch_decode_plan(
         empty(s.dtype_kv, "cpu"),
     )
     return Plan.make(info, ws, generation, s, batch, batch, pages, (None, None, alibi_slopes))
-
-
-def _check_alibi(s: PlanSettings, alibi_slopes: Any, device: Any) -> None:
-    """ALiBi slopes: required exactly with pos_encoding ALIBI; float32 ``[num_qo_heads]`` on ``device``."""
-    if s.pos_encoding == POS_ALIBI and alibi_slopes is None:
-        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
-    if s.pos_encoding != POS_ALIBI:
-        raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
-    AC.vector("alibi_slopes", checks.tensor("alibi_slopes", alibi_slopes), "float32", s.num_qo_heads, device)
 
 
 def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
@@ -437,15 +431,11 @@ def single_decode(
     layout = LAYOUTS.get(kv_layout) if kv_layout.__class__ is str else None
     if layout is None:
         layout = LAYOUTS[S.layout_name(kv_layout)]
-    pos = 0 if pos_encoding.__class__ is str and pos_encoding == "NONE" else S.pos_encoding(pos_encoding)
+    pos = POS_NONE if pos_encoding.__class__ is str and pos_encoding == "NONE" else S.pos_encoding(pos_encoding)
     w = window_left if window_left.__class__ is int and -1 <= window_left < 1 << 31 else S.window(window_left)
     cap = 0.0 if logits_soft_cap.__class__ is float and logits_soft_cap == 0.0 else S.soft_cap(logits_soft_cap)
     if (pos == POS_ALIBI) != (alibi_slopes is not None):
-        raise ValueError(
-            "alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])"
-            if pos == POS_ALIBI
-            else "alibi_slopes: only used with pos_encoding ALIBI"
-        )
+        raise alibi_error(pos)
     key = (layout_key("q", q, stream), layout_key("k", k, stream), layout_key("out", out, stream), pos, w >= 0, cap > 0)
     found = _single.get(key)
     if found is None:

@@ -61,6 +61,7 @@ from ...typing import IndexLike, StreamLike, TensorLike, TensorT
 from . import variants as V
 from .host_index import check_indptr, host_array, host_tensor
 from .plan import Schedule
+from .plan_settings import MASK_CAUSAL, MASK_NONE  # the mask-mode codes, stated once
 from .workspace import Workspace
 
 __all__ = ["DECLARATIONS", "MLAPlan", "batch_mla_plan", "batch_mla_run"]
@@ -124,7 +125,6 @@ DECLARATIONS = ((_URI_063, PLAN), (_URI_063, RUN), (_URI_072, PLAN_PLANABI2), (_
 
 # ---------------------------------------------------------------------------------------------- limits
 
-MASK_NON_CAUSAL, MASK_CAUSAL = 0, 1
 _Q_DTYPES = (float16, bfloat16)
 _FP8 = (float8_e4m3fn, float8_e5m2)
 _U32 = 1 << 32  # the kernels index tokens and elements with 32-bit unsigned offsets
@@ -176,7 +176,7 @@ class _Settings:
         self.head_dim_kpe = head_dim_kpe
         self.page_size = page_size
         self.causal = causal
-        self.mask_mode = MASK_CAUSAL if causal else MASK_NON_CAUSAL
+        self.mask_mode = MASK_CAUSAL if causal else MASK_NONE
         self.sm_scale = sm_scale
         self.dtype_q = dtype_q
         self.dtype_kv = dtype_kv

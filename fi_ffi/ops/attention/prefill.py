@@ -44,7 +44,10 @@ from . import attention_checks as AC
 from . import plan_settings as S
 from .common import (
     POS_ALIBI,
+    POS_NONE,
+    alibi_error,
     alibi_required,
+    check_alibi,
     check_kv_tokens,
     check_module_dtype,
     check_pages,
@@ -347,7 +350,7 @@ def single_prefill(
         causal = checks.flag("causal", causal)
     if custom_mask is not None and causal:
         raise ValueError("causal: a custom mask replaces the causal mask; pass causal=False with custom_mask")
-    pos = 0 if pos_encoding.__class__ is str and pos_encoding == "NONE" else S.pos_encoding(pos_encoding)
+    pos = POS_NONE if pos_encoding.__class__ is str and pos_encoding == "NONE" else S.pos_encoding(pos_encoding)
     w = window_left if window_left.__class__ is int and -1 <= window_left < 1 << 31 else S.window(window_left)
     cap = 0.0 if logits_soft_cap.__class__ is float and logits_soft_cap == 0.0 else S.soft_cap(logits_soft_cap)
     f16qk = (
@@ -356,11 +359,7 @@ def single_prefill(
         else checks.flag("use_fp16_qk_reduction", use_fp16_qk_reduction)
     )
     if (pos == POS_ALIBI) != (alibi_slopes is not None):
-        raise ValueError(
-            "alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])"
-            if pos == POS_ALIBI
-            else "alibi_slopes: only used with pos_encoding ALIBI"
-        )
+        raise alibi_error(pos)
     key = (
         layout_key("q", q, stream),
         layout_key("k", k, stream),
@@ -700,7 +699,7 @@ def _plan(
     if custom_mask is not None:
         _check_mask(custom_mask, mask_indptr, qo, kv_lens, batch, ws.device)
     if alibi_slopes is not None or s.pos_encoding == POS_ALIBI:
-        _check_alibi(s, alibi_slopes, ws.device)
+        check_alibi(s, alibi_slopes, ws.device)
     extra = (
         {} if s.backend == "fa3" else {"fixed_split_size": s.fixed_split_size, "disable_split_kv": s.disable_split_kv}
     )
@@ -772,14 +771,6 @@ def _check_mask(
         )
     if offsets.shape[0] != batch + 1:
         raise ValueError(f"mask_indptr: expected {batch + 1} entries ([batch_size + 1]), got {offsets.shape[0]}")
-
-
-def _check_alibi(s: PlanSettings, alibi_slopes: Any, device: Any) -> None:
-    if s.pos_encoding == POS_ALIBI and alibi_slopes is None:
-        raise ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
-    if s.pos_encoding != POS_ALIBI:
-        raise ValueError("alibi_slopes: only used with pos_encoding ALIBI")
-    AC.vector("alibi_slopes", checks.tensor("alibi_slopes", alibi_slopes), "float32", s.num_qo_heads, device)
 
 
 def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:

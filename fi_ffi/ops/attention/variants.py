@@ -589,7 +589,7 @@ def fa3_ineligible(pos_encoding: int, use_fp16_qk_reduction: bool, custom_mask: 
     """Why FA3 cannot serve this problem ('' if it can): upstream's ``is_fa3_backend_supported`` rules."""
     if custom_mask:
         return "FA3 has no custom mask"
-    if pos_encoding != 0:
+    if pos_encoding != POS_ENCODINGS["NONE"]:
         return f"FA3 supports pos_encoding NONE only, got {_POS_NAMES[pos_encoding]}"
     if use_fp16_qk_reduction:
         return "FA3 has no fp16 qk reduction"
