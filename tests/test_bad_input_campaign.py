@@ -1202,6 +1202,9 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "tensor_parallel.columns": lambda: [
         ("columns", Entry(tensor_parallel.columns, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
     ],
+    "tensor_parallel.segment": lambda: [
+        ("segment", Entry(tensor_parallel.segment, lambda: dict(vector=np.zeros(8, np.float32), rank=1, parts=2)))
+    ],
     "tensor_parallel.shard_config": lambda: [
         (
             "shard_config",
@@ -1365,6 +1368,21 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
                     gate_up=np.zeros((2, 8, 12), np.float32),
                     gate_up_bias=np.zeros((2, 12), np.float32),
                     down=np.zeros((2, 6, 8), np.float32),
+                ),
+            ),
+        )
+    ],
+    "gpt_oss.shard_experts": lambda: [
+        (
+            "shard_experts",
+            Entry(
+                gpt_oss.shard_experts,
+                lambda: dict(
+                    gate_up=np.zeros((2, 8, 12), np.float32),
+                    gate_up_bias=np.zeros((2, 12), np.float32),
+                    down=np.zeros((2, 6, 8), np.float32),
+                    rank=1,
+                    parts=2,
                 ),
             ),
         )
