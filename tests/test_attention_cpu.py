@@ -12,7 +12,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.fakes import fake_cuda  # re-exported: test_sink and test_release_072 take it from here
+from helpers.attention_plans import (
+    DECODE_SETTINGS,
+    DECODE_URI,
+    F16_128,
+    PREFILL_SETTINGS,
+    PREFILL_URI,
+    assert_reached_the_kernel,
+    decode_plan,
+    decode_run_args,
+    host,
+    prefill_plan,
+    workspace,
+)
+from helpers.fakes import fake_cuda
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,21 +33,10 @@ from fi_ffi.errors import KernelError, KernelNotFoundError
 from fi_ffi.launch.kernels import entry_point
 from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.attention import variants as V
-from fi_ffi.ops.attention.plan import Plan
-from fi_ffi.ops.attention.workspace import Workspace
 from fi_ffi.tensor import Tensor
 
 pytestmark = pytest.mark.usefixtures("kernel_modules")
 
-F16_128 = "dtype_q_f16_dtype_kv_f16_dtype_o_f16"
-DECODE_URI = (
-    f"batch_decode_with_kv_cache_{F16_128}_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_"
-    "False_use_logits_cap_False"
-)
-PREFILL_URI = (
-    f"batch_prefill_with_kv_cache_{F16_128}_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_"
-    "False_use_logits_cap_False_f16qk_False"
-)
 FA3_URI = PREFILL_URI + "_sm90"
 SINGLE_DECODE_URI = (
     f"single_decode_with_kv_cache_{F16_128}_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_use_logits_cap_False"
@@ -85,138 +87,11 @@ def _cpu_only():
         pytest.skip("fake-device packing tests need a machine without a GPU (the GPU suite covers the calls)")
 
 
-def host(arr) -> np.ndarray:
-    return np.asarray(arr, dtype=np.int32)
-
-
-def workspace() -> Workspace:
-    pinned = np.zeros(1 << 12, np.uint8)
-    return Workspace.from_buffers(
-        fake_cuda((1 << 16,), "uint8"),
-        fake_cuda((1 << 12,), "uint8"),
-        Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned),
-    )
-
-
-def assert_reached_the_kernel(err: KernelError) -> None:
-    """The module accepted the argument list (count and types) and failed on the missing CUDA driver."""
-    assert err.kind != "TypeError", f"signature mismatch: {err}"
-    assert "Mismatched" not in err.message and "Expected" not in err.message, err.message
-    assert "FromVector" not in err.message, err.message
-    assert "cuda" in err.message.lower(), err.message
-
-
 @pytest.fixture(scope="module")
 def make_array():
     from fi_ffi.abi.call import Function
 
     return Function.global_function("ffi.Array")
-
-
-DECODE_SETTINGS = dict(
-    num_qo_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    page_size=16,
-    q_dtype="float16",
-    kv_dtype=None,
-    o_dtype=None,
-    kv_layout="NHD",
-    pos_encoding="NONE",
-    window_left=-1,
-    logits_soft_cap=0.0,
-    sm_scale=None,
-    rope_scale=1.0,
-    rope_theta=1e4,
-    enable_cuda_graph=False,
-)
-PREFILL_SETTINGS = dict(
-    num_qo_heads=32,
-    num_kv_heads=8,
-    head_dim_qk=128,
-    page_size=1,
-    head_dim_vo=None,
-    q_dtype="float16",
-    kv_dtype=None,
-    o_dtype=None,
-    kv_layout="NHD",
-    causal=False,
-    custom=False,
-    pos_encoding="NONE",
-    window_left=-1,
-    logits_soft_cap=0.0,
-    sm_scale=None,
-    rope_scale=1.0,
-    rope_theta=1e4,
-    use_fp16_qk_reduction=False,
-    backend="fa2",
-    enable_cuda_graph=False,
-    fixed_split_size=None,
-    disable_split_kv=False,
-)
-
-
-def decode_plan(make_array, ws=None, info_len=10, alibi_slopes=None, **kw) -> Plan:
-    """A batch decode Plan as batch_decode_plan builds it, around a synthetic schedule of ``info_len`` ints."""
-    indptr = kw.pop("kv_indptr", host([0, 2, 3]))
-    args = {**DECODE_SETTINGS, **kw}
-    ws = ws or workspace()
-    st = decode._settings(ws.device.device_id, tuple(args.values()))
-    batch = len(indptr) - 1
-    return Plan.make(
-        make_array(*([0] * info_len)), ws, ws._generation, st, batch, batch, int(indptr[-1]), (None, None, alibi_slopes)
-    )
-
-
-def prefill_plan(
-    make_array,
-    mode="ragged",
-    backend="fa2",
-    ws=None,
-    info_len=None,
-    custom_mask=None,
-    mask_indptr=None,
-    alibi_slopes=None,
-    **kw,
-) -> Plan:
-    """A batch prefill Plan as the plan functions build it, around a synthetic schedule of the right length."""
-    qo = kw.pop("qo_indptr", host([0, 3, 4]))
-    kv = kw.pop("kv_indptr", host([0, 5, 9] if mode == "ragged" else [0, 1, 3]))
-    args = {
-        **PREFILL_SETTINGS,
-        "page_size": 1 if mode == "ragged" else 16,
-        "backend": backend,
-        "custom": custom_mask is not None,
-        **kw,
-    }
-    ws = ws or workspace()
-    st = prefill._settings(mode, ws.device.device_id, tuple(args.values()))
-    n = info_len or (9 if st.backend == "fa3" else 15)
-    return Plan.make(
-        make_array(*([0] * n)),
-        ws,
-        ws._generation,
-        st,
-        len(qo) - 1,
-        int(qo[-1]),
-        int(kv[-1]),
-        (custom_mask, mask_indptr, alibi_slopes),
-    )
-
-
-def decode_run_args(batch=2, hq=32, hk=8, d=128, page=16, pages=4, layout="NHD", dtype="float16", **over):
-    cache = (pages, page, hk, d) if layout == "NHD" else (pages, hk, page, d)
-    args = dict(
-        q=fake_cuda((batch, hq, d), dtype),
-        k_cache=fake_cuda(cache, dtype),
-        v_cache=fake_cuda(cache, dtype),
-        kv_indptr=fake_cuda((batch + 1,), "int32"),
-        kv_indices=fake_cuda((pages,), "int32"),
-        kv_last_page_len=fake_cuda((batch,), "int32"),
-        out=fake_cuda((batch, hq, d), dtype),
-    )
-    args.update(over)
-    return args
 
 
 # ------------------------------------------------------------------------------------------ plans reach the module

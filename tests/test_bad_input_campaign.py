@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_attention_cpu import decode_plan, prefill_plan
-from test_attention_cpu import workspace as attention_workspace
+from helpers.attention_plans import decode_plan, prefill_plan
+from helpers.attention_plans import workspace as attention_workspace
 from test_mla import fake_plan as mla_fake_plan
 
 import fi_ffi

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
-from test_attention_cpu import PREFILL_URI
+from helpers.attention_plans import PREFILL_URI
 
 from fi_ffi import loader
 from fi_ffi.loader import dl, elf, symbols

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.attention_plans import decode_plan, prefill_plan
+from helpers.attention_plans import workspace as attention_workspace
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_attention_cpu import decode_plan, prefill_plan
-from test_attention_cpu import workspace as attention_workspace
 from test_gdn import call_unchecked
 from test_mla import fake_plan as mla_plan
 

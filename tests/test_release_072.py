@@ -12,17 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.fakes import assert_reached_the_kernel
+from helpers.attention_plans import PREFILL_URI, decode_plan, decode_run_args, host, prefill_plan, workspace
+from helpers.fakes import assert_reached_the_kernel, fake_cuda
 from helpers.fakes import fake_cuda as sized_cuda  # host memory of the tensor's extent (outputs must not overlap)
-from test_attention_cpu import (
-    PREFILL_URI,
-    decode_plan,
-    decode_run_args,
-    fake_cuda,
-    host,
-    prefill_plan,
-    workspace,
-)
 from test_page import kv_args, mla_args
 
 import fi_ffi

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_attention_cpu import assert_reached_the_kernel, fake_cuda, host, workspace
+from helpers.attention_plans import assert_reached_the_kernel, host, workspace
+from helpers.fakes import fake_cuda
 
 import fi_ffi
 from fi_ffi.errors import KernelError, KernelNotFoundError
@@ -153,7 +154,7 @@ def test_bad_run_arguments_are_named(make_array: Any, change: dict[str, Any], ex
 
 
 def test_a_plain_prefill_plan_is_refused_by_the_sink_run(make_array: Any) -> None:
-    from test_attention_cpu import prefill_plan
+    from helpers.attention_plans import prefill_plan
 
     plan = prefill_plan(make_array, "paged", "fa2")
     with pytest.raises(ValueError, match="plan: expected a batch_attention_sink plan for paged KV"):
