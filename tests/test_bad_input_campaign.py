@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 from helpers.attention_plans import decode_plan, prefill_plan
 from helpers.attention_plans import workspace as attention_workspace
-from test_mla import fake_plan as mla_fake_plan
+from helpers.mla_plans import fake_plan as mla_fake_plan
 
 import fi_ffi
 from fi_ffi.errors import CudaError, FiFFIError, KernelError, KernelNotFoundError, UnsupportedDeviceError
@@ -269,7 +269,7 @@ def strided(shape: tuple[int, ...], strides: tuple[int, ...], dtype: str) -> Ten
 
 
 def _sink_run(make_array: Any, mode: str) -> dict[str, Any]:
-    from test_sink import fake_plan as sink_fake_plan
+    from helpers.sink_plans import fake_plan as sink_fake_plan
 
     args: dict[str, Any] = {"plan": sink_fake_plan(make_array, mode), "q": dev((4, 8, 64), "bfloat16")}
     if mode == "paged":

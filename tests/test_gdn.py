@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import WHEELS_HINT
+from helpers.gdn_calls import call_unchecked
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -75,32 +76,6 @@ def optional(s: int = 10, n: int = 2, hs: int = 4) -> dict[str, Tensor]:
         input_state=fake_cuda((n, hs, D, D), "float32"),
         alpha=fake_cuda((s, hs), "float32"),
         beta=fake_cuda((s, hs), "float32"),
-    )
-
-
-def call_unchecked(
-    args: dict[str, object],
-    input_state: object = None,
-    alpha: object = None,
-    beta: object = None,
-    scale: object = None,
-    stream: object = None,
-) -> None:
-    """The public op's body without the device checks that need a CUDA driver (internal test hatch)."""
-    gdn._gdn_prefill(
-        args["q"],
-        args["k"],
-        args["v"],
-        args["cu_seqlens"],
-        args["output"],
-        args["output_state"],
-        args["workspace"],
-        input_state,
-        alpha,
-        beta,
-        scale,
-        stream,
-        True,
     )
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from helpers.fakes import fake_cuda
+from helpers.mla_plans import CKV, KPE, H, fake_plan, workspace
 
 import fi_ffi
 from fi_ffi.abi import wire
@@ -24,7 +25,6 @@ from fi_ffi.launch.kernels import entry_point
 from fi_ffi.launch.launcher import bound_entry
 from fi_ffi.ops.attention import mla
 from fi_ffi.ops.attention import variants as V
-from fi_ffi.ops.attention.workspace import Workspace
 from fi_ffi.tensor import Tensor
 
 pytestmark = [pytest.mark.cpu_only, pytest.mark.usefixtures("kernel_modules")]
@@ -33,7 +33,6 @@ MLA_F16 = (
     "batch_mla_attention_dtype_q_f16_dtype_kv_f16_dtype_o_f16_dtype_idx_i32_head_dim_ckv_512_head_dim_kpe_64_"
     "profiler_False"
 )
-H, CKV, KPE = 16, 512, 64
 
 
 @pytest.fixture(autouse=True)
@@ -42,15 +41,6 @@ def _fresh_settings() -> Iterator[None]:
     mla._settings_cache.clear()
     yield
     mla._settings_cache.clear()
-
-
-def workspace() -> Workspace:
-    pinned = np.zeros(1 << 12, np.uint8)
-    return Workspace.from_buffers(
-        fake_cuda((1 << 16,), "uint8"),
-        fake_cuda((1 << 12,), "uint8"),
-        Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu", owner=pinned),
-    )
 
 
 def host(values) -> np.ndarray:
@@ -83,15 +73,6 @@ def plan_args(**over):
     )
     args.update(over)
     return args
-
-
-def fake_plan(
-    make_array, ws=None, *, rows=2, pages=3, info_len=18, backend="fa2", dtype="float16", page_size=16, causal=False
-) -> mla.MLAPlan:
-    """An MLAPlan as batch_mla_plan builds it, around a synthetic schedule of ``info_len`` ints."""
-    ws = ws or workspace()
-    st = mla._settings(ws, H, CKV, KPE, page_size, causal, 0.1, dtype, None, backend)
-    return mla.MLAPlan(make_array(*([0] * info_len)), ws, ws._generation, st, 2, rows, pages)
 
 
 def run_args(rows=2, pages=4, page_size=16, dtype="float16", **over):

@@ -35,10 +35,10 @@ import numpy as np
 import pytest
 from helpers.attention_plans import decode_plan, prefill_plan
 from helpers.attention_plans import workspace as attention_workspace
+from helpers.gdn_calls import call_unchecked
+from helpers.mla_plans import fake_plan as mla_plan
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_gdn import call_unchecked
-from test_mla import fake_plan as mla_plan
 
 import fi_ffi
 from fi_ffi.dtypes import dtype as as_dtype

@@ -15,7 +15,7 @@ import pytest
 from helpers.attention_plans import PREFILL_URI, decode_plan, decode_run_args, host, prefill_plan, workspace
 from helpers.fakes import assert_reached_the_kernel, fake_cuda
 from helpers.fakes import fake_cuda as sized_cuda  # host memory of the tensor's extent (outputs must not overlap)
-from test_page import kv_args, mla_args
+from helpers.page_args import kv_args, mla_args
 
 import fi_ffi
 from fi_ffi import loader

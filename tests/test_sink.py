@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from helpers.attention_plans import assert_reached_the_kernel, host, workspace
 from helpers.fakes import fake_cuda
+from helpers.sink_plans import H_K, H_Q, PAGE, D, fake_plan, settings
 
 import fi_ffi
 from fi_ffi.errors import KernelError, KernelNotFoundError
 from fi_ffi.ops.attention import sink as K
-from fi_ffi.ops.attention.plan import Plan
 
 pytestmark = pytest.mark.cpu_only
-H_Q, H_K, D, PAGE = 8, 2, 64, 16
 
 
 @pytest.fixture
@@ -27,19 +26,6 @@ def make_array(models_modules: object):  # type: ignore[no-untyped-def]
     from fi_ffi.abi.call import Function
 
     return Function.global_function("ffi.Array")
-
-
-def settings(mode: str = "paged", backend: str = "fa2", window_left: int = -1, layout: str = "NHD") -> Any:
-    args = (H_Q, H_K, D, PAGE if mode == "paged" else 1, "bfloat16", layout, True, window_left, None, backend, False)
-    return K._settings(mode, 0, args)
-
-
-def fake_plan(make_array, mode: str = "paged", backend: str = "fa2", window_left: int = -1) -> Plan:  # type: ignore[no-untyped-def]
-    """A sink Plan as the plan functions build it, around a synthetic schedule of the module's length."""
-    ws = workspace()
-    s = settings(mode, backend, window_left)
-    n = 9 if backend == "fa3" else 15
-    return Plan.make(make_array(*([0] * n)), ws, ws._generation, s, 2, 4, 3 if mode == "paged" else 9)
 
 
 @pytest.mark.parametrize("window_left", [-1, 127])
