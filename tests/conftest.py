@@ -47,6 +47,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -141,6 +142,32 @@ def use_lock(monkeypatch: pytest.MonkeyPatch, path: Path, text: str, wheels: lis
     monkeypatch.delenv("FI_FFI_SM", raising=False)
     caches.reset()  # launchers, bound entry points, plan settings: all resolve again under this lock
     variants._refresh()
+
+
+COMM_MISSING = f"needs the comm test wheel (FI_FFI_TEST_WHEELS_COMM or <repo>/../shared/wheels-comm); {WHEELS_HINT}"
+
+
+def comm_wheel() -> Path | None:
+    for folder in (os.environ.get("FI_FFI_TEST_WHEELS_COMM", ""), str(REPO.parent / "shared" / "wheels-comm")):
+        if folder and Path(folder).is_dir():
+            found = sorted(Path(folder).glob("flashinfer_jit_cache_comm-*.whl"))
+            if found:
+                return found[0]
+    return None
+
+
+@pytest.fixture
+def comm_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The comm wheel pinned alone for this test (everything bound under it is forgotten afterwards)."""
+    from fi_ffi import caches
+
+    wheel = comm_wheel()
+    if wheel is None:
+        pytest.skip(COMM_MISSING)
+    path = tmp_path / "comm.lock"
+    use_lock(monkeypatch, path, lock_text([wheel]), [wheel])
+    yield path
+    caches.reset()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -732,8 +732,7 @@ def test_the_campaign_covers_every_public_op() -> None:
 # followed by one) or exempted with the reason (``EXEMPT``). A name added to an ``__all__`` later fails
 # test_every_public_entry_point_has_a_case_generator until it is given one or the other.
 
-from test_comm_kernels import (  # noqa: E402 - the comm builders, and the fixture pinning the comm wheel
-    comm_lock,  # noqa: F401 - a fixture, used by name
+from helpers.comm_args import (  # noqa: E402 - the comm builders (the fixture pinning the comm wheel: conftest)
     cpu_communicator,
     custom_args,
     fusion_args,

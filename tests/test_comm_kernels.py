@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +18,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import REPO, WHEELS_HINT, lock_text, subprocess_env, use_lock
+from conftest import COMM_MISSING, REPO, WHEELS_HINT, comm_wheel, subprocess_env, use_lock
+from helpers.comm_args import (
+    H,
+    T,
+    cpu_communicator,
+    custom_args,
+    fake_cuda,
+    fusion_args,
+    moe_args,
+    moe_reduction_args,
+)
 
 from fi_ffi.abi import wire
 from fi_ffi.comm import trtllm_ar, vllm_ar
 from fi_ffi.comm.trtllm_ar import (
     MAX_COMM_SIZE,
-    AllReduceFusionPattern,
     WorkspaceMetadata,
     trtllm_allreduce_fusion,
     trtllm_moe_finalize_allreduce_fusion,
@@ -36,39 +44,7 @@ from fi_ffi.tensor import Tensor
 
 pytestmark = pytest.mark.cpu_only  # descriptors claim cuda:0 over host memory
 
-COMM_MISSING = f"needs the comm test wheel (FI_FFI_TEST_WHEELS_COMM or <repo>/../shared/wheels-comm); {WHEELS_HINT}"
 STUB = REPO.parent / "shared" / "stubs" / "libcuda.so.1"
-
-
-def comm_wheel() -> Path | None:
-    for folder in (os.environ.get("FI_FFI_TEST_WHEELS_COMM", ""), str(REPO.parent / "shared" / "wheels-comm")):
-        if folder and Path(folder).is_dir():
-            found = sorted(Path(folder).glob("flashinfer_jit_cache_comm-*.whl"))
-            if found:
-                return found[0]
-    return None
-
-
-@pytest.fixture
-def comm_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The comm wheel pinned alone for this test (everything bound under it is forgotten afterwards)."""
-    from fi_ffi import caches
-
-    wheel = comm_wheel()
-    if wheel is None:
-        pytest.skip(COMM_MISSING)
-    path = tmp_path / "comm.lock"
-    use_lock(monkeypatch, path, lock_text([wheel]), [wheel])
-    yield path
-    caches.reset()
-
-
-def fake_cuda(shape: tuple[int, ...], dtype: str = "bfloat16", offset: int = 0) -> Tensor:
-    """A descriptor claiming cuda:0 over host memory (never touched: there is no GPU), ``offset`` bytes past a
-    256-byte boundary."""
-    host = np.zeros(max(1, int(np.prod(shape))) * 8 + 512, dtype=np.uint8)
-    ptr = (host.ctypes.data + 255) // 256 * 256 + offset
-    return Tensor.from_pointer(ptr, shape, dtype, "cuda:0", owner=host)
 
 
 def _signatures() -> dict[str, str]:
@@ -177,47 +153,6 @@ def test_bad_workspace_arguments(args: tuple[Any, ...], error: type, message: st
 
 # ---- trtllm_allreduce_fusion ---------------------------------------------------------------------------------------
 
-META = WorkspaceMetadata(2, 64, 256, False)
-T, H = 16, 256
-
-
-def fusion_args(pattern: int = AllReduceFusionPattern.kARResidualRMSNorm, **over: Any) -> dict[str, Any]:
-    args: dict[str, Any] = dict(
-        allreduce_in=fake_cuda((T, H)),
-        world_size=2,
-        world_rank=1,
-        token_num=T,
-        hidden_dim=H,
-        workspace_ptrs=fake_cuda((7,), "int64"),
-        launch_with_pdl=False,
-        trigger_completion_at_end=True,
-        fp32_acc=False,
-        pattern_code=pattern,
-        use_oneshot=True,
-        allreduce_out=None,
-        residual_in=fake_cuda((T, H)),
-        residual_out=fake_cuda((T, H)),
-        norm_out=fake_cuda((T, H)),
-        quant_out=None,
-        scale_out=None,
-        rms_gamma=fake_cuda((H,)),
-        rms_eps=1e-6,
-        scale_factor=None,
-        layout_code=None,
-        metadata=META,
-    )
-    if pattern == AllReduceFusionPattern.kAllReduce:
-        args.update(residual_in=None, residual_out=None, norm_out=None, rms_gamma=None, allreduce_out=fake_cuda((T, H)))
-    if pattern in (
-        AllReduceFusionPattern.kARResidualRMSNormFP8Quant,
-        AllReduceFusionPattern.kARResidualRMSNormOutFP8Quant,
-    ):
-        args.update(quant_out=fake_cuda((T, H), "float8_e4m3fn"), scale_factor=fake_cuda((1,), "float32"))
-        if pattern == AllReduceFusionPattern.kARResidualRMSNormFP8Quant:
-            args.update(norm_out=None)
-    args.update(over)
-    return args
-
 
 @pytest.mark.parametrize("pattern", [0, 1, 2, 4])
 def test_a_valid_fused_call_crosses_the_ffi(comm_lock: Path, pattern: int) -> None:
@@ -325,27 +260,6 @@ def test_misaligned_pointers_are_refused_by_the_launcher(name: str) -> None:
 
 
 # ---- MoE finalize --------------------------------------------------------------------------------------------------
-
-
-def moe_args(**over: Any) -> dict[str, Any]:
-    args: dict[str, Any] = dict(
-        allreduce_in=fake_cuda((T * 2, H)),
-        residual_in=fake_cuda((T, H)),
-        norm_weight=fake_cuda((H,)),
-        expanded_idx_to_permuted_idx=fake_cuda((T, 2), "int32"),
-        norm_out=fake_cuda((T, H)),
-        residual_out=fake_cuda((T, H)),
-        workspace_ptrs=fake_cuda((7,), "int64"),
-        launch_with_pdl=False,
-        world_rank=0,
-        world_size=2,
-        eps=1e-6,
-        shared_expert_output=None,
-        expert_scale_factor=None,
-        metadata=META,
-    )
-    args.update(over)
-    return args
 
 
 BAD_MOE = [
@@ -545,35 +459,6 @@ def test_moe_finalize_outputs_apart() -> None:
 # ---- MoE reduction, the older custom all-reduce, Lamport set-up ------------------------------------------------------
 
 
-def moe_reduction_args(**over: Any) -> dict[str, Any]:
-    e = 3
-    args: dict[str, Any] = dict(
-        world_size=2,
-        world_rank=0,
-        token_num=T,
-        hidden_dim=H,
-        workspace_ptrs=fake_cuda((7,), "int64"),
-        launch_with_pdl=False,
-        residual_in=fake_cuda((T, H)),
-        rms_gamma=fake_cuda((H,)),
-        rms_eps=1e-6,
-        scale_factor=1.0,
-        moe_reduction_device_num_experts=e,
-        moe_reduction_scale_input=fake_cuda((e, T), "float32"),
-        moe_reduction_active_experts_token_input=fake_cuda((e, T, H)),
-        moe_reduction_token_input=fake_cuda((T, H)),
-        layout_code=None,
-        moe_allreduce_out=None,
-        residual_out=fake_cuda((T, H)),
-        norm_out=fake_cuda((T, H)),
-        quant_out=None,
-        scale_out=None,
-        metadata=META,
-    )
-    args.update(over)
-    return args
-
-
 BAD_MOE_REDUCTION = [
     ({"moe_reduction_scale_input": fake_cuda((3, T))}, TypeError, "moe_reduction_scale_input: expected float32"),
     ({"moe_reduction_device_num_experts": 2}, ValueError, "moe_reduction_active_experts_token_input"),
@@ -590,35 +475,6 @@ BAD_MOE_REDUCTION = [
 def test_every_bad_moe_reduction_argument_is_a_typed_error(over: dict[str, Any], error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         trtllm_ar.trtllm_moe_allreduce_fusion(**moe_reduction_args(**over))
-
-
-def custom_args(**over: Any) -> dict[str, Any]:
-    args: dict[str, Any] = dict(
-        inp=fake_cuda((T, H)),
-        out=fake_cuda((T, H)),
-        tp_size=2,
-        tp_rank=0,
-        token_num=T,
-        fusion_op_code=0,
-        strategy_code=trtllm_ar.AllReduceStrategyType.ONESHOT,
-        config_code=0,
-        launch_with_pdl=False,
-        flag_value=1,
-        peer_comm_buffer_ptrs=fake_cuda((2,), "int64"),
-        peer_barrier_ptrs_in=fake_cuda((2,), "int64"),
-        peer_barrier_ptrs_out=fake_cuda((2,), "int64"),
-        bias=None,
-        residual=None,
-        weight=None,
-        weight_pre_residual_norm=None,
-        eps=None,
-        intermediate_buffer=None,
-        lamport_peer_comm_buffer_ptrs_0=None,
-        lamport_peer_comm_buffer_ptrs_1=None,
-        lamport_peer_comm_buffer_ptrs_2=None,
-    )
-    args.update(over)
-    return args
 
 
 def test_a_valid_older_custom_all_reduce_call_crosses_the_ffi(comm_lock: Path) -> None:
@@ -661,17 +517,6 @@ def test_bad_lamport_arguments(call: Any, error: type, message: str) -> None:
 
 
 # ---- the all-reduce objects' arguments (issue 23) ------------------------------------------------------------------
-
-
-def cpu_communicator(world_size: int = 2, *, closed: bool = False) -> Any:
-    """A :class:`~fi_ffi.comm.nccl.Communicator` of rank 0 on cuda:0 without NCCL (none loads on this machine):
-    the objects below check it and their other arguments before they allocate anything."""
-    from fi_ffi.comm.nccl import Communicator
-
-    comm = object.__new__(Communicator)
-    comm.rank, comm.world_size, comm.device, comm.env, comm.backend, comm._stream = 0, world_size, 0, None, "none", 0
-    comm._comm = None if closed else object()
-    return comm
 
 
 def past_the_checks(exc: BaseException) -> bool:

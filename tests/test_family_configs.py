@@ -12,39 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.hf_configs import GEMMA2, GPT_OSS, GPT_OSS_BF16, hf_experts
 
 from fi_ffi.models.checkpoint import Checkpoint, write_safetensors
 from fi_ffi.models.config import LlamaConfig
 from fi_ffi.models.family_configs import Gemma2Settings, GptOssSettings, YarnRope
-
-# gemma-2-2b's config.json (the keys it carries)
-GEMMA2: dict[str, Any] = {
-    "architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 107],
-    "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
-    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "initializer_range": 0.02,
-    "intermediate_size": 9216, "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 8,
-    "num_hidden_layers": 26, "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256,
-    "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32",
-    "use_cache": True, "vocab_size": 256000,
-}  # fmt: skip
-# gpt-oss-20b's config.json, as published (MXFP4 experts)
-GPT_OSS: dict[str, Any] = {
-    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
-    "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
-    "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880,
-    "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
-    "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 24,
-    "num_key_value_heads": 8, "num_local_experts": 32, "output_router_logits": False, "pad_token_id": 199999,
-    "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                                       "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"},
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
-                     "rope_type": "yarn", "truncate": False},
-    "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
-    "tie_word_embeddings": False, "use_cache": True, "vocab_size": 201088,
-}  # fmt: skip
-GPT_OSS_BF16 = {k: v for k, v in GPT_OSS.items() if k != "quantization_config"}
 
 
 def test_gemma2_config_of_the_published_checkpoint() -> None:
@@ -165,17 +137,6 @@ def test_rope_cos_sin_cache_layout() -> None:
     assert cache.shape == (300, 64) and cache.dtype == np.float32
     np.testing.assert_allclose(cache[:, :32], np.cos(np.arange(300)[:, None] * inv) * s, atol=1e-4)
     np.testing.assert_allclose(cache[:, 32:], np.sin(np.arange(300)[:, None] * inv) * s, atol=1e-4)
-
-
-def hf_experts(x, gate_up, gate_up_bias, down, down_bias, weights, alpha=1.702, limit=7.0):
-    """transformers' GptOssExperts (dense inference path), float64: every expert, weighted by ``weights [T, E]``."""
-    out = np.zeros((x.shape[0], down.shape[2]))
-    for e in range(gate_up.shape[0]):
-        gu = x @ gate_up[e] + gate_up_bias[e]
-        gate, up = np.minimum(gu[:, ::2], limit), np.clip(gu[:, 1::2], -limit, limit)
-        act = (up + 1) * gate / (1 + np.exp(-alpha * gate))
-        out += weights[:, e : e + 1] * (act @ down[e] + down_bias[e])
-    return out
 
 
 def test_gpt_oss_expert_matrices_compute_transformers_experts() -> None:

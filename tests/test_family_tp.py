@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_family_configs import GEMMA2, GPT_OSS_BF16, hf_experts
+from helpers.hf_configs import GEMMA2, GPT_OSS_BF16, hf_experts
 
 from fi_ffi.models.config import LlamaConfig
 from fi_ffi.models.tensor_parallel import VocabShard, columns, rows, segment, shard_config
