@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 from helpers.checkpoints import rope_kwargs
 from helpers.subprocess_run import gpu_count, multicast_off
+from helpers.tp_runs import VOCAB, _check_logits, _env, _run
 from helpers.yardstick import LOGIT_TOL
-from test_gpu_moe_tp import VOCAB, _check_logits, _env, _run
 
 multicast_off()
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
-from test_loader_faults import as_nobody, chown_tree, mounted, needs_root, nobody_world
+from helpers.other_users import as_nobody, chown_tree, mounted, needs_root, nobody_world
 
 from fi_ffi import errors, loader
 from fi_ffi.errors import DamagedWheelError, IntegrityError, LoaderError

@@ -1,0 +1,47 @@
+"""Tensor-parallel engine runs against one GPU, for the GPU tests (``tests/test_gpu_moe_tp.py``,
+``tests/test_gpu_family_tp.py``): the pinned core, comm and model-family wheels, one ``llama_tp_worker`` run (N ranks
+under ``fi-ffi launch`` where N > 1), and the prefill-logit yardstick over a vocabulary of 4099 tokens (no
+tensor-parallel size divides it: the last rank's shard is padded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import find_shared_wheel, shared_wheels
+
+from helpers.subprocess_run import comm_wheel, launched, run_ok, wheels_env, worker
+
+VOCAB = 4099
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    core, comm = find_shared_wheel(), comm_wheel()
+    if core is None or comm is None:
+        pytest.skip("needs the core and comm test kernel wheels (FI_FFI_TEST_WHEELS, FI_FFI_TEST_WHEELS_COMM)")
+    wheels = list({w.name: w for w in [*shared_wheels(core), comm]}.values())
+    if not any(w.name.startswith("flashinfer_jit_cache_models-") for w in wheels):
+        pytest.skip("needs the model-family test kernel wheel (the grouped GEMM of the MoE layers)")
+    return wheels_env(tmp / "moe_tp.lock", wheels)
+
+
+def _run(env: dict[str, str], model: Path, out: Path, n: int, *flags: str) -> dict[str, np.ndarray]:
+    cmd = worker("llama_tp_worker", model, out, *flags)
+    done = run_ok(launched(n, cmd) if n > 1 else cmd, env)
+    print(done.stdout.strip())
+    return dict(np.load(out))
+
+
+def _check_logits(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: float, what: str) -> None:
+    errs = np.concatenate([np.abs(got[k] - ref[k]).max(axis=1) for k in ("logits0", "logits1")])
+    assert got["logits0"].shape == ref["logits0"].shape == (ref["logits0"].shape[0], VOCAB)
+    within = float(np.mean(errs <= tol))
+    print(f"{what}: positions within {tol}: {within:.3f}, median error {np.median(errs):.4f}, max {errs.max():.4f}")
+    # A router near-tie may pick another expert at a position under a different reduction order (TP 2 sums the
+    # experts' partial outputs across ranks): allow one position in twenty, and at least one, outside `tol`; the
+    # median (below) shows the rest agree to bfloat16/float16 noise. The H200 run saw 1 of 19 (error 0.11).
+    outside = int(np.sum(errs > tol))
+    allowed = max(1, int(0.05 * errs.size))
+    assert outside <= allowed, f"{what}: {outside} of {errs.size} positions outside {tol} (errors {np.round(errs, 3)})"
+    assert np.median(errs) <= tol / 4, f"{what}: median error {np.median(errs)}"
