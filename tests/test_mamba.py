@@ -12,10 +12,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from conftest import REPO, subprocess_env
 from helpers.fakes import assert_reached_the_kernel, fake_cuda
+from helpers.mamba_args import ssu_args
 
 import fi_ffi
 from fi_ffi.errors import KernelError
@@ -24,39 +24,6 @@ from fi_ffi.tensor import Tensor
 pytestmark = pytest.mark.cpu_only
 
 STUB = REPO.parent / "shared" / "stubs" / "libcuda.so.1"
-
-
-def aligned_cuda(shape: tuple[int, ...], dtype: str, alignment: int) -> Tensor:
-    """Like ``fake_cuda`` with the pointer aligned to ``alignment`` bytes."""
-    host = np.zeros(int(np.prod(shape)) * 4 + 2 * alignment, dtype=np.uint8)
-    ptr = (host.ctypes.data + alignment - 1) // alignment * alignment
-    return Tensor.from_pointer(ptr, shape, dtype, 0, owner=host)
-
-
-def ssu_args(
-    batch: int = 2,
-    heads: int = 4,
-    dim: int = 64,
-    dstate: int = 128,
-    groups: int = 2,
-    state_dtype: str = "float32",
-    weight_dtype: str = "float32",
-    cache: int = 6,
-) -> dict[str, Any]:
-    """Valid arguments (fake CUDA descriptors) with the per-head broadcasts Mamba-2 uses."""
-    return {
-        "state": aligned_cuda((cache, heads, dim, dstate), state_dtype, 128),
-        "x": fake_cuda((batch, heads, dim), "bfloat16"),
-        "dt": fake_cuda((batch, heads), weight_dtype).view((batch, heads, dim), strides=(heads, 1, 0)),
-        "A": fake_cuda((heads,), "float32").view((heads, dim, dstate), strides=(1, 0, 0)),
-        "B": fake_cuda((batch, groups, dstate), "bfloat16"),
-        "C": fake_cuda((batch, groups, dstate), "bfloat16"),
-        "D": fake_cuda((heads,), weight_dtype).view((heads, dim), strides=(1, 0)),
-        "z": fake_cuda((batch, heads, dim), "bfloat16"),
-        "dt_bias": fake_cuda((heads,), weight_dtype).view((heads, dim), strides=(1, 0)),
-        "state_batch_indices": fake_cuda((batch,), "int32"),
-        "out": fake_cuda((batch, heads, dim), "bfloat16"),
-    }
 
 
 @pytest.mark.parametrize(
@@ -121,7 +88,7 @@ def test_the_sm90_module_reaches_its_kernel_with_a_driver_stub(
         libraries.load_library({str(stub)!r}, global_symbols=True)  # before the module that lists it as NEEDED
         import fi_ffi
         from fi_ffi.errors import KernelError
-        from test_mamba import ssu_args
+        from helpers.mamba_args import ssu_args
         args = ssu_args(dim=128, dstate=128)
         try:
             fi_ffi.selective_state_update(**args, backend="sm90")
