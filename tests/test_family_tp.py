@@ -133,7 +133,7 @@ def test_gpt_oss_expert_shards_sum_to_transformers_experts(n: int) -> None:
         assert [a.shape for a in shard] == [(e, h, 2 * i // n), (e, 2 * i // n), (e, i // n, h)]
         assert all(a.flags.c_contiguous for a in shard)
         w_gu, b_gu, w_down = expert_matrices(*shard)
-        j = i // n  # the MoE layer's math on this rank's matrices (tests/test_family_configs.py), down bias on rank 0
+        j = i // n  # the MoE layer's math on this rank's matrices (tests/helpers/hf_configs.py), down bias on rank 0
         assert w_gu.shape == (e, 2 * j, h) and w_down.shape == (e, h, j)
         for x_ in range(e):
             gu = x @ w_gu[x_].T + b_gu[x_]

@@ -4,10 +4,19 @@ pytest puts ``tests/`` on ``sys.path`` (the test folder has no ``__init__.py``, 
 mode), so a test imports ``from helpers.attention_reference import reference`` as it imports ``from conftest
 import ...``. The workers are scripts started by path (``python tests/helpers/comm_worker.py``); they import
 ``fi_ffi`` only, never this package or ``conftest``, so they run the same from a checkout, a plain copy or an
-unpacked sdist.
+unpacked sdist. No test module imports another (``tests/test_suite_imports.py``): what two share lives here or,
+for a fixture, in ``conftest``.
 
 - :mod:`helpers.fakes`: descriptors that claim ``cuda:0`` over host memory, and the check that a call reached the
   kernel, for the CPU tests of every op family;
+- :mod:`helpers.attention_plans`: batch decode/prefill plans, run arguments, workspace and URIs of the attention
+  CPU tests; :mod:`helpers.sink_plans` and :mod:`helpers.mla_plans`: the same for attention sinks and MLA;
+- :mod:`helpers.page_args`, :mod:`helpers.gdn_calls`, :mod:`helpers.mamba_args`, :mod:`helpers.comm_args`: valid
+  call arguments (and the GDN op body without device checks) over fake descriptors, for the CPU tests;
+- :mod:`helpers.hf_configs`: published gemma-2 and gpt-oss ``config.json`` files and transformers' GPT-OSS
+  experts in float64;
+- :mod:`helpers.other_users`: root-only loader faults: mounts, a child run as ``nobody``, a tree's owner;
+- :mod:`helpers.tp_runs`: the tensor-parallel engine runs against one GPU and their logit check (GPU tests only);
 - :mod:`helpers.attention_reference`: the float32 torch attention reference and tolerances (GPU tests only);
 - :mod:`helpers.paged_kv`: a paged K/V cache over shuffled pages and the ragged prefill batch (GPU tests only);
 - :mod:`helpers.gdn_reference`: GDN prefill problems, the float32 gated-delta-rule reference and its tolerance
