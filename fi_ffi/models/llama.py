@@ -622,10 +622,10 @@ class LlamaEngine:
     def _add_norm(self, v: SimpleNamespace, weight: Any) -> None:
         """``h += x`` (summed over the ranks first with TP); the rows normalized with ``weight`` into ``x2``."""
         eps = self.config.rms_norm_eps
-        if self._allreduce is None:  # packed once per view and weight: a warm call is one FFI call
-            call = v.prepared.get(id(weight))
+        if self._allreduce is None:  # packed once per view and weight (keyed by its address, a value): one FFI call
+            call = v.prepared.get(weight.data_ptr)
             if call is None:
-                call = v.prepared[id(weight)] = kernels.prepared_fused_add_rmsnorm(v.x, v.h, weight, eps, self._s)
+                call = v.prepared[weight.data_ptr] = kernels.prepared_fused_add_rmsnorm(v.x, v.h, weight, eps, self._s)
             call()
         else:
             self._allreduce(v.x, v.h, weight, v.x2, eps, self._s)
