@@ -472,8 +472,7 @@ class DeepSeekEngine(LlamaEngine):
         x, normed, q = b.x.data.ptr, self._normed.data.ptr, b.qkv.data.ptr
         m = self._mv = self._mla_views(rows)
         last = c.num_layers - 1
-        dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
-        kernels.rmsnorm(v.h, self._ln1[0], v.x2, eps, s)
+        self._embed_and_norm(v, rows)  # one GPU: no vocabulary shard
         for i in range(c.num_layers):
             if c.q_lora_rank is None:
                 dense.linear(rows, normed, h, w.q[i], heads * qk, h, q, qw, ab, ab)

@@ -417,19 +417,12 @@ class GptOssEngine(LlamaEngine):
         """Embedding to the final RMSNorm for ``rows`` token rows; the normalized rows end in ``x2`` (``x``
         itself unless the fused all-reduce writes them), the residual stream in ``h``."""
         c, b, dense, s = self.config, self._buf, self.dense, self._s
-        h, eps, ab = c.hidden_size, c.rms_norm_eps, self._ab
+        h, ab = c.hidden_size, self._ab
         x, qkv, attn = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr
         normed = self._normed.data.ptr
         w, hqd, last = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
         path = self.moe_path_for(rows)
-        vs = self.vocab_shard
-        if vs is None:
-            dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
-            kernels.rmsnorm(v.h, self._ln1[0], v.x2, eps, s)
-        else:  # each rank has some rows (zeros for the rest): summed by the all-reduce, into h = 0 as the residual
-            dense.gather_rows_shard(rows, self._embed, h, v.token_ids, x, h, h, vs.start, vs.valid)
-            self._cp.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
-            self._add_norm(v, self._ln1[0])
+        self._embed_and_norm(v, rows)
         for i in range(c.num_layers):
             dense.linear(rows, normed, h, self._wqkv[i], w, h, qkv, w, ab, ab)
             self._k_bias((rows,), (256,), (qkv, self._bqkv[i], w, w))

@@ -580,14 +580,7 @@ class LlamaEngine:
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
         normed = self._normed.data.ptr  # x, or x2 with the fused all-reduce
         w, hqd, last = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
-        vs = self.vocab_shard
-        if vs is None:
-            dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
-            kernels.rmsnorm(v.h, self._ln1[0], v.x2, eps, s)
-        else:  # each rank has some rows (zeros for the rest): summed by the all-reduce, into h = 0 as the residual
-            dense.gather_rows_shard(rows, self._embed, h, v.token_ids, x, h, h, vs.start, vs.valid)
-            self._cp.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
-            self._add_norm(v, self._ln1[0])
+        self._embed_and_norm(v, rows)
         for i in range(c.num_layers):
             dense.linear(rows, normed, h, self._wqkv[i], w, h, qkv, w, ab, ab)
             if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE
@@ -618,6 +611,20 @@ class LlamaEngine:
                 kernels.silu_and_mul(v.gu, v.act, s)
                 dense.linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab)
             self._add_norm(v, self._ln1[i + 1] if i < last else self._norm)
+
+    def _embed_and_norm(self, v: SimpleNamespace, rows: int) -> None:
+        """The embedding rows of ``v.token_ids`` into the residual stream ``h`` and the first layer's input norm into
+        ``x2``; with a vocabulary shard each rank gathers the rows it has (zeros for the rest) into ``x``, and the
+        all-reduce sums them into ``h = 0`` as the residual."""
+        c, b, dense, s = self.config, self._buf, self.dense, self._s
+        h, vs = c.hidden_size, self.vocab_shard
+        if vs is None:
+            dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
+            kernels.rmsnorm(v.h, self._ln1[0], v.x2, c.rms_norm_eps, s)
+        else:
+            dense.gather_rows_shard(rows, self._embed, h, v.token_ids, b.x.data.ptr, h, h, vs.start, vs.valid)
+            self._cp.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
+            self._add_norm(v, self._ln1[0])
 
     def _add_norm(self, v: SimpleNamespace, weight: Any) -> None:
         """``h += x`` (summed over the ranks first with TP); the rows normalized with ``weight`` into ``x2``."""
