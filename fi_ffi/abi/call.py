@@ -88,7 +88,7 @@ class Callee:
         fmt.append("iIq")
         frame = self.frame(len(args))
         struct.pack_into("".join(fmt), frame.buf, 0, *triples, NONE, 0, 0)
-        if frame.call(frame.this, frame.args, frame.nargs, frame.result):
+        if frame.call(*frame.cargs):
             fail(self.name, frame)
         return result(frame)
 

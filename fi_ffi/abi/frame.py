@@ -12,7 +12,7 @@ that tensor slots point at. It also holds the callee (``call``, ``this``), so ca
 - :func:`result`: the result slot as a Python value.
 
 The generated launchers of :mod:`fi_ffi.launch.launcher` write a frame's words directly and call
-``f.call(f.this, f.args, f.nargs, f.result)`` inline on their fast path; everything else goes through here.
+``f.call(*f.cargs)`` inline on their fast path; everything else goes through here.
 """
 
 from __future__ import annotations
@@ -41,10 +41,25 @@ class Frame:
         args, result: ``TVMFFIAny*`` to the first argument slot and to the result slot.
         records: the address of the first DLTensor record.
         call, this: the callee's safe-call function and its ``self`` (NULL for an entry point).
+        cargs: ``(this, args, nargs, result)``, the arguments of ``call``.
         stream_out: scratch for the previous stream of :func:`call_on`.
     """
 
-    __slots__ = ("args", "block", "buf", "call", "d", "mv", "nargs", "q", "records", "result", "stream_out", "this")
+    __slots__ = (
+        "args",
+        "block",
+        "buf",
+        "call",
+        "cargs",
+        "d",
+        "mv",
+        "nargs",
+        "q",
+        "records",
+        "result",
+        "stream_out",
+        "this",
+    )
 
     def __init__(self, nargs: int, ntensors: int, call: Any, this: Any = None) -> None:
         ffi = get_ffi()
@@ -60,6 +75,8 @@ class Frame:
         self.stream_out = ffi.new("uintptr_t*")
         self.call = call
         self.this = ffi.NULL if this is None else this
+        # call's arguments as one tuple: ``f.call(*f.cargs)`` (the launchers' fast path) skips four attribute reads
+        self.cargs = (self.this, self.args, nargs, self.result)
 
 
 def call(name: str, f: Frame) -> None:
@@ -68,7 +85,7 @@ def call(name: str, f: Frame) -> None:
     Raises:
         KernelError: the callee failed (see :func:`fail`).
     """
-    if f.call(f.this, f.args, f.nargs, f.result):
+    if f.call(*f.cargs):
         fail(name, f)
 
 
@@ -84,7 +101,7 @@ def call_on(name: str, f: Frame, device_id: int, stream: int) -> None:
         _set_stream = api().TVMFFIEnvSetStream
         _get_stream = api().TVMFFIEnvGetStream
     if _get_stream(CUDA, device_id) == stream:
-        if f.call(f.this, f.args, f.nargs, f.result):
+        if f.call(*f.cargs):
             fail(name, f)
         return
     out = f.stream_out
@@ -92,7 +109,7 @@ def call_on(name: str, f: Frame, device_id: int, stream: int) -> None:
         raise take_raised("TVMFFIEnvSetStream", (str(device_id), hex(stream)))
     previous = out[0]
     try:
-        rc = f.call(f.this, f.args, f.nargs, f.result)
+        rc = f.call(*f.cargs)
     finally:
         if previous != stream:
             _set_stream(CUDA, device_id, previous, out)

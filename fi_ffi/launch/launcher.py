@@ -66,6 +66,17 @@ from .pointer_rules import HIDDEN_ADDRESS, ApartTest, PointerRules, apart_test, 
 # scalar, and return what the data pointers must satisfy (a mapping is alignments in bytes by parameter name).
 Check = Callable[[SimpleNamespace], PointerRules | Mapping[str, int] | None]
 
+
+class Bound(NamedTuple):
+    """Scalar parameters a launch function does not take: their values are ``values(context)``, in the order of
+    ``names`` (a function of the context alone, e.g. a plan's settings, so the context in the key covers them).
+    The fast path neither reads nor keys them; the slow path checks them and writes them into the frame image.
+    """
+
+    names: tuple[str, ...]
+    values: Callable[[Any], tuple[Any, ...]]
+
+
 _PTR_END = 1 << 64
 _INT32_END = 1 << 31
 _INT64_END = 1 << 63
@@ -335,7 +346,7 @@ class PreparedCall:
     def __call__(self) -> None:
         f = self._frame
         if self.stream is None:
-            if f.call(f.this, f.args, f.nargs, f.result):
+            if f.call(*f.cargs):
                 fail(self._launcher.name, f)
         else:
             call_on(self._launcher.name, f, self.device_id, self.stream)
@@ -579,16 +590,22 @@ def _arg_names(decl: wire.Declaration) -> list[str]:
     return [p.name + "_" if keyword.iskeyword(p.name) else p.name for p in decl.params]
 
 
-def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bool = False) -> str:
+def _source(
+    decl: wire.Declaration, record_of: dict[int, int], accept_absent: bool = False, bound: Sequence[str] = ()
+) -> str:
     """Python source of the launch function and of the key function for ``decl``.
 
     The launch function takes the parameters by name (required ones positional-or-keyword in wire order,
     those with defaults keyword-only), then ``stream``, ``context`` and ``**_absent`` (arguments of other
     releases' declarations, accepted only at their "off" value). Locals start with ``_`` so parameter names
-    cannot collide with them.
+    cannot collide with them. Parameters named in ``bound`` (scalars) are not arguments of the launch function:
+    their values are ``_bound(context)`` (a function of the context, which the key holds), so a call neither
+    passes nor keys them, and only the slow path asks for them (to check them and write them into the image).
+    The key function takes every parameter and keys the same values as the launch function.
     """
     params = decl.params
     names = _arg_names(decl)
+    bound_set = set(bound)
     read: list[str] = []  # computes _k{i} (and _p{i} for tensors)
     keys: list[str] = []
     ptrs: list[str] = []  # pointers written into DLTensor records
@@ -598,6 +615,10 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     base = (len(params) + 1) * _SLOT // 8
     for i, (p, a) in enumerate(zip(params, names, strict=True)):
         kind = p.wire
+        if p.name in bound_set:
+            if kind not in (wire.INT, wire.FLOAT, wire.BOOL) or p.per_call:
+                raise ValueError(f"{decl.entry}: parameter {p.name}: only int, float and bool scalars can be bound")
+            continue
         if kind in wire.TENSOR_TYPES or kind in wire.OBJECT_TENSOR_TYPES:
             # descriptors, torch tensors and CuPy arrays inline (no call: the reads of producers.read_torch and
             # read_cupy, the same keys); other producers through their reader. A negated torch view goes to the
@@ -648,12 +669,20 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
                 keys.append(f"({a} if {a}.__class__ is {guard} else _BAD)")
     key_tuple = "(" + "".join(k + ", " for k in keys) + "context)"
     ptr_list = "[" + ", ".join(ptrs) + "]"
-    all_args = "(" + "".join(a + ", " for a in names) + ")"
-    required = [a for p, a in zip(params, names, strict=True) if p.default is wire.REQUIRED]
+    bound_at = {p.name: j for j, p in enumerate(p for p in params if p.name in bound_set)}
+    all_args = (
+        "("
+        + "".join(
+            (f"_bv[{bound_at[p.name]}]" if p.name in bound_set else a) + ", "
+            for p, a in zip(params, names, strict=True)
+        )
+        + ")"
+    )
+    required = [a for p, a in zip(params, names, strict=True) if p.default is wire.REQUIRED and p.name not in bound_set]
     optional = [
         f"{a}=_DEFAULTS[{i}]"
         for i, (p, a) in enumerate(zip(params, names, strict=True))
-        if p.default is not wire.REQUIRED
+        if p.default is not wire.REQUIRED and p.name not in bound_set
     ]
     absent = ["**_absent"] if accept_absent else []
     signature = ", ".join([*required, "*", *optional, "stream=None", "context=None", *absent])
@@ -678,11 +707,14 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
         "    except Exception:",
         "        _e = None",
         "    if _e is None:",
+        *(["        _bv = _bound(context)"] if bound_set else []),
         f"        _f, _e, ({''.join(pp + ', ' for pp in ptrs)}) = _slow({all_args}, stream, context)"
         if ptrs
         else f"        _f, _e, _ = _slow({all_args}, stream, context)",
     ]
     for i, (p, a) in enumerate(zip(params, names, strict=True)):
+        if p.name in bound_set:
+            continue
         if p.wire == wire.ARRAY:
             lines.append(f"        _h{i} = {a}.handle")
         elif p.per_call:
@@ -707,10 +739,10 @@ def _source(decl: wire.Declaration, record_of: dict[int, int], accept_absent: bo
     call = [
         "if stream is None:",
         f"    if _e.stream_source is None or _e.stream_source(_e.device_id) == _get_stream({CUDA}, _e.device_id):",
-        "        if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
+        "        if _f.call(*_f.cargs): _fail(_name, _f)",
         "    else: _invoke(_name, _f, _e, None)",
         f"elif stream.__class__ is int and stream == _get_stream({CUDA}, _e.device_id):",
-        "    if _f.call(_f.this, _f.args, _f.nargs, _f.result): _fail(_name, _f)",
+        "    if _f.call(*_f.cargs): _fail(_name, _f)",
         "else: _invoke(_name, _f, _e, stream)",
     ]
     if objects:
@@ -759,12 +791,17 @@ def _tensor_object(value: Any, name: str) -> Any:
 
 
 def compile_launcher(
-    decl: wire.Declaration, uri: str, check: Check | None = None, accept_absent: bool = False
+    decl: wire.Declaration,
+    uri: str,
+    check: Check | None = None,
+    accept_absent: bool = False,
+    bound: Bound | None = None,
 ) -> Callable[..., Any]:
     """Generate the launch function of ``decl`` on module ``uri`` (see the module docstring).
 
     ``accept_absent``: the launch function also takes (as ``**kwargs``) arguments of other releases'
     declarations of the entry point, refusing them unless they are at their "off" value.
+    ``bound``: scalar parameters whose values are a function of the call's ``context`` (see :class:`Bound`).
     """
     setup_only = [p.name for p in decl.params if p.wire in wire.SETUP_ONLY_TYPES]
     if setup_only:
@@ -772,7 +809,7 @@ def compile_launcher(
             f"{decl.entry}: parameters {setup_only} are setup-only wire types; call it with fi_ffi.comm.control.call"
         )
     launcher_ = Launcher(decl, uri, check)
-    source = _source(decl, launcher_.record_of, accept_absent)
+    source = _source(decl, launcher_.record_of, accept_absent, bound.names if bound is not None else ())
     namespace: dict[str, Any] = {
         "_READERS": producers.readers,
         "_pr": producers,  # its torch_tensor / cupy_ndarray: the classes read inline (set once each is seen)
@@ -794,6 +831,7 @@ def compile_launcher(
         "_refuse_absent": _refuse_absent,
         "_release": decl.release,
         "_DEFAULTS": [p.default for p in decl.params],
+        "_bound": bound.values if bound is not None else None,
     }
     exec(compile(source, f"<fi_ffi launcher {launcher_.name}>", "exec"), namespace)
     launcher_.namespace = namespace
@@ -808,23 +846,26 @@ def compile_launcher(
 
 
 def launcher(
-    decl: wire.Declaration | Sequence[wire.Declaration], uri: str, check: Check | None = None
+    decl: wire.Declaration | Sequence[wire.Declaration],
+    uri: str,
+    check: Check | None = None,
+    bound: Bound | None = None,
 ) -> Callable[..., Any]:
-    """The launch function of ``decl`` on module ``uri`` (one per declaration, module and check).
+    """The launch function of ``decl`` on module ``uri`` (one per declaration, module, check and ``bound``).
 
     ``decl`` may be a sequence of declarations of one entry point for several FlashInfer releases: the module
     is then bound at once and the declaration its own signature matches is used (:func:`select_declaration`).
     Ops call the result with keyword arguments for parameters only some releases have (their defaults
     reproduce the older behaviour).
     """
-    key = (id(decl), uri, check)
+    key = (id(decl), uri, check, bound)
     found = _launchers.get(key)
     if found is None:
         chosen = decl if isinstance(decl, wire.Declaration) else select_declaration(decl, uri)
         with _lock:
             found = _launchers.get(key)
             if found is None:
-                found = compile_launcher(chosen, uri, check, accept_absent=chosen is not decl)
+                found = compile_launcher(chosen, uri, check, accept_absent=chosen is not decl, bound=bound)
                 _launchers[key] = found
                 _pinned.append(decl)  # the id in the key stays valid while the entry exists
     return found
@@ -900,6 +941,7 @@ def _reset() -> None:
 caches.register("launchers (compiled per declaration, with their frames and images)", _reset)
 
 __all__ = [
+    "Bound",
     "Entry",
     "Launcher",
     "PreparedCall",

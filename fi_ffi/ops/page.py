@@ -134,10 +134,11 @@ def append_paged_kv_cache(
     the pages listed and page ids must be ``< num_pages``, or the kernel writes out of bounds. See
     :func:`check_append_positions`. ``nnz == 0`` checks every argument (and ``stream``) and launches nothing.
     """
-    code = LAYOUTS.get(layout) if isinstance(layout, str) else None
+    code = LAYOUTS.get(layout) if layout.__class__ is str or isinstance(layout, str) else None
     if code is None:
         raise (ValueError if isinstance(layout, str) else TypeError)(f"layout: expected 'NHD' or 'HND', got {layout!r}")
-    if _rows(append_key):
+    # nnz: a descriptor's read inline (a call of _rows per layer otherwise)
+    if append_key.shape[0] if append_key.__class__ is Tensor and append_key.ndim else _rows(append_key):
         _append(
             append_key,
             append_value,

@@ -31,7 +31,7 @@ from ... import caches
 from ...abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
 from ...dtypes import int32, uint8
 from ...launch import checks
-from ...launch.launcher import launcher
+from ...launch.launcher import Bound, launcher
 from ...launch.pointer_rules import PointerRules
 from ...tensor import Tensor
 from ...typing import IndexLike, StreamLike, TensorLike, TensorT
@@ -294,7 +294,7 @@ def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
         rope_theta=rt,
         enable_cuda_graph=graph,
         plan=launcher(PLAN, uri),
-        run=launcher(RUN, uri, _check_run),
+        run=launcher(RUN, uri, _check_run, _RUN_SCALARS),
     )
 
 
@@ -330,9 +330,24 @@ def batch_decode_run(
     Returns:
         ``out``.
     """
-    ws = runnable(plan, BATCH_DECODE, "paged", "batch_decode_plan")
-    check_pages(plan, kv_indices)
+    # runnable() and check_pages() of .common, inline (a call each per layer otherwise): a live, current batch
+    # decode plan, and at least the pages its kv_indptr ends at (a plan's fact against kv_indices' length,
+    # which the launcher's key does not hold, so it is tested on every call)
+    if plan.__class__ is not Plan:
+        raise TypeError(f"plan: expected a Plan from batch_decode_plan, got {type(plan).__name__}")
     s = plan._s
+    ws = plan.workspace
+    if s.kind is not BATCH_DECODE or s.mode != "paged" or not plan._info.handle or ws is None:
+        ws = runnable(plan, BATCH_DECODE, "paged", "batch_decode_plan")
+    elif ws._generation != plan._generation:
+        plan.refuse()
+    if kv_indices.__class__ is Tensor and kv_indices.ndim:
+        pages = kv_indices.shape[0]
+        if pages < plan.kv_extent:
+            check_pages(plan, kv_indices)
+    else:
+        check_pages(plan, kv_indices)
+    # the plan's scalars (layout code, window, soft cap, scales) are bound to its context (_RUN_SCALARS)
     s.run(
         ws.float_buffer,
         ws.int_buffer,
@@ -345,18 +360,24 @@ def batch_decode_run(
         kv_last_page_len,
         out,
         lse,
-        s.layout_code,
-        s.window_left,
         enable_pdl,
         plan._inputs[2],
-        s.logits_soft_cap,
-        s.sm_scale,
-        s.rope_rcp_scale,
-        s.rope_rcp_theta,
         stream=stream,
         context=plan._context,
     )
     return out
+
+
+def _run_scalars(context: Any) -> tuple[Any, ...]:
+    """The run's scalars that are the plan's settings, from its launcher context (a RunContext), in RUN's order."""
+    s = context.settings
+    return s.layout_code, s.window_left, s.logits_soft_cap, s.sm_scale, s.rope_rcp_scale, s.rope_rcp_theta
+
+
+# A run passes neither these nor keys them: they follow from the context (the plan's settings) the key holds.
+_RUN_SCALARS = Bound(
+    ("kv_layout_code", "window_left", "logits_soft_cap", "sm_scale", "rope_rcp_scale", "rope_rcp_theta"), _run_scalars
+)
 
 
 def _check_run(a: SimpleNamespace) -> PointerRules:

@@ -18,14 +18,64 @@ objects made for that call and released right after it.
 
 from __future__ import annotations
 
+import itertools
+import threading
+from collections.abc import Iterator
 from typing import Any
 
+from ... import caches
 from ...abi.objects import ARRAY, Array
 from .plan_settings import PlanSettings
 
-__all__ = ["Plan", "PlanSettings", "Schedule"]
+__all__ = ["Plan", "PlanSettings", "RunContext", "Schedule", "run_context"]
 
 _NO_INPUTS = (None, None, None)
+
+
+class RunContext(int):
+    """The launchers' ``context`` of a plan's runs: what their tensors are checked against, (settings, batch size).
+
+    An int (a token) standing for that pair of values: :func:`run_context` gives every equal pair the same token
+    and never gives a token to two pairs (tokens are not reused, also after its table is emptied), so a token
+    in a launcher's key is as good as the pair, and hashing and comparing it costs what an int costs (the pair's
+    hash would call ``PlanSettings.__hash__``, a Python function, on every run). ``settings`` and ``batch`` are
+    the pair; unpacking gives them (``s, b = context``), as the runs' checks read it.
+    """
+
+    settings: PlanSettings
+    batch: int
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.settings, self.batch))
+
+    def __repr__(self) -> str:
+        return f"RunContext({int(self)}: batch {self.batch}, {self.settings!r})"
+
+
+_contexts: dict[tuple[PlanSettings, int], RunContext] = {}
+_tokens = itertools.count(1)
+_contexts_lock = threading.Lock()
+_MAX_CONTEXTS = 4096
+
+
+def run_context(settings: PlanSettings, batch_size: int) -> RunContext:
+    """The :class:`RunContext` of (``settings``, ``batch_size``): one token per pair of values."""
+    key = (settings, batch_size)
+    found = _contexts.get(key)
+    if found is None:
+        with _contexts_lock:
+            found = _contexts.get(key)
+            if found is None:
+                if len(_contexts) >= _MAX_CONTEXTS:
+                    _contexts.clear()  # the next pairs get new tokens: an old token is never given again
+                found = RunContext(next(_tokens))
+                found.settings = settings
+                found.batch = batch_size
+                _contexts[key] = found
+    return found
+
+
+caches.register("attention run contexts (settings and batch size, by value)", _contexts.clear)
 
 
 class Schedule:
@@ -177,7 +227,7 @@ class Plan(Schedule):
         self.kv_extent = kv_extent
         self._inputs = inputs
         # The launchers' context for runs of this plan: what their tensors were checked against (values only).
-        self._context = (settings, batch_size)
+        self._context = run_context(settings, batch_size)
 
     @property
     def refcount(self) -> int:

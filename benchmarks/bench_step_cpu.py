@@ -1,0 +1,150 @@
+"""CPU proxy of a decode step's host time: bench_step.py's batch-1 step with descriptors, up to the module call.
+
+    python benchmarks/bench_step_cpu.py [--before DIR] [--profile N] [--steps 200] [--rounds 7]
+
+Per step, as bench_step.py issues it: one ``batch_decode_plan`` (host indptr / last-page arrays), then 32 x
+(``append_paged_kv_cache`` + ``batch_decode_run``), a cache per layer (32/8 heads, head_dim 128, page 16, f16,
+NHD), every tensor a descriptor that claims ``cuda:0`` over host memory. No GPU is needed: the launchers' entry
+points are bound to the real libtvm_ffi's ``testing.nop`` (append, run) and ``ffi.Array`` (the plan, which must
+return an Array), so everything fi_ffi does on the host (the op's Python, the launcher's layout key, pointer
+rules, payload writes, stream comparison, the FFI call and its error test) is timed; the module's own C++ work
+and the plan's event record (CUDA) are not. The kernel wheels are needed only to name the modules
+(``FI_FFI_LOCK`` / ``FI_FFI_WHEELHOUSE``, as the tests set them; defaults to ``../shared/wheels``).
+
+``--before DIR``: an older fi_ffi package (``git archive <rev> fi_ffi wheels.lock | tar -x -C DIR``) imported
+beside this tree's as ``fi_ffi_before`` and timed in the same interleaved rounds. ``--profile N``: a cProfile of
+this tree's steps, the N functions of most own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+HQ, HK, D, PAGE, LAYERS = 32, 8, 128, 16, 32
+
+
+def _env() -> None:
+    """Name the modules from the shared test wheels unless the caller configured the loader."""
+    if "FI_FFI_LOCK" in os.environ:
+        return
+    wheels = Path(os.environ.get("FI_FFI_TEST_WHEELS", HERE.parent.parent / "shared" / "wheels"))
+    lock = Path(tempfile.gettempdir()) / f"fi_ffi_bench_step_cpu_{os.getpid()}.lock"
+    found = sorted(str(p) for p in wheels.glob("flashinfer_jit_cache*.whl"))
+    text = subprocess.run([sys.executable, "-m", "fi_ffi", "lock", *found], capture_output=True, text=True, check=True)
+    lock.write_text(text.stdout)
+    os.environ.update(FI_FFI_LOCK=str(lock), FI_FFI_WHEELHOUSE=str(wheels), FI_FFI_OFFLINE="1", FI_FFI_QUIET="1")
+
+
+def _fake(fi: Any, keep: list[Any], shape: tuple[int, ...], dtype: str = "float16", device: str = "cuda:0") -> Any:
+    """A descriptor of ``shape`` over 256-byte aligned host memory of its own (never read: the callee is a nop)."""
+    n = int(np.prod(shape)) * (2 if dtype == "float16" else 4 if dtype == "int32" else 1)
+    host = np.zeros(n + 256, np.uint8)
+    keep.append(host)
+    ptr = (host.ctypes.data + 255) // 256 * 256
+    return fi.Tensor.from_pointer(ptr, shape, dtype, device)
+
+
+def step_of(fi: Any) -> Callable[[], None]:
+    """bench_step.py's batch-1 step on package ``fi`` (this tree's fi_ffi or an older one), entry points bound."""
+    # the package's own cffi instance (each copy has one); the runtime library is shared by both
+    runtime = importlib.import_module(fi.__name__ + ".abi.runtime")
+    Function = importlib.import_module(fi.__name__ + ".abi.call").Function
+    dl = importlib.import_module(fi.__name__ + ".loader.dl")
+
+    lib_dir = os.path.dirname(runtime.library_path())
+    dl.open_library(os.path.join(lib_dir, "libtvm_ffi_testing.so"), dl.RTLD_NOW | dl.RTLD_GLOBAL)
+
+    decode = importlib.import_module(fi.__name__ + ".ops.attention.decode")
+    page = importlib.import_module(fi.__name__ + ".ops.page")
+    wsmod = importlib.import_module(fi.__name__ + ".ops.attention.workspace")
+    wsmod.Workspace._record_plan_copy = lambda self, stream: None  # CUDA event: not on this machine
+    keep: list[Any] = []
+    pinned = np.zeros(1 << 16, np.uint8)
+    keep.append(pinned)
+    ws = fi.Workspace.from_buffers(
+        _fake(fi, keep, (1 << 20,), "uint8"),
+        _fake(fi, keep, (1 << 16,), "uint8"),
+        fi.Tensor.from_pointer(pinned.ctypes.data, pinned.shape, "uint8", "cpu"),
+    )
+    indptr_h, last_h = np.array([0, 1], np.int32), np.array([16], np.int32)
+    nop, array = Function.global_function("testing.nop"), Function.global_function("ffi.Array")
+    s = decode._settings(0, (HQ, HK, D, PAGE, "float16", None, None, "NHD", "NONE", -1, 0.0, None, 1.0, 1e4, False))
+    s.plan.launcher.entry = SimpleNamespace(safe_call=array.safe_call, this=array.this)
+    s.run.launcher.entry = SimpleNamespace(safe_call=nop.safe_call, this=nop.this)
+    page._append.launcher.entry = SimpleNamespace(safe_call=nop.safe_call, this=nop.this)
+    k = [_fake(fi, keep, (1, PAGE, HK, D)) for _ in range(LAYERS)]
+    v = [_fake(fi, keep, (1, PAGE, HK, D)) for _ in range(LAYERS)]
+    q = [_fake(fi, keep, (1, HQ, D)) for _ in range(LAYERS)]
+    out = [_fake(fi, keep, (1, HQ, D)) for _ in range(LAYERS)]
+    nk = [_fake(fi, keep, (1, HK, D)) for _ in range(LAYERS)]
+    nv = [_fake(fi, keep, (1, HK, D)) for _ in range(LAYERS)]
+    indptr, indices, last, bi, pos = (_fake(fi, keep, (n,), "int32") for n in (2, 1, 1, 1, 1))
+    plan_fn, run, append = fi.batch_decode_plan, fi.batch_decode_run, fi.append_paged_kv_cache
+    layers = range(LAYERS)
+
+    def step() -> None:
+        plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        for i in layers:
+            append(nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last)
+            run(plan, q[i], k[i], v[i], indptr, indices, last, out[i])
+
+    step.keep = (keep, ws)  # type: ignore[attr-defined]
+    step()
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", help="folder of an older fi_ffi package, timed in the same rounds")
+    ap.add_argument("--steps", type=int, default=200, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--profile", type=int, default=0, help="print a cProfile of this tree's steps (N functions)")
+    args = ap.parse_args(argv)
+    _env()
+    import fi_ffi
+
+    contenders = {"this tree": step_of(fi_ffi)}
+    if args.before:
+        sys.path.insert(0, str(HERE))
+        from bench_goals import load_package
+
+        contenders["before"] = step_of(load_package(args.before))
+    best = {name: float("inf") for name in contenders}
+    for _ in range(args.rounds):
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t) / args.steps * 1e6)
+    print(f"decode step b1, descriptors, CPU proxy (host us per step, best of {args.rounds} rounds of {args.steps})")
+    for name, us in best.items():
+        ratio = f"   {us / best['this tree']:.3f}x this tree" if name != "this tree" else ""
+        print(f"  {name:<10} {us:9.1f} us  ({us / (2 * LAYERS + 1):.2f} us per call){ratio}")
+    if args.profile:
+        prof = cProfile.Profile()
+        fn = contenders["this tree"]
+        prof.enable()
+        for _ in range(args.steps):
+            fn()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
