@@ -1,6 +1,6 @@
 """A decode step as a runtime issues it: one plan, then per layer an append and a run, with a cache per layer.
 
-    python benchmarks/bench_step.py [--layers 32] [--steps 20] [--rounds 5] [--json PATH]
+    python benchmarks/bench_step.py [--layers 32] [--steps 20] [--rounds 5] [--json PATH] [--profile N] [--batch1-only]
 
 Per step: one ``batch_decode_plan`` (host indptr / last-page arrays), then for each of ``--layers`` layers
 ``append_paged_kv_cache`` (one new token per request into that layer's own K/V cache) and
@@ -139,6 +139,25 @@ def measure(
     return best
 
 
+def profile(steps: dict[str, Callable[[], None]], n: int, top: int, sync: Callable[[], None]) -> None:
+    """A cProfile of ``n`` steps of each fi_ffi contender: the ``top`` functions by own time (host work per step)."""
+    import cProfile
+    import pstats
+
+    for name, fn in steps.items():
+        if not name.startswith("fi_ffi"):
+            continue
+        sync()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            fn()
+        prof.disable()
+        sync()
+        print(f"\nprofile of {n} steps, {name}, by own time:")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def run_problem(
     torch: Any, title: str, batch: int, lengths: list[int], args: argparse.Namespace, wall: bool
 ) -> dict[str, Any]:
@@ -169,6 +188,8 @@ def run_problem(
     ref = outputs["fi_ffi descriptors"]
     equal = {name: bool(torch.equal(o, ref)) for name, o in outputs.items()}
     times = measure(steps, args.steps, args.rounds, torch.cuda.synchronize, wall)
+    if args.profile and not wall:
+        profile(steps, args.steps, args.profile, torch.cuda.synchronize)
     base = times.get("flashinfer")
     print(
         f"\n{title} ({'wall' if wall else 'host'} us per step, {args.layers} layers, best of {args.rounds} rounds "
@@ -193,12 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="steps per timed round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--profile", type=int, default=0, help="batch 1: a cProfile of each fi_ffi contender (N functions)")
+    ap.add_argument("--batch1-only", action="store_true", help="only the batch-1 (host-bound) problem")
     args = ap.parse_args(argv)
     import torch
 
     results = [run_problem(torch, "decode step, batch 1, 16 tokens", 1, [16], args, wall=False)]
     lengths = [1024 + (i * 997) % 1024 for i in range(32)]  # 1-2k tokens, uneven
-    results.append(run_problem(torch, "decode step, batch 32, 1-2k tokens", 32, lengths, args, wall=True))
+    if not args.batch1_only:
+        results.append(run_problem(torch, "decode step, batch 32, 1-2k tokens", 32, lengths, args, wall=True))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

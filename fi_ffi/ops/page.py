@@ -137,8 +137,14 @@ def append_paged_kv_cache(
     code = LAYOUTS.get(layout) if layout.__class__ is str or isinstance(layout, str) else None
     if code is None:
         raise (ValueError if isinstance(layout, str) else TypeError)(f"layout: expected 'NHD' or 'HND', got {layout!r}")
-    # nnz: a descriptor's read inline (a call of _rows per layer otherwise)
-    if append_key.shape[0] if append_key.__class__ is Tensor and append_key.ndim else _rows(append_key):
+    # nnz read inline (a call of _rows per layer otherwise): an int for descriptors, torch tensors, CuPy arrays
+    try:
+        nnz = append_key.shape[0]
+    except Exception:
+        nnz = -1  # no shape: the launch names what is wrong
+    if nnz.__class__ is not int:
+        nnz = _rows(append_key)
+    if nnz:
         _append(
             append_key,
             append_value,

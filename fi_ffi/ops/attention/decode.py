@@ -341,12 +341,12 @@ def batch_decode_run(
         ws = runnable(plan, BATCH_DECODE, "paged", "batch_decode_plan")
     elif ws._generation != plan._generation:
         plan.refuse()
-    if kv_indices.__class__ is Tensor and kv_indices.ndim:
-        pages = kv_indices.shape[0]
-        if pages < plan.kv_extent:
-            check_pages(plan, kv_indices)
-    else:
-        check_pages(plan, kv_indices)
+    try:
+        pages = kv_indices.shape[0]  # a descriptor's, torch tensor's or CuPy array's length: an int
+    except Exception:
+        pages = None
+    if pages.__class__ is not int or pages < plan.kv_extent:
+        check_pages(plan, kv_indices)  # raises naming kv_indices (or reads another producer's length properly)
     # the plan's scalars (layout code, window, soft cap, scales) are bound to its context (_RUN_SCALARS)
     s.run(
         ws.float_buffer,
