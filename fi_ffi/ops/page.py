@@ -139,7 +139,7 @@ def append_paged_kv_cache(
         raise (ValueError if isinstance(layout, str) else TypeError)(f"layout: expected 'NHD' or 'HND', got {layout!r}")
     # nnz read inline (a call of _rows per layer otherwise): an int for descriptors, torch tensors, CuPy arrays
     try:
-        nnz = append_key.shape[0]
+        nnz = append_key.shape[0]  # type: ignore[union-attr]
     except Exception:
         nnz = -1  # no shape: the launch names what is wrong
     if nnz.__class__ is not int:

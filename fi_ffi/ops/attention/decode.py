@@ -342,7 +342,7 @@ def batch_decode_run(
     elif ws._generation != plan._generation:
         plan.refuse()
     try:
-        pages = kv_indices.shape[0]  # a descriptor's, torch tensor's or CuPy array's length: an int
+        pages = kv_indices.shape[0]  # type: ignore[union-attr]  # a descriptor's, torch tensor's or CuPy array's length: an int
     except Exception:
         pages = None
     if pages.__class__ is not int or pages < plan.kv_extent:

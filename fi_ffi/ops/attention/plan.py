@@ -27,7 +27,7 @@ from ... import caches
 from ...abi.objects import ARRAY, Array
 from .plan_settings import PlanSettings
 
-__all__ = ["Plan", "PlanSettings", "RunContext", "Schedule", "run_context"]
+__all__ = ["Plan", "PlanSettings", "Schedule"]
 
 _NO_INPUTS = (None, None, None)
 
