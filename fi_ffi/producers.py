@@ -58,6 +58,19 @@ class _NotSeen:
 # keys); set when the first object of each is read, so fi_ffi never imports torch or CuPy itself.
 torch_tensor: type = _NotSeen
 cupy_ndarray: type = _NotSeen
+# Called after either class changes (seen, or forgotten by reset): the launchers copy both into their generated
+# code's namespace, so each tensor argument's test is one global read instead of a module attribute read.
+_class_listeners: list[Callable[[], None]] = []
+
+
+def on_classes_changed(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` whenever :data:`torch_tensor` or :data:`cupy_ndarray` changes."""
+    _class_listeners.append(listener)
+
+
+def _classes_changed() -> None:
+    for listener in _class_listeners:
+        listener()
 
 
 def _read_descriptor(t: Tensor, stream: Any) -> tuple[Hashable, int]:
@@ -117,10 +130,12 @@ def _reader_for(tp: type) -> Reader:
     global torch_tensor, cupy_ndarray
     if torch is not None and (tp is torch.Tensor or tp is torch.nn.Parameter):
         torch_tensor = torch.Tensor
+        _classes_changed()
         return _read_torch
     cupy = sys.modules.get("cupy") if module.startswith("cupy") else None
     if cupy is not None and tp is cupy.ndarray:
         cupy_ndarray = cupy.ndarray
+        _classes_changed()
         return _read_cupy
     if hasattr(tp, "__cuda_array_interface__") and not hasattr(tp, "__dlpack__"):  # as as_tensor chooses
         return _read_cai
@@ -214,6 +229,7 @@ def reset() -> None:
     _stream_sources.clear()
     _torch_raw_stream = None
     torch_tensor = cupy_ndarray = _NotSeen
+    _classes_changed()
 
 
 caches.register("producer readers and stream sources (per producer type)", reset)
@@ -223,6 +239,7 @@ __all__ = [
     "default_stream",
     "describe",
     "dlpack_stream",
+    "on_classes_changed",
     "read",
     "reader",
     "readers",

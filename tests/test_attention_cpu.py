@@ -1094,3 +1094,35 @@ def test_fp8_kv_cache_selects_its_modules(make_array):
             fake_cuda((4, 32, 128)),
         )
     assert_reached_the_kernel(info.value)
+
+
+def test_a_decode_runs_plan_scalars_are_bound_to_its_context(make_array):
+    """issue 21: a run neither passes nor keys the plan's scalars (layout code, window, soft cap, scales): the
+    launcher takes them from the plan's context, which its key holds, so plans of other settings over the same
+    tensor layouts pack their own values."""
+    from fi_ffi import caches
+    from fi_ffi.ops.attention.plan import run_context
+
+    ws = workspace()
+    args = decode_run_args()
+    words = {}
+    for sm_scale in (0.5, 0.25, 0.5):
+        plan = decode_plan(make_array, ws=ws, sm_scale=sm_scale)
+        with pytest.raises(KernelError) as info:
+            decode.batch_decode_run(plan, *args.values())
+        assert_reached_the_kernel(info.value)
+        launch = plan._s.run
+        assert "sm_scale" not in launch.source.split("\n", 1)[0]  # not an argument of the launch function
+        index = [p.name for p in launch.launcher.decl.params].index("sm_scale")
+        words[sm_scale] = launch.launcher.tls.frame.d[2 * index + 1]
+        assert words[sm_scale] == sm_scale
+        plan.release()
+    # the context: one int token per (settings, batch) value, unpacked as the run's check reads it
+    s = plan._s
+    assert run_context(s, 2) is run_context(s, 2) and run_context(s, 2) != run_context(s, 3)
+    settings, batch = run_context(s, 3)
+    assert settings is s and batch == 3
+    # after the table is emptied (full, or caches.reset) a pair gets a new token: an old one is never given again
+    old = int(run_context(s, 2))
+    caches.reset()
+    assert int(run_context(s, 2)) > old

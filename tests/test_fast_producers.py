@@ -177,9 +177,10 @@ def warm_call_packs_as_the_slow_path(args: tuple[Any, ...]) -> None:
 def test_the_launchers_inline_torch_reads_key_as_the_reader(dtype: str) -> None:
     launch = unchecked_launch()
     source = launch.source
-    assert "_pr.torch_tensor and not out.is_neg()" in source and "out.data_ptr()" in source
+    assert "_TT and not out.is_neg()" in source and "out.data_ptr()" in source
     producers.reader(torch.Tensor)
     assert producers.torch_tensor is torch.Tensor  # the generated code reads torch tensors itself now
+    assert launch.launcher.namespace["_TT"] is torch.Tensor  # copied into the launcher's namespace
     for x in views(dtype):
         other = torch.zeros_like(x)  # another tensor, another pointer
         keys, ptrs = launch.launcher.keys(x, other, x, 1e-6, False)
@@ -245,6 +246,7 @@ def test_the_launchers_inline_cupy_reads_key_as_the_reader_and_pack_as_the_slow_
     launch = unchecked_launch()
     producers.reader(cupy.ndarray)
     assert producers.cupy_ndarray is cupy.ndarray
+    assert launch.launcher.namespace["_CP"] is cupy.ndarray  # copied into the launcher's namespace
     for dtype in ("float16", "float32", "int8", "int64", "bool"):
         base = cupy.zeros((6, 10), dtype=dtype)
         for x in (base, base[1:4, 2:9], base.T, base[:, ::3], base[2], base[0:0]):

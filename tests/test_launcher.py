@@ -237,3 +237,27 @@ def test_a_given_stream_that_is_current_already_is_called_on_directly(kernel_mod
         reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out, stream=0x50))
         assert fi_ffi.current_stream(0) == 0x40
     assert "_get_stream(2, _e.device_id)" in norm._rmsnorm.source  # type: ignore[attr-defined]
+
+
+def test_launchers_follow_the_producer_classes_they_read_inline() -> None:
+    # issue 21: the generated code tests each tensor argument's class against torch's / CuPy's with one global
+    # read; producers tells every launcher when either class is first seen or forgotten
+    from fi_ffi import producers
+
+    namespace = norm._rmsnorm.launcher.namespace  # type: ignore[attr-defined]
+    assert "__class__ is _TT and not out.is_neg()" in norm._rmsnorm.source  # type: ignore[attr-defined]
+
+    class Seen:
+        pass
+
+    saved = producers.torch_tensor, producers.cupy_ndarray
+    try:
+        producers.torch_tensor, producers.cupy_ndarray = Seen, saved[1]
+        producers._classes_changed()
+        assert namespace["_TT"] is Seen and namespace["_CP"] is saved[1]
+    finally:
+        producers.torch_tensor, producers.cupy_ndarray = saved
+        producers._classes_changed()
+    assert namespace["_TT"] is saved[0]
+    producers.reset()  # forgets both: the launchers test against a class no object has
+    assert namespace["_TT"] is producers._NotSeen and namespace["_CP"] is producers._NotSeen

@@ -630,11 +630,11 @@ def _source(
             else:
                 read.append(f"if {a}.__class__ is _Tensor: _k{i} = {a}._lid; _p{i} = {a}.data_ptr")
             read.append(
-                f"elif {a}.__class__ is _pr.torch_tensor and not {a}.is_neg(): "
+                f"elif {a}.__class__ is _TT and not {a}.is_neg(): "
                 f"_k{i} = ({a}.shape, {a}.stride(), {a}.dtype, {a}.device); _p{i} = {a}.data_ptr()"
             )
             read.append(
-                f"elif {a}.__class__ is _pr.cupy_ndarray: "
+                f"elif {a}.__class__ is _CP: "
                 f"_m = {a}.data; _k{i} = ({a}.shape, {a}.strides, {a}.dtype, _m.device_id); _p{i} = _m.ptr"
             )
             read.append(f"else: _k{i}, _p{i} = {get}")
@@ -812,7 +812,10 @@ def compile_launcher(
     source = _source(decl, launcher_.record_of, accept_absent, bound.names if bound is not None else ())
     namespace: dict[str, Any] = {
         "_READERS": producers.readers,
-        "_pr": producers,  # its torch_tensor / cupy_ndarray: the classes read inline (set once each is seen)
+        # producers.torch_tensor / cupy_ndarray, the classes read inline: copied here when either changes
+        # (_refresh_classes), so the test of each tensor argument is one global read
+        "_TT": producers.torch_tensor,
+        "_CP": producers.cupy_ndarray,
         "_reader": producers.reader,
         "_tls": launcher_.tls,
         "_Tensor": Tensor,
@@ -836,6 +839,8 @@ def compile_launcher(
     exec(compile(source, f"<fi_ffi launcher {launcher_.name}>", "exec"), namespace)
     launcher_.namespace = namespace
     _all_launchers.add(launcher_)
+    # a class seen while this namespace was built: registered now, so this read or the listener's has it
+    namespace["_TT"], namespace["_CP"] = producers.torch_tensor, producers.cupy_ndarray
     launch = namespace["launch"]
     launcher_.keys = namespace["keys"]
     launch.launcher = launcher_
@@ -928,6 +933,16 @@ _launchers: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _checked: set[tuple[str, wire.Declaration]] = set()
 _pinned: list[Any] = []
 _all_launchers: weakref.WeakSet[Launcher] = weakref.WeakSet()
+
+
+def _refresh_classes() -> None:
+    """Copy the classes the generated code reads inline into every launcher's namespace (producers calls this)."""
+    tt, cp = producers.torch_tensor, producers.cupy_ndarray
+    for each in list(_all_launchers):
+        each.namespace["_TT"], each.namespace["_CP"] = tt, cp
+
+
+producers.on_classes_changed(_refresh_classes)
 
 
 def _reset() -> None:
