@@ -1,6 +1,7 @@
 """A decode step as a runtime issues it: one plan, then per layer an append and a run, with a cache per layer.
 
     python benchmarks/bench_step.py [--layers 32] [--steps 20] [--rounds 5] [--json PATH] [--profile N] [--batch1-only]
+                                    [--floor]
 
 Per step: one ``batch_decode_plan`` (host indptr / last-page arrays), then for each of ``--layers`` layers
 ``append_paged_kv_cache`` (one new token per request into that layer's own K/V cache) and
@@ -17,6 +18,8 @@ best round is kept; only ratios of one run mean anything):
 - ``fi_ffi descriptors``: descriptors made once (what a runtime holds), a new plan every step;
 - ``fi_ffi torch``: torch tensors passed to every call (no descriptors);
 - ``fi_ffi cupy``: CuPy arrays (views of the same memory) passed to every call;
+- ``floor: frames packed once`` (``--floor``): descriptors, every append and run packed once into a frame of its
+  own, a new plan every step whose handle is written into the run frames: the modules' own host work;
 - ``flashinfer``: ``BatchDecodeWithPagedKVCacheWrapper`` planned with host indptr / last-page tensors, and
   ``flashinfer.page.append_paged_kv_cache``.
 
@@ -96,6 +99,91 @@ def fi_ffi_step(fi_ffi: Any, p: dict[str, Any], ws: Any, convert: Callable[[Any]
     return step
 
 
+def floor_step(fi_ffi: Any, p: dict[str, Any], ws: Any) -> Callable[[], None]:
+    """The same step with every append and run packed once into a frame of its own (descriptors): per layer two
+    cffi calls of the modules' entry points and the plan's handle written, no op-layer work. What is left is
+    the modules' own host work (argument checks in C++, the schedule read, the kernel launch): the floor under
+    any binding that makes these calls one by one."""
+    from fi_ffi.abi.frame import fail
+    from fi_ffi.launch.launcher import LaunchFrame, _write_pointers
+    from fi_ffi.ops import page
+
+    d = {
+        k: [fi_ffi.as_tensor(t) for t in v] if isinstance(v, list) and v and hasattr(v[0], "data_ptr") else v
+        for k, v in p.items()
+    }
+    dev = {k: fi_ffi.as_tensor(p[k]) for k in ("batch_indices", "positions", "indices", "indptr", "last")}
+    plan_fn = fi_ffi.batch_decode_plan
+    indptr_h, last_h = p["indptr_h"], p["last_h"]
+    plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+    s = plan._s
+
+    def packed(launcher: Any, values: tuple[Any, ...], context: Any) -> Any:
+        entry = launcher.bind()
+        f = LaunchFrame(len(launcher.decl.params), len(launcher.tensor_index), entry.safe_call, entry.this)
+        f, _, ptrs = launcher.slow(values, None, context, frame=f, remember=False)
+        _write_pointers(f, launcher.decl, launcher.record_of, ptrs)
+        return f
+
+    frames = []
+    for i in range(p["layers"]):
+        append = packed(
+            page._append.launcher,
+            (
+                d["new_k"][i],
+                d["new_v"][i],
+                dev["batch_indices"],
+                dev["positions"],
+                d["k"][i],
+                d["v"][i],
+                dev["indices"],
+                dev["indptr"],
+                dev["last"],
+                0,
+            ),
+            None,
+        )
+        run = packed(
+            s.run.launcher,
+            (
+                ws.float_buffer,
+                ws.int_buffer,
+                plan._info,
+                d["q"][i],
+                d["k"][i],
+                d["v"][i],
+                dev["indptr"],
+                dev["indices"],
+                dev["last"],
+                d["out"][i],
+                None,
+                s.layout_code,
+                s.window_left,
+                False,
+                None,
+                s.logits_soft_cap,
+                s.sm_scale,
+                s.rope_rcp_scale,
+                s.rope_rcp_theta,
+            ),
+            plan._context,
+        )
+        frames.append((append, run))
+    info_word = 2 * [q.name for q in s.run.launcher.decl.params].index("plan_info_vec") + 1
+
+    def step() -> None:
+        plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        handle = plan._info.handle
+        for a, r in frames:
+            if a.call(*a.cargs):
+                fail("append", a)
+            r.q[info_word] = handle
+            if r.call(*r.cargs):
+                fail("run", r)
+
+    return step
+
+
 def flashinfer_step(torch: Any, p: dict[str, Any]) -> Callable[[], None]:
     import flashinfer.decode as fdec
     import flashinfer.page as fpage
@@ -145,7 +233,7 @@ def profile(steps: dict[str, Callable[[], None]], n: int, top: int, sync: Callab
     import pstats
 
     for name, fn in steps.items():
-        if not name.startswith("fi_ffi"):
+        if not name.startswith(("fi_ffi", "floor")):
             continue
         sync()
         prof = cProfile.Profile()
@@ -168,6 +256,11 @@ def run_problem(
     steps: dict[str, Callable[[], None]] = {}
     steps["fi_ffi descriptors"] = fi_ffi_step(fi_ffi, p, ws, fi_ffi.as_tensor)
     steps["fi_ffi torch"] = fi_ffi_step(fi_ffi, p, ws, lambda t: t)
+    if args.floor:
+        try:
+            steps["floor: frames packed once"] = floor_step(fi_ffi, p, ws)
+        except Exception:
+            traceback.print_exc(limit=3)
     try:
         import cupy
 
@@ -216,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--profile", type=int, default=0, help="batch 1: a cProfile of each fi_ffi contender (N functions)")
     ap.add_argument("--batch1-only", action="store_true", help="only the batch-1 (host-bound) problem")
+    ap.add_argument(
+        "--floor", action="store_true", help="also the step with every call packed once (the modules' own host work)"
+    )
     args = ap.parse_args(argv)
     import torch
 

@@ -13,7 +13,8 @@ and the plan's event record (CUDA) are not. The kernel wheels are needed only to
 
 ``--before DIR``: an older fi_ffi package (``git archive <rev> fi_ffi wheels.lock | tar -x -C DIR``) imported
 beside this tree's as ``fi_ffi_before`` and timed in the same interleaved rounds. ``--profile N``: a cProfile of
-this tree's steps, the N functions of most own time.
+this tree's steps, the N functions of most own time. ``floor``: the same calls packed once each into frames of
+their own (a new plan per step, its handle written into the run frames): what the nop calls and the plan cost.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def _fake(fi: Any, keep: list[Any], shape: tuple[int, ...], dtype: str = "float1
     return fi.Tensor.from_pointer(ptr, shape, dtype, device)
 
 
-def step_of(fi: Any) -> Callable[[], None]:
-    """bench_step.py's batch-1 step on package ``fi`` (this tree's fi_ffi or an older one), entry points bound."""
+def step_of(fi: Any, floor: bool = False) -> Callable[[], None]:
+    """bench_step.py's batch-1 step on package ``fi`` (this tree's fi_ffi or an older one), entry points bound;
+    ``floor``: the same calls packed once each (bench_step.py's floor), only the plan and the calls per step."""
     # the package's own cffi instance (each copy has one); the runtime library is shared by both
     runtime = importlib.import_module(fi.__name__ + ".abi.runtime")
     Function = importlib.import_module(fi.__name__ + ".abi.call").Function
@@ -105,7 +107,49 @@ def step_of(fi: Any) -> Callable[[], None]:
 
     step.keep = (keep, ws)  # type: ignore[attr-defined]
     step()
-    return step
+    if not floor:
+        return step
+    # every append and run packed once into a frame of its own: what is left is the call (here testing.nop)
+    launcher_mod = importlib.import_module(fi.__name__ + ".launch.launcher")
+    fail = importlib.import_module(fi.__name__ + ".abi.frame").fail
+    plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+
+    def packed(launcher: Any, values: tuple[Any, ...], context: Any) -> Any:
+        entry = launcher.bind()
+        f = launcher_mod.LaunchFrame(len(launcher.decl.params), len(launcher.tensor_index), entry.safe_call, entry.this)
+        f, _, ptrs = launcher.slow(values, None, context, frame=f, remember=False)
+        launcher_mod._write_pointers(f, launcher.decl, launcher.record_of, ptrs)
+        return f
+
+    frames = [
+        (
+            packed(page._append.launcher, (nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last, 0), None),
+            packed(
+                s.run.launcher,
+                (
+                    *(ws.float_buffer, ws.int_buffer, plan._info, q[i], k[i], v[i], indptr, indices, last, out[i]),
+                    *(None, s.layout_code, s.window_left, False, None, s.logits_soft_cap, s.sm_scale),
+                    *(s.rope_rcp_scale, s.rope_rcp_theta),
+                ),
+                plan._context,
+            ),
+        )
+        for i in layers
+    ]
+    info_word = 2 * [p.name for p in s.run.launcher.decl.params].index("plan_info_vec") + 1
+
+    def floor_step() -> None:
+        plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        handle = plan._info.handle
+        for a, r in frames:
+            if a.call(*a.cargs):
+                fail("append", a)
+            r.q[info_word] = handle
+            if r.call(*r.cargs):
+                fail("run", r)
+
+    floor_step.keep = (keep, ws, plan)  # type: ignore[attr-defined]
+    return floor_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     _env()
     import fi_ffi
 
-    contenders = {"this tree": step_of(fi_ffi)}
+    contenders = {"this tree": step_of(fi_ffi), "floor": step_of(fi_ffi, floor=True)}
     if args.before:
         sys.path.insert(0, str(HERE))
         from bench_goals import load_package
