@@ -23,7 +23,10 @@ slots and prefilled together (one ``batch_prefill_paged_plan``, one run per laye
 one ``batch_decode_plan`` and runs every layer with it, samples one token per request, copies the tokens to the
 host and lets finished requests leave (their pages are freed). With ``cuda_graph=True`` the decode step is
 captured once at a fixed batch of ``max_batch`` rows (empty slots padded) and every step re-plans
-(``enable_cuda_graph=True``), copies the step's index arrays into the graph's buffers and replays it.
+(``enable_cuda_graph=True``), copies the step's index arrays into the graph's buffers and replays it. A prefill
+pads its token rows up to a bucket (:func:`~fi_ffi.models.paging.prefill_buckets`; the padding rows are one more
+request living on the padding page) and replays that bucket's CUDA graph, captured the first time the bucket and
+batch size are met (:meth:`LlamaEngine._prefill_graph`).
 
 Every buffer is allocated once, in :class:`LlamaEngine`'s constructor; the ops write into them (no allocation
 per step, which is also what makes the capture valid). All GPU work runs on the engine's own stream.

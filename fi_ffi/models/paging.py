@@ -4,7 +4,8 @@ Nothing here touches a GPU, so it is tested on CPU (tests/test_llama_host.py).
 
 KV cache: ``num_pages`` pages of ``page_size`` tokens per layer. Page 0 is reserved as the **padding page**:
 padded rows of a CUDA-graph batch append their (ignored) K/V there and attend to its one token, so a padded
-row is an ordinary one-token request and the kernels need no special case. Real requests get pages
+row is an ordinary one-token request and the kernels need no special case; a padded prefill's extra rows are
+likewise one ordinary prompt whose pages are all the padding page (:func:`pad_prefill`). Real requests get pages
 ``1 .. num_pages - 1`` from :class:`PageAllocator`.
 
 A request's life (:class:`Scheduler`):
