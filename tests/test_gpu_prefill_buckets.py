@@ -166,7 +166,7 @@ def test_a_failed_capture_runs_the_prefill_eagerly(model):
             forward(v, rows, attention, static_moe)
 
         g._forward = sync_in_capture
-        with pytest.warns(RuntimeWarning, match="capturing the prefill graph of 32 token rows and 1 requests failed"):
+        with pytest.warns(RuntimeWarning, match=r"prefill graph of 32 token rows and 1 requests failed \(capture: "):
             first = g.prefill_logits(ps[:1])
         assert list(g.prefill_graph_failures) == [(32, 1)]
         print(f"recorded: {g.prefill_graph_failures[(32, 1)][:160]}")
@@ -175,3 +175,19 @@ def test_a_failed_capture_runs_the_prefill_eagerly(model):
         again = g.prefill_logits(prompts((40,), VOCAB, seed=5))  # another bucket still captures
         assert [k[:2] for k in g._prefill_graph_cache] == [(64, 1)] and again[0].shape == (40, VOCAB)
     assert max_diff(first + second, eager) <= LOGIT_TOL[dtype]
+
+
+def test_warm_prefill_captures_ahead_and_serving_only_replays(model):
+    path, dtype = model
+    ps = [prompts((40,), VOCAB, seed=6), prompts((150,), VOCAB, seed=7)]
+    with engine(path, 2, graphs=False) as e:
+        eager = [e.generate(p, 6, eos_token_ids=()).tokens for p in ps]
+    with engine(path, 2, graphs=True) as g:
+        assert g.warm_prefill([64, 200]) == [(64, 1), (256, 1)]
+        capture = g._capture_prefill
+        captures = []
+        g._capture_prefill = lambda *a: captures.append(a[1:]) or capture(*a)
+        got = [g.generate(p, 6, eos_token_ids=()).tokens for p in ps]
+        assert captures == [] and sorted(k[:2] for k in g._prefill_graph_cache) == [(64, 1), (256, 1)]
+    print(f"{dtype}: after warm_prefill {got}")
+    assert got == eager

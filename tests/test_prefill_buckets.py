@@ -351,7 +351,7 @@ def test_graphs_off_moe_and_failed_shapes_prefill_eagerly_unpadded(fake_rt):
 def test_a_capture_refused_midway_falls_back_to_the_same_pass_eagerly(fake_rt):
     e, rec = bare_engine(fake_rt)
     rec.refuse_in_capture = True
-    with pytest.warns(RuntimeWarning, match=r"prefill graph of 32 token rows and 1 requests failed \(CudaError: "):
+    with pytest.warns(RuntimeWarning, match=r"32 token rows and 1 requests failed \(capture: CudaError: "):
         prefill(e, [20])
     # the padded pass ran eagerly right after, out of capture mode, with the thread's last error cleared
     assert rec.forwards == [(32, False)]
@@ -421,3 +421,70 @@ def test_padded_prefill_views_describe_logits_and_tokens_of_the_real_requests_on
     plain = llama.step_views(c, "float16", 0, base, layout, "prefill", 32, 4)
     assert plain.logits.shape == (4, 100) and plain.qo_indptr.shape == (5,)
     assert plain.last_rows == v.last_rows  # the last-row gather reads the same region either way
+
+
+def test_a_failed_cuda_graph_plan_prefills_eagerly_unpadded(fake_rt):
+    """E.g. FA2's split-KV scratch of a long bucket larger than the workspace: the plan call raises."""
+    e, rec = bare_engine(fake_rt)
+    padded_plan = e._plan_prefill_padded
+
+    def refuse(batch):
+        raise RuntimeError("Out of workspace memory")
+
+    e._plan_prefill_padded = refuse
+    with pytest.warns(RuntimeWarning, match=r"32 token rows and 1 requests failed \(planning: RuntimeError: Out of"):
+        prefill(e, [20])
+    assert rec.forwards == [(20, False)]  # the unpadded pass on the same device arrays (they begin alike)
+    assert rec.plans == [{"batch": 1, "qo": [0, 20], "cuda_graph": False}]
+    assert list(e.prefill_graph_failures) == [(32, 1)] and not fake_rt.live
+    e._plan_prefill_padded = padded_plan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prefill(e, [30])  # the same shape: eager, no second warning
+        prefill(e, [40])  # another bucket: captured
+    assert rec.forwards == [(20, False), (30, False), (64, True)]
+
+
+def warm_engine():
+    e, _ = bare_engine(None, max_batch=4, max_tokens=512)
+    e._closed = False
+    e.max_seq_len = 300
+    calls = []
+    e.generate = lambda prompts, new, eos_token_ids=None: calls.append(([len(p) for p in prompts], new, eos_token_ids))
+    e._prefill_graph_cache = {(64, 3, 7, 8): None, (512, 1, 9): None}  # what the prefills captured
+    return e, calls
+
+
+def test_warm_prefill_runs_one_prefill_of_dummy_prompts_per_length():
+    e, calls = warm_engine()
+    assert e.warm_prefill([40, 7], batch=3) == [(64, 3), (512, 1)]
+    assert calls == [([14, 13, 13], 1, ()), ([3, 2, 2], 1, ())]
+    e.warm_prefill([299])  # the most one request can hold with its token
+    assert calls[-1] == ([299], 1, ())
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (([],), "lengths: expected a non-empty list"),
+        (("64",), "lengths: expected a non-empty list"),
+        ((64,), "lengths: expected a non-empty list"),
+        (([16, 0],), r"lengths\[1\]: expected token rows in \[1, 299\]"),
+        (([300],), r"lengths\[0\]: expected token rows in \[1, 299\] .*max_seq_len - 1 per request"),
+        (([2.0],), r"lengths\[0\]"),
+        (([True],), r"lengths\[0\]"),
+        (([513], 2), r"lengths\[0\]: expected token rows in \[2, 512\]"),
+        (([16], 0), r"batch: expected requests per prefill in \[1, 4\]"),
+        (([16], 5), r"batch: expected requests per prefill in \[1, 4\]"),
+        (([16], True), "batch"),
+        (([1], 2), r"lengths\[0\]: expected token rows in \[2, "),
+    ],
+)
+def test_warm_prefill_refuses_bad_arguments_by_name(args, match):
+    e, calls = warm_engine()
+    with pytest.raises(ValueError, match=match):
+        e.warm_prefill(*args)
+    assert not calls
+    e._closed = True
+    with pytest.raises(ValueError, match="engine: closed"):
+        e.warm_prefill([16])

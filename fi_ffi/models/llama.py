@@ -848,6 +848,39 @@ class LlamaEngine:
                     out[r.rid] = logits
         return [out[r.rid] for r in reqs]
 
+    def warm_prefill(self, lengths: Sequence[int], batch: int = 1) -> list[tuple[int, int]]:
+        """Capture, before serving, the prefill graphs that prefills of ``lengths`` token rows in all, of ``batch``
+        requests each, will replay, so that no request pays a capture (a bucket met the first time costs about
+        one eager prefill more than a replay; README, Performance). Each length runs one prefill of ``batch``
+        dummy prompts (token 0, ``lengths[i]`` tokens together) with one new token and frees their pages; lengths
+        of one bucket capture it once. Nothing is captured where prefill graphs do not apply (``prefill_graphs =
+        False``, MoE layers, tensor parallelism, the subclass engines) or a capture fails (a warning says so).
+
+        Args:
+            lengths: token rows per prefill, each in ``[batch, max_prefill_tokens]`` and at most
+                ``batch * (max_seq_len - 1)`` (each dummy prompt leaves room for its token).
+            batch: requests per prefill, in ``[1, max_batch]``.
+
+        Returns:
+            the ``(bucket rows, requests)`` of every prefill graph the engine now holds, in replay order.
+        """
+        self._check_open()
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= self.max_batch:
+            raise ValueError(f"batch: expected requests per prefill in [1, {self.max_batch}], got {batch!r:.40}")
+        if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or not lengths:
+            raise ValueError(f"lengths: expected a non-empty list of token-row counts, got {lengths!r:.60}")
+        top = min(self.max_prefill_tokens, batch * (self.max_seq_len - 1))
+        for i, n in enumerate(lengths):
+            if isinstance(n, bool) or not isinstance(n, int) or not batch <= n <= top:
+                raise ValueError(
+                    f"lengths[{i}]: expected token rows in [{batch}, {top}] (at least one per request; at most "
+                    f"max_prefill_tokens, and max_seq_len - 1 per request), got {n!r:.40}"
+                )
+        for n in lengths:
+            prompts = [[0] * (n // batch + (1 if r < n % batch else 0)) for r in range(batch)]
+            self.generate(prompts, 1, eos_token_ids=())
+        return [(int(key[0]), int(key[1])) for key in self._prefill_graph_cache]
+
     def _scheduler(self, eos_token_ids: Sequence[int] | None) -> Scheduler:
         eos = self.config.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
         return Scheduler(
@@ -890,14 +923,9 @@ class LlamaEngine:
         n = self._playout.end("kv_indices", n_pages)
         cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, _address(self._phost), 4 * n, _H2D, s)
         v = self._view("prefill", nnz, batch)  # the real rows and requests: the last-row gather, head, sampling
-        if bucket is None:
+        if bucket is None or not self._prefill_padded(nnz, batch, bucket):
             self._plan_prefill(batch)
             self._forward(v, nnz, self._prefill_attention)
-        else:
-            self._plan_prefill_padded(batch + 1)
-            padded = self._view("padded prefill", bucket, batch + 1)
-            if not self._prefill_graph(padded, bucket, batch):
-                self._forward(padded, bucket, self._prefill_attention)  # the capture failed: the same pass, eagerly
         full = None
         if all_logits:  # a check, not serving: allocated here
             hr = self._head_rows
@@ -934,6 +962,33 @@ class LlamaEngine:
             return None
         bucket = bucket_for(nnz, self.prefill_buckets)
         return None if (bucket, batch) in self.prefill_graph_failures else bucket
+
+    def _prefill_padded(self, nnz: int, batch: int, bucket: int) -> bool:
+        """The forward pass of a prefill padded to ``bucket`` rows (the index arrays on the device), as that bucket's
+        graph, or eagerly if its capture fails; False when its CUDA-graph plan fails (e.g. FA2's split-KV scratch
+        for a long bucket exceeds the workspace): recorded, and the caller runs the prefill eagerly, unpadded (the
+        padded arrays begin with the unpadded ones, so the copy already made serves it)."""
+        try:
+            self._plan_prefill_padded(batch + 1)
+        except Exception as exc:
+            self._prefill_graph_failed(bucket, batch, "planning", exc)
+            return False
+        padded = self._view("padded prefill", bucket, batch + 1)
+        if not self._prefill_graph(padded, bucket, batch):
+            self._forward(padded, bucket, self._prefill_attention)  # the capture failed: the same pass, eagerly
+        return True
+
+    def _prefill_graph_failed(self, rows: int, batch: int, stage: str, exc: Exception) -> None:
+        """Record why the prefill graph of ``rows`` rows and ``batch`` requests failed (that shape is eager from
+        now on: :meth:`_prefill_bucket`), and warn once."""
+        why = f"{stage}: {type(exc).__name__}: {exc}"[:500]
+        self.prefill_graph_failures[(rows, batch)] = why
+        warnings.warn(
+            f"LlamaEngine: the prefill graph of {rows} token rows and {batch} requests failed ({why}); prefills of "
+            f"that shape run eagerly from now on (engine.prefill_graph_failures)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _prefill_graph(self, v: SimpleNamespace, rows: int, batch: int) -> bool:
         """Run the padded prefill pass (``rows``: the bucket's token rows, ``v`` its views; ``batch`` real requests
@@ -975,14 +1030,7 @@ class LlamaEngine:
                 self._forward(v, rows, self._prefill_attention)
         except Exception as exc:  # e.g. a launch refused in capture, an allocation, instantiation refused
             graph.close()
-            why = f"{type(exc).__name__}: {exc}"[:500]
-            self.prefill_graph_failures[(rows, batch)] = why
-            warnings.warn(
-                f"LlamaEngine: capturing the prefill graph of {rows} token rows and {batch} requests failed ({why}); "
-                f"prefills of that shape run eagerly from now on (engine.prefill_graph_failures)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._prefill_graph_failed(rows, batch, "capture", exc)
             return None
         except BaseException:  # interrupted: nothing else holds the graph
             graph.close()
