@@ -11,7 +11,9 @@ How a call runs:
 1. **Read.** Each tensor argument gives ``(layout key, data pointer)`` through :mod:`fi_ffi.producers`
    (descriptor, torch, CuPy, any DLPack / CUDA-array-interface producer). Scalars are their own keys.
 2. **Look up.** The tuple of keys (plus ``context``, a hashable value the op adds, e.g. its plan settings)
-   is looked up in this thread's frame cache. A hit is a layout combination that passed every check before:
+   is looked up in this thread's frame cache. Scalar parameters that are a function of the context (a
+   :class:`Bound`: a decode run's plan scalars) are neither arguments of the launch function nor keyed. A hit
+   is a layout combination that passed every check before:
    the cache holds the packed frame image for it (argument slots and one ``DLTensor`` record per tensor
    parameter, owned by the frame), plus that layout's pointer rules (:mod:`fi_ffi.launch.pointer_rules`).
 3. **Test the pointers**, every call: each against its alignment mask (one test of all pointers against the
