@@ -370,7 +370,7 @@ def batch_decode_run(
 
 def _run_scalars(context: Any) -> tuple[Any, ...]:
     """The run's scalars that are the plan's settings, from its launcher context (a RunContext), in RUN's order."""
-    s = context.settings
+    s, _ = context  # (settings, batch size)
     return s.layout_code, s.window_left, s.logits_soft_cap, s.sm_scale, s.rope_rcp_scale, s.rope_rcp_theta
 
 
