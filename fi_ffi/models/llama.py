@@ -213,6 +213,8 @@ class LlamaEngine:
         # the MoE layers' grouped-GEMM workspace: made by _load where the model has routed experts (close() frees it)
         self._ws_moe: Any = None
         self.prefill_graphs = True
+        # an eager decode step of at most 4 rows runs its norms and SiLU inside the GEMVs (_fused_step)
+        self.fused_decode = True
         self._prefill_graph_cache: dict[tuple[int, ...], Any] = {}
         self._prefill_seen: dict[tuple[int, ...], int] = {}
         self.comm: Any = None
@@ -455,6 +457,8 @@ class LlamaEngine:
         )
 
     def _allocate(self) -> None:
+        from .dense import GEMV_MAX_ROWS
+
         cp, c = self._cp, self.config
         storage = np.float16 if self.dtype == "float16" else np.uint16
         rows = max(self.max_prefill_tokens, self.max_batch)
@@ -468,6 +472,7 @@ class LlamaEngine:
             gu=cp.empty((rows, 2 * c.intermediate_size), storage),
             act=cp.empty((rows, c.intermediate_size), storage),
             last=cp.empty((self.max_batch, h), storage),
+            h_alt=cp.empty((GEMV_MAX_ROWS, h), storage),  # the fused step's second residual buffer (_fused_step)
             logits=cp.empty((self.max_batch, c.vocab_size), np.float32),
             ids=cp.empty(self.max_batch, np.int32),
             kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), storage),
@@ -611,6 +616,98 @@ class LlamaEngine:
                 kernels.silu_and_mul(v.gu, v.act, s)
                 dense.linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab)
             self._add_norm(v, self._ln1[i + 1] if i < last else self._norm)
+
+    def _fuses(self, rows: int) -> bool:
+        """Whether an eager decode step of ``rows`` rows runs as :meth:`_fused_step`: ``fused_decode`` on, this
+        class's own forward pass and head (a family engine's may differ), one GPU (no all-reduce, no vocabulary
+        shard), no MoE layer, and the engine's GEMV serving the rows (at most 4; see Dense.fused_fits)."""
+        c, cls = self.config, type(self)
+        return (
+            self.fused_decode
+            and cls._forward is LlamaEngine._forward
+            and cls._head is LlamaEngine._head
+            and cls._decode_attention is LlamaEngine._decode_attention
+            and self._allreduce is None
+            and self.vocab_shard is None
+            and not self._moe
+            and self.dense.fused_fits(rows, c.hidden_size)
+            and self.dense.fused_fits(rows, c.intermediate_size)
+        )
+
+    def _fused_step(self, v: SimpleNamespace, rows: int) -> None:
+        """:meth:`_forward` and :meth:`_head` of a decode step in 7 launches per layer instead of 10: the RMSNorms
+        and the residual adds run in the prologue of the GEMV that reads their output (``Dense.fused_linear``,
+        modes NORM / ADD_NORM), and ``silu_and_mul`` in the down GEMV's (SILU). Same rounding points as the
+        separate launches: the o and down GEMVs write their rounded output into ``x`` as before; the next GEMV
+        forms ``s = h + x`` in float32, normalizes ``s`` (not its rounding, as ``fused_add_rmsnorm`` does) and
+        stores ``round(s)`` as the new residual. That store goes to the other of two residual buffers (``h``,
+        ``h_alt``), since every block of the launch still reads the old one; the final norm is the LM head's
+        prologue. Leaves the float32 logits in ``logits``, finished (:meth:`_finish_logits`)."""
+        from .dense import ADD_NORM, NORM, SILU
+
+        c, b, dense, s = self.config, self._buf, self.dense, self._s
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
+        x, qkv, attn, gu = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr
+        w, hqd = self._qkv_width, c.num_qo_heads * c.head_dim
+        fused = dense.fused_linear
+        cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
+        dense.gather_rows(rows, self._embed, h, v.token_ids, cur, h, h)
+        for i in range(c.num_layers):
+            if i == 0:  # input_layernorm of the embedding rows (rmsnorm)
+                fused(NORM, rows, 0, 0, self._wqkv[0], w, h, qkv, w, ab, ab, cur, h, self._ln1[0].data_ptr, 0, eps)
+            else:  # h += the previous layer's down output; input_layernorm (fused_add_rmsnorm)
+                fused(
+                    ADD_NORM, rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab, cur, h, self._ln1[i].data_ptr, other, eps
+                )
+                cur, other = other, cur
+            if c.qk_norm:
+                kernels.qk_rmsnorm(v.q, self._q_norm[i], eps, s)
+                kernels.qk_rmsnorm(v.k, self._k_norm[i], eps, s)
+            kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
+            kernels.append_kv(
+                v.k,
+                v.v,
+                v.batch_indices,
+                v.positions,
+                self._k_cache[i],
+                self._v_cache[i],
+                v.kv_indices,
+                v.kv_indptr,
+                v.kv_last_page_len,
+                s,
+            )
+            self._decode_attention(i, v)
+            dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)
+            # h += o's output; post_attention_layernorm; gate/up
+            fused(
+                ADD_NORM,
+                rows,
+                x,
+                h,
+                self._wgu[i],
+                2 * inter,
+                h,
+                gu,
+                2 * inter,
+                ab,
+                ab,
+                cur,
+                h,
+                self._ln2[i].data_ptr,
+                other,
+                eps,
+            )
+            cur, other = other, cur
+            fused(SILU, rows, gu, 2 * inter, self._wd[i], h, inter, x, h, ab, ab)
+        # h += the last down output; the final norm; the LM head (its new residual is not needed: no h_out)
+        n, logits = self._head_rows, b.logits.data.ptr
+        if c.num_layers:
+            fused(
+                ADD_NORM, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, self._norm.data_ptr, 0, eps
+            )
+        else:
+            fused(NORM, rows, 0, 0, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, self._norm.data_ptr, 0, eps)
+        self._finish_logits(logits, rows, n)
 
     def _embed_and_norm(self, v: SimpleNamespace, rows: int) -> None:
         """The embedding rows of ``v.token_ids`` into the residual stream ``h`` and the first layer's input norm into
@@ -1041,8 +1138,11 @@ class LlamaEngine:
             if not sampling.greedy:
                 self._pick(v, n, sampling)
         else:
-            self._forward(v, n, self._decode_attention)
-            self._head(n, self._normed.data.ptr)
+            if self._fuses(n):
+                self._fused_step(v, n)
+            else:
+                self._forward(v, n, self._decode_attention)
+                self._head(n, self._normed.data.ptr)
             self._pick(v, n, sampling)
         self._share_ids(sampling)
         self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
