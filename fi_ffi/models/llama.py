@@ -651,6 +651,13 @@ class LlamaEngine:
         w, hqd = self._qkv_width, c.num_qo_heads * c.head_dim
         fused = dense.fused_linear
         cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
+        # RoPE and the KV append packed once per step view (their operands are the view's, which never move; keys
+        # are values: a kind and the layer), one FFI call each; the attention run takes this step's plan, which
+        # fi_ffi.prepare cannot pack (plan info changes every step)
+        prepared = v.prepared
+        rope = prepared.get("rope")
+        if rope is None:
+            rope = prepared["rope"] = kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s)
         dense.gather_rows(rows, self._embed, h, v.token_ids, cur, h, h)
         for i in range(c.num_layers):
             if i == 0:  # input_layernorm of the embedding rows (rmsnorm)
@@ -663,19 +670,22 @@ class LlamaEngine:
             if c.qk_norm:
                 kernels.qk_rmsnorm(v.q, self._q_norm[i], eps, s)
                 kernels.qk_rmsnorm(v.k, self._k_norm[i], eps, s)
-            kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
-            kernels.append_kv(
-                v.k,
-                v.v,
-                v.batch_indices,
-                v.positions,
-                self._k_cache[i],
-                self._v_cache[i],
-                v.kv_indices,
-                v.kv_indptr,
-                v.kv_last_page_len,
-                s,
-            )
+            rope()
+            append = prepared.get(("append", i))
+            if append is None:
+                append = prepared[("append", i)] = kernels.prepared_append_kv(
+                    v.k,
+                    v.v,
+                    v.batch_indices,
+                    v.positions,
+                    self._k_cache[i],
+                    self._v_cache[i],
+                    v.kv_indices,
+                    v.kv_indptr,
+                    v.kv_last_page_len,
+                    s,
+                )
+            append()
             self._decode_attention(i, v)
             dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)
             # h += o's output; post_attention_layernorm; gate/up
@@ -1254,7 +1264,7 @@ def step_views(
         kv_indices=region("kv_indices", layout.sizes["kv_indices"]),
         logits=t("logits", (batch, c.vocab_size), "float32"),
         ids=t("ids", (batch,), "int32"),
-        prepared={},  # the engine's launches packed once over these views (id of the other operand -> call)
+        prepared={},  # the engine's launches packed once over these views (a kind, or a weight's address -> call)
     )
     if kind == "prefill":
         v.qo_indptr = region("qo_indptr", batch + 1)
