@@ -244,14 +244,14 @@ def test_fused_decode_step_matches_the_separate_launches(tmp_path, model):
 
             engine._pick = pick
             calls = []
-            fl = engine.dense.fused_linear
-            engine.dense.fused_linear = lambda *a, calls=calls, fl=fl: (calls.append(a[0]), fl(*a))[1]
+            step = engine._fused_step
+            engine._fused_step = lambda v, rows, calls=calls, step=step: (calls.append(rows), step(v, rows))[1]
             try:
                 r = engine.generate(ps, [24, 13, 24, 7], eos_token_ids=())
             finally:
-                del engine.dense.fused_linear
+                del engine._fused_step
                 del engine._pick
-            assert bool(calls) == fused  # the fused step ran exactly when on (3 calls per layer + the head)
+            assert len(calls) == (r.decode_steps if fused else 0)  # every decode step fused exactly when on
             runs[fused] = (r.tokens, logits)  # the prefill's too (never fused: equal in both runs)
     (tok_f, log_f), (tok_u, log_u) = runs[True], runs[False]
     assert tok_f == tok_u

@@ -17,6 +17,7 @@ its stream current and gives it to :class:`Dense`, so they are the same.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from ..cuda_runtime import driver_error
@@ -605,6 +606,64 @@ class Dense:
         err = self._launch(fn, grid, 1, 1, 32 * _FUSED_WARPS, 1, 1, smem, self._stream, params, self._null)
         if err:
             raise driver_error(err, f"cuLaunchKernel(fused gemv, mode={mode}, rows={rows}, n={n}, k={k})")
+
+    def prepared_fused(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        h: int = 0,
+        h_ld: int = 0,
+        norm_weight: int = 0,
+        h_out: int = 0,
+        eps: float = 0.0,
+    ) -> Callable[[], None]:
+        """:meth:`fused_linear` with these arguments checked and packed once: calling the result launches it again
+        (no key built, no lookup: about one ``cuLaunchKernel``). The result keeps the packed argument array alive;
+        after :meth:`close` it raises instead of launching."""
+        key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps)
+        fn, grid, smem, params, values = self._pack_fused(key)
+        return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "fused gemv")
+
+    def prepared_linear(self, *args: Any) -> Callable[[], None]:
+        """:meth:`linear` (no ``accumulate``) with these arguments packed once where the GEMV serves it (see
+        :meth:`prepared_fused`); elsewhere a call of :meth:`linear` with them."""
+        rows = args[0]
+        packed = self._pack_gemv(tuple(args)) if self.gemv and rows <= GEMV_MAX_ROWS else ()
+        if not packed:
+            return lambda: self.linear(*args)
+        fn, grid, params, values = packed
+        return self._prepared(fn, grid, 32 * _GEMV_WARPS, 0, params, values, "gemv")
+
+    def prepared_gather(self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int) -> Any:
+        """:meth:`gather_rows` packed once and launched with ``cuLaunchKernel`` on this Dense's stream (a CuPy
+        ``RawKernel`` launch costs about 4 us more host time); needs the GEMV's driver (``gemv`` True)."""
+        if not self.gemv:
+            raise ValueError("dense: the driver launch path is off (closed, or the GEMV is unavailable)")
+        values = self._driver_ffi.new("uint64_t[6]", [src, index, dst, width, src_ld, dst_ld])
+        params = self._driver_ffi.new("void*[6]", [values + i for i in range(6)])
+        return self._prepared(_function_ptr(self._gather_fn), rows, 256, 0, params, values, "gather_rows16")
+
+    def _prepared(self, fn: int, grid: int, block: int, smem: int, params: Any, values: Any, name: str) -> Any:
+        launch, stream, null = self._launch, self._stream, self._null
+
+        def call() -> None:
+            if not self.gemv:  # closed: the module and its functions may be gone
+                raise ValueError("dense: closed (or the GEMV turned off); prepared launches refuse")
+            err = launch(fn, grid, 1, 1, block, 1, 1, smem, stream, params, null)
+            if err:
+                raise driver_error(err, f"cuLaunchKernel({name})")
+
+        call.keep = values  # type: ignore[attr-defined]  # the argument array params points into
+        return call
 
     def _pack_fused(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
         """Check one :meth:`fused_linear` call site and pack its kernel arguments once: ``(function, grid, shared

@@ -642,82 +642,72 @@ class LlamaEngine:
         forms ``s = h + x`` in float32, normalizes ``s`` (not its rounding, as ``fused_add_rmsnorm`` does) and
         stores ``round(s)`` as the new residual. That store goes to the other of two residual buffers (``h``,
         ``h_alt``), since every block of the launch still reads the old one; the final norm is the LM head's
-        prologue. Leaves the float32 logits in ``logits``, finished (:meth:`_finish_logits`)."""
+        prologue. Leaves the float32 logits in ``logits``, finished (:meth:`_finish_logits`).
+
+        Every launch but the attention run is packed once per step view (:meth:`_fused_calls`): a step calls
+        them in turn, with the attention run (this step's plan) between each layer's two halves."""
+        calls = v.prepared.get("fused step")
+        if calls is None:
+            calls = v.prepared["fused step"] = self._fused_calls(v, rows)
+        embed, layers, head = calls
+        embed()
+        attention = self._decode_attention
+        for i, (before, after) in enumerate(layers):
+            for call in before:
+                call()
+            attention(i, v)
+            for call in after:
+                call()
+        head()
+        self._finish_logits(self._buf.logits.data.ptr, rows, self._head_rows)
+
+    def _fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
+        """The packed launches of :meth:`_fused_step` over view ``v`` (``rows`` rows): the embedding gather, per
+        layer (the launches before the attention run, those after it), and the LM head. Each is checked when
+        packed (pointer rules, alignment); every operand is an engine buffer or weight, which never moves, and the
+        result is kept in the view's ``prepared`` (keyed by a value: the view is made once per step shape)."""
+        from fi_ffi import prepare, qk_rmsnorm
+
         from .dense import ADD_NORM, NORM, SILU
 
         c, b, dense, s = self.config, self._buf, self.dense, self._s
         h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
         x, qkv, attn, gu = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr
         w, hqd = self._qkv_width, c.num_qo_heads * c.head_dim
-        fused = dense.fused_linear
+        fused = dense.prepared_fused
         cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
-        # RoPE and the KV append packed once per step view (their operands are the view's, which never move; keys
-        # are values: a kind and the layer), one FFI call each; the attention run takes this step's plan, which
-        # fi_ffi.prepare cannot pack (plan info changes every step)
-        prepared = v.prepared
-        rope = prepared.get("rope")
-        if rope is None:
-            rope = prepared["rope"] = kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s)
-        dense.gather_rows(rows, self._embed, h, v.token_ids, cur, h, h)
+        embed = dense.prepared_gather(rows, self._embed, h, v.token_ids, cur, h, h)
+        rope = kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s)
+        layers = []
         for i in range(c.num_layers):
             if i == 0:  # input_layernorm of the embedding rows (rmsnorm)
-                fused(NORM, rows, 0, 0, self._wqkv[0], w, h, qkv, w, ab, ab, cur, h, self._ln1[0].data_ptr, 0, eps)
+                before = [
+                    fused(NORM, rows, 0, 0, self._wqkv[0], w, h, qkv, w, ab, ab, cur, h, self._ln1[0].data_ptr, 0, eps)
+                ]
             else:  # h += the previous layer's down output; input_layernorm (fused_add_rmsnorm)
-                fused(
-                    ADD_NORM, rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab, cur, h, self._ln1[i].data_ptr, other, eps
-                )
+                ln = self._ln1[i].data_ptr
+                before = [fused(ADD_NORM, rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, other, eps)]
                 cur, other = other, cur
-            if c.qk_norm:
-                kernels.qk_rmsnorm(v.q, self._q_norm[i], eps, s)
-                kernels.qk_rmsnorm(v.k, self._k_norm[i], eps, s)
-            rope()
-            append = prepared.get(("append", i))
-            if append is None:
-                append = prepared[("append", i)] = kernels.prepared_append_kv(
-                    v.k,
-                    v.v,
-                    v.batch_indices,
-                    v.positions,
-                    self._k_cache[i],
-                    self._v_cache[i],
-                    v.kv_indices,
-                    v.kv_indptr,
-                    v.kv_last_page_len,
-                    s,
-                )
-            append()
-            self._decode_attention(i, v)
-            dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)
-            # h += o's output; post_attention_layernorm; gate/up
-            fused(
-                ADD_NORM,
-                rows,
-                x,
-                h,
-                self._wgu[i],
-                2 * inter,
-                h,
-                gu,
-                2 * inter,
-                ab,
-                ab,
-                cur,
-                h,
-                self._ln2[i].data_ptr,
-                other,
-                eps,
+            if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE (packed as _add_norm packs its norm)
+                before.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], v.q, eps=eps, stream=s))
+                before.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], v.k, eps=eps, stream=s))
+            before.append(rope)
+            append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
+            before.append(kernels.prepared_append_kv(*append, v.kv_indices, v.kv_indptr, v.kv_last_page_len, s))
+            after = [dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)]
+            # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
+            ln = self._ln2[i].data_ptr
+            after.append(
+                fused(ADD_NORM, rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab, cur, h, ln, other, eps)
             )
             cur, other = other, cur
-            fused(SILU, rows, gu, 2 * inter, self._wd[i], h, inter, x, h, ab, ab)
-        # h += the last down output; the final norm; the LM head (its new residual is not needed: no h_out)
-        n, logits = self._head_rows, b.logits.data.ptr
-        if c.num_layers:
-            fused(
-                ADD_NORM, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, self._norm.data_ptr, 0, eps
-            )
-        else:
-            fused(NORM, rows, 0, 0, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, self._norm.data_ptr, 0, eps)
-        self._finish_logits(logits, rows, n)
+            after.append(fused(SILU, rows, gu, 2 * inter, self._wd[i], h, inter, x, h, ab, ab))
+            layers.append((before, after))
+        # h += the last down output; the final norm; the LM head (the new residual is not needed: no h_out)
+        n, logits, ln = self._head_rows, b.logits.data.ptr, self._norm.data_ptr
+        mode = ADD_NORM if c.num_layers else NORM
+        head = fused(mode, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, ln, 0, eps)
+        return embed, layers, head
 
     def _embed_and_norm(self, v: SimpleNamespace, rows: int) -> None:
         """The embedding rows of ``v.token_ids`` into the residual stream ``h`` and the first layer's input norm into
