@@ -364,13 +364,16 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
             "LM head + add-norm": (ADD_NORM, b.x.data.ptr, h, engine._lm_head, vocab, h, b.logits.data.ptr, vocab, f32),
         }
         for name, (mode, x, x_ld, wt, n_out, k_in, y, y_ld, out) in fused_calls.items():
-            parts[f"{name} (fused GEMV)"] = (
-                lambda mode=mode, x=x, x_ld=x_ld, wt=wt, n_out=n_out, k_in=k_in, y=y, y_ld=y_ld, out=out: (
-                    d.fused_linear(
-                        mode, 1, x, x_ld, wt, n_out, k_in, y, y_ld, ab, out, b.h.data.ptr, h, nw, b.h_alt.data.ptr, eps
-                    )
-                )
+            # packed once, as the fused step packs them; the cuBLAS rows above turn the GEMV off between rounds
+            call = d.prepared_fused(
+                mode, 1, x, x_ld, wt, n_out, k_in, y, y_ld, ab, out, b.h.data.ptr, h, nw, b.h_alt.data.ptr, eps
             )
+
+            def fused_gemv(call: Any = call) -> None:
+                d.lt, d.gemv = True, True
+                call()
+
+            parts[f"{name} (fused GEMV, prepared)"] = fused_gemv
     if hasattr(kernels, "prepared_append_kv"):  # packed once, as the fused step calls them
         parts["rope (prepared)"] = kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s)
         parts["append_paged_kv_cache (prepared)"] = kernels.prepared_append_kv(

@@ -165,6 +165,9 @@ class LlamaEngine:
     ``config`` is this rank's shard of the model (heads and MLP columns divided by ``tensor_parallel``),
     ``model_config`` the checkpoint's. ``prefill_graphs`` (default True): a prefill shape met a second time runs
     as a CUDA graph captured then (see :meth:`_prefill_graph`); set it False to always prefill eagerly.
+    ``fused_decode`` (default True): an eager decode step of at most 4 rows on one GPU without MoE layers runs its
+    RMSNorms, residual adds and SiLU inside the engine's GEMV launches, with every launch but the attention run
+    packed once (:meth:`_fused_step`; the same logits as the separate launches); False: the separate launches.
     """
 
     def __init__(
