@@ -13,11 +13,14 @@ GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
      ``silu_and_mul`` through fi_ffi, then the plain GEMV): within the same bound, and the share of bitwise-equal
      outputs is printed (the prologue sums in FlashInfer's order: equal unless its build rounds differently);
    - the new residual ``h_out`` equals ``round(h + x)`` exactly.
-2. The engine: greedy decoding of four prompts (1 to 4 rows: every step fused) with ``fused_decode`` on and off on
-   one random SmolLM2-like checkpoint per dtype: the tokens are equal, and the logits of every step are within
-   the engine tests' tolerance (``helpers.yardstick.LOGIT_TOL``: float16 0.02, bfloat16 0.08) with the bitwise
-   share printed. The unfused path is the one tests/test_gpu_llama.py checks against transformers.
-3. Bad pointers: a misaligned GEMV output, a misaligned or overlapping fused argument give ValueError naming it.
+2. The QKV GEMV with FlashInfer's RoPE (plain and Llama 3.1) and KV append as its epilogue: q, k, v and both
+   caches equal to the separate launches' bit for bit.
+3. The engine: greedy decoding of four prompts (1 to 4 rows: every step fused) with ``fused_decode`` on and off on
+   a random SmolLM2-like float16 checkpoint and a bfloat16 one with Llama 3.1 RoPE: the tokens are equal, and
+   the logits of every step are within the engine tests' tolerance (``helpers.yardstick.LOGIT_TOL``: float16
+   0.02, bfloat16 0.08) with the bitwise share printed. The unfused path is the one tests/test_gpu_llama.py
+   checks against transformers.
+4. Bad pointers: a misaligned GEMV output, a misaligned or overlapping fused argument give ValueError naming it.
 """
 
 from __future__ import annotations
@@ -154,6 +157,93 @@ def test_fused_gemv_variants_match_float32_and_the_separate_launches(dense, dtyp
                 np.testing.assert_array_equal(new_h, from16(to16(h32[:rows] + x32[:rows, :k], dtype), dtype))
 
 
+@pytest.mark.parametrize("llama3", [False, True], ids=["rope", "llama31"])
+@pytest.mark.parametrize(("dtype", "d"), [("float16", 64), ("bfloat16", 128)])
+def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype, d, llama3):
+    """Dense.prepared_qkv_rope (NORM and ADD_NORM prologues, 1 to 4 rows at positions up to 300) against the
+    launches it replaces: the fused GEMV into qkv, then FlashInfer's apply_rope_pos_ids (or the Llama 3.1 form)
+    in place and append_paged_kv_cache through fi_ffi. qkv (rotated q and k, plain v) and both caches must be
+    equal bit for bit (the epilogue repeats FlashInfer's arithmetic), and the rest of the caches untouched."""
+    from fi_ffi.models.config import RopeConfig
+    from fi_ffi.models.dense import RopeAppend
+
+    d_, stream = dense
+    dev = cp.cuda.Device().id
+    rng = np.random.default_rng(d + llama3)
+    hq, hk, k, ps, pages = 4, 2, 512, 16, 40  # 28 pages in use at most
+    n = (hq + 2 * hk) * d
+    ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
+    assert d_.has_qkv_rope(ab, d)
+    rope = (
+        RopeConfig(theta=5e5, llama3=True, factor=8.0, original_max_position_embeddings=64.0)
+        if llama3
+        else RopeConfig()
+    )
+    h16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
+    x16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
+    nw16 = to16(1 + 0.2 * rng.standard_normal(k).astype(np.float32), dtype)
+    w16 = to16(rng.standard_normal((n, k)).astype(np.float32) * 0.1, dtype)
+    hd, xd, nwd, wd = (cp.asarray(a) for a in (h16, x16, nw16, w16))
+    desc = lambda a, shape, dt=dtype, strides=None: kernels.descriptor(a.data.ptr, shape, dt, dev, strides, owner=a)  # noqa: E731
+    for mode in (NORM, ADD_NORM):
+        for rows in (1, 2, 3, 4):
+            # request r holds positions[r] + 1 tokens on its own pages (a shuffled page table)
+            positions = np.array([300, 17, 0, 95][:rows], np.int32)
+            per = [int(p) // ps + 1 for p in positions]
+            order = rng.permutation(pages)[: sum(per)].astype(np.int32)
+            indptr = np.concatenate([[0], np.cumsum(per)]).astype(np.int32)
+            meta = {
+                "positions": cp.asarray(positions),
+                "batch_indices": cp.arange(rows, dtype=np.int32),
+                "kv_indptr": cp.asarray(indptr),
+                "kv_indices": cp.asarray(order),
+                "last": cp.asarray((positions % ps + 1).astype(np.int32)),
+            }
+            start = rng.standard_normal((2, pages, ps, hk, d)).astype(np.float32)
+            caches = {f: cp.asarray(to16(start, dtype)) for f in ("fused", "sep")}
+            qkv = {f: cp.zeros((rows, n), h16.dtype) for f in ("fused", "sep")}
+            h_out = cp.zeros((4, k), h16.dtype)
+            cp.cuda.Device().synchronize()
+            kv = caches["fused"]
+            epilogue = RopeAppend(
+                hq=hq, hk=hk, d=d, theta=rope.theta, scale=rope.factor if llama3 else 1.0, llama3=llama3,
+                low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
+                old_context_len=rope.original_max_position_embeddings, positions=meta["positions"].data.ptr,
+                batch_indices=meta["batch_indices"].data.ptr, kv_indptr=meta["kv_indptr"].data.ptr,
+                kv_indices=meta["kv_indices"].data.ptr, k_cache=kv[0].data.ptr, v_cache=kv[1].data.ptr,
+                page_size=ps, num_pages=pages, stride_page=ps * hk * d, stride_n=hk * d, stride_h=d,
+            )  # fmt: skip
+            args = (rows, xd.data.ptr, k, wd.data.ptr, k, qkv["fused"].data.ptr, n, ab, hd.data.ptr, k, nwd.data.ptr)
+            call = d_.prepared_qkv_rope(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS, epilogue)
+            call()
+            # the separate launches: fused GEMV, RoPE in place, append
+            y = qkv["sep"]
+            d_.fused_linear(
+                mode, rows, xd.data.ptr, k, wd.data.ptr, n, k, y.data.ptr, n, ab, ab, hd.data.ptr, k, nwd.data.ptr,
+                h_out.data.ptr if mode == ADD_NORM else 0, EPS,
+            )  # fmt: skip
+            q_v = desc(y, (rows, hq, d), strides=(n, d, 1))
+            k_v = kernels.descriptor(y.data.ptr + 2 * hq * d, (rows, hk, d), dtype, dev, (n, d, 1), owner=y)
+            v_v = kernels.descriptor(y.data.ptr + 2 * (hq + hk) * d, (rows, hk, d), dtype, dev, (n, d, 1), owner=y)
+            pos = desc(meta["positions"], (rows,), "int32")
+            kernels.rope_inplace(q_v, k_v, pos, rope, stream.ptr)
+            sep = caches["sep"]
+            kernels.append_kv(
+                k_v, v_v, desc(meta["batch_indices"], (rows,), "int32"), pos,
+                desc(sep[0], (pages, ps, hk, d)), desc(sep[1], (pages, ps, hk, d)),
+                desc(meta["kv_indices"], (len(order),), "int32"), desc(meta["kv_indptr"], (rows + 1,), "int32"),
+                desc(meta["last"], (rows,), "int32"), stream.ptr,
+            )  # fmt: skip
+            stream.synchronize()
+            what = f"{dtype} d={d} {'llama31' if llama3 else 'rope'} mode {mode} rows {rows}"
+            a, b = qkv["fused"].get(), qkv["sep"].get()
+            same = float((caches["fused"] == sep).astype(np.float32).mean())
+            print(f"{what}: qkv {np.mean(a == b):.2%} equal, caches {same:.4%} equal")
+            np.testing.assert_array_equal(a, b, err_msg=f"{what}: qkv")
+            np.testing.assert_array_equal(caches["fused"].get(), sep.get(), err_msg=f"{what}: caches")
+            assert not np.array_equal(caches["fused"].get(), to16(start, dtype)), what  # something was appended
+
+
 def test_gemv_and_fused_gemv_refuse_bad_pointers(dense):
     """A GEMV output not aligned to its element, a fused argument not 16-byte aligned, and a new residual written
     over the one every block reads: ValueError naming the argument (before any launch)."""
@@ -182,8 +272,9 @@ def test_gemv_and_fused_gemv_refuse_bad_pointers(dense):
     stream.synchronize()
 
 
-def make_checkpoint(folder, dtype: str, head_dim: int, heads: tuple[int, int], hidden: int, inter: int):
-    """A random Llama (4 layers, tied embedding, vocab 4096) saved without torch; norm weights around 1."""
+def make_checkpoint(folder, dtype: str, head_dim: int, heads: tuple[int, int], hidden: int, inter: int, llama3: bool):
+    """A random Llama (4 layers, tied embedding, vocab 4096) saved without torch; norm weights around 1; with
+    ``llama3`` Llama 3.1 RoPE scaling whose original context (64) the prompts pass."""
     rng = np.random.default_rng(7)
     hq, hk = heads
     cfg = dict(
@@ -191,6 +282,11 @@ def make_checkpoint(folder, dtype: str, head_dim: int, heads: tuple[int, int], h
         num_attention_heads=hq, num_key_value_heads=hk, head_dim=head_dim, tie_word_embeddings=True,
         rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=EPS, eos_token_id=2,
     )  # fmt: skip
+    if llama3:
+        cfg["rope_scaling"] = {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }  # fmt: skip
 
     def t(*shape: int, scale: float = 0.05, mean: float = 0.0):
         a = (mean + scale * rng.standard_normal(shape)).astype(np.float32)
@@ -219,9 +315,9 @@ def make_checkpoint(folder, dtype: str, head_dim: int, heads: tuple[int, int], h
     return folder
 
 
-MODELS = {  # (dtype, head_dim, (q heads, kv heads), hidden, intermediate)
-    "f16-smollm2-like": ("float16", 64, (9, 3), 576, 1536),
-    "bf16-d128": ("bfloat16", 128, (8, 2), 1024, 2816),
+MODELS = {  # (dtype, head_dim, (q heads, kv heads), hidden, intermediate, Llama 3.1 RoPE)
+    "f16-smollm2-like": ("float16", 64, (9, 3), 576, 1536, False),
+    "bf16-d128-llama31": ("bfloat16", 128, (8, 2), 1024, 2816, True),
 }
 
 

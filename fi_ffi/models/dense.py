@@ -16,8 +16,10 @@ its stream current and gives it to :class:`Dense`, so they are the same.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..cuda_runtime import driver_error
@@ -44,6 +46,7 @@ __all__ = [
     "SILU",
     "WORKSPACE_BYTES",
     "Dense",
+    "RopeAppend",
     "data_type",
 ]
 
@@ -299,13 +302,11 @@ __device__ __forceinline__ void row_vec(const unsigned short* __restrict__ h, co
     }
 }
 
-template <bool BF16, bool F32OUT, int MODE>
-__device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
-                                           void* __restrict__ y, int rows, int n, int k, long long x_ld,
-                                           long long y_ld, const unsigned short* __restrict__ h,
-                                           const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
-                                           long long h_ld, float eps) {
-    extern __shared__ uint4 sx[];  // the input rows, [rows, k / 8] vectors of 8 16-bit values
+// The prologue: the input rows into sx (shared), every thread of the block taking part; ends with a barrier.
+template <bool BF16, int MODE>
+__device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restrict__ x, int rows, int k, long long x_ld,
+                                      const unsigned short* __restrict__ h, const unsigned short* __restrict__ nw,
+                                      unsigned short* __restrict__ h_out, long long h_ld, float eps) {
     __shared__ float part[4][32];
     __shared__ float rcp[4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -373,6 +374,18 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
             }
     }
     __syncthreads();
+}
+
+template <bool BF16, bool F32OUT, int MODE>
+__device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                                           void* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                           long long y_ld, const unsigned short* __restrict__ h,
+                                           const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
+                                           long long h_ld, float eps) {
+    extern __shared__ uint4 sx[];  // the input rows, [rows, k / 8] vectors of 8 16-bit values
+    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int vecs = k >> 3;
     for (int j = blockIdx.x * warps + warp; j < n; j += gridDim.x * warps) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
@@ -422,10 +435,123 @@ FUSED(gemv_f16_f16_silu, false, false, 3)
 FUSED(gemv_f16_f32_silu, false, true, 3)
 FUSED(gemv_bf16_bf16_silu, true, false, 3)
 FUSED(gemv_bf16_f32_silu, true, true, 3)
+
+// The fused QKV GEMV of a decode step with FlashInfer's apply_rope_pos_ids (in place, non-interleaved, all of d
+// rotated) and append_paged_kv_cache (NHD) as its epilogue: y = qkv [rows, (hq + 2 hk) d], 16-bit. Each warp
+// computes the columns i and i + d/2 of one head (each column's sum exactly as gemv_fused's), rounds them as the
+// GEMV's output is rounded, rotates q and k heads with FlashInfer's arithmetic (its frequency and smoothing
+// expressions, __powf and __sincosf under --use_fast_math, the rotation written as its kernel writes it; the host
+// computes rcp_theta, rcp_scale, smooth_a and smooth_b as its launcher does), stores them back into y (attention
+// reads q there) and writes k and v heads into page kv_indices[kv_indptr[b] + pos / page_size], entry
+// pos % page_size of k_cache / v_cache (b = batch_indices[r], pos = positions[r]; strides in elements).
+template <bool BF16, int MODE>
+__device__ __forceinline__ void gemv_rope_append(
+        const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, unsigned short* __restrict__ y,
+        int rows, int n, int k, long long x_ld, long long y_ld, const unsigned short* __restrict__ h,
+        const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out, long long h_ld, float eps, int hq,
+        int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b,
+        const int* __restrict__ positions, const int* __restrict__ batch_indices, const int* __restrict__ kv_indptr,
+        const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache,
+        int page_size, long long stride_page, long long stride_n, long long stride_h) {
+    extern __shared__ uint4 sx[];
+    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int vecs = k >> 3;
+    const unsigned half = d >> 1;
+    const int pairs = n >> 1;
+    for (int p = blockIdx.x * warps + warp; p < pairs; p += gridDim.x * warps) {
+        const int head = p / (int)half;
+        const unsigned i = p - head * (int)half;
+        const long long j0 = (long long)head * d + i, j1 = j0 + half;
+        float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint4* w0 = reinterpret_cast<const uint4*>(w + j0 * k);
+        const uint4* w1 = reinterpret_cast<const uint4*>(w + j1 * k);
+        for (int c = lane; c < vecs; c += 32) {
+            uint4 u0 = __ldg(w0 + c), u1 = __ldg(w1 + c);
+            const unsigned short* v0 = reinterpret_cast<const unsigned short*>(&u0);
+            const unsigned short* v1 = reinterpret_cast<const unsigned short*>(&u1);
+            float f0[8], f1[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                f0[e] = tof<BF16>(v0[e]);
+                f1[e] = tof<BF16>(v1[e]);
+            }
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                if (r < rows) {
+                    uint4 b = sx[r * vecs + c];
+                    const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        a0[r] += f0[e] * tof<BF16>(bv[e]);
+                        a1[r] += f1[e] * tof<BF16>(bv[e]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+            for (int off = 16; off; off >>= 1) {
+                a0[r] += __shfl_xor_sync(0xffffffffu, a0[r], off);
+                a1[r] += __shfl_xor_sync(0xffffffffu, a1[r], off);
+            }
+        if (lane != 0) continue;
+        // element i's frequency (i + d/2 has the same: FlashInfer indexes it by e % (d / 2))
+        float freq = __powf(rcp_theta, float(2 * (i % half)) / float(d));
+        float smooth = freq * smooth_a + smooth_b;
+        smooth = max(0.0f, min(1.0f, smooth));
+        // explicit fmas where the compiler could contract either product: FlashInfer's build fuses the first
+        freq = __fmaf_rn(1 - smooth, freq * rcp_scale, smooth * freq);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            if (r >= rows) break;
+            unsigned short q0 = fromf<BF16>(a0[r]), q1 = fromf<BF16>(a1[r]);
+            const int pos = positions[r];
+            if (head < hq + hk) {
+                float sn, cs;
+                __sincosf(float(pos) * freq, &sn, &cs);
+                const float x0 = tof<BF16>(q0), x1 = tof<BF16>(q1);
+                const float o0 = __fmaf_rn(x0, cs, -x1 * sn);
+                const float o1 = __fmaf_rn(x1, cs, x0 * sn);
+                q0 = fromf<BF16>(o0);
+                q1 = fromf<BF16>(o1);
+            }
+            y[r * y_ld + j0] = q0;
+            y[r * y_ld + j1] = q1;
+            if (head >= hq) {
+                const bool is_k = head < hq + hk;
+                const int kvh = is_k ? head - hq : head - hq - hk;
+                const int page = kv_indices[kv_indptr[batch_indices[r]] + pos / page_size];
+                const long long at = page * stride_page + (long long)(pos % page_size) * stride_n + kvh * stride_h + i;
+                unsigned short* cache = is_k ? k_cache : v_cache;
+                cache[at] = q0;
+                cache[at + half] = q1;
+            }
+        }
+    }
+}
+
+#define ROPE_APPEND(name, bf16, mode)                                                                              \
+    extern "C" __global__ void name(                                                                               \
+            const unsigned short* x, const unsigned short* w, unsigned short* y, int rows, int n, int k,             \
+            long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,                       \
+            unsigned short* h_out, long long h_ld, float eps, int hq, int hk, unsigned d, float rcp_theta,           \
+            float rcp_scale, float smooth_a, float smooth_b, const int* positions, const int* batch_indices,         \
+            const int* kv_indptr, const int* kv_indices, unsigned short* k_cache, unsigned short* v_cache,           \
+            int page_size, long long stride_page, long long stride_n, long long stride_h) {                          \
+        gemv_rope_append<bf16, mode>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d,           \
+                                     rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices, kv_indptr, \
+                                     kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, stride_h);     \
+    }
+ROPE_APPEND(gemv_f16_norm_rope, false, 1)
+ROPE_APPEND(gemv_bf16_norm_rope, true, 1)
+ROPE_APPEND(gemv_f16_addnorm_rope, false, 2)
+ROPE_APPEND(gemv_bf16_addnorm_rope, true, 2)
 """
 # the fused GEMV's prologues (see _FUSED_SOURCE); Dense.fused_linear's `mode`
 NORM, ADD_NORM, SILU = 1, 2, 3
 _FUSED_SUFFIX = {NORM: "norm", ADD_NORM: "addnorm", SILU: "silu"}
+_ROPE = 16  # a mode flag: the QKV GEMV with RoPE and the KV append as its epilogue (Dense.prepared_qkv_rope)
 _FUSED_WARPS = 8  # output columns per block per pass (one warp each); a block stages its input rows once
 _STATIC_SMEM = 48 << 10  # dynamic shared memory a kernel may take without opting in
 
@@ -437,6 +563,52 @@ _GEMV_NAMES = {
     (CUDA_R_16BF, CUDA_R_16BF): "gemv_bf16_bf16",
     (CUDA_R_16BF, CUDA_R_32F): "gemv_bf16_f32",
 }
+
+
+@dataclass(frozen=True)
+class RopeAppend:
+    """What :meth:`Dense.prepared_qkv_rope`'s epilogue needs: the heads (``hq`` query, ``hk`` key/value), head
+    dim ``d``; the RoPE settings as FlashInfer's op takes them (``theta``, ``scale``; with ``llama3`` also
+    ``low_freq_factor``, ``high_freq_factor``, ``old_context_len``); this step's int32 device arrays
+    (``positions``, ``batch_indices`` per row, ``kv_indptr``, ``kv_indices``) and the layer's NHD caches
+    (``k_cache``, ``v_cache``: ``num_pages`` pages of ``page_size`` tokens, strides in elements). Addresses as
+    ints; a value (the engine keys nothing by it)."""
+
+    hq: int
+    hk: int
+    d: int
+    theta: float
+    scale: float
+    llama3: bool
+    low_freq_factor: float
+    high_freq_factor: float
+    old_context_len: float
+    positions: int
+    batch_indices: int
+    kv_indptr: int
+    kv_indices: int
+    k_cache: int
+    v_cache: int
+    page_size: int
+    num_pages: int
+    stride_page: int
+    stride_n: int
+    stride_h: int
+
+    def constants(self) -> tuple[float, float, float, float]:
+        """``(rcp_theta, rcp_scale, smooth_a, smooth_b)`` as FlashInfer's launcher computes them from its float
+        arguments (float32 reciprocals; smooth_a through double, as its expression with M_PI evaluates)."""
+        import numpy as np
+
+        f = np.float32
+        theta, scale = f(self.theta), f(self.scale)
+        rcp_theta, rcp_scale = f(1) / theta, f(1) / scale
+        if not self.llama3:
+            return float(rcp_theta), float(rcp_scale), 0.0, 0.0
+        low, high, old = f(self.low_freq_factor), f(self.high_freq_factor), f(self.old_context_len)
+        smooth_a = f(float(old) / (2 * math.pi * float(high) - 2 * math.pi * float(low)))
+        smooth_b = f(-1) / (high / low - f(1))
+        return float(rcp_theta), float(rcp_scale), float(smooth_a), float(smooth_b)
 
 
 def _overlap(a: int, a_len: int, b: int, b_len: int) -> bool:
@@ -545,6 +717,15 @@ class Dense:
                         except Exception:
                             optin = limit
                     fns[(mode, ab, c)] = _function_ptr(kernel)
+            for ab, name in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):  # the QKV GEMV with RoPE + KV append
+                for mode, suffix in ((NORM, "norm"), (ADD_NORM, "addnorm")):
+                    kernel = module.get_function(f"gemv_{name}_{suffix}_rope")
+                    if optin > limit:
+                        try:
+                            kernel.max_dynamic_shared_size_bytes = optin
+                        except Exception:
+                            optin = limit
+                    fns[(mode | _ROPE, ab, ab)] = _function_ptr(kernel)
             self._fused_smem = max(limit, optin)
             self._fused_grid = 8 * int(attrs.get("MultiProcessorCount", 132))
             self._fused_module, self._fused_fns = module, fns
@@ -665,13 +846,15 @@ class Dense:
         call.keep = values  # type: ignore[attr-defined]  # the argument array params points into
         return call
 
-    def _pack_fused(self, key: tuple[Any, ...]) -> tuple[Any, ...]:
+    def _pack_fused(self, key: tuple[Any, ...], checks_only: bool = False) -> tuple[Any, ...]:
         """Check one :meth:`fused_linear` call site and pack its kernel arguments once: ``(function, grid, shared
-        bytes, params, values)``; at most 4096 kept, then the cache starts again."""
+        bytes, params, values)``; at most 4096 kept, then the cache starts again. ``checks_only``: the checks and
+        ``(function, grid, shared bytes, None, None)``, nothing packed or kept (the RoPE variant packs its own)."""
         mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps = key
         fn = self._fused_fns.get((mode, ab_type, c_type))
-        if fn is None or mode not in _FUSED_SUFFIX:
+        if fn is None or (mode & ~_ROPE) not in _FUSED_SUFFIX:
             raise ValueError(f"mode: no fused GEMV for mode {mode!r} and types ({ab_type}, {c_type})")
+        rope, mode = mode & _ROPE, mode & ~_ROPE
         if not self.fused_fits(rows, k):
             raise ValueError(f"rows, k: the fused GEMV does not serve {rows} rows of {k} (see fused_fits)")
         if not 0 < n < 1 << 31:
@@ -701,6 +884,9 @@ class Dense:
                 raise ValueError(f"h_out: overlaps {name} (block 0 writes h_out while every block reads {name})")
         if mode == ADD_NORM and h_out and _overlap(h_out, span_in, y, span_y):
             raise ValueError("h_out: overlaps y")
+        if checks_only:
+            return (fn, None, rows * k * 2, None, None)
+        assert not rope
         ffi = self._driver_ffi
         eps_bits = int.from_bytes(struct.pack("<f", eps), "little")
         # one 8-byte slot per kernel argument (int and float ones read their low 4 bytes: little-endian)
@@ -712,6 +898,72 @@ class Dense:
             self._fused_args.clear()
         self._fused_args[key] = packed
         return packed
+
+    def has_qkv_rope(self, ab_type: int, d: int) -> bool:
+        """Whether :meth:`prepared_qkv_rope` serves ``ab_type`` inputs and head dim ``d`` (its kernels compiled;
+        the head dims FlashInfer's RoPE serves)."""
+        return (ADD_NORM | _ROPE, ab_type, ab_type) in self._fused_fns and d in (64, 128, 256, 512)
+
+    def prepared_qkv_rope(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+        rope: RopeAppend,
+    ) -> Callable[[], None]:
+        """The fused QKV GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`fused_linear`; 16-bit ``y =
+        qkv [rows, (hq + 2 hk) d]``) with FlashInfer's ``apply_rope_pos_ids`` (in place, non-interleaved, every
+        element rotated; Llama 3.1 scaling where ``rope.llama3``) and ``append_paged_kv_cache`` (NHD) of this step's
+        k and v as its epilogue, checked and packed once (see :meth:`prepared_fused`): one launch for three. The
+        result equals those launches' bit for bit (the GPU test checks it). Raises ValueError naming a misaligned,
+        NULL or overlapping argument (the caches against y, h, x and h_out) or a shape the kernel does not serve."""
+        r = rope
+        n = (r.hq + 2 * r.hk) * r.d
+        key = (mode | _ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
+        if mode not in (NORM, ADD_NORM):
+            raise ValueError(f"mode: the RoPE epilogue follows a NORM or ADD_NORM prologue, got {mode!r}")
+        if not (r.hq > 0 and r.hk > 0 and r.d in (64, 128, 256, 512) and r.page_size > 0 and r.num_pages > 0):
+            raise ValueError(f"rope: heads, head_dim (64 to 512), page size and pages must be positive, got {r}")
+        fn, grid, smem, _, _ = self._pack_fused(key, checks_only=True)
+        for name in ("positions", "batch_indices", "kv_indptr", "kv_indices"):
+            value = getattr(r, name)
+            if not value or value % 4:
+                raise ValueError(f"rope.{name}: 0x{value:x} must be a non-NULL address aligned to 4 bytes (int32)")
+        span_cache = 2 * r.num_pages * r.stride_page
+        span_y = 2 * ((rows - 1) * y_ld + n)
+        areas = [("y", y, span_y), ("h", h, 2 * ((rows - 1) * h_ld + k))]
+        if mode == ADD_NORM:
+            areas.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
+            if h_out:
+                areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
+        for name in ("k_cache", "v_cache"):
+            value = getattr(r, name)
+            if not value or value % 2:
+                raise ValueError(f"rope.{name}: 0x{value:x} must be a non-NULL address aligned to 2 bytes")
+            for other, base, span in areas:
+                if _overlap(value, span_cache, base, span):
+                    raise ValueError(f"rope.{name}: overlaps {other} (the launch writes the cache while reading it)")
+        if _overlap(r.k_cache, span_cache, r.v_cache, span_cache):
+            raise ValueError("rope.v_cache: overlaps rope.k_cache")
+        bits = [int.from_bytes(struct.pack("<f", v), "little") for v in (eps, *r.constants())]
+        ints = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, bits[0], r.hq, r.hk, r.d, *bits[1:]]
+        ints += [r.positions, r.batch_indices, r.kv_indptr, r.kv_indices, r.k_cache, r.v_cache, r.page_size]
+        ints += [r.stride_page, r.stride_n, r.stride_h]
+        values = self._driver_ffi.new(f"uint64_t[{len(ints)}]", ints)
+        params = self._driver_ffi.new(f"void*[{len(ints)}]", [values + i for i in range(len(ints))])
+        grid = min((n // 2 + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
+        return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "qkv gemv + rope + append")
 
     @property
     def lt(self) -> bool:

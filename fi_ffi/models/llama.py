@@ -681,22 +681,30 @@ class LlamaEngine:
         cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
         embed = dense.prepared_gather(rows, self._embed, h, v.token_ids, cur, h, h)
         rope = kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s)
+        # RoPE and the KV append as the QKV GEMV's epilogue, unless Qwen3's per-head norms come between
+        in_gemv = not c.qk_norm and dense.has_qkv_rope(ab, c.head_dim)
         layers = []
         for i in range(c.num_layers):
-            if i == 0:  # input_layernorm of the embedding rows (rmsnorm)
-                before = [
-                    fused(NORM, rows, 0, 0, self._wqkv[0], w, h, qkv, w, ab, ab, cur, h, self._ln1[0].data_ptr, 0, eps)
-                ]
-            else:  # h += the previous layer's down output; input_layernorm (fused_add_rmsnorm)
-                ln = self._ln1[i].data_ptr
-                before = [fused(ADD_NORM, rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, other, eps)]
+            # i == 0: input_layernorm of the embedding rows (rmsnorm); then h += the previous layer's down output
+            # and input_layernorm (fused_add_rmsnorm), the new residual into `other`
+            mode, ln, h_out = (NORM, self._ln1[0].data_ptr, 0) if i == 0 else (ADD_NORM, self._ln1[i].data_ptr, other)
+            if in_gemv:
+                epilogue = self._rope_append(i, v)
+                qkv_call = dense.prepared_qkv_rope(
+                    mode, rows, x, h, self._wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue
+                )
+            else:
+                qkv_call = fused(mode, rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
+            before = [qkv_call]
+            if i:
                 cur, other = other, cur
-            if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE (packed as _add_norm packs its norm)
-                before.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], v.q, eps=eps, stream=s))
-                before.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], v.k, eps=eps, stream=s))
-            before.append(rope)
-            append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
-            before.append(kernels.prepared_append_kv(*append, v.kv_indices, v.kv_indptr, v.kv_last_page_len, s))
+            if not in_gemv:
+                if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE (packed as _add_norm packs its norm)
+                    before.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], v.q, eps=eps, stream=s))
+                    before.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], v.k, eps=eps, stream=s))
+                before.append(rope)
+                append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
+                before.append(kernels.prepared_append_kv(*append, v.kv_indices, v.kv_indptr, v.kv_last_page_len, s))
             after = [dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)]
             # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
             ln = self._ln2[i].data_ptr
@@ -711,6 +719,36 @@ class LlamaEngine:
         mode = ADD_NORM if c.num_layers else NORM
         head = fused(mode, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, ln, 0, eps)
         return embed, layers, head
+
+    def _rope_append(self, i: int, v: SimpleNamespace) -> Any:
+        """The RoPE settings, this step's index arrays and layer ``i``'s caches as the QKV GEMV's epilogue takes
+        them (``Dense.prepared_qkv_rope``): the values ``kernels.rope_inplace`` and ``append_kv`` pass."""
+        from .dense import RopeAppend
+
+        c, r = self.config, self.config.rope
+        kc, vc = self._k_cache[i], self._v_cache[i]
+        return RopeAppend(
+            hq=c.num_qo_heads,
+            hk=c.num_kv_heads,
+            d=c.head_dim,
+            theta=r.theta,
+            scale=r.factor if r.llama3 else 1.0,
+            llama3=r.llama3,
+            low_freq_factor=r.low_freq_factor,
+            high_freq_factor=r.high_freq_factor,
+            old_context_len=r.original_max_position_embeddings,
+            positions=v.positions.data_ptr,
+            batch_indices=v.batch_indices.data_ptr,
+            kv_indptr=v.kv_indptr.data_ptr,
+            kv_indices=v.kv_indices.data_ptr,
+            k_cache=kc.data_ptr,
+            v_cache=vc.data_ptr,
+            page_size=kc.shape[1],
+            num_pages=kc.shape[0],
+            stride_page=kc.strides[0],
+            stride_n=kc.strides[1],
+            stride_h=kc.strides[2],
+        )
 
     def _embed_and_norm(self, v: SimpleNamespace, rows: int) -> None:
         """The embedding rows of ``v.token_ids`` into the residual stream ``h`` and the first layer's input norm into
