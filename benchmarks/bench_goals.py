@@ -374,6 +374,17 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
                 call()
 
             parts[f"{name} (fused GEMV, prepared)"] = fused_gemv
+        if hasattr(d, "has_qkv_rope") and d.has_qkv_rope(ab, c.head_dim):  # RoPE + KV append as its epilogue
+            call = d.prepared_qkv_rope(
+                ADD_NORM, 1, b.x.data.ptr, h, engine._wqkv[0], h, b.qkv.data.ptr, w, ab, b.h.data.ptr, h, nw,
+                b.h_alt.data.ptr, eps, engine._rope_append(0, v),
+            )  # fmt: skip
+
+            def qkv_rope(call: Any = call) -> None:
+                d.lt, d.gemv = True, True
+                call()
+
+            parts["GEMM qkv + add-norm + RoPE + KV append (fused GEMV, prepared)"] = qkv_rope
     if hasattr(kernels, "prepared_append_kv"):  # packed once, as the fused step calls them
         parts["rope (prepared)"] = kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s)
         parts["append_paged_kv_cache (prepared)"] = kernels.prepared_append_kv(
