@@ -15,7 +15,9 @@ Rows (contenders of one table are timed in interleaved rounds, best round kept; 
    eager, batch 1: median host us per decode step, and a profile of the eager steps (``--profile N``: the N
    functions of most own time);
 5. the same engine prefilling one 2048-token prompt: host share of the wall time (time to issue every kernel,
-   up to the one synchronization, over the wall time of the prefill).
+   up to the one synchronization, over the wall time of the prefill): eagerly; as a bucket's CUDA graph met the
+   first time (the capture's cost); a prompt length met the first time in a bucket already captured (1793 to
+   2047 tokens: bucket 2048, replayed with padding rows); and the same 2048-token prompt again (a replay).
 
 ``--before DIR``: also run this script against the fi_ffi package found in DIR (an older commit's
 ``git archive <rev> fi_ffi wheels.lock | tar -x -C DIR``: ``fi_ffi/wheels.lock`` links to the top-level file)
@@ -267,8 +269,9 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(profile)
             out["profile"] = text.getvalue()
             out["profile steps"] = r.decode_steps + 1
-        # prefill of 2048 tokens (timed by engine_share around the engine's _prefill): eagerly, then with the
-        # per-shape graph (the first of those runs sees the shape, the second captures it, the rest replay it)
+        # prefill of 2048 tokens (timed by engine_share around the engine's _prefill): eagerly, then as the CUDA
+        # graph of bucket 2048 (captured at its first sight: dropped before each "capture" run), then lengths met
+        # the first time in that bucket (padded), then the same 2048 tokens again
         long_prompt = [[(13 * k) % 40000 + 3 for k in range(2048)]]
         engine.prefill_graphs = False
         for _ in range(3):
@@ -283,11 +286,28 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(profile)
             out["prefill profile"] = text.getvalue()
         engine.prefill_graphs = True
-        for n in range(5):
-            label[0] = "graph" if n >= 2 else "warm"
+        for _ in range(3):
+            drop_prefill_graphs(engine)
+            label[0] = "capture"
+            engine.generate(long_prompt, 1, eos_token_ids=())
+        for n in (2047, 2040, 2001, 1900, 1800):  # each length once: bucket 2048 (1793..2048 rows)
+            label[0] = "new length"
+            engine.generate([long_prompt[0][:n]], 1, eos_token_ids=())
+        for _ in range(3):
+            label[0] = "graph"
             engine.generate(long_prompt, 1, eos_token_ids=())
         label[0] = ""
+        out["prefill graphs"] = [key[:2] for key in engine._prefill_graph_cache]
+        out["prefill graph failures"] = {str(k): why for k, why in engine.prefill_graph_failures.items()}
     return out
+
+
+def drop_prefill_graphs(engine: Any) -> None:
+    """Close the engine's prefill graphs (after the stream's work), so the next prefill captures its bucket again."""
+    engine.stream.synchronize()
+    for graph in engine._prefill_graph_cache.values():
+        graph.close()
+    engine._prefill_graph_cache.clear()
 
 
 def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
@@ -478,6 +498,15 @@ def own(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# the prefill runs timed (label in engine_rows) and the suffix of their rows
+PREFILL_MODES = (
+    ("eager", " (eager)"),
+    ("capture", " (new bucket: capture)"),
+    ("new length", " (new length, bucket captured)"),
+    ("graph", ""),
+)
+
+
 def engine_share(folder: Path, profile: int) -> dict[str, Any]:
     """engine_rows, with the prefill's host share computed from the wall time of generate(prompt, 1)."""
     import fi_ffi.models.llama as llama
@@ -510,7 +539,7 @@ def engine_share(folder: Path, profile: int) -> dict[str, Any]:
         out.update(engine_rows(folder, profile, label))
     finally:
         llama.LlamaEngine._prefill = original  # type: ignore[method-assign]
-    for mode, suffix in (("eager", " (eager)"), ("graph", "")):
+    for mode, suffix in PREFILL_MODES:
         long = [(h, w) for m, h, w in spans if m == mode and w > 0]
         if long:
             host, wall = min(long, key=lambda s: s[1])
@@ -523,11 +552,11 @@ def engine_share(folder: Path, profile: int) -> dict[str, Any]:
 def table(runs: dict[str, dict[str, Any]]) -> str:
     """The goal table: one column per run (this tree, and the old package with --before)."""
     names = list(runs)
-    lines = [f"{'metric':58s}" + "".join(f"{n:>16s}" for n in names)]
+    lines = [f"{'metric':72s}" + "".join(f"{n:>16s}" for n in names)]
 
     def row(label: str, values: list[Any], fmt: str = "{:.2f}") -> None:
         shown = ["-" if v is None else fmt.format(v) for v in values]
-        lines.append(f"{label:58s}" + "".join(f"{s:>16s}" for s in shown))
+        lines.append(f"{label:72s}" + "".join(f"{s:>16s}" for s in shown))
 
     first = runs[names[0]]
     for key in first["rmsnorm"]:
@@ -568,12 +597,11 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
         ("engine eager host us per decode step, GEMMs by GEMV, separate norm/SiLU launches", "{:.0f}"),
         ("engine eager host us per decode step, GEMMs by cuBLASLt", "{:.0f}"),
         ("engine eager host us per decode step, GEMMs by cublasGemmEx", "{:.0f}"),
-        ("prefill 2048 host ms", "{:.2f}"),
-        ("prefill 2048 wall ms", "{:.2f}"),
-        ("prefill host share", "{:.0%}"),
-        ("prefill 2048 host ms (eager)", "{:.2f}"),
-        ("prefill 2048 wall ms (eager)", "{:.2f}"),
-        ("prefill host share (eager)", "{:.0%}"),
+        *(
+            (f"prefill {metric}{suffix}", fmt)
+            for _, suffix in PREFILL_MODES
+            for metric, fmt in (("2048 host ms", "{:.2f}"), ("2048 wall ms", "{:.2f}"), ("host share", "{:.0%}"))
+        ),
     ):
         row(f"engine, 30 layers: {key}", [r["engine"].get(key) for r in runs.values()], fmt)
     for key in first["engine"]:
@@ -659,6 +687,9 @@ def main() -> int:
         steps = mine["engine"]["profile steps"]
         print(f"\nprofile of the engine's eager generate (prefill + {steps - 1} decode steps), by own time:")
         print(mine["engine"]["profile"])
+    if "prefill graphs" in mine["engine"]:
+        print(f"\nprefill graphs kept (bucket, requests): {mine['engine']['prefill graphs']}")
+        print(f"prefill captures failed: {mine['engine']['prefill graph failures'] or 'none'}")
     if mine["engine"].get("prefill profile"):
         print("\nprofile of one eager 2048-token prefill (generate(prompt, 1)), by own time:")
         print(mine["engine"]["prefill profile"])

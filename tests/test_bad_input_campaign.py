@@ -1195,6 +1195,9 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "moe.choose_path": lambda: [("choose_path", Entry(moe.choose_path, lambda: dict(rows=4, num_experts=32, top_k=4)))],
     "paging.pages_for": lambda: [("pages_for", Entry(paging.pages_for, lambda: dict(tokens=33, page_size=16)))],
     "paging.PageAllocator": lambda: [("PageAllocator", Entry(paging.PageAllocator, lambda: dict(num_pages=8)))],
+    "paging.prefill_buckets": lambda: [
+        ("prefill_buckets", Entry(paging.prefill_buckets, lambda: dict(max_tokens=2048)))
+    ],
     "tensor_parallel.rows": lambda: [
         ("rows", Entry(tensor_parallel.rows, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
     ],
@@ -1578,6 +1581,8 @@ EXEMPT: dict[str, str] = {
     "paging.Scheduler": "the engine's scheduler, made from a checked LlamaConfig: tests/test_llama_host.py",
     "paging.fill_decode": "fills the engine's own arrays from its scheduler's requests: test_llama_host.py",
     "paging.fill_prefill": "fills the engine's own arrays from its scheduler's requests: test_llama_host.py",
+    "paging.pad_prefill": "pads the engine's own arrays to its own bucket: tests/test_prefill_buckets.py",
+    "paging.bucket_for": "the engine's row count in its own ladder (prefill_buckets): tests/test_prefill_buckets.py",
     **dict.fromkeys(
         [
             "deepseek_config.DeepSeekRouting",

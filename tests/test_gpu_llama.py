@@ -112,8 +112,9 @@ def test_prefill_logits_match_transformers(variant):
 
 
 def test_prefill_graph_replays_match_the_eager_prefill(variant):
-    """A prefill shape met a second time runs as a CUDA graph captured then: its logits equal the eager pass's
-    (same kernels, same GEMM algorithms) on the second and third sight, and the graph is kept."""
+    """A prefill runs as the CUDA graph of its bucket (token rows padded up to 64 here) and batch size, captured at
+    its first sight: its logits equal the eager pass's on every sight within the engine's tolerance (padded GEMMs
+    may take other algorithms; tests/test_gpu_prefill_buckets.py has the bucket cases), and the graphs are kept."""
     path, _, dtype = variant
     ps = prompts((1, 7, 16, 33, 50), VOCAB)  # two prefill batches of different shapes
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
@@ -121,12 +122,12 @@ def test_prefill_graph_replays_match_the_eager_prefill(variant):
         eager = engine.prefill_logits(ps)
         assert not engine._prefill_graph_cache
         engine.prefill_graphs = True
-        runs = [engine.prefill_logits(ps) for _ in range(3)]  # seen, captured + replayed, replayed
-        assert len(engine._prefill_graph_cache) == 2
+        runs = [engine.prefill_logits(ps) for _ in range(3)]  # captured + replayed, replayed, replayed
+        assert [k[:2] for k in engine._prefill_graph_cache] == [(64, 4), (64, 1)]  # 57 and 50 rows: bucket 64
     for n, got in enumerate(runs):
         for i, (g, e) in enumerate(zip(got, eager, strict=True)):
             err = float(np.abs(g - e).max())
-            assert err <= LOGIT_TOL[dtype] / 10, f"run {n}, prompt {i}: graph vs eager max |logit difference| {err:.5f}"
+            assert err <= LOGIT_TOL[dtype], f"run {n}, prompt {i}: graph vs eager max |logit difference| {err:.5f}"
 
 
 def test_greedy_decode_eager_and_cuda_graph_match_transformers(variant):

@@ -54,9 +54,16 @@ class CudaGraph:
                 graph = None
             if graph is not None:
                 rt.cudaGraphDestroy(graph)
+            # a launch refused in capture also left its error as the thread's last error: reset it, or the next
+            # eager launch's own error check (cudaGetLastError in the modules) would report it again
+            rt.cudaGetLastError()
             raise
-        self._graph = _check(rt.cudaStreamEndCapture(s), "cudaStreamEndCapture")
-        self._exec = _check(rt.cudaGraphInstantiate(self._graph, 0), "cudaGraphInstantiate")
+        try:
+            self._graph = _check(rt.cudaStreamEndCapture(s), "cudaStreamEndCapture")
+            self._exec = _check(rt.cudaGraphInstantiate(self._graph, 0), "cudaGraphInstantiate")
+        except CudaError:
+            rt.cudaGetLastError()  # as above: the error is raised once, not met again by the next launch
+            raise
 
     def launch(self) -> None:
         """Enqueue one replay on the stream (asynchronous)."""

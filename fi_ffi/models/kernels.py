@@ -176,8 +176,11 @@ def prefill_plan(
     page_size: int,
     dtype: str,
     stream: int,
+    cuda_graph: bool = False,
 ) -> Any:
-    """A causal paged-prefill plan (host int32 arrays); FlashInfer picks FA3 on Hopper where it can."""
+    """A causal paged-prefill plan (host int32 arrays); FlashInfer picks FA3 on Hopper where it can.
+    ``cuda_graph``: a schedule whose layout (workspace offsets, grid) depends only on ``qo_indptr[-1]`` and the
+    batch size, so a run captured in a CUDA graph replays under every later plan of the same two."""
     return fi_ffi.batch_prefill_paged_plan(
         ws,
         qo_indptr,
@@ -189,6 +192,7 @@ def prefill_plan(
         page_size,
         q_dtype=dtype,
         causal=True,
+        enable_cuda_graph=cuda_graph,
         stream=stream,
     )
 

@@ -23,7 +23,10 @@ slots and prefilled together (one ``batch_prefill_paged_plan``, one run per laye
 one ``batch_decode_plan`` and runs every layer with it, samples one token per request, copies the tokens to the
 host and lets finished requests leave (their pages are freed). With ``cuda_graph=True`` the decode step is
 captured once at a fixed batch of ``max_batch`` rows (empty slots padded) and every step re-plans
-(``enable_cuda_graph=True``), copies the step's index arrays into the graph's buffers and replays it.
+(``enable_cuda_graph=True``), copies the step's index arrays into the graph's buffers and replays it. A prefill
+pads its token rows up to a bucket (:func:`~fi_ffi.models.paging.prefill_buckets`; the padding rows are one more
+request living on the padding page) and replays that bucket's CUDA graph, captured the first time the bucket and
+batch size are met (:meth:`LlamaEngine._prefill_graph`).
 
 Every buffer is allocated once, in :class:`LlamaEngine`'s constructor; the ops write into them (no allocation
 per step, which is also what makes the capture valid). All GPU work runs on the engine's own stream.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +54,13 @@ from .paging import (
     PageAllocator,
     Request,
     Scheduler,
+    bucket_for,
     decode_layout,
     fill_decode,
     fill_prefill,
+    pad_prefill,
     pages_for,
+    prefill_buckets,
     prefill_layout,
 )
 
@@ -163,11 +170,14 @@ class LlamaEngine:
             (:class:`~fi_ffi.models.tensor_parallel.VocabShard`); False: both whole on every rank.
 
     ``config`` is this rank's shard of the model (heads and MLP columns divided by ``tensor_parallel``),
-    ``model_config`` the checkpoint's. ``prefill_graphs`` (default True): a prefill shape met a second time runs
-    as a CUDA graph captured then (see :meth:`_prefill_graph`); set it False to always prefill eagerly.
+    ``model_config`` the checkpoint's. ``prefill_graphs`` (default True): a prefill's token rows are padded up to
+    a bucket (:attr:`prefill_buckets`) and run as the CUDA graph of that bucket and batch size, captured the first
+    time it is met (see :meth:`_prefill_graph`); set it False to always prefill eagerly. A capture that fails
+    leaves that shape eager, with a warning and the reason in :attr:`prefill_graph_failures`.
     ``fused_decode`` (default True): an eager decode step of at most 4 rows on one GPU without MoE layers runs its
-    RMSNorms, residual adds and SiLU inside the engine's GEMV launches, with every launch but the attention run
-    packed once (:meth:`_fused_step`; the same logits as the separate launches); False: the separate launches.
+    RMSNorms, residual adds, SiLU, RoPE and KV append inside the engine's GEMV launches, with every launch but the
+    attention run packed once (:meth:`_fused_step`; the same logits as the separate launches); False: the separate
+    launches.
     """
 
     def __init__(
@@ -216,10 +226,13 @@ class LlamaEngine:
         # the MoE layers' grouped-GEMM workspace: made by _load where the model has routed experts (close() frees it)
         self._ws_moe: Any = None
         self.prefill_graphs = True
-        # an eager decode step of at most 4 rows runs its norms and SiLU inside the GEMVs (_fused_step)
+        # token-row buckets of the padded prefill graphs (fi_ffi.models.paging.prefill_buckets says why these)
+        self.prefill_buckets = prefill_buckets(self.max_prefill_tokens)
+        # an eager decode step of at most 4 rows runs its norms, SiLU, RoPE and KV append inside the GEMVs
         self.fused_decode = True
         self._prefill_graph_cache: dict[tuple[int, ...], Any] = {}
-        self._prefill_seen: dict[tuple[int, ...], int] = {}
+        # (bucket, requests) whose capture failed -> why: those prefills stay eager (and unpadded) from then on
+        self.prefill_graph_failures: dict[tuple[int, int], str] = {}
         self.comm: Any = None
         self._own_comm = False
         self._allreduce: Any = None
@@ -513,7 +526,8 @@ class LlamaEngine:
         max_pages = self.num_pages  # every request's pages at once, plus padding rows' page 0
         max_pages += self.max_batch
         self._dlayout = decode_layout(self.max_batch, max_pages)
-        self._playout = prefill_layout(self.max_prefill_tokens, self.max_batch, max_pages)
+        # with room for a padded prefill's padding request (the prefill graphs' buckets: paging.pad_prefill)
+        self._playout = prefill_layout(self.max_prefill_tokens, self.max_batch, max_pages, padded=True)
         self._dmeta, self._dhost = self._meta(self._dlayout.total)
         self._pmeta, self._phost = self._meta(self._playout.total)
         self._dh = self._dlayout.views(self._dhost)
@@ -973,6 +987,39 @@ class LlamaEngine:
                     out[r.rid] = logits
         return [out[r.rid] for r in reqs]
 
+    def warm_prefill(self, lengths: Sequence[int], batch: int = 1) -> list[tuple[int, int]]:
+        """Capture, before serving, the prefill graphs that prefills of ``lengths`` token rows in all, of ``batch``
+        requests each, will replay, so that no request pays a capture (a bucket met the first time costs about
+        one eager prefill more than a replay; README, Performance). Each length runs one prefill of ``batch``
+        dummy prompts (token 0, ``lengths[i]`` tokens together) with one new token and frees their pages; lengths
+        of one bucket capture it once. Nothing is captured where prefill graphs do not apply (``prefill_graphs =
+        False``, MoE layers, tensor parallelism, the subclass engines) or a capture fails (a warning says so).
+
+        Args:
+            lengths: token rows per prefill, each in ``[batch, max_prefill_tokens]`` and at most
+                ``batch * (max_seq_len - 1)`` (each dummy prompt leaves room for its token).
+            batch: requests per prefill, in ``[1, max_batch]``.
+
+        Returns:
+            the ``(bucket rows, requests)`` of every prefill graph the engine now holds, in replay order.
+        """
+        self._check_open()
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= self.max_batch:
+            raise ValueError(f"batch: expected requests per prefill in [1, {self.max_batch}], got {batch!r:.40}")
+        if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or not lengths:
+            raise ValueError(f"lengths: expected a non-empty list of token-row counts, got {lengths!r:.60}")
+        top = min(self.max_prefill_tokens, batch * (self.max_seq_len - 1))
+        for i, n in enumerate(lengths):
+            if isinstance(n, bool) or not isinstance(n, int) or not batch <= n <= top:
+                raise ValueError(
+                    f"lengths[{i}]: expected token rows in [{batch}, {top}] (at least one per request; at most "
+                    f"max_prefill_tokens, and max_seq_len - 1 per request), got {n!r:.40}"
+                )
+        for n in lengths:
+            prompts = [[0] * (n // batch + (1 if r < n % batch else 0)) for r in range(batch)]
+            self.generate(prompts, 1, eos_token_ids=())
+        return [(int(key[0]), int(key[1])) for key in self._prefill_graph_cache]
+
     def _scheduler(self, eos_token_ids: Sequence[int] | None) -> Scheduler:
         eos = self.config.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
         return Scheduler(
@@ -1007,13 +1054,16 @@ class LlamaEngine:
         cp, c, b, s = self._cp, self.config, self._buf, self._s
         batch = len(reqs)
         self._next_rows = None  # the prefill's tokens overwrite `ids`: a step prepared before it cannot run
-        nnz, n_pages = fill_prefill(reqs, self.page_size, self._ph)
+        ph = self._ph
+        nnz, n_pages = fill_prefill(reqs, self.page_size, ph)
+        bucket = self._prefill_bucket(nnz, batch)
+        if bucket is not None:  # the padding request fills the rows up to the bucket (paging.pad_prefill)
+            n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size)
         n = self._playout.end("kv_indices", n_pages)
         cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, _address(self._phost), 4 * n, _H2D, s)
-        ph = self._ph
-        self._plan_prefill(batch)
-        v = self._view("prefill", nnz, batch)
-        if not self._prefill_graph(v, nnz, batch):
+        v = self._view("prefill", nnz, batch)  # the real rows and requests: the last-row gather, head, sampling
+        if bucket is None or not self._prefill_padded(nnz, batch, bucket):
+            self._plan_prefill(batch)
             self._forward(v, nnz, self._prefill_attention)
         full = None
         if all_logits:  # a check, not serving: allocated here
@@ -1042,42 +1092,107 @@ class LlamaEngine:
         bounds = ph["qo_indptr"][: batch + 1].tolist()
         return [host[bounds[i] : bounds[i + 1]] for i in range(batch)]
 
-    def _prefill_graph(self, v: SimpleNamespace, nnz: int, batch: int) -> bool:
-        """Run the prefill forward pass as a CUDA graph when this shape was prefilled before; False: run it eagerly.
-
-        Issuing ~10 launches per layer costs more host time than a small model's GPU takes for them, so a prefill
-        is host-bound even at thousands of tokens. A shape (token rows, requests, the plan's schedule vector, which
-        fixes every workspace offset and grid the attention run reads) seen a second time is captured once and
-        replayed from then on; the plan's arrays are copied to the same workspace offsets before each replay and
-        every buffer the pass touches was allocated in the constructor. At most :data:`_PREFILL_GRAPHS` are kept.
-        Off for MoE layers (host routing synchronizes), tensor parallelism, and the engines that override the pass.
-        """
+    def _prefill_bucket(self, nnz: int, batch: int) -> int | None:
+        """The token rows a prefill of ``nnz`` rows and ``batch`` requests is padded to, to run as that bucket's
+        CUDA graph (:meth:`_prefill_graph`); None: it runs eagerly, unpadded. Eager for MoE layers (host routing
+        synchronizes), tensor parallelism, the engines that override the pass, ``prefill_graphs = False``, and a
+        shape whose capture failed before (:attr:`prefill_graph_failures`)."""
         if not self.prefill_graphs or self._moe or self.comm is not None or not _plain_forward(self):
-            return False
-        key = (nnz, batch, *self._prefill_plan.info)
-        graph = self._prefill_graph_cache.get(key)
-        if graph is None:
-            seen = self._prefill_seen.get(key, 0)
-            if seen < 1:  # the first sight runs eagerly: a one-off prompt length never pays for a capture
-                if len(self._prefill_seen) > 4096:
-                    self._prefill_seen.clear()
-                self._prefill_seen[key] = seen + 1
-                return False
-            from .graph import CudaGraph
+            return None
+        bucket = bucket_for(nnz, self.prefill_buckets)
+        return None if (bucket, batch) in self.prefill_graph_failures else bucket
 
-            if len(self._prefill_graph_cache) >= _PREFILL_GRAPHS:  # the oldest goes, after its last replay
-                self.stream.synchronize()
-                self._prefill_graph_cache.pop(next(iter(self._prefill_graph_cache))).close()
-            graph = CudaGraph(self._s)
-            try:
-                with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
-                    self._forward(v, nnz, self._prefill_attention)
-            except BaseException:  # e.g. instantiation refused: the captured graph is kept by nothing else
-                graph.close()
-                raise
-            self._prefill_graph_cache[key] = graph
+    def _prefill_padded(self, nnz: int, batch: int, bucket: int) -> bool:
+        """The forward pass of a prefill padded to ``bucket`` rows (the index arrays on the device), as that bucket's
+        graph, or eagerly if its capture fails; False when its CUDA-graph plan fails (e.g. FA2's split-KV scratch
+        for a long bucket exceeds the workspace): recorded, and the caller runs the prefill eagerly, unpadded (the
+        padded arrays begin with the unpadded ones, so the copy already made serves it)."""
+        try:
+            self._plan_prefill_padded(batch + 1)
+        except Exception as exc:
+            self._prefill_graph_failed(bucket, batch, "planning", exc)
+            return False
+        padded = self._view("padded prefill", bucket, batch + 1)
+        if not self._prefill_graph(padded, bucket, batch):
+            self._forward(padded, bucket, self._prefill_attention)  # the capture failed: the same pass, eagerly
+        return True
+
+    def _prefill_graph_failed(self, rows: int, batch: int, stage: str, exc: Exception) -> None:
+        """Record why the prefill graph of ``rows`` rows and ``batch`` requests failed (that shape is eager from
+        now on: :meth:`_prefill_bucket`), and warn once."""
+        why = f"{stage}: {type(exc).__name__}: {exc}"[:500]
+        self.prefill_graph_failures[(rows, batch)] = why
+        warnings.warn(
+            f"LlamaEngine: the prefill graph of {rows} token rows and {batch} requests failed ({why}); prefills of "
+            f"that shape run eagerly from now on (engine.prefill_graph_failures)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def _prefill_graph(self, v: SimpleNamespace, rows: int, batch: int) -> bool:
+        """Run the padded prefill pass (``rows``: the bucket's token rows, ``v`` its views; ``batch`` real requests
+        plus the padding request) as a CUDA graph, captured the first time its shape is met; False: the capture
+        failed and the caller runs the same pass eagerly.
+
+        Issuing ~10 launches per layer costs more host time than a small model's GPU takes for them, so an eager
+        prefill is host-bound even at thousands of tokens. The graph's shape is the bucket, the batch size and
+        the plan's schedule vector: a CUDA-graph plan (``enable_cuda_graph=True``) fixes every workspace offset
+        and grid from ``qo_indptr[-1]`` (the bucket) and the batch size alone, and each prefill's plan copies its
+        own schedule to those offsets before the replay; every buffer the pass touches was allocated in the
+        constructor. A bucket, unlike an exact length, is met again, so it is captured on its first sight.
+        At most :data:`_PREFILL_GRAPHS` are kept, the least recently replayed evicted first.
+        """
+        cache = self._prefill_graph_cache
+        key = (rows, batch, *self._prefill_plan.info)
+        graph = cache.pop(key, None)
+        if graph is None:
+            graph = self._capture_prefill(v, rows, batch)
+            if graph is None:
+                return False
+        cache[key] = graph  # (re)inserted last: the dict's order is the replay order, oldest first
         graph.launch()
         return True
+
+    def _capture_prefill(self, v: SimpleNamespace, rows: int, batch: int) -> Any:
+        """Capture the padded prefill pass into a new graph (not run yet); None, with a warning and the reason in
+        :attr:`prefill_graph_failures`, when the capture fails: the graph is closed and the stream left out of
+        capture mode (:meth:`CudaGraph.capture`), so the caller can run the pass eagerly."""
+        from .graph import CudaGraph
+
+        cache = self._prefill_graph_cache
+        if len(cache) >= _PREFILL_GRAPHS:  # the least recently replayed goes, after its last replay
+            self.stream.synchronize()
+            cache.pop(next(iter(cache))).close()
+        graph = CudaGraph(self._s)
+        try:
+            with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
+                self._forward(v, rows, self._prefill_attention)
+        except Exception as exc:  # e.g. a launch refused in capture, an allocation, instantiation refused
+            graph.close()
+            self._prefill_graph_failed(rows, batch, "capture", exc)
+            return None
+        except BaseException:  # interrupted: nothing else holds the graph
+            graph.close()
+            raise
+        return graph
+
+    def _plan_prefill_padded(self, batch: int) -> None:
+        """Plan the padded prefill of ``batch`` requests (the padding request included) for a CUDA graph: the
+        schedule's layout then depends only on the bucket and ``batch`` (FlashInfer's ``enable_cuda_graph``)."""
+        c, ph = self.config, self._ph
+        self._prefill_plan = kernels.prefill_plan(
+            self._ws_prefill,
+            ph["qo_indptr"][: batch + 1],
+            ph["kv_indptr"][: batch + 1],
+            ph["kv_last_page_len"][:batch],
+            c.num_qo_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            self.page_size,
+            self.dtype,
+            self._s,
+            cuda_graph=True,
+        )
 
     def _plan_prefill(self, batch: int) -> None:
         """Plan the prefill attention of ``batch`` requests from the host index arrays (a hook)."""
@@ -1254,7 +1369,9 @@ def step_views(
 ) -> SimpleNamespace:
     """Descriptors of one forward pass's operands: the first ``rows`` token rows of the activation buffers
     (``base``: their device addresses, plus ``meta``, the index arrays laid out by ``layout``) and the index
-    arrays of a ``batch``-request step (``kind``: "decode" or "prefill").
+    arrays of a ``batch``-request step (``kind``: "decode", "prefill", or "padded prefill": a prefill whose last
+    request is the padding request of :func:`~fi_ffi.models.paging.pad_prefill`, so ``logits`` and ``ids``, which
+    hold one row per real request, cover ``batch - 1`` rows).
 
     q, k and v are strided views into the fused QKV rows ``[rows, (Hq + 2 Hk) * D]`` (no copy); the int32 index
     arrays are regions of ``meta``; ``token_ids`` and ``last_rows`` are raw addresses (read by the gather kernel).
@@ -1277,6 +1394,9 @@ def step_views(
     def region(name: str, n: int) -> Any:
         return t("meta", (n,), "int32", meta + 4 * layout.offsets[name])
 
+    # rows of logits and tokens: one per real request (the buffers hold max_batch; the padding request has none)
+    chosen = batch - 1 if kind == "padded prefill" else batch
+
     v = SimpleNamespace(
         h=t("h", (rows, h)),
         x=t("x", (rows, h)),
@@ -1293,24 +1413,33 @@ def step_views(
         kv_indptr=region("kv_indptr", batch + 1),
         kv_last_page_len=region("kv_last_page_len", batch),
         kv_indices=region("kv_indices", layout.sizes["kv_indices"]),
-        logits=t("logits", (batch, c.vocab_size), "float32"),
-        ids=t("ids", (batch,), "int32"),
+        logits=t("logits", (chosen, c.vocab_size), "float32"),
+        ids=t("ids", (chosen,), "int32"),
         prepared={},  # the engine's launches packed once over these views (a kind, or a weight's address -> call)
     )
-    if kind == "prefill":
+    if kind in ("prefill", "padded prefill"):
         v.qo_indptr = region("qo_indptr", batch + 1)
         v.last_rows = meta + 4 * layout.offsets["last_rows"]
     return v
 
 
-_PREFILL_GRAPHS = 8  # prefill shapes kept as CUDA graphs per engine
+# Padded prefill graphs kept per engine. Each is ~10 kernel nodes per layer (a few hundred KB of host and device
+# memory for a 30-layer model), and a shape evicted costs one capture (about an eager prefill) when met again. 16
+# hold e.g. every quarter-octave bucket from 256 to 2048 rows at one batch size, or the buckets a serving mix
+# of a few prompt-length ranges and batch sizes meets; the key grows with (bucket, batch) pairs, so some bound is
+# needed.
+_PREFILL_GRAPHS = 16
 
 
 def _plain_forward(engine: LlamaEngine) -> bool:
     """Whether ``engine`` runs LlamaEngine's own forward pass and prefill attention (a subclass's may do host work
     between launches, which a graph would not repeat)."""
     cls = type(engine)
-    return cls._forward is LlamaEngine._forward and cls._prefill_attention is LlamaEngine._prefill_attention
+    return (
+        cls._forward is LlamaEngine._forward
+        and cls._prefill_attention is LlamaEngine._prefill_attention
+        and cls._plan_prefill is LlamaEngine._plan_prefill
+    )
 
 
 def _address(host: np.ndarray) -> int:

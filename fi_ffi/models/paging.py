@@ -4,7 +4,8 @@ Nothing here touches a GPU, so it is tested on CPU (tests/test_llama_host.py).
 
 KV cache: ``num_pages`` pages of ``page_size`` tokens per layer. Page 0 is reserved as the **padding page**:
 padded rows of a CUDA-graph batch append their (ignored) K/V there and attend to its one token, so a padded
-row is an ordinary one-token request and the kernels need no special case. Real requests get pages
+row is an ordinary one-token request and the kernels need no special case; a padded prefill's extra rows are
+likewise one ordinary prompt whose pages are all the padding page (:func:`pad_prefill`). Real requests get pages
 ``1 .. num_pages - 1`` from :class:`PageAllocator`.
 
 A request's life (:class:`Scheduler`):
@@ -41,9 +42,12 @@ __all__ = [
     "PageAllocator",
     "Request",
     "Scheduler",
+    "bucket_for",
     "fill_decode",
     "fill_prefill",
+    "pad_prefill",
     "pages_for",
+    "prefill_buckets",
 ]
 
 PAD_PAGE = 0
@@ -180,18 +184,21 @@ def decode_layout(max_rows: int, max_pages: int) -> Layout:
     )
 
 
-def prefill_layout(max_tokens: int, max_rows: int, max_pages: int) -> Layout:
-    """The prefill's regions; ``kv_indices`` last."""
+def prefill_layout(max_tokens: int, max_rows: int, max_pages: int, padded: bool = False) -> Layout:
+    """The prefill's regions for up to ``max_tokens`` token rows of ``max_rows`` requests holding ``max_pages``
+    pages; ``kv_indices`` last. ``padded``: also room for :func:`pad_prefill`'s padding request (one more request,
+    and up to ``ceil(max_tokens / page_size)`` more page ids, which ``max_tokens`` bounds for any page size)."""
+    extra = 1 if padded else 0
     return Layout(
         {
             "token_ids": max_tokens,
             "positions": max_tokens,
             "batch_indices": max_tokens,
-            "qo_indptr": max_rows + 1,
-            "kv_indptr": max_rows + 1,
-            "kv_last_page_len": max_rows,
+            "qo_indptr": max_rows + extra + 1,
+            "kv_indptr": max_rows + extra + 1,
+            "kv_last_page_len": max_rows + extra,
             "last_rows": max_rows,
-            "kv_indices": max_pages,
+            "kv_indices": max_pages + (max_tokens if padded else 0),
         }
     )
 
@@ -222,6 +229,74 @@ def fill_prefill(requests: Sequence[Request], page_size: int, v: dict[str, np.nd
         v["kv_last_page_len"][b] = (n - 1) % page_size + 1
         v["last_rows"][b] = t - 1
     return t, p
+
+
+# Bucketed prefill graphs (LlamaEngine._prefill_graph): a prefill's token rows are padded up to a bucket so every
+# prompt length in a bucket replays one CUDA graph. Below _COARSE_UNTIL rows a prefill's GPU time barely depends
+# on its rows (launch-bound kernels, GEMMs far from filling the GPU), so padding there is free and the ladder
+# doubles (fewer graphs to capture); above it the GEMMs' time grows with the rows, so the ladder takes quarter
+# octaves (x1.25, x1.2, x1.17, x1.14): at most 25 % padded rows, about 12 % on average, for 4 graphs per octave.
+_MIN_BUCKET = 16
+_COARSE_UNTIL = 256
+
+
+def prefill_buckets(max_tokens: int) -> tuple[int, ...]:
+    """The token-row buckets of padded prefill graphs, ascending, the last one ``max_tokens`` (the engine's
+    buffer rows): 16, 32, 64, 128, 256 (doubling), then quarter octaves 320, 384, 448, 512, 640, 768, 896,
+    1024, 1280, ... (see the comment above); a bucket above ``max_tokens`` becomes ``max_tokens``."""
+    from ..launch import checks
+
+    max_tokens = checks.integer("max_tokens", max_tokens, 1)
+    if max_tokens >= 1 << 31:
+        bits = max_tokens.bit_length()
+        raise ValueError(f"max_tokens: expected token rows below 2**31 (the kernels' int32), got {bits} bits")
+    ladder: list[int] = []
+    n = _MIN_BUCKET
+    while n < max_tokens:
+        ladder.append(n)
+        if n < _COARSE_UNTIL:
+            n *= 2
+        else:
+            octave = 1 << (n.bit_length() - 1)  # the power of two at or below n: steps of a quarter of it
+            n += octave // 4
+    ladder.append(max_tokens)
+    return tuple(ladder)
+
+
+def bucket_for(rows: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket of ``buckets`` (ascending, from :func:`prefill_buckets`) holding ``rows`` token rows;
+    ValueError when ``rows`` exceeds the largest."""
+    import bisect
+
+    i = bisect.bisect_left(buckets, rows)
+    if i == len(buckets):
+        raise ValueError(f"rows: {rows} token rows exceed the largest prefill bucket {buckets[-1]}")
+    return buckets[i]
+
+
+def pad_prefill(v: dict[str, np.ndarray], nnz: int, bucket: int, batch: int, pages: int, page_size: int) -> int:
+    """Append the **padding request** to a prefill that :func:`fill_prefill` wrote (``nnz`` token rows of ``batch``
+    requests, ``pages`` page ids) so that its rows fill ``bucket``; returns the page ids written in all.
+
+    The padding request is request ``batch``: rows ``nnz .. bucket - 1`` (``P = bucket - nnz``, possibly 0),
+    token 0 at positions ``0 .. P - 1``, and a KV of ``P`` tokens held by ``ceil(P / page_size)`` entries that
+    are all :data:`PAD_PAGE`. So it is an ordinary causal prompt (``kv_len == qo_len``: every row attends to
+    something, nothing outside FlashInfer's prefill contract) whose K/V land only on the padding page, which no
+    real request reads; its output rows are ignored, and ``last_rows`` keeps naming the real requests' rows.
+    ``qo_indptr[batch + 1] == bucket`` fixes the plan's ``total_num_rows``, hence a CUDA-graph plan's layout.
+    """
+    p = bucket - nnz
+    if p < 0:
+        raise ValueError(f"bucket: {bucket} rows cannot hold the prefill's {nnz} token rows")
+    need = pages_for(p, page_size)
+    v["token_ids"][nnz:bucket] = 0
+    v["positions"][nnz:bucket] = np.arange(p, dtype=np.int32)
+    v["batch_indices"][nnz:bucket] = batch
+    v["kv_indices"][pages : pages + need] = PAD_PAGE
+    v["qo_indptr"][batch + 1] = bucket
+    v["kv_indptr"][batch + 1] = pages + need
+    v["kv_last_page_len"][batch] = (p - 1) % page_size + 1 if p else 0
+    return pages + need
 
 
 def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.ndarray], ahead: int = 0) -> int:
