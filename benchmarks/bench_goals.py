@@ -239,15 +239,23 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
         lt, gemv = dense.lt, dense.gemv
         if not gemv:
             print(f"GEMV unavailable: {dense.gemv_error}")
-        contenders = {"GEMV": (lt, True), "cuBLASLt": (True, False), "cublasGemmEx": (False, False)}
+        # "GEMV": norms and SiLU inside the GEMVs where the engine fuses them (fused_decode; an older package
+        # has no such switch and runs its separate launches in both GEMV rows)
+        contenders = {
+            "GEMV": (lt, True, True),
+            "GEMV, separate norm/SiLU launches": (lt, True, False),
+            "cuBLASLt": (True, False, False),
+            "cublasGemmEx": (False, False, False),
+        }
         contenders = {k: v for k, v in contenders.items() if (lt or not v[0]) and (gemv or not v[1])}
+        fused = getattr(engine, "fused_decode", False)
         best: dict[str, float] = {}
         for _ in range(3):
-            for name, (use_lt, use_gemv) in contenders.items():
-                dense.lt, dense.gemv = use_lt, use_gemv
+            for name, (use_lt, use_gemv, use_fused) in contenders.items():
+                dense.lt, dense.gemv, engine.fused_decode = use_lt, use_gemv, use_fused
                 us = engine.generate(prompt, 64, eos_token_ids=()).host_us_per_step
                 best[name] = min(us, best.get(name, us))
-        dense.lt, dense.gemv = lt, gemv
+        dense.lt, dense.gemv, engine.fused_decode = lt, gemv, fused
         out["engine eager host us per decode step"] = min(best.values())
         for name, us in best.items():
             out[f"engine eager host us per decode step, GEMMs by {name}"] = us
@@ -355,6 +363,62 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
         "silu_and_mul": lambda: kernels.silu_and_mul(v.gu, v.act, s),
         "CuPy RawKernel (row gather)": lambda: d.gather_rows(1, engine._embed, h, v.token_ids, b.h.data.ptr, h, h),
     }
+    if gemv and getattr(d, "fused_fits", None) and d.fused_fits(1, h) and d.fused_fits(1, inter):
+        from fi_ffi.models.dense import ADD_NORM, SILU
+
+        nw, f32, vocab = engine._ln1[1].data_ptr, engine._f32, c.vocab_size
+        fused_calls = {  # the fused step's GEMVs (engine._fused_step), the first layer's weights
+            "GEMM qkv + add-norm": (ADD_NORM, b.x.data.ptr, h, engine._wqkv[0], w, h, b.qkv.data.ptr, w, ab),
+            "GEMM gate_up + add-norm": (
+                ADD_NORM,
+                b.x.data.ptr,
+                h,
+                engine._wgu[0],
+                2 * inter,
+                h,
+                b.gu.data.ptr,
+                2 * inter,
+                ab,
+            ),
+            "GEMM down + SiLU": (SILU, b.gu.data.ptr, 2 * inter, engine._wd[0], h, inter, b.x.data.ptr, h, ab),
+            "LM head + add-norm": (ADD_NORM, b.x.data.ptr, h, engine._lm_head, vocab, h, b.logits.data.ptr, vocab, f32),
+        }
+        for name, (mode, x, x_ld, wt, n_out, k_in, y, y_ld, out) in fused_calls.items():
+            # packed once, as the fused step packs them; the cuBLAS rows above turn the GEMV off between rounds
+            call = d.prepared_fused(
+                mode, 1, x, x_ld, wt, n_out, k_in, y, y_ld, ab, out, b.h.data.ptr, h, nw, b.h_alt.data.ptr, eps
+            )
+
+            def fused_gemv(call: Any = call) -> None:
+                d.lt, d.gemv = True, True
+                call()
+
+            parts[f"{name} (fused GEMV, prepared)"] = fused_gemv
+        if hasattr(d, "has_qkv_rope") and d.has_qkv_rope(ab, c.head_dim):  # RoPE + KV append as its epilogue
+            call = d.prepared_qkv_rope(
+                ADD_NORM, 1, b.x.data.ptr, h, engine._wqkv[0], h, b.qkv.data.ptr, w, ab, b.h.data.ptr, h, nw,
+                b.h_alt.data.ptr, eps, engine._rope_append(0, v),
+            )  # fmt: skip
+
+            def qkv_rope(call: Any = call) -> None:
+                d.lt, d.gemv = True, True
+                call()
+
+            parts["GEMM qkv + add-norm + RoPE + KV append (fused GEMV, prepared)"] = qkv_rope
+    if hasattr(kernels, "prepared_append_kv"):  # packed once, as the fused step calls them
+        parts["rope (prepared)"] = kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s)
+        parts["append_paged_kv_cache (prepared)"] = kernels.prepared_append_kv(
+            v.k,
+            v.v,
+            v.batch_indices,
+            v.positions,
+            engine._k_cache[0],
+            engine._v_cache[0],
+            v.kv_indices,
+            v.kv_indptr,
+            v.kv_last_page_len,
+            s,
+        )
     raw = raw_launch(d, engine._embed, v.token_ids, b.h.data.ptr, h, s)
     if raw is not None:
         parts["raw cuLaunchKernel through cffi (row gather)"] = raw
@@ -530,6 +594,7 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     for key, fmt in (
         ("engine eager host us per decode step", "{:.0f}"),
         ("engine eager host us per decode step, GEMMs by GEMV", "{:.0f}"),
+        ("engine eager host us per decode step, GEMMs by GEMV, separate norm/SiLU launches", "{:.0f}"),
         ("engine eager host us per decode step, GEMMs by cuBLASLt", "{:.0f}"),
         ("engine eager host us per decode step, GEMMs by cublasGemmEx", "{:.0f}"),
         *(

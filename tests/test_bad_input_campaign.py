@@ -1543,6 +1543,7 @@ EXEMPT: dict[str, str] = {
     "checkpoint.write_safetensors": "a test helper writing checkpoints: tests/test_llama_host.py",
     **{f"cublas.{n}": _GPU for n in ("Handle", "get_ffi", "library", "library_path", "status_name")},
     **{f"dense.{n}": _GPU for n in ("Dense", "data_type")},
+    "dense.RopeAppend": "a record of addresses Dense.prepared_qkv_rope checks on a GPU: test_gpu_fused_decode.py",
     **{f"cublas_lt.{n}": _GPU for n in ("LtMatmuls", "library")},
     "graph.CudaGraph": _GPU,
     **{
@@ -1558,7 +1559,9 @@ EXEMPT: dict[str, str] = {
             "descriptor",
             "fused_add_rmsnorm",
             "generator",
+            "prepared_append_kv",
             "prepared_fused_add_rmsnorm",
+            "prepared_rope_inplace",
             "prefill_plan",
             "prefill_run",
             "qk_rmsnorm",

@@ -16,6 +16,10 @@ its stream current and gives it to :class:`Dense`, so they are the same.
 
 from __future__ import annotations
 
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..cuda_runtime import driver_error
@@ -32,7 +36,19 @@ from .cublas import (
     Handle,
 )
 
-__all__ = ["CUDA_R_16BF", "CUDA_R_16F", "CUDA_R_32F", "GEMV_MAX_ROWS", "WORKSPACE_BYTES", "Dense", "data_type"]
+__all__ = [
+    "ADD_NORM",
+    "CUDA_R_16BF",
+    "CUDA_R_16F",
+    "CUDA_R_32F",
+    "GEMV_MAX_ROWS",
+    "NORM",
+    "SILU",
+    "WORKSPACE_BYTES",
+    "Dense",
+    "RopeAppend",
+    "data_type",
+]
 
 # cuBLAS's scratch: 32 MiB, what NVIDIA's cuBLAS documentation recommends for Hopper (4 MiB suffices before it).
 WORKSPACE_BYTES = 32 << 20
@@ -224,6 +240,321 @@ GEMV(gemv_f16_f32, false, true)
 GEMV(gemv_bf16_bf16, true, false)
 GEMV(gemv_bf16_f32, true, true)
 """
+_FUSED_SOURCE = r"""
+// The GEMV of _GEMV_SOURCE (same column loop, same float32 sums in the same order, same output rounding) with its
+// input rows computed in a prologue into shared memory, so that the launch producing them goes away:
+//   MODE 1 (norm):     in = rmsnorm(h) * nw                     (FlashInfer's rmsnorm of h)
+//   MODE 2 (add-norm): s = h + x; h_out = s; in = rmsnorm(s) * nw (FlashInfer's fused_add_rmsnorm with input x,
+//                      residual h, written into h_out instead of in place: every block reads h while block 0
+//                      writes h_out, so the two are different buffers the caller alternates)
+//   MODE 3 (silu):     in = silu(x[:, :k]) * x[:, k:2k]           (FlashInfer's silu_and_mul of x)
+// The prologue rounds where those kernels round (h_out and in to the 16-bit type, nothing else) and sums the
+// squares in FlashInfer's order: its block of W = ceil(min(1024, k / 8) / 32) warps, thread t summing the 8-element
+// vectors t, t + 32 W, ... in turn, a butterfly within each warp, then one across the W warp sums; rsqrt.approx as
+// its math::rsqrt. The module is compiled with --use_fast_math, as FlashInfer's modules are (its divisions and
+// __expf). Each block recomputes the prologue (rows <= 4 rows of k elements, from L2) and then serves a
+// grid-stride set of output columns, one warp each. k a multiple of 8; x, h, h_out, nw and the row strides 16-byte
+// aligned (the caller checks).
+__device__ __forceinline__ float h2f(unsigned short u) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
+    return f;
+}
+__device__ __forceinline__ float b2f(unsigned short u) {
+    return __int_as_float(((unsigned)u) << 16);
+}
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short u;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+__device__ __forceinline__ unsigned short f2b(float f) {
+    unsigned short u;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+__device__ __forceinline__ float rsqrt_approx(float x) {
+    float y;
+    asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+template <bool BF16> __device__ __forceinline__ float tof(unsigned short u) { return BF16 ? b2f(u) : h2f(u); }
+template <bool BF16> __device__ __forceinline__ unsigned short fromf(float f) { return BF16 ? f2b(f) : f2h(f); }
+
+// element e of the 8-vector at c8 of row r: h alone, or x + h (FlashInfer: float(input) + float(residual))
+template <bool BF16, int MODE>
+__device__ __forceinline__ void row_vec(const unsigned short* __restrict__ h, const unsigned short* __restrict__ x,
+                                        int r, int c8, long long h_ld, long long x_ld, float v[8]) {
+    uint4 a = *(reinterpret_cast<const uint4*>(h + r * h_ld) + c8);
+    const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
+    if (MODE == 2) {
+        uint4 b = *(reinterpret_cast<const uint4*>(x + r * x_ld) + c8);
+        const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            float t = tof<BF16>(bv[e]);
+            t += tof<BF16>(av[e]);
+            v[e] = t;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = tof<BF16>(av[e]);
+    }
+}
+
+// The prologue: the input rows into sx (shared), every thread of the block taking part; ends with a barrier.
+template <bool BF16, int MODE>
+__device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restrict__ x, int rows, int k, long long x_ld,
+                                      const unsigned short* __restrict__ h, const unsigned short* __restrict__ nw,
+                                      unsigned short* __restrict__ h_out, long long h_ld, float eps) {
+    __shared__ float part[4][32];
+    __shared__ float rcp[4];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int vecs = k >> 3;
+    if (MODE == 3) {
+        for (int r = 0; r < rows; ++r)
+            for (int c = threadIdx.x; c < vecs; c += blockDim.x) {
+                uint4 g = *(reinterpret_cast<const uint4*>(x + r * x_ld) + c);
+                uint4 u = *(reinterpret_cast<const uint4*>(x + r * x_ld + k) + c);
+                const unsigned short* gv = reinterpret_cast<const unsigned short*>(&g);
+                const unsigned short* uv = reinterpret_cast<const unsigned short*>(&u);
+                uint4 o;
+                unsigned short* ov = reinterpret_cast<unsigned short*>(&o);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    float a = tof<BF16>(gv[e]);
+                    ov[e] = fromf<BF16>(a / (1.0f + __expf(-a)) * tof<BF16>(uv[e]));
+                }
+                sx[r * vecs + c] = o;
+            }
+    } else {
+        // FlashInfer's partition of the sum of squares (see above)
+        const int fw = (min(1024, vecs) + 31) >> 5;
+        const int ft = fw << 5;
+        for (int r = 0; r < rows; ++r)
+            for (int vw = warp; vw < fw; vw += warps) {
+                const int t = (vw << 5) + lane;
+                float sum = 0.f;
+                for (int c = t; c < vecs; c += ft) {
+                    float v[8];
+                    row_vec<BF16, MODE>(h, x, r, c, h_ld, x_ld, v);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) sum += v[e] * v[e];
+                }
+#pragma unroll
+                for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                if (lane == 0) part[r][vw] = sum;
+            }
+        __syncthreads();
+        if (warp == 0)
+            for (int r = 0; r < rows; ++r) {
+                float sum = lane < fw ? part[r][lane] : 0.f;
+#pragma unroll
+                for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                if (lane == 0) rcp[r] = rsqrt_approx(sum / float(k) + eps);
+            }
+        __syncthreads();
+        const bool write_h = MODE == 2 && h_out != nullptr && blockIdx.x == 0;
+        for (int r = 0; r < rows; ++r)
+            for (int c = threadIdx.x; c < vecs; c += blockDim.x) {
+                float v[8];
+                row_vec<BF16, MODE>(h, x, r, c, h_ld, x_ld, v);
+                uint4 g = *(reinterpret_cast<const uint4*>(nw) + c);
+                const unsigned short* gv = reinterpret_cast<const unsigned short*>(&g);
+                uint4 o, s;
+                unsigned short* ov = reinterpret_cast<unsigned short*>(&o);
+                unsigned short* sv = reinterpret_cast<unsigned short*>(&s);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    ov[e] = fromf<BF16>(v[e] * rcp[r] * tof<BF16>(gv[e]));
+                    sv[e] = fromf<BF16>(v[e]);
+                }
+                sx[r * vecs + c] = o;
+                if (write_h) *(reinterpret_cast<uint4*>(h_out + r * h_ld) + c) = s;
+            }
+    }
+    __syncthreads();
+}
+
+template <bool BF16, bool F32OUT, int MODE>
+__device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                                           void* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                           long long y_ld, const unsigned short* __restrict__ h,
+                                           const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
+                                           long long h_ld, float eps) {
+    extern __shared__ uint4 sx[];  // the input rows, [rows, k / 8] vectors of 8 16-bit values
+    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int vecs = k >> 3;
+    for (int j = blockIdx.x * warps + warp; j < n; j += gridDim.x * warps) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
+        for (int c = lane; c < vecs; c += 32) {
+            uint4 a = __ldg(wv + c);
+            const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
+            float wf[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) wf[e] = tof<BF16>(av[e]);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                if (r < rows) {
+                    uint4 b = sx[r * vecs + c];
+                    const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[r] += wf[e] * tof<BF16>(bv[e]);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            float v = acc[r];
+            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0 && r < rows) {
+                if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
+                else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
+            }
+        }
+    }
+}
+
+#define FUSED(name, bf16, f32out, mode)                                                                            \
+    extern "C" __global__ void name(const unsigned short* x, const unsigned short* w, void* y, int rows, int n,      \
+                                    int k, long long x_ld, long long y_ld, const unsigned short* h,                 \
+                                    const unsigned short* nw, unsigned short* h_out, long long h_ld, float eps) {   \
+        gemv_fused<bf16, f32out, mode>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps);                   \
+    }
+FUSED(gemv_f16_f16_norm, false, false, 1)
+FUSED(gemv_f16_f32_norm, false, true, 1)
+FUSED(gemv_bf16_bf16_norm, true, false, 1)
+FUSED(gemv_bf16_f32_norm, true, true, 1)
+FUSED(gemv_f16_f16_addnorm, false, false, 2)
+FUSED(gemv_f16_f32_addnorm, false, true, 2)
+FUSED(gemv_bf16_bf16_addnorm, true, false, 2)
+FUSED(gemv_bf16_f32_addnorm, true, true, 2)
+FUSED(gemv_f16_f16_silu, false, false, 3)
+FUSED(gemv_f16_f32_silu, false, true, 3)
+FUSED(gemv_bf16_bf16_silu, true, false, 3)
+FUSED(gemv_bf16_f32_silu, true, true, 3)
+
+// The fused QKV GEMV of a decode step with FlashInfer's apply_rope_pos_ids (in place, non-interleaved, all of d
+// rotated) and append_paged_kv_cache (NHD) as its epilogue: y = qkv [rows, (hq + 2 hk) d], 16-bit. Each warp
+// computes the columns i and i + d/2 of one head (each column's sum exactly as gemv_fused's), rounds them as the
+// GEMV's output is rounded, rotates q and k heads with FlashInfer's arithmetic (its frequency and smoothing
+// expressions, __powf and __sincosf under --use_fast_math, the rotation written as its kernel writes it; the host
+// computes rcp_theta, rcp_scale, smooth_a and smooth_b as its launcher does), stores them back into y (attention
+// reads q there) and writes k and v heads into page kv_indices[kv_indptr[b] + pos / page_size], entry
+// pos % page_size of k_cache / v_cache (b = batch_indices[r], pos = positions[r]; strides in elements).
+template <bool BF16, int MODE>
+__device__ __forceinline__ void gemv_rope_append(
+        const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, unsigned short* __restrict__ y,
+        int rows, int n, int k, long long x_ld, long long y_ld, const unsigned short* __restrict__ h,
+        const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out, long long h_ld, float eps, int hq,
+        int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b,
+        const int* __restrict__ positions, const int* __restrict__ batch_indices, const int* __restrict__ kv_indptr,
+        const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache,
+        int page_size, long long stride_page, long long stride_n, long long stride_h) {
+    extern __shared__ uint4 sx[];
+    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int vecs = k >> 3;
+    const unsigned half = d >> 1;
+    const int pairs = n >> 1;
+    for (int p = blockIdx.x * warps + warp; p < pairs; p += gridDim.x * warps) {
+        const int head = p / (int)half;
+        const unsigned i = p - head * (int)half;
+        const long long j0 = (long long)head * d + i, j1 = j0 + half;
+        float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint4* w0 = reinterpret_cast<const uint4*>(w + j0 * k);
+        const uint4* w1 = reinterpret_cast<const uint4*>(w + j1 * k);
+        for (int c = lane; c < vecs; c += 32) {
+            uint4 u0 = __ldg(w0 + c), u1 = __ldg(w1 + c);
+            const unsigned short* v0 = reinterpret_cast<const unsigned short*>(&u0);
+            const unsigned short* v1 = reinterpret_cast<const unsigned short*>(&u1);
+            float f0[8], f1[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                f0[e] = tof<BF16>(v0[e]);
+                f1[e] = tof<BF16>(v1[e]);
+            }
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                if (r < rows) {
+                    uint4 b = sx[r * vecs + c];
+                    const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        a0[r] += f0[e] * tof<BF16>(bv[e]);
+                        a1[r] += f1[e] * tof<BF16>(bv[e]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+            for (int off = 16; off; off >>= 1) {
+                a0[r] += __shfl_xor_sync(0xffffffffu, a0[r], off);
+                a1[r] += __shfl_xor_sync(0xffffffffu, a1[r], off);
+            }
+        if (lane != 0) continue;
+        // element i's frequency (i + d/2 has the same: FlashInfer indexes it by e % (d / 2))
+        float freq = __powf(rcp_theta, float(2 * (i % half)) / float(d));
+        float smooth = freq * smooth_a + smooth_b;
+        smooth = max(0.0f, min(1.0f, smooth));
+        // explicit fmas where the compiler could contract either product: FlashInfer's build fuses the first
+        freq = __fmaf_rn(1 - smooth, freq * rcp_scale, smooth * freq);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            if (r >= rows) break;
+            unsigned short q0 = fromf<BF16>(a0[r]), q1 = fromf<BF16>(a1[r]);
+            const int pos = positions[r];
+            if (head < hq + hk) {
+                float sn, cs;
+                __sincosf(float(pos) * freq, &sn, &cs);
+                const float x0 = tof<BF16>(q0), x1 = tof<BF16>(q1);
+                const float o0 = __fmaf_rn(x0, cs, -x1 * sn);
+                const float o1 = __fmaf_rn(x1, cs, x0 * sn);
+                q0 = fromf<BF16>(o0);
+                q1 = fromf<BF16>(o1);
+            }
+            y[r * y_ld + j0] = q0;
+            y[r * y_ld + j1] = q1;
+            if (head >= hq) {
+                const bool is_k = head < hq + hk;
+                const int kvh = is_k ? head - hq : head - hq - hk;
+                const int page = kv_indices[kv_indptr[batch_indices[r]] + pos / page_size];
+                const long long at = page * stride_page + (long long)(pos % page_size) * stride_n + kvh * stride_h + i;
+                unsigned short* cache = is_k ? k_cache : v_cache;
+                cache[at] = q0;
+                cache[at + half] = q1;
+            }
+        }
+    }
+}
+
+#define ROPE_APPEND(name, bf16, mode)                                                                              \
+    extern "C" __global__ void name(                                                                               \
+            const unsigned short* x, const unsigned short* w, unsigned short* y, int rows, int n, int k,             \
+            long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,                       \
+            unsigned short* h_out, long long h_ld, float eps, int hq, int hk, unsigned d, float rcp_theta,           \
+            float rcp_scale, float smooth_a, float smooth_b, const int* positions, const int* batch_indices,         \
+            const int* kv_indptr, const int* kv_indices, unsigned short* k_cache, unsigned short* v_cache,           \
+            int page_size, long long stride_page, long long stride_n, long long stride_h) {                          \
+        gemv_rope_append<bf16, mode>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d,           \
+                                     rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices, kv_indptr, \
+                                     kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, stride_h);     \
+    }
+ROPE_APPEND(gemv_f16_norm_rope, false, 1)
+ROPE_APPEND(gemv_bf16_norm_rope, true, 1)
+ROPE_APPEND(gemv_f16_addnorm_rope, false, 2)
+ROPE_APPEND(gemv_bf16_addnorm_rope, true, 2)
+"""
+# the fused GEMV's prologues (see _FUSED_SOURCE); Dense.fused_linear's `mode`
+NORM, ADD_NORM, SILU = 1, 2, 3
+_FUSED_SUFFIX = {NORM: "norm", ADD_NORM: "addnorm", SILU: "silu"}
+_ROPE = 16  # a mode flag: the QKV GEMV with RoPE and the KV append as its epilogue (Dense.prepared_qkv_rope)
+_FUSED_WARPS = 8  # output columns per block per pass (one warp each); a block stages its input rows once
+_STATIC_SMEM = 48 << 10  # dynamic shared memory a kernel may take without opting in
+
 GEMV_MAX_ROWS = 4  # the rows one GEMV launch takes (the kernel keeps a sum per row in registers)
 _GEMV_WARPS = 4  # output columns per block (one warp each)
 _GEMV_NAMES = {
@@ -232,6 +563,57 @@ _GEMV_NAMES = {
     (CUDA_R_16BF, CUDA_R_16BF): "gemv_bf16_bf16",
     (CUDA_R_16BF, CUDA_R_32F): "gemv_bf16_f32",
 }
+
+
+@dataclass(frozen=True)
+class RopeAppend:
+    """What :meth:`Dense.prepared_qkv_rope`'s epilogue needs: the heads (``hq`` query, ``hk`` key/value), head
+    dim ``d``; the RoPE settings as FlashInfer's op takes them (``theta``, ``scale``; with ``llama3`` also
+    ``low_freq_factor``, ``high_freq_factor``, ``old_context_len``); this step's int32 device arrays
+    (``positions``, ``batch_indices`` per row, ``kv_indptr``, ``kv_indices``) and the layer's NHD caches
+    (``k_cache``, ``v_cache``: ``num_pages`` pages of ``page_size`` tokens, strides in elements). Addresses as
+    ints; a value (the engine keys nothing by it)."""
+
+    hq: int
+    hk: int
+    d: int
+    theta: float
+    scale: float
+    llama3: bool
+    low_freq_factor: float
+    high_freq_factor: float
+    old_context_len: float
+    positions: int
+    batch_indices: int
+    kv_indptr: int
+    kv_indices: int
+    k_cache: int
+    v_cache: int
+    page_size: int
+    num_pages: int
+    stride_page: int
+    stride_n: int
+    stride_h: int
+
+    def constants(self) -> tuple[float, float, float, float]:
+        """``(rcp_theta, rcp_scale, smooth_a, smooth_b)`` as FlashInfer's launcher computes them from its float
+        arguments (float32 reciprocals; smooth_a through double, as its expression with M_PI evaluates)."""
+        import numpy as np
+
+        f = np.float32
+        theta, scale = f(self.theta), f(self.scale)
+        rcp_theta, rcp_scale = f(1) / theta, f(1) / scale
+        if not self.llama3:
+            return float(rcp_theta), float(rcp_scale), 0.0, 0.0
+        low, high, old = f(self.low_freq_factor), f(self.high_freq_factor), f(self.old_context_len)
+        smooth_a = f(float(old) / (2 * math.pi * float(high) - 2 * math.pi * float(low)))
+        smooth_b = f(-1) / (high / low - f(1))
+        return float(rcp_theta), float(rcp_scale), float(smooth_a), float(smooth_b)
+
+
+def _overlap(a: int, a_len: int, b: int, b_len: int) -> bool:
+    """Whether the byte ranges ``[a, a + a_len)`` and ``[b, b + b_len)`` share a byte."""
+    return a < b + b_len and b < a + a_len
 
 
 def _function_ptr(kernel: Any) -> int:
@@ -276,6 +658,11 @@ class Dense:
         self._stream = stream.ptr
         self._gemv_fns: dict[tuple[int, int], int] = {}
         self._gemv_args: dict[tuple[int, ...], tuple[Any, ...]] = {}
+        # the GEMV with a prologue (fused_linear): (mode, ab_type, c_type) -> CUfunction, packed calls, limits
+        self._fused_fns: dict[tuple[int, int, int], int] = {}
+        self._fused_args: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._fused_smem = 0  # the most dynamic shared memory (bytes) a fused launch may take: its input rows
+        self._fused_grid = 1056  # blocks per fused launch at most (8 per SM; each stages its input rows once)
         self._launch: Any = None
         self._null: Any = None
         self.gemv = False
@@ -291,6 +678,7 @@ class Dense:
                 self._launch, self._driver_ffi = lib.cuLaunchKernel, driver.ffi()
                 self._null = self._driver_ffi.NULL
                 self.gemv = True
+                self._load_fused(cupy)
             else:
                 self.gemv_error = "libcuda could not be loaded or cuInit failed (fi_ffi.driver.load)"
         except Exception as exc:  # NVRTC or the driver refusing: cuBLAS serves every GEMM
@@ -311,6 +699,271 @@ class Dense:
         except BaseException:  # anything else is raised: the cuBLAS handle has no finalizer, destroy it first
             self._blas.close()
             raise
+
+    def _load_fused(self, cupy: Any) -> None:
+        """Compile the fused GEMV variants (``fused_linear``); a failure leaves them off, the plain GEMV on."""
+        try:
+            module = cupy.RawModule(code=_FUSED_SOURCE, options=("--use_fast_math",))
+            attrs = cupy.cuda.Device().attributes
+            fns = {}
+            limit = _STATIC_SMEM - 1024  # the static part (the sums of squares) counts against the same 48 KiB
+            optin = int(attrs.get("MaxSharedMemoryPerBlockOptin", 0)) - 1024
+            for (ab, c), name in _GEMV_NAMES.items():
+                for mode, suffix in _FUSED_SUFFIX.items():
+                    kernel = module.get_function(f"{name}_{suffix}")
+                    if optin > limit:  # rows x k input values beyond 48 KiB: opt in once per kernel
+                        try:
+                            kernel.max_dynamic_shared_size_bytes = optin
+                        except Exception:
+                            optin = limit
+                    fns[(mode, ab, c)] = _function_ptr(kernel)
+            for ab, name in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):  # the QKV GEMV with RoPE + KV append
+                for mode, suffix in ((NORM, "norm"), (ADD_NORM, "addnorm")):
+                    kernel = module.get_function(f"gemv_{name}_{suffix}_rope")
+                    if optin > limit:
+                        try:
+                            kernel.max_dynamic_shared_size_bytes = optin
+                        except Exception:
+                            optin = limit
+                    fns[(mode | _ROPE, ab, ab)] = _function_ptr(kernel)
+            self._fused_smem = max(limit, optin)
+            self._fused_grid = 8 * int(attrs.get("MultiProcessorCount", 132))
+            self._fused_module, self._fused_fns = module, fns
+        except Exception as exc:  # NVRTC refusing: the engine keeps its separate norm and activation launches
+            self._fused_fns, self.gemv_error = {}, f"fused GEMV: {type(exc).__name__}: {exc}"
+
+    def fused_fits(self, rows: int, k: int) -> bool:
+        """Whether :meth:`fused_linear` serves ``rows`` input rows of ``k`` elements (16-bit): the GEMV is on, its
+        fused variants compiled, ``rows <= GEMV_MAX_ROWS``, ``k`` a multiple of 8 and the rows fit the shared
+        memory a block may take."""
+        return (
+            self.gemv
+            and bool(self._fused_fns)
+            and 0 < rows <= GEMV_MAX_ROWS
+            and 0 < k < 1 << 31
+            and k % 8 == 0
+            and rows * k * 2 <= self._fused_smem
+        )
+
+    def fused_linear(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        h: int = 0,
+        h_ld: int = 0,
+        norm_weight: int = 0,
+        h_out: int = 0,
+        eps: float = 0.0,
+    ) -> None:
+        """``y[:rows, :n] = in @ w.T`` (``w`` row-major ``[n, k]``, float32 sums, ``y`` rounded once to
+        ``c_type``) where the input rows ``in [rows, k]`` are computed in the launch itself (``mode``):
+
+        - :data:`NORM`: ``in = rmsnorm(h) * norm_weight`` (``h [rows, k]``, row stride ``h_ld``; ``x`` unused);
+        - :data:`ADD_NORM`: ``s = h + x``; ``h_out = s`` (rounded; skipped where ``h_out`` is 0);
+          ``in = rmsnorm(s) * norm_weight`` -- FlashInfer's ``fused_add_rmsnorm(x, h, norm_weight)``, with the new
+          residual written to ``h_out``, which must not overlap ``h`` (every block reads ``h``);
+        - :data:`SILU`: ``in = silu(x[:, :k]) * x[:, k:2k]`` (FlashInfer's ``silu_and_mul``; ``x [rows, 2k]``).
+
+        Rounded where those kernels round (``in`` and ``h_out`` to the 16-bit type), so the result equals theirs
+        followed by :meth:`linear`'s GEMV. Pointers as ints, strides in elements; ``eps`` the norm's epsilon.
+        :meth:`fused_fits` must hold. Raises ValueError naming an argument that is misaligned (x, h, h_out,
+        norm_weight and their row strides: 16 bytes; y: its element) or overlaps (``h_out`` with ``h``, ``x`` or
+        ``y``; ``y`` with ``x`` or ``h``): checked when a call site is packed, and a call site is keyed by every
+        value, so every call is covered."""
+        key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps)
+        packed = self._fused_args.get(key)
+        if packed is None:
+            packed = self._pack_fused(key)
+        fn, grid, smem, params, _ = packed
+        err = self._launch(fn, grid, 1, 1, 32 * _FUSED_WARPS, 1, 1, smem, self._stream, params, self._null)
+        if err:
+            raise driver_error(err, f"cuLaunchKernel(fused gemv, mode={mode}, rows={rows}, n={n}, k={k})")
+
+    def prepared_fused(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        h: int = 0,
+        h_ld: int = 0,
+        norm_weight: int = 0,
+        h_out: int = 0,
+        eps: float = 0.0,
+    ) -> Callable[[], None]:
+        """:meth:`fused_linear` with these arguments checked and packed once: calling the result launches it again
+        (no key built, no lookup: about one ``cuLaunchKernel``). The result keeps the packed argument array alive;
+        after :meth:`close` it raises instead of launching."""
+        key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps)
+        fn, grid, smem, params, values = self._pack_fused(key)
+        return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "fused gemv")
+
+    def prepared_linear(self, *args: Any) -> Callable[[], None]:
+        """:meth:`linear` (no ``accumulate``) with these arguments packed once where the GEMV serves it (see
+        :meth:`prepared_fused`); elsewhere a call of :meth:`linear` with them."""
+        rows = args[0]
+        packed = self._pack_gemv(tuple(args)) if self.gemv and rows <= GEMV_MAX_ROWS else ()
+        if not packed:
+            return lambda: self.linear(*args)
+        fn, grid, params, values = packed
+        return self._prepared(fn, grid, 32 * _GEMV_WARPS, 0, params, values, "gemv")
+
+    def prepared_gather(self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int) -> Any:
+        """:meth:`gather_rows` packed once and launched with ``cuLaunchKernel`` on this Dense's stream (a CuPy
+        ``RawKernel`` launch costs about 4 us more host time); needs the GEMV's driver (``gemv`` True)."""
+        if not self.gemv:
+            raise ValueError("dense: the driver launch path is off (closed, or the GEMV is unavailable)")
+        values = self._driver_ffi.new("uint64_t[6]", [src, index, dst, width, src_ld, dst_ld])
+        params = self._driver_ffi.new("void*[6]", [values + i for i in range(6)])
+        return self._prepared(_function_ptr(self._gather_fn), rows, 256, 0, params, values, "gather_rows16")
+
+    def _prepared(self, fn: int, grid: int, block: int, smem: int, params: Any, values: Any, name: str) -> Any:
+        launch, stream, null = self._launch, self._stream, self._null
+
+        def call() -> None:
+            if not self.gemv:  # closed: the module and its functions may be gone
+                raise ValueError("dense: closed (or the GEMV turned off); prepared launches refuse")
+            err = launch(fn, grid, 1, 1, block, 1, 1, smem, stream, params, null)
+            if err:
+                raise driver_error(err, f"cuLaunchKernel({name})")
+
+        call.keep = values  # type: ignore[attr-defined]  # the argument array params points into
+        return call
+
+    def _pack_fused(self, key: tuple[Any, ...], checks_only: bool = False) -> tuple[Any, ...]:
+        """Check one :meth:`fused_linear` call site and pack its kernel arguments once: ``(function, grid, shared
+        bytes, params, values)``; at most 4096 kept, then the cache starts again. ``checks_only``: the checks and
+        ``(function, grid, shared bytes, None, None)``, nothing packed or kept (the RoPE variant packs its own)."""
+        mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps = key
+        fn = self._fused_fns.get((mode, ab_type, c_type))
+        if fn is None or (mode & ~_ROPE) not in _FUSED_SUFFIX:
+            raise ValueError(f"mode: no fused GEMV for mode {mode!r} and types ({ab_type}, {c_type})")
+        rope, mode = mode & _ROPE, mode & ~_ROPE
+        if not self.fused_fits(rows, k):
+            raise ValueError(f"rows, k: the fused GEMV does not serve {rows} rows of {k} (see fused_fits)")
+        if not 0 < n < 1 << 31:
+            raise ValueError(f"n: expected 1 to 2**31 - 1 output columns, got {n}")
+        out_item = 4 if c_type == CUDA_R_32F else 2
+        span_in = 2 * ((rows - 1) * h_ld + k)  # bytes of h's (and h_out's) rows
+        x_width = 2 * k if mode == SILU else k
+        span_x = 2 * ((rows - 1) * x_ld + x_width)
+        span_y = out_item * ((rows - 1) * y_ld + n)
+        checks = [("w", w, 16), ("y", y, out_item)]
+        if mode == SILU:
+            checks += [("x", x, 16), ("x_ld", 2 * x_ld, 16)]
+        else:
+            checks += [("h", h, 16), ("h_ld", 2 * h_ld, 16), ("norm_weight", norm_weight, 16)]
+        if mode == ADD_NORM:
+            checks += [("x", x, 16), ("x_ld", 2 * x_ld, 16), ("h_out", h_out, 16)]
+        for name, value, align in checks:
+            if value % align or (value == 0 and not name.endswith("_ld") and name != "h_out"):
+                raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+        reads = [("x", x, span_x)] if mode != NORM else []
+        if mode != SILU:
+            reads.append(("h", h, span_in))
+        for name, base, span in reads:
+            if _overlap(y, span_y, base, span):
+                raise ValueError(f"y: overlaps {name} (the launch writes y while other blocks still read {name})")
+            if mode == ADD_NORM and h_out and _overlap(h_out, span_in, base, span):
+                raise ValueError(f"h_out: overlaps {name} (block 0 writes h_out while every block reads {name})")
+        if mode == ADD_NORM and h_out and _overlap(h_out, span_in, y, span_y):
+            raise ValueError("h_out: overlaps y")
+        if checks_only:
+            return (fn, None, rows * k * 2, None, None)
+        assert not rope
+        ffi = self._driver_ffi
+        eps_bits = int.from_bytes(struct.pack("<f", eps), "little")
+        # one 8-byte slot per kernel argument (int and float ones read their low 4 bytes: little-endian)
+        values = ffi.new("uint64_t[13]", [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, eps_bits])
+        params = ffi.new("void*[13]", [values + i for i in range(13)])
+        grid = min((n + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
+        packed = (fn, grid, rows * k * 2, params, values)  # values: kept with params
+        if len(self._fused_args) > 4096:
+            self._fused_args.clear()
+        self._fused_args[key] = packed
+        return packed
+
+    def has_qkv_rope(self, ab_type: int, d: int) -> bool:
+        """Whether :meth:`prepared_qkv_rope` serves ``ab_type`` inputs and head dim ``d`` (its kernels compiled;
+        the head dims FlashInfer's RoPE serves)."""
+        return (ADD_NORM | _ROPE, ab_type, ab_type) in self._fused_fns and d in (64, 128, 256, 512)
+
+    def prepared_qkv_rope(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+        rope: RopeAppend,
+    ) -> Callable[[], None]:
+        """The fused QKV GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`fused_linear`; 16-bit ``y =
+        qkv [rows, (hq + 2 hk) d]``) with FlashInfer's ``apply_rope_pos_ids`` (in place, non-interleaved, every
+        element rotated; Llama 3.1 scaling where ``rope.llama3``) and ``append_paged_kv_cache`` (NHD) of this step's
+        k and v as its epilogue, checked and packed once (see :meth:`prepared_fused`): one launch for three. The
+        result equals those launches' bit for bit (the GPU test checks it). Raises ValueError naming a misaligned,
+        NULL or overlapping argument (the caches against y, h, x and h_out) or a shape the kernel does not serve."""
+        r = rope
+        n = (r.hq + 2 * r.hk) * r.d
+        key = (mode | _ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
+        if mode not in (NORM, ADD_NORM):
+            raise ValueError(f"mode: the RoPE epilogue follows a NORM or ADD_NORM prologue, got {mode!r}")
+        if not (r.hq > 0 and r.hk > 0 and r.d in (64, 128, 256, 512) and r.page_size > 0 and r.num_pages > 0):
+            raise ValueError(f"rope: heads, head_dim (64 to 512), page size and pages must be positive, got {r}")
+        fn, grid, smem, _, _ = self._pack_fused(key, checks_only=True)
+        for name in ("positions", "batch_indices", "kv_indptr", "kv_indices"):
+            value = getattr(r, name)
+            if not value or value % 4:
+                raise ValueError(f"rope.{name}: 0x{value:x} must be a non-NULL address aligned to 4 bytes (int32)")
+        span_cache = 2 * r.num_pages * r.stride_page
+        span_y = 2 * ((rows - 1) * y_ld + n)
+        areas = [("y", y, span_y), ("h", h, 2 * ((rows - 1) * h_ld + k))]
+        if mode == ADD_NORM:
+            areas.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
+            if h_out:
+                areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
+        for name in ("k_cache", "v_cache"):
+            value = getattr(r, name)
+            if not value or value % 2:
+                raise ValueError(f"rope.{name}: 0x{value:x} must be a non-NULL address aligned to 2 bytes")
+            for other, base, span in areas:
+                if _overlap(value, span_cache, base, span):
+                    raise ValueError(f"rope.{name}: overlaps {other} (the launch writes the cache while reading it)")
+        if _overlap(r.k_cache, span_cache, r.v_cache, span_cache):
+            raise ValueError("rope.v_cache: overlaps rope.k_cache")
+        bits = [int.from_bytes(struct.pack("<f", v), "little") for v in (eps, *r.constants())]
+        ints = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, bits[0], r.hq, r.hk, r.d, *bits[1:]]
+        ints += [r.positions, r.batch_indices, r.kv_indptr, r.kv_indices, r.k_cache, r.v_cache, r.page_size]
+        ints += [r.stride_page, r.stride_n, r.stride_h]
+        values = self._driver_ffi.new(f"uint64_t[{len(ints)}]", ints)
+        params = self._driver_ffi.new(f"void*[{len(ints)}]", [values + i for i in range(len(ints))])
+        grid = min((n // 2 + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
+        return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "qkv gemv + rope + append")
 
     @property
     def lt(self) -> bool:
@@ -392,6 +1045,11 @@ class Dense:
         object); at most 4096 kept, then the cache starts again."""
         rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = key
         fn = self._gemv_fns.get((ab_type, c_type))
+        item = 4 if c_type == CUDA_R_32F else 2
+        if fn is not None and y % item:  # the kernel stores one element at a time: each must be aligned
+            raise ValueError(
+                f"y: 0x{y:x} must be aligned to {item} bytes (its {'float32' if item == 4 else '16-bit'} elements)"
+            )
         packed: tuple[Any, ...] = ()
         if fn is not None and k % 8 == 0 and x_ld % 8 == 0 and x % 16 == 0 and w % 16 == 0 and 0 < n < 1 << 31:
             ffi = self._driver_ffi
@@ -492,6 +1150,8 @@ class Dense:
         included: the GEMV is turned off). Idempotent."""
         self.gemv = False  # else a GEMM of <= GEMV_MAX_ROWS rows would still launch after close
         self._gemv_args.clear()
+        self._fused_args.clear()
+        self._fused_fns = {}  # fused_linear refuses after close (fused_fits is False)
         self._lt_shape = None
         lt, self._lt = self._lt, None  # `lt = True` after close cannot bring back a destroyed cuBLASLt handle
         if lt is not None:

@@ -174,6 +174,10 @@ class LlamaEngine:
     a bucket (:attr:`prefill_buckets`) and run as the CUDA graph of that bucket and batch size, captured the first
     time it is met (see :meth:`_prefill_graph`); set it False to always prefill eagerly. A capture that fails
     leaves that shape eager, with a warning and the reason in :attr:`prefill_graph_failures`.
+    ``fused_decode`` (default True): an eager decode step of at most 4 rows on one GPU without MoE layers runs its
+    RMSNorms, residual adds, SiLU, RoPE and KV append inside the engine's GEMV launches, with every launch but the
+    attention run packed once (:meth:`_fused_step`; the same logits as the separate launches); False: the separate
+    launches.
     """
 
     def __init__(
@@ -224,6 +228,8 @@ class LlamaEngine:
         self.prefill_graphs = True
         # token-row buckets of the padded prefill graphs (fi_ffi.models.paging.prefill_buckets says why these)
         self.prefill_buckets = prefill_buckets(self.max_prefill_tokens)
+        # an eager decode step of at most 4 rows runs its norms, SiLU, RoPE and KV append inside the GEMVs
+        self.fused_decode = True
         self._prefill_graph_cache: dict[tuple[int, ...], Any] = {}
         # (bucket, requests) whose capture failed -> why: those prefills stay eager (and unpadded) from then on
         self.prefill_graph_failures: dict[tuple[int, int], str] = {}
@@ -467,6 +473,8 @@ class LlamaEngine:
         )
 
     def _allocate(self) -> None:
+        from .dense import GEMV_MAX_ROWS
+
         cp, c = self._cp, self.config
         storage = np.float16 if self.dtype == "float16" else np.uint16
         rows = max(self.max_prefill_tokens, self.max_batch)
@@ -480,6 +488,7 @@ class LlamaEngine:
             gu=cp.empty((rows, 2 * c.intermediate_size), storage),
             act=cp.empty((rows, c.intermediate_size), storage),
             last=cp.empty((self.max_batch, h), storage),
+            h_alt=cp.empty((GEMV_MAX_ROWS, h), storage),  # the fused step's second residual buffer (_fused_step)
             logits=cp.empty((self.max_batch, c.vocab_size), np.float32),
             ids=cp.empty(self.max_batch, np.int32),
             kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), storage),
@@ -624,6 +633,136 @@ class LlamaEngine:
                 kernels.silu_and_mul(v.gu, v.act, s)
                 dense.linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab)
             self._add_norm(v, self._ln1[i + 1] if i < last else self._norm)
+
+    def _fuses(self, rows: int) -> bool:
+        """Whether an eager decode step of ``rows`` rows runs as :meth:`_fused_step`: ``fused_decode`` on, this
+        class's own forward pass and head (a family engine's may differ), one GPU (no all-reduce, no vocabulary
+        shard), no MoE layer, and the engine's GEMV serving the rows (at most 4; see Dense.fused_fits)."""
+        c, cls = self.config, type(self)
+        return (
+            self.fused_decode
+            and cls._forward is LlamaEngine._forward
+            and cls._head is LlamaEngine._head
+            and cls._decode_attention is LlamaEngine._decode_attention
+            and self._allreduce is None
+            and self.vocab_shard is None
+            and not self._moe
+            and self.dense.fused_fits(rows, c.hidden_size)
+            and self.dense.fused_fits(rows, c.intermediate_size)
+        )
+
+    def _fused_step(self, v: SimpleNamespace, rows: int) -> None:
+        """:meth:`_forward` and :meth:`_head` of a decode step in 7 launches per layer instead of 10: the RMSNorms
+        and the residual adds run in the prologue of the GEMV that reads their output (``Dense.fused_linear``,
+        modes NORM / ADD_NORM), and ``silu_and_mul`` in the down GEMV's (SILU). Same rounding points as the
+        separate launches: the o and down GEMVs write their rounded output into ``x`` as before; the next GEMV
+        forms ``s = h + x`` in float32, normalizes ``s`` (not its rounding, as ``fused_add_rmsnorm`` does) and
+        stores ``round(s)`` as the new residual. That store goes to the other of two residual buffers (``h``,
+        ``h_alt``), since every block of the launch still reads the old one; the final norm is the LM head's
+        prologue. Leaves the float32 logits in ``logits``, finished (:meth:`_finish_logits`).
+
+        Every launch but the attention run is packed once per step view (:meth:`_fused_calls`): a step calls
+        them in turn, with the attention run (this step's plan) between each layer's two halves."""
+        calls = v.prepared.get("fused step")
+        if calls is None:
+            calls = v.prepared["fused step"] = self._fused_calls(v, rows)
+        embed, layers, head = calls
+        embed()
+        attention = self._decode_attention
+        for i, (before, after) in enumerate(layers):
+            for call in before:
+                call()
+            attention(i, v)
+            for call in after:
+                call()
+        head()
+        self._finish_logits(self._buf.logits.data.ptr, rows, self._head_rows)
+
+    def _fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
+        """The packed launches of :meth:`_fused_step` over view ``v`` (``rows`` rows): the embedding gather, per
+        layer (the launches before the attention run, those after it), and the LM head. Each is checked when
+        packed (pointer rules, alignment); every operand is an engine buffer or weight, which never moves, and the
+        result is kept in the view's ``prepared`` (keyed by a value: the view is made once per step shape)."""
+        from fi_ffi import prepare, qk_rmsnorm
+
+        from .dense import ADD_NORM, NORM, SILU
+
+        c, b, dense, s = self.config, self._buf, self.dense, self._s
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
+        x, qkv, attn, gu = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr
+        w, hqd = self._qkv_width, c.num_qo_heads * c.head_dim
+        fused = dense.prepared_fused
+        cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
+        embed = dense.prepared_gather(rows, self._embed, h, v.token_ids, cur, h, h)
+        rope = kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s)
+        # RoPE and the KV append as the QKV GEMV's epilogue, unless Qwen3's per-head norms come between
+        in_gemv = not c.qk_norm and dense.has_qkv_rope(ab, c.head_dim)
+        layers = []
+        for i in range(c.num_layers):
+            # i == 0: input_layernorm of the embedding rows (rmsnorm); then h += the previous layer's down output
+            # and input_layernorm (fused_add_rmsnorm), the new residual into `other`
+            mode, ln, h_out = (NORM, self._ln1[0].data_ptr, 0) if i == 0 else (ADD_NORM, self._ln1[i].data_ptr, other)
+            if in_gemv:
+                epilogue = self._rope_append(i, v)
+                qkv_call = dense.prepared_qkv_rope(
+                    mode, rows, x, h, self._wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue
+                )
+            else:
+                qkv_call = fused(mode, rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
+            before = [qkv_call]
+            if i:
+                cur, other = other, cur
+            if not in_gemv:
+                if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE (packed as _add_norm packs its norm)
+                    before.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], v.q, eps=eps, stream=s))
+                    before.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], v.k, eps=eps, stream=s))
+                before.append(rope)
+                append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
+                before.append(kernels.prepared_append_kv(*append, v.kv_indices, v.kv_indptr, v.kv_last_page_len, s))
+            after = [dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)]
+            # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
+            ln = self._ln2[i].data_ptr
+            after.append(
+                fused(ADD_NORM, rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab, cur, h, ln, other, eps)
+            )
+            cur, other = other, cur
+            after.append(fused(SILU, rows, gu, 2 * inter, self._wd[i], h, inter, x, h, ab, ab))
+            layers.append((before, after))
+        # h += the last down output; the final norm; the LM head (the new residual is not needed: no h_out)
+        n, logits, ln = self._head_rows, b.logits.data.ptr, self._norm.data_ptr
+        mode = ADD_NORM if c.num_layers else NORM
+        head = fused(mode, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, ln, 0, eps)
+        return embed, layers, head
+
+    def _rope_append(self, i: int, v: SimpleNamespace) -> Any:
+        """The RoPE settings, this step's index arrays and layer ``i``'s caches as the QKV GEMV's epilogue takes
+        them (``Dense.prepared_qkv_rope``): the values ``kernels.rope_inplace`` and ``append_kv`` pass."""
+        from .dense import RopeAppend
+
+        c, r = self.config, self.config.rope
+        kc, vc = self._k_cache[i], self._v_cache[i]
+        return RopeAppend(
+            hq=c.num_qo_heads,
+            hk=c.num_kv_heads,
+            d=c.head_dim,
+            theta=r.theta,
+            scale=r.factor if r.llama3 else 1.0,
+            llama3=r.llama3,
+            low_freq_factor=r.low_freq_factor,
+            high_freq_factor=r.high_freq_factor,
+            old_context_len=r.original_max_position_embeddings,
+            positions=v.positions.data_ptr,
+            batch_indices=v.batch_indices.data_ptr,
+            kv_indptr=v.kv_indptr.data_ptr,
+            kv_indices=v.kv_indices.data_ptr,
+            k_cache=kc.data_ptr,
+            v_cache=vc.data_ptr,
+            page_size=kc.shape[1],
+            num_pages=kc.shape[0],
+            stride_page=kc.strides[0],
+            stride_n=kc.strides[1],
+            stride_h=kc.strides[2],
+        )
 
     def _embed_and_norm(self, v: SimpleNamespace, rows: int) -> None:
         """The embedding rows of ``v.token_ids`` into the residual stream ``h`` and the first layer's input norm into
@@ -1155,8 +1294,11 @@ class LlamaEngine:
             if not sampling.greedy:
                 self._pick(v, n, sampling)
         else:
-            self._forward(v, n, self._decode_attention)
-            self._head(n, self._normed.data.ptr)
+            if self._fuses(n):
+                self._fused_step(v, n)
+            else:
+                self._forward(v, n, self._decode_attention)
+                self._head(n, self._normed.data.ptr)
             self._pick(v, n, sampling)
         self._share_ids(sampling)
         self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
@@ -1273,7 +1415,7 @@ def step_views(
         kv_indices=region("kv_indices", layout.sizes["kv_indices"]),
         logits=t("logits", (chosen, c.vocab_size), "float32"),
         ids=t("ids", (chosen,), "int32"),
-        prepared={},  # the engine's launches packed once over these views (id of the other operand -> call)
+        prepared={},  # the engine's launches packed once over these views (a kind, or a weight's address -> call)
     )
     if kind in ("prefill", "padded prefill"):
         v.qo_indptr = region("qo_indptr", batch + 1)
