@@ -13,7 +13,9 @@ The binding layer (everything outside this package) never imports it. Modules, o
 - :mod:`~fi_ffi.models.kernels`: every fi_ffi op the engine calls, in one adapter.
 - :mod:`~fi_ffi.models.cublas`: cuBLAS (libcublas) through cffi in ABI mode: a handle, its stream and workspace,
   ``cublasGemmEx`` (and its strided batched form). Loaded on first use.
-- :mod:`~fi_ffi.models.dense`: the dense GEMMs (on that handle) and two tiny CuPy kernels (row gather, argmax).
+- :mod:`~fi_ffi.models.dense`: the dense GEMMs (on that handle), the engine's own GEMV (plain, or fused with
+  the decode step's norms, SiLU, RoPE and KV append) and small kernels (row gather, argmax), checked and launched;
+  :mod:`~fi_ffi.models.cuda_sources`: their CUDA C.
 - :mod:`~fi_ffi.models.graph`: CUDA graph capture and replay with cuda-python.
 - :mod:`~fi_ffi.models.moe_routing`: mixture-of-experts softmax + top-k and grouping by expert, in numpy.
 - :mod:`~fi_ffi.models.moe`: the MoE MLP layer (grouped GEMMs, a host-routed and a fixed-capacity device path) and
