@@ -1179,23 +1179,16 @@ class LlamaEngine:
     def _plan_prefill_padded(self, batch: int) -> None:
         """Plan the padded prefill of ``batch`` requests (the padding request included) for a CUDA graph: the
         schedule's layout then depends only on the bucket and ``batch`` (FlashInfer's ``enable_cuda_graph``)."""
-        c, ph = self.config, self._ph
-        self._prefill_plan = kernels.prefill_plan(
-            self._ws_prefill,
-            ph["qo_indptr"][: batch + 1],
-            ph["kv_indptr"][: batch + 1],
-            ph["kv_last_page_len"][:batch],
-            c.num_qo_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            self.page_size,
-            self.dtype,
-            self._s,
-            cuda_graph=True,
-        )
+        self._plan_own_prefill(batch, cuda_graph=True)
 
     def _plan_prefill(self, batch: int) -> None:
         """Plan the prefill attention of ``batch`` requests from the host index arrays (a hook)."""
+        self._plan_own_prefill(batch, cuda_graph=False)
+
+    def _plan_own_prefill(self, batch: int, cuda_graph: bool) -> None:
+        """This class's prefill plan of ``batch`` requests into ``_prefill_plan`` (``cuda_graph``: see
+        :func:`~fi_ffi.models.kernels.prefill_plan`); the one body of the two methods above, which a family
+        engine's own ``_plan_prefill`` does not call."""
         c, ph = self.config, self._ph
         self._prefill_plan = kernels.prefill_plan(
             self._ws_prefill,
@@ -1208,6 +1201,7 @@ class LlamaEngine:
             self.page_size,
             self.dtype,
             self._s,
+            cuda_graph=cuda_graph,
         )
 
     def _pick(self, v: SimpleNamespace, rows: int, sampling: SamplingParams) -> None:
