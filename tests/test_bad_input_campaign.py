@@ -953,6 +953,25 @@ def _gpt_oss_yarn(rope_scaling: dict[str, Any]) -> Any:
 from pathlib import Path  # noqa: E402
 
 
+def _padded_prefill_call() -> dict[str, Any]:
+    """pad_prefill's valid call: 2 requests of 300 token rows on 19 pages (as fill_prefill wrote them) padded to the
+    320-row bucket, in the views of an engine's padded prefill layout (512 rows, 4 requests, 40 pages)."""
+    layout = paging.prefill_layout(512, 4, 40, padded=True)
+    v = layout.views(np.zeros(layout.total, np.int32))
+    v["qo_indptr"][:3] = [0, 100, 300]
+    v["kv_indptr"][:3] = [0, 7, 19]
+    return dict(v=v, nnz=300, bucket=320, batch=2, pages=19, page_size=16)
+
+
+def _prefill_view_values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(never valid, may be valid) replacements of one of pad_prefill's views (a 1-D int32 array); none for
+    ``last_rows``, which it neither reads nor writes (the real requests' rows keep their values)."""
+    if key == "last_rows":
+        return (), ()
+    never = (None, 5, 1.5, "x", [0] * len(value), value.astype(np.int64), value.astype(np.float32), value[None])
+    return never, (value[:1], value[:0], value.copy())
+
+
 def _bad_config_dirs() -> tuple[str, ...]:
     """Directories whose config.json is broken: deeply nested JSON, a 5000-digit number, a NUL byte, not UTF-8,
     a top level that is no object, empty (made once per session; each must be refused naming model_dir), and a
@@ -1197,6 +1216,22 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "paging.PageAllocator": lambda: [("PageAllocator", Entry(paging.PageAllocator, lambda: dict(num_pages=8)))],
     "paging.prefill_buckets": lambda: [
         ("prefill_buckets", Entry(paging.prefill_buckets, lambda: dict(max_tokens=2048)))
+    ],
+    "paging.bucket_for": lambda: [
+        (
+            "bucket_for",
+            Entry(
+                paging.bucket_for,
+                lambda: dict(rows=300, buckets=paging.prefill_buckets(2048)),
+                kinds={"buckets": "ladder"},
+            ),
+        )
+    ],
+    "paging.pad_prefill": lambda: [
+        (
+            "pad_prefill",
+            Entry(paging.pad_prefill, _padded_prefill_call, fields=("v", _prefill_view_values), kinds={"v": "object"}),
+        )
     ],
     "tensor_parallel.rows": lambda: [
         ("rows", Entry(tensor_parallel.rows, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
@@ -1581,8 +1616,6 @@ EXEMPT: dict[str, str] = {
     "paging.Scheduler": "the engine's scheduler, made from a checked LlamaConfig: tests/test_llama_host.py",
     "paging.fill_decode": "fills the engine's own arrays from its scheduler's requests: test_llama_host.py",
     "paging.fill_prefill": "fills the engine's own arrays from its scheduler's requests: test_llama_host.py",
-    "paging.pad_prefill": "pads the engine's own arrays to its own bucket: tests/test_prefill_buckets.py",
-    "paging.bucket_for": "the engine's row count in its own ladder (prefill_buckets): tests/test_prefill_buckets.py",
     **dict.fromkeys(
         [
             "deepseek_config.DeepSeekRouting",
@@ -1618,6 +1651,11 @@ ENTRY_KINDS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
     "path_or_false": ((None, 5, 1.5, b"/tmp", ["x"], {}), ("/nonexistent/fi_ffi", "/tmp/a\0b", *_bad_config_dirs())),
     "opt_array": ((*COMMON_INVALID, 5, 1.5, NAN, True, [1.5], np.zeros(3, np.float32), np.array(["a"] * 8)), ()),
     "opt_callable": (("x", 5, 1.5, {}), (None,)),
+    # bucket_for's ladder: a non-empty, strictly ascending sequence of ints (prefill_buckets' tuple, or a list)
+    "ladder": (
+        (None, 5, 1.5, "x", b"16", (), [], (32, 16), (16, 16), (0, 16), (16, 2**31), (16.0, 32), (True, 32), {16: 1}),
+        ([16, 32, 512], (np.int64(16), 512), (512,), (300,), (16, 2**31 - 1)),
+    ),
     # a count of rows a host table gets (bounded: 2**31 rows would allocate gigabytes)
     "size": ((None, 1.5, NAN, INF, HUGE, True, "5", [1], np.float64(2.0), -1, 2**31, 2**63, 2**70), (0, 1, 4096)),
 }

@@ -76,6 +76,24 @@ def test_bucket_for_boundaries_and_overflow():
         bucket_for(2049, b)
 
 
+@pytest.mark.parametrize(
+    ("rows", "buckets", "match"),
+    [
+        (16, [], "buckets: expected a non-empty sequence"),
+        (16, (32, 16), "buckets: expected strictly ascending"),
+        (16, (0, 16), "buckets: expected strictly ascending"),
+        (16, (16.0, 32), r"buckets\[0\]: expected an int"),
+        (0, (16,), "rows: expected at least 1 token row"),
+        (1.5, (16,), "rows: expected an int"),
+        (None, (16,), "rows: expected an int"),
+    ],
+)
+def test_bucket_for_refuses_a_bad_ladder_or_row_count_by_name(rows, buckets, match):
+    # an unsorted or float ladder would give a bucket below the rows (or a float one) without a word
+    with pytest.raises((TypeError, ValueError), match=match):
+        bucket_for(rows, buckets)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True, "16"])
 def test_ladder_rejects_a_bad_size(bad):
     with pytest.raises((TypeError, ValueError), match="max_tokens"):
@@ -147,6 +165,33 @@ def test_a_prompt_that_fills_its_bucket_gets_an_empty_padding_request():
     assert v["kv_indptr"][:4].tolist() == [0, 1, 2, 2]
     assert v["kv_last_page_len"][:3].tolist() == [16, 16, 0]  # 0: a request without pages
     assert check_with_fi_ffi(v, 3, 32, total).tolist() == [16, 16, 0]
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(bucket=513), r"bucket: expected an int in \[0, 512\]"),  # past the layout's token rows
+        (dict(nnz=22), r"nnz: 22 rows, but qo_indptr\[2\] .* is 23"),
+        (dict(pages=4), r"pages: 4 ids, but kv_indptr\[2\] .* is 3"),
+        (dict(batch=5), r"batch: expected an int in \[0, 4\]"),
+        (dict(batch=-1), r"batch: expected an int in \[0, 4\]"),
+        (dict(page_size=0), "page_size"),
+        (dict(bucket=32.0), "bucket: expected an int"),
+    ],
+)
+def test_padding_refuses_what_would_write_past_the_layout_or_disagree_with_fill_prefill(change, match):
+    # unchecked, these wrote past the views (numpy slices stop silently) or put the padding request in a real one's
+    s = scheduler()
+    reqs = [s.submit(list(range(1, 1 + n)), 4) for n in (3, 20)]
+    assert s.admit() == reqs
+    layout = prefill_layout(512, 4, 64 + 4, padded=True)
+    v = layout.views(np.full(layout.total, -7, np.int32))
+    nnz, pages = fill_prefill(reqs, PS, v)
+    before = {k: a.copy() for k, a in v.items()}
+    args = {**dict(nnz=nnz, bucket=32, batch=2, pages=pages, page_size=PS), **change}
+    with pytest.raises((TypeError, ValueError), match=match):
+        pad_prefill(v, **args)
+    assert all(np.array_equal(before[k], v[k]) for k in v)  # nothing written
 
 
 def test_padding_fits_the_engine_layout_at_its_limits():

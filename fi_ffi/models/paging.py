@@ -29,11 +29,14 @@ owns ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``), ``kv_indices`` (page ids), 
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .values import MAX_SIZE, arg_int, show
 
 __all__ = [
     "PAD_PAGE",
@@ -264,14 +267,34 @@ def prefill_buckets(max_tokens: int) -> tuple[int, ...]:
 
 
 def bucket_for(rows: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket of ``buckets`` (ascending, from :func:`prefill_buckets`) holding ``rows`` token rows;
-    ValueError when ``rows`` exceeds the largest."""
+    """The smallest bucket of ``buckets`` (ascending, from :func:`prefill_buckets`) holding ``rows`` token rows
+    (``rows >= 1``). Raises ValueError when ``rows`` exceeds the largest bucket; TypeError/ValueError naming
+    ``rows`` or ``buckets`` when one is no int or no non-empty ascending sequence of ints in ``[1, 2**31)``."""
     import bisect
 
-    i = bisect.bisect_left(buckets, rows)
-    if i == len(buckets):
-        raise ValueError(f"rows: {rows} token rows exceed the largest prefill bucket {buckets[-1]}")
-    return buckets[i]
+    if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)):
+        raise TypeError(f"rows: expected an int, got {type(rows).__name__}")
+    if rows < 1:
+        raise ValueError(f"rows: expected at least 1 token row, got {int(rows)}")
+    ladder = _ladder("buckets", buckets, MAX_SIZE)
+    i = bisect.bisect_left(ladder, rows)
+    if i == len(ladder):
+        raise ValueError(f"rows: {rows} token rows exceed the largest prefill bucket {ladder[-1]}")
+    return ladder[i]
+
+
+def _ladder(name: str, buckets: object, top: int) -> tuple[int, ...]:
+    """``buckets`` as a tuple of ints if it is a non-empty, strictly ascending sequence of token-row counts in
+    ``[1, top]``, else TypeError/ValueError naming ``name`` (a bucket past the buffer rows would pad a prefill
+    past them)."""
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence) or not buckets:
+        raise TypeError(f"{name}: expected a non-empty sequence of token-row counts, got {show(buckets)}")
+    ladder = tuple(buckets)
+    if set(map(type, ladder)) != {int}:  # (a few us a prefill) the slow path names the one that is no int
+        ladder = tuple(arg_int(f"{name}[{i}]", b, 1, top) for i, b in enumerate(ladder))
+    if ladder[0] < 1 or ladder[-1] > top or not all(map(operator.lt, ladder, ladder[1:])):
+        raise ValueError(f"{name}: expected strictly ascending token-row counts in [1, {top}], got {show(ladder)}")
+    return ladder
 
 
 def pad_prefill(v: dict[str, np.ndarray], nnz: int, bucket: int, batch: int, pages: int, page_size: int) -> int:
@@ -284,11 +307,40 @@ def pad_prefill(v: dict[str, np.ndarray], nnz: int, bucket: int, batch: int, pag
     something, nothing outside FlashInfer's prefill contract) whose K/V land only on the padding page, which no
     real request reads; its output rows are ignored, and ``last_rows`` keeps naming the real requests' rows.
     ``qo_indptr[batch + 1] == bucket`` fixes the plan's ``total_num_rows``, hence a CUDA-graph plan's layout.
+
+    ``v``: the views of a :func:`prefill_layout` made with ``padded=True`` (1-D int32 arrays by name). Raises
+    TypeError/ValueError naming the argument (or ``v[name]``) that is no int, is out of range, disagrees with
+    what :func:`fill_prefill` wrote (``qo_indptr[batch] == nnz``, ``kv_indptr[batch] == pages``), or would write
+    past one of ``v``'s arrays; nothing is written then.
     """
-    p = bucket - nnz
-    if p < 0:
+    if not isinstance(v, dict):
+        raise TypeError(f"v: expected the dict of a prefill layout's views, got {type(v).__name__}")
+    for key in ("token_ids", "positions", "batch_indices", "qo_indptr", "kv_indptr", "kv_last_page_len", "kv_indices"):
+        a = v.get(key)
+        if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1:
+            raise TypeError(f"v[{key!r}]: expected a 1-D int32 numpy array (a prefill layout's view), got {show(a)}")
+    rows_room = min(len(v["token_ids"]), len(v["positions"]), len(v["batch_indices"]))
+    requests_room = min(len(v["qo_indptr"]) - 1, len(v["kv_indptr"]) - 1, len(v["kv_last_page_len"]))
+    kv_indices = v["kv_indices"]
+    page_size = arg_int("page_size", page_size, 1, (1 << 31) - 1)
+    nnz = arg_int("nnz", nnz, 0, rows_room)
+    bucket = arg_int("bucket", bucket, 0, rows_room)
+    if bucket < nnz:
         raise ValueError(f"bucket: {bucket} rows cannot hold the prefill's {nnz} token rows")
+    batch = arg_int("batch", batch, 0, requests_room - 1)  # the padding request is request `batch`
+    pages = arg_int("pages", pages, 0, len(kv_indices))
+    if int(v["qo_indptr"][batch]) != nnz:
+        raise ValueError(
+            f"nnz: {nnz} rows, but qo_indptr[{batch}] (what fill_prefill wrote) is {v['qo_indptr'][batch]}"
+        )
+    if int(v["kv_indptr"][batch]) != pages:
+        raise ValueError(
+            f"pages: {pages} ids, but kv_indptr[{batch}] (what fill_prefill wrote) is {v['kv_indptr'][batch]}"
+        )
+    p = bucket - nnz
     need = pages_for(p, page_size)
+    if pages + need > len(kv_indices):
+        raise ValueError(f"pages: {pages} + {need} padding page ids exceed v['kv_indices'] ({len(kv_indices)})")
     v["token_ids"][nnz:bucket] = 0
     v["positions"][nnz:bucket] = np.arange(p, dtype=np.int32)
     v["batch_indices"][nnz:bucket] = batch
