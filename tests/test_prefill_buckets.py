@@ -534,3 +534,36 @@ def test_warm_prefill_refuses_bad_arguments_by_name(args, match):
     e._closed = True
     with pytest.raises(ValueError, match="engine: closed"):
         e.warm_prefill([16])
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ((16, 1024), r"prefill_buckets: expected strictly ascending token-row counts in \[1, 512\]"),  # past the rows
+        ((16, 256), r"prefill_buckets: expected the last bucket to be max_prefill_tokens \(512\)"),  # 300 rows: none
+        ((512, 16), "prefill_buckets: expected strictly ascending"),
+        ((16.0, 512), r"prefill_buckets\[0\]: expected an int"),
+        ([], "prefill_buckets: expected a non-empty sequence"),
+        (None, "prefill_buckets: expected a non-empty sequence"),
+        ("512", "prefill_buckets: expected a non-empty sequence"),
+    ],
+)
+def test_the_engine_refuses_a_bucket_ladder_that_could_not_serve_every_prefill(bad, match):
+    # a bucket past max_prefill_tokens would pad a prefill past the activation buffers' rows
+    e, _ = bare_engine(None, max_tokens=512)
+    with pytest.raises((TypeError, ValueError), match=match):
+        e.prefill_buckets = bad
+    assert e.prefill_buckets == prefill_buckets(512)  # unchanged
+    e.prefill_buckets = [64, np.int64(300), 512]
+    assert e.prefill_buckets == (64, 300, 512) and all(type(b) is int for b in e.prefill_buckets)
+
+
+def test_fused_decode_takes_a_bool_only():
+    e, _ = bare_engine(None)
+    for value, expected in ((False, False), (True, True), (0, False), (1, True)):
+        e.fused_decode = value
+        assert e.fused_decode is expected
+    for bad in ("no", None, 2, 1.0, np.bool_(False)):
+        with pytest.raises(TypeError, match="fused_decode: expected a bool"):
+            e.fused_decode = bad
+    assert e.fused_decode is True  # unchanged

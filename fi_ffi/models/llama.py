@@ -54,6 +54,7 @@ from .paging import (
     PageAllocator,
     Request,
     Scheduler,
+    _ladder,
     bucket_for,
     decode_layout,
     fill_decode,
@@ -174,10 +175,11 @@ class LlamaEngine:
     a bucket (:attr:`prefill_buckets`) and run as the CUDA graph of that bucket and batch size, captured the first
     time it is met (see :meth:`_prefill_graph`); set it False to always prefill eagerly. A capture that fails
     leaves that shape eager, with a warning and the reason in :attr:`prefill_graph_failures`.
-    ``fused_decode`` (default True): an eager decode step of at most 4 rows on one GPU without MoE layers runs its
-    RMSNorms, residual adds, SiLU, RoPE and KV append inside the engine's GEMV launches, with every launch but the
-    attention run packed once (:meth:`_fused_step`; the same logits as the separate launches); False: the separate
-    launches.
+    ``fused_decode`` (default True): an eager decode step of at most 4 rows on one GPU without MoE layers, by this
+    class's own forward pass (not a family engine's), runs its RMSNorms, residual adds and SiLU inside the engine's
+    GEMV launches, and RoPE and the KV append too where the QKV GEMV's epilogue serves them (head dim 64 to 512,
+    no Qwen3 per-head norms between), with every launch but the attention run packed once (:meth:`_fused_step`;
+    the same logits as the separate launches); False: the separate launches.
     """
 
     def __init__(
@@ -652,9 +654,11 @@ class LlamaEngine:
         )
 
     def _fused_step(self, v: SimpleNamespace, rows: int) -> None:
-        """:meth:`_forward` and :meth:`_head` of a decode step in 7 launches per layer instead of 10: the RMSNorms
+        """:meth:`_forward` and :meth:`_head` of a decode step in 5 launches per layer instead of 10: the RMSNorms
         and the residual adds run in the prologue of the GEMV that reads their output (``Dense.fused_linear``,
-        modes NORM / ADD_NORM), and ``silu_and_mul`` in the down GEMV's (SILU). Same rounding points as the
+        modes NORM / ADD_NORM), ``silu_and_mul`` in the down GEMV's (SILU), and RoPE with the KV append as the QKV
+        GEMV's epilogue (``Dense.prepared_qkv_rope``; where it does not serve the head dim, or Qwen3's per-head
+        norms come between, those stay separate launches: 7 per layer, 9 with the norms). Same rounding points as the
         separate launches: the o and down GEMVs write their rounded output into ``x`` as before; the next GEMV
         forms ``s = h + x`` in float32, normalizes ``s`` (not its rounding, as ``fused_add_rmsnorm`` does) and
         stores ``round(s)`` as the new residual. That store goes to the other of two residual buffers (``h``,
@@ -986,6 +990,37 @@ class LlamaEngine:
                 ):
                     out[r.rid] = logits
         return [out[r.rid] for r in reqs]
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        """The token-row buckets a prefill is padded up to for its CUDA graph, ascending; by default
+        :func:`~fi_ffi.models.paging.prefill_buckets` of ``max_prefill_tokens`` (which says why those). Settable
+        to another ladder: a non-empty, strictly ascending sequence of ints ending at ``max_prefill_tokens`` (each
+        prefill needs a bucket, and none may pad past the buffers' rows); TypeError/ValueError naming
+        ``prefill_buckets`` otherwise."""
+        return self._prefill_buckets
+
+    @prefill_buckets.setter
+    def prefill_buckets(self, buckets: Sequence[int]) -> None:
+        top = self.max_prefill_tokens
+        ladder = _ladder("prefill_buckets", buckets, top)
+        if ladder[-1] != top:
+            raise ValueError(
+                f"prefill_buckets: expected the last bucket to be max_prefill_tokens ({top}), got {ladder[-1]}"
+            )
+        self._prefill_buckets = ladder
+
+    @property
+    def fused_decode(self) -> bool:
+        """Whether an eager decode step runs as :meth:`_fused_step` where it applies (see the class docstring;
+        default True). Settable to a bool (TypeError naming ``fused_decode`` otherwise: a string would be true)."""
+        return self._fused_decode
+
+    @fused_decode.setter
+    def fused_decode(self, on: bool) -> None:
+        from ..launch import checks
+
+        self._fused_decode = checks.flag("fused_decode", on)
 
     def warm_prefill(self, lengths: Sequence[int], batch: int = 1) -> list[tuple[int, int]]:
         """Capture, before serving, the prefill graphs that prefills of ``lengths`` token rows in all, of ``batch``
