@@ -128,6 +128,49 @@ class RopeAppend:
         return float(rcp_theta), float(rcp_scale), float(smooth_a), float(smooth_b)
 
 
+_U64 = 1 << 64  # a device address is below it (the kernels' pointers, packed into uint64 slots)
+_MAX_LD = 1 << 40  # row strides (elements): far past any buffer, far below the kernels' long long
+
+
+def _int_arg(name: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi)`` (a bool or a float is none), else TypeError/ValueError naming ``name``:
+    checked before packing, where cffi would raise OverflowError or TypeError naming nothing."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    try:
+        value = int(value.__index__())
+    except (TypeError, ValueError):  # an array with __index__ that refuses (numpy arrays of size != 1)
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
+    if not lo <= value < hi:
+        shown = value if abs(value) < 1 << 80 else f"an int of {value.bit_length()} bits"
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}), got {shown}")
+    return value
+
+
+def _check_fused_values(key: tuple[Any, ...]) -> None:
+    """The types and ranges of one fused GEMV call's values (``Dense._pack_fused``'s key), each refused naming
+    its argument: ints (not bools) where the kernel takes ints, addresses in ``[0, 2**64)``, row strides in
+    ``[0, 2**40)``, ``eps`` a finite float. The kernel's own limits (rows, k, n, row strides at least a row's
+    width, alignment, overlap) are checked after."""
+    mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps = key
+    if isinstance(mode, bool) or not isinstance(mode, int) or (mode & ~_ROPE) not in _FUSED_SUFFIX:
+        raise ValueError(f"mode: expected NORM, ADD_NORM or SILU (fi_ffi.models.dense), got {mode!r:.40}")
+    for name, value in (("rows", rows), ("n", n), ("k", k), ("ab_type", ab_type), ("c_type", c_type)):
+        _int_arg(name, value, -(1 << 63), 1 << 63)  # their limits: fused_fits, and the kernel lookup
+    for name, value in (("x", x), ("w", w), ("y", y), ("h", h), ("norm_weight", norm_weight), ("h_out", h_out)):
+        _int_arg(name, value, 0, _U64)
+    for name, value in (("x_ld", x_ld), ("y_ld", y_ld), ("h_ld", h_ld)):
+        _int_arg(name, value, 0, _MAX_LD)
+    if isinstance(eps, bool) or not hasattr(eps, "__float__"):
+        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    try:
+        finite = math.isfinite(float(eps))
+    except (OverflowError, TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise ValueError(f"eps: expected a finite float, got {eps!r:.40}")
+
+
 def _overlap(a: int, a_len: int, b: int, b_len: int) -> bool:
     """Whether the byte ranges ``[a, a + a_len)`` and ``[b, b + b_len)`` share a byte."""
     return a < b + b_len and b < a + a_len
@@ -292,12 +335,16 @@ class Dense:
 
         Rounded where those kernels round (``in`` and ``h_out`` to the 16-bit type), so the result equals theirs
         followed by :meth:`linear`'s GEMV. Pointers as ints, strides in elements; ``eps`` the norm's epsilon.
-        :meth:`fused_fits` must hold. Raises ValueError naming an argument that is misaligned (x, h, h_out,
-        norm_weight and their row strides: 16 bytes; y: its element) or overlaps (``h_out`` with ``h``, ``x`` or
-        ``y``; ``y`` with ``x`` or ``h``): checked when a call site is packed, and a call site is keyed by every
-        value, so every call is covered."""
+        :meth:`fused_fits` must hold. Raises TypeError/ValueError naming an argument that is no int (``eps``: no
+        finite float), an address outside ``[0, 2**64)`` or whose rows run past it, a row stride shorter than its
+        row (more than one row), misaligned (x, h, h_out, norm_weight and their row strides: 16 bytes; y: its
+        element) or overlapping (``h_out`` with ``h``, ``x`` or ``y``; ``y`` with ``x`` or ``h``): checked when a
+        call site is packed, and a call site is keyed by every value, so every call is covered."""
         key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps)
-        packed = self._fused_args.get(key)
+        try:
+            packed = self._fused_args.get(key)
+        except TypeError:  # an unhashable value: _pack_fused refuses it by name
+            packed = None
         if packed is None:
             packed = self._pack_fused(key)
         fn, grid, smem, params, _ = packed
@@ -331,11 +378,33 @@ class Dense:
         fn, grid, smem, params, values = self._pack_fused(key)
         return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "fused gemv")
 
-    def prepared_linear(self, *args: Any) -> Callable[[], None]:
+    def prepared_linear(
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+    ) -> Callable[[], None]:
         """:meth:`linear` (no ``accumulate``) with these arguments packed once where the GEMV serves it (see
-        :meth:`prepared_fused`); elsewhere a call of :meth:`linear` with them."""
-        rows = args[0]
-        packed = self._pack_gemv(tuple(args)) if self.gemv and rows <= GEMV_MAX_ROWS else ()
+        :meth:`prepared_fused`); elsewhere a call of :meth:`linear` with them. Raises TypeError/ValueError naming
+        an argument that is no int or out of range (addresses in ``[0, 2**64)``, ``rows``, ``n``, ``k`` in ``[1,
+        2**31)``, row strides in ``[0, 2**40)``), or, where the GEMV serves it, a misaligned ``y``."""
+        for name, value in (("rows", rows), ("n", n), ("k", k)):
+            _int_arg(name, value, 1, 1 << 31)
+        for name, value in (("x", x), ("w", w), ("y", y)):
+            _int_arg(name, value, 0, _U64)
+        for name, value in (("x_ld", x_ld), ("y_ld", y_ld)):
+            _int_arg(name, value, 0, _MAX_LD)
+        for name, value in (("ab_type", ab_type), ("c_type", c_type)):
+            _int_arg(name, value, -(1 << 31), 1 << 31)
+        args = (rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
+        packed = self._pack_gemv(args) if self.gemv and rows <= GEMV_MAX_ROWS else ()
         if not packed:
             return lambda: self.linear(*args)
         fn, grid, params, values = packed
@@ -343,9 +412,18 @@ class Dense:
 
     def prepared_gather(self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int) -> Any:
         """:meth:`gather_rows` packed once and launched with ``cuLaunchKernel`` on this Dense's stream (a CuPy
-        ``RawKernel`` launch costs about 4 us more host time); needs the GEMV's driver (``gemv`` True)."""
+        ``RawKernel`` launch costs about 4 us more host time); needs the GEMV's driver (``gemv`` True). Raises
+        ValueError when it is off, and TypeError/ValueError naming an argument that is no int, out of range
+        (``rows`` in ``[1, 2**31)``: one block each; strides and ``width`` in elements, ``[0, 2**40)``), NULL or
+        misaligned (``src``, ``dst``: 2 bytes, their 16-bit elements; ``index``: 4, int32)."""
         if not self.gemv:
             raise ValueError("dense: the driver launch path is off (closed, or the GEMV is unavailable)")
+        _int_arg("rows", rows, 1, 1 << 31)
+        for name, value in (("src_ld", src_ld), ("dst_ld", dst_ld), ("width", width)):
+            _int_arg(name, value, 0, _MAX_LD)
+        for name, value, align in (("src", src, 2), ("index", index, 4), ("dst", dst, 2)):
+            if not _int_arg(name, value, 0, _U64) or value % align:
+                raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
         values = self._driver_ffi.new("uint64_t[6]", [src, index, dst, width, src_ld, dst_ld])
         params = self._driver_ffi.new("void*[6]", [values + i for i in range(6)])
         return self._prepared(_function_ptr(self._gather_fn), rows, 256, 0, params, values, "gather_rows16")
@@ -367,15 +445,27 @@ class Dense:
         """Check one :meth:`fused_linear` call site and pack its kernel arguments once: ``(function, grid, shared
         bytes, params, values)``; at most 4096 kept, then the cache starts again. ``checks_only``: the checks and
         ``(function, grid, shared bytes, None, None)``, nothing packed or kept (the RoPE variant packs its own)."""
+        _check_fused_values(key)
         mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps = key
+        if mode & _ROPE and not checks_only:  # (an AssertionError below otherwise)
+            raise ValueError(
+                f"mode: expected NORM, ADD_NORM or SILU; the RoPE epilogue is prepared_qkv_rope's, got {mode}"
+            )
         fn = self._fused_fns.get((mode, ab_type, c_type))
-        if fn is None or (mode & ~_ROPE) not in _FUSED_SUFFIX:
-            raise ValueError(f"mode: no fused GEMV for mode {mode!r} and types ({ab_type}, {c_type})")
+        if fn is None:
+            why = "compiled (closed, or NVRTC refused them)" if not self._fused_fns else "for these types"
+            raise ValueError(f"ab_type, c_type: no fused GEMV {why} ({ab_type}, {c_type}, mode {mode})")
         rope, mode = mode & _ROPE, mode & ~_ROPE
         if not self.fused_fits(rows, k):
             raise ValueError(f"rows, k: the fused GEMV does not serve {rows} rows of {k} (see fused_fits)")
         if not 0 < n < 1 << 31:
             raise ValueError(f"n: expected 1 to 2**31 - 1 output columns, got {n}")
+        if rows > 1:  # rows closer than a row's width would overlap (one row never steps by its stride)
+            widths = [("y_ld", y_ld, n)] + ([("h_ld", h_ld, k)] if mode != SILU else [])
+            widths += [("x_ld", x_ld, 2 * k if mode == SILU else k)] if mode != NORM else []  # NORM reads no x
+            for name, value, width in widths:
+                if value < width:
+                    raise ValueError(f"{name}: {value} elements between rows is less than a row's {width}")
         out_item = 4 if c_type == CUDA_R_32F else 2
         span_in = 2 * ((rows - 1) * h_ld + k)  # bytes of h's (and h_out's) rows
         x_width = 2 * k if mode == SILU else k
@@ -394,6 +484,12 @@ class Dense:
         reads = [("x", x, span_x)] if mode != NORM else []
         if mode != SILU:
             reads.append(("h", h, span_in))
+        ends = [*reads, ("w", w, 2 * n * k), ("y", y, span_y)]
+        ends += [("norm_weight", norm_weight, 2 * k)] if mode != SILU else []
+        ends += [("h_out", h_out, span_in)] if mode == ADD_NORM else []
+        for name, base, span in ends:
+            if base + span > _U64:
+                raise ValueError(f"{name}: 0x{base:x} + {span} bytes runs past the end of the address space")
         for name, base, span in reads:
             if _overlap(y, span_y, base, span):
                 raise ValueError(f"y: overlaps {name} (the launch writes y while other blocks still read {name})")
@@ -443,13 +539,33 @@ class Dense:
         qkv [rows, (hq + 2 hk) d]``) with FlashInfer's ``apply_rope_pos_ids`` (in place, non-interleaved, every
         element rotated; Llama 3.1 scaling where ``rope.llama3``) and ``append_paged_kv_cache`` (NHD) of this step's
         k and v as its epilogue, checked and packed once (see :meth:`prepared_fused`): one launch for three. The
-        result equals those launches' bit for bit (the GPU test checks it). Raises ValueError naming a misaligned,
-        NULL or overlapping argument (the caches against y, h, x and h_out) or a shape the kernel does not serve."""
+        result equals those launches' bit for bit (the GPU test checks it). Raises TypeError/ValueError naming an
+        argument as :meth:`fused_linear` does, ``rope`` that is no :class:`RopeAppend` or one of its fields
+        (``rope.<field>``) of the wrong type or range, a misaligned, NULL or overlapping cache or index array (the
+        caches against y, h, x and h_out), or a shape the kernel does not serve."""
+        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in (NORM, ADD_NORM):
+            raise ValueError(f"mode: the RoPE epilogue follows a NORM or ADD_NORM prologue, got {mode!r:.40}")
+        if not isinstance(rope, RopeAppend):
+            raise TypeError(f"rope: expected a RopeAppend, got {type(rope).__name__}")
         r = rope
+        for name in ("hq", "hk", "d", "page_size", "num_pages", "stride_page", "stride_n", "stride_h"):
+            _int_arg(
+                f"rope.{name}", getattr(r, name), 1, 1 << 31 if name in ("hq", "hk", "d", "page_size") else _MAX_LD
+            )
+        for name in ("positions", "batch_indices", "kv_indptr", "kv_indices", "k_cache", "v_cache"):
+            _int_arg(f"rope.{name}", getattr(r, name), 0, _U64)
+        for name in ("theta", "scale", "low_freq_factor", "high_freq_factor", "old_context_len"):
+            value = getattr(r, name)
+            try:
+                ok = not isinstance(value, bool) and 0 < float(value) < math.inf
+            except (OverflowError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"rope.{name}: expected a finite float > 0, got {value!r:.40}")
+        if not isinstance(r.llama3, bool):
+            raise TypeError(f"rope.llama3: expected a bool, got {type(r.llama3).__name__}")
         n = (r.hq + 2 * r.hk) * r.d
         key = (mode | _ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
-        if mode not in (NORM, ADD_NORM):
-            raise ValueError(f"mode: the RoPE epilogue follows a NORM or ADD_NORM prologue, got {mode!r}")
         if not (r.hq > 0 and r.hk > 0 and r.d in (64, 128, 256, 512) and r.page_size > 0 and r.num_pages > 0):
             raise ValueError(f"rope: heads, head_dim (64 to 512), page size and pages must be positive, got {r}")
         fn, grid, smem, _, _ = self._pack_fused(key, checks_only=True)
@@ -468,6 +584,10 @@ class Dense:
             value = getattr(r, name)
             if not value or value % 2:
                 raise ValueError(f"rope.{name}: 0x{value:x} must be a non-NULL address aligned to 2 bytes")
+            if value + span_cache > _U64:
+                raise ValueError(
+                    f"rope.{name}: 0x{value:x} + {span_cache} bytes runs past the end of the address space"
+                )
             for other, base, span in areas:
                 if _overlap(value, span_cache, base, span):
                     raise ValueError(f"rope.{name}: overlaps {other} (the launch writes the cache while reading it)")
