@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import fi_ffi
 from fi_ffi import dtypes
+from fi_ffi import tensor as tensor_module
 from fi_ffi.abi.cdefs import get_ffi
 from fi_ffi.errors import FiFFIError
 from fi_ffi.launch import kernels
@@ -359,3 +360,29 @@ def test_a_triple_of_ints_is_a_dtype() -> None:
 def test_a_bad_view_offset_is_named(offset: Any, exc: type) -> None:
     with pytest.raises(exc, match="^offset: "):
         Tensor.from_pointer(0x1000, (8,), "float16").view((4,), offset=offset)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, device",
+    [((1, 128), "float16", 0), ((4, 0, 3), "bfloat16", "cuda:1"), ((), dtypes.float32, "cpu"), ((7,), "int8", 2)],
+)
+def test_a_layout_met_before_describes_as_the_first_time(shape: tuple[int, ...], dtype: Any, device: Any) -> None:
+    # issue 21: from_pointer fills a layout it met before from the parsed-layout cache, without __init__; every
+    # field must equal the first (parsed) description's, the owner is this call's, and no record is shared
+    tensor_module.clear_layouts()
+    first_owner, second_owner = object(), object()
+    first = Tensor.from_pointer(0x1000, shape, dtype, device, owner=first_owner)
+    second = Tensor.from_pointer(0x2000, shape, dtype, device, owner=second_owner)
+    assert (shape, dtype, device) in tensor_module._PARSED  # the second call took the cached case
+    fields = ("shape", "strides", "dtype", "device", "ndim", "_lid")
+    assert [getattr(second, f) for f in fields] == [getattr(first, f) for f in fields]
+    assert (second.data_ptr, second.owner, second._block) == (0x2000, second_owner, None)
+    assert read_record(second)["data"] == 0x2000 and read_record(first)["data"] == 0x1000
+
+
+@pytest.mark.parametrize("ptr", [-1, 1 << 64, 4096.0, True, "0x1000", None])
+def test_a_bad_pointer_is_named_after_its_layout_was_parsed(ptr: Any) -> None:
+    Tensor.from_pointer(0x1000, (2, 3), "float16", 0)  # warm: the cached case is taken for good pointers
+    with pytest.raises((TypeError, ValueError)) as info:
+        Tensor.from_pointer(ptr, (2, 3), "float16", 0)
+    assert str(info.value).startswith("data_ptr: "), str(info.value)
