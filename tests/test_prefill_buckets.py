@@ -567,3 +567,16 @@ def test_fused_decode_takes_a_bool_only():
         with pytest.raises(TypeError, match="fused_decode: expected a bool"):
             e.fused_decode = bad
     assert e.fused_decode is True  # unchanged
+
+
+def test_warm_prefill_refuses_lengths_the_kv_cache_cannot_hold_at_once():
+    # short of pages the scheduler would prefill fewer requests at a time: another (bucket, batch) captured
+    e, calls = warm_engine()
+    e.num_pages = 10  # 9 pages for requests: 144 tokens of 16
+    with pytest.raises(
+        ValueError, match=r"lengths\[1\]: 200 token rows of 2 requests need 14 KV pages, the cache has 9"
+    ):
+        e.warm_prefill([64, 200], batch=2)
+    assert not calls  # nothing run: every length is checked first
+    e.warm_prefill([144])
+    assert calls == [([144], 1, ())]

@@ -1031,8 +1031,9 @@ class LlamaEngine:
         False``, MoE layers, tensor parallelism, the subclass engines) or a capture fails (a warning says so).
 
         Args:
-            lengths: token rows per prefill, each in ``[batch, max_prefill_tokens]`` and at most
-                ``batch * (max_seq_len - 1)`` (each dummy prompt leaves room for its token).
+            lengths: token rows per prefill, each in ``[batch, max_prefill_tokens]``, at most
+                ``batch * (max_seq_len - 1)`` (each dummy prompt leaves room for its token), and with pages for
+                all ``batch`` prompts at once in the KV cache (``num_pages - 1``).
             batch: requests per prefill, in ``[1, max_batch]``.
 
         Returns:
@@ -1050,8 +1051,19 @@ class LlamaEngine:
                     f"lengths[{i}]: expected token rows in [{batch}, {top}] (at least one per request; at most "
                     f"max_prefill_tokens, and max_seq_len - 1 per request), got {n!r:.40}"
                 )
-        for n in lengths:
+        runs = []
+        for i, n in enumerate(lengths):
             prompts = [[0] * (n // batch + (1 if r < n % batch else 0)) for r in range(batch)]
+            # the scheduler admits the batch together only if the KV cache holds it (page 0 is the padding
+            # page); short of pages it would prefill fewer requests at a time and capture another shape
+            need = sum(pages_for(len(p), self.page_size) for p in prompts)
+            if need > self.num_pages - 1:
+                raise ValueError(
+                    f"lengths[{i}]: {n} token rows of {batch} requests need {need} KV pages, the cache has "
+                    f"{self.num_pages - 1} (they would not be prefilled together)"
+                )
+            runs.append(prompts)
+        for prompts in runs:
             self.generate(prompts, 1, eos_token_ids=())
         return [(int(key[0]), int(key[1])) for key in self._prefill_graph_cache]
 
