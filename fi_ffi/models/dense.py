@@ -26,6 +26,7 @@ from typing import Any
 
 from ..cuda_runtime import driver_error
 from ..errors import LibraryLoadError
+from ..launch.checks import integer
 from .cublas import (
     CUBLAS_COMPUTE_32F,
     CUBLAS_GEMM_DEFAULT,
@@ -135,12 +136,7 @@ _MAX_LD = 1 << 40  # row strides (elements): far past any buffer, far below the 
 def _int_arg(name: str, value: Any, lo: int, hi: int) -> int:
     """``value`` as an int in ``[lo, hi)`` (a bool or a float is none), else TypeError/ValueError naming ``name``:
     checked before packing, where cffi would raise OverflowError or TypeError naming nothing."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    try:
-        value = int(value.__index__())
-    except (TypeError, ValueError):  # an array with __index__ that refuses (numpy arrays of size != 1)
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
+    value = integer(name, value)
     if not lo <= value < hi:
         shown = value if abs(value) < 1 << 80 else f"an int of {value.bit_length()} bits"
         raise ValueError(f"{name}: expected an int in [{lo}, {hi}), got {shown}")
