@@ -202,3 +202,13 @@ def test_after_close_the_fused_gemv_refuses_and_names_why():
         d.fused_linear(**fused_call())
     with pytest.raises(ValueError, match="driver launch path is off"):
         d.prepared_gather(**gather_call())
+
+
+def test_a_llama31_rope_band_of_zero_width_is_refused_as_the_rope_op_refuses_it():
+    # RopeAppend.constants divides by high / low - 1: an infinite smoothing constant in the kernel otherwise
+    d = fake_dense()
+    band = dataclasses.replace(rope(), high_freq_factor=1.0)
+    with pytest.raises(ValueError, match=r"^rope\.high_freq_factor: expected a value > low_freq_factor \(1\.0\)"):
+        d.prepared_qkv_rope(**{**qkv_call(), "rope": band})
+    d.prepared_qkv_rope(**{**qkv_call(), "rope": dataclasses.replace(band, llama3=False)})()  # plain RoPE: unused
+    assert len(d.launches) == 1

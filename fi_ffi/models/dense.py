@@ -560,6 +560,11 @@ class Dense:
                 raise ValueError(f"rope.{name}: expected a finite float > 0, got {value!r:.40}")
         if not isinstance(r.llama3, bool):
             raise TypeError(f"rope.llama3: expected a bool, got {type(r.llama3).__name__}")
+        if r.llama3 and not r.high_freq_factor > r.low_freq_factor:  # as FlashInfer's Llama 3.1 RoPE op refuses
+            raise ValueError(
+                f"rope.high_freq_factor: expected a value > low_freq_factor ({r.low_freq_factor}), got "
+                f"{r.high_freq_factor} (the blend divides by high_freq_factor / low_freq_factor - 1)"
+            )
         n = (r.hq + 2 * r.hk) * r.d
         key = (mode | _ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
         if not (r.hq > 0 and r.hk > 0 and r.d in (64, 128, 256, 512) and r.page_size > 0 and r.num_pages > 0):
