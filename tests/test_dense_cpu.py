@@ -212,3 +212,18 @@ def test_a_llama31_rope_band_of_zero_width_is_refused_as_the_rope_op_refuses_it(
         d.prepared_qkv_rope(**{**qkv_call(), "rope": band})
     d.prepared_qkv_rope(**{**qkv_call(), "rope": dataclasses.replace(band, llama3=False)})()  # plain RoPE: unused
     assert len(d.launches) == 1
+
+
+@pytest.mark.parametrize("bad", [None, 1.5, "2", True, [2]])
+def test_the_predicates_refuse_what_is_no_int_by_name(bad):
+    d = fake_dense()
+    assert d.fused_fits(4, H) and d.fused_fits(np.int64(2), np.int32(H)) and not d.fused_fits(5, H)
+    assert d.has_qkv_rope(D.CUDA_R_16BF, 128) and not d.has_qkv_rope(D.CUDA_R_16BF, 96)
+    for call, name in (
+        (lambda: d.fused_fits(bad, H), "rows"),
+        (lambda: d.fused_fits(2, bad), "k"),
+        (lambda: d.has_qkv_rope(bad, 128), "ab_type"),
+        (lambda: d.has_qkv_rope(D.CUDA_R_16BF, bad), "d"),
+    ):
+        with pytest.raises(TypeError, match=f"^{name}: expected an int"):
+            call()

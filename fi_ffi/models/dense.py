@@ -291,7 +291,10 @@ class Dense:
     def fused_fits(self, rows: int, k: int) -> bool:
         """Whether :meth:`fused_linear` serves ``rows`` input rows of ``k`` elements (16-bit): the GEMV is on, its
         fused variants compiled, ``rows <= GEMV_MAX_ROWS``, ``k`` a multiple of 8 and the rows fit the shared
-        memory a block may take."""
+        memory a block may take. TypeError naming ``rows`` or ``k`` when one is no int."""
+        if rows.__class__ is not int or k.__class__ is not int:  # (two class tests on the per-step path)
+            _int_arg("rows", rows, -(1 << 63), 1 << 63)
+            _int_arg("k", k, -(1 << 63), 1 << 63)
         return (
             self.gemv
             and bool(self._fused_fns)
@@ -510,7 +513,9 @@ class Dense:
 
     def has_qkv_rope(self, ab_type: int, d: int) -> bool:
         """Whether :meth:`prepared_qkv_rope` serves ``ab_type`` inputs and head dim ``d`` (its kernels compiled;
-        the head dims FlashInfer's RoPE serves)."""
+        the head dims FlashInfer's RoPE serves). TypeError naming ``ab_type`` or ``d`` when one is no int."""
+        _int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        _int_arg("d", d, -(1 << 63), 1 << 63)
         return (ADD_NORM | _ROPE, ab_type, ab_type) in self._fused_fns and d in (64, 128, 256, 512)
 
     def prepared_qkv_rope(
