@@ -405,20 +405,6 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
                 call()
 
             parts["GEMM qkv + add-norm + RoPE + KV append (fused GEMV, prepared)"] = qkv_rope
-    if hasattr(kernels, "prepared_append_kv"):  # packed once, as the fused step calls them
-        parts["rope (prepared)"] = kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s)
-        parts["append_paged_kv_cache (prepared)"] = kernels.prepared_append_kv(
-            v.k,
-            v.v,
-            v.batch_indices,
-            v.positions,
-            engine._k_cache[0],
-            engine._v_cache[0],
-            v.kv_indices,
-            v.kv_indptr,
-            v.kv_last_page_len,
-            s,
-        )
     raw = raw_launch(d, engine._embed, v.token_ids, b.h.data.ptr, h, s)
     if raw is not None:
         parts["raw cuLaunchKernel through cffi (row gather)"] = raw

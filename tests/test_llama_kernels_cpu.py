@@ -226,21 +226,3 @@ def test_silu_and_mul_accepts_the_engine_views(dtype):
     needs("silu_and_mul")
     v = views(config(64), dtype, "prefill")
     reached(lambda: kernels.silu_and_mul(v.gu, v.act, 0))
-
-
-@pytest.mark.parametrize(("dtype", "head_dim"), VARIANTS)
-@pytest.mark.parametrize("llama3", [False, True])
-def test_prepared_rope_and_append_accept_the_decode_views(dtype, head_dim, llama3):
-    """The fused decode step's packed RoPE and KV append (kernels.prepared_*): packing checks the same views the
-    op calls take, and the packed call reaches the module (and stops at its first CUDA call)."""
-    needs("apply_llama31_rope_pos_ids_inplace" if llama3 else "apply_rope_pos_ids_inplace")
-    c = config(head_dim)
-    rope = RopeConfig(theta=5e5, llama3=True, factor=8.0) if llama3 else RopeConfig()
-    v = views(c, dtype, "decode")
-    reached(kernels.prepared_rope_inplace(v.q, v.k, v.positions, rope, 0))
-    k_cache = kernels.descriptor(FAKE + (16 << 30), (PAGES, PS, c.num_kv_heads, c.head_dim), dtype, 0)
-    v_cache = kernels.descriptor(FAKE + (17 << 30), (PAGES, PS, c.num_kv_heads, c.head_dim), dtype, 0)
-    args = (v.k, v.v, v.batch_indices, v.positions, k_cache, v_cache, v.kv_indices, v.kv_indptr, v.kv_last_page_len)
-    reached(kernels.prepared_append_kv(*args, 0))
-    with pytest.raises(ValueError, match="^pos_ids: "):  # pointer rules hold when packing: a misaligned index
-        kernels.prepared_rope_inplace(v.q, v.k, kernels.descriptor(FAKE + 2, (BATCH,), "int32", 0), rope, 0)

@@ -27,9 +27,7 @@ __all__ = [
     "generator",
     "prefill_plan",
     "prefill_run",
-    "prepared_append_kv",
     "prepared_fused_add_rmsnorm",
-    "prepared_rope_inplace",
     "qk_rmsnorm",
     "rmsnorm",
     "rope_inplace",
@@ -75,43 +73,6 @@ def prepared_fused_add_rmsnorm(x: Any, residual: Any, weight: Any, eps: float, s
     """:func:`fused_add_rmsnorm` checked and packed once (:func:`fi_ffi.prepare`): calling the result launches it
     again on the same buffers (about one FFI call; the engine's buffers never move)."""
     return fi_ffi.prepare(fi_ffi.fused_add_rmsnorm, x, residual, weight, eps=eps, stream=stream)
-
-
-def prepared_rope_inplace(q: Any, k: Any, positions: Any, rope: RopeConfig, stream: int) -> Any:
-    """:func:`rope_inplace` checked and packed once (the launcher's ``prepare``, as :func:`fi_ffi.prepare` packs a
-    norm): calling the result rotates the same buffers again (one FFI call; the engine's buffers never move). The
-    values are the ones :func:`rope_inplace` passes: q and k written in place, all of ``head_dim`` rotated."""
-    from fi_ffi.ops import rope as ops
-
-    d = int(q.shape[-1])
-    if rope.llama3:
-        launch = ops._apply_llama31_rope_pos_ids
-        extra = (rope.low_freq_factor, rope.high_freq_factor, rope.original_max_position_embeddings)
-        values = [q, k, q, k, positions, d, False, float(rope.factor), float(rope.theta), *map(float, extra)]
-    else:
-        launch = ops._apply_rope_pos_ids
-        values = [q, k, q, k, positions, d, False, 1.0, float(rope.theta)]
-    return launch.launcher.prepare(values, stream)  # type: ignore[attr-defined]
-
-
-def prepared_append_kv(
-    k: Any,
-    v: Any,
-    batch_indices: Any,
-    positions: Any,
-    k_cache: Any,
-    v_cache: Any,
-    kv_indices: Any,
-    kv_indptr: Any,
-    kv_last_page_len: Any,
-    stream: int,
-) -> Any:
-    """:func:`append_kv` checked and packed once (see :func:`prepared_rope_inplace`); ``k`` must have rows (the
-    op launches nothing for none, a prepared call always launches)."""
-    from fi_ffi.ops import page as ops
-
-    values = [k, v, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr, kv_last_page_len]
-    return ops._append.launcher.prepare([*values, ops.LAYOUTS["NHD"]], stream)
 
 
 def rope_inplace(q: Any, k: Any, positions: Any, rope: RopeConfig, stream: int) -> None:

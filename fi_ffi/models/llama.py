@@ -39,6 +39,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -698,7 +699,6 @@ class LlamaEngine:
         fused = dense.prepared_fused
         cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
         embed = dense.prepared_gather(rows, self._embed, h, v.token_ids, cur, h, h)
-        rope = kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s)
         # RoPE and the KV append as the QKV GEMV's epilogue, unless Qwen3's per-head norms come between
         in_gemv = not c.qk_norm and dense.has_qkv_rope(ab, c.head_dim)
         layers = []
@@ -720,9 +720,11 @@ class LlamaEngine:
                 if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE (packed as _add_norm packs its norm)
                     before.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], v.q, eps=eps, stream=s))
                     before.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], v.k, eps=eps, stream=s))
-                before.append(rope)
+                # RoPE and the append as the op calls _forward makes (the ops offer no packed form of them; the
+                # fallback serves only Qwen3 and head dims the epilogue does not take)
+                before.append(partial(kernels.rope_inplace, v.q, v.k, v.positions, c.rope, s))
                 append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
-                before.append(kernels.prepared_append_kv(*append, v.kv_indices, v.kv_indptr, v.kv_last_page_len, s))
+                before.append(partial(kernels.append_kv, *append, v.kv_indices, v.kv_indptr, v.kv_last_page_len, s))
             after = [dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)]
             # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
             ln = self._ln2[i].data_ptr
