@@ -1573,6 +1573,7 @@ EXEMPT: dict[str, str] = {
             "fused_add_rmsnorm",
             "generator",
             "prepared_append_kv",
+            "prepared_decode_run",
             "prepared_fused_add_rmsnorm",
             "prepared_rope_inplace",
             "prefill_plan",
