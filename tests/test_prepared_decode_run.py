@@ -141,6 +141,7 @@ def test_every_refusal_names_the_argument_with_batch_decode_runs_words(probe, ma
 
     same_refusal(None, TypeError, "^plan: expected a Plan from batch_decode_plan, got NoneType")
     same_refusal(prefill_plan(make_array, ws=workspace()), ValueError, "^plan: expected a batch_decode plan")
+    same_refusal(prefill_plan(make_array, ws=ws), ValueError, "^plan: expected a batch_decode plan")  # current on ws
     released = _plan(ws, [0, 2, 3], [5, 16])
     released.release()
     same_refusal(released, ValueError, "^plan: has been released")

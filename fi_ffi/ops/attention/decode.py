@@ -418,10 +418,11 @@ class PreparedDecodeRun:
     what the packing fixed: the workspace and the plan's settings and batch size (a ValueError naming ``plan``).
     """
 
-    __slots__ = ("_call", "_pages", "_ws")
+    __slots__ = ("_call", "_context", "_pages", "_ws")
 
     def __init__(self, call: PreparedRun, workspace: Workspace, pages: int) -> None:
         self._call = call
+        self._context = call.context  # the run context it was packed for (an interned token: compared by identity)
         self._ws = workspace
         self._pages = pages  # kv_indices' length: packed, so the plans' page counts are tested against it
 
@@ -429,6 +430,7 @@ class PreparedDecodeRun:
         """Launch the packed run with ``plan`` (this step's plan: same workspace, settings and batch size)."""
         if (
             plan.__class__ is not Plan
+            or plan._context is not self._context  # a prefill plan's too: refused in batch_decode_run's words
             or plan.workspace is not self._ws
             or plan._generation != self._ws._generation
             or plan.kv_extent > self._pages
