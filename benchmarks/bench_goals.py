@@ -264,7 +264,9 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
                 best[name] = min(us, best.get(name, us))
         dense.lt, dense.gemv, engine.fused_decode = lt, gemv, fused
         engine.packed_attention = packed
-        out["engine eager host us per decode step"] = min(best.values())
+        # the headline is the engine as configured: the packed attention runs count once they are on by default
+        configured = [us for k, us in best.items() if packed or not contenders[k][3]]
+        out["engine eager host us per decode step"] = min(configured)
         for name, us in best.items():
             out[f"engine eager host us per decode step, GEMMs by {name}"] = us
         out.update(part_rows(engine))
