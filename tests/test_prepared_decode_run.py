@@ -234,3 +234,36 @@ def make_array():
 
 def test_public_name():
     assert fi_ffi.prepare_decode_run is decode.prepare_decode_run
+
+
+def test_the_launchers_prepared_run_refuses_by_name(probe, make_array):
+    """Launcher.prepare_run / PreparedRun on their own: what they pack and what each call must give."""
+    ws = workspace()
+    plan = _plan(ws, [0, 2, 3], [5, 16])
+    args = decode_run_args(batch=2, pages=4)
+    s = plan._s
+    values = [ws.float_buffer, ws.int_buffer, plan._info, *args.values(), None, False]
+    with pytest.raises(TypeError, match=r"\.plan: only calls with one plan info"):
+        s.plan.launcher.prepare_run(values, None, plan._context)  # the plan entry point has no plan info
+    with pytest.raises(TypeError, match=r"\.run: expected 13 arguments, got 12"):
+        s.run.launcher.prepare_run(values, None, plan._context)  # the 6 bound scalars left out, alibi_slopes missing
+    with pytest.raises(ValueError, match="^alibi_slopes: a prepared run takes no ffi.Tensor"):
+        s.run.launcher.prepare_run([*values, fake_cuda((HQ,), "float32")], None, plan._context)
+    with pytest.raises(TypeError, match="^plan_info_vec: expected the plan info"):
+        s.run.launcher.prepare_run([*values[:2], None, *values[3:], None], None, plan._context)
+    call = s.run.launcher.prepare_run([*values, None], None, plan._context)
+    assert call.keep[2] is None  # the plan info is not kept
+    with pytest.raises(TypeError, match="^plan: expected the plan info"):
+        call.run(None, plan._context)
+    with pytest.raises(TypeError, match="^plan: expected the plan info"):
+        call.run(5, plan._context)
+    released = make_array(0)
+    released.release()
+    with pytest.raises(ValueError, match="^plan: the plan has been released"):
+        call.run(released, plan._context)
+    with pytest.raises(ValueError, match=r"^plan: made for 7, but the run was prepared for RunContext\("):
+        call.run(plan._info, 7)
+    assert probe.seen == []
+    call.run(plan._info, plan._context)
+    decode.batch_decode_run(plan, *args.values())
+    assert probe.last() == probe.last()
