@@ -34,6 +34,11 @@ verdict is remembered per layout: what it requires of addresses it returns as
 :class:`~fi_ffi.launch.pointer_rules.PointerRules`, which step 3 tests. ``launch.launcher.slow_calls`` counts
 slow-path entries (tests use it to prove a loop stays on the fast path).
 
+Prepared calls skip all of that per call: :meth:`Launcher.prepare` checks and packs one call into a frame of its own
+(:class:`PreparedCall`: calling it is one FFI call); :meth:`Launcher.prepare_run` does the same for a call with plan
+info, whose slot each call of the :class:`PreparedRun` writes from the plan it is given (a plan of the context it
+was checked against, else refused naming ``plan``).
+
 What is kept: per thread and entry point, one frame and a bounded dict from layout keys (values: ints,
 shapes, dtypes) to images (bytes). No caller object is referenced after the call returns. TVM-FFI Tensor
 objects made for ``ffi.Tensor`` parameters are released right after the call.
