@@ -15,6 +15,9 @@ and the plan's event record (CUDA) are not. The kernel wheels are needed only to
 beside this tree's as ``fi_ffi_before`` and timed in the same interleaved rounds. ``--profile N``: a cProfile of
 this tree's steps, the N functions of most own time. ``floor``: the same calls packed once each into frames of
 their own (a new plan per step, its handle written into the run frames): what the nop calls and the plan cost.
+``packed run``: the runs through ``prepare_decode_run`` (packed once per layer, ``run(plan)`` per call), the appends
+as ops. Then the run alone per call: ``batch_decode_run`` against the packed run's ``run(plan)`` (a step's 32 runs
+less its plan, divided by 32).
 """
 
 from __future__ import annotations
@@ -60,9 +63,11 @@ def _fake(fi: Any, keep: list[Any], shape: tuple[int, ...], dtype: str = "float1
     return fi.Tensor.from_pointer(ptr, shape, dtype, device)
 
 
-def step_of(fi: Any, floor: bool = False) -> Callable[[], None]:
+def step_of(fi: Any, floor: bool = False, packed_run: bool = False, runs_only: bool = False) -> Callable[[], None]:
     """bench_step.py's batch-1 step on package ``fi`` (this tree's fi_ffi or an older one), entry points bound;
-    ``floor``: the same calls packed once each (bench_step.py's floor), only the plan and the calls per step."""
+    ``floor``: the same calls packed once each (bench_step.py's floor), only the plan and the calls per step;
+    ``packed_run``: the runs through ``prepare_decode_run`` (packed once, ``run(plan)`` per layer), the appends as
+    ops; ``runs_only``: the step without its appends (with ``packed_run`` or not: the run's per-call cost)."""
     # the package's own cffi instance (each copy has one); the runtime library is shared by both
     runtime = importlib.import_module(fi.__name__ + ".abi.runtime")
     Function = importlib.import_module(fi.__name__ + ".abi.call").Function
@@ -105,8 +110,35 @@ def step_of(fi: Any, floor: bool = False) -> Callable[[], None]:
             append(nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last)
             run(plan, q[i], k[i], v[i], indptr, indices, last, out[i])
 
+    def step_runs() -> None:
+        plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        for i in layers:
+            run(plan, q[i], k[i], v[i], indptr, indices, last, out[i])
+
     step.keep = (keep, ws)  # type: ignore[attr-defined]
     step()
+    if packed_run:
+        first = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        prepared = [fi.prepare_decode_run(q[i], k[i], v[i], indptr, indices, last, out[i], plan=first) for i in layers]
+
+        def packed_step() -> None:
+            plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+            for i in layers:
+                append(nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last)
+                prepared[i].run(plan)
+
+        def packed_runs() -> None:
+            plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+            for each in prepared:
+                each.run(plan)
+
+        chosen = packed_runs if runs_only else packed_step
+        chosen.keep = (keep, ws, prepared)  # type: ignore[attr-defined]
+        chosen()
+        return chosen
+    if runs_only:
+        step_runs.keep = (keep, ws)  # type: ignore[attr-defined]
+        return step_runs
     if not floor:
         return step
     # every append and run packed once into a frame of its own: what is left is the call (here testing.nop)
@@ -152,6 +184,20 @@ def step_of(fi: Any, floor: bool = False) -> Callable[[], None]:
     return floor_step
 
 
+def _plan_only(fi: Any) -> Callable[[], None]:
+    """The step's plan alone (on the workspace and bound entry points step_of set up), to subtract from the runs."""
+    step = step_of(fi, runs_only=True)
+    ws = step.keep[1]  # type: ignore[attr-defined]
+    indptr_h, last_h = np.array([0, 1], np.int32), np.array([16], np.int32)
+    plan_fn = fi.batch_decode_plan
+
+    def plan_only() -> None:
+        plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+
+    plan_only.keep = step.keep  # type: ignore[attr-defined]
+    return plan_only
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", help="folder of an older fi_ffi package, timed in the same rounds")
@@ -162,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     _env()
     import fi_ffi
 
-    contenders = {"this tree": step_of(fi_ffi), "floor": step_of(fi_ffi, floor=True)}
+    contenders = {
+        "this tree": step_of(fi_ffi),
+        "floor": step_of(fi_ffi, floor=True),
+        "packed run": step_of(fi_ffi, packed_run=True),
+    }
     if args.before:
         sys.path.insert(0, str(HERE))
         from bench_goals import load_package
@@ -179,6 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, us in best.items():
         ratio = f"   {us / best['this tree']:.3f}x this tree" if name != "this tree" else ""
         print(f"  {name:<10} {us:9.1f} us  ({us / (2 * LAYERS + 1):.2f} us per call){ratio}")
+    # the run alone (a plan, then 32 runs per step): batch_decode_run against the packed run's run(plan)
+    runs = {
+        "batch_decode_run": step_of(fi_ffi, runs_only=True),
+        "prepared run(plan)": step_of(fi_ffi, packed_run=True, runs_only=True),
+    }
+    plan_only = _plan_only(fi_ffi)
+    best_runs = {name: float("inf") for name in (*runs, "plan only")}
+    for _ in range(args.rounds):
+        for name, fn in (*runs.items(), ("plan only", plan_only)):
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            best_runs[name] = min(best_runs[name], (time.perf_counter() - t) / args.steps * 1e6)
+    print(f"the decode run per call (a step's {LAYERS} runs less its plan, / {LAYERS})")
+    for name in runs:
+        print(f"  {name:<20} {(best_runs[name] - best_runs['plan only']) / LAYERS:6.2f} us per call")
     if args.profile:
         prof = cProfile.Profile()
         fn = contenders["this tree"]

@@ -61,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "merge_states": "ops.attention.cascade",
     "batch_decode_plan": "ops.attention.decode",
     "batch_decode_run": "ops.attention.decode",
+    "prepare_decode_run": "ops.attention.decode",
     "single_decode": "ops.attention.decode",
     "batch_mla_plan": "ops.attention.mla",
     "batch_mla_run": "ops.attention.mla",

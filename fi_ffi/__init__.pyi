@@ -27,6 +27,7 @@ from .ops.attention.cascade import merge_state_in_place as merge_state_in_place
 from .ops.attention.cascade import merge_states as merge_states
 from .ops.attention.decode import batch_decode_plan as batch_decode_plan
 from .ops.attention.decode import batch_decode_run as batch_decode_run
+from .ops.attention.decode import prepare_decode_run as prepare_decode_run
 from .ops.attention.decode import single_decode as single_decode
 from .ops.attention.mla import MLAPlan as MLAPlan
 from .ops.attention.mla import batch_mla_plan as batch_mla_plan
@@ -166,6 +167,7 @@ __all__ = [
     "pack_custom_mask_device",
     "packbits",
     "prepare",
+    "prepare_decode_run",
     "qk_rmsnorm",
     "rmsnorm",
     "sampling_from_logits",

@@ -390,6 +390,19 @@ def _plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
             kv_last_page_len=dev((2,), "int32"),
             out=dev((2, 32, d)),
         ),
+        # packs the run (valid: returns the prepared run); its per-plan refusals: tests/test_prepared_decode_run.py
+        "prepare_decode_run": lambda: dict(
+            q=dev((2, 32, d)),
+            k_cache=dev((4, 16, 8, d)),
+            v_cache=dev((4, 16, 8, d)),
+            kv_indptr=dev((3,), "int32"),
+            kv_indices=dev((4,), "int32"),
+            kv_last_page_len=dev((2,), "int32"),
+            out=dev((2, 32, d)),
+            plan=decode_plan(make_array),
+            enable_pdl=False,
+            stream=0,
+        ),
         "batch_prefill_ragged_plan": lambda: dict(
             workspace=attention_workspace(),
             qo_indptr=host([0, 3, 4]),
@@ -1596,6 +1609,7 @@ EXEMPT: dict[str, str] = {
             "descriptor",
             "fused_add_rmsnorm",
             "generator",
+            "prepared_decode_run",
             "prepared_fused_add_rmsnorm",
             "prefill_plan",
             "prefill_run",

@@ -21,6 +21,9 @@ GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
    0.02, bfloat16 0.08) with the bitwise share printed. The unfused path is the one tests/test_gpu_llama.py
    checks against transformers.
 4. Bad pointers: a misaligned GEMV output, a misaligned or overlapping fused argument give ValueError naming it.
+5. ``LlamaEngine.packed_attention`` (the fused step's attention runs packed once per view, ``prepare_decode_run``):
+   on and off, the same greedy decoding gives the same tokens and bit-equal logits at every step (the same kernel
+   on the same arguments; tests/test_prepared_decode_run.py proves the frames equal on the CPU).
 """
 
 from __future__ import annotations
@@ -358,3 +361,37 @@ def test_fused_decode_step_matches_the_separate_launches(tmp_path, model):
         total += a.size
     print(f"{model}: {len(log_f)} steps, max |logit difference| {worst:.2e}, {equal / total:.2%} bitwise equal")
     assert worst <= LOGIT_TOL[dtype]
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_packed_attention_runs_give_bit_equal_logits(tmp_path, model):
+    path = make_checkpoint(tmp_path, *MODELS[model])
+    ps = [[(7 * j + 5 * i) % 4000 + 3 for j in range(n)] for i, n in enumerate((4, 17, 33, 9))]
+    runs = {}
+    with LlamaEngine(path, max_batch=4, page_size=16) as engine:
+        assert all(engine._fuses(r) for r in (1, 2, 3, 4)), engine.dense.gemv_error
+        original = engine._pick
+        for packed in (False, True):
+            engine.packed_attention = packed
+            logits: list[np.ndarray] = []
+
+            def pick(v, rows, sampling, logits=logits):
+                logits.append(engine._buf.logits[:rows].get())
+                original(v, rows, sampling)
+
+            engine._pick = pick
+            try:
+                r = engine.generate(ps, [20, 12, 26, 5], eos_token_ids=())
+            finally:
+                del engine._pick
+                engine.packed_attention = False
+            runs[packed] = (r.tokens, logits, r.decode_steps)
+        # the packed runs were made (one per layer, per decode view the packed pass met)
+        packed_views = [v for v in engine._views.values() if "attention runs" in v.prepared]
+        assert packed_views and all(len(v.prepared["attention runs"][1]) == 4 for v in packed_views)
+    (tok_p, log_p, steps), (tok_u, log_u, _) = runs[True], runs[False]
+    assert steps > 0
+    assert tok_p == tok_u
+    assert len(log_p) == len(log_u)
+    for i, (a, b) in enumerate(zip(log_p, log_u, strict=True)):
+        assert np.array_equal(a, b), f"{model}: step {i}: logits differ (max {float(np.abs(a - b).max()):.2e})"

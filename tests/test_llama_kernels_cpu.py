@@ -226,3 +226,72 @@ def test_silu_and_mul_accepts_the_engine_views(dtype):
     needs("silu_and_mul")
     v = views(config(64), dtype, "prefill")
     reached(lambda: kernels.silu_and_mul(v.gu, v.act, 0))
+
+
+@pytest.mark.parametrize(("dtype", "head_dim"), [("float16", 128), ("bfloat16", 64)])
+def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypatch, dtype, head_dim):
+    """``LlamaEngine.packed_attention``: the fused step's attention run per layer, packed once per view, hands the
+    module the frame ``batch_decode_run`` does (every slot and DLTensor, recorded by a probe bound as the run's entry
+    point), step after step with a new plan each, between the same packed launches in the same order. The engine is
+    a bare object with the attributes ``_fused_step`` reads; the other packed launches are recording stand-ins."""
+    from types import SimpleNamespace
+
+    from helpers.frame_probe import FrameProbe
+
+    from fi_ffi.abi.call import Function
+    from fi_ffi.models.llama import LlamaEngine
+
+    c = config(head_dim)
+    ws = workspace()
+    probe, array = FrameProbe(), Function.global_function("ffi.Array")
+    args = (c.num_qo_heads, c.num_kv_heads, c.head_dim, PS, dtype, None, None, "NHD", "NONE", -1, 0.0, None, 1.0, 1e4)
+    s = decode._settings(0, (*args, False))
+    run_l, plan_l = s.run.launcher, s.plan.launcher
+    saved = run_l.entry, plan_l.entry
+    for each in (run_l, plan_l):
+        each.forget()
+    run_l.entry = probe.entry
+    plan_l.entry = SimpleNamespace(safe_call=array.safe_call, this=array.this)
+    monkeypatch.setattr(Workspace, "_record_plan_copy", lambda self, stream: None)  # a CUDA event: no GPU here
+    try:
+        eng = object.__new__(LlamaEngine)
+        eng.config, eng._s, eng._head_rows = c, 0, 0
+        shape = (PAGES, PS, c.num_kv_heads, c.head_dim)
+        eng._k_cache = [kernels.descriptor(FAKE + ((16 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
+        eng._v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
+        eng._buf = SimpleNamespace(logits=SimpleNamespace(data=SimpleNamespace(ptr=0)))
+        order: list[tuple[str, int]] = []
+        eng._finish_logits = lambda *_: order.append(("finish", len(probe.seen)))
+        v = views(c, dtype, "decode")
+
+        def mark(tag: str):
+            return lambda: order.append((tag, len(probe.seen)))
+
+        layers = [([mark(f"qkv{i}")], [mark(f"o{i}"), mark(f"gu{i}"), mark(f"down{i}")]) for i in range(c.num_layers)]
+        v.prepared["fused step"] = (mark("embed"), layers, mark("head"))
+        seen: dict[bool, list[object]] = {}
+        packed_runs = []
+        for step, indptr in enumerate(([0, 2, 3, 4], [0, 1, 3, 5], [0, 3, 4, 7])):
+            eng._decode_plan = kernels.decode_plan(ws, np.array(indptr, np.int32), *args[:4], dtype, False, 0)
+            for packed in (False, True):
+                eng.packed_attention = packed
+                order.clear()
+                eng._fused_step(v, BATCH)
+                seen[packed] = [probe.seen.pop(0) for _ in range(c.num_layers)]
+                assert probe.seen == []
+                # each layer's run between its QKV launch and its o launch; the head after the last
+                want = [("embed", 0)]
+                for i in range(c.num_layers):
+                    want += [(f"qkv{i}", i), (f"o{i}", i + 1), (f"gu{i}", i + 1), (f"down{i}", i + 1)]
+                assert order == [*want, ("head", c.num_layers), ("finish", c.num_layers)]
+            assert seen[True] == seen[False], f"step {step}: the packed runs' frames differ"
+            packed_runs.append(v.prepared["attention runs"])
+            assert packed_runs[-1][0] == eng._decode_plan._context
+        assert packed_runs[0] is packed_runs[1] is packed_runs[2]  # packed once for the context, reused by each step
+        # the caches of each layer reached its own run
+        k_slot = [p.name for p in decode.RUN.params].index("k_cache")
+        assert len({frame[1][k_slot] for frame in seen[True]}) == c.num_layers
+    finally:
+        for each in (run_l, plan_l):
+            each.forget()
+        run_l.entry, plan_l.entry = saved

@@ -34,6 +34,11 @@ verdict is remembered per layout: what it requires of addresses it returns as
 :class:`~fi_ffi.launch.pointer_rules.PointerRules`, which step 3 tests. ``launch.launcher.slow_calls`` counts
 slow-path entries (tests use it to prove a loop stays on the fast path).
 
+Prepared calls skip all of that per call: :meth:`Launcher.prepare` checks and packs one call into a frame of its own
+(:class:`PreparedCall`: calling it is one FFI call); :meth:`Launcher.prepare_run` does the same for a call with plan
+info, whose slot each call of the :class:`PreparedRun` writes from the plan it is given (a plan of the context it
+was checked against, else refused naming ``plan``).
+
 What is kept: per thread and entry point, one frame and a bounded dict from layout keys (values: ints,
 shapes, dtypes) to images (bytes). No caller object is referenced after the call returns. TVM-FFI Tensor
 objects made for ``ffi.Tensor`` parameters are released right after the call.
@@ -57,7 +62,7 @@ from ..abi import wire
 from ..abi.frame import RECORD as _RECORD
 from ..abi.frame import SLOT as _SLOT
 from ..abi.frame import Frame, call_on, describe_frame, fail, result
-from ..abi.objects import ARRAY, BOOL, DLTENSOR_PTR, FLOAT, INT, NONE, RAW_STR, TENSOR, ObjectRef
+from ..abi.objects import ARRAY, BOOL, DLTENSOR_PTR, FLOAT, INT, NONE, RAW_STR, TENSOR, Array, ObjectRef
 from ..dtypes import CUDA
 from ..errors import LoaderError
 from ..streams import stream_handle
@@ -156,6 +161,7 @@ class Launcher:
         self.pointer_position = {params[i].name: k for k, i in enumerate(self.pointer_index)}
         self.keys: Callable[..., tuple[tuple[Any, ...], list[int]]] = _no_keys
         self.namespace: dict[str, Any] = {}
+        self.bound: Bound | None = None  # the scalars the launch function does not take (compile_launcher sets it)
 
     def forget(self) -> None:
         """Drop every thread's frame and remembered images (the next call of each thread starts afresh)."""
@@ -297,13 +303,7 @@ class Launcher:
                 ):
                     first_cuda = value
             elif kind == wire.ARRAY:
-                if not isinstance(value, ObjectRef) or value.type_index != ARRAY:
-                    raise TypeError(
-                        f"{name}: expected the plan info (an Array from a plan call), got {type(value).__name__}"
-                    )
-                if not value.handle:
-                    raise ValueError(f"{name}: the plan has been released")
-                checked[name] = value
+                checked[name] = plan_info(name, value)
             else:
                 checked[name] = scalar(name, kind, value)
         return checked, ptrs, first_cuda
@@ -324,6 +324,46 @@ class Launcher:
         if handle is None and entry.stream_source is not None:
             handle = entry.stream_source(entry.device_id)
         return PreparedCall(self, f, tuple(values), entry.device_id, handle)
+
+    def prepare_run(self, values: Sequence[Any], stream: Any = None, context: Any = None) -> PreparedRun:
+        """:meth:`prepare` for a call with one plan info (an ``ARRAY`` parameter): every argument is checked and
+        packed once as :meth:`prepare` does (the op's check against ``context``, pointer rules, layouts, stream),
+        except the plan info's slot, which each call of the result writes from its plan (see PreparedRun).
+
+        ``values``: the launch function's arguments in wire order, without the :class:`Bound` scalars (their values
+        are ``self.bound.values(context)``, as the launch function's are); the plan info among them is any live
+        info of ``context`` (only checked: it is neither written into the frame nor kept). ``ffi.Tensor``
+        parameters must be None (their objects are made per call).
+        """
+        params = self.decl.params
+        arrays = [i for i, p in enumerate(params) if p.wire == wire.ARRAY]
+        if len(arrays) != 1 or any(p.per_call or p.wire == wire.FFI_TENSOR for p in params):
+            raise TypeError(
+                f"{self.name}: only calls with one plan info and no per-call values or ffi.Tensor arguments can be "
+                f"prepared as runs"
+            )
+        bound = self.bound
+        bound_names = () if bound is None else bound.names
+        free = [p for p in params if p.name not in bound_names]
+        if len(values) != len(free):
+            raise TypeError(f"{self.name}: expected {len(free)} arguments, got {len(values)}")
+        for p, value in zip(free, values, strict=True):
+            if p.wire == wire.OPT_FFI_TENSOR and value is not None:
+                raise ValueError(f"{p.name}: a prepared run takes no ffi.Tensor argument (it is made per call)")
+        given = dict(zip((p.name for p in free), values, strict=True))
+        if bound is not None:
+            given.update(zip(bound.names, bound.values(context), strict=True))
+        full = [given[p.name] for p in params]
+        handle = None if stream is None else _stream(stream)  # a bad stream is named before the module is bound
+        entry_point = self.bind()
+        frame = LaunchFrame(len(params), len(self.tensor_index), entry_point.safe_call, entry_point.this)
+        f, entry, ptrs = self.slow(full, stream, context, frame=frame, remember=False)
+        _write_pointers(f, self.decl, self.record_of, ptrs)
+        if handle is None and entry.stream_source is not None:
+            handle = entry.stream_source(entry.device_id)
+        # the plan info is not kept: a prepared run must not hold a schedule alive (it outlives many plans)
+        keep = tuple(None if p.wire == wire.ARRAY else value for p, value in zip(free, values, strict=True))
+        return PreparedRun(self, f, keep, entry.device_id, handle, 2 * arrays[0] + 1, context)
 
 
 class PreparedCall:
@@ -355,6 +395,74 @@ class PreparedCall:
 
     def __repr__(self) -> str:
         return f"<PreparedCall {self._launcher.name}({', '.join(describe_frame(self._frame))})>"
+
+
+class PreparedRun:
+    """A call packed once like a :class:`PreparedCall`, except its plan info, which each call gives:
+    ``run(info, context)`` writes ``info`` (a live plan's ``Array``) into the packed frame and launches.
+
+    Everything else was checked and packed once against ``context`` (e.g. a decode run's settings and batch
+    size), so a call whose ``context`` is not equal to it is refused (ValueError naming ``plan``). It keeps the
+    arguments it was prepared with referenced, but no plan info (it outlives many plans). The frame is written
+    before each launch, so one prepared run is for one thread at a time (as a plan is: its schedule lives in one
+    workspace).
+    """
+
+    __slots__ = ("_frame", "_info_word", "_launcher", "_result_word", "context", "device_id", "keep", "stream")
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        frame: Frame,
+        keep: tuple[Any, ...],
+        device_id: int,
+        stream: int | None,
+        info_word: int,
+        context: Any,
+    ) -> None:
+        self._launcher = launcher
+        self._frame = frame
+        self.keep = keep
+        self.device_id = device_id
+        self.stream = stream
+        self._info_word = info_word
+        self._result_word = 2 * frame.nargs
+        self.context = context
+
+    def check(self, info: Any, context: Any) -> None:
+        """Raise unless ``info`` is a live plan info and ``context`` equals the prepared one."""
+        plan_info("plan", info)
+        if context is not self.context and context != self.context:
+            raise ValueError(
+                f"plan: made for {context!r}, but the run was prepared for {self.context!r} (its tensors and "
+                f"scalars were checked against that); prepare a run for this plan's settings and batch size"
+            )
+
+    def run(self, info: Any, context: Any) -> None:
+        """Launch with plan info ``info`` (of ``context``, which must equal the prepared context)."""
+        if context is not self.context or info.__class__ is not Array or not info.handle:
+            self.check(info, context)
+        f = self._frame
+        q = f.q
+        q[self._info_word] = info.handle
+        q[self._result_word] = 0  # the result slot's type: None, as the launch function writes it
+        if self.stream is None:
+            if f.call(*f.cargs):
+                fail(self._launcher.name, f)
+        else:
+            call_on(self._launcher.name, f, self.device_id, self.stream)
+
+    def __repr__(self) -> str:
+        return f"<PreparedRun {self._launcher.name}({', '.join(describe_frame(self._frame))})>"
+
+
+def plan_info(name: str, value: Any) -> Any:
+    """``value`` if it is a live plan info (an ``Array`` a plan call returned), else the error naming ``name``."""
+    if not isinstance(value, ObjectRef) or value.type_index != ARRAY:
+        raise TypeError(f"{name}: expected the plan info (an Array from a plan call), got {type(value).__name__}")
+    if not value.handle:
+        raise ValueError(f"{name}: the plan has been released")
+    return value
 
 
 # ---- checks shared by every op -------------------------------------------------------------------------------
@@ -845,6 +953,7 @@ def compile_launcher(
     namespace["_TT"], namespace["_CP"] = producers.torch_tensor, producers.cupy_ndarray
     launch = namespace["launch"]
     launcher_.keys = namespace["keys"]
+    launcher_.bound = bound
     launch.launcher = launcher_
     launch.source = source
     launch.__doc__ = f"Launch {launcher_.name}: {decl.signature}"
@@ -962,10 +1071,12 @@ __all__ = [
     "Entry",
     "Launcher",
     "PreparedCall",
+    "PreparedRun",
     "bound_entry",
     "check_tensor",
     "compile_launcher",
     "launcher",
+    "plan_info",
     "scalar",
     "select_declaration",
 ]

@@ -6,8 +6,8 @@ arguments are flashinfer-python's; if an op's spelling changes, only this module
 
 Ops used: ``rmsnorm``, ``fused_add_rmsnorm``, ``qk_rmsnorm`` (Qwen3), ``apply_rope_pos_ids_inplace`` /
 ``apply_llama31_rope_pos_ids_inplace``, ``append_paged_kv_cache``, ``batch_prefill_paged_plan`` / ``_run``,
-``batch_decode_plan`` / ``_run``, ``silu_and_mul``, ``softmax``, ``top_k_top_p_sampling_from_probs``,
-``Generator``, ``Workspace``.
+``batch_decode_plan`` / ``_run`` (and ``prepare_decode_run``), ``silu_and_mul``, ``softmax``,
+``top_k_top_p_sampling_from_probs``, ``Generator``, ``Workspace``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ __all__ = [
     "generator",
     "prefill_plan",
     "prefill_run",
+    "prepared_decode_run",
     "prepared_fused_add_rmsnorm",
     "qk_rmsnorm",
     "rmsnorm",
@@ -215,6 +216,24 @@ def decode_run(
 ) -> None:
     """:func:`fi_ffi.batch_decode_run` with a plan from :func:`decode_plan`."""
     fi_ffi.batch_decode_run(plan, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, out, stream=stream)
+
+
+def prepared_decode_run(
+    plan: Any,
+    q: Any,
+    k_cache: Any,
+    v_cache: Any,
+    kv_indptr: Any,
+    kv_indices: Any,
+    kv_last_page_len: Any,
+    out: Any,
+    stream: int,
+) -> Any:
+    """:func:`decode_run` checked and packed once (:func:`fi_ffi.prepare_decode_run`): the result's ``run(plan)``
+    launches it with any plan of ``plan``'s settings and batch size on its workspace."""
+    return fi_ffi.prepare_decode_run(
+        q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, out, plan=plan, stream=stream
+    )
 
 
 def silu_and_mul(x: Any, out: Any, stream: int) -> None:

@@ -181,7 +181,14 @@ class LlamaEngine:
     GEMV launches, and RoPE and the KV append too where the QKV GEMV's epilogue serves them (head dim 64 to 512,
     no Qwen3 per-head norms between), with every launch but the attention run packed once (:meth:`_fused_step`;
     the same logits as the separate launches); False: the separate launches.
+    ``packed_attention`` (default False): the fused step's attention runs packed too (see below).
     """
+
+    packed_attention: bool = False
+    """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call
+    taking only the step's plan, instead of a ``batch_decode_run`` per layer. Not yet run on a GPU; equal frames
+    proven on the CPU (tests/test_prepared_decode_run.py): turn it on once tests/test_gpu_fused_decode.py's
+    bit-equal logits case passes."""
 
     def __init__(
         self,
@@ -667,21 +674,47 @@ class LlamaEngine:
         prologue. Leaves the float32 logits in ``logits``, finished (:meth:`_finish_logits`).
 
         Every launch but the attention run is packed once per step view (:meth:`_fused_calls`): a step calls
-        them in turn, with the attention run (this step's plan) between each layer's two halves."""
+        them in turn, with the attention run (this step's plan) between each layer's two halves. With
+        :attr:`packed_attention` the attention runs are packed once per view too (:meth:`_attention_runs`) and each
+        call takes only the step's plan."""
         calls = v.prepared.get("fused step")
         if calls is None:
             calls = v.prepared["fused step"] = self._fused_calls(v, rows)
         embed, layers, head = calls
         embed()
-        attention = self._decode_attention
-        for i, (before, after) in enumerate(layers):
-            for call in before:
-                call()
-            attention(i, v)
-            for call in after:
-                call()
+        if self.packed_attention:
+            plan = self._decode_plan
+            for (before, after), run in zip(layers, self._attention_runs(v, plan), strict=True):
+                for call in before:
+                    call()
+                run.run(plan)
+                for call in after:
+                    call()
+        else:
+            attention = self._decode_attention
+            for i, (before, after) in enumerate(layers):
+                for call in before:
+                    call()
+                attention(i, v)
+                for call in after:
+                    call()
         head()
         self._finish_logits(self._buf.logits.data.ptr, rows, self._head_rows)
+
+    def _attention_runs(self, v: SimpleNamespace, plan: Any) -> list[Any]:
+        """Each layer's decode attention run over view ``v`` packed once (``kernels.prepared_decode_run``), for plans
+        of ``plan``'s settings and batch size (its run context, a value): kept in the view's ``prepared`` with that
+        context, and packed again only when a plan of another context comes (one entry per view: bounded)."""
+        found = v.prepared.get("attention runs")
+        if found is None or found[0] != plan._context:
+            index = (v.kv_indptr, v.kv_indices, v.kv_last_page_len)
+            runs = [
+                kernels.prepared_decode_run(plan, v.q, kc, vc, *index, v.attn, self._s)
+                for kc, vc in zip(self._k_cache, self._v_cache, strict=True)
+            ]
+            found = v.prepared["attention runs"] = (plan._context, runs)
+        runs_: list[Any] = found[1]
+        return runs_
 
     def _fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
         """The packed launches of :meth:`_fused_step` over view ``v`` (``rows`` rows): the embedding gather, per

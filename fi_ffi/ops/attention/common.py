@@ -110,9 +110,14 @@ def check_pages(plan: Plan, kv_indices: Any) -> None:
         kv_indices.shape[0] if kv_indices.__class__ is Tensor and kv_indices.ndim else extent("kv_indices", kv_indices)
     )
     if pages < plan.kv_extent:
-        raise ValueError(
-            f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has {pages} entries"
-        )
+        raise pages_error(plan, pages)
+
+
+def pages_error(plan: Plan, pages: int) -> ValueError:
+    """The error of a ``kv_indices`` of ``pages`` entries, fewer than the pages ``plan``'s kv_indptr ends at."""
+    return ValueError(
+        f"kv_indices: the plan's kv_indptr ends at {plan.kv_extent} pages, but kv_indices has {pages} entries"
+    )
 
 
 def check_workspace(value: Any) -> Workspace:

@@ -4,6 +4,8 @@
 - :func:`batch_decode_plan` then :func:`batch_decode_run`: a batch over a paged KV cache
   (``batch_decode_with_kv_cache_*`` ``plan`` / ``run``). A runtime plans once per step (the page table
   changed) and runs every layer with the same :class:`~fi_ffi.ops.attention.plan.Plan`.
+- :func:`prepare_decode_run`: a batch decode run's tensors checked and packed once; its ``run(plan)`` takes only
+  the step's plan (same settings and batch size), for a runtime whose buffers do not move.
 
 Math, per request and query head ``h`` (KV head ``h // (num_qo_heads / num_kv_heads)``), in float32:
 ``o[h] = softmax(sm_scale * q[h] . K^T) V`` over the request's ``kv_len`` cached tokens; ``lse[h]`` (optional)
@@ -31,7 +33,7 @@ from ... import caches
 from ...abi.wire import ARRAY, BOOL, FLOAT, INT, OPT_FFI_TENSOR, Param, declare, optional_tensor, tensor
 from ...dtypes import int32, uint8
 from ...launch import checks
-from ...launch.launcher import Bound, launcher
+from ...launch.launcher import Bound, PreparedRun, launcher
 from ...launch.pointer_rules import PointerRules
 from ...tensor import Tensor
 from ...typing import IndexLike, StreamLike, TensorLike, TensorT
@@ -48,7 +50,9 @@ from .common import (
     check_tmp,
     check_workspace,
     empty,
+    extent,
     layout_key,
+    pages_error,
     runnable,
     variant_uri,
 )
@@ -59,7 +63,7 @@ from .plan_settings import LAYOUTS, PlanSettings
 from .variants import BATCH_DECODE, SINGLE_DECODE
 from .workspace import Workspace
 
-__all__ = ["batch_decode_plan", "batch_decode_run", "single_decode"]
+__all__ = ["PreparedDecodeRun", "batch_decode_plan", "batch_decode_run", "prepare_decode_run", "single_decode"]
 
 # ---- declarations (FlashInfer 0.6.3 / 0.7.2 csrc/batch_decode.cu, single_decode.cu; public names where 1:1) -----
 
@@ -366,6 +370,99 @@ def batch_decode_run(
         context=plan._context,
     )
     return out
+
+
+def prepare_decode_run(
+    q: TensorLike,
+    k_cache: TensorLike,
+    v_cache: TensorLike,
+    kv_indptr: TensorLike,
+    kv_indices: TensorLike,
+    kv_last_page_len: TensorLike,
+    out: TensorLike,
+    *,
+    plan: Plan,
+    lse: TensorLike | None = None,
+    enable_pdl: bool = False,
+    stream: StreamLike = None,
+) -> PreparedDecodeRun:
+    """:func:`batch_decode_run`'s call checked and packed once; the result's ``run(plan)`` launches it with a plan.
+
+    The arguments are :func:`batch_decode_run`'s, checked as it checks them against ``plan`` (a live plan from
+    :func:`batch_decode_plan` without ALiBi slopes). The result launches the same run with any later plan of the
+    same settings and batch size on the same workspace (a runtime plans every step): one FFI call after the
+    plan checks :func:`batch_decode_run` makes per call. It keeps its tensors referenced (their memory must stay
+    valid; drop it to release them), and the stream it was prepared with (None: the framework's current stream
+    of ``q`` at this call, as :func:`fi_ffi.prepare`).
+
+    Raises:
+        TypeError, ValueError: as :func:`batch_decode_run` does, naming the argument; a plan with ALiBi slopes.
+    """
+    ws = runnable(plan, BATCH_DECODE, "paged", "batch_decode_plan")
+    if plan._inputs[2] is not None:
+        raise _alibi_refusal()
+    check_pages(plan, kv_indices)
+    s = plan._s
+    values = (ws.float_buffer, ws.int_buffer, plan._info, q, k_cache, v_cache, kv_indptr, kv_indices)
+    call = s.run.launcher.prepare_run(  # type: ignore[attr-defined]
+        [*values, kv_last_page_len, out, lse, enable_pdl, None], stream, plan._context
+    )
+    return PreparedDecodeRun(call, ws, extent("kv_indices", kv_indices))
+
+
+class PreparedDecodeRun:
+    """A batch decode run packed once (:func:`prepare_decode_run`); ``run(plan)`` launches it with ``plan``.
+
+    Each call checks what :func:`batch_decode_run` checks of a plan, with its messages: a :class:`Plan` of
+    :func:`batch_decode_plan`, live, current on its workspace, with no more pages than ``kv_indices`` holds; and
+    what the packing fixed: the workspace and the plan's settings and batch size (a ValueError naming ``plan``).
+    """
+
+    __slots__ = ("_call", "_context", "_pages", "_ws")
+
+    def __init__(self, call: PreparedRun, workspace: Workspace, pages: int) -> None:
+        self._call = call
+        self._context = call.context  # the run context it was packed for (an interned token: compared by identity)
+        self._ws = workspace
+        self._pages = pages  # kv_indices' length: packed, so the plans' page counts are tested against it
+
+    def run(self, plan: Plan) -> None:
+        """Launch the packed run with ``plan`` (this step's plan: same workspace, settings and batch size)."""
+        if (
+            plan.__class__ is not Plan
+            or plan._context is not self._context  # a prefill plan's too: refused in batch_decode_run's words
+            or plan.workspace is not self._ws
+            or plan._generation != self._ws._generation
+            or plan.kv_extent > self._pages
+            or plan._inputs[2] is not None
+            or not plan._info.handle
+        ):
+            self._refuse(plan)
+        self._call.run(plan._info, plan._context)
+
+    def _refuse(self, plan: Any) -> None:
+        """Raise the error of a plan :meth:`run` cannot take, in :func:`batch_decode_run`'s order and words."""
+        ws = runnable(plan, BATCH_DECODE, "paged", "batch_decode_plan")
+        if ws is not self._ws:
+            raise ValueError(
+                "plan: made on another workspace than the run was prepared with (its buffers are packed); "
+                "prepare a run for that workspace"
+            )
+        self._call.check(plan._info, plan._context)  # settings and batch size
+        if plan.kv_extent > self._pages:
+            raise pages_error(plan, self._pages)
+        if plan._inputs[2] is not None:
+            raise _alibi_refusal()
+
+    def __repr__(self) -> str:
+        return f"<PreparedDecodeRun {self._call!r}>"
+
+
+def _alibi_refusal() -> ValueError:
+    return ValueError(
+        "plan: has ALiBi slopes, which a prepared decode run does not take (they reach the kernel as a Tensor "
+        "object made per call); use batch_decode_run"
+    )
 
 
 def _run_scalars(context: Any) -> tuple[Any, ...]:
