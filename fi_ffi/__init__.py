@@ -87,7 +87,7 @@ _EXPORTS: dict[str, str] = {
     "fused_add_rmsnorm": "ops.norm",
     "gemma_fused_add_rmsnorm": "ops.norm",
     "gemma_rmsnorm": "ops.norm",
-    "prepare": "ops.norm",
+    "prepare": "ops.packing",
     "qk_rmsnorm": "ops.norm",
     "rmsnorm": "ops.norm",
     "append_paged_kv_cache": "ops.page",

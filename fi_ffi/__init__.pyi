@@ -53,9 +53,9 @@ from .ops.mamba import selective_state_update as selective_state_update
 from .ops.norm import fused_add_rmsnorm as fused_add_rmsnorm
 from .ops.norm import gemma_fused_add_rmsnorm as gemma_fused_add_rmsnorm
 from .ops.norm import gemma_rmsnorm as gemma_rmsnorm
-from .ops.norm import prepare as prepare
 from .ops.norm import qk_rmsnorm as qk_rmsnorm
 from .ops.norm import rmsnorm as rmsnorm
+from .ops.packing import prepare as prepare
 from .ops.page import append_paged_kv_cache as append_paged_kv_cache
 from .ops.page import append_paged_mla_kv_cache as append_paged_mla_kv_cache
 from .ops.page import get_batch_indices_positions as get_batch_indices_positions

@@ -21,9 +21,10 @@ from typing import Any
 from ..abi.wire import BOOL, FLOAT, Declaration, Param, declare, tensor
 from ..dtypes import bfloat16, float16
 from ..launch import checks
-from ..launch.launcher import PreparedCall, launcher
+from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
 from ..typing import StreamLike, TensorLike, TensorT
+from .packing import Packable
 
 _URI = "norm"
 _DTYPES = (float16, bfloat16)
@@ -43,7 +44,7 @@ GEMMA_FUSED_ADD_RMSNORM = _norm(
 # (module URI pattern, declaration), checked against the modules by tests/test_declarations.py
 DECLARATIONS = tuple(("norm", d) for d in (RMSNORM, GEMMA_RMSNORM, FUSED_ADD_RMSNORM, GEMMA_FUSED_ADD_RMSNORM))
 
-__all__ = ["fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "prepare", "qk_rmsnorm", "rmsnorm"]
+__all__ = ["fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "qk_rmsnorm", "rmsnorm"]
 
 
 def rmsnorm(
@@ -69,7 +70,7 @@ def rmsnorm(
     Returns:
         ``out``, as passed.
     """
-    _rmsnorm(out, input, weight, eps, enable_pdl, stream=stream)
+    _out_first(_rmsnorm, input, weight, out, eps, enable_pdl, stream)
     return out
 
 
@@ -90,7 +91,7 @@ def qk_rmsnorm(
         weight: ``[D]``, shared by every head.
         out: ``[B, H, D]``, same dtype and device; may be strided like ``input``.
     """
-    _qk_rmsnorm(out, input, weight, eps, enable_pdl, stream=stream)
+    _out_first(_qk_rmsnorm, input, weight, out, eps, enable_pdl, stream)
     return out
 
 
@@ -104,7 +105,7 @@ def gemma_rmsnorm(
     stream: StreamLike = None,
 ) -> TensorT:
     """Gemma RMSNorm: ``out = input / RMS(input) * (1 + weight)``, shapes as :func:`rmsnorm` (2-D only)."""
-    _gemma_rmsnorm(out, input, weight, eps, enable_pdl, stream=stream)
+    _out_first(_gemma_rmsnorm, input, weight, out, eps, enable_pdl, stream)
     return out
 
 
@@ -124,7 +125,7 @@ def fused_add_rmsnorm(
         residual: ``[B, D]``, overwritten with ``residual + input``.
         weight: ``[D]``.
     """
-    _fused_add_rmsnorm(input, residual, weight, eps, enable_pdl, stream=stream)
+    _in_place(_fused_add_rmsnorm, input, residual, weight, eps, enable_pdl, stream)
 
 
 def gemma_fused_add_rmsnorm(
@@ -138,7 +139,23 @@ def gemma_fused_add_rmsnorm(
 ) -> None:
     """In place, Gemma form: ``residual += input``, then ``input = residual / RMS(residual) * (1 + weight)``;
     arguments as :func:`fused_add_rmsnorm`."""
-    _gemma_fused_add_rmsnorm(input, residual, weight, eps, enable_pdl, stream=stream)
+    _in_place(_gemma_fused_add_rmsnorm, input, residual, weight, eps, enable_pdl, stream)
+
+
+# The wire mappings (the op's arguments -> its launch function's values), shared by the ops and fi_ffi.prepare: the
+# op passes its launch function, prepare a packer (fi_ffi.ops.packing).
+def _out_first(
+    launch: Callable[..., Any], input: Any, weight: Any, out: Any, eps: Any, enable_pdl: Any, stream: Any
+) -> Any:
+    """An out-of-place norm: (out, input, weight, eps, enable_pdl)."""
+    return launch(out, input, weight, eps, enable_pdl, stream=stream)
+
+
+def _in_place(
+    launch: Callable[..., Any], input: Any, residual: Any, weight: Any, eps: Any, enable_pdl: Any, stream: Any
+) -> Any:
+    """A fused-add norm, in place: (input, residual, weight, eps, enable_pdl)."""
+    return launch(input, residual, weight, eps, enable_pdl, stream=stream)
 
 
 def _rows(rank: int, other: str) -> Callable[[SimpleNamespace], PointerRules]:
@@ -186,40 +203,11 @@ _gemma_rmsnorm = launcher(GEMMA_RMSNORM, _URI, _check_2d_out)
 _fused_add_rmsnorm = launcher(FUSED_ADD_RMSNORM, _URI, _check_2d_residual)
 _gemma_fused_add_rmsnorm = launcher(GEMMA_FUSED_ADD_RMSNORM, _URI, _check_2d_residual)
 
-# public op -> (its launch function, the public names of the wire arguments in order)
-_PREPARABLE: dict[Callable[..., Any], tuple[Callable[..., Any], tuple[str, ...]]] = {
-    rmsnorm: (_rmsnorm, ("out", "input", "weight", "eps", "enable_pdl")),
-    qk_rmsnorm: (_qk_rmsnorm, ("out", "input", "weight", "eps", "enable_pdl")),
-    gemma_rmsnorm: (_gemma_rmsnorm, ("out", "input", "weight", "eps", "enable_pdl")),
-    fused_add_rmsnorm: (_fused_add_rmsnorm, ("input", "residual", "weight", "eps", "enable_pdl")),
-    gemma_fused_add_rmsnorm: (_gemma_fused_add_rmsnorm, ("input", "residual", "weight", "eps", "enable_pdl")),
+# what fi_ffi.prepare packs (fi_ffi.ops.packing): each op with its launch function and its wire mapping
+PACKABLE = {
+    rmsnorm: Packable(_rmsnorm, _out_first),
+    qk_rmsnorm: Packable(_qk_rmsnorm, _out_first),
+    gemma_rmsnorm: Packable(_gemma_rmsnorm, _out_first),
+    fused_add_rmsnorm: Packable(_fused_add_rmsnorm, _in_place),
+    gemma_fused_add_rmsnorm: Packable(_gemma_fused_add_rmsnorm, _in_place),
 }
-
-
-def prepare(function: Callable[..., Any], *args: Any, **kwargs: Any) -> PreparedCall:
-    """Check and pack one norm call once; the returned :class:`~fi_ffi.launch.launcher.PreparedCall` launches it.
-
-    ``function`` is one of this module's ops, ``args``/``kwargs`` exactly what it takes. Calling the result
-    launches the kernel again with the same arguments (same buffers, eps, stream) and costs about one FFI
-    call: the per-step path of a runtime whose buffers do not move::
-
-        step_norm = fi_ffi.prepare(fi_ffi.rmsnorm, x, w, out, eps=1e-6)
-        for _ in range(steps):
-            ...
-            step_norm()
-
-    The prepared call keeps its arguments referenced until it is dropped.
-    """
-    import inspect
-
-    found = _PREPARABLE.get(function)
-    if found is None:
-        raise TypeError(f"function: expected one of {', '.join(f.__name__ for f in _PREPARABLE)}, got {function!r}")
-    launch, names = found
-    try:
-        bound = inspect.signature(function).bind(*args, **kwargs)
-    except TypeError as exc:
-        raise TypeError(f"{function.__name__}: {exc}") from None
-    bound.apply_defaults()
-    a = bound.arguments
-    return launch.launcher.prepare([a[n] for n in names], a["stream"])  # type: ignore[attr-defined,no-any-return]

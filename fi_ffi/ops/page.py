@@ -41,6 +41,7 @@ from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
 from ..typing import IndexLike, StreamLike, TensorLike
 from .attention.plan_settings import LAYOUTS  # the KV layout codes the kernels take, stated once
+from .packing import Packable
 
 _URI = "page"
 _CACHE_DTYPES = (float16, bfloat16, float8_e4m3fn, float8_e5m2)
@@ -134,9 +135,6 @@ def append_paged_kv_cache(
     the pages listed and page ids must be ``< num_pages``, or the kernel writes out of bounds. See
     :func:`check_append_positions`. ``nnz == 0`` checks every argument (and ``stream``) and launches nothing.
     """
-    code = LAYOUTS.get(layout) if layout.__class__ is str or isinstance(layout, str) else None
-    if code is None:
-        raise (ValueError if isinstance(layout, str) else TypeError)(f"layout: expected 'NHD' or 'HND', got {layout!r}")
     # nnz read inline (a call of _rows per layer otherwise): an int for descriptors, torch tensors, CuPy arrays
     try:
         nnz = append_key.shape[0]  # type: ignore[union-attr]
@@ -144,38 +142,62 @@ def append_paged_kv_cache(
         nnz = -1  # no shape: the launch names what is wrong
     if nnz.__class__ is not int:
         nnz = _rows(append_key)
-    if nnz:
-        _append(
-            append_key,
-            append_value,
-            batch_indices,
-            positions,
-            k_cache,
-            v_cache,
-            kv_indices,
-            kv_indptr,
-            kv_last_page_len,
-            code,
-            stream=stream,
-        )
-    else:  # the kernel cannot launch an empty grid: check everything (stream included), launch nothing
-        _append.launcher.slow(
-            (
-                append_key,
-                append_value,
-                batch_indices,
-                positions,
-                k_cache,
-                v_cache,
-                kv_indices,
-                kv_indptr,
-                kv_last_page_len,
-                code,
-            ),
-            stream,
-            None,
-            remember=False,
-        )
+    # nnz == 0: the kernel cannot launch an empty grid; check everything (stream included), launch nothing
+    _append_wire(
+        _append if nnz else _append_checks,
+        append_key,
+        append_value,
+        batch_indices,
+        positions,
+        k_cache,
+        v_cache,
+        kv_indices,
+        kv_indptr,
+        kv_last_page_len,
+        layout,
+        stream,
+    )
+
+
+# The wire mapping of append_paged_kv_cache (its arguments -> the launch function's values), shared by the op and
+# fi_ffi.prepare: the op passes its launch function (or _append_checks), prepare a packer (fi_ffi.ops.packing).
+def _append_wire(
+    launch: Any,
+    append_key: Any,
+    append_value: Any,
+    batch_indices: Any,
+    positions: Any,
+    k_cache: Any,
+    v_cache: Any,
+    kv_indices: Any,
+    kv_indptr: Any,
+    kv_last_page_len: Any,
+    layout: Any,
+    stream: Any,
+) -> Any:
+    """(append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
+    kv_last_page_len, layout code)."""
+    code = LAYOUTS.get(layout) if layout.__class__ is str or isinstance(layout, str) else None
+    if code is None:
+        raise (ValueError if isinstance(layout, str) else TypeError)(f"layout: expected 'NHD' or 'HND', got {layout!r}")
+    return launch(
+        append_key,
+        append_value,
+        batch_indices,
+        positions,
+        k_cache,
+        v_cache,
+        kv_indices,
+        kv_indptr,
+        kv_last_page_len,
+        code,
+        stream=stream,
+    )
+
+
+def _append_checks(*values: Any, stream: Any = None) -> None:
+    """The append launch's checks without the launch (an empty append)."""
+    _append.launcher.slow(values, stream, None, remember=False)
 
 
 def append_paged_mla_kv_cache(
@@ -639,3 +661,8 @@ def _int32(name: str, arr: np.ndarray) -> np.ndarray:
     if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
         raise ValueError(f"{name}: values do not fit in int32")
     return arr.astype(np.int32)
+
+
+# what fi_ffi.prepare packs (fi_ffi.ops.packing): the op with its launch function and its wire mapping; an empty
+# append launches nothing, so prepare refuses one (naming append_key)
+PACKABLE = {append_paged_kv_cache: Packable(_append, _append_wire, nonempty="append_key")}

@@ -49,6 +49,7 @@ from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
 from ..typing import StreamLike, TensorLike, TensorT
+from .packing import Packable
 
 _URI = "rope"
 _DTYPES = (float16, bfloat16)
@@ -273,6 +274,69 @@ def _outputs(
     return q_rope, k_rope
 
 
+# The wire mappings of the in-place ops with position ids (the op's arguments -> its launch function's values),
+# shared by the ops and fi_ffi.prepare: the op passes its launch function, prepare a packer (fi_ffi.ops.packing).
+# A float argument is tested inline (`_f` only for the rest): the ops' hot path, one call fewer per scalar.
+
+
+def _pos_ids_inplace(
+    launch: Callable[..., Any],
+    q: Any,
+    k: Any,
+    pos_ids: Any,
+    rotary_dim: Any,
+    interleave: Any,
+    rope_scale: Any,
+    rope_theta: Any,
+    stream: Any,
+) -> Any:
+    """(q, k, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta): q_rope is q, k_rope is k."""
+    return launch(
+        q,
+        k,
+        q,
+        k,
+        pos_ids,
+        _head_dim(q) if rotary_dim is None else rotary_dim,
+        interleave,
+        rope_scale if rope_scale.__class__ is float else _f("rope_scale", rope_scale),
+        rope_theta if rope_theta.__class__ is float else _f("rope_theta", rope_theta),
+        stream=stream,
+    )
+
+
+def _llama31_pos_ids_inplace(
+    launch: Callable[..., Any],
+    q: Any,
+    k: Any,
+    pos_ids: Any,
+    rotary_dim: Any,
+    interleave: Any,
+    rope_scale: Any,
+    rope_theta: Any,
+    low_freq_factor: Any,
+    high_freq_factor: Any,
+    old_context_len: Any,
+    stream: Any,
+) -> Any:
+    """:func:`_pos_ids_inplace`'s values, then low_freq_factor, high_freq_factor, old_context_len."""
+    return launch(
+        q,
+        k,
+        q,
+        k,
+        pos_ids,
+        _head_dim(q) if rotary_dim is None else rotary_dim,
+        interleave,
+        rope_scale if rope_scale.__class__ is float else _f("rope_scale", rope_scale),
+        rope_theta if rope_theta.__class__ is float else _f("rope_theta", rope_theta),
+        low_freq_factor if low_freq_factor.__class__ is float else _f("low_freq_factor", low_freq_factor),
+        high_freq_factor if high_freq_factor.__class__ is float else _f("high_freq_factor", high_freq_factor),
+        old_context_len if old_context_len.__class__ is float else _f("old_context_len", old_context_len),
+        stream=stream,
+    )
+
+
 # ---- ops ---------------------------------------------------------------------------------------------------------
 
 
@@ -332,18 +396,7 @@ def apply_rope_pos_ids_inplace(
     stream: StreamLike = None,
 ) -> None:
     """:func:`apply_rope_pos_ids` writing back into ``q`` and ``k``."""
-    _apply_rope_pos_ids(
-        q,
-        k,
-        q,
-        k,
-        pos_ids,
-        _head_dim(q) if rotary_dim is None else rotary_dim,
-        interleave,
-        _f("rope_scale", rope_scale),
-        _f("rope_theta", rope_theta),
-        stream=stream,
-    )
+    _pos_ids_inplace(_apply_rope_pos_ids, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta, stream)
 
 
 def apply_llama31_rope_pos_ids(
@@ -401,20 +454,19 @@ def apply_llama31_rope_pos_ids_inplace(
     stream: StreamLike = None,
 ) -> None:
     """:func:`apply_llama31_rope_pos_ids` writing back into ``q`` and ``k``."""
-    _apply_llama31_rope_pos_ids(
-        q,
-        k,
+    _llama31_pos_ids_inplace(
+        _apply_llama31_rope_pos_ids,
         q,
         k,
         pos_ids,
-        _head_dim(q) if rotary_dim is None else rotary_dim,
+        rotary_dim,
         interleave,
-        _f("rope_scale", rope_scale),
-        _f("rope_theta", rope_theta),
-        _f("low_freq_factor", low_freq_factor),
-        _f("high_freq_factor", high_freq_factor),
-        _f("old_context_len", old_context_len),
-        stream=stream,
+        rope_scale,
+        rope_theta,
+        low_freq_factor,
+        high_freq_factor,
+        old_context_len,
+        stream,
     )
 
 
@@ -654,3 +706,10 @@ def apply_rope_with_cos_sin_cache_inplace(
     _apply_cos_sin_cache(
         q, k, q, k, cos_sin_cache, positions, not is_neox, stream=stream if q is query else _stream_of(query, q, stream)
     )
+
+
+# what fi_ffi.prepare packs (fi_ffi.ops.packing): each op with its launch function and its wire mapping
+PACKABLE = {
+    apply_rope_pos_ids_inplace: Packable(_apply_rope_pos_ids, _pos_ids_inplace),
+    apply_llama31_rope_pos_ids_inplace: Packable(_apply_llama31_rope_pos_ids, _llama31_pos_ids_inplace),
+}

@@ -1,0 +1,103 @@
+"""``fi_ffi.prepare``: one op call checked and packed once, for the ops whose family declares a packed form.
+
+A family module (:mod:`~fi_ffi.ops.norm`, :mod:`~fi_ffi.ops.rope`, :mod:`~fi_ffi.ops.page`) declares
+``PACKABLE``: each packable op with its :class:`Packable`, whose ``wire`` is the one mapping from the op's
+arguments to its launch function's values. The op itself calls ``wire`` with its launch function (so the op and
+its packed form cannot drift apart); :func:`prepare` calls it with a packer that checks and packs those values
+into a frame of their own instead (:meth:`~fi_ffi.launch.launcher.Launcher.prepare`). Every check and message is
+therefore the op's: a bad argument is refused by ``prepare`` as the op refuses it, naming the argument.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import cache
+from typing import Any, NamedTuple
+
+from ..launch import checks
+from ..launch.launcher import PreparedCall
+
+__all__ = ["Packable", "prepare"]
+
+
+class Packable(NamedTuple):
+    """How one op is packed.
+
+    Attributes:
+        launch: the op's launch function (a :func:`~fi_ffi.launch.launcher.launcher` result).
+        wire: ``wire(launch, **arguments)``: the op's arguments (its own parameter names, ``stream`` included)
+            handed to ``launch`` as its wire values; the op calls it with ``launch`` itself, returning what
+            ``launch`` returns.
+        nonempty: the tensor argument whose leading extent is the launch's size, where the op launches nothing
+            for an empty one (a kernel cannot launch an empty grid): ``prepare`` refuses such a call, naming it.
+    """
+
+    launch: Callable[..., Any]
+    wire: Callable[..., Any]
+    nonempty: str | None = None
+
+
+@cache
+def _registry() -> dict[Callable[..., Any], Packable]:
+    """Every family's packable ops (the families are imported here, once, so the list is complete whichever op
+    the caller imported)."""
+    from . import norm, page, rope
+
+    return {**norm.PACKABLE, **rope.PACKABLE, **page.PACKABLE}
+
+
+@cache
+def _signature(function: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def prepare(function: Callable[..., Any], *args: Any, **kwargs: Any) -> PreparedCall:
+    """Check and pack one op call once; the returned :class:`~fi_ffi.launch.launcher.PreparedCall` launches it.
+
+    ``function`` is one of the ops fi_ffi packs: the RMSNorm family (``rmsnorm``, ``qk_rmsnorm``,
+    ``gemma_rmsnorm``, ``fused_add_rmsnorm``, ``gemma_fused_add_rmsnorm``), RoPE with position ids
+    (``apply_rope_pos_ids[_inplace]``, ``apply_llama31_rope_pos_ids[_inplace]``) and ``append_paged_kv_cache``;
+    ``args``/``kwargs`` exactly what it takes, checked as it checks them (the same errors, naming the argument).
+    Calling the result launches the kernel again with the same arguments (same buffers, scalars, stream) and costs
+    about one FFI call: the per-step path of a runtime whose buffers do not move::
+
+        step_norm = fi_ffi.prepare(fi_ffi.rmsnorm, x, w, out, eps=1e-6)
+        for _ in range(steps):
+            ...
+            step_norm()
+
+    Index arrays (positions, page tables) are passed by address: the kernel reads their values at each launch,
+    so a runtime writes the step's values into the same buffers. The prepared call keeps its arguments
+    referenced until it is dropped.
+
+    Raises:
+        TypeError: ``function`` is not one of those ops, or the arguments do not fit its signature.
+        ValueError: ``append_paged_kv_cache`` with no token (the op launches nothing then; a prepared call must
+            launch), naming ``append_key``.
+    """
+    found = _registry().get(function)
+    if found is None:
+        names = ", ".join(sorted(f.__name__ for f in _registry()))
+        raise TypeError(f"function: expected one of {names}, got {function!r}")
+    try:
+        bound = _signature(function).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{function.__name__}: {exc}") from None
+    bound.apply_defaults()
+    arguments = bound.arguments
+    launcher = found.launch.launcher  # type: ignore[attr-defined]
+
+    def pack(*values: Any, stream: Any = None) -> PreparedCall:
+        prepared: PreparedCall = launcher.prepare(values, stream)
+        return prepared
+
+    prepared: PreparedCall = found.wire(pack, **arguments)
+    if found.nonempty is not None:
+        shape = checks.tensor(found.nonempty, arguments[found.nonempty]).shape
+        if not shape[0]:
+            raise ValueError(
+                f"{found.nonempty}: no tokens (shape {shape}); {function.__name__} launches nothing for them, and a "
+                f"prepared call launches the kernel, whose grid cannot be empty"
+            )
+    return prepared
