@@ -374,7 +374,7 @@ class PreparedCall:
     with referenced (their memory must stay valid); drop it to release them.
     """
 
-    __slots__ = ("_frame", "_launcher", "device_id", "keep", "stream")
+    __slots__ = ("_frame", "_launcher", "_result_word", "device_id", "keep", "stream")
 
     def __init__(
         self, launcher: Launcher, frame: Frame, keep: tuple[Any, ...], device_id: int, stream: int | None
@@ -384,9 +384,13 @@ class PreparedCall:
         self.keep = keep
         self.device_id = device_id
         self.stream = stream
+        self._result_word = 2 * frame.nargs
 
     def __call__(self) -> None:
         f = self._frame
+        # the result slot's type: None, as the launch function writes it before each call (the callee may have
+        # left a result there at the previous call; TVM-FFI's convention is a None result slot on entry)
+        f.q[self._result_word] = 0
         if self.stream is None:
             if f.call(*f.cargs):
                 fail(self._launcher.name, f)
