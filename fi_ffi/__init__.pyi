@@ -19,6 +19,7 @@ from .errors import LoaderError as LoaderError
 from .errors import UnsupportedDeviceError as UnsupportedDeviceError
 from .generator import Generator as Generator
 from .interop import as_tensor as as_tensor
+from .launch.packing import prepare as prepare
 from .ops.activation import gelu_and_mul as gelu_and_mul
 from .ops.activation import gelu_tanh_and_mul as gelu_tanh_and_mul
 from .ops.activation import silu_and_mul as silu_and_mul
@@ -55,7 +56,6 @@ from .ops.norm import gemma_fused_add_rmsnorm as gemma_fused_add_rmsnorm
 from .ops.norm import gemma_rmsnorm as gemma_rmsnorm
 from .ops.norm import qk_rmsnorm as qk_rmsnorm
 from .ops.norm import rmsnorm as rmsnorm
-from .ops.packing import prepare as prepare
 from .ops.page import append_paged_kv_cache as append_paged_kv_cache
 from .ops.page import append_paged_mla_kv_cache as append_paged_mla_kv_cache
 from .ops.page import get_batch_indices_positions as get_batch_indices_positions

@@ -295,3 +295,76 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
         for each in (run_l, plan_l):
             each.forget()
         run_l.entry, plan_l.entry = saved
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "qk_norm", "llama3"), [("float16", 128, False, True), ("bfloat16", 64, True, False)]
+)
+def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtype, head_dim, qk_norm, llama3):
+    """The fused step's fallback (Qwen3's per-head norms, or a head dim the QKV epilogue lacks): ``_fused_calls``
+    packs RoPE and the KV append with ``fi_ffi.prepare`` (``kernels.prepared_rope_inplace`` / ``prepared_append_kv``),
+    and each packed launch hands the module the frame the op call ``_forward`` makes does (``kernels.rope_inplace``
+    / ``append_kv``; the norms' ``qk_rmsnorm``), every slot and DLTensor recorded by a probe bound as the entry point
+    of each launcher, in the order ``_forward`` issues them. The engine is a bare object with the attributes
+    ``_fused_calls`` reads; its GEMV launches are recording stand-ins. Then the packed calls reach the real module."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from helpers.frame_probe import FrameProbe
+
+    from fi_ffi.models.llama import LlamaEngine
+    from fi_ffi.ops import norm, page, rope
+
+    c = replace(config(head_dim), qk_norm=qk_norm)
+    if llama3:
+        c = replace(c, rope=RopeConfig(theta=5e5, llama3=True, factor=8.0))
+    v = views(c, dtype, "decode")
+    eng = object.__new__(LlamaEngine)
+    eng.config, eng._s, eng._ab, eng._f32, eng._head_rows = c, 0, 1, 2, 0
+    buffer = SimpleNamespace(data=SimpleNamespace(ptr=FAKE))
+    eng._buf = SimpleNamespace(x=buffer, qkv=buffer, attn=buffer, gu=buffer, h=buffer, h_alt=buffer, logits=buffer)
+    eng._qkv_width, eng._embed, eng._lm_head = 0, 0, 0
+    weight = SimpleNamespace(data_ptr=FAKE)
+    eng._norm, eng._ln1, eng._ln2 = weight, [weight] * c.num_layers, [weight] * c.num_layers
+    eng._wqkv = eng._wo = eng._wgu = eng._wd = [0] * c.num_layers
+    head_w = [kernels.descriptor(FAKE + ((30 + i) << 30), (c.head_dim,), dtype, 0) for i in range(2 * c.num_layers)]
+    eng._q_norm, eng._k_norm = head_w[: c.num_layers], head_w[c.num_layers :]
+    shape = (PAGES, PS, c.num_kv_heads, c.head_dim)
+    eng._k_cache = [kernels.descriptor(FAKE + ((16 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
+    eng._v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
+    stand_in = lambda *_: "gemv"  # noqa: E731
+    eng.dense = SimpleNamespace(
+        prepared_gather=stand_in, prepared_fused=stand_in, prepared_linear=stand_in, has_qkv_rope=lambda *_: False
+    )
+    op = "_apply_llama31_rope_pos_ids" if llama3 else "_apply_rope_pos_ids"
+    launches = (getattr(rope, op), page._append, norm._qk_rmsnorm)
+    probe = FrameProbe()
+    saved = [each.launcher.entry for each in launches]
+    for each in launches:
+        each.launcher.forget()
+        each.launcher.entry = probe.entry
+    try:
+        _, layers, _ = eng._fused_calls(v, BATCH)
+        for i, (before, after) in enumerate(layers):
+            assert before[0] == "gemv" and after == ["gemv"] * 3
+            packed = before[1:]
+            assert len(packed) == (4 if qk_norm else 2)
+            for call in packed:
+                call()
+            packed_frames = [probe.seen.pop(0) for _ in packed]
+            if qk_norm:  # as _forward calls them
+                kernels.qk_rmsnorm(v.q, eng._q_norm[i], c.rms_norm_eps, 0)
+                kernels.qk_rmsnorm(v.k, eng._k_norm[i], c.rms_norm_eps, 0)
+            kernels.rope_inplace(v.q, v.k, v.positions, c.rope, 0)
+            index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
+            kernels.append_kv(v.k, v.v, v.batch_indices, v.positions, eng._k_cache[i], eng._v_cache[i], *index, 0)
+            assert packed_frames == [probe.seen.pop(0) for _ in packed], f"layer {i}"
+            assert probe.seen == []
+    finally:
+        for each, entry in zip(launches, saved, strict=True):
+            each.launcher.forget()
+            each.launcher.entry = entry
+    # packed again with the real modules bound: each packed call passes the module's signature check
+    _, layers, _ = eng._fused_calls(v, BATCH)
+    for call in layers[0][0][1:]:
+        reached(call)

@@ -5,7 +5,7 @@ the real libtvm_ffi) that records every slot of the frame it is handed, each ``D
 result slot and TVM-FFI's current stream. The op call and the prepared call of the same arguments must hand over
 the same record, for several shapes and layouts, defaults and explicit settings, on a default and an explicit
 stream; a prepared call hands the same record at every call. Bad input is refused by ``prepare`` with the op's own
-error (same type, same message: the op and its packed form share one wire mapping, fi_ffi.ops.packing). The norms'
+error (same type, same message: the op and its packed form share one wire mapping, fi_ffi.launch.packing). The norms'
 frames are compared too; their prepared calls reach the real module in tests/test_norm.py and tests/test_launcher.py.
 """
 
@@ -20,7 +20,8 @@ from helpers.fakes import fake_cuda
 from helpers.frame_probe import FrameProbe
 
 import fi_ffi
-from fi_ffi.ops import norm, packing, page, rope
+from fi_ffi.launch import packing
+from fi_ffi.ops import norm, page, rope
 
 pytestmark = pytest.mark.usefixtures("kernel_modules")
 
@@ -219,7 +220,9 @@ def test_prepare_refuses_what_it_cannot_pack_naming_it(probe) -> None:
         fi_ffi.prepare(fi_ffi.apply_rope_pos_ids_inplace, q, k)
     with pytest.raises(TypeError, match="apply_rope_pos_ids_inplace: got an unexpected keyword argument 'q_rope'"):
         fi_ffi.prepare(fi_ffi.apply_rope_pos_ids_inplace, q, k, pos, q_rope=q)
-    with pytest.raises(TypeError, match=r"function: expected one of .*append_paged_kv_cache.*rmsnorm"):
+    with pytest.raises(
+        TypeError, match=r"function: expected one of the ops fi_ffi.prepare packs \(.*append_paged_kv_cache.*rmsnorm\)"
+    ):
         fi_ffi.prepare(fi_ffi.apply_rope_with_cos_sin_cache_inplace, q, k, pos)
     # an empty append: the op checks everything and launches nothing; a prepared call would launch an empty grid
     empty = _append_args(0, 2, 128, "NHD")
@@ -256,7 +259,7 @@ def test_every_packable_op_shares_its_wire_mapping_with_the_op() -> None:
     the op's bound arguments; and every op of the families' PACKABLE is public."""
     import inspect
 
-    for op, packable in packing._registry().items():
+    for op, packable in packing.packable().items():
         wire = list(inspect.signature(packable.wire).parameters)
         assert wire[1:] == list(inspect.signature(op).parameters), op.__name__
         assert getattr(fi_ffi, op.__name__) is op

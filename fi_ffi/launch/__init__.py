@@ -10,4 +10,5 @@ on it; it imports neither.
 - :mod:`.checks`: the generic argument checks the ops' ``check`` functions are written with.
 - :mod:`.device`: the properties of a CUDA device a kernel's launch depends on (compute capability, SM count).
 - :mod:`.cublaslt`: the per-device cuBLASLt handle a kernel that takes one is launched with (``bmm_fp8``).
+- :mod:`.packing`: ``fi_ffi.prepare``, an op call packed once (each op family registers what of it can be packed).
 """

@@ -6,7 +6,7 @@ arguments are flashinfer-python's; if an op's spelling changes, only this module
 
 Ops used: ``rmsnorm``, ``fused_add_rmsnorm``, ``qk_rmsnorm`` (Qwen3), ``apply_rope_pos_ids_inplace`` /
 ``apply_llama31_rope_pos_ids_inplace``, ``append_paged_kv_cache``, ``batch_prefill_paged_plan`` / ``_run``,
-``batch_decode_plan`` / ``_run`` (and ``prepare_decode_run``), ``silu_and_mul``, ``softmax``,
+``batch_decode_plan`` / ``_run`` (and ``prepare_decode_run``, ``prepare``), ``silu_and_mul``, ``softmax``,
 ``top_k_top_p_sampling_from_probs``, ``Generator``, ``Workspace``.
 """
 
@@ -27,8 +27,10 @@ __all__ = [
     "generator",
     "prefill_plan",
     "prefill_run",
+    "prepared_append_kv",
     "prepared_decode_run",
     "prepared_fused_add_rmsnorm",
+    "prepared_rope_inplace",
     "qk_rmsnorm",
     "rmsnorm",
     "rope_inplace",
@@ -76,27 +78,33 @@ def prepared_fused_add_rmsnorm(x: Any, residual: Any, weight: Any, eps: float, s
     return fi_ffi.prepare(fi_ffi.fused_add_rmsnorm, x, residual, weight, eps=eps, stream=stream)
 
 
+def _rope(q: Any, k: Any, positions: Any, rope: RopeConfig) -> tuple[Any, tuple[Any, ...]]:
+    """The RoPE op of ``rope`` and its positional arguments (Llama, non-interleaved pairing, all of ``D`` rotated):
+    what :func:`rope_inplace` calls and :func:`prepared_rope_inplace` packs, stated once."""
+    if rope.llama3:
+        return fi_ffi.apply_llama31_rope_pos_ids_inplace, (
+            *(q, k, positions, None, False),  # rotary_dim (None: all of D), interleave
+            *(rope.factor, rope.theta, rope.low_freq_factor, rope.high_freq_factor),
+            rope.original_max_position_embeddings,
+        )
+    return fi_ffi.apply_rope_pos_ids_inplace, (q, k, positions, None, False, 1.0, rope.theta)
+
+
 def rope_inplace(q: Any, k: Any, positions: Any, rope: RopeConfig, stream: int) -> None:
     """Rotate ``q`` ``[n, Hq, D]`` and ``k`` ``[n, Hk, D]`` (views of the fused QKV rows) in place, Llama
-    (non-interleaved) pairing, all of ``D`` rotated."""
-    if rope.llama3:
-        fi_ffi.apply_llama31_rope_pos_ids_inplace(
-            q,
-            k,
-            positions,
-            rotary_dim=None,
-            interleave=False,
-            rope_scale=rope.factor,
-            rope_theta=rope.theta,
-            low_freq_factor=rope.low_freq_factor,
-            high_freq_factor=rope.high_freq_factor,
-            old_context_len=rope.original_max_position_embeddings,
-            stream=stream,
-        )
-    else:
-        fi_ffi.apply_rope_pos_ids_inplace(
-            q, k, positions, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=rope.theta, stream=stream
-        )
+    (non-interleaved) pairing, all of ``D`` rotated, at ``positions`` (int32 ``[n]``)."""
+    op, args = _rope(q, k, positions, rope)
+    op(*args, stream=stream)
+
+
+def prepared_rope_inplace(q: Any, k: Any, positions: Any, rope: RopeConfig, stream: int) -> Any:
+    """:func:`rope_inplace` checked and packed once (:func:`fi_ffi.prepare`): calling the result launches it again
+    on the same buffers, reading the positions the step wrote into ``positions``."""
+    op, args = _rope(q, k, positions, rope)
+    return fi_ffi.prepare(op, *args, stream=stream)
+
+
+_KV_LAYOUT = "NHD"  # the engine's caches: [pages, page_size, kv_heads, head_dim]
 
 
 def append_kv(
@@ -122,9 +130,27 @@ def append_kv(
         kv_indices,
         kv_indptr,
         kv_last_page_len,
-        layout="NHD",
+        layout=_KV_LAYOUT,
         stream=stream,
     )
+
+
+def prepared_append_kv(
+    k: Any,
+    v: Any,
+    batch_indices: Any,
+    positions: Any,
+    k_cache: Any,
+    v_cache: Any,
+    kv_indices: Any,
+    kv_indptr: Any,
+    kv_last_page_len: Any,
+    stream: int,
+) -> Any:
+    """:func:`append_kv` checked and packed once (:func:`fi_ffi.prepare`): calling the result launches it again on
+    the same buffers, reading the index arrays the step wrote."""
+    append = (k, v, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr, kv_last_page_len)
+    return fi_ffi.prepare(fi_ffi.append_paged_kv_cache, *append, layout=_KV_LAYOUT, stream=stream)
 
 
 def prefill_plan(

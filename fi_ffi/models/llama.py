@@ -39,7 +39,6 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -753,11 +752,12 @@ class LlamaEngine:
                 if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE (packed as _add_norm packs its norm)
                     before.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], v.q, eps=eps, stream=s))
                     before.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], v.k, eps=eps, stream=s))
-                # RoPE and the append as the op calls _forward makes (the ops offer no packed form of them; the
-                # fallback serves only Qwen3 and head dims the epilogue does not take)
-                before.append(partial(kernels.rope_inplace, v.q, v.k, v.positions, c.rope, s))
+                # RoPE and the append as _forward calls them, packed once (fi_ffi.prepare): the step writes its
+                # positions and page table into the view's index arrays, which the kernels read at each launch
+                before.append(kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s))
                 append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
-                before.append(partial(kernels.append_kv, *append, v.kv_indices, v.kv_indptr, v.kv_last_page_len, s))
+                index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
+                before.append(kernels.prepared_append_kv(*append, *index, s))
             after = [dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)]
             # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
             ln = self._ln2[i].data_ptr

@@ -22,9 +22,9 @@ from ..abi.wire import BOOL, FLOAT, Declaration, Param, declare, tensor
 from ..dtypes import bfloat16, float16
 from ..launch import checks
 from ..launch.launcher import launcher
+from ..launch.packing import Packable, register
 from ..launch.pointer_rules import PointerRules
 from ..typing import StreamLike, TensorLike, TensorT
-from .packing import Packable
 
 _URI = "norm"
 _DTYPES = (float16, bfloat16)
@@ -143,7 +143,7 @@ def gemma_fused_add_rmsnorm(
 
 
 # The wire mappings (the op's arguments -> its launch function's values), shared by the ops and fi_ffi.prepare: the
-# op passes its launch function, prepare a packer (fi_ffi.ops.packing).
+# op passes its launch function, prepare a packer (fi_ffi.launch.packing).
 def _out_first(
     launch: Callable[..., Any], input: Any, weight: Any, out: Any, eps: Any, enable_pdl: Any, stream: Any
 ) -> Any:
@@ -203,7 +203,7 @@ _gemma_rmsnorm = launcher(GEMMA_RMSNORM, _URI, _check_2d_out)
 _fused_add_rmsnorm = launcher(FUSED_ADD_RMSNORM, _URI, _check_2d_residual)
 _gemma_fused_add_rmsnorm = launcher(GEMMA_FUSED_ADD_RMSNORM, _URI, _check_2d_residual)
 
-# what fi_ffi.prepare packs (fi_ffi.ops.packing): each op with its launch function and its wire mapping
+# what fi_ffi.prepare packs (fi_ffi.launch.packing): each op with its launch function and its wire mapping
 PACKABLE = {
     rmsnorm: Packable(_rmsnorm, _out_first),
     qk_rmsnorm: Packable(_qk_rmsnorm, _out_first),
@@ -211,3 +211,4 @@ PACKABLE = {
     fused_add_rmsnorm: Packable(_fused_add_rmsnorm, _in_place),
     gemma_fused_add_rmsnorm: Packable(_gemma_fused_add_rmsnorm, _in_place),
 }
+register(PACKABLE)

@@ -37,11 +37,11 @@ from ..abi.wire import INT, declare, tensor
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32
 from ..launch import checks
 from ..launch.launcher import launcher
+from ..launch.packing import Packable, register
 from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
 from ..typing import IndexLike, StreamLike, TensorLike
 from .attention.plan_settings import LAYOUTS  # the KV layout codes the kernels take, stated once
-from .packing import Packable
 
 _URI = "page"
 _CACHE_DTYPES = (float16, bfloat16, float8_e4m3fn, float8_e5m2)
@@ -160,7 +160,7 @@ def append_paged_kv_cache(
 
 
 # The wire mapping of append_paged_kv_cache (its arguments -> the launch function's values), shared by the op and
-# fi_ffi.prepare: the op passes its launch function (or _append_checks), prepare a packer (fi_ffi.ops.packing).
+# fi_ffi.prepare: the op passes its launch function (or _append_checks), prepare a packer (fi_ffi.launch.packing).
 def _append_wire(
     launch: Any,
     append_key: Any,
@@ -663,6 +663,7 @@ def _int32(name: str, arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-# what fi_ffi.prepare packs (fi_ffi.ops.packing): the op with its launch function and its wire mapping; an empty
+# what fi_ffi.prepare packs (fi_ffi.launch.packing): the op with its launch function and its wire mapping; an empty
 # append launches nothing, so prepare refuses one (naming append_key)
 PACKABLE = {append_paged_kv_cache: Packable(_append, _append_wire, nonempty="append_key")}
+register(PACKABLE)

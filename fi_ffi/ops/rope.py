@@ -46,10 +46,10 @@ from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor
 from ..dtypes import bfloat16, float16, float32, int32, int64
 from ..launch import checks
 from ..launch.launcher import launcher
+from ..launch.packing import Packable, register
 from ..launch.pointer_rules import PointerRules
 from ..tensor import Tensor
 from ..typing import StreamLike, TensorLike, TensorT
-from .packing import Packable
 
 _URI = "rope"
 _DTYPES = (float16, bfloat16)
@@ -275,7 +275,7 @@ def _outputs(
 
 
 # The wire mappings of the in-place ops with position ids (the op's arguments -> its launch function's values),
-# shared by the ops and fi_ffi.prepare: the op passes its launch function, prepare a packer (fi_ffi.ops.packing).
+# shared by the ops and fi_ffi.prepare: the op passes its launch function, prepare a packer (fi_ffi.launch.packing).
 # A float argument is tested inline (`_f` only for the rest): the ops' hot path, one call fewer per scalar.
 
 
@@ -708,8 +708,9 @@ def apply_rope_with_cos_sin_cache_inplace(
     )
 
 
-# what fi_ffi.prepare packs (fi_ffi.ops.packing): each op with its launch function and its wire mapping
+# what fi_ffi.prepare packs (fi_ffi.launch.packing): each op with its launch function and its wire mapping
 PACKABLE = {
     apply_rope_pos_ids_inplace: Packable(_apply_rope_pos_ids, _pos_ids_inplace),
     apply_llama31_rope_pos_ids_inplace: Packable(_apply_llama31_rope_pos_ids, _llama31_pos_ids_inplace),
 }
+register(PACKABLE)

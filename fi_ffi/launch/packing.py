@@ -2,10 +2,12 @@
 
 A family module (:mod:`~fi_ffi.ops.norm`, :mod:`~fi_ffi.ops.rope`, :mod:`~fi_ffi.ops.page`) declares
 ``PACKABLE``: each packable op with its :class:`Packable`, whose ``wire`` is the one mapping from the op's
-arguments to its launch function's values. The op itself calls ``wire`` with its launch function (so the op and
-its packed form cannot drift apart); :func:`prepare` calls it with a packer that checks and packs those values
-into a frame of their own instead (:meth:`~fi_ffi.launch.launcher.Launcher.prepare`). Every check and message is
-therefore the op's: a bad argument is refused by ``prepare`` as the op refuses it, naming the argument.
+arguments to its launch function's values, and registers it here when imported (:func:`register`: the launch
+layer stands below the ops, so it learns of them from them; an op a caller holds is one whose module is
+imported). The op itself calls ``wire`` with its launch function (so the op and its packed form cannot drift
+apart); :func:`prepare` calls it with a packer that checks and packs those values into a frame of their own
+instead (:meth:`~fi_ffi.launch.launcher.Launcher.prepare`). Every check and message is therefore the op's: a bad
+argument is refused by ``prepare`` as the op refuses it, naming the argument.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any, NamedTuple
 
-from ..launch import checks
-from ..launch.launcher import PreparedCall
+from . import checks
+from .launcher import PreparedCall
 
-__all__ = ["Packable", "prepare"]
+__all__ = ["Packable", "packable", "prepare", "register"]
 
 
 class Packable(NamedTuple):
@@ -38,13 +40,17 @@ class Packable(NamedTuple):
     nonempty: str | None = None
 
 
-@cache
-def _registry() -> dict[Callable[..., Any], Packable]:
-    """Every family's packable ops (the families are imported here, once, so the list is complete whichever op
-    the caller imported)."""
-    from . import norm, page, rope
+_PACKABLE: dict[Callable[..., Any], Packable] = {}
 
-    return {**norm.PACKABLE, **rope.PACKABLE, **page.PACKABLE}
+
+def register(packable: dict[Callable[..., Any], Packable]) -> None:
+    """Add a family's packable ops (its ``PACKABLE``, at the family's import)."""
+    _PACKABLE.update(packable)
+
+
+def packable() -> dict[Callable[..., Any], Packable]:
+    """The packable ops registered so far (every family imported)."""
+    return dict(_PACKABLE)
 
 
 @cache
@@ -56,8 +62,8 @@ def prepare(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Prepared
     """Check and pack one op call once; the returned :class:`~fi_ffi.launch.launcher.PreparedCall` launches it.
 
     ``function`` is one of the ops fi_ffi packs: the RMSNorm family (``rmsnorm``, ``qk_rmsnorm``,
-    ``gemma_rmsnorm``, ``fused_add_rmsnorm``, ``gemma_fused_add_rmsnorm``), RoPE with position ids
-    (``apply_rope_pos_ids[_inplace]``, ``apply_llama31_rope_pos_ids[_inplace]``) and ``append_paged_kv_cache``;
+    ``gemma_rmsnorm``, ``fused_add_rmsnorm``, ``gemma_fused_add_rmsnorm``), in-place RoPE with position ids
+    (``apply_rope_pos_ids_inplace``, ``apply_llama31_rope_pos_ids_inplace``) and ``append_paged_kv_cache``;
     ``args``/``kwargs`` exactly what it takes, checked as it checks them (the same errors, naming the argument).
     Calling the result launches the kernel again with the same arguments (same buffers, scalars, stream) and costs
     about one FFI call: the per-step path of a runtime whose buffers do not move::
@@ -76,10 +82,10 @@ def prepare(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Prepared
         ValueError: ``append_paged_kv_cache`` with no token (the op launches nothing then; a prepared call must
             launch), naming ``append_key``.
     """
-    found = _registry().get(function)
+    found = _PACKABLE.get(function)
     if found is None:
-        names = ", ".join(sorted(f.__name__ for f in _registry()))
-        raise TypeError(f"function: expected one of {names}, got {function!r}")
+        names = ", ".join(sorted(f.__name__ for f in _PACKABLE)) or "none: no op family imported yet"
+        raise TypeError(f"function: expected one of the ops fi_ffi.prepare packs ({names}), got {function!r}")
     try:
         bound = _signature(function).bind(*args, **kwargs)
     except TypeError as exc:
