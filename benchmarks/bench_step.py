@@ -18,6 +18,9 @@ best round is kept; only ratios of one run mean anything):
 - ``fi_ffi descriptors``: descriptors made once (what a runtime holds), a new plan every step;
 - ``fi_ffi torch``: torch tensors passed to every call (no descriptors);
 - ``fi_ffi cupy``: CuPy arrays (views of the same memory) passed to every call;
+- ``packed descriptors`` / ``torch`` / ``cupy``: the step as a serving loop with fixed buffers issues it, one
+  plan, then per layer an append packed once at set-up (``fi_ffi.prepare``) and the run packed once
+  (``fi_ffi.prepare_decode_run(...).run(plan)``); packing reads each producer once, so the three should match;
 - ``floor: frames packed once`` (``--floor``): descriptors, every append and run packed once into a frame of its
   own, a new plan every step whose handle is written into the run frames: the modules' own host work;
 - ``flashinfer``: ``BatchDecodeWithPagedKVCacheWrapper`` planned with host indptr / last-page tensors, and
@@ -95,6 +98,38 @@ def fi_ffi_step(fi_ffi: Any, p: dict[str, Any], ws: Any, convert: Callable[[Any]
         for i in layers:
             append(nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last)
             run(plan, q[i], k[i], v[i], indptr, indices, last, out[i])
+
+    return step
+
+
+def packed_step(fi_ffi: Any, p: dict[str, Any], ws: Any, convert: Callable[[Any], Any]) -> Callable[[], None]:
+    """The step as a serving loop with fixed buffers issues it: one plan, then per layer the append packed once at
+    set-up (``fi_ffi.prepare``) and the run packed once (``fi_ffi.prepare_decode_run``), given the step's plan.
+    ``convert`` as :func:`fi_ffi_step`: packing reads each producer once, so the calls cost the same for all."""
+    c = {
+        k: [convert(t) for t in v]
+        if isinstance(v, list) and v and hasattr(v[0], "data_ptr")
+        else (convert(v) if hasattr(v, "data_ptr") else v)
+        for k, v in p.items()
+    }
+    plan_fn = fi_ffi.batch_decode_plan
+    indptr_h, last_h = p["indptr_h"], p["last_h"]
+    bi, pos, indices, indptr, last = c["batch_indices"], c["positions"], c["indices"], c["indptr"], c["last"]
+    k, v, q, nk, nv, out = c["k"], c["v"], c["q"], c["new_k"], c["new_v"], c["out"]
+    first = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+    layers = [
+        (
+            fi_ffi.prepare(fi_ffi.append_paged_kv_cache, nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last),
+            fi_ffi.prepare_decode_run(q[i], k[i], v[i], indptr, indices, last, out[i], plan=first),
+        )
+        for i in range(p["layers"])
+    ]
+
+    def step() -> None:
+        plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        for append, run in layers:
+            append()
+            run.run(plan)
 
     return step
 
@@ -233,7 +268,7 @@ def profile(steps: dict[str, Callable[[], None]], n: int, top: int, sync: Callab
     import pstats
 
     for name, fn in steps.items():
-        if not name.startswith(("fi_ffi", "floor")):
+        if not name.startswith(("fi_ffi", "floor", "packed")):
             continue
         sync()
         prof = cProfile.Profile()
@@ -266,7 +301,16 @@ def run_problem(
 
         steps["fi_ffi cupy"] = fi_ffi_step(fi_ffi, p, ws, cupy.asarray)
     except Exception as exc:
+        cupy = None
         print(f"CuPy contender unavailable: {exc}")
+    producers = {"descriptors": fi_ffi.as_tensor, "torch": lambda t: t}
+    if cupy is not None:
+        producers["cupy"] = cupy.asarray
+    for name, convert in producers.items():
+        try:
+            steps[f"packed {name}"] = packed_step(fi_ffi, p, ws, convert)
+        except Exception:
+            traceback.print_exc(limit=3)
     try:
         steps["flashinfer"] = flashinfer_step(torch, p)
     except Exception:
@@ -290,7 +334,7 @@ def run_problem(
     )
     for name, us in times.items():
         ratio = f"{us / base:.2f}x" if base else "-"
-        print(f"  {name:<22} {us:10.1f} us   {ratio} flashinfer   output equal: {equal[name]}")
+        print(f"  {name:<25} {us:10.1f} us   {ratio} flashinfer   output equal: {equal[name]}")
     ws.close()
     return {
         "title": title,

@@ -16,8 +16,10 @@ beside this tree's as ``fi_ffi_before`` and timed in the same interleaved rounds
 this tree's steps, the N functions of most own time. ``floor``: the same calls packed once each into frames of
 their own (a new plan per step, its handle written into the run frames): what the nop calls and the plan cost.
 ``packed run``: the runs through ``prepare_decode_run`` (packed once per layer, ``run(plan)`` per call), the appends
-as ops. Then the run alone per call: ``batch_decode_run`` against the packed run's ``run(plan)`` (a step's 32 runs
-less its plan, divided by 32).
+as ops. ``packed``: bench_step.py's packed contender, the appends through ``fi_ffi.prepare`` too (packed once per
+layer at set-up): one plan, then per layer a prepared append and the packed run's ``run(plan)``. Then the run
+alone per call: ``batch_decode_run`` against the packed run's ``run(plan)`` (a step's 32 runs less its plan,
+divided by 32).
 """
 
 from __future__ import annotations
@@ -63,11 +65,15 @@ def _fake(fi: Any, keep: list[Any], shape: tuple[int, ...], dtype: str = "float1
     return fi.Tensor.from_pointer(ptr, shape, dtype, device)
 
 
-def step_of(fi: Any, floor: bool = False, packed_run: bool = False, runs_only: bool = False) -> Callable[[], None]:
+def step_of(
+    fi: Any, floor: bool = False, packed_run: bool = False, runs_only: bool = False, packed: bool = False
+) -> Callable[[], None]:
     """bench_step.py's batch-1 step on package ``fi`` (this tree's fi_ffi or an older one), entry points bound;
     ``floor``: the same calls packed once each (bench_step.py's floor), only the plan and the calls per step;
     ``packed_run``: the runs through ``prepare_decode_run`` (packed once, ``run(plan)`` per layer), the appends as
-    ops; ``runs_only``: the step without its appends (with ``packed_run`` or not: the run's per-call cost)."""
+    ops; ``packed``: the appends through ``fi_ffi.prepare`` too (bench_step.py's packed contender: one plan, then per
+    layer a prepared append and the packed run's ``run(plan)``); ``runs_only``: the step without its appends (with
+    ``packed_run`` or not: the run's per-call cost)."""
     # the package's own cffi instance (each copy has one); the runtime library is shared by both
     runtime = importlib.import_module(fi.__name__ + ".abi.runtime")
     Function = importlib.import_module(fi.__name__ + ".abi.call").Function
@@ -117,6 +123,25 @@ def step_of(fi: Any, floor: bool = False, packed_run: bool = False, runs_only: b
 
     step.keep = (keep, ws)  # type: ignore[attr-defined]
     step()
+    if packed:
+        first = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        calls = [
+            (
+                fi.prepare(append, nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last),
+                fi.prepare_decode_run(q[i], k[i], v[i], indptr, indices, last, out[i], plan=first),
+            )
+            for i in layers
+        ]
+
+        def all_packed_step() -> None:
+            plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+            for packed_append, packed_run_ in calls:
+                packed_append()
+                packed_run_.run(plan)
+
+        all_packed_step.keep = (keep, ws, calls)  # type: ignore[attr-defined]
+        all_packed_step()
+        return all_packed_step
     if packed_run:
         first = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
         prepared = [fi.prepare_decode_run(q[i], k[i], v[i], indptr, indices, last, out[i], plan=first) for i in layers]
@@ -212,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "this tree": step_of(fi_ffi),
         "floor": step_of(fi_ffi, floor=True),
         "packed run": step_of(fi_ffi, packed_run=True),
+        "packed": step_of(fi_ffi, packed=True),
     }
     if args.before:
         sys.path.insert(0, str(HERE))
