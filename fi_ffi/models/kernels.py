@@ -78,30 +78,61 @@ def prepared_fused_add_rmsnorm(x: Any, residual: Any, weight: Any, eps: float, s
     return fi_ffi.prepare(fi_ffi.fused_add_rmsnorm, x, residual, weight, eps=eps, stream=stream)
 
 
-def _rope(q: Any, k: Any, positions: Any, rope: RopeConfig) -> tuple[Any, tuple[Any, ...]]:
-    """The RoPE op of ``rope`` and its positional arguments (Llama, non-interleaved pairing, all of ``D`` rotated):
-    what :func:`rope_inplace` calls and :func:`prepared_rope_inplace` packs, stated once."""
-    if rope.llama3:
-        return fi_ffi.apply_llama31_rope_pos_ids_inplace, (
-            *(q, k, positions, None, False),  # rotary_dim (None: all of D), interleave
-            *(rope.factor, rope.theta, rope.low_freq_factor, rope.high_freq_factor),
-            rope.original_max_position_embeddings,
-        )
-    return fi_ffi.apply_rope_pos_ids_inplace, (q, k, positions, None, False, 1.0, rope.theta)
-
-
 def rope_inplace(q: Any, k: Any, positions: Any, rope: RopeConfig, stream: int) -> None:
     """Rotate ``q`` ``[n, Hq, D]`` and ``k`` ``[n, Hk, D]`` (views of the fused QKV rows) in place, Llama
     (non-interleaved) pairing, all of ``D`` rotated, at ``positions`` (int32 ``[n]``)."""
-    op, args = _rope(q, k, positions, rope)
-    op(*args, stream=stream)
+    # keyword calls straight to the op: this runs per layer per step (a shared (op, args) helper cost 0.35 us more
+    # per call on the CPU proxy); prepared_rope_inplace packs the same call, which tests/test_llama_kernels_cpu.py
+    # pins frame for frame
+    if rope.llama3:
+        fi_ffi.apply_llama31_rope_pos_ids_inplace(
+            q,
+            k,
+            positions,
+            rotary_dim=None,
+            interleave=False,
+            rope_scale=rope.factor,
+            rope_theta=rope.theta,
+            low_freq_factor=rope.low_freq_factor,
+            high_freq_factor=rope.high_freq_factor,
+            old_context_len=rope.original_max_position_embeddings,
+            stream=stream,
+        )
+    else:
+        fi_ffi.apply_rope_pos_ids_inplace(
+            q, k, positions, rotary_dim=None, interleave=False, rope_scale=1.0, rope_theta=rope.theta, stream=stream
+        )
 
 
 def prepared_rope_inplace(q: Any, k: Any, positions: Any, rope: RopeConfig, stream: int) -> Any:
     """:func:`rope_inplace` checked and packed once (:func:`fi_ffi.prepare`): calling the result launches it again
     on the same buffers, reading the positions the step wrote into ``positions``."""
-    op, args = _rope(q, k, positions, rope)
-    return fi_ffi.prepare(op, *args, stream=stream)
+    if rope.llama3:
+        return fi_ffi.prepare(
+            fi_ffi.apply_llama31_rope_pos_ids_inplace,
+            q,
+            k,
+            positions,
+            rotary_dim=None,
+            interleave=False,
+            rope_scale=rope.factor,
+            rope_theta=rope.theta,
+            low_freq_factor=rope.low_freq_factor,
+            high_freq_factor=rope.high_freq_factor,
+            old_context_len=rope.original_max_position_embeddings,
+            stream=stream,
+        )
+    return fi_ffi.prepare(
+        fi_ffi.apply_rope_pos_ids_inplace,
+        q,
+        k,
+        positions,
+        rotary_dim=None,
+        interleave=False,
+        rope_scale=1.0,
+        rope_theta=rope.theta,
+        stream=stream,
+    )
 
 
 _KV_LAYOUT = "NHD"  # the engine's caches: [pages, page_size, kv_heads, head_dim]
