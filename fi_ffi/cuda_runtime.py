@@ -18,6 +18,7 @@ no per-call objects); their failures become the same CudaError through :func:`dr
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -78,8 +79,15 @@ def error(err: Any, what: str) -> CudaError:
     """The :class:`CudaError` for ``cudaError_t`` ``err`` returned by the call ``what`` (not raised)."""
     rt = runtime()
     code = int(err)
-    name = _text(rt.cudaGetErrorName(err), f"cudaError {code}")
-    description = _text(rt.cudaGetErrorString(err), "unknown CUDA error")
+    # cuda-bindings 13.0 names only its cudaError_t enum (later releases take an int too); a code this release has
+    # no member for is named by its number below
+    with contextlib.suppress(Exception):
+        err = rt.cudaError_t(code)
+    try:
+        name = _text(rt.cudaGetErrorName(err), f"cudaError {code}")
+        description = _text(rt.cudaGetErrorString(err), "unknown CUDA error")
+    except Exception:  # (the same, for the lookups themselves)
+        name, description = f"cudaError {code}", "unknown CUDA error"
     return CudaError(what, code, name, description, hint(code))
 
 

@@ -106,3 +106,18 @@ def test_device_scope_refuses_on_entry_with_the_one_cuda_error() -> None:
         ran.append(True)
     assert ran == [] and scope.previous is None
     assert cuda_runtime.no_device(info.value)
+
+
+@pytest.mark.parametrize("err", [901, rt.cudaError_t(901), (901,), (901, None)])
+def test_an_int_code_is_named_as_its_enum_is(err: object) -> None:
+    # a result whose code is a plain int (a stand-in runtime, a raw value): cuda-bindings 13.0 names only its
+    # cudaError_t enum, so the name and description come from the enum made of the code
+    with pytest.raises(CudaError) as info:
+        cuda_runtime.check(err, "cudaStreamEndCapture")
+    assert (info.value.code, info.value.name) == (901, "cudaErrorStreamCaptureInvalidated")
+    assert "capture" in info.value.description
+
+
+def test_a_code_no_release_knows_is_named_by_its_number() -> None:
+    exc = cuda_runtime.error(987654, "cudaFoo")
+    assert exc.code == 987654 and str(exc).startswith("cudaFoo failed: ")
