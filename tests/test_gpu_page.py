@@ -19,6 +19,7 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 
 import torch  # only on the GPU machine
 
+import fi_ffi
 from fi_ffi.ops import page
 from fi_ffi.tensor import Tensor
 
@@ -475,3 +476,41 @@ def test_host_helper_rejects_device_tensors_it_cannot_read() -> None:
         page.get_batch_indices_positions(torch.tensor([0, 1], device="cuda"), [1])
     bi, pos = page.get_batch_indices_positions(torch.tensor([0, 2]), torch.tensor([5]))  # CPU tensors are fine
     assert bi.tolist() == [0, 0] and pos.tolist() == [3, 4]
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_a_prepared_append_writes_as_the_op_each_step(layout: str) -> None:
+    """``fi_ffi.prepare(append_paged_kv_cache, ...)`` over decode steps whose tokens and index arrays the loop writes
+    into the same buffers: the caches equal, bit for bit, those the op call fills from the same steps."""
+    page_size, heads, d, dtype, steps, batch = 16, 2, 128, torch.float16, 20, 3
+    num_pages = batch * 4
+    shape = (num_pages, page_size, heads, d) if layout == "NHD" else (num_pages, heads, page_size, d)
+    caches = [torch.zeros(shape, dtype=dtype, device="cuda") for _ in range(4)]  # prepared k, v; op k, v
+    key = torch.zeros(batch, heads, d, dtype=dtype, device="cuda")
+    value = torch.zeros_like(key)
+    dev = {
+        n: torch.zeros(size, dtype=torch.int32, device="cuda")
+        for n, size in (("bi", batch), ("pos", batch), ("ind", num_pages), ("ptr", batch + 1), ("last", batch))
+    }
+    index = (dev["ind"], dev["ptr"], dev["last"])
+    call = fi_ffi.prepare(
+        fi_ffi.append_paged_kv_cache, key, value, dev["bi"], dev["pos"], caches[0], caches[1], *index, layout=layout
+    )
+    seq = np.array([0, 7, 30])
+    for _ in range(steps):
+        seq = seq + 1
+        pages = -(-seq // page_size)
+        indptr = np.concatenate([[0], np.cumsum(pages)]).astype(np.int32)
+        indices = np.concatenate([np.arange(4 * r, 4 * r + pages[r]) for r in range(batch)]).astype(np.int32)
+        last = (seq - (pages - 1) * page_size).astype(np.int32)
+        bi, pos = page.get_batch_indices_positions(list(range(batch + 1)), page.get_seq_lens(indptr, last, page_size))
+        for name, values in (("bi", bi), ("pos", pos), ("ptr", indptr), ("last", last)):
+            dev[name].copy_(torch.from_numpy(values.astype(np.int32)))
+        dev["ind"][: len(indices)].copy_(torch.from_numpy(indices))
+        key.normal_()
+        value.normal_()
+        call()
+        fi_ffi.append_paged_kv_cache(key, value, dev["bi"], dev["pos"], caches[2], caches[3], *index, layout=layout)
+    torch.cuda.synchronize()
+    assert caches[0].abs().sum() > 0
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])

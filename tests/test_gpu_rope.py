@@ -231,3 +231,26 @@ def test_descriptors_and_head_dim_512() -> None:
     freq = frequencies(256, 1.0, 1e4)
     check(qr, f64(q), pos.cpu().numpy(), freq, 256, False, torch.float16)
     check(kr, f64(k), pos.cpu().numpy(), freq, 256, False, torch.float16)
+
+
+@pytest.mark.parametrize("llama31", [False, True])
+def test_a_prepared_rope_rotates_as_the_op_each_step(llama31: bool) -> None:
+    """``fi_ffi.prepare`` of the in-place op, called over steps whose positions and inputs the loop writes into the
+    same buffers: bit-equal to the op call on copies of the same data, every step (the packed frame reads the new
+    positions at each launch)."""
+    torch.manual_seed(1)
+    nnz, hq, hk, d = 5, 8, 2, 128
+    op = fi_ffi.apply_llama31_rope_pos_ids_inplace if llama31 else fi_ffi.apply_rope_pos_ids_inplace
+    params = dict(LLAMA31) if llama31 else dict(rope_scale=1.0, rope_theta=1e4)
+    q, k = make(nnz, hq, hk, d, torch.float16)
+    pos = torch.zeros(nnz, dtype=torch.int32, device="cuda")
+    call = fi_ffi.prepare(op, q, k, pos, rotary_dim=64, **params)
+    for step in range(3):
+        q.normal_()
+        k.normal_()
+        pos.copy_(torch.randint(0, 1000, (nnz,), dtype=torch.int32) + step)
+        q2, k2, pos2 = q.clone(), k.clone(), pos.clone()
+        call()
+        op(q2, k2, pos2, rotary_dim=64, **params)
+        torch.cuda.synchronize()
+        assert torch.equal(q, q2) and torch.equal(k, k2), f"step {step}"
