@@ -15,6 +15,7 @@ import gc
 import weakref
 from typing import Any
 
+import numpy as np
 import pytest
 from helpers.fakes import fake_cuda
 from helpers.frame_probe import FrameProbe
@@ -263,3 +264,39 @@ def test_every_packable_op_shares_its_wire_mapping_with_the_op() -> None:
         wire = list(inspect.signature(packable.wire).parameters)
         assert wire[1:] == list(inspect.signature(op).parameters), op.__name__
         assert getattr(fi_ffi, op.__name__) is op
+
+
+class HostCAI:
+    """A CUDA-array-interface producer over host memory of its own (taken as cuda:0 on a machine without a driver);
+    unhashable, like CuPy arrays: packing describes it once, as the op call describes it each time."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, shape: tuple[int, ...], typestr: str = "<f2") -> None:
+        n = 1
+        for s in shape:
+            n *= s
+        self.host = np.zeros(n * 4 + 64, dtype=np.uint8)
+        ptr = (self.host.ctypes.data + 63) // 64 * 64
+        self.__cuda_array_interface__ = dict(shape=shape, typestr=typestr, data=(ptr, False), strides=None, version=3)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+def test_producers_are_packed_as_the_op_call_describes_them(probe) -> None:
+    nnz, hk, d, pages = 2, 4, 128, 5
+    ints = [HostCAI((n,), "<i4") for n in (nnz, nnz, pages, 3, 2)]
+    kc, vc = HostCAI((pages, 16, hk, d)), HostCAI((pages, 16, hk, d))
+    append = (HostCAI((nnz, hk, d)), HostCAI((nnz, hk, d)), ints[0], ints[1], kc, vc, ints[2], ints[3], ints[4])
+    _same_frame(probe, fi_ffi.append_paged_kv_cache, append, {})
+    q, k = HostCAI((nnz, 16, d)), HostCAI((nnz, hk, d))
+    _same_frame(probe, fi_ffi.apply_llama31_rope_pos_ids_inplace, (q, k, ints[0]), {"rotary_dim": 64})
+    prepared = fi_ffi.prepare(fi_ffi.append_paged_kv_cache, *append)
+    refs = [weakref.ref(o) for o in (*append, *(t.host for t in append))]
+    del append, ints, kc, vc
+    gc.collect()
+    assert all(r() is not None for r in refs)  # the producers (and so their memory) stay referenced
+    del prepared
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)
