@@ -10,7 +10,8 @@ Rows (contenders of one table are timed in interleaved rounds, best round kept; 
    against tvm_ffi with torch tensors;
 2. ``as_tensor(torch)``, ``as_tensor(CuPy)``, ``Tensor.from_pointer``, us per call;
 3. a decode step at batch 1 (one plan, then 32 x (append + run); bench_step.py's problem): host us per step for
-   descriptors / torch / CuPy against flashinfer-python;
+   descriptors / torch / CuPy against flashinfer-python, as op calls and as a serving loop packs them (``packed``:
+   appends and runs packed once, ``fi_ffi.prepare`` / ``prepare_decode_run``, a plan per step);
 4. the engine (``fi_ffi.models.LlamaEngine``) on a random SmolLM2-135M-shaped checkpoint (30 layers, 576 wide),
    eager, batch 1: median host us per decode step, and a profile of the eager steps (``--profile N``: the N
    functions of most own time);
@@ -158,7 +159,7 @@ def as_tensor_rows(n: int, old: Any = None) -> dict[str, float | None]:
 
 def decode_step_rows(steps: int, rounds: int, old: Any = None) -> dict[str, float]:
     import torch
-    from bench_step import fi_ffi_step, flashinfer_step, measure, problem
+    from bench_step import fi_ffi_step, flashinfer_step, measure, packed_step, problem
 
     import fi_ffi
 
@@ -179,6 +180,12 @@ def decode_step_rows(steps: int, rounds: int, old: Any = None) -> dict[str, floa
             contenders["before: CuPy"] = fi_ffi_step(old, p, old_ws, cupy.asarray)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
+    # the serving loop's form: appends and runs packed once (fi_ffi.prepare, prepare_decode_run), a plan per step
+    if hasattr(fi_ffi, "prepare_decode_run"):
+        contenders["packed descriptors"] = packed_step(fi_ffi, p, ws, fi_ffi.as_tensor)
+        contenders["packed torch"] = packed_step(fi_ffi, p, ws, lambda t: t)
+        if "CuPy" in contenders:
+            contenders["packed CuPy"] = packed_step(fi_ffi, p, ws, cupy.asarray)
     try:
         contenders["flashinfer-python"] = flashinfer_step(torch, p)
     except Exception as exc:
@@ -584,7 +591,17 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
         row(f"{key} us", [r["as_tensor"].get(key) for r in runs.values()])
     for key in first["decode step b1"]:
         row(f"decode step b1 host us/step: {key}", [r["decode step b1"].get(key) for r in runs.values()], "{:.1f}")
-    for key in ("descriptors", "torch", "CuPy", "before: descriptors", "before: torch", "before: CuPy"):
+    for key in (
+        "descriptors",
+        "torch",
+        "CuPy",
+        "packed descriptors",
+        "packed torch",
+        "packed CuPy",
+        "before: descriptors",
+        "before: torch",
+        "before: CuPy",
+    ):
         if key not in first["decode step b1"]:
             continue
         vals = []
@@ -596,6 +613,7 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     for key, fmt in (
         ("engine eager host us per decode step", "{:.0f}"),
         ("engine eager host us per decode step, GEMMs by GEMV", "{:.0f}"),
+        ("engine eager host us per decode step, GEMMs by GEMV, packed attention runs", "{:.0f}"),
         ("engine eager host us per decode step, GEMMs by GEMV, separate norm/SiLU launches", "{:.0f}"),
         ("engine eager host us per decode step, GEMMs by cuBLASLt", "{:.0f}"),
         ("engine eager host us per decode step, GEMMs by cublasGemmEx", "{:.0f}"),

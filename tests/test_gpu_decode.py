@@ -312,3 +312,58 @@ def test_batch_decode_fp8_e4m3_kv_cache(ws):
         fp8 = torch.float8_e4m3fn  # gathered in f16 then cast: the same values, no indexing of FP8 tensors
         o, _ = reference(q[i : i + 1], kv.gather(i, kv.k).to(fp8), kv.gather(i, kv.v).to(fp8))
         torch.testing.assert_close(out[i].float(), o[0], atol=1e-2, rtol=1e-2)
+
+
+def test_prepared_decode_run_equals_the_op_call_every_step(ws):
+    """``prepare_decode_run`` packed once, launched over 12 steps, each with its own plan (the cache grows a token
+    per request per step, the page table rewritten in place): output and LSE equal ``batch_decode_run``'s bit for
+    bit every step, and match the float32 reference; a stale plan is refused as the op refuses it."""
+    dtype, hq, hk, d, page = torch.float16, 32, 8, 128, 16
+    kv = PagedKV([7, 40, 100], page, hk, d, dtype, "NHD", spare_pages=16, seed=3)
+    b, capacity = 3, kv.indices.numel() + 16
+    indices = torch.zeros(capacity, dtype=torch.int32, device="cuda")  # page table with room to grow
+    indptr = torch.zeros(b + 1, dtype=torch.int32, device="cuda")
+    last = torch.zeros(b, dtype=torch.int32, device="cuda")
+    q = torch.empty(b, hq, d, dtype=dtype, device="cuda")
+    out, out_ref = torch.empty_like(q), torch.empty_like(q)
+    lse, lse_ref = (torch.empty(b, hq, dtype=torch.float32, device="cuda") for _ in range(2))
+    lens = list(kv.lens)
+    pages_of = [list(kv.indices[kv.indptr_h[i] : kv.indptr_h[i + 1]].tolist()) for i in range(b)]
+    spare = [p for p in range(kv.k.shape[0]) if p not in set(kv.indices.tolist())]
+
+    def layout():
+        indptr_h = np.concatenate([[0], np.cumsum([len(p) for p in pages_of])]).astype(np.int32)
+        last_h = np.array([n - (len(p) - 1) * page for n, p in zip(lens, pages_of, strict=True)], np.int32)
+        flat = [p for ps in pages_of for p in ps]
+        indices[: len(flat)] = torch.tensor(flat, dtype=torch.int32)
+        indptr.copy_(torch.from_numpy(indptr_h))
+        last.copy_(torch.from_numpy(last_h))
+        return indptr_h, last_h
+
+    indptr_h, last_h = layout()
+    plan = decode.batch_decode_plan(ws, indptr_h, hq, hk, d, page, kv_last_page_len=last_h, q_dtype=dtype)
+    prepared = decode.prepare_decode_run(q, kv.k, kv.v, indptr, indices, last, out, plan=plan, lse=lse)
+    for step in range(12):
+        for i in range(b):  # one more token per request: a new page when the last one is full
+            if lens[i] % page == 0:
+                pages_of[i].append(spare.pop())
+            lens[i] += 1
+        indptr_h, last_h = layout()
+        previous, plan = plan, decode.batch_decode_plan(
+            ws, indptr_h, hq, hk, d, page, kv_last_page_len=last_h, q_dtype=dtype
+        )
+        with pytest.raises(ValueError, match="stale"):
+            prepared.run(previous)
+        q.normal_()
+        prepared.run(plan)
+        decode.batch_decode_run(plan, q, kv.k, kv.v, indptr, indices, last, out_ref, lse=lse_ref)
+        torch.cuda.synchronize()
+        assert torch.equal(out, out_ref), f"step {step}: packed output differs from the op call's"
+        assert torch.equal(lse, lse_ref), f"step {step}: packed LSE differs from the op call's"
+        for i in range(b):
+            ids = torch.tensor(pages_of[i], device="cuda").long()
+            keys = kv.k[ids].reshape(-1, hk, d)[: lens[i]]
+            vals = kv.v[ids].reshape(-1, hk, d)[: lens[i]]
+            o, lse_f32 = reference(q[i : i + 1], keys, vals)
+            close(out[i], o[0], dtype, f"step {step} request {i}")
+            torch.testing.assert_close(lse[i], lse_f32[0], atol=LSE_TOL, rtol=LSE_TOL)

@@ -384,7 +384,7 @@ def test_packed_attention_runs_give_bit_equal_logits(tmp_path, model):
                 r = engine.generate(ps, [20, 12, 26, 5], eos_token_ids=())
             finally:
                 del engine._pick
-                engine.packed_attention = False
+                engine.packed_attention = LlamaEngine.packed_attention
             runs[packed] = (r.tokens, logits, r.decode_steps)
         # the packed runs were made (one per layer, per decode view the packed pass met)
         packed_views = [v for v in engine._views.values() if "attention runs" in v.prepared]

@@ -180,14 +180,13 @@ class LlamaEngine:
     GEMV launches, and RoPE and the KV append too where the QKV GEMV's epilogue serves them (head dim 64 to 512,
     no Qwen3 per-head norms between), with every launch but the attention run packed once (:meth:`_fused_step`;
     the same logits as the separate launches); False: the separate launches.
-    ``packed_attention`` (default False): the fused step's attention runs packed too (see below).
+    ``packed_attention`` (default True): the fused step's attention runs packed too (see below).
     """
 
-    packed_attention: bool = False
+    packed_attention: bool = True
     """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call
-    taking only the step's plan, instead of a ``batch_decode_run`` per layer. Not yet run on a GPU; equal frames
-    proven on the CPU (tests/test_prepared_decode_run.py): turn it on once tests/test_gpu_fused_decode.py's
-    bit-equal logits case passes."""
+    taking only the step's plan, instead of a ``batch_decode_run`` per layer (the same logits bit for bit:
+    tests/test_gpu_fused_decode.py); False: a ``batch_decode_run`` per layer."""
 
     def __init__(
         self,
