@@ -349,9 +349,8 @@ def test_prepared_decode_run_equals_the_op_call_every_step(ws):
                 pages_of[i].append(spare.pop())
             lens[i] += 1
         indptr_h, last_h = layout()
-        previous, plan = plan, decode.batch_decode_plan(
-            ws, indptr_h, hq, hk, d, page, kv_last_page_len=last_h, q_dtype=dtype
-        )
+        previous = plan
+        plan = decode.batch_decode_plan(ws, indptr_h, hq, hk, d, page, kv_last_page_len=last_h, q_dtype=dtype)
         with pytest.raises(ValueError, match="stale"):
             prepared.run(previous)
         q.normal_()
