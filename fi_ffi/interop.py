@@ -131,6 +131,15 @@ _MAX_LAYOUTS = 4096  # cleared when full (forgetting only costs one slow descrip
 _alloc = Tensor.__new__
 
 
+class _NotSeen:
+    """No producer is of this class (the value of :data:`_torch_tensor` before torch's first tensor)."""
+
+
+# torch.Tensor and torch.nn.Parameter once a torch tensor was described (as_tensor's inline fast path tests them)
+_torch_tensor: type = _NotSeen
+_torch_parameter: type = _NotSeen
+
+
 def as_tensor(obj: TensorLike, *, name: str = "tensor", stream: StreamLike = -1) -> Tensor:
     """A :class:`~fi_ffi.tensor.Tensor` describing ``obj``'s memory (no copy); ``obj`` becomes its ``owner``.
 
@@ -149,10 +158,26 @@ def as_tensor(obj: TensorLike, *, name: str = "tensor", stream: StreamLike = -1)
     """
     if type(obj) is Tensor:
         return obj
+    tp = type(obj)
+    if (tp is _torch_tensor or tp is _torch_parameter) and stream.__class__ is int and stream == -1:
+        # a torch tensor of a layout described before (_from_torch remembers them), inline: a call into a handler
+        # costs ~10 % of this path. The neg bit is not part of the layout, so it is asked
+        src: Any = obj  # (a torch tensor)
+        try:
+            found = _layouts.get((src.shape, src.stride(), src.dtype, src.device))
+        except Exception:
+            found = None
+        if found is not None and not src.is_neg():
+            t = _alloc(Tensor)
+            t.data_ptr = src.data_ptr()
+            t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = found
+            t.owner = src
+            t._block = None
+            return t
     # ``stream`` itself stays referenced until the export is done: a stream object made for this call (say
     # ``stream=cupy.cuda.Stream()``) would otherwise be destroyed before the producer waits on its handle.
     handle = stream if type(stream) is int and stream == -1 else _dlpack_stream(stream)
-    handler = _handlers.get(type(obj))
+    handler = _handlers.get(tp)
     if handler is None:
         handler = _handler_for(obj, name)
     return handler(obj, name, handle)
@@ -164,6 +189,8 @@ def _handler_for(obj: Any, name: str) -> _Handler:
     handler: _Handler
     cupy = sys.modules.get("cupy") if tp.__module__.startswith("cupy") else None
     if torch is not None and (tp is torch.Tensor or tp is torch.nn.Parameter):
+        global _torch_tensor, _torch_parameter
+        _torch_tensor, _torch_parameter = torch.Tensor, torch.nn.Parameter
         handler = _from_torch
     elif cupy is not None and tp is cupy.ndarray:
         handler = _from_cupy
@@ -248,21 +275,9 @@ def _check_layout(name: str, shape: tuple[int, ...], strides: tuple[int, ...]) -
 
 
 def _from_torch(obj: Any, name: str, stream: Any) -> Tensor:
-    # fast path: a tensor whose (shape, stride(), dtype, device) was described before. Only strided tensors are
-    # remembered, and stride() raises for every other layout (sparse, mkldnn), so such a tensor is described, and
-    # refused, below; the neg bit is not part of the layout, so asked
-    if stream == -1:
-        try:
-            found = _layouts.get((obj.shape, obj.stride(), obj.dtype, obj.device))
-        except Exception:
-            found = None
-        if found is not None and not obj.is_neg():
-            t = _alloc(Tensor)  # from the remembered layout (no helper call on the hot path)
-            t.data_ptr = obj.data_ptr()
-            t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = found
-            t.owner = obj
-            t._block = None
-            return t
+    """A torch tensor whose layout :func:`as_tensor`'s inline fast path did not find: described, every field
+    checked, and remembered (only strided tensors are: ``stride()`` raises for every other layout, sparse or
+    mkldnn, so such a tensor is always described here, and refused)."""
     t = _describe_torch(obj, name, stream)
     if t.owner is obj and stream == -1:  # (not through DLPack)
         _remember((obj.shape, obj.stride(), obj.dtype, obj.device), t)
@@ -595,8 +610,10 @@ def _wait(producer: Any, consumer: int | None, device: Device, name: str) -> Non
 
 
 def _forget() -> None:
+    global _torch_tensor, _torch_parameter
     _layouts.clear()
     _handlers.clear()
+    _torch_tensor = _torch_parameter = _NotSeen
 
 
 caches.register("producer layouts remembered by as_tensor (torch, CuPy)", _forget)

@@ -54,6 +54,21 @@ def test_the_warm_torch_path_describes_as_the_full_one(dtype: str) -> None:
             assert fi_ffi.as_tensor(other).data_ptr == other.data_ptr() and fi_ffi.as_tensor(other).owner is other
 
 
+def test_a_parameter_and_a_forgotten_layout_take_the_same_paths() -> None:
+    """``torch.nn.Parameter`` is described inline as ``torch.Tensor`` is; after ``fi_ffi.caches.reset()`` (the
+    layouts and the torch classes forgotten) the first call describes in full again, with the same fields."""
+    x = torch.arange(24, dtype=torch.float32).reshape(4, 6)[:, 1:5]
+    param = torch.nn.Parameter(x, requires_grad=False)
+    full = interop._describe_torch(param, "p", -1)
+    assert fields(fi_ffi.as_tensor(param)) == fields(full) == fields(fi_ffi.as_tensor(param))
+    assert interop._torch_parameter is torch.nn.Parameter and interop._torch_tensor is torch.Tensor
+    fi_ffi.caches.reset()
+    assert interop._torch_tensor is not torch.Tensor and not interop._layouts
+    again = fields(fi_ffi.as_tensor(param))
+    assert again[:6] == fields(full)[:6] and again[7] is param  # (layout ids are numbered afresh after a reset)
+    assert interop._torch_tensor is torch.Tensor and len(interop._layouts) == 1
+
+
 def test_the_warm_torch_path_still_refuses_what_the_full_one_refuses() -> None:
     x = torch.ones(4, 8, dtype=torch.float16)
     fi_ffi.as_tensor(x)
