@@ -248,8 +248,8 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
             print(f"GEMV unavailable: {dense.gemv_error}")
         # "GEMV": norms and SiLU inside the GEMVs where the engine fuses them (fused_decode; an older package
         # has no such switch and runs its separate launches in both GEMV rows)
-        # "packed attention runs": the fused step with its attention runs packed too (packed_attention, off by
-        # default until its GPU test has run; an older package has no such switch)
+        # "packed attention runs": the fused step with its attention runs packed too (packed_attention, on by
+        # default; an older package has no such switch)
         contenders = {
             "GEMV": (lt, True, True, False),
             "GEMV, packed attention runs": (lt, True, True, True),
