@@ -241,12 +241,60 @@ def pieces(n: int) -> dict[str, float | None]:
         report.measure("launcher: keys and pointers of 3 CuPy arrays", lambda: keys(oc, xc, wc, 1e-6, False), n=n)
         report.measure("CuPy: current stream ptr", lambda: cupy.cuda.get_current_stream(0).ptr, n=n)
         report.measure("as_tensor(CuPy)", lambda: fi_ffi.as_tensor(xc), n=n)
+        _cai_pieces(report, fi_ffi, xc, n)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
+    try:
+        _jax_pieces(report, fi_ffi, torch, x, n)
+    except Exception as exc:
+        print(f"JAX unavailable: {exc}")
     ptr = x.data_ptr()
     report.measure("Tensor.from_pointer", lambda: fi_ffi.Tensor.from_pointer(ptr, (1, 128), "float16", 0), n=n)
     report.print([])
     return report.rows
+
+
+def _cai_pieces(report: Any, fi_ffi: Any, xc: Any, n: int) -> None:
+    """A producer with only ``__cuda_array_interface__``: the interface, the pointer's device, the reader."""
+    from other_producers import CAIObject
+
+    from fi_ffi import interop, producers
+
+    xa = CAIObject(xc)
+    ptr = xc.data.ptr
+    report.measure("CAI: obj.__cuda_array_interface__", lambda: xa.__cuda_array_interface__, n=n)
+    report.measure("CAI: the pointer's device (driver query)", lambda: interop.pointer_device(ptr, "x"), n=n)
+    report.measure("CAI: producers reader", lambda: producers._read_cai(xa, None), n=n)
+    report.measure("as_tensor(CAI object)", lambda: fi_ffi.as_tensor(xa), n=n)
+
+
+def _jax_pieces(report: Any, fi_ffi: Any, torch: Any, x: Any, n: int) -> None:
+    """A ready JAX array: DLPack with no stream (what tvm_ffi asks), with a stream (what a launch asks: JAX orders
+    its work before it), its attributes, and fi_ffi's descriptions of it."""
+    from other_producers import jax_arrays
+
+    (xj,) = jax_arrays(x)
+    m = max(n // 10, 100)
+    handle = torch.cuda.current_stream().cuda_stream
+    import jax
+
+    print(f"JAX {jax.__version__}, stream for the DLPack rows: 0x{handle:x}")
+    report.measure("JAX: a.__dlpack_device__()", xj.__dlpack_device__, n=m)
+    report.measure("JAX: a.__dlpack__() (no stream: tvm_ffi's)", lambda: xj.__dlpack__(), n=m)
+    report.measure("JAX: a.__dlpack__(max_version=(1, 1))", lambda: xj.__dlpack__(max_version=(1, 1)), n=m)
+    report.measure(
+        "JAX: a.__dlpack__(stream=s, max_version=(1, 1))", lambda: xj.__dlpack__(stream=handle, max_version=(1, 1)), n=m
+    )
+    report.measure("JAX: a.shape", lambda: xj.shape, n=m)
+    report.measure("JAX: a.dtype", lambda: xj.dtype, n=m)
+    for attr in ("is_ready", "unsafe_buffer_pointer", "is_fully_addressable", "committed"):
+        value = getattr(xj, attr, None)
+        if callable(value):
+            report.measure(f"JAX: a.{attr}()", value, n=m)
+        elif value is not None:
+            report.measure(f"JAX: a.{attr}", lambda attr=attr: getattr(xj, attr), n=m)
+    report.measure("as_tensor(JAX) (no stream)", lambda: fi_ffi.as_tensor(xj), n=m)
+    report.measure("as_tensor(JAX, stream=s)", lambda: fi_ffi.as_tensor(xj, stream=handle), n=m)
 
 
 def main(argv: list[str] | None = None) -> int:

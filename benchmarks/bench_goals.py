@@ -8,7 +8,10 @@ Rows (contenders of one table are timed in interleaved rounds, best round kept; 
 1. ``rmsnorm`` 1x128 float16, host us per call: fi_ffi with descriptors / torch tensors / CuPy arrays, tvm_ffi's
    Cython call of the same ``norm.so`` with torch tensors / CuPy arrays, ``flashinfer.norm.rmsnorm``; ratios
    against tvm_ffi with torch tensors;
-2. ``as_tensor(torch)``, ``as_tensor(CuPy)``, ``Tensor.from_pointer``, us per call;
+   the other producers too: a ``__cuda_array_interface__``-only object, JAX arrays as inputs (against tvm_ffi's
+   call with the same JAX arrays);
+2. ``as_tensor(torch)``, ``as_tensor(CuPy)``, ``Tensor.from_pointer``, us per call (and ``as_tensor`` of a CAI
+   object and of a JAX array);
 3. a decode step at batch 1 (one plan, then 32 x (append + run); bench_step.py's problem): host us per step for
    descriptors / torch / CuPy against flashinfer-python, as op calls and as a serving loop packs them (``packed``:
    appends and runs packed once, ``fi_ffi.prepare`` / ``prepare_decode_run``, a plan per step);
@@ -41,6 +44,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from other_producers import CAIObject, jax_arrays  # noqa: E402
 from timing import Report  # noqa: E402
 
 SMOLLM2 = dict(  # SmolLM2-135M's shape (random weights)
@@ -107,6 +111,15 @@ def rmsnorm_rows(n: int, rounds: int, old: Any = None) -> dict[str, float | None
             report.measure("before: fi_ffi, CuPy arrays", lambda: old.rmsnorm(xc, wc, oc), n=n, sync=sync)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
+    if xc is not None:  # CAI: the launcher reads the interface's dict (no descriptor), the driver names the device
+        xa, wa, oa = CAIObject(xc), CAIObject(wc), CAIObject(oc)
+        report.measure("fi_ffi, CAI objects", lambda: rmsnorm(xa, wa, oa), n=n, sync=sync)
+    jx = jw = None
+    try:  # JAX: inputs only (its arrays are immutable), the output a descriptor; DLPack per call, as tvm_ffi
+        jx, jw = jax_arrays(x, w)
+        report.measure("fi_ffi, JAX inputs", lambda: rmsnorm(jx, jw, od), n=n, sync=sync)
+    except Exception as exc:
+        print(f"JAX unavailable: {exc}")
     try:
         import tvm_ffi
 
@@ -116,6 +129,8 @@ def rmsnorm_rows(n: int, rounds: int, old: Any = None) -> dict[str, float | None
             report.measure("tvm_ffi, CuPy arrays", lambda: f(oc, xc, wc, 1e-6, False), n=n, sync=sync)
         xt, wt, ot = (tvm_ffi.from_dlpack(t) for t in (x, w, out))
         report.measure("tvm_ffi, its Tensors converted once", lambda: f(ot, xt, wt, 1e-6, False), n=n, sync=sync)
+        if jx is not None:
+            report.measure("tvm_ffi, JAX inputs", lambda: f(ot, jx, jw, 1e-6, False), n=n, sync=sync)
     except Exception as exc:
         print(f"tvm_ffi unavailable: {exc}")
     try:
@@ -148,8 +163,15 @@ def as_tensor_rows(n: int, old: Any = None) -> dict[str, float | None]:
         if old is not None:
             report.measure("before: as_tensor(CuPy)", lambda: old.as_tensor(xc), n=n)
         report.measure("  of which CuPy's __dlpack_device__()", xc.__dlpack_device__, n=n)
+        xa = CAIObject(xc)
+        report.measure("as_tensor(CAI object)", lambda: fi_ffi.as_tensor(xa), n=n)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
+    try:
+        (jx,) = jax_arrays(x)
+        report.measure("as_tensor(JAX), ready array", lambda: fi_ffi.as_tensor(jx), n=n // 10)
+    except Exception as exc:
+        print(f"JAX unavailable: {exc}")
     report.measure("Tensor.from_pointer", lambda: fi_ffi.Tensor.from_pointer(ptr, (1, 128), "float16", 0), n=n)
     if old is not None:
         report.measure("before: Tensor.from_pointer", lambda: old.Tensor.from_pointer(ptr, (1, 128), "float16", 0), n=n)
@@ -579,6 +601,16 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
             a, b = r["rmsnorm"].get(key), r["rmsnorm"].get("tvm_ffi, torch tensors")
             vals.append(None if a is None or not b else a / b)
         row(f"rmsnorm {key} / tvm_ffi(torch)", vals, "{:.2f}x")
+    for key, against in (
+        ("fi_ffi, JAX inputs", "tvm_ffi, JAX inputs"),
+        ("fi_ffi, CAI objects", "tvm_ffi, CuPy arrays"),
+    ):
+        if key in first["rmsnorm"]:
+            vals = []
+            for r in runs.values():
+                a, b = r["rmsnorm"].get(key), r["rmsnorm"].get(against)
+                vals.append(None if a is None or not b else a / b)
+            row(f"rmsnorm {key} / {against}", vals, "{:.2f}x")
     for key in (*ours, *(f"before: {k}" for k in ours), "tvm_ffi, torch tensors", "tvm_ffi, CuPy arrays"):
         if key not in first["rmsnorm"]:
             continue
