@@ -293,8 +293,17 @@ def _jax_pieces(report: Any, fi_ffi: Any, torch: Any, x: Any, n: int) -> None:
             report.measure(f"JAX: a.{attr}()", value, n=m)
         elif value is not None:
             report.measure(f"JAX: a.{attr}", lambda attr=attr: getattr(xj, attr), n=m)
+    report.measure("JAX: a.format.layout", lambda: xj.format.layout, n=m)
+    from fi_ffi import interop
+
+    (xb,) = jax_arrays(x.to(torch.bfloat16))
+    report.measure(
+        "fi_ffi: jax_row_major_pointer (float16: the interface)", lambda: interop.jax_row_major_pointer(xj), n=m
+    )
+    report.measure("fi_ffi: jax_row_major_pointer (bfloat16: format)", lambda: interop.jax_row_major_pointer(xb), n=m)
     report.measure("as_tensor(JAX) (no stream)", lambda: fi_ffi.as_tensor(xj), n=m)
     report.measure("as_tensor(JAX, stream=s)", lambda: fi_ffi.as_tensor(xj, stream=handle), n=m)
+    report.measure("as_tensor(JAX bfloat16)", lambda: fi_ffi.as_tensor(xb), n=m)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,8 @@ def jax_arrays(*tensors: Any) -> list[Any]:
     import jax.numpy as jnp
 
     gpu = jax.devices("gpu")[0]
-    arrays = [jax.device_put(jnp.asarray(t.cpu().numpy()), gpu) for t in tensors]
+    # through float32 (numpy has no bfloat16), then JAX's cast to the tensor's own dtype
+    arrays = [jax.device_put(jnp.asarray(t.cpu().float().numpy()).astype(str(t.dtype)[6:]), gpu) for t in tensors]
     for a in arrays:
         a.block_until_ready()
     return arrays

@@ -194,6 +194,8 @@ def _handler_for(obj: Any, name: str) -> _Handler:
         handler = _from_torch
     elif cupy is not None and tp is cupy.ndarray:
         handler = _from_cupy
+    elif is_jax_array_type(tp):
+        handler = _from_jax
     elif hasattr(tp, "__dlpack__"):
         handler = _from_dlpack
     elif hasattr(tp, "__cuda_array_interface__"):
@@ -211,6 +213,13 @@ def _handler_for(obj: Any, name: str) -> _Handler:
         )
     _handlers[tp] = handler
     return handler
+
+
+def is_jax_array_type(tp: type) -> bool:
+    """Whether ``tp`` is JAX's array class (``jaxlib``'s ``ArrayImpl``) with what :func:`_from_jax` reads."""
+    return (tp.__module__ or "").startswith("jaxlib") and all(
+        hasattr(tp, a) for a in ("__dlpack__", "is_ready", "sharding", "format", "unsafe_buffer_pointer")
+    )
 
 
 def _dlpack_stream(stream: Any) -> int | None:
@@ -320,6 +329,70 @@ def _from_cupy(obj: Any, name: str, stream: Any) -> Tensor:
     t = _from_dlpack(obj, name, stream)
     if stream == -1 and t.data_ptr == obj.data.ptr:  # (DLPack's data + byte_offset is CuPy's pointer)
         _remember((obj.shape, obj.strides, obj.dtype, obj.__dlpack_device__()), t)
+    return t
+
+
+# (dtype, sharding) of JAX arrays whose array interface JAX refused though they are row-major (bfloat16, float8,
+# CPU arrays): their order is asked through ``format`` directly (JAX's refusal is an exception: ~7 us). Values only.
+_jax_without_interface: set[Any] = set()
+
+
+def jax_row_major_pointer(a: Any) -> int:
+    """The data pointer of JAX array ``a`` if it is a single-device array in row-major order; raises otherwise.
+
+    JAX places arrays in other layouts too, on GPUs as well (``jax.experimental.layout``), so the order is asked
+    every time: through ``__cuda_array_interface__`` (0.8 us on the GPU machine), which JAX gives only for a
+    single-device GPU array in row-major order, or, for the dtypes and devices it gives none for (bfloat16,
+    float8, CPU arrays), through ``a.format.layout`` (1.5 us): dimension 0 most major, then 1, ..., and no
+    tiling, with ``a.unsafe_buffer_pointer()``, which JAX gives only for a single-device array.
+    """
+    kind = (a.dtype, a.sharding)
+    refused = False
+    if kind not in _jax_without_interface:
+        try:
+            return a.__cuda_array_interface__["data"][0]  # type: ignore[no-any-return]
+        except Exception:
+            refused = True
+    layout = a.format.layout
+    if tuple(layout.major_to_minor) != tuple(range(a.ndim)) or layout.tiling:  # row-major: (0, 1, ...)
+        raise ValueError("not in row-major order")
+    ptr = a.unsafe_buffer_pointer()
+    if refused:  # row-major, yet no interface: its dtype or device has none
+        if len(_jax_without_interface) >= 256:
+            _jax_without_interface.clear()
+        _jax_without_interface.add(kind)
+    return ptr  # type: ignore[no-any-return]
+
+
+def _from_jax(obj: Any, name: str, stream: Any) -> Tensor:
+    """A JAX array: a ready, single-device, row-major one of a layout met before is described from JAX's own
+    values, with no DLPack capsule (2-3 us against 10-13 us); every other through DLPack.
+
+    ``is_ready()``: its data is computed, so no work needs ordering before any stream (the DLPack path would hand
+    JAX the stream to wait on). :func:`jax_row_major_pointer` holds only for a single-device array in row-major
+    order, so a layout remembered under (shape, dtype, sharding) is only ever used for a row-major array. The
+    first description of a layout goes through DLPack, every field checked.
+    """
+    try:
+        found = _layouts.get((obj.shape, obj.dtype, obj.sharding)) if obj.is_ready() else None
+        if found is not None:
+            ptr = jax_row_major_pointer(obj)
+    except Exception:  # deleted, sharded, not row-major: DLPack describes it (or names what is wrong)
+        found = None
+    if found is not None:
+        t = _alloc(Tensor)  # from the remembered layout
+        t.data_ptr = ptr
+        t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = found
+        t.owner = obj
+        t._block = None
+        return t
+    t = _from_dlpack(obj, name, stream)
+    try:
+        ready = obj.is_ready() and jax_row_major_pointer(obj) == t.data_ptr
+    except Exception:
+        ready = False
+    if ready and t.strides == contiguous_strides(t.shape):
+        _remember((obj.shape, obj.dtype, obj.sharding), t)
     return t
 
 
@@ -613,6 +686,7 @@ def _forget() -> None:
     global _torch_tensor, _torch_parameter
     _layouts.clear()
     _handlers.clear()
+    _jax_without_interface.clear()
     _torch_tensor = _torch_parameter = _NotSeen
 
 

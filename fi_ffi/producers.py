@@ -14,6 +14,9 @@ producer                    read per call
 CuPy ``ndarray``            ``shape``, ``strides``, ``dtype``, ``data.device_id``, ``data.ptr``
 CUDA array interface        the interface's ``shape``, ``strides``, ``typestr`` and ``data`` (no descriptor),
 (a type with it, no DLPack) and the pointer's device from the driver (as :func:`fi_ffi.as_tensor` does)
+JAX array                   ready, single-device, row-major: ``is_ready()``, ``shape``, ``dtype``, ``sharding``
+                            and the pointer (``__cuda_array_interface__``'s, or ``unsafe_buffer_pointer()``
+                            after ``format.layout``: no capsule); otherwise as below
 anything else               :func:`fi_ffi.as_tensor` (DLPack, array interface) with the call's stream as the
                             DLPack consumer stream (JAX needs a real stream)
 ==========================  ==============================================================================
@@ -108,6 +111,20 @@ def _read_cai(obj: Any, stream: Any) -> tuple[Hashable, int]:
     return (iface["shape"], iface.get("strides"), typestr, iface.get("mask"), device), ptr
 
 
+def _read_jax(a: Any, stream: Any) -> tuple[Hashable, int]:
+    """A JAX array: a ready, single-device, row-major one by JAX's own values (as ``as_tensor``'s fast path reads
+    it: no DLPack capsule); any other as :func:`_read_any` reads it (DLPack with the call's stream, which JAX
+    orders its pending work before). The key (shape, dtype, sharding) stands for one layout because
+    :func:`fi_ffi.interop.jax_row_major_pointer` holds only for row-major single-device arrays."""
+    if a.is_ready():
+        try:
+            ptr = interop.jax_row_major_pointer(a)
+        except Exception:  # sharded, not row-major, deleted
+            return _read_any(a, stream)
+        return (a.shape, a.dtype, a.sharding), ptr
+    return _read_any(a, stream)
+
+
 def _read_any(obj: Any, stream: Any) -> tuple[Hashable, int]:
     """Any other producer, through :func:`fi_ffi.as_tensor` (a descriptor per call)."""
     t = interop.as_tensor(obj, stream=dlpack_stream(obj, stream))
@@ -137,6 +154,8 @@ def _reader_for(tp: type) -> Reader:
         cupy_ndarray = cupy.ndarray
         _classes_changed()
         return _read_cupy
+    if interop.is_jax_array_type(tp):
+        return _read_jax
     if hasattr(tp, "__cuda_array_interface__") and not hasattr(tp, "__dlpack__"):  # as as_tensor chooses
         return _read_cai
     return _read_any
@@ -153,7 +172,8 @@ def describe(obj: Any, name: str, stream: Any) -> Tensor:
     Producers with a reader of their own are described without synchronization (as their reader reads them);
     the others are handed the call's stream as their DLPack consumer stream (:func:`dlpack_stream`).
     """
-    fast = reader(type(obj)) is not _read_any
+    found = reader(type(obj))
+    fast = found is not _read_any and found is not _read_jax  # (a pending JAX array must order its work)
     return interop.as_tensor(obj, name=name, stream=-1 if fast else dlpack_stream(obj, stream))
 
 
