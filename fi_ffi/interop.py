@@ -83,7 +83,7 @@ from . import caches, driver
 from . import dtypes as _dt
 from .dtypes import CPU, CUDA, CUDA_HOST, CUDA_MANAGED, Device, DType
 from .streams import stream_handle
-from .tensor import MAX_NDIM, Tensor, contiguous_strides, layout_id
+from .tensor import MAX_NDIM, Tensor, contiguous_strides, from_layout, layout_id
 from .typing import StreamLike, TensorLike
 
 __all__ = ["as_tensor"]
@@ -167,7 +167,7 @@ def as_tensor(obj: TensorLike, *, name: str = "tensor", stream: StreamLike = -1)
             found = _layouts.get((src.shape, src.stride(), src.dtype, src.device))
         except Exception:
             found = None
-        if found is not None and not src.is_neg():  # (_remembered's lines inline: a call is ~10 % of this path)
+        if found is not None and not src.is_neg():  # (tensor.from_layout's lines inline: a call is ~10 % of this path)
             t = _alloc(Tensor)
             t.data_ptr = src.data_ptr()
             t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = found
@@ -251,16 +251,6 @@ def _new(
     return t
 
 
-def _remembered(found: Layout, data_ptr: int, owner: Any) -> Tensor:
-    """A Tensor of a remembered layout (``_layouts``' value) at ``data_ptr``, owned by ``owner``."""
-    t = _alloc(Tensor)
-    t.data_ptr = data_ptr
-    t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = found
-    t.owner = owner
-    t._block = None
-    return t
-
-
 def _remember(key: Any, t: Tensor) -> None:
     if len(_layouts) >= _MAX_LAYOUTS:
         _layouts.clear()
@@ -330,7 +320,7 @@ def _from_cupy(obj: Any, name: str, stream: Any) -> Tensor:
     if stream == -1:
         found = _layouts.get((obj.shape, obj.strides, obj.dtype, obj.__dlpack_device__()))
         if found is not None:
-            return _remembered(found, obj.data.ptr, obj)
+            return from_layout(found, obj.data.ptr, obj)
     t = _from_dlpack(obj, name, stream)
     if stream == -1 and t.data_ptr == obj.data.ptr:  # (DLPack's data + byte_offset is CuPy's pointer)
         _remember((obj.shape, obj.strides, obj.dtype, obj.__dlpack_device__()), t)
@@ -385,7 +375,7 @@ def _from_jax(obj: Any, name: str, stream: Any) -> Tensor:
     except Exception:  # deleted, sharded, not row-major: DLPack describes it (or names what is wrong)
         found = None
     if found is not None:
-        return _remembered(found, ptr, obj)
+        return from_layout(found, ptr, obj)
     t = _from_dlpack(obj, name, stream)
     try:
         ready = obj.is_ready() and jax_row_major_pointer(obj) == t.data_ptr
