@@ -153,8 +153,8 @@ def pieces(n: int) -> dict[str, float | None]:
     import torch
 
     import fi_ffi
-    from fi_ffi import producers
     from fi_ffi.abi.runtime import api
+    from fi_ffi.tensor import producers
 
     x = torch.randn(1, 128, dtype=torch.float16, device="cuda")
     key = (x.shape, x.stride(), x.dtype, x.device)
@@ -258,7 +258,7 @@ def _cai_pieces(report: Any, fi_ffi: Any, xc: Any, n: int) -> None:
     """A producer with only ``__cuda_array_interface__``: the interface, the pointer's device, the reader."""
     from other_producers import CAIObject
 
-    from fi_ffi import interop, producers
+    from fi_ffi.tensor import interop, producers
 
     xa = CAIObject(xc)
     ptr = xc.data.ptr
@@ -294,7 +294,7 @@ def _jax_pieces(report: Any, fi_ffi: Any, torch: Any, x: Any, n: int) -> None:
         elif value is not None:
             report.measure(f"JAX: a.{attr}", lambda attr=attr: getattr(xj, attr), n=m)
     report.measure("JAX: a.format.layout", lambda: xj.format.layout, n=m)
-    from fi_ffi import interop
+    from fi_ffi.tensor import interop
 
     (xb,) = jax_arrays(x.to(torch.bfloat16))
     report.measure(

@@ -15,7 +15,7 @@ Rows (contenders of one table are timed in interleaved rounds, best round kept; 
 3. a decode step at batch 1 (one plan, then 32 x (append + run); bench_step.py's problem): host us per step for
    descriptors / torch / CuPy against flashinfer-python, as op calls and as a serving loop packs them (``packed``:
    appends and runs packed once, ``fi_ffi.prepare`` / ``prepare_decode_run``, a plan per step);
-4. the engine (``fi_ffi.models.LlamaEngine``) on a random SmolLM2-135M-shaped checkpoint (30 layers, 576 wide),
+4. the engine (``fi_engine.LlamaEngine``) on a random SmolLM2-135M-shaped checkpoint (30 layers, 576 wide),
    eager, batch 1: median host us per decode step, and a profile of the eager steps (``--profile N``: the N
    functions of most own time);
 5. the same engine prefilling one 2048-token prompt: host share of the wall time (time to issue every kernel,
@@ -222,7 +222,7 @@ def decode_step_rows(steps: int, rounds: int, old: Any = None) -> dict[str, floa
 def make_checkpoint(folder: Path, shape: dict[str, Any]) -> Path:
     import numpy as np
 
-    from fi_ffi.models.checkpoint import write_safetensors
+    from fi_engine.checkpoint import write_safetensors
 
     cfg = {"model_type": "llama", "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "eos_token_id": 2, **shape}
     rng = np.random.default_rng(0)
@@ -257,7 +257,7 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
     import io
     import pstats
 
-    from fi_ffi.models.llama import LlamaEngine
+    from fi_engine.llama import LlamaEngine
 
     out: dict[str, Any] = {}
     prompt = [[(7 * k) % 40000 + 3 for k in range(16)]]
@@ -354,8 +354,8 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
     plan, inside the engine's stream scope as generate runs them): the four GEMMs through cuBLASLt and through
     cublasGemmEx, the FlashInfer launches, and a CuPy RawKernel launch (the embedding gather) for scale.
     ``n`` calls per round stay below the launch queue's depth, so a round times the host alone."""
-    from fi_ffi.models import kernels
-    from fi_ffi.streams import stream_scope
+    from fi_engine import kernels
+    from fi_ffi.tensor.streams import stream_scope
 
     c, b, d, s = engine.config, engine._buf, engine.dense, engine._s
     h, inter, w = c.hidden_size, c.intermediate_size, engine._qkv_width
@@ -403,7 +403,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
         "CuPy RawKernel (row gather)": lambda: d.gather_rows(1, engine._embed, h, v.token_ids, b.h.data.ptr, h, h),
     }
     if gemv and getattr(d, "fused_fits", None) and d.fused_fits(1, h) and d.fused_fits(1, inter):
-        from fi_ffi.models.dense import ADD_NORM, SILU
+        from fi_engine.dense import ADD_NORM, SILU
 
         nw, f32, vocab = engine._ln1[1].data_ptr, engine._f32, c.vocab_size
         fused_calls = {  # the fused step's GEMVs (engine._fused_step), the first layer's weights
@@ -540,7 +540,7 @@ PREFILL_MODES = (
 
 def engine_share(folder: Path, profile: int) -> dict[str, Any]:
     """engine_rows, with the prefill's host share computed from the wall time of generate(prompt, 1)."""
-    import fi_ffi.models.llama as llama
+    import fi_engine.llama as llama
 
     out: dict[str, Any] = {}
     original = llama.LlamaEngine._prefill

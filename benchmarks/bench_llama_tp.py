@@ -106,12 +106,12 @@ def run_rank(
     model: str, out: str, variant: str, new_tokens: int, batches: list[int], modes: list[str], profile: bool
 ) -> None:
     """One rank (or the single GPU): every configuration, rank 0 writes the rows."""
-    from fi_ffi.models.llama import LlamaEngine
+    from fi_engine.llama import LlamaEngine
 
     tp = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
     nccl = variant == "nccl"
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
-        from fi_ffi.models.tensor_parallel import ResidualAllReduce
+        from fi_engine.tensor_parallel import ResidualAllReduce
 
         ResidualAllReduce.launch_with_pdl = True
     rows = []
@@ -171,11 +171,11 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
 
     import cupy as cp
 
-    from fi_ffi.models import kernels
-    from fi_ffi.models.graph import CudaGraph
-    from fi_ffi.models.llama import SamplingParams, _refuse_allocation
-    from fi_ffi.models.paging import fill_decode
-    from fi_ffi.streams import stream_scope
+    from fi_engine import kernels
+    from fi_engine.graph import CudaGraph
+    from fi_engine.llama import SamplingParams, _refuse_allocation
+    from fi_engine.paging import fill_decode
+    from fi_ffi.tensor.streams import stream_scope
 
     e: Any = engine
     c, b, dense, s = e.config, e._buf, e.dense, e._s

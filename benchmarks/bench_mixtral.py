@@ -21,7 +21,7 @@ import numpy as np
 
 def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
     """A random float16 Mixtral checkpoint (config.json + one .safetensors per layer), written with numpy."""
-    from fi_ffi.models.checkpoint import write_safetensors
+    from fi_engine.checkpoint import write_safetensors
 
     h, i, e, hq, hk, d = 4096, 14336, 8, 32, 8, 128
     cfg = {
@@ -84,7 +84,7 @@ def main() -> int:
 
     import cupy as cp
 
-    from fi_ffi.models.llama import LlamaEngine
+    from fi_engine.llama import LlamaEngine
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -80,7 +80,7 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def require_gpu() -> str:
     """``""`` when a CUDA GPU is usable here, else what to tell the user (instead of a CUDA traceback)."""
-    from fi_ffi import system
+    from fi_ffi.cuda import system
 
     gpus, why = system.gpus()
     if gpus:

@@ -28,7 +28,9 @@ from typing import Any
 
 # The ground floor every op stands on, imported eagerly as before (cheap: no shared library, no cffi parser), so
 # that ``fi_ffi.errors`` and ``fi_ffi.tensor`` are there after ``import fi_ffi``.
-from . import dtypes, errors, tensor  # noqa: F401
+from . import dtypes, errors, moved, tensor  # noqa: F401
+
+moved.install()  # fi_ffi.models and fi_ffi.typing: their old paths, with a DeprecationWarning
 
 __version__ = "0.1.0"
 
@@ -42,16 +44,16 @@ _EXPORTS: dict[str, str] = {
     "int32": "dtypes",
     "int64": "dtypes",
     "uint8": "dtypes",
-    "Tensor": "tensor",
+    "Tensor": "tensor.descriptor",
     "CudaError": "errors",
     "FiFFIError": "errors",
     "KernelError": "errors",
     "KernelNotFoundError": "errors",
     "LoaderError": "errors",
     "UnsupportedDeviceError": "errors",
-    "as_tensor": "interop",
-    "current_stream": "streams",
-    "stream_scope": "streams",
+    "as_tensor": "tensor.interop",
+    "current_stream": "tensor.streams",
+    "stream_scope": "tensor.streams",
     "prepare": "launch.packing",
     "Generator": "generator",
     "gelu_and_mul": "ops.activation",

@@ -18,7 +18,6 @@ from .errors import KernelNotFoundError as KernelNotFoundError
 from .errors import LoaderError as LoaderError
 from .errors import UnsupportedDeviceError as UnsupportedDeviceError
 from .generator import Generator as Generator
-from .interop import as_tensor as as_tensor
 from .launch.packing import prepare as prepare
 from .ops.activation import gelu_and_mul as gelu_and_mul
 from .ops.activation import gelu_tanh_and_mul as gelu_tanh_and_mul
@@ -92,9 +91,10 @@ from .ops.segment_gemm import segment_gemm as segment_gemm
 from .ops.topk import top_k as top_k
 from .ops.topk import top_k_page_table_transform as top_k_page_table_transform
 from .ops.topk import top_k_ragged_transform as top_k_ragged_transform
-from .streams import current_stream as current_stream
-from .streams import stream_scope as stream_scope
-from .tensor import Tensor as Tensor
+from .tensor.descriptor import Tensor as Tensor
+from .tensor.interop import as_tensor as as_tensor
+from .tensor.streams import current_stream as current_stream
+from .tensor.streams import stream_scope as stream_scope
 
 __version__: str
 

@@ -7,7 +7,7 @@ the argument and what was expected. Everything that goes wrong below that line h
 - :class:`LoaderError` and its subclasses: locating, fetching, verifying, extracting or loading libraries.
 - :class:`UnsupportedDeviceError`: the GPU cannot run the requested kernel (for example SM90-only kernels).
 - :class:`CudaError`: a CUDA runtime call fi_ffi makes itself (allocation, streams, events, graphs, device
-  queries) failed; raised by :func:`fi_ffi.cuda_runtime.check` and carrying the CUDA error code and name.
+  queries) failed; raised by :func:`fi_ffi.cuda.runtime.check` and carrying the CUDA error code and name.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class UnsupportedDeviceError(FiFFIError):
 class CudaError(FiFFIError):
     """A CUDA runtime call that fi_ffi made itself failed (through ``cuda.bindings.runtime``).
 
-    Raised by :func:`fi_ffi.cuda_runtime.check`, the one place that turns a cuda-python ``(err, *values)`` result
+    Raised by :func:`fi_ffi.cuda.runtime.check`, the one place that turns a cuda-python ``(err, *values)`` result
     into values or this error. The text names the call, the CUDA error and a fix.
 
     Attributes:

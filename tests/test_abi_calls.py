@@ -18,7 +18,7 @@ from fi_ffi.abi.cdefs import get_ffi
 from fi_ffi.abi.frame import Frame, call, call_on, describe_frame, result
 from fi_ffi.abi.runtime import api
 from fi_ffi.errors import KernelError
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 
 def fn(name: str) -> Function:
@@ -401,7 +401,7 @@ def test_stream_scope_sets_for_the_block_and_restores_even_on_error(testing_lib:
     [(0, 0), (0x1234, 0x1234)],
 )
 def test_stream_handle_accepts_ints_and_protocol_objects(stream: int, expected: int) -> None:
-    from fi_ffi.streams import stream_handle
+    from fi_ffi.tensor.streams import stream_handle
 
     class CudaCoreLike:
         def __cuda_stream__(self) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from helpers.fakes import assert_reached_the_kernel, fake_cuda
 
 import fi_ffi
 from fi_ffi.errors import KernelError
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = pytest.mark.cpu_only
 

@@ -48,7 +48,7 @@ def test_every_public_name_is_on_its_page_and_in_the_index() -> None:
     names = {e.qualname for e in ENTRIES}
     assert {f"fi_ffi.{n}" for n in fi_ffi.__all__} <= names
     assert {f"fi_ffi.comm.{n}" for n in fi_ffi.comm.__all__} <= names
-    assert "fi_ffi.models.llama.LlamaEngine" in names and "fi_ffi.typing.TensorLike" in names
+    assert "fi_engine.llama.LlamaEngine" in names and "fi_ffi.tensor.protocols.TensorLike" in names
     for e in ENTRIES:
         assert f"### `{e.qualname}`\n" in files[f"{e.page}.md"], e.qualname
         assert f"[`{e.qualname}`]({e.page}.md#{tool.anchor(e.qualname)})" in files["index.md"], e.qualname
@@ -153,5 +153,5 @@ def test_tensor_arguments_state_their_shapes_in_the_docstring() -> None:
             problems.append(f"{name}: {', '.join(undocumented)} not documented")
         if name not in ANY_SHAPE and not shapes(f):
             problems.append(f"{name}: no shape ([...]) stated")
-    assert checked >= 60, checked  # the ops are annotated with fi_ffi.typing (a regression to Any shows here)
+    assert checked >= 60, checked  # the ops are annotated with fi_ffi.tensor.protocols (a regression to Any shows here)
     assert not problems, "\n".join(problems)

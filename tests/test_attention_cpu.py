@@ -33,7 +33,7 @@ from fi_ffi.errors import KernelError, KernelNotFoundError
 from fi_ffi.launch.kernels import entry_point
 from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.attention import variants as V
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = pytest.mark.usefixtures("kernel_modules")
 
@@ -673,7 +673,7 @@ class UnhashableCAI:
 
 
 def _no_driver():
-    from fi_ffi import driver
+    from fi_ffi.cuda import driver
 
     if driver.load() is not None:
         pytest.skip("a CUDA driver is present: a CAI pointer's device would be asked from it")

@@ -17,7 +17,7 @@ float, ...) must be refused. Pointer values (alignment, NULL, overlap, address r
 ops here (tests/test_pointer_rules.py does, warm then bad). After its cases each op's valid call is made again
 and must still reach the kernel. About 9,000 calls.
 
-The second part covers every public entry point of fi_ffi.comm and fi_ffi.models and the prepared segment GEMM
+The second part covers every public entry point of fi_ffi.comm and fi_engine and the prepared segment GEMM
 the same way (valid calls get past the checks to where this machine ends: no GPU, no NCCL, no libcuda), varies
 the entries of mapping arguments (launcher variables, config.json keys) one at a time, and adds warm-then-bad
 pointers (NULL, misaligned, a range past 2**64) for every tensor argument. An entry point added to an
@@ -42,7 +42,7 @@ from helpers.mla_plans import fake_plan as mla_fake_plan
 import fi_ffi
 from fi_ffi.errors import CudaError, FiFFIError, KernelError, KernelNotFoundError, UnsupportedDeviceError
 from fi_ffi.ops import gdn
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 # Descriptors here claim cuda:0 over addresses nothing maps: only a machine without a GPU stops them.
 pytestmark = pytest.mark.cpu_only
@@ -623,7 +623,7 @@ def _reached(exc: BaseException | None) -> bool:
     if isinstance(exc, (UnsupportedDeviceError, KernelNotFoundError)):  # no GPU; a variant the wheels lack
         return True
     if isinstance(exc, CudaError):  # our own CUDA call (workspace event, staging copy) found no usable GPU
-        from fi_ffi import cuda_runtime
+        from fi_ffi.cuda import runtime as cuda_runtime
 
         return cuda_runtime.no_device(exc)
     if type(exc) is KernelError:  # the module's own argument checks say "Mismatched ..." / "Expected ..."
@@ -737,9 +737,9 @@ def test_the_campaign_covers_every_public_op() -> None:
     assert public - skip <= set(OPS), sorted(public - skip - set(OPS))
 
 
-# ---- fi_ffi.comm, fi_ffi.models and the prepared segment GEMM: every public entry point, by construction ----------
+# ---- fi_ffi.comm, fi_engine and the prepared segment GEMM: every public entry point, by construction ----------
 #
-# Every callable in the ``__all__`` of a module of fi_ffi.comm and fi_ffi.models is either given valid calls below
+# Every callable in the ``__all__`` of a module of fi_ffi.comm and fi_engine is either given valid calls below
 # (``ENTRY_POINTS``: the same catalogue of bad values per argument, plus "warm, then bad" pointers for each tensor
 # argument: NULL, one byte off its dtype's alignment, and a range that wraps past 2**64, each after a valid call and
 # followed by one) or exempted with the reason (``EXEMPT``). A name added to an ``__all__`` later fails
@@ -753,16 +753,8 @@ from helpers.comm_args import (  # noqa: E402 - the comm builders (the fixture p
     moe_reduction_args,
 )
 
-from fi_ffi.comm import env as comm_env  # noqa: E402
-from fi_ffi.comm import launch as comm_launch  # noqa: E402
-from fi_ffi.comm import (  # noqa: E402
-    nccl,
-    trtllm_ar,
-    vllm_ar,
-    watchdog,
-)
-from fi_ffi.models import config as model_config  # noqa: E402
-from fi_ffi.models import (  # noqa: E402
+from fi_engine import config as model_config  # noqa: E402
+from fi_engine import (  # noqa: E402
     deepseek,
     deepseek_config,
     deepseek_routing,
@@ -776,6 +768,14 @@ from fi_ffi.models import (  # noqa: E402
     moe_routing,
     paging,
     tensor_parallel,
+)
+from fi_ffi.comm import env as comm_env  # noqa: E402
+from fi_ffi.comm import launch as comm_launch  # noqa: E402
+from fi_ffi.comm import (  # noqa: E402
+    nccl,
+    trtllm_ar,
+    vllm_ar,
+    watchdog,
 )
 from fi_ffi.ops import segment_gemm as seg  # noqa: E402
 
@@ -1187,7 +1187,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
         ("get_graph_buffer_ipc_meta", Entry(vllm_ar.get_graph_buffer_ipc_meta, lambda: dict(fa=1), comm=True))
     ],
     "vllm_ar.meta_size": lambda: [("meta_size", Entry(vllm_ar.meta_size, dict, comm=True))],
-    # fi_ffi.models
+    # fi_engine
     "config.LlamaConfig": lambda: [
         (
             "LlamaConfig.from_dict",
@@ -1806,16 +1806,16 @@ def _partner_verdict(case: Case, exc: BaseException | None, names: tuple[str, ..
 
 
 def public_entry_points() -> set[str]:
-    """``module.name`` of every callable in the ``__all__`` of the modules of fi_ffi.comm and fi_ffi.models
+    """``module.name`` of every callable in the ``__all__`` of the modules of fi_ffi.comm and fi_engine
     (exception classes are not entry points)."""
     import importlib
     import pkgutil
 
+    import fi_engine
     import fi_ffi.comm
-    import fi_ffi.models
 
     names = set()
-    for pkg in (fi_ffi.comm, fi_ffi.models):
+    for pkg in (fi_ffi.comm, fi_engine):
         for info in pkgutil.iter_modules(pkg.__path__):
             module = importlib.import_module(f"{pkg.__name__}.{info.name}")
             for name in getattr(module, "__all__", ()):
@@ -1826,7 +1826,7 @@ def public_entry_points() -> set[str]:
 
 
 def test_every_public_entry_point_has_a_case_generator() -> None:
-    """A public callable of fi_ffi.comm or fi_ffi.models without valid calls here (or a stated exemption) fails,
+    """A public callable of fi_ffi.comm or fi_engine without valid calls here (or a stated exemption) fails,
     and so does a generator or exemption whose name is gone."""
     public = public_entry_points()
     covered = {n for n in ENTRY_POINTS if not n.startswith("ops.")} | set(EXEMPT)

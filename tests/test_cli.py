@@ -150,8 +150,8 @@ def test_list_takes_the_dtype_spellings_its_help_names(kernel_modules: list[str]
 
 
 def test_smoke_device_is_checked_against_the_visible_gpus() -> None:
-    from fi_ffi import smoke
-    from fi_ffi.system import GPU
+    from fi_ffi.cli import smoke
+    from fi_ffi.cuda.system import GPU
 
     h100 = GPU(0, "NVIDIA H100", (9, 0), 80 * 2**30)
     smoke.check_ordinal(0, [h100])
@@ -165,7 +165,7 @@ def test_smoke_device_is_checked_against_the_visible_gpus() -> None:
 
 @pytest.mark.cpu_only
 def test_smoke_run_checks_the_ordinal_before_touching_the_device() -> None:
-    from fi_ffi import smoke
+    from fi_ffi.cli import smoke
 
     with pytest.raises(ValueError, match="--device 3: no such CUDA device"):
         smoke.run(3)
@@ -253,7 +253,8 @@ def test_doctor_says_where_a_wheel_would_come_from_when_absent(tmp_path: Path) -
 
 
 def test_doctor_reports_a_cuda_version_override_as_an_override() -> None:
-    from fi_ffi import loader, system
+    from fi_ffi import loader
+    from fi_ffi.cuda import system
 
     library = system.cudart_version(loader.ensure_cudart())
     override = "13.1" if library != "13.1" else "13.0"
@@ -300,8 +301,8 @@ def test_doctor_says_which_file_each_lock_section_came_from(shared_wheel_lock: P
 
 def test_gpu_coverage_by_the_wheels_gpu_archs(shared_wheel: Path) -> None:
     from fi_ffi import cli
+    from fi_ffi.cuda.system import GPU
     from fi_ffi.loader import lockfile
-    from fi_ffi.system import GPU
 
     gpus = [
         GPU(0, "H100", (9, 0), 0),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
-from fi_ffi import system
+from fi_ffi.cuda import system
 
 CONFIG = {
     "model_type": "llama",
@@ -79,8 +79,8 @@ def test_no_gpu_is_named_with_its_fix(model: Path) -> None:
 
 @NO_GPU
 def test_the_engine_raises_our_error_without_a_gpu(model: Path) -> None:
+    from fi_engine.llama import LlamaEngine
     from fi_ffi.errors import UnsupportedDeviceError
-    from fi_ffi.models.llama import LlamaEngine
 
     with pytest.raises(UnsupportedDeviceError, match="needs an NVIDIA GPU"):
         LlamaEngine(model)

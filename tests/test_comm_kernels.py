@@ -40,7 +40,7 @@ from fi_ffi.comm.trtllm_ar import (
     workspace_metadata,
 )
 from fi_ffi.errors import KernelError
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = pytest.mark.cpu_only  # descriptors claim cuda:0 over host memory
 

@@ -1,4 +1,4 @@
-"""fi_ffi.cuda_runtime: one ``check`` for every CUDA runtime result, one ``CudaError``.
+"""fi_ffi.cuda.runtime: one ``check`` for every CUDA runtime result, one ``CudaError``.
 
 This CPU machine has cuda-bindings but no driver, so every real runtime call fails: the error path is tested
 with the real library (no mocks). On a GPU machine the failing calls below are skipped.
@@ -10,7 +10,7 @@ import pickle
 
 import pytest
 
-from fi_ffi import cuda_runtime
+from fi_ffi.cuda import runtime as cuda_runtime
 from fi_ffi.errors import CudaError, FiFFIError
 
 rt = pytest.importorskip("cuda.bindings.runtime")
@@ -77,7 +77,7 @@ def test_comm_cuda_error_is_the_one_class() -> None:
     assert comm_cuda.CudaError is CudaError
 
 
-def test_driver_results_become_the_same_error() -> None:  # fi_ffi.driver's cffi calls (event, staging copy)
+def test_driver_results_become_the_same_error() -> None:  # fi_ffi.cuda.driver's cffi calls (event, staging copy)
     exc = cuda_runtime.driver_error(2, "cuMemcpyHtoDAsync")
     assert type(exc) is CudaError and exc.code == 2 and "out of memory" in str(exc)
     assert str(exc).startswith("cuMemcpyHtoDAsync failed: ") and exc.name in str(exc)  # CUDA_ERROR_... / CUresult 2
@@ -86,8 +86,8 @@ def test_driver_results_become_the_same_error() -> None:  # fi_ffi.driver's cffi
 
 
 def test_device_queries_say_no_gpu_as_unsupported_device() -> None:  # the one documented conversion
+    from fi_ffi.cuda import device
     from fi_ffi.errors import UnsupportedDeviceError
-    from fi_ffi.launch import device
 
     if not _no_gpu():
         pytest.skip("a usable GPU is present")

@@ -3,7 +3,7 @@
 ValueError naming its argument, before anything is launched) and the packed arguments of a valid call.
 
 The Dense is made without its constructor (which compiles kernels with CuPy on a GPU): its kernels' function
-handles are fake numbers, the argument arrays are packed with the real cffi declarations of ``fi_ffi.driver``,
+handles are fake numbers, the argument arrays are packed with the real cffi declarations of ``fi_ffi.cuda.driver``,
 and ``cuLaunchKernel`` is replaced by a recorder. Nothing here dereferences an address; the GPU suite
 (tests/test_gpu_fused_decode.py) runs the same calls on real kernels.
 """
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fi_ffi import driver
-from fi_ffi.models import dense as D
+from fi_engine import dense as D
+from fi_ffi.cuda import driver
 
 pytestmark = pytest.mark.cpu_only
 

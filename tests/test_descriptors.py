@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 
 import fi_ffi
 from fi_ffi import dtypes
-from fi_ffi import tensor as tensor_module
 from fi_ffi.abi.cdefs import get_ffi
 from fi_ffi.errors import FiFFIError
 from fi_ffi.launch import kernels
 from fi_ffi.ops import norm
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor import descriptor as tensor_module
+from fi_ffi.tensor.descriptor import Tensor
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

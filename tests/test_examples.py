@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO, subprocess_env
 
-from fi_ffi import system
+from fi_ffi.cuda import system
 
 EXAMPLES = sorted((REPO / "examples").glob("*.py"))
 NO_GPU = pytest.mark.skipif(bool(system.gpus()[0]), reason="needs a machine without a GPU (CI has none)")

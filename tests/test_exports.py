@@ -159,7 +159,15 @@ def test_importing_fi_ffi_imports_no_op_module_and_loads_nothing() -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     # the ground floor (descriptors, dtypes, errors) as before the table; no op module, no library
     assert result == {
-        "fi_ffi": ["fi_ffi", "fi_ffi.caches", "fi_ffi.dtypes", "fi_ffi.errors", "fi_ffi.tensor"],
+        "fi_ffi": [
+            "fi_ffi",
+            "fi_ffi.caches",
+            "fi_ffi.dtypes",
+            "fi_ffi.errors",
+            "fi_ffi.moved",
+            "fi_ffi.tensor",
+            "fi_ffi.tensor.descriptor",
+        ],
         "heavy": [],
         "tvm": False,
     }

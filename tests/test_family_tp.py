@@ -2,8 +2,8 @@
 shapes, refusals of sizes that do not divide (ValueError naming the config key, before any GPU is touched), and
 the sharding arithmetic the engines follow, in float64 numpy against the unsharded formulas:
 
-- gpt-oss: q/k/v biases and sinks go with their heads (:func:`~fi_ffi.models.tensor_parallel.segment`); each
-  rank's slice of the interleaved experts (:func:`~fi_ffi.models.gpt_oss.shard_experts`) through the engine's
+- gpt-oss: q/k/v biases and sinks go with their heads (:func:`~fi_engine.tensor_parallel.segment`); each
+  rank's slice of the interleaved experts (:func:`~fi_engine.gpt_oss.shard_experts`) through the engine's
   dense-over-experts math gives partial sums that add up to transformers' experts when the down bias is added by
   one rank only (and not when every rank adds it); the O projection likewise with its bias;
 - Gemma 2: the GeGLU column split's partial sums add up to the MLP, and the post-feed-forward norm must see their
@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from helpers.hf_configs import GEMMA2, GPT_OSS_BF16, hf_experts
 
-from fi_ffi.models.config import LlamaConfig
-from fi_ffi.models.tensor_parallel import VocabShard, columns, rows, segment, shard_config
+from fi_engine.config import LlamaConfig
+from fi_engine.tensor_parallel import VocabShard, columns, rows, segment, shard_config
 
 
 def test_published_shapes_shard_by_heads_and_columns() -> None:
@@ -57,7 +57,7 @@ def test_sizes_that_do_not_divide_are_refused_by_name(
     import importlib
 
     module, _, name = engine.partition(".")
-    cls = getattr(importlib.import_module(f"fi_ffi.models.{module}"), name)
+    cls = getattr(importlib.import_module(f"fi_engine.{module}"), name)
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         cls(tmp_path, tensor_parallel=n)  # refused before CuPy or a GPU is needed
@@ -114,7 +114,7 @@ def test_gpt_oss_attention_shards_with_biases_and_sinks_sum_to_the_whole() -> No
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_gpt_oss_expert_shards_sum_to_transformers_experts(n: int) -> None:
-    from fi_ffi.models.gpt_oss import expert_matrices, shard_experts
+    from fi_engine.gpt_oss import expert_matrices, shard_experts
 
     rng = np.random.default_rng(n)
     e, h, i, t = 4, 12, 8, 7
@@ -144,7 +144,7 @@ def test_gpt_oss_expert_shards_sum_to_transformers_experts(n: int) -> None:
 
 
 def test_gpt_oss_expert_shards_refuse_what_does_not_divide() -> None:
-    from fi_ffi.models.gpt_oss import shard_experts
+    from fi_engine.gpt_oss import shard_experts
 
     gu, b, down = np.zeros((2, 4, 12)), np.zeros((2, 12)), np.zeros((2, 6, 4))
     with pytest.raises(ValueError, match=r"parts: 4 does not divide the experts' 6 intermediate columns"):
@@ -181,7 +181,7 @@ def test_gemma2_geglu_shards_sum_before_the_post_feedforward_norm() -> None:
 
 @pytest.mark.parametrize(("vocab", "n"), [(1001, 2), (257, 4), (10, 3)])
 def test_gemma2_scaled_embedding_and_soft_capped_logits_on_vocab_shards(vocab: int, n: int) -> None:
-    from fi_ffi.models.gemma2 import round_to
+    from fi_engine.gemma2 import round_to
 
     rng = np.random.default_rng(vocab)
     table = rng.standard_normal((vocab, 8)).astype(np.float16)

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 import fi_ffi
-from fi_ffi import interop, producers
 from fi_ffi.ops import norm
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor import interop, producers
+from fi_ffi.tensor.descriptor import Tensor
 
 torch = pytest.importorskip("torch")
 

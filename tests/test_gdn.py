@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fi_ffi
+from fi_ffi.cuda import device
 from fi_ffi.errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
-from fi_ffi.launch import device
 from fi_ffi.launch.aliasing import footprint
 from fi_ffi.launch.kernels import entry_point
 from fi_ffi.ops import gdn
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 # Descriptors here claim cuda:0 over host memory: only a machine without a GPU stops them before a launch.
 pytestmark = pytest.mark.cpu_only

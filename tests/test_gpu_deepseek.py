@@ -15,7 +15,7 @@ The reference is the same transformers model in float32 on the saved (rounded) w
 routes on bfloat16 activations, the reference on float32 ones, so a token whose k-th and (k+1)-th choice are that
 close may take other experts (tests/test_gpu_models.py measured it for Mixtral). So the engine records its routing
 (``MoELayer.last_routing``), the test checks that the reference's own routing is what
-:func:`~fi_ffi.models.deepseek_routing.grouped_topk` computes from the reference's router logits (the routing code
+:func:`~fi_engine.deepseek_routing.grouped_topk` computes from the reference's router logits (the routing code
 against transformers'), counts where the engine's choice differs (at most 10% of (layer, token) pairs), and
 compares the logits with the reference run on the engine's experts (weights: the reference's own scores of them).
 Tolerance on the logits: 0.08 (bfloat16, as tests/test_gpu_llama.py); transformers' own bfloat16 error on the same
@@ -40,8 +40,8 @@ transformers = pytest.importorskip("transformers", reason="the reference needs t
 from helpers.checkpoints import float32_reference, randomize_norms  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, prompts  # noqa: E402
 
-from fi_ffi.models.deepseek import DeepSeekEngine  # noqa: E402
-from fi_ffi.models.deepseek_routing import grouped_topk  # noqa: E402
+from fi_engine.deepseek import DeepSeekEngine  # noqa: E402
+from fi_engine.deepseek_routing import grouped_topk  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -346,7 +346,7 @@ def test_cuda_graph_decode_matches_eager(family, fused) -> None:  # type: ignore
 
 def test_batched_linear_matches_numpy() -> None:
     """The per-head strided batched GEMM the absorption uses, on its own (float32 result, bfloat16 inputs)."""
-    from fi_ffi.models.dense import CUDA_R_16BF, CUDA_R_32F, Dense
+    from fi_engine.dense import CUDA_R_16BF, CUDA_R_32F, Dense
 
     rng = np.random.default_rng(0)
     heads, rows, k, n, stride = 3, 5, 32, 48, 40  # x: head h's k columns start at h * stride of a [rows, 3*40] row

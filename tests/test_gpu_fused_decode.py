@@ -41,10 +41,10 @@ cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy (pip instal
 
 from helpers.yardstick import LOGIT_TOL  # noqa: E402
 
-from fi_ffi.models import kernels  # noqa: E402
-from fi_ffi.models.checkpoint import write_safetensors  # noqa: E402
-from fi_ffi.models.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
-from fi_ffi.models.llama import LlamaEngine  # noqa: E402
+from fi_engine import kernels  # noqa: E402
+from fi_engine.checkpoint import write_safetensors  # noqa: E402
+from fi_engine.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
+from fi_engine.llama import LlamaEngine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -167,8 +167,8 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
     launches it replaces: the fused GEMV into qkv, then FlashInfer's apply_rope_pos_ids (or the Llama 3.1 form)
     in place and append_paged_kv_cache through fi_ffi. qkv (rotated q and k, plain v) and both caches must be
     equal bit for bit (the epilogue repeats FlashInfer's arithmetic), and the rest of the caches untouched."""
-    from fi_ffi.models.config import RopeConfig
-    from fi_ffi.models.dense import RopeAppend
+    from fi_engine.config import RopeConfig
+    from fi_engine.dense import RopeAppend
 
     d_, stream = dense
     dev = cp.cuda.Device().id

@@ -33,8 +33,8 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 
 import torch  # only on the GPU machine
 
+from fi_ffi.cuda import device
 from fi_ffi.errors import UnsupportedDeviceError
-from fi_ffi.launch import device
 from fi_ffi.ops import gdn
 
 pytestmark = pytest.mark.gpu

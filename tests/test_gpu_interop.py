@@ -22,10 +22,11 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 import torch  # (only on the GPU machine)
 
 import fi_ffi
-from fi_ffi import dtypes, interop
+from fi_ffi import dtypes
 from fi_ffi.abi.cdefs import get_ffi
-from fi_ffi.interop import as_tensor
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor import interop
+from fi_ffi.tensor.descriptor import Tensor
+from fi_ffi.tensor.interop import as_tensor
 
 pytestmark = pytest.mark.gpu
 

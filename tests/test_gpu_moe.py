@@ -1,4 +1,4 @@
-"""The MoE layer (fi_ffi.models.moe) on a real GPU against a float32 numpy reference (gated by
+"""The MoE layer (fi_engine.moe) on a real GPU against a float32 numpy reference (gated by
 FI_FFI_RUN_GPU_TESTS=1; needs CuPy and the model-family test wheel; bfloat16 cases convert through torch).
 
 Reference, per token: softmax over the router logits (float32, from the dtype-rounded x and router weight), top-k,
@@ -27,7 +27,7 @@ import numpy as np
 
 cupy = pytest.importorskip("cupy")
 
-from fi_ffi.models.moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEWeights  # noqa: E402
+from fi_engine.moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEWeights  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 TOL = {"float16": 2e-2, "bfloat16": 5e-2}
@@ -228,7 +228,7 @@ def test_the_fixed_capacity_path_computes_only_the_chosen_experts_rows() -> None
 def test_layers_sharing_one_scratch_give_their_own_results() -> None:
     """Two layers on one MoEScratch (as the engine's layers are), run in turn on both paths, give what each gives
     with buffers of its own; a scratch of another shape is refused naming it."""
-    from fi_ffi.models.moe import MoEScratch
+    from fi_engine.moe import MoEScratch
 
     rng = np.random.default_rng(5)
     experts, top_k, h, i, cap, dtype = 8, 2, 256, 512, 16, "bfloat16"

@@ -17,7 +17,7 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 import torch
 
 import fi_ffi
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = pytest.mark.gpu
 

@@ -21,7 +21,7 @@ import torch  # only on the GPU machine
 
 import fi_ffi
 from fi_ffi.ops import page
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = pytest.mark.gpu
 

@@ -141,7 +141,7 @@ def test_the_warm_cupy_path_describes_as_dlpack(dtype: str) -> None:
     # issue 21: a CuPy layout seen before is described from data.ptr and the remembered layout, no capsule;
     # every field equals DLPack's description, for strided, sliced, transposed and empty views
     cp = pytest.importorskip("cupy")
-    from fi_ffi import interop
+    from fi_ffi.tensor import interop
 
     base = cp.zeros((6, 10), dtype=dtype)
     for x in (base, base[1:4, 2:9], base.T, base[:, ::3], base[2], base[0:0], base.reshape(3, 2, 10)[:, 1]):
@@ -185,7 +185,7 @@ def test_the_warm_jax_path_describes_as_dlpack(dtype: str) -> None:
     jax, gpu = _jax_gpu()
     import jax.numpy as jnp
 
-    from fi_ffi import interop, producers
+    from fi_ffi.tensor import interop, producers
 
     for shape in ((4, 256), (1, 128), (3,), (2, 3, 4), (0, 8), ()):
         x = jax.device_put(jnp.ones(shape, dtype=dtype), gpu)
@@ -213,7 +213,7 @@ def test_a_column_major_jax_array_is_never_taken_for_a_row_major_one(dtype: str)
     jax, gpu = _jax_gpu()
     import jax.numpy as jnp
 
-    from fi_ffi import interop, producers
+    from fi_ffi.tensor import interop, producers
 
     rng = np.random.default_rng(1)
     x = jax.device_put(jnp.asarray(rng.standard_normal((B, D)).astype(np.float32)).astype(dtype), gpu)

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 
 import fi_ffi
-from fi_ffi import driver, dtypes, interop
+from fi_ffi import dtypes
 from fi_ffi.abi.cdefs import get_ffi
-from fi_ffi.interop import as_tensor
-from fi_ffi.tensor import Tensor
+from fi_ffi.cuda import driver
+from fi_ffi.tensor import interop
+from fi_ffi.tensor.descriptor import Tensor
+from fi_ffi.tensor.interop import as_tensor
 
 NUMPY_DTYPES = [
     (np.float16, dtypes.float16),

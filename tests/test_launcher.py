@@ -22,7 +22,7 @@ from fi_ffi import caches
 from fi_ffi.abi import objects
 from fi_ffi.errors import KernelError, LoaderError
 from fi_ffi.ops import norm
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = pytest.mark.cpu_only
 OPS = Path(fi_ffi.__file__).parent / "ops"
@@ -242,7 +242,7 @@ def test_a_given_stream_that_is_current_already_is_called_on_directly(kernel_mod
 def test_launchers_follow_the_producer_classes_they_read_inline() -> None:
     # issue 21: the generated code tests each tensor argument's class against torch's / CuPy's with one global
     # read; producers tells every launcher when either class is first seen or forgotten
-    from fi_ffi import producers
+    from fi_ffi.tensor import producers
 
     namespace = norm._rmsnorm.launcher.namespace  # type: ignore[attr-defined]
     assert "__class__ is _TT and not out.is_neg()" in norm._rmsnorm.source  # type: ignore[attr-defined]

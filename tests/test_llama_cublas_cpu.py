@@ -1,4 +1,4 @@
-"""The engine's cuBLAS declarations (fi_ffi.models.cublas) without a GPU.
+"""The engine's cuBLAS declarations (fi_engine.cublas) without a GPU.
 
 The cffi declarations parse and carry the enum values the hot path uses as plain ints. When cuBLAS's header is
 installed (``nvidia-cublas`` wheel or a CUDA toolkit, found by cuda-pathfinder) the values are compared with it; when
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from fi_engine import cublas, cublas_lt
 from fi_ffi.errors import LibraryLoadError
-from fi_ffi.models import cublas, cublas_lt
 
 ENUMS = {  # name -> (header file, the module's int)
     "CUBLAS_OP_N": ("cublas_api.h", cublas.CUBLAS_OP_N),
@@ -164,7 +164,7 @@ def test_creating_a_handle_without_a_gpu_raises_our_error():
 
 def test_importing_the_engine_does_not_load_cublas():
     code = textwrap.dedent("""
-        import fi_ffi.models.dense, fi_ffi.models.llama, fi_ffi.models.cublas as c
+        import fi_engine.dense, fi_engine.llama, fi_engine.cublas as c
         assert c._lib is None
         maps = open("/proc/self/maps").read()
         assert "libcublas" not in maps, "libcublas was mapped at import"
@@ -175,7 +175,7 @@ def test_importing_the_engine_does_not_load_cublas():
     assert out.stdout.strip() == "ok"
 
 
-# ---- cuBLASLt (fi_ffi.models.cublas_lt): the engine's GEMMs with the algorithm chosen once per shape ----------
+# ---- cuBLASLt (fi_engine.cublas_lt): the engine's GEMMs with the algorithm chosen once per shape ----------
 
 LT_ENUMS = {  # name -> the module's int (cublasLt.h)
     "CUBLASLT_MATMUL_DESC_TRANSA": cublas_lt.CUBLASLT_MATMUL_DESC_TRANSA,

@@ -1,4 +1,4 @@
-"""Host logic of the Llama engine (fi_ffi.models), no GPU: pages, batching, padding, finishing, index arrays,
+"""Host logic of the Llama engine (fi_engine), no GPU: pages, batching, padding, finishing, index arrays,
 config parsing, the safetensors reader, and that nothing on the engine's path imports torch.
 
 The index arrays are cross-checked with fi_ffi's own host validators (the ones the plans and the debug append
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from helpers.no_torch import TORCH_SPY
 
-from fi_ffi.models.checkpoint import Checkpoint, read_header, write_safetensors
-from fi_ffi.models.config import LlamaConfig, RopeConfig
-from fi_ffi.models.paging import (
+from fi_engine.checkpoint import Checkpoint, read_header, write_safetensors
+from fi_engine.config import LlamaConfig, RopeConfig
+from fi_engine.paging import (
     PAD_PAGE,
     OutOfPagesError,
     PageAllocator,
@@ -514,10 +514,10 @@ def test_engine_path_never_imports_torch(tmp_path):
     write_safetensors(tmp_path / "model.safetensors", {"model.embed_tokens.weight": np.zeros((8, 4), np.float16)})
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "rope_scaling": LLAMA3}))
     code = TORCH_SPY + textwrap.dedent(f"""
-        import fi_ffi.models.llama, fi_ffi.models.kernels, fi_ffi.cli
-        from fi_ffi.models import paging
-        from fi_ffi.models.checkpoint import Checkpoint
-        from fi_ffi.models.config import LlamaConfig
+        import fi_engine.llama, fi_engine.kernels, fi_ffi.cli
+        from fi_engine import paging
+        from fi_engine.checkpoint import Checkpoint
+        from fi_engine.config import LlamaConfig
         cfg = LlamaConfig.from_dir({str(tmp_path)!r})
         Checkpoint({str(tmp_path)!r}).array("model.embed_tokens.weight", (8, 4))
         s = paging.Scheduler(paging.PageAllocator(9), 16, 2, 64, 64, cfg.vocab_size, ())

@@ -1,8 +1,8 @@
 """The Llama engine's operands reach the real kernel modules (CPU machine, shared test wheel).
 
-:func:`fi_ffi.models.llama.step_views` builds the descriptors the engine passes to every fi_ffi op (strided q/k/v
+:func:`fi_engine.llama.step_views` builds the descriptors the engine passes to every fi_ffi op (strided q/k/v
 views of the fused QKV rows, index arrays as regions of one buffer). Here they claim ``cuda:0`` but point at host
-memory: each call through :mod:`fi_ffi.models.kernels` must pass fi_ffi's checks and the module's signature check
+memory: each call through :mod:`fi_engine.kernels` must pass fi_ffi's checks and the module's signature check
 and stop at the module's first CUDA call. That proves, without a GPU, that the engine's shapes, strides, dtypes
 and keyword arguments are ones the ops accept, for both head dims and both dtypes the engine serves.
 """
@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 import fi_ffi
+from fi_engine import kernels
+from fi_engine.config import LlamaConfig, RopeConfig
+from fi_engine.llama import step_views
+from fi_engine.paging import decode_layout, prefill_layout
 from fi_ffi.errors import KernelError
-from fi_ffi.models import kernels
-from fi_ffi.models.config import LlamaConfig, RopeConfig
-from fi_ffi.models.llama import step_views
-from fi_ffi.models.paging import decode_layout, prefill_layout
 from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.attention.plan import Plan
 from fi_ffi.ops.attention.workspace import Workspace
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = [pytest.mark.usefixtures("kernel_modules"), pytest.mark.cpu_only]
 
@@ -238,8 +238,8 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
 
     from helpers.frame_probe import FrameProbe
 
+    from fi_engine.llama import LlamaEngine
     from fi_ffi.abi.call import Function
-    from fi_ffi.models.llama import LlamaEngine
 
     c = config(head_dim)
     ws = workspace()
@@ -312,7 +312,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
 
     from helpers.frame_probe import FrameProbe
 
-    from fi_ffi.models.llama import LlamaEngine
+    from fi_engine.llama import LlamaEngine
     from fi_ffi.ops import norm, page, rope
 
     c = replace(config(head_dim), qk_norm=qk_norm)

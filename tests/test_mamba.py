@@ -19,7 +19,7 @@ from helpers.mamba_args import ssu_args
 
 import fi_ffi
 from fi_ffi.errors import KernelError
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = pytest.mark.cpu_only
 

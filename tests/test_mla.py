@@ -25,7 +25,7 @@ from fi_ffi.launch.kernels import entry_point
 from fi_ffi.launch.launcher import bound_entry
 from fi_ffi.ops.attention import mla
 from fi_ffi.ops.attention import variants as V
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = [pytest.mark.cpu_only, pytest.mark.usefixtures("kernel_modules")]
 

@@ -1,4 +1,4 @@
-"""The engine's configs of today's model families (fi_ffi.models.config): Qwen3 (q/k norm), Mixtral and Qwen3-MoE
+"""The engine's configs of today's model families (fi_engine.config): Qwen3 (q/k norm), Mixtral and Qwen3-MoE
 (MoE MLPs) parsed from the keys transformers writes, and what the engine does not implement refused by name."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fi_ffi.models.config import LlamaConfig, MoEConfig
+from fi_engine.config import LlamaConfig, MoEConfig
 
 BASE: dict[str, Any] = {
     "vocab_size": 1000,
@@ -111,7 +111,7 @@ def test_what_the_engine_does_not_implement_is_refused(config: dict[str, Any], m
 def test_tensor_parallel_moe_whose_expert_columns_do_not_divide_is_refused_before_loading(tmp_path: Any) -> None:
     import json
 
-    from fi_ffi.models.llama import LlamaEngine
+    from fi_engine.llama import LlamaEngine
 
     # Qwen3-MoE: 8 heads, 4 KV heads and 512 dense columns divide by 4, the experts' 130 columns do not
     (tmp_path / "config.json").write_text(json.dumps({**QWEN3_MOE, "moe_intermediate_size": 130}))

@@ -14,7 +14,7 @@ from helpers.fakes import assert_reached_the_kernel, fake_cuda
 import fi_ffi
 from fi_ffi.errors import KernelError
 from fi_ffi.launch.kernels import entry_point
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 # Descriptors here claim cuda:0 over host memory: only a machine without a GPU stops them before a launch.
 pytestmark = pytest.mark.cpu_only

@@ -7,7 +7,7 @@
 - The whole package stands in :data:`FLOORS`: a module imports only modules of its own unit (package or top-level
   module) or of a lower floor. Units on one floor are siblings and import neither each other: ``fi_ffi.ops`` and
   ``fi_ffi.comm`` both stand on the calling engine ``fi_ffi.launch``, which imports neither.
-- ``fi_ffi.comm`` and ``fi_ffi.models`` take no private (``_name``) names from ``fi_ffi.ops`` or ``fi_ffi.launch``;
+- ``fi_ffi.comm`` and ``fi_engine`` take no private (``_name``) names from ``fi_ffi.ops`` or ``fi_ffi.launch``;
   no module of ``fi_ffi.ops.attention`` takes a private name from another module.
 - No module takes a private (``_name``) name of another unit.
 - The top level of ``fi_ffi.ops`` holds only op families (modules with ``DECLARATIONS``).
@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fi_ffi"
-LAYERS = ("fi_ffi.abi", "fi_ffi.loader", "fi_ffi.tensor")
+LAYERS = ("fi_ffi.abi", "fi_ffi.loader", "fi_ffi.tensor.descriptor")
 
 
 def sources() -> dict[str, ast.Module]:
@@ -121,7 +121,11 @@ def test_abi_loader_and_tensor_import_each_other_one_way_only() -> None:
     graph = layer_graph()
     assert cycle(graph) == [], graph
     # the direction chosen: abi builds on the loader (which opens the libraries) and on the descriptors
-    assert graph == {"fi_ffi.abi": {"fi_ffi.loader", "fi_ffi.tensor"}, "fi_ffi.loader": set(), "fi_ffi.tensor": set()}
+    assert graph == {
+        "fi_ffi.abi": {"fi_ffi.loader", "fi_ffi.tensor.descriptor"},
+        "fi_ffi.loader": set(),
+        "fi_ffi.tensor.descriptor": set(),
+    }
 
 
 def test_function_local_and_relative_imports_are_counted() -> None:
@@ -133,27 +137,35 @@ def test_function_local_and_relative_imports_are_counted() -> None:
     assert {"fi_ffi.loader.libraries", "fi_ffi.abi.dl"} <= imported_names("fi_ffi.loader", tree, True)
 
 
-# The floors of the package, from the ground up. A unit is a subpackage (``fi_ffi.ops`` with ``fi_ffi.ops.attention``)
-# or a top-level module; ``fi_ffi`` is the package's face (``__init__``: the lazy public names).
+# The floors of the package, from the ground up. A unit is a subpackage (``fi_ffi.ops`` with ``fi_ffi.ops.attention``),
+# a top-level module, or a module of ``fi_ffi.tensor`` (the descriptor stands below the TVM-FFI layer, which packs it;
+# the intake modules above it, since they ask TVM-FFI for the current stream); ``fi_ffi`` is the package's face
+# (``__init__``: the lazy public names).
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("fi_ffi.errors", "fi_ffi.dtypes", "fi_ffi.caches", "fi_ffi.cdecl", "fi_ffi.driver", "fi_ffi.generator"),
-    ("fi_ffi.tensor", "fi_ffi.loader", "fi_ffi.cuda_runtime"),  # descriptors; libraries; CUDA runtime results
-    ("fi_ffi.typing", "fi_ffi.abi", "fi_ffi.system"),  # the TVM-FFI C API
-    ("fi_ffi.streams",),
-    ("fi_ffi.interop",),  # DLPack / CUDA array interface producers described as Tensors
-    ("fi_ffi.producers",),  # per producer type: layout key and data pointer, for the launcher
+    ("fi_ffi.errors", "fi_ffi.dtypes", "fi_ffi.caches", "fi_ffi.cdecl", "fi_ffi.generator", "fi_ffi.moved"),
+    ("fi_ffi.tensor.descriptor", "fi_ffi.loader"),  # descriptors; libraries
+    ("fi_ffi.tensor", "fi_ffi.tensor.protocols", "fi_ffi.cuda"),  # the descriptor's face; static types; CUDA
+    ("fi_ffi.abi",),  # the TVM-FFI C API
+    ("fi_ffi.tensor.streams",),  # stream arguments, TVM-FFI's current stream
+    ("fi_ffi.tensor.interop",),  # DLPack / CUDA array interface producers described as Tensors
+    ("fi_ffi.tensor.producers",),  # per producer type: layout key and data pointer, for the launcher
     ("fi_ffi.launch",),  # the calling engine
     ("fi_ffi.ops", "fi_ffi.comm"),  # op families; tensor parallelism
-    ("fi_ffi", "fi_ffi.smoke"),  # the public face; the first-use checks
-    ("fi_ffi.models",),  # the serving engine
-    ("fi_ffi.cli",),
+    ("fi_ffi",),  # the public face
+    ("fi_ffi.cli",),  # the command line, the first-use checks
     ("fi_ffi.__main__",),
 )
+UNITS = sorted((unit for units in FLOORS for unit in units), key=len, reverse=True)
 
 
 def unit_of(module: str) -> str:
-    """``fi_ffi.ops.attention.decode`` → ``fi_ffi.ops``; ``fi_ffi.tensor`` → itself; ``fi_ffi`` → ``fi_ffi``."""
-    return ".".join(module.split(".")[:2])
+    """The longest unit of :data:`FLOORS` that ``module`` is or lies in: ``fi_ffi.ops.attention.decode`` →
+    ``fi_ffi.ops``; ``fi_ffi.tensor.interop`` → itself; ``fi_ffi`` → ``fi_ffi``; a module of no unit → its first two
+    components (which :func:`test_every_module_stands_on_a_floor` then names)."""
+    found = next((u for u in UNITS if module == u or module.startswith(u + ".")), None)
+    if found is None or (found == "fi_ffi" and module != "fi_ffi"):
+        return ".".join(module.split(".")[:2])
+    return found
 
 
 def floor_of(unit: str) -> int:
@@ -221,10 +233,10 @@ def test_the_floor_check_finds_an_upward_and_a_sideways_import() -> None:  # the
     ]
 
 
-def test_comm_and_models_take_no_private_names_of_ops_or_the_engine() -> None:
+def test_comm_takes_no_private_names_of_ops_or_the_launcher() -> None:
     taken = []
     for module, targets in module_imports(sources()).items():
-        if unit_of(module) in ("fi_ffi.comm", "fi_ffi.models"):
+        if unit_of(module) == "fi_ffi.comm":
             for target, names in targets.items():
                 if unit_of(target) in ("fi_ffi.ops", "fi_ffi.launch"):
                     taken += [f"{module} takes {target}.{n}" for n in sorted(names) if n.startswith("_")]
@@ -281,7 +293,7 @@ def test_the_readme_layout_names_every_unit_and_every_module_of_the_engine_and_o
     named = set(re.findall(r"[\w.]+", tree))
     top = {p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
     missing = sorted(n for n in top if n not in named and f"{n}/" not in tree)
-    for folder in ("launch", "ops", "ops/attention"):
+    for folder in ("launch", "ops", "ops/attention", "tensor", "cuda"):
         missing += [
             f"{folder}/{p.name}"
             for p in (PACKAGE / folder).glob("*.py")

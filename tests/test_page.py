@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from fi_ffi.errors import KernelError
 from fi_ffi.launch.kernels import entry_point
 from fi_ffi.ops import page
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 # Descriptors here claim cuda:0 over host memory: only a machine without a GPU stops them before a launch.
 pytestmark = pytest.mark.cpu_only

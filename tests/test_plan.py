@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fi_ffi.abi.objects import ARRAY, Array
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = pytest.mark.usefixtures("kernel_modules")
 
@@ -400,7 +400,7 @@ class _FakeDriver:
     ],
 )
 def test_plan_copy_event_goes_through_the_driver(monkeypatch, query, sync, expected):
-    from fi_ffi import driver
+    from fi_ffi.cuda import driver
 
     fake = _FakeDriver(query=query, sync=sync)
     monkeypatch.setattr(driver, "_state", (driver.ffi(), fake))
@@ -427,7 +427,7 @@ def test_plan_copy_event_goes_through_the_driver(monkeypatch, query, sync, expec
     ],
 )
 def test_plan_copy_event_errors_are_cuda_errors(monkeypatch, query, sync, record, what):
-    from fi_ffi import driver
+    from fi_ffi.cuda import driver
     from fi_ffi.errors import CudaError
 
     monkeypatch.setattr(driver, "_state", (driver.ffi(), _FakeDriver(query, sync, record)))
@@ -436,7 +436,7 @@ def test_plan_copy_event_errors_are_cuda_errors(monkeypatch, query, sync, record
     with pytest.raises(CudaError, match=what.replace("(", r"\(").replace(")", r"\)")) as info:
         ws._record_plan_copy(7)
         ws._wait_previous_plan_copy()
-    from fi_ffi import cuda_runtime
+    from fi_ffi.cuda import runtime as cuda_runtime
 
     exc = info.value  # the driver's code, and the fix for it in the text
     assert exc.code in (record, query, sync) and exc.hint == cuda_runtime.hint(exc.code) and exc.hint in str(exc)
@@ -470,7 +470,7 @@ def test_plan_settings_is_a_frozen_value_with_derived_fields():
 
 
 def _staged_workspace(monkeypatch, fake):
-    from fi_ffi import driver
+    from fi_ffi.cuda import driver
 
     monkeypatch.setattr(driver, "_state", (driver.ffi(), fake))
     ws = fake_workspace()

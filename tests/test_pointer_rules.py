@@ -50,7 +50,7 @@ from fi_ffi.launch.pointer_rules import PointerRules, apart_ok, apart_test, comp
 from fi_ffi.ops import norm
 from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.sampling import ROW_STATES_BYTES
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 # Descriptors here claim cuda:0 over host memory: only a machine without a GPU stops them before a launch.
 pytestmark = pytest.mark.cpu_only

@@ -3,7 +3,7 @@ value by value and with fi_ffi's own host validators), the graph keys, eviction,
 pass when a capture fails.
 
 The engine-level tests run ``LlamaEngine._prefill`` / ``_prefill_graph`` / ``_capture_prefill`` and
-:class:`fi_ffi.models.graph.CudaGraph` as they are, on an engine object made without its constructor (which needs a
+:class:`fi_engine.graph.CudaGraph` as they are, on an engine object made without its constructor (which needs a
 GPU): only what touches the device is replaced (the forward pass, the plan, the head, the token fetch, CuPy's
 copy) by recorders. The CUDA runtime is either the real one (cuda.bindings: with no driver every capture fails
 at ``cudaStreamBeginCapture``) or a small stand-in that models capture mode and the thread's last error.
@@ -19,11 +19,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import fi_ffi.models.graph as graph_module
-from fi_ffi.errors import CudaError
-from fi_ffi.models import llama
-from fi_ffi.models.llama import LlamaEngine
-from fi_ffi.models.paging import (
+import fi_engine.graph as graph_module
+from fi_engine import llama
+from fi_engine.llama import LlamaEngine
+from fi_engine.paging import (
     PAD_PAGE,
     PageAllocator,
     Scheduler,
@@ -34,6 +33,7 @@ from fi_ffi.models.paging import (
     prefill_buckets,
     prefill_layout,
 )
+from fi_ffi.errors import CudaError
 from fi_ffi.ops.attention import host_index as plan_checks
 from fi_ffi.ops.page import check_append_positions, get_batch_indices_positions
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fi_ffi
-from fi_ffi import producers
+from fi_ffi.tensor import producers
 
 
 class RaisingDevice:

@@ -23,7 +23,7 @@ from fi_ffi.errors import KernelError, LoaderError
 from fi_ffi.generator import Generator, round_up4
 from fi_ffi.launch.launcher import bound_entry
 from fi_ffi.ops import sampling as S
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = pytest.mark.cpu_only  # fake cuda:0 descriptors over host memory
 

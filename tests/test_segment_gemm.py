@@ -14,7 +14,7 @@ from helpers.fakes import assert_reached_the_kernel, fake_cuda
 import fi_ffi
 from fi_ffi.errors import CudaError, KernelError, LibraryLoadError, UnsupportedDeviceError
 from fi_ffi.ops import segment_gemm as G
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = pytest.mark.cpu_only
 

@@ -220,7 +220,7 @@ def test_the_sink_settings_are_values(models_modules: object) -> None:
 
 
 def test_out_must_not_overlap_the_sink(make_array: Any) -> None:
-    from fi_ffi.tensor import Tensor
+    from fi_ffi.tensor.descriptor import Tensor
 
     plan = fake_plan(make_array)
     args = run_args()

@@ -14,7 +14,7 @@ import pytest
 import fi_ffi
 from fi_ffi.errors import KernelError
 from fi_ffi.ops import topk as T
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 pytestmark = pytest.mark.cpu_only  # fake cuda:0 descriptors over host memory
 

@@ -1,4 +1,4 @@
-"""A user's code type-checked against fi_ffi's public signatures (:mod:`fi_ffi.typing`), as mypy sees it from
+"""A user's code type-checked against fi_ffi's public signatures (:mod:`fi_ffi.tensor.protocols`), as mypy sees it from
 outside the checkout: descriptors, numpy arrays and objects of the interchange protocols are accepted as tensors,
 an op returns the caller's own tensor type, and a string passed as a tensor or a stream is flagged. The names
 come through the generated stubs (``fi_ffi/__init__.pyi``, ``fi_ffi/loader/__init__.pyi``): a name the exports
@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 import fi_ffi
 from fi_ffi import loader
-from fi_ffi.typing import IndexLike, StreamLike, TensorLike
+from fi_ffi.tensor.protocols import IndexLike, StreamLike, TensorLike
 
 
 class CaiArray:  # a numba-like device array: only __cuda_array_interface__

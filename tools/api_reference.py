@@ -4,8 +4,8 @@
     python tools/api_reference.py --check   # exit 1, naming the stale pages, if docs/api/ is not what it would write
 
 The public surface is read from the package itself, never from file paths, so it follows modules that move:
-``fi_ffi.__all__``, ``fi_ffi.typing.__all__``, ``fi_ffi.comm.__all__`` and the ``__all__`` of each module of
-``fi_ffi.models``. Ops are grouped into pages by family (:data:`FAMILIES`, keyed by the last part of the defining
+``fi_ffi.__all__``, ``fi_ffi.tensor.protocols.__all__``, ``fi_ffi.comm.__all__`` and the ``__all__`` of each module of
+``fi_engine``. Ops are grouped into pages by family (:data:`FAMILIES`, keyed by the last part of the defining
 module's name), then by module; every other name of ``fi_ffi`` is on the core page.
 
 Why a small generator rather than Sphinx or MkDocs: the pages are plain Markdown committed with the code, so they
@@ -46,7 +46,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 CORE = ("core", "Descriptors, dtypes, streams, errors and typing")
 COMM = ("comm", "Tensor parallelism (fi_ffi.comm)")
-MODELS = ("models", "The serving engine (fi_ffi.models)")
+MODELS = ("models", "The serving engine (fi_engine)")
 PAGE_ORDER = ("core", *FAMILIES, "comm", "models")
 
 
@@ -85,10 +85,10 @@ def _op_page(module: str) -> str:
 
 def public_surface() -> list[Entry]:
     """Every public name of fi_ffi, with the page it belongs on (imports fi_ffi; loads no shared library)."""
+    import fi_engine
     import fi_ffi
     import fi_ffi.comm
-    import fi_ffi.models
-    import fi_ffi.typing
+    import fi_ffi.tensor.protocols
 
     entries = []
     for name in _exported(fi_ffi):
@@ -96,14 +96,14 @@ def public_surface() -> list[Entry]:
         module = getattr(obj, "__module__", "") if callable(obj) else ""
         page = _op_page(module) if module.startswith("fi_ffi.ops.") else CORE[0]
         entries.append(Entry(f"fi_ffi.{name}", obj, page))
-    for name in _exported(fi_ffi.typing):
-        entries.append(Entry(f"fi_ffi.typing.{name}", getattr(fi_ffi.typing, name), CORE[0]))
+    for name in _exported(fi_ffi.tensor.protocols):
+        entries.append(Entry(f"fi_ffi.tensor.protocols.{name}", getattr(fi_ffi.tensor.protocols, name), CORE[0]))
     for name in _exported(fi_ffi.comm):
         entries.append(Entry(f"fi_ffi.comm.{name}", getattr(fi_ffi.comm, name), COMM[0]))
-    for info in sorted(pkgutil.iter_modules(fi_ffi.models.__path__), key=lambda i: i.name):
+    for info in sorted(pkgutil.iter_modules(fi_engine.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"fi_ffi.models.{info.name}")
+        module = importlib.import_module(f"fi_engine.{info.name}")
         for name in _exported(module):
             entries.append(Entry(f"{module.__name__}.{name}", getattr(module, name), MODELS[0]))
     return entries
@@ -404,10 +404,10 @@ _ALIAS_DOCS: dict[str, tuple[str, str]] = {}
 def _alias_docs() -> dict[str, tuple[str, str]]:
     import ast
 
-    import fi_ffi.typing
+    import fi_ffi.tensor.protocols
 
     found = {}
-    source = inspect.getsource(fi_ffi.typing)
+    source = inspect.getsource(fi_ffi.tensor.protocols)
     tree = ast.parse(source)
     for node, after in zip(tree.body, tree.body[1:], strict=False):
         target: ast.expr
@@ -425,7 +425,10 @@ def _alias_docs() -> dict[str, tuple[str, str]]:
             and isinstance(after.value.value, str)
         ):
             text = " ".join((ast.get_source_segment(source, value) or "...").split())
-            found[f"fi_ffi.typing.{target.id}"] = (text, " ".join(inspect.cleandoc(after.value.value).split()))
+            found[f"fi_ffi.tensor.protocols.{target.id}"] = (
+                text,
+                " ".join(inspect.cleandoc(after.value.value).split()),
+            )
     return found
 
 
@@ -462,10 +465,10 @@ def render(entries: list[Entry]) -> dict[str, str]:
         "# fi_ffi API reference",
         "",
         "Every public name of fi_ffi with its signature and docstring. Tensor arguments are typed with",
-        "[`fi_ffi.typing`](core.md#fi_ffitypingtensorlike): `TensorLike` is a `fi_ffi.Tensor` descriptor or any",
-        "object speaking DLPack, `__cuda_array_interface__` or `__array_interface__` (numpy, CuPy, JAX, torch,",
-        "numba, ...); an op that writes a caller's tensor returns it as passed (`TensorT`). Shapes are written",
-        "`[B, D]`, in elements; sizes in bytes say so.",
+        "[`fi_ffi.tensor.protocols`](core.md#fi_ffitensorprotocolstensorlike): `TensorLike` is a `fi_ffi.Tensor`",
+        "descriptor or any object speaking DLPack, `__cuda_array_interface__` or `__array_interface__` (numpy, CuPy,",
+        "JAX, torch, numba, ...); an op that writes a caller's tensor returns it as passed (`TensorT`). Shapes are",
+        "written `[B, D]`, in elements; sizes in bytes say so.",
         "",
         "These pages are generated by `python tools/api_reference.py` and checked by `tests/test_api_reference.py`.",
         "",

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..dtypes import Device, DType
 from ..loader import dl
-from ..tensor import Tensor
+from ..tensor.descriptor import Tensor
 from .cdefs import get_ffi
 from .frame import Frame, call, describe_frame, fail, result
 from .objects import (

@@ -12,7 +12,7 @@ import struct
 import threading
 from typing import Any
 
-from ..tensor import Tensor
+from ..tensor.descriptor import Tensor
 from .cdefs import get_ffi
 from .cells import _HEADER, _view, get_ffi_api_decref, read_byte_array
 from .raised import error_from_handle, take_raised
@@ -175,7 +175,7 @@ def tensor_object(t: Tensor) -> TensorObject:
 
     The object borrows the memory: keep ``t``'s producer alive until the object is released.
     """
-    from ..tensor import WIRE_DEVICE_TYPE
+    from ..tensor.descriptor import WIRE_DEVICE_TYPE
 
     ffi = get_ffi()
     if _managed.deleter is None:

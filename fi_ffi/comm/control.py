@@ -50,8 +50,8 @@ def pack(decl: wire.Declaration, values: Sequence[Any], keep: list[Any]) -> list
         TypeError / ValueError: naming the parameter, for a value of the wrong type or range.
     """
     from ..dtypes import dtype as to_dtype
-    from ..interop import as_tensor
     from ..launch.launcher import scalar
+    from ..tensor.interop import as_tensor
 
     if len(values) != len(decl.params):
         raise TypeError(f"{decl.entry}: expected {len(decl.params)} arguments, got {len(values)}")

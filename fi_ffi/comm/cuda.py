@@ -4,7 +4,7 @@ Device memory for IPC workspaces and staging, streams of its own, copies, and th
 (``cudaIpcGetMemHandle`` / ``cudaIpcOpenMemHandle``): 64-byte handles of ``cudaMalloc`` allocations that a process
 on the same host opens to map a peer's memory. No multicast object is ever made here.
 
-Errors are :class:`fi_ffi.errors.CudaError` from :func:`fi_ffi.cuda_runtime.check` (``CudaError`` stays importable
+Errors are :class:`fi_ffi.errors.CudaError` from :func:`fi_ffi.cuda.runtime.check` (``CudaError`` stays importable
 from here: it is the same class).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import cuda_runtime
+from ..cuda import runtime as cuda_runtime
 from ..errors import CudaError
 
 IPC_HANDLE_BYTES = 64

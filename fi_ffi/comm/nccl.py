@@ -435,8 +435,8 @@ class Communicator:
     # ---- internals ------------------------------------------------------------------------------------------
 
     def _tensor(self, name: str, value: Any) -> Any:
-        from ..interop import as_tensor
-        from ..tensor import contiguous_strides
+        from ..tensor.descriptor import contiguous_strides
+        from ..tensor.interop import as_tensor
 
         if self._comm is None:
             raise ValueError("the communicator is closed")
@@ -450,8 +450,8 @@ class Communicator:
         return t
 
     def _stream_of(self, stream: Any, first: Any) -> int:
-        from .. import producers
-        from ..streams import current_stream, stream_handle
+        from ..tensor import producers
+        from ..tensor.streams import current_stream, stream_handle
 
         if stream is not None:
             handle = stream_handle(stream)

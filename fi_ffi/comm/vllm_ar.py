@@ -245,7 +245,7 @@ class CustomAllReduce:
         max_graph_all_reduces: int = 4096,
         num_ctas: int = MAX_CTAS,
     ) -> None:
-        from ..tensor import Tensor
+        from ..tensor.descriptor import Tensor
         from . import cuda
         from .ipc import IpcBuffer
         from .nccl import open_communicator
@@ -302,7 +302,7 @@ class CustomAllReduce:
         """
         self._open()
         registered = checks.flag("registered", registered)
-        from ..interop import as_tensor
+        from ..tensor.interop import as_tensor
 
         t = as_tensor(inp, name="inp")  # a descriptor is returned as is
         nbytes = t.numel * t.dtype.itemsize

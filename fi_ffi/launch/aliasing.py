@@ -13,7 +13,7 @@ layouts only, so the launcher computes it once per layout combination and tests 
 
 from __future__ import annotations
 
-from ..tensor import Tensor
+from ..tensor.descriptor import Tensor
 
 
 def footprint(t: Tensor) -> tuple[int, int]:

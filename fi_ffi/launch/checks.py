@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..dtypes import DType
-from ..tensor import Tensor
+from ..tensor.descriptor import Tensor
 from .pointer_rules import PointerRules
 
 
@@ -25,7 +25,7 @@ def tensor(name: str, value: Any, host: bool = False) -> Tensor:
         return value
     if value is None:
         raise TypeError(f"{name}: expected a tensor, got None")
-    from ..interop import as_tensor
+    from ..tensor.interop import as_tensor
 
     return as_tensor(value, name=name)
 

@@ -41,7 +41,7 @@ def handle(device_id: int) -> int:
     with _lock:
         found = _handles.get(device_id)
         if found is None:
-            from . import device
+            from ..cuda import device
 
             lib, ffi = _load()
             previous = device.make_current(device_id)

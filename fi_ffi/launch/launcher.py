@@ -8,7 +8,7 @@ written by hand).
 
 How a call runs:
 
-1. **Read.** Each tensor argument gives ``(layout key, data pointer)`` through :mod:`fi_ffi.producers`
+1. **Read.** Each tensor argument gives ``(layout key, data pointer)`` through :mod:`fi_ffi.tensor.producers`
    (descriptor, torch, CuPy, any DLPack / CUDA-array-interface producer). Scalars are their own keys.
 2. **Look up.** The tuple of keys (plus ``context``, a hashable value the op adds, e.g. its plan settings)
    is looked up in this thread's frame cache. Scalar parameters that are a function of the context (a
@@ -57,7 +57,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
-from .. import caches, producers
+from .. import caches
 from ..abi import wire
 from ..abi.frame import RECORD as _RECORD
 from ..abi.frame import SLOT as _SLOT
@@ -65,8 +65,9 @@ from ..abi.frame import Frame, call_on, describe_frame, fail, result
 from ..abi.objects import ARRAY, BOOL, DLTENSOR_PTR, FLOAT, INT, NONE, RAW_STR, TENSOR, Array, ObjectRef
 from ..dtypes import CUDA
 from ..errors import LoaderError
-from ..streams import stream_handle
-from ..tensor import WIRE_DEVICE_TYPE, Tensor
+from ..tensor import producers
+from ..tensor.descriptor import WIRE_DEVICE_TYPE, Tensor
+from ..tensor.streams import stream_handle
 from .pointer_rules import HIDDEN_ADDRESS, ApartTest, PointerRules, apart_test, compile_apart, enforce, without_address
 
 # An op's contract: given the call's arguments without their addresses (and ``context``), raise on a bad layout or

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..tensor import Tensor
+from ..tensor.descriptor import Tensor
 from . import aliasing
 
 __all__ = [

@@ -13,7 +13,7 @@ no strides) with the same dtype, device and leading dimensions; at least one row
 (16-byte vector loads of both halves; flashinfer-python asks only ``2 d`` to be, which misaligns ``y``);
 16-byte aligned data pointers; ``out`` shares no memory with ``input``.
 
-All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize.
+All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`) and never synchronize.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..dtypes import bfloat16, float16
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
-from ..typing import StreamLike, TensorLike, TensorT
+from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 _DTYPES = (float16, bfloat16)
 _VECTOR_BYTES = 16

@@ -29,7 +29,7 @@ from ..dtypes import dtype as dtype_of
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
-from ..typing import StreamLike, TensorLike, TensorT
+from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 __all__ = ["WORKSPACE_BYTES", "bmm_fp8"]
 

@@ -41,14 +41,15 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..abi.wire import FLOAT, declare, optional_tensor, tensor
+from ..cuda import device
 from ..dtypes import Device, bfloat16, float16, float32, int64, uint8
 from ..errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
-from ..launch import checks, device
+from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
-from ..streams import stream_handle
-from ..tensor import Tensor
-from ..typing import StreamLike, TensorLike, TensorT
+from ..tensor.descriptor import Tensor
+from ..tensor.protocols import StreamLike, TensorLike, TensorT
+from ..tensor.streams import stream_handle
 from .attention.variants import not_shipped
 
 _URI = "gdn_prefill_sm90"

@@ -43,8 +43,8 @@ from ..dtypes import bfloat16, float16, float32, int32, int64
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
-from ..tensor import Tensor
-from ..typing import StreamLike, TensorLike, TensorT
+from ..tensor.descriptor import Tensor
+from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 __all__ = ["selective_state_update"]
 

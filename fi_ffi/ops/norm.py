@@ -1,6 +1,6 @@
 """The RMSNorm family of ``norm.so``: RMSNorm, fused QK RMSNorm, Gemma RMSNorm and the fused-add variants.
 
-All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize. Tensors are
+All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`) and never synchronize. Tensors are
 :class:`~fi_ffi.tensor.Tensor` descriptors or DLPack / CUDA-array-interface producers (torch, CuPy,
 cuda.core). Supported dtypes: float16 and bfloat16; ``weight`` (and ``out``) must have ``input``'s dtype.
 
@@ -24,7 +24,7 @@ from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.packing import Packable, register
 from ..launch.pointer_rules import PointerRules
-from ..typing import StreamLike, TensorLike, TensorT
+from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 _URI = "norm"
 _DTYPES = (float16, bfloat16)

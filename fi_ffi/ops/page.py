@@ -23,7 +23,7 @@ The host helpers take "host integer arrays": numpy arrays (any byte order), CPU 
 ints. Every value must fit in int32 (the type of the device arrays they describe); floats, strings, bools and
 larger ints are refused with a message naming the argument, never parsed or truncated.
 
-All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize.
+All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`) and never synchronize.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.packing import Packable, register
 from ..launch.pointer_rules import PointerRules
-from ..tensor import Tensor
-from ..typing import IndexLike, StreamLike, TensorLike
+from ..tensor.descriptor import Tensor
+from ..tensor.protocols import IndexLike, StreamLike, TensorLike
 from .attention.plan_settings import LAYOUTS  # the KV layout codes the kernels take, stated once
 
 _URI = "page"

@@ -18,7 +18,7 @@ contiguous, non-empty; ``out`` uint8 1-D contiguous; index arrays int32 1-D cont
 FlashInfer's ``segment_packbits`` binding (0.6.3 and 0.7.2) ignores the kernel launch status: a failed launch is
 not reported by the call (it surfaces, if at all, at the next synchronizing CUDA call).
 
-All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize.
+All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`) and never synchronize.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ..dtypes import bool_, int32, uint8
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
-from ..typing import StreamLike, TensorLike, TensorT
+from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 _URI = "quantization"
 _BITORDERS = ("big", "little")

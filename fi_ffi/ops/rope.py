@@ -32,7 +32,7 @@ thread rotates: ``v = max(8, head_dim / 32)`` when interleaved, ``2 v`` otherwis
 vector). An output is either its input itself (in place) or shares no memory with any input; this is checked
 on every call (see :mod:`fi_ffi.launch.pointer_rules`).
 
-All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize. Pass the float
+All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`) and never synchronize. Pass the float
 parameters as Python floats (ints are converted), so repeated calls stay on the launcher's fast path.
 """
 
@@ -48,8 +48,8 @@ from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.packing import Packable, register
 from ..launch.pointer_rules import PointerRules
-from ..tensor import Tensor
-from ..typing import StreamLike, TensorLike, TensorT
+from ..tensor.descriptor import Tensor
+from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 _URI = "rope"
 _DTYPES = (float16, bfloat16)
@@ -638,7 +638,7 @@ def _stream_of(x: Any, view: Tensor, stream: Any) -> Any:
     ``x`` itself (torch's or CuPy's current stream) when ``stream`` is None."""
     if stream is not None:
         return stream
-    from .. import producers
+    from ..tensor import producers
 
     return producers.default_stream(x, view.device.device_id)
 

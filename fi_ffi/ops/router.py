@@ -30,7 +30,7 @@ from ..dtypes import bfloat16, float16, float32, int32
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
-from ..typing import StreamLike, TensorLike, TensorT
+from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 __all__ = ["fused_topk_deepseek", "mm_M1_16_K7168_N128", "mm_M1_16_K7168_N256"]
 

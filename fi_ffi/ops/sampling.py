@@ -1,7 +1,7 @@
 """Sampling ops of ``sampling.so``: softmax, categorical sampling (plain, top-p, top-k, min-p, top-k + top-p),
 renormalization / masking by top-p and top-k, and chain speculative sampling.
 
-Every call is asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronizes. **fi_ffi never
+Every call is asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`) and never synchronizes. **fi_ffi never
 allocates device memory**: outputs (``out``, ``valid``, the speculative outputs) and scratch buffers
 (``workspace``, ``row_states_buffer``) are passed in by the caller, with the sizes stated below. Tensors are
 :class:`~fi_ffi.tensor.Tensor` descriptors or DLPack / CUDA-array-interface producers (torch, CuPy, ...), all
@@ -40,7 +40,7 @@ from ..generator import Generator, default_generator, draw
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
-from ..typing import StreamLike, TensorLike, TensorT
+from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 _URI = "sampling"
 _U64 = 1 << 64
@@ -495,7 +495,7 @@ def _rows(name: str, value: Any, dim: int = 0) -> int:
         return int(value.shape[dim])
     except Exception:
         try:
-            from ..interop import as_tensor
+            from ..tensor.interop import as_tensor
 
             return int(as_tensor(value, name=name).shape[dim])
         except Exception:

@@ -47,16 +47,17 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from .. import driver, producers
 from ..abi.wire import BOOL, declare, tensor
+from ..cuda import driver
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32, int64, uint8
 from ..launch import checks
 from ..launch.aliasing import disjoint
 from ..launch.launcher import check_tensor, launcher
 from ..launch.pointer_rules import PointerRules
-from ..streams import current_stream, stream_handle
-from ..tensor import Tensor
-from ..typing import IndexLike, StreamLike, TensorLike, TensorT
+from ..tensor import producers
+from ..tensor.descriptor import Tensor
+from ..tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
+from ..tensor.streams import current_stream, stream_handle
 from .attention.host_index import host_array
 from .attention.workspace import Workspace
 
@@ -330,7 +331,7 @@ def segment_gemm(
             f"the workspace has {workspace.int_bytes}"
         )
     arrays = _arrays(workspace.int_buffer.data_ptr, offsets, c.args.count, workspace.device)
-    from ..launch import device
+    from ..cuda import device
 
     previous = device.make_current(workspace.device.device_id)  # the driver's copy needs the context current
     try:
@@ -540,8 +541,8 @@ def segment_gemm_args_bytes(batch_size: int) -> int:
 
 def _copy_sync(dst: int, data: bytes, device_id: int) -> None:
     """Copy ``data`` from the host to device address ``dst`` and wait for it (driver ``cuMemcpyHtoD``)."""
-    from .. import cuda_runtime
-    from ..launch import device
+    from ..cuda import device
+    from ..cuda import runtime as cuda_runtime
 
     lib = driver.load()
     if lib is None:
@@ -651,8 +652,8 @@ def _check_operands(
 
 def _stage(ws: Workspace, data: bytes, stream: int) -> None:
     """Write ``data`` into the page-locked buffer and enqueue its copy into the int buffer on ``stream``."""
-    from .. import cuda_runtime
     from ..abi.cdefs import get_ffi
+    from ..cuda import runtime as cuda_runtime
 
     lib = driver.load()
     if lib is None:

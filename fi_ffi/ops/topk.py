@@ -25,7 +25,7 @@ from ..dtypes import bfloat16, float16, float32, int32
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
-from ..typing import StreamLike, TensorLike, TensorT
+from ..tensor.protocols import StreamLike, TensorLike, TensorT
 from .sampling import ROW_STATE_ALIGNMENT, ROW_STATES_BYTES
 
 _URI = "topk"

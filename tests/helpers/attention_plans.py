@@ -14,7 +14,7 @@ from fi_ffi.errors import KernelError
 from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.attention.plan import Plan
 from fi_ffi.ops.attention.workspace import Workspace
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 from helpers.fakes import fake_cuda
 
 F16_128 = "dtype_q_f16_dtype_kv_f16_dtype_o_f16"

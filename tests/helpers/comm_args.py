@@ -9,7 +9,7 @@ import numpy as np
 
 from fi_ffi.comm import trtllm_ar
 from fi_ffi.comm.trtllm_ar import AllReduceFusionPattern, WorkspaceMetadata
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 
 def fake_cuda(shape: tuple[int, ...], dtype: str = "bfloat16", offset: int = 0) -> Tensor:

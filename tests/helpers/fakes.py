@@ -11,7 +11,7 @@ import numpy as np
 
 from fi_ffi.errors import KernelError
 from fi_ffi.launch.aliasing import footprint
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 
 
 def fake_cuda(

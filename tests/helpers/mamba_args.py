@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from fi_ffi.tensor import Tensor
+from fi_ffi.tensor.descriptor import Tensor
 from helpers.fakes import fake_cuda
 
 

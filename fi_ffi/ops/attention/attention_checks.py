@@ -14,7 +14,7 @@ from typing import Any
 
 from ...dtypes import DType
 from ...launch.pointer_rules import PointerRules
-from ...tensor import Tensor
+from ...tensor.descriptor import Tensor
 
 __all__ = [
     "device_tensor",

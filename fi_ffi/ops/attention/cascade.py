@@ -18,7 +18,7 @@ shapes; at least one row, head and state. The kernels declare their pointers ``_
 memory with inputs (``merge_state_in_place`` is the in-place form); checked on the first call of each layout
 combination (see :mod:`fi_ffi.launch.aliasing`). fi_ffi allocates nothing: pass the outputs.
 
-All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.streams`) and never synchronize.
+All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`) and never synchronize.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from ...dtypes import bfloat16, bool_, float16, float32, uint8
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
-from ...tensor import Tensor
-from ...typing import StreamLike, TensorLike, TensorT
+from ...tensor.descriptor import Tensor
+from ...tensor.protocols import StreamLike, TensorLike, TensorT
 
 _URI = "cascade"
 _DTYPES = (float16, bfloat16)

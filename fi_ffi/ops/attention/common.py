@@ -12,8 +12,8 @@ from typing import Any
 
 from ...dtypes import DType
 from ...launch import checks
-from ...producers import reader, readers
-from ...tensor import Tensor
+from ...tensor.descriptor import Tensor
+from ...tensor.producers import reader, readers
 from . import attention_checks as AC
 from . import plan_settings as S
 from .plan import Plan

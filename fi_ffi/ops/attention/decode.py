@@ -14,7 +14,7 @@ the logits are ``cap * tanh(sm_scale * q.k / cap)``; ``window_left >= 0`` keeps 
 tokens. RoPE and ALiBi apply only with modules compiled for them (``pos_encoding``). An FP8 KV cache
 (``kv_dtype="float8_e4m3fn"``) is read by the modules built for it (q and o stay float16/bfloat16).
 
-Everything is asynchronous on ``stream`` (see :mod:`fi_ffi.streams`); nothing synchronizes except the one
+Everything is asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`); nothing synchronizes except the one
 documented wait in :mod:`fi_ffi.ops.attention.workspace` (a plan waits for the previous plan's pinned-buffer copy).
 Plan and run must use the same stream. The decode kernels support GQA group sizes 1, 2, 3, 4 and 8, and
 equal q/k and v/o head dims.
@@ -35,8 +35,8 @@ from ...dtypes import int32, uint8
 from ...launch import checks
 from ...launch.launcher import Bound, PreparedRun, launcher
 from ...launch.pointer_rules import PointerRules
-from ...tensor import Tensor
-from ...typing import IndexLike, StreamLike, TensorLike, TensorT
+from ...tensor.descriptor import Tensor
+from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
 from .common import (

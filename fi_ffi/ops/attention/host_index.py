@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ... import caches
-from ...tensor import Tensor
+from ...tensor.descriptor import Tensor
 
 __all__ = ["check_indptr", "check_last_page_len", "host_array", "host_tensor"]
 

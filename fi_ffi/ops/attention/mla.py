@@ -32,7 +32,7 @@ Math, per request, row ``i`` (of ``qo_len``), head ``h``, over the request's tok
 With ``causal``, row ``i`` sees tokens ``j <= kv_len - qo_len + i`` (the rows are the request's last ``qo_len``
 tokens, FlashInfer's bottom-right alignment); one-row (decode) requests see every token either way.
 
-Everything is asynchronous on ``stream`` (see :mod:`fi_ffi.streams`); a plan and its runs must use the same
+Everything is asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`); a plan and its runs must use the same
 stream. The only wait is the workspace's: a plan waits for the previous plan's pinned-buffer copy
 (:mod:`fi_ffi.ops.attention.workspace`).
 """
@@ -47,17 +47,17 @@ import numpy as np
 from ... import caches
 from ...abi.objects import Array
 from ...abi.wire import ARRAY, BOOL, FLOAT, INT, Param, declare, optional_tensor, scalar, tensor
-from ...cuda_runtime import DeviceScope, runtime
-from ...cuda_runtime import check as _check_cuda
+from ...cuda.runtime import DeviceScope, runtime
+from ...cuda.runtime import check as _check_cuda
 from ...dtypes import DType, bfloat16, float8_e4m3fn, float8_e5m2, float16, float32, int32
 from ...dtypes import dtype as to_dtype
 from ...errors import KernelError, UnsupportedDeviceError
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
-from ...streams import current_stream, stream_handle
-from ...tensor import Tensor
-from ...typing import IndexLike, StreamLike, TensorLike, TensorT
+from ...tensor.descriptor import Tensor
+from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
+from ...tensor.streams import current_stream, stream_handle
 from . import variants as V
 from .host_index import check_indptr, host_array, host_tensor
 from .plan import Schedule

@@ -15,7 +15,7 @@ from typing import Any
 from ...abi.objects import Array
 from ...dtypes import CUDA
 from ...errors import KernelError
-from ...streams import stream_handle
+from ...tensor.streams import stream_handle
 from .workspace import Workspace
 
 __all__ = ["call_plan"]

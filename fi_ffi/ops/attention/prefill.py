@@ -38,8 +38,8 @@ from ...dtypes import int32, uint8
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
-from ...tensor import Tensor
-from ...typing import IndexLike, StreamLike, TensorLike, TensorT
+from ...tensor.descriptor import Tensor
+from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
 from .common import (

@@ -34,7 +34,7 @@ from ...errors import KernelNotFoundError, UnsupportedDeviceError
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
-from ...typing import IndexLike, StreamLike, TensorLike, TensorT
+from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
 from .common import check_kv_tokens, check_pages, check_rows, check_workspace, runnable

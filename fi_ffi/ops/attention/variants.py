@@ -573,7 +573,7 @@ _sm_major: dict[int, int | None] = {}
 def sm_major(device_id: int) -> int | None:
     """The compute capability major of CUDA device ``device_id``, or None if it cannot be read (no GPU)."""
     if device_id not in _sm_major:
-        from ... import cuda_runtime
+        from ...cuda import runtime as cuda_runtime
 
         try:
             rt = cuda_runtime.runtime()

@@ -31,7 +31,7 @@ plans, MLA plans, segment GEMM's argument arrays) does so inside ``with workspac
 :meth:`Workspace.allocate` allocates the three buffers with ``cuda.bindings`` (``cudaMalloc``,
 ``cudaMallocHost``; the float buffer is zeroed once, as upstream asks) and frees them on :meth:`close` or at
 context exit. :meth:`Workspace.from_buffers` wraps buffers the caller owns. A failing CUDA runtime call raises
-:class:`~fi_ffi.errors.CudaError` (through :func:`fi_ffi.cuda_runtime.check`).
+:class:`~fi_ffi.errors.CudaError` (through :func:`fi_ffi.cuda.runtime.check`).
 """
 
 from __future__ import annotations
@@ -39,16 +39,17 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ... import cuda_runtime, driver
-from ...cuda_runtime import DeviceScope
-from ...cuda_runtime import check as _check  # CUDA runtime results: values, or the one CudaError
-from ...cuda_runtime import runtime as _rt  # cuda.bindings.runtime, imported on first use
+from ...cuda import driver
+from ...cuda import runtime as cuda_runtime
+from ...cuda.runtime import DeviceScope
+from ...cuda.runtime import check as _check  # CUDA runtime results: values, or the one CudaError
+from ...cuda.runtime import runtime as _rt  # cuda.bindings.runtime, imported on first use
 from ...dtypes import Device
 from ...errors import CudaError
 from ...launch import checks
 from ...launch.aliasing import disjoint
-from ...tensor import Tensor
-from ...typing import TensorLike
+from ...tensor.descriptor import Tensor
+from ...tensor.protocols import TensorLike
 
 FLOAT_BYTES = 128 << 20
 INT_BYTES = 8 << 20
@@ -61,7 +62,7 @@ __all__ = ["FLOAT_BYTES", "INT_BYTES", "PINNED_BYTES", "TMP_BYTES", "Staging", "
 
 
 # The two calls of every plan (query and record the plan-copy event) go straight to the CUDA driver
-# (fi_ffi.driver): through cuda.bindings each costs a few microseconds. The event itself is created and destroyed
+# (fi_ffi.cuda.driver): through cuda.bindings each costs a few microseconds. The event itself is created and destroyed
 # with cuda.bindings (once per workspace); a runtime event is a driver event.
 
 
@@ -381,7 +382,7 @@ def _free(owned: list[tuple[str, int]], device_id: int) -> None:
 
 def current_stream(device: Device) -> int:
     """TVM-FFI's current stream of ``device`` on this thread (0: the legacy default stream)."""
-    from ...streams import current_stream as current
+    from ...tensor.streams import current_stream as current
 
     return current(device.device_id)
 

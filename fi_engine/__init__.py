@@ -1,0 +1,33 @@
+"""A small serving engine for Llama-architecture models (Llama, Qwen3, Mixtral, Qwen3-MoE), Gemma 2, gpt-oss and
+DeepSeek-V3/V2, built on fi_ffi, without torch.
+
+Needs CuPy (the ``llama`` extra; ``python -m pip install cupy-cuda13x``) and cuBLAS 13 (a CUDA 13 toolkit, or
+``python -m pip install 'nvidia-cublas>=13,<14'``).
+
+The binding layer (everything outside this package) never imports it. Modules, one concept each:
+
+- :mod:`~fi_engine.config`: ``config.json`` of a Hugging Face Llama checkpoint, parsed and checked.
+- :mod:`~fi_engine.checkpoint`: ``*.safetensors`` read (and written, for tests) with numpy only.
+- :mod:`~fi_engine.paging`: the host side of serving: page allocator, requests, batching, padding and the
+  index arrays the attention plans take. Pure Python + numpy; no GPU.
+- :mod:`~fi_engine.kernels`: every fi_ffi op the engine calls, in one adapter.
+- :mod:`~fi_engine.cublas`: cuBLAS (libcublas) through cffi in ABI mode: a handle, its stream and workspace,
+  ``cublasGemmEx`` (and its strided batched form). Loaded on first use.
+- :mod:`~fi_engine.dense`: the dense GEMMs (on that handle), the engine's own GEMV (plain, or fused with
+  the decode step's norms, SiLU, RoPE and KV append) and small kernels (row gather, argmax), checked and launched;
+  :mod:`~fi_engine.cuda_sources`: their CUDA C.
+- :mod:`~fi_engine.graph`: CUDA graph capture and replay with cuda-python.
+- :mod:`~fi_engine.moe_routing`: mixture-of-experts softmax + top-k and grouping by expert, in numpy.
+- :mod:`~fi_engine.moe`: the MoE MLP layer (grouped GEMMs, a host-routed and a fixed-capacity device path) and
+  the activation buffers its layers share.
+- :mod:`~fi_engine.tensor_parallel`: what each rank of a tensor-parallel engine holds, and its all-reduce.
+- :mod:`~fi_engine.llama`: the model (weights, buffers, forward) and the serving loop.
+- :mod:`~fi_engine.deepseek_config`, :mod:`~fi_engine.deepseek_routing`, :mod:`~fi_engine.mla_weights`:
+  DeepSeek-V2/V3's config, group-limited expert routing (numpy) and MLA weight absorption (numpy);
+  :mod:`~fi_engine.deepseek`: its engine (the Llama serving loop with an MLA + MoE layer body).
+- :mod:`~fi_engine.family_configs`: Gemma 2's and gpt-oss's own settings (windows, soft caps, YaRN, refusals).
+- :mod:`~fi_engine.weights`: checkpoint tensors onto the GPU for the family engines.
+- :mod:`~fi_engine.gemma2`, :mod:`~fi_engine.gpt_oss`: those families' engines (subclasses of the Llama
+  engine: their weights, forward and attention plans).
+- :mod:`~fi_engine.engines`: which engine serves a checkpoint, by ``model_type``.
+"""

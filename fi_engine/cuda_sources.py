@@ -1,0 +1,545 @@
+"""The CUDA C of the engine's own kernels: three sources, which :class:`~fi_engine.dense.Dense` compiles with
+NVRTC into three modules, checks the arguments of and launches (nothing here runs).
+
+:data:`ROW_KERNELS_SOURCE` (compiled as is; launched through CuPy ``RawKernel`` or, for the gather of the fused
+decode step, ``cuLaunchKernel``). Copies and exact comparisons only: nothing is rounded.
+
+- ``gather_rows16(src, rows, dst, width, src_ld, dst_ld)``: ``dst[r, :width] = src[rows[r], :width]``, 16-bit
+  elements, ``rows`` int32; one block per output row (the embedding lookup).
+- ``gather_rows16_shard(..., lo, n)``: the same for a vocabulary shard holding ids ``[lo, lo + n)``; a row whose
+  id is outside gets zeros (the other ranks add theirs).
+- ``argmax_rows(x, n, ld, out)``: ``out[r]`` = the first index of the largest of ``x[r, :n]`` (float32 ``x``
+  with row stride ``ld``, int32 ``out [rows]``); NaN never wins, a row of NaN/-inf gives 0. One block per row
+  (a multiple of 32 threads, at most 1024).
+- ``argmax_rows_shard(x, n, ld, offset, pairs)``: a shard's ``pairs [rows, 2]`` int32 = (the largest value's
+  float32 bits, its first index + ``offset``).
+- ``combine_argmax(pairs, parts, rows, out)``: the all-gathered ``pairs [parts, rows, 2]`` combined into one
+  index per row, as :func:`~fi_engine.tensor_parallel.combine_shard_argmax` does in numpy; one thread a row.
+- ``unshard_columns(src, rows, width, n, dst, dst_ld)``: the all-gathered float32 shards ``src [parts, rows,
+  width]`` as ``dst [rows, :n]`` (the padding columns past ``n`` dropped).
+
+:data:`GEMV_SOURCE` (compiled as is; launched with ``cuLaunchKernel``). ``gemv_{f16,bf16}_{f16,f32}(x, w, y,
+rows, n, k, x_ld, y_ld)``: ``y[r, j] = sum_c x[r, c] * w[j, c]`` for ``r < rows <= 4`` -- ``x [rows, k]`` and
+``w [n, k]`` (row-major, a Linear weight) 16-bit, ``y [rows, n]`` 16-bit or float32, row strides ``x_ld``,
+``y_ld`` in elements. One warp per output column (Dense launches 4 a block, ``ceil(n / 4)`` blocks): lane ``l``
+sums, in float32, the 8-element vectors ``l, l + 32, ...`` of ``w``'s row, then a butterfly sums the 32 lanes.
+Rounding: none but ``y``'s, once, to nearest even (float32 ``y``: none). ``k`` a multiple of 8; ``x``, ``w``
+and ``x``'s rows 16-byte aligned.
+
+:data:`FUSED_GEMV_SOURCE` (compiled with ``--use_fast_math``, as FlashInfer's modules are; launched with
+``cuLaunchKernel`` on 8 warps a block, at most 8 blocks per SM, each block serving a grid-stride set of columns):
+
+- ``gemv_{f16,bf16}_{f16,f32}_{norm,addnorm,silu}(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps)``:
+  the GEMV above (the same sums in the same order) whose input rows ``in [rows, k]`` a prologue computes into
+  dynamic shared memory (``rows * k * 2`` bytes), so the launch that made them goes away. Its ``MODE`` template
+  argument is :data:`~fi_engine.dense.NORM` (1: ``in = rmsnorm(h) * nw``), ``ADD_NORM`` (2: ``s = h + x``,
+  ``h_out = s``, ``in = rmsnorm(s) * nw``; ``x`` and ``h [rows, k]``) or ``SILU`` (3: ``in = silu(x[:, :k]) *
+  x[:, k:2k]``; ``x [rows, 2k]``). Rounding: where FlashInfer's ``rmsnorm``, ``fused_add_rmsnorm`` and
+  ``silu_and_mul`` round -- ``in`` and ``h_out`` to the 16-bit type, nothing else (``s`` is normalized before
+  its rounding) -- then ``y`` once, as the GEMV; the sum of squares in FlashInfer's order and ``rsqrt.approx``,
+  so the result equals those launches followed by the GEMV bit for bit.
+- ``gemv_{f16,bf16}_{norm,addnorm}_rope(...)``: the NORM / ADD_NORM GEMV of a decode step's QKV projection (``y =
+  qkv [rows, (hq + 2 hk) d]``, 16-bit) with FlashInfer's ``apply_rope_pos_ids`` (non-interleaved, all of ``d``)
+  and ``append_paged_kv_cache`` (NHD) as its epilogue; each warp computes one head's columns ``i`` and ``i + d /
+  2``. Rounding: each column to the 16-bit type as the GEMV's output; the q and k heads rotated in float32 from
+  those values and rounded again (as the RoPE kernel writes them); the k and v heads copied into the caches as
+  stored in ``y``. The host computes the RoPE constants as FlashInfer's launcher does
+  (:meth:`~fi_engine.dense.RopeAppend.constants`).
+
+The sources are the text NVRTC compiles, byte for byte as they were written in :mod:`~fi_engine.dense`
+(``FUSED_GEMV_SOURCE``'s first comment still calls the plain GEMV ``_GEMV_SOURCE``, its name there): a change
+of one byte is a new kernel, to be proven on the GPU against FlashInfer's launches (tests/test_gpu_fused_decode.py).
+"""
+
+from __future__ import annotations
+
+__all__ = ["FUSED_GEMV_SOURCE", "GEMV_SOURCE", "ROW_KERNELS_SOURCE"]
+
+ROW_KERNELS_SOURCE = r"""
+#define NEG_INF __int_as_float((int)0xff800000u)
+
+// dst[r, :width] = src[rows[r], :width] for 16-bit elements; one block per output row.
+extern "C" __global__ void gather_rows16(const unsigned short* __restrict__ src, const int* __restrict__ rows,
+                                         unsigned short* __restrict__ dst, long long width, long long src_ld,
+                                         long long dst_ld) {
+    const unsigned short* a = src + (long long)rows[blockIdx.x] * src_ld;
+    unsigned short* b = dst + (long long)blockIdx.x * dst_ld;
+    for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = a[c];
+}
+
+__device__ __forceinline__ void keep_first_max(float& best, int& idx, float ob, int oi) {
+    if (ob > best || (ob == best && oi < idx)) { best = ob; idx = oi; }
+}
+
+// dst[r, :width] = src[rows[r] - lo, :width] where lo <= rows[r] < lo + n, else zeros: the rows a vocabulary shard
+// holds (the other ranks add the rest); one block per output row.
+extern "C" __global__ void gather_rows16_shard(const unsigned short* __restrict__ src, const int* __restrict__ rows,
+                                               unsigned short* __restrict__ dst, long long width, long long src_ld,
+                                               long long dst_ld, int lo, int n) {
+    const int id = rows[blockIdx.x] - lo;
+    unsigned short* b = dst + (long long)blockIdx.x * dst_ld;
+    if (id < 0 || id >= n) {
+        for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = 0;
+        return;
+    }
+    const unsigned short* a = src + (long long)id * src_ld;
+    for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = a[c];
+}
+
+// The largest of row[:n] and its first index, for the whole block; the answer is in thread 0's (best, idx);
+// idx 0x7fffffff when no value beats -inf (NaN never wins).
+__device__ __forceinline__ void block_argmax(const float* __restrict__ row, long long n, float& best, int& idx) {
+    best = NEG_INF;
+    idx = 0x7fffffff;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = row[i];
+        if (v > best) { best = v; idx = (int)i; }  // a thread's indices ascend: '>' keeps its first max
+    }
+    for (int off = 16; off; off >>= 1)
+        keep_first_max(best, idx, __shfl_down_sync(0xffffffffu, best, off), __shfl_down_sync(0xffffffffu, idx, off));
+    __shared__ float sb[32];
+    __shared__ int si[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { sb[warp] = best; si[warp] = idx; }
+    __syncthreads();
+    if (warp == 0) {
+        int warps = (blockDim.x + 31) >> 5;
+        best = lane < warps ? sb[lane] : NEG_INF;
+        idx = lane < warps ? si[lane] : 0x7fffffff;
+        for (int off = 16; off; off >>= 1)
+            keep_first_max(best, idx, __shfl_down_sync(0xffffffffu, best, off),
+                           __shfl_down_sync(0xffffffffu, idx, off));
+    }
+}
+
+// out[r] = the first index of the largest of x[r, :n] (NaN never wins; a row of NaN/-inf gives 0).
+extern "C" __global__ void argmax_rows(const float* __restrict__ x, long long n, long long ld,
+                                       int* __restrict__ out) {
+    float best;
+    int idx;
+    block_argmax(x + (long long)blockIdx.x * ld, n, best, idx);
+    if (threadIdx.x == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
+}
+
+// A vocabulary shard's argmax: pairs[r] = (the largest of x[r, :n] as float bits, its first index + offset);
+// (-inf, offset) for a row with no value above -inf (or n == 0).
+extern "C" __global__ void argmax_rows_shard(const float* __restrict__ x, long long n, long long ld, int offset,
+                                             int* __restrict__ pairs) {
+    float best;
+    int idx;
+    block_argmax(x + (long long)blockIdx.x * ld, n, best, idx);
+    if (threadIdx.x == 0) {
+        pairs[2 * blockIdx.x] = __float_as_int(best);
+        pairs[2 * blockIdx.x + 1] = (idx == 0x7fffffff ? 0 : idx) + offset;
+    }
+}
+
+// The ranks' shard argmaxes combined, one thread per row: pairs [parts, rows, 2] (all-gathered, rank order); the
+// largest value wins, an equal value on a later rank does not (its ids are larger); nothing above -inf anywhere:
+// rank 0's index (0 for its -inf row, as argmax_rows). fi_engine.tensor_parallel.combine_shard_argmax is the
+// same rule in numpy.
+extern "C" __global__ void combine_argmax(const int* __restrict__ pairs, int parts, int rows, int* __restrict__ out) {
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float best = NEG_INF;
+    int idx = pairs[2 * r + 1];
+    for (int p = 0; p < parts; ++p) {
+        const long long at = 2 * ((long long)p * rows + r);
+        const float v = __int_as_float(pairs[at]);
+        if (v > best) { best = v; idx = pairs[at + 1]; }
+    }
+    out[r] = idx;
+}
+
+// dst[r, c] = the gathered shards' column c: src [parts, rows, width] (rank order) -> dst [rows, :n], n <= parts *
+// width (the padding columns past n dropped); float32; one block per row.
+extern "C" __global__ void unshard_columns(const float* __restrict__ src, int rows, long long width, long long n,
+                                           float* __restrict__ dst, long long dst_ld) {
+    const int r = blockIdx.x;
+    for (long long c = threadIdx.x; c < n; c += blockDim.x)
+        dst[r * dst_ld + c] = src[((c / width) * rows + r) * width + c % width];
+}
+"""
+
+
+GEMV_SOURCE = r"""
+// y[r, j] = sum_c x[r, c] * w[j, c] for r < rows <= 4 (float32 sums; 16-bit x and w, 16-bit or float32 y): the
+// GEMM of a decode step with few rows. One warp per output column j reads w's row j once in 16-byte vectors and
+// keeps one sum per x row; k a multiple of 8, x, w and x_ld 16-byte aligned (the caller checks). Conversions by
+// PTX (no headers): float16 via cvt, bfloat16 as the high half of a float32, rounded to nearest even on output.
+__device__ __forceinline__ float h2f(unsigned short u) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
+    return f;
+}
+__device__ __forceinline__ float b2f(unsigned short u) {
+    return __int_as_float(((unsigned)u) << 16);
+}
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short u;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+__device__ __forceinline__ unsigned short f2b(float f) {
+    unsigned short u;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+
+template <bool BF16, bool F32OUT>
+__device__ __forceinline__ void gemv_rows(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                                          void* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                          long long y_ld) {
+    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= n) return;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
+    const int vecs = k >> 3;
+    for (int c = lane; c < vecs; c += 32) {
+        uint4 a = __ldg(wv + c);
+        const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
+        float wf[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) wf[e] = BF16 ? b2f(av[e]) : h2f(av[e]);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            if (r < rows) {
+                uint4 b = __ldg(reinterpret_cast<const uint4*>(x + r * x_ld) + c);
+                const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[r] += wf[e] * (BF16 ? b2f(bv[e]) : h2f(bv[e]));
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        float v = acc[r];
+        for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0 && r < rows) {
+            if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
+            else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = BF16 ? f2b(v) : f2h(v);
+        }
+    }
+}
+
+#define GEMV(name, bf16, f32out)                                                                                    \
+    extern "C" __global__ void name(const unsigned short* x, const unsigned short* w, void* y, int rows, int n,      \
+                                    int k, long long x_ld, long long y_ld) {                                        \
+        gemv_rows<bf16, f32out>(x, w, y, rows, n, k, x_ld, y_ld);                                                   \
+    }
+GEMV(gemv_f16_f16, false, false)
+GEMV(gemv_f16_f32, false, true)
+GEMV(gemv_bf16_bf16, true, false)
+GEMV(gemv_bf16_f32, true, true)
+"""
+
+
+FUSED_GEMV_SOURCE = r"""
+// The GEMV of _GEMV_SOURCE (same column loop, same float32 sums in the same order, same output rounding) with its
+// input rows computed in a prologue into shared memory, so that the launch producing them goes away:
+//   MODE 1 (norm):     in = rmsnorm(h) * nw                     (FlashInfer's rmsnorm of h)
+//   MODE 2 (add-norm): s = h + x; h_out = s; in = rmsnorm(s) * nw (FlashInfer's fused_add_rmsnorm with input x,
+//                      residual h, written into h_out instead of in place: every block reads h while block 0
+//                      writes h_out, so the two are different buffers the caller alternates)
+//   MODE 3 (silu):     in = silu(x[:, :k]) * x[:, k:2k]           (FlashInfer's silu_and_mul of x)
+// The prologue rounds where those kernels round (h_out and in to the 16-bit type, nothing else) and sums the
+// squares in FlashInfer's order: its block of W = ceil(min(1024, k / 8) / 32) warps, thread t summing the 8-element
+// vectors t, t + 32 W, ... in turn, a butterfly within each warp, then one across the W warp sums; rsqrt.approx as
+// its math::rsqrt. The module is compiled with --use_fast_math, as FlashInfer's modules are (its divisions and
+// __expf). Each block recomputes the prologue (rows <= 4 rows of k elements, from L2) and then serves a
+// grid-stride set of output columns, one warp each. k a multiple of 8; x, h, h_out, nw and the row strides 16-byte
+// aligned (the caller checks).
+__device__ __forceinline__ float h2f(unsigned short u) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
+    return f;
+}
+__device__ __forceinline__ float b2f(unsigned short u) {
+    return __int_as_float(((unsigned)u) << 16);
+}
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short u;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+__device__ __forceinline__ unsigned short f2b(float f) {
+    unsigned short u;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+__device__ __forceinline__ float rsqrt_approx(float x) {
+    float y;
+    asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+template <bool BF16> __device__ __forceinline__ float tof(unsigned short u) { return BF16 ? b2f(u) : h2f(u); }
+template <bool BF16> __device__ __forceinline__ unsigned short fromf(float f) { return BF16 ? f2b(f) : f2h(f); }
+
+// element e of the 8-vector at c8 of row r: h alone, or x + h (FlashInfer: float(input) + float(residual))
+template <bool BF16, int MODE>
+__device__ __forceinline__ void row_vec(const unsigned short* __restrict__ h, const unsigned short* __restrict__ x,
+                                        int r, int c8, long long h_ld, long long x_ld, float v[8]) {
+    uint4 a = *(reinterpret_cast<const uint4*>(h + r * h_ld) + c8);
+    const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
+    if (MODE == 2) {
+        uint4 b = *(reinterpret_cast<const uint4*>(x + r * x_ld) + c8);
+        const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            float t = tof<BF16>(bv[e]);
+            t += tof<BF16>(av[e]);
+            v[e] = t;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = tof<BF16>(av[e]);
+    }
+}
+
+// The prologue: the input rows into sx (shared), every thread of the block taking part; ends with a barrier.
+template <bool BF16, int MODE>
+__device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restrict__ x, int rows, int k, long long x_ld,
+                                      const unsigned short* __restrict__ h, const unsigned short* __restrict__ nw,
+                                      unsigned short* __restrict__ h_out, long long h_ld, float eps) {
+    __shared__ float part[4][32];
+    __shared__ float rcp[4];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int vecs = k >> 3;
+    if (MODE == 3) {
+        for (int r = 0; r < rows; ++r)
+            for (int c = threadIdx.x; c < vecs; c += blockDim.x) {
+                uint4 g = *(reinterpret_cast<const uint4*>(x + r * x_ld) + c);
+                uint4 u = *(reinterpret_cast<const uint4*>(x + r * x_ld + k) + c);
+                const unsigned short* gv = reinterpret_cast<const unsigned short*>(&g);
+                const unsigned short* uv = reinterpret_cast<const unsigned short*>(&u);
+                uint4 o;
+                unsigned short* ov = reinterpret_cast<unsigned short*>(&o);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    float a = tof<BF16>(gv[e]);
+                    ov[e] = fromf<BF16>(a / (1.0f + __expf(-a)) * tof<BF16>(uv[e]));
+                }
+                sx[r * vecs + c] = o;
+            }
+    } else {
+        // FlashInfer's partition of the sum of squares (see above)
+        const int fw = (min(1024, vecs) + 31) >> 5;
+        const int ft = fw << 5;
+        for (int r = 0; r < rows; ++r)
+            for (int vw = warp; vw < fw; vw += warps) {
+                const int t = (vw << 5) + lane;
+                float sum = 0.f;
+                for (int c = t; c < vecs; c += ft) {
+                    float v[8];
+                    row_vec<BF16, MODE>(h, x, r, c, h_ld, x_ld, v);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) sum += v[e] * v[e];
+                }
+#pragma unroll
+                for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                if (lane == 0) part[r][vw] = sum;
+            }
+        __syncthreads();
+        if (warp == 0)
+            for (int r = 0; r < rows; ++r) {
+                float sum = lane < fw ? part[r][lane] : 0.f;
+#pragma unroll
+                for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                if (lane == 0) rcp[r] = rsqrt_approx(sum / float(k) + eps);
+            }
+        __syncthreads();
+        const bool write_h = MODE == 2 && h_out != nullptr && blockIdx.x == 0;
+        for (int r = 0; r < rows; ++r)
+            for (int c = threadIdx.x; c < vecs; c += blockDim.x) {
+                float v[8];
+                row_vec<BF16, MODE>(h, x, r, c, h_ld, x_ld, v);
+                uint4 g = *(reinterpret_cast<const uint4*>(nw) + c);
+                const unsigned short* gv = reinterpret_cast<const unsigned short*>(&g);
+                uint4 o, s;
+                unsigned short* ov = reinterpret_cast<unsigned short*>(&o);
+                unsigned short* sv = reinterpret_cast<unsigned short*>(&s);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    ov[e] = fromf<BF16>(v[e] * rcp[r] * tof<BF16>(gv[e]));
+                    sv[e] = fromf<BF16>(v[e]);
+                }
+                sx[r * vecs + c] = o;
+                if (write_h) *(reinterpret_cast<uint4*>(h_out + r * h_ld) + c) = s;
+            }
+    }
+    __syncthreads();
+}
+
+template <bool BF16, bool F32OUT, int MODE>
+__device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                                           void* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                           long long y_ld, const unsigned short* __restrict__ h,
+                                           const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
+                                           long long h_ld, float eps) {
+    extern __shared__ uint4 sx[];  // the input rows, [rows, k / 8] vectors of 8 16-bit values
+    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int vecs = k >> 3;
+    for (int j = blockIdx.x * warps + warp; j < n; j += gridDim.x * warps) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
+        for (int c = lane; c < vecs; c += 32) {
+            uint4 a = __ldg(wv + c);
+            const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
+            float wf[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) wf[e] = tof<BF16>(av[e]);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                if (r < rows) {
+                    uint4 b = sx[r * vecs + c];
+                    const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[r] += wf[e] * tof<BF16>(bv[e]);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            float v = acc[r];
+            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0 && r < rows) {
+                if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
+                else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
+            }
+        }
+    }
+}
+
+#define FUSED(name, bf16, f32out, mode)                                                                            \
+    extern "C" __global__ void name(const unsigned short* x, const unsigned short* w, void* y, int rows, int n,      \
+                                    int k, long long x_ld, long long y_ld, const unsigned short* h,                 \
+                                    const unsigned short* nw, unsigned short* h_out, long long h_ld, float eps) {   \
+        gemv_fused<bf16, f32out, mode>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps);                   \
+    }
+FUSED(gemv_f16_f16_norm, false, false, 1)
+FUSED(gemv_f16_f32_norm, false, true, 1)
+FUSED(gemv_bf16_bf16_norm, true, false, 1)
+FUSED(gemv_bf16_f32_norm, true, true, 1)
+FUSED(gemv_f16_f16_addnorm, false, false, 2)
+FUSED(gemv_f16_f32_addnorm, false, true, 2)
+FUSED(gemv_bf16_bf16_addnorm, true, false, 2)
+FUSED(gemv_bf16_f32_addnorm, true, true, 2)
+FUSED(gemv_f16_f16_silu, false, false, 3)
+FUSED(gemv_f16_f32_silu, false, true, 3)
+FUSED(gemv_bf16_bf16_silu, true, false, 3)
+FUSED(gemv_bf16_f32_silu, true, true, 3)
+
+// The fused QKV GEMV of a decode step with FlashInfer's apply_rope_pos_ids (in place, non-interleaved, all of d
+// rotated) and append_paged_kv_cache (NHD) as its epilogue: y = qkv [rows, (hq + 2 hk) d], 16-bit. Each warp
+// computes the columns i and i + d/2 of one head (each column's sum exactly as gemv_fused's), rounds them as the
+// GEMV's output is rounded, rotates q and k heads with FlashInfer's arithmetic (its frequency and smoothing
+// expressions, __powf and __sincosf under --use_fast_math, the rotation written as its kernel writes it; the host
+// computes rcp_theta, rcp_scale, smooth_a and smooth_b as its launcher does), stores them back into y (attention
+// reads q there) and writes k and v heads into page kv_indices[kv_indptr[b] + pos / page_size], entry
+// pos % page_size of k_cache / v_cache (b = batch_indices[r], pos = positions[r]; strides in elements).
+template <bool BF16, int MODE>
+__device__ __forceinline__ void gemv_rope_append(
+        const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, unsigned short* __restrict__ y,
+        int rows, int n, int k, long long x_ld, long long y_ld, const unsigned short* __restrict__ h,
+        const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out, long long h_ld, float eps, int hq,
+        int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b,
+        const int* __restrict__ positions, const int* __restrict__ batch_indices, const int* __restrict__ kv_indptr,
+        const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache,
+        int page_size, long long stride_page, long long stride_n, long long stride_h) {
+    extern __shared__ uint4 sx[];
+    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int vecs = k >> 3;
+    const unsigned half = d >> 1;
+    const int pairs = n >> 1;
+    for (int p = blockIdx.x * warps + warp; p < pairs; p += gridDim.x * warps) {
+        const int head = p / (int)half;
+        const unsigned i = p - head * (int)half;
+        const long long j0 = (long long)head * d + i, j1 = j0 + half;
+        float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint4* w0 = reinterpret_cast<const uint4*>(w + j0 * k);
+        const uint4* w1 = reinterpret_cast<const uint4*>(w + j1 * k);
+        for (int c = lane; c < vecs; c += 32) {
+            uint4 u0 = __ldg(w0 + c), u1 = __ldg(w1 + c);
+            const unsigned short* v0 = reinterpret_cast<const unsigned short*>(&u0);
+            const unsigned short* v1 = reinterpret_cast<const unsigned short*>(&u1);
+            float f0[8], f1[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                f0[e] = tof<BF16>(v0[e]);
+                f1[e] = tof<BF16>(v1[e]);
+            }
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                if (r < rows) {
+                    uint4 b = sx[r * vecs + c];
+                    const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        a0[r] += f0[e] * tof<BF16>(bv[e]);
+                        a1[r] += f1[e] * tof<BF16>(bv[e]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+            for (int off = 16; off; off >>= 1) {
+                a0[r] += __shfl_xor_sync(0xffffffffu, a0[r], off);
+                a1[r] += __shfl_xor_sync(0xffffffffu, a1[r], off);
+            }
+        if (lane != 0) continue;
+        // element i's frequency (i + d/2 has the same: FlashInfer indexes it by e % (d / 2))
+        float freq = __powf(rcp_theta, float(2 * (i % half)) / float(d));
+        float smooth = freq * smooth_a + smooth_b;
+        smooth = max(0.0f, min(1.0f, smooth));
+        // explicit fmas where the compiler could contract either product: FlashInfer's build fuses the first
+        freq = __fmaf_rn(1 - smooth, freq * rcp_scale, smooth * freq);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            if (r >= rows) break;
+            unsigned short q0 = fromf<BF16>(a0[r]), q1 = fromf<BF16>(a1[r]);
+            const int pos = positions[r];
+            if (head < hq + hk) {
+                float sn, cs;
+                __sincosf(float(pos) * freq, &sn, &cs);
+                const float x0 = tof<BF16>(q0), x1 = tof<BF16>(q1);
+                const float o0 = __fmaf_rn(x0, cs, -x1 * sn);
+                const float o1 = __fmaf_rn(x1, cs, x0 * sn);
+                q0 = fromf<BF16>(o0);
+                q1 = fromf<BF16>(o1);
+            }
+            y[r * y_ld + j0] = q0;
+            y[r * y_ld + j1] = q1;
+            if (head >= hq) {
+                const bool is_k = head < hq + hk;
+                const int kvh = is_k ? head - hq : head - hq - hk;
+                const int page = kv_indices[kv_indptr[batch_indices[r]] + pos / page_size];
+                const long long at = page * stride_page + (long long)(pos % page_size) * stride_n + kvh * stride_h + i;
+                unsigned short* cache = is_k ? k_cache : v_cache;
+                cache[at] = q0;
+                cache[at + half] = q1;
+            }
+        }
+    }
+}
+
+#define ROPE_APPEND(name, bf16, mode)                                                                              \
+    extern "C" __global__ void name(                                                                               \
+            const unsigned short* x, const unsigned short* w, unsigned short* y, int rows, int n, int k,             \
+            long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,                       \
+            unsigned short* h_out, long long h_ld, float eps, int hq, int hk, unsigned d, float rcp_theta,           \
+            float rcp_scale, float smooth_a, float smooth_b, const int* positions, const int* batch_indices,         \
+            const int* kv_indptr, const int* kv_indices, unsigned short* k_cache, unsigned short* v_cache,           \
+            int page_size, long long stride_page, long long stride_n, long long stride_h) {                          \
+        gemv_rope_append<bf16, mode>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d,           \
+                                     rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices, kv_indptr, \
+                                     kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, stride_h);     \
+    }
+ROPE_APPEND(gemv_f16_norm_rope, false, 1)
+ROPE_APPEND(gemv_bf16_norm_rope, true, 1)
+ROPE_APPEND(gemv_f16_addnorm_rope, false, 2)
+ROPE_APPEND(gemv_bf16_addnorm_rope, true, 2)
+"""

@@ -1,0 +1,804 @@
+"""Dense math of the engine: cuBLAS GEMMs (through cffi, :mod:`~fi_engine.cublas`; cuBLASLt with algorithms
+cached per shape, :mod:`~fi_engine.cublas_lt`), a GEMV of its own for GEMMs of at most 4 rows (also with a
+norm, add-norm or SiLU prologue and a RoPE + KV-append epilogue: the fused decode step), and a few small CuPy
+kernels (row gather, argmax; with a vocabulary split over ranks: the shard's gather and argmax, the argmaxes'
+combination, the gathered logits' reassembly). Their CUDA C is :mod:`~fi_engine.cuda_sources`; here they are
+compiled, checked and launched.
+
+Why ``cublasGemmEx`` on raw pointers rather than ``cupy.matmul``: ``matmul`` has no bfloat16 (numpy has no such
+dtype), may allocate temporaries, and goes through CuPy's cuBLAS wrappers, which reset the handle's stream on every
+call and refuse to run during stream capture. Our handle is bound once to the engine's stream with a fixed
+workspace, writes into our buffers and never allocates, so the GEMMs can be captured in a CUDA graph. The
+kernels are compiled once with NVRTC (``cupy.RawModule``) and never allocate either (a ``RawKernel`` or
+``cuLaunchKernel`` launch is a plain kernel launch, which capture records).
+
+Every launch goes to CuPy's *current* stream (kernels) or the handle's stream (GEMMs, the GEMV); the engine makes
+its stream current and gives it to :class:`Dense`, so they are the same.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fi_ffi.cuda.runtime import driver_error
+from fi_ffi.errors import LibraryLoadError
+from fi_ffi.launch.checks import integer
+
+from .cublas import (
+    CUBLAS_COMPUTE_32F,
+    CUBLAS_GEMM_DEFAULT,
+    CUBLAS_OP_N,
+    CUBLAS_OP_T,
+    CUDA_R_16BF,
+    CUDA_R_16F,
+    CUDA_R_32F,
+    CublasError,
+    Handle,
+)
+from .cuda_sources import FUSED_GEMV_SOURCE, GEMV_SOURCE, ROW_KERNELS_SOURCE
+
+__all__ = [
+    "ADD_NORM",
+    "CUDA_R_16BF",
+    "CUDA_R_16F",
+    "CUDA_R_32F",
+    "GEMV_MAX_ROWS",
+    "NORM",
+    "SILU",
+    "WORKSPACE_BYTES",
+    "Dense",
+    "RopeAppend",
+    "data_type",
+]
+
+# cuBLAS's scratch: 32 MiB, what NVIDIA's cuBLAS documentation recommends for Hopper (4 MiB suffices before it).
+WORKSPACE_BYTES = 32 << 20
+
+
+def data_type(dtype: str) -> int:
+    """The cudaDataType_t of an fi_ffi dtype name."""
+    try:
+        return {"float16": CUDA_R_16F, "bfloat16": CUDA_R_16BF, "float32": CUDA_R_32F}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype: expected float16, bfloat16 or float32, got {dtype!r}") from None
+
+
+# the fused GEMV's prologues (its MODE; see cuda_sources.FUSED_GEMV_SOURCE); Dense.fused_linear's `mode`
+NORM, ADD_NORM, SILU = 1, 2, 3
+_FUSED_SUFFIX = {NORM: "norm", ADD_NORM: "addnorm", SILU: "silu"}
+_ROPE = 16  # a mode flag: the QKV GEMV with RoPE and the KV append as its epilogue (Dense.prepared_qkv_rope)
+_FUSED_WARPS = 8  # output columns per block per pass (one warp each); a block stages its input rows once
+_STATIC_SMEM = 48 << 10  # dynamic shared memory a kernel may take without opting in
+
+GEMV_MAX_ROWS = 4  # the rows one GEMV launch takes (the kernel keeps a sum per row in registers)
+_GEMV_WARPS = 4  # output columns per block (one warp each)
+_GEMV_NAMES = {
+    (CUDA_R_16F, CUDA_R_16F): "gemv_f16_f16",
+    (CUDA_R_16F, CUDA_R_32F): "gemv_f16_f32",
+    (CUDA_R_16BF, CUDA_R_16BF): "gemv_bf16_bf16",
+    (CUDA_R_16BF, CUDA_R_32F): "gemv_bf16_f32",
+}
+
+
+@dataclass(frozen=True)
+class RopeAppend:
+    """What :meth:`Dense.prepared_qkv_rope`'s epilogue needs: the heads (``hq`` query, ``hk`` key/value), head
+    dim ``d``; the RoPE settings as FlashInfer's op takes them (``theta``, ``scale``; with ``llama3`` also
+    ``low_freq_factor``, ``high_freq_factor``, ``old_context_len``); this step's int32 device arrays
+    (``positions``, ``batch_indices`` per row, ``kv_indptr``, ``kv_indices``) and the layer's NHD caches
+    (``k_cache``, ``v_cache``: ``num_pages`` pages of ``page_size`` tokens, strides in elements). Addresses as
+    ints; a value (the engine keys nothing by it)."""
+
+    hq: int
+    hk: int
+    d: int
+    theta: float
+    scale: float
+    llama3: bool
+    low_freq_factor: float
+    high_freq_factor: float
+    old_context_len: float
+    positions: int
+    batch_indices: int
+    kv_indptr: int
+    kv_indices: int
+    k_cache: int
+    v_cache: int
+    page_size: int
+    num_pages: int
+    stride_page: int
+    stride_n: int
+    stride_h: int
+
+    def constants(self) -> tuple[float, float, float, float]:
+        """``(rcp_theta, rcp_scale, smooth_a, smooth_b)`` as FlashInfer's launcher computes them from its float
+        arguments (float32 reciprocals; smooth_a through double, as its expression with M_PI evaluates)."""
+        import numpy as np
+
+        f = np.float32
+        theta, scale = f(self.theta), f(self.scale)
+        rcp_theta, rcp_scale = f(1) / theta, f(1) / scale
+        if not self.llama3:
+            return float(rcp_theta), float(rcp_scale), 0.0, 0.0
+        low, high, old = f(self.low_freq_factor), f(self.high_freq_factor), f(self.old_context_len)
+        smooth_a = f(float(old) / (2 * math.pi * float(high) - 2 * math.pi * float(low)))
+        smooth_b = f(-1) / (high / low - f(1))
+        return float(rcp_theta), float(rcp_scale), float(smooth_a), float(smooth_b)
+
+
+_U64 = 1 << 64  # a device address is below it (the kernels' pointers, packed into uint64 slots)
+_MAX_LD = 1 << 40  # row strides (elements): far past any buffer, far below the kernels' long long
+
+
+def _int_arg(name: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi)`` (a bool or a float is none), else TypeError/ValueError naming ``name``:
+    checked before packing, where cffi would raise OverflowError or TypeError naming nothing."""
+    value = integer(name, value)
+    if not lo <= value < hi:
+        shown = value if abs(value) < 1 << 80 else f"an int of {value.bit_length()} bits"
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}), got {shown}")
+    return value
+
+
+def _check_fused_values(key: tuple[Any, ...]) -> None:
+    """The types and ranges of one fused GEMV call's values (``Dense._pack_fused``'s key), each refused naming
+    its argument: ints (not bools) where the kernel takes ints, addresses in ``[0, 2**64)``, row strides in
+    ``[0, 2**40)``, ``eps`` a finite float. The kernel's own limits (rows, k, n, row strides at least a row's
+    width, alignment, overlap) are checked after."""
+    mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps = key
+    if isinstance(mode, bool) or not isinstance(mode, int) or (mode & ~_ROPE) not in _FUSED_SUFFIX:
+        raise ValueError(f"mode: expected NORM, ADD_NORM or SILU (fi_engine.dense), got {mode!r:.40}")
+    for name, value in (("rows", rows), ("n", n), ("k", k), ("ab_type", ab_type), ("c_type", c_type)):
+        _int_arg(name, value, -(1 << 63), 1 << 63)  # their limits: fused_fits, and the kernel lookup
+    for name, value in (("x", x), ("w", w), ("y", y), ("h", h), ("norm_weight", norm_weight), ("h_out", h_out)):
+        _int_arg(name, value, 0, _U64)
+    for name, value in (("x_ld", x_ld), ("y_ld", y_ld), ("h_ld", h_ld)):
+        _int_arg(name, value, 0, _MAX_LD)
+    if isinstance(eps, bool) or not hasattr(eps, "__float__"):
+        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    try:
+        finite = math.isfinite(float(eps))
+    except (OverflowError, TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise ValueError(f"eps: expected a finite float, got {eps!r:.40}")
+
+
+def _overlap(a: int, a_len: int, b: int, b_len: int) -> bool:
+    """Whether the byte ranges ``[a, a + a_len)`` and ``[b, b + b_len)`` share a byte."""
+    return a < b + b_len and b < a + a_len
+
+
+def _function_ptr(kernel: Any) -> int:
+    """The ``CUfunction`` of a CuPy ``RawModule`` function (its compiled ``Function``'s handle)."""
+    function = getattr(kernel, "kernel", kernel)  # cupy RawKernel -> cupy.cuda.function.Function
+    return int(function.ptr)
+
+
+class Dense:
+    """A cuBLAS handle bound to ``stream`` with a workspace of its own, plus the gather/argmax kernels and the
+    vocabulary shards' (compiled on construction). Create it on the device it serves (CuPy's current device).
+
+    Args:
+        stream: the engine's ``cupy.cuda.Stream``; kernels launch on CuPy's current stream, which the engine
+            keeps equal to it.
+
+    ``gemv`` (True where the kernel compiled and the driver loaded): :meth:`linear` of at most
+    :data:`GEMV_MAX_ROWS` rows runs a GEMV kernel of its own, launched with ``cuLaunchKernel`` on arguments packed
+    once per call site, instead of cuBLAS (whose launch costs several times more host time: an eager decode step
+    is host-bound). ``lt``: the other GEMMs go through cuBLASLt with cached algorithms.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        import cupy
+
+        # cuBLAS scratch, allocated here so that no GEMM allocates (least of all during capture); kept alive as
+        # long as the handle and any graph captured with it (the engine closes the graph first).
+        self._workspace = cupy.empty(WORKSPACE_BYTES, cupy.uint8)
+        self._blas = Handle()
+        try:
+            self._blas.bind(stream.ptr, self._workspace.data.ptr, WORKSPACE_BYTES)
+            module = cupy.RawModule(code=ROW_KERNELS_SOURCE)
+            self._gather_fn = module.get_function("gather_rows16")
+            self._argmax_fn = module.get_function("argmax_rows")
+            self._gather_shard_fn = module.get_function("gather_rows16_shard")
+            self._argmax_shard_fn = module.get_function("argmax_rows_shard")
+            self._combine_argmax_fn = module.get_function("combine_argmax")
+            self._unshard_fn = module.get_function("unshard_columns")
+        except BaseException:
+            self._blas.close()
+            raise
+        self._stream = stream.ptr
+        self._gemv_fns: dict[tuple[int, int], int] = {}
+        self._gemv_args: dict[tuple[int, ...], tuple[Any, ...]] = {}
+        # the GEMV with a prologue (fused_linear): (mode, ab_type, c_type) -> CUfunction, packed calls, limits
+        self._fused_fns: dict[tuple[int, int, int], int] = {}
+        self._fused_args: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._fused_smem = 0  # the most dynamic shared memory (bytes) a fused launch may take: its input rows
+        self._fused_grid = 1056  # blocks per fused launch at most (8 per SM; each stages its input rows once)
+        self._launch: Any = None
+        self._null: Any = None
+        self.gemv = False
+        self.gemv_error = ""  # why the GEMV is unavailable, if it is
+        try:  # the small-row GEMV (see linear); a GPU or driver it cannot serve leaves it off
+            from fi_ffi.cuda import driver
+
+            lib = driver.load()
+            if lib is not None:
+                gemv = cupy.RawModule(code=GEMV_SOURCE)
+                self._gemv_fns = {key: _function_ptr(gemv.get_function(name)) for key, name in _GEMV_NAMES.items()}
+                self._gemv_module = gemv
+                self._launch, self._driver_ffi = lib.cuLaunchKernel, driver.ffi()
+                self._null = self._driver_ffi.NULL
+                self.gemv = True
+                self._load_fused(cupy)
+            else:
+                self.gemv_error = "libcuda could not be loaded or cuInit failed (fi_ffi.cuda.driver.load)"
+        except Exception as exc:  # NVRTC or the driver refusing: cuBLAS serves every GEMM
+            self._gemv_fns, self.gemv_error = {}, f"{type(exc).__name__}: {exc}"
+        self._gemm, self._h = self._blas.gemm_ex, self._blas.ptr
+        self._batched = self._blas.gemm_strided_batched_ex
+        self._one, self._zero = self._blas.one, self._blas.zero
+        # cuBLASLt with the algorithm chosen once per shape (cublas_lt's docstring says why); None: GemmEx only
+        self._lt: Any = None
+        self._lt_shape: Any = None
+        try:
+            from .cublas_lt import LtMatmuls
+
+            self._lt = LtMatmuls(stream.ptr, self._workspace.data.ptr, WORKSPACE_BYTES, self._one, self._zero)
+            self._lt_shape = self._lt.shape
+        except (LibraryLoadError, CublasError):
+            self._lt = None
+        except BaseException:  # anything else is raised: the cuBLAS handle has no finalizer, destroy it first
+            self._blas.close()
+            raise
+
+    def _load_fused(self, cupy: Any) -> None:
+        """Compile the fused GEMV variants (``fused_linear``); a failure leaves them off, the plain GEMV on."""
+        try:
+            module = cupy.RawModule(code=FUSED_GEMV_SOURCE, options=("--use_fast_math",))
+            attrs = cupy.cuda.Device().attributes
+            fns = {}
+            limit = _STATIC_SMEM - 1024  # the static part (the sums of squares) counts against the same 48 KiB
+            optin = int(attrs.get("MaxSharedMemoryPerBlockOptin", 0)) - 1024
+            for (ab, c), name in _GEMV_NAMES.items():
+                for mode, suffix in _FUSED_SUFFIX.items():
+                    kernel = module.get_function(f"{name}_{suffix}")
+                    if optin > limit:  # rows x k input values beyond 48 KiB: opt in once per kernel
+                        try:
+                            kernel.max_dynamic_shared_size_bytes = optin
+                        except Exception:
+                            optin = limit
+                    fns[(mode, ab, c)] = _function_ptr(kernel)
+            for ab, name in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):  # the QKV GEMV with RoPE + KV append
+                for mode, suffix in ((NORM, "norm"), (ADD_NORM, "addnorm")):
+                    kernel = module.get_function(f"gemv_{name}_{suffix}_rope")
+                    if optin > limit:
+                        try:
+                            kernel.max_dynamic_shared_size_bytes = optin
+                        except Exception:
+                            optin = limit
+                    fns[(mode | _ROPE, ab, ab)] = _function_ptr(kernel)
+            self._fused_smem = max(limit, optin)
+            self._fused_grid = 8 * int(attrs.get("MultiProcessorCount", 132))
+            self._fused_module, self._fused_fns = module, fns
+        except Exception as exc:  # NVRTC refusing: the engine keeps its separate norm and activation launches
+            self._fused_fns, self.gemv_error = {}, f"fused GEMV: {type(exc).__name__}: {exc}"
+
+    def fused_fits(self, rows: int, k: int) -> bool:
+        """Whether :meth:`fused_linear` serves ``rows`` input rows of ``k`` elements (16-bit): the GEMV is on, its
+        fused variants compiled, ``rows <= GEMV_MAX_ROWS``, ``k`` a multiple of 8 and the rows fit the shared
+        memory a block may take. TypeError naming ``rows`` or ``k`` when one is no int."""
+        if rows.__class__ is not int or k.__class__ is not int:  # (two class tests on the per-step path)
+            _int_arg("rows", rows, -(1 << 63), 1 << 63)
+            _int_arg("k", k, -(1 << 63), 1 << 63)
+        return (
+            self.gemv
+            and bool(self._fused_fns)
+            and 0 < rows <= GEMV_MAX_ROWS
+            and 0 < k < 1 << 31
+            and k % 8 == 0
+            and rows * k * 2 <= self._fused_smem
+        )
+
+    def fused_linear(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        h: int = 0,
+        h_ld: int = 0,
+        norm_weight: int = 0,
+        h_out: int = 0,
+        eps: float = 0.0,
+    ) -> None:
+        """``y[:rows, :n] = in @ w.T`` (``w`` row-major ``[n, k]``, float32 sums, ``y`` rounded once to
+        ``c_type``) where the input rows ``in [rows, k]`` are computed in the launch itself (``mode``):
+
+        - :data:`NORM`: ``in = rmsnorm(h) * norm_weight`` (``h [rows, k]``, row stride ``h_ld``; ``x`` unused);
+        - :data:`ADD_NORM`: ``s = h + x``; ``h_out = s`` (rounded; skipped where ``h_out`` is 0);
+          ``in = rmsnorm(s) * norm_weight`` -- FlashInfer's ``fused_add_rmsnorm(x, h, norm_weight)``, with the new
+          residual written to ``h_out``, which must not overlap ``h`` (every block reads ``h``);
+        - :data:`SILU`: ``in = silu(x[:, :k]) * x[:, k:2k]`` (FlashInfer's ``silu_and_mul``; ``x [rows, 2k]``).
+
+        Rounded where those kernels round (``in`` and ``h_out`` to the 16-bit type), so the result equals theirs
+        followed by :meth:`linear`'s GEMV. Pointers as ints, strides in elements; ``eps`` the norm's epsilon.
+        :meth:`fused_fits` must hold. Raises TypeError/ValueError naming an argument that is no int (``eps``: no
+        finite float), an address outside ``[0, 2**64)`` or whose rows run past it, a row stride shorter than its
+        row (more than one row), misaligned (x, h, h_out, norm_weight and their row strides: 16 bytes; y: its
+        element) or overlapping (``h_out`` with ``h``, ``x`` or ``y``; ``y`` with ``x`` or ``h``): checked when a
+        call site is packed, and a call site is keyed by every value, so every call is covered."""
+        key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps)
+        try:
+            packed = self._fused_args.get(key)
+        except TypeError:  # an unhashable value: _pack_fused refuses it by name
+            packed = None
+        if packed is None:
+            packed = self._pack_fused(key)
+        fn, grid, smem, params, _ = packed
+        err = self._launch(fn, grid, 1, 1, 32 * _FUSED_WARPS, 1, 1, smem, self._stream, params, self._null)
+        if err:
+            raise driver_error(err, f"cuLaunchKernel(fused gemv, mode={mode}, rows={rows}, n={n}, k={k})")
+
+    def prepared_fused(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        h: int = 0,
+        h_ld: int = 0,
+        norm_weight: int = 0,
+        h_out: int = 0,
+        eps: float = 0.0,
+    ) -> Callable[[], None]:
+        """:meth:`fused_linear` with these arguments checked and packed once: calling the result launches it again
+        (no key built, no lookup: about one ``cuLaunchKernel``). The result keeps the packed argument array alive;
+        after :meth:`close` it raises instead of launching."""
+        key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps)
+        fn, grid, smem, params, values = self._pack_fused(key)
+        return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "fused gemv")
+
+    def prepared_linear(
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+    ) -> Callable[[], None]:
+        """:meth:`linear` (no ``accumulate``) with these arguments packed once where the GEMV serves it (see
+        :meth:`prepared_fused`); elsewhere a call of :meth:`linear` with them. Raises TypeError/ValueError naming
+        an argument that is no int or out of range (addresses in ``[0, 2**64)``, ``rows``, ``n``, ``k`` in ``[1,
+        2**31)``, row strides in ``[0, 2**40)``), or, where the GEMV serves it, a misaligned ``y``."""
+        for name, value in (("rows", rows), ("n", n), ("k", k)):
+            _int_arg(name, value, 1, 1 << 31)
+        for name, value in (("x", x), ("w", w), ("y", y)):
+            _int_arg(name, value, 0, _U64)
+        for name, value in (("x_ld", x_ld), ("y_ld", y_ld)):
+            _int_arg(name, value, 0, _MAX_LD)
+        for name, value in (("ab_type", ab_type), ("c_type", c_type)):
+            _int_arg(name, value, -(1 << 31), 1 << 31)
+        args = (rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
+        packed = self._pack_gemv(args) if self.gemv and rows <= GEMV_MAX_ROWS else ()
+        if not packed:
+            return lambda: self.linear(*args)
+        fn, grid, params, values = packed
+        return self._prepared(fn, grid, 32 * _GEMV_WARPS, 0, params, values, "gemv")
+
+    def prepared_gather(self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int) -> Any:
+        """:meth:`gather_rows` packed once and launched with ``cuLaunchKernel`` on this Dense's stream (a CuPy
+        ``RawKernel`` launch costs about 4 us more host time); needs the GEMV's driver (``gemv`` True). Raises
+        ValueError when it is off, and TypeError/ValueError naming an argument that is no int, out of range
+        (``rows`` in ``[1, 2**31)``: one block each; strides and ``width`` in elements, ``[0, 2**40)``), NULL or
+        misaligned (``src``, ``dst``: 2 bytes, their 16-bit elements; ``index``: 4, int32)."""
+        if not self.gemv:
+            raise ValueError("dense: the driver launch path is off (closed, or the GEMV is unavailable)")
+        _int_arg("rows", rows, 1, 1 << 31)
+        for name, value in (("src_ld", src_ld), ("dst_ld", dst_ld), ("width", width)):
+            _int_arg(name, value, 0, _MAX_LD)
+        for name, value, align in (("src", src, 2), ("index", index, 4), ("dst", dst, 2)):
+            if not _int_arg(name, value, 0, _U64) or value % align:
+                raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+        values = self._driver_ffi.new("uint64_t[6]", [src, index, dst, width, src_ld, dst_ld])
+        params = self._driver_ffi.new("void*[6]", [values + i for i in range(6)])
+        return self._prepared(_function_ptr(self._gather_fn), rows, 256, 0, params, values, "gather_rows16")
+
+    def _prepared(self, fn: int, grid: int, block: int, smem: int, params: Any, values: Any, name: str) -> Any:
+        launch, stream, null = self._launch, self._stream, self._null
+
+        def call() -> None:
+            if not self.gemv:  # closed: the module and its functions may be gone
+                raise ValueError("dense: closed (or the GEMV turned off); prepared launches refuse")
+            err = launch(fn, grid, 1, 1, block, 1, 1, smem, stream, params, null)
+            if err:
+                raise driver_error(err, f"cuLaunchKernel({name})")
+
+        call.keep = values  # type: ignore[attr-defined]  # the argument array params points into
+        return call
+
+    def _pack_fused(self, key: tuple[Any, ...], checks_only: bool = False) -> tuple[Any, ...]:
+        """Check one :meth:`fused_linear` call site and pack its kernel arguments once: ``(function, grid, shared
+        bytes, params, values)``; at most 4096 kept, then the cache starts again. ``checks_only``: the checks and
+        ``(function, grid, shared bytes, None, None)``, nothing packed or kept (the RoPE variant packs its own)."""
+        _check_fused_values(key)
+        mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps = key
+        if mode & _ROPE and not checks_only:  # (an AssertionError below otherwise)
+            raise ValueError(
+                f"mode: expected NORM, ADD_NORM or SILU; the RoPE epilogue is prepared_qkv_rope's, got {mode}"
+            )
+        fn = self._fused_fns.get((mode, ab_type, c_type))
+        if fn is None:
+            why = "compiled (closed, or NVRTC refused them)" if not self._fused_fns else "for these types"
+            raise ValueError(f"ab_type, c_type: no fused GEMV {why} ({ab_type}, {c_type}, mode {mode})")
+        rope, mode = mode & _ROPE, mode & ~_ROPE
+        if not self.fused_fits(rows, k):
+            raise ValueError(f"rows, k: the fused GEMV does not serve {rows} rows of {k} (see fused_fits)")
+        if not 0 < n < 1 << 31:
+            raise ValueError(f"n: expected 1 to 2**31 - 1 output columns, got {n}")
+        if rows > 1:  # rows closer than a row's width would overlap (one row never steps by its stride)
+            widths = [("y_ld", y_ld, n)] + ([("h_ld", h_ld, k)] if mode != SILU else [])
+            widths += [("x_ld", x_ld, 2 * k if mode == SILU else k)] if mode != NORM else []  # NORM reads no x
+            for name, value, width in widths:
+                if value < width:
+                    raise ValueError(f"{name}: {value} elements between rows is less than a row's {width}")
+        out_item = 4 if c_type == CUDA_R_32F else 2
+        span_in = 2 * ((rows - 1) * h_ld + k)  # bytes of h's (and h_out's) rows
+        x_width = 2 * k if mode == SILU else k
+        span_x = 2 * ((rows - 1) * x_ld + x_width)
+        span_y = out_item * ((rows - 1) * y_ld + n)
+        checks = [("w", w, 16), ("y", y, out_item)]
+        if mode == SILU:
+            checks += [("x", x, 16), ("x_ld", 2 * x_ld, 16)]
+        else:
+            checks += [("h", h, 16), ("h_ld", 2 * h_ld, 16), ("norm_weight", norm_weight, 16)]
+        if mode == ADD_NORM:
+            checks += [("x", x, 16), ("x_ld", 2 * x_ld, 16), ("h_out", h_out, 16)]
+        for name, value, align in checks:
+            if value % align or (value == 0 and not name.endswith("_ld") and name != "h_out"):
+                raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+        reads = [("x", x, span_x)] if mode != NORM else []
+        if mode != SILU:
+            reads.append(("h", h, span_in))
+        ends = [*reads, ("w", w, 2 * n * k), ("y", y, span_y)]
+        ends += [("norm_weight", norm_weight, 2 * k)] if mode != SILU else []
+        ends += [("h_out", h_out, span_in)] if mode == ADD_NORM else []
+        for name, base, span in ends:
+            if base + span > _U64:
+                raise ValueError(f"{name}: 0x{base:x} + {span} bytes runs past the end of the address space")
+        for name, base, span in reads:
+            if _overlap(y, span_y, base, span):
+                raise ValueError(f"y: overlaps {name} (the launch writes y while other blocks still read {name})")
+            if mode == ADD_NORM and h_out and _overlap(h_out, span_in, base, span):
+                raise ValueError(f"h_out: overlaps {name} (block 0 writes h_out while every block reads {name})")
+        if mode == ADD_NORM and h_out and _overlap(h_out, span_in, y, span_y):
+            raise ValueError("h_out: overlaps y")
+        if checks_only:
+            return (fn, None, rows * k * 2, None, None)
+        assert not rope
+        ffi = self._driver_ffi
+        eps_bits = int.from_bytes(struct.pack("<f", eps), "little")
+        # one 8-byte slot per kernel argument (int and float ones read their low 4 bytes: little-endian)
+        values = ffi.new("uint64_t[13]", [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, eps_bits])
+        params = ffi.new("void*[13]", [values + i for i in range(13)])
+        grid = min((n + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
+        packed = (fn, grid, rows * k * 2, params, values)  # values: kept with params
+        if len(self._fused_args) > 4096:
+            self._fused_args.clear()
+        self._fused_args[key] = packed
+        return packed
+
+    def has_qkv_rope(self, ab_type: int, d: int) -> bool:
+        """Whether :meth:`prepared_qkv_rope` serves ``ab_type`` inputs and head dim ``d`` (its kernels compiled;
+        the head dims FlashInfer's RoPE serves). TypeError naming ``ab_type`` or ``d`` when one is no int."""
+        _int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        _int_arg("d", d, -(1 << 63), 1 << 63)
+        return (ADD_NORM | _ROPE, ab_type, ab_type) in self._fused_fns and d in (64, 128, 256, 512)
+
+    def prepared_qkv_rope(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+        rope: RopeAppend,
+    ) -> Callable[[], None]:
+        """The fused QKV GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`fused_linear`; 16-bit ``y =
+        qkv [rows, (hq + 2 hk) d]``) with FlashInfer's ``apply_rope_pos_ids`` (in place, non-interleaved, every
+        element rotated; Llama 3.1 scaling where ``rope.llama3``) and ``append_paged_kv_cache`` (NHD) of this step's
+        k and v as its epilogue, checked and packed once (see :meth:`prepared_fused`): one launch for three. The
+        result equals those launches' bit for bit (the GPU test checks it). Raises TypeError/ValueError naming an
+        argument as :meth:`fused_linear` does, ``rope`` that is no :class:`RopeAppend` or one of its fields
+        (``rope.<field>``) of the wrong type or range, a misaligned, NULL or overlapping cache or index array (the
+        caches against y, h, x and h_out), or a shape the kernel does not serve."""
+        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in (NORM, ADD_NORM):
+            raise ValueError(f"mode: the RoPE epilogue follows a NORM or ADD_NORM prologue, got {mode!r:.40}")
+        if not isinstance(rope, RopeAppend):
+            raise TypeError(f"rope: expected a RopeAppend, got {type(rope).__name__}")
+        r = rope
+        for name in ("hq", "hk", "d", "page_size", "num_pages", "stride_page", "stride_n", "stride_h"):
+            _int_arg(
+                f"rope.{name}", getattr(r, name), 1, 1 << 31 if name in ("hq", "hk", "d", "page_size") else _MAX_LD
+            )
+        for name in ("positions", "batch_indices", "kv_indptr", "kv_indices", "k_cache", "v_cache"):
+            _int_arg(f"rope.{name}", getattr(r, name), 0, _U64)
+        for name in ("theta", "scale", "low_freq_factor", "high_freq_factor", "old_context_len"):
+            value = getattr(r, name)
+            try:
+                ok = not isinstance(value, bool) and 0 < float(value) < math.inf
+            except (OverflowError, TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"rope.{name}: expected a finite float > 0, got {value!r:.40}")
+        if not isinstance(r.llama3, bool):
+            raise TypeError(f"rope.llama3: expected a bool, got {type(r.llama3).__name__}")
+        if r.llama3 and not r.high_freq_factor > r.low_freq_factor:  # as FlashInfer's Llama 3.1 RoPE op refuses
+            raise ValueError(
+                f"rope.high_freq_factor: expected a value > low_freq_factor ({r.low_freq_factor}), got "
+                f"{r.high_freq_factor} (the blend divides by high_freq_factor / low_freq_factor - 1)"
+            )
+        n = (r.hq + 2 * r.hk) * r.d
+        key = (mode | _ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
+        if not (r.hq > 0 and r.hk > 0 and r.d in (64, 128, 256, 512) and r.page_size > 0 and r.num_pages > 0):
+            raise ValueError(f"rope: heads, head_dim (64 to 512), page size and pages must be positive, got {r}")
+        fn, grid, smem, _, _ = self._pack_fused(key, checks_only=True)
+        for name in ("positions", "batch_indices", "kv_indptr", "kv_indices"):
+            value = getattr(r, name)
+            if not value or value % 4:
+                raise ValueError(f"rope.{name}: 0x{value:x} must be a non-NULL address aligned to 4 bytes (int32)")
+        span_cache = 2 * r.num_pages * r.stride_page
+        span_y = 2 * ((rows - 1) * y_ld + n)
+        areas = [("y", y, span_y), ("h", h, 2 * ((rows - 1) * h_ld + k))]
+        if mode == ADD_NORM:
+            areas.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
+            if h_out:
+                areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
+        for name in ("k_cache", "v_cache"):
+            value = getattr(r, name)
+            if not value or value % 2:
+                raise ValueError(f"rope.{name}: 0x{value:x} must be a non-NULL address aligned to 2 bytes")
+            if value + span_cache > _U64:
+                raise ValueError(
+                    f"rope.{name}: 0x{value:x} + {span_cache} bytes runs past the end of the address space"
+                )
+            for other, base, span in areas:
+                if _overlap(value, span_cache, base, span):
+                    raise ValueError(f"rope.{name}: overlaps {other} (the launch writes the cache while reading it)")
+        if _overlap(r.k_cache, span_cache, r.v_cache, span_cache):
+            raise ValueError("rope.v_cache: overlaps rope.k_cache")
+        bits = [int.from_bytes(struct.pack("<f", v), "little") for v in (eps, *r.constants())]
+        ints = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, bits[0], r.hq, r.hk, r.d, *bits[1:]]
+        ints += [r.positions, r.batch_indices, r.kv_indptr, r.kv_indices, r.k_cache, r.v_cache, r.page_size]
+        ints += [r.stride_page, r.stride_n, r.stride_h]
+        values = self._driver_ffi.new(f"uint64_t[{len(ints)}]", ints)
+        params = self._driver_ffi.new(f"void*[{len(ints)}]", [values + i for i in range(len(ints))])
+        grid = min((n // 2 + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
+        return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "qkv gemv + rope + append")
+
+    @property
+    def lt(self) -> bool:
+        """Whether :meth:`linear` goes through cuBLASLt (cached algorithms); False: ``cublasGemmEx``. Settable (a
+        benchmark compares the two); cuBLASLt that could not be loaded stays off."""
+        return self._lt_shape is not None
+
+    @lt.setter
+    def lt(self, on: bool) -> None:
+        self._lt_shape = self._lt.shape if on and self._lt is not None else None
+
+    def linear(
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        accumulate: bool = False,
+    ) -> None:
+        """``y[:rows, :n] = x[:rows, :k] @ w.T`` with ``w`` a row-major ``[n, k]`` matrix (a PyTorch-style
+        Linear weight); pointers as ints, leading dimensions (row strides) in elements; ``ab_type``/``c_type``:
+        cudaDataType_t of x and w / of y. Accumulates in float32 (as torch's float16/bfloat16 matmul).
+        ``accumulate``: ``y += x @ w.T`` (y's old values join the float32 sum)."""
+        if self.gemv and rows <= GEMV_MAX_ROWS and not accumulate:
+            key = (rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
+            packed = self._gemv_args.get(key)
+            if packed is None:
+                packed = self._pack_gemv(key)
+            if packed:
+                fn, grid, params, _ = packed
+                err = self._launch(fn, grid, 1, 1, 32 * _GEMV_WARPS, 1, 1, 0, self._stream, params, self._null)
+                if err:
+                    raise driver_error(err, f"cuLaunchKernel(gemv, rows={rows}, n={n}, k={k})")
+                return
+        # Column-major view: y^T (n x rows, ld y_ld) = op_T(w as k x n, ld k) . x^T (k x rows, ld x_ld).
+        shape = self._lt_shape
+        if shape is not None:
+            entry = shape(rows, n, k, x_ld, y_ld, ab_type, c_type)
+            if entry is not None:
+                status = self._lt(entry, x, w, y, accumulate)
+                if status:
+                    raise CublasError("cublasLtMatmul", status)
+                return
+        status = self._gemm(
+            self._h,
+            CUBLAS_OP_T,
+            CUBLAS_OP_N,
+            n,
+            rows,
+            k,
+            self._one,
+            w,
+            ab_type,
+            k,
+            x,
+            ab_type,
+            x_ld,
+            self._one if accumulate else self._zero,
+            y,
+            c_type,
+            y_ld,
+            CUBLAS_COMPUTE_32F,
+            CUBLAS_GEMM_DEFAULT,
+        )
+        if status:
+            raise CublasError("cublasGemmEx", status)
+
+    def _pack_gemv(self, key: tuple[int, ...]) -> tuple[Any, ...]:
+        """The GEMV launch of one :meth:`linear` call, its kernel arguments packed once: ``(function, grid,
+        params, values)`` (``params``: the ``void*[8]`` of argument addresses into ``values``, the ``uint64_t[8]``
+        that must live as long as it), or ``()`` where the GEMV does not apply (a dtype pair it lacks, k not a
+        multiple of 8, x, w or x's rows not 16-byte aligned). Keyed by the call's ints only (values, no caller
+        object); at most 4096 kept, then the cache starts again."""
+        rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = key
+        fn = self._gemv_fns.get((ab_type, c_type))
+        item = 4 if c_type == CUDA_R_32F else 2
+        if fn is not None and y % item:  # the kernel stores one element at a time: each must be aligned
+            raise ValueError(
+                f"y: 0x{y:x} must be aligned to {item} bytes (its {'float32' if item == 4 else '16-bit'} elements)"
+            )
+        packed: tuple[Any, ...] = ()
+        if fn is not None and k % 8 == 0 and x_ld % 8 == 0 and x % 16 == 0 and w % 16 == 0 and 0 < n < 1 << 31:
+            ffi = self._driver_ffi
+            # one 8-byte slot per kernel argument (the int ones read their low 4 bytes: little-endian)
+            values = ffi.new("uint64_t[8]", [x, w, y, rows, n, k, x_ld, y_ld])
+            params = ffi.new("void*[8]", [values + i for i in range(8)])
+            packed = (fn, (n + _GEMV_WARPS - 1) // _GEMV_WARPS, params, values)  # values: kept with params
+        if len(self._gemv_args) > 4096:
+            self._gemv_args.clear()
+        self._gemv_args[key] = packed
+        return packed
+
+    def batched_linear(
+        self,
+        batch: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        x_stride: int,
+        w: int,
+        n: int,
+        k: int,
+        w_stride: int,
+        y: int,
+        y_ld: int,
+        y_stride: int,
+        ab_type: int,
+        c_type: int,
+    ) -> None:
+        """``batch`` independent :meth:`linear` products: ``y_b = x_b @ w_b.T`` for ``b < batch`` where ``x_b``,
+        ``w_b`` (row-major ``[n, k]``) and ``y_b`` start ``b * x_stride``, ``b * w_stride``, ``b * y_stride``
+        elements after ``x``, ``w``, ``y`` (MLA's per-head products: head ``b``'s columns of a ``[rows, H * d]``
+        activation, its own weight). One cuBLAS call."""
+        status = self._batched(
+            self._h,
+            CUBLAS_OP_T,
+            CUBLAS_OP_N,
+            n,
+            rows,
+            k,
+            self._one,
+            w,
+            ab_type,
+            k,
+            w_stride,
+            x,
+            ab_type,
+            x_ld,
+            x_stride,
+            self._zero,
+            y,
+            c_type,
+            y_ld,
+            y_stride,
+            batch,
+            CUBLAS_COMPUTE_32F,
+            CUBLAS_GEMM_DEFAULT,
+        )
+        if status:
+            raise CublasError("cublasGemmStridedBatchedEx", status)
+
+    def gather_rows(self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int) -> None:
+        """``dst[r, :width] = src[index[r], :width]`` for ``r < rows`` (16-bit elements; ``index`` int32)."""
+        self._gather_fn((rows,), (256,), (src, index, dst, width, src_ld, dst_ld))
+
+    def argmax(self, rows: int, x: int, n: int, ld: int, out: int) -> None:
+        """``out[r] = argmax(x[r, :n])`` (float32 ``x``, int32 ``out``; ties: the first index)."""
+        self._argmax_fn((rows,), (1024,), (x, n, ld, out))
+
+    def gather_rows_shard(
+        self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int, lo: int, n: int
+    ) -> None:
+        """``dst[r] = src[index[r] - lo]`` where ``lo <= index[r] < lo + n``, else a row of zeros (16-bit)."""
+        import numpy as np
+
+        self._gather_shard_fn((rows,), (256,), (src, index, dst, width, src_ld, dst_ld, np.int32(lo), np.int32(n)))
+
+    def argmax_shard(self, rows: int, x: int, n: int, ld: int, offset: int, pairs: int) -> None:
+        """``pairs[r] = (max(x[r, :n]) as float32 bits, first argmax + offset)`` (int32 ``[rows, 2]``)."""
+        import numpy as np
+
+        self._argmax_shard_fn((rows,), (1024,), (x, n, ld, np.int32(offset), pairs))
+
+    def combine_argmax(self, rows: int, pairs: int, parts: int, out: int) -> None:
+        """``out[r]`` = the winning index of the all-gathered ``pairs [parts, rows, 2]`` (see the kernel)."""
+        import numpy as np
+
+        self._combine_argmax_fn(((rows + 127) // 128,), (128,), (pairs, np.int32(parts), np.int32(rows), out))
+
+    def unshard_columns(self, rows: int, src: int, width: int, n: int, dst: int, dst_ld: int) -> None:
+        """``dst[r, :n]`` = the columns of the all-gathered float32 shards ``src [parts, rows, width]``."""
+        import numpy as np
+
+        self._unshard_fn((rows,), (256,), (src, np.int32(rows), width, n, dst, dst_ld))
+
+    def close(self) -> None:
+        """Destroy the cuBLAS handles (later GEMMs raise :class:`~fi_engine.cublas.CublasError`, small-row ones
+        included: the GEMV is turned off). Idempotent."""
+        self.gemv = False  # else a GEMM of <= GEMV_MAX_ROWS rows would still launch after close
+        self._gemv_args.clear()
+        self._fused_args.clear()
+        self._fused_fns = {}  # fused_linear refuses after close (fused_fits is False)
+        self._lt_shape = None
+        lt, self._lt = self._lt, None  # `lt = True` after close cannot bring back a destroyed cuBLASLt handle
+        if lt is not None:
+            lt.close()
+        self._blas.close()
+        self._h = self._blas.ptr  # NULL: cuBLAS answers CUBLAS_STATUS_NOT_INITIALIZED, no use after free

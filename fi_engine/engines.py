@@ -1,0 +1,37 @@
+"""Which engine class serves a checkpoint, by its ``config.json`` ``model_type``.
+
+``llama``, ``qwen3``, ``mixtral``, ``qwen3_moe``: :class:`~fi_engine.llama.LlamaEngine`; ``gemma2``:
+:class:`~fi_engine.gemma2.Gemma2Engine`; ``gpt_oss``: :class:`~fi_engine.gpt_oss.GptOssEngine`;
+``deepseek_v2``, ``deepseek_v3``: :class:`~fi_engine.deepseek.DeepSeekEngine`. The
+engines share the constructor arguments and the serving API (``generate``, ``prefill_logits``, ``close``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from .config import FAMILY_ENGINES, LlamaConfig
+from .deepseek_config import is_deepseek
+
+__all__ = ["ENGINES", "engine_class", "open_engine"]
+
+# model_type -> "module.Class" under fi_engine; model types not listed are LlamaEngine's
+ENGINES = FAMILY_ENGINES
+
+
+def engine_class(model_dir: str | Path) -> Any:
+    """The engine class for the checkpoint in ``model_dir`` (reads its ``config.json``; ValueError if refused)."""
+    if is_deepseek(model_dir):  # its config is not a LlamaConfig (MLA, DeepSeek routing): read by the engine
+        from .deepseek import DeepSeekEngine
+
+        return DeepSeekEngine
+    cfg = LlamaConfig.from_dir(model_dir)
+    module, _, name = ENGINES.get(cfg.model_type, "llama.LlamaEngine").partition(".")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+def open_engine(model_dir: str | Path, **kwargs: Any) -> Any:
+    """``engine_class(model_dir)(model_dir, **kwargs)``."""
+    return engine_class(model_dir)(model_dir, **kwargs)

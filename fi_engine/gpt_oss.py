@@ -1,0 +1,455 @@
+"""gpt-oss (``model_type`` ``gpt_oss``) on the Llama engine's serving loop, without torch (needs CuPy and the
+model-family kernel wheel: its attention-sink modules, bfloat16, head_dim 64, window on and off).
+
+::
+
+    from fi_engine.gpt_oss import GptOssEngine
+
+    with GptOssEngine("/path/to/gpt-oss-20b-bf16", max_batch=8, cuda_graph=True) as engine:
+        result = engine.generate([[200006, 17360, 200008]], max_new_tokens=32)
+
+What differs from Llama (transformers' ``GptOssForCausalLM``):
+
+- attention: q/k/v/o projections with biases; YaRN RoPE (rotary ``cos``/``sin`` precomputed once on the host, times
+  YaRN's attention factor, in a float32 cache read by ``apply_rope_with_cos_sin_cache_inplace``); a learned sink
+  logit per head (``self_attn.sinks``) in the softmax; even layers within a sliding window of ``sliding_window``
+  (128) tokens, odd layers over the whole context (``layer_types`` when the config lists them). Prefill runs the
+  sink prefill modules (FA3 on Hopper); **decode runs the same sink prefill modules (FA2) with one query row per
+  request** (``qo_indptr = 0, 1, ..., B``): the kernel wheel has no decode-with-sinks module, and this needs no new
+  kernel and keeps the sink math identical between prefill and decode;
+- the MLP is a mixture of experts in every layer: router with bias; top-k of the router logits, softmax over the k
+  chosen logits; each expert ``down(clamp_swiglu(gate_up(x) + b_gu)) + b_down`` where transformers' gpt-oss
+  activation is ``(clamp(up, -L, L) + 1) * g * sigmoid(alpha * g)``, ``g = clamp(gate, max=L)`` (``L`` =
+  ``swiglu_limit``, 7; ``alpha`` 1.702). The checkpoint stores ``experts.gate_up_proj [E, H, 2I]`` with gate and up
+  interleaved (even and odd columns), ``gate_up_proj_bias [E, 2I]``, ``down_proj [E, I, H]``, ``down_proj_bias
+  [E, H]``.
+
+The MoE layer is :class:`~fi_engine.moe.MoELayer`, the layer of Mixtral and Qwen3-MoE, with gpt-oss's extras
+(:class:`~fi_engine.moe.MoEBiases`, :class:`~fi_engine.moe.ClampedSwiGLU`): the router bias added to the
+float32 router logits (then top-k and softmax over the k chosen, which is the softmax over every expert renormalized
+over the chosen: the layer's routing with ``renormalize``), the gate/up bias and the clamped SwiGLU in one kernel
+between the expert GEMMs, the down bias weighted in the combine. The experts are held once, in the routed layout
+(``gate_up [E, 2I, H]``, ``down [E, H, I]``), and **each step picks one of two paths over them** (``moe_path``):
+
+- **routed**: only the chosen experts' weights are read (grouped GEMM over the ``T * k`` assignments). Prefill and
+  eager decode route on the host (one synchronization per layer, as Mixtral); the decode CUDA graph takes the
+  layer's fixed-capacity path, routed on the device;
+- **dense over the experts** (:meth:`~fi_engine.moe.MoELayer.forward_dense`): every token through every expert
+  (``gate_up`` read as one ``[E * 2I, H]`` GEMM, ``down`` as a strided-batched GEMM over the experts), the routing
+  weights picking each token's k; no host step, so eager decode and the graph run it alike.
+
+The rule (``moe_path="auto"``, :func:`~fi_engine.moe.choose_path`): dense when a step's ``rows * k`` assignments
+reach the number of experts (gpt-oss-20b, 32 experts top-4: from 8 rows), routed below, where few experts are touched
+and reading only theirs wins; steps of more than ``max_batch`` rows (long prefills, compute-bound, where routing's
+``k / E`` of the FLOPs counts) are always routed. The decode graph, captured at ``max_batch`` rows, picks once at
+capture. Measured on an H100 (README: gpt-oss; ``benchmarks/bench_gpt_oss.py``, gpt-oss-20b-shaped, 2 layers, graph):
+routed 998 / 2565 / 3879 / 11886 tokens/s at batch 1 / 4 / 8 / 32, dense 605 / 2289 / 4617 / 16573: the crossover
+lies between 4 and 8 rows, where the rule puts it.
+
+Tensor parallelism (``tensor_parallel=N``, :mod:`fi_engine.tensor_parallel`): each rank keeps its heads (q/k/v
+rows with their biases, its heads' sinks, its KV heads' cache), its columns of the O projection, the whole router
+(every rank routes every token alike, so every rank takes the same path), and the same slice
+``[r * I / N, (r + 1) * I / N)`` of every expert's intermediate columns (:func:`shard_experts`: in the checkpoint's
+interleaved gate/up layout that is one contiguous block of ``2I / N`` columns, with its biases; the clamped SwiGLU
+is elementwise per column pair, so it runs on the slice as on the whole); the embedding and LM head by vocabulary
+rows. The O and expert-down outputs are partial sums, summed by the fused all-reduce + residual + RMSNorm as
+Llama's; their biases (``o_proj.bias``, the routing-weighted ``down_proj_bias``) are added on rank 0 only (the other
+ranks' MoE layers get a zero down bias), so the sum has each once.
+
+Only bfloat16 checkpoints (the sink modules are bfloat16); MXFP4 checkpoints (the published ones) are refused with
+the recipe for a bfloat16 copy (README: gpt-oss).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+import fi_ffi
+
+from . import kernels
+from .checkpoint import Checkpoint
+from .config import LlamaConfig
+from .family_configs import MXFP4_HELP, GptOssSettings
+from .llama import LlamaEngine
+from .moe import choose_path
+from .values import arg_array, arg_int
+from .weights import WeightLoader
+
+__all__ = ["GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache", "shard_experts"]
+
+MOE_PATHS = ("auto", "routed", "dense")
+
+# rows of the cos/sin table: p * f is a float32 product (exact positions up to 2**24, as transformers computes it)
+MAX_ROPE_POSITIONS = 1 << 24
+
+_SOURCE = r"""
+__device__ __forceinline__ float bf(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
+__device__ __forceinline__ unsigned short to_bf(float f) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+// x[t, c] = round(x[t, c] + b[c]) for t < rows, c < width (bfloat16; row stride ld).
+extern "C" __global__ void add_bias(unsigned short* __restrict__ x, const unsigned short* __restrict__ b,
+                                    long long width, long long ld) {
+    unsigned short* row = x + (long long)blockIdx.x * ld;
+    for (long long c = threadIdx.x; c < width; c += blockDim.x) row[c] = to_bf(bf(row[c]) + bf(b[c]));
+}
+"""
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bits (uint16)."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def rope_cos_sin_cache(cfg: LlamaConfig, positions: int) -> np.ndarray:
+    """float32 ``[positions, head_dim]``: ``cos(p * f_j) * s`` for ``j < head_dim / 2``, then ``sin(p * f_j) * s``,
+    with gpt-oss's frequencies ``f`` and scale ``s`` (YaRN's, or plain RoPE's with ``s = 1``); as transformers,
+    ``p * f`` is a float32 product."""
+    if not isinstance(cfg, LlamaConfig) or not isinstance(cfg.family, GptOssSettings):
+        raise TypeError(f"cfg: expected a gpt-oss LlamaConfig (LlamaConfig.from_dir), got {type(cfg).__name__}")
+    positions = arg_int("positions", positions, 0, MAX_ROPE_POSITIONS)
+    g: GptOssSettings = cfg.family
+    d, theta = cfg.head_dim, cfg.rope.theta
+    if g.yarn is None:
+        inv, scale = (1.0 / theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))).astype(np.float32), 1.0
+    else:
+        inv, scale = g.yarn.inv_freq(theta, d), g.yarn.scale()
+    angles = np.arange(positions, dtype=np.float32)[:, None] * inv[None, :]  # float32, as transformers
+    return (np.concatenate([np.cos(angles), np.sin(angles)], axis=1) * np.float32(scale)).astype(np.float32)
+
+
+def check_checkpoint(ckpt: Checkpoint) -> str:
+    """The checkpoint's dtype, which must be bfloat16 and unquantized (ValueError naming the tensor otherwise)."""
+    quantized = next((n for n in ckpt.tensors if n.endswith(("_blocks", "_scales"))), None)
+    if quantized is not None:
+        raise ValueError(f"model: tensor {quantized!r} is MXFP4-quantized; {MXFP4_HELP}")
+    dtype = ckpt.info("model.embed_tokens.weight").dtype
+    if dtype != "bfloat16":
+        raise ValueError(
+            f"model: weights are {dtype}; gpt-oss runs in bfloat16 here (the attention-sink kernels are "
+            f"bfloat16): save the model with torch_dtype=torch.bfloat16"
+        )
+    return dtype
+
+
+def expert_matrices(gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One layer's experts in :class:`~fi_engine.moe.MoEWeights`' layouts (nn.Linear weights per expert).
+
+    Args:
+        gate_up: ``[E, H, 2I]`` (the checkpoint's ``experts.gate_up_proj``: ``x @ gate_up[e]``, gate on the even
+            and up on the odd columns).
+        gate_up_bias: ``[E, 2I]``, interleaved the same way.
+        down: ``[E, I, H]`` (``act @ down[e]``).
+
+    Returns:
+        ``(w_gu [E, 2I, H], b_gu [E, 2I], w_down [E, H, I])``: ``w_gu[e]`` expert ``e``'s gate rows, then its up
+        rows (``x @ w_gu[e].T`` gives ``[gate, up]``); ``b_gu`` likewise (gate, then up); ``w_down[e]`` its down
+        projection (``act @ w_down[e].T``).
+    """
+    arg_array("gate_up", gate_up, 3, "[num_experts, hidden, 2 * intermediate]")
+    e, h, two_i = gate_up.shape
+    if two_i % 2:
+        raise ValueError(f"gate_up: expected an even last dimension (gate and up interleaved), got {gate_up.shape}")
+    arg_array("gate_up_bias", gate_up_bias, 2, f"[{e}, {two_i}]")
+    if gate_up_bias.shape != (e, two_i):
+        raise ValueError(
+            f"gate_up_bias: expected shape ({e}, {two_i}) (gate_up's experts and columns), got {gate_up_bias.shape}"
+        )
+    arg_array("down", down, 3, f"[{e}, {two_i // 2}, {h}]")
+    if down.shape != (e, two_i // 2, h):
+        raise ValueError(
+            f"down: expected shape ({e}, {two_i // 2}, {h}) (gate_up's experts, intermediate and "
+            f"hidden), got {down.shape}"
+        )
+    t = gate_up.transpose(0, 2, 1)  # [E, 2I, H]
+    w_gu = np.concatenate([t[:, 0::2], t[:, 1::2]], axis=1)
+    b_gu = np.concatenate([gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]], axis=1)
+    w_down = down.transpose(0, 2, 1)
+    return np.ascontiguousarray(w_gu), np.ascontiguousarray(b_gu), np.ascontiguousarray(w_down)
+
+
+def shard_experts(
+    gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndarray, rank: int, parts: int
+) -> tuple[np.ndarray, ...]:
+    """Rank ``rank``'s slice of every expert's intermediate columns, in the checkpoint's layout (what
+    :func:`expert_matrices` takes).
+
+    Args:
+        gate_up: ``[E, H, 2I]``, gate and up interleaved (even and odd columns: intermediate column ``j`` is the
+            pair ``2j, 2j + 1``).
+        gate_up_bias: ``[E, 2I]``, interleaved the same way.
+        down: ``[E, I, H]``.
+        rank, parts: this rank of ``parts``; ``parts`` must divide ``I``.
+
+    Returns ``(gate_up [E, H, 2I/N], gate_up_bias [E, 2I/N], down [E, I/N, H])``: intermediate columns
+    ``[r * I/N, (r + 1) * I/N)``, i.e. interleaved columns ``[2r * I/N, 2(r + 1) * I/N)``. Every rank's experts
+    give a partial sum of each expert's down projection (without its bias, which one rank adds).
+    """
+    from .tensor_parallel import MAX_PARTS
+
+    arg_array("gate_up", gate_up, 3, "[num_experts, hidden, 2 * intermediate]")
+    e, _, two_i = gate_up.shape
+    arg_array("gate_up_bias", gate_up_bias, 2, f"[{e}, {two_i}]")
+    arg_array("down", down, 3, f"[{e}, {two_i // 2}, hidden]")
+    if gate_up_bias.shape != (e, two_i) or down.shape[:2] != (e, two_i // 2) or two_i % 2:
+        raise ValueError(
+            f"gate_up_bias, down: expected [{e}, {two_i}] and [{e}, {two_i // 2}, hidden] (gate_up {gate_up.shape}: "
+            f"an even number of interleaved columns), got {gate_up_bias.shape} and {down.shape}"
+        )
+    parts = arg_int("parts", parts, 1, MAX_PARTS)
+    rank = arg_int("rank", rank, 0, parts - 1)
+    i = two_i // 2
+    if i % parts:
+        raise ValueError(f"parts: {parts} does not divide the experts' {i} intermediate columns")
+    step = i // parts
+    lo, hi = rank * step, (rank + 1) * step
+    return (
+        np.ascontiguousarray(gate_up[:, :, 2 * lo : 2 * hi]),
+        np.ascontiguousarray(gate_up_bias[:, 2 * lo : 2 * hi]),
+        np.ascontiguousarray(down[:, lo:hi]),
+    )
+
+
+class GptOssEngine(LlamaEngine):
+    """A bfloat16 gpt-oss checkpoint on one GPU or ``tensor_parallel`` GPUs; arguments and serving API as
+    :class:`~fi_engine.llama.LlamaEngine`, plus:
+
+    Args:
+        moe_path: how the MoE layers run a step of up to ``max_batch`` token rows (module docstring):
+            ``"auto"`` (default) picks per step by :func:`~fi_engine.moe.choose_path` (dense over the experts
+            from ``num_experts / top_k`` rows, routed below; the decode CUDA graph, captured at ``max_batch`` rows,
+            picks once); ``"routed"`` or ``"dense"`` force one path. Steps of more rows (long prefills) are always
+            routed.
+    """
+
+    def __init__(self, model_dir: Any, *, moe_path: str = "auto", **kwargs: Any) -> None:
+        if not isinstance(moe_path, str) or moe_path not in MOE_PATHS:
+            raise ValueError(f"moe_path: expected one of {', '.join(map(repr, MOE_PATHS))}, got {moe_path!r:.60}")
+        self.moe_path = moe_path
+        super().__init__(model_dir, **kwargs)
+
+    def moe_path_for(self, rows: int) -> str:
+        """``"routed"`` or ``"dense"``: the path the MoE layers take for a step of ``rows`` token rows (the decode
+        graph's: ``moe_path_for(max_batch)``)."""
+        rows = arg_int("rows", rows, 1, MAX_ROPE_POSITIONS)
+        if rows > self.max_batch:  # long prefills: the dense path's buffers hold max_batch rows
+            return "routed"
+        if self.moe_path != "auto":
+            return self.moe_path
+        c = self.model_config
+        assert c.moe is not None
+        return choose_path(rows, c.moe.num_experts, c.moe.top_k)
+
+    def _check_family(self, cfg: LlamaConfig) -> None:
+        if cfg.model_type != "gpt_oss" or not isinstance(cfg.family, GptOssSettings):
+            raise ValueError(f"model: GptOssEngine serves gpt_oss checkpoints, this one is {cfg.model_type!r}")
+        if cfg.moe is None or cfg.moe.top_k > 64:
+            raise ValueError("num_experts_per_tok: above 64 is not supported by the biased MoE combine kernel")
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def _load(self, ckpt: Checkpoint) -> None:
+        from .dense import data_type
+        from .tensor_parallel import columns, rows, segment
+
+        c = self.model_config  # the checkpoint's shapes; this rank keeps its shard (rank r of n)
+        r, n, vs = self.rank, self.tensor_parallel, self.vocab_shard
+        assert c.moe is not None
+        hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+        e, i_size = c.moe.num_experts, c.moe.intermediate_size
+        dtype = check_checkpoint(ckpt)
+        self.dtype, self._ab, self._f32 = dtype, data_type(dtype), data_type("float32")
+        self._weights: list[Any] = []
+        self._moe: list[Any] = []
+        self._moe_scratch = None
+        w = WeightLoader(ckpt, self._cp, dtype, self.device, self._weights)
+
+        def host_f32(name: str, shape: tuple[int, ...]) -> np.ndarray:  # biases and sinks, as float32
+            info = ckpt.info(name)
+            arr = ckpt.array(name, shape)
+            if info.dtype not in ("bfloat16", "float32"):
+                raise ValueError(f"model: tensor {name!r} is {info.dtype}, expected bfloat16 or float32")
+            return bf16_to_f32(arr) if info.dtype == "bfloat16" else np.asarray(arr, np.float32)
+
+        def f32(name: str, shape: tuple[int, ...]) -> Any:  # on the device
+            return w.upload(host_f32(name, shape))
+
+        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
+            whole = w.get(name, (c.vocab_size, h))
+            return whole if vs is None else vs.take(whole)
+
+        self._embed = w.ptr(table("model.embed_tokens.weight"))
+        tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
+        self._lm_head = self._embed if tied else w.ptr(table("lm_head.weight"))
+        self._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
+        self._with_bias = r == 0  # the row-parallel outputs' biases: once in the ranks' sum
+        self._wqkv, self._bqkv, self._wo, self._bo, self._ln1, self._ln2 = [], [], [], [], [], []
+        self._sinks: list[Any] = []
+        from .moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEScratch, MoEWeights
+
+        g: GptOssSettings = c.family
+        self._ws_moe = kernels.workspace(self.device)  # the grouped GEMMs' own
+        max_tokens = max(self.max_prefill_tokens, self.max_batch)
+        # buffers for the paths this engine can take: the fixed-capacity routed path where the decode graph
+        # (max_batch rows) routes, the dense path where some step of up to max_batch rows goes dense
+        graph_path = self.moe_path_for(self.max_batch)
+        capacity = self.max_batch if self._static_moe and graph_path == "routed" else None
+        dense_rows = self.max_batch if self.moe_path == "dense" or graph_path == "dense" else None
+        self._moe_scratch = MoEScratch(
+            num_experts=e, hidden=h, intermediate=i_size // n, top_k=c.moe.top_k, max_tokens=max_tokens, dtype=dtype,
+            capacity=capacity, dense_rows=dense_rows,
+        )  # fmt: skip
+        activation = ClampedSwiGLU(float(g.alpha), float(g.swiglu_limit))
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            shapes = (("q_proj", hq * d), ("k_proj", hk * d), ("v_proj", hk * d))
+            # this rank's heads: q/k/v rows with their biases, its heads' sinks; the O projection's columns
+            self._wqkv.append(w.ptr(np.concatenate([rows(w.get(f"{a}{x}.weight", (k, h)), r, n) for x, k in shapes])))
+            self._bqkv.append(w.ptr(np.concatenate([segment(w.get(f"{a}{x}.bias", (k,)), r, n) for x, k in shapes])))
+            self._wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))
+            self._bo.append(w.ptr(w.get(a + "o_proj.bias", (h,))))  # added by rank 0 only
+            sinks = w.upload(segment(host_f32(a + "sinks", (hq,)), r, n))
+            self._sinks.append(kernels.descriptor(sinks.data.ptr, sinks.shape, "float32", self.device, owner=sinks))
+            self._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
+            self._ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
+            m = p + "mlp."
+            experts = shard_experts(  # this rank's slice of every expert's intermediate columns
+                w.get(m + "experts.gate_up_proj", (e, h, 2 * i_size)),
+                bf16_to_f32(w.get(m + "experts.gate_up_proj_bias", (e, 2 * i_size))),
+                w.get(m + "experts.down_proj", (e, i_size, h)),
+                r,
+                n,
+            )
+            w_gu, b_gu, w_down = expert_matrices(*experts)
+            weights = MoEWeights(w.upload(w.get(m + "router.weight", (e, h))), w.upload(w_gu), w.upload(w_down))
+            b_down = host_f32(m + "experts.down_proj_bias", (e, h))
+            b_down = b_down if self._with_bias else np.zeros_like(b_down)  # rank 0's partial sum carries it
+            biases = MoEBiases(f32(m + "router.bias", (e,)), w.upload(b_gu), w.upload(b_down))
+            self._moe.append(
+                MoELayer(
+                    weights, dtype=dtype, top_k=c.moe.top_k, renormalize=True, max_tokens=max_tokens,
+                    stream=self.stream, dense=self.dense, workspace=self._ws_moe, capacity=capacity,
+                    scratch=self._moe_scratch, biases=biases, activation=activation, dense_rows=dense_rows,
+                )
+            )  # fmt: skip
+        self._norm = w.vector(w.get("model.norm.weight", (h,)))
+        self._q_norm: list[Any] = []
+        self._k_norm: list[Any] = []
+        cache = w.upload(rope_cos_sin_cache(c, self.max_seq_len))
+        self._cos_sin = kernels.descriptor(cache.data.ptr, cache.shape, "float32", self.device, owner=cache)
+        module = self._cp.RawModule(code=_SOURCE)
+        self._k_bias = module.get_function("add_bias")
+        self._windows = list(g.windows)
+
+    def _allocate(self) -> None:
+        super()._allocate()
+        cp = self._cp
+        # decode: one query row per request (the sink prefill kernels serve decode)
+        self._qo_host = np.arange(self.max_batch + 1, dtype=np.int32)
+        self._qo_dev = cp.asarray(self._qo_host)
+        self._qo_views: dict[int, Any] = {}
+        self._plan_windows = sorted(set(self._windows))
+        self._extra_ws = [kernels.workspace(self.device) for _ in range(2 * (len(self._plan_windows) - 1))]
+
+    def _workspaces(self, decode: bool) -> list[Any]:
+        first = self._ws_decode if decode else self._ws_prefill
+        n = len(self._plan_windows) - 1
+        return [first, *(self._extra_ws[n:] if decode else self._extra_ws[:n])]
+
+    # ------------------------------------------------------------------------------------------ attention
+
+    def _sink_plan(self, ws: Any, qo: Any, kv: Any, last: Any, window: int, backend: str, graph: bool) -> Any:
+        c = self.config
+        return fi_ffi.batch_attention_sink_plan(
+            ws, qo, kv, last, c.num_qo_heads, c.num_kv_heads, c.head_dim, self.page_size, q_dtype=self.dtype,
+            causal=True, window_left=window, sm_scale=c.head_dim**-0.5, backend=backend, enable_cuda_graph=graph,
+            stream=self._s,
+        )  # fmt: skip
+
+    def _plan_prefill(self, batch: int) -> None:
+        ph = self._ph
+        qo, kv, last = ph["qo_indptr"][: batch + 1], ph["kv_indptr"][: batch + 1], ph["kv_last_page_len"][:batch]
+        self._prefill_plans = {
+            window: self._sink_plan(ws, qo, kv, last, window, "auto", False)
+            for window, ws in zip(self._plan_windows, self._workspaces(False), strict=True)
+        }
+
+    def _plan_decode(self, rows: int, cuda_graph: bool) -> None:
+        dh = self._dh
+        qo, kv, last = self._qo_host[: rows + 1], dh["kv_indptr"][: rows + 1], dh["kv_last_page_len"][:rows]
+        # FA2: a decode row is one query; FA2's small query tiles suit it, and its CUDA-graph schedule is fixed
+        self._decode_plans = {
+            window: self._sink_plan(ws, qo, kv, last, window, "fa2", cuda_graph)
+            for window, ws in zip(self._plan_windows, self._workspaces(True), strict=True)
+        }
+        self._decode_plan = self._decode_plans[self._plan_windows[0]]  # the one the graph's layout check watches
+
+    def _qo_view(self, rows: int) -> Any:
+        t = self._qo_views.get(rows)
+        if t is None:
+            t = self._qo_views[rows] = kernels.descriptor(
+                self._qo_dev.data.ptr, (rows + 1,), "int32", self.device, owner=self._qo_dev
+            )
+        return t
+
+    def _prefill_attention(self, i: int, v: SimpleNamespace) -> None:
+        fi_ffi.batch_attention_sink_run(
+            self._prefill_plans[self._windows[i]], v.q, self._k_cache[i], self._v_cache[i], v.qo_indptr, v.kv_indptr,
+            v.kv_indices, v.kv_last_page_len, v.attn, self._sinks[i], stream=self._s,
+        )  # fmt: skip
+
+    def _decode_attention(self, i: int, v: SimpleNamespace) -> None:
+        fi_ffi.batch_attention_sink_run(
+            self._decode_plans[self._windows[i]], v.q, self._k_cache[i], self._v_cache[i],
+            self._qo_view(v.kv_last_page_len.shape[0]), v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn,
+            self._sinks[i], stream=self._s,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+        """Embedding to the final RMSNorm for ``rows`` token rows; the normalized rows end in ``x2`` (``x``
+        itself unless the fused all-reduce writes them), the residual stream in ``h``."""
+        c, b, dense, s = self.config, self._buf, self.dense, self._s
+        h, ab = c.hidden_size, self._ab
+        x, qkv, attn = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr
+        normed = self._normed.data.ptr
+        w, hqd, last = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        path = self.moe_path_for(rows)
+        self._embed_and_norm(v, rows)
+        for i in range(c.num_layers):
+            dense.linear(rows, normed, h, self._wqkv[i], w, h, qkv, w, ab, ab)
+            self._k_bias((rows,), (256,), (qkv, self._bqkv[i], w, w))
+            fi_ffi.apply_rope_with_cos_sin_cache_inplace(
+                v.positions, v.q, v.k, c.head_dim, self._cos_sin, is_neox=True, stream=s
+            )
+            kernels.append_kv(
+                v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i], v.kv_indices, v.kv_indptr,
+                v.kv_last_page_len, s,
+            )  # fmt: skip
+            attention(i, v)
+            dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
+            if self._with_bias:
+                self._k_bias((rows,), (256,), (x, self._bo[i], h, h))
+            self._add_norm(v, self._ln2[i])
+            xin = self._normed  # x, or x2 with the fused all-reduce; the MoE's (partial) output goes to x
+            if path == "dense":  # every expert, no host step (capturable)
+                self._moe[i].forward_dense(xin, b.x, rows)
+            elif static_moe:  # the decode graph: routed on the device, fixed capacity (capturable)
+                self._moe[i].forward_static(xin, b.x, rows)
+            else:  # routed on the host: only the chosen experts' weights are read
+                self._moe[i].forward(xin, b.x, rows)
+            self._add_norm(v, self._ln1[i + 1] if i < last else self._norm)
+
+    def close(self) -> None:
+        was_open = not self._closed
+        super().close()
+        if was_open:
+            for ws in self._extra_ws:
+                ws.close()

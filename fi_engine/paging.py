@@ -1,0 +1,559 @@
+"""The host side of serving: pages, requests, batching, padding, and the index arrays the kernels read.
+
+Nothing here touches a GPU, so it is tested on CPU (tests/test_llama_host.py).
+
+KV cache: ``num_pages`` pages of ``page_size`` tokens per layer. Page 0 is reserved as the **padding page**:
+padded rows of a CUDA-graph batch append their (ignored) K/V there and attend to its one token, so a padded
+row is an ordinary one-token request and the kernels need no special case; a padded prefill's extra rows are
+likewise one ordinary prompt whose pages are all the padding page (:func:`pad_prefill`). Real requests get pages
+``1 .. num_pages - 1`` from :class:`PageAllocator`.
+
+A request's life (:class:`Scheduler`):
+
+1. :meth:`Scheduler.submit` checks it and queues it. Its page **budget** is the most it can ever hold:
+   ``ceil((len(prompt) + max_new_tokens - 1) / page_size)`` (the last generated token is never fed back).
+2. :meth:`Scheduler.admit` moves queued requests into free batch slots while the free pages cover every
+   admitted request's remaining budget, so decoding never runs out of pages (no preemption needed). The
+   admitted requests get their prompt's pages and are prefilled together (:func:`fill_prefill`).
+3. Each decode step feeds every active request its last token at position ``cached`` (the tokens whose K/V
+   are in the cache): :meth:`Scheduler.decode_rows` gives it a new page when ``cached`` is a multiple of
+   ``page_size``, :func:`fill_decode` writes the step's arrays.
+4. :meth:`Scheduler.record` appends the sampled tokens; a request that produced an end-of-sequence token or
+   its ``max_new_tokens``-th token finishes, leaves its slot and frees its pages.
+
+Index arrays (FlashInfer's paged layout), for a batch of ``B`` rows: ``kv_indptr`` ``[B + 1]`` (row ``b``
+owns ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``), ``kv_indices`` (page ids), ``kv_last_page_len`` ``[B]``
+(tokens in the last page, ``1..page_size``), plus per appended token its row (``batch_indices``) and position
+(``positions``, also the RoPE position). All int32.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .values import MAX_SIZE, arg_int, show
+
+__all__ = [
+    "PAD_PAGE",
+    "Layout",
+    "OutOfPagesError",
+    "PageAllocator",
+    "Request",
+    "Scheduler",
+    "bucket_for",
+    "fill_decode",
+    "fill_prefill",
+    "pad_prefill",
+    "pages_for",
+    "prefill_buckets",
+]
+
+PAD_PAGE = 0
+
+
+# More pages than any device's KV cache holds (2**24 pages of 16 tokens at >= 1 KiB per token: >= 256 GiB), and
+# far below the kernels' int32 page ids; the allocator keeps a free list of this length.
+MAX_PAGES = 1 << 24
+
+
+class OutOfPagesError(RuntimeError):
+    """The KV cache has fewer free pages than requested."""
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    """Pages needed to hold ``tokens`` tokens (``tokens >= 0``, ``page_size >= 1``)."""
+    from fi_ffi.launch import checks
+
+    tokens = checks.integer("tokens", tokens, 0)
+    page_size = checks.integer("page_size", page_size, 1)
+    if tokens >= 1 << 63 or page_size >= 1 << 31:
+        raise ValueError(f"tokens, page_size: expected tokens < 2**63 and page_size < 2**31, got {tokens}, {page_size}")
+    return -(-tokens // page_size)
+
+
+class PageAllocator:
+    """Hands out page ids ``reserved .. num_pages - 1``; freed pages are reused first (LIFO, warm in cache)."""
+
+    def __init__(self, num_pages: int, reserved: int = 1) -> None:
+        if isinstance(reserved, bool) or not isinstance(reserved, int) or not 0 <= reserved < MAX_PAGES:
+            raise ValueError(f"reserved: expected an integer in [0, {MAX_PAGES}), got {reserved!r}")
+        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or not reserved < num_pages <= MAX_PAGES:
+            raise ValueError(
+                f"num_pages: expected an integer in ({reserved}, {MAX_PAGES}] (page {PAD_PAGE} is the padding page; "
+                f"no device holds more), got {num_pages!r}"
+            )
+        self.num_pages = num_pages
+        self.reserved = reserved
+        self._free = list(range(num_pages - 1, reserved - 1, -1))  # pop() gives the lowest id first
+        self._used = bytearray(num_pages)
+
+    @property
+    def capacity(self) -> int:
+        """Pages requests can ever hold (all but the reserved ones)."""
+        return self.num_pages - self.reserved
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        """``n`` page ids, all or none: OutOfPagesError if fewer than ``n`` are free."""
+        if n > len(self._free):
+            raise OutOfPagesError(
+                f"the KV cache has {len(self._free)} free pages of {self.capacity}, {n} "
+                f"requested; allocate more pages (num_pages=) or serve fewer or shorter requests"
+            )
+        if n <= 0:
+            return []
+        pages = self._free[-n:]
+        del self._free[-n:]
+        pages.reverse()
+        for p in pages:
+            self._used[p] = 1
+        return pages
+
+    def free(self, pages: Iterable[int]) -> None:
+        """Give pages back. ValueError (nothing freed) for a page that is not allocated (double free)."""
+        pages = list(pages)
+        seen = set()
+        for p in pages:
+            if not (self.reserved <= p < self.num_pages) or not self._used[p] or p in seen:
+                raise ValueError(f"pages: page {p} is not allocated (double free, or not from this allocator)")
+            seen.add(p)
+        for p in reversed(pages):
+            self._used[p] = 0
+            self._free.append(p)
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt being served. ``output`` holds the generated tokens (the first comes from the prefill)."""
+
+    rid: int
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    budget_pages: int
+    output: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    cached: int = 0  # tokens whose K/V are in the cache
+    slot: int = -1  # row in the batch while active
+    finish_reason: str | None = None  # "eos" or "length" once finished
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Layout:
+    """Named int32 regions at fixed offsets of one flat buffer (one host-to-device copy per step).
+
+    Offsets are rounded up to 32 entries (128 bytes) so every region is aligned for vector loads.
+    """
+
+    def __init__(self, sizes: dict[str, int]) -> None:
+        self.offsets: dict[str, int] = {}
+        self.sizes = dict(sizes)
+        at = 0
+        for name, n in sizes.items():
+            self.offsets[name] = at
+            at += -(-n // 32) * 32
+        self.total = at
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Full-size views of each region of ``flat`` (int32, at least :attr:`total` entries)."""
+        return {k: flat[o : o + self.sizes[k]] for k, o in self.offsets.items()}
+
+    def end(self, name: str, used: int) -> int:
+        """Entries of the flat buffer up to the first ``used`` entries of region ``name`` (for partial copies)."""
+        return self.offsets[name] + used
+
+
+def decode_layout(max_rows: int, max_pages: int) -> Layout:
+    """The decode step's regions; ``kv_indices`` last, so a copy can stop after the pages in use."""
+    return Layout(
+        {
+            "token_ids": max_rows,
+            "positions": max_rows,
+            "batch_indices": max_rows,
+            "kv_indptr": max_rows + 1,
+            "kv_last_page_len": max_rows,
+            "kv_indices": max_pages,
+        }
+    )
+
+
+def prefill_layout(max_tokens: int, max_rows: int, max_pages: int, padded: bool = False) -> Layout:
+    """The prefill's regions for up to ``max_tokens`` token rows of ``max_rows`` requests holding ``max_pages``
+    pages; ``kv_indices`` last. ``padded``: also room for :func:`pad_prefill`'s padding request (one more request,
+    and up to ``ceil(max_tokens / page_size)`` more page ids, which ``max_tokens`` bounds for any page size)."""
+    extra = 1 if padded else 0
+    return Layout(
+        {
+            "token_ids": max_tokens,
+            "positions": max_tokens,
+            "batch_indices": max_tokens,
+            "qo_indptr": max_rows + extra + 1,
+            "kv_indptr": max_rows + extra + 1,
+            "kv_last_page_len": max_rows + extra,
+            "last_rows": max_rows,
+            "kv_indices": max_pages + (max_tokens if padded else 0),
+        }
+    )
+
+
+def fill_prefill(requests: Sequence[Request], page_size: int, v: dict[str, np.ndarray]) -> tuple[int, int]:
+    """Write the prefill arrays of ``requests`` (their whole prompts, pages already held) into the views ``v``.
+
+    Row ``b`` is ``requests[b]``; its prompt tokens are rows ``qo_indptr[b]:qo_indptr[b+1]`` at positions
+    ``0..n-1``; ``last_rows[b]`` is its last prompt token's row (whose logits give the first new token).
+    Returns ``(nnz, pages)``: tokens and page ids written.
+    """
+    t = p = 0
+    v["qo_indptr"][0] = 0
+    v["kv_indptr"][0] = 0
+    for b, r in enumerate(requests):
+        n = len(r.prompt)
+        need = pages_for(n, page_size)
+        if len(r.pages) != need:
+            raise AssertionError(f"request {r.rid}: holds {len(r.pages)} pages, its prompt needs {need}")
+        v["token_ids"][t : t + n] = r.prompt
+        v["positions"][t : t + n] = np.arange(n, dtype=np.int32)
+        v["batch_indices"][t : t + n] = b
+        v["kv_indices"][p : p + need] = r.pages
+        t += n
+        p += need
+        v["qo_indptr"][b + 1] = t
+        v["kv_indptr"][b + 1] = p
+        v["kv_last_page_len"][b] = (n - 1) % page_size + 1
+        v["last_rows"][b] = t - 1
+    return t, p
+
+
+# Bucketed prefill graphs (LlamaEngine._prefill_graph): a prefill's token rows are padded up to a bucket so every
+# prompt length in a bucket replays one CUDA graph. Below _COARSE_UNTIL rows a prefill's GPU time barely depends
+# on its rows (launch-bound kernels, GEMMs far from filling the GPU), so padding there is free and the ladder
+# doubles (fewer graphs to capture); above it the GEMMs' time grows with the rows, so the ladder takes quarter
+# octaves (x1.25, x1.2, x1.17, x1.14): at most 25 % padded rows, about 12 % on average, for 4 graphs per octave.
+_MIN_BUCKET = 16
+_COARSE_UNTIL = 256
+
+
+def prefill_buckets(max_tokens: int) -> tuple[int, ...]:
+    """The token-row buckets of padded prefill graphs, ascending, the last one ``max_tokens`` (the engine's
+    buffer rows): 16, 32, 64, 128, 256 (doubling), then quarter octaves 320, 384, 448, 512, 640, 768, 896,
+    1024, 1280, ... (see the comment above); a bucket above ``max_tokens`` becomes ``max_tokens``."""
+    from fi_ffi.launch import checks
+
+    max_tokens = checks.integer("max_tokens", max_tokens, 1)
+    if max_tokens >= 1 << 31:
+        bits = max_tokens.bit_length()
+        raise ValueError(f"max_tokens: expected token rows below 2**31 (the kernels' int32), got {bits} bits")
+    ladder: list[int] = []
+    n = _MIN_BUCKET
+    while n < max_tokens:
+        ladder.append(n)
+        if n < _COARSE_UNTIL:
+            n *= 2
+        else:
+            octave = 1 << (n.bit_length() - 1)  # the power of two at or below n: steps of a quarter of it
+            n += octave // 4
+    ladder.append(max_tokens)
+    return tuple(ladder)
+
+
+def bucket_for(rows: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket of ``buckets`` (ascending, from :func:`prefill_buckets`) holding ``rows`` token rows
+    (``rows >= 1``). Raises ValueError when ``rows`` exceeds the largest bucket; TypeError/ValueError naming
+    ``rows`` or ``buckets`` when one is no int or no non-empty ascending sequence of ints in ``[1, 2**31)``."""
+    import bisect
+
+    if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)):
+        raise TypeError(f"rows: expected an int, got {type(rows).__name__}")
+    if rows < 1:
+        raise ValueError(f"rows: expected at least 1 token row, got {int(rows)}")
+    ladder = _ladder("buckets", buckets, MAX_SIZE)
+    i = bisect.bisect_left(ladder, rows)
+    if i == len(ladder):
+        raise ValueError(f"rows: {rows} token rows exceed the largest prefill bucket {ladder[-1]}")
+    return ladder[i]
+
+
+def _ladder(name: str, buckets: object, top: int) -> tuple[int, ...]:
+    """``buckets`` as a tuple of ints if it is a non-empty, strictly ascending sequence of token-row counts in
+    ``[1, top]``, else TypeError/ValueError naming ``name`` (a bucket past the buffer rows would pad a prefill
+    past them)."""
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence) or not buckets:
+        raise TypeError(f"{name}: expected a non-empty sequence of token-row counts, got {show(buckets)}")
+    ladder = tuple(buckets)
+    if set(map(type, ladder)) != {int}:  # (a few us a prefill) the slow path names the one that is no int
+        ladder = tuple(arg_int(f"{name}[{i}]", b, 1, top) for i, b in enumerate(ladder))
+    if ladder[0] < 1 or ladder[-1] > top or not all(map(operator.lt, ladder, ladder[1:])):
+        raise ValueError(f"{name}: expected strictly ascending token-row counts in [1, {top}], got {show(ladder)}")
+    return ladder
+
+
+def pad_prefill(v: dict[str, np.ndarray], nnz: int, bucket: int, batch: int, pages: int, page_size: int) -> int:
+    """Append the **padding request** to a prefill that :func:`fill_prefill` wrote (``nnz`` token rows of ``batch``
+    requests, ``pages`` page ids) so that its rows fill ``bucket``; returns the page ids written in all.
+
+    The padding request is request ``batch``: rows ``nnz .. bucket - 1`` (``P = bucket - nnz``, possibly 0),
+    token 0 at positions ``0 .. P - 1``, and a KV of ``P`` tokens held by ``ceil(P / page_size)`` entries that
+    are all :data:`PAD_PAGE`. So it is an ordinary causal prompt (``kv_len == qo_len``: every row attends to
+    something, nothing outside FlashInfer's prefill contract) whose K/V land only on the padding page, which no
+    real request reads; its output rows are ignored, and ``last_rows`` keeps naming the real requests' rows.
+    ``qo_indptr[batch + 1] == bucket`` fixes the plan's ``total_num_rows``, hence a CUDA-graph plan's layout.
+
+    ``v``: the views of a :func:`prefill_layout` made with ``padded=True`` (1-D int32 arrays by name). Raises
+    TypeError/ValueError naming the argument (or ``v[name]``) that is no int, is out of range, disagrees with
+    what :func:`fill_prefill` wrote (``qo_indptr[batch] == nnz``, ``kv_indptr[batch] == pages``), or would write
+    past one of ``v``'s arrays; nothing is written then.
+    """
+    if not isinstance(v, dict):
+        raise TypeError(f"v: expected the dict of a prefill layout's views, got {type(v).__name__}")
+    for key in ("token_ids", "positions", "batch_indices", "qo_indptr", "kv_indptr", "kv_last_page_len", "kv_indices"):
+        a = v.get(key)
+        if not isinstance(a, np.ndarray) or a.dtype != np.int32 or a.ndim != 1:
+            raise TypeError(f"v[{key!r}]: expected a 1-D int32 numpy array (a prefill layout's view), got {show(a)}")
+    rows_room = min(len(v["token_ids"]), len(v["positions"]), len(v["batch_indices"]))
+    requests_room = min(len(v["qo_indptr"]) - 1, len(v["kv_indptr"]) - 1, len(v["kv_last_page_len"]))
+    kv_indices = v["kv_indices"]
+    page_size = arg_int("page_size", page_size, 1, (1 << 31) - 1)
+    nnz = arg_int("nnz", nnz, 0, rows_room)
+    bucket = arg_int("bucket", bucket, 0, rows_room)
+    if bucket < nnz:
+        raise ValueError(f"bucket: {bucket} rows cannot hold the prefill's {nnz} token rows")
+    batch = arg_int("batch", batch, 0, requests_room - 1)  # the padding request is request `batch`
+    pages = arg_int("pages", pages, 0, len(kv_indices))
+    if int(v["qo_indptr"][batch]) != nnz:
+        raise ValueError(
+            f"nnz: {nnz} rows, but qo_indptr[{batch}] (what fill_prefill wrote) is {v['qo_indptr'][batch]}"
+        )
+    if int(v["kv_indptr"][batch]) != pages:
+        raise ValueError(
+            f"pages: {pages} ids, but kv_indptr[{batch}] (what fill_prefill wrote) is {v['kv_indptr'][batch]}"
+        )
+    p = bucket - nnz
+    need = pages_for(p, page_size)
+    if pages + need > len(kv_indices):
+        raise ValueError(f"pages: {pages} + {need} padding page ids exceed v['kv_indices'] ({len(kv_indices)})")
+    v["token_ids"][nnz:bucket] = 0
+    v["positions"][nnz:bucket] = np.arange(p, dtype=np.int32)
+    v["batch_indices"][nnz:bucket] = batch
+    v["kv_indices"][pages : pages + need] = PAD_PAGE
+    v["qo_indptr"][batch + 1] = bucket
+    v["kv_indptr"][batch + 1] = pages + need
+    v["kv_last_page_len"][batch] = (p - 1) % page_size + 1 if p else 0
+    return pages + need
+
+
+def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.ndarray], ahead: int = 0) -> int:
+    """Write one decode step's arrays for ``rows`` (None: a padding row) into the views ``v``; returns the
+    number of page ids written.
+
+    Row ``i`` feeds its request's last token at position ``cached`` (padding: token 0 at position 0 on
+    :data:`PAD_PAGE`) and attends to ``cached + 1`` tokens, so its pages must already cover them
+    (:meth:`Scheduler.decode_rows`).
+
+    ``ahead=1``: the step after the one in flight (:meth:`Scheduler.peek_rows`): position ``cached + 1``, and
+    token id 0 in place of the token that step in flight has not produced yet (the caller writes it).
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    last: list[int] = []
+    indptr = [0]
+    indices: list[int] = []
+    for r in rows:
+        if r is None:
+            ids.append(0)
+            pos.append(0)
+            last.append(1)
+            indices.append(PAD_PAGE)
+        else:
+            at = r.cached + ahead
+            if len(r.pages) * page_size <= at:
+                raise AssertionError(f"request {r.rid}: {len(r.pages)} pages cannot hold token {at}")
+            ids.append(r.output[-1] if not ahead else 0)
+            pos.append(at)
+            last.append(at % page_size + 1)
+            indices.extend(r.pages)
+        indptr.append(len(indices))
+    n = len(rows)
+    v["token_ids"][:n] = ids
+    v["positions"][:n] = pos
+    v["batch_indices"][:n] = range(n)
+    v["kv_indptr"][: n + 1] = indptr
+    v["kv_last_page_len"][:n] = last
+    v["kv_indices"][: len(indices)] = indices
+    return len(indices)
+
+
+class Scheduler:
+    """Requests in, batches out: admission, slots, page growth, finishing (see the module docstring).
+
+    Args:
+        allocator: the KV cache's pages.
+        page_size: tokens per page.
+        max_batch: batch slots (the CUDA graph's fixed batch).
+        max_seq_len: the most tokens (prompt + generated) one request may reach.
+        max_prefill_tokens: the most prompt tokens prefilled together (the engine's buffer rows).
+        vocab_size: token ids must be below it.
+        eos_token_ids: tokens that end a request (they are kept in its output).
+    """
+
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        page_size: int,
+        max_batch: int,
+        max_seq_len: int,
+        max_prefill_tokens: int,
+        vocab_size: int,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.max_prefill_tokens = max_prefill_tokens
+        self.vocab_size = vocab_size
+        self.eos = frozenset(eos_token_ids)
+        self.pending: deque[Request] = deque()
+        self.slots: list[Request | None] = [None] * max_batch
+        self.done: list[Request] = []
+        self._next_id = 0
+
+    # ---- requests in
+
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, name: str = "prompt") -> Request:
+        """Queue a request; ValueError naming ``name`` if it can never be served."""
+        arr = np.asarray(prompt)
+        if arr.ndim != 1 or arr.size == 0 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+            raise ValueError(f"{name}: expected a non-empty list of token ids, got {prompt!r:.80}")
+        if arr.dtype == bool:
+            raise ValueError(f"{name}: expected integer token ids, got booleans")
+        bad = (arr < 0) | (arr >= self.vocab_size)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ValueError(f"{name}[{j}]: token id {int(arr[j])} is outside the vocabulary [0, {self.vocab_size})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}")
+        n = int(arr.size)
+        if n + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"{name}: {n} prompt tokens + {max_new_tokens} new tokens exceed the engine's "
+                f"max_seq_len {self.max_seq_len}; shorten it or raise max_seq_len"
+            )
+        if n > self.max_prefill_tokens:
+            raise ValueError(
+                f"{name}: {n} prompt tokens exceed max_prefill_tokens {self.max_prefill_tokens}; "
+                f"raise max_prefill_tokens"
+            )
+        budget = pages_for(n + max_new_tokens - 1, self.page_size)
+        if budget > self.allocator.capacity:
+            raise ValueError(
+                f"{name}: needs up to {budget} pages of {self.page_size} tokens but the KV cache has "
+                f"{self.allocator.capacity}; raise num_pages or lower max_new_tokens"
+            )
+        r = Request(self._next_id, tuple(int(t) for t in arr), max_new_tokens, budget)
+        self._next_id += 1
+        self.pending.append(r)
+        return r
+
+    # ---- batches out
+
+    @property
+    def active(self) -> list[Request]:
+        """Requests in the batch, in slot order."""
+        return [r for r in self.slots if r is not None]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.pending) or any(r is not None for r in self.slots)
+
+    def admit(self) -> list[Request]:
+        """Move queued requests (in order) into free slots while their page budgets and the prefill token
+        limit allow; give each its prompt's pages. Returns the admitted requests (to prefill together)."""
+        free_slots = [i for i, s in enumerate(self.slots) if s is None]
+        outstanding = sum(r.budget_pages - len(r.pages) for r in self.slots if r is not None)
+        admitted: list[Request] = []
+        tokens = 0
+        while self.pending and free_slots:
+            r = self.pending[0]
+            if tokens + len(r.prompt) > self.max_prefill_tokens:
+                break
+            if self.allocator.num_free - outstanding < r.budget_pages:
+                break
+            self.pending.popleft()
+            r.pages = self.allocator.alloc(pages_for(len(r.prompt), self.page_size))
+            outstanding += r.budget_pages - len(r.pages)
+            r.slot = free_slots.pop(0)
+            self.slots[r.slot] = r
+            admitted.append(r)
+            tokens += len(r.prompt)
+        if self.pending and not admitted and not self.active:
+            raise OutOfPagesError(
+                f"request {self.pending[0].rid} cannot be admitted into an empty batch "
+                f"({self.allocator.num_free} free pages)"
+            )
+        return admitted
+
+    def decode_rows(self, padded: bool) -> list[Request | None]:
+        """The next decode step's rows, after giving each active request the page its next token needs.
+
+        ``padded``: all ``max_batch`` slots (None for an empty one), the CUDA graph's fixed batch; otherwise
+        the active requests only, in slot order.
+        """
+        for r in self.slots:
+            if r is not None and r.cached == len(r.pages) * self.page_size:
+                r.pages.extend(self.allocator.alloc(1))  # within its budget, reserved at admission
+        if padded:
+            return list(self.slots)
+        rows: list[Request | None] = [r for r in self.slots if r is not None]
+        return rows
+
+    def peek_rows(self) -> list[Request | None]:
+        """The padded rows of the decode step after the one in flight (issued from :meth:`decode_rows`, not yet
+        :meth:`record`-ed), as they will be if no request ends with an end-of-sequence token: a request whose
+        step in flight gives its ``max_new_tokens``-th token is None. Gives each continuing request the page
+        that next step needs (within its budget: it would get it from :meth:`decode_rows` then). Compare the
+        result with :attr:`slots` after :meth:`record` (:meth:`same_rows`) before using it."""
+        rows: list[Request | None] = []
+        for r in self.slots:
+            if r is None or len(r.output) + 1 >= r.max_new_tokens:
+                rows.append(None)
+                continue
+            if r.cached + 1 == len(r.pages) * self.page_size:
+                r.pages.extend(self.allocator.alloc(1))
+            rows.append(r)
+        return rows
+
+    def same_rows(self, rows: Sequence[Request | None]) -> bool:
+        """True when ``rows`` (from :meth:`peek_rows`) are the slots now: the same request (or None) in each."""
+        return len(rows) == len(self.slots) and all(a is b for a, b in zip(rows, self.slots, strict=True))
+
+    def record(self, rows: Sequence[Request | None], tokens: Sequence[int], *, prefill: bool = False) -> None:
+        """Take the sampled token of each row (padding rows ignored); finish requests that are done.
+
+        ``prefill``: the rows were just prefilled (their prompts are now cached); otherwise they ran one
+        decode step (one more token cached).
+        """
+        for r, t in zip(rows, tokens, strict=True):
+            if r is None:
+                continue
+            r.cached = len(r.prompt) if prefill else r.cached + 1
+            r.output.append(int(t))
+            if int(t) in self.eos:
+                r.finish_reason = "eos"
+            elif len(r.output) >= r.max_new_tokens:
+                r.finish_reason = "length"
+            if r.finish_reason is not None:
+                self.allocator.free(r.pages)
+                r.pages = []
+                self.slots[r.slot] = None
+                r.slot = -1
+                self.done.append(r)

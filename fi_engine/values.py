@@ -1,0 +1,52 @@
+"""Checks of single values that the checkpoint readers and host helpers of :mod:`fi_engine` share: an int
+argument within bounds, a numpy array argument of a rank, and a value shown short in an error message.
+
+Its own module so that the config readers (:mod:`.config`, :mod:`.family_configs`, :mod:`.deepseek_config`) and
+the host helpers (:mod:`.deepseek_routing`, :mod:`.mla_weights`) stand on it without importing one another.
+"""
+
+from __future__ import annotations
+
+import reprlib
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MAX_SIZE", "arg_array", "arg_int", "show"]
+
+MAX_SIZE = (1 << 31) - 1  # every size and token id reaches the kernels as an int32
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+
+
+def show(value: Any) -> str:
+    """``repr(value)`` cut short (a config may hold a 4000-digit number or a huge list)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:
+        return f"an integer of {value.bit_length()} bits"
+    try:  # reprlib stops at a depth (a deeply nested list would exhaust the recursion limit)
+        text = _REPR.repr(value)
+    except ValueError:  # an integer past Python's digit limit inside a container
+        text = f"a {type(value).__name__} holding an integer too long to print"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def arg_int(name: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi]`` (a bool or a float is no int), else TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {int(value)}")
+    return int(value)
+
+
+def arg_array(name: str, value: Any, ndim: int, shape: str) -> np.ndarray:
+    """``value`` if it is a ``ndim``-D numpy array of numbers (``shape`` describes it), else TypeError/ValueError
+    naming ``name``."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+        what = f"{value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
+        raise TypeError(f"{name}: expected a numpy array of numbers {shape}, got {what}")
+    if value.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array {shape}, got shape {value.shape}")
+    return value

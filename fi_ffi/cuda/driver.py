@@ -1,0 +1,82 @@
+"""The few CUDA driver calls fi_ffi makes itself, through cffi in ABI mode (libcuda, nothing compiled).
+
+Four users: :mod:`fi_ffi.tensor.interop` asks which device owns a CUDA-array-interface pointer and orders a consumer
+stream after a producer's (an event), :class:`~fi_ffi.ops.attention.workspace.Workspace` records and waits for the
+plan-copy event on every plan, :mod:`fi_ffi.ops.segment_gemm` copies its host-computed argument arrays from the
+workspace's page-locked buffer, and the engine's small-row GEMV (:mod:`fi_engine.dense`) is launched with
+``cuLaunchKernel`` on an argument array packed once. Not through cuda-bindings: its ``cuPointerGetAttribute(s)``
+reports device ordinal 0 for every pointer (NVIDIA/cuda-python #2928), and each call there costs microseconds
+(argument objects, an enum per returned error), which the per-plan event calls cannot afford. Events and streams
+are passed as integer handles.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+CDEFS = """
+int cuInit(unsigned int flags);
+int cuGetErrorName(int error, const char** name);
+int cuPointerGetAttributes(unsigned int count, int* attributes, void** data, uint64_t ptr);
+int cuCtxGetDevice(int* device);
+int cuDeviceGet(int* device, int ordinal);
+int cuDevicePrimaryCtxRetain(void** context, int device);
+int cuDevicePrimaryCtxRelease_v2(int device);
+int cuCtxPushCurrent_v2(void* context);
+int cuCtxPopCurrent_v2(void** context);
+int cuEventCreate(uintptr_t* event, unsigned int flags);
+int cuEventRecord(uintptr_t event, uintptr_t stream);
+int cuEventQuery(uintptr_t event);
+int cuEventSynchronize(uintptr_t event);
+int cuStreamWaitEvent(uintptr_t stream, uintptr_t event, unsigned int flags);
+int cuEventDestroy_v2(uintptr_t event);
+int cuMemcpyHtoDAsync_v2(uint64_t dst, uintptr_t src, size_t bytes, uintptr_t stream);
+int cuMemcpyHtoD_v2(uint64_t dst, uintptr_t src, size_t bytes);
+int cuLaunchKernel(uintptr_t f, unsigned int gridDimX, unsigned int gridDimY, unsigned int gridDimZ,
+                   unsigned int blockDimX, unsigned int blockDimY, unsigned int blockDimZ, unsigned int sharedMemBytes,
+                   uintptr_t stream, void** kernelParams, void** extra);
+"""
+ERROR_NOT_READY = 600  # CUDA_ERROR_NOT_READY: an event query whose work is still pending
+
+_lock = threading.Lock()
+_state: tuple[Any, Any] | None = None  # (ffi, libcuda after cuInit, or None where no driver can be used)
+
+
+def _load() -> tuple[Any, Any]:
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                import cffi
+
+                ffi = cffi.FFI()
+                ffi.cdef(CDEFS)
+                try:
+                    lib = ffi.dlopen("libcuda.so.1")
+                except OSError:
+                    lib = None
+                _state = (ffi, lib if lib is not None and lib.cuInit(0) == 0 else None)
+    return _state
+
+
+def ffi() -> Any:
+    """The cffi FFI the declarations above belong to (for the out-parameters of the calls)."""
+    return _load()[0]
+
+
+def load() -> Any:
+    """libcuda after ``cuInit``, or None where there is no usable driver (CPU-only machines)."""
+    return _load()[1]
+
+
+def error_name(err: int) -> str:
+    """The driver's name of error code ``err`` (``CUDA_ERROR_...``), or ``CUresult N`` if it has none."""
+    ffi, lib = _load()
+    text = ffi.new("const char**")
+    if lib is not None and lib.cuGetErrorName(err, text) == 0:
+        return str(ffi.string(text[0]).decode())
+    return f"CUresult {err}"
+
+
+__all__ = ["CDEFS", "ERROR_NOT_READY", "error_name", "ffi", "load"]

@@ -1,0 +1,122 @@
+"""What this machine offers: NVIDIA driver, CUDA runtime, GPUs and their compute capability, glibc.
+
+Used by ``fi-ffi doctor`` and ``fi-ffi smoke``. Every query degrades to a readable "not available" on a
+machine without a GPU or driver; nothing here raises for a missing GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One CUDA device: ordinal, name, compute capability (major, minor), memory in bytes."""
+
+    ordinal: int
+    name: str
+    capability: tuple[int, int]
+    memory_bytes: int
+
+    @property
+    def sm(self) -> str:
+        """The architecture as ``"90"`` for compute capability 9.0."""
+        return f"{self.capability[0]}{self.capability[1]}"
+
+
+@dataclass(frozen=True)
+class SystemReport:
+    """Facts for a doctor report; the ``*_error`` fields say why a fact is missing.
+
+    ``runtime_version`` is what the loaded libcudart (``runtime_path``) reports; ``cuda_version_override`` is
+    ``FI_FFI_CUDA_VERSION`` as set (``""`` if unset), which wheel selection uses instead.
+    """
+
+    python: str
+    arch: str
+    glibc: str
+    driver_version: str = ""
+    driver_error: str = ""
+    runtime_version: str = ""
+    runtime_path: str = ""
+    runtime_error: str = ""
+    cuda_version_override: str = ""
+    gpus: list[GPU] = field(default_factory=list)
+    gpu_error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def glibc_version() -> str:
+    """The C library's version, e.g. ``"glibc 2.36"`` (empty if not glibc)."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        return ""
+
+
+def _version_text(code: int) -> str:
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
+def cudart_version(path: str) -> str:
+    """The version the CUDA runtime library at ``path`` reports (``cudaRuntimeGetVersion``), e.g. ``"13.0"``.
+
+    Asked through the loader's cffi binding (:func:`fi_ffi.loader.libraries.cudart_version`); raises
+    :class:`~fi_ffi.errors.LibraryLoadError` if the library cannot be opened or does not answer.
+    """
+    from ..loader import libraries
+
+    return libraries.cudart_version(path)
+
+
+def gpus() -> tuple[list[GPU], str]:
+    """The CUDA devices and an error text ("" if the query worked): the :class:`~fi_ffi.errors.CudaError`'s, which
+    names the call, the CUDA error and the fix."""
+    from ..errors import CudaError
+    from . import runtime as cuda_runtime
+
+    found: list[GPU] = []
+    try:
+        rt = cuda_runtime.runtime()
+        count = cuda_runtime.check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
+        for ordinal in range(count):
+            prop = cuda_runtime.check(rt.cudaGetDeviceProperties(ordinal), f"cudaGetDeviceProperties({ordinal})")
+            raw = prop.name
+            name = raw.split(b"\0", 1)[0].decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            found.append(GPU(ordinal, name, (prop.major, prop.minor), int(prop.totalGlobalMem)))
+    except CudaError as exc:
+        return found, str(exc)
+    return found, ""
+
+
+def report() -> SystemReport:
+    """Collect the facts (loads libcudart through the loader if it can; loads no kernel)."""
+    info: dict[str, Any] = {"python": platform.python_version(), "arch": platform.machine(), "glibc": glibc_version()}
+    try:
+        from cuda.bindings import driver
+
+        (err,) = driver.cuInit(0)
+        if err == driver.CUresult.CUDA_SUCCESS:
+            err, version = driver.cuDriverGetVersion()
+            info["driver_version"] = _version_text(version)
+        else:
+            info["driver_error"] = f"cuInit failed ({err.name})"
+    except Exception as exc:  # no libcuda.so at all: not an NVIDIA machine
+        info["driver_error"] = f"no NVIDIA driver ({type(exc).__name__}: {exc})"
+    from ..loader import libraries, settings
+
+    # The library's own answer, also when FI_FFI_CUDA_VERSION overrides it for wheel selection (the override is
+    # reported as such, not next to this library's path).
+    info["cuda_version_override"] = settings.get(settings.CUDA_VERSION)
+    try:
+        info["runtime_path"] = libraries.ensure_cudart()
+        info["runtime_version"] = cudart_version(info["runtime_path"])
+    except Exception as exc:
+        info["runtime_error"] = str(exc)
+    info["gpus"], info["gpu_error"] = gpus()
+    return SystemReport(**info)
