@@ -13,7 +13,7 @@ workspace to cuBLAS's default pool, so the order matters).
 
 Declarations: ``cublas_api.h`` of cuBLAS 13 (the ``_v2`` symbols that ``cublas_v2.h`` maps the plain names to) and
 ``library_types.h`` of CUDA 13; the enums list only the members the engine uses, with the headers' values.
-``tests/test_llama_cublas_cpu.py`` checks them against the real header and library when they are installed.
+``tests/engine/test_cublas.py`` checks them against the real header and library when they are installed.
 The library is found with cuda-pathfinder (``nvidia-cublas`` wheel, conda, or a system CUDA toolkit) on first use,
 never at import, so the CPU-only parts of the engine do not need it.
 """

@@ -8,7 +8,7 @@ matrix layouts and the heuristic's first algorithm once per problem shape and ke
 enqueue alone. The GEMM is the same (float32 accumulation and scale; inputs and output keep their types).
 
 Declarations: ``cublasLt.h`` of cuBLAS 13 (the enum values the engine uses, checked against the header in
-``tests/test_llama_cublas_cpu.py`` when it is installed). Device pointers and the stream are declared as
+``tests/engine/test_cublas.py`` when it is installed). Device pointers and the stream are declared as
 ``uintptr_t`` (the same register on LP64) so the hot path passes Python ints.
 """
 

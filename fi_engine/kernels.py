@@ -82,7 +82,7 @@ def rope_inplace(q: Any, k: Any, positions: Any, rope: RopeConfig, stream: int) 
     """Rotate ``q`` ``[n, Hq, D]`` and ``k`` ``[n, Hk, D]`` (views of the fused QKV rows) in place, Llama
     (non-interleaved) pairing, all of ``D`` rotated, at ``positions`` (int32 ``[n]``)."""
     # keyword calls straight to the op: this runs per layer per step (a shared (op, args) helper cost 0.35 us more
-    # per call on the CPU proxy); prepared_rope_inplace packs the same call, which tests/test_llama_kernels_cpu.py
+    # per call on the CPU proxy); prepared_rope_inplace packs the same call, which tests/engine/test_kernel_calls.py
     # pins frame for frame
     if rope.llama3:
         fi_ffi.apply_llama31_rope_pos_ids_inplace(

@@ -187,7 +187,7 @@ class LlamaEngine:
     packed_attention: bool = True
     """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call
     taking only the step's plan, instead of a ``batch_decode_run`` per layer (the same logits bit for bit:
-    tests/test_gpu_fused_decode.py); False: a ``batch_decode_run`` per layer."""
+    tests/engine/test_gpu_fused_decode.py); False: a ``batch_decode_run`` per layer."""
 
     def __init__(
         self,

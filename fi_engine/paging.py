@@ -1,6 +1,6 @@
 """The host side of serving: pages, requests, batching, padding, and the index arrays the kernels read.
 
-Nothing here touches a GPU, so it is tested on CPU (tests/test_llama_host.py).
+Nothing here touches a GPU, so it is tested on CPU (tests/engine/test_serving_host.py).
 
 KV cache: ``num_pages`` pages of ``page_size`` tokens per layer. Page 0 is reserved as the **padding page**:
 padded rows of a CUDA-graph batch append their (ignored) K/V there and attend to its one token, so a padded

@@ -15,7 +15,7 @@ runtime and each kernel module are loaded on first use. The public surface:
 # table: ``__all__``, the lazy module ``__getattr__`` (PEP 562: a name's module is imported on first use, so
 # ``import fi_ffi`` stays light) and ``__dir__``, and the type stub ``__init__.pyi`` that type checkers and IDEs
 # read instead of this file (PEP 561), written by ``python tools/gen_init_stub.py`` and kept equal to what the tool
-# writes by tests/test_exports.py. Why this shape: cuda.core states each public name once, as an eager import,
+# writes by tests/package/test_exports.py. Why this shape: cuda.core states each public name once, as an eager import,
 # which a lazy package cannot do without loading every op module; scientific-python's lazy-loader (SPEC 1) pairs a
 # lazy ``__getattr__`` with a ``.pyi`` stub for type checkers, and makes the stub the source (parsed with ``ast`` at
 # every import). Here the source is a dict literal instead: it costs nothing at import, a test reads it as data,

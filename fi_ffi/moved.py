@@ -59,10 +59,7 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder):
         self, fullname: str, path: object = None, target: object = None
     ) -> importlib.machinery.ModuleSpec | None:
         new = new_name(fullname)
-        if new is None:
-            return None
-        is_package = importlib.util.find_spec(new) is not None and fullname in MOVED
-        return importlib.machinery.ModuleSpec(fullname, _Alias(new), is_package=is_package)
+        return None if new is None else importlib.machinery.ModuleSpec(fullname, _Alias(new))
 
 
 def install() -> None:

@@ -7,7 +7,8 @@
 submodule that defines it) and resolve it lazily through a module ``__getattr__``. A type checker cannot follow
 that, so each package ships a stub beside its ``__init__.py`` (PEP 561: the ``.pyi`` wins) that re-exports every
 name from its defining module (``from .ops.norm import rmsnorm as rmsnorm``): users' code and IDEs see the real
-signatures, and a name missing from the table is an error for them too. ``tests/test_exports.py`` fails when a stub
+signatures, and a name missing from the table is an error for them too. ``tests/package/test_exports.py`` fails when a
+stub
 is not what this tool writes. The output is what ``ruff check`` and ``ruff format`` leave as it is (imports sorted
 as ruff's isort sorts them), so the stubs pass the same lint as the code.
 """

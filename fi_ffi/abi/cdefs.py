@@ -1,7 +1,7 @@
 """cffi declarations of DLPack and of the part of the TVM-FFI C API that fi_ffi uses (ABI mode, nothing compiled).
 
 The declarations follow ``dlpack/dlpack.h`` (v1.3) and ``tvm/ffi/c_api.h`` / ``tvm/ffi/extra/c_env_api.h``
-of apache-tvm-ffi 0.1.15.post2; ``tests/test_abi_layout.py`` compiles the real headers and checks every size
+of apache-tvm-ffi 0.1.15.post2; ``tests/abi/test_layout.py`` compiles the real headers and checks every size
 and offset declared here. Parsing the declarations costs a few milliseconds, so it happens on first use
 (:func:`get_ffi`), never at ``import fi_ffi``.
 """

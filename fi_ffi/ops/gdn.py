@@ -85,7 +85,7 @@ GDN_PREFILL = declare(
         tensor("workspace", output=True),
     ],
 )
-# (module URI pattern, declaration), checked against the modules by tests/test_declarations.py
+# (module URI pattern, declaration), checked against the modules by tests/launch/test_declarations.py
 DECLARATIONS = ((_URI, GDN_PREFILL),)
 
 __all__ = ["HEAD_DIM", "WORKSPACE_BYTES_PER_SM", "gdn_prefill", "gdn_workspace_size"]

@@ -41,7 +41,7 @@ FUSED_ADD_RMSNORM = _norm("fused_add_rmsnorm", tensor("input", output=True), ten
 GEMMA_FUSED_ADD_RMSNORM = _norm(
     "gemma_fused_add_rmsnorm", tensor("input", output=True), tensor("residual", output=True)
 )
-# (module URI pattern, declaration), checked against the modules by tests/test_declarations.py
+# (module URI pattern, declaration), checked against the modules by tests/launch/test_declarations.py
 DECLARATIONS = tuple(("norm", d) for d in (RMSNORM, GEMMA_RMSNORM, FUSED_ADD_RMSNORM, GEMMA_FUSED_ADD_RMSNORM))
 
 __all__ = ["fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "qk_rmsnorm", "rmsnorm"]

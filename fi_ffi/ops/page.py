@@ -82,7 +82,7 @@ APPEND_PAGED_MLA_KV_CACHE = declare(
         tensor("kv_last_page_len"),
     ],
 )
-# (module URI pattern, declaration), checked against the modules by tests/test_declarations.py
+# (module URI pattern, declaration), checked against the modules by tests/launch/test_declarations.py
 DECLARATIONS = (("page", APPEND_PAGED_KV_CACHE), ("page", APPEND_PAGED_MLA_KV_CACHE))
 
 __all__ = [

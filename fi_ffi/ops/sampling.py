@@ -194,7 +194,7 @@ _PAIRS = (
     TOP_K_RENORM,
     CHAIN_SPECULATIVE_SAMPLING,
 )
-# (module URI pattern, declaration) of both releases; tests/test_declarations.py checks each declaration against
+# (module URI pattern, declaration) of both releases; tests/launch/test_declarations.py checks each declaration against
 # the sampling module of every release its ``release`` names.
 DECLARATIONS = tuple((_URI, d) for d in (SOFTMAX, TOP_K_MASK_LOGITS, *(d for p in _PAIRS for d in p)))
 

@@ -49,7 +49,7 @@ re-export of a bfloat16 view fails the same way); it reports only a ``device_id`
 DLPack device type (CUDA vs managed vs pinned host); the direct constructor is deprecated in 1.x (API churn);
 importing it costs ~230 ms; and cuda-core is not a dependency. For torch, the main producer, the fast path
 below already matches SMV's own torch path (~0.75 us to read the attributes). fi_ffi reads the DLPack structs
-itself (``dlpack.h`` 1.x layouts; ``tests/test_interop.py`` checks them against :mod:`fi_ffi.abi.cdefs`).
+itself (``dlpack.h`` 1.x layouts; ``tests/tensor/test_interop.py`` checks them against :mod:`fi_ffi.abi.cdefs`).
 The capsule is not consumed: it is never renamed, so when it is dropped (right after reading) the producer's
 capsule destructor calls the deleter, as for any capsule nobody consumed; the memory stays valid through
 ``owner``.

@@ -4,7 +4,8 @@ pytest puts ``tests/`` on ``sys.path`` (the test folder has no ``__init__.py``, 
 mode), so a test imports ``from helpers.attention_reference import reference`` as it imports ``from conftest
 import ...``. The workers are scripts started by path (``python tests/helpers/comm_worker.py``); they import
 ``fi_ffi`` only, never this package or ``conftest``, so they run the same from a checkout, a plain copy or an
-unpacked sdist. No test module imports another (``tests/test_suite_imports.py``): what two share lives here or,
+unpacked sdist. No test module imports another (``tests/package/test_suite_structure.py``): what two share lives here
+or,
 for a fixture, in ``conftest``.
 
 - :mod:`helpers.fakes`: descriptors that claim ``cuda:0`` over host memory, and the check that a call reached the
@@ -28,8 +29,8 @@ for a fixture, in ``conftest``.
 - :mod:`helpers.no_torch`: the meta-path spy a child interpreter runs first to show torch is never imported;
 - :mod:`helpers.subprocess_run`: child processes: a worker's command line, ``fi-ffi launch`` ranks, a lock and
   environment pinning the test wheels, the comm wheel, the GPU count, NVLink multicast off;
-- :mod:`helpers.comm_worker`: one rank of the multi-GPU communication tests (``tests/test_gpu_comm.py``);
-- :mod:`helpers.llama_tp_worker`: one rank of the tensor-parallel engine tests (``tests/test_gpu_llama_tp.py``,
-  ``tests/test_gpu_moe_tp.py``);
-- :mod:`helpers.watchdog_worker`: one rank of the rank-death tests (``tests/test_comm_watchdog.py``; no GPU).
+- :mod:`helpers.comm_worker`: one rank of the multi-GPU communication tests (``tests/comm/test_gpu_comm.py``);
+- :mod:`helpers.llama_tp_worker`: one rank of the tensor-parallel engine tests (``tests/engine/test_gpu_llama_tp.py``,
+  ``tests/engine/test_gpu_moe_tp.py``);
+- :mod:`helpers.watchdog_worker`: one rank of the rank-death tests (``tests/comm/test_watchdog.py``; no GPU).
 """

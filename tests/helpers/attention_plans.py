@@ -2,7 +2,7 @@
 
 A plan here is built as the plan functions build it, around a synthetic schedule of the right length, so a run
 crosses the FFI and stops at the module's first CUDA call. ``make_array`` is the runtime's ``ffi.Array`` global
-(each test module's fixture). Used by ``tests/test_attention_cpu.py`` and the tests that reuse its plans
+(each test module's fixture). Used by ``tests/ops/attention/test_attention_calls.py`` and the tests that reuse its plans
 (``test_sink``, ``test_release_072``, ``test_pointer_rules``, ``test_bad_input_campaign``, ``test_loader_symbols``).
 """
 

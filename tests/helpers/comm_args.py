@@ -1,5 +1,6 @@
 """Keyword arguments of valid calls of the communication kernels over fake ``cuda:0`` descriptors, and a
-communicator that needs no NCCL, for the CPU tests (``tests/test_comm_kernels.py``, the bad-input campaign)."""
+communicator that needs no NCCL, for the CPU tests (``tests/comm/test_allreduce_kernels.py``, the bad-input
+campaign)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One rank of the multi-GPU communication tests (started by tests/test_gpu_comm.py through ``fi-ffi launch``).
+"""One rank of the multi-GPU communication tests (started by tests/comm/test_gpu_comm.py through ``fi-ffi launch``).
 
 ``python tests/helpers/comm_worker.py SCENARIO``: runs the scenario's checks on GPU ``LOCAL_RANK`` against NCCL's
 all-reduce of the same data (and float32 references for the fused patterns), prints one ``FAIL ...`` line per

@@ -1,5 +1,6 @@
-"""A TVM-FFI Function that records the frame each call hands it (tests/test_prepared_decode_run.py and the engine's
-wiring test in tests/test_llama_kernels_cpu.py bind a launcher's entry point to it)."""
+"""A TVM-FFI Function that records the frame each call hands it (tests/ops/attention/test_prepared_decode_run.py and
+the engine's
+wiring test in tests/engine/test_kernel_calls.py bind a launcher's entry point to it)."""
 
 from __future__ import annotations
 

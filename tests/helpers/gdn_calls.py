@@ -1,4 +1,4 @@
-"""The GDN prefill op's body without its device checks, for the CPU tests (``tests/test_gdn.py``, the pointer
+"""The GDN prefill op's body without its device checks, for the CPU tests (``tests/ops/test_gdn.py``, the pointer
 rules): descriptors that claim ``cuda:0`` reach the launcher on a machine with no CUDA driver."""
 
 from __future__ import annotations

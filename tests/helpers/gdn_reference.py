@@ -1,4 +1,5 @@
-"""The GDN prefill test set-up shared by tests/test_gpu_gdn.py and tests/test_gpu_gdn_stress.py: random problems,
+"""The GDN prefill test set-up shared by tests/ops/test_gpu_gdn.py and tests/ops/test_gpu_gdn_stress.py: random
+problems,
 the float32 gated-delta-rule reference, the tolerance check and the call (imports torch: GPU-gated modules only).
 
 The reference runs the recurrence token by token in float32 (torch, TF32 off)::
@@ -7,7 +8,7 @@ The reference runs the recurrence token by token in float32 (torch, TF32 off)::
 
 with S of shape [V, K] (k-last), per state head, and the GQA/GVA head mapping of the kernel's tile scheduler.
 Tolerance (:data:`TOL`), relative to the largest reference magnitude: ``max|got - ref| <= tol * max|ref|``, 1e-2
-for float16 and 3e-2 for bfloat16 (tests/test_gpu_gdn.py says why and what was measured).
+for float16 and 3e-2 for bfloat16 (tests/ops/test_gpu_gdn.py says why and what was measured).
 """
 
 from __future__ import annotations

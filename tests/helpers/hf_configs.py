@@ -1,5 +1,6 @@
 """Published transformers ``config.json`` files (gemma-2-2b, gpt-oss-20b) and transformers' GPT-OSS experts in
-float64, for the model-family config tests (``tests/test_family_configs.py``, ``tests/test_family_tp.py``)."""
+float64, for the model-family config tests (``tests/engine/test_family_configs.py``,
+``tests/engine/test_family_tp.py``)."""
 
 from __future__ import annotations
 

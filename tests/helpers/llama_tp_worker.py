@@ -1,4 +1,5 @@
-"""One rank of the tensor-parallel tests (tests/test_gpu_llama_tp.py, test_gpu_moe_tp.py, test_gpu_family_tp.py),
+"""One rank of the tensor-parallel tests (tests/engine/test_gpu_llama_tp.py, engine/test_gpu_moe_tp.py,
+engine/test_gpu_family_tp.py),
 or the single-GPU reference. The engine class is the checkpoint's (fi_engine.engines: Llama, Gemma 2, gpt-oss).
 
 ``python tests/helpers/llama_tp_worker.py MODEL_DIR OUT.npz [--graph] [--nccl] [--whole-vocab] [--topk1] [--loop DIR]``:

@@ -1,5 +1,5 @@
 """Valid ``selective_state_update`` arguments over fake ``cuda:0`` descriptors, for the Mamba CPU tests
-(``tests/test_mamba.py`` and the child process it starts with a libcuda stand-in)."""
+(``tests/ops/test_mamba.py`` and the child process it starts with a libcuda stand-in)."""
 
 from __future__ import annotations
 

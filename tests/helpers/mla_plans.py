@@ -1,4 +1,5 @@
-"""MLA plans over fake ``cuda:0`` descriptors, for the CPU tests (``tests/test_mla.py``, the pointer rules and the
+"""MLA plans over fake ``cuda:0`` descriptors, for the CPU tests (``tests/ops/attention/test_mla.py``, the pointer
+rules and the
 bad-input campaign): 16 heads, a 512-wide compressed K/V and a 64-wide rope part."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Loader faults that need root, for the loader tests (``tests/test_loader_faults.py``,
-``tests/test_loader_cache_repair.py``): a mounted file system (a full disk, a read-only one), a cache, lock and
+"""Loader faults that need root, for the loader tests (``tests/loader/test_faults.py``,
+``tests/loader/test_cache_repair.py``): a mounted file system (a full disk, a read-only one), a cache, lock and
 wheelhouse that user ``nobody`` can reach, a child interpreter run as ``nobody``, and a tree handed to another
 owner."""
 

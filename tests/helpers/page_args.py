@@ -1,5 +1,5 @@
 """Keyword arguments of valid paged K/V cache appends over fake ``cuda:0`` descriptors, for the CPU tests
-(``tests/test_page.py``, ``tests/test_release_072.py``)."""
+(``tests/ops/test_page.py``, ``tests/loader/test_release_072_calls.py``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The paged K/V cache and the ragged batch shared by tests/test_gpu_prefill.py and tests/test_gpu_sink.py
+"""The paged K/V cache and the ragged batch shared by tests/ops/attention/test_gpu_prefill.py and
+tests/ops/attention/test_gpu_sink.py
 (imports torch: import it only from GPU-gated test modules)."""
 
 from __future__ import annotations

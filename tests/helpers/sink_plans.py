@@ -1,4 +1,5 @@
-"""Attention-sink plans over fake ``cuda:0`` descriptors, for the CPU tests (``tests/test_sink.py``, and the bad-input
+"""Attention-sink plans over fake ``cuda:0`` descriptors, for the CPU tests (``tests/ops/attention/test_sink.py``, and
+the bad-input
 campaign's sink runs): bfloat16, 8 query heads over 2 K/V heads of 64, 16-token pages."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Tensor-parallel engine runs against one GPU, for the GPU tests (``tests/test_gpu_moe_tp.py``,
-``tests/test_gpu_family_tp.py``): the pinned core, comm and model-family wheels, one ``llama_tp_worker`` run (N ranks
+"""Tensor-parallel engine runs against one GPU, for the GPU tests (``tests/engine/test_gpu_moe_tp.py``,
+``tests/engine/test_gpu_family_tp.py``): the pinned core, comm and model-family wheels, one ``llama_tp_worker`` run (N
+ranks
 under ``fi-ffi launch`` where N > 1), and the prefill-logit yardstick over a vocabulary of 4099 tokens (no
 tensor-parallel size divides it: the last rank's shard is padded)."""
 

@@ -1,4 +1,4 @@
-"""One rank of the rank-death tests (tests/test_comm_watchdog.py): no GPU, the real rendezvous and watchdog.
+"""One rank of the rank-death tests (tests/comm/test_watchdog.py): no GPU, the real rendezvous and watchdog.
 
 ``python tests/helpers/watchdog_worker.py DIR MODE``: bootstraps (rank 0's payload ``b"uid"``), writes
 ``DIR/ready-RANK`` (holding its pid), then by MODE:

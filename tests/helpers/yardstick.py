@@ -15,7 +15,7 @@ import numpy as np
 
 LOGIT_TOL = {"float16": 2e-2, "bfloat16": 8e-2}
 """Max |engine - float32 reference| over the logits of every position, by activation dtype (logits of standard
-deviation about 0.6; bfloat16 has an 8-bit mantissa): measured in tests/test_gpu_llama.py."""
+deviation about 0.6; bfloat16 has an 8-bit mantissa): measured in tests/engine/test_gpu_llama.py."""
 
 
 def prompts(lens: Sequence[int], vocab: int, seed: int = 1) -> list[list[int]]:

@@ -130,7 +130,7 @@ SINGLE = declare(
         ("rope_rcp_theta", FLOAT),
     ],
 )
-# (module URI pattern, declaration), checked against the pinned modules by tests/test_declarations.py
+# (module URI pattern, declaration), checked against the pinned modules by tests/launch/test_declarations.py
 DECLARATIONS = (
     (r"batch_decode_with_kv_cache_.*", PLAN),
     (r"batch_decode_with_kv_cache_.*", RUN),

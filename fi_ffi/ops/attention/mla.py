@@ -119,7 +119,7 @@ _RUN_DECLS = (RUN, RUN_PLANABI2)
 
 _URI_063 = r"batch_mla_attention_dtype_q_\w+?_profiler_False(_sm90)?"
 _URI_072 = r"batch_mla_attention_dtype_q_\w+?_profiler_False_planabi2(_sm90)?"
-# (module URI pattern, declaration) of both releases; tests/test_declarations.py checks each declaration against
+# (module URI pattern, declaration) of both releases; tests/launch/test_declarations.py checks each declaration against
 # every module of the releases its ``release`` names that the pattern matches.
 DECLARATIONS = ((_URI_063, PLAN), (_URI_063, RUN), (_URI_072, PLAN_PLANABI2), (_URI_072, RUN_PLANABI2))
 

@@ -207,7 +207,7 @@ FA2_PAGED_RUNS = (FA2_PAGED, FA2_PAGED_072)
 _FA2_URI = r"batch_prefill_with_kv_cache_.*_f16qk_(True|False)"  # the 0.6.x FA2 names (untagged)
 _FA2_URI_072 = _FA2_URI + "_kv_stride_equal"  # 0.7.x (the default paged-KV stride mode)
 _FA3_URI = r"batch_prefill_with_kv_cache_.*_sm90"
-# (module URI pattern, declaration) of every release; tests/test_declarations.py checks each against every module
+# (module URI pattern, declaration) of every release; tests/launch/test_declarations.py checks each against every module
 # of the releases its ``release`` names that the pattern matches
 DECLARATIONS = (
     (_FA2_URI, FA2_PLAN),

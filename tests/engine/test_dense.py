@@ -1,0 +1,229 @@
+"""Dense's fused decode-step launches, no GPU: the argument checks of ``fused_linear``, ``prepared_fused``,
+``prepared_qkv_rope``, ``prepared_linear`` and ``prepared_gather`` (each bad value refused by a TypeError or
+ValueError naming its argument, before anything is launched) and the packed arguments of a valid call.
+
+The Dense is made without its constructor (which compiles kernels with CuPy on a GPU): its kernels' function
+handles are fake numbers, the argument arrays are packed with the real cffi declarations of ``fi_ffi.cuda.driver``,
+and ``cuLaunchKernel`` is replaced by a recorder. Nothing here dereferences an address; the GPU suite
+(tests/engine/test_gpu_fused_decode.py) runs the same calls on real kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fi_engine import dense as D
+from fi_ffi.cuda import driver
+
+pytestmark = pytest.mark.cpu_only
+
+BASE = 1 << 40  # fake device addresses, 1 GiB apart, 16-byte aligned, never dereferenced
+H, N = 256, 512  # hidden size (k) and output columns
+
+
+def fake_dense() -> D.Dense:
+    d = D.Dense.__new__(D.Dense)
+    d.gemv = True
+    d._fused_fns = {(m, ab, c): 0x1000 + m for (ab, c) in D._GEMV_NAMES for m in (D.NORM, D.ADD_NORM, D.SILU)}
+    d._fused_fns |= {(m | D._ROPE, ab, ab): 0x2000 + m for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)}
+    d._gemv_fns = dict.fromkeys(D._GEMV_NAMES, 0x3000)
+    d._fused_args, d._gemv_args = {}, {}
+    d._fused_smem, d._fused_grid = (48 << 10) - 1024, 1056
+    d._driver_ffi = driver.ffi()
+    d._null = d._driver_ffi.NULL
+    d._stream = 0x77
+    d.launches = []  # type: ignore[attr-defined]
+
+    def launch(*args: Any) -> int:
+        d.launches.append(args)  # type: ignore[attr-defined]
+        return 0
+
+    d._launch = launch
+    d._gather_fn = type("Kernel", (), {"ptr": 0x4000})()
+    return d
+
+
+def at(i: int) -> int:
+    return BASE + (i << 30)
+
+
+def fused_call(mode: int = D.ADD_NORM) -> dict[str, Any]:
+    return dict(
+        mode=mode, rows=2, x=at(0), x_ld=2 * H if mode == D.SILU else H, w=at(1), n=N, k=H, y=at(2), y_ld=N,
+        ab_type=D.CUDA_R_16BF, c_type=D.CUDA_R_16BF, h=at(3), h_ld=H, norm_weight=at(4), h_out=at(5), eps=1e-5,
+    )  # fmt: skip
+
+
+def rope() -> D.RopeAppend:
+    return D.RopeAppend(
+        hq=4, hk=2, d=64, theta=5e5, scale=8.0, llama3=True, low_freq_factor=1.0, high_freq_factor=4.0,
+        old_context_len=8192.0, positions=at(6), batch_indices=at(7), kv_indptr=at(8), kv_indices=at(9),
+        k_cache=at(10), v_cache=at(11), page_size=16, num_pages=8, stride_page=16 * 2 * 64, stride_n=2 * 64,
+        stride_h=64,
+    )  # fmt: skip
+
+
+def qkv_call() -> dict[str, Any]:
+    call = fused_call()
+    del call["n"], call["c_type"]
+    return {**call, "y_ld": 8 * 64, "rope": rope()}
+
+
+def linear_call() -> dict[str, Any]:
+    return dict(rows=2, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=N, ab_type=D.CUDA_R_16F, c_type=D.CUDA_R_32F)
+
+
+def gather_call() -> dict[str, Any]:
+    return dict(rows=3, src=at(0), src_ld=H, index=at(1), dst=at(2), dst_ld=H, width=H)
+
+
+HUGE = 10**400
+NOT_INT = (None, 1.5, float("nan"), HUGE, True, "5", (1,), [1], np.float64(2.0), np.array([1, 2]))
+BAD_ADDRESS = (*NOT_INT, -16, 1 << 64, (1 << 64) + 16)
+BAD_STRIDE = (*NOT_INT, -1, 1 << 40)
+ADDRESSES = {"x", "w", "y", "h", "norm_weight", "h_out", "src", "index", "dst"}
+STRIDES = {"x_ld", "y_ld", "h_ld", "src_ld", "dst_ld", "width"}
+
+
+def bad_values(name: str) -> tuple[Any, ...]:
+    if name == "eps":
+        return (None, float("nan"), float("inf"), HUGE, True, "0.5", (0.5,), np.array([0.5, 0.5]))
+    if name == "mode":
+        return (None, 0, 4, 1.5, True, "1", np.float64(1.0), D.NORM | D._ROPE, [1])
+    if name == "rope":
+        return (None, 5, "x", dataclasses.asdict(rope()))
+    if name in ADDRESSES:
+        return BAD_ADDRESS
+    if name in STRIDES:
+        return BAD_STRIDE
+    return (*NOT_INT, 0, -1, 1 << 31, 1 << 64)  # rows, n, k, and the dtype codes
+
+
+ENTRIES = {
+    "fused_linear": (lambda d: d.fused_linear, fused_call),
+    "fused_linear (SILU)": (lambda d: d.fused_linear, lambda: fused_call(D.SILU)),
+    "prepared_fused": (lambda d: d.prepared_fused, fused_call),
+    "prepared_qkv_rope": (lambda d: d.prepared_qkv_rope, qkv_call),
+    "prepared_linear": (lambda d: d.prepared_linear, linear_call),
+    "prepared_gather": (lambda d: d.prepared_gather, gather_call),
+}
+CASES = [  # (prepared_linear passes dtype codes 0 and -1 on: cuBLAS refuses what it lacks)
+    (entry, name, value)
+    for entry, (_, build) in ENTRIES.items()
+    for name in build()
+    for value in bad_values(name)
+    if not (name.endswith("_type") and type(value) is int and value in (0, -1) and entry == "prepared_linear")
+    and not (name == "c_type" and type(value) is int and value == 0)  # CUDA_R_32F: a float32 output
+]
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
+def test_a_valid_call_packs_and_launches(entry):
+    d = fake_dense()
+    method, build = ENTRIES[entry]
+    result = method(d)(**build())
+    if callable(result):
+        result()
+    assert len(d.launches) == 1
+
+
+@pytest.mark.parametrize(("entry", "name", "value"), CASES, ids=[f"{e}-{n}-{v!r:.30}" for e, n, v in CASES])
+def test_a_bad_value_is_refused_by_name_before_any_launch(entry, name, value):
+    d = fake_dense()
+    method, build = ENTRIES[entry]
+    with pytest.raises((TypeError, ValueError)) as caught:
+        result = method(d)(**{**build(), name: value})
+        if callable(result):
+            result()
+    assert type(caught.value) in (TypeError, ValueError)
+    assert name in str(caught.value) or (name in ("rows", "k") and str(caught.value).startswith("rows, k:"))
+    assert "unhashable" not in str(caught.value)
+    assert d.launches == []
+    assert d._fused_args == {}
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(D.RopeAppend)])
+def test_a_bad_rope_field_is_refused_by_name(field):
+    d = fake_dense()
+    bad = "x" if field != "llama3" else 1
+    with pytest.raises((TypeError, ValueError), match=rf"^rope\.{field}: "):
+        d.prepared_qkv_rope(**{**qkv_call(), "rope": dataclasses.replace(rope(), **{field: bad})})
+    assert d.launches == []
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(y_ld=N - 1), r"^y_ld: 511 elements between rows is less than a row's 512"),
+        (dict(h_ld=H - 8), r"^h_ld: "),
+        (dict(y=(1 << 64) - 1024), r"^y: 0x[0-9a-f]+ \+ \d+ bytes runs past the end of the address space"),
+        (dict(w=(1 << 64) - 4096), r"^w: .* runs past the end"),
+        (dict(ab_type=D.CUDA_R_32F), r"^ab_type, c_type: no fused GEMV for these types"),
+    ],
+)
+def test_strides_shorter_than_a_row_and_ranges_past_2_64_are_refused(change, match):
+    d = fake_dense()
+    with pytest.raises(ValueError, match=match):
+        d.fused_linear(**{**fused_call(), **change})
+    assert d.launches == []
+
+
+def test_one_row_takes_any_stride_and_norm_ignores_x():
+    # a single row never steps by its stride; NORM reads no x (the engine passes x and x_ld anyway)
+    d = fake_dense()
+    d.fused_linear(**{**fused_call(D.NORM), "rows": 1, "y_ld": 0, "h_ld": 0, "x_ld": 0})
+    d.fused_linear(**{**fused_call(D.NORM), "x_ld": 0})
+    assert len(d.launches) == 2
+
+
+def test_the_packed_arguments_are_the_call_values():
+    d = fake_dense()
+    call = fused_call()
+    d.fused_linear(**call)
+    fn, grid, _, _, block, _, _, smem, stream, params, _ = d.launches[0]
+    assert (fn, grid, block, smem, stream) == (0x1002, N // 8, 256, 2 * H * 2, 0x77)
+    slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(13)]
+    eps_bits = int.from_bytes(struct.pack("<f", call["eps"]), "little")
+    names = ("x", "w", "y", "rows", "n", "k", "x_ld", "y_ld", "h", "norm_weight", "h_out", "h_ld")
+    assert slots == [call[n] for n in names] + [eps_bits]
+    d.fused_linear(**call)  # the same call site: packed once, launched again with the same array
+    assert d.launches[1][9] == params and len(d._fused_args) == 1
+
+
+def test_after_close_the_fused_gemv_refuses_and_names_why():
+    d = fake_dense()
+    d.gemv, d._fused_fns = False, {}  # what close() leaves
+    with pytest.raises(ValueError, match="no fused GEMV compiled"):
+        d.fused_linear(**fused_call())
+    with pytest.raises(ValueError, match="driver launch path is off"):
+        d.prepared_gather(**gather_call())
+
+
+def test_a_llama31_rope_band_of_zero_width_is_refused_as_the_rope_op_refuses_it():
+    # RopeAppend.constants divides by high / low - 1: an infinite smoothing constant in the kernel otherwise
+    d = fake_dense()
+    band = dataclasses.replace(rope(), high_freq_factor=1.0)
+    with pytest.raises(ValueError, match=r"^rope\.high_freq_factor: expected a value > low_freq_factor \(1\.0\)"):
+        d.prepared_qkv_rope(**{**qkv_call(), "rope": band})
+    d.prepared_qkv_rope(**{**qkv_call(), "rope": dataclasses.replace(band, llama3=False)})()  # plain RoPE: unused
+    assert len(d.launches) == 1
+
+
+@pytest.mark.parametrize("bad", [None, 1.5, "2", True, [2]])
+def test_the_predicates_refuse_what_is_no_int_by_name(bad):
+    d = fake_dense()
+    assert d.fused_fits(4, H) and d.fused_fits(np.int64(2), np.int32(H)) and not d.fused_fits(5, H)
+    assert d.has_qkv_rope(D.CUDA_R_16BF, 128) and not d.has_qkv_rope(D.CUDA_R_16BF, 96)
+    for call, name in (
+        (lambda: d.fused_fits(bad, H), "rows"),
+        (lambda: d.fused_fits(2, bad), "k"),
+        (lambda: d.has_qkv_rope(bad, 128), "ab_type"),
+        (lambda: d.has_qkv_rope(D.CUDA_R_16BF, bad), "d"),
+    ):
+        with pytest.raises(TypeError, match=f"^{name}: expected an int"):
+            call()

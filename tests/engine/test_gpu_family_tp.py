@@ -1,0 +1,122 @@
+"""Gemma 2 and gpt-oss under tensor parallelism 2 (and 4 where there are GPUs) against one GPU
+(FI_FFI_RUN_GPU_TESTS=1; CuPy, torch + transformers to write the checkpoints, the comm and model-family wheels).
+
+Random small checkpoints built with transformers' own classes and ``save_pretrained`` in bfloat16, with a vocabulary
+of 4099 tokens (no tensor-parallel size divides it: the last rank's shard is padded):
+
+- Gemma 2: 2 layers (sliding, global), hidden 512, 4 query / 2 KV heads of 256, a 16-token window (the prompts run
+  past it), attention soft cap 5 and a final soft cap of 5 (logits of a few units: the cap bends them, so a cap
+  applied to the wrong values or not at all on the vocabulary shards shows), random Gemma norm weights, tied
+  embeddings (the scaled embedding and the LM head both vocabulary-parallel);
+- gpt-oss: 2 layers (sliding, full), hidden 512, 8 query / 2 KV heads of 64, 4 experts top-2 (intermediate 192,
+  96 per rank at TP 2), random attention and expert biases and sinks (so a bias added on every rank, or a sink on
+  the wrong head, shows), gate/up values past the SwiGLU clamp for some tokens, a router whose logits are spread
+  wide enough that rounding rarely swaps an expert.
+
+tests/helpers/llama_tp_worker.py runs greedy generation and prefill logits on one GPU, then as N ranks under
+``fi-ffi launch``: eager with top-k 1 sampling (the gathered, soft-capped logits), CUDA graph with the fused
+all-reduce, and CUDA graph with NCCL's all-reduce (Gemma 2's plain all-reduce in place). Yardstick as
+tests/engine/test_gpu_moe_tp.py: the prefill logits of at least 95% of the positions within the bfloat16
+engine-vs-float32
+tolerance (0.08) of one GPU's, the median within a quarter of it, the greedy tokens equal to one GPU's for at least
+3 of the 4 prompts, and the ``top_k=1`` tokens equal to the same run's greedy tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from helpers.checkpoints import rope_kwargs
+from helpers.subprocess_run import gpu_count, multicast_off
+from helpers.tp_runs import VOCAB, _check_logits, _env, _run
+from helpers.yardstick import LOGIT_TOL
+
+multicast_off()
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+pytestmark = pytest.mark.gpu
+
+
+def _gemma2(transformers, torch):  # type: ignore[no-untyped-def]
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=256, query_pre_attn_scalar=128, sliding_window=16,
+        attn_logit_softcapping=5.0, final_logit_softcapping=5.0, max_position_embeddings=4096,
+        initializer_range=0.05, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    kw.update(rope_kwargs(transformers.Gemma2Config, 10000.0, None))
+    model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # Gemma's (1 + w)
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def _gpt_oss(transformers, torch):  # type: ignore[no-untyped-def]
+    yarn = {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+            "original_max_position_embeddings": 64}  # fmt: skip
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=512, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+        max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False, swiglu_limit=7.0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    kw.update(rope_kwargs(transformers.GptOssConfig, 150000.0, yarn))
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1)
+            elif name.endswith(("bias", "sinks")):  # transformers initializes some to 0: make each one count
+                p.normal_(0.0, 0.5)
+            elif name.endswith("gate_up_proj"):  # gate/up values beyond the clamp (7) for some tokens
+                p.normal_(0.0, 0.15)
+            elif name.endswith("router.weight"):  # wide router logits: few near-ties between experts
+                p.normal_(0.0, 0.2)
+            elif name.endswith("down_proj") or "self_attn" in name:
+                p.normal_(0.0, 0.03)
+            elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                p.normal_(0.0, 0.1)
+    return model
+
+
+FAMILIES = {"gemma2": ("Gemma2Config", _gemma2), "gpt_oss": ("GptOssConfig", _gpt_oss)}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES), ids=list(FAMILIES))
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    pytest.importorskip("cupy", reason="the engine needs CuPy")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config_cls, make = FAMILIES[request.param]
+    if not hasattr(transformers, config_cls):
+        pytest.skip(f"this transformers has no {config_cls}")
+    tmp = tmp_path_factory.mktemp(request.param)
+    env = _env(tmp)
+    torch.manual_seed(0)
+    model = tmp / "model"
+    make(transformers, torch).to(torch.bfloat16).save_pretrained(model)
+    ref = _run(env, model, tmp / "tp1.npz", 1)
+    return request.param, model, env, ref
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("mode", ["eager", "graph", "graph-nccl"])
+def test_family_tensor_parallel_matches_one_gpu(family: tuple, tmp_path: Path, n: int, mode: str) -> None:
+    if gpu_count() < n:
+        pytest.skip(f"needs {n} GPUs, found {gpu_count()}")
+    name, model, env, ref = family
+    flags = {"eager": ["--topk1"], "graph": ["--graph", "--topk1"], "graph-nccl": ["--graph", "--nccl"]}
+    got = _run(env, model, tmp_path / "out.npz", n, *flags[mode])
+    assert int(got["tp"]) == n and bool(got["vocab_shard"])
+    assert bool(got["fused"]) == (mode != "graph-nccl")
+    _check_logits(got, ref, LOGIT_TOL["bfloat16"], f"{name} tp {n} {mode}")
+    same = [a == b for a, b in zip(got["tokens"].tolist(), ref["tokens"].tolist(), strict=True)]
+    assert sum(same) >= 3, f"{name} tp {n} {mode}: greedy tokens equal for prompts {same}"
+    assert got["tokens_topk1"].tolist() == got["tokens"].tolist()  # top_k=1 sampling over gathered logits

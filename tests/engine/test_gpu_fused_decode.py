@@ -1,0 +1,397 @@
+"""The engine's fused decode step (``LlamaEngine._fused_step``) and its GEMV variants (``Dense.fused_linear``), on a
+GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
+
+1. Each variant (RMSNorm prologue, add + RMSNorm prologue with the new residual written out, SiLU-gated input) for
+   float16 / bfloat16 in, 16-bit / float32 out, 1 to 4 rows, k = 576 (one pass of FlashInfer's norm block) and
+   k = 12288 (two passes; more shared memory than 48 KiB, so the opt-in):
+   - against the float32 numpy reference of the same formula, rounded where FlashInfer rounds (the normalized or
+     gated input to the 16-bit type, then the product once): every input element may land one unit in the last
+     place (ulp) away from the reference's (rsqrt.approx, __expf), so the bound per output is
+     ``sum_c |w_jc| |in_c| * ulp + |y_j| * ulp_out + 1e-3`` (ulp 2**-10 float16, 2**-7 bfloat16; ulp_out the same
+     for 16-bit outputs, 0 for float32);
+   - against the separate launches it replaces (FlashInfer's ``rmsnorm`` / ``fused_add_rmsnorm`` /
+     ``silu_and_mul`` through fi_ffi, then the plain GEMV): within the same bound, and the share of bitwise-equal
+     outputs is printed (the prologue sums in FlashInfer's order: equal unless its build rounds differently);
+   - the new residual ``h_out`` equals ``round(h + x)`` exactly.
+2. The QKV GEMV with FlashInfer's RoPE (plain and Llama 3.1) and KV append as its epilogue: q, k, v and both
+   caches equal to the separate launches' bit for bit.
+3. The engine: greedy decoding of four prompts (1 to 4 rows: every step fused) with ``fused_decode`` on and off on
+   a random SmolLM2-like float16 checkpoint and a bfloat16 one with Llama 3.1 RoPE: the tokens are equal, and
+   the logits of every step are within the engine tests' tolerance (``helpers.yardstick.LOGIT_TOL``: float16
+   0.02, bfloat16 0.08) with the bitwise share printed. The unfused path is the one tests/engine/test_gpu_llama.py
+   checks against transformers.
+4. Bad pointers: a misaligned GEMV output, a misaligned or overlapping fused argument give ValueError naming it.
+5. ``LlamaEngine.packed_attention`` (the fused step's attention runs packed once per view, ``prepare_decode_run``):
+   on and off, the same greedy decoding gives the same tokens and bit-equal logits at every step (the same kernel
+   on the same arguments; tests/ops/attention/test_prepared_decode_run.py proves the frames equal on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy (pip install 'fi-ffi[llama]')")
+
+from helpers.yardstick import LOGIT_TOL  # noqa: E402
+
+from fi_engine import kernels  # noqa: E402
+from fi_engine.checkpoint import write_safetensors  # noqa: E402
+from fi_engine.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
+from fi_engine.llama import LlamaEngine  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+EPS = 1e-5
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round to nearest even."""
+    u = x.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def to16(x32: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 -> the 16-bit storage (float16 array, or bfloat16 bits as uint16), rounded to nearest even."""
+    return x32.astype(np.float16) if dtype == "float16" else bf16_bits(x32)
+
+
+def from16(x: np.ndarray, dtype: str) -> np.ndarray:
+    return x.view(np.float16).astype(np.float32) if dtype == "float16" else from_bf16_bits(x.view(np.uint16))
+
+
+@pytest.fixture(scope="module")
+def dense():
+    stream = cp.cuda.Stream(non_blocking=True)
+    d = Dense(stream)
+    with stream:
+        yield d, stream
+    d.close()
+
+
+def reference_input(mode: int, h: np.ndarray, x: np.ndarray, nw: np.ndarray, dtype: str, k: int) -> np.ndarray:
+    """The GEMV's input rows in float32 numpy, rounded to the 16-bit type where FlashInfer rounds."""
+    if mode == SILU:
+        g, u = x[:, :k], x[:, k : 2 * k]
+        return from16(to16(g / (1.0 + np.exp(-g)) * u, dtype), dtype)
+    s = h + x if mode == ADD_NORM else h
+    s = s.astype(np.float32)
+    rcp = (1.0 / np.sqrt((s.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + EPS)).astype(np.float32)
+    return from16(to16(s * rcp * nw, dtype), dtype)
+
+
+def separate_launches(d, stream, mode, rows, dtype, k, hd, xd, nwd, ab, out):
+    """What the fused launch replaces: FlashInfer's norm or activation through fi_ffi (on copies), its output."""
+    dev = cp.cuda.Device().id
+    desc = lambda a, shape: kernels.descriptor(a.data.ptr, shape, dtype, dev, owner=a)  # noqa: E731
+    inp = cp.empty((rows, k), hd.dtype)
+    if mode == SILU:
+        kernels.silu_and_mul(desc(xd[:rows], (rows, 2 * k)), desc(inp, (rows, k)), stream.ptr)
+    elif mode == NORM:
+        kernels.rmsnorm(desc(hd[:rows], (rows, k)), desc(nwd, (k,)), desc(inp, (rows, k)), EPS, stream.ptr)
+    else:
+        res = hd[:rows].copy()
+        inp[...] = xd[:rows, :k]
+        kernels.fused_add_rmsnorm(desc(inp, (rows, k)), desc(res, (rows, k)), desc(nwd, (k,)), EPS, stream.ptr)
+    return inp
+
+
+@pytest.mark.parametrize("k", [576, 12288])
+@pytest.mark.parametrize("out32", [False, True], ids=["out16", "out32"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fused_gemv_variants_match_float32_and_the_separate_launches(dense, dtype, out32, k):
+    d, stream = dense
+    assert d.gemv and d.fused_fits(4, k), d.gemv_error
+    rng = np.random.default_rng(k + out32)
+    n = 1001  # a last block with idle warps
+    ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
+    c_type = CUDA_R_32F if out32 else ab
+    ulp = 2.0**-10 if dtype == "float16" else 2.0**-7
+    h16 = to16(rng.standard_normal((4, k)).astype(np.float32) * 2, dtype)
+    x16 = to16(rng.standard_normal((4, 2 * k)).astype(np.float32), dtype)  # the delta, or gate | up
+    nw16 = to16(1 + 0.2 * rng.standard_normal(k).astype(np.float32), dtype)
+    w16 = to16(rng.standard_normal((n, k)).astype(np.float32) * 0.05, dtype)
+    h32, x32, nw32, w32 = (from16(a, dtype) for a in (h16, x16, nw16, w16))
+    hd, xd, nwd, wd = (cp.asarray(a) for a in (h16, x16, nw16, w16))
+    h_out = cp.zeros((4, k), h16.dtype)
+    cp.cuda.Device().synchronize()
+    for mode in (NORM, ADD_NORM, SILU):
+        for rows in (1, 2, 3, 4):
+            y = cp.zeros((rows, n), np.float32 if out32 else h16.dtype)
+            h_out.fill(0)
+            x_ld = 2 * k
+            d.fused_linear(
+                mode, rows, xd.data.ptr, x_ld, wd.data.ptr, n, k, y.data.ptr, n, ab, c_type,
+                hd.data.ptr, k, nwd.data.ptr, h_out.data.ptr if mode == ADD_NORM else 0, EPS,
+            )  # fmt: skip
+            inp = separate_launches(d, stream, mode, rows, dtype, k, hd, xd, nwd, ab, c_type)
+            y_sep = cp.zeros_like(y)
+            d.linear(rows, inp.data.ptr, k, wd.data.ptr, n, k, y_sep.data.ptr, n, ab, c_type)
+            stream.synchronize()
+            got, sep = y.get(), y_sep.get()
+            if not out32:
+                got, sep = from16(got, dtype), from16(sep, dtype)
+            ref_in = reference_input(mode, h32[:rows], x32[:rows, :k] if mode != SILU else x32[:rows], nw32, dtype, k)
+            want = ref_in.astype(np.float64) @ w32.T.astype(np.float64)
+            bound = np.abs(ref_in) @ np.abs(w32).T * ulp + np.abs(want) * (0 if out32 else ulp) + 1e-3
+            what = f"mode {mode}, rows {rows}"
+            assert np.all(np.abs(got - want) <= bound), (
+                f"{what}: vs float32, worst {np.max(np.abs(got - want) / bound):.2f}x the bound"
+            )
+            assert np.all(np.abs(got - sep) <= bound), (
+                f"{what}: vs the separate launches, worst {np.max(np.abs(got - sep) / bound):.2f}x the bound"
+            )
+            equal = float(np.mean(got == sep))
+            print(
+                f"{dtype} {'out32' if out32 else 'out16'} k={k} {what}: {equal:.2%} bitwise equal to separate launches"
+            )
+            if mode == ADD_NORM:
+                new_h = from16(h_out.get()[:rows], dtype)
+                np.testing.assert_array_equal(new_h, from16(to16(h32[:rows] + x32[:rows, :k], dtype), dtype))
+
+
+@pytest.mark.parametrize("llama3", [False, True], ids=["rope", "llama31"])
+@pytest.mark.parametrize(("dtype", "d"), [("float16", 64), ("bfloat16", 128)])
+def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype, d, llama3):
+    """Dense.prepared_qkv_rope (NORM and ADD_NORM prologues, 1 to 4 rows at positions up to 300) against the
+    launches it replaces: the fused GEMV into qkv, then FlashInfer's apply_rope_pos_ids (or the Llama 3.1 form)
+    in place and append_paged_kv_cache through fi_ffi. qkv (rotated q and k, plain v) and both caches must be
+    equal bit for bit (the epilogue repeats FlashInfer's arithmetic), and the rest of the caches untouched."""
+    from fi_engine.config import RopeConfig
+    from fi_engine.dense import RopeAppend
+
+    d_, stream = dense
+    dev = cp.cuda.Device().id
+    rng = np.random.default_rng(d + llama3)
+    hq, hk, k, ps, pages = 4, 2, 512, 16, 40  # 28 pages in use at most
+    n = (hq + 2 * hk) * d
+    ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
+    assert d_.has_qkv_rope(ab, d)
+    rope = (
+        RopeConfig(theta=5e5, llama3=True, factor=8.0, original_max_position_embeddings=64.0)
+        if llama3
+        else RopeConfig()
+    )
+    h16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
+    x16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
+    nw16 = to16(1 + 0.2 * rng.standard_normal(k).astype(np.float32), dtype)
+    w16 = to16(rng.standard_normal((n, k)).astype(np.float32) * 0.1, dtype)
+    hd, xd, nwd, wd = (cp.asarray(a) for a in (h16, x16, nw16, w16))
+    desc = lambda a, shape, dt=dtype, strides=None: kernels.descriptor(a.data.ptr, shape, dt, dev, strides, owner=a)  # noqa: E731
+    for mode in (NORM, ADD_NORM):
+        for rows in (1, 2, 3, 4):
+            # request r holds positions[r] + 1 tokens on its own pages (a shuffled page table)
+            positions = np.array([300, 17, 0, 95][:rows], np.int32)
+            per = [int(p) // ps + 1 for p in positions]
+            order = rng.permutation(pages)[: sum(per)].astype(np.int32)
+            indptr = np.concatenate([[0], np.cumsum(per)]).astype(np.int32)
+            meta = {
+                "positions": cp.asarray(positions),
+                "batch_indices": cp.arange(rows, dtype=np.int32),
+                "kv_indptr": cp.asarray(indptr),
+                "kv_indices": cp.asarray(order),
+                "last": cp.asarray((positions % ps + 1).astype(np.int32)),
+            }
+            start = rng.standard_normal((2, pages, ps, hk, d)).astype(np.float32)
+            caches = {f: cp.asarray(to16(start, dtype)) for f in ("fused", "sep")}
+            qkv = {f: cp.zeros((rows, n), h16.dtype) for f in ("fused", "sep")}
+            h_out = cp.zeros((4, k), h16.dtype)
+            cp.cuda.Device().synchronize()
+            kv = caches["fused"]
+            epilogue = RopeAppend(
+                hq=hq, hk=hk, d=d, theta=rope.theta, scale=rope.factor if llama3 else 1.0, llama3=llama3,
+                low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
+                old_context_len=rope.original_max_position_embeddings, positions=meta["positions"].data.ptr,
+                batch_indices=meta["batch_indices"].data.ptr, kv_indptr=meta["kv_indptr"].data.ptr,
+                kv_indices=meta["kv_indices"].data.ptr, k_cache=kv[0].data.ptr, v_cache=kv[1].data.ptr,
+                page_size=ps, num_pages=pages, stride_page=ps * hk * d, stride_n=hk * d, stride_h=d,
+            )  # fmt: skip
+            args = (rows, xd.data.ptr, k, wd.data.ptr, k, qkv["fused"].data.ptr, n, ab, hd.data.ptr, k, nwd.data.ptr)
+            call = d_.prepared_qkv_rope(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS, epilogue)
+            call()
+            # the separate launches: fused GEMV, RoPE in place, append
+            y = qkv["sep"]
+            d_.fused_linear(
+                mode, rows, xd.data.ptr, k, wd.data.ptr, n, k, y.data.ptr, n, ab, ab, hd.data.ptr, k, nwd.data.ptr,
+                h_out.data.ptr if mode == ADD_NORM else 0, EPS,
+            )  # fmt: skip
+            q_v = desc(y, (rows, hq, d), strides=(n, d, 1))
+            k_v = kernels.descriptor(y.data.ptr + 2 * hq * d, (rows, hk, d), dtype, dev, (n, d, 1), owner=y)
+            v_v = kernels.descriptor(y.data.ptr + 2 * (hq + hk) * d, (rows, hk, d), dtype, dev, (n, d, 1), owner=y)
+            pos = desc(meta["positions"], (rows,), "int32")
+            kernels.rope_inplace(q_v, k_v, pos, rope, stream.ptr)
+            sep = caches["sep"]
+            kernels.append_kv(
+                k_v, v_v, desc(meta["batch_indices"], (rows,), "int32"), pos,
+                desc(sep[0], (pages, ps, hk, d)), desc(sep[1], (pages, ps, hk, d)),
+                desc(meta["kv_indices"], (len(order),), "int32"), desc(meta["kv_indptr"], (rows + 1,), "int32"),
+                desc(meta["last"], (rows,), "int32"), stream.ptr,
+            )  # fmt: skip
+            stream.synchronize()
+            what = f"{dtype} d={d} {'llama31' if llama3 else 'rope'} mode {mode} rows {rows}"
+            a, b = qkv["fused"].get(), qkv["sep"].get()
+            same = float((caches["fused"] == sep).astype(np.float32).mean())
+            print(f"{what}: qkv {np.mean(a == b):.2%} equal, caches {same:.4%} equal")
+            np.testing.assert_array_equal(a, b, err_msg=f"{what}: qkv")
+            np.testing.assert_array_equal(caches["fused"].get(), sep.get(), err_msg=f"{what}: caches")
+            assert not np.array_equal(caches["fused"].get(), to16(start, dtype)), what  # something was appended
+
+
+def test_gemv_and_fused_gemv_refuse_bad_pointers(dense):
+    """A GEMV output not aligned to its element, a fused argument not 16-byte aligned, and a new residual written
+    over the one every block reads: ValueError naming the argument (before any launch)."""
+    d, stream = dense
+    k, n = 64, 32
+    x, w = cp.zeros((1, 2 * k), np.float16), cp.zeros((n, k), np.float16)
+    h, h2, nw = cp.zeros((1, k), np.float16), cp.zeros((1, k), np.float16), cp.zeros(k, np.float16)
+    y16, y32 = cp.zeros((1, n + 8), np.float16), cp.zeros((1, n + 8), np.float32)
+    cp.cuda.Device().synchronize()
+    with pytest.raises(ValueError, match="^y: "):
+        d.linear(1, x.data.ptr, k, w.data.ptr, n, k, y16.data.ptr + 1, n, CUDA_R_16F, CUDA_R_16F)
+    with pytest.raises(ValueError, match="^y: "):
+        d.linear(1, x.data.ptr, k, w.data.ptr, n, k, y32.data.ptr + 2, n, CUDA_R_16F, CUDA_R_32F)
+    args = (x.data.ptr, k, w.data.ptr, n, k, y16.data.ptr, n, CUDA_R_16F, CUDA_R_16F)
+    with pytest.raises(ValueError, match="^h: "):
+        d.fused_linear(NORM, 1, *args, h.data.ptr + 2, k, nw.data.ptr, 0, EPS)
+    with pytest.raises(ValueError, match="^norm_weight: "):
+        d.fused_linear(NORM, 1, *args, h.data.ptr, k, nw.data.ptr + 8, 0, EPS)
+    with pytest.raises(ValueError, match="^h_out: "):
+        d.fused_linear(ADD_NORM, 1, *args, h.data.ptr, k, nw.data.ptr, h.data.ptr, EPS)
+    with pytest.raises(ValueError, match="^y: "):
+        d.fused_linear(ADD_NORM, 1, *args[:5], h.data.ptr, n, *args[7:], h.data.ptr, k, nw.data.ptr, h2.data.ptr, EPS)
+    with pytest.raises(ValueError, match="^rows, k: "):
+        d.fused_linear(NORM, 5, *args, h.data.ptr, k, nw.data.ptr, 0, EPS)
+    d.fused_linear(ADD_NORM, 1, *args, h.data.ptr, k, nw.data.ptr, h2.data.ptr, EPS)  # the same call, good pointers
+    stream.synchronize()
+
+
+def make_checkpoint(folder, dtype: str, head_dim: int, heads: tuple[int, int], hidden: int, inter: int, llama3: bool):
+    """A random Llama (4 layers, tied embedding, vocab 4096) saved without torch; norm weights around 1; with
+    ``llama3`` Llama 3.1 RoPE scaling whose original context (64) the prompts pass."""
+    rng = np.random.default_rng(7)
+    hq, hk = heads
+    cfg = dict(
+        model_type="llama", vocab_size=4096, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=4,
+        num_attention_heads=hq, num_key_value_heads=hk, head_dim=head_dim, tie_word_embeddings=True,
+        rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=EPS, eos_token_id=2,
+    )  # fmt: skip
+    if llama3:
+        cfg["rope_scaling"] = {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }  # fmt: skip
+
+    def t(*shape: int, scale: float = 0.05, mean: float = 0.0):
+        a = (mean + scale * rng.standard_normal(shape)).astype(np.float32)
+        return (a.astype(np.float16), "float16") if dtype == "float16" else (bf16_bits(a), "bfloat16")
+
+    tensors = {
+        "model.embed_tokens.weight": t(4096, hidden, scale=1.0),
+        "model.norm.weight": t(hidden, mean=1.0, scale=0.1),
+    }
+    for i in range(4):
+        p = f"model.layers.{i}."
+        for name, shape in (
+            ("self_attn.q_proj", (hq * head_dim, hidden)),
+            ("self_attn.k_proj", (hk * head_dim, hidden)),
+            ("self_attn.v_proj", (hk * head_dim, hidden)),
+            ("self_attn.o_proj", (hidden, hq * head_dim)),
+            ("mlp.gate_proj", (inter, hidden)),
+            ("mlp.up_proj", (inter, hidden)),
+            ("mlp.down_proj", (hidden, inter)),
+        ):
+            tensors[p + name + ".weight"] = t(*shape)
+        tensors[p + "input_layernorm.weight"] = t(hidden, mean=1.0, scale=0.1)
+        tensors[p + "post_attention_layernorm.weight"] = t(hidden, mean=1.0, scale=0.1)
+    write_safetensors(folder / "model.safetensors", tensors)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+MODELS = {  # (dtype, head_dim, (q heads, kv heads), hidden, intermediate, Llama 3.1 RoPE)
+    "f16-smollm2-like": ("float16", 64, (9, 3), 576, 1536, False),
+    "bf16-d128-llama31": ("bfloat16", 128, (8, 2), 1024, 2816, True),
+}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_fused_decode_step_matches_the_separate_launches(tmp_path, model):
+    dtype = MODELS[model][0]
+    path = make_checkpoint(tmp_path, *MODELS[model])
+    ps = [[(5 * j + 3 * i) % 4000 + 3 for j in range(n)] for i, n in enumerate((3, 16, 29, 50))]
+    runs = {}
+    with LlamaEngine(path, max_batch=4, page_size=16) as engine:
+        assert all(engine._fuses(r) for r in (1, 2, 3, 4)), engine.dense.gemv_error
+        original = engine._pick
+        for fused in (True, False):
+            engine.fused_decode = fused
+            logits: list[np.ndarray] = []
+
+            def pick(v, rows, sampling, logits=logits):
+                logits.append(engine._buf.logits[:rows].get())  # this step's logits, before the argmax
+                original(v, rows, sampling)
+
+            engine._pick = pick
+            calls = []
+            step = engine._fused_step
+            engine._fused_step = lambda v, rows, calls=calls, step=step: (calls.append(rows), step(v, rows))[1]
+            try:
+                r = engine.generate(ps, [24, 13, 24, 7], eos_token_ids=())
+            finally:
+                del engine._fused_step
+                del engine._pick
+            assert len(calls) == (r.decode_steps if fused else 0)  # every decode step fused exactly when on
+            runs[fused] = (r.tokens, logits)  # the prefill's too (never fused: equal in both runs)
+    (tok_f, log_f), (tok_u, log_u) = runs[True], runs[False]
+    assert tok_f == tok_u
+    worst, equal, total = 0.0, 0, 0
+    for a, b in zip(log_f, log_u, strict=True):
+        worst = max(worst, float(np.abs(a - b).max()))
+        equal += int((a == b).sum())
+        total += a.size
+    print(f"{model}: {len(log_f)} steps, max |logit difference| {worst:.2e}, {equal / total:.2%} bitwise equal")
+    assert worst <= LOGIT_TOL[dtype]
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_packed_attention_runs_give_bit_equal_logits(tmp_path, model):
+    path = make_checkpoint(tmp_path, *MODELS[model])
+    ps = [[(7 * j + 5 * i) % 4000 + 3 for j in range(n)] for i, n in enumerate((4, 17, 33, 9))]
+    runs = {}
+    with LlamaEngine(path, max_batch=4, page_size=16) as engine:
+        assert all(engine._fuses(r) for r in (1, 2, 3, 4)), engine.dense.gemv_error
+        original = engine._pick
+        for packed in (False, True):
+            engine.packed_attention = packed
+            logits: list[np.ndarray] = []
+
+            def pick(v, rows, sampling, logits=logits):
+                logits.append(engine._buf.logits[:rows].get())
+                original(v, rows, sampling)
+
+            engine._pick = pick
+            try:
+                r = engine.generate(ps, [20, 12, 26, 5], eos_token_ids=())
+            finally:
+                del engine._pick
+                engine.packed_attention = LlamaEngine.packed_attention
+            runs[packed] = (r.tokens, logits, r.decode_steps)
+        # the packed runs were made (one per layer, per decode view the packed pass met)
+        packed_views = [v for v in engine._views.values() if "attention runs" in v.prepared]
+        assert packed_views and all(len(v.prepared["attention runs"][1]) == 4 for v in packed_views)
+    (tok_p, log_p, steps), (tok_u, log_u, _) = runs[True], runs[False]
+    assert steps > 0
+    assert tok_p == tok_u
+    assert len(log_p) == len(log_u)
+    for i, (a, b) in enumerate(zip(log_p, log_u, strict=True)):
+        assert np.array_equal(a, b), f"{model}: step {i}: logits differ (max {float(np.abs(a - b).max()):.2e})"

@@ -1,0 +1,1859 @@
+"""A generated bad-input campaign over the public ops' scalar, shape and tensor arguments (CPU, deterministic).
+
+For every op, one valid call is written out by hand (descriptors claiming cuda:0 at distinct, aligned fake
+addresses, host index arrays, synthetic plans); it must reach the kernel module (which then fails for want of a
+GPU) or, for host helpers, return. Then every argument in turn is replaced by values from a catalogue chosen by
+the argument's kind (wrong types, None, NaN and infinities, ``10**400``, ``-1``, ``2**31``, ``2**63``, numpy
+scalars, bools, 0-d and other-rank tensors, ...), the others kept valid. Each bad call must either
+
+- raise ``TypeError``/``ValueError`` (exactly those classes) or an ``fi_ffi.errors`` type whose message names the
+  argument (never ``AttributeError``, ``OverflowError``, ``IndexError``, ``KeyError``, ``struct.error``,
+  ``ZeroDivisionError``, "unhashable type", numpy's errors, or a ``KernelError`` from the module's own checks), or
+- for values that may be valid for that argument (``-1``, ``2**31``, other ranks, ...), reach the kernel like the
+  valid call does.
+
+Values that are never valid for the argument's kind (a str for an int, None for a required tensor, NaN for a
+float, ...) must be refused. Pointer values (alignment, NULL, overlap, address ranges) are not varied for these
+ops here (tests/launch/test_pointer_rules.py does, warm then bad). After its cases each op's valid call is made again
+and must still reach the kernel. About 9,000 calls.
+
+The second part covers every public entry point of fi_ffi.comm and fi_engine and the prepared segment GEMM
+the same way (valid calls get past the checks to where this machine ends: no GPU, no NCCL, no libcuda), varies
+the entries of mapping arguments (launcher variables, config.json keys) one at a time, and adds warm-then-bad
+pointers (NULL, misaligned, a range past 2**64) for every tensor argument. An entry point added to an
+``__all__`` later fails the coverage test until it has a case generator or a stated exemption.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers.attention_plans import decode_plan, prefill_plan
+from helpers.attention_plans import workspace as attention_workspace
+from helpers.mla_plans import fake_plan as mla_fake_plan
+
+import fi_ffi
+from fi_ffi.errors import CudaError, FiFFIError, KernelError, KernelNotFoundError, UnsupportedDeviceError
+from fi_ffi.ops import gdn
+from fi_ffi.tensor.descriptor import Tensor
+
+# Descriptors here claim cuda:0 over addresses nothing maps: only a machine without a GPU stops them.
+pytestmark = pytest.mark.cpu_only
+
+_BASE = 1 << 44  # fake device addresses 4 GiB apart: distinct, aligned for any rule, never dereferenced
+_SPAN = 1 << 32
+_slots = itertools.count(1)
+
+
+def dev(shape: tuple[int, ...], dtype: str = "float16") -> Tensor:
+    """A descriptor claiming cuda:0 at a fresh fake address (valid tensors here span far less than 4 GiB)."""
+    return Tensor.from_pointer(_BASE + next(_slots) * _SPAN, shape, dtype, 0)
+
+
+def host(values: list[int]) -> np.ndarray:
+    return np.asarray(values, dtype=np.int32)
+
+
+class _Opaque:
+    """An object of no kind any op takes."""
+
+    def __repr__(self) -> str:
+        return "<opaque>"
+
+
+HUGE = 10**400
+NAN, INF = float("nan"), float("inf")
+COMMON_INVALID: tuple[Any, ...] = ("x", {}, {1, 2}, _Opaque(), b"\x00", 1 + 2j)
+
+# kind -> (never valid: must be refused by name, may be valid: refused by name or reaching the kernel)
+SCALARS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
+    "int": (
+        (None, 1.5, NAN, INF, HUGE, -HUGE, True, False, "5", (1,), [1], np.float64(2.0), np.array([1, 2])),
+        (-1, 0, 1, 2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, np.int64(5), np.int32(-1)),
+    ),
+    "float": (
+        (None, NAN, -NAN, HUGE, -HUGE, True, False, "0.5", (0.5,), [0.5], np.array([0.5, 0.5]), np.float64(NAN)),
+        (-1.0, 0, 0.0, -0.0, INF, -INF, 1, 2**31, 2**63, 1e-300, 1e300, np.float32(0.5), np.float64(2.0), np.int64(3)),
+    ),
+    "bool": (
+        (None, 2, -1, 1.5, NAN, "True", HUGE, (True,), np.array([True, False])),
+        (0, 1, np.bool_(True), np.int64(1)),
+    ),
+    "str": (
+        (None, 5, 1.5, True, "nonsense", b"NHD", ("NHD",), HUGE),
+        ("nhd", "HND", "auto", "little", "fa2", "fa3", "NONE"),
+    ),
+    "enum": ((None, "nonsense", 1.5, True, HUGE, -1, 99), (0, 1, 2, "ROPE_LLAMA", "ALIBI", "rope_llama")),
+    "dtype": ((5, 1.5, "nonsense", HUGE, (2, 64, 1)), (None, "float32", "int8", "bfloat16", np.float16, "f16")),
+    "stream": (("x", 1.5, -1, 2**64, HUGE, NAN), (None, 0)),
+    "generator": (("x", 5, 1.5), (None,)),
+    "seed": (("x", 1.5, -1, 2**64, HUGE, NAN), (None, 0, 2**64 - 1, np.int64(5))),
+    "object": ((None, "x", 5, 1.5), ()),
+    "masks": (  # pack_custom_mask's list of [qo_len, kv_len] boolean masks
+        (None, 5, 1.5, [None], ["ab"], [{}], [np.ones((3, 5), np.float32)], [np.array([[1, 2]])], [[[0.5]]]),
+        ([], [np.ones(3, bool)], [np.ones((2, 2, 2), bool)], [np.ones((0, 4), bool)], [[[True, False]]]),
+    ),
+}
+SCALARS["opt_int"] = (tuple(v for v in SCALARS["int"][0] if v is not None), (None, *SCALARS["int"][1]))
+SCALARS["opt_float"] = (tuple(v for v in SCALARS["float"][0] if v is not None), (None, *SCALARS["float"][1]))
+SCALARS["opt_bool"] = (tuple(v for v in SCALARS["bool"][0] if v is not None), (None, *SCALARS["bool"][1]))
+
+# kinds of the parameters whose valid value does not tell (None defaults, Any-typed numbers)
+KIND_OF_NAME = {
+    **dict.fromkeys(
+        ["rotary_dim", "head_dim_vo", "max_total_num_rows", "fixed_split_size", "uniform_q_len", "nnz"], "opt_int"
+    ),
+    **dict.fromkeys(["sm_scale", "scale", "ckv_scale", "kpe_scale"], "opt_float"),
+    **dict.fromkeys(["q_dtype", "kv_dtype", "o_dtype", "q_data_type", "kv_data_type"], "dtype"),
+    "enable_pdl": "opt_bool",  # None is "off" for the activations; other ops may refuse it
+    "cublas_handle": "opt_int",  # bmm_fp8: None makes fi_ffi's own handle
+    "dtype": "dtype",  # bmm_fp8's out dtype (None: out's)
+    "pos_encoding": "enum",
+    "masks": "masks",
+    "stream": "stream",
+    "generator": "generator",
+    "seed": "seed",
+    "offset": "seed",
+}
+# which other names an error about a parameter may name instead (the two halves of one random state)
+PARTNERS = {"seed": ("seed", "offset", "generator"), "offset": ("seed", "offset", "generator")}
+# per-row parameters that take a number or a [R] tensor (ops.sampling._split)
+PER_ROW = {"top_p": "float", "min_p": "float", "top_k": "int", "temperature": "opt_float"}
+
+
+def tensor_values(t: Tensor | None) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(never valid, may be valid) replacements of a tensor argument whose valid value is ``t``."""
+    never: tuple[Any, ...] = (*COMMON_INVALID, 5, 1.5, NAN, True, HUGE, [1.5])
+    if t is None:  # optional: other ranks and dtypes may happen to fit
+        return never, (None, dev((), "float32"), dev((3,), "float32"), dev((2, 3), "int32"), dev((1,), "bool"))
+    other = "int32" if t.dtype.name != "int32" else "float32"
+    maybe: list[Any] = [
+        dev((), t.dtype.name),
+        dev((*t.shape, 1), t.dtype.name),
+        dev(t.shape, other),
+        dev(tuple(s + 1 for s in t.shape), t.dtype.name),
+        np.zeros(t.shape, np.float32),  # host memory
+    ]
+    if t.ndim:  # a size past the kernels' int32, first and last
+        maybe += [dev((2**31, *t.shape[1:]), t.dtype.name), dev((*t.shape[:-1], 2**31), t.dtype.name)]
+    if t.ndim > 1:
+        maybe.append(dev(t.shape[1:], t.dtype.name))
+    if t.ndim == 1:
+        maybe.append(dev((t.shape[0], 2), t.dtype.name))
+    return (None, *never), tuple(maybe)
+
+
+def host_array_values(a: np.ndarray, optional: bool) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(never valid, may be valid) replacements of a host index array (``optional``: None is its default)."""
+    never = (
+        *COMMON_INVALID,
+        *(() if optional else (None,)),
+        5,
+        1.5,
+        NAN,
+        [0.0, 1.5],
+        ["0", "1"],
+        [True, False],
+        [0, HUGE],
+        np.array(["0", "1"]),
+        a.astype(np.float32),
+    )
+    maybe = (
+        [int(v) for v in a],
+        a.astype(np.int64),
+        np.array(int(a[0]), np.int32),
+        a.reshape(1, -1),
+        host([0, 2**31 - 1]),
+        host([-1, 2]),
+        host([0]),
+        host([]),
+    )
+    return never, maybe
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    arg: str
+    value: Any
+    must_refuse: bool
+
+
+def _kind(name: str, value: Any, default: Any) -> str:
+    if name in PER_ROW and not isinstance(value, Tensor):
+        return PER_ROW[name]
+    if name in KIND_OF_NAME:
+        return KIND_OF_NAME[name]
+    if isinstance(value, bool) or isinstance(default, bool):
+        return "opt_bool" if value is None or default is None else "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "object"
+
+
+def cases_of(op: str, valid: dict[str, Any], fn: Callable[..., Any] | None = None) -> list[Case]:
+    """Every (argument, replacement) of ``op`` (``fi_ffi.<op>`` unless ``fn`` is given): the arguments of its valid
+    call and its other parameters."""
+    fn = getattr(fi_ffi, op) if fn is None else fn
+    out = []
+    for name, p in inspect.signature(fn).parameters.items():
+        value = valid.get(name, p.default)
+        if value is inspect.Parameter.empty:
+            continue
+        if isinstance(value, Tensor) or (value is None and name not in KIND_OF_NAME and name not in PER_ROW):
+            never, maybe = tensor_values(value)
+        elif isinstance(value, np.ndarray):
+            never, maybe = host_array_values(value, p.default is None)
+        else:
+            never, maybe = SCALARS[_kind(name, value, p.default)]
+            if name in PER_ROW and not isinstance(value, Tensor):
+                maybe = (*maybe, dev((), "float32"), dev((2, 2), "float32"))
+        out += [Case(op, name, v, True) for v in never if not _same(v, value)]
+        out += [Case(op, name, v, False) for v in maybe if not _same(v, value)]
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and isinstance(a, (int, float, str)) and a == b)
+
+
+# ---- the valid calls ----------------------------------------------------------------------------------------------
+
+R, V = 4, 64
+MIB = 1 << 20
+
+
+def _rope(op: str) -> dict[str, Any]:
+    q, k = dev((5, 4, 128)), dev((5, 2, 128))
+    args: dict[str, Any] = {"q": q, "k": k}
+    if "pos_ids" in op:
+        args["pos_ids"] = dev((5,), "int32")
+    else:
+        args["indptr"], args["offsets"] = dev((3,), "int32"), dev((2,), "int32")
+    if not op.endswith("_inplace"):
+        args["q_rope"], args["k_rope"] = dev((5, 4, 128)), dev((5, 2, 128))
+    return args
+
+
+def _cos_sin(op: str) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "positions": dev((5,), "int32"),
+        "query": dev((5, 4, 128)),
+        "key": dev((5, 2, 128)),
+        "head_size": 128,
+        "cos_sin_cache": dev((64, 128), "float32"),
+    }
+    if not op.endswith("_inplace"):
+        args["query_out"], args["key_out"] = dev((5, 4, 128)), dev((5, 2, 128))
+    return args
+
+
+def _probs(**more: Any) -> dict[str, Any]:
+    return {"probs": dev((R, V), "float32"), "out": dev((R,), "int32"), "seed": 1, "offset": 8, **more}
+
+
+def strided(shape: tuple[int, ...], strides: tuple[int, ...], dtype: str) -> Tensor:
+    """Like :func:`dev`, with strides (in elements)."""
+    return Tensor.from_pointer(_BASE + next(_slots) * _SPAN, shape, dtype, 0, strides)
+
+
+def _sink_run(make_array: Any, mode: str) -> dict[str, Any]:
+    from helpers.sink_plans import fake_plan as sink_fake_plan
+
+    args: dict[str, Any] = {"plan": sink_fake_plan(make_array, mode), "q": dev((4, 8, 64), "bfloat16")}
+    if mode == "paged":
+        args.update(k_cache=dev((4, 16, 2, 64), "bfloat16"), v_cache=dev((4, 16, 2, 64), "bfloat16"))
+        args.update(qo_indptr=dev((3,), "int32"), kv_indptr=dev((3,), "int32"), kv_indices=dev((3,), "int32"))
+        args["kv_last_page_len"] = dev((2,), "int32")
+    else:
+        args.update(k=dev((9, 2, 64), "bfloat16"), v=dev((9, 2, 64), "bfloat16"))
+        args.update(qo_indptr=dev((3,), "int32"), kv_indptr=dev((3,), "int32"))
+    return {**args, "out": dev((4, 8, 64), "bfloat16"), "sink": dev((8,), "float32")}
+
+
+def _models_plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
+    """Valid calls of the model-family ops that take a plan or a workspace."""
+    return {
+        "batch_attention_sink_plan": lambda: dict(
+            workspace=attention_workspace(),
+            qo_indptr=host([0, 3, 4]),
+            kv_indptr=host([0, 1, 3]),
+            kv_last_page_len=host([5, 4]),
+            num_qo_heads=8,
+            num_kv_heads=2,
+            head_dim=64,
+            page_size=16,
+            backend="fa2",
+        ),
+        "batch_attention_sink_ragged_plan": lambda: dict(
+            workspace=attention_workspace(),
+            qo_indptr=host([0, 3, 4]),
+            kv_indptr=host([0, 5, 9]),
+            num_qo_heads=8,
+            num_kv_heads=2,
+            head_dim=64,
+            backend="fa2",
+        ),
+        "batch_attention_sink_run": lambda: _sink_run(make_array, "paged"),
+        "batch_attention_sink_ragged_run": lambda: _sink_run(make_array, "ragged"),
+        "segment_gemm": lambda: dict(
+            workspace=attention_workspace(),
+            x=dev((11, 64), "bfloat16"),
+            weights=dev((4, 128, 64), "bfloat16"),
+            batch_size=5,
+            weight_column_major=True,
+            out=dev((11, 128), "bfloat16"),
+            seg_indptr=host([0, 3, 3, 10, 11, 11]),
+            weight_indices=host([0, 1, 2, 3, 0]),
+            backend="sm90",
+        ),
+    }
+
+
+def _models_simple() -> dict[str, Callable[[], dict[str, Any]]]:
+    """Valid calls of the model-family ops without a plan (modules of the model-family test wheel)."""
+    h = 7168
+    b, heads, dim, dstate = 2, 4, 64, 128
+    return {
+        "mm_M1_16_K7168_N256": lambda: dict(
+            mat_a=dev((2, h), "bfloat16"), mat_b=strided((h, 256), (1, h), "bfloat16"), out=dev((2, 256), "float32")
+        ),
+        "mm_M1_16_K7168_N128": lambda: dict(
+            mat_a=dev((2, h), "bfloat16"), mat_b=strided((h, 128), (1, h), "bfloat16"), out=dev((2, 128), "bfloat16")
+        ),
+        "fused_topk_deepseek": lambda: dict(
+            scores=dev((3, 256), "float32"),
+            bias=dev((256,), "float32"),
+            n_group=8,
+            topk_group=4,
+            topk=8,
+            routed_scaling_factor=2.5,
+            topk_values=dev((3, 8), "float32"),
+            topk_indices=dev((3, 8), "int32"),
+        ),
+        "selective_state_update": lambda: dict(
+            state=dev((6, heads, dim, dstate), "float32"),
+            x=dev((b, heads, dim), "bfloat16"),
+            dt=strided((b, heads, dim), (heads, 1, 0), "float32"),
+            A=strided((heads, dim, dstate), (1, 0, 0), "float32"),
+            B=dev((b, 2, dstate), "bfloat16"),
+            C=dev((b, 2, dstate), "bfloat16"),
+            D=strided((heads, dim), (1, 0), "float32"),
+            out=dev((b, heads, dim), "bfloat16"),
+            backend="simple",
+        ),
+        "bmm_fp8": lambda: dict(
+            A=dev((2, 48, 64), "float8_e4m3fn"),
+            B=strided((2, 64, 80), (5120, 1, 64), "float8_e4m3fn"),
+            A_scale=dev((1,), "float32"),
+            B_scale=dev((1,), "float32"),
+            dtype="bfloat16",
+            out=dev((2, 48, 80), "bfloat16"),
+            workspace_buffer=dev((1 << 16,), "uint8"),
+            cublas_handle=0x1000,
+        ),
+    }
+
+
+def _plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
+    """Valid calls of the ops that take a plan or a workspace (built per op: plans go stale)."""
+    d = 128
+    return {
+        **_models_plans(make_array),
+        "batch_decode_plan": lambda: dict(
+            workspace=attention_workspace(),
+            kv_indptr=host([0, 2, 3]),
+            num_qo_heads=32,
+            num_kv_heads=8,
+            head_dim=d,
+            page_size=16,
+            kv_last_page_len=host([5, 16]),
+        ),
+        "batch_decode_run": lambda: dict(
+            plan=decode_plan(make_array),
+            q=dev((2, 32, d)),
+            k_cache=dev((4, 16, 8, d)),
+            v_cache=dev((4, 16, 8, d)),
+            kv_indptr=dev((3,), "int32"),
+            kv_indices=dev((4,), "int32"),
+            kv_last_page_len=dev((2,), "int32"),
+            out=dev((2, 32, d)),
+        ),
+        # packs the run (valid: returns the prepared run); its per-plan refusals:
+        # tests/ops/attention/test_prepared_decode_run.py
+        "prepare_decode_run": lambda: dict(
+            q=dev((2, 32, d)),
+            k_cache=dev((4, 16, 8, d)),
+            v_cache=dev((4, 16, 8, d)),
+            kv_indptr=dev((3,), "int32"),
+            kv_indices=dev((4,), "int32"),
+            kv_last_page_len=dev((2,), "int32"),
+            out=dev((2, 32, d)),
+            plan=decode_plan(make_array),
+            enable_pdl=False,
+            stream=0,
+        ),
+        "batch_prefill_ragged_plan": lambda: dict(
+            workspace=attention_workspace(),
+            qo_indptr=host([0, 3, 4]),
+            kv_indptr=host([0, 5, 9]),
+            num_qo_heads=32,
+            num_kv_heads=8,
+            head_dim_qk=d,
+            causal=True,
+            backend="fa2",
+        ),
+        "batch_prefill_paged_plan": lambda: dict(
+            workspace=attention_workspace(),
+            qo_indptr=host([0, 3, 4]),
+            kv_indptr=host([0, 1, 3]),
+            kv_last_page_len=host([5, 4]),
+            num_qo_heads=32,
+            num_kv_heads=8,
+            head_dim_qk=d,
+            page_size=16,
+            backend="fa2",
+        ),
+        "batch_prefill_ragged_run": lambda: dict(
+            plan=prefill_plan(make_array, "ragged", "fa2", causal=True),
+            q=dev((4, 32, d)),
+            k=dev((9, 8, d)),
+            v=dev((9, 8, d)),
+            qo_indptr=dev((3,), "int32"),
+            kv_indptr=dev((3,), "int32"),
+            out=dev((4, 32, d)),
+        ),
+        "batch_prefill_paged_run": lambda: dict(
+            plan=prefill_plan(make_array, "paged", "fa2"),
+            q=dev((4, 32, d)),
+            k_cache=dev((4, 16, 8, d)),
+            v_cache=dev((4, 16, 8, d)),
+            qo_indptr=dev((3,), "int32"),
+            kv_indptr=dev((3,), "int32"),
+            kv_indices=dev((3,), "int32"),
+            kv_last_page_len=dev((2,), "int32"),
+            out=dev((4, 32, d)),
+        ),
+        "batch_mla_plan": lambda: dict(
+            workspace=attention_workspace(),
+            qo_indptr=host([0, 1, 2]),
+            kv_indptr=host([0, 2, 3]),
+            kv_len_arr=host([20, 16]),
+            num_heads=16,
+            head_dim_ckv=512,
+            head_dim_kpe=64,
+            page_size=16,
+            causal=False,
+            sm_scale=192**-0.5,
+            backend="fa2",
+        ),
+        "batch_mla_run": lambda: dict(
+            plan=mla_fake_plan(make_array),
+            q_nope=dev((2, 16, 512)),
+            q_pe=dev((2, 16, 64)),
+            ckv_cache=dev((4, 16, 512)),
+            kpe_cache=dev((4, 16, 64)),
+            kv_indices=dev((4,), "int32"),
+            out=dev((2, 16, 512)),
+        ),
+    }
+
+
+def _simple() -> dict[str, Callable[[], dict[str, Any]]]:
+    calls: dict[str, Callable[[], dict[str, Any]]] = {
+        **_models_simple(),
+        "rmsnorm": lambda: dict(input=dev((4, 128)), weight=dev((128,)), out=dev((4, 128))),
+        "gemma_rmsnorm": lambda: dict(input=dev((4, 128)), weight=dev((128,)), out=dev((4, 128))),
+        "qk_rmsnorm": lambda: dict(input=dev((4, 2, 128)), weight=dev((128,)), out=dev((4, 2, 128))),
+        "fused_add_rmsnorm": lambda: dict(input=dev((4, 128)), residual=dev((4, 128)), weight=dev((128,))),
+        "gemma_fused_add_rmsnorm": lambda: dict(input=dev((4, 128)), residual=dev((4, 128)), weight=dev((128,))),
+        "append_paged_kv_cache": lambda: dict(
+            append_key=dev((5, 8, 128)),
+            append_value=dev((5, 8, 128)),
+            batch_indices=dev((5,), "int32"),
+            positions=dev((5,), "int32"),
+            k_cache=dev((6, 16, 8, 128)),
+            v_cache=dev((6, 16, 8, 128)),
+            kv_indices=dev((6,), "int32"),
+            kv_indptr=dev((3,), "int32"),
+            kv_last_page_len=dev((2,), "int32"),
+        ),
+        "append_paged_mla_kv_cache": lambda: dict(
+            append_ckv=dev((5, 512), "bfloat16"),
+            append_kpe=dev((5, 64), "bfloat16"),
+            batch_indices=dev((5,), "int32"),
+            positions=dev((5,), "int32"),
+            ckv_cache=dev((6, 16, 512), "bfloat16"),
+            kpe_cache=dev((6, 16, 64), "bfloat16"),
+            kv_indices=dev((6,), "int32"),
+            kv_indptr=dev((3,), "int32"),
+            kv_last_page_len=dev((2,), "int32"),
+        ),
+        "get_batch_indices_positions": lambda: dict(append_indptr=host([0, 2, 5]), seq_lens=host([4, 7])),
+        "gdn_prefill": lambda: dict(
+            q=dev((10, 2, 128)),
+            k=dev((10, 2, 128)),
+            v=dev((10, 4, 128)),
+            cu_seqlens=dev((3,), "int64"),
+            output=dev((10, 4, 128)),
+            output_state=dev((2, 4, 128, 128), "float32"),
+            workspace=dev((132 * 128,), "uint8"),
+        ),
+        "gdn_workspace_size": lambda: dict(device_id=0),
+        "single_decode": lambda: dict(q=dev((32, 128)), k=dev((100, 8, 128)), v=dev((100, 8, 128)), out=dev((32, 128))),
+        "single_prefill": lambda: dict(
+            q=dev((4, 32, 128)), k=dev((9, 8, 128)), v=dev((9, 8, 128)), out=dev((4, 32, 128)), causal=True
+        ),
+        "pack_custom_mask": lambda: dict(masks=[np.ones((3, 5), bool), np.tril(np.ones((1, 4), bool))]),
+        "merge_state": lambda: dict(
+            v_a=dev((6, 4, 128)),
+            s_a=dev((6, 4), "float32"),
+            v_b=dev((6, 4, 128)),
+            s_b=dev((6, 4), "float32"),
+            v_merged=dev((6, 4, 128)),
+            s_merged=dev((6, 4), "float32"),
+        ),
+        "merge_state_in_place": lambda: dict(
+            v=dev((6, 4, 128)), s=dev((6, 4), "float32"), v_other=dev((6, 4, 128)), s_other=dev((6, 4), "float32")
+        ),
+        "merge_states": lambda: dict(
+            v=dev((6, 3, 4, 128)),
+            s=dev((6, 3, 4), "float32"),
+            v_merged=dev((6, 4, 128)),
+            s_merged=dev((6, 4), "float32"),
+        ),
+        "packbits": lambda: dict(x=dev((20,), "bool"), out=dev((3,), "uint8")),
+        "segment_packbits": lambda: dict(
+            x=dev((11,), "bool"), indptr=dev((4,), "int32"), output_indptr=dev((4,), "int32"), out=dev((3,), "uint8")
+        ),
+        "segment_packbits_indptr": lambda: dict(indptr=host([0, 5, 11, 11])),
+        "pack_custom_mask_device": lambda: dict(
+            mask=dev((11,), "bool"), indptr=dev((4,), "int32"), out=dev((3,), "uint8"), output_indptr=dev((4,), "int32")
+        ),
+        "softmax": lambda: dict(
+            logits=dev((R, V), "float32"), out=dev((R, V), "float32"), workspace=dev((MIB,), "uint8"), temperature=0.7
+        ),
+        "softmax_workspace_size": lambda: dict(batch_size=R, vocab_size=V),
+        "sampling_from_probs": lambda: _probs(),
+        "sampling_from_logits": lambda: dict(logits=dev((R, V), "float32"), out=dev((R,), "int32"), seed=1, offset=8),
+        "top_p_sampling_from_probs": lambda: _probs(top_p=0.9),
+        "top_k_sampling_from_probs": lambda: _probs(top_k=5),
+        "min_p_sampling_from_probs": lambda: _probs(min_p=0.05),
+        "top_k_top_p_sampling_from_probs": lambda: _probs(top_k=20, top_p=0.9),
+        "top_p_renorm_probs": lambda: dict(probs=dev((R, V), "float32"), top_p=0.9, out=dev((R, V), "float32")),
+        "top_p_renorm_workspace_size": lambda: dict(batch_size=R, vocab_size=V),
+        "top_k_renorm_probs": lambda: dict(
+            probs=dev((R, V), "float32"), top_k=8, out=dev((R, V), "float32"), row_states_buffer=dev((MIB,), "uint8")
+        ),
+        "top_k_mask_logits": lambda: dict(
+            logits=dev((R, V), "float32"), top_k=8, out=dev((R, V), "float32"), row_states_buffer=dev((MIB,), "uint8")
+        ),
+        "chain_speculative_sampling": lambda: dict(
+            draft_probs=dev((2, 3, V), "float32"),
+            draft_token_ids=dev((2, 3), "int32"),
+            target_probs=dev((2, 4, V), "float32"),
+            output_token_ids=dev((2, 4), "int32"),
+            output_accepted_token_num=dev((2,), "int32"),
+            output_emitted_draft_token_num=dev((2,), "int32"),
+            seed=1,
+            offset=8,
+        ),
+        "top_k": lambda: dict(
+            input=dev((R, 256), "float32"),
+            k=8,
+            values=dev((R, 8), "float32"),
+            indices=dev((R, 8), "int32"),
+            row_states_buffer=dev((MIB,), "uint8"),
+        ),
+        "top_k_page_table_transform": lambda: dict(
+            input=dev((R, 256), "float32"),
+            src_page_table=dev((R, 256), "int32"),
+            lengths=dev((R,), "int32"),
+            k=8,
+            out=dev((R, 8), "int32"),
+            row_states_buffer=dev((MIB,), "uint8"),
+        ),
+        "top_k_ragged_transform": lambda: dict(
+            input=dev((R, 256), "float32"),
+            offsets=dev((R,), "int32"),
+            lengths=dev((R,), "int32"),
+            k=8,
+            out=dev((R, 8), "int32"),
+            row_states_buffer=dev((MIB,), "uint8"),
+        ),
+    }
+    for act in ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul"):
+        calls[act] = lambda: dict(input=dev((4, 256)), out=dev((4, 128)))
+    for rope in (
+        "apply_rope",
+        "apply_rope_inplace",
+        "apply_rope_pos_ids",
+        "apply_rope_pos_ids_inplace",
+        "apply_llama31_rope",
+        "apply_llama31_rope_inplace",
+        "apply_llama31_rope_pos_ids",
+        "apply_llama31_rope_pos_ids_inplace",
+    ):
+        calls[rope] = lambda rope=rope: _rope(rope)
+    for cs in ("apply_rope_with_cos_sin_cache", "apply_rope_with_cos_sin_cache_inplace"):
+        calls[cs] = lambda cs=cs: _cos_sin(cs)
+    return calls
+
+
+OPS = sorted([*_simple(), *_plans(None)])
+
+
+# ---- the oracle -----------------------------------------------------------------------------------------------------
+
+
+def _reached(exc: BaseException | None) -> bool:
+    """The call passed every check and stopped at the missing GPU (or, for host helpers, returned)."""
+    if exc is None:
+        return True
+    if isinstance(exc, (UnsupportedDeviceError, KernelNotFoundError)):  # no GPU; a variant the wheels lack
+        return True
+    if isinstance(exc, CudaError):  # our own CUDA call (workspace event, staging copy) found no usable GPU
+        from fi_ffi.cuda import runtime as cuda_runtime
+
+        return cuda_runtime.no_device(exc)
+    if type(exc) is KernelError:  # the module's own argument checks say "Mismatched ..." / "Expected ..."
+        text = exc.message.lower()
+        about_arguments = "mismatched" in text or "expected" in text or "fromvector" in text
+        return not about_arguments and any(word in text for word in ("cuda", "driver", "device", "initialize"))
+    return False
+
+
+def _names(exc: BaseException, names: tuple[str, ...]) -> bool:
+    text = str(exc)
+    return any(re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", text) for n in names)
+
+
+def _verdict(
+    case: Case,
+    exc: BaseException | None,
+    params: tuple[str, ...],
+    reached: Callable[[BaseException | None], bool] | None = None,
+) -> str:
+    """'' when the outcome is allowed, else what is wrong. A value that is never valid must be refused naming its
+    argument; one that may be valid may instead be refused by another argument it disagrees with (``params``:
+    the op's parameters), e.g. a longer ``input`` by ``out``'s expected shape."""
+    passed = _reached if reached is None else reached
+    typed = exc is not None and (type(exc) in (TypeError, ValueError) or isinstance(exc, FiFFIError))
+    if typed and not passed(exc):
+        assert exc is not None
+        if type(exc) is KernelError:
+            return f"the kernel module's own check caught it: {exc.message[:200]}"
+        if "unhashable type" in str(exc):
+            return f"untyped: {exc!r}"
+        names = PARTNERS.get(case.arg, (case.arg,)) if case.must_refuse else params
+        return "" if _names(exc, names) else f"does not name {case.arg!r}: {type(exc).__name__}: {exc}"
+    if passed(exc):
+        return "accepted (reached the kernel)" if case.must_refuse else ""
+    return f"untyped: {type(exc).__name__}: {exc}"
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # a deeply nested list; an int past the digit limit
+        return f"<{type(value).__name__} too deep or too long to print>"
+    return text if len(text) <= 60 else text[:28] + "..." + text[-28:]
+
+
+def run_op(op: str, build: Callable[[], dict[str, Any]]) -> tuple[int, list[str]]:
+    fn = getattr(fi_ffi, op)
+
+    def call(kwargs: dict[str, Any]) -> BaseException | None:
+        try:
+            fn(**kwargs)
+        except Exception as exc:  # the verdict decides
+            return exc
+        return None
+
+    valid = build()
+    first = call(valid)
+    assert _reached(first), f"{op}: the valid call did not reach the kernel: {first!r}"
+    problems = []
+    params = tuple(inspect.signature(fn).parameters)
+    cases = cases_of(op, valid)
+    for case in cases:
+        kwargs = build() if "plan" in valid or "workspace" in valid else dict(valid)
+        kwargs[case.arg] = case.value
+        why = _verdict(case, call(kwargs), params)
+        if why:
+            problems.append(f"{op}({case.arg}={_short(case.value)}): {why.splitlines()[0][:300]}")
+    again = call(build())
+    assert _reached(again), f"{op}: the valid call no longer reaches the kernel after the campaign: {again!r}"
+    return len(cases), problems
+
+
+@pytest.fixture(scope="module")
+def builders(kernel_modules: object) -> dict[str, Callable[[], dict[str, Any]]]:
+    from fi_ffi.abi.call import Function
+
+    return {**_simple(), **_plans(Function.global_function("ffi.Array"))}
+
+
+@pytest.fixture(autouse=True)
+def _no_gdn_device_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gdn, "_bound_device", None)  # gdn_prefill's one-device rule is tested in ops/test_gdn.py
+
+
+MODEL_FAMILY_OPS = {*_models_simple(), *_models_plans(None)}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bad_arguments_are_refused_by_name(
+    builders: dict[str, Callable[[], dict[str, Any]]], op: str, request: pytest.FixtureRequest
+) -> None:
+    if op in MODEL_FAMILY_OPS:
+        request.getfixturevalue("models_modules")  # skips, naming the wheel, without the model-family test wheel
+    if op == "bmm_fp8":
+        from fi_ffi.errors import LibraryLoadError
+        from fi_ffi.loader import libraries
+
+        try:
+            libraries.ensure_module_libraries("gemm")
+        except LibraryLoadError as exc:
+            pytest.skip(f"bmm_fp8's module needs cuBLAS: python -m pip install '.[gemm]' ({exc})")
+    count, problems = run_op(op, builders[op])
+    assert count >= 10
+    assert not problems, f"{len(problems)} of {count} bad calls of {op}:\n" + "\n".join(problems)
+
+
+def test_the_campaign_covers_every_public_op() -> None:
+    skip = {"as_tensor", "current_stream", "list_variants", "prepare", "stream_scope"}  # not ops / covered elsewhere
+    public = {n for n in fi_ffi.__all__ if callable(getattr(fi_ffi, n)) and not isinstance(getattr(fi_ffi, n), type)}
+    assert public - skip <= set(OPS), sorted(public - skip - set(OPS))
+
+
+# ---- fi_ffi.comm, fi_engine and the prepared segment GEMM: every public entry point, by construction ----------
+#
+# Every callable in the ``__all__`` of a module of fi_ffi.comm and fi_engine is either given valid calls below
+# (``ENTRY_POINTS``: the same catalogue of bad values per argument, plus "warm, then bad" pointers for each tensor
+# argument: NULL, one byte off its dtype's alignment, and a range that wraps past 2**64, each after a valid call and
+# followed by one) or exempted with the reason (``EXEMPT``). A name added to an ``__all__`` later fails
+# test_every_public_entry_point_has_a_case_generator until it is given one or the other.
+
+from helpers.comm_args import (  # noqa: E402 - the comm builders (the fixture pinning the comm wheel: conftest)
+    cpu_communicator,
+    custom_args,
+    fusion_args,
+    moe_args,
+    moe_reduction_args,
+)
+
+from fi_engine import config as model_config  # noqa: E402
+from fi_engine import (  # noqa: E402
+    deepseek,
+    deepseek_config,
+    deepseek_routing,
+    engines,
+    family_configs,
+    gemma2,
+    gpt_oss,
+    llama,
+    mla_weights,
+    moe,
+    moe_routing,
+    paging,
+    tensor_parallel,
+)
+from fi_ffi.comm import env as comm_env  # noqa: E402
+from fi_ffi.comm import launch as comm_launch  # noqa: E402
+from fi_ffi.comm import (  # noqa: E402
+    nccl,
+    trtllm_ar,
+    vllm_ar,
+    watchdog,
+)
+from fi_ffi.ops import segment_gemm as seg  # noqa: E402
+
+_TOP = 1 << 64
+
+
+def _past_the_checks(exc: BaseException | None) -> bool:
+    """A comm or model entry point got past its argument checks: it returned, or failed where this machine ends
+    (no GPU, no NCCL, no libcuda for the module) exactly as its valid call does."""
+    from fi_ffi.comm.cuda import CudaError
+    from fi_ffi.errors import LoaderError
+
+    return _reached(exc) or isinstance(exc, (CudaError, LoaderError, nccl.NcclUnavailableError))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Valid calls of one public entry point. ``build`` makes fresh valid keyword arguments; ``fields`` names a
+    mapping argument whose entries are varied one at a time too (``fields`` -> (never valid, may be valid) values per
+    key, refused naming the key); ``comm``: the comm wheel must be pinned."""
+
+    fn: Callable[..., Any]
+    build: Callable[[], dict[str, Any]]
+    comm: bool = False
+    fields: tuple[str, Callable[[str, Any], tuple[tuple[Any, ...], tuple[Any, ...]]]] | None = None
+    kinds: dict[str, str] | None = None  # argument -> catalogue kind where the valid value does not tell
+
+
+ENV_NUMBER = (
+    ("x", "", " ", "1.5", "-1", "1e3", "0x10", "٣", "\0", "1\x002", "9" * 5000, str(2**64), 5, 1.5, b"1", [1]),
+    ("0", "1", "2", "3", "16", str(2**31 - 1), str(2**31), " 3 ", None),
+)
+ENV_ADDR = (("", " ", "a b", "h\0", "h\x07", "h" * 300, 5, None, b"h", ["h"]), ("localhost", "::1", "h" * 253))
+TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+SLURM = {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2(x2)"}
+ADDR = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+
+
+def _env_values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return ENV_ADDR if key == "MASTER_ADDR" else ENV_NUMBER
+
+
+CONFIG = {
+    "vocab_size": 1000,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "model_type": "llama",
+    "eos_token_id": 2,
+}
+CFG_INT = (
+    (1.5, NAN, INF, HUGE, -HUGE, True, False, "5", (1,), [1], {}, 0, -1, 2**31, 2**63, 2**64, 10**5000, np.float64(2)),
+    (None, 1, 2, 64, 2**31 - 1),
+)
+CFG_FLOAT = ((NAN, INF, -INF, HUGE, -HUGE, 0, 0.0, -1.0, True, "1e-6", [1e-6], {}), (None, 1e-300, 1, 1e300))
+
+
+def _config_values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    if key == "eos_token_id":
+        return (-1, 2**70, 1000, 1.5, "2", True, [1.5], [-1], [1000], {}), (None, 0, [0, 1], [])
+    if key == "model_type":
+        return (None, 5, "gpt2", ["llama"], {}, b"llama"), ("llama", "qwen3")
+    if key == "tie_word_embeddings":
+        return (None, 1, 0, "true", 1.5, [True]), (True, False)
+    return CFG_FLOAT if isinstance(value, float) else CFG_INT
+
+
+_config_dir: list[Any] = []
+
+
+def _model_dir() -> str:
+    """A checkpoint directory holding CONFIG as config.json (made once per session)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    if not _config_dir:
+        _config_dir.append(tempfile.TemporaryDirectory(prefix="fi_ffi_campaign_"))
+        (Path(_config_dir[0].name) / "config.json").write_text(json.dumps(CONFIG))
+    return str(_config_dir[0].name)
+
+
+def _segment_gemm_call() -> dict[str, Any]:
+    return dict(
+        workspace=attention_workspace(),
+        x=dev((11, 64), "bfloat16"),
+        weights=dev((4, 128, 64), "bfloat16"),
+        batch_size=5,
+        weight_column_major=True,
+        out=dev((11, 128), "bfloat16"),
+        seg_indptr=host([0, 3, 3, 10, 11, 11]),
+        weight_indices=host([0, 1, 2, 3, 0]),
+        backend="sm90",
+    )
+
+
+# a small DeepSeek-V3 config (MoE with grouped noaux_tc routing, YaRN): every key varied one at a time
+DEEPSEEK = {
+    "model_type": "deepseek_v3",
+    "vocab_size": 1000,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "n_shared_experts": 1,
+    "n_routed_experts": 8,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 64,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 32,
+    "qk_nope_head_dim": 32,
+    "topk_method": "noaux_tc",
+    "n_group": 2,
+    "topk_group": 1,
+    "num_experts_per_tok": 2,
+    "moe_layer_freq": 1,
+    "first_k_dense_replace": 1,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
+}
+YARN = {
+    "type": "yarn",
+    "factor": 40.0,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+# gemma-2 and gpt-oss keys their settings read (the rest of config.json is LlamaConfig's, above)
+GEMMA2 = {
+    "query_pre_attn_scalar": 256.0,  # a float setting (published as 256 or 224; any number > 0 is a scale)
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "sliding_window": 4096,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "attention_bias": False,
+}
+GPT_OSS = {"sliding_window": 128, "swiglu_limit": 7.0, "attention_bias": True}  # rope_theta: LlamaConfig's
+GPT_OSS_MOE = {"num_local_experts": 4, "num_experts_per_tok": 2}
+GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "truncate": False}
+NESTED: Any = 0
+for _ in range(100_000):  # deeper than any recursion limit
+    NESTED = [NESTED]
+
+
+def _family_values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """config.json values of the DeepSeek / Gemma 2 / gpt-oss keys, by the kind of the valid one."""
+    if key == "eos_token_id":
+        return _config_values(key, value)
+    if key in ("mscale", "mscale_all_dim", "attn_logit_softcapping", "final_logit_softcapping"):  # 0: off
+        return tuple(v for v in _family_values("", value)[0] if not _same(v, 0.0)), (0.0, 0, 1.0, None)
+    if key in ("n_shared_experts", "first_k_dense_replace"):  # 0: none
+        return tuple(v for v in (*CFG_INT[0], NESTED) if not _same(v, 0)), (0, *CFG_INT[1])
+    if isinstance(value, bool):
+        return (None, 1, 0, "true", 1.5, [True], {}), (True, False)
+    if isinstance(value, str):
+        return (None, 5, "nonsense", [value], {}, b"x", "x\0"), (value,)
+    if isinstance(value, float):
+        return (NAN, INF, -INF, HUGE, -HUGE, 0.0, -1.0, True, "1.0", [1.0], {}, NESTED), (1, 1e-300, 1e300, None)
+    return (*CFG_INT[0], NESTED), (None, *CFG_INT[1])
+
+
+def _deepseek_yarn(rope_scaling: dict[str, Any]) -> Any:
+    """DeepSeekConfig.from_dict of DEEPSEEK with ``rope_scaling`` (its YaRN keys varied one at a time)."""
+    return deepseek_config.DeepSeekConfig.from_dict({**DEEPSEEK, "rope_scaling": rope_scaling})
+
+
+def _gpt_oss_yarn(rope_scaling: dict[str, Any]) -> Any:
+    """gpt_oss_settings of GPT_OSS with ``rope_scaling`` (its YaRN keys varied one at a time)."""
+    return family_configs.gpt_oss_settings({**GPT_OSS, "rope_scaling": rope_scaling}, 2, "config.json")
+
+
+from pathlib import Path  # noqa: E402
+
+
+def _padded_prefill_call() -> dict[str, Any]:
+    """pad_prefill's valid call: 2 requests of 300 token rows on 19 pages (as fill_prefill wrote them) padded to the
+    320-row bucket, in the views of an engine's padded prefill layout (512 rows, 4 requests, 40 pages)."""
+    layout = paging.prefill_layout(512, 4, 40, padded=True)
+    v = layout.views(np.zeros(layout.total, np.int32))
+    v["qo_indptr"][:3] = [0, 100, 300]
+    v["kv_indptr"][:3] = [0, 7, 19]
+    return dict(v=v, nnz=300, bucket=320, batch=2, pages=19, page_size=16)
+
+
+def _prefill_view_values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(never valid, may be valid) replacements of one of pad_prefill's views (a 1-D int32 array); none for
+    ``last_rows``, which it neither reads nor writes (the real requests' rows keep their values)."""
+    if key == "last_rows":
+        return (), ()
+    never = (None, 5, 1.5, "x", [0] * len(value), value.astype(np.int64), value.astype(np.float32), value[None])
+    return never, (value[:1], value[:0], value.copy())
+
+
+def _bad_config_dirs() -> tuple[str, ...]:
+    """Directories whose config.json is broken: deeply nested JSON, a 5000-digit number, a NUL byte, not UTF-8,
+    a top level that is no object, empty (made once per session; each must be refused naming model_dir), and a
+    million-entry list under a DeepSeek model_type (last: a parser refuses it by key, a dispatcher may pass it)."""
+    texts: dict[str, bytes] = {
+        "nested": b"[" * 200_000 + b"]" * 200_000,
+        "nested_obj": b'{"model_type": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001,
+        "digits": b'{"model_type": "deepseek_v3", "vocab_size": ' + b"9" * 5000 + b"}",
+        "nul": b'{"model_type": "deepseek_v3\x00"}',
+        "latin1": b'{"model_type": "\xff"}',
+        "list": b"[1, 2, 3]",
+        "empty": b"",
+        "huge_list": b'{"model_type": "deepseek_v3", "layer_types": [' + b"1," * 1_000_000 + b"1]}",
+    }
+    if "bad" not in _family_dirs:
+        import tempfile
+
+        _family_dirs["bad"] = tempfile.TemporaryDirectory(prefix="fi_ffi_campaign_bad_")
+        for name, text in texts.items():
+            d = Path(_family_dirs["bad"].name) / name
+            d.mkdir()
+            (d / "config.json").write_bytes(text)
+    return tuple(str(Path(_family_dirs["bad"].name) / name) for name in texts)
+
+
+_family_dirs: dict[str, Any] = {}
+
+
+def _family_dir(name: str, config: dict[str, Any]) -> str:
+    """A checkpoint directory holding ``config`` as config.json (made once per session)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    if name not in _family_dirs:
+        _family_dirs[name] = tempfile.TemporaryDirectory(prefix=f"fi_ffi_campaign_{name}_")
+        (Path(_family_dirs[name].name) / "config.json").write_text(json.dumps(config))
+    return str(_family_dirs[name].name)
+
+
+def _ds_routing() -> Any:
+    return deepseek_config.DeepSeekConfig.from_dict(dict(DEEPSEEK)).routing
+
+
+engine_modules = {"gemma2": gemma2, "gpt_oss": gpt_oss, "deepseek": deepseek, "llama": llama}
+ENGINE_KINDS = {
+    "model_dir": "path",
+    "max_seq_len": "opt_int",
+    "num_pages": "opt_int",
+    "max_prefill_tokens": "opt_int",
+    "device": "opt_int",
+    "comm": "opt_object",
+    "fused_routing": "opt_bool",
+}
+ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
+    # fi_ffi.comm
+    "env.read_env": lambda: [
+        (
+            "read_env (torchrun)",
+            Entry(comm_env.read_env, lambda: {"env": {**TORCHRUN, **ADDR}}, fields=("env", _env_values)),
+        ),
+        ("read_env (slurm)", Entry(comm_env.read_env, lambda: {"env": {**SLURM, **ADDR}}, fields=("env", _env_values))),
+    ],
+    "nccl.Communicator": lambda: [
+        (
+            "Communicator.from_env",
+            Entry(
+                nccl.Communicator.from_env,
+                lambda: {"env": comm_env.read_env({**TORCHRUN, **ADDR}), "device": 0, "timeout": 5.0},
+                kinds={"backend": "opt_str", "env": "env_object", "device": "opt_int", "timeout": "opt_float"},
+            ),
+        ),
+        (
+            "Communicator",
+            Entry(
+                nccl.Communicator,
+                lambda: {"rank": 0, "world_size": 2, "unique_id": bytes(nccl.UNIQUE_ID_BYTES), "device": 0},
+                kinds={"backend": "opt_str", "env": "opt_object", "unique_id": "bytes"},
+            ),
+        ),
+    ],
+    "nccl.load_backend": lambda: [("load_backend", Entry(nccl.load_backend, dict, kinds={"name": "opt_str"}))],
+    "vllm_ar.CustomAllReduce": lambda: [
+        ("CustomAllReduce", Entry(vllm_ar.CustomAllReduce, lambda: {"comm": cpu_communicator()}, comm=True))
+    ],
+    "trtllm_ar.AllReduceFusionWorkspace": lambda: [
+        (
+            "AllReduceFusionWorkspace",
+            Entry(
+                trtllm_ar.AllReduceFusionWorkspace,
+                lambda: {"comm": cpu_communicator(), "max_token_num": 16, "hidden_dim": 1024},
+                comm=True,
+            ),
+        )
+    ],
+    "trtllm_ar.workspace_metadata": lambda: [
+        (
+            "workspace_metadata",
+            Entry(
+                trtllm_ar.workspace_metadata,
+                lambda: dict(world_size=2, max_token_num=16, hidden_dim=1024, dtype="float16"),
+            ),
+        )
+    ],
+    "trtllm_ar.trtllm_allreduce_fusion": lambda: [
+        (
+            f"trtllm_allreduce_fusion (pattern {p})",
+            Entry(
+                trtllm_ar.trtllm_allreduce_fusion,
+                lambda p=p: fusion_args(p),
+                comm=True,
+                kinds={"use_oneshot": "opt_bool", "rms_eps": "opt_float" if p == 0 else "float"},
+            ),
+        )
+        for p in (0, 1, 2)
+    ],
+    "trtllm_ar.trtllm_moe_allreduce_fusion": lambda: [
+        (
+            "trtllm_moe_allreduce_fusion",
+            Entry(
+                trtllm_ar.trtllm_moe_allreduce_fusion,
+                moe_reduction_args,
+                comm=True,
+                kinds={"residual_out": "opt_tensor", "norm_out": "opt_tensor", "moe_allreduce_out": "opt_tensor"},
+            ),
+        )
+    ],
+    "trtllm_ar.trtllm_moe_finalize_allreduce_fusion": lambda: [
+        (
+            "trtllm_moe_finalize_allreduce_fusion",
+            Entry(trtllm_ar.trtllm_moe_finalize_allreduce_fusion, moe_args, comm=True),
+        )
+    ],
+    "trtllm_ar.trtllm_custom_all_reduce": lambda: [
+        (
+            "trtllm_custom_all_reduce",
+            Entry(trtllm_ar.trtllm_custom_all_reduce, custom_args, comm=True, kinds={"eps": "opt_float"}),
+        )
+    ],
+    "trtllm_ar.trtllm_lamport_initialize": lambda: [
+        (
+            "trtllm_lamport_initialize",
+            Entry(
+                trtllm_ar.trtllm_lamport_initialize,
+                lambda: dict(buffer_ptr=1 << 40, size=64, dtype="float16"),
+                comm=True,
+            ),
+        )
+    ],
+    "trtllm_ar.trtllm_lamport_initialize_all": lambda: [
+        (
+            "trtllm_lamport_initialize_all",
+            Entry(
+                trtllm_ar.trtllm_lamport_initialize_all,
+                lambda: dict(
+                    buffer_0_ptr=1 << 40, buffer_1_ptr=2 << 40, buffer_2_ptr=3 << 40, size=64, dtype="float16"
+                ),
+                comm=True,
+            ),
+        )
+    ],
+    "vllm_ar.all_reduce": lambda: [
+        (
+            "vllm all_reduce",
+            Entry(
+                vllm_ar.all_reduce,
+                lambda: dict(
+                    fa=1, inp=dev((4, 256)), out=dev((4, 256)), reg_buffer=0, reg_buffer_sz_bytes=0, num_ctas=36
+                ),
+                comm=True,
+            ),
+        )
+    ],
+    "vllm_ar.init_custom_ar": lambda: [
+        (
+            "init_custom_ar",
+            Entry(
+                vllm_ar.init_custom_ar,
+                lambda: dict(
+                    ipc_tensors=[1 << 40, 2 << 40], rank_data=dev((1 << 12,), "uint8"), rank=0, full_nvlink=True
+                ),
+                comm=True,
+                kinds={"ipc_tensors": "pointers"},
+            ),
+        )
+    ],
+    "vllm_ar.register_buffer": lambda: [
+        (
+            "register_buffer",
+            Entry(
+                vllm_ar.register_buffer,
+                lambda: dict(fa=1, fake_ipc_ptrs=[1 << 40, 2 << 40]),
+                comm=True,
+                kinds={"fake_ipc_ptrs": "pointers"},
+            ),
+        )
+    ],
+    "vllm_ar.dispose": lambda: [("dispose", Entry(vllm_ar.dispose, lambda: dict(fa=1), comm=True))],
+    "vllm_ar.get_graph_buffer_ipc_meta": lambda: [
+        ("get_graph_buffer_ipc_meta", Entry(vllm_ar.get_graph_buffer_ipc_meta, lambda: dict(fa=1), comm=True))
+    ],
+    "vllm_ar.meta_size": lambda: [("meta_size", Entry(vllm_ar.meta_size, dict, comm=True))],
+    # fi_engine
+    "config.LlamaConfig": lambda: [
+        (
+            "LlamaConfig.from_dict",
+            Entry(
+                model_config.LlamaConfig.from_dict,
+                lambda: {"d": dict(CONFIG), "source": "config.json"},
+                fields=("d", _config_values),
+                kinds={"source": "label"},
+            ),
+        ),
+        (
+            "LlamaConfig.from_dir",
+            Entry(model_config.LlamaConfig.from_dir, lambda: {"model_dir": _model_dir()}, kinds={"model_dir": "path"}),
+        ),
+    ],
+    "moe_routing.softmax_topk": lambda: [
+        ("softmax_topk", Entry(moe_routing.softmax_topk, lambda: dict(logits=np.zeros((3, 8), np.float32), k=2)))
+    ],
+    "moe_routing.group_by_expert": lambda: [
+        (
+            "group_by_expert",
+            Entry(
+                moe_routing.group_by_expert, lambda: dict(experts=np.array([[0, 1], [2, 1]], np.int32), num_experts=4)
+            ),
+        )
+    ],
+    "moe.MoEScratch": lambda: [
+        (
+            "MoEScratch",
+            Entry(
+                moe.MoEScratch,
+                lambda: dict(num_experts=8, hidden=256, intermediate=512, top_k=2, max_tokens=16, dtype="bfloat16"),
+                kinds={"capacity": "opt_int", "dense_rows": "opt_int"},
+            ),
+        )
+    ],
+    "moe.choose_path": lambda: [("choose_path", Entry(moe.choose_path, lambda: dict(rows=4, num_experts=32, top_k=4)))],
+    "paging.pages_for": lambda: [("pages_for", Entry(paging.pages_for, lambda: dict(tokens=33, page_size=16)))],
+    "paging.PageAllocator": lambda: [("PageAllocator", Entry(paging.PageAllocator, lambda: dict(num_pages=8)))],
+    "paging.prefill_buckets": lambda: [
+        ("prefill_buckets", Entry(paging.prefill_buckets, lambda: dict(max_tokens=2048)))
+    ],
+    "paging.bucket_for": lambda: [
+        (
+            "bucket_for",
+            Entry(
+                paging.bucket_for,
+                lambda: dict(rows=300, buckets=paging.prefill_buckets(2048)),
+                kinds={"buckets": "ladder"},
+            ),
+        )
+    ],
+    "paging.pad_prefill": lambda: [
+        (
+            "pad_prefill",
+            Entry(paging.pad_prefill, _padded_prefill_call, fields=("v", _prefill_view_values), kinds={"v": "object"}),
+        )
+    ],
+    "tensor_parallel.rows": lambda: [
+        ("rows", Entry(tensor_parallel.rows, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
+    ],
+    "tensor_parallel.columns": lambda: [
+        ("columns", Entry(tensor_parallel.columns, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
+    ],
+    "tensor_parallel.segment": lambda: [
+        ("segment", Entry(tensor_parallel.segment, lambda: dict(vector=np.zeros(8, np.float32), rank=1, parts=2)))
+    ],
+    "tensor_parallel.shard_config": lambda: [
+        (
+            "shard_config",
+            Entry(
+                tensor_parallel.shard_config,
+                lambda: dict(cfg=model_config.LlamaConfig.from_dict(dict(CONFIG)), tensor_parallel=2),
+            ),
+        )
+    ],
+    "deepseek_config.DeepSeekConfig": lambda: [
+        (
+            "DeepSeekConfig.from_dict",
+            Entry(
+                deepseek_config.DeepSeekConfig.from_dict,
+                lambda: {"d": dict(DEEPSEEK), "source": "config.json"},
+                fields=("d", _family_values),
+                kinds={"source": "label"},
+            ),
+        ),
+        (
+            "DeepSeekConfig YaRN",
+            Entry(_deepseek_yarn, lambda: {"rope_scaling": dict(YARN)}, fields=("rope_scaling", _family_values)),
+        ),
+        (
+            "DeepSeekConfig.from_dir",
+            Entry(
+                deepseek_config.DeepSeekConfig.from_dir,
+                lambda: {"model_dir": _family_dir("deepseek", DEEPSEEK)},
+                kinds={"model_dir": "path"},
+            ),
+        ),
+    ],
+    "deepseek_config.is_deepseek": lambda: [
+        (
+            "is_deepseek",
+            Entry(
+                deepseek_config.is_deepseek,
+                lambda: {"model_dir": _family_dir("deepseek", DEEPSEEK)},
+                kinds={"model_dir": "path_or_false"},
+            ),
+        )
+    ],
+    "deepseek_routing.grouped_topk": lambda: [
+        (
+            "grouped_topk",
+            Entry(
+                deepseek_routing.grouped_topk,
+                lambda: dict(
+                    logits=np.zeros((3, 8), np.float32),
+                    top_k=2,
+                    routing=_ds_routing(),
+                    renormalize=True,
+                    bias=np.zeros(8, np.float32),
+                ),
+                kinds={"routing": "object", "bias": "opt_array"},
+            ),
+        )
+    ],
+    "deepseek.graph_blocker": lambda: [
+        (
+            "graph_blocker",
+            Entry(
+                deepseek.graph_blocker,
+                lambda: {"c": deepseek_config.DeepSeekConfig.from_dict(dict(DEEPSEEK))},
+                kinds={"c": "object"},
+            ),
+        )
+    ],
+    "deepseek_routing.device_routing_blocker": lambda: [
+        (
+            "device_routing_blocker",
+            Entry(
+                deepseek_routing.device_routing_blocker, lambda: {"routing": _ds_routing()}, kinds={"routing": "object"}
+            ),
+        )
+    ],
+    "deepseek.fused_routing_blocker": lambda: [
+        (
+            "fused_routing_blocker",
+            Entry(
+                deepseek.fused_routing_blocker,
+                lambda: {"c": deepseek_config.DeepSeekConfig.from_dict(dict(DEEPSEEK))},
+                kinds={"c": "object"},
+            ),
+        )
+    ],
+    "mla_weights.split_kv_b": lambda: [
+        (
+            "split_kv_b",
+            Entry(
+                mla_weights.split_kv_b,
+                lambda: dict(kv_b=np.zeros((2 * (32 + 16), 64), np.float32), heads=2, nope=32, v_dim=16),
+            ),
+        )
+    ],
+    "family_configs.gemma2_settings": lambda: [
+        (
+            "gemma2_settings",
+            Entry(
+                family_configs.gemma2_settings,
+                lambda: dict(d=dict(GEMMA2), num_layers=2, source="config.json"),
+                fields=("d", _family_values),
+                kinds={"source": "label"},
+            ),
+        )
+    ],
+    "family_configs.gpt_oss_settings": lambda: [
+        (
+            "gpt_oss_settings",
+            Entry(
+                family_configs.gpt_oss_settings,
+                lambda: dict(d=dict(GPT_OSS), num_layers=2, source="config.json"),
+                fields=("d", _family_values),
+                kinds={"source": "label"},
+            ),
+        ),
+        (
+            "gpt_oss_settings YaRN",
+            Entry(_gpt_oss_yarn, lambda: {"rope_scaling": dict(GPT_OSS_YARN)}, fields=("rope_scaling", _family_values)),
+        ),
+    ],
+    "family_configs.layer_windows": lambda: [
+        (
+            "layer_windows",
+            Entry(
+                family_configs.layer_windows,
+                lambda: dict(
+                    d={"layer_types": ["sliding_attention", "full_attention"]},
+                    num_layers=2,
+                    sliding_window=128,
+                    source="config.json",
+                ),
+                kinds={"source": "label", "d": "object"},
+            ),
+        )
+    ],
+    "engines.engine_class": lambda: [
+        (
+            f"engine_class ({name})",
+            Entry(
+                engines.engine_class,
+                lambda c=c, name=name: {"model_dir": _family_dir(name, c)},
+                kinds={"model_dir": "path"},
+            ),
+        )
+        for name, c in (
+            ("llama", CONFIG),
+            ("deepseek", DEEPSEEK),
+            ("gemma2", {**CONFIG, **GEMMA2, "model_type": "gemma2"}),
+        )
+    ],
+    "engines.open_engine": lambda: [
+        ("open_engine", Entry(engines.open_engine, lambda: {"model_dir": _model_dir()}, kinds={"model_dir": "path"}))
+    ],
+    "gpt_oss.expert_matrices": lambda: [
+        (
+            "expert_matrices",
+            Entry(
+                gpt_oss.expert_matrices,
+                lambda: dict(
+                    gate_up=np.zeros((2, 8, 12), np.float32),
+                    gate_up_bias=np.zeros((2, 12), np.float32),
+                    down=np.zeros((2, 6, 8), np.float32),
+                ),
+            ),
+        )
+    ],
+    "gpt_oss.shard_experts": lambda: [
+        (
+            "shard_experts",
+            Entry(
+                gpt_oss.shard_experts,
+                lambda: dict(
+                    gate_up=np.zeros((2, 8, 12), np.float32),
+                    gate_up_bias=np.zeros((2, 12), np.float32),
+                    down=np.zeros((2, 6, 8), np.float32),
+                    rank=1,
+                    parts=2,
+                ),
+            ),
+        )
+    ],
+    "gpt_oss.rope_cos_sin_cache": lambda: [
+        (
+            "rope_cos_sin_cache",
+            Entry(
+                gpt_oss.rope_cos_sin_cache,
+                lambda: dict(
+                    cfg=model_config.LlamaConfig.from_dict(
+                        {
+                            **CONFIG,
+                            **GPT_OSS,
+                            "model_type": "gpt_oss",
+                            "rope_scaling": dict(GPT_OSS_YARN),
+                            **GPT_OSS_MOE,
+                        }
+                    ),
+                    positions=16,
+                ),
+                kinds={"cfg": "object", "positions": "size"},
+            ),
+        )
+    ],
+    "tensor_parallel.VocabShard": lambda: [
+        ("VocabShard.of", Entry(tensor_parallel.VocabShard.of, lambda: dict(vocab=1000, rank=1, parts=3))),
+        (
+            "VocabShard.take",
+            Entry(
+                lambda table: tensor_parallel.VocabShard.of(10, 1, 3).take(table),
+                lambda: dict(table=np.zeros((10, 4), np.float32)),
+            ),
+        ),
+    ],
+    "tensor_parallel.combine_shard_argmax": lambda: [
+        (
+            "combine_shard_argmax",
+            Entry(
+                tensor_parallel.combine_shard_argmax,
+                lambda: dict(values=np.zeros((2, 3), np.float32), indices=np.array([[0, 1, 2], [5, 6, 7]], np.int32)),
+            ),
+        )
+    ],
+    "tensor_parallel.expert_rows": lambda: [
+        (
+            "expert_rows",
+            Entry(tensor_parallel.expert_rows, lambda: dict(weight=np.zeros((2, 8, 4), np.float32), rank=1, parts=2)),
+        )
+    ],
+    "launch.describe_exit": lambda: [("describe_exit", Entry(comm_launch.describe_exit, lambda: dict(code=-9)))],
+    "watchdog.Watchdog": lambda: [
+        (
+            "Watchdog",
+            Entry(
+                watchdog.Watchdog,
+                lambda: dict(env=comm_env.read_env({**TORCHRUN, **ADDR}), on_lost=print),
+                kinds={"env": "object", "on_lost": "opt_callable"},
+            ),
+        )
+    ],
+    # the engines: their argument and config checks run before the device is opened (here: no GPU, the end)
+    **{
+        f"{module}.{cls}": lambda module=module, cls=cls, config=config: [
+            (
+                cls,
+                Entry(
+                    getattr(engine_modules[module], cls),
+                    lambda: {"model_dir": _family_dir(module, config())},
+                    kinds=ENGINE_KINDS,
+                ),
+            )
+        ]
+        for module, cls, config in (
+            ("gemma2", "Gemma2Engine", lambda: {**CONFIG, **GEMMA2, "model_type": "gemma2"}),
+            (
+                "gpt_oss",
+                "GptOssEngine",
+                lambda: {**CONFIG, **GPT_OSS, **GPT_OSS_MOE, "model_type": "gpt_oss", "rope_scaling": GPT_OSS_YARN},
+            ),
+            ("deepseek", "DeepSeekEngine", lambda: DEEPSEEK),
+            ("llama", "LlamaEngine", lambda: CONFIG),
+        )
+    },
+    # the prepared segment GEMM (fi_ffi.ops; not exported by fi_ffi: the MoE layer's fixed-capacity path)
+    "ops.segment_gemm.prepare_segment_gemm": lambda: [
+        (
+            "prepare_segment_gemm",
+            Entry(seg.prepare_segment_gemm, lambda: {**_segment_gemm_call(), "args_buffer": dev((256,), "uint8")}),
+        ),
+        ("segment_gemm", Entry(seg.segment_gemm, _segment_gemm_call)),
+    ],
+}
+
+# name -> why no generator here (and where it is covered): each a reason a reviewer can check
+_RECORD = "a frozen record of values fi_ffi made or checked (its constructor takes them as given)"
+_CONSTANTS = "a namespace of integer codes, not a callable entry point"
+_GPU = "needs a GPU stack (CuPy, cuBLAS or cuda-python on a device): covered by the GPU suites (tests/**/test_gpu_*.py)"
+_ADAPTER = "the engine's adapter over fi_ffi ops already in the op campaign above (same checks, same arguments)"
+_PACKING = "packs a declaration's values for the comm set-up calls, reached only through the entry points above"
+_PLUMBING = "internal plumbing over the CUDA runtime (raw addresses fi_ffi itself allocated); comm/test_gpu_comm.py"
+EXEMPT: dict[str, str] = {
+    **dict.fromkeys(["env.DistEnv", "trtllm_ar.WorkspaceMetadata", "checkpoint.TensorInfo"], _RECORD),
+    # compiles its kernel with CuPy in the constructor; its argument checks run before that (engine/test_deepseek.py)
+    "deepseek_routing.DeviceGroupedTopk": _GPU,
+    **dict.fromkeys(
+        [
+            "config.MoEConfig",
+            "config.RopeConfig",
+            "moe_routing.ExpertGroups",
+            "llama.GenerationResult",
+            "moe.ClampedSwiGLU",
+            "moe.MoEBiases",
+        ],
+        _RECORD,
+    ),
+    **dict.fromkeys(
+        [
+            "trtllm_ar.AllReduceFusionOp",
+            "trtllm_ar.AllReduceFusionPattern",
+            "trtllm_ar.AllReduceStrategyConfig",
+            "trtllm_ar.AllReduceStrategyType",
+            "trtllm_ar.QuantizationSFLayout",
+        ],
+        _CONSTANTS,
+    ),
+    **{
+        f"cuda.{n}": _PLUMBING
+        for n in (
+            "DeviceBuffer",
+            "copy_to_device",
+            "copy_to_host",
+            "destroy_stream",
+            "device_count",
+            "ipc_close",
+            "ipc_handle",
+            "ipc_open",
+            "memset",
+            "new_stream",
+            "set_device",
+            "synchronize",
+        )
+    },
+    "ipc.IpcBuffer": _PLUMBING,
+    "control.call": _PACKING,
+    "control.pack": _PACKING,
+    "launch.launch": "spawns processes (fi-ffi launch): tests/comm/test_launch.py",
+    "launch.main": "the CLI of fi-ffi launch (argparse checks its arguments): tests/comm/test_launch.py",
+    "launch.rank_env": "the child environment fi-ffi launch writes, read by read_env (above): comm/test_launch.py",
+    "launch.free_port": "binds a socket: tests/comm/test_launch.py",
+    "rendezvous.exchange": "opens sockets to rank 0 (its DistEnv comes from read_env): tests/comm/test_rendezvous.py",
+    "rendezvous.default_timeout": "reads FI_FFI_RENDEZVOUS_TIMEOUT: tests/comm/test_rendezvous.py",
+    "vllm_ar.register_graph_buffers": "takes get_graph_buffer_ipc_meta of each rank: comm/test_allreduce_kernels.py",
+    "checkpoint.Checkpoint": "reads safetensors files: tests/engine/test_serving_host.py",
+    "checkpoint.read_header": "reads a safetensors header: tests/engine/test_serving_host.py",
+    "checkpoint.write_safetensors": "a test helper writing checkpoints: tests/engine/test_serving_host.py",
+    **{f"cublas.{n}": _GPU for n in ("Handle", "get_ffi", "library", "library_path", "status_name")},
+    "dense.Dense": "compiles its kernels with CuPy on a GPU; the argument checks of its fused decode-step launches "
+    "run on CPU over a Dense made without its constructor: tests/engine/test_dense.py",
+    "dense.data_type": _GPU,
+    "dense.RopeAppend": "addresses Dense.prepared_qkv_rope checks on a GPU: engine/test_gpu_fused_decode.py",
+    **{f"cublas_lt.{n}": _GPU for n in ("LtMatmuls", "library")},
+    "graph.CudaGraph": _GPU,
+    **{
+        f"values.{n}": "a shared value check that the config and host-helper generators above reach on every bad case"
+        for n in ("arg_array", "arg_int", "show")
+    },
+    **{
+        f"kernels.{n}": _ADAPTER
+        for n in (
+            "append_kv",
+            "decode_plan",
+            "decode_run",
+            "descriptor",
+            "fused_add_rmsnorm",
+            "generator",
+            "prepared_append_kv",
+            "prepared_decode_run",
+            "prepared_fused_add_rmsnorm",
+            "prepared_rope_inplace",
+            "prefill_plan",
+            "prefill_run",
+            "qk_rmsnorm",
+            "rmsnorm",
+            "rope_inplace",
+            "sample_top_k_top_p",
+            "silu_and_mul",
+            "workspace",
+        )
+    },
+    "llama.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/engine/test_serving_host.py",
+    "llama.step_views": "the engine's own views of its step buffers (fi_ffi's values): engine/test_serving_host.py",
+    "moe.MoELayer": _GPU,
+    "moe.MoEWeights": _GPU,
+    "paging.Layout": "the engine's own buffer layout (fi_ffi's values): tests/engine/test_serving_host.py",
+    "paging.Request": "a record the Scheduler makes: tests/engine/test_serving_host.py",
+    "paging.Scheduler": "the engine's scheduler, made from a checked LlamaConfig: tests/engine/test_serving_host.py",
+    "paging.fill_decode": "fills the engine's own arrays from its scheduler's requests: engine/test_serving_host.py",
+    "paging.fill_prefill": "fills the engine's own arrays from its scheduler's requests: engine/test_serving_host.py",
+    **dict.fromkeys(
+        [
+            "deepseek_config.DeepSeekRouting",
+            "deepseek_config.YarnConfig",
+            "family_configs.Gemma2Settings",
+            "family_configs.GptOssSettings",
+            "family_configs.YarnRope",
+        ],
+        _RECORD,
+    ),
+    "gpt_oss.check_checkpoint": "reads a safetensors checkpoint (Checkpoint, above): engine/test_family_configs.py",
+    "weights.WeightLoader": "uploads through the caller's CuPy module onto a GPU: the GPU model suites",
+    "watchdog.bootstrap": "opens sockets to rank 0 (its DistEnv comes from read_env, above): comm/test_watchdog.py",
+    "tensor_parallel.ResidualAllReduce": "over AllReduceFusionWorkspace, Communicator: engine/test_tensor_parallel.py",
+}
+
+# catalogue kinds of the arguments whose valid value does not tell (Entry.kinds)
+ENTRY_KINDS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
+    "opt_str": ((5, 1.5, True, b"cupy", ["cupy"], {}, "nonsense"), (None, "cupy", "nccl4py")),
+    "object": SCALARS["object"],
+    "opt_object": (("x", 5, 1.5, {}), (None,)),
+    "env_object": (("x", 5, 1.5, {}, {"RANK": "0"}), ()),  # None reads os.environ: valid, but not this machine's
+    "opt_tensor": ((*COMMON_INVALID, 5, 1.5, NAN, True, HUGE, [1.5]), (None,)),
+    "label": ((None, 5, 1.5, True, b"x", ("x",), HUGE), ("nonsense", "")),
+    "bytes": ((None, "x", 5, b"short", bytearray(3), [0] * 128), ()),
+    "pointers": (
+        (None, 5, "x", b"12", [0, 1 << 40], [-1, 1 << 40], [1.5, 2.0], [1 << 64, 1 << 40], [HUGE, 1], [None, 1]),
+        ([1 << 40] * 4, [1 << 40]),
+    ),
+    # (the last broken directory is refused by its key, not by model_dir: is_deepseek's maybe-valid values only)
+    "path": ((None, 5, 1.5, b"/tmp", "/tmp/a\0b", "/nonexistent/fi_ffi", ["x"], {}, *_bad_config_dirs()[:-1]), ()),
+    # is_deepseek: a directory without a readable DeepSeek config.json is "not DeepSeek" (False), not an error
+    "path_or_false": ((None, 5, 1.5, b"/tmp", ["x"], {}), ("/nonexistent/fi_ffi", "/tmp/a\0b", *_bad_config_dirs())),
+    "opt_array": ((*COMMON_INVALID, 5, 1.5, NAN, True, [1.5], np.zeros(3, np.float32), np.array(["a"] * 8)), ()),
+    "opt_callable": (("x", 5, 1.5, {}), (None,)),
+    # bucket_for's ladder: a non-empty, strictly ascending sequence of ints (prefill_buckets' tuple, or a list)
+    "ladder": (
+        (None, 5, 1.5, "x", b"16", (), [], (32, 16), (16, 16), (0, 16), (16, 2**31), (16.0, 32), (True, 32), {16: 1}),
+        ([16, 32, 512], (np.int64(16), 512), (512,), (300,), (16, 2**31 - 1)),
+    ),
+    # a count of rows a host table gets (bounded: 2**31 rows would allocate gigabytes)
+    "size": ((None, 1.5, NAN, INF, HUGE, True, "5", [1], np.float64(2.0), -1, 2**31, 2**63, 2**70), (0, 1, 4096)),
+}
+# arguments another name of which an error may use instead (load_backend's ``name`` is the caller's ``backend``)
+ENTRY_PARTNERS = {"name": ("name", "backend")}
+
+
+def _entry_reached(exc: BaseException | None) -> bool:
+    return _past_the_checks(exc) or (isinstance(exc, ImportError) and "cupy" in str(exc))
+
+
+def entry_cases(
+    label: str, e: Entry, valid: dict[str, Any]
+) -> list[tuple[Case, Callable[[dict[str, Any]], dict[str, Any]]]]:
+    """Every (argument or mapping key, replacement) of an entry point, with how to apply it to valid arguments."""
+    out: list[tuple[Case, Callable[[dict[str, Any]], dict[str, Any]]]] = []
+
+    def put(name: str, values: tuple[Any, ...], must: bool, valid_value: Any) -> None:
+        for v in values:
+            if not _same(v, valid_value):
+                out.append((Case(label, name, v, must), lambda kw, name=name, v=v: {**kw, name: v}))
+
+    for name, p in inspect.signature(e.fn).parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = valid.get(name, p.default)
+        if value is inspect.Parameter.empty:
+            continue
+        if e.fields and name == e.fields[0]:
+            for key, v in value.items():
+                never, maybe = e.fields[1](key, v)
+                for bad, must in [*((x, True) for x in never), *((x, False) for x in maybe)]:
+                    if not _same(bad, v):
+
+                        def apply(
+                            kw: dict[str, Any], name: str = name, key: str = key, bad: Any = bad
+                        ) -> dict[str, Any]:
+                            return {**kw, name: {**kw[name], key: bad}}
+
+                        out.append((Case(label, key, bad, must), apply))
+            put(name, (5, 1.5, "RANK=0", b"x", [("RANK", "0")], {1, 2}), True, value)  # no mapping at all
+            continue
+        kind = (e.kinds or {}).get(name)
+        if kind is not None:
+            never, maybe = ENTRY_KINDS[kind] if kind in ENTRY_KINDS else SCALARS[kind]
+        elif isinstance(value, Tensor) or (value is None and name not in KIND_OF_NAME):
+            never, maybe = tensor_values(value)
+        elif isinstance(value, np.ndarray) and value.ndim != 1:  # a host matrix (router logits, weights)
+            never = (*COMMON_INVALID, None, 5, 1.5, NAN, [1.5], np.array(["a", "b"]), value.astype(object))
+            maybe = (value.astype(np.float64), value.astype(np.int64), value[:1], value.reshape(-1), value.T)
+            maybe += (np.zeros((0, *value.shape[1:]), value.dtype), value[..., None], np.full_like(value, 7))
+        elif isinstance(value, np.ndarray):
+            never, maybe = host_array_values(value, p.default is None)
+            never = tuple(v for v in never if not (isinstance(v, np.ndarray) and v.dtype == np.float32))
+        else:
+            never, maybe = SCALARS[_kind(name, value, p.default)]
+        put(name, never, True, value)
+        put(name, maybe, False, value)
+    return out
+
+
+def pointer_cases(label: str, valid: dict[str, Any]) -> list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]]:
+    """Warm-then-bad pointers of every non-empty tensor argument: NULL, one byte off its dtype's alignment, and a
+    range that wraps past 2**64 (each must be refused naming the argument)."""
+    from fi_ffi.launch.aliasing import footprint
+
+    out = []
+    for name, t in valid.items():
+        if not isinstance(t, Tensor) or not t.numel:
+            continue
+        span = footprint(t)[1]
+        addresses = {"NULL": lambda t: 0}
+        if t.dtype.itemsize > 1:
+            addresses["+1 byte"] = lambda t: t.data_ptr + 1
+        wrap = ((_TOP - span) // 256 + 1) * 256
+        if wrap < _TOP:
+            addresses["wraps past 2**64"] = lambda t, wrap=wrap: wrap
+        for what, where in addresses.items():
+            out.append(
+                (f"{name} {what}", lambda kw, name=name, where=where: {**kw, name: kw[name].rebind(where(kw[name]))})
+            )
+    return out
+
+
+def run_entry(label: str, e: Entry) -> tuple[int, list[str]]:
+    def call(kwargs: dict[str, Any]) -> BaseException | None:
+        try:
+            e.fn(**kwargs)
+        except Exception as exc:  # the verdict decides
+            return exc
+        return None
+
+    valid = e.build()
+    first = call(valid)
+    assert _entry_reached(first), f"{label}: the valid call did not get past the checks: {first!r}"
+    params = tuple(inspect.signature(e.fn).parameters)
+    if e.fields:
+        params += tuple(valid[e.fields[0]])
+    problems = []
+    cases = entry_cases(label, e, valid)
+    for case, apply in cases:
+        names = ENTRY_PARTNERS.get(case.arg, (case.arg,))
+        case = Case(case.op, case.arg, case.value, case.must_refuse)
+        exc = call(apply(e.build()))
+        why = (
+            _verdict(case, exc, params, _entry_reached)
+            if case.arg not in ENTRY_PARTNERS
+            else _partner_verdict(case, exc, names, params)
+        )
+        if why:
+            problems.append(f"{label}({case.arg}={_short(case.value)}): {why.splitlines()[0][:300]}")
+    pointers = pointer_cases(label, valid)
+    for what, apply in pointers:  # warm (a valid call), bad, then valid again
+        assert _entry_reached(call(e.build())), f"{label}: a valid call before {what} did not get past the checks"
+        exc = call(apply(e.build()))
+        arg = what.split()[0]
+        typed = exc is not None and (type(exc) in (TypeError, ValueError) or isinstance(exc, FiFFIError))
+        if not typed or _entry_reached(exc) or not _names(exc, (arg,)):
+            problems.append(f"{label}: warm, then {what}: {'accepted' if _entry_reached(exc) else repr(exc)[:300]}")
+        again = call(e.build())
+        assert _entry_reached(again), f"{label}: the valid call after {what} did not get past the checks: {again!r}"
+    again = call(e.build())
+    assert _entry_reached(again), (
+        f"{label}: the valid call no longer gets past the checks after the campaign: {again!r}"
+    )
+    return len(cases) + len(pointers), problems
+
+
+def _partner_verdict(case: Case, exc: BaseException | None, names: tuple[str, ...], params: tuple[str, ...]) -> str:
+    renamed = Case(case.op, names[-1], case.value, case.must_refuse)
+    return _verdict(renamed, exc, (*params, *names), _entry_reached)
+
+
+def public_entry_points() -> set[str]:
+    """``module.name`` of every callable in the ``__all__`` of the modules of fi_ffi.comm and fi_engine
+    (exception classes are not entry points)."""
+    import importlib
+    import pkgutil
+
+    import fi_engine
+    import fi_ffi.comm
+
+    names = set()
+    for pkg in (fi_ffi.comm, fi_engine):
+        for info in pkgutil.iter_modules(pkg.__path__):
+            module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+            for name in getattr(module, "__all__", ()):
+                obj = getattr(module, name)
+                if callable(obj) and not (isinstance(obj, type) and issubclass(obj, BaseException)):
+                    names.add(f"{info.name}.{name}")
+    return names
+
+
+def test_every_public_entry_point_has_a_case_generator() -> None:
+    """A public callable of fi_ffi.comm or fi_engine without valid calls here (or a stated exemption) fails,
+    and so does a generator or exemption whose name is gone."""
+    public = public_entry_points()
+    covered = {n for n in ENTRY_POINTS if not n.startswith("ops.")} | set(EXEMPT)
+    assert not public - covered, f"no case generator and no exemption: {sorted(public - covered)}"
+    assert not covered - public, f"generators or exemptions of names no longer public: {sorted(covered - public)}"
+    assert not set(ENTRY_POINTS) & set(EXEMPT)
+    assert all(len(why) > 20 for why in EXEMPT.values())
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_comm_models_and_prepared_gemm_entry_points_refuse_bad_input_by_name(
+    name: str, request: pytest.FixtureRequest
+) -> None:
+    entries = ENTRY_POINTS[name]()
+    if any(e.comm for _, e in entries):
+        request.getfixturevalue("comm_lock")
+    if name.startswith("nccl."):
+        try:
+            nccl.load_backend()
+        except nccl.NcclUnavailableError:
+            pass
+        else:  # a valid call would then go on to the rendezvous
+            pytest.skip("NCCL loads on this machine: the communicator's valid calls would wait for peers")
+    total, problems = 0, []
+    for label, e in entries:
+        count, found = run_entry(label, e)
+        total += count
+        problems += found
+    assert not problems, f"{len(problems)} of {total} bad calls of {name}:\n" + "\n".join(problems)

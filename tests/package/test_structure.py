@@ -1,0 +1,330 @@
+"""The package's own structure, read from its source with :mod:`ast` (nothing is imported or run).
+
+- No module of ``fi_ffi/`` imports ``ctypes``: the C ABI goes through cffi only.
+- The layers ``fi_ffi.tensor`` (descriptors), ``fi_ffi.abi`` (the TVM-FFI C API) and ``fi_ffi.loader`` (finding
+  and opening libraries) import one another in one direction only: every import counts, function-local and
+  ``TYPE_CHECKING`` ones included, since a function-local import is still a dependency.
+- The whole package stands in :data:`FLOORS`: a module imports only modules of its own unit (package or top-level
+  module) or of a lower floor. Units on one floor are siblings and import neither each other: ``fi_ffi.ops`` and
+  ``fi_ffi.comm`` both stand on the calling engine ``fi_ffi.launch``, which imports neither.
+- ``fi_ffi.comm`` and ``fi_engine`` take no private (``_name``) names from ``fi_ffi.ops`` or ``fi_ffi.launch``;
+  no module of ``fi_ffi.ops.attention`` takes a private name from another module.
+- No module takes a private (``_name``) name of another unit.
+- The top level of ``fi_ffi.ops`` holds only op families (modules with ``DECLARATIONS``).
+- README's layout tree names every top-level module and subpackage, and every module of the engine and the ops.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "fi_ffi"
+LAYERS = ("fi_ffi.abi", "fi_ffi.loader", "fi_ffi.tensor.descriptor")
+
+
+def sources() -> dict[str, ast.Module]:
+    """Module name (``fi_ffi.abi.call``; a package is its ``__init__``) → parsed source, for every file."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    assert len(found) > 40 and "fi_ffi.abi.runtime" in found and "fi_ffi.loader.modules" in found
+    return found
+
+
+def imported_names(module: str, tree: ast.Module, is_package: bool) -> set[str]:
+    """Every module ``module`` imports anywhere in its body, absolute; ``from x import y`` gives ``x`` and ``x.y``
+    (``y`` may be a submodule)."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".") if is_package else module.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            out.add(target)
+            out.update(f"{target}.{alias.name}" for alias in node.names)
+    return out
+
+
+def layer_of(name: str) -> str | None:
+    return next((layer for layer in LAYERS if name == layer or name.startswith(layer + ".")), None)
+
+
+def layer_graph() -> dict[str, set[str]]:
+    """Layer → the other layers its modules import."""
+    trees = sources()
+    packages = {name for name in trees if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()}
+    graph: dict[str, set[str]] = {layer: set() for layer in LAYERS}
+    for module, tree in trees.items():
+        source = layer_of(module)
+        if source is None:
+            continue
+        for target in map(layer_of, imported_names(module, tree, module in packages)):
+            if target is not None and target != source:
+                graph[source].add(target)
+    return graph
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str]:
+    """A cycle of ``graph`` as a path (first node repeated at the end), or ``[]``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str]:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := visit(nxt, [*path, nxt])):
+                return found
+        state[node] = 2
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return []
+
+
+def test_no_fi_ffi_module_imports_ctypes() -> None:
+    offenders = []
+    for module, tree in sources().items():
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                if called in ("__import__", "import_module"):
+                    names = [str(node.args[0].value)]
+            if any(n == "ctypes" or n.startswith("ctypes.") for n in names):
+                offenders.append(f"{module}:{node.lineno}")
+    assert offenders == []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:  # the check below could not fail if this did not hold
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_abi_loader_and_tensor_import_each_other_one_way_only() -> None:
+    graph = layer_graph()
+    assert cycle(graph) == [], graph
+    # the direction chosen: abi builds on the loader (which opens the libraries) and on the descriptors
+    assert graph == {
+        "fi_ffi.abi": {"fi_ffi.loader", "fi_ffi.tensor.descriptor"},
+        "fi_ffi.loader": set(),
+        "fi_ffi.tensor.descriptor": set(),
+    }
+
+
+def test_function_local_and_relative_imports_are_counted() -> None:
+    tree = ast.parse("def f():\n    from .abi.cdefs import get_ffi\n")
+    assert {"fi_ffi.abi.cdefs", "fi_ffi.abi.cdefs.get_ffi"} <= imported_names("fi_ffi.tensor", tree, False)
+    tree = ast.parse("def f():\n    from .. import loader\n")
+    assert "fi_ffi.loader" in imported_names("fi_ffi.abi.runtime", tree, False)
+    tree = ast.parse("from .libraries import x\nfrom ..abi import dl\n")
+    assert {"fi_ffi.loader.libraries", "fi_ffi.abi.dl"} <= imported_names("fi_ffi.loader", tree, True)
+
+
+# The floors of the package, from the ground up. A unit is a subpackage (``fi_ffi.ops`` with ``fi_ffi.ops.attention``),
+# a top-level module, or a module of ``fi_ffi.tensor`` (the descriptor stands below the TVM-FFI layer, which packs it;
+# the intake modules above it, since they ask TVM-FFI for the current stream); ``fi_ffi`` is the package's face
+# (``__init__``: the lazy public names).
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("fi_ffi.errors", "fi_ffi.dtypes", "fi_ffi.caches", "fi_ffi.cdecl", "fi_ffi.generator", "fi_ffi.moved"),
+    ("fi_ffi.tensor.descriptor", "fi_ffi.loader"),  # descriptors; libraries
+    ("fi_ffi.tensor", "fi_ffi.tensor.protocols", "fi_ffi.cuda"),  # the descriptor's face; static types; CUDA
+    ("fi_ffi.abi",),  # the TVM-FFI C API
+    ("fi_ffi.tensor.streams",),  # stream arguments, TVM-FFI's current stream
+    ("fi_ffi.tensor.interop",),  # DLPack / CUDA array interface producers described as Tensors
+    ("fi_ffi.tensor.producers",),  # per producer type: layout key and data pointer, for the launcher
+    ("fi_ffi.launch",),  # the calling engine
+    ("fi_ffi.ops", "fi_ffi.comm"),  # op families; tensor parallelism
+    ("fi_ffi",),  # the public face
+    ("fi_ffi.cli",),  # the command line, the first-use checks
+    ("fi_ffi.__main__",),
+)
+UNITS = sorted((unit for units in FLOORS for unit in units), key=len, reverse=True)
+
+
+def unit_of(module: str) -> str:
+    """The longest unit of :data:`FLOORS` that ``module`` is or lies in: ``fi_ffi.ops.attention.decode`` →
+    ``fi_ffi.ops``; ``fi_ffi.tensor.interop`` → itself; ``fi_ffi`` → ``fi_ffi``; a module of no unit → its first two
+    components (which :func:`test_every_module_stands_on_a_floor` then names)."""
+    found = next((u for u in UNITS if module == u or module.startswith(u + ".")), None)
+    if found is None or (found == "fi_ffi" and module != "fi_ffi"):
+        return ".".join(module.split(".")[:2])
+    return found
+
+
+def floor_of(unit: str) -> int:
+    return next(i for i, units in enumerate(FLOORS) if unit in units)
+
+
+def module_imports(trees: dict[str, ast.Module]) -> dict[str, dict[str, set[str]]]:
+    """Module → imported fi_ffi module → the names taken from it. ``from .. import caches`` imports
+    ``fi_ffi.caches`` (a submodule), not the package's face; every import counts, function-local included."""
+    packages = {name for name in trees if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()}
+    out: dict[str, dict[str, set[str]]] = {}
+    for module, tree in trees.items():
+        found: dict[str, set[str]] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in trees:
+                        found.setdefault(alias.name, set())
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = module.split(".") if module in packages else module.split(".")[:-1]
+                    base = base[: len(base) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                for alias in node.names:
+                    if f"{target}.{alias.name}" in trees:
+                        found.setdefault(f"{target}.{alias.name}", set())
+                    elif target in trees:
+                        found.setdefault(target, set()).add(alias.name)
+        out[module] = found
+    return out
+
+
+def floor_violations(imports: dict[str, dict[str, set[str]]]) -> list[str]:
+    """``a -> b`` for every import of a module of another unit that is not on a lower floor."""
+    bad = []
+    for module, targets in imports.items():
+        here = unit_of(module)
+        for target in targets:
+            there = unit_of(target)
+            if there != here and floor_of(there) >= floor_of(here):
+                bad.append(f"{module} -> {target}")
+    return sorted(bad)
+
+
+def test_every_module_stands_on_a_floor() -> None:
+    placed = {unit for units in FLOORS for unit in units}
+    assert {unit_of(module) for module in sources()} <= placed, "add the new unit to FLOORS"
+
+
+def test_no_import_runs_up_or_sideways_between_floors() -> None:
+    assert floor_violations(module_imports(sources())) == []
+
+
+def test_the_floor_check_finds_an_upward_and_a_sideways_import() -> None:  # the check above could fail
+    imports = {
+        "fi_ffi.launch.launcher": {"fi_ffi.ops.norm": set(), "fi_ffi.tensor": set()},
+        "fi_ffi.comm.control": {"fi_ffi.ops.attention.decode": {"x"}},
+        "fi_ffi.ops.norm": {"fi_ffi.launch.launcher": set(), "fi_ffi.ops.rope": set()},
+    }
+    assert floor_violations(imports) == [
+        "fi_ffi.comm.control -> fi_ffi.ops.attention.decode",
+        "fi_ffi.launch.launcher -> fi_ffi.ops.norm",
+    ]
+
+
+def test_comm_takes_no_private_names_of_ops_or_the_launcher() -> None:
+    taken = []
+    for module, targets in module_imports(sources()).items():
+        if unit_of(module) == "fi_ffi.comm":
+            for target, names in targets.items():
+                if unit_of(target) in ("fi_ffi.ops", "fi_ffi.launch"):
+                    taken += [f"{module} takes {target}.{n}" for n in sorted(names) if n.startswith("_")]
+    assert taken == []
+
+
+def test_from_package_import_submodule_is_an_import_of_the_submodule() -> None:
+    trees = {"fi_ffi": ast.parse(""), "fi_ffi.caches": ast.parse(""), "fi_ffi.ops.norm": ast.parse("")}
+    trees["fi_ffi.launch.kernels"] = ast.parse("def f():\n    from .. import caches\n    from ..ops.norm import _x\n")
+    assert module_imports(trees)["fi_ffi.launch.kernels"] == {"fi_ffi.caches": set(), "fi_ffi.ops.norm": {"_x"}}
+
+
+ATTENTION_OPS = ("decode", "prefill", "sink", "mla", "cascade")
+
+
+def test_the_attention_ops_take_no_private_names_of_one_another() -> None:
+    # siblings share through common.py or each other's public names (sink builds on prefill's run declarations)
+    ops = {f"fi_ffi.ops.attention.{name}" for name in ATTENTION_OPS}
+    assert ops <= set(sources())  # the check below could not fail if a module were renamed away
+    taken = [
+        f"{module} takes {target}.{n}"
+        for module, targets in module_imports(sources()).items()
+        if module in ops
+        for target, names in targets.items()
+        if target in ops and target != module
+        for n in sorted(names)
+        if n.startswith("_")
+    ]
+    assert taken == []
+
+
+def test_no_attention_module_takes_a_private_name_of_another_module() -> None:
+    # the workspace's device scope and the producers' reader cache are public names (cuda_runtime.DeviceScope,
+    # producers.readers): what one module needs of another it names through its public surface
+    trees = sources()
+    attention = {m for m in trees if m.startswith("fi_ffi.ops.attention.")}
+    assert {"fi_ffi.ops.attention.mla", "fi_ffi.ops.attention.workspace", "fi_ffi.ops.attention.common"} <= attention
+    taken = [
+        f"{module} takes {target}.{n}"
+        for module, targets in module_imports(trees).items()
+        if module in attention
+        for target, names in targets.items()
+        if target != module
+        for n in sorted(names)
+        if n.startswith("_") and not n.startswith("__")
+    ]
+    assert taken == []
+
+
+def test_the_readme_layout_names_every_unit_and_every_module_of_the_engine_and_ops() -> None:
+    # README's tree is the newcomer's map: a file added or moved without it goes missing here
+    text = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    tree = text[text.index("```\nfi_ffi/\n") : text.index("```", text.index("```\nfi_ffi/\n") + 3)]
+    named = set(re.findall(r"[\w.]+", tree))
+    top = {p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    missing = sorted(n for n in top if n not in named and f"{n}/" not in tree)
+    for folder in ("launch", "ops", "ops/attention", "tensor", "cuda"):
+        missing += [
+            f"{folder}/{p.name}"
+            for p in (PACKAGE / folder).glob("*.py")
+            if p.stem != "__init__" and p.stem not in named
+        ]
+    assert len(top) > 15 and missing == []
+
+
+def test_the_top_level_of_ops_holds_only_op_families() -> None:
+    # an op family declares its entry points (DECLARATIONS, bound by tests/launch/test_declarations.py); what serves
+    # several families or the engine belongs in ops/attention/ or fi_ffi/launch/, not beside the families
+    trees = sources()
+    top = [m for m in trees if m.startswith("fi_ffi.ops.") and m.count(".") == 2 and m != "fi_ffi.ops.attention"]
+    assert len(top) > 10
+    declaring = {
+        m
+        for m in top
+        for node in trees[m].body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "DECLARATIONS" for t in node.targets)
+    }
+    assert sorted(set(top) - declaring) == []
+
+
+def test_no_module_takes_a_private_name_of_another_unit() -> None:
+    # what one unit needs of another is part of that unit's public surface (tensor.WIRE_DEVICE_TYPE, MAX_NDIM)
+    taken = [
+        f"{module} takes {target}.{n}"
+        for module, targets in module_imports(sources()).items()
+        for target, names in targets.items()
+        if unit_of(target) != unit_of(module)
+        for n in sorted(names)
+        if n.startswith("_") and not n.startswith("__")
+    ]
+    assert taken == []
