@@ -106,7 +106,7 @@ def run_rank(
     model: str, out: str, variant: str, new_tokens: int, batches: list[int], modes: list[str], profile: bool
 ) -> None:
     """One rank (or the single GPU): every configuration, rank 0 writes the rows."""
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.llama import Llama, LlamaEngine
 
     tp = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
     nccl = variant == "nccl"
@@ -134,7 +134,7 @@ def run_rank(
                 if variant == "agree":  # greedy ids from the shards' combined argmax, no broadcast from rank 0
                     engine._ids_agree = engine.vocab_shard is not None
                 if variant == "ahead":  # the next step's index arrays and plan prepared while the GPU runs this one
-                    engine._prepare_ahead = type(engine)._plan_decode is LlamaEngine._plan_decode
+                    engine._prepare_ahead = type(engine.family).plan_decode is Llama.plan_decode
                 engine.generate(prompts, 4, eos_token_ids=())  # warm-up
                 result = engine.generate(prompts, new_tokens, eos_token_ids=())
                 rank = engine.rank

@@ -21,13 +21,20 @@ The binding layer (everything outside this package) never imports it. Modules, o
 - :mod:`~fi_engine.moe`: the MoE MLP layer (grouped GEMMs, a host-routed and a fixed-capacity device path) and
   the activation buffers its layers share.
 - :mod:`~fi_engine.tensor_parallel`: what each rank of a tensor-parallel engine holds, and its all-reduce.
-- :mod:`~fi_engine.llama`: the model (weights, buffers, forward) and the serving loop.
+- :mod:`~fi_engine.engine`: the engine of every family, the union of its parts: :mod:`~fi_engine.storage`
+  (buffers, KV cache, step arrays and views), :mod:`~fi_engine.serving` (the serving loop and scheduler),
+  :mod:`~fi_engine.step_graphs` (decode and padded prefill CUDA graphs), :mod:`~fi_engine.fused_decode` (the fused
+  eager decode step), :mod:`~fi_engine.sampling` (greedy, top-k / top-p); :mod:`~fi_engine.state` declares what
+  they share.
+- :mod:`~fi_engine.family`: a model family as a definition the engine holds (config checks, weights, layer body,
+  attention plans); :mod:`~fi_engine.llama`: the Llama family's (Llama, Qwen3, Mixtral, Qwen3-MoE) and
+  ``LlamaEngine``.
 - :mod:`~fi_engine.deepseek_config`, :mod:`~fi_engine.deepseek_routing`, :mod:`~fi_engine.mla_weights`:
   DeepSeek-V2/V3's config, group-limited expert routing (numpy) and MLA weight absorption (numpy);
-  :mod:`~fi_engine.deepseek`: its engine (the Llama serving loop with an MLA + MoE layer body).
+  :mod:`~fi_engine.deepseek`: its definition (an MLA + MoE layer body) and engine.
 - :mod:`~fi_engine.family_configs`: Gemma 2's and gpt-oss's own settings (windows, soft caps, YaRN, refusals).
 - :mod:`~fi_engine.weights`: checkpoint tensors onto the GPU for the family engines.
-- :mod:`~fi_engine.gemma2`, :mod:`~fi_engine.gpt_oss`: those families' engines (subclasses of the Llama
-  engine: their weights, forward and attention plans).
+- :mod:`~fi_engine.gemma2`, :mod:`~fi_engine.gpt_oss`: those families' definitions (their weights, forward and
+  attention plans) and engines.
 - :mod:`~fi_engine.engines`: which engine serves a checkpoint, by ``model_type``.
 """

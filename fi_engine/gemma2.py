@@ -45,11 +45,12 @@ import fi_ffi
 from . import kernels
 from .checkpoint import Checkpoint
 from .config import LlamaConfig
+from .engine import Engine
+from .family import ModelFamily
 from .family_configs import Gemma2Settings
-from .llama import LlamaEngine
 from .weights import WeightLoader
 
-__all__ = ["Gemma2Engine"]
+__all__ = ["Gemma2", "Gemma2Engine"]
 
 _D2D = 3  # cudaMemcpyKind
 
@@ -97,96 +98,96 @@ def round_to(value: float, dtype: str) -> float:
     return float(np.array(bits, np.uint32).view(np.float32))
 
 
-class Gemma2Engine(LlamaEngine):
-    """A Gemma 2 checkpoint on one GPU or ``tensor_parallel`` GPUs; arguments and serving API as
-    :class:`~fi_engine.llama.LlamaEngine`."""
+class Gemma2(ModelFamily):
+    """The Gemma 2 family's definition (module docstring): its config check, weights (four norms per layer, the
+    scaled embedding's kernel), layer body, and a sliding-window + soft-cap plan per distinct window."""
 
-    def _check_family(self, cfg: LlamaConfig) -> None:
+    def check(self, eng: Any, cfg: LlamaConfig) -> None:
         if cfg.model_type != "gemma2" or not isinstance(cfg.family, Gemma2Settings):
             raise ValueError(f"model: Gemma2Engine serves gemma2 checkpoints, this one is {cfg.model_type!r}")
 
     # ------------------------------------------------------------------------------------------ loading
 
-    def _load(self, ckpt: Checkpoint) -> None:
+    def load(self, eng: Any, ckpt: Checkpoint) -> None:
         from .dense import data_type
         from .tensor_parallel import columns, rows
 
-        c = self.model_config  # the checkpoint's shapes; this rank keeps its shard (rank r of n)
-        r, n, vs = self.rank, self.tensor_parallel, self.vocab_shard
+        c = eng.model_config  # the checkpoint's shapes; this rank keeps its shard (rank r of n)
+        r, n, vs = eng.rank, eng.tensor_parallel, eng.vocab_shard
         g: Gemma2Settings = c.family
         hq, hk, d, h, inter = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
         dtype = ckpt.info("model.embed_tokens.weight").dtype
         if dtype not in ("float16", "bfloat16"):
             raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints")
-        self.dtype, self._ab, self._f32 = dtype, data_type(dtype), data_type("float32")
-        self._weights: list[Any] = []
-        self._moe: list[Any] = []
-        self._moe_scratch = None
-        w = WeightLoader(ckpt, self._cp, dtype, self.device, self._weights)
+        eng.dtype, eng._ab, eng._f32 = dtype, data_type(dtype), data_type("float32")
+        eng._weights = []
+        eng._moe = []
+        eng._moe_scratch = None
+        w = WeightLoader(ckpt, eng._cp, dtype, eng.device, eng._weights)
 
         def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
             whole = w.get(name, (c.vocab_size, h))
             return whole if vs is None else vs.take(whole)
 
-        self._embed = w.ptr(table("model.embed_tokens.weight"))
+        eng._embed = w.ptr(table("model.embed_tokens.weight"))
         tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
-        self._lm_head = self._embed if tied else w.ptr(table("lm_head.weight"))
-        self._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
+        eng._lm_head = eng._embed if tied else w.ptr(table("lm_head.weight"))
+        eng._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
         # the embedding's token ids [start, start + valid) (the whole vocabulary on one GPU)
         first, count = (0, c.vocab_size) if vs is None else (vs.start, vs.valid)
-        self._embed_ids = (np.int64(first), np.int64(count))
-        self._wqkv, self._wo, self._wgu, self._wd = [], [], [], []
-        self._ln1, self._post_attn, self._pre_ff, self._post_ff = [], [], [], []
+        eng._embed_ids = (np.int64(first), np.int64(count))
+        eng._wqkv, eng._wo, eng._wgu, eng._wd = [], [], [], []
+        eng._ln1, eng._post_attn, eng._pre_ff, eng._post_ff = [], [], [], []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
             qkv = [w.get(a + "q_proj.weight", (hq * d, h)), w.get(a + "k_proj.weight", (hk * d, h))]
             qkv.append(w.get(a + "v_proj.weight", (hk * d, h)))
-            self._wqkv.append(w.ptr(np.concatenate([rows(x, r, n) for x in qkv])))  # this rank's heads
-            self._wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))  # a partial sum
+            eng._wqkv.append(w.ptr(np.concatenate([rows(x, r, n) for x in qkv])))  # this rank's heads
+            eng._wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))  # a partial sum
             gate_up = [w.get(p + "mlp.gate_proj.weight", (inter, h)), w.get(p + "mlp.up_proj.weight", (inter, h))]
-            self._wgu.append(w.ptr(np.concatenate([rows(x, r, n) for x in gate_up])))  # its GeGLU columns
-            self._wd.append(w.ptr(columns(w.get(p + "mlp.down_proj.weight", (h, inter)), r, n)))
-            self._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
-            self._post_attn.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
-            self._pre_ff.append(w.vector(w.get(p + "pre_feedforward_layernorm.weight", (h,))))
-            self._post_ff.append(w.vector(w.get(p + "post_feedforward_layernorm.weight", (h,))))
-        self._norm = w.vector(w.get("model.norm.weight", (h,)))
-        self._q_norm: list[Any] = []
-        self._k_norm: list[Any] = []
-        self._scale = np.float32(round_to(math.sqrt(h), dtype))  # transformers: sqrt(hidden) as a tensor of the dtype
-        self._bf16 = np.int32(dtype == "bfloat16")
-        module = self._cp.RawModule(code=_SOURCE)
-        self._gather_scale = module.get_function("gather_scale16")
-        self._soft_cap = module.get_function("soft_cap")
-        self._sm_scale = g.query_pre_attn_scalar**-0.5
+            eng._wgu.append(w.ptr(np.concatenate([rows(x, r, n) for x in gate_up])))  # its GeGLU columns
+            eng._wd.append(w.ptr(columns(w.get(p + "mlp.down_proj.weight", (h, inter)), r, n)))
+            eng._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
+            eng._post_attn.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
+            eng._pre_ff.append(w.vector(w.get(p + "pre_feedforward_layernorm.weight", (h,))))
+            eng._post_ff.append(w.vector(w.get(p + "post_feedforward_layernorm.weight", (h,))))
+        eng._norm = w.vector(w.get("model.norm.weight", (h,)))
+        eng._q_norm = []
+        eng._k_norm = []
+        eng._scale = np.float32(round_to(math.sqrt(h), dtype))  # transformers: sqrt(hidden) as a tensor of the dtype
+        eng._bf16 = np.int32(dtype == "bfloat16")
+        module = eng._cp.RawModule(code=_SOURCE)
+        eng._gather_scale = module.get_function("gather_scale16")
+        eng._soft_cap = module.get_function("soft_cap")
+        eng._sm_scale = g.query_pre_attn_scalar**-0.5
         # window_left per layer: the sliding layers' window, or (global layers) one wider than any request
-        self._windows = [self.max_seq_len if x < 0 else x for x in g.windows]
+        eng._windows = [eng.max_seq_len if x < 0 else x for x in g.windows]
 
-    def _allocate(self) -> None:
-        super()._allocate()
-        rows = max(self.max_prefill_tokens, self.max_batch)
-        storage = np.float16 if self.dtype == "float16" else np.uint16
-        self._y = self._cp.empty((rows, self.config.hidden_size), storage)  # attention / MLP output before its norm
-        self._row_views: dict[tuple[int, int], Any] = {}
+    def allocate(self, eng: Any) -> None:
+        eng._allocate_layers()
+        rows = max(eng.max_prefill_tokens, eng.max_batch)
+        storage = np.float16 if eng.dtype == "float16" else np.uint16
+        eng._y = eng._cp.empty((rows, eng.config.hidden_size), storage)  # attention / MLP output before its norm
+        eng._row_views = {}
         # Gemma's norms write their rows into x (the LM head's input too); the fused all-reduce's x2, where the base
         # engine made one, holds the plain all-reduce's sums instead (its output may not overlap its input)
-        self._sum = getattr(self._buf, "x2", None)
-        self._normed = self._buf.x
+        eng._sum = getattr(eng._buf, "x2", None)
+        eng._normed = eng._buf.x
         # one workspace per distinct window (a plan is stale once another is made on its workspace)
-        self._plan_windows = sorted(set(self._windows))
-        self._extra_ws = [kernels.workspace(self.device) for _ in range(2 * (len(self._plan_windows) - 1))]
+        eng._plan_windows = sorted(set(eng._windows))
+        eng._extra_ws = [kernels.workspace(eng.device) for _ in range(2 * (len(eng._plan_windows) - 1))]
 
-    def _workspaces(self, decode: bool) -> list[Any]:
-        first = self._ws_decode if decode else self._ws_prefill
-        n = len(self._plan_windows) - 1
-        return [first, *(self._extra_ws[n:] if decode else self._extra_ws[:n])]
+    def _workspaces(self, eng: Any, decode: bool) -> list[Any]:
+        first = eng._ws_decode if decode else eng._ws_prefill
+        n = len(eng._plan_windows) - 1
+        return [first, *(eng._extra_ws[n:] if decode else eng._extra_ws[:n])]
 
     # ------------------------------------------------------------------------------------------ attention plans
 
-    def _plan_prefill(self, batch: int) -> None:
-        c, g, ph = self.config, self.config.family, self._ph
-        self._prefill_plans = {
+    def plan_prefill(self, eng: Any, batch: int) -> None:
+        c, g, ph = eng.config, eng.config.family, eng._ph
+        eng._prefill_plans = {
             window: fi_ffi.batch_prefill_paged_plan(
                 ws,
                 ph["qo_indptr"][: batch + 1],
@@ -195,115 +196,119 @@ class Gemma2Engine(LlamaEngine):
                 c.num_qo_heads,
                 c.num_kv_heads,
                 c.head_dim,
-                self.page_size,
-                q_dtype=self.dtype,
+                eng.page_size,
+                q_dtype=eng.dtype,
                 causal=True,
                 window_left=window,
                 logits_soft_cap=g.attn_logit_softcapping,
-                sm_scale=self._sm_scale,
+                sm_scale=eng._sm_scale,
                 backend="fa2",
-                stream=self._s,
+                stream=eng._s,
             )
-            for window, ws in zip(self._plan_windows, self._workspaces(False), strict=True)
+            for window, ws in zip(eng._plan_windows, self._workspaces(eng, False), strict=True)
         }
 
-    def _plan_decode(self, rows: int, cuda_graph: bool) -> None:
-        c, g = self.config, self.config.family
-        self._decode_plans = {
+    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
+        c, g = eng.config, eng.config.family
+        eng._decode_plans = {
             window: fi_ffi.batch_decode_plan(
                 ws,
-                self._dh["kv_indptr"][: rows + 1],
+                eng._dh["kv_indptr"][: rows + 1],
                 c.num_qo_heads,
                 c.num_kv_heads,
                 c.head_dim,
-                self.page_size,
-                q_dtype=self.dtype,
+                eng.page_size,
+                q_dtype=eng.dtype,
                 window_left=window,
                 logits_soft_cap=g.attn_logit_softcapping,
-                sm_scale=self._sm_scale,
+                sm_scale=eng._sm_scale,
                 enable_cuda_graph=cuda_graph,
-                stream=self._s,
+                stream=eng._s,
             )
-            for window, ws in zip(self._plan_windows, self._workspaces(True), strict=True)
+            for window, ws in zip(eng._plan_windows, self._workspaces(eng, True), strict=True)
         }
-        self._decode_plan = self._decode_plans[self._plan_windows[0]]  # the one the graph's layout check watches
+        eng._decode_plan = eng._decode_plans[eng._plan_windows[0]]  # the one the graph's layout check watches
 
-    def _prefill_attention(self, i: int, v: SimpleNamespace) -> None:
+    def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         kernels.prefill_run(
-            self._prefill_plans[self._windows[i]], v.q, self._k_cache[i], self._v_cache[i], v.qo_indptr, v.kv_indptr,
-            v.kv_indices, v.kv_last_page_len, v.attn, self._s,
+            eng._prefill_plans[eng._windows[i]], v.q, eng._k_cache[i], eng._v_cache[i], v.qo_indptr, v.kv_indptr,
+            v.kv_indices, v.kv_last_page_len, v.attn, eng._s,
         )  # fmt: skip
 
-    def _decode_attention(self, i: int, v: SimpleNamespace) -> None:
+    def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         kernels.decode_run(
-            self._decode_plans[self._windows[i]], v.q, self._k_cache[i], self._v_cache[i], v.kv_indptr, v.kv_indices,
-            v.kv_last_page_len, v.attn, self._s,
+            eng._decode_plans[eng._windows[i]], v.q, eng._k_cache[i], eng._v_cache[i], v.kv_indptr, v.kv_indices,
+            v.kv_last_page_len, v.attn, eng._s,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _rows_view(self, buf: Any, rows: int) -> Any:
+    def _rows_view(self, eng: Any, buf: Any, rows: int) -> Any:
         """A descriptor of the first ``rows`` rows of ``buf`` (``[*, hidden]``), made once per (buffer, rows)."""
         key = (int(buf.data.ptr), rows)
-        t = self._row_views.get(key)
+        t = eng._row_views.get(key)
         if t is None:
-            t = self._row_views[key] = kernels.descriptor(
-                buf.data.ptr, (rows, self.config.hidden_size), self.dtype, self.device, owner=buf
+            t = eng._row_views[key] = kernels.descriptor(
+                buf.data.ptr, (rows, eng.config.hidden_size), eng.dtype, eng.device, owner=buf
             )
         return t
 
-    def _reduced(self, vy: Any, rows: int) -> Any:
+    def _reduced(self, eng: Any, vy: Any, rows: int) -> Any:
         """The sum over the ranks of each rank's partial rows ``vy`` (one GPU: ``vy`` itself)."""
-        if self._allreduce is None:
+        if eng._allreduce is None:
             return vy
-        out = None if self._sum is None else self._rows_view(self._sum, rows)
-        return self._allreduce.sum(vy, out, self._s)
+        out = None if eng._sum is None else self._rows_view(eng, eng._sum, rows)
+        return eng._allreduce.sum(vy, out, eng._s)
 
-    def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+    def forward(self, eng: Any, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
         """Embedding to the final norm for ``rows`` token rows; the normalized rows end in ``x`` (the LM head's
         input), the residual stream in ``h``."""
-        c, b, dense, s = self.config, self._buf, self.dense, self._s
-        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
-        x, qkv, attn, gu, act, y = (a.data.ptr for a in (b.x, b.qkv, b.attn, b.gu, b.act, self._y))
-        w, hqd, last = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
-        vy = self._rows_view(self._y, rows)
-        start, valid = self._embed_ids
-        if self.vocab_shard is None:  # the whole table
-            self._gather_scale((rows,), (256,), (self._embed, v.token_ids, b.h.data.ptr, h, self._scale, self._bf16,
+        c, b, dense, s = eng.config, eng._buf, eng.dense, eng._s
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, eng._ab
+        x, qkv, attn, gu, act, y = (a.data.ptr for a in (b.x, b.qkv, b.attn, b.gu, b.act, eng._y))
+        w, hqd, last = eng._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        vy = self._rows_view(eng, eng._y, rows)
+        start, valid = eng._embed_ids
+        if eng.vocab_shard is None:  # the whole table
+            eng._gather_scale((rows,), (256,), (eng._embed, v.token_ids, b.h.data.ptr, h, eng._scale, eng._bf16,
                                                  start, valid))  # fmt: skip
         else:  # each rank's vocabulary rows, zeros for the others: their sum is the embedding (exactly)
-            self._gather_scale((rows,), (256,), (self._embed, v.token_ids, y, h, self._scale, self._bf16, start,
+            eng._gather_scale((rows,), (256,), (eng._embed, v.token_ids, y, h, eng._scale, eng._bf16, start,
                                                  valid))  # fmt: skip
-            got = self._reduced(vy, rows)
-            self._cp.cuda.runtime.memcpyAsync(b.h.data.ptr, got.data_ptr, rows * h * b.h.itemsize, _D2D, s)
-        fi_ffi.gemma_rmsnorm(v.h, self._ln1[0], v.x, eps=eps, stream=s)
+            got = self._reduced(eng, vy, rows)
+            eng._cp.cuda.runtime.memcpyAsync(b.h.data.ptr, got.data_ptr, rows * h * b.h.itemsize, _D2D, s)
+        fi_ffi.gemma_rmsnorm(v.h, eng._ln1[0], v.x, eps=eps, stream=s)
         for i in range(c.num_layers):
-            dense.linear(rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab)
+            dense.linear(rows, x, h, eng._wqkv[i], w, h, qkv, w, ab, ab)
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
             kernels.append_kv(
-                v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i], v.kv_indices, v.kv_indptr,
+                v.k, v.v, v.batch_indices, v.positions, eng._k_cache[i], eng._v_cache[i], v.kv_indices, v.kv_indptr,
                 v.kv_last_page_len, s,
             )  # fmt: skip
             attention(i, v)
-            dense.linear(rows, attn, hqd, self._wo[i], h, hqd, y, h, ab, ab)  # a partial sum with TP
-            fi_ffi.gemma_rmsnorm(self._reduced(vy, rows), self._post_attn[i], v.x, eps=eps, stream=s)  # post-attn
-            fi_ffi.gemma_fused_add_rmsnorm(v.x, v.h, self._pre_ff[i], eps=eps, stream=s)  # h += x; x = pre-FF norm
-            dense.linear(rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
+            dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, y, h, ab, ab)  # a partial sum with TP
+            fi_ffi.gemma_rmsnorm(self._reduced(eng, vy, rows), eng._post_attn[i], v.x, eps=eps, stream=s)  # post-attn
+            fi_ffi.gemma_fused_add_rmsnorm(v.x, v.h, eng._pre_ff[i], eps=eps, stream=s)  # h += x; x = pre-FF norm
+            dense.linear(rows, x, h, eng._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
             fi_ffi.gelu_tanh_and_mul(v.gu, v.act, stream=s)
-            dense.linear(rows, act, inter, self._wd[i], h, inter, y, h, ab, ab)  # a partial sum with TP
-            fi_ffi.gemma_rmsnorm(self._reduced(vy, rows), self._post_ff[i], v.x, eps=eps, stream=s)  # post-FF norm
-            nxt = self._ln1[i + 1] if i < last else self._norm
+            dense.linear(rows, act, inter, eng._wd[i], h, inter, y, h, ab, ab)  # a partial sum with TP
+            fi_ffi.gemma_rmsnorm(self._reduced(eng, vy, rows), eng._post_ff[i], v.x, eps=eps, stream=s)  # post-FF norm
+            nxt = eng._ln1[i + 1] if i < last else eng._norm
             fi_ffi.gemma_fused_add_rmsnorm(v.x, v.h, nxt, eps=eps, stream=s)
 
-    def _finish_logits(self, logits: int, rows: int, columns: int) -> None:
-        cap = self.config.family.final_logit_softcapping
+    def finish_logits(self, eng: Any, logits: int, rows: int, columns: int) -> None:
+        cap = eng.config.family.final_logit_softcapping
         if cap > 0 and rows:
             n = rows * columns
-            self._soft_cap((min(1024, -(-n // 256)),), (256,), (logits, n, np.float32(cap)))
+            eng._soft_cap((min(1024, -(-n // 256)),), (256,), (logits, n, np.float32(cap)))
 
-    def close(self) -> None:
-        was_open = not self._closed
-        super().close()
-        if was_open:
-            for ws in self._extra_ws:
-                ws.close()
+    def close(self, eng: Any) -> None:
+        for ws in eng._extra_ws:
+            ws.close()
+
+
+class Gemma2Engine(Engine):
+    """A Gemma 2 checkpoint (:class:`Gemma2`) on one GPU or ``tensor_parallel`` GPUs; arguments and serving API as
+    :class:`~fi_engine.llama.LlamaEngine`."""
+
+    definition = Gemma2

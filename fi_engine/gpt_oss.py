@@ -72,13 +72,14 @@ import fi_ffi
 from . import kernels
 from .checkpoint import Checkpoint
 from .config import LlamaConfig
+from .engine import Engine
+from .family import ModelFamily
 from .family_configs import MXFP4_HELP, GptOssSettings
-from .llama import LlamaEngine
 from .moe import choose_path
 from .values import arg_array, arg_int
 from .weights import WeightLoader
 
-__all__ = ["GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache", "shard_experts"]
+__all__ = ["GptOss", "GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache", "shard_experts"]
 
 MOE_PATHS = ("auto", "routed", "dense")
 
@@ -215,7 +216,219 @@ def shard_experts(
     )
 
 
-class GptOssEngine(LlamaEngine):
+class GptOss(ModelFamily):
+    """The gpt-oss family's definition (module docstring): its config check, bfloat16 weights (biased attention,
+    sinks, the experts in the routed layout with their biases, the YaRN cos/sin table), layer body with its two MoE
+    paths, and an attention-sink plan per distinct window (decode on the sink prefill modules)."""
+
+    def check(self, eng: Any, cfg: LlamaConfig) -> None:
+        if cfg.model_type != "gpt_oss" or not isinstance(cfg.family, GptOssSettings):
+            raise ValueError(f"model: GptOssEngine serves gpt_oss checkpoints, this one is {cfg.model_type!r}")
+        if cfg.moe is None or cfg.moe.top_k > 64:
+            raise ValueError("num_experts_per_tok: above 64 is not supported by the biased MoE combine kernel")
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def load(self, eng: Any, ckpt: Checkpoint) -> None:
+        from .dense import data_type
+        from .tensor_parallel import columns, rows, segment
+
+        c = eng.model_config  # the checkpoint's shapes; this rank keeps its shard (rank r of n)
+        r, n, vs = eng.rank, eng.tensor_parallel, eng.vocab_shard
+        assert c.moe is not None
+        hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+        e, i_size = c.moe.num_experts, c.moe.intermediate_size
+        dtype = check_checkpoint(ckpt)
+        eng.dtype, eng._ab, eng._f32 = dtype, data_type(dtype), data_type("float32")
+        eng._weights = []
+        eng._moe = []
+        eng._moe_scratch = None
+        w = WeightLoader(ckpt, eng._cp, dtype, eng.device, eng._weights)
+
+        def host_f32(name: str, shape: tuple[int, ...]) -> np.ndarray:  # biases and sinks, as float32
+            info = ckpt.info(name)
+            arr = ckpt.array(name, shape)
+            if info.dtype not in ("bfloat16", "float32"):
+                raise ValueError(f"model: tensor {name!r} is {info.dtype}, expected bfloat16 or float32")
+            return bf16_to_f32(arr) if info.dtype == "bfloat16" else np.asarray(arr, np.float32)
+
+        def f32(name: str, shape: tuple[int, ...]) -> Any:  # on the device
+            return w.upload(host_f32(name, shape))
+
+        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
+            whole = w.get(name, (c.vocab_size, h))
+            return whole if vs is None else vs.take(whole)
+
+        eng._embed = w.ptr(table("model.embed_tokens.weight"))
+        tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
+        eng._lm_head = eng._embed if tied else w.ptr(table("lm_head.weight"))
+        eng._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
+        eng._with_bias = r == 0  # the row-parallel outputs' biases: once in the ranks' sum
+        eng._wqkv, eng._bqkv, eng._wo, eng._bo, eng._ln1, eng._ln2 = [], [], [], [], [], []
+        eng._sinks = []
+        from .moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEScratch, MoEWeights
+
+        g: GptOssSettings = c.family
+        eng._ws_moe = kernels.workspace(eng.device)  # the grouped GEMMs' own
+        max_tokens = max(eng.max_prefill_tokens, eng.max_batch)
+        # buffers for the paths this engine can take: the fixed-capacity routed path where the decode graph
+        # (max_batch rows) routes, the dense path where some step of up to max_batch rows goes dense
+        graph_path = eng.moe_path_for(eng.max_batch)
+        capacity = eng.max_batch if eng._static_moe and graph_path == "routed" else None
+        dense_rows = eng.max_batch if eng.moe_path == "dense" or graph_path == "dense" else None
+        eng._moe_scratch = MoEScratch(
+            num_experts=e, hidden=h, intermediate=i_size // n, top_k=c.moe.top_k, max_tokens=max_tokens, dtype=dtype,
+            capacity=capacity, dense_rows=dense_rows,
+        )  # fmt: skip
+        activation = ClampedSwiGLU(float(g.alpha), float(g.swiglu_limit))
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            shapes = (("q_proj", hq * d), ("k_proj", hk * d), ("v_proj", hk * d))
+            # this rank's heads: q/k/v rows with their biases, its heads' sinks; the O projection's columns
+            eng._wqkv.append(w.ptr(np.concatenate([rows(w.get(f"{a}{x}.weight", (k, h)), r, n) for x, k in shapes])))
+            eng._bqkv.append(w.ptr(np.concatenate([segment(w.get(f"{a}{x}.bias", (k,)), r, n) for x, k in shapes])))
+            eng._wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))
+            eng._bo.append(w.ptr(w.get(a + "o_proj.bias", (h,))))  # added by rank 0 only
+            sinks = w.upload(segment(host_f32(a + "sinks", (hq,)), r, n))
+            eng._sinks.append(kernels.descriptor(sinks.data.ptr, sinks.shape, "float32", eng.device, owner=sinks))
+            eng._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
+            eng._ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
+            m = p + "mlp."
+            experts = shard_experts(  # this rank's slice of every expert's intermediate columns
+                w.get(m + "experts.gate_up_proj", (e, h, 2 * i_size)),
+                bf16_to_f32(w.get(m + "experts.gate_up_proj_bias", (e, 2 * i_size))),
+                w.get(m + "experts.down_proj", (e, i_size, h)),
+                r,
+                n,
+            )
+            w_gu, b_gu, w_down = expert_matrices(*experts)
+            weights = MoEWeights(w.upload(w.get(m + "router.weight", (e, h))), w.upload(w_gu), w.upload(w_down))
+            b_down = host_f32(m + "experts.down_proj_bias", (e, h))
+            b_down = b_down if eng._with_bias else np.zeros_like(b_down)  # rank 0's partial sum carries it
+            biases = MoEBiases(f32(m + "router.bias", (e,)), w.upload(b_gu), w.upload(b_down))
+            eng._moe.append(
+                MoELayer(
+                    weights, dtype=dtype, top_k=c.moe.top_k, renormalize=True, max_tokens=max_tokens,
+                    stream=eng.stream, dense=eng.dense, workspace=eng._ws_moe, capacity=capacity,
+                    scratch=eng._moe_scratch, biases=biases, activation=activation, dense_rows=dense_rows,
+                )
+            )  # fmt: skip
+        eng._norm = w.vector(w.get("model.norm.weight", (h,)))
+        eng._q_norm = []
+        eng._k_norm = []
+        cache = w.upload(rope_cos_sin_cache(c, eng.max_seq_len))
+        eng._cos_sin = kernels.descriptor(cache.data.ptr, cache.shape, "float32", eng.device, owner=cache)
+        module = eng._cp.RawModule(code=_SOURCE)
+        eng._k_bias = module.get_function("add_bias")
+        eng._windows = list(g.windows)
+
+    def allocate(self, eng: Any) -> None:
+        eng._allocate_layers()
+        cp = eng._cp
+        # decode: one query row per request (the sink prefill kernels serve decode)
+        eng._qo_host = np.arange(eng.max_batch + 1, dtype=np.int32)
+        eng._qo_dev = cp.asarray(eng._qo_host)
+        eng._qo_views = {}
+        eng._plan_windows = sorted(set(eng._windows))
+        eng._extra_ws = [kernels.workspace(eng.device) for _ in range(2 * (len(eng._plan_windows) - 1))]
+
+    def _workspaces(self, eng: Any, decode: bool) -> list[Any]:
+        first = eng._ws_decode if decode else eng._ws_prefill
+        n = len(eng._plan_windows) - 1
+        return [first, *(eng._extra_ws[n:] if decode else eng._extra_ws[:n])]
+
+    # ------------------------------------------------------------------------------------------ attention
+
+    def _sink_plan(self, eng: Any, ws: Any, qo: Any, kv: Any, last: Any, window: int, backend: str, graph: bool) -> Any:
+        c = eng.config
+        return fi_ffi.batch_attention_sink_plan(
+            ws, qo, kv, last, c.num_qo_heads, c.num_kv_heads, c.head_dim, eng.page_size, q_dtype=eng.dtype,
+            causal=True, window_left=window, sm_scale=c.head_dim**-0.5, backend=backend, enable_cuda_graph=graph,
+            stream=eng._s,
+        )  # fmt: skip
+
+    def plan_prefill(self, eng: Any, batch: int) -> None:
+        ph = eng._ph
+        qo, kv, last = ph["qo_indptr"][: batch + 1], ph["kv_indptr"][: batch + 1], ph["kv_last_page_len"][:batch]
+        eng._prefill_plans = {
+            window: self._sink_plan(eng, ws, qo, kv, last, window, "auto", False)
+            for window, ws in zip(eng._plan_windows, self._workspaces(eng, False), strict=True)
+        }
+
+    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
+        dh = eng._dh
+        qo, kv, last = eng._qo_host[: rows + 1], dh["kv_indptr"][: rows + 1], dh["kv_last_page_len"][:rows]
+        # FA2: a decode row is one query; FA2's small query tiles suit it, and its CUDA-graph schedule is fixed
+        eng._decode_plans = {
+            window: self._sink_plan(eng, ws, qo, kv, last, window, "fa2", cuda_graph)
+            for window, ws in zip(eng._plan_windows, self._workspaces(eng, True), strict=True)
+        }
+        eng._decode_plan = eng._decode_plans[eng._plan_windows[0]]  # the one the graph's layout check watches
+
+    def _qo_view(self, eng: Any, rows: int) -> Any:
+        t = eng._qo_views.get(rows)
+        if t is None:
+            t = eng._qo_views[rows] = kernels.descriptor(
+                eng._qo_dev.data.ptr, (rows + 1,), "int32", eng.device, owner=eng._qo_dev
+            )
+        return t
+
+    def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
+        fi_ffi.batch_attention_sink_run(
+            eng._prefill_plans[eng._windows[i]], v.q, eng._k_cache[i], eng._v_cache[i], v.qo_indptr, v.kv_indptr,
+            v.kv_indices, v.kv_last_page_len, v.attn, eng._sinks[i], stream=eng._s,
+        )  # fmt: skip
+
+    def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
+        fi_ffi.batch_attention_sink_run(
+            eng._decode_plans[eng._windows[i]], v.q, eng._k_cache[i], eng._v_cache[i],
+            self._qo_view(eng, v.kv_last_page_len.shape[0]), v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn,
+            eng._sinks[i], stream=eng._s,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def forward(self, eng: Any, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+        """Embedding to the final RMSNorm for ``rows`` token rows; the normalized rows end in ``x2`` (``x``
+        itself unless the fused all-reduce writes them), the residual stream in ``h``."""
+        c, b, dense, s = eng.config, eng._buf, eng.dense, eng._s
+        h, ab = c.hidden_size, eng._ab
+        x, qkv, attn = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr
+        normed = eng._normed.data.ptr
+        w, hqd, last = eng._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        path = eng.moe_path_for(rows)
+        eng._embed_and_norm(v, rows)
+        for i in range(c.num_layers):
+            dense.linear(rows, normed, h, eng._wqkv[i], w, h, qkv, w, ab, ab)
+            eng._k_bias((rows,), (256,), (qkv, eng._bqkv[i], w, w))
+            fi_ffi.apply_rope_with_cos_sin_cache_inplace(
+                v.positions, v.q, v.k, c.head_dim, eng._cos_sin, is_neox=True, stream=s
+            )
+            kernels.append_kv(
+                v.k, v.v, v.batch_indices, v.positions, eng._k_cache[i], eng._v_cache[i], v.kv_indices, v.kv_indptr,
+                v.kv_last_page_len, s,
+            )  # fmt: skip
+            attention(i, v)
+            dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
+            if eng._with_bias:
+                eng._k_bias((rows,), (256,), (x, eng._bo[i], h, h))
+            eng._add_norm(v, eng._ln2[i])
+            xin = eng._normed  # x, or x2 with the fused all-reduce; the MoE's (partial) output goes to x
+            if path == "dense":  # every expert, no host step (capturable)
+                eng._moe[i].forward_dense(xin, b.x, rows)
+            elif static_moe:  # the decode graph: routed on the device, fixed capacity (capturable)
+                eng._moe[i].forward_static(xin, b.x, rows)
+            else:  # routed on the host: only the chosen experts' weights are read
+                eng._moe[i].forward(xin, b.x, rows)
+            eng._add_norm(v, eng._ln1[i + 1] if i < last else eng._norm)
+
+    def close(self, eng: Any) -> None:
+        for ws in eng._extra_ws:
+            ws.close()
+
+
+class GptOssEngine(Engine):
     """A bfloat16 gpt-oss checkpoint on one GPU or ``tensor_parallel`` GPUs; arguments and serving API as
     :class:`~fi_engine.llama.LlamaEngine`, plus:
 
@@ -226,6 +439,8 @@ class GptOssEngine(LlamaEngine):
             picks once); ``"routed"`` or ``"dense"`` force one path. Steps of more rows (long prefills) are always
             routed.
     """
+
+    definition = GptOss
 
     def __init__(self, model_dir: Any, *, moe_path: str = "auto", **kwargs: Any) -> None:
         if not isinstance(moe_path, str) or moe_path not in MOE_PATHS:
@@ -244,212 +459,3 @@ class GptOssEngine(LlamaEngine):
         c = self.model_config
         assert c.moe is not None
         return choose_path(rows, c.moe.num_experts, c.moe.top_k)
-
-    def _check_family(self, cfg: LlamaConfig) -> None:
-        if cfg.model_type != "gpt_oss" or not isinstance(cfg.family, GptOssSettings):
-            raise ValueError(f"model: GptOssEngine serves gpt_oss checkpoints, this one is {cfg.model_type!r}")
-        if cfg.moe is None or cfg.moe.top_k > 64:
-            raise ValueError("num_experts_per_tok: above 64 is not supported by the biased MoE combine kernel")
-
-    # ------------------------------------------------------------------------------------------ loading
-
-    def _load(self, ckpt: Checkpoint) -> None:
-        from .dense import data_type
-        from .tensor_parallel import columns, rows, segment
-
-        c = self.model_config  # the checkpoint's shapes; this rank keeps its shard (rank r of n)
-        r, n, vs = self.rank, self.tensor_parallel, self.vocab_shard
-        assert c.moe is not None
-        hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
-        e, i_size = c.moe.num_experts, c.moe.intermediate_size
-        dtype = check_checkpoint(ckpt)
-        self.dtype, self._ab, self._f32 = dtype, data_type(dtype), data_type("float32")
-        self._weights: list[Any] = []
-        self._moe: list[Any] = []
-        self._moe_scratch = None
-        w = WeightLoader(ckpt, self._cp, dtype, self.device, self._weights)
-
-        def host_f32(name: str, shape: tuple[int, ...]) -> np.ndarray:  # biases and sinks, as float32
-            info = ckpt.info(name)
-            arr = ckpt.array(name, shape)
-            if info.dtype not in ("bfloat16", "float32"):
-                raise ValueError(f"model: tensor {name!r} is {info.dtype}, expected bfloat16 or float32")
-            return bf16_to_f32(arr) if info.dtype == "bfloat16" else np.asarray(arr, np.float32)
-
-        def f32(name: str, shape: tuple[int, ...]) -> Any:  # on the device
-            return w.upload(host_f32(name, shape))
-
-        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
-            whole = w.get(name, (c.vocab_size, h))
-            return whole if vs is None else vs.take(whole)
-
-        self._embed = w.ptr(table("model.embed_tokens.weight"))
-        tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
-        self._lm_head = self._embed if tied else w.ptr(table("lm_head.weight"))
-        self._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
-        self._with_bias = r == 0  # the row-parallel outputs' biases: once in the ranks' sum
-        self._wqkv, self._bqkv, self._wo, self._bo, self._ln1, self._ln2 = [], [], [], [], [], []
-        self._sinks: list[Any] = []
-        from .moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEScratch, MoEWeights
-
-        g: GptOssSettings = c.family
-        self._ws_moe = kernels.workspace(self.device)  # the grouped GEMMs' own
-        max_tokens = max(self.max_prefill_tokens, self.max_batch)
-        # buffers for the paths this engine can take: the fixed-capacity routed path where the decode graph
-        # (max_batch rows) routes, the dense path where some step of up to max_batch rows goes dense
-        graph_path = self.moe_path_for(self.max_batch)
-        capacity = self.max_batch if self._static_moe and graph_path == "routed" else None
-        dense_rows = self.max_batch if self.moe_path == "dense" or graph_path == "dense" else None
-        self._moe_scratch = MoEScratch(
-            num_experts=e, hidden=h, intermediate=i_size // n, top_k=c.moe.top_k, max_tokens=max_tokens, dtype=dtype,
-            capacity=capacity, dense_rows=dense_rows,
-        )  # fmt: skip
-        activation = ClampedSwiGLU(float(g.alpha), float(g.swiglu_limit))
-        for i in range(c.num_layers):
-            p = f"model.layers.{i}."
-            a = p + "self_attn."
-            shapes = (("q_proj", hq * d), ("k_proj", hk * d), ("v_proj", hk * d))
-            # this rank's heads: q/k/v rows with their biases, its heads' sinks; the O projection's columns
-            self._wqkv.append(w.ptr(np.concatenate([rows(w.get(f"{a}{x}.weight", (k, h)), r, n) for x, k in shapes])))
-            self._bqkv.append(w.ptr(np.concatenate([segment(w.get(f"{a}{x}.bias", (k,)), r, n) for x, k in shapes])))
-            self._wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))
-            self._bo.append(w.ptr(w.get(a + "o_proj.bias", (h,))))  # added by rank 0 only
-            sinks = w.upload(segment(host_f32(a + "sinks", (hq,)), r, n))
-            self._sinks.append(kernels.descriptor(sinks.data.ptr, sinks.shape, "float32", self.device, owner=sinks))
-            self._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
-            self._ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
-            m = p + "mlp."
-            experts = shard_experts(  # this rank's slice of every expert's intermediate columns
-                w.get(m + "experts.gate_up_proj", (e, h, 2 * i_size)),
-                bf16_to_f32(w.get(m + "experts.gate_up_proj_bias", (e, 2 * i_size))),
-                w.get(m + "experts.down_proj", (e, i_size, h)),
-                r,
-                n,
-            )
-            w_gu, b_gu, w_down = expert_matrices(*experts)
-            weights = MoEWeights(w.upload(w.get(m + "router.weight", (e, h))), w.upload(w_gu), w.upload(w_down))
-            b_down = host_f32(m + "experts.down_proj_bias", (e, h))
-            b_down = b_down if self._with_bias else np.zeros_like(b_down)  # rank 0's partial sum carries it
-            biases = MoEBiases(f32(m + "router.bias", (e,)), w.upload(b_gu), w.upload(b_down))
-            self._moe.append(
-                MoELayer(
-                    weights, dtype=dtype, top_k=c.moe.top_k, renormalize=True, max_tokens=max_tokens,
-                    stream=self.stream, dense=self.dense, workspace=self._ws_moe, capacity=capacity,
-                    scratch=self._moe_scratch, biases=biases, activation=activation, dense_rows=dense_rows,
-                )
-            )  # fmt: skip
-        self._norm = w.vector(w.get("model.norm.weight", (h,)))
-        self._q_norm: list[Any] = []
-        self._k_norm: list[Any] = []
-        cache = w.upload(rope_cos_sin_cache(c, self.max_seq_len))
-        self._cos_sin = kernels.descriptor(cache.data.ptr, cache.shape, "float32", self.device, owner=cache)
-        module = self._cp.RawModule(code=_SOURCE)
-        self._k_bias = module.get_function("add_bias")
-        self._windows = list(g.windows)
-
-    def _allocate(self) -> None:
-        super()._allocate()
-        cp = self._cp
-        # decode: one query row per request (the sink prefill kernels serve decode)
-        self._qo_host = np.arange(self.max_batch + 1, dtype=np.int32)
-        self._qo_dev = cp.asarray(self._qo_host)
-        self._qo_views: dict[int, Any] = {}
-        self._plan_windows = sorted(set(self._windows))
-        self._extra_ws = [kernels.workspace(self.device) for _ in range(2 * (len(self._plan_windows) - 1))]
-
-    def _workspaces(self, decode: bool) -> list[Any]:
-        first = self._ws_decode if decode else self._ws_prefill
-        n = len(self._plan_windows) - 1
-        return [first, *(self._extra_ws[n:] if decode else self._extra_ws[:n])]
-
-    # ------------------------------------------------------------------------------------------ attention
-
-    def _sink_plan(self, ws: Any, qo: Any, kv: Any, last: Any, window: int, backend: str, graph: bool) -> Any:
-        c = self.config
-        return fi_ffi.batch_attention_sink_plan(
-            ws, qo, kv, last, c.num_qo_heads, c.num_kv_heads, c.head_dim, self.page_size, q_dtype=self.dtype,
-            causal=True, window_left=window, sm_scale=c.head_dim**-0.5, backend=backend, enable_cuda_graph=graph,
-            stream=self._s,
-        )  # fmt: skip
-
-    def _plan_prefill(self, batch: int) -> None:
-        ph = self._ph
-        qo, kv, last = ph["qo_indptr"][: batch + 1], ph["kv_indptr"][: batch + 1], ph["kv_last_page_len"][:batch]
-        self._prefill_plans = {
-            window: self._sink_plan(ws, qo, kv, last, window, "auto", False)
-            for window, ws in zip(self._plan_windows, self._workspaces(False), strict=True)
-        }
-
-    def _plan_decode(self, rows: int, cuda_graph: bool) -> None:
-        dh = self._dh
-        qo, kv, last = self._qo_host[: rows + 1], dh["kv_indptr"][: rows + 1], dh["kv_last_page_len"][:rows]
-        # FA2: a decode row is one query; FA2's small query tiles suit it, and its CUDA-graph schedule is fixed
-        self._decode_plans = {
-            window: self._sink_plan(ws, qo, kv, last, window, "fa2", cuda_graph)
-            for window, ws in zip(self._plan_windows, self._workspaces(True), strict=True)
-        }
-        self._decode_plan = self._decode_plans[self._plan_windows[0]]  # the one the graph's layout check watches
-
-    def _qo_view(self, rows: int) -> Any:
-        t = self._qo_views.get(rows)
-        if t is None:
-            t = self._qo_views[rows] = kernels.descriptor(
-                self._qo_dev.data.ptr, (rows + 1,), "int32", self.device, owner=self._qo_dev
-            )
-        return t
-
-    def _prefill_attention(self, i: int, v: SimpleNamespace) -> None:
-        fi_ffi.batch_attention_sink_run(
-            self._prefill_plans[self._windows[i]], v.q, self._k_cache[i], self._v_cache[i], v.qo_indptr, v.kv_indptr,
-            v.kv_indices, v.kv_last_page_len, v.attn, self._sinks[i], stream=self._s,
-        )  # fmt: skip
-
-    def _decode_attention(self, i: int, v: SimpleNamespace) -> None:
-        fi_ffi.batch_attention_sink_run(
-            self._decode_plans[self._windows[i]], v.q, self._k_cache[i], self._v_cache[i],
-            self._qo_view(v.kv_last_page_len.shape[0]), v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn,
-            self._sinks[i], stream=self._s,
-        )  # fmt: skip
-
-    # ------------------------------------------------------------------------------------------ forward
-
-    def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
-        """Embedding to the final RMSNorm for ``rows`` token rows; the normalized rows end in ``x2`` (``x``
-        itself unless the fused all-reduce writes them), the residual stream in ``h``."""
-        c, b, dense, s = self.config, self._buf, self.dense, self._s
-        h, ab = c.hidden_size, self._ab
-        x, qkv, attn = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr
-        normed = self._normed.data.ptr
-        w, hqd, last = self._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
-        path = self.moe_path_for(rows)
-        self._embed_and_norm(v, rows)
-        for i in range(c.num_layers):
-            dense.linear(rows, normed, h, self._wqkv[i], w, h, qkv, w, ab, ab)
-            self._k_bias((rows,), (256,), (qkv, self._bqkv[i], w, w))
-            fi_ffi.apply_rope_with_cos_sin_cache_inplace(
-                v.positions, v.q, v.k, c.head_dim, self._cos_sin, is_neox=True, stream=s
-            )
-            kernels.append_kv(
-                v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i], v.kv_indices, v.kv_indptr,
-                v.kv_last_page_len, s,
-            )  # fmt: skip
-            attention(i, v)
-            dense.linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
-            if self._with_bias:
-                self._k_bias((rows,), (256,), (x, self._bo[i], h, h))
-            self._add_norm(v, self._ln2[i])
-            xin = self._normed  # x, or x2 with the fused all-reduce; the MoE's (partial) output goes to x
-            if path == "dense":  # every expert, no host step (capturable)
-                self._moe[i].forward_dense(xin, b.x, rows)
-            elif static_moe:  # the decode graph: routed on the device, fixed capacity (capturable)
-                self._moe[i].forward_static(xin, b.x, rows)
-            else:  # routed on the host: only the chosen experts' weights are read
-                self._moe[i].forward(xin, b.x, rows)
-            self._add_norm(v, self._ln1[i + 1] if i < last else self._norm)
-
-    def close(self) -> None:
-        was_open = not self._closed
-        super().close()
-        if was_open:
-            for ws in self._extra_ws:
-                ws.close()

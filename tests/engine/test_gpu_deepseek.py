@@ -153,13 +153,13 @@ def family(request, tmp_path_factory):  # type: ignore[no-untyped-def]
 def record_routing(engine):  # type: ignore[no-untyped-def]
     """Per MoE layer (in order), the experts ``[rows, k]`` the engine chose in each forward."""
     seen: dict[int, list[np.ndarray]] = {i: [] for i, m in enumerate(engine._moe) if m is not None}
-    inner = engine._moe_forward
+    inner = engine.family._moe_forward  # the DeepSeek definition's host-routed MoE layer (fi_engine.deepseek)
 
-    def wrapped(i, rows, _inner=inner):  # type: ignore[no-untyped-def]
-        _inner(i, rows)
+    def wrapped(eng, i, rows, _inner=inner):  # type: ignore[no-untyped-def]
+        _inner(eng, i, rows)
         seen[i].append(engine._moe[i].last_routing[1].copy())
 
-    engine._moe_forward = wrapped
+    engine.family._moe_forward = wrapped
     return seen
 
 
@@ -278,7 +278,7 @@ def test_greedy_decode_matches_transformers(family) -> None:  # type: ignore[no-
                 assert row[tok] >= row.max() - TOL, f"{name} token {t}: engine {tok}, reference {int(row.argmax())}"
                 exact += int(tok == int(row.argmax()))
                 total += 1
-            del engine._moe_forward  # the recording wrapper (an instance attribute) goes
+            del engine.family._moe_forward  # the recording wrapper (an instance attribute) goes
         batched = engine.generate(ps, MAX_NEW, eos_token_ids=())
     print(f"{name} eager: {exact}/{total} tokens equal to the reference's argmax; batched {batched.tokens_per_s:.0f} "
           f"tokens/s")  # fmt: skip

@@ -255,6 +255,7 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
     monkeypatch.setattr(Workspace, "_record_plan_copy", lambda self, stream: None)  # a CUDA event: no GPU here
     try:
         eng = object.__new__(LlamaEngine)
+        eng.family = LlamaEngine.definition()  # the layer body's attention (the constructor makes it)
         eng.config, eng._s, eng._head_rows = c, 0, 0
         shape = (PAGES, PS, c.num_kv_heads, c.head_dim)
         eng._k_cache = [kernels.descriptor(FAKE + ((16 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]

@@ -1,0 +1,199 @@
+"""The fused eager decode step of the Llama pass: a step of at most 4 rows on one GPU without MoE layers runs its
+RMSNorms, residual adds and SiLU inside the engine's GEMV launches, and RoPE with the KV append as the QKV GEMV's
+epilogue where it serves the head dim (5 launches per layer instead of 10), every launch but the attention run
+packed once per step view; the same logits as the separate launches (tests/engine/test_gpu_fused_decode.py).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from . import kernels
+from .state import EngineState
+
+if TYPE_CHECKING:
+    from .family import ModelFamily
+
+__all__: list[str] = []
+
+
+class FusedDecode(EngineState):
+    """:meth:`_fused_step` and what it packs; ``fused_decode`` and ``packed_attention`` switch it."""
+
+    definition: type[ModelFamily]
+
+    packed_attention: bool = True
+    """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call
+    taking only the step's plan, instead of a ``batch_decode_run`` per layer (the same logits bit for bit:
+    tests/engine/test_gpu_fused_decode.py); False: a ``batch_decode_run`` per layer."""
+
+    @property
+    def fused_decode(self) -> bool:
+        """Whether an eager decode step runs as :meth:`_fused_step` where it applies (see the class docstring;
+        default True). Settable to a bool (TypeError naming ``fused_decode`` otherwise: a string would be true)."""
+        return self._fused_decode
+
+    @fused_decode.setter
+    def fused_decode(self, on: bool) -> None:
+        from fi_ffi.launch import checks
+
+        self._fused_decode = checks.flag("fused_decode", on)
+
+    def _fuses(self, rows: int) -> bool:
+        """Whether an eager decode step of ``rows`` rows runs as :meth:`_fused_step`: ``fused_decode`` on, the family
+        runs the engine's Llama pass (``ModelFamily.llama_pass``), one GPU (no all-reduce, no vocabulary
+        shard), no MoE layer, and the engine's GEMV serving the rows (at most 4; see Dense.fused_fits)."""
+        c = self.config
+        return (
+            self.fused_decode
+            and type(self).definition.llama_pass
+            and self._allreduce is None
+            and self.vocab_shard is None
+            and not self._moe
+            and self.dense.fused_fits(rows, c.hidden_size)
+            and self.dense.fused_fits(rows, c.intermediate_size)
+        )
+
+    def _fused_step(self, v: SimpleNamespace, rows: int) -> None:
+        """:meth:`_forward` and :meth:`_head` of a decode step in 5 launches per layer instead of 10: the RMSNorms
+        and the residual adds run in the prologue of the GEMV that reads their output (``Dense.fused_linear``,
+        modes NORM / ADD_NORM), ``silu_and_mul`` in the down GEMV's (SILU), and RoPE with the KV append as the QKV
+        GEMV's epilogue (``Dense.prepared_qkv_rope``; where it does not serve the head dim, or Qwen3's per-head
+        norms come between, those stay separate launches: 7 per layer, 9 with the norms). Same rounding points as the
+        separate launches: the o and down GEMVs write their rounded output into ``x`` as before; the next GEMV
+        forms ``s = h + x`` in float32, normalizes ``s`` (not its rounding, as ``fused_add_rmsnorm`` does) and
+        stores ``round(s)`` as the new residual. That store goes to the other of two residual buffers (``h``,
+        ``h_alt``), since every block of the launch still reads the old one; the final norm is the LM head's
+        prologue. Leaves the float32 logits in ``logits``, finished (:meth:`_finish_logits`).
+
+        Every launch but the attention run is packed once per step view (:meth:`_fused_calls`): a step calls
+        them in turn, with the attention run (this step's plan) between each layer's two halves. With
+        :attr:`packed_attention` the attention runs are packed once per view too (:meth:`_attention_runs`) and each
+        call takes only the step's plan."""
+        calls = v.prepared.get("fused step")
+        if calls is None:
+            calls = v.prepared["fused step"] = self._fused_calls(v, rows)
+        embed, layers, head = calls
+        embed()
+        if self.packed_attention:
+            plan = self._decode_plan
+            for (before, after), run in zip(layers, self._attention_runs(v, plan), strict=True):
+                for call in before:
+                    call()
+                run.run(plan)
+                for call in after:
+                    call()
+        else:
+            attention = self._decode_attention
+            for i, (before, after) in enumerate(layers):
+                for call in before:
+                    call()
+                attention(i, v)
+                for call in after:
+                    call()
+        head()
+        self._finish_logits(self._buf.logits.data.ptr, rows, self._head_rows)
+
+    def _attention_runs(self, v: SimpleNamespace, plan: Any) -> list[Any]:
+        """Each layer's decode attention run over view ``v`` packed once (``kernels.prepared_decode_run``), for plans
+        of ``plan``'s settings and batch size (its run context, a value): kept in the view's ``prepared`` with that
+        context, and packed again only when a plan of another context comes (one entry per view: bounded)."""
+        found = v.prepared.get("attention runs")
+        if found is None or found[0] != plan._context:
+            index = (v.kv_indptr, v.kv_indices, v.kv_last_page_len)
+            runs = [
+                kernels.prepared_decode_run(plan, v.q, kc, vc, *index, v.attn, self._s)
+                for kc, vc in zip(self._k_cache, self._v_cache, strict=True)
+            ]
+            found = v.prepared["attention runs"] = (plan._context, runs)
+        runs_: list[Any] = found[1]
+        return runs_
+
+    def _fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
+        """The packed launches of :meth:`_fused_step` over view ``v`` (``rows`` rows): the embedding gather, per
+        layer (the launches before the attention run, those after it), and the LM head. Each is checked when
+        packed (pointer rules, alignment); every operand is an engine buffer or weight, which never moves, and the
+        result is kept in the view's ``prepared`` (keyed by a value: the view is made once per step shape)."""
+        from fi_ffi import prepare, qk_rmsnorm
+
+        from .dense import ADD_NORM, NORM, SILU
+
+        c, b, dense, s = self.config, self._buf, self.dense, self._s
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
+        x, qkv, attn, gu = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr
+        w, hqd = self._qkv_width, c.num_qo_heads * c.head_dim
+        fused = dense.prepared_fused
+        cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
+        embed = dense.prepared_gather(rows, self._embed, h, v.token_ids, cur, h, h)
+        # RoPE and the KV append as the QKV GEMV's epilogue, unless Qwen3's per-head norms come between
+        in_gemv = not c.qk_norm and dense.has_qkv_rope(ab, c.head_dim)
+        layers = []
+        for i in range(c.num_layers):
+            # i == 0: input_layernorm of the embedding rows (rmsnorm); then h += the previous layer's down output
+            # and input_layernorm (fused_add_rmsnorm), the new residual into `other`
+            mode, ln, h_out = (NORM, self._ln1[0].data_ptr, 0) if i == 0 else (ADD_NORM, self._ln1[i].data_ptr, other)
+            if in_gemv:
+                epilogue = self._rope_append(i, v)
+                qkv_call = dense.prepared_qkv_rope(
+                    mode, rows, x, h, self._wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue
+                )
+            else:
+                qkv_call = fused(mode, rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
+            before = [qkv_call]
+            if i:
+                cur, other = other, cur
+            if not in_gemv:
+                if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE (packed as _add_norm packs its norm)
+                    before.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], v.q, eps=eps, stream=s))
+                    before.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], v.k, eps=eps, stream=s))
+                # RoPE and the append as _forward calls them, packed once (fi_ffi.prepare): the step writes its
+                # positions and page table into the view's index arrays, which the kernels read at each launch
+                before.append(kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s))
+                append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
+                index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
+                before.append(kernels.prepared_append_kv(*append, *index, s))
+            after = [dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)]
+            # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
+            ln = self._ln2[i].data_ptr
+            after.append(
+                fused(ADD_NORM, rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab, cur, h, ln, other, eps)
+            )
+            cur, other = other, cur
+            after.append(fused(SILU, rows, gu, 2 * inter, self._wd[i], h, inter, x, h, ab, ab))
+            layers.append((before, after))
+        # h += the last down output; the final norm; the LM head (the new residual is not needed: no h_out)
+        n, logits, ln = self._head_rows, b.logits.data.ptr, self._norm.data_ptr
+        mode = ADD_NORM if c.num_layers else NORM
+        head = fused(mode, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, ln, 0, eps)
+        return embed, layers, head
+
+    def _rope_append(self, i: int, v: SimpleNamespace) -> Any:
+        """The RoPE settings, this step's index arrays and layer ``i``'s caches as the QKV GEMV's epilogue takes
+        them (``Dense.prepared_qkv_rope``): the values ``kernels.rope_inplace`` and ``append_kv`` pass."""
+        from .dense import RopeAppend
+
+        c, r = self.config, self.config.rope
+        kc, vc = self._k_cache[i], self._v_cache[i]
+        return RopeAppend(
+            hq=c.num_qo_heads,
+            hk=c.num_kv_heads,
+            d=c.head_dim,
+            theta=r.theta,
+            scale=r.factor if r.llama3 else 1.0,
+            llama3=r.llama3,
+            low_freq_factor=r.low_freq_factor,
+            high_freq_factor=r.high_freq_factor,
+            old_context_len=r.original_max_position_embeddings,
+            positions=v.positions.data_ptr,
+            batch_indices=v.batch_indices.data_ptr,
+            kv_indptr=v.kv_indptr.data_ptr,
+            kv_indices=v.kv_indices.data_ptr,
+            k_cache=kc.data_ptr,
+            v_cache=vc.data_ptr,
+            page_size=kc.shape[1],
+            num_pages=kc.shape[0],
+            stride_page=kc.strides[0],
+            stride_n=kc.strides[1],
+            stride_h=kc.strides[2],
+        )

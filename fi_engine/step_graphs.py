@@ -1,0 +1,190 @@
+"""The engine's CUDA graphs: the decode step captured once at ``max_batch`` rows and replayed every step (the step's
+index arrays copied into the graph's buffers, the plan made again with ``enable_cuda_graph``), and a prefill padded
+up to a token-row bucket (:func:`~fi_engine.paging.prefill_buckets`) replayed as that bucket's graph, captured the
+first time the bucket and batch size are met (at most :data:`_PREFILL_GRAPHS` kept, the least recently replayed
+evicted first). Capture and replay: :class:`~fi_engine.graph.CudaGraph`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from .paging import _ladder, bucket_for, fill_decode
+from .state import EngineState
+from .storage import _H2D, _address
+
+if TYPE_CHECKING:
+    from .family import ModelFamily
+
+__all__: list[str] = []
+
+
+# Padded prefill graphs kept per engine. Each is ~10 kernel nodes per layer (a few hundred KB of host and device
+# memory for a 30-layer model), and a shape evicted costs one capture (about an eager prefill) when met again. 16
+# hold e.g. every quarter-octave bucket from 256 to 2048 rows at one batch size, or the buckets a serving mix
+# of a few prompt-length ranges and batch sizes meets; the key grows with (bucket, batch) pairs, so some bound is
+# needed.
+_PREFILL_GRAPHS = 16
+
+
+def _refuse_allocation(size: int) -> Any:
+    """A CuPy allocator that refuses: installed while the decode step is captured."""
+    raise RuntimeError(
+        f"the decode step asked CuPy for {size} bytes of device memory while being captured as a "
+        f"CUDA graph; allocate every buffer it uses in LlamaEngine.__init__ instead"
+    )
+
+
+class StepGraphs(EngineState):
+    """The decode graph and the padded prefill graphs of an engine."""
+
+    definition: type[ModelFamily]  # the engine class's family (prefill graphs serve the Llama pass only)
+
+    def _decode_body(self, v: SimpleNamespace, rows: int) -> None:
+        """One decode step on the device: forward, LM head, argmax into ``ids`` (what the graph captures)."""
+        self._forward(v, rows, self._decode_attention, static_moe=self._static_moe)
+        self._head(rows, self._normed.data.ptr)
+        self._argmax(rows)
+
+    def _capture(self) -> None:
+        """Warm up one padded decode step eagerly (loads modules, compiles kernels, picks GEMM algorithms),
+        then capture the same step into a CUDA graph."""
+        # the captured step is GPU-bound: its GEMMs stay cuBLAS's (the GEMV saves host time, which a replay lacks)
+        gemv, self.dense.gemv = self.dense.gemv, False
+        try:
+            self._capture_step()
+        finally:
+            self.dense.gemv = gemv
+
+    def _capture_step(self) -> None:
+        from .graph import CudaGraph
+
+        rows = self.max_batch
+        n_pages = fill_decode([None] * rows, self.page_size, self._dh)
+        self._upload_decode(rows, n_pages, cuda_graph=True)
+        v = self._view("decode", rows, rows)
+        self._decode_body(v, rows)
+        self.stream.synchronize()
+        graph = CudaGraph(self._s)
+        # Nothing in the step may allocate: memory handed out during capture would go back to CuPy's pool after
+        # it and be reused while every replay still writes to it. The step only uses buffers made in __init__;
+        # this allocator turns a regression into an error at capture instead of silent corruption.
+        with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
+            self._decode_body(v, rows)
+        self._graph_plan_info = self._decode_plan.info
+        self._graph_checked = False
+        self.graph = graph
+
+    def _upload_decode(self, rows: int, n_pages: int, cuda_graph: bool) -> None:
+        """Copy the step's index arrays to the device and plan the step (``cuda_graph``: a fixed-batch plan for
+        the captured graph)."""
+        n = self._dlayout.end("kv_indices", n_pages)
+        self._cp.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, _address(self._dhost), 4 * n, _H2D, self._s)
+        self._plan_decode(rows, cuda_graph)
+        self._staged.record(self.stream)  # the host staging (ours and the plan's) may be rewritten after this
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        """The token-row buckets a prefill is padded up to for its CUDA graph, ascending; by default
+        :func:`~fi_engine.paging.prefill_buckets` of ``max_prefill_tokens`` (which says why those). Settable
+        to another ladder: a non-empty, strictly ascending sequence of ints ending at ``max_prefill_tokens`` (each
+        prefill needs a bucket, and none may pad past the buffers' rows); TypeError/ValueError naming
+        ``prefill_buckets`` otherwise."""
+        return self._prefill_buckets
+
+    @prefill_buckets.setter
+    def prefill_buckets(self, buckets: Sequence[int]) -> None:
+        top = self.max_prefill_tokens
+        ladder = _ladder("prefill_buckets", buckets, top)
+        if ladder[-1] != top:
+            raise ValueError(
+                f"prefill_buckets: expected the last bucket to be max_prefill_tokens ({top}), got {ladder[-1]}"
+            )
+        self._prefill_buckets = ladder
+
+    def _prefill_bucket(self, nnz: int, batch: int) -> int | None:
+        """The token rows a prefill of ``nnz`` rows and ``batch`` requests is padded to, to run as that bucket's
+        CUDA graph (:meth:`_prefill_graph`); None: it runs eagerly, unpadded. Eager for MoE layers (host routing
+        synchronizes), tensor parallelism, the engines that override the pass, ``prefill_graphs = False``, and a
+        shape whose capture failed before (:attr:`prefill_graph_failures`)."""
+        if not self.prefill_graphs or self._moe or self.comm is not None or not type(self).definition.llama_pass:
+            return None
+        bucket = bucket_for(nnz, self.prefill_buckets)
+        return None if (bucket, batch) in self.prefill_graph_failures else bucket
+
+    def _prefill_padded(self, nnz: int, batch: int, bucket: int) -> bool:
+        """The forward pass of a prefill padded to ``bucket`` rows (the index arrays on the device), as that bucket's
+        graph, or eagerly if its capture fails; False when its CUDA-graph plan fails (e.g. FA2's split-KV scratch
+        for a long bucket exceeds the workspace): recorded, and the caller runs the prefill eagerly, unpadded (the
+        padded arrays begin with the unpadded ones, so the copy already made serves it)."""
+        try:
+            self._plan_prefill_padded(batch + 1)
+        except Exception as exc:
+            self._prefill_graph_failed(bucket, batch, "planning", exc)
+            return False
+        padded = self._view("padded prefill", bucket, batch + 1)
+        if not self._prefill_graph(padded, bucket, batch):
+            self._forward(padded, bucket, self._prefill_attention)  # the capture failed: the same pass, eagerly
+        return True
+
+    def _prefill_graph_failed(self, rows: int, batch: int, stage: str, exc: Exception) -> None:
+        """Record why the prefill graph of ``rows`` rows and ``batch`` requests failed (that shape is eager from
+        now on: :meth:`_prefill_bucket`), and warn once."""
+        why = f"{stage}: {type(exc).__name__}: {exc}"[:500]
+        self.prefill_graph_failures[(rows, batch)] = why
+        warnings.warn(
+            f"LlamaEngine: the prefill graph of {rows} token rows and {batch} requests failed ({why}); prefills of "
+            f"that shape run eagerly from now on (engine.prefill_graph_failures)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def _prefill_graph(self, v: SimpleNamespace, rows: int, batch: int) -> bool:
+        """Run the padded prefill pass (``rows``: the bucket's token rows, ``v`` its views; ``batch`` real requests
+        plus the padding request) as a CUDA graph, captured the first time its shape is met; False: the capture
+        failed and the caller runs the same pass eagerly.
+
+        Issuing ~10 launches per layer costs more host time than a small model's GPU takes for them, so an eager
+        prefill is host-bound even at thousands of tokens. The graph's shape is the bucket, the batch size and
+        the plan's schedule vector: a CUDA-graph plan (``enable_cuda_graph=True``) fixes every workspace offset
+        and grid from ``qo_indptr[-1]`` (the bucket) and the batch size alone, and each prefill's plan copies its
+        own schedule to those offsets before the replay; every buffer the pass touches was allocated in the
+        constructor. A bucket, unlike an exact length, is met again, so it is captured on its first sight.
+        At most :data:`_PREFILL_GRAPHS` are kept, the least recently replayed evicted first.
+        """
+        cache = self._prefill_graph_cache
+        key = (rows, batch, *self._prefill_plan.info)
+        graph = cache.pop(key, None)
+        if graph is None:
+            graph = self._capture_prefill(v, rows, batch)
+            if graph is None:
+                return False
+        cache[key] = graph  # (re)inserted last: the dict's order is the replay order, oldest first
+        graph.launch()
+        return True
+
+    def _capture_prefill(self, v: SimpleNamespace, rows: int, batch: int) -> Any:
+        """Capture the padded prefill pass into a new graph (not run yet); None, with a warning and the reason in
+        :attr:`prefill_graph_failures`, when the capture fails: the graph is closed and the stream left out of
+        capture mode (:meth:`CudaGraph.capture`), so the caller can run the pass eagerly."""
+        from .graph import CudaGraph
+
+        cache = self._prefill_graph_cache
+        if len(cache) >= _PREFILL_GRAPHS:  # the least recently replayed goes, after its last replay
+            self.stream.synchronize()
+            cache.pop(next(iter(cache))).close()
+        graph = CudaGraph(self._s)
+        try:
+            with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
+                self._forward(v, rows, self._prefill_attention)
+        except Exception as exc:  # e.g. a launch refused in capture, an allocation, instantiation refused
+            graph.close()
+            self._prefill_graph_failed(rows, batch, "capture", exc)
+            return None
+        except BaseException:  # interrupted: nothing else holds the graph
+            graph.close()
+            raise
+        return graph
