@@ -4,8 +4,8 @@ python examples/rmsnorm_cuda_python.py        # exits 1 if the result differs fr
 
 Needs: an NVIDIA GPU with its driver that the pinned kernel wheels cover (SM 9.0 and others: `fi-ffi doctor`
 says), and fi_ffi installed (cuda-python and the CUDA runtime come with it). The first run fetches the pinned
-wheels (1-2 GB) into the cache unless a wheelhouse holds them (README, "Offline machines"). Without a GPU it says
-so and exits 2.
+wheels (1-2 GB) into the cache unless a wheelhouse holds them (docs/operations.md, "Offline machines").
+Without a GPU it says so and exits 2.
 """
 
 from __future__ import annotations

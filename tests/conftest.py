@@ -59,8 +59,8 @@ hypothesis_settings.load_profile("fi_ffi")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_WHEEL_GLOB = "flashinfer_jit_cache-*.whl"
-WHEELS_HINT = "where to get it: README.md, section 'Test kernel wheels'"
-"""Appended to every skip for a missing test wheel: the README says what ``../shared`` holds and how to get it."""
+WHEELS_HINT = "where to get it: CONTRIBUTING.md, section 'Test kernel wheels'"
+"""Appended to every skip for a missing test wheel: CONTRIBUTING.md says what ``../shared`` holds and how to get it."""
 SHARED_WHEEL_MISSING = (
     "needs the shared test kernel wheel flashinfer_jit_cache-*.whl, found neither in $FI_FFI_TEST_WHEELS nor in "
     f"<repo>/../shared/wheels (outside the checkout); {WHEELS_HINT}"

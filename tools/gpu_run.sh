@@ -9,7 +9,7 @@
 # so every module the 0.7.2 wheel has comes from it and .gpu/kernels/*.whl (0.6.3) serves the rest:
 #   FI_FFI_TEST_RELEASE=0.7.2 bash tools/gpu_run.sh python3 -m pytest -q tests/
 # Staging for that run (the carry limit is 64 MiB): keep only the core 0.6.3 wheel in .gpu/kernels and copy the
-# 0.7.2 wheel into .gpu/kernels-072 (docs: README, "FlashInfer releases").
+# 0.7.2 wheel into .gpu/kernels-072 (docs: CONTRIBUTING.md, "FlashInfer 0.7.2 on the GPU").
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl .gpu/kernels/*.whl \
     2>&1 | grep -v "already exists" | tail -3

@@ -99,7 +99,9 @@ def test_every_install_hint_names_an_extra_that_exists() -> None:
     import re
 
     extras = set(pyproject()["project"]["optional-dependencies"])
-    texts = {p: p.read_text() for p in [REPO / "README.md", *sorted((REPO / "fi_ffi").rglob("*.py"))]}
+    docs = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").glob("*.md"))]
+    assert len(docs) > 5  # the README, CONTRIBUTING and the docs by reader
+    texts = {p: p.read_text() for p in [*docs, *sorted((REPO / "fi_ffi").rglob("*.py"))]}
     for path, text in texts.items():
         assert "fi-ffi[" not in text, f"{path} names an extra of the fi-ffi distribution, not installable here"
         for group in re.findall(r"pip install (?:-e )?'?\.\[([\w,-]+)\]", text):
@@ -147,7 +149,8 @@ def test_the_sdist_manifest_carries_what_the_tests_need() -> None:
     except OSError:
         tracked = []
     tracked = tracked or files.allfiles
-    needed = {"LICENSE", "README.md", "wheels.lock", "tests/conftest.py", "tests/helpers/attention_reference.py"}
+    needed = {"LICENSE", "README.md", "CONTRIBUTING.md", "wheels.lock", "tests/conftest.py"}
+    needed |= {"tests/helpers/attention_reference.py"}
     needed |= {f for f in tracked if f.split("/")[0] in ("tests", "examples", "benchmarks", "tools", "docs")}
     assert needed <= shipped, sorted(needed - shipped)
 

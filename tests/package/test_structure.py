@@ -11,7 +11,8 @@
   no module of ``fi_ffi.ops.attention`` takes a private name from another module.
 - No module takes a private (``_name``) name of another unit.
 - The top level of ``fi_ffi.ops`` holds only op families (modules with ``DECLARATIONS``).
-- README's layout tree names every top-level module and subpackage, and every module of the engine and the ops.
+- The layout tree of ``docs/design.md`` names every top-level module and subpackage, and every module of ``launch``,
+  ``ops``, ``ops.attention``, ``tensor`` and ``cuda``.
 """
 
 from __future__ import annotations
@@ -286,9 +287,9 @@ def test_no_attention_module_takes_a_private_name_of_another_module() -> None:
     assert taken == []
 
 
-def test_the_readme_layout_names_every_unit_and_every_module_of_the_engine_and_ops() -> None:
-    # README's tree is the newcomer's map: a file added or moved without it goes missing here
-    text = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+def test_the_design_layout_names_every_unit_and_every_module_of_launch_ops_tensor_and_cuda() -> None:
+    # docs/design.md's tree is the contributor's map: a file added or moved without it goes missing here
+    text = (PACKAGE.parent / "docs" / "design.md").read_text(encoding="utf-8")
     tree = text[text.index("```\nfi_ffi/\n") : text.index("```", text.index("```\nfi_ffi/\n") + 3)]
     named = set(re.findall(r"[\w.]+", tree))
     top = {p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
