@@ -45,8 +45,7 @@ from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
-
-__all__ = ["selective_state_update"]
+from .registry import op
 
 SELECTIVE_STATE_UPDATE = declare(
     "selective_state_update",
@@ -221,6 +220,7 @@ _launch = {
 BACKENDS = ("auto", "sm90", "simple")
 
 
+@op()
 def selective_state_update(
     state: TensorLike,
     x: TensorLike,

@@ -60,15 +60,15 @@ from ..tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from ..tensor.streams import current_stream, stream_handle
 from .attention.host_index import host_array
 from .attention.workspace import Workspace
+from .registry import op
 
 __all__ = [
     "PreparedSegmentGEMM",
     "SegmentGEMMArgs",
     "prepare_segment_gemm",
-    "segment_gemm",
     "segment_gemm_args",
     "segment_gemm_args_bytes",
-]
+]  # public here, not ops of fi_ffi; the ops: @op below
 
 _ARRAYS = [
     tensor("all_problems"),
@@ -272,6 +272,7 @@ def _need_out() -> NoReturn:
     )
 
 
+@op()
 def segment_gemm(
     workspace: Workspace,
     x: TensorLike,

@@ -50,6 +50,7 @@ from ...launch import checks
 from ...launch.aliasing import disjoint
 from ...tensor.descriptor import Tensor
 from ...tensor.protocols import TensorLike
+from ..registry import op
 
 FLOAT_BYTES = 128 << 20
 INT_BYTES = 8 << 20
@@ -82,6 +83,7 @@ def _bytes_of(t: Tensor) -> int:
     return t.shape[0] * t.dtype.itemsize
 
 
+@op()
 class Workspace:
     """The three buffers that batch attention plans and runs share, plus the plan-copy bookkeeping.
 
