@@ -10,8 +10,8 @@ runtime and each kernel module are loaded on first use. The public surface:
 - errors: :class:`KernelError`, :class:`LoaderError`, :class:`CudaError` and friends in :mod:`fi_ffi.errors`.
 """
 
-# Each public name is stated once. An op by ``@op`` on its def (fi_ffi/ops/registry.py), from which
-# ``python tools/gen_init_stub.py`` writes the generated table ``fi_ffi.ops.exports.OPS`` (name -> defining module);
+# Each public name is stated once. An op by ``@op`` on its def (fi_ffi/launch/registry.py), from which
+# ``python tools/gen_init_stub.py`` writes the generated table ``fi_ffi.launch.exports.OPS`` (name -> defining module);
 # every other name (dtypes, errors, Tensor, as_tensor...) as a row of _EXPORTS below: name -> the module (relative
 # to fi_ffi) that defines it; "" marks a submodule exported under its own name (``from . import dtypes``). The two
 # make one table, from which everything else is derived: ``__all__``, the lazy module ``__getattr__`` (PEP 562: a
@@ -32,7 +32,7 @@ from typing import Any
 # The ground floor every op stands on, imported eagerly as before (cheap: no shared library, no cffi parser), so
 # that ``fi_ffi.errors`` and ``fi_ffi.tensor`` are there after ``import fi_ffi``.
 from . import dtypes, errors, moved, tensor  # noqa: F401
-from .ops.exports import OPS as _OPS
+from .launch.exports import OPS as _OPS
 
 moved.install()  # fi_ffi.models and fi_ffi.typing: their old paths, with a DeprecationWarning
 

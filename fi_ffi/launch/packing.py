@@ -1,7 +1,7 @@
 """``fi_ffi.prepare``: one op call checked and packed once, for the ops declared packable.
 
 An op declares itself packable on its def, ``@op(launch=_rmsnorm, packable=_out_first)``
-(:func:`fi_ffi.ops.registry.op`), which registers it here with its :class:`Packable` when its family is imported
+(:func:`fi_ffi.launch.registry.op`), which registers it here with its :class:`Packable` when its family is imported
 (:func:`register`: the launch layer stands below the ops, so it learns of them from them; an op a caller holds is
 one whose module is imported). ``wire`` (the ``packable=`` function) is the one mapping from the op's arguments to
 its launch function's values: the op itself calls it with its launch function (so the op and its packed form cannot

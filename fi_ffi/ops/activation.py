@@ -26,8 +26,8 @@ from ..dtypes import bfloat16, float16
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
-from .registry import op
 
 _DTYPES = (float16, bfloat16)
 _VECTOR_BYTES = 16

@@ -29,8 +29,8 @@ from ..dtypes import dtype as dtype_of
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
-from .registry import op
 
 __all__ = ["WORKSPACE_BYTES"]  # public here, not ops of fi_ffi; the ops: @op below
 

@@ -47,11 +47,11 @@ from ..errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
 from ..tensor.streams import stream_handle
 from .attention.variants import not_shipped
-from .registry import op
 
 _URI = "gdn_prefill_sm90"
 _DTYPES = (float16, bfloat16)

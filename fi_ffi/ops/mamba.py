@@ -43,9 +43,9 @@ from ..dtypes import bfloat16, float16, float32, int32, int64
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
-from .registry import op
 
 SELECTIVE_STATE_UPDATE = declare(
     "selective_state_update",

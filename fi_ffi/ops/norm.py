@@ -23,8 +23,8 @@ from ..dtypes import bfloat16, float16
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
-from .registry import op
 
 _URI = "norm"
 _DTYPES = (float16, bfloat16)
@@ -107,7 +107,7 @@ _fused_add_rmsnorm = launcher(FUSED_ADD_RMSNORM, _URI, _check_2d_residual)
 _gemma_fused_add_rmsnorm = launcher(GEMMA_FUSED_ADD_RMSNORM, _URI, _check_2d_residual)
 
 
-# ---- ops: each states its launch function and, for fi_ffi.prepare, its wire mapping (fi_ffi.ops.registry)
+# ---- ops: each states its launch function and, for fi_ffi.prepare, its wire mapping (fi_ffi.launch.registry)
 
 
 @op(launch=_rmsnorm, packable=_out_first)

@@ -38,10 +38,10 @@ from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import IndexLike, StreamLike, TensorLike
 from .attention.plan_settings import LAYOUTS  # the KV layout codes the kernels take, stated once
-from .registry import op
 
 _URI = "page"
 _CACHE_DTYPES = (float16, bfloat16, float8_e4m3fn, float8_e5m2)

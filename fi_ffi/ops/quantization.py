@@ -34,8 +34,8 @@ from ..dtypes import bool_, int32, uint8
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
-from .registry import op
 
 _URI = "quantization"
 _BITORDERS = ("big", "little")

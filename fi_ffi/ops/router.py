@@ -30,8 +30,8 @@ from ..dtypes import bfloat16, float16, float32, int32
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
-from .registry import op
 
 _ROUTER_PARAMS: list[Param | tuple[str, str]] = [
     tensor("mat_a"),

@@ -40,8 +40,8 @@ from ..generator import Generator, default_generator, draw
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
-from .registry import op
 
 _URI = "sampling"
 _U64 = 1 << 64

@@ -54,13 +54,13 @@ from ..launch import checks
 from ..launch.aliasing import disjoint
 from ..launch.launcher import check_tensor, launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor import producers
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from ..tensor.streams import current_stream, stream_handle
 from .attention.host_index import host_array
 from .attention.workspace import Workspace
-from .registry import op
 
 __all__ = [
     "PreparedSegmentGEMM",

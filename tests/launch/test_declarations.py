@@ -106,10 +106,10 @@ def test_every_op_family_declares_its_entry_points() -> None:
 
 def test_every_op_launches_a_declaration_of_its_family() -> None:
     """An ``@op(launch=...)`` calls a launcher of one of its family's declarations, on a module its pattern matches:
-    the declarations this test binds are the ones the ops call (fi_ffi/ops/registry.py)."""
+    the declarations this test binds are the ones the ops call (fi_ffi/launch/registry.py)."""
     import sys
 
-    from fi_ffi.ops import registry
+    from fi_ffi.launch import registry
 
     named = [f for f in registry.ops() if f.__module__.startswith("fi_ffi.ops.") and registry.launch_of(f) is not None]
     assert len(named) >= 30 and "rmsnorm" in {f.__name__ for f in named}

@@ -19,8 +19,7 @@ from conftest import subprocess_env
 from helpers.fakes import assert_reached_the_kernel, fake_cuda
 
 from fi_ffi.errors import KernelError
-from fi_ffi.launch import packing
-from fi_ffi.ops import registry
+from fi_ffi.launch import packing, registry
 
 pytestmark = pytest.mark.cpu_only
 
@@ -93,7 +92,7 @@ def test_the_regenerate_step_names_the_tool() -> None:
     text = DOC.read_text(encoding="utf-8")
     step = text[text.index("## 2. Regenerate") : text.index("## 3.")]
     assert "python tools/gen_init_stub.py" in step and "python tools/api_reference.py" in step
-    assert "`@op`" in step and "fi_ffi/ops/exports.py" in step
+    assert "`@op`" in step and "fi_ffi/launch/exports.py" in step
 
 
 # Run in a child process on the copy of the package: fi_ffi.my_rmsnorm is public, resolves to the new module's def,
@@ -136,9 +135,9 @@ def test_one_decorated_def_is_all_it_takes(kernel_modules: object, tmp_path: Pat
         return subprocess.run([sys.executable, *args], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
 
     stale = run("tools/gen_init_stub.py", "--check")
-    assert stale.returncode == 1 and "fi_ffi/ops/exports.py" in stale.stderr  # the new op is not a row yet
+    assert stale.returncode == 1 and "fi_ffi/launch/exports.py" in stale.stderr  # the new op is not a row yet
     assert run("tools/gen_init_stub.py").returncode == 0  # the guide's step 2
-    assert '    "my_rmsnorm": "ops.my_norm",\n' in (copy / "fi_ffi" / "ops" / "exports.py").read_text(encoding="utf-8")
+    assert '    "my_rmsnorm": "ops.my_norm",\n' in (copy / "fi_ffi" / "launch" / "exports.py").read_text("utf-8")
     assert "from .ops.my_norm import my_rmsnorm as my_rmsnorm" in (copy / "fi_ffi" / "__init__.pyi").read_text("utf-8")
     child = run("-c", CHILD)
     assert child.returncode == 0, child.stderr

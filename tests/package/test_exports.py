@@ -2,7 +2,7 @@
 (``_EXPORTS``: name -> the module that defines it), and everything else follows from it:
 
 - an op's row is not written by hand: ``@op`` on its def states it, and ``tools/gen_init_stub.py`` writes the
-  rows of every ``@op`` into ``fi_ffi/ops/exports.py`` (read with ast, so ``import fi_ffi`` imports no op);
+  rows of every ``@op`` into ``fi_ffi/launch/exports.py`` (read with ast, so ``import fi_ffi`` imports no op);
   the other names (dtypes, errors, ``Tensor``...) are the hand-written rows of ``_EXPORTS``;
 - every name of ``__all__`` imports and is the very object its defining module holds;
 - ``__all__`` is the table's names (plus ``__version__``), each written once in the table's source;
@@ -79,7 +79,7 @@ def test_all_is_the_table_and_each_row_is_written_once(package: ModuleType) -> N
     # fi_ffi the rows are the hand-written literal and the generated table of ops, which share no name
     keys = _literal_keys(Path(package.__file__ or ""), "_EXPORTS")
     if package is fi_ffi:
-        ops = _literal_keys(ROOT / "fi_ffi" / "ops" / "exports.py", "OPS")
+        ops = _literal_keys(ROOT / "fi_ffi" / "launch" / "exports.py", "OPS")
         assert set(keys).isdisjoint(ops), "a name is both an @op and a hand-written row of _EXPORTS"
         keys += ops
     assert sorted(keys) == sorted(rows)
@@ -106,8 +106,8 @@ def test_the_ops_rows_are_the_op_decorated_defs() -> None:
     import pkgutil
 
     import fi_ffi.ops
-    from fi_ffi.ops import registry
-    from fi_ffi.ops.exports import OPS
+    from fi_ffi.launch import registry
+    from fi_ffi.launch.exports import OPS
 
     for info in pkgutil.walk_packages(fi_ffi.ops.__path__, "fi_ffi.ops."):
         importlib.import_module(info.name)
@@ -129,7 +129,7 @@ def test_the_committed_stubs_are_what_the_generator_writes() -> None:
     tool = _tool()
     files = tool.stubs()
     assert {p.relative_to(ROOT).as_posix() for p in files} == {
-        "fi_ffi/ops/exports.py",
+        "fi_ffi/launch/exports.py",
         "fi_ffi/__init__.pyi",
         "fi_ffi/loader/__init__.pyi",
     }
@@ -142,7 +142,7 @@ def test_the_generator_reads_an_op_from_its_decorator(tmp_path: Path, monkeypatc
     family = tmp_path / "fi_ffi" / "ops" / "attention"
     family.mkdir(parents=True)
     (family / "extra.py").write_text(
-        "from ..registry import op\n\n\n@op(launch=_x)\ndef new_op(): ...\n\n\n@op()\nclass NewPlan: ...\n\n\n"
+        "from ...launch.registry import op\n\n\n@op(launch=_x)\ndef new_op(): ...\n\n\n@op()\nclass NewPlan: ...\n\n\n"
         "def helper(): ...\n\n\n@other\ndef not_an_op(): ...\n",
         encoding="utf-8",
     )
@@ -221,9 +221,9 @@ def test_importing_fi_ffi_imports_no_op_module_and_loads_nothing() -> None:
             "fi_ffi.caches",
             "fi_ffi.dtypes",
             "fi_ffi.errors",
+            "fi_ffi.launch",  # a package whose __init__ imports nothing
+            "fi_ffi.launch.exports",  # the generated table of ops: a dict literal
             "fi_ffi.moved",
-            "fi_ffi.ops",  # an empty package: its __init__ runs no op module
-            "fi_ffi.ops.exports",  # the generated table of ops: a dict literal
             "fi_ffi.tensor",
             "fi_ffi.tensor.descriptor",
         ],

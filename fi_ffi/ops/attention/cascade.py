@@ -31,9 +31,9 @@ from ...dtypes import bfloat16, bool_, float16, float32, uint8
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
+from ...launch.registry import op
 from ...tensor.descriptor import Tensor
 from ...tensor.protocols import StreamLike, TensorLike, TensorT
-from ..registry import op
 
 _URI = "cascade"
 _DTYPES = (float16, bfloat16)

@@ -55,10 +55,10 @@ from ...errors import KernelError, UnsupportedDeviceError
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
+from ...launch.registry import op
 from ...tensor.descriptor import Tensor
 from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from ...tensor.streams import current_stream, stream_handle
-from ..registry import op
 from . import variants as V
 from .host_index import check_indptr, host_array, host_tensor
 from .plan import Schedule

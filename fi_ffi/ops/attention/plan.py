@@ -25,7 +25,7 @@ from typing import Any
 
 from ... import caches
 from ...abi.objects import ARRAY, Array
-from ..registry import op
+from ...launch.registry import op
 from .plan_settings import PlanSettings
 
 __all__ = ["PlanSettings", "Schedule"]  # public here, not ops of fi_ffi; the ops: @op below

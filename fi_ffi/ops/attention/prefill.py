@@ -38,9 +38,9 @@ from ...dtypes import int32, uint8
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
+from ...launch.registry import op
 from ...tensor.descriptor import Tensor
 from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
-from ..registry import op
 from . import attention_checks as AC
 from . import plan_settings as S
 from .common import (

@@ -34,8 +34,8 @@ from ...errors import KernelNotFoundError, UnsupportedDeviceError
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
+from ...launch.registry import op
 from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
-from ..registry import op
 from . import attention_checks as AC
 from . import plan_settings as S
 from .common import check_kv_tokens, check_pages, check_rows, check_workspace, runnable

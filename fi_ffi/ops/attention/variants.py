@@ -29,7 +29,7 @@ from typing import Any
 from ... import dtypes as _dt
 from ...dtypes import DType
 from ...errors import CudaError, KernelNotFoundError
-from ..registry import op
+from ...launch.registry import op
 
 SINGLE_PREFILL = "single_prefill"
 BATCH_PREFILL = "batch_prefill"

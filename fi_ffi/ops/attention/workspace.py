@@ -48,9 +48,9 @@ from ...dtypes import Device
 from ...errors import CudaError
 from ...launch import checks
 from ...launch.aliasing import disjoint
+from ...launch.registry import op
 from ...tensor.descriptor import Tensor
 from ...tensor.protocols import TensorLike
-from ..registry import op
 
 FLOAT_BYTES = 128 << 20
 INT_BYTES = 8 << 20

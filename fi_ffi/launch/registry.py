@@ -16,7 +16,7 @@ and the rest is derived from it:
   (created when the module states none; a family lists by hand only what is public at its own level and not an op
   of ``fi_ffi``: constants such as ``WORKSPACE_BYTES``, host helpers such as ``page.get_seq_lens``);
 - **the exports row** of ``fi_ffi``: ``python tools/gen_init_stub.py`` reads the decorated defs and classes of
-  ``fi_ffi/ops/`` with :mod:`ast` and writes the table :data:`fi_ffi.ops.exports.OPS` (name -> module) that
+  ``fi_ffi/ops/`` with :mod:`ast` and writes the table :data:`fi_ffi.launch.exports.OPS` (name -> module) that
   ``fi_ffi/__init__.py`` adds to its hand-written rows (dtypes, errors, ``Tensor``...); ``--check`` and
   tests/package/test_exports.py fail when the table is stale;
 - **the packable entry**: ``packable=`` (the op's wire mapping, see :class:`~fi_ffi.launch.packing.Packable`)
@@ -46,7 +46,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..launch.packing import Packable, register
+from .packing import Packable, register
 
 __all__ = ["launch_of", "op", "ops"]
 
