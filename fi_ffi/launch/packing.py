@@ -1,11 +1,11 @@
-"""``fi_ffi.prepare``: one op call checked and packed once, for the ops whose family declares a packed form.
+"""``fi_ffi.prepare``: one op call checked and packed once, for the ops declared packable.
 
-A family module (:mod:`~fi_ffi.ops.norm`, :mod:`~fi_ffi.ops.rope`, :mod:`~fi_ffi.ops.page`) declares
-``PACKABLE``: each packable op with its :class:`Packable`, whose ``wire`` is the one mapping from the op's
-arguments to its launch function's values, and registers it here when imported (:func:`register`: the launch
-layer stands below the ops, so it learns of them from them; an op a caller holds is one whose module is
-imported). The op itself calls ``wire`` with its launch function (so the op and its packed form cannot drift
-apart); :func:`prepare` calls it with a packer that checks and packs those values into a frame of their own
+An op declares itself packable on its def, ``@op(launch=_rmsnorm, packable=_out_first)``
+(:func:`fi_ffi.launch.registry.op`), which registers it here with its :class:`Packable` when its family is imported
+(:func:`register`: the launch layer stands below the ops, so it learns of them from them; an op a caller holds is
+one whose module is imported). ``wire`` (the ``packable=`` function) is the one mapping from the op's arguments to
+its launch function's values: the op itself calls it with its launch function (so the op and its packed form cannot
+drift apart); :func:`prepare` calls it with a packer that checks and packs those values into a frame of their own
 instead (:meth:`~fi_ffi.launch.launcher.Launcher.prepare`). Every check and message is therefore the op's: a bad
 argument is refused by ``prepare`` as the op refuses it, naming the argument.
 """
@@ -44,7 +44,7 @@ _PACKABLE: dict[Callable[..., Any], Packable] = {}
 
 
 def register(packable: dict[Callable[..., Any], Packable]) -> None:
-    """Add a family's packable ops (its ``PACKABLE``, at the family's import)."""
+    """Add packable ops (``@op(packable=...)`` registers each at its family's import)."""
     _PACKABLE.update(packable)
 
 

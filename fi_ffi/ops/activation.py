@@ -26,6 +26,7 @@ from ..dtypes import bfloat16, float16
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 _DTYPES = (float16, bfloat16)
@@ -42,8 +43,6 @@ GELU_AND_MUL = _act("gelu_and_mul")
 GELU_TANH_AND_MUL = _act("gelu_tanh_and_mul")
 # each activation is a module of its own, named like its entry point
 DECLARATIONS = tuple((d.entry, d) for d in (SILU_AND_MUL, GELU_AND_MUL, GELU_TANH_AND_MUL))
-
-__all__ = ["gelu_and_mul", "gelu_tanh_and_mul", "silu_and_mul"]
 
 
 def _check(a: SimpleNamespace) -> PointerRules:
@@ -88,6 +87,7 @@ def _need_out(out: None) -> NoReturn:
     )
 
 
+@op(launch=_silu_and_mul)
 def silu_and_mul(
     input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
 ) -> TensorT:
@@ -108,6 +108,7 @@ def silu_and_mul(
     return out
 
 
+@op(launch=_gelu_and_mul)
 def gelu_and_mul(
     input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
 ) -> TensorT:
@@ -118,6 +119,7 @@ def gelu_and_mul(
     return out
 
 
+@op(launch=_gelu_tanh_and_mul)
 def gelu_tanh_and_mul(
     input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
 ) -> TensorT:

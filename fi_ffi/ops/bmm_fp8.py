@@ -29,9 +29,10 @@ from ..dtypes import dtype as dtype_of
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
-__all__ = ["WORKSPACE_BYTES", "bmm_fp8"]
+__all__ = ["WORKSPACE_BYTES"]  # public here, not ops of fi_ffi; the ops: @op below
 
 BMM_FP8 = declare(
     "bmm_fp8",
@@ -104,6 +105,7 @@ def _check(a: SimpleNamespace) -> PointerRules:
 _bmm_fp8 = launcher(BMM_FP8, "gemm", _check)
 
 
+@op(launch=_bmm_fp8)
 def bmm_fp8(
     A: TensorLike,
     B: TensorLike,

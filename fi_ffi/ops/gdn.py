@@ -47,6 +47,7 @@ from ..errors import KernelError, KernelNotFoundError, UnsupportedDeviceError
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
 from ..tensor.streams import stream_handle
@@ -88,9 +89,10 @@ GDN_PREFILL = declare(
 # (module URI pattern, declaration), checked against the modules by tests/launch/test_declarations.py
 DECLARATIONS = ((_URI, GDN_PREFILL),)
 
-__all__ = ["HEAD_DIM", "WORKSPACE_BYTES_PER_SM", "gdn_prefill", "gdn_workspace_size"]
+__all__ = ["HEAD_DIM", "WORKSPACE_BYTES_PER_SM"]  # public here, not ops of fi_ffi; the ops: @op below
 
 
+@op()
 def gdn_workspace_size(device_id: int = 0) -> int:
     """Bytes of workspace :func:`gdn_prefill` needs on CUDA device ``device_id``: ``sm_count * 128``.
 
@@ -103,6 +105,7 @@ def gdn_workspace_size(device_id: int = 0) -> int:
     return device.sm_count(device_id) * WORKSPACE_BYTES_PER_SM
 
 
+@op()
 def gdn_prefill(
     q: TensorLike,
     k: TensorLike,

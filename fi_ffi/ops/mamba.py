@@ -43,10 +43,9 @@ from ..dtypes import bfloat16, float16, float32, int32, int64
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
-
-__all__ = ["selective_state_update"]
 
 SELECTIVE_STATE_UPDATE = declare(
     "selective_state_update",
@@ -221,6 +220,7 @@ _launch = {
 BACKENDS = ("auto", "sm90", "simple")
 
 
+@op()
 def selective_state_update(
     state: TensorLike,
     x: TensorLike,

@@ -22,8 +22,8 @@ from ..abi.wire import BOOL, FLOAT, Declaration, Param, declare, tensor
 from ..dtypes import bfloat16, float16
 from ..launch import checks
 from ..launch.launcher import launcher
-from ..launch.packing import Packable, register
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 _URI = "norm"
@@ -43,103 +43,6 @@ GEMMA_FUSED_ADD_RMSNORM = _norm(
 )
 # (module URI pattern, declaration), checked against the modules by tests/launch/test_declarations.py
 DECLARATIONS = tuple(("norm", d) for d in (RMSNORM, GEMMA_RMSNORM, FUSED_ADD_RMSNORM, GEMMA_FUSED_ADD_RMSNORM))
-
-__all__ = ["fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "gemma_rmsnorm", "qk_rmsnorm", "rmsnorm"]
-
-
-def rmsnorm(
-    input: TensorLike,
-    weight: TensorLike,
-    out: TensorT,
-    *,
-    eps: float = 1e-6,
-    enable_pdl: bool = False,
-    stream: StreamLike = None,
-) -> TensorT:
-    """RMSNorm of each row: ``out[b, :] = input[b, :] / RMS(input[b, :]) * weight``.
-
-    Args:
-        input: ``[B, D]`` float16/bfloat16 on a CUDA device; last dimension contiguous, rows may be strided.
-        weight: ``[D]``, same dtype and device.
-        out: ``[B, D]``, same dtype and device; last dimension contiguous. Written asynchronously.
-        eps: added to the mean square, finite and > 0.
-        enable_pdl: launch with programmatic dependent launch (SM90+).
-        stream: where the kernel runs; ``None`` follows ``input``'s framework (torch's or CuPy's current
-            stream), or TVM-FFI's current stream of the device for descriptors.
-
-    Returns:
-        ``out``, as passed.
-    """
-    _out_first(_rmsnorm, input, weight, out, eps, enable_pdl, stream)
-    return out
-
-
-def qk_rmsnorm(
-    input: TensorLike,
-    weight: TensorLike,
-    out: TensorT,
-    *,
-    eps: float = 1e-6,
-    enable_pdl: bool = False,
-    stream: StreamLike = None,
-) -> TensorT:
-    """Per-head RMSNorm (the fused QK norm): ``out[b, h, :] = input[b, h, :] / RMS(...) * weight``.
-
-    Args:
-        input: ``[B, H, D]``; dimensions 0 and 1 may be strided (q or k slices of a fused QKV tensor),
-            the last is contiguous.
-        weight: ``[D]``, shared by every head.
-        out: ``[B, H, D]``, same dtype and device; may be strided like ``input``.
-    """
-    _out_first(_qk_rmsnorm, input, weight, out, eps, enable_pdl, stream)
-    return out
-
-
-def gemma_rmsnorm(
-    input: TensorLike,
-    weight: TensorLike,
-    out: TensorT,
-    *,
-    eps: float = 1e-6,
-    enable_pdl: bool = False,
-    stream: StreamLike = None,
-) -> TensorT:
-    """Gemma RMSNorm: ``out = input / RMS(input) * (1 + weight)``, shapes as :func:`rmsnorm` (2-D only)."""
-    _out_first(_gemma_rmsnorm, input, weight, out, eps, enable_pdl, stream)
-    return out
-
-
-def fused_add_rmsnorm(
-    input: TensorLike,
-    residual: TensorLike,
-    weight: TensorLike,
-    *,
-    eps: float = 1e-6,
-    enable_pdl: bool = False,
-    stream: StreamLike = None,
-) -> None:
-    """In place: ``residual += input``, then ``input = residual / RMS(residual) * weight``.
-
-    Args:
-        input: ``[B, D]``, overwritten with the normalized rows.
-        residual: ``[B, D]``, overwritten with ``residual + input``.
-        weight: ``[D]``.
-    """
-    _in_place(_fused_add_rmsnorm, input, residual, weight, eps, enable_pdl, stream)
-
-
-def gemma_fused_add_rmsnorm(
-    input: TensorLike,
-    residual: TensorLike,
-    weight: TensorLike,
-    *,
-    eps: float = 1e-6,
-    enable_pdl: bool = False,
-    stream: StreamLike = None,
-) -> None:
-    """In place, Gemma form: ``residual += input``, then ``input = residual / RMS(residual) * (1 + weight)``;
-    arguments as :func:`fused_add_rmsnorm`."""
-    _in_place(_gemma_fused_add_rmsnorm, input, residual, weight, eps, enable_pdl, stream)
 
 
 # The wire mappings (the op's arguments -> its launch function's values), shared by the ops and fi_ffi.prepare: the
@@ -203,12 +106,105 @@ _gemma_rmsnorm = launcher(GEMMA_RMSNORM, _URI, _check_2d_out)
 _fused_add_rmsnorm = launcher(FUSED_ADD_RMSNORM, _URI, _check_2d_residual)
 _gemma_fused_add_rmsnorm = launcher(GEMMA_FUSED_ADD_RMSNORM, _URI, _check_2d_residual)
 
-# what fi_ffi.prepare packs (fi_ffi.launch.packing): each op with its launch function and its wire mapping
-PACKABLE = {
-    rmsnorm: Packable(_rmsnorm, _out_first),
-    qk_rmsnorm: Packable(_qk_rmsnorm, _out_first),
-    gemma_rmsnorm: Packable(_gemma_rmsnorm, _out_first),
-    fused_add_rmsnorm: Packable(_fused_add_rmsnorm, _in_place),
-    gemma_fused_add_rmsnorm: Packable(_gemma_fused_add_rmsnorm, _in_place),
-}
-register(PACKABLE)
+
+# ---- ops: each states its launch function and, for fi_ffi.prepare, its wire mapping (fi_ffi.launch.registry)
+
+
+@op(launch=_rmsnorm, packable=_out_first)
+def rmsnorm(
+    input: TensorLike,
+    weight: TensorLike,
+    out: TensorT,
+    *,
+    eps: float = 1e-6,
+    enable_pdl: bool = False,
+    stream: StreamLike = None,
+) -> TensorT:
+    """RMSNorm of each row: ``out[b, :] = input[b, :] / RMS(input[b, :]) * weight``.
+
+    Args:
+        input: ``[B, D]`` float16/bfloat16 on a CUDA device; last dimension contiguous, rows may be strided.
+        weight: ``[D]``, same dtype and device.
+        out: ``[B, D]``, same dtype and device; last dimension contiguous. Written asynchronously.
+        eps: added to the mean square, finite and > 0.
+        enable_pdl: launch with programmatic dependent launch (SM90+).
+        stream: where the kernel runs; ``None`` follows ``input``'s framework (torch's or CuPy's current
+            stream), or TVM-FFI's current stream of the device for descriptors.
+
+    Returns:
+        ``out``, as passed.
+    """
+    _out_first(_rmsnorm, input, weight, out, eps, enable_pdl, stream)
+    return out
+
+
+@op(launch=_qk_rmsnorm, packable=_out_first)
+def qk_rmsnorm(
+    input: TensorLike,
+    weight: TensorLike,
+    out: TensorT,
+    *,
+    eps: float = 1e-6,
+    enable_pdl: bool = False,
+    stream: StreamLike = None,
+) -> TensorT:
+    """Per-head RMSNorm (the fused QK norm): ``out[b, h, :] = input[b, h, :] / RMS(...) * weight``.
+
+    Args:
+        input: ``[B, H, D]``; dimensions 0 and 1 may be strided (q or k slices of a fused QKV tensor),
+            the last is contiguous.
+        weight: ``[D]``, shared by every head.
+        out: ``[B, H, D]``, same dtype and device; may be strided like ``input``.
+    """
+    _out_first(_qk_rmsnorm, input, weight, out, eps, enable_pdl, stream)
+    return out
+
+
+@op(launch=_gemma_rmsnorm, packable=_out_first)
+def gemma_rmsnorm(
+    input: TensorLike,
+    weight: TensorLike,
+    out: TensorT,
+    *,
+    eps: float = 1e-6,
+    enable_pdl: bool = False,
+    stream: StreamLike = None,
+) -> TensorT:
+    """Gemma RMSNorm: ``out = input / RMS(input) * (1 + weight)``, shapes as :func:`rmsnorm` (2-D only)."""
+    _out_first(_gemma_rmsnorm, input, weight, out, eps, enable_pdl, stream)
+    return out
+
+
+@op(launch=_fused_add_rmsnorm, packable=_in_place)
+def fused_add_rmsnorm(
+    input: TensorLike,
+    residual: TensorLike,
+    weight: TensorLike,
+    *,
+    eps: float = 1e-6,
+    enable_pdl: bool = False,
+    stream: StreamLike = None,
+) -> None:
+    """In place: ``residual += input``, then ``input = residual / RMS(residual) * weight``.
+
+    Args:
+        input: ``[B, D]``, overwritten with the normalized rows.
+        residual: ``[B, D]``, overwritten with ``residual + input``.
+        weight: ``[D]``.
+    """
+    _in_place(_fused_add_rmsnorm, input, residual, weight, eps, enable_pdl, stream)
+
+
+@op(launch=_gemma_fused_add_rmsnorm, packable=_in_place)
+def gemma_fused_add_rmsnorm(
+    input: TensorLike,
+    residual: TensorLike,
+    weight: TensorLike,
+    *,
+    eps: float = 1e-6,
+    enable_pdl: bool = False,
+    stream: StreamLike = None,
+) -> None:
+    """In place, Gemma form: ``residual += input``, then ``input = residual / RMS(residual) * (1 + weight)``;
+    arguments as :func:`fused_add_rmsnorm`."""
+    _in_place(_gemma_fused_add_rmsnorm, input, residual, weight, eps, enable_pdl, stream)

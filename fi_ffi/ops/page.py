@@ -37,8 +37,8 @@ from ..abi.wire import INT, declare, tensor
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32
 from ..launch import checks
 from ..launch.launcher import launcher
-from ..launch.packing import Packable, register
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import IndexLike, StreamLike, TensorLike
 from .attention.plan_settings import LAYOUTS  # the KV layout codes the kernels take, stated once
@@ -85,180 +85,7 @@ APPEND_PAGED_MLA_KV_CACHE = declare(
 # (module URI pattern, declaration), checked against the modules by tests/launch/test_declarations.py
 DECLARATIONS = (("page", APPEND_PAGED_KV_CACHE), ("page", APPEND_PAGED_MLA_KV_CACHE))
 
-__all__ = [
-    "append_paged_kv_cache",
-    "append_paged_mla_kv_cache",
-    "check_append_positions",
-    "get_batch_indices_positions",
-    "get_seq_lens",
-]
-
-
-def append_paged_kv_cache(
-    append_key: TensorLike,
-    append_value: TensorLike,
-    batch_indices: TensorLike,
-    positions: TensorLike,
-    k_cache: TensorLike,
-    v_cache: TensorLike,
-    kv_indices: TensorLike,
-    kv_indptr: TensorLike,
-    kv_last_page_len: TensorLike,
-    *,
-    layout: str = "NHD",
-    stream: StreamLike = None,
-) -> None:
-    """Write ``nnz`` new key/value tokens of several requests into a paged K/V cache.
-
-    Args:
-        append_key: ``[nnz, num_kv_heads, head_dim]``, float16/bfloat16/float8_e4m3fn/float8_e5m2 (the cache's
-            dtype), on a CUDA device; last dimension contiguous, the other two may be strided (slices of a fused
-            QKV tensor). ``head_dim`` is 64, 128, 256 or 512.
-        append_value: same shape, dtype and device as ``append_key``.
-        batch_indices: int32 ``[nnz]``, contiguous, device memory: the request of each token.
-        positions: int32 ``[nnz]``, contiguous, device memory: the position of each token in its request
-            (0-based, counting every token the request holds, appended ones included).
-        k_cache: ``[num_pages, page_size, num_kv_heads, head_dim]`` (``layout="NHD"``) or ``[num_pages,
-            num_kv_heads, page_size, head_dim]`` (``"HND"``), written in place; last dimension contiguous,
-            the others may be strided (e.g. ``kv[:, 0]`` of a combined ``[num_pages, 2, ...]`` cache).
-        v_cache: same shape, dtype, device and **identical strides** as ``k_cache``.
-        kv_indices: int32 ``[total_pages]``, contiguous, device memory: the page ids of all requests.
-        kv_indptr: int32 ``[batch + 1]``, contiguous, device memory: request ``b``'s pages are
-            ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``.
-        kv_last_page_len: int32 ``[batch]``, contiguous, device memory: tokens in each request's last page.
-        layout: ``"NHD"`` or ``"HND"``, the order of the page, head and token dimensions of the caches.
-        stream: where the kernel runs; ``None`` follows ``append_key``'s framework (torch's or CuPy's current
-            stream), or TVM-FFI's current stream of the device for descriptors.
-
-    Tensors are :class:`~fi_ffi.tensor.Tensor` descriptors or any producer (torch, CuPy, JAX, DLPack, CUDA
-    array interface). The index arrays' values are not checked (they are device memory): positions must fit
-    the pages listed and page ids must be ``< num_pages``, or the kernel writes out of bounds. See
-    :func:`check_append_positions`. ``nnz == 0`` checks every argument (and ``stream``) and launches nothing.
-    """
-    # nnz read inline (a call of _rows per layer otherwise): an int for descriptors, torch tensors, CuPy arrays
-    try:
-        nnz = append_key.shape[0]  # type: ignore[union-attr]
-    except Exception:
-        nnz = -1  # no shape: the launch names what is wrong
-    if nnz.__class__ is not int:
-        nnz = _rows(append_key)
-    # nnz == 0: the kernel cannot launch an empty grid; check everything (stream included), launch nothing
-    _append_wire(
-        _append if nnz else _append_checks,
-        append_key,
-        append_value,
-        batch_indices,
-        positions,
-        k_cache,
-        v_cache,
-        kv_indices,
-        kv_indptr,
-        kv_last_page_len,
-        layout,
-        stream,
-    )
-
-
-# The wire mapping of append_paged_kv_cache (its arguments -> the launch function's values), shared by the op and
-# fi_ffi.prepare: the op passes its launch function (or _append_checks), prepare a packer (fi_ffi.launch.packing).
-def _append_wire(
-    launch: Any,
-    append_key: Any,
-    append_value: Any,
-    batch_indices: Any,
-    positions: Any,
-    k_cache: Any,
-    v_cache: Any,
-    kv_indices: Any,
-    kv_indptr: Any,
-    kv_last_page_len: Any,
-    layout: Any,
-    stream: Any,
-) -> Any:
-    """(append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
-    kv_last_page_len, layout code)."""
-    code = LAYOUTS.get(layout) if layout.__class__ is str or isinstance(layout, str) else None
-    if code is None:
-        raise (ValueError if isinstance(layout, str) else TypeError)(f"layout: expected 'NHD' or 'HND', got {layout!r}")
-    return launch(
-        append_key,
-        append_value,
-        batch_indices,
-        positions,
-        k_cache,
-        v_cache,
-        kv_indices,
-        kv_indptr,
-        kv_last_page_len,
-        code,
-        stream=stream,
-    )
-
-
-def _append_checks(*values: Any, stream: Any = None) -> None:
-    """The append launch's checks without the launch (an empty append)."""
-    _append.launcher.slow(values, stream, None, remember=False)
-
-
-def append_paged_mla_kv_cache(
-    append_ckv: TensorLike,
-    append_kpe: TensorLike,
-    batch_indices: TensorLike,
-    positions: TensorLike,
-    ckv_cache: TensorLike,
-    kpe_cache: TensorLike,
-    kv_indices: TensorLike,
-    kv_indptr: TensorLike,
-    kv_last_page_len: TensorLike,
-    *,
-    stream: StreamLike = None,
-) -> None:
-    """Write ``nnz`` new MLA tokens (compressed KV and its RoPE part) into a paged MLA cache.
-
-    Args:
-        append_ckv: ``[nnz, 512]`` compressed KV, float16/bfloat16/float8_e4m3fn/float8_e5m2 (the caches'
-            dtype), on a CUDA device; last dimension contiguous, rows may be strided.
-        append_kpe: ``[nnz, 64]`` RoPE part of the keys, same dtype and device.
-        batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len: as for
-            :func:`append_paged_kv_cache` (int32, contiguous, device memory; values not checked).
-        ckv_cache: ``[num_pages, page_size, 512]``, written in place; last dimension contiguous.
-        kpe_cache: ``[num_pages, page_size, 64]``, same dtype and device; its strides may differ from
-            ``ckv_cache``'s.
-        stream: as for :func:`append_paged_kv_cache`.
-
-    The kernel only supports ``ckv_dim == 512`` and ``kpe_dim == 64`` (DeepSeek MLA). ``nnz == 0`` checks every
-    argument and launches nothing.
-    """
-    if _rows(append_ckv):
-        _append_mla(
-            append_ckv,
-            append_kpe,
-            batch_indices,
-            positions,
-            ckv_cache,
-            kpe_cache,
-            kv_indices,
-            kv_indptr,
-            kv_last_page_len,
-            stream=stream,
-        )
-    else:
-        _append_mla.launcher.slow(
-            (
-                append_ckv,
-                append_kpe,
-                batch_indices,
-                positions,
-                ckv_cache,
-                kpe_cache,
-                kv_indices,
-                kv_indptr,
-                kv_last_page_len,
-            ),
-            stream,
-            None,
-            remember=False,
-        )
+__all__ = ["check_append_positions", "get_seq_lens"]  # host helpers of the family; its ops: @op below
 
 
 def _rows(t: Any) -> int:
@@ -419,6 +246,175 @@ _append: Any = launcher(APPEND_PAGED_KV_CACHE, _URI, _check_kv)
 _append_mla: Any = launcher(APPEND_PAGED_MLA_KV_CACHE, _URI, _check_mla)
 
 
+# The wire mapping of append_paged_kv_cache (its arguments -> the launch function's values), shared by the op and
+# fi_ffi.prepare: the op passes its launch function (or _append_checks), prepare a packer (fi_ffi.launch.packing).
+def _append_wire(
+    launch: Any,
+    append_key: Any,
+    append_value: Any,
+    batch_indices: Any,
+    positions: Any,
+    k_cache: Any,
+    v_cache: Any,
+    kv_indices: Any,
+    kv_indptr: Any,
+    kv_last_page_len: Any,
+    layout: Any,
+    stream: Any,
+) -> Any:
+    """(append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
+    kv_last_page_len, layout code)."""
+    code = LAYOUTS.get(layout) if layout.__class__ is str or isinstance(layout, str) else None
+    if code is None:
+        raise (ValueError if isinstance(layout, str) else TypeError)(f"layout: expected 'NHD' or 'HND', got {layout!r}")
+    return launch(
+        append_key,
+        append_value,
+        batch_indices,
+        positions,
+        k_cache,
+        v_cache,
+        kv_indices,
+        kv_indptr,
+        kv_last_page_len,
+        code,
+        stream=stream,
+    )
+
+
+def _append_checks(*values: Any, stream: Any = None) -> None:
+    """The append launch's checks without the launch (an empty append)."""
+    _append.launcher.slow(values, stream, None, remember=False)
+
+
+@op(launch=_append, packable=_append_wire, nonempty="append_key")
+def append_paged_kv_cache(
+    append_key: TensorLike,
+    append_value: TensorLike,
+    batch_indices: TensorLike,
+    positions: TensorLike,
+    k_cache: TensorLike,
+    v_cache: TensorLike,
+    kv_indices: TensorLike,
+    kv_indptr: TensorLike,
+    kv_last_page_len: TensorLike,
+    *,
+    layout: str = "NHD",
+    stream: StreamLike = None,
+) -> None:
+    """Write ``nnz`` new key/value tokens of several requests into a paged K/V cache.
+
+    Args:
+        append_key: ``[nnz, num_kv_heads, head_dim]``, float16/bfloat16/float8_e4m3fn/float8_e5m2 (the cache's
+            dtype), on a CUDA device; last dimension contiguous, the other two may be strided (slices of a fused
+            QKV tensor). ``head_dim`` is 64, 128, 256 or 512.
+        append_value: same shape, dtype and device as ``append_key``.
+        batch_indices: int32 ``[nnz]``, contiguous, device memory: the request of each token.
+        positions: int32 ``[nnz]``, contiguous, device memory: the position of each token in its request
+            (0-based, counting every token the request holds, appended ones included).
+        k_cache: ``[num_pages, page_size, num_kv_heads, head_dim]`` (``layout="NHD"``) or ``[num_pages,
+            num_kv_heads, page_size, head_dim]`` (``"HND"``), written in place; last dimension contiguous,
+            the others may be strided (e.g. ``kv[:, 0]`` of a combined ``[num_pages, 2, ...]`` cache).
+        v_cache: same shape, dtype, device and **identical strides** as ``k_cache``.
+        kv_indices: int32 ``[total_pages]``, contiguous, device memory: the page ids of all requests.
+        kv_indptr: int32 ``[batch + 1]``, contiguous, device memory: request ``b``'s pages are
+            ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``.
+        kv_last_page_len: int32 ``[batch]``, contiguous, device memory: tokens in each request's last page.
+        layout: ``"NHD"`` or ``"HND"``, the order of the page, head and token dimensions of the caches.
+        stream: where the kernel runs; ``None`` follows ``append_key``'s framework (torch's or CuPy's current
+            stream), or TVM-FFI's current stream of the device for descriptors.
+
+    Tensors are :class:`~fi_ffi.tensor.Tensor` descriptors or any producer (torch, CuPy, JAX, DLPack, CUDA
+    array interface). The index arrays' values are not checked (they are device memory): positions must fit
+    the pages listed and page ids must be ``< num_pages``, or the kernel writes out of bounds. See
+    :func:`check_append_positions`. ``nnz == 0`` checks every argument (and ``stream``) and launches nothing.
+    """
+    # nnz read inline (a call of _rows per layer otherwise): an int for descriptors, torch tensors, CuPy arrays
+    try:
+        nnz = append_key.shape[0]  # type: ignore[union-attr]
+    except Exception:
+        nnz = -1  # no shape: the launch names what is wrong
+    if nnz.__class__ is not int:
+        nnz = _rows(append_key)
+    # nnz == 0: the kernel cannot launch an empty grid; check everything (stream included), launch nothing
+    _append_wire(
+        _append if nnz else _append_checks,
+        append_key,
+        append_value,
+        batch_indices,
+        positions,
+        k_cache,
+        v_cache,
+        kv_indices,
+        kv_indptr,
+        kv_last_page_len,
+        layout,
+        stream,
+    )
+
+
+@op(launch=_append_mla)
+def append_paged_mla_kv_cache(
+    append_ckv: TensorLike,
+    append_kpe: TensorLike,
+    batch_indices: TensorLike,
+    positions: TensorLike,
+    ckv_cache: TensorLike,
+    kpe_cache: TensorLike,
+    kv_indices: TensorLike,
+    kv_indptr: TensorLike,
+    kv_last_page_len: TensorLike,
+    *,
+    stream: StreamLike = None,
+) -> None:
+    """Write ``nnz`` new MLA tokens (compressed KV and its RoPE part) into a paged MLA cache.
+
+    Args:
+        append_ckv: ``[nnz, 512]`` compressed KV, float16/bfloat16/float8_e4m3fn/float8_e5m2 (the caches'
+            dtype), on a CUDA device; last dimension contiguous, rows may be strided.
+        append_kpe: ``[nnz, 64]`` RoPE part of the keys, same dtype and device.
+        batch_indices, positions, kv_indices, kv_indptr, kv_last_page_len: as for
+            :func:`append_paged_kv_cache` (int32, contiguous, device memory; values not checked).
+        ckv_cache: ``[num_pages, page_size, 512]``, written in place; last dimension contiguous.
+        kpe_cache: ``[num_pages, page_size, 64]``, same dtype and device; its strides may differ from
+            ``ckv_cache``'s.
+        stream: as for :func:`append_paged_kv_cache`.
+
+    The kernel only supports ``ckv_dim == 512`` and ``kpe_dim == 64`` (DeepSeek MLA). ``nnz == 0`` checks every
+    argument and launches nothing.
+    """
+    if _rows(append_ckv):
+        _append_mla(
+            append_ckv,
+            append_kpe,
+            batch_indices,
+            positions,
+            ckv_cache,
+            kpe_cache,
+            kv_indices,
+            kv_indptr,
+            kv_last_page_len,
+            stream=stream,
+        )
+    else:
+        _append_mla.launcher.slow(
+            (
+                append_ckv,
+                append_kpe,
+                batch_indices,
+                positions,
+                ckv_cache,
+                kpe_cache,
+                kv_indices,
+                kv_indptr,
+                kv_last_page_len,
+            ),
+            stream,
+            None,
+            remember=False,
+        )
+
+
 # --- host-side helpers (numpy) -------------------------------------------------------------------------------
 
 
@@ -524,6 +520,7 @@ def get_seq_lens(kv_indptr: Any, kv_last_page_len: Any, page_size: int) -> np.nd
     return _int32("seq_lens", seq)
 
 
+@op()
 def get_batch_indices_positions(
     append_indptr: IndexLike,
     seq_lens: IndexLike,
@@ -661,9 +658,3 @@ def _int32(name: str, arr: np.ndarray) -> np.ndarray:
     if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
         raise ValueError(f"{name}: values do not fit in int32")
     return arr.astype(np.int32)
-
-
-# what fi_ffi.prepare packs (fi_ffi.launch.packing): the op with its launch function and its wire mapping; an empty
-# append launches nothing, so prepare refuses one (naming append_key)
-PACKABLE = {append_paged_kv_cache: Packable(_append, _append_wire, nonempty="append_key")}
-register(PACKABLE)

@@ -34,6 +34,7 @@ from ..dtypes import bool_, int32, uint8
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 _URI = "quantization"
@@ -53,8 +54,6 @@ SEGMENT_PACKBITS = declare(
     ],
 )
 DECLARATIONS = tuple((_URI, d) for d in (PACKBITS, SEGMENT_PACKBITS))
-
-__all__ = ["packbits", "segment_packbits", "segment_packbits_indptr"]
 
 
 def _check_x(a: SimpleNamespace) -> None:
@@ -106,6 +105,7 @@ _packbits = launcher(PACKBITS, _URI, _check_packbits)
 _segment_packbits = launcher(SEGMENT_PACKBITS, _URI, _check_segments)
 
 
+@op(launch=_packbits)
 def packbits(x: TensorLike, bitorder: str = "big", *, out: TensorT | None = None, stream: StreamLike = None) -> TensorT:
     """Pack the booleans of ``x`` (read flat) 8 per byte.
 
@@ -126,6 +126,7 @@ def packbits(x: TensorLike, bitorder: str = "big", *, out: TensorT | None = None
     return out
 
 
+@op(launch=_segment_packbits)
 def segment_packbits(
     x: TensorLike,
     indptr: TensorLike,
@@ -159,6 +160,7 @@ def segment_packbits(
     return out, output_indptr
 
 
+@op()
 def segment_packbits_indptr(indptr: Sequence[int]) -> list[int]:
     """On the host: the packed offsets for :func:`segment_packbits`, ``[0, ceil(len_0 / 8), ...]`` cumulated.
 

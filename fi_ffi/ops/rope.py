@@ -46,8 +46,8 @@ from ..abi.wire import BOOL, FLOAT, INT, Param, declare, tensor
 from ..dtypes import bfloat16, float16, float32, int32, int64
 from ..launch import checks
 from ..launch.launcher import launcher
-from ..launch.packing import Packable, register
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
@@ -90,20 +90,6 @@ DECLARATIONS = tuple(
         APPLY_ROPE_POS_IDS_COS_SIN_CACHE,
     )
 )
-
-__all__ = [
-    "apply_llama31_rope",
-    "apply_llama31_rope_inplace",
-    "apply_llama31_rope_pos_ids",
-    "apply_llama31_rope_pos_ids_inplace",
-    "apply_rope",
-    "apply_rope_inplace",
-    "apply_rope_pos_ids",
-    "apply_rope_pos_ids_inplace",
-    "apply_rope_with_cos_sin_cache",
-    "apply_rope_with_cos_sin_cache_inplace",
-]
-
 
 # ---- contract ------------------------------------------------------------------------------------------------
 
@@ -340,6 +326,7 @@ def _llama31_pos_ids_inplace(
 # ---- ops ---------------------------------------------------------------------------------------------------------
 
 
+@op(launch=_apply_rope_pos_ids)
 def apply_rope_pos_ids(
     q: TensorLike,
     k: TensorLike,
@@ -384,6 +371,7 @@ def apply_rope_pos_ids(
     return q_rope, k_rope
 
 
+@op(launch=_apply_rope_pos_ids, packable=_pos_ids_inplace)
 def apply_rope_pos_ids_inplace(
     q: TensorLike,
     k: TensorLike,
@@ -399,6 +387,7 @@ def apply_rope_pos_ids_inplace(
     _pos_ids_inplace(_apply_rope_pos_ids, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta, stream)
 
 
+@op(launch=_apply_llama31_rope_pos_ids)
 def apply_llama31_rope_pos_ids(
     q: TensorLike,
     k: TensorLike,
@@ -439,6 +428,7 @@ def apply_llama31_rope_pos_ids(
     return q_rope, k_rope
 
 
+@op(launch=_apply_llama31_rope_pos_ids, packable=_llama31_pos_ids_inplace)
 def apply_llama31_rope_pos_ids_inplace(
     q: TensorLike,
     k: TensorLike,
@@ -470,6 +460,7 @@ def apply_llama31_rope_pos_ids_inplace(
     )
 
 
+@op(launch=_apply_rope)
 def apply_rope(
     q: TensorLike,
     k: TensorLike,
@@ -509,6 +500,7 @@ def apply_rope(
     return q_rope, k_rope
 
 
+@op(launch=_apply_rope)
 def apply_rope_inplace(
     q: TensorLike,
     k: TensorLike,
@@ -537,6 +529,7 @@ def apply_rope_inplace(
     )
 
 
+@op(launch=_apply_llama31_rope)
 def apply_llama31_rope(
     q: TensorLike,
     k: TensorLike,
@@ -576,6 +569,7 @@ def apply_llama31_rope(
     return q_rope, k_rope
 
 
+@op(launch=_apply_llama31_rope)
 def apply_llama31_rope_inplace(
     q: TensorLike,
     k: TensorLike,
@@ -643,6 +637,7 @@ def _stream_of(x: Any, view: Tensor, stream: Any) -> Any:
     return producers.default_stream(x, view.device.device_id)
 
 
+@op(launch=_apply_cos_sin_cache)
 def apply_rope_with_cos_sin_cache(
     positions: TensorLike,
     query: TensorLike,
@@ -689,6 +684,7 @@ def apply_rope_with_cos_sin_cache(
     return query_out, key_out
 
 
+@op(launch=_apply_cos_sin_cache)
 def apply_rope_with_cos_sin_cache_inplace(
     positions: TensorLike,
     query: TensorLike,
@@ -706,11 +702,3 @@ def apply_rope_with_cos_sin_cache_inplace(
     _apply_cos_sin_cache(
         q, k, q, k, cos_sin_cache, positions, not is_neox, stream=stream if q is query else _stream_of(query, q, stream)
     )
-
-
-# what fi_ffi.prepare packs (fi_ffi.launch.packing): each op with its launch function and its wire mapping
-PACKABLE = {
-    apply_rope_pos_ids_inplace: Packable(_apply_rope_pos_ids, _pos_ids_inplace),
-    apply_llama31_rope_pos_ids_inplace: Packable(_apply_llama31_rope_pos_ids, _llama31_pos_ids_inplace),
-}
-register(PACKABLE)

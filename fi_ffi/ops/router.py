@@ -30,9 +30,8 @@ from ..dtypes import bfloat16, float16, float32, int32
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
-
-__all__ = ["fused_topk_deepseek", "mm_M1_16_K7168_N128", "mm_M1_16_K7168_N256"]
 
 _ROUTER_PARAMS: list[Param | tuple[str, str]] = [
     tensor("mat_a"),
@@ -115,6 +114,7 @@ _dsv3_router_gemm = launcher(DSV3_ROUTER_GEMM, "dsv3_router_gemm", _router_check
 _ml3_router_gemm = launcher(ML3_ROUTER_GEMM, "dsv3_router_gemm", _router_check(128, bfloat16))
 
 
+@op(launch=_dsv3_router_gemm)
 def mm_M1_16_K7168_N256(
     mat_a: TensorLike, mat_b: TensorLike, out: TensorT, launch_with_pdl: bool = False, *, stream: StreamLike = None
 ) -> TensorT:
@@ -133,6 +133,7 @@ def mm_M1_16_K7168_N256(
     return out
 
 
+@op(launch=_ml3_router_gemm)
 def mm_M1_16_K7168_N128(
     mat_a: TensorLike, mat_b: TensorLike, out: TensorT, launch_with_pdl: bool = False, *, stream: StreamLike = None
 ) -> TensorT:
@@ -218,6 +219,7 @@ def routing_limits(num_experts: int, n_group: int, topk_group: int, topk: int) -
 _noaux_tc = launcher(NOAUX_TC, "dsv3_fused_routing", _check_routing)
 
 
+@op(launch=_noaux_tc)
 def fused_topk_deepseek(
     scores: TensorLike,
     bias: TensorLike,

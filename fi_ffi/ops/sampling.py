@@ -40,6 +40,7 @@ from ..generator import Generator, default_generator, draw
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 _URI = "sampling"
@@ -198,28 +199,13 @@ _PAIRS = (
 # the sampling module of every release its ``release`` names.
 DECLARATIONS = tuple((_URI, d) for d in (SOFTMAX, TOP_K_MASK_LOGITS, *(d for p in _PAIRS for d in p)))
 
-__all__ = [
-    "ROW_STATES_BYTES",
-    "chain_speculative_sampling",
-    "min_p_sampling_from_probs",
-    "release",
-    "sampling_from_logits",
-    "sampling_from_probs",
-    "softmax",
-    "softmax_workspace_size",
-    "top_k_mask_logits",
-    "top_k_renorm_probs",
-    "top_k_sampling_from_probs",
-    "top_k_top_p_sampling_from_probs",
-    "top_p_renorm_probs",
-    "top_p_renorm_workspace_size",
-    "top_p_sampling_from_probs",
-]
+__all__ = ["ROW_STATES_BYTES", "release"]  # public here, not ops of fi_ffi; the ops: @op below
 
 
 # ---- sizes of the caller's buffers ------------------------------------------------------------------------------
 
 
+@op()
 def softmax_workspace_size(batch_size: int, vocab_size: int) -> int:
     """Bytes of ``workspace`` :func:`softmax` needs: ``8 * batch_size * ceil(vocab_size / 8192)`` when
     ``batch_size <= 128`` and ``vocab_size >= 24576`` (the vocabulary-split path keeps a (max, denominator)
@@ -238,6 +224,7 @@ def _size(name: str, value: Any) -> int:
     return value
 
 
+@op()
 def top_p_renorm_workspace_size(batch_size: int, vocab_size: int, is_deterministic: bool = False) -> int:
     """Bytes of ``workspace`` :func:`top_p_renorm_probs` needs on FlashInfer 0.7 modules (its radix top-p
     pass; 0.6.3 takes none): five 256-byte aligned regions per the kernel's ``GetAirTopPRenormWorkspaceSize``:
@@ -551,6 +538,7 @@ def _sample(
 # ---- ops ------------------------------------------------------------------------------------------------------------
 
 
+@op()
 def softmax(
     logits: TensorLike,
     out: TensorT,
@@ -590,6 +578,7 @@ def softmax(
     return out
 
 
+@op()
 def sampling_from_probs(
     probs: TensorLike,
     out: TensorT,
@@ -629,6 +618,7 @@ def sampling_from_probs(
     return out
 
 
+@op()
 def sampling_from_logits(
     logits: TensorLike,
     out: TensorT,
@@ -654,6 +644,7 @@ def sampling_from_logits(
     return out
 
 
+@op()
 def top_p_sampling_from_probs(
     probs: TensorLike,
     top_p: float | TensorLike,
@@ -694,6 +685,7 @@ def top_p_sampling_from_probs(
     return out
 
 
+@op()
 def top_k_sampling_from_probs(
     probs: TensorLike,
     top_k: int | TensorLike,
@@ -734,6 +726,7 @@ def top_k_sampling_from_probs(
     return out
 
 
+@op()
 def min_p_sampling_from_probs(
     probs: TensorLike,
     min_p: float | TensorLike,
@@ -774,6 +767,7 @@ def min_p_sampling_from_probs(
     return out
 
 
+@op()
 def top_k_top_p_sampling_from_probs(
     probs: TensorLike,
     top_k: int | TensorLike,
@@ -822,6 +816,7 @@ def top_k_top_p_sampling_from_probs(
     return out
 
 
+@op()
 def top_p_renorm_probs(
     probs: TensorLike,
     top_p: float | TensorLike,
@@ -858,6 +853,7 @@ def top_p_renorm_probs(
     return out
 
 
+@op()
 def top_k_renorm_probs(
     probs: TensorLike,
     top_k: int | TensorLike,
@@ -894,6 +890,7 @@ def top_k_renorm_probs(
     return out
 
 
+@op()
 def top_k_mask_logits(
     logits: TensorLike,
     top_k: int | TensorLike,
@@ -913,6 +910,7 @@ def top_k_mask_logits(
     return out
 
 
+@op()
 def chain_speculative_sampling(
     draft_probs: TensorLike,
     draft_token_ids: TensorLike,

@@ -54,6 +54,7 @@ from ..launch import checks
 from ..launch.aliasing import disjoint
 from ..launch.launcher import check_tensor, launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor import producers
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
@@ -65,10 +66,9 @@ __all__ = [
     "PreparedSegmentGEMM",
     "SegmentGEMMArgs",
     "prepare_segment_gemm",
-    "segment_gemm",
     "segment_gemm_args",
     "segment_gemm_args_bytes",
-]
+]  # public here, not ops of fi_ffi; the ops: @op below
 
 _ARRAYS = [
     tensor("all_problems"),
@@ -272,6 +272,7 @@ def _need_out() -> NoReturn:
     )
 
 
+@op()
 def segment_gemm(
     workspace: Workspace,
     x: TensorLike,

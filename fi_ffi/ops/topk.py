@@ -25,6 +25,7 @@ from ..dtypes import bfloat16, float16, float32, int32
 from ..launch import checks
 from ..launch.launcher import launcher
 from ..launch.pointer_rules import PointerRules
+from ..launch.registry import op
 from ..tensor.protocols import StreamLike, TensorLike, TensorT
 from .sampling import ROW_STATE_ALIGNMENT, ROW_STATES_BYTES
 
@@ -57,7 +58,7 @@ RAGGED_TRANSFORM = declare(
 )
 DECLARATIONS = tuple((_URI, d) for d in (RADIX_TOPK, PAGE_TABLE_TRANSFORM, RAGGED_TRANSFORM))
 
-__all__ = ["ROW_STATES_BYTES", "top_k", "top_k_page_table_transform", "top_k_ragged_transform"]
+__all__ = ["ROW_STATES_BYTES"]  # public here, not ops of fi_ffi; the ops: @op below
 
 
 def _on_input(name: str, t: Any, a: SimpleNamespace, dtypes: tuple[Any, ...] = (int32,)) -> None:
@@ -147,6 +148,7 @@ _page_table_transform = launcher(PAGE_TABLE_TRANSFORM, _URI, _check_page_table)
 _ragged_transform = launcher(RAGGED_TRANSFORM, _URI, _check_ragged)
 
 
+@op(launch=_radix_topk)
 def top_k(
     input: TensorLike,
     k: int,
@@ -175,6 +177,7 @@ def top_k(
     return values, indices
 
 
+@op(launch=_page_table_transform)
 def top_k_page_table_transform(
     input: TensorLike,
     src_page_table: TensorLike,
@@ -215,6 +218,7 @@ def top_k_page_table_transform(
     return out
 
 
+@op(launch=_ragged_transform)
 def top_k_ragged_transform(
     input: TensorLike,
     offsets: TensorLike,

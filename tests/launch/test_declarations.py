@@ -104,6 +104,25 @@ def test_every_op_family_declares_its_entry_points() -> None:
         assert set(releases_of(decl)) <= set(RELEASES), f"{family}: {decl.entry}: unknown release {decl.release!r}"
 
 
+def test_every_op_launches_a_declaration_of_its_family() -> None:
+    """An ``@op(launch=...)`` calls a launcher of one of its family's declarations, on a module its pattern matches:
+    the declarations this test binds are the ones the ops call (fi_ffi/launch/registry.py)."""
+    import sys
+
+    from fi_ffi.launch import registry
+
+    named = [f for f in registry.ops() if f.__module__.startswith("fi_ffi.ops.") and registry.launch_of(f) is not None]
+    assert len(named) >= 30 and "rmsnorm" in {f.__name__ for f in named}
+    for function in named:
+        launcher = registry.launch_of(function).launcher  # type: ignore[union-attr]
+        declared = getattr(sys.modules[function.__module__], "DECLARATIONS", ())
+        decls = launcher.decl if isinstance(launcher.decl, tuple) else (launcher.decl,)
+        for decl in decls:
+            patterns = [p for p, d in declared if d is decl]
+            assert patterns, f"{function.__name__}: its launcher's {decl.entry} is not in its family's DECLARATIONS"
+            assert any(re.fullmatch(p, launcher.uri) for p in patterns), (function.__name__, launcher.uri, patterns)
+
+
 @pytest.mark.parametrize(
     ("family", "pattern", "decl", "release"), CASES, ids=[f"{r}:{f}:{d.entry}:{p[:40]}" for f, p, d, r in CASES]
 )

@@ -31,6 +31,7 @@ from ...dtypes import bfloat16, bool_, float16, float32, uint8
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
+from ...launch.registry import op
 from ...tensor.descriptor import Tensor
 from ...tensor.protocols import StreamLike, TensorLike, TensorT
 
@@ -70,8 +71,6 @@ MERGE_STATES = declare(
     ],
 )
 DECLARATIONS = tuple((_URI, d) for d in (MERGE_STATE, MERGE_STATE_IN_PLACE, MERGE_STATES))
-
-__all__ = ["merge_state", "merge_state_in_place", "merge_states"]
 
 
 def _check_v(
@@ -162,6 +161,7 @@ def _need(name: str, value: None, layout: str) -> NoReturn:
     raise TypeError(f"{name}: required (fi_ffi never allocates device memory); pass a contiguous {layout}")
 
 
+@op(launch=_merge_state)
 def merge_state(
     v_a: TensorLike,
     s_a: TensorLike,
@@ -194,6 +194,7 @@ def merge_state(
     return v_merged, s_merged
 
 
+@op(launch=_merge_state_in_place)
 def merge_state_in_place(
     v: TensorLike,
     s: TensorLike,
@@ -215,6 +216,7 @@ def merge_state_in_place(
     _merge_state_in_place(v, s, v_other, s_other, mask=mask, stream=stream)
 
 
+@op(launch=_merge_states)
 def merge_states(
     v: TensorLike,
     s: TensorLike,

@@ -35,6 +35,7 @@ from ...dtypes import int32, uint8
 from ...launch import checks
 from ...launch.launcher import Bound, PreparedRun, launcher
 from ...launch.pointer_rules import PointerRules
+from ...launch.registry import op
 from ...tensor.descriptor import Tensor
 from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
@@ -63,7 +64,7 @@ from .plan_settings import LAYOUTS, PlanSettings
 from .variants import BATCH_DECODE, SINGLE_DECODE
 from .workspace import Workspace
 
-__all__ = ["PreparedDecodeRun", "batch_decode_plan", "batch_decode_run", "prepare_decode_run", "single_decode"]
+__all__ = ["PreparedDecodeRun"]  # public here, not ops of fi_ffi; the ops: @op below
 
 # ---- declarations (FlashInfer 0.6.3 / 0.7.2 csrc/batch_decode.cu, single_decode.cu; public names where 1:1) -----
 
@@ -141,6 +142,7 @@ DECLARATIONS = (
 # ------------------------------------------------------------------------------------------ batch decode
 
 
+@op()
 def batch_decode_plan(
     workspace: Workspace,
     kv_indptr: IndexLike,
@@ -302,6 +304,7 @@ def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
     )
 
 
+@op()
 def batch_decode_run(
     plan: Plan,
     q: TensorLike,
@@ -372,6 +375,7 @@ def batch_decode_run(
     return out
 
 
+@op()
 def prepare_decode_run(
     q: TensorLike,
     k_cache: TensorLike,
@@ -507,6 +511,7 @@ _single_lock = threading.Lock()
 _MAX_SINGLE = 1024
 
 
+@op()
 def single_decode(
     q: TensorLike,
     k: TensorLike,

@@ -55,6 +55,7 @@ from ...errors import KernelError, UnsupportedDeviceError
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
+from ...launch.registry import op
 from ...tensor.descriptor import Tensor
 from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from ...tensor.streams import current_stream, stream_handle
@@ -64,7 +65,7 @@ from .plan import Schedule
 from .plan_settings import MASK_CAUSAL, MASK_NONE  # the mask-mode codes, stated once
 from .workspace import Workspace
 
-__all__ = ["DECLARATIONS", "MLAPlan", "batch_mla_plan", "batch_mla_run"]
+__all__ = ["DECLARATIONS"]  # public here, not ops of fi_ffi; the ops: @op below
 
 # ---------------------------------------------------------------------------------------------- declarations
 
@@ -188,6 +189,7 @@ class _Settings:
         self.tuple_result = self.plan.launcher.decl.returns == TUPLE_ARRAY_INT  # type: ignore[attr-defined]
 
 
+@op()
 class MLAPlan(Schedule):
     """The schedule of one MLA batch (what :func:`batch_mla_plan` returns) and what its runs must match.
 
@@ -243,6 +245,7 @@ class MLAPlan(Schedule):
 # ---------------------------------------------------------------------------------------------- plan
 
 
+@op()
 def batch_mla_plan(
     workspace: Workspace,
     qo_indptr: IndexLike,
@@ -540,6 +543,7 @@ def _check_plan(a: Any) -> None:
 # ---------------------------------------------------------------------------------------------- run
 
 
+@op()
 def batch_mla_run(
     plan: MLAPlan,
     q_nope: TensorLike,

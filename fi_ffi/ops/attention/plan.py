@@ -25,9 +25,10 @@ from typing import Any
 
 from ... import caches
 from ...abi.objects import ARRAY, Array
+from ...launch.registry import op
 from .plan_settings import PlanSettings
 
-__all__ = ["Plan", "PlanSettings", "Schedule"]
+__all__ = ["PlanSettings", "Schedule"]  # public here, not ops of fi_ffi; the ops: @op below
 
 _NO_INPUTS = (None, None, None)
 
@@ -145,6 +146,7 @@ class Schedule:
         )
 
 
+@op()
 class Plan(Schedule):
     """The result of a ``plan`` call: the module's schedule plus what runs must match.
 

@@ -38,6 +38,7 @@ from ...dtypes import int32, uint8
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
+from ...launch.registry import op
 from ...tensor.descriptor import Tensor
 from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
@@ -65,15 +66,6 @@ from .plan_call import call_plan
 from .plan_settings import LAYOUTS, MASK_CAUSAL, MASK_CUSTOM, MASK_NONE, PlanSettings
 from .variants import BATCH_PREFILL, SINGLE_PREFILL, Variant, choose_prefill
 from .workspace import Workspace
-
-__all__ = [
-    "batch_prefill_paged_plan",
-    "batch_prefill_paged_run",
-    "batch_prefill_ragged_plan",
-    "batch_prefill_ragged_run",
-    "pack_custom_mask",
-    "single_prefill",
-]
 
 # ---- declarations (FlashInfer csrc/batch_prefill*.cu, single_prefill.cu; public names where 1:1) ---------------
 # FlashInfer 0.7 renamed the FA2 batch prefill modules (``..._kv_stride_equal``) and changed their argument lists:
@@ -223,6 +215,7 @@ DECLARATIONS = (
 )
 
 
+@op()
 def pack_custom_mask(masks: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     """Pack per-request boolean masks into the kernels' bit layout, on the host.
 
@@ -264,6 +257,7 @@ def pack_custom_mask(masks: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     return packed.astype(np.uint8), indptr.astype(np.int32)
 
 
+@op()
 def pack_custom_mask_device(
     mask: TensorLike, indptr: TensorLike, *, out: TensorT, output_indptr: TensorT, stream: StreamLike = None
 ) -> tuple[TensorT, TensorT]:
@@ -301,6 +295,7 @@ _single_lock = threading.Lock()
 _MAX_SINGLE = 1024
 
 
+@op()
 def single_prefill(
     q: TensorLike,
     k: TensorLike,
@@ -475,6 +470,7 @@ caches.register("single prefill modules (by layout values)", _single.clear)
 # ------------------------------------------------------------------------------------------ batch prefill plans
 
 
+@op()
 def batch_prefill_ragged_plan(
     workspace: Workspace,
     qo_indptr: IndexLike,
@@ -572,6 +568,7 @@ def batch_prefill_ragged_plan(
     )
 
 
+@op()
 def batch_prefill_paged_plan(
     workspace: Workspace,
     qo_indptr: IndexLike,
@@ -930,6 +927,7 @@ def _launch(plan: Plan, ws: Any, tensors: tuple[Any, ...], out: Any, lse: Any, e
         )
 
 
+@op()
 def batch_prefill_ragged_run(
     plan: Plan,
     q: TensorLike,
@@ -966,6 +964,7 @@ def batch_prefill_ragged_run(
     return out
 
 
+@op()
 def batch_prefill_paged_run(
     plan: Plan,
     q: TensorLike,

@@ -34,6 +34,7 @@ from ...errors import KernelNotFoundError, UnsupportedDeviceError
 from ...launch import checks
 from ...launch.launcher import launcher
 from ...launch.pointer_rules import PointerRules
+from ...launch.registry import op
 from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
@@ -44,13 +45,6 @@ from .plan_call import call_plan
 from .plan_settings import MASK_CAUSAL, MASK_NONE, PlanSettings
 from .prefill import FA2_PLAN, FA3_PLAN, PAGED_KV, RAGGED_KV, RUN_HEAD, RUN_MID, check_paged_run, check_ragged_run
 from .workspace import Workspace
-
-__all__ = [
-    "batch_attention_sink_plan",
-    "batch_attention_sink_ragged_plan",
-    "batch_attention_sink_ragged_run",
-    "batch_attention_sink_run",
-]
 
 KIND = "batch_attention_sink"
 _SINK_TAIL: list[Param | tuple[str, str]] = [Param("sink", FFI_TENSOR), ("sm_scale", FLOAT)]
@@ -217,6 +211,7 @@ def _plan(
     return Plan.make(info, ws, generation, s, batch, rows, extent_)
 
 
+@op()
 def batch_attention_sink_plan(
     workspace: Workspace,
     qo_indptr: IndexLike,
@@ -256,6 +251,7 @@ def batch_attention_sink_plan(
     return _plan("paged", workspace, qo_indptr, kv_indptr, kv_last_page_len, stream, args)
 
 
+@op()
 def batch_attention_sink_ragged_plan(
     workspace: Workspace,
     qo_indptr: IndexLike,
@@ -320,6 +316,7 @@ def _launch(
     )
 
 
+@op()
 def batch_attention_sink_run(
     plan: Plan,
     q: TensorLike,
@@ -359,6 +356,7 @@ def batch_attention_sink_run(
     return out
 
 
+@op()
 def batch_attention_sink_ragged_run(
     plan: Plan,
     q: TensorLike,

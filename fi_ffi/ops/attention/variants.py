@@ -29,6 +29,7 @@ from typing import Any
 from ... import dtypes as _dt
 from ...dtypes import DType
 from ...errors import CudaError, KernelNotFoundError
+from ...launch.registry import op
 
 SINGLE_PREFILL = "single_prefill"
 BATCH_PREFILL = "batch_prefill"
@@ -542,6 +543,7 @@ def _served(variant: Variant) -> Variant:
     return found
 
 
+@op()
 def list_variants(kind: str | None = None, dtype: Any = None, head_dim: int | None = None) -> list[dict[str, Any]]:
     """The attention variants of the pinned wheels as rows (dicts, see :meth:`Variant.as_row`), sorted.
 

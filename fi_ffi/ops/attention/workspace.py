@@ -48,6 +48,7 @@ from ...dtypes import Device
 from ...errors import CudaError
 from ...launch import checks
 from ...launch.aliasing import disjoint
+from ...launch.registry import op
 from ...tensor.descriptor import Tensor
 from ...tensor.protocols import TensorLike
 
@@ -82,6 +83,7 @@ def _bytes_of(t: Tensor) -> int:
     return t.shape[0] * t.dtype.itemsize
 
 
+@op()
 class Workspace:
     """The three buffers that batch attention plans and runs share, plus the plan-copy bookkeeping.
 
