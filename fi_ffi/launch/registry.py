@@ -48,11 +48,12 @@ from typing import Any, TypeVar
 
 from .packing import Packable, register
 
-__all__ = ["launch_of", "op", "ops"]
+__all__ = ["flashinfer_of", "launch_of", "op", "ops"]
 
 _Op = TypeVar("_Op", bound=Callable[..., Any])
 
 _launch: dict[Callable[..., Any], Callable[..., Any] | None] = {}
+_flashinfer: dict[Callable[..., Any], str | None] = {}
 
 
 def op(
@@ -60,6 +61,7 @@ def op(
     launch: Callable[..., Any] | None = None,
     packable: Callable[..., Any] | None = None,
     nonempty: str | None = None,
+    flashinfer: str | None = None,
 ) -> Callable[[_Op], _Op]:
     """Declare the decorated def (or class) a public op of ``fi_ffi`` and of its family module.
 
@@ -72,6 +74,10 @@ def op(
             Requires ``launch``.
         nonempty: for a packable op that launches nothing for an empty tensor: that argument (see
             :class:`~fi_ffi.launch.packing.Packable`).
+        flashinfer: the flashinfer-python function or wrapper method this op ports, dotted
+            (``"flashinfer.norm.rmsnorm"``, ``"flashinfer.decode.BatchDecodeWithPagedKVCacheWrapper.plan"``): the
+            op keeps its name's meaning, positional order and keywords (a test holds it to them); None where
+            flashinfer-python has no such op.
 
     Returns:
         a decorator that records the op and returns it unchanged.
@@ -92,6 +98,7 @@ def op(
             names.append(function.__name__)
             names.sort()
         _launch[function] = launch
+        _flashinfer[function] = flashinfer
         if packable is not None:
             assert launch is not None  # checked above
             register({function: Packable(launch, packable, nonempty)})
@@ -108,3 +115,8 @@ def ops() -> list[Callable[..., Any]]:
 def launch_of(function: Callable[..., Any]) -> Callable[..., Any] | None:
     """The launch function ``function`` was declared with (None: it names none)."""
     return _launch[function]
+
+
+def flashinfer_of(function: Callable[..., Any]) -> str | None:
+    """The flashinfer-python function ``function`` ports (dotted), or None (see :func:`op`'s ``flashinfer``)."""
+    return _flashinfer[function]
