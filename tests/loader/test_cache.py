@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import WheelEnv, subprocess_env
+from helpers.env import subprocess_env
+from helpers.wheels import WheelEnv
 
 from fi_ffi import loader
 from fi_ffi.errors import IntegrityError, KernelNotFoundError, LoaderError

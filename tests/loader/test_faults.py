@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 from helpers.other_users import as_nobody, chown_tree, mounted, needs_root, nobody_world
 
 from fi_ffi import loader

@@ -16,7 +16,7 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
 import torch
-from conftest import TEST_RELEASE
+from helpers.wheels import TEST_RELEASE
 
 import fi_ffi
 from fi_ffi import dtypes, loader

@@ -247,7 +247,7 @@ def test_a_bad_pointer_after_a_warm_segment_gemm_is_refused_and_the_context_live
     import subprocess
     import sys
 
-    from conftest import subprocess_env
+    from helpers.env import subprocess_env
 
     done = subprocess.run(
         [sys.executable, "-c", POINTER_CHILD, case], capture_output=True, text=True, timeout=300, env=subprocess_env()

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import needs_shared_wheel
+from helpers.wheels import needs_shared_wheel
 
 import fi_ffi
 from fi_ffi.errors import KernelError, LoaderError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import find_wheels_models
+from helpers.wheels import find_wheels_models
 from hypothesis import given
 from hypothesis import strategies as st
 
