@@ -5,18 +5,23 @@ functions, constants, workers) or ``tests/conftest.py`` (fixtures and session se
 another runs its module-level code (skips, ``multicast_off()``, fixtures) at collection of the importer, ties the
 importer to the other module's pytest markers and fixtures, and makes one test file's clean-up break another's.
 Every import counts: function-local ones, ``importlib.import_module`` and ``__import__`` with a literal name.
+
+``tests/conftest.py`` defines fixtures and pytest hooks (``pytest_*``) only, and no file imports it: a plain
+function, class or constant there would be reachable only as ``from conftest import ...``, a module named for
+pytest's plugin mechanism rather than its subject; it lives in a module of ``tests/helpers/`` instead.
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
 
 
-def imported_test_modules(tree: ast.Module) -> set[str]:
-    """The top-level names of the ``test_*`` modules that ``tree`` imports, anywhere in it."""
+def imported_modules(tree: ast.Module) -> set[str]:
+    """The top-level names of the modules that ``tree`` imports, anywhere in it (absolute imports)."""
     found: set[str] = set()
     for node in ast.walk(tree):
         names: list[str] = []
@@ -29,16 +34,17 @@ def imported_test_modules(tree: ast.Module) -> set[str]:
             called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
             if called in ("import_module", "__import__") and isinstance(node.args[0].value, str):
                 names = [node.args[0].value]
-        found.update(top for top in (name.split(".")[0] for name in names) if top.startswith("test_"))
+        found.update(name.split(".")[0] for name in names)
     return found
 
 
-def offenders(root: Path) -> list[str]:
-    """``path -> module`` for every test module imported by a file under ``root``."""
+def offenders(root: Path, imported: Callable[[str], bool] = lambda name: name.startswith("test_")) -> list[str]:
+    """``path -> module`` for every module that a file under ``root`` imports and ``imported`` picks (by default:
+    the test modules)."""
     return [
         f"{path.relative_to(root)} -> {module}"
         for path in sorted(root.rglob("*.py"))
-        for module in sorted(imported_test_modules(ast.parse(path.read_text(), str(path))))
+        for module in sorted(filter(imported, imported_modules(ast.parse(path.read_text(), str(path)))))
     ]
 
 
@@ -66,4 +72,78 @@ def test_the_check_finds_every_kind_of_import_of_a_test_module(tmp_path: Path) -
         "test_a.py -> test_d",
         "test_a.py -> test_e",
         "test_a.py -> test_f",
+    ]
+
+
+def is_fixture(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Whether ``node`` is decorated with ``pytest.fixture`` (bare, called, or imported as ``fixture``)."""
+    for decorator in node.decorator_list:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        name = target.attr if isinstance(target, ast.Attribute) else target.id if isinstance(target, ast.Name) else ""
+        if name == "fixture":
+            return True
+    return False
+
+
+def conftest_intruders(source: str) -> list[str]:
+    """``line: what`` for every top-level statement of a conftest source that is neither its docstring, an
+    import, a fixture nor a pytest hook (a function named ``pytest_*``)."""
+    found = []
+    for index, node in enumerate(ast.parse(source).body):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            continue
+        if index == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the module docstring
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            if node.name.startswith("pytest_") or is_fixture(node):
+                continue
+            found.append(f"{node.lineno}: function {node.name}")
+        elif isinstance(node, ast.ClassDef):
+            found.append(f"{node.lineno}: class {node.name}")
+        else:
+            found.append(f"{node.lineno}: {ast.unparse(node).splitlines()[0]}")
+    return found
+
+
+def test_conftest_defines_fixtures_and_hooks_only() -> None:
+    assert conftest_intruders((TESTS / "conftest.py").read_text()) == [], (
+        "move plain functions, classes and constants to a module of tests/helpers/ named by its subject"
+    )
+
+
+def test_no_file_imports_conftest() -> None:
+    assert offenders(TESTS, lambda name: name == "conftest") == [], "import the helper module instead"
+
+
+def test_the_conftest_check_finds_what_is_not_a_fixture_or_a_hook(tmp_path: Path) -> None:  # both checks could fail
+    source = (
+        '"""Fixtures."""\n'
+        "import pytest\n"
+        "from pytest import fixture\n"
+        "REPO = 1\n"
+        "def helper():\n    pass\n"
+        "class Server:\n    pass\n"
+        "@pytest.fixture\ndef a():\n    pass\n"
+        "@pytest.fixture(scope='session')\ndef b():\n    pass\n"
+        "@fixture\ndef c():\n    pass\n"
+        "@pytest.hookimpl(hookwrapper=True)\ndef pytest_runtest_makereport(item, call):\n    yield\n"
+        "def pytest_configure(config):\n    pass\n"
+        "@pytest.mark.slow\ndef marked():\n    pass\n"
+        "if True:\n    x = 2\n"
+        "print('set-up')\n"
+    )
+    assert conftest_intruders(source) == [
+        "4: REPO = 1",
+        "5: function helper",
+        "7: class Server",
+        "24: function marked",
+        "26: if True:",
+        "28: print('set-up')",
+    ]
+    (tmp_path / "helpers").mkdir()
+    (tmp_path / "helpers" / "wheels.py").write_text("from conftest import REPO\n")
+    (tmp_path / "test_a.py").write_text("def f():\n    import conftest\n")
+    assert offenders(tmp_path, lambda name: name == "conftest") == [
+        "helpers/wheels.py -> conftest",
+        "test_a.py -> conftest",
     ]
