@@ -18,4 +18,5 @@ def require_torch() -> ModuleType:
 
     Called at module level, before anything that imports torch (``helpers.attention_reference``, ...).
     """
+    __tracebackhide__ = True  # the skip's location is the caller's line (the test module), not this one
     return pytest.importorskip("torch", reason=TORCH_MISSING)

@@ -13,15 +13,16 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-import torch
-
 import fi_ffi
 from fi_ffi.errors import LibraryLoadError
 from fi_ffi.ops.bmm_fp8 import WORKSPACE_BYTES
+
+torch = require_torch()
 
 pytestmark = pytest.mark.gpu
 

@@ -13,16 +13,18 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
 import numpy as np
-import torch
 
 import fi_ffi
 from fi_ffi.errors import LibraryLoadError
 from fi_ffi.ops.segment_gemm import prepare_segment_gemm, segment_gemm_args_bytes
+
+torch = require_torch()
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}

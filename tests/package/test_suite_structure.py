@@ -9,13 +9,24 @@ Every import counts: function-local ones, ``importlib.import_module`` and ``__im
 ``tests/conftest.py`` defines fixtures and pytest hooks (``pytest_*``) only, and no file imports it: a plain
 function, class or constant there would be reachable only as ``from conftest import ...``, a module named for
 pytest's plugin mechanism rather than its subject; it lives in a module of ``tests/helpers/`` instead.
+
+GPU test modules (``test_gpu_*``, and the helpers they import, workers aside) take torch from
+``helpers.gpu.require_torch()``, never by a plain ``import torch`` at module level: with ``FI_FFI_RUN_GPU_TESTS=1``
+on a machine without torch the module is then skipped naming ``pip install -e '.[dev,gpu-tests]'`` instead of
+failing the collection with ``ModuleNotFoundError``.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
+from helpers.env import REPO, subprocess_env
+from helpers.gpu import GPU_TESTS_INSTALL, TORCH_MISSING
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -147,3 +158,84 @@ def test_the_conftest_check_finds_what_is_not_a_fixture_or_a_hook(tmp_path: Path
         "helpers/wheels.py -> conftest",
         "test_a.py -> conftest",
     ]
+
+
+def module_level_torch_imports(source: str) -> list[str]:
+    """``line: statement`` for every top-level statement of ``source`` that imports torch other than through
+    ``require_torch()``: ``import torch``, ``from torch import ...``, ``torch = pytest.importorskip("torch")``."""
+    found = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Import):
+            hit = any(alias.name.split(".")[0] == "torch" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            hit = node.level == 0 and (node.module or "").split(".")[0] == "torch"
+        elif isinstance(node, ast.Assign | ast.Expr) and isinstance(node.value, ast.Call):
+            call = node.value
+            hit = (
+                ast.unparse(call.func).endswith("importorskip")
+                and bool(call.args)
+                and isinstance(call.args[0], ast.Constant)
+                and str(call.args[0].value).split(".")[0] == "torch"
+            )
+        else:
+            hit = False
+        if hit:
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def gpu_modules() -> list[Path]:
+    """The GPU test modules and the helpers (not the workers, which run as scripts) under ``tests/``."""
+    helpers = [p for p in (TESTS / "helpers").glob("*.py") if not p.name.endswith("_worker.py")]
+    return sorted([*TESTS.rglob("test_gpu_*.py"), *helpers])
+
+
+def test_gpu_modules_take_torch_from_require_torch() -> None:
+    found = [
+        f"{path.relative_to(TESTS)}:{hit}"
+        for path in gpu_modules()
+        for hit in module_level_torch_imports(path.read_text())
+    ]
+    assert found == [], "write `torch = require_torch()` (from helpers.gpu) after the module's imports"
+
+
+def test_the_torch_import_check_finds_every_spelling() -> None:  # the check above could fail
+    source = (
+        "import os, torch\n"
+        "import torch.nn.functional as F\n"
+        "from torch import nn\n"
+        "torch = pytest.importorskip('torch')\n"
+        "pytest.importorskip('torch.cuda', reason='x')\n"
+        "torch = require_torch()\n"
+        "cp = pytest.importorskip('cupy')\n"
+        "import torchvision_like_name_is_not_torch\n"
+        "def f():\n    import torch\n"
+    )
+    assert [hit.split(":")[0] for hit in module_level_torch_imports(source)] == ["1", "2", "3", "4", "5"]
+
+
+def test_gpu_modules_without_torch_skip_naming_the_extra() -> None:
+    """``FI_FFI_RUN_GPU_TESTS=1`` where torch cannot be imported (made so in the child, whether or not it is
+    installed here): two GPU modules, one importing torch itself and one through ``helpers.attention_reference``,
+    are collected without error and skipped with the install command. Every module is skipped, so no test is
+    collected: pytest exits 5 (``NO_TESTS_COLLECTED``), not 2 (``INTERRUPTED``, a collection error); in a whole run
+    the other tests are collected and the exit is 0."""
+    files = ["tests/ops/test_gpu_packbits.py", "tests/ops/attention/test_gpu_decode.py"]
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # import torch raises ModuleNotFoundError, as where it is not installed\n"
+        "import pytest\n"
+        f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rs', *{files!r}]))\n"
+    )
+    env = subprocess_env(FI_FFI_RUN_GPU_TESTS="1")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == pytest.ExitCode.NO_TESTS_COLLECTED, out[-4000:]
+    skips = [line for line in out.splitlines() if line.startswith("SKIPPED")]
+    assert len(skips) == 2, out[-4000:]
+    for line in skips:
+        assert line.endswith(TORCH_MISSING) and GPU_TESTS_INSTALL in line, line
+        assert "helpers/gpu.py" not in line, f"the skip should point at the line that needs torch: {line}"
+    assert files[0] in skips[0], skips  # the module's own `torch = require_torch()`
+    assert "tests/helpers/attention_reference.py" in skips[1], skips  # the torch reference it imports
+    assert "error" not in out.lower(), out[-4000:]
