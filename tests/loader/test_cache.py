@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers.env import subprocess_env
-from helpers.wheels import WheelEnv
+from helpers.wheels import WheelEnv, use_lock
 
 from fi_ffi import loader
 from fi_ffi.errors import IntegrityError, KernelNotFoundError, LoaderError
@@ -45,11 +45,7 @@ def synthetic(
         "tiny-1.0+cu130-py3-none-linux_x86_64.whl",
         {"tiny/jit_cache/alpha/alpha.so": b"A" * 5000, "tiny/jit_cache/beta/beta.so": b"B" * 7000},
     )
-    lock = tmp_path / "tiny.lock"
-    lock.write_text(loader.dump_lock([loader.lock_entry(whl, hash_members=True)]))
-    monkeypatch.setenv("FI_FFI_LOCK", str(lock))
-    monkeypatch.setenv("FI_FFI_WHEELHOUSE", str(whl.parent))
-    monkeypatch.setenv("FI_FFI_CUDA_VERSION", "13.0")
+    use_lock(monkeypatch, tmp_path / "tiny.lock", loader.dump_lock([loader.lock_entry(whl, hash_members=True)]), [whl])
     return whl
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from helpers.env import subprocess_env
 from helpers.other_users import as_nobody, chown_tree, mounted, needs_root, nobody_world
+from helpers.wheels import use_lock
 
 from fi_ffi import loader
 from fi_ffi.errors import IntegrityError, LoaderError, LockError
@@ -40,11 +41,7 @@ def synthetic(
         "tiny-1.0+cu130-py3-none-linux_x86_64.whl",
         {ALPHA: b"A" * 5000, BETA: os.urandom(7000)},
     )
-    lock = tmp_path / "tiny.lock"
-    lock.write_text(loader.dump_lock([loader.lock_entry(whl)]))
-    monkeypatch.setenv("FI_FFI_LOCK", str(lock))
-    monkeypatch.setenv("FI_FFI_WHEELHOUSE", str(whl.parent))
-    monkeypatch.setenv("FI_FFI_CUDA_VERSION", "13.0")
+    use_lock(monkeypatch, tmp_path / "tiny.lock", loader.dump_lock([loader.lock_entry(whl)]), [whl])
     return whl
 
 

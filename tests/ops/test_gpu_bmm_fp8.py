@@ -24,12 +24,8 @@ from fi_ffi.ops.bmm_fp8 import WORKSPACE_BYTES
 
 torch = require_torch()
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def _models(models_modules: list[str]) -> None:
-    """Skips (naming the wheel) when the model-family modules are not pinned."""
+# models_modules skips naming the model-family wheel when its modules are not pinned
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("models_modules")]
 
 
 def to_fp8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,13 +25,9 @@ import fi_ffi
 
 torch = require_torch()
 
-pytestmark = pytest.mark.gpu
+# models_modules skips naming the model-family wheel when its modules are not pinned
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("models_modules")]
 PAD = -1
-
-
-@pytest.fixture(autouse=True)
-def _models(models_modules: list[str]) -> None:
-    """Skips (naming the wheel) when the model-family modules are not pinned."""
 
 
 def softplus(x: np.ndarray) -> np.ndarray:

@@ -26,13 +26,9 @@ from fi_ffi.ops.segment_gemm import prepare_segment_gemm, segment_gemm_args_byte
 
 torch = require_torch()
 
-pytestmark = pytest.mark.gpu
+# models_modules skips naming the model-family wheel when its modules are not pinned
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("models_modules")]
 TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
-
-
-@pytest.fixture(autouse=True)
-def _models(models_modules: list[str]) -> None:
-    """Skips (naming the wheel) when the model-family modules are not pinned."""
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,10 @@ from fi_ffi.ops.attention.workspace import Workspace
 
 torch = require_torch()
 
-pytestmark = pytest.mark.gpu
+# models_modules skips naming the model-family wheel when its modules are not pinned
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("models_modules")]
 SM90 = torch.cuda.get_device_capability()[0] == 9
 BF16 = torch.bfloat16
-
-
-@pytest.fixture(autouse=True)
-def _models(models_modules: list[str]) -> None:
-    """Skips (naming the wheel) when the model-family modules are not pinned."""
 
 
 @pytest.fixture(scope="module")
