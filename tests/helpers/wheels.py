@@ -176,3 +176,20 @@ def build_wheel(path: Path, members: dict[str, bytes], *, dist: str = "", versio
         for name, data in files.items():
             zf.writestr(name, data)
     return path
+
+
+TINY_WHEEL = "tiny-1.0+cu130-py3-none-linux_x86_64.whl"
+
+
+def pin_tiny_wheel(
+    monkeypatch: pytest.MonkeyPatch, folder: Path, members: dict[str, bytes], *, hash_members: bool = False
+) -> Path:
+    """Build :data:`TINY_WHEEL` holding ``members`` (fake modules) in ``folder/wheels`` and make a lock pinning it
+    (``folder/tiny.lock``; with member hashes if ``hash_members``) the active one (:func:`use_lock`); returns the
+    wheel."""
+    from fi_ffi import loader
+
+    wheel = build_wheel(folder / "wheels" / TINY_WHEEL, members)
+    lock = loader.dump_lock([loader.lock_entry(wheel, hash_members=hash_members)])
+    use_lock(monkeypatch, folder / "tiny.lock", lock, [wheel])
+    return wheel

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers.env import subprocess_env
-from helpers.wheels import WheelEnv, use_lock
+from helpers.wheels import WheelEnv, pin_tiny_wheel
 
 from fi_ffi import loader
 from fi_ffi.errors import IntegrityError, KernelNotFoundError, LoaderError
@@ -37,16 +37,14 @@ def temp_files(root: Path) -> list[Path]:
 
 
 @pytest.fixture
-def synthetic(
-    monkeypatch: pytest.MonkeyPatch, fresh_cache: Path, make_wheel: Callable[..., Path], tmp_path: Path
-) -> Path:
+def synthetic(monkeypatch: pytest.MonkeyPatch, fresh_cache: Path, tmp_path: Path) -> Path:
     """A small kernel wheel with two fake modules, pinned (with member hashes) by a user lock + wheelhouse."""
-    whl = make_wheel(
-        "tiny-1.0+cu130-py3-none-linux_x86_64.whl",
+    return pin_tiny_wheel(
+        monkeypatch,
+        tmp_path,
         {"tiny/jit_cache/alpha/alpha.so": b"A" * 5000, "tiny/jit_cache/beta/beta.so": b"B" * 7000},
+        hash_members=True,
     )
-    use_lock(monkeypatch, tmp_path / "tiny.lock", loader.dump_lock([loader.lock_entry(whl, hash_members=True)]), [whl])
-    return whl
 
 
 # ------------------------------------------------------------------------------------------- extraction

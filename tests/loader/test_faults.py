@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from helpers.env import subprocess_env
 from helpers.other_users import as_nobody, chown_tree, mounted, needs_root, nobody_world
-from helpers.wheels import use_lock
+from helpers.wheels import pin_tiny_wheel
 
 from fi_ffi import loader
 from fi_ffi.errors import IntegrityError, LoaderError, LockError
@@ -33,16 +33,9 @@ BETA = "tiny/jit_cache/beta/beta.so"
 
 
 @pytest.fixture
-def synthetic(
-    monkeypatch: pytest.MonkeyPatch, fresh_cache: Path, make_wheel: Callable[..., Path], tmp_path: Path
-) -> Path:
+def synthetic(monkeypatch: pytest.MonkeyPatch, fresh_cache: Path, tmp_path: Path) -> Path:
     """A small kernel wheel with two fake modules, pinned by a user lock; its folder is the wheelhouse."""
-    whl = make_wheel(
-        "tiny-1.0+cu130-py3-none-linux_x86_64.whl",
-        {ALPHA: b"A" * 5000, BETA: os.urandom(7000)},
-    )
-    use_lock(monkeypatch, tmp_path / "tiny.lock", loader.dump_lock([loader.lock_entry(whl)]), [whl])
-    return whl
+    return pin_tiny_wheel(monkeypatch, tmp_path, {ALPHA: b"A" * 5000, BETA: os.urandom(7000)})
 
 
 def pin() -> lockfile.WheelPin:
