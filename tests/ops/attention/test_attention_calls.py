@@ -412,6 +412,17 @@ def test_plan_needs_a_workspace():
         decode.batch_decode_plan(object(), host([0, 1]), 32, 8, 128, 16)
 
 
+def assert_ragged_plan_refused(qo_indptr, kv_indptr, kw, exc, text):
+    """A ragged prefill plan of two requests (32 query heads, 8 K/V heads, head_dim 128), ``kw`` replacing or
+    adding arguments, raises ``exc`` matching ``text`` before it reaches the FFI (the workspace stays unused)."""
+    args = dict(qo_indptr=qo_indptr, kv_indptr=kv_indptr, num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
+    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
+    ws = workspace()
+    with pytest.raises(exc, match=text):
+        prefill.batch_prefill_ragged_plan(ws, **args, **kw)
+    assert ws._generation == 0
+
+
 @pytest.mark.parametrize(
     ("kw", "exc", "text"),
     [
@@ -447,12 +458,7 @@ def test_plan_needs_a_workspace():
     ],
 )
 def test_batch_prefill_ragged_plan_rejects_before_the_ffi(kw, exc, text):
-    args = dict(qo_indptr=host([0, 3, 4]), kv_indptr=host([0, 5, 9]), num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
-    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
-    ws = workspace()
-    with pytest.raises(exc, match=text):
-        prefill.batch_prefill_ragged_plan(ws, **args, **kw)
-    assert ws._generation == 0
+    assert_ragged_plan_refused(host([0, 3, 4]), host([0, 5, 9]), kw, exc, text)
 
 
 def test_batch_prefill_paged_plan_needs_last_page_len_and_checks_it():
@@ -832,12 +838,7 @@ def test_batch_decode_plan_names_bad_scalars_and_index_lists(kw, exc, text):
     ],
 )
 def test_batch_prefill_plans_name_bad_scalars_and_index_lists(kw, exc, text):
-    args = dict(qo_indptr=[0, 3, 4], kv_indptr=[0, 5, 9], num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
-    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
-    ws = workspace()
-    with pytest.raises(exc, match=text):
-        prefill.batch_prefill_ragged_plan(ws, **args, **kw)
-    assert ws._generation == 0
+    assert_ragged_plan_refused([0, 3, 4], [0, 5, 9], kw, exc, text)  # plain lists: the plans take them too
 
 
 def test_single_ops_name_a_null_tmp_and_huge_scalars():
