@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, subprocess_env
+from helpers.env import REPO, subprocess_env
 
 
 def fi_ffi(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 
 
 def fi_ffi(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 
 from fi_ffi import loader
 

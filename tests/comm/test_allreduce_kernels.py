@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import COMM_MISSING, REPO, WHEELS_HINT, comm_wheel, subprocess_env, use_lock
 from helpers.comm_args import (
     H,
     T,
@@ -29,6 +28,8 @@ from helpers.comm_args import (
     moe_args,
     moe_reduction_args,
 )
+from helpers.env import REPO, subprocess_env
+from helpers.wheels import COMM_MISSING, WHEELS_HINT, comm_wheel, use_lock
 
 from fi_ffi.abi import wire
 from fi_ffi.comm import trtllm_ar, vllm_ar

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 
 from fi_ffi.comm import launch as launch_mod
 from fi_ffi.comm.launch import MULTICAST_OFF, free_port, launch, rank_env

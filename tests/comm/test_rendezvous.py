@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 
 from fi_ffi.comm.env import DistEnv
 from fi_ffi.comm.launch import free_port

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 from helpers.subprocess_run import worker_path
 
 from fi_ffi.comm.launch import free_port, rank_env

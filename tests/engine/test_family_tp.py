@@ -216,7 +216,7 @@ def test_generate_tp_checks_the_family_checkpoint_before_starting_ranks(tmp_path
     import subprocess
     import sys
 
-    from conftest import subprocess_env
+    from helpers.env import subprocess_env
 
     (tmp_path / "config.json").write_text(json.dumps(GEMMA2))
     cmd = [sys.executable, "-m", "fi_ffi", "generate", "--model", str(tmp_path), "--prompt-ids", "1,2", "--tp"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers.env import REPO
 from helpers.subprocess_run import comm_wheel, gpu_count, launched, multicast_off, run_ok, wheels_env, worker
 
 multicast_off()

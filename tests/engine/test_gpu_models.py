@@ -28,12 +28,13 @@ import os
 
 import numpy as np
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
 cp = pytest.importorskip("cupy", reason="the engine needs CuPy (pip install 'fi-ffi[llama]')")
-torch = pytest.importorskip("torch")
+torch = require_torch()
 transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
 
 from helpers.checkpoints import MIXTRAL_MOE, SMALL, float32_reference, qwen3_moe, save_random  # noqa: E402

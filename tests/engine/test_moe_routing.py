@@ -132,7 +132,7 @@ def test_the_moe_modules_never_import_torch() -> None:
     import subprocess
     import sys
 
-    from conftest import subprocess_env
+    from helpers.env import subprocess_env
 
     code = (
         "import sys\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 
 from fi_engine.config import LlamaConfig
 from fi_engine.tensor_parallel import VocabShard, columns, combine_shard_argmax, expert_rows, rows, shard_config

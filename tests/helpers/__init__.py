@@ -1,13 +1,17 @@
 """What the tests share that is not a fixture: references, yardsticks, set-up and the workers tests start.
 
-pytest puts ``tests/`` on ``sys.path`` (the test folder has no ``__init__.py``, the default ``prepend`` import
-mode), so a test imports ``from helpers.attention_reference import reference`` as it imports ``from conftest
-import ...``. The workers are scripts started by path (``python tests/helpers/comm_worker.py``); they import
-``fi_ffi`` only, never this package or ``conftest``, so they run the same from a checkout, a plain copy or an
-unpacked sdist. No test module imports another (``tests/package/test_suite_structure.py``): what two share lives here
-or,
-for a fixture, in ``conftest``.
+pytest puts ``tests/`` on ``sys.path`` (``pythonpath`` in pyproject.toml; the test folder has no ``__init__.py``),
+so a test imports ``from helpers.attention_reference import reference``. ``tests/conftest.py`` holds fixtures and
+pytest hooks only, built from these modules; no helper imports ``conftest``. The workers are scripts started by
+path (``python tests/helpers/comm_worker.py``); they import ``fi_ffi`` only, never this package, so they run the
+same from a checkout, a plain copy or an unpacked sdist. No test module imports another
+(``tests/package/test_suite_structure.py``): what two share lives here or, for a fixture, in ``conftest``.
 
+- :mod:`helpers.env`: the checkout (``REPO``) and the environment of child Python processes (``subprocess_env``);
+- :mod:`helpers.wheels`: the test kernel wheels (where each is found, the skip reason when it is missing), lock
+  text, making a lock the active one, building a small wheel from bytes;
+- :mod:`helpers.http_server`: a local HTTP server serving byte strings (the ``http_server`` fixture);
+- :mod:`helpers.gpu`: ``require_torch()``, the GPU test modules' torch, or a skip naming the ``gpu-tests`` extra;
 - :mod:`helpers.fakes`: descriptors that claim ``cuda:0`` over host memory, and the check that a call reached the
   kernel, for the CPU tests of every op family;
 - :mod:`helpers.attention_plans`: batch decode/prefill plans, run arguments, workspace and URIs of the attention

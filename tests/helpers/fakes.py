@@ -7,7 +7,10 @@ walk-through of docs/ADDING_A_KERNEL.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import pytest
 
 from fi_ffi.errors import KernelError
 from fi_ffi.launch.aliasing import footprint
@@ -31,3 +34,12 @@ def assert_reached_the_kernel(err: KernelError) -> None:
     """The module accepted the argument list and failed on the missing CUDA device/driver."""
     assert err.kind != "TypeError", f"signature mismatch: {err}"
     assert "cuda" in err.message.lower() or "device" in err.message.lower(), err.message
+
+
+def reached(call: Callable[[], object]) -> str:
+    """Run ``call``: it must stop at the module's CUDA device check (not at a signature or argument check, so its
+    arguments got through); returns the error's text."""
+    with pytest.raises(KernelError) as info:
+        call()
+    assert_reached_the_kernel(info.value)
+    return str(info.value)

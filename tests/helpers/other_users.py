@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+
+from helpers.env import subprocess_env
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, or setpriv to another user)")
 

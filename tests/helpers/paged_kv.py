@@ -5,7 +5,10 @@ tests/ops/attention/test_gpu_sink.py
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from helpers.gpu import require_torch
+
+torch = require_torch()  # imported by GPU test modules only: a skip naming the extra without it
 
 QO_LENS = [1, 7, 33, 64, 2]
 KV_LENS = [1, 20, 33, 100, 50]  # >= qo lengths, so that causal rows are never empty

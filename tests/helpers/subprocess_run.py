@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from conftest import REPO, lock_text, subprocess_env
+from helpers.env import subprocess_env
+from helpers.wheels import comm_wheel as comm_wheel  # the GPU tests import it from here too
+from helpers.wheels import lock_text, wheelhouse
 
 HELPERS = Path(__file__).resolve().parent
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -40,21 +42,6 @@ def launched(n: int, cmd: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "fi_ffi", "launch", "--nproc", str(n), "--", *cmd]
 
 
-def comm_wheel() -> Path | None:
-    """The comm test kernel wheel ``flashinfer_jit_cache_comm-*.whl``: from ``$FI_FFI_TEST_WHEELS_COMM``,
-    ``<repo>/../shared/wheels-comm`` or beside ``$FI_FFI_TEST_WHEELS``, the first folder that has one; else None."""
-    for folder in (
-        os.environ.get("FI_FFI_TEST_WHEELS_COMM", ""),
-        str(REPO.parent / "shared" / "wheels-comm"),
-        os.environ.get("FI_FFI_TEST_WHEELS", ""),
-    ):
-        if folder and Path(folder).is_dir():
-            found = sorted(Path(folder).glob("flashinfer_jit_cache_comm-*.whl"))
-            if found:
-                return found[0]
-    return None
-
-
 def gpu_count() -> int:
     """The CUDA devices this process sees (through the CUDA runtime, as the ranks will)."""
     from fi_ffi.comm.cuda import device_count
@@ -68,7 +55,7 @@ def wheels_env(lock: Path, wheels: Sequence[Path]) -> dict[str, str]:
     lock.write_text(lock_text(list(wheels)))
     return subprocess_env(
         FI_FFI_LOCK=str(lock),
-        FI_FFI_WHEELHOUSE=os.pathsep.join(dict.fromkeys(str(w.parent) for w in wheels)),
+        FI_FFI_WHEELHOUSE=wheelhouse(wheels),
         FI_FFI_CUDA_VERSION="13.0",
         FI_FFI_OFFLINE="1",
     )

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import find_shared_wheel, shared_wheels
 
 from helpers.subprocess_run import comm_wheel, launched, run_ok, wheels_env, worker
+from helpers.wheels import find_shared_wheel, shared_wheels
 
 VOCAB = 4099
 

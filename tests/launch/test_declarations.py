@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import WHEELS_HINT, find_shared_wheel, find_wheels_072, shared_wheels
+from helpers.wheels import WHEELS_HINT, find_shared_wheel, find_wheels_072, shared_wheels
 
 import fi_ffi.ops
 from fi_ffi.abi import wire

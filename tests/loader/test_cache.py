@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import WheelEnv, subprocess_env
+from helpers.env import subprocess_env
+from helpers.wheels import WheelEnv, pin_tiny_wheel
 
 from fi_ffi import loader
 from fi_ffi.errors import IntegrityError, KernelNotFoundError, LoaderError
@@ -36,20 +37,14 @@ def temp_files(root: Path) -> list[Path]:
 
 
 @pytest.fixture
-def synthetic(
-    monkeypatch: pytest.MonkeyPatch, fresh_cache: Path, make_wheel: Callable[..., Path], tmp_path: Path
-) -> Path:
+def synthetic(monkeypatch: pytest.MonkeyPatch, fresh_cache: Path, tmp_path: Path) -> Path:
     """A small kernel wheel with two fake modules, pinned (with member hashes) by a user lock + wheelhouse."""
-    whl = make_wheel(
-        "tiny-1.0+cu130-py3-none-linux_x86_64.whl",
+    return pin_tiny_wheel(
+        monkeypatch,
+        tmp_path,
         {"tiny/jit_cache/alpha/alpha.so": b"A" * 5000, "tiny/jit_cache/beta/beta.so": b"B" * 7000},
+        hash_members=True,
     )
-    lock = tmp_path / "tiny.lock"
-    lock.write_text(loader.dump_lock([loader.lock_entry(whl, hash_members=True)]))
-    monkeypatch.setenv("FI_FFI_LOCK", str(lock))
-    monkeypatch.setenv("FI_FFI_WHEELHOUSE", str(whl.parent))
-    monkeypatch.setenv("FI_FFI_CUDA_VERSION", "13.0")
-    return whl
 
 
 # ------------------------------------------------------------------------------------------- extraction

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 from helpers.other_users import as_nobody, chown_tree, mounted, needs_root, nobody_world
 
 from fi_ffi import errors, loader

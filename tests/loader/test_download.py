@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 
 from fi_ffi.errors import FetchError
 from fi_ffi.loader import cache, lockfile, wheels

@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import WHEELS_HINT, find_wheels_072
+from helpers.wheels import WHEELS_HINT, find_wheels_072
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 from helpers.other_users import as_nobody, chown_tree, mounted, needs_root, nobody_world
+from helpers.wheels import pin_tiny_wheel
 
 from fi_ffi import loader
 from fi_ffi.errors import IntegrityError, LoaderError, LockError
@@ -32,20 +33,9 @@ BETA = "tiny/jit_cache/beta/beta.so"
 
 
 @pytest.fixture
-def synthetic(
-    monkeypatch: pytest.MonkeyPatch, fresh_cache: Path, make_wheel: Callable[..., Path], tmp_path: Path
-) -> Path:
+def synthetic(monkeypatch: pytest.MonkeyPatch, fresh_cache: Path, tmp_path: Path) -> Path:
     """A small kernel wheel with two fake modules, pinned by a user lock; its folder is the wheelhouse."""
-    whl = make_wheel(
-        "tiny-1.0+cu130-py3-none-linux_x86_64.whl",
-        {ALPHA: b"A" * 5000, BETA: os.urandom(7000)},
-    )
-    lock = tmp_path / "tiny.lock"
-    lock.write_text(loader.dump_lock([loader.lock_entry(whl)]))
-    monkeypatch.setenv("FI_FFI_LOCK", str(lock))
-    monkeypatch.setenv("FI_FFI_WHEELHOUSE", str(whl.parent))
-    monkeypatch.setenv("FI_FFI_CUDA_VERSION", "13.0")
-    return whl
+    return pin_tiny_wheel(monkeypatch, tmp_path, {ALPHA: b"A" * 5000, BETA: os.urandom(7000)})
 
 
 def pin() -> lockfile.WheelPin:

@@ -11,17 +11,19 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-import torch
-from conftest import TEST_RELEASE
+from helpers.wheels import TEST_RELEASE
 
 import fi_ffi
 from fi_ffi import dtypes, loader
 from fi_ffi.ops.attention import variants as V
 from fi_ffi.ops.attention.variants import Variant
+
+torch = require_torch()
 
 pytestmark = [pytest.mark.gpu, pytest.mark.release_check]
 

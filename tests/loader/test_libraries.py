@@ -11,7 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import WheelEnv, subprocess_env
+from helpers.env import subprocess_env
+from helpers.wheels import WheelEnv
 
 from fi_ffi import loader
 from fi_ffi.abi.cdefs import get_ffi

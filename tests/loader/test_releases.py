@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import WHEELS_HINT
+from helpers.wheels import WHEELS_HINT
 
 from fi_ffi import caches, dtypes, loader
 from fi_ffi.cli import main
@@ -604,7 +604,7 @@ def test_the_072_test_run_lock_prefers_072_and_keeps_063_for_the_rest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The session lock of ``FI_FFI_TEST_RELEASE=0.7.2`` (tests/conftest.py): 0.7.2 entries at priority 1."""
-    from conftest import lock_text, use_lock
+    from helpers.wheels import lock_text, use_lock
 
     text = lock_text(wheels_063[:1], [wheel_072])
     try:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 
 from fi_ffi.errors import LoaderError
 from fi_ffi.loader import settings

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
 from helpers.attention_plans import PREFILL_URI
+from helpers.env import subprocess_env
 
 from fi_ffi import loader
 from fi_ffi.loader import dl, elf, symbols

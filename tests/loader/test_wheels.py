@@ -11,7 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import LocalServer, WheelEnv
+from helpers.http_server import LocalServer
+from helpers.wheels import WheelEnv
 
 from fi_ffi import loader
 from fi_ffi.errors import FetchError, IntegrityError, LoaderError, LockError

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import WHEELS_HINT
 from helpers.gdn_calls import call_unchecked
+from helpers.wheels import WHEELS_HINT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-import torch
-import torch.nn.functional as F
-
 import fi_ffi
+
+torch = require_torch()
+F = torch.nn.functional
 
 pytestmark = pytest.mark.gpu
 

@@ -13,22 +13,19 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
-
-import torch
 
 import fi_ffi
 from fi_ffi.errors import LibraryLoadError
 from fi_ffi.ops.bmm_fp8 import WORKSPACE_BYTES
 
-pytestmark = pytest.mark.gpu
+torch = require_torch()
 
-
-@pytest.fixture(autouse=True)
-def _models(models_modules: list[str]) -> None:
-    """Skips (naming the wheel) when the model-family modules are not pinned."""
+# models_modules skips naming the model-family wheel when its modules are not pinned
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("models_modules")]
 
 
 def to_fp8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

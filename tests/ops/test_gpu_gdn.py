@@ -27,15 +27,16 @@ import sys
 import threading
 
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-import torch  # only on the GPU machine
-
 from fi_ffi.cuda import device
 from fi_ffi.errors import UnsupportedDeviceError
 from fi_ffi.ops import gdn
+
+torch = require_torch()
 
 pytestmark = pytest.mark.gpu
 

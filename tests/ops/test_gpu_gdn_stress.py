@@ -14,18 +14,19 @@ import threading
 from collections.abc import Callable
 
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-import torch  # only on the GPU machine
-
 from fi_ffi.ops import gdn
+
+torch = require_torch()
 
 if torch.cuda.get_device_capability(0)[0] != 9:
     pytest.skip("gdn_prefill runs on SM90 (Hopper) only", allow_module_level=True)
 
-from helpers.gdn_reference import Problem, assert_close, make_problem, reference, run, workspace
+from helpers.gdn_reference import Problem, assert_close, make_problem, reference, run, workspace  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

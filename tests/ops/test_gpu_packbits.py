@@ -6,13 +6,14 @@ import os
 
 import numpy as np
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-import torch
-
 import fi_ffi
+
+torch = require_torch()
 
 pytestmark = pytest.mark.gpu
 

@@ -15,21 +15,19 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
 import numpy as np
-import torch
 
 import fi_ffi
 
-pytestmark = pytest.mark.gpu
+torch = require_torch()
 
-
-@pytest.fixture(autouse=True)
-def _models(models_modules: list[str]) -> None:
-    """Skips (naming the wheel) when the model-family modules are not pinned."""
+# models_modules skips naming the model-family wheel when its modules are not pinned
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("models_modules")]
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 16])

@@ -13,24 +13,22 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
 import numpy as np
-import torch
 
 import fi_ffi
 from fi_ffi.errors import LibraryLoadError
 from fi_ffi.ops.segment_gemm import prepare_segment_gemm, segment_gemm_args_bytes
 
-pytestmark = pytest.mark.gpu
+torch = require_torch()
+
+# models_modules skips naming the model-family wheel when its modules are not pinned
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("models_modules")]
 TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
-
-
-@pytest.fixture(autouse=True)
-def _models(models_modules: list[str]) -> None:
-    """Skips (naming the wheel) when the model-family modules are not pinned."""
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +245,7 @@ def test_a_bad_pointer_after_a_warm_segment_gemm_is_refused_and_the_context_live
     import subprocess
     import sys
 
-    from conftest import subprocess_env
+    from helpers.env import subprocess_env
 
     done = subprocess.run(
         [sys.executable, "-c", POINTER_CHILD, case], capture_output=True, text=True, timeout=300, env=subprocess_env()

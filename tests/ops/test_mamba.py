@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, subprocess_env
+from helpers.env import REPO, subprocess_env
 from helpers.fakes import assert_reached_the_kernel, fake_cuda
 from helpers.mamba_args import ssu_args
 

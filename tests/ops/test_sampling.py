@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import needs_shared_wheel
+from helpers import fakes
+from helpers.fakes import reached
+from helpers.wheels import needs_shared_wheel
 
 import fi_ffi
-from fi_ffi.errors import KernelError, LoaderError
+from fi_ffi.errors import LoaderError
 from fi_ffi.generator import Generator, round_up4
 from fi_ffi.launch.launcher import bound_entry
 from fi_ffi.ops import sampling as S
@@ -34,20 +36,8 @@ MIB = 1 << 20
 def fake_cuda(
     shape: tuple[int, ...], dtype: str = "float32", strides: tuple[int, ...] | None = None, device: object = "cuda:0"
 ) -> Tensor:
-    """A descriptor that claims CUDA memory but points at host memory (never touched: there is no GPU)."""
-    host = np.zeros(max(1, int(np.prod(shape))) * 16 + 64, dtype=np.uint8)  # room for any dtype and stride
-    ptr = (host.ctypes.data + 15) // 16 * 16
-    return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
-
-
-def reached(call: Callable[[], Any]) -> str:
-    """Run ``call``; it must stop at the module's CUDA device check (not at a signature or argument check)."""
-    with pytest.raises(KernelError) as info:
-        call()
-    err = info.value
-    assert err.kind != "TypeError", f"signature mismatch: {err}"
-    assert "cuda" in err.message.lower() or "device" in err.message.lower(), err.message
-    return str(err)
+    """:func:`helpers.fakes.fake_cuda` with float32 as the default dtype (these ops' scores and probabilities)."""
+    return fakes.fake_cuda(shape, dtype, strides, device)
 
 
 R, V = 4, 64

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pytest
+from helpers import fakes
+from helpers.fakes import reached
 
 import fi_ffi
-from fi_ffi.errors import KernelError
 from fi_ffi.ops import topk as T
 from fi_ffi.tensor.descriptor import Tensor
 
@@ -25,19 +25,8 @@ R, L, K = 4, 256, 8
 def fake_cuda(
     shape: tuple[int, ...], dtype: str = "float32", strides: tuple[int, ...] | None = None, device: object = "cuda:0"
 ) -> Tensor:
-    """A descriptor that claims CUDA memory but points at host memory (never touched: there is no GPU)."""
-    host = np.zeros(max(1, int(np.prod(shape))) * 16 + 64, dtype=np.uint8)
-    ptr = (host.ctypes.data + 15) // 16 * 16
-    return Tensor.from_pointer(ptr, shape, dtype, device, strides, owner=host)
-
-
-def reached(call: Any) -> str:
-    with pytest.raises(KernelError) as info:
-        call()
-    err = info.value
-    assert err.kind != "TypeError", f"signature mismatch: {err}"
-    assert "cuda" in err.message.lower() or "device" in err.message.lower(), err.message
-    return str(err)
+    """:func:`helpers.fakes.fake_cuda` with float32 as the default dtype (these ops' scores and probabilities)."""
+    return fakes.fake_cuda(shape, dtype, strides, device)
 
 
 def states(nbytes: int = MIB, **kw: Any) -> Tensor:

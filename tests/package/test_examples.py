@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, subprocess_env
+from helpers.env import REPO, subprocess_env
 
 from fi_ffi.cuda import system
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 
 import fi_ffi
 import fi_ffi.loader

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import REPO, subprocess_env
+from helpers.env import REPO, subprocess_env
 
 LOADER_VARIABLES = (
     "FI_FFI_LOCK",

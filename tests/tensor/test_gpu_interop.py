@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
-
-import torch  # (only on the GPU machine)
 
 import fi_ffi
 from fi_ffi import dtypes
@@ -27,6 +26,8 @@ from fi_ffi.abi.cdefs import get_ffi
 from fi_ffi.tensor import interop
 from fi_ffi.tensor.descriptor import Tensor
 from fi_ffi.tensor.interop import as_tensor
+
+torch = require_torch()
 
 pytestmark = pytest.mark.gpu
 

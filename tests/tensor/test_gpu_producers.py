@@ -9,12 +9,13 @@ import time
 
 import numpy as np
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX must not take the GPU's memory up front
-torch = pytest.importorskip("torch")
+torch = require_torch()
 
 import fi_ffi  # noqa: E402
 

@@ -22,7 +22,9 @@ from helpers.attention_plans import (
     decode_plan,
     decode_run_args,
     host,
+    paged_run_args,
     prefill_plan,
+    ragged_run_args,
     workspace,
 )
 from helpers.fakes import fake_cuda
@@ -153,16 +155,7 @@ def test_batch_prefill_ragged_run_reaches_the_module(make_array, backend):
     plan = prefill_plan(make_array, "ragged", backend, causal=True)
     assert plan.backend == backend and plan.mask_mode == 1
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_ragged_run(
-            plan,
-            fake_cuda((4, 32, 128)),
-            fake_cuda((9, 8, 128)),
-            fake_cuda((9, 8, 128)),
-            fake_cuda((3,), "int32"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((4, 32, 128)),
-            lse=fake_cuda((4, 32), "float32"),
-        )
+        prefill.batch_prefill_ragged_run(plan, *ragged_run_args().values(), lse=fake_cuda((4, 32), "float32"))
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith("ragged_run")
 
@@ -171,19 +164,8 @@ def test_batch_prefill_ragged_run_reaches_the_module(make_array, backend):
 @pytest.mark.parametrize("backend", ["fa2", "fa3"])
 def test_batch_prefill_paged_run_reaches_the_module(make_array, backend, layout):
     plan = prefill_plan(make_array, "paged", backend, kv_layout=layout)
-    cache = (4, 16, 8, 128) if layout == "NHD" else (4, 8, 16, 128)
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_paged_run(
-            plan,
-            fake_cuda((4, 32, 128)),
-            fake_cuda(cache),
-            fake_cuda(cache),
-            fake_cuda((3,), "int32"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((2,), "int32"),
-            fake_cuda((4, 32, 128)),
-        )
+        prefill.batch_prefill_paged_run(plan, *paged_run_args(layout).values())
     assert_reached_the_kernel(info.value)
 
 
@@ -194,15 +176,7 @@ def test_custom_mask_goes_in_as_tensor_objects(make_array):
     plan = prefill_plan(make_array, "ragged", "auto", custom_mask=mask, mask_indptr=mind)
     assert plan.backend == "fa2" and plan.mask_mode == 2
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_ragged_run(
-            plan,
-            fake_cuda((4, 32, 128)),
-            fake_cuda((9, 8, 128)),
-            fake_cuda((9, 8, 128)),
-            fake_cuda((3,), "int32"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((4, 32, 128)),
-        )
+        prefill.batch_prefill_ragged_run(plan, *ragged_run_args().values())
     assert_reached_the_kernel(info.value)
     assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
     # the same mask packed as a plain DLTensor* (what flashinfer-rs does) is refused by the module
@@ -382,15 +356,7 @@ def test_plan_state_is_checked_at_run(make_array):
         decode.batch_decode_run(prefill_p, *args.values())
     ragged = prefill_plan(make_array, "ragged", ws=ws)
     with pytest.raises(ValueError, match="expected a batch_prefill plan for paged KV"):
-        prefill.batch_prefill_paged_run(
-            ragged,
-            fake_cuda((4, 32, 128)),
-            fake_cuda((4, 16, 8, 128)),
-            fake_cuda((4, 16, 8, 128)),
-            *[fake_cuda((3,), "int32")] * 3,
-            fake_cuda((2,), "int32"),
-            fake_cuda((4, 32, 128)),
-        )
+        prefill.batch_prefill_paged_run(ragged, *paged_run_args().values())
 
 
 def test_plan_carries_layout_and_dtype_of_the_cache(make_array):
@@ -446,6 +412,17 @@ def test_plan_needs_a_workspace():
         decode.batch_decode_plan(object(), host([0, 1]), 32, 8, 128, 16)
 
 
+def assert_ragged_plan_refused(qo_indptr, kv_indptr, kw, exc, text):
+    """A ragged prefill plan of two requests (32 query heads, 8 K/V heads, head_dim 128), ``kw`` replacing or
+    adding arguments, raises ``exc`` matching ``text`` before it reaches the FFI (the workspace stays unused)."""
+    args = dict(qo_indptr=qo_indptr, kv_indptr=kv_indptr, num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
+    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
+    ws = workspace()
+    with pytest.raises(exc, match=text):
+        prefill.batch_prefill_ragged_plan(ws, **args, **kw)
+    assert ws._generation == 0
+
+
 @pytest.mark.parametrize(
     ("kw", "exc", "text"),
     [
@@ -481,12 +458,7 @@ def test_plan_needs_a_workspace():
     ],
 )
 def test_batch_prefill_ragged_plan_rejects_before_the_ffi(kw, exc, text):
-    args = dict(qo_indptr=host([0, 3, 4]), kv_indptr=host([0, 5, 9]), num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
-    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
-    ws = workspace()
-    with pytest.raises(exc, match=text):
-        prefill.batch_prefill_ragged_plan(ws, **args, **kw)
-    assert ws._generation == 0
+    assert_ragged_plan_refused(host([0, 3, 4]), host([0, 5, 9]), kw, exc, text)
 
 
 def test_batch_prefill_paged_plan_needs_last_page_len_and_checks_it():
@@ -501,34 +473,14 @@ def test_prefill_run_checks_rows_and_extent(make_array):
     plan = prefill_plan(make_array, "ragged")
     with pytest.raises(ValueError, match="q: the plan's qo_indptr ends at 4 rows"):
         prefill.batch_prefill_ragged_run(
-            plan,
-            fake_cuda((3, 32, 128)),
-            fake_cuda((9, 8, 128)),
-            fake_cuda((9, 8, 128)),
-            fake_cuda((3,), "int32"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((3, 32, 128)),
+            plan, *ragged_run_args(q=fake_cuda((3, 32, 128)), out=fake_cuda((3, 32, 128))).values()
         )
     with pytest.raises(ValueError, match="k: the plan's kv_indptr ends at 9 tokens"):
         prefill.batch_prefill_ragged_run(
-            plan,
-            fake_cuda((4, 32, 128)),
-            fake_cuda((8, 8, 128)),
-            fake_cuda((8, 8, 128)),
-            fake_cuda((3,), "int32"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((4, 32, 128)),
+            plan, *ragged_run_args(k=fake_cuda((8, 8, 128)), v=fake_cuda((8, 8, 128))).values()
         )
     with pytest.raises(ValueError, match=r"v: expected shape \[9, 8, 128\]"):
-        prefill.batch_prefill_ragged_run(
-            plan,
-            fake_cuda((4, 32, 128)),
-            fake_cuda((9, 8, 128)),
-            fake_cuda((9, 4, 128)),
-            fake_cuda((3,), "int32"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((4, 32, 128)),
-        )
+        prefill.batch_prefill_ragged_run(plan, *ragged_run_args(v=fake_cuda((9, 4, 128))).values())
 
 
 @pytest.mark.parametrize(
@@ -773,15 +725,7 @@ def test_run_inputs_are_passed_per_call_and_not_kept(make_array):
     before = len(_managed.alive)
     for _ in range(200):
         with pytest.raises(KernelError) as info:
-            prefill.batch_prefill_ragged_run(
-                plan,
-                fake_cuda((4, 32, 128)),
-                fake_cuda((9, 8, 128)),
-                fake_cuda((9, 8, 128)),
-                fake_cuda((3,), "int32"),
-                fake_cuda((3,), "int32"),
-                fake_cuda((4, 32, 128)),
-            )
+            prefill.batch_prefill_ragged_run(plan, *ragged_run_args().values())
         assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
     assert len(_managed.alive) == before  # every object made for a run was released
     assert all(mask is not v and offsets is not v for v in plan_settings._cache.values())
@@ -804,14 +748,7 @@ def test_100k_runs_with_a_custom_mask_grow_neither_rss_nor_objects(make_array):
     _no_driver()
     mask, offsets = UnhashableCAI((3,), "|u1"), UnhashableCAI((3,), "<i4")
     plan = prefill_plan(make_array, "ragged", "fa2", custom_mask=mask, mask_indptr=offsets)
-    args = (
-        fake_cuda((4, 32, 128)),
-        fake_cuda((9, 8, 128)),
-        fake_cuda((9, 8, 128)),
-        fake_cuda((3,), "int32"),
-        fake_cuda((3,), "int32"),
-        fake_cuda((4, 32, 128)),
-    )
+    args = tuple(ragged_run_args().values())
 
     def runs(n: int) -> None:
         for _ in range(n):
@@ -837,50 +774,14 @@ def test_none_tensors_in_the_prefill_runs_are_named(make_array):
     for backend in ("fa2", "fa3"):
         ragged = prefill_plan(make_array, "ragged", backend)
         with pytest.raises(TypeError, match=r"^k: expected a tensor, got None"):
-            prefill.batch_prefill_ragged_run(
-                ragged,
-                fake_cuda((4, 32, 128)),
-                None,
-                fake_cuda((9, 8, 128)),
-                fake_cuda((3,), "int32"),
-                fake_cuda((3,), "int32"),
-                fake_cuda((4, 32, 128)),
-            )
+            prefill.batch_prefill_ragged_run(ragged, *ragged_run_args(k=None).values())
         with pytest.raises(TypeError, match=r"^q: expected a tensor, got None"):
-            prefill.batch_prefill_ragged_run(
-                ragged,
-                None,
-                fake_cuda((9, 8, 128)),
-                fake_cuda((9, 8, 128)),
-                fake_cuda((3,), "int32"),
-                fake_cuda((3,), "int32"),
-                fake_cuda((4, 32, 128)),
-            )
+            prefill.batch_prefill_ragged_run(ragged, *ragged_run_args(q=None).values())
         paged = prefill_plan(make_array, "paged", backend)
         with pytest.raises(TypeError, match=r"^kv_indices: expected a tensor, got None"):
-            prefill.batch_prefill_paged_run(
-                paged,
-                fake_cuda((4, 32, 128)),
-                fake_cuda((4, 16, 8, 128)),
-                fake_cuda((4, 16, 8, 128)),
-                fake_cuda((3,), "int32"),
-                fake_cuda((3,), "int32"),
-                None,
-                fake_cuda((2,), "int32"),
-                fake_cuda((4, 32, 128)),
-            )
+            prefill.batch_prefill_paged_run(paged, *paged_run_args(kv_indices=None).values())
         with pytest.raises(TypeError, match=r"^out: expected a tensor, got None"):
-            prefill.batch_prefill_paged_run(
-                paged,
-                fake_cuda((4, 32, 128)),
-                fake_cuda((4, 16, 8, 128)),
-                fake_cuda((4, 16, 8, 128)),
-                fake_cuda((3,), "int32"),
-                fake_cuda((3,), "int32"),
-                fake_cuda((3,), "int32"),
-                fake_cuda((2,), "int32"),
-                None,
-            )
+            prefill.batch_prefill_paged_run(paged, *paged_run_args(out=None).values())
     with pytest.raises(TypeError, match=r"^kv_indptr: expected a tensor, got None"):
         decode.batch_decode_run(decode_plan(make_array), *decode_run_args(kv_indptr=None).values())
 
@@ -937,12 +838,7 @@ def test_batch_decode_plan_names_bad_scalars_and_index_lists(kw, exc, text):
     ],
 )
 def test_batch_prefill_plans_name_bad_scalars_and_index_lists(kw, exc, text):
-    args = dict(qo_indptr=[0, 3, 4], kv_indptr=[0, 5, 9], num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
-    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
-    ws = workspace()
-    with pytest.raises(exc, match=text):
-        prefill.batch_prefill_ragged_plan(ws, **args, **kw)
-    assert ws._generation == 0
+    assert_ragged_plan_refused([0, 3, 4], [0, 5, 9], kw, exc, text)  # plain lists: the plans take them too
 
 
 def test_single_ops_name_a_null_tmp_and_huge_scalars():
@@ -1036,27 +932,9 @@ def test_sliding_window_and_soft_cap_runs_reach_their_modules(make_array):
         assert "use_swa_True_use_logits_cap_True" in p.uri
         with pytest.raises(KernelError) as info:
             if mode == "ragged":
-                prefill.batch_prefill_ragged_run(
-                    p,
-                    fake_cuda((4, 32, 128)),
-                    fake_cuda((9, 8, 128)),
-                    fake_cuda((9, 8, 128)),
-                    fake_cuda((3,), "int32"),
-                    fake_cuda((3,), "int32"),
-                    fake_cuda((4, 32, 128)),
-                )
+                prefill.batch_prefill_ragged_run(p, *ragged_run_args().values())
             else:
-                prefill.batch_prefill_paged_run(
-                    p,
-                    fake_cuda((4, 32, 128)),
-                    fake_cuda((4, 16, 8, 128)),
-                    fake_cuda((4, 16, 8, 128)),
-                    fake_cuda((3,), "int32"),
-                    fake_cuda((3,), "int32"),
-                    fake_cuda((3,), "int32"),
-                    fake_cuda((2,), "int32"),
-                    fake_cuda((4, 32, 128)),
-                )
+                prefill.batch_prefill_paged_run(p, *paged_run_args().values())
         assert_reached_the_kernel(info.value)
 
 
@@ -1082,17 +960,7 @@ def test_fp8_kv_cache_selects_its_modules(make_array):
     paged = prefill_plan(make_array, "paged", "auto", kv_dtype="float8_e4m3fn")
     assert paged.backend == "fa2" and "dtype_kv_e4m3" in paged.uri
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_paged_run(
-            paged,
-            fake_cuda((4, 32, 128)),
-            fp8["k_cache"],
-            fp8["v_cache"],
-            fake_cuda((3,), "int32"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((2,), "int32"),
-            fake_cuda((4, 32, 128)),
-        )
+        prefill.batch_prefill_paged_run(paged, *paged_run_args(k_cache=fp8["k_cache"], v_cache=fp8["v_cache"]).values())
     assert_reached_the_kernel(info.value)
 
 

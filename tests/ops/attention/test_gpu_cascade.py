@@ -12,14 +12,16 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-import torch
 from helpers.attention_reference import DTYPES, LSE_TOL, close, reference
 
 import fi_ffi
+
+torch = require_torch()
 
 pytestmark = pytest.mark.gpu
 

@@ -11,15 +11,17 @@ import os
 
 import numpy as np
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-import torch
 from cuda.bindings import runtime as rt
 
 from fi_ffi.ops.attention import decode
 from fi_ffi.ops.attention.workspace import Workspace
+
+torch = require_torch()
 
 pytestmark = pytest.mark.gpu
 

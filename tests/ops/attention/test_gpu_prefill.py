@@ -9,16 +9,18 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-import torch
 from helpers.attention_reference import DTYPES, LSE_TOL, close, reference
 from helpers.paged_kv import KV_LENS, QO_LENS, PagedKV, indptr
 
 from fi_ffi.ops.attention import prefill
 from fi_ffi.ops.attention.workspace import Workspace
+
+torch = require_torch()
 
 pytestmark = pytest.mark.gpu
 

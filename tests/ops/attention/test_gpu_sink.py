@@ -14,25 +14,23 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-import torch
 from helpers.attention_reference import close, reference
 from helpers.paged_kv import KV_LENS, QO_LENS, PagedKV, indptr
 
 import fi_ffi
 from fi_ffi.ops.attention.workspace import Workspace
 
-pytestmark = pytest.mark.gpu
+torch = require_torch()
+
+# models_modules skips naming the model-family wheel when its modules are not pinned
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("models_modules")]
 SM90 = torch.cuda.get_device_capability()[0] == 9
 BF16 = torch.bfloat16
-
-
-@pytest.fixture(autouse=True)
-def _models(models_modules: list[str]) -> None:
-    """Skips (naming the wheel) when the model-family modules are not pinned."""
 
 
 @pytest.fixture(scope="module")

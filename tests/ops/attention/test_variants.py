@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import find_wheels_models
+from helpers.wheels import find_wheels_models
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -125,90 +125,22 @@ def test_each_field_lands_in_its_uri_slot(change, fragment):
     assert Variant.parse(v.uri) == v
 
 
+def variant(kind, **change):
+    """Keyword arguments of a float16 ``Variant`` of ``kind`` with head_dim 64, ``change`` applied."""
+    return {**dict(kind=kind, dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=64, head_dim_vo=64), **change}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "text"),
     [
-        (
-            dict(
-                kind="batch_decode",
-                dtype_q="float32",
-                dtype_kv=F16,
-                dtype_o=F16,
-                head_dim_qk=64,
-                head_dim_vo=64,
-                dtype_idx="int32",
-            ),
-            TypeError,
-            "dtype_q",
-        ),
-        (
-            dict(kind="batch_decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=64, head_dim_vo=64),
-            ValueError,
-            "dtype_idx",
-        ),
-        (
-            dict(
-                kind="single_decode",
-                dtype_q=F16,
-                dtype_kv=F16,
-                dtype_o=F16,
-                head_dim_qk=64,
-                head_dim_vo=64,
-                dtype_idx="int32",
-            ),
-            ValueError,
-            "dtype_idx",
-        ),
-        (
-            dict(
-                kind="single_decode",
-                dtype_q=F16,
-                dtype_kv=F16,
-                dtype_o=F16,
-                head_dim_qk=64,
-                head_dim_vo=64,
-                backend="fa3",
-            ),
-            ValueError,
-            "backend",
-        ),
-        (
-            dict(
-                kind="batch_decode",
-                dtype_q=F16,
-                dtype_kv=F16,
-                dtype_o=F16,
-                head_dim_qk=64,
-                head_dim_vo=64,
-                dtype_idx="int32",
-                use_fp16_qk_reduction=True,
-            ),
-            ValueError,
-            "use_fp16_qk_reduction",
-        ),
-        (
-            dict(kind="single_decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=0, head_dim_vo=64),
-            ValueError,
-            "head_dim_qk",
-        ),
-        (
-            dict(
-                kind="single_decode",
-                dtype_q=F16,
-                dtype_kv=F16,
-                dtype_o=F16,
-                head_dim_qk=64,
-                head_dim_vo=64,
-                pos_encoding=3,
-            ),
-            ValueError,
-            "pos_encoding",
-        ),
-        (
-            dict(kind="decode", dtype_q=F16, dtype_kv=F16, dtype_o=F16, head_dim_qk=64, head_dim_vo=64),
-            ValueError,
-            "kind",
-        ),
+        (variant("batch_decode", dtype_q="float32", dtype_idx="int32"), TypeError, "dtype_q"),
+        (variant("batch_decode"), ValueError, "dtype_idx"),
+        (variant("single_decode", dtype_idx="int32"), ValueError, "dtype_idx"),
+        (variant("single_decode", backend="fa3"), ValueError, "backend"),
+        (variant("batch_decode", dtype_idx="int32", use_fp16_qk_reduction=True), ValueError, "use_fp16_qk_reduction"),
+        (variant("single_decode", head_dim_qk=0), ValueError, "head_dim_qk"),
+        (variant("single_decode", pos_encoding=3), ValueError, "pos_encoding"),
+        (variant("decode"), ValueError, "kind"),
     ],
 )
 def test_invalid_variants_are_refused_naming_the_field(kwargs, exc, text):
