@@ -68,7 +68,7 @@ class Callee:
         triples: list[Any] = []
         fmt = ["<"]
         for i, a in enumerate(args):
-            type_index, payload = pack_value(a, keep, f"{self.name} argument {i}")
+            type_index, payload = pack_value(a, keep, self.name, i)
             fmt.append("iId" if type_index == FLOAT else "iIq")
             triples += (type_index, 0, payload)
         fmt.append("iIq")

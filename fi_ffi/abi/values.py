@@ -134,13 +134,14 @@ class OpaquePtr(int):
     """An int to be passed as an opaque ``void*`` (type index 4) rather than as an integer."""
 
 
-def pack_value(value: Any, keep: list[Any], name: str = "argument") -> tuple[int, Any]:
+def pack_value(value: Any, keep: list[Any], callee: str = "", index: int = 0) -> tuple[int, Any]:
     """The (type_index, payload) of a Python value for a generic call; ``keep`` holds temporaries alive.
 
     None -> None; bool -> Bool; int -> Int (:func:`to_int`'s rule); float -> Float; :class:`OpaquePtr` -> opaque
     pointer; :class:`~fi_ffi.dtypes.DType` -> DataType; :class:`~fi_ffi.dtypes.Device` -> Device;
     :class:`~fi_ffi.tensor.Tensor` -> DLTensor*; str -> raw C string (borrowed); bytes -> byte array;
-    :class:`ObjectRef` -> the object (borrowed). Anything else is an ArgumentTypeError naming ``name``.
+    :class:`ObjectRef` -> the object (borrowed). Anything else is an ArgumentTypeError naming the argument
+    (``{callee} argument {index}``: the name is made only for the error, not per call).
     """
     if value is None:
         return NONE, 0
@@ -149,14 +150,16 @@ def pack_value(value: Any, keep: list[Any], name: str = "argument") -> tuple[int
     if isinstance(value, OpaquePtr):
         return OPAQUE_PTR, int(value)
     if isinstance(value, int):
-        return INT, to_int(name, value)
+        if INT64_MIN <= value < INT64_END:  # the common case inline; to_int raises the error of the rest
+            return INT, value
+        return INT, to_int(_argument(callee, index), value)
     if isinstance(value, float):
         return FLOAT, value
     if isinstance(value, Tensor):
         return DLTENSOR_PTR, value._dl_addr
     if isinstance(value, ObjectRef):
         if not value.handle:
-            raise ValueError(f"{name}: {value!r} has been released and cannot be passed")
+            raise ValueError(f"{_argument(callee, index)}: {value!r} has been released and cannot be passed")
         return value.type_index, value.handle
     if isinstance(value, DType):
         (payload,) = struct.unpack("<q", struct.pack("<BBHi", value.code, value.bits, value.lanes, 0))
@@ -174,7 +177,12 @@ def pack_value(value: Any, keep: list[Any], name: str = "argument") -> tuple[int
         data = ffi.new("char[]", value.encode())
         keep.append(data)
         return RAW_STR, int(ffi.cast("uintptr_t", data))
-    raise ArgumentTypeError(f"{name}: cannot pass a {type(value).__name__} to a TVM-FFI function")
+    raise ArgumentTypeError(f"{_argument(callee, index)}: cannot pass a {type(value).__name__} to a TVM-FFI function")
+
+
+def _argument(callee: str, index: int) -> str:
+    """How an error of :func:`pack_value` names the argument."""
+    return f"{callee} argument {index}" if callee else f"argument {index}"
 
 
 __all__ = [
