@@ -4,7 +4,7 @@ the all-reduce object, register buffers, initialise Lamport buffers), not per st
 They take wire types the per-step launcher does not (:data:`fi_ffi.abi.wire.SETUP_ONLY_TYPES`: lists of lists
 of ints, dtypes) and return values (an int handle, a tuple of int arrays), so they are packed here, value by
 value, from the same :class:`~fi_ffi.abi.wire.Declaration` data, after the module's own signature is checked
-against it (:func:`fi_ffi.launch.launcher.bound_entry`). Integer lists become ``ffi.Array`` objects made for the call
+against it (:func:`fi_ffi.launch.binding.bound_entry`). Integer lists become ``ffi.Array`` objects made for the call
 and released right after it; results come back as Python ints and lists.
 """
 
@@ -74,8 +74,8 @@ def call(uri: str, decl: wire.Declaration, *values: Any) -> Any:
     call is its own answer). ``Array`` results become lists (nested for a ``Tuple`` of arrays).
     """
     from ..abi.objects import Array, ObjectRef
+    from ..launch.binding import bound_entry
     from ..launch.kernels import entry_point
-    from ..launch.launcher import bound_entry
 
     entry = bound_entry(uri, decl) if decl.params else entry_point(uri, decl.entry)
     keep: list[Any] = []
