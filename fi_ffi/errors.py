@@ -8,6 +8,9 @@ the argument and what was expected. Everything that goes wrong below that line h
 - :class:`UnsupportedDeviceError`: the GPU cannot run the requested kernel (for example SM90-only kernels).
 - :class:`CudaError`: a CUDA runtime call fi_ffi makes itself (allocation, streams, events, graphs, device
   queries) failed; raised by :func:`fi_ffi.cuda.runtime.check` and carrying the CUDA error code and name.
+- :class:`ArgumentTypeError` / :class:`ArgumentRangeError`: a Python value that cannot be passed as a kernel's
+  scalar (the one packer of Python values, :mod:`fi_ffi.abi.values`, raises them); they are also ``TypeError`` /
+  ``ValueError``, so code catching those keeps working.
 """
 
 from __future__ import annotations
@@ -15,6 +18,20 @@ from __future__ import annotations
 
 class FiFFIError(Exception):
     """Base class of the errors fi_ffi raises itself (argument errors are ValueError/TypeError)."""
+
+
+class ArgumentTypeError(FiFFIError, TypeError):
+    """A value of a type the parameter does not take (a bool or a float for an int, a non-text for a string).
+
+    The text names the argument, the expected type and the type given.
+    """
+
+
+class ArgumentRangeError(FiFFIError, ValueError):
+    """A value of the right type outside what the wire type holds (an int past int64, a float past float64).
+
+    The text names the argument, the value, the range and the fix.
+    """
 
 
 class KernelError(FiFFIError):

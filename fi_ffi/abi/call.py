@@ -10,7 +10,8 @@ result)``):
 
 Both are called through a :class:`~fi_ffi.abi.frame.Frame` (the one argument frame of the package; the
 launcher's generated functions write theirs word by word). Calling a callee with Python values
-(``Function(...)(*args)``) packs them by type (:func:`pack_value`) into this thread's frame: the generic path
+(``Function(...)(*args)``) packs them by type (:func:`fi_ffi.abi.values.pack_value`, the one packer of Python
+values) into this thread's frame: the generic path
 of control calls, tests and tools; ops go through :mod:`fi_ffi.launch.launcher`.
 """
 
@@ -20,28 +21,13 @@ import struct
 import threading
 from typing import Any
 
-from ..dtypes import Device, DType
 from ..loader import dl
-from ..tensor.descriptor import Tensor
 from .cdefs import get_ffi
 from .frame import Frame, call, describe_frame, fail, result
-from .objects import (
-    BOOL,
-    BYTE_ARRAY_PTR,
-    DATA_TYPE,
-    DEVICE,
-    DLTENSOR_PTR,
-    FLOAT,
-    FUNCTION,
-    INT,
-    NONE,
-    OPAQUE_PTR,
-    RAW_STR,
-    TYPE_NAMES,
-    ObjectRef,
-)
+from .objects import FLOAT, FUNCTION, NONE, TYPE_NAMES, ObjectRef
 from .raised import take_raised
 from .runtime import api
+from .values import OpaquePtr, pack_value
 
 
 class Callee:
@@ -81,8 +67,8 @@ class Callee:
         keep: list[Any] = []
         triples: list[Any] = []
         fmt = ["<"]
-        for a in args:
-            type_index, payload = pack_value(a, keep)
+        for i, a in enumerate(args):
+            type_index, payload = pack_value(a, keep, self.name, i)
             fmt.append("iId" if type_index == FLOAT else "iIq")
             triples += (type_index, 0, payload)
         fmt.append("iIq")
@@ -143,55 +129,6 @@ class Function(Callee):
         if not handle:
             raise LookupError(f"no global TVM-FFI function named {name!r}")
         return cls(ObjectRef(handle, FUNCTION), name)
-
-
-class OpaquePtr(int):
-    """An int to be passed as an opaque ``void*`` (type index 4) rather than as an integer."""
-
-
-def pack_value(value: Any, keep: list[Any]) -> tuple[int, Any]:
-    """The (type_index, payload) of a Python value for a generic call; ``keep`` holds temporaries alive.
-
-    None -> None; bool -> Bool; int -> Int; float -> Float; :class:`OpaquePtr` -> opaque pointer;
-    :class:`~fi_ffi.dtypes.DType` -> DataType; :class:`~fi_ffi.dtypes.Device` -> Device;
-    :class:`~fi_ffi.tensor.Tensor` -> DLTensor*; str -> raw C string (borrowed); bytes -> byte array;
-    :class:`ObjectRef` -> the object (borrowed). Anything else is a TypeError.
-    """
-    if value is None:
-        return NONE, 0
-    if isinstance(value, bool):
-        return BOOL, int(value)
-    if isinstance(value, OpaquePtr):
-        return OPAQUE_PTR, int(value)
-    if isinstance(value, int):
-        if not -(1 << 63) <= value < 1 << 63:
-            raise OverflowError(f"int argument {value} does not fit in int64")
-        return INT, value
-    if isinstance(value, float):
-        return FLOAT, value
-    if isinstance(value, Tensor):
-        return DLTENSOR_PTR, value._dl_addr
-    if isinstance(value, ObjectRef):
-        if not value.handle:
-            raise ValueError(f"{value!r} has been released and cannot be passed")
-        return value.type_index, value.handle
-    if isinstance(value, DType):
-        (payload,) = struct.unpack("<q", struct.pack("<BBHi", value.code, value.bits, value.lanes, 0))
-        return DATA_TYPE, payload
-    if isinstance(value, Device):
-        (payload,) = struct.unpack("<q", struct.pack("<ii", value.device_type, value.device_id))
-        return DEVICE, payload
-    ffi = get_ffi()
-    if isinstance(value, (bytes, bytearray)):
-        data = ffi.new("char[]", bytes(value))
-        arr = ffi.new("TVMFFIByteArray*", (data, len(value)))
-        keep += (data, arr)
-        return BYTE_ARRAY_PTR, int(ffi.cast("uintptr_t", arr))
-    if isinstance(value, str):
-        data = ffi.new("char[]", value.encode())
-        keep.append(data)
-        return RAW_STR, int(ffi.cast("uintptr_t", data))
-    raise TypeError(f"cannot pass a {type(value).__name__} to a TVM-FFI function")
 
 
 def signature_text(callee: Callee) -> str:

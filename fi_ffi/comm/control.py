@@ -4,7 +4,7 @@ the all-reduce object, register buffers, initialise Lamport buffers), not per st
 They take wire types the per-step launcher does not (:data:`fi_ffi.abi.wire.SETUP_ONLY_TYPES`: lists of lists
 of ints, dtypes) and return values (an int handle, a tuple of int arrays), so they are packed here, value by
 value, from the same :class:`~fi_ffi.abi.wire.Declaration` data, after the module's own signature is checked
-against it (:func:`fi_ffi.launch.launcher.bound_entry`). Integer lists become ``ffi.Array`` objects made for the call
+against it (:func:`fi_ffi.launch.binding.bound_entry`). Integer lists become ``ffi.Array`` objects made for the call
 and released right after it; results come back as Python ints and lists.
 """
 
@@ -14,25 +14,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..abi import wire
-
-_INT64 = 1 << 63
+from ..abi.values import to_int, to_scalar
+from ..errors import ArgumentTypeError
 
 
 def _ints(name: str, values: Any) -> list[int]:
+    """A list of int64 (each item by :func:`fi_ffi.abi.values.to_int`, the one rule for ints)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{name}: expected a sequence of ints, got {type(values).__name__}")
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise TypeError(f"{name}[{i}]: expected an int, got {type(v).__name__}")
-        try:
-            v = int(v.__index__())
-        except (TypeError, ValueError):  # a numpy array of several elements has __index__ and refuses
-            raise TypeError(f"{name}[{i}]: expected an int, got {type(v).__name__}") from None
-        if not -_INT64 <= v < _INT64:
-            raise ValueError(f"{name}[{i}]: {v} does not fit in int64")
-        out.append(v)
-    return out
+        raise ArgumentTypeError(f"{name}: expected a sequence of ints, got {type(values).__name__}")
+    return [to_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 
 def _array(values: list[Any], keep: list[Any]) -> Any:
@@ -47,10 +37,10 @@ def pack(decl: wire.Declaration, values: Sequence[Any], keep: list[Any]) -> list
     """``values`` converted for ``decl``'s wire types (arrays made as objects, held in ``keep``).
 
     Raises:
-        TypeError / ValueError: naming the parameter, for a value of the wrong type or range.
+        TypeError / ValueError: naming the parameter, for a value of the wrong type or range (scalars and ints
+            by :mod:`fi_ffi.abi.values`, the one packer of Python values: ArgumentTypeError / ArgumentRangeError).
     """
     from ..dtypes import dtype as to_dtype
-    from ..launch.launcher import scalar
     from ..tensor.interop import as_tensor
 
     if len(values) != len(decl.params):
@@ -68,12 +58,12 @@ def pack(decl: wire.Declaration, values: Sequence[Any], keep: list[Any]) -> list
             out.append(_array(_ints(p.name, v), keep))
         elif p.wire == wire.ARRAY_OF_ARRAYS:
             if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
-                raise TypeError(f"{p.name}: expected a sequence of sequences of ints, got {type(v).__name__}")
+                raise ArgumentTypeError(f"{p.name}: expected a sequence of sequences of ints, got {type(v).__name__}")
             out.append(_array([_array(_ints(f"{p.name}[{i}]", row), keep) for i, row in enumerate(v)], keep))
         elif p.wire == wire.DATA_TYPE:
             out.append(to_dtype(v))
         else:
-            out.append(scalar(p.name, p.wire, v))
+            out.append(to_scalar(p.name, p.wire, v))
     return out
 
 
@@ -84,8 +74,8 @@ def call(uri: str, decl: wire.Declaration, *values: Any) -> Any:
     call is its own answer). ``Array`` results become lists (nested for a ``Tuple`` of arrays).
     """
     from ..abi.objects import Array, ObjectRef
+    from ..launch.binding import bound_entry
     from ..launch.kernels import entry_point
-    from ..launch.launcher import bound_entry
 
     entry = bound_entry(uri, decl) if decl.params else entry_point(uri, decl.entry)
     keep: list[Any] = []

@@ -3,7 +3,9 @@ on it; it imports neither.
 
 - :mod:`.kernels`: a declaration bound to the entry point of its module (once per module and name).
 - :mod:`.launcher`: from a declaration, a generated straight-line function that reads the arguments, looks up
-  the layout cache, tests the pointers and calls.
+  the layout cache, tests the pointers and calls; it ties :mod:`.codegen` (the generated source), :mod:`.images`
+  (the layout cache), :mod:`.validation` (the slow path), :mod:`.prepared` (calls packed once) and
+  :mod:`.binding` (the entry point's signature checked against the declaration).
 - :mod:`.pointer_rules`: what a cached verdict requires of the addresses (alignment, disjoint outputs), tested on
   every call.
 - :mod:`.aliasing`: the byte-range overlap test under those rules.

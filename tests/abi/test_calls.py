@@ -17,7 +17,7 @@ from fi_ffi.abi.call import EntryPoint, Function, OpaquePtr
 from fi_ffi.abi.cdefs import get_ffi
 from fi_ffi.abi.frame import Frame, call, call_on, describe_frame, result
 from fi_ffi.abi.runtime import api
-from fi_ffi.errors import KernelError
+from fi_ffi.errors import ArgumentRangeError, ArgumentTypeError, KernelError
 from fi_ffi.tensor.descriptor import Tensor
 
 
@@ -70,12 +70,19 @@ def test_echo_dtype_device_and_opaque_pointer(testing_lib: object) -> None:
 
 
 def test_int_argument_out_of_range_is_rejected_before_the_call(testing_lib: object) -> None:
-    with pytest.raises(OverflowError, match="int64"):
-        fn("testing.echo")(2**63)
+    # the one packer's error: fi_ffi's own, a ValueError, naming the argument, the range and the fix
+    for value in (2**63, -(2**63) - 1):
+        with pytest.raises(
+            ArgumentRangeError, match=r"^testing\.echo argument 0: -?\d+ does not fit in int64 \("
+        ) as info:
+            fn("testing.echo")(value)
+        assert isinstance(info.value, ValueError) and "pass a value in that range" in str(info.value)
+    assert fn("testing.echo")(2**63 - 1) == 2**63 - 1  # the bounds themselves pass
+    assert fn("testing.echo")(-(2**63)) == -(2**63)
 
 
 def test_unpackable_python_value_is_a_type_error(testing_lib: object) -> None:
-    with pytest.raises(TypeError, match="cannot pass a dict"):
+    with pytest.raises(ArgumentTypeError, match=r"^testing\.echo argument 0: cannot pass a dict"):
         fn("testing.echo")({"a": 1})
 
 

@@ -8,8 +8,10 @@ fi_ffi keeps may hold the caller's buffers afterwards.
 from __future__ import annotations
 
 import gc
+import linecache
 import re
 import resource
+import traceback
 import weakref
 from pathlib import Path
 from typing import Any
@@ -261,3 +263,42 @@ def test_launchers_follow_the_producer_classes_they_read_inline() -> None:
     assert namespace["_TT"] is saved[0]
     producers.reset()  # forgets both: the launchers test against a class no object has
     assert namespace["_TT"] is producers._NotSeen and namespace["_CP"] is producers._NotSeen
+
+
+def generated_lines(err: BaseException, filename: str) -> list[str]:
+    """The source lines a formatted traceback of ``err`` shows under the frames of ``filename``."""
+    text = "".join(traceback.format_exception(err))
+    lines = text.splitlines()
+    return [lines[i + 1].strip() for i, line in enumerate(lines[:-1]) if f'File "{filename}"' in line]
+
+
+def test_a_traceback_through_the_generated_code_shows_its_lines(kernel_modules: list[str]) -> None:
+    # the generated source is registered with linecache under its pseudo-filename: a traceback (and a debugger)
+    # shows the line of the launch function that raised, not just "<fi_ffi launcher norm.rmsnorm>"
+    launcher_ = norm._rmsnorm.launcher
+    assert launcher_.filename == "<fi_ffi launcher norm.rmsnorm>"
+    x, w, out = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
+    with pytest.raises(TypeError) as bad:  # a bad argument: the fast path leaves, the slow path names it
+        norm._rmsnorm(out, x, w, "1e-6", False)
+    assert generated_lines(bad.value, launcher_.filename) == [
+        "_f, _e, (_p0, _p1, _p2, ) = _slow((out, input, weight, eps, enable_pdl, ), stream, context)"
+    ]
+    for _ in range(2):  # the kernel's own error, raised from the slow path's call and then from the fast path's
+        with pytest.raises(KernelError) as failed:
+            norm._rmsnorm(out, x, w, 1e-6, False)
+        assert generated_lines(failed.value, launcher_.filename) == ["if _f.call(*_f.cargs): _fail(_name, _f)"]
+    linecache.checkcache()  # an entry without a file stays (checkcache drops only entries whose file changed)
+    assert linecache.getline(launcher_.filename, 1).startswith("def launch(out, input, weight, eps, enable_pdl")
+    assert "".join(linecache.getlines(launcher_.filename)) == launcher_.source
+
+
+def test_a_second_source_under_one_name_gets_a_filename_of_its_own() -> None:
+    from fi_ffi.launch.launcher import Bound, compile_launcher
+
+    plain = compile_launcher(norm.RMSNORM, "norm-twin", None)
+    again = compile_launcher(norm.RMSNORM, "norm-twin", None)  # the same source: the same entry serves both
+    bound = compile_launcher(norm.RMSNORM, "norm-twin", None, bound=Bound(("eps",), lambda c: (1e-6,)))
+    names = [f.launcher.filename for f in (plain, again, bound)]  # type: ignore[attr-defined]
+    assert names[0] == names[1] == "<fi_ffi launcher norm-twin.rmsnorm>"
+    assert names[2].startswith("<fi_ffi launcher norm-twin.rmsnorm #")
+    assert "".join(linecache.getlines(names[2])) == bound.source != plain.source  # type: ignore[attr-defined]
