@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 from helpers.fakes import assert_reached_the_kernel, fake_cuda
 
 from fi_ffi.errors import KernelError
