@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from fi_ffi.tensor.streams import stream_scope
+from fi_ffi import stream_scope
 
 from . import kernels
 from .checkpoint import Checkpoint

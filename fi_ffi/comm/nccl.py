@@ -450,8 +450,9 @@ class Communicator:
         return t
 
     def _stream_of(self, stream: Any, first: Any) -> int:
+        from ..abi.streams import current_stream
         from ..tensor import producers
-        from ..tensor.streams import current_stream, stream_handle
+        from ..tensor.streams import stream_handle
 
         if stream is not None:
             handle = stream_handle(stream)

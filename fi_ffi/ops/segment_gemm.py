@@ -47,6 +47,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from ..abi.streams import current_stream
 from ..abi.wire import BOOL, declare, tensor
 from ..cuda import driver
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32, int64, uint8
@@ -57,7 +58,7 @@ from ..launch.pointer_rules import PointerRules
 from ..tensor import producers
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
-from ..tensor.streams import current_stream, stream_handle
+from ..tensor.streams import stream_handle
 from .attention.host_index import host_array
 from .attention.workspace import Workspace
 

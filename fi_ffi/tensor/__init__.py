@@ -4,7 +4,8 @@
   and its interned layouts;
 - :mod:`~fi_ffi.tensor.interop`: :func:`~fi_ffi.as_tensor`, other libraries' tensors described as Tensors;
 - :mod:`~fi_ffi.tensor.producers`: per producer type, the layout key and data pointer a call reads;
-- :mod:`~fi_ffi.tensor.streams`: stream arguments and TVM-FFI's current stream;
+- :mod:`~fi_ffi.tensor.streams`: reading a stream (or device ordinal) argument (TVM-FFI's current stream is
+  :mod:`fi_ffi.abi.streams`');
 - :mod:`~fi_ffi.tensor.protocols`: the static types of what the ops accept (``TensorLike``, ``StreamLike``).
 
 Importing this package imports the descriptor alone: the intake modules stand above the TVM-FFI layer

@@ -138,15 +138,16 @@ def test_function_local_and_relative_imports_are_counted() -> None:
 
 
 # The floors of the package, from the ground up. A unit is a subpackage (``fi_ffi.ops`` with ``fi_ffi.ops.attention``),
-# a top-level module, or a module of ``fi_ffi.tensor`` (the descriptor stands below the TVM-FFI layer, which packs it;
-# the intake modules above it, since they ask TVM-FFI for the current stream); ``fi_ffi`` is the package's face
+# a top-level module, or a module of ``fi_ffi.tensor`` (the descriptor and the reading of stream arguments stand below
+# the TVM-FFI layer, which packs the one and sets the other current; the intake above it, since it asks TVM-FFI for the
+# current stream); ``fi_ffi`` is the package's face
 # (``__init__``: the lazy public names).
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("fi_ffi.errors", "fi_ffi.dtypes", "fi_ffi.caches", "fi_ffi.cdecl", "fi_ffi.generator", "fi_ffi.moved"),
     ("fi_ffi.tensor.descriptor", "fi_ffi.loader"),  # descriptors; libraries
     ("fi_ffi.tensor", "fi_ffi.tensor.protocols", "fi_ffi.cuda"),  # the descriptor's face; static types; CUDA
-    ("fi_ffi.abi",),  # the TVM-FFI C API
-    ("fi_ffi.tensor.streams",),  # stream arguments, TVM-FFI's current stream
+    ("fi_ffi.tensor.streams",),  # reading stream (and device ordinal) arguments
+    ("fi_ffi.abi",),  # the TVM-FFI C API (with its current stream per device and thread)
     ("fi_ffi.tensor.interop",),  # DLPack / CUDA array interface producers described as Tensors
     ("fi_ffi.tensor.producers",),  # per producer type: layout key and data pointer, for the launcher
     ("fi_ffi.launch",),  # the calling engine
