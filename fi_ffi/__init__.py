@@ -51,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     "KernelNotFoundError": "errors",
     "LoaderError": "errors",
     "UnsupportedDeviceError": "errors",
-    "as_tensor": "tensor.interop",
+    "as_tensor": "tensor.intake",
     "current_stream": "abi.streams",
     "stream_scope": "abi.streams",
     "prepare": "launch.packing",

@@ -94,7 +94,7 @@ from .ops.topk import top_k as top_k
 from .ops.topk import top_k_page_table_transform as top_k_page_table_transform
 from .ops.topk import top_k_ragged_transform as top_k_ragged_transform
 from .tensor.descriptor import Tensor as Tensor
-from .tensor.interop import as_tensor as as_tensor
+from .tensor.intake import as_tensor as as_tensor
 
 __version__: str
 

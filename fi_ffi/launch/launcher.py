@@ -8,7 +8,7 @@ written by hand).
 
 How a call runs:
 
-1. **Read.** Each tensor argument gives ``(layout key, data pointer)`` through :mod:`fi_ffi.tensor.producers`
+1. **Read.** Each tensor argument gives ``(layout key, data pointer)`` through :mod:`fi_ffi.tensor.intake`
    (descriptor, torch, CuPy, any DLPack / CUDA-array-interface producer). Scalars are their own keys.
 2. **Look up.** The tuple of keys (plus ``context``, a hashable value the op adds, e.g. its plan settings)
    is looked up in this thread's frame cache. Scalar parameters that are a function of the context (a
@@ -65,7 +65,7 @@ from ..abi.frame import Frame, call_on, describe_frame, fail, result
 from ..abi.objects import ARRAY, BOOL, DLTENSOR_PTR, FLOAT, INT, NONE, RAW_STR, TENSOR, Array, ObjectRef
 from ..dtypes import CUDA
 from ..errors import LoaderError
-from ..tensor import producers
+from ..tensor import intake
 from ..tensor.descriptor import WIRE_DEVICE_TYPE, Tensor
 from ..tensor.streams import stream_handle
 from .pointer_rules import HIDDEN_ADDRESS, ApartTest, PointerRules, apart_test, compile_apart, enforce, without_address
@@ -114,7 +114,7 @@ class Entry(NamedTuple):
     image: bytes  # the frame's bytes for it, data pointers and per-call values left zero
     masks: tuple[int, ...]  # per tensor parameter: alignment - 1 | high bits (0 for an absent tensor)
     device_id: int  # the CUDA ordinal of its tensors (0 when none is on a CUDA device)
-    stream_source: producers.StreamSource | None  # the default stream's source (None: TVM-FFI's current one)
+    stream_source: intake.StreamSource | None  # the default stream's source (None: TVM-FFI's current one)
     keep: tuple[Any, ...]  # what the image points to (text arguments' buffers)
     empty_ok: tuple[bool, ...]  # per tensor parameter: validated empty, so its pointer may be NULL
     union: int  # the union of ``masks``: one test of all pointers for the common case
@@ -225,7 +225,7 @@ class Launcher:
         device_id = devices[0] if devices else 0
         source = None
         if first_cuda is not None:
-            source = producers.stream_source(first_cuda)
+            source = intake.stream_source(first_cuda)
         # per record: may its pointer be NULL on the fast path (an empty tensor: the kernel reads nothing)
         empty_ok = tuple(
             checked[decl.params[i].name] is not None and checked[decl.params[i].name].numel == 0
@@ -288,7 +288,7 @@ class Launcher:
                     if kind in wire.TENSOR_TYPES:
                         ptrs.append(_ABSENT)
                     continue
-                t = producers.describe(value, name, stream)
+                t = intake.describe(value, name, stream)
                 check_tensor(name, t, output=p.output)
                 checked[name] = t
                 if kind in wire.TENSOR_TYPES:
@@ -300,7 +300,7 @@ class Launcher:
                     first_cuda is None
                     and t.device.is_cuda
                     and kind in wire.TENSOR_TYPES
-                    and producers.stream_source(value) is not None
+                    and intake.stream_source(value) is not None
                 ):
                     first_cuda = value
             elif kind == wire.ARRAY:
@@ -735,24 +735,8 @@ def _source(
                 raise ValueError(f"{decl.entry}: parameter {p.name}: only int, float and bool scalars can be bound")
             continue
         if kind in wire.TENSOR_TYPES or kind in wire.OBJECT_TENSOR_TYPES:
-            # descriptors, torch tensors and CuPy arrays inline (no call: the reads of producers.read_torch and
-            # read_cupy, the same keys); other producers through their reader. A negated torch view goes to the
-            # reader, which refuses it (the slow path then names it)
-            get = f"(_READERS.get({a}.__class__) or _reader({a}.__class__))({a}, stream)"
-            if kind in wire.OPTIONAL_TYPES:
-                read.append(f"if {a} is None: _k{i} = None; _p{i} = {_ABSENT}")
-                read.append(f"elif {a}.__class__ is _Tensor: _k{i} = {a}._lid; _p{i} = {a}.data_ptr")
-            else:
-                read.append(f"if {a}.__class__ is _Tensor: _k{i} = {a}._lid; _p{i} = {a}.data_ptr")
-            read.append(
-                f"elif {a}.__class__ is _TT and not {a}.is_neg(): "
-                f"_k{i} = ({a}.shape, {a}.stride(), {a}.dtype, {a}.device); _p{i} = {a}.data_ptr()"
-            )
-            read.append(
-                f"elif {a}.__class__ is _CP: "
-                f"_m = {a}.data; _k{i} = ({a}.shape, {a}.strides, {a}.dtype, _m.device_id); _p{i} = _m.ptr"
-            )
-            read.append(f"else: _k{i}, _p{i} = {get}")
+            # the reads of the tensor intake (its source text: descriptors, torch tensors and CuPy arrays inline)
+            read += intake.read_source(a, f"_k{i}", f"_p{i}", _ABSENT if kind in wire.OPTIONAL_TYPES else None)
             keys.append(f"_k{i}")
             tested.append(f"_p{i}")
             if kind in wire.TENSOR_TYPES:
@@ -902,7 +886,7 @@ def _tensor_object(value: Any, name: str) -> Any:
     """A TVM-FFI Tensor object for an ``ffi.Tensor`` parameter, made for one call (the caller releases it)."""
     from ..abi.objects import tensor_object
 
-    return tensor_object(producers.describe(value, name, -1))  # -1: no DLPack synchronization, as as_tensor
+    return tensor_object(intake.describe(value, name, -1))  # -1: no DLPack synchronization, as as_tensor
 
 
 def compile_launcher(
@@ -926,14 +910,8 @@ def compile_launcher(
     launcher_ = Launcher(decl, uri, check)
     source = _source(decl, launcher_.record_of, accept_absent, bound.names if bound is not None else ())
     namespace: dict[str, Any] = {
-        "_READERS": producers.readers,
-        # producers.torch_tensor / cupy_ndarray, the classes read inline: copied here when either changes
-        # (_refresh_classes), so the test of each tensor argument is one global read
-        "_TT": producers.torch_tensor,
-        "_CP": producers.cupy_ndarray,
-        "_reader": producers.reader,
+        **intake.read_globals(),  # the names of the tensor reads (intake.read_source)
         "_tls": launcher_.tls,
-        "_Tensor": Tensor,
         "_slow": launcher_.slow,
         "_Slow": _Slow,
         "_BAD": _BAD,
@@ -954,9 +932,8 @@ def compile_launcher(
     exec(compile(source, f"<fi_ffi launcher {launcher_.name}>", "exec"), namespace)
     launcher_.namespace = namespace
     _all_launchers.add(launcher_)
-    # a class seen while this namespace was built: registered now, so this read or the listener's has it
-    namespace["_TT"], namespace["_CP"] = producers.torch_tensor, producers.cupy_ndarray
     launch = namespace["launch"]
+    intake.follow_classes(launch)  # the classes the reads test inline, kept in step with those the intake has seen
     launcher_.keys = namespace["keys"]
     launcher_.bound = bound
     launch.launcher = launcher_
@@ -1049,16 +1026,6 @@ _launchers: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _checked: set[tuple[str, wire.Declaration]] = set()
 _pinned: list[Any] = []
 _all_launchers: weakref.WeakSet[Launcher] = weakref.WeakSet()
-
-
-def _refresh_classes() -> None:
-    """Copy the classes the generated code reads inline into every launcher's namespace (producers calls this)."""
-    tt, cp = producers.torch_tensor, producers.cupy_ndarray
-    for each in list(_all_launchers):
-        each.namespace["_TT"], each.namespace["_CP"] = tt, cp
-
-
-producers.on_classes_changed(_refresh_classes)
 
 
 def _reset() -> None:

@@ -55,7 +55,7 @@ from ..launch import checks
 from ..launch.aliasing import disjoint
 from ..launch.launcher import check_tensor, launcher
 from ..launch.pointer_rules import PointerRules
-from ..tensor import producers
+from ..tensor import intake
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from ..tensor.streams import stream_handle
@@ -402,7 +402,7 @@ def _checked(
     )
     s = stream_handle(stream)
     if s is None:
-        s = producers.default_stream(x, xt.device.device_id)
+        s = intake.default_stream(x, xt.device.device_id)
         if s is None:
             s = current_stream(xt.device.device_id)
     return _Call(args, use_sm90, column_major, s)

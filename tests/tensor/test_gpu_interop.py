@@ -24,9 +24,9 @@ import torch  # (only on the GPU machine)
 import fi_ffi
 from fi_ffi import dtypes
 from fi_ffi.abi.cdefs import get_ffi
-from fi_ffi.tensor import interop
+from fi_ffi.tensor import intake
 from fi_ffi.tensor.descriptor import Tensor
-from fi_ffi.tensor.interop import as_tensor
+from fi_ffi.tensor.intake import as_tensor
 
 pytestmark = pytest.mark.gpu
 
@@ -106,7 +106,7 @@ def test_torch_view_with_storage_offset_on_cuda0(view: Any) -> None:
     t = as_tensor(v, name="v")
     assert t.data_ptr == base.data_ptr() + v.storage_offset() * 2
     assert fields(t) == torch_fields(v, dtypes.float16)
-    assert fields(interop._from_dlpack(v, "v", -1)) == fields(t)
+    assert fields(intake._from_dlpack(v, "v", -1)) == fields(t)
     # every element found through (data_ptr, strides) is the view's
     flat = base.flatten().cpu()
     got = [
