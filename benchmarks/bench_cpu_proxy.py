@@ -22,7 +22,7 @@ from fi_ffi.abi.call import Function
 from fi_ffi.abi.frame import Frame, fail
 from fi_ffi.loader import dl
 from fi_ffi.tensor.descriptor import Tensor
-from fi_ffi.tensor.interop import as_tensor
+from fi_ffi.tensor.intake import as_tensor
 
 
 def main() -> None:

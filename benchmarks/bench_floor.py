@@ -154,7 +154,7 @@ def pieces(n: int) -> dict[str, float | None]:
 
     import fi_ffi
     from fi_ffi.abi.runtime import api
-    from fi_ffi.tensor import producers
+    from fi_ffi.tensor import intake
 
     x = torch.randn(1, 128, dtype=torch.float16, device="cuda")
     key = (x.shape, x.stride(), x.dtype, x.device)
@@ -180,7 +180,7 @@ def pieces(n: int) -> dict[str, float | None]:
         lambda: table2[(x.shape, x.stride(), x.dtype, x.get_device())],
         n=n,
     )
-    report.measure("torch: producers reader", lambda: producers._read_torch(x, None), n=n)
+    report.measure("torch: intake reader", lambda: intake._read_torch(x, None), n=n)
     from fi_ffi.ops import norm
 
     w = torch.randn(128, dtype=torch.float16, device="cuda")
@@ -188,7 +188,7 @@ def pieces(n: int) -> dict[str, float | None]:
     fi_ffi.rmsnorm(x, w, o)  # remembered: the generated code now reads torch tensors as it does on a warm call
     keys = norm._rmsnorm.launcher.keys
     report.measure("launcher: keys and pointers of 3 torch tensors", lambda: keys(o, x, w, 1e-6, False), n=n)
-    source = producers.stream_source(x)
+    source = intake.stream_source(x)
     get = api().TVMFFIEnvGetStream
     if source is not None:
         report.measure("launcher: torch's stream == TVM-FFI's current", lambda: source(0) == get(2, 0), n=n)
@@ -235,7 +235,7 @@ def pieces(n: int) -> dict[str, float | None]:
         report.measure("CuPy: a.dtype", lambda: xc.dtype, n=n)
         report.measure("CuPy: a.__dlpack_device__()", xc.__dlpack_device__, n=n)
         report.measure("CuPy: a.__cuda_array_interface__", lambda: xc.__cuda_array_interface__, n=n)
-        report.measure("CuPy: producers reader", lambda: producers._read_cupy(xc, None), n=n)
+        report.measure("CuPy: intake reader", lambda: intake._read_cupy(xc, None), n=n)
         wc, oc = cupy.asarray(w), cupy.empty_like(xc)
         fi_ffi.rmsnorm(xc, wc, oc)
         report.measure("launcher: keys and pointers of 3 CuPy arrays", lambda: keys(oc, xc, wc, 1e-6, False), n=n)
@@ -258,13 +258,13 @@ def _cai_pieces(report: Any, fi_ffi: Any, xc: Any, n: int) -> None:
     """A producer with only ``__cuda_array_interface__``: the interface, the pointer's device, the reader."""
     from other_producers import CAIObject
 
-    from fi_ffi.tensor import interop, producers
+    from fi_ffi.tensor import intake
 
     xa = CAIObject(xc)
     ptr = xc.data.ptr
     report.measure("CAI: obj.__cuda_array_interface__", lambda: xa.__cuda_array_interface__, n=n)
-    report.measure("CAI: the pointer's device (driver query)", lambda: interop.pointer_device(ptr, "x"), n=n)
-    report.measure("CAI: producers reader", lambda: producers._read_cai(xa, None), n=n)
+    report.measure("CAI: the pointer's device (driver query)", lambda: intake.pointer_device(ptr, "x"), n=n)
+    report.measure("CAI: intake reader", lambda: intake._read_cai(xa, None), n=n)
     report.measure("as_tensor(CAI object)", lambda: fi_ffi.as_tensor(xa), n=n)
 
 
@@ -294,13 +294,13 @@ def _jax_pieces(report: Any, fi_ffi: Any, torch: Any, x: Any, n: int) -> None:
         elif value is not None:
             report.measure(f"JAX: a.{attr}", lambda attr=attr: getattr(xj, attr), n=m)
     report.measure("JAX: a.format.layout", lambda: xj.format.layout, n=m)
-    from fi_ffi.tensor import interop
+    from fi_ffi.tensor import intake
 
     (xb,) = jax_arrays(x.to(torch.bfloat16))
     report.measure(
-        "fi_ffi: jax_row_major_pointer (float16: the interface)", lambda: interop.jax_row_major_pointer(xj), n=m
+        "fi_ffi: jax_row_major_pointer (float16: the interface)", lambda: intake.jax_row_major_pointer(xj), n=m
     )
-    report.measure("fi_ffi: jax_row_major_pointer (bfloat16: format)", lambda: interop.jax_row_major_pointer(xb), n=m)
+    report.measure("fi_ffi: jax_row_major_pointer (bfloat16: format)", lambda: intake.jax_row_major_pointer(xb), n=m)
     report.measure("as_tensor(JAX) (no stream)", lambda: fi_ffi.as_tensor(xj), n=m)
     report.measure("as_tensor(JAX, stream=s)", lambda: fi_ffi.as_tensor(xj, stream=handle), n=m)
     report.measure("as_tensor(JAX bfloat16)", lambda: fi_ffi.as_tensor(xb), n=m)

@@ -355,7 +355,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
     cublasGemmEx, the FlashInfer launches, and a CuPy RawKernel launch (the embedding gather) for scale.
     ``n`` calls per round stay below the launch queue's depth, so a round times the host alone."""
     from fi_engine import kernels
-    from fi_ffi.tensor.streams import stream_scope
+    from fi_ffi import stream_scope
 
     c, b, d, s = engine.config, engine._buf, engine.dense, engine._s
     h, inter, w = c.hidden_size, c.intermediate_size, engine._qkv_width

@@ -175,7 +175,7 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
     from fi_engine.graph import CudaGraph
     from fi_engine.llama import SamplingParams, _refuse_allocation
     from fi_engine.paging import fill_decode
-    from fi_ffi.tensor.streams import stream_scope
+    from fi_ffi import stream_scope
 
     e: Any = engine
     c, b, dense, s = e.config, e._buf, e.dense, e._s

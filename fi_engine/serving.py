@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fi_ffi.tensor.streams import stream_scope
+from fi_ffi import stream_scope
 
 from .paging import PageAllocator, Request, Scheduler, fill_decode, fill_prefill, pad_prefill, pages_for
 from .sampling import SamplingParams

@@ -56,9 +56,9 @@ _EXPORTS: dict[str, str] = {
     "KernelNotFoundError": "errors",
     "LoaderError": "errors",
     "UnsupportedDeviceError": "errors",
-    "as_tensor": "tensor.interop",
-    "current_stream": "tensor.streams",
-    "stream_scope": "tensor.streams",
+    "as_tensor": "tensor.intake",
+    "current_stream": "abi.streams",
+    "stream_scope": "abi.streams",
     "prepare": "launch.packing",
     "Generator": "generator",
 }

@@ -3,6 +3,8 @@
 # instead of __init__.py (PEP 561), which resolves the same names lazily at run time.
 
 from . import dtypes as dtypes
+from .abi.streams import current_stream as current_stream
+from .abi.streams import stream_scope as stream_scope
 from .dtypes import Device as Device
 from .dtypes import DType as DType
 from .dtypes import bfloat16 as bfloat16
@@ -92,9 +94,7 @@ from .ops.topk import top_k as top_k
 from .ops.topk import top_k_page_table_transform as top_k_page_table_transform
 from .ops.topk import top_k_ragged_transform as top_k_ragged_transform
 from .tensor.descriptor import Tensor as Tensor
-from .tensor.interop import as_tensor as as_tensor
-from .tensor.streams import current_stream as current_stream
-from .tensor.streams import stream_scope as stream_scope
+from .tensor.intake import as_tensor as as_tensor
 
 __version__: str
 

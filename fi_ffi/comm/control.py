@@ -41,7 +41,7 @@ def pack(decl: wire.Declaration, values: Sequence[Any], keep: list[Any]) -> list
             by :mod:`fi_ffi.abi.values`, the one packer of Python values: ArgumentTypeError / ArgumentRangeError).
     """
     from ..dtypes import dtype as to_dtype
-    from ..tensor.interop import as_tensor
+    from ..tensor.intake import as_tensor
 
     if len(values) != len(decl.params):
         raise TypeError(f"{decl.entry}: expected {len(decl.params)} arguments, got {len(values)}")

@@ -436,7 +436,7 @@ class Communicator:
 
     def _tensor(self, name: str, value: Any) -> Any:
         from ..tensor.descriptor import contiguous_strides
-        from ..tensor.interop import as_tensor
+        from ..tensor.intake import as_tensor
 
         if self._comm is None:
             raise ValueError("the communicator is closed")
@@ -450,14 +450,15 @@ class Communicator:
         return t
 
     def _stream_of(self, stream: Any, first: Any) -> int:
-        from ..tensor import producers
-        from ..tensor.streams import current_stream, stream_handle
+        from ..abi.streams import current_stream
+        from ..tensor import intake
+        from ..tensor.streams import stream_handle
 
         if stream is not None:
             handle = stream_handle(stream)
             assert handle is not None
             return handle
-        source = producers.stream_source(first)
+        source = intake.stream_source(first)
         return source(self.device) if source is not None else current_stream(self.device)
 
     def _call(self, what: str, fn: Any, *args: Any) -> None:

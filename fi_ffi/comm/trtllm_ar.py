@@ -394,7 +394,7 @@ class AllReduceFusionWorkspace:
         ``allreduce_in`` (``[token_num, hidden_dim]``)."""
         if self.closed:
             raise ValueError(_CLOSED)
-        from ..tensor.interop import as_tensor
+        from ..tensor.intake import as_tensor
 
         t = as_tensor(allreduce_in, name="allreduce_in")
         if t.ndim != 2:
@@ -637,7 +637,7 @@ def trtllm_allreduce_fusion(
     if world_size not in ONESHOT_MAX_MIB:
         raise ValueError(f"world_size: the fusion kernels run on 2, 4, 8 or 16 ranks, got {world_size}")
     if use_oneshot is None:
-        from ..tensor.interop import as_tensor
+        from ..tensor.intake import as_tensor
 
         itemsize = as_tensor(allreduce_in, name="allreduce_in").dtype.itemsize
         use_oneshot = _should_use_oneshot(token_num, hidden_dim, itemsize, world_size)

@@ -302,7 +302,7 @@ class CustomAllReduce:
         """
         self._open()
         registered = checks.flag("registered", registered)
-        from ..tensor.interop import as_tensor
+        from ..tensor.intake import as_tensor
 
         t = as_tensor(inp, name="inp")  # a descriptor is returned as is
         nbytes = t.numel * t.dtype.itemsize

@@ -1,6 +1,6 @@
 """The few CUDA driver calls fi_ffi makes itself, through cffi in ABI mode (libcuda, nothing compiled).
 
-Four users: :mod:`fi_ffi.tensor.interop` asks which device owns a CUDA-array-interface pointer and orders a consumer
+Four users: :mod:`fi_ffi.tensor.intake` asks which device owns a CUDA-array-interface pointer and orders a consumer
 stream after a producer's (an event), :class:`~fi_ffi.ops.attention.workspace.Workspace` records and waits for the
 plan-copy event on every plan, :mod:`fi_ffi.ops.segment_gemm` copies its host-computed argument arrays from the
 workspace's page-locked buffer, and the engine's small-row GEMV (:mod:`fi_engine.dense`) is launched with

@@ -25,7 +25,7 @@ def tensor(name: str, value: Any, host: bool = False) -> Tensor:
         return value
     if value is None:
         raise TypeError(f"{name}: expected a tensor, got None")
-    from ..tensor.interop import as_tensor
+    from ..tensor.intake import as_tensor
 
     return as_tensor(value, name=name)
 

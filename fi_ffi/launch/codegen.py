@@ -4,7 +4,7 @@
 parameters and no byte offset written by hand (the offsets come from :mod:`fi_ffi.abi.frame`). How a call runs:
 
 1. **Read.** Each tensor argument gives ``(layout key, data pointer)`` (:func:`read_tensor_argument`: descriptors,
-   torch tensors and CuPy arrays inline, any other producer through :mod:`fi_ffi.tensor.producers`). Scalars are
+   torch tensors and CuPy arrays inline, any other producer through :mod:`fi_ffi.tensor.intake`). Scalars are
    their own keys.
 2. **Look up.** The tuple of keys (plus ``context``) in this thread's frame cache (:mod:`fi_ffi.launch.images`).
 3. **Test the pointers** against the entry's masks (one test of all against their union first) and its overlap
@@ -32,8 +32,7 @@ from ..abi.frame import call_on, pointer_word
 from ..abi.objects import ARRAY
 from ..abi.values import INT64_END, INT64_MIN
 from ..dtypes import CUDA
-from ..tensor import producers
-from ..tensor.descriptor import Tensor
+from ..tensor import intake
 from .images import ABSENT, PTR_END, Entry
 from .validation import stream_of
 
@@ -43,53 +42,23 @@ def arg_names(decl: wire.Declaration) -> list[str]:
     return [p.name + "_" if keyword.iskeyword(p.name) else p.name for p in decl.params]
 
 
-# ---- tensor intake: the one place the generated code dispatches on the producer type -----------------------------
+# ---- tensor arguments: the reads come from the tensor intake (fi_ffi.tensor.intake.read_source) ------------------
 
 
 def read_tensor_argument(i: int, a: str, optional: bool) -> list[str]:
     """Lines of the launch function that read tensor argument ``a`` (parameter ``i``) into ``_k{i}`` (its layout
-    key) and ``_p{i}`` (its data pointer), dispatching on the producer type.
-
-    Descriptors, torch tensors and CuPy arrays are read inline (no call: the reads of producers.read_torch and
-    read_cupy, the same keys); other producers (DLPack, CUDA array interface) through their reader, which raises
-    for what it does not take (the slow path then names it). A negated torch view goes to the reader, which refuses
-    it. ``optional``: None is an absent tensor. The names these lines read are :func:`producer_globals`'.
-    """
-    get = f"(_READERS.get({a}.__class__) or _reader({a}.__class__))({a}, stream)"
-    lines = []
-    if optional:
-        lines.append(f"if {a} is None: _k{i} = None; _p{i} = {ABSENT}")
-        lines.append(f"elif {a}.__class__ is _Tensor: _k{i} = {a}._lid; _p{i} = {a}.data_ptr")
-    else:
-        lines.append(f"if {a}.__class__ is _Tensor: _k{i} = {a}._lid; _p{i} = {a}.data_ptr")
-    lines.append(
-        f"elif {a}.__class__ is _TT and not {a}.is_neg(): "
-        f"_k{i} = ({a}.shape, {a}.stride(), {a}.dtype, {a}.device); _p{i} = {a}.data_ptr()"
-    )
-    lines.append(
-        f"elif {a}.__class__ is _CP: _m = {a}.data; _k{i} = ({a}.shape, {a}.strides, {a}.dtype, _m.device_id); "
-        f"_p{i} = _m.ptr"
-    )
-    lines.append(f"else: _k{i}, _p{i} = {get}")
-    return lines
+    key) and ``_p{i}`` (its data pointer): the tensor intake's own source text (:func:`fi_ffi.tensor.intake.
+    read_source`: descriptors, torch tensors and CuPy arrays inline, other producers through their reader, which
+    raises for what it does not take; the slow path then names it). ``optional``: None is an absent tensor. The
+    names these lines read are :func:`producer_globals`'."""
+    return intake.read_source(a, f"_k{i}", f"_p{i}", ABSENT if optional else None)
 
 
 def producer_globals() -> dict[str, Any]:
-    """The globals :func:`read_tensor_argument`'s lines read. ``_TT``/``_CP`` (the torch and CuPy classes read
-    inline) are copies of producers.torch_tensor / cupy_ndarray, so the test of each tensor argument is one global
-    read: :func:`refresh_producer_globals` copies them again when either changes."""
-    return {
-        "_READERS": producers.readers,
-        "_TT": producers.torch_tensor,
-        "_CP": producers.cupy_ndarray,
-        "_reader": producers.reader,
-        "_Tensor": Tensor,
-    }
-
-
-def refresh_producer_globals(namespace: dict[str, Any]) -> None:
-    """Copy the producer classes read inline into a launch function's ``namespace`` again."""
-    namespace["_TT"], namespace["_CP"] = producers.torch_tensor, producers.cupy_ndarray
+    """The globals :func:`read_tensor_argument`'s lines read (the intake's :func:`~fi_ffi.tensor.intake.
+    read_globals`); after ``exec``, :func:`~fi_ffi.tensor.intake.follow_classes` keeps the classes read inline
+    current."""
+    return intake.read_globals()
 
 
 # ---- the source --------------------------------------------------------------------------------------------------
@@ -315,7 +284,7 @@ def tensor_object(value: Any, name: str) -> Any:
     """A TVM-FFI Tensor object for an ``ffi.Tensor`` parameter, made for one call (the caller releases it)."""
     from ..abi.objects import tensor_object as make
 
-    return make(producers.describe(value, name, -1))  # -1: no DLPack synchronization, as as_tensor
+    return make(intake.describe(value, name, -1))  # -1: no DLPack synchronization, as as_tensor
 
 
 __all__ = [
@@ -325,7 +294,6 @@ __all__ = [
     "launch_source",
     "producer_globals",
     "read_tensor_argument",
-    "refresh_producer_globals",
     "refuse_absent",
     "tensor_object",
 ]

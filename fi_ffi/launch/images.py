@@ -13,7 +13,7 @@ from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 from ..abi.frame import Frame
-from ..tensor import producers
+from ..tensor import intake
 from .pointer_rules import ApartTest
 
 PTR_END = 1 << 64  # one past the largest address
@@ -44,7 +44,7 @@ class Entry(NamedTuple):
     image: bytes  # the frame's bytes for it, data pointers and per-call values left zero
     masks: tuple[int, ...]  # per tensor parameter: alignment - 1 | high bits (0 for an absent tensor)
     device_id: int  # the CUDA ordinal of its tensors (0 when none is on a CUDA device)
-    stream_source: producers.StreamSource | None  # the default stream's source (None: TVM-FFI's current one)
+    stream_source: intake.StreamSource | None  # the default stream's source (None: TVM-FFI's current one)
     keep: tuple[Any, ...]  # what the image points to (text arguments' buffers)
     empty_ok: tuple[bool, ...]  # per tensor parameter: validated empty, so its pointer may be NULL
     union: int  # the union of ``masks``: one test of all pointers for the common case

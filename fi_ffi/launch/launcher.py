@@ -34,6 +34,7 @@ from .. import caches
 from ..abi import wire
 from ..abi.frame import fail, result, write_image, write_pointers
 from ..abi.values import to_scalar
+from ..tensor import intake
 from . import binding, codegen
 from .binding import bound_entry, select_declaration
 from .images import UNEXPECTED, Entry, LaunchFrame, Slow, pointers_ok, remember_entry
@@ -218,9 +219,8 @@ def compile_launcher(
     filename = codegen.compile_launch(source, launcher_.name, namespace)
     launcher_.namespace = namespace
     _all_launchers.add(launcher_)
-    # a class seen while this namespace was built: registered now, so this read or the listener's has it
-    codegen.refresh_producer_globals(namespace)
     launch = namespace["launch"]
+    intake.follow_classes(launch)  # the classes the reads test inline, kept in step with those the intake has seen
     launcher_.keys = namespace["keys"]
     launcher_.bound = bound
     launcher_.source, launcher_.filename = source, filename
@@ -267,15 +267,6 @@ _lock = threading.Lock()
 _launchers: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _pinned: list[Any] = []
 _all_launchers: weakref.WeakSet[Launcher] = weakref.WeakSet()
-
-
-def _refresh_classes() -> None:
-    """Copy the classes the generated code reads inline into every launcher's namespace (producers calls this)."""
-    for each in list(_all_launchers):
-        codegen.refresh_producer_globals(each.namespace)
-
-
-codegen.producers.on_classes_changed(_refresh_classes)
 
 
 def _reset() -> None:

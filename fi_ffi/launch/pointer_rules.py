@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..tensor.descriptor import Tensor
+from ..tensor.descriptor import Tensor, relocated
 from . import aliasing
 
 __all__ = [
@@ -224,10 +224,4 @@ HIDDEN_ADDRESS: Any = _HiddenAddress()
 
 def without_address(t: Tensor) -> Tensor:
     """A copy of descriptor ``t`` whose ``data_ptr`` cannot be used (what an op's check is given)."""
-    v = Tensor.__new__(Tensor)
-    v.data_ptr = HIDDEN_ADDRESS
-    v.shape, v.strides, v.dtype, v.device, v.ndim = t.shape, t.strides, t.dtype, t.device, t.ndim
-    v.owner = None
-    v._block = None
-    v._lid = t._lid
-    return v
+    return relocated(t, HIDDEN_ADDRESS)

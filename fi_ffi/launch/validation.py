@@ -2,7 +2,7 @@
 
 A launch function takes this path for anything its fast path does not know (a layout not seen, an unhashable
 argument, a pointer that fails a rule, an unknown producer). :func:`validate` describes each tensor argument
-(:func:`fi_ffi.tensor.producers.describe`), converts each scalar (:func:`fi_ffi.abi.values.to_scalar`, the one packer
+(:func:`fi_ffi.tensor.intake.describe`), converts each scalar (:func:`fi_ffi.abi.values.to_scalar`, the one packer
 of Python values), runs the op's own check on the arguments without their addresses (its verdict is remembered per
 layout, so what it requires of addresses it returns as :class:`~fi_ffi.launch.pointer_rules.PointerRules`), then
 the generic checks below, and returns what the layout cache keeps of the call.
@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from ..abi import wire
 from ..abi.objects import ARRAY, ObjectRef
 from ..abi.values import INT64_END, to_scalar
-from ..tensor import producers
+from ..tensor import intake
 from ..tensor.descriptor import Tensor
 from ..tensor.streams import stream_handle
 from .images import ABSENT, HIGH, INT32_END, PTR_END
@@ -42,7 +42,7 @@ class Validated(NamedTuple):
     union: int  # the union of ``masks``
     empty_ok: tuple[bool, ...]  # per tensor parameter: validated empty, so its pointer may be NULL
     device_id: int  # the CUDA ordinal of the call's tensors (0 when none is on a CUDA device)
-    stream_source: producers.StreamSource | None  # the default stream's source (None: TVM-FFI's current one)
+    stream_source: intake.StreamSource | None  # the default stream's source (None: TVM-FFI's current one)
     apart: ApartTest | None  # the overlap test of the pointers (None: no rule to test)
 
 
@@ -87,7 +87,7 @@ def validate(
     # the overlap rules of this layout combination, as integers the fast path tests (None: nothing to test)
     compiled = compile_apart(rules, tensors, pointer_position)
     apart = None if compiled is None else apart_test(compiled, len(pointer_position))
-    source = None if first_cuda is None else producers.stream_source(first_cuda)
+    source = None if first_cuda is None else intake.stream_source(first_cuda)
     return Validated(checked, ptrs, masks, union, empty_ok, devices[0] if devices else 0, source, apart)
 
 
@@ -110,7 +110,7 @@ def describe_arguments(
                 if kind in wire.TENSOR_TYPES:
                     ptrs.append(ABSENT)
                 continue
-            t = producers.describe(value, name, stream)
+            t = intake.describe(value, name, stream)
             check_tensor(name, t, output=p.output)
             checked[name] = t
             if kind in wire.TENSOR_TYPES:
@@ -122,7 +122,7 @@ def describe_arguments(
                 first_cuda is None
                 and t.device.is_cuda
                 and kind in wire.TENSOR_TYPES
-                and producers.stream_source(value) is not None
+                and intake.stream_source(value) is not None
             ):
                 first_cuda = value
         elif kind == wire.ARRAY:

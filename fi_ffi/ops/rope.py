@@ -632,9 +632,9 @@ def _stream_of(x: Any, view: Tensor, stream: Any) -> Any:
     ``x`` itself (torch's or CuPy's current stream) when ``stream`` is None."""
     if stream is not None:
         return stream
-    from ..tensor import producers
+    from ..tensor import intake
 
-    return producers.default_stream(x, view.device.device_id)
+    return intake.default_stream(x, view.device.device_id)
 
 
 @op(launch=_apply_cos_sin_cache)

@@ -482,7 +482,7 @@ def _rows(name: str, value: Any, dim: int = 0) -> int:
         return int(value.shape[dim])
     except Exception:
         try:
-            from ..tensor.interop import as_tensor
+            from ..tensor.intake import as_tensor
 
             return int(as_tensor(value, name=name).shape[dim])
         except Exception:

@@ -47,6 +47,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from ..abi.streams import current_stream
 from ..abi.wire import BOOL, declare, tensor
 from ..cuda import driver
 from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, int32, int64, uint8
@@ -55,10 +56,10 @@ from ..launch.aliasing import disjoint
 from ..launch.launcher import check_tensor, launcher
 from ..launch.pointer_rules import PointerRules
 from ..launch.registry import op
-from ..tensor import producers
+from ..tensor import intake
 from ..tensor.descriptor import Tensor
 from ..tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
-from ..tensor.streams import current_stream, stream_handle
+from ..tensor.streams import stream_handle
 from .attention.host_index import host_array
 from .attention.workspace import Workspace
 
@@ -402,7 +403,7 @@ def _checked(
     )
     s = stream_handle(stream)
     if s is None:
-        s = producers.default_stream(x, xt.device.device_id)
+        s = intake.default_stream(x, xt.device.device_id)
         if s is None:
             s = current_stream(xt.device.device_id)
     return _Call(args, use_sm90, column_major, s)

@@ -21,7 +21,7 @@ from ..dtypes import Device, DType
 # DLTensor: data u64 @0, device {i32,i32} @8, ndim i32 @16, dtype {u8,u8,u16} @20, shape* @24, strides* @32,
 # byte_offset u64 @40 (48 bytes); shape and strides (int64 each) follow the record in the same block.
 _DLTENSOR = struct.Struct("<QiiiBBHQQQ")
-MAX_NDIM = 16  # the most dimensions a descriptor (and a producer read by fi_ffi.tensor.interop) may have
+MAX_NDIM = 16  # the most dimensions a descriptor (and a producer read by fi_ffi.tensor.intake) may have
 # The kernels accept exactly kDLCUDA for device memory and kDLCPU for host memory. Managed memory is
 # device-addressable and page-locked host memory is host memory, so the record we pass carries the kind the
 # kernels check for; the descriptor keeps the true device for our own checks and messages.
@@ -29,7 +29,7 @@ WIRE_DEVICE_TYPE = {_dt.CUDA_MANAGED: _dt.CUDA, _dt.CUDA_HOST: _dt.CPU}
 _INT64_END = 1 << 63
 _PTR_END = 1 << 64
 _DEVICE_END = 1 << 31  # DLDevice.device_id is an int32
-_new = object.__new__  # a descriptor made without __init__ (Tensor.from_pointer's cached case)
+_new = object.__new__  # a descriptor made without __init__ (the builders below, from_pointer's cached case)
 # A bare cffi.FFI (no declarations: the record is packed with _DLTENSOR) for the DLTensor blocks, made on the
 # first one; fi_ffi.abi builds on this module, so the record's memory does not come from there.
 _ffi: Any = None
@@ -187,7 +187,7 @@ class Tensor:
         ``q.rebind(leading=batch)``. ``leading`` keeps the strides (a contiguous tensor stays contiguous).
         ``owner`` replaces the owner (default: keep it).
         """
-        t = Tensor.__new__(Tensor)
+        t = _new(Tensor)
         ptr = self.data_ptr if data_ptr is None else data_ptr
         if ptr.__class__ is not int or not 0 <= ptr < _PTR_END:
             _check_pointer(ptr)
@@ -322,17 +322,52 @@ def layout_id(shape: tuple[int, ...], strides: tuple[int, ...], dtype: DType, de
     return found
 
 
+# ---- the builders: the only code outside Tensor's own methods that makes a Tensor or writes its fields -------------
+# (tests/package/test_structure.py holds every other module to that). A slot added to Tensor is set in __init__,
+# from_pointer's cached case, rebind, and the three functions below.
+
+
 def from_layout(layout: tuple[Any, ...], data_ptr: int, owner: Any) -> Tensor:
     """A descriptor at ``data_ptr`` owned by ``owner``, of a layout validated before: ``(shape, strides, dtype,
-    device, ndim, layout id)``, as the parsed-layout caches here and in :mod:`fi_ffi.tensor.interop` hold it. No checks.
-    The two hottest paths (:meth:`Tensor.from_pointer` and ``as_tensor`` of a torch tensor) fill the same slots
-    inline, since the call is about 10 % of their time: a slot added to :class:`Tensor` is set in all three."""
+    device, ndim, layout id)``, as the parsed-layout caches here and in :mod:`fi_ffi.tensor.intake` hold it. No
+    checks. (:meth:`Tensor.from_pointer`'s cached case fills the same slots inline.)"""
     t = _new(Tensor)
     t.data_ptr = data_ptr
     t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = layout
     t.owner = owner
     t._block = None
     return t
+
+
+def from_checked(
+    data_ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: DType, device: Device, owner: Any
+) -> Tensor:
+    """A descriptor from fields its caller has checked (a producer read by :mod:`fi_ffi.tensor.intake`): sizes and
+    strides in elements, each in [0, 2**63), at most :data:`MAX_NDIM` of them; no check here, the layout id interned."""
+    t = _new(Tensor)
+    t.data_ptr = data_ptr
+    t.shape = shape
+    t.strides = strides
+    t.dtype = dtype
+    t.device = device
+    t.ndim = len(shape)
+    t.owner = owner
+    t._block = None
+    t._lid = layout_id(shape, strides, dtype, device)
+    return t
+
+
+def relocated(t: Tensor, data_ptr: Any, owner: Any = None) -> Tensor:
+    """A copy of ``t`` (same layout, same layout id) with ``data_ptr`` and ``owner`` replaced, unchecked: ``data_ptr``
+    may be a stand-in that is not an address (what :func:`fi_ffi.launch.pointer_rules.without_address` gives an op's
+    check). For a real address use :meth:`Tensor.rebind`, which checks it."""
+    v = _new(Tensor)
+    v.data_ptr = data_ptr
+    v.shape, v.strides, v.dtype, v.device, v.ndim = t.shape, t.strides, t.dtype, t.device, t.ndim
+    v.owner = owner
+    v._block = None
+    v._lid = t._lid
+    return v
 
 
 def clear_layouts() -> None:

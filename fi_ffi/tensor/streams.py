@@ -1,11 +1,13 @@
-"""CUDA stream arguments.
+"""Reading a stream argument (and a device ordinal argument): what a caller passed, as a ``cudaStream_t`` int.
 
 Every op takes ``stream=``: ``None`` (where the caller's framework would run: torch's current stream of the
 device for torch tensors, CuPy's current stream for CuPy arrays, otherwise TVM-FFI's current stream of the
 device on this thread, the legacy default stream unless something set another; see
-:mod:`fi_ffi.tensor.producers`), an int handle (``cudaStream_t`` value; 0 is the legacy default stream), an object
+:mod:`fi_ffi.tensor.intake`), an int handle (``cudaStream_t`` value; 0 is the legacy default stream), an object
 implementing the ``__cuda_stream__`` protocol (cuda.core ``Stream``), a cuda.bindings ``CUstream`` /
-``cudaStream_t``, a torch / CuPy stream (``.cuda_stream`` / ``.ptr``).
+``cudaStream_t``, a torch / CuPy stream (``.cuda_stream`` / ``.ptr``). This module only reads such an
+argument; TVM-FFI's current stream (what ``None`` resolves to, :func:`fi_ffi.current_stream` and
+:class:`fi_ffi.stream_scope`) is the TVM-FFI layer's, in :mod:`fi_ffi.abi.streams`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .protocols import StreamLike
+    pass
 
 _HANDLE_END = 1 << 64
 
@@ -74,48 +76,3 @@ def device_ordinal(device: Any) -> int:
     if not 0 <= ordinal < 1 << 31:
         raise ValueError(f"device: expected a CUDA ordinal in [0, 2**31), got {ordinal}")
     return ordinal
-
-
-class stream_scope:
-    """Make ``stream`` TVM-FFI's current stream of CUDA device ``device`` on this thread for a block.
-
-    Ops called with ``stream=None`` inside the block run on it; the previous stream is restored on exit,
-    also when the block raises. Cheaper than passing ``stream=`` to each call (which sets and restores
-    the stream around every call), so a runtime can wrap a whole decode step::
-
-        with fi_ffi.stream_scope(my_stream):
-            for layer in layers:
-                fi_ffi.rmsnorm(x, w, out)
-    """
-
-    def __init__(self, stream: StreamLike, device: int = 0) -> None:
-        handle = stream_handle(stream)
-        if handle is None:
-            raise TypeError("stream: expected a CUDA stream, got None")
-        self.stream = handle
-        self.device = device_ordinal(device)
-        self._previous: list[int] = []
-
-    def __enter__(self) -> int:
-        from ..abi.cdefs import get_ffi
-        from ..abi.raised import take_raised
-        from ..abi.runtime import api
-
-        out = get_ffi().new("uintptr_t*")
-        if api().TVMFFIEnvSetStream(2, self.device, self.stream, out) != 0:
-            raise take_raised("TVMFFIEnvSetStream", (str(self.device), hex(self.stream)))
-        self._previous.append(int(out[0]))
-        return self.stream
-
-    def __exit__(self, *exc: object) -> None:
-        from ..abi.cdefs import get_ffi
-        from ..abi.runtime import api
-
-        api().TVMFFIEnvSetStream(2, self.device, self._previous.pop(), get_ffi().NULL)
-
-
-def current_stream(device: int = 0) -> int:
-    """TVM-FFI's current stream of CUDA device ``device`` on this thread (0: the legacy default stream)."""
-    from ..abi.runtime import api
-
-    return int(api().TVMFFIEnvGetStream(2, device_ordinal(device)))

@@ -243,26 +243,28 @@ def test_a_given_stream_that_is_current_already_is_called_on_directly(kernel_mod
 
 def test_launchers_follow_the_producer_classes_they_read_inline() -> None:
     # issue 21: the generated code tests each tensor argument's class against torch's / CuPy's with one global
-    # read; producers tells every launcher when either class is first seen or forgotten
-    from fi_ffi.tensor import producers
+    # read; the intake, which wrote those reads (read_source), keeps every launcher's copy of the classes in step
+    from fi_ffi.tensor import intake
 
     namespace = norm._rmsnorm.launcher.namespace  # type: ignore[attr-defined]
     assert "__class__ is _TT and not out.is_neg()" in norm._rmsnorm.source  # type: ignore[attr-defined]
+    source = norm._rmsnorm.source  # type: ignore[attr-defined]
+    assert all(f"        {line}\n" in source for line in intake.read_source("out", "_k0", "_p0"))
 
     class Seen:
         pass
 
-    saved = producers.torch_tensor, producers.cupy_ndarray
+    saved = intake._torch_tensor, intake._cupy_ndarray
     try:
-        producers.torch_tensor, producers.cupy_ndarray = Seen, saved[1]
-        producers._classes_changed()
+        intake._torch_tensor, intake._cupy_ndarray = Seen, saved[1]
+        intake._classes_changed()
         assert namespace["_TT"] is Seen and namespace["_CP"] is saved[1]
     finally:
-        producers.torch_tensor, producers.cupy_ndarray = saved
-        producers._classes_changed()
+        intake._torch_tensor, intake._cupy_ndarray = saved
+        intake._classes_changed()
     assert namespace["_TT"] is saved[0]
-    producers.reset()  # forgets both: the launchers test against a class no object has
-    assert namespace["_TT"] is producers._NotSeen and namespace["_CP"] is producers._NotSeen
+    intake._forget()  # forgets both: the launchers test against a class no object has
+    assert namespace["_TT"] is intake._NotSeen and namespace["_CP"] is intake._NotSeen
 
 
 def generated_lines(err: BaseException, filename: str) -> list[str]:

@@ -139,17 +139,17 @@ def test_function_local_and_relative_imports_are_counted() -> None:
 
 
 # The floors of the package, from the ground up. A unit is a subpackage (``fi_ffi.ops`` with ``fi_ffi.ops.attention``),
-# a top-level module, or a module of ``fi_ffi.tensor`` (the descriptor stands below the TVM-FFI layer, which packs it;
-# the intake modules above it, since they ask TVM-FFI for the current stream); ``fi_ffi`` is the package's face
+# a top-level module, or a module of ``fi_ffi.tensor`` (the descriptor and the reading of stream arguments stand below
+# the TVM-FFI layer, which packs the one and sets the other current; the intake above it, since it asks TVM-FFI for the
+# current stream); ``fi_ffi`` is the package's face
 # (``__init__``: the lazy public names).
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("fi_ffi.errors", "fi_ffi.dtypes", "fi_ffi.caches", "fi_ffi.cdecl", "fi_ffi.generator", "fi_ffi.moved"),
     ("fi_ffi.tensor.descriptor", "fi_ffi.loader"),  # descriptors; libraries
     ("fi_ffi.tensor", "fi_ffi.tensor.protocols", "fi_ffi.cuda"),  # the descriptor's face; static types; CUDA
-    ("fi_ffi.abi",),  # the TVM-FFI C API
-    ("fi_ffi.tensor.streams",),  # stream arguments, TVM-FFI's current stream
-    ("fi_ffi.tensor.interop",),  # DLPack / CUDA array interface producers described as Tensors
-    ("fi_ffi.tensor.producers",),  # per producer type: layout key and data pointer, for the launcher
+    ("fi_ffi.tensor.streams",),  # reading stream (and device ordinal) arguments
+    ("fi_ffi.abi",),  # the TVM-FFI C API (with its current stream per device and thread)
+    ("fi_ffi.tensor.intake",),  # each producer type read (as_tensor; layout key and data pointer; the inline reads)
     ("fi_ffi.launch",),  # the calling engine
     ("fi_ffi.ops", "fi_ffi.comm"),  # op families; tensor parallelism
     ("fi_ffi",),  # the public face
@@ -161,7 +161,7 @@ UNITS = sorted((unit for units in FLOORS for unit in units), key=len, reverse=Tr
 
 def unit_of(module: str) -> str:
     """The longest unit of :data:`FLOORS` that ``module`` is or lies in: ``fi_ffi.ops.attention.decode`` →
-    ``fi_ffi.ops``; ``fi_ffi.tensor.interop`` → itself; ``fi_ffi`` → ``fi_ffi``; a module of no unit → its first two
+    ``fi_ffi.ops``; ``fi_ffi.tensor.intake`` → itself; ``fi_ffi`` → ``fi_ffi``; a module of no unit → its first two
     components (which :func:`test_every_module_stands_on_a_floor` then names)."""
     found = next((u for u in UNITS if module == u or module.startswith(u + ".")), None)
     if found is None or (found == "fi_ffi" and module != "fi_ffi"):
@@ -271,7 +271,7 @@ def test_the_attention_ops_take_no_private_names_of_one_another() -> None:
 
 def test_no_attention_module_takes_a_private_name_of_another_module() -> None:
     # the workspace's device scope and the producers' reader cache are public names (cuda_runtime.DeviceScope,
-    # producers.readers): what one module needs of another it names through its public surface
+    # intake.producers): what one module needs of another it names through its public surface
     trees = sources()
     attention = {m for m in trees if m.startswith("fi_ffi.ops.attention.")}
     assert {"fi_ffi.ops.attention.mla", "fi_ffi.ops.attention.workspace", "fi_ffi.ops.attention.common"} <= attention
@@ -329,3 +329,95 @@ def test_no_module_takes_a_private_name_of_another_unit() -> None:
         if n.startswith("_") and not n.startswith("__")
     ]
     assert taken == []
+
+
+# ---- one writer of Tensor's fields -------------------------------------------------------------------------------
+
+DESCRIPTOR = "fi_ffi.tensor.descriptor"  # the one module that builds Tensors without __init__ and writes their fields
+
+
+def tensor_private_slots() -> set[str]:
+    """The private slots of :class:`fi_ffi.tensor.descriptor.Tensor`, read from its ``__slots__``."""
+    tree = ast.parse((PACKAGE / "tensor" / "descriptor.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "Tensor":
+            for stmt in node.body:
+                if isinstance(stmt, ast.Assign) and getattr(stmt.targets[0], "id", "") == "__slots__":
+                    slots = ast.literal_eval(stmt.value)
+                    return {s for s in slots if s.startswith("_") and not s.startswith("__")}
+    raise AssertionError("Tensor.__slots__ not found")
+
+
+def tensor_writes(module: str, tree: ast.Module, private: set[str]) -> list[str]:
+    """Where ``module`` builds a Tensor without ``__init__`` (``Tensor.__new__``, ``object.__new__(Tensor)``, an
+    alias of either) or writes a private slot of Tensor (``x._lid = ...``, ``setattr(x, "_lid", ...)``). A write
+    through ``self`` is a class's own field (only Tensor's own methods could write a Tensor's so)."""
+    found = []
+    aliases = {  # ``_alloc = Tensor.__new__`` / ``_new = object.__new__``
+        target.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute) and node.value.attr == "__new__"
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "__new__" and getattr(node.value, "id", "") == "Tensor":
+            found.append(f"{module}:{node.lineno} Tensor.__new__")
+        elif isinstance(node, ast.Call) and node.args and getattr(node.args[0], "id", "") == "Tensor":
+            func = node.func
+            if (isinstance(func, ast.Attribute) and func.attr == "__new__") or getattr(func, "id", "") in aliases:
+                found.append(f"{module}:{node.lineno} a Tensor built without __init__")
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for leaf in ast.walk(target):
+                    if (
+                        isinstance(leaf, ast.Attribute)
+                        and leaf.attr in private
+                        and isinstance(leaf.ctx, ast.Store)
+                        and getattr(leaf.value, "id", "") != "self"  # another class's own field of that name
+                    ):
+                        found.append(f"{module}:{node.lineno} writes .{leaf.attr}")
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", getattr(node.func, "attr", "")) in ("setattr", "__setattr__")
+            and any(isinstance(a, ast.Constant) and a.value in private for a in node.args)
+        ):
+            found.append(f"{module}:{node.lineno} setattr of a private slot")
+    return found
+
+
+def engine_sources() -> dict[str, ast.Module]:
+    return {
+        ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts): ast.parse(path.read_text(encoding="utf-8"))
+        for path in sorted((PACKAGE.parent / "fi_engine").rglob("*.py"))
+    }
+
+
+def test_only_the_descriptor_module_builds_tensors_or_writes_their_private_fields() -> None:
+    private = tensor_private_slots()
+    assert private == {"_lid", "_block"}  # a slot added to Tensor: the check covers it from __slots__
+    trees = {**sources(), **engine_sources()}
+    assert tensor_writes(DESCRIPTOR, trees[DESCRIPTOR], private) != []  # the builders are there, and are seen
+    found = [w for module, tree in trees.items() if module != DESCRIPTOR for w in tensor_writes(module, tree, private)]
+    assert found == []
+
+
+def test_the_tensor_writer_check_finds_each_way_of_building_or_writing_a_tensor() -> None:  # the check above could fail
+    private = {"_lid", "_block"}
+    cases = {
+        "t = Tensor.__new__(Tensor)": "Tensor.__new__",
+        "_alloc = Tensor.__new__": "Tensor.__new__",
+        "t = object.__new__(Tensor)": "without __init__",
+        "_new = object.__new__\nt = _new(Tensor)": "without __init__",
+        "t._lid = 3": "writes ._lid",
+        "t.shape, t._lid = s, 3": "writes ._lid",
+        "t._block: object = None": "writes ._block",
+        "setattr(t, '_lid', 3)": "setattr",
+        "object.__setattr__(t, '_block', None)": "setattr",
+    }
+    for source, what in cases.items():
+        found = tensor_writes("m", ast.parse(source), private)
+        assert any(what in f for f in found), (source, found)
+    allowed = "t = Tensor(0, (1,), 'float16')\nx = t._lid\nother._lidx = 1\nobject.__new__(Plan)\nself._block = None"
+    assert tensor_writes("m", ast.parse(allowed), private) == []

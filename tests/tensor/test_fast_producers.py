@@ -23,7 +23,7 @@ import pytest
 
 import fi_ffi
 from fi_ffi.ops import norm
-from fi_ffi.tensor import interop, producers
+from fi_ffi.tensor import intake
 from fi_ffi.tensor.descriptor import Tensor
 
 torch = pytest.importorskip("torch")
@@ -43,7 +43,7 @@ def views(dtype: str) -> list[Any]:
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
 def test_the_warm_torch_path_describes_as_the_full_one(dtype: str) -> None:
     for x in views(dtype):
-        full = interop._describe_torch(x, "x", -1)
+        full = intake._describe_torch(x, "x", -1)
         first = fi_ffi.as_tensor(x)  # remembers the layout
         warm = fi_ffi.as_tensor(x)  # from the remembered layout
         assert fields(first) == fields(full) == fields(warm), x
@@ -59,14 +59,14 @@ def test_a_parameter_and_a_forgotten_layout_take_the_same_paths() -> None:
     layouts and the torch classes forgotten) the first call describes in full again, with the same fields."""
     x = torch.arange(24, dtype=torch.float32).reshape(4, 6)[:, 1:5]
     param = torch.nn.Parameter(x, requires_grad=False)
-    full = interop._describe_torch(param, "p", -1)
+    full = intake._describe_torch(param, "p", -1)
     assert fields(fi_ffi.as_tensor(param)) == fields(full) == fields(fi_ffi.as_tensor(param))
-    assert interop._torch_parameter is torch.nn.Parameter and interop._torch_tensor is torch.Tensor
+    assert intake._torch_parameter is torch.nn.Parameter and intake._torch_tensor is torch.Tensor
     fi_ffi.caches.reset()
-    assert interop._torch_tensor is not torch.Tensor and not interop._layouts
+    assert intake._torch_tensor is not torch.Tensor and not intake._layouts
     again = fields(fi_ffi.as_tensor(param))
     assert again[:6] == fields(full)[:6] and again[7] is param  # (layout ids are numbered afresh after a reset)
-    assert interop._torch_tensor is torch.Tensor and len(interop._layouts) == 1
+    assert intake._torch_tensor is torch.Tensor and len(intake._layouts) == 1
 
 
 def test_the_warm_torch_path_still_refuses_what_the_full_one_refuses() -> None:
@@ -92,7 +92,7 @@ def test_nothing_the_fast_paths_remember_holds_the_tensor() -> None:
     del x, t
     gc.collect()
     assert ref() is None
-    assert not any(isinstance(v, torch.Tensor) for key in interop._layouts for v in key)
+    assert not any(isinstance(v, torch.Tensor) for key in intake._layouts for v in key)
 
 
 class TypeCAI:
@@ -113,8 +113,8 @@ class TypeCAI:
 
 def test_a_cai_type_is_read_from_its_interface_and_stays_on_the_fast_path(kernel_modules: list[str]) -> None:
     x, w, out = TypeCAI((4, 128)), TypeCAI((128,)), TypeCAI((4, 128))
-    assert producers.reader(TypeCAI) is producers._read_cai
-    key, ptr = producers.read(x, None)
+    assert intake.producer(TypeCAI).read is intake._read_cai
+    key, ptr = intake.read(x, None)
     assert ptr == x.ptr and key == ((4, 128), None, "<f2", None, fi_ffi.as_tensor(x).device)
     launch = norm._rmsnorm
     for _ in range(2):
@@ -193,18 +193,18 @@ def test_the_launchers_inline_torch_reads_key_as_the_reader(dtype: str) -> None:
     launch = unchecked_launch()
     source = launch.source
     assert "_TT and not out.is_neg()" in source and "out.data_ptr()" in source
-    producers.reader(torch.Tensor)
-    assert producers.torch_tensor is torch.Tensor  # the generated code reads torch tensors itself now
+    intake.producer(torch.Tensor)
+    assert intake._torch_tensor is torch.Tensor  # the generated code reads torch tensors itself now
     assert launch.launcher.namespace["_TT"] is torch.Tensor  # copied into the launcher's namespace
     for x in views(dtype):
         other = torch.zeros_like(x)  # another tensor, another pointer
         keys, ptrs = launch.launcher.keys(x, other, x, 1e-6, False)
-        key_x, key_other = producers._read_torch(x, None)[0], producers._read_torch(other, None)[0]
+        key_x, key_other = intake._read_torch(x, None)[0], intake._read_torch(other, None)[0]
         assert keys[:3] == (key_x, key_other, key_x)
         assert ptrs == [x.data_ptr(), other.data_ptr(), x.data_ptr()]
     # a subclass (a parameter) and a negated view go to the reader: the first keys alike, the second is refused
     x = torch.ones(4, 8)
-    assert launch.launcher.keys(torch.nn.Parameter(x), x, x, 1e-6, False)[0][0] == producers._read_torch(x, None)[0]
+    assert launch.launcher.keys(torch.nn.Parameter(x), x, x, 1e-6, False)[0][0] == intake._read_torch(x, None)[0]
     with pytest.raises(ValueError, match="lazily negated"):
         launch.launcher.keys(torch._neg_view(x), x, x, 1e-6, False)
 
@@ -259,14 +259,14 @@ def _flat(value: Any) -> list[Any]:
 def test_the_launchers_inline_cupy_reads_key_as_the_reader_and_pack_as_the_slow_path() -> None:
     cupy = pytest.importorskip("cupy")
     launch = unchecked_launch()
-    producers.reader(cupy.ndarray)
-    assert producers.cupy_ndarray is cupy.ndarray
+    intake.producer(cupy.ndarray)
+    assert intake._cupy_ndarray is cupy.ndarray
     assert launch.launcher.namespace["_CP"] is cupy.ndarray  # copied into the launcher's namespace
     for dtype in ("float16", "float32", "int8", "int64", "bool"):
         base = cupy.zeros((6, 10), dtype=dtype)
         for x in (base, base[1:4, 2:9], base.T, base[:, ::3], base[2], base[0:0]):
             keys, ptrs = launch.launcher.keys(x, x, x, 1e-6, False)
-            assert keys[:3] == (producers._read_cupy(x, None)[0],) * 3
+            assert keys[:3] == (intake._read_cupy(x, None)[0],) * 3
             assert ptrs == [x.data.ptr] * 3
     # the real op: a warm call launches from the inline reads, packed as the slow path packs
     wide = cupy.random.standard_normal((6, 256)).astype(cupy.float16)

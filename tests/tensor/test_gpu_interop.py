@@ -23,9 +23,9 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 import fi_ffi
 from fi_ffi import dtypes
 from fi_ffi.abi.cdefs import get_ffi
-from fi_ffi.tensor import interop
+from fi_ffi.tensor import intake
 from fi_ffi.tensor.descriptor import Tensor
-from fi_ffi.tensor.interop import as_tensor
+from fi_ffi.tensor.intake import as_tensor
 
 torch = require_torch()
 
@@ -107,7 +107,7 @@ def test_torch_view_with_storage_offset_on_cuda0(view: Any) -> None:
     t = as_tensor(v, name="v")
     assert t.data_ptr == base.data_ptr() + v.storage_offset() * 2
     assert fields(t) == torch_fields(v, dtypes.float16)
-    assert fields(interop._from_dlpack(v, "v", -1)) == fields(t)
+    assert fields(intake._from_dlpack(v, "v", -1)) == fields(t)
     # every element found through (data_ptr, strides) is the view's
     flat = base.flatten().cpu()
     got = [

@@ -142,15 +142,15 @@ def test_the_warm_cupy_path_describes_as_dlpack(dtype: str) -> None:
     # issue 21: a CuPy layout seen before is described from data.ptr and the remembered layout, no capsule;
     # every field equals DLPack's description, for strided, sliced, transposed and empty views
     cp = pytest.importorskip("cupy")
-    from fi_ffi.tensor import interop
+    from fi_ffi.tensor import intake
 
     base = cp.zeros((6, 10), dtype=dtype)
     for x in (base, base[1:4, 2:9], base.T, base[:, ::3], base[2], base[0:0], base.reshape(3, 2, 10)[:, 1]):
-        full = interop._from_dlpack(x, "x", -1)
+        full = intake._from_dlpack(x, "x", -1)
         first, warm = fi_ffi.as_tensor(x), fi_ffi.as_tensor(x)
         assert cupy_fields(first) == cupy_fields(full) == cupy_fields(warm), x
     # the remembered layouts hold values, never the arrays
-    assert not any(isinstance(v, cp.ndarray) for key in interop._layouts for v in key)
+    assert not any(isinstance(v, cp.ndarray) for key in intake._layouts for v in key)
 
 
 # ---- JAX's fast path (issue 21): a ready, single-device, row-major array without a DLPack capsule -------------------
@@ -186,23 +186,23 @@ def test_the_warm_jax_path_describes_as_dlpack(dtype: str) -> None:
     jax, gpu = _jax_gpu()
     import jax.numpy as jnp
 
-    from fi_ffi.tensor import interop, producers
+    from fi_ffi.tensor import intake
 
     for shape in ((4, 256), (1, 128), (3,), (2, 3, 4), (0, 8), ()):
         x = jax.device_put(jnp.ones(shape, dtype=dtype), gpu)
         x.block_until_ready()
-        full = interop._from_dlpack(x, "x", None)
+        full = intake._from_dlpack(x, "x", None)
         first, warm = fi_ffi.as_tensor(x), fi_ffi.as_tensor(x)
         assert cupy_fields(first) == cupy_fields(full) == cupy_fields(warm), shape
         if x.size:  # (an empty array's two pointers may differ: then it is simply not remembered)
-            assert (x.shape, x.dtype, x.sharding) in interop._layouts, shape
-            key, ptr = producers.read(x, None)
+            assert (x.shape, x.dtype, x.sharding) in intake._layouts, shape
+            key, ptr = intake.read(x, None)
             assert key == (x.shape, x.dtype, x.sharding) and ptr == full.data_ptr, shape
-    assert producers.reader(type(x)) is producers._read_jax
+    assert intake.producer(type(x)).read is intake._read_jax
     # JAX gives no array interface for bfloat16 (its order is then asked through format), and one for the others
-    assert ((x.dtype, x.sharding) in interop._jax_without_interface) == (dtype == "bfloat16")
+    assert ((x.dtype, x.sharding) in intake._jax_without_interface) == (dtype == "bfloat16")
     # the remembered layouts hold values (shapes, dtypes, shardings), never the arrays
-    assert not any(isinstance(v, jax.Array) for key in interop._layouts for v in key)
+    assert not any(isinstance(v, jax.Array) for key in intake._layouts for v in key)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])  # bfloat16: JAX gives no array interface for it
@@ -214,7 +214,7 @@ def test_a_column_major_jax_array_is_never_taken_for_a_row_major_one(dtype: str)
     jax, gpu = _jax_gpu()
     import jax.numpy as jnp
 
-    from fi_ffi.tensor import interop, producers
+    from fi_ffi.tensor import intake
 
     rng = np.random.default_rng(1)
     x = jax.device_put(jnp.asarray(rng.standard_normal((B, D)).astype(np.float32)).astype(dtype), gpu)
@@ -224,20 +224,20 @@ def test_a_column_major_jax_array_is_never_taken_for_a_row_major_one(dtype: str)
     assert fi_ffi.as_tensor(x).strides == (D, 1)
     ty = fi_ffi.as_tensor(y)
     assert ty.strides == (1, B) and ty.shape == (B, D)  # DLPack's description of the column-major layout
-    key, _ = producers.read(y, None)
+    key, _ = intake.read(y, None)
     assert key != (x.shape, x.dtype, x.sharding)  # read through DLPack: a layout id, not JAX's values
     w = jax.device_put(jnp.ones(D, dtype=dtype), gpu)
     out = torch.zeros(B, D, dtype=getattr(torch, dtype), device="cuda")
     for _ in range(2):
         fi_ffi.rmsnorm(x, w, out)  # warm: x's layout is keyed by JAX's values
-    assert producers.read(x, None)[0] == (x.shape, x.dtype, x.sharding)
+    assert intake.read(x, None)[0] == (x.shape, x.dtype, x.sharding)
     torch.cuda.synchronize()
     tol = 2e-2 if dtype == "float16" else 5e-2
     np.testing.assert_allclose(out.float().cpu().numpy(), reference(xh, np.ones(D)), atol=tol, rtol=2e-2)
     with pytest.raises(ValueError, match=r"^input: "):
         fi_ffi.rmsnorm(y, w, out)
     assert (y.shape, y.dtype, y.sharding) == (x.shape, x.dtype, x.sharding)
-    assert interop._layouts[(x.shape, x.dtype, x.sharding)][1] == (D, 1)
+    assert intake._layouts[(x.shape, x.dtype, x.sharding)][1] == (D, 1)
 
 
 def test_a_pending_jax_array_is_ordered_before_the_kernel() -> None:

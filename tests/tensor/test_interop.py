@@ -19,9 +19,9 @@ import fi_ffi
 from fi_ffi import dtypes
 from fi_ffi.abi.cdefs import get_ffi
 from fi_ffi.cuda import driver
-from fi_ffi.tensor import interop
+from fi_ffi.tensor import intake
 from fi_ffi.tensor.descriptor import Tensor
-from fi_ffi.tensor.interop import as_tensor
+from fi_ffi.tensor.intake import as_tensor
 
 NUMPY_DTYPES = [
     (np.float16, dtypes.float16),
@@ -236,9 +236,9 @@ def test_neither_torch_nor_cupy_is_imported() -> None:
 
 
 def test_private_dlpack_structs_match_the_checked_declarations() -> None:
-    """interop declares DLTensor with ``data`` as an integer; every offset must match fi_ffi.abi.cdefs (whose
+    """intake declares DLTensor with ``data`` as an integer; every offset must match fi_ffi.abi.cdefs (whose
     layouts tests/abi/test_layout.py checks against dlpack.h)."""
-    mine, ref = interop._capsule_api()[0], get_ffi()
+    mine, ref = intake._capsule_api()[0], get_ffi()
     pairs = {
         "DLTensor": [
             ("data", "data"),
@@ -422,10 +422,10 @@ def test_non_capsule_export_is_a_type_error() -> None:
 
 def test_dlpack_device_types_map_and_others_are_rejected() -> None:
     for device_type in (1, 2, 3, 13):
-        assert interop._device(device_type, 1, "x") == dtypes.Device(device_type, 1)
+        assert intake._device(device_type, 1, "x") == dtypes.Device(device_type, 1)
     for device_type in (4, 7, 10, 14):
         with pytest.raises(ValueError, match=rf"^x: device type {device_type} is not supported"):
-            interop._device(device_type, 0, "x")
+            intake._device(device_type, 0, "x")
 
 
 def test_refused_dlpack_falls_back_to_the_array_interface() -> None:
@@ -566,9 +566,12 @@ def test_array_interface_only_objects_are_host_descriptors() -> None:
     assert t.owner is obj
 
 
-def test_the_handler_is_chosen_once_per_type() -> None:
+def test_the_producer_is_chosen_once_per_type() -> None:
     as_tensor(np.zeros(2, np.float16))
-    assert interop._handlers[np.ndarray] is interop._from_dlpack
-    # an interface set on the instance is not a property of the type: not cached
-    assert interop._handler_for(CAI(), "x") is interop._from_cai
-    assert CAI not in interop._handlers
+    found = intake.producers[np.ndarray]
+    assert found.describe is intake._from_dlpack and found.read is intake._read_any
+    assert intake.producer(np.ndarray) is found  # one object per type, the one cache
+    # an interface set on the instance is not a property of the type: the type's producer asks each instance
+    obj = CAI()
+    assert intake.producer(CAI).describe is intake._from_instance_interface
+    assert as_tensor(obj, name="x").owner is obj

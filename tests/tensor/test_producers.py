@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fi_ffi
-from fi_ffi.tensor import producers
+from fi_ffi.tensor import intake
 
 
 class RaisingDevice:
@@ -47,11 +47,11 @@ def test_big_endian_host_arrays_are_refused() -> None:
 
 def test_the_descriptor_reader_gives_the_interned_layout_and_pointer() -> None:
     t = fi_ffi.Tensor.from_pointer(4096, (2, 8), "float16", 0)
-    key, ptr = producers.read(t, None)
+    key, ptr = intake.read(t, None)
     assert (key, ptr) == (t._lid, 4096)
     same = fi_ffi.Tensor.from_pointer(8192, (2, 8), "float16", 0)
     other = fi_ffi.Tensor.from_pointer(8192, (2, 8), "bfloat16", 0)
-    assert producers.read(same, None)[0] == key and producers.read(other, None)[0] != key
+    assert intake.read(same, None)[0] == key and intake.read(other, None)[0] != key
 
 
 def test_rebind_keeps_the_layout_or_changes_the_leading_dimension() -> None:

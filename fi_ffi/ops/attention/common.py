@@ -13,7 +13,7 @@ from typing import Any
 from ...dtypes import DType
 from ...launch import checks
 from ...tensor.descriptor import Tensor
-from ...tensor.producers import reader, readers
+from ...tensor.intake import producer, producers
 from . import attention_checks as AC
 from . import plan_settings as S
 from .plan import Plan
@@ -58,7 +58,7 @@ def layout_key(name: str, value: Any, stream: Any = None) -> Any:
     """The launcher's layout key of a tensor argument (a value), read as the launcher reads it; a producer that
     cannot be read is described by :func:`fi_ffi.as_tensor` instead, which raises the error naming ``name``."""
     try:
-        return (readers.get(value.__class__) or reader(value.__class__))(value, stream)[0]
+        return (producers.get(value.__class__) or producer(value.__class__)).read(value, stream)[0]
     except Exception:
         return checks.tensor(name, value)._lid
 

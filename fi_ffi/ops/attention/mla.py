@@ -46,6 +46,7 @@ import numpy as np
 
 from ... import caches
 from ...abi.objects import Array
+from ...abi.streams import current_stream
 from ...abi.wire import ARRAY, BOOL, FLOAT, INT, Param, declare, optional_tensor, scalar, tensor
 from ...cuda.runtime import DeviceScope, runtime
 from ...cuda.runtime import check as _check_cuda
@@ -58,7 +59,7 @@ from ...launch.pointer_rules import PointerRules
 from ...launch.registry import op
 from ...tensor.descriptor import Tensor
 from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
-from ...tensor.streams import current_stream, stream_handle
+from ...tensor.streams import stream_handle
 from . import variants as V
 from .host_index import check_indptr, host_array, host_tensor
 from .plan import Schedule

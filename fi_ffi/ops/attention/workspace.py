@@ -384,7 +384,7 @@ def _free(owned: list[tuple[str, int]], device_id: int) -> None:
 
 def current_stream(device: Device) -> int:
     """TVM-FFI's current stream of ``device`` on this thread (0: the legacy default stream)."""
-    from ...tensor.streams import current_stream as current
+    from ...abi.streams import current_stream as current
 
     return current(device.device_id)
 

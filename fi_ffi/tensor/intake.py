@@ -1,4 +1,35 @@
-"""Descriptors of other libraries' tensors: :func:`as_tensor`.
+"""Tensor intake: the one module that recognises each producer type and reads it.
+
+Two readings of a tensor argument, both here, from one decision per producer type (:func:`producer`, one cache):
+
+- :func:`as_tensor` (and :func:`describe`, the launcher's slow path) makes a
+  :class:`~fi_ffi.tensor.descriptor.Tensor` of it, every field checked (the descriptor's builders write the fields);
+- :func:`read` gives what an op call needs per call, ``(layout key, data pointer)``: the key is a hashable *value*
+  standing for the layout, under which the launcher (:mod:`fi_ffi.launch.launcher`) remembers what passed its
+  checks. The launcher's generated code does the reads of descriptors, torch tensors and CuPy arrays inline: it
+  takes their source text from :func:`read_source` and the names that text uses from :func:`read_globals`, and
+  :func:`follow_classes` keeps those names in step with the classes seen here.
+
+==========================  ==============================================================================
+producer                    read per call
+==========================  ==============================================================================
+:class:`~fi_ffi.Tensor`     ``(t._lid, t.data_ptr)``: the descriptor's interned layout id
+``torch.Tensor``            ``shape``, ``stride()``, ``dtype``, ``device``, ``data_ptr()`` (no DLPack)
+CuPy ``ndarray``            ``shape``, ``strides``, ``dtype``, ``data.device_id``, ``data.ptr``
+CUDA array interface        the interface's ``shape``, ``strides``, ``typestr`` and ``data`` (no descriptor),
+(a type with it, no DLPack) and the pointer's device from the driver (as :func:`as_tensor` does)
+JAX array                   ready, single-device, row-major: ``is_ready()``, ``shape``, ``dtype``, ``sharding``
+                            and the pointer (``__cuda_array_interface__``'s, or ``unsafe_buffer_pointer()``
+                            after ``format.layout``: no capsule); otherwise as below
+anything else               :func:`as_tensor` (DLPack, array interface) with the call's stream as the
+                            DLPack consumer stream (JAX needs a real stream)
+==========================  ==============================================================================
+
+A key stands for the layout that :func:`describe` gives the same object, so a key the launcher has seen validated
+means that layout. The default stream of a call (``stream=None``) follows the first tensor argument's framework,
+as flashinfer and tvm_ffi do: torch's current stream of the tensor's device, CuPy's current stream, otherwise
+TVM-FFI's current stream (:attr:`Producer.stream_source`). fi_ffi never imports torch, CuPy or JAX: a type is
+recognised only if its module is already imported.
 
 :func:`as_tensor` describes, without copying, the memory of
 
@@ -74,7 +105,8 @@ from __future__ import annotations
 import operator
 import sys
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import cffi
@@ -83,11 +115,29 @@ from .. import caches
 from .. import dtypes as _dt
 from ..cuda import driver
 from ..dtypes import CPU, CUDA, CUDA_HOST, CUDA_MANAGED, Device, DType
-from .descriptor import MAX_NDIM, Tensor, contiguous_strides, from_layout, layout_id
+from .descriptor import MAX_NDIM, Tensor, contiguous_strides, from_checked, from_layout
 from .protocols import StreamLike, TensorLike
 from .streams import stream_handle
 
-__all__ = ["as_tensor"]
+__all__ = [
+    "Producer",
+    "Reader",
+    "StreamSource",
+    "as_tensor",
+    "default_stream",
+    "describe",
+    "dlpack_stream",
+    "follow_classes",
+    "is_jax_array_type",
+    "jax_row_major_pointer",
+    "pointer_device",
+    "producer",
+    "producers",
+    "read",
+    "read_globals",
+    "read_source",
+    "stream_source",
+]
 
 _INT64_END = 1 << 63
 _MAX_VERSION = (1, 3)  # the newest dlpack.h this reader follows; every 1.x shares the struct layouts
@@ -116,8 +166,36 @@ DLManagedTensorVersioned* PyCapsule_GetPointer(uintptr_t capsule, const char* na
 _ffi: Any = None
 _py: Any = None
 
-_Handler = Callable[[Any, str, Any], Tensor]
-_handlers: dict[type, _Handler] = {}  # per producer type, found once
+Describer = Callable[[Any, str, Any], Tensor]  # (obj, argument name, DLPack consumer stream) -> descriptor
+Reader = Callable[[Any, Any], tuple[Hashable, int]]  # (obj, the call's stream) -> (layout key, data pointer)
+StreamSource = Callable[[int], int]  # device ordinal -> the framework's current cudaStream_t
+
+
+class Producer:
+    """How objects of one producer type are read: found once per type by :func:`producer` (the one class cache).
+
+    Attributes:
+        describe: ``(obj, name, stream) -> Tensor``, every field checked (:func:`as_tensor`'s reading).
+        read: ``(obj, stream) -> (layout key, data pointer)``, what an op call reads (:func:`read`).
+        stream_source: where a call whose first tensor argument is of this type takes its default stream from:
+            a function of the device ordinal returning the framework's current ``cudaStream_t`` (torch, CuPy), or
+            None for TVM-FFI's current stream of the device (nothing to set).
+    """
+
+    __slots__ = ("describe", "read", "stream_source")
+
+    def __init__(self, describe: Describer, read: Reader, stream_source: StreamSource | None) -> None:
+        self.describe = describe
+        self.read = read
+        self.stream_source = stream_source
+
+    def __repr__(self) -> str:
+        return f"Producer({self.describe.__name__}, {self.read.__name__})"
+
+
+# The producer found per type (filled by producer(); the one class cache): ``producers.get(tp) or producer(tp)`` is
+# producer(tp) without a call when the type was seen, as as_tensor, the ops and the launchers' generated code read it.
+producers: dict[type, Producer] = {}
 _legacy_exporters: set[type] = set()  # types whose __dlpack__ does not take max_version
 _devices: dict[tuple[int, int], Device] = {}
 _torch_dtypes: dict[Any, DType] = {}
@@ -129,16 +207,18 @@ _torch_strided: Any = None
 Layout = tuple[tuple[int, ...], tuple[int, ...], DType, Device, int, int]  # shape, strides, dtype, device, ndim, lid
 _layouts: dict[Any, Layout] = {}
 _MAX_LAYOUTS = 4096  # cleared when full (forgetting only costs one slow description)
-_alloc = Tensor.__new__
 
 
 class _NotSeen:
-    """No producer is of this class (the value of :data:`_torch_tensor` before torch's first tensor)."""
+    """Stands for a framework's class until its first object is read (no object is of this class)."""
 
 
-# torch.Tensor and torch.nn.Parameter once a torch tensor was described (as_tensor's inline fast path tests them)
+# torch.Tensor, torch.nn.Parameter and cupy.ndarray once an object of each was read (fi_ffi never imports torch or
+# CuPy itself): as_tensor's inline fast path tests the first two, the launchers' generated code the first and third
+# (as _TT and _CP of its namespace: follow_classes keeps them in step).
 _torch_tensor: type = _NotSeen
 _torch_parameter: type = _NotSeen
+_cupy_ndarray: type = _NotSeen
 
 
 def as_tensor(obj: TensorLike, *, name: str = "tensor", stream: StreamLike = -1) -> Tensor:
@@ -168,52 +248,63 @@ def as_tensor(obj: TensorLike, *, name: str = "tensor", stream: StreamLike = -1)
             found = _layouts.get((src.shape, src.stride(), src.dtype, src.device))
         except Exception:
             found = None
-        if found is not None and not src.is_neg():  # (tensor.from_layout's lines inline: a call is ~10 % of this path)
-            t = _alloc(Tensor)
-            t.data_ptr = src.data_ptr()
-            t.shape, t.strides, t.dtype, t.device, t.ndim, t._lid = found
-            t.owner = src
-            t._block = None
-            return t
+        if found is not None and not src.is_neg():
+            return from_layout(found, src.data_ptr(), src)
     # ``stream`` itself stays referenced until the export is done: a stream object made for this call (say
     # ``stream=cupy.cuda.Stream()``) would otherwise be destroyed before the producer waits on its handle.
     handle = stream if type(stream) is int and stream == -1 else _dlpack_stream(stream)
-    handler = _handlers.get(tp)
-    if handler is None:
-        handler = _handler_for(obj, name)
-    return handler(obj, name, handle)
+    return (producers.get(tp) or producer(tp)).describe(obj, name, handle)
 
 
-def _handler_for(obj: Any, name: str) -> _Handler:
-    tp = type(obj)
-    torch = sys.modules.get("torch") if tp.__module__.startswith("torch") else None
-    handler: _Handler
-    cupy = sys.modules.get("cupy") if tp.__module__.startswith("cupy") else None
+def producer(tp: type) -> Producer:
+    """How objects of type ``tp`` are read (decided once per type: the only place a producer type is recognised)."""
+    found = producers.get(tp)
+    if found is None:
+        found = producers[tp] = _producer_for(tp)
+    return found
+
+
+def _producer_for(tp: type) -> Producer:
+    global _torch_tensor, _torch_parameter, _cupy_ndarray
+    if tp is Tensor:
+        return Producer(_same, _read_descriptor, None)
+    module = tp.__module__ or ""
+    torch = sys.modules.get("torch") if module.startswith("torch") else None
+    cupy = sys.modules.get("cupy") if module.startswith("cupy") else None
+    source = _stream_source(tp, torch, cupy)
     if torch is not None and (tp is torch.Tensor or tp is torch.nn.Parameter):
-        global _torch_tensor, _torch_parameter
         _torch_tensor, _torch_parameter = torch.Tensor, torch.nn.Parameter
-        handler = _from_torch
-    elif cupy is not None and tp is cupy.ndarray:
-        handler = _from_cupy
-    elif is_jax_array_type(tp):
-        handler = _from_jax
-    elif hasattr(tp, "__dlpack__"):
-        handler = _from_dlpack
-    elif hasattr(tp, "__cuda_array_interface__"):
-        handler = _from_cai
-    elif hasattr(tp, "__array_interface__"):
-        handler = _from_array_interface
-    elif hasattr(obj, "__cuda_array_interface__"):  # set on the instance: not a property of the type
-        return _from_cai
-    elif hasattr(obj, "__array_interface__"):
-        return _from_array_interface
-    else:
-        raise TypeError(
-            f"{name}: expected a fi_ffi.Tensor, a torch tensor, a DLPack producer (__dlpack__) or an "
-            f"object with __cuda_array_interface__ / __array_interface__, got {tp.__name__}"
-        )
-    _handlers[tp] = handler
-    return handler
+        _classes_changed()
+        return Producer(_from_torch, _read_torch, source)
+    if cupy is not None and tp is cupy.ndarray:
+        _cupy_ndarray = cupy.ndarray
+        _classes_changed()
+        return Producer(_from_cupy, _read_cupy, source)
+    if is_jax_array_type(tp):
+        return Producer(_from_jax, _read_jax, source)
+    if hasattr(tp, "__dlpack__"):
+        return Producer(_from_dlpack, _read_any, source)
+    if hasattr(tp, "__cuda_array_interface__"):
+        return Producer(_from_cai, _read_cai, source)
+    if hasattr(tp, "__array_interface__"):
+        return Producer(_from_array_interface, _read_any, source)
+    return Producer(_from_instance_interface, _read_any, source)
+
+
+def _same(obj: Tensor, name: str, stream: Any) -> Tensor:
+    return obj
+
+
+def _from_instance_interface(obj: Any, name: str, stream: Any) -> Tensor:
+    """A type with no protocol of its own: an interface set on the instance (not a property of the type), or none."""
+    if hasattr(obj, "__cuda_array_interface__"):
+        return _from_cai(obj, name, stream)
+    if hasattr(obj, "__array_interface__"):
+        return _from_array_interface(obj, name, stream)
+    raise TypeError(
+        f"{name}: expected a fi_ffi.Tensor, a torch tensor, a DLPack producer (__dlpack__) or an "
+        f"object with __cuda_array_interface__ / __array_interface__, got {type(obj).__name__}"
+    )
 
 
 def is_jax_array_type(tp: type) -> bool:
@@ -233,23 +324,6 @@ def _dlpack_stream(stream: Any) -> int | None:
     if handle < -1:
         raise ValueError(f"stream: expected -1, None or a stream handle >= 0, got {handle}")
     return 1 if handle == 0 else handle  # cudaStream_t 0 is the legacy default stream: DLPack's 1
-
-
-def _new(
-    data_ptr: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: DType, device: Device, owner: Any
-) -> Tensor:
-    """A Tensor from values already checked here (skips the constructor's generic validation)."""
-    t = Tensor.__new__(Tensor)
-    t.data_ptr = data_ptr
-    t.shape = shape
-    t.strides = strides
-    t.dtype = dtype
-    t.device = device
-    t.ndim = len(shape)
-    t.owner = owner
-    t._block = None
-    t._lid = layout_id(shape, strides, dtype, device)
-    return t
 
 
 def _remember(key: Any, t: Tensor) -> None:
@@ -312,7 +386,7 @@ def _describe_torch(obj: Any, name: str, stream: Any) -> Tensor:
     shape = tuple(obj.shape)
     if len(shape) > MAX_NDIM:
         raise ValueError(f"{name}: at most {MAX_NDIM} dimensions are supported, got {len(shape)}")
-    return _new(obj.data_ptr(), shape, obj.stride(), dtype, device, obj)
+    return from_checked(obj.data_ptr(), shape, obj.stride(), dtype, device, obj)
 
 
 def _from_cupy(obj: Any, name: str, stream: Any) -> Tensor:
@@ -475,7 +549,7 @@ def _from_dlpack(obj: Any, name: str, stream: Any) -> Tensor:
     else:  # DLPack < 1.2 allowed NULL strides for compact row-major tensors
         strides = contiguous_strides(shape)
         _check_layout(name, shape, strides)
-    return _new(t.data + t.byte_offset, shape, strides, dtype, device, obj)
+    return from_checked(t.data + t.byte_offset, shape, strides, dtype, device, obj)
 
 
 # ---- __cuda_array_interface__ / __array_interface__ ---------------------------------------------------------
@@ -569,7 +643,7 @@ def _ints(values: Any, name: str, what: str, key: str) -> tuple[int, ...]:
 
 def _from_array_interface(obj: Any, name: str, stream: Any) -> Tensor:
     ptr, shape, strides, dtype = _interface_fields(obj, obj.__array_interface__, name, "__array_interface__")
-    return _new(ptr, shape, strides, dtype, _device(CPU, 0, name), obj)
+    return from_checked(ptr, shape, strides, dtype, _device(CPU, 0, name), obj)
 
 
 def _from_cai(obj: Any, name: str, stream: Any) -> Tensor:
@@ -579,7 +653,7 @@ def _from_cai(obj: Any, name: str, stream: Any) -> Tensor:
     producer = iface.get("stream")
     if stream != -1 and producer is not None:
         _wait(producer, stream, device, name)
-    return _new(ptr, shape, strides, dtype, device, obj)
+    return from_checked(ptr, shape, strides, dtype, device, obj)
 
 
 # The CUDA driver calls of the CUDA array interface (the pointer's device, the producer-stream wait) go through
@@ -673,12 +747,207 @@ def _wait(producer: Any, consumer: int | None, device: Device, name: str) -> Non
         lib.cuDevicePrimaryCtxRelease_v2(handle[0])
 
 
+# ---- per-call reads -------------------------------------------------------------------------------------------
+
+
+def _read_descriptor(t: Tensor, stream: Any) -> tuple[Hashable, int]:
+    return t._lid, t.data_ptr
+
+
+def _read_torch(t: Any, stream: Any) -> tuple[Hashable, int]:
+    if t.is_neg():  # (conjugate views are complex: their dtype is refused on the slow path)
+        raise ValueError("lazily negated view")  # the slow path names the argument
+    return (t.shape, t.stride(), t.dtype, t.device), t.data_ptr()
+
+
+def _read_cupy(a: Any, stream: Any) -> tuple[Hashable, int]:
+    memory = a.data
+    return (a.shape, a.strides, a.dtype, memory.device_id), memory.ptr
+
+
+# typestrs whose dtype the interface spells alone (a '|V2' needs the object's dtype: such calls are not keyed)
+_PLAIN_TYPESTRS = frozenset(
+    f"{order}{code}" for order in "<|" for code in ("f2", "f4", "i1", "i4", "i8", "u1", "u2", "u4", "b1")
+)
+
+
+def _read_cai(obj: Any, stream: Any) -> tuple[Hashable, int]:
+    """A ``__cuda_array_interface__`` producer: the interface's own values are the key (no descriptor).
+
+    A malformed interface raises here (a KeyError, ...): the launcher then takes the slow path, which names it.
+    """
+    iface = obj.__cuda_array_interface__
+    typestr = iface["typestr"]
+    if typestr not in _PLAIN_TYPESTRS:
+        raise ValueError("typestr needs the object's dtype")
+    ptr = iface["data"][0]
+    device = pointer_device(ptr, "tensor")
+    return (iface["shape"], iface.get("strides"), typestr, iface.get("mask"), device), ptr
+
+
+def _read_jax(a: Any, stream: Any) -> tuple[Hashable, int]:
+    """A JAX array: a ready, single-device, row-major one by JAX's own values (as ``as_tensor``'s fast path reads
+    it: no DLPack capsule); any other as :func:`_read_any` reads it (DLPack with the call's stream, which JAX
+    orders its pending work before). The key (shape, dtype, sharding) stands for one layout because
+    :func:`jax_row_major_pointer` holds only for row-major single-device arrays."""
+    if a.is_ready():
+        try:
+            ptr = jax_row_major_pointer(a)
+        except Exception:  # sharded, not row-major, deleted
+            return _read_any(a, stream)
+        return (a.shape, a.dtype, a.sharding), ptr
+    return _read_any(a, stream)
+
+
+def _read_any(obj: Any, stream: Any) -> tuple[Hashable, int]:
+    """Any other producer, through :func:`fi_ffi.as_tensor` (a descriptor per call)."""
+    t = as_tensor(obj, stream=dlpack_stream(obj, stream))
+    return t._lid, t.data_ptr
+
+
+def read(obj: Any, stream: Any) -> tuple[Hashable, int]:
+    """``(layout key, data pointer)`` of ``obj`` (any producer)."""
+    return (producers.get(type(obj)) or producer(type(obj))).read(obj, stream)
+
+
+def describe(obj: Any, name: str, stream: Any) -> Tensor:
+    """The descriptor of tensor argument ``name`` for a call on ``stream`` (the launcher's slow path).
+
+    Producers with a reader of their own are described without synchronization (as their reader reads them);
+    the others are handed the call's stream as their DLPack consumer stream (:func:`dlpack_stream`).
+    """
+    found = (producers.get(type(obj)) or producer(type(obj))).read
+    fast = found is not _read_any and found is not _read_jax  # (a pending JAX array must order its work)
+    return as_tensor(obj, name=name, stream=-1 if fast else dlpack_stream(obj, stream))
+
+
+# ---- the launcher's inline reads --------------------------------------------------------------------------------
+
+
+def read_source(arg: str, key: str, ptr: str, absent: int | None = None) -> list[str]:
+    """Lines of generated Python that set local ``key`` to the layout key and ``ptr`` to the data pointer of tensor
+    argument ``arg`` (a local name), as :func:`read` would with the call's ``stream`` (a local of the generated
+    function too): descriptors, torch tensors and CuPy arrays inline (no call: the same keys as
+    :func:`_read_descriptor`, :func:`_read_torch` and :func:`_read_cupy`), other producers through their reader.
+    ``absent``: for an optional argument, the pointer that stands for None (its key is None). The lines use the
+    names of :func:`read_globals` and the scratch local ``_m``; they raise for a producer that cannot be read
+    (a lazily negated torch view goes to its reader, which refuses it), and the generated code then takes its
+    slow path, which names the argument.
+    """
+    lines = [] if absent is None else [f"if {arg} is None: {key} = None; {ptr} = {absent}"]
+    lines += [
+        f"{'if' if absent is None else 'elif'} {arg}.__class__ is _Tensor: {key} = {arg}._lid; {ptr} = {arg}.data_ptr",
+        f"elif {arg}.__class__ is _TT and not {arg}.is_neg(): "
+        f"{key} = ({arg}.shape, {arg}.stride(), {arg}.dtype, {arg}.device); {ptr} = {arg}.data_ptr()",
+        f"elif {arg}.__class__ is _CP: "
+        f"_m = {arg}.data; {key} = ({arg}.shape, {arg}.strides, {arg}.dtype, _m.device_id); {ptr} = _m.ptr",
+        f"else: {key}, {ptr} = (_PRODUCERS.get({arg}.__class__) or _producer({arg}.__class__)).read({arg}, stream)",
+    ]
+    return lines
+
+
+def read_globals() -> dict[str, Any]:
+    """The global names the lines of :func:`read_source` use, for the generated code's namespace."""
+    return {
+        "_PRODUCERS": producers,
+        "_producer": producer,
+        "_Tensor": Tensor,
+        "_TT": _torch_tensor,
+        "_CP": _cupy_ndarray,
+    }
+
+
+# The generated functions whose namespaces hold _TT / _CP: each tensor argument's class test is one global read
+# there, so when a class is first seen (or forgotten) the new value is written into each namespace.
+_followers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def follow_classes(function: Any) -> None:
+    """Keep ``_TT`` and ``_CP`` of ``function``'s globals (generated with :func:`read_source` and
+    :func:`read_globals`) equal to the torch tensor and CuPy array classes seen so far, from now on."""
+    _followers.add(function)
+    namespace = function.__globals__
+    # a class seen while the namespace was built: set now, so this write or _classes_changed' has it
+    namespace["_TT"], namespace["_CP"] = _torch_tensor, _cupy_ndarray
+
+
+def _classes_changed() -> None:
+    for function in list(_followers):
+        function.__globals__["_TT"], function.__globals__["_CP"] = _torch_tensor, _cupy_ndarray
+
+
+# ---- default streams --------------------------------------------------------------------------------------------
+
+_torch_raw_stream: Callable[[int], int] | None = None  # torch._C._cuda_getCurrentRawStream, found once
+
+
+def _torch_stream(device_id: int) -> int:
+    global _torch_raw_stream
+    if _torch_raw_stream is None:
+        _torch_raw_stream = sys.modules["torch"]._C._cuda_getCurrentRawStream
+    return _torch_raw_stream(device_id)  # (an int already)
+
+
+def _stream_source(tp: type, torch: Any, cupy: Any) -> StreamSource | None:
+    """Where a call whose first tensor argument is of type ``tp`` takes its default stream from (see
+    :class:`Producer`); ``torch`` / ``cupy``: the framework's module when ``tp`` is of it."""
+    if torch is not None and hasattr(tp, "is_cuda"):
+        # torch's own function (an int per device ordinal) when this build has it: no Python frame per call
+        found: StreamSource = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _torch_stream
+        return found
+    if cupy is not None:
+        get_current = cupy.cuda.get_current_stream  # found once, not per call
+
+        def cupy_current(device_id: int) -> int:
+            return get_current(device_id).ptr  # type: ignore[no-any-return]
+
+        return cupy_current
+    return None
+
+
+def stream_source(obj: Any) -> StreamSource | None:
+    """Where a call whose first tensor argument is ``obj`` takes its default stream from (:class:`Producer`)."""
+    return (producers.get(type(obj)) or producer(type(obj))).stream_source
+
+
+def default_stream(obj: Any, device_id: int) -> int | None:
+    """The stream a call with ``stream=None`` runs on when ``obj`` is its first tensor argument (None: TVM-FFI's
+    current stream, left as it is)."""
+    source = stream_source(obj)
+    if source is None or not getattr(obj, "is_cuda", True):
+        return None
+    return source(device_id)
+
+
+def dlpack_stream(obj: Any, stream: Any) -> Any:
+    """The consumer stream to hand to ``obj.__dlpack__`` for a call on ``stream`` (an int handle or None).
+
+    ``None`` (the call uses TVM-FFI's current stream) is resolved to that stream, so a producer that orders its
+    work on the consumer's stream (JAX must) gets a real handle; host producers get DLPack's None.
+    """
+    try:
+        device_type, device_id = obj.__dlpack_device__()
+    except Exception:
+        return -1
+    if device_type not in (2, 13):  # kDLCUDA, kDLCUDAManaged
+        return -1
+    if stream is None:
+        from ..abi.streams import current_stream
+
+        stream = current_stream(int(device_id))
+    return stream
+
+
 def _forget() -> None:
-    global _torch_tensor, _torch_parameter
+    """Forget every per-type decision and remembered layout (for tests that import a framework late)."""
+    global _torch_tensor, _torch_parameter, _cupy_ndarray, _torch_raw_stream
     _layouts.clear()
-    _handlers.clear()
+    producers.clear()
+    _legacy_exporters.clear()
     _jax_without_interface.clear()
-    _torch_tensor = _torch_parameter = _NotSeen
+    _torch_raw_stream = None
+    _torch_tensor = _torch_parameter = _cupy_ndarray = _NotSeen
+    _classes_changed()
 
 
-caches.register("producer layouts remembered by as_tensor (torch, CuPy)", _forget)
+caches.register("producers (per type) and the layouts as_tensor remembered (torch, CuPy, JAX)", _forget)
