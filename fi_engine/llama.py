@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from fi_ffi.tensor.streams import stream_scope
+from fi_ffi import stream_scope
 
 from . import kernels
 from .checkpoint import Checkpoint
@@ -73,12 +73,12 @@ _H2D, _D2H, _D2D = 1, 2, 3  # cudaMemcpyKind
 
 def _require_gpu(device: int | None) -> None:
     """Raise :class:`~fi_ffi.errors.UnsupportedDeviceError` unless CUDA device ``device`` (None: 0) is usable."""
-    from fi_ffi.cuda import system
+    from fi_ffi.cuda import gpus
     from fi_ffi.errors import UnsupportedDeviceError
 
     if device is not None and (isinstance(device, bool) or not isinstance(device, int) or device < 0):
         raise ValueError(f"device: expected a CUDA ordinal (an int >= 0) or None, got {device!r}")
-    found, why = system.gpus()
+    found, why = gpus()
     if not found:
         raise UnsupportedDeviceError(
             f"the Llama engine needs an NVIDIA GPU and its driver: {why or 'CUDA reports no device'}; run it on a "
@@ -1053,9 +1053,9 @@ class LlamaEngine:
 
     @fused_decode.setter
     def fused_decode(self, on: bool) -> None:
-        from fi_ffi.launch import checks
+        from .values import flag
 
-        self._fused_decode = checks.flag("fused_decode", on)
+        self._fused_decode = flag("fused_decode", on)
 
     def warm_prefill(self, lengths: Sequence[int], batch: int = 1) -> list[tuple[int, int]]:
         """Capture, before serving, the prefill graphs that prefills of ``lengths`` token rows in all, of ``batch``

@@ -128,6 +128,14 @@ _EXPORTS: dict[str, str] = {
     "top_k": "ops.topk",
     "top_k_page_table_transform": "ops.topk",
     "top_k_ragged_transform": "ops.topk",
+    # What the engine (fi_engine) takes from the binding beyond the ops, public so that it needs nothing private
+    # (tests/package/test_structure.py): the cuBLAS/cuBLASLt error, the grouped GEMM packed once, the fused
+    # router's limits and the pinned sampling module's release.
+    "CublasError": "errors",
+    "prepare_segment_gemm": "ops.segment_gemm",
+    "segment_gemm_args_bytes": "ops.segment_gemm",
+    "routing_limits": "ops.router",
+    "sampling_release": "ops.sampling",
 }
 
 __all__ = sorted(("__version__", *_EXPORTS))

@@ -202,9 +202,9 @@ __all__ = [
     "ROW_STATES_BYTES",
     "chain_speculative_sampling",
     "min_p_sampling_from_probs",
-    "release",
     "sampling_from_logits",
     "sampling_from_probs",
+    "sampling_release",
     "softmax",
     "softmax_workspace_size",
     "top_k_mask_logits",
@@ -258,7 +258,7 @@ def top_p_renorm_workspace_size(batch_size: int, vocab_size: int, is_determinist
     )
 
 
-def release() -> str:
+def sampling_release() -> str:
     """The FlashInfer release whose sampling argument lists the pinned ``sampling`` module has (``"0.6.3"`` or
     ``"0.7.2"``): on ``"0.7.2"`` the ``*_from_probs`` ops need ``valid`` and :func:`top_p_renorm_probs` needs
     ``workspace``. Binds the module (loads it) on first use."""
