@@ -1605,6 +1605,14 @@ EXEMPT: dict[str, str] = {
         for n in ("arg_array", "arg_int", "show")
     },
     **{
+        f"values.{n}": "a value check with fi_ffi's messages: every bad kind in tests/engine/test_public_helpers.py"
+        for n in ("flag", "integer")
+    },
+    **{
+        f"cli.{n}": "the fi-engine command: every bad value in a subprocess, tests/engine/test_generate_command.py"
+        for n in ("build_parser", "main")
+    },
+    **{
         f"kernels.{n}": _ADAPTER
         for n in (
             "append_kv",
