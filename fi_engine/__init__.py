@@ -1,10 +1,18 @@
-"""A small serving engine for Llama-architecture models (Llama, Qwen3, Mixtral, Qwen3-MoE), Gemma 2, gpt-oss and
-DeepSeek-V3/V2, built on fi_ffi, without torch.
+"""fi_engine: a small serving engine for Llama-architecture models (Llama, Qwen3, Mixtral, Qwen3-MoE), Gemma 2,
+gpt-oss and DeepSeek-V3/V2, built on fi_ffi, without torch.
 
-Needs CuPy (the ``llama`` extra; ``python -m pip install cupy-cuda13x``) and cuBLAS 13 (a CUDA 13 toolkit, or
-``python -m pip install 'nvidia-cublas>=13,<14'``).
+It loads a Hugging Face checkpoint (safetensors, float16/bfloat16) onto one GPU or a tensor-parallel group, and
+serves token-id prompts: paged KV cache, batched prefill and decode, CUDA graphs, sampling. Its command is
+``fi-engine generate`` (``python -m fi_engine``; ``fi-ffi generate`` runs it). Needs CuPy and cuBLAS 13 (the
+``engine`` extra: ``python -m pip install 'fi-ffi[engine]'``).
 
-The binding layer (everything outside this package) never imports it. Modules, one concept each:
+A package of its own beside the binding, in the same distribution: it uses fi_ffi through fi_ffi's public API only
+(``fi_ffi.__all__`` and the ``__all__`` of ``fi_ffi.errors``, ``fi_ffi.dtypes``, ``fi_ffi.loader``, ``fi_ffi.comm``,
+``fi_ffi.cuda``, ``fi_ffi.cdecl``), and fi_ffi never imports it (both checked by tests/package/test_structure.py).
+What it owns beyond fi_ffi's ops: its cuBLAS/cuBLASLt bindings (the libraries found by
+:func:`fi_ffi.loader.nvidia_library`, the one finder for the repository; failures are
+:class:`fi_ffi.errors.CublasError`), its CUDA sources, graph capture, serving and ``generate``. Modules, one concept
+each:
 
 - :mod:`~fi_engine.config`: ``config.json`` of a Hugging Face Llama checkpoint, parsed and checked.
 - :mod:`~fi_engine.checkpoint`: ``*.safetensors`` read (and written, for tests) with numpy only.
@@ -12,7 +20,8 @@ The binding layer (everything outside this package) never imports it. Modules, o
   index arrays the attention plans take. Pure Python + numpy; no GPU.
 - :mod:`~fi_engine.kernels`: every fi_ffi op the engine calls, in one adapter.
 - :mod:`~fi_engine.cublas`: cuBLAS (libcublas) through cffi in ABI mode: a handle, its stream and workspace,
-  ``cublasGemmEx`` (and its strided batched form). Loaded on first use.
+  ``cublasGemmEx`` (and its strided batched form). Loaded on first use; :mod:`~fi_engine.cublas_lt`: cuBLASLt
+  matmuls with the algorithm chosen once per shape.
 - :mod:`~fi_engine.dense`: the dense GEMMs (on that handle), the engine's own GEMV (plain, or fused with
   the decode step's norms, SiLU, RoPE and KV append) and small kernels (row gather, argmax), checked and launched;
   :mod:`~fi_engine.cuda_sources`: their CUDA C.
@@ -37,4 +46,6 @@ The binding layer (everything outside this package) never imports it. Modules, o
 - :mod:`~fi_engine.gemma2`, :mod:`~fi_engine.gpt_oss`: those families' definitions (their weights, forward and
   attention plans) and engines.
 - :mod:`~fi_engine.engines`: which engine serves a checkpoint, by ``model_type``.
+- :mod:`~fi_engine.values`: checks of single argument values (ints, flags, arrays) the modules share.
+- :mod:`~fi_engine.cli`: the ``fi-engine`` command (``generate``).
 """

@@ -14,8 +14,9 @@ workspace to cuBLAS's default pool, so the order matters).
 Declarations: ``cublas_api.h`` of cuBLAS 13 (the ``_v2`` symbols that ``cublas_v2.h`` maps the plain names to) and
 ``library_types.h`` of CUDA 13; the enums list only the members the engine uses, with the headers' values.
 ``tests/engine/test_cublas.py`` checks them against the real header and library when they are installed.
-The library is found with cuda-pathfinder (``nvidia-cublas`` wheel, conda, or a system CUDA toolkit) on first use,
-never at import, so the CPU-only parts of the engine do not need it.
+The library is found and loaded by :func:`fi_ffi.loader.nvidia_library` (the one finder of libcublas and libcublasLt
+in the repository: the ``nvidia-cublas`` wheel, conda, or a CUDA toolkit) on first use, never at import, so the
+CPU-only parts of the engine do not need it. A failing status is fi_ffi's :class:`~fi_ffi.errors.CublasError`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from typing import Any
 
 import cffi
 
+from fi_ffi import loader
 from fi_ffi.cdecl import Declarations
-from fi_ffi.errors import LibraryLoadError
+from fi_ffi.errors import CublasError, LibraryLoadError
 
 __all__ = [
     "CDEFS",
@@ -39,7 +41,6 @@ __all__ = [
     "CUDA_R_16F",
     "CUDA_R_32F",
     "FUNCTIONS",
-    "CublasError",
     "Handle",
     "get_ffi",
     "library",
@@ -99,20 +100,6 @@ FUNCTIONS = (
     "cublasGemmStridedBatchedEx",
 )
 
-# cublasStatus_t names (cublas_api.h), for messages when the library cannot name a status itself.
-_STATUS_NAMES = {
-    0: "CUBLAS_STATUS_SUCCESS",
-    1: "CUBLAS_STATUS_NOT_INITIALIZED",
-    3: "CUBLAS_STATUS_ALLOC_FAILED",
-    7: "CUBLAS_STATUS_INVALID_VALUE",
-    8: "CUBLAS_STATUS_ARCH_MISMATCH",
-    11: "CUBLAS_STATUS_MAPPING_ERROR",
-    13: "CUBLAS_STATUS_EXECUTION_FAILED",
-    14: "CUBLAS_STATUS_INTERNAL_ERROR",
-    15: "CUBLAS_STATUS_NOT_SUPPORTED",
-    16: "CUBLAS_STATUS_LICENSE_ERROR",
-}
-
 _lock = threading.Lock()
 _DECLARATIONS = Declarations(CDEFS)
 _lib: Any = None
@@ -121,18 +108,6 @@ _path = ""
 _INSTALL = (
     "install cuBLAS 13 with `python -m pip install 'nvidia-cublas>=13,<14'` (or a CUDA 13 toolkit, with CUDA_HOME set)"
 )
-
-
-class CublasError(RuntimeError):
-    """A cuBLAS call returned a status other than ``CUBLAS_STATUS_SUCCESS``.
-
-    Attributes: ``function`` (the cuBLAS function called), ``status`` (its ``cublasStatus_t`` value).
-    """
-
-    def __init__(self, function: str, status: int) -> None:
-        self.function = function
-        self.status = status
-        super().__init__(f"{function} failed: {status_name(status)} ({status})")
 
 
 def get_ffi() -> cffi.FFI:
@@ -170,20 +145,11 @@ def library_path() -> str:
 
 
 def _find() -> str:
-    """The path of libcublas from cuda-pathfinder, or the CUDA 13 soname for the dynamic loader to resolve."""
+    """The path (or soname) of libcublas, loaded once for the process by fi_ffi's loader."""
     try:
-        import cuda.pathfinder as pathfinder
-    except ImportError:
-        return "libcublas.so.13"
-    try:
-        found = pathfinder.load_nvidia_dynamic_lib("cublas")
-    except pathfinder.DynamicLibNotFoundError as exc:
-        raise LibraryLoadError(f"cuBLAS (libcublas.so.13) was not found: {exc}\n{_INSTALL}") from None
-    except Exception as exc:  # pathfinder raises RuntimeError subclasses for files it cannot load
-        raise LibraryLoadError(f"cuBLAS (libcublas) could not be loaded: {exc}; {_INSTALL}") from None
-    # abs_path is None when the library was already mapped from a place pathfinder cannot name: the soname then
-    # resolves to that same mapping.
-    return found.abs_path or "libcublas.so.13"
+        return loader.nvidia_library("cublas")
+    except LibraryLoadError as exc:
+        raise LibraryLoadError(f"cuBLAS: {exc}") from None
 
 
 def _has(lib: Any, name: str) -> bool:
@@ -200,12 +166,12 @@ def status_name(status: int) -> str:
         text = _lib.cublasGetStatusName(status)
         if text != get_ffi().NULL:
             return str(get_ffi().string(text).decode(errors="replace"))
-    return _STATUS_NAMES.get(status, "unknown cublasStatus_t")
+    return CublasError.STATUS_NAMES.get(status, "unknown cublasStatus_t")
 
 
 def _check(function: str, status: int) -> None:
     if status:
-        raise CublasError(function, status)
+        raise CublasError(function, status, status_name(status))
 
 
 class Handle:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from fi_ffi import loader
 from fi_ffi.cdecl import Declarations
-from fi_ffi.errors import LibraryLoadError
+from fi_ffi.errors import CublasError, LibraryLoadError
 
-from .cublas import CUBLAS_COMPUTE_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_R_32F, CublasError
+from .cublas import CUBLAS_COMPUTE_32F, CUBLAS_OP_N, CUBLAS_OP_T, CUDA_R_32F, status_name
 
 __all__ = ["CDEFS", "FUNCTIONS", "LtMatmuls", "library"]
 
@@ -87,7 +88,8 @@ _MAX_SHAPES = 1024
 
 
 def library() -> Any:
-    """libcublasLt (the one libcublas links), opened once per process with :data:`CDEFS` bound; raises
+    """libcublasLt, opened once per process with :data:`CDEFS` bound: the copy :func:`fi_ffi.loader.nvidia_library`
+    loads (the one fi_ffi's ``gemm`` kernel module links, and libcublas too); raises
     :class:`~fi_ffi.errors.LibraryLoadError` when it cannot be found or lacks a declared function."""
     global _lib
     if _lib is not None:
@@ -95,7 +97,7 @@ def library() -> Any:
     ffi = _DECLARATIONS.ffi()
     with _lock:
         if _lib is None:
-            path = _find()
+            path = loader.nvidia_library("cublasLt")
             try:
                 lib = ffi.dlopen(path)
                 missing = [name for name in FUNCTIONS if not hasattr(lib, name)]
@@ -107,19 +109,9 @@ def library() -> Any:
     return _lib
 
 
-def _find() -> str:
-    try:
-        import cuda.pathfinder as pathfinder
-
-        found = pathfinder.load_nvidia_dynamic_lib("cublasLt")
-    except Exception:  # no pathfinder, or it cannot find it: the dynamic loader's search
-        return "libcublasLt.so.13"
-    return found.abs_path or "libcublasLt.so.13"
-
-
 def _check(function: str, status: int) -> None:
     if status:
-        raise CublasError(function, status)
+        raise CublasError(function, status, status_name(status))
 
 
 class LtMatmuls:

@@ -69,11 +69,10 @@ FUSED_ROUTING_MODULE = "dsv3_fused_routing"  # the models wheel's NoAuxTc kernel
 
 
 def fused_routing_blocker(c: DeepSeekConfig) -> str | None:
-    """Why the models wheel's fused routing kernel (``NoAuxTc``, :func:`fi_ffi.ops.router.fused_topk_deepseek`)
+    """Why the models wheel's fused routing kernel (``NoAuxTc``, :func:`fi_ffi.fused_topk_deepseek`)
     cannot route this model's experts, or None when it can (its availability in the kernel lock aside): it computes
     V3's ``noaux_tc`` with renormalized weights, within its size limits
-    (:func:`~fi_ffi.ops.router.routing_limits`)."""
-    from fi_ffi.ops.router import routing_limits
+    (:func:`fi_ffi.routing_limits`)."""
 
     if not isinstance(c, DeepSeekConfig):
         raise TypeError(f"c: expected a DeepSeekConfig (DeepSeekConfig.from_dir), got {type(c).__name__}")
@@ -84,7 +83,7 @@ def fused_routing_blocker(c: DeepSeekConfig) -> str | None:
     if not c.moe.renormalize:
         return "the kernel always renormalizes the chosen weights, and norm_topk_prob is false"
     try:
-        routing_limits(c.moe.num_experts, c.routing.n_group, c.routing.topk_group, c.moe.top_k)
+        fi_ffi.routing_limits(c.moe.num_experts, c.routing.n_group, c.routing.topk_group, c.moe.top_k)
     except ValueError as exc:
         return f"beyond the kernel's limits ({exc})"
     return None

@@ -24,9 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fi_ffi.cuda.runtime import driver_error
-from fi_ffi.errors import LibraryLoadError
-from fi_ffi.launch.checks import integer
+from fi_ffi.cuda import driver_error
+from fi_ffi.errors import CublasError, LibraryLoadError
 
 from .cublas import (
     CUBLAS_COMPUTE_32F,
@@ -36,10 +35,11 @@ from .cublas import (
     CUDA_R_16BF,
     CUDA_R_16F,
     CUDA_R_32F,
-    CublasError,
     Handle,
+    status_name,
 )
 from .cuda_sources import FUSED_GEMV_SOURCE, GEMV_SOURCE, ROW_KERNELS_SOURCE
+from .values import integer
 
 __all__ = [
     "ADD_NORM",
@@ -225,19 +225,19 @@ class Dense:
         self.gemv = False
         self.gemv_error = ""  # why the GEMV is unavailable, if it is
         try:  # the small-row GEMV (see linear); a GPU or driver it cannot serve leaves it off
-            from fi_ffi.cuda import driver
+            from fi_ffi.cuda import libcuda, libcuda_ffi
 
-            lib = driver.load()
+            lib = libcuda()
             if lib is not None:
                 gemv = cupy.RawModule(code=GEMV_SOURCE)
                 self._gemv_fns = {key: _function_ptr(gemv.get_function(name)) for key, name in _GEMV_NAMES.items()}
                 self._gemv_module = gemv
-                self._launch, self._driver_ffi = lib.cuLaunchKernel, driver.ffi()
+                self._launch, self._driver_ffi = lib.cuLaunchKernel, libcuda_ffi()
                 self._null = self._driver_ffi.NULL
                 self.gemv = True
                 self._load_fused(cupy)
             else:
-                self.gemv_error = "libcuda could not be loaded or cuInit failed (fi_ffi.cuda.driver.load)"
+                self.gemv_error = "libcuda could not be loaded or cuInit failed (fi_ffi.cuda.libcuda)"
         except Exception as exc:  # NVRTC or the driver refusing: cuBLAS serves every GEMM
             self._gemv_fns, self.gemv_error = {}, f"{type(exc).__name__}: {exc}"
         self._gemm, self._h = self._blas.gemm_ex, self._blas.ptr
@@ -655,7 +655,7 @@ class Dense:
             if entry is not None:
                 status = self._lt(entry, x, w, y, accumulate)
                 if status:
-                    raise CublasError("cublasLtMatmul", status)
+                    raise CublasError("cublasLtMatmul", status, status_name(status))
                 return
         status = self._gemm(
             self._h,
@@ -679,7 +679,7 @@ class Dense:
             CUBLAS_GEMM_DEFAULT,
         )
         if status:
-            raise CublasError("cublasGemmEx", status)
+            raise CublasError("cublasGemmEx", status, status_name(status))
 
     def _pack_gemv(self, key: tuple[int, ...]) -> tuple[Any, ...]:
         """The GEMV launch of one :meth:`linear` call, its kernel arguments packed once: ``(function, grid,
@@ -753,7 +753,7 @@ class Dense:
             CUBLAS_GEMM_DEFAULT,
         )
         if status:
-            raise CublasError("cublasGemmStridedBatchedEx", status)
+            raise CublasError("cublasGemmStridedBatchedEx", status, status_name(status))
 
     def gather_rows(self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int) -> None:
         """``dst[r, :width] = src[index[r], :width]`` for ``r < rows`` (16-bit elements; ``index`` int32)."""
@@ -790,7 +790,7 @@ class Dense:
         self._unshard_fn((rows,), (256,), (src, np.int32(rows), width, n, dst, dst_ld))
 
     def close(self) -> None:
-        """Destroy the cuBLAS handles (later GEMMs raise :class:`~fi_engine.cublas.CublasError`, small-row ones
+        """Destroy the cuBLAS handles (later GEMMs raise :class:`~fi_ffi.errors.CublasError`, small-row ones
         included: the GEMV is turned off). Idempotent."""
         self.gemv = False  # else a GEMM of <= GEMV_MAX_ROWS rows would still launch after close
         self._gemv_args.clear()

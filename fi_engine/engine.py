@@ -37,12 +37,12 @@ __all__: list[str] = []
 
 def _require_gpu(device: int | None) -> None:
     """Raise :class:`~fi_ffi.errors.UnsupportedDeviceError` unless CUDA device ``device`` (None: 0) is usable."""
-    from fi_ffi.cuda import system
+    from fi_ffi.cuda import gpus
     from fi_ffi.errors import UnsupportedDeviceError
 
     if device is not None and (isinstance(device, bool) or not isinstance(device, int) or device < 0):
         raise ValueError(f"device: expected a CUDA ordinal (an int >= 0) or None, got {device!r}")
-    found, why = system.gpus()
+    found, why = gpus()
     if not found:
         raise UnsupportedDeviceError(
             f"the Llama engine needs an NVIDIA GPU and its driver: {why or 'CUDA reports no device'}; run it on a "

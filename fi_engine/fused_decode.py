@@ -36,9 +36,9 @@ class FusedDecode(EngineState):
 
     @fused_decode.setter
     def fused_decode(self, on: bool) -> None:
-        from fi_ffi.launch import checks
+        from .values import flag
 
-        self._fused_decode = checks.flag("fused_decode", on)
+        self._fused_decode = flag("fused_decode", on)
 
     def _fuses(self, rows: int) -> bool:
         """Whether an eager decode step of ``rows`` rows runs as :meth:`_fused_step`: ``fused_decode`` on, the family

@@ -3,7 +3,7 @@
 Capture uses ``cudaStreamCaptureModeThreadLocal``: this thread may not make calls that are illegal during
 capture (synchronizing, legacy-stream work); other threads are unaffected. The captured work must use only
 memory that outlives the graph and must not allocate (the engine's buffers are allocated up front). A failing
-call raises :class:`~fi_ffi.errors.CudaError` (:func:`fi_ffi.cuda.runtime.check`).
+call raises :class:`~fi_ffi.errors.CudaError` (:func:`fi_ffi.cuda.check`).
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fi_ffi.cuda import runtime as cuda_runtime
-from fi_ffi.cuda.runtime import check as _check
+from fi_ffi.cuda import check as _check
+from fi_ffi.cuda import cudart as _rt  # cuda.bindings.runtime, imported on first use
 from fi_ffi.errors import CudaError
 
 __all__ = ["CudaGraph"]
-
-_rt = cuda_runtime.runtime  # cuda.bindings.runtime, imported on first use
 
 
 class CudaGraph:

@@ -311,9 +311,7 @@ def softmax_workspace_bytes(max_batch: int, vocab_size: int) -> int:
 def sampling_needs_valid() -> bool:
     """True where the pinned sampling module is FlashInfer 0.7's, whose samplers also write a ``valid`` flag
     per row (0.6.3's take none: passing one there is refused)."""
-    from fi_ffi.ops import sampling
-
-    return sampling.release() != "0.6.3"
+    return fi_ffi.sampling_release() != "0.6.3"
 
 
 def sample_top_k_top_p(

@@ -44,11 +44,10 @@ from typing import Any
 import numpy as np
 
 import fi_ffi
-from fi_ffi.launch import checks
 
 from .dense import CUDA_R_32F, Dense, data_type
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
-from .values import MAX_SIZE, arg_int
+from .values import MAX_SIZE, arg_int, integer
 
 __all__ = ["DENSE_MIN_FILL", "ClampedSwiGLU", "MoEBiases", "MoELayer", "MoEScratch", "MoEWeights", "choose_path"]
 
@@ -342,19 +341,19 @@ class MoEScratch:
         dense_rows: int | None = None,
     ) -> None:
         # checked before CuPy is imported: bad arguments are named the same with or without a GPU
-        e = checks.integer("num_experts", num_experts, 1)
-        h = checks.integer("hidden", hidden, 1)
-        i = checks.integer("intermediate", intermediate, 1)
-        k = checks.integer("top_k", top_k, 1)
+        e = integer("num_experts", num_experts, 1)
+        h = integer("hidden", hidden, 1)
+        i = integer("intermediate", intermediate, 1)
+        k = integer("top_k", top_k, 1)
         if k > e:
             raise ValueError(f"top_k: expected 1..num_experts ({e}), got {k}")
-        max_tokens = checks.integer("max_tokens", max_tokens, 1)
+        max_tokens = integer("max_tokens", max_tokens, 1)
         if capacity is not None:
-            capacity = checks.integer("capacity", capacity, 1)
+            capacity = integer("capacity", capacity, 1)
             if capacity > max_tokens:
                 raise ValueError(f"capacity: expected 1..max_tokens ({max_tokens}), got {capacity}")
         if dense_rows is not None:
-            dense_rows = checks.integer("dense_rows", dense_rows, 1)
+            dense_rows = integer("dense_rows", dense_rows, 1)
             if dense_rows > max_tokens:
                 raise ValueError(f"dense_rows: expected 1..max_tokens ({max_tokens}), got {dense_rows}")
         if dtype not in ("float16", "bfloat16"):
@@ -481,12 +480,12 @@ class MoELayer:
         if not isinstance(weights, MoEWeights):
             raise TypeError(f"weights: expected a MoEWeights, got {type(weights).__name__}")
         self.num_experts, self.hidden, self.intermediate = weights.shapes()
-        top_k = checks.integer("top_k", top_k, 1)
+        top_k = integer("top_k", top_k, 1)
         if top_k > self.num_experts:
             raise ValueError(f"top_k: expected 1..num_experts ({self.num_experts}), got {top_k}")
-        max_tokens = checks.integer("max_tokens", max_tokens, 1)
-        capacity = None if capacity is None else checks.integer("capacity", capacity, 1)
-        dense_rows = None if dense_rows is None else checks.integer("dense_rows", dense_rows, 1)
+        max_tokens = integer("max_tokens", max_tokens, 1)
+        capacity = None if capacity is None else integer("capacity", capacity, 1)
+        dense_rows = None if dense_rows is None else integer("dense_rows", dense_rows, 1)
         if dtype not in ("float16", "bfloat16"):
             raise ValueError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r:.40}")
         import cupy
@@ -626,15 +625,13 @@ class MoELayer:
         problem) changes per step, written on the device by ``moe_slots``."""
         import cupy
 
-        from fi_ffi.ops.segment_gemm import prepare_segment_gemm, segment_gemm_args_bytes
-
         self.capacity = c = capacity
         e, h, i = self.num_experts, self.hidden, self.intermediate
         rows = e * c
         sc = self.scratch
         self.s_xs, self.s_gu, self.s_act, self.s_y = sc.s_xs, sc.s_gu, sc.s_act, sc.s_y
         self.s_experts, self.s_row_of, self.s_weights = sc.s_experts, sc.s_row_of, sc.s_weights
-        nbytes = segment_gemm_args_bytes(e)
+        nbytes = fi_ffi.segment_gemm_args_bytes(e)
         self._s_args = cupy.zeros(2 * nbytes, cupy.uint8)
         seg = (np.arange(e + 1) * c).astype(np.int32)
         self._s_seg = cupy.asarray(seg)  # expert e owns rows [e * c, (e + 1) * c): the biased kernels' row -> expert
@@ -642,12 +639,12 @@ class MoELayer:
         args_gu = fi_ffi.Tensor(ptr, (nbytes,), "uint8", self.device_id)
         args_down = fi_ffi.Tensor(ptr + nbytes, (nbytes,), "uint8", self.device_id)
         cupy.cuda.Device().synchronize()  # the zero fills (legacy stream) before the synchronous argument copies
-        self._gemm_gu = prepare_segment_gemm(
+        self._gemm_gu = fi_ffi.prepare_segment_gemm(
             self.workspace, self._t(self.s_xs, (rows, h)), self._t(self.weights.gate_up, (e, 2 * i, h)), e, True,
             self._t(self.s_gu, (rows, 2 * i)), args_buffer=args_gu, seg_indptr=seg, backend=self.backend,
             stream=self.stream.ptr,
         )  # fmt: skip
-        self._gemm_down = prepare_segment_gemm(
+        self._gemm_down = fi_ffi.prepare_segment_gemm(
             self.workspace, self._t(self.s_act, (rows, i)), self._t(self.weights.down, (e, h, i)), e, True,
             self._t(self.s_y, (rows, h)), args_buffer=args_down, seg_indptr=seg, backend=self.backend,
             stream=self.stream.ptr,
@@ -864,6 +861,10 @@ def _token_count(tokens: Any, x: Any) -> int:
 
 
 def _is_sm90(device_id: int) -> bool:
-    from fi_ffi.ops.attention.variants import sm_major
+    """Whether CUDA device ``device_id`` is SM 9.x (False where it cannot be asked: no GPU or driver)."""
+    from fi_ffi.cuda import compute_capability
 
-    return sm_major(device_id) == 9
+    try:
+        return compute_capability(device_id)[0] == 9
+    except fi_ffi.FiFFIError:
+        return False

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .values import MAX_SIZE, arg_int, show
+from .values import MAX_SIZE, arg_int, integer, show
 
 __all__ = [
     "PAD_PAGE",
@@ -67,10 +67,8 @@ class OutOfPagesError(RuntimeError):
 
 def pages_for(tokens: int, page_size: int) -> int:
     """Pages needed to hold ``tokens`` tokens (``tokens >= 0``, ``page_size >= 1``)."""
-    from fi_ffi.launch import checks
-
-    tokens = checks.integer("tokens", tokens, 0)
-    page_size = checks.integer("page_size", page_size, 1)
+    tokens = integer("tokens", tokens, 0)
+    page_size = integer("page_size", page_size, 1)
     if tokens >= 1 << 63 or page_size >= 1 << 31:
         raise ValueError(f"tokens, page_size: expected tokens < 2**63 and page_size < 2**31, got {tokens}, {page_size}")
     return -(-tokens // page_size)
@@ -247,9 +245,7 @@ def prefill_buckets(max_tokens: int) -> tuple[int, ...]:
     """The token-row buckets of padded prefill graphs, ascending, the last one ``max_tokens`` (the engine's
     buffer rows): 16, 32, 64, 128, 256 (doubling), then quarter octaves 320, 384, 448, 512, 640, 768, 896,
     1024, 1280, ... (see the comment above); a bucket above ``max_tokens`` becomes ``max_tokens``."""
-    from fi_ffi.launch import checks
-
-    max_tokens = checks.integer("max_tokens", max_tokens, 1)
+    max_tokens = integer("max_tokens", max_tokens, 1)
     if max_tokens >= 1 << 31:
         bits = max_tokens.bit_length()
         raise ValueError(f"max_tokens: expected token rows below 2**31 (the kernels' int32), got {bits} bits")

@@ -220,7 +220,7 @@ class ResidualAllReduce:
         self.workspace: Any = None
         single_host = comm.env is None or comm.env.single_host
         if fused and comm.world_size in (2, 4, 8, 16) and single_host and hidden % 8 == 0:
-            from fi_ffi.comm.trtllm_ar import AllReduceFusionWorkspace
+            from fi_ffi.comm import AllReduceFusionWorkspace
 
             self.workspace = AllReduceFusionWorkspace(comm, max_rows, hidden, dtype)
         self.fused = self.workspace is not None
@@ -229,7 +229,7 @@ class ResidualAllReduce:
         """``partial`` (this rank's sum, ``[rows, hidden]``) is consumed; ``residual`` is updated in place; the
         normalized rows land in ``normed`` (fused) or in ``partial`` (NCCL)."""
         if self.workspace is not None:
-            from fi_ffi.comm.trtllm_ar import AllReduceFusionPattern
+            from fi_ffi.comm import AllReduceFusionPattern
 
             self.workspace.allreduce_fusion(
                 partial,
@@ -254,7 +254,7 @@ class ResidualAllReduce:
         ``kAllReduce``; ``out`` must not overlap ``partial``) or in ``partial`` itself (NCCL). Returns the one
         holding it."""
         if self.workspace is not None:
-            from fi_ffi.comm.trtllm_ar import AllReduceFusionPattern
+            from fi_ffi.comm import AllReduceFusionPattern
 
             self.workspace.allreduce_fusion(
                 partial, pattern=AllReduceFusionPattern.kAllReduce, allreduce_out=out, stream=stream

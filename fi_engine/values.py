@@ -1,5 +1,8 @@
 """Checks of single values that the checkpoint readers and host helpers of :mod:`fi_engine` share: an int
-argument within bounds, a numpy array argument of a rank, and a value shown short in an error message.
+argument within bounds, a flag, a numpy array argument of a rank, and a value shown short in an error message.
+
+The engine's own (it takes no private helper of fi_ffi's): :func:`integer` and :func:`flag` refuse what fi_ffi's
+op arguments refuse, with the same messages.
 
 Its own module so that the config readers (:mod:`.config`, :mod:`.family_configs`, :mod:`.deepseek_config`) and
 the host helpers (:mod:`.deepseek_routing`, :mod:`.mla_weights`) stand on it without importing one another.
@@ -12,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_SIZE", "arg_array", "arg_int", "show"]
+__all__ = ["MAX_SIZE", "arg_array", "arg_int", "flag", "integer", "show"]
 
 MAX_SIZE = (1 << 31) - 1  # every size and token id reaches the kernels as an int32
 
@@ -39,6 +42,27 @@ def arg_int(name: str, value: Any, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {int(value)}")
     return int(value)
+
+
+def integer(name: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as an int (anything with ``__index__`` but a bool: numpy integers too), at least ``minimum`` when
+    given; else TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    try:
+        value = int(value.__index__())
+    except (TypeError, ValueError):  # an array with __index__ that refuses (numpy arrays of size != 1)
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def flag(name: str, value: Any) -> bool:
+    """``value`` as a bool (a bool, 0 or 1), else TypeError naming ``name`` (a string would be true)."""
+    if not isinstance(value, (bool, int)) or (isinstance(value, int) and value not in (0, 1)):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)
 
 
 def arg_array(name: str, value: Any, ndim: int, shape: str) -> np.ndarray:

@@ -61,6 +61,8 @@ _EXPORTS: dict[str, str] = {
     "stream_scope": "abi.streams",
     "prepare": "launch.packing",
     "Generator": "generator",
+    # the cuBLAS/cuBLASLt error (fi_ffi's bmm_fp8 handle, the engine's GEMMs)
+    "CublasError": "errors",
 }
 # the ops, one row per @op def (generated: see above); a name is either an op or a hand-written row, never both
 _EXPORTS.update(_OPS)

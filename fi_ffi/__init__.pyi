@@ -13,6 +13,7 @@ from .dtypes import float32 as float32
 from .dtypes import int32 as int32
 from .dtypes import int64 as int64
 from .dtypes import uint8 as uint8
+from .errors import CublasError as CublasError
 from .errors import CudaError as CudaError
 from .errors import FiFFIError as FiFFIError
 from .errors import KernelError as KernelError
@@ -76,10 +77,12 @@ from .ops.rope import apply_rope_with_cos_sin_cache_inplace as apply_rope_with_c
 from .ops.router import fused_topk_deepseek as fused_topk_deepseek
 from .ops.router import mm_M1_16_K7168_N128 as mm_M1_16_K7168_N128
 from .ops.router import mm_M1_16_K7168_N256 as mm_M1_16_K7168_N256
+from .ops.router import routing_limits as routing_limits
 from .ops.sampling import chain_speculative_sampling as chain_speculative_sampling
 from .ops.sampling import min_p_sampling_from_probs as min_p_sampling_from_probs
 from .ops.sampling import sampling_from_logits as sampling_from_logits
 from .ops.sampling import sampling_from_probs as sampling_from_probs
+from .ops.sampling import sampling_release as sampling_release
 from .ops.sampling import softmax as softmax
 from .ops.sampling import softmax_workspace_size as softmax_workspace_size
 from .ops.sampling import top_k_mask_logits as top_k_mask_logits
@@ -89,7 +92,9 @@ from .ops.sampling import top_k_top_p_sampling_from_probs as top_k_top_p_samplin
 from .ops.sampling import top_p_renorm_probs as top_p_renorm_probs
 from .ops.sampling import top_p_renorm_workspace_size as top_p_renorm_workspace_size
 from .ops.sampling import top_p_sampling_from_probs as top_p_sampling_from_probs
+from .ops.segment_gemm import prepare_segment_gemm as prepare_segment_gemm
 from .ops.segment_gemm import segment_gemm as segment_gemm
+from .ops.segment_gemm import segment_gemm_args_bytes as segment_gemm_args_bytes
 from .ops.topk import top_k as top_k
 from .ops.topk import top_k_page_table_transform as top_k_page_table_transform
 from .ops.topk import top_k_ragged_transform as top_k_ragged_transform
@@ -99,6 +104,7 @@ from .tensor.intake import as_tensor as as_tensor
 __version__: str
 
 __all__ = [
+    "CublasError",
     "CudaError",
     "DType",
     "Device",
@@ -168,11 +174,15 @@ __all__ = [
     "packbits",
     "prepare",
     "prepare_decode_run",
+    "prepare_segment_gemm",
     "qk_rmsnorm",
     "rmsnorm",
+    "routing_limits",
     "sampling_from_logits",
     "sampling_from_probs",
+    "sampling_release",
     "segment_gemm",
+    "segment_gemm_args_bytes",
     "segment_packbits",
     "segment_packbits_indptr",
     "selective_state_update",

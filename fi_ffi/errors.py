@@ -11,9 +11,13 @@ the argument and what was expected. Everything that goes wrong below that line h
 - :class:`ArgumentTypeError` / :class:`ArgumentRangeError`: a Python value that cannot be passed as a kernel's
   scalar (the one packer of Python values, :mod:`fi_ffi.abi.values`, raises them); they are also ``TypeError`` /
   ``ValueError``, so code catching those keeps working.
+- :class:`CublasError`: a cuBLAS or cuBLASLt call (fi_ffi's ``bmm_fp8`` handle, the engine's GEMMs) returned a
+  status other than success; carrying the function, the ``cublasStatus_t`` value and its name.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class FiFFIError(Exception):
@@ -135,3 +139,58 @@ class CudaError(FiFFIError):
     def __reduce__(self) -> tuple[type, tuple[str, int | None, str, str, str]]:
         # picklable with its fields (worker processes send errors back to the parent)
         return (type(self), (self.what, self.code, self.name, self.description, self.hint))
+
+
+class CublasError(FiFFIError, RuntimeError):
+    """A cuBLAS or cuBLASLt call returned a ``cublasStatus_t`` other than ``CUBLAS_STATUS_SUCCESS`` (both libraries
+    share that enum).
+
+    The one convention for both libraries, wherever the call is made (the ``bmm_fp8`` handle in
+    :mod:`fi_ffi.launch.cublaslt`, the engine's GEMMs in :mod:`fi_engine.cublas` and :mod:`fi_engine.cublas_lt`):
+    the caller names the function and passes the status, and its name where the library gave one
+    (``cublasGetStatusName``; else :attr:`STATUS_NAMES` names it); the text is ``"{function} failed: {name}
+    ({status}). {hint}"``. Also a ``RuntimeError``, as the engine's own class was before it joined this tree.
+
+    Attributes:
+        function: the cuBLAS/cuBLASLt function that was called, e.g. ``"cublasLtMatmul"``.
+        status: its ``cublasStatus_t`` value as an int (``7``: ``CUBLAS_STATUS_INVALID_VALUE``).
+        name: the status's name, e.g. ``"CUBLAS_STATUS_INVALID_VALUE"`` (``"unknown cublasStatus_t"`` if none).
+        hint: what to do about it.
+    """
+
+    #: ``cublasStatus_t`` value -> name (``cublas_api.h``), for a status the library was not asked to name
+    STATUS_NAMES: ClassVar[dict[int, str]] = {
+        0: "CUBLAS_STATUS_SUCCESS",
+        1: "CUBLAS_STATUS_NOT_INITIALIZED",
+        3: "CUBLAS_STATUS_ALLOC_FAILED",
+        7: "CUBLAS_STATUS_INVALID_VALUE",
+        8: "CUBLAS_STATUS_ARCH_MISMATCH",
+        11: "CUBLAS_STATUS_MAPPING_ERROR",
+        13: "CUBLAS_STATUS_EXECUTION_FAILED",
+        14: "CUBLAS_STATUS_INTERNAL_ERROR",
+        15: "CUBLAS_STATUS_NOT_SUPPORTED",
+        16: "CUBLAS_STATUS_LICENSE_ERROR",
+    }
+
+    def __init__(self, function: str, status: int, name: str = "") -> None:
+        self.function = function
+        self.status = status
+        self.name = name or self.STATUS_NAMES.get(status, "unknown cublasStatus_t")
+        self.hint = _CUBLAS_HINTS.get(status, _CUBLAS_HINT_OTHER)
+        super().__init__(f"{function} failed: {self.name} ({status}). {self.hint}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, str]]:
+        # picklable with its fields (worker processes send errors back to the parent)
+        return (type(self), (self.function, self.status, self.name))
+
+
+# cublasStatus_t values (cublas_api.h) whose fix differs from the general one
+_CUBLAS_HINTS = {
+    1: "The handle was destroyed or never made: make a new one (a closed engine cannot run GEMMs)",  # NOT_INITIALIZED
+    3: "The device is out of memory: free buffers, or ask for smaller ones",  # ALLOC_FAILED
+    8: "This GPU's architecture lacks the feature (e.g. FP8 GEMMs need SM89 or newer): use another dtype or GPU",
+}
+_CUBLAS_HINT_OTHER = (
+    "Check the shapes, dtypes and pointers passed; an earlier asynchronous failure can surface here: rerun with "
+    "CUDA_LAUNCH_BLOCKING=1 to find the call that caused it"
+)

@@ -4,9 +4,10 @@
     python tools/api_reference.py --check   # exit 1, naming the stale pages, if docs/api/ is not what it would write
 
 The public surface is read from the package itself, never from file paths, so it follows modules that move:
-``fi_ffi.__all__``, ``fi_ffi.tensor.protocols.__all__``, ``fi_ffi.comm.__all__`` and the ``__all__`` of each module of
-``fi_engine``. Ops are grouped into pages by family (:data:`FAMILIES`, keyed by the last part of the defining
-module's name), then by module; every other name of ``fi_ffi`` is on the core page.
+``fi_ffi.__all__``, ``fi_ffi.tensor.protocols.__all__``, ``fi_ffi.cuda.__all__``, ``fi_ffi.cdecl.__all__``,
+``fi_ffi.comm.__all__`` and the ``__all__`` of each module of ``fi_engine``. Ops are grouped into pages by family
+(:data:`FAMILIES`, keyed by the last part of the defining module's name), then by module; every other name of
+``fi_ffi`` is on the core page.
 
 Why a small generator rather than Sphinx or MkDocs: the pages are plain Markdown committed with the code, so they
 read on any Git host and in the checkout without a build; the generator needs nothing beyond the standard library
@@ -87,7 +88,9 @@ def public_surface() -> list[Entry]:
     """Every public name of fi_ffi, with the page it belongs on (imports fi_ffi; loads no shared library)."""
     import fi_engine
     import fi_ffi
+    import fi_ffi.cdecl
     import fi_ffi.comm
+    import fi_ffi.cuda
     import fi_ffi.tensor.protocols
 
     entries = []
@@ -98,6 +101,9 @@ def public_surface() -> list[Entry]:
         entries.append(Entry(f"fi_ffi.{name}", obj, page))
     for name in _exported(fi_ffi.tensor.protocols):
         entries.append(Entry(f"fi_ffi.tensor.protocols.{name}", getattr(fi_ffi.tensor.protocols, name), CORE[0]))
+    for module in (fi_ffi.cuda, fi_ffi.cdecl):  # public modules the engine (and users) take names from
+        for name in _exported(module):
+            entries.append(Entry(f"{module.__name__}.{name}", getattr(module, name), CORE[0]))
     for name in _exported(fi_ffi.comm):
         entries.append(Entry(f"fi_ffi.comm.{name}", getattr(fi_ffi.comm, name), COMM[0]))
     for info in sorted(pkgutil.iter_modules(fi_engine.__path__), key=lambda i: i.name):

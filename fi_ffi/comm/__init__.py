@@ -16,11 +16,23 @@ Nothing here imports NCCL, CuPy or torch until a communicator is made.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .env import DistEnv, LaunchEnvironmentError, read_env
 from .nccl import Communicator, NcclError, NcclUnavailableError
 from .rendezvous import RendezvousError
 
+if TYPE_CHECKING:
+    from .trtllm_ar import AllReduceFusionPattern, AllReduceFusionWorkspace
+
+# Names of a submodule that imports the calling engine (fi_ffi.launch): resolved on first use, so that
+# ``import fi_ffi.comm`` stays as light as before (a communicator needs none of them).
+_LAZY = {"AllReduceFusionPattern": "trtllm_ar", "AllReduceFusionWorkspace": "trtllm_ar"}
+
 __all__ = [
+    "AllReduceFusionPattern",
+    "AllReduceFusionWorkspace",
     "Communicator",
     "DistEnv",
     "LaunchEnvironmentError",
@@ -29,3 +41,16 @@ __all__ = [
     "RendezvousError",
     "read_env",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -61,7 +61,7 @@ def _load() -> tuple[Any, Any]:
 
 
 def ffi() -> Any:
-    """The cffi FFI the declarations above belong to (for the out-parameters of the calls)."""
+    """The cffi FFI that declares the driver calls of :data:`CDEFS` (for their out-parameters and argument arrays)."""
     return _load()[0]
 
 

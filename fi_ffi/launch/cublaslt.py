@@ -1,7 +1,9 @@
 """cuBLASLt handles for the kernels that take one (``bmm_fp8``): one per CUDA device, made on first use, kept.
 
 flashinfer-python passes torch's current cuBLAS handle; fi_ffi, without torch, creates its own with
-``cublasLtCreate`` (cffi in ABI mode on the ``libcublasLt.so.13`` the ``gemm`` module links, found by the loader).
+``cublasLtCreate`` (cffi in ABI mode on the ``libcublasLt.so.13`` the ``gemm`` module links: the one copy
+:func:`fi_ffi.loader.nvidia_library` finds and loads for the whole process, the engine's included).
+A failing status is a :class:`~fi_ffi.errors.CublasError`, as for the engine's cuBLAS calls.
 A handle is a host object of the library, valid for the device that was current when it was made and usable from
 any stream; it is created with that device current and never destroyed (one per device for the process).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ..errors import KernelError
+from ..errors import CublasError
 
 _lock = threading.Lock()
 _lib: Any = None
@@ -28,13 +30,18 @@ def _load() -> tuple[Any, Any]:
 
         ffi = cffi.FFI()
         ffi.cdef("int cublasLtCreate(void** handle); const char* cublasLtGetStatusName(int status);")
-        path = libraries.module_library_path("gemm", "cublasLt")
+        path = libraries.nvidia_library("cublasLt")
         _lib, _ffi = ffi.dlopen(path), ffi
     return _lib, _ffi
 
 
 def handle(device_id: int) -> int:
-    """The cuBLASLt handle of CUDA device ``device_id`` (as an int), created with that device current."""
+    """The cuBLASLt handle of CUDA device ``device_id`` (as an int), created with that device current.
+
+    Raises:
+        LibraryLoadError: libcublasLt was not found (the text names the pip package).
+        CublasError: ``cublasLtCreate`` failed.
+    """
     found = _handles.get(device_id)
     if found is not None:
         return found
@@ -52,7 +59,7 @@ def handle(device_id: int) -> int:
                 device.restore(previous)
             if status:
                 name = ffi.string(lib.cublasLtGetStatusName(status)).decode()
-                raise KernelError("RuntimeError", f"cublasLtCreate failed: {name}", function="cublasLtCreate")
+                raise CublasError("cublasLtCreate", status, name)
             found = _handles[device_id] = int(ffi.cast("uintptr_t", out[0]))
     return found
 

@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "runtime_info": "libraries",
     "RuntimeInfo": "libraries",
     "ensure_cudart": "libraries",
+    "nvidia_library": "libraries",
     # kernel modules: the wheels selected for this machine, what they serve, loading
     "selection": "modules",
     "fetch": "modules",

@@ -5,6 +5,7 @@
 from .cache import cache_root as cache_root
 from .libraries import RuntimeInfo as RuntimeInfo
 from .libraries import ensure_cudart as ensure_cudart
+from .libraries import nvidia_library as nvidia_library
 from .libraries import runtime_info as runtime_info
 from .libraries import runtime_library as runtime_library
 from .lockfile import Lock as Lock
@@ -59,6 +60,7 @@ __all__ = [
     "module_release",
     "module_source",
     "module_sources",
+    "nvidia_library",
     "runtime_info",
     "runtime_library",
     "selection",

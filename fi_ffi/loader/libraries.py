@@ -310,12 +310,52 @@ def _load_cudart() -> str:
     return path
 
 
-# Kernel modules that list NVIDIA libraries beyond libcudart as NEEDED: loaded through cuda-pathfinder first (pip
-# wheels or a CUDA toolkit), so the module's NEEDED entries resolve by soname to those copies.
-MODULE_LIBRARIES: dict[str, tuple[tuple[str, str], ...]] = {
-    "gemm": (("cublasLt", "nvidia-cublas>=13,<14"), ("cublas", "nvidia-cublas>=13,<14")),
-}
+# Kernel modules that list NVIDIA libraries beyond libcudart as NEEDED: loaded through :func:`nvidia_library` first
+# (pip wheels or a CUDA toolkit), so the module's NEEDED entries resolve by soname to those copies.
+MODULE_LIBRARIES: dict[str, tuple[str, ...]] = {"gemm": ("cublasLt", "cublas")}
+# The NVIDIA libraries :func:`nvidia_library` serves -> the pip requirement that provides them.
+NVIDIA_LIBRARIES: dict[str, str] = {"cublas": "nvidia-cublas>=13,<14", "cublasLt": "nvidia-cublas>=13,<14"}
 _nvidia_loaded: dict[str, str] = {}
+
+
+def nvidia_library(name: str) -> str:
+    """Load NVIDIA library ``name`` (``"cublas"``, ``"cublasLt"``) into the process once; its path, or its CUDA 13
+    soname where the copy is mapped from a place cuda-pathfinder cannot name.
+
+    The one finder of these libraries in the repository: the kernel modules that link one (``gemm``: both) load it
+    here before the module is opened, fi_ffi's ``bmm_fp8`` handle and the engine's cuBLAS/cuBLASLt bindings
+    (:mod:`fi_engine.cublas`, :mod:`fi_engine.cublas_lt`) open what it returns, so the process maps one copy
+    whoever asks first. Where it is found: cuda-pathfinder's search (the ``nvidia-cublas`` wheel, conda, a CUDA
+    toolkit at ``CUDA_HOME``, the dynamic loader's path). Opening the returned path again
+    (``cffi.FFI().dlopen(path)``) binds a set of declarations to that same mapping. Cached per name (thread-safe).
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`NVIDIA_LIBRARIES`.
+        LoaderError: cuda-pathfinder is not installed.
+        LibraryLoadError: the library was not found or did not load; the text names the pip package to install.
+    """
+    found = _nvidia_loaded.get(name)
+    if found is not None:
+        return found
+    package = NVIDIA_LIBRARIES.get(name)
+    if package is None:
+        raise ValueError(f"name: expected one of {', '.join(sorted(NVIDIA_LIBRARIES))}, got {name!r}")
+    with _lock:
+        found = _nvidia_loaded.get(name)
+        if found is None:
+            try:
+                import cuda.pathfinder as pathfinder
+            except ImportError as exc:
+                raise LoaderError(f"cuda-pathfinder is not installed ({exc}); `pip install cuda-pathfinder`") from None
+            try:
+                loaded = pathfinder.load_nvidia_dynamic_lib(name)
+            except Exception as exc:  # DynamicLibNotFoundError, or a RuntimeError for a file that does not load
+                raise LibraryLoadError(
+                    f"lib{name}.so.13 was not found or did not load: {exc}\nInstall it with `python -m pip install "
+                    f"'{package}'`, or install a CUDA 13 toolkit and set CUDA_HOME."
+                ) from None
+            found = _nvidia_loaded[name] = loaded.abs_path or f"lib{name}.so.13"
+    return found
 
 
 def ensure_module_libraries(uri: str) -> None:
@@ -324,30 +364,11 @@ def ensure_module_libraries(uri: str) -> None:
     Raises:
         LibraryLoadError: a library was not found or could not be loaded, naming the module and the pip package.
     """
-    for name, package in MODULE_LIBRARIES.get(uri, ()):
-        if name in _nvidia_loaded:
-            continue
-        with _lock:
-            if name in _nvidia_loaded:
-                continue
-            try:
-                import cuda.pathfinder as pathfinder
-            except ImportError as exc:
-                raise LoaderError(f"cuda-pathfinder is not installed ({exc}); `pip install cuda-pathfinder`") from None
-            try:
-                found = pathfinder.load_nvidia_dynamic_lib(name)
-            except Exception as exc:  # DynamicLibNotFoundError, or a RuntimeError for a file that does not load
-                raise LibraryLoadError(
-                    f"kernel module {uri!r} needs lib{name}.so.13, which was not found or did not load: {exc}\n"
-                    f"Install it with `python -m pip install '{package}'`, or install a CUDA 13 toolkit."
-                ) from None
-            _nvidia_loaded[name] = found.abs_path or f"lib{name}.so.13"
-
-
-def module_library_path(uri: str, name: str) -> str:
-    """The path (or soname) of NVIDIA library ``name`` that module ``uri`` uses, loading it first if needed."""
-    ensure_module_libraries(uri)
-    return _nvidia_loaded[name]
+    for name in MODULE_LIBRARIES.get(uri, ()):
+        try:
+            nvidia_library(name)
+        except LibraryLoadError as exc:
+            raise LibraryLoadError(f"kernel module {uri!r} needs {exc}") from None
 
 
 def cuda_runtime_version() -> tuple[str, str]:

@@ -156,7 +156,7 @@ def _check_routing(a: SimpleNamespace) -> PointerRules:
     checks.cuda("bias", b)
     checks.contiguous("bias", b)
     n_group, topk_group, topk = a.n_group, a.topk_group, a.topk
-    routing_limits(experts, n_group, topk_group, topk)
+    _routing_limits(experts, n_group, topk_group, topk)
     checks.finite("routed_scaling_factor", a.routed_scaling_factor)
     checks.shape("topk_values", vals, (tokens, topk), "[num_tokens, topk]")
     checks.same_dtype("topk_values", vals, "scores", s)
@@ -171,13 +171,28 @@ def _check_routing(a: SimpleNamespace) -> PointerRules:
     return PointerRules().outputs_apart(["topk_values", "topk_indices"], ["scores", "bias"])
 
 
+@op()
 def routing_limits(num_experts: int, n_group: int, topk_group: int, topk: int) -> None:
-    """Refuse a routing configuration the fused kernel cannot run (it would stop the process's CUDA context or
-    return garbage), naming the argument.
+    """Refuse a routing configuration :func:`fused_topk_deepseek` cannot run (it would stop the process's CUDA
+    context or return garbage), naming the argument: what a caller checks once, before it allocates anything (the
+    engine, reading a DeepSeek checkpoint's config), that the op checks on every call.
+
+    Args:
+        num_experts: routed experts (the columns of ``scores``), >= 1.
+        n_group: expert groups, a divisor of ``num_experts`` in [1, 32].
+        topk_group: groups kept per token, in [1, ``n_group``].
+        topk: experts chosen per token, within the kernel's limit and the kept groups' experts.
 
     Raises:
+        TypeError: an argument is not an int.
         ValueError: with the limit that was exceeded.
     """
+    values = (("num_experts", num_experts), ("n_group", n_group), ("topk_group", topk_group), ("topk", topk))
+    _routing_limits(*(checks.integer(name, value) for name, value in values))
+
+
+def _routing_limits(num_experts: int, n_group: int, topk_group: int, topk: int) -> None:
+    # the op's own check (its arguments are ints already): routing_limits without the type checks
     if num_experts < 1:
         raise ValueError(f"scores: expected at least one expert (column), got {num_experts}")
     if not 1 <= n_group <= 32 or num_experts % n_group:

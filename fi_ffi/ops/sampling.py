@@ -199,7 +199,7 @@ _PAIRS = (
 # the sampling module of every release its ``release`` names.
 DECLARATIONS = tuple((_URI, d) for d in (SOFTMAX, TOP_K_MASK_LOGITS, *(d for p in _PAIRS for d in p)))
 
-__all__ = ["ROW_STATES_BYTES", "release"]  # public here, not ops of fi_ffi; the ops: @op below
+__all__ = ["ROW_STATES_BYTES"]  # public here, not an op of fi_ffi; the ops (and sampling_release): @op below
 
 
 # ---- sizes of the caller's buffers ------------------------------------------------------------------------------
@@ -245,7 +245,8 @@ def top_p_renorm_workspace_size(batch_size: int, vocab_size: int, is_determinist
     )
 
 
-def release() -> str:
+@op()
+def sampling_release() -> str:
     """The FlashInfer release whose sampling argument lists the pinned ``sampling`` module has (``"0.6.3"`` or
     ``"0.7.2"``): on ``"0.7.2"`` the ``*_from_probs`` ops need ``valid`` and :func:`top_p_renorm_probs` needs
     ``workspace``. Binds the module (loads it) on first use."""

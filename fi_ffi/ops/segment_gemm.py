@@ -63,13 +63,8 @@ from ..tensor.streams import stream_handle
 from .attention.host_index import host_array
 from .attention.workspace import Workspace
 
-__all__ = [
-    "PreparedSegmentGEMM",
-    "SegmentGEMMArgs",
-    "prepare_segment_gemm",
-    "segment_gemm_args",
-    "segment_gemm_args_bytes",
-]  # public here, not ops of fi_ffi; the ops: @op below
+__all__ = ["PreparedSegmentGEMM", "SegmentGEMMArgs", "segment_gemm_args"]  # public here, not ops of fi_ffi; the
+# ops (and the engine's prepare_segment_gemm, segment_gemm_args_bytes): @op below
 
 _ARRAYS = [
     tensor("all_problems"),
@@ -476,6 +471,7 @@ def _stream_int(stream: Any) -> int:
     return s
 
 
+@op()
 def prepare_segment_gemm(
     workspace: Workspace,
     x: Any,
@@ -535,6 +531,7 @@ def prepare_segment_gemm(
     return PreparedSegmentGEMM(c, arrays, (workspace, x, weights, out, args_buffer))
 
 
+@op()
 def segment_gemm_args_bytes(batch_size: int) -> int:
     """Bytes of the argument arrays of ``batch_size`` non-empty segments (what ``args_buffer`` must hold)."""
     n = checks.integer("batch_size", batch_size, 0)

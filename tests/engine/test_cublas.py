@@ -3,9 +3,10 @@
 The cffi declarations parse and carry the enum values the hot path uses as plain ints. When cuBLAS's header is
 installed (``nvidia-cublas`` wheel or a CUDA toolkit, found by cuda-pathfinder) the values are compared with it; when
 the library is installed, every declared function must resolve in it, its status names come from it, and creating
-a handle on a machine without a GPU must raise our :class:`CublasError` (a real status from the real library). When
-it is not installed, loading must fail with our error saying how to install it. Importing the engine must not load
-libcublas (the CPU-only parts of the engine never need it).
+a handle on a machine without a GPU must raise fi_ffi's :class:`~fi_ffi.errors.CublasError` (a real status from the
+real library). When it is not installed, loading must fail with our error saying how to install it. The libraries
+are found by one function of the binding (:func:`fi_ffi.loader.nvidia_library`), for the binding and the engine.
+Importing the engine must not load libcublas (the CPU-only parts of the engine never need it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fi_engine import cublas, cublas_lt
-from fi_ffi.errors import LibraryLoadError
+from fi_ffi.errors import CublasError, FiFFIError, LibraryLoadError
 
 ENUMS = {  # name -> (header file, the module's int)
     "CUBLAS_OP_N": ("cublas_api.h", cublas.CUBLAS_OP_N),
@@ -141,23 +142,73 @@ def test_status_names_come_from_the_library():
     _library()
     assert cublas.status_name(0) == "CUBLAS_STATUS_SUCCESS"
     assert cublas.status_name(7) == "CUBLAS_STATUS_INVALID_VALUE"
-    err = cublas.CublasError("cublasGemmEx", 7)
-    assert isinstance(err, RuntimeError)
-    assert str(err) == "cublasGemmEx failed: CUBLAS_STATUS_INVALID_VALUE (7)"
-    assert (err.function, err.status) == ("cublasGemmEx", 7)
+    with pytest.raises(CublasError) as info:  # what every failing engine call raises, named by the library
+        cublas._check("cublasGemmEx", 7)
+    err = info.value
+    assert str(err).startswith("cublasGemmEx failed: CUBLAS_STATUS_INVALID_VALUE (7). Check the shapes")
+    assert (err.function, err.status, err.name) == ("cublasGemmEx", 7, "CUBLAS_STATUS_INVALID_VALUE")
 
 
 def test_status_names_without_the_library():
     # The fallback table (used before the library is loaded) or the library itself: the same names.
-    err = cublas.CublasError("cublasSetStream_v2", 1)
-    assert str(err) == "cublasSetStream_v2 failed: CUBLAS_STATUS_NOT_INITIALIZED (1)"
-    assert str(cublas.CublasError("cublasGemmEx", 999)).endswith("(999)")  # an unknown status still shows its value
+    err = CublasError("cublasSetStream_v2", 1)
+    assert str(err).startswith("cublasSetStream_v2 failed: CUBLAS_STATUS_NOT_INITIALIZED (1). The handle was")
+    assert str(CublasError("cublasGemmEx", 999)).startswith("cublasGemmEx failed: unknown cublasStatus_t (999). ")
+    assert cublas.status_name(8) == "CUBLAS_STATUS_ARCH_MISMATCH"
+
+
+def test_cublas_errors_are_fi_ffi_errors_with_one_convention():
+    # the engine's cuBLAS/cuBLASLt calls and fi_ffi's bmm_fp8 handle (launch/cublaslt.py) raise the one class,
+    # which is in the FiFFIError tree (a caller's `except FiFFIError` sees it) and still a RuntimeError
+    import pickle
+
+    import fi_ffi
+    from fi_ffi.launch import cublaslt
+
+    assert CublasError is fi_ffi.CublasError and issubclass(CublasError, (FiFFIError, RuntimeError))
+    assert cublas.CublasError is CublasError and cublas_lt.CublasError is CublasError
+    assert cublaslt.CublasError is CublasError  # what cublasLtCreate's failure raises in the binding
+    err = CublasError("cublasLtMatmul", 3, "CUBLAS_STATUS_ALLOC_FAILED")
+    assert str(err) == (
+        "cublasLtMatmul failed: CUBLAS_STATUS_ALLOC_FAILED (3). The device is out of memory: free buffers, or ask "
+        "for smaller ones"
+    )
+    back = pickle.loads(pickle.dumps(err))  # a rank's error reaches the parent whole
+    assert (type(back), str(back), back.status, back.name) == (CublasError, str(err), 3, err.name)
+    with pytest.raises(CublasError, match=r"^cublasLtMatmulDescCreate failed: CUBLAS_STATUS_INVALID_VALUE \(7\)"):
+        cublas_lt._check("cublasLtMatmulDescCreate", 7)
+    cublas_lt._check("cublasLtMatmul", 0)  # success raises nothing
+
+
+def test_one_finder_serves_libcublas_and_libcublaslt_to_the_binding_and_the_engine():
+    from fi_ffi import loader
+    from fi_ffi.loader import libraries
+
+    with pytest.raises(ValueError, match=r"^name: expected one of cublas, cublasLt, got 'cudnn'"):
+        loader.nvidia_library("cudnn")
+    try:
+        path = loader.nvidia_library("cublasLt")
+    except LibraryLoadError as exc:  # not installed here: the error says how to install it, wherever it is asked
+        assert "pip install 'nvidia-cublas>=13,<14'" in str(exc)
+        with pytest.raises(LibraryLoadError, match=r"^kernel module 'gemm' needs libcublasLt\.so\.13 was not found"):
+            libraries.ensure_module_libraries("gemm")
+        with pytest.raises(LibraryLoadError, match=r"nvidia-cublas>=13,<14"):
+            cublas_lt.library()
+        with pytest.raises(LibraryLoadError, match=r"(?s)^cuBLAS: libcublas\.so\.13 was not found.*nvidia-cublas"):
+            cublas.library()
+        return
+    assert loader.nvidia_library("cublasLt") == path  # found once, the same copy for every caller
+    libraries.ensure_module_libraries("gemm")  # the gemm module's NEEDED copies: the same cache
+    assert libraries._nvidia_loaded["cublasLt"] == path
+    cublas_lt.library()
+    cublas.library()
+    assert cublas.library_path() == loader.nvidia_library("cublas")
 
 
 @pytest.mark.cpu_only
 def test_creating_a_handle_without_a_gpu_raises_our_error():
     _library()
-    with pytest.raises(cublas.CublasError, match=r"cublasCreate_v2 failed: CUBLAS_STATUS_\w+ \(\d+\)") as info:
+    with pytest.raises(CublasError, match=r"cublasCreate_v2 failed: CUBLAS_STATUS_\w+ \(\d+\)") as info:
         cublas.Handle()
     assert info.value.function == "cublasCreate_v2" and info.value.status != 0
 

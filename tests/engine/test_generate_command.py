@@ -1,5 +1,6 @@
-"""``fi-ffi generate`` as a new user meets it on a machine without a GPU: every bad value and the missing GPU end
-in one message and exit status 2, never a traceback, before any GPU is touched (the real CLI in a subprocess)."""
+"""``fi-engine generate`` (``python -m fi_engine generate``, which ``fi-ffi generate`` runs) as a new user meets it on
+a machine without a GPU: every bad value and the missing GPU end in one message and exit status 2, never a
+traceback, before any GPU is touched (the real CLI in a subprocess)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ NO_GPU = pytest.mark.skipif(bool(system.gpus()[0]), reason="needs a machine with
 
 def generate(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fi_ffi", "generate", *args],
+        [sys.executable, "-m", "fi_engine", "generate", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -73,7 +74,7 @@ def test_bad_values_are_usage_errors_before_the_gpu(model: Path, flag: str, valu
 def test_no_gpu_is_named_with_its_fix(model: Path) -> None:
     done = generate("--model", str(model), "--prompt-ids", "1,2,3")
     assert done.returncode == 2
-    assert done.stderr.startswith("fi-ffi generate: the Llama engine needs an NVIDIA GPU and its driver")
+    assert done.stderr.startswith("fi-engine generate: the Llama engine needs an NVIDIA GPU and its driver")
     assert "fi-ffi doctor" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -96,7 +97,7 @@ def test_a_bad_checkpoint_is_named_before_the_gpu(tmp_path: Path) -> None:
 def test_tp_checks_run_once_before_any_rank_starts(model: Path) -> None:
     done = generate("--model", str(model), "--prompt-ids", "1,2", "--tp", "2")
     assert done.returncode == 2
-    assert done.stderr.count("fi-ffi generate") == 1  # printed once: by the driver, no rank was started
+    assert done.stderr.count("fi-engine generate") == 1  # printed once: by the driver, no rank was started
     assert "--tp 2: needs 2 GPUs on this host (one per rank), found 0" in done.stderr
     done = generate("--model", str(model), "--prompt-ids", "1,2", "--tp", "3")  # 3 divides neither 16 nor 4 heads
     assert done.returncode == 2 and done.stderr.count("\n") == 1
@@ -108,4 +109,35 @@ def test_a_rank_names_itself_in_what_it_reports(model: Path) -> None:
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     done = generate("--model", str(model), "--prompt-ids", "1,2", "--tp", "2", **env)
     assert done.returncode == 2
-    assert done.stderr.startswith("fi-ffi generate [rank 1]: the Llama engine needs an NVIDIA GPU")
+    assert done.stderr.startswith("fi-engine generate [rank 1]: the Llama engine needs an NVIDIA GPU")
+
+
+def test_the_engines_command_and_its_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "fi_engine", "generate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: fi-engine generate")
+    assert "fi-engine generate --model ./m --prompt-ids 1,2,3 --tp 2" in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "fi_engine"], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
+    assert done.returncode == 2 and "the following arguments are required: COMMAND" in done.stderr
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["fi-engine"] == "fi_engine.cli:main"
+
+
+def test_tp_ranks_start_through_the_binding_launcher(capfd: pytest.CaptureFixture[str]) -> None:
+    # what `generate --tp N` does once its checks pass: N ranks of the same command, with the launcher's variables
+    from fi_engine import cli
+
+    code = "import os; print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])"
+    assert cli._launch_ranks(2, [sys.executable, "-c", code]) == 0
+    out = capfd.readouterr().out
+    assert "rank 0 of 2" in out and "rank 1 of 2" in out
+    assert cli._launch_ranks(2, [sys.executable, "-c", "raise SystemExit(3)"]) == 3

@@ -241,6 +241,11 @@ def test_linear_through_cublaslt_matches_gemm_ex(dense, accumulate):
     y += x @ w.T, for a decode row and a prefill block."""
     d, stream = dense
     assert d.lt  # cuBLASLt loads wherever cuBLAS does (libcublas links it)
+    from fi_engine import cublas
+    from fi_ffi import loader
+
+    # one copy for the process: the engine's libcublas is the one fi_ffi's loader found (the gemm module's too)
+    assert cublas.library_path() == loader.nvidia_library("cublas")
     rng = np.random.default_rng(3)
     n, k = 960, 576  # SmolLM2's fused QKV
     for rows in (1, 96):
@@ -299,9 +304,9 @@ def test_gemv_matches_float32_and_falls_back_to_cublas(dense, dtype, out32):
 
 def test_closed_dense_refuses_small_and_large_gemms():
     """close() turns the GEMV and cuBLASLt off with the handles: a GEMM of any row count afterwards raises
-    CublasError (no kernel launches on a closed Dense), ``lt = True`` cannot bring back the destroyed cuBLASLt
-    handle, and a second close() is a no-op."""
-    from fi_engine.cublas import CublasError
+    fi_ffi's CublasError (no kernel launches on a closed Dense), ``lt = True`` cannot bring back the destroyed
+    cuBLASLt handle, and a second close() is a no-op."""
+    from fi_ffi.errors import CublasError, FiFFIError
 
     stream = cp.cuda.Stream(non_blocking=True)
     d = Dense(stream)
@@ -314,8 +319,11 @@ def test_closed_dense_refuses_small_and_large_gemms():
     assert not d.lt
     with stream:
         for rows in (1, 8):  # the GEMV's rows, then cuBLAS's
-            with pytest.raises(CublasError):
+            with pytest.raises(
+                CublasError, match=r"^cublas\w+ failed: CUBLAS_STATUS_NOT_INITIALIZED \(1\)\. The handle"
+            ) as info:
                 d.linear(rows, x.data.ptr, 64, w.data.ptr, 32, 64, y.data.ptr, 32, CUDA_R_16F, CUDA_R_16F)
+            assert isinstance(info.value, FiFFIError) and info.value.status == 1
 
 
 def test_linear_is_captured_in_a_cuda_graph(dense):

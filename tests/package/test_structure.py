@@ -13,6 +13,8 @@
 - The top level of ``fi_ffi.ops`` holds only op families (modules with ``DECLARATIONS``).
 - The layout tree of ``docs/design.md`` names every top-level module and subpackage, and every module of ``launch``,
   ``ops``, ``ops.attention``, ``tensor`` and ``cuda``.
+- The engine (``fi_engine``) takes from fi_ffi only public names: ``fi_ffi.__all__`` and the ``__all__`` of
+  :data:`PUBLIC_MODULES`, in imports (function-local too) and in ``fi_ffi.x.y`` chains; fi_ffi never imports it.
 """
 
 from __future__ import annotations
@@ -421,3 +423,167 @@ def test_the_tensor_writer_check_finds_each_way_of_building_or_writing_a_tensor(
         assert any(what in f for f in found), (source, found)
     allowed = "t = Tensor(0, (1,), 'float16')\nx = t._lid\nother._lidx = 1\nobject.__new__(Plan)\nself._block = None"
     assert tensor_writes("m", ast.parse(allowed), private) == []
+
+
+# ---- the engine's boundary: fi_engine uses fi_ffi's public API only, and fi_ffi never imports fi_engine ----------
+
+ENGINE = PACKAGE.parent / "fi_engine"
+# Modules of fi_ffi whose ``__all__`` is public (besides ``fi_ffi.__all__``): what the engine, or any user, may take.
+PUBLIC_MODULES = (
+    "fi_ffi.errors",
+    "fi_ffi.dtypes",
+    "fi_ffi.loader",
+    "fi_ffi.comm",
+    "fi_ffi.cuda",
+    "fi_ffi.cdecl",
+    "fi_ffi.tensor.protocols",
+)
+
+
+def public_names() -> dict[str, set[str]]:
+    """``"fi_ffi"`` and each of :data:`PUBLIC_MODULES` → its public names (``__all__``; a module without one: its
+    names not starting with ``_``). Read by importing them, which loads no shared library."""
+    import importlib
+
+    found = {}
+    for name in ("fi_ffi", *PUBLIC_MODULES):
+        module = importlib.import_module(name)
+        found[name] = set(getattr(module, "__all__", None) or (n for n in vars(module) if not n.startswith("_")))
+    return found
+
+
+def private_uses(tree: ast.Module, public: dict[str, set[str]]) -> list[str]:
+    """Where a module's source takes from fi_ffi anything but a public name: ``import fi_ffi.x`` or ``from fi_ffi.x
+    import y`` of a module that is not public or a name not in its ``__all__``, and ``fi_ffi.x`` / ``fi_ffi.m.x``
+    attribute chains in code (through ``import fi_ffi``, under any alias) past the public names. Every import
+    counts, function-local ones too."""
+    bad: list[str] = []
+    roots: dict[str, str] = {}  # local name -> the public module it is bound to (``import fi_ffi`` -> fi_ffi)
+
+    def take(module: str, name: str, line: int) -> None:
+        if module not in public:
+            bad.append(f"{line}: {module}.{name}" if name else f"{line}: {module}")
+        elif name and name not in public[module] and f"{module}.{name}" not in public:
+            bad.append(f"{line}: {module}.{name}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "fi_ffi" or alias.name.startswith("fi_ffi."):
+                    take(alias.name, "", node.lineno)
+                    if alias.asname or alias.name == "fi_ffi":
+                        roots[alias.asname or alias.name] = alias.name
+                    else:  # ``import fi_ffi.errors`` binds ``fi_ffi``: its chains are read from the root
+                        roots["fi_ffi"] = "fi_ffi"
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "fi_ffi":
+            module = str(node.module)
+            for alias in node.names:
+                if f"{module}.{alias.name}" in public:  # a public module taken from its package
+                    roots[alias.asname or alias.name] = f"{module}.{alias.name}"
+                else:
+                    take(module, alias.name, node.lineno)
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        chain: list[str] = []
+        inner: ast.expr = node
+        while isinstance(inner, ast.Attribute):
+            chain.insert(0, inner.attr)
+            inner = inner.value
+        parent = getattr(node, "parent", None)
+        if isinstance(parent, ast.Attribute) or not isinstance(inner, ast.Name) or inner.id not in roots:
+            continue  # only the whole chain, from a name bound to fi_ffi or a public module
+        module = roots[inner.id]
+        for part in chain:
+            if f"{module}.{part}" in public:  # fi_ffi.errors: a public module, read on
+                module = f"{module}.{part}"
+                continue
+            take(module, part, node.lineno)
+            break
+    return sorted(set(bad), key=lambda text: int(text.split(":")[0]))
+
+
+def parsed(text: str) -> ast.Module:
+    """``text`` parsed, each node knowing its parent (``.parent``), so that a chain is read once, whole."""
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            child.parent = node  # type: ignore[attr-defined]
+    return tree
+
+
+def test_the_engine_takes_only_public_names_of_fi_ffi() -> None:
+    public = public_names()
+    taken = {
+        path.relative_to(ENGINE.parent).as_posix(): found
+        for path in sorted(ENGINE.rglob("*.py"))
+        if (found := private_uses(parsed(path.read_text(encoding="utf-8")), public))
+    }
+    assert len(list(ENGINE.rglob("*.py"))) > 15
+    assert taken == {}
+
+
+def test_the_engine_check_finds_private_names() -> None:  # the check above could fail
+    public = {"fi_ffi": {"Tensor", "rmsnorm"}, "fi_ffi.errors": {"FiFFIError"}, "fi_ffi.cuda": {"check"}}
+    source = """
+import fi_ffi
+import fi_ffi.launch.checks
+import fi_ffi.errors as errs
+from fi_ffi import rmsnorm, _EXPORTS
+from fi_ffi.errors import FiFFIError, _private
+from fi_ffi.cuda import check, runtime
+from fi_ffi import cuda
+def f():
+    from fi_ffi.ops.router import routing_limits
+    fi_ffi.Tensor(0, (1,), "uint8", 0)
+    fi_ffi.ops.norm.rmsnorm
+    fi_ffi.errors.FiFFIError, fi_ffi.errors.KernelError
+    errs.FiFFIError, errs.LoaderError
+    cuda.check, cuda.runtime.runtime
+"""
+    assert private_uses(parsed(source), public) == [
+        "3: fi_ffi.launch.checks",
+        "5: fi_ffi._EXPORTS",
+        "6: fi_ffi.errors._private",
+        "7: fi_ffi.cuda.runtime",
+        "10: fi_ffi.ops.router.routing_limits",
+        "12: fi_ffi.ops",
+        "13: fi_ffi.errors.KernelError",
+        "14: fi_ffi.errors.LoaderError",
+        "15: fi_ffi.cuda.runtime",
+    ]
+
+
+def engine_imports(trees: dict[str, ast.Module]) -> list[str]:
+    """``module:line`` for every import of ``fi_engine`` (or a module of it) by a module of ``trees``; a string
+    naming it (``fi_ffi.moved``'s table of old paths) is no import."""
+    found = []
+    for module, tree in trees.items():
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n == "fi_engine" or n.startswith("fi_engine.") for n in names):
+                found.append(f"{module}:{node.lineno}")
+    return found
+
+
+# ``fi-ffi generate`` still runs the engine in-process on this branch; branch h-cli makes it a forwarder to
+# ``python -m fi_engine generate`` (a subprocess, no import). At that merge: delete this set (the lead's step).
+UNTIL_GENERATE_FORWARDS = {"fi_ffi.cli"}
+
+
+def test_fi_ffi_never_imports_the_engine() -> None:
+    found = engine_imports(sources())
+    assert [site for site in found if site.split(":")[0] not in UNTIL_GENERATE_FORWARDS] == []
+
+
+def test_the_engine_import_check_finds_one() -> None:  # the check above could fail
+    trees = {
+        "fi_ffi.cli": ast.parse("def f():\n    from fi_engine.llama import LlamaEngine\n"),
+        "fi_ffi.ops.norm": ast.parse("import fi_engine\n"),
+        "fi_ffi.moved": ast.parse('OLD = {"fi_ffi.models": "fi_engine"}\n'),
+    }
+    assert engine_imports(trees) == ["fi_ffi.cli:2", "fi_ffi.ops.norm:1"]

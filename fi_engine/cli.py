@@ -1,0 +1,278 @@
+"""``fi-engine``: the engine's command line (``python -m fi_engine``).
+
+- ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph] [--tp N]``: serve
+  token-id prompts with a local checkpoint (needs CuPy and a GPU); prints the tokens, tokens/s and host time per
+  decode step. Every value is checked before the GPU is touched: a bad one is a usage error (exit 2).
+
+``fi-ffi generate ARGS`` (the binding's command, where this subcommand lived) runs ``python -m fi_engine generate
+ARGS``. With ``--tp N`` this command starts its ranks through ``fi-ffi launch`` (the binding's launcher, a
+subprocess), each rank running this same command. Exit status: 0 success, 2 a usage, checkpoint or fi_ffi error,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from fi_ffi.errors import FiFFIError
+
+__all__ = ["build_parser", "main"]
+
+PROG = "fi-engine"
+
+
+def _int_at_least(text: str, lowest: int, what: str) -> int:
+    """``text`` as an int >= ``lowest`` for argparse; ``what`` describes it in the error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def _count(text: str) -> int:
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _seed(text: str) -> int:
+    value = _count(text)
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: greedy), got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0: greedy), got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text}")
+    return value
+
+
+def _ordinal(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a CUDA device ordinal (0, 1, ...), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a CUDA device ordinal (0, 1, ...), got {value}")
+    return value
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids (e.g. 1,2,3), got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
+def _eos_ids(text: str) -> list[int]:
+    return [] if text == "none" else _token_ids(text)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Serve ``args.prompt_ids`` with the checkpoint at ``args.model``; print the tokens and the timings."""
+    from .deepseek_config import is_deepseek
+    from .engines import engine_class
+    from .llama import SamplingParams
+
+    rank = os.environ.get("RANK")
+    # Under --tp every rank runs this command: what is the same on every rank (the checkpoint's config, whether
+    # --tp divides it, whether there are GPUs enough) is checked once by the driver before any rank starts, and a
+    # rank prefixes what it reports with its number (its own GPU or communicator may differ from the others').
+    where = f"{PROG} generate" if args.tp == 1 or rank is None else f"{PROG} generate [rank {rank}]"
+    try:
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+        if is_deepseek(args.model) and args.tp > 1:  # model_type deepseek_v2 / deepseek_v3 (the engine refuses too)
+            raise ValueError(f"--tp {args.tp}: DeepSeek checkpoints run on one GPU here; leave out --tp")
+        if args.tp > 1 and rank is None:  # the driver: start the ranks, each runs this same command
+            if args.device is not None:
+                raise ValueError("--device: each rank of --tp uses GPU LOCAL_RANK; leave --device out")
+            _check_tp(args.model, args.tp)
+            return _launch_ranks(args.tp, [sys.executable, "-m", "fi_engine", *args.argv])
+        engine_type = engine_class(args.model)  # LlamaEngine, Gemma2Engine, GptOssEngine or DeepSeekEngine
+        with engine_type(
+            args.model,
+            max_batch=args.max_batch or len(args.prompt_ids),
+            cuda_graph=args.graph,
+            device=args.device,
+            tensor_parallel=args.tp,
+        ) as engine:
+            result = engine.generate(
+                args.prompt_ids, args.max_new_tokens, eos_token_ids=args.eos_ids, sampling=sampling
+            )
+    except (ValueError, TypeError, ImportError, FiFFIError) as exc:  # a bad checkpoint or argument; no GPU; no CuPy
+        print(f"{where}: {exc}", file=sys.stderr)
+        return 2
+    if engine.rank != 0:  # with --tp, only rank 0 prints
+        return 0
+    for i, (tokens, why) in enumerate(zip(result.tokens, result.finish_reasons, strict=True)):
+        print(f"[{i}] {','.join(map(str, tokens))}  ({why})")
+    mode = "CUDA graph" if args.graph else "eager"
+    print(
+        f"prefill: {result.prefill_s * 1e3:.1f} ms; decode ({mode}): {result.decode_steps} steps, "
+        f"{result.decode_tokens} tokens, {result.tokens_per_s:.1f} tokens/s, host time per step "
+        f"{result.host_us_per_step:.1f} us (median)"
+    )
+    return 0
+
+
+def _check_tp(model: str, tp: int) -> None:
+    """What every rank of ``generate --tp`` would find the same, checked once before they start: the checkpoint's
+    config, that ``tp`` divides it, and that this host has ``tp`` GPUs."""
+    from fi_ffi.cuda import gpus
+    from fi_ffi.errors import UnsupportedDeviceError
+
+    from .config import LlamaConfig
+    from .tensor_parallel import shard_config
+
+    shard_config(LlamaConfig.from_dir(model), tp)  # every LlamaConfig model type (Gemma 2 and gpt-oss too)
+    found, why = gpus()
+    if len(found) < tp:
+        raise UnsupportedDeviceError(
+            f"--tp {tp}: needs {tp} GPUs on this host (one per rank), found {len(found)}"
+            f"{f' ({why})' if why else ''}; use --tp {max(len(found), 1)} or a machine with more GPUs"
+        )
+
+
+def _launch_ranks(nproc: int, command: list[str]) -> int:
+    """Run ``command`` as ``nproc`` ranks on this host through the binding's launcher (``fi-ffi launch``: the
+    variables torchrun sets, NVLink multicast off, the others stopped when one fails); its exit status."""
+    import subprocess
+
+    launcher = [sys.executable, "-m", "fi_ffi", "launch", "--nproc", str(nproc), "--master-addr", "127.0.0.1"]
+    return subprocess.call([*launcher, "--", *command])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fi-engine`` argument parser (one subcommand, ``generate``)."""
+    common = argparse.ArgumentParser(add_help=False)  # -q/-v before or after the subcommand
+    common.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or progress lines"
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="log what fi_ffi's loader does to stderr (-vv: debug detail)",
+    )
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="The fi_engine serving engine: FlashInfer kernels through fi_ffi, without torch.",
+        epilog="Run `fi-engine COMMAND --help` for a command's options and examples. Exit status: 0 success, 2 a "
+        "usage, checkpoint or fi_ffi error.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "generate",
+        help="serve token-id prompts with a local checkpoint (needs CuPy and a GPU)",
+        description=textwrap.fill(
+            "Load a Hugging Face checkpoint (Llama, Qwen3, Mixtral, Qwen3-MoE, Gemma 2, gpt-oss, DeepSeek; "
+            "f16/bf16) onto the GPU and generate from token-id prompts; prints the tokens, tokens/s and host time "
+            "per decode step. Needs CuPy (python -m pip install cupy-cuda13x). Every value is checked before the "
+            "GPU is touched.",
+            100,
+        ),
+        epilog="examples:\n"
+        + "\n".join(
+            f"  {line}"
+            for line in (
+                "fi-engine generate --model ./SmolLM2-135M --prompt-ids 1,2,3 --max-new-tokens 16",
+                "fi-engine generate --model ./m --prompt-ids 1,2 --prompt-ids 4,5 --temperature 0.7 --top-p 0.9 "
+                "--graph",
+                "fi-engine generate --model ./m --prompt-ids 1,2,3 --tp 2",
+            )
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory: config.json + *.safetensors (f16/bf16)")
+    p.add_argument(
+        "--prompt-ids",
+        type=_token_ids,
+        action="append",
+        required=True,
+        help="one prompt as comma-separated token ids (repeat for a batch)",
+    )
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate per prompt (>= 1)")
+    p.add_argument("--graph", action="store_true", help="replay the decode step as a CUDA graph")
+    p.add_argument("--max-batch", type=_positive_int, default=None, help="batch slots (default: the number of prompts)")
+    p.add_argument(
+        "--eos-ids", type=_eos_ids, help="comma-separated end-of-sequence ids, or 'none' (default: the checkpoint's)"
+    )
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="a finite value >= 0; 0 (default): greedy")
+    p.add_argument("--top-k", type=_count, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="sample within this probability mass, in (0, 1]")
+    p.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**64)")
+    p.add_argument("--device", type=_ordinal, default=None, help="CUDA ordinal (default 0)")
+    p.add_argument(
+        "--tp", type=_positive_int, default=1, help="tensor-parallel ranks on this host (one GPU each; default 1)"
+    )
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    command = PROG
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, usage errors: argparse printed and asked to exit
+            sys.stdout.flush()
+            return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
+        command = f"{PROG} {args.command}"
+        _apply_verbosity(getattr(args, "quiet", False), getattr(args, "verbose", 0))
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what `generate --tp N` restarts as its ranks
+        status = int(args.func(args))
+        sys.stdout.flush()
+        return status
+    except FiFFIError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _apply_verbosity(quiet: bool, verbose: int) -> None:
+    """``-q``: no progress bars or ``fi_ffi:`` progress lines (``FI_FFI_QUIET=1`` for this process and the ranks
+    it starts); ``-v``/``-vv``: fi_ffi's loader log at INFO/DEBUG on stderr."""
+    import logging
+
+    if quiet:
+        os.environ["FI_FFI_QUIET"] = "1"
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fi_ffi: %(message)s"))
+        logger = logging.getLogger("fi_ffi")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
