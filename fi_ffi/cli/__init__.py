@@ -14,8 +14,8 @@
   references that nothing provides).
 - ``smoke [--device N]`` (:mod:`.smoke_command`; the checks: :mod:`.smoke`): run each op once on the GPU against
   a reference; without a GPU, say so, print the doctor summary and exit 1.
-- ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph] [--tp N]``
-  (:mod:`.generate`): serve token-id prompts with a local checkpoint on :mod:`fi_engine`.
+- ``generate ...`` (:mod:`.generate`): the old spelling of ``fi-engine generate`` (the engine's own command), run
+  in a child process with the same arguments after a deprecation line on stderr; exits with its status.
 - ``launch --nproc N [--master-addr A] [--master-port P] -- cmd ...`` (:mod:`.launch`): start N ranks of ``cmd``
   on this host with the torchrun variables and NVLink multicast off (:mod:`fi_ffi.comm.launch`); exits with the
   worst rank's status.

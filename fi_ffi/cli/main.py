@@ -59,7 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK if exc.code is None else exc.code if isinstance(exc.code, int) else EXIT_USAGE
         command = f"fi-ffi {args.command}"
         apply_verbosity(getattr(args, "quiet", False), getattr(args, "verbose", 0))
-        args.argv = list(sys.argv[1:] if argv is None else argv)  # what `generate --tp N` restarts as its ranks
         status = int(args.func(args))
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
         return status
