@@ -19,8 +19,8 @@ from .output import EXIT_USAGE
 ENGINE_MODULE = "fi_engine"
 NOTICE = "fi-ffi generate is deprecated: run `fi-engine generate` (python -m fi_engine generate), the same options"
 NOT_INSTALLED = (
-    "fi-ffi generate: the engine (fi_engine) is not installed; install it with `pip install 'fi-ffi[engine]'`, "
-    "then run `fi-engine generate`"
+    "fi-ffi generate: the engine (fi_engine) is not installed; install it with `python -m pip install '.[engine]'` "
+    "in the fi_ffi checkout, then run `fi-engine generate`"
 )
 
 
