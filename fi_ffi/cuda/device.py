@@ -6,22 +6,43 @@ such kernels make the tensors' device current for the call with :func:`make_curr
 back with :func:`restore`.
 
 ``cuda.bindings.runtime`` is imported on first use (it takes a few hundred milliseconds), never at import of
-fi_ffi. Compute capability and SM count are cached per device ordinal: they cannot change while the process
-lives. Results go through :func:`fi_ffi.cuda.runtime.check`. Where the failure means there is no usable GPU at all
-(no driver, no device, cuda-bindings missing: :func:`fi_ffi.cuda.runtime.no_device`) the query raises
-:class:`~fi_ffi.errors.UnsupportedDeviceError` (what ops refuse devices with; its ``__cause__`` is the
-:class:`~fi_ffi.errors.CudaError` with the code); any other failure (a bad ordinal, say) is that ``CudaError``.
+fi_ffi. A device's :class:`DeviceProperties` (compute capability, SM count, resident blocks per SM) are read once
+per ordinal, together, into the one cache every op asks (registered in :mod:`fi_ffi.caches`): they cannot change
+while the process lives. Results go through :func:`fi_ffi.cuda.runtime.check`. Where the failure means there is
+no usable GPU at all (no driver, no device, cuda-bindings missing: :func:`fi_ffi.cuda.runtime.no_device`) the
+query raises :class:`~fi_ffi.errors.UnsupportedDeviceError` (what ops refuse devices with; its ``__cause__`` is
+the :class:`~fi_ffi.errors.CudaError` with the code); any other failure (a bad ordinal, say) is that
+``CudaError``; :func:`known_properties` answers None instead, for choices that have an answer without a GPU.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+from .. import caches
 from ..errors import CudaError, UnsupportedDeviceError
 from . import runtime as cuda_runtime
 
-_capability: dict[int, tuple[int, int]] = {}
-_sm_count: dict[int, int] = {}
+
+class DeviceProperties(NamedTuple):
+    """What fi_ffi reads of a CUDA device, once: ``compute_capability`` ``(major, minor)`` (``(9, 0)`` for
+    H100/H200), ``sm_count`` streaming multiprocessors, ``max_blocks_per_sm`` resident thread blocks per SM."""
+
+    compute_capability: tuple[int, int]
+    sm_count: int
+    max_blocks_per_sm: int
+
+    @property
+    def max_resident_blocks(self) -> int:
+        """``sm_count * max_blocks_per_sm``: an upper bound on the thread blocks of any grid resident at once."""
+        return self.sm_count * self.max_blocks_per_sm
+
+
+# Ordinal -> its properties; None: they could not be read (no driver, no device, no cuda-bindings), which
+# :func:`known_properties` remembers and :func:`properties` asks again, to raise the reason.
+_properties: dict[int, DeviceProperties | None] = {}
+caches.register("CUDA device properties (per ordinal)", _properties.clear)
+_UNREAD: Any = object()  # an ordinal not asked yet (None: asked, unreadable)
 
 
 def _no_device(exc: CudaError, what: str) -> UnsupportedDeviceError:
@@ -96,24 +117,63 @@ def _attribute(device_id: int, name: str) -> int:
     )
 
 
-def compute_capability(device_id: int) -> tuple[int, int]:
-    """``(major, minor)`` of CUDA device ``device_id``, e.g. ``(9, 0)`` for H100/H200; cached per device."""
+def _read(device_id: int) -> DeviceProperties:
+    """Read ``device_id``'s properties from the runtime and cache them (``device_id`` already checked)."""
+    found = _properties[device_id] = DeviceProperties(
+        (_attribute(device_id, "ComputeCapabilityMajor"), _attribute(device_id, "ComputeCapabilityMinor")),
+        _attribute(device_id, "MultiProcessorCount"),
+        _attribute(device_id, "MaxBlocksPerMultiprocessor"),
+    )
+    return found
+
+
+def properties(device_id: int) -> DeviceProperties:
+    """The :class:`DeviceProperties` of CUDA device ``device_id``, read on first use; UnsupportedDeviceError where
+    there is no usable GPU, CudaError for an ordinal the runtime refuses."""
     device_id = _ordinal(device_id)
-    cc = _capability.get(device_id)
-    if cc is None:
-        major = _attribute(device_id, "ComputeCapabilityMajor")
-        minor = _attribute(device_id, "ComputeCapabilityMinor")
-        cc = _capability[device_id] = (major, minor)
-    return cc
+    found = _properties.get(device_id)
+    return _read(device_id) if found is None else found
+
+
+def known_properties(device_id: int) -> DeviceProperties | None:
+    """:func:`properties`, or None where they cannot be read (no driver, no device, no cuda-bindings, an ordinal
+    the runtime refuses): for choices that have an answer without a GPU. The None is remembered too."""
+    found = _properties.get(device_id, _UNREAD)
+    if found is not _UNREAD:
+        return found
+    try:
+        device_id = _ordinal(device_id)
+    except (TypeError, ValueError):  # not an ordinal: nothing to remember it under
+        return None
+    try:
+        return _read(device_id)
+    except (CudaError, UnsupportedDeviceError):  # UnsupportedDeviceError is no CudaError: both are "unknown"
+        _properties[device_id] = None
+        return None
+
+
+def compute_capability(device_id: int) -> tuple[int, int]:
+    """``(major, minor)`` of CUDA device ``device_id``, e.g. ``(9, 0)`` for H100/H200; read once per device."""
+    device_id = _ordinal(device_id)
+    found = _properties.get(device_id)
+    return (_read(device_id) if found is None else found).compute_capability
 
 
 def sm_count(device_id: int) -> int:
-    """Number of streaming multiprocessors of CUDA device ``device_id``; cached per device."""
+    """Number of streaming multiprocessors of CUDA device ``device_id``; read once per device."""
     device_id = _ordinal(device_id)
-    n = _sm_count.get(device_id)
-    if n is None:
-        n = _sm_count[device_id] = _attribute(device_id, "MultiProcessorCount")
-    return n
+    found = _properties.get(device_id)
+    return (_read(device_id) if found is None else found).sm_count
 
 
-__all__ = ["compute_capability", "current_device", "make_current", "restore", "set_device", "sm_count"]
+__all__ = [
+    "DeviceProperties",
+    "compute_capability",
+    "current_device",
+    "known_properties",
+    "make_current",
+    "properties",
+    "restore",
+    "set_device",
+    "sm_count",
+]

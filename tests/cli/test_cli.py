@@ -133,10 +133,10 @@ def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
 
 
 def test_list_kinds_are_the_variant_kinds() -> None:
-    from fi_ffi import cli
+    from fi_ffi.cli import listing
     from fi_ffi.ops.attention import variants
 
-    assert (*variants.ALL_KINDS, "prefill", "decode", "mla") == cli.LIST_KINDS
+    assert (*variants.ALL_KINDS, "prefill", "decode", "mla") == listing.LIST_KINDS
 
 
 def test_list_takes_the_dtype_spellings_its_help_names(kernel_modules: list[str]) -> None:
@@ -300,7 +300,7 @@ def test_doctor_says_which_file_each_lock_section_came_from(shared_wheel_lock: P
 
 
 def test_gpu_coverage_by_the_wheels_gpu_archs(shared_wheel: Path) -> None:
-    from fi_ffi import cli
+    from fi_ffi.cli import doctor
     from fi_ffi.cuda.system import GPU
     from fi_ffi.loader import lockfile
 
@@ -311,8 +311,8 @@ def test_gpu_coverage_by_the_wheels_gpu_archs(shared_wheel: Path) -> None:
         GPU(3, "B300", (10, 3), 0),
     ]
     labelled = lockfile.lock_entry(shared_wheel)  # ...+cu130.sm90a...: sm taken from the file name
-    assert cli.wheel_sm(labelled) == ("90a",)
-    rows = cli.gpu_coverage(gpus, [labelled])
+    assert doctor.wheel_sm(labelled) == ("90a",)
+    rows = doctor.gpu_coverage(gpus, [labelled])
     assert [r["covered"] for r in rows] == [True, False, False, False]
     assert rows[0]["wheels"] == [shared_wheel.name] and rows[0]["capability"] == "9.0"
     assert "NOT covered" in rows[1]["detail"] and "sm 90a only" in rows[1]["detail"] and "sm 80" in rows[1]["detail"]
@@ -321,9 +321,9 @@ def test_gpu_coverage_by_the_wheels_gpu_archs(shared_wheel: Path) -> None:
         return lockfile.WheelPin("kernel", name, "0" * 64, "x86_64", Path("x.lock"), cuda="13.0", sm=sm)
 
     family = [pin("k-1+cu130-cp39-abi3-linux_x86_64.whl", ("80", "100f"))]
-    assert [r["covered"] for r in cli.gpu_coverage(gpus, family)] == [False, True, True, True]
+    assert [r["covered"] for r in doctor.gpu_coverage(gpus, family)] == [False, True, True, True]
     upstream = [pin("flashinfer_jit_cache-0.6.3+cu130-cp39-abi3-manylinux_2_28_x86_64.whl")]
-    rows = cli.gpu_coverage(gpus, upstream)
+    rows = doctor.gpu_coverage(gpus, upstream)
     assert [r["covered"] for r in rows] == [None] * 4 and "names no GPU archs" in rows[0]["detail"]
 
 

@@ -174,7 +174,7 @@ def test_other_architectures_are_refused_before_the_kernel(
     monkeypatch: pytest.MonkeyPatch, cc: tuple[int, int]
 ) -> None:
     # Pretend cuda:0 is a GPU of another architecture (the cached answer of the capability query).
-    monkeypatch.setitem(device._capability, 0, cc)
+    monkeypatch.setitem(device._properties, 0, device.DeviceProperties(cc, 132, 32))
     with pytest.raises(UnsupportedDeviceError, match=rf"SM90 .*cuda:0 has compute capability {cc[0]}\.{cc[1]}"):
         gdn.gdn_prefill(**gdn_args())
 
@@ -183,8 +183,7 @@ def test_on_sm90_the_workspace_size_is_checked_then_the_device_is_made_current(
     monkeypatch: pytest.MonkeyPatch, kernel_modules: object
 ) -> None:
     # Pretend cuda:0 is an H100 (cached answers); making it current then fails for want of a driver.
-    monkeypatch.setitem(device._capability, 0, (9, 0))
-    monkeypatch.setitem(device._sm_count, 0, 132)
+    monkeypatch.setitem(device._properties, 0, device.DeviceProperties((9, 0), 132, 32))
     assert gdn.gdn_workspace_size(0) == 132 * 128
     with pytest.raises(ValueError, match=r"workspace: expected at least 16896 bytes .*got 16895"):
         gdn.gdn_prefill(**gdn_args(workspace=fake_cuda((132 * 128 - 1,), "uint8")))

@@ -331,7 +331,7 @@ def test_a_second_device_is_refused_by_name_before_the_launch() -> None:
 def test_a_non_sm90_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     # The same check that guards real non-Hopper GPUs, fed a cached capability of 8.0. The launcher remembers
     # validated layouts (the device is part of them), so this uses a layout no other test runs.
-    monkeypatch.setitem(device._capability, 0, (8, 0))
+    monkeypatch.setitem(device._properties, 0, device.properties(0)._replace(compute_capability=(8, 0)))
     p = make_problem([3, 1], 6, 3, 3, input_state=False)
     out, state = p.outputs()
     with pytest.raises(UnsupportedDeviceError, match=r"cuda:0 has compute capability 8\.0"):

@@ -570,14 +570,9 @@ def engine_imports(trees: dict[str, ast.Module]) -> list[str]:
     return found
 
 
-# ``fi-ffi generate`` still runs the engine in-process on this branch; branch h-cli makes it a forwarder to
-# ``python -m fi_engine generate`` (a subprocess, no import). At that merge: delete this set (the lead's step).
-UNTIL_GENERATE_FORWARDS = {"fi_ffi.cli"}
-
-
 def test_fi_ffi_never_imports_the_engine() -> None:
-    found = engine_imports(sources())
-    assert [site for site in found if site.split(":")[0] not in UNTIL_GENERATE_FORWARDS] == []
+    # `fi-ffi generate` forwards to `python -m fi_engine generate` in a subprocess: no import
+    assert engine_imports(sources()) == []
 
 
 def test_the_engine_import_check_finds_one() -> None:  # the check above could fail

@@ -28,7 +28,7 @@ from typing import Any
 
 from ... import dtypes as _dt
 from ...dtypes import DType
-from ...errors import CudaError, KernelNotFoundError
+from ...errors import KernelNotFoundError
 from ...launch.registry import op
 
 SINGLE_PREFILL = "single_prefill"
@@ -569,22 +569,13 @@ def list_variants(kind: str | None = None, dtype: Any = None, head_dim: int | No
 
 # ------------------------------------------------------------------------------------------ backend choice
 
-_sm_major: dict[int, int | None] = {}
-
 
 def sm_major(device_id: int) -> int | None:
     """The compute capability major of CUDA device ``device_id``, or None if it cannot be read (no GPU)."""
-    if device_id not in _sm_major:
-        from ...cuda import runtime as cuda_runtime
+    from ...cuda import device
 
-        try:
-            rt = cuda_runtime.runtime()
-            attr = rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor
-            major = cuda_runtime.check(rt.cudaDeviceGetAttribute(attr, device_id), "cudaDeviceGetAttribute")
-            _sm_major[device_id] = int(major)
-        except (CudaError, OverflowError):  # no driver, no device, no cuda-bindings, no such ordinal: unknown
-            _sm_major[device_id] = None
-    return _sm_major[device_id]
+    found = device.known_properties(device_id)  # read once per device, in fi_ffi.cuda.device
+    return None if found is None else found.compute_capability[0]
 
 
 def fa3_ineligible(pos_encoding: int, use_fp16_qk_reduction: bool, custom_mask: bool) -> str:

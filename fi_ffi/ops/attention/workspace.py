@@ -39,13 +39,13 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from ...cuda import device as cuda_device
 from ...cuda import driver
 from ...cuda import runtime as cuda_runtime
 from ...cuda.runtime import DeviceScope
 from ...cuda.runtime import check as _check  # CUDA runtime results: values, or the one CudaError
 from ...cuda.runtime import runtime as _rt  # cuda.bindings.runtime, imported on first use
 from ...dtypes import Device
-from ...errors import CudaError
 from ...launch import checks
 from ...launch.aliasing import disjoint
 from ...launch.registry import op
@@ -389,23 +389,6 @@ def current_stream(device: Device) -> int:
     return current(device.device_id)
 
 
-_max_blocks: dict[int, int | None] = {}
-
-
-def _device_max_resident_blocks(device_id: int) -> int | None:
-    """SM count x max resident blocks per SM of ``device_id`` (an upper bound on any grid's resident CTAs)."""
-    if device_id not in _max_blocks:
-        try:
-            rt = _rt()
-            a = rt.cudaDeviceAttr
-            sms = _check(rt.cudaDeviceGetAttribute(a.cudaDevAttrMultiProcessorCount, device_id), "SM count")
-            per_sm = _check(rt.cudaDeviceGetAttribute(a.cudaDevAttrMaxBlocksPerMultiprocessor, device_id), "blocks/SM")
-            _max_blocks[device_id] = int(sms) * int(per_sm)
-        except (CudaError, OverflowError):  # no driver / no device / no cuda-bindings: unknown
-            _max_blocks[device_id] = None
-    return _max_blocks[device_id]
-
-
 def tmp_bytes_needed(
     device_id: int,
     kv_len: int,
@@ -423,9 +406,10 @@ def tmp_bytes_needed(
     ``chunks * qo_len * num_qo_heads * (head_dim_vo * sizeof(o) + 4)`` bytes of ``tmp``. None: unknown (no
     device to ask).
     """
-    blocks = _device_max_resident_blocks(device_id)
-    if blocks is None:
+    found = cuda_device.known_properties(device_id)  # read once per device, in fi_ffi.cuda.device
+    if found is None:
         return None
+    blocks = found.max_resident_blocks
     if kv_len <= 256:
         return 0
     chunks = -(-kv_len // 256)

@@ -20,6 +20,7 @@ from helpers.mla_plans import CKV, KPE, H, fake_plan, workspace
 
 import fi_ffi
 from fi_ffi.abi import wire
+from fi_ffi.cuda import device
 from fi_ffi.errors import CudaError, KernelError, KernelNotFoundError, LoaderError, UnsupportedDeviceError
 from fi_ffi.launch.kernels import entry_point
 from fi_ffi.launch.launcher import bound_entry
@@ -129,11 +130,11 @@ def test_auto_backend_is_fa2_without_a_hopper_and_fa3_on_one(monkeypatch):
     ws = workspace()
     assert mla._settings(ws, H, CKV, KPE, 16, False, 0.1, "float16", None, "auto").backend == "fa2"  # no GPU here
     mla._settings_cache.clear()
-    monkeypatch.setitem(V._sm_major, 0, 9)
+    monkeypatch.setitem(device._properties, 0, device.DeviceProperties((9, 0), 132, 32))
     st = mla._settings(ws, H, CKV, KPE, 16, False, 0.1, "float16", None, "auto")
     assert st.backend == "fa3" and st.uri == MLA_F16 + "_sm90"
     mla._settings_cache.clear()
-    monkeypatch.setitem(V._sm_major, 0, 8)
+    monkeypatch.setitem(device._properties, 0, device.DeviceProperties((8, 0), 108, 32))
     assert mla._settings(ws, H, CKV, KPE, 16, False, 0.1, "float16", None, "auto").uri == MLA_F16
     with pytest.raises(UnsupportedDeviceError, match=r"backend 'fa3' needs an SM 9.x GPU.*SM 8.x"):
         mla._settings(ws, H, CKV, KPE, 16, False, 0.1, "float16", None, "fa3")

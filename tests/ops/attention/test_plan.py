@@ -355,9 +355,10 @@ def test_workspace_allocate_without_a_gpu_is_a_clear_error():
 
 
 def test_tmp_bound_is_safe_for_the_launchers_heuristics(monkeypatch):
+    from fi_ffi.cuda import device
     from fi_ffi.ops.attention import workspace as W
 
-    monkeypatch.setitem(W._max_blocks, 0, 132 * 32)
+    monkeypatch.setitem(device._properties, 0, device.DeviceProperties((9, 0), 132, 32))  # 132 * 32 resident blocks
     assert W.tmp_bytes_needed(0, 256, 1, 32, 8, 128, 2, prefill=False) == 0  # no split at <= 256 tokens
     # decode: min(ceil(4096 / 256), 4224 // 8) = 16 chunks of 32 rows * (128 * 2 + 4) bytes
     assert W.tmp_bytes_needed(0, 4096, 1, 32, 8, 128, 2, prefill=False) == 16 * 32 * 260
@@ -371,7 +372,7 @@ def test_tmp_bound_is_safe_for_the_launchers_heuristics(monkeypatch):
         for hk in (1, 8, 32)
     )
     assert 0 < worst <= W.TMP_BYTES
-    monkeypatch.setitem(W._max_blocks, 1, None)
+    monkeypatch.setitem(device._properties, 1, None)
     assert W.tmp_bytes_needed(1, 4096, 1, 32, 8, 128, 2, prefill=False) is None
 
 

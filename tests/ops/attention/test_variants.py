@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fi_ffi import dtypes
+from fi_ffi.cuda import device
 from fi_ffi.errors import KernelNotFoundError, UnsupportedDeviceError
 from fi_ffi.ops.attention import variants as V
 from fi_ffi.ops.attention.variants import Variant
@@ -288,10 +289,10 @@ def test_closest_is_same_kind_only(kernel_modules):
 
 def test_backend_choice(kernel_modules, monkeypatch):
     base = Variant("batch_prefill", F16, F16, F16, 128, 128, dtypes.int32)
-    monkeypatch.setitem(V._sm_major, 0, None)  # unknown device (CPU machine): auto never picks FA3
+    monkeypatch.setitem(device._properties, 0, None)  # unknown device (CPU machine): auto never picks FA3
     assert V.choose_prefill(base, "auto", 0).backend == "fa2"
     assert V.choose_prefill(base, "fa3", 0).backend == "fa3"  # forced: the module call reports the device
-    monkeypatch.setitem(V._sm_major, 0, 9)
+    monkeypatch.setitem(device._properties, 0, device.DeviceProperties((9, 0), 132, 32))
     assert V.choose_prefill(base, "auto", 0).backend == "fa3"
     assert V.choose_prefill(base, "auto", 0, custom_mask=True).backend == "fa2"
     assert V.choose_prefill(base, "fa2", 0).backend == "fa2"
@@ -301,7 +302,7 @@ def test_backend_choice(kernel_modules, monkeypatch):
     assert V.choose_prefill(hd64, "auto", 0).backend == "fa2"  # no hd-64 FA3 in the wheel: FA2, not an error
     with pytest.raises(KernelNotFoundError, match="_sm90"):
         V.choose_prefill(hd64, "fa3", 0)
-    monkeypatch.setitem(V._sm_major, 0, 8)
+    monkeypatch.setitem(device._properties, 0, device.DeviceProperties((8, 0), 108, 32))
     assert V.choose_prefill(base, "auto", 0).backend == "fa2"
     with pytest.raises(UnsupportedDeviceError, match="SM 9"):
         V.choose_prefill(base, "fa3", 0)

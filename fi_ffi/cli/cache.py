@@ -1,0 +1,121 @@
+"""``fi-ffi cache {path,list,verify [--full],clear} [--json]``: inspect and repair the cache.
+
+``verify`` removes damaged files of fi_ffi's and reports others (exit 1 if any is bad); ``clear`` removes what
+fi_ffi created (exit 1 if some of it could not be removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .arguments import Commands
+from .output import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, emit, size_text
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import loader
+
+    if args.action == "path":
+        emit(args, {"path": str(loader.cache_root())}, lambda: print(loader.cache_root()))
+    elif args.action == "list":
+        entries = loader.list_cache()
+        rows = [{"kind": e.kind, "path": str(e.path), "size": e.size, "detail": e.detail} for e in entries]
+
+        def table() -> None:
+            if not entries:
+                print(f"the cache {loader.cache_root()} is empty")
+                return
+            print(f"{'KIND':9s} {'SIZE':>10s}  PATH  DETAIL")
+            for entry in entries:
+                print(f"{entry.kind:9s} {size_text(entry.size):>10s}  {entry.path}  {entry.detail}")
+
+        emit(args, rows, table)
+    elif args.action == "verify":
+        try:
+            report = loader.verify_cache(full=args.full)
+        except OSError as exc:  # verify reports what it finds; this is the cache root itself failing
+            print(f"fi-ffi cache verify: cannot read the cache {loader.cache_root()}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        kept = dict(report.kept)
+        if args.json:
+            emit(
+                args,
+                {
+                    "checked": report.checked,
+                    "bad": [{"path": str(p), "problem": why, "removed": p not in kept} for p, why in report.bad],
+                    "kept": [{"path": str(p), "why": why} for p, why in report.kept],
+                    "removed_tmp": report.removed_tmp,
+                    "read_only": report.read_only,
+                },
+                lambda: None,
+            )
+            return EXIT_OK if report.ok else EXIT_CHECK_FAILED
+        for path, problem in report.bad:
+            print(f"{'kept' if path in kept else 'removed'} {path}: {problem}")
+        for path, why in report.kept:
+            print(f"  left in place: {path}: {why}")
+        left = sum(path in kept for path, _ in report.bad)
+        if report.read_only:
+            action = "found, nothing changed: the cache is read-only"
+        elif left:
+            action = f"{len(report.bad) - left} removed (fetched or extracted again on next use), {left} left in place"
+        else:
+            action = "removed; fetched or extracted again on next use"
+        print(
+            f"checked {report.checked} files, {len(report.bad)} bad ({action}), {report.removed_tmp} "
+            f"temporary files of dead processes removed"
+        )
+        return EXIT_OK if report.ok else EXIT_CHECK_FAILED
+    elif args.action == "clear":
+        cleared = loader.clear_cache()
+        if args.json:
+            emit(
+                args,
+                {
+                    "removed": [{"path": str(p), "size": n} for p, n in cleared.removed],
+                    "kept": [{"path": str(p), "why": why} for p, why in cleared.kept],
+                    "failed": [{"path": str(p), "why": why} for p, why in cleared.failed],
+                    "freed": cleared.freed,
+                },
+                lambda: None,
+            )
+            return EXIT_CHECK_FAILED if cleared.failed else EXIT_OK
+        for path, size in cleared.removed:
+            print(f"removed {path} ({size / 2**20:.1f} MiB)")
+        for path, why in cleared.kept:
+            print(f"kept    {path}: {why}")
+        if cleared.removed:
+            summary = (
+                f"freed {cleared.freed / 2**20:.1f} MiB in {loader.cache_root()}; removed {len(cleared.removed)} "
+                f"entries fi_ffi created"
+            )
+        else:
+            summary = f"nothing removed from {loader.cache_root()}"
+        print(f"{summary}, kept {len(cleared.kept)}")
+        if cleared.failed:
+            print(
+                f"fi-ffi cache clear: could not remove {len(cleared.failed)} of fi_ffi's files (listed above as "
+                f"'could not remove it'); is the cache read-only, or another user's?",
+                file=sys.stderr,
+            )
+            return EXIT_CHECK_FAILED
+    return EXIT_OK
+
+
+def register(commands: Commands) -> None:
+    p = commands.add(
+        "cache",
+        "path, list, verify or clear the cache",
+        "path: print the cache folder. list: what it holds. verify: check every file (--full: re-hash all, and "
+        "the wheels the lock pins outside the cache); damaged files of fi_ffi's are removed, others reported; exit "
+        "1 if any is bad. clear: remove what fi_ffi created; exit 1 if some of it could not be removed.",
+        "fi-ffi cache path\nfi-ffi cache list --json\nfi-ffi cache verify --full\nfi-ffi cache clear",
+    )
+    p.add_argument("action", choices=["path", "list", "verify", "clear"], help="what to do")
+    p.add_argument("--full", action="store_true", help="verify: re-hash every file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+__all__ = ["register", "run"]
