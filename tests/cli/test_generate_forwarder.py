@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import subprocess_env
+from helpers.env import subprocess_env
 
 from fi_ffi.cli import generate, main
 

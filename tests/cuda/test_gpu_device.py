@@ -10,11 +10,13 @@ import pytest
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
-import torch  # only on the GPU machine
+from helpers.gpu import require_torch
 
 from fi_ffi import caches
 from fi_ffi.cuda import device
 from fi_ffi.ops.attention import variants
+
+torch = require_torch()
 
 pytestmark = pytest.mark.gpu
 

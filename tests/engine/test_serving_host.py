@@ -545,11 +545,11 @@ def test_engine_path_never_imports_torch(tmp_path):
 
 
 def test_cli_generate_reports_a_missing_checkpoint(tmp_path, capsys):
-    from fi_ffi import cli
+    from fi_engine import cli
 
     assert cli.main(["generate", "--model", str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
-    assert "fi-ffi generate: model_dir:" in err and "config.json does not exist" in err
+    assert "fi-engine generate: model_dir:" in err and "config.json does not exist" in err
 
 
 @pytest.mark.parametrize("ids", ["1,x", ",", ""])
