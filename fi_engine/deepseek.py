@@ -29,7 +29,7 @@ Per layer, for ``T`` token rows, ``H`` heads, ``dn``/``dr``/``dv`` the no-RoPE, 
 Prefill takes the same absorbed path as decode (the MLA kernel with a causal mask over each request's rows): one
 code path and one cache format (only the latents are ever stored), at the cost of more attention FLOPs per prompt
 token than expanding K and V to ``H`` heads would need (``R + dr = 576`` against ``dn + dr = 192`` per head for
-V3); the README says so.
+V3); docs/engine.md says so.
 
 CUDA graph (``cuda_graph=True``): the decode step is captured once at ``max_batch`` rows, as the Llama engine's. The
 MLA plan is made on the host before every replay into the decode workspace (its schedule layout is fixed for a fixed
@@ -134,7 +134,9 @@ class DeepSeek(ModelFamily):
         )  # fmt: skip
         dtype = ckpt.info("model.embed_tokens.weight").dtype
         if dtype not in ("float16", "bfloat16"):
-            hint = " (FP8 block-quantized weights: save a bfloat16 copy first, see the README)" if "8" in dtype else ""
+            hint = (
+                " (FP8 block-quantized weights: save a bfloat16 copy first, see docs/engine.md)" if "8" in dtype else ""
+            )
             raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints{hint}")
         eng.dtype = dtype
         from .dense import data_type

@@ -42,9 +42,9 @@ The rule (``moe_path="auto"``, :func:`~fi_engine.moe.choose_path`): dense when a
 reach the number of experts (gpt-oss-20b, 32 experts top-4: from 8 rows), routed below, where few experts are touched
 and reading only theirs wins; steps of more than ``max_batch`` rows (long prefills, compute-bound, where routing's
 ``k / E`` of the FLOPs counts) are always routed. The decode graph, captured at ``max_batch`` rows, picks once at
-capture. Measured on an H100 (README: gpt-oss; ``benchmarks/bench_gpt_oss.py``, gpt-oss-20b-shaped, 2 layers, graph):
-routed 998 / 2565 / 3879 / 11886 tokens/s at batch 1 / 4 / 8 / 32, dense 605 / 2289 / 4617 / 16573: the crossover
-lies between 4 and 8 rows, where the rule puts it.
+capture. Measured on an H100 (benchmarks/RESULTS.md: gpt-oss; ``benchmarks/bench_gpt_oss.py``, gpt-oss-20b-shaped,
+2 layers, graph): routed 998 / 2565 / 3879 / 11886 tokens/s at batch 1 / 4 / 8 / 32, dense 605 / 2289 / 4617 /
+16573: the crossover lies between 4 and 8 rows, where the rule puts it.
 
 Tensor parallelism (``tensor_parallel=N``, :mod:`fi_engine.tensor_parallel`): each rank keeps its heads (q/k/v
 rows with their biases, its heads' sinks, its KV heads' cache), its columns of the O projection, the whole router
@@ -57,7 +57,7 @@ Llama's; their biases (``o_proj.bias``, the routing-weighted ``down_proj_bias``)
 ranks' MoE layers get a zero down bias), so the sum has each once.
 
 Only bfloat16 checkpoints (the sink modules are bfloat16); MXFP4 checkpoints (the published ones) are refused with
-the recipe for a bfloat16 copy (README: gpt-oss).
+the recipe for a bfloat16 copy (docs/engine.md: gpt-oss).
 """
 
 from __future__ import annotations

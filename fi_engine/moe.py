@@ -53,7 +53,7 @@ __all__ = ["DENSE_MIN_FILL", "ClampedSwiGLU", "MoEBiases", "MoELayer", "MoEScrat
 
 DENSE_MIN_FILL = 1
 """:func:`choose_path`'s crossover: a step goes dense when its ``rows * top_k`` expert assignments are at least this
-many times the number of experts (measured on an H100, README: gpt-oss)."""
+many times the number of experts (measured on an H100, benchmarks/RESULTS.md: gpt-oss)."""
 
 _MAX_SCRATCH_BYTES = 1 << 46  # 64 TiB: far above any GPU's memory, far below int64 overflow
 

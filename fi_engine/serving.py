@@ -119,7 +119,7 @@ class ServingLoop(EngineState):
     def warm_prefill(self, lengths: Sequence[int], batch: int = 1) -> list[tuple[int, int]]:
         """Capture, before serving, the prefill graphs that prefills of ``lengths`` token rows in all, of ``batch``
         requests each, will replay, so that no request pays a capture (a bucket met the first time costs about
-        one eager prefill more than a replay; README, Performance). Each length runs one prefill of ``batch``
+        one eager prefill more than a replay; benchmarks/RESULTS.md. Each length runs one prefill of ``batch``
         dummy prompts (token 0, ``lengths[i]`` tokens together) with one new token and frees their pages; lengths
         of one bucket capture it once. Nothing is captured where prefill graphs do not apply (``prefill_graphs =
         False``, MoE layers, tensor parallelism, the subclass engines) or a capture fails (a warning says so).

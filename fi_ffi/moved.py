@@ -5,8 +5,7 @@ old path                   new path                     why
 =========================  ===========================  =====================================================
 ``fi_ffi.models``          ``fi_engine``                the serving engine is a package of its own, beside the
                                                         binding, which never imports it
-``fi_ffi.typing``          ``fi_ffi.tensor.protocols``  no module named like a standard-library module; the
-                                                        names are also ``fi_ffi.TensorLike`` / ``StreamLike``
+``fi_ffi.typing``          ``fi_ffi.tensor.protocols``  no module named like a standard-library module
 =========================  ===========================  =====================================================
 
 ``import fi_ffi.models.llama`` gives the very module ``fi_engine.llama`` (one module object under two names, so

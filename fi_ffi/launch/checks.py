@@ -1,11 +1,13 @@
 """Contract checks shared by the ops, run before anything crosses the FFI.
 
 Each check raises ``TypeError`` (wrong kind of value, wrong dtype) or ``ValueError`` (wrong shape, device,
-strides, out-of-range scalar) with a message that starts with the argument's name and says what was expected
-and what was given. Checks run inside an op's launcher check see no addresses (its verdict is cached per
-layout): what they require of a data pointer goes into a :class:`~fi_ffi.launch.pointer_rules.PointerRules`, which
-the launcher tests on every call. NULL pointers of non-empty tensors are refused by the launcher for every
-tensor; :func:`not_null` is for descriptors used outside a launcher (host reads, workspace buffers).
+strides, out-of-range scalar) with a message that starts with the argument's name and says what was expected and
+what was given; scalars follow the one packer's rules (:mod:`fi_ffi.abi.values`: ``ArgumentTypeError`` /
+``ArgumentRangeError``, which are a ``TypeError`` / ``ValueError``). Checks run inside an op's launcher check see no
+addresses (its verdict is cached per layout): what they require of a data pointer goes into a
+:class:`~fi_ffi.launch.pointer_rules.PointerRules`, which the launcher tests on every call. NULL pointers of
+non-empty tensors are refused by the launcher for every tensor; :func:`not_null` is for descriptors used outside a
+launcher (host reads, workspace buffers).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from ..abi.values import to_float
 from ..dtypes import DType
+from ..errors import ArgumentTypeError
 from ..tensor.descriptor import Tensor
 from .pointer_rules import PointerRules
 
@@ -118,8 +122,8 @@ def row_vector_bytes(t: Tensor) -> int:
 def positive_finite(name: str, value: Any) -> float:
     """``value`` as a float that is finite and > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = _float(name, value)
+        raise ArgumentTypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = to_float(name, value)
     if not (value > 0.0 and math.isfinite(value)):
         raise ValueError(f"{name}: expected a finite value > 0, got {value}")
     return value
@@ -128,28 +132,23 @@ def positive_finite(name: str, value: Any) -> float:
 def finite(name: str, value: Any) -> float:
     """``value`` as a finite float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = _float(name, value)
+        raise ArgumentTypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = to_float(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite value, got {value}")
     return value
 
 
-def _float(name: str, value: int | float) -> float:
-    """``float(value)``; an int too large for a float64 (``10**400``) is a ValueError naming ``name``."""
-    try:
-        return float(value)
-    except OverflowError:
-        raise ValueError(f"{name}: {value} does not fit in a float64") from None
-
-
 def integer(name: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as a Python int (an int, or anything with ``__index__``, not a bool: the type rule of
+    :func:`fi_ffi.abi.values.to_int`), at least ``minimum``. No int64 bound here: each caller states its own, tighter
+    one (an int32 size, a vocabulary), and the one packer refuses what still exceeds int64 when the call is packed."""
     if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{name}: expected an int, got {type(value).__name__}")
     try:
         value = int(value.__index__())
     except (TypeError, ValueError):  # an array with __index__ that refuses (numpy arrays of size != 1)
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
+        raise ArgumentTypeError(f"{name}: expected an int, got {type(value).__name__}") from None
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return value

@@ -68,7 +68,7 @@ ABI_TAGS: dict[tuple[str, str], dict[str, str]] = {
 NOT_SHIPPED: dict[str, tuple[str, str]] = {
     "gdn_prefill": (
         "FlashInfer <= 0.6.13 jit-cache wheels (module gdn_prefill_sm90; upstream removed it in 0.6.14)",
-        "pin a 0.6.x jit-cache wheel for it next to the newer release (README: FlashInfer releases)",
+        "pin a 0.6.x jit-cache wheel for it next to the newer release (docs/operations.md: FlashInfer releases)",
     ),
     SINGLE_PREFILL: (
         "FlashInfer 0.6.x jit-cache wheels (0.7.x does not prebuild single prefill modules)",

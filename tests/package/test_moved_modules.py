@@ -1,0 +1,59 @@
+"""Module paths that moved in the two-package layout (:mod:`fi_ffi.moved`): the old path still imports, warns once
+with a DeprecationWarning naming the new path, and gives the very module of the new path (one module object)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from helpers.env import subprocess_env
+
+
+def run(code: str) -> subprocess.CompletedProcess[str]:
+    # a fresh interpreter: the test session has imported the new paths already, and warnings fire at first import
+    return subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
+
+
+def test_the_engine_path_warns_and_is_the_engine() -> None:
+    done = run(
+        "import warnings, fi_ffi\n"
+        "try:\n"
+        "    import fi_ffi.models.config\n"
+        "except DeprecationWarning as w:\n"
+        "    print('warned:', w)\n"
+        "warnings.simplefilter('ignore')\n"
+        "import fi_ffi.models.config as old, fi_engine.config as new, fi_ffi.models as pkg, fi_engine\n"
+        "print(old is new, pkg is fi_engine, old.LlamaConfig is new.LlamaConfig)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "warned: fi_ffi.models moved to fi_engine: import fi_engine instead" in done.stdout
+    assert done.stdout.splitlines()[-1] == "True True True"
+
+
+def test_the_typing_path_is_the_protocols_module() -> None:
+    done = run(
+        "import warnings, fi_ffi\n"
+        "warnings.simplefilter('ignore')\n"
+        "from fi_ffi.typing import TensorLike\n"
+        "import fi_ffi.tensor.protocols as new\n"
+        "print(TensorLike is new.TensorLike)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+
+
+def test_paths_that_did_not_move_are_not_answered() -> None:
+    from fi_ffi import moved
+
+    assert moved.new_name("fi_ffi.models.llama") == "fi_engine.llama"
+    assert moved.new_name("fi_ffi.modelsX") is None  # a prefix of a name is not its package
+    assert moved.new_name("fi_ffi.ops.norm") is None
+    assert moved.MovedModuleFinder().find_spec("fi_ffi.ops.norm") is None
+    done = run("import fi_ffi\nimport fi_ffi.no_such_module\n")
+    assert done.returncode == 1 and "ModuleNotFoundError: No module named 'fi_ffi.no_such_module'" in done.stderr
