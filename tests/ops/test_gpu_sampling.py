@@ -59,7 +59,7 @@ def test_wilson_hilferty_matches_tabulated_quantiles() -> None:
 
 def release_kwargs(batch: int) -> dict[str, Any]:
     """What the pinned release's ``*_from_probs`` ops also need (0.7: the ``valid`` output)."""
-    return {"valid": torch.empty(batch, dtype=torch.bool, device="cuda")} if S.release() == "0.7.2" else {}
+    return {"valid": torch.empty(batch, dtype=torch.bool, device="cuda")} if S.sampling_release() == "0.7.2" else {}
 
 
 def base_probs() -> np.ndarray:
@@ -206,7 +206,7 @@ def test_the_generator_advances_and_replays_exactly() -> None:
     assert (explicit == chunks[0]).all()
 
 
-@pytest.mark.skipif("S.release() != '0.7.2'", reason="seed/offset device tensors need FlashInfer >= 0.7")
+@pytest.mark.skipif("S.sampling_release() != '0.7.2'", reason="seed/offset device tensors need FlashInfer >= 0.7")
 def test_072_device_seed_and_offset_equal_the_int_call() -> None:
     p = torch.tensor(base_probs(), dtype=torch.float32, device="cuda").reshape(1, V)
     indices = torch.zeros(ROWS, dtype=torch.int32, device="cuda")
@@ -218,7 +218,7 @@ def test_072_device_seed_and_offset_equal_the_int_call() -> None:
     assert torch.equal(out_t, out_i)
 
 
-@pytest.mark.skipif("S.release() != '0.7.2'", reason="seed/offset device tensors need FlashInfer >= 0.7")
+@pytest.mark.skipif("S.sampling_release() != '0.7.2'", reason="seed/offset device tensors need FlashInfer >= 0.7")
 def test_072_a_captured_graph_advances_a_device_offset() -> None:
     p = torch.tensor(base_probs(), dtype=torch.float32, device="cuda").reshape(1, V)
     indices = torch.zeros(ROWS, dtype=torch.int32, device="cuda")
@@ -326,7 +326,7 @@ def test_top_p_renorm_keeps_the_nucleus() -> None:
     probs = torch.tensor(np.tile(p, (3, 1)), dtype=torch.float32, device="cuda")
     out = torch.empty_like(probs)
     extra = {}
-    if S.release() == "0.7.2":
+    if S.sampling_release() == "0.7.2":
         extra["workspace"] = torch.empty(S.top_p_renorm_workspace_size(3, V), dtype=torch.uint8, device="cuda")
     fi_ffi.top_p_renorm_probs(probs, top_p, out, **extra)
     ref = np.zeros(V)
