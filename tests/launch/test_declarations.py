@@ -168,6 +168,8 @@ def _needs_a_driver(uri: str) -> str:
 def test_every_untagged_declaration_matches_a_module_of_some_release() -> None:
     if any(v is None for v in LISTED.values()):
         pytest.skip(f"needs both releases' test wheels (<repo>/../shared/wheels, wheels-072); {WHEELS_HINT}")
+    if "rope" not in (LISTED["0.6.3"] or ()):  # a GPU run may stage the core wheel alone (the carry limit)
+        pytest.skip(f"needs the whole 0.6.3 test set (core and extension wheels), found a part; {WHEELS_HINT}")
     for family, pattern, decl in DECLARED:
         assert any(re.fullmatch(pattern, u) for r in releases_of(decl) for u in LISTED[r] or ()), (
             f"{family}: {decl.entry}: {pattern!r} matches no module of {releases_of(decl)}"

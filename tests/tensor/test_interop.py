@@ -572,6 +572,11 @@ def test_the_producer_is_chosen_once_per_type() -> None:
     assert found.describe is intake._from_dlpack and found.read is intake._read_any
     assert intake.producer(np.ndarray) is found  # one object per type, the one cache
     # an interface set on the instance is not a property of the type: the type's producer asks each instance
+    assert intake.producer(CAI).describe is intake._from_instance_interface
+
+
+@no_driver  # CAI's pointer is fake: a driver would refuse it (on a GPU machine, test_gpu_interop reads real ones)
+def test_an_interface_set_on_the_instance_is_read_from_the_instance() -> None:
     obj = CAI()
     assert intake.producer(CAI).describe is intake._from_instance_interface
     assert as_tensor(obj, name="x").owner is obj
