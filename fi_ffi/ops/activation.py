@@ -87,7 +87,7 @@ def _need_out(out: None) -> NoReturn:
     )
 
 
-@op(launch=_silu_and_mul)
+@op(launch=_silu_and_mul, flashinfer="flashinfer.activation.silu_and_mul")
 def silu_and_mul(
     input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
 ) -> TensorT:
@@ -108,7 +108,7 @@ def silu_and_mul(
     return out
 
 
-@op(launch=_gelu_and_mul)
+@op(launch=_gelu_and_mul, flashinfer="flashinfer.activation.gelu_and_mul")
 def gelu_and_mul(
     input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
 ) -> TensorT:
@@ -119,7 +119,7 @@ def gelu_and_mul(
     return out
 
 
-@op(launch=_gelu_tanh_and_mul)
+@op(launch=_gelu_tanh_and_mul, flashinfer="flashinfer.activation.gelu_tanh_and_mul")
 def gelu_tanh_and_mul(
     input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
 ) -> TensorT:

@@ -105,7 +105,7 @@ def _check(a: SimpleNamespace) -> PointerRules:
 _bmm_fp8 = launcher(BMM_FP8, "gemm", _check)
 
 
-@op(launch=_bmm_fp8)
+@op(launch=_bmm_fp8, flashinfer="flashinfer.gemm.gemm_base.bmm_fp8")
 def bmm_fp8(
     A: TensorLike,
     B: TensorLike,

@@ -220,7 +220,7 @@ _launch = {
 BACKENDS = ("auto", "sm90", "simple")
 
 
-@op()
+@op(flashinfer="flashinfer.mamba.selective_state_update.selective_state_update")
 def selective_state_update(
     state: TensorLike,
     x: TensorLike,

@@ -105,7 +105,7 @@ _packbits = launcher(PACKBITS, _URI, _check_packbits)
 _segment_packbits = launcher(SEGMENT_PACKBITS, _URI, _check_segments)
 
 
-@op(launch=_packbits)
+@op(launch=_packbits, flashinfer="flashinfer.quantization.packbits")
 def packbits(x: TensorLike, bitorder: str = "big", *, out: TensorT | None = None, stream: StreamLike = None) -> TensorT:
     """Pack the booleans of ``x`` (read flat) 8 per byte.
 
@@ -126,7 +126,7 @@ def packbits(x: TensorLike, bitorder: str = "big", *, out: TensorT | None = None
     return out
 
 
-@op(launch=_segment_packbits)
+@op(launch=_segment_packbits, flashinfer="flashinfer.quantization.segment_packbits")
 def segment_packbits(
     x: TensorLike,
     indptr: TensorLike,

@@ -326,7 +326,7 @@ def _llama31_pos_ids_inplace(
 # ---- ops ---------------------------------------------------------------------------------------------------------
 
 
-@op(launch=_apply_rope_pos_ids)
+@op(launch=_apply_rope_pos_ids, flashinfer="flashinfer.rope.apply_rope_pos_ids")
 def apply_rope_pos_ids(
     q: TensorLike,
     k: TensorLike,
@@ -371,7 +371,7 @@ def apply_rope_pos_ids(
     return q_rope, k_rope
 
 
-@op(launch=_apply_rope_pos_ids, packable=_pos_ids_inplace)
+@op(launch=_apply_rope_pos_ids, packable=_pos_ids_inplace, flashinfer="flashinfer.rope.apply_rope_pos_ids_inplace")
 def apply_rope_pos_ids_inplace(
     q: TensorLike,
     k: TensorLike,
@@ -387,7 +387,7 @@ def apply_rope_pos_ids_inplace(
     _pos_ids_inplace(_apply_rope_pos_ids, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta, stream)
 
 
-@op(launch=_apply_llama31_rope_pos_ids)
+@op(launch=_apply_llama31_rope_pos_ids, flashinfer="flashinfer.rope.apply_llama31_rope_pos_ids")
 def apply_llama31_rope_pos_ids(
     q: TensorLike,
     k: TensorLike,
@@ -428,7 +428,11 @@ def apply_llama31_rope_pos_ids(
     return q_rope, k_rope
 
 
-@op(launch=_apply_llama31_rope_pos_ids, packable=_llama31_pos_ids_inplace)
+@op(
+    launch=_apply_llama31_rope_pos_ids,
+    packable=_llama31_pos_ids_inplace,
+    flashinfer="flashinfer.rope.apply_llama31_rope_pos_ids_inplace",
+)
 def apply_llama31_rope_pos_ids_inplace(
     q: TensorLike,
     k: TensorLike,
@@ -460,7 +464,7 @@ def apply_llama31_rope_pos_ids_inplace(
     )
 
 
-@op(launch=_apply_rope)
+@op(launch=_apply_rope, flashinfer="flashinfer.rope.apply_rope")
 def apply_rope(
     q: TensorLike,
     k: TensorLike,
@@ -500,7 +504,7 @@ def apply_rope(
     return q_rope, k_rope
 
 
-@op(launch=_apply_rope)
+@op(launch=_apply_rope, flashinfer="flashinfer.rope.apply_rope_inplace")
 def apply_rope_inplace(
     q: TensorLike,
     k: TensorLike,
@@ -529,7 +533,7 @@ def apply_rope_inplace(
     )
 
 
-@op(launch=_apply_llama31_rope)
+@op(launch=_apply_llama31_rope, flashinfer="flashinfer.rope.apply_llama31_rope")
 def apply_llama31_rope(
     q: TensorLike,
     k: TensorLike,
@@ -569,7 +573,7 @@ def apply_llama31_rope(
     return q_rope, k_rope
 
 
-@op(launch=_apply_llama31_rope)
+@op(launch=_apply_llama31_rope, flashinfer="flashinfer.rope.apply_llama31_rope_inplace")
 def apply_llama31_rope_inplace(
     q: TensorLike,
     k: TensorLike,
@@ -637,7 +641,7 @@ def _stream_of(x: Any, view: Tensor, stream: Any) -> Any:
     return producers.default_stream(x, view.device.device_id)
 
 
-@op(launch=_apply_cos_sin_cache)
+@op(launch=_apply_cos_sin_cache, flashinfer="flashinfer.rope.apply_rope_with_cos_sin_cache")
 def apply_rope_with_cos_sin_cache(
     positions: TensorLike,
     query: TensorLike,
@@ -684,7 +688,7 @@ def apply_rope_with_cos_sin_cache(
     return query_out, key_out
 
 
-@op(launch=_apply_cos_sin_cache)
+@op(launch=_apply_cos_sin_cache, flashinfer="flashinfer.rope.apply_rope_with_cos_sin_cache_inplace")
 def apply_rope_with_cos_sin_cache_inplace(
     positions: TensorLike,
     query: TensorLike,

@@ -114,7 +114,7 @@ _dsv3_router_gemm = launcher(DSV3_ROUTER_GEMM, "dsv3_router_gemm", _router_check
 _ml3_router_gemm = launcher(ML3_ROUTER_GEMM, "dsv3_router_gemm", _router_check(128, bfloat16))
 
 
-@op(launch=_dsv3_router_gemm)
+@op(launch=_dsv3_router_gemm, flashinfer="flashinfer.gemm.routergemm_dsv3.mm_M1_16_K7168_N256")
 def mm_M1_16_K7168_N256(
     mat_a: TensorLike, mat_b: TensorLike, out: TensorT, launch_with_pdl: bool = False, *, stream: StreamLike = None
 ) -> TensorT:
@@ -133,7 +133,7 @@ def mm_M1_16_K7168_N256(
     return out
 
 
-@op(launch=_ml3_router_gemm)
+@op(launch=_ml3_router_gemm, flashinfer="flashinfer.gemm.routergemm_dsv3.mm_M1_16_K7168_N128")
 def mm_M1_16_K7168_N128(
     mat_a: TensorLike, mat_b: TensorLike, out: TensorT, launch_with_pdl: bool = False, *, stream: StreamLike = None
 ) -> TensorT:
@@ -219,7 +219,7 @@ def routing_limits(num_experts: int, n_group: int, topk_group: int, topk: int) -
 _noaux_tc = launcher(NOAUX_TC, "dsv3_fused_routing", _check_routing)
 
 
-@op(launch=_noaux_tc)
+@op(launch=_noaux_tc, flashinfer="flashinfer.fused_moe.fused_routing_dsv3.fused_topk_deepseek")
 def fused_topk_deepseek(
     scores: TensorLike,
     bias: TensorLike,

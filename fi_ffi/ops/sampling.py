@@ -178,9 +178,9 @@ _SPEC = [
     tensor("draft_probs"),
     tensor("draft_token_ids"),
     tensor("target_probs"),
-    tensor("output_token_ids", output=True),
-    tensor("output_accepted_token_num", output=True),
-    tensor("output_emitted_draft_token_num", output=True),
+    tensor("out", output=True),
+    tensor("maybe_output_accepted_token_num", output=True),
+    tensor("maybe_output_emitted_draft_token_num", output=True),
 ]
 CHAIN_SPECULATIVE_SAMPLING = _pair("chain_speculative_sampling", _SPEC, _SPEC, [])
 
@@ -435,16 +435,16 @@ def _check_speculative(a: SimpleNamespace) -> PointerRules:
     checks.ndim("target_probs", target, 3, "[B, N + 1, V]")
     checks.shape("target_probs", target, (b, n + 1, v), "[B, N + 1, V]")
     _like("target_probs", target, "draft_probs", draft)
-    checks.ndim("output_token_ids", a.output_token_ids, 2, "[B, N + 1]")
-    checks.shape("output_token_ids", a.output_token_ids, (b, n + 1), "[B, N + 1]")
-    _like("output_token_ids", a.output_token_ids, "draft_probs", draft, (int32,))
-    for name in ("output_accepted_token_num", "output_emitted_draft_token_num"):
+    checks.ndim("out", a.out, 2, "[B, N + 1]")
+    checks.shape("out", a.out, (b, n + 1), "[B, N + 1]")
+    _like("out", a.out, "draft_probs", draft, (int32,))
+    for name in ("maybe_output_accepted_token_num", "maybe_output_emitted_draft_token_num"):
         _vector(name, getattr(a, name), b, "B", "draft_probs", draft, (int32,))
     _check_rng(a, b, "draft_probs", draft)
     rules = PointerRules(
         {"draft_probs": checks.row_vector_bytes(draft), "target_probs": checks.row_vector_bytes(target)}
     )
-    outputs = ("output_token_ids", "output_accepted_token_num", "output_emitted_draft_token_num")
+    outputs = ("out", "maybe_output_accepted_token_num", "maybe_output_emitted_draft_token_num")
     return rules.outputs_apart(outputs, ("draft_probs", "draft_token_ids", "target_probs", *_present(a, _RNG)))
 
 
@@ -538,14 +538,14 @@ def _sample(
 # ---- ops ------------------------------------------------------------------------------------------------------------
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.softmax")
 def softmax(
     logits: TensorLike,
-    out: TensorT,
-    workspace: TensorLike,
-    *,
     temperature: float | TensorLike | None = None,
     enable_pdl: bool = False,
+    *,
+    out: TensorT,
+    workspace: TensorLike,
     stream: StreamLike = None,
 ) -> TensorT:
     """Softmax of each row with temperature: ``out[r] = softmax(logits[r] / temperature[r])`` (online, fp32).
@@ -578,15 +578,15 @@ def softmax(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.sampling_from_probs")
 def sampling_from_probs(
     probs: TensorLike,
-    out: TensorT,
-    *,
     indices: TensorLike | None = None,
-    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
+    *,
+    out: TensorT,
+    valid: TensorLike | None = None,
     seed: int | TensorLike | None = None,
     offset: int | TensorLike | None = None,
     stream: StreamLike = None,
@@ -618,14 +618,14 @@ def sampling_from_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.sampling_from_logits")
 def sampling_from_logits(
     logits: TensorLike,
-    out: TensorT,
-    *,
     indices: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
+    *,
+    out: TensorT,
     seed: int | TensorLike | None = None,
     offset: int | TensorLike | None = None,
     stream: StreamLike = None,
@@ -644,16 +644,16 @@ def sampling_from_logits(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.top_p_sampling_from_probs")
 def top_p_sampling_from_probs(
     probs: TensorLike,
     top_p: float | TensorLike,
-    out: TensorT,
-    *,
     indices: TensorLike | None = None,
-    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
+    *,
+    out: TensorT,
+    valid: TensorLike | None = None,
     seed: int | TensorLike | None = None,
     offset: int | TensorLike | None = None,
     stream: StreamLike = None,
@@ -685,16 +685,16 @@ def top_p_sampling_from_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.top_k_sampling_from_probs")
 def top_k_sampling_from_probs(
     probs: TensorLike,
     top_k: int | TensorLike,
-    out: TensorT,
-    *,
     indices: TensorLike | None = None,
-    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
+    *,
+    out: TensorT,
+    valid: TensorLike | None = None,
     seed: int | TensorLike | None = None,
     offset: int | TensorLike | None = None,
     stream: StreamLike = None,
@@ -726,16 +726,16 @@ def top_k_sampling_from_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.min_p_sampling_from_probs")
 def min_p_sampling_from_probs(
     probs: TensorLike,
     min_p: float | TensorLike,
-    out: TensorT,
-    *,
     indices: TensorLike | None = None,
-    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
+    *,
+    out: TensorT,
+    valid: TensorLike | None = None,
     seed: int | TensorLike | None = None,
     offset: int | TensorLike | None = None,
     stream: StreamLike = None,
@@ -767,14 +767,14 @@ def min_p_sampling_from_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.top_k_top_p_sampling_from_probs")
 def top_k_top_p_sampling_from_probs(
     probs: TensorLike,
     top_k: int | TensorLike,
     top_p: float | TensorLike,
-    out: TensorT,
-    *,
     indices: TensorLike | None = None,
+    *,
+    out: TensorT,
     valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
@@ -816,12 +816,12 @@ def top_k_top_p_sampling_from_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.top_p_renorm_probs")
 def top_p_renorm_probs(
     probs: TensorLike,
     top_p: float | TensorLike,
-    out: TensorT,
     *,
+    out: TensorT,
     is_deterministic: bool = False,
     workspace: TensorLike | None = None,
     stream: StreamLike = None,
@@ -853,13 +853,13 @@ def top_p_renorm_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.top_k_renorm_probs")
 def top_k_renorm_probs(
     probs: TensorLike,
     top_k: int | TensorLike,
+    *,
     out: TensorT,
     row_states_buffer: TensorLike,
-    *,
     is_deterministic: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
@@ -890,13 +890,13 @@ def top_k_renorm_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.top_k_mask_logits")
 def top_k_mask_logits(
     logits: TensorLike,
     top_k: int | TensorLike,
+    *,
     out: TensorT,
     row_states_buffer: TensorLike,
-    *,
     stream: StreamLike = None,
 ) -> TensorT:
     """Keep the ``top_k`` largest logits of each row, set the others to ``-inf``. ``logits``/``out``:
@@ -910,15 +910,15 @@ def top_k_mask_logits(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.chain_speculative_sampling")
 def chain_speculative_sampling(
     draft_probs: TensorLike,
     draft_token_ids: TensorLike,
     target_probs: TensorLike,
-    output_token_ids: TensorT,
-    output_accepted_token_num: TensorLike,
-    output_emitted_draft_token_num: TensorLike,
     *,
+    out: TensorT,
+    maybe_output_accepted_token_num: TensorLike,
+    maybe_output_emitted_draft_token_num: TensorLike,
     deterministic: bool = True,
     generator: Generator | None = None,
     seed: int | TensorLike | None = None,
@@ -930,21 +930,21 @@ def chain_speculative_sampling(
     draft token ``i`` (``t = draft_token_ids[b, i]``) is accepted when ``u * draft_probs[b, i, t] <
     target_probs[b, i, t]`` (``u`` uniform in (0, 1]); at the first rejection ``j`` the token is resampled from
     ``relu(target_probs[b, j] - draft_probs[b, j])``, and if all ``N`` are accepted a bonus token is drawn
-    from ``target_probs[b, N]``. ``output_token_ids[b]`` gets the accepted tokens, then that token, then -1.
+    from ``target_probs[b, N]``. ``out[b]`` gets the accepted tokens, then that token, then -1.
 
     Args:
         draft_probs: ``[B, N, V]`` float32.
         draft_token_ids: ``[B, N]`` int32.
         target_probs: ``[B, N + 1, V]`` float32.
-        output_token_ids: ``[B, N + 1]`` int32, written.
-        output_accepted_token_num: ``[B]`` int32, **incremented** by the number of draft tokens the target
-            accepts (each judged alone); zero it to count one call.
-        output_emitted_draft_token_num: ``[B]`` int32, **incremented** by the number of draft tokens emitted
-            (the accepted prefix).
+        out: ``[B, N + 1]`` int32, written (flashinfer's returned ``output_token_ids``).
+        maybe_output_accepted_token_num: ``[B]`` int32, **incremented** by the number of draft tokens the target
+            accepts (each judged alone); zero it to count one call. Required (flashinfer allocates it if None).
+        maybe_output_emitted_draft_token_num: ``[B]`` int32, **incremented** by the number of draft tokens
+            emitted (the accepted prefix). Required, likewise.
         generator, seed, offset: the random state (module docstring). Generator advance: ``B * (N + 1)``.
 
     Returns:
-        ``output_token_ids``.
+        ``out``.
     """
     launch = launcher(CHAIN_SPECULATIVE_SAMPLING, _URI, _check_speculative)
     _sample(
@@ -957,11 +957,11 @@ def chain_speculative_sampling(
             draft_probs=draft_probs,
             draft_token_ids=draft_token_ids,
             target_probs=target_probs,
-            output_token_ids=output_token_ids,
-            output_accepted_token_num=output_accepted_token_num,
-            output_emitted_draft_token_num=output_emitted_draft_token_num,
+            out=out,
+            maybe_output_accepted_token_num=maybe_output_accepted_token_num,
+            maybe_output_emitted_draft_token_num=maybe_output_emitted_draft_token_num,
             deterministic=deterministic,
             stream=stream,
         ),
     )
-    return output_token_ids
+    return out

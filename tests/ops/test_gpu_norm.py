@@ -57,7 +57,7 @@ def test_rmsnorm_with_non_contiguous_row_stride(dtype: torch.dtype) -> None:
     out_big = torch.zeros(5, 512 + 32, dtype=dtype, device="cuda")
     out = out_big[:, :512]
     w = torch.randn(512, dtype=dtype, device="cuda")
-    fi_ffi.rmsnorm(x, w, out, eps=1e-5)
+    fi_ffi.rmsnorm(x, w, out=out, eps=1e-5)
     torch.cuda.synchronize()
     tol = TOL[dtype]
     np.testing.assert_allclose(to_np(out), reference(to_np(x), to_np(w), 1e-5), atol=tol, rtol=tol)
@@ -71,7 +71,7 @@ def test_qk_rmsnorm_on_a_strided_slice_of_fused_qkv(dtype: torch.dtype) -> None:
     q = qkv[:, 0]  # strides (3*h*d, d, 1)
     w = torch.randn(d, dtype=dtype, device="cuda")
     out = torch.empty(b, h, d, dtype=dtype, device="cuda")
-    fi_ffi.qk_rmsnorm(q, w, out)
+    fi_ffi.qk_rmsnorm(q, w, out=out)
     torch.cuda.synchronize()
     tol = TOL[dtype]
     np.testing.assert_allclose(to_np(out), reference(to_np(q), to_np(w), 1e-6), atol=tol, rtol=tol)
@@ -116,7 +116,7 @@ def test_raw_cuda_python_allocations_on_a_cuda_core_stream() -> None:
         x = Tensor.from_pointer(ptrs[0], (b, d), "float16", 0)
         w = Tensor.from_pointer(ptrs[1], (d,), "float16", 0)
         out = Tensor.from_pointer(ptrs[2], (b, d), "float16", 0)
-        fi_ffi.rmsnorm(x, w, out, stream=stream)
+        fi_ffi.rmsnorm(x, w, out=out, stream=stream)
         stream.sync()
         oh = np.empty_like(xh)
         (err,) = rt.cudaMemcpy(oh.ctypes.data, ptrs[2], oh.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost)
@@ -134,7 +134,7 @@ def test_cupy_arrays_and_cupy_stream() -> None:
     w = cp.random.standard_normal(512).astype(cp.float16)
     out = cp.empty_like(x)
     s = cp.cuda.Stream(non_blocking=True)
-    fi_ffi.rmsnorm(x, w, out, stream=s)
+    fi_ffi.rmsnorm(x, w, out=out, stream=s)
     s.synchronize()
     np.testing.assert_allclose(
         cp.asnumpy(out).astype(np.float32), reference(cp.asnumpy(x), cp.asnumpy(w), 1e-6), atol=5e-3, rtol=5e-3
@@ -152,7 +152,7 @@ def test_the_stream_argument_decides_where_the_kernel_runs() -> None:
     torch.cuda.synchronize()
     with torch.cuda.stream(s):
         torch.cuda._sleep(2_000_000_000)  # about a second of GPU cycles on s
-    fi_ffi.rmsnorm(x, w, out, stream=s)
+    fi_ffi.rmsnorm(x, w, out=out, stream=s)
     with torch.cuda.stream(probe):
         early = out.clone()
     probe.synchronize()
@@ -171,7 +171,7 @@ def test_stream_none_on_the_default_streams_leaves_tvm_ffi_state_alone() -> None
     x = torch.randn(2, 256, dtype=torch.float16, device="cuda")
     w = torch.randn(256, dtype=torch.float16, device="cuda")
     out = torch.empty_like(x)
-    fi_ffi.rmsnorm(x, w, out)  # legacy default stream
+    fi_ffi.rmsnorm(x, w, out=out)  # legacy default stream
     torch.cuda.synchronize()
     np.testing.assert_allclose(to_np(out), reference(to_np(x), to_np(w), 1e-6), atol=5e-3, rtol=5e-3)
     assert api().TVMFFIEnvGetStream(2, 0) == 0
@@ -197,7 +197,7 @@ def test_managed_memory_is_accepted_and_computed() -> None:
         managed = fi_ffi.Device(fi_ffi.dtypes.CUDA_MANAGED, 0)
         shapes = ((b, d), (d,), (b, d))
         x, w, out = (Tensor.from_pointer(p, s, "float16", managed) for p, s in zip(ptrs, shapes, strict=True))
-        fi_ffi.rmsnorm(x, w, out)
+        fi_ffi.rmsnorm(x, w, out=out)
         (err,) = rt.cudaDeviceSynchronize()
         assert err == rt.cudaError_t.cudaSuccess
         oh = np.empty_like(xh)
@@ -213,7 +213,7 @@ def test_prepared_call_relaunches_with_current_data() -> None:
     w = torch.randn(256, dtype=torch.float16, device="cuda")
     out = torch.empty_like(x)
     s = torch.cuda.Stream()
-    call = fi_ffi.prepare(fi_ffi.rmsnorm, x, w, out, eps=1e-6, stream=s)
+    call = fi_ffi.prepare(fi_ffi.rmsnorm, x, w, 1e-6, out=out, stream=s)
     for _ in range(3):
         x.normal_()  # same buffer, new contents: the prepared call reads them at launch
         s.wait_stream(torch.cuda.current_stream())

@@ -113,7 +113,7 @@ NOT_SUPPORTED: dict[str, dict[str, str]] = {
     "bmm_fp8": {"backend": "fi_ffi calls the cuBLASLt kernel only (no cuDNN / CUTLASS module is pinned)"},
     "gdn_prefill": {
         "output_final_state": "fi_ffi always writes the final state (output_state is required)",
-        "use_qk_l2norm_in_kernel": "the SM90 kernel fi_ffi pins has no fused L2 norm",
+        "use_qk_l2norm_in_kernel": "flashinfer 0.6.3 passes it to no kernel (the SM90 kernel has no fused L2 norm)",
     },
     # ---- attention (branch h-portattn fills this section)
 }
@@ -138,24 +138,6 @@ PENDING_ATTENTION: frozenset[str] = frozenset(
         "batch_prefill_ragged_plan", "batch_prefill_paged_plan", "batch_prefill_ragged_run",
         "batch_prefill_paged_run", "batch_attention_sink_plan", "batch_attention_sink_ragged_plan",
         "batch_attention_sink_run", "batch_attention_sink_ragged_run",
-    }
-)  # fmt: skip
-
-
-# Non-attention ops being ported on branch h-port (emptied there before it merges).
-PENDING_PORT: frozenset[str] = frozenset(
-    {
-        "silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul", "bmm_fp8", "gdn_prefill", "selective_state_update",
-        "rmsnorm", "gemma_rmsnorm", "fused_add_rmsnorm", "gemma_fused_add_rmsnorm", "append_paged_kv_cache",
-        "append_paged_mla_kv_cache", "get_batch_indices_positions", "packbits", "segment_packbits",
-        "apply_rope_pos_ids", "apply_rope_pos_ids_inplace", "apply_llama31_rope_pos_ids",
-        "apply_llama31_rope_pos_ids_inplace", "apply_rope", "apply_rope_inplace", "apply_llama31_rope",
-        "apply_llama31_rope_inplace", "apply_rope_with_cos_sin_cache", "apply_rope_with_cos_sin_cache_inplace",
-        "mm_M1_16_K7168_N256", "mm_M1_16_K7168_N128", "softmax", "sampling_from_probs", "sampling_from_logits",
-        "top_p_sampling_from_probs", "top_k_sampling_from_probs", "min_p_sampling_from_probs",
-        "top_k_top_p_sampling_from_probs", "top_p_renorm_probs", "top_k_renorm_probs", "top_k_mask_logits",
-        "chain_speculative_sampling", "segment_gemm", "top_k", "top_k_page_table_transform",
-        "top_k_ragged_transform", "fused_topk_deepseek",
     }
 )  # fmt: skip
 
@@ -235,7 +217,7 @@ def test_every_op_states_its_counterpart_or_why_it_has_none() -> None:
     names = {f.__name__ for f in _all_ops()}
     for f in _all_ops():
         name = f.__name__
-        if name in PENDING_ATTENTION or name in PENDING_PORT:
+        if name in PENDING_ATTENTION:
             continue
         declared = flashinfer_of(f) is not None
         assert declared != (name in NO_COUNTERPART), (
@@ -246,7 +228,7 @@ def test_every_op_states_its_counterpart_or_why_it_has_none() -> None:
         if name in NO_COUNTERPART:
             assert name not in flashinfer_names, f"{name}: flashinfer-python has a function of that name: port it"
     assert set(NO_COUNTERPART) <= names, f"stale NO_COUNTERPART entries: {sorted(set(NO_COUNTERPART) - names)}"
-    for pending in (PENDING_ATTENTION, PENDING_PORT):
+    for pending in (PENDING_ATTENTION,):
         assert pending <= names, f"stale pending entries: {sorted(pending - names)}"
     for table in (ADDED_FOR, NOT_SUPPORTED):
         assert set(table) <= names, f"entries for no op: {sorted(set(table) - names)}"
