@@ -98,6 +98,10 @@ def gdn_workspace_size(device_id: int = 0) -> int:
 
     Raises :class:`~fi_ffi.errors.UnsupportedDeviceError` if the device cannot be queried (no GPU or driver),
     ``TypeError``/``ValueError`` naming ``device_id`` if it is not an int in ``[0, 2**31)``.
+
+    Raises:
+        TypeError: ``device_id`` not an int.
+        ValueError: ``device_id`` negative or not below 2**31.
     """
     device_id = checks.integer("device_id", device_id, 0)
     if device_id >= _DEVICE_END:

@@ -441,6 +441,13 @@ def append_paged_mla_kv_cache(
 
     The kernel only supports ``ckv_dim == 512`` and ``kpe_dim == 64`` (DeepSeek MLA). ``nnz == 0`` checks every
     argument and launches nothing.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed (index
+            arrays: int32 only; ``append_ckv`` must have the cache's dtype).
+        ValueError: a dimension other than 512 / 64, a rank or shape that does not fit the others, a tensor not on
+            ``append_ckv``'s CUDA device or with a strided last dimension or index array, cache strides of 2**32
+            elements or more, misaligned data.
     """
     if _rows(append_ckv):
         _append_mla(
@@ -612,6 +619,11 @@ def get_batch_indices_positions(
     Returns:
         ``(batch_indices, positions)``, int32 numpy arrays ``[nnz]`` (the ones passed, if any). Upload them to
         the device for :func:`append_paged_kv_cache`.
+
+    Raises:
+        TypeError: an array that is not a host integer array (floats, strings, bools, device tensors).
+        ValueError: ``seq_lens`` not ``[batch]`` for ``append_indptr`` ``[batch + 1]``, a decreasing ``append_indptr``,
+            ``nnz`` not ``append_indptr[-1]``, values outside int32, output arrays of the wrong shape or dtype.
     """
     indptr = _indptr("append_indptr", append_indptr)
     seq = _host_ints("seq_lens", seq_lens)

@@ -354,6 +354,13 @@ def apply_rope_pos_ids(
 
     Returns:
         ``(q_rope, k_rope)``, as passed.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
     """
     q_rope, k_rope = _outputs(q_rope, k_rope)
     _apply_rope_pos_ids(
@@ -383,7 +390,15 @@ def apply_rope_pos_ids_inplace(
     *,
     stream: StreamLike = None,
 ) -> None:
-    """:func:`apply_rope_pos_ids` writing back into ``q`` and ``k``."""
+    """:func:`apply_rope_pos_ids` writing back into ``q`` and ``k``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+    """
     _pos_ids_inplace(_apply_rope_pos_ids, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta, stream)
 
 
@@ -408,6 +423,13 @@ def apply_llama31_rope_pos_ids(
 
     Args as :func:`apply_rope_pos_ids`, plus ``low_freq_factor`` (> 0), ``high_freq_factor``
     (> low_freq_factor) and ``old_context_len`` (the pre-training context, in tokens): see the module docstring.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
     """
     q_rope, k_rope = _outputs(q_rope, k_rope)
     _apply_llama31_rope_pos_ids(
@@ -447,7 +469,15 @@ def apply_llama31_rope_pos_ids_inplace(
     *,
     stream: StreamLike = None,
 ) -> None:
-    """:func:`apply_llama31_rope_pos_ids` writing back into ``q`` and ``k``."""
+    """:func:`apply_llama31_rope_pos_ids` writing back into ``q`` and ``k``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+    """
     _llama31_pos_ids_inplace(
         _apply_llama31_rope_pos_ids,
         q,
@@ -486,6 +516,13 @@ def apply_rope(
         indptr: int32/int64 ``[batch_size + 1]``, contiguous, ``indptr[-1] <= nnz`` (not checked: device values).
         offsets: ``[batch_size]``, same dtype as ``indptr``.
         Others as :func:`apply_rope_pos_ids`.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
     """
     q_rope, k_rope = _outputs(q_rope, k_rope)
     _apply_rope(
@@ -517,7 +554,15 @@ def apply_rope_inplace(
     *,
     stream: StreamLike = None,
 ) -> None:
-    """:func:`apply_rope` writing back into ``q`` and ``k``."""
+    """:func:`apply_rope` writing back into ``q`` and ``k``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+    """
     _apply_rope(
         q,
         k,
@@ -552,7 +597,15 @@ def apply_llama31_rope(
     stream: StreamLike = None,
 ) -> tuple[TensorT, TensorT]:
     """Llama 3.1 RoPE of a ragged batch, out of place (see :func:`apply_rope` and
-    :func:`apply_llama31_rope_pos_ids`)."""
+    :func:`apply_llama31_rope_pos_ids`).
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+    """
     q_rope, k_rope = _outputs(q_rope, k_rope)
     _apply_llama31_rope(
         q,
@@ -589,7 +642,15 @@ def apply_llama31_rope_inplace(
     *,
     stream: StreamLike = None,
 ) -> None:
-    """:func:`apply_llama31_rope` writing back into ``q`` and ``k``."""
+    """:func:`apply_llama31_rope` writing back into ``q`` and ``k``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+    """
     _apply_llama31_rope(
         q,
         k,
@@ -670,6 +731,13 @@ def apply_rope_with_cos_sin_cache(
 
     Returns:
         ``(query_out, key_out)``, as passed.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
     """
     query_out, key_out = _outputs(query_out, key_out, ("query_out", "key_out"))
     if is_neox is not True and is_neox is not False:
@@ -699,7 +767,15 @@ def apply_rope_with_cos_sin_cache_inplace(
     *,
     stream: StreamLike = None,
 ) -> None:
-    """:func:`apply_rope_with_cos_sin_cache` writing back into ``query`` and ``key``."""
+    """:func:`apply_rope_with_cos_sin_cache` writing back into ``query`` and ``key``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+    """
     if is_neox is not True and is_neox is not False:
         is_neox = checks.flag("is_neox", is_neox)
     q, k = _heads("query", query, head_size), _heads("key", key, head_size)

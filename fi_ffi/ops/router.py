@@ -128,6 +128,12 @@ def mm_M1_16_K7168_N256(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed.
+        ValueError: a shape other than the kernel's (hidden size 7168, 256 / 128 experts, 1 to 16 tokens; DeepSeek's
+            routing groups), a tensor not contiguous or not on the first argument's CUDA device, misaligned data, an
+            integer setting out of range.
     """
     _dsv3_router_gemm(mat_a, mat_b, out, launch_with_pdl, stream=stream)
     return out
@@ -137,7 +143,14 @@ def mm_M1_16_K7168_N256(
 def mm_M1_16_K7168_N128(
     mat_a: TensorLike, mat_b: TensorLike, out: TensorT, launch_with_pdl: bool = False, *, stream: StreamLike = None
 ) -> TensorT:
-    """Mistral Large 3 router logits: as :func:`mm_M1_16_K7168_N256` with 128 experts and a bfloat16 ``out``."""
+    """Mistral Large 3 router logits: as :func:`mm_M1_16_K7168_N256` with 128 experts and a bfloat16 ``out``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed.
+        ValueError: a shape other than the kernel's (hidden size 7168, 256 / 128 experts, 1 to 16 tokens; DeepSeek's
+            routing groups), a tensor not contiguous or not on the first argument's CUDA device, misaligned data, an
+            integer setting out of range.
+    """
     _ml3_router_gemm(mat_a, mat_b, out, launch_with_pdl, stream=stream)
     return out
 
@@ -248,6 +261,12 @@ def fused_topk_deepseek(
 
     Returns:
         ``(topk_values, topk_indices)``. ``num_tokens == 0`` checks every argument and launches nothing.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed.
+        ValueError: a shape other than the kernel's (hidden size 7168, 256 / 128 experts, 1 to 16 tokens; DeepSeek's
+            routing groups), a tensor not contiguous or not on the first argument's CUDA device, misaligned data, an
+            integer setting out of range.
     """
     args = (scores, bias, n_group, topk_group, topk, routed_scaling_factor, topk_values, topk_indices, launch_with_pdl)
     if _rows(scores) == 0:  # the kernel cannot launch an empty grid

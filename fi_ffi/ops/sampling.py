@@ -209,7 +209,12 @@ __all__ = ["ROW_STATES_BYTES", "release"]  # public here, not ops of fi_ffi; the
 def softmax_workspace_size(batch_size: int, vocab_size: int) -> int:
     """Bytes of ``workspace`` :func:`softmax` needs: ``8 * batch_size * ceil(vocab_size / 8192)`` when
     ``batch_size <= 128`` and ``vocab_size >= 24576`` (the vocabulary-split path keeps a (max, denominator)
-    float pair per 8192-token slice), else 0. flashinfer-python passes 1 MiB, enough for every shape."""
+    float pair per 8192-token slice), else 0. flashinfer-python passes 1 MiB, enough for every shape.
+
+    Raises:
+        TypeError: an argument not an int.
+        ValueError: ``batch_size`` or ``vocab_size`` negative.
+    """
     batch_size, vocab_size = _size("batch_size", batch_size), _size("vocab_size", vocab_size)
     if batch_size <= 128 and vocab_size >= 24576:
         return 8 * batch_size * -(-vocab_size // 8192)
@@ -229,7 +234,12 @@ def top_p_renorm_workspace_size(batch_size: int, vocab_size: int, is_determinist
     """Bytes of ``workspace`` :func:`top_p_renorm_probs` needs on FlashInfer 0.7 modules (its radix top-p
     pass; 0.6.3 takes none): five 256-byte aligned regions per the kernel's ``GetAirTopPRenormWorkspaceSize``:
     384-byte counters, a 2048-bin histogram (8 bytes per bin when deterministic, else 4), a 2048-bin count
-    histogram and two buffers of ``max(align256(vocab_size // 32), 256)`` floats, each per row."""
+    histogram and two buffers of ``max(align256(vocab_size // 32), 256)`` floats, each per row.
+
+    Raises:
+        TypeError: an argument not an int (``is_deterministic``: a bool).
+        ValueError: ``batch_size`` or ``vocab_size`` negative.
+    """
     batch_size, vocab_size = _size("batch_size", batch_size), _size("vocab_size", vocab_size)
 
     def align(x: int) -> int:
@@ -560,6 +570,14 @@ def softmax(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed
+            (``logits`` / ``out`` float32, ``workspace`` uint8); ``temperature`` neither a number nor a tensor;
+            ``enable_pdl`` not a bool.
+        ValueError: a shape that does not fit ``[R, V]``, a ``workspace`` smaller than :func:`softmax_workspace_size` or
+            not 1-D, a ``temperature`` not finite and > 0, a tensor not contiguous or not on ``logits``'s CUDA device,
+            ``out`` overlapping an input.
     """
     if temperature is None:
         temperature = 1.0
@@ -605,6 +623,14 @@ def sampling_from_probs(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
     """
     launch = launcher(SAMPLING_FROM_PROBS, _URI, _check_from_probs)
     _sample(
@@ -631,7 +657,16 @@ def sampling_from_logits(
     stream: StreamLike = None,
 ) -> TensorT:
     """Draw ``out[b] ~ Categorical(softmax(logits[indices[b]]))`` (Gumbel-max, no softmax pass). Generator
-    advance: ``B * V``. Shapes as :func:`sampling_from_probs` with ``logits`` ``[R, V]`` float32."""
+    advance: ``B * V``. Shapes as :func:`sampling_from_probs` with ``logits`` ``[R, V]`` float32.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
+    """
     launch = launcher(SAMPLING_FROM_LOGITS, _URI, _check_from_logits)
     _sample(
         launch,
@@ -660,7 +695,16 @@ def top_p_sampling_from_probs(
 ) -> TensorT:
     """Nucleus sampling: draw from the smallest set of most likely tokens whose mass reaches ``top_p``,
     renormalized. ``top_p``: a number in ``(0, 1]`` or a ``[R]`` float32 tensor. Generator advance: ``B * 32``.
-    Other arguments as :func:`sampling_from_probs`."""
+    Other arguments as :func:`sampling_from_probs`.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
+    """
     arr, val = _split("top_p", top_p, float)
     if arr is None:
         val = _unit("top_p", val, True)
@@ -701,7 +745,16 @@ def top_k_sampling_from_probs(
 ) -> TensorT:
     """Top-k sampling: draw from the ``top_k`` most likely tokens, renormalized. ``top_k``: an int >= 1 or a
     ``[R]`` tensor of ``out``'s dtype (with ``indices``, 0.6.3 reads it per output row: then ``B == R``).
-    Generator advance: ``B * 32``. Other arguments as :func:`sampling_from_probs`."""
+    Generator advance: ``B * 32``. Other arguments as :func:`sampling_from_probs`.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
+    """
     arr, val = _split("top_k", top_k, int)
     if arr is None:
         val = _top_k(val)
@@ -742,7 +795,16 @@ def min_p_sampling_from_probs(
 ) -> TensorT:
     """Min-p sampling: draw from the tokens with ``p >= min_p * max(p)``, renormalized. ``min_p``: a number in
     ``[0, 1]`` or a ``[R]`` float32 tensor (with ``indices``, 0.6.3 reads it per output row: then ``B == R``).
-    Generator advance: ``B``. Other arguments as :func:`sampling_from_probs`."""
+    Generator advance: ``B``. Other arguments as :func:`sampling_from_probs`.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
+    """
     arr, val = _split("min_p", min_p, float)
     if arr is None:
         val = _unit("min_p", val, False)
@@ -786,7 +848,16 @@ def top_k_top_p_sampling_from_probs(
     the tokens in both the top ``top_k`` and the ``top_p`` nucleus. For flashinfer-python's default
     ``"top_k_first"``, call :func:`top_k_renorm_probs` then :func:`top_p_sampling_from_probs`. ``top_k``: int
     or ``[R]`` tensor of ``out``'s dtype; ``top_p``: number in ``(0, 1]`` or ``[R]`` float32. Generator advance:
-    ``B * 32``. Other arguments as :func:`sampling_from_probs`."""
+    ``B * 32``. Other arguments as :func:`sampling_from_probs`.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
+    """
     k_arr, k_val = _split("top_k", top_k, int)
     if k_arr is None:
         k_val = _top_k(k_val)
@@ -835,6 +906,14 @@ def top_p_renorm_probs(
         is_deterministic: reproducible accumulation (FlashInfer >= 0.7 only; 0.6.3 accepts False).
         workspace: FlashInfer >= 0.7 only, and required there: a 1-D CUDA buffer of at least
             :func:`top_p_renorm_workspace_size` bytes. 0.6.3 takes none (pass None).
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
     """
     arr, val = _split("top_p", top_p, float)
     if arr is None:
@@ -872,6 +951,14 @@ def top_k_renorm_probs(
         row_states_buffer: a 1-D CUDA buffer of at least :data:`ROW_STATES_BYTES` bytes, zero-filled before its
             first use (the kernel leaves it zeroed); one per stream.
         is_deterministic: reproducible accumulation (FlashInfer >= 0.7 only; 0.6.3 accepts False).
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
     """
     arr, val = _split("top_k", top_k, int)
     if arr is None:
@@ -900,7 +987,16 @@ def top_k_mask_logits(
     stream: StreamLike = None,
 ) -> TensorT:
     """Keep the ``top_k`` largest logits of each row, set the others to ``-inf``. ``logits``/``out``:
-    ``[R, V]`` float32/float16/bfloat16; ``top_k`` and ``row_states_buffer`` as :func:`top_k_renorm_probs`."""
+    ``[R, V]`` float32/float16/bfloat16; ``top_k`` and ``row_states_buffer`` as :func:`top_k_renorm_probs`.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
+    """
     arr, val = _split("top_k", top_k, int)
     if arr is None:
         val = _top_k(val)
@@ -945,6 +1041,14 @@ def chain_speculative_sampling(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
     """
     launch = launcher(CHAIN_SPECULATIVE_SAMPLING, _URI, _check_speculative)
     _sample(

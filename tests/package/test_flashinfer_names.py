@@ -34,6 +34,7 @@ import importlib
 import inspect
 import json
 import pkgutil
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,16 @@ def test_every_op_states_its_counterpart_or_why_it_has_none() -> None:
         assert set(table) <= names, f"entries for no op: {sorted(set(table) - names)}"
         for name, entries in table.items():
             assert all(entries.values()), f"{name}: every entry states its reason"
+
+
+def test_every_op_documents_what_it_raises() -> None:
+    """Issue 31: the API reference shows a Raises section for every public op (the bad input each error means)."""
+    missing = [
+        f.__name__
+        for f in _all_ops()
+        if f.__name__ not in PENDING_ATTENTION and not re.search(r"^Raises:$", inspect.getdoc(f) or "", re.M)
+    ]
+    assert missing == [], f"ops without a Raises: section in their docstring: {missing}"
 
 
 # ---- the rule itself, on synthetic ops against a synthetic fact (each must be refused for its one fault)
