@@ -78,7 +78,7 @@ def draw(op: Any, probs: np.ndarray, *params: Any, generator: fi_ffi.Generator |
     extra = release_kwargs(ROWS) if op is not fi_ffi.sampling_from_logits else {}
     samples = []
     for _ in range(CALLS):
-        op(p, *params, out, indices=indices, generator=g, **extra)
+        op(p, *params, out=out, indices=indices, generator=g, **extra)
         samples.append(out.cpu().numpy().copy())
         if "valid" in extra:
             assert bool(extra["valid"].all())
@@ -178,7 +178,7 @@ def one_call(seed: int, offset: int, op: Any = fi_ffi.top_p_sampling_from_probs)
     p = torch.tensor(base_probs(), dtype=torch.float32, device="cuda").reshape(1, V)
     out = torch.empty(ROWS, dtype=torch.int32, device="cuda")
     indices = torch.zeros(ROWS, dtype=torch.int32, device="cuda")
-    op(p, 0.9, out, indices=indices, seed=seed, offset=offset, **release_kwargs(ROWS))
+    op(p, 0.9, out=out, indices=indices, seed=seed, offset=offset, **release_kwargs(ROWS))
     return out.cpu().numpy()
 
 

@@ -218,7 +218,7 @@ result = {"error": None}
 with fi_ffi.Workspace.allocate(0) as ws:
     def call(x_arg):
         out.zero_()
-        return fi_ffi.segment_gemm(ws, x_arg, w, 4, True, out, seg_indptr=indptr)
+        return fi_ffi.segment_gemm(x_arg, w, 4, True, out, seg_indptr=indptr, workspace=ws)
     call(x)  # warm
     torch.cuda.synchronize()
     if case == "null":
