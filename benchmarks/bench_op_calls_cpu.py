@@ -65,13 +65,13 @@ def calls_of(fi: Any) -> dict[str, Callable[[], Any]]:
         "append_paged_kv_cache": lambda: fi.append_paged_kv_cache(*append, stream=0),
     }
     packed = {
-        "prepared rmsnorm": (fi.rmsnorm, (x, w, o)),
-        "prepared llama31 RoPE": (fi.apply_llama31_rope_pos_ids_inplace, (q, k, pos)),
-        "prepared append": (fi.append_paged_kv_cache, append),
+        "prepared rmsnorm": (fi.rmsnorm, (x, w), {"out": o}),
+        "prepared llama31 RoPE": (fi.apply_llama31_rope_pos_ids_inplace, (q, k, pos), {}),
+        "prepared append": (fi.append_paged_kv_cache, append, {}),
     }
-    for row, (op, args) in packed.items():
+    for row, (op, args, kwargs) in packed.items():
         with contextlib.suppress(TypeError):  # an older package's prepare packs norms only
-            calls[row] = fi.prepare(op, *args, stream=0)
+            calls[row] = fi.prepare(op, *args, **kwargs, stream=0)
     calls["rmsnorm"].keep = keep  # type: ignore[attr-defined]
     return calls
 
