@@ -98,8 +98,8 @@ def rmsnorm_rows(n: int, rounds: int, old: Any = None) -> dict[str, float | None
     report.measure("fi_ffi, torch tensors", lambda: rmsnorm(x, w, out=out), n=n, sync=sync)
     if old is not None:  # the old package, interleaved with this tree's
         xo, wo, oo = (old.as_tensor(t) for t in (x, w, out))
-        report.measure("before: fi_ffi, descriptors", lambda: old.rmsnorm(xo, wo, oo), n=n, sync=sync)
-        report.measure("before: fi_ffi, torch tensors", lambda: old.rmsnorm(x, w, out), n=n, sync=sync)
+        report.measure("before: fi_ffi, descriptors", lambda: old.rmsnorm(xo, wo, out=oo), n=n, sync=sync)
+        report.measure("before: fi_ffi, torch tensors", lambda: old.rmsnorm(x, w, out=out), n=n, sync=sync)
     xc = wc = oc = None
     try:
         import cupy
@@ -108,7 +108,7 @@ def rmsnorm_rows(n: int, rounds: int, old: Any = None) -> dict[str, float | None
         oc = cupy.empty_like(xc)
         report.measure("fi_ffi, CuPy arrays", lambda: rmsnorm(xc, wc, out=oc), n=n, sync=sync)
         if old is not None:
-            report.measure("before: fi_ffi, CuPy arrays", lambda: old.rmsnorm(xc, wc, oc), n=n, sync=sync)
+            report.measure("before: fi_ffi, CuPy arrays", lambda: old.rmsnorm(xc, wc, out=oc), n=n, sync=sync)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
     if xc is not None:  # CAI: the launcher reads the interface's dict (no descriptor), the driver names the device
