@@ -97,12 +97,15 @@ def layers(n: int, rounds: int, long_n: int) -> dict[str, float | None]:
     report.measure("floor: ctypes call, GIL kept", floor_gil_kept, n=n, sync=sync)
     report.measure("PreparedCall()", prepared, n=n, sync=sync)
     report.measure("launcher, descriptors", lambda: launch(od, xd, wd, 1e-6, False), n=n, sync=sync)
-    report.measure("fi_ffi.rmsnorm, descriptors", lambda: fi_ffi.rmsnorm(xd, wd, od), n=n, sync=sync)
+    report.measure("fi_ffi.rmsnorm, descriptors", lambda: fi_ffi.rmsnorm(xd, wd, out=od), n=n, sync=sync)
     report.measure("launcher, torch tensors", lambda: launch(out, x, w, 1e-6, False), n=n, sync=sync)
-    report.measure("fi_ffi.rmsnorm, torch tensors", lambda: fi_ffi.rmsnorm(x, w, out), n=n, sync=sync)
+    report.measure("fi_ffi.rmsnorm, torch tensors", lambda: fi_ffi.rmsnorm(x, w, out=out), n=n, sync=sync)
     current = torch.cuda.current_stream().cuda_stream
     report.measure(
-        "fi_ffi.rmsnorm, torch tensors, stream given", lambda: fi_ffi.rmsnorm(x, w, out, stream=current), n=n, sync=sync
+        "fi_ffi.rmsnorm, torch tensors, stream given",
+        lambda: fi_ffi.rmsnorm(x, w, out=out, stream=current),
+        n=n,
+        sync=sync,
     )
     xc = wc = oc = None
     try:
@@ -111,7 +114,7 @@ def layers(n: int, rounds: int, long_n: int) -> dict[str, float | None]:
         xc, wc = cupy.asarray(x), cupy.asarray(w)
         oc = cupy.empty_like(xc)
         report.measure("launcher, CuPy arrays", lambda: launch(oc, xc, wc, 1e-6, False), n=n, sync=sync)
-        report.measure("fi_ffi.rmsnorm, CuPy arrays", lambda: fi_ffi.rmsnorm(xc, wc, oc), n=n, sync=sync)
+        report.measure("fi_ffi.rmsnorm, CuPy arrays", lambda: fi_ffi.rmsnorm(xc, wc, out=oc), n=n, sync=sync)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
     try:
@@ -185,7 +188,7 @@ def pieces(n: int) -> dict[str, float | None]:
 
     w = torch.randn(128, dtype=torch.float16, device="cuda")
     o = torch.empty_like(x)
-    fi_ffi.rmsnorm(x, w, o)  # remembered: the generated code now reads torch tensors as it does on a warm call
+    fi_ffi.rmsnorm(x, w, out=o)  # remembered: the generated code now reads torch tensors as it does on a warm call
     keys = norm._rmsnorm.launcher.keys
     report.measure("launcher: keys and pointers of 3 torch tensors", lambda: keys(o, x, w, 1e-6, False), n=n)
     source = intake.stream_source(x)
@@ -237,7 +240,7 @@ def pieces(n: int) -> dict[str, float | None]:
         report.measure("CuPy: a.__cuda_array_interface__", lambda: xc.__cuda_array_interface__, n=n)
         report.measure("CuPy: intake reader", lambda: intake._read_cupy(xc, None), n=n)
         wc, oc = cupy.asarray(w), cupy.empty_like(xc)
-        fi_ffi.rmsnorm(xc, wc, oc)
+        fi_ffi.rmsnorm(xc, wc, out=oc)
         report.measure("launcher: keys and pointers of 3 CuPy arrays", lambda: keys(oc, xc, wc, 1e-6, False), n=n)
         report.measure("CuPy: current stream ptr", lambda: cupy.cuda.get_current_stream(0).ptr, n=n)
         report.measure("as_tensor(CuPy)", lambda: fi_ffi.as_tensor(xc), n=n)

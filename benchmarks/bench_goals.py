@@ -94,30 +94,30 @@ def rmsnorm_rows(n: int, rounds: int, old: Any = None) -> dict[str, float | None
     # the floor: the module's function called with a frame packed once (no op-layer work at all)
     floor = norm._rmsnorm.launcher.prepare((od, xd, wd, 1e-6, False))
     report.measure("floor: frame packed once", floor, n=n, sync=sync)
-    report.measure("fi_ffi, descriptors", lambda: rmsnorm(xd, wd, od), n=n, sync=sync)
-    report.measure("fi_ffi, torch tensors", lambda: rmsnorm(x, w, out), n=n, sync=sync)
+    report.measure("fi_ffi, descriptors", lambda: rmsnorm(xd, wd, out=od), n=n, sync=sync)
+    report.measure("fi_ffi, torch tensors", lambda: rmsnorm(x, w, out=out), n=n, sync=sync)
     if old is not None:  # the old package, interleaved with this tree's
         xo, wo, oo = (old.as_tensor(t) for t in (x, w, out))
-        report.measure("before: fi_ffi, descriptors", lambda: old.rmsnorm(xo, wo, oo), n=n, sync=sync)
-        report.measure("before: fi_ffi, torch tensors", lambda: old.rmsnorm(x, w, out), n=n, sync=sync)
+        report.measure("before: fi_ffi, descriptors", lambda: old.rmsnorm(xo, wo, out=oo), n=n, sync=sync)
+        report.measure("before: fi_ffi, torch tensors", lambda: old.rmsnorm(x, w, out=out), n=n, sync=sync)
     xc = wc = oc = None
     try:
         import cupy
 
         xc, wc = cupy.asarray(x), cupy.asarray(w)
         oc = cupy.empty_like(xc)
-        report.measure("fi_ffi, CuPy arrays", lambda: rmsnorm(xc, wc, oc), n=n, sync=sync)
+        report.measure("fi_ffi, CuPy arrays", lambda: rmsnorm(xc, wc, out=oc), n=n, sync=sync)
         if old is not None:
-            report.measure("before: fi_ffi, CuPy arrays", lambda: old.rmsnorm(xc, wc, oc), n=n, sync=sync)
+            report.measure("before: fi_ffi, CuPy arrays", lambda: old.rmsnorm(xc, wc, out=oc), n=n, sync=sync)
     except Exception as exc:
         print(f"CuPy unavailable: {exc}")
     if xc is not None:  # CAI: the launcher reads the interface's dict (no descriptor), the driver names the device
         xa, wa, oa = CAIObject(xc), CAIObject(wc), CAIObject(oc)
-        report.measure("fi_ffi, CAI objects", lambda: rmsnorm(xa, wa, oa), n=n, sync=sync)
+        report.measure("fi_ffi, CAI objects", lambda: rmsnorm(xa, wa, out=oa), n=n, sync=sync)
     jx = jw = None
     try:  # JAX: inputs only (its arrays are immutable), the output a descriptor; DLPack per call, as tvm_ffi
         jx, jw = jax_arrays(x, w)
-        report.measure("fi_ffi, JAX inputs", lambda: rmsnorm(jx, jw, od), n=n, sync=sync)
+        report.measure("fi_ffi, JAX inputs", lambda: rmsnorm(jx, jw, out=od), n=n, sync=sync)
     except Exception as exc:
         print(f"JAX unavailable: {exc}")
     try:

@@ -35,15 +35,17 @@ def main() -> None:
 
     report = Report(f"rmsnorm 1x128 float16, host time per call (n={args.n})")
     report.measure("torch x.add_(0) (framework floor)", lambda: x.add_(0), n=args.n, sync=sync)
-    report.measure("fi_ffi.rmsnorm, prepared descriptors", lambda: rmsnorm(xd, wd, od), n=args.n, sync=sync)
+    report.measure("fi_ffi.rmsnorm, prepared descriptors", lambda: rmsnorm(xd, wd, out=od), n=args.n, sync=sync)
     report.measure(
         "fi_ffi.rmsnorm, prepared descriptors, explicit stream",
-        lambda: rmsnorm(xd, wd, od, stream=stream),
+        lambda: rmsnorm(xd, wd, out=od, stream=stream),
         n=args.n,
         sync=sync,
     )
-    report.measure("fi_ffi.rmsnorm, torch tensors", lambda: rmsnorm(x, w, out), n=args.n, sync=sync)
-    report.measure("fi_ffi.prepare(fi_ffi.rmsnorm, ...)()", fi_ffi.prepare(rmsnorm, xd, wd, od), n=args.n, sync=sync)
+    report.measure("fi_ffi.rmsnorm, torch tensors", lambda: rmsnorm(x, w, out=out), n=args.n, sync=sync)
+    report.measure(
+        "fi_ffi.prepare(fi_ffi.rmsnorm, ...)()", fi_ffi.prepare(rmsnorm, xd, wd, out=od), n=args.n, sync=sync
+    )
     ptr = x.data_ptr()
     report.measure(
         "fi_ffi.Tensor.from_pointer(ptr, (1, 128), 'float16', 0)",
@@ -57,7 +59,7 @@ def main() -> None:
 
         xc, wc = cupy.asarray(x), cupy.asarray(w)
         oc = cupy.empty_like(xc)
-        report.measure("fi_ffi.rmsnorm, CuPy arrays", lambda: rmsnorm(xc, wc, oc), n=args.n, sync=sync)
+        report.measure("fi_ffi.rmsnorm, CuPy arrays", lambda: rmsnorm(xc, wc, out=oc), n=args.n, sync=sync)
         report.measure("fi_ffi.as_tensor(CuPy array)", lambda: fi_ffi.as_tensor(xc), n=args.n)
     except Exception as exc:
         xc = None

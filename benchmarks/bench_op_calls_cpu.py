@@ -56,22 +56,22 @@ def calls_of(fi: Any) -> dict[str, Callable[[], Any]]:
     q, k, pos = fake((1, 32, 128)), fake((1, 8, 128)), fake((1,), "int32")
     kc, vc = fake((64, 16, 8, 128)), fake((64, 16, 8, 128))
     bi, ki, kp, kl = fake((1,), "int32"), fake((4,), "int32"), fake((2,), "int32"), fake((1,), "int32")
-    append = (k, k, bi, pos, kc, vc, ki, kp, kl)
+    append = (k, k, bi, pos, (kc, vc), ki, kp, kl)
     calls: dict[str, Callable[[], Any]] = {
-        "rmsnorm": lambda: fi.rmsnorm(x, w, o, eps=1e-6, stream=0),
+        "rmsnorm": lambda: fi.rmsnorm(x, w, out=o, eps=1e-6, stream=0),
         "fused_add_rmsnorm": lambda: fi.fused_add_rmsnorm(x, r, w, eps=1e-6, stream=0),
         "apply_rope_pos_ids_inplace": lambda: fi.apply_rope_pos_ids_inplace(q, k, pos, rope_theta=5e5, stream=0),
         "apply_llama31_rope_pos_ids_inplace": lambda: fi.apply_llama31_rope_pos_ids_inplace(q, k, pos, stream=0),
         "append_paged_kv_cache": lambda: fi.append_paged_kv_cache(*append, stream=0),
     }
     packed = {
-        "prepared rmsnorm": (fi.rmsnorm, (x, w, o)),
-        "prepared llama31 RoPE": (fi.apply_llama31_rope_pos_ids_inplace, (q, k, pos)),
-        "prepared append": (fi.append_paged_kv_cache, append),
+        "prepared rmsnorm": (fi.rmsnorm, (x, w), {"out": o}),
+        "prepared llama31 RoPE": (fi.apply_llama31_rope_pos_ids_inplace, (q, k, pos), {}),
+        "prepared append": (fi.append_paged_kv_cache, append, {}),
     }
-    for row, (op, args) in packed.items():
+    for row, (op, args, kwargs) in packed.items():
         with contextlib.suppress(TypeError):  # an older package's prepare packs norms only
-            calls[row] = fi.prepare(op, *args, stream=0)
+            calls[row] = fi.prepare(op, *args, **kwargs, stream=0)
     calls["rmsnorm"].keep = keep  # type: ignore[attr-defined]
     return calls
 

@@ -31,13 +31,13 @@ def describe(ptr: int, shape: tuple[int, ...], dtype: str = "float16", device: i
 def main() -> int:
     x, w, out = describe(X, (ROWS, HIDDEN)), describe(W, (HIDDEN,)), describe(OUT, (ROWS, HIDDEN))
     bad_calls = {
-        "weight of the wrong length": lambda: fi_ffi.rmsnorm(x, describe(W, (HIDDEN // 2,)), out),
-        "weight of another dtype": lambda: fi_ffi.rmsnorm(x, describe(W, (HIDDEN,), "bfloat16"), out),
-        "output on the host": lambda: fi_ffi.rmsnorm(x, w, describe(OUT, (ROWS, HIDDEN), device="cpu")),
-        "misaligned input": lambda: fi_ffi.rmsnorm(x.rebind(X + 2), w, out),
-        "NULL output": lambda: fi_ffi.rmsnorm(x, w, out.rebind(0)),
-        "eps that is not a number": lambda: fi_ffi.rmsnorm(x, w, out, eps="1e-6"),  # type: ignore[arg-type]
-        "negative stream handle": lambda: fi_ffi.rmsnorm(x, w, out, stream=-1),
+        "weight of the wrong length": lambda: fi_ffi.rmsnorm(x, describe(W, (HIDDEN // 2,)), out=out),
+        "weight of another dtype": lambda: fi_ffi.rmsnorm(x, describe(W, (HIDDEN,), "bfloat16"), out=out),
+        "output on the host": lambda: fi_ffi.rmsnorm(x, w, out=describe(OUT, (ROWS, HIDDEN), device="cpu")),
+        "misaligned input": lambda: fi_ffi.rmsnorm(x.rebind(X + 2), w, out=out),
+        "NULL output": lambda: fi_ffi.rmsnorm(x, w, out=out.rebind(0)),
+        "eps that is not a number": lambda: fi_ffi.rmsnorm(x, w, out=out, eps="1e-6"),  # type: ignore[arg-type]
+        "negative stream handle": lambda: fi_ffi.rmsnorm(x, w, out=out, stream=-1),
     }
     refused = 0
     for what, call in bad_calls.items():

@@ -153,12 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                 tok_v.t.view((nnz, hk, d)),
                 batch_idx_d.t.view((nnz,)),
                 pos_d.t.view((nnz,)),
-                kc.t,
-                vc.t,
+                (kc.t, vc.t),
                 indices_d.t.view((int(indptr[-1]),)),
                 indptr_d.t,
                 last_d.t,
-                layout="NHD",
+                kv_layout="NHD",
                 stream=int(stream),
             )
             for b in range(batch):

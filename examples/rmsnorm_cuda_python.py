@@ -60,7 +60,7 @@ def main() -> int:
         w = fi_ffi.Tensor.from_pointer(ptrs[1], (hidden,), "float16", device=0)
         out = fi_ffi.Tensor.from_pointer(ptrs[2], (rows, hidden), "float16", device=0)
 
-        fi_ffi.rmsnorm(x, w, out, eps=eps, stream=int(stream))
+        fi_ffi.rmsnorm(x, w, out=out, eps=eps, stream=int(stream))
         check(rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
 
         got = np.empty_like(x_host)

@@ -42,7 +42,7 @@ def main() -> int:
     stream = torch.cuda.current_stream()
 
     # Any DLPack producer works directly...
-    fi_ffi.rmsnorm(x, w, out, eps=eps, stream=stream)
+    fi_ffi.rmsnorm(x, w, out=out, eps=eps, stream=stream)
     torch.cuda.synchronize()
     err_direct = (out.float() - reference(x, w, eps)).abs().max().item()
 

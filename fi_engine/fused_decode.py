@@ -145,8 +145,8 @@ class FusedDecode(EngineState):
                 cur, other = other, cur
             if not in_gemv:
                 if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE (packed as _add_norm packs its norm)
-                    before.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], v.q, eps=eps, stream=s))
-                    before.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], v.k, eps=eps, stream=s))
+                    before.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], eps, out=v.q, stream=s))
+                    before.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], eps, out=v.k, stream=s))
                 # RoPE and the append as _forward calls them, packed once (fi_ffi.prepare): the step writes its
                 # positions and page table into the view's index arrays, which the kernels read at each launch
                 before.append(kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s))

@@ -277,7 +277,7 @@ class Gemma2(ModelFamily):
                                                  valid))  # fmt: skip
             got = self._reduced(eng, vy, rows)
             eng._cp.cuda.runtime.memcpyAsync(b.h.data.ptr, got.data_ptr, rows * h * b.h.itemsize, _D2D, s)
-        fi_ffi.gemma_rmsnorm(v.h, eng._ln1[0], v.x, eps=eps, stream=s)
+        fi_ffi.gemma_rmsnorm(v.h, eng._ln1[0], out=v.x, eps=eps, stream=s)
         for i in range(c.num_layers):
             dense.linear(rows, x, h, eng._wqkv[i], w, h, qkv, w, ab, ab)
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
@@ -287,12 +287,16 @@ class Gemma2(ModelFamily):
             )  # fmt: skip
             attention(i, v)
             dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, y, h, ab, ab)  # a partial sum with TP
-            fi_ffi.gemma_rmsnorm(self._reduced(eng, vy, rows), eng._post_attn[i], v.x, eps=eps, stream=s)  # post-attn
+            fi_ffi.gemma_rmsnorm(
+                self._reduced(eng, vy, rows), eng._post_attn[i], out=v.x, eps=eps, stream=s
+            )  # post-attn
             fi_ffi.gemma_fused_add_rmsnorm(v.x, v.h, eng._pre_ff[i], eps=eps, stream=s)  # h += x; x = pre-FF norm
             dense.linear(rows, x, h, eng._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
             fi_ffi.gelu_tanh_and_mul(v.gu, v.act, stream=s)
             dense.linear(rows, act, inter, eng._wd[i], h, inter, y, h, ab, ab)  # a partial sum with TP
-            fi_ffi.gemma_rmsnorm(self._reduced(eng, vy, rows), eng._post_ff[i], v.x, eps=eps, stream=s)  # post-FF norm
+            fi_ffi.gemma_rmsnorm(
+                self._reduced(eng, vy, rows), eng._post_ff[i], out=v.x, eps=eps, stream=s
+            )  # post-FF norm
             nxt = eng._ln1[i + 1] if i < last else eng._norm
             fi_ffi.gemma_fused_add_rmsnorm(v.x, v.h, nxt, eps=eps, stream=s)
 

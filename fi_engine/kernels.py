@@ -12,7 +12,7 @@ Ops used: ``rmsnorm``, ``fused_add_rmsnorm``, ``qk_rmsnorm`` (Qwen3), ``apply_ro
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import fi_ffi
 
@@ -59,12 +59,12 @@ def workspace(device_id: int) -> Any:
 
 def rmsnorm(x: Any, weight: Any, out: Any, eps: float, stream: int) -> None:
     """:func:`fi_ffi.rmsnorm` of ``x`` ``[n, hidden]`` into ``out``, on the engine's stream."""
-    fi_ffi.rmsnorm(x, weight, out, eps=eps, stream=stream)
+    fi_ffi.rmsnorm(x, weight, out=out, eps=eps, stream=stream)
 
 
 def qk_rmsnorm(x: Any, weight: Any, eps: float, stream: int) -> None:
     """RMSNorm of every head of ``x`` ``[n, H, D]`` (a strided q or k view of the fused QKV rows), in place."""
-    fi_ffi.qk_rmsnorm(x, weight, x, eps=eps, stream=stream)
+    fi_ffi.qk_rmsnorm(x, weight, out=x, eps=eps, stream=stream)
 
 
 def fused_add_rmsnorm(x: Any, residual: Any, weight: Any, eps: float, stream: int) -> None:
@@ -135,7 +135,7 @@ def prepared_rope_inplace(q: Any, k: Any, positions: Any, rope: RopeConfig, stre
     )
 
 
-_KV_LAYOUT = "NHD"  # the engine's caches: [pages, page_size, kv_heads, head_dim]
+_KV_LAYOUT: Literal["NHD"] = "NHD"  # the engine's caches: [pages, page_size, kv_heads, head_dim]
 
 
 def append_kv(
@@ -156,12 +156,11 @@ def append_kv(
         v,
         batch_indices,
         positions,
-        k_cache,
-        v_cache,
+        (k_cache, v_cache),
         kv_indices,
         kv_indptr,
         kv_last_page_len,
-        layout=_KV_LAYOUT,
+        kv_layout=_KV_LAYOUT,
         stream=stream,
     )
 
@@ -180,8 +179,8 @@ def prepared_append_kv(
 ) -> Any:
     """:func:`append_kv` checked and packed once (:func:`fi_ffi.prepare`): calling the result launches it again on
     the same buffers, reading the index arrays the step wrote."""
-    append = (k, v, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr, kv_last_page_len)
-    return fi_ffi.prepare(fi_ffi.append_paged_kv_cache, *append, layout=_KV_LAYOUT, stream=stream)
+    append = (k, v, batch_indices, positions, (k_cache, v_cache), kv_indices, kv_indptr, kv_last_page_len)
+    return fi_ffi.prepare(fi_ffi.append_paged_kv_cache, *append, kv_layout=_KV_LAYOUT, stream=stream)
 
 
 def prefill_plan(
@@ -330,5 +329,5 @@ def sample_top_k_top_p(
     set (``logits`` float32 ``[n, V]``, ``probs`` float32 ``[n, V]`` scratch, ``workspace`` uint8 softmax scratch
     of :func:`softmax_workspace_bytes`, ``out`` int32 ``[n]``; ``valid`` bool ``[n]`` where
     :func:`sampling_needs_valid`, else None)."""
-    fi_ffi.softmax(logits, probs, workspace, temperature=temperature, stream=stream)
+    fi_ffi.softmax(logits, out=probs, workspace=workspace, temperature=temperature, stream=stream)
     fi_ffi.top_k_top_p_sampling_from_probs(probs, top_k, top_p, out=out, valid=valid, generator=gen, stream=stream)

@@ -39,7 +39,7 @@ engine allocates one set, not one per layer (for Mixtral-8x7B at 4096 prefill to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -469,7 +469,7 @@ class MoELayer:
         stream: Any,
         dense: Dense | None = None,
         workspace: Any = None,
-        backend: str = "auto",
+        backend: Literal["auto", "sm90", "sm80"] = "auto",
         capacity: int | None = None,
         scratch: MoEScratch | None = None,
         biases: MoEBiases | None = None,
@@ -640,13 +640,27 @@ class MoELayer:
         args_down = fi_ffi.Tensor(ptr + nbytes, (nbytes,), "uint8", self.device_id)
         cupy.cuda.Device().synchronize()  # the zero fills (legacy stream) before the synchronous argument copies
         self._gemm_gu = fi_ffi.prepare_segment_gemm(
-            self.workspace, self._t(self.s_xs, (rows, h)), self._t(self.weights.gate_up, (e, 2 * i, h)), e, True,
-            self._t(self.s_gu, (rows, 2 * i)), args_buffer=args_gu, seg_indptr=seg, backend=self.backend,
+            self._t(self.s_xs, (rows, h)),
+            self._t(self.weights.gate_up, (e, 2 * i, h)),
+            e,
+            True,
+            self._t(self.s_gu, (rows, 2 * i)),
+            workspace=self.workspace,
+            args_buffer=args_gu,
+            seg_indptr=seg,
+            backend=self.backend,
             stream=self.stream.ptr,
         )  # fmt: skip
         self._gemm_down = fi_ffi.prepare_segment_gemm(
-            self.workspace, self._t(self.s_act, (rows, i)), self._t(self.weights.down, (e, h, i)), e, True,
-            self._t(self.s_y, (rows, h)), args_buffer=args_down, seg_indptr=seg, backend=self.backend,
+            self._t(self.s_act, (rows, i)),
+            self._t(self.weights.down, (e, h, i)),
+            e,
+            True,
+            self._t(self.s_y, (rows, h)),
+            workspace=self.workspace,
+            args_buffer=args_down,
+            seg_indptr=seg,
+            backend=self.backend,
             stream=self.stream.ptr,
         )  # fmt: skip
         # the problem sizes, (m, n, k) int32 per expert, inside our argument buffer: moe_slots writes each m
@@ -829,16 +843,29 @@ class MoELayer:
         seg = groups.seg_indptr
         handle = s.ptr
         fi_ffi.segment_gemm(
-            self.workspace, self._t(self.xs, (rows, h)), self._t(self.weights.gate_up, (self.num_experts, 2 * i, h)),
-            self.num_experts, True, self._t(self.gate_up_out, (rows, 2 * i)), seg_indptr=seg, backend=self.backend,
+            self._t(self.xs, (rows, h)),
+            self._t(self.weights.gate_up, (self.num_experts, 2 * i, h)),
+            self.num_experts,
+            True,
+            self._t(self.gate_up_out, (rows, 2 * i)),
+            workspace=self.workspace,
+            seg_indptr=seg,
+            backend=self.backend,
             stream=handle,
         )  # fmt: skip
         if not self._plain:
             self._seg.set(np.asarray(seg, np.int32), stream=s)
         self._activate(self.gate_up_out, self.act, rows, self._seg)
         fi_ffi.segment_gemm(
-            self.workspace, self._t(self.act, (rows, i)), self._t(self.weights.down, (self.num_experts, h, i)),
-            self.num_experts, True, self._t(self.y, (rows, h)), seg_indptr=seg, backend=self.backend, stream=handle,
+            self._t(self.act, (rows, i)),
+            self._t(self.weights.down, (self.num_experts, h, i)),
+            self.num_experts,
+            True,
+            self._t(self.y, (rows, h)),
+            workspace=self.workspace,
+            seg_indptr=seg,
+            backend=self.backend,
+            stream=handle,
         )  # fmt: skip
         self._combine_rows(self.y, self.row_of, self.route_weights, out, t, self._seg)
         return out

@@ -6,7 +6,10 @@ so lanes is always 1 here. A :class:`Device` is the DLPack pair ``(device_type, 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias
+
+if TYPE_CHECKING:  # numpy only for the annotation: importing fi_ffi imports no numpy
+    import numpy as np
 
 # DLPack device types (dlpack.h DLDeviceType).
 CPU = 1
@@ -110,6 +113,21 @@ _BY_NAME.update(
     }
 )
 _BY_TRIPLE: dict[tuple[int, int, int], DType] = {(d.code, d.bits, d.lanes): d for d in ALL}
+
+
+class FrameworkDType(Protocol):
+    """A framework's dtype object seen structurally (torch.dtype: torch is optional, so not named here)."""
+
+    @property
+    def itemsize(self) -> int: ...
+
+    @property
+    def is_floating_point(self) -> bool: ...
+
+
+# What a dtype argument accepts (see :func:`dtype`): a DType, a name ("float16", "bf16"), a DLPack (code, bits,
+# lanes) triple, a numpy dtype or scalar type (CuPy, JAX and ml_dtypes use numpy's), or a torch dtype.
+DTypeLike: TypeAlias = "DType | str | tuple[int, int, int] | np.dtype[Any] | type[np.generic] | FrameworkDType"
 
 
 def dtype(value: Any) -> DType:

@@ -30,7 +30,7 @@ class stream_scope:
 
         with fi_ffi.stream_scope(my_stream):
             for layer in layers:
-                fi_ffi.rmsnorm(x, w, out)
+                fi_ffi.rmsnorm(x, w, out=out)
     """
 
     def __init__(self, stream: StreamLike, device: int = 0) -> None:

@@ -111,9 +111,9 @@ def check_rmsnorm(dev: Device) -> SmokeResult:
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((8, 512)).astype(np.float16), rng.standard_normal(512).astype(np.float16)
     xd, wd, od = dev.upload(x), dev.upload(w), dev.upload(np.zeros_like(x))
-    rmsnorm(xd, wd, od, eps=1e-6, stream=dev.stream_handle)
+    rmsnorm(xd, wd, out=od, eps=1e-6, stream=dev.stream_handle)
     err = float(np.max(np.abs(dev.download(od, np.float16).astype(np.float32) - _rms_reference(x, w, 1e-6))))
-    us = host_time_us(lambda: rmsnorm(xd, wd, od, eps=1e-6, stream=dev.stream_handle))
+    us = host_time_us(lambda: rmsnorm(xd, wd, out=od, eps=1e-6, stream=dev.stream_handle))
     return SmokeResult("rmsnorm f16 [8, 512]", err < 1e-2, err, us)
 
 
@@ -162,18 +162,18 @@ def check_append_paged_kv_cache(dev: Device) -> SmokeResult:
         dev.upload(np.zeros((pages, page, heads, d), np.float16)),
         dev.upload(np.zeros((pages, page, heads, d), np.float16)),
     )
-    args = (
-        [dev.upload(a) for a in (k_new, v_new, batch_idx, positions)]
-        + [kc, vc]
-        + [dev.upload(a) for a in (indices, indptr, last)]
-    )
-    append_paged_kv_cache(*args, layout="NHD", stream=dev.stream_handle)
+    kd, vd, bd, pd, ind, ptr, lst = (dev.upload(a) for a in (k_new, v_new, batch_idx, positions, indices, indptr, last))
+
+    def append() -> None:
+        append_paged_kv_cache(kd, vd, bd, pd, (kc, vc), ind, ptr, lst, "NHD", stream=dev.stream_handle)
+
+    append()
     want = np.zeros((pages, page, heads, d), np.float16)
     for (page_id, slot), token in zip(((2, 15), (0, 0), (3, 0)), range(3), strict=True):
         want[page_id, slot] = k_new[token]
     got = dev.download(kc, np.float16)
     err = float(np.max(np.abs(got.astype(np.float32) - want.astype(np.float32))))
-    us = host_time_us(lambda: append_paged_kv_cache(*args, layout="NHD", stream=dev.stream_handle))
+    us = host_time_us(append)
     return SmokeResult("append_paged_kv_cache f16 3 tokens", err == 0.0, err, us)
 
 
@@ -242,7 +242,9 @@ def check_gdn_prefill(dev: Device) -> SmokeResult:
     qd, kd, vd, cu_seqlens = dev.upload(q), dev.upload(k), dev.upload(v), dev.upload(np.array([0, n], np.int64))
     out, state = dev.upload(np.zeros((n, heads, d), np.float16)), dev.upload(np.zeros((1, heads, d, d), np.float32))
     ws = dev.upload(np.zeros(gdn_workspace_size(dev.ordinal), np.uint8))
-    gdn_prefill(qd, kd, vd, cu_seqlens, out, state, ws, stream=dev.stream_handle)
+    gdn_prefill(
+        qd, kd, vd, cu_seqlens=cu_seqlens, output=out, output_state=state, workspace=ws, stream=dev.stream_handle
+    )
     s = np.zeros((heads, d, d), np.float32)  # state [H, V, K]
     want = np.empty((n, heads, d), np.float32)
     for t in range(n):
@@ -250,7 +252,12 @@ def check_gdn_prefill(dev: Device) -> SmokeResult:
         s = s + np.einsum("hv,hk->hvk", vt - np.einsum("hvk,hk->hv", s, kt), kt)
         want[t] = np.einsum("hvk,hk->hv", s, qt) / np.sqrt(d)
     err = float(np.max(np.abs(dev.download(out, np.float16).astype(np.float32) - want)))
-    us = host_time_us(lambda: gdn_prefill(qd, kd, vd, cu_seqlens, out, state, ws, stream=dev.stream_handle), calls=200)
+    us = host_time_us(
+        lambda: gdn_prefill(
+            qd, kd, vd, cu_seqlens=cu_seqlens, output=out, output_state=state, workspace=ws, stream=dev.stream_handle
+        ),
+        calls=200,
+    )
     return SmokeResult("gdn_prefill f16 6 tokens 2 heads", err < 5e-3, err, us)
 
 

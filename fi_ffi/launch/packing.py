@@ -68,7 +68,7 @@ def prepare(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Prepared
     Calling the result launches the kernel again with the same arguments (same buffers, scalars, stream) and costs
     about one FFI call: the per-step path of a runtime whose buffers do not move::
 
-        step_norm = fi_ffi.prepare(fi_ffi.rmsnorm, x, w, out, eps=1e-6)
+        step_norm = fi_ffi.prepare(fi_ffi.rmsnorm, x, w, 1e-6, out=out)
         for _ in range(steps):
             ...
             step_norm()

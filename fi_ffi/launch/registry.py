@@ -4,11 +4,11 @@ An op of fi_ffi is a name of ``fi_ffi`` (``fi_ffi.rmsnorm``), a name of its fami
 calling a launch function (:func:`~fi_ffi.launch.launcher.launcher`) and, for some, an op ``fi_ffi.prepare`` packs.
 The decorator on the def states all of it::
 
-    _rmsnorm = launcher(RMSNORM, "norm", _check_2d_out)
+    _rmsnorm = launcher(RMSNORM, "norm", _check_2d_or_3d_out)
 
 
-    @op(launch=_rmsnorm, packable=_out_first)
-    def rmsnorm(input, weight, out, *, eps=1e-6, enable_pdl=False, stream=None): ...
+    @op(launch=_rmsnorm, packable=_out_first, flashinfer="flashinfer.norm.rmsnorm")
+    def rmsnorm(input, weight, eps=1e-6, *, out, enable_pdl=False, stream=None): ...
 
 and the rest is derived from it:
 

@@ -87,7 +87,7 @@ def _need_out(out: None) -> NoReturn:
     )
 
 
-@op(launch=_silu_and_mul)
+@op(launch=_silu_and_mul, flashinfer="flashinfer.activation.silu_and_mul")
 def silu_and_mul(
     input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
 ) -> TensorT:
@@ -101,6 +101,11 @@ def silu_and_mul(
 
     Returns:
         ``out``, as passed.
+
+    Raises:
+        TypeError: a dtype other than float16/bfloat16, ``out`` not ``input``'s dtype, ``enable_pdl`` not a bool.
+        ValueError: ``input`` without a last dimension of even size ``2 * d`` or without rows, ``out`` not ``[..., d]``,
+            a tensor not contiguous or not on ``input``'s CUDA device, misaligned data.
     """
     if out is None:
         _need_out(out)
@@ -108,23 +113,35 @@ def silu_and_mul(
     return out
 
 
-@op(launch=_gelu_and_mul)
+@op(launch=_gelu_and_mul, flashinfer="flashinfer.activation.gelu_and_mul")
 def gelu_and_mul(
     input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
 ) -> TensorT:
-    """``out = gelu(input[..., :d]) * input[..., d:]`` (erf form); arguments as :func:`silu_and_mul`."""
+    """``out = gelu(input[..., :d]) * input[..., d:]`` (erf form); arguments as :func:`silu_and_mul`.
+
+    Raises:
+        TypeError: a dtype other than float16/bfloat16, ``out`` not ``input``'s dtype, ``enable_pdl`` not a bool.
+        ValueError: ``input`` without a last dimension of even size ``2 * d`` or without rows, ``out`` not ``[..., d]``,
+            a tensor not contiguous or not on ``input``'s CUDA device, misaligned data.
+    """
     if out is None:
         _need_out(out)
     _gelu_and_mul(out, input, False if enable_pdl is None else enable_pdl, stream=stream)
     return out
 
 
-@op(launch=_gelu_tanh_and_mul)
+@op(launch=_gelu_tanh_and_mul, flashinfer="flashinfer.activation.gelu_tanh_and_mul")
 def gelu_tanh_and_mul(
     input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
 ) -> TensorT:
     """``out = gelu_tanh(input[..., :d]) * input[..., d:]`` (tanh approximation); arguments as
-    :func:`silu_and_mul`."""
+    :func:`silu_and_mul`.
+
+    Raises:
+        TypeError: a dtype other than float16/bfloat16, ``out`` not ``input``'s dtype, ``enable_pdl`` not a bool.
+        ValueError: ``input`` without a last dimension of even size ``2 * d`` or without rows, ``out`` not ``[..., d]``,
+            a tensor not contiguous or not on ``input``'s CUDA device, misaligned data.
+    """
     if out is None:
         _need_out(out)
     _gelu_tanh_and_mul(out, input, False if enable_pdl is None else enable_pdl, stream=stream)

@@ -21,10 +21,9 @@ its element count as its byte size); ``out`` shares no memory with ``A``, ``B``,
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
 
 from ..abi.wire import INT, declare, tensor
-from ..dtypes import bfloat16, float8_e4m3fn, float8_e5m2, float16, float32, int8, uint8
+from ..dtypes import DTypeLike, bfloat16, float8_e4m3fn, float8_e5m2, float16, float32, int8, uint8
 from ..dtypes import dtype as dtype_of
 from ..launch import checks
 from ..launch.launcher import launcher
@@ -105,13 +104,13 @@ def _check(a: SimpleNamespace) -> PointerRules:
 _bmm_fp8 = launcher(BMM_FP8, "gemm", _check)
 
 
-@op(launch=_bmm_fp8)
+@op(launch=_bmm_fp8, flashinfer="flashinfer.gemm.gemm_base.bmm_fp8")
 def bmm_fp8(
     A: TensorLike,
     B: TensorLike,
     A_scale: TensorLike,
     B_scale: TensorLike,
-    dtype: Any = None,
+    dtype: DTypeLike | None = None,
     out: TensorT | None = None,
     *,
     workspace_buffer: TensorLike,
@@ -132,6 +131,12 @@ def bmm_fp8(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError: ``out`` missing, ``dtype`` not a dtype or not ``out``'s, ``A`` / ``B`` not float8 or of
+            different float8 kinds, scales not float32, ``workspace_buffer`` not uint8, ``cublas_handle`` not an int.
+        ValueError: a shape that does not fit the others (batch, m, k, n), ``B`` not column-major, a tensor not on
+            ``A``'s CUDA device or misaligned, ``out`` overlapping an input, ``cublas_handle`` zero.
     """
     if out is None:
         raise TypeError("out: required (fi_ffi never allocates device memory); pass a contiguous [batch, m, n] tensor")

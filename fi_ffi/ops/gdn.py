@@ -2,9 +2,9 @@
 
 For each sequence ``n`` (tokens ``cu_seqlens[n]:cu_seqlens[n + 1]`` of the packed inputs) and each state head
 ``h`` (``Hs = max(Hq, Hv)`` of them), with a float32 state ``S`` of shape ``[d_v, d_k]`` (k-last) that starts
-at ``input_state[n, h]`` (zeros when it is None), token by token::
+at ``initial_state[n, h]`` (zeros when it is None), token by token::
 
-    S   = alpha[t, h] * S                                      # gate (decay); alpha is used as is, not exp'd
+    S   = g[t, h] * S                                          # gate (decay, alpha); g is used as is, not exp'd
     S   = S + beta[t, h] * outer(v[t] - S @ k[t], k[t])         # delta-rule update
     out[t, h] = scale * (S @ q[t])
     output_state[n, h] = S                                      # after the sequence's last token
@@ -16,7 +16,7 @@ where ``q[t]``, ``k[t]``, ``v[t]`` are the rows of the heads that state head ``h
 - GVA (``Hv > Hq``, ``Hk == Hq``, ``Hv % Hq == 0``): ``Hs = Hv``; state head ``h`` reads v head ``h`` and q/k
   head ``h // (Hv // Hq)``.
 
-``alpha`` and ``beta`` default to ones, ``scale`` to ``1 / sqrt(d)``. q and k are used as given: the kernel
+``g`` and ``beta`` default to ones, ``scale`` to ``1 / sqrt(d)``. q and k are used as given: the kernel
 does not L2-normalize them (upstream's ``use_qk_l2norm_in_kernel`` flag never reaches it). Inputs are float16
 or bfloat16; states, gates and the accumulation float32. The kernel supports ``head_dim == 128`` only
 (``d = d_k = d_v``; its tiles and state layout are fixed at 128).
@@ -79,8 +79,8 @@ GDN_PREFILL = declare(
         tensor("k"),
         tensor("v"),
         tensor("cu_seqlens"),
-        optional_tensor("input_state"),
-        optional_tensor("alpha"),
+        optional_tensor("initial_state"),
+        optional_tensor("g"),
         optional_tensor("beta"),
         ("scale", FLOAT),  # 0.0: the kernel's default 1 / sqrt(head_dim)
         tensor("workspace", output=True),
@@ -98,6 +98,10 @@ def gdn_workspace_size(device_id: int = 0) -> int:
 
     Raises :class:`~fi_ffi.errors.UnsupportedDeviceError` if the device cannot be queried (no GPU or driver),
     ``TypeError``/``ValueError`` naming ``device_id`` if it is not an int in ``[0, 2**31)``.
+
+    Raises:
+        TypeError: ``device_id`` not an int.
+        ValueError: ``device_id`` negative or not below 2**31.
     """
     device_id = checks.integer("device_id", device_id, 0)
     if device_id >= _DEVICE_END:
@@ -105,23 +109,27 @@ def gdn_workspace_size(device_id: int = 0) -> int:
     return device.sm_count(device_id) * WORKSPACE_BYTES_PER_SM
 
 
-@op()
+@op(flashinfer="flashinfer.gdn_prefill.chunk_gated_delta_rule")
 def gdn_prefill(
     q: TensorLike,
     k: TensorLike,
     v: TensorLike,
+    g: TensorLike | None = None,
+    beta: TensorLike | None = None,
+    scale: float | None = None,
+    initial_state: TensorLike | None = None,
+    *,
     cu_seqlens: TensorLike,
     output: TensorT,
     output_state: TensorT,
     workspace: TensorLike,
-    *,
-    input_state: TensorLike | None = None,
-    alpha: TensorLike | None = None,
-    beta: TensorLike | None = None,
-    scale: float | None = None,
     stream: StreamLike = None,
 ) -> tuple[TensorT, TensorT]:
     """Gated delta rule prefill of ``N`` packed sequences (see the module docstring for the math).
+
+    flashinfer's ``chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
+    cu_seqlens, use_qk_l2norm_in_kernel, output, output_state)``: the final state is always written (into the
+    required ``output_state``), and both tensors are returned.
 
     Shapes: ``S`` packed tokens, ``N`` sequences, ``Hq``/``Hk``/``Hv`` heads (GQA or GVA, see the module
     docstring), ``Hs = max(Hq, Hv)``, ``d = 128``. Every tensor is on the same CUDA device (an SM90 GPU) and
@@ -132,6 +140,12 @@ def gdn_prefill(
         q: ``[S, Hq, d]`` float16 or bfloat16.
         k: ``[S, Hk, d]``, ``q``'s dtype.
         v: ``[S, Hv, d]``, ``q``'s dtype.
+        g: optional float32 ``[S, Hs]`` per-token decay (forget) gate, alpha, applied to the state as is (not
+            exponentiated); None means ones (no decay).
+        beta: optional float32 ``[S, Hs]`` per-token update strength; None means ones.
+        scale: query scale, finite and > 0; None means ``1 / sqrt(d)``.
+        initial_state: optional float32 ``[N, Hs, d, d]`` (k-last) initial states; None means zeros. It may be
+            ``output_state`` itself (each state is read before it is overwritten, by the same threads).
         cu_seqlens: int64 ``[N + 1]``, ``N >= 1``: sequence ``n`` is tokens ``cu_seqlens[n]:cu_seqlens[n + 1]``.
             Device memory, so its values are not checked: it must start at 0, be non-decreasing and end at
             ``S``.
@@ -141,12 +155,6 @@ def gdn_prefill(
         workspace: uint8 ``[bytes]`` scratch of at least :func:`gdn_workspace_size` bytes, 64-byte aligned.
             The kernel keeps one TMA descriptor per SM in it, so launches that may run concurrently (on
             different streams) need distinct workspaces.
-        input_state: optional float32 ``[N, Hs, d, d]`` (k-last) initial states; None means zeros. It may be
-            ``output_state`` itself (each state is read before it is overwritten, by the same threads).
-        alpha: optional float32 ``[S, Hs]`` per-token decay gate, applied to the state as is (not
-            exponentiated); None means ones (no decay).
-        beta: optional float32 ``[S, Hs]`` per-token update strength; None means ones.
-        scale: query scale, finite and > 0; None means ``1 / sqrt(d)``.
         stream: where the kernel runs; ``None`` follows ``output``'s framework (torch's or CuPy's current
             stream), or TVM-FFI's current stream of the device for descriptors.
 
@@ -158,11 +166,14 @@ def gdn_prefill(
     (see the module docstring).
 
     Raises:
+        TypeError: a dtype other than those listed, ``scale`` not a number.
+        ValueError: a shape that does not fit the others (heads, ``d`` not 128, ``N``), a tensor not contiguous
+            or not on ``q``'s device, ``workspace`` too small or misaligned, ``scale`` not finite and > 0.
         UnsupportedDeviceError: ``q``'s device is not SM90, or no CUDA device is available, or this process
             already ran ``gdn_prefill`` on another device (raised before the launch; the message names both).
         KernelNotFoundError: the pinned wheels have no ``gdn_prefill_sm90`` module; says which releases do.
     """
-    _gdn_prefill(q, k, v, cu_seqlens, output, output_state, workspace, input_state, alpha, beta, scale, stream, False)
+    _gdn_prefill(q, k, v, cu_seqlens, output, output_state, workspace, initial_state, g, beta, scale, stream, False)
     return output, output_state
 
 
@@ -174,8 +185,8 @@ def _gdn_prefill(
     output: Any,
     output_state: Any,
     workspace: Any,
-    input_state: Any,
-    alpha: Any,
+    initial_state: Any,
+    g: Any,
     beta: Any,
     scale: Any,
     stream: Any,
@@ -195,7 +206,7 @@ def _gdn_prefill(
         sc = scale
     else:
         sc = checks.positive_finite("scale", scale)
-    args = (output, output_state, q, k, v, cu_seqlens, input_state, alpha, beta, sc, workspace)
+    args = (output, output_state, q, k, v, cu_seqlens, initial_state, g, beta, sc, workspace)
     dev = _device_of(q)
     try:
         bound = _bound_device
@@ -288,7 +299,7 @@ def _check_arch(qt: Tensor) -> None:
 def _check(a: SimpleNamespace) -> PointerRules:
     """The contract of ``gdn_prefill`` (layouts only); ``a.context`` is True to skip the device queries."""
     qt, kt, vt, cu, ot, st = a.q, a.k, a.v, a.cu_seqlens, a.output, a.output_state
-    ws, it, at, bt = a.workspace, a.input_state, a.alpha, a.beta
+    ws, it, at, bt = a.workspace, a.initial_state, a.g, a.beta
     checks.ndim("q", qt, 3, "[S, Hq, d]")
     checks.dtype_in("q", qt, _DTYPES)
     checks.ndim("k", kt, 3, "[S, Hk, d]")
@@ -337,11 +348,11 @@ def _check(a: SimpleNamespace) -> PointerRules:
         raise TypeError(f"output_state: expected dtype float32, got {st.dtype.name}")
     _dense("output_state", st, qt)
     if it is not None:
-        checks.shape("input_state", it, state, "[N, max(Hq, Hv), d, d]")
+        checks.shape("initial_state", it, state, "[N, max(Hq, Hv), d, d]")
         if it.dtype != float32:
-            raise TypeError(f"input_state: expected dtype float32, got {it.dtype.name}")
-        _dense("input_state", it, qt)
-    for name, gate in (("alpha", at), ("beta", bt)):
+            raise TypeError(f"initial_state: expected dtype float32, got {it.dtype.name}")
+        _dense("initial_state", it, qt)
+    for name, gate in (("g", at), ("beta", bt)):
         if gate is not None:
             checks.shape(name, gate, (packed, hs), "[S, max(Hq, Hv)]")
             if gate.dtype != float32:
@@ -361,14 +372,14 @@ def _check(a: SimpleNamespace) -> PointerRules:
                 f"{WORKSPACE_BYTES_PER_SM} per SM), got {ws.shape[0]}"
             )
     # TMA loads and stores need 16-byte aligned tensors; the workspace holds TMA descriptors (64-byte aligned)
-    rules = PointerRules({name: _TMA_ALIGN for name in ("q", "k", "v", "output", "output_state", "input_state")})
+    rules = PointerRules({name: _TMA_ALIGN for name in ("q", "k", "v", "output", "output_state", "initial_state")})
     rules.align("workspace", _WORKSPACE_ALIGN)
     # the outputs (and the per-SM TMA descriptors the kernel writes into the workspace) are written while q, k, v
     # and the gates are still read by other blocks; the state may be updated in place (each block reads its
     # head's state before it writes it)
-    rules.outputs_apart(("output", "output_state", "workspace"), ("q", "k", "v", "alpha", "beta", "cu_seqlens"))
-    rules.disjoint("output", "input_state").disjoint("workspace", "input_state")
-    return rules.same_or_disjoint("output_state", "input_state")
+    rules.outputs_apart(("output", "output_state", "workspace"), ("q", "k", "v", "g", "beta", "cu_seqlens"))
+    rules.disjoint("output", "initial_state").disjoint("workspace", "initial_state")
+    return rules.same_or_disjoint("output_state", "initial_state")
 
 
 def _dense(name: str, t: Tensor, ref: Tensor) -> None:

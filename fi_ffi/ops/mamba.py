@@ -36,7 +36,7 @@ place).
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 from ..abi.wire import BOOL, INT, declare, optional_tensor, tensor
 from ..dtypes import bfloat16, float16, float32, int32, int64
@@ -218,9 +218,10 @@ _launch = {
     _SM90: launcher(SELECTIVE_STATE_UPDATE, _SM90, _check(True)),
 }
 BACKENDS = ("auto", "sm90", "simple")
+MambaBackend = Literal["auto", "sm90", "simple"]  # BACKENDS, as a type
 
 
-@op()
+@op(flashinfer="flashinfer.mamba.selective_state_update.selective_state_update")
 def selective_state_update(
     state: TensorLike,
     x: TensorLike,
@@ -240,7 +241,7 @@ def selective_state_update(
     intermediate_state_indices: TensorLike | None = None,
     cache_steps: int = 0,
     *,
-    backend: str = "auto",
+    backend: MambaBackend = "auto",
     stream: StreamLike = None,
 ) -> TensorT:
     """One Mamba-2 decode step (see the module docstring for the math and the contract).
@@ -265,6 +266,13 @@ def selective_state_update(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed,
+            ``backend`` not a string.
+        ValueError: a shape that does not fit the state's (``batch``, ``nheads``, ``dim``, ``dstate``, groups), a batch
+            larger than the state cache, rows not contiguous, a tensor not on ``state``'s CUDA device, an unknown
+            ``backend`` or one the shapes do not fit.
     """
     if out is None:
         raise TypeError(

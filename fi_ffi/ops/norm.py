@@ -48,7 +48,7 @@ DECLARATIONS = tuple(("norm", d) for d in (RMSNORM, GEMMA_RMSNORM, FUSED_ADD_RMS
 # The wire mappings (the op's arguments -> its launch function's values), shared by the ops and fi_ffi.prepare: the
 # op passes its launch function, prepare a packer (fi_ffi.launch.packing).
 def _out_first(
-    launch: Callable[..., Any], input: Any, weight: Any, out: Any, eps: Any, enable_pdl: Any, stream: Any
+    launch: Callable[..., Any], input: Any, weight: Any, eps: Any, out: Any, enable_pdl: Any, stream: Any
 ) -> Any:
     """An out-of-place norm: (out, input, weight, eps, enable_pdl)."""
     return launch(out, input, weight, eps, enable_pdl, stream=stream)
@@ -61,13 +61,22 @@ def _in_place(
     return launch(input, residual, weight, eps, enable_pdl, stream=stream)
 
 
-def _rows(rank: int, other: str) -> Callable[[SimpleNamespace], PointerRules]:
-    """The contract of a norm call whose rows are ``input`` and ``other`` (``out`` or ``residual``)."""
-    layout = "[B, D]" if rank == 2 else "[B, H, D]"
+_LAYOUTS = {2: "[B, D]", 3: "[B, H, D]"}
+
+
+def _rows(ranks: tuple[int, ...], other: str) -> Callable[[SimpleNamespace], PointerRules]:
+    """The contract of a norm call whose rows are ``input`` and ``other`` (``out`` or ``residual``), for an
+    ``input`` of one of ``ranks`` (2: ``[B, D]``; 3: ``[B, H, D]``, one row per head, the first two dimensions
+    strided as they come: the kernel entry point takes both ranks and reads both strides)."""
 
     def check(a: SimpleNamespace) -> PointerRules:
         x, w, o = a.input, a.weight, getattr(a, other)
-        checks.ndim("input", x, rank, layout)
+        if len(ranks) == 1:
+            checks.ndim("input", x, ranks[0], _LAYOUTS[ranks[0]])
+        elif x.ndim not in ranks:
+            expected = " or ".join(f"{r}-D {_LAYOUTS[r]}" for r in ranks)
+            raise ValueError(f"input: expected a {expected} tensor, got shape {x.shape}")
+        layout = _LAYOUTS[x.ndim]
         checks.dtype_in("input", x, _DTYPES)
         checks.cuda("input", x)
         checks.last_dim_contiguous("input", x)
@@ -95,13 +104,15 @@ def _rows(rank: int, other: str) -> Callable[[SimpleNamespace], PointerRules]:
             return rules.same_or_disjoint("out", "input").disjoint("out", "weight")
         return rules.outputs_apart(("input", "residual"), ("weight",))
 
-    check.__qualname__ = f"check_norm_rank{rank}_{other}"
+    check.__qualname__ = f"check_norm_rank{'_or_'.join(map(str, ranks))}_{other}"
     return check
 
 
-_check_2d_out, _check_3d_out, _check_2d_residual = _rows(2, "out"), _rows(3, "out"), _rows(2, "residual")
-_rmsnorm = launcher(RMSNORM, _URI, _check_2d_out)
+_check_2d_out, _check_3d_out, _check_2d_residual = _rows((2,), "out"), _rows((3,), "out"), _rows((2,), "residual")
+_check_2d_or_3d_out = _rows((2, 3), "out")
+_rmsnorm = launcher(RMSNORM, _URI, _check_2d_or_3d_out)
 _qk_rmsnorm = launcher(RMSNORM, _URI, _check_3d_out)
+# 0.6.3's gemma_rmsnorm entry point checks a 2-D input (its rmsnorm takes 3-D as well): 2-D only, as flashinfer
 _gemma_rmsnorm = launcher(GEMMA_RMSNORM, _URI, _check_2d_out)
 _fused_add_rmsnorm = launcher(FUSED_ADD_RMSNORM, _URI, _check_2d_residual)
 _gemma_fused_add_rmsnorm = launcher(GEMMA_FUSED_ADD_RMSNORM, _URI, _check_2d_residual)
@@ -110,31 +121,42 @@ _gemma_fused_add_rmsnorm = launcher(GEMMA_FUSED_ADD_RMSNORM, _URI, _check_2d_res
 # ---- ops: each states its launch function and, for fi_ffi.prepare, its wire mapping (fi_ffi.launch.registry)
 
 
-@op(launch=_rmsnorm, packable=_out_first)
+@op(launch=_rmsnorm, packable=_out_first, flashinfer="flashinfer.norm.rmsnorm")
 def rmsnorm(
     input: TensorLike,
     weight: TensorLike,
-    out: TensorT,
-    *,
     eps: float = 1e-6,
+    *,
+    out: TensorT,
     enable_pdl: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
-    """RMSNorm of each row: ``out[b, :] = input[b, :] / RMS(input[b, :]) * weight``.
+    """RMSNorm of each row: ``out[..., :] = input[..., :] / RMS(input[..., :]) * weight``.
+
+    flashinfer's ``rmsnorm(input, weight, eps, out, enable_pdl)``; ``out`` is required (fi_ffi never allocates).
 
     Args:
-        input: ``[B, D]`` float16/bfloat16 on a CUDA device; last dimension contiguous, rows may be strided.
-        weight: ``[D]``, same dtype and device.
-        out: ``[B, D]``, same dtype and device; last dimension contiguous. Written asynchronously.
+        input: ``[B, D]`` (one row per token) or ``[B, H, D]`` (QK RMSNorm: one row per head, as Qwen3 and Gemma 3
+            normalize q and k), float16/bfloat16 on a CUDA device; the last dimension contiguous, the others may
+            be strided (rows of a larger buffer, the q or k slice of a fused QKV tensor).
+        weight: ``[D]``, same dtype and device, shared by every row.
         eps: added to the mean square, finite and > 0.
+        out: ``input``'s shape, dtype and device; last dimension contiguous, may be strided like ``input`` or be
+            ``input`` itself (in place). Written asynchronously.
         enable_pdl: launch with programmatic dependent launch (SM90+).
         stream: where the kernel runs; ``None`` follows ``input``'s framework (torch's or CuPy's current
             stream), or TVM-FFI's current stream of the device for descriptors.
 
     Returns:
         ``out``, as passed.
+
+    Raises:
+        TypeError: a tensor of another dtype than float16/bfloat16 or than ``input``'s, or not a tensor.
+        ValueError: ``input`` not 2-D or 3-D, ``weight`` not ``[D]``, ``out`` not ``input``'s shape, a tensor
+            not on the CUDA device of ``input`` or with a strided last dimension, a misaligned row, ``out``
+            overlapping ``input`` other than being it, or ``eps`` not finite and > 0.
     """
-    _out_first(_rmsnorm, input, weight, out, eps, enable_pdl, stream)
+    _out_first(_rmsnorm, input, weight, eps, out, enable_pdl, stream)
     return out
 
 
@@ -142,69 +164,106 @@ def rmsnorm(
 def qk_rmsnorm(
     input: TensorLike,
     weight: TensorLike,
-    out: TensorT,
-    *,
     eps: float = 1e-6,
+    *,
+    out: TensorT,
     enable_pdl: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
-    """Per-head RMSNorm (the fused QK norm): ``out[b, h, :] = input[b, h, :] / RMS(...) * weight``.
+    """Per-head RMSNorm (QK RMSNorm): :func:`rmsnorm` restricted to a 3-D ``input``.
+
+    ``rmsnorm`` takes ``[B, H, D]`` as well (flashinfer's order); this op refuses a 2-D input, for callers that
+    want the per-head layout checked.
 
     Args:
         input: ``[B, H, D]``; dimensions 0 and 1 may be strided (q or k slices of a fused QKV tensor),
             the last is contiguous.
         weight: ``[D]``, shared by every head.
+        eps: added to the mean square, finite and > 0.
         out: ``[B, H, D]``, same dtype and device; may be strided like ``input``.
+        enable_pdl: launch with programmatic dependent launch (SM90+).
+        stream: as :func:`rmsnorm`.
+
+    Returns:
+        ``out``, as passed.
+
+    Raises:
+        TypeError: as :func:`rmsnorm`.
+        ValueError: ``input`` not 3-D, else as :func:`rmsnorm`.
     """
-    _out_first(_qk_rmsnorm, input, weight, out, eps, enable_pdl, stream)
+    _out_first(_qk_rmsnorm, input, weight, eps, out, enable_pdl, stream)
     return out
 
 
-@op(launch=_gemma_rmsnorm, packable=_out_first)
+@op(launch=_gemma_rmsnorm, packable=_out_first, flashinfer="flashinfer.norm.gemma_rmsnorm")
 def gemma_rmsnorm(
     input: TensorLike,
     weight: TensorLike,
-    out: TensorT,
-    *,
     eps: float = 1e-6,
+    *,
+    out: TensorT,
     enable_pdl: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
-    """Gemma RMSNorm: ``out = input / RMS(input) * (1 + weight)``, shapes as :func:`rmsnorm` (2-D only)."""
-    _out_first(_gemma_rmsnorm, input, weight, out, eps, enable_pdl, stream)
+    """Gemma RMSNorm: ``out = input / RMS(input) * (1 + weight)``, arguments as :func:`rmsnorm`, 2-D only.
+
+    flashinfer 0.6.3's ``gemma_rmsnorm`` kernel entry point takes ``[B, D]`` only (its ``rmsnorm`` takes 3-D as
+    well): normalize per head with a ``[B * H, D]`` view of a contiguous ``[B, H, D]`` tensor.
+
+    Raises:
+        TypeError: as :func:`rmsnorm`.
+        ValueError: ``input`` not 2-D, else as :func:`rmsnorm`.
+    """
+    _out_first(_gemma_rmsnorm, input, weight, eps, out, enable_pdl, stream)
     return out
 
 
-@op(launch=_fused_add_rmsnorm, packable=_in_place)
+@op(launch=_fused_add_rmsnorm, packable=_in_place, flashinfer="flashinfer.norm.fused_add_rmsnorm")
 def fused_add_rmsnorm(
     input: TensorLike,
     residual: TensorLike,
     weight: TensorLike,
-    *,
     eps: float = 1e-6,
     enable_pdl: bool = False,
+    *,
     stream: StreamLike = None,
 ) -> None:
     """In place: ``residual += input``, then ``input = residual / RMS(residual) * weight``.
 
+    flashinfer's ``fused_add_rmsnorm(input, residual, weight, eps, enable_pdl)``.
+
     Args:
-        input: ``[B, D]``, overwritten with the normalized rows.
-        residual: ``[B, D]``, overwritten with ``residual + input``.
+        input: ``[B, D]`` float16/bfloat16 on a CUDA device, overwritten with the normalized rows.
+        residual: ``[B, D]``, same dtype and device, overwritten with ``residual + input``.
         weight: ``[D]``.
+        eps: added to the mean square, finite and > 0.
+        enable_pdl: launch with programmatic dependent launch (SM90+).
+        stream: as :func:`rmsnorm`.
+
+    Raises:
+        TypeError: a tensor of another dtype than float16/bfloat16 or than ``input``'s, or not a tensor.
+        ValueError: ``input`` or ``residual`` not ``[B, D]`` of one shape, ``weight`` not ``[D]``, a tensor not
+            on ``input``'s CUDA device or with a strided last dimension, a misaligned row, overlapping
+            ``input`` / ``residual`` / ``weight``, or ``eps`` not finite and > 0.
     """
     _in_place(_fused_add_rmsnorm, input, residual, weight, eps, enable_pdl, stream)
 
 
-@op(launch=_gemma_fused_add_rmsnorm, packable=_in_place)
+@op(launch=_gemma_fused_add_rmsnorm, packable=_in_place, flashinfer="flashinfer.norm.gemma_fused_add_rmsnorm")
 def gemma_fused_add_rmsnorm(
     input: TensorLike,
     residual: TensorLike,
     weight: TensorLike,
-    *,
     eps: float = 1e-6,
     enable_pdl: bool = False,
+    *,
     stream: StreamLike = None,
 ) -> None:
     """In place, Gemma form: ``residual += input``, then ``input = residual / RMS(residual) * (1 + weight)``;
-    arguments as :func:`fused_add_rmsnorm`."""
+    arguments as :func:`fused_add_rmsnorm`.
+
+    Raises:
+        TypeError: as :func:`fused_add_rmsnorm`.
+        ValueError: as :func:`fused_add_rmsnorm`.
+    """
     _in_place(_gemma_fused_add_rmsnorm, input, residual, weight, eps, enable_pdl, stream)

@@ -29,7 +29,7 @@ All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`) and 
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from ..tensor.protocols import IndexLike, StreamLike, TensorLike
 from .attention.plan_settings import LAYOUTS  # the KV layout codes the kernels take, stated once
 
 _URI = "page"
+KVLayout = Literal["NHD", "HND"]  # the order of a paged cache's dimensions (page, token, head): see LAYOUTS
 _CACHE_DTYPES = (float16, bfloat16, float8_e4m3fn, float8_e5m2)
 _HEAD_DIMS = (64, 128, 256, 512)
 _MLA_CKV_DIM, _MLA_KPE_DIM = 512, 64
@@ -254,19 +255,24 @@ def _append_wire(
     append_value: Any,
     batch_indices: Any,
     positions: Any,
-    k_cache: Any,
-    v_cache: Any,
+    paged_kv_cache: Any,
     kv_indices: Any,
     kv_indptr: Any,
     kv_last_page_len: Any,
-    layout: Any,
+    kv_layout: Any,
     stream: Any,
 ) -> Any:
     """(append_key, append_value, batch_indices, positions, k_cache, v_cache, kv_indices, kv_indptr,
     kv_last_page_len, layout code)."""
-    code = LAYOUTS.get(layout) if layout.__class__ is str or isinstance(layout, str) else None
+    code = LAYOUTS.get(kv_layout) if kv_layout.__class__ is str or isinstance(kv_layout, str) else None
     if code is None:
-        raise (ValueError if isinstance(layout, str) else TypeError)(f"layout: expected 'NHD' or 'HND', got {layout!r}")
+        raise (ValueError if isinstance(kv_layout, str) else TypeError)(
+            f"kv_layout: expected 'NHD' or 'HND', got {kv_layout!r}"
+        )
+    if paged_kv_cache.__class__ is tuple and len(paged_kv_cache) == 2:  # the common form: one test, no copy
+        k_cache, v_cache = paged_kv_cache
+    else:
+        k_cache, v_cache = _split_paged_kv_cache(paged_kv_cache, kv_layout)
     return launch(
         append_key,
         append_value,
@@ -282,27 +288,69 @@ def _append_wire(
     )
 
 
+def _split_paged_kv_cache(paged_kv_cache: Any, kv_layout: str) -> tuple[Any, Any]:
+    """The key and value caches of ``paged_kv_cache`` as flashinfer takes it: a ``(k_cache, v_cache)`` tuple, or
+    one tensor ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (``"NHD"``; ``"HND"``: ``[num_pages, 2,
+    num_kv_heads, page_size, head_dim]``) whose ``[:, 0]`` is the key cache and ``[:, 1]`` the value cache, or a
+    4-D one without the ``page_size`` dimension (page size 1), as flashinfer expands it.
+
+    Raises:
+        TypeError: neither a tuple of two tensors nor a tensor.
+        ValueError: a one-tensor cache not 4-D or 5-D, or its dimension 1 not 2.
+    """
+    if isinstance(paged_kv_cache, tuple):
+        if len(paged_kv_cache) != 2:
+            raise ValueError(
+                f"paged_kv_cache: expected a (k_cache, v_cache) tuple or one tensor, got a tuple of "
+                f"{len(paged_kv_cache)}"
+            )
+        return paged_kv_cache[0], paged_kv_cache[1]
+    if isinstance(paged_kv_cache, (list, str, bytes)) or paged_kv_cache is None:
+        raise TypeError(
+            f"paged_kv_cache: expected a (k_cache, v_cache) tuple or one tensor [num_pages, 2, ...], got "
+            f"{type(paged_kv_cache).__name__}"
+        )
+    kv = checks.tensor("paged_kv_cache", paged_kv_cache)
+    nhd = kv_layout == "NHD"
+    layout = (
+        "[num_pages, 2, page_size, num_kv_heads, head_dim]"
+        if nhd
+        else "[num_pages, 2, num_kv_heads, page_size, head_dim]"
+    )
+    if kv.ndim == 4:  # page size 1, its dimension left out: put it back (any stride fits a dimension of 1)
+        at = 2 if nhd else 3
+        kv = kv.view((*kv.shape[:at], 1, *kv.shape[at:]), (*kv.strides[:at], kv.strides[at], *kv.strides[at:]))
+    if kv.ndim != 5 or kv.shape[1] != 2:
+        raise ValueError(
+            f"paged_kv_cache: expected one tensor {layout} or a (k_cache, v_cache) tuple, got shape {kv.shape}"
+        )
+    shape = (kv.shape[0], *kv.shape[2:])
+    strides = (kv.strides[0], *kv.strides[2:])
+    return kv.view(shape, strides), kv.view(shape, strides, offset=kv.strides[1])
+
+
 def _append_checks(*values: Any, stream: Any = None) -> None:
     """The append launch's checks without the launch (an empty append)."""
     _append.launcher.slow(values, stream, None, remember=False)
 
 
-@op(launch=_append, packable=_append_wire, nonempty="append_key")
+@op(launch=_append, packable=_append_wire, nonempty="append_key", flashinfer="flashinfer.page.append_paged_kv_cache")
 def append_paged_kv_cache(
     append_key: TensorLike,
     append_value: TensorLike,
     batch_indices: TensorLike,
     positions: TensorLike,
-    k_cache: TensorLike,
-    v_cache: TensorLike,
+    paged_kv_cache: tuple[TensorLike, TensorLike] | TensorLike,
     kv_indices: TensorLike,
     kv_indptr: TensorLike,
     kv_last_page_len: TensorLike,
+    kv_layout: KVLayout = "NHD",
     *,
-    layout: str = "NHD",
     stream: StreamLike = None,
 ) -> None:
     """Write ``nnz`` new key/value tokens of several requests into a paged K/V cache.
+
+    flashinfer's ``append_paged_kv_cache``, same arguments (plus ``stream``).
 
     Args:
         append_key: ``[nnz, num_kv_heads, head_dim]``, float16/bfloat16/float8_e4m3fn/float8_e5m2 (the cache's
@@ -312,15 +360,19 @@ def append_paged_kv_cache(
         batch_indices: int32 ``[nnz]``, contiguous, device memory: the request of each token.
         positions: int32 ``[nnz]``, contiguous, device memory: the position of each token in its request
             (0-based, counting every token the request holds, appended ones included).
-        k_cache: ``[num_pages, page_size, num_kv_heads, head_dim]`` (``layout="NHD"``) or ``[num_pages,
-            num_kv_heads, page_size, head_dim]`` (``"HND"``), written in place; last dimension contiguous,
-            the others may be strided (e.g. ``kv[:, 0]`` of a combined ``[num_pages, 2, ...]`` cache).
-        v_cache: same shape, dtype, device and **identical strides** as ``k_cache``.
+        paged_kv_cache: the cache, written in place, as flashinfer takes it: a tuple ``(k_cache, v_cache)`` of
+            ``[num_pages, page_size, num_kv_heads, head_dim]`` (``kv_layout="NHD"``) or ``[num_pages,
+            num_kv_heads, page_size, head_dim]`` (``"HND"``) tensors with **identical strides** (last dimension
+            contiguous, the others may be strided), or one tensor ``[num_pages, 2, page_size, num_kv_heads,
+            head_dim]`` (``"HND"``: ``[num_pages, 2, num_kv_heads, page_size, head_dim]``), keys at ``[:, 0]``,
+            values at ``[:, 1]`` (4-D without the page dimension: page size 1). The tuple is the fast form: the
+            one tensor is described anew at each call. Errors about the caches name them ``k_cache`` and
+            ``v_cache``.
         kv_indices: int32 ``[total_pages]``, contiguous, device memory: the page ids of all requests.
         kv_indptr: int32 ``[batch + 1]``, contiguous, device memory: request ``b``'s pages are
             ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``.
         kv_last_page_len: int32 ``[batch]``, contiguous, device memory: tokens in each request's last page.
-        layout: ``"NHD"`` or ``"HND"``, the order of the page, head and token dimensions of the caches.
+        kv_layout: ``"NHD"`` or ``"HND"``, the order of the page, head and token dimensions of the caches.
         stream: where the kernel runs; ``None`` follows ``append_key``'s framework (torch's or CuPy's current
             stream), or TVM-FFI's current stream of the device for descriptors.
 
@@ -328,6 +380,14 @@ def append_paged_kv_cache(
     array interface). The index arrays' values are not checked (they are device memory): positions must fit
     the pages listed and page ids must be ``< num_pages``, or the kernel writes out of bounds. See
     :func:`check_append_positions`. ``nnz == 0`` checks every argument (and ``stream``) and launches nothing.
+
+    Raises:
+        TypeError: a dtype other than those listed (index arrays: int32 only; ``append_key`` must have the
+            cache's dtype), ``paged_kv_cache`` neither a tuple nor a tensor, ``kv_layout`` not a string.
+        ValueError: ``kv_layout`` not ``"NHD"`` / ``"HND"``; a rank or shape that does not fit the others
+            (tokens vs pages vs heads vs head_dim; ``head_dim`` not 64/128/256/512); caches with different
+            strides or strides of 2**32 elements or more; a tensor not on ``append_key``'s CUDA device, a strided
+            last dimension or index array; misaligned data; more heads than one block of the kernel can hold.
     """
     # nnz read inline (a call of _rows per layer otherwise): an int for descriptors, torch tensors, CuPy arrays
     try:
@@ -343,17 +403,16 @@ def append_paged_kv_cache(
         append_value,
         batch_indices,
         positions,
-        k_cache,
-        v_cache,
+        paged_kv_cache,
         kv_indices,
         kv_indptr,
         kv_last_page_len,
-        layout,
+        kv_layout,
         stream,
     )
 
 
-@op(launch=_append_mla)
+@op(launch=_append_mla, flashinfer="flashinfer.page.append_paged_mla_kv_cache")
 def append_paged_mla_kv_cache(
     append_ckv: TensorLike,
     append_kpe: TensorLike,
@@ -382,6 +441,13 @@ def append_paged_mla_kv_cache(
 
     The kernel only supports ``ckv_dim == 512`` and ``kpe_dim == 64`` (DeepSeek MLA). ``nnz == 0`` checks every
     argument and launches nothing.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed (index
+            arrays: int32 only; ``append_ckv`` must have the cache's dtype).
+        ValueError: a dimension other than 512 / 64, a rank or shape that does not fit the others, a tensor not on
+            ``append_ckv``'s CUDA device or with a strided last dimension or index array, cache strides of 2**32
+            elements or more, misaligned data.
     """
     if _rows(append_ckv):
         _append_mla(
@@ -520,7 +586,7 @@ def get_seq_lens(kv_indptr: Any, kv_last_page_len: Any, page_size: int) -> np.nd
     return _int32("seq_lens", seq)
 
 
-@op()
+@op(flashinfer="flashinfer.page.get_batch_indices_positions")
 def get_batch_indices_positions(
     append_indptr: IndexLike,
     seq_lens: IndexLike,
@@ -553,6 +619,11 @@ def get_batch_indices_positions(
     Returns:
         ``(batch_indices, positions)``, int32 numpy arrays ``[nnz]`` (the ones passed, if any). Upload them to
         the device for :func:`append_paged_kv_cache`.
+
+    Raises:
+        TypeError: an array that is not a host integer array (floats, strings, bools, device tensors).
+        ValueError: ``seq_lens`` not ``[batch]`` for ``append_indptr`` ``[batch + 1]``, a decreasing ``append_indptr``,
+            ``nnz`` not ``append_indptr[-1]``, values outside int32, output arrays of the wrong shape or dtype.
     """
     indptr = _indptr("append_indptr", append_indptr)
     seq = _host_ints("seq_lens", seq_lens)

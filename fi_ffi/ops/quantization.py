@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import Literal
 
 import numpy as np
 
@@ -39,6 +40,7 @@ from ..tensor.protocols import StreamLike, TensorLike, TensorT
 
 _URI = "quantization"
 _BITORDERS = ("big", "little")
+BitOrder = Literal["big", "little"]  # _BITORDERS, as a type
 
 # Wire order as in FlashInfer's csrc/flashinfer_quantization_binding.cu; the packed output (``y`` there) is
 # ``out`` here, the input indptr ``indptr`` (flashinfer-python's public names).
@@ -105,8 +107,10 @@ _packbits = launcher(PACKBITS, _URI, _check_packbits)
 _segment_packbits = launcher(SEGMENT_PACKBITS, _URI, _check_segments)
 
 
-@op(launch=_packbits)
-def packbits(x: TensorLike, bitorder: str = "big", *, out: TensorT | None = None, stream: StreamLike = None) -> TensorT:
+@op(launch=_packbits, flashinfer="flashinfer.quantization.packbits")
+def packbits(
+    x: TensorLike, bitorder: BitOrder = "big", *, out: TensorT | None = None, stream: StreamLike = None
+) -> TensorT:
     """Pack the booleans of ``x`` (read flat) 8 per byte.
 
     Args:
@@ -117,6 +121,12 @@ def packbits(x: TensorLike, bitorder: str = "big", *, out: TensorT | None = None
 
     Returns:
         ``out``, as passed.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed (``x``
+            bool, ``out`` uint8), ``out`` missing.
+        ValueError: ``x`` empty, ``bitorder`` not ``"big"`` / ``"little"``, ``out`` not ``[(x.numel + 7) // 8]``, a
+            tensor not contiguous or not on ``x``'s CUDA device.
     """
     if out is None:
         raise TypeError(
@@ -126,11 +136,11 @@ def packbits(x: TensorLike, bitorder: str = "big", *, out: TensorT | None = None
     return out
 
 
-@op(launch=_segment_packbits)
+@op(launch=_segment_packbits, flashinfer="flashinfer.quantization.segment_packbits")
 def segment_packbits(
     x: TensorLike,
     indptr: TensorLike,
-    bitorder: str = "big",
+    bitorder: BitOrder = "big",
     *,
     output_indptr: TensorT | None = None,
     out: TensorT | None = None,
@@ -148,6 +158,13 @@ def segment_packbits(
 
     Returns:
         ``(out, output_indptr)``, as passed (flashinfer-python returns the same pair).
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed (``x``
+            bool, index arrays int32, ``out`` uint8), ``out`` or ``output_indptr`` missing.
+        ValueError: ``indptr`` not ``[batch_size + 1]`` with ``batch_size >= 1``, ``output_indptr`` not ``indptr``'s
+            shape, ``bitorder`` unknown, ``out`` of the wrong length, a tensor not contiguous or not on ``x``'s CUDA
+            device.
     """
     if output_indptr is None or out is None:
         missing = "output_indptr" if output_indptr is None else "out"
@@ -170,6 +187,10 @@ def segment_packbits_indptr(indptr: Sequence[int]) -> list[int]:
 
     Returns:
         ``output_indptr`` as a list; its last value is the length of ``out``.
+
+    Raises:
+        TypeError: ``indptr`` not a list, tuple or 1-D integer array of ints.
+        ValueError: ``indptr`` empty or with offsets outside ``[0, 2**31)``.
     """
     if isinstance(indptr, np.ndarray) and indptr.ndim == 1 and indptr.dtype.kind in "iu":
         values = indptr.tolist()

@@ -326,7 +326,7 @@ def _llama31_pos_ids_inplace(
 # ---- ops ---------------------------------------------------------------------------------------------------------
 
 
-@op(launch=_apply_rope_pos_ids)
+@op(launch=_apply_rope_pos_ids, flashinfer="flashinfer.rope.apply_rope_pos_ids")
 def apply_rope_pos_ids(
     q: TensorLike,
     k: TensorLike,
@@ -354,6 +354,13 @@ def apply_rope_pos_ids(
 
     Returns:
         ``(q_rope, k_rope)``, as passed.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
     """
     q_rope, k_rope = _outputs(q_rope, k_rope)
     _apply_rope_pos_ids(
@@ -371,7 +378,7 @@ def apply_rope_pos_ids(
     return q_rope, k_rope
 
 
-@op(launch=_apply_rope_pos_ids, packable=_pos_ids_inplace)
+@op(launch=_apply_rope_pos_ids, packable=_pos_ids_inplace, flashinfer="flashinfer.rope.apply_rope_pos_ids_inplace")
 def apply_rope_pos_ids_inplace(
     q: TensorLike,
     k: TensorLike,
@@ -383,11 +390,19 @@ def apply_rope_pos_ids_inplace(
     *,
     stream: StreamLike = None,
 ) -> None:
-    """:func:`apply_rope_pos_ids` writing back into ``q`` and ``k``."""
+    """:func:`apply_rope_pos_ids` writing back into ``q`` and ``k``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+    """
     _pos_ids_inplace(_apply_rope_pos_ids, q, k, pos_ids, rotary_dim, interleave, rope_scale, rope_theta, stream)
 
 
-@op(launch=_apply_llama31_rope_pos_ids)
+@op(launch=_apply_llama31_rope_pos_ids, flashinfer="flashinfer.rope.apply_llama31_rope_pos_ids")
 def apply_llama31_rope_pos_ids(
     q: TensorLike,
     k: TensorLike,
@@ -408,6 +423,13 @@ def apply_llama31_rope_pos_ids(
 
     Args as :func:`apply_rope_pos_ids`, plus ``low_freq_factor`` (> 0), ``high_freq_factor``
     (> low_freq_factor) and ``old_context_len`` (the pre-training context, in tokens): see the module docstring.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
     """
     q_rope, k_rope = _outputs(q_rope, k_rope)
     _apply_llama31_rope_pos_ids(
@@ -428,7 +450,11 @@ def apply_llama31_rope_pos_ids(
     return q_rope, k_rope
 
 
-@op(launch=_apply_llama31_rope_pos_ids, packable=_llama31_pos_ids_inplace)
+@op(
+    launch=_apply_llama31_rope_pos_ids,
+    packable=_llama31_pos_ids_inplace,
+    flashinfer="flashinfer.rope.apply_llama31_rope_pos_ids_inplace",
+)
 def apply_llama31_rope_pos_ids_inplace(
     q: TensorLike,
     k: TensorLike,
@@ -443,7 +469,15 @@ def apply_llama31_rope_pos_ids_inplace(
     *,
     stream: StreamLike = None,
 ) -> None:
-    """:func:`apply_llama31_rope_pos_ids` writing back into ``q`` and ``k``."""
+    """:func:`apply_llama31_rope_pos_ids` writing back into ``q`` and ``k``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+    """
     _llama31_pos_ids_inplace(
         _apply_llama31_rope_pos_ids,
         q,
@@ -460,7 +494,7 @@ def apply_llama31_rope_pos_ids_inplace(
     )
 
 
-@op(launch=_apply_rope)
+@op(launch=_apply_rope, flashinfer="flashinfer.rope.apply_rope")
 def apply_rope(
     q: TensorLike,
     k: TensorLike,
@@ -482,6 +516,13 @@ def apply_rope(
         indptr: int32/int64 ``[batch_size + 1]``, contiguous, ``indptr[-1] <= nnz`` (not checked: device values).
         offsets: ``[batch_size]``, same dtype as ``indptr``.
         Others as :func:`apply_rope_pos_ids`.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
     """
     q_rope, k_rope = _outputs(q_rope, k_rope)
     _apply_rope(
@@ -500,7 +541,7 @@ def apply_rope(
     return q_rope, k_rope
 
 
-@op(launch=_apply_rope)
+@op(launch=_apply_rope, flashinfer="flashinfer.rope.apply_rope_inplace")
 def apply_rope_inplace(
     q: TensorLike,
     k: TensorLike,
@@ -513,7 +554,15 @@ def apply_rope_inplace(
     *,
     stream: StreamLike = None,
 ) -> None:
-    """:func:`apply_rope` writing back into ``q`` and ``k``."""
+    """:func:`apply_rope` writing back into ``q`` and ``k``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+    """
     _apply_rope(
         q,
         k,
@@ -529,7 +578,7 @@ def apply_rope_inplace(
     )
 
 
-@op(launch=_apply_llama31_rope)
+@op(launch=_apply_llama31_rope, flashinfer="flashinfer.rope.apply_llama31_rope")
 def apply_llama31_rope(
     q: TensorLike,
     k: TensorLike,
@@ -548,7 +597,15 @@ def apply_llama31_rope(
     stream: StreamLike = None,
 ) -> tuple[TensorT, TensorT]:
     """Llama 3.1 RoPE of a ragged batch, out of place (see :func:`apply_rope` and
-    :func:`apply_llama31_rope_pos_ids`)."""
+    :func:`apply_llama31_rope_pos_ids`).
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+    """
     q_rope, k_rope = _outputs(q_rope, k_rope)
     _apply_llama31_rope(
         q,
@@ -569,7 +626,7 @@ def apply_llama31_rope(
     return q_rope, k_rope
 
 
-@op(launch=_apply_llama31_rope)
+@op(launch=_apply_llama31_rope, flashinfer="flashinfer.rope.apply_llama31_rope_inplace")
 def apply_llama31_rope_inplace(
     q: TensorLike,
     k: TensorLike,
@@ -585,7 +642,15 @@ def apply_llama31_rope_inplace(
     *,
     stream: StreamLike = None,
 ) -> None:
-    """:func:`apply_llama31_rope` writing back into ``q`` and ``k``."""
+    """:func:`apply_llama31_rope` writing back into ``q`` and ``k``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+    """
     _apply_llama31_rope(
         q,
         k,
@@ -637,7 +702,7 @@ def _stream_of(x: Any, view: Tensor, stream: Any) -> Any:
     return intake.default_stream(x, view.device.device_id)
 
 
-@op(launch=_apply_cos_sin_cache)
+@op(launch=_apply_cos_sin_cache, flashinfer="flashinfer.rope.apply_rope_with_cos_sin_cache")
 def apply_rope_with_cos_sin_cache(
     positions: TensorLike,
     query: TensorLike,
@@ -666,6 +731,13 @@ def apply_rope_with_cos_sin_cache(
 
     Returns:
         ``(query_out, key_out)``, as passed.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
     """
     query_out, key_out = _outputs(query_out, key_out, ("query_out", "key_out"))
     if is_neox is not True and is_neox is not False:
@@ -684,7 +756,7 @@ def apply_rope_with_cos_sin_cache(
     return query_out, key_out
 
 
-@op(launch=_apply_cos_sin_cache)
+@op(launch=_apply_cos_sin_cache, flashinfer="flashinfer.rope.apply_rope_with_cos_sin_cache_inplace")
 def apply_rope_with_cos_sin_cache_inplace(
     positions: TensorLike,
     query: TensorLike,
@@ -695,7 +767,15 @@ def apply_rope_with_cos_sin_cache_inplace(
     *,
     stream: StreamLike = None,
 ) -> None:
-    """:func:`apply_rope_with_cos_sin_cache` writing back into ``query`` and ``key``."""
+    """:func:`apply_rope_with_cos_sin_cache` writing back into ``query`` and ``key``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            scalar of the wrong type (``rotary_dim`` not an int, ``interleave`` not a bool).
+        ValueError: ``q`` / ``k`` not ``[nnz, heads, head_dim]`` with one ``nnz`` and ``head_dim`` in 64/128/256/512, an
+            odd ``rotary_dim`` or one above ``head_dim``, index arrays of the wrong length, non-finite or non-positive
+            scaling factors, a tensor not on ``q``'s CUDA device, a strided last dimension, misaligned data.
+    """
     if is_neox is not True and is_neox is not False:
         is_neox = checks.flag("is_neox", is_neox)
     q, k = _heads("query", query, head_size), _heads("key", key, head_size)

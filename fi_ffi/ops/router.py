@@ -114,7 +114,7 @@ _dsv3_router_gemm = launcher(DSV3_ROUTER_GEMM, "dsv3_router_gemm", _router_check
 _ml3_router_gemm = launcher(ML3_ROUTER_GEMM, "dsv3_router_gemm", _router_check(128, bfloat16))
 
 
-@op(launch=_dsv3_router_gemm)
+@op(launch=_dsv3_router_gemm, flashinfer="flashinfer.gemm.routergemm_dsv3.mm_M1_16_K7168_N256")
 def mm_M1_16_K7168_N256(
     mat_a: TensorLike, mat_b: TensorLike, out: TensorT, launch_with_pdl: bool = False, *, stream: StreamLike = None
 ) -> TensorT:
@@ -128,16 +128,29 @@ def mm_M1_16_K7168_N256(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed.
+        ValueError: a shape other than the kernel's (hidden size 7168, 256 / 128 experts, 1 to 16 tokens; DeepSeek's
+            routing groups), a tensor not contiguous or not on the first argument's CUDA device, misaligned data, an
+            integer setting out of range.
     """
     _dsv3_router_gemm(mat_a, mat_b, out, launch_with_pdl, stream=stream)
     return out
 
 
-@op(launch=_ml3_router_gemm)
+@op(launch=_ml3_router_gemm, flashinfer="flashinfer.gemm.routergemm_dsv3.mm_M1_16_K7168_N128")
 def mm_M1_16_K7168_N128(
     mat_a: TensorLike, mat_b: TensorLike, out: TensorT, launch_with_pdl: bool = False, *, stream: StreamLike = None
 ) -> TensorT:
-    """Mistral Large 3 router logits: as :func:`mm_M1_16_K7168_N256` with 128 experts and a bfloat16 ``out``."""
+    """Mistral Large 3 router logits: as :func:`mm_M1_16_K7168_N256` with 128 experts and a bfloat16 ``out``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed.
+        ValueError: a shape other than the kernel's (hidden size 7168, 256 / 128 experts, 1 to 16 tokens; DeepSeek's
+            routing groups), a tensor not contiguous or not on the first argument's CUDA device, misaligned data, an
+            integer setting out of range.
+    """
     _ml3_router_gemm(mat_a, mat_b, out, launch_with_pdl, stream=stream)
     return out
 
@@ -234,7 +247,7 @@ def _routing_limits(num_experts: int, n_group: int, topk_group: int, topk: int) 
 _noaux_tc = launcher(NOAUX_TC, "dsv3_fused_routing", _check_routing)
 
 
-@op(launch=_noaux_tc)
+@op(launch=_noaux_tc, flashinfer="flashinfer.fused_moe.fused_routing_dsv3.fused_topk_deepseek")
 def fused_topk_deepseek(
     scores: TensorLike,
     bias: TensorLike,
@@ -263,6 +276,12 @@ def fused_topk_deepseek(
 
     Returns:
         ``(topk_values, topk_indices)``. ``num_tokens == 0`` checks every argument and launches nothing.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed.
+        ValueError: a shape other than the kernel's (hidden size 7168, 256 / 128 experts, 1 to 16 tokens; DeepSeek's
+            routing groups), a tensor not contiguous or not on the first argument's CUDA device, misaligned data, an
+            integer setting out of range.
     """
     args = (scores, bias, n_group, topk_group, topk, routed_scaling_factor, topk_values, topk_indices, launch_with_pdl)
     if _rows(scores) == 0:  # the kernel cannot launch an empty grid

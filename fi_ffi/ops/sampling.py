@@ -178,9 +178,9 @@ _SPEC = [
     tensor("draft_probs"),
     tensor("draft_token_ids"),
     tensor("target_probs"),
-    tensor("output_token_ids", output=True),
-    tensor("output_accepted_token_num", output=True),
-    tensor("output_emitted_draft_token_num", output=True),
+    tensor("out", output=True),
+    tensor("maybe_output_accepted_token_num", output=True),
+    tensor("maybe_output_emitted_draft_token_num", output=True),
 ]
 CHAIN_SPECULATIVE_SAMPLING = _pair("chain_speculative_sampling", _SPEC, _SPEC, [])
 
@@ -209,7 +209,12 @@ __all__ = ["ROW_STATES_BYTES"]  # public here, not an op of fi_ffi; the ops (and
 def softmax_workspace_size(batch_size: int, vocab_size: int) -> int:
     """Bytes of ``workspace`` :func:`softmax` needs: ``8 * batch_size * ceil(vocab_size / 8192)`` when
     ``batch_size <= 128`` and ``vocab_size >= 24576`` (the vocabulary-split path keeps a (max, denominator)
-    float pair per 8192-token slice), else 0. flashinfer-python passes 1 MiB, enough for every shape."""
+    float pair per 8192-token slice), else 0. flashinfer-python passes 1 MiB, enough for every shape.
+
+    Raises:
+        TypeError: an argument not an int.
+        ValueError: ``batch_size`` or ``vocab_size`` negative.
+    """
     batch_size, vocab_size = _size("batch_size", batch_size), _size("vocab_size", vocab_size)
     if batch_size <= 128 and vocab_size >= 24576:
         return 8 * batch_size * -(-vocab_size // 8192)
@@ -229,7 +234,12 @@ def top_p_renorm_workspace_size(batch_size: int, vocab_size: int, is_determinist
     """Bytes of ``workspace`` :func:`top_p_renorm_probs` needs on FlashInfer 0.7 modules (its radix top-p
     pass; 0.6.3 takes none): five 256-byte aligned regions per the kernel's ``GetAirTopPRenormWorkspaceSize``:
     384-byte counters, a 2048-bin histogram (8 bytes per bin when deterministic, else 4), a 2048-bin count
-    histogram and two buffers of ``max(align256(vocab_size // 32), 256)`` floats, each per row."""
+    histogram and two buffers of ``max(align256(vocab_size // 32), 256)`` floats, each per row.
+
+    Raises:
+        TypeError: an argument not an int (``is_deterministic``: a bool).
+        ValueError: ``batch_size`` or ``vocab_size`` negative.
+    """
     batch_size, vocab_size = _size("batch_size", batch_size), _size("vocab_size", vocab_size)
 
     def align(x: int) -> int:
@@ -249,7 +259,11 @@ def top_p_renorm_workspace_size(batch_size: int, vocab_size: int, is_determinist
 def sampling_release() -> str:
     """The FlashInfer release whose sampling argument lists the pinned ``sampling`` module has (``"0.6.3"`` or
     ``"0.7.2"``): on ``"0.7.2"`` the ``*_from_probs`` ops need ``valid`` and :func:`top_p_renorm_probs` needs
-    ``workspace``. Binds the module (loads it) on first use."""
+    ``workspace``. Binds the module (loads it) on first use.
+
+    Raises:
+        LoaderError: the pinned wheels hold no ``sampling`` module (or it cannot be loaded).
+    """
     launch: Any = launcher(SAMPLING_FROM_PROBS, _URI, _check_from_probs)
     return launch.launcher.decl.release  # type: ignore[no-any-return]
 
@@ -436,16 +450,16 @@ def _check_speculative(a: SimpleNamespace) -> PointerRules:
     checks.ndim("target_probs", target, 3, "[B, N + 1, V]")
     checks.shape("target_probs", target, (b, n + 1, v), "[B, N + 1, V]")
     _like("target_probs", target, "draft_probs", draft)
-    checks.ndim("output_token_ids", a.output_token_ids, 2, "[B, N + 1]")
-    checks.shape("output_token_ids", a.output_token_ids, (b, n + 1), "[B, N + 1]")
-    _like("output_token_ids", a.output_token_ids, "draft_probs", draft, (int32,))
-    for name in ("output_accepted_token_num", "output_emitted_draft_token_num"):
+    checks.ndim("out", a.out, 2, "[B, N + 1]")
+    checks.shape("out", a.out, (b, n + 1), "[B, N + 1]")
+    _like("out", a.out, "draft_probs", draft, (int32,))
+    for name in ("maybe_output_accepted_token_num", "maybe_output_emitted_draft_token_num"):
         _vector(name, getattr(a, name), b, "B", "draft_probs", draft, (int32,))
     _check_rng(a, b, "draft_probs", draft)
     rules = PointerRules(
         {"draft_probs": checks.row_vector_bytes(draft), "target_probs": checks.row_vector_bytes(target)}
     )
-    outputs = ("output_token_ids", "output_accepted_token_num", "output_emitted_draft_token_num")
+    outputs = ("out", "maybe_output_accepted_token_num", "maybe_output_emitted_draft_token_num")
     return rules.outputs_apart(outputs, ("draft_probs", "draft_token_ids", "target_probs", *_present(a, _RNG)))
 
 
@@ -539,14 +553,14 @@ def _sample(
 # ---- ops ------------------------------------------------------------------------------------------------------------
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.softmax")
 def softmax(
     logits: TensorLike,
-    out: TensorT,
-    workspace: TensorLike,
-    *,
     temperature: float | TensorLike | None = None,
     enable_pdl: bool = False,
+    *,
+    out: TensorT,
+    workspace: TensorLike,
     stream: StreamLike = None,
 ) -> TensorT:
     """Softmax of each row with temperature: ``out[r] = softmax(logits[r] / temperature[r])`` (online, fp32).
@@ -561,6 +575,14 @@ def softmax(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed
+            (``logits`` / ``out`` float32, ``workspace`` uint8); ``temperature`` neither a number nor a tensor;
+            ``enable_pdl`` not a bool.
+        ValueError: a shape that does not fit ``[R, V]``, a ``workspace`` smaller than :func:`softmax_workspace_size` or
+            not 1-D, a ``temperature`` not finite and > 0, a tensor not contiguous or not on ``logits``'s CUDA device,
+            ``out`` overlapping an input.
     """
     if temperature is None:
         temperature = 1.0
@@ -579,15 +601,15 @@ def softmax(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.sampling_from_probs")
 def sampling_from_probs(
     probs: TensorLike,
-    out: TensorT,
-    *,
     indices: TensorLike | None = None,
-    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
+    *,
+    out: TensorT,
+    valid: TensorLike | None = None,
     seed: int | TensorLike | None = None,
     offset: int | TensorLike | None = None,
     stream: StreamLike = None,
@@ -606,6 +628,14 @@ def sampling_from_probs(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
     """
     launch = launcher(SAMPLING_FROM_PROBS, _URI, _check_from_probs)
     _sample(
@@ -619,20 +649,29 @@ def sampling_from_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.sampling_from_logits")
 def sampling_from_logits(
     logits: TensorLike,
-    out: TensorT,
-    *,
     indices: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
+    *,
+    out: TensorT,
     seed: int | TensorLike | None = None,
     offset: int | TensorLike | None = None,
     stream: StreamLike = None,
 ) -> TensorT:
     """Draw ``out[b] ~ Categorical(softmax(logits[indices[b]]))`` (Gumbel-max, no softmax pass). Generator
-    advance: ``B * V``. Shapes as :func:`sampling_from_probs` with ``logits`` ``[R, V]`` float32."""
+    advance: ``B * V``. Shapes as :func:`sampling_from_probs` with ``logits`` ``[R, V]`` float32.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
+    """
     launch = launcher(SAMPLING_FROM_LOGITS, _URI, _check_from_logits)
     _sample(
         launch,
@@ -645,23 +684,32 @@ def sampling_from_logits(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.top_p_sampling_from_probs")
 def top_p_sampling_from_probs(
     probs: TensorLike,
     top_p: float | TensorLike,
-    out: TensorT,
-    *,
     indices: TensorLike | None = None,
-    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
+    *,
+    out: TensorT,
+    valid: TensorLike | None = None,
     seed: int | TensorLike | None = None,
     offset: int | TensorLike | None = None,
     stream: StreamLike = None,
 ) -> TensorT:
     """Nucleus sampling: draw from the smallest set of most likely tokens whose mass reaches ``top_p``,
     renormalized. ``top_p``: a number in ``(0, 1]`` or a ``[R]`` float32 tensor. Generator advance: ``B * 32``.
-    Other arguments as :func:`sampling_from_probs`."""
+    Other arguments as :func:`sampling_from_probs`.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
+    """
     arr, val = _split("top_p", top_p, float)
     if arr is None:
         val = _unit("top_p", val, True)
@@ -686,23 +734,32 @@ def top_p_sampling_from_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.top_k_sampling_from_probs")
 def top_k_sampling_from_probs(
     probs: TensorLike,
     top_k: int | TensorLike,
-    out: TensorT,
-    *,
     indices: TensorLike | None = None,
-    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
+    *,
+    out: TensorT,
+    valid: TensorLike | None = None,
     seed: int | TensorLike | None = None,
     offset: int | TensorLike | None = None,
     stream: StreamLike = None,
 ) -> TensorT:
     """Top-k sampling: draw from the ``top_k`` most likely tokens, renormalized. ``top_k``: an int >= 1 or a
     ``[R]`` tensor of ``out``'s dtype (with ``indices``, 0.6.3 reads it per output row: then ``B == R``).
-    Generator advance: ``B * 32``. Other arguments as :func:`sampling_from_probs`."""
+    Generator advance: ``B * 32``. Other arguments as :func:`sampling_from_probs`.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
+    """
     arr, val = _split("top_k", top_k, int)
     if arr is None:
         val = _top_k(val)
@@ -727,23 +784,32 @@ def top_k_sampling_from_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.min_p_sampling_from_probs")
 def min_p_sampling_from_probs(
     probs: TensorLike,
     min_p: float | TensorLike,
-    out: TensorT,
-    *,
     indices: TensorLike | None = None,
-    valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
+    *,
+    out: TensorT,
+    valid: TensorLike | None = None,
     seed: int | TensorLike | None = None,
     offset: int | TensorLike | None = None,
     stream: StreamLike = None,
 ) -> TensorT:
     """Min-p sampling: draw from the tokens with ``p >= min_p * max(p)``, renormalized. ``min_p``: a number in
     ``[0, 1]`` or a ``[R]`` float32 tensor (with ``indices``, 0.6.3 reads it per output row: then ``B == R``).
-    Generator advance: ``B``. Other arguments as :func:`sampling_from_probs`."""
+    Generator advance: ``B``. Other arguments as :func:`sampling_from_probs`.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
+    """
     arr, val = _split("min_p", min_p, float)
     if arr is None:
         val = _unit("min_p", val, False)
@@ -768,14 +834,14 @@ def min_p_sampling_from_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.top_k_top_p_sampling_from_probs")
 def top_k_top_p_sampling_from_probs(
     probs: TensorLike,
     top_k: int | TensorLike,
     top_p: float | TensorLike,
-    out: TensorT,
-    *,
     indices: TensorLike | None = None,
+    *,
+    out: TensorT,
     valid: TensorLike | None = None,
     deterministic: bool = True,
     generator: Generator | None = None,
@@ -787,7 +853,16 @@ def top_k_top_p_sampling_from_probs(
     the tokens in both the top ``top_k`` and the ``top_p`` nucleus. For flashinfer-python's default
     ``"top_k_first"``, call :func:`top_k_renorm_probs` then :func:`top_p_sampling_from_probs`. ``top_k``: int
     or ``[R]`` tensor of ``out``'s dtype; ``top_p``: number in ``(0, 1]`` or ``[R]`` float32. Generator advance:
-    ``B * 32``. Other arguments as :func:`sampling_from_probs`."""
+    ``B * 32``. Other arguments as :func:`sampling_from_probs`.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
+    """
     k_arr, k_val = _split("top_k", top_k, int)
     if k_arr is None:
         k_val = _top_k(k_val)
@@ -817,12 +892,12 @@ def top_k_top_p_sampling_from_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.top_p_renorm_probs")
 def top_p_renorm_probs(
     probs: TensorLike,
     top_p: float | TensorLike,
-    out: TensorT,
     *,
+    out: TensorT,
     is_deterministic: bool = False,
     workspace: TensorLike | None = None,
     stream: StreamLike = None,
@@ -836,6 +911,14 @@ def top_p_renorm_probs(
         is_deterministic: reproducible accumulation (FlashInfer >= 0.7 only; 0.6.3 accepts False).
         workspace: FlashInfer >= 0.7 only, and required there: a 1-D CUDA buffer of at least
             :func:`top_p_renorm_workspace_size` bytes. 0.6.3 takes none (pass None).
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
     """
     arr, val = _split("top_p", top_p, float)
     if arr is None:
@@ -854,13 +937,13 @@ def top_p_renorm_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.top_k_renorm_probs")
 def top_k_renorm_probs(
     probs: TensorLike,
     top_k: int | TensorLike,
+    *,
     out: TensorT,
     row_states_buffer: TensorLike,
-    *,
     is_deterministic: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
@@ -873,6 +956,14 @@ def top_k_renorm_probs(
         row_states_buffer: a 1-D CUDA buffer of at least :data:`ROW_STATES_BYTES` bytes, zero-filled before its
             first use (the kernel leaves it zeroed); one per stream.
         is_deterministic: reproducible accumulation (FlashInfer >= 0.7 only; 0.6.3 accepts False).
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
     """
     arr, val = _split("top_k", top_k, int)
     if arr is None:
@@ -891,17 +982,26 @@ def top_k_renorm_probs(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.top_k_mask_logits")
 def top_k_mask_logits(
     logits: TensorLike,
     top_k: int | TensorLike,
+    *,
     out: TensorT,
     row_states_buffer: TensorLike,
-    *,
     stream: StreamLike = None,
 ) -> TensorT:
     """Keep the ``top_k`` largest logits of each row, set the others to ``-inf``. ``logits``/``out``:
-    ``[R, V]`` float32/float16/bfloat16; ``top_k`` and ``row_states_buffer`` as :func:`top_k_renorm_probs`."""
+    ``[R, V]`` float32/float16/bfloat16; ``top_k`` and ``row_states_buffer`` as :func:`top_k_renorm_probs`.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
+    """
     arr, val = _split("top_k", top_k, int)
     if arr is None:
         val = _top_k(val)
@@ -911,15 +1011,15 @@ def top_k_mask_logits(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.sampling.chain_speculative_sampling")
 def chain_speculative_sampling(
     draft_probs: TensorLike,
     draft_token_ids: TensorLike,
     target_probs: TensorLike,
-    output_token_ids: TensorT,
-    output_accepted_token_num: TensorLike,
-    output_emitted_draft_token_num: TensorLike,
     *,
+    out: TensorT,
+    maybe_output_accepted_token_num: TensorLike,
+    maybe_output_emitted_draft_token_num: TensorLike,
     deterministic: bool = True,
     generator: Generator | None = None,
     seed: int | TensorLike | None = None,
@@ -931,21 +1031,29 @@ def chain_speculative_sampling(
     draft token ``i`` (``t = draft_token_ids[b, i]``) is accepted when ``u * draft_probs[b, i, t] <
     target_probs[b, i, t]`` (``u`` uniform in (0, 1]); at the first rejection ``j`` the token is resampled from
     ``relu(target_probs[b, j] - draft_probs[b, j])``, and if all ``N`` are accepted a bonus token is drawn
-    from ``target_probs[b, N]``. ``output_token_ids[b]`` gets the accepted tokens, then that token, then -1.
+    from ``target_probs[b, N]``. ``out[b]`` gets the accepted tokens, then that token, then -1.
 
     Args:
         draft_probs: ``[B, N, V]`` float32.
         draft_token_ids: ``[B, N]`` int32.
         target_probs: ``[B, N + 1, V]`` float32.
-        output_token_ids: ``[B, N + 1]`` int32, written.
-        output_accepted_token_num: ``[B]`` int32, **incremented** by the number of draft tokens the target
-            accepts (each judged alone); zero it to count one call.
-        output_emitted_draft_token_num: ``[B]`` int32, **incremented** by the number of draft tokens emitted
-            (the accepted prefix).
+        out: ``[B, N + 1]`` int32, written (flashinfer's returned ``output_token_ids``).
+        maybe_output_accepted_token_num: ``[B]`` int32, **incremented** by the number of draft tokens the target
+            accepts (each judged alone); zero it to count one call. Required (flashinfer allocates it if None).
+        maybe_output_emitted_draft_token_num: ``[B]`` int32, **incremented** by the number of draft tokens
+            emitted (the accepted prefix). Required, likewise.
         generator, seed, offset: the random state (module docstring). Generator advance: ``B * (N + 1)``.
 
     Returns:
-        ``output_token_ids``.
+        ``out``.
+
+    Raises:
+        TypeError: a tensor argument not a tensor (or None where required), or of a dtype other than those listed; a
+            parameter neither a number nor a tensor; ``generator`` not a :class:`~fi_ffi.Generator`, or passed with
+            ``seed`` / ``offset``, or only one of those two; an argument FlashInfer 0.7 alone has on a 0.6.3 module.
+        ValueError: a shape that does not fit the others, a parameter out of range (``top_p`` in (0, 1], ``top_k`` >= 1,
+            ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
+            too small, an output overlapping an input.
     """
     launch = launcher(CHAIN_SPECULATIVE_SAMPLING, _URI, _check_speculative)
     _sample(
@@ -958,11 +1066,11 @@ def chain_speculative_sampling(
             draft_probs=draft_probs,
             draft_token_ids=draft_token_ids,
             target_probs=target_probs,
-            output_token_ids=output_token_ids,
-            output_accepted_token_num=output_accepted_token_num,
-            output_emitted_draft_token_num=output_emitted_draft_token_num,
+            out=out,
+            maybe_output_accepted_token_num=maybe_output_accepted_token_num,
+            maybe_output_emitted_draft_token_num=maybe_output_emitted_draft_token_num,
             deterministic=deterministic,
             stream=stream,
         ),
     )
-    return output_token_ids
+    return out

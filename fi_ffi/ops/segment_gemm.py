@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 
@@ -105,6 +105,7 @@ _ALIGN = 16  # bytes: CUTLASS's 128-bit alignment of A, B and C rows; each argum
 _HALF = (float16, bfloat16)
 _FP8 = (float8_e4m3fn, float8_e5m2)
 BACKENDS = ("auto", "sm90", "sm80")
+SegmentGEMMBackend = Literal["auto", "sm90", "sm80"]  # BACKENDS, as a type
 
 
 @dataclass(frozen=True)
@@ -268,26 +269,28 @@ def _need_out() -> NoReturn:
     )
 
 
-@op()
+@op(flashinfer="flashinfer.gemm.gemm_base.SegmentGEMMWrapper.run")
 def segment_gemm(
-    workspace: Workspace,
     x: TensorLike,
     weights: TensorLike,
     batch_size: int,
     weight_column_major: bool,
     out: TensorT | None = None,
-    *,
     seg_lens: IndexLike | None = None,
     seg_indptr: IndexLike | None = None,
     weight_indices: IndexLike | None = None,
-    backend: str = "auto",
+    *,
+    workspace: Workspace,
+    backend: SegmentGEMMBackend = "auto",
     stream: StreamLike = None,
 ) -> TensorT:
-    """Grouped GEMM over segments of ``x`` (``SegmentGEMMWrapper.run``; see the module docstring).
+    """Grouped GEMM over segments of ``x`` (see the module docstring).
+
+    flashinfer's ``SegmentGEMMWrapper(float_workspace_buffer, backend).run(x, weights, batch_size,
+    weight_column_major, out, seg_lens, seg_indptr, weight_indices)``, with the wrapper's state passed per call
+    (``workspace=``, ``backend=``) and ``out`` required.
 
     Args:
-        workspace: a :class:`~fi_ffi.ops.attention.workspace.Workspace` (its int buffer receives the argument arrays, 60
-            bytes per non-empty segment; the float buffer is the SM90 kernel's scratch).
         x: ``[total_rows, d_in]``, float16/bfloat16 (FP8 with ``backend`` sm90), contiguous.
         weights: ``[num_weights, d_out, d_in]`` (column-major) or ``[num_weights, d_in, d_out]``, x's dtype,
             contiguous.
@@ -298,11 +301,20 @@ def segment_gemm(
         seg_indptr: host int32 ``[S + 1]`` row offsets (starts at 0, non-decreasing; ``seg_indptr[-1]`` is
             ``total_rows``); exactly one of the two.
         weight_indices: host int32 ``[S]``: the weight of each segment (default: segment ``i`` uses ``i``).
+        workspace: a :class:`~fi_ffi.ops.attention.workspace.Workspace` (its int buffer receives the argument
+            arrays, 60 bytes per non-empty segment; the float buffer is the SM90 kernel's scratch).
         backend: ``"auto"``, ``"sm90"`` (Hopper) or ``"sm80"`` (the generic module; adds into ``out``).
         stream: where the copy and the kernel run (None: x's framework's current stream, else TVM-FFI's).
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError: ``out`` missing, a dtype other than those listed, ``workspace`` not a ``Workspace``, index
+            arrays that are not host integer arrays.
+        ValueError: both or neither of ``seg_lens`` / ``seg_indptr``, offsets not starting at 0 or decreasing,
+            a shape that does not fit the others, ``d_in`` / ``d_out`` not a multiple of 16 bytes, a weight index
+            out of range, ``out`` overlapping ``x`` or ``weights``, an unknown ``backend``, a workspace too small.
     """
     if out is None:
         _need_out()
@@ -473,18 +485,18 @@ def _stream_int(stream: Any) -> int:
 
 @op()
 def prepare_segment_gemm(
-    workspace: Workspace,
     x: Any,
     weights: Any,
     batch_size: int,
     weight_column_major: bool,
     out: Any,
-    *,
-    args_buffer: Any,
     seg_lens: Any = None,
     seg_indptr: Any = None,
     weight_indices: Any = None,
-    backend: str = "auto",
+    *,
+    workspace: Workspace,
+    args_buffer: Any,
+    backend: SegmentGEMMBackend = "auto",
     stream: Any = None,
 ) -> PreparedSegmentGEMM:
     """Check a :func:`segment_gemm` call once and copy its argument arrays into ``args_buffer`` (synchronously:
@@ -494,6 +506,11 @@ def prepare_segment_gemm(
     Args:
         args_buffer: a uint8 device buffer of at least :func:`segment_gemm_args_bytes` bytes, 16-byte aligned,
             used by nothing else while the prepared GEMM lives (the workspace's int buffer is not written).
+
+    Raises:
+        TypeError / ValueError: an argument :func:`segment_gemm` refuses, or ``args_buffer`` not a uint8 device
+            buffer that large and aligned, each named.
+        CudaError: the copy of the argument arrays failed.
     """
     c = _checked(
         workspace,
@@ -533,7 +550,11 @@ def prepare_segment_gemm(
 
 @op()
 def segment_gemm_args_bytes(batch_size: int) -> int:
-    """Bytes of the argument arrays of ``batch_size`` non-empty segments (what ``args_buffer`` must hold)."""
+    """Bytes of the argument arrays of ``batch_size`` non-empty segments (what ``args_buffer`` must hold).
+
+    Raises:
+        TypeError / ValueError: ``batch_size`` not an int >= 0.
+    """
     n = checks.integer("batch_size", batch_size, 0)
     return -(-12 * n // _ALIGN) * _ALIGN + 6 * (-(-8 * n // _ALIGN) * _ALIGN)
 

@@ -148,14 +148,14 @@ _page_table_transform = launcher(PAGE_TABLE_TRANSFORM, _URI, _check_page_table)
 _ragged_transform = launcher(RAGGED_TRANSFORM, _URI, _check_ragged)
 
 
-@op(launch=_radix_topk)
+@op(launch=_radix_topk, flashinfer="flashinfer.topk.top_k")
 def top_k(
     input: TensorLike,
     k: int,
+    *,
     values: TensorT,
     indices: TensorT,
     row_states_buffer: TensorLike,
-    *,
     stream: StreamLike = None,
 ) -> tuple[TensorT, TensorT]:
     """The ``k`` largest entries of each row of ``input``: ``values[r]`` and their column ``indices[r]``
@@ -168,8 +168,16 @@ def top_k(
         indices: ``[R, k]`` int32, written (flashinfer-python returns int64 copies).
         row_states_buffer: scratch (module docstring).
 
+    flashinfer's ``top_k(input, k, sorted=False)`` returns the two tensors (indices as int64) and sorts them
+    on request; here the caller passes them and the order is the kernel's.
+
     Returns:
         ``(values, indices)``.
+
+    Raises:
+        TypeError: a dtype other than those listed, ``k`` not an int.
+        ValueError: a rank or shape that does not fit the others, ``k`` outside ``[1, L]`` (``top_k``) or < 1,
+            a tensor not on ``input``'s CUDA device or not contiguous, a ``row_states_buffer`` too small.
     """
     _radix_topk(
         input=input, indices=indices, values=values, row_states_buffer=row_states_buffer, top_k=_k(k), stream=stream
@@ -177,16 +185,16 @@ def top_k(
     return values, indices
 
 
-@op(launch=_page_table_transform)
+@op(launch=_page_table_transform, flashinfer="flashinfer.topk.top_k_page_table_transform")
 def top_k_page_table_transform(
     input: TensorLike,
     src_page_table: TensorLike,
     lengths: TensorLike,
     k: int,
+    row_to_batch: TensorLike | None = None,
+    *,
     out: TensorT,
     row_states_buffer: TensorLike,
-    *,
-    row_to_batch: TensorLike | None = None,
     stream: StreamLike = None,
 ) -> TensorT:
     """Top-k of each row's first ``lengths[r]`` scores, mapped through a page table:
@@ -204,6 +212,11 @@ def top_k_page_table_transform(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError: a dtype other than those listed, ``k`` not an int.
+        ValueError: a rank or shape that does not fit the others, ``k`` outside ``[1, L]`` (``top_k``) or < 1,
+            a tensor not on ``input``'s CUDA device or not contiguous, a ``row_states_buffer`` too small.
     """
     _page_table_transform(
         input=input,
@@ -218,15 +231,15 @@ def top_k_page_table_transform(
     return out
 
 
-@op(launch=_ragged_transform)
+@op(launch=_ragged_transform, flashinfer="flashinfer.topk.top_k_ragged_transform")
 def top_k_ragged_transform(
     input: TensorLike,
     offsets: TensorLike,
     lengths: TensorLike,
     k: int,
+    *,
     out: TensorT,
     row_states_buffer: TensorLike,
-    *,
     stream: StreamLike = None,
 ) -> TensorT:
     """Top-k of each row's first ``lengths[r]`` scores plus a per-row offset:
@@ -242,6 +255,11 @@ def top_k_ragged_transform(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError: a dtype other than those listed, ``k`` not an int.
+        ValueError: a rank or shape that does not fit the others, ``k`` outside ``[1, L]`` (``top_k``) or < 1,
+            a tensor not on ``input``'s CUDA device or not contiguous, a ``row_states_buffer`` too small.
     """
     _ragged_transform(
         input=input,

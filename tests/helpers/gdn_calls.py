@@ -8,8 +8,8 @@ from fi_ffi.ops import gdn
 
 def call_unchecked(
     args: dict[str, object],
-    input_state: object = None,
-    alpha: object = None,
+    initial_state: object = None,
+    g: object = None,
     beta: object = None,
     scale: object = None,
     stream: object = None,
@@ -23,8 +23,8 @@ def call_unchecked(
         args["output"],
         args["output_state"],
         args["workspace"],
-        input_state,
-        alpha,
+        initial_state,
+        g,
         beta,
         scale,
         stream,

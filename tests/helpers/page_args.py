@@ -17,7 +17,10 @@ def kv_args(
     dtype: str = "float16",
     **over: object,
 ) -> dict[str, object]:
-    """Keyword arguments of a valid ``append_paged_kv_cache`` call (descriptors only), with overrides."""
+    """Keyword arguments of a valid ``append_paged_kv_cache`` call (descriptors only), with overrides.
+
+    ``k_cache=``, ``v_cache=`` and ``layout=`` override one half of the ``paged_kv_cache`` tuple and the
+    ``kv_layout`` (the call's own keywords ``paged_kv_cache=`` / ``kv_layout=`` override them whole)."""
     cache = (num_pages, page_size, heads, head_dim) if layout == "NHD" else (num_pages, heads, page_size, head_dim)
     args: dict[str, object] = dict(
         append_key=fake_cuda((nnz, heads, head_dim), dtype),
@@ -32,7 +35,11 @@ def kv_args(
         layout=layout,
     )
     args.update(over)
-    return args
+    k_cache, v_cache, layout = args.pop("k_cache"), args.pop("v_cache"), args.pop("layout")
+    args.setdefault("paged_kv_cache", (k_cache, v_cache))
+    args.setdefault("kv_layout", layout)
+    order = ("append_key", "append_value", "batch_indices", "positions", "paged_kv_cache", "kv_indices")
+    return {**{k: args.pop(k) for k in order}, **args}  # the op's parameter order
 
 
 def mla_args(

@@ -77,7 +77,7 @@ def test_unhashable_producers_reach_the_kernel(kernel_modules: list[str]) -> Non
     x, w, out = HostCAI((4, 128)), HostCAI((128,)), HostCAI((4, 128))
     with pytest.raises(TypeError):
         hash(x)
-    reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out))
+    reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out=out))
     reached_the_kernel(lambda: fi_ffi.fused_add_rmsnorm(x, out, w))
 
 
@@ -85,12 +85,12 @@ def test_nothing_fi_ffi_keeps_holds_the_callers_buffers(kernel_modules: list[str
     x, w, out = HostCAI((4, 128)), HostCAI((128,)), HostCAI((4, 128))
     d = fake_cuda((4, 128))
     with pytest.raises(KernelError):
-        fi_ffi.rmsnorm(x, w, out)
+        fi_ffi.rmsnorm(x, w, out=out)
     with pytest.raises(KernelError):
-        fi_ffi.rmsnorm(d, w, d)
+        fi_ffi.rmsnorm(d, w, out=d)
     with pytest.raises(ValueError):
-        fi_ffi.rmsnorm(x, HostCAI((64,)), out)  # a failing call must not keep anything either
-    prepared = fi_ffi.prepare(fi_ffi.rmsnorm, d, w, d)
+        fi_ffi.rmsnorm(x, HostCAI((64,)), out=out)  # a failing call must not keep anything either
+    prepared = fi_ffi.prepare(fi_ffi.rmsnorm, d, w, out=d)
     refs = [weakref.ref(o) for o in (x.host, w.host, out.host, d.owner, d)]
     del x, w, out, d
     del prepared  # a prepared call keeps its arguments until it is dropped, by design
@@ -115,16 +115,16 @@ def test_a_32_layer_loop_with_a_weight_per_layer_stays_on_the_fast_path(kernel_m
 def test_a_changed_layout_or_misaligned_pointer_is_checked_again(kernel_modules: list[str]) -> None:
     x, w, out = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     launch = norm._rmsnorm.launcher
-    reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out))
+    reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out=out))
     before = launch.slow_calls
-    reached_the_kernel(lambda: fi_ffi.rmsnorm(x.rebind(x.data_ptr + 256), w, out))
+    reached_the_kernel(lambda: fi_ffi.rmsnorm(x.rebind(x.data_ptr + 256), w, out=out))
     assert launch.slow_calls == before  # same layout, aligned: fast path
     with pytest.raises(ValueError, match=r"^input: data pointer 0x[0-9a-f]+ must be aligned to 16 bytes"):
-        fi_ffi.rmsnorm(x.rebind(x.data_ptr + 2), w, out)
+        fi_ffi.rmsnorm(x.rebind(x.data_ptr + 2), w, out=out)
     with pytest.raises(ValueError, match=r"^weight: expected shape \(128,\)"):
-        fi_ffi.rmsnorm(x, fake_cuda((64,)), out)
+        fi_ffi.rmsnorm(x, fake_cuda((64,)), out=out)
     with pytest.raises(ValueError, match=r"^input: data pointer is NULL"):
-        fi_ffi.rmsnorm(x.rebind(0), w, out)
+        fi_ffi.rmsnorm(x.rebind(0), w, out=out)
 
 
 @pytest.mark.parametrize(
@@ -141,9 +141,9 @@ def test_a_changed_layout_or_misaligned_pointer_is_checked_again(kernel_modules:
 def test_bad_streams_are_named_before_anything_is_bound(stream: Any, exc: type, text: str) -> None:
     x, w, out = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(exc, match=text):
-        fi_ffi.rmsnorm(x, w, out, stream=stream)
+        fi_ffi.rmsnorm(x, w, out=out, stream=stream)
     with pytest.raises(exc, match=text):
-        fi_ffi.prepare(fi_ffi.rmsnorm, x, w, out, stream=stream)
+        fi_ffi.prepare(fi_ffi.rmsnorm, x, w, out=out, stream=stream)
 
 
 @pytest.mark.parametrize(
@@ -158,24 +158,24 @@ def test_bad_streams_are_named_before_anything_is_bound(stream: Any, exc: type, 
 def test_bad_scalars_are_named(eps: Any, exc: type, text: str) -> None:
     x, w, out = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(exc, match=text):
-        fi_ffi.rmsnorm(x, w, out, eps=eps)
+        fi_ffi.rmsnorm(x, w, out=out, eps=eps)
 
 
 def test_outputs_must_not_overlap_themselves() -> None:
     x, w = fake_cuda((4, 128)), fake_cuda((128,))
     rows_alias = Tensor.from_pointer(x.data_ptr, (4, 128), "float16", 0, strides=(0, 1))
     with pytest.raises(ValueError, match=r"^out: an output's elements must not overlap"):
-        fi_ffi.rmsnorm(x, w, rows_alias)
+        fi_ffi.rmsnorm(x, w, out=rows_alias)
 
 
 def test_sizes_beyond_int32_and_wrapping_ranges_are_refused() -> None:
     w = fake_cuda((128,))
     big = Tensor.from_pointer(1 << 40, (1 << 31, 128), "float16", 0)
     with pytest.raises(ValueError, match=r"^input: size 2147483648 in shape .* does not fit the kernels' int32"):
-        fi_ffi.rmsnorm(big, w, fake_cuda((4, 128)))
+        fi_ffi.rmsnorm(big, w, out=fake_cuda((4, 128)))
     wraps = Tensor.from_pointer((1 << 64) - 256, (4, 128), "float16", 0)
     with pytest.raises(ValueError, match=r"^input: the memory range .* wraps past the end of the address space"):
-        fi_ffi.rmsnorm(wraps, w, fake_cuda((4, 128)))
+        fi_ffi.rmsnorm(wraps, w, out=fake_cuda((4, 128)))
 
 
 def test_ffi_tensor_objects_are_released_and_keep_nothing(kernel_modules: list[str]) -> None:
@@ -199,13 +199,13 @@ def test_ffi_tensor_objects_are_released_and_keep_nothing(kernel_modules: list[s
 def test_caches_reset_forgets_what_was_validated(kernel_modules: list[str]) -> None:
     x, w, out = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     launch = norm._rmsnorm.launcher
-    reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out))
+    reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out=out))
     before = launch.slow_calls
-    reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out))
+    reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out=out))
     assert launch.slow_calls == before
     assert "launchers (compiled per declaration, with their frames and images)" in caches.names()
     caches.reset()
-    reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out))
+    reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out=out))
     assert launch.slow_calls == before + 1
 
 
@@ -234,9 +234,9 @@ def test_a_given_stream_that_is_current_already_is_called_on_directly(kernel_mod
     x, w, out = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with fi_ffi.stream_scope(0x40):
         for _ in range(2):
-            reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out, stream=0x40))
+            reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out=out, stream=0x40))
             assert fi_ffi.current_stream(0) == 0x40
-        reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out, stream=0x50))
+        reached_the_kernel(lambda: fi_ffi.rmsnorm(x, w, out=out, stream=0x50))
         assert fi_ffi.current_stream(0) == 0x40
     assert "_get_stream(2, _e.device_id)" in norm._rmsnorm.source  # type: ignore[attr-defined]
 

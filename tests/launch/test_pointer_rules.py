@@ -146,7 +146,7 @@ NORMS = [
     Scenario(
         name,
         {**ROWS, "out": ((4, 128), "float16")},
-        lambda t, f=f: f(t["input"], t["weight"], t["out"]),
+        lambda t, f=f: f(t["input"], t["weight"], out=t["out"]),
         every(16, "input", "weight", "out"),
         apart=(("out", "weight"),),  # input and weight are both only read: they may overlap
         in_place=(("out", "input"),),
@@ -170,7 +170,7 @@ NORMS.append(
     Scenario(
         "qk_rmsnorm (q slice of a fused [B, 3, H, D])",
         {"input": ((2, 4, 64), "float16", (768, 64, 1)), "weight": ((64,), "float16"), "out": ((2, 4, 64), "float16")},
-        lambda t: fi_ffi.qk_rmsnorm(t["input"], t["weight"], t["out"]),
+        lambda t: fi_ffi.qk_rmsnorm(t["input"], t["weight"], out=t["out"]),
         every(16, "input", "weight", "out"),
         apart=(("out", "weight"),),  # input and weight are both only read: they may overlap
         in_place=(("out", "input"),),
@@ -360,35 +360,35 @@ SAMPLING = [
     Scenario(
         "sampling_from_probs (indices)",
         {**PROBS, "indices": ((R,), "int32")},
-        lambda t: fi_ffi.sampling_from_probs(t["probs"], t["out"], indices=t["indices"]),
+        lambda t: fi_ffi.sampling_from_probs(t["probs"], out=t["out"], indices=t["indices"]),
         every(16, "probs"),
         apart=(("out", "probs"), ("out", "indices")),
     ),
     Scenario(
         "sampling_from_logits",
         {"logits": ((R, VOCAB), "float32"), "out": ((R,), "int32")},
-        lambda t: fi_ffi.sampling_from_logits(t["logits"], t["out"], seed=1, offset=4),
+        lambda t: fi_ffi.sampling_from_logits(t["logits"], out=t["out"], seed=1, offset=4),
         every(16, "logits"),
         apart=(("out", "logits"),),
     ),
     Scenario(
         "top_p_sampling_from_probs",
         {**PROBS, "top_p": ((R,), "float32")},
-        lambda t: fi_ffi.top_p_sampling_from_probs(t["probs"], t["top_p"], t["out"]),
+        lambda t: fi_ffi.top_p_sampling_from_probs(t["probs"], t["top_p"], out=t["out"]),
         every(16, "probs"),
         apart=(("out", "probs"), ("out", "top_p")),
     ),
     Scenario(
         "top_k_sampling_from_probs",
         {**PROBS, "top_k": ((R,), "int32")},
-        lambda t: fi_ffi.top_k_sampling_from_probs(t["probs"], t["top_k"], t["out"]),
+        lambda t: fi_ffi.top_k_sampling_from_probs(t["probs"], t["top_k"], out=t["out"]),
         every(16, "probs"),
         apart=(("out", "probs"), ("out", "top_k")),
     ),
     Scenario(
         "min_p_sampling_from_probs",
         {**PROBS, "min_p": ((R,), "float32")},
-        lambda t: fi_ffi.min_p_sampling_from_probs(t["probs"], t["min_p"], t["out"]),
+        lambda t: fi_ffi.min_p_sampling_from_probs(t["probs"], t["min_p"], out=t["out"]),
         every(16, "probs"),
         apart=(("out", "probs"), ("out", "min_p")),
     ),
@@ -402,7 +402,11 @@ SAMPLING = [
             "indices": ((R,), "int64"),
         },
         lambda t: fi_ffi.top_k_top_p_sampling_from_probs(
-            t["probs"], t["top_k"], t["top_p"], t["out"], indices=t["indices"]
+            t["probs"],
+            t["top_k"],
+            t["top_p"],
+            out=t["out"],
+            indices=t["indices"],
         ),
         every(16, "probs"),
         apart=(("out", "probs"), ("out", "indices"), ("out", "top_k"), ("out", "top_p")),
@@ -415,14 +419,14 @@ SAMPLING = [
             "workspace": ((4096,), "uint8"),
             "temperature": ((R,), "float32"),
         },
-        lambda t: fi_ffi.softmax(t["logits"], t["out"], t["workspace"], temperature=t["temperature"]),
+        lambda t: fi_ffi.softmax(t["logits"], out=t["out"], workspace=t["workspace"], temperature=t["temperature"]),
         {**every(16, "logits", "out"), "workspace": 8},
         apart=outputs_apart(("out", "workspace"), ("logits", "temperature")),
     ),
     Scenario(
         "top_p_renorm_probs",
         {"probs": ((R, VOCAB), "float32"), "top_p": ((R,), "float32"), "out": ((R, VOCAB), "float32")},
-        lambda t: fi_ffi.top_p_renorm_probs(t["probs"], t["top_p"], t["out"]),
+        lambda t: fi_ffi.top_p_renorm_probs(t["probs"], t["top_p"], out=t["out"]),
         every(16, "probs", "out"),
         apart=(("out", "probs"), ("out", "top_p")),
     ),
@@ -434,7 +438,9 @@ SAMPLING = [
             "out": ((R, VOCAB), "float16"),
             "row_states_buffer": ((ROW_STATES_BYTES,), "uint8"),
         },
-        lambda t: fi_ffi.top_k_renorm_probs(t["probs"], t["top_k"], t["out"], t["row_states_buffer"]),
+        lambda t: fi_ffi.top_k_renorm_probs(
+            t["probs"], t["top_k"], out=t["out"], row_states_buffer=t["row_states_buffer"]
+        ),
         {**every(16, "probs", "out"), "row_states_buffer": 4},
         apart=outputs_apart(("out", "row_states_buffer"), ("probs", "top_k")),
     ),
@@ -446,7 +452,9 @@ SAMPLING = [
             "out": ((R, VOCAB), "bfloat16"),
             "row_states_buffer": ((ROW_STATES_BYTES,), "uint8"),
         },
-        lambda t: fi_ffi.top_k_mask_logits(t["logits"], t["top_k"], t["out"], t["row_states_buffer"]),
+        lambda t: fi_ffi.top_k_mask_logits(
+            t["logits"], t["top_k"], out=t["out"], row_states_buffer=t["row_states_buffer"]
+        ),
         {**every(16, "logits", "out"), "row_states_buffer": 4},
         apart=outputs_apart(("out", "row_states_buffer"), ("logits", "top_k")),
     ),
@@ -456,21 +464,21 @@ SAMPLING = [
             "draft_probs": ((2, 3, VOCAB), "float32"),
             "draft_token_ids": ((2, 3), "int32"),
             "target_probs": ((2, 4, VOCAB), "float32"),
-            "output_token_ids": ((2, 4), "int32"),
-            "output_accepted_token_num": ((2,), "int32"),
-            "output_emitted_draft_token_num": ((2,), "int32"),
+            "out": ((2, 4), "int32"),
+            "maybe_output_accepted_token_num": ((2,), "int32"),
+            "maybe_output_emitted_draft_token_num": ((2,), "int32"),
         },
         lambda t: fi_ffi.chain_speculative_sampling(
             t["draft_probs"],
             t["draft_token_ids"],
             t["target_probs"],
-            t["output_token_ids"],
-            t["output_accepted_token_num"],
-            t["output_emitted_draft_token_num"],
+            out=t["out"],
+            maybe_output_accepted_token_num=t["maybe_output_accepted_token_num"],
+            maybe_output_emitted_draft_token_num=t["maybe_output_emitted_draft_token_num"],
         ),
         every(16, "draft_probs", "target_probs"),
         apart=outputs_apart(
-            ("output_token_ids", "output_accepted_token_num", "output_emitted_draft_token_num"),
+            ("out", "maybe_output_accepted_token_num", "maybe_output_emitted_draft_token_num"),
             ("draft_probs", "draft_token_ids", "target_probs"),
         ),
     ),
@@ -478,7 +486,11 @@ SAMPLING = [
         "sampling_from_probs (0.7.2: valid, seed and offset tensors)",
         {**PROBS, "valid": ((R,), "bool"), "seed": ((1,), "int64"), "offset": ((1,), "int64")},
         lambda t: fi_ffi.sampling_from_probs(
-            t["probs"], t["out"], valid=t["valid"], seed=t["seed"], offset=t["offset"]
+            t["probs"],
+            out=t["out"],
+            valid=t["valid"],
+            seed=t["seed"],
+            offset=t["offset"],
         ),
         every(16, "probs"),
         apart=outputs_apart(("out", "valid"), ("probs", "seed", "offset")),
@@ -493,7 +505,9 @@ TOPK = [
     Scenario(
         "top_k",
         {**TOPK_ROWS, "values": ((R, 8), "float32"), "indices": ((R, 8), "int32")},
-        lambda t: fi_ffi.top_k(t["input"], 8, t["values"], t["indices"], t["row_states_buffer"]),
+        lambda t: fi_ffi.top_k(
+            t["input"], 8, values=t["values"], indices=t["indices"], row_states_buffer=t["row_states_buffer"]
+        ),
         TOPK_ALIGN,
         apart=outputs_apart(("indices", "values", "row_states_buffer"), ("input",)),
     ),
@@ -511,8 +525,8 @@ TOPK = [
             t["src_page_table"],
             t["lengths"],
             8,
-            t["out"],
-            t["row_states_buffer"],
+            out=t["out"],
+            row_states_buffer=t["row_states_buffer"],
             row_to_batch=t["row_to_batch"],
         ),
         TOPK_ALIGN,
@@ -528,7 +542,12 @@ TOPK = [
             "out": ((R, 8), "int32"),
         },
         lambda t: fi_ffi.top_k_ragged_transform(
-            t["input"], t["offsets"], t["lengths"], 8, t["out"], t["row_states_buffer"]
+            t["input"],
+            t["offsets"],
+            t["lengths"],
+            8,
+            out=t["out"],
+            row_states_buffer=t["row_states_buffer"],
         ),
         TOPK_ALIGN,
         apart=outputs_apart(("out", "row_states_buffer"), ("input", "offsets", "lengths")),
@@ -558,8 +577,7 @@ PAGE = [
             t["append_key"],
             t["append_value"],
             *(t[n] for n in INDEX_ORDER),
-            t["k_cache"],
-            t["v_cache"],
+            (t["k_cache"], t["v_cache"]),
             t["kv_indices"],
             t["kv_indptr"],
             t["kv_last_page_len"],
@@ -591,7 +609,7 @@ PAGE = [
 
 # GDN prefill: 10 tokens of 2 sequences, 2 q/k heads, 4 v heads of 128; TMA needs 16-byte bases, its
 # descriptors in the workspace (written by the kernel) 64-byte ones
-GDN_INPUTS = ("q", "k", "v", "alpha", "beta", "cu_seqlens")
+GDN_INPUTS = ("q", "k", "v", "g", "beta", "cu_seqlens")
 GDN = [
     Scenario(
         "gdn_prefill",
@@ -603,18 +621,18 @@ GDN = [
             "output": ((10, 4, 128), "float16"),
             "output_state": ((2, 4, 128, 128), "float32"),
             "workspace": ((132 * 128,), "uint8"),
-            "input_state": ((2, 4, 128, 128), "float32"),
-            "alpha": ((10, 4), "float32"),
+            "initial_state": ((2, 4, 128, 128), "float32"),
+            "g": ((10, 4), "float32"),
             "beta": ((10, 4), "float32"),
         },
-        lambda t: call_unchecked(t, input_state=t["input_state"], alpha=t["alpha"], beta=t["beta"]),
-        {**every(16, "q", "k", "v", "output", "output_state", "input_state"), "workspace": 64},
+        lambda t: call_unchecked(t, initial_state=t["initial_state"], g=t["g"], beta=t["beta"]),
+        {**every(16, "q", "k", "v", "output", "output_state", "initial_state"), "workspace": 64},
         apart=(
             *outputs_apart(("output", "output_state", "workspace"), GDN_INPUTS),
-            ("output", "input_state"),
-            ("workspace", "input_state"),
+            ("output", "initial_state"),
+            ("workspace", "initial_state"),
         ),
-        in_place=(("output_state", "input_state"),),
+        in_place=(("output_state", "initial_state"),),
     )
 ]
 

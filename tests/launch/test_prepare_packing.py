@@ -94,7 +94,7 @@ def _append_args(nnz: int, hk: int, d: int, layout: str, dtype: str = "float16",
     else:
         kc, vc = fake_cuda((pages, *inner), dtype), fake_cuda((pages, *inner), dtype)
     ints = [fake_cuda((n,), "int32") for n in (nnz, nnz, pages, batch + 1, batch)]
-    return (k, v, ints[0], ints[1], kc, vc, ints[2], ints[3], ints[4])
+    return (k, v, ints[0], ints[1], (kc, vc), ints[2], ints[3], ints[4])
 
 
 @pytest.mark.parametrize(
@@ -108,8 +108,8 @@ def _append_args(nnz: int, hk: int, d: int, layout: str, dtype: str = "float16",
 )
 def test_a_prepared_append_hands_over_the_op_calls_frame(probe, nnz, hk, d, layout, dtype, combined) -> None:
     args = _append_args(nnz, hk, d, layout, dtype, combined)
-    _same_frame(probe, fi_ffi.append_paged_kv_cache, args, {"layout": layout})
-    _same_frame(probe, fi_ffi.append_paged_kv_cache, args, {"layout": layout, "stream": 12345})
+    _same_frame(probe, fi_ffi.append_paged_kv_cache, args, {"kv_layout": layout})
+    _same_frame(probe, fi_ffi.append_paged_kv_cache, args, {"kv_layout": layout, "stream": 12345})
 
 
 ROPE_CASES = [
@@ -149,9 +149,13 @@ def test_a_prepared_rope_hands_over_the_op_calls_frame(probe, op, shape, kwargs)
 def test_a_prepared_norm_hands_over_the_op_calls_frame(probe, op) -> None:
     shape = (3, 4, 128) if op is fi_ffi.qk_rmsnorm else (3, 512)
     x, other, w = fake_cuda(shape), fake_cuda(shape), fake_cuda(shape[-1:])
-    args = (x, other, w) if "fused_add" in op.__name__ else (x, w, other)
-    _same_frame(probe, op, args, {})
-    _same_frame(probe, op, args, {"eps": 1e-5, "enable_pdl": True, "stream": 99})
+    if "fused_add" in op.__name__:
+        args, outputs = (x, other, w), {}
+    else:
+        args, outputs = (x, w), {"out": other}
+    _same_frame(probe, op, args, outputs)
+    _same_frame(probe, op, args, {**outputs, "eps": 1e-5, "enable_pdl": True, "stream": 99})
+    _same_frame(probe, op, (*args, 1e-5), {**outputs, "stream": 99})  # eps positional, as flashinfer's
 
 
 def _error(call) -> tuple[type, str]:
@@ -191,16 +195,19 @@ def _bad_append() -> list[tuple[Any, tuple[Any, ...], dict[str, Any], str]]:
 
     hnd = _append_args(3, 2, 128, "HND")
     return [
-        (ap, good, {"layout": "XYZ"}, "layout"),
-        (ap, good, {"layout": 0}, "layout"),
+        (ap, good, {"kv_layout": "XYZ"}, "kv_layout"),
+        (ap, good, {"kv_layout": 0}, "kv_layout"),
         (ap, with_(0, fake_cuda((3, 2, 128), "float32")), {}, "append_key"),
         (ap, with_(1, fake_cuda((3, 2, 64))), {}, "append_value"),
         (ap, with_(2, fake_cuda((3,), "int64")), {}, "batch_indices"),
         (ap, with_(3, fake_cuda((4,), "int32")), {}, "positions"),
-        (ap, with_(5, fake_cuda((6, 16, 2, 128), strides=(8192, 256, 128, 1))), {}, "v_cache"),
-        (ap, with_(7, fake_cuda((5,), "int32")), {}, "kv_indptr"),
-        (ap, hnd, {"layout": "NHD"}, "append_key"),  # HND caches described as NHD: the heads do not match
-        (ap, with_(4, None), {}, "k_cache"),
+        (ap, with_(4, (good[4][0], fake_cuda((6, 16, 2, 128), strides=(8192, 256, 128, 1)))), {}, "v_cache"),
+        (ap, with_(6, fake_cuda((5,), "int32")), {}, "kv_indptr"),
+        (ap, hnd, {"kv_layout": "NHD"}, "append_key"),  # HND caches described as NHD: the heads do not match
+        (ap, with_(4, (None, good[4][1])), {}, "k_cache"),
+        (ap, with_(4, None), {}, "paged_kv_cache"),
+        (ap, with_(4, (good[4][0],)), {}, "paged_kv_cache"),
+        (ap, with_(4, fake_cuda((6, 3, 16, 2, 128))), {}, "paged_kv_cache"),
         (ap, good, {"stream": 1.5}, "stream"),
     ]
 
@@ -240,11 +247,11 @@ def test_a_prepared_call_holds_its_arguments_while_alive_and_releases_them_when_
     q, k, _ = _qkv(2, 8, 2, 128)
     pos = fake_cuda((2,), "int32")
     calls = [
-        fi_ffi.prepare(fi_ffi.append_paged_kv_cache, *args, layout="HND"),
+        fi_ffi.prepare(fi_ffi.append_paged_kv_cache, *args, kv_layout="HND"),
         fi_ffi.prepare(fi_ffi.apply_llama31_rope_pos_ids_inplace, q, k, pos, stream=5),
     ]
-    refs = [weakref.ref(t) for t in (*args, q, k, pos)]
-    owners = [weakref.ref(t.owner) for t in (*args, pos) if t.owner is not None]
+    refs = [weakref.ref(t) for t in (*args[:4], *args[4], *args[5:], q, k, pos)]
+    owners = [weakref.ref(t.owner) for t in (*args[:4], *args[4], *args[5:], pos) if t.owner is not None]
     del args, q, k, pos
     gc.collect()
     assert all(r() is not None for r in refs + owners)  # the prepared calls keep their buffers valid
@@ -289,13 +296,14 @@ def test_producers_are_packed_as_the_op_call_describes_them(probe) -> None:
     nnz, hk, d, pages = 2, 4, 128, 5
     ints = [HostCAI((n,), "<i4") for n in (nnz, nnz, pages, 3, 2)]
     kc, vc = HostCAI((pages, 16, hk, d)), HostCAI((pages, 16, hk, d))
-    append = (HostCAI((nnz, hk, d)), HostCAI((nnz, hk, d)), ints[0], ints[1], kc, vc, ints[2], ints[3], ints[4])
+    append = (HostCAI((nnz, hk, d)), HostCAI((nnz, hk, d)), ints[0], ints[1], (kc, vc), ints[2], ints[3], ints[4])
     _same_frame(probe, fi_ffi.append_paged_kv_cache, append, {})
     q, k = HostCAI((nnz, 16, d)), HostCAI((nnz, hk, d))
     _same_frame(probe, fi_ffi.apply_llama31_rope_pos_ids_inplace, (q, k, ints[0]), {"rotary_dim": 64})
     prepared = fi_ffi.prepare(fi_ffi.append_paged_kv_cache, *append)
-    refs = [weakref.ref(o) for o in (*append, *(t.host for t in append))]
-    del append, ints, kc, vc
+    flat = [*append[:4], kc, vc, *append[5:]]
+    refs = [weakref.ref(o) for o in (*flat, *(t.host for t in flat))]
+    del append, flat, ints, kc, vc
     gc.collect()
     assert all(r() is not None for r in refs)  # the producers (and so their memory) stay referenced
     del prepared

@@ -36,7 +36,7 @@ SINGLE = Variant(V.SINGLE_PREFILL, F16, F16, F16, 128, 128, None)
 def test_norm_runs_from_the_tested_release() -> None:
     x = torch.randn(3, 128, dtype=torch.float16, device="cuda")
     out = torch.empty_like(x)
-    fi_ffi.rmsnorm(x, torch.ones(128, dtype=torch.float16, device="cuda"), out)
+    fi_ffi.rmsnorm(x, torch.ones(128, dtype=torch.float16, device="cuda"), out=out)
     torch.cuda.synchronize()
     assert loader.module_release("norm") == EXPECTED
     assert ("flashinfer_jit_cache_072/" in loader.loaded_modules()["norm"]) == (TEST_RELEASE == "0.7.2")

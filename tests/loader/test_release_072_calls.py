@@ -53,7 +53,7 @@ def served_by_072(uri: str) -> None:
 
 def test_norm_page_rope_silu_cascade_reach_the_072_modules(release_072: list[str]) -> None:
     x = sized_cuda((4, 128))
-    reached(lambda: fi_ffi.rmsnorm(x, sized_cuda((128,)), sized_cuda((4, 128)), eps=1e-6))
+    reached(lambda: fi_ffi.rmsnorm(x, sized_cuda((128,)), out=sized_cuda((4, 128)), eps=1e-6))
     reached(lambda: fi_ffi.fused_add_rmsnorm(x, sized_cuda((4, 128)), sized_cuda((128,))))
     reached(lambda: page.append_paged_kv_cache(**kv_args()))
     reached(lambda: page.append_paged_mla_kv_cache(**mla_args()))

@@ -73,8 +73,8 @@ def gdn_args(
 
 def optional(s: int = 10, n: int = 2, hs: int = 4) -> dict[str, Tensor]:
     return dict(
-        input_state=fake_cuda((n, hs, D, D), "float32"),
-        alpha=fake_cuda((s, hs), "float32"),
+        initial_state=fake_cuda((n, hs, D, D), "float32"),
+        g=fake_cuda((s, hs), "float32"),
         beta=fake_cuda((s, hs), "float32"),
     )
 
@@ -110,7 +110,7 @@ def test_signature_of_real_module_matches_our_wire_layout(kernel_modules: object
     ids=["gva", "gqa4", "gqa8:2", "gva16:32", "equal"],
 )
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("present", ["", "input_state", "alpha", "beta", "input_state,alpha,beta"])
+@pytest.mark.parametrize("present", ["", "initial_state", "g", "beta", "initial_state,g,beta"])
 def test_packed_call_reaches_the_launcher(
     kernel_modules: object, heads: tuple[int, int, int], dtype: str, present: str
 ) -> None:
@@ -123,7 +123,7 @@ def test_packed_call_reaches_the_launcher(
     kerr = assert_reached_the_launcher(info.value)
     assert kerr.arguments[0] == f"DLTensor*({dtype}[10, {hs}, 128] cuda:0)"
     assert kerr.arguments[5] == "DLTensor*(int64[3] cuda:0)"
-    for slot, name in ((6, "input_state"), (7, "alpha"), (8, "beta")):
+    for slot, name in ((6, "initial_state"), (7, "g"), (8, "beta")):
         if name in extra:
             assert kerr.arguments[slot].startswith("DLTensor*(float32["), kerr.arguments
         else:
@@ -143,7 +143,7 @@ def test_kernel_refusal_is_decoded_into_unsupported_device_error(kernel_modules:
 def test_input_state_may_alias_output_state(kernel_modules: object) -> None:
     args = gdn_args()
     with pytest.raises((KernelError, UnsupportedDeviceError)) as info:
-        call_unchecked(args, input_state=args["output_state"])
+        call_unchecked(args, initial_state=args["output_state"])
     assert_reached_the_launcher(info.value)
 
 
@@ -278,23 +278,23 @@ def test_bad_arguments_are_named(change: dict, exc: type, pattern: str) -> None:
 @pytest.mark.parametrize(
     "name,bad,exc,pattern",
     [
-        ("input_state", fake_cuda((2, 4, D, D), "float16"), TypeError, r"input_state: expected dtype float32"),
-        ("input_state", fake_cuda((2, 2, D, D), "float32"), ValueError, r"input_state: expected shape \(2, 4, 128"),
+        ("initial_state", fake_cuda((2, 4, D, D), "float16"), TypeError, r"initial_state: expected dtype float32"),
+        ("initial_state", fake_cuda((2, 2, D, D), "float32"), ValueError, r"initial_state: expected shape \(2, 4, 128"),
         (
-            "input_state",
+            "initial_state",
             fake_cuda((2, 4, D, D), "float32", strides=(4 * D * D, D * D, 1, D)),
             ValueError,
-            r"input_state: expected a contiguous tensor",
+            r"initial_state: expected a contiguous tensor",
         ),
         (
-            "input_state",
+            "initial_state",
             fake_cuda((2, 4, D, D), "float32", device="cpu"),
             ValueError,
-            r"input_state: expected a tensor on cuda:0",
+            r"initial_state: expected a tensor on cuda:0",
         ),
-        ("alpha", fake_cuda((10, 2), "float32"), ValueError, r"alpha: expected shape \(10, 4\)"),
-        ("alpha", fake_cuda((10, 4), "float16"), TypeError, r"alpha: expected dtype float32"),
-        ("alpha", fake_cuda((10, 4), "float32", strides=(1, 10)), ValueError, r"alpha: expected a contiguous"),
+        ("g", fake_cuda((10, 2), "float32"), ValueError, r"g: expected shape \(10, 4\)"),
+        ("g", fake_cuda((10, 4), "float16"), TypeError, r"g: expected dtype float32"),
+        ("g", fake_cuda((10, 4), "float32", strides=(1, 10)), ValueError, r"g: expected a contiguous"),
         ("beta", fake_cuda((4, 10), "float32"), ValueError, r"beta: expected shape \(10, 4\)"),
         ("beta", fake_cuda((10, 4), "bfloat16"), TypeError, r"beta: expected dtype float32"),
         ("beta", fake_cuda((10, 4), "float32", device=1), ValueError, r"beta: expected a tensor on cuda:0"),
@@ -334,8 +334,8 @@ def test_validation_memo_does_not_hide_a_changed_argument(kernel_modules: object
             call_unchecked(args)
     with pytest.raises(TypeError, match="cu_seqlens: expected dtype int64"):
         call_unchecked({**args, "cu_seqlens": fake_cuda((3,), "int32")})
-    with pytest.raises(ValueError, match="alpha: expected shape"):
-        call_unchecked(args, alpha=fake_cuda((9, 4), "float32"))
+    with pytest.raises(ValueError, match="g: expected shape"):
+        call_unchecked(args, g=fake_cuda((9, 4), "float32"))
     with pytest.raises((KernelError, UnsupportedDeviceError)):
         call_unchecked(args)
 
@@ -402,7 +402,7 @@ def test_unhashable_producers_reach_the_launcher(kernel_modules: object) -> None
         workspace=HostCAI((132 * 128,), "|u1"),
     )
     with pytest.raises((KernelError, UnsupportedDeviceError)) as info:
-        call_unchecked(args, alpha=HostCAI((10, 4), "<f4"))
+        call_unchecked(args, g=HostCAI((10, 4), "<f4"))
     kerr = assert_reached_the_launcher(info.value)
     assert kerr.arguments[7] == "DLTensor*(float32[10, 4] cuda:0)"
 
@@ -425,9 +425,9 @@ def test_new_buffers_of_a_seen_layout_stay_on_the_fast_path(kernel_modules: obje
     "name,dtype,shape,offset,align",
     [
         ("cu_seqlens", "int64", (3,), 4, 8),
-        ("alpha", "float32", (10, 4), 2, 4),
+        ("g", "float32", (10, 4), 2, 4),
         ("beta", "float32", (10, 4), 1, 4),
-        ("input_state", "float32", (2, 4, D, D), 8, 16),
+        ("initial_state", "float32", (2, 4, D, D), 8, 16),
         ("output_state", "float32", (2, 4, D, D), 4, 16),
         ("workspace", "uint8", (132 * 128,), 32, 64),
     ],
@@ -440,7 +440,7 @@ def test_misaligned_pointers_are_refused(
     args = gdn_args()
 
     def call(t: Tensor) -> None:
-        if name in ("alpha", "beta", "input_state"):
+        if name in ("g", "beta", "initial_state"):
             call_unchecked(args, **{name: t})
         else:
             call_unchecked({**args, name: t})
@@ -472,7 +472,7 @@ def test_bad_streams_are_named_before_the_kernel() -> None:
         with pytest.raises((TypeError, ValueError), match="stream"):
             call_unchecked(gdn_args(), stream=stream)
         with pytest.raises((TypeError, ValueError), match="stream"):  # before the missing device is refused
-            gdn.gdn_prefill(**gdn_args(), stream=stream)
+            gdn.gdn_prefill(stream=stream, **gdn_args())
 
 
 def test_a_lock_without_the_gdn_module_says_which_releases_have_it(

@@ -159,7 +159,18 @@ def test_input_state_may_be_output_state() -> None:
     ref_out, ref_state = reference(p)
     out = torch.empty(sum(p.lens), 4, D, dtype=p.q.dtype, device="cuda")
     state = p.input_state.clone()
-    gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, workspace(), input_state=state, alpha=p.alpha, beta=p.beta)
+    gdn.gdn_prefill(
+        p.q,
+        p.k,
+        p.v,
+        cu_seqlens=p.cu_seqlens,
+        output=out,
+        output_state=state,
+        workspace=workspace(),
+        initial_state=state,
+        g=p.alpha,
+        beta=p.beta,
+    )
     torch.cuda.synchronize()
     assert_close("output", out, ref_out, torch.float16)
     assert_close("state updated in place", state, ref_state, torch.float16)
@@ -171,7 +182,17 @@ def test_writes_stay_inside_output() -> None:
     big = torch.zeros(71 * 2 * D + 4096, dtype=p.q.dtype, device="cuda")
     out = big[: 70 * 2 * D].view(70, 2, D)
     state = torch.empty(1, 2, D, D, device="cuda")
-    gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, workspace(), alpha=p.alpha, beta=p.beta)
+    gdn.gdn_prefill(
+        p.q,
+        p.k,
+        p.v,
+        cu_seqlens=p.cu_seqlens,
+        output=out,
+        output_state=state,
+        workspace=workspace(),
+        g=p.alpha,
+        beta=p.beta,
+    )
     torch.cuda.synchronize()
     assert torch.count_nonzero(big[70 * 2 * D :]) == 0
     assert_close("output", out, reference(p)[0], torch.float16)
@@ -186,7 +207,7 @@ def test_workspace_size_is_sm_count_times_128() -> None:
     p = make_problem([4], 2, 2, 2)
     out, state = p.outputs()
     with pytest.raises(ValueError, match="workspace: expected at least"):
-        gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, too_small)
+        gdn.gdn_prefill(p.q, p.k, p.v, cu_seqlens=p.cu_seqlens, output=out, output_state=state, workspace=too_small)
 
 
 def test_the_current_device_is_left_as_it_was() -> None:
@@ -225,7 +246,18 @@ def child_first_call_on_cuda1_while_cuda0_is_current() -> None:
     made current for the call, cuda:0 restored) and binds the process to cuda:1, so cuda:0 is then refused."""
     device.set_device(0)
     p, ws, out, state = problem_on_cuda1()
-    gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, ws, input_state=p.input_state, alpha=p.alpha, beta=p.beta)
+    gdn.gdn_prefill(
+        p.q,
+        p.k,
+        p.v,
+        cu_seqlens=p.cu_seqlens,
+        output=out,
+        output_state=state,
+        workspace=ws,
+        initial_state=p.input_state,
+        g=p.alpha,
+        beta=p.beta,
+    )
     assert device.current_device() == 0
     torch.cuda.synchronize(1)
     with torch.cuda.device(1):
@@ -235,7 +267,9 @@ def child_first_call_on_cuda1_while_cuda0_is_current() -> None:
     p0 = make_problem([8], 2, 2, 2)  # on cuda:0
     out0, state0 = p0.outputs()
     with pytest.raises(UnsupportedDeviceError, match=ONE_DEVICE.format(0, 1)):
-        gdn.gdn_prefill(p0.q, p0.k, p0.v, p0.cu_seqlens, out0, state0, workspace(0))
+        gdn.gdn_prefill(
+            p0.q, p0.k, p0.v, cu_seqlens=p0.cu_seqlens, output=out0, output_state=state0, workspace=workspace(0)
+        )
     torch.cuda.synchronize(0)
     assert torch.isnan(out0).all() and torch.isnan(state0).all()  # refused before any launch
     assert device.current_device() == 0
@@ -259,7 +293,16 @@ def child_concurrent_first_calls_bind_one_device() -> None:
         barrier.wait()
         try:
             gdn.gdn_prefill(
-                p.q, p.k, p.v, p.cu_seqlens, out, state, ws, input_state=p.input_state, alpha=p.alpha, beta=p.beta
+                p.q,
+                p.k,
+                p.v,
+                cu_seqlens=p.cu_seqlens,
+                output=out,
+                output_state=state,
+                workspace=ws,
+                initial_state=p.input_state,
+                g=p.alpha,
+                beta=p.beta,
             )
             outcome[ordinal] = None
         except BaseException as exc:
@@ -283,7 +326,16 @@ def child_concurrent_first_calls_bind_one_device() -> None:
         again_out, again_state = p.outputs()
     # the same call again from the main thread, for the failure message: tells a wrong first call from a wrong device
     gdn.gdn_prefill(
-        p.q, p.k, p.v, p.cu_seqlens, again_out, again_state, ws, input_state=p.input_state, alpha=p.alpha, beta=p.beta
+        p.q,
+        p.k,
+        p.v,
+        cu_seqlens=p.cu_seqlens,
+        output=again_out,
+        output_state=again_state,
+        workspace=ws,
+        initial_state=p.input_state,
+        g=p.alpha,
+        beta=p.beta,
     )
     torch.cuda.synchronize(won)
     errors = {
@@ -318,7 +370,16 @@ def test_a_second_device_is_refused_by_name_before_the_launch() -> None:
     device.set_device(0)
     p, ws, out, state = problem_on_cuda1()
     with pytest.raises(UnsupportedDeviceError, match=ONE_DEVICE.format(1, 0)):
-        gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, ws, input_state=p.input_state)
+        gdn.gdn_prefill(
+            p.q,
+            p.k,
+            p.v,
+            cu_seqlens=p.cu_seqlens,
+            output=out,
+            output_state=state,
+            workspace=ws,
+            initial_state=p.input_state,
+        )
     torch.cuda.synchronize(1)
     assert torch.isnan(out).all() and torch.isnan(state).all()
     assert device.current_device() == 0
@@ -335,4 +396,4 @@ def test_a_non_sm90_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     p = make_problem([3, 1], 6, 3, 3, input_state=False)
     out, state = p.outputs()
     with pytest.raises(UnsupportedDeviceError, match=r"cuda:0 has compute capability 8\.0"):
-        gdn.gdn_prefill(p.q, p.k, p.v, p.cu_seqlens, out, state, workspace())
+        gdn.gdn_prefill(p.q, p.k, p.v, cu_seqlens=p.cu_seqlens, output=out, output_state=state, workspace=workspace())

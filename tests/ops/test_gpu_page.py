@@ -111,12 +111,11 @@ def test_append_matches_the_model(page_size: int, layout: str, dtype: torch.dtyp
             value,
             idx["batch_indices"],
             idx["positions"],
-            k_cache,
-            v_cache,
+            (k_cache, v_cache),
             idx["kv_indices"],
             idx["kv_indptr"],
             idx["kv_last_page_len"],
-            layout=layout,
+            kv_layout=layout,
         )
         is None
     )
@@ -148,8 +147,7 @@ def test_append_fp8_cache_and_other_head_dims(dtype: torch.dtype, head_dim: int)
         value,
         idx["batch_indices"],
         idx["positions"],
-        k_cache,
-        v_cache,
+        (k_cache, v_cache),
         idx["kv_indices"],
         idx["kv_indptr"],
         idx["kv_last_page_len"],
@@ -178,8 +176,7 @@ def test_append_strided_qkv_slices_into_a_combined_cache_on_a_side_stream() -> N
         value,
         idx["batch_indices"],
         idx["positions"],
-        kv[:, 0],
-        kv[:, 1],
+        (kv[:, 0], kv[:, 1]),
         idx["kv_indices"],
         idx["kv_indptr"],
         idx["kv_last_page_len"],
@@ -220,7 +217,7 @@ def test_decode_steps_fill_pages_one_token_at_a_time() -> None:
             n: torch.from_numpy(a).cuda()
             for n, a in (("bi", bi), ("pos", pos), ("ind", indices), ("ptr", indptr), ("last", last))
         }
-        page.append_paged_kv_cache(key, value, dev["bi"], dev["pos"], kc, vc, dev["ind"], dev["ptr"], dev["last"])
+        page.append_paged_kv_cache(key, value, dev["bi"], dev["pos"], (kc, vc), dev["ind"], dev["ptr"], dev["last"])
         pg = indices[indptr[bi] + pos // page_size]
         model_k[pg, pos % page_size] = key.float().cpu().numpy()
         model_v[pg, pos % page_size] = value.float().cpu().numpy()
@@ -318,8 +315,7 @@ def test_append_with_raw_cuda_python_allocations() -> None:
             desc["value"],
             desc["batch_indices"],
             desc["positions"],
-            desc["k_cache"],
-            desc["v_cache"],
+            (desc["k_cache"], desc["v_cache"]),
             desc["kv_indices"],
             desc["kv_indptr"],
             desc["kv_last_page_len"],
@@ -363,8 +359,7 @@ def test_a_layer_loop_with_torch_tensors_per_call_is_bit_exact_and_validated_onc
             value,
             idx["batch_indices"],
             idx["positions"],
-            k_cache,
-            v_cache,
+            (k_cache, v_cache),
             idx["kv_indices"],
             idx["kv_indptr"],
             idx["kv_last_page_len"],
@@ -385,14 +380,14 @@ def test_a_layer_loop_with_torch_tensors_per_call_is_bit_exact_and_validated_onc
             empty,
             none,
             none,
-            *caches[0],
+            caches[0],
             idx["kv_indices"],
             idx["kv_indptr"],
             idx["kv_last_page_len"],
             stream="default",
         )
     page.append_paged_kv_cache(
-        empty, empty, none, none, *caches[0], idx["kv_indices"], idx["kv_indptr"], idx["kv_last_page_len"]
+        empty, empty, none, none, caches[0], idx["kv_indices"], idx["kv_indptr"], idx["kv_last_page_len"]
     )
     torch.cuda.synchronize()
     np.testing.assert_array_equal(bits(caches[0][0]), expect[0][0])
@@ -422,8 +417,7 @@ def test_a_layer_loop_with_cupy_arrays_per_call_is_bit_exact() -> None:
             cupy.asarray(value),
             idx["batch_indices"],
             idx["positions"],
-            k_cache,
-            v_cache,
+            (k_cache, v_cache),
             idx["kv_indices"],
             idx["kv_indptr"],
             idx["kv_last_page_len"],
@@ -495,7 +489,14 @@ def test_a_prepared_append_writes_as_the_op_each_step(layout: str) -> None:
     }
     index = (dev["ind"], dev["ptr"], dev["last"])
     call = fi_ffi.prepare(
-        fi_ffi.append_paged_kv_cache, key, value, dev["bi"], dev["pos"], caches[0], caches[1], *index, layout=layout
+        fi_ffi.append_paged_kv_cache,
+        key,
+        value,
+        dev["bi"],
+        dev["pos"],
+        (caches[0], caches[1]),
+        *index,
+        kv_layout=layout,
     )
     seq = np.array([0, 7, 30])
     for _ in range(steps):
@@ -511,7 +512,9 @@ def test_a_prepared_append_writes_as_the_op_each_step(layout: str) -> None:
         key.normal_()
         value.normal_()
         call()
-        fi_ffi.append_paged_kv_cache(key, value, dev["bi"], dev["pos"], caches[2], caches[3], *index, layout=layout)
+        fi_ffi.append_paged_kv_cache(
+            key, value, dev["bi"], dev["pos"], (caches[2], caches[3]), *index, kv_layout=layout
+        )
     torch.cuda.synchronize()
     assert caches[0].abs().sum() > 0
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])

@@ -79,7 +79,7 @@ def draw(op: Any, probs: np.ndarray, *params: Any, generator: fi_ffi.Generator |
     extra = release_kwargs(ROWS) if op is not fi_ffi.sampling_from_logits else {}
     samples = []
     for _ in range(CALLS):
-        op(p, *params, out, indices=indices, generator=g, **extra)
+        op(p, *params, out=out, indices=indices, generator=g, **extra)
         samples.append(out.cpu().numpy().copy())
         if "valid" in extra:
             assert bool(extra["valid"].all())
@@ -165,7 +165,7 @@ def test_per_row_parameters_apply_per_row() -> None:
     g = fi_ffi.Generator(5)
     seen: list[set[int]] = [set() for _ in range(rows)]
     for _ in range(200):
-        fi_ffi.top_k_sampling_from_probs(probs, top_k, out, generator=g, **release_kwargs(rows))
+        fi_ffi.top_k_sampling_from_probs(probs, top_k, out=out, generator=g, **release_kwargs(rows))
         for r, t in enumerate(out.cpu().tolist()):
             seen[r].add(t)
     order = np.argsort(-p)
@@ -179,7 +179,7 @@ def one_call(seed: int, offset: int, op: Any = fi_ffi.top_p_sampling_from_probs)
     p = torch.tensor(base_probs(), dtype=torch.float32, device="cuda").reshape(1, V)
     out = torch.empty(ROWS, dtype=torch.int32, device="cuda")
     indices = torch.zeros(ROWS, dtype=torch.int32, device="cuda")
-    op(p, 0.9, out, indices=indices, seed=seed, offset=offset, **release_kwargs(ROWS))
+    op(p, 0.9, out=out, indices=indices, seed=seed, offset=offset, **release_kwargs(ROWS))
     return out.cpu().numpy()
 
 
@@ -201,7 +201,7 @@ def test_the_generator_advances_and_replays_exactly() -> None:
     assert (first == again).all()
     # the generator's i-th call is the explicit (seed, advanced offset) call
     explicit = one_call(
-        99, 40 + ROWS * 32, op=lambda pr, _, out, **kw: fi_ffi.top_k_sampling_from_probs(pr, 20, out, **kw)
+        99, 40 + ROWS * 32, op=lambda pr, _, out, **kw: fi_ffi.top_k_sampling_from_probs(pr, 20, out=out, **kw)
     )
     assert (explicit == chunks[0]).all()
 
@@ -213,8 +213,8 @@ def test_072_device_seed_and_offset_equal_the_int_call() -> None:
     out_t, out_i = (torch.empty(ROWS, dtype=torch.int32, device="cuda") for _ in range(2))
     seed = torch.tensor([11], dtype=torch.int64, device="cuda")
     offset = torch.tensor([400], dtype=torch.int64, device="cuda")
-    fi_ffi.sampling_from_probs(p, out_t, indices=indices, seed=seed, offset=offset, **release_kwargs(ROWS))
-    fi_ffi.sampling_from_probs(p, out_i, indices=indices, seed=11, offset=400, **release_kwargs(ROWS))
+    fi_ffi.sampling_from_probs(p, out=out_t, indices=indices, seed=seed, offset=offset, **release_kwargs(ROWS))
+    fi_ffi.sampling_from_probs(p, out=out_i, indices=indices, seed=11, offset=400, **release_kwargs(ROWS))
     assert torch.equal(out_t, out_i)
 
 
@@ -228,7 +228,7 @@ def test_072_a_captured_graph_advances_a_device_offset() -> None:
     offset = torch.tensor([0], dtype=torch.int64, device="cuda")
 
     def step() -> None:
-        fi_ffi.sampling_from_probs(p, out, indices=indices, valid=valid, seed=seed, offset=offset)
+        fi_ffi.sampling_from_probs(p, out=out, indices=indices, valid=valid, seed=seed, offset=offset)
         offset.add_(4 * ROWS)
 
     side = torch.cuda.Stream()
@@ -258,11 +258,11 @@ def test_a_graph_captured_with_int_seeds_replays_the_same_draw() -> None:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        fi_ffi.sampling_from_probs(p, out, indices=indices, generator=g, **extra)
+        fi_ffi.sampling_from_probs(p, out=out, indices=indices, generator=g, **extra)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fi_ffi.sampling_from_probs(p, out, indices=indices, generator=g, **extra)
+        fi_ffi.sampling_from_probs(p, out=out, indices=indices, generator=g, **extra)
     state = g.get_state()
     graph.replay()
     first = out.clone()
@@ -282,7 +282,7 @@ def test_softmax_matches_float32(shape: tuple[int, int], per_row: bool) -> None:
     out = torch.empty_like(logits)
     ws = torch.empty(S.softmax_workspace_size(*shape) or 1, dtype=torch.uint8, device="cuda")
     temperature: Any = torch.rand(shape[0], device="cuda") + 0.5 if per_row else 0.7
-    fi_ffi.softmax(logits, out, ws, temperature=temperature)
+    fi_ffi.softmax(logits, out=out, workspace=ws, temperature=temperature)
     t = temperature[:, None] if per_row else temperature
     ref = torch.softmax(logits / t, dim=-1)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-4)
@@ -306,7 +306,7 @@ def test_top_k_renorm_and_mask_match_references(dtype: torch.dtype, vocab: int) 
     probs = separated_probs(rows, vocab, k + 8).to(dtype)
     states = torch.zeros(MIB, dtype=torch.uint8, device="cuda")
     out = torch.empty_like(probs)
-    fi_ffi.top_k_renorm_probs(probs, k, out, states)
+    fi_ffi.top_k_renorm_probs(probs, k, out=out, row_states_buffer=states)
     vals, idx = torch.topk(probs.float(), k + 1, dim=-1)
     assert (vals[:, k - 1] > vals[:, k]).all(), "tie at the k-th value: pick another seed"
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx[:, :k], True)
@@ -315,7 +315,7 @@ def test_top_k_renorm_and_mask_match_references(dtype: torch.dtype, vocab: int) 
     tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
     masked = torch.empty_like(probs)
-    fi_ffi.top_k_mask_logits(probs, k, masked, states)
+    fi_ffi.top_k_mask_logits(probs, k, out=masked, row_states_buffer=states)
     assert torch.equal(masked.float().isinf(), ~keep)
     assert torch.equal(masked[keep], probs[keep])
 
@@ -328,7 +328,7 @@ def test_top_p_renorm_keeps_the_nucleus() -> None:
     extra = {}
     if S.sampling_release() == "0.7.2":
         extra["workspace"] = torch.empty(S.top_p_renorm_workspace_size(3, V), dtype=torch.uint8, device="cuda")
-    fi_ffi.top_p_renorm_probs(probs, top_p, out, **extra)
+    fi_ffi.top_p_renorm_probs(probs, top_p, out=out, **extra)
     ref = np.zeros(V)
     ref[support] = p[support] / p[support].sum()
     np.testing.assert_allclose(out.cpu().numpy(), np.tile(ref, (3, 1)), atol=1e-6)
@@ -365,7 +365,16 @@ def test_chain_speculative_sampling_accepts_and_rejects_as_defined() -> None:
     for seed in range(5):
         accepted.fill_(10)
         emitted.fill_(20)
-        fi_ffi.chain_speculative_sampling(draft, draft_ids, target, out, accepted, emitted, seed=seed, offset=0)
+        fi_ffi.chain_speculative_sampling(
+            draft,
+            draft_ids,
+            target,
+            out=out,
+            maybe_output_accepted_token_num=accepted,
+            maybe_output_emitted_draft_token_num=emitted,
+            seed=seed,
+            offset=0,
+        )
         assert out.tolist() == [[1, 2, 3, 11], [4, 13, -1, -1], [12, -1, -1, -1]]
         assert accepted.tolist() == [13, 12, 10]  # incremented by 3, 2 (tokens 0 and 2), 0
         assert emitted.tolist() == [23, 21, 20]
@@ -382,7 +391,15 @@ def test_speculative_acceptance_rate_is_q_over_p() -> None:
     out = torch.empty(rows, 2, dtype=torch.int32, device="cuda")
     acc = torch.zeros(rows, dtype=torch.int32, device="cuda")
     emi = torch.zeros(rows, dtype=torch.int32, device="cuda")
-    fi_ffi.chain_speculative_sampling(draft, ids, target, out, acc, emi, generator=fi_ffi.Generator(17))
+    fi_ffi.chain_speculative_sampling(
+        draft,
+        ids,
+        target,
+        out=out,
+        maybe_output_accepted_token_num=acc,
+        maybe_output_emitted_draft_token_num=emi,
+        generator=fi_ffi.Generator(17),
+    )
     first = out[:, 0].cpu().numpy()
     rate = float((first == 0).mean())
     assert abs(rate - 0.3) < 5 * math.sqrt(0.3 * 0.7 / rows)  # 5 sigma of a binomial proportion
@@ -411,7 +428,7 @@ def test_top_k_equals_a_sort(dtype: torch.dtype, rows: int, length: int, k: int)
     values = torch.empty(rows, k, dtype=dtype, device="cuda")
     indices = torch.empty(rows, k, dtype=torch.int32, device="cuda")
     states = torch.zeros(MIB, dtype=torch.uint8, device="cuda")
-    fi_ffi.top_k(x, k, values, indices, states)
+    fi_ffi.top_k(x, k, values=values, indices=indices, row_states_buffer=states)
     ref = torch.sort(x.float(), dim=-1, descending=True).values[:, :k]
     got = torch.sort(values.float(), dim=-1, descending=True).values
     assert torch.equal(got, ref)
@@ -430,8 +447,10 @@ def test_page_table_and_ragged_transforms_match_references() -> None:
     states = torch.zeros(MIB, dtype=torch.uint8, device="cuda")
     out_pt = torch.empty(rows, k, dtype=torch.int32, device="cuda")
     out_rg = torch.empty(rows, k, dtype=torch.int32, device="cuda")
-    fi_ffi.top_k_page_table_transform(scores, table, lengths, k, out_pt, states, row_to_batch=row_to_batch)
-    fi_ffi.top_k_ragged_transform(scores, offsets, lengths, k, out_rg, states)
+    fi_ffi.top_k_page_table_transform(
+        scores, table, lengths, k, out=out_pt, row_states_buffer=states, row_to_batch=row_to_batch
+    )
+    fi_ffi.top_k_ragged_transform(scores, offsets, lengths, k, out=out_rg, row_states_buffer=states)
     for r in range(rows):
         n = int(lengths[r])
         top = torch.topk(scores[r, :n], min(k, n)).indices

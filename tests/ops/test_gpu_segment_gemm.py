@@ -85,7 +85,15 @@ def test_segment_gemm_matches_float32(
     out = torch.full((rows, d_out), fill, dtype=dtype, device="cuda")
     try:
         got = fi_ffi.segment_gemm(
-            ws, x, w, len(lens), column_major, out, seg_indptr=indptr, weight_indices=widx, backend=backend
+            x,
+            w,
+            len(lens),
+            column_major,
+            out,
+            workspace=ws,
+            seg_indptr=indptr,
+            weight_indices=widx,
+            backend=backend,
         )
     except LibraryLoadError as exc:
         pytest.skip(f"the generic gemm module needs cuBLAS: {exc}")
@@ -103,7 +111,7 @@ def test_fp8_inputs_with_a_bfloat16_out(ws: fi_ffi.Workspace) -> None:
     x = torch.randn(rows, d_in, device="cuda").to(torch.float8_e4m3fn)
     w = (torch.randn(4, d_out, d_in, device="cuda") / d_in**0.5).to(torch.float8_e4m3fn)
     out = torch.full((rows, d_out), float("nan"), dtype=torch.bfloat16, device="cuda")
-    fi_ffi.segment_gemm(ws, x, w, 4, True, out, seg_lens=lens, backend="sm90")
+    fi_ffi.segment_gemm(x, w, 4, True, out, workspace=ws, seg_lens=lens, backend="sm90")
     torch.cuda.synchronize()
     want = reference(x, w, indptr.tolist(), [0, 1, 2, 3], True)
     torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
@@ -123,7 +131,7 @@ def test_back_to_back_calls_on_one_workspace_and_cupy_arrays(ws: fi_ffi.Workspac
         x = cp.asarray(rng.standard_normal((int(indptr[-1]), d)).astype(np.float16))
         w = cp.asarray((rng.standard_normal((8, d, d)) / d**0.5).astype(np.float16))
         out = cp.empty((int(indptr[-1]), d), cp.float16)
-        fi_ffi.segment_gemm(ws, x, w, 8, True, out, seg_indptr=indptr, backend="sm90")
+        fi_ffi.segment_gemm(x, w, 8, True, out, workspace=ws, seg_indptr=indptr, backend="sm90")
         results.append(out)
         xs, ws_ = cp.asnumpy(x).astype(np.float32), cp.asnumpy(w).astype(np.float32)
         want = np.zeros((int(indptr[-1]), d), np.float32)
@@ -149,7 +157,9 @@ def test_a_prepared_gemm_computes_the_rows_written_into_its_problem_sizes(ws: fi
     out = torch.full((segs * cap, d_out), sentinel, dtype=torch.float16, device="cuda")
     args = torch.zeros(segment_gemm_args_bytes(segs), dtype=torch.uint8, device="cuda")
     try:
-        gemm = prepare_segment_gemm(ws, x, w, segs, True, out, args_buffer=args, seg_lens=[cap] * segs, backend=backend)
+        gemm = prepare_segment_gemm(
+            x, w, segs, True, out, workspace=ws, args_buffer=args, seg_lens=[cap] * segs, backend=backend
+        )
     except LibraryLoadError as exc:
         pytest.skip(f"the generic gemm module needs cuBLAS: {exc}")
     assert gemm.count == segs and gemm.prepared_rows.tolist() == [cap] * segs
@@ -206,7 +216,7 @@ result = {"error": None}
 with fi_ffi.Workspace.allocate(0) as ws:
     def call(x_arg):
         out.zero_()
-        return fi_ffi.segment_gemm(ws, x_arg, w, 4, True, out, seg_indptr=indptr)
+        return fi_ffi.segment_gemm(x_arg, w, 4, True, out, seg_indptr=indptr, workspace=ws)
     call(x)  # warm
     torch.cuda.synchronize()
     if case == "null":

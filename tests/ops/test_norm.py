@@ -38,8 +38,8 @@ def test_signature_of_real_module_matches_our_wire_layout(kernel_modules: object
 @pytest.mark.parametrize(
     "call",
     [
-        lambda x, w, o: fi_ffi.rmsnorm(x, w, o, eps=1e-5),
-        lambda x, w, o: fi_ffi.gemma_rmsnorm(x, w, o),
+        lambda x, w, o: fi_ffi.rmsnorm(x, w, out=o, eps=1e-5),
+        lambda x, w, o: fi_ffi.gemma_rmsnorm(x, w, out=o),
         lambda x, w, o: fi_ffi.fused_add_rmsnorm(x, o, w),
         lambda x, w, o: fi_ffi.gemma_fused_add_rmsnorm(x, o, w, enable_pdl=True),
     ],
@@ -57,8 +57,40 @@ def test_qk_rmsnorm_with_strided_heads_gets_past_the_signature_check(kernel_modu
     # q slice of a fused [B, 3, H, D] QKV: strides (3*H*D, D, 1)
     x = fake_cuda((2, 4, 64), strides=(3 * 4 * 64, 64, 1))
     with pytest.raises(KernelError) as info:
-        fi_ffi.qk_rmsnorm(x, fake_cuda((64,)), fake_cuda((2, 4, 64)), stream=0)
+        fi_ffi.qk_rmsnorm(x, fake_cuda((64,)), out=fake_cuda((2, 4, 64)), stream=0)
     assert_reached_the_kernel(info.value)
+
+
+def test_rmsnorm_takes_3d_qk_input_with_strided_views_as_flashinfer_does(kernel_modules: object) -> None:
+    # flashinfer's rmsnorm on [B, H, D] (QK RMSNorm): the q slice of a fused QKV row, out strided the same way
+    x = fake_cuda((2, 4, 64), strides=(3 * 4 * 64, 64, 1))
+    o = fake_cuda((2, 4, 64), strides=(3 * 4 * 64, 64, 1))
+    with pytest.raises(KernelError) as info:
+        fi_ffi.rmsnorm(x, fake_cuda((64,)), 1e-5, out=o, stream=0)  # flashinfer's order: eps third
+    assert_reached_the_kernel(info.value)
+    assert "float16[2, 4, 64] cuda:0" in str(info.value)
+    with pytest.raises(KernelError) as info:  # in place, 2-D after 3-D: each rank keeps its own checks
+        fi_ffi.rmsnorm(fake_cuda((4, 128)), fake_cuda((128,)), out=fake_cuda((4, 128)))
+    assert_reached_the_kernel(info.value)
+
+
+@pytest.mark.parametrize(
+    ("x", "o", "pattern"),
+    [
+        ((2, 4, 64), (2, 64), r"^out: expected shape \(2, 4, 64\) \(\[B, H, D\]\), got \(2, 64\)"),
+        ((2, 4, 4, 64), (2, 4, 4, 64), r"^input: expected a 2-D \[B, D\] or 3-D \[B, H, D\] tensor"),
+        ((64,), (64,), r"^input: expected a 2-D \[B, D\] or 3-D \[B, H, D\] tensor"),
+    ],
+)
+def test_rmsnorm_ranks_are_checked(x: tuple[int, ...], o: tuple[int, ...], pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        fi_ffi.rmsnorm(fake_cuda(x), fake_cuda((64,)), out=fake_cuda(o))
+
+
+def test_gemma_rmsnorm_stays_2d_as_flashinfers_kernel() -> None:
+    # 0.6.3's gemma_rmsnorm entry point checks a 2-D input: refused here by name, before the FFI
+    with pytest.raises(ValueError, match=r"^input: expected a 2-D tensor \[B, D\], got shape \(2, 4, 64\)"):
+        fi_ffi.gemma_rmsnorm(fake_cuda((2, 4, 64)), fake_cuda((64,)), out=fake_cuda((2, 4, 64)))
 
 
 def test_host_tensors_stop_at_the_modules_device_check(kernel_modules: object) -> None:
@@ -78,7 +110,8 @@ GOOD = {"x": ((4, 128), "float16"), "w": ((128,), "float16"), "o": ((4, 128), "f
 @pytest.mark.parametrize(
     "change,exc,pattern",
     [
-        (dict(x=((4, 2, 128), "float16")), ValueError, r"input: expected a 2-D tensor"),
+        (dict(x=((4, 2, 2, 128), "float16")), ValueError, r"input: expected a 2-D \[B, D\] or 3-D \[B, H, D\]"),
+        (dict(x=((4, 2, 128), "float16")), ValueError, r"out: expected shape \(4, 2, 128\) \(\[B, H, D\]\)"),
         (dict(x=((4, 128), "float32")), TypeError, r"input: expected dtype float16, bfloat16, got float32"),
         (dict(w=((64,), "float16")), ValueError, r"weight: expected shape \(128,\)"),
         (dict(w=((128,), "bfloat16")), TypeError, r"weight: expected dtype float16 \(same as input\)"),
@@ -90,57 +123,57 @@ def test_bad_shapes_and_dtypes_are_named(change: dict, exc: type, pattern: str) 
     spec = {**GOOD, **change}
     x, w, o = (fake_cuda(*spec[k]) for k in ("x", "w", "o"))
     with pytest.raises(exc, match=pattern):
-        fi_ffi.rmsnorm(x, w, o)
+        fi_ffi.rmsnorm(x, w, out=o)
 
 
 def test_host_device_mismatched_device_and_null_pointer_are_named() -> None:
     x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(ValueError, match=r"input: expected a CUDA device tensor, got one on cpu"):
-        fi_ffi.rmsnorm(fake_cuda((4, 128), device="cpu"), w, o)
+        fi_ffi.rmsnorm(fake_cuda((4, 128), device="cpu"), w, out=o)
     with pytest.raises(ValueError, match=r"weight: expected a tensor on cuda:0 \(same as input\), got cuda:1"):
-        fi_ffi.rmsnorm(x, fake_cuda((128,), device=1), o)
+        fi_ffi.rmsnorm(x, fake_cuda((128,), device=1), out=o)
     with pytest.raises(ValueError, match="out: data pointer is NULL"):
-        fi_ffi.rmsnorm(x, w, Tensor.from_pointer(0, (4, 128), "float16", 0))
+        fi_ffi.rmsnorm(x, w, out=Tensor.from_pointer(0, (4, 128), "float16", 0))
 
 
 def test_strides_and_alignment_are_checked() -> None:
     w, o = fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(ValueError, match="input: the last dimension must be contiguous"):
-        fi_ffi.rmsnorm(fake_cuda((4, 128), strides=(256, 2)), w, o)
+        fi_ffi.rmsnorm(fake_cuda((4, 128), strides=(256, 2)), w, out=o)
     with pytest.raises(ValueError, match="input: stride of dimension 0 must be a multiple of 8"):
-        fi_ffi.rmsnorm(fake_cuda((4, 128), strides=(129, 1)), w, o)
+        fi_ffi.rmsnorm(fake_cuda((4, 128), strides=(129, 1)), w, out=o)
     misaligned = fake_cuda((4, 128)).view((4, 128), offset=1)
     with pytest.raises(ValueError, match="input: data pointer .* must be aligned to 16 bytes"):
-        fi_ffi.rmsnorm(misaligned, w, o)
+        fi_ffi.rmsnorm(misaligned, w, out=o)
 
 
 @pytest.mark.parametrize("eps", [0.0, -1e-6, float("nan"), float("inf"), "1e-6", None, True])
 def test_eps_must_be_finite_and_positive(eps: object) -> None:
     with pytest.raises((ValueError, TypeError), match="eps"):
-        fi_ffi.rmsnorm(fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128)), eps=eps)  # type: ignore[arg-type]
+        fi_ffi.rmsnorm(fake_cuda((4, 128)), fake_cuda((128,)), out=fake_cuda((4, 128)), eps=eps)  # type: ignore[arg-type]
 
 
 def test_bad_stream_and_bad_tensor_kind_are_named(kernel_modules: object) -> None:
     x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(TypeError, match="stream"):
-        fi_ffi.rmsnorm(x, w, o, stream="default")
+        fi_ffi.rmsnorm(x, w, out=o, stream="default")
     with pytest.raises(TypeError, match="weight"):
-        fi_ffi.rmsnorm(x, None, o)
+        fi_ffi.rmsnorm(x, None, out=o)
 
 
 def test_validation_memo_does_not_hide_a_changed_argument(kernel_modules: object) -> None:
     x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(KernelError):
-        fi_ffi.rmsnorm(x, w, o)  # validated and remembered
+        fi_ffi.rmsnorm(x, w, out=o)  # validated and remembered
     with pytest.raises(ValueError, match="out: expected shape"):
-        fi_ffi.rmsnorm(x, w, fake_cuda((4, 64)))
+        fi_ffi.rmsnorm(x, w, out=fake_cuda((4, 64)))
     with pytest.raises(KernelError):
-        fi_ffi.rmsnorm(x, w, o)
+        fi_ffi.rmsnorm(x, w, out=o)
 
 
 def test_prepared_call_is_checked_once_and_reaches_the_kernel(kernel_modules: object) -> None:
     x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
-    call = fi_ffi.prepare(fi_ffi.rmsnorm, x, w, o, eps=1e-5)
+    call = fi_ffi.prepare(fi_ffi.rmsnorm, x, w, 1e-5, out=o)
     assert call.keep[:3] == (o, x, w)  # wire order: out, input, weight (then eps, enable_pdl)
     assert "1e-05" in repr(call) and "float16[4, 128] cuda:0" in repr(call)
     for _ in range(2):  # each call launches again with the same packed arguments
@@ -156,9 +189,9 @@ def test_prepared_call_is_checked_once_and_reaches_the_kernel(kernel_modules: ob
 def test_prepare_checks_arguments_and_the_function(kernel_modules: object) -> None:
     x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
     with pytest.raises(ValueError, match="weight: expected shape"):
-        fi_ffi.prepare(fi_ffi.rmsnorm, x, fake_cuda((64,)), o)
+        fi_ffi.prepare(fi_ffi.rmsnorm, x, fake_cuda((64,)), out=o)
     with pytest.raises(ValueError, match="eps"):
-        fi_ffi.prepare(fi_ffi.rmsnorm, x, w, o, eps=-1.0)
+        fi_ffi.prepare(fi_ffi.rmsnorm, x, w, -1.0, out=o)
     with pytest.raises(TypeError, match="function: expected one of"):
         fi_ffi.prepare(print, x, w, o)
     with pytest.raises(TypeError):

@@ -9,6 +9,7 @@ packing matches the real signature. Invalid arguments must be rejected by our ch
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def test_signature_of_real_module_matches_our_wire_layout(kernel_modules: object
 @pytest.mark.parametrize("stream", [None, 0, 12345])
 def test_append_gets_past_the_signature_check(kernel_modules: object, layout: str, dtype: str, stream: object) -> None:
     with pytest.raises(KernelError) as info:
-        page.append_paged_kv_cache(**kv_args(layout=layout, dtype=dtype), stream=stream)
+        page.append_paged_kv_cache(stream=stream, **kv_args(layout=layout, dtype=dtype))
     assert_reached_the_kernel(info.value)
     described = ", ".join(info.value.arguments)
     assert f"{dtype}[5, 8, 128] cuda:0" in described
@@ -84,14 +85,52 @@ def test_mla_append_gets_past_the_signature_check(kernel_modules: object, dtype:
 
 def test_host_tensors_stop_at_the_modules_device_check(kernel_modules: object) -> None:
     args = kv_args()
+    values = list(args.values())
+    flat = [*values[:4], *values[4], *values[5:8]]  # the wire order: the (k, v) tuple as two tensors
     host = [
         Tensor.from_pointer(t.data_ptr, t.shape, t.dtype, "cpu", owner=t)  # type: ignore[attr-defined]
-        for t in list(args.values())[:9]
+        for t in flat
     ]
     with pytest.raises(KernelError) as info:
         entry_point("page", "append_paged_kv_cache")(*host, 0)  # bypasses our checks on purpose
     assert info.value.kind == "InternalError"
     assert "must be a CUDA tensor" in info.value.message
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_paged_kv_cache_as_one_tensor_reaches_the_kernel_as_its_two_halves(kernel_modules: object, layout: str) -> None:
+    # flashinfer's other form: one [num_pages, 2, ...] tensor, keys at [:, 0], values at [:, 1]
+    inner = (16, 8, 128) if layout == "NHD" else (8, 16, 128)
+    kv = fake_cuda((6, 2, *inner))
+    launcher = page._append.launcher
+    with pytest.raises(KernelError) as info:
+        page.append_paged_kv_cache(**kv_args(layout=layout, paged_kv_cache=kv))
+    assert_reached_the_kernel(info.value)
+    half = 16 * 8 * 128 * 2  # bytes of one page's keys
+    assert packed_data_ptr(launcher, 4) == kv.data_ptr
+    assert packed_data_ptr(launcher, 5) == kv.data_ptr + half
+    assert f"float16[6, {inner[0]}, {inner[1]}, 128] cuda:0" in info.value.arguments[4]
+
+
+def test_paged_kv_cache_as_one_4d_tensor_is_page_size_1() -> None:
+    kv = fake_cuda((6, 2, 8, 128))  # flashinfer's page size 1 without its dimension
+    k, v = page._split_paged_kv_cache(kv, "NHD")
+    assert k.shape == v.shape == (6, 1, 8, 128) and v.data_ptr - k.data_ptr == 8 * 128 * 2
+
+
+@pytest.mark.parametrize(
+    ("cache", "exc", "pattern"),
+    [
+        (lambda: None, TypeError, r"^paged_kv_cache: expected a \(k_cache, v_cache\) tuple or one tensor"),
+        (lambda: [fake_cuda((6, 16, 8, 128))] * 2, TypeError, r"^paged_kv_cache: expected .* got list"),
+        (lambda: (fake_cuda((6, 16, 8, 128)),), ValueError, r"^paged_kv_cache: .* got a tuple of 1"),
+        (lambda: fake_cuda((6, 3, 16, 8, 128)), ValueError, r"^paged_kv_cache: expected one tensor \[num_pages, 2"),
+        (lambda: fake_cuda((6, 2, 16, 8, 128, 1)), ValueError, r"^paged_kv_cache: expected one tensor"),
+    ],
+)
+def test_bad_paged_kv_cache_forms_are_named(cache: Any, exc: type, pattern: str) -> None:
+    with pytest.raises(exc, match=pattern):
+        page.append_paged_kv_cache(**kv_args(paged_kv_cache=cache()))
 
 
 def test_empty_append_is_a_no_op_and_never_reaches_the_kernel(kernel_modules: object) -> None:
@@ -109,7 +148,7 @@ def test_validation_memo_does_not_hide_a_changed_argument(kernel_modules: object
     with pytest.raises(TypeError, match="positions: expected dtype int32"):
         page.append_paged_kv_cache(**{**args, "positions": fake_cuda((5,), "int64")})
     with pytest.raises(ValueError, match="append_key: expected"):
-        page.append_paged_kv_cache(**{**args, "layout": "HND"})  # same tensors, other layout: heads differ
+        page.append_paged_kv_cache(**{**args, "kv_layout": "HND"})  # same tensors, other layout: heads differ
 
 
 # ---- our checks: every rule, each bad argument named, nothing crosses the FFI ----
@@ -130,8 +169,8 @@ def test_index_arrays_must_be_int32(name: str, dtype: str) -> None:
 @pytest.mark.parametrize(
     "change,exc,pattern",
     [
-        (dict(layout="nhd"), ValueError, r"layout: expected 'NHD' or 'HND', got 'nhd'"),
-        (dict(layout=0), TypeError, r"layout: expected 'NHD' or 'HND', got 0"),
+        (dict(layout="nhd"), ValueError, r"kv_layout: expected 'NHD' or 'HND', got 'nhd'"),
+        (dict(layout=0), TypeError, r"kv_layout: expected 'NHD' or 'HND', got 0"),
         (dict(append_key=fake_cuda((5, 8, 128, 1))), ValueError, r"append_key: expected a 3-D tensor"),
         (dict(append_key=fake_cuda((5, 8, 128), "float32")), TypeError, r"append_key: expected dtype float16, "),
         (dict(append_key=fake_cuda((5, 8, 128), device="cpu")), ValueError, r"append_key: expected a CUDA device"),
@@ -249,7 +288,7 @@ def test_alignment_and_32_bit_cache_strides_are_checked() -> None:
 
 def test_bad_stream_and_missing_tensor_are_named() -> None:
     with pytest.raises(TypeError, match="stream"):
-        page.append_paged_kv_cache(**kv_args(), stream="default")
+        page.append_paged_kv_cache(stream="default", **kv_args())
     with pytest.raises(TypeError, match="kv_indices: expected a tensor, got None"):
         page.append_paged_kv_cache(**kv_args(kv_indices=None))
 
@@ -508,8 +547,7 @@ def cai_args(nnz: int, num_pages: int, heads: int = 4, head_dim: int = 128) -> d
         append_value=HostCAI((nnz, heads, head_dim)),
         batch_indices=HostCAI((nnz,), "<i4"),
         positions=HostCAI((nnz,), "<i4"),
-        k_cache=HostCAI(cache),
-        v_cache=HostCAI(cache),
+        paged_kv_cache=(HostCAI(cache), HostCAI(cache)),
         kv_indices=HostCAI((num_pages,), "<i4"),
         kv_indptr=HostCAI((3,), "<i4"),
         kv_last_page_len=HostCAI((2,), "<i4"),
@@ -532,14 +570,14 @@ def test_a_32_layer_loop_with_a_cache_per_layer_stays_on_the_fast_path(kernel_mo
     before = launcher.slow_calls
     for step in range(2):
         for i, layer in enumerate(layers):
-            args = {**shared, "k_cache": layer["k_cache"], "v_cache": layer["v_cache"]}
+            args = {**shared, "paged_kv_cache": layer["paged_kv_cache"]}
             with pytest.raises(KernelError) as info:
                 page.append_paged_kv_cache(**args)
             assert_reached_the_kernel(info.value)
             assert f"float16[{num_pages}, 16, 4, 128] cuda:0" in info.value.arguments[4]
             # the kernel was handed this layer's caches, not those the layout was first validated with
-            assert packed_data_ptr(launcher, 4) == data_ptr(layer["k_cache"])
-            assert packed_data_ptr(launcher, 5) == data_ptr(layer["v_cache"])
+            assert packed_data_ptr(launcher, 4) == data_ptr(layer["paged_kv_cache"][0])
+            assert packed_data_ptr(launcher, 5) == data_ptr(layer["paged_kv_cache"][1])
             assert launcher.slow_calls - before == 1, f"step {step}, layer {i} took the slow path"
 
 
@@ -565,9 +603,9 @@ def test_unhashable_producers_reach_the_kernel(kernel_modules: object) -> None:
 
 def test_empty_append_still_checks_the_stream_and_every_argument(kernel_modules: object) -> None:
     with pytest.raises(TypeError, match="stream"):
-        page.append_paged_kv_cache(**kv_args(nnz=0), stream="default")
+        page.append_paged_kv_cache(stream="default", **kv_args(nnz=0))
     with pytest.raises((TypeError, ValueError), match="stream"):
-        page.append_paged_kv_cache(**kv_args(nnz=0), stream=-1)
+        page.append_paged_kv_cache(stream=-1, **kv_args(nnz=0))
     with pytest.raises(TypeError, match="stream"):
         page.append_paged_mla_kv_cache(**mla_args(nnz=0), stream=1.5)
     with pytest.raises(TypeError, match="positions: expected dtype int32"):
@@ -578,7 +616,7 @@ def test_empty_append_still_checks_the_stream_and_every_argument(kernel_modules:
         page.append_paged_mla_kv_cache(**mla_args(nnz=0, kv_indptr=fake_cuda((4,), "int32")))
     with pytest.raises(TypeError, match="kv_indices: expected a tensor, got None"):
         page.append_paged_kv_cache(**kv_args(nnz=0, kv_indices=None))
-    assert page.append_paged_kv_cache(**kv_args(nnz=0), stream=7) is None  # valid: nothing launched
+    assert page.append_paged_kv_cache(stream=7, **kv_args(nnz=0)) is None  # valid: nothing launched
 
 
 @pytest.mark.parametrize(
@@ -612,10 +650,10 @@ def test_a_misaligned_cache_after_an_aligned_one_is_refused(kernel_modules: obje
     args = kv_args(num_pages=53)
     with pytest.raises(KernelError):
         page.append_paged_kv_cache(**args)
-    kc = args["k_cache"]
-    shifted = Tensor.from_pointer(kc.data_ptr + 8, kc.shape, "float16", 0)  # type: ignore[attr-defined]
+    kc = args["paged_kv_cache"][0]  # type: ignore[index]
+    shifted = Tensor.from_pointer(kc.data_ptr + 8, kc.shape, "float16", 0)
     with pytest.raises(ValueError, match=r"k_cache: data pointer .* must be aligned to 16 bytes"):
-        page.append_paged_kv_cache(**{**args, "k_cache": shifted, "v_cache": shifted})
+        page.append_paged_kv_cache(**{**args, "paged_kv_cache": (shifted, shifted)})
 
 
 def test_big_endian_producers_are_refused_by_name() -> None:

@@ -65,40 +65,68 @@ def calls(a: Args, extra: dict[str, Any]) -> dict[str, Callable[[], Any]]:
     """One call per sampling entry point; ``extra`` (e.g. ``valid=`` on 0.7.2) goes to the ``*_from_probs`` ops."""
     g = Generator(5)
     return {
-        "softmax": lambda: fi_ffi.softmax(a.probs, a.dense, a.ws, temperature=0.7),
-        "softmax_per_row": lambda: fi_ffi.softmax(a.probs, a.dense, a.ws, temperature=fake_cuda((R,))),
-        "sampling_from_probs": lambda: fi_ffi.sampling_from_probs(a.probs, a.out, generator=g, **extra),
-        "sampling_from_logits": lambda: fi_ffi.sampling_from_logits(a.probs, a.out, generator=g),
+        "softmax": lambda: fi_ffi.softmax(a.probs, out=a.dense, workspace=a.ws, temperature=0.7),
+        "softmax_per_row": lambda: fi_ffi.softmax(a.probs, out=a.dense, workspace=a.ws, temperature=fake_cuda((R,))),
+        "sampling_from_probs": lambda: fi_ffi.sampling_from_probs(a.probs, out=a.out, generator=g, **extra),
+        "sampling_from_logits": lambda: fi_ffi.sampling_from_logits(a.probs, out=a.out, generator=g),
         "top_p_sampling_from_probs": lambda: fi_ffi.top_p_sampling_from_probs(
-            a.probs, 0.9, a.out, generator=g, **extra
+            a.probs,
+            0.9,
+            out=a.out,
+            generator=g,
+            **extra,
         ),
         "top_k_sampling_from_probs": lambda: fi_ffi.top_k_sampling_from_probs(
-            a.probs, fake_cuda((R,), "int32"), a.out, generator=g, **extra
+            a.probs,
+            fake_cuda((R,), "int32"),
+            out=a.out,
+            generator=g,
+            **extra,
         ),
         "min_p_sampling_from_probs": lambda: fi_ffi.min_p_sampling_from_probs(
-            a.probs, 0.05, a.out, seed=1, offset=8, **extra
+            a.probs,
+            0.05,
+            out=a.out,
+            seed=1,
+            offset=8,
+            **extra,
         ),
         "top_k_top_p_sampling_from_probs": lambda: fi_ffi.top_k_top_p_sampling_from_probs(
             a.probs,
             20,
             fake_cuda((R,)),
-            fake_cuda((R,), "int64"),
+            out=fake_cuda((R,), "int64"),
             indices=fake_cuda((R,), "int64"),
             deterministic=False,
             generator=g,
             **extra,
         ),
         "top_p_renorm_probs": lambda: fi_ffi.top_p_renorm_probs(
-            a.probs, fake_cuda((R,)), a.dense, workspace=a.ws if extra else None
+            a.probs,
+            fake_cuda((R,)),
+            out=a.dense,
+            workspace=a.ws if extra else None,
         ),
         "top_k_renorm_probs": lambda: fi_ffi.top_k_renorm_probs(
-            fake_cuda((R, V), "float16"), 8, fake_cuda((R, V), "float16"), a.states
+            fake_cuda((R, V), "float16"),
+            8,
+            out=fake_cuda((R, V), "float16"),
+            row_states_buffer=a.states,
         ),
         "top_k_mask_logits": lambda: fi_ffi.top_k_mask_logits(
-            fake_cuda((R, V), "bfloat16"), fake_cuda((R,), "int32"), fake_cuda((R, V), "bfloat16"), a.states
+            fake_cuda((R, V), "bfloat16"),
+            fake_cuda((R,), "int32"),
+            out=fake_cuda((R, V), "bfloat16"),
+            row_states_buffer=a.states,
         ),
         "chain_speculative_sampling": lambda: fi_ffi.chain_speculative_sampling(
-            a.draft, a.draft_ids, a.target, a.spec_out, a.accepted, a.emitted, generator=g
+            a.draft,
+            a.draft_ids,
+            a.target,
+            out=a.spec_out,
+            maybe_output_accepted_token_num=a.accepted,
+            maybe_output_emitted_draft_token_num=a.emitted,
+            generator=g,
         ),
     }
 
@@ -134,16 +162,18 @@ def test_063_refuses_what_only_072_has_by_name(kernel_modules: list[str], kwargs
         match=rf"^{name}: not supported by the bound module's entry point "
         r"sampling.sampling_from_probs \(FlashInfer 0.6.3\)",
     ):
-        fi_ffi.sampling_from_probs(a.probs, a.out, **values)
+        fi_ffi.sampling_from_probs(a.probs, out=a.out, **values)
 
 
 def test_063_refuses_072_renorm_options(kernel_modules: list[str]) -> None:
     a = Args()
     with pytest.raises(ValueError, match=r"^workspace: not supported .* \(FlashInfer 0.6.3\)"):
-        fi_ffi.top_p_renorm_probs(a.probs, 0.9, a.dense, workspace=a.ws)
+        fi_ffi.top_p_renorm_probs(a.probs, 0.9, out=a.dense, workspace=a.ws)
     with pytest.raises(ValueError, match=r"^is_deterministic: not supported .* \(FlashInfer 0.6.3\)"):
-        fi_ffi.top_k_renorm_probs(a.probs, 3, a.dense, a.states, is_deterministic=True)
-    reached(lambda: fi_ffi.top_k_renorm_probs(a.probs, 3, a.dense, a.states, is_deterministic=False))
+        fi_ffi.top_k_renorm_probs(a.probs, 3, out=a.dense, row_states_buffer=a.states, is_deterministic=True)
+    reached(
+        lambda: fi_ffi.top_k_renorm_probs(a.probs, 3, out=a.dense, row_states_buffer=a.states, is_deterministic=False)
+    )
 
 
 def test_a_072_declaration_is_refused_by_the_063_module(kernel_modules: list[str]) -> None:
@@ -174,7 +204,11 @@ def test_072_seed_and_offset_tensors_are_passed_as_tensors(release_072: list[str
     a = Args()
     text = reached(
         lambda: fi_ffi.sampling_from_probs(
-            a.probs, a.out, valid=a.valid, seed=fake_cuda((1,), "int64"), offset=fake_cuda((R,), "int64")
+            a.probs,
+            out=a.out,
+            valid=a.valid,
+            seed=fake_cuda((1,), "int64"),
+            offset=fake_cuda((R,), "int64"),
         )
     )
     assert "DLTensor*(int64[1] cuda:0), 0, DLTensor*(int64[4] cuda:0), 0)" in text
@@ -183,9 +217,9 @@ def test_072_seed_and_offset_tensors_are_passed_as_tensors(release_072: list[str
             a.draft,
             a.draft_ids,
             a.target,
-            a.spec_out,
-            a.accepted,
-            a.emitted,
+            out=a.spec_out,
+            maybe_output_accepted_token_num=a.accepted,
+            maybe_output_emitted_draft_token_num=a.emitted,
             seed=fake_cuda((2,), "int64"),
             offset=fake_cuda((1,), "int64"),
         )
@@ -195,18 +229,18 @@ def test_072_seed_and_offset_tensors_are_passed_as_tensors(release_072: list[str
 
 def test_072_generator_ints_go_with_absent_tensors(release_072: list[str]) -> None:
     a = Args()
-    text = reached(lambda: fi_ffi.sampling_from_probs(a.probs, a.out, valid=a.valid, generator=Generator(3, 10)))
+    text = reached(lambda: fi_ffi.sampling_from_probs(a.probs, out=a.out, valid=a.valid, generator=Generator(3, 10)))
     assert text.endswith("True, None, 3, None, 14)")
 
 
 def test_072_required_outputs_are_named(release_072: list[str]) -> None:
     a = Args()
     with pytest.raises(TypeError, match="^valid: expected a tensor, got None"):
-        fi_ffi.sampling_from_probs(a.probs, a.out, generator=Generator(1))
+        fi_ffi.sampling_from_probs(a.probs, out=a.out, generator=Generator(1))
     with pytest.raises(TypeError, match="^workspace: expected a tensor, got None"):
-        fi_ffi.top_p_renorm_probs(a.probs, 0.5, a.dense)
+        fi_ffi.top_p_renorm_probs(a.probs, 0.5, out=a.dense)
     with pytest.raises(ValueError, match=r"^workspace: needs at least 75264 bytes \(top_p_renorm_workspace_size"):
-        fi_ffi.top_p_renorm_probs(a.probs, 0.5, a.dense, workspace=fake_cuda((1024,), "uint8"))
+        fi_ffi.top_p_renorm_probs(a.probs, 0.5, out=a.dense, workspace=fake_cuda((1024,), "uint8"))
 
 
 @pytest.mark.parametrize(
@@ -224,19 +258,23 @@ def test_072_bad_seed_tensors_are_named(
     a = Args()
     s = fake_cuda((1,), "int32") if seed == "int32" else fake_cuda(seed, "int64")
     with pytest.raises(exc, match=pattern):
-        fi_ffi.sampling_from_probs(a.probs, a.out, valid=a.valid, seed=s, offset=fake_cuda(offset, "int64"))
+        fi_ffi.sampling_from_probs(a.probs, out=a.out, valid=a.valid, seed=s, offset=fake_cuda(offset, "int64"))
     with pytest.raises(ValueError, match=r"^seed: expected a tensor on cuda:0 \(same as probs\), got cuda:1"):
         fi_ffi.sampling_from_probs(
-            a.probs, a.out, valid=a.valid, seed=fake_cuda((1,), "int64", device=1), offset=fake_cuda((1,), "int64")
+            a.probs,
+            out=a.out,
+            valid=a.valid,
+            seed=fake_cuda((1,), "int64", device=1),
+            offset=fake_cuda((1,), "int64"),
         )
 
 
 def test_072_bad_valid_is_named(release_072: list[str]) -> None:
     a = Args()
     with pytest.raises(TypeError, match=r"^valid: expected dtype bool, got int32"):
-        fi_ffi.sampling_from_probs(a.probs, a.out, valid=fake_cuda((R,), "int32"), seed=1, offset=0)
+        fi_ffi.sampling_from_probs(a.probs, out=a.out, valid=fake_cuda((R,), "int32"), seed=1, offset=0)
     with pytest.raises(ValueError, match=r"^valid: expected shape \(4,\)"):
-        fi_ffi.sampling_from_probs(a.probs, a.out, valid=fake_cuda((R + 1,), "bool"), seed=1, offset=0)
+        fi_ffi.sampling_from_probs(a.probs, out=a.out, valid=fake_cuda((R + 1,), "bool"), seed=1, offset=0)
 
 
 # ---- the generator ----------------------------------------------------------------------------------------------
@@ -331,32 +369,33 @@ def test_ops_pass_the_advanced_offset_and_a_refused_call_draws_nothing(
     a = Args()
     g = Generator(77, 1000)
     op = getattr(fi_ffi, name)
+    outputs: dict[str, Any] = {"out": a.out}
     if name == "chain_speculative_sampling":
-        args: tuple[Any, ...] = (a.draft, a.draft_ids, a.target, a.spec_out, a.accepted, a.emitted)
+        args: tuple[Any, ...] = (a.draft, a.draft_ids, a.target)
+        outputs = dict(
+            out=a.spec_out, maybe_output_accepted_token_num=a.accepted, maybe_output_emitted_draft_token_num=a.emitted
+        )
     elif name == "top_k_top_p_sampling_from_probs":
-        args = (a.probs, 5, 0.9, a.out)
+        args = (a.probs, 5, 0.9)
     elif name in ("sampling_from_probs", "sampling_from_logits"):
-        args = (a.probs, a.out)
+        args = (a.probs,)
     else:
-        args = (a.probs, 0.5 if "_p_" in name else 3, a.out)
-    text = reached(lambda: op(*args, generator=g))
+        args = (a.probs, 0.5 if "_p_" in name else 3)
+    text = reached(lambda: op(*args, **outputs, generator=g))
     # flashinfer-python's order: advance by the rounded increment, then pass the new offset
     assert text.endswith(f", 77, {1000 + round_up4(increment)})"), text
     assert g.get_state() == (77, 1000)  # the kernel did not run (no GPU): nothing was drawn
+    bad = fake_cuda((R + 1,), "int32") if name != "chain_speculative_sampling" else fake_cuda((3, 4), "int32")
     with pytest.raises(ValueError):
-        op(
-            *args[:-1],
-            fake_cuda((R + 1,), "int32") if name != "chain_speculative_sampling" else fake_cuda((3, 4), "int32"),
-            generator=g,
-        )
+        op(*args, **{**outputs, "out": bad}, generator=g)
     assert g.get_state() == (77, 1000)
 
 
 def test_seeds_are_unsigned_64_bit_on_the_wire(kernel_modules: list[str]) -> None:
     a = Args()
-    text = reached(lambda: fi_ffi.sampling_from_probs(a.probs, a.out, seed=2**64 - 1, offset=2**63))
+    text = reached(lambda: fi_ffi.sampling_from_probs(a.probs, out=a.out, seed=2**64 - 1, offset=2**63))
     assert text.endswith(f", -1, {-(2**63)})")  # the same 64 bits as uint64 2**64 - 1 and 2**63
-    text = reached(lambda: fi_ffi.sampling_from_probs(a.probs, a.out, seed=12, offset=34))
+    text = reached(lambda: fi_ffi.sampling_from_probs(a.probs, out=a.out, seed=12, offset=34))
     assert text.endswith(", 12, 34)")
 
 
@@ -380,7 +419,7 @@ def test_default_generator_is_used_without_generator_or_seed(kernel_modules: lis
 
     a = Args()
     seed, offset = default_generator().get_state()
-    text = reached(lambda: fi_ffi.sampling_from_probs(a.probs, a.out))
+    text = reached(lambda: fi_ffi.sampling_from_probs(a.probs, out=a.out))
     assert text.endswith(f", {seed}, {offset + 4})")
 
 
@@ -404,7 +443,7 @@ def test_bad_random_state_is_named(shared_wheel: Path, kwargs: dict[str, Any], e
     # the random state's form depends on the pinned module's release (0.6.3 or >= 0.7): the wheel is needed
     a = Args()
     with pytest.raises(exc, match=pattern):
-        fi_ffi.sampling_from_probs(a.probs, a.out, **kwargs)
+        fi_ffi.sampling_from_probs(a.probs, out=a.out, **kwargs)
 
 
 # ---- bad inputs, every op -------------------------------------------------------------------------------------------
@@ -419,7 +458,7 @@ def _probs_op(op: str, **kw: Any) -> Callable[[Args], Any]:
         "top_k_top_p_sampling_from_probs": (5, 0.9),
     }.get(op, ())
     return lambda a: fn(
-        kw.pop("probs", a.probs), *kw.pop("params", scalar), kw.pop("out", a.out), seed=1, offset=0, **kw
+        kw.pop("probs", a.probs), *kw.pop("params", scalar), out=kw.pop("out", a.out), seed=1, offset=0, **kw
     )
 
 
@@ -519,7 +558,7 @@ def test_per_row_top_k_with_indices_over_other_rows_is_refused(kernel_modules: l
         fi_ffi.top_k_sampling_from_probs(
             a.probs,
             fake_cuda((R,), "int32"),
-            fake_cuda((2 * R,), "int32"),
+            out=fake_cuda((2 * R,), "int32"),
             indices=fake_cuda((2 * R,), "int32"),
             seed=1,
             offset=0,
@@ -529,7 +568,7 @@ def test_per_row_top_k_with_indices_over_other_rows_is_refused(kernel_modules: l
         lambda: fi_ffi.top_p_sampling_from_probs(
             a.probs,
             fake_cuda((R,)),
-            fake_cuda((2 * R,), "int32"),
+            out=fake_cuda((2 * R,), "int32"),
             indices=fake_cuda((2 * R,), "int32"),
             seed=1,
             offset=0,
@@ -569,7 +608,7 @@ def test_bad_softmax_arguments_are_named(
     args.update({k: v for k, v in kwargs.items() if k in args})
     rest = {k: v for k, v in kwargs.items() if k not in args}
     with pytest.raises(exc, match=pattern):
-        fi_ffi.softmax(args["logits"], args["out"], args["workspace"], **rest)
+        fi_ffi.softmax(args["logits"], out=args["out"], workspace=args["workspace"], **rest)
 
 
 def test_softmax_workspace_size_follows_the_kernels_split_rule() -> None:
@@ -613,9 +652,9 @@ def test_bad_renorm_and_mask_arguments_are_named(
     fn = getattr(fi_ffi, op)
     with pytest.raises(exc, match=pattern):
         if op == "top_p_renorm_probs":
-            fn(src, param, out)
+            fn(src, param, out=out)
         else:
-            fn(src, param, out, a.states)
+            fn(src, param, out=out, row_states_buffer=a.states)
 
 
 @pytest.mark.parametrize("op", ["top_k_renorm_probs", "top_k_mask_logits"])
@@ -623,13 +662,13 @@ def test_row_states_buffer_is_checked(kernel_modules: list[str], op: str) -> Non
     a = Args()
     fn = getattr(fi_ffi, op)
     with pytest.raises(ValueError, match=rf"^row_states_buffer: needs at least {MIB} bytes \(ROW_STATES_BYTES\)"):
-        fn(a.probs, 3, a.dense, fake_cuda((MIB - 1,), "uint8"))
+        fn(a.probs, 3, out=a.dense, row_states_buffer=fake_cuda((MIB - 1,), "uint8"))
     with pytest.raises(ValueError, match=r"^row_states_buffer: expected a CUDA device tensor, got one on cpu"):
-        fn(a.probs, 3, a.dense, fake_cuda((MIB,), "uint8", device="cpu"))
+        fn(a.probs, 3, out=a.dense, row_states_buffer=fake_cuda((MIB,), "uint8", device="cpu"))
     with pytest.raises(TypeError, match=r"^row_states_buffer: expected a tensor, got None"):
-        fn(a.probs, 3, a.dense, None)
+        fn(a.probs, 3, out=a.dense, row_states_buffer=None)
     with pytest.raises(ValueError, match=r"^top_k: expected an int in \[1, 2\*\*31\)"):
-        fn(a.probs, -3, a.dense, a.states)
+        fn(a.probs, -3, out=a.dense, row_states_buffer=a.states)
 
 
 @pytest.mark.parametrize(
@@ -641,9 +680,9 @@ def test_row_states_buffer_is_checked(kernel_modules: list[str], op: str) -> Non
         ("draft_ids", ((2, 3), "int64"), TypeError, r"^draft_token_ids: expected dtype int32"),
         ("target", ((2, 3, V), "float32"), ValueError, r"^target_probs: expected shape \(2, 4, 64\)"),
         ("target", ((2, 4, V + 1), "float32"), ValueError, r"^target_probs: expected shape \(2, 4, 64\)"),
-        ("spec_out", ((2, 3), "int32"), ValueError, r"^output_token_ids: expected shape \(2, 4\)"),
-        ("accepted", ((3,), "int32"), ValueError, r"^output_accepted_token_num: expected shape \(2,\)"),
-        ("emitted", ((2,), "int64"), TypeError, r"^output_emitted_draft_token_num: expected dtype int32"),
+        ("spec_out", ((2, 3), "int32"), ValueError, r"^out: expected shape \(2, 4\)"),
+        ("accepted", ((3,), "int32"), ValueError, r"^maybe_output_accepted_token_num: expected shape \(2,\)"),
+        ("emitted", ((2,), "int64"), TypeError, r"^maybe_output_emitted_draft_token_num: expected dtype int32"),
     ],
 )
 def test_bad_speculative_arguments_are_named(
@@ -653,20 +692,27 @@ def test_bad_speculative_arguments_are_named(
     setattr(a, which, fake_cuda(*value))
     with pytest.raises(exc, match=pattern):
         fi_ffi.chain_speculative_sampling(
-            a.draft, a.draft_ids, a.target, a.spec_out, a.accepted, a.emitted, seed=3, offset=4
+            a.draft,
+            a.draft_ids,
+            a.target,
+            out=a.spec_out,
+            maybe_output_accepted_token_num=a.accepted,
+            maybe_output_emitted_draft_token_num=a.emitted,
+            seed=3,
+            offset=4,
         )
 
 
 def test_the_speculative_outputs_must_not_overlap(kernel_modules: list[str]) -> None:
     a = Args()
-    with pytest.raises(ValueError, match=r"^output_token_ids: an output's elements must not overlap"):
+    with pytest.raises(ValueError, match=r"^out: an output's elements must not overlap"):
         fi_ffi.chain_speculative_sampling(
             a.draft,
             a.draft_ids,
             a.target,
-            fake_cuda((2, 4), "int32", strides=(0, 1)),
-            a.accepted,
-            a.emitted,
+            out=fake_cuda((2, 4), "int32", strides=(0, 1)),
+            maybe_output_accepted_token_num=a.accepted,
+            maybe_output_emitted_draft_token_num=a.emitted,
             seed=3,
             offset=4,
         )

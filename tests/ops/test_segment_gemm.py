@@ -238,23 +238,23 @@ def test_prepare_checks_its_buffer_then_copies_once() -> None:
     del args["backend"]
     need = G.segment_gemm_args_bytes(3)  # 3 non-empty segments
     with pytest.raises(ValueError, match=rf"args_buffer: the argument arrays of 3 segments need {need} bytes"):
-        G.prepare_segment_gemm(**args, args_buffer=fake_cuda((need - 16,), "uint8"), backend="sm90")
+        G.prepare_segment_gemm(args_buffer=fake_cuda((need - 16,), "uint8"), backend="sm90", **args)
     with pytest.raises(TypeError, match="args_buffer: expected dtype uint8"):
-        G.prepare_segment_gemm(**args, args_buffer=fake_cuda((need,), "int32"), backend="sm90")
+        G.prepare_segment_gemm(args_buffer=fake_cuda((need,), "int32"), backend="sm90", **args)
     with pytest.raises(ValueError, match="args_buffer: data pointer .* aligned to 16"):
-        G.prepare_segment_gemm(**args, args_buffer=fake_cuda((need + 16,), "uint8").view((need,), offset=8))
+        G.prepare_segment_gemm(args_buffer=fake_cuda((need + 16,), "uint8").view((need,), offset=8), **args)
     x = args["x"]
     overlapping = Tensor.from_pointer(x.data_ptr, (need,), "uint8", 0, owner=x)
     with pytest.raises(ValueError, match="args_buffer: overlaps x"):
-        G.prepare_segment_gemm(**args, args_buffer=overlapping, backend="sm90")
+        G.prepare_segment_gemm(args_buffer=overlapping, backend="sm90", **args)
     # a valid call stops only at the copy, which needs the driver (none here)
     with pytest.raises(CudaError, match="cuMemcpyHtoD"):
-        G.prepare_segment_gemm(**args, args_buffer=fake_cuda((need,), "uint8"), backend="sm90")
+        G.prepare_segment_gemm(args_buffer=fake_cuda((need,), "uint8"), backend="sm90", **args)
 
 
 def test_a_prepared_call_of_empty_segments_copies_and_launches_nothing() -> None:
     args = call_args(x=fake_cuda((0, 64), "bfloat16"), out=fake_cuda((0, 128), "bfloat16"), seg_indptr=[0] * 6)
-    prepared = G.prepare_segment_gemm(**args, args_buffer=fake_cuda((16,), "uint8"))
+    prepared = G.prepare_segment_gemm(args_buffer=fake_cuda((16,), "uint8"), **args)
     assert prepared.count == 0
     assert prepared.problem_sizes.shape == (0, 3) and prepared.problem_sizes.dtype.name == "int32"
     assert prepared.prepared_rows.shape == (0,) and prepared.segments.shape == (0,)
@@ -322,9 +322,9 @@ def test_warm_then_bad_pointers_are_refused_on_every_call(name: str, where: Any,
 def test_prepare_refuses_bad_pointers_after_a_valid_preparation(name: str, where: Any, error: str) -> None:
     need = G.segment_gemm_args_bytes(3)
     with pytest.raises(CudaError, match="cuMemcpyHtoD"):  # valid: stops only at the copy
-        G.prepare_segment_gemm(**call_args(), args_buffer=fake_cuda((need,), "uint8"))
+        G.prepare_segment_gemm(args_buffer=fake_cuda((need,), "uint8"), **call_args())
     with pytest.raises(ValueError, match=error):
-        G.prepare_segment_gemm(**_bad(call_args(), name, where), args_buffer=fake_cuda((need,), "uint8"))
+        G.prepare_segment_gemm(args_buffer=fake_cuda((need,), "uint8"), **_bad(call_args(), name, where))
 
 
 @pytest.mark.parametrize(
@@ -337,7 +337,7 @@ def test_prepare_refuses_bad_pointers_after_a_valid_preparation(name: str, where
 def test_prepare_refuses_a_null_or_wrapping_args_buffer(address: int, error: str) -> None:
     need = G.segment_gemm_args_bytes(3)
     with pytest.raises(ValueError, match=error):
-        G.prepare_segment_gemm(**call_args(), args_buffer=Tensor.from_pointer(address, (need,), "uint8", 0))
+        G.prepare_segment_gemm(args_buffer=Tensor.from_pointer(address, (need,), "uint8", 0), **call_args())
 
 
 def test_prepare_keeps_args_buffer_apart_from_the_float_workspace() -> None:
@@ -346,7 +346,7 @@ def test_prepare_keeps_args_buffer_apart_from_the_float_workspace() -> None:
     scratch = args["workspace"].float_buffer
     over = Tensor.from_pointer(scratch.data_ptr, (need,), "uint8", 0)
     with pytest.raises(ValueError, match="^args_buffer: overlaps workspace.float_buffer"):
-        G.prepare_segment_gemm(**args, args_buffer=over)
+        G.prepare_segment_gemm(args_buffer=over, **args)
 
 
 def test_addresses_at_or_above_2_63_keep_their_bits_and_a_wrap_is_named() -> None:

@@ -36,7 +36,9 @@ def states(nbytes: int = MIB, **kw: Any) -> Tensor:
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_top_k_reaches_the_device_check(kernel_modules: list[str], dtype: str) -> None:
     values, indices = fake_cuda((R, K), dtype), fake_cuda((R, K), "int32")
-    text = reached(lambda: fi_ffi.top_k(fake_cuda((R, L), dtype), K, values, indices, states()))
+    text = reached(
+        lambda: fi_ffi.top_k(fake_cuda((R, L), dtype), K, values=values, indices=indices, row_states_buffer=states())
+    )
     assert (
         f"topk.radix_topk(DLTensor*({dtype}[4, 256] cuda:0), DLTensor*(int32[4, 8] cuda:0), "
         f"DLTensor*({dtype}[4, 8] cuda:0), DLTensor*(uint8[1048576] cuda:0), 8)" in text
@@ -52,8 +54,8 @@ def test_page_table_transform_reaches_the_device_check(kernel_modules: list[str]
             fake_cuda((2 if row_to_batch else R, L), "int32"),
             fake_cuda((R,), "int32"),
             K,
-            fake_cuda((R, K), "int32"),
-            states(),
+            out=fake_cuda((R, K), "int32"),
+            row_states_buffer=states(),
             **extra,
         )
     )
@@ -68,8 +70,8 @@ def test_ragged_transform_reaches_the_device_check(kernel_modules: list[str]) ->
             fake_cuda((R,), "int32"),
             fake_cuda((R,), "int32"),
             300,
-            fake_cuda((R, 300), "int32"),
-            states(),
+            out=fake_cuda((R, 300), "int32"),
+            row_states_buffer=states(),
         )
     )
     assert text.rstrip(")").endswith(", 300")  # k may exceed the row length: short rows are padded with -1
@@ -97,37 +99,43 @@ def test_bad_top_k_arguments_are_named(change: dict[str, Any], k: Any, exc: type
     spec = {**GOOD, **change}
     x, v, i = (fake_cuda(*spec[n]) for n in ("input", "values", "indices"))
     with pytest.raises(exc, match=pattern):
-        fi_ffi.top_k(x, k, v, i, states())
+        fi_ffi.top_k(x, k, values=v, indices=i, row_states_buffer=states())
 
 
 def test_bad_layouts_devices_and_pointers_are_named() -> None:
     v, i = fake_cuda((R, K)), fake_cuda((R, K), "int32")
     with pytest.raises(ValueError, match=r"^input: expected a contiguous tensor"):
-        fi_ffi.top_k(fake_cuda((R, L), strides=(2 * L, 1)), K, v, i, states())
+        fi_ffi.top_k(fake_cuda((R, L), strides=(2 * L, 1)), K, values=v, indices=i, row_states_buffer=states())
     with pytest.raises(ValueError, match=r"^input: expected a CUDA device tensor, got one on cpu"):
-        fi_ffi.top_k(fake_cuda((R, L), device="cpu"), K, v, i, states())
+        fi_ffi.top_k(fake_cuda((R, L), device="cpu"), K, values=v, indices=i, row_states_buffer=states())
     with pytest.raises(ValueError, match=r"^indices: expected a tensor on cuda:0 \(same as input\), got cuda:1"):
-        fi_ffi.top_k(fake_cuda((R, L)), K, v, fake_cuda((R, K), "int32", device=1), states())
+        fi_ffi.top_k(
+            fake_cuda((R, L)), K, values=v, indices=fake_cuda((R, K), "int32", device=1), row_states_buffer=states()
+        )
     with pytest.raises(ValueError, match=r"^input: data pointer is NULL"):
-        fi_ffi.top_k(Tensor.from_pointer(0, (R, L), "float32", "cuda:0"), K, v, i, states())
+        fi_ffi.top_k(
+            Tensor.from_pointer(0, (R, L), "float32", "cuda:0"), K, values=v, indices=i, row_states_buffer=states()
+        )
     with pytest.raises(ValueError, match=r"^values: an output's elements must not overlap"):
-        fi_ffi.top_k(fake_cuda((R, L)), K, fake_cuda((R, K), strides=(0, 1)), i, states())
+        fi_ffi.top_k(
+            fake_cuda((R, L)), K, values=fake_cuda((R, K), strides=(0, 1)), indices=i, row_states_buffer=states()
+        )
 
 
 def test_row_states_buffer_is_required_and_sized() -> None:
     x, v, i = fake_cuda((R, L)), fake_cuda((R, K)), fake_cuda((R, K), "int32")
     with pytest.raises(TypeError, match=r"^row_states_buffer: expected a tensor, got None"):
-        fi_ffi.top_k(x, K, v, i, None)
+        fi_ffi.top_k(x, K, values=v, indices=i, row_states_buffer=None)
     with pytest.raises(
         ValueError,
         match=rf"^row_states_buffer: needs at least {MIB} bytes \(ROW_STATES_BYTES\), "
         rf"got {MIB // 2}",
     ):
-        fi_ffi.top_k(x, K, v, i, states(MIB // 2))
+        fi_ffi.top_k(x, K, values=v, indices=i, row_states_buffer=states(MIB // 2))
     with pytest.raises(ValueError, match=r"^row_states_buffer: expected a 1-D tensor"):
-        fi_ffi.top_k(x, K, v, i, fake_cuda((2, MIB), "uint8"))
+        fi_ffi.top_k(x, K, values=v, indices=i, row_states_buffer=fake_cuda((2, MIB), "uint8"))
     with pytest.raises(ValueError, match=r"^row_states_buffer: expected a tensor on cuda:0 \(same as input\)"):
-        fi_ffi.top_k(x, K, v, i, states(device=1))
+        fi_ffi.top_k(x, K, values=v, indices=i, row_states_buffer=states(device=1))
     assert T.ROW_STATES_BYTES == MIB
 
 
@@ -167,8 +175,8 @@ def test_bad_page_table_transform_arguments_are_named(change: dict[str, Any], ex
             fake_cuda(*spec["src_page_table"]),
             fake_cuda(*spec["lengths"]),
             spec.get("k", K),
-            fake_cuda(*spec["out"]),
-            states(),
+            out=fake_cuda(*spec["out"]),
+            row_states_buffer=states(),
             **extra,
         )
 
@@ -192,6 +200,6 @@ def test_bad_ragged_transform_arguments_are_named(change: dict[str, Any], exc: t
             fake_cuda(*spec["offsets"]),
             fake_cuda(*spec["lengths"]),
             spec.get("k", K),
-            fake_cuda(*spec["out"]),
-            states(),
+            out=fake_cuda(*spec["out"]),
+            row_states_buffer=states(),
         )

@@ -164,7 +164,7 @@ host = np.zeros(4096, np.uint8)
 ptr = (host.ctypes.data + 255) // 256 * 256
 x = fi_ffi.Tensor.from_pointer(ptr, (4, 128), "float16", 0)
 w = fi_ffi.Tensor.from_pointer(ptr + 2048, (128,), "float16", 0)
-fi_ffi.rmsnorm(x, w, x)
+fi_ffi.rmsnorm(x, w, out=x)
 """
 
 

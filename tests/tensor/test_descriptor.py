@@ -283,7 +283,11 @@ def broken_norm_calls(draw: st.DrawFn) -> tuple[str, dict[str, Any], str, Any, t
 
 def _call(op: str, args: dict[str, Any]) -> None:
     extra = {k: args[k] for k in ("eps", "enable_pdl") if k in args}
-    getattr(fi_ffi, op)(*(args[n] for n in OPS[op]), **extra)
+    names = OPS[op]
+    if "out" in names:  # out of place: out is keyword-only (flashinfer's order puts eps third)
+        getattr(fi_ffi, op)(*(args[n] for n in names if n != "out"), out=args["out"], **extra)
+    else:
+        getattr(fi_ffi, op)(*(args[n] for n in names), **extra)
 
 
 @pytest.fixture
@@ -303,7 +307,7 @@ def test_broken_norm_calls_never_reach_the_ffi(
     names = OPS[op]
     second = names[1] if names[1] != "weight" else names[2]
     # the unbroken call passes every check (so the error below is the flaw's doing)
-    norm._rows(2, second)(SimpleNamespace(**valid, eps=1e-6))
+    norm._rows((2,), second)(SimpleNamespace(**valid, eps=1e-6))
     with pytest.raises((ValueError, TypeError)) as info:
         _call(op, {**valid, culprit: flaw})
     assert not isinstance(info.value, KernelError)  # refused before the module: no error of the kernel

@@ -119,18 +119,18 @@ def test_a_cai_type_is_read_from_its_interface_and_stays_on_the_fast_path(kernel
     launch = norm._rmsnorm
     for _ in range(2):
         with pytest.raises(fi_ffi.errors.KernelError):  # passed every check, stopped by the module (no GPU)
-            fi_ffi.rmsnorm(x, w, out)
+            fi_ffi.rmsnorm(x, w, out=out)
     before = launch.launcher.slow_calls
     with pytest.raises(fi_ffi.errors.KernelError):
-        fi_ffi.rmsnorm(x, w, out)
+        fi_ffi.rmsnorm(x, w, out=out)
     assert launch.launcher.slow_calls == before  # warm: read from the interfaces alone
     # another dtype in the same shape is checked again, and refused by name
     with pytest.raises(TypeError, match=r"^input: expected dtype float16, bfloat16, got float32"):
-        fi_ffi.rmsnorm(TypeCAI((4, 128), "<f4"), w, out)
+        fi_ffi.rmsnorm(TypeCAI((4, 128), "<f4"), w, out=out)
     # a misaligned pointer of the validated layout is refused by the pointer rules, not let through
     x.ptr += 2
     with pytest.raises(ValueError, match=r"^input: "):
-        fi_ffi.rmsnorm(x, w, out)
+        fi_ffi.rmsnorm(x, w, out=out)
 
 
 # ---- the launcher's inline reads (issue 21): torch tensors and CuPy arrays read in the generated code -------------
@@ -180,9 +180,9 @@ def warm_call_packs_as_the_slow_path(args: tuple[Any, ...]) -> None:
     arguments does (prepare: describe, check, pack)."""
     x, w, out = args
     lau = norm._rmsnorm.launcher
-    fi_ffi.rmsnorm(x, w, out)
+    fi_ffi.rmsnorm(x, w, out=out)
     before = lau.slow_calls
-    fi_ffi.rmsnorm(x, w, out)
+    fi_ffi.rmsnorm(x, w, out=out)
     assert lau.slow_calls == before
     reference = lau.prepare((out, x, w, 1e-6, False))
     assert packed(norm._rmsnorm, lau.tls.frame) == packed(norm._rmsnorm, reference._frame)
@@ -230,18 +230,18 @@ def test_the_inline_torch_reads_refuse_a_negated_view_and_keep_nothing() -> None
     w = torch.ones(128, dtype=torch.float16, device="cuda")
     out = torch.zeros_like(x)
     for _ in range(2):
-        fi_ffi.rmsnorm(x, w, out)
+        fi_ffi.rmsnorm(x, w, out=out)
     # the warm layout, negated lazily: refused by name, not launched with the sign lost
     with pytest.raises(ValueError, match=r"^input: the tensor is a lazily negated view"):
-        fi_ffi.rmsnorm(torch._neg_view(x), w, out)
+        fi_ffi.rmsnorm(torch._neg_view(x), w, out=out)
     # a parameter (a subclass: through the reader) of the warm layout stays on the fast path
     lau = norm._rmsnorm.launcher
     before = lau.slow_calls
-    fi_ffi.rmsnorm(torch.nn.Parameter(x.clone(), requires_grad=False), w, out)
+    fi_ffi.rmsnorm(torch.nn.Parameter(x.clone(), requires_grad=False), w, out=out)
     assert lau.slow_calls == before
     # a misaligned pointer of the warm layout is refused by the pointer rules, not launched
     with pytest.raises(ValueError, match=r"^input: data pointer 0x[0-9a-f]+ must be aligned"):
-        fi_ffi.rmsnorm(torch.ones(4 * 128 + 1, dtype=torch.float16, device="cuda")[1:].view(4, 128), w, out)
+        fi_ffi.rmsnorm(torch.ones(4 * 128 + 1, dtype=torch.float16, device="cuda")[1:].view(4, 128), w, out=out)
     torch.cuda.synchronize()
     refs = [weakref.ref(v) for v in (x, w, out)]
     del x, w, out

@@ -268,7 +268,7 @@ def test_rmsnorm_on_cupy_arrays(cupy: Any) -> None:
     xd, wd = big[:, :512], cupy.asarray(w)  # rows strided by 576 elements
     out = cupy.empty((7, 512), cupy.float16)
     stream = cupy.cuda.get_current_stream()
-    assert fi_ffi.rmsnorm(xd, wd, out, eps=1e-6, stream=stream.ptr) is out
+    assert fi_ffi.rmsnorm(xd, wd, out=out, eps=1e-6, stream=stream.ptr) is out
     stream.synchronize()
     xf, wf = x.astype(np.float32), w.astype(np.float32)
     ref = xf / np.sqrt(np.mean(xf * xf, axis=-1, keepdims=True) + 1e-6) * wf

@@ -33,13 +33,13 @@ def test_stream_none_runs_on_torchs_current_stream() -> None:
     x = torch.randn(B, D, dtype=torch.float16, device="cuda")
     w = torch.randn(D, dtype=torch.float16, device="cuda")
     out = torch.zeros_like(x)
-    fi_ffi.rmsnorm(x, w, out)  # validate and remember the layout outside the capture
+    fi_ffi.rmsnorm(x, w, out=out)  # validate and remember the layout outside the capture
     out.zero_()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
-        fi_ffi.rmsnorm(x, w, out)  # stream=None: torch's current stream, the capturing one
+        fi_ffi.rmsnorm(x, w, out=out)  # stream=None: torch's current stream, the capturing one
     torch.cuda.synchronize()
     assert not out.any()  # captured, not run
     graph.replay()
@@ -53,14 +53,14 @@ def test_stream_none_runs_on_cupys_current_stream() -> None:
     x = cp.random.standard_normal((B, D)).astype(cp.float16)
     w = cp.random.standard_normal(D).astype(cp.float16)
     out = cp.zeros_like(x)
-    fi_ffi.rmsnorm(x, w, out)
+    fi_ffi.rmsnorm(x, w, out=out)
     cp.cuda.Device().synchronize()
     out[...] = 0
     s = cp.cuda.Stream(non_blocking=True)
     cp.cuda.Device().synchronize()
     with s:
         s.begin_capture()
-        fi_ffi.rmsnorm(x, w, out)  # stream=None: CuPy's current stream, the capturing one
+        fi_ffi.rmsnorm(x, w, out=out)  # stream=None: CuPy's current stream, the capturing one
         graph = s.end_capture()
     cp.cuda.Device().synchronize()
     assert not bool(out.any())
@@ -84,7 +84,7 @@ def test_jax_arrays_as_inputs() -> None:
     x, w = jax.device_put(jnp.asarray(xh), gpu), jax.device_put(jnp.asarray(wh), gpu)
     out = torch.zeros(B, D, dtype=torch.float16, device="cuda")  # JAX arrays are immutable: outputs elsewhere
     for _ in range(3):  # the first call takes the slow path, the others the fast one
-        fi_ffi.rmsnorm(x, w, out)
+        fi_ffi.rmsnorm(x, w, out=out)
     torch.cuda.synchronize()
     np.testing.assert_allclose(out.float().cpu().numpy(), reference(xh, wh), atol=2e-2, rtol=2e-2)
     gate_up = jax.device_put(jnp.asarray(rng.standard_normal((B, 2 * D)).astype(np.float16)), gpu)
@@ -109,8 +109,8 @@ def test_cupy_memory_is_freed_after_the_caller_drops_it() -> None:
     x = big[: B * D].reshape(B, D)
     w = cp.ones(D, dtype=cp.float16)
     out = big[B * D : 2 * B * D].reshape(B, D)
-    fi_ffi.rmsnorm(x, w, out)
-    fi_ffi.rmsnorm(fi_ffi.as_tensor(x), fi_ffi.as_tensor(w), fi_ffi.as_tensor(out))
+    fi_ffi.rmsnorm(x, w, out=out)
+    fi_ffi.rmsnorm(fi_ffi.as_tensor(x), fi_ffi.as_tensor(w), out=fi_ffi.as_tensor(out))
     cp.cuda.Device().synchronize()
     assert pool.used_bytes() >= base + (256 << 20)
     del big, x, w, out
@@ -125,8 +125,8 @@ def test_torch_memory_is_freed_after_the_caller_drops_it() -> None:
     big = torch.zeros((256 << 20) // 2, dtype=torch.float16, device="cuda")
     x, out = big[: B * D].view(B, D), big[B * D : 2 * B * D].view(B, D)
     w = torch.ones(D, dtype=torch.float16, device="cuda")
-    fi_ffi.rmsnorm(x, w, out)
-    fi_ffi.rmsnorm(fi_ffi.as_tensor(x), fi_ffi.as_tensor(w), fi_ffi.as_tensor(out))
+    fi_ffi.rmsnorm(x, w, out=out)
+    fi_ffi.rmsnorm(fi_ffi.as_tensor(x), fi_ffi.as_tensor(w), out=fi_ffi.as_tensor(out))
     torch.cuda.synchronize()
     del big, x, w, out
     gc.collect()
@@ -229,13 +229,13 @@ def test_a_column_major_jax_array_is_never_taken_for_a_row_major_one(dtype: str)
     w = jax.device_put(jnp.ones(D, dtype=dtype), gpu)
     out = torch.zeros(B, D, dtype=getattr(torch, dtype), device="cuda")
     for _ in range(2):
-        fi_ffi.rmsnorm(x, w, out)  # warm: x's layout is keyed by JAX's values
+        fi_ffi.rmsnorm(x, w, out=out)  # warm: x's layout is keyed by JAX's values
     assert intake.read(x, None)[0] == (x.shape, x.dtype, x.sharding)
     torch.cuda.synchronize()
     tol = 2e-2 if dtype == "float16" else 5e-2
     np.testing.assert_allclose(out.float().cpu().numpy(), reference(xh, np.ones(D)), atol=tol, rtol=2e-2)
     with pytest.raises(ValueError, match=r"^input: "):
-        fi_ffi.rmsnorm(y, w, out)
+        fi_ffi.rmsnorm(y, w, out=out)
     assert (y.shape, y.dtype, y.sharding) == (x.shape, x.dtype, x.sharding)
     assert intake._layouts[(x.shape, x.dtype, x.sharding)][1] == (D, 1)
 
@@ -256,10 +256,10 @@ def test_a_pending_jax_array_is_ordered_before_the_kernel() -> None:
     slow(a).block_until_ready()  # compiled
     w = jax.device_put(jnp.ones(D, dtype=jnp.float16), gpu)
     out = torch.zeros(B, D, dtype=torch.float16, device="cuda")
-    fi_ffi.rmsnorm(slow(a).block_until_ready(), w, out)  # this layout warm, on the fast path
+    fi_ffi.rmsnorm(slow(a).block_until_ready(), w, out=out)  # this layout warm, on the fast path
     x = slow(a)
     pending = not x.is_ready()
-    fi_ffi.rmsnorm(x, w, out)
+    fi_ffi.rmsnorm(x, w, out=out)
     torch.cuda.synchronize()
     if not pending:
         pytest.skip("the computation finished before the call (nothing was pending to order)")
@@ -282,7 +282,7 @@ def test_nothing_kept_holds_a_jax_array() -> None:
     w = jax.device_put(jnp.ones(D, dtype=jnp.float16), gpu)
     out = torch.zeros(B, D, dtype=torch.float16, device="cuda")
     for _ in range(3):
-        fi_ffi.rmsnorm(x, w, out)
+        fi_ffi.rmsnorm(x, w, out=out)
         fi_ffi.as_tensor(big)
     torch.cuda.synchronize()
     assert stats()["bytes_in_use"] >= base + (64 << 20)

@@ -57,9 +57,9 @@ w = fi_ffi.Tensor.from_pointer(0x2000, (8,), fi_ffi.float16, "cuda:0")
 host = np.zeros((4, 8), np.float16)
 out_np: npt.NDArray[np.float16] = np.empty((4, 8), np.float16)
 
-same: fi_ffi.Tensor = fi_ffi.rmsnorm(d, w, d)
-mine: npt.NDArray[np.float16] = fi_ffi.rmsnorm(host, w, out_np, stream=0)
-cai = fi_ffi.rmsnorm(CaiArray(), w, CaiArray(), stream=TorchLikeStream())
+same: fi_ffi.Tensor = fi_ffi.rmsnorm(d, w, out=d)
+mine: npt.NDArray[np.float16] = fi_ffi.rmsnorm(host, w, out=out_np, stream=0)
+cai = fi_ffi.rmsnorm(CaiArray(), w, out=CaiArray(), stream=TorchLikeStream())
 dl = fi_ffi.silu_and_mul(DLPackArray(), DLPackArray())
 q, k = fi_ffi.apply_rope_pos_ids(d, d, d, q_rope=out_np, k_rope=out_np)
 q_np: npt.NDArray[np.float16] = q
@@ -69,10 +69,10 @@ lists: IndexLike = [0, 3, 7]
 s: StreamLike = 7
 anything: TensorLike = CaiArray()
 
-fi_ffi.rmsnorm("not a tensor", w, d)  # error
-fi_ffi.rmsnorm(d, w, d, stream="0")  # error
+fi_ffi.rmsnorm("not a tensor", w, out=d)  # error
+fi_ffi.rmsnorm(d, w, out=d, stream="0")  # error
 fi_ffi.as_tensor([1.0, 2.0])  # error
-bad: npt.NDArray[np.float16] = fi_ffi.rmsnorm(d, w, d)  # error
+bad: npt.NDArray[np.float16] = fi_ffi.rmsnorm(d, w, out=d)  # error
 err: type[fi_ffi.FiFFIError] = fi_ffi.CudaError
 paths: dict[str, str] = loader.loaded_modules()
 fi_ffi.no_such_op(d)  # error
