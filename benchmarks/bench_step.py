@@ -120,7 +120,9 @@ def packed_step(fi_ffi: Any, p: dict[str, Any], ws: Any, convert: Callable[[Any]
     layers = [
         (
             fi_ffi.prepare(fi_ffi.append_paged_kv_cache, nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last),
-            fi_ffi.prepare_decode_run(q[i], k[i], v[i], indptr, indices, last, out[i], plan=first),
+            fi_ffi.prepare_decode_run(
+                q[i], (k[i], v[i]), kv_indptr=indptr, kv_indices=indices, kv_last_page_len=last, out=out[i], plan=first
+            ),
         )
         for i in range(p["layers"])
     ]

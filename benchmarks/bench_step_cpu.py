@@ -128,7 +128,15 @@ def step_of(
         calls = [
             (
                 fi.prepare(append, nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last),
-                fi.prepare_decode_run(q[i], k[i], v[i], indptr, indices, last, out[i], plan=first),
+                fi.prepare_decode_run(
+                    q[i],
+                    (k[i], v[i]),
+                    kv_indptr=indptr,
+                    kv_indices=indices,
+                    kv_last_page_len=last,
+                    out=out[i],
+                    plan=first,
+                ),
             )
             for i in layers
         ]
@@ -144,7 +152,12 @@ def step_of(
         return all_packed_step
     if packed_run:
         first = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
-        prepared = [fi.prepare_decode_run(q[i], k[i], v[i], indptr, indices, last, out[i], plan=first) for i in layers]
+        prepared = [
+            fi.prepare_decode_run(
+                q[i], (k[i], v[i]), kv_indptr=indptr, kv_indices=indices, kv_last_page_len=last, out=out[i], plan=first
+            )
+            for i in layers
+        ]
 
         def packed_step() -> None:
             plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)

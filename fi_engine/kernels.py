@@ -193,7 +193,7 @@ def prefill_plan(
     num_kv_heads: int,
     head_dim: int,
     page_size: int,
-    dtype: str,
+    dtype: Any,  # a name or dtype object of the attention modules (the engine's config checked it)
     stream: int,
     cuda_graph: bool = False,
 ) -> Any:
@@ -204,12 +204,13 @@ def prefill_plan(
         ws,
         qo_indptr,
         kv_indptr,
+        None,
         kv_last_page_len,
         num_qo_heads,
         num_kv_heads,
         head_dim,
         page_size,
-        q_dtype=dtype,
+        q_data_type=dtype,
         causal=True,
         enable_cuda_graph=cuda_graph,
         stream=stream,
@@ -230,7 +231,15 @@ def prefill_run(
 ) -> None:
     """:func:`fi_ffi.batch_prefill_paged_run` with a plan from :func:`prefill_plan`."""
     fi_ffi.batch_prefill_paged_run(
-        plan, q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, stream=stream
+        plan,
+        q,
+        (k_cache, v_cache),
+        qo_indptr=qo_indptr,
+        kv_indptr=kv_indptr,
+        kv_indices=kv_indices,
+        kv_last_page_len=kv_last_page_len,
+        out=out,
+        stream=stream,
     )
 
 
@@ -241,7 +250,7 @@ def decode_plan(
     num_kv_heads: int,
     head_dim: int,
     page_size: int,
-    dtype: str,
+    dtype: Any,  # a name or dtype object of the attention modules (the engine's config checked it)
     cuda_graph: bool,
     stream: int,
 ) -> Any:
@@ -250,11 +259,13 @@ def decode_plan(
     return fi_ffi.batch_decode_plan(
         ws,
         kv_indptr,
+        None,
+        None,
         num_qo_heads,
         num_kv_heads,
         head_dim,
         page_size,
-        q_dtype=dtype,
+        q_data_type=dtype,
         enable_cuda_graph=cuda_graph,
         stream=stream,
     )
@@ -272,7 +283,16 @@ def decode_run(
     stream: int,
 ) -> None:
     """:func:`fi_ffi.batch_decode_run` with a plan from :func:`decode_plan`."""
-    fi_ffi.batch_decode_run(plan, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, out, stream=stream)
+    fi_ffi.batch_decode_run(
+        plan,
+        q,
+        (k_cache, v_cache),
+        kv_indptr=kv_indptr,
+        kv_indices=kv_indices,
+        kv_last_page_len=kv_last_page_len,
+        out=out,
+        stream=stream,
+    )
 
 
 def prepared_decode_run(
@@ -289,7 +309,14 @@ def prepared_decode_run(
     """:func:`decode_run` checked and packed once (:func:`fi_ffi.prepare_decode_run`): the result's ``run(plan)``
     launches it with any plan of ``plan``'s settings and batch size on its workspace."""
     return fi_ffi.prepare_decode_run(
-        q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, out, plan=plan, stream=stream
+        q,
+        (k_cache, v_cache),
+        kv_indptr=kv_indptr,
+        kv_indices=kv_indices,
+        kv_last_page_len=kv_last_page_len,
+        out=out,
+        plan=plan,
+        stream=stream,
     )
 
 

@@ -159,3 +159,14 @@ def decode_run_args(batch=2, hq=32, hk=8, d=128, page=16, pages=4, layout="NHD",
     )
     args.update(over)
     return args
+
+
+def paged(args: dict) -> dict:
+    """Run arguments (``q, k_cache, v_cache, ...`` in the declarations' order) by the names the runs take: the
+    pair as ``paged_kv_cache``, ``sink`` as ``sinks``; ragged and MLA arguments pass through unchanged."""
+    out = {k: v for k, v in args.items() if k not in ("k_cache", "v_cache", "sink")}
+    if "k_cache" in args or "v_cache" in args:
+        out["paged_kv_cache"] = (args.get("k_cache"), args.get("v_cache"))
+    if "sink" in args:
+        out["sinks"] = args["sink"]
+    return out

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers.attention_plans import decode_plan, prefill_plan
+from helpers.attention_plans import decode_plan, paged, prefill_plan
 from helpers.attention_plans import workspace as attention_workspace
 from helpers.gdn_calls import call_unchecked
 from helpers.mla_plans import fake_plan as mla_plan
@@ -646,7 +646,7 @@ PAGED_RUN = ("q", "k_cache", "v_cache", "qo_indptr", "kv_indptr", "kv_indices", 
 
 def paged_prefill_run(t: dict[str, Tensor], **plan: Any) -> Any:
     p = prefill_plan(make_array(), "paged", "fa2", ws=plan_workspace(), **plan)
-    return prefill.batch_prefill_paged_run(p, *(t[n] for n in PAGED_RUN), lse=t["lse"])
+    return prefill.batch_prefill_paged_run(p, **paged({n: t[n] for n in PAGED_RUN}), lse=t["lse"])
 
 
 ATTENTION = [
@@ -660,7 +660,7 @@ ATTENTION = [
             "lse": ((32,), "float32"),
             "tmp": ((4096,), "uint8"),
         },
-        lambda t: decode.single_decode(t["q"], t["k"], t["v"], t["out"], lse=t["lse"], tmp=t["tmp"]),
+        lambda t: decode.single_decode(t["q"], t["k"], t["v"], out=t["out"], lse=t["lse"], tmp=t["tmp"]),
         every(16, "q", "k", "v", "out", "tmp"),
         apart=(*ATTENTION_OUT, ("tmp", "q"), ("tmp", "out"), ("tmp", "lse")),
     ),
@@ -674,7 +674,7 @@ ATTENTION = [
             "lse": ((4, 32), "float32"),
             "tmp": ((4096,), "uint8"),
         },
-        lambda t: prefill.single_prefill(t["q"], t["k"], t["v"], t["out"], lse=t["lse"], tmp=t["tmp"], causal=True),
+        lambda t: prefill.single_prefill(t["q"], t["k"], t["v"], out=t["out"], lse=t["lse"], tmp=t["tmp"], causal=True),
         every(16, "q", "k", "v", "out", "tmp"),
         apart=(*ATTENTION_OUT, ("tmp", "q"), ("tmp", "out"), ("tmp", "lse")),
     ),
@@ -687,7 +687,7 @@ ATTENTION = [
             "out": ((4, 32, 128), "float16"),
             "custom_mask": ((5,), "uint8"),
         },
-        lambda t: prefill.single_prefill(t["q"], t["k"], t["v"], t["out"], custom_mask=t["custom_mask"]),
+        lambda t: prefill.single_prefill(t["q"], t["k"], t["v"], out=t["out"], packed_custom_mask=t["custom_mask"]),
         every(16, "q", "k", "v", "out"),
         apart=(("out", "q"), ("out", "custom_mask")),
     ),
@@ -695,7 +695,9 @@ ATTENTION = [
         "batch_decode_run",
         BATCH_DECODE,
         lambda t: decode.batch_decode_run(
-            decode_plan(make_array(), ws=plan_workspace()), *(t[n] for n in tuple(BATCH_DECODE)[:7]), lse=t["lse"]
+            decode_plan(make_array(), ws=plan_workspace()),
+            **paged({n: t[n] for n in tuple(BATCH_DECODE)[:7]}),
+            lse=t["lse"],
         ),
         every(16, "q", "k_cache", "v_cache", "out"),
         apart=ATTENTION_OUT,
@@ -713,7 +715,7 @@ ATTENTION = [
         },
         lambda t: prefill.batch_prefill_ragged_run(
             prefill_plan(make_array(), "ragged", "fa2", ws=plan_workspace()),
-            *(t[n] for n in ("q", "k", "v", "qo_indptr", "kv_indptr", "out")),
+            **{n: t[n] for n in ("q", "k", "v", "qo_indptr", "kv_indptr", "out")},
             lse=t["lse"],
         ),
         every(16, "q", "k", "v", "out"),

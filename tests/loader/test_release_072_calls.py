@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.attention_plans import PREFILL_URI, decode_plan, decode_run_args, host, prefill_plan, workspace
+from helpers.attention_plans import PREFILL_URI, decode_plan, decode_run_args, host, paged, prefill_plan, workspace
 from helpers.fakes import assert_reached_the_kernel, fake_cuda
 from helpers.fakes import fake_cuda as sized_cuda  # host memory of the tensor's extent (outputs must not overlap)
 from helpers.page_args import kv_args, mla_args
@@ -78,13 +78,11 @@ def test_norm_page_rope_silu_cascade_reach_the_072_modules(release_072: list[str
 
 def test_batch_decode_plan_and_run_reach_the_072_module(release_072: list[str], make_array) -> None:  # type: ignore[no-untyped-def]
     ws = workspace()
-    err = reached(
-        lambda: decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16, kv_last_page_len=host([5, 16]), stream=0)
-    )
+    err = reached(lambda: decode.batch_decode_plan(ws, host([0, 2, 3]), None, host([5, 16]), 32, 8, 128, 16, stream=0))
     assert err.function.endswith(".plan")
     plan = decode_plan(make_array)
     served_by_072(plan.uri)
-    reached(lambda: decode.batch_decode_run(plan, *decode_run_args().values()))
+    reached(lambda: decode.batch_decode_run(plan, **paged(decode_run_args())))
 
 
 @pytest.mark.parametrize("mode", ["ragged", "paged"])
@@ -99,7 +97,7 @@ def test_fa3_prefill_plan_and_runs_reach_the_072_module(release_072: list[str], 
     else:
         err = reached(
             lambda: prefill.batch_prefill_paged_plan(
-                ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16, backend="fa3"
+                ws, host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, backend="fa3"
             )
         )
     assert err.function == FA3_072 + ".plan" and len(err.arguments) == 16
@@ -116,10 +114,19 @@ def run_reaches(plan, mode: str) -> KernelError:  # type: ignore[no-untyped-def]
     i3 = fake_cuda((3,), "int32")
     if mode == "ragged":
         kv = fake_cuda((9, 8, 128))
-        return reached(lambda: prefill.batch_prefill_ragged_run(plan, q, kv, kv, i3, i3, out))
+        return reached(lambda: prefill.batch_prefill_ragged_run(plan, q, kv, kv, qo_indptr=i3, kv_indptr=i3, out=out))
     cache = fake_cuda((4, 16, 8, 128))
     return reached(
-        lambda: prefill.batch_prefill_paged_run(plan, q, cache, cache, i3, i3, i3, fake_cuda((2,), "int32"), out)
+        lambda: prefill.batch_prefill_paged_run(
+            plan,
+            q,
+            (cache, cache),
+            qo_indptr=i3,
+            kv_indptr=i3,
+            kv_indices=i3,
+            kv_last_page_len=fake_cuda((2,), "int32"),
+            out=out,
+        )
     )
 
 
@@ -151,7 +158,7 @@ def test_fa2_prefill_plan_passes_uniform_q_len_to_the_072_module(release_072: li
     assert err.function == FA2_072 + ".plan" and len(err.arguments) == 20 and err.arguments[-1] == "3"
     err = reached(
         lambda: prefill.batch_prefill_paged_plan(
-            ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16, backend="fa2"
+            ws, host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, backend="fa2"
         )
     )
     assert err.arguments[-1] == "0"  # no promise: 0.6.3's behaviour
@@ -207,6 +214,6 @@ def test_bad_uniform_q_len_is_named(kernel_modules: list[str], value: object, ex
     generation = ws._generation
     with pytest.raises(exc, match=pattern):
         prefill.batch_prefill_paged_plan(
-            ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16, backend="fa2", uniform_q_len=value
+            ws, host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, backend="fa2", uniform_q_len=value
         )
     assert ws._generation == generation

@@ -63,8 +63,8 @@ def make_array():
 
 
 # A decode step of 2 requests (1 row each) and a causal prefill of 2 requests (3 and 2 rows), 16-token pages.
-DECODE = dict(qo_indptr=host([0, 1, 2]), kv_indptr=host([0, 2, 3]), kv_len_arr=host([20, 16]))
-PREFILL = dict(qo_indptr=host([0, 3, 5]), kv_indptr=host([0, 2, 3]), kv_len_arr=host([20, 16]))
+DECODE = dict(qo_indptr=host([0, 1, 2]), kv_indptr=host([0, 2, 3]), kv_indices=None, kv_len_arr=host([20, 16]))
+PREFILL = dict(qo_indptr=host([0, 3, 5]), kv_indptr=host([0, 2, 3]), kv_indices=None, kv_len_arr=host([20, 16]))
 
 
 def plan_args(**over):
@@ -116,7 +116,7 @@ def test_plan_reaches_the_module(backend, dtype, shape):
     ws = workspace()
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_mla_plan(
-            ws, **{**plan_args(causal=shape is PREFILL), **shape}, q_data_type=dtype, backend=backend, stream=0
+            ws, q_data_type=dtype, backend=backend, stream=0, **{**plan_args(causal=shape is PREFILL), **shape}
         )
     assert_reached_the_kernel(info.value)
     suffix = "_sm90.plan" if backend == "fa3" else "_profiler_False.plan"
@@ -148,7 +148,7 @@ def test_run_reaches_the_module(make_array, backend, with_lse):
     plan = fake_plan(make_array, backend=backend)
     lse = fake_cuda((2, H), "float32") if with_lse else None
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_run(plan, **run_args(), lse=lse, return_lse_base_on_e=with_lse, stream=0)
+        fi_ffi.batch_mla_run(plan, lse=lse, return_lse_base_on_e=with_lse, stream=0, **run_args())
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith("_sm90.run" if backend == "fa3" else "_profiler_False.run")
 
@@ -192,7 +192,7 @@ def test_a_later_plan_on_the_workspace_makes_the_earlier_one_stale(make_array):
     plan = fake_plan(make_array, ws)
     assert not plan.stale and "live" in repr(plan)
     with pytest.raises(KernelError):  # a second plan on the same workspace (it stops at the device, on CPU)
-        fi_ffi.batch_mla_plan(ws, **plan_args(), stream=0)
+        fi_ffi.batch_mla_plan(ws, stream=0, **plan_args())
     assert plan.stale and "stale" in repr(plan)
     with pytest.raises(ValueError, match="plan: is stale: another plan was made on its workspace"):
         fi_ffi.batch_mla_run(plan, **run_args())
@@ -430,7 +430,7 @@ def test_a_072_declaration_offered_a_063_module_is_refused_by_name():
 def test_072_plan_reaches_the_planabi2_module(release_072_over_063, shape):
     ws = workspace()
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_plan(ws, **{**plan_args(causal=shape is PREFILL), **shape}, backend="fa2", stream=0)
+        fi_ffi.batch_mla_plan(ws, backend="fa2", stream=0, **{**plan_args(causal=shape is PREFILL), **shape})
     assert_reached_the_kernel(info.value)
     assert info.value.function == MLA_F16 + "_planabi2.plan"
     st = mla._settings(ws, H, CKV, KPE, 16, shape is PREFILL, 192**-0.5, "float16", None, "fa2")
@@ -443,7 +443,7 @@ def test_072_run_reaches_the_planabi2_module_with_0_6_3_defaults(release_072_ove
     assert plan.uri == MLA_F16 + "_planabi2"
     lse = fake_cuda((2, H), "float32") if with_lse else None
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_run(plan, **run_args(), lse=lse)
+        fi_ffi.batch_mla_run(plan, lse=lse, **run_args())
     assert_reached_the_kernel(info.value)
     assert info.value.function == MLA_F16 + "_planabi2.run"
     # the three 0.7.x arguments went over the wire at their defaults: 1.0, 1.0, None
@@ -496,19 +496,19 @@ def test_scale_arguments_on_a_063_module_are_refused_by_name(make_array):
         match=r"ckv_scale: not supported by the bound module's entry point .*"
         r"\(FlashInfer 0.6.3\)",
     ):
-        fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale=0.5, kpe_scale=0.25)
+        fi_ffi.batch_mla_run(plan, ckv_scale=0.5, kpe_scale=0.25, **fp8_run_args())
 
 
 def test_072_scale_arguments_reach_the_planabi2_module(release_072_over_063, make_array):
     plan = fp8_plan(make_array, MLA_F16 + "_planabi2")
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale=0.5, kpe_scale=0.25)
+        fi_ffi.batch_mla_run(plan, ckv_scale=0.5, kpe_scale=0.25, **fp8_run_args())
     assert_reached_the_kernel(info.value)
     assert "0.5, 0.25, None" in str(info.value)
     arr = fake_cuda((4 * 16, CKV // 128), "float32")
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale_arr=arr, kpe_scale=0.25)
+        fi_ffi.batch_mla_run(plan, ckv_scale_arr=arr, kpe_scale=0.25, **fp8_run_args())
     assert_reached_the_kernel(info.value)
     assert "1.0, 0.25, DLTensor*(float32[64, 4] cuda:0)" in str(info.value)
     with pytest.raises(ValueError, match=r"ckv_scale_arr: expected float32 with 256 elements"):
-        fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale_arr=fake_cuda((16, 4), "float32"), kpe_scale=0.25)
+        fi_ffi.batch_mla_run(plan, ckv_scale_arr=fake_cuda((16, 4), "float32"), kpe_scale=0.25, **fp8_run_args())
