@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         as_t(x) for x in (q, k_cache, v_cache, indptr_d, indices_d, last_d, out)
     )
     d_kv = (d_k, d_v)  # made once, as the descriptors: the timed calls allocate nothing of their own
-    plan = decode.batch_decode_plan(ws, indptr_h, None, last_h, HQ, HK, D, PAGE, q_data_type="float16", stream=stream)
+    plan = decode.batch_decode_plan(
+        indptr_h, None, last_h, HQ, HK, D, PAGE, q_data_type="float16", stream=stream, workspace=ws
+    )
     decode.batch_decode_run(
-        plan,
         d_q,
         d_kv,
         kv_indptr=d_indptr,
@@ -145,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         out=d_out,
         enable_pdl=PDL,
         stream=stream,
+        plan=plan,
     )
     sync()
     outputs["fi_ffi"] = out.clone()
 
     def ours(s: int) -> Callable[[], Any]:
         return lambda: decode.batch_decode_run(
-            plan,
             d_q,
             d_kv,
             kv_indptr=d_indptr,
@@ -160,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
             out=d_out,
             enable_pdl=PDL,
             stream=s,
+            plan=plan,
         )
 
     kv_pair = (k_cache, v_cache)
 
     def ours_run_torch() -> None:
         decode.batch_decode_run(
-            plan,
             q,
             kv_pair,
             kv_indptr=indptr_d,
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             out=out,
             enable_pdl=PDL,
             stream=stream,
+            plan=plan,
         )
 
     record("fi_ffi", "run (descriptors)", ours(stream), gpu=ours)
@@ -187,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         "fi_ffi",
         "run (stream=None)",
         lambda: decode.batch_decode_run(
-            plan,
             d_q,
             d_kv,
             kv_indptr=d_indptr,
@@ -195,14 +196,15 @@ def main(argv: list[str] | None = None) -> int:
             kv_last_page_len=d_last,
             out=d_out,
             enable_pdl=PDL,
+            plan=plan,
         ),
     )
 
     def ours_plan() -> None:
-        decode.batch_decode_plan(ws, indptr_h, None, last_h, HQ, HK, D, PAGE, stream=stream)
+        decode.batch_decode_plan(indptr_h, None, last_h, HQ, HK, D, PAGE, stream=stream, workspace=ws)
 
     record("fi_ffi", "plan", ours_plan)
-    plan = decode.batch_decode_plan(ws, indptr_h, None, last_h, HQ, HK, D, PAGE, stream=stream)
+    plan = decode.batch_decode_plan(indptr_h, None, last_h, HQ, HK, D, PAGE, stream=stream, workspace=ws)
 
     # -------------------------------------------------------------------------------------------- flashinfer
     try:

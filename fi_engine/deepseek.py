@@ -396,7 +396,6 @@ class DeepSeek(ModelFamily):
         lens += last[:batch]
         c = eng._ds
         return fi_ffi.batch_mla_plan(
-            ws,
             qo_indptr[: batch + 1],
             kv_indptr[: batch + 1],
             None,
@@ -409,6 +408,7 @@ class DeepSeek(ModelFamily):
             c.softmax_scale,
             eng.dtype,
             stream=eng._s,
+            workspace=ws,
         )
 
     def plan_prefill(self, eng: Any, batch: int) -> None:
@@ -537,14 +537,14 @@ class DeepSeek(ModelFamily):
     def _mla_run(self, eng: Any, plan: Any, i: int) -> None:
         m = eng._mv
         fi_ffi.batch_mla_run(
-            plan,
             m.q_abs,
             m.q_pe,
             eng._ckv_cache[i],
             eng._kpe_cache[i],
-            m.o_lat,
+            out=m.o_lat,
             kv_indices=eng._kv_indices_view,
             stream=eng._s,
+            plan=plan,
         )
 
     def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:

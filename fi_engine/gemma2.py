@@ -189,7 +189,6 @@ class Gemma2(ModelFamily):
         c, g, ph = eng.config, eng.config.family, eng._ph
         eng._prefill_plans = {
             window: fi_ffi.batch_prefill_paged_plan(
-                ws,
                 ph["qo_indptr"][: batch + 1],
                 ph["kv_indptr"][: batch + 1],
                 None,
@@ -205,6 +204,7 @@ class Gemma2(ModelFamily):
                 sm_scale=eng._sm_scale,
                 backend="fa2",
                 stream=eng._s,
+                workspace=ws,
             )
             for window, ws in zip(eng._plan_windows, self._workspaces(eng, False), strict=True)
         }
@@ -213,7 +213,6 @@ class Gemma2(ModelFamily):
         c, g = eng.config, eng.config.family
         eng._decode_plans = {
             window: fi_ffi.batch_decode_plan(
-                ws,
                 eng._dh["kv_indptr"][: rows + 1],
                 None,
                 None,
@@ -227,6 +226,7 @@ class Gemma2(ModelFamily):
                 sm_scale=eng._sm_scale,
                 enable_cuda_graph=cuda_graph,
                 stream=eng._s,
+                workspace=ws,
             )
             for window, ws in zip(eng._plan_windows, self._workspaces(eng, True), strict=True)
         }

@@ -343,7 +343,6 @@ class GptOss(ModelFamily):
     def _sink_plan(self, eng: Any, ws: Any, qo: Any, kv: Any, last: Any, window: int, backend: Any, graph: bool) -> Any:
         c = eng.config
         return fi_ffi.batch_attention_sink_plan(
-            ws,
             qo,
             kv,
             None,
@@ -359,6 +358,7 @@ class GptOss(ModelFamily):
             backend=backend,
             enable_cuda_graph=graph,
             stream=eng._s,
+            workspace=ws,
         )
 
     def plan_prefill(self, eng: Any, batch: int) -> None:
@@ -389,7 +389,6 @@ class GptOss(ModelFamily):
 
     def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         fi_ffi.batch_attention_sink_run(
-            eng._prefill_plans[eng._windows[i]],
             v.q,
             (eng._k_cache[i], eng._v_cache[i]),
             qo_indptr=v.qo_indptr,
@@ -399,11 +398,11 @@ class GptOss(ModelFamily):
             out=v.attn,
             sinks=eng._sinks[i],
             stream=eng._s,
+            plan=eng._prefill_plans[eng._windows[i]],
         )
 
     def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         fi_ffi.batch_attention_sink_run(
-            eng._decode_plans[eng._windows[i]],
             v.q,
             (eng._k_cache[i], eng._v_cache[i]),
             qo_indptr=self._qo_view(eng, v.kv_last_page_len.shape[0]),
@@ -413,6 +412,7 @@ class GptOss(ModelFamily):
             out=v.attn,
             sinks=eng._sinks[i],
             stream=eng._s,
+            plan=eng._decode_plans[eng._windows[i]],
         )
 
     # ------------------------------------------------------------------------------------------ forward

@@ -201,7 +201,6 @@ def prefill_plan(
     ``cuda_graph``: a schedule whose layout (workspace offsets, grid) depends only on ``qo_indptr[-1]`` and the
     batch size, so a run captured in a CUDA graph replays under every later plan of the same two."""
     return fi_ffi.batch_prefill_paged_plan(
-        ws,
         qo_indptr,
         kv_indptr,
         None,
@@ -214,6 +213,7 @@ def prefill_plan(
         causal=True,
         enable_cuda_graph=cuda_graph,
         stream=stream,
+        workspace=ws,
     )
 
 
@@ -231,7 +231,6 @@ def prefill_run(
 ) -> None:
     """:func:`fi_ffi.batch_prefill_paged_run` with a plan from :func:`prefill_plan`."""
     fi_ffi.batch_prefill_paged_run(
-        plan,
         q,
         (k_cache, v_cache),
         qo_indptr=qo_indptr,
@@ -240,6 +239,7 @@ def prefill_run(
         kv_last_page_len=kv_last_page_len,
         out=out,
         stream=stream,
+        plan=plan,
     )
 
 
@@ -257,7 +257,6 @@ def decode_plan(
     """A batch-decode plan (host ``kv_indptr``); ``cuda_graph``: a fixed-batch schedule a captured run
     replays."""
     return fi_ffi.batch_decode_plan(
-        ws,
         kv_indptr,
         None,
         None,
@@ -268,6 +267,7 @@ def decode_plan(
         q_data_type=dtype,
         enable_cuda_graph=cuda_graph,
         stream=stream,
+        workspace=ws,
     )
 
 
@@ -284,7 +284,6 @@ def decode_run(
 ) -> None:
     """:func:`fi_ffi.batch_decode_run` with a plan from :func:`decode_plan`."""
     fi_ffi.batch_decode_run(
-        plan,
         q,
         (k_cache, v_cache),
         kv_indptr=kv_indptr,
@@ -292,6 +291,7 @@ def decode_run(
         kv_last_page_len=kv_last_page_len,
         out=out,
         stream=stream,
+        plan=plan,
     )
 
 

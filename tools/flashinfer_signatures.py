@@ -30,7 +30,7 @@ MODULES = (
     "flashinfer.activation", "flashinfer.cascade", "flashinfer.decode", "flashinfer.prefill", "flashinfer.mla",
     "flashinfer.attention", "flashinfer.norm", "flashinfer.page", "flashinfer.rope", "flashinfer.sampling",
     "flashinfer.topk", "flashinfer.quantization", "flashinfer.gemm", "flashinfer.gdn_prefill", "flashinfer.mamba",
-    "flashinfer.dsv3_ops", "flashinfer.comm",
+    "flashinfer.dsv3_ops", "flashinfer.comm", "flashinfer.fused_moe.fused_routing_dsv3",
 )  # fmt: skip
 
 

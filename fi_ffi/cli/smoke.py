@@ -200,9 +200,8 @@ def check_batch_decode(dev: Device) -> SmokeResult:
     indptr_d, indices_d = dev.upload(indptr), dev.upload(np.arange(indptr[-1], dtype=np.int32))
     last_d = dev.upload(last)
     with Workspace.allocate(dev.ordinal, float_bytes=16 << 20) as ws:
-        plan = batch_decode_plan(ws, indptr, None, last, hq, hk, d, page, stream=dev.stream_handle)
+        plan = batch_decode_plan(indptr, None, last, hq, hk, d, page, stream=dev.stream_handle, workspace=ws)
         batch_decode_run(
-            plan,
             qd,
             (kd, vd),
             kv_indptr=indptr_d,
@@ -210,13 +209,13 @@ def check_batch_decode(dev: Device) -> SmokeResult:
             kv_last_page_len=last_d,
             out=od,
             stream=dev.stream_handle,
+            plan=plan,
         )
         got = dev.download(od, np.float16).astype(np.float32)
         want = np.stack([_attention(q[b : b + 1], k_all[b], v_all[b], False)[0] for b in range(len(lens))])
         err = float(np.max(np.abs(got - want)))
         us = host_time_us(
             lambda: batch_decode_run(
-                plan,
                 qd,
                 (kd, vd),
                 kv_indptr=indptr_d,
@@ -224,6 +223,7 @@ def check_batch_decode(dev: Device) -> SmokeResult:
                 kv_last_page_len=last_d,
                 out=od,
                 stream=dev.stream_handle,
+                plan=plan,
             )
         )
         plan.release()

@@ -646,7 +646,7 @@ PAGED_RUN = ("q", "k_cache", "v_cache", "qo_indptr", "kv_indptr", "kv_indices", 
 
 def paged_prefill_run(t: dict[str, Tensor], **plan: Any) -> Any:
     p = prefill_plan(make_array(), "paged", "fa2", ws=plan_workspace(), **plan)
-    return prefill.batch_prefill_paged_run(p, **paged({n: t[n] for n in PAGED_RUN}), lse=t["lse"])
+    return prefill.batch_prefill_paged_run(**paged({n: t[n] for n in PAGED_RUN}), lse=t["lse"], plan=p)
 
 
 ATTENTION = [
@@ -695,9 +695,9 @@ ATTENTION = [
         "batch_decode_run",
         BATCH_DECODE,
         lambda t: decode.batch_decode_run(
-            decode_plan(make_array(), ws=plan_workspace()),
             **paged({n: t[n] for n in tuple(BATCH_DECODE)[:7]}),
             lse=t["lse"],
+            plan=decode_plan(make_array(), ws=plan_workspace()),
         ),
         every(16, "q", "k_cache", "v_cache", "out"),
         apart=ATTENTION_OUT,
@@ -714,9 +714,9 @@ ATTENTION = [
             "lse": ((4, 32), "float32"),
         },
         lambda t: prefill.batch_prefill_ragged_run(
-            prefill_plan(make_array(), "ragged", "fa2", ws=plan_workspace()),
             **{n: t[n] for n in ("q", "k", "v", "qo_indptr", "kv_indptr", "out")},
             lse=t["lse"],
+            plan=prefill_plan(make_array(), "ragged", "fa2", ws=plan_workspace()),
         ),
         every(16, "q", "k", "v", "out"),
         apart=ATTENTION_OUT,
@@ -746,7 +746,7 @@ ATTENTION = [
             "out": ((2, 16, 512), "float16"),
             "lse": ((2, 16), "float32"),
         },
-        lambda t: fi_ffi.batch_mla_run(mla_plan(make_array(), plan_workspace()), **t),
+        lambda t: fi_ffi.batch_mla_run(**t, plan=mla_plan(make_array(), plan_workspace())),
         every(16, "q_nope", "q_pe", "ckv_cache", "kpe_cache", "out"),
         apart=(*outputs_apart(("out", "lse"), ("q_nope", "q_pe", "ckv_cache", "kpe_cache", "kv_indices")),),
     ),

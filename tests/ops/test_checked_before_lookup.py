@@ -59,79 +59,158 @@ def f32(*shape: int) -> Any:
 def test_control_a_good_call_reaches_the_loader(no_modules: Path) -> None:
     """Without this, the cases below could pass for a reason other than the order of the checks."""
     with pytest.raises(LoaderError, match="FI_FFI_OFFLINE"):
-        fi_ffi.batch_decode_plan(_ws(), [0, 1], [0], [1], 8, 8, 128, 16)
+        fi_ffi.batch_decode_plan([0, 1], [0], [1], 8, 8, 128, 16, workspace=_ws())
     with pytest.raises(LoaderError, match="FI_FFI_OFFLINE"):
         fi_ffi.single_decode(h16(8, 128), h16(64, 8, 128), h16(64, 8, 128), out=h16(8, 128))
 
 
 # (case id, the call, the argument its error must name): one bad argument each, the others valid
 ATTENTION: list[tuple[str, Callable[[], Any], str]] = [
-    ("decode plan: float in indptr",
-     lambda: fi_ffi.batch_decode_plan(_ws(), [0, 1.5], None, None, 8, 8, 128, 16), "indptr"),
-    ("decode plan: int64 indptr",
-     lambda: fi_ffi.batch_decode_plan(_ws(), np.array([0, 1], np.int64), None, None, 8, 8, 128, 16), "indptr"),
-    ("decode plan: decreasing indptr",
-     lambda: fi_ffi.batch_decode_plan(_ws(), [0, 3, 1], None, None, 8, 8, 128, 16), "indptr"),
-    ("decode plan: fewer indices than pages",
-     lambda: fi_ffi.batch_decode_plan(_ws(), [0, 3], [0, 1], None, 8, 8, 128, 16), "indices"),
-    ("decode plan: a negative page id",
-     lambda: fi_ffi.batch_decode_plan(_ws(), [0, 2], [0, -1], None, 8, 8, 128, 16), "indices"),
-    ("decode plan: last page longer than a page",
-     lambda: fi_ffi.batch_decode_plan(_ws(), [0, 1], None, [17], 8, 8, 128, 16), "last_page_len"),
-    ("decode plan: ALiBi slopes of another length",
-     lambda: fi_ffi.batch_decode_plan(_ws(), [0, 1], None, None, 8, 8, 128, 16, pos_encoding_mode="ALIBI",
-                                      alibi_slopes=f32(4)), "alibi_slopes"),
-    ("prefill paged plan: qo_indptr not from 0",
-     lambda: fi_ffi.batch_prefill_paged_plan(_ws(), [1, 2], [0, 1], None, [1], 8, 8, 128, 16), "qo_indptr"),
-    ("prefill paged plan: kv_indptr of another batch",
-     lambda: fi_ffi.batch_prefill_paged_plan(_ws(), [0, 1], [0, 1, 2], None, [1], 8, 8, 128, 16),
-     "paged_kv_indptr"),
-    ("prefill paged plan: fewer page ids than pages",
-     lambda: fi_ffi.batch_prefill_paged_plan(_ws(), [0, 1], [0, 2], [0], [1], 8, 8, 128, 16), "paged_kv_indices"),
-    ("prefill paged plan: last page 0 with pages",
-     lambda: fi_ffi.batch_prefill_paged_plan(_ws(), [0, 1], [0, 1], None, [0], 8, 8, 128, 16),
-     "paged_kv_last_page_len"),
-    ("prefill ragged plan: int64 kv_indptr",
-     lambda: fi_ffi.batch_prefill_ragged_plan(_ws(), [0, 1], np.array([0, 4], np.int64), 8, 8, 128), "kv_indptr"),
-    ("prefill ragged plan: mask too small",
-     lambda: fi_ffi.batch_prefill_ragged_plan(_ws(), [0, 4], [0, 4], 8, 8, 128,
-                                              packed_custom_mask=fake_cuda((1,), "uint8"), mask_indptr=i32(2)),
-     "packed_custom_mask"),
-    ("prefill ragged plan: uniform_q_len broken",
-     lambda: fi_ffi.batch_prefill_ragged_plan(_ws(), [0, 1, 3], [0, 4, 8], 8, 8, 128, uniform_q_len=1),
-     "uniform_q_len"),
-    ("prefill ragged plan: max_total_num_rows without CUDA graphs",
-     lambda: fi_ffi.batch_prefill_ragged_plan(_ws(), [0, 1], [0, 4], 8, 8, 128, max_total_num_rows=4),
-     "max_total_num_rows"),
-    ("sink plan: decreasing qo_indptr",
-     lambda: fi_ffi.batch_attention_sink_plan(_ws(), [0, 2, 1], [0, 1, 2], None, [1, 1], 8, 8, 64, 16),
-     "qo_indptr"),
-    ("sink ragged plan: kv_indptr not from 0",
-     lambda: fi_ffi.batch_attention_sink_ragged_plan(_ws(), [0, 1], [1, 4], 8, 8, 64), "kv_indptr"),
-    ("mla plan: kv_len_arr over its pages",
-     lambda: fi_ffi.batch_mla_plan(_ws(), [0, 1], [0, 1], None, [65], 16, 512, 64, 64, False, 0.1), "kv_len_arr"),
-    ("mla plan: float kv_indptr",
-     lambda: fi_ffi.batch_mla_plan(_ws(), [0, 1], [0, 0.5], None, [1], 16, 512, 64, 64, False, 0.1), "kv_indptr"),
-    ("mla plan: fewer page ids than pages",
-     lambda: fi_ffi.batch_mla_plan(_ws(), [0, 1], [0, 2], [0], [65], 16, 512, 64, 64, False, 0.1), "kv_indices"),
-    ("single decode: v of another shape",
-     lambda: fi_ffi.single_decode(h16(8, 128), h16(64, 8, 128), h16(64, 8, 64), out=h16(8, 128)), "v"),
-    ("single decode: rope_theta 0",
-     lambda: fi_ffi.single_decode(h16(8, 128), h16(64, 8, 128), h16(64, 8, 128), out=h16(8, 128), rope_theta=0.0),
-     "rope_theta"),
-    ("single decode: lse of another shape",
-     lambda: fi_ffi.single_decode(h16(8, 128), h16(64, 8, 128), h16(64, 8, 128), out=h16(8, 128), lse=f32(4)),
-     "lse"),
-    ("single prefill: mask too small",
-     lambda: fi_ffi.single_prefill(h16(16, 8, 128), h16(64, 8, 128), h16(64, 8, 128), out=h16(16, 8, 128),
-                                   packed_custom_mask=fake_cuda((1,), "uint8")), "packed_custom_mask"),
-    ("single prefill: lse of another shape",
-     lambda: fi_ffi.single_prefill(h16(16, 8, 128), h16(64, 8, 128), h16(64, 8, 128), out=h16(16, 8, 128),
-                                   lse=f32(3)), "lse"),
-    ("merge_state: s_a of another shape",
-     lambda: fi_ffi.merge_state(h16(4, 8, 128), f32(4, 7), h16(4, 8, 128), f32(4, 8), v_merged=h16(4, 8, 128),
-                                s_merged=f32(4, 8)), "s_a"),
-]  # fmt: skip
+    (
+        "decode plan: float in indptr",
+        lambda: fi_ffi.batch_decode_plan([0, 1.5], None, None, 8, 8, 128, 16, workspace=_ws()),
+        "indptr",
+    ),
+    (
+        "decode plan: int64 indptr",
+        lambda: fi_ffi.batch_decode_plan(np.array([0, 1], np.int64), None, None, 8, 8, 128, 16, workspace=_ws()),
+        "indptr",
+    ),
+    (
+        "decode plan: decreasing indptr",
+        lambda: fi_ffi.batch_decode_plan([0, 3, 1], None, None, 8, 8, 128, 16, workspace=_ws()),
+        "indptr",
+    ),
+    (
+        "decode plan: fewer indices than pages",
+        lambda: fi_ffi.batch_decode_plan([0, 3], [0, 1], None, 8, 8, 128, 16, workspace=_ws()),
+        "indices",
+    ),
+    (
+        "decode plan: a negative page id",
+        lambda: fi_ffi.batch_decode_plan([0, 2], [0, -1], None, 8, 8, 128, 16, workspace=_ws()),
+        "indices",
+    ),
+    (
+        "decode plan: last page longer than a page",
+        lambda: fi_ffi.batch_decode_plan([0, 1], None, [17], 8, 8, 128, 16, workspace=_ws()),
+        "last_page_len",
+    ),
+    (
+        "decode plan: ALiBi slopes of another length",
+        lambda: fi_ffi.batch_decode_plan(
+            [0, 1], None, None, 8, 8, 128, 16, pos_encoding_mode="ALIBI", alibi_slopes=f32(4), workspace=_ws()
+        ),
+        "alibi_slopes",
+    ),
+    (
+        "prefill paged plan: qo_indptr not from 0",
+        lambda: fi_ffi.batch_prefill_paged_plan([1, 2], [0, 1], None, [1], 8, 8, 128, 16, workspace=_ws()),
+        "qo_indptr",
+    ),
+    (
+        "prefill paged plan: kv_indptr of another batch",
+        lambda: fi_ffi.batch_prefill_paged_plan([0, 1], [0, 1, 2], None, [1], 8, 8, 128, 16, workspace=_ws()),
+        "paged_kv_indptr",
+    ),
+    (
+        "prefill paged plan: fewer page ids than pages",
+        lambda: fi_ffi.batch_prefill_paged_plan([0, 1], [0, 2], [0], [1], 8, 8, 128, 16, workspace=_ws()),
+        "paged_kv_indices",
+    ),
+    (
+        "prefill paged plan: last page 0 with pages",
+        lambda: fi_ffi.batch_prefill_paged_plan([0, 1], [0, 1], None, [0], 8, 8, 128, 16, workspace=_ws()),
+        "paged_kv_last_page_len",
+    ),
+    (
+        "prefill ragged plan: int64 kv_indptr",
+        lambda: fi_ffi.batch_prefill_ragged_plan([0, 1], np.array([0, 4], np.int64), 8, 8, 128, workspace=_ws()),
+        "kv_indptr",
+    ),
+    (
+        "prefill ragged plan: mask too small",
+        lambda: fi_ffi.batch_prefill_ragged_plan(
+            [0, 4], [0, 4], 8, 8, 128, packed_custom_mask=fake_cuda((1,), "uint8"), mask_indptr=i32(2), workspace=_ws()
+        ),
+        "packed_custom_mask",
+    ),
+    (
+        "prefill ragged plan: uniform_q_len broken",
+        lambda: fi_ffi.batch_prefill_ragged_plan([0, 1, 3], [0, 4, 8], 8, 8, 128, uniform_q_len=1, workspace=_ws()),
+        "uniform_q_len",
+    ),
+    (
+        "prefill ragged plan: max_total_num_rows without CUDA graphs",
+        lambda: fi_ffi.batch_prefill_ragged_plan([0, 1], [0, 4], 8, 8, 128, max_total_num_rows=4, workspace=_ws()),
+        "max_total_num_rows",
+    ),
+    (
+        "sink plan: decreasing qo_indptr",
+        lambda: fi_ffi.batch_attention_sink_plan([0, 2, 1], [0, 1, 2], None, [1, 1], 8, 8, 64, 16, workspace=_ws()),
+        "qo_indptr",
+    ),
+    (
+        "sink ragged plan: kv_indptr not from 0",
+        lambda: fi_ffi.batch_attention_sink_ragged_plan([0, 1], [1, 4], 8, 8, 64, workspace=_ws()),
+        "kv_indptr",
+    ),
+    (
+        "mla plan: kv_len_arr over its pages",
+        lambda: fi_ffi.batch_mla_plan([0, 1], [0, 1], None, [65], 16, 512, 64, 64, False, 0.1, workspace=_ws()),
+        "kv_len_arr",
+    ),
+    (
+        "mla plan: float kv_indptr",
+        lambda: fi_ffi.batch_mla_plan([0, 1], [0, 0.5], None, [1], 16, 512, 64, 64, False, 0.1, workspace=_ws()),
+        "kv_indptr",
+    ),
+    (
+        "mla plan: fewer page ids than pages",
+        lambda: fi_ffi.batch_mla_plan([0, 1], [0, 2], [0], [65], 16, 512, 64, 64, False, 0.1, workspace=_ws()),
+        "kv_indices",
+    ),
+    (
+        "single decode: v of another shape",
+        lambda: fi_ffi.single_decode(h16(8, 128), h16(64, 8, 128), h16(64, 8, 64), out=h16(8, 128)),
+        "v",
+    ),
+    (
+        "single decode: rope_theta 0",
+        lambda: fi_ffi.single_decode(h16(8, 128), h16(64, 8, 128), h16(64, 8, 128), out=h16(8, 128), rope_theta=0.0),
+        "rope_theta",
+    ),
+    (
+        "single decode: lse of another shape",
+        lambda: fi_ffi.single_decode(h16(8, 128), h16(64, 8, 128), h16(64, 8, 128), out=h16(8, 128), lse=f32(4)),
+        "lse",
+    ),
+    (
+        "single prefill: mask too small",
+        lambda: fi_ffi.single_prefill(
+            h16(16, 8, 128),
+            h16(64, 8, 128),
+            h16(64, 8, 128),
+            out=h16(16, 8, 128),
+            packed_custom_mask=fake_cuda((1,), "uint8"),
+        ),
+        "packed_custom_mask",
+    ),
+    (
+        "single prefill: lse of another shape",
+        lambda: fi_ffi.single_prefill(
+            h16(16, 8, 128), h16(64, 8, 128), h16(64, 8, 128), out=h16(16, 8, 128), lse=f32(3)
+        ),
+        "lse",
+    ),
+    (
+        "merge_state: s_a of another shape",
+        lambda: fi_ffi.merge_state(
+            h16(4, 8, 128), f32(4, 7), h16(4, 8, 128), f32(4, 8), v_merged=h16(4, 8, 128), s_merged=f32(4, 8)
+        ),
+        "s_a",
+    ),
+]
 
 
 @pytest.mark.parametrize(("call", "name"), [case[1:] for case in ATTENTION], ids=[case[0] for case in ATTENTION])
@@ -195,9 +274,8 @@ def test_every_family_checks_before_the_lookup(no_modules: Path, op: str) -> Non
     kwargs[first] = fake_cuda((3, 3, 3, 3, 3), kwargs[first].dtype.name)
     fn = getattr(fi_ffi, op)
     params = inspect.signature(fn).parameters
-    leading = [n for n, p in params.items() if p.kind is p.POSITIONAL_ONLY]
     with pytest.raises((TypeError, ValueError)) as caught:
-        fn(*(kwargs.pop(n) for n in leading), **kwargs)
+        fn(**kwargs)
     assert not isinstance(caught.value, LoaderError), caught.value
     named = str(caught.value).split(":")[0]
     assert named in params, f"{op}: the error names no argument: {caught.value}"

@@ -700,12 +700,9 @@ def _short(value: Any) -> str:
 def run_op(op: str, build: Callable[[], dict[str, Any]]) -> tuple[int, list[str]]:
     fn = getattr(fi_ffi, op)
 
-    # a plan's workspace and a run's plan are positional-only (flashinfer's wrappers hold them as ``self``)
-    leading = [n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.POSITIONAL_ONLY]
-
     def call(kwargs: dict[str, Any]) -> BaseException | None:
         try:
-            fn(*(kwargs[n] for n in leading), **{k: v for k, v in kwargs.items() if k not in leading})
+            fn(**kwargs)
         except Exception as exc:  # the verdict decides
             return exc
         return None

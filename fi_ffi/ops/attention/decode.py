@@ -146,8 +146,6 @@ DECLARATIONS = (
 
 @op(flashinfer="flashinfer.decode.BatchDecodeWithPagedKVCacheWrapper.plan")
 def batch_decode_plan(
-    workspace: Workspace,
-    /,
     indptr: IndexLike,
     indices: IndexLike | None,
     last_page_len: IndexLike | None,
@@ -162,6 +160,7 @@ def batch_decode_plan(
     kv_data_type: AttentionDType | None = None,
     o_data_type: AttentionDType | None = None,
     *,
+    workspace: Workspace,
     sm_scale: float | None = None,
     rope_scale: float | None = 1.0,
     rope_theta: float | None = 1e4,
@@ -334,11 +333,10 @@ def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
 
 @op(flashinfer="flashinfer.decode.BatchDecodeWithPagedKVCacheWrapper.run")
 def batch_decode_run(
-    plan: Plan,
-    /,
     q: TensorLike,
     paged_kv_cache: tuple[TensorLike, TensorLike],
     *,
+    plan: Plan,
     kv_indptr: TensorLike,
     kv_indices: TensorLike,
     kv_last_page_len: TensorLike,

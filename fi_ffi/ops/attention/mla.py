@@ -247,8 +247,6 @@ class MLAPlan(Schedule):
 
 @op(flashinfer="flashinfer.mla.BatchMLAPagedAttentionWrapper.plan")
 def batch_mla_plan(
-    workspace: Workspace,
-    /,
     qo_indptr: IndexLike,
     kv_indptr: IndexLike,
     kv_indices: IndexLike | None,
@@ -262,6 +260,7 @@ def batch_mla_plan(
     q_data_type: AttentionDType = "float16",
     kv_data_type: AttentionDType | None = None,
     *,
+    workspace: Workspace,
     backend: AttentionBackend = "auto",
     stream: StreamLike = None,
 ) -> MLAPlan:
@@ -570,15 +569,14 @@ def _check_plan(a: Any) -> None:
 
 @op(flashinfer="flashinfer.mla.BatchMLAPagedAttentionWrapper.run")
 def batch_mla_run(
-    plan: MLAPlan,
-    /,
     q_nope: TensorLike,
     q_pe: TensorLike,
     ckv_cache: TensorLike,
     kpe_cache: TensorLike,
+    *,
+    plan: MLAPlan,
     out: TensorT,
     lse: TensorLike | None = None,
-    *,
     kv_indices: TensorLike,
     return_lse_base_on_e: bool = False,
     ckv_scale: float | None = None,
@@ -588,8 +586,9 @@ def batch_mla_run(
 ) -> TensorT:
     """Run MLA paged attention with a plan from :func:`batch_mla_plan` (``BatchMLAPagedAttentionWrapper.run``).
 
-    flashinfer-python's ``wrapper.run(q_nope, q_pe, ckv_cache, kpe_cache, out, lse)``; the page ids' device array,
-    which the wrapper copies at plan time, is a keyword here, and ``out`` is required (fi_ffi allocates nothing).
+    flashinfer-python's ``wrapper.run(q_nope, q_pe, ckv_cache, kpe_cache, out=..., lse=...)``; the page ids'
+    device array, which the wrapper copies at plan time, is a keyword here, and ``out`` is required (fi_ffi
+    allocates nothing).
 
     Args:
         plan: a live :class:`MLAPlan` (not released, not superseded by a later plan on its workspace).

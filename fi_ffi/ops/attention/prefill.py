@@ -530,8 +530,6 @@ caches.register("single prefill modules (by layout values)", _single.clear)
 
 @op(flashinfer="flashinfer.prefill.BatchPrefillWithRaggedKVCacheWrapper.plan")
 def batch_prefill_ragged_plan(
-    workspace: Workspace,
-    /,
     qo_indptr: IndexLike,
     kv_indptr: IndexLike,
     num_qo_heads: int,
@@ -539,6 +537,7 @@ def batch_prefill_ragged_plan(
     head_dim_qk: int,
     head_dim_vo: int | None = None,
     *,
+    workspace: Workspace,
     packed_custom_mask: TensorLike | None = None,
     mask_indptr: TensorLike | None = None,
     causal: bool = False,
@@ -647,8 +646,6 @@ def batch_prefill_ragged_plan(
 
 @op(flashinfer="flashinfer.prefill.BatchPrefillWithPagedKVCacheWrapper.plan")
 def batch_prefill_paged_plan(
-    workspace: Workspace,
-    /,
     qo_indptr: IndexLike,
     paged_kv_indptr: IndexLike,
     paged_kv_indices: IndexLike | None,
@@ -659,6 +656,7 @@ def batch_prefill_paged_plan(
     page_size: int,
     head_dim_vo: int | None = None,
     *,
+    workspace: Workspace,
     packed_custom_mask: TensorLike | None = None,
     mask_indptr: TensorLike | None = None,
     causal: bool = False,
@@ -1046,12 +1044,11 @@ def _launch(plan: Plan, ws: Any, tensors: tuple[Any, ...], out: Any, lse: Any, e
 
 @op(flashinfer="flashinfer.prefill.BatchPrefillWithRaggedKVCacheWrapper.run")
 def batch_prefill_ragged_run(
-    plan: Plan,
-    /,
     q: TensorLike,
     k: TensorLike,
     v: TensorLike,
     *,
+    plan: Plan,
     qo_indptr: TensorLike,
     kv_indptr: TensorLike,
     out: TensorT,
@@ -1092,11 +1089,10 @@ def batch_prefill_ragged_run(
 
 @op(flashinfer="flashinfer.prefill.BatchPrefillWithPagedKVCacheWrapper.run")
 def batch_prefill_paged_run(
-    plan: Plan,
-    /,
     q: TensorLike,
     paged_kv_cache: tuple[TensorLike, TensorLike],
     *,
+    plan: Plan,
     qo_indptr: TensorLike,
     kv_indptr: TensorLike,
     kv_indices: TensorLike,

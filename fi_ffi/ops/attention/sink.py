@@ -217,8 +217,6 @@ def _plan(
 
 @op(flashinfer="flashinfer.prefill.BatchPrefillWithPagedKVCacheWrapper.plan")
 def batch_attention_sink_plan(
-    workspace: Workspace,
-    /,
     qo_indptr: IndexLike,
     paged_kv_indptr: IndexLike,
     paged_kv_indices: IndexLike | None,
@@ -228,6 +226,7 @@ def batch_attention_sink_plan(
     head_dim_qk: int,
     page_size: int,
     *,
+    workspace: Workspace,
     causal: bool = True,
     sm_scale: float | None = None,
     window_left: int = -1,
@@ -274,14 +273,13 @@ def batch_attention_sink_plan(
 
 @op(flashinfer="flashinfer.prefill.BatchPrefillWithRaggedKVCacheWrapper.plan")
 def batch_attention_sink_ragged_plan(
-    workspace: Workspace,
-    /,
     qo_indptr: IndexLike,
     kv_indptr: IndexLike,
     num_qo_heads: int,
     num_kv_heads: int,
     head_dim_qk: int,
     *,
+    workspace: Workspace,
     causal: bool = True,
     window_left: int = -1,
     sm_scale: float | None = None,
@@ -350,11 +348,10 @@ def _launch(
 
 @op(flashinfer="flashinfer.prefill.BatchPrefillWithPagedKVCacheWrapper.run")
 def batch_attention_sink_run(
-    plan: Plan,
-    /,
     q: TensorLike,
     paged_kv_cache: tuple[TensorLike, TensorLike],
     *,
+    plan: Plan,
     qo_indptr: TensorLike,
     kv_indptr: TensorLike,
     kv_indices: TensorLike,
@@ -402,12 +399,11 @@ def batch_attention_sink_run(
 
 @op(flashinfer="flashinfer.prefill.BatchPrefillWithRaggedKVCacheWrapper.run")
 def batch_attention_sink_ragged_run(
-    plan: Plan,
-    /,
     q: TensorLike,
     k: TensorLike,
     v: TensorLike,
     *,
+    plan: Plan,
     qo_indptr: TensorLike,
     kv_indptr: TensorLike,
     out: TensorT,

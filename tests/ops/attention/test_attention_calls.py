@@ -101,7 +101,7 @@ def make_array():
 def test_batch_decode_plan_reaches_the_module():
     ws = workspace()
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_plan(ws, host([0, 2, 3]), None, host([5, 16]), 32, 8, 128, 16, stream=0)
+        decode.batch_decode_plan(host([0, 2, 3]), None, host([5, 16]), 32, 8, 128, 16, stream=0, workspace=ws)
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith(".plan")
     assert ws._generation == 1 and not ws._event_pending  # a failed plan records no copy event
@@ -114,11 +114,11 @@ def test_batch_prefill_plans_reach_the_module(backend, mode):
     with pytest.raises(KernelError) as info:
         if mode == "ragged":
             prefill.batch_prefill_ragged_plan(
-                ws, host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, causal=True, backend=backend, stream=0
+                host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, causal=True, backend=backend, stream=0, workspace=ws
             )
         else:
             prefill.batch_prefill_paged_plan(
-                ws, host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, backend=backend
+                host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, backend=backend, workspace=ws
             )
     assert_reached_the_kernel(info.value)
     assert (".plan" in info.value.function) and (("_sm90" in info.value.function) == (backend == "fa3"))
@@ -132,12 +132,12 @@ def test_batch_decode_run_reaches_the_module(make_array, layout):
     plan = decode_plan(make_array, kv_layout=layout)
     args = decode_run_args(layout=layout)
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, **paged(args), lse=fake_cuda((2, 32), "float32"), enable_pdl=True)
+        decode.batch_decode_run(**paged(args), lse=fake_cuda((2, 32), "float32"), enable_pdl=True, plan=plan)
     assert_reached_the_kernel(info.value)
     assert info.value.arguments[2] == "Array" and info.value.arguments[13] == "True"
     # the plan is reusable: the same call again (memoized validation) packs the same frame
     with pytest.raises(KernelError) as again:
-        decode.batch_decode_run(plan, **paged(args), lse=None)
+        decode.batch_decode_run(**paged(args), lse=None, plan=plan)
     assert_reached_the_kernel(again.value)
     assert again.value.arguments[10] == "None"
 
@@ -146,7 +146,7 @@ def test_a_plan_vector_of_the_wrong_length_stops_at_from_vector(make_array):
     """The control for the runs below: the module parses the plan before touching CUDA."""
     plan = decode_plan(make_array, info_len=15)
     with pytest.raises(KernelError, match="should be 10"):
-        decode.batch_decode_run(plan, **paged(decode_run_args()))
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan)
 
 
 @pytest.mark.parametrize("backend", ["fa2", "fa3"])
@@ -155,7 +155,6 @@ def test_batch_prefill_ragged_run_reaches_the_module(make_array, backend):
     assert plan.backend == backend and plan.mask_mode == 1
     with pytest.raises(KernelError) as info:
         prefill.batch_prefill_ragged_run(
-            plan,
             fake_cuda((4, 32, 128)),
             fake_cuda((9, 8, 128)),
             fake_cuda((9, 8, 128)),
@@ -163,6 +162,7 @@ def test_batch_prefill_ragged_run_reaches_the_module(make_array, backend):
             kv_indptr=fake_cuda((3,), "int32"),
             out=fake_cuda((4, 32, 128)),
             lse=fake_cuda((4, 32), "float32"),
+            plan=plan,
         )
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith("ragged_run")
@@ -175,7 +175,6 @@ def test_batch_prefill_paged_run_reaches_the_module(make_array, backend, layout)
     cache = (4, 16, 8, 128) if layout == "NHD" else (4, 8, 16, 128)
     with pytest.raises(KernelError) as info:
         prefill.batch_prefill_paged_run(
-            plan,
             fake_cuda((4, 32, 128)),
             (fake_cuda(cache), fake_cuda(cache)),
             qo_indptr=fake_cuda((3,), "int32"),
@@ -183,6 +182,7 @@ def test_batch_prefill_paged_run_reaches_the_module(make_array, backend, layout)
             kv_indices=fake_cuda((3,), "int32"),
             kv_last_page_len=fake_cuda((2,), "int32"),
             out=fake_cuda((4, 32, 128)),
+            plan=plan,
         )
     assert_reached_the_kernel(info.value)
 
@@ -195,13 +195,13 @@ def test_custom_mask_goes_in_as_tensor_objects(make_array):
     assert plan.backend == "fa2" and plan.mask_mode == 2
     with pytest.raises(KernelError) as info:
         prefill.batch_prefill_ragged_run(
-            plan,
             fake_cuda((4, 32, 128)),
             fake_cuda((9, 8, 128)),
             fake_cuda((9, 8, 128)),
             qo_indptr=fake_cuda((3,), "int32"),
             kv_indptr=fake_cuda((3,), "int32"),
             out=fake_cuda((4, 32, 128)),
+            plan=plan,
         )
     assert_reached_the_kernel(info.value)
     assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
@@ -292,7 +292,7 @@ def test_defaults_on_the_wire(make_array):
     plan = decode_plan(make_array)
     assert plan.sm_scale == pytest.approx(128**-0.5)
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, **paged(decode_run_args()))
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan)
     assert info.value.arguments[11:] == ("0", "-1", "False", "None", "0.0", repr(128**-0.5), "1.0", "0.0001")
 
 
@@ -324,43 +324,43 @@ def test_defaults_on_the_wire(make_array):
 def test_batch_decode_run_rejects_before_the_ffi(make_array, over, exc, text):
     plan = decode_plan(make_array)
     with pytest.raises(exc, match=text):
-        decode.batch_decode_run(plan, **paged(decode_run_args(**over)))
+        decode.batch_decode_run(**paged(decode_run_args(**over)), plan=plan)
 
 
 def test_batch_decode_run_names_a_kv_indices_of_rank_0(make_array):
     plan = decode_plan(make_array)
     with pytest.raises(ValueError, match=r"kv_indices: expected at least 1 dimensions, got shape \(\)"):
-        decode.batch_decode_run(plan, **paged(decode_run_args(kv_indices=fake_cuda((), "int32"))))
+        decode.batch_decode_run(**paged(decode_run_args(kv_indices=fake_cuda((), "int32"))), plan=plan)
     with pytest.raises(ValueError, match=r"kv_indices: expected a 1-D int32 tensor, got shape \(4, 1\)"):
-        decode.batch_decode_run(plan, **paged(decode_run_args(kv_indices=fake_cuda((4, 1), "int32"))))
+        decode.batch_decode_run(**paged(decode_run_args(kv_indices=fake_cuda((4, 1), "int32"))), plan=plan)
 
 
 def test_batch_decode_run_refuses_strides_its_kernel_truncates(make_array):
     plan = decode_plan(make_array)
     q = fake_cuda((2, 32, 128), strides=(1 << 31, 128, 1))  # BatchDecodeParams: int32 q strides
     with pytest.raises(ValueError, match=r"q: the decode kernel takes q's strides as int32"):
-        decode.batch_decode_run(plan, **paged(decode_run_args(q=q)))
+        decode.batch_decode_run(**paged(decode_run_args(q=q)), plan=plan)
     cache = fake_cuda((4, 16, 8, 128), strides=(1 << 32, 1024, 128, 1))  # paged_kv_t: uint32 strides
     with pytest.raises(ValueError, match=r"k_cache: the kernel takes 32-bit strides"):
-        decode.batch_decode_run(plan, **paged(decode_run_args(k_cache=cache, v_cache=cache)))
+        decode.batch_decode_run(**paged(decode_run_args(k_cache=cache, v_cache=cache)), plan=plan)
     # the largest int32 stride that keeps 16 bytes; its 4 GiB footprint at an address of its own (never read: no
     # GPU), so that it overlaps no other argument's memory
     q = Tensor.from_pointer(1 << 40, (2, 32, 128), "float16", "cuda:0", ((1 << 31) - 8, 128, 1))
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, **paged(decode_run_args(q=q)))
+        decode.batch_decode_run(**paged(decode_run_args(q=q)), plan=plan)
     assert_reached_the_kernel(info.value)
 
 
 def test_batch_decode_run_lse_and_flags(make_array):
     plan = decode_plan(make_array)
     with pytest.raises(ValueError, match=r"lse: expected shape \(2, 32\)"):
-        decode.batch_decode_run(plan, **paged(decode_run_args()), lse=fake_cuda((2, 8), "float32"))
+        decode.batch_decode_run(**paged(decode_run_args()), lse=fake_cuda((2, 8), "float32"), plan=plan)
     with pytest.raises(TypeError, match="lse: expected dtype float32"):
-        decode.batch_decode_run(plan, **paged(decode_run_args()), lse=fake_cuda((2, 32), "float16"))
+        decode.batch_decode_run(**paged(decode_run_args()), lse=fake_cuda((2, 32), "float16"), plan=plan)
     with pytest.raises(TypeError, match="enable_pdl"):
-        decode.batch_decode_run(plan, **paged(decode_run_args()), enable_pdl="yes")
+        decode.batch_decode_run(**paged(decode_run_args()), enable_pdl="yes", plan=plan)
     with pytest.raises(TypeError, match="plan: expected a Plan"):
-        decode.batch_decode_run(plan.info, **paged(decode_run_args()))
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan.info)
 
 
 def test_plan_state_is_checked_at_run(make_array):
@@ -371,19 +371,18 @@ def test_plan_state_is_checked_at_run(make_array):
     ws._generation += 1  # what call_plan does for `later`
     later._generation = ws._generation
     with pytest.raises(ValueError, match="stale"):
-        decode.batch_decode_run(plan, **paged(args))
+        decode.batch_decode_run(**paged(args), plan=plan)
     with pytest.raises(KernelError):
-        decode.batch_decode_run(later, **paged(args))
+        decode.batch_decode_run(**paged(args), plan=later)
     later.release()
     with pytest.raises(ValueError, match="released"):
-        decode.batch_decode_run(later, **paged(args))
+        decode.batch_decode_run(**paged(args), plan=later)
     prefill_p = prefill_plan(make_array, "paged", ws=ws)
     with pytest.raises(ValueError, match="expected a batch_decode plan"):
-        decode.batch_decode_run(prefill_p, **paged(args))
+        decode.batch_decode_run(**paged(args), plan=prefill_p)
     ragged = prefill_plan(make_array, "ragged", ws=ws)
     with pytest.raises(ValueError, match="expected a batch_prefill plan for paged KV"):
         prefill.batch_prefill_paged_run(
-            ragged,
             fake_cuda((4, 32, 128)),
             (fake_cuda((4, 16, 8, 128)), fake_cuda((4, 16, 8, 128))),
             qo_indptr=fake_cuda((3,), "int32"),
@@ -391,19 +390,20 @@ def test_plan_state_is_checked_at_run(make_array):
             kv_indices=fake_cuda((3,), "int32"),
             kv_last_page_len=fake_cuda((2,), "int32"),
             out=fake_cuda((4, 32, 128)),
+            plan=ragged,
         )
 
 
 def test_plan_carries_layout_and_dtype_of_the_cache(make_array):
     plan = decode_plan(make_array, kv_layout="HND")
     with pytest.raises(ValueError, match=r"k_cache: expected shape \[\*, 8, 16, 128\] \(HND"):
-        decode.batch_decode_run(plan, **paged(decode_run_args(layout="NHD")))
+        decode.batch_decode_run(**paged(decode_run_args(layout="NHD")), plan=plan)
     plan = decode_plan(make_array, q_dtype="bfloat16")
     with pytest.raises(TypeError, match="q: expected dtype bfloat16"):
-        decode.batch_decode_run(plan, **paged(decode_run_args()))
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan)
     plan = decode_plan(make_array, num_kv_heads=4)
     with pytest.raises(ValueError, match=r"k_cache: expected shape \[\*, 16, 4, 128\]"):
-        decode.batch_decode_run(plan, **paged(decode_run_args()))
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan)
 
 
 @pytest.mark.parametrize(
@@ -450,13 +450,13 @@ def test_batch_decode_plan_rejects_before_the_ffi(kw, exc, text):
     args.update((k, kw.pop(k)) for k in list(kw) if k in args)
     ws = workspace()
     with pytest.raises(exc, match=text):
-        decode.batch_decode_plan(ws, **args, **kw)
+        decode.batch_decode_plan(**args, **kw, workspace=ws)
     assert ws._generation == 0  # nothing crossed the FFI
 
 
 def test_plan_needs_a_workspace():
     with pytest.raises(TypeError, match=r"workspace: expected a fi_ffi\.Workspace \("):
-        decode.batch_decode_plan(object(), host([0, 1]), None, None, 32, 8, 128, 16)
+        decode.batch_decode_plan(host([0, 1]), None, None, 32, 8, 128, 16, workspace=object())
 
 
 @pytest.mark.parametrize(
@@ -498,49 +498,53 @@ def test_batch_prefill_ragged_plan_rejects_before_the_ffi(kw, exc, text):
     args.update((k, kw.pop(k)) for k in list(kw) if k in args)
     ws = workspace()
     with pytest.raises(exc, match=text):
-        prefill.batch_prefill_ragged_plan(ws, **args, **kw)
+        prefill.batch_prefill_ragged_plan(**args, **kw, workspace=ws)
     assert ws._generation == 0
 
 
 def test_batch_prefill_paged_plan_needs_last_page_len_and_checks_it():
     ws = workspace()
     with pytest.raises(ValueError, match="kv_last_page_len: request 1 has 2 page"):
-        prefill.batch_prefill_paged_plan(ws, host([0, 3, 4]), host([0, 1, 3]), None, host([5, 17]), 32, 8, 128, 16)
+        prefill.batch_prefill_paged_plan(
+            host([0, 3, 4]), host([0, 1, 3]), None, host([5, 17]), 32, 8, 128, 16, workspace=ws
+        )
     with pytest.raises(ValueError, match="kv_last_page_len: expected 2 entries"):
-        prefill.batch_prefill_paged_plan(ws, host([0, 3, 4]), host([0, 1, 3]), None, host([5]), 32, 8, 128, 16)
+        prefill.batch_prefill_paged_plan(
+            host([0, 3, 4]), host([0, 1, 3]), None, host([5]), 32, 8, 128, 16, workspace=ws
+        )
 
 
 def test_prefill_run_checks_rows_and_extent(make_array):
     plan = prefill_plan(make_array, "ragged")
     with pytest.raises(ValueError, match="q: the plan's qo_indptr ends at 4 rows"):
         prefill.batch_prefill_ragged_run(
-            plan,
             fake_cuda((3, 32, 128)),
             fake_cuda((9, 8, 128)),
             fake_cuda((9, 8, 128)),
             qo_indptr=fake_cuda((3,), "int32"),
             kv_indptr=fake_cuda((3,), "int32"),
             out=fake_cuda((3, 32, 128)),
+            plan=plan,
         )
     with pytest.raises(ValueError, match="k: the plan's kv_indptr ends at 9 tokens"):
         prefill.batch_prefill_ragged_run(
-            plan,
             fake_cuda((4, 32, 128)),
             fake_cuda((8, 8, 128)),
             fake_cuda((8, 8, 128)),
             qo_indptr=fake_cuda((3,), "int32"),
             kv_indptr=fake_cuda((3,), "int32"),
             out=fake_cuda((4, 32, 128)),
+            plan=plan,
         )
     with pytest.raises(ValueError, match=r"v: expected shape \[9, 8, 128\]"):
         prefill.batch_prefill_ragged_run(
-            plan,
             fake_cuda((4, 32, 128)),
             fake_cuda((9, 8, 128)),
             fake_cuda((9, 4, 128)),
             qo_indptr=fake_cuda((3,), "int32"),
             kv_indptr=fake_cuda((3,), "int32"),
             out=fake_cuda((4, 32, 128)),
+            plan=plan,
         )
 
 
@@ -606,7 +610,7 @@ def test_batch_decode_run_accepts_exactly_the_planned_shapes(make_array, batch, 
     total = max(int(indptr[-1]), 1)
     good = decode_run_args(batch=batch, hq=hq, hk=hk, page=page, pages=total, layout=layout)
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, **paged(good))
+        decode.batch_decode_run(**paged(good), plan=plan)
     assert_reached_the_kernel(info.value)
     # perturb one dimension of one tensor: always rejected before the FFI
     name = data.draw(st.sampled_from(["q", "k_cache", "v_cache", "out", "kv_indptr", "kv_last_page_len"]))
@@ -618,7 +622,7 @@ def test_batch_decode_run_accepts_exactly_the_planned_shapes(make_array, batch, 
     shape[dim] += data.draw(st.sampled_from([-1, 1])) if shape[dim] > 1 else 1
     bad = dict(good, **{name: fake_cuda(tuple(shape), t.dtype.name)})
     with pytest.raises(ValueError, match=f"^{name}: "):
-        decode.batch_decode_run(plan, **paged(bad))
+        decode.batch_decode_run(**paged(bad), plan=plan)
 
 
 def test_plan_settings_are_one_value_per_argument_values_and_types():
@@ -636,7 +640,7 @@ def test_plan_settings_are_one_value_per_argument_values_and_types():
     assert _plan_settings_of(workspace()) is a
     with pytest.raises(TypeError, match="window_left"):
         decode.batch_decode_plan(
-            ws, host([0, 2, 3]), None, None, 32, 8, 128, 16, window_left=-1.0
+            host([0, 2, 3]), None, None, 32, 8, 128, 16, window_left=-1.0, workspace=ws
         )  # == -1, but a float
     ragged = prefill._settings("ragged", 0, tuple({**PREFILL_SETTINGS, "causal": True}.values()))
     assert ragged.mask_mode == 1 and ragged.backend == "fa2"
@@ -648,7 +652,7 @@ def _plan_settings_of(ws):
 
     before = dict(plan_settings._cache)
     with pytest.raises(KernelError):
-        decode.batch_decode_plan(ws, host([0, 2, 3]), None, None, 32, 8, 128, 16)
+        decode.batch_decode_plan(host([0, 2, 3]), None, None, 32, 8, 128, 16, workspace=ws)
     found = [v for k, v in plan_settings._cache.items() if k not in before or before[k] is v]
     assert found
     return next(
@@ -718,25 +722,24 @@ def test_unhashable_producers_reach_every_attention_module(make_array):
         out=u((2, 32, 128)),
     )
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, **paged(args), lse=u((2, 32), "<f4"))
+        decode.batch_decode_run(**paged(args), lse=u((2, 32), "<f4"), plan=plan)
     assert_reached_the_kernel(info.value)
     for backend in ("fa2", "fa3"):
         ragged = prefill_plan(make_array, "ragged", backend)
         with pytest.raises(KernelError) as info:
             prefill.batch_prefill_ragged_run(
-                ragged,
                 u((4, 32, 128)),
                 u((9, 8, 128)),
                 u((9, 8, 128)),
                 qo_indptr=u((3,), "<i4"),
                 kv_indptr=u((3,), "<i4"),
                 out=u((4, 32, 128)),
+                plan=ragged,
             )
         assert_reached_the_kernel(info.value)
         paged_plan = prefill_plan(make_array, "paged", backend)
         with pytest.raises(KernelError) as info:
             prefill.batch_prefill_paged_run(
-                paged_plan,
                 u((4, 32, 128)),
                 (u((4, 16, 8, 128)), u((4, 16, 8, 128))),
                 qo_indptr=u((3,), "<i4"),
@@ -744,6 +747,7 @@ def test_unhashable_producers_reach_every_attention_module(make_array):
                 kv_indices=u((3,), "<i4"),
                 kv_last_page_len=u((2,), "<i4"),
                 out=u((4, 32, 128)),
+                plan=paged_plan,
             )
         assert_reached_the_kernel(info.value)
 
@@ -752,14 +756,14 @@ def test_plans_take_numpy_arrays_and_lists_and_name_a_list_where_an_int_belongs(
     ws = workspace()
     for indptr in (np.array([0, 2, 3], np.int32), [0, 2, 3], (0, 2, 3)):
         with pytest.raises(KernelError) as info:
-            decode.batch_decode_plan(ws, indptr, None, [5, 16], 32, 8, 128, 16)
+            decode.batch_decode_plan(indptr, None, [5, 16], 32, 8, 128, 16, workspace=ws)
         assert_reached_the_kernel(info.value)
     with pytest.raises(TypeError, match=r"^num_qo_heads: expected an int, got list"):
-        decode.batch_decode_plan(ws, [0, 2, 3], None, None, [32], 8, 128, 16)
+        decode.batch_decode_plan([0, 2, 3], None, None, [32], 8, 128, 16, workspace=ws)
     with pytest.raises(TypeError, match=r"^page_size: expected an int, got list"):
-        prefill.batch_prefill_paged_plan(ws, [0, 3, 4], [0, 1, 3], None, [5, 4], 32, 8, 128, [16])
+        prefill.batch_prefill_paged_plan([0, 3, 4], [0, 1, 3], None, [5, 4], 32, 8, 128, [16], workspace=ws)
     with pytest.raises(TypeError, match=r"^window_left: expected an int, got ndarray"):
-        prefill.batch_prefill_ragged_plan(ws, [0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=np.zeros(2, int))
+        prefill.batch_prefill_ragged_plan([0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=np.zeros(2, int), workspace=ws)
 
 
 def test_a_decode_loop_with_per_layer_caches_replanned_every_step_stays_on_the_fast_path(make_array):
@@ -771,7 +775,7 @@ def test_a_decode_loop_with_per_layer_caches_replanned_every_step_stays_on_the_f
         plan = decode_plan(make_array, ws=ws, kv_indptr=host([0, 2, 3 + step % 2]))  # new plan, new extent
         for layer in layers:
             with pytest.raises(KernelError) as info:
-                decode.batch_decode_run(plan, **paged(layer))
+                decode.batch_decode_run(**paged(layer), plan=plan)
             assert_reached_the_kernel(info.value)
         slow.append(run.launcher.slow_calls)
         plan.release()
@@ -794,13 +798,13 @@ def test_run_inputs_are_passed_per_call_and_not_kept(make_array):
     for _ in range(200):
         with pytest.raises(KernelError) as info:
             prefill.batch_prefill_ragged_run(
-                plan,
                 fake_cuda((4, 32, 128)),
                 fake_cuda((9, 8, 128)),
                 fake_cuda((9, 8, 128)),
                 qo_indptr=fake_cuda((3,), "int32"),
                 kv_indptr=fake_cuda((3,), "int32"),
                 out=fake_cuda((4, 32, 128)),
+                plan=plan,
             )
         assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
     assert len(_managed.alive) == before  # every object made for a run was released
@@ -836,7 +840,9 @@ def test_100k_runs_with_a_custom_mask_grow_neither_rss_nor_objects(make_array):
     def runs(n: int) -> None:
         for _ in range(n):
             with contextlib.suppress(KernelError):
-                prefill.batch_prefill_ragged_run(plan, *args[:3], qo_indptr=args[3], kv_indptr=args[4], out=args[5])
+                prefill.batch_prefill_ragged_run(
+                    *args[:3], qo_indptr=args[3], kv_indptr=args[4], out=args[5], plan=plan
+                )
 
     runs(2000)  # warm: layouts validated, frames made
     gc.collect()
@@ -858,28 +864,27 @@ def test_none_tensors_in_the_prefill_runs_are_named(make_array):
         ragged = prefill_plan(make_array, "ragged", backend)
         with pytest.raises(TypeError, match=r"^k: expected a tensor, got None"):
             prefill.batch_prefill_ragged_run(
-                ragged,
                 fake_cuda((4, 32, 128)),
                 None,
                 fake_cuda((9, 8, 128)),
                 qo_indptr=fake_cuda((3,), "int32"),
                 kv_indptr=fake_cuda((3,), "int32"),
                 out=fake_cuda((4, 32, 128)),
+                plan=ragged,
             )
         with pytest.raises(TypeError, match=r"^q: expected a tensor, got None"):
             prefill.batch_prefill_ragged_run(
-                ragged,
                 None,
                 fake_cuda((9, 8, 128)),
                 fake_cuda((9, 8, 128)),
                 qo_indptr=fake_cuda((3,), "int32"),
                 kv_indptr=fake_cuda((3,), "int32"),
                 out=fake_cuda((4, 32, 128)),
+                plan=ragged,
             )
         paged_plan = prefill_plan(make_array, "paged", backend)
         with pytest.raises(TypeError, match=r"^kv_indices: expected a tensor, got None"):
             prefill.batch_prefill_paged_run(
-                paged_plan,
                 fake_cuda((4, 32, 128)),
                 (fake_cuda((4, 16, 8, 128)), fake_cuda((4, 16, 8, 128))),
                 qo_indptr=fake_cuda((3,), "int32"),
@@ -887,10 +892,10 @@ def test_none_tensors_in_the_prefill_runs_are_named(make_array):
                 kv_indices=None,
                 kv_last_page_len=fake_cuda((2,), "int32"),
                 out=fake_cuda((4, 32, 128)),
+                plan=paged_plan,
             )
         with pytest.raises(TypeError, match=r"^out: expected a tensor, got None"):
             prefill.batch_prefill_paged_run(
-                paged_plan,
                 fake_cuda((4, 32, 128)),
                 (fake_cuda((4, 16, 8, 128)), fake_cuda((4, 16, 8, 128))),
                 qo_indptr=fake_cuda((3,), "int32"),
@@ -898,9 +903,10 @@ def test_none_tensors_in_the_prefill_runs_are_named(make_array):
                 kv_indices=fake_cuda((3,), "int32"),
                 kv_last_page_len=fake_cuda((2,), "int32"),
                 out=None,
+                plan=paged_plan,
             )
     with pytest.raises(TypeError, match=r"^kv_indptr: expected a tensor, got None"):
-        decode.batch_decode_run(decode_plan(make_array), **paged(decode_run_args(kv_indptr=None)))
+        decode.batch_decode_run(**paged(decode_run_args(kv_indptr=None)), plan=decode_plan(make_array))
 
 
 def test_head_dim_zero_in_the_single_ops_is_named():
@@ -947,7 +953,7 @@ def test_batch_decode_plan_names_bad_scalars_and_index_lists(kw, exc, text):
     args.update((k, kw.pop(k)) for k in list(kw) if k in args)
     ws = workspace()
     with pytest.raises(exc, match=text):
-        decode.batch_decode_plan(ws, **args, **kw)
+        decode.batch_decode_plan(**args, **kw, workspace=ws)
     assert ws._generation == 0
 
 
@@ -967,7 +973,7 @@ def test_batch_prefill_plans_name_bad_scalars_and_index_lists(kw, exc, text):
     args.update((k, kw.pop(k)) for k in list(kw) if k in args)
     ws = workspace()
     with pytest.raises(exc, match=text):
-        prefill.batch_prefill_ragged_plan(ws, **args, **kw)
+        prefill.batch_prefill_ragged_plan(**args, **kw, workspace=ws)
     assert ws._generation == 0
 
 
@@ -1032,7 +1038,9 @@ EXT_SWA_CAP = (
 def test_sliding_window_and_soft_cap_select_their_modules():
     ws = workspace()
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_plan(ws, [0, 2, 3], None, None, 32, 8, 128, 16, window_left=64, logits_soft_cap=30.0)
+        decode.batch_decode_plan(
+            [0, 2, 3], None, None, 32, 8, 128, 16, window_left=64, logits_soft_cap=30.0, workspace=ws
+        )
     assert_reached_the_kernel(info.value)
     assert info.value.function == EXT_SWA_CAP + ".plan"
     assert info.value.arguments[9:11] == ("64", "30.0")
@@ -1040,11 +1048,21 @@ def test_sliding_window_and_soft_cap_select_their_modules():
         with pytest.raises(KernelError) as info:
             if mode == "ragged":
                 prefill.batch_prefill_ragged_plan(
-                    ws, [0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=16, logits_soft_cap=50.0, causal=True
+                    [0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=16, logits_soft_cap=50.0, causal=True, workspace=ws
                 )
             else:
                 prefill.batch_prefill_paged_plan(
-                    ws, [0, 3, 4], [0, 1, 3], None, [5, 4], 32, 8, 128, 16, window_left=16, logits_soft_cap=50.0
+                    [0, 3, 4],
+                    [0, 1, 3],
+                    None,
+                    [5, 4],
+                    32,
+                    8,
+                    128,
+                    16,
+                    window_left=16,
+                    logits_soft_cap=50.0,
+                    workspace=ws,
                 )
         assert_reached_the_kernel(info.value)
         assert "use_swa_True_use_logits_cap_True_f16qk_False.plan" in info.value.function
@@ -1054,7 +1072,7 @@ def test_sliding_window_and_soft_cap_runs_reach_their_modules(make_array):
     plan = decode_plan(make_array, window_left=64, logits_soft_cap=30.0)
     assert plan.uri == EXT_SWA_CAP
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, **paged(decode_run_args()))
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan)
     assert_reached_the_kernel(info.value)
     assert info.value.arguments[12] == "64" and info.value.arguments[15] == "30.0"
     for mode in ("ragged", "paged"):
@@ -1063,17 +1081,16 @@ def test_sliding_window_and_soft_cap_runs_reach_their_modules(make_array):
         with pytest.raises(KernelError) as info:
             if mode == "ragged":
                 prefill.batch_prefill_ragged_run(
-                    p,
                     fake_cuda((4, 32, 128)),
                     fake_cuda((9, 8, 128)),
                     fake_cuda((9, 8, 128)),
                     qo_indptr=fake_cuda((3,), "int32"),
                     kv_indptr=fake_cuda((3,), "int32"),
                     out=fake_cuda((4, 32, 128)),
+                    plan=p,
                 )
             else:
                 prefill.batch_prefill_paged_run(
-                    p,
                     fake_cuda((4, 32, 128)),
                     (fake_cuda((4, 16, 8, 128)), fake_cuda((4, 16, 8, 128))),
                     qo_indptr=fake_cuda((3,), "int32"),
@@ -1081,6 +1098,7 @@ def test_sliding_window_and_soft_cap_runs_reach_their_modules(make_array):
                     kv_indices=fake_cuda((3,), "int32"),
                     kv_last_page_len=fake_cuda((2,), "int32"),
                     out=fake_cuda((4, 32, 128)),
+                    plan=p,
                 )
         assert_reached_the_kernel(info.value)
 
@@ -1088,12 +1106,12 @@ def test_sliding_window_and_soft_cap_runs_reach_their_modules(make_array):
 def test_fp8_kv_cache_selects_its_modules(make_array):
     ws = workspace()
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_plan(ws, [0, 2, 3], None, None, 32, 8, 128, 16, kv_data_type="float8_e4m3fn")
+        decode.batch_decode_plan([0, 2, 3], None, None, 32, 8, 128, 16, kv_data_type="float8_e4m3fn", workspace=ws)
     assert_reached_the_kernel(info.value)
     assert "dtype_kv_e4m3" in info.value.function
     with pytest.raises(KernelError) as info:
         prefill.batch_prefill_paged_plan(
-            ws, [0, 3, 4], [0, 1, 3], None, [5, 4], 32, 8, 128, 16, kv_data_type="float8_e4m3fn"
+            [0, 3, 4], [0, 1, 3], None, [5, 4], 32, 8, 128, 16, kv_data_type="float8_e4m3fn", workspace=ws
         )
     assert_reached_the_kernel(info.value)
     assert "dtype_kv_e4m3" in info.value.function
@@ -1102,15 +1120,14 @@ def test_fp8_kv_cache_selects_its_modules(make_array):
         k_cache=fake_cuda((4, 16, 8, 128), "float8_e4m3fn"), v_cache=fake_cuda((4, 16, 8, 128), "float8_e4m3fn")
     )
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, **paged(fp8))
+        decode.batch_decode_run(**paged(fp8), plan=plan)
     assert_reached_the_kernel(info.value)
     with pytest.raises(TypeError, match=r"^k_cache: expected dtype float8_e4m3fn, got float16"):
-        decode.batch_decode_run(plan, **paged(decode_run_args()))
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan)
     paged_plan = prefill_plan(make_array, "paged", "auto", kv_dtype="float8_e4m3fn")
     assert paged_plan.backend == "fa2" and "dtype_kv_e4m3" in paged_plan.uri
     with pytest.raises(KernelError) as info:
         prefill.batch_prefill_paged_run(
-            paged_plan,
             fake_cuda((4, 32, 128)),
             (fp8["k_cache"], fp8["v_cache"]),
             qo_indptr=fake_cuda((3,), "int32"),
@@ -1118,6 +1135,7 @@ def test_fp8_kv_cache_selects_its_modules(make_array):
             kv_indices=fake_cuda((3,), "int32"),
             kv_last_page_len=fake_cuda((2,), "int32"),
             out=fake_cuda((4, 32, 128)),
+            plan=paged_plan,
         )
     assert_reached_the_kernel(info.value)
 
@@ -1135,7 +1153,7 @@ def test_a_decode_runs_plan_scalars_are_bound_to_its_context(make_array):
     for sm_scale in (0.5, 0.25, 0.5):
         plan = decode_plan(make_array, ws=ws, sm_scale=sm_scale)
         with pytest.raises(KernelError) as info:
-            decode.batch_decode_run(plan, **paged(args))
+            decode.batch_decode_run(**paged(args), plan=plan)
         assert_reached_the_kernel(info.value)
         launch = plan._s.run
         assert "sm_scale" not in launch.source.split("\n", 1)[0]  # not an argument of the launch function

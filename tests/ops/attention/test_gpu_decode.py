@@ -76,11 +76,10 @@ def test_batch_decode_matches_reference(ws, dtype, head_dim, heads, layout, page
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, dtype=torch.float32, device="cuda")
     plan = decode.batch_decode_plan(
-        ws, kv.indptr_h, None, kv.last_h, hq, hk, head_dim, page_size, q_data_type=dtype, kv_layout=layout
+        kv.indptr_h, None, kv.last_h, hq, hk, head_dim, page_size, q_data_type=dtype, kv_layout=layout, workspace=ws
     )
     assert (
         decode.batch_decode_run(
-            plan,
             q,
             (kv.k, kv.v),
             kv_indptr=kv.indptr,
@@ -88,6 +87,7 @@ def test_batch_decode_matches_reference(ws, dtype, head_dim, heads, layout, page
             kv_last_page_len=kv.last,
             out=out,
             lse=lse,
+            plan=plan,
         )
         is out
     )
@@ -133,28 +133,28 @@ def test_batch_decode_growing_cache_replanned_every_step(ws):
         indptr = np.concatenate([[0], np.cumsum([len(t) for t in tables])]).astype(np.int32)
         last = np.array([n - (len(t) - 1) * page for n, t in zip(lens, tables, strict=True)], np.int32)
         indices = torch.tensor([p for t in tables for p in t], dtype=torch.int32, device="cuda")
-        plan = decode.batch_decode_plan(ws, indptr, None, last, hq, hk, d, page)
+        plan = decode.batch_decode_plan(indptr, None, last, hq, hk, d, page, workspace=ws)
         if previous is not None:
             assert previous.stale
             with pytest.raises(ValueError, match="stale"):
                 decode.batch_decode_run(
-                    previous,
                     q,
                     (k_cache, v_cache),
                     kv_indptr=torch.from_numpy(indptr).cuda(),
                     kv_indices=indices,
                     kv_last_page_len=torch.from_numpy(last).cuda(),
                     out=out,
+                    plan=previous,
                 )
         q.normal_()
         decode.batch_decode_run(
-            plan,
             q,
             (k_cache, v_cache),
             kv_indptr=torch.from_numpy(indptr).cuda(),
             kv_indices=indices,
             kv_last_page_len=torch.from_numpy(last).cuda(),
             out=out,
+            plan=plan,
         )
         torch.cuda.synchronize()
         for i in range(len(lens)):
@@ -169,7 +169,7 @@ def test_one_plan_serves_many_layers(ws):
     indptr_h, last_h = layers[0].indptr_h, layers[0].last_h
     for layer in layers[1:]:  # same page table for every layer (what a runtime has)
         layer.indices, layer.indptr, layer.last = layers[0].indices, layers[0].indptr, layers[0].last
-    plan = decode.batch_decode_plan(ws, indptr_h, None, last_h, hq, hk, d, page, q_data_type=dtype)
+    plan = decode.batch_decode_plan(indptr_h, None, last_h, hq, hk, d, page, q_data_type=dtype, workspace=ws)
     info = plan.info
     q = torch.randn(3, hq, d, dtype=dtype, device="cuda")
     outs = []
@@ -177,13 +177,13 @@ def test_one_plan_serves_many_layers(ws):
         for layer in layers:
             out = torch.empty_like(q)
             decode.batch_decode_run(
-                plan,
                 q,
                 (layer.k, layer.v),
                 kv_indptr=layer.indptr,
                 kv_indices=layer.indices,
                 kv_last_page_len=layer.last,
                 out=out,
+                plan=plan,
             )
             outs.append((layer, out))
     torch.cuda.synchronize()
@@ -194,13 +194,13 @@ def test_one_plan_serves_many_layers(ws):
     plan.release()
     with pytest.raises(ValueError, match="released"):
         decode.batch_decode_run(
-            plan,
             q,
             (layers[0].k, layers[0].v),
             kv_indptr=layers[0].indptr,
             kv_indices=layers[0].indices,
             kv_last_page_len=layers[0].last,
             out=outs[0][1],
+            plan=plan,
         )
 
 
@@ -218,10 +218,11 @@ def test_back_to_back_plans_on_one_stream_wait_for_the_previous_copy(ws):
         torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time: plan A's copy waits behind it
         busy = torch.cuda.Event()
         busy.record(stream)
-        plan_a = decode.batch_decode_plan(ws, kv_a.indptr_h, None, kv_a.last_h, hq, hk, d, page, stream=stream)
+        plan_a = decode.batch_decode_plan(
+            kv_a.indptr_h, None, kv_a.last_h, hq, hk, d, page, stream=stream, workspace=ws
+        )
         assert not busy.query()  # plan A did not wait for the stream
         decode.batch_decode_run(
-            plan_a,
             q_a,
             (kv_a.k, kv_a.v),
             kv_indptr=kv_a.indptr,
@@ -229,11 +230,13 @@ def test_back_to_back_plans_on_one_stream_wait_for_the_previous_copy(ws):
             kv_last_page_len=kv_a.last,
             out=out_a,
             stream=stream,
+            plan=plan_a,
         )
-        plan_b = decode.batch_decode_plan(ws, kv_b.indptr_h, None, kv_b.last_h, hq, hk, d, page, stream=stream)
+        plan_b = decode.batch_decode_plan(
+            kv_b.indptr_h, None, kv_b.last_h, hq, hk, d, page, stream=stream, workspace=ws
+        )
         assert busy.query()  # plan B waited for A's copy, hence for the work before it
         decode.batch_decode_run(
-            plan_b,
             q_b,
             (kv_b.k, kv_b.v),
             kv_indptr=kv_b.indptr,
@@ -241,6 +244,7 @@ def test_back_to_back_plans_on_one_stream_wait_for_the_previous_copy(ws):
             kv_last_page_len=kv_b.last,
             out=out_b,
             stream=stream,
+            plan=plan_b,
         )
     torch.cuda.synchronize()
     for kv, q, out in ((kv_a, q_a, out_a), (kv_b, q_b, out_b)):
@@ -259,9 +263,11 @@ def test_caller_buffers_and_strided_q(ws):
     big = torch.randn(2, hq, 2 * d, dtype=dtype, device="cuda")
     q = big[:, :, :d]  # strides (2*hq*d, 2*d, 1)
     out = torch.empty(2, hq, d, dtype=dtype, device="cuda")
-    plan = decode.batch_decode_plan(own, kv.indptr_h, None, None, hq, hk, d, 16, kv_layout="HND", sm_scale=0.3)
+    plan = decode.batch_decode_plan(
+        kv.indptr_h, None, None, hq, hk, d, 16, kv_layout="HND", sm_scale=0.3, workspace=own
+    )
     decode.batch_decode_run(
-        plan, q, (kv.k, kv.v), kv_indptr=kv.indptr, kv_indices=kv.indices, kv_last_page_len=kv.last, out=out
+        q, (kv.k, kv.v), kv_indptr=kv.indptr, kv_indices=kv.indices, kv_last_page_len=kv.last, out=out, plan=plan
     )
     torch.cuda.synchronize()
     for r in range(2):
@@ -302,31 +308,31 @@ def test_batch_decode_with_torch_tensors_and_cupy_arrays_per_call(ws):
     kv = PagedKV([5, 40, 77], page, hk, d, dtype, "NHD", seed=3)
     b = 3
     q = torch.randn(b, hq, d, dtype=dtype, device="cuda")
-    plan = decode.batch_decode_plan(ws, kv.indptr_h, None, kv.last_h, hq, hk, d, page)
+    plan = decode.batch_decode_plan(kv.indptr_h, None, kv.last_h, hq, hk, d, page, workspace=ws)
     want = [reference(q[i : i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v))[0][0] for i in range(b)]
     out_t = torch.empty_like(q)
     for _ in range(3):  # new tensor objects (and memory for q, indptr) at every call
         decode.batch_decode_run(
-            plan,
             q.clone(),
             (kv.k, kv.v),
             kv_indptr=kv.indptr.clone(),
             kv_indices=kv.indices,
             kv_last_page_len=kv.last,
             out=out_t,
+            plan=plan,
         )
     torch.cuda.synchronize()
     c = cupy.asarray  # zero-copy views through the CUDA array interface
     out_c = cupy.zeros((b, hq, d), dtype=cupy.float16)
     for _ in range(3):
         decode.batch_decode_run(
-            plan,
             c(q),
             (c(kv.k), c(kv.v)),
             kv_indptr=c(kv.indptr),
             kv_indices=c(kv.indices),
             kv_last_page_len=c(kv.last),
             out=out_c,
+            plan=plan,
         )
     cupy.cuda.runtime.deviceSynchronize()
     got_c = torch.as_tensor(out_c, device="cuda")
@@ -346,11 +352,11 @@ def test_batch_decode_sliding_window_and_soft_cap(ws):
     q = torch.randn(b, hq, d, dtype=dtype, device="cuda") * 4  # large logits: the cap matters
     out = torch.empty_like(q)
     plan = decode.batch_decode_plan(
-        ws, kv.indptr_h, None, kv.last_h, hq, hk, d, page, window_left=window, logits_soft_cap=cap
+        kv.indptr_h, None, kv.last_h, hq, hk, d, page, window_left=window, logits_soft_cap=cap, workspace=ws
     )
     assert "use_swa_True_use_logits_cap_True" in plan.uri
     decode.batch_decode_run(
-        plan, q, (kv.k, kv.v), kv_indptr=kv.indptr, kv_indices=kv.indices, kv_last_page_len=kv.last, out=out
+        q, (kv.k, kv.v), kv_indptr=kv.indptr, kv_indices=kv.indices, kv_last_page_len=kv.last, out=out, plan=plan
     )
     torch.cuda.synchronize()
     for i in range(b):
@@ -367,10 +373,12 @@ def test_batch_decode_fp8_e4m3_kv_cache(ws):
     b = 3
     q = torch.randn(b, hq, d, dtype=torch.float16, device="cuda")
     out = torch.empty_like(q)
-    plan = decode.batch_decode_plan(ws, kv.indptr_h, None, kv.last_h, hq, hk, d, page, kv_data_type="float8_e4m3fn")
+    plan = decode.batch_decode_plan(
+        kv.indptr_h, None, kv.last_h, hq, hk, d, page, kv_data_type="float8_e4m3fn", workspace=ws
+    )
     assert "dtype_kv_e4m3" in plan.uri
     decode.batch_decode_run(
-        plan, q, (k8, v8), kv_indptr=kv.indptr, kv_indices=kv.indices, kv_last_page_len=kv.last, out=out
+        q, (k8, v8), kv_indptr=kv.indptr, kv_indices=kv.indices, kv_last_page_len=kv.last, out=out, plan=plan
     )
     torch.cuda.synchronize()
     for i in range(b):
@@ -406,7 +414,7 @@ def test_prepared_decode_run_equals_the_op_call_every_step(ws):
         return indptr_h, last_h
 
     indptr_h, last_h = layout()
-    plan = decode.batch_decode_plan(ws, indptr_h, None, last_h, hq, hk, d, page, q_data_type=dtype)
+    plan = decode.batch_decode_plan(indptr_h, None, last_h, hq, hk, d, page, q_data_type=dtype, workspace=ws)
     prepared = decode.prepare_decode_run(
         q, (kv.k, kv.v), kv_indptr=indptr, kv_indices=indices, kv_last_page_len=last, out=out, plan=plan, lse=lse
     )
@@ -417,13 +425,20 @@ def test_prepared_decode_run_equals_the_op_call_every_step(ws):
             lens[i] += 1
         indptr_h, last_h = layout()
         previous = plan
-        plan = decode.batch_decode_plan(ws, indptr_h, None, last_h, hq, hk, d, page, q_data_type=dtype)
+        plan = decode.batch_decode_plan(indptr_h, None, last_h, hq, hk, d, page, q_data_type=dtype, workspace=ws)
         with pytest.raises(ValueError, match="stale"):
             prepared.run(previous)
         q.normal_()
         prepared.run(plan)
         decode.batch_decode_run(
-            plan, q, (kv.k, kv.v), kv_indptr=indptr, kv_indices=indices, kv_last_page_len=last, out=out_ref, lse=lse_ref
+            q,
+            (kv.k, kv.v),
+            kv_indptr=indptr,
+            kv_indices=indices,
+            kv_last_page_len=last,
+            out=out_ref,
+            lse=lse_ref,
+            plan=plan,
         )
         torch.cuda.synchronize()
         assert torch.equal(out, out_ref), f"step {step}: packed output differs from the op call's"

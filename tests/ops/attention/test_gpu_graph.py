@@ -66,10 +66,9 @@ def test_captured_decode_step_replays_like_eager_runs(dtype):
         last_d.copy_(torch.from_numpy(last))
         indices_d[: len(ids)].copy_(ids)
         plan = decode.batch_decode_plan(
-            ws, indptr, None, last, hq, hk, d, page, q_data_type=dtype, enable_cuda_graph=True, stream=s
+            indptr, None, last, hq, hk, d, page, q_data_type=dtype, enable_cuda_graph=True, stream=s, workspace=ws
         )
         decode.batch_decode_run(
-            plan,
             q,
             (k_cache, v_cache),
             kv_indptr=indptr_d,
@@ -77,13 +76,13 @@ def test_captured_decode_step_replays_like_eager_runs(dtype):
             kv_last_page_len=last_d,
             out=out,
             stream=s,
+            plan=plan,
         )
         ok(rt.cudaStreamSynchronize(stream))
         eager = out.clone()
 
         ok(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
         decode.batch_decode_run(
-            plan,
             q,
             (k_cache, v_cache),
             kv_indptr=indptr_d,
@@ -91,6 +90,7 @@ def test_captured_decode_step_replays_like_eager_runs(dtype):
             kv_last_page_len=last_d,
             out=out,
             stream=s,
+            plan=plan,
         )
         err, graph = rt.cudaStreamEndCapture(stream)
         ok(err)
@@ -108,7 +108,6 @@ def test_captured_decode_step_replays_like_eager_runs(dtype):
         ok(rt.cudaStreamSynchronize(stream))
         replayed = out.clone()
         decode.batch_decode_run(
-            plan,
             q,
             (k_cache, v_cache),
             kv_indptr=indptr_d,
@@ -116,6 +115,7 @@ def test_captured_decode_step_replays_like_eager_runs(dtype):
             kv_last_page_len=last_d,
             out=out,
             stream=s,
+            plan=plan,
         )
         ok(rt.cudaStreamSynchronize(stream))
         assert torch.equal(replayed, out)
@@ -124,7 +124,7 @@ def test_captured_decode_step_replays_like_eager_runs(dtype):
         lens = [n + 1 for n in lens]
         indptr2, last2, ids2 = step_tables(lens)
         plan2 = decode.batch_decode_plan(
-            ws, indptr2, None, last2, hq, hk, d, page, q_data_type=dtype, enable_cuda_graph=True, stream=s
+            indptr2, None, last2, hq, hk, d, page, q_data_type=dtype, enable_cuda_graph=True, stream=s, workspace=ws
         )
         assert plan.stale
         assert plan2.info == plan.info  # a CUDA-graph schedule keeps its layout for a fixed batch size

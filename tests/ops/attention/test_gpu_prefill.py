@@ -124,7 +124,6 @@ def test_batch_prefill_ragged_fa2(ws, dtype, head_dim, heads, causal, layout):
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device="cuda")
     plan = prefill.batch_prefill_ragged_plan(
-        ws,
         indptr(QO_LENS),
         indptr(KV_LENS),
         hq,
@@ -134,10 +133,10 @@ def test_batch_prefill_ragged_fa2(ws, dtype, head_dim, heads, causal, layout):
         kv_layout=layout,
         causal=causal,
         backend="fa2",
+        workspace=ws,
     )
     assert plan.backend == "fa2"
     prefill.batch_prefill_ragged_run(
-        plan,
         q,
         kl,
         vl,
@@ -145,6 +144,7 @@ def test_batch_prefill_ragged_fa2(ws, dtype, head_dim, heads, causal, layout):
         kv_indptr=torch.from_numpy(indptr(KV_LENS)).cuda(),
         out=out,
         lse=lse,
+        plan=plan,
     )
     torch.cuda.synchronize()
     check_ragged(out, q, k, v, QO_LENS, KV_LENS, dtype, causal, lse)
@@ -160,7 +160,6 @@ def test_batch_prefill_ragged_custom_mask(ws):
         masks.append(m)
     packed, mind = prefill.pack_custom_mask([m.cpu().numpy() for m in masks])
     plan = prefill.batch_prefill_ragged_plan(
-        ws,
         indptr(QO_LENS),
         indptr(KV_LENS),
         hq,
@@ -169,17 +168,18 @@ def test_batch_prefill_ragged_custom_mask(ws):
         q_data_type=dtype,
         packed_custom_mask=torch.from_numpy(packed).cuda(),
         mask_indptr=torch.from_numpy(mind).cuda(),
+        workspace=ws,
     )
     assert plan.backend == "fa2" and plan.mask_mode == 2
     out = torch.empty_like(q)
     prefill.batch_prefill_ragged_run(
-        plan,
         q,
         k,
         v,
         qo_indptr=torch.from_numpy(indptr(QO_LENS)).cuda(),
         kv_indptr=torch.from_numpy(indptr(KV_LENS)).cuda(),
         out=out,
+        plan=plan,
     )
     torch.cuda.synchronize()
     check_ragged(out, q, k, v, QO_LENS, KV_LENS, dtype, False, masks=masks)
@@ -192,7 +192,6 @@ def paged_case(ws, dtype, hq, hk, d, page_size, layout, causal, backend, qo_lens
     q, k, v, _, _ = ragged_inputs(dtype, hq, hk, d, "NHD", qo_lens, kv_lens)
     kv = PagedKV(k, v, kv_lens, page_size, layout)
     plan = prefill.batch_prefill_paged_plan(
-        ws,
         indptr(qo_lens),
         kv.indptr_h,
         None,
@@ -205,11 +204,11 @@ def paged_case(ws, dtype, hq, hk, d, page_size, layout, causal, backend, qo_lens
         kv_layout=layout,
         causal=causal,
         backend=backend,
+        workspace=ws,
     )
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device="cuda")
     prefill.batch_prefill_paged_run(
-        plan,
         q,
         (kv.k, kv.v),
         qo_indptr=torch.from_numpy(indptr(qo_lens)).cuda(),
@@ -218,6 +217,7 @@ def paged_case(ws, dtype, hq, hk, d, page_size, layout, causal, backend, qo_lens
         kv_last_page_len=kv.last,
         out=out,
         lse=lse,
+        plan=plan,
     )
     torch.cuda.synchronize()
     return plan, q, k, v, out, lse
@@ -241,12 +241,11 @@ def test_paged_prefill_plan_reused_then_stale(ws):
     kv = PagedKV(k, v, KV_LENS, page, "NHD")
     qo_d = torch.from_numpy(indptr(QO_LENS)).cuda()
     plan = prefill.batch_prefill_paged_plan(
-        ws, indptr(QO_LENS), kv.indptr_h, None, kv.last_h, hq, hk, d, page, causal=True, backend="fa2"
+        indptr(QO_LENS), kv.indptr_h, None, kv.last_h, hq, hk, d, page, causal=True, backend="fa2", workspace=ws
     )
     outs = [torch.empty_like(q) for _ in range(3)]
     for out in outs:
         prefill.batch_prefill_paged_run(
-            plan,
             q,
             (kv.k, kv.v),
             qo_indptr=qo_d,
@@ -254,14 +253,14 @@ def test_paged_prefill_plan_reused_then_stale(ws):
             kv_indices=kv.indices,
             kv_last_page_len=kv.last,
             out=out,
+            plan=plan,
         )
     torch.cuda.synchronize()
     for out in outs:
         check_ragged(out, q, k, v, QO_LENS, KV_LENS, dtype, True)
-    prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa2")
+    prefill.batch_prefill_ragged_plan(indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa2", workspace=ws)
     with pytest.raises(ValueError, match="stale"):
         prefill.batch_prefill_paged_run(
-            plan,
             q,
             (kv.k, kv.v),
             qo_indptr=qo_d,
@@ -269,6 +268,7 @@ def test_paged_prefill_plan_reused_then_stale(ws):
             kv_indices=kv.indices,
             kv_last_page_len=kv.last,
             out=outs[0],
+            plan=plan,
         )
 
 
@@ -287,18 +287,26 @@ def test_fa3_matches_fa2_and_reference(ws, dtype, heads, causal, mode):
         outs = {}
         for backend in ("fa2", "fa3"):
             plan = prefill.batch_prefill_ragged_plan(
-                ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, q_data_type=dtype, causal=causal, backend=backend
+                indptr(QO_LENS),
+                indptr(KV_LENS),
+                hq,
+                hk,
+                d,
+                q_data_type=dtype,
+                causal=causal,
+                backend=backend,
+                workspace=ws,
             )
             assert plan.backend == backend
             out = torch.empty_like(q)
             prefill.batch_prefill_ragged_run(
-                plan,
                 q,
                 k,
                 v,
                 qo_indptr=torch.from_numpy(indptr(QO_LENS)).cuda(),
                 kv_indptr=torch.from_numpy(indptr(KV_LENS)).cuda(),
                 out=out,
+                plan=plan,
             )
             torch.cuda.synchronize()
             outs[backend] = out
@@ -317,20 +325,22 @@ def test_fa3_matches_fa2_and_reference(ws, dtype, heads, causal, mode):
 
 @pytest.mark.skipif(not SM90, reason="FA3 modules need an SM 9.x GPU")
 def test_auto_picks_fa3_on_sm90_and_fa2_when_it_must(ws):
-    plan = prefill.batch_prefill_ragged_plan(ws, indptr([3]), indptr([5]), 8, 8, 128)
+    plan = prefill.batch_prefill_ragged_plan(indptr([3]), indptr([5]), 8, 8, 128, workspace=ws)
     assert plan.backend == "fa3" and plan.uri.endswith("_sm90")
-    plan = prefill.batch_prefill_ragged_plan(ws, indptr([3]), indptr([5]), 8, 8, 64)  # no hd-64 FA3 in the wheel
+    plan = prefill.batch_prefill_ragged_plan(
+        indptr([3]), indptr([5]), 8, 8, 64, workspace=ws
+    )  # no hd-64 FA3 in the wheel
     assert plan.backend == "fa2"
-    plan = prefill.batch_prefill_ragged_plan(ws, indptr([3]), indptr([5]), 8, 8, 128, kv_layout="HND")
+    plan = prefill.batch_prefill_ragged_plan(indptr([3]), indptr([5]), 8, 8, 128, kv_layout="HND", workspace=ws)
     assert plan.backend == "fa2"
 
 
 @pytest.mark.skipif(not SM90, reason="FA3 modules need an SM 9.x GPU")
 def test_fa3_plan_info_shape_and_mixing(ws):
     hq, hk, d = 8, 8, 128
-    fa3 = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa3")
+    fa3 = prefill.batch_prefill_ragged_plan(indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa3", workspace=ws)
     assert len(fa3.info) == 9
-    fa2 = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa2")
+    fa2 = prefill.batch_prefill_ragged_plan(indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa2", workspace=ws)
     assert len(fa2.info) == 15
     assert fa3.stale  # the FA2 plan overwrote the schedule: the FA3 plan cannot run any more
 
@@ -372,15 +382,22 @@ def test_batch_prefill_sliding_window_and_soft_cap(ws, mode):
     qo = torch.from_numpy(indptr(QO_LENS)).cuda()
     if mode == "ragged":
         plan = prefill.batch_prefill_ragged_plan(
-            ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, causal=True, window_left=window, logits_soft_cap=cap
+            indptr(QO_LENS),
+            indptr(KV_LENS),
+            hq,
+            hk,
+            d,
+            causal=True,
+            window_left=window,
+            logits_soft_cap=cap,
+            workspace=ws,
         )
         prefill.batch_prefill_ragged_run(
-            plan, q, k, v, qo_indptr=qo, kv_indptr=torch.from_numpy(indptr(KV_LENS)).cuda(), out=out
+            q, k, v, qo_indptr=qo, kv_indptr=torch.from_numpy(indptr(KV_LENS)).cuda(), out=out, plan=plan
         )
     else:
         kv = PagedKV(k, v, KV_LENS, 16, "NHD")
         plan = prefill.batch_prefill_paged_plan(
-            ws,
             indptr(QO_LENS),
             kv.indptr_h,
             None,
@@ -392,9 +409,9 @@ def test_batch_prefill_sliding_window_and_soft_cap(ws, mode):
             causal=True,
             window_left=window,
             logits_soft_cap=cap,
+            workspace=ws,
         )
         prefill.batch_prefill_paged_run(
-            plan,
             q,
             (kv.k, kv.v),
             qo_indptr=qo,
@@ -402,6 +419,7 @@ def test_batch_prefill_sliding_window_and_soft_cap(ws, mode):
             kv_indices=kv.indices,
             kv_last_page_len=kv.last,
             out=out,
+            plan=plan,
         )
     assert plan.backend == "fa2" and "use_swa_True_use_logits_cap_True" in plan.uri
     torch.cuda.synchronize()
@@ -427,11 +445,20 @@ def test_batch_prefill_paged_fp8_e4m3_kv_cache(ws):
     kc, vc = kv.k.to(torch.float8_e4m3fn), kv.v.to(torch.float8_e4m3fn)
     out = torch.empty_like(q)
     plan = prefill.batch_prefill_paged_plan(
-        ws, indptr(QO_LENS), kv.indptr_h, None, kv.last_h, hq, hk, d, 16, causal=True, kv_data_type="float8_e4m3fn"
+        indptr(QO_LENS),
+        kv.indptr_h,
+        None,
+        kv.last_h,
+        hq,
+        hk,
+        d,
+        16,
+        causal=True,
+        kv_data_type="float8_e4m3fn",
+        workspace=ws,
     )
     assert "dtype_kv_e4m3" in plan.uri and plan.backend == "fa2"
     prefill.batch_prefill_paged_run(
-        plan,
         q,
         (kc, vc),
         qo_indptr=torch.from_numpy(indptr(QO_LENS)).cuda(),
@@ -439,6 +466,7 @@ def test_batch_prefill_paged_fp8_e4m3_kv_cache(ws):
         kv_indices=kv.indices,
         kv_last_page_len=kv.last,
         out=out,
+        plan=plan,
     )
     torch.cuda.synchronize()
     qi, ki = indptr(QO_LENS), indptr(KV_LENS)

@@ -63,12 +63,12 @@ def probe(monkeypatch):
 
 
 def _plan(ws, indptr, last, **kw):
-    return fi_ffi.batch_decode_plan(ws, host(indptr), None, host(last), HQ, HK, D, PAGE, **kw)
+    return fi_ffi.batch_decode_plan(host(indptr), None, host(last), HQ, HK, D, PAGE, **kw, workspace=ws)
 
 
 def _both(probe, prepared, plan, args, **kw):
     """The record of ``batch_decode_run`` and of the packed run, for one plan."""
-    decode.batch_decode_run(plan, **paged(args), **kw)
+    decode.batch_decode_run(**paged(args), **kw, plan=plan)
     ordinary = probe.last()
     prepared.run(plan)
     packed = probe.last()
@@ -102,7 +102,7 @@ def test_the_packed_run_hands_over_the_ordinary_runs_frame_plan_after_plan(probe
     with pytest.raises(ValueError, match="^plan: is stale") as stale:
         prepared.run(plan1)
     with pytest.raises(ValueError) as ordinary_stale:
-        decode.batch_decode_run(plan1, **paged(args), **kw)
+        decode.batch_decode_run(**paged(args), **kw, plan=plan1)
     assert str(stale.value) == str(ordinary_stale.value)
     assert probe.seen == []
     plan3 = _plan(ws, [0, 1, 2], [16, 16])
@@ -118,7 +118,7 @@ def test_a_plan_of_another_batch_size_is_refused_naming_plan(probe):
     with pytest.raises(ValueError, match=r"^plan: made for RunContext\(.*batch 3.*prepared for .*batch 2"):
         prepared.run(plan)
     # other settings (another head count) on the same workspace: refused the same way
-    other = fi_ffi.batch_decode_plan(ws, host([0, 2, 3]), None, None, 16, 8, D, PAGE)
+    other = fi_ffi.batch_decode_plan(host([0, 2, 3]), None, None, 16, 8, D, PAGE, workspace=ws)
     with pytest.raises(ValueError, match=r"^plan: made for RunContext\("):
         prepared.run(other)
     assert probe.seen == []
@@ -136,7 +136,7 @@ def test_every_refusal_names_the_argument_with_batch_decode_runs_words(probe, ma
         with pytest.raises(error, match=pattern) as packed:
             prepared.run(plan)
         with pytest.raises(error) as ordinary:
-            decode.batch_decode_run(plan, **paged(args))
+            decode.batch_decode_run(**paged(args), plan=plan)
         assert str(packed.value) == str(ordinary.value)
 
     same_refusal(None, TypeError, "^plan: expected a Plan from batch_decode_plan, got NoneType")
@@ -176,7 +176,7 @@ def test_preparing_checks_as_the_run_does(probe):
         with pytest.raises(error, match=pattern) as packed:
             decode.prepare_decode_run(**paged(bad), plan=plan)
         with pytest.raises(error) as ordinary:
-            decode.batch_decode_run(plan, **paged(bad))
+            decode.batch_decode_run(**paged(bad), plan=plan)
         assert str(packed.value) == str(ordinary.value)
 
     same_refusal(ValueError, "^q: ", q=fake_cuda((3, HQ, D)))
@@ -222,7 +222,7 @@ def test_the_packed_run_reaches_the_real_module():
     assert_reached_the_kernel(packed.value)
     assert packed.value.arguments[2] == "Array" and packed.value.arguments[13] == "True"
     with pytest.raises(KernelError) as ordinary:
-        decode.batch_decode_run(plan, **paged(args), lse=fake_cuda((2, HQ), "float32"), enable_pdl=True)
+        decode.batch_decode_run(**paged(args), lse=fake_cuda((2, HQ), "float32"), enable_pdl=True, plan=plan)
     assert packed.value.message == ordinary.value.message
     assert packed.value.arguments == ordinary.value.arguments
 
@@ -265,5 +265,5 @@ def test_the_launchers_prepared_run_refuses_by_name(probe, make_array):
         call.run(plan._info, 7)
     assert probe.seen == []
     call.run(plan._info, plan._context)
-    decode.batch_decode_run(plan, **paged(args))
+    decode.batch_decode_run(**paged(args), plan=plan)
     assert probe.last() == probe.last()

@@ -38,7 +38,6 @@ def test_plans_reach_the_sink_modules(
     with pytest.raises(KernelError) as info:
         if mode == "paged":
             fi_ffi.batch_attention_sink_plan(
-                ws,
                 host([0, 3, 4]),
                 host([0, 1, 3]),
                 None,
@@ -49,10 +48,11 @@ def test_plans_reach_the_sink_modules(
                 PAGE,
                 window_left=window_left,
                 backend=backend,
+                workspace=ws,
             )
         else:
             fi_ffi.batch_attention_sink_ragged_plan(
-                ws, host([0, 3, 4]), host([0, 5, 9]), H_Q, H_K, D, window_left=window_left, backend=backend
+                host([0, 3, 4]), host([0, 5, 9]), H_Q, H_K, D, window_left=window_left, backend=backend, workspace=ws
             )
     assert_reached_the_kernel(info.value)
     uri = info.value.function.rsplit(".", 1)[0]
@@ -69,7 +69,6 @@ def test_paged_runs_reach_the_sink_modules(
     sink = fake_cuda((H_Q,), "float32")
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_attention_sink_run(
-            plan,
             fake_cuda((4, H_Q, D), "bfloat16"),
             (fake_cuda((4, PAGE, H_K, D), "bfloat16"), fake_cuda((4, PAGE, H_K, D), "bfloat16")),
             qo_indptr=fake_cuda((3,), "int32"),
@@ -79,6 +78,7 @@ def test_paged_runs_reach_the_sink_modules(
             out=fake_cuda((4, H_Q, D), "bfloat16"),
             sinks=sink,
             lse=fake_cuda((4, H_Q), "float32"),
+            plan=plan,
         )
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith("paged_run")
@@ -98,7 +98,6 @@ def test_ragged_runs_reach_the_sink_modules(
     plan = fake_plan(make_array, "ragged", backend)
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_attention_sink_ragged_run(
-            plan,
             fake_cuda((4, H_Q, D), "bfloat16"),
             fake_cuda((9, H_K, D), "bfloat16"),
             fake_cuda((9, H_K, D), "bfloat16"),
@@ -106,6 +105,7 @@ def test_ragged_runs_reach_the_sink_modules(
             kv_indptr=fake_cuda((3,), "int32"),
             out=fake_cuda((4, H_Q, D), "bfloat16"),
             sinks=fake_cuda((H_Q,), "float32"),
+            plan=plan,
         )
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith("ragged_run")
@@ -144,7 +144,7 @@ def run_args(**change: Any) -> dict[str, Any]:
 def test_bad_run_arguments_are_named(make_array: Any, change: dict[str, Any], exc: Any, pattern: str) -> None:
     plan = fake_plan(make_array)
     with pytest.raises(exc, match=pattern):
-        fi_ffi.batch_attention_sink_run(plan, **paged(run_args(**change)))
+        fi_ffi.batch_attention_sink_run(**paged(run_args(**change)), plan=plan)
 
 
 def test_a_plain_prefill_plan_is_refused_by_the_sink_run(make_array: Any) -> None:
@@ -152,16 +152,16 @@ def test_a_plain_prefill_plan_is_refused_by_the_sink_run(make_array: Any) -> Non
 
     plan = prefill_plan(make_array, "paged", "fa2")
     with pytest.raises(ValueError, match="plan: expected a batch_attention_sink plan for paged KV"):
-        fi_ffi.batch_attention_sink_run(plan, **paged(run_args()))
+        fi_ffi.batch_attention_sink_run(**paged(run_args()), plan=plan)
     with pytest.raises(TypeError, match="plan: expected a Plan"):
-        fi_ffi.batch_attention_sink_run(object(), **paged(run_args()))  # type: ignore[arg-type]
+        fi_ffi.batch_attention_sink_run(**paged(run_args()), plan=object())  # type: ignore[arg-type]
 
 
 def test_a_stale_plan_is_refused(make_array: Any) -> None:
     plan = fake_plan(make_array)
     plan.workspace._generation += 1  # a later plan on the same workspace
     with pytest.raises(ValueError, match="stale"):
-        fi_ffi.batch_attention_sink_run(plan, **paged(run_args()))
+        fi_ffi.batch_attention_sink_run(**paged(run_args()), plan=plan)
 
 
 @pytest.mark.parametrize(
@@ -180,7 +180,7 @@ def test_a_stale_plan_is_refused(make_array: Any) -> None:
 def test_bad_plan_arguments_are_named(models_modules: object, kw: dict[str, Any], exc: type, pattern: str) -> None:
     args: dict[str, Any] = {"num_qo_heads": 8, "num_kv_heads": 4, "head_dim_qk": D, "page_size": PAGE, **kw}
     with pytest.raises(exc, match=pattern):
-        fi_ffi.batch_attention_sink_plan(workspace(), host([0, 1]), host([0, 1]), None, host([3]), **args)
+        fi_ffi.batch_attention_sink_plan(host([0, 1]), host([0, 1]), None, host([3]), **args, workspace=workspace())
 
 
 def test_uri_spelling_matches_the_pinned_modules(models_modules: list[str]) -> None:
@@ -197,7 +197,6 @@ def test_the_gemma_head_dim_256_modules_serve_decode_and_prefill_plans(
     ws = workspace()
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_decode_plan(
-            ws,
             host([0, 2, 3]),
             None,
             host([5, 16]),
@@ -208,13 +207,13 @@ def test_the_gemma_head_dim_256_modules_serve_decode_and_prefill_plans(
             q_data_type="bfloat16",
             window_left=4095,
             logits_soft_cap=50.0,
+            workspace=ws,
         )
     assert_reached_the_kernel(info.value)
     assert "batch_decode_with_kv_cache_dtype_q_bf16" in info.value.function
     assert "head_dim_qk_256_head_dim_vo_256_posenc_0_use_swa_True_use_logits_cap_True" in info.value.function
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_prefill_paged_plan(
-            ws,
             host([0, 3, 4]),
             host([0, 1, 3]),
             None,
@@ -227,6 +226,7 @@ def test_the_gemma_head_dim_256_modules_serve_decode_and_prefill_plans(
             causal=True,
             window_left=4095,
             logits_soft_cap=50.0,
+            workspace=ws,
         )
     assert_reached_the_kernel(info.value)
     assert "head_dim_qk_256_head_dim_vo_256_posenc_0_use_swa_True_use_logits_cap_True_f16qk_False" in (
@@ -235,7 +235,6 @@ def test_the_gemma_head_dim_256_modules_serve_decode_and_prefill_plans(
     # FA3 has no head_dim 256 module here: a forced FA3 plan is a KernelNotFoundError naming the variant
     with pytest.raises(KernelNotFoundError, match="head_dim_qk_256"):
         fi_ffi.batch_prefill_paged_plan(
-            ws,
             host([0, 3, 4]),
             host([0, 1, 3]),
             None,
@@ -249,6 +248,7 @@ def test_the_gemma_head_dim_256_modules_serve_decode_and_prefill_plans(
             window_left=4095,
             logits_soft_cap=50.0,
             backend="fa3",
+            workspace=ws,
         )
 
 
@@ -267,4 +267,4 @@ def test_out_must_not_overlap_the_sink(make_array: Any) -> None:
     out = args["out"]
     args["sink"] = Tensor.from_pointer(out.data_ptr, (H_Q,), "float32", 0, owner=out)
     with pytest.raises(ValueError, match="out: overlaps sink"):
-        fi_ffi.batch_attention_sink_run(plan, **paged(args))
+        fi_ffi.batch_attention_sink_run(**paged(args), plan=plan)
