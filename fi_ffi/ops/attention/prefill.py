@@ -287,6 +287,12 @@ def pack_custom_mask_device(
 
     Returns:
         ``(out, output_indptr)``, as passed. Asynchronous: nothing is copied back.
+
+    Raises:
+        TypeError, ValueError: a tensor of the wrong shape, dtype or device, named (by ``segment_packbits``'s
+            checks, before its module is looked up).
+        LoaderError: the quantization module cannot be loaded.
+        KernelError: the kernel failed.
     """
     from ..quantization import segment_packbits
 
