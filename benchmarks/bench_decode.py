@@ -130,20 +130,53 @@ def main(argv: list[str] | None = None) -> int:
     # -------------------------------------------------------------------------------------------- fi_ffi
     ws = Workspace.allocate(0)
     as_t = fi_ffi.as_tensor
-    desc = [as_t(x) for x in (q, k_cache, v_cache, indptr_d, indices_d, last_d, out)]
-    plan = decode.batch_decode_plan(
-        ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h, q_dtype="float16", stream=stream
+    d_q, d_k, d_v, d_indptr, d_indices, d_last, d_out = (
+        as_t(x) for x in (q, k_cache, v_cache, indptr_d, indices_d, last_d, out)
     )
-    decode.batch_decode_run(plan, *desc, enable_pdl=PDL, stream=stream)
+    d_kv = (d_k, d_v)  # made once, as the descriptors: the timed calls allocate nothing of their own
+    plan = decode.batch_decode_plan(
+        indptr_h, None, last_h, HQ, HK, D, PAGE, q_data_type="float16", stream=stream, workspace=ws
+    )
+    decode.batch_decode_run(
+        d_q,
+        d_kv,
+        kv_indptr=d_indptr,
+        kv_indices=d_indices,
+        kv_last_page_len=d_last,
+        out=d_out,
+        enable_pdl=PDL,
+        stream=stream,
+        plan=plan,
+    )
     sync()
     outputs["fi_ffi"] = out.clone()
 
     def ours(s: int) -> Callable[[], Any]:
-        return lambda: decode.batch_decode_run(plan, *desc, enable_pdl=PDL, stream=s)
+        return lambda: decode.batch_decode_run(
+            d_q,
+            d_kv,
+            kv_indptr=d_indptr,
+            kv_indices=d_indices,
+            kv_last_page_len=d_last,
+            out=d_out,
+            enable_pdl=PDL,
+            stream=s,
+            plan=plan,
+        )
+
+    kv_pair = (k_cache, v_cache)
 
     def ours_run_torch() -> None:
         decode.batch_decode_run(
-            plan, q, k_cache, v_cache, indptr_d, indices_d, last_d, out, enable_pdl=PDL, stream=stream
+            q,
+            kv_pair,
+            kv_indptr=indptr_d,
+            kv_indices=indices_d,
+            kv_last_page_len=last_d,
+            out=out,
+            enable_pdl=PDL,
+            stream=stream,
+            plan=plan,
         )
 
     record("fi_ffi", "run (descriptors)", ours(stream), gpu=ours)
@@ -152,13 +185,26 @@ def main(argv: list[str] | None = None) -> int:
     from fi_ffi.abi.runtime import api
 
     api().TVMFFIEnvSetStream(2, 0, stream, fi_ffi.abi.cdefs.get_ffi().NULL)
-    record("fi_ffi", "run (stream=None)", lambda: decode.batch_decode_run(plan, *desc, enable_pdl=PDL))
+    record(
+        "fi_ffi",
+        "run (stream=None)",
+        lambda: decode.batch_decode_run(
+            d_q,
+            d_kv,
+            kv_indptr=d_indptr,
+            kv_indices=d_indices,
+            kv_last_page_len=d_last,
+            out=d_out,
+            enable_pdl=PDL,
+            plan=plan,
+        ),
+    )
 
     def ours_plan() -> None:
-        decode.batch_decode_plan(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h, stream=stream)
+        decode.batch_decode_plan(indptr_h, None, last_h, HQ, HK, D, PAGE, stream=stream, workspace=ws)
 
     record("fi_ffi", "plan", ours_plan)
-    plan = decode.batch_decode_plan(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h, stream=stream)
+    plan = decode.batch_decode_plan(indptr_h, None, last_h, HQ, HK, D, PAGE, stream=stream, workspace=ws)
 
     # -------------------------------------------------------------------------------------------- flashinfer
     try:

@@ -40,6 +40,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from timing import append_args, decode_plan, decode_run_call, prepare_decode
+
 HQ, HK, D, PAGE = 32, 8, 128, 16
 
 
@@ -87,17 +89,19 @@ def fi_ffi_step(fi_ffi: Any, p: dict[str, Any], ws: Any, convert: Callable[[Any]
         else (convert(v) if hasattr(v, "data_ptr") else v)
         for k, v in p.items()
     }
-    plan_fn, run, append = fi_ffi.batch_decode_plan, fi_ffi.batch_decode_run, fi_ffi.append_paged_kv_cache
+    append = fi_ffi.append_paged_kv_cache
     layers = range(p["layers"])
     indptr_h, last_h = p["indptr_h"], p["last_h"]
     bi, pos, indices, indptr, last = c["batch_indices"], c["positions"], c["indices"], c["indptr"], c["last"]
     k, v, q, nk, nv, out = c["k"], c["v"], c["q"], c["new_k"], c["new_v"], c["out"]
+    appends = [append_args(fi_ffi, nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last) for i in layers]
+    runs = [decode_run_call(fi_ffi, q[i], k[i], v[i], indptr, indices, last, out[i]) for i in layers]
 
     def step() -> None:
-        plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        plan = decode_plan(fi_ffi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
         for i in layers:
-            append(nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last)
-            run(plan, q[i], k[i], v[i], indptr, indices, last, out[i])
+            append(*appends[i])
+            runs[i](plan)
 
     return step
 
@@ -112,21 +116,23 @@ def packed_step(fi_ffi: Any, p: dict[str, Any], ws: Any, convert: Callable[[Any]
         else (convert(v) if hasattr(v, "data_ptr") else v)
         for k, v in p.items()
     }
-    plan_fn = fi_ffi.batch_decode_plan
     indptr_h, last_h = p["indptr_h"], p["last_h"]
     bi, pos, indices, indptr, last = c["batch_indices"], c["positions"], c["indices"], c["indptr"], c["last"]
     k, v, q, nk, nv, out = c["k"], c["v"], c["q"], c["new_k"], c["new_v"], c["out"]
-    first = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+    first = decode_plan(fi_ffi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
     layers = [
         (
-            fi_ffi.prepare(fi_ffi.append_paged_kv_cache, nk[i], nv[i], bi, pos, (k[i], v[i]), indices, indptr, last),
-            fi_ffi.prepare_decode_run(q[i], k[i], v[i], indptr, indices, last, out[i], plan=first),
+            fi_ffi.prepare(
+                fi_ffi.append_paged_kv_cache,
+                *append_args(fi_ffi, nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last),
+            ),
+            prepare_decode(fi_ffi, q[i], k[i], v[i], indptr, indices, last, out[i], first),
         )
         for i in range(p["layers"])
     ]
 
     def step() -> None:
-        plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        plan = decode_plan(fi_ffi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
         for append, run in layers:
             append()
             run.run(plan)
@@ -148,9 +154,8 @@ def floor_step(fi_ffi: Any, p: dict[str, Any], ws: Any) -> Callable[[], None]:
         for k, v in p.items()
     }
     dev = {k: fi_ffi.as_tensor(p[k]) for k in ("batch_indices", "positions", "indices", "indptr", "last")}
-    plan_fn = fi_ffi.batch_decode_plan
     indptr_h, last_h = p["indptr_h"], p["last_h"]
-    plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+    plan = decode_plan(fi_ffi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
     s = plan._s
 
     def packed(launcher: Any, values: tuple[Any, ...], context: Any) -> Any:
@@ -207,7 +212,7 @@ def floor_step(fi_ffi: Any, p: dict[str, Any], ws: Any) -> Callable[[], None]:
     info_word = 2 * [q.name for q in s.run.launcher.decl.params].index("plan_info_vec") + 1
 
     def step() -> None:
-        plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        plan = decode_plan(fi_ffi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
         handle = plan._info.handle
         for a, r in frames:
             if a.call(*a.cargs):

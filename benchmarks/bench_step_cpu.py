@@ -39,6 +39,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from timing import append_args, decode_plan, decode_run_call, prepare_decode
 
 HERE = Path(__file__).resolve().parent
 HQ, HK, D, PAGE, LAYERS = 32, 8, 128, 16, 32
@@ -107,34 +108,36 @@ def step_of(
     nk = [_fake(fi, keep, (1, HK, D)) for _ in range(LAYERS)]
     nv = [_fake(fi, keep, (1, HK, D)) for _ in range(LAYERS)]
     indptr, indices, last, bi, pos = (_fake(fi, keep, (n,), "int32") for n in (2, 1, 1, 1, 1))
-    plan_fn, run, append = fi.batch_decode_plan, fi.batch_decode_run, fi.append_paged_kv_cache
+    append = fi.append_paged_kv_cache
     layers = range(LAYERS)
+    appends = [append_args(fi, nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last) for i in layers]
+    runs = [decode_run_call(fi, q[i], k[i], v[i], indptr, indices, last, out[i]) for i in layers]
 
     def step() -> None:
-        plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        plan = decode_plan(fi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
         for i in layers:
-            append(nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last)
-            run(plan, q[i], k[i], v[i], indptr, indices, last, out[i])
+            append(*appends[i])
+            runs[i](plan)
 
     def step_runs() -> None:
-        plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        plan = decode_plan(fi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
         for i in layers:
-            run(plan, q[i], k[i], v[i], indptr, indices, last, out[i])
+            runs[i](plan)
 
     step.keep = (keep, ws)  # type: ignore[attr-defined]
     step()
     if packed:
-        first = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        first = decode_plan(fi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
         calls = [
             (
-                fi.prepare(append, nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last),
-                fi.prepare_decode_run(q[i], k[i], v[i], indptr, indices, last, out[i], plan=first),
+                fi.prepare(append, *appends[i]),
+                prepare_decode(fi, q[i], k[i], v[i], indptr, indices, last, out[i], first),
             )
             for i in layers
         ]
 
         def all_packed_step() -> None:
-            plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+            plan = decode_plan(fi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
             for packed_append, packed_run_ in calls:
                 packed_append()
                 packed_run_.run(plan)
@@ -143,17 +146,17 @@ def step_of(
         all_packed_step()
         return all_packed_step
     if packed_run:
-        first = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
-        prepared = [fi.prepare_decode_run(q[i], k[i], v[i], indptr, indices, last, out[i], plan=first) for i in layers]
+        first = decode_plan(fi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
+        prepared = [prepare_decode(fi, q[i], k[i], v[i], indptr, indices, last, out[i], first) for i in layers]
 
         def packed_step() -> None:
-            plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+            plan = decode_plan(fi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
             for i in layers:
-                append(nk[i], nv[i], bi, pos, k[i], v[i], indices, indptr, last)
+                append(*appends[i])
                 prepared[i].run(plan)
 
         def packed_runs() -> None:
-            plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+            plan = decode_plan(fi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
             for each in prepared:
                 each.run(plan)
 
@@ -169,7 +172,7 @@ def step_of(
     # every append and run packed once into a frame of its own: what is left is the call (here testing.nop)
     launcher_mod = importlib.import_module(fi.__name__ + ".launch.launcher")
     fail = importlib.import_module(fi.__name__ + ".abi.frame").fail
-    plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+    plan = decode_plan(fi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
 
     def packed(launcher: Any, values: tuple[Any, ...], context: Any) -> Any:
         entry = launcher.bind()
@@ -196,7 +199,7 @@ def step_of(
     info_word = 2 * [p.name for p in s.run.launcher.decl.params].index("plan_info_vec") + 1
 
     def floor_step() -> None:
-        plan = plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        plan = decode_plan(fi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
         handle = plan._info.handle
         for a, r in frames:
             if a.call(*a.cargs):
@@ -214,10 +217,9 @@ def _plan_only(fi: Any) -> Callable[[], None]:
     step = step_of(fi, runs_only=True)
     ws = step.keep[1]  # type: ignore[attr-defined]
     indptr_h, last_h = np.array([0, 1], np.int32), np.array([16], np.int32)
-    plan_fn = fi.batch_decode_plan
 
     def plan_only() -> None:
-        plan_fn(ws, indptr_h, HQ, HK, D, PAGE, kv_last_page_len=last_h)
+        decode_plan(fi, ws, indptr_h, last_h, HQ, HK, D, PAGE)
 
     plan_only.keep = step.keep  # type: ignore[attr-defined]
     return plan_only

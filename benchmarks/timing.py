@@ -88,3 +88,53 @@ class Report:
         }
         with open(path, "w") as fh:
             json.dump(data, fh, indent=2)
+
+
+def decode_plan(fi_ffi: Any, ws: Any, indptr_h: Any, last_h: Any, *dims: int, **kw: Any) -> Any:
+    """``fi_ffi.batch_decode_plan`` of ``dims`` (query heads, KV heads, head dim, page size) in the spelling of the
+    fi_ffi given: flashinfer's order (``indptr, indices, last_page_len, ..., workspace=``) or, for a tree from before
+    the port (``--before``), the old one (``workspace, kv_indptr, ..., kv_last_page_len=``)."""
+    import inspect
+
+    plan = fi_ffi.batch_decode_plan
+    if next(iter(inspect.signature(plan).parameters)) == "workspace":
+        return plan(ws, indptr_h, *dims, kv_last_page_len=last_h, **kw)
+    return plan(indptr_h, None, last_h, *dims, workspace=ws, **kw)
+
+
+def _flashinfer_order(function: Any) -> bool:
+    """Whether ``function`` (an op of the fi_ffi given) takes flashinfer's ``paged_kv_cache`` (a tree from after the
+    port) rather than ``k_cache, v_cache`` (one from before it: ``--before``)."""
+    import inspect
+
+    return "paged_kv_cache" in inspect.signature(function).parameters
+
+
+def append_args(fi_ffi: Any, nk: Any, nv: Any, bi: Any, pos: Any, k: Any, v: Any, *pages: Any) -> tuple[Any, ...]:
+    """``append_paged_kv_cache``'s positional arguments in the given fi_ffi's spelling (``pages``: indices, indptr,
+    last page lengths)."""
+    if _flashinfer_order(fi_ffi.append_paged_kv_cache):
+        return (nk, nv, bi, pos, (k, v), *pages)
+    return (nk, nv, bi, pos, k, v, *pages)
+
+
+def decode_run_call(fi_ffi: Any, q: Any, k: Any, v: Any, indptr: Any, indices: Any, last: Any, out: Any) -> Any:
+    """``run(plan)``: ``batch_decode_run`` of one layer in the given fi_ffi's spelling."""
+    run = fi_ffi.batch_decode_run
+    if _flashinfer_order(run):
+        pair = (k, v)
+        return lambda plan: run(
+            q, pair, plan=plan, kv_indptr=indptr, kv_indices=indices, kv_last_page_len=last, out=out
+        )
+    return lambda plan: run(plan, q, k, v, indptr, indices, last, out)
+
+
+def prepare_decode(
+    fi_ffi: Any, q: Any, k: Any, v: Any, indptr: Any, indices: Any, last: Any, out: Any, plan: Any
+) -> Any:
+    """``prepare_decode_run`` of one layer in the given fi_ffi's spelling."""
+    if _flashinfer_order(fi_ffi.prepare_decode_run):
+        return fi_ffi.prepare_decode_run(
+            q, (k, v), kv_indptr=indptr, kv_indices=indices, kv_last_page_len=last, out=out, plan=plan
+        )
+    return fi_ffi.prepare_decode_run(q, k, v, indptr, indices, last, out, plan=plan)

@@ -171,12 +171,21 @@ def main(argv: list[str] | None = None) -> int:
         append(prompt)  # prefill's KV (the prompt tokens) lands in the cache
         for step in range(args.steps):
             indptr, last = append([1] * batch)
-            plan = batch_decode_plan(ws, indptr, hq, hk, d, page, kv_last_page_len=last, stream=int(stream))
+            plan = batch_decode_plan(indptr, None, last, hq, hk, d, page, stream=int(stream), workspace=ws)
             indices = indices_d.t.view((int(indptr[-1]),))
             for layer, (kc, vc) in enumerate(caches):
                 q = rng.standard_normal((batch, hq, d)).astype(np.float16)
                 q_d.upload(q, stream)
-                batch_decode_run(plan, q_d.t, kc.t, vc.t, indptr_d.t, indices, last_d.t, out_d.t, stream=int(stream))
+                batch_decode_run(
+                    q_d.t,
+                    (kc.t, vc.t),
+                    kv_indptr=indptr_d.t,
+                    kv_indices=indices,
+                    kv_last_page_len=last_d.t,
+                    out=out_d.t,
+                    stream=int(stream),
+                    plan=plan,
+                )
                 out = out_d.download(stream).astype(np.float32)
                 for b in range(batch):
                     hk_, hv_ = history[layer * batch + b]

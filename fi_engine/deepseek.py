@@ -397,9 +397,20 @@ class DeepSeek(ModelFamily):
         lens += last[:batch]
         c = eng._ds
         return fi_ffi.batch_mla_plan(
-            ws, qo_indptr[: batch + 1], kv_indptr[: batch + 1], lens, c.num_qo_heads, c.kv_lora_rank,
-            c.qk_rope_head_dim, eng.page_size, True, c.softmax_scale, eng.dtype, stream=eng._s,
-        )  # fmt: skip
+            qo_indptr[: batch + 1],
+            kv_indptr[: batch + 1],
+            None,
+            lens,
+            c.num_qo_heads,
+            c.kv_lora_rank,
+            c.qk_rope_head_dim,
+            eng.page_size,
+            True,
+            c.softmax_scale,
+            eng.dtype,
+            stream=eng._s,
+            workspace=ws,
+        )
 
     def plan_prefill(self, eng: Any, batch: int) -> None:
         ph = eng._ph
@@ -527,9 +538,15 @@ class DeepSeek(ModelFamily):
     def _mla_run(self, eng: Any, plan: Any, i: int) -> None:
         m = eng._mv
         fi_ffi.batch_mla_run(
-            plan, m.q_abs, m.q_pe, eng._ckv_cache[i], eng._kpe_cache[i], eng._kv_indices_view, m.o_lat,
+            m.q_abs,
+            m.q_pe,
+            eng._ckv_cache[i],
+            eng._kpe_cache[i],
+            out=m.o_lat,
+            kv_indices=eng._kv_indices_view,
             stream=eng._s,
-        )  # fmt: skip
+            plan=plan,
+        )
 
     def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         eng._kv_indices_view = v.kv_indices

@@ -189,21 +189,22 @@ class Gemma2(ModelFamily):
         c, g, ph = eng.config, eng.config.family, eng._ph
         eng._prefill_plans = {
             window: fi_ffi.batch_prefill_paged_plan(
-                ws,
                 ph["qo_indptr"][: batch + 1],
                 ph["kv_indptr"][: batch + 1],
+                None,
                 ph["kv_last_page_len"][:batch],
                 c.num_qo_heads,
                 c.num_kv_heads,
                 c.head_dim,
                 eng.page_size,
-                q_dtype=eng.dtype,
+                q_data_type=eng.dtype,
                 causal=True,
                 window_left=window,
                 logits_soft_cap=g.attn_logit_softcapping,
                 sm_scale=eng._sm_scale,
                 backend="fa2",
                 stream=eng._s,
+                workspace=ws,
             )
             for window, ws in zip(eng._plan_windows, self._workspaces(eng, False), strict=True)
         }
@@ -212,18 +213,20 @@ class Gemma2(ModelFamily):
         c, g = eng.config, eng.config.family
         eng._decode_plans = {
             window: fi_ffi.batch_decode_plan(
-                ws,
                 eng._dh["kv_indptr"][: rows + 1],
+                None,
+                None,
                 c.num_qo_heads,
                 c.num_kv_heads,
                 c.head_dim,
                 eng.page_size,
-                q_dtype=eng.dtype,
+                q_data_type=eng.dtype,
                 window_left=window,
                 logits_soft_cap=g.attn_logit_softcapping,
                 sm_scale=eng._sm_scale,
                 enable_cuda_graph=cuda_graph,
                 stream=eng._s,
+                workspace=ws,
             )
             for window, ws in zip(eng._plan_windows, self._workspaces(eng, True), strict=True)
         }

@@ -340,13 +340,26 @@ class GptOss(ModelFamily):
 
     # ------------------------------------------------------------------------------------------ attention
 
-    def _sink_plan(self, eng: Any, ws: Any, qo: Any, kv: Any, last: Any, window: int, backend: str, graph: bool) -> Any:
+    def _sink_plan(self, eng: Any, ws: Any, qo: Any, kv: Any, last: Any, window: int, backend: Any, graph: bool) -> Any:
         c = eng.config
         return fi_ffi.batch_attention_sink_plan(
-            ws, qo, kv, last, c.num_qo_heads, c.num_kv_heads, c.head_dim, eng.page_size, q_dtype=eng.dtype,
-            causal=True, window_left=window, sm_scale=c.head_dim**-0.5, backend=backend, enable_cuda_graph=graph,
+            qo,
+            kv,
+            None,
+            last,
+            c.num_qo_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            eng.page_size,
+            q_data_type=eng.dtype,
+            causal=True,
+            window_left=window,
+            sm_scale=c.head_dim**-0.5,
+            backend=backend,
+            enable_cuda_graph=graph,
             stream=eng._s,
-        )  # fmt: skip
+            workspace=ws,
+        )
 
     def plan_prefill(self, eng: Any, batch: int) -> None:
         ph = eng._ph
@@ -376,16 +389,31 @@ class GptOss(ModelFamily):
 
     def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         fi_ffi.batch_attention_sink_run(
-            eng._prefill_plans[eng._windows[i]], v.q, eng._k_cache[i], eng._v_cache[i], v.qo_indptr, v.kv_indptr,
-            v.kv_indices, v.kv_last_page_len, v.attn, eng._sinks[i], stream=eng._s,
-        )  # fmt: skip
+            v.q,
+            (eng._k_cache[i], eng._v_cache[i]),
+            qo_indptr=v.qo_indptr,
+            kv_indptr=v.kv_indptr,
+            kv_indices=v.kv_indices,
+            kv_last_page_len=v.kv_last_page_len,
+            out=v.attn,
+            sinks=eng._sinks[i],
+            stream=eng._s,
+            plan=eng._prefill_plans[eng._windows[i]],
+        )
 
     def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         fi_ffi.batch_attention_sink_run(
-            eng._decode_plans[eng._windows[i]], v.q, eng._k_cache[i], eng._v_cache[i],
-            self._qo_view(eng, v.kv_last_page_len.shape[0]), v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn,
-            eng._sinks[i], stream=eng._s,
-        )  # fmt: skip
+            v.q,
+            (eng._k_cache[i], eng._v_cache[i]),
+            qo_indptr=self._qo_view(eng, v.kv_last_page_len.shape[0]),
+            kv_indptr=v.kv_indptr,
+            kv_indices=v.kv_indices,
+            kv_last_page_len=v.kv_last_page_len,
+            out=v.attn,
+            sinks=eng._sinks[i],
+            stream=eng._s,
+            plan=eng._decode_plans[eng._windows[i]],
+        )
 
     # ------------------------------------------------------------------------------------------ forward
 

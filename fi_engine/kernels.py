@@ -192,7 +192,7 @@ def prefill_plan(
     num_kv_heads: int,
     head_dim: int,
     page_size: int,
-    dtype: str,
+    dtype: Any,  # a name or dtype object of the attention modules (the engine's config checked it)
     stream: int,
     cuda_graph: bool = False,
 ) -> Any:
@@ -200,18 +200,19 @@ def prefill_plan(
     ``cuda_graph``: a schedule whose layout (workspace offsets, grid) depends only on ``qo_indptr[-1]`` and the
     batch size, so a run captured in a CUDA graph replays under every later plan of the same two."""
     return fi_ffi.batch_prefill_paged_plan(
-        ws,
         qo_indptr,
         kv_indptr,
+        None,
         kv_last_page_len,
         num_qo_heads,
         num_kv_heads,
         head_dim,
         page_size,
-        q_dtype=dtype,
+        q_data_type=dtype,
         causal=True,
         enable_cuda_graph=cuda_graph,
         stream=stream,
+        workspace=ws,
     )
 
 
@@ -229,7 +230,15 @@ def prefill_run(
 ) -> None:
     """:func:`fi_ffi.batch_prefill_paged_run` with a plan from :func:`prefill_plan`."""
     fi_ffi.batch_prefill_paged_run(
-        plan, q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, out, stream=stream
+        q,
+        (k_cache, v_cache),
+        qo_indptr=qo_indptr,
+        kv_indptr=kv_indptr,
+        kv_indices=kv_indices,
+        kv_last_page_len=kv_last_page_len,
+        out=out,
+        stream=stream,
+        plan=plan,
     )
 
 
@@ -240,22 +249,24 @@ def decode_plan(
     num_kv_heads: int,
     head_dim: int,
     page_size: int,
-    dtype: str,
+    dtype: Any,  # a name or dtype object of the attention modules (the engine's config checked it)
     cuda_graph: bool,
     stream: int,
 ) -> Any:
     """A batch-decode plan (host ``kv_indptr``); ``cuda_graph``: a fixed-batch schedule a captured run
     replays."""
     return fi_ffi.batch_decode_plan(
-        ws,
         kv_indptr,
+        None,
+        None,
         num_qo_heads,
         num_kv_heads,
         head_dim,
         page_size,
-        q_dtype=dtype,
+        q_data_type=dtype,
         enable_cuda_graph=cuda_graph,
         stream=stream,
+        workspace=ws,
     )
 
 
@@ -271,7 +282,16 @@ def decode_run(
     stream: int,
 ) -> None:
     """:func:`fi_ffi.batch_decode_run` with a plan from :func:`decode_plan`."""
-    fi_ffi.batch_decode_run(plan, q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, out, stream=stream)
+    fi_ffi.batch_decode_run(
+        q,
+        (k_cache, v_cache),
+        kv_indptr=kv_indptr,
+        kv_indices=kv_indices,
+        kv_last_page_len=kv_last_page_len,
+        out=out,
+        stream=stream,
+        plan=plan,
+    )
 
 
 def prepared_decode_run(
@@ -288,7 +308,14 @@ def prepared_decode_run(
     """:func:`decode_run` checked and packed once (:func:`fi_ffi.prepare_decode_run`): the result's ``run(plan)``
     launches it with any plan of ``plan``'s settings and batch size on its workspace."""
     return fi_ffi.prepare_decode_run(
-        q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, out, plan=plan, stream=stream
+        q,
+        (k_cache, v_cache),
+        kv_indptr=kv_indptr,
+        kv_indices=kv_indices,
+        kv_last_page_len=kv_last_page_len,
+        out=out,
+        plan=plan,
+        stream=stream,
     )
 
 

@@ -200,13 +200,31 @@ def check_batch_decode(dev: Device) -> SmokeResult:
     indptr_d, indices_d = dev.upload(indptr), dev.upload(np.arange(indptr[-1], dtype=np.int32))
     last_d = dev.upload(last)
     with Workspace.allocate(dev.ordinal, float_bytes=16 << 20) as ws:
-        plan = batch_decode_plan(ws, indptr, hq, hk, d, page, kv_last_page_len=last, stream=dev.stream_handle)
-        batch_decode_run(plan, qd, kd, vd, indptr_d, indices_d, last_d, od, stream=dev.stream_handle)
+        plan = batch_decode_plan(indptr, None, last, hq, hk, d, page, stream=dev.stream_handle, workspace=ws)
+        batch_decode_run(
+            qd,
+            (kd, vd),
+            kv_indptr=indptr_d,
+            kv_indices=indices_d,
+            kv_last_page_len=last_d,
+            out=od,
+            stream=dev.stream_handle,
+            plan=plan,
+        )
         got = dev.download(od, np.float16).astype(np.float32)
         want = np.stack([_attention(q[b : b + 1], k_all[b], v_all[b], False)[0] for b in range(len(lens))])
         err = float(np.max(np.abs(got - want)))
         us = host_time_us(
-            lambda: batch_decode_run(plan, qd, kd, vd, indptr_d, indices_d, last_d, od, stream=dev.stream_handle)
+            lambda: batch_decode_run(
+                qd,
+                (kd, vd),
+                kv_indptr=indptr_d,
+                kv_indices=indices_d,
+                kv_last_page_len=last_d,
+                out=od,
+                stream=dev.stream_handle,
+                plan=plan,
+            )
         )
         plan.release()
     return SmokeResult("batch_decode run f16 32/8 heads d128", err < 5e-3, err, us)
@@ -221,9 +239,9 @@ def check_single_prefill(dev: Device) -> SmokeResult:
     k = rng.standard_normal((n_kv, hk, d)).astype(np.float16)
     v = rng.standard_normal((n_kv, hk, d)).astype(np.float16)
     qd, kd, vd, od = dev.upload(q), dev.upload(k), dev.upload(v), dev.upload(np.zeros_like(q))
-    single_prefill(qd, kd, vd, od, causal=True, stream=dev.stream_handle)
+    single_prefill(qd, kd, vd, out=od, causal=True, stream=dev.stream_handle)
     err = float(np.max(np.abs(dev.download(od, np.float16).astype(np.float32) - _attention(q, k, v, True))))
-    us = host_time_us(lambda: single_prefill(qd, kd, vd, od, causal=True, stream=dev.stream_handle))
+    us = host_time_us(lambda: single_prefill(qd, kd, vd, out=od, causal=True, stream=dev.stream_handle))
     return SmokeResult("single_prefill causal f16 d128", err < 5e-3, err, us)
 
 

@@ -161,37 +161,12 @@ def decode_run_args(batch=2, hq=32, hk=8, d=128, page=16, pages=4, layout="NHD",
     return args
 
 
-def ragged_run_args(**over):
-    """``batch_prefill_ragged_run``'s tensors after the plan, for :func:`prefill_plan` ``(..., "ragged")``: q and
-    out ``[4, 32, 128]``, k and v ``[9, 8, 128]`` float16, ``qo_indptr`` and ``kv_indptr`` ``[3]`` int32 (two
-    requests); ``over`` replaces any of them by name (the order stays the signature's)."""
-    args = dict(
-        q=fake_cuda((4, 32, 128)),
-        k=fake_cuda((9, 8, 128)),
-        v=fake_cuda((9, 8, 128)),
-        qo_indptr=fake_cuda((3,), "int32"),
-        kv_indptr=fake_cuda((3,), "int32"),
-        out=fake_cuda((4, 32, 128)),
-    )
-    args.update(over)
-    return args
-
-
-def paged_run_args(layout="NHD", **over):
-    """``batch_prefill_paged_run``'s tensors after the plan, for :func:`prefill_plan` ``(..., "paged")``: q and
-    out ``[4, 32, 128]``, a cache of 4 pages of 16 tokens of 8 heads x 128 (``layout`` NHD or HND) float16,
-    ``qo_indptr``, ``kv_indptr`` and ``kv_indices`` ``[3]`` and ``kv_last_page_len`` ``[2]`` int32; ``over``
-    replaces any of them by name."""
-    cache = (4, 16, 8, 128) if layout == "NHD" else (4, 8, 16, 128)
-    args = dict(
-        q=fake_cuda((4, 32, 128)),
-        k_cache=fake_cuda(cache),
-        v_cache=fake_cuda(cache),
-        qo_indptr=fake_cuda((3,), "int32"),
-        kv_indptr=fake_cuda((3,), "int32"),
-        kv_indices=fake_cuda((3,), "int32"),
-        kv_last_page_len=fake_cuda((2,), "int32"),
-        out=fake_cuda((4, 32, 128)),
-    )
-    args.update(over)
-    return args
+def paged(args: dict) -> dict:
+    """Run arguments (``q, k_cache, v_cache, ...`` in the declarations' order) by the names the runs take: the
+    pair as ``paged_kv_cache``, ``sink`` as ``sinks``; ragged and MLA arguments pass through unchanged."""
+    out = {k: v for k, v in args.items() if k not in ("k_cache", "v_cache", "sink")}
+    if "k_cache" in args or "v_cache" in args:
+        out["paged_kv_cache"] = (args.get("k_cache"), args.get("v_cache"))
+    if "sink" in args:
+        out["sinks"] = args["sink"]
+    return out

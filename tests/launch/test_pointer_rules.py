@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers.attention_plans import decode_plan, prefill_plan
+from helpers.attention_plans import decode_plan, paged, prefill_plan
 from helpers.attention_plans import workspace as attention_workspace
 from helpers.gdn_calls import call_unchecked
 from helpers.mla_plans import fake_plan as mla_plan
@@ -664,7 +664,7 @@ PAGED_RUN = ("q", "k_cache", "v_cache", "qo_indptr", "kv_indptr", "kv_indices", 
 
 def paged_prefill_run(t: dict[str, Tensor], **plan: Any) -> Any:
     p = prefill_plan(make_array(), "paged", "fa2", ws=plan_workspace(), **plan)
-    return prefill.batch_prefill_paged_run(p, *(t[n] for n in PAGED_RUN), lse=t["lse"])
+    return prefill.batch_prefill_paged_run(**paged({n: t[n] for n in PAGED_RUN}), lse=t["lse"], plan=p)
 
 
 ATTENTION = [
@@ -678,7 +678,7 @@ ATTENTION = [
             "lse": ((32,), "float32"),
             "tmp": ((4096,), "uint8"),
         },
-        lambda t: decode.single_decode(t["q"], t["k"], t["v"], t["out"], lse=t["lse"], tmp=t["tmp"]),
+        lambda t: decode.single_decode(t["q"], t["k"], t["v"], out=t["out"], lse=t["lse"], tmp=t["tmp"]),
         every(16, "q", "k", "v", "out", "tmp"),
         apart=(*ATTENTION_OUT, ("tmp", "q"), ("tmp", "out"), ("tmp", "lse")),
     ),
@@ -692,7 +692,7 @@ ATTENTION = [
             "lse": ((4, 32), "float32"),
             "tmp": ((4096,), "uint8"),
         },
-        lambda t: prefill.single_prefill(t["q"], t["k"], t["v"], t["out"], lse=t["lse"], tmp=t["tmp"], causal=True),
+        lambda t: prefill.single_prefill(t["q"], t["k"], t["v"], out=t["out"], lse=t["lse"], tmp=t["tmp"], causal=True),
         every(16, "q", "k", "v", "out", "tmp"),
         apart=(*ATTENTION_OUT, ("tmp", "q"), ("tmp", "out"), ("tmp", "lse")),
     ),
@@ -705,7 +705,7 @@ ATTENTION = [
             "out": ((4, 32, 128), "float16"),
             "custom_mask": ((5,), "uint8"),
         },
-        lambda t: prefill.single_prefill(t["q"], t["k"], t["v"], t["out"], custom_mask=t["custom_mask"]),
+        lambda t: prefill.single_prefill(t["q"], t["k"], t["v"], out=t["out"], packed_custom_mask=t["custom_mask"]),
         every(16, "q", "k", "v", "out"),
         apart=(("out", "q"), ("out", "custom_mask")),
     ),
@@ -713,7 +713,9 @@ ATTENTION = [
         "batch_decode_run",
         BATCH_DECODE,
         lambda t: decode.batch_decode_run(
-            decode_plan(make_array(), ws=plan_workspace()), *(t[n] for n in tuple(BATCH_DECODE)[:7]), lse=t["lse"]
+            **paged({n: t[n] for n in tuple(BATCH_DECODE)[:7]}),
+            lse=t["lse"],
+            plan=decode_plan(make_array(), ws=plan_workspace()),
         ),
         every(16, "q", "k_cache", "v_cache", "out"),
         apart=ATTENTION_OUT,
@@ -730,9 +732,9 @@ ATTENTION = [
             "lse": ((4, 32), "float32"),
         },
         lambda t: prefill.batch_prefill_ragged_run(
-            prefill_plan(make_array(), "ragged", "fa2", ws=plan_workspace()),
-            *(t[n] for n in ("q", "k", "v", "qo_indptr", "kv_indptr", "out")),
+            **{n: t[n] for n in ("q", "k", "v", "qo_indptr", "kv_indptr", "out")},
             lse=t["lse"],
+            plan=prefill_plan(make_array(), "ragged", "fa2", ws=plan_workspace()),
         ),
         every(16, "q", "k", "v", "out"),
         apart=ATTENTION_OUT,
@@ -762,7 +764,7 @@ ATTENTION = [
             "out": ((2, 16, 512), "float16"),
             "lse": ((2, 16), "float32"),
         },
-        lambda t: fi_ffi.batch_mla_run(mla_plan(make_array(), plan_workspace()), **t),
+        lambda t: fi_ffi.batch_mla_run(**t, plan=mla_plan(make_array(), plan_workspace())),
         every(16, "q_nope", "q_pe", "ckv_cache", "kpe_cache", "out"),
         apart=(*outputs_apart(("out", "lse"), ("q_nope", "q_pe", "ckv_cache", "kpe_cache", "kv_indices")),),
     ),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.attention_plans import PREFILL_URI, decode_plan, decode_run_args, host, prefill_plan, workspace
+from helpers.attention_plans import PREFILL_URI, decode_plan, decode_run_args, host, paged, prefill_plan, workspace
 from helpers.fakes import assert_reached_the_kernel, fake_cuda
 from helpers.fakes import fake_cuda as sized_cuda  # host memory of the tensor's extent (outputs must not overlap)
 from helpers.page_args import kv_args, mla_args
@@ -79,12 +79,12 @@ def test_norm_page_rope_silu_cascade_reach_the_072_modules(release_072: list[str
 def test_batch_decode_plan_and_run_reach_the_072_module(release_072: list[str], make_array) -> None:  # type: ignore[no-untyped-def]
     ws = workspace()
     err = reached(
-        lambda: decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16, kv_last_page_len=host([5, 16]), stream=0)
+        lambda: decode.batch_decode_plan(host([0, 2, 3]), None, host([5, 16]), 32, 8, 128, 16, stream=0, workspace=ws)
     )
     assert err.function.endswith(".plan")
     plan = decode_plan(make_array)
     served_by_072(plan.uri)
-    reached(lambda: decode.batch_decode_run(plan, *decode_run_args().values()))
+    reached(lambda: decode.batch_decode_run(**paged(decode_run_args()), plan=plan))
 
 
 @pytest.mark.parametrize("mode", ["ragged", "paged"])
@@ -93,13 +93,13 @@ def test_fa3_prefill_plan_and_runs_reach_the_072_module(release_072: list[str], 
     if mode == "ragged":
         err = reached(
             lambda: prefill.batch_prefill_ragged_plan(
-                ws, host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, backend="fa3", uniform_q_len=None
+                host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, backend="fa3", uniform_q_len=None, workspace=ws
             )
         )
     else:
         err = reached(
             lambda: prefill.batch_prefill_paged_plan(
-                ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16, backend="fa3"
+                host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, backend="fa3", workspace=ws
             )
         )
     assert err.function == FA3_072 + ".plan" and len(err.arguments) == 16
@@ -116,10 +116,21 @@ def run_reaches(plan, mode: str) -> KernelError:  # type: ignore[no-untyped-def]
     i3 = fake_cuda((3,), "int32")
     if mode == "ragged":
         kv = fake_cuda((9, 8, 128))
-        return reached(lambda: prefill.batch_prefill_ragged_run(plan, q, kv, kv, i3, i3, out))
+        return reached(
+            lambda: prefill.batch_prefill_ragged_run(q, kv, kv, qo_indptr=i3, kv_indptr=i3, out=out, plan=plan)
+        )
     cache = fake_cuda((4, 16, 8, 128))
     return reached(
-        lambda: prefill.batch_prefill_paged_run(plan, q, cache, cache, i3, i3, i3, fake_cuda((2,), "int32"), out)
+        lambda: prefill.batch_prefill_paged_run(
+            q,
+            (cache, cache),
+            qo_indptr=i3,
+            kv_indptr=i3,
+            kv_indices=i3,
+            kv_last_page_len=fake_cuda((2,), "int32"),
+            out=out,
+            plan=plan,
+        )
     )
 
 
@@ -145,13 +156,21 @@ def test_fa2_prefill_plan_passes_uniform_q_len_to_the_072_module(release_072: li
     ws = workspace()
     err = reached(
         lambda: prefill.batch_prefill_ragged_plan(
-            ws, host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128, backend="fa2", enable_cuda_graph=True, uniform_q_len=3
+            host([0, 3, 6]),
+            host([0, 5, 9]),
+            32,
+            8,
+            128,
+            backend="fa2",
+            enable_cuda_graph=True,
+            uniform_q_len=3,
+            workspace=ws,
         )
     )
     assert err.function == FA2_072 + ".plan" and len(err.arguments) == 20 and err.arguments[-1] == "3"
     err = reached(
         lambda: prefill.batch_prefill_paged_plan(
-            ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16, backend="fa2"
+            host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, backend="fa2", workspace=ws
         )
     )
     assert err.arguments[-1] == "0"  # no promise: 0.6.3's behaviour
@@ -169,14 +188,14 @@ def test_uniform_q_len_on_a_063_fa2_module_is_refused_by_name_before_the_plan(ke
         rf"{PREFILL_URI}\.plan \(FlashInfer 0\.6\.3\); pin FlashInfer >= 0\.7",
     ):
         prefill.batch_prefill_ragged_plan(
-            ws, host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128, backend="fa2", uniform_q_len=3
+            host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128, backend="fa2", uniform_q_len=3, workspace=ws
         )
     assert ws._generation == generation  # refused before the plan call: earlier plans stay valid
     # off (None or 0) is 0.6.3's behaviour and reaches the module
     for off in (None, 0):
         err = reached(
             lambda off=off: prefill.batch_prefill_ragged_plan(
-                ws, host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128, backend="fa2", uniform_q_len=off
+                host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128, backend="fa2", uniform_q_len=off, workspace=ws
             )
         )
         assert len(err.arguments) == 19
@@ -185,7 +204,7 @@ def test_uniform_q_len_on_a_063_fa2_module_is_refused_by_name_before_the_plan(ke
 def test_uniform_q_len_is_ignored_by_fa3_as_upstream(kernel_modules: list[str]) -> None:
     err = reached(
         lambda: prefill.batch_prefill_ragged_plan(
-            workspace(), host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128, backend="fa3", uniform_q_len=3
+            host([0, 3, 6]), host([0, 5, 9]), 32, 8, 128, backend="fa3", uniform_q_len=3, workspace=workspace()
         )
     )
     assert err.function.endswith("_sm90.plan") and len(err.arguments) == 16
@@ -207,6 +226,16 @@ def test_bad_uniform_q_len_is_named(kernel_modules: list[str], value: object, ex
     generation = ws._generation
     with pytest.raises(exc, match=pattern):
         prefill.batch_prefill_paged_plan(
-            ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16, backend="fa2", uniform_q_len=value
+            host([0, 3, 4]),
+            host([0, 1, 3]),
+            None,
+            host([5, 4]),
+            32,
+            8,
+            128,
+            16,
+            backend="fa2",
+            uniform_q_len=value,
+            workspace=ws,
         )
     assert ws._generation == generation

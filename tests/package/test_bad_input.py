@@ -96,6 +96,8 @@ SCALARS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
     "generator": (("x", 5, 1.5), (None,)),
     "seed": (("x", 1.5, -1, 2**64, HUGE, NAN), (None, 0, 2**64 - 1, np.int64(5))),
     "object": ((None, "x", 5, 1.5), ()),
+    # a paged run's (k_cache, v_cache)
+    "kv_pair": ((None, "x", 5, 1.5, (), (None,), [dev((4,), "float16")] * 3, dev((4, 16, 8, 128))), ()),
     "masks": (  # pack_custom_mask's list of [qo_len, kv_len] boolean masks
         (None, 5, 1.5, [None], ["ab"], [{}], [np.ones((3, 5), np.float32)], [np.array([[1, 2]])], [[[0.5]]]),
         ([], [np.ones(3, bool)], [np.ones((2, 2, 2), bool)], [np.ones((0, 4), bool)], [[[True, False]]]),
@@ -111,11 +113,13 @@ KIND_OF_NAME = {
         ["rotary_dim", "head_dim_vo", "max_total_num_rows", "fixed_split_size", "uniform_q_len", "nnz"], "opt_int"
     ),
     **dict.fromkeys(["sm_scale", "scale", "ckv_scale", "kpe_scale"], "opt_float"),
-    **dict.fromkeys(["q_dtype", "kv_dtype", "o_dtype", "q_data_type", "kv_data_type"], "dtype"),
+    **dict.fromkeys(["q_dtype", "kv_dtype", "o_dtype", "q_data_type", "kv_data_type", "o_data_type"], "dtype"),
     "enable_pdl": "opt_bool",  # None is "off" for the activations; other ops may refuse it
     "cublas_handle": "opt_int",  # bmm_fp8: None makes fi_ffi's own handle
     "dtype": "dtype",  # bmm_fp8's out dtype (None: out's)
     "pos_encoding": "enum",
+    "pos_encoding_mode": "enum",
+    "paged_kv_cache": "kv_pair",
     "masks": "masks",
     "stream": "stream",
     "generator": "generator",
@@ -123,7 +127,28 @@ KIND_OF_NAME = {
     "offset": "seed",
 }
 # which other names an error about a parameter may name instead (the two halves of one random state)
-PARTNERS = {"seed": ("seed", "offset", "generator"), "offset": ("seed", "offset", "generator")}
+PARTNERS = {
+    "seed": ("seed", "offset", "generator"),
+    "offset": ("seed", "offset", "generator"),
+    "paged_kv_cache": ("paged_kv_cache", "k_cache", "v_cache"),  # the pair's halves are named as the kernel does
+}
+# host index lists a plan checks when given and skips when None (flashinfer's plans take them; the runs read the
+# device copies): required positionally, so their signature states no None default
+NONE_CHECKS_NOTHING = {
+    ("batch_decode_plan", "indices"),
+    ("batch_decode_plan", "last_page_len"),
+    ("batch_prefill_paged_plan", "paged_kv_indices"),
+    ("batch_attention_sink_plan", "paged_kv_indices"),
+    ("batch_mla_plan", "kv_indices"),
+}
+# kinds of one op's parameters where the op differs from others of that name: the attention ops take None for
+# flashinfer-python's defaults (soft cap off, RoPE scale 1, theta 1e4)
+OP_KINDS = {
+    (op, name): "opt_float"
+    for op in ("batch_decode_plan", "batch_prefill_ragged_plan", "batch_prefill_paged_plan", "single_decode",
+               "single_prefill")
+    for name in ("logits_soft_cap", "rope_scale", "rope_theta")
+}  # fmt: skip
 # per-row parameters that take a number or a [R] tensor (ops.sampling._split)
 PER_ROW = {"top_p": "float", "min_p": "float", "top_k": "int", "temperature": "opt_float"}
 
@@ -214,9 +239,9 @@ def cases_of(op: str, valid: dict[str, Any], fn: Callable[..., Any] | None = Non
         if isinstance(value, Tensor) or (value is None and name not in KIND_OF_NAME and name not in PER_ROW):
             never, maybe = tensor_values(value)
         elif isinstance(value, np.ndarray):
-            never, maybe = host_array_values(value, p.default is None)
+            never, maybe = host_array_values(value, p.default is None or (op, name) in NONE_CHECKS_NOTHING)
         else:
-            never, maybe = SCALARS[_kind(name, value, p.default)]
+            never, maybe = SCALARS[OP_KINDS.get((op, name)) or _kind(name, value, p.default)]
             if name in PER_ROW and not isinstance(value, Tensor):
                 maybe = (*maybe, dev((), "float32"), dev((2, 2), "float32"))
         out += [Case(op, name, v, True) for v in never if not _same(v, value)]
@@ -273,13 +298,13 @@ def _sink_run(make_array: Any, mode: str) -> dict[str, Any]:
 
     args: dict[str, Any] = {"plan": sink_fake_plan(make_array, mode), "q": dev((4, 8, 64), "bfloat16")}
     if mode == "paged":
-        args.update(k_cache=dev((4, 16, 2, 64), "bfloat16"), v_cache=dev((4, 16, 2, 64), "bfloat16"))
+        args["paged_kv_cache"] = (dev((4, 16, 2, 64), "bfloat16"), dev((4, 16, 2, 64), "bfloat16"))
         args.update(qo_indptr=dev((3,), "int32"), kv_indptr=dev((3,), "int32"), kv_indices=dev((3,), "int32"))
         args["kv_last_page_len"] = dev((2,), "int32")
     else:
         args.update(k=dev((9, 2, 64), "bfloat16"), v=dev((9, 2, 64), "bfloat16"))
         args.update(qo_indptr=dev((3,), "int32"), kv_indptr=dev((3,), "int32"))
-    return {**args, "out": dev((4, 8, 64), "bfloat16"), "sink": dev((8,), "float32")}
+    return {**args, "out": dev((4, 8, 64), "bfloat16"), "sinks": dev((8,), "float32")}
 
 
 def _models_plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
@@ -288,11 +313,12 @@ def _models_plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
         "batch_attention_sink_plan": lambda: dict(
             workspace=attention_workspace(),
             qo_indptr=host([0, 3, 4]),
-            kv_indptr=host([0, 1, 3]),
-            kv_last_page_len=host([5, 4]),
+            paged_kv_indptr=host([0, 1, 3]),
+            paged_kv_indices=host([0, 1, 2]),
+            paged_kv_last_page_len=host([5, 4]),
             num_qo_heads=8,
             num_kv_heads=2,
-            head_dim=64,
+            head_dim_qk=64,
             page_size=16,
             backend="fa2",
         ),
@@ -302,7 +328,7 @@ def _models_plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
             kv_indptr=host([0, 5, 9]),
             num_qo_heads=8,
             num_kv_heads=2,
-            head_dim=64,
+            head_dim_qk=64,
             backend="fa2",
         ),
         "batch_attention_sink_run": lambda: _sink_run(make_array, "paged"),
@@ -373,18 +399,18 @@ def _plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
         **_models_plans(make_array),
         "batch_decode_plan": lambda: dict(
             workspace=attention_workspace(),
-            kv_indptr=host([0, 2, 3]),
+            indptr=host([0, 2, 3]),
+            indices=host([0, 1, 2]),
+            last_page_len=host([5, 16]),
             num_qo_heads=32,
             num_kv_heads=8,
             head_dim=d,
             page_size=16,
-            kv_last_page_len=host([5, 16]),
         ),
         "batch_decode_run": lambda: dict(
             plan=decode_plan(make_array),
             q=dev((2, 32, d)),
-            k_cache=dev((4, 16, 8, d)),
-            v_cache=dev((4, 16, 8, d)),
+            paged_kv_cache=(dev((4, 16, 8, d)), dev((4, 16, 8, d))),
             kv_indptr=dev((3,), "int32"),
             kv_indices=dev((4,), "int32"),
             kv_last_page_len=dev((2,), "int32"),
@@ -394,8 +420,7 @@ def _plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
         # tests/ops/attention/test_prepared_decode_run.py
         "prepare_decode_run": lambda: dict(
             q=dev((2, 32, d)),
-            k_cache=dev((4, 16, 8, d)),
-            v_cache=dev((4, 16, 8, d)),
+            paged_kv_cache=(dev((4, 16, 8, d)), dev((4, 16, 8, d))),
             kv_indptr=dev((3,), "int32"),
             kv_indices=dev((4,), "int32"),
             kv_last_page_len=dev((2,), "int32"),
@@ -417,8 +442,9 @@ def _plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
         "batch_prefill_paged_plan": lambda: dict(
             workspace=attention_workspace(),
             qo_indptr=host([0, 3, 4]),
-            kv_indptr=host([0, 1, 3]),
-            kv_last_page_len=host([5, 4]),
+            paged_kv_indptr=host([0, 1, 3]),
+            paged_kv_indices=host([0, 1, 2]),
+            paged_kv_last_page_len=host([5, 4]),
             num_qo_heads=32,
             num_kv_heads=8,
             head_dim_qk=d,
@@ -437,8 +463,7 @@ def _plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
         "batch_prefill_paged_run": lambda: dict(
             plan=prefill_plan(make_array, "paged", "fa2"),
             q=dev((4, 32, d)),
-            k_cache=dev((4, 16, 8, d)),
-            v_cache=dev((4, 16, 8, d)),
+            paged_kv_cache=(dev((4, 16, 8, d)), dev((4, 16, 8, d))),
             qo_indptr=dev((3,), "int32"),
             kv_indptr=dev((3,), "int32"),
             kv_indices=dev((3,), "int32"),
@@ -449,6 +474,7 @@ def _plans(make_array: Any) -> dict[str, Callable[[], dict[str, Any]]]:
             workspace=attention_workspace(),
             qo_indptr=host([0, 1, 2]),
             kv_indptr=host([0, 2, 3]),
+            kv_indices=host([0, 1, 2]),
             kv_len_arr=host([20, 16]),
             num_heads=16,
             head_dim_ckv=512,

@@ -161,7 +161,7 @@ def _need(name: str, value: None, layout: str) -> NoReturn:
     raise TypeError(f"{name}: required (fi_ffi never allocates device memory); pass a contiguous {layout}")
 
 
-@op(launch=_merge_state)
+@op(launch=_merge_state, flashinfer="flashinfer.cascade.merge_state")
 def merge_state(
     v_a: TensorLike,
     s_a: TensorLike,
@@ -183,6 +183,12 @@ def merge_state(
 
     Returns:
         ``(v_merged, s_merged)``, as passed.
+
+    Raises:
+        TypeError, ValueError: a tensor of the wrong shape, dtype, device or layout, or outputs overlapping the
+            inputs, named (before the module is looked up).
+        LoaderError: the cascade module cannot be loaded (the kernel wheel absent offline, a damaged cache).
+        KernelError: the kernel failed.
     """
     if v_merged is None or s_merged is None:
         _need(
@@ -194,7 +200,7 @@ def merge_state(
     return v_merged, s_merged
 
 
-@op(launch=_merge_state_in_place)
+@op(launch=_merge_state_in_place, flashinfer="flashinfer.cascade.merge_state_in_place")
 def merge_state_in_place(
     v: TensorLike,
     s: TensorLike,
@@ -212,11 +218,18 @@ def merge_state_in_place(
         v_other, s_other: the other state, same shapes.
         mask: optional bool (or uint8 0/1) ``[seq_len]``: rows where it is false are left as they are (a CUDA
             graph can keep a fixed batch and switch rows off).
+        stream: where the kernel runs (None: the framework's current stream of ``v``).
+
+    Raises:
+        TypeError, ValueError: a tensor of the wrong shape, dtype, device or layout, or outputs overlapping the
+            inputs, named (before the module is looked up).
+        LoaderError: the cascade module cannot be loaded (the kernel wheel absent offline, a damaged cache).
+        KernelError: the kernel failed.
     """
     _merge_state_in_place(v, s, v_other, s_other, mask=mask, stream=stream)
 
 
-@op(launch=_merge_states)
+@op(launch=_merge_states, flashinfer="flashinfer.cascade.merge_states")
 def merge_states(
     v: TensorLike,
     s: TensorLike,
@@ -235,6 +248,12 @@ def merge_states(
 
     Returns:
         ``(v_merged, s_merged)``, as passed.
+
+    Raises:
+        TypeError, ValueError: a tensor of the wrong shape, dtype, device or layout, or outputs overlapping the
+            inputs, named (before the module is looked up).
+        LoaderError: the cascade module cannot be loaded (the kernel wheel absent offline, a damaged cache).
+        KernelError: the kernel failed.
     """
     if v_merged is None or s_merged is None:
         _need(

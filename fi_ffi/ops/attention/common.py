@@ -54,6 +54,19 @@ def empty(dt: DType, device: Any) -> Tensor:
     return Tensor(0, (0,), dt, device)
 
 
+def kv_pair(paged_kv_cache: Any) -> tuple[Any, Any]:
+    """``(k_cache, v_cache)`` of a run's ``paged_kv_cache`` as flashinfer-python passes it: a pair of tensors.
+
+    flashinfer also takes one ``[pages, 2, ...]`` tensor; fi_ffi makes no views of a caller's tensor (a view per
+    layer would be an object per call), so such a tensor is refused naming its two halves."""
+    if (paged_kv_cache.__class__ is tuple or paged_kv_cache.__class__ is list) and len(paged_kv_cache) == 2:
+        return paged_kv_cache[0], paged_kv_cache[1]
+    raise TypeError(
+        f"paged_kv_cache: expected a pair (k_cache, v_cache) of tensors, got {type(paged_kv_cache).__name__}; "
+        f"for one [pages, 2, ...] tensor pass its two halves (kv[:, 0], kv[:, 1])"
+    )
+
+
 def layout_key(name: str, value: Any, stream: Any = None) -> Any:
     """The launcher's layout key of a tensor argument (a value), read as the launcher reads it; a producer that
     cannot be read is described by :func:`fi_ffi.as_tensor` instead, which raises the error naming ``name``."""
@@ -136,12 +149,12 @@ def alibi_error(pos: int) -> ValueError:
     The rule itself, ``(pos == POS_ALIBI) != (alibi_slopes is not None)``, stays inline where an op tests it on its
     fast path; the message is stated here once."""
     if pos == POS_ALIBI:
-        return ValueError("alibi_slopes: required with pos_encoding ALIBI (float32 [num_qo_heads])")
-    return ValueError("alibi_slopes: only used with pos_encoding ALIBI")
+        return ValueError("alibi_slopes: required with pos_encoding_mode ALIBI (float32 [num_qo_heads])")
+    return ValueError("alibi_slopes: only used with pos_encoding_mode ALIBI")
 
 
 def alibi_required(pos_encoding: Any, alibi_slopes: Any) -> None:
-    """ALiBi slopes are passed exactly with pos_encoding ALIBI (checked before the module is looked up)."""
+    """ALiBi slopes are passed exactly with pos_encoding_mode ALIBI (checked before the module is looked up)."""
     if alibi_slopes is None and pos_encoding.__class__ is str and pos_encoding == "NONE":
         return
     pos = S.pos_encoding(pos_encoding)
@@ -155,6 +168,13 @@ def check_alibi(s: S.PlanSettings, alibi_slopes: Any, device: Any) -> None:
     if (s.pos_encoding == POS_ALIBI) != (alibi_slopes is not None):
         raise alibi_error(s.pos_encoding)
     AC.vector("alibi_slopes", checks.tensor("alibi_slopes", alibi_slopes), "float32", s.num_qo_heads, device)
+
+
+def early_alibi(num_qo_heads: Any, alibi_slopes: Any, device: Any) -> None:
+    """Given ALiBi slopes checked before the plan's settings exist (before the module lookup): float32
+    ``[num_qo_heads]`` on ``device``; :func:`check_alibi` then states the rule against the settings."""
+    slopes = checks.tensor("alibi_slopes", alibi_slopes)
+    AC.vector("alibi_slopes", slopes, "float32", S.count("num_qo_heads", num_qo_heads), device)
 
 
 def check_module_dtype(name: str, t: Tensor) -> None:

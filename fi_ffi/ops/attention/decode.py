@@ -50,17 +50,19 @@ from .common import (
     check_pages,
     check_tmp,
     check_workspace,
+    early_alibi,
     empty,
     extent,
+    kv_pair,
     layout_key,
     pages_error,
     runnable,
     variant_uri,
 )
-from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
+from .host_index import check_indices, check_indptr, check_last_page_len, host_array, host_tensor
 from .plan import Plan
 from .plan_call import call_plan
-from .plan_settings import LAYOUTS, PlanSettings
+from .plan_settings import LAYOUTS, AttentionDType, KVLayout, PlanSettings, PosEncodingMode
 from .variants import BATCH_DECODE, SINGLE_DECODE
 from .workspace import Workspace
 
@@ -142,58 +144,77 @@ DECLARATIONS = (
 # ------------------------------------------------------------------------------------------ batch decode
 
 
-@op()
+@op(flashinfer="flashinfer.decode.BatchDecodeWithPagedKVCacheWrapper.plan")
 def batch_decode_plan(
-    workspace: Workspace,
-    kv_indptr: IndexLike,
+    indptr: IndexLike,
+    indices: IndexLike | None,
+    last_page_len: IndexLike | None,
     num_qo_heads: int,
     num_kv_heads: int,
     head_dim: int,
     page_size: int,
-    *,
-    kv_last_page_len: IndexLike | None = None,
-    q_dtype: Any = "float16",
-    kv_dtype: Any = None,
-    o_dtype: Any = None,
-    kv_layout: str = "NHD",
-    pos_encoding: Any = "NONE",
+    pos_encoding_mode: PosEncodingMode = "NONE",
     window_left: int = -1,
-    logits_soft_cap: float = 0.0,
+    logits_soft_cap: float | None = 0.0,
+    q_data_type: AttentionDType = "float16",
+    kv_data_type: AttentionDType | None = None,
+    o_data_type: AttentionDType | None = None,
+    *,
+    workspace: Workspace,
     sm_scale: float | None = None,
-    rope_scale: float = 1.0,
-    rope_theta: float = 1e4,
+    rope_scale: float | None = 1.0,
+    rope_theta: float | None = 1e4,
+    kv_layout: KVLayout = "NHD",
     alibi_slopes: TensorLike | None = None,
     enable_cuda_graph: bool = False,
     stream: StreamLike = None,
 ) -> Plan:
     """Plan a batch decode step over a paged KV cache; returns the :class:`~fi_ffi.ops.attention.plan.Plan` runs use.
 
+    flashinfer-python's ``BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout).plan(indptr, indices,
+    last_page_len, num_qo_heads, ...)``, as a function of the workspace: the positional order and keywords are the
+    wrapper's (docs/porting.md); ``kv_layout`` and CUDA-graph mode, which the wrapper takes at construction, are
+    keywords here.
+
     Args:
         workspace: the :class:`~fi_ffi.ops.attention.workspace.Workspace` this plan and its runs use.
-        kv_indptr: **host** int32 ``[batch + 1]``: request ``i`` owns pages ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]``.
+        indptr: **host** int32 ``[batch + 1]``: request ``i`` owns pages ``indices[indptr[i]:indptr[i+1]]``.
             A numpy int32 array (used without a copy), a host descriptor, or a list of ints. Starts at 0,
             non-decreasing.
+        indices: host int32 page ids ``[>= indptr[-1]]``, checked if given (>= 0); None: not checked. The run
+            takes the device copy (``kv_indices``).
+        last_page_len: host int32 ``[batch]``, checked if given: 1..page_size for a request with pages, 0 for one
+            without; None: not checked. The run takes the device copy (``kv_last_page_len``).
         num_qo_heads, num_kv_heads: query and KV heads; the group size ``num_qo_heads / num_kv_heads`` must be
             1, 2, 3, 4 or 8.
         head_dim: head dimension of q, k, v and o.
         page_size: tokens per page (>= 1).
-        kv_last_page_len: optional host int32 ``[batch]``, checked if given: 1..page_size for a request with
-            pages, 0 for one without (the run takes the device copy).
-        q_dtype, kv_dtype, o_dtype: element types (kv and o default to q's); they select the module
-            (``kv_dtype="float8_e4m3fn"`` with float16 q/o: the FP8 KV cache modules).
+        pos_encoding_mode: ``"NONE"``, ``"ROPE_LLAMA"`` or ``"ALIBI"`` (selects the module).
+        window_left: -1 (off) or the left window in tokens (selects a sliding-window module).
+        logits_soft_cap: 0 or None (off), or > 0 (selects a soft-cap module).
+        q_data_type, kv_data_type, o_data_type: element types, names or dtype objects (kv and o default to q's);
+            they select the module (``kv_data_type="float8_e4m3fn"`` with float16 q/o: the FP8 KV cache modules).
+        sm_scale: softmax scale; default ``1 / sqrt(head_dim)``.
+        rope_scale, rope_theta: RoPE interpolation scale and base (None: 1.0 and 1e4; the kernel takes their
+            reciprocals).
         kv_layout: ``"NHD"`` (``[pages, page_size, kv_heads, dim]``) or ``"HND"`` (``[pages, kv_heads, page_size,
             dim]``), fixed for the runs of this plan.
-        pos_encoding: ``"NONE"``, ``"ROPE_LLAMA"`` or ``"ALIBI"`` (selects the module).
-        window_left: -1 (off) or the left window in tokens (selects a sliding-window module).
-        logits_soft_cap: 0 (off) or > 0 (selects a soft-cap module).
-        sm_scale: softmax scale; default ``1 / sqrt(head_dim)``.
-        rope_scale, rope_theta: RoPE interpolation scale and base (the kernel takes their reciprocals).
         alibi_slopes: float32 ``[num_qo_heads]`` on the workspace's device, required with ALIBI; the plan refers
             to it until released and passes it to every run.
-        enable_cuda_graph: plan for a run captured in a CUDA graph (fixed batch size; padded schedule).
+        enable_cuda_graph: plan for a run captured in a CUDA graph (fixed batch size; padded schedule);
+            flashinfer-python's ``use_cuda_graph`` of the wrapper.
         stream: the stream of the plan's asynchronous copy; its runs must use the same stream.
 
     The plan is valid until the next plan on the same workspace; it may be run any number of times before.
+
+    Returns:
+        the :class:`~fi_ffi.ops.attention.plan.Plan`; earlier plans on ``workspace`` become stale.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or value, named, before any module is looked up (an
+            index list's dtype, length, order; a head count, dtype, layout, position encoding, scale).
+        KernelNotFoundError: no pinned module for these settings (names the closest ones).
+        LoaderError: the module cannot be loaded (the kernel wheel absent offline, a damaged cache).
     """
     ws = workspace if workspace.__class__ is Workspace else check_workspace(workspace)
     args = (
@@ -201,11 +222,11 @@ def batch_decode_plan(
         num_kv_heads,
         head_dim,
         page_size,
-        q_dtype,
-        kv_dtype,
-        o_dtype,
+        q_data_type,
+        kv_data_type,
+        o_data_type,
         kv_layout,
-        pos_encoding,
+        pos_encoding_mode,
         window_left,
         logits_soft_cap,
         sm_scale,
@@ -213,14 +234,20 @@ def batch_decode_plan(
         rope_theta,
         enable_cuda_graph,
     )
-    alibi_required(pos_encoding, alibi_slopes)
+    alibi_required(pos_encoding_mode, alibi_slopes)
+    # every argument is checked before the settings resolve the module (which may fetch the kernel wheel)
+    host_indptr = host_array("indptr", indptr)
+    pages = check_indptr("indptr", host_indptr)
+    batch = host_indptr.shape[0] - 1
+    if indices is not None:
+        check_indices("indices", host_array("indices", indices), pages)
+    if last_page_len is not None:
+        last = host_array("last_page_len", last_page_len)
+        check_last_page_len("last_page_len", last, host_indptr, S.count("page_size", page_size))
+    if alibi_slopes is not None:
+        early_alibi(num_qo_heads, alibi_slopes, ws.device)
     device_id = ws.device.device_id
     s = S.cached((BATCH_DECODE, device_id, args, tuple(map(type, args))), lambda: _settings(device_id, args))
-    indptr = host_array("kv_indptr", kv_indptr)
-    pages = check_indptr("kv_indptr", indptr)
-    batch = indptr.shape[0] - 1
-    if kv_last_page_len is not None:
-        check_last_page_len("kv_last_page_len", host_array("kv_last_page_len", kv_last_page_len), indptr, s.page_size)
     if alibi_slopes is not None or s.pos_encoding == POS_ALIBI:
         check_alibi(s, alibi_slopes, ws.device)
     info, generation = call_plan(
@@ -230,7 +257,7 @@ def batch_decode_plan(
         ws.float_buffer,
         ws.int_buffer,
         ws.pinned_buffer,
-        host_tensor(indptr),
+        host_tensor(host_indptr),
         batch,
         s.num_qo_heads,
         s.num_kv_heads,
@@ -304,28 +331,32 @@ def _settings(device_id: int, args: tuple[Any, ...]) -> PlanSettings:
     )
 
 
-@op()
+@op(flashinfer="flashinfer.decode.BatchDecodeWithPagedKVCacheWrapper.run")
 def batch_decode_run(
-    plan: Plan,
     q: TensorLike,
-    k_cache: TensorLike,
-    v_cache: TensorLike,
+    paged_kv_cache: tuple[TensorLike, TensorLike],
+    *,
+    plan: Plan,
     kv_indptr: TensorLike,
     kv_indices: TensorLike,
     kv_last_page_len: TensorLike,
     out: TensorT,
-    *,
     lse: TensorLike | None = None,
     enable_pdl: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
     """Run batch decode attention with a plan from :func:`batch_decode_plan`.
 
+    flashinfer-python's ``wrapper.run(q, paged_kv_cache, out=..., lse=...)``; the page table's device arrays, which
+    the wrapper copies at plan time, are keywords here (fi_ffi copies nothing), and ``out`` is required (fi_ffi
+    allocates nothing).
+
     Args:
         plan: a live plan (not released, not superseded by a later plan on its workspace).
         q: ``[batch, num_qo_heads, head_dim]`` of the plan's q dtype; last dim contiguous (rows may be strided).
-        k_cache, v_cache: the paged cache in the plan's layout (NHD ``[pages, page_size, num_kv_heads, head_dim]``
-            or HND ``[pages, num_kv_heads, page_size, head_dim]``), kv dtype, identical strides.
+        paged_kv_cache: ``(k_cache, v_cache)``, the paged cache in the plan's layout (NHD ``[pages, page_size,
+            num_kv_heads, head_dim]`` or HND ``[pages, num_kv_heads, page_size, head_dim]``), kv dtype, identical
+            strides.
         kv_indptr: device int32 ``[batch + 1]`` (the same values the plan saw).
         kv_indices: device int32 ``[>= kv_indptr[-1]]``: page ids.
         kv_last_page_len: device int32 ``[batch]``.
@@ -336,7 +367,16 @@ def batch_decode_run(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError, ValueError: a plan that is not a live batch decode plan; a tensor of the wrong shape, dtype,
+            device or layout for the plan, named.
+        KernelError: the kernel failed (a CUDA error of the launch).
     """
+    if paged_kv_cache.__class__ is tuple and len(paged_kv_cache) == 2:
+        k_cache, v_cache = paged_kv_cache
+    else:
+        k_cache, v_cache = kv_pair(paged_kv_cache)
     # runnable() and check_pages() of .common, inline (a call each per layer otherwise): a live, current batch
     # decode plan, and at least the pages its kv_indptr ends at (a plan's fact against kv_indices' length,
     # which the launcher's key does not hold, so it is tested on every call)
@@ -378,13 +418,12 @@ def batch_decode_run(
 @op()
 def prepare_decode_run(
     q: TensorLike,
-    k_cache: TensorLike,
-    v_cache: TensorLike,
+    paged_kv_cache: tuple[TensorLike, TensorLike],
+    *,
     kv_indptr: TensorLike,
     kv_indices: TensorLike,
     kv_last_page_len: TensorLike,
     out: TensorLike,
-    *,
     plan: Plan,
     lse: TensorLike | None = None,
     enable_pdl: bool = False,
@@ -402,6 +441,7 @@ def prepare_decode_run(
     Raises:
         TypeError, ValueError: as :func:`batch_decode_run` does, naming the argument; a plan with ALiBi slopes.
     """
+    k_cache, v_cache = kv_pair(paged_kv_cache)
     ws = runnable(plan, BATCH_DECODE, "paged", "batch_decode_plan")
     if plan._inputs[2] is not None:
         raise _alibi_refusal()
@@ -511,50 +551,65 @@ _single_lock = threading.Lock()
 _MAX_SINGLE = 1024
 
 
-@op()
+@op(flashinfer="flashinfer.decode.single_decode_with_kv_cache")
 def single_decode(
     q: TensorLike,
     k: TensorLike,
     v: TensorLike,
-    out: TensorT,
+    kv_layout: KVLayout = "NHD",
+    pos_encoding_mode: PosEncodingMode = "NONE",
     *,
+    out: TensorT,
     tmp: TensorLike | None = None,
     lse: TensorLike | None = None,
-    kv_layout: str = "NHD",
-    pos_encoding: Any = "NONE",
     window_left: int = -1,
-    logits_soft_cap: float = 0.0,
+    logits_soft_cap: float | None = 0.0,
     sm_scale: float | None = None,
-    rope_scale: float = 1.0,
-    rope_theta: float = 1e4,
+    rope_scale: float | None = 1.0,
+    rope_theta: float | None = 1e4,
     alibi_slopes: TensorLike | None = None,
     stream: StreamLike = None,
 ) -> TensorT:
     """Decode attention of one request: ``out[h] = softmax(sm_scale * q[h] . K^T) V``.
 
+    flashinfer-python's ``single_decode_with_kv_cache(q, k, v, kv_layout, pos_encoding_mode, ...)``, writing into
+    ``out`` (fi_ffi allocates nothing; ``lse`` is returned in place when given, flashinfer's ``return_lse``).
+
     Args:
         q: ``[num_qo_heads, head_dim]``, contiguous, float16/bfloat16 (or the dtype of an available module).
         k, v: NHD ``[kv_len, num_kv_heads, head_dim]`` or HND ``[num_kv_heads, kv_len, head_dim]``, contiguous,
             one dtype.
+        kv_layout: ``"NHD"`` or ``"HND"``.
+        pos_encoding_mode: ``"NONE"``, ``"ROPE_LLAMA"`` or ``"ALIBI"`` (selects the module).
         out: ``[num_qo_heads, head_dim]``, contiguous; its dtype selects the module (usually q's).
         tmp: uint8 1-D device scratch for splitting long KV across CTAs (upstream uses 32 MiB,
             :data:`~.workspace.TMP_BYTES`; a workspace's ``float_buffer`` serves on the same stream).
             None: never split (slower for long ``kv_len``, no scratch). A scratch smaller than the split may
             need is a ValueError stating the bytes.
         lse: optional float32 ``[num_qo_heads]``.
-        kv_layout: ``"NHD"`` or ``"HND"``.
-        pos_encoding, window_left, logits_soft_cap: select the module (see :func:`batch_decode_plan`).
-        sm_scale: default ``1 / sqrt(head_dim)``; rope_scale, rope_theta: RoPE parameters.
+        window_left, logits_soft_cap: select the module (see :func:`batch_decode_plan`).
+        sm_scale: default ``1 / sqrt(head_dim)``; rope_scale, rope_theta: RoPE parameters (None: 1.0, 1e4).
         alibi_slopes: float32 ``[num_qo_heads]`` with ALIBI.
         stream: where the kernel runs.
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type, shape, dtype or value, named, before any module is
+            looked up.
+        KernelNotFoundError: no pinned module for these dtypes, head dim and options.
+        LoaderError: the module cannot be loaded (the kernel wheel absent offline, a damaged cache).
+        KernelError: the kernel failed.
     """
     layout = LAYOUTS.get(kv_layout) if kv_layout.__class__ is str else None
     if layout is None:
         layout = LAYOUTS[S.layout_name(kv_layout)]
-    pos = POS_NONE if pos_encoding.__class__ is str and pos_encoding == "NONE" else S.pos_encoding(pos_encoding)
+    pos = (
+        POS_NONE
+        if pos_encoding_mode.__class__ is str and pos_encoding_mode == "NONE"
+        else S.pos_encoding(pos_encoding_mode)
+    )
     w = window_left if window_left.__class__ is int and -1 <= window_left < 1 << 31 else S.window(window_left)
     cap = 0.0 if logits_soft_cap.__class__ is float and logits_soft_cap == 0.0 else S.soft_cap(logits_soft_cap)
     if (pos == POS_ALIBI) != (alibi_slopes is not None):
@@ -562,7 +617,7 @@ def single_decode(
     key = (layout_key("q", q, stream), layout_key("k", k, stream), layout_key("out", out, stream), pos, w >= 0, cap > 0)
     found = _single.get(key)
     if found is None:
-        found = _single_variant(q, k, out, key)
+        found = _single_variant(q, k, v, out, key, (tmp, lse, layout, alibi_slopes, sm_scale, rope_scale, rope_theta))
     launch, d, no_tmp = found
     sm, rs, rt = S.scales(d, sm_scale, rope_scale, rope_theta)
     launch(
@@ -584,8 +639,13 @@ def single_decode(
     return out
 
 
-def _single_variant(q: Any, k: Any, out: Any, key: tuple[Any, ...]) -> tuple[Any, int, Tensor]:
-    """The module of a single decode call (from q's, k's and out's dtypes and the head dim), remembered by value."""
+def _single_variant(
+    q: Any, k: Any, v: Any, out: Any, key: tuple[Any, ...], rest: tuple[Any, ...]
+) -> tuple[Any, int, Tensor]:
+    """The module of a single decode call (from q's, k's and out's dtypes and the head dim), remembered by value.
+
+    ``rest`` is the call's other arguments (tmp, lse, layout code, ALiBi slopes, sm_scale, rope_scale,
+    rope_theta): the whole call is checked before the module is looked up (which may fetch the kernel wheel)."""
     qt, kt, ot = checks.tensor("q", q), checks.tensor("k", k), checks.tensor("out", out)
     if qt.ndim != 2:
         raise ValueError(f"q: expected a 2-D tensor [num_qo_heads, head_dim], got shape {qt.shape}")
@@ -601,6 +661,20 @@ def _single_variant(q: Any, k: Any, out: Any, key: tuple[Any, ...]) -> tuple[Any
         raise ValueError(f"q: head_dim (the last dimension) must be > 0, got shape {qt.shape}")
     for name, t in (("q", qt), ("k", kt), ("out", ot)):
         check_module_dtype(name, t)
+    tmp, lse, layout, alibi_slopes, sm_scale, rope_scale, rope_theta = rest
+    S.scales(d, sm_scale, rope_scale, rope_theta)
+    _check_single(
+        SimpleNamespace(
+            q=qt,
+            k=kt,
+            v=checks.tensor("v", v),
+            out=ot,
+            tmp=empty(uint8, qt.device) if tmp is None else checks.tensor("tmp", tmp),
+            lse=None if lse is None else checks.tensor("lse", lse),
+            kv_layout_code=layout,
+            alibi_slopes=None if alibi_slopes is None else checks.tensor("alibi_slopes", alibi_slopes),
+        )
+    )
     pos, swa, cap = key[3:]
     _, uri = variant_uri(SINGLE_DECODE, qt.dtype, kt.dtype, ot.dtype, None, d, d, pos, swa, cap)
     found = (launcher(SINGLE, uri, _check_single), d, empty(uint8, qt.device))

@@ -21,7 +21,7 @@ import numpy as np
 from ... import caches
 from ...tensor.descriptor import Tensor
 
-__all__ = ["check_indptr", "check_last_page_len", "host_array", "host_tensor"]
+__all__ = ["check_indices", "check_indptr", "check_last_page_len", "host_array", "host_tensor"]
 
 _INT32_MIN, _INT32_END = -(1 << 31), 1 << 31
 _I32 = np.dtype(np.int32)  # native int32 arrays share this descriptor object: an identity test is enough
@@ -119,6 +119,15 @@ def _bad_indptr(name: str, arr: np.ndarray) -> None:
     raise ValueError(
         f"{name}: must be non-decreasing, but {name}[{i + 1}] = {int(arr[i + 1])} < {name}[{i}] = {int(arr[i])}"
     )
+
+
+def check_indices(name: str, arr: np.ndarray, pages: int) -> None:
+    """Page ids (host int32, 1-D): at least the ``pages`` the indptr ends at, none negative among those."""
+    if arr.shape[0] < pages:
+        raise ValueError(f"{name}: the indptr ends at {pages} pages, but {name} has {arr.shape[0]} entries")
+    if pages and int(arr[:pages].min()) < 0:
+        i = int(np.argmax(arr[:pages] < 0))
+        raise ValueError(f"{name}: page ids must be >= 0, got {name}[{i}] = {int(arr[i])}")
 
 
 def check_last_page_len(

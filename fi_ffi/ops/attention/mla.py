@@ -61,9 +61,9 @@ from ...tensor.descriptor import Tensor
 from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from ...tensor.streams import stream_handle
 from . import variants as V
-from .host_index import check_indptr, host_array, host_tensor
+from .host_index import check_indices, check_indptr, host_array, host_tensor
 from .plan import Schedule
-from .plan_settings import MASK_CAUSAL, MASK_NONE  # the mask-mode codes, stated once
+from .plan_settings import MASK_CAUSAL, MASK_NONE, AttentionBackend, AttentionDType  # mask-mode codes, once
 from .workspace import Workspace
 
 __all__ = ["DECLARATIONS"]  # public here, not ops of fi_ffi; the ops: @op below
@@ -206,6 +206,9 @@ class MLAPlan(Schedule):
     calls it) or when the plan is garbage-collected. A plan is reusable for any number of runs until the next
     plan on its workspace overwrites the schedule: from then on it is :attr:`stale` and running it is a
     ValueError (the workspace's generation counter, the rule of :class:`~fi_ffi.ops.attention.plan.Plan`).
+
+    Raises:
+        ValueError: a run given this plan with tensors that do not match what it was planned for, named by the run.
     """
 
     __slots__ = ("staged_bytes",)
@@ -246,11 +249,11 @@ class MLAPlan(Schedule):
 # ---------------------------------------------------------------------------------------------- plan
 
 
-@op()
+@op(flashinfer="flashinfer.mla.BatchMLAPagedAttentionWrapper.plan")
 def batch_mla_plan(
-    workspace: Workspace,
     qo_indptr: IndexLike,
     kv_indptr: IndexLike,
+    kv_indices: IndexLike | None,
     kv_len_arr: IndexLike,
     num_heads: int,
     head_dim_ckv: int,
@@ -258,10 +261,11 @@ def batch_mla_plan(
     page_size: int,
     causal: bool,
     sm_scale: float,
-    q_data_type: Any = "float16",
-    kv_data_type: Any = None,
+    q_data_type: AttentionDType = "float16",
+    kv_data_type: AttentionDType | None = None,
     *,
-    backend: str = "auto",
+    workspace: Workspace,
+    backend: AttentionBackend = "auto",
     stream: StreamLike = None,
 ) -> MLAPlan:
     """Plan an MLA batch over a paged cache (``BatchMLAPagedAttentionWrapper.plan`` of flashinfer-python).
@@ -273,6 +277,8 @@ def batch_mla_plan(
             (``[0, 1, ..., batch]`` for decode). Numpy array, host descriptor or list; starts at 0,
             non-decreasing.
         kv_indptr: host int32 ``[batch + 1]``: request ``b`` owns pages ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]``.
+        kv_indices: host int32 page ids ``[>= kv_indptr[-1]]``, checked if given (>= 0); None: not checked. The
+            run takes the device copy.
         kv_len_arr: host int32 ``[batch]``: tokens of each request (KV length, >= 0, at most its pages times
             ``page_size``; with ``causal``, at least its query rows).
         num_heads: query heads ``H`` (128 for DeepSeek V3, 16 per GPU at tensor parallel 8).
@@ -291,30 +297,37 @@ def batch_mla_plan(
         The :class:`MLAPlan`; earlier plans on ``workspace`` become stale.
 
     Raises:
+        TypeError, ValueError: an argument of the wrong type or value, named, before any module is looked up (an
+            index list's dtype, length, order; a head count, head dim, dtype, scale).
         KernelNotFoundError: no pinned module for these dtypes and head dims (names the closest ones).
         UnsupportedDeviceError: ``backend="fa3"`` on a GPU that is not SM 9.x.
+        LoaderError: the module cannot be loaded (the kernel wheel absent offline, a damaged cache).
     """
     if type(workspace) is not Workspace:
         raise TypeError(
             f"workspace: expected a fi_ffi.Workspace (Workspace.allocate() or "
             f"Workspace.from_buffers()), got {type(workspace).__name__}"
         )
-    st = _settings(
-        workspace,
-        num_heads,
-        head_dim_ckv,
-        head_dim_kpe,
-        page_size,
-        causal,
-        sm_scale,
-        q_data_type,
-        kv_data_type,
-        backend,
-    )
+    args = (num_heads, head_dim_ckv, head_dim_kpe, page_size, causal, sm_scale, q_data_type, kv_data_type, backend)
+    try:
+        key: Any = (workspace.device, args, tuple(map(type, args)))
+        st = _settings_cache.get(key)
+    except TypeError:  # an unhashable argument: validated below, never cached
+        key, st = None, None
     qo = host_array("qo_indptr", qo_indptr)
     kv = host_array("kv_indptr", kv_indptr)
     lens = host_array("kv_len_arr", kv_len_arr)
-    batch, rows, pages = _check_schedule(qo, kv, lens, st)
+    if st is None:
+        # every argument is checked before the settings resolve the module (which may fetch the kernel wheel)
+        values = _values(*args)
+        batch, rows, pages = _check_schedule(qo, kv, lens, values[3], values[4], values[0])
+        if kv_indices is not None:
+            check_indices("kv_indices", host_array("kv_indices", kv_indices), pages)
+        st = _resolved(workspace, key, values)
+    else:
+        batch, rows, pages = _check_schedule(qo, kv, lens, st.page_size, st.causal, st.num_heads)
+        if kv_indices is not None:
+            check_indices("kv_indices", host_array("kv_indices", kv_indices), pages)
     handle = current_stream(workspace.device.device_id) if stream is None else stream_handle(stream)
     info, staged, generation = _plan_on(workspace, st, 0 if handle is None else handle, qo, kv, lens, stream)
     return MLAPlan(info, workspace, generation, st, batch, rows, pages, staged)
@@ -403,16 +416,9 @@ _settings_lock = threading.Lock()
 caches.register("MLA plan settings (module and launchers per argument tuple)", _settings_cache.clear)
 
 
-def _settings(ws: Workspace, *args: Any) -> _Settings:
-    """The validated settings for ``args`` (num_heads .. backend, as :func:`batch_mla_plan` takes them) on ``ws``'s
-    device, cached per argument values and types."""
-    try:
-        key = (ws.device, args, tuple(map(type, args)))
-        found = _settings_cache.get(key)
-    except TypeError:  # an unhashable argument: validated below, never cached
-        key, found = None, None
-    if found is not None:
-        return found
+def _values(*args: Any) -> tuple[Any, ...]:
+    """The settings arguments of :func:`batch_mla_plan` (num_heads .. backend, in its order) checked, as values:
+    (heads, ckv, kpe, page size, causal, sm_scale, q dtype, kv dtype, backend). Looks nothing up."""
     num_heads, head_dim_ckv, head_dim_kpe, page_size, causal, sm_scale, q_data_type, kv_data_type, backend = args
     h = checks.integer("num_heads", num_heads, 1)
     ckv = checks.integer("head_dim_ckv", head_dim_ckv, 1)
@@ -435,6 +441,24 @@ def _settings(ws: Workspace, *args: Any) -> _Settings:
         raise TypeError(f"kv_data_type: expected {qd.name} (as q_data_type) or an FP8 type, got {kd.name}")
     if backend not in ("auto", "fa2", "fa3"):
         raise ValueError(f"backend: expected 'auto', 'fa2' or 'fa3', got {backend!r}")
+    return h, ckv, kpe, ps, c, sm, qd, kd, backend
+
+
+def _settings(ws: Workspace, *args: Any) -> _Settings:
+    """The validated settings for ``args`` (num_heads .. backend, as :func:`batch_mla_plan` takes them) on ``ws``'s
+    device, cached per argument values and types."""
+    try:
+        key: Any = (ws.device, args, tuple(map(type, args)))
+        found = _settings_cache.get(key)
+    except TypeError:  # an unhashable argument: validated below, never cached
+        key, found = None, None
+    return found if found is not None else _resolved(ws, key, _values(*args))
+
+
+def _resolved(ws: Workspace, key: Any, values: tuple[Any, ...]) -> _Settings:
+    """The settings of checked ``values`` (:func:`_values`) on ``ws``'s device: the module chosen and resolved,
+    remembered under ``key`` (the plan's argument values and types; None: not remembered)."""
+    h, ckv, kpe, ps, c, sm, qd, kd, backend = values
     device_id = ws.device.device_id
     base = V.Variant(V.BATCH_MLA, qd, kd, qd, ckv, kpe, int32)
     uri, chosen = _choose(base, backend, device_id)
@@ -479,8 +503,11 @@ def _choose(base: V.Variant, backend: str, device_id: int) -> tuple[str, str]:
     return V.resolve(fa3), "fa3"
 
 
-def _check_schedule(qo: np.ndarray, kv: np.ndarray, lens: np.ndarray, st: _Settings) -> tuple[int, int, int]:
-    """Validate the host arrays against each other and the kernels' limits; returns (batch, rows, pages)."""
+def _check_schedule(
+    qo: np.ndarray, kv: np.ndarray, lens: np.ndarray, page_size: int, causal: bool, num_heads: int
+) -> tuple[int, int, int]:
+    """Validate the host arrays against each other, the (checked) settings and the kernels' limits; returns
+    (batch, rows, pages)."""
     n = qo.shape[0]
     if n < 2:
         raise ValueError(f"qo_indptr: expected at least 2 entries ([batch_size + 1], batch_size >= 1), got {n}")
@@ -497,14 +524,14 @@ def _check_schedule(qo: np.ndarray, kv: np.ndarray, lens: np.ndarray, st: _Setti
     if (kv_lens < 0).any():
         i = int(np.argmax(kv_lens < 0))
         raise ValueError(f"kv_len_arr: must be >= 0, got kv_len_arr[{i}] = {int(kv_lens[i])}")
-    over = kv_lens > pages * st.page_size
+    over = kv_lens > pages * page_size
     if over.any():
         i = int(np.argmax(over))
         raise ValueError(
             f"kv_len_arr: request {i} has {int(kv_lens[i])} tokens but only {int(pages[i])} page(s) of "
-            f"{st.page_size} in kv_indptr; its tokens must fit its pages"
+            f"{page_size} in kv_indptr; its tokens must fit its pages"
         )
-    if st.causal:
+    if causal:
         short = q_lens > kv_lens
         if short.any():
             i = int(np.argmax(short))
@@ -514,17 +541,17 @@ def _check_schedule(qo: np.ndarray, kv: np.ndarray, lens: np.ndarray, st: _Setti
                 f"{int(kv_lens[i])} tokens"
             )
     rows, total_pages = int(qo[-1]), int(kv[-1])
-    if total_pages * st.page_size >= _U32:
+    if total_pages * page_size >= _U32:
         raise ValueError(
-            f"kv_indptr: {total_pages} pages of {st.page_size} tokens exceed the kernels' 32-bit token "
+            f"kv_indptr: {total_pages} pages of {page_size} tokens exceed the kernels' 32-bit token "
             f"index; plan fewer tokens"
         )
-    packed = q_lens * st.num_heads  # rows x heads, tiled by the schedule as FlashInfer's MLAPlan does
+    packed = q_lens * num_heads  # rows x heads, tiled by the schedule as FlashInfer's MLAPlan does
     tile = 128 if int(packed.sum()) // batch > 64 else 64
     works = int(((packed + tile - 1) // tile).sum())
     if works + _SM_MARGIN > _MAX_WORKS:
         raise ValueError(
-            f"qo_indptr: {rows} query rows x {st.num_heads} heads make {works} work tiles; the MLA "
+            f"qo_indptr: {rows} query rows x {num_heads} heads make {works} work tiles; the MLA "
             f"schedule holds at most {_MAX_WORKS - _SM_MARGIN} (FlashInfer's fixed limit); split the "
             f"batch into several plans"
         )
@@ -544,17 +571,17 @@ def _check_plan(a: Any) -> None:
 # ---------------------------------------------------------------------------------------------- run
 
 
-@op()
+@op(flashinfer="flashinfer.mla.BatchMLAPagedAttentionWrapper.run")
 def batch_mla_run(
-    plan: MLAPlan,
     q_nope: TensorLike,
     q_pe: TensorLike,
     ckv_cache: TensorLike,
     kpe_cache: TensorLike,
-    kv_indices: TensorLike,
-    out: TensorT,
     *,
+    plan: MLAPlan,
+    out: TensorT,
     lse: TensorLike | None = None,
+    kv_indices: TensorLike,
     return_lse_base_on_e: bool = False,
     ckv_scale: float | None = None,
     kpe_scale: float | None = None,
@@ -562,6 +589,10 @@ def batch_mla_run(
     stream: StreamLike = None,
 ) -> TensorT:
     """Run MLA paged attention with a plan from :func:`batch_mla_plan` (``BatchMLAPagedAttentionWrapper.run``).
+
+    flashinfer-python's ``wrapper.run(q_nope, q_pe, ckv_cache, kpe_cache, out=..., lse=...)``; the page ids'
+    device array, which the wrapper copies at plan time, is a keyword here, and ``out`` is required (fi_ffi
+    allocates nothing).
 
     Args:
         plan: a live :class:`MLAPlan` (not released, not superseded by a later plan on its workspace).
@@ -580,6 +611,11 @@ def batch_mla_run(
 
     Returns:
         ``out``, as passed.
+
+    Raises:
+        TypeError, ValueError: a plan that is not a live MLA plan; a tensor of the wrong shape, dtype, device or
+            layout for the plan, named; FP8 scales with a float16/bfloat16 cache.
+        KernelError: the kernel failed (a CUDA error of the launch).
     """
     if type(plan) is not MLAPlan:
         raise TypeError(f"plan: expected an MLAPlan from batch_mla_plan, got {type(plan).__name__}")

@@ -157,6 +157,10 @@ class Plan(Schedule):
     ``backend``, ``device_id``, ``num_qo_heads``, ``num_kv_heads``, ``head_dim_qk``, ``head_dim_vo``,
     ``page_size``, ``kv_layout``, ``dtype_q``, ``dtype_kv``, ``dtype_o``, ``mask_mode``, ``window_left``,
     ``logits_soft_cap``, ``sm_scale``, ``rope_scale``, ``rope_theta``, ``enable_cuda_graph``.
+
+    Raises:
+        ValueError: a run given this plan after :meth:`release`, or with tensors that do not match what it was
+            planned for (batch size, rows, heads, page size, module), each named by the run.
     """
 
     __slots__ = ("_inputs",)

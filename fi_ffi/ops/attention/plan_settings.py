@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, Protocol, TypeAlias
 
 from ... import caches
 from ...dtypes import DType
@@ -24,7 +24,35 @@ from ...dtypes import dtype as to_dtype
 from ...launch import checks
 from .variants import POS_ENCODINGS
 
-__all__ = ["LAYOUTS", "MASK_CAUSAL", "MASK_CUSTOM", "MASK_NONE", "PlanSettings", "cached"]
+__all__ = [
+    "LAYOUTS",
+    "MASK_CAUSAL",
+    "MASK_CUSTOM",
+    "MASK_NONE",
+    "AttentionBackend",
+    "AttentionDType",
+    "DTypeObject",
+    "KVLayout",
+    "PlanSettings",
+    "PosEncodingMode",
+    "cached",
+]
+
+# The closed choices of the attention ops, as flashinfer-python spells them (its plan/run keywords take these strings).
+KVLayout: TypeAlias = Literal["NHD", "HND"]
+PosEncodingMode: TypeAlias = Literal["NONE", "ROPE_LLAMA", "ALIBI"]
+AttentionBackend: TypeAlias = Literal["auto", "fa2", "fa3"]
+
+
+class DTypeObject(Protocol):
+    """A dtype object: a :class:`fi_ffi.dtypes.DType`, a numpy dtype or a torch dtype (each states its itemsize)."""
+
+    @property
+    def itemsize(self) -> int: ...
+
+
+# An element type of the attention modules: its name, or a dtype object of one (flashinfer takes torch dtypes).
+AttentionDType: TypeAlias = Literal["float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"] | DTypeObject
 
 LAYOUTS = {"NHD": 0, "HND": 1}
 MASK_NONE, MASK_CAUSAL, MASK_CUSTOM = 0, 1, 2
@@ -162,6 +190,8 @@ def window(value: Any) -> int:
 
 def soft_cap(value: Any) -> float:
     """``logits_soft_cap``: 0 (off) or a finite value > 0."""
+    if value is None:  # flashinfer-python's default: off
+        return 0.0
     c = checks.finite("logits_soft_cap", value)
     if c < 0:
         raise ValueError(f"logits_soft_cap: expected 0 (off) or a value > 0, got {c}")
@@ -174,13 +204,15 @@ def pos_encoding(value: Any) -> int:
         return POS_ENCODINGS[value.upper()]
     if value.__class__ is int and value in POS_ENCODINGS.values():
         return value  # type: ignore[no-any-return]
-    raise ValueError(f"pos_encoding: expected 'NONE', 'ROPE_LLAMA' or 'ALIBI', got {value!r}")
+    raise ValueError(f"pos_encoding_mode: expected 'NONE', 'ROPE_LLAMA' or 'ALIBI', got {value!r}")
 
 
 def scales(head_dim_qk: int, sm_scale: Any, rope_scale: Any, rope_theta: Any) -> tuple[float, float, float]:
-    """(sm_scale, rope_scale, rope_theta) checked; ``sm_scale`` None means ``1/sqrt(head_dim_qk)``."""
+    """(sm_scale, rope_scale, rope_theta) checked; None means flashinfer-python's default: ``1/sqrt(head_dim_qk)``,
+    1.0 and 1e4."""
     s = head_dim_qk**-0.5 if sm_scale is None else checks.positive_finite("sm_scale", sm_scale)
-    return s, checks.positive_finite("rope_scale", rope_scale), checks.positive_finite("rope_theta", rope_theta)
+    rs = 1.0 if rope_scale is None else checks.positive_finite("rope_scale", rope_scale)
+    return s, rs, 1e4 if rope_theta is None else checks.positive_finite("rope_theta", rope_theta)
 
 
 def gqa(num_qo_heads: int, num_kv_heads: int, decode: bool, where: str = "num_qo_heads") -> None:
@@ -202,9 +234,9 @@ def gqa(num_qo_heads: int, num_kv_heads: int, decode: bool, where: str = "num_qo
 
 def dtypes(q_dtype: Any, kv_dtype: Any, o_dtype: Any) -> tuple[DType, DType, DType]:
     """The q, kv and o element types (kv and o default to q's); errors name the argument."""
-    qd = _dtype("q_dtype", q_dtype)
-    kd = qd if kv_dtype is None else _dtype("kv_dtype", kv_dtype)
-    od = qd if o_dtype is None else _dtype("o_dtype", o_dtype)
+    qd = _dtype("q_data_type", q_dtype)
+    kd = qd if kv_dtype is None else _dtype("kv_data_type", kv_dtype)
+    od = qd if o_dtype is None else _dtype("o_data_type", o_dtype)
     return qd, kd, od
 
 

@@ -55,15 +55,27 @@ from .common import (
     check_rows,
     check_tmp,
     check_workspace,
+    early_alibi,
     empty,
+    kv_pair,
     layout_key,
     runnable,
     variant_uri,
 )
-from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
+from .host_index import check_indices, check_indptr, check_last_page_len, host_array, host_tensor
 from .plan import Plan
 from .plan_call import call_plan
-from .plan_settings import LAYOUTS, MASK_CAUSAL, MASK_CUSTOM, MASK_NONE, PlanSettings
+from .plan_settings import (
+    LAYOUTS,
+    MASK_CAUSAL,
+    MASK_CUSTOM,
+    MASK_NONE,
+    AttentionBackend,
+    AttentionDType,
+    KVLayout,
+    PlanSettings,
+    PosEncodingMode,
+)
 from .variants import BATCH_PREFILL, SINGLE_PREFILL, Variant, choose_prefill
 from .workspace import Workspace
 
@@ -275,6 +287,12 @@ def pack_custom_mask_device(
 
     Returns:
         ``(out, output_indptr)``, as passed. Asynchronous: nothing is copied back.
+
+    Raises:
+        TypeError, ValueError: a tensor of the wrong shape, dtype or device, named (by ``segment_packbits``'s
+            checks, before its module is looked up).
+        LoaderError: the quantization module cannot be loaded.
+        KernelError: the kernel failed.
     """
     from ..quantization import segment_packbits
 
@@ -295,29 +313,33 @@ _single_lock = threading.Lock()
 _MAX_SINGLE = 1024
 
 
-@op()
+@op(flashinfer="flashinfer.prefill.single_prefill_with_kv_cache")
 def single_prefill(
     q: TensorLike,
     k: TensorLike,
     v: TensorLike,
-    out: TensorT,
     *,
+    out: TensorT,
     tmp: TensorLike | None = None,
     lse: TensorLike | None = None,
+    packed_custom_mask: TensorLike | None = None,
     causal: bool = False,
-    kv_layout: str = "NHD",
-    custom_mask: TensorLike | None = None,
-    pos_encoding: Any = "NONE",
-    window_left: int = -1,
-    logits_soft_cap: float = 0.0,
-    sm_scale: float | None = None,
-    rope_scale: float = 1.0,
-    rope_theta: float = 1e4,
-    alibi_slopes: TensorLike | None = None,
+    kv_layout: KVLayout = "NHD",
+    pos_encoding_mode: PosEncodingMode = "NONE",
     use_fp16_qk_reduction: bool = False,
+    sm_scale: float | None = None,
+    window_left: int = -1,
+    logits_soft_cap: float | None = 0.0,
+    rope_scale: float | None = 1.0,
+    rope_theta: float | None = 1e4,
+    alibi_slopes: TensorLike | None = None,
     stream: StreamLike = None,
 ) -> TensorT:
     """Prefill attention of one request (FA2 module).
+
+    flashinfer-python's ``single_prefill_with_kv_cache(q, k, v, ...)`` with its keywords, writing into ``out``
+    (fi_ffi allocates nothing: no unpacked ``custom_mask`` (pack it with :func:`pack_custom_mask`), no FP8
+    ``scale_q``/``scale_k``/``scale_v``, ``lse`` in place of ``return_lse``).
 
     Args:
         q: ``[qo_len, num_qo_heads, head_dim_qk]``; last dim contiguous, dims 0 and 1 may be strided.
@@ -327,24 +349,34 @@ def single_prefill(
         out: ``[qo_len, num_qo_heads, head_dim_vo]``, contiguous (written densely); its dtype selects the module.
         tmp: uint8 1-D device scratch for splitting long KV (upstream: 32 MiB); None: never split.
         lse: optional float32 ``[qo_len, num_qo_heads]``.
+        packed_custom_mask: uint8 device ``[>= ceil(qo_len * kv_len / 8)]`` packed bits (:func:`pack_custom_mask`),
+            passed to the kernel as a TVM-FFI Tensor made for this call.
         causal: causal mask aligned to the end of the KV (a custom mask replaces it: pass one or the other).
         kv_layout: ``"NHD"`` or ``"HND"``.
-        custom_mask: uint8 device ``[>= ceil(qo_len * kv_len / 8)]`` packed bits (:func:`pack_custom_mask`),
-            passed to the kernel as a TVM-FFI Tensor made for this call.
-        pos_encoding, window_left, logits_soft_cap, use_fp16_qk_reduction: select the module.
-        sm_scale: default ``1 / sqrt(head_dim_qk)``; rope_scale, rope_theta: RoPE parameters.
+        pos_encoding_mode, window_left, logits_soft_cap, use_fp16_qk_reduction: select the module.
+        sm_scale: default ``1 / sqrt(head_dim_qk)``; rope_scale, rope_theta: RoPE parameters (None: 1.0, 1e4).
         alibi_slopes: float32 ``[num_qo_heads]`` with ALIBI.
+        stream: where the kernel runs.
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type, shape, dtype or value, named, before any module is
+            looked up.
+        KernelNotFoundError: no pinned module for these dtypes, head dims and options.
+        LoaderError: the module cannot be loaded (the kernel wheel absent offline, a damaged cache).
+        KernelError: the kernel failed.
     """
+    custom_mask = packed_custom_mask
+    pos_encoding = pos_encoding_mode
     layout = LAYOUTS.get(kv_layout) if kv_layout.__class__ is str else None
     if layout is None:
         layout = LAYOUTS[S.layout_name(kv_layout)]
     if causal is not False and causal is not True:
         causal = checks.flag("causal", causal)
     if custom_mask is not None and causal:
-        raise ValueError("causal: a custom mask replaces the causal mask; pass causal=False with custom_mask")
+        raise ValueError("causal: a custom mask replaces the causal mask; pass causal=False with packed_custom_mask")
     pos = POS_NONE if pos_encoding.__class__ is str and pos_encoding == "NONE" else S.pos_encoding(pos_encoding)
     w = window_left if window_left.__class__ is int and -1 <= window_left < 1 << 31 else S.window(window_left)
     cap = 0.0 if logits_soft_cap.__class__ is float and logits_soft_cap == 0.0 else S.soft_cap(logits_soft_cap)
@@ -367,10 +399,12 @@ def single_prefill(
     )
     found = _single.get(key)
     if found is None:
-        found = _single_variant(q, k, v, out, key)
+        rest = (tmp, lse, mode_of(custom_mask, causal), layout, w, custom_mask, alibi_slopes, sm_scale, rope_scale,
+                rope_theta)  # fmt: skip
+        found = _single_variant(q, k, v, out, key, rest)
     launch, dqk, no_tmp = found
     sm, rs, rt = S.scales(dqk, sm_scale, rope_scale, rope_theta)
-    mode = MASK_CUSTOM if custom_mask is not None else (MASK_CAUSAL if causal else MASK_NONE)
+    mode = mode_of(custom_mask, causal)
     launch(
         q,
         k,
@@ -392,8 +426,19 @@ def single_prefill(
     return out
 
 
-def _single_variant(q: Any, k: Any, v: Any, out: Any, key: tuple[Any, ...]) -> tuple[Any, int, Tensor]:
-    """The module of a single prefill call (dtypes and head dims of q, k, v, out), remembered by value."""
+def mode_of(custom_mask: Any, causal: bool) -> int:
+    """The mask mode code of a single prefill call."""
+    return MASK_CUSTOM if custom_mask is not None else (MASK_CAUSAL if causal else MASK_NONE)
+
+
+def _single_variant(
+    q: Any, k: Any, v: Any, out: Any, key: tuple[Any, ...], rest: tuple[Any, ...]
+) -> tuple[Any, int, Tensor]:
+    """The module of a single prefill call (dtypes and head dims of q, k, v, out), remembered by value.
+
+    ``rest`` is the call's other arguments (tmp, lse, mask mode, layout code, window, custom mask, ALiBi slopes,
+    sm_scale, rope_scale, rope_theta): the whole call is checked before the module is looked up (which may fetch
+    the kernel wheel)."""
     qt, kt, vt, ot = (checks.tensor(n, x) for n, x in (("q", q), ("k", k), ("v", v), ("out", out)))
     kv_text = "NHD [kv_len, num_kv_heads, head_dim] or HND [num_kv_heads, kv_len, head_dim]"
     for name, t, text in (("q", qt, "[qo_len, num_qo_heads, head_dim_qk]"), ("k", kt, kv_text), ("v", vt, kv_text)):
@@ -415,6 +460,23 @@ def _single_variant(q: Any, k: Any, v: Any, out: Any, key: tuple[Any, ...]) -> t
         )
     for name, t in (("q", qt), ("k", kt), ("out", ot)):
         check_module_dtype(name, t)
+    tmp, lse, mode, layout, w, custom_mask, alibi_slopes, sm_scale, rope_scale, rope_theta = rest
+    S.scales(dqk, sm_scale, rope_scale, rope_theta)
+    _check_single(
+        SimpleNamespace(
+            q=qt,
+            k=kt,
+            v=vt,
+            out=ot,
+            tmp=empty(uint8, qt.device) if tmp is None else checks.tensor("tmp", tmp),
+            lse=None if lse is None else checks.tensor("lse", lse),
+            mask_mode_code=mode,
+            kv_layout_code=layout,
+            window_left=w,
+            custom_mask=None if custom_mask is None else checks.tensor("packed_custom_mask", custom_mask),
+            alibi_slopes=None if alibi_slopes is None else checks.tensor("alibi_slopes", alibi_slopes),
+        )
+    )
     pos, swa, cap, f16qk = key[4:]
     _, uri = variant_uri(SINGLE_PREFILL, qt.dtype, kt.dtype, ot.dtype, None, dqk, dvo, pos, swa, cap, f16qk)
     found = (launcher(SINGLE, uri, _check_single), dqk, empty(uint8, qt.device))
@@ -456,10 +518,12 @@ def _check_single(a: SimpleNamespace) -> PointerRules:
     AC.lse_tensor("lse", a.lse, (qo_len, hq), dev)
     mask = a.custom_mask
     if mask is not None:
-        AC.vector("custom_mask", mask, "uint8", None, dev)
+        AC.vector("packed_custom_mask", mask, "uint8", None, dev)
         need = -(-(qo_len * kv_len) // 8)
         if mask.shape[0] < need:
-            raise ValueError(f"custom_mask: expected at least {need} bytes (qo_len * kv_len bits), got {mask.shape[0]}")
+            raise ValueError(
+                f"packed_custom_mask: expected at least {need} bytes (qo_len * kv_len bits), got {mask.shape[0]}"
+            )
     AC.vector("alibi_slopes", a.alibi_slopes, "float32", hq, dev)
     return AC.outputs_apart(rules, ("custom_mask", "alibi_slopes"))
 
@@ -470,40 +534,45 @@ caches.register("single prefill modules (by layout values)", _single.clear)
 # ------------------------------------------------------------------------------------------ batch prefill plans
 
 
-@op()
+@op(flashinfer="flashinfer.prefill.BatchPrefillWithRaggedKVCacheWrapper.plan")
 def batch_prefill_ragged_plan(
-    workspace: Workspace,
     qo_indptr: IndexLike,
     kv_indptr: IndexLike,
     num_qo_heads: int,
     num_kv_heads: int,
     head_dim_qk: int,
-    *,
     head_dim_vo: int | None = None,
-    q_dtype: Any = "float16",
-    kv_dtype: Any = None,
-    o_dtype: Any = None,
-    kv_layout: str = "NHD",
-    causal: bool = False,
-    custom_mask: TensorLike | None = None,
+    *,
+    workspace: Workspace,
+    packed_custom_mask: TensorLike | None = None,
     mask_indptr: TensorLike | None = None,
-    pos_encoding: Any = "NONE",
-    window_left: int = -1,
-    logits_soft_cap: float = 0.0,
-    sm_scale: float | None = None,
-    rope_scale: float = 1.0,
-    rope_theta: float = 1e4,
-    alibi_slopes: TensorLike | None = None,
+    causal: bool = False,
+    pos_encoding_mode: PosEncodingMode = "NONE",
     use_fp16_qk_reduction: bool = False,
-    backend: str = "auto",
-    enable_cuda_graph: bool = False,
-    max_total_num_rows: int | None = None,
+    window_left: int = -1,
+    logits_soft_cap: float | None = 0.0,
+    sm_scale: float | None = None,
+    rope_scale: float | None = 1.0,
+    rope_theta: float | None = 1e4,
+    q_data_type: AttentionDType = "float16",
+    kv_data_type: AttentionDType | None = None,
+    o_data_type: AttentionDType | None = None,
     fixed_split_size: int | None = None,
     disable_split_kv: bool = False,
+    kv_layout: KVLayout = "NHD",
+    alibi_slopes: TensorLike | None = None,
+    backend: AttentionBackend = "auto",
+    enable_cuda_graph: bool = False,
+    max_total_num_rows: int | None = None,
     uniform_q_len: int | None = None,
     stream: StreamLike = None,
 ) -> Plan:
     """Plan batch prefill over ragged K/V: request ``i``'s keys are rows ``kv_indptr[i]:kv_indptr[i+1]``.
+
+    flashinfer-python's ``BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout, backend=...).plan(qo_indptr,
+    kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo, ...)`` as a function of the workspace
+    (docs/porting.md): its keywords, less an unpacked ``custom_mask`` (fi_ffi takes the packed bits and their
+    offsets, :func:`pack_custom_mask`); ``kv_layout``, ``backend`` and CUDA-graph mode are keywords here.
 
     Args:
         workspace: the :class:`~fi_ffi.ops.attention.workspace.Workspace` of this plan and its runs.
@@ -511,26 +580,38 @@ def batch_prefill_ragged_plan(
         kv_indptr: host int32 ``[batch + 1]``, in tokens.
         num_qo_heads, num_kv_heads: heads (``num_qo_heads`` a multiple of ``num_kv_heads``).
         head_dim_qk, head_dim_vo: head dims (vo defaults to qk).
-        q_dtype, kv_dtype, o_dtype: element types (kv and o default to q's).
-        kv_layout: ``"NHD"`` (``[nnz_kv, kv_heads, d]``) or ``"HND"`` (``[kv_heads, nnz_kv, d]``; FA2 only).
-        causal: causal mask (per request, aligned to the end of its KV).
-        custom_mask, mask_indptr: a custom mask (uint8 device packed bits and int32 device ``[batch + 1]`` byte
-            offsets, :func:`pack_custom_mask`); FA2 only. The plan refers to them until released and
+        packed_custom_mask, mask_indptr: a custom mask (uint8 device packed bits and int32 device ``[batch + 1]``
+            byte offsets, :func:`pack_custom_mask`); FA2 only. The plan refers to them until released and
             passes them to every run.
-        pos_encoding, window_left, logits_soft_cap, use_fp16_qk_reduction: select the module.
-        sm_scale: default ``1 / sqrt(head_dim_qk)``; rope_scale, rope_theta: RoPE parameters.
+        causal: causal mask (per request, aligned to the end of its KV).
+        pos_encoding_mode, window_left, logits_soft_cap, use_fp16_qk_reduction: select the module.
+        sm_scale: default ``1 / sqrt(head_dim_qk)``; rope_scale, rope_theta: RoPE parameters (None: 1.0, 1e4).
+        q_data_type, kv_data_type, o_data_type: element types, names or dtype objects (kv and o default to q's).
+        fixed_split_size, disable_split_kv: FA2 split-KV controls (deterministic reductions); ignored by FA3.
+        kv_layout: ``"NHD"`` (``[nnz_kv, kv_heads, d]``) or ``"HND"`` (``[kv_heads, nnz_kv, d]``; FA2 only).
         alibi_slopes: float32 ``[num_qo_heads]`` with ALIBI (referred to by the plan, like the mask).
         backend: ``"auto"``, ``"fa2"`` or ``"fa3"``.
         enable_cuda_graph: plan for runs captured in a CUDA graph; ``max_total_num_rows`` then bounds the rows
             of every later plan replayed into the same graph (default ``qo_indptr[-1]``).
-        fixed_split_size, disable_split_kv: FA2 split-KV controls (deterministic reductions); ignored by FA3.
         uniform_q_len: a promise that every request has exactly this many query rows (``qo_indptr`` is checked
             against it), which FlashInfer >= 0.7's FA2 planner uses to size the query tiles of CUDA-graph plans
             (``enable_cuda_graph=True``; every later plan replayed into the graph must keep it). None or 0: no
             promise. Ignored by FA3 (as upstream); refused by name on a FlashInfer 0.6.3 FA2 module, which has
             no such argument.
         stream: the stream of the plan's asynchronous copy; runs must use the same stream.
+
+    Returns:
+        the :class:`~fi_ffi.ops.attention.plan.Plan`; earlier plans on ``workspace`` become stale.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or value, named, before any module is looked up (an
+            index list's dtype, length, order; a head count, dtype, layout, mask, position encoding, scale).
+        KernelNotFoundError: no pinned module for these settings (names the closest ones).
+        UnsupportedDeviceError: ``backend="fa3"`` on a GPU that is not SM 9.x.
+        LoaderError: the module cannot be loaded (the kernel wheel absent offline, a damaged cache).
     """
+    custom_mask, pos_encoding = packed_custom_mask, pos_encoding_mode
+    q_dtype, kv_dtype, o_dtype = q_data_type, kv_data_type, o_data_type
     return _plan(
         "ragged",
         workspace,
@@ -541,6 +622,7 @@ def batch_prefill_ragged_plan(
         uniform_q_len,
         stream,
         (custom_mask, mask_indptr, alibi_slopes),
+        None,
         (
             num_qo_heads,
             num_kv_heads,
@@ -568,61 +650,81 @@ def batch_prefill_ragged_plan(
     )
 
 
-@op()
+@op(flashinfer="flashinfer.prefill.BatchPrefillWithPagedKVCacheWrapper.plan")
 def batch_prefill_paged_plan(
-    workspace: Workspace,
     qo_indptr: IndexLike,
-    kv_indptr: IndexLike,
-    kv_last_page_len: IndexLike,
+    paged_kv_indptr: IndexLike,
+    paged_kv_indices: IndexLike | None,
+    paged_kv_last_page_len: IndexLike,
     num_qo_heads: int,
     num_kv_heads: int,
     head_dim_qk: int,
     page_size: int,
-    *,
     head_dim_vo: int | None = None,
-    q_dtype: Any = "float16",
-    kv_dtype: Any = None,
-    o_dtype: Any = None,
-    kv_layout: str = "NHD",
-    causal: bool = False,
-    custom_mask: TensorLike | None = None,
+    *,
+    workspace: Workspace,
+    packed_custom_mask: TensorLike | None = None,
     mask_indptr: TensorLike | None = None,
-    pos_encoding: Any = "NONE",
-    window_left: int = -1,
-    logits_soft_cap: float = 0.0,
-    sm_scale: float | None = None,
-    rope_scale: float = 1.0,
-    rope_theta: float = 1e4,
-    alibi_slopes: TensorLike | None = None,
+    causal: bool = False,
+    pos_encoding_mode: PosEncodingMode = "NONE",
     use_fp16_qk_reduction: bool = False,
-    backend: str = "auto",
-    enable_cuda_graph: bool = False,
-    max_total_num_rows: int | None = None,
+    sm_scale: float | None = None,
+    window_left: int = -1,
+    logits_soft_cap: float | None = 0.0,
+    rope_scale: float | None = 1.0,
+    rope_theta: float | None = 1e4,
+    q_data_type: AttentionDType = "float16",
+    kv_data_type: AttentionDType | None = None,
+    o_data_type: AttentionDType | None = None,
     fixed_split_size: int | None = None,
     disable_split_kv: bool = False,
+    kv_layout: KVLayout = "NHD",
+    alibi_slopes: TensorLike | None = None,
+    backend: AttentionBackend = "auto",
+    enable_cuda_graph: bool = False,
+    max_total_num_rows: int | None = None,
     uniform_q_len: int | None = None,
     stream: StreamLike = None,
 ) -> Plan:
     """Plan batch prefill over a paged KV cache.
 
-    Args are those of :func:`batch_prefill_ragged_plan`, except:
-        kv_indptr: host int32 ``[batch + 1]`` in **pages**: request ``i`` owns
-            ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]``.
-        kv_last_page_len: host int32 ``[batch]``: tokens in each request's last page (1..page_size; 0 for a
-            request without pages). FA3 plans from the resulting lengths; the run takes the device copy.
+    flashinfer-python's ``BatchPrefillWithPagedKVCacheWrapper(...).plan(qo_indptr, paged_kv_indptr,
+    paged_kv_indices, paged_kv_last_page_len, num_qo_heads, num_kv_heads, head_dim_qk, page_size, ...)``; the
+    other arguments are those of :func:`batch_prefill_ragged_plan`, and:
+
+    Args:
+        paged_kv_indptr: host int32 ``[batch + 1]`` in **pages**: request ``i`` owns
+            ``kv_indices[paged_kv_indptr[i]:paged_kv_indptr[i+1]]``.
+        paged_kv_indices: host int32 page ids ``[>= paged_kv_indptr[-1]]``, checked if given (>= 0); None: not
+            checked. The run takes the device copy (``kv_indices``).
+        paged_kv_last_page_len: host int32 ``[batch]``: tokens in each request's last page (1..page_size; 0 for
+            a request without pages). FA3 plans from the resulting lengths; the run takes the device copy.
         page_size: tokens per page.
         kv_layout: NHD ``[pages, page_size, kv_heads, d]`` or HND ``[pages, kv_heads, page_size, d]``.
+
+    Returns:
+        the :class:`~fi_ffi.ops.attention.plan.Plan`; earlier plans on ``workspace`` become stale.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or value, named, before any module is looked up (an
+            index list's dtype, length, order; a head count, dtype, layout, mask, position encoding, scale).
+        KernelNotFoundError: no pinned module for these settings (names the closest ones).
+        UnsupportedDeviceError: ``backend="fa3"`` on a GPU that is not SM 9.x.
+        LoaderError: the module cannot be loaded (the kernel wheel absent offline, a damaged cache).
     """
+    custom_mask, pos_encoding = packed_custom_mask, pos_encoding_mode
+    q_dtype, kv_dtype, o_dtype = q_data_type, kv_data_type, o_data_type
     return _plan(
         "paged",
         workspace,
         qo_indptr,
-        kv_indptr,
-        kv_last_page_len,
+        paged_kv_indptr,
+        paged_kv_last_page_len,
         max_total_num_rows,
         uniform_q_len,
         stream,
         (custom_mask, mask_indptr, alibi_slopes),
+        paged_kv_indices,
         (
             num_qo_heads,
             num_kv_heads,
@@ -660,41 +762,51 @@ def _plan(
     uniform_q_len: Any,
     stream: Any,
     inputs: tuple[Any, Any, Any],
+    kv_indices: Any,
     args: tuple[Any, ...],
 ) -> Plan:
-    """A batch prefill plan: settings (by value), host arrays, the mask's size, the plan call."""
+    """A batch prefill plan: host arrays and the mask's size checked, settings (by value), the plan call."""
     ws = workspace if workspace.__class__ is Workspace else check_workspace(workspace)
     custom_mask, mask_indptr, alibi_slopes = inputs
     alibi_required(args[11], alibi_slopes)
     if (custom_mask is None) != (mask_indptr is None):
-        raise ValueError("custom_mask, mask_indptr: pass both (packed bits and per-request byte offsets) or neither")
-    device_id = ws.device.device_id
-    s = S.cached(
-        (BATCH_PREFILL, mode, device_id, args, tuple(map(type, args))), lambda: _settings(mode, device_id, args)
-    )
+        raise ValueError(
+            "packed_custom_mask, mask_indptr: pass both (packed bits and per-request byte offsets) or neither"
+        )
+    # every argument is checked before the settings resolve the module (which may fetch the kernel wheel)
     qo = host_array("qo_indptr", qo_indptr)
     rows = check_indptr("qo_indptr", qo)
     batch = qo.shape[0] - 1
-    kv = host_array("kv_indptr", kv_indptr)
-    extent_ = check_indptr("kv_indptr", kv, batch)
+    kv_name = "paged_kv_indptr" if mode == "paged" else "kv_indptr"
+    kv = host_array(kv_name, kv_indptr)
+    extent_ = check_indptr(kv_name, kv, batch)
     if mode == "paged":
+        if kv_indices is not None:
+            check_indices("paged_kv_indices", host_array("paged_kv_indices", kv_indices), extent_)
         if kv_last_page_len is None:
-            raise ValueError("kv_last_page_len: required for a paged plan (host int32 [batch_size])")
-        kv_lens = check_last_page_len(
-            "kv_last_page_len", host_array("kv_last_page_len", kv_last_page_len), kv, s.page_size, lengths=True
-        )
+            raise ValueError("paged_kv_last_page_len: required for a paged plan (host int32 [batch_size])")
+        last = host_array("paged_kv_last_page_len", kv_last_page_len)
+        kv_lens = check_last_page_len("paged_kv_last_page_len", last, kv, S.count("page_size", args[3]), lengths=True)
     else:
         kv_lens = kv[1:] - kv[:-1]
     assert kv_lens is not None
     total_rows = rows
     if max_total_num_rows is not None:
         total_rows = S.count("max_total_num_rows", max_total_num_rows)
-        if not s.enable_cuda_graph:
+        if not checks.flag("enable_cuda_graph", args[19]):
             raise ValueError("max_total_num_rows: only meaningful with enable_cuda_graph=True")
         if total_rows < rows:
             raise ValueError(f"max_total_num_rows: must be >= qo_indptr[-1] = {rows}, got {total_rows}")
     if custom_mask is not None:
         _check_mask(custom_mask, mask_indptr, qo, kv_lens, batch, ws.device)
+    if alibi_slopes is not None:
+        early_alibi(args[0], alibi_slopes, ws.device)
+    if uniform_q_len is not None:
+        _uniform_lengths(uniform_q_len, qo)
+    device_id = ws.device.device_id
+    s = S.cached(
+        (BATCH_PREFILL, mode, device_id, args, tuple(map(type, args))), lambda: _settings(mode, device_id, args)
+    )
     if alibi_slopes is not None or s.pos_encoding == POS_ALIBI:
         check_alibi(s, alibi_slopes, ws.device)
     extra = (
@@ -732,16 +844,9 @@ def _plan(
 def _uniform_q_len(value: Any, qo: np.ndarray, s: PlanSettings) -> int:
     """The checked ``uniform_q_len`` promise for the FA2 plan (0 for FA3, which takes none), refused before the
     plan call (which marks the workspace's earlier plans stale) when the bound FA2 module has no such argument."""
-    n = checks.integer("uniform_q_len", value, 0)
+    n = _uniform_lengths(value, qo)
     if n == 0:
         return 0
-    lengths = qo[1:] - qo[:-1]
-    if lengths.size and not (lengths == n).all():
-        i = int(np.argmax(lengths != n))
-        raise ValueError(
-            f"uniform_q_len: promises {n} query rows per request, but qo_indptr gives request {i} "
-            f"{int(lengths[i])}; pass None for batches of mixed lengths"
-        )
     if s.backend == "fa3":
         return 0  # the FA3 planner has no such hint (flashinfer-python drops it too)
     decl = s.plan.launcher.decl
@@ -753,18 +858,34 @@ def _uniform_q_len(value: Any, qo: np.ndarray, s: PlanSettings) -> int:
     return n
 
 
+def _uniform_lengths(value: Any, qo: np.ndarray) -> int:
+    """``uniform_q_len`` checked against ``qo_indptr`` (0: no promise), before any module is looked up."""
+    n = checks.integer("uniform_q_len", value, 0)
+    if n == 0:
+        return 0
+    lengths = qo[1:] - qo[:-1]
+    if lengths.size and not (lengths == n).all():
+        i = int(np.argmax(lengths != n))
+        raise ValueError(
+            f"uniform_q_len: promises {n} query rows per request, but qo_indptr gives request {i} "
+            f"{int(lengths[i])}; pass None for batches of mixed lengths"
+        )
+    return n
+
+
 def _check_mask(
     custom_mask: Any, mask_indptr: Any, qo: np.ndarray, kv_lens: np.ndarray, batch: int, device: Any
 ) -> None:
     """The packed mask covers every request's ``qo_len * kv_len`` bits; offsets are int32 ``[batch + 1]``."""
-    mask = checks.tensor("custom_mask", custom_mask)
+    mask = checks.tensor("packed_custom_mask", custom_mask)
     offsets = checks.tensor("mask_indptr", mask_indptr)
-    AC.vector("custom_mask", mask, "uint8", None, device)
+    AC.vector("packed_custom_mask", mask, "uint8", None, device)
     AC.vector("mask_indptr", offsets, "int32", None, device)
     need = int(np.sum(((qo[1:] - qo[:-1]).astype(np.int64) * kv_lens.astype(np.int64) + 7) // 8))
     if mask.shape[0] < need:
         raise ValueError(
-            f"custom_mask: expected at least {need} bytes (sum of ceil(qo_len * kv_len / 8)), got {mask.shape[0]}"
+            f"packed_custom_mask: expected at least {need} bytes (sum of ceil(qo_len * kv_len / 8)), "
+            f"got {mask.shape[0]}"
         )
     if offsets.shape[0] != batch + 1:
         raise ValueError(f"mask_indptr: expected {batch + 1} entries ([batch_size + 1]), got {offsets.shape[0]}")
@@ -817,7 +938,7 @@ def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
     split = -1 if fixed_split_size is None else S.count("fixed_split_size", fixed_split_size)
     qd, kd, od = S.dtypes(q_dtype, kv_dtype, o_dtype)
     if custom and causal:
-        raise ValueError("causal: a custom mask replaces the causal mask; pass causal=False with custom_mask")
+        raise ValueError("causal: a custom mask replaces the causal mask; pass causal=False with packed_custom_mask")
     if backend.__class__ is not str or backend not in ("auto", "fa2", "fa3"):
         raise ValueError(f"backend: expected 'auto', 'fa2' or 'fa3', got {backend!r}")
     if mode == "ragged" and layout == "HND":
@@ -927,21 +1048,24 @@ def _launch(plan: Plan, ws: Any, tensors: tuple[Any, ...], out: Any, lse: Any, e
         )
 
 
-@op()
+@op(flashinfer="flashinfer.prefill.BatchPrefillWithRaggedKVCacheWrapper.run")
 def batch_prefill_ragged_run(
-    plan: Plan,
     q: TensorLike,
     k: TensorLike,
     v: TensorLike,
+    *,
+    plan: Plan,
     qo_indptr: TensorLike,
     kv_indptr: TensorLike,
     out: TensorT,
-    *,
     lse: TensorLike | None = None,
     enable_pdl: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
     """Run batch prefill over ragged K/V with a plan from :func:`batch_prefill_ragged_plan`.
+
+    flashinfer-python's ``wrapper.run(q, k, v, out=..., lse=...)``; the indptrs' device copies, which the wrapper
+    makes at plan time, are keywords here, and ``out`` is required (fi_ffi allocates nothing).
 
     Args:
         plan: a live ragged prefill plan.
@@ -956,6 +1080,11 @@ def batch_prefill_ragged_run(
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError, ValueError: a plan that is not a live plan of this kind; a tensor of the wrong shape, dtype,
+            device or layout for the plan, named.
+        KernelError: the kernel failed (a CUDA error of the launch).
     """
     ws = runnable(plan, BATCH_PREFILL, "ragged", "batch_prefill_ragged_plan")
     check_rows(plan, q)
@@ -964,38 +1093,48 @@ def batch_prefill_ragged_run(
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.prefill.BatchPrefillWithPagedKVCacheWrapper.run")
 def batch_prefill_paged_run(
-    plan: Plan,
     q: TensorLike,
-    k_cache: TensorLike,
-    v_cache: TensorLike,
+    paged_kv_cache: tuple[TensorLike, TensorLike],
+    *,
+    plan: Plan,
     qo_indptr: TensorLike,
     kv_indptr: TensorLike,
     kv_indices: TensorLike,
     kv_last_page_len: TensorLike,
     out: TensorT,
-    *,
     lse: TensorLike | None = None,
     enable_pdl: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
     """Run batch prefill over a paged KV cache with a plan from :func:`batch_prefill_paged_plan`.
 
+    flashinfer-python's ``wrapper.run(q, paged_kv_cache, out=..., lse=...)``; the page table's device arrays are
+    keywords here, and ``out`` is required (fi_ffi allocates nothing).
+
     Args:
         plan: a live paged prefill plan.
         q: ``[>= qo_indptr[-1], num_qo_heads, head_dim_qk]``; last dim contiguous, rows may be strided.
-        k_cache, v_cache: NHD ``[pages, page_size, num_kv_heads, head_dim]`` / HND ``[pages, num_kv_heads,
-            page_size, head_dim]``, the plan's kv dtype, identical strides.
+        paged_kv_cache: ``(k_cache, v_cache)``: NHD ``[pages, page_size, num_kv_heads, head_dim]`` / HND
+            ``[pages, num_kv_heads, page_size, head_dim]``, the plan's kv dtype, identical strides.
         qo_indptr, kv_indptr, kv_last_page_len: device int32 copies of the plan's host arrays (FA3 reads the
             lengths from the plan, FA2 from these).
         kv_indices: device int32 ``[>= kv_indptr[-1]]`` page ids.
         out: ``[q.shape[0], num_qo_heads, head_dim_vo]`` of the plan's o dtype, contiguous.
         lse: optional float32 ``[q.shape[0], num_qo_heads]``.
+        enable_pdl: programmatic dependent launch (SM90+).
+        stream: the plan's stream.
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError, ValueError: a plan that is not a live plan of this kind; a tensor of the wrong shape, dtype,
+            device or layout for the plan, named.
+        KernelError: the kernel failed (a CUDA error of the launch).
     """
+    k_cache, v_cache = kv_pair(paged_kv_cache)
     ws = runnable(plan, BATCH_PREFILL, "paged", "batch_prefill_paged_plan")
     check_rows(plan, q)
     check_pages(plan, kv_indices)

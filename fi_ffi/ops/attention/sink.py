@@ -38,16 +38,16 @@ from ...launch.registry import op
 from ...tensor.protocols import IndexLike, StreamLike, TensorLike, TensorT
 from . import attention_checks as AC
 from . import plan_settings as S
-from .common import check_kv_tokens, check_pages, check_rows, check_workspace, runnable
-from .host_index import check_indptr, check_last_page_len, host_array, host_tensor
+from .common import check_kv_tokens, check_pages, check_rows, check_workspace, kv_pair, runnable
+from .host_index import check_indices, check_indptr, check_last_page_len, host_array, host_tensor
 from .plan import Plan
 from .plan_call import call_plan
-from .plan_settings import MASK_CAUSAL, MASK_NONE, PlanSettings
+from .plan_settings import MASK_CAUSAL, MASK_NONE, AttentionBackend, AttentionDType, KVLayout, PlanSettings
 from .prefill import FA2_PLAN, FA3_PLAN, PAGED_KV, RAGGED_KV, RUN_HEAD, RUN_MID, check_paged_run, check_ragged_run
 from .workspace import Workspace
 
 KIND = "batch_attention_sink"
-_SINK_TAIL: list[Param | tuple[str, str]] = [Param("sink", FFI_TENSOR), ("sm_scale", FLOAT)]
+_SINK_TAIL: list[Param | tuple[str, str]] = [Param("sinks", FFI_TENSOR), ("sm_scale", FLOAT)]
 # the plan entry points are the batch prefill ones; the sink modules are built from FlashInfer 0.6.3 only here
 SINK_FA3_PLAN = declare("plan", FA3_PLAN.params, returns=ARRAY, release="0.6.3")
 SINK_RAGGED = declare("ragged_run", [*RUN_HEAD, *RAGGED_KV, *RUN_MID, *_SINK_TAIL])
@@ -117,7 +117,7 @@ def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
     (hq, hk, d, page_size, dtype, kv_layout, causal, window_left, sm_scale, backend, graph) = args
     hq = S.count("num_qo_heads", hq)
     hk = S.count("num_kv_heads", hk)
-    d = S.count("head_dim", d)
+    d = S.count("head_dim_qk", d)
     ps = S.count("page_size", page_size)
     S.gqa(hq, hk, decode=False)
     layout = S.layout_name(kv_layout)
@@ -164,27 +164,31 @@ def _plan(
     workspace: Workspace,
     qo_indptr: Any,
     kv_indptr: Any,
+    kv_indices: Any,
     kv_last_page_len: Any,
     stream: Any,
     args: tuple[Any, ...],
 ) -> Plan:
     ws = workspace if workspace.__class__ is Workspace else check_workspace(workspace)
-    device_id = ws.device.device_id
-    s = S.cached((KIND, mode, device_id, args, tuple(map(type, args))), lambda: _settings(mode, device_id, args))
+    # every argument is checked before the settings resolve the module (which may fetch the kernel wheel)
     qo = host_array("qo_indptr", qo_indptr)
     rows = check_indptr("qo_indptr", qo)
     batch = qo.shape[0] - 1
-    kv = host_array("kv_indptr", kv_indptr)
-    extent_ = check_indptr("kv_indptr", kv, batch)
+    kv_name = "paged_kv_indptr" if mode == "paged" else "kv_indptr"
+    kv = host_array(kv_name, kv_indptr)
+    extent_ = check_indptr(kv_name, kv, batch)
     if mode == "paged":
+        if kv_indices is not None:
+            check_indices("paged_kv_indices", host_array("paged_kv_indices", kv_indices), extent_)
         if kv_last_page_len is None:
-            raise ValueError("kv_last_page_len: required for a paged plan (host int32 [batch_size])")
-        kv_lens = check_last_page_len(
-            "kv_last_page_len", host_array("kv_last_page_len", kv_last_page_len), kv, s.page_size, lengths=True
-        )
+            raise ValueError("paged_kv_last_page_len: required for a paged plan (host int32 [batch_size])")
+        last = host_array("paged_kv_last_page_len", kv_last_page_len)
+        kv_lens = check_last_page_len("paged_kv_last_page_len", last, kv, S.count("page_size", args[3]), lengths=True)
     else:
         kv_lens = kv[1:] - kv[:-1]
     assert kv_lens is not None
+    device_id = ws.device.device_id
+    s = S.cached((KIND, mode, device_id, args, tuple(map(type, args))), lambda: _settings(mode, device_id, args))
     extra = {} if s.backend == "fa3" else {"fixed_split_size": -1, "disable_split_kv": False}
     info, generation = call_plan(
         ws,
@@ -211,75 +215,101 @@ def _plan(
     return Plan.make(info, ws, generation, s, batch, rows, extent_)
 
 
-@op()
+@op(flashinfer="flashinfer.prefill.BatchPrefillWithPagedKVCacheWrapper.plan")
 def batch_attention_sink_plan(
-    workspace: Workspace,
     qo_indptr: IndexLike,
-    kv_indptr: IndexLike,
-    kv_last_page_len: IndexLike,
+    paged_kv_indptr: IndexLike,
+    paged_kv_indices: IndexLike | None,
+    paged_kv_last_page_len: IndexLike,
     num_qo_heads: int,
     num_kv_heads: int,
-    head_dim: int,
+    head_dim_qk: int,
     page_size: int,
     *,
-    q_dtype: Any = "bfloat16",
-    kv_layout: str = "NHD",
+    workspace: Workspace,
     causal: bool = True,
-    window_left: int = -1,
     sm_scale: float | None = None,
-    backend: str = "auto",
+    window_left: int = -1,
+    q_data_type: AttentionDType = "bfloat16",
+    kv_layout: KVLayout = "NHD",
+    backend: AttentionBackend = "auto",
     enable_cuda_graph: bool = False,
     stream: StreamLike = None,
 ) -> Plan:
-    """Plan attention with sinks over a paged KV cache (``BatchAttentionWithAttentionSinkWrapper.plan``).
+    """Plan attention with sinks over a paged KV cache.
+
+    flashinfer-python's ``BatchAttentionWithAttentionSinkWrapper(...).plan(...)``, the plan it inherits from
+    ``BatchPrefillWithPagedKVCacheWrapper``: the same positional order and keywords (docs/porting.md).
 
     Args:
         workspace: the :class:`~fi_ffi.ops.attention.workspace.Workspace` of this plan and its runs.
         qo_indptr: host int32 ``[batch + 1]`` query rows per request (decode: ``[0, 1, 2, ...]``).
-        kv_indptr: host int32 ``[batch + 1]`` in pages; kv_last_page_len: host int32 ``[batch]``.
-        num_qo_heads, num_kv_heads, head_dim, page_size: the problem (q/kv/o share ``q_dtype``).
-        kv_layout: ``"NHD"`` ``[pages, page_size, kv_heads, d]`` or ``"HND"``.
+        paged_kv_indptr: host int32 ``[batch + 1]`` in pages.
+        paged_kv_indices: host int32 page ids ``[>= paged_kv_indptr[-1]]``, checked if given; None: not checked.
+        paged_kv_last_page_len: host int32 ``[batch]``.
+        num_qo_heads, num_kv_heads, head_dim_qk, page_size: the problem (q/kv/o share ``q_data_type``).
         causal: causal mask aligned to the end of each request's KV (gpt-oss: True).
+        sm_scale: default ``1 / sqrt(head_dim_qk)``.
         window_left: -1 (no window) or the left window in tokens (gpt-oss's sliding layers: 127).
-        sm_scale: default ``1 / sqrt(head_dim)``.
+        q_data_type: the element type of q, the caches and out.
+        kv_layout: ``"NHD"`` ``[pages, page_size, kv_heads, d]`` or ``"HND"``.
         backend: ``"auto"``, ``"fa2"`` or ``"fa3"``.
         enable_cuda_graph: plan for runs captured in a CUDA graph.
         stream: the stream of the plan's copy; runs must use the same stream.
+
+    Returns:
+        the :class:`~fi_ffi.ops.attention.plan.Plan`; earlier plans on ``workspace`` become stale.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or value, named, before any module is looked up.
+        KernelNotFoundError: no pinned sink module for these settings (lists the pinned ones).
+        UnsupportedDeviceError: ``backend="fa3"`` on a GPU that is not SM 9.x.
+        LoaderError: the module cannot be loaded (the kernel wheel absent offline, a damaged cache).
     """
-    args = (num_qo_heads, num_kv_heads, head_dim, page_size, q_dtype, kv_layout, causal, window_left, sm_scale,
+    args = (num_qo_heads, num_kv_heads, head_dim_qk, page_size, q_data_type, kv_layout, causal, window_left, sm_scale,
             backend, enable_cuda_graph)  # fmt: skip
-    return _plan("paged", workspace, qo_indptr, kv_indptr, kv_last_page_len, stream, args)
+    return _plan("paged", workspace, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, stream, args)
 
 
-@op()
+@op(flashinfer="flashinfer.prefill.BatchPrefillWithRaggedKVCacheWrapper.plan")
 def batch_attention_sink_ragged_plan(
-    workspace: Workspace,
     qo_indptr: IndexLike,
     kv_indptr: IndexLike,
     num_qo_heads: int,
     num_kv_heads: int,
-    head_dim: int,
+    head_dim_qk: int,
     *,
-    q_dtype: Any = "bfloat16",
-    kv_layout: str = "NHD",
+    workspace: Workspace,
     causal: bool = True,
     window_left: int = -1,
     sm_scale: float | None = None,
-    backend: str = "auto",
+    q_data_type: AttentionDType = "bfloat16",
+    kv_layout: KVLayout = "NHD",
+    backend: AttentionBackend = "auto",
     enable_cuda_graph: bool = False,
     stream: StreamLike = None,
 ) -> Plan:
     """Plan attention with sinks over ragged K/V (``kv_indptr`` in tokens); arguments as
-    :func:`batch_attention_sink_plan`."""
-    args = (num_qo_heads, num_kv_heads, head_dim, 1, q_dtype, kv_layout, causal, window_left, sm_scale, backend,
+    :func:`batch_attention_sink_plan` (flashinfer-python's ragged prefill wrapper's ``plan``).
+
+    Returns:
+        the :class:`~fi_ffi.ops.attention.plan.Plan`; earlier plans on ``workspace`` become stale.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong type or value, named, before any module is looked up.
+        KernelNotFoundError: no pinned sink module for these settings (lists the pinned ones).
+        UnsupportedDeviceError: ``backend="fa3"`` on a GPU that is not SM 9.x.
+        LoaderError: the module cannot be loaded (the kernel wheel absent offline, a damaged cache).
+    """
+    args = (num_qo_heads, num_kv_heads, head_dim_qk, 1, q_data_type, kv_layout, causal, window_left, sm_scale, backend,
             enable_cuda_graph)  # fmt: skip
-    return _plan("ragged", workspace, qo_indptr, kv_indptr, None, stream, args)
+    return _plan("ragged", workspace, qo_indptr, kv_indptr, None, None, stream, args)
 
 
 def _check_sink(a: SimpleNamespace, rules: PointerRules) -> PointerRules:
     s, _ = a.context
-    AC.vector("sink", a.sink, "float32", s.num_qo_heads, a.float_workspace_buffer.device)
-    return rules.disjoint("out", "sink").disjoint("lse", "sink")  # the kernel reads sink while writing out/lse
+    AC.vector("sinks", a.sinks, "float32", s.num_qo_heads, a.float_workspace_buffer.device)
+    return rules.disjoint("out", "sinks").disjoint("lse", "sinks")  # the kernel reads sinks while writing out/lse
 
 
 def _check_run_ragged(a: SimpleNamespace) -> PointerRules:
@@ -296,7 +326,7 @@ def _launch(
     s = plan._s
     if sink is None:
         raise TypeError(
-            f"sink: expected a float32 device tensor [{s.num_qo_heads}] (one logit per query head), got None"
+            f"sinks: expected a float32 device tensor [{s.num_qo_heads}] (one logit per query head), got None"
         )
     s.run(
         ws.float_buffer,
@@ -316,66 +346,86 @@ def _launch(
     )
 
 
-@op()
+@op(flashinfer="flashinfer.prefill.BatchPrefillWithPagedKVCacheWrapper.run")
 def batch_attention_sink_run(
-    plan: Plan,
     q: TensorLike,
-    k_cache: TensorLike,
-    v_cache: TensorLike,
+    paged_kv_cache: tuple[TensorLike, TensorLike],
+    *,
+    plan: Plan,
     qo_indptr: TensorLike,
     kv_indptr: TensorLike,
     kv_indices: TensorLike,
     kv_last_page_len: TensorLike,
     out: TensorT,
-    sink: TensorLike,
-    *,
+    sinks: TensorLike,
     lse: TensorLike | None = None,
     enable_pdl: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
     """Run attention with sinks over a paged KV cache with a plan from :func:`batch_attention_sink_plan`.
 
+    flashinfer-python's ``wrapper.run(q, paged_kv_cache, sinks=..., out=...)``; the page table's device arrays
+    are keywords here, and ``out`` is required (fi_ffi allocates nothing).
+
     Args:
         plan: a live paged sink plan.
         q: ``[>= qo_indptr[-1], num_qo_heads, head_dim]``; last dim contiguous.
-        k_cache, v_cache: NHD ``[pages, page_size, num_kv_heads, head_dim]`` / HND, the plan's dtype.
+        paged_kv_cache: ``(k_cache, v_cache)``: NHD ``[pages, page_size, num_kv_heads, head_dim]`` / HND, the
+            plan's dtype.
         qo_indptr, kv_indptr, kv_last_page_len: device int32 copies of the plan's host arrays.
         kv_indices: device int32 ``[>= kv_indptr[-1]]`` page ids.
         out: ``[q.shape[0], num_qo_heads, head_dim]``, contiguous; written.
-        sink: float32 device ``[num_qo_heads]``: each head's sink logit.
+        sinks: float32 device ``[num_qo_heads]``: each head's sink logit.
         lse: optional float32 ``[q.shape[0], num_qo_heads]`` (base 2).
+        enable_pdl: programmatic dependent launch (SM90+).
+        stream: the plan's stream.
 
     Returns:
         ``out``.
+
+    Raises:
+        TypeError, ValueError: a plan that is not a live sink plan of this kind; a tensor of the wrong shape,
+            dtype, device or layout for the plan, named.
+        KernelError: the kernel failed (a CUDA error of the launch).
     """
+    k_cache, v_cache = kv_pair(paged_kv_cache)
     ws = runnable(plan, KIND, "paged", "batch_attention_sink_plan")
     check_rows(plan, q)
     check_pages(plan, kv_indices)
     tensors = (q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
-    _launch(plan, ws, tensors, out, sink, lse, enable_pdl, stream)
+    _launch(plan, ws, tensors, out, sinks, lse, enable_pdl, stream)
     return out
 
 
-@op()
+@op(flashinfer="flashinfer.prefill.BatchPrefillWithRaggedKVCacheWrapper.run")
 def batch_attention_sink_ragged_run(
-    plan: Plan,
     q: TensorLike,
     k: TensorLike,
     v: TensorLike,
+    *,
+    plan: Plan,
     qo_indptr: TensorLike,
     kv_indptr: TensorLike,
     out: TensorT,
-    sink: TensorLike,
-    *,
+    sinks: TensorLike,
     lse: TensorLike | None = None,
     enable_pdl: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
     """Run attention with sinks over ragged ``k``/``v`` (NHD ``[>= kv_indptr[-1], num_kv_heads, head_dim]`` or
     HND) with a plan from :func:`batch_attention_sink_ragged_plan`; other arguments as
-    :func:`batch_attention_sink_run`."""
+    :func:`batch_attention_sink_run`.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        TypeError, ValueError: a plan that is not a live sink plan of this kind; a tensor of the wrong shape,
+            dtype, device or layout for the plan, named.
+        KernelError: the kernel failed (a CUDA error of the launch).
+    """
     ws = runnable(plan, KIND, "ragged", "batch_attention_sink_ragged_plan")
     check_rows(plan, q)
     check_kv_tokens(plan, k)
-    _launch(plan, ws, (q, k, v, qo_indptr, kv_indptr), out, sink, lse, enable_pdl, stream)
+    _launch(plan, ws, (q, k, v, qo_indptr, kv_indptr), out, sinks, lse, enable_pdl, stream)
     return out

@@ -29,6 +29,7 @@ from typing import Any
 from ... import dtypes as _dt
 from ...dtypes import DType
 from ...errors import KernelNotFoundError
+from ...launch import checks
 from ...launch.registry import op
 
 SINGLE_PREFILL = "single_prefill"
@@ -551,10 +552,20 @@ def list_variants(kind: str | None = None, dtype: Any = None, head_dim: int | No
     ``dtype`` (matches the q dtype; any spelling :func:`fi_ffi.dtypes.dtype` accepts), ``head_dim`` (matches qk
     or vo; for MLA, ckv or kpe). Each row also says the FlashInfer ``release`` of the lock entry serving it.
     This is what ``fi-ffi list`` prints.
+
+    Raises:
+        TypeError, ValueError: an unknown ``kind``, a ``dtype`` that is none, a ``head_dim`` that is not an int
+            >= 1, named before the pinned wheels are listed.
+        LoaderError: the pinned wheels cannot be listed (absent offline, a damaged cache).
     """
     if kind is not None and kind not in ALL_KINDS and kind not in ("prefill", "decode", "mla"):
         raise ValueError(f"kind: expected one of {', '.join(ALL_KINDS)}, 'prefill', 'decode' or 'mla', got {kind!r}")
-    want_dtype = _dt.dtype(dtype) if dtype is not None else None
+    if head_dim is not None:
+        head_dim = checks.integer("head_dim", head_dim, 1)
+    try:
+        want_dtype = _dt.dtype(dtype) if dtype is not None else None
+    except (TypeError, ValueError, KeyError):
+        raise TypeError(f"dtype: expected a dtype (a name, a numpy or torch dtype), got {dtype!r}") from None
     rows = []
     for v in available()[1]:
         if kind is not None and v.kind != kind and not v.kind.endswith("_" + kind):

@@ -97,6 +97,10 @@ class Workspace:
         float_bytes, int_bytes, pinned_bytes: their sizes in bytes.
 
     One workspace serves one stream of plan/run calls at a time. Use a workspace per concurrent stream.
+
+    Raises:
+        TypeError / ValueError: a buffer that is not a uint8 tensor of the device and size asked (named);
+            CudaError: :meth:`allocate` could not allocate the buffers.
     """
 
     __slots__ = (

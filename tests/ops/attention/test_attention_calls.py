@@ -22,9 +22,8 @@ from helpers.attention_plans import (
     decode_plan,
     decode_run_args,
     host,
-    paged_run_args,
+    paged,
     prefill_plan,
-    ragged_run_args,
     workspace,
 )
 from helpers.fakes import fake_cuda
@@ -102,7 +101,7 @@ def make_array():
 def test_batch_decode_plan_reaches_the_module():
     ws = workspace()
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16, kv_last_page_len=host([5, 16]), stream=0)
+        decode.batch_decode_plan(host([0, 2, 3]), None, host([5, 16]), 32, 8, 128, 16, stream=0, workspace=ws)
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith(".plan")
     assert ws._generation == 1 and not ws._event_pending  # a failed plan records no copy event
@@ -115,11 +114,11 @@ def test_batch_prefill_plans_reach_the_module(backend, mode):
     with pytest.raises(KernelError) as info:
         if mode == "ragged":
             prefill.batch_prefill_ragged_plan(
-                ws, host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, causal=True, backend=backend, stream=0
+                host([0, 3, 4]), host([0, 5, 9]), 32, 8, 128, causal=True, backend=backend, stream=0, workspace=ws
             )
         else:
             prefill.batch_prefill_paged_plan(
-                ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 32, 8, 128, 16, backend=backend
+                host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, backend=backend, workspace=ws
             )
     assert_reached_the_kernel(info.value)
     assert (".plan" in info.value.function) and (("_sm90" in info.value.function) == (backend == "fa3"))
@@ -133,12 +132,12 @@ def test_batch_decode_run_reaches_the_module(make_array, layout):
     plan = decode_plan(make_array, kv_layout=layout)
     args = decode_run_args(layout=layout)
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, *args.values(), lse=fake_cuda((2, 32), "float32"), enable_pdl=True)
+        decode.batch_decode_run(**paged(args), lse=fake_cuda((2, 32), "float32"), enable_pdl=True, plan=plan)
     assert_reached_the_kernel(info.value)
     assert info.value.arguments[2] == "Array" and info.value.arguments[13] == "True"
     # the plan is reusable: the same call again (memoized validation) packs the same frame
     with pytest.raises(KernelError) as again:
-        decode.batch_decode_run(plan, *args.values(), lse=None)
+        decode.batch_decode_run(**paged(args), lse=None, plan=plan)
     assert_reached_the_kernel(again.value)
     assert again.value.arguments[10] == "None"
 
@@ -147,7 +146,7 @@ def test_a_plan_vector_of_the_wrong_length_stops_at_from_vector(make_array):
     """The control for the runs below: the module parses the plan before touching CUDA."""
     plan = decode_plan(make_array, info_len=15)
     with pytest.raises(KernelError, match="should be 10"):
-        decode.batch_decode_run(plan, *decode_run_args().values())
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan)
 
 
 @pytest.mark.parametrize("backend", ["fa2", "fa3"])
@@ -155,7 +154,16 @@ def test_batch_prefill_ragged_run_reaches_the_module(make_array, backend):
     plan = prefill_plan(make_array, "ragged", backend, causal=True)
     assert plan.backend == backend and plan.mask_mode == 1
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_ragged_run(plan, *ragged_run_args().values(), lse=fake_cuda((4, 32), "float32"))
+        prefill.batch_prefill_ragged_run(
+            fake_cuda((4, 32, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((9, 8, 128)),
+            qo_indptr=fake_cuda((3,), "int32"),
+            kv_indptr=fake_cuda((3,), "int32"),
+            out=fake_cuda((4, 32, 128)),
+            lse=fake_cuda((4, 32), "float32"),
+            plan=plan,
+        )
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith("ragged_run")
 
@@ -164,8 +172,18 @@ def test_batch_prefill_ragged_run_reaches_the_module(make_array, backend):
 @pytest.mark.parametrize("backend", ["fa2", "fa3"])
 def test_batch_prefill_paged_run_reaches_the_module(make_array, backend, layout):
     plan = prefill_plan(make_array, "paged", backend, kv_layout=layout)
+    cache = (4, 16, 8, 128) if layout == "NHD" else (4, 8, 16, 128)
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_paged_run(plan, *paged_run_args(layout).values())
+        prefill.batch_prefill_paged_run(
+            fake_cuda((4, 32, 128)),
+            (fake_cuda(cache), fake_cuda(cache)),
+            qo_indptr=fake_cuda((3,), "int32"),
+            kv_indptr=fake_cuda((3,), "int32"),
+            kv_indices=fake_cuda((3,), "int32"),
+            kv_last_page_len=fake_cuda((2,), "int32"),
+            out=fake_cuda((4, 32, 128)),
+            plan=plan,
+        )
     assert_reached_the_kernel(info.value)
 
 
@@ -176,7 +194,15 @@ def test_custom_mask_goes_in_as_tensor_objects(make_array):
     plan = prefill_plan(make_array, "ragged", "auto", custom_mask=mask, mask_indptr=mind)
     assert plan.backend == "fa2" and plan.mask_mode == 2
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_ragged_run(plan, *ragged_run_args().values())
+        prefill.batch_prefill_ragged_run(
+            fake_cuda((4, 32, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((9, 8, 128)),
+            qo_indptr=fake_cuda((3,), "int32"),
+            kv_indptr=fake_cuda((3,), "int32"),
+            out=fake_cuda((4, 32, 128)),
+            plan=plan,
+        )
     assert_reached_the_kernel(info.value)
     assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
     # the same mask packed as a plain DLTensor* (what flashinfer-rs does) is refused by the module
@@ -218,7 +244,7 @@ def test_single_decode_reaches_the_module():
             fake_cuda((32, 128)),
             fake_cuda((100, 8, 128)),
             fake_cuda((100, 8, 128)),
-            fake_cuda((32, 128)),
+            out=fake_cuda((32, 128)),
             lse=fake_cuda((32,), "float32"),
         )
     assert_reached_the_kernel(info.value)
@@ -227,7 +253,7 @@ def test_single_decode_reaches_the_module():
             fake_cuda((32, 128)),
             fake_cuda((8, 300, 128)),
             fake_cuda((8, 300, 128)),
-            fake_cuda((32, 128)),
+            out=fake_cuda((32, 128)),
             kv_layout="HND",
             tmp=fake_cuda((32 << 20,), "uint8"),
         )
@@ -240,7 +266,7 @@ def test_single_prefill_reaches_the_module_with_and_without_custom_mask(layout):
     mask = fake_cuda((5,), "uint8")  # ceil(4 * 9 / 8) bytes
     with pytest.raises(KernelError) as info:
         prefill.single_prefill(
-            fake_cuda((4, 32, 128)), k, k, fake_cuda((4, 32, 128)), kv_layout=layout, custom_mask=mask
+            fake_cuda((4, 32, 128)), k, k, out=fake_cuda((4, 32, 128)), kv_layout=layout, packed_custom_mask=mask
         )
     assert_reached_the_kernel(info.value)
     assert info.value.arguments[9] == "Tensor" and info.value.arguments[6] == "2"
@@ -249,7 +275,7 @@ def test_single_prefill_reaches_the_module_with_and_without_custom_mask(layout):
             fake_cuda((4, 32, 128)),
             k,
             k,
-            fake_cuda((4, 32, 128)),
+            out=fake_cuda((4, 32, 128)),
             kv_layout=layout,
             causal=True,
             lse=fake_cuda((4, 32), "float32"),
@@ -266,7 +292,7 @@ def test_defaults_on_the_wire(make_array):
     plan = decode_plan(make_array)
     assert plan.sm_scale == pytest.approx(128**-0.5)
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, *decode_run_args().values())
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan)
     assert info.value.arguments[11:] == ("0", "-1", "False", "None", "0.0", repr(128**-0.5), "1.0", "0.0001")
 
 
@@ -298,43 +324,43 @@ def test_defaults_on_the_wire(make_array):
 def test_batch_decode_run_rejects_before_the_ffi(make_array, over, exc, text):
     plan = decode_plan(make_array)
     with pytest.raises(exc, match=text):
-        decode.batch_decode_run(plan, *decode_run_args(**over).values())
+        decode.batch_decode_run(**paged(decode_run_args(**over)), plan=plan)
 
 
 def test_batch_decode_run_names_a_kv_indices_of_rank_0(make_array):
     plan = decode_plan(make_array)
     with pytest.raises(ValueError, match=r"kv_indices: expected at least 1 dimensions, got shape \(\)"):
-        decode.batch_decode_run(plan, *decode_run_args(kv_indices=fake_cuda((), "int32")).values())
+        decode.batch_decode_run(**paged(decode_run_args(kv_indices=fake_cuda((), "int32"))), plan=plan)
     with pytest.raises(ValueError, match=r"kv_indices: expected a 1-D int32 tensor, got shape \(4, 1\)"):
-        decode.batch_decode_run(plan, *decode_run_args(kv_indices=fake_cuda((4, 1), "int32")).values())
+        decode.batch_decode_run(**paged(decode_run_args(kv_indices=fake_cuda((4, 1), "int32"))), plan=plan)
 
 
 def test_batch_decode_run_refuses_strides_its_kernel_truncates(make_array):
     plan = decode_plan(make_array)
     q = fake_cuda((2, 32, 128), strides=(1 << 31, 128, 1))  # BatchDecodeParams: int32 q strides
     with pytest.raises(ValueError, match=r"q: the decode kernel takes q's strides as int32"):
-        decode.batch_decode_run(plan, *decode_run_args(q=q).values())
+        decode.batch_decode_run(**paged(decode_run_args(q=q)), plan=plan)
     cache = fake_cuda((4, 16, 8, 128), strides=(1 << 32, 1024, 128, 1))  # paged_kv_t: uint32 strides
     with pytest.raises(ValueError, match=r"k_cache: the kernel takes 32-bit strides"):
-        decode.batch_decode_run(plan, *decode_run_args(k_cache=cache, v_cache=cache).values())
+        decode.batch_decode_run(**paged(decode_run_args(k_cache=cache, v_cache=cache)), plan=plan)
     # the largest int32 stride that keeps 16 bytes; its 4 GiB footprint at an address of its own (never read: no
     # GPU), so that it overlaps no other argument's memory
     q = Tensor.from_pointer(1 << 40, (2, 32, 128), "float16", "cuda:0", ((1 << 31) - 8, 128, 1))
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, *decode_run_args(q=q).values())
+        decode.batch_decode_run(**paged(decode_run_args(q=q)), plan=plan)
     assert_reached_the_kernel(info.value)
 
 
 def test_batch_decode_run_lse_and_flags(make_array):
     plan = decode_plan(make_array)
     with pytest.raises(ValueError, match=r"lse: expected shape \(2, 32\)"):
-        decode.batch_decode_run(plan, *decode_run_args().values(), lse=fake_cuda((2, 8), "float32"))
+        decode.batch_decode_run(**paged(decode_run_args()), lse=fake_cuda((2, 8), "float32"), plan=plan)
     with pytest.raises(TypeError, match="lse: expected dtype float32"):
-        decode.batch_decode_run(plan, *decode_run_args().values(), lse=fake_cuda((2, 32), "float16"))
+        decode.batch_decode_run(**paged(decode_run_args()), lse=fake_cuda((2, 32), "float16"), plan=plan)
     with pytest.raises(TypeError, match="enable_pdl"):
-        decode.batch_decode_run(plan, *decode_run_args().values(), enable_pdl="yes")
+        decode.batch_decode_run(**paged(decode_run_args()), enable_pdl="yes", plan=plan)
     with pytest.raises(TypeError, match="plan: expected a Plan"):
-        decode.batch_decode_run(plan.info, *decode_run_args().values())
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan.info)
 
 
 def test_plan_state_is_checked_at_run(make_array):
@@ -345,30 +371,39 @@ def test_plan_state_is_checked_at_run(make_array):
     ws._generation += 1  # what call_plan does for `later`
     later._generation = ws._generation
     with pytest.raises(ValueError, match="stale"):
-        decode.batch_decode_run(plan, *args.values())
+        decode.batch_decode_run(**paged(args), plan=plan)
     with pytest.raises(KernelError):
-        decode.batch_decode_run(later, *args.values())
+        decode.batch_decode_run(**paged(args), plan=later)
     later.release()
     with pytest.raises(ValueError, match="released"):
-        decode.batch_decode_run(later, *args.values())
+        decode.batch_decode_run(**paged(args), plan=later)
     prefill_p = prefill_plan(make_array, "paged", ws=ws)
     with pytest.raises(ValueError, match="expected a batch_decode plan"):
-        decode.batch_decode_run(prefill_p, *args.values())
+        decode.batch_decode_run(**paged(args), plan=prefill_p)
     ragged = prefill_plan(make_array, "ragged", ws=ws)
     with pytest.raises(ValueError, match="expected a batch_prefill plan for paged KV"):
-        prefill.batch_prefill_paged_run(ragged, *paged_run_args().values())
+        prefill.batch_prefill_paged_run(
+            fake_cuda((4, 32, 128)),
+            (fake_cuda((4, 16, 8, 128)), fake_cuda((4, 16, 8, 128))),
+            qo_indptr=fake_cuda((3,), "int32"),
+            kv_indptr=fake_cuda((3,), "int32"),
+            kv_indices=fake_cuda((3,), "int32"),
+            kv_last_page_len=fake_cuda((2,), "int32"),
+            out=fake_cuda((4, 32, 128)),
+            plan=ragged,
+        )
 
 
 def test_plan_carries_layout_and_dtype_of_the_cache(make_array):
     plan = decode_plan(make_array, kv_layout="HND")
     with pytest.raises(ValueError, match=r"k_cache: expected shape \[\*, 8, 16, 128\] \(HND"):
-        decode.batch_decode_run(plan, *decode_run_args(layout="NHD").values())
+        decode.batch_decode_run(**paged(decode_run_args(layout="NHD")), plan=plan)
     plan = decode_plan(make_array, q_dtype="bfloat16")
     with pytest.raises(TypeError, match="q: expected dtype bfloat16"):
-        decode.batch_decode_run(plan, *decode_run_args().values())
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan)
     plan = decode_plan(make_array, num_kv_heads=4)
     with pytest.raises(ValueError, match=r"k_cache: expected shape \[\*, 16, 4, 128\]"):
-        decode.batch_decode_run(plan, *decode_run_args().values())
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan)
 
 
 @pytest.mark.parametrize(
@@ -378,72 +413,73 @@ def test_plan_carries_layout_and_dtype_of_the_cache(make_array):
         (dict(num_qo_heads=30), ValueError, "multiple of num_kv_heads"),
         (dict(num_kv_heads=0), ValueError, "num_kv_heads"),
         (dict(page_size=0), ValueError, "page_size"),
-        (dict(kv_indptr=host([1, 2, 3])), ValueError, "kv_indptr: must start at 0"),
-        (dict(kv_indptr=host([0, 3, 2])), ValueError, "kv_indptr: must be non-decreasing"),
-        (dict(kv_indptr=np.array([0, 2, 3], np.int64)), TypeError, "kv_indptr: expected dtype int32"),
-        (dict(kv_last_page_len=host([0, 16])), ValueError, "kv_last_page_len: request 0 has 2 page"),
-        (dict(kv_last_page_len=host([5, 17])), ValueError, "kv_last_page_len: request 1"),
+        (dict(indptr=host([1, 2, 3])), ValueError, "indptr: must start at 0"),
+        (dict(indptr=host([0, 3, 2])), ValueError, "indptr: must be non-decreasing"),
+        (dict(indptr=np.array([0, 2, 3], np.int64)), TypeError, "indptr: expected dtype int32"),
+        (dict(last_page_len=host([0, 16])), ValueError, "last_page_len: request 0 has 2 page"),
+        (dict(last_page_len=host([5, 17])), ValueError, "last_page_len: request 1"),
         (dict(kv_layout="NDH"), ValueError, "kv_layout"),
         (dict(window_left=-2), ValueError, "window_left"),
         (dict(logits_soft_cap=-1.0), ValueError, "logits_soft_cap"),
         (dict(sm_scale=float("nan")), ValueError, "sm_scale"),
         (dict(rope_theta=0.0), ValueError, "rope_theta"),
-        (dict(pos_encoding="XPOS"), ValueError, "pos_encoding"),
-        (dict(q_dtype="float32"), TypeError, "q_dtype: no FlashInfer attention module exists for dtype float32"),
+        (dict(pos_encoding_mode="XPOS"), ValueError, "pos_encoding_mode"),
+        (
+            dict(q_data_type="float32"),
+            TypeError,
+            "q_data_type: no FlashInfer attention module exists for dtype float32",
+        ),
         (dict(head_dim=256), KernelNotFoundError, "head_dim_qk_256"),
         (dict(window_left=128), KernelNotFoundError, "use_swa_True"),
         (dict(logits_soft_cap=30.0), KernelNotFoundError, "use_logits_cap_True"),
-        (dict(pos_encoding="ALIBI"), ValueError, "alibi_slopes: required"),
+        (dict(pos_encoding_mode="ALIBI"), ValueError, "alibi_slopes: required"),
         (dict(alibi_slopes=fake_cuda((32,), "float32")), ValueError, "alibi_slopes: only used with"),
         (dict(enable_cuda_graph="no"), TypeError, "enable_cuda_graph"),
     ],
 )
 def test_batch_decode_plan_rejects_before_the_ffi(kw, exc, text):
-    args = dict(kv_indptr=host([0, 2, 3]), num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
+    args = dict(
+        indptr=host([0, 2, 3]),
+        indices=None,
+        last_page_len=None,
+        num_qo_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        page_size=16,
+    )
     args.update((k, kw.pop(k)) for k in list(kw) if k in args)
     ws = workspace()
     with pytest.raises(exc, match=text):
-        decode.batch_decode_plan(ws, **args, **kw)
+        decode.batch_decode_plan(**args, **kw, workspace=ws)
     assert ws._generation == 0  # nothing crossed the FFI
 
 
 def test_plan_needs_a_workspace():
     with pytest.raises(TypeError, match=r"workspace: expected a fi_ffi\.Workspace \("):
-        decode.batch_decode_plan(object(), host([0, 1]), 32, 8, 128, 16)
-
-
-def assert_ragged_plan_refused(qo_indptr, kv_indptr, kw, exc, text):
-    """A ragged prefill plan of two requests (32 query heads, 8 K/V heads, head_dim 128), ``kw`` replacing or
-    adding arguments, raises ``exc`` matching ``text`` before it reaches the FFI (the workspace stays unused)."""
-    args = dict(qo_indptr=qo_indptr, kv_indptr=kv_indptr, num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
-    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
-    ws = workspace()
-    with pytest.raises(exc, match=text):
-        prefill.batch_prefill_ragged_plan(ws, **args, **kw)
-    assert ws._generation == 0
+        decode.batch_decode_plan(host([0, 1]), None, None, 32, 8, 128, 16, workspace=object())
 
 
 @pytest.mark.parametrize(
     ("kw", "exc", "text"),
     [
-        (dict(custom_mask=fake_cuda((4,), "uint8")), ValueError, "pass both"),
+        (dict(packed_custom_mask=fake_cuda((4,), "uint8")), ValueError, "pass both"),
         (
-            dict(custom_mask=fake_cuda((4,), "uint8"), mask_indptr=fake_cuda((3,), "int32"), causal=True),
+            dict(packed_custom_mask=fake_cuda((4,), "uint8"), mask_indptr=fake_cuda((3,), "int32"), causal=True),
             ValueError,
             "causal",
         ),
         (
-            dict(custom_mask=fake_cuda((2,), "uint8"), mask_indptr=fake_cuda((3,), "int32")),
+            dict(packed_custom_mask=fake_cuda((2,), "uint8"), mask_indptr=fake_cuda((3,), "int32")),
             ValueError,
-            "custom_mask: expected at least 3 bytes",
+            "packed_custom_mask: expected at least 3 bytes",
         ),
         (
-            dict(custom_mask=fake_cuda((3,), "uint8"), mask_indptr=fake_cuda((3,), "int64")),
+            dict(packed_custom_mask=fake_cuda((3,), "uint8"), mask_indptr=fake_cuda((3,), "int64")),
             TypeError,
             "mask_indptr: expected dtype int32",
         ),
         (
-            dict(custom_mask=fake_cuda((3,), "uint8"), mask_indptr=fake_cuda((3,), "int32"), backend="fa3"),
+            dict(packed_custom_mask=fake_cuda((3,), "uint8"), mask_indptr=fake_cuda((3,), "int32"), backend="fa3"),
             ValueError,
             "custom mask",
         ),
@@ -458,29 +494,58 @@ def assert_ragged_plan_refused(qo_indptr, kv_indptr, kw, exc, text):
     ],
 )
 def test_batch_prefill_ragged_plan_rejects_before_the_ffi(kw, exc, text):
-    assert_ragged_plan_refused(host([0, 3, 4]), host([0, 5, 9]), kw, exc, text)
+    args = dict(qo_indptr=host([0, 3, 4]), kv_indptr=host([0, 5, 9]), num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
+    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
+    ws = workspace()
+    with pytest.raises(exc, match=text):
+        prefill.batch_prefill_ragged_plan(**args, **kw, workspace=ws)
+    assert ws._generation == 0
 
 
 def test_batch_prefill_paged_plan_needs_last_page_len_and_checks_it():
     ws = workspace()
     with pytest.raises(ValueError, match="kv_last_page_len: request 1 has 2 page"):
-        prefill.batch_prefill_paged_plan(ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 17]), 32, 8, 128, 16)
+        prefill.batch_prefill_paged_plan(
+            host([0, 3, 4]), host([0, 1, 3]), None, host([5, 17]), 32, 8, 128, 16, workspace=ws
+        )
     with pytest.raises(ValueError, match="kv_last_page_len: expected 2 entries"):
-        prefill.batch_prefill_paged_plan(ws, host([0, 3, 4]), host([0, 1, 3]), host([5]), 32, 8, 128, 16)
+        prefill.batch_prefill_paged_plan(
+            host([0, 3, 4]), host([0, 1, 3]), None, host([5]), 32, 8, 128, 16, workspace=ws
+        )
 
 
 def test_prefill_run_checks_rows_and_extent(make_array):
     plan = prefill_plan(make_array, "ragged")
     with pytest.raises(ValueError, match="q: the plan's qo_indptr ends at 4 rows"):
         prefill.batch_prefill_ragged_run(
-            plan, *ragged_run_args(q=fake_cuda((3, 32, 128)), out=fake_cuda((3, 32, 128))).values()
+            fake_cuda((3, 32, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((9, 8, 128)),
+            qo_indptr=fake_cuda((3,), "int32"),
+            kv_indptr=fake_cuda((3,), "int32"),
+            out=fake_cuda((3, 32, 128)),
+            plan=plan,
         )
     with pytest.raises(ValueError, match="k: the plan's kv_indptr ends at 9 tokens"):
         prefill.batch_prefill_ragged_run(
-            plan, *ragged_run_args(k=fake_cuda((8, 8, 128)), v=fake_cuda((8, 8, 128))).values()
+            fake_cuda((4, 32, 128)),
+            fake_cuda((8, 8, 128)),
+            fake_cuda((8, 8, 128)),
+            qo_indptr=fake_cuda((3,), "int32"),
+            kv_indptr=fake_cuda((3,), "int32"),
+            out=fake_cuda((4, 32, 128)),
+            plan=plan,
         )
     with pytest.raises(ValueError, match=r"v: expected shape \[9, 8, 128\]"):
-        prefill.batch_prefill_ragged_run(plan, *ragged_run_args(v=fake_cuda((9, 4, 128))).values())
+        prefill.batch_prefill_ragged_run(
+            fake_cuda((4, 32, 128)),
+            fake_cuda((9, 8, 128)),
+            fake_cuda((9, 4, 128)),
+            qo_indptr=fake_cuda((3,), "int32"),
+            kv_indptr=fake_cuda((3,), "int32"),
+            out=fake_cuda((4, 32, 128)),
+            plan=plan,
+        )
 
 
 @pytest.mark.parametrize(
@@ -517,15 +582,15 @@ def test_single_decode_rejects_before_the_ffi(kw, exc, text):
 def test_single_prefill_rejects_before_the_ffi():
     q, k, o = fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((4, 32, 128))
     with pytest.raises(ValueError, match="custom_mask: expected at least 5 bytes"):
-        prefill.single_prefill(q, k, k, o, custom_mask=fake_cuda((4,), "uint8"))
+        prefill.single_prefill(q, k, k, out=o, packed_custom_mask=fake_cuda((4,), "uint8"))
     with pytest.raises(ValueError, match="causal"):
-        prefill.single_prefill(q, k, k, o, custom_mask=fake_cuda((5,), "uint8"), causal=True)
+        prefill.single_prefill(q, k, k, out=o, packed_custom_mask=fake_cuda((5,), "uint8"), causal=True)
     with pytest.raises(ValueError, match="q: expected a 3-D"):
-        prefill.single_prefill(fake_cuda((4, 32)), k, k, o)
+        prefill.single_prefill(fake_cuda((4, 32)), k, k, out=o)
     with pytest.raises(ValueError, match=r"out: expected shape \[4, 32, 64\]"):
-        prefill.single_prefill(q, k, fake_cuda((9, 8, 64)), o)
+        prefill.single_prefill(q, k, fake_cuda((9, 8, 64)), out=o)
     with pytest.raises(KernelNotFoundError, match="head_dim_vo_64"):
-        prefill.single_prefill(q, k, fake_cuda((9, 8, 64)), fake_cuda((4, 32, 64)))
+        prefill.single_prefill(q, k, fake_cuda((9, 8, 64)), out=fake_cuda((4, 32, 64)))
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
@@ -545,7 +610,7 @@ def test_batch_decode_run_accepts_exactly_the_planned_shapes(make_array, batch, 
     total = max(int(indptr[-1]), 1)
     good = decode_run_args(batch=batch, hq=hq, hk=hk, page=page, pages=total, layout=layout)
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, *good.values())
+        decode.batch_decode_run(**paged(good), plan=plan)
     assert_reached_the_kernel(info.value)
     # perturb one dimension of one tensor: always rejected before the FFI
     name = data.draw(st.sampled_from(["q", "k_cache", "v_cache", "out", "kv_indptr", "kv_last_page_len"]))
@@ -557,7 +622,7 @@ def test_batch_decode_run_accepts_exactly_the_planned_shapes(make_array, batch, 
     shape[dim] += data.draw(st.sampled_from([-1, 1])) if shape[dim] > 1 else 1
     bad = dict(good, **{name: fake_cuda(tuple(shape), t.dtype.name)})
     with pytest.raises(ValueError, match=f"^{name}: "):
-        decode.batch_decode_run(plan, *bad.values())
+        decode.batch_decode_run(**paged(bad), plan=plan)
 
 
 def test_plan_settings_are_one_value_per_argument_values_and_types():
@@ -574,7 +639,9 @@ def test_plan_settings_are_one_value_per_argument_values_and_types():
     a = _plan_settings_of(ws)
     assert _plan_settings_of(workspace()) is a
     with pytest.raises(TypeError, match="window_left"):
-        decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16, window_left=-1.0)  # == -1, but a float
+        decode.batch_decode_plan(
+            host([0, 2, 3]), None, None, 32, 8, 128, 16, window_left=-1.0, workspace=ws
+        )  # == -1, but a float
     ragged = prefill._settings("ragged", 0, tuple({**PREFILL_SETTINGS, "causal": True}.values()))
     assert ragged.mask_mode == 1 and ragged.backend == "fa2"
 
@@ -585,7 +652,7 @@ def _plan_settings_of(ws):
 
     before = dict(plan_settings._cache)
     with pytest.raises(KernelError):
-        decode.batch_decode_plan(ws, host([0, 2, 3]), 32, 8, 128, 16)
+        decode.batch_decode_plan(host([0, 2, 3]), None, None, 32, 8, 128, 16, workspace=ws)
     found = [v for k, v in plan_settings._cache.items() if k not in before or before[k] is v]
     assert found
     return next(
@@ -637,11 +704,11 @@ def test_unhashable_producers_reach_every_attention_module(make_array):
     with pytest.raises(TypeError):
         hash(u((1,)))
     with pytest.raises(KernelError) as info:
-        decode.single_decode(u((32, 128)), u((100, 8, 128)), u((100, 8, 128)), u((32, 128)))
+        decode.single_decode(u((32, 128)), u((100, 8, 128)), u((100, 8, 128)), out=u((32, 128)))
     assert_reached_the_kernel(info.value)
     with pytest.raises(KernelError) as info:
         prefill.single_prefill(
-            u((4, 32, 128)), u((9, 8, 128)), u((9, 8, 128)), u((4, 32, 128)), custom_mask=u((5,), "|u1")
+            u((4, 32, 128)), u((9, 8, 128)), u((9, 8, 128)), out=u((4, 32, 128)), packed_custom_mask=u((5,), "|u1")
         )
     assert_reached_the_kernel(info.value)
     plan = decode_plan(make_array)
@@ -655,27 +722,32 @@ def test_unhashable_producers_reach_every_attention_module(make_array):
         out=u((2, 32, 128)),
     )
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, *args.values(), lse=u((2, 32), "<f4"))
+        decode.batch_decode_run(**paged(args), lse=u((2, 32), "<f4"), plan=plan)
     assert_reached_the_kernel(info.value)
     for backend in ("fa2", "fa3"):
         ragged = prefill_plan(make_array, "ragged", backend)
         with pytest.raises(KernelError) as info:
             prefill.batch_prefill_ragged_run(
-                ragged, u((4, 32, 128)), u((9, 8, 128)), u((9, 8, 128)), u((3,), "<i4"), u((3,), "<i4"), u((4, 32, 128))
+                u((4, 32, 128)),
+                u((9, 8, 128)),
+                u((9, 8, 128)),
+                qo_indptr=u((3,), "<i4"),
+                kv_indptr=u((3,), "<i4"),
+                out=u((4, 32, 128)),
+                plan=ragged,
             )
         assert_reached_the_kernel(info.value)
-        paged = prefill_plan(make_array, "paged", backend)
+        paged_plan = prefill_plan(make_array, "paged", backend)
         with pytest.raises(KernelError) as info:
             prefill.batch_prefill_paged_run(
-                paged,
                 u((4, 32, 128)),
-                u((4, 16, 8, 128)),
-                u((4, 16, 8, 128)),
-                u((3,), "<i4"),
-                u((3,), "<i4"),
-                u((3,), "<i4"),
-                u((2,), "<i4"),
-                u((4, 32, 128)),
+                (u((4, 16, 8, 128)), u((4, 16, 8, 128))),
+                qo_indptr=u((3,), "<i4"),
+                kv_indptr=u((3,), "<i4"),
+                kv_indices=u((3,), "<i4"),
+                kv_last_page_len=u((2,), "<i4"),
+                out=u((4, 32, 128)),
+                plan=paged_plan,
             )
         assert_reached_the_kernel(info.value)
 
@@ -684,14 +756,14 @@ def test_plans_take_numpy_arrays_and_lists_and_name_a_list_where_an_int_belongs(
     ws = workspace()
     for indptr in (np.array([0, 2, 3], np.int32), [0, 2, 3], (0, 2, 3)):
         with pytest.raises(KernelError) as info:
-            decode.batch_decode_plan(ws, indptr, 32, 8, 128, 16, kv_last_page_len=[5, 16])
+            decode.batch_decode_plan(indptr, None, [5, 16], 32, 8, 128, 16, workspace=ws)
         assert_reached_the_kernel(info.value)
     with pytest.raises(TypeError, match=r"^num_qo_heads: expected an int, got list"):
-        decode.batch_decode_plan(ws, [0, 2, 3], [32], 8, 128, 16)
+        decode.batch_decode_plan([0, 2, 3], None, None, [32], 8, 128, 16, workspace=ws)
     with pytest.raises(TypeError, match=r"^page_size: expected an int, got list"):
-        prefill.batch_prefill_paged_plan(ws, [0, 3, 4], [0, 1, 3], [5, 4], 32, 8, 128, [16])
+        prefill.batch_prefill_paged_plan([0, 3, 4], [0, 1, 3], None, [5, 4], 32, 8, 128, [16], workspace=ws)
     with pytest.raises(TypeError, match=r"^window_left: expected an int, got ndarray"):
-        prefill.batch_prefill_ragged_plan(ws, [0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=np.zeros(2, int))
+        prefill.batch_prefill_ragged_plan([0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=np.zeros(2, int), workspace=ws)
 
 
 def test_a_decode_loop_with_per_layer_caches_replanned_every_step_stays_on_the_fast_path(make_array):
@@ -703,7 +775,7 @@ def test_a_decode_loop_with_per_layer_caches_replanned_every_step_stays_on_the_f
         plan = decode_plan(make_array, ws=ws, kv_indptr=host([0, 2, 3 + step % 2]))  # new plan, new extent
         for layer in layers:
             with pytest.raises(KernelError) as info:
-                decode.batch_decode_run(plan, *layer.values())
+                decode.batch_decode_run(**paged(layer), plan=plan)
             assert_reached_the_kernel(info.value)
         slow.append(run.launcher.slow_calls)
         plan.release()
@@ -725,7 +797,15 @@ def test_run_inputs_are_passed_per_call_and_not_kept(make_array):
     before = len(_managed.alive)
     for _ in range(200):
         with pytest.raises(KernelError) as info:
-            prefill.batch_prefill_ragged_run(plan, *ragged_run_args().values())
+            prefill.batch_prefill_ragged_run(
+                fake_cuda((4, 32, 128)),
+                fake_cuda((9, 8, 128)),
+                fake_cuda((9, 8, 128)),
+                qo_indptr=fake_cuda((3,), "int32"),
+                kv_indptr=fake_cuda((3,), "int32"),
+                out=fake_cuda((4, 32, 128)),
+                plan=plan,
+            )
         assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
     assert len(_managed.alive) == before  # every object made for a run was released
     assert all(mask is not v and offsets is not v for v in plan_settings._cache.values())
@@ -748,12 +828,21 @@ def test_100k_runs_with_a_custom_mask_grow_neither_rss_nor_objects(make_array):
     _no_driver()
     mask, offsets = UnhashableCAI((3,), "|u1"), UnhashableCAI((3,), "<i4")
     plan = prefill_plan(make_array, "ragged", "fa2", custom_mask=mask, mask_indptr=offsets)
-    args = tuple(ragged_run_args().values())
+    args = (
+        fake_cuda((4, 32, 128)),
+        fake_cuda((9, 8, 128)),
+        fake_cuda((9, 8, 128)),
+        fake_cuda((3,), "int32"),
+        fake_cuda((3,), "int32"),
+        fake_cuda((4, 32, 128)),
+    )
 
     def runs(n: int) -> None:
         for _ in range(n):
             with contextlib.suppress(KernelError):
-                prefill.batch_prefill_ragged_run(plan, *args)
+                prefill.batch_prefill_ragged_run(
+                    *args[:3], qo_indptr=args[3], kv_indptr=args[4], out=args[5], plan=plan
+                )
 
     runs(2000)  # warm: layouts validated, frames made
     gc.collect()
@@ -774,36 +863,76 @@ def test_none_tensors_in_the_prefill_runs_are_named(make_array):
     for backend in ("fa2", "fa3"):
         ragged = prefill_plan(make_array, "ragged", backend)
         with pytest.raises(TypeError, match=r"^k: expected a tensor, got None"):
-            prefill.batch_prefill_ragged_run(ragged, *ragged_run_args(k=None).values())
+            prefill.batch_prefill_ragged_run(
+                fake_cuda((4, 32, 128)),
+                None,
+                fake_cuda((9, 8, 128)),
+                qo_indptr=fake_cuda((3,), "int32"),
+                kv_indptr=fake_cuda((3,), "int32"),
+                out=fake_cuda((4, 32, 128)),
+                plan=ragged,
+            )
         with pytest.raises(TypeError, match=r"^q: expected a tensor, got None"):
-            prefill.batch_prefill_ragged_run(ragged, *ragged_run_args(q=None).values())
-        paged = prefill_plan(make_array, "paged", backend)
+            prefill.batch_prefill_ragged_run(
+                None,
+                fake_cuda((9, 8, 128)),
+                fake_cuda((9, 8, 128)),
+                qo_indptr=fake_cuda((3,), "int32"),
+                kv_indptr=fake_cuda((3,), "int32"),
+                out=fake_cuda((4, 32, 128)),
+                plan=ragged,
+            )
+        paged_plan = prefill_plan(make_array, "paged", backend)
         with pytest.raises(TypeError, match=r"^kv_indices: expected a tensor, got None"):
-            prefill.batch_prefill_paged_run(paged, *paged_run_args(kv_indices=None).values())
+            prefill.batch_prefill_paged_run(
+                fake_cuda((4, 32, 128)),
+                (fake_cuda((4, 16, 8, 128)), fake_cuda((4, 16, 8, 128))),
+                qo_indptr=fake_cuda((3,), "int32"),
+                kv_indptr=fake_cuda((3,), "int32"),
+                kv_indices=None,
+                kv_last_page_len=fake_cuda((2,), "int32"),
+                out=fake_cuda((4, 32, 128)),
+                plan=paged_plan,
+            )
         with pytest.raises(TypeError, match=r"^out: expected a tensor, got None"):
-            prefill.batch_prefill_paged_run(paged, *paged_run_args(out=None).values())
+            prefill.batch_prefill_paged_run(
+                fake_cuda((4, 32, 128)),
+                (fake_cuda((4, 16, 8, 128)), fake_cuda((4, 16, 8, 128))),
+                qo_indptr=fake_cuda((3,), "int32"),
+                kv_indptr=fake_cuda((3,), "int32"),
+                kv_indices=fake_cuda((3,), "int32"),
+                kv_last_page_len=fake_cuda((2,), "int32"),
+                out=None,
+                plan=paged_plan,
+            )
     with pytest.raises(TypeError, match=r"^kv_indptr: expected a tensor, got None"):
-        decode.batch_decode_run(decode_plan(make_array), *decode_run_args(kv_indptr=None).values())
+        decode.batch_decode_run(**paged(decode_run_args(kv_indptr=None)), plan=decode_plan(make_array))
 
 
 def test_head_dim_zero_in_the_single_ops_is_named():
     with pytest.raises(ValueError, match=r"^q: head_dim \(the last dimension\) must be > 0"):
-        decode.single_decode(fake_cuda((32, 0)), fake_cuda((100, 8, 0)), fake_cuda((100, 8, 0)), fake_cuda((32, 0)))
+        decode.single_decode(fake_cuda((32, 0)), fake_cuda((100, 8, 0)), fake_cuda((100, 8, 0)), out=fake_cuda((32, 0)))
     with pytest.raises(ValueError, match=r"^q: head_dim \(the last dimension\) must be > 0"):
-        prefill.single_prefill(fake_cuda((4, 32, 0)), fake_cuda((9, 8, 0)), fake_cuda((9, 8, 0)), fake_cuda((4, 32, 0)))
+        prefill.single_prefill(
+            fake_cuda((4, 32, 0)), fake_cuda((9, 8, 0)), fake_cuda((9, 8, 0)), out=fake_cuda((4, 32, 0))
+        )
     with pytest.raises(ValueError, match=r"^v: head_dim \(the last dimension\) must be > 0"):
         prefill.single_prefill(
-            fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 0)), fake_cuda((4, 32, 0))
+            fake_cuda((4, 32, 128)), fake_cuda((9, 8, 128)), fake_cuda((9, 8, 0)), out=fake_cuda((4, 32, 0))
         )
 
 
 @pytest.mark.parametrize(
     ("kw", "exc", "text"),
     [
-        (dict(q_dtype=("a", "b", "c")), TypeError, r"^q_dtype: unsupported dtype"),
-        (dict(kv_dtype="nope"), TypeError, r"^kv_dtype: unsupported dtype"),
-        (dict(o_dtype=3.5), TypeError, r"^o_dtype: unsupported dtype"),
-        (dict(kv_dtype="int32"), TypeError, r"^kv_dtype: no FlashInfer attention module exists for dtype int32"),
+        (dict(q_data_type=("a", "b", "c")), TypeError, r"^q_data_type: unsupported dtype"),
+        (dict(kv_data_type="nope"), TypeError, r"^kv_data_type: unsupported dtype"),
+        (dict(o_data_type=3.5), TypeError, r"^o_data_type: unsupported dtype"),
+        (
+            dict(kv_data_type="int32"),
+            TypeError,
+            r"^kv_data_type: no FlashInfer attention module exists for dtype int32",
+        ),
         (dict(num_qo_heads=2**70), ValueError, r"^num_qo_heads: expected an int < 2\*\*31"),
         (dict(page_size=2**70), ValueError, r"^page_size: expected an int < 2\*\*31"),
         (dict(head_dim=2**40), ValueError, r"^head_dim: expected an int < 2\*\*31"),
@@ -811,18 +940,20 @@ def test_head_dim_zero_in_the_single_ops_is_named():
         (dict(sm_scale=10**400), ValueError, r"^sm_scale: 1000+ does not fit in a float64"),
         (dict(logits_soft_cap=10**400), ValueError, r"^logits_soft_cap: 1000+ does not fit in a float64"),
         (dict(rope_theta=-(10**400)), ValueError, r"^rope_theta: -1000+ does not fit in a float64"),
-        (dict(kv_indptr=[0, 2**70]), ValueError, r"^kv_indptr: values must fit in int32"),
-        (dict(kv_indptr=[0, "2"]), TypeError, r"^kv_indptr: expected a sequence of ints, got str"),
-        (dict(kv_indptr=[0, 2.0]), TypeError, r"^kv_indptr: expected a sequence of ints, got float"),
-        (dict(kv_last_page_len=["5"]), TypeError, r"^kv_last_page_len: expected a sequence of ints, got str"),
+        (dict(indptr=[0, 2**70]), ValueError, r"^indptr: values must fit in int32"),
+        (dict(indptr=[0, "2"]), TypeError, r"^indptr: expected a sequence of ints, got str"),
+        (dict(indptr=[0, 2.0]), TypeError, r"^indptr: expected a sequence of ints, got float"),
+        (dict(last_page_len=["5"]), TypeError, r"^last_page_len: expected a sequence of ints, got str"),
     ],
 )
 def test_batch_decode_plan_names_bad_scalars_and_index_lists(kw, exc, text):
-    args = dict(kv_indptr=[0, 2], num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16)
+    args = dict(
+        indptr=[0, 2], indices=None, last_page_len=None, num_qo_heads=32, num_kv_heads=8, head_dim=128, page_size=16
+    )
     args.update((k, kw.pop(k)) for k in list(kw) if k in args)
     ws = workspace()
     with pytest.raises(exc, match=text):
-        decode.batch_decode_plan(ws, **args, **kw)
+        decode.batch_decode_plan(**args, **kw, workspace=ws)
     assert ws._generation == 0
 
 
@@ -838,35 +969,40 @@ def test_batch_decode_plan_names_bad_scalars_and_index_lists(kw, exc, text):
     ],
 )
 def test_batch_prefill_plans_name_bad_scalars_and_index_lists(kw, exc, text):
-    assert_ragged_plan_refused([0, 3, 4], [0, 5, 9], kw, exc, text)  # plain lists: the plans take them too
+    args = dict(qo_indptr=[0, 3, 4], kv_indptr=[0, 5, 9], num_qo_heads=32, num_kv_heads=8, head_dim_qk=128)
+    args.update((k, kw.pop(k)) for k in list(kw) if k in args)
+    ws = workspace()
+    with pytest.raises(exc, match=text):
+        prefill.batch_prefill_ragged_plan(**args, **kw, workspace=ws)
+    assert ws._generation == 0
 
 
 def test_single_ops_name_a_null_tmp_and_huge_scalars():
     q, k, o = fake_cuda((32, 128)), fake_cuda((100, 8, 128)), fake_cuda((32, 128))
     with pytest.raises(ValueError, match=r"^tmp: data pointer is NULL"):
-        decode.single_decode(q, k, k, o, tmp=Tensor.from_pointer(0, (1 << 20,), "uint8", "cuda:0"))
+        decode.single_decode(q, k, k, out=o, tmp=Tensor.from_pointer(0, (1 << 20,), "uint8", "cuda:0"))
     with pytest.raises(ValueError, match=r"^tmp: data pointer is NULL"):
         prefill.single_prefill(
             fake_cuda((4, 32, 128)),
             fake_cuda((9, 8, 128)),
             fake_cuda((9, 8, 128)),
-            fake_cuda((4, 32, 128)),
+            out=fake_cuda((4, 32, 128)),
             tmp=Tensor.from_pointer(0, (1 << 20,), "uint8", "cuda:0"),
         )
     with pytest.raises(ValueError, match=r"^sm_scale: 1000+ does not fit in a float64"):
-        decode.single_decode(q, k, k, o, sm_scale=10**400)
+        decode.single_decode(q, k, k, out=o, sm_scale=10**400)
     with pytest.raises(ValueError, match=r"^window_left: expected -1"):
-        decode.single_decode(q, k, k, o, window_left=2**70)
+        decode.single_decode(q, k, k, out=o, window_left=2**70)
     with pytest.raises(ValueError, match=r"^logits_soft_cap: 1000+ does not fit"):
         prefill.single_prefill(
             fake_cuda((4, 32, 128)),
             fake_cuda((9, 8, 128)),
             fake_cuda((9, 8, 128)),
-            fake_cuda((4, 32, 128)),
+            out=fake_cuda((4, 32, 128)),
             logits_soft_cap=10**400,
         )
     with pytest.raises(TypeError, match=r"^q: no attention module exists for dtype float32"):
-        decode.single_decode(fake_cuda((32, 128), "float32"), k, k, o)
+        decode.single_decode(fake_cuda((32, 128), "float32"), k, k, out=o)
 
 
 @pytest.mark.parametrize(
@@ -902,7 +1038,9 @@ EXT_SWA_CAP = (
 def test_sliding_window_and_soft_cap_select_their_modules():
     ws = workspace()
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_plan(ws, [0, 2, 3], 32, 8, 128, 16, window_left=64, logits_soft_cap=30.0)
+        decode.batch_decode_plan(
+            [0, 2, 3], None, None, 32, 8, 128, 16, window_left=64, logits_soft_cap=30.0, workspace=ws
+        )
     assert_reached_the_kernel(info.value)
     assert info.value.function == EXT_SWA_CAP + ".plan"
     assert info.value.arguments[9:11] == ("64", "30.0")
@@ -910,11 +1048,21 @@ def test_sliding_window_and_soft_cap_select_their_modules():
         with pytest.raises(KernelError) as info:
             if mode == "ragged":
                 prefill.batch_prefill_ragged_plan(
-                    ws, [0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=16, logits_soft_cap=50.0, causal=True
+                    [0, 3, 4], [0, 5, 9], 32, 8, 128, window_left=16, logits_soft_cap=50.0, causal=True, workspace=ws
                 )
             else:
                 prefill.batch_prefill_paged_plan(
-                    ws, [0, 3, 4], [0, 1, 3], [5, 4], 32, 8, 128, 16, window_left=16, logits_soft_cap=50.0
+                    [0, 3, 4],
+                    [0, 1, 3],
+                    None,
+                    [5, 4],
+                    32,
+                    8,
+                    128,
+                    16,
+                    window_left=16,
+                    logits_soft_cap=50.0,
+                    workspace=ws,
                 )
         assert_reached_the_kernel(info.value)
         assert "use_swa_True_use_logits_cap_True_f16qk_False.plan" in info.value.function
@@ -924,7 +1072,7 @@ def test_sliding_window_and_soft_cap_runs_reach_their_modules(make_array):
     plan = decode_plan(make_array, window_left=64, logits_soft_cap=30.0)
     assert plan.uri == EXT_SWA_CAP
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, *decode_run_args().values())
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan)
     assert_reached_the_kernel(info.value)
     assert info.value.arguments[12] == "64" and info.value.arguments[15] == "30.0"
     for mode in ("ragged", "paged"):
@@ -932,20 +1080,39 @@ def test_sliding_window_and_soft_cap_runs_reach_their_modules(make_array):
         assert "use_swa_True_use_logits_cap_True" in p.uri
         with pytest.raises(KernelError) as info:
             if mode == "ragged":
-                prefill.batch_prefill_ragged_run(p, *ragged_run_args().values())
+                prefill.batch_prefill_ragged_run(
+                    fake_cuda((4, 32, 128)),
+                    fake_cuda((9, 8, 128)),
+                    fake_cuda((9, 8, 128)),
+                    qo_indptr=fake_cuda((3,), "int32"),
+                    kv_indptr=fake_cuda((3,), "int32"),
+                    out=fake_cuda((4, 32, 128)),
+                    plan=p,
+                )
             else:
-                prefill.batch_prefill_paged_run(p, *paged_run_args().values())
+                prefill.batch_prefill_paged_run(
+                    fake_cuda((4, 32, 128)),
+                    (fake_cuda((4, 16, 8, 128)), fake_cuda((4, 16, 8, 128))),
+                    qo_indptr=fake_cuda((3,), "int32"),
+                    kv_indptr=fake_cuda((3,), "int32"),
+                    kv_indices=fake_cuda((3,), "int32"),
+                    kv_last_page_len=fake_cuda((2,), "int32"),
+                    out=fake_cuda((4, 32, 128)),
+                    plan=p,
+                )
         assert_reached_the_kernel(info.value)
 
 
 def test_fp8_kv_cache_selects_its_modules(make_array):
     ws = workspace()
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_plan(ws, [0, 2, 3], 32, 8, 128, 16, kv_dtype="float8_e4m3fn")
+        decode.batch_decode_plan([0, 2, 3], None, None, 32, 8, 128, 16, kv_data_type="float8_e4m3fn", workspace=ws)
     assert_reached_the_kernel(info.value)
     assert "dtype_kv_e4m3" in info.value.function
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_paged_plan(ws, [0, 3, 4], [0, 1, 3], [5, 4], 32, 8, 128, 16, kv_dtype="float8_e4m3fn")
+        prefill.batch_prefill_paged_plan(
+            [0, 3, 4], [0, 1, 3], None, [5, 4], 32, 8, 128, 16, kv_data_type="float8_e4m3fn", workspace=ws
+        )
     assert_reached_the_kernel(info.value)
     assert "dtype_kv_e4m3" in info.value.function
     plan = decode_plan(make_array, kv_dtype="float8_e4m3fn")
@@ -953,14 +1120,23 @@ def test_fp8_kv_cache_selects_its_modules(make_array):
         k_cache=fake_cuda((4, 16, 8, 128), "float8_e4m3fn"), v_cache=fake_cuda((4, 16, 8, 128), "float8_e4m3fn")
     )
     with pytest.raises(KernelError) as info:
-        decode.batch_decode_run(plan, *fp8.values())
+        decode.batch_decode_run(**paged(fp8), plan=plan)
     assert_reached_the_kernel(info.value)
     with pytest.raises(TypeError, match=r"^k_cache: expected dtype float8_e4m3fn, got float16"):
-        decode.batch_decode_run(plan, *decode_run_args().values())
-    paged = prefill_plan(make_array, "paged", "auto", kv_dtype="float8_e4m3fn")
-    assert paged.backend == "fa2" and "dtype_kv_e4m3" in paged.uri
+        decode.batch_decode_run(**paged(decode_run_args()), plan=plan)
+    paged_plan = prefill_plan(make_array, "paged", "auto", kv_dtype="float8_e4m3fn")
+    assert paged_plan.backend == "fa2" and "dtype_kv_e4m3" in paged_plan.uri
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_paged_run(paged, *paged_run_args(k_cache=fp8["k_cache"], v_cache=fp8["v_cache"]).values())
+        prefill.batch_prefill_paged_run(
+            fake_cuda((4, 32, 128)),
+            (fp8["k_cache"], fp8["v_cache"]),
+            qo_indptr=fake_cuda((3,), "int32"),
+            kv_indptr=fake_cuda((3,), "int32"),
+            kv_indices=fake_cuda((3,), "int32"),
+            kv_last_page_len=fake_cuda((2,), "int32"),
+            out=fake_cuda((4, 32, 128)),
+            plan=paged_plan,
+        )
     assert_reached_the_kernel(info.value)
 
 
@@ -977,7 +1153,7 @@ def test_a_decode_runs_plan_scalars_are_bound_to_its_context(make_array):
     for sm_scale in (0.5, 0.25, 0.5):
         plan = decode_plan(make_array, ws=ws, sm_scale=sm_scale)
         with pytest.raises(KernelError) as info:
-            decode.batch_decode_run(plan, *args.values())
+            decode.batch_decode_run(**paged(args), plan=plan)
         assert_reached_the_kernel(info.value)
         launch = plan._s.run
         assert "sm_scale" not in launch.source.split("\n", 1)[0]  # not an argument of the launch function

@@ -74,7 +74,7 @@ def test_cascade_with_fi_ffi_prefills_equals_one_prefill(dtype: torch.dtype, hea
     def prefill(k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty(qo, HQ, head_dim, dtype=dtype, device="cuda")
         lse = torch.empty(qo, HQ, dtype=torch.float32, device="cuda")
-        fi_ffi.single_prefill(q, k, v, out, lse=lse, causal=causal)
+        fi_ffi.single_prefill(q, k, v, out=out, lse=lse, causal=causal)
         return out, lse
 
     o1, s1 = prefill(kp, vp, False)

@@ -78,9 +78,21 @@ def test_batch_decode_matches_reference(ws, dtype, head_dim, heads, layout, page
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, dtype=torch.float32, device="cuda")
     plan = decode.batch_decode_plan(
-        ws, kv.indptr_h, hq, hk, head_dim, page_size, kv_last_page_len=kv.last_h, q_dtype=dtype, kv_layout=layout
+        kv.indptr_h, None, kv.last_h, hq, hk, head_dim, page_size, q_data_type=dtype, kv_layout=layout, workspace=ws
     )
-    assert decode.batch_decode_run(plan, q, kv.k, kv.v, kv.indptr, kv.indices, kv.last, out, lse=lse) is out
+    assert (
+        decode.batch_decode_run(
+            q,
+            (kv.k, kv.v),
+            kv_indptr=kv.indptr,
+            kv_indices=kv.indices,
+            kv_last_page_len=kv.last,
+            out=out,
+            lse=lse,
+            plan=plan,
+        )
+        is out
+    )
     torch.cuda.synchronize()
     for i in range(b):
         o, lse_ref = reference(q[i : i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v))
@@ -123,23 +135,28 @@ def test_batch_decode_growing_cache_replanned_every_step(ws):
         indptr = np.concatenate([[0], np.cumsum([len(t) for t in tables])]).astype(np.int32)
         last = np.array([n - (len(t) - 1) * page for n, t in zip(lens, tables, strict=True)], np.int32)
         indices = torch.tensor([p for t in tables for p in t], dtype=torch.int32, device="cuda")
-        plan = decode.batch_decode_plan(ws, indptr, hq, hk, d, page, kv_last_page_len=last)
+        plan = decode.batch_decode_plan(indptr, None, last, hq, hk, d, page, workspace=ws)
         if previous is not None:
             assert previous.stale
             with pytest.raises(ValueError, match="stale"):
                 decode.batch_decode_run(
-                    previous,
                     q,
-                    k_cache,
-                    v_cache,
-                    torch.from_numpy(indptr).cuda(),
-                    indices,
-                    torch.from_numpy(last).cuda(),
-                    out,
+                    (k_cache, v_cache),
+                    kv_indptr=torch.from_numpy(indptr).cuda(),
+                    kv_indices=indices,
+                    kv_last_page_len=torch.from_numpy(last).cuda(),
+                    out=out,
+                    plan=previous,
                 )
         q.normal_()
         decode.batch_decode_run(
-            plan, q, k_cache, v_cache, torch.from_numpy(indptr).cuda(), indices, torch.from_numpy(last).cuda(), out
+            q,
+            (k_cache, v_cache),
+            kv_indptr=torch.from_numpy(indptr).cuda(),
+            kv_indices=indices,
+            kv_last_page_len=torch.from_numpy(last).cuda(),
+            out=out,
+            plan=plan,
         )
         torch.cuda.synchronize()
         for i in range(len(lens)):
@@ -154,14 +171,22 @@ def test_one_plan_serves_many_layers(ws):
     indptr_h, last_h = layers[0].indptr_h, layers[0].last_h
     for layer in layers[1:]:  # same page table for every layer (what a runtime has)
         layer.indices, layer.indptr, layer.last = layers[0].indices, layers[0].indptr, layers[0].last
-    plan = decode.batch_decode_plan(ws, indptr_h, hq, hk, d, page, kv_last_page_len=last_h, q_dtype=dtype)
+    plan = decode.batch_decode_plan(indptr_h, None, last_h, hq, hk, d, page, q_data_type=dtype, workspace=ws)
     info = plan.info
     q = torch.randn(3, hq, d, dtype=dtype, device="cuda")
     outs = []
     for _ in range(2):  # every layer twice: the plan is reused, never consumed
         for layer in layers:
             out = torch.empty_like(q)
-            decode.batch_decode_run(plan, q, layer.k, layer.v, layer.indptr, layer.indices, layer.last, out)
+            decode.batch_decode_run(
+                q,
+                (layer.k, layer.v),
+                kv_indptr=layer.indptr,
+                kv_indices=layer.indices,
+                kv_last_page_len=layer.last,
+                out=out,
+                plan=plan,
+            )
             outs.append((layer, out))
     torch.cuda.synchronize()
     assert plan.info == info and plan.refcount == 1
@@ -171,7 +196,13 @@ def test_one_plan_serves_many_layers(ws):
     plan.release()
     with pytest.raises(ValueError, match="released"):
         decode.batch_decode_run(
-            plan, q, layers[0].k, layers[0].v, layers[0].indptr, layers[0].indices, layers[0].last, outs[0][1]
+            q,
+            (layers[0].k, layers[0].v),
+            kv_indptr=layers[0].indptr,
+            kv_indices=layers[0].indices,
+            kv_last_page_len=layers[0].last,
+            out=outs[0][1],
+            plan=plan,
         )
 
 
@@ -190,15 +221,33 @@ def test_back_to_back_plans_on_one_stream_wait_for_the_previous_copy(ws):
         busy = torch.cuda.Event()
         busy.record(stream)
         plan_a = decode.batch_decode_plan(
-            ws, kv_a.indptr_h, hq, hk, d, page, kv_last_page_len=kv_a.last_h, stream=stream
+            kv_a.indptr_h, None, kv_a.last_h, hq, hk, d, page, stream=stream, workspace=ws
         )
         assert not busy.query()  # plan A did not wait for the stream
-        decode.batch_decode_run(plan_a, q_a, kv_a.k, kv_a.v, kv_a.indptr, kv_a.indices, kv_a.last, out_a, stream=stream)
+        decode.batch_decode_run(
+            q_a,
+            (kv_a.k, kv_a.v),
+            kv_indptr=kv_a.indptr,
+            kv_indices=kv_a.indices,
+            kv_last_page_len=kv_a.last,
+            out=out_a,
+            stream=stream,
+            plan=plan_a,
+        )
         plan_b = decode.batch_decode_plan(
-            ws, kv_b.indptr_h, hq, hk, d, page, kv_last_page_len=kv_b.last_h, stream=stream
+            kv_b.indptr_h, None, kv_b.last_h, hq, hk, d, page, stream=stream, workspace=ws
         )
         assert busy.query()  # plan B waited for A's copy, hence for the work before it
-        decode.batch_decode_run(plan_b, q_b, kv_b.k, kv_b.v, kv_b.indptr, kv_b.indices, kv_b.last, out_b, stream=stream)
+        decode.batch_decode_run(
+            q_b,
+            (kv_b.k, kv_b.v),
+            kv_indptr=kv_b.indptr,
+            kv_indices=kv_b.indices,
+            kv_last_page_len=kv_b.last,
+            out=out_b,
+            stream=stream,
+            plan=plan_b,
+        )
     torch.cuda.synchronize()
     for kv, q, out in ((kv_a, q_a, out_a), (kv_b, q_b, out_b)):
         for i in range(q.shape[0]):
@@ -216,8 +265,12 @@ def test_caller_buffers_and_strided_q(ws):
     big = torch.randn(2, hq, 2 * d, dtype=dtype, device="cuda")
     q = big[:, :, :d]  # strides (2*hq*d, 2*d, 1)
     out = torch.empty(2, hq, d, dtype=dtype, device="cuda")
-    plan = decode.batch_decode_plan(own, kv.indptr_h, hq, hk, d, 16, kv_layout="HND", sm_scale=0.3)
-    decode.batch_decode_run(plan, q, kv.k, kv.v, kv.indptr, kv.indices, kv.last, out)
+    plan = decode.batch_decode_plan(
+        kv.indptr_h, None, None, hq, hk, d, 16, kv_layout="HND", sm_scale=0.3, workspace=own
+    )
+    decode.batch_decode_run(
+        q, (kv.k, kv.v), kv_indptr=kv.indptr, kv_indices=kv.indices, kv_last_page_len=kv.last, out=out, plan=plan
+    )
     torch.cuda.synchronize()
     for r in range(2):
         close(out[r], reference(q[r : r + 1], kv.gather(r, kv.k), kv.gather(r, kv.v), sm_scale=0.3)[0][0], dtype)
@@ -240,7 +293,7 @@ def test_single_decode_matches_reference(dtype, head_dim, heads, layout):
         out = torch.empty_like(q)
         lse = torch.empty(hq, dtype=torch.float32, device="cuda")
         kk, vv = (k, v) if layout == "NHD" else (k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
-        decode.single_decode(q, kk, vv, out, tmp=scratch, lse=lse, kv_layout=layout)
+        decode.single_decode(q, kk, vv, out=out, tmp=scratch, lse=lse, kv_layout=layout)
         torch.cuda.synchronize()
         o, lse_ref = reference(q[None], k, v)
         close(out, o[0], dtype, f"kv_len {kv_len}")
@@ -257,16 +310,32 @@ def test_batch_decode_with_torch_tensors_and_cupy_arrays_per_call(ws):
     kv = PagedKV([5, 40, 77], page, hk, d, dtype, "NHD", seed=3)
     b = 3
     q = torch.randn(b, hq, d, dtype=dtype, device="cuda")
-    plan = decode.batch_decode_plan(ws, kv.indptr_h, hq, hk, d, page, kv_last_page_len=kv.last_h)
+    plan = decode.batch_decode_plan(kv.indptr_h, None, kv.last_h, hq, hk, d, page, workspace=ws)
     want = [reference(q[i : i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v))[0][0] for i in range(b)]
     out_t = torch.empty_like(q)
     for _ in range(3):  # new tensor objects (and memory for q, indptr) at every call
-        decode.batch_decode_run(plan, q.clone(), kv.k, kv.v, kv.indptr.clone(), kv.indices, kv.last, out_t)
+        decode.batch_decode_run(
+            q.clone(),
+            (kv.k, kv.v),
+            kv_indptr=kv.indptr.clone(),
+            kv_indices=kv.indices,
+            kv_last_page_len=kv.last,
+            out=out_t,
+            plan=plan,
+        )
     torch.cuda.synchronize()
     c = cupy.asarray  # zero-copy views through the CUDA array interface
     out_c = cupy.zeros((b, hq, d), dtype=cupy.float16)
     for _ in range(3):
-        decode.batch_decode_run(plan, c(q), c(kv.k), c(kv.v), c(kv.indptr), c(kv.indices), c(kv.last), out_c)
+        decode.batch_decode_run(
+            c(q),
+            (c(kv.k), c(kv.v)),
+            kv_indptr=c(kv.indptr),
+            kv_indices=c(kv.indices),
+            kv_last_page_len=c(kv.last),
+            out=out_c,
+            plan=plan,
+        )
     cupy.cuda.runtime.deviceSynchronize()
     got_c = torch.as_tensor(out_c, device="cuda")
     for i in range(b):
@@ -285,10 +354,12 @@ def test_batch_decode_sliding_window_and_soft_cap(ws):
     q = torch.randn(b, hq, d, dtype=dtype, device="cuda") * 4  # large logits: the cap matters
     out = torch.empty_like(q)
     plan = decode.batch_decode_plan(
-        ws, kv.indptr_h, hq, hk, d, page, kv_last_page_len=kv.last_h, window_left=window, logits_soft_cap=cap
+        kv.indptr_h, None, kv.last_h, hq, hk, d, page, window_left=window, logits_soft_cap=cap, workspace=ws
     )
     assert "use_swa_True_use_logits_cap_True" in plan.uri
-    decode.batch_decode_run(plan, q, kv.k, kv.v, kv.indptr, kv.indices, kv.last, out)
+    decode.batch_decode_run(
+        q, (kv.k, kv.v), kv_indptr=kv.indptr, kv_indices=kv.indices, kv_last_page_len=kv.last, out=out, plan=plan
+    )
     torch.cuda.synchronize()
     for i in range(b):
         o, _ = reference(q[i : i + 1], kv.gather(i, kv.k), kv.gather(i, kv.v), window_left=window, soft_cap=cap)
@@ -305,10 +376,12 @@ def test_batch_decode_fp8_e4m3_kv_cache(ws):
     q = torch.randn(b, hq, d, dtype=torch.float16, device="cuda")
     out = torch.empty_like(q)
     plan = decode.batch_decode_plan(
-        ws, kv.indptr_h, hq, hk, d, page, kv_last_page_len=kv.last_h, kv_dtype="float8_e4m3fn"
+        kv.indptr_h, None, kv.last_h, hq, hk, d, page, kv_data_type="float8_e4m3fn", workspace=ws
     )
     assert "dtype_kv_e4m3" in plan.uri
-    decode.batch_decode_run(plan, q, k8, v8, kv.indptr, kv.indices, kv.last, out)
+    decode.batch_decode_run(
+        q, (k8, v8), kv_indptr=kv.indptr, kv_indices=kv.indices, kv_last_page_len=kv.last, out=out, plan=plan
+    )
     torch.cuda.synchronize()
     for i in range(b):
         fp8 = torch.float8_e4m3fn  # gathered in f16 then cast: the same values, no indexing of FP8 tensors
@@ -343,8 +416,10 @@ def test_prepared_decode_run_equals_the_op_call_every_step(ws):
         return indptr_h, last_h
 
     indptr_h, last_h = layout()
-    plan = decode.batch_decode_plan(ws, indptr_h, hq, hk, d, page, kv_last_page_len=last_h, q_dtype=dtype)
-    prepared = decode.prepare_decode_run(q, kv.k, kv.v, indptr, indices, last, out, plan=plan, lse=lse)
+    plan = decode.batch_decode_plan(indptr_h, None, last_h, hq, hk, d, page, q_data_type=dtype, workspace=ws)
+    prepared = decode.prepare_decode_run(
+        q, (kv.k, kv.v), kv_indptr=indptr, kv_indices=indices, kv_last_page_len=last, out=out, plan=plan, lse=lse
+    )
     for step in range(12):
         for i in range(b):  # one more token per request: a new page when the last one is full
             if lens[i] % page == 0:
@@ -352,12 +427,21 @@ def test_prepared_decode_run_equals_the_op_call_every_step(ws):
             lens[i] += 1
         indptr_h, last_h = layout()
         previous = plan
-        plan = decode.batch_decode_plan(ws, indptr_h, hq, hk, d, page, kv_last_page_len=last_h, q_dtype=dtype)
+        plan = decode.batch_decode_plan(indptr_h, None, last_h, hq, hk, d, page, q_data_type=dtype, workspace=ws)
         with pytest.raises(ValueError, match="stale"):
             prepared.run(previous)
         q.normal_()
         prepared.run(plan)
-        decode.batch_decode_run(plan, q, kv.k, kv.v, indptr, indices, last, out_ref, lse=lse_ref)
+        decode.batch_decode_run(
+            q,
+            (kv.k, kv.v),
+            kv_indptr=indptr,
+            kv_indices=indices,
+            kv_last_page_len=last,
+            out=out_ref,
+            lse=lse_ref,
+            plan=plan,
+        )
         torch.cuda.synchronize()
         assert torch.equal(out, out_ref), f"step {step}: packed output differs from the op call's"
         assert torch.equal(lse, lse_ref), f"step {step}: packed LSE differs from the op call's"

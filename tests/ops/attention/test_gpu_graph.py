@@ -68,14 +68,32 @@ def test_captured_decode_step_replays_like_eager_runs(dtype):
         last_d.copy_(torch.from_numpy(last))
         indices_d[: len(ids)].copy_(ids)
         plan = decode.batch_decode_plan(
-            ws, indptr, hq, hk, d, page, kv_last_page_len=last, q_dtype=dtype, enable_cuda_graph=True, stream=s
+            indptr, None, last, hq, hk, d, page, q_data_type=dtype, enable_cuda_graph=True, stream=s, workspace=ws
         )
-        decode.batch_decode_run(plan, q, k_cache, v_cache, indptr_d, indices_d, last_d, out, stream=s)
+        decode.batch_decode_run(
+            q,
+            (k_cache, v_cache),
+            kv_indptr=indptr_d,
+            kv_indices=indices_d,
+            kv_last_page_len=last_d,
+            out=out,
+            stream=s,
+            plan=plan,
+        )
         ok(rt.cudaStreamSynchronize(stream))
         eager = out.clone()
 
         ok(rt.cudaStreamBeginCapture(stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
-        decode.batch_decode_run(plan, q, k_cache, v_cache, indptr_d, indices_d, last_d, out, stream=s)
+        decode.batch_decode_run(
+            q,
+            (k_cache, v_cache),
+            kv_indptr=indptr_d,
+            kv_indices=indices_d,
+            kv_last_page_len=last_d,
+            out=out,
+            stream=s,
+            plan=plan,
+        )
         err, graph = rt.cudaStreamEndCapture(stream)
         ok(err)
         err, graph_exec = rt.cudaGraphInstantiate(graph, 0)
@@ -91,7 +109,16 @@ def test_captured_decode_step_replays_like_eager_runs(dtype):
         ok(rt.cudaGraphLaunch(graph_exec, stream))
         ok(rt.cudaStreamSynchronize(stream))
         replayed = out.clone()
-        decode.batch_decode_run(plan, q, k_cache, v_cache, indptr_d, indices_d, last_d, out, stream=s)
+        decode.batch_decode_run(
+            q,
+            (k_cache, v_cache),
+            kv_indptr=indptr_d,
+            kv_indices=indices_d,
+            kv_last_page_len=last_d,
+            out=out,
+            stream=s,
+            plan=plan,
+        )
         ok(rt.cudaStreamSynchronize(stream))
         assert torch.equal(replayed, out)
 
@@ -99,7 +126,7 @@ def test_captured_decode_step_replays_like_eager_runs(dtype):
         lens = [n + 1 for n in lens]
         indptr2, last2, ids2 = step_tables(lens)
         plan2 = decode.batch_decode_plan(
-            ws, indptr2, hq, hk, d, page, kv_last_page_len=last2, q_dtype=dtype, enable_cuda_graph=True, stream=s
+            indptr2, None, last2, hq, hk, d, page, q_data_type=dtype, enable_cuda_graph=True, stream=s, workspace=ws
         )
         assert plan.stale
         assert plan2.info == plan.info  # a CUDA-graph schedule keeps its layout for a fixed batch size

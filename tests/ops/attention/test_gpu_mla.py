@@ -155,9 +155,9 @@ def test_batch_mla_matches_reference(ws, backend, dtype, heads, page_size, mode)
     out = torch.empty(rows, heads, CKV, dtype=dtype, device="cuda")
     lse = torch.empty(rows, heads, dtype=torch.float32, device="cuda")
     plan = fi_ffi.batch_mla_plan(
-        ws,
         qo_indptr,
         cache.indptr_h,
+        None,
         cache.lens_h,
         heads,
         CKV,
@@ -167,11 +167,15 @@ def test_batch_mla_matches_reference(ws, backend, dtype, heads, page_size, mode)
         SM_SCALE,
         dtype,
         backend=backend,
+        workspace=ws,
     )
     assert plan.backend == backend and plan.uri.endswith("_sm90") == (backend == "fa3")
     where = f"{plan.uri} (FlashInfer {V.release_of(plan.uri) or '?'})"
     assert (
-        fi_ffi.batch_mla_run(plan, q_nope, q_pe, cache.ckv_cache, cache.kpe_cache, cache.indices, out, lse=lse) is out
+        fi_ffi.batch_mla_run(
+            q_nope, q_pe, cache.ckv_cache, cache.kpe_cache, out=out, lse=lse, kv_indices=cache.indices, plan=plan
+        )
+        is out
     )
     torch.cuda.synchronize()
     want_o, want_lse = reference(q_nope, q_pe, cache, qo_lens, causal)
@@ -188,9 +192,9 @@ def test_one_plan_serves_every_layer_and_natural_log_lse(ws, backend):
     qo_lens = QO_LENS["decode"]
     qo_indptr = np.arange(len(KV_LENS) + 1, dtype=np.int32)
     plan = fi_ffi.batch_mla_plan(
-        ws,
         qo_indptr,
         caches[0].indptr_h,
+        None,
         caches[0].lens_h,
         heads,
         CKV,
@@ -200,15 +204,23 @@ def test_one_plan_serves_every_layer_and_natural_log_lse(ws, backend):
         SM_SCALE,
         "float16",
         backend=backend,
+        workspace=ws,
     )
     for layer, cache in enumerate(caches):
         q_nope, q_pe = queries(len(KV_LENS), heads, dtype, seed=10 + layer)
         out = torch.empty(len(KV_LENS), heads, CKV, dtype=dtype, device="cuda")
         lse = torch.empty(len(KV_LENS), heads, dtype=torch.float32, device="cuda")
-        args = [q_nope, q_pe, cache.ckv_cache, cache.kpe_cache, cache.indices, out]
+        args = [q_nope, q_pe, cache.ckv_cache, cache.kpe_cache, out, cache.indices]
         if layer == 1:
             args = [fi_ffi.as_tensor(a) for a in args]
-        fi_ffi.batch_mla_run(plan, *args, lse=fi_ffi.as_tensor(lse) if layer else lse, return_lse_base_on_e=True)
+        fi_ffi.batch_mla_run(
+            *args[:4],
+            out=args[4],
+            lse=fi_ffi.as_tensor(lse) if layer else lse,
+            kv_indices=args[5],
+            return_lse_base_on_e=True,
+            plan=plan,
+        )
         torch.cuda.synchronize()
         want_o, want_lse = reference(q_nope, q_pe, cache, qo_lens, False)
         close(out, want_o, TOL[dtype], f"layer {layer} out")
@@ -222,25 +234,25 @@ def test_back_to_back_plans_each_run_their_own_schedule(ws):
     short = MLACache([5, 40], page_size, dtype, seed=4)
     long = MLACache(KV_LENS, page_size, dtype, seed=5)
     first = fi_ffi.batch_mla_plan(
-        ws, [0, 1, 2], short.indptr_h, short.lens_h, heads, CKV, KPE, page_size, False, SM_SCALE, dtype
+        [0, 1, 2], short.indptr_h, None, short.lens_h, heads, CKV, KPE, page_size, False, SM_SCALE, dtype, workspace=ws
     )
     qo_indptr = np.concatenate([[0], np.cumsum(QO_LENS["causal_prefill"])]).astype(np.int32)
     second = fi_ffi.batch_mla_plan(
-        ws, qo_indptr, long.indptr_h, long.lens_h, heads, CKV, KPE, page_size, True, SM_SCALE, dtype
+        qo_indptr, long.indptr_h, None, long.lens_h, heads, CKV, KPE, page_size, True, SM_SCALE, dtype, workspace=ws
     )
     assert first.stale and not second.stale
     rows = int(qo_indptr[-1])
     q_nope, q_pe = queries(rows, heads, dtype, seed=6)
     out = torch.empty(rows, heads, CKV, dtype=dtype, device="cuda")
-    fi_ffi.batch_mla_run(second, q_nope, q_pe, long.ckv_cache, long.kpe_cache, long.indices, out)
+    fi_ffi.batch_mla_run(q_nope, q_pe, long.ckv_cache, long.kpe_cache, out=out, kv_indices=long.indices, plan=second)
     torch.cuda.synchronize()
     close(out, reference(q_nope, q_pe, long, QO_LENS["causal_prefill"], True)[0], TOL[dtype], "out")
     with pytest.raises(ValueError, match="stale"):
         fi_ffi.batch_mla_run(
-            first,
             *queries(2, heads, dtype),
             short.ckv_cache,
             short.kpe_cache,
-            short.indices,
-            torch.empty(2, heads, CKV, dtype=dtype, device="cuda"),
+            out=torch.empty(2, heads, CKV, dtype=dtype, device="cuda"),
+            kv_indices=short.indices,
+            plan=first,
         )

@@ -57,7 +57,7 @@ def test_single_prefill_matches_reference(dtype, head_dim, heads, causal, layout
         out = torch.empty_like(q)
         lse = torch.empty(qo_len, hq, dtype=torch.float32, device="cuda")
         prefill.single_prefill(
-            q, to_layout(k, layout), to_layout(v, layout), out, tmp=tmp, lse=lse, causal=causal, kv_layout=layout
+            q, to_layout(k, layout), to_layout(v, layout), out=out, tmp=tmp, lse=lse, causal=causal, kv_layout=layout
         )
         torch.cuda.synchronize()
         o, lse_ref = reference(q, k, v, causal=causal)
@@ -75,7 +75,7 @@ def test_single_prefill_custom_mask(dtype):
     mask[:, 0] = True  # every row attends somewhere
     packed, _ = prefill.pack_custom_mask([mask.cpu().numpy()])
     out = torch.empty_like(q)
-    prefill.single_prefill(q, k, v, out, custom_mask=torch.from_numpy(packed).cuda())
+    prefill.single_prefill(q, k, v, out=out, packed_custom_mask=torch.from_numpy(packed).cuda())
     torch.cuda.synchronize()
     close(out, reference(q, k, v, mask=mask)[0], dtype)
 
@@ -85,7 +85,7 @@ def test_single_prefill_strided_q_and_kv():
     qkv = torch.randn(50, hq + 2 * hk, d, dtype=dtype, device="cuda")  # a fused QKV projection
     q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
     out = torch.empty(50, hq, d, dtype=dtype, device="cuda")
-    prefill.single_prefill(q, k, v, out, causal=True, sm_scale=0.2)
+    prefill.single_prefill(q, k, v, out=out, causal=True, sm_scale=0.2)
     torch.cuda.synchronize()
     close(out, reference(q, k, v, causal=True, sm_scale=0.2)[0], dtype)
 
@@ -126,27 +126,27 @@ def test_batch_prefill_ragged_fa2(ws, dtype, head_dim, heads, causal, layout):
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device="cuda")
     plan = prefill.batch_prefill_ragged_plan(
-        ws,
         indptr(QO_LENS),
         indptr(KV_LENS),
         hq,
         hk,
         head_dim,
-        q_dtype=dtype,
+        q_data_type=dtype,
         kv_layout=layout,
         causal=causal,
         backend="fa2",
+        workspace=ws,
     )
     assert plan.backend == "fa2"
     prefill.batch_prefill_ragged_run(
-        plan,
         q,
         kl,
         vl,
-        torch.from_numpy(indptr(QO_LENS)).cuda(),
-        torch.from_numpy(indptr(KV_LENS)).cuda(),
-        out,
+        qo_indptr=torch.from_numpy(indptr(QO_LENS)).cuda(),
+        kv_indptr=torch.from_numpy(indptr(KV_LENS)).cuda(),
+        out=out,
         lse=lse,
+        plan=plan,
     )
     torch.cuda.synchronize()
     check_ragged(out, q, k, v, QO_LENS, KV_LENS, dtype, causal, lse)
@@ -162,20 +162,26 @@ def test_batch_prefill_ragged_custom_mask(ws):
         masks.append(m)
     packed, mind = prefill.pack_custom_mask([m.cpu().numpy() for m in masks])
     plan = prefill.batch_prefill_ragged_plan(
-        ws,
         indptr(QO_LENS),
         indptr(KV_LENS),
         hq,
         hk,
         d,
-        q_dtype=dtype,
-        custom_mask=torch.from_numpy(packed).cuda(),
+        q_data_type=dtype,
+        packed_custom_mask=torch.from_numpy(packed).cuda(),
         mask_indptr=torch.from_numpy(mind).cuda(),
+        workspace=ws,
     )
     assert plan.backend == "fa2" and plan.mask_mode == 2
     out = torch.empty_like(q)
     prefill.batch_prefill_ragged_run(
-        plan, q, k, v, torch.from_numpy(indptr(QO_LENS)).cuda(), torch.from_numpy(indptr(KV_LENS)).cuda(), out
+        q,
+        k,
+        v,
+        qo_indptr=torch.from_numpy(indptr(QO_LENS)).cuda(),
+        kv_indptr=torch.from_numpy(indptr(KV_LENS)).cuda(),
+        out=out,
+        plan=plan,
     )
     torch.cuda.synchronize()
     check_ragged(out, q, k, v, QO_LENS, KV_LENS, dtype, False, masks=masks)
@@ -188,23 +194,32 @@ def paged_case(ws, dtype, hq, hk, d, page_size, layout, causal, backend, qo_lens
     q, k, v, _, _ = ragged_inputs(dtype, hq, hk, d, "NHD", qo_lens, kv_lens)
     kv = PagedKV(k, v, kv_lens, page_size, layout)
     plan = prefill.batch_prefill_paged_plan(
-        ws,
         indptr(qo_lens),
         kv.indptr_h,
+        None,
         kv.last_h,
         hq,
         hk,
         d,
         page_size,
-        q_dtype=dtype,
+        q_data_type=dtype,
         kv_layout=layout,
         causal=causal,
         backend=backend,
+        workspace=ws,
     )
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], hq, dtype=torch.float32, device="cuda")
     prefill.batch_prefill_paged_run(
-        plan, q, kv.k, kv.v, torch.from_numpy(indptr(qo_lens)).cuda(), kv.indptr, kv.indices, kv.last, out, lse=lse
+        q,
+        (kv.k, kv.v),
+        qo_indptr=torch.from_numpy(indptr(qo_lens)).cuda(),
+        kv_indptr=kv.indptr,
+        kv_indices=kv.indices,
+        kv_last_page_len=kv.last,
+        out=out,
+        lse=lse,
+        plan=plan,
     )
     torch.cuda.synchronize()
     return plan, q, k, v, out, lse
@@ -228,17 +243,35 @@ def test_paged_prefill_plan_reused_then_stale(ws):
     kv = PagedKV(k, v, KV_LENS, page, "NHD")
     qo_d = torch.from_numpy(indptr(QO_LENS)).cuda()
     plan = prefill.batch_prefill_paged_plan(
-        ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, page, causal=True, backend="fa2"
+        indptr(QO_LENS), kv.indptr_h, None, kv.last_h, hq, hk, d, page, causal=True, backend="fa2", workspace=ws
     )
     outs = [torch.empty_like(q) for _ in range(3)]
     for out in outs:
-        prefill.batch_prefill_paged_run(plan, q, kv.k, kv.v, qo_d, kv.indptr, kv.indices, kv.last, out)
+        prefill.batch_prefill_paged_run(
+            q,
+            (kv.k, kv.v),
+            qo_indptr=qo_d,
+            kv_indptr=kv.indptr,
+            kv_indices=kv.indices,
+            kv_last_page_len=kv.last,
+            out=out,
+            plan=plan,
+        )
     torch.cuda.synchronize()
     for out in outs:
         check_ragged(out, q, k, v, QO_LENS, KV_LENS, dtype, True)
-    prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa2")
+    prefill.batch_prefill_ragged_plan(indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa2", workspace=ws)
     with pytest.raises(ValueError, match="stale"):
-        prefill.batch_prefill_paged_run(plan, q, kv.k, kv.v, qo_d, kv.indptr, kv.indices, kv.last, outs[0])
+        prefill.batch_prefill_paged_run(
+            q,
+            (kv.k, kv.v),
+            qo_indptr=qo_d,
+            kv_indptr=kv.indptr,
+            kv_indices=kv.indices,
+            kv_last_page_len=kv.last,
+            out=outs[0],
+            plan=plan,
+        )
 
 
 # ------------------------------------------------------------------------------------------ FA3 (SM90)
@@ -256,12 +289,26 @@ def test_fa3_matches_fa2_and_reference(ws, dtype, heads, causal, mode):
         outs = {}
         for backend in ("fa2", "fa3"):
             plan = prefill.batch_prefill_ragged_plan(
-                ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, q_dtype=dtype, causal=causal, backend=backend
+                indptr(QO_LENS),
+                indptr(KV_LENS),
+                hq,
+                hk,
+                d,
+                q_data_type=dtype,
+                causal=causal,
+                backend=backend,
+                workspace=ws,
             )
             assert plan.backend == backend
             out = torch.empty_like(q)
             prefill.batch_prefill_ragged_run(
-                plan, q, k, v, torch.from_numpy(indptr(QO_LENS)).cuda(), torch.from_numpy(indptr(KV_LENS)).cuda(), out
+                q,
+                k,
+                v,
+                qo_indptr=torch.from_numpy(indptr(QO_LENS)).cuda(),
+                kv_indptr=torch.from_numpy(indptr(KV_LENS)).cuda(),
+                out=out,
+                plan=plan,
             )
             torch.cuda.synchronize()
             outs[backend] = out
@@ -280,20 +327,22 @@ def test_fa3_matches_fa2_and_reference(ws, dtype, heads, causal, mode):
 
 @pytest.mark.skipif(not SM90, reason="FA3 modules need an SM 9.x GPU")
 def test_auto_picks_fa3_on_sm90_and_fa2_when_it_must(ws):
-    plan = prefill.batch_prefill_ragged_plan(ws, indptr([3]), indptr([5]), 8, 8, 128)
+    plan = prefill.batch_prefill_ragged_plan(indptr([3]), indptr([5]), 8, 8, 128, workspace=ws)
     assert plan.backend == "fa3" and plan.uri.endswith("_sm90")
-    plan = prefill.batch_prefill_ragged_plan(ws, indptr([3]), indptr([5]), 8, 8, 64)  # no hd-64 FA3 in the wheel
+    plan = prefill.batch_prefill_ragged_plan(
+        indptr([3]), indptr([5]), 8, 8, 64, workspace=ws
+    )  # no hd-64 FA3 in the wheel
     assert plan.backend == "fa2"
-    plan = prefill.batch_prefill_ragged_plan(ws, indptr([3]), indptr([5]), 8, 8, 128, kv_layout="HND")
+    plan = prefill.batch_prefill_ragged_plan(indptr([3]), indptr([5]), 8, 8, 128, kv_layout="HND", workspace=ws)
     assert plan.backend == "fa2"
 
 
 @pytest.mark.skipif(not SM90, reason="FA3 modules need an SM 9.x GPU")
 def test_fa3_plan_info_shape_and_mixing(ws):
     hq, hk, d = 8, 8, 128
-    fa3 = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa3")
+    fa3 = prefill.batch_prefill_ragged_plan(indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa3", workspace=ws)
     assert len(fa3.info) == 9
-    fa2 = prefill.batch_prefill_ragged_plan(ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa2")
+    fa2 = prefill.batch_prefill_ragged_plan(indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, backend="fa2", workspace=ws)
     assert len(fa2.info) == 15
     assert fa3.stale  # the FA2 plan overwrote the schedule: the FA3 plan cannot run any more
 
@@ -311,13 +360,13 @@ def test_single_prefill_with_torch_tensors_and_cupy_arrays_per_call():
     want, _ = reference(q, k, v, causal=True)
     out_t = torch.empty_like(q)
     for _ in range(3):
-        prefill.single_prefill(q.clone(), k.clone(), v, out_t, causal=True)
+        prefill.single_prefill(q.clone(), k.clone(), v, out=out_t, causal=True)
     torch.cuda.synchronize()
     close(out_t, want, dtype, "torch")
     c = cupy.asarray
     out_c = cupy.zeros(q.shape, dtype=cupy.float16)
     for _ in range(3):
-        prefill.single_prefill(c(q), c(k), c(v), out_c, causal=True)
+        prefill.single_prefill(c(q), c(k), c(v), out=out_c, causal=True)
     cupy.cuda.runtime.deviceSynchronize()
     close(torch.as_tensor(out_c, device="cuda"), want, dtype, "cupy")
 
@@ -335,15 +384,25 @@ def test_batch_prefill_sliding_window_and_soft_cap(ws, mode):
     qo = torch.from_numpy(indptr(QO_LENS)).cuda()
     if mode == "ragged":
         plan = prefill.batch_prefill_ragged_plan(
-            ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, causal=True, window_left=window, logits_soft_cap=cap
+            indptr(QO_LENS),
+            indptr(KV_LENS),
+            hq,
+            hk,
+            d,
+            causal=True,
+            window_left=window,
+            logits_soft_cap=cap,
+            workspace=ws,
         )
-        prefill.batch_prefill_ragged_run(plan, q, k, v, qo, torch.from_numpy(indptr(KV_LENS)).cuda(), out)
+        prefill.batch_prefill_ragged_run(
+            q, k, v, qo_indptr=qo, kv_indptr=torch.from_numpy(indptr(KV_LENS)).cuda(), out=out, plan=plan
+        )
     else:
         kv = PagedKV(k, v, KV_LENS, 16, "NHD")
         plan = prefill.batch_prefill_paged_plan(
-            ws,
             indptr(QO_LENS),
             kv.indptr_h,
+            None,
             kv.last_h,
             hq,
             hk,
@@ -352,8 +411,18 @@ def test_batch_prefill_sliding_window_and_soft_cap(ws, mode):
             causal=True,
             window_left=window,
             logits_soft_cap=cap,
+            workspace=ws,
         )
-        prefill.batch_prefill_paged_run(plan, q, kv.k, kv.v, qo, kv.indptr, kv.indices, kv.last, out)
+        prefill.batch_prefill_paged_run(
+            q,
+            (kv.k, kv.v),
+            qo_indptr=qo,
+            kv_indptr=kv.indptr,
+            kv_indices=kv.indices,
+            kv_last_page_len=kv.last,
+            out=out,
+            plan=plan,
+        )
     assert plan.backend == "fa2" and "use_swa_True_use_logits_cap_True" in plan.uri
     torch.cuda.synchronize()
     qi, ki = indptr(QO_LENS), indptr(KV_LENS)
@@ -378,11 +447,28 @@ def test_batch_prefill_paged_fp8_e4m3_kv_cache(ws):
     kc, vc = kv.k.to(torch.float8_e4m3fn), kv.v.to(torch.float8_e4m3fn)
     out = torch.empty_like(q)
     plan = prefill.batch_prefill_paged_plan(
-        ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, 16, causal=True, kv_dtype="float8_e4m3fn"
+        indptr(QO_LENS),
+        kv.indptr_h,
+        None,
+        kv.last_h,
+        hq,
+        hk,
+        d,
+        16,
+        causal=True,
+        kv_data_type="float8_e4m3fn",
+        workspace=ws,
     )
     assert "dtype_kv_e4m3" in plan.uri and plan.backend == "fa2"
     prefill.batch_prefill_paged_run(
-        plan, q, kc, vc, torch.from_numpy(indptr(QO_LENS)).cuda(), kv.indptr, kv.indices, kv.last, out
+        q,
+        (kc, vc),
+        qo_indptr=torch.from_numpy(indptr(QO_LENS)).cuda(),
+        kv_indptr=kv.indptr,
+        kv_indices=kv.indices,
+        kv_last_page_len=kv.last,
+        out=out,
+        plan=plan,
     )
     torch.cuda.synchronize()
     qi, ki = indptr(QO_LENS), indptr(KV_LENS)

@@ -78,13 +78,34 @@ def test_paged_attention_with_sinks_matches_the_reference(
     sink = torch.randn(hq, device="cuda") * 2  # some heads sink a lot, some little
     kv = PagedKV(k, v, KV_LENS, page, "NHD")
     plan = fi_ffi.batch_attention_sink_plan(
-        ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, page, q_dtype=BF16, causal=causal,
-        window_left=window_left, backend=backend,
-    )  # fmt: skip
+        indptr(QO_LENS),
+        kv.indptr_h,
+        None,
+        kv.last_h,
+        hq,
+        hk,
+        d,
+        page,
+        q_data_type=BF16,
+        causal=causal,
+        window_left=window_left,
+        backend=backend,
+        workspace=ws,
+    )
     assert plan.backend == backend
     out = torch.full_like(q, float("nan"))
     qo_indptr = torch.from_numpy(indptr(QO_LENS)).cuda()
-    got = fi_ffi.batch_attention_sink_run(plan, q, kv.k, kv.v, qo_indptr, kv.indptr, kv.indices, kv.last, out, sink)
+    got = fi_ffi.batch_attention_sink_run(
+        q,
+        (kv.k, kv.v),
+        qo_indptr=qo_indptr,
+        kv_indptr=kv.indptr,
+        kv_indices=kv.indices,
+        kv_last_page_len=kv.last,
+        out=out,
+        sinks=sink,
+        plan=plan,
+    )
     assert got is out
     torch.cuda.synchronize()
     qo, kvp = indptr(QO_LENS), indptr(KV_LENS)
@@ -106,11 +127,19 @@ def test_ragged_attention_with_sinks_matches_the_reference(ws, backend: str, win
     v = torch.randn_like(k)
     sink = torch.randn(hq, device="cuda")
     plan = fi_ffi.batch_attention_sink_ragged_plan(
-        ws, indptr(QO_LENS), indptr(KV_LENS), hq, hk, d, q_dtype=BF16, window_left=window_left, backend=backend
+        indptr(QO_LENS),
+        indptr(KV_LENS),
+        hq,
+        hk,
+        d,
+        q_data_type=BF16,
+        window_left=window_left,
+        backend=backend,
+        workspace=ws,
     )
     out = torch.empty_like(q)
     qo_d, kv_d = torch.from_numpy(indptr(QO_LENS)).cuda(), torch.from_numpy(indptr(KV_LENS)).cuda()
-    fi_ffi.batch_attention_sink_ragged_run(plan, q, k, v, qo_d, kv_d, out, sink)
+    fi_ffi.batch_attention_sink_ragged_run(q, k, v, qo_indptr=qo_d, kv_indptr=kv_d, out=out, sinks=sink, plan=plan)
     torch.cuda.synchronize()
     qo, kvp = indptr(QO_LENS), indptr(KV_LENS)
     for i in range(len(QO_LENS)):
@@ -128,11 +157,23 @@ def test_a_very_negative_sink_is_plain_attention(ws) -> None:  # type: ignore[no
     k = torch.randn(sum(KV_LENS), hk, d, dtype=BF16, device="cuda")
     v = torch.randn_like(k)
     kv = PagedKV(k, v, KV_LENS, page, "NHD")
-    plan = fi_ffi.batch_attention_sink_plan(ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, page)
+    plan = fi_ffi.batch_attention_sink_plan(
+        indptr(QO_LENS), kv.indptr_h, None, kv.last_h, hq, hk, d, page, workspace=ws
+    )
     out = torch.empty_like(q)
     sink = torch.full((hq,), -1e4, device="cuda")
     qo_d = torch.from_numpy(indptr(QO_LENS)).cuda()
-    fi_ffi.batch_attention_sink_run(plan, q, kv.k, kv.v, qo_d, kv.indptr, kv.indices, kv.last, out, sink)
+    fi_ffi.batch_attention_sink_run(
+        q,
+        (kv.k, kv.v),
+        qo_indptr=qo_d,
+        kv_indptr=kv.indptr,
+        kv_indices=kv.indices,
+        kv_last_page_len=kv.last,
+        out=out,
+        sinks=sink,
+        plan=plan,
+    )
     torch.cuda.synchronize()
     qo, kvp = indptr(QO_LENS), indptr(KV_LENS)
     for i in range(len(QO_LENS)):
@@ -154,10 +195,23 @@ def test_gemma_head_dim_256_batch_decode(ws, heads: tuple[int, int]) -> None:  #
     v = torch.randn_like(k)
     q = torch.randn(len(kv_lens), hq, d, dtype=BF16, device="cuda") * 2  # large logits: the cap matters
     kv = PagedKV(k, v, kv_lens, page, "NHD")
-    plan = fi_ffi.batch_decode_plan(ws, kv.indptr_h, hq, hk, d, page, kv_last_page_len=kv.last_h, q_dtype=BF16, **GEMMA)
+    plan = fi_ffi.batch_decode_plan(
+        kv.indptr_h,
+        None,
+        kv.last_h,
+        num_qo_heads=hq,
+        num_kv_heads=hk,
+        head_dim=d,
+        page_size=page,
+        q_data_type=BF16,
+        **GEMMA,
+        workspace=ws,
+    )
     assert "head_dim_qk_256" in plan.uri and "use_swa_True_use_logits_cap_True" in plan.uri
     out = torch.empty_like(q)
-    fi_ffi.batch_decode_run(plan, q, kv.k, kv.v, kv.indptr, kv.indices, kv.last, out)
+    fi_ffi.batch_decode_run(
+        q, (kv.k, kv.v), kv_indptr=kv.indptr, kv_indices=kv.indices, kv_last_page_len=kv.last, out=out, plan=plan
+    )
     torch.cuda.synchronize()
     kvp = indptr(kv_lens)
     for i in range(len(kv_lens)):
@@ -173,12 +227,32 @@ def test_gemma_head_dim_256_batch_prefill(ws) -> None:  # type: ignore[no-untype
     v = torch.randn_like(k)
     kv = PagedKV(k, v, KV_LENS, page, "NHD")
     plan = fi_ffi.batch_prefill_paged_plan(
-        ws, indptr(QO_LENS), kv.indptr_h, kv.last_h, hq, hk, d, page, q_dtype=BF16, causal=True, **GEMMA
+        indptr(QO_LENS),
+        kv.indptr_h,
+        None,
+        kv.last_h,
+        num_qo_heads=hq,
+        num_kv_heads=hk,
+        head_dim_qk=d,
+        page_size=page,
+        q_data_type=BF16,
+        causal=True,
+        **GEMMA,
+        workspace=ws,
     )
     assert plan.backend == "fa2" and "head_dim_qk_256" in plan.uri
     out = torch.empty_like(q)
     qo_d = torch.from_numpy(indptr(QO_LENS)).cuda()
-    fi_ffi.batch_prefill_paged_run(plan, q, kv.k, kv.v, qo_d, kv.indptr, kv.indices, kv.last, out)
+    fi_ffi.batch_prefill_paged_run(
+        q,
+        (kv.k, kv.v),
+        qo_indptr=qo_d,
+        kv_indptr=kv.indptr,
+        kv_indices=kv.indices,
+        kv_last_page_len=kv.last,
+        out=out,
+        plan=plan,
+    )
     torch.cuda.synchronize()
     qo, kvp = indptr(QO_LENS), indptr(KV_LENS)
     for i in range(len(QO_LENS)):

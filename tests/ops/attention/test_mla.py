@@ -64,8 +64,8 @@ def make_array():
 
 
 # A decode step of 2 requests (1 row each) and a causal prefill of 2 requests (3 and 2 rows), 16-token pages.
-DECODE = dict(qo_indptr=host([0, 1, 2]), kv_indptr=host([0, 2, 3]), kv_len_arr=host([20, 16]))
-PREFILL = dict(qo_indptr=host([0, 3, 5]), kv_indptr=host([0, 2, 3]), kv_len_arr=host([20, 16]))
+DECODE = dict(qo_indptr=host([0, 1, 2]), kv_indptr=host([0, 2, 3]), kv_indices=None, kv_len_arr=host([20, 16]))
+PREFILL = dict(qo_indptr=host([0, 3, 5]), kv_indptr=host([0, 2, 3]), kv_indices=None, kv_len_arr=host([20, 16]))
 
 
 def plan_args(**over):
@@ -117,7 +117,11 @@ def test_plan_reaches_the_module(backend, dtype, shape):
     ws = workspace()
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_mla_plan(
-            ws, **{**plan_args(causal=shape is PREFILL), **shape}, q_data_type=dtype, backend=backend, stream=0
+            q_data_type=dtype,
+            backend=backend,
+            stream=0,
+            **{**plan_args(causal=shape is PREFILL), **shape},
+            workspace=ws,
         )
     assert_reached_the_kernel(info.value)
     suffix = "_sm90.plan" if backend == "fa3" else "_profiler_False.plan"
@@ -149,7 +153,7 @@ def test_run_reaches_the_module(make_array, backend, with_lse):
     plan = fake_plan(make_array, backend=backend)
     lse = fake_cuda((2, H), "float32") if with_lse else None
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_run(plan, **run_args(), lse=lse, return_lse_base_on_e=with_lse, stream=0)
+        fi_ffi.batch_mla_run(lse=lse, return_lse_base_on_e=with_lse, stream=0, **run_args(), plan=plan)
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith("_sm90.run" if backend == "fa3" else "_profiler_False.run")
 
@@ -157,7 +161,7 @@ def test_run_reaches_the_module(make_array, backend, with_lse):
 def test_run_passes_the_plan_vector(make_array):
     plan = fake_plan(make_array, info_len=17)  # the module wants 18 values: proves the Array is what it reads
     with pytest.raises(KernelError, match="should be 18, but got 17"):
-        fi_ffi.batch_mla_run(plan, **run_args())
+        fi_ffi.batch_mla_run(**run_args(), plan=plan)
 
 
 def test_strided_queries_and_a_bfloat16_causal_prefill_reach_the_module(make_array):
@@ -168,7 +172,7 @@ def test_strided_queries_and_a_bfloat16_causal_prefill_reach_the_module(make_arr
         q_pe=fake_cuda((5, H, KPE), "bfloat16", strides=(H * 576, 576, 1)),
     )
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_run(plan, **run_args(rows=5, dtype="bfloat16", **q))
+        fi_ffi.batch_mla_run(**run_args(rows=5, dtype="bfloat16", **q), plan=plan)
     assert_reached_the_kernel(info.value)
 
 
@@ -177,11 +181,11 @@ def test_a_repeated_run_layout_stays_on_the_fast_path(make_array):
     args = run_args()
     for _ in range(3):
         with pytest.raises(KernelError):
-            fi_ffi.batch_mla_run(plan, **args)
+            fi_ffi.batch_mla_run(**args, plan=plan)
     launch = plan._s.run
     before = launch.launcher.slow_calls
     with pytest.raises(KernelError):
-        fi_ffi.batch_mla_run(plan, **args)
+        fi_ffi.batch_mla_run(**args, plan=plan)
     assert launch.launcher.slow_calls == before
 
 
@@ -193,10 +197,10 @@ def test_a_later_plan_on_the_workspace_makes_the_earlier_one_stale(make_array):
     plan = fake_plan(make_array, ws)
     assert not plan.stale and "live" in repr(plan)
     with pytest.raises(KernelError):  # a second plan on the same workspace (it stops at the device, on CPU)
-        fi_ffi.batch_mla_plan(ws, **plan_args(), stream=0)
+        fi_ffi.batch_mla_plan(stream=0, **plan_args(), workspace=ws)
     assert plan.stale and "stale" in repr(plan)
     with pytest.raises(ValueError, match="plan: is stale: another plan was made on its workspace"):
-        fi_ffi.batch_mla_run(plan, **run_args())
+        fi_ffi.batch_mla_run(**run_args(), plan=plan)
 
 
 def test_a_released_plan_cannot_run(make_array):
@@ -207,7 +211,7 @@ def test_a_released_plan_cannot_run(make_array):
     assert plan.released
     plan.release()  # idempotent
     with pytest.raises(ValueError, match="plan: has been released"):
-        fi_ffi.batch_mla_run(plan, **run_args())
+        fi_ffi.batch_mla_run(**run_args(), plan=plan)
 
 
 def test_settings_read_through_the_plan(make_array):
@@ -290,15 +294,15 @@ def test_a_072_plans_staged_byte_count_is_checked_and_copied(make_array):
 def test_bad_plan_inputs_are_named_before_the_ffi(over, exc, pattern):
     ws = workspace()
     with pytest.raises(exc, match=pattern):
-        fi_ffi.batch_mla_plan(ws, **plan_args(**over))
+        fi_ffi.batch_mla_plan(**plan_args(**over), workspace=ws)
     assert ws._generation == 0  # nothing reached the plan call
 
 
 def test_plan_needs_a_workspace_and_a_module_for_its_head_dims():
     with pytest.raises(TypeError, match=r"workspace: expected a fi_ffi\.Workspace \("):
-        fi_ffi.batch_mla_plan(object(), **plan_args())  # type: ignore[arg-type]
+        fi_ffi.batch_mla_plan(**plan_args(), workspace=object())  # type: ignore[arg-type]
     with pytest.raises(KernelNotFoundError) as info:
-        fi_ffi.batch_mla_plan(workspace(), **plan_args(head_dim_ckv=256))
+        fi_ffi.batch_mla_plan(**plan_args(head_dim_ckv=256), workspace=workspace())
     text = str(info.value)
     assert "no prebuilt module for batch_mla, fa2, float16" in text and "ckv 256, kpe 64" in text
     assert "closest available variants" in text and "head_dim_ckv_512" in text
@@ -378,20 +382,20 @@ def test_bad_run_inputs_are_named_before_the_ffi(make_array, over, exc, pattern)
     args = run_args()
     args.update(over)
     with pytest.raises(exc, match=pattern):
-        fi_ffi.batch_mla_run(plan, **args)
+        fi_ffi.batch_mla_run(**args, plan=plan)
 
 
 def test_run_needs_an_mla_plan(make_array):
     with pytest.raises(TypeError, match="plan: expected an MLAPlan from batch_mla_plan, got Array"):
-        fi_ffi.batch_mla_run(make_array(*([0] * 18)), **run_args())  # type: ignore[arg-type]
+        fi_ffi.batch_mla_run(**run_args(), plan=make_array(*([0] * 18)))  # type: ignore[arg-type]
 
 
 def test_a_plans_page_size_is_the_runs(make_array):
     plan = fake_plan(make_array, page_size=1)
     with pytest.raises(ValueError, match=r"ckv_cache: expected shape \(4, 1, 512\)"):
-        fi_ffi.batch_mla_run(plan, **run_args())
+        fi_ffi.batch_mla_run(**run_args(), plan=plan)
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_run(plan, **run_args(page_size=1))
+        fi_ffi.batch_mla_run(**run_args(page_size=1), plan=plan)
     assert_reached_the_kernel(info.value)
 
 
@@ -431,7 +435,7 @@ def test_a_072_declaration_offered_a_063_module_is_refused_by_name():
 def test_072_plan_reaches_the_planabi2_module(release_072_over_063, shape):
     ws = workspace()
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_plan(ws, **{**plan_args(causal=shape is PREFILL), **shape}, backend="fa2", stream=0)
+        fi_ffi.batch_mla_plan(backend="fa2", stream=0, **{**plan_args(causal=shape is PREFILL), **shape}, workspace=ws)
     assert_reached_the_kernel(info.value)
     assert info.value.function == MLA_F16 + "_planabi2.plan"
     st = mla._settings(ws, H, CKV, KPE, 16, shape is PREFILL, 192**-0.5, "float16", None, "fa2")
@@ -444,7 +448,7 @@ def test_072_run_reaches_the_planabi2_module_with_0_6_3_defaults(release_072_ove
     assert plan.uri == MLA_F16 + "_planabi2"
     lse = fake_cuda((2, H), "float32") if with_lse else None
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_run(plan, **run_args(), lse=lse)
+        fi_ffi.batch_mla_run(lse=lse, **run_args(), plan=plan)
     assert_reached_the_kernel(info.value)
     assert info.value.function == MLA_F16 + "_planabi2.run"
     # the three 0.7.x arguments went over the wire at their defaults: 1.0, 1.0, None
@@ -487,7 +491,7 @@ def fp8_run_args(**over):
 def test_fp8_scale_arguments_follow_flashinfer_rules(make_array, scales, pattern):
     plan = fp8_plan(make_array, MLA_F16)
     with pytest.raises(ValueError, match=pattern):
-        fi_ffi.batch_mla_run(plan, **fp8_run_args(), **scales)
+        fi_ffi.batch_mla_run(**fp8_run_args(), **scales, plan=plan)
 
 
 def test_scale_arguments_on_a_063_module_are_refused_by_name(make_array):
@@ -497,19 +501,19 @@ def test_scale_arguments_on_a_063_module_are_refused_by_name(make_array):
         match=r"ckv_scale: not supported by the bound module's entry point .*"
         r"\(FlashInfer 0.6.3\)",
     ):
-        fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale=0.5, kpe_scale=0.25)
+        fi_ffi.batch_mla_run(ckv_scale=0.5, kpe_scale=0.25, **fp8_run_args(), plan=plan)
 
 
 def test_072_scale_arguments_reach_the_planabi2_module(release_072_over_063, make_array):
     plan = fp8_plan(make_array, MLA_F16 + "_planabi2")
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale=0.5, kpe_scale=0.25)
+        fi_ffi.batch_mla_run(ckv_scale=0.5, kpe_scale=0.25, **fp8_run_args(), plan=plan)
     assert_reached_the_kernel(info.value)
     assert "0.5, 0.25, None" in str(info.value)
     arr = fake_cuda((4 * 16, CKV // 128), "float32")
     with pytest.raises(KernelError) as info:
-        fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale_arr=arr, kpe_scale=0.25)
+        fi_ffi.batch_mla_run(ckv_scale_arr=arr, kpe_scale=0.25, **fp8_run_args(), plan=plan)
     assert_reached_the_kernel(info.value)
     assert "1.0, 0.25, DLTensor*(float32[64, 4] cuda:0)" in str(info.value)
     with pytest.raises(ValueError, match=r"ckv_scale_arr: expected float32 with 256 elements"):
-        fi_ffi.batch_mla_run(plan, **fp8_run_args(), ckv_scale_arr=fake_cuda((16, 4), "float32"), kpe_scale=0.25)
+        fi_ffi.batch_mla_run(ckv_scale_arr=fake_cuda((16, 4), "float32"), kpe_scale=0.25, **fp8_run_args(), plan=plan)

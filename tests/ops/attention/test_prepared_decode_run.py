@@ -18,7 +18,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from helpers.attention_plans import assert_reached_the_kernel, decode_run_args, host, prefill_plan, workspace
+from helpers.attention_plans import assert_reached_the_kernel, decode_run_args, host, paged, prefill_plan, workspace
 from helpers.fakes import fake_cuda
 from helpers.frame_probe import FrameProbe
 
@@ -63,12 +63,12 @@ def probe(monkeypatch):
 
 
 def _plan(ws, indptr, last, **kw):
-    return fi_ffi.batch_decode_plan(ws, host(indptr), HQ, HK, D, PAGE, kv_last_page_len=host(last), **kw)
+    return fi_ffi.batch_decode_plan(host(indptr), None, host(last), HQ, HK, D, PAGE, **kw, workspace=ws)
 
 
 def _both(probe, prepared, plan, args, **kw):
     """The record of ``batch_decode_run`` and of the packed run, for one plan."""
-    decode.batch_decode_run(plan, *args.values(), **kw)
+    decode.batch_decode_run(**paged(args), **kw, plan=plan)
     ordinary = probe.last()
     prepared.run(plan)
     packed = probe.last()
@@ -86,7 +86,7 @@ def test_the_packed_run_hands_over_the_ordinary_runs_frame_plan_after_plan(probe
     args = decode_run_args(batch=2, pages=8)
     kw = dict(lse=fake_cuda((2, HQ), "float32") if with_lse else None, enable_pdl=with_lse, stream=stream)
     plan1 = _plan(ws, [0, 2, 3], [5, 16])
-    prepared = decode.prepare_decode_run(*args.values(), plan=plan1, **kw)
+    prepared = decode.prepare_decode_run(**paged(args), plan=plan1, **kw)
     assert probe.seen == []  # preparing launches nothing
     ordinary, packed = _both(probe, prepared, plan1, args, **kw)
     assert packed == ordinary
@@ -102,7 +102,7 @@ def test_the_packed_run_hands_over_the_ordinary_runs_frame_plan_after_plan(probe
     with pytest.raises(ValueError, match="^plan: is stale") as stale:
         prepared.run(plan1)
     with pytest.raises(ValueError) as ordinary_stale:
-        decode.batch_decode_run(plan1, *args.values(), **kw)
+        decode.batch_decode_run(**paged(args), **kw, plan=plan1)
     assert str(stale.value) == str(ordinary_stale.value)
     assert probe.seen == []
     plan3 = _plan(ws, [0, 1, 2], [16, 16])
@@ -113,12 +113,12 @@ def test_the_packed_run_hands_over_the_ordinary_runs_frame_plan_after_plan(probe
 def test_a_plan_of_another_batch_size_is_refused_naming_plan(probe):
     ws = workspace()
     args = decode_run_args(batch=2, pages=8)
-    prepared = decode.prepare_decode_run(*args.values(), plan=_plan(ws, [0, 2, 3], [5, 16]))
+    prepared = decode.prepare_decode_run(**paged(args), plan=_plan(ws, [0, 2, 3], [5, 16]))
     plan = _plan(ws, [0, 1, 2, 3], [4, 4, 4])  # batch 3: the packed q / out / indptr are for batch 2
     with pytest.raises(ValueError, match=r"^plan: made for RunContext\(.*batch 3.*prepared for .*batch 2"):
         prepared.run(plan)
     # other settings (another head count) on the same workspace: refused the same way
-    other = fi_ffi.batch_decode_plan(ws, host([0, 2, 3]), 16, 8, D, PAGE)
+    other = fi_ffi.batch_decode_plan(host([0, 2, 3]), None, None, 16, 8, D, PAGE, workspace=ws)
     with pytest.raises(ValueError, match=r"^plan: made for RunContext\("):
         prepared.run(other)
     assert probe.seen == []
@@ -130,13 +130,13 @@ def test_a_plan_of_another_batch_size_is_refused_naming_plan(probe):
 def test_every_refusal_names_the_argument_with_batch_decode_runs_words(probe, make_array):
     ws = workspace()
     args = decode_run_args(batch=2, pages=4)
-    prepared = decode.prepare_decode_run(*args.values(), plan=_plan(ws, [0, 2, 3], [5, 16]))
+    prepared = decode.prepare_decode_run(**paged(args), plan=_plan(ws, [0, 2, 3], [5, 16]))
 
     def same_refusal(plan, error, pattern):
         with pytest.raises(error, match=pattern) as packed:
             prepared.run(plan)
         with pytest.raises(error) as ordinary:
-            decode.batch_decode_run(plan, *args.values())
+            decode.batch_decode_run(**paged(args), plan=plan)
         assert str(packed.value) == str(ordinary.value)
 
     same_refusal(None, TypeError, "^plan: expected a Plan from batch_decode_plan, got NoneType")
@@ -174,9 +174,9 @@ def test_preparing_checks_as_the_run_does(probe):
     def same_refusal(error, pattern, **over):
         bad = {**args, **over}
         with pytest.raises(error, match=pattern) as packed:
-            decode.prepare_decode_run(*bad.values(), plan=plan)
+            decode.prepare_decode_run(**paged(bad), plan=plan)
         with pytest.raises(error) as ordinary:
-            decode.batch_decode_run(plan, *bad.values())
+            decode.batch_decode_run(**paged(bad), plan=plan)
         assert str(packed.value) == str(ordinary.value)
 
     same_refusal(ValueError, "^q: ", q=fake_cuda((3, HQ, D)))
@@ -184,12 +184,12 @@ def test_preparing_checks_as_the_run_does(probe):
     same_refusal(ValueError, "^kv_indices: the plan's kv_indptr ends at 3 pages", kv_indices=fake_cuda((2,), "int32"))
     same_refusal(ValueError, "^out: ", out=args["q"])  # out over q
     with pytest.raises(TypeError, match="^plan: expected a Plan from batch_decode_plan"):
-        decode.prepare_decode_run(*args.values(), plan=None)
+        decode.prepare_decode_run(**paged(args), plan=None)
     with pytest.raises(TypeError, match="^stream: "):
-        decode.prepare_decode_run(*args.values(), plan=plan, stream="no stream")
+        decode.prepare_decode_run(**paged(args), plan=plan, stream="no stream")
     plan.release()
     with pytest.raises(ValueError, match="^plan: has been released"):
-        decode.prepare_decode_run(*args.values(), plan=plan)
+        decode.prepare_decode_run(**paged(args), plan=plan)
     assert probe.seen == []
 
 
@@ -201,7 +201,7 @@ def test_the_packed_run_keeps_no_plan(probe):
     args = decode_run_args(batch=2, pages=4)
     plan = _plan(ws, [0, 2, 3], [5, 16])
     info = weakref.ref(plan._info)
-    prepared = decode.prepare_decode_run(*args.values(), plan=plan)
+    prepared = decode.prepare_decode_run(**paged(args), plan=plan)
     prepared.run(plan)
     del plan
     gc.collect()
@@ -216,13 +216,13 @@ def test_the_packed_run_reaches_the_real_module():
 
     plan = decode_plan(array)  # a schedule of the real length, on the real module's settings
     args = decode_run_args()
-    prepared = decode.prepare_decode_run(*args.values(), plan=plan, lse=fake_cuda((2, HQ), "float32"), enable_pdl=True)
+    prepared = decode.prepare_decode_run(**paged(args), plan=plan, lse=fake_cuda((2, HQ), "float32"), enable_pdl=True)
     with pytest.raises(KernelError) as packed:
         prepared.run(plan)
     assert_reached_the_kernel(packed.value)
     assert packed.value.arguments[2] == "Array" and packed.value.arguments[13] == "True"
     with pytest.raises(KernelError) as ordinary:
-        decode.batch_decode_run(plan, *args.values(), lse=fake_cuda((2, HQ), "float32"), enable_pdl=True)
+        decode.batch_decode_run(**paged(args), lse=fake_cuda((2, HQ), "float32"), enable_pdl=True, plan=plan)
     assert packed.value.message == ordinary.value.message
     assert packed.value.arguments == ordinary.value.arguments
 
@@ -265,5 +265,5 @@ def test_the_launchers_prepared_run_refuses_by_name(probe, make_array):
         call.run(plan._info, 7)
     assert probe.seen == []
     call.run(plan._info, plan._context)
-    decode.batch_decode_run(plan, *args.values())
+    decode.batch_decode_run(**paged(args), plan=plan)
     assert probe.last() == probe.last()

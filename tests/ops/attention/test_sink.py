@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers.attention_plans import assert_reached_the_kernel, host, workspace
+from helpers.attention_plans import assert_reached_the_kernel, host, paged, workspace
 from helpers.fakes import fake_cuda
 from helpers.sink_plans import H_K, H_Q, PAGE, D, fake_plan, settings
 
@@ -38,12 +38,21 @@ def test_plans_reach_the_sink_modules(
     with pytest.raises(KernelError) as info:
         if mode == "paged":
             fi_ffi.batch_attention_sink_plan(
-                ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), H_Q, H_K, D, PAGE, window_left=window_left,
+                host([0, 3, 4]),
+                host([0, 1, 3]),
+                None,
+                host([5, 4]),
+                H_Q,
+                H_K,
+                D,
+                PAGE,
+                window_left=window_left,
                 backend=backend,
-            )  # fmt: skip
+                workspace=ws,
+            )
         else:
             fi_ffi.batch_attention_sink_ragged_plan(
-                ws, host([0, 3, 4]), host([0, 5, 9]), H_Q, H_K, D, window_left=window_left, backend=backend
+                host([0, 3, 4]), host([0, 5, 9]), H_Q, H_K, D, window_left=window_left, backend=backend, workspace=ws
             )
     assert_reached_the_kernel(info.value)
     uri = info.value.function.rsplit(".", 1)[0]
@@ -60,17 +69,16 @@ def test_paged_runs_reach_the_sink_modules(
     sink = fake_cuda((H_Q,), "float32")
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_attention_sink_run(
-            plan,
             fake_cuda((4, H_Q, D), "bfloat16"),
-            fake_cuda((4, PAGE, H_K, D), "bfloat16"),
-            fake_cuda((4, PAGE, H_K, D), "bfloat16"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((2,), "int32"),
-            fake_cuda((4, H_Q, D), "bfloat16"),
-            sink,
+            (fake_cuda((4, PAGE, H_K, D), "bfloat16"), fake_cuda((4, PAGE, H_K, D), "bfloat16")),
+            qo_indptr=fake_cuda((3,), "int32"),
+            kv_indptr=fake_cuda((3,), "int32"),
+            kv_indices=fake_cuda((3,), "int32"),
+            kv_last_page_len=fake_cuda((2,), "int32"),
+            out=fake_cuda((4, H_Q, D), "bfloat16"),
+            sinks=sink,
             lse=fake_cuda((4, H_Q), "float32"),
+            plan=plan,
         )
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith("paged_run")
@@ -90,14 +98,14 @@ def test_ragged_runs_reach_the_sink_modules(
     plan = fake_plan(make_array, "ragged", backend)
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_attention_sink_ragged_run(
-            plan,
             fake_cuda((4, H_Q, D), "bfloat16"),
             fake_cuda((9, H_K, D), "bfloat16"),
             fake_cuda((9, H_K, D), "bfloat16"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((3,), "int32"),
-            fake_cuda((4, H_Q, D), "bfloat16"),
-            fake_cuda((H_Q,), "float32"),
+            qo_indptr=fake_cuda((3,), "int32"),
+            kv_indptr=fake_cuda((3,), "int32"),
+            out=fake_cuda((4, H_Q, D), "bfloat16"),
+            sinks=fake_cuda((H_Q,), "float32"),
+            plan=plan,
         )
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith("ragged_run")
@@ -122,7 +130,7 @@ def run_args(**change: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("change", "exc", "pattern"),
     [
-        ({"sink": None}, TypeError, r"sink: expected a float32 device tensor \[8\]"),
+        ({"sink": None}, TypeError, r"sinks: expected a float32 device tensor \[8\]"),
         ({"sink": fake_cuda((H_Q,), "bfloat16")}, (TypeError, ValueError), "sink"),
         ({"sink": fake_cuda((H_K,), "float32")}, ValueError, "sink"),
         ({"sink": fake_cuda((H_Q,), "float32", device="cpu")}, ValueError, "sink"),
@@ -136,7 +144,7 @@ def run_args(**change: Any) -> dict[str, Any]:
 def test_bad_run_arguments_are_named(make_array: Any, change: dict[str, Any], exc: Any, pattern: str) -> None:
     plan = fake_plan(make_array)
     with pytest.raises(exc, match=pattern):
-        fi_ffi.batch_attention_sink_run(plan, **run_args(**change))
+        fi_ffi.batch_attention_sink_run(**paged(run_args(**change)), plan=plan)
 
 
 def test_a_plain_prefill_plan_is_refused_by_the_sink_run(make_array: Any) -> None:
@@ -144,23 +152,23 @@ def test_a_plain_prefill_plan_is_refused_by_the_sink_run(make_array: Any) -> Non
 
     plan = prefill_plan(make_array, "paged", "fa2")
     with pytest.raises(ValueError, match="plan: expected a batch_attention_sink plan for paged KV"):
-        fi_ffi.batch_attention_sink_run(plan, **run_args())
+        fi_ffi.batch_attention_sink_run(**paged(run_args()), plan=plan)
     with pytest.raises(TypeError, match="plan: expected a Plan"):
-        fi_ffi.batch_attention_sink_run(object(), **run_args())  # type: ignore[arg-type]
+        fi_ffi.batch_attention_sink_run(**paged(run_args()), plan=object())  # type: ignore[arg-type]
 
 
 def test_a_stale_plan_is_refused(make_array: Any) -> None:
     plan = fake_plan(make_array)
     plan.workspace._generation += 1  # a later plan on the same workspace
     with pytest.raises(ValueError, match="stale"):
-        fi_ffi.batch_attention_sink_run(plan, **run_args())
+        fi_ffi.batch_attention_sink_run(**paged(run_args()), plan=plan)
 
 
 @pytest.mark.parametrize(
     ("kw", "exc", "pattern"),
     [
-        ({"head_dim": 128}, KernelNotFoundError, "no pinned module .*head_dim_qk_128.*these sink modules"),
-        ({"q_dtype": "float16"}, KernelNotFoundError, "attention sinks, float16"),
+        ({"head_dim_qk": 128}, KernelNotFoundError, "no pinned module .*head_dim_qk_128.*these sink modules"),
+        ({"q_data_type": "float16"}, KernelNotFoundError, "attention sinks, float16"),
         ({"backend": "fa4"}, ValueError, "backend: expected 'auto', 'fa2' or 'fa3'"),
         ({"window_left": -2}, ValueError, "window_left"),
         ({"num_qo_heads": 6}, ValueError, r"num_qo_heads: .*must be a multiple of num_kv_heads \(4\)"),
@@ -170,9 +178,9 @@ def test_a_stale_plan_is_refused(make_array: Any) -> None:
     ],
 )
 def test_bad_plan_arguments_are_named(models_modules: object, kw: dict[str, Any], exc: type, pattern: str) -> None:
-    args: dict[str, Any] = {"num_qo_heads": 8, "num_kv_heads": 4, "head_dim": D, "page_size": PAGE, **kw}
+    args: dict[str, Any] = {"num_qo_heads": 8, "num_kv_heads": 4, "head_dim_qk": D, "page_size": PAGE, **kw}
     with pytest.raises(exc, match=pattern):
-        fi_ffi.batch_attention_sink_plan(workspace(), host([0, 1]), host([0, 1]), host([3]), **args)
+        fi_ffi.batch_attention_sink_plan(host([0, 1]), host([0, 1]), None, host([3]), **args, workspace=workspace())
 
 
 def test_uri_spelling_matches_the_pinned_modules(models_modules: list[str]) -> None:
@@ -189,17 +197,37 @@ def test_the_gemma_head_dim_256_modules_serve_decode_and_prefill_plans(
     ws = workspace()
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_decode_plan(
-            ws, host([0, 2, 3]), 8, 4, 256, 16, kv_last_page_len=host([5, 16]), q_dtype="bfloat16",
-            window_left=4095, logits_soft_cap=50.0,
-        )  # fmt: skip
+            host([0, 2, 3]),
+            None,
+            host([5, 16]),
+            8,
+            4,
+            256,
+            16,
+            q_data_type="bfloat16",
+            window_left=4095,
+            logits_soft_cap=50.0,
+            workspace=ws,
+        )
     assert_reached_the_kernel(info.value)
     assert "batch_decode_with_kv_cache_dtype_q_bf16" in info.value.function
     assert "head_dim_qk_256_head_dim_vo_256_posenc_0_use_swa_True_use_logits_cap_True" in info.value.function
     with pytest.raises(KernelError) as info:
         fi_ffi.batch_prefill_paged_plan(
-            ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 8, 4, 256, 16, q_dtype="bfloat16", causal=True,
-            window_left=4095, logits_soft_cap=50.0,
-        )  # fmt: skip
+            host([0, 3, 4]),
+            host([0, 1, 3]),
+            None,
+            host([5, 4]),
+            8,
+            4,
+            256,
+            16,
+            q_data_type="bfloat16",
+            causal=True,
+            window_left=4095,
+            logits_soft_cap=50.0,
+            workspace=ws,
+        )
     assert_reached_the_kernel(info.value)
     assert "head_dim_qk_256_head_dim_vo_256_posenc_0_use_swa_True_use_logits_cap_True_f16qk_False" in (
         info.value.function
@@ -207,9 +235,21 @@ def test_the_gemma_head_dim_256_modules_serve_decode_and_prefill_plans(
     # FA3 has no head_dim 256 module here: a forced FA3 plan is a KernelNotFoundError naming the variant
     with pytest.raises(KernelNotFoundError, match="head_dim_qk_256"):
         fi_ffi.batch_prefill_paged_plan(
-            ws, host([0, 3, 4]), host([0, 1, 3]), host([5, 4]), 8, 4, 256, 16, q_dtype="bfloat16", causal=True,
-            window_left=4095, logits_soft_cap=50.0, backend="fa3",
-        )  # fmt: skip
+            host([0, 3, 4]),
+            host([0, 1, 3]),
+            None,
+            host([5, 4]),
+            8,
+            4,
+            256,
+            16,
+            q_data_type="bfloat16",
+            causal=True,
+            window_left=4095,
+            logits_soft_cap=50.0,
+            backend="fa3",
+            workspace=ws,
+        )
 
 
 def test_the_sink_settings_are_values(models_modules: object) -> None:
@@ -227,4 +267,4 @@ def test_out_must_not_overlap_the_sink(make_array: Any) -> None:
     out = args["out"]
     args["sink"] = Tensor.from_pointer(out.data_ptr, (H_Q,), "float32", 0, owner=out)
     with pytest.raises(ValueError, match="out: overlaps sink"):
-        fi_ffi.batch_attention_sink_run(plan, **args)
+        fi_ffi.batch_attention_sink_run(**paged(args), plan=plan)
