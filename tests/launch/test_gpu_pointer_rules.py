@@ -39,27 +39,27 @@ v = cp.random.standard_normal((kv_len, hk, d), dtype=cp.float32).astype(cp.float
 out_buf = cp.empty((hq, d), dtype=cp.float16)
 out = fi_ffi.Tensor.from_pointer(int(out_buf.data.ptr), (hq, d), "float16", 0, owner=out_buf)
 good = at(16, (hq, d))
-fi_ffi.single_decode(good, k, v, out)
+fi_ffi.single_decode(good, k, v, out=out)
 launcher = decode._single[next(iter(decode._single))][0].launcher
 before = launcher.slow_calls
 result = {"error": None}
 try:
     if case == "misaligned":
-        fi_ffi.single_decode(at(16 + 2, (hq, d)), k, v, out)
+        fi_ffi.single_decode(at(16 + 2, (hq, d)), k, v, out=out)
     elif case == "null":
-        fi_ffi.single_decode(fi_ffi.Tensor.from_pointer(0, (hq, d), "float16", 0), k, v, out)
+        fi_ffi.single_decode(fi_ffi.Tensor.from_pointer(0, (hq, d), "float16", 0), k, v, out=out)
     elif case == "overlap":  # out over q: a view of q's memory with out's layout
-        fi_ffi.single_decode(good, k, v, at(16, (hq, d)))
+        fi_ffi.single_decode(good, k, v, out=at(16, (hq, d)))
 except ValueError as err:
     result["error"] = str(err)
 result["slow_path_entries"] = launcher.slow_calls - before
 x = cp.ones((4, 256), dtype=cp.float16)
 w = cp.ones(256, dtype=cp.float16)
 y = cp.empty_like(x)
-fi_ffi.rmsnorm(x, w, y)
+fi_ffi.rmsnorm(x, w, out=y)
 cp.cuda.runtime.deviceSynchronize()
 result["rmsnorm_after"] = float(abs(y.astype(cp.float32) - 1.0).max())
-fi_ffi.single_decode(good, k, v, out)
+fi_ffi.single_decode(good, k, v, out=out)
 cp.cuda.runtime.deviceSynchronize()
 result["decode_after_finite"] = bool(cp.isfinite(out_buf).all())
 print(json.dumps(result))
