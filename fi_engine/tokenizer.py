@@ -1,0 +1,147 @@
+"""A checkpoint's own tokenizer: ``tokenizer.json`` through the ``tokenizers`` library (no torch), and its named
+special tokens from ``tokenizer_config.json``.
+
+What is read, as transformers (5.x) reads it for a fast tokenizer:
+
+- ``tokenizer.json`` (required): the model, normalizer, pre-tokenizer, post-processor, decoder and added tokens.
+  :meth:`Tokenizer.encode` with ``add_special_tokens=True`` applies its post-processor (a Llama 3 checkpoint's
+  adds ``<|begin_of_text|>``); chat prompts are encoded with ``add_special_tokens=False``, since the template
+  writes the special tokens itself.
+- ``tokenizer_config.json`` (optional): the named special tokens ``bos_token``, ``eos_token``, ``unk_token``,
+  ``sep_token``, ``pad_token``, ``cls_token``, ``mask_token``, each a string or an AddedToken object
+  (``{"content": ...}``); ``special_tokens_map.json`` (legacy, optional) fills the names the config leaves out.
+  The config is kept whole (:attr:`Tokenizer.config`) for the chat template, which may live in it.
+
+Decoding is the ``tokenizers`` decoder's (``skip_special_tokens`` drops added tokens marked special);
+transformers' ``clean_up_tokenization_spaces`` is not applied (transformers 5 itself skips it for BPE models,
+the tokenizers of every family the engine serves).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .model_files import checkpoint_dir, read_json
+from .optional import require
+
+__all__ = ["SPECIAL_TOKEN_NAMES", "Tokenizer"]
+
+# the named special tokens a chat template sees as variables, in transformers' order
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _token_text(value: Any, source: Path, name: str) -> str | None:
+    """A special token's text from its JSON form: a string, an AddedToken object or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    raise ValueError(
+        f"{source}: {name} must be a string, an object with a string 'content' (an AddedToken) or null, got "
+        f"{value!r:.80}"
+    )
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` with the checkpoint's named special tokens.
+
+    Attributes:
+        special_tokens: name (``"bos_token"``, ...) -> token text, for the names the checkpoint sets.
+        config: ``tokenizer_config.json`` as parsed (``{}`` when absent).
+        source: the ``tokenizer.json`` it was read from (for messages).
+    """
+
+    def __init__(
+        self, backend: Any, special_tokens: Mapping[str, str], config: Mapping[str, Any], source: Path
+    ) -> None:
+        self._backend = backend
+        self.special_tokens: dict[str, str] = dict(special_tokens)
+        self.config: dict[str, Any] = dict(config)
+        self.source = source
+        # ids at or past this are not in the vocabulary (added tokens included)
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_dir(cls, model_dir: Any) -> Tokenizer:
+        """Read ``model_dir/tokenizer.json`` (FileNotFoundError when absent, ValueError when malformed) and the
+        special tokens of ``tokenizer_config.json`` / ``special_tokens_map.json`` (optional)."""
+        root = checkpoint_dir(model_dir)
+        path = root / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} does not exist; the engine reads a checkpoint's fast tokenizer: write one with "
+                f"transformers' AutoTokenizer.from_pretrained(...).save_pretrained({str(root)!r})"
+            )
+        tokenizers = require("tokenizers", "reading tokenizer.json")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as exc:  # the library raises a bare Exception for every parse error
+            raise ValueError(
+                f"{path}: not a tokenizer the 'tokenizers' library can read ({exc}); replace it with the "
+                f"checkpoint's original tokenizer.json"
+            ) from None
+        config = read_json(root / "tokenizer_config.json", "the tokenizer's settings and special tokens") or {}
+        config_path = root / "tokenizer_config.json"
+        special: dict[str, str] = {}
+        for name in SPECIAL_TOKEN_NAMES:
+            text = _token_text(config.get(name), config_path, name)
+            if text is not None:
+                special[name] = text
+        legacy_path = root / "special_tokens_map.json"
+        legacy = read_json(legacy_path, "the named special tokens") or {}
+        for name in SPECIAL_TOKEN_NAMES:
+            if name not in special and (text := _token_text(legacy.get(name), legacy_path, name)) is not None:
+                special[name] = text
+        return cls(backend, special, config, path)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of ``token`` (its exact text, e.g. ``"<|im_end|>"``), or None when the vocabulary lacks it."""
+        found = self._backend.token_to_id(token)
+        return None if found is None else int(found)
+
+    def special_token_id(self, name: str) -> int | None:
+        """The id of the named special token (``"eos_token"``, ...), or None when it is unset or not a token."""
+        text = self.special_tokens.get(name)
+        return None if text is None else self.token_id(text)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.special_token_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.special_token_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.special_token_id("pad_token")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens`` applies ``tokenizer.json``'s post-processor (BOS etc.)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text: expected a str to encode, got {type(text).__name__}")
+        return list(self._backend.encode(text, add_special_tokens=bool(add_special_tokens)).ids)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """The text of token ``ids`` (a sequence of ints in ``[0, vocab_size)``)."""
+        return str(self._backend.decode(self.check_ids(ids), skip_special_tokens=bool(skip_special_tokens)))
+
+    def check_ids(self, ids: Iterable[int], name: str = "ids") -> list[int]:
+        """``ids`` as a list of ints, each in ``[0, vocab_size)``; TypeError/ValueError naming ``name``."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError(f"{name}: expected a sequence of token ids (ints), got {type(ids).__name__}")
+        out = []
+        for i, value in enumerate(ids):
+            try:
+                token = operator.index(value)
+            except TypeError:
+                raise TypeError(f"{name}[{i}]: expected an int token id, got {type(value).__name__}") from None
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(
+                    f"{name}[{i}]: token id {token} is outside the vocabulary [0, {self.vocab_size}) of {self.source}"
+                )
+            out.append(token)
+        return out
