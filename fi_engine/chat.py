@@ -29,6 +29,8 @@ from typing import Any
 
 from .model_files import checkpoint_dir, read_json, read_text
 from .optional import require
+from .text_args import arg_flag, arg_mapping, arg_records, arg_text
+from .values import show
 
 __all__ = ["ChatTemplate"]
 
@@ -54,7 +56,7 @@ def _plain(value: Any, where: str) -> Any:
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
-                raise TypeError(f"{where}: keys must be strings, got {type(key).__name__} key {key!r:.40}")
+                raise TypeError(f"{where}: keys must be strings, got {type(key).__name__} key {show(key)}")
             out[str(key)] = _plain(item, f"{where}[{key!r}]")
         return out
     if isinstance(value, (list, tuple)):
@@ -134,10 +136,15 @@ class ChatTemplate:
     """
 
     def __init__(self, templates: Mapping[str, str], source: str) -> None:
+        if not isinstance(templates, Mapping):
+            raise TypeError(f"templates: expected a dict of name -> jinja source, got {type(templates).__name__}")
         if not templates:
-            raise ValueError(f"{source}: no chat template")
+            raise ValueError("templates: empty; pass at least one, e.g. {'default': source}")
+        for name, text in templates.items():
+            if not isinstance(name, str) or not isinstance(text, str):
+                raise TypeError(f"templates: names and sources must be str, got {show(name)}: {type(text).__name__}")
         self.templates = dict(templates)
-        self.source = source
+        self.source = arg_text("source", source)
         self._compiled: dict[str, Any] = {}
         self._env: Any = None
 
@@ -147,6 +154,7 @@ class ChatTemplate:
         when the checkpoint has none. ``tokenizer_config``: the parsed ``tokenizer_config.json`` when the caller
         already holds it (read from ``model_dir`` otherwise)."""
         root = checkpoint_dir(model_dir)
+        tokenizer_config = arg_mapping("tokenizer_config", tokenizer_config, "the parsed tokenizer_config.json")
         templates: dict[str, str] = {}
         default = read_text(root / "chat_template.jinja")
         if default is not None:
@@ -175,8 +183,8 @@ class ChatTemplate:
         present), else ``default``; ValueError listing the names otherwise."""
         names = sorted(self.templates)
         if template is not None:
-            if template not in self.templates:
-                raise ValueError(f"template: {template!r} is not a chat template of {self.source}; it has {names}")
+            if not isinstance(template, str) or template not in self.templates:
+                raise ValueError(f"template: {show(template)} is not a chat template of {self.source}; it has {names}")
             return template
         if has_tools and "tool_use" in self.templates:
             return "tool_use"
@@ -204,11 +212,14 @@ class ChatTemplate:
         (``Tokenizer.special_tokens``); ``kwargs``: extra template variables. ValueError when the template
         refuses the messages (its ``raise_exception``) or fails, naming the template's file.
         """
-        jinja2 = require("jinja2", "rendering a chat template")
         chat = _messages(messages)
-        tool_list = None if tools is None else _plain(list(tools), "tools")
-        document_list = None if documents is None else _plain(list(documents), "documents")
-        variables = {**(special_tokens or {}), **_plain(kwargs, "kwargs")}
+        generation_prompt = arg_flag("add_generation_prompt", add_generation_prompt)
+        tool_list = _plain(arg_records("tools", tools, "tool schemas"), "tools")
+        document_list = _plain(arg_records("documents", documents, "documents"), "documents")
+        tokens = arg_mapping("special_tokens", special_tokens, "the named special tokens") or {}
+        for key, value in tokens.items():
+            arg_text(f"special_tokens[{key!r}]", value)
+        variables = {**tokens, **_plain(kwargs, "kwargs")}
         name = self.pick(template, has_tools=tools is not None)
         compiled = self._compile(name)
         try:
@@ -217,12 +228,15 @@ class ChatTemplate:
                     messages=chat,
                     tools=tool_list,
                     documents=document_list,
-                    add_generation_prompt=bool(add_generation_prompt),
+                    add_generation_prompt=generation_prompt,
                     **variables,
                 )
             )
-        except jinja2.exceptions.TemplateError as exc:
-            raise ValueError(f"{self.source}: the chat template ({name}) refused these messages: {exc}") from None
+        except Exception as exc:  # the template is data: whatever it raises is about what it was given
+            raise ValueError(
+                f"messages: the chat template ({name}) of {self.source} refused them: {type(exc).__name__}: "
+                f"{str(exc)[:300]}"
+            ) from None
 
     def _compile(self, name: str) -> Any:
         found = self._compiled.get(name)
@@ -254,12 +268,12 @@ def _templates_from(value: Any, source: Path) -> dict[str, str]:
                 and isinstance(item.get("template"), str)
             ):
                 raise ValueError(
-                    f"{source}: chat_template[{i}] must be an object with string 'name' and 'template', got "
-                    f"{item!r:.80}"
+                    f"model_dir: {source}: chat_template[{i}] must be an object with string 'name' and 'template', "
+                    f"got {show(item)}"
                 )
             out[item["name"]] = item["template"]
         return out
     raise ValueError(
-        f"{source}: chat_template must be a string (the jinja source) or a non-empty list of "
+        f"model_dir: {source}: chat_template must be a string (the jinja source) or a non-empty list of "
         f"{{'name', 'template'}} objects, got {type(value).__name__}"
     )

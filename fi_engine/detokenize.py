@@ -14,9 +14,13 @@ and everything after it are never emitted.
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+
+from .text_args import arg_flag, arg_text, arg_token_ids
+from .values import show
 
 __all__ = ["IncrementalDetokenizer", "StopStrings"]
 
@@ -29,21 +33,24 @@ REPLACEMENT = "\ufffd"  # what a decoder gives for bytes that are not (yet) vali
 class StopStrings:
     """Cut a text stream at the first stop string.
 
-    ``feed(text)`` returns the text that is safe to emit; after a stop string is seen, :attr:`stopped` is the
-    matched string and nothing more is emitted. ``finish()`` returns what was held back (the stream ended
-    without a stop string completing it).
+    ``stop``: one stop string, or a list (or tuple) of them, as OpenAI's ``stop`` takes them. ``feed(text)``
+    returns the text that is safe to emit; after a stop string is seen, :attr:`stopped` is the matched string
+    and nothing more is emitted. ``finish()`` returns what was held back (the stream ended without a stop string
+    completing it).
     """
 
-    def __init__(self, stops: Iterable[str]) -> None:
-        if isinstance(stops, str):
-            stops = [stops]
+    def __init__(self, stop: str | Sequence[str] = ()) -> None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)):
+            raise TypeError(f"stop: expected a str or a list of str, got {type(stop).__name__}")
         checked = []
-        for i, stop in enumerate(stops):
-            if not isinstance(stop, str):
-                raise TypeError(f"stop[{i}]: expected a str, got {type(stop).__name__}")
-            if not stop:
+        for i, item in enumerate(stop):
+            if not isinstance(item, str):
+                raise TypeError(f"stop[{i}]: expected a str, got {type(item).__name__}")
+            if not item:
                 raise ValueError(f"stop[{i}]: an empty stop string would stop before the first token; drop it")
-            checked.append(stop)
+            checked.append(item)
         self.stops: tuple[str, ...] = tuple(dict.fromkeys(checked))
         self.stopped: str | None = None
         self._held = ""
@@ -52,6 +59,7 @@ class StopStrings:
 
     def feed(self, text: str) -> str:
         """Emit-ready text of the stream so far, given its next piece ``text``."""
+        text = arg_text("text", text)
         if self.stopped is not None or not text:
             return ""
         if not self.stops:
@@ -90,7 +98,7 @@ class IncrementalDetokenizer:
 
     Args:
         tokenizer: a :class:`fi_engine.tokenizer.Tokenizer` (anything with ``decode(ids, skip_special_tokens)``
-            and ``check_ids(ids, name)``).
+            and an int ``vocab_size``).
         prompt_ids: the prompt's token ids (its last few give the first generated token its context).
         skip_special_tokens: leave special tokens (EOS, ``<|im_end|>``, ...) out of the text.
         stop: stop strings (see :class:`StopStrings`); :attr:`stopped` names the one that ended the text.
@@ -102,16 +110,26 @@ class IncrementalDetokenizer:
         prompt_ids: Sequence[int] = (),
         *,
         skip_special_tokens: bool = True,
-        stop: Iterable[str] = (),
+        stop: str | Sequence[str] = (),
     ) -> None:
+        vocab_size = getattr(tokenizer, "vocab_size", None)
+        if (
+            not callable(getattr(tokenizer, "decode", None))
+            or isinstance(vocab_size, bool)
+            or not isinstance(vocab_size, int)
+        ):
+            raise TypeError(
+                f"tokenizer: expected a fi_engine.tokenizer.Tokenizer (decode() and vocab_size), got "
+                f"{type(tokenizer).__name__}"
+            )
         self._tokenizer = tokenizer
-        self._skip = bool(skip_special_tokens)
-        context = tokenizer.check_ids(prompt_ids, "prompt_ids")[-CONTEXT_TOKENS:]
-        self._ids: list[int] = context
-        self._prefix = 0  # window start: ids before it are settled and emitted
-        self._read = len(context)  # ids before it have been emitted (text of [_prefix, _read) is the context)
+        self._vocab_size = vocab_size
+        self._skip = arg_flag("skip_special_tokens", skip_special_tokens)
         self._stops = StopStrings(stop)
-        self._vocab_size: int = tokenizer.vocab_size
+        # the window decoded on each push: the settled ids of the last emission (at first the prompt's last few,
+        # as context), then the ids not yet emitted from _read on
+        self._ids: list[int] = arg_token_ids("prompt_ids", prompt_ids, vocab_size)[-CONTEXT_TOKENS:]
+        self._read = len(self._ids)
         self.generated: list[int] = []
 
     @property
@@ -121,12 +139,11 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """The new text that ``token_id`` settles (often ``""`` while a character or a stop string is pending)."""
-        try:
-            token = operator.index(token_id)
-        except TypeError:
-            raise TypeError(f"token_id: expected an int, got {type(token_id).__name__}") from None
-        if not 0 <= token < self._vocab_size:
-            raise ValueError(f"token_id: {token} is outside the vocabulary [0, {self._vocab_size})")
+        if isinstance(token_id, (bool, np.bool_)) or not isinstance(token_id, (int, np.integer)):
+            raise TypeError(f"token_id: expected an int, got {type(token_id).__name__}")
+        if not 0 <= token_id < self._vocab_size:
+            raise ValueError(f"token_id: {show(int(token_id))} is outside the vocabulary [0, {self._vocab_size})")
+        token = int(token_id)
         self.generated.append(token)
         self._ids.append(token)
         return self._stops.feed(self._settled(final=False))
@@ -138,8 +155,8 @@ class IncrementalDetokenizer:
 
     def _settled(self, final: bool) -> str:
         decode = self._tokenizer.decode
-        before = decode(self._ids[self._prefix : self._read], skip_special_tokens=self._skip)
-        after = decode(self._ids[self._prefix :], skip_special_tokens=self._skip)
+        before = decode(self._ids[: self._read], skip_special_tokens=self._skip)
+        after = decode(self._ids, skip_special_tokens=self._skip)
         if not final and after.endswith(REPLACEMENT):
             return ""  # an unfinished UTF-8 sequence: wait for the tokens that complete it
         # the window's old text is normally a prefix of its new text; where the new token changed it (the
@@ -149,7 +166,7 @@ class IncrementalDetokenizer:
             return ""  # nothing readable yet (a skipped special token): keep the window as it is
         # the settled ids become the next window's context; ids before them are no longer needed
         del self._ids[: self._read]
-        self._prefix, self._read = 0, len(self._ids)
+        self._read = len(self._ids)
         return delta
 
 

@@ -13,15 +13,20 @@ own default applies there): ``do_sample``, ``temperature``, ``top_p``, ``top_k``
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .model_files import checkpoint_dir, read_json
+from .text_args import arg_text, arg_token_ids
+from .values import MAX_SIZE, show
 
 __all__ = ["GenerationDefaults"]
+
+# the largest temperature (and repetition penalty) taken: far past any useful value, but finite, so that the
+# sampler's arithmetic stays in float32
+MAX_TEMPERATURE = 1e4
 
 
 def _token_ids(value: Any, source: str, name: str) -> tuple[int, ...]:
@@ -31,8 +36,10 @@ def _token_ids(value: Any, source: str, name: str) -> tuple[int, ...]:
     items = value if isinstance(value, list) else [value]
     out = []
     for item in items:
-        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
-            raise ValueError(f"{source}: {name} must be a token id (an int >= 0) or a list of them, got {value!r:.80}")
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item <= MAX_SIZE:
+            raise ValueError(
+                f"{source}: {name} must be a token id (an int in [0, 2**31)) or a list of them, got {show(value)}"
+            )
         out.append(int(item))
     return tuple(out)
 
@@ -43,10 +50,11 @@ def _number(d: Mapping[str, Any], key: str, source: str, low: float, high: float
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise ValueError(f"{source}: {key} must be {'an integer' if integer else 'a number'}, got {value!r:.80}")
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{source}: {key} must lie in [{low}, {high}], got {value!r}")
-    return value
+        raise ValueError(f"{source}: {key} must be {'an integer' if integer else 'a number'}, got {show(value)}")
+    # compared as given (an int past float's range is out of range, not an OverflowError)
+    if (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high:
+        raise ValueError(f"{source}: {key} must lie in [{low}, {high}], got {show(value)}")
+    return value if integer else float(value)
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,7 @@ class GenerationDefaults:
         temperature: > 0 (0 is accepted as greedy), None when unset.
         top_p: in (0, 1], None when unset. top_k: >= 0 (0 disables it), None when unset.
         max_new_tokens: > 0, None when unset. repetition_penalty: > 0, None when unset.
-        source: the file read, or ``"defaults"``.
+        source: where the values came from, as errors name it (``"model_dir: <path>"``, or ``"defaults"``).
     """
 
     eos_token_ids: tuple[int, ...] = ()
@@ -76,25 +84,25 @@ class GenerationDefaults:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str, tokenizer_eos_ids: Iterable[int] = ()) -> GenerationDefaults:
-        """Parse a generation config object (``source`` names it in errors); ``tokenizer_eos_ids`` are appended
-        to its ``eos_token_id`` where missing."""
+        """Parse a generation config object ``d`` (``source`` names it in errors); ``tokenizer_eos_ids`` are
+        appended to its ``eos_token_id`` where missing."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"d: expected a generation config (a dict), got {type(d).__name__}")
+        source = arg_text("source", source)
         eos = list(dict.fromkeys(_token_ids(d.get("eos_token_id"), source, "eos_token_id")))
-        for i, token in enumerate(tokenizer_eos_ids):
-            token = operator.index(token)
-            if token < 0:
-                raise ValueError(f"tokenizer_eos_ids[{i}]: a token id is >= 0, got {token}")
+        for token in arg_token_ids("tokenizer_eos_ids", tokenizer_eos_ids, MAX_SIZE + 1):
             if token not in eos:
                 eos.append(token)
         bos = _token_ids(d.get("bos_token_id"), source, "bos_token_id")
         pad = _token_ids(d.get("pad_token_id"), source, "pad_token_id")
         do_sample = d.get("do_sample")
         if do_sample is not None and not isinstance(do_sample, bool):
-            raise ValueError(f"{source}: do_sample must be true or false, got {do_sample!r:.80}")
+            raise ValueError(f"{source}: do_sample must be true or false, got {show(do_sample)}")
         top_p = _number(d, "top_p", source, 0.0, 1.0)
         if top_p == 0:
             raise ValueError(f"{source}: top_p must lie in (0, 1], got 0")
-        max_new = _number(d, "max_new_tokens", source, 1, 2**31 - 1, integer=True)
-        penalty = _number(d, "repetition_penalty", source, 0.0, math.inf)
+        max_new = _number(d, "max_new_tokens", source, 1, MAX_SIZE, integer=True)
+        penalty = _number(d, "repetition_penalty", source, 0.0, MAX_TEMPERATURE)
         if penalty == 0:
             raise ValueError(f"{source}: repetition_penalty must be > 0, got 0")
         return cls(
@@ -102,9 +110,9 @@ class GenerationDefaults:
             bos_token_id=bos[0] if bos else None,
             pad_token_id=pad[0] if pad else None,
             do_sample=do_sample,
-            temperature=_number(d, "temperature", source, 0.0, math.inf),
+            temperature=_number(d, "temperature", source, 0.0, MAX_TEMPERATURE),
             top_p=top_p,
-            top_k=_number(d, "top_k", source, 0, 2**31 - 1, integer=True),
+            top_k=_number(d, "top_k", source, 0, MAX_SIZE, integer=True),
             max_new_tokens=max_new,
             repetition_penalty=penalty,
             source=source,
@@ -113,7 +121,7 @@ class GenerationDefaults:
     @classmethod
     def from_dir(cls, model_dir: Any, tokenizer_eos_ids: Iterable[int] = ()) -> GenerationDefaults:
         """Read ``model_dir/generation_config.json`` (or, without it, the ids in ``config.json``); neither file
-        is required. ValueError naming the file for a malformed one."""
+        is required. ValueError naming ``model_dir`` and the file for a malformed one."""
         root = checkpoint_dir(model_dir)
         path: Path = root / "generation_config.json"
         found = read_json(path, "the checkpoint's generation settings")
@@ -122,4 +130,4 @@ class GenerationDefaults:
             model = read_json(path, "the model's configuration") or {}
             # only the token ids: a model config's sampling fields are transformers' defaults, not the checkpoint's
             found = {key: model[key] for key in ("eos_token_id", "bos_token_id", "pad_token_id") if key in model}
-        return cls.from_dict(found, str(path), tokenizer_eos_ids)
+        return cls.from_dict(found, f"model_dir: {path}", tokenizer_eos_ids)

@@ -24,6 +24,11 @@ from .tokenizer import Tokenizer
 __all__ = ["TextCodec"]
 
 
+def kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("None" if k is type(None) else f"{k.__module__}.{k.__qualname__}" for k in kinds)
+
+
 class TextCodec:
     """A checkpoint's text side.
 
@@ -36,6 +41,13 @@ class TextCodec:
     def __init__(
         self, tokenizer: Tokenizer, chat_template: ChatTemplate | None, generation: GenerationDefaults
     ) -> None:
+        for name, value, kind in (
+            ("tokenizer", tokenizer, Tokenizer),
+            ("chat_template", chat_template, (ChatTemplate, type(None))),
+            ("generation", generation, GenerationDefaults),
+        ):
+            if not isinstance(value, kind):
+                raise TypeError(f"{name}: expected a {kind_name(kind)}, got {type(value).__name__}")
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.generation = generation
@@ -62,6 +74,7 @@ class TextCodec:
         return self.tokenizer.encode(text, add_special_tokens)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """The text of token ``ids`` at once (for a stream of them, :meth:`detokenizer`)."""
         return self.tokenizer.decode(ids, skip_special_tokens)
 
     def render_chat(
@@ -100,7 +113,7 @@ class TextCodec:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def detokenizer(
-        self, prompt_ids: Sequence[int] = (), stop: Iterable[str] = (), skip_special_tokens: bool = True
+        self, prompt_ids: Sequence[int] = (), stop: str | Sequence[str] = (), skip_special_tokens: bool = True
     ) -> IncrementalDetokenizer:
         """A fresh :class:`~fi_engine.detokenize.IncrementalDetokenizer` for one request's generated tokens."""
         return IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens, stop=stop)

@@ -19,13 +19,14 @@ the tokenizers of every family the engine serves).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .model_files import checkpoint_dir, read_json
 from .optional import require
+from .text_args import arg_flag, arg_text, arg_token_ids
+from .values import show
 
 __all__ = ["SPECIAL_TOKEN_NAMES", "Tokenizer"]
 
@@ -40,39 +41,42 @@ def _token_text(value: Any, source: Path, name: str) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return str(value["content"])
     raise ValueError(
-        f"{source}: {name} must be a string, an object with a string 'content' (an AddedToken) or null, got "
-        f"{value!r:.80}"
+        f"model_dir: {source}: {name} must be a string, an object with a string 'content' (an AddedToken) or null, "
+        f"got {show(value)}"
     )
 
 
 class Tokenizer:
-    """A ``tokenizers.Tokenizer`` with the checkpoint's named special tokens.
+    """A ``tokenizers.Tokenizer`` with the checkpoint's named special tokens (made by :meth:`from_dir`).
 
     Attributes:
         special_tokens: name (``"bos_token"``, ...) -> token text, for the names the checkpoint sets.
         config: ``tokenizer_config.json`` as parsed (``{}`` when absent).
         source: the ``tokenizer.json`` it was read from (for messages).
+        vocab_size: token ids lie in ``[0, vocab_size)`` (added tokens included).
     """
 
     def __init__(
         self, backend: Any, special_tokens: Mapping[str, str], config: Mapping[str, Any], source: Path
     ) -> None:
+        if not (callable(getattr(backend, "decode", None)) and callable(getattr(backend, "get_vocab_size", None))):
+            raise TypeError(f"backend: expected a tokenizers.Tokenizer, got {type(backend).__name__}")
         self._backend = backend
         self.special_tokens: dict[str, str] = dict(special_tokens)
         self.config: dict[str, Any] = dict(config)
-        self.source = source
-        # ids at or past this are not in the vocabulary (added tokens included)
-        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.source = Path(source)
+        self.vocab_size: int = int(backend.get_vocab_size(with_added_tokens=True))
 
     @classmethod
     def from_dir(cls, model_dir: Any) -> Tokenizer:
-        """Read ``model_dir/tokenizer.json`` (FileNotFoundError when absent, ValueError when malformed) and the
-        special tokens of ``tokenizer_config.json`` / ``special_tokens_map.json`` (optional)."""
+        """Read ``model_dir/tokenizer.json`` (required) and the special tokens of ``tokenizer_config.json`` /
+        ``special_tokens_map.json`` (optional); ValueError naming ``model_dir`` and the file when one is missing
+        or malformed."""
         root = checkpoint_dir(model_dir)
         path = root / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} does not exist; the engine reads a checkpoint's fast tokenizer: write one with "
+            raise ValueError(
+                f"model_dir: {path} does not exist; the engine reads a checkpoint's fast tokenizer: write one with "
                 f"transformers' AutoTokenizer.from_pretrained(...).save_pretrained({str(root)!r})"
             )
         tokenizers = require("tokenizers", "reading tokenizer.json")
@@ -80,11 +84,11 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:  # the library raises a bare Exception for every parse error
             raise ValueError(
-                f"{path}: not a tokenizer the 'tokenizers' library can read ({exc}); replace it with the "
-                f"checkpoint's original tokenizer.json"
+                f"model_dir: {path}: not a tokenizer the 'tokenizers' library can read ({str(exc)[:200]}); replace "
+                f"it with the checkpoint's original tokenizer.json"
             ) from None
-        config = read_json(root / "tokenizer_config.json", "the tokenizer's settings and special tokens") or {}
         config_path = root / "tokenizer_config.json"
+        config = read_json(config_path, "the tokenizer's settings and special tokens") or {}
         special: dict[str, str] = {}
         for name in SPECIAL_TOKEN_NAMES:
             text = _token_text(config.get(name), config_path, name)
@@ -99,12 +103,13 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int | None:
         """The id of ``token`` (its exact text, e.g. ``"<|im_end|>"``), or None when the vocabulary lacks it."""
-        found = self._backend.token_to_id(token)
+        found = self._backend.token_to_id(arg_text("token", token))
         return None if found is None else int(found)
 
-    def special_token_id(self, name: str) -> int | None:
-        """The id of the named special token (``"eos_token"``, ...), or None when it is unset or not a token."""
-        text = self.special_tokens.get(name)
+    def special_token_id(self, token_name: str) -> int | None:
+        """The id of the named special token (``token_name``: ``"eos_token"``, ...), or None when it is unset or
+        not a token."""
+        text = self.special_tokens.get(arg_text("token_name", token_name))
         return None if text is None else self.token_id(text)
 
     @property
@@ -121,27 +126,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` applies ``tokenizer.json``'s post-processor (BOS etc.)."""
-        if not isinstance(text, str):
-            raise TypeError(f"text: expected a str to encode, got {type(text).__name__}")
-        return list(self._backend.encode(text, add_special_tokens=bool(add_special_tokens)).ids)
+        text = arg_text("text", text)
+        add = arg_flag("add_special_tokens", add_special_tokens)
+        return list(self._backend.encode(text, add_special_tokens=add).ids)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """The text of token ``ids`` (a sequence of ints in ``[0, vocab_size)``)."""
-        return str(self._backend.decode(self.check_ids(ids), skip_special_tokens=bool(skip_special_tokens)))
-
-    def check_ids(self, ids: Iterable[int], name: str = "ids") -> list[int]:
-        """``ids`` as a list of ints, each in ``[0, vocab_size)``; TypeError/ValueError naming ``name``."""
-        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-            raise TypeError(f"{name}: expected a sequence of token ids (ints), got {type(ids).__name__}")
-        out = []
-        for i, value in enumerate(ids):
-            try:
-                token = operator.index(value)
-            except TypeError:
-                raise TypeError(f"{name}[{i}]: expected an int token id, got {type(value).__name__}") from None
-            if not 0 <= token < self.vocab_size:
-                raise ValueError(
-                    f"{name}[{i}]: token id {token} is outside the vocabulary [0, {self.vocab_size}) of {self.source}"
-                )
-            out.append(token)
-        return out
+        """The text of token ``ids`` (a sequence of ints in ``[0, vocab_size)``); ``skip_special_tokens`` leaves
+        out the added tokens marked special (EOS, ``<|im_end|>``, ...)."""
+        checked = arg_token_ids("ids", ids, self.vocab_size)
+        skip = arg_flag("skip_special_tokens", skip_special_tokens)
+        return str(self._backend.decode(checked, skip_special_tokens=skip))
