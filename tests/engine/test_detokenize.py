@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers.text_checkpoints import byte_level_tokenizer
+from helpers.text_checkpoints import byte_level_tokenizer, sentencepiece_style_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +30,14 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     root = tmp_path_factory.mktemp("bpe")
     byte_level_tokenizer(["<|endoftext|>", "<|im_end|>"]).save(str(root / "tokenizer.json"))
     (root / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+    return Tokenizer.from_dir(root)
+
+
+@pytest.fixture(scope="module")
+def byte_fallback(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    root = tmp_path_factory.mktemp("sentencepiece")
+    sentencepiece_style_tokenizer().save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
     return Tokenizer.from_dir(root)
 
 
@@ -73,6 +81,22 @@ def test_the_prompt_gives_context_and_a_character_split_across_it_completes(toke
     assert all("\ufffd" not in d for d in deltas)
 
 
+def test_byte_fallback_tokens_and_the_first_generated_space(byte_fallback: Tokenizer) -> None:
+    # SentencePiece-style: "<0xF0>" byte tokens, and a decoder that strips the text's first space, so a token
+    # decoded alone loses the space it has after the prompt
+    ids = byte_fallback.encode("hello 😀 world 世界")
+    assert byte_fallback.decode(ids) == "hello 😀 world 世界"
+    prompt, generated = ids[:1], ids[1:]
+    expected = " 😀 world 世界"
+    assert "".join(byte_fallback.decode([t]) for t in generated) != expected  # the edge case is real
+    deltas, tail = stream(byte_fallback, generated, prompt)
+    assert "".join(deltas) + tail == expected
+    assert all("\ufffd" not in d for d in deltas) and "" in deltas
+    # with no prompt the text reads as the full decode does (its first space stripped)
+    deltas, tail = stream(byte_fallback, ids)
+    assert "".join(deltas) + tail == "hello 😀 world 世界"
+
+
 def test_special_tokens_are_skipped_or_kept(tokenizer: Tokenizer) -> None:
     eos = tokenizer.eos_token_id
     assert eos is not None
@@ -87,6 +111,16 @@ def test_any_text_streams_back_exactly(tokenizer: Tokenizer, text: str) -> None:
     ids = tokenizer.encode(text)
     full = tokenizer.decode(ids)
     deltas, tail = stream(tokenizer, ids)
+    assert "".join(deltas) + tail == full
+    assert all("\ufffd" not in d or "\ufffd" in full for d in deltas)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40))
+def test_any_text_streams_back_exactly_through_byte_fallback(byte_fallback: Tokenizer, text: str) -> None:
+    ids = byte_fallback.encode(text)
+    full = byte_fallback.decode(ids)
+    deltas, tail = stream(byte_fallback, ids)
     assert "".join(deltas) + tail == full
     assert all("\ufffd" not in d or "\ufffd" in full for d in deltas)
 

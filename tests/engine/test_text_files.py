@@ -131,3 +131,21 @@ def test_tokenizer_files(tmp_path: Path) -> None:
         Tokenizer.from_dir(tmp_path)
     with pytest.raises(TypeError, match="text: expected a str, got bytes"):
         tok.encode(b"x")  # type: ignore[arg-type]
+
+
+def test_the_docs_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # docs/engine-text.md's quick start, on a checkpoint of our own, with "generated" ids standing in for the engine's
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    from helpers.text_checkpoints import write_text_checkpoint
+
+    doc = (ROOT / "docs" / "engine-text.md").read_text(encoding="utf-8")
+    code = doc[doc.index("```python\n") + 10 : doc.index("```", doc.index("```python\n") + 10)]
+    root = write_text_checkpoint(tmp_path / "m")
+    assert '"SmolLM2-135M-Instruct"' in code
+    code = code.replace('"SmolLM2-135M-Instruct"', repr(str(root)))
+    from fi_engine.text import TextCodec
+
+    generated = TextCodec.from_dir(root).encode("Hi 😀 there.\n\nUser: more", add_special_tokens=False)
+    exec(compile(code, "docs/engine-text.md", "exec"), {"generated_ids": generated})
+    assert capsys.readouterr().out == "Hi 😀 there.\n"  # cut at the stop string, then finish()'s newline

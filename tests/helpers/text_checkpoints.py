@@ -150,3 +150,24 @@ def write_text_checkpoint(root: Path) -> Path:
     generation = {"eos_token_id": [2, 0], "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20}
     (root / "generation_config.json").write_text(json.dumps(generation), encoding="utf-8")
     return root
+
+
+def sentencepiece_style_tokenizer() -> Any:
+    """A ``tokenizers.Tokenizer`` built here the way Llama 2 / Gemma tokenizers are (a SentencePiece BPE: words
+    start with ``▁``, characters outside the vocabulary fall back to ``<0xNN>`` byte tokens, the decoder strips
+    the text's first space): a tiny vocabulary of our own, so emoji and CJK become byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "▁he", "ll", "llo", "▁hello", "▁w", "or", "▁wor", "ld"]
+    for piece in [*pieces, "▁world"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", "h"), ("▁h", "e"), ("l", "l"), ("ll", "o"), ("▁he", "llo"), ("▁", "w"), ("o", "r")]
+    merges += [("▁w", "or"), ("l", "d"), ("▁wor", "ld")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(["<s>", "</s>"])
+    return tok
