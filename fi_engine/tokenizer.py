@@ -5,8 +5,10 @@ What is read, as transformers (5.x) reads it for a fast tokenizer:
 
 - ``tokenizer.json`` (required): the model, normalizer, pre-tokenizer, post-processor, decoder and added tokens.
   :meth:`Tokenizer.encode` with ``add_special_tokens=True`` applies its post-processor (a Llama 3 checkpoint's
-  adds ``<|begin_of_text|>``); chat prompts are encoded with ``add_special_tokens=False``, since the template
-  writes the special tokens itself.
+  adds ``<|begin_of_text|>``), as transformers' generic fast tokenizer does; ``tokenizer_config.json``'s
+  ``add_bos_token`` / ``add_eos_token`` are not read (transformers 5 applies them only in some model-specific
+  tokenizer classes). Chat prompts are encoded with ``add_special_tokens=False``, since the template writes the
+  special tokens itself.
 - ``tokenizer_config.json`` (optional): the named special tokens ``bos_token``, ``eos_token``, ``unk_token``,
   ``sep_token``, ``pad_token``, ``cls_token``, ``mask_token``, each a string or an AddedToken object
   (``{"content": ...}``); ``special_tokens_map.json`` (legacy, optional) fills the names the config leaves out.

@@ -208,3 +208,31 @@ def test_bad_templates_and_messages_are_named(tmp_path: Path) -> None:
         codec.encode_chat([{"role": "user", "content": "x"}])
     (root / "chat_template.json").write_text(json.dumps({"chat_template": "L{{ messages[0].content }}"}))
     assert TextCodec.from_dir(root).render_chat([{"role": "user", "content": "x"}]) == "Lx"
+
+
+def test_plain_prompts_get_the_special_tokens_the_post_processor_adds(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import processors
+
+    root = write_family(tmp_path / "m", "llama3")
+    config_path, tokenizer_path = root / "tokenizer_config.json", root / "tokenizer.json"
+    config = json.loads(config_path.read_text())
+    prompt = "Once upon a time"
+
+    def encodings() -> tuple[list[int], list[int]]:
+        codec, hf = both(root)
+        return codec.encode(prompt), list(hf(prompt)["input_ids"])
+
+    ours, theirs = encodings()
+    assert ours == theirs and ours[0] != 0  # no post-processor: nothing added
+    assert TextCodec.from_dir(root).encode(prompt, add_special_tokens=False) == ours
+    backend = Backend.from_file(str(tokenizer_path))  # a post-processor that adds <|begin_of_text|> (id 0)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", 0)]
+    )
+    backend.save(str(tokenizer_path))
+    ours, theirs = encodings()
+    assert ours == theirs and ours[0] == 0 and ours[1:] == TextCodec.from_dir(root).encode(prompt, False)
+    # the generic fast tokenizer leaves the post-processor to tokenizer.json, whatever these flags say
+    config_path.write_text(json.dumps({**config, "add_bos_token": False, "add_eos_token": True}))
+    assert encodings() == (ours, theirs)
