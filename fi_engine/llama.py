@@ -45,7 +45,7 @@ from .checkpoint import Checkpoint
 from .config import FAMILY_ENGINES, LlamaConfig
 from .engine import Engine
 from .family import ModelFamily
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 from .serving import GenerationResult
 from .step_graphs import _PREFILL_GRAPHS, _refuse_allocation  # noqa: F401 - their old home (benchmarks import it)
 from .storage import step_views

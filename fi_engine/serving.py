@@ -16,7 +16,7 @@ import numpy as np
 from fi_ffi import stream_scope
 
 from .paging import PageAllocator, Request, Scheduler, fill_decode, fill_prefill, pad_prefill, pages_for
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 from .state import EngineState
 from .storage import _D2D, _D2H, _H2D, _address
 

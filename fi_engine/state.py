@@ -16,7 +16,7 @@ import numpy as np
 if TYPE_CHECKING:
     from .family import ModelFamily
     from .paging import Layout, Request, Scheduler
-    from .sampling import SamplingParams
+    from .sampling_params import SamplingParams
     from .tensor_parallel import VocabShard
 
 __all__: list[str] = []

@@ -1869,7 +1869,8 @@ EXEMPT: dict[str, str] = {
     "llama.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/engine/test_serving_host.py",
     "llama.step_views": "the engine's own views of its step buffers (fi_ffi's values): engine/test_serving_host.py",
     # the same three in their own modules (fi_engine.llama re-exports them)
-    "sampling.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/engine/test_serving_host.py",
+    "sampling_params.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/engine/test_serving_host.py",
+    "sampling.SamplingParams": "re-exported from sampling_params (its checks: the line above)",
     "serving.GenerationResult": _RECORD,
     "storage.step_views": "the engine's own views of its step buffers (fi_ffi's values): engine/test_serving_host.py",
     **dict.fromkeys(
