@@ -136,7 +136,8 @@ def test_tp_ranks_start_through_the_binding_launcher(capfd: pytest.CaptureFixtur
     # what `generate --tp N` does once its checks pass: N ranks of the same command, with the launcher's variables
     from fi_engine import cli
 
-    code = "import os; print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])"
+    # one write(2) of one short line per rank: the two ranks share the pipe, and print() may split its line
+    code = "import os; os.write(1, f\"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}\\n\".encode())"
     assert cli._launch_ranks(2, [sys.executable, "-c", code]) == 0
     out = capfd.readouterr().out
     assert "rank 0 of 2" in out and "rank 1 of 2" in out
