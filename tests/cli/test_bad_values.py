@@ -33,3 +33,80 @@ def test_generate_prompt_ids_still_take_spaces_around_the_commas(capsys: pytest.
     from fi_engine.cli import _token_ids
 
     assert _token_ids("1, 2 ,3") == [1, 2, 3]
+
+
+def launch(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``fi-ffi launch ARGS`` in this process: its status and its one line on stderr."""
+    from fi_ffi.cli import main
+
+    status = main(["launch", *args])
+    return status, one_error_line(capsys.readouterr().err)
+
+
+def test_launch_master_addr_that_does_not_resolve_starts_nothing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fi_ffi.comm import launch as launch_mod
+
+    monkeypatch.setattr(launch_mod, "launch", lambda *a, **k: pytest.fail("a rank was started"))
+    status, line = launch("--nproc", "2", "--master-addr", "not.a.host.invalid", "--", "true", capsys=capsys)
+    assert status == 2
+    assert "--master-addr 'not.a.host.invalid'" in line and "127.0.0.1" in line
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_launch_nproc_is_bounded_before_anything_starts(
+    gpus: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fi_ffi.comm import cuda
+    from fi_ffi.comm import launch as launch_mod
+
+    monkeypatch.setattr(cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(launch_mod, "launch", lambda *a, **k: pytest.fail("a rank was started"))
+    status, line = launch("--nproc", "100000", "--", "true", capsys=capsys)
+    assert status == 2
+    assert "--nproc 100000" in line and "--allow-oversubscribe" in line
+    assert ("the 2 GPUs visible" if gpus else "4 per CPU core") in line
+
+
+def test_launch_allow_oversubscribe_lifts_the_bound(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fi_ffi.comm import cuda
+    from fi_ffi.comm import launch as launch_mod
+
+    started: list[int] = []
+    monkeypatch.setattr(cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(launch_mod, "launch", lambda command, nproc, **k: started.append(nproc) or 0)
+    from fi_ffi.cli import main
+
+    assert main(["launch", "--nproc", "2", "--", "true"]) == 2
+    assert main(["launch", "--allow-oversubscribe", "--nproc", "2", "--", "true"]) == 0
+    assert main(["launch", "--nproc", "1", "--", "true"]) == 0
+    assert started == [2, 1]
+
+
+def test_launch_a_failed_fork_is_one_line_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fi_ffi.comm import launch as launch_mod
+
+    def fork_fails(*args: object, **kwargs: object) -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(launch_mod, "launch", fork_fails)
+    status, line = launch("--allow-oversubscribe", "--nproc", "3", "--", "true", capsys=capsys)
+    assert status == 2 and "could not start the ranks" in line
+
+
+@pytest.mark.parametrize("value", ["-1", "-0.5", "nan", "-3", "soon"])
+def test_launch_grace_must_be_seconds_at_least_zero(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status, line = launch("--nproc", "1", "--grace", value, "--", "true", capsys=capsys)
+    assert status == 2
+    assert "--grace" in line and "expected seconds >= 0" in line
+
+
+def test_launch_grace_zero_is_accepted() -> None:
+    from fi_ffi.cli.launch import grace
+
+    assert grace("0") == 0.0 and grace("2.5") == 2.5 and grace("inf") == float("inf")
