@@ -110,3 +110,23 @@ def test_launch_grace_zero_is_accepted() -> None:
     from fi_ffi.cli.launch import grace
 
     assert grace("0") == 0.0 and grace("2.5") == 2.5 and grace("inf") == float("inf")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "float32", "int32", "f64"])
+def test_list_dtype_that_no_variant_has_is_a_usage_error(dtype: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from fi_ffi.cli import main
+
+    assert main(["list", "--dtype", dtype]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--dtype" in line and "no variant matches" not in line
+    assert all(name in line for name in ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"))
+
+
+def test_list_q_dtypes_are_dtypes_a_variant_uri_can_name() -> None:
+    pytest.importorskip("fi_ffi.ops.attention.variants")
+    from fi_ffi.cli import listing
+    from fi_ffi.ops.attention import variants
+
+    uri = {d.name for d in variants._URI_DTYPES.values()}
+    floats = {d for d in uri if d.startswith(("float", "bfloat"))}  # the rest are index and integer types
+    assert set(listing._Q_DTYPES) == floats
