@@ -4,6 +4,8 @@ that names the option, what was expected and the fix, and exit status 2."""
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +132,31 @@ def test_list_q_dtypes_are_dtypes_a_variant_uri_can_name() -> None:
     uri = {d.name for d in variants._URI_DTYPES.values()}
     floats = {d for d in uri if d.startswith(("float", "bfloat"))}  # the rest are index and integer types
     assert set(listing._Q_DTYPES) == floats
+
+
+def test_cache_list_full_lists_every_file_of_each_entry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fi_ffi.cli import main
+
+    monkeypatch.setenv("FI_FFI_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / "something_else"  # an entry fi_ffi did not create: listed as "other", a folder
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"x" * 1500)
+    (folder / "sub" / "b.bin").write_bytes(b"y" * 7)
+    assert main(["cache", "list"]) == 0
+    short = capsys.readouterr().out
+    assert main(["cache", "list", "--full"]) == 0
+    full = capsys.readouterr().out
+    assert short != full
+    assert "a.bin" not in short and "1.5 KiB" in short
+    assert f"1500 B    {folder / 'a.bin'}" in full and f"7 B    {folder / 'sub' / 'b.bin'}" in full
+    assert "1507 B" in full  # the entry's own size in bytes too
+    assert main(["cache", "list", "--json"]) == 0
+    assert "files" not in json.loads(capsys.readouterr().out)[0]
+    assert main(["cache", "list", "--full", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["files"] == [
+        {"path": str(folder / "a.bin"), "size": 1500},
+        {"path": str(folder / "sub" / "b.bin"), "size": 7},
+    ]
