@@ -160,3 +160,24 @@ def test_cache_list_full_lists_every_file_of_each_entry(
         {"path": str(folder / "a.bin"), "size": 1500},
         {"path": str(folder / "sub" / "b.bin"), "size": 7},
     ]
+
+
+@pytest.mark.parametrize("args", [["doctor"], ["doctor", "--json"], ["cache", "path"]])
+def test_output_that_cannot_be_written_is_one_line_and_exit_2(args: list[str]) -> None:
+    import subprocess
+    import sys
+
+    from helpers.env import subprocess_env
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "fi_ffi", *args], stdout=full, stderr=subprocess.PIPE, text=True,
+            env=subprocess_env(), timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    line = one_error_line(done.stderr)
+    assert (
+        line.startswith(f"fi-ffi {args[0]}: cannot write the output to stdout") and len(done.stderr.splitlines()) == 1
+    )
