@@ -83,13 +83,17 @@ def _ordinal(text: str) -> int:
 
 
 def _token_ids(text: str) -> list[int]:
+    items = text.split(",")
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    if any(not t.strip() for t in items):  # `1,,3` or `1,2,`: a token id lost to a typo, not silently dropped
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated token ids with no empty item (e.g. 1,2,3), got {text!r}"
+        )
     try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
+        return [int(t) for t in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated token ids (e.g. 1,2,3), got {text!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError("expected at least one token id")
-    return ids
 
 
 def _eos_ids(text: str) -> list[int]:

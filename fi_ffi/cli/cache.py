@@ -1,4 +1,4 @@
-"""``fi-ffi cache {path,list,verify [--full],clear} [--json]``: inspect and repair the cache.
+"""``fi-ffi cache {path,list [--full],verify [--full],clear} [--json]``: inspect and repair the cache.
 
 ``verify`` removes damaged files of fi_ffi's and reports others (exit 1 if any is bad); ``clear`` removes what
 fi_ffi created (exit 1 if some of it could not be removed).
@@ -7,7 +7,9 @@ fi_ffi created (exit 1 if some of it could not be removed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from pathlib import Path
 
 from .arguments import Commands
 from .output import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, emit, size_text
@@ -21,14 +23,21 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "list":
         entries = loader.list_cache()
         rows = [{"kind": e.kind, "path": str(e.path), "size": e.size, "detail": e.detail} for e in entries]
+        contents = [_files(e.path) if args.full else [] for e in entries]
+        if args.full:  # every file of each entry, with its size in bytes
+            for row, files in zip(rows, contents, strict=True):
+                row["files"] = [{"path": str(f), "size": n} for f, n in files]
 
         def table() -> None:
             if not entries:
                 print(f"the cache {loader.cache_root()} is empty")
                 return
             print(f"{'KIND':9s} {'SIZE':>10s}  PATH  DETAIL")
-            for entry in entries:
-                print(f"{entry.kind:9s} {size_text(entry.size):>10s}  {entry.path}  {entry.detail}")
+            for entry, files in zip(entries, contents, strict=True):
+                size = f"{entry.size} B" if args.full else size_text(entry.size)
+                print(f"{entry.kind:9s} {size:>10s}  {entry.path}  {entry.detail}")
+                for path, n in files:
+                    print(f"{'':9s} {f'{n} B':>10s}    {path}")
 
         emit(args, rows, table)
     elif args.action == "verify":
@@ -103,17 +112,32 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _files(path: Path) -> list[tuple[Path, int]]:
+    """``list --full``: the files under the folder ``path`` (none for a file), with their sizes in bytes."""
+    if not path.is_dir():
+        return []
+    out: list[tuple[Path, int]] = []
+    for f in sorted(path.rglob("*")):
+        with contextlib.suppress(OSError):  # gone or unreadable since the listing: left out
+            if f.is_file():
+                out.append((f, f.stat().st_size))
+    return out
+
+
 def register(commands: Commands) -> None:
     p = commands.add(
         "cache",
         "path, list, verify or clear the cache",
-        "path: print the cache folder. list: what it holds. verify: check every file (--full: re-hash all, and "
-        "the wheels the lock pins outside the cache); damaged files of fi_ffi's are removed, others reported; exit "
-        "1 if any is bad. clear: remove what fi_ffi created; exit 1 if some of it could not be removed.",
+        "path: print the cache folder. list: what it holds (--full: every file of each entry, sizes in bytes). "
+        "verify: check every file (--full: re-hash all, and the wheels the lock pins outside the cache); damaged "
+        "files of fi_ffi's are removed, others reported; exit 1 if any is bad. clear: remove what fi_ffi created; "
+        "exit 1 if some of it could not be removed.",
         "fi-ffi cache path\nfi-ffi cache list --json\nfi-ffi cache verify --full\nfi-ffi cache clear",
     )
     p.add_argument("action", choices=["path", "list", "verify", "clear"], help="what to do")
-    p.add_argument("--full", action="store_true", help="verify: re-hash every file")
+    p.add_argument(
+        "--full", action="store_true", help="verify: re-hash every file; list: every file of each entry, sizes in bytes"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 

@@ -29,6 +29,11 @@ LIST_KINDS = (
 _DTYPE_ALIASES = {"fp16": "float16", "fp32": "float32", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
+# The q dtypes `--dtype` takes: those FlashInfer's attention module URIs can name for the query (a test keeps these
+# equal to what variants allows), so that `--dtype fp32` is a usage error, not "no variant matches".
+_Q_DTYPES = ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
 def _q_dtype(text: str) -> str:
     """argparse type of ``--dtype``: any name :func:`fi_ffi.dtypes.dtype` accepts, or an ``fp`` alias; returns
     the canonical name. A bad name is a usage error (exit 2) listing what is accepted."""
@@ -36,12 +41,18 @@ def _q_dtype(text: str) -> str:
 
     name = _DTYPE_ALIASES.get(text.strip().lower(), text.strip().lower())
     try:
-        return dtypes.dtype(name).name
+        canonical = dtypes.dtype(name).name
     except TypeError:
         raise argparse.ArgumentTypeError(
             f"unknown dtype {text!r}: use float16 (f16, fp16), bfloat16 (bf16), float8_e4m3fn (e4m3) or "
             f"float8_e5m2 (e5m2)"
         ) from None
+    if canonical not in _Q_DTYPES:  # a dtype, but no attention variant's query has it (float32, int32, ...)
+        raise argparse.ArgumentTypeError(
+            f"{text!r} ({canonical}) is no attention variant's q dtype: use float16 (f16, fp16), bfloat16 (bf16), "
+            f"float8_e4m3fn (e4m3) or float8_e5m2 (e5m2)"
+        )
+    return canonical
 
 
 def run(args: argparse.Namespace) -> int:

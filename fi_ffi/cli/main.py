@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from .. import __version__
 from . import cache, doctor, fetch, generate, launch, listing, lock, smoke_command
 from .arguments import Commands
-from .output import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, silence_stdout, stdout_gone
+from .output import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, WatchedStdout, silence_stdout, stdout_gone
 
 # in the order `fi-ffi --help` lists them
 SUBCOMMANDS = (doctor, fetch, cache, lock, listing, smoke_command, generate, launch)
@@ -46,8 +46,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv``; returns the exit status (0 ok, 1 check failed, 2 usage or fi_ffi error).
 
     Output piped into a reader that stops early (``fi-ffi list | head``) ends the command quietly with status
-    141, as for other Unix tools; Ctrl-C ends it with 130, without a traceback.
+    141, as for other Unix tools; Ctrl-C ends it with 130, without a traceback. Output that cannot be written
+    (``fi-ffi doctor > /dev/full``) ends it with one line on stderr and 2.
     """
+    watched = WatchedStdout(sys.stdout)
+    sys.stdout = watched  # type: ignore[assignment]  # a write error on it is told from the command's own
+    try:
+        return _main(argv, watched)
+    finally:
+        if sys.stdout is watched:
+            sys.stdout = watched.stream
+
+
+def _main(argv: Sequence[str] | None, watched: WatchedStdout) -> int:
     from ..errors import FiFFIError
 
     command = "fi-ffi"
@@ -70,6 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # a pipe of our own (a download, pip): a real error, not the reader of our output leaving
         silence_stdout()
         return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if not watched.failed:
+            raise  # not our output: a real error of the command's own
+        silence_stdout()
+        print(
+            f"{command}: cannot write the output to stdout: {exc.strerror or exc}; send it to a file or device "
+            f"with room (is the disk full?)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

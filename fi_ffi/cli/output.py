@@ -53,6 +53,32 @@ def stdout_gone() -> bool:
         return True
 
 
+class WatchedStdout:
+    """Standard output that remembers whether a write to it failed (``> /dev/full``, a full disk), so that
+    :func:`fi_ffi.cli.main.main` tells that failure from an ``OSError`` of the command's own work."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.failed = False
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self.stream.write(text))
+        except OSError:
+            self.failed = True
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            self.failed = True
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def silence_stdout() -> None:
     """Point standard output at /dev/null, so that the interpreter's final flush does not fail again."""
     import os
@@ -71,6 +97,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
+    "WatchedStdout",
     "emit",
     "silence_stdout",
     "size_text",

@@ -213,6 +213,12 @@ def main(nproc: int, command: Sequence[str], master_addr: str, master_port: int 
     except PermissionError as exc:
         print(f"fi-ffi launch: {exc.filename or command[0]}: not executable", file=sys.stderr)
         return 126
+    except OSError as exc:  # no more processes (fork), an address of another host: nothing is left running
+        print(
+            f"fi-ffi launch: could not start the ranks: {exc}; ask for fewer ranks or check --master-addr",
+            file=sys.stderr,
+        )
+        return 2
 
 
 __all__ = ["MULTICAST_OFF", "describe_exit", "free_port", "launch", "main", "rank_env"]

@@ -26,7 +26,7 @@ PRINT_ENV = (
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fi_ffi", "launch", *args],
+        [sys.executable, "-m", "fi_ffi", "launch", "--allow-oversubscribe", *args],  # CPU ranks, whatever the GPUs
         env=subprocess_env(),
         capture_output=True,
         text=True,
@@ -101,7 +101,20 @@ def test_signals_to_the_launcher_are_forwarded_to_every_rank(tmp_path: os.PathLi
         "time.sleep(120)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fi_ffi", "launch", "--nproc", "2", "--", sys.executable, "-c", child, str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "fi_ffi",
+            "launch",
+            "--allow-oversubscribe",
+            "--nproc",
+            "2",
+            "--",
+            sys.executable,
+            "-c",
+            child,
+            str(tmp_path),
+        ],
         env=subprocess_env(),
         stdout=subprocess.PIPE,
         text=True,

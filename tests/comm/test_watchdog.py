@@ -40,8 +40,8 @@ def _wait_ready(folder: Path, n: int, procs: list[subprocess.Popen[str]] | None 
 
 def _launch(folder: Path, n: int, mode: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "fi_ffi", "launch", "--nproc", str(n), "--grace", "120", "--",
-         sys.executable, WORKER, str(folder), mode],
+        [sys.executable, "-m", "fi_ffi", "launch", "--allow-oversubscribe", "--nproc", str(n),
+         "--grace", "120", "--", sys.executable, WORKER, str(folder), mode],
         env=subprocess_env(FI_FFI_RENDEZVOUS_TIMEOUT="60"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
     )  # fmt: skip
