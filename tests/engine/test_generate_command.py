@@ -132,6 +132,7 @@ def test_the_engines_command_and_its_help() -> None:
     assert pyproject["project"]["scripts"]["fi-engine"] == "fi_engine.cli:main"
 
 
+@pytest.mark.cpu_only  # two ranks: a machine with one GPU refuses them (fi-ffi launch bounds --nproc by the GPUs)
 def test_tp_ranks_start_through_the_binding_launcher(capfd: pytest.CaptureFixture[str]) -> None:
     # what `generate --tp N` does once its checks pass: N ranks of the same command, with the launcher's variables
     from fi_engine import cli
