@@ -170,3 +170,37 @@ def paged(args: dict) -> dict:
     if "sink" in args:
         out["sinks"] = args["sink"]
     return out
+
+
+def ragged_run_args(**over):
+    """``batch_prefill_ragged_run``'s arguments after the plan (all but ``plan``), for :func:`prefill_plan`
+    ``(..., "ragged")``: q and out ``[4, 32, 128]``, k and v ``[9, 8, 128]`` float16, ``qo_indptr`` and ``kv_indptr``
+    ``[3]`` int32 (two requests); ``over`` replaces any of them by name."""
+    args = dict(
+        q=fake_cuda((4, 32, 128)),
+        k=fake_cuda((9, 8, 128)),
+        v=fake_cuda((9, 8, 128)),
+        qo_indptr=fake_cuda((3,), "int32"),
+        kv_indptr=fake_cuda((3,), "int32"),
+        out=fake_cuda((4, 32, 128)),
+    )
+    args.update(over)
+    return args
+
+
+def paged_run_args(cache=(4, 16, 8, 128), **over):
+    """``batch_prefill_paged_run``'s arguments after the plan (all but ``plan``), for :func:`prefill_plan`
+    ``(..., "paged")``: q and out ``[4, 32, 128]``, ``paged_kv_cache`` a pair of float16 caches of shape ``cache``
+    (4 pages of 16 tokens of 8 heads x 128, NHD by default), ``qo_indptr``, ``kv_indptr`` and ``kv_indices`` ``[3]``
+    and ``kv_last_page_len`` ``[2]`` int32; ``over`` replaces any of them by name."""
+    args = dict(
+        q=fake_cuda((4, 32, 128)),
+        paged_kv_cache=(fake_cuda(cache), fake_cuda(cache)),
+        qo_indptr=fake_cuda((3,), "int32"),
+        kv_indptr=fake_cuda((3,), "int32"),
+        kv_indices=fake_cuda((3,), "int32"),
+        kv_last_page_len=fake_cuda((2,), "int32"),
+        out=fake_cuda((4, 32, 128)),
+    )
+    args.update(over)
+    return args

@@ -23,7 +23,9 @@ from helpers.attention_plans import (
     decode_run_args,
     host,
     paged,
+    paged_run_args,
     prefill_plan,
+    ragged_run_args,
     workspace,
 )
 from helpers.fakes import fake_cuda
@@ -154,16 +156,7 @@ def test_batch_prefill_ragged_run_reaches_the_module(make_array, backend):
     plan = prefill_plan(make_array, "ragged", backend, causal=True)
     assert plan.backend == backend and plan.mask_mode == 1
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_ragged_run(
-            fake_cuda((4, 32, 128)),
-            fake_cuda((9, 8, 128)),
-            fake_cuda((9, 8, 128)),
-            qo_indptr=fake_cuda((3,), "int32"),
-            kv_indptr=fake_cuda((3,), "int32"),
-            out=fake_cuda((4, 32, 128)),
-            lse=fake_cuda((4, 32), "float32"),
-            plan=plan,
-        )
+        prefill.batch_prefill_ragged_run(**ragged_run_args(), lse=fake_cuda((4, 32), "float32"), plan=plan)
     assert_reached_the_kernel(info.value)
     assert info.value.function.endswith("ragged_run")
 
@@ -174,16 +167,7 @@ def test_batch_prefill_paged_run_reaches_the_module(make_array, backend, layout)
     plan = prefill_plan(make_array, "paged", backend, kv_layout=layout)
     cache = (4, 16, 8, 128) if layout == "NHD" else (4, 8, 16, 128)
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_paged_run(
-            fake_cuda((4, 32, 128)),
-            (fake_cuda(cache), fake_cuda(cache)),
-            qo_indptr=fake_cuda((3,), "int32"),
-            kv_indptr=fake_cuda((3,), "int32"),
-            kv_indices=fake_cuda((3,), "int32"),
-            kv_last_page_len=fake_cuda((2,), "int32"),
-            out=fake_cuda((4, 32, 128)),
-            plan=plan,
-        )
+        prefill.batch_prefill_paged_run(**paged_run_args(cache), plan=plan)
     assert_reached_the_kernel(info.value)
 
 
@@ -194,15 +178,7 @@ def test_custom_mask_goes_in_as_tensor_objects(make_array):
     plan = prefill_plan(make_array, "ragged", "auto", custom_mask=mask, mask_indptr=mind)
     assert plan.backend == "fa2" and plan.mask_mode == 2
     with pytest.raises(KernelError) as info:
-        prefill.batch_prefill_ragged_run(
-            fake_cuda((4, 32, 128)),
-            fake_cuda((9, 8, 128)),
-            fake_cuda((9, 8, 128)),
-            qo_indptr=fake_cuda((3,), "int32"),
-            kv_indptr=fake_cuda((3,), "int32"),
-            out=fake_cuda((4, 32, 128)),
-            plan=plan,
-        )
+        prefill.batch_prefill_ragged_run(**ragged_run_args(), plan=plan)
     assert_reached_the_kernel(info.value)
     assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
     # the same mask packed as a plain DLTensor* (what flashinfer-rs does) is refused by the module
@@ -382,16 +358,7 @@ def test_plan_state_is_checked_at_run(make_array):
         decode.batch_decode_run(**paged(args), plan=prefill_p)
     ragged = prefill_plan(make_array, "ragged", ws=ws)
     with pytest.raises(ValueError, match="expected a batch_prefill plan for paged KV"):
-        prefill.batch_prefill_paged_run(
-            fake_cuda((4, 32, 128)),
-            (fake_cuda((4, 16, 8, 128)), fake_cuda((4, 16, 8, 128))),
-            qo_indptr=fake_cuda((3,), "int32"),
-            kv_indptr=fake_cuda((3,), "int32"),
-            kv_indices=fake_cuda((3,), "int32"),
-            kv_last_page_len=fake_cuda((2,), "int32"),
-            out=fake_cuda((4, 32, 128)),
-            plan=ragged,
-        )
+        prefill.batch_prefill_paged_run(**paged_run_args(), plan=ragged)
 
 
 def test_plan_carries_layout_and_dtype_of_the_cache(make_array):
@@ -797,15 +764,7 @@ def test_run_inputs_are_passed_per_call_and_not_kept(make_array):
     before = len(_managed.alive)
     for _ in range(200):
         with pytest.raises(KernelError) as info:
-            prefill.batch_prefill_ragged_run(
-                fake_cuda((4, 32, 128)),
-                fake_cuda((9, 8, 128)),
-                fake_cuda((9, 8, 128)),
-                qo_indptr=fake_cuda((3,), "int32"),
-                kv_indptr=fake_cuda((3,), "int32"),
-                out=fake_cuda((4, 32, 128)),
-                plan=plan,
-            )
+            prefill.batch_prefill_ragged_run(**ragged_run_args(), plan=plan)
         assert info.value.arguments[14] == "Tensor" and info.value.arguments[15] == "Tensor"
     assert len(_managed.alive) == before  # every object made for a run was released
     assert all(mask is not v and offsets is not v for v in plan_settings._cache.values())
@@ -1080,26 +1039,9 @@ def test_sliding_window_and_soft_cap_runs_reach_their_modules(make_array):
         assert "use_swa_True_use_logits_cap_True" in p.uri
         with pytest.raises(KernelError) as info:
             if mode == "ragged":
-                prefill.batch_prefill_ragged_run(
-                    fake_cuda((4, 32, 128)),
-                    fake_cuda((9, 8, 128)),
-                    fake_cuda((9, 8, 128)),
-                    qo_indptr=fake_cuda((3,), "int32"),
-                    kv_indptr=fake_cuda((3,), "int32"),
-                    out=fake_cuda((4, 32, 128)),
-                    plan=p,
-                )
+                prefill.batch_prefill_ragged_run(**ragged_run_args(), plan=p)
             else:
-                prefill.batch_prefill_paged_run(
-                    fake_cuda((4, 32, 128)),
-                    (fake_cuda((4, 16, 8, 128)), fake_cuda((4, 16, 8, 128))),
-                    qo_indptr=fake_cuda((3,), "int32"),
-                    kv_indptr=fake_cuda((3,), "int32"),
-                    kv_indices=fake_cuda((3,), "int32"),
-                    kv_last_page_len=fake_cuda((2,), "int32"),
-                    out=fake_cuda((4, 32, 128)),
-                    plan=p,
-                )
+                prefill.batch_prefill_paged_run(**paged_run_args(), plan=p)
         assert_reached_the_kernel(info.value)
 
 
