@@ -58,6 +58,23 @@ def int64_range_error(name: str, value: int) -> ArgumentRangeError:
     )
 
 
+def to_index(name: str, value: Any) -> int:
+    """``value`` as a Python int (an int, or anything with ``__index__``, not a bool), unbounded: the type rule of
+    every int fi_ffi takes (:func:`to_int` adds int64's bounds; an op's own check adds its tighter ones).
+
+    Raises:
+        ArgumentTypeError: not an integer, naming ``name``.
+    """
+    if value.__class__ is int:
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ArgumentTypeError(f"{name}: expected an int, got {type(value).__name__}")
+    try:
+        return int(value.__index__())
+    except (TypeError, ValueError):  # numpy arrays of more than one element have an __index__ that refuses
+        raise ArgumentTypeError(f"{name}: expected an int, got {type(value).__name__}") from None
+
+
 def to_int(name: str, value: Any) -> int:
     """``value`` as an int64 (an int, or anything with ``__index__``, not a bool).
 
@@ -65,12 +82,7 @@ def to_int(name: str, value: Any) -> int:
         ArgumentTypeError: not an integer; ArgumentRangeError: outside int64. Both name ``name``.
     """
     if value.__class__ is not int:
-        if isinstance(value, bool) or not hasattr(value, "__index__"):
-            raise ArgumentTypeError(f"{name}: expected an int, got {type(value).__name__}")
-        try:
-            value = int(value.__index__())
-        except (TypeError, ValueError):  # numpy arrays of more than one element have an __index__ that refuses
-            raise ArgumentTypeError(f"{name}: expected an int, got {type(value).__name__}") from None
+        value = to_index(name, value)
     if not INT64_MIN <= value < INT64_END:
         raise int64_range_error(name, value)
     return value  # type: ignore[no-any-return]
@@ -193,6 +205,7 @@ __all__ = [
     "pack_value",
     "to_bool",
     "to_float",
+    "to_index",
     "to_int",
     "to_scalar",
     "to_text",

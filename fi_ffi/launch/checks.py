@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from ..abi.values import to_float
+from ..abi.values import to_float, to_index
 from ..dtypes import DType
 from ..errors import ArgumentTypeError
 from ..tensor.descriptor import Tensor
@@ -143,12 +143,7 @@ def integer(name: str, value: Any, minimum: int | None = None) -> int:
     """``value`` as a Python int (an int, or anything with ``__index__``, not a bool: the type rule of
     :func:`fi_ffi.abi.values.to_int`), at least ``minimum``. No int64 bound here: each caller states its own, tighter
     one (an int32 size, a vocabulary), and the one packer refuses what still exceeds int64 when the call is packed."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise ArgumentTypeError(f"{name}: expected an int, got {type(value).__name__}")
-    try:
-        value = int(value.__index__())
-    except (TypeError, ValueError):  # an array with __index__ that refuses (numpy arrays of size != 1)
-        raise ArgumentTypeError(f"{name}: expected an int, got {type(value).__name__}") from None
+    value = to_index(name, value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return value
