@@ -46,6 +46,8 @@ each:
 - :mod:`~fi_engine.gemma2`, :mod:`~fi_engine.gpt_oss`: those families' definitions (their weights, forward and
   attention plans) and engines.
 - :mod:`~fi_engine.engines`: which engine serves a checkpoint, by ``model_type``.
+- :mod:`~fi_engine.stepping`: the step-by-step serving interface (``StepEngine``, ``StepOutput``) between an
+  engine and the streaming service / HTTP server that drive it.
 - :mod:`~fi_engine.values`: checks of single argument values (ints, flags, arrays) the modules share.
 - :mod:`~fi_engine.cli`: the ``fi-engine`` command (``generate``).
 - Text in and out (docs/engine-text.md): :mod:`~fi_engine.text` (``TextCodec``, the facade), :mod:`~fi_engine.tokenizer`
