@@ -110,6 +110,12 @@ def run_rank(
 
     tp = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
     nccl = variant == "nccl"
+    if variant == "lt":  # every GEMM of the decode graph through cuBLASLt (before the GEMV served one row)
+        import fi_engine.dense
+
+        fi_engine.dense.gemv_bound = lambda rows, n, k: False
+    if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
+        LlamaEngine.graph_fused_decode = False
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
         from fi_engine.tensor_parallel import ResidualAllReduce
 
@@ -135,10 +141,12 @@ def run_rank(
                     engine._ids_agree = engine.vocab_shard is not None
                 if variant == "ahead":  # the next step's index arrays and plan prepared while the GPU runs this one
                     engine._prepare_ahead = type(engine.family).plan_decode is Llama.plan_decode
+                if variant == "in-step":  # each step prepared after the last one's tokens are back (before 2026-11-23)
+                    engine._prepare_ahead = False
                 engine.generate(prompts, 4, eos_token_ids=())  # warm-up
                 result = engine.generate(prompts, new_tokens, eos_token_ids=())
                 rank = engine.rank
-                parts = step_parts(engine) if profile and graph and variant == "fused" else None
+                parts = step_parts(engine) if profile and graph and variant in ("fused", "lt") else None
             rows.append(
                 {
                     "tp": tp,
@@ -146,7 +154,8 @@ def run_rank(
                     "all-reduce": "nccl" if nccl or tp == 1 else "fused",
                     "vocab": "whole" if tp == 1 or variant == "whole-vocab" else "split",
                     "ids": "broadcast" if tp > 1 and variant != "agree" else "-",
-                    "host prep": "ahead" if variant == "ahead" else "in step",
+                    "host prep": "ahead" if engine._prepare_ahead else "in step",
+                    "variant": variant,
                     "pdl": variant == "pdl",
                     "batch": batch,
                     "mode": "graph" if graph else "eager",
@@ -184,7 +193,7 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
     hqd, w = c.num_qo_heads * c.head_dim, e._qkv_width
     normed, x, qkv, attn, gu, act = (a.data.ptr for a in (e._normed, b.x, b.qkv, b.attn, b.gu, b.act))
     out: dict[str, float] = {}
-    gemv, dense.gemv = dense.gemv, False  # as in the engine's decode graph (its GEMMs are cuBLASLt's)
+    dense.bandwidth_bound = True  # as in the engine's decode graph (Dense.gemv_bound picks GEMV or cuBLASLt)
     with cp.cuda.Device(e.device), e.stream, stream_scope(s, e.device):
         n_pages = fill_decode([None] * rows, e.page_size, e._dh)
         e._upload_decode(rows, n_pages, cuda_graph=True)
@@ -262,7 +271,7 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
                 fn()
             out[name] = (time.perf_counter() - t) * 1e6 / reps
             e.stream.synchronize()
-    dense.gemv = gemv
+    dense.bandwidth_bound = False
     return out
 
 
@@ -285,6 +294,9 @@ def main() -> None:
         help="TP > 1 rows: fused (fused all-reduce, vocabulary split), nccl (NCCL + fused_add_rmsnorm), "
         "whole-vocab (fused all-reduce, embedding and LM head whole on every rank), agree (as fused, greedy ids "
         "from the shards' combined argmax without rank 0's broadcast; off in the engine until measured), "
+        "in-step (TP 1: each graph step prepared only after the last one's tokens are back), lt (TP 1: every GEMM "
+        "of the decode graph through cuBLASLt, none through the GEMV), unfused (TP 1: a one-row decode graph of "
+        "separate launches, not the fused step), "
         "ahead (as fused, the next step prepared while the "
         "GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce launched with programmatic dependent "
         "launch)",
@@ -310,7 +322,8 @@ def main() -> None:
     table = []
     for tp in [int(t) for t in args.tp.split(",")]:
         variants = args.variants.split(",")
-        for variant in (["fused"] + (["ahead"] if "ahead" in variants else [])) if tp == 1 else variants:
+        one_gpu = ["fused"] + [v for v in variants if v in ("in-step", "lt", "unfused")]
+        for variant in one_gpu if tp == 1 else variants:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = [sys.executable, __file__, "--model", str(args.model), "--rank-out", out.name]
                 cmd += ["--new-tokens", str(args.new_tokens), "--variant", variant]
@@ -322,11 +335,12 @@ def main() -> None:
                     print(f"tp {tp} {variant}: failed ({done.returncode})", file=sys.stderr)
                     continue
                 table += json.loads(Path(out.name).read_text())
-    print(f"{'layers':>6} {'tp':>3} {'all-reduce':>10} {'vocab':>6} {'ids':>9} {'host prep':>9} {'batch':>5} "
-          f"{'mode':>6} {'pdl':>4} {'tokens/s':>10} {'ms/step':>8} {'host us/step':>13}")  # fmt: skip
+    print(f"{'variant':>11} {'layers':>6} {'tp':>3} {'all-reduce':>10} {'vocab':>6} {'ids':>9} {'host prep':>9} "
+          f"{'batch':>5} {'mode':>6} {'pdl':>4} {'tokens/s':>10} {'ms/step':>8} {'host us/step':>13}")  # fmt: skip
     for r in table:
         print(
-            f"{r['layers']:>6} {r['tp']:>3} {r['all-reduce']:>10} {r['vocab']:>6} {r['ids']:>9} {r['host prep']:>9} "
+            f"{r.get('variant', '-'):>11} {r['layers']:>6} {r['tp']:>3} {r['all-reduce']:>10} {r['vocab']:>6} "
+            f"{r['ids']:>9} {r['host prep']:>9} "
             f"{r['batch']:>5} {r['mode']:>6} {'yes' if r['pdl'] else '-':>4} {r['tokens_per_s']:>10.1f} "
             f"{r['step_ms']:>8.3f} {r['host_us_per_step']:>13.1f}"
         )
@@ -343,7 +357,7 @@ def main() -> None:
     profiled = [r for r in table if r.get("parts_us")]
     if profiled:  # one column per profiled row: us per step of each part
         names = list(dict.fromkeys(k for r in profiled for k in r["parts_us"]))
-        heads = [f"L{r['layers']} tp{r['tp']} b{r['batch']}" for r in profiled]
+        heads = [f"{r.get('variant', '')[:5]} L{r['layers']} b{r['batch']}" for r in profiled]
         print(f"\n{'us per step':<28}" + "".join(f"{x:>15}" for x in heads))
         for k in names:
             cells = [r["parts_us"].get(k) for r in profiled]

@@ -23,6 +23,9 @@ rows, n, k, x_ld, y_ld)``: ``y[r, j] = sum_c x[r, c] * w[j, c]`` for ``r < rows 
 ``w [n, k]`` (row-major, a Linear weight) 16-bit, ``y [rows, n]`` 16-bit or float32, row strides ``x_ld``,
 ``y_ld`` in elements. One warp per output column (Dense launches 4 a block, ``ceil(n / 4)`` blocks): lane ``l``
 sums, in float32, the 8-element vectors ``l, l + 32, ...`` of ``w``'s row, then a butterfly sums the 32 lanes.
+Each lane loads 4 weight vectors before summing them (``ld.global.nc.L1::no_allocate``: weights are read once, so
+they bypass L1), which keeps enough bytes in flight to read the weights at 70-92 % of an H100's HBM bandwidth
+(benchmarks/bench_gemv.py); the sums are the same, in the same order, as one vector at a time.
 Rounding: none but ``y``'s, once, to nearest even (float32 ``y``: none). ``k`` a multiple of 8; ``x``, ``w``
 and ``x``'s rows 16-byte aligned.
 
@@ -187,6 +190,34 @@ __device__ __forceinline__ unsigned short f2b(float f) {
     return u;
 }
 
+// Weights are read once per step: loaded past L1 (no allocation there), so x's rows keep it.
+__device__ __forceinline__ uint4 load_weights(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+#define UNROLL 4
+
+// acc[r] += the 8 products of weight vector a with x's vector c of row r, for r < rows, in element order.
+template <bool BF16>
+__device__ __forceinline__ void gemv_vec(uint4 a, const unsigned short* __restrict__ x, long long x_ld, int rows, int c,
+                                         float acc[4]) {
+    const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
+    float wf[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) wf[e] = BF16 ? b2f(av[e]) : h2f(av[e]);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        if (r < rows) {
+            uint4 b = __ldg(reinterpret_cast<const uint4*>(x + r * x_ld) + c);
+            const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[r] += wf[e] * (BF16 ? b2f(bv[e]) : h2f(bv[e]));
+        }
+    }
+}
+
 template <bool BF16, bool F32OUT>
 __device__ __forceinline__ void gemv_rows(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
                                           void* __restrict__ y, int rows, int n, int k, long long x_ld,
@@ -197,22 +228,17 @@ __device__ __forceinline__ void gemv_rows(const unsigned short* __restrict__ x, 
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
     const int vecs = k >> 3;
-    for (int c = lane; c < vecs; c += 32) {
-        uint4 a = __ldg(wv + c);
-        const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
-        float wf[8];
+    int c = lane;
+    // UNROLL weight vectors loaded before any is used (more bytes in flight per warp), then summed in the same
+    // order as the one-at-a-time tail loop below: the sums do not depend on the unrolling
+    for (; c + 32 * (UNROLL - 1) < vecs; c += 32 * UNROLL) {
+        uint4 a[UNROLL];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) wf[e] = BF16 ? b2f(av[e]) : h2f(av[e]);
+        for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            if (r < rows) {
-                uint4 b = __ldg(reinterpret_cast<const uint4*>(x + r * x_ld) + c);
-                const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[r] += wf[e] * (BF16 ? b2f(bv[e]) : h2f(bv[e]));
-            }
-        }
+        for (int u = 0; u < UNROLL; ++u) gemv_vec<BF16>(a[u], x, x_ld, rows, c + 32 * u, acc);
     }
+    for (; c < vecs; c += 32) gemv_vec<BF16>(load_weights(wv + c), x, x_ld, rows, c, acc);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         float v = acc[r];
@@ -372,6 +398,33 @@ __device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restric
     __syncthreads();
 }
 
+// Weights past L1, UNROLL vectors in flight per lane: as the plain GEMV (GEMV_SOURCE).
+__device__ __forceinline__ uint4 load_weights(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+#define UNROLL 4
+
+// acc[r] += the 8 products of weight vector a with the staged input vector c of row r, for r < rows.
+template <bool BF16>
+__device__ __forceinline__ void staged_vec(uint4 a, const uint4* sx, int vecs, int rows, int c, float acc[4]) {
+    const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
+    float wf[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) wf[e] = tof<BF16>(av[e]);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        if (r < rows) {
+            uint4 b = sx[r * vecs + c];
+            const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[r] += wf[e] * tof<BF16>(bv[e]);
+        }
+    }
+}
+
 template <bool BF16, bool F32OUT, int MODE>
 __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
                                            void* __restrict__ y, int rows, int n, int k, long long x_ld,
@@ -385,22 +438,15 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
     for (int j = blockIdx.x * warps + warp; j < n; j += gridDim.x * warps) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
-        for (int c = lane; c < vecs; c += 32) {
-            uint4 a = __ldg(wv + c);
-            const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
-            float wf[8];
+        int c = lane;
+        for (; c + 32 * (UNROLL - 1) < vecs; c += 32 * UNROLL) {  // as the plain GEMV: the same sums
+            uint4 a[UNROLL];
 #pragma unroll
-            for (int e = 0; e < 8; ++e) wf[e] = tof<BF16>(av[e]);
+            for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                if (r < rows) {
-                    uint4 b = sx[r * vecs + c];
-                    const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[r] += wf[e] * tof<BF16>(bv[e]);
-                }
-            }
+            for (int u = 0; u < UNROLL; ++u) staged_vec<BF16>(a[u], sx, vecs, rows, c + 32 * u, acc);
         }
+        for (; c < vecs; c += 32) staged_vec<BF16>(load_weights(wv + c), sx, vecs, rows, c, acc);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             float v = acc[r];
@@ -463,7 +509,7 @@ __device__ __forceinline__ void gemv_rope_append(
         const uint4* w0 = reinterpret_cast<const uint4*>(w + j0 * k);
         const uint4* w1 = reinterpret_cast<const uint4*>(w + j1 * k);
         for (int c = lane; c < vecs; c += 32) {
-            uint4 u0 = __ldg(w0 + c), u1 = __ldg(w1 + c);
+            uint4 u0 = load_weights(w0 + c), u1 = load_weights(w1 + c);
             const unsigned short* v0 = reinterpret_cast<const unsigned short*>(&u0);
             const unsigned short* v1 = reinterpret_cast<const unsigned short*>(&u1);
             float f0[8], f1[8];

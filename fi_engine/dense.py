@@ -134,6 +134,16 @@ _U64 = 1 << 64  # a device address is below it (the kernels' pointers, packed in
 _MAX_LD = 1 << 40  # row strides (elements): far past any buffer, far below the kernels' long long
 
 
+def gemv_bound(rows: int, n: int, k: int) -> bool:
+    """The rule where a shape cannot be timed (``Dense._gemv_faster``): whether the GEMV likely reads a ``[n, k]``
+    weight for ``rows`` rows faster than cuBLASLt when only the device's time counts (a CUDA graph's replay): one
+    row, or an output at least 16 times wider than deep (the LM head), up to :data:`GEMV_MAX_ROWS` rows. From an
+    H100 (benchmarks/bench_gemv.py; benchmarks/RESULTS.md): at one row the GEMV read the 8B shape's weights at
+    68-92 % of HBM bandwidth, cuBLASLt at 64-86 %, each winning some shapes; at 2-4 rows the GEMV's per-row reads
+    of ``x`` make it slower than cuBLASLt except for the LM head."""
+    return rows == 1 or n >= 16 * k
+
+
 def _int_arg(name: str, value: Any, lo: int, hi: int) -> int:
     """``value`` as an int in ``[lo, hi)`` (a bool or a float is none), else TypeError/ValueError naming ``name``:
     checked before packing, where cffi would raise OverflowError or TypeError naming nothing."""
@@ -224,6 +234,12 @@ class Dense:
         self._null: Any = None
         self.gemv = False
         self.gemv_error = ""  # why the GEMV is unavailable, if it is
+        # True while a GPU-bound step is issued (a CUDA graph's warm-up and capture): the GEMV then serves only
+        # the shapes where it outruns cuBLASLt on this device (_gemv_faster, timed once per shape), not every
+        # shape of <= 4 rows as eagerly, where its lower host time wins
+        self.bandwidth_bound = False
+        self._gemv_wins: dict[tuple[int, ...], bool] = {}  # (rows, n, k, ab_type, c_type) -> GEMV faster
+        self._flush: Any = None  # 64 MiB written between timed runs: each reads its weight from HBM, not L2
         try:  # the small-row GEMV (see linear); a GPU or driver it cannot serve leaves it off
             from fi_ffi.cuda import libcuda, libcuda_ffi
 
@@ -637,7 +653,12 @@ class Dense:
         Linear weight); pointers as ints, leading dimensions (row strides) in elements; ``ab_type``/``c_type``:
         cudaDataType_t of x and w / of y. Accumulates in float32 (as torch's float16/bfloat16 matmul).
         ``accumulate``: ``y += x @ w.T`` (y's old values join the float32 sum)."""
-        if self.gemv and rows <= GEMV_MAX_ROWS and not accumulate:
+        if (
+            self.gemv
+            and rows <= GEMV_MAX_ROWS
+            and not accumulate
+            and (not self.bandwidth_bound or self._gemv_faster(rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type))
+        ):
             key = (rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
             packed = self._gemv_args.get(key)
             if packed is None:
@@ -680,6 +701,46 @@ class Dense:
         )
         if status:
             raise CublasError("cublasGemmEx", status, status_name(status))
+
+    def _gemv_faster(
+        self, rows: int, x: int, x_ld: int, w: int, n: int, k: int, y: int, y_ld: int, ab_type: int, c_type: int
+    ) -> bool:
+        """Whether the GEMV runs this shape faster on the device than cuBLASLt: timed once per ``(rows, n, k,
+        types)`` on the call's own buffers (the GEMM's result is overwritten by the call that asked), best of 3
+        each, with L2 flushed before every run so each reads the weight from HBM, as a decode step does. A
+        capture cannot time (no synchronization is allowed in it): a shape first met there takes
+        :func:`gemv_bound`'s rule; the engine warms its step up eagerly before capturing it, so none is."""
+        shape = (rows, n, k, ab_type, c_type)
+        wins = self._gemv_wins.get(shape)
+        if wins is not None:
+            return wins
+        import cupy
+
+        if self._lt_shape is None or cupy.cuda.runtime.streamIsCapturing(self._stream):
+            return gemv_bound(rows, n, k)
+        if self._flush is None:
+            self._flush = cupy.empty(64 << 20, cupy.uint8)
+        stream = cupy.cuda.ExternalStream(self._stream)
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+
+        def best(gemv: bool) -> float:
+            self.bandwidth_bound = False
+            on, self.gemv = self.gemv, gemv
+            try:
+                times = []
+                for _ in range(4):
+                    cupy.cuda.runtime.memsetAsync(self._flush.data.ptr, 0, self._flush.nbytes, self._stream)
+                    start.record(stream)
+                    self.linear(rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
+                    end.record(stream)
+                    end.synchronize()
+                    times.append(cupy.cuda.get_elapsed_time(start, end))
+                return min(times[1:])  # the first run loads code and picks cuBLASLt's algorithm
+            finally:
+                self.gemv, self.bandwidth_bound = on, True
+
+        wins = self._gemv_wins[shape] = best(True) < best(False)
+        return wins
 
     def _pack_gemv(self, key: tuple[int, ...]) -> tuple[Any, ...]:
         """The GEMV launch of one :meth:`linear` call, its kernel arguments packed once: ``(function, grid,
@@ -793,6 +854,7 @@ class Dense:
         """Destroy the cuBLAS handles (later GEMMs raise :class:`~fi_ffi.errors.CublasError`, small-row ones
         included: the GEMV is turned off). Idempotent."""
         self.gemv = False  # else a GEMM of <= GEMV_MAX_ROWS rows would still launch after close
+        self._flush = None
         self._gemv_args.clear()
         self._fused_args.clear()
         self._fused_fns = {}  # fused_linear refuses after close (fused_fits is False)

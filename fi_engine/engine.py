@@ -205,6 +205,10 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
                         fused=fused_allreduce,
                     )
                 self.family.allocate(self)
+                # the graph loop plans step N + 1 while the GPU runs step N: on an H100 (8B shape, one GPU) 6.39
+                # instead of 6.59 ms per step at batch 1, the same tokens (benchmarks/RESULTS.md); not yet measured
+                # with tensor parallelism, so off there
+                self._prepare_ahead = self.comm is None and self.family.plans_ahead()
                 self._ws_prefill = kernels.workspace(device)
                 self._ws_decode = kernels.workspace(device)
                 # The uploads and zero fills above ran on the legacy stream, which our non-blocking stream does not

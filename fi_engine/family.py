@@ -58,6 +58,11 @@ class ModelFamily:
         """Plan a padded prefill for its CUDA graph (only where :attr:`llama_pass`)."""
         raise NotImplementedError
 
+    def plans_ahead(self) -> bool:
+        """Whether the graph loop may plan the next decode step while the GPU runs this one (``_prepare_ahead``):
+        only where :meth:`plan_decode` orders its copies on the engine's stream (the Llama family's)."""
+        return False
+
     def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
         """Plan a decode step of ``rows`` rows whose index arrays are in ``eng._dh``; sets ``eng._decode_plan`` (the
         plan whose schedule layout the decode graph checks)."""

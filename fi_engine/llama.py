@@ -61,6 +61,9 @@ class Llama(ModelFamily):
 
     llama_pass = True
 
+    def plans_ahead(self) -> bool:
+        return type(self).plan_decode is Llama.plan_decode  # a subclass planning otherwise opts out
+
     def check(self, eng: Engine, cfg: LlamaConfig) -> None:
         """Refuse the model types another family serves (``fi_engine.engines.engine_class`` picks it)."""
         if cfg.family is not None:

@@ -42,22 +42,32 @@ class StepGraphs(EngineState):
     """The decode graph and the padded prefill graphs of an engine."""
 
     definition: type[ModelFamily]  # the engine class's family (prefill graphs serve the Llama pass only)
+    graph_fused_decode = True
+    """A decode graph of one row captures the fused step (``_fused_step``, where ``_fuses`` holds) instead of the
+    separate launches: on an H100, 8B shape, 6.02 instead of 6.19 ms per step (the norms, SiLU, RoPE and KV append
+    leave 4 of every 9 launches; benchmarks/RESULTS.md). Not at 2-4 rows, where the fused GEMVs' per-row work makes
+    them slower than cuBLASLt. Read when the graph is captured (at construction): set it on the class to compare."""
 
     def _decode_body(self, v: SimpleNamespace, rows: int) -> None:
-        """One decode step on the device: forward, LM head, argmax into ``ids`` (what the graph captures)."""
-        self._forward(v, rows, self._decode_attention, static_moe=self._static_moe)
-        self._head(rows, self._normed.data.ptr)
+        """One decode step on the device: forward, LM head, argmax into ``ids`` (what the graph captures); with
+        :attr:`graph_fused_decode`, forward and LM head as the fused step where it applies (``_fuses``)."""
+        if self.graph_fused_decode and rows == 1 and self._fuses(rows):
+            self._fused_step(v, rows)
+        else:
+            self._forward(v, rows, self._decode_attention, static_moe=self._static_moe)
+            self._head(rows, self._normed.data.ptr)
         self._argmax(rows)
 
     def _capture(self) -> None:
         """Warm up one padded decode step eagerly (loads modules, compiles kernels, picks GEMM algorithms),
         then capture the same step into a CUDA graph."""
-        # the captured step is GPU-bound: its GEMMs stay cuBLAS's (the GEMV saves host time, which a replay lacks)
-        gemv, self.dense.gemv = self.dense.gemv, False
+        # the captured step is GPU-bound: the GEMV serves only the shapes where the device runs it faster than
+        # cuBLASLt (dense.gemv_bound); eagerly it serves every small-row GEMM, for its lower host time
+        self.dense.bandwidth_bound = True
         try:
             self._capture_step()
         finally:
-            self.dense.gemv = gemv
+            self.dense.bandwidth_bound = False
 
     def _capture_step(self) -> None:
         from .graph import CudaGraph

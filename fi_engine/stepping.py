@@ -67,11 +67,20 @@ class StepEngine(Protocol):
         *,
         sampling: SamplingParams | None = None,
         eos_token_ids: Sequence[int] | None = None,
-    ) -> int: ...
+    ) -> int:
+        """Queue ``prompt`` (token ids) for up to ``max_new_tokens`` new tokens; returns the request's id. Raises
+        ValueError naming the argument when the request can never be served."""
+        ...
 
-    def abort_request(self, rid: int) -> None: ...
+    def abort_request(self, rid: int) -> None:
+        """End request ``rid`` now, freeing its slot and pages; the next :meth:`step` reports it with
+        ``finish_reason="abort"``. Unknown or finished ids: nothing happens."""
+        ...
 
-    def step(self) -> list[StepOutput]: ...
+    def step(self) -> list[StepOutput]:
+        """Admit queued requests and run one prefill or decode step; the new tokens of every request that got
+        some or ended (``[]`` when nothing is queued or active)."""
+        ...
 
     @property
     def has_unfinished(self) -> bool: ...

@@ -100,8 +100,7 @@ class Storage(EngineState):
         self._gen_seed: int | None = None
         # `_prepare_ahead`: the graph loop prepares the next decode step (index arrays copied, attention planned)
         # while the GPU runs this one (_decode_step); `_staged` marks the end of the last copy out of the host
-        # staging buffers. Off until measured on GPUs (benchmarks/bench_llama_tp.py, variant "ahead"); only where
-        # the decode plan is this class's (its copy is ordered on the engine's stream).
+        # staging buffers. Engine.__init__ turns it on where the family allows it (ModelFamily.plans_ahead).
         self._next_rows: list[Request | None] | None = None
         self._staged = cp.cuda.Event(disable_timing=True)
         self._prepare_ahead = False

@@ -1770,9 +1770,12 @@ EXEMPT: dict[str, str] = {
             "llama.GenerationResult",
             "moe.ClampedSwiGLU",
             "moe.MoEBiases",
+            "stepping.StepOutput",
         ],
         _RECORD,
     ),
+    # a typing.Literal alias and a Protocol: nothing to call with bad input (the engine's implementation has cases)
+    **dict.fromkeys(["stepping.FinishReason", "stepping.StepEngine"], "a type for annotations and isinstance checks"),
     **dict.fromkeys(
         [
             "trtllm_ar.AllReduceFusionOp",

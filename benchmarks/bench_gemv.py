@@ -1,0 +1,127 @@
+# ruff: noqa: B023  (each loop iteration captures its closures into CUDA graphs before the next one rebinds them)
+"""The decode GEMMs of an 8B-shaped Llama at HBM bandwidth: for each weight shape (QKV, O, gate/up, down, LM head)
+and row count, the engine's GEMV kernel (``fi_engine.dense.Dense.linear`` with the GEMV on), the fused GEMV with
+a norm / add-norm / SiLU prologue (``Dense.fused_linear``), and cuBLASLt (the GEMV off), in us per call and GB/s of
+weight bytes read (the weights rotate over copies larger than the 50 MB L2, so every call reads HBM). Each
+contender is captured as a CUDA graph of ``--calls`` launches and replayed (no host time in the figure). Not a test:
+nothing is asserted.
+
+    python3 benchmarks/bench_gemv.py [--rows 1,2,4,8,16,32] [--calls 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+
+SHAPES = {  # name: (n, k) of the 8B shape's Linear weights [n, k]
+    "qkv": (6144, 4096),
+    "o": (4096, 4096),
+    "gate_up": (28672, 4096),
+    "down": (4096, 14336),
+    "lm_head": (128256, 4096),
+}
+HBM_GBPS = 3350.0  # H100 SXM 80GB HBM3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,2,4,8,16,32")
+    ap.add_argument("--calls", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args()
+
+    import cupy as cp
+
+    from fi_engine.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_32F, GEMV_MAX_ROWS, NORM, SILU, Dense
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    bf16 = CUDA_R_16BF
+    rows_list = [int(r) for r in args.rows.split(",")]
+    top = max(rows_list)
+    print(f"device: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}; GB/s = weight bytes / time")
+    print(f"{'shape':>8} {'n':>6} {'k':>6} {'rows':>4} {'contender':>14} {'us':>9} {'GB/s':>7} {'% HBM':>6}")
+    with stream:
+        dense = Dense(stream)
+        for name in args.shapes.split(","):
+            n, k = SHAPES[name]
+            nbytes = n * k * 2
+            copies = max(2, -(-(256 << 20) // nbytes))
+            ws = [
+                cp.random.standard_normal((n, k), dtype=np.float32).astype(cp.float16).view(cp.uint16) for _ in range(1)
+            ]
+            ws += [ws[0].copy() for _ in range(copies - 1)]
+            x = cp.zeros((top, 2 * max(k, 4096)), cp.uint16)
+            x[:, :] = cp.asarray(np.full(x.shape, 0x3C00, np.uint16))
+            h = cp.zeros((top, k), cp.uint16)
+            h_out = cp.zeros((top, k), cp.uint16)
+            nw = cp.zeros((k,), cp.uint16)
+            c_type = CUDA_R_32F if name == "lm_head" else bf16
+            y = cp.zeros((top, n), cp.float32 if c_type == CUDA_R_32F else cp.uint16)
+            mode = {"qkv": NORM, "o": None, "gate_up": ADD_NORM, "down": SILU, "lm_head": NORM}[name]
+            for rows in rows_list:
+                contenders: dict[str, Any] = {}
+
+                def plain(i: int, rows: int = rows) -> None:
+                    dense.linear(
+                        rows, x.data.ptr, x.shape[1], ws[i % copies].data.ptr, n, k, y.data.ptr, n, bf16, c_type
+                    )
+
+                if rows <= GEMV_MAX_ROWS:
+                    contenders["gemv"] = plain
+                    if mode is not None and dense.fused_fits(rows, k):
+
+                        def fused(i: int, rows: int = rows) -> None:
+                            w = ws[i % copies].data.ptr
+                            if mode == SILU:
+                                dense.fused_linear(mode, rows, x.data.ptr, 2 * k, w, n, k, y.data.ptr, n, bf16, c_type)
+                            else:
+                                dense.fused_linear(
+                                    mode, rows, x.data.ptr, k, w, n, k, y.data.ptr, n, bf16, c_type,
+                                    h.data.ptr, k, nw.data.ptr, h_out.data.ptr if mode == ADD_NORM else 0, 1e-5,
+                                )  # fmt: skip
+
+                        contenders["fused"] = fused
+
+                def lt(i: int, rows: int = rows) -> None:
+                    on, dense.gemv = dense.gemv, False
+                    try:
+                        plain(i, rows)
+                    finally:
+                        dense.gemv = on
+
+                contenders["cublaslt"] = lt
+                times: dict[str, list[float]] = {c: [] for c in contenders}
+                graphs = {}
+                for c, fn in contenders.items():
+                    fn(0)
+                    stream.synchronize()
+                    stream.begin_capture()
+                    for i in range(args.calls):
+                        fn(i)
+                    graphs[c] = stream.end_capture()
+                start, end = cp.cuda.Event(), cp.cuda.Event()
+                for _ in range(args.rounds):
+                    for c, g in graphs.items():
+                        g.launch(stream)
+                        start.record(stream)
+                        g.launch(stream)
+                        end.record(stream)
+                        end.synchronize()
+                        times[c].append(cp.cuda.get_elapsed_time(start, end) * 1e3 / args.calls)
+                for c, t in times.items():
+                    us = float(np.median(t))
+                    gbps = nbytes / us / 1e3
+                    print(
+                        f"{name:>8} {n:>6} {k:>6} {rows:>4} {c:>14} {us:>9.2f} {gbps:>7.0f} "
+                        f"{100 * gbps / HBM_GBPS:>5.0f}%"
+                    )
+
+        dense.close()
+
+
+if __name__ == "__main__":
+    main()
