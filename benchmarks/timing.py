@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -94,14 +95,22 @@ def decode_plan(fi_ffi: Any, ws: Any, indptr_h: Any, last_h: Any, *dims: int, **
     """``fi_ffi.batch_decode_plan`` of ``dims`` (query heads, KV heads, head dim, page size) in the spelling of the
     fi_ffi given: flashinfer's order (``indptr, indices, last_page_len, ..., workspace=``) or, for a tree from before
     the port (``--before``), the old one (``workspace, kv_indptr, ..., kv_last_page_len=``)."""
-    import inspect
-
     plan = fi_ffi.batch_decode_plan
-    if next(iter(inspect.signature(plan).parameters)) == "workspace":
+    if _takes_workspace_first(plan):
         return plan(ws, indptr_h, *dims, kv_last_page_len=last_h, **kw)
     return plan(indptr_h, None, last_h, *dims, workspace=ws, **kw)
 
 
+@functools.cache
+def _takes_workspace_first(plan: Any) -> bool:
+    """Whether ``plan`` is the old spelling (``workspace`` first); read once per function (``inspect.signature``
+    costs about 100 us, more than the plan call being timed)."""
+    import inspect
+
+    return next(iter(inspect.signature(plan).parameters)) == "workspace"
+
+
+@functools.cache
 def _flashinfer_order(function: Any) -> bool:
     """Whether ``function`` (an op of the fi_ffi given) takes flashinfer's ``paged_kv_cache`` (a tree from after the
     port) rather than ``k_cache, v_cache`` (one from before it: ``--before``)."""

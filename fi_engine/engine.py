@@ -123,8 +123,9 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         # one GPU: the config as read (a family's own config type, e.g. DeepSeek's, is never sharded)
         tp = self.tensor_parallel
         cfg = self.config = self.model_config if tp == 1 else shard_config(self.model_config, tp)
-        # MoE layers: host routing (only the chosen experts' weights are read) for prefill and eager decode; the
-        # fixed-capacity device path, which a graph can capture, for the decode graph (token counts set on the device)
+        # MoE layers (Llama family): the fixed-capacity device path (routing and token counts on the device; only
+        # the chosen experts' weights are read; a graph can capture it) for every step of at most max_batch rows,
+        # eager or captured; host routing for longer prefills
         self._static_moe = cuda_graph and cfg.moe is not None
         self.max_batch = _positive("max_batch", max_batch)
         self.page_size = _positive("page_size", page_size)

@@ -15,8 +15,8 @@ appended to the paged cache, attention (causal batch prefill, or batch decode) w
 residual-add + RMSNorm, fused gate/up projection, SiLU-and-mul, down projection (Mixtral, Qwen3-MoE: the
 mixture-of-experts layer of :mod:`fi_engine.moe` instead); final RMSNorm; LM head (tied to the embedding or
 not) with float32 logits; greedy argmax or top-k/top-p sampling. Model types: ``llama``, ``qwen3``, ``mixtral``,
-``qwen3_moe`` (:mod:`fi_engine.config`). MoE layers route on the host for prefill and eager decode, and take
-their fixed-capacity device path in the decode graph.
+``qwen3_moe`` (:mod:`fi_engine.config`). MoE layers take their fixed-capacity device path (no host step) for every
+step of at most ``max_batch`` rows, eager or in the decode graph, and route on the host for longer prefills.
 
 Serving (:class:`~fi_engine.engine.Engine`, of which :class:`LlamaEngine` is the Llama family's): the prompts are
 queued (:mod:`fi_engine.paging`), admitted into free batch
@@ -60,6 +60,7 @@ class Llama(ModelFamily):
     serve it (:attr:`~fi_engine.family.ModelFamily.llama_pass`)."""
 
     llama_pass = True
+    _planned: tuple[int, bool, bytes] | None = None  # the key of the decode plan in the workspace (plan_decode)
 
     def plans_ahead(self) -> bool:
         return type(self).plan_decode is Llama.plan_decode  # a subclass planning otherwise opts out
@@ -189,11 +190,20 @@ class Llama(ModelFamily):
         )
 
     def plan_decode(self, eng: Engine, rows: int, cuda_graph: bool) -> None:
-        """Plan a decode step of ``rows`` rows whose index arrays are in ``eng._dh``."""
+        """Plan a decode step of ``rows`` rows whose index arrays are in ``eng._dh``; the plan of the last step is
+        kept where this one's ``kv_indptr`` is the same (no request crossed a page boundary, 15 steps of 16 at
+        page size 16): FlashInfer's decode plan reads only ``kv_indptr`` and the fixed settings, so it would write
+        the same schedule again, and a plan costs the step 30-60 us of host time (benchmarks/bench_engine_host.py).
+        """
         c = eng.config
+        indptr = eng._dh["kv_indptr"][: rows + 1]
+        key = (rows, cuda_graph, indptr.tobytes())
+        if key == self._planned and eng._decode_plan is not None:
+            return
+        self._planned = None  # until the plan below exists: a failed plan leaves nothing to reuse
         eng._decode_plan = kernels.decode_plan(
             eng._ws_decode,
-            eng._dh["kv_indptr"][: rows + 1],
+            indptr,
             c.num_qo_heads,
             c.num_kv_heads,
             c.head_dim,
@@ -202,6 +212,7 @@ class Llama(ModelFamily):
             cuda_graph,
             eng._s,
         )
+        self._planned = key
 
     def prefill_attention(self, eng: Engine, i: int, v: SimpleNamespace) -> None:
         kernels.prefill_run(
@@ -260,7 +271,7 @@ class Llama(ModelFamily):
             attention(i, v)
             dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
             eng._add_norm(v, eng._ln2[i])
-            if eng._moe and static_moe:  # device routing, fixed capacity: capturable
+            if eng._moe and (static_moe or rows <= eng.max_batch):  # device routing, fixed capacity: capturable
                 eng._moe[i].forward_static(eng._normed, b.x, rows)
             elif eng._moe:  # routes on the host: synchronizes the stream (not capturable)
                 eng._moe[i].forward(eng._normed, b.x, rows)
@@ -289,7 +300,9 @@ def load_moe_layer(eng: Engine, ckpt: Checkpoint, p: str, get: Any, upload: Any)
     assert m is not None
     e, h, i = m.num_experts, c.hidden_size, m.intermediate_size  # i: this rank's share with TP
     max_tokens = max(eng.max_prefill_tokens, eng.max_batch)
-    capacity = eng.max_batch if eng._static_moe else None
+    # the fixed-capacity device path serves every step of at most max_batch rows (each decode step, eager or a
+    # graph's replay): no host routing, so no stream synchronization per layer; longer prefills route on the host
+    capacity = eng.max_batch
     if eng._moe_scratch is None:  # one set of activation buffers for every MoE layer (they run in turn)
         eng._moe_scratch = MoEScratch(
             num_experts=e, hidden=h, intermediate=i, top_k=m.top_k, max_tokens=max_tokens, dtype=eng.dtype,
