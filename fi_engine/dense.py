@@ -720,8 +720,8 @@ class Dense:
             return gemv_bound(rows, n, k)
         if self._flush is None:
             self._flush = cupy.empty(64 << 20, cupy.uint8)
-        stream = cupy.cuda.ExternalStream(self._stream)
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        record = cupy.cuda.runtime.eventRecord
 
         def best(gemv: bool) -> float:
             self.bandwidth_bound = False
@@ -730,9 +730,9 @@ class Dense:
                 times = []
                 for _ in range(4):
                     cupy.cuda.runtime.memsetAsync(self._flush.data.ptr, 0, self._flush.nbytes, self._stream)
-                    start.record(stream)
+                    record(start.ptr, self._stream)
                     self.linear(rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
-                    end.record(stream)
+                    record(end.ptr, self._stream)
                     end.synchronize()
                     times.append(cupy.cuda.get_elapsed_time(start, end))
                 return min(times[1:])  # the first run loads code and picks cuBLASLt's algorithm
