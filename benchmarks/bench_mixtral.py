@@ -80,11 +80,20 @@ def main() -> int:
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--json", default="")
+    ap.add_argument(
+        "--gemv-tokens",
+        type=int,
+        nargs="*",
+        default=[8],
+        help="MoELayer.gemv_tokens settings to compare (0: every step through the grouped GEMM); default 8",
+    )
+    ap.add_argument("--modes", default="eager,graph")
     a = ap.parse_args()
 
     import cupy as cp
 
     from fi_engine.llama import LlamaEngine
+    from fi_engine.moe import MoELayer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,28 +103,33 @@ def main() -> int:
             f"random Mixtral-shaped checkpoint ({a.layers} layers) in {time.perf_counter() - t:.0f} s", file=sys.stderr
         )
         rng = np.random.default_rng(1)
-        for batch in a.batch:
+        for batch, gemv_tokens, graph in [
+            (b, g, m == "graph") for b in a.batch for g in a.gemv_tokens for m in a.modes.split(",")
+        ]:
+            MoELayer.gemv_tokens = gemv_tokens
             prompts = [rng.integers(3, a.vocab, size=32).tolist() for _ in range(batch)]
-            for graph in (False, True):
-                with LlamaEngine(model, max_batch=batch, cuda_graph=graph, max_seq_len=256) as engine:
-                    engine.generate(prompts, 8, eos_token_ids=())  # warm-up
-                    r = engine.generate(prompts, a.new_tokens, eos_token_ids=())
-                    row = {"batch": batch, "mode": "graph" if graph else "eager", "tokens_per_s": r.tokens_per_s,
-                           "host_us_per_step": r.host_us_per_step}  # fmt: skip
-                    if graph:
-                        with cp.cuda.Device(engine.device), engine.stream:
-                            e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+            with LlamaEngine(model, max_batch=batch, cuda_graph=graph, max_seq_len=256) as engine:
+                engine.generate(prompts, 8, eos_token_ids=())  # warm-up
+                r = engine.generate(prompts, a.new_tokens, eos_token_ids=())
+                row = {"batch": batch, "mode": "graph" if graph else "eager", "tokens_per_s": r.tokens_per_s,
+                       "host_us_per_step": r.host_us_per_step, "gemv_tokens": gemv_tokens,
+                       "ms_per_step": r.decode_s / max(1, r.decode_steps) * 1e3}  # fmt: skip
+                if graph:
+                    with cp.cuda.Device(engine.device), engine.stream:
+                        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+                        engine.graph.launch()
+                        e0.record(engine.stream)
+                        for _ in range(20):
                             engine.graph.launch()
-                            e0.record(engine.stream)
-                            for _ in range(20):
-                                engine.graph.launch()
-                            e1.record(engine.stream)
-                            e1.synchronize()
-                            row["gpu_us_per_step"] = cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 20
-                rows.append(row)
-                extra = f", GPU {row['gpu_us_per_step']:.0f} us/step" if "gpu_us_per_step" in row else ""
-                print(f"batch {batch:3d} {row['mode']:5s}: {row['tokens_per_s']:8.0f} tokens/s, "
-                      f"host {row['host_us_per_step']:.0f} us/step{extra}")  # fmt: skip
+                        e1.record(engine.stream)
+                        e1.synchronize()
+                        row["gpu_us_per_step"] = cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 20
+            rows.append(row)
+            extra = f", GPU {row['gpu_us_per_step']:.0f} us/step" if "gpu_us_per_step" in row else ""
+            print(
+                f"batch {batch:3d} {row['mode']:5s} gemv<={gemv_tokens}: {row['tokens_per_s']:8.0f} tokens/s, "
+                f"{row['ms_per_step']:.3f} ms/step, host {row['host_us_per_step']:.0f} us/step{extra}"
+            )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0

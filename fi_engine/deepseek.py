@@ -205,7 +205,11 @@ class DeepSeek(ModelFamily):
             if c.is_moe_layer(i):
                 # router and experts as the Qwen3-MoE names them (mlp.gate, mlp.experts.N.{gate,up,down}_proj, or
                 # transformers 5's fused mlp.experts.gate_up_proj / down_proj): the Llama engine's loader
-                eng._moe.append(load_moe_layer(eng, ckpt, p, get, upload))
+                layer = load_moe_layer(eng, ckpt, p, get, upload)
+                # DeepSeek's eager decode routes on the host through the grouped GEMM; its graph keeps the same
+                # GEMM (not the grouped GEMV), so the two give the same tokens
+                layer.gemv_tokens = 0
+                eng._moe.append(layer)
                 bias = self._correction_bias(eng, ckpt, p + "mlp.gate.e_score_correction_bias")
                 w.bias.append(bias)
                 if bias is not None:  # the device routing (fused kernel, or the graph's fallback) reads it (float32)

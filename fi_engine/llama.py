@@ -300,9 +300,10 @@ def load_moe_layer(eng: Engine, ckpt: Checkpoint, p: str, get: Any, upload: Any)
     assert m is not None
     e, h, i = m.num_experts, c.hidden_size, m.intermediate_size  # i: this rank's share with TP
     max_tokens = max(eng.max_prefill_tokens, eng.max_batch)
-    # the fixed-capacity device path serves every step of at most max_batch rows (each decode step, eager or a
-    # graph's replay): no host routing, so no stream synchronization per layer; longer prefills route on the host
-    capacity = eng.max_batch
+    # the Llama pass: the fixed-capacity device path serves every step of at most max_batch rows (each decode step,
+    # eager or a graph's replay): no host routing, so no stream synchronization per layer; longer prefills route on
+    # the host. Other families (DeepSeek) take it in their decode graph only.
+    capacity = eng.max_batch if eng._static_moe or eng.family.llama_pass else None
     if eng._moe_scratch is None:  # one set of activation buffers for every MoE layer (they run in turn)
         eng._moe_scratch = MoEScratch(
             num_experts=e, hidden=h, intermediate=i, top_k=m.top_k, max_tokens=max_tokens, dtype=eng.dtype,

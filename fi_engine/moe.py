@@ -555,6 +555,7 @@ class MoELayer:
         self._plain = biases is None and activation is None  # fi_ffi.silu_and_mul and moe_combine serve
         self.last_routing: tuple[np.ndarray, np.ndarray, ExpertGroups] | None = None
         self.capacity = 0
+        self._grouped: Any = None  # the grouped GEMV, made with the fixed-capacity path
         if capacity is not None:
             self._build_static(capacity)
 
@@ -675,6 +676,37 @@ class MoELayer:
         self._slots_threads = min(1024, -(-e // 32) * 32)
         self._s_gu_t = self._t(self.s_gu, (rows, 2 * i))
         self._s_act_t = self._t(self.s_act, (rows, i))
+        # the grouped GEMV (fi_engine.moe_gemv) for steps of at most gemv_tokens tokens of a plain layer (SiLU, no
+        # biases): each chosen expert's weights streamed once for its few rows, with no padding to GEMM tiles
+        if self._plain:
+            from .moe_gemv import GroupedGemv
+
+            try:
+                self._grouped = GroupedGemv(self.dtype, self.stream)
+            except Exception:  # NVRTC or the device refusing: the grouped GEMM serves every step
+                self._grouped = None
+            self._g_rows = cupy.arange(c * self.top_k, dtype=cupy.int32)  # assignment a's output is row a
+
+    gemv_tokens = 8
+    """Steps of at most this many tokens take the grouped GEMV in :meth:`forward_static` (where the layer has it);
+    longer ones the fixed-capacity grouped GEMM (benchmarks/RESULTS.md: where each is faster on an H100)."""
+
+    def _gemv_serves(self, t: int) -> bool:
+        g = self._grouped
+        k, h, i = self.top_k, self.hidden, self.intermediate
+        return g is not None and t <= self.gemv_tokens and g.fits(t, k, 2 * i, h) and g.fits(t, k, h, i)
+
+    def _gemv_experts(self, x: Any, out: Any, t: int) -> Any:
+        """The experts of :meth:`forward_static` as two grouped GEMVs over the ``t * k`` assignments: gate/up
+        (input rows: the tokens) into ``gate_up_out``, SiLU-and-mul into ``act``, down (input rows: the
+        assignments' activations) into ``y``, then the combine over each token's rows ``t * k + j``."""
+        e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
+        g = self._grouped
+        g(x, k, self.s_experts, t, k, self.weights.gate_up, e, 2 * i, h, self.gate_up_out)
+        self._activate(self.gate_up_out, self.act, t * k, self._s_seg)
+        g(self.act, 1, self.s_experts, t, k, self.weights.down, e, h, i, self.y)
+        self._combine_rows(self.y, self._g_rows, self.s_weights, out, t, self._s_seg)
+        return out
 
     def forward_static(self, x: Any, out: Any, tokens: int | None = None) -> Any:
         """``out[:T] = MoE(x[:T])`` with no host synchronization and no host routing: router GEMM, routing on the
@@ -698,6 +730,8 @@ class MoELayer:
             route = (self.logits, np.int32(e), np.int32(k), np.int32(1 if self.renormalize else 0), np.int32(t),
                      self.s_experts, self.s_weights)  # fmt: skip
             self._route_fn(((t + 127) // 128,), (128,), route, stream=s)
+            if self._gemv_serves(t):
+                return self._gemv_experts(x, out, t)
         return self._static_experts(x, out, t)
 
     def forward_static_routed(self, x: Any, out: Any, tokens: int) -> Any:
@@ -713,6 +747,9 @@ class MoELayer:
             raise ValueError(f"tokens: expected 0..capacity ({self.capacity}), got {tokens}")
         if tokens > min(x.shape[0], out.shape[0]):
             raise ValueError(f"tokens: {tokens} exceeds the rows of x ({x.shape[0]}) or out ({out.shape[0]})")
+        if tokens and self._gemv_serves(tokens):
+            with self.stream:
+                return self._gemv_experts(x, out, tokens)
         return self._static_experts(x, out, tokens) if tokens else out
 
     def _check_static(self, x: Any, out: Any) -> None:

@@ -197,6 +197,7 @@ def test_the_fixed_capacity_path_computes_only_the_chosen_experts_rows() -> None
     layer = MoELayer(
         random_weights(rng, experts, h, i, dtype), dtype=dtype, top_k=top_k, max_tokens=cap, stream=stream, capacity=cap
     )
+    layer.gemv_tokens = 0  # every step through the grouped GEMM, whose rows this test watches
     sentinel = np.float16(-7.0)
     try:
         for tokens in (1, 3, cap):
@@ -221,6 +222,60 @@ def test_the_fixed_capacity_path_computes_only_the_chosen_experts_rows() -> None
             np.testing.assert_allclose(
                 from_device(dev_out, dtype), from_device(host_out, dtype), atol=TOL[dtype], rtol=TOL[dtype]
             )
+    finally:
+        layer.close()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_grouped_gemv_matches_float32_and_the_grouped_gemm_and_replays_in_a_graph(dtype: str) -> None:
+    """Steps of at most ``gemv_tokens`` tokens take the grouped GEMV (fi_engine.moe_gemv): the same result as the
+    host path and as the fixed-capacity grouped GEMM (tolerance as above), every assignment's gate/up row equal to
+    a float32 reference of its expert within the dtype's rounding (rel 1e-2 of the row's scale), at 1-8 tokens
+    (1: six of eight experts unread); captured in a CUDA graph, a replay on new inputs gives the new result."""
+    rng = np.random.default_rng(5)
+    experts, top_k, h, i, cap = 8, 2, 256, 512, 8
+    stream = cupy.cuda.Stream(non_blocking=True)
+    weights = random_weights(rng, experts, h, i, dtype)
+    layer = MoELayer(weights, dtype=dtype, top_k=top_k, max_tokens=32, stream=stream, capacity=cap)
+    try:
+        assert layer._grouped is not None and layer._gemv_serves(cap)
+        gate_up = from_device(weights.gate_up, dtype)
+        for tokens in (1, 2, 3, 5, 8):
+            x_d, x_f = to_device(rng.standard_normal((tokens, h)), dtype)
+            gemv_out, gemm_out, host_out = (cupy.zeros_like(x_d) for _ in range(3))
+            layer.forward_static(x_d, gemv_out)
+            stream.synchronize()
+            chosen = cupy.asnumpy(layer.s_experts[: tokens * top_k])
+            gu = from_device(layer.gate_up_out[: tokens * top_k], dtype)
+            for a, e in enumerate(chosen):
+                want = gate_up[e] @ x_f[a // top_k]
+                np.testing.assert_allclose(gu[a], want, atol=1e-2 * float(np.abs(want).max()) + 1e-3, rtol=1e-2)
+            layer.gemv_tokens = 0
+            layer.forward_static(x_d, gemm_out)
+            layer.gemv_tokens = 8
+            layer.forward(x_d, host_out)
+            stream.synchronize()
+            for other in (gemm_out, host_out):
+                np.testing.assert_allclose(
+                    from_device(gemv_out, dtype), from_device(other, dtype), atol=TOL[dtype], rtol=TOL[dtype]
+                )
+        x_buf, _ = to_device(rng.standard_normal((cap, h)), dtype)
+        out_buf = cupy.zeros_like(x_buf)
+        layer.forward_static(x_buf, out_buf)
+        stream.synchronize()
+        stream.begin_capture()
+        layer.forward_static(x_buf, out_buf)
+        graph = stream.end_capture()
+        new, _ = to_device(rng.standard_normal((cap, h)), dtype)
+        x_buf[...] = new
+        cupy.cuda.Device().synchronize()
+        graph.launch(stream)
+        want = cupy.zeros_like(x_buf)
+        layer.forward(x_buf, want)
+        stream.synchronize()
+        np.testing.assert_allclose(
+            from_device(out_buf, dtype), from_device(want, dtype), atol=TOL[dtype], rtol=TOL[dtype]
+        )
     finally:
         layer.close()
 
