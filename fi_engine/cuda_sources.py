@@ -190,6 +190,21 @@ __device__ __forceinline__ unsigned short f2b(float f) {
     return u;
 }
 
+// Programmatic dependent launch (sm_90; no-ops where the launch did not ask for it): the next kernel in the
+// stream may start once every block of this one has called griddep_launch_dependents (here: at once), and
+// griddep_wait blocks until the previous kernel has finished and its writes are visible. Everything a kernel
+// reads or writes that another kernel touches comes after its griddep_wait; only the weights, which nothing
+// writes, are loaded before it.
+__device__ __forceinline__ void griddep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
 // Weights are read once per step: loaded past L1 (no allocation there), so x's rows keep it.
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
     uint4 v;
@@ -222,6 +237,7 @@ template <bool BF16, bool F32OUT>
 __device__ __forceinline__ void gemv_rows(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
                                           void* __restrict__ y, int rows, int n, int k, long long x_ld,
                                           long long y_ld) {
+    griddep_launch_dependents();
     const int lane = threadIdx.x & 31;
     const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (j >= n) return;
@@ -230,13 +246,24 @@ __device__ __forceinline__ void gemv_rows(const unsigned short* __restrict__ x, 
     const int vecs = k >> 3;
     int c = lane;
     // UNROLL weight vectors loaded before any is used (more bytes in flight per warp), then summed in the same
-    // order as the one-at-a-time tail loop below: the sums do not depend on the unrolling
-    for (; c + 32 * (UNROLL - 1) < vecs; c += 32 * UNROLL) {
-        uint4 a[UNROLL];
+    // order as the one-at-a-time tail loop below: the sums do not depend on the unrolling. The first UNROLL are
+    // loaded before waiting for the previous kernel (weights are constants; see griddep_wait)
+    uint4 a[UNROLL];
+    bool more = c + 32 * (UNROLL - 1) < vecs;
+    if (more) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
+    }
+    griddep_wait();
+    while (more) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) gemv_vec<BF16>(a[u], x, x_ld, rows, c + 32 * u, acc);
+        c += 32 * UNROLL;
+        more = c + 32 * (UNROLL - 1) < vecs;
+        if (more) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
+        }
     }
     for (; c < vecs; c += 32) gemv_vec<BF16>(load_weights(wv + c), x, x_ld, rows, c, acc);
 #pragma unroll
@@ -398,6 +425,21 @@ __device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restric
     __syncthreads();
 }
 
+// Programmatic dependent launch (sm_90; no-ops where the launch did not ask for it): the next kernel in the
+// stream may start once every block of this one has called griddep_launch_dependents (here: at once), and
+// griddep_wait blocks until the previous kernel has finished and its writes are visible. Everything a kernel
+// reads or writes that another kernel touches comes after its griddep_wait; only the weights, which nothing
+// writes, are loaded before it.
+__device__ __forceinline__ void griddep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
 // Weights past L1, UNROLL vectors in flight per lane: as the plain GEMV (GEMV_SOURCE).
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
     uint4 v;
@@ -432,19 +474,41 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
                                            const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
                                            long long h_ld, float eps) {
     extern __shared__ uint4 sx[];  // the input rows, [rows, k / 8] vectors of 8 16-bit values
-    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    griddep_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int vecs = k >> 3;
-    for (int j = blockIdx.x * warps + warp; j < n; j += gridDim.x * warps) {
+    // the first column's first UNROLL weight vectors are loaded before the wait for the previous kernel, whose
+    // output the prologue reads (weights are constants)
+    int j = blockIdx.x * warps + warp;
+    uint4 a[UNROLL];
+    bool more = j < n && lane + 32 * (UNROLL - 1) < vecs;
+    if (more) {
+        const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + lane + 32 * u);
+    }
+    griddep_wait();
+    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    for (; j < n; j += gridDim.x * warps) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
         int c = lane;
-        for (; c + 32 * (UNROLL - 1) < vecs; c += 32 * UNROLL) {  // as the plain GEMV: the same sums
-            uint4 a[UNROLL];
+        if (!more) {  // a later column: its first vectors are loaded here
+            more = c + 32 * (UNROLL - 1) < vecs;
+            if (more) {
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
+                for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
+            }
+        }
+        while (more) {  // as the plain GEMV: the same sums
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) staged_vec<BF16>(a[u], sx, vecs, rows, c + 32 * u, acc);
+            c += 32 * UNROLL;
+            more = c + 32 * (UNROLL - 1) < vecs;
+            if (more) {
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
+            }
         }
         for (; c < vecs; c += 32) staged_vec<BF16>(load_weights(wv + c), sx, vecs, rows, c, acc);
 #pragma unroll
@@ -496,6 +560,8 @@ __device__ __forceinline__ void gemv_rope_append(
         const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache,
         int page_size, long long stride_page, long long stride_n, long long stride_h) {
     extern __shared__ uint4 sx[];
+    griddep_launch_dependents();
+    griddep_wait();
     stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int vecs = k >> 3;

@@ -76,6 +76,7 @@ _STATIC_SMEM = 48 << 10  # dynamic shared memory a kernel may take without optin
 
 GEMV_MAX_ROWS = 4  # the rows one GEMV launch takes (the kernel keeps a sum per row in registers)
 _GEMV_WARPS = 4  # output columns per block (one warp each)
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # cuda.h's CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 _GEMV_NAMES = {
     (CUDA_R_16F, CUDA_R_16F): "gemv_f16_f16",
     (CUDA_R_16F, CUDA_R_32F): "gemv_f16_f32",
@@ -203,6 +204,11 @@ class Dense:
     is host-bound). ``lt``: the other GEMMs go through cuBLASLt with cached algorithms.
     """
 
+    pdl = True
+    """The prepared GEMV launches (the fused decode step's) use programmatic dependent launch on Hopper and later:
+    each may start while the kernel before it drains, its first weights already loading (benchmarks/RESULTS.md).
+    Read when a launch is prepared; set it on the class to compare."""
+
     def __init__(self, stream: Any) -> None:
         import cupy
 
@@ -231,6 +237,7 @@ class Dense:
         self._fused_smem = 0  # the most dynamic shared memory (bytes) a fused launch may take: its input rows
         self._fused_grid = 1056  # blocks per fused launch at most (8 per SM; each stages its input rows once)
         self._launch: Any = None
+        self._launch_ex: Any = None
         self._null: Any = None
         self.gemv = False
         self.gemv_error = ""  # why the GEMV is unavailable, if it is
@@ -249,6 +256,11 @@ class Dense:
                 self._gemv_fns = {key: _function_ptr(gemv.get_function(name)) for key, name in _GEMV_NAMES.items()}
                 self._gemv_module = gemv
                 self._launch, self._driver_ffi = lib.cuLaunchKernel, libcuda_ffi()
+                try:  # CUDA 12.0 drivers and later; Hopper and later run its programmatic dependent launch
+                    major = int(cupy.cuda.Device().compute_capability[:-1] or 0)
+                    self._launch_ex = lib.cuLaunchKernelEx if major >= 9 else None
+                except (AttributeError, ValueError):
+                    self._launch_ex = None
                 self._null = self._driver_ffi.NULL
                 self.gemv = True
                 self._load_fused(cupy)
@@ -392,7 +404,7 @@ class Dense:
         after :meth:`close` it raises instead of launching."""
         key = (mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps)
         fn, grid, smem, params, values = self._pack_fused(key)
-        return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "fused gemv")
+        return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "fused gemv", pdl=True)
 
     def prepared_linear(
         self,
@@ -424,7 +436,7 @@ class Dense:
         if not packed:
             return lambda: self.linear(*args)
         fn, grid, params, values = packed
-        return self._prepared(fn, grid, 32 * _GEMV_WARPS, 0, params, values, "gemv")
+        return self._prepared(fn, grid, 32 * _GEMV_WARPS, 0, params, values, "gemv", pdl=True)
 
     def prepared_gather(self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int) -> Any:
         """:meth:`gather_rows` packed once and launched with ``cuLaunchKernel`` on this Dense's stream (a CuPy
@@ -444,8 +456,34 @@ class Dense:
         params = self._driver_ffi.new("void*[6]", [values + i for i in range(6)])
         return self._prepared(_function_ptr(self._gather_fn), rows, 256, 0, params, values, "gather_rows16")
 
-    def _prepared(self, fn: int, grid: int, block: int, smem: int, params: Any, values: Any, name: str) -> Any:
-        launch, stream, null = self._launch, self._stream, self._null
+    def _prepared(
+        self, fn: int, grid: int, block: int, smem: int, params: Any, values: Any, name: str, pdl: bool = False
+    ) -> Any:
+        """A launch of ``fn`` packed once. ``pdl``: the kernel waits for its predecessor itself
+        (``griddep_wait`` in :mod:`~fi_engine.cuda_sources`), so it is launched with programmatic dependent launch
+        where :attr:`pdl` allows it: it may start while the kernel before it drains, loading its weights."""
+        stream, null = self._stream, self._null
+        if pdl and self.pdl and self._launch_ex is not None:
+            ffi = self._driver_ffi
+            attr = ffi.new("CUlaunchAttribute*")
+            attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value[0] = 1  # programmaticStreamSerializationAllowed (an int, little-endian)
+            config = ffi.new("CUlaunchConfig*")
+            config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+            config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
+            config.sharedMemBytes, config.hStream, config.attrs, config.numAttrs = smem, stream, attr, 1
+            launch_ex = self._launch_ex
+
+            def call_ex() -> None:
+                if not self.gemv:  # closed: the module and its functions may be gone
+                    raise ValueError("dense: closed (or the GEMV turned off); prepared launches refuse")
+                err = launch_ex(config, fn, params, null)
+                if err:
+                    raise driver_error(err, f"cuLaunchKernelEx({name})")
+
+            call_ex.keep = (values, attr, config)  # type: ignore[attr-defined]  # what params and config point into
+            return call_ex
+        launch = self._launch
 
         def call() -> None:
             if not self.gemv:  # closed: the module and its functions may be gone
@@ -623,7 +661,7 @@ class Dense:
         values = self._driver_ffi.new(f"uint64_t[{len(ints)}]", ints)
         params = self._driver_ffi.new(f"void*[{len(ints)}]", [values + i for i in range(len(ints))])
         grid = min((n // 2 + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
-        return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "qkv gemv + rope + append")
+        return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "qkv gemv + rope + append", pdl=True)
 
     @property
     def lt(self) -> bool:

@@ -4,10 +4,11 @@ Four users: :mod:`fi_ffi.tensor.intake` asks which device owns a CUDA-array-inte
 stream after a producer's (an event), :class:`~fi_ffi.ops.attention.workspace.Workspace` records and waits for the
 plan-copy event on every plan, :mod:`fi_ffi.ops.segment_gemm` copies its host-computed argument arrays from the
 workspace's page-locked buffer, and the engine's small-row GEMV (:mod:`fi_engine.dense`) is launched with
-``cuLaunchKernel`` on an argument array packed once. Not through cuda-bindings: its ``cuPointerGetAttribute(s)``
-reports device ordinal 0 for every pointer (NVIDIA/cuda-python #2928), and each call there costs microseconds
-(argument objects, an enum per returned error), which the per-plan event calls cannot afford. Events and streams
-are passed as integer handles.
+``cuLaunchKernel`` on an argument array packed once (``cuLaunchKernelEx`` where it asks for programmatic
+dependent launch: a ``CUlaunchConfig`` with one ``CUlaunchAttribute``, laid out as ``cuda.h`` declares them).
+Not through cuda-bindings: its ``cuPointerGetAttribute(s)`` reports device ordinal 0 for every pointer
+(NVIDIA/cuda-python #2928), and each call there costs microseconds (argument objects, an enum per returned error),
+which the per-plan event calls cannot afford. Events and streams are passed as integer handles.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ int cuMemcpyHtoD_v2(uint64_t dst, uintptr_t src, size_t bytes);
 int cuLaunchKernel(uintptr_t f, unsigned int gridDimX, unsigned int gridDimY, unsigned int gridDimZ,
                    unsigned int blockDimX, unsigned int blockDimY, unsigned int blockDimZ, unsigned int sharedMemBytes,
                    uintptr_t stream, void** kernelParams, void** extra);
+typedef struct { int id; char pad[4]; unsigned char value[64]; } CUlaunchAttribute;
+typedef struct {
+    unsigned int gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes;
+    uintptr_t hStream;
+    CUlaunchAttribute* attrs;
+    unsigned int numAttrs;
+} CUlaunchConfig;
+int cuLaunchKernelEx(const CUlaunchConfig* config, uintptr_t f, void** kernelParams, void** extra);
 """
 ERROR_NOT_READY = 600  # CUDA_ERROR_NOT_READY: an event query whose work is still pending
 
