@@ -6,8 +6,8 @@
 
 ``fi-ffi generate ARGS`` (the binding's command, where this subcommand lived) runs ``python -m fi_engine generate
 ARGS``. With ``--tp N`` this command starts its ranks through ``fi-ffi launch`` (the binding's launcher, a
-subprocess), each rank running this same command. Exit status: 0 success, 2 a usage, checkpoint or fi_ffi error,
-130 interrupted.
+subprocess), each rank running this same command. Exit status: 0 success, 2 a usage, checkpoint or fi_ffi error
+(or output that could not be written: ``> /dev/full``, one line), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from fi_ffi.errors import FiFFIError
 
@@ -244,14 +245,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _WatchedStdout:
+    """Standard output that remembers whether a write to it failed (``> /dev/full``, a full disk), so that
+    :func:`main` tells that failure (one line, exit 2) from an ``OSError`` of the command's own work."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.error: OSError | None = None  # the first failed write (argparse's help swallows it: kept here)
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self.stream.write(text))
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    watched = _WatchedStdout(sys.stdout)
+    sys.stdout = watched
+    try:
+        return _main(argv, watched)
+    finally:
+        if sys.stdout is watched:
+            sys.stdout = watched.stream
+
+
+def _main(argv: Sequence[str] | None, watched: _WatchedStdout) -> int:
     command = PROG
     try:
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help, usage errors: argparse printed and asked to exit
             sys.stdout.flush()
+            if watched.error is not None:  # argparse swallows a failed write of --help: raise it again here
+                raise watched.error from None
             return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
         command = f"{PROG} {args.command}"
         _apply_verbosity(getattr(args, "quiet", False), getattr(args, "verbose", 0))
@@ -262,9 +305,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FiFFIError as exc:
         print(f"{command}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if not watched.failed:
+            raise  # not our output: a real error of the command's own
+        _silence_stdout()
+        print(
+            f"{command}: cannot write the output to stdout: {exc.strerror or exc}; send it to a file or device with "
+            f"room (is the disk full?)",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _apply_verbosity(quiet: bool, verbose: int) -> None:

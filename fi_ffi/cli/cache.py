@@ -18,6 +18,13 @@ from .output import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, emit, size_text
 def run(args: argparse.Namespace) -> int:
     from .. import loader
 
+    if args.full and args.action in ("path", "clear"):  # accepted by the parser for list/verify only: say so
+        print(
+            f"fi-ffi cache {args.action}: --full applies to list and verify only (clear already removes everything "
+            f"fi_ffi created, downloaded wheels included)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if args.action == "path":
         emit(args, {"path": str(loader.cache_root())}, lambda: print(loader.cache_root()))
     elif args.action == "list":
@@ -130,8 +137,9 @@ def register(commands: Commands) -> None:
         "path, list, verify or clear the cache",
         "path: print the cache folder. list: what it holds (--full: every file of each entry, sizes in bytes). "
         "verify: check every file (--full: re-hash all, and the wheels the lock pins outside the cache); damaged "
-        "files of fi_ffi's are removed, others reported; exit 1 if any is bad. clear: remove what fi_ffi created; "
-        "exit 1 if some of it could not be removed.",
+        "files of fi_ffi's are removed, others reported; exit 1 if any is bad. clear: remove what fi_ffi created "
+        "(downloaded wheels, extracted modules, listings, stamps, free locks; anything else in the folder is kept "
+        "and named); exit 1 if some of it could not be removed.",
         "fi-ffi cache path\nfi-ffi cache list --json\nfi-ffi cache verify --full\nfi-ffi cache clear",
     )
     p.add_argument("action", choices=["path", "list", "verify", "clear"], help="what to do")

@@ -18,35 +18,22 @@ from .. import __version__
 from .arguments import Commands
 from .output import EXIT_OK, write_json
 
-# Variables the test suite reads (tests/conftest.py); doctor lists them as known, not as typos.
-TEST_VARIABLES = (
-    "FI_FFI_RUN_GPU_TESTS",
-    "FI_FFI_TEST_WHEELS",
-    "FI_FFI_TEST_ALLOW_NETWORK",
-    "FI_FFI_TEST_WHEELS_COMM",
-    "FI_FFI_TEST_WHEELS_072",
-    "FI_FFI_TEST_WHEELS_MODELS",
-    "FI_FFI_TEST_RELEASE",
-)
-# Variables fi_ffi.comm reads (tensor parallelism)
-COMM_VARIABLES = ("FI_FFI_NCCL_BACKEND", "FI_FFI_RENDEZVOUS_TIMEOUT")
-
 
 def active_settings() -> list[dict[str, str]]:
     """Every ``FI_FFI_*`` environment variable that is set: name, value and a note (``""``, or what is wrong).
 
-    A name fi_ffi does not read is flagged (a typo such as ``FI_FFI_OFLINE`` silently does nothing otherwise).
+    Read against the one table of variables (:data:`fi_ffi.variables.VARIABLES`, which the readers use too): a
+    value fi_ffi would refuse is flagged with the reader's own text, and a name that is not a row (a typo such as
+    ``FI_FFI_OFLINE``, which silently does nothing otherwise) as not a variable fi_ffi reads.
     """
     import os
 
     from ..loader import settings
 
-    known = set(settings.ALL) | set(TEST_VARIABLES) | set(COMM_VARIABLES)
     problems = settings.problems()
     rows = []
     for name in sorted(n for n in os.environ if n.startswith("FI_FFI_")):
-        note = problems.get(name, "") if name in known else "not a variable fi_ffi reads (a typo?)"
-        rows.append({"name": name, "value": os.environ[name], "note": note})
+        rows.append({"name": name, "value": os.environ[name], "note": problems.get(name, "")})
     return rows
 
 
@@ -384,8 +371,6 @@ def register(commands: Commands) -> None:
 
 
 __all__ = [
-    "COMM_VARIABLES",
-    "TEST_VARIABLES",
     "active_settings",
     "cache_problem",
     "doctor_data",

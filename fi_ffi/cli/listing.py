@@ -1,7 +1,9 @@
 """``fi-ffi list [--kind K] [--dtype D] [--head-dim N] [--json]``: the attention variants the active lock provides,
 with the FlashInfer release each comes from (``--json``: also the symbols each module on disk references that
-nothing provides). A wheel that is not here is read from its URL's zip central directory, not downloaded. Exit 1
-when nothing matches. (Named ``listing``, not ``list``, so as not to shadow the builtin.)
+nothing provides). A wheel that is not here is read from its URL's zip central directory, not downloaded; when
+that fails, ``list`` says why, the wheel's size and what to run instead (``fi-ffi fetch``), and downloads nothing
+unless ``--allow-full-download`` is given. Exit 1 when nothing matches. (Named ``listing``, not ``list``, so as
+not to shadow the builtin.)
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from ..ops.attention import variants
 
     try:
-        with loader.listing_without_download():  # a wheel not here: its central directory, not 1-2 GB
+        # a wheel not here: its central directory, not 1-2 GB (a whole download only when the user allowed it)
+        with loader.listing_without_download(allow_full_download=args.allow_full_download):
             rows = variants.list_variants(kind=args.kind, dtype=args.dtype, head_dim=args.head_dim)
     except (ValueError, TypeError) as exc:  # an argument the parser let through; the text names it
         print(f"fi-ffi list: {exc}", file=sys.stderr)
@@ -97,8 +100,9 @@ def register(commands: Commands) -> None:
         "list",
         "attention variants the active lock provides",
         "List the attention variants (kind, backend, dtypes, head dims, FlashInfer release, module) of the wheels "
-        "the lock selects. A wheel that is not here is read from its URL's zip central directory, not downloaded. "
-        "Exit 1 when nothing matches.",
+        "the lock selects. A wheel that is not here is read from its URL's zip central directory, not downloaded; "
+        "if the server cannot serve that, list says so with the wheel's size and downloads nothing (see "
+        "--allow-full-download). Exit 1 when nothing matches.",
         "fi-ffi list\nfi-ffi list --kind decode --dtype bf16 --head-dim 128\nfi-ffi list --json",
     )
     p.add_argument(
@@ -115,6 +119,12 @@ def register(commands: Commands) -> None:
     )
     p.add_argument("--head-dim", type=positive_int, metavar="N", help="head dimension (qk or vo)")
     p.add_argument("--json", action="store_true", help="one object per variant, with every field")
+    p.add_argument(
+        "--allow-full-download",
+        action="store_true",
+        help="when a wheel's listing cannot be read with range requests, download the whole wheel (1-2 GB; its "
+        "size is said first) instead of stopping",
+    )
     p.set_defaults(func=run)
 
 

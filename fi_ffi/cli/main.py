@@ -67,6 +67,8 @@ def _main(argv: Sequence[str] | None, watched: WatchedStdout) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help, --version, usage errors: argparse printed and asked to exit
             sys.stdout.flush()
+            if watched.error is not None:  # argparse swallows a failed write of --help: raise it again here
+                raise watched.error from None
             return EXIT_OK if exc.code is None else exc.code if isinstance(exc.code, int) else EXIT_USAGE
         command = f"fi-ffi {args.command}"
         apply_verbosity(getattr(args, "quiet", False), getattr(args, "verbose", 0))

@@ -59,20 +59,24 @@ class WatchedStdout:
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
-        self.failed = False
+        self.error: OSError | None = None  # the first failed write (argparse's --help swallows it: kept here)
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
     def write(self, text: str) -> int:
         try:
             return int(self.stream.write(text))
-        except OSError:
-            self.failed = True
+        except OSError as exc:
+            self.error = self.error or exc
             raise
 
     def flush(self) -> None:
         try:
             self.stream.flush()
-        except OSError:
-            self.failed = True
+        except OSError as exc:
+            self.error = self.error or exc
             raise
 
     def __getattr__(self, name: str) -> Any:

@@ -22,9 +22,9 @@ TVM-FFI's current stream, as fi_ffi ops do); the byte helpers (:meth:`Communicat
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
+from .. import variables
 from ..dtypes import DType
 from ..errors import FiFFIError
 from .env import DistEnv, read_env
@@ -145,10 +145,10 @@ def load_backend(name: str | None = None) -> Any:
         ValueError: an unknown name.
         NcclUnavailableError: none loads (nccl4py missing or without libnccl, CuPy missing or without NCCL).
     """
-    name = name if name is not None else os.environ.get("FI_FFI_NCCL_BACKEND") or None
+    if name is None:
+        name = variables.choice("FI_FFI_NCCL_BACKEND")  # its row's choices are _BACKENDS' names (a test keeps them)
     if name is not None and (not isinstance(name, str) or name not in _BACKENDS):
-        where = "backend" if "FI_FFI_NCCL_BACKEND" not in os.environ else "FI_FFI_NCCL_BACKEND"
-        raise ValueError(f"{where}: expected one of {', '.join(_BACKENDS)}, got {name!r}")
+        raise ValueError(f"backend: expected one of {', '.join(_BACKENDS)}, got {name!r}")
     reasons = []
     for each in [name] if name else list(_BACKENDS):
         try:

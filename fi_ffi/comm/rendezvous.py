@@ -14,11 +14,11 @@ The wire, both directions length-prefixed:
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import time
 
+from .. import variables
 from ..errors import FiFFIError
 from .env import DistEnv
 
@@ -35,16 +35,8 @@ class RendezvousError(FiFFIError):
 
 def default_timeout() -> float:
     """``FI_FFI_RENDEZVOUS_TIMEOUT`` (seconds, > 0) or 300."""
-    raw = os.environ.get("FI_FFI_RENDEZVOUS_TIMEOUT")
-    if raw is None:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"FI_FFI_RENDEZVOUS_TIMEOUT: expected a number of seconds > 0, got {raw!r}")
-    return value
+    value = variables.seconds("FI_FFI_RENDEZVOUS_TIMEOUT")  # ValueError: not a number of seconds > 0
+    return DEFAULT_TIMEOUT_S if value is None else value
 
 
 def exchange(env: DistEnv, payload: bytes | None, *, timeout: float | None = None) -> bytes:

@@ -236,6 +236,8 @@ def launcher(
     uri: str,
     check: Check | None = None,
     bound: Bound | None = None,
+    *,
+    defer: bool = False,
 ) -> Callable[..., Any]:
     """The launch function of ``decl`` on module ``uri`` (one per declaration, module, check and ``bound``).
 
@@ -243,9 +245,17 @@ def launcher(
     is then bound at once and the declaration its own signature matches is used (:func:`select_declaration`).
     Ops call the result with keyword arguments for parameters only some releases have (their defaults
     reproduce the older behaviour).
+
+    ``defer`` (a sequence of declarations only): bind nothing yet. Until a call's arguments have passed, the result
+    is a :class:`Deferred` whose calls check their arguments against every declaration first (the op's check
+    included; nothing is loaded, so a bad argument is named before a kernel wheel could be downloaded), then
+    bind; once bound, :func:`launcher` returns the launch function itself (no indirection on later calls). For
+    ops that call :func:`launcher` on each call and whose only checks are the launcher's.
     """
     key = (id(decl), uri, check, bound)
     found = _launchers.get(key)
+    if found is None and defer and not isinstance(decl, wire.Declaration):
+        return Deferred(tuple(decl), uri, check, bound, key, decl)
     if found is None:
         chosen = decl if isinstance(decl, wire.Declaration) else select_declaration(decl, uri)
         with _lock:
@@ -255,6 +265,101 @@ def launcher(
                 _launchers[key] = found
                 _pinned.append(decl)  # the id in the key stays valid while the entry exists
     return found
+
+
+class Deferred:
+    """The launch function of one entry point's declarations for several releases, before the module is bound
+    (what :func:`launcher` returns with ``defer=True``). A call checks its arguments against each declaration
+    (:func:`precheck`: loads nothing) and, once one declaration accepts them, binds the module, picks the
+    declaration it matches and launches; attributes (``launcher``, ``source``) are the bound launch function's
+    (reading one binds the module)."""
+
+    def __init__(
+        self,
+        decls: tuple[wire.Declaration, ...],
+        uri: str,
+        check: Check | None,
+        bound: Bound | None,
+        key: tuple[Any, ...],
+        original: Sequence[wire.Declaration],
+    ) -> None:
+        self.decls, self.uri, self.check, self.bound = decls, uri, check, bound
+        self._key, self._original = key, original
+
+    def resolve(self) -> Callable[..., Any]:
+        """The bound launch function (binds the module: it may be loaded, or downloaded)."""
+        return launcher(self._original, self.uri, self.check, self.bound)
+
+    def __call__(self, *args: Any, stream: Any = None, context: Any = None, **kwargs: Any) -> Any:
+        found = _launchers.get(self._key)
+        if found is None:
+            precheck(self.decls, self.uri, self.check, self.bound, args, kwargs, stream, context)
+            found = self.resolve()
+        return found(*args, stream=stream, context=context, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.resolve(), name)
+
+
+def precheck(
+    decls: Sequence[wire.Declaration],
+    uri: str,
+    check: Check | None,
+    bound: Bound | None,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    stream: Any,
+    context: Any,
+) -> None:
+    """Check one call's arguments against each of ``decls`` as its launch function would (described, converted,
+    the op's check, pointer rules, stream), binding and loading nothing; return once one declaration accepts them.
+
+    A declaration lacking an argument passed at other than its "off" value (None, False, 0) does not accept the
+    call. When every declaration refuses it, the first error about an argument's value is raised (the releases'
+    argument lists share their leading arguments, which the op's check names first); only when every refusal is
+    an argument some release lacks is that one raised (it names the argument and the releases).
+
+    Raises:
+        TypeError / ValueError: no declaration accepts the arguments; names the argument and the fix.
+    """
+    first: Exception | None = None
+    lacking: list[str] = []
+    for decl in decls:
+        names = codegen.arg_names(decl)
+        extra = [
+            k
+            for k, v in kwargs.items()
+            if k not in names and not (v is None or v is False or (type(v) is int and v == 0))
+        ]
+        if extra:
+            lacking.append(f"{extra[0]}: not taken by FlashInfer {decl.release or '?'}'s {decl.entry}")
+            continue
+        required = [n for n, p in zip(names, decl.params, strict=True) if p.default is wire.REQUIRED]
+        given = dict(zip(required, args, strict=False))  # positional arguments: the required ones, in order
+        bound_values = dict(zip(bound.names, bound.values(context), strict=True)) if bound is not None else {}
+        values = []
+        for p, name in zip(decl.params, names, strict=True):
+            if p.name in bound_values:
+                values.append(bound_values[p.name])
+            elif name in kwargs:
+                values.append(kwargs[name])
+            elif name in given:
+                values.append(given[name])
+            else:  # a required argument not passed: None, which describing it refuses by name
+                values.append(None if p.default is wire.REQUIRED else p.default)
+        probe = Launcher(decl, uri, check)
+        try:
+            validate(probe.name, decl, check, probe.pointer_position, values, stream, context)
+        except (TypeError, ValueError) as exc:
+            first = first or exc
+            continue
+        return
+    if first is not None:
+        raise first
+    if lacking:
+        raise ValueError("; ".join(lacking) + "; pass it only where the pinned release takes it")
 
 
 def _write_pointers(f: LaunchFrame, decl: wire.Declaration, record_of: dict[int, int], ptrs: list[int]) -> None:
@@ -282,6 +387,7 @@ caches.register("launchers (compiled per declaration, with their frames and imag
 __all__ = [
     "Bound",
     "Check",
+    "Deferred",
     "Entry",
     "LaunchFrame",
     "Launcher",
@@ -292,6 +398,7 @@ __all__ = [
     "compile_launcher",
     "launcher",
     "plan_info",
+    "precheck",
     "scalar",
     "select_declaration",
 ]

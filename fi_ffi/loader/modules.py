@@ -56,17 +56,23 @@ def selection(*, cuda: str | None = None, arch: str | None = None) -> Selection:
     return chosen
 
 
-_listing_only = contextvars.ContextVar("fi_ffi_listing_only", default=False)
+# "": not listing; "range": a listing reads a remote wheel's central directory or fails; "download": ..., or
+# downloads the whole wheel when the range requests fail (said first, with the size)
+_listing_only = contextvars.ContextVar("fi_ffi_listing_only", default="")
 _remote_indexes: dict[tuple[Any, ...], dict[str, list[int]]] = {}
 
 
 @contextlib.contextmanager
-def listing_without_download() -> Iterator[None]:
+def listing_without_download(*, allow_full_download: bool = False) -> Iterator[None]:
     """Within this block, a wheel that is neither cached nor local is listed from its URL's zip central directory
-    (HTTP range requests, :mod:`fi_ffi.loader.remote`) instead of being downloaded, where the server allows it.
-    For listings (``fi-ffi list``) only: such a listing is not verified, so it is kept apart from the verified
-    ones and never recorded in the cache."""
-    token = _listing_only.set(True)
+    (HTTP range requests, :mod:`fi_ffi.loader.remote`) instead of being downloaded. For listings (``fi-ffi list``)
+    only: such a listing is not verified, so it is kept apart from the verified ones and never recorded in the cache.
+
+    When the range requests fail, the listing raises :class:`~fi_ffi.errors.FetchError` naming the wheel, why, its
+    size where known and what to run instead (``fi-ffi fetch``); a server that cannot be reached at all is said to
+    be in one line. ``allow_full_download``: download the whole wheel instead, after saying so with its size.
+    """
+    token = _listing_only.set("download" if allow_full_download else "range")
     try:
         yield
     finally:
@@ -75,7 +81,12 @@ def listing_without_download() -> Iterator[None]:
 
 def _remote_index(pin: WheelPin, key: tuple[Any, ...]) -> dict[str, list[int]] | None:
     """``pin``'s listing read from its URL without the download, or ``None``: a local copy exists (it is read
-    instead), there is no http(s) URL, the machine is offline, or the server refused (said before downloading)."""
+    instead), there is no http(s) URL, the machine is offline (FI_FFI_OFFLINE), or the range requests failed and
+    a whole download is allowed (said first, with the size).
+
+    Raises:
+        FetchError: the range requests failed and a whole download is not allowed (see listing_without_download).
+    """
     if key in _remote_indexes:
         return _remote_indexes[key]
     local = [cache.wheel_path(pin), *(path for path, _ in wheels.local_sources(pin))]
@@ -86,9 +97,21 @@ def _remote_index(pin: WheelPin, key: tuple[Any, ...]) -> dict[str, list[int]] |
 
     try:
         members, size, requests = remote.zip_listing(pin.url, wheels._opener(), {"User-Agent": wheels.USER_AGENT})
-    except FetchError as exc:
-        announce(f"cannot list {pin.filename} without downloading it ({exc}); downloading the whole wheel")
-        return None
+    except remote.Unreachable as exc:  # no network: one line, at once (a whole download could not start either)
+        raise FetchError(
+            f"no network: {exc}; {pin.filename} is neither cached nor in a wheelhouse, so its modules cannot be "
+            f"listed. Retry when online, or put the wheel in a folder named by FI_FFI_WHEELHOUSE"
+        ) from None
+    except remote.RemoteError as exc:
+        whole = wheels.size_text(exc.size if exc.size is not None else pin.size)
+        if _listing_only.get() == "download":
+            announce(f"cannot list {pin.filename} without downloading it ({exc}); downloading the whole wheel, {whole}")
+            return None
+        raise FetchError(
+            f"cannot list {pin.filename} without downloading it: {exc}. Nothing was downloaded; the whole wheel is "
+            f"{whole}: fetch it into the cache with `fi-ffi fetch` (then listings read it here), or allow the "
+            f"download with `fi-ffi list --allow-full-download`"
+        ) from None
     logger.info(
         "listed %s from its central directory (%d requests; the wheel is %d bytes)", pin.filename, requests, size
     )
@@ -104,7 +127,7 @@ def wheel_index(pin: WheelPin) -> dict[str, list[int]]:
     if index is None:
         found = installed.find(pin)
         index = found.index() if found is not None else cache.read_index(pin)
-        if index is None and _listing_only.get():
+        if index is None and _listing_only.get():  # may raise: the range requests failed, no download allowed
             index = _remote_index(pin, key)
             if index is not None:
                 return index  # unverified: not memoised beside the verified listings

@@ -1,35 +1,16 @@
-"""Environment variables that steer the loader, read at call time (never cached across a change).
+"""The environment variables that steer the loader, read at call time (never cached across a change).
 
-==========================  ================================================================================
-``FI_FFI_CACHE_DIR``        cache root; default ``platformdirs.user_cache_dir("fi_ffi")``
-``FI_FFI_LOCK``             a wheel lock (same format as the packaged ``wheels.lock``) replacing the default;
-                            a section it lacks (``[[kernel]]`` or ``[[runtime]]``) comes from the default lock
-``FI_FFI_WHEELHOUSE``       folder(s) of wheels, ``os.pathsep``-separated, searched by file name (and sha256
-                            verified) before any download; wheels found there are used in place
-``FI_FFI_OFFLINE``          ``1``: never touch the network; a missing wheel is an error that says how to provide it
-``FI_FFI_QUIET``            ``1``: no progress bars, and no ``fi_ffi:`` progress lines on stderr when logging is
-                            not configured (see :mod:`fi_ffi.loader.log`)
-``FI_FFI_CUDA_VERSION``     ``major.minor`` used to select kernel wheels instead of asking libcudart
-``FI_FFI_SM``               comma-separated GPU archs (``90a,100a``): kernel entries whose ``sm`` list names none
-                            of them are skipped (entries without ``sm`` are always kept)
-``FI_FFI_RUNTIME``          where ``libtvm_ffi.so`` comes from: ``auto`` (default: a copy already loaded, else
-                            the installed ``apache-tvm-ffi`` package, else the lock's runtime wheel),
-                            ``package``, ``lock``, or the path of a ``libtvm_ffi.so``
-``FI_FFI_LOCK_TIMEOUT``     seconds a start waits for a cache lock held by another process before it gives up
-                            with an error naming the lock (default: wait as long as it takes, logging the wait)
-``FI_FFI_TRUST_INSTALLED``  ``1``: use a pip-installed kernel distribution (``flashinfer-jit-cache``) whose
-                            name, version and wheel tags match a pin even when nothing ties it to the pin's
-                            sha256 (see :mod:`fi_ffi.loader.installed`)
-``FI_FFI_USE_INSTALLED``    ``0``: never use pip-installed kernel distributions in place; always the pinned wheel
-                            from the wheelhouse or the cache (default ``1``; the test suite sets ``0``)
-==========================  ================================================================================
+Their rows (kind, default, meaning) are in :data:`fi_ffi.variables.VARIABLES`, the one table of every ``FI_FFI_*``
+variable; the readers here read through it (:func:`get`, :func:`flag`), adding the loader's error type
+(:class:`~fi_ffi.errors.LoaderError`) and what only the loader knows (a wheelhouse entry that is a wheel).
+``docs/operations.md`` ("Configuration") lists them for users.
 """
 
 from __future__ import annotations
 
 import os
-import re
 
+from .. import variables
 from ..errors import LoaderError
 
 CACHE_DIR = "FI_FFI_CACHE_DIR"
@@ -58,34 +39,28 @@ ALL = (
     USE_INSTALLED,
 )
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-FLAGS = (OFFLINE, QUIET, TRUST_INSTALLED, USE_INSTALLED)
+FLAGS = tuple(name for name in ALL if variables.VARIABLES[name].kind == "flag")
 """The on/off variables: ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (any case), or unset."""
 
 
 def get(name: str) -> str:
-    """The value of ``name`` with surrounding blanks removed, ``""`` when unset."""
+    """The value of ``name`` with surrounding blanks removed, ``""`` when unset (an ``FI_FFI_*`` name through
+    :func:`fi_ffi.variables.raw`, which refuses one without a row; others, such as ``SSL_CERT_FILE``, as they are)."""
+    if name.startswith("FI_FFI_"):
+        return variables.raw(name)
     return os.environ.get(name, "").strip()
 
 
-def flag(name: str, default: bool = False) -> bool:
-    """Whether on/off variable ``name`` is on (``default`` when unset or empty).
+def flag(name: str, default: bool | None = None) -> bool:
+    """Whether on/off variable ``name`` is on (``default`` when unset or empty; ``None``: its row's default).
 
     Raises:
         LoaderError: any other value, naming the variable and the values accepted (a value such as ``maybe``
             must not silently mean off).
     """
-    value = get(name).lower()
-    if not value:
+    if default is not None and not get(name):
         return default
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise LoaderError(
-        f"{name}={get(name)!r}: expected 1 (or true/yes/on) to turn it on, 0 (or false/no/off) or unset to turn it off"
-    )
+    return variables.flag(name, LoaderError)
 
 
 def offline() -> bool:
@@ -99,19 +74,12 @@ def quiet() -> bool:
 
 
 def lock_timeout() -> float | None:
-    """``FI_FFI_LOCK_TIMEOUT`` in seconds, or ``None`` (unset: wait for a cache lock as long as it takes)."""
-    text = get(LOCK_TIMEOUT)
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):  # also rejects nan
-        raise LoaderError(
-            f"{LOCK_TIMEOUT} must be a number of seconds >= 0 (found {text!r}); unset it to wait without a limit"
-        )
-    return value
+    """``FI_FFI_LOCK_TIMEOUT`` in seconds, or ``None`` (unset: wait for a cache lock as long as it takes).
+
+    Raises:
+        LoaderError: not a finite number >= 0.
+    """
+    return variables.seconds(LOCK_TIMEOUT, LoaderError)
 
 
 def trust_installed() -> bool:
@@ -149,50 +117,23 @@ def wheelhouse_problem(folder: str) -> str:
 
 
 def problems() -> dict[str, str]:
-    """Every set ``FI_FFI_*`` loader variable whose value fi_ffi would refuse or that points nowhere useful, with
-    what is wrong (for ``fi-ffi doctor``); reading them never raises here."""
-    out: dict[str, str] = {}
-    for name in FLAGS:
-        try:
-            flag(name)
-        except LoaderError as exc:
-            out[name] = str(exc)
-    try:
-        lock_timeout()
-    except LoaderError as exc:
-        out[LOCK_TIMEOUT] = str(exc)
+    """Every set ``FI_FFI_*`` variable whose value fi_ffi would refuse, that points nowhere useful or that fi_ffi does
+    not read (:func:`fi_ffi.variables.problems`), with what is wrong (for ``fi-ffi doctor``); never raises."""
+    out = variables.problems()
     bad = [p for p in (wheelhouse_problem(f) for f in get(WHEELHOUSE).split(os.pathsep) if f) if p]
     if bad:
         out[WHEELHOUSE] = "; ".join(bad)
-    cuda = get(CUDA_VERSION)
-    if cuda and not re.fullmatch(r"\d+\.\d+", cuda):
-        out[CUDA_VERSION] = f"{CUDA_VERSION}={cuda!r}: expected major.minor, such as 13.0"
-    sm = get(SM)
-    bad_sm = [a for a in sm_filter() if not re.fullmatch(r"\d+[a-z]?", a)]
-    if sm and (bad_sm or not sm_filter()):
-        out[SM] = f"{SM}={sm!r}: expected comma-separated GPU archs such as 90a,100a"
-    runtime = get(RUNTIME)
-    if runtime and runtime not in ("auto", "package", "lock") and not os.path.isfile(os.path.expanduser(runtime)):
-        out[RUNTIME] = f"{RUNTIME}={runtime!r}: expected auto, package, lock or the path of a libtvm_ffi.so"
-    lock = get(LOCK)
-    if lock and not os.path.isfile(os.path.expanduser(lock)):
-        out[LOCK] = f"{LOCK}={lock!r}: no such file"
     return out
 
 
 def sm_filter() -> tuple[str, ...]:
     """The GPU archs named by ``FI_FFI_SM`` (``"sm_90a"`` and ``"90a"`` both give ``"90a"``)."""
-    out = []
-    for item in get(SM).replace(";", ",").split(","):
-        item = item.strip().lower().removeprefix("sm_").removeprefix("sm")
-        if item:
-            out.append(item)
-    return tuple(out)
+    return variables.archs_of(get(SM))
 
 
 def snapshot() -> tuple[str, ...]:
     """The values of all variables above; a change of any of them invalidates the loader's memo tables."""
-    return tuple(os.environ.get(name, "") for name in ALL)
+    return tuple(variables.raw(name) for name in ALL)
 
 
 def use_installed() -> bool:

@@ -15,10 +15,12 @@
 Downloads are hashed while streaming into a temporary file inside the cache and renamed into place only
 when size and sha256 match, under a cross-process lock (N processes download a wheel once). A connection
 that breaks off is retried with exponential backoff (:data:`ATTEMPTS`, :data:`BACKOFF_S`), resuming with an
-HTTP ``Range`` request where the server supports it. Proxies come from the usual environment (``HTTPS_PROXY``,
-``HTTP_PROXY``, ``NO_PROXY``: urllib's defaults); the CA bundle from ``REQUESTS_CA_BUNDLE`` or
-``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` (else the system's). What is fetched, from where and how big is logged
-(:mod:`fi_ffi.loader.log`); a progress bar is drawn on terminals.
+HTTP ``Range`` request where the server supports it; a host that cannot be reached before anything came (no
+network: a name that does not resolve, a refused connection) is not retried but said at once in one line.
+Proxies come from the usual environment (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``: urllib's defaults);
+the CA bundle from ``REQUESTS_CA_BUNDLE`` or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` (else the system's).
+What is fetched, from where and how big is logged (:mod:`fi_ffi.loader.log`), before the body is read; a progress
+bar is drawn on terminals.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import FetchError, IntegrityError, LoaderError, LockError
-from . import cache, settings
+from . import cache, remote, settings
 from .lockfile import Lock, WheelPin, parse_wheel_filename
 from .log import announce, warn
 
@@ -220,7 +222,8 @@ def _is_whole_zip(path: Path) -> bool:
         return False
 
 
-def _size_text(n: int | None) -> str:
+def size_text(n: int | None) -> str:
+    """``n`` bytes for a reader (``1.2 GiB``), or ``size unknown``."""
     if n is None:
         return "size unknown"
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -304,7 +307,7 @@ def download(url: str, pin: WheelPin, dest: Path) -> Path:
         _check_download(url, pin, state.hash.hexdigest(), state.received, state.total, fix)
     cache.record_stamp(dest, pin.sha256)
     took = time.monotonic() - started
-    announce(f"fetched {pin.filename} ({_size_text(state.received)}, sha256 verified) in {took:.1f} s")
+    announce(f"fetched {pin.filename} ({size_text(state.received)}, sha256 verified) in {took:.1f} s")
     return dest
 
 
@@ -313,6 +316,7 @@ def _attempt(opener: Any, url: str, pin: WheelPin, out: IO[bytes], state: _Progr
     import http.client
     import ssl
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     headers = {"User-Agent": USER_AGENT}
@@ -332,6 +336,12 @@ def _attempt(opener: Any, url: str, pin: WheelPin, out: IO[bytes], state: _Progr
             raise FetchError(
                 f"cannot download {url}: {reason}. If a proxy or private CA signs this server's certificate, point "
                 "REQUESTS_CA_BUNDLE (or SSL_CERT_FILE) at a PEM file holding that CA"
+            ) from None
+        why = None if state.received or state.announced else remote.unreachable(exc)
+        if why is not None:  # nothing came yet and the host cannot be reached: no network, say so at once
+            raise FetchError(
+                f"no network: cannot reach {urllib.parse.urlsplit(url).netloc} ({why}); {pin.filename} was not "
+                f"downloaded. {fix}"
             ) from None
         raise _Retry(str(reason)) from None
     with response:
@@ -358,7 +368,7 @@ def _attempt(opener: Any, url: str, pin: WheelPin, out: IO[bytes], state: _Progr
             state.validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified", "")
         if not state.announced:
             state.announced = True
-            announce(f"fetching {pin.filename} ({_size_text(total or pin.size)}) from {url}")
+            announce(f"fetching {pin.filename} ({size_text(total or pin.size)}) from {url}")
             if total is not None:
                 bar.total = total
         while True:
@@ -416,7 +426,7 @@ def pip_download(pin: WheelPin, dest: Path) -> Path:
         "-d", str(tmpdir), pin.pip,
     ]  # fmt: skip
     fix = how_to_provide(pin)
-    announce(f"fetching {pin.filename} ({_size_text(pin.size)}) with `pip download {pin.pip}` (pip's index settings)")
+    announce(f"fetching {pin.filename} ({size_text(pin.size)}) with `pip download {pin.pip}` (pip's index settings)")
     try:
         try:
             tmpdir.mkdir()
@@ -447,7 +457,7 @@ def pip_download(pin: WheelPin, dest: Path) -> Path:
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     cache.record_stamp(dest, pin.sha256)
-    announce(f"fetched {pin.filename} ({_size_text(dest.stat().st_size)}, sha256 verified)")
+    announce(f"fetched {pin.filename} ({size_text(dest.stat().st_size)}, sha256 verified)")
     return dest
 
 

@@ -26,6 +26,9 @@ Releases: FlashInfer 0.7 changed the sampling entry points (seed/offset tensors;
 argument lists and picks the one the pinned module states (:func:`release` says which). The calls are the
 same; arguments only 0.7 has are refused by name on a 0.6.3 module (``valid``, ``workspace``, tensor seeds,
 ``is_deterministic=True``), and 0.7's required ``valid`` / ``workspace`` must be passed there.
+The two-release ops launch through a deferred launcher (``launcher(..., defer=True)``): a call's arguments are
+checked against both argument lists before the module is looked up, so a bad argument is named before a kernel
+wheel could be downloaded.
 """
 
 from __future__ import annotations
@@ -637,7 +640,7 @@ def sampling_from_probs(
             ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
             too small, an output overlapping an input.
     """
-    launch = launcher(SAMPLING_FROM_PROBS, _URI, _check_from_probs)
+    launch = launcher(SAMPLING_FROM_PROBS, _URI, _check_from_probs, defer=True)
     _sample(
         launch,
         lambda: _rows("out", out),
@@ -672,7 +675,7 @@ def sampling_from_logits(
             ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
             too small, an output overlapping an input.
     """
-    launch = launcher(SAMPLING_FROM_LOGITS, _URI, _check_from_logits)
+    launch = launcher(SAMPLING_FROM_LOGITS, _URI, _check_from_logits, defer=True)
     _sample(
         launch,
         lambda: _rows("out", out) * _rows("logits", logits, 1),
@@ -713,7 +716,7 @@ def top_p_sampling_from_probs(
     arr, val = _split("top_p", top_p, float)
     if arr is None:
         val = _unit("top_p", val, True)
-    launch = launcher(TOP_P_SAMPLING, _URI, _check_top_p)
+    launch = launcher(TOP_P_SAMPLING, _URI, _check_top_p, defer=True)
     _sample(
         launch,
         lambda: _rows("out", out) * 32,
@@ -763,7 +766,7 @@ def top_k_sampling_from_probs(
     arr, val = _split("top_k", top_k, int)
     if arr is None:
         val = _top_k(val)
-    launch = launcher(TOP_K_SAMPLING, _URI, _check_top_k)
+    launch = launcher(TOP_K_SAMPLING, _URI, _check_top_k, defer=True)
     _sample(
         launch,
         lambda: _rows("out", out) * 32,
@@ -813,7 +816,7 @@ def min_p_sampling_from_probs(
     arr, val = _split("min_p", min_p, float)
     if arr is None:
         val = _unit("min_p", val, False)
-    launch = launcher(MIN_P_SAMPLING, _URI, _check_min_p)
+    launch = launcher(MIN_P_SAMPLING, _URI, _check_min_p, defer=True)
     _sample(
         launch,
         lambda: _rows("out", out),
@@ -869,7 +872,7 @@ def top_k_top_p_sampling_from_probs(
     p_arr, p_val = _split("top_p", top_p, float)
     if p_arr is None:
         p_val = _unit("top_p", p_val, True)
-    launch = launcher(TOP_K_TOP_P_SAMPLING, _URI, _check_top_k_top_p)
+    launch = launcher(TOP_K_TOP_P_SAMPLING, _URI, _check_top_k_top_p, defer=True)
     _sample(
         launch,
         lambda: _rows("out", out) * 32,
@@ -925,7 +928,7 @@ def top_p_renorm_probs(
         val = _unit("top_p", val, True)
     if is_deterministic is not False and is_deterministic is not True:  # None is not "off": a bool or 0/1
         is_deterministic = checks.flag("is_deterministic", is_deterministic)
-    launcher(TOP_P_RENORM, _URI, _check_top_p_renorm)(
+    launcher(TOP_P_RENORM, _URI, _check_top_p_renorm, defer=True)(
         probs=probs,
         out=out,
         top_p=arr,
@@ -970,7 +973,7 @@ def top_k_renorm_probs(
         val = _top_k(val)
     if is_deterministic is not False and is_deterministic is not True:  # None is not "off": a bool or 0/1
         is_deterministic = checks.flag("is_deterministic", is_deterministic)
-    launcher(TOP_K_RENORM, _URI, _check_top_k_renorm)(
+    launcher(TOP_K_RENORM, _URI, _check_top_k_renorm, defer=True)(
         probs=probs,
         out=out,
         top_k=arr,
@@ -1055,7 +1058,7 @@ def chain_speculative_sampling(
             ``min_p`` in [0, 1]), a tensor not contiguous or not on the first argument's CUDA device, a scratch buffer
             too small, an output overlapping an input.
     """
-    launch = launcher(CHAIN_SPECULATIVE_SAMPLING, _URI, _check_speculative)
+    launch = launcher(CHAIN_SPECULATIVE_SAMPLING, _URI, _check_speculative, defer=True)
     _sample(
         launch,
         lambda: _rows("draft_probs", draft_probs) * (_rows("draft_probs", draft_probs, 1) + 1),

@@ -123,3 +123,18 @@ def test_clear_on_a_writable_cache_removes_and_exits_zero(tmp_path: Path, make_w
     assert done.returncode == 0, done.stderr
     assert f"removed {tmp_path / 'cache'}" in done.stdout and "entries fi_ffi created" in done.stdout
     assert not list((tmp_path / "cache").rglob("*.whl"))
+
+
+@pytest.mark.parametrize("action", ["path", "clear"])
+def test_full_is_refused_where_it_means_nothing(action: str, tmp_path: Path) -> None:
+    done = fi_ffi("cache", action, "--full", FI_FFI_CACHE_DIR=str(tmp_path / "c"))
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == (
+        f"fi-ffi cache {action}: --full applies to list and verify only (clear already removes everything fi_ffi "
+        f"created, downloaded wheels included)"
+    )
+
+
+def test_path_prints_the_cache_folder(tmp_path: Path) -> None:
+    done = fi_ffi("cache", "path", FI_FFI_CACHE_DIR=str(tmp_path / "c"))
+    assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "c")

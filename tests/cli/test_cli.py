@@ -284,7 +284,10 @@ def test_doctor_lists_the_fi_ffi_variables_set_and_flags_unknown_ones() -> None:
     assert "typo" in rows["FI_FFI_OFLINE"]["note"]
     assert rows["FI_FFI_QUIET"]["value"] == "1"  # set by the test session
     text = fi_ffi("doctor", FI_FFI_OFLINE="1").stdout
-    assert "  FI_FFI_OFLINE=1   <- not a variable fi_ffi reads (a typo?)" in text
+    assert (
+        "  FI_FFI_OFLINE=1   <- FI_FFI_OFLINE: not a variable fi_ffi reads, a typo? (did you mean FI_FFI_OFFLINE?)"
+        in text
+    )
 
 
 def test_doctor_says_which_file_each_lock_section_came_from(shared_wheel_lock: Path) -> None:

@@ -141,7 +141,7 @@ def test_bad_payloads(payload: object, rank: int, error: type, message: str) -> 
 @pytest.mark.parametrize("bad", ["0", "-3", "nan", "inf", "soon"])
 def test_bad_timeout_variable_is_named(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
     monkeypatch.setenv("FI_FFI_RENDEZVOUS_TIMEOUT", bad)
-    with pytest.raises(ValueError, match="FI_FFI_RENDEZVOUS_TIMEOUT: expected a number of seconds > 0"):
+    with pytest.raises(ValueError, match=rf"FI_FFI_RENDEZVOUS_TIMEOUT='{bad}': expected a number of seconds > 0"):
         default_timeout()
 
 

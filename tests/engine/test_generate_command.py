@@ -143,3 +143,53 @@ def test_tp_ranks_start_through_the_binding_launcher(capfd: pytest.CaptureFixtur
     out = capfd.readouterr().out
     assert "rank 0 of 2" in out and "rank 1 of 2" in out
     assert cli._launch_ranks(2, [sys.executable, "-c", "raise SystemExit(3)"]) == 3
+
+
+# What generate prints, written by a stand-in for the GPU step (the real one needs a GPU): the engine's CLI, its
+# parser and its output path are the real ones; only cmd_generate's engine run is replaced by two printed lines.
+STAND_IN = """
+import sys
+from fi_engine import cli
+
+def printed(args):
+    print("[0] 1,2,3  (length)")
+    print("prefill: 1.0 ms; decode (eager): 2 steps")
+    return 0
+
+cli.cmd_generate = printed
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["generate", "--help"],
+        ["generate", "--model", "M", "--prompt-ids", "1,2", "--max-new-tokens", "2"],
+    ],
+    ids=["help", "generate-help", "generate-output"],
+)
+def test_output_that_cannot_be_written_is_one_line_and_exit_2(args: list[str], model: Path) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    args = [str(model) if a == "M" else a for a in args]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-c", STAND_IN, *args], stdout=full, stderr=subprocess.PIPE, text=True,
+            env=subprocess_env(), timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    command = "fi-engine generate" if args[-1] != "--help" else "fi-engine"
+    assert done.stderr.splitlines() == [
+        f"{command}: cannot write the output to stdout: No space left on device; send it to a file or device with "
+        "room (is the disk full?)"
+    ], done.stderr
+
+
+def test_the_stand_in_prints_when_stdout_has_room(model: Path) -> None:  # the case above could fail
+    args = ["generate", "--model", str(model), "--prompt-ids", "1,2", "--max-new-tokens", "2"]
+    done = subprocess.run(
+        [sys.executable, "-c", STAND_IN, *args], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.startswith("[0] 1,2,3"), done.stderr

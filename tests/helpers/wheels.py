@@ -25,7 +25,8 @@ SHARED = REPO.parent / "shared"
 SHARED_WHEEL_GLOB = "flashinfer_jit_cache-*.whl"
 WHEELS_HINT = (
     "build it with tools/build_test_wheels.py (FlashInfer's own generators and nvcc), or point FI_FFI_TEST_WHEELS at "
-    "FlashInfer's prebuilt flashinfer-jit-cache wheel; CONTRIBUTING.md, section 'Test kernel wheels'"
+    "FlashInfer's prebuilt flashinfer-jit-cache wheel (the file, or its folder); CONTRIBUTING.md, section 'Test "
+    "kernel wheels'"
 )
 """Appended to every skip for a missing test wheel: the two ways in, and where CONTRIBUTING.md says more."""
 SHARED_WHEEL_MISSING = (
@@ -58,14 +59,35 @@ def _wheels_in(folders: Sequence[str], pattern: str) -> list[Path]:
     return []
 
 
-def find_shared_wheel() -> Path | None:
-    """The shared test kernel wheel, looked for in ``$FI_FFI_TEST_WHEELS`` then ``<repo>/../shared/wheels``.
+def named_wheel() -> Path | None:
+    """The wheel file ``$FI_FFI_TEST_WHEELS`` names, when it names one (FlashInfer's prebuilt
+    ``flashinfer_jit_cache-*.whl``, or a test wheel) rather than a folder; else ``None``."""
+    named = os.environ.get("FI_FFI_TEST_WHEELS", "")
+    return Path(named) if named.endswith(".whl") and Path(named).is_file() else None
 
-    Both lie outside the checkout (the wheel is too big to commit); ``None`` when neither holds one, and every
-    test that needs it then skips saying so (:data:`SHARED_WHEEL_MISSING`).
+
+def find_shared_wheel() -> Path | None:
+    """The shared test kernel wheel: the wheel ``$FI_FFI_TEST_WHEELS`` names, else the one in the folder it names,
+    else the one in ``<repo>/../shared/wheels``.
+
+    All lie outside the checkout (the wheel is too big to commit); ``None`` when none holds one, and every test
+    that needs it then skips saying so (:data:`SHARED_WHEEL_MISSING`). FlashInfer's own ``flashinfer-jit-cache``
+    wheel serves too: its layout is the test wheels' (``flashinfer_jit_cache/jit_cache/<uri>/<uri>.so``), and a test
+    stopped by a module it does not hold is a skip naming the module (:func:`supplied_by_user`).
     """
+    named = named_wheel()
+    if named is not None:
+        return named
     found = _wheels_in([os.environ.get("FI_FFI_TEST_WHEELS", ""), str(SHARED / "wheels")], SHARED_WHEEL_GLOB)
     return found[0] if found else None
+
+
+def supplied_by_user() -> bool:
+    """Whether the core test wheel comes from ``$FI_FFI_TEST_WHEELS`` (a wheel of the contributor's choice, such as
+    FlashInfer's prebuilt one, which need not hold every module the suite uses) rather than the shared folder."""
+    wheel = find_shared_wheel()
+    named = os.environ.get("FI_FFI_TEST_WHEELS", "")
+    return wheel is not None and bool(named) and (wheel == Path(named) or wheel.parent == Path(named))
 
 
 needs_shared_wheel = pytest.mark.skipif(find_shared_wheel() is None, reason=SHARED_WHEEL_MISSING)
@@ -102,7 +124,10 @@ def comm_wheel() -> Path | None:
 def shared_wheels(core: Path) -> list[Path]:
     """The core test wheel, the kernel wheels beside it (the extension wheel) and the model-family wheel
     (:func:`find_wheels_models`), pinned together by one lock (their module names are disjoint)."""
-    beside = sorted(p for p in core.parent.glob("flashinfer_jit_cache*.whl") if p != core)
+    # a wheel named by FI_FFI_TEST_WHEELS stands alone (its folder may hold anything, such as other downloads)
+    beside = (
+        [] if core == named_wheel() else sorted(p for p in core.parent.glob("flashinfer_jit_cache*.whl") if p != core)
+    )
     names = {p.name for p in beside}
     return [core, *beside, *(w for w in find_wheels_models() if w.name not in names)]
 

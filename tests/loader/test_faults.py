@@ -323,7 +323,7 @@ def test_a_start_waits_for_a_lock_until_its_holder_exits(
 
 def test_a_bad_fi_ffi_lock_timeout_is_named(synthetic: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FI_FFI_LOCK_TIMEOUT", "soon")
-    with pytest.raises(LoaderError, match=r"FI_FFI_LOCK_TIMEOUT must be a number of seconds >= 0 \(found 'soon'\)"):
+    with pytest.raises(LoaderError, match=r"FI_FFI_LOCK_TIMEOUT='soon': expected a number of seconds >= 0"):
         loader.module_path("alpha")
 
 

@@ -69,13 +69,13 @@ def test_doctor_flags_bad_values_and_still_exits_zero(tmp_path: Path) -> None:
         FI_FFI_QUIET="1",
     )
     assert "expected 1 (or true/yes/on)" in notes["FI_FFI_OFFLINE"]
-    assert "FI_FFI_LOCK_TIMEOUT must be a number of seconds >= 0 (found 'abc')" in notes["FI_FFI_LOCK_TIMEOUT"]
+    assert "FI_FFI_LOCK_TIMEOUT='abc': expected a number of seconds >= 0" in notes["FI_FFI_LOCK_TIMEOUT"]
     assert "expected major.minor" in notes["FI_FFI_CUDA_VERSION"]
     assert "expected comma-separated GPU archs" in notes["FI_FFI_SM"]
     assert "expected auto, package, lock or the path" in notes["FI_FFI_RUNTIME"]
     assert notes["FI_FFI_QUIET"] == ""
     text = fi_ffi("doctor", FI_FFI_LOCK_TIMEOUT="abc").stdout
-    assert "FI_FFI_LOCK_TIMEOUT=abc   <- FI_FFI_LOCK_TIMEOUT must be a number" in text
+    assert "FI_FFI_LOCK_TIMEOUT=abc   <- FI_FFI_LOCK_TIMEOUT='abc': expected a number" in text
 
 
 def test_doctor_names_each_wheelhouse_entry_that_is_not_a_folder(tmp_path: Path) -> None:
