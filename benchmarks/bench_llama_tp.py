@@ -114,6 +114,10 @@ def run_rank(
         import fi_engine.dense
 
         fi_engine.dense.gemv_bound = lambda rows, n, k: False
+    if variant == "no-pdl":  # the fused step's GEMVs launched without programmatic dependent launch
+        from fi_engine.dense import Dense
+
+        Dense.pdl = False
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
         LlamaEngine.graph_fused_decode = False
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
@@ -296,7 +300,8 @@ def main() -> None:
         "from the shards' combined argmax without rank 0's broadcast; off in the engine until measured), "
         "in-step (TP 1: each graph step prepared only after the last one's tokens are back), lt (TP 1: every GEMM "
         "of the decode graph through cuBLASLt, none through the GEMV), unfused (TP 1: a one-row decode graph of "
-        "separate launches, not the fused step), "
+        "separate launches, not the fused step), no-pdl (TP 1: the fused step's GEMVs without programmatic dependent "
+        "launch), "
         "ahead (as fused, the next step prepared while the "
         "GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce launched with programmatic dependent "
         "launch)",
@@ -322,7 +327,7 @@ def main() -> None:
     table = []
     for tp in [int(t) for t in args.tp.split(",")]:
         variants = args.variants.split(",")
-        one_gpu = ["fused"] + [v for v in variants if v in ("in-step", "lt", "unfused")]
+        one_gpu = ["fused"] + [v for v in variants if v in ("in-step", "lt", "unfused", "no-pdl")]
         for variant in one_gpu if tp == 1 else variants:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = [sys.executable, __file__, "--model", str(args.model), "--rank-out", out.name]
