@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -456,8 +456,38 @@ class Dense:
         params = self._driver_ffi.new("void*[6]", [values + i for i in range(6)])
         return self._prepared(_function_ptr(self._gather_fn), rows, 256, 0, params, values, "gather_rows16")
 
+    def prepared_kernel(
+        self, fn: int, grid: tuple[int, int], block: int, smem: int, args: Sequence[int], name: str
+    ) -> Callable[[], None]:
+        """A launch of kernel ``fn`` (a ``CUfunction`` handle, e.g. a CuPy ``RawKernel``'s ``ptr``) on ``grid``
+        (x, y) blocks of ``block`` threads with ``smem`` dynamic shared bytes, its arguments packed once: each a
+        pointer or an integer, passed in an 8-byte slot (a 32-bit parameter reads its low 4 bytes: little-endian),
+        so none may be a float. Calling the result launches it again on this Dense's stream (about a tenth of a
+        CuPy kernel call's host time). Raises ValueError when the driver launch path is off and TypeError/ValueError
+        naming an argument that is no int or outside ``[0, 2**64)`` (negative 32-bit values: pass them as their
+        unsigned bits)."""
+        if not self.gemv:
+            raise ValueError("dense: the driver launch path is off (closed, or the GEMV is unavailable)")
+        gx, gy = (_int_arg("grid", g, 1, 1 << 31) for g in grid)
+        _int_arg("block", block, 1, 1025)
+        _int_arg("smem", smem, 0, 1 << 31)
+        values = [_int_arg(f"args[{i}]", a, 0, _U64) for i, a in enumerate(args)]
+        ffi = self._driver_ffi
+        packed = ffi.new(f"uint64_t[{max(1, len(values))}]", values or [0])
+        params = ffi.new(f"void*[{max(1, len(values))}]", [packed + i for i in range(max(1, len(values)))])
+        return self._prepared(fn, gx, block, smem, params, packed, name, grid_y=gy)
+
     def _prepared(
-        self, fn: int, grid: int, block: int, smem: int, params: Any, values: Any, name: str, pdl: bool = False
+        self,
+        fn: int,
+        grid: int,
+        block: int,
+        smem: int,
+        params: Any,
+        values: Any,
+        name: str,
+        pdl: bool = False,
+        grid_y: int = 1,
     ) -> Any:
         """A launch of ``fn`` packed once. ``pdl``: the kernel waits for its predecessor itself
         (``griddep_wait`` in :mod:`~fi_engine.cuda_sources`), so it is launched with programmatic dependent launch
@@ -469,7 +499,7 @@ class Dense:
             attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
             attr.value[0] = 1  # programmaticStreamSerializationAllowed (an int, little-endian)
             config = ffi.new("CUlaunchConfig*")
-            config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+            config.gridDimX, config.gridDimY, config.gridDimZ = grid, grid_y, 1
             config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
             config.sharedMemBytes, config.hStream, config.attrs, config.numAttrs = smem, stream, attr, 1
             launch_ex = self._launch_ex
@@ -488,7 +518,7 @@ class Dense:
         def call() -> None:
             if not self.gemv:  # closed: the module and its functions may be gone
                 raise ValueError("dense: closed (or the GEMV turned off); prepared launches refuse")
-            err = launch(fn, grid, 1, 1, block, 1, 1, smem, stream, params, null)
+            err = launch(fn, grid, grid_y, 1, block, 1, 1, smem, stream, params, null)
             if err:
                 raise driver_error(err, f"cuLaunchKernel({name})")
 

@@ -686,6 +686,7 @@ class MoELayer:
             except Exception:  # NVRTC or the device refusing: the grouped GEMM serves every step
                 self._grouped = None
             self._g_rows = cupy.arange(c * self.top_k, dtype=cupy.int32)  # assignment a's output is row a
+        self._packed_steps: dict[tuple[int, ...], list[Any]] = {}  # _gemv_step's launches per call site
 
     gemv_tokens = 8
     """Steps of at most this many tokens take the grouped GEMV in :meth:`forward_static` (where the layer has it);
@@ -695,6 +696,46 @@ class MoELayer:
         g = self._grouped
         k, h, i = self.top_k, self.hidden, self.intermediate
         return g is not None and t <= self.gemv_tokens and g.fits(t, k, 2 * i, h) and g.fits(t, k, h, i)
+
+    def _gemv_step(self, x: Any, out: Any, t: int) -> Any:
+        """:meth:`forward_static` over the grouped GEMV as six launches packed once per ``(x, out, t)``: the router
+        GEMM, the device routing, the gate/up GEMV, SiLU-and-mul, the down GEMV and the combine (a decode step
+        calls the same buffers every time: an eager step then pays about one FFI call per launch instead of a CuPy
+        kernel call's argument handling). At most 64 such call sites are kept, then the cache starts again."""
+        x_ld, out_ld = x.strides[0] // x.itemsize, out.strides[0] // out.itemsize
+        key = (int(x.data.ptr), x_ld, int(out.data.ptr), out_ld, t)
+        calls = self._packed_steps.get(key)
+        if calls is None:
+            if len(self._packed_steps) >= 64:
+                self._packed_steps.clear()
+            calls = self._packed_steps[key] = self._pack_gemv_step(x, out, t, x_ld, out_ld)
+        for call in calls:
+            call()
+        return out
+
+    def _pack_gemv_step(self, x: Any, out: Any, t: int, x_ld: int, out_ld: int) -> list[Any]:
+        from .dense import _function_ptr
+
+        d, g = self.dense, self._grouped
+        e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
+        xp, op = int(x.data.ptr), int(out.data.ptr)
+        logits, experts, weights = (int(a.data.ptr) for a in (self.logits, self.s_experts, self.s_weights))
+        gu, act, y = (int(a.data.ptr) for a in (self.gate_up_out, self.act, self.y))
+        rows = t * k
+        router_w = int(self.weights.router.data.ptr)
+        router = d.prepared_linear(t, xp, x_ld, router_w, e, h, logits, e, self._ab, CUDA_R_32F)
+        route_args = [logits, e, k, 1 if self.renormalize else 0, t, experts, weights]
+        route = d.prepared_kernel(_function_ptr(self._route_fn), ((t + 127) // 128, 1), 128, 0, route_args, "moe_route")
+        fn, grid, block, smem, args = g.launch(xp, x_ld, k, experts, t, k, int(self.weights.gate_up.data.ptr), e,
+                                               2 * i, h, gu, 2 * i)  # fmt: skip
+        gate_up = d.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (gate/up)")
+        gu_t, act_t = self._t(self.gate_up_out, (rows, 2 * i)), self._t(self.act, (rows, i))
+        silu = fi_ffi.prepare(fi_ffi.silu_and_mul, gu_t, act_t, stream=self.stream.ptr)
+        fn, grid, block, smem, args = g.launch(act, i, 1, experts, t, k, int(self.weights.down.data.ptr), e, h, i, y, h)
+        down = d.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (down)")
+        combine_args = [y, int(self._g_rows.data.ptr), weights, op, k, h, out_ld, self._bf16]
+        combine = d.prepared_kernel(_function_ptr(self._combine), (t, 1), 256, 0, combine_args, "moe_combine")
+        return [router, route, gate_up, silu, down, combine]
 
     def _gemv_experts(self, x: Any, out: Any, t: int) -> Any:
         """The experts of :meth:`forward_static` as two grouped GEMVs over the ``t * k`` assignments: gate/up
@@ -723,6 +764,8 @@ class MoELayer:
             raise ValueError(f"tokens: expected 0..capacity ({self.capacity}) within the rows of x and out, got {t}")
         if t == 0:
             return out
+        if self.dense.gemv and self._gemv_serves(t):
+            return self._gemv_step(x, out, t)
         e, k = self.num_experts, self.top_k
         s = self.stream
         with s:

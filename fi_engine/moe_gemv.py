@@ -182,6 +182,30 @@ class GroupedGemv:
         (k a multiple of 8, at most 1024 assignments, one input row in shared memory)."""
         return 0 < tokens * top_k <= _MAX_ASSIGN and k % 8 == 0 and n > 0 and self.rows_per_pass(tokens, k) > 0
 
+    def launch(
+        self,
+        x: int,
+        x_ld: int,
+        div: int,
+        experts: int,
+        tokens: int,
+        top_k: int,
+        w: int,
+        num_experts: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+    ) -> tuple[int, tuple[int, int], int, int, list[int]]:
+        """The launch :meth:`__call__` makes, for pointers given as ints: ``(function handle, grid, threads per
+        block, shared bytes, arguments)``, for a caller that packs it once (``Dense.prepared_kernel``)."""
+        assignments = tokens * top_k
+        r = self.rows_per_pass(tokens, k)
+        active = max(1, min(num_experts, assignments))
+        blocks = max(1, min(-(-n // _WARPS), -(-8 * self._sms // active)))
+        args = [x, x_ld, div, experts, assignments, w, n, k, y, y_ld]
+        return int(self._fns[r].ptr), (blocks, num_experts), 32 * _WARPS, r * k * 2, args
+
     def __call__(
         self,
         x: Any,

@@ -261,3 +261,24 @@ def test_the_predicates_refuse_what_is_no_int_by_name(bad):
     ):
         with pytest.raises(TypeError, match=f"^{name}: expected an int"):
             call()
+
+
+def test_prepared_kernel_packs_integer_arguments_into_8_byte_slots() -> None:
+    """Dense.prepared_kernel (the MoE layer's packed launches): the grid's two dimensions, block and shared bytes
+    reach cuLaunchKernel, each argument sits in its own 8-byte slot (what a 32-bit parameter reads as its low
+    half), and a float, a negative or an out-of-range value is refused by the argument's name."""
+    d = fake_dense()
+    d.prepared_kernel(0x5000, (3, 8), 256, 4096, [at(0), 7, (1 << 40) + 5], "k")()
+    fn, gx, gy, gz, block, by, bz, smem, stream, params, _ = d.launches[0]
+    assert (fn, gx, gy, gz, block, by, bz, smem, stream) == (0x5000, 3, 8, 1, 256, 1, 1, 4096, 0x77)
+    ffi = driver.ffi()
+    slots = [int(ffi.cast("uint64_t*", params[i])[0]) for i in range(3)]
+    assert slots == [at(0), 7, (1 << 40) + 5]
+    for bad, match in ((1.5, r"args\[1\]"), (-1, r"args\[1\]"), (1 << 64, r"args\[1\]"), (True, r"args\[1\]")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            d.prepared_kernel(0x5000, (1, 1), 32, 0, [0, bad], "k")
+    with pytest.raises((TypeError, ValueError), match="grid"):
+        d.prepared_kernel(0x5000, (0, 1), 32, 0, [], "k")
+    d.gemv = False
+    with pytest.raises(ValueError, match="launch path is off"):
+        d.prepared_kernel(0x5000, (1, 1), 32, 0, [], "k")
