@@ -42,11 +42,10 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p: expected a probability in (0, 1], got {self.top_p!r}")
         seed = self.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
-            if isinstance(seed, int) and not isinstance(seed, bool):  # a huge int shown by its size, not its digits
-                shown = repr(seed) if seed.bit_length() <= 80 else f"an int of {seed.bit_length()} bits"
-            else:
-                shown = type(seed).__name__
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed: expected None or an int in [0, 2**64), got {type(seed).__name__}")
+        if seed is not None and not 0 <= seed < 1 << 64:  # a huge int shown by its size, not its digits
+            shown = repr(seed) if seed.bit_length() <= 80 else f"an int of {seed.bit_length()} bits"
             raise ValueError(f"seed: expected None or an int in [0, 2**64), got {shown}")
 
     @property
@@ -54,11 +53,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def sampling_arg(value: object) -> SamplingParams | None:
-    """``value`` if it is a :class:`SamplingParams` or None (greedy), else TypeError naming ``sampling``."""
-    if value is not None and not isinstance(value, SamplingParams):
+def sampling_arg(sampling: object) -> SamplingParams | None:
+    """``sampling`` if it is a :class:`SamplingParams` or None (greedy), else TypeError naming it."""
+    if sampling is not None and not isinstance(sampling, SamplingParams):
         raise TypeError(
             f"sampling: expected a fi_engine.sampling_params.SamplingParams or None (greedy), got "
-            f"{type(value).__name__}"
+            f"{type(sampling).__name__}"
         )
-    return value
+    return sampling
