@@ -49,6 +49,7 @@ class Draws:
 
     @classmethod
     def seeded(cls, seed: int, shared: bool) -> Draws:
+        """A stream starting at ``(seed, offset 0)`` (``seed`` an int in ``[0, 2**64)``)."""
         return cls(kernels.generator(seed), shared)
 
 
