@@ -1,8 +1,11 @@
 """The serving loop and its scheduler: prompts queued as requests (:mod:`~fi_engine.paging`), admitted into free
 batch slots and prefilled together, then one decode step after another over every active request until each ends
-(an end-of-sequence token or its token limit), its pages freed; :class:`GenerationResult` with the tokens and the
-timings. The loop is the same for every model family: what a step runs on the device is the engine's
-(:mod:`~fi_engine.step_graphs` for the CUDA graphs, the family definition's forward, :mod:`~fi_engine.sampling`).
+(an end-of-sequence token, its token limit or an abort), its pages freed; :class:`GenerationResult` with the tokens
+and the timings. The loop is driven by ``generate`` to the end of its prompts, or one step at a time by the step
+API (``add_request`` / ``step`` / ``abort_request``, :class:`~fi_engine.stepping.StepEngine`); both run the same
+step (``ServingLoop._advance``) over the engine's one scheduler. The loop is the same for every model family: what
+a step runs on the device is the engine's (:mod:`~fi_engine.step_graphs` for the CUDA graphs, the family
+definition's forward, :mod:`~fi_engine.sampling`).
 """
 
 from __future__ import annotations
@@ -129,8 +132,9 @@ class ServingLoop(EngineState):
         cp = self._cp
         if self._ffi_stream is None:
             self._ffi_stream = stream_scope(self._s, self.device)
-        # the device, CuPy's current stream and TVM-FFI's are the engine's for this step (a few microseconds: two
-        # runtime calls and two FFI calls), so the caller's thread keeps its own between steps
+        # the device, CuPy's current stream and TVM-FFI's are the engine's for this step only (a device switch, CuPy's
+        # thread-local stream, two TVM-FFI calls; the stream_scope is made once), so the caller's thread keeps its
+        # own between steps
         with cp.cuda.Device(self.device), self.stream, self._ffi_stream:
             try:
                 produced = self._advance(sched, None)
