@@ -9,8 +9,8 @@ between must invalidate):
     in the same order, so the same batches: bit-equal), and a request's own end-of-sequence id ends it ("stop");
 (b) an abort mid-generation frees the slot and the pages at once (the allocator's count), the next step reports it,
     and a queued request is then admitted and served: its tokens are the engine's own greedy choice at every
-    position (teacher forcing with the engine's ``prefill_logits``: the argmax, or within the float16 tolerance of
-    it at a near tie), as are those of the requests that went on;
+    position (teacher forcing with the engine's ``prefill_logits``: the argmax, or within ``TOL`` of it at a near
+    tie), as are those of the requests that went on;
 (c) per-request sampling: in a batch mixing greedy and sampled requests (seeded and unseeded) the greedy ones get
     exactly the tokens of the all-greedy run of the same batch; sampled requests with ``top_k=1`` get the greedy
     tokens; a greedy batch launches no sampling kernel (softmax, sampler, merge gather); a seeded request run
@@ -31,7 +31,7 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy (pip install 'fi-ffi[llama]')")
 
 from helpers.random_llama import VOCAB, save_random_llama  # noqa: E402
-from helpers.yardstick import LOGIT_TOL, prompts  # noqa: E402
+from helpers.yardstick import prompts  # noqa: E402
 
 from fi_engine import kernels  # noqa: E402
 from fi_engine.llama import LlamaEngine  # noqa: E402
@@ -41,7 +41,11 @@ from fi_engine.stepping import StepEngine, StepOutput  # noqa: E402
 pytestmark = pytest.mark.gpu
 
 MODES = ("eager", "graph", "graph-ahead")
-TOL = LOGIT_TOL["float16"]
+# This random model's logits have a standard deviation of ~24 (hidden 576 after a unit-weight norm, a tied head of
+# unit-variance rows): a token fed from the wrong context lands units below the best, while the prefill and decode
+# kernels (teacher forcing recomputes a decode step's logits with the prefill's) may differ by a few hundredths.
+# A near tie within 1 % of a standard deviation may go either way.
+TOL = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +80,7 @@ def tokens_of(outs: list[StepOutput]) -> list[int]:
 
 def check_own_greedy(engine, prompt: list[int], out: list[int]) -> None:
     """Every token of ``out`` is the engine's own greedy choice after ``prompt`` + the tokens before it (teacher
-    forcing with prefill_logits), up to a near tie within the float16 tolerance."""
+    forcing with prefill_logits), up to a near tie within ``TOL``."""
     lg = engine.prefill_logits([prompt + out[:-1]])[0]
     for t, tok in enumerate(out):
         row = lg[len(prompt) - 1 + t]
@@ -237,8 +241,8 @@ def test_sampled_rows_with_top_k_one_get_the_greedy_tokens(engine):
 
 
 def test_a_seeded_request_alone_reproduces_its_tokens(engine):
-    # the random model's logits have a standard deviation of ~24 (hidden 576, unit embedding rows): temperature 20
-    # spreads the draws over the top 5
+    # the logits' standard deviation of ~24 (see TOL) makes temperature 1 nearly greedy: 20 spreads the draws over
+    # the top 5
     (p,) = prompts((13,), VOCAB, seed=9)
     s = SamplingParams(temperature=20.0, top_k=5, seed=1234)
     first = run_batch(engine, [p], 20, [s])[0]
