@@ -500,3 +500,72 @@ def test_aborting_active_and_queued_requests_gives_every_page_back():
         e.abort_request(rid)
     assert s.allocator.num_free == s.allocator.capacity
     assert sorted(o.rid for o in e.step()) == rids
+
+
+# ---------------------------------------------------------------------------------------------- the mixed step
+
+
+def test_a_mixed_step_hands_each_stream_its_rows_and_merges_the_samples_into_the_greedy_ids(monkeypatch):
+    """Sampling._sample_mixed on the host, with the launches recorded: the per-row arrays it copies, the calls it
+    makes (softmax once; one sampler per stream with that stream's rows as indices into its own output span), and
+    the gather that merges them, replayed in numpy: greedy rows keep their argmax, sampled rows get their sample."""
+    from fi_engine import kernels
+    from fi_engine.sampling import _sample_layout
+
+    B, V = 6, 1000
+    e = LlamaEngine.__new__(LlamaEngine)
+    e.max_batch, e.device, e._s = B, 0, 0
+    e.config = SimpleNamespace(vocab_size=V)
+    e.vocab_shard = None
+
+    def buffer(address, shape=(1,)):
+        return SimpleNamespace(data=SimpleNamespace(ptr=address), shape=shape)
+
+    ids, choice, meta = 1 << 40, 2 << 40, 3 << 40
+    e._buf = SimpleNamespace(ids=buffer(ids))
+    e._probs, e._softmax_ws, e._valid = buffer(4 << 40), buffer(5 << 40, (64,)), None
+    e._slayout = _sample_layout(B)
+    e._shost = np.zeros(e._slayout.total, np.int32)
+    e._smeta, e._choice = buffer(meta), buffer(choice)
+    copies, launches = [], []
+    e._cp = SimpleNamespace(cuda=SimpleNamespace(runtime=SimpleNamespace(memcpyAsync=lambda *a: copies.append(a[:3]))))
+    e.dense = SimpleNamespace(gather_rows=lambda *a: launches.append(("gather", a)))
+    monkeypatch.setattr(kernels, "softmax", lambda *a: launches.append(("softmax", a)))
+    monkeypatch.setattr(kernels, "sample_rows", lambda *a: launches.append(("sample", a)))
+
+    shared, own = Draws.seeded(1, True), Draws.seeded(2, False)
+    hot = SamplingParams(temperature=0.5, top_k=7, top_p=0.8)
+    wide = SamplingParams(temperature=2.0, top_k=5000)  # more than the vocabulary: all of it
+    rows = [_req(0), _req(1, hot, shared), None, _req(3, wide, own), _req(4, hot, shared), _req(5)]
+    n = len(rows)
+    uniform, groups = draw_groups(rows)
+    assert not uniform
+    v = SimpleNamespace(logits="logits")
+    e._sample_mixed(v, n, rows, groups)
+
+    o, host = e._slayout.offsets, e._shost
+    assert host[o["temperature"] : o["temperature"] + n].view(np.float32).tolist() == [1, 0.5, 1, 2, 0.5, 1]
+    assert host[o["top_k"] : o["top_k"] + n].tolist() == [V, 7, V, V, 7, V]
+    assert np.allclose(host[o["top_p"] : o["top_p"] + n].view(np.float32), [1, 0.8, 1, 1, 0.8, 1])
+    assert copies[0][0] == meta and copies[0][2] == 4 * e._slayout.total  # the arrays, in one copy
+    assert copies[1] == (choice, ids, 4 * n)  # the argmax ids into the merge's source
+    kinds = [k for k, _ in launches]
+    assert kinds == ["softmax", "sample", "sample", "gather"]
+    temperature = launches[0][1][3]
+    assert (temperature.data_ptr, tuple(temperature.shape)) == (meta + 4 * o["temperature"], (n,))
+    samples = np.full(2 * B, -1, np.int64)
+    samples[:n] = [100 + i for i in range(n)]  # the argmax of each row
+    for (_, (probs, out, top_k, top_p, indices, gen, _s, valid)), (draws, idx) in zip(
+        launches[1:3], groups, strict=True
+    ):
+        start = (indices.data_ptr - meta) // 4 - o["indices"]
+        assert tuple(indices.shape) == tuple(out.shape) == (len(idx),)
+        assert host[o["indices"] + start : o["indices"] + start + len(idx)].tolist() == idx
+        assert out.data_ptr == choice + 4 * (B + start) and gen is draws.generator and valid is None
+        assert tuple(probs.shape) == (n, V) and top_k.data_ptr == meta + 4 * o["top_k"]
+        assert top_p.data_ptr == meta + 4 * o["top_p"] and tuple(top_p.shape) == (n,)
+        samples[B + start : B + start + len(idx)] = [900 + i for i in idx]  # what the sampler draws
+    _, (rows_, src, src_ld, index, dst, dst_ld, width) = launches[3]
+    assert (rows_, src, src_ld, index, dst, dst_ld, width) == (n, choice, 2, meta + 4 * o["source"], ids, 2, 2)
+    source = host[o["source"] : o["source"] + n]
+    assert samples[source].tolist() == [100, 901, 102, 903, 904, 105]  # greedy and padding rows keep the argmax
