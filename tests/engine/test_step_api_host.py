@@ -569,3 +569,29 @@ def test_a_mixed_step_hands_each_stream_its_rows_and_merges_the_samples_into_the
     assert (rows_, src, src_ld, index, dst, dst_ld, width) == (n, choice, 2, meta + 4 * o["source"], ids, 2, 2)
     source = host[o["source"] : o["source"] + n]
     assert samples[source].tolist() == [100, 901, 102, 903, 904, 105]  # greedy and padding rows keep the argmax
+
+
+def test_pick_launches_only_the_argmax_for_greedy_rows_and_one_call_for_a_uniform_batch(monkeypatch):
+    from fi_engine import kernels
+
+    e = LlamaEngine.__new__(LlamaEngine)
+    e.max_batch, e.device, e._s, e.vocab_shard = 4, 0, 0, None
+    e.config = SimpleNamespace(vocab_size=1000)
+    ptr = SimpleNamespace(data=SimpleNamespace(ptr=1 << 40), shape=(64,))
+    e._probs, e._softmax_ws, e._valid = ptr, ptr, None
+    calls: list[tuple] = []
+    e._argmax = lambda n: calls.append(("argmax", n))
+    monkeypatch.setattr(kernels, "sample_top_k_top_p", lambda *a: calls.append(("uniform", a[4:8])))
+    e._sample_mixed = lambda v, n, rows, groups: calls.append(("mixed", n))
+    v = SimpleNamespace(logits=None, ids=None)
+    assert e._pick(v, 4, None) is False and calls == [("argmax", 4)]  # greedy: the argmax alone
+    calls.clear()
+    assert e._pick(v, 4, None, argmax_done=True) is False and calls == []  # the graph's argmax: nothing more
+    assert e._pick(v, 2, [_req(0), _req(1)], argmax_done=True) is False and calls == []
+    shared = Draws.seeded(9, True)
+    p = SamplingParams(temperature=0.5, top_k=3, top_p=0.9)
+    assert e._pick(v, 4, [_req(0, p, shared), None, _req(2, p, shared), None]) is True
+    assert calls == [("uniform", (3, 0.9, 0.5, shared.generator))]  # no argmax, one call, scalar parameters
+    calls.clear()
+    assert e._pick(v, 2, [_req(0, p, shared), _req(1)]) is True
+    assert calls == [("argmax", 2), ("mixed", 2)]
