@@ -547,18 +547,18 @@ def engine_share(folder: Path, profile: int) -> dict[str, Any]:
     spans: list[tuple[str, float, float]] = []
     label = [""]
 
-    def timed_prefill(self: Any, sched: Any, reqs: Any, sampling: Any, all_logits: bool = False) -> Any:
+    def timed_prefill(self: Any, sched: Any, reqs: Any, all_logits: bool = False) -> Any:
         begin = time.perf_counter()
         fetch = self._fetch_ids
         issued: list[float] = []
 
-        def timed_fetch(rows: int, sampling: Any) -> Any:
+        def timed_fetch(rows: int, sampled: bool) -> Any:
             issued.append(time.perf_counter())
-            return fetch(rows, sampling)
+            return fetch(rows, sampled)
 
         self._fetch_ids = timed_fetch
         try:
-            return original(self, sched, reqs, sampling, all_logits)
+            return original(self, sched, reqs, all_logits)
         finally:
             del self._fetch_ids
             end = time.perf_counter()

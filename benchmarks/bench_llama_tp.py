@@ -186,7 +186,7 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
 
     from fi_engine import kernels
     from fi_engine.graph import CudaGraph
-    from fi_engine.llama import SamplingParams, _refuse_allocation
+    from fi_engine.llama import _refuse_allocation
     from fi_engine.paging import fill_decode
     from fi_ffi import stream_scope
 
@@ -262,12 +262,11 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
                 g.close()
         out["graph replay"] = timed(e.graph.launch)
         # host time of what _decode_step does outside the graph, per call
-        greedy = SamplingParams()
         for name, fn in {
             "host: upload + plan": lambda: e._upload_decode(rows, n_pages, cuda_graph=True),
             "host: graph launch": e.graph.launch,
             "host: ids broadcast call": lambda: e.comm.broadcast(b.ids, root=0, stream=s) if e.comm else None,
-            "host: step's share_ids": lambda: e._share_ids(greedy),
+            "host: step's share_ids": lambda: e._share_ids(False),  # a greedy step's
         }.items():
             e.stream.synchronize()
             t = time.perf_counter()

@@ -5,10 +5,11 @@ once in the constructor, serving batches of token-id prompts. Its parts, one con
   :class:`~fi_engine.gemma2.Gemma2`, :class:`~fi_engine.gpt_oss.GptOss`, :class:`~fi_engine.deepseek.DeepSeek`):
   config checks, weights, layer body, attention plans;
 - :mod:`~fi_engine.storage`: the activation buffers, KV cache, step index arrays and the views over them;
-- :mod:`~fi_engine.serving`: the serving loop and its scheduler (``generate``, ``prefill_logits``, ``warm_prefill``);
+- :mod:`~fi_engine.serving`: the serving loop and its scheduler (``generate``, ``prefill_logits``, ``warm_prefill``,
+  and the step API: ``add_request``, ``step``, ``abort_request``, ``has_unfinished``);
 - :mod:`~fi_engine.step_graphs`: the decode CUDA graph and the padded prefill graphs;
 - :mod:`~fi_engine.fused_decode`: the fused eager decode step of the Llama pass;
-- :mod:`~fi_engine.sampling`: greedy, top-k / top-p;
+- :mod:`~fi_engine.sampling`: greedy, top-k / top-p, each request with its own parameters;
 - here: the constructor, the embedding, residual add + norm and LM head every family's pass shares, and teardown.
 
 A family engine (:class:`~fi_engine.llama.LlamaEngine`, ``Gemma2Engine``, ``GptOssEngine``, ``DeepSeekEngine``) is

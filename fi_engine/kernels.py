@@ -34,8 +34,10 @@ __all__ = [
     "qk_rmsnorm",
     "rmsnorm",
     "rope_inplace",
+    "sample_rows",
     "sample_top_k_top_p",
     "silu_and_mul",
+    "softmax",
     "workspace",
 ]
 
@@ -330,8 +332,10 @@ def generator(seed: int) -> Any:
 
 
 def softmax_workspace_bytes(max_batch: int, vocab_size: int) -> int:
-    """Bytes of the softmax scratch :func:`sample_top_k_top_p` needs (at least 8, so the buffer is never empty)."""
-    return max(8, fi_ffi.softmax_workspace_size(max_batch, vocab_size))
+    """Bytes of the softmax scratch :func:`sample_top_k_top_p` and :func:`softmax` need for any batch of at most
+    ``max_batch`` rows (at least 8, so the buffer is never empty). The kernel's vocabulary-split path, which needs
+    the scratch, serves batches of up to 128 rows only: a larger ``max_batch`` needs the scratch of 128."""
+    return max(8, fi_ffi.softmax_workspace_size(min(max_batch, 128), vocab_size))
 
 
 def sampling_needs_valid() -> bool:
@@ -358,3 +362,21 @@ def sample_top_k_top_p(
     :func:`sampling_needs_valid`, else None)."""
     fi_ffi.softmax(logits, out=probs, workspace=workspace, temperature=temperature, stream=stream)
     fi_ffi.top_k_top_p_sampling_from_probs(probs, top_k, top_p, out=out, valid=valid, generator=gen, stream=stream)
+
+
+def softmax(logits: Any, probs: Any, workspace: Any, temperature: Any, stream: int) -> None:
+    """``probs[r] = softmax(logits[r] / temperature[r])`` (``logits``, ``probs`` float32 ``[R, V]``; ``temperature``
+    float32 ``[R]``, each > 0; ``workspace`` as :func:`sample_top_k_top_p`'s)."""
+    fi_ffi.softmax(logits, temperature, out=probs, workspace=workspace, stream=stream)
+
+
+def sample_rows(
+    probs: Any, out: Any, top_k: Any, top_p: Any, indices: Any, gen: Any, stream: int, valid: Any = None
+) -> None:
+    """``out[b]`` = a token drawn from ``probs[indices[b]]`` restricted to its row's top-k and top-p set (``probs``
+    float32 ``[R, V]``; ``top_k`` int32 and ``top_p`` float32 ``[R]``, read at ``indices[b]``; ``indices``, ``out``
+    int32 ``[B]``; ``valid`` bool ``[B]`` where :func:`sampling_needs_valid`, else None). Output row ``b`` draws
+    Philox subsequence ``b`` of ``gen``, which advances by ``32 * B``."""
+    fi_ffi.top_k_top_p_sampling_from_probs(
+        probs, top_k, top_p, indices, out=out, valid=valid, generator=gen, stream=stream
+    )

@@ -20,6 +20,8 @@ A request's life (:class:`Scheduler`):
    ``page_size``, :func:`fill_decode` writes the step's arrays.
 4. :meth:`Scheduler.record` appends the sampled tokens; a request that produced an end-of-sequence token or
    its ``max_new_tokens``-th token finishes, leaves its slot and frees its pages.
+5. :meth:`Scheduler.abort` ends a queued or active request at any time between steps: it leaves the queue or its
+   slot and its pages go back at once (``finish_reason`` ``"abort"``).
 
 Index arrays (FlashInfer's paged layout), for a batch of ``B`` rows: ``kv_indptr`` ``[B + 1]`` (row ``b``
 owns ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``), ``kv_indices`` (page ids), ``kv_last_page_len`` ``[B]``
@@ -33,9 +35,11 @@ import operator
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from .sampling_params import SamplingParams, sampling_arg
 from .values import MAX_SIZE, arg_int, integer, show
 
 __all__ = [
@@ -130,7 +134,11 @@ class PageAllocator:
 
 @dataclass(eq=False)
 class Request:
-    """One prompt being served. ``output`` holds the generated tokens (the first comes from the prefill)."""
+    """One prompt being served. ``output`` holds the generated tokens (the first comes from the prefill).
+
+    ``sampling``: how its tokens are chosen (None: greedy argmax); ``draws``: the random stream its sampled tokens
+    draw from (the engine's :class:`~fi_engine.sampling.Draws`; None when greedy); ``eos``: the tokens that end it
+    (None: the scheduler's)."""
 
     rid: int
     prompt: tuple[int, ...]
@@ -140,7 +148,10 @@ class Request:
     pages: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V are in the cache
     slot: int = -1  # row in the batch while active
-    finish_reason: str | None = None  # "eos" or "length" once finished
+    finish_reason: str | None = None  # "eos", "length" or "abort" once finished
+    sampling: SamplingParams | None = None
+    draws: Any = None
+    eos: frozenset[int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -398,7 +409,9 @@ class Scheduler:
         max_seq_len: the most tokens (prompt + generated) one request may reach.
         max_prefill_tokens: the most prompt tokens prefilled together (the engine's buffer rows).
         vocab_size: token ids must be below it.
-        eos_token_ids: tokens that end a request (they are kept in its output).
+        eos_token_ids: tokens that end a request (they are kept in its output), unless it was submitted with its own.
+
+    ``sampled``: how many active requests sample (not greedy), so a step of greedy rows only knows it at once.
     """
 
     def __init__(
@@ -420,13 +433,27 @@ class Scheduler:
         self.eos = frozenset(eos_token_ids)
         self.pending: deque[Request] = deque()
         self.slots: list[Request | None] = [None] * max_batch
-        self.done: list[Request] = []
+        self.sampled = 0
         self._next_id = 0
 
     # ---- requests in
 
-    def submit(self, prompt: Sequence[int], max_new_tokens: int, name: str = "prompt") -> Request:
-        """Queue a request; ValueError naming ``name`` if it can never be served."""
+    def submit(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        name: str = "prompt",
+        *,
+        sampling: SamplingParams | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+        draws: Any = None,
+    ) -> Request:
+        """Queue a request; ValueError naming ``name`` (or ``max_new_tokens``, ``eos_token_ids``) if it can never be
+        served, TypeError naming ``sampling`` if it is no :class:`SamplingParams`. ``sampling`` (None or greedy: the
+        argmax) with ``draws``, the stream its samples draw from; ``eos_token_ids``: the tokens that end this
+        request (None: the scheduler's; ``()``: none, it runs to ``max_new_tokens``)."""
+        sampling = sampling_arg(sampling)
+        eos = None if eos_token_ids is None else self._eos_ids(eos_token_ids)
         arr = np.asarray(prompt)
         if arr.ndim != 1 or arr.size == 0 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
             raise ValueError(f"{name}: expected a non-empty list of token ids, got {prompt!r:.80}")
@@ -455,10 +482,61 @@ class Scheduler:
                 f"{name}: needs up to {budget} pages of {self.page_size} tokens but the KV cache has "
                 f"{self.allocator.capacity}; raise num_pages or lower max_new_tokens"
             )
-        r = Request(self._next_id, tuple(int(t) for t in arr), max_new_tokens, budget)
+        greedy = sampling is None or sampling.greedy
+        r = Request(
+            self._next_id,
+            tuple(int(t) for t in arr),
+            max_new_tokens,
+            budget,
+            sampling=None if greedy else sampling,
+            draws=None if greedy else draws,
+            eos=eos,
+        )
         self._next_id += 1
         self.pending.append(r)
         return r
+
+    def _eos_ids(self, ids: Iterable[int]) -> frozenset[int]:
+        """``ids`` as a set of token ids in the vocabulary; ValueError naming ``eos_token_ids`` otherwise."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise ValueError(f"eos_token_ids: expected a list of token ids (or None: the model's), got {show(ids)}")
+        out = []
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size:
+                raise ValueError(
+                    f"eos_token_ids[{i}]: expected a token id in [0, {self.vocab_size}) (an int), got {show(t)}"
+                )
+            out.append(int(t))
+        return frozenset(out)
+
+    def abort(self, request: Request) -> bool:
+        """End ``request`` now if it is queued or active here: it leaves the queue, or its slot and all its pages
+        (those :meth:`peek_rows` gave ahead too) go back to the allocator; ``finish_reason`` becomes ``"abort"``.
+        Returns whether it did; a finished request, or one this scheduler does not hold: False, nothing changes.
+        A step prepared ahead with it (:meth:`peek_rows`) no longer matches the slots (:meth:`same_rows`)."""
+        if not isinstance(request, Request):
+            raise TypeError(f"request: expected a fi_engine.paging.Request, got {type(request).__name__}")
+        if request.finished:
+            return False
+        if 0 <= request.slot < len(self.slots) and self.slots[request.slot] is request:
+            request.finish_reason = "abort"
+            self._leave(request)
+            return True
+        for i, r in enumerate(self.pending):  # by identity (a Request compares so too, but say it)
+            if r is request:
+                del self.pending[i]
+                request.finish_reason = "abort"
+                return True
+        return False
+
+    def _leave(self, r: Request) -> None:
+        """A finished request leaves its slot; its pages go back."""
+        self.allocator.free(r.pages)
+        r.pages = []
+        self.slots[r.slot] = None
+        r.slot = -1
+        if r.sampling is not None:
+            self.sampled -= 1
 
     # ---- batches out
 
@@ -489,6 +567,8 @@ class Scheduler:
             outstanding += r.budget_pages - len(r.pages)
             r.slot = free_slots.pop(0)
             self.slots[r.slot] = r
+            if r.sampling is not None:
+                self.sampled += 1
             admitted.append(r)
             tokens += len(r.prompt)
         if self.pending and not admitted and not self.active:
@@ -543,13 +623,9 @@ class Scheduler:
                 continue
             r.cached = len(r.prompt) if prefill else r.cached + 1
             r.output.append(int(t))
-            if int(t) in self.eos:
+            if int(t) in (self.eos if r.eos is None else r.eos):
                 r.finish_reason = "eos"
             elif len(r.output) >= r.max_new_tokens:
                 r.finish_reason = "length"
             if r.finish_reason is not None:
-                self.allocator.free(r.pages)
-                r.pages = []
-                self.slots[r.slot] = None
-                r.slot = -1
-                self.done.append(r)
+                self._leave(r)

@@ -1,26 +1,36 @@
 """The serving loop and its scheduler: prompts queued as requests (:mod:`~fi_engine.paging`), admitted into free
 batch slots and prefilled together, then one decode step after another over every active request until each ends
-(an end-of-sequence token or its token limit), its pages freed; :class:`GenerationResult` with the tokens and the
-timings. The loop is the same for every model family: what a step runs on the device is the engine's
-(:mod:`~fi_engine.step_graphs` for the CUDA graphs, the family definition's forward, :mod:`~fi_engine.sampling`).
+(an end-of-sequence token, its token limit or an abort), its pages freed; :class:`GenerationResult` with the tokens
+and the timings. The loop is driven by ``generate`` to the end of its prompts, or one step at a time by the step
+API (``add_request`` / ``step`` / ``abort_request``, :class:`~fi_engine.stepping.StepEngine`); both run the same
+step (``ServingLoop._advance``) over the engine's one scheduler. The loop is the same for every model family: what
+a step runs on the device is the engine's (:mod:`~fi_engine.step_graphs` for the CUDA graphs, the family
+definition's forward, :mod:`~fi_engine.sampling`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from fi_ffi import stream_scope
 
 from .paging import PageAllocator, Request, Scheduler, fill_decode, fill_prefill, pad_prefill, pages_for
-from .sampling_params import SamplingParams
+from .sampling import Draws
+from .sampling_params import SamplingParams, sampling_arg
 from .state import EngineState
+from .stepping import FinishReason, StepOutput
 from .storage import _D2D, _D2H, _H2D, _address
 
 __all__ = ["GenerationResult"]
+
+# the scheduler's finish reasons as the step API's (fi_engine.stepping.FinishReason)
+_FINISH: dict[str, FinishReason] = {"eos": "stop", "length": "length", "abort": "abort"}
 
 
 @dataclass
@@ -52,8 +62,105 @@ class GenerationResult:
 
 
 class ServingLoop(EngineState):
-    """The engine's public serving calls (:meth:`generate`, :meth:`prefill_logits`, :meth:`warm_prefill`) and the
-    prefill and decode steps they run."""
+    """The engine's public serving calls: :meth:`generate`, :meth:`prefill_logits`, :meth:`warm_prefill`, and the
+    step API (:class:`~fi_engine.stepping.StepEngine`: :meth:`add_request`, :meth:`abort_request`, :meth:`step`,
+    :attr:`has_unfinished`), with the prefill and decode steps they run. ``generate`` drives the same step
+    (:meth:`_advance`) as :meth:`step`, over the same scheduler, until its own prompts are done."""
+
+    # ------------------------------------------------------------------------------------ the step API
+
+    def add_request(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        *,
+        sampling: SamplingParams | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> int:
+        """Queue ``prompt`` (token ids) for up to ``max_new_tokens`` new tokens; returns its id (an int, never
+        reused by this engine). ``sampling``: its own (None: greedy; its ``seed``: :class:`SamplingParams`);
+        ``eos_token_ids``: the tokens that end it, kept in its output (None: the checkpoint's; ``()``: none).
+
+        Raises ValueError naming ``prompt``, ``max_new_tokens`` or ``eos_token_ids[i]`` for a request that can never
+        be served (empty, ids outside the vocabulary, longer than ``max_seq_len`` or ``max_prefill_tokens``, a
+        page budget beyond the KV cache), TypeError naming ``sampling`` for anything but :class:`SamplingParams` or
+        None; nothing is queued then."""
+        self._check_open()
+        sampling = sampling_arg(sampling)
+        r = self._scheduler().submit(
+            prompt,
+            max_new_tokens,
+            name="prompt",
+            sampling=sampling,
+            eos_token_ids=eos_token_ids,
+            draws=self._draws(sampling),
+        )
+        self._requests[r.rid] = r
+        return r.rid
+
+    def abort_request(self, rid: int) -> None:
+        """End request ``rid`` now, queued or active: its slot and KV pages are free when this returns, and the next
+        :meth:`step` reports it once (``finish_reason="abort"``). An id that is unknown or already finished: nothing
+        happens. TypeError naming ``rid`` for anything but an int."""
+        if isinstance(rid, bool) or not isinstance(rid, int):
+            raise TypeError(f"rid: expected a request id (the int add_request returned), got {type(rid).__name__}")
+        r = self._requests.pop(rid, None)
+        if r is not None and self._sched is not None and self._sched.abort(r):
+            self._aborted.append(r)
+
+    @property
+    def has_unfinished(self) -> bool:
+        """Whether a request added with :meth:`add_request` is queued or active."""
+        return self._sched is not None and self._sched.has_work
+
+    def step(self) -> list[StepOutput]:
+        """Admit queued requests into free slots and prefill them (each one's first token comes from its prefill),
+        then one decode step over every active request (the same step as :meth:`generate`'s loop): one
+        :class:`StepOutput` per request that produced tokens or ended, in the order they did (a request admitted
+        here has two tokens: its prefill's and its first decode step's, unless it ended at the first), after the
+        ones aborted since the last step. With nothing queued or active: those aborted ones only, at once.
+
+        An exception from the device work (a CUDA error, an interrupt) ends every queued and active request (the
+        next step reports them as aborted) and is raised; the engine can serve new requests afterwards unless the
+        error left the device unusable."""
+        self._check_open()
+        out = [StepOutput(r.rid, (), "abort") for r in self._aborted]
+        self._aborted.clear()
+        sched = self._sched
+        if sched is None or not sched.has_work:
+            return out
+        cp = self._cp
+        if self._ffi_stream is None:
+            self._ffi_stream = stream_scope(self._s, self.device)
+        # the device, CuPy's current stream and TVM-FFI's are the engine's for this step only (a device switch, CuPy's
+        # thread-local stream, two TVM-FFI calls; the stream_scope is made once), so the caller's thread keeps its
+        # own between steps
+        with cp.cuda.Device(self.device), self.stream, self._ffi_stream:
+            try:
+                produced = self._advance(sched, None)
+            except BaseException:
+                self._abort_everything(sched)
+                raise
+        requests = self._requests
+        for r, k in produced.items():
+            finish = _FINISH.get(r.finish_reason) if r.finish_reason is not None else None
+            out.append(StepOutput(r.rid, tuple(r.output[-k:]), finish))
+            if finish is not None:
+                requests.pop(r.rid, None)
+        return out
+
+    def _abort_everything(self, sched: Scheduler) -> None:
+        """After a failed step: wait for what was issued (the host staging buffers may be rewritten next), then end
+        every request; the step API's ones are reported as aborted by the next :meth:`step`."""
+        self._next_rows = None
+        with contextlib.suppress(Exception):  # the step's own error is the one raised
+            self.stream.synchronize()
+        for r in [*sched.active, *sched.pending]:
+            sched.abort(r)
+            if self._requests.pop(r.rid, None) is not None:
+                self._aborted.append(r)
+
+    # ------------------------------------------------------------------------------------ generate
 
     def generate(
         self,
@@ -68,14 +175,18 @@ class ServingLoop(EngineState):
 
         ``eos_token_ids``: default the checkpoint's ``eos_token_id``; ``()`` to always run to
         ``max_new_tokens``. Returns the tokens in prompt order, with timings. Sampled generation starts a new
-        Philox stream from ``sampling.seed`` (offset 0) on every call, so the same call reproduces its tokens.
+        Philox stream from ``sampling.seed`` (None: 0; offset 0) on every call, shared by its prompts, so the same
+        call reproduces its tokens. It runs the step of :meth:`step` over the engine's scheduler, so it needs the
+        step API idle: ValueError while requests added with :meth:`add_request` are queued or active.
         """
         self._check_open()
-        sampling = sampling or SamplingParams()
-        self._gen = None  # a fresh generator per call (seed, offset 0): reproducible generations
+        self._check_idle("generate")
+        sampling = sampling_arg(sampling) or SamplingParams()
+        # a fresh stream per call (seed, offset 0), every row its own subsequence: reproducible generations
+        draws = None if sampling.greedy else Draws.seeded(sampling.seed or 0, shared=True)
+        sched = self._scheduler()
+        reqs = self._submit(sched, prompts, max_new_tokens, sampling, eos_token_ids, draws)
         self._next_rows = None
-        sched = self._scheduler(eos_token_ids)
-        reqs = self._submit(sched, prompts, max_new_tokens)
         result = GenerationResult([], [])
         cp = self._cp
         # TVM-FFI's current stream is the engine's for the whole call: every op is given that stream, and finds it
@@ -83,37 +194,68 @@ class ServingLoop(EngineState):
         with cp.cuda.Device(self.device), self.stream, stream_scope(self._s, self.device):
             try:
                 while sched.has_work:
-                    admitted = sched.admit()
-                    if admitted:
-                        t = time.perf_counter()
-                        self._prefill(sched, admitted, sampling)
-                        result.prefill_s += time.perf_counter() - t
-                    if sched.active:
-                        t = time.perf_counter()
-                        result.step_host_us.append(self._decode_step(sched, sampling))
-                        result.decode_s += time.perf_counter() - t
-                        result.decode_steps += 1
+                    self._advance(sched, result)
             finally:
+                if sum(sched.abort(r) for r in reqs):  # interrupted: nothing of this call stays queued or active
+                    self._next_rows = None
                 self.stream.synchronize()
         result.tokens = [list(r.output) for r in reqs]
         result.finish_reasons = [r.finish_reason or "" for r in reqs]
         result.decode_tokens = sum(len(r.output) - 1 for r in reqs)
         return result
 
+    def _advance(self, sched: Scheduler, result: GenerationResult | None) -> dict[Request, int]:
+        """One step of the serving loop: admit what fits and prefill it, then one decode step over the active
+        requests. With ``result`` (``generate``): its timings are added there and nothing else is kept; without,
+        returns how many tokens each request produced, in the order it first did."""
+        produced: dict[Request, int] = {}
+        admitted = sched.admit()
+        if admitted:
+            t = time.perf_counter()
+            self._prefill(sched, admitted)
+            if result is not None:
+                result.prefill_s += time.perf_counter() - t
+            else:
+                produced = dict.fromkeys(admitted, 1)
+        if sched.active:
+            t = time.perf_counter()
+            host_us, rows = self._decode_step(sched)
+            if result is not None:
+                result.step_host_us.append(host_us)
+                result.decode_s += time.perf_counter() - t
+                result.decode_steps += 1
+            else:
+                for r in rows:
+                    if r is not None:
+                        produced[r] = produced.get(r, 0) + 1
+        return produced
+
+    def _check_idle(self, what: str) -> None:
+        """``what`` shares the step API's scheduler and KV cache: refused while its requests are in flight."""
+        if self._sched is not None and self._sched.has_work:
+            n = len(self._sched.active) + len(self._sched.pending)
+            raise ValueError(
+                f"engine: {n} request(s) added with add_request are queued or active; step() them to the end or "
+                f"abort_request() them before {what}()"
+            )
+
     def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Float32 logits ``[len(prompt), vocab]`` of every position of every prompt (a check against a
         reference implementation; the prompts are prefilled in batches, then their pages freed)."""
         self._check_open()
-        sched = self._scheduler(())
-        reqs = self._submit(sched, prompts, 1)
+        self._check_idle("prefill_logits")
+        sched = self._scheduler()
+        reqs = self._submit(sched, prompts, 1, None, (), None)
         out: dict[int, np.ndarray] = {}
         with self._cp.cuda.Device(self.device), self.stream, stream_scope(self._s, self.device):
-            while sched.has_work:
-                admitted = sched.admit()
-                for r, logits in zip(
-                    admitted, self._prefill(sched, admitted, SamplingParams(), all_logits=True), strict=True
-                ):
-                    out[r.rid] = logits
+            try:
+                while sched.has_work:
+                    admitted = sched.admit()
+                    for r, logits in zip(admitted, self._prefill(sched, admitted, all_logits=True), strict=True):
+                        out[r.rid] = logits
+            finally:
+                for r in reqs:  # interrupted: nothing of this call stays queued or active
+                    sched.abort(r)
         return [out[r.rid] for r in reqs]
 
     def warm_prefill(self, lengths: Sequence[int], batch: int = 1) -> list[tuple[int, int]]:
@@ -161,22 +303,31 @@ class ServingLoop(EngineState):
             self.generate(prompts, 1, eos_token_ids=())
         return [(int(key[0]), int(key[1])) for key in self._prefill_graph_cache]
 
-    def _scheduler(self, eos_token_ids: Sequence[int] | None) -> Scheduler:
-        eos = self.config.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
-        return Scheduler(
-            PageAllocator(self.num_pages),
-            self.page_size,
-            self.max_batch,
-            self.max_seq_len,
-            self.max_prefill_tokens,
-            self.config.vocab_size,
-            eos,
-        )
+    def _scheduler(self) -> Scheduler:
+        """The engine's scheduler (one KV cache, one set of slots), made on first use; the checkpoint's
+        end-of-sequence ids unless a request brings its own."""
+        if self._sched is None:
+            self._sched = Scheduler(
+                PageAllocator(self.num_pages),
+                self.page_size,
+                self.max_batch,
+                self.max_seq_len,
+                self.max_prefill_tokens,
+                self.config.vocab_size,
+                self.config.eos_token_ids,
+            )
+        return self._sched
 
     @staticmethod
     def _submit(
-        sched: Scheduler, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int]
+        sched: Scheduler,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        sampling: SamplingParams | None,
+        eos_token_ids: Sequence[int] | None,
+        draws: Any,
     ) -> list[Request]:
+        """Queue every prompt, all or none: a prompt refused takes the ones queued before it out again."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise ValueError("prompts: expected a non-empty list of prompts (lists of token ids)")
         if isinstance(max_new_tokens, Sequence):
@@ -187,11 +338,21 @@ class ServingLoop(EngineState):
             limits = list(max_new_tokens)
         else:
             limits = [max_new_tokens] * len(prompts)
-        return [sched.submit(p, m, name=f"prompts[{i}]") for i, (p, m) in enumerate(zip(prompts, limits, strict=True))]
+        reqs: list[Request] = []
+        try:
+            for i, (p, m) in enumerate(zip(prompts, limits, strict=True)):
+                reqs.append(
+                    sched.submit(
+                        p, m, name=f"prompts[{i}]", sampling=sampling, eos_token_ids=eos_token_ids, draws=draws
+                    )
+                )
+        except BaseException:
+            for r in reqs:
+                sched.abort(r)
+            raise
+        return reqs
 
-    def _prefill(
-        self, sched: Scheduler, reqs: list[Request], sampling: SamplingParams, all_logits: bool = False
-    ) -> list[np.ndarray]:
+    def _prefill(self, sched: Scheduler, reqs: list[Request], all_logits: bool = False) -> list[np.ndarray]:
         cp, c, b, s = self._cp, self.config, self._buf, self._s
         batch = len(reqs)
         self._next_rows = None  # the prefill's tokens overwrite `ids`: a step prepared before it cannot run
@@ -222,8 +383,8 @@ class ServingLoop(EngineState):
         h = c.hidden_size
         self.dense.gather_rows(batch, self._normed.data.ptr, h, v.last_rows, b.last.data.ptr, h, h)
         self._head(batch, b.last.data.ptr)
-        self._pick(v, batch, sampling)
-        tokens = self._fetch_ids(batch, sampling)
+        sampled = self._pick(v, batch, reqs if sched.sampled else None)
+        tokens = self._fetch_ids(batch, sampled)
         sched.record(reqs, tokens, prefill=True)
         if full is None:
             return []
@@ -233,16 +394,22 @@ class ServingLoop(EngineState):
         bounds = ph["qo_indptr"][: batch + 1].tolist()
         return [host[bounds[i] : bounds[i + 1]] for i in range(batch)]
 
-    def _fetch_ids(self, rows: int, sampling: SamplingParams) -> list[int]:
-        """Copy the chosen tokens to the host and wait for the stream (the one synchronization per step)."""
-        self._share_ids(sampling)
+    def _fetch_ids(self, rows: int, sampled: bool) -> list[int]:
+        """Copy the chosen tokens to the host and wait for the stream (the one synchronization per step);
+        ``sampled``: some row was sampled (:meth:`_share_ids`)."""
+        self._share_ids(sampled)
         self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * rows, _D2H, self._s)
         self.stream.synchronize()
         return self._ids_host[:rows].tolist()
 
-    def _decode_step(self, sched: Scheduler, sampling: SamplingParams) -> float:
+    def _decode_step(self, sched: Scheduler) -> tuple[float, list[Request | None]]:
         """One decode step for every active request; returns its host time in microseconds (with a graph, the
-        next step's preparation included, which runs while the GPU computes this step)."""
+        next step's preparation included, which runs while the GPU computes this step) and its rows (None: a
+        padding row).
+
+        A step prepared during the previous one (:meth:`Scheduler.peek_rows`) runs only if the slots are still
+        its rows (:meth:`Scheduler.same_rows`): a request that ended with an end-of-sequence token, was aborted or
+        admitted since (a prefill also drops it) makes it be made again here."""
         t0 = time.perf_counter()
         graph = self.graph
         prepared, self._next_rows = self._next_rows, None
@@ -258,6 +425,7 @@ class ServingLoop(EngineState):
             n = len(rows)
             self._upload_decode(n, fill_decode(rows, self.page_size, self._dh), cuda_graph=graph is not None)
         v = self._view("decode", n, n)
+        draw_rows = rows if sched.sampled else None  # None: every row greedy (one counter read, no row scan)
         if graph is not None:
             if not self._graph_checked:
                 # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
@@ -266,17 +434,16 @@ class ServingLoop(EngineState):
                         "a CUDA-graph decode plan changed its schedule layout; the captured graph cannot replay it"
                     )
                 self._graph_checked = True
-            graph.launch()
-            if not sampling.greedy:
-                self._pick(v, n, sampling)
+            graph.launch()  # its argmax is every greedy row's token
+            sampled = draw_rows is not None and self._pick(v, n, draw_rows, argmax_done=True)
         else:
             if self._fuses(n):
                 self._fused_step(v, n)
             else:
                 self._forward(v, n, self._decode_attention)
                 self._head(n, self._normed.data.ptr)
-            self._pick(v, n, sampling)
-        self._share_ids(sampling)
+            sampled = self._pick(v, n, draw_rows)
+        self._share_ids(sampled)
         self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
         if graph is not None and self._prepare_ahead:
             # the next step, as it will be unless a request ends with an end-of-sequence token or a prefill comes
@@ -289,7 +456,7 @@ class ServingLoop(EngineState):
         self.stream.synchronize()
         t3 = time.perf_counter()
         sched.record(rows, self._ids_host[:n].tolist())
-        return ((t2 - t0) + (time.perf_counter() - t3)) * 1e6
+        return ((t2 - t0) + (time.perf_counter() - t3)) * 1e6, rows
 
     def _check_open(self) -> None:
         if self._closed:

@@ -97,8 +97,17 @@ class EngineState:
     _gathered: Any
     _softmax_ws: Any
     _valid: Any
-    _gen: Any
-    _gen_seed: int | None
+    _shared_draws: Any
+    _slayout: Layout
+    _shost: np.ndarray
+    _smeta: Any
+    _smeta_mem: Any
+    _choice: Any
+    # the step API (serving.ServingLoop): the engine's scheduler, its requests by id, aborted ones to report
+    _sched: Scheduler | None
+    _requests: dict[int, Request]
+    _aborted: list[Request]
+    _ffi_stream: Any
     # the serving loop's decode step prepared ahead, and the graphs
     _next_rows: list[Request | None] | None
     _staged: Any
@@ -160,13 +169,18 @@ class EngineState:
         def _view(self, kind: str, rows: int, batch: int) -> SimpleNamespace:
             raise NotImplementedError
 
-        def _pick(self, v: SimpleNamespace, rows: int, sampling: SamplingParams) -> None:
+        def _pick(
+            self, v: SimpleNamespace, n: int, rows: Sequence[Request | None] | None, argmax_done: bool = False
+        ) -> bool:
+            raise NotImplementedError
+
+        def _draws(self, sampling: SamplingParams | None) -> Any:
             raise NotImplementedError
 
         def _argmax(self, rows: int) -> None:
             raise NotImplementedError
 
-        def _share_ids(self, sampling: SamplingParams) -> None:
+        def _share_ids(self, sampled: bool) -> None:
             raise NotImplementedError
 
         def _fuses(self, rows: int) -> bool:
@@ -187,5 +201,5 @@ class EngineState:
         def _check_open(self) -> None:
             raise NotImplementedError
 
-        def _scheduler(self, eos_token_ids: Sequence[int] | None) -> Scheduler:
+        def _scheduler(self) -> Scheduler:
             raise NotImplementedError

@@ -96,8 +96,13 @@ class Storage(EngineState):
         self._gathered: Any = None  # [N, max_batch, V/N] float32, made on the first sampled step (vocabulary shards)
         self._softmax_ws: Any = None
         self._valid: Any = None
-        self._gen: Any = None
-        self._gen_seed: int | None = None
+        self._shared_draws: Any = None  # the unseeded requests' Philox stream (sampling.Draws), made on first use
+        # the step API's state (serving.ServingLoop): its scheduler (made on first use), its requests by id, and the
+        # aborted ones the next step() reports
+        self._sched: Any = None
+        self._requests: dict[int, Request] = {}
+        self._aborted: list[Request] = []
+        self._ffi_stream: Any = None
         # `_prepare_ahead`: the graph loop prepares the next decode step (index arrays copied, attention planned)
         # while the GPU runs this one (_decode_step); `_staged` marks the end of the last copy out of the host
         # staging buffers. Engine.__init__ turns it on where the family allows it (ModelFamily.plans_ahead).

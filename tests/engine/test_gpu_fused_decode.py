@@ -28,7 +28,6 @@ GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -39,22 +38,15 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 
 cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy (pip install 'fi-ffi[llama]')")
 
+from helpers.random_llama import EPS, bf16_bits  # noqa: E402
+from helpers.random_llama import save_random_llama as make_checkpoint  # noqa: E402
 from helpers.yardstick import LOGIT_TOL  # noqa: E402
 
 from fi_engine import kernels  # noqa: E402
-from fi_engine.checkpoint import write_safetensors  # noqa: E402
 from fi_engine.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
 from fi_engine.llama import LlamaEngine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-
-EPS = 1e-5
-
-
-def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits, round to nearest even."""
-    u = x.astype(np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 def from_bf16_bits(b: np.ndarray) -> np.ndarray:
@@ -273,49 +265,6 @@ def test_gemv_and_fused_gemv_refuse_bad_pointers(dense):
         d.fused_linear(NORM, 5, *args, h.data.ptr, k, nw.data.ptr, 0, EPS)
     d.fused_linear(ADD_NORM, 1, *args, h.data.ptr, k, nw.data.ptr, h2.data.ptr, EPS)  # the same call, good pointers
     stream.synchronize()
-
-
-def make_checkpoint(folder, dtype: str, head_dim: int, heads: tuple[int, int], hidden: int, inter: int, llama3: bool):
-    """A random Llama (4 layers, tied embedding, vocab 4096) saved without torch; norm weights around 1; with
-    ``llama3`` Llama 3.1 RoPE scaling whose original context (64) the prompts pass."""
-    rng = np.random.default_rng(7)
-    hq, hk = heads
-    cfg = dict(
-        model_type="llama", vocab_size=4096, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=4,
-        num_attention_heads=hq, num_key_value_heads=hk, head_dim=head_dim, tie_word_embeddings=True,
-        rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=EPS, eos_token_id=2,
-    )  # fmt: skip
-    if llama3:
-        cfg["rope_scaling"] = {
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        }  # fmt: skip
-
-    def t(*shape: int, scale: float = 0.05, mean: float = 0.0):
-        a = (mean + scale * rng.standard_normal(shape)).astype(np.float32)
-        return (a.astype(np.float16), "float16") if dtype == "float16" else (bf16_bits(a), "bfloat16")
-
-    tensors = {
-        "model.embed_tokens.weight": t(4096, hidden, scale=1.0),
-        "model.norm.weight": t(hidden, mean=1.0, scale=0.1),
-    }
-    for i in range(4):
-        p = f"model.layers.{i}."
-        for name, shape in (
-            ("self_attn.q_proj", (hq * head_dim, hidden)),
-            ("self_attn.k_proj", (hk * head_dim, hidden)),
-            ("self_attn.v_proj", (hk * head_dim, hidden)),
-            ("self_attn.o_proj", (hidden, hq * head_dim)),
-            ("mlp.gate_proj", (inter, hidden)),
-            ("mlp.up_proj", (inter, hidden)),
-            ("mlp.down_proj", (hidden, inter)),
-        ):
-            tensors[p + name + ".weight"] = t(*shape)
-        tensors[p + "input_layernorm.weight"] = t(hidden, mean=1.0, scale=0.1)
-        tensors[p + "post_attention_layernorm.weight"] = t(hidden, mean=1.0, scale=0.1)
-    write_safetensors(folder / "model.safetensors", tensors)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
 
 
 MODELS = {  # (dtype, head_dim, (q heads, kv heads), hidden, intermediate, Llama 3.1 RoPE)

@@ -369,3 +369,40 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
     _, layers, _ = eng._fused_calls(v, BATCH)
     for call in layers[0][0][1:]:
         reached(call)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_per_row_sampling_calls_reach_the_sampling_module(rows):
+    """A mixed step's sampling (fi_engine.sampling.Sampling._sample_mixed): softmax with a per-row temperature
+    array, then the joint top-k/top-p sampler with per-row int32 top_k / float32 top_p arrays read at ``indices``
+    (a stream's rows, fewer than the rows) into an int32 ``out`` of its own length, as the engine describes them;
+    and the uniform step's scalar call."""
+    vocab = 32000
+    at = iter(FAKE + (i << 30) for i in range(16))  # each operand at its own address, 1 GiB apart
+
+    def d(shape, dtype):
+        return kernels.descriptor(next(at), shape, dtype, 0)
+
+    logits, probs = d((rows, vocab), "float32"), d((rows, vocab), "float32")
+    workspace = d((kernels.softmax_workspace_bytes(8, vocab),), "uint8")
+    temperature, top_k, top_p = d((rows,), "float32"), d((rows,), "int32"), d((rows,), "float32")
+    m = max(1, rows - 2)
+    indices, out = d((m,), "int32"), d((m,), "int32")
+    valid = d((m,), "bool") if kernels.sampling_needs_valid() else None
+    gen = kernels.generator(7)
+    reached(lambda: kernels.softmax(logits, probs, workspace, temperature, 0))
+    reached(lambda: kernels.sample_rows(probs, out, top_k, top_p, indices, gen, 0, valid))
+    assert gen.get_state() == (7, 0)  # a call that did not launch draws nothing
+    ids = d((rows,), "int32")
+    valid_all = d((rows,), "bool") if kernels.sampling_needs_valid() else None
+    reached(lambda: kernels.sample_top_k_top_p(logits, probs, workspace, ids, 50, 0.9, 0.7, gen, 0, valid_all))
+
+
+def test_the_softmax_scratch_serves_every_batch_up_to_max_batch():
+    """The softmax kernel needs scratch only for batches of at most 128 rows: an engine of more slots sizes it
+    for 128, not for its max_batch (which would need none and fail a step of fewer rows)."""
+    vocab = 128256
+    assert kernels.softmax_workspace_bytes(256, vocab) == fi_ffi.softmax_workspace_size(128, vocab) > 8
+    for rows in (1, 64, 128):
+        assert kernels.softmax_workspace_bytes(256, vocab) >= fi_ffi.softmax_workspace_size(rows, vocab)
+    assert kernels.softmax_workspace_bytes(4, 1000) == 8

@@ -351,7 +351,7 @@ def prefill(e, lens):
     s = Scheduler(PageAllocator(e.num_pages), PS, e.max_batch, e.max_prefill_tokens + 2, e.max_prefill_tokens, 1000)
     reqs = [s.submit([1 + i] * n, 2) for i, n in enumerate(lens)]
     assert s.admit() == reqs
-    e._prefill(s, reqs, llama.SamplingParams())
+    e._prefill(s, reqs)
     assert [r.output for r in reqs] == [[7]] * len(reqs)
 
 

@@ -1772,12 +1772,9 @@ EXEMPT: dict[str, str] = {
             "llama.GenerationResult",
             "moe.ClampedSwiGLU",
             "moe.MoEBiases",
-            "stepping.StepOutput",
         ],
         _RECORD,
     ),
-    # a typing.Literal alias and a Protocol: nothing to call with bad input (the engine's implementation has cases)
-    **dict.fromkeys(["stepping.FinishReason", "stepping.StepEngine"], "a type for annotations and isinstance checks"),
     **dict.fromkeys(
         [
             "trtllm_ar.AllReduceFusionOp",
@@ -1855,8 +1852,10 @@ EXEMPT: dict[str, str] = {
             "qk_rmsnorm",
             "rmsnorm",
             "rope_inplace",
+            "sample_rows",
             "sample_top_k_top_p",
             "silu_and_mul",
+            "softmax",
             "workspace",
         )
     },
@@ -1876,6 +1875,16 @@ EXEMPT: dict[str, str] = {
     # the same three in their own modules (fi_engine.llama re-exports them)
     "sampling_params.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/engine/test_serving_host.py",
     "sampling.SamplingParams": "re-exported from sampling_params (its checks: the line above)",
+    "sampling_params.sampling_arg": "the type check of add_request's and generate's sampling=: its bad kinds in "
+    "tests/engine/test_step_api_host.py",
+    "sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
+    "tests/engine/test_step_api_host.py",
+    "stepping.StepOutput": _RECORD,
+    "stepping.StepEngine": "a typing.Protocol the engines implement (their methods' signatures against it: "
+    "tests/engine/test_step_api_host.py)",
+    "stepping.FinishReason": "a typing.Literal of the three reasons a request ends, not an entry point",
+    "sampling.draw_groups": "plans the rows of the engine's own scheduler (its Requests): "
+    "tests/engine/test_step_api_host.py",
     "serving.GenerationResult": _RECORD,
     "storage.step_views": "the engine's own views of its step buffers (fi_ffi's values): engine/test_serving_host.py",
     **dict.fromkeys(

@@ -1,0 +1,286 @@
+"""The engine's step API (``add_request`` / ``step`` / ``abort_request``, fi_engine.stepping's ``StepEngine``) and
+per-request sampling on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
+
+A random SmolLM2-like float16 Llama (helpers.random_llama) is served eagerly, as the decode CUDA graph, and as the
+graph with the next step prepared ahead (``_prepare_ahead``, whose prepared step requests added or aborted in
+between must invalidate):
+
+(a) driving ``step()`` to the end gives exactly ``generate()``'s tokens (greedy; the same prefills and decode steps
+    in the same order, so the same batches: bit-equal), and a request's own end-of-sequence id ends it ("stop");
+(b) an abort mid-generation frees the slot and the pages at once (the allocator's count), the next step reports it,
+    and a queued request is then admitted and served: its tokens are the engine's own greedy choice at every
+    position (teacher forcing with the engine's ``prefill_logits``: the argmax, or within ``TOL`` of it at a near
+    tie), as are those of the requests that went on;
+(c) per-request sampling: in a batch mixing greedy and sampled requests (seeded and unseeded) the greedy ones get
+    exactly the tokens of the all-greedy run of the same batch; sampled requests with ``top_k=1`` get the greedy
+    tokens; a greedy batch launches no sampling kernel (softmax, sampler, merge gather); a seeded request run
+    alone twice gives the same tokens, each among the engine's top tokens at its position;
+(d) requests added while others decode are served correctly (teacher forcing, as in (b)).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy (pip install 'fi-ffi[llama]')")
+
+from helpers.random_llama import VOCAB, save_random_llama  # noqa: E402
+from helpers.yardstick import prompts  # noqa: E402
+
+from fi_engine import kernels  # noqa: E402
+from fi_engine.llama import LlamaEngine  # noqa: E402
+from fi_engine.sampling_params import SamplingParams  # noqa: E402
+from fi_engine.stepping import StepEngine, StepOutput  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+MODES = ("eager", "graph", "graph-ahead")
+# This random model's logits have a standard deviation of ~24 (hidden 576 after a unit-weight norm, a tied head of
+# unit-variance rows): a token fed from the wrong context lands units below the best, while the prefill and decode
+# kernels (teacher forcing recomputes a decode step's logits with the prefill's) may differ by a few hundredths.
+# A near tie within 1 % of a standard deviation may go either way.
+TOL = 0.25
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_random_llama(tmp_path_factory.mktemp("smollm2-like"), "float16", 64, (9, 3), 576, 1536, False)
+
+
+@pytest.fixture(scope="module", params=MODES)
+def engine(request, checkpoint):
+    mode = request.param
+    with LlamaEngine(checkpoint, max_batch=4, page_size=16, max_seq_len=256, cuda_graph=mode != "eager") as e:
+        e._prepare_ahead = mode == "graph-ahead"
+        yield e
+        assert not e.has_unfinished  # every test leaves the engine idle
+
+
+def drain(engine, limit: int = 10_000) -> dict[int, list[StepOutput]]:
+    """step() until nothing is queued or active; every request's outputs in order."""
+    seen: dict[int, list[StepOutput]] = {}
+    for _ in range(limit):
+        if not engine.has_unfinished:
+            break
+        for o in engine.step():
+            seen.setdefault(o.rid, []).append(o)
+    assert not engine.has_unfinished
+    return seen
+
+
+def tokens_of(outs: list[StepOutput]) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+def check_own_greedy(engine, prompt: list[int], out: list[int]) -> None:
+    """Every token of ``out`` is the engine's own greedy choice after ``prompt`` + the tokens before it (teacher
+    forcing with prefill_logits), up to a near tie within ``TOL``."""
+    lg = engine.prefill_logits([prompt + out[:-1]])[0]
+    for t, tok in enumerate(out):
+        row = lg[len(prompt) - 1 + t]
+        assert row[tok] >= float(row.max()) - TOL, (t, tok, int(row.argmax()))
+
+
+def free_pages(engine) -> int:
+    return engine._sched.allocator.num_free
+
+
+def capacity(engine) -> int:
+    return engine._sched.allocator.capacity
+
+
+# ------------------------------------------------------------------------------------------------------------ (a)
+
+
+def test_the_engine_is_a_step_engine(engine):
+    assert isinstance(engine, StepEngine)
+    assert engine.step() == [] and not engine.has_unfinished
+
+
+def test_step_to_the_end_gives_exactly_generates_tokens(engine):
+    ps = prompts((3, 16, 29, 50, 7, 12), VOCAB, seed=3)  # six requests, four slots: two wait
+    limits = [24, 9, 17, 30, 5, 12]
+    want = engine.generate(ps, limits, eos_token_ids=())
+    rids = [engine.add_request(p, m, eos_token_ids=()) for p, m in zip(ps, limits, strict=True)]
+    seen = drain(engine)
+    assert [tokens_of(seen[r]) for r in rids] == want.tokens
+    assert [seen[r][-1].finish_reason for r in rids] == ["length"] * 6
+    assert all(o.finish_reason is None for r in rids for o in seen[r][:-1])
+    assert free_pages(engine) == capacity(engine)
+    assert engine.generate(ps, limits, eos_token_ids=()).tokens == want.tokens  # generate after steps: the same
+
+
+def test_a_requests_own_eos_id_ends_it_with_stop(engine):
+    ps = prompts((11, 20), VOCAB, seed=4)
+    want = engine.generate(ps, 20, eos_token_ids=()).tokens
+    stop = want[0][6]
+    end = want[0].index(stop) + 1  # its first occurrence
+    a = engine.add_request(ps[0], 20, eos_token_ids=[stop])
+    b = engine.add_request(ps[1], 20, eos_token_ids=())
+    seen = drain(engine)
+    assert tokens_of(seen[a]) == want[0][:end] and seen[a][-1].finish_reason == "stop"
+    assert len(tokens_of(seen[b])) == 20 and seen[b][-1].finish_reason == "length"
+    assert tokens_of(seen[b])[:end] == want[1][:end]  # the same batches until a left
+    check_own_greedy(engine, ps[1], tokens_of(seen[b]))
+
+
+# ------------------------------------------------------------------------------------------------------------ (b)
+
+
+def test_abort_mid_generation_frees_the_slot_and_pages_and_a_queued_request_is_served(engine):
+    ps = prompts((40, 33, 9, 21, 14), VOCAB, seed=5)
+    rids = [engine.add_request(p, 40, eos_token_ids=()) for p in ps]  # five requests, four slots
+    got: dict[int, list[int]] = {r: [] for r in rids}
+    for _ in range(6):
+        for o in engine.step():
+            got[o.rid].extend(o.token_ids)
+    sched = engine._sched
+    victim = sched.slots[1]
+    assert victim is not None and victim.rid == rids[1] and len(sched.pending) == 1
+    held = len(victim.pages)
+    before = free_pages(engine)
+    engine.abort_request(rids[1])
+    assert free_pages(engine) == before + held  # at once, before any step
+    assert sched.slots[1] is None and victim.finish_reason == "abort"
+    out = engine.step()
+    assert out[0] == StepOutput(rids[1], (), "abort")
+    assert sched.slots[1] is not None and sched.slots[1].rid == rids[4]  # the queued one, in the freed slot
+    for o in out[1:]:
+        got[o.rid].extend(o.token_ids)
+    engine.abort_request(rids[1])  # again: nothing
+    for _ in range(3):
+        for o in engine.step():
+            got[o.rid].extend(o.token_ids)
+    # nothing queued now: the step prepared ahead (graph-ahead) holds rids[3]'s row and must be made again
+    assert not sched.pending
+    engine.abort_request(rids[3])
+    for rid, outs in drain(engine).items():
+        assert rid != rids[1]
+        got[rid].extend(tokens_of(outs))
+    assert free_pages(engine) == capacity(engine)
+    for i in (0, 2, 4):
+        assert len(got[rids[i]]) == 40
+        check_own_greedy(engine, ps[i], got[rids[i]])
+    check_own_greedy(engine, ps[3], got[rids[3]])  # what it got before the abort
+
+
+def test_abort_of_every_request_leaves_all_pages_free_and_the_engine_serving(engine):
+    ps = prompts((30, 5, 17, 44, 8, 2), VOCAB, seed=6)
+    rids = [engine.add_request(p, 60, eos_token_ids=()) for p in ps]
+    engine.step()
+    engine.step()
+    for r in rids[::-1]:
+        engine.abort_request(r)
+    assert free_pages(engine) == capacity(engine) and not engine.has_unfinished
+    assert sorted(o.rid for o in engine.step()) == rids
+    want = engine.generate(ps[:2], 10, eos_token_ids=()).tokens  # the engine serves on, from a clean state
+    for p, w in zip(ps[:2], want, strict=True):
+        check_own_greedy(engine, p, w)
+
+
+# ------------------------------------------------------------------------------------------------------------ (c)
+
+
+@pytest.fixture
+def sampling_calls(monkeypatch):
+    """Counts of the sampling launches (softmax, the sampler, the merge gather) made by the engine."""
+    counts = {"softmax": 0, "sample_rows": 0, "sample_top_k_top_p": 0}
+    for name in counts:
+        original = getattr(kernels, name)
+
+        def counted(*a, _name=name, _f=original, **k):
+            counts[_name] += 1
+            return _f(*a, **k)
+
+        monkeypatch.setattr(kernels, name, counted)
+    return counts
+
+
+def run_batch(engine, ps, limit, samplings):
+    rids = [engine.add_request(p, limit, sampling=s, eos_token_ids=()) for p, s in zip(ps, samplings, strict=True)]
+    seen = drain(engine)
+    return [tokens_of(seen[r]) for r in rids]
+
+
+def test_greedy_rows_of_a_mixed_batch_get_the_all_greedy_tokens(engine, sampling_calls):
+    ps = prompts((12, 30, 7, 22), VOCAB, seed=7)
+    greedy = run_batch(engine, ps, 16, [None] * 4)
+    assert sampling_calls == {"softmax": 0, "sample_rows": 0, "sample_top_k_top_p": 0}  # no launch for greedy rows
+    hot_seeded = SamplingParams(temperature=1.0, top_k=50, seed=11)
+    hot_shared = SamplingParams(temperature=0.7, top_p=0.9)
+    mixed = run_batch(engine, ps, 16, [None, hot_seeded, SamplingParams(), hot_shared])
+    assert mixed[0] == greedy[0] and mixed[2] == greedy[2]
+    # every step: one softmax, one sampler call per stream (the seeded request's own, the shared one)
+    steps = sampling_calls["softmax"]
+    assert steps >= 16 and sampling_calls["sample_rows"] == 2 * steps and sampling_calls["sample_top_k_top_p"] == 0
+    assert all(len(out) == 16 and all(0 <= t < VOCAB for t in out) for out in mixed[1::2])
+    lg = engine.prefill_logits([ps[1] + mixed[1][:-1]])[0]
+    for t, tok in enumerate(mixed[1]):  # top_k=50: among the engine's own top 50, plus slack for near ties
+        assert tok in np.argsort(lg[len(ps[1]) - 1 + t])[-64:], (t, tok)
+
+
+def test_sampled_rows_with_top_k_one_get_the_greedy_tokens(engine):
+    ps = prompts((9, 26, 15, 40), VOCAB, seed=8)
+    greedy = run_batch(engine, ps, 12, [None] * 4)
+    top1 = [
+        SamplingParams(temperature=0.8, top_k=1, seed=1),
+        None,
+        SamplingParams(temperature=1.5, top_k=1),
+        SamplingParams(temperature=0.3, top_k=1, top_p=0.5, seed=2),
+    ]
+    assert run_batch(engine, ps, 12, top1) == greedy  # mixed streams and parameters
+    assert run_batch(engine, ps, 12, [SamplingParams(temperature=1.0, top_k=1)] * 4) == greedy  # the shared stream
+    uniform = engine.generate(ps, 12, eos_token_ids=(), sampling=SamplingParams(temperature=2.0, top_k=1, seed=3))
+    assert uniform.tokens == greedy  # generate's single call over every row
+
+
+def test_a_seeded_request_alone_reproduces_its_tokens(engine):
+    # the logits' standard deviation of ~24 (see TOL) makes temperature 1 nearly greedy: 20 spreads the draws over
+    # the top 5
+    (p,) = prompts((13,), VOCAB, seed=9)
+    s = SamplingParams(temperature=20.0, top_k=5, seed=1234)
+    first = run_batch(engine, [p], 20, [s])[0]
+    assert run_batch(engine, [p], 20, [s])[0] == first
+    other = run_batch(engine, [p], 20, [SamplingParams(temperature=20.0, top_k=5, seed=4321)])[0]
+    assert other != first  # 20 draws among 5 tokens: equal only with negligible probability
+    lg = engine.prefill_logits([p + first[:-1]])[0]
+    for t, tok in enumerate(first):
+        assert tok in np.argsort(lg[len(p) - 1 + t])[-8:], (t, tok)  # the top 5, plus slack for float16 near ties
+    again = engine.generate([p], 20, eos_token_ids=(), sampling=s)  # generate's own stream: reproducible too
+    assert engine.generate([p], 20, eos_token_ids=(), sampling=s).tokens == again.tokens
+
+
+# ------------------------------------------------------------------------------------------------------------ (d)
+
+
+def test_requests_added_while_others_decode_are_served(engine):
+    ps = prompts((18, 6, 35, 11, 27, 3), VOCAB, seed=10)
+    limits = [30, 25, 12, 20, 9, 15]
+    got: dict[int, list[int]] = {}
+    rids = []
+
+    def step(times: int) -> None:
+        for _ in range(times):
+            for o in engine.step():
+                got.setdefault(o.rid, []).extend(o.token_ids)
+
+    rids += [engine.add_request(ps[0], limits[0], eos_token_ids=()), engine.add_request(ps[1], limits[1])]
+    step(5)
+    rids.append(engine.add_request(ps[2], limits[2], eos_token_ids=()))  # joins the decoding batch
+    step(3)
+    rids += [engine.add_request(p, m, eos_token_ids=()) for p, m in zip(ps[3:], limits[3:], strict=True)]
+    step(1)  # admitted into the free slots, the others queued
+    assert engine._sched.pending
+    for rid, outs in drain(engine).items():
+        got.setdefault(rid, []).extend(tokens_of(outs))
+    assert free_pages(engine) == capacity(engine)
+    for rid, p, m in zip(rids, ps, limits, strict=True):
+        out = got[rid]
+        assert len(out) == m or (rid == rids[1] and out[-1] == 2)  # rids[1] keeps the checkpoint's eos (id 2)
+        check_own_greedy(engine, p, out)

@@ -1,0 +1,597 @@
+"""The step API's host side, on CPU: :meth:`Scheduler.abort`, per-request end-of-sequence ids and sampling in the
+scheduler, how a step's rows choose their tokens (:func:`fi_engine.sampling.draw_groups`), the argument checks of
+``add_request`` / ``abort_request`` / ``generate``, and the engine's ``step`` / ``generate`` loop itself
+(:meth:`ServingLoop._advance`) with only the device work stood in for: ``_prefill`` and ``_decode_step`` record
+tokens of a fixed rule through the real scheduler. The same on a GPU: tests/engine/test_gpu_step_api.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fi_engine import serving
+from fi_engine.deepseek import DeepSeekEngine
+from fi_engine.engine import Engine
+from fi_engine.gemma2 import Gemma2Engine
+from fi_engine.gpt_oss import GptOssEngine
+from fi_engine.llama import LlamaEngine
+from fi_engine.paging import PageAllocator, Request, Scheduler, fill_decode, pages_for
+from fi_engine.sampling import Draws, draw_groups
+from fi_engine.sampling_params import SamplingParams, sampling_arg
+from fi_engine.stepping import StepEngine, StepOutput
+
+PS = 16
+EOS = 999
+
+
+def make(num_pages=1 + 16, max_batch=3, eos=(EOS,)):
+    return Scheduler(PageAllocator(num_pages), PS, max_batch, 256, 512, 1000, eos)
+
+
+# ---------------------------------------------------------------------------------------------- Scheduler.abort
+
+
+def test_abort_of_an_active_request_frees_its_slot_and_pages_for_the_next_admission():
+    s = make(num_pages=1 + 6, max_batch=2)
+    a = s.submit([1] * 20, 30)  # budget ceil(49 / 16) = 4 pages
+    b = s.submit([2] * 5, 10)  # budget 1
+    c = s.submit([3] * 40, 9)  # budget 3: waits for a's budget
+    assert s.admit() == [a, b]
+    s.record([a, b], [7, 7], prefill=True)
+    rows = s.decode_rows(padded=True)
+    s.record(rows, [8, 8])
+    assert s.admit() == []  # c does not fit beside a
+    held = list(a.pages)
+    assert s.abort(a) is True
+    assert a.finish_reason == "abort" and a.slot == -1 and a.pages == [] and s.slots[0] is None
+    assert s.allocator.num_free == s.allocator.capacity - len(b.pages)
+    assert s.admit() == [c] and c.slot == 0  # a's slot, and a's pages among c's
+    assert set(c.pages) & set(held)
+    assert s.abort(a) is False and a.finish_reason == "abort"  # twice: nothing changes
+    s.abort(b)
+    s.abort(c)
+    assert s.allocator.num_free == s.allocator.capacity and not s.has_work
+
+
+def test_abort_of_a_queued_request_takes_it_out_of_the_queue_only():
+    s = make(max_batch=1)
+    a, b, c = (s.submit([i + 1] * 3, 4) for i in range(3))
+    s.admit()
+    free = s.allocator.num_free
+    assert s.abort(b) is True
+    assert list(s.pending) == [c] and b.finish_reason == "abort" and b.pages == []
+    assert s.allocator.num_free == free and s.slots == [a]
+
+
+def test_abort_of_a_finished_or_foreign_request_changes_nothing():
+    s, other = make(), make()
+    a = s.submit([1, 2], 1)
+    s.admit()
+    s.record([a], [5], prefill=True)  # max_new_tokens 1: finished at the prefill
+    assert a.finish_reason == "length"
+    assert s.abort(a) is False and a.finish_reason == "length"
+    stranger = other.submit([1], 3)
+    mine = s.submit([1], 3)
+    assert s.abort(stranger) is False and stranger.finish_reason is None and list(other.pending) == [stranger]
+    assert list(s.pending) == [mine]
+    with pytest.raises(TypeError, match="request: expected a fi_engine.paging.Request, got int"):
+        s.abort(3)  # type: ignore[arg-type]
+
+
+def test_abort_after_peek_rows_gives_back_the_page_given_ahead_and_drops_the_prepared_step():
+    s = make(num_pages=1 + 8, max_batch=2)
+    a, b = s.submit([1] * 15, 20), s.submit([2] * 3, 20)
+    s.admit()
+    s.record([a, b], [7, 7], prefill=True)  # a: 15 cached, its next two tokens need a second page
+    rows = s.decode_rows(padded=True)
+    peeked = s.peek_rows()  # the step after this one: a gets its second page now
+    assert len(a.pages) == 2
+    s.record(rows, [8, 8])
+    assert s.same_rows(peeked)
+    s.abort(a)
+    assert not s.same_rows(peeked)  # the prepared step is made again
+    assert s.allocator.num_free == s.allocator.capacity - len(b.pages)
+    assert s.decode_rows(padded=True) == [None, b]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_aborts_mid_run_leave_the_others_served_and_every_page_back(padded):
+    s = make(num_pages=1 + 10, max_batch=3)
+    reqs = [s.submit([i + 1] * (3 + 7 * i), 25) for i in range(5)]
+    step = 0
+    while s.has_work:
+        admitted = s.admit()
+        if admitted:
+            s.record(admitted, [100] * len(admitted), prefill=True)
+        if step == 4:
+            s.abort(reqs[1])  # active
+            s.abort(reqs[4])  # queued
+        if s.active:
+            rows = s.decode_rows(padded)
+            fill_decode(rows, PS, _decode_views(s))  # the tables stay valid around the freed slot
+            s.record(rows, [0 if r is None else 100 + len(r.output) for r in rows])
+            held = [p for r in s.active for p in r.pages]
+            assert len(held) == len(set(held))
+        step += 1
+    assert [r.finish_reason for r in reqs] == ["length", "abort", "length", "length", "abort"]
+    assert [len(r.output) for r in reqs if r.finish_reason == "length"] == [25, 25, 25]
+    assert s.allocator.num_free == s.allocator.capacity and s.sampled == 0
+
+
+def _decode_views(s: Scheduler) -> dict[str, np.ndarray]:
+    from fi_engine.paging import decode_layout
+
+    layout = decode_layout(s.max_batch, s.allocator.num_pages + s.max_batch)
+    return layout.views(np.zeros(layout.total, np.int32))
+
+
+# ---------------------------------------------------------------------------------------------- per request
+
+
+def test_a_request_ends_at_its_own_eos_ids_or_the_schedulers():
+    s = make(eos=(EOS,))
+    own = s.submit([1, 2], 10, eos_token_ids=[5])
+    none = s.submit([1, 2], 3, eos_token_ids=())
+    default = s.submit([1, 2], 10)
+    s.admit()
+    s.record([own, none, default], [EOS, EOS, 5], prefill=True)
+    assert own.finish_reason is None  # the scheduler's eos is not its
+    assert none.finish_reason is None
+    assert default.finish_reason is None  # 5 is not the scheduler's
+    s.record(s.decode_rows(padded=False), [5, EOS, EOS])
+    assert (own.finish_reason, none.finish_reason, default.finish_reason) == ("eos", None, "eos")
+
+
+@pytest.mark.parametrize(
+    ("eos", "match"),
+    [
+        (5, r"eos_token_ids: expected a list of token ids \(or None: the model's\), got 5"),
+        ("2", "eos_token_ids: expected a list of token ids"),
+        ([1, "2"], r"eos_token_ids\[1\]: expected a token id in \[0, 1000\) \(an int\), got '2'"),
+        ([True], r"eos_token_ids\[0\]: expected a token id in \[0, 1000\)"),
+        ([1000], r"eos_token_ids\[0\]: expected a token id in \[0, 1000\) \(an int\), got 1000"),
+        ([-1], r"eos_token_ids\[0\]"),
+        ([2.0], r"eos_token_ids\[0\]"),
+        ([[2]], r"eos_token_ids\[0\]"),
+    ],
+)
+def test_submit_refuses_bad_eos_ids_by_name_and_queues_nothing(eos, match):
+    s = make()
+    with pytest.raises(ValueError, match=match):
+        s.submit([1, 2], 4, eos_token_ids=eos)
+    assert not s.pending
+
+
+def test_submit_keeps_sampling_only_for_sampled_requests_and_counts_them_while_active():
+    s = make()
+    greedy = s.submit([1], 5, sampling=SamplingParams())
+    plain = s.submit([1], 5)
+    hot = s.submit([1], 5, sampling=SamplingParams(temperature=0.7), draws="stream")
+    assert greedy.sampling is None and greedy.draws is None and plain.sampling is None
+    assert hot.sampling == SamplingParams(temperature=0.7) and hot.draws == "stream"
+    assert s.sampled == 0  # queued requests are not counted
+    s.admit()
+    assert s.sampled == 1
+    s.abort(hot)
+    assert s.sampled == 0
+    with pytest.raises(TypeError, match="sampling: expected a fi_engine.sampling_params.SamplingParams or None"):
+        s.submit([1], 5, sampling={"temperature": 1.0})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [{"temperature": 1}, 0.5, "greedy", SamplingParams])
+def test_sampling_arg_names_the_argument(bad):
+    with pytest.raises(TypeError, match=r"^sampling: expected a fi_engine.sampling_params.SamplingParams or None"):
+        sampling_arg(bad)
+    assert sampling_arg(None) is None
+
+
+@pytest.mark.parametrize(
+    ("seed", "error", "match"),
+    [(-1, ValueError, "-1"), (1 << 64, ValueError, "18446744073709551616"),
+     (1 << 200, ValueError, "an int of 201 bits"), (True, TypeError, "bool"), (1.0, TypeError, "float"),
+     ("7", TypeError, "str")],
+)  # fmt: skip
+def test_sampling_params_refuse_a_bad_seed_by_name(seed, error, match):
+    with pytest.raises(error, match=rf"^seed: expected None or an int in \[0, 2\*\*64\), got {match}$"):
+        SamplingParams(temperature=1.0, seed=seed)
+    assert SamplingParams(seed=(1 << 64) - 1).seed == (1 << 64) - 1
+    assert SamplingParams().seed is None
+
+
+# ---------------------------------------------------------------------------------------------- draw_groups
+
+
+def _req(rid: int, sampling: SamplingParams | None = None, draws: Draws | None = None) -> Request:
+    return Request(rid, (1,), 4, 1, sampling=sampling, draws=draws)
+
+
+def test_draw_groups_all_greedy_rows_need_no_sampling():
+    assert draw_groups([_req(0), None, _req(1)]) == (False, [])
+    assert draw_groups([None, None]) == (False, [])
+
+
+def test_draw_groups_one_shared_stream_and_parameters_over_every_real_row_is_the_single_call():
+    shared = Draws.seeded(3, shared=True)
+    p = SamplingParams(temperature=0.8, top_k=5)
+    rows = [_req(0, p, shared), None, _req(1, p, shared)]  # padding rows do not count
+    assert draw_groups(rows) == (True, [(shared, [0, 2])])
+    # unequal parameters, a greedy row among them, or an own stream: the per-row calls
+    assert draw_groups([_req(0, p, shared), _req(1, SamplingParams(temperature=0.9), shared)])[0] is False
+    assert draw_groups([_req(0, p, shared), _req(1)]) == (False, [(shared, [0])])
+    own = Draws.seeded(3, shared=False)
+    assert draw_groups([_req(0, p, own)]) == (False, [(own, [0])])  # alone, but its draws must not depend on its row
+
+
+def test_draw_groups_gathers_each_streams_rows_in_order_of_first_appearance():
+    shared, a, b = Draws.seeded(0, True), Draws.seeded(1, False), Draws.seeded(2, False)
+    hot = SamplingParams(temperature=1.0)
+    rows = [_req(0, hot, b), _req(1), _req(2, hot, shared), None, _req(3, hot, shared), _req(4, hot, a)]
+    uniform, groups = draw_groups(rows)
+    assert not uniform
+    assert [(g, idx) for g, idx in groups] == [(b, [0]), (shared, [2, 4]), (a, [5])]
+
+
+def test_draws_made_from_a_seed_start_at_offset_zero():
+    d = Draws.seeded(1234, shared=False)
+    assert d.generator.get_state() == (1234, 0) and d.shared is False
+
+
+# ---------------------------------------------------------------------------------------------- the engine's step
+
+
+STEP_METHODS = ("add_request", "abort_request", "step")
+
+
+@pytest.mark.parametrize("engine", [Engine, LlamaEngine, Gemma2Engine, GptOssEngine, DeepSeekEngine])
+def test_every_engine_class_has_the_step_protocols_methods_and_signatures(engine):
+    """isinstance(engine, StepEngine) needs an engine (a GPU: tests/engine/test_gpu_step_api.py); here the class's
+    methods have the protocol's parameters (names, kinds, defaults) and has_unfinished is a property."""
+    for name in STEP_METHODS:
+        want = inspect.signature(getattr(StepEngine, name))
+        got = inspect.signature(getattr(engine, name))
+        shape = [(p.name, p.kind, p.default) for p in got.parameters.values()]
+        assert shape == [(p.name, p.kind, p.default) for p in want.parameters.values()], name
+    assert isinstance(inspect.getattr_static(engine, "has_unfinished"), property)
+
+
+def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None):
+    """An engine without its constructor (no GPU): the host state the step API reads, and the device work
+    (``_prefill``, ``_decode_step``) stood in for by ``token_of(request)`` recorded through the real scheduler."""
+    e = LlamaEngine.__new__(LlamaEngine)
+    e._closed = False
+    e.config = SimpleNamespace(vocab_size=1000, eos_token_ids=(EOS,))
+    e.max_batch, e.page_size, e.num_pages = max_batch, PS, num_pages
+    e.max_seq_len, e.max_prefill_tokens = 256, 512
+    e._sched, e._requests, e._aborted, e._shared_draws, e._next_rows = None, {}, [], None, None
+    e._ffi_stream = contextlib.nullcontext()
+    e.device, e._s = 0, 0
+    e._cp = SimpleNamespace(cuda=SimpleNamespace(Device=lambda d: contextlib.nullcontext()))
+    e.stream = _Stream()
+    e.steps = []  # ("prefill", rids) / ("decode", rids) in the order they ran
+    rule = token_of or (lambda r: 100 + len(r.output))
+
+    def prefill(sched, reqs, all_logits=False):
+        e.steps.append(("prefill", [r.rid for r in reqs]))
+        sched.record(reqs, [rule(r) for r in reqs], prefill=True)
+        return []
+
+    def decode_step(sched):
+        rows = sched.decode_rows(padded=False)
+        e.steps.append(("decode", [r.rid for r in rows if r is not None]))
+        sched.record(rows, [rule(r) for r in rows])
+        return 1.0, rows
+
+    e._prefill = prefill
+    e._decode_step = decode_step
+    return e
+
+
+class _Stream:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def synchronize(self):
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _no_ffi_stream(monkeypatch):
+    monkeypatch.setattr(serving, "stream_scope", lambda stream, device: contextlib.nullcontext())
+
+
+def drain(e) -> dict[int, list]:
+    """step() until nothing is unfinished: each request's tokens and finish reasons as reported."""
+    seen: dict[int, list] = {}
+    while e.has_unfinished:
+        for o in e.step():
+            assert isinstance(o, StepOutput)
+            seen.setdefault(o.rid, []).append(o)
+    return seen
+
+
+def test_step_reports_each_requests_tokens_once_and_its_end_as_the_protocols_reason():
+    e = bare_engine(token_of=lambda r: EOS if (r.rid == 1 and len(r.output) == 2) else 100 + len(r.output))
+    ids = [e.add_request([1, 2, 3], 4), e.add_request([4] * 20, 6), e.add_request([5], 1)]
+    assert ids == [0, 1, 2] and e.has_unfinished
+    first = e.step()  # all three admitted: prefill tokens, then one decode step for those still active
+    assert first == [
+        StepOutput(0, (100, 101)),
+        StepOutput(1, (100, 101)),
+        StepOutput(2, (100,), "length"),  # max_new_tokens 1: ended at its prefill
+    ]
+    seen = drain(e)
+    assert [o.token_ids for o in seen[0]] == [(102,), (103,)] and seen[0][-1].finish_reason == "length"
+    assert [o.token_ids for o in seen[1]] == [(EOS,)] and seen[1][-1].finish_reason == "stop"  # eos -> "stop"
+    assert 2 not in seen
+    assert e.step() == [] and not e._requests  # finished requests are forgotten
+    assert e._sched.allocator.num_free == e._sched.allocator.capacity
+
+
+def test_step_drives_the_same_steps_as_generate():
+    prompts = [[1] * 3, [2] * 20, [3] * 9, [4] * 33, [5]]
+    limits = [5, 9, 2, 7, 4]
+    a = bare_engine(max_batch=2)
+    result = a.generate(prompts, limits, eos_token_ids=())
+    b = bare_engine(max_batch=2)
+    rids = [b.add_request(p, m, eos_token_ids=()) for p, m in zip(prompts, limits, strict=True)]
+    got: dict[int, list[int]] = {}
+    for outs in iter(b.step, None):
+        for o in outs:
+            got.setdefault(o.rid, []).extend(o.token_ids)
+        if not b.has_unfinished:
+            break
+    assert [got[r] for r in rids] == result.tokens
+    assert b.steps == a.steps  # the same prefills and decode steps, in the same order
+    assert result.finish_reasons == ["length"] * 5 and result.decode_steps == sum(s[0] == "decode" for s in a.steps)
+
+
+def test_abort_request_frees_at_once_and_the_next_step_reports_it_once():
+    e = bare_engine(max_batch=2, num_pages=1 + 4)
+    a = e.add_request([1] * 10, 40)  # budget 4 pages: the whole cache
+    b = e.add_request([2] * 3, 5)  # queued behind a's budget
+    e.step()
+    assert e._sched.slots[0].rid == a and e._sched.pending[0].rid == b
+    e.abort_request(a)
+    assert e._sched.allocator.num_free == e._sched.allocator.capacity and e._sched.slots == [None, None]
+    out = e.step()  # a's abort, then b admitted into the freed pages and served
+    assert out[0] == StepOutput(a, (), "abort")
+    assert out[1].rid == b and len(out[1].token_ids) == 2
+    e.abort_request(a)  # finished: nothing
+    e.abort_request(12345)  # unknown: nothing
+    seen = drain(e)
+    assert all(o.rid == b for outs in seen.values() for o in outs) and seen[b][-1].finish_reason == "length"
+    e.abort_request(b)
+    assert e.step() == []
+    with pytest.raises(TypeError, match="rid: expected a request id"):
+        e.abort_request("0")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="rid: expected a request id"):
+        e.abort_request([0])  # type: ignore[arg-type]
+
+
+def test_an_aborted_queued_request_is_reported_even_with_nothing_left_to_run():
+    e = bare_engine()
+    r = e.add_request([1, 2], 3)
+    e.abort_request(r)
+    assert not e.has_unfinished
+    assert e.step() == [StepOutput(r, (), "abort")]
+    assert e.step() == []
+
+
+def test_requests_added_between_steps_join_the_running_batch():
+    e = bare_engine(max_batch=3)
+    a = e.add_request([1] * 5, 8)
+    e.step()
+    e.step()
+    b = e.add_request([2] * 7, 3)
+    out = e.step()
+    assert [o.rid for o in out] == [b, a]  # b's prefill token first, then the decode step in slot order (a, b)
+    assert out[0].token_ids == (100, 101) and out[1].token_ids == (103,)
+    assert e.steps[-2:] == [("prefill", [b]), ("decode", [a, b])]
+    seen = drain(e)
+    assert sum(len(o.token_ids) for o in seen[a]) == 8 - 4 and seen[b][-1].finish_reason == "length"
+
+
+def test_a_failed_step_ends_every_request_and_the_next_step_reports_them():
+    e = bare_engine()
+    a, b = e.add_request([1] * 3, 10), e.add_request([2] * 3, 10)
+    e.step()
+    c = e.add_request([3], 4)
+
+    def broken(sched):
+        raise RuntimeError("the device went away")
+
+    e._decode_step = broken
+    with pytest.raises(RuntimeError, match="the device went away"):
+        e.step()
+    assert not e.has_unfinished and e._sched.allocator.num_free == e._sched.allocator.capacity
+    assert sorted(o.rid for o in e.step()) == [a, b, c]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda e: e.add_request([], 4), ValueError, r"^prompt: expected a non-empty list of token ids"),
+        (lambda e: e.add_request([1, 1000], 4), ValueError, r"^prompt\[1\]: token id 1000 is outside"),
+        (lambda e: e.add_request("12", 4), ValueError, r"^prompt: expected a non-empty list of token ids"),
+        (lambda e: e.add_request([1], 0), ValueError, r"^max_new_tokens: expected an integer >= 1"),
+        (lambda e: e.add_request([1], "4"), ValueError, r"^max_new_tokens: expected an integer >= 1"),
+        (lambda e: e.add_request([1] * 250, 10), ValueError, r"^prompt: 250 prompt tokens \+ 10 new tokens exceed"),
+        (lambda e: e.add_request([1], 4, sampling=0.7), TypeError, r"^sampling: expected a fi_engine"),
+        (lambda e: e.add_request([1], 4, eos_token_ids=[1, None]), ValueError, r"^eos_token_ids\[1\]: expected"),
+        (lambda e: e.add_request([1], 4, eos_token_ids=7), ValueError, r"^eos_token_ids: expected a list"),
+    ],
+)
+def test_add_request_refuses_bad_arguments_by_name_and_queues_nothing(call, error, match):
+    e = bare_engine()
+    with pytest.raises(error, match=match):
+        call(e)
+    assert not e.has_unfinished and not e._requests
+
+
+def test_add_request_gives_each_seeded_request_its_own_stream_and_unseeded_ones_the_engines():
+    e = bare_engine()
+    e.add_request([1], 4, sampling=SamplingParams(temperature=1.0, seed=5))
+    e.add_request([1], 4, sampling=SamplingParams(temperature=1.0, seed=5))
+    e.add_request([1], 4, sampling=SamplingParams(temperature=1.0))
+    e.add_request([1], 4, sampling=SamplingParams(temperature=0.5))
+    e.add_request([1], 4, sampling=SamplingParams(seed=5))  # greedy: no stream
+    r = list(e._sched.pending)
+    assert r[0].draws is not r[1].draws and not r[0].draws.shared and r[0].draws.generator.get_state() == (5, 0)
+    assert r[2].draws is r[3].draws and r[2].draws.shared
+    assert r[4].draws is None and r[4].sampling is None
+
+
+def test_generate_refuses_while_step_requests_are_in_flight_and_cleans_up_a_refused_prompt():
+    e = bare_engine()
+    e.add_request([1], 4)
+    with pytest.raises(ValueError, match=r"engine: 1 request\(s\) added with add_request are queued or active"):
+        e.generate([[1]], 2)
+    with pytest.raises(ValueError, match="before prefill_logits"):
+        e.prefill_logits([[1]])
+    e.abort_request(0)
+    e.step()
+    with pytest.raises(ValueError, match=r"prompts\[1\]\[0\]: token id 1000"):
+        e.generate([[1], [1000]], 2)
+    assert not e.has_unfinished  # prompts[0] was taken out again
+    with pytest.raises(TypeError, match="sampling: expected"):
+        e.generate([[1]], 2, sampling="hot")
+    assert e.generate([[1], [2]], 3).tokens == [[100, 101, 102]] * 2
+
+
+def test_an_interrupted_generate_leaves_nothing_queued_or_holding_pages():
+    e = bare_engine(max_batch=2)
+    calls = []
+
+    def decode_step(sched):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        rows = sched.decode_rows(padded=False)
+        sched.record(rows, [7] * len(rows))
+        return 1.0, rows
+
+    e._decode_step = decode_step
+    with pytest.raises(KeyboardInterrupt):
+        e.generate([[1] * 5] * 4, 10, eos_token_ids=())
+    s = e._sched
+    assert not s.has_work and s.allocator.num_free == s.allocator.capacity
+    calls.clear()  # a working device again: the engine serves on
+    assert e.generate([[1]], 3, eos_token_ids=()).tokens == [[100, 7, 7]]
+
+
+def test_aborting_active_and_queued_requests_gives_every_page_back():
+    e = bare_engine(max_batch=4, num_pages=1 + 40)
+    rids = [e.add_request([i + 1] * (5 + 9 * i), 30) for i in range(6)]
+    e.step()
+    e.step()
+    s = e._sched
+    assert len(s.active) == 4 and len(s.pending) == 2
+    held = sum(len(r.pages) for r in s.active)
+    assert held == sum(pages_for(len(r.prompt) + 2, PS) for r in s.active)  # prompt + 2 decode inputs
+    for rid in rids:
+        e.abort_request(rid)
+    assert s.allocator.num_free == s.allocator.capacity
+    assert sorted(o.rid for o in e.step()) == rids
+
+
+# ---------------------------------------------------------------------------------------------- the mixed step
+
+
+def test_a_mixed_step_hands_each_stream_its_rows_and_merges_the_samples_into_the_greedy_ids(monkeypatch):
+    """Sampling._sample_mixed on the host, with the launches recorded: the per-row arrays it copies, the calls it
+    makes (softmax once; one sampler per stream with that stream's rows as indices into its own output span), and
+    the gather that merges them, replayed in numpy: greedy rows keep their argmax, sampled rows get their sample."""
+    from fi_engine import kernels
+    from fi_engine.sampling import _sample_layout
+
+    B, V = 6, 1000
+    e = LlamaEngine.__new__(LlamaEngine)
+    e.max_batch, e.device, e._s = B, 0, 0
+    e.config = SimpleNamespace(vocab_size=V)
+    e.vocab_shard = None
+
+    def buffer(address, shape=(1,)):
+        return SimpleNamespace(data=SimpleNamespace(ptr=address), shape=shape)
+
+    ids, choice, meta = 1 << 40, 2 << 40, 3 << 40
+    e._buf = SimpleNamespace(ids=buffer(ids))
+    e._probs, e._softmax_ws, e._valid = buffer(4 << 40), buffer(5 << 40, (64,)), None
+    e._slayout = _sample_layout(B)
+    e._shost = np.zeros(e._slayout.total, np.int32)
+    e._smeta, e._choice = buffer(meta), buffer(choice)
+    copies, launches = [], []
+    e._cp = SimpleNamespace(cuda=SimpleNamespace(runtime=SimpleNamespace(memcpyAsync=lambda *a: copies.append(a[:3]))))
+    e.dense = SimpleNamespace(gather_rows=lambda *a: launches.append(("gather", a)))
+    monkeypatch.setattr(kernels, "softmax", lambda *a: launches.append(("softmax", a)))
+    monkeypatch.setattr(kernels, "sample_rows", lambda *a: launches.append(("sample", a)))
+
+    shared, own = Draws.seeded(1, True), Draws.seeded(2, False)
+    hot = SamplingParams(temperature=0.5, top_k=7, top_p=0.8)
+    wide = SamplingParams(temperature=2.0, top_k=5000)  # more than the vocabulary: all of it
+    rows = [_req(0), _req(1, hot, shared), None, _req(3, wide, own), _req(4, hot, shared), _req(5)]
+    n = len(rows)
+    uniform, groups = draw_groups(rows)
+    assert not uniform
+    v = SimpleNamespace(logits="logits")
+    e._sample_mixed(v, n, rows, groups)
+
+    o, host = e._slayout.offsets, e._shost
+    assert host[o["temperature"] : o["temperature"] + n].view(np.float32).tolist() == [1, 0.5, 1, 2, 0.5, 1]
+    assert host[o["top_k"] : o["top_k"] + n].tolist() == [V, 7, V, V, 7, V]
+    assert np.allclose(host[o["top_p"] : o["top_p"] + n].view(np.float32), [1, 0.8, 1, 1, 0.8, 1])
+    assert copies[0][0] == meta and copies[0][2] == 4 * e._slayout.total  # the arrays, in one copy
+    assert copies[1] == (choice, ids, 4 * n)  # the argmax ids into the merge's source
+    kinds = [k for k, _ in launches]
+    assert kinds == ["softmax", "sample", "sample", "gather"]
+    temperature = launches[0][1][3]
+    assert (temperature.data_ptr, tuple(temperature.shape)) == (meta + 4 * o["temperature"], (n,))
+    samples = np.full(2 * B, -1, np.int64)
+    samples[:n] = [100 + i for i in range(n)]  # the argmax of each row
+    for (_, (probs, out, top_k, top_p, indices, gen, _s, valid)), (draws, idx) in zip(
+        launches[1:3], groups, strict=True
+    ):
+        start = (indices.data_ptr - meta) // 4 - o["indices"]
+        assert tuple(indices.shape) == tuple(out.shape) == (len(idx),)
+        assert host[o["indices"] + start : o["indices"] + start + len(idx)].tolist() == idx
+        assert out.data_ptr == choice + 4 * (B + start) and gen is draws.generator and valid is None
+        assert tuple(probs.shape) == (n, V) and top_k.data_ptr == meta + 4 * o["top_k"]
+        assert top_p.data_ptr == meta + 4 * o["top_p"] and tuple(top_p.shape) == (n,)
+        samples[B + start : B + start + len(idx)] = [900 + i for i in idx]  # what the sampler draws
+    _, (rows_, src, src_ld, index, dst, dst_ld, width) = launches[3]
+    assert (rows_, src, src_ld, index, dst, dst_ld, width) == (n, choice, 2, meta + 4 * o["source"], ids, 2, 2)
+    source = host[o["source"] : o["source"] + n]
+    assert samples[source].tolist() == [100, 901, 102, 903, 904, 105]  # greedy and padding rows keep the argmax
+
+
+def test_pick_launches_only_the_argmax_for_greedy_rows_and_one_call_for_a_uniform_batch(monkeypatch):
+    from fi_engine import kernels
+
+    e = LlamaEngine.__new__(LlamaEngine)
+    e.max_batch, e.device, e._s, e.vocab_shard = 4, 0, 0, None
+    e.config = SimpleNamespace(vocab_size=1000)
+    ptr = SimpleNamespace(data=SimpleNamespace(ptr=1 << 40), shape=(64,))
+    e._probs, e._softmax_ws, e._valid = ptr, ptr, None
+    calls: list[tuple] = []
+    e._argmax = lambda n: calls.append(("argmax", n))
+    monkeypatch.setattr(kernels, "sample_top_k_top_p", lambda *a: calls.append(("uniform", a[4:8])))
+    e._sample_mixed = lambda v, n, rows, groups: calls.append(("mixed", n))
+    v = SimpleNamespace(logits=None, ids=None)
+    assert e._pick(v, 4, None) is False and calls == [("argmax", 4)]  # greedy: the argmax alone
+    calls.clear()
+    assert e._pick(v, 4, None, argmax_done=True) is False and calls == []  # the graph's argmax: nothing more
+    assert e._pick(v, 2, [_req(0), _req(1)], argmax_done=True) is False and calls == []
+    shared = Draws.seeded(9, True)
+    p = SamplingParams(temperature=0.5, top_k=3, top_p=0.9)
+    assert e._pick(v, 4, [_req(0, p, shared), None, _req(2, p, shared), None]) is True
+    assert calls == [("uniform", (3, 0.9, 0.5, shared.generator))]  # no argmax, one call, scalar parameters
+    calls.clear()
+    assert e._pick(v, 2, [_req(0, p, shared), _req(1)]) is True
+    assert calls == [("argmax", 2), ("mixed", 2)]
