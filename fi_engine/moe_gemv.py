@@ -204,7 +204,8 @@ class GroupedGemv:
         active = max(1, min(num_experts, assignments))
         blocks = max(1, min(-(-n // _WARPS), -(-8 * self._sms // active)))
         args = [x, x_ld, div, experts, assignments, w, n, k, y, y_ld]
-        return int(self._fns[r].ptr), (blocks, num_experts), 32 * _WARPS, r * k * 2, args
+        function = getattr(self._fns[r], "kernel", self._fns[r])  # a CuPy RawKernel's compiled Function
+        return int(function.ptr), (blocks, num_experts), 32 * _WARPS, r * k * 2, args
 
     def __call__(
         self,
