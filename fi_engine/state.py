@@ -46,10 +46,10 @@ class EngineState:
     stream: Any
     dense: Any
     dtype: str
-    kv_cache_dtype: str  # "auto" (the model's dtype) or "fp8_e4m3" (fi_engine.kv_fp8)
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8_e4m3" (fi_engine.kv_fp8)
     vocab_shard: VocabShard | None
-    _kv_fp8: Any  # kv_fp8.KvFp8 with an FP8 cache, else None
-    _kv_scales: tuple[float, float] | None
+    _kv_fp8: Any = None  # kv_fp8.KvFp8 with an FP8 cache (class default: an engine assembled without __init__)
+    _kv_scales: tuple[float, float] | None = None
 
     @property
     def kv_dtype(self) -> str:

@@ -51,6 +51,7 @@ from helpers.env import make_checkout_importable
 from helpers.http_server import LocalServer
 from helpers.wheels import (
     COMM_MISSING,
+    FP8_DECODE_MODULE,
     SHARED_072_MISSING,
     SHARED_FP8_MISSING,
     SHARED_MODELS_MISSING,
@@ -221,12 +222,6 @@ def models_modules() -> list[str]:
     if "dsv3_fused_routing" not in uris:
         pytest.skip(SHARED_MODELS_MISSING)
     return uris
-
-
-FP8_DECODE_MODULE = (
-    "batch_decode_with_kv_cache_dtype_q_bf16_dtype_kv_e4m3_dtype_o_bf16_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_"
-    "posenc_0_use_swa_False_use_logits_cap_False"
-)
 
 
 @pytest.fixture(scope="session")

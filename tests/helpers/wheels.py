@@ -47,6 +47,11 @@ SHARED_FP8_MISSING = (
     "prefill), found neither beside the core test wheel, nor in $FI_FFI_TEST_WHEELS_FP8, nor in "
     f"<repo>/../shared/wheels-fp8 (outside the checkout); {WHEELS_HINT}"
 )
+FP8_DECODE_MODULE = (
+    "batch_decode_with_kv_cache_dtype_q_bf16_dtype_kv_e4m3_dtype_o_bf16_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_"
+    "posenc_0_use_swa_False_use_logits_cap_False"
+)
+"""A module only the FP8 test wheel holds: its presence in the session lock tells that wheel is pinned."""
 COMM_MISSING = f"needs the comm test wheel (FI_FFI_TEST_WHEELS_COMM or <repo>/../shared/wheels-comm); {WHEELS_HINT}"
 
 TEST_RELEASES = ("0.6.3", "0.7.2")

@@ -21,7 +21,7 @@ as in :mod:`fi_ffi.ops.attention.decode`. ``lse`` (optional, float32) is the bas
 FP8: an FP8 KV cache (``kv_data_type="float8_e4m3fn"``) with 16-bit queries is served by the FA2 modules built for
 it (their kernels take no scales: fold ``k_scale`` into the plan's ``sm_scale`` and multiply the output by
 ``v_scale``, as flashinfer-python's wrappers do); float8 q, k and v (``q_data_type="float8_e4m3fn"``,
-``o_data_type="bfloat16"``) by the FA3 FP8 modules, whose runs take per-tensor ``scale_q``/``scale_k``/``scale_v``.
+``o_data_type="bfloat16"``) by the FA3 FP8 modules, whose runs take per-tensor ``q_scale``/``k_scale``/``v_scale``.
 
 Everything is asynchronous on ``stream``; plan and run must use the same stream (see
 :mod:`fi_ffi.ops.attention.workspace` for the one documented wait). Every kernel call goes through a launcher
@@ -1041,14 +1041,14 @@ def _fp8_fa3(s: PlanSettings) -> bool:
     return s.backend == "fa3" and s.dtype_q is not None and s.dtype_q.itemsize == 1
 
 
-def fp8_scales(plan: Plan, scale_q: Any, scale_k: Any, scale_v: Any) -> tuple[float, float, float]:
+def fp8_scales(plan: Plan, q_scale: Any, k_scale: Any, v_scale: Any) -> tuple[float, float, float]:
     """The dequantization scales of an FA3 FP8 run (each None: 1.0), checked: finite floats > 0, and only for a plan
     whose module takes them (FP8 q). Other plans refuse them by name: an FP8 KV cache read with 16-bit queries (the
     FA2 and decode modules) takes k's scale folded into the plan's ``sm_scale`` and v's as a multiply of the output,
     as flashinfer-python's wrappers do."""
     s = plan._s if plan.__class__ is Plan else None
     values = []
-    for name, value in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v)):
+    for name, value in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
         if value is None:
             values.append(1.0)
             continue
@@ -1153,9 +1153,9 @@ def batch_prefill_ragged_run(
     out: TensorT,
     lse: TensorLike | None = None,
     enable_pdl: bool = False,
-    scale_q: float | None = None,
-    scale_k: float | None = None,
-    scale_v: float | None = None,
+    q_scale: float | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
     stream: StreamLike = None,
 ) -> TensorT:
     """Run batch prefill over ragged K/V with a plan from :func:`batch_prefill_ragged_plan`.
@@ -1172,11 +1172,12 @@ def batch_prefill_ragged_run(
         out: ``[q.shape[0], num_qo_heads, head_dim_vo]`` of the plan's o dtype, contiguous.
         lse: optional float32 ``[q.shape[0], num_qo_heads]``.
         enable_pdl: programmatic dependent launch (SM90+).
-        scale_q, scale_k, scale_v: FA3 FP8 plans only (float8 q, k and v): per-tensor dequantization scales
-            (None: 1.0; flashinfer-python's float ``q_scale``/``k_scale``/``v_scale``): the kernel scales the logits
-            by ``scale_q * scale_k * sm_scale`` and the output by ``scale_v``. Any other plan refuses them by name
-            (16-bit queries over an FP8 KV cache: plan with ``sm_scale * k_scale``, multiply the output by
-            ``v_scale``).
+        q_scale, k_scale, v_scale: FA3 FP8 plans only (float8 q, k and v): per-tensor dequantization scales
+            (None: 1.0; flashinfer-python's float arguments of these names), passed to the kernel's
+            ``scale_q/k/v_scalar``: it scales the logits by ``q_scale * k_scale * sm_scale`` and the output by
+            ``v_scale``. Any other plan refuses them by name (16-bit queries over an FP8 KV cache, where
+            flashinfer-python folds them in around the kernel: plan with ``sm_scale * k_scale``, multiply the output
+            by ``v_scale``).
         stream: the plan's stream.
 
     Returns:
@@ -1191,7 +1192,7 @@ def batch_prefill_ragged_run(
     ws = runnable(plan, BATCH_PREFILL, "ragged", "batch_prefill_ragged_plan")
     check_rows(plan, q)
     check_kv_tokens(plan, k)
-    scales = _NO_SCALES if scale_q is None and scale_k is None and scale_v is None else (scale_q, scale_k, scale_v)
+    scales = _NO_SCALES if q_scale is None and k_scale is None and v_scale is None else (q_scale, k_scale, v_scale)
     _launch(plan, ws, (q, k, v, qo_indptr, kv_indptr), out, lse, enable_pdl, stream, scales)
     return out
 
@@ -1209,9 +1210,9 @@ def batch_prefill_paged_run(
     out: TensorT,
     lse: TensorLike | None = None,
     enable_pdl: bool = False,
-    scale_q: float | None = None,
-    scale_k: float | None = None,
-    scale_v: float | None = None,
+    q_scale: float | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
     stream: StreamLike = None,
 ) -> TensorT:
     """Run batch prefill over a paged KV cache with a plan from :func:`batch_prefill_paged_plan`.
@@ -1230,11 +1231,12 @@ def batch_prefill_paged_run(
         out: ``[q.shape[0], num_qo_heads, head_dim_vo]`` of the plan's o dtype, contiguous.
         lse: optional float32 ``[q.shape[0], num_qo_heads]``.
         enable_pdl: programmatic dependent launch (SM90+).
-        scale_q, scale_k, scale_v: FA3 FP8 plans only (float8 q, k and v): per-tensor dequantization scales
-            (None: 1.0; flashinfer-python's float ``q_scale``/``k_scale``/``v_scale``): the kernel scales the logits
-            by ``scale_q * scale_k * sm_scale`` and the output by ``scale_v``. Any other plan refuses them by name
-            (16-bit queries over an FP8 KV cache: plan with ``sm_scale * k_scale``, multiply the output by
-            ``v_scale``).
+        q_scale, k_scale, v_scale: FA3 FP8 plans only (float8 q, k and v): per-tensor dequantization scales
+            (None: 1.0; flashinfer-python's float arguments of these names), passed to the kernel's
+            ``scale_q/k/v_scalar``: it scales the logits by ``q_scale * k_scale * sm_scale`` and the output by
+            ``v_scale``. Any other plan refuses them by name (16-bit queries over an FP8 KV cache, where
+            flashinfer-python folds them in around the kernel: plan with ``sm_scale * k_scale``, multiply the output
+            by ``v_scale``).
         stream: the plan's stream.
 
     Returns:
@@ -1250,7 +1252,7 @@ def batch_prefill_paged_run(
     ws = runnable(plan, BATCH_PREFILL, "paged", "batch_prefill_paged_plan")
     check_rows(plan, q)
     check_pages(plan, kv_indices)
-    scales = _NO_SCALES if scale_q is None and scale_k is None and scale_v is None else (scale_q, scale_k, scale_v)
+    scales = _NO_SCALES if q_scale is None and k_scale is None and v_scale is None else (q_scale, k_scale, v_scale)
     _launch(
         plan,
         ws,

@@ -214,19 +214,19 @@ def test_fa3_fp8_runs_pass_their_scales(make_array, mode):
     args = run()
     assert [float(a) for a in args[last - 2 : last + 1]] == [1.0, 1.0, 1.0]
     assert float(args[last - 3]) == pytest.approx(128**-0.5)  # sm_scale
-    args = run(scale_q=0.5, scale_k=2.0, scale_v=0.25)
+    args = run(q_scale=0.5, k_scale=2.0, v_scale=0.25)
     assert [float(a) for a in args[last - 2 : last + 1]] == [0.5, 2.0, 0.25]
-    args = run(scale_k=3)  # an int is a scale too; the others stay 1.0
+    args = run(k_scale=3)  # an int is a scale too; the others stay 1.0
     assert [float(a) for a in args[last - 2 : last + 1]] == [1.0, 3.0, 1.0]
 
 
 @pytest.mark.parametrize(
     ("scales", "error", "match"),
     [
-        ({"scale_q": 0.0}, ValueError, r"^scale_q: expected a finite value > 0, got 0.0"),
-        ({"scale_k": float("nan")}, ValueError, r"^scale_k: expected a finite value > 0"),
-        ({"scale_v": -1.0}, ValueError, r"^scale_v: expected a finite value > 0"),
-        ({"scale_v": "1.0"}, TypeError, r"^scale_v: expected a float, got str"),
+        ({"q_scale": 0.0}, ValueError, r"^q_scale: expected a finite value > 0, got 0.0"),
+        ({"k_scale": float("nan")}, ValueError, r"^k_scale: expected a finite value > 0"),
+        ({"v_scale": -1.0}, ValueError, r"^v_scale: expected a finite value > 0"),
+        ({"v_scale": "1.0"}, TypeError, r"^v_scale: expected a float, got str"),
     ],
 )
 def test_bad_fp8_scales_are_refused_by_name(make_array, scales, error, match):
@@ -236,7 +236,7 @@ def test_bad_fp8_scales_are_refused_by_name(make_array, scales, error, match):
         prefill.batch_prefill_paged_run(q, cache, plan=plan, **rest, **scales)
 
 
-@pytest.mark.parametrize("name", ["scale_q", "scale_k", "scale_v"])
+@pytest.mark.parametrize("name", ["q_scale", "k_scale", "v_scale"])
 def test_scales_are_refused_where_the_module_takes_none(make_array, name):
     """A bf16-query plan over an e4m3 cache (FA2) takes no scales: the error says how to apply them instead."""
     plan = prefill_plan(make_array, "paged", "auto", q_dtype=BF16, kv_dtype=E4M3, causal=True)
