@@ -105,6 +105,8 @@ class DeepSeek(ModelFamily):
     absorbed ``kv_b_proj``, dense and routed MLP layers with shared experts, the routing's correction bias), the MLA
     + MoE layer body with its host, fused-kernel and device routings, and the MLA plans."""
 
+    fp8_kv_refusal = "MLA (DeepSeek's compressed KV cache)"
+
     def check(self, eng: Any, cfg: Any) -> None:
         """Refuse what this engine cannot serve, before any GPU work (the Llama engine calls this hook with
         ``tensor_parallel`` and ``cuda_graph`` set): a config that is not a DeepSeekConfig, tensor parallelism (MLA
@@ -595,6 +597,8 @@ class DeepSeekEngine(Engine):
         fused_allreduce: bool = True,
         vocab_parallel: bool = True,
         fused_routing: bool | None = None,
+        kv_cache_dtype: str | None = "auto",
+        kv_cache_scales: tuple[float, float] | None = None,
     ) -> None:
         if fused_routing is not None and not isinstance(fused_routing, bool):
             raise ValueError(
@@ -614,6 +618,8 @@ class DeepSeekEngine(Engine):
             comm=comm,
             fused_allreduce=fused_allreduce,
             vocab_parallel=vocab_parallel,
+            kv_cache_dtype=kv_cache_dtype,  # refused unless "auto" (MLA: DeepSeek.fp8_kv_refusal)
+            kv_cache_scales=kv_cache_scales,
         )
 
     @property

@@ -80,6 +80,11 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
             applies (False: NCCL's all-reduce, then ``fused_add_rmsnorm``).
         vocab_parallel: with ``tensor_parallel > 1``, each rank keeps ``1/N`` of the embedding and LM head rows
             (:class:`~fi_engine.tensor_parallel.VocabShard`); False: both whole on every rank.
+        kv_cache_dtype: ``"auto"`` (or None): the KV cache in the model's dtype; ``"fp8_e4m3"`` (or ``"fp8"``):
+            float8 e4m3 with a per-tensor scale, half the bytes per token (:mod:`fi_engine.kv_fp8`: bfloat16
+            Llama-family models with head_dim 128; anything else is refused here, naming what is missing).
+        kv_cache_scales: with an FP8 cache, ``(k_scale, v_scale)`` (stored = value / scale); None: the
+            checkpoint's ``self_attn.k_scale`` / ``v_scale`` tensors (the largest over the layers), else 1.0.
 
     ``config`` is this rank's shard of the model (heads and MLP columns divided by ``tensor_parallel``),
     ``model_config`` the checkpoint's. ``prefill_graphs`` (default True): a prefill's token rows are padded up to
@@ -112,6 +117,8 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         comm: Any = None,
         fused_allreduce: bool = True,
         vocab_parallel: bool = True,
+        kv_cache_dtype: str | None = "auto",
+        kv_cache_scales: tuple[float, float] | None = None,
     ) -> None:
         from .tensor_parallel import ResidualAllReduce, shard_config
 
@@ -121,6 +128,17 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         self.tensor_parallel = _positive("tensor_parallel", tensor_parallel)
         self.cuda_graph = cuda_graph
         self.family.check(self, self.model_config)
+        from . import kv_fp8
+
+        # the KV cache's element type: "auto" (the model's) or "fp8_e4m3" (checked before any GPU work)
+        self.kv_cache_dtype = kv_fp8.parse_kv_cache_dtype(kv_cache_dtype)
+        scales = kv_fp8.parse_scales(kv_cache_scales)
+        if self.kv_cache_dtype == "fp8_e4m3":
+            kv_fp8.check_supported(self.family, self.model_config, model_dir)
+        elif scales is not None:
+            raise ValueError("kv_cache_scales: only an FP8 KV cache has scales; pass kv_cache_dtype='fp8_e4m3'")
+        self._kv_scales = scales
+        self._kv_fp8: Any = None  # the FP8 cache's scales and kernels (kv_fp8.KvFp8), made once the model is loaded
         # one GPU: the config as read (a family's own config type, e.g. DeepSeek's, is never sharded)
         tp = self.tensor_parallel
         cfg = self.config = self.model_config if tp == 1 else shard_config(self.model_config, tp)
@@ -197,7 +215,10 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
                 from .dense import Dense
 
                 self.dense = Dense(self.stream)
-                self.family.load(self, Checkpoint(model_dir))
+                ckpt = Checkpoint(model_dir)
+                self.family.load(self, ckpt)
+                if self.kv_cache_dtype == "fp8_e4m3":
+                    self._kv_fp8 = kv_fp8.open_fp8_cache(self, ckpt, self._kv_scales)
                 if self.comm is not None:
                     self._allreduce = ResidualAllReduce(
                         self.comm,

@@ -31,6 +31,10 @@ class ModelFamily:
     (:mod:`~fi_engine.fused_decode`) and the padded prefill graphs (:mod:`~fi_engine.step_graphs`) serve it. False
     for a layer body with host work between launches, which a graph would not repeat, or other launches."""
 
+    fp8_kv_refusal: str = "this model family's attention"
+    """What has no FP8 KV-cache kernel in this family (``kv_cache_dtype="fp8_e4m3"`` is refused naming it, see
+    :mod:`~fi_engine.kv_fp8`); ``""`` where its attention reads an e4m3 cache (the Llama pass)."""
+
     def read_config(self, model_dir: str | Path) -> Any:
         """The checkpoint's config (``config.json``), parsed and checked: by default a
         :class:`~fi_engine.config.LlamaConfig` (with its family's settings: Gemma 2's, gpt-oss's)."""

@@ -126,8 +126,10 @@ class FusedDecode(EngineState):
         fused = dense.prepared_fused
         cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
         embed = dense.prepared_gather(rows, self._embed, h, v.token_ids, cur, h, h)
-        # RoPE and the KV append as the QKV GEMV's epilogue, unless Qwen3's per-head norms come between
-        in_gemv = not c.qk_norm and dense.has_qkv_rope(ab, c.head_dim)
+        # RoPE and the KV append as the QKV GEMV's epilogue, unless Qwen3's per-head norms come between,
+        # or an FP8 cache comes (that epilogue stores 16-bit K/V: RoPE and the quantizing append run on their own)
+        fp8 = self._kv_fp8
+        in_gemv = not c.qk_norm and fp8 is None and dense.has_qkv_rope(ab, c.head_dim)
         layers = []
         for i in range(c.num_layers):
             # i == 0: input_layernorm of the embedding rows (rmsnorm); then h += the previous layer's down output
@@ -150,10 +152,15 @@ class FusedDecode(EngineState):
                 # RoPE and the append as _forward calls them, packed once (fi_ffi.prepare): the step writes its
                 # positions and page table into the view's index arrays, which the kernels read at each launch
                 before.append(kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s))
-                append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
-                index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
-                before.append(kernels.prepared_append_kv(*append, *index, s))
-            after = [dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab)]
+                if fp8 is not None:
+                    before.append(fp8.prepared_append(v, rows, i))
+                else:
+                    append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
+                    index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
+                    before.append(kernels.prepared_append_kv(*append, *index, s))
+            scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
+            after = [] if scale is None else [scale]
+            after.append(dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab))
             # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
             ln = self._ln2[i].data_ptr
             after.append(

@@ -102,6 +102,8 @@ class Gemma2(ModelFamily):
     """The Gemma 2 family's definition (module docstring): its config check, weights (four norms per layer, the
     scaled embedding's kernel), layer body, and a sliding-window + soft-cap plan per distinct window."""
 
+    fp8_kv_refusal = "Gemma 2's attention (logits soft caps and sliding windows at head_dim 256)"
+
     def check(self, eng: Any, cfg: LlamaConfig) -> None:
         if cfg.model_type != "gemma2" or not isinstance(cfg.family, Gemma2Settings):
             raise ValueError(f"model: Gemma2Engine serves gemma2 checkpoints, this one is {cfg.model_type!r}")

@@ -221,6 +221,8 @@ class GptOss(ModelFamily):
     sinks, the experts in the routed layout with their biases, the YaRN cos/sin table), layer body with its two MoE
     paths, and an attention-sink plan per distinct window (decode on the sink prefill modules)."""
 
+    fp8_kv_refusal = "gpt-oss's attention sinks"
+
     def check(self, eng: Any, cfg: LlamaConfig) -> None:
         if cfg.model_type != "gpt_oss" or not isinstance(cfg.family, GptOssSettings):
             raise ValueError(f"model: GptOssEngine serves gpt_oss checkpoints, this one is {cfg.model_type!r}")

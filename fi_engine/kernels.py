@@ -197,10 +197,14 @@ def prefill_plan(
     dtype: Any,  # a name or dtype object of the attention modules (the engine's config checked it)
     stream: int,
     cuda_graph: bool = False,
+    kv_dtype: Any = None,
+    sm_scale: float | None = None,
 ) -> Any:
     """A causal paged-prefill plan (host int32 arrays); FlashInfer picks FA3 on Hopper where it can.
     ``cuda_graph``: a schedule whose layout (workspace offsets, grid) depends only on ``qo_indptr[-1]`` and the
-    batch size, so a run captured in a CUDA graph replays under every later plan of the same two."""
+    batch size, so a run captured in a CUDA graph replays under every later plan of the same two. ``kv_dtype``:
+    the cache's element type (None: ``dtype``; ``float8_e4m3fn`` for an FP8 cache, served by FA2); ``sm_scale``:
+    None for ``1/sqrt(head_dim)``."""
     return fi_ffi.batch_prefill_paged_plan(
         qo_indptr,
         kv_indptr,
@@ -211,6 +215,8 @@ def prefill_plan(
         head_dim,
         page_size,
         q_data_type=dtype,
+        kv_data_type=kv_dtype,
+        sm_scale=sm_scale,
         causal=True,
         enable_cuda_graph=cuda_graph,
         stream=stream,
@@ -254,9 +260,11 @@ def decode_plan(
     dtype: Any,  # a name or dtype object of the attention modules (the engine's config checked it)
     cuda_graph: bool,
     stream: int,
+    kv_dtype: Any = None,
+    sm_scale: float | None = None,
 ) -> Any:
     """A batch-decode plan (host ``kv_indptr``); ``cuda_graph``: a fixed-batch schedule a captured run
-    replays."""
+    replays; ``kv_dtype``, ``sm_scale``: as :func:`prefill_plan`'s."""
     return fi_ffi.batch_decode_plan(
         kv_indptr,
         None,
@@ -266,6 +274,8 @@ def decode_plan(
         head_dim,
         page_size,
         q_data_type=dtype,
+        kv_data_type=kv_dtype,
+        sm_scale=sm_scale,
         enable_cuda_graph=cuda_graph,
         stream=stream,
         workspace=ws,

@@ -60,6 +60,7 @@ class Llama(ModelFamily):
     serve it (:attr:`~fi_engine.family.ModelFamily.llama_pass`)."""
 
     llama_pass = True
+    fp8_kv_refusal = ""  # bf16 queries over an e4m3 cache: FA2 decode and paged prefill (head_dim 128, kv_fp8)
     _planned: tuple[int, bool, bytes] | None = None  # the key of the decode plan in the workspace (plan_decode)
 
     def plans_ahead(self) -> bool:
@@ -187,6 +188,8 @@ class Llama(ModelFamily):
             eng.dtype,
             eng._s,
             cuda_graph=cuda_graph,
+            kv_dtype=eng.kv_dtype,
+            sm_scale=eng.kv_sm_scale,
         )
 
     def plan_decode(self, eng: Engine, rows: int, cuda_graph: bool) -> None:
@@ -211,6 +214,8 @@ class Llama(ModelFamily):
             eng.dtype,
             cuda_graph,
             eng._s,
+            kv_dtype=eng.kv_dtype,
+            sm_scale=eng.kv_sm_scale,
         )
         self._planned = key
 
@@ -249,6 +254,7 @@ class Llama(ModelFamily):
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
         normed = eng._normed.data.ptr  # x, or x2 with the fused all-reduce
         w, hqd, last = eng._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        fp8 = eng._kv_fp8
         eng._embed_and_norm(v, rows)
         for i in range(c.num_layers):
             dense.linear(rows, normed, h, eng._wqkv[i], w, h, qkv, w, ab, ab)
@@ -256,19 +262,24 @@ class Llama(ModelFamily):
                 kernels.qk_rmsnorm(v.q, eng._q_norm[i], eps, s)
                 kernels.qk_rmsnorm(v.k, eng._k_norm[i], eps, s)
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
-            kernels.append_kv(
-                v.k,
-                v.v,
-                v.batch_indices,
-                v.positions,
-                eng._k_cache[i],
-                eng._v_cache[i],
-                v.kv_indices,
-                v.kv_indptr,
-                v.kv_last_page_len,
-                s,
-            )
+            if fp8 is not None:  # K/V quantized to e4m3 on their way into the cache; the output times v_scale
+                fp8.append(v, rows, i)
+            else:
+                kernels.append_kv(
+                    v.k,
+                    v.v,
+                    v.batch_indices,
+                    v.positions,
+                    eng._k_cache[i],
+                    eng._v_cache[i],
+                    v.kv_indices,
+                    v.kv_indptr,
+                    v.kv_last_page_len,
+                    s,
+                )
             attention(i, v)
+            if fp8 is not None:
+                fp8.scale_output(v, rows)
             dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
             eng._add_norm(v, eng._ln2[i])
             if eng._moe and (static_moe or rows <= eng.max_batch):  # device routing, fixed capacity: capturable

@@ -46,7 +46,22 @@ class EngineState:
     stream: Any
     dense: Any
     dtype: str
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8_e4m3" (fi_engine.kv_fp8)
     vocab_shard: VocabShard | None
+    _kv_fp8: Any = None  # kv_fp8.KvFp8 with an FP8 cache (class default: an engine assembled without __init__)
+    _kv_scales: tuple[float, float] | None = None
+
+    @property
+    def kv_dtype(self) -> str:
+        """The KV cache's element type as the attention ops name it: the model's dtype, or ``float8_e4m3fn``."""
+        return "float8_e4m3fn" if self._kv_fp8 is not None else self.dtype
+
+    @property
+    def kv_sm_scale(self) -> float | None:
+        """The attention plans' softmax scale: None (``1/sqrt(head_dim)``), or with an FP8 cache that times its
+        ``k_scale`` (the FP8 modules take no scales: flashinfer-python's wrappers fold it the same way)."""
+        return self._kv_fp8.sm_scale if self._kv_fp8 is not None else None
+
     _cp: Any
     _s: int
     _closed: bool

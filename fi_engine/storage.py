@@ -48,7 +48,10 @@ class Storage(EngineState):
             h_alt=cp.empty((GEMV_MAX_ROWS, h), storage),  # the fused step's second residual buffer (_fused_step)
             logits=cp.empty((self.max_batch, c.vocab_size), np.float32),
             ids=cp.empty(self.max_batch, np.int32),
-            kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), storage),
+            # one byte per element with an FP8 cache (kv_cache_dtype="fp8_e4m3": e4m3 bits), else the model's dtype
+            kv=cp.zeros(
+                (c.num_layers, 2, self.num_pages, self.page_size, hk, d), np.uint8 if self._kv_fp8 else storage
+            ),
         )
         self._allocate_attention_caches()
         if self.vocab_shard is not None:
@@ -67,12 +70,13 @@ class Storage(EngineState):
         """Descriptors of each layer's K and V cache in ``_buf.kv``."""
         c, b = self.config, self._buf
         kv_shape = (self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
+        dtype = self.kv_dtype
         self._k_cache = [
-            kernels.descriptor(b.kv[i, 0].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
+            kernels.descriptor(b.kv[i, 0].data.ptr, kv_shape, dtype, self.device, owner=b.kv)
             for i in range(c.num_layers)
         ]
         self._v_cache = [
-            kernels.descriptor(b.kv[i, 1].data.ptr, kv_shape, self.dtype, self.device, owner=b.kv)
+            kernels.descriptor(b.kv[i, 1].data.ptr, kv_shape, dtype, self.device, owner=b.kv)
             for i in range(c.num_layers)
         ]
 

@@ -24,6 +24,8 @@ Fixtures for tests:
 - ``models_modules``: the model-family test wheel (``../shared/wheels-models``: grouped/FP8 GEMM, routing,
   attention sinks, head_dim 256, Mamba) is pinned by the session lock beside the core wheels; returns the module
   URIs; skips naming the wheel when it is absent (on the GPU machine: stage it in ``.gpu/kernels``);
+- ``fp8_modules``: likewise for the FP8 test wheel (``../shared/wheels-fp8``: bf16 queries over an e4m3 KV cache,
+  FA3 FP8 prefill); skips naming the wheel when it is absent;
 - ``release_072``: for one test, a lock pinning the FlashInfer 0.7.2 test wheel alone is active (every cache that
   remembers a module is emptied before and after); returns its module URIs; skips when the wheel is absent;
 - ``release_072_over_063``: likewise with the 0.6.3 test wheels and the 0.7.2 one in one lock (0.7.2 serves the
@@ -49,7 +51,9 @@ from helpers.env import make_checkout_importable
 from helpers.http_server import LocalServer
 from helpers.wheels import (
     COMM_MISSING,
+    FP8_DECODE_MODULE,
     SHARED_072_MISSING,
+    SHARED_FP8_MISSING,
     SHARED_MODELS_MISSING,
     SHARED_WHEEL_MISSING,
     TEST_RELEASE,
@@ -217,6 +221,20 @@ def models_modules() -> list[str]:
     uris = loader.available_uris()
     if "dsv3_fused_routing" not in uris:
         pytest.skip(SHARED_MODELS_MISSING)
+    return uris
+
+
+@pytest.fixture(scope="session")
+def fp8_modules() -> list[str]:
+    """The FP8 attention modules are pinned by the session lock (CPU: ``../shared/wheels-fp8``; GPU machine: the
+    wheel staged beside the core one); returns every available module URI; skips naming the wheel otherwise."""
+    from fi_ffi import loader
+
+    if find_shared_wheel() is None:
+        pytest.skip(SHARED_WHEEL_MISSING)
+    uris = loader.available_uris()
+    if FP8_DECODE_MODULE not in uris:
+        pytest.skip(SHARED_FP8_MISSING)
     return uris
 
 

@@ -42,6 +42,16 @@ SHARED_MODELS_MISSING = (
     "wheel, nor in $FI_FFI_TEST_WHEELS_MODELS, nor in <repo>/../shared/wheels-models (outside the checkout); "
     f"{WHEELS_HINT}"
 )
+SHARED_FP8_MISSING = (
+    "needs the FP8 test kernel wheel flashinfer_jit_cache_fp8-*.whl (bf16 queries over an e4m3 KV cache, FA3 FP8 "
+    "prefill), found neither beside the core test wheel, nor in $FI_FFI_TEST_WHEELS_FP8, nor in "
+    f"<repo>/../shared/wheels-fp8 (outside the checkout); {WHEELS_HINT}"
+)
+FP8_DECODE_MODULE = (
+    "batch_decode_with_kv_cache_dtype_q_bf16_dtype_kv_e4m3_dtype_o_bf16_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_"
+    "posenc_0_use_swa_False_use_logits_cap_False"
+)
+"""A module only the FP8 test wheel holds: its presence in the session lock tells that wheel is pinned."""
 COMM_MISSING = f"needs the comm test wheel (FI_FFI_TEST_WHEELS_COMM or <repo>/../shared/wheels-comm); {WHEELS_HINT}"
 
 TEST_RELEASES = ("0.6.3", "0.7.2")
@@ -109,6 +119,14 @@ def find_wheels_models() -> list[Path]:
     return _wheels_in(folders, "flashinfer_jit_cache_models-*.whl")
 
 
+def find_wheels_fp8() -> list[Path]:
+    """The FlashInfer 0.6.3 FP8 test kernel wheel (bf16-query attention over an e4m3 KV cache, FA3 FP8 prefill, the
+    FP8 block-scale GEMM), from ``$FI_FFI_TEST_WHEELS_FP8`` or ``<repo>/../shared/wheels-fp8``. On the GPU machine
+    it is staged beside the core wheel instead (``.gpu/kernels``), where :func:`shared_wheels` finds it."""
+    folders = [os.environ.get("FI_FFI_TEST_WHEELS_FP8", ""), str(SHARED / "wheels-fp8")]
+    return _wheels_in(folders, "flashinfer_jit_cache_fp8-*.whl")
+
+
 def comm_wheel() -> Path | None:
     """The comm test kernel wheel ``flashinfer_jit_cache_comm-*.whl``: from ``$FI_FFI_TEST_WHEELS_COMM``,
     ``<repo>/../shared/wheels-comm`` or beside ``$FI_FFI_TEST_WHEELS``, the first folder that has one; else None."""
@@ -122,14 +140,16 @@ def comm_wheel() -> Path | None:
 
 
 def shared_wheels(core: Path) -> list[Path]:
-    """The core test wheel, the kernel wheels beside it (the extension wheel) and the model-family wheel
-    (:func:`find_wheels_models`), pinned together by one lock (their module names are disjoint)."""
+    """The core test wheel, the kernel wheels beside it (the extension wheel), the model-family wheel
+    (:func:`find_wheels_models`) and the FP8 wheel (:func:`find_wheels_fp8`), pinned together by one lock (their
+    module names are disjoint)."""
     # a wheel named by FI_FFI_TEST_WHEELS stands alone (its folder may hold anything, such as other downloads)
     beside = (
         [] if core == named_wheel() else sorted(p for p in core.parent.glob("flashinfer_jit_cache*.whl") if p != core)
     )
     names = {p.name for p in beside}
-    return [core, *beside, *(w for w in find_wheels_models() if w.name not in names)]
+    extra = [*find_wheels_models(), *find_wheels_fp8()]
+    return [core, *beside, *(w for w in extra if w.name not in names)]
 
 
 def wheelhouse(wheels: Sequence[Path]) -> str:

@@ -1073,6 +1073,8 @@ ENGINE_KINDS = {
     "device": "opt_int",
     "comm": "opt_object",
     "fused_routing": "opt_bool",
+    "kv_cache_dtype": "kv_cache_dtype",
+    "kv_cache_scales": "kv_cache_scales",
 }
 
 
@@ -1871,6 +1873,10 @@ EXEMPT: dict[str, str] = {
     "optional.require": "imports one of the text layer's own package names; engine/test_text_files.py checks the "
     "message of a missing package",
     "llama.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/engine/test_serving_host.py",
+    "kv_fp8.KvFp8": _GPU,
+    "kv_fp8.parse_kv_cache_dtype": "the engines' kv_cache_dtype check (the engine rows above pass it every bad value)",
+    "kv_fp8.check_supported": "the engines' FP8 refusals on their own parsed config: engine/test_kv_fp8.py",
+    "kv_fp8.read_scales": "reads a Checkpoint the engine opened (its tensors checked by name): engine/test_kv_fp8.py",
     "llama.step_views": "the engine's own views of its step buffers (fi_ffi's values): engine/test_serving_host.py",
     # the same three in their own modules (fi_engine.llama re-exports them)
     "sampling_params.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/engine/test_serving_host.py",
@@ -1920,6 +1926,12 @@ ENTRY_KINDS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
     "opt_str": ((5, 1.5, True, b"cupy", ["cupy"], {}, "nonsense"), (None, "cupy", "nccl4py")),
     "object": SCALARS["object"],
     "opt_object": (("x", 5, 1.5, {}), (None,)),
+    # the engines' FP8 KV cache: None means "auto"; a supported pair of scales is refused without an FP8 cache
+    "kv_cache_dtype": ((5, 1.5, True, b"fp8", "nonsense", "fp8_e5m2", "FP8", HUGE), (None, "auto", "fp8", "fp8_e4m3")),
+    "kv_cache_scales": (
+        (1.0, "x", (1.0,), (0.0, 1.0), (NAN, 1.0), (1.0, INF), (True, 1.0), ("1", 1.0), (1.0, 1.0, 1.0), HUGE),
+        (None, (1.0, 1.0), [0.5, 2]),
+    ),
     "env_object": (("x", 5, 1.5, {}, {"RANK": "0"}), ()),  # None reads os.environ: valid, but not this machine's
     "opt_tensor": ((*COMMON_INVALID, 5, 1.5, NAN, True, HUGE, [1.5]), (None,)),
     "label": ((None, 5, 1.5, True, b"x", ("x",), HUGE), ("nonsense", "")),

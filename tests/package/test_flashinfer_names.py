@@ -273,16 +273,10 @@ NOT_SUPPORTED: dict[str, dict[str, str]] = {
         "block_tables": "the trtllm-gen / cuDNN backends: fi_ffi pins the FA2/FA3 modules only",
     },
     "batch_prefill_ragged_run": {
-        "q_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "k_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "v_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
         "o_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
         "return_lse": "fi_ffi returns the LSE in place: pass lse=",
     },
     "batch_prefill_paged_run": {
-        "q_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "k_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
-        "v_scale": "FP8 dequantization scales: the FP8 modules fi_ffi pins fold none",
         "return_lse": "fi_ffi returns the LSE in place: pass lse=",
         "window_left": "fixed by the plan's module (window_left is a plan setting)",
         "sinks": "attention sinks: batch_attention_sink_run",

@@ -12,7 +12,9 @@ Math, per request and query head ``h`` (KV head ``h // (num_qo_heads / num_kv_he
 is the log-sum-exp of the scaled logits in base 2, as FlashInfer defines it. With ``logits_soft_cap > 0``
 the logits are ``cap * tanh(sm_scale * q.k / cap)``; ``window_left >= 0`` keeps the last ``window_left + 1``
 tokens. RoPE and ALiBi apply only with modules compiled for them (``pos_encoding``). An FP8 KV cache
-(``kv_dtype="float8_e4m3fn"``) is read by the modules built for it (q and o stay float16/bfloat16).
+(``kv_dtype="float8_e4m3fn"``) is read by the modules built for it (q and o stay float16/bfloat16); their kernels
+take no dequantization scales: plan with ``sm_scale * k_scale`` and multiply the output by ``v_scale`` (what
+flashinfer-python's ``k_scale``/``v_scale`` arguments do).
 
 Everything is asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`); nothing synchronizes except the one
 documented wait in :mod:`fi_ffi.ops.attention.workspace` (a plan waits for the previous plan's pinned-buffer copy).

@@ -18,6 +18,11 @@ kv_len + j`` at byte ``(i * kv_len + j) // 8``, bit ``(i * kv_len + j) % 8``; :f
 builds it). ``window_left >= 0`` further keeps ``j >= i + kv_len - qo_len - window_left``; soft-capping
 as in :mod:`fi_ffi.ops.attention.decode`. ``lse`` (optional, float32) is the base-2 log-sum-exp of the scaled logits.
 
+FP8: an FP8 KV cache (``kv_data_type="float8_e4m3fn"``) with 16-bit queries is served by the FA2 modules built for
+it (their kernels take no scales: fold ``k_scale`` into the plan's ``sm_scale`` and multiply the output by
+``v_scale``, as flashinfer-python's wrappers do); float8 q, k and v (``q_data_type="float8_e4m3fn"``,
+``o_data_type="bfloat16"``) by the FA3 FP8 modules, whose runs take per-tensor ``q_scale``/``k_scale``/``v_scale``.
+
 Everything is asynchronous on ``stream``; plan and run must use the same stream (see
 :mod:`fi_ffi.ops.attention.workspace` for the one documented wait). Every kernel call goes through a launcher
 (:mod:`fi_ffi.launch.launcher`) of the declarations below (FA2 and FA3 modules take different argument lists).
@@ -116,6 +121,7 @@ FA2_PLAN_072 = declare(
     "plan", [*_PLAN_PARAMS, *_FA2_SPLIT, Param("uniform_q_len", INT, default=0)], returns=ARRAY, release="0.7.2"
 )
 FA3_PLAN = declare("plan", _PLAN_PARAMS, returns=ARRAY, release="0.6.3, 0.7.2")
+FA3_FP8_PLAN = declare("plan", _PLAN_PARAMS, returns=ARRAY, release="0.6.3")  # FA3's plan; the 0.6.3 FP8 wheel's
 
 # The run parameters shared with the sink modules (:mod:`.sink` builds its runs on them): public for that.
 RUN_HEAD: list[Params] = [
@@ -183,6 +189,22 @@ FA2_PAGED_072 = declare(
 )
 FA3_RAGGED = declare("ragged_run", RUN_HEAD + RAGGED_KV + RUN_MID + _FA3_TAIL, release="0.6.3, 0.7.2")
 FA3_PAGED = declare("paged_run", RUN_HEAD + PAGED_KV + RUN_MID + _FA3_TAIL, release="0.6.3, 0.7.2")
+# FA3 FP8 (e4m3/e5m2 q, k, v; 16-bit out): FlashInfer's ``DefaultFP8Attention`` variant takes no multi-item inputs and
+# no soft cap, but dequantization scales of q, k and v: an optional float32 tensor of one scale per head (q: per query
+# head, k/v: per KV head), else the scalar. The kernel multiplies the logits by scale_q * scale_k * sm_scale and the
+# output by scale_v (flashinfer/attention/hopper/variants.cuh ``StandardFP8Attention``). fi_ffi passes the scalars
+# (per-tensor scales, as flashinfer-python's float arguments do) and no tensors.
+_FA3_FP8_TAIL: list[Params] = [
+    Param("maybe_scale_q", OPT_FFI_TENSOR, default=None),
+    Param("maybe_scale_k", OPT_FFI_TENSOR, default=None),
+    Param("maybe_scale_v", OPT_FFI_TENSOR, default=None),
+    ("sm_scale", FLOAT),
+    Param("scale_q_scalar", FLOAT, default=1.0),
+    Param("scale_k_scalar", FLOAT, default=1.0),
+    Param("scale_v_scalar", FLOAT, default=1.0),
+]
+FA3_FP8_RAGGED = declare("ragged_run", RUN_HEAD + RAGGED_KV + RUN_MID + _FA3_FP8_TAIL, release="0.6.3")
+FA3_FP8_PAGED = declare("paged_run", RUN_HEAD + PAGED_KV + RUN_MID + _FA3_FP8_TAIL, release="0.6.3")
 SINGLE = declare(
     "run",
     [
@@ -210,7 +232,8 @@ FA2_RAGGED_RUNS = (FA2_RAGGED, FA2_RAGGED_072)
 FA2_PAGED_RUNS = (FA2_PAGED, FA2_PAGED_072)
 _FA2_URI = r"batch_prefill_with_kv_cache_.*_f16qk_(True|False)"  # the 0.6.x FA2 names (untagged)
 _FA2_URI_072 = _FA2_URI + "_kv_stride_equal"  # 0.7.x (the default paged-KV stride mode)
-_FA3_URI = r"batch_prefill_with_kv_cache_.*_sm90"
+_FA3_URI = r"batch_prefill_with_kv_cache_dtype_q_(f16|bf16)_.*_sm90"  # 16-bit q
+_FA3_FP8_URI = r"batch_prefill_with_kv_cache_dtype_q_(e4m3|e5m2)_.*_sm90"  # FP8 q, k, v (the plan is FA3's)
 # (module URI pattern, declaration) of every release; tests/launch/test_declarations.py checks each against every module
 # of the releases its ``release`` names that the pattern matches
 DECLARATIONS = (
@@ -223,6 +246,9 @@ DECLARATIONS = (
     (_FA3_URI, FA3_PLAN),
     (_FA3_URI, FA3_RAGGED),
     (_FA3_URI, FA3_PAGED),
+    (_FA3_FP8_URI, FA3_FP8_PLAN),
+    (_FA3_FP8_URI, FA3_FP8_RAGGED),
+    (_FA3_FP8_URI, FA3_FP8_PAGED),
     (r"single_prefill_with_kv_cache_.*", SINGLE),
 )
 
@@ -953,10 +979,14 @@ def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
     fa3 = variant.backend == "fa3"
     uri = variant.uri
     if fa3:
+        if qd.itemsize == 1:  # FP8 q/k/v: the DefaultFP8Attention variant's argument list
+            plan_decl, runs = FA3_FP8_PLAN, (FA3_FP8_RAGGED, FA3_FP8_PAGED)
+        else:
+            plan_decl, runs = FA3_PLAN, (FA3_RAGGED, FA3_PAGED)
         plan, run = (
-            launcher(FA3_PLAN, uri),
+            launcher(plan_decl, uri),
             launcher(
-                FA3_RAGGED if mode == "ragged" else FA3_PAGED,
+                runs[0] if mode == "ragged" else runs[1],
                 uri,
                 check_ragged_run if mode == "ragged" else check_paged_run,
             ),
@@ -1003,10 +1033,73 @@ def _settings(mode: str, device_id: int, args: tuple[Any, ...]) -> PlanSettings:
 # ------------------------------------------------------------------------------------------ batch prefill runs
 
 
-def _launch(plan: Plan, ws: Any, tensors: tuple[Any, ...], out: Any, lse: Any, enable_pdl: Any, stream: Any) -> None:
-    """One batch prefill run: the plan's settings as wire scalars (FA2 and FA3 take different ones)."""
+_NO_SCALES = (None, None, None)
+
+
+def _fp8_fa3(s: PlanSettings) -> bool:
+    """Whether the plan's module is an FA3 FP8 one (float8 q: its runs take the dequantization scales)."""
+    return s.backend == "fa3" and s.dtype_q is not None and s.dtype_q.itemsize == 1
+
+
+def fp8_scales(plan: Plan, q_scale: Any, k_scale: Any, v_scale: Any) -> tuple[float, float, float]:
+    """The dequantization scales of an FA3 FP8 run (each None: 1.0), checked: finite floats > 0, and only for a plan
+    whose module takes them (FP8 q). Other plans refuse them by name: an FP8 KV cache read with 16-bit queries (the
+    FA2 and decode modules) takes k's scale folded into the plan's ``sm_scale`` and v's as a multiply of the output,
+    as flashinfer-python's wrappers do."""
+    s = plan._s if plan.__class__ is Plan else None
+    values = []
+    for name, value in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
+        if value is None:
+            values.append(1.0)
+            continue
+        if s is None or not _fp8_fa3(s):
+            raise ValueError(
+                f"{name}: only the FA3 FP8 prefill modules (float8 q, k and v) take dequantization scales; with "
+                f"16-bit queries over an FP8 KV cache plan with sm_scale = sm_scale * k_scale and multiply the "
+                f"output by v_scale"
+            )
+        values.append(checks.positive_finite(name, value))
+    return values[0], values[1], values[2]
+
+
+def _launch(
+    plan: Plan,
+    ws: Any,
+    tensors: tuple[Any, ...],
+    out: Any,
+    lse: Any,
+    enable_pdl: Any,
+    stream: Any,
+    scales: tuple[Any, Any, Any] = _NO_SCALES,
+) -> None:
+    """One batch prefill run: the plan's settings as wire scalars (FA2, FA3 and FA3 FP8 take different ones)."""
     s = plan._s
-    if s.backend == "fa3":
+    if scales is not _NO_SCALES:  # FA3 FP8: sm_scale and the three dequantization scales
+        sq, sk, sv = fp8_scales(plan, *scales)
+    elif _fp8_fa3(s):
+        sq = sk = sv = 1.0
+    else:
+        sq = 0.0
+    if sq:
+        s.run(
+            ws.float_buffer,
+            ws.int_buffer,
+            plan._info,
+            *tensors,
+            out,
+            lse,
+            s.mask_mode,
+            s.layout_code,
+            s.window_left,
+            enable_pdl,
+            s.sm_scale,
+            stream=stream,
+            context=plan._context,
+            scale_q_scalar=sq,
+            scale_k_scalar=sk,
+            scale_v_scalar=sv,
+        )
+    elif s.backend == "fa3":
         s.run(
             ws.float_buffer,
             ws.int_buffer,
@@ -1060,6 +1153,9 @@ def batch_prefill_ragged_run(
     out: TensorT,
     lse: TensorLike | None = None,
     enable_pdl: bool = False,
+    q_scale: float | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
     stream: StreamLike = None,
 ) -> TensorT:
     """Run batch prefill over ragged K/V with a plan from :func:`batch_prefill_ragged_plan`.
@@ -1076,6 +1172,12 @@ def batch_prefill_ragged_run(
         out: ``[q.shape[0], num_qo_heads, head_dim_vo]`` of the plan's o dtype, contiguous.
         lse: optional float32 ``[q.shape[0], num_qo_heads]``.
         enable_pdl: programmatic dependent launch (SM90+).
+        q_scale, k_scale, v_scale: FA3 FP8 plans only (float8 q, k and v): per-tensor dequantization scales
+            (None: 1.0; flashinfer-python's float arguments of these names), passed to the kernel's
+            ``scale_q/k/v_scalar``: it scales the logits by ``q_scale * k_scale * sm_scale`` and the output by
+            ``v_scale``. Any other plan refuses them by name (16-bit queries over an FP8 KV cache, where
+            flashinfer-python folds them in around the kernel: plan with ``sm_scale * k_scale``, multiply the output
+            by ``v_scale``).
         stream: the plan's stream.
 
     Returns:
@@ -1083,13 +1185,15 @@ def batch_prefill_ragged_run(
 
     Raises:
         TypeError, ValueError: a plan that is not a live plan of this kind; a tensor of the wrong shape, dtype,
-            device or layout for the plan, named.
+            device or layout for the plan, named; a scale that is not a finite float > 0, or given to a plan
+            whose module takes none.
         KernelError: the kernel failed (a CUDA error of the launch).
     """
     ws = runnable(plan, BATCH_PREFILL, "ragged", "batch_prefill_ragged_plan")
     check_rows(plan, q)
     check_kv_tokens(plan, k)
-    _launch(plan, ws, (q, k, v, qo_indptr, kv_indptr), out, lse, enable_pdl, stream)
+    scales = _NO_SCALES if q_scale is None and k_scale is None and v_scale is None else (q_scale, k_scale, v_scale)
+    _launch(plan, ws, (q, k, v, qo_indptr, kv_indptr), out, lse, enable_pdl, stream, scales)
     return out
 
 
@@ -1106,6 +1210,9 @@ def batch_prefill_paged_run(
     out: TensorT,
     lse: TensorLike | None = None,
     enable_pdl: bool = False,
+    q_scale: float | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
     stream: StreamLike = None,
 ) -> TensorT:
     """Run batch prefill over a paged KV cache with a plan from :func:`batch_prefill_paged_plan`.
@@ -1124,6 +1231,12 @@ def batch_prefill_paged_run(
         out: ``[q.shape[0], num_qo_heads, head_dim_vo]`` of the plan's o dtype, contiguous.
         lse: optional float32 ``[q.shape[0], num_qo_heads]``.
         enable_pdl: programmatic dependent launch (SM90+).
+        q_scale, k_scale, v_scale: FA3 FP8 plans only (float8 q, k and v): per-tensor dequantization scales
+            (None: 1.0; flashinfer-python's float arguments of these names), passed to the kernel's
+            ``scale_q/k/v_scalar``: it scales the logits by ``q_scale * k_scale * sm_scale`` and the output by
+            ``v_scale``. Any other plan refuses them by name (16-bit queries over an FP8 KV cache, where
+            flashinfer-python folds them in around the kernel: plan with ``sm_scale * k_scale``, multiply the output
+            by ``v_scale``).
         stream: the plan's stream.
 
     Returns:
@@ -1131,13 +1244,15 @@ def batch_prefill_paged_run(
 
     Raises:
         TypeError, ValueError: a plan that is not a live plan of this kind; a tensor of the wrong shape, dtype,
-            device or layout for the plan, named.
+            device or layout for the plan, named; a scale that is not a finite float > 0, or given to a plan
+            whose module takes none.
         KernelError: the kernel failed (a CUDA error of the launch).
     """
     k_cache, v_cache = kv_pair(paged_kv_cache)
     ws = runnable(plan, BATCH_PREFILL, "paged", "batch_prefill_paged_plan")
     check_rows(plan, q)
     check_pages(plan, kv_indices)
+    scales = _NO_SCALES if q_scale is None and k_scale is None and v_scale is None else (q_scale, k_scale, v_scale)
     _launch(
         plan,
         ws,
@@ -1146,6 +1261,7 @@ def batch_prefill_paged_run(
         lse,
         enable_pdl,
         stream,
+        scales,
     )
     return out
 

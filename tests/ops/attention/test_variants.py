@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers.wheels import find_wheels_models
+from helpers.wheels import find_wheels_fp8, find_wheels_models
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -82,6 +82,15 @@ EXPECTED_MODELS = {
     "batch_prefill_with_kv_cache_" + _BF16_256_SWA_CAP + "_f16qk_False",
 }
 EXPECTED_EXT |= EXPECTED_MODELS if find_wheels_models() else set()
+# The FP8 wheel's attention modules (head_dim 128): bf16 queries over an e4m3 KV cache (FA2 decode and prefill),
+# and FA3 prefill with e4m3 q/k/v and bf16 output.
+_FP8_TAIL = "dtype_o_bf16_dtype_idx_i32_head_dim_qk_128_head_dim_vo_128_posenc_0_use_swa_False_use_logits_cap_False"
+EXPECTED_FP8 = {
+    "batch_decode_with_kv_cache_dtype_q_bf16_dtype_kv_e4m3_" + _FP8_TAIL,
+    "batch_prefill_with_kv_cache_dtype_q_bf16_dtype_kv_e4m3_" + _FP8_TAIL + "_f16qk_False",
+    "batch_prefill_with_kv_cache_dtype_q_e4m3_dtype_kv_e4m3_" + _FP8_TAIL + "_f16qk_False_sm90",
+}
+EXPECTED_EXT |= EXPECTED_FP8 if find_wheels_fp8() else set()
 
 
 def test_uri_of_each_kind_matches_upstream_spelling():
@@ -247,10 +256,14 @@ def test_list_variants_rows_and_filters(kernel_modules):
     }
     assert {r["kind"] for r in V.list_variants(kind="decode")} == {"single_decode", "batch_decode"}
     gemma = len(EXPECTED_MODELS & EXPECTED_EXT) // 2  # the model-family wheel's head_dim 256 decode and prefill
-    assert len(V.list_variants(kind="decode")) == 8 + 2 + gemma  # + the extension wheel's sliding-window and FP8
-    assert len(V.list_variants(kind="batch_prefill")) == 6 + 2 + gemma
+    fp8 = len(EXPECTED_FP8 & EXPECTED_EXT)  # the FP8 wheel's: one decode, two prefill
+    # + the extension wheel's sliding-window and FP8
+    assert len(V.list_variants(kind="decode")) == 8 + 2 + gemma + fp8 // 3
+    assert len(V.list_variants(kind="batch_prefill")) == 6 + 2 + gemma + 2 * fp8 // 3
     assert {r["backend"] for r in V.list_variants(kind="batch_prefill", head_dim=128)} == {"fa2", "fa3"}
     assert all(r["dtype_q"] == "bfloat16" for r in V.list_variants(dtype="bf16"))
+    if fp8:
+        assert [r["backend"] for r in V.list_variants(dtype="float8_e4m3fn")] == ["fa3"]
     assert len(V.list_variants(dtype=BF16, head_dim=64)) == 4 + 2  # + MLA (its kpe head dim is 64)
     assert {r["uri"] for r in V.list_variants(head_dim=256)} == EXPECTED_MODELS & EXPECTED_EXT
     assert all(r["sliding_window"] and r["logits_cap"] for r in V.list_variants(head_dim=256))
