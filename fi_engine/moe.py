@@ -730,7 +730,11 @@ class MoELayer:
                                                2 * i, h, gu, 2 * i)  # fmt: skip
         gate_up = d.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (gate/up)")
         gu_t, act_t = self._t(self.gate_up_out, (rows, 2 * i)), self._t(self.act, (rows, i))
-        silu = fi_ffi.prepare(fi_ffi.silu_and_mul, gu_t, act_t, stream=self.stream.ptr)
+        stream = self.stream.ptr
+
+        def silu() -> None:  # an op call on descriptors made once (fi_ffi.prepare does not pack this op)
+            fi_ffi.silu_and_mul(gu_t, act_t, stream=stream)
+
         fn, grid, block, smem, args = g.launch(act, i, 1, experts, t, k, int(self.weights.down.data.ptr), e, h, i, y, h)
         down = d.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (down)")
         combine_args = [y, int(self._g_rows.data.ptr), weights, op, k, h, out_ld, self._bf16]
