@@ -37,7 +37,7 @@ def test_failing_call_raises_cuda_error_naming_call_error_and_fix() -> None:
     assert exc.hint and exc.hint in text  # the fix
     from fi_ffi.cuda import driver
 
-    if not driver.probe().found:  # this CPU machine: the driver's absence is named, not "insufficient" (test_requirements)
+    if not driver.probe().found:  # no driver here: its absence is named, not "insufficient"
         assert exc.description.startswith("no NVIDIA driver found") and "Install the NVIDIA driver" in exc.hint
     else:
         assert "nvidia-smi" in exc.hint or "driver" in exc.hint
