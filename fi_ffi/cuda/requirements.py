@@ -94,9 +94,16 @@ def no_driver() -> str:
     return f"{no_driver_cause()}. {NO_DRIVER_FIX}"
 
 
-def old_driver(version: int, major: int, needs: str) -> str:
+BINDINGS12_STEP = (
+    "install cuda-bindings 12.9, whose runtime a CUDA 12 driver runs: `pip install 'cuda-bindings>=12.9,<13'` (the "
+    "lock already selects CUDA 12 kernels)"
+)
+
+
+def old_driver(version: int, major: int, needs: str, *, way_out: str = "") -> str:
     """The message for a driver that runs CUDA ``version`` (``12080``) only, where ``needs`` (what, e.g. "the CUDA
-    13.0 runtime of cuda-bindings") needs CUDA ``major``: both versions, the driver needed, and the ways out."""
+    13.0 runtime of cuda-bindings") needs CUDA ``major``: both versions, the driver needed, and the ways out
+    (``way_out`` in place of the CUDA 12 build's steps, for a CUDA 12 driver)."""
     release = driver_release()
     installed = f"The NVIDIA driver{' ' + release if release else ''} runs CUDA up to {version_text(version)}"
     minimum = MIN_DRIVER.get(major, "")
@@ -104,20 +111,30 @@ def old_driver(version: int, major: int, needs: str) -> str:
     text = f"{installed} (cuDriverGetVersion {version}), but {needs} needs CUDA {major}, that is {wanted}. "
     text += f"Upgrade the driver to {minimum.split('.')[0]} or newer" if minimum else "Upgrade the driver"
     if major >= 13 and version // 1000 == 12:
-        text += f", or use the CUDA 12 build: {cuda12_steps()}"
+        text += f", or {way_out}" if way_out else f", or use the CUDA 12 build: {cuda12_steps()}"
     return text
 
 
-def problem(cuda: str, needs: str) -> str:
+def problem(cuda: str, needs: str, *, way_out: str = "") -> str:
     """Why this machine's driver cannot run CUDA ``cuda`` (``"13.0"``; ``needs`` names what needs it), or ``""``
-    where it can (or says nothing: no version reported)."""
+    where it can (or says nothing: no version reported). ``way_out``: as for :func:`old_driver`."""
     major = int(cuda.split(".")[0])
     probed = driver.probe()
     if not probed.found:
         return no_driver()
     if probed.version > 0 and probed.version // 1000 < major:
-        return old_driver(probed.version, major, needs)
+        return old_driver(probed.version, major, needs, way_out=way_out)
     return ""
+
+
+def _lock_major() -> int | None:
+    """The CUDA major of the active lock's kernel wheels (:func:`fi_ffi.loader.libraries.cuda_major`), or None."""
+    from ..loader import libraries
+
+    try:
+        return libraries.cuda_major()[0]
+    except Exception:  # a bad FI_FFI_CUDA_VERSION or lock: the selection reports it where it matters
+        return None
 
 
 def explain(code: int, runtime_version: int) -> tuple[str, str] | None:
@@ -137,7 +154,8 @@ def explain(code: int, runtime_version: int) -> tuple[str, str] | None:
     if probed.version > 0 and major > 0 and probed.version // 1000 < major:
         needs = f"the CUDA {version_text(runtime_version)} runtime (cuda-bindings)"
         too_old = f"the NVIDIA driver (CUDA {version_text(probed.version)}) is older than this runtime"
-        return too_old, old_driver(probed.version, major, needs)
+        way_out = BINDINGS12_STEP if _lock_major() == 12 else ""
+        return too_old, old_driver(probed.version, major, needs, way_out=way_out)
     return None
 
 
@@ -157,6 +175,7 @@ def summary() -> str:
 
 
 __all__ = [
+    "BINDINGS12_STEP",
     "CUDA12_URL",
     "CUDA12_WHEEL",
     "DRIVER_CODES",
