@@ -42,7 +42,8 @@ def old_driver(tmp_path: Path, version: int) -> Path:
     folder.mkdir()
     source = folder / "libcuda.c"
     source.write_text(
-        f"int cuDriverGetVersion(int *v) {{ *v = {version}; return 0; }}\nint cuInit(unsigned int flags) {{ return 0; }}\n"
+        f"int cuDriverGetVersion(int *v) {{ *v = {version}; return 0; }}\n"
+        "int cuInit(unsigned int flags) { return 0; }\n"
     )
     out = folder / "libcuda.so.1"
     subprocess.run(
