@@ -9,7 +9,8 @@
 ``FI_FFI_OFFLINE``          ``1``: never touch the network; a missing wheel is an error that says how to provide it
 ``FI_FFI_QUIET``            ``1``: no progress bars, and no ``fi_ffi:`` progress lines on stderr when logging is
                             not configured (see :mod:`fi_ffi.loader.log`)
-``FI_FFI_CUDA_VERSION``     ``major.minor`` used to select kernel wheels instead of asking libcudart
+``FI_FFI_CUDA_VERSION``     ``major.minor`` used to select kernel wheels instead of asking libcudart; its major is the
+                            libcudart loaded (default: the major of the lock's kernel wheels)
 ``FI_FFI_SM``               comma-separated GPU archs (``90a,100a``): kernel entries whose ``sm`` list names none
                             of them are skipped (entries without ``sm`` are always kept)
 ``FI_FFI_RUNTIME``          where ``libtvm_ffi.so`` comes from: ``auto`` (default: a copy already loaded, else
