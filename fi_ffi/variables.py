@@ -88,7 +88,12 @@ _ROWS = (
         "1",
         "use pip-installed kernel distributions in place (0: always the pinned wheel; the test suite sets 0)",
     ),
-    Variable("FI_FFI_CUDA_VERSION", "version", "asked from libcudart", "the CUDA version to select wheels for"),
+    Variable(
+        "FI_FFI_CUDA_VERSION",
+        "version",
+        "asked from libcudart",
+        "the CUDA version to select wheels for; its major is the libcudart loaded (default: the lock's kernel wheels')",
+    ),
     Variable(
         "FI_FFI_SM",
         "archs",
@@ -129,6 +134,10 @@ _ROWS = (
     Variable(
         "FI_FFI_TEST_WHEELS_072", "folder", "<repo>/../shared/wheels-072", "the 0.7.2 test wheels", reader="tests"
     ),
+    Variable(
+        "FI_FFI_TEST_WHEELS_CU12", "folder", "<repo>/../shared/wheels-cu12", "the CUDA 12 test wheel", reader="tests"
+    ),
+    Variable("FI_FFI_TEST_WHEELS_FP8", "folder", "<repo>/../shared/wheels-fp8", "the FP8 test wheel", reader="tests"),
     Variable(
         "FI_FFI_TEST_WHEELS_COMM", "folder", "<repo>/../shared/wheels-comm", "the comm test wheel", reader="tests"
     ),

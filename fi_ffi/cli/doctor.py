@@ -61,7 +61,49 @@ def _lock_status() -> dict[str, Any]:
         for pin in pins
     ]
     status["kernel_sm"] = sorted({sm for pin in chosen.kernels for sm in wheel_sm(pin)})
+    status["kernel_cuda"] = sorted({pin.cuda for pin in chosen.kernels})
     return status
+
+
+def cuda_builds(system: dict[str, Any], lock: dict[str, Any]) -> dict[str, Any]:
+    """Which CUDA builds the driver runs, which the lock selects, and what cuda-bindings links, with every mismatch.
+
+    ``driver``: the newest CUDA the driver runs (``"12.8"``, ``""``: no driver); ``kernels``: the CUDA versions of the
+    selected kernel wheels; ``major`` / ``major_reason``: the CUDA major whose ``libcudart`` the loader loads and why;
+    ``bindings`` / ``bindings_runtime``: cuda-bindings' release and its runtime's CUDA version; ``problems``: one
+    sentence per build the driver cannot run (from :mod:`fi_ffi.cuda.requirements`, with the way out).
+    """
+    from ..cuda import requirements
+    from ..loader import libraries
+
+    try:
+        major, why = libraries.cuda_major()
+    except Exception as exc:  # a bad FI_FFI_CUDA_VERSION: the settings rows flag it too
+        major, why = None, str(exc)
+    kernels = list(lock.get("kernel_cuda", []))
+    needs = [(cuda, f"the selected CUDA {cuda} kernel wheels") for cuda in kernels]
+    if not kernels and major is not None:
+        needs.append((f"{major}.0", f"the lock's CUDA {major} kernel wheels"))
+    if system.get("bindings_runtime"):
+        bindings = f"cuda-bindings {system.get('bindings_version') or ''}".rstrip()
+        needs.append((system["bindings_runtime"], f"{bindings} (its CUDA {system['bindings_runtime']} runtime)"))
+    problems: list[str] = []
+    if system.get("driver_version") or system.get("driver_error"):
+        for cuda, what in needs:
+            # where the lock already selects CUDA 12 kernels, only cuda-bindings is left to change
+            way_out = requirements.BINDINGS12_STEP if what.startswith("cuda-bindings") and major == 12 else ""
+            found = requirements.problem(cuda, what, way_out=way_out)
+            if found and found not in problems:
+                problems.append(found)
+    return {
+        "driver": system.get("driver_version", ""),
+        "kernels": kernels,
+        "major": major,
+        "major_reason": why,
+        "bindings": system.get("bindings_version", ""),
+        "bindings_runtime": system.get("bindings_runtime", ""),
+        "problems": problems,
+    }
 
 
 def _cached_wheel_path(pin: Any) -> Path:
@@ -244,11 +286,13 @@ def doctor_data() -> dict[str, Any]:
             kernels = list(loader.selection().kernels)
         except Exception:  # reported in lock["error"] already
             kernels = []
+    system_facts = facts.as_dict()
     return {
         "fi_ffi": __version__,
-        "system": facts.as_dict(),
+        "system": system_facts,
         "settings": active_settings(),
         "lock": lock,
+        "cuda_builds": cuda_builds(system_facts, lock),
         "gpu_coverage": gpu_coverage(facts.gpus, kernels) if kernels else [],
         "tvm_ffi_runtime": _runtime_status(),
         "cache": str(loader.cache_root()),
@@ -279,9 +323,21 @@ def cache_problem(root: Path) -> str:
 def print_report(data: dict[str, Any]) -> None:
     s = data["system"]
     print(f"fi_ffi {data['fi_ffi']}  Python {s['python']}  {s['arch']}  {s['glibc'] or 'libc: unknown'}")
-    print(f"NVIDIA driver:  {s['driver_version'] or 'not available: ' + s['driver_error']}")
+    print(f"NVIDIA driver:  {s.get('driver_summary') or s['driver_version'] or s['driver_error']}")
     runtime = f"{s['runtime_version']} ({s['runtime_path']})" if s["runtime_version"] else s["runtime_error"]
     print(f"CUDA runtime:   {runtime}")
+    builds = data.get("cuda_builds")
+    if builds:
+        runs = f"the driver runs CUDA <= {builds['driver']}" if builds["driver"] else "no driver to run them"
+        kernels = ", ".join(builds["kernels"]) or (f"{builds['major']}.x" if builds["major"] else "none")
+        major = f"libcudart.so.{builds['major']}: " if builds["major"] else ""
+        print(f"CUDA builds:    {runs}; the lock selects CUDA {kernels} kernels ({major}{builds['major_reason']})")
+        if builds["bindings"]:
+            print(
+                f"  cuda-bindings: {builds['bindings']}, its own runtime calls link CUDA {builds['bindings_runtime']}"
+            )
+        for problem in builds["problems"]:
+            print(f"  PROBLEM:      {problem}")
     if s.get("cuda_version_override"):
         print(
             f"  override:     FI_FFI_CUDA_VERSION={s['cuda_version_override']} (wheels are selected for this "
@@ -373,6 +429,7 @@ def register(commands: Commands) -> None:
 __all__ = [
     "active_settings",
     "cache_problem",
+    "cuda_builds",
     "doctor_data",
     "gpu_coverage",
     "module_symbols",

@@ -46,7 +46,7 @@ _UNREAD: Any = object()  # an ordinal not asked yet (None: asked, unreadable)
 
 
 def _no_device(exc: CudaError, what: str) -> UnsupportedDeviceError:
-    cause = exc.name or exc.description
+    cause = f"{exc.name}: {exc.description}" if exc.name and exc.description else exc.name or exc.description
     return UnsupportedDeviceError(f"no CUDA device is available ({what} failed with {cause}). {exc.hint}")
 
 

@@ -9,15 +9,20 @@ dependent launch: a ``CUlaunchConfig`` with one ``CUlaunchAttribute``, laid out 
 Not through cuda-bindings: its ``cuPointerGetAttribute(s)`` reports device ordinal 0 for every pointer
 (NVIDIA/cuda-python #2928), and each call there costs microseconds (argument objects, an enum per returned error),
 which the per-plan event calls cannot afford. Events and streams are passed as integer handles.
+
+:func:`probe` says what the driver library is (loadable or not, the CUDA version it supports, whether ``cuInit``
+works) without raising; :mod:`fi_ffi.cuda.requirements` turns that into the one message about the driver.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 CDEFS = """
 int cuInit(unsigned int flags);
+int cuDriverGetVersion(int* version);
 int cuGetErrorName(int error, const char** name);
 int cuPointerGetAttributes(unsigned int count, int* attributes, void** data, uint64_t ptr);
 int cuCtxGetDevice(int* device);
@@ -48,11 +53,44 @@ int cuLaunchKernelEx(const CUlaunchConfig* config, uintptr_t f, void** kernelPar
 """
 ERROR_NOT_READY = 600  # CUDA_ERROR_NOT_READY: an event query whose work is still pending
 
+LIBRARY = "libcuda.so.1"
+
+
+@dataclass(frozen=True)
+class DriverProbe:
+    """What the NVIDIA driver library says about itself, read once per process.
+
+    ``load_error``: ``""`` if :data:`LIBRARY` was opened, else the dynamic loader's message (no driver installed).
+    ``version``: the newest CUDA version the driver runs, as ``cuDriverGetVersion`` gives it (``1000 * major + 10 *
+    minor``: ``12080`` is CUDA 12.8; 0 where unknown). ``init``: ``cuInit(0)``'s ``CUresult`` (0: usable; -1 where
+    the library did not load or lacks the call).
+    """
+
+    load_error: str
+    version: int
+    init: int
+
+    @property
+    def found(self) -> bool:
+        """True if a driver library was opened (it may still be too old, or see no GPU)."""
+        return not self.load_error
+
+
 _lock = threading.Lock()
-_state: tuple[Any, Any] | None = None  # (ffi, libcuda after cuInit, or None where no driver can be used)
+# (ffi, libcuda after cuInit or None where no driver can be used, what the library said about itself)
+_state: tuple[Any, Any, DriverProbe] | None = None
 
 
-def _load() -> tuple[Any, Any]:
+def _call(lib: Any, name: str, *args: Any) -> int:
+    """``lib.name(*args)``, or -1 where the library has no such function (an old or partial libcuda)."""
+    try:
+        function = getattr(lib, name)
+    except AttributeError:
+        return -1
+    return int(function(*args))
+
+
+def _load() -> tuple[Any, Any, DriverProbe]:
     global _state
     if _state is None:
         with _lock:
@@ -62,11 +100,23 @@ def _load() -> tuple[Any, Any]:
                 ffi = cffi.FFI()
                 ffi.cdef(CDEFS)
                 try:
-                    lib = ffi.dlopen("libcuda.so.1")
-                except OSError:
-                    lib = None
-                _state = (ffi, lib if lib is not None and lib.cuInit(0) == 0 else None)
+                    lib = ffi.dlopen(LIBRARY)
+                except OSError as exc:
+                    _state = (ffi, None, DriverProbe(str(exc) or f"cannot load {LIBRARY}", 0, -1))
+                    return _state
+                # cuDriverGetVersion answers before (and without) cuInit: an old driver says its version even
+                # where cuInit fails
+                version = ffi.new("int*")
+                known = _call(lib, "cuDriverGetVersion", version) == 0
+                init = _call(lib, "cuInit", 0)
+                probed = DriverProbe("", version[0] if known else 0, init)
+                _state = (ffi, lib if init == 0 else None, probed)
     return _state
+
+
+def probe() -> DriverProbe:
+    """The :class:`DriverProbe` of this process's driver library (loads it once; never raises)."""
+    return _load()[2]
 
 
 def ffi() -> Any:
@@ -81,11 +131,11 @@ def load() -> Any:
 
 def error_name(err: int) -> str:
     """The driver's name of error code ``err`` (``CUDA_ERROR_...``), or ``CUresult N`` if it has none."""
-    ffi, lib = _load()
+    ffi, lib, _ = _load()
     text = ffi.new("const char**")
     if lib is not None and lib.cuGetErrorName(err, text) == 0:
         return str(ffi.string(text[0]).decode())
     return f"CUresult {err}"
 
 
-__all__ = ["CDEFS", "ERROR_NOT_READY", "error_name", "ffi", "load"]
+__all__ = ["CDEFS", "ERROR_NOT_READY", "LIBRARY", "DriverProbe", "error_name", "ffi", "load", "probe"]

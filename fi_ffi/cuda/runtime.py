@@ -14,6 +14,8 @@ of :mod:`fi_ffi.cuda.device` raise :class:`~fi_ffi.errors.UnsupportedDeviceError
 (:func:`no_device`). ``cuda.bindings.runtime`` is imported on first use (a few hundred milliseconds), never at
 import of fi_ffi. The CUDA *driver* calls on the per-plan hot path are made through :mod:`fi_ffi.cuda.driver` (cffi,
 no per-call objects); their failures become the same CudaError through :func:`driver_error` / :func:`no_driver`.
+Where the driver explains a failure (none installed, or older than the runtime), the error's description and fix are
+:mod:`fi_ffi.cuda.requirements`' ("no NVIDIA driver found", or the driver's version, the one needed and the way out).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import threading
 from typing import Any
 
 from ..errors import CudaError
+from . import requirements
 
 _lock = threading.Lock()
 _rt: Any = None
+_runtime_version: int | None = None  # cudaRuntimeGetVersion of cuda.bindings.runtime (its static cudart), once
 
 # cudaErrorInitializationError, StubLibrary, InsufficientDriver, NoDevice, Unknown: no usable GPU at all.
 NO_DEVICE_CODES = frozenset((3, 34, 35, 100, 999))
@@ -88,7 +92,24 @@ def error(err: Any, what: str) -> CudaError:
         description = _text(rt.cudaGetErrorString(err), "unknown CUDA error")
     except Exception:  # (the same, for the lookups themselves)
         name, description = f"cudaError {code}", "unknown CUDA error"
+    explained = requirements.explain(code, runtime_version())
+    if explained is not None:  # no driver, or one older than the runtime: say which, and the way out
+        description, fix = explained
+        return CudaError(what, code, name, description, fix)
     return CudaError(what, code, name, description, hint(code))
+
+
+def runtime_version() -> int:
+    """The CUDA version of cuda-bindings' own runtime (``cudaRuntimeGetVersion``: ``13000`` for 13.0; answers
+    without a driver), 0 where it does not answer."""
+    global _runtime_version
+    if _runtime_version is None:
+        try:
+            err, version = runtime().cudaRuntimeGetVersion()
+            _runtime_version = int(version) if int(err) == 0 else 0
+        except Exception:  # cuda-bindings missing or an unexpected result: the version is simply unknown
+            _runtime_version = 0
+    return _runtime_version
 
 
 def _text(result: Any, default: str) -> str:
@@ -156,7 +177,13 @@ def driver_error(err: int, what: str) -> CudaError:
 
 def no_driver(what: str) -> CudaError:
     """The :class:`CudaError` for a driver call ``what`` made where libcuda cannot be loaded or initialised."""
-    return CudaError(what, 100, "", "cannot use the CUDA driver (libcuda.so.1)", _HINT_NO_DEVICE)
+    from . import driver
+
+    probed = driver.probe()
+    if not probed.found:
+        return CudaError(what, 100, "", requirements.no_driver_cause(), requirements.NO_DRIVER_FIX)
+    init = f"cuInit failed with {driver.error_name(probed.init)}" if probed.init > 0 else "cuInit is not exported"
+    return CudaError(what, 100, "", f"cannot use the CUDA driver ({driver.LIBRARY}: {init})", _HINT_NO_DEVICE)
 
 
 def no_device(exc: CudaError) -> bool:
@@ -175,4 +202,5 @@ __all__ = [
     "no_device",
     "no_driver",
     "runtime",
+    "runtime_version",
 ]

@@ -31,8 +31,11 @@ class GPU:
 class SystemReport:
     """Facts for a doctor report; the ``*_error`` fields say why a fact is missing.
 
-    ``runtime_version`` is what the loaded libcudart (``runtime_path``) reports; ``cuda_version_override`` is
-    ``FI_FFI_CUDA_VERSION`` as set (``""`` if unset), which wheel selection uses instead.
+    ``driver_version`` is the newest CUDA the driver runs (``"12.8"``; ``driver_summary`` says it in a sentence, with
+    the driver's release where ``/proc`` tells it); ``runtime_version`` is what the loaded libcudart
+    (``runtime_path``) reports; ``cuda_version_override`` is ``FI_FFI_CUDA_VERSION`` as set (``""`` if unset), which
+    wheel selection uses instead; ``bindings_version`` is cuda-bindings' release and ``bindings_runtime`` the CUDA
+    version of the runtime it links (its own calls: device queries, allocations, streams).
     """
 
     python: str
@@ -40,6 +43,9 @@ class SystemReport:
     glibc: str
     driver_version: str = ""
     driver_error: str = ""
+    driver_summary: str = ""
+    bindings_version: str = ""
+    bindings_runtime: str = ""
     runtime_version: str = ""
     runtime_path: str = ""
     runtime_error: str = ""
@@ -97,17 +103,25 @@ def gpus() -> tuple[list[GPU], str]:
 def report() -> SystemReport:
     """Collect the facts (loads libcudart through the loader if it can; loads no kernel)."""
     info: dict[str, Any] = {"python": platform.python_version(), "arch": platform.machine(), "glibc": glibc_version()}
-    try:
-        from cuda.bindings import driver
+    from . import driver, requirements
+    from . import runtime as cuda_runtime
 
-        (err,) = driver.cuInit(0)
-        if err == driver.CUresult.CUDA_SUCCESS:
-            err, version = driver.cuDriverGetVersion()
-            info["driver_version"] = _version_text(version)
-        else:
-            info["driver_error"] = f"cuInit failed ({err.name})"
-    except Exception as exc:  # no libcuda.so at all: not an NVIDIA machine
-        info["driver_error"] = f"no NVIDIA driver ({type(exc).__name__}: {exc})"
+    probed = driver.probe()  # libcuda.so.1 through cffi: what it is, whatever cuda-bindings' release
+    if not probed.found:
+        info["driver_error"] = requirements.no_driver()
+    elif probed.version > 0:
+        info["driver_version"] = _version_text(probed.version)
+    else:
+        info["driver_error"] = f"{driver.LIBRARY} loaded, but cuDriverGetVersion did not answer"
+    info["driver_summary"] = requirements.summary()
+    try:
+        import importlib.metadata
+
+        info["bindings_version"] = importlib.metadata.version("cuda-bindings")
+    except Exception:  # not installed (or no metadata): the runtime line below says what is missing
+        info["bindings_version"] = ""
+    version = cuda_runtime.runtime_version()
+    info["bindings_runtime"] = _version_text(version) if version else ""
     from ..loader import libraries, settings
 
     # The library's own answer, also when FI_FFI_CUDA_VERSION overrides it for wheel selection (the override is

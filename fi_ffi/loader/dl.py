@@ -96,14 +96,17 @@ def symbol_address(handle: Any, name: str) -> int:
     return 0 if ptr == ffi.NULL else int(ffi.cast("uintptr_t", ptr))
 
 
-def loaded_paths(basename: str) -> list[str]:
-    """Paths of mapped files named ``basename`` in this process, from ``/proc/self/maps`` (Linux)."""
+def loaded_paths(basename: str, *, versioned: bool = False) -> list[str]:
+    """Paths of mapped files named ``basename`` in this process, from ``/proc/self/maps`` (Linux); with
+    ``versioned``, also ``basename.<more>`` (a soname ``libcudart.so.12`` mapped from ``libcudart.so.12.4.127``)."""
     found: list[str] = []
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
                 path = line.rstrip("\n").partition("/")[2]
-                if path and os.path.basename("/" + path) == basename and "/" + path not in found:
+                name = os.path.basename("/" + path) if path else ""
+                matches = name == basename or (versioned and name.startswith(basename + "."))
+                if matches and "/" + path not in found:
                     found.append("/" + path)
     except OSError:
         pass

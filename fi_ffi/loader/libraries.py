@@ -10,8 +10,13 @@
       not imported) - its ``lib/libtvm_ffi.so``, so that a later ``import tvm_ffi`` maps the same file;
    c. the lock's ``[[runtime]]`` wheel for this arch, extracted into the cache.
 
-2. ``libcudart.so.13`` through ``cuda.pathfinder.load_nvidia_dynamic_lib("cudart")`` (pip's
-   ``nvidia-cuda-runtime`` wheel or a system CUDA); the modules' NEEDED entry then matches it by soname.
+2. ``libcudart.so.<major>``, the CUDA runtime of the major the lock's kernel wheels were built for
+   (:func:`cuda_major`: 13 for the packaged lock, 12 for a lock of CUDA 12 builds, ``FI_FFI_CUDA_VERSION``'s where
+   set); the modules' NEEDED entry then matches it by soname. CUDA 13: through
+   ``cuda.pathfinder.load_nvidia_dynamic_lib("cudart")`` (pip's ``nvidia-cuda-runtime`` wheel or a system CUDA).
+   Any other major (cuda-pathfinder cannot be asked for one): a copy already loaded, pip's wheel
+   (``nvidia-cuda-runtime-cu12``: ``nvidia/cuda_runtime/lib``), ``CUDA_HOME`` / ``CUDA_PATH``, then the dynamic
+   loader's own search (:func:`find_cudart`).
 
 3. Kernel modules, RTLD_LAZY | RTLD_LOCAL, on first use; never closed. Local: they export static libstdc++
    symbols. Lazy, as TVM-FFI's ``load_module`` does: a function is bound at its first call, so a module that
@@ -83,12 +88,9 @@ def explain_dlopen_error(path: str, message: str, *, wheel: str = "") -> str:
             f"{head}\nIt needs glibc {m.group(1)}, but this system has glibc {glibc_version()}; {built}. "
             "Use a newer system (or container) or a wheel built for this glibc."
         )
-    if "libcudart.so" in message and "cannot open shared object file" in message:
-        return (
-            f"{head}\nThe CUDA runtime library is not loadable. Install it with `python -m pip install "
-            "nvidia-cuda-runtime` (the CUDA 13 runtime, a dependency of fi-ffi on Linux), or install a CUDA toolkit "
-            "of that major version and set CUDA_HOME."
-        )
+    m = re.search(r"libcudart\.so\.(\d+): cannot open shared object file", message)
+    if m:
+        return f"{head}\nThe CUDA runtime library is not loadable. {cudart_install_hint(int(m.group(1)))}"
     m = re.search(r"^(?:.*: )?([^:\s]+\.so[^:\s]*): cannot open shared object file", message)
     if m and os.path.basename(m.group(1)) != os.path.basename(path):
         return (
@@ -277,15 +279,106 @@ def _tvm_ffi_version(handle: Any, path: str) -> str:
 # --------------------------------------------------------------------------------------------- CUDA runtime
 
 
+# The CUDA major whose runtime cuda-pathfinder finds first (its search tries libcudart.so.13 before .so.12), and the
+# pip requirement that provides each major's libcudart.
+PATHFINDER_MAJOR = 13
+CUDART_PACKAGES: dict[int, str] = {12: "nvidia-cuda-runtime-cu12", 13: "nvidia-cuda-runtime>=13.0,<14"}
+
+
+def cudart_install_hint(major: int) -> str:
+    """How to get ``libcudart.so.<major>``: the pip package, or a toolkit of that major."""
+    package = CUDART_PACKAGES.get(major)
+    if package is None:
+        known = ", ".join(f"`{name}` for CUDA {m}" for m, name in sorted(CUDART_PACKAGES.items()))
+        return f"Install a CUDA {major} toolkit and set CUDA_HOME (pip provides libcudart as {known})."
+    dependency = " (a dependency of fi-ffi on Linux)" if major == PATHFINDER_MAJOR else ""
+    return (
+        f"Install it with `python -m pip install '{package}'`{dependency}, or install a CUDA {major} toolkit and set "
+        "CUDA_HOME."
+    )
+
+
+def cuda_major() -> tuple[int | None, str]:
+    """The CUDA major whose runtime the kernel modules will link, and why; ``(None, why)`` where nothing says.
+
+    ``FI_FFI_CUDA_VERSION``'s major where set; else the major of the active lock's kernel wheels for this arch (the
+    highest, where the lock pins several: set ``FI_FFI_CUDA_VERSION`` to choose another). Reads the lock only; a lock
+    that cannot be read says nothing here (the selection reports it).
+    """
+    from . import lockfile
+
+    env = settings.get(settings.CUDA_VERSION)
+    if env:
+        major, _ = lockfile.parse_cuda_version(env, what="FI_FFI_CUDA_VERSION")
+        return major, f"FI_FFI_CUDA_VERSION={env}"
+    try:
+        lock = lockfile.active_lock()
+    except LoaderError as exc:
+        return None, str(exc)
+    arch = lockfile.machine_arch()
+    majors = sorted({lockfile.parse_cuda_version(p.cuda)[0] for p in lock.kernels if p.arch == arch})
+    where = lock.sources.get("kernel", lock.path)
+    if not majors:
+        return None, f"the lock {where} pins no kernel wheel for {arch}"
+    several = f" (the highest of CUDA {', '.join(map(str, majors))})" if len(majors) > 1 else ""
+    return majors[-1], f"the lock {where} pins CUDA {majors[-1]} kernel wheels for {arch}{several}"
+
+
 def ensure_cudart() -> str:
-    """Load the CUDA runtime (``libcudart.so.<major>``) once per process; returns its path."""
+    """Load the CUDA runtime (``libcudart.so.<major>``, the major of :func:`cuda_major`) once per process; returns its
+    path."""
     global _cudart
     if _cudart is not None:
         return _cudart
     with _lock:
         if _cudart is None:
-            _cudart = _load_cudart()
+            major, why = cuda_major()
+            _cudart = _load_cudart() if major in (None, PATHFINDER_MAJOR) else find_cudart(major, why)
     return _cudart
+
+
+def find_cudart(major: int, why: str = "") -> str:
+    """Load ``libcudart.so.<major>`` and return its path: a copy already loaded, pip's wheel folders
+    (``nvidia/cuda_runtime/lib``, ``nvidia/cu<major>/lib`` on ``sys.path``), ``CUDA_HOME`` / ``CUDA_PATH``
+    (``lib64``, ``lib``), then the dynamic loader's search by soname.
+
+    Raises:
+        LibraryLoadError: none found or loadable, naming the pip package and the toolkit to install.
+    """
+    import sys
+
+    soname = f"libcudart.so.{major}"
+    loaded = dl.loaded_paths(soname, versioned=True)
+    if loaded:
+        return loaded[0]
+    candidates: list[Path] = []
+    for entry in sys.path:
+        for folder in ("cuda_runtime", f"cu{major}"):
+            candidates.append(Path(entry or ".") / "nvidia" / folder / "lib" / soname)
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(variable, "")
+        if root:
+            candidates += [Path(root) / "lib64" / soname, Path(root) / "lib" / soname]
+    problems = []
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                load_library(candidate)
+            except LibraryLoadError as exc:
+                problems.append(str(exc))
+                continue
+            return str(candidate)
+    try:
+        load_library(soname)  # LD_LIBRARY_PATH, the ld.so cache, the system folders
+    except LibraryLoadError as exc:
+        problems.append(str(exc).split("\n")[0])
+        because = f", because {why}" if why else ""
+        raise LibraryLoadError(
+            f"{soname} (the CUDA {major} runtime) is needed{because}, and was not found or did not load "
+            f"({'; '.join(problems)}).\n{cudart_install_hint(major)}"
+        ) from None
+    found = dl.loaded_paths(soname, versioned=True)
+    return found[0] if found else soname
 
 
 def _load_cudart() -> str:
@@ -297,9 +390,7 @@ def _load_cudart() -> str:
         found = pathfinder.load_nvidia_dynamic_lib("cudart")
     except pathfinder.DynamicLibNotFoundError as exc:
         raise LibraryLoadError(
-            f"libcudart (the CUDA runtime) was not found: {exc}\nInstall it with `python -m pip install "
-            "'nvidia-cuda-runtime>=13.0,<14'` (a dependency of fi-ffi on Linux), or install a CUDA 13 toolkit and "
-            "set CUDA_HOME."
+            f"libcudart (the CUDA runtime) was not found: {exc}\n{cudart_install_hint(PATHFINDER_MAJOR)}"
         ) from None
     except Exception as exc:  # pathfinder raises RuntimeError subclasses for unloadable files
         raise LibraryLoadError(f"the CUDA runtime library could not be loaded: {exc}") from None

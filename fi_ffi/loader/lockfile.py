@@ -636,9 +636,12 @@ class NothingToPinError(LockError):
 
 
 def lock_entries(
-    wheels: Iterable[str | os.PathLike[str]], *, kind: Kind | None = None, url: str = ""
+    wheels: Iterable[str | os.PathLike[str]], *, kind: Kind | None = None, url: str = "", cuda: str | None = None
 ) -> tuple[list[WheelPin], list[str]]:
     """Lock entries for a set of local wheels (one release split over several wheels, or several releases).
+
+    ``cuda`` (``"12.9"``) is recorded for every kernel wheel in place of the version its file name tags (for a wheel
+    whose name has no ``cuXYZ`` tag); each entry records its own CUDA version otherwise.
 
     Returns (entries, notes): a wheel with nothing to load (no kernel modules, no runtime library), such as
     the 0.7.x ``flashinfer-jit-cache`` metadata wheel next to its per-architecture provider wheels, is left
@@ -648,7 +651,7 @@ def lock_entries(
     notes: list[str] = []
     for wheel in wheels:
         try:
-            pins.append(lock_entry(wheel, kind=kind, url=url))
+            pins.append(lock_entry(wheel, kind=kind, url=url, cuda=cuda))
         except NothingToPinError as exc:
             notes.append(f"skipped {exc}")
     if not pins:

@@ -76,6 +76,10 @@ def test_no_gpu_is_named_with_its_fix(model: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("fi-engine generate: the Llama engine needs an NVIDIA GPU and its driver")
     assert "fi-ffi doctor" in done.stderr and "Traceback" not in done.stderr
+    from fi_ffi.cuda import driver
+
+    if not driver.probe().found:  # no driver at all: said so (fi_ffi.cuda.requirements), not "version insufficient"
+        assert "no NVIDIA driver found (libcuda.so.1" in done.stderr and "Install the NVIDIA driver" in done.stderr
 
 
 @NO_GPU

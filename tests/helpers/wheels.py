@@ -127,6 +127,21 @@ def find_wheels_fp8() -> list[Path]:
     return _wheels_in(folders, "flashinfer_jit_cache_fp8-*.whl")
 
 
+CU12_MISSING = (
+    "needs the CUDA 12 test kernel wheel flashinfer_jit_cache-*+cu12*.whl, found neither in $FI_FFI_TEST_WHEELS_CU12 "
+    f"nor in <repo>/../shared/wheels-cu12 (outside the checkout); {WHEELS_HINT}"
+)
+
+
+def find_wheel_cu12() -> Path | None:
+    """The CUDA 12 test kernel wheel (FlashInfer 0.6.3 built with nvcc 12.4: norm, page, f16 head_dim 128 FA2
+    decode and prefill; links ``libcudart.so.12``), from ``$FI_FFI_TEST_WHEELS_CU12`` or
+    ``<repo>/../shared/wheels-cu12``; None when neither has it."""
+    folders = [os.environ.get("FI_FFI_TEST_WHEELS_CU12", ""), str(SHARED / "wheels-cu12")]
+    found = _wheels_in(folders, "flashinfer_jit_cache-*+cu12*.whl")
+    return found[0] if found else None
+
+
 def comm_wheel() -> Path | None:
     """The comm test kernel wheel ``flashinfer_jit_cache_comm-*.whl``: from ``$FI_FFI_TEST_WHEELS_COMM``,
     ``<repo>/../shared/wheels-comm`` or beside ``$FI_FFI_TEST_WHEELS``, the first folder that has one; else None."""

@@ -233,8 +233,26 @@ def test_module_needing_another_cudart_says_how_to_install_it(shared_wheel: Path
     with pytest.raises(LibraryLoadError) as info:
         libraries.load_library(edited)
     text = str(info.value)
-    assert "libcudart.so.98" in text and "`python -m pip install nvidia-cuda-runtime`" in text
+    assert "libcudart.so.98" in text and "Install a CUDA 98 toolkit and set CUDA_HOME" in text
+    # pip has no CUDA 98 runtime: the packages it has are named, with their majors, and no made-up one
+    assert "`nvidia-cuda-runtime-cu12` for CUDA 12" in text and "`nvidia-cuda-runtime>=13.0,<14` for CUDA 13" in text
+    assert "cu98" not in text
     assert "fi-ffi[cudart]" not in text  # an extra of a package not on any index: no command from a checkout
+
+
+def test_module_needing_cudart_12_names_its_pip_package(shared_wheel: Path, tmp_path: Path) -> None:
+    edited = edited_module(shared_wheel, tmp_path, b"libcudart.so.13\0", b"libcudart.so.12\0")
+    if libraries.dl.loaded_paths("libcudart.so.12", versioned=True):
+        pytest.skip("libcudart.so.12 is loaded in this process: the module would load")
+    try:
+        libraries.load_library("libcudart.so.12")
+    except LibraryLoadError:
+        pass
+    else:
+        pytest.skip("libcudart.so.12 is on the loader's path here: the module would load")
+    with pytest.raises(LibraryLoadError) as info:
+        libraries.load_library(edited)
+    assert "`python -m pip install 'nvidia-cuda-runtime-cu12'`" in str(info.value)
 
 
 def test_module_needing_a_newer_glibc_names_both_versions(shared_wheel: Path, tmp_path: Path) -> None:

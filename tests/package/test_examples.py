@@ -53,3 +53,7 @@ def test_gpu_examples_say_what_is_missing(name: str, message: str) -> None:
     done = run(name)
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
+    from fi_ffi.cuda import driver
+
+    if name.endswith("_cuda_python.py") and not driver.probe().found:  # the driver's absence named, with the fix
+        assert "no NVIDIA driver found (libcuda.so.1" in done.stderr and "Install the NVIDIA driver" in done.stderr

@@ -345,12 +345,15 @@ def test_workspace_allocate_argument_checks():
 def test_workspace_allocate_without_a_gpu_is_a_clear_error():
     from cuda.bindings import runtime as rt
 
+    from fi_ffi.cuda import driver
     from fi_ffi.errors import CudaError
     from fi_ffi.ops.attention.workspace import Workspace
 
     if rt.cudaGetDeviceCount()[0] == rt.cudaError_t.cudaSuccess:
         pytest.skip("a GPU is present (covered by the GPU tests)")
-    with pytest.raises(CudaError, match=r"(cudaMalloc|cudaGetDevice) failed: cudaError\w+: .*nvidia-smi"):
+    # no driver at all: named so, with the install fix; a driver that sees no GPU: the nvidia-smi advice
+    fix = "no NVIDIA driver found .*Install the NVIDIA driver" if not driver.probe().found else ".*nvidia-smi"
+    with pytest.raises(CudaError, match=rf"(cudaMalloc|cudaGetDevice) failed: cudaError\w+: {fix}"):
         Workspace.allocate(0, float_bytes=1024, int_bytes=1024)
 
 
@@ -404,7 +407,7 @@ def test_plan_copy_event_goes_through_the_driver(monkeypatch, query, sync, expec
     from fi_ffi.cuda import driver
 
     fake = _FakeDriver(query=query, sync=sync)
-    monkeypatch.setattr(driver, "_state", (driver.ffi(), fake))
+    monkeypatch.setattr(driver, "_state", (driver.ffi(), fake, driver.probe()))
     ws = fake_workspace()
     ws._event, ws._event_handle = object(), 0x1234  # as if a plan had created it
     ws._record_plan_copy(7)
@@ -431,7 +434,7 @@ def test_plan_copy_event_errors_are_cuda_errors(monkeypatch, query, sync, record
     from fi_ffi.cuda import driver
     from fi_ffi.errors import CudaError
 
-    monkeypatch.setattr(driver, "_state", (driver.ffi(), _FakeDriver(query, sync, record)))
+    monkeypatch.setattr(driver, "_state", (driver.ffi(), _FakeDriver(query, sync, record), driver.probe()))
     ws = fake_workspace()
     ws._event, ws._event_handle = object(), 0x1234
     with pytest.raises(CudaError, match=what.replace("(", r"\(").replace(")", r"\)")) as info:
@@ -473,7 +476,7 @@ def test_plan_settings_is_a_frozen_value_with_derived_fields():
 def _staged_workspace(monkeypatch, fake):
     from fi_ffi.cuda import driver
 
-    monkeypatch.setattr(driver, "_state", (driver.ffi(), fake))
+    monkeypatch.setattr(driver, "_state", (driver.ffi(), fake, driver.probe()))
     ws = fake_workspace()
     ws._event, ws._event_handle = object(), 0x1234  # as if a plan had created it
     return ws
