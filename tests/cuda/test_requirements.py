@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers.env import subprocess_env
@@ -24,7 +25,15 @@ from helpers.wheels import find_wheel_cu12
 
 from fi_ffi.cuda import driver, requirements
 
-needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the stand-in driver library")
+_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the stand-in driver library")
+
+
+def needs_gcc(test: Any) -> Any:
+    """gcc builds the stand-in driver; CPU machines only: a GPU machine's own driver is found before the stand-in
+    put on LD_LIBRARY_PATH (its container injects it)."""
+    return pytest.mark.cpu_only(_gcc(test))
+
+
 no_driver_here = pytest.mark.skipif(
     driver.probe().found, reason="an NVIDIA driver (libcuda.so.1) loads here: the no-driver case cannot be seen"
 )
