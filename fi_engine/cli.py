@@ -2,7 +2,10 @@
 
 - ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph] [--tp N]``: serve
   token-id prompts with a local checkpoint (needs CuPy and a GPU); prints the tokens, tokens/s and host time per
-  decode step. Every value is checked before the GPU is touched: a bad one is a usage error (exit 2).
+  decode step. ``--prompt TEXT`` and ``--chat MESSAGE`` (each repeatable, beside ``--prompt-ids``) take text:
+  encoded with the checkpoint's ``tokenizer.json``, a chat message rendered with its chat template, the
+  generation ended by its ``generation_config.json`` end-of-sequence ids, the output printed as text. Every value
+  is checked before the GPU is touched: a bad one is a usage error (exit 2).
 
 ``fi-ffi generate ARGS`` (the binding's command, where this subcommand lived) runs ``python -m fi_engine generate
 ARGS``. With ``--tp N`` this command starts its ranks through ``fi-ffi launch`` (the binding's launcher, a
@@ -121,24 +124,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 raise ValueError("--device: each rank of --tp uses GPU LOCAL_RANK; leave --device out")
             _check_tp(args.model, args.tp)
             return _launch_ranks(args.tp, [sys.executable, "-m", "fi_engine", *args.argv])
+        prompts, codec = _prompts(args)
+        eos = args.eos_ids if args.eos_ids is not None or codec is None else list(codec.eos_token_ids) or None
         engine_type = engine_class(args.model)  # LlamaEngine, Gemma2Engine, GptOssEngine or DeepSeekEngine
         with engine_type(
             args.model,
-            max_batch=args.max_batch or len(args.prompt_ids),
+            max_batch=args.max_batch or len(prompts),
             cuda_graph=args.graph,
             device=args.device,
             tensor_parallel=args.tp,
         ) as engine:
-            result = engine.generate(
-                args.prompt_ids, args.max_new_tokens, eos_token_ids=args.eos_ids, sampling=sampling
-            )
+            result = engine.generate(prompts, args.max_new_tokens, eos_token_ids=eos, sampling=sampling)
     except (ValueError, TypeError, ImportError, FiFFIError) as exc:  # a bad checkpoint or argument; no GPU; no CuPy
         print(f"{where}: {exc}", file=sys.stderr)
         return 2
     if engine.rank != 0:  # with --tp, only rank 0 prints
         return 0
+    given = len(args.prompt_ids or ())
     for i, (tokens, why) in enumerate(zip(result.tokens, result.finish_reasons, strict=True)):
-        print(f"[{i}] {','.join(map(str, tokens))}  ({why})")
+        if i < given or codec is None:  # a --prompt-ids prompt: its tokens
+            print(f"[{i}] {','.join(map(str, tokens))}  ({why})")
+        else:  # a --prompt or --chat prompt: the generated text, the checkpoint's special tokens left out
+            print(f"[{i}] {codec.decode(tokens)!r}  ({why})")
     mode = "CUDA graph" if args.graph else "eager"
     print(
         f"prefill: {result.prefill_s * 1e3:.1f} ms; decode ({mode}): {result.decode_steps} steps, "
@@ -146,6 +153,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{result.host_us_per_step:.1f} us (median)"
     )
     return 0
+
+
+def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
+    """The prompts in order: each ``--prompt-ids`` as given, each ``--prompt`` encoded with the checkpoint's
+    tokenizer (its BOS added where the tokenizer adds one), each ``--chat`` as one user message through the
+    checkpoint's chat template with the assistant's turn opened; and the checkpoint's
+    :class:`~fi_engine.text.TextCodec` when any prompt is text (None otherwise). ValueError naming the flag when
+    none is given or a text is empty."""
+    prompts = [list(p) for p in args.prompt_ids or ()]
+    texts, chats = args.prompt or [], args.chat or []
+    if not prompts and not texts and not chats:
+        raise ValueError("give at least one prompt: --prompt-ids 1,2,3, --prompt TEXT or --chat MESSAGE")
+    for flag, items in (("--prompt", texts), ("--chat", chats)):
+        for text in items:
+            if not text.strip():
+                raise ValueError(f"{flag}: expected a non-empty text, got {text!r}")
+    if not texts and not chats:
+        return prompts, None
+    from .text import TextCodec
+
+    codec = TextCodec.from_dir(args.model)
+    prompts += [codec.encode(text) for text in texts]
+    prompts += [codec.encode_chat([{"role": "user", "content": text}]) for text in chats]
+    return prompts, codec
 
 
 def _check_tp(model: str, tp: int) -> None:
@@ -214,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "fi-engine generate --model ./m --prompt-ids 1,2 --prompt-ids 4,5 --temperature 0.7 --top-p 0.9 "
                 "--graph",
                 "fi-engine generate --model ./m --prompt-ids 1,2,3 --tp 2",
+                "fi-engine generate --model ./SmolLM2-135M-Instruct --chat 'What is a GPU?' --max-new-tokens 64",
             )
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -224,8 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-ids",
         type=_token_ids,
         action="append",
-        required=True,
         help="one prompt as comma-separated token ids (repeat for a batch)",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="one prompt as text, encoded with the checkpoint's tokenizer.json (repeat for a batch; printed as text)",
+    )
+    p.add_argument(
+        "--chat",
+        action="append",
+        help="one user message, rendered with the checkpoint's chat template (repeat for a batch; printed as text)",
     )
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate per prompt (>= 1)")
     p.add_argument("--graph", action="store_true", help="replay the decode step as a CUDA graph")

@@ -197,3 +197,37 @@ def test_the_stand_in_prints_when_stdout_has_room(model: Path) -> None:  # the c
         [sys.executable, "-c", STAND_IN, *args], capture_output=True, text=True, env=subprocess_env(), timeout=120
     )
     assert done.returncode == 0 and done.stdout.startswith("[0] 1,2,3"), done.stderr
+
+
+def test_a_text_prompt_needs_the_checkpoints_tokenizer_and_says_so(model: Path) -> None:
+    """--prompt / --chat read tokenizer.json before the GPU: a checkpoint without one is named in one line."""
+    for flag in ("--prompt", "--chat"):
+        done = generate("--model", str(model), flag, "hello")
+        assert done.returncode == 2, done.stderr
+        assert "tokenizer.json" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "give at least one prompt: --prompt-ids 1,2,3, --prompt TEXT or --chat MESSAGE"),
+        (("--prompt", "  "), "--prompt: expected a non-empty text"),
+        (("--chat", ""), "--chat: expected a non-empty text"),
+    ],
+)
+def test_a_missing_or_empty_prompt_is_one_line(model: Path, args: tuple[str, ...], message: str) -> None:
+    done = generate("--model", str(model), *args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
+@NO_GPU
+def test_text_prompts_are_encoded_before_the_engine_needs_the_gpu(tmp_path: Path) -> None:
+    """With a real tokenizer and chat template the text prompts encode, and the run goes on to the engine, which
+    then names the missing GPU (the same line as for token ids)."""
+    from helpers.text_checkpoints import write_text_checkpoint
+
+    root = write_text_checkpoint(tmp_path / "m")
+    (root / "config.json").write_text(json.dumps(CONFIG))
+    done = generate("--model", str(root), "--prompt", "hello world", "--chat", "What is a GPU?")
+    assert done.returncode == 2
+    assert done.stderr.startswith("fi-engine generate: the Llama engine needs an NVIDIA GPU"), done.stderr
