@@ -46,6 +46,9 @@ each:
 - :mod:`~fi_engine.gemma2`, :mod:`~fi_engine.gpt_oss`: those families' definitions (their weights, forward and
   attention plans) and engines.
 - :mod:`~fi_engine.engines`: which engine serves a checkpoint, by ``model_type``.
+- :mod:`~fi_engine.quantization`: a checkpoint's ``quantization_config`` read by name (the FP8 layouts) and the
+  Llama family's refusal of quantized weights.
+- :mod:`~fi_engine.moe_gemv`: the MoE decode step's grouped GEMV (CUDA C and its launcher).
 - :mod:`~fi_engine.stepping`: the step-by-step serving interface (``StepEngine``, ``StepOutput``) between an
   engine and the streaming service / HTTP server that drive it.
 - :mod:`~fi_engine.values`: checks of single argument values (ints, flags, arrays) the modules share.

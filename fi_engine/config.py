@@ -120,6 +120,9 @@ class LlamaConfig:
             )
         if model_type in FAMILIES:
             return cls._family(d, model_type, source)
+        from .quantization import refuse_quantized_llama
+
+        refuse_quantized_llama(d, source)
         if d.get("use_sliding_window", False) or (model_type == "mixtral" and d.get("sliding_window") is not None):
             raise ValueError(
                 f"{source}: sliding-window attention (use_sliding_window / sliding_window) is not supported by this "

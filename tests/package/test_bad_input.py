@@ -1886,6 +1886,11 @@ EXEMPT: dict[str, str] = {
     "sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
     "tests/engine/test_step_api_host.py",
     "stepping.StepOutput": _RECORD,
+    "quantization.Fp8Scheme": _RECORD,
+    "quantization.fp8_scheme": "reads a config dict: its malformed values refused by key in "
+    "tests/engine/test_quantization_config.py",
+    "quantization.refuse_quantized_llama": "raises by design on any quantization_config: its cases in "
+    "tests/engine/test_quantization_config.py",
     "stepping.StepEngine": "a typing.Protocol the engines implement (their methods' signatures against it: "
     "tests/engine/test_step_api_host.py)",
     "stepping.FinishReason": "a typing.Literal of the three reasons a request ends, not an entry point",

@@ -1,0 +1,78 @@
+"""Quantized Llama-family checkpoints (fi_engine.quantization): the FP8 layouts as published configs write them are
+recognized and named in the refusal (the engine serves 16-bit weights only), malformed FP8 configs are refused
+naming the key, and other methods are refused by their quant_method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fi_engine.config import LlamaConfig
+from fi_engine.quantization import Fp8Scheme, fp8_scheme
+
+BASE = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-5,
+}
+# as the published checkpoints write them (the keys and values, not copied files)
+QWEN3_FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
+LLAMA31_FP8_CT = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False, "symmetric": True},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True},
+        }
+    },
+    "ignore": ["lm_head"],
+}
+FBGEMM = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["lm_head"]}
+
+
+@pytest.mark.parametrize(
+    ("q", "want"),
+    [
+        (QWEN3_FP8, Fp8Scheme("fp8", "block", "dynamic", (128, 128))),
+        ({"quant_method": "fp8", "activation_scheme": "static"}, Fp8Scheme("fp8", "tensor", "static")),
+        (LLAMA31_FP8_CT, Fp8Scheme("compressed-tensors", "channel", "dynamic")),
+        (FBGEMM, Fp8Scheme("fbgemm_fp8", "channel", "dynamic")),
+        ({"quant_method": "awq", "bits": 4}, None),
+    ],
+)
+def test_published_layouts_are_read_by_name(q: dict[str, Any], want: Fp8Scheme | None) -> None:
+    assert fp8_scheme(q, "config.json") == want
+
+
+@pytest.mark.parametrize(
+    ("q", "message"),
+    [
+        (QWEN3_FP8, "FP8 (e4m3) weights with per-block 128x128 scales, dynamic activation scales"),
+        (LLAMA31_FP8_CT, "quant_method 'compressed-tensors'): FP8 (e4m3) weights with per-channel scales"),
+        (FBGEMM, "quant_method 'fbgemm_fp8'): FP8 (e4m3) weights with per-channel scales"),
+        ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq') is not supported"),
+        ({"quant_method": "fp8", "weight_block_size": [128]}, "quantization_config.weight_block_size: expected two"),
+        ({"quant_method": "fp8", "activation_scheme": "lazy"}, "quantization_config.activation_scheme: expected"),
+        ({"quant_method": "compressed-tensors"}, "quantization_config.config_groups: expected an object"),
+        ("fp8", "quantization_config: expected an object"),
+    ],
+)
+def test_a_quantized_llama_checkpoint_is_refused_naming_what_it_is(tmp_path: Path, q: Any, message: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "quantization_config": q}))
+    with pytest.raises(ValueError, match="config.json") as info:
+        LlamaConfig.from_dir(tmp_path)
+    assert message in str(info.value)
+
+
+def test_a_16_bit_checkpoint_is_unaffected() -> None:
+    assert LlamaConfig.from_dict(BASE).hidden_size == 4096
