@@ -166,7 +166,28 @@ extern "C" __global__ void unshard_columns(const float* __restrict__ src, int ro
 """
 
 
-GEMV_SOURCE = r"""
+# programmatic dependent launch, shared by the two GEMV sources below (the same text in each)
+_GRIDDEP = (
+    "// Programmatic dependent launch (sm_90; no-ops where the launch did not ask for it): the next kernel in the\n"
+    r"""// stream may start once every block of this one has called griddep_launch_dependents (here: at once), and
+// griddep_wait blocks until the previous kernel has finished and its writes are visible. Everything a kernel
+// reads or writes that another kernel touches comes after its griddep_wait; only the weights, which nothing
+// writes, are loaded before it.
+__device__ __forceinline__ void griddep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+"""
+)
+
+GEMV_SOURCE = (
+    r"""
 // y[r, j] = sum_c x[r, c] * w[j, c] for r < rows <= 4 (float32 sums; 16-bit x and w, 16-bit or float32 y): the
 // GEMM of a decode step with few rows. One warp per output column j reads w's row j once in 16-byte vectors and
 // keeps one sum per x row; k a multiple of 8, x, w and x_ld 16-byte aligned (the caller checks). Conversions by
@@ -190,22 +211,9 @@ __device__ __forceinline__ unsigned short f2b(float f) {
     return u;
 }
 
-// Programmatic dependent launch (sm_90; no-ops where the launch did not ask for it): the next kernel in the
-// stream may start once every block of this one has called griddep_launch_dependents (here: at once), and
-// griddep_wait blocks until the previous kernel has finished and its writes are visible. Everything a kernel
-// reads or writes that another kernel touches comes after its griddep_wait; only the weights, which nothing
-// writes, are loaded before it.
-__device__ __forceinline__ void griddep_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void griddep_launch_dependents() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-// Weights are read once per step: loaded past L1 (no allocation there), so x's rows keep it.
+"""
+    + _GRIDDEP
+    + r"""// Weights are read once per step: loaded past L1 (no allocation there), so x's rows keep it.
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
     uint4 v;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -287,9 +295,11 @@ GEMV(gemv_f16_f32, false, true)
 GEMV(gemv_bf16_bf16, true, false)
 GEMV(gemv_bf16_f32, true, true)
 """
+)
 
 
-FUSED_GEMV_SOURCE = r"""
+FUSED_GEMV_SOURCE = (
+    r"""
 // The GEMV of _GEMV_SOURCE (same column loop, same float32 sums in the same order, same output rounding) with its
 // input rows computed in a prologue into shared memory, so that the launch producing them goes away:
 //   MODE 1 (norm):     in = rmsnorm(h) * nw                     (FlashInfer's rmsnorm of h)
@@ -425,22 +435,9 @@ __device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restric
     __syncthreads();
 }
 
-// Programmatic dependent launch (sm_90; no-ops where the launch did not ask for it): the next kernel in the
-// stream may start once every block of this one has called griddep_launch_dependents (here: at once), and
-// griddep_wait blocks until the previous kernel has finished and its writes are visible. Everything a kernel
-// reads or writes that another kernel touches comes after its griddep_wait; only the weights, which nothing
-// writes, are loaded before it.
-__device__ __forceinline__ void griddep_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void griddep_launch_dependents() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-// Weights past L1, UNROLL vectors in flight per lane: as the plain GEMV (GEMV_SOURCE).
+"""
+    + _GRIDDEP
+    + r"""// Weights past L1, UNROLL vectors in flight per lane: as the plain GEMV (GEMV_SOURCE).
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
     uint4 v;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -656,3 +653,4 @@ ROPE_APPEND(gemv_bf16_norm_rope, true, 1)
 ROPE_APPEND(gemv_f16_addnorm_rope, false, 2)
 ROPE_APPEND(gemv_bf16_addnorm_rope, true, 2)
 """
+)
