@@ -39,6 +39,7 @@ class Histogram:
         self.count = 0
 
     def observe(self, value: float) -> None:
+        """Count one observation ``value`` (in the metric's unit)."""
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
@@ -78,20 +79,24 @@ class ServingMetrics:
         self.latency = Histogram(LATENCY_BUCKETS)
 
     def request_finished(self, reason: str, latency_s: float) -> None:
+        """A request ended with finish ``reason``, ``latency_s`` seconds after it arrived."""
         with self._lock:
             self.finished[reason] = self.finished.get(reason, 0) + 1
             self.latency.observe(latency_s)
 
     def request_rejected(self) -> None:
+        """A request was refused: the queue was full."""
         with self._lock:
             self.rejected += 1
 
     def tokens(self, prompt: int = 0, generated: int = 0) -> None:
+        """Count ``prompt`` prompt tokens (a request taken) and ``generated`` new tokens."""
         with self._lock:
             self.prompt_tokens += prompt
             self.generation_tokens += generated
 
     def first_token(self, seconds: float) -> None:
+        """A request's first token came ``seconds`` after it arrived."""
         with self._lock:
             self.ttft.observe(seconds)
 
@@ -103,10 +108,12 @@ class ServingMetrics:
                 self.itl.observe(seconds / tokens)
 
     def queue(self, waiting: int, running: int) -> None:
+        """The requests now waiting (no token yet) and running."""
         with self._lock:
             self.waiting, self.running = waiting, running
 
     def response(self, status: int) -> None:
+        """The server answered an API request with HTTP ``status``."""
         with self._lock:
             self.responses[status] = self.responses.get(status, 0) + 1
 

@@ -21,18 +21,7 @@ from typing import Any
 
 from .values import show
 
-__all__ = [
-    "APIError",
-    "ParsedRequest",
-    "chat_body",
-    "chat_chunk",
-    "completion_body",
-    "completion_chunk",
-    "error_body",
-    "parse_chat",
-    "parse_completion",
-    "usage_body",
-]
+__all__ = ["APIError", "ParsedRequest", "error_body", "parse_chat", "parse_completion"]
 
 MAX_N = 128  # choices per request (each is a request in the engine)
 MAX_STOP = 64  # stop strings per request
