@@ -51,8 +51,13 @@ each:
 - :mod:`~fi_engine.moe_gemv`: the MoE decode step's grouped GEMV (CUDA C and its launcher).
 - :mod:`~fi_engine.stepping`: the step-by-step serving interface (``StepEngine``, ``StepOutput``) between an
   engine and the streaming service / HTTP server that drive it.
+- Serving many callers (docs/engine-text.md): :mod:`~fi_engine.service` (``GenerationService``: one engine
+  thread, streams of tokens and text, cancellation, the queue limit), :mod:`~fi_engine.metrics` (counters and
+  latency histograms in Prometheus text), :mod:`~fi_engine.openai_protocol` (OpenAI request bodies checked,
+  responses built) and :mod:`~fi_engine.openai_server` (the Starlette app and ``fi-engine serve``'s uvicorn run;
+  the ``serve`` extra, imported on first use).
 - :mod:`~fi_engine.values`: checks of single argument values (ints, flags, arrays) the modules share.
-- :mod:`~fi_engine.cli`: the ``fi-engine`` command (``generate``).
+- :mod:`~fi_engine.cli`: the ``fi-engine`` command (``generate``, ``serve``).
 - Text in and out (docs/engine-text.md): :mod:`~fi_engine.text` (``TextCodec``, the facade), :mod:`~fi_engine.tokenizer`
   (``tokenizer.json`` and the special tokens), :mod:`~fi_engine.chat` (the chat template, rendered as transformers
   renders it), :mod:`~fi_engine.generation_config` (EOS ids, sampling defaults), :mod:`~fi_engine.detokenize`

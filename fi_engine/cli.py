@@ -6,6 +6,8 @@
   encoded with the checkpoint's ``tokenizer.json``, a chat message rendered with its chat template, the
   generation ended by its ``generation_config.json`` end-of-sequence ids, the output printed as text. Every value
   is checked before the GPU is touched: a bad one is a usage error (exit 2).
+- ``serve MODEL_DIR [--host H] [--port P] [--max-batch N] [--max-queue N] [--graph]``: the OpenAI-compatible HTTP
+  server (:mod:`fi_engine.openai_server`; the ``serve`` extra) until SIGINT/SIGTERM.
 
 ``fi-ffi generate ARGS`` (the binding's command, where this subcommand lived) runs ``python -m fi_engine generate
 ARGS``. With ``--tp N`` this command starts its ranks through ``fi-ffi launch`` (the binding's launcher, a
@@ -105,7 +107,8 @@ def _eos_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Serve ``args.prompt_ids`` with the checkpoint at ``args.model``; print the tokens and the timings."""
+    """Serve the prompts of ``args`` (token ids, texts or chat messages) with the checkpoint at ``args.model``;
+    print the tokens (or the text) and the timings."""
     from .deepseek_config import is_deepseek
     from .engines import engine_class
     from .llama import SamplingParams
@@ -207,7 +210,7 @@ def _launch_ranks(nproc: int, command: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fi-engine`` argument parser (one subcommand, ``generate``)."""
+    """The ``fi-engine`` argument parser (subcommands ``generate`` and ``serve``)."""
     common = argparse.ArgumentParser(add_help=False)  # -q/-v before or after the subcommand
     common.add_argument(
         "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or progress lines"
@@ -283,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tp", type=_positive_int, default=1, help="tensor-parallel ranks on this host (one GPU each; default 1)"
     )
     p.set_defaults(func=cmd_generate)
+    _add_serve(sub, common)
     return parser
 
 
@@ -314,6 +318,149 @@ class _WatchedStdout:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)
+
+
+def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a checkpoint over an OpenAI-compatible HTTP API (needs CuPy, a GPU and the serve extra)",
+        description=textwrap.fill(
+            "Load a checkpoint onto the GPU and serve /v1/completions, /v1/chat/completions (streamed or not), "
+            "/v1/models, /health and /metrics until SIGINT/SIGTERM; every client's requests are batched together. "
+            "Needs the engine and serve extras: python -m pip install '.[engine,serve]' in the checkout.",
+            100,
+        ),
+        epilog="examples:\n"
+        + "\n".join(
+            f"  {line}"
+            for line in (
+                "fi-engine serve ./SmolLM2-135M-Instruct --port 8000 --max-batch 64 --graph",
+                "curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+                '  -d \'{"model": "./SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}]}\'',
+            )
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    p.add_argument(
+        "model", metavar="MODEL_DIR", help="checkpoint directory: config.json, *.safetensors, tokenizer.json"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument(
+        "--served-model-name",
+        action="append",
+        help="the name(s) requests give as `model` (default: MODEL_DIR as given, as vLLM does; repeat for aliases)",
+    )
+    p.add_argument("--max-batch", type=_positive_int, default=32, help="requests generated together (default 32)")
+    p.add_argument(
+        "--max-queue",
+        type=_count,
+        default=256,
+        help="requests waiting beyond --max-batch before new ones get HTTP 429 (default 256)",
+    )
+    p.add_argument("--max-seq-len", type=_positive_int, default=None, help="most tokens per request (prompt + output)")
+    p.add_argument("--graph", action="store_true", help="replay the decode step as a CUDA graph")
+    p.add_argument("--device", type=_ordinal, default=None, help="CUDA ordinal (default 0)")
+    p.add_argument(
+        "--grace",
+        type=_seconds,
+        default=30.0,
+        help="seconds open requests get to finish on SIGINT/SIGTERM before they are cancelled (default 30)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=("critical", "error", "warning", "info", "debug"),
+        default="info",
+        help="uvicorn's log level (default info: one line per request)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def _port(text: str) -> int:
+    return _in_range(text, 0, 65535, "a TCP port in [0, 65535]")
+
+
+def _in_range(text: str, lowest: int, highest: int, what: str) -> int:
+    value = _int_at_least(text, lowest, what)
+    if value > highest:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the checkpoint at ``args.model`` over HTTP until interrupted; 2 for a bad checkpoint or argument."""
+    import importlib
+
+    from .engines import engine_class
+    from .service import GenerationService
+    from .stepping import StepEngine
+    from .text import TextCodec
+
+    where = f"{PROG} serve"
+    try:
+        # everything a CPU can check, before the GPU: the tokenizer and template, the server's packages
+        codec = TextCodec.from_dir(args.model)
+        for module in ("starlette", "uvicorn"):
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError:
+                raise ImportError(
+                    f"the server needs the {module!r} package; install it with: python -m pip install '.[serve]' "
+                    f"in the fi_ffi checkout"
+                ) from None
+        engine_type = engine_class(args.model)
+        engine = engine_type(
+            args.model,
+            max_batch=args.max_batch,
+            max_seq_len=args.max_seq_len,
+            cuda_graph=args.graph,
+            device=args.device,
+        )
+    except (ValueError, TypeError, ImportError, FiFFIError) as exc:
+        print(f"{where}: {exc}", file=sys.stderr)
+        return 2
+    from .openai_server import serve
+
+    with engine:
+        if not isinstance(engine, StepEngine):
+            print(
+                f"{where}: {type(engine).__name__} does not serve step by step yet (fi_engine.stepping.StepEngine: "
+                f"add_request, abort_request, step, has_unfinished)",
+                file=sys.stderr,
+            )
+            return 2
+        service = GenerationService(engine, codec, max_queue=args.max_queue)
+        names = args.served_model_name or [args.model]
+        print(
+            f"{where}: serving {', '.join(names)} on http://{args.host}:{args.port} (max batch {args.max_batch}, "
+            f"queue {args.max_queue}, {'CUDA graph' if args.graph else 'eager'})",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            serve(
+                service,
+                names,
+                host=args.host,
+                port=args.port,
+                max_model_len=getattr(engine, "max_seq_len", None),
+                graceful_s=args.grace,
+                log_level=args.log_level,
+            )
+        finally:
+            service.close(timeout=args.grace)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1924,6 +1924,24 @@ EXEMPT: dict[str, str] = {
     "weights.WeightLoader": "uploads through the caller's CuPy module onto a GPU: the GPU model suites",
     "watchdog.bootstrap": "opens sockets to rank 0 (its DistEnv comes from read_env, above): comm/test_watchdog.py",
     "tensor_parallel.ResidualAllReduce": "over AllReduceFusionWorkspace, Communicator: engine/test_tensor_parallel.py",
+    # streaming and serving: each starts a thread or a server; their bad input has tables of its own
+    "service.GenerationService": "starts an engine thread per instance: its argument checks (and submit's) are "
+    "the tables of engine/test_service.py (test_bad_*_are_refused_by_name)",
+    "service.RequestStream": "made by GenerationService.submit only (engine/test_service.py)",
+    **dict.fromkeys(["service.StreamDelta", "service.RequestResult"], _RECORD),
+    "metrics.ServingMetrics": "takes no argument; the service and server feed it (engine/test_openai_server.py "
+    "parses its text with prometheus_client)",
+    "metrics.Histogram": "the metrics' own buckets (constants of fi_engine.metrics), checked in its constructor",
+    "openai_protocol.ParsedRequest": "made by parse_completion / parse_chat from a checked body",
+    **dict.fromkeys(
+        ["openai_protocol.parse_completion", "openai_protocol.parse_chat", "openai_protocol.error_body"],
+        "an HTTP body's fields, answered 400 naming the field: the BAD / BAD_CHAT tables of "
+        "engine/test_openai_server.py",
+    ),
+    **dict.fromkeys(
+        ["openai_server.build_app", "openai_server.serve"],
+        "builds (and serve runs) the Starlette app over a GenerationService: engine/test_openai_server.py",
+    ),
 }
 
 # catalogue kinds of the arguments whose valid value does not tell (Entry.kinds)

@@ -1,0 +1,308 @@
+"""Load on the OpenAI-compatible server: N concurrent streaming clients, and the engine's own ``generate`` at the
+same batch for comparison.
+
+    python benchmarks/bench_serve.py http --url http://127.0.0.1:8000 [--clients 64] [--requests 256]
+                                          [--prompt-len 128] [--max-tokens 128] [--model NAME] [--json PATH]
+    python benchmarks/bench_serve.py engine --model DIR [--batch 64] [--prompt-len 128] [--max-tokens 128] [--graph]
+    python benchmarks/bench_serve.py compare --model DIR [--batch 64] [--prompt-len 128] [--max-tokens 128] [--graph]
+    python benchmarks/bench_serve.py selftest                  # the load generator against a CPU stand-in server
+
+``http``: ``--clients`` asyncio clients, each sending streamed ``/v1/completions`` requests (token-id prompts of
+``--prompt-len`` random ids, ``max_tokens`` ``--max-tokens``, ``ignore_eos``, greedy) one after another until
+``--requests`` have been sent in all. Per request: time to first token (the first event with text), inter-token
+latency (between successive events; an event usually carries one token, a split character or a held-back stop
+string prefix merges two), completion tokens (the closing usage chunk). Reported: generated tokens per second of
+wall time from the first request to the last answer, TTFT and ITL p50/p99 (ms), failed requests.
+
+``engine``: the engine of ``--model`` (``--batch`` slots) runs ``generate`` on ``--batch`` prompts of the same
+shape once to warm up, then once measured: its decode tokens/s (decode steps only) and end-to-end tokens/s
+(prefill included).
+
+``compare``: ``engine``, then (the engine freed) ``fi-engine serve --model DIR --max-batch B`` started as a
+subprocess, ``http`` with ``--clients B --requests 4B`` against it, and the ratio of the server's tokens/s to the
+engine's end-to-end tokens/s (issue 33's goal: within 10 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RequestStats:
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0-1) by linear interpolation; nan for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    at = (len(ordered) - 1) * q
+    lo = int(at)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (at - lo)
+
+
+def prompts_for(count: int, length: int, seed: int = 0, vocab: tuple[int, int] = (100, 10000)) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(*vocab) for _ in range(length)] for _ in range(count)]
+
+
+async def one_request(client: Any, url: str, body: dict[str, Any]) -> RequestStats:
+    stats = RequestStats()
+    start = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                stats.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return stats
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    stats.error = str(event["error"])[:200]
+                    break
+                if event.get("usage"):
+                    stats.tokens = event["usage"]["completion_tokens"]
+                if event.get("choices") and event["choices"][0].get("text"):
+                    now = time.perf_counter()
+                    if last is None:
+                        stats.ttft_s = now - start
+                    else:
+                        stats.itl_s.append(now - last)
+                    last = now
+    except Exception as exc:  # a failed request is counted, not fatal
+        stats.error = f"{type(exc).__name__}: {exc}"
+    return stats
+
+
+async def run_http(
+    url: str,
+    clients: int,
+    requests: int,
+    prompt_len: int,
+    max_tokens: int,
+    model: str | None,
+    vocab: tuple[int, int] = (100, 10000),
+) -> dict[str, Any]:
+    """``requests`` streamed completions over ``clients`` concurrent connections; the row of measurements."""
+    import httpx
+
+    prompts = prompts_for(requests, prompt_len, vocab=vocab)
+    if model is None:
+        async with httpx.AsyncClient(timeout=60) as c:
+            model = (await c.get(f"{url}/v1/models")).json()["data"][0]["id"]
+    queue: asyncio.Queue[list[int]] = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    results: list[RequestStats] = []
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                prompt = queue.get_nowait()
+                body = {
+                    "model": model,
+                    "prompt": prompt,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                results.append(await one_request(client, url, body))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r.error is None]
+    tokens = sum(r.tokens for r in ok)
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    itl = [x for r in ok for x in r.itl_s]
+    return {
+        "mode": "http",
+        "url": url,
+        "model": model,
+        "clients": clients,
+        "requests": requests,
+        "prompt_len": prompt_len,
+        "max_tokens": max_tokens,
+        "failed": len(results) - len(ok),
+        "first_error": next((r.error for r in results if r.error), None),
+        "wall_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall if wall else 0.0,
+        "ttft_ms_p50": percentile(ttft, 0.5) * 1e3,
+        "ttft_ms_p99": percentile(ttft, 0.99) * 1e3,
+        "itl_ms_p50": percentile(itl, 0.5) * 1e3,
+        "itl_ms_p99": percentile(itl, 0.99) * 1e3,
+    }
+
+
+def run_engine(model: str, batch: int, prompt_len: int, max_tokens: int, graph: bool) -> dict[str, Any]:
+    from fi_engine.engines import engine_class
+
+    prompts = prompts_for(batch, prompt_len)
+    with engine_class(model)(model, max_batch=batch, cuda_graph=graph) as engine:
+        engine.generate(prompts, max_tokens, eos_token_ids=())  # warm-up (graphs captured, kernels loaded)
+        t0 = time.perf_counter()
+        result = engine.generate(prompts, max_tokens, eos_token_ids=())
+        wall = time.perf_counter() - t0
+    tokens = sum(len(t) for t in result.tokens)
+    return {
+        "mode": "engine",
+        "model": model,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "max_tokens": max_tokens,
+        "graph": graph,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "decode_tokens_per_s": result.tokens_per_s,
+        "prefill_ms": result.prefill_s * 1e3,
+    }
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 600.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with status {proc.returncode} before it was healthy")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server at {url} was not healthy within {timeout} s")
+
+
+def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    engine = run_engine(args.model, args.batch, args.prompt_len, args.max_tokens, args.graph)
+    print(table([engine]), flush=True)
+    url = f"http://127.0.0.1:{args.port}"
+    command = [sys.executable, "-m", "fi_engine", "serve", args.model, "--port", str(args.port)]
+    command += ["--max-batch", str(args.batch), "--max-queue", str(4 * args.batch), "--log-level", "warning"]
+    command += ["--graph"] if args.graph else []
+    proc = subprocess.Popen(command)
+    try:
+        wait_healthy(url, proc)
+        # a warm-up round (graphs of the prefill shapes captured), then the measured one
+        asyncio.run(run_http(url, args.batch, args.batch, args.prompt_len, args.max_tokens, None))
+        http = asyncio.run(run_http(url, args.batch, 4 * args.batch, args.prompt_len, args.max_tokens, None))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    http["vs_engine"] = http["tokens_per_s"] / engine["tokens_per_s"]
+    return [engine, http]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        if r["mode"] == "engine":
+            lines.append(
+                f"engine generate  batch {r['batch']:4d}  prompt {r['prompt_len']}  out {r['max_tokens']}  "
+                f"{'graph' if r['graph'] else 'eager'}: {r['tokens_per_s']:9.1f} tokens/s end to end, "
+                f"{r['decode_tokens_per_s']:9.1f} decode, prefill {r['prefill_ms']:.1f} ms"
+            )
+        else:
+            extra = f"  ({r['vs_engine']:.3f}x the engine)" if "vs_engine" in r else ""
+            lines.append(
+                f"http serve       clients {r['clients']:4d}  requests {r['requests']}  prompt {r['prompt_len']}  "
+                f"out {r['max_tokens']}: {r['tokens_per_s']:9.1f} tokens/s{extra}; TTFT p50 {r['ttft_ms_p50']:.1f} "
+                f"ms p99 {r['ttft_ms_p99']:.1f} ms; ITL p50 {r['itl_ms_p50']:.2f} ms p99 {r['itl_ms_p99']:.2f} ms; "
+                f"failed {r['failed']}" + (f" (first: {r['first_error']})" if r["failed"] else "")
+            )
+    return "\n".join(lines)
+
+
+def run_selftest(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The load generator against the server over the tests' CPU stand-in engine (no GPU, no weights)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import tempfile
+    from pathlib import Path
+
+    from helpers.fake_engine import FakeStepEngine
+    from helpers.serve import running
+    from helpers.text_checkpoints import write_text_checkpoint
+
+    from fi_engine.openai_server import build_app
+    from fi_engine.service import GenerationService
+    from fi_engine.text import TextCodec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        codec = TextCodec.from_dir(write_text_checkpoint(Path(tmp) / "m"))
+        pool = sorted(set(codec.encode("The quick brown fox jumps over the lazy dog.")))
+        engine = FakeStepEngine(codec.tokenizer.vocab_size, pool=pool, max_batch=args.clients, step_delay_s=0.002)
+        service = GenerationService(engine, codec, max_queue=4 * args.clients)
+        with service, running(build_app(service, "fake")) as server:
+            vocab = (3, codec.tokenizer.vocab_size)  # past the special tokens
+            http = run_http(server.url, args.clients, args.requests, args.prompt_len, args.max_tokens, None, vocab)
+            return [asyncio.run(http)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    for name in ("http", "engine", "compare", "selftest"):
+        p = sub.add_parser(name)
+        p.add_argument("--prompt-len", type=int, default=128)
+        p.add_argument("--max-tokens", type=int, default=128)
+        p.add_argument("--json", help="write the rows to this file")
+        if name in ("http", "selftest"):
+            p.add_argument("--clients", type=int, default=64)
+            p.add_argument("--requests", type=int, default=256)
+        if name == "http":
+            p.add_argument("--url", default="http://127.0.0.1:8000")
+            p.add_argument("--model", default=None, help="the served name (default: the first /v1/models lists)")
+        if name in ("engine", "compare"):
+            p.add_argument("--model", required=True, help="checkpoint directory")
+            p.add_argument("--batch", type=int, default=64)
+            p.add_argument("--graph", action="store_true")
+        if name == "compare":
+            p.add_argument("--port", type=int, default=8391)
+    args = parser.parse_args(argv)
+    if args.mode == "http":
+        rows = [
+            asyncio.run(run_http(args.url, args.clients, args.requests, args.prompt_len, args.max_tokens, args.model))
+        ]
+    elif args.mode == "engine":
+        rows = [run_engine(args.model, args.batch, args.prompt_len, args.max_tokens, args.graph)]
+    elif args.mode == "compare":
+        rows = run_compare(args)
+    else:
+        rows = run_selftest(args)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+    return 0 if all(r.get("failed", 0) == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

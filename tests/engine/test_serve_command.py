@@ -1,0 +1,82 @@
+"""``fi-engine serve`` on a machine without a GPU: what a CPU can check (the tokenizer, the chat template, the
+values, the server's packages) is checked first, and every failure,
+the missing GPU included, is one line and exit status 2 (the real CLI in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.env import subprocess_env
+from helpers.text_checkpoints import write_text_checkpoint
+
+from fi_ffi.cuda import system
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("jinja2")
+
+CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 330,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 4096,
+}
+NO_GPU = pytest.mark.skipif(bool(system.gpus()[0]), reason="needs a machine without a GPU (CI has none)")
+
+
+def engine_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fi_engine", *args], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint folder with a config, a tokenizer and a chat template (no weights: every case stops first)."""
+    root = write_text_checkpoint(tmp_path_factory.mktemp("serve") / "m")
+    (root / "config.json").write_text(json.dumps(CONFIG))
+    return root
+
+
+def test_serve_needs_the_checkpoints_tokenizer(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    done = engine_cli("serve", str(tmp_path))
+    assert done.returncode == 2 and "tokenizer.json" in done.stderr and "Traceback" not in done.stderr
+
+
+@NO_GPU
+def test_serve_checks_the_text_side_then_stops_at_the_missing_gpu(model: Path) -> None:
+    done = engine_cli("serve", str(model), "--port", "0", "--max-batch", "4")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("fi-engine serve: the Llama engine needs an NVIDIA GPU")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--port", "70000", "expected a TCP port in [0, 65535], got 70000"),
+        ("--port", "http", "expected a TCP port"),
+        ("--max-batch", "0", "expected a positive integer, got 0"),
+        ("--max-queue", "-1", "expected an integer >= 0, got -1"),
+        ("--grace", "-2", "expected a finite number of seconds >= 0"),
+        ("--grace", "nan", "expected a finite number of seconds >= 0"),
+        ("--log-level", "loud", "invalid choice"),
+    ],
+)
+def test_serve_bad_values_are_usage_errors(model: Path, flag: str, value: str, message: str) -> None:
+    done = engine_cli("serve", str(model), f"{flag}={value}")
+    assert done.returncode == 2 and f"argument {flag}: " in done.stderr and message in done.stderr
+
+
+def test_serve_help_shows_a_query() -> None:
+    done = engine_cli("serve", "--help")
+    assert done.returncode == 0 and done.stdout.startswith("usage: fi-engine serve")
+    assert "curl localhost:8000/v1/chat/completions" in done.stdout
