@@ -1,12 +1,14 @@
 # ruff: noqa: B023  (each loop iteration captures its closures into CUDA graphs before the next one rebinds them)
 """The decode GEMMs of an 8B-shaped Llama at HBM bandwidth: for each weight shape (QKV, O, gate/up, down, LM head)
 and row count, the engine's GEMV kernel (``fi_engine.dense.Dense.linear`` with the GEMV on), the fused GEMV with
-a norm / add-norm / SiLU prologue (``Dense.fused_linear``), and cuBLASLt (the GEMV off), in us per call and GB/s of
-weight bytes read (the weights rotate over copies larger than the 50 MB L2, so every call reads HBM). Each
+a norm / add-norm / SiLU prologue (``Dense.fused_linear``), cuBLASLt (the GEMV off), and the same shape with e4m3
+weights (``Dense.add_fp8_weight``; per-row and 128x128-block scales: the FP8 GEMV up to 8 rows, dequantize + GEMM
+beyond), in us per call and GB/s of weight bytes read (one byte per weight for FP8; the weights rotate over
+copies larger than the 50 MB L2, so every call reads HBM). Each
 contender is captured as a CUDA graph of ``--calls`` launches and replayed (no host time in the figure). Not a test:
 nothing is asserted.
 
-    python3 benchmarks/bench_gemv.py [--rows 1,2,4,8,16,32] [--calls 64] [--rounds 3]
+    python3 benchmarks/bench_gemv.py [--rows 1,2,4,8,16,32] [--calls 64] [--rounds 3] [--fp8]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--fp8", action="store_true", help="also e4m3 weights (per-row and 128x128-block scales)")
     args = ap.parse_args()
 
     import cupy as cp
@@ -61,6 +64,14 @@ def main() -> None:
             nw = cp.zeros((k,), cp.uint16)
             c_type = CUDA_R_32F if name == "lm_head" else bf16
             y = cp.zeros((top, n), cp.float32 if c_type == CUDA_R_32F else cp.uint16)
+            fp8 = {}  # scales layout -> e4m3 copies, registered (rows of 128x128 blocks or one scale per row)
+            if args.fp8:
+                for layout, block in (("row", None), ("block", (128, 128))):
+                    bits = cp.full((copies, n, k), 0x38, cp.uint8)  # 1.0 everywhere: the value does not matter
+                    scales = cp.full((copies, -(-n // 128), -(-k // 128)) if block else (copies, n), 0.5, cp.float32)
+                    for c in range(copies):
+                        dense.add_fp8_weight(bits[c].data.ptr, n, k, scales[c].data.ptr, block)
+                    fp8[layout] = (bits, scales)
             mode = {"qkv": NORM, "o": None, "gate_up": ADD_NORM, "down": SILU, "lm_head": NORM}[name]
             for rows in rows_list:
                 contenders: dict[str, Any] = {}
@@ -94,6 +105,13 @@ def main() -> None:
                         dense.gemv = on
 
                 contenders["cublaslt"] = lt
+                for layout, (bits, _) in fp8.items():
+
+                    def e4m3(i: int, rows: int = rows, bits: Any = bits) -> None:
+                        w = bits[i % copies].data.ptr
+                        dense.linear(rows, x.data.ptr, x.shape[1], w, n, k, y.data.ptr, n, bf16, c_type)
+
+                    contenders[f"fp8 {layout}"] = e4m3
                 times: dict[str, list[float]] = {c: [] for c in contenders}
                 graphs = {}
                 for c, fn in contenders.items():
@@ -114,11 +132,14 @@ def main() -> None:
                         times[c].append(cp.cuda.get_elapsed_time(start, end) * 1e3 / args.calls)
                 for c, t in times.items():
                     us = float(np.median(t))
-                    gbps = nbytes / us / 1e3
+                    gbps = (nbytes // 2 if c.startswith("fp8") else nbytes) / us / 1e3
                     print(
                         f"{name:>8} {n:>6} {k:>6} {rows:>4} {c:>14} {us:>9.2f} {gbps:>7.0f} "
                         f"{100 * gbps / HBM_GBPS:>5.0f}%"
                     )
+            for bits, _ in fp8.values():  # before the copies are freed: their addresses may hold 16-bit weights next
+                for c in range(copies):
+                    dense.remove_fp8_weight(bits[c].data.ptr)
 
         dense.close()
 

@@ -57,7 +57,7 @@ of one byte is a new kernel, to be proven on the GPU against FlashInfer's launch
 
 from __future__ import annotations
 
-__all__ = ["FUSED_GEMV_SOURCE", "GEMV_SOURCE", "ROW_KERNELS_SOURCE"]
+__all__ = ["FP8_GEMV_SOURCE", "FUSED_GEMV_SOURCE", "GEMV_SOURCE", "ROW_KERNELS_SOURCE"]
 
 ROW_KERNELS_SOURCE = r"""
 #define NEG_INF __int_as_float((int)0xff800000u)
@@ -652,5 +652,250 @@ ROPE_APPEND(gemv_f16_norm_rope, false, 1)
 ROPE_APPEND(gemv_bf16_norm_rope, true, 1)
 ROPE_APPEND(gemv_f16_addnorm_rope, false, 2)
 ROPE_APPEND(gemv_bf16_addnorm_rope, true, 2)
+"""
+)
+
+
+FP8_GEMV_SOURCE = (
+    r"""
+// Linear layers with e4m3 weights and 16-bit activations (W8A16): the weights are read as stored (one byte each)
+// and turned into float32 in registers; x, y and the float32 sums as GEMV_SOURCE's.
+__device__ __forceinline__ float h2f(unsigned short u) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
+    return f;
+}
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short u;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+__device__ __forceinline__ unsigned short f2b(float f) {
+    unsigned short u;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+template <bool BF16> __device__ __forceinline__ unsigned short fromf(float f) { return BF16 ? f2b(f) : f2h(f); }
+
+// A float32 product with subnormal inputs honored whatever the build's flush-to-zero setting (PTX mul without .ftz)
+__device__ __forceinline__ float mul_subnormal(float a, float b) {
+    float c;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(c) : "f"(a), "f"(b));
+    return c;
+}
+
+// The 4 e4m3 values of u (bytes 0..3, in that order) as float32, exactly, with integer operations and one multiply
+// each (a conversion instruction issues at a quarter of their rate): each byte's sign, exponent and mantissa go to
+// a bfloat16's places, whose exponent bias (127) exceeds e4m3's (7) by 120 -- e4m3's subnormals land on bfloat16
+// subnormals -- the bfloat16 pairs widen to float32 and a multiply by 2**120 (subnormal inputs honored) restores
+// the value. The NaN codes (0x7f, 0xff) read as +-480.
+__device__ __forceinline__ void e4m3x4(unsigned u, float* f) {
+    const unsigned even = ((u << 8) & 0x80008000u) | ((u << 4) & 0x07f007f0u);  // bytes 0 and 2
+    const unsigned odd = (u & 0x80008000u) | ((u >> 4) & 0x07f007f0u);          // bytes 1 and 3
+    f[0] = mul_subnormal(__int_as_float(even << 16), 0x1p120f);
+    f[1] = mul_subnormal(__int_as_float(odd << 16), 0x1p120f);
+    f[2] = mul_subnormal(__int_as_float(even & 0xffff0000u), 0x1p120f);
+    f[3] = mul_subnormal(__int_as_float(odd & 0xffff0000u), 0x1p120f);
+}
+
+// The 16 values of a 16-byte weight vector
+__device__ __forceinline__ void e4m3x16(uint4 a, float* f) {
+    e4m3x4(a.x, f);
+    e4m3x4(a.y, f + 4);
+    e4m3x4(a.z, f + 8);
+    e4m3x4(a.w, f + 12);
+}
+
+// The 8 16-bit values of b as float32 (bfloat16: the high half of a float32; float16: cvt)
+template <bool BF16> __device__ __forceinline__ void widen8(uint4 b, float* f) {
+    const unsigned v[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        if (BF16) {
+            f[2 * i] = __int_as_float(v[i] << 16);
+            f[2 * i + 1] = __int_as_float(v[i] & 0xffff0000u);
+        } else {
+            f[2 * i] = h2f((unsigned short)(v[i] & 0xffffu));
+            f[2 * i + 1] = h2f((unsigned short)(v[i] >> 16));
+        }
+    }
+}
+
+
+"""
+    + _GRIDDEP
+    + r"""// Weights past L1: as GEMV_SOURCE.
+__device__ __forceinline__ uint4 load_weights(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+#define COLS 4   // output columns per block: each x vector loaded and widened once serves all of them
+#define SPLITS 4 // warps per block, each summing every SPLITS-th run of 32 weight vectors of the block's columns
+
+// y[r, j] = sum_c x[r, c] * w[j, c] * scale(j, c) for r < rows <= R: x [rows, k] 16-bit (row stride x_ld), w [n, k]
+// e4m3 (row-major), y [rows, n] 16-bit or float32 (row stride y_ld). BLOCK false: scale(j, c) = scale[j], applied
+// to the whole sum; BLOCK true: scale[(j / bn) * s_ld + (c >> (4 + shift))] (blocks of bn rows and 16 << shift
+// columns), applied to each 16-element partial sum. Each block of SPLITS warps serves COLS consecutive columns:
+// lane l of warp v takes the 16-byte weight vectors 32 v + l, 32 (v + SPLITS) + l, ... of each column (the next
+// ones loading while these are summed), a butterfly sums each warp's lanes and warp 0 the warps' sums. Float32
+// sums of exact products (the weights exact as float32); y rounded once. k a multiple of 16; x, w and x_ld
+// 16-byte aligned (the caller checks).
+template <bool BF16, bool F32OUT, bool BLOCK, int R>
+__device__ __forceinline__ void gemv8_rows(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
+                                           void* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                           long long y_ld, const float* __restrict__ scale, long long s_ld, int bn,
+                                           int shift) {
+    __shared__ float part[SPLITS][COLS][R];
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int j0 = blockIdx.x * COLS;
+    const int vecs = k >> 4;
+    const uint4* wv[COLS];
+    const float* srow[COLS];
+#pragma unroll
+    for (int i = 0; i < COLS; ++i) {
+        const int j = min(j0 + i, n - 1);  // a last partial group repeats its last column (not stored)
+        wv[i] = reinterpret_cast<const uint4*>(w + (long long)j * k);
+        srow[i] = BLOCK ? scale + (long long)(j / bn) * s_ld : scale + j;
+    }
+    float acc[COLS][R];
+#pragma unroll
+    for (int i = 0; i < COLS; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[i][r] = 0.f;
+    uint4 a[COLS];
+    int c = warp * 32 + lane;
+    if (c < vecs) {
+#pragma unroll
+        for (int i = 0; i < COLS; ++i) a[i] = load_weights(wv[i] + c);
+    }
+    griddep_wait();  // x may be the previous kernel's output; the weights and scales are constants
+    while (c < vecs) {
+        float wf[COLS][16];
+        float s[COLS];
+#pragma unroll
+        for (int i = 0; i < COLS; ++i) {
+            e4m3x16(a[i], wf[i]);
+            s[i] = BLOCK ? __ldg(srow[i] + (c >> shift)) : 1.f;
+        }
+        const int next = c + 32 * SPLITS;
+        if (next < vecs) {
+#pragma unroll
+            for (int i = 0; i < COLS; ++i) a[i] = load_weights(wv[i] + next);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (r < rows) {
+                const uint4* xr = reinterpret_cast<const uint4*>(x + r * x_ld) + 2 * c;
+                float xf[16];
+                widen8<BF16>(__ldg(xr), xf);
+                widen8<BF16>(__ldg(xr + 1), xf + 8);
+#pragma unroll
+                for (int i = 0; i < COLS; ++i) {
+                    float p = 0.f;
+#pragma unroll
+                    for (int e = 0; e < 16; ++e) p = fmaf(wf[i][e], xf[e], p);
+                    acc[i][r] = BLOCK ? fmaf(s[i], p, acc[i][r]) : acc[i][r] + p;
+                }
+            }
+        }
+        c = next;
+    }
+#pragma unroll
+    for (int i = 0; i < COLS; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float v = acc[i][r];
+            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0) part[warp][i][r] = v;
+        }
+    __syncthreads();
+    // warp 0: lane i * R + r adds the warps' sums of column j0 + i, row r, and stores it
+    const int i = lane / R, r = lane % R;
+    if (warp == 0 && lane < COLS * R && r < rows && j0 + i < n) {
+        float v = 0.f;
+#pragma unroll
+        for (int p = 0; p < SPLITS; ++p) v += part[p][i][r];
+        if (!BLOCK) v *= __ldg(srow[0] + i);
+        const int j = j0 + i;
+        if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
+        else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
+    }
+}
+
+#define GEMV8(name, bf16, f32out, block, r)                                                                         \
+    extern "C" __global__ void name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n,       \
+                                    int k, long long x_ld, long long y_ld, const float* scale, long long s_ld,       \
+                                    int bn, int shift) {                                                             \
+        gemv8_rows<bf16, f32out, block, r>(x, w, y, rows, n, k, x_ld, y_ld, scale, s_ld, bn, shift);                \
+    }
+GEMV8(gemv8_bf16_bf16_row_1, true, false, false, 1)
+GEMV8(gemv8_bf16_bf16_block_1, true, false, true, 1)
+GEMV8(gemv8_bf16_f32_row_1, true, true, false, 1)
+GEMV8(gemv8_bf16_f32_block_1, true, true, true, 1)
+GEMV8(gemv8_f16_f16_row_1, false, false, false, 1)
+GEMV8(gemv8_f16_f16_block_1, false, false, true, 1)
+GEMV8(gemv8_f16_f32_row_1, false, true, false, 1)
+GEMV8(gemv8_f16_f32_block_1, false, true, true, 1)
+GEMV8(gemv8_bf16_bf16_row_2, true, false, false, 2)
+GEMV8(gemv8_bf16_bf16_block_2, true, false, true, 2)
+GEMV8(gemv8_bf16_f32_row_2, true, true, false, 2)
+GEMV8(gemv8_bf16_f32_block_2, true, true, true, 2)
+GEMV8(gemv8_f16_f16_row_2, false, false, false, 2)
+GEMV8(gemv8_f16_f16_block_2, false, false, true, 2)
+GEMV8(gemv8_f16_f32_row_2, false, true, false, 2)
+GEMV8(gemv8_f16_f32_block_2, false, true, true, 2)
+GEMV8(gemv8_bf16_bf16_row_4, true, false, false, 4)
+GEMV8(gemv8_bf16_bf16_block_4, true, false, true, 4)
+GEMV8(gemv8_bf16_f32_row_4, true, true, false, 4)
+GEMV8(gemv8_bf16_f32_block_4, true, true, true, 4)
+GEMV8(gemv8_f16_f16_row_4, false, false, false, 4)
+GEMV8(gemv8_f16_f16_block_4, false, false, true, 4)
+GEMV8(gemv8_f16_f32_row_4, false, true, false, 4)
+GEMV8(gemv8_f16_f32_block_4, false, true, true, 4)
+GEMV8(gemv8_bf16_bf16_row_8, true, false, false, 8)
+GEMV8(gemv8_bf16_bf16_block_8, true, false, true, 8)
+GEMV8(gemv8_bf16_f32_row_8, true, true, false, 8)
+GEMV8(gemv8_bf16_f32_block_8, true, true, true, 8)
+GEMV8(gemv8_f16_f16_row_8, false, false, false, 8)
+GEMV8(gemv8_f16_f16_block_8, false, false, true, 8)
+GEMV8(gemv8_f16_f32_row_8, false, true, false, 8)
+GEMV8(gemv8_f16_f32_block_8, false, true, true, 8)
+
+// out [n, k] 16-bit = w [n, k] e4m3 times its scales (as gemv8_rows reads them; block != 0: per block), each
+// product rounded once to nearest even: the weight a 16-bit GEMM of many rows reads. A grid-stride loop over the
+// 16-byte weight vectors; k a multiple of 16, w and out 16-byte aligned.
+template <bool BF16>
+__device__ __forceinline__ void dequant_rows(const unsigned char* __restrict__ w, unsigned short* __restrict__ out,
+                                             long long n, int k, const float* __restrict__ scale, long long s_ld,
+                                             int bn, int shift, int block) {
+    const int vecs = k >> 4;
+    const long long total = n * vecs;
+    for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < total;
+         v += (long long)gridDim.x * blockDim.x) {
+        const long long j = v / vecs;
+        const int c = (int)(v - j * vecs);
+        const float s = block ? __ldg(scale + (j / bn) * s_ld + (c >> shift)) : __ldg(scale + j);
+        float wf[16];
+        e4m3x16(load_weights(reinterpret_cast<const uint4*>(w) + v), wf);
+        uint4 o[2];
+        unsigned short* ov = reinterpret_cast<unsigned short*>(o);
+#pragma unroll
+        for (int e = 0; e < 16; ++e) ov[e] = fromf<BF16>(wf[e] * s);
+        uint4* dst = reinterpret_cast<uint4*>(out) + 2 * v;
+        dst[0] = o[0];
+        dst[1] = o[1];
+    }
+}
+extern "C" __global__ void dequant_e4m3_bf16(const unsigned char* w, unsigned short* out, long long n, int k,
+                                             const float* scale, long long s_ld, int bn, int shift, int block) {
+    dequant_rows<true>(w, out, n, k, scale, s_ld, bn, shift, block);
+}
+extern "C" __global__ void dequant_e4m3_f16(const unsigned char* w, unsigned short* out, long long n, int k,
+                                            const float* scale, long long s_ld, int bn, int shift, int block) {
+    dequant_rows<false>(w, out, n, k, scale, s_ld, bn, shift, block);
+}
 """
 )

@@ -39,6 +39,7 @@ from .cublas import (
     status_name,
 )
 from .cuda_sources import FUSED_GEMV_SOURCE, GEMV_SOURCE, ROW_KERNELS_SOURCE
+from .fp8_linear import FP8_GEMV_MAX_ROWS, FP8_GEMV_THREADS
 from .values import integer
 
 __all__ = [
@@ -246,6 +247,8 @@ class Dense:
         # shape of <= 4 rows as eagerly, where its lower host time wins
         self.bandwidth_bound = False
         self._gemv_wins: dict[tuple[int, ...], bool] = {}  # (rows, n, k, ab_type, c_type) -> GEMV faster
+        self._fp8: Any = None  # the e4m3 weights' kernels (fp8_linear.Fp8Linears), made by the first add_fp8_weight
+        self._fp8_weights: dict[int, Any] = {}  # their registrations by device address (empty: no FP8 weight)
         self._flush: Any = None  # 64 MiB written between timed runs: each reads its weight from HBM, not L2
         try:  # the small-row GEMV (see linear); a GPU or driver it cannot serve leaves it off
             from fi_ffi.cuda import libcuda, libcuda_ffi
@@ -432,7 +435,14 @@ class Dense:
         for name, value in (("ab_type", ab_type), ("c_type", c_type)):
             _int_arg(name, value, -(1 << 31), 1 << 31)
         args = (rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
-        packed = self._pack_gemv(args) if self.gemv and rows <= GEMV_MAX_ROWS else ()
+        fp8 = self._fp8_weights.get(w)
+        if fp8 is not None and self.gemv and rows <= FP8_GEMV_MAX_ROWS:
+            self._check_fp8_call(fp8, n, k, ab_type, c_type)
+            packed = self._fp8.gemv(rows, x, x_ld, fp8, y, y_ld, ab_type == CUDA_R_16BF, c_type == CUDA_R_32F)
+            if packed:
+                fn, grid, params, values = packed
+                return self._prepared(fn, grid, FP8_GEMV_THREADS, 0, params, values, "fp8 gemv", pdl=True)
+        packed = self._pack_gemv(args) if fp8 is None and self.gemv and rows <= GEMV_MAX_ROWS else ()
         if not packed:
             return lambda: self.linear(*args)
         fn, grid, params, values = packed
@@ -720,7 +730,13 @@ class Dense:
         """``y[:rows, :n] = x[:rows, :k] @ w.T`` with ``w`` a row-major ``[n, k]`` matrix (a PyTorch-style
         Linear weight); pointers as ints, leading dimensions (row strides) in elements; ``ab_type``/``c_type``:
         cudaDataType_t of x and w / of y. Accumulates in float32 (as torch's float16/bfloat16 matmul).
-        ``accumulate``: ``y += x @ w.T`` (y's old values join the float32 sum)."""
+        ``accumulate``: ``y += x @ w.T`` (y's old values join the float32 sum). A ``w`` registered with
+        :meth:`add_fp8_weight` is read as e4m3 times its scales."""
+        if self._fp8_weights:  # empty unless FP8 weights were registered: one truth test on the 16-bit path
+            fp8 = self._fp8_weights.get(w)
+            if fp8 is not None:
+                self._fp8_linear(rows, x, x_ld, fp8, n, k, y, y_ld, ab_type, c_type, accumulate)
+                return
         if (
             self.gemv
             and rows <= GEMV_MAX_ROWS
@@ -769,6 +785,72 @@ class Dense:
         )
         if status:
             raise CublasError("cublasGemmEx", status, status_name(status))
+
+    def add_fp8_weight(self, w: int, n: int, k: int, scales: int, block: tuple[int, int] | None) -> None:
+        """Serve the e4m3 weight ``[n, k]`` (row-major, one byte each) at device address ``w`` with its float32
+        ``scales`` (``block`` None: one per output row, ``[n]``; ``(bn, bk)``: one per block, ``[ceil(n / bn),
+        ceil(k / bk)]`` row-major): from now on :meth:`linear` (and :meth:`prepared_linear`) with this ``w`` compute
+        ``x @ (e4m3(w) * scale).T`` (:mod:`~fi_engine.fp8_linear`: a GEMV reading the bytes for at most 8 rows,
+        else the weight dequantized into a 16-bit scratch matrix and the 16-bit GEMM). Call it while loading, not
+        during a step (the scratch may grow); the weight must stay allocated until :meth:`remove_fp8_weight` or
+        :meth:`close`. ValueError naming a bad argument; RuntimeError where the driver launch path is off."""
+        if not self.gemv:
+            raise RuntimeError(f"FP8 weights need the engine's own GEMV kernels, which are off: {self.gemv_error}")
+        if self._fp8 is None:
+            from .fp8_linear import Fp8Linears
+
+            self._fp8 = Fp8Linears(self._launch, self._driver_ffi, self._stream)
+        self._fp8.add(w, n, k, scales, block)
+        self._fp8_weights = self._fp8.weights
+
+    def remove_fp8_weight(self, w: int) -> None:
+        """Undo :meth:`add_fp8_weight` for ``w`` (before freeing it); unknown addresses: nothing happens."""
+        if self._fp8 is not None:
+            self._fp8.remove(w)
+
+    @property
+    def serves_fp8(self) -> bool:
+        """Whether any weight was registered with :meth:`add_fp8_weight`."""
+        return bool(self._fp8_weights)
+
+    @staticmethod
+    def _check_fp8_call(fp8: Any, n: int, k: int, ab_type: int, c_type: int) -> None:
+        if (n, k) != (fp8.n, fp8.k):
+            raise ValueError(f"n, k: the FP8 weight at 0x{fp8.w:x} is [{fp8.n}, {fp8.k}], the call says [{n}, {k}]")
+        if ab_type not in (CUDA_R_16BF, CUDA_R_16F) or c_type not in (ab_type, CUDA_R_32F):
+            raise ValueError(
+                f"ab_type, c_type: FP8 weights take bfloat16 or float16 activations and give the same type or "
+                f"float32, got cudaDataType {ab_type} -> {c_type}"
+            )
+
+    def _fp8_linear(
+        self,
+        rows: int,
+        x: int,
+        x_ld: int,
+        fp8: Any,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        c_type: int,
+        accumulate: bool,
+    ) -> None:
+        """:meth:`linear` of a registered FP8 weight: the FP8 GEMV for at most 8 rows, else dequantize + GEMM."""
+        self._check_fp8_call(fp8, n, k, ab_type, c_type)
+        bf16 = ab_type == CUDA_R_16BF
+        if 0 < rows <= FP8_GEMV_MAX_ROWS and not accumulate:
+            packed = self._fp8.gemv(rows, x, x_ld, fp8, y, y_ld, bf16, c_type == CUDA_R_32F)
+            if packed:
+                self._fp8.run_gemv(packed, self._null)
+                return
+        weight = self._fp8.dequantize(fp8, bf16, self._null)
+        on, self.gemv = self.gemv, False  # the 16-bit GEMM (cuBLASLt / cuBLAS) on the dequantized scratch
+        try:
+            self.linear(rows, x, x_ld, weight, n, k, y, y_ld, ab_type, c_type, accumulate)
+        finally:
+            self.gemv = on
 
     def _gemv_faster(
         self, rows: int, x: int, x_ld: int, w: int, n: int, k: int, y: int, y_ld: int, ab_type: int, c_type: int
@@ -926,6 +1008,8 @@ class Dense:
         self._gemv_args.clear()
         self._fused_args.clear()
         self._fused_fns = {}  # fused_linear refuses after close (fused_fits is False)
+        if self._fp8 is not None:
+            self._fp8.close()
         self._lt_shape = None
         lt, self._lt = self._lt, None  # `lt = True` after close cannot bring back a destroyed cuBLASLt handle
         if lt is not None:

@@ -43,7 +43,8 @@ class FusedDecode(EngineState):
     def _fuses(self, rows: int) -> bool:
         """Whether an eager decode step of ``rows`` rows runs as :meth:`_fused_step`: ``fused_decode`` on, the family
         runs the engine's Llama pass (``ModelFamily.llama_pass``), one GPU (no all-reduce, no vocabulary
-        shard), no MoE layer, and the engine's GEMV serving the rows (at most 4; see Dense.fused_fits)."""
+        shard), no MoE layer, no FP8 weight (the fused GEMVs read 16-bit weights), and the engine's GEMV serving the
+        rows (at most 4; see Dense.fused_fits)."""
         c = self.config
         return (
             self.fused_decode
@@ -51,6 +52,7 @@ class FusedDecode(EngineState):
             and self._allreduce is None
             and self.vocab_shard is None
             and not self._moe
+            and not self.dense.serves_fp8
             and self.dense.fused_fits(rows, c.hidden_size)
             and self.dense.fused_fits(rows, c.intermediate_size)
         )

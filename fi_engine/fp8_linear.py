@@ -1,0 +1,186 @@
+"""Linear layers with e4m3 weights on the GPU (W8A16): the registry of a :class:`~fi_engine.dense.Dense`'s FP8
+weights, the GEMV that reads them as stored for a step of few rows, and the dequantization that serves the rest.
+
+Why W8A16 (16-bit activations times e4m3 weights scaled in registers) rather than FP8 tensor-core GEMMs with
+quantized activations (W8A8): a decode step of few rows is bound by reading the weights, and reading one byte per
+weight instead of two is the whole gain there; its sums stay float32 over unquantized activations, so its error is
+the weights' own (no activation scale to calibrate or compute per token). Steps of more than
+:data:`FP8_GEMV_MAX_ROWS` rows (prefill, large decode batches) dequantize the weight into a 16-bit scratch matrix
+of the Dense's (one kernel, reading 1 and writing 2 bytes per weight) and run the 16-bit GEMM on it: exact to the
+16-bit rounding of each scaled weight, with no kernel compiled at run time. An FP8 tensor-core GEMM would serve
+those steps faster; FlashInfer's ``fp8_blockscale_gemm_90`` module and cuBLASLt's block-scaled FP8 are where it
+would come from (docs/engine.md says what is measured).
+
+Scales, as :meth:`Fp8Linears.add` takes them: float32, either one per output row (``block`` None: per-tensor
+checkpoints repeat their scalar over the rows, per-channel ones give theirs) or one per block of ``bn`` rows by
+``bk`` columns (``block=(bn, bk)``, ``bk`` a power of two >= 16: the 128x128 layout of Qwen3-FP8 and
+DeepSeek-V3), row-major ``[ceil(n / bn), ceil(k / bk)]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fi_ffi.cuda import driver_error
+
+from .cuda_sources import FP8_GEMV_SOURCE
+
+__all__ = ["FP8_GEMV_MAX_ROWS", "FP8_GEMV_THREADS", "Fp8Linears", "Fp8Weight"]
+
+FP8_GEMV_MAX_ROWS = 8  # the rows one FP8 GEMV launch takes (one float32 sum per row in registers)
+_COLS = 4  # output columns per block (COLS in cuda_sources.FP8_GEMV_SOURCE)
+FP8_GEMV_THREADS = _THREADS = 128  # 4 warps a block, each summing a share of every column's k (SPLITS there)
+_U64 = 1 << 64
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """One registered e4m3 weight: ``[n, k]`` row-major at device address ``w``, its float32 scales at ``scales``
+    (``block`` None: ``[n]``; else ``(bn, bk)`` and ``[ceil(n / bn), ceil(k / bk)]``). Addresses as ints."""
+
+    w: int
+    n: int
+    k: int
+    scales: int
+    block: tuple[int, int] | None
+
+    @property
+    def scale_args(self) -> tuple[int, int, int, int]:
+        """``(s_ld, bn, shift, block)`` as the kernels take them: the scale row stride, rows per block, log2 of
+        the 16-byte vectors per block along k, and whether scales are per block."""
+        if self.block is None:
+            return 0, 1, 0, 0
+        bn, bk = self.block
+        return -(-self.k // bk), bn, (bk // 16).bit_length() - 1, 1
+
+
+def _function_ptr(kernel: Any) -> int:
+    """The ``CUfunction`` of a CuPy ``RawModule`` function (its compiled ``Function``'s handle)."""
+    return int(kernel.kernel.ptr)
+
+
+def _positive(name: str, value: Any, limit: int = 1 << 31) -> int:
+    if value.__class__ is not int or not 0 < value < limit:
+        raise ValueError(f"{name}: expected an int in [1, {limit}), got {value!r}")
+    return int(value)
+
+
+class Fp8Linears:
+    """The FP8 weights one Dense serves and their kernels (compiled on the first :meth:`add`, with NVRTC through
+    CuPy; they decode e4m3 with integer operations, so any GPU the engine runs on serves them, not only SM 8.9+).
+    ``launch`` is the driver's ``cuLaunchKernel``, ``ffi`` its cffi instance, ``stream`` the Dense's stream (a
+    ``CUstream`` as an int). A registration is a value (addresses and sizes): the weight must stay allocated until
+    :meth:`remove` or :meth:`close` (the engine keeps its weights as long as its Dense)."""
+
+    def __init__(self, launch: Any, ffi: Any, stream: int) -> None:
+        self._launch, self._ffi, self._stream = launch, ffi, stream
+        self.weights: dict[int, Fp8Weight] = {}  # device address -> its registration (values only)
+        self._module: Any = None
+        self._gemv: dict[tuple[bool, bool, bool, int], int] = {}  # (bf16, f32 out, block, rows <= R) -> CUfunction
+        self._dequant: dict[bool, int] = {}  # bf16 -> CUfunction
+        self._scratch: Any = None  # the 16-bit weight a GEMM of many rows reads (grown by add, never in a step)
+        self._packed: dict[tuple[int, ...], tuple[Any, ...]] = {}
+
+    def add(self, w: int, n: int, k: int, scales: int, block: tuple[int, int] | None) -> None:
+        """Register the e4m3 weight ``[n, k]`` at ``w`` with its float32 ``scales`` (see the module docstring).
+        ValueError naming the argument: an address that is NULL or not 16-byte aligned (``scales``: 4), ``k`` not
+        a multiple of 16, a block that is not two positive ints with ``bk`` a power of two >= 16."""
+        for name, value, align in (("w", w, 16), ("scales", scales, 4)):
+            if value.__class__ is not int or not 0 < value < _U64 or value % align:
+                raise ValueError(f"{name}: expected a non-NULL device address aligned to {align} bytes, got {value!r}")
+        n, k = _positive("n", n), _positive("k", k)
+        if k % 16:
+            raise ValueError(
+                f"k: the FP8 GEMV reads 16-byte vectors of weights, so k must be a multiple of 16, got {k}"
+            )
+        if block is not None:
+            ok = isinstance(block, tuple) and len(block) == 2 and all(b.__class__ is int and b > 0 for b in block)
+            if not ok or block[1] < 16 or block[1] & (block[1] - 1):
+                raise ValueError(
+                    f"block: expected (rows, columns), columns a power of two >= 16 (e.g. (128, 128)), got {block!r}"
+                )
+        self._compile()
+        self.weights[w] = Fp8Weight(w, n, k, scales, block)
+        self._grow_scratch(2 * n * k)
+
+    def _compile(self) -> None:
+        if self._module is not None:
+            return
+        import cupy
+
+        module = cupy.RawModule(code=FP8_GEMV_SOURCE)
+        for bf16 in (True, False):
+            t = "bf16" if bf16 else "f16"
+            for f32 in (False, True):
+                for block in (False, True):
+                    for r in (1, 2, 4, 8):
+                        name = f"gemv8_{t}_{'f32' if f32 else t}_{'block' if block else 'row'}_{r}"
+                        self._gemv[(bf16, f32, block, r)] = _function_ptr(module.get_function(name))
+            self._dequant[bf16] = _function_ptr(module.get_function(f"dequant_e4m3_{t}"))
+        self._module = module
+
+    def _grow_scratch(self, nbytes: int) -> None:
+        import cupy
+
+        if self._scratch is None or self._scratch.nbytes < nbytes:
+            self._scratch = cupy.empty(nbytes, cupy.uint8)
+            self._packed.clear()  # packed dequantizations point into the old scratch
+
+    def gemv(self, rows: int, x: int, x_ld: int, wt: Fp8Weight, y: int, y_ld: int, bf16: bool, f32: bool) -> tuple:
+        """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`FP8_GEMV_MAX_ROWS`):
+        ``(function, grid, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld). Packed once per
+        call site (its ints: values only); at most 4096 kept."""
+        key = (rows, x, x_ld, wt.w, y, y_ld, bf16, f32)
+        packed = self._packed.get(key)
+        if packed is not None:
+            return packed
+        packed = ()
+        if x % 16 == 0 and x_ld % 8 == 0:
+            s_ld, bn, shift, block = wt.scale_args
+            fn = self._gemv[(bf16, f32, bool(block), 1 if rows == 1 else 2 if rows == 2 else 4 if rows <= 4 else 8)]
+            values = self._ffi.new(
+                "uint64_t[12]", [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.scales, s_ld, bn, shift]
+            )
+            params = self._ffi.new("void*[12]", [values + i for i in range(12)])
+            packed = (fn, (wt.n + _COLS - 1) // _COLS, params, values)
+        if len(self._packed) > 4096:
+            self._packed.clear()
+        self._packed[key] = packed
+        return packed
+
+    def run_gemv(self, packed: tuple, null: Any) -> None:
+        """Launch a packed :meth:`gemv` on the stream."""
+        fn, grid, params, _ = packed
+        err = self._launch(fn, grid, 1, 1, _THREADS, 1, 1, 0, self._stream, params, null)
+        if err:
+            raise driver_error(err, "cuLaunchKernel(FP8 gemv)")
+
+    def dequantize(self, wt: Fp8Weight, bf16: bool, null: Any) -> int:
+        """Write ``wt`` scaled into the 16-bit scratch matrix ``[n, k]`` (bfloat16 or float16); its address."""
+        key = (-1, wt.w, bf16)
+        packed = self._packed.get(key)
+        if packed is None:
+            s_ld, bn, shift, block = wt.scale_args
+            out = int(self._scratch.data.ptr)
+            values = self._ffi.new("uint64_t[9]", [wt.w, out, wt.n, wt.k, wt.scales, s_ld, bn, shift, block])
+            params = self._ffi.new("void*[9]", [values + i for i in range(9)])
+            vectors = wt.n * wt.k // 16
+            packed = self._packed[key] = (self._dequant[bf16], min(132 * 16, -(-vectors // 256)), params, values, out)
+        fn, grid, params, _, out = packed
+        err = self._launch(fn, grid, 1, 1, 256, 1, 1, 0, self._stream, params, null)
+        if err:
+            raise driver_error(err, "cuLaunchKernel(dequant_e4m3)")
+        return int(out)
+
+    def remove(self, w: int) -> None:
+        """Forget the registration of ``w`` (before its memory is freed: a 16-bit weight allocated there later
+        must not be read as e4m3) and the launches packed for it. Unknown addresses: nothing happens."""
+        if self.weights.pop(w, None) is not None:
+            self._packed.clear()
+
+    def close(self) -> None:
+        """Forget the weights and packed launches and free the scratch (the module goes with the object)."""
+        self.weights.clear()
+        self._packed.clear()
+        self._scratch = None
