@@ -112,6 +112,19 @@ def main() -> None:
                         dense.linear(rows, x.data.ptr, x.shape[1], w, n, k, y.data.ptr, n, bf16, c_type)
 
                     contenders[f"fp8 {layout}"] = e4m3
+                    if mode is not None and rows <= GEMV_MAX_ROWS and dense.fused_fits(rows, k):
+
+                        def e4m3_fused(i: int, rows: int = rows, bits: Any = bits) -> None:
+                            w = bits[i % copies].data.ptr
+                            if mode == SILU:
+                                dense.fused_linear(mode, rows, x.data.ptr, 2 * k, w, n, k, y.data.ptr, n, bf16, c_type)
+                            else:
+                                dense.fused_linear(
+                                    mode, rows, x.data.ptr, k, w, n, k, y.data.ptr, n, bf16, c_type,
+                                    h.data.ptr, k, nw.data.ptr, h_out.data.ptr if mode == ADD_NORM else 0, 1e-5,
+                                )  # fmt: skip
+
+                        contenders[f"fp8 {layout} fused"] = e4m3_fused
                 times: dict[str, list[float]] = {c: [] for c in contenders}
                 graphs = {}
                 for c, fn in contenders.items():

@@ -5,6 +5,7 @@ and 32, eager and CUDA graph, with the fused all-reduce + residual + RMSNorm ker
 over the ranks by vocabulary rows (``whole-vocab`` rows). Not a test: nothing is asserted.
 
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b            # write the random checkpoint once (~16 GB)
+    python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b-fp8 --fp8 block   # e4m3 projections, 128x128 scales
     python3 benchmarks/bench_llama_tp.py --model /tmp/llama8b --tp 1,2,4 [--json PATH]
     python3 benchmarks/bench_llama_tp.py --model /tmp/llama8b --tp 1,2 --batches 32 --modes graph \
         --variants fused,whole-vocab
@@ -43,7 +44,15 @@ SHAPE_8B = dict(
 )
 
 
-def make(folder: Path, layers: int) -> None:
+FP8_CONFIGS = {  # --fp8 LAYOUT: the quantization_config its published checkpoints carry
+    "tensor": {"quant_method": "fp8", "activation_scheme": "dynamic"},
+    "block": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+    "channel": {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0},
+}
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make(folder: Path, layers: int, fp8: str | None = None) -> None:
     """A random bfloat16 checkpoint written fast, whatever its depth: one random block per tensor shape, and every
     tensor of that shape (each layer's, the embedding's and the LM head's) points at the same bytes of the file
     (fi_ffi's reader allows it; the ``safetensors`` package would not). The file holds about 1.3 GB for the 8B shape
@@ -81,16 +90,35 @@ def make(folder: Path, layers: int) -> None:
                 p + "post_attention_layernorm.weight": (h,),
             }
         )
-    blobs: dict[tuple[int, ...], tuple[int, np.ndarray]] = {}  # shape -> (offset, bits)
+    codes = np.random.default_rng(1).integers(0, 256, 1 << 22, dtype=np.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x30  # no NaN code
+    codes[(codes & 0x78) >= 0x58] &= 0xC7  # no exponent above 10: |w| < 16, so sums stay finite
+    if fp8 is not None:
+        cfg["quantization_config"] = FP8_CONFIGS[fp8]
+        for name, shape in list(shapes.items()):
+            if name.rsplit(".", 2)[-2] in _PROJECTIONS:
+                n, k = shape
+                scale_shape = {"tensor": (), "channel": (n, 1), "block": (-(-n // 128), -(-k // 128))}[fp8]
+                shapes[name] = ("F8_E4M3", shape)  # type: ignore[assignment]
+                suffix = "weight_scale_inv" if fp8 == "block" else "weight_scale"
+                shapes[name[: -len("weight")] + suffix] = ("F32", scale_shape)  # type: ignore[assignment]
+    blobs: dict[tuple[Any, ...], tuple[int, np.ndarray]] = {}  # (dtype, shape) -> (offset, data)
     offset = 0
     header: dict[str, object] = {}
-    for name, shape in shapes.items():
-        if shape not in blobs:
-            arr = one if len(shape) == 1 else np.resize(bits, int(np.prod(shape)))
-            blobs[shape] = (offset, arr)
+    for name, spec in shapes.items():
+        dtype, shape = spec if isinstance(spec[0], str) else ("BF16", spec)
+        if (dtype, shape) not in blobs:
+            size = int(np.prod(shape))
+            if dtype == "F8_E4M3":
+                arr = np.resize(codes, size)
+            elif dtype == "F32":
+                arr = np.full(size, 2.0**-8, np.float32)  # e4m3 codes up to 15.x, times 2**-8: weights of bf16 scale
+            else:
+                arr = one if len(shape) == 1 else np.resize(bits, size)
+            blobs[(dtype, shape)] = (offset, arr)
             offset += arr.nbytes
-        at, arr = blobs[shape]
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [at, at + arr.nbytes]}
+        at, arr = blobs[(dtype, shape)]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + arr.nbytes]}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     folder.mkdir(parents=True, exist_ok=True)
@@ -281,6 +309,7 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--make", type=Path, help="write a random 8B-shaped checkpoint here and exit")
+    ap.add_argument("--fp8", choices=sorted(FP8_CONFIGS), help="with --make: e4m3 projections in this scale layout")
     ap.add_argument("--make-mixtral", type=Path, help="write a random Mixtral-shaped checkpoint here and exit")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--model", type=Path)
@@ -308,7 +337,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
     args = ap.parse_args()
     if args.make:
-        make(args.make, args.layers)
+        make(args.make, args.layers, args.fp8)
         return
     if args.make_mixtral:
         from bench_mixtral import make_checkpoint  # beside this file (the script's folder is on sys.path)

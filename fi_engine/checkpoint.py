@@ -34,9 +34,12 @@ DTYPES: dict[str, tuple[str, Any]] = {
     "I8": ("int8", np.int8),
     "U8": ("uint8", np.uint8),
     "BOOL": ("bool", np.bool_),
+    "F8_E4M3": ("float8_e4m3fn", np.uint8),  # FP8 checkpoints' weights: the bytes, decoded on the GPU
 }
 _NAMES = {name: code for code, (name, _) in DTYPES.items()}
-_BY_NUMPY = {np.dtype(storage): name for name, storage in DTYPES.values() if name != "bfloat16"}
+_BY_NUMPY = {  # bit-pattern types (bfloat16, e4m3) are written only when named
+    np.dtype(storage): name for name, storage in DTYPES.values() if name not in ("bfloat16", "float8_e4m3fn")
+}
 MAX_HEADER = 100 << 20  # the reference implementation's limit
 
 
@@ -143,7 +146,7 @@ class Checkpoint:
             raise ValueError(f"model: the checkpoint has no tensor {name!r}") from None
 
     def array(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """The tensor as a read-only memory-mapped numpy array (bfloat16 as uint16 bits).
+        """The tensor as a read-only memory-mapped numpy array (bfloat16 as uint16 bits, float8_e4m3fn as uint8).
 
         ``shape``: the expected shape (ValueError naming the tensor otherwise).
         """

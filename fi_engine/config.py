@@ -94,6 +94,7 @@ class LlamaConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm of each q and k head (weights [head_dim]) before RoPE
     moe: MoEConfig | None = None  # Mixtral, Qwen3-MoE, gpt-oss: the MLP of every layer
     family: Any = None  # Gemma2Settings / GptOssSettings (fi_engine.family_configs); None for Llama's kind
+    fp8: Any = None  # the checkpoint's FP8 weight layout (fi_engine.quantization.Fp8Scheme); None: 16-bit weights
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> LlamaConfig:
@@ -120,9 +121,9 @@ class LlamaConfig:
             )
         if model_type in FAMILIES:
             return cls._family(d, model_type, source)
-        from .quantization import refuse_quantized_llama
+        from .quantization import llama_fp8_scheme
 
-        refuse_quantized_llama(d, source)
+        fp8 = llama_fp8_scheme(d, source)
         if d.get("use_sliding_window", False) or (model_type == "mixtral" and d.get("sliding_window") is not None):
             raise ValueError(
                 f"{source}: sliding-window attention (use_sliding_window / sliding_window) is not supported by this "
@@ -134,7 +135,7 @@ class LlamaConfig:
         for key in ("attention_bias", "mlp_bias"):
             if d.get(key, False):
                 raise ValueError(f"{source}: {key}=true is not supported (Llama projections have no bias)")
-        return cls._common(d, model_type, source, _moe(d, model_type, source))
+        return dataclasses.replace(cls._common(d, model_type, source, _moe(d, model_type, source)), fp8=fp8)
 
     @classmethod
     def _family(cls, d: dict[str, Any], model_type: str, source: str) -> LlamaConfig:

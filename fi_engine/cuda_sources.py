@@ -57,7 +57,7 @@ of one byte is a new kernel, to be proven on the GPU against FlashInfer's launch
 
 from __future__ import annotations
 
-__all__ = ["FP8_GEMV_SOURCE", "FUSED_GEMV_SOURCE", "GEMV_SOURCE", "ROW_KERNELS_SOURCE"]
+__all__ = ["FP8_FUSED_SOURCE", "FP8_GEMV_SOURCE", "FUSED_GEMV_SOURCE", "GEMV_SOURCE", "ROW_KERNELS_SOURCE"]
 
 ROW_KERNELS_SOURCE = r"""
 #define NEG_INF __int_as_float((int)0xff800000u)
@@ -656,27 +656,9 @@ ROPE_APPEND(gemv_bf16_addnorm_rope, true, 2)
 )
 
 
-FP8_GEMV_SOURCE = (
-    r"""
-// Linear layers with e4m3 weights and 16-bit activations (W8A16): the weights are read as stored (one byte each)
-// and turned into float32 in registers; x, y and the float32 sums as GEMV_SOURCE's.
-__device__ __forceinline__ float h2f(unsigned short u) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
-    return f;
-}
-__device__ __forceinline__ unsigned short f2h(float f) {
-    unsigned short u;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
-    return u;
-}
-__device__ __forceinline__ unsigned short f2b(float f) {
-    unsigned short u;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
-    return u;
-}
-template <bool BF16> __device__ __forceinline__ unsigned short fromf(float f) { return BF16 ? f2b(f) : f2h(f); }
-
+# The e4m3 decoding and 16-bit widening the FP8 kernels share (FP8_GEMV_SOURCE's and FP8_FUSED_SOURCE's); uses
+# h2f, which each source defines before it
+_FP8_DECODE = r"""
 // A float32 product with subnormal inputs honored whatever the build's flush-to-zero setting (PTX mul without .ftz)
 __device__ __forceinline__ float mul_subnormal(float a, float b) {
     float c;
@@ -723,6 +705,30 @@ template <bool BF16> __device__ __forceinline__ void widen8(uint4 b, float* f) {
 
 
 """
+
+FP8_GEMV_SOURCE = (
+    r"""
+// Linear layers with e4m3 weights and 16-bit activations (W8A16): the weights are read as stored (one byte each)
+// and turned into float32 in registers; x, y and the float32 sums as GEMV_SOURCE's.
+__device__ __forceinline__ float h2f(unsigned short u) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
+    return f;
+}
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short u;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+__device__ __forceinline__ unsigned short f2b(float f) {
+    unsigned short u;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+template <bool BF16> __device__ __forceinline__ unsigned short fromf(float f) { return BF16 ? f2b(f) : f2h(f); }
+
+"""
+    + _FP8_DECODE
     + _GRIDDEP
     + r"""// Weights past L1: as GEMV_SOURCE.
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
@@ -897,5 +903,148 @@ extern "C" __global__ void dequant_e4m3_f16(const unsigned char* w, unsigned sho
                                             const float* scale, long long s_ld, int bn, int shift, int block) {
     dequant_rows<false>(w, out, n, k, scale, s_ld, bn, shift, block);
 }
+"""
+)
+
+# FUSED_GEMV_SOURCE (its prologue, stage) with a GEMV over e4m3 weights after it: the fused decode step's
+# launches for FP8 weights. Compiled with --use_fast_math as FUSED_GEMV_SOURCE is (the prologue's rounding must
+# be FlashInfer's); the weights' decoding multiplies with subnormal inputs honored regardless (mul_subnormal).
+FP8_FUSED_SOURCE = (
+    FUSED_GEMV_SOURCE
+    + _FP8_DECODE
+    + r"""
+#define COLS 4   // output columns per group of warps, as gemv8_rows
+#define SPLITS 4 // warps per group, each summing every SPLITS-th run of 32 weight vectors
+
+// gemv_fused's prologue (MODE 1 norm, 2 add-norm, 3 silu: the input rows into shared memory, rounded as
+// FlashInfer rounds) followed by gemv8_rows' sums over e4m3 weights (its scales, its order of sums) for rows <= 4.
+// 8 warps a block: two groups of SPLITS warps, each group serving COLS columns per pass of a grid-stride loop
+// (both groups take the same number of passes, so the block's barriers are met by all its threads).
+template <bool BF16, bool F32OUT, int MODE, bool BLOCK>
+__device__ __forceinline__ void gemv8_fused(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
+                                            void* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                            long long y_ld, const unsigned short* __restrict__ h,
+                                            const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
+                                            long long h_ld, float eps, const float* __restrict__ scale,
+                                            long long s_ld, int bn, int shift) {
+    extern __shared__ uint4 sx[];  // the input rows, [rows, k / 8] vectors of 8 16-bit values
+    __shared__ float part[2][SPLITS][COLS][4];
+    griddep_launch_dependents();
+    griddep_wait();
+    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int group = warp / SPLITS, split = warp % SPLITS;
+    const int groups = (n + COLS - 1) / COLS;
+    const int vecs = k >> 4, row_vecs = k >> 3;
+    for (int base = blockIdx.x * 2; base < groups; base += gridDim.x * 2) {
+        const int g = base + group;
+        const int j0 = g * COLS;
+        float acc[COLS][4];
+#pragma unroll
+        for (int i = 0; i < COLS; ++i)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][r] = 0.f;
+        const float* srow[COLS];
+        if (g < groups) {
+            const uint4* wv[COLS];
+#pragma unroll
+            for (int i = 0; i < COLS; ++i) {
+                const int j = min(j0 + i, n - 1);
+                wv[i] = reinterpret_cast<const uint4*>(w + (long long)j * k);
+                srow[i] = BLOCK ? scale + (long long)(j / bn) * s_ld : scale + j;
+            }
+            uint4 a[COLS];
+            int c = split * 32 + lane;
+            if (c < vecs) {
+#pragma unroll
+                for (int i = 0; i < COLS; ++i) a[i] = load_weights(wv[i] + c);
+            }
+            while (c < vecs) {
+                float wf[COLS][16];
+                float s[COLS];
+#pragma unroll
+                for (int i = 0; i < COLS; ++i) {
+                    e4m3x16(a[i], wf[i]);
+                    s[i] = BLOCK ? __ldg(srow[i] + (c >> shift)) : 1.f;
+                }
+                const int next = c + 32 * SPLITS;
+                if (next < vecs) {
+#pragma unroll
+                    for (int i = 0; i < COLS; ++i) a[i] = load_weights(wv[i] + next);
+                }
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    if (r < rows) {
+                        float xf[16];
+                        widen8<BF16>(sx[r * row_vecs + 2 * c], xf);
+                        widen8<BF16>(sx[r * row_vecs + 2 * c + 1], xf + 8);
+#pragma unroll
+                        for (int i = 0; i < COLS; ++i) {
+                            float p = 0.f;
+#pragma unroll
+                            for (int e = 0; e < 16; ++e) p = fmaf(wf[i][e], xf[e], p);
+                            acc[i][r] = BLOCK ? fmaf(s[i], p, acc[i][r]) : acc[i][r] + p;
+                        }
+                    }
+                }
+                c = next;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < COLS; ++i)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                float v = acc[i][r];
+                for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+                if (lane == 0) part[group][split][i][r] = v;
+            }
+        __syncthreads();
+        const int i = lane >> 2, r = lane & 3;
+        if (split == 0 && g < groups && lane < COLS * 4 && r < rows && j0 + i < n) {
+            float v = 0.f;
+#pragma unroll
+            for (int p = 0; p < SPLITS; ++p) v += part[group][p][i][r];
+            if (!BLOCK) v *= __ldg(srow[i]);
+            const int j = j0 + i;
+            if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
+            else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
+        }
+        __syncthreads();  // part is written again by the next pass
+    }
+}
+
+// (at most 128 registers a thread, so that two blocks share an SM: one alone keeps too few loads in flight)
+#define FUSED8(name, bf16, f32out, mode, block)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                           \
+        name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n, int k, long long x_ld,     \
+             long long y_ld, const unsigned short* h, const unsigned short* nw, unsigned short* h_out,             \
+             long long h_ld, float eps, const float* scale, long long s_ld, int bn, int shift) {                   \
+        gemv8_fused<bf16, f32out, mode, block>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, scale,     \
+                                               s_ld, bn, shift);                                                    \
+    }
+FUSED8(gemv8_bf16_bf16_norm_row, true, false, 1, false)
+FUSED8(gemv8_bf16_bf16_norm_block, true, false, 1, true)
+FUSED8(gemv8_bf16_bf16_addnorm_row, true, false, 2, false)
+FUSED8(gemv8_bf16_bf16_addnorm_block, true, false, 2, true)
+FUSED8(gemv8_bf16_bf16_silu_row, true, false, 3, false)
+FUSED8(gemv8_bf16_bf16_silu_block, true, false, 3, true)
+FUSED8(gemv8_bf16_f32_norm_row, true, true, 1, false)
+FUSED8(gemv8_bf16_f32_norm_block, true, true, 1, true)
+FUSED8(gemv8_bf16_f32_addnorm_row, true, true, 2, false)
+FUSED8(gemv8_bf16_f32_addnorm_block, true, true, 2, true)
+FUSED8(gemv8_bf16_f32_silu_row, true, true, 3, false)
+FUSED8(gemv8_bf16_f32_silu_block, true, true, 3, true)
+FUSED8(gemv8_f16_f16_norm_row, false, false, 1, false)
+FUSED8(gemv8_f16_f16_norm_block, false, false, 1, true)
+FUSED8(gemv8_f16_f16_addnorm_row, false, false, 2, false)
+FUSED8(gemv8_f16_f16_addnorm_block, false, false, 2, true)
+FUSED8(gemv8_f16_f16_silu_row, false, false, 3, false)
+FUSED8(gemv8_f16_f16_silu_block, false, false, 3, true)
+FUSED8(gemv8_f16_f32_norm_row, false, true, 1, false)
+FUSED8(gemv8_f16_f32_norm_block, false, true, 1, true)
+FUSED8(gemv8_f16_f32_addnorm_row, false, true, 2, false)
+FUSED8(gemv8_f16_f32_addnorm_block, false, true, 2, true)
+FUSED8(gemv8_f16_f32_silu_row, false, true, 3, false)
+FUSED8(gemv8_f16_f32_silu_block, false, true, 3, true)
 """
 )

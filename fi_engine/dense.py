@@ -549,6 +549,16 @@ class Dense:
         if fn is None:
             why = "compiled (closed, or NVRTC refused them)" if not self._fused_fns else "for these types"
             raise ValueError(f"ab_type, c_type: no fused GEMV {why} ({ab_type}, {c_type}, mode {mode})")
+        fp8 = self._fp8_weights.get(w) if self._fp8_weights else None
+        if fp8 is not None:  # e4m3 weights: the same prologue before the FP8 GEMV (fp8_linear)
+            if mode & _ROPE:
+                raise ValueError("w: the RoPE epilogue reads 16-bit weights; this one is registered as FP8")
+            self._check_fp8_call(fp8, n, k, ab_type, c_type)
+            fn = self._fp8.fused_fn(mode, ab_type == CUDA_R_16BF, c_type == CUDA_R_32F, fp8.block is not None)
+            if fn is None:
+                raise ValueError(f"w: no fused GEMV over FP8 weights compiled ({self._fp8.fused_error or 'closed'})")
+            if rows * k * 2 > self._fp8.fused_smem:
+                raise ValueError(f"rows, k: the FP8 fused GEMV stages at most {self._fp8.fused_smem} bytes of input")
         rope, mode = mode & _ROPE, mode & ~_ROPE
         if not self.fused_fits(rows, k):
             raise ValueError(f"rows, k: the fused GEMV does not serve {rows} rows of {k} (see fused_fits)")
@@ -578,7 +588,7 @@ class Dense:
         reads = [("x", x, span_x)] if mode != NORM else []
         if mode != SILU:
             reads.append(("h", h, span_in))
-        ends = [*reads, ("w", w, 2 * n * k), ("y", y, span_y)]
+        ends = [*reads, ("w", w, (1 if fp8 is not None else 2) * n * k), ("y", y, span_y)]
         ends += [("norm_weight", norm_weight, 2 * k)] if mode != SILU else []
         ends += [("h_out", h_out, span_in)] if mode == ADD_NORM else []
         for name, base, span in ends:
@@ -597,9 +607,13 @@ class Dense:
         ffi = self._driver_ffi
         eps_bits = int.from_bytes(struct.pack("<f", eps), "little")
         # one 8-byte slot per kernel argument (int and float ones read their low 4 bytes: little-endian)
-        values = ffi.new("uint64_t[13]", [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, eps_bits])
-        params = ffi.new("void*[13]", [values + i for i in range(13)])
+        args = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, eps_bits]
         grid = min((n + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
+        if fp8 is not None:  # its scales; two groups of 4 columns a block (FP8_FUSED_SOURCE)
+            args += [fp8.scales, *fp8.scale_args[:3]]
+            grid = min((n + 7) // 8, self._fused_grid)
+        values = ffi.new(f"uint64_t[{len(args)}]", args)
+        params = ffi.new(f"void*[{len(args)}]", [values + i for i in range(len(args))])
         packed = (fn, grid, rows * k * 2, params, values)  # values: kept with params
         if len(self._fused_args) > 4096:
             self._fused_args.clear()
@@ -800,7 +814,7 @@ class Dense:
             from .fp8_linear import Fp8Linears
 
             self._fp8 = Fp8Linears(self._launch, self._driver_ffi, self._stream)
-        self._fp8.add(w, n, k, scales, block)
+        self._fp8.add(w, n, k, scales, block, self._fused_smem if self._fused_fns else 0)
         self._fp8_weights = self._fp8.weights
 
     def remove_fp8_weight(self, w: int) -> None:
@@ -812,6 +826,12 @@ class Dense:
     def serves_fp8(self) -> bool:
         """Whether any weight was registered with :meth:`add_fp8_weight`."""
         return bool(self._fp8_weights)
+
+    @property
+    def fuses_fp8(self) -> bool:
+        """Whether :meth:`fused_linear` serves the registered FP8 weights (their fused kernels compiled); True
+        where there is none."""
+        return not self._fp8_weights or bool(self._fp8 is not None and self._fp8.fused_fn(NORM, True, False, False))
 
     @staticmethod
     def _check_fp8_call(fp8: Any, n: int, k: int, ab_type: int, c_type: int) -> None:

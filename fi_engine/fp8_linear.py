@@ -24,7 +24,7 @@ from typing import Any
 
 from fi_ffi.cuda import driver_error
 
-from .cuda_sources import FP8_GEMV_SOURCE
+from .cuda_sources import FP8_FUSED_SOURCE, FP8_GEMV_SOURCE
 
 __all__ = ["FP8_GEMV_MAX_ROWS", "FP8_GEMV_THREADS", "Fp8Linears", "Fp8Weight"]
 
@@ -79,13 +79,18 @@ class Fp8Linears:
         self._module: Any = None
         self._gemv: dict[tuple[bool, bool, bool, int], int] = {}  # (bf16, f32 out, block, rows <= R) -> CUfunction
         self._dequant: dict[bool, int] = {}  # bf16 -> CUfunction
+        # the fused decode step's GEMVs (a norm, add-norm or SiLU prologue): (mode, bf16, f32 out, block) -> CUfunction
+        self._fused: dict[tuple[int, bool, bool, bool], int] = {}
+        self.fused_error = ""  # why the fused kernels did not compile, if they did not
+        self.fused_smem = 0  # the dynamic shared memory (bytes) they may take: the Dense's fused limit less 1 KiB
         self._scratch: Any = None  # the 16-bit weight a GEMM of many rows reads (grown by add, never in a step)
         self._packed: dict[tuple[int, ...], tuple[Any, ...]] = {}
 
-    def add(self, w: int, n: int, k: int, scales: int, block: tuple[int, int] | None) -> None:
+    def add(self, w: int, n: int, k: int, scales: int, block: tuple[int, int] | None, fused_smem: int = 0) -> None:
         """Register the e4m3 weight ``[n, k]`` at ``w`` with its float32 ``scales`` (see the module docstring).
         ValueError naming the argument: an address that is NULL or not 16-byte aligned (``scales``: 4), ``k`` not
-        a multiple of 16, a block that is not two positive ints with ``bk`` a power of two >= 16."""
+        a multiple of 16, a block that is not two positive ints with ``bk`` a power of two >= 16. ``fused_smem``:
+        the dynamic shared memory the fused variants may take (the Dense's; 0: none compiled)."""
         for name, value, align in (("w", w, 16), ("scales", scales, 4)):
             if value.__class__ is not int or not 0 < value < _U64 or value % align:
                 raise ValueError(f"{name}: expected a non-NULL device address aligned to {align} bytes, got {value!r}")
@@ -100,15 +105,30 @@ class Fp8Linears:
                 raise ValueError(
                     f"block: expected (rows, columns), columns a power of two >= 16 (e.g. (128, 128)), got {block!r}"
                 )
-        self._compile()
+        self._compile(fused_smem)
         self.weights[w] = Fp8Weight(w, n, k, scales, block)
         self._grow_scratch(2 * n * k)
 
-    def _compile(self) -> None:
+    def _compile(self, fused_smem: int) -> None:
         if self._module is not None:
             return
         import cupy
 
+        if fused_smem:  # a failure leaves the fused decode step off for FP8 weights, the plain GEMV on
+            try:
+                fused = cupy.RawModule(code=FP8_FUSED_SOURCE, options=("--use_fast_math",))
+                for bf16, t in ((True, "bf16"), (False, "f16")):
+                    for f32 in (False, True):
+                        for mode, suffix in ((1, "norm"), (2, "addnorm"), (3, "silu")):
+                            for block in (False, True):
+                                name = f"gemv8_{t}_{'f32' if f32 else t}_{suffix}_{'block' if block else 'row'}"
+                                kernel = fused.get_function(name)
+                                if fused_smem > 46 << 10:  # (1 KiB of its own static shared memory more)
+                                    kernel.max_dynamic_shared_size_bytes = fused_smem - 1024
+                                self._fused[(mode, bf16, f32, block)] = _function_ptr(kernel)
+                self._fused_module, self.fused_smem = fused, fused_smem - 1024
+            except Exception as exc:
+                self._fused, self.fused_error = {}, f"{type(exc).__name__}: {exc}"
         module = cupy.RawModule(code=FP8_GEMV_SOURCE)
         for bf16 in (True, False):
             t = "bf16" if bf16 else "f16"
@@ -126,6 +146,11 @@ class Fp8Linears:
         if self._scratch is None or self._scratch.nbytes < nbytes:
             self._scratch = cupy.empty(nbytes, cupy.uint8)
             self._packed.clear()  # packed dequantizations point into the old scratch
+
+    def fused_fn(self, mode: int, bf16: bool, f32: bool, block: bool) -> int | None:
+        """The fused GEMV over e4m3 weights with prologue ``mode`` (1 norm, 2 add-norm, 3 SiLU; see
+        :data:`~fi_engine.cuda_sources.FP8_FUSED_SOURCE`), or None where it did not compile."""
+        return self._fused.get((mode, bf16, f32, block))
 
     def gemv(self, rows: int, x: int, x_ld: int, wt: Fp8Weight, y: int, y_ld: int, bf16: bool, f32: bool) -> tuple:
         """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`FP8_GEMV_MAX_ROWS`):
@@ -183,4 +208,5 @@ class Fp8Linears:
         """Forget the weights and packed launches and free the scratch (the module goes with the object)."""
         self.weights.clear()
         self._packed.clear()
+        self._fused = {}
         self._scratch = None

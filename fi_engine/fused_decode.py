@@ -43,8 +43,8 @@ class FusedDecode(EngineState):
     def _fuses(self, rows: int) -> bool:
         """Whether an eager decode step of ``rows`` rows runs as :meth:`_fused_step`: ``fused_decode`` on, the family
         runs the engine's Llama pass (``ModelFamily.llama_pass``), one GPU (no all-reduce, no vocabulary
-        shard), no MoE layer, no FP8 weight (the fused GEMVs read 16-bit weights), and the engine's GEMV serving the
-        rows (at most 4; see Dense.fused_fits)."""
+        shard), no MoE layer, FP8 weights only where their fused kernels compiled (Dense.fuses_fp8), and the engine's
+        GEMV serving the rows (at most 4; see Dense.fused_fits)."""
         c = self.config
         return (
             self.fused_decode
@@ -52,7 +52,7 @@ class FusedDecode(EngineState):
             and self._allreduce is None
             and self.vocab_shard is None
             and not self._moe
-            and not self.dense.serves_fp8
+            and self.dense.fuses_fp8
             and self.dense.fused_fits(rows, c.hidden_size)
             and self.dense.fused_fits(rows, c.intermediate_size)
         )
@@ -131,7 +131,8 @@ class FusedDecode(EngineState):
         # RoPE and the KV append as the QKV GEMV's epilogue, unless Qwen3's per-head norms come between,
         # or an FP8 cache comes (that epilogue stores 16-bit K/V: RoPE and the quantizing append run on their own)
         fp8 = self._kv_fp8
-        in_gemv = not c.qk_norm and fp8 is None and dense.has_qkv_rope(ab, c.head_dim)
+        # (and not over FP8 weights: the epilogue's kernel reads 16-bit ones)
+        in_gemv = not c.qk_norm and fp8 is None and not dense.serves_fp8 and dense.has_qkv_rope(ab, c.head_dim)
         layers = []
         for i in range(c.num_layers):
             # i == 0: input_layernorm of the embedding rows (rmsnorm); then h += the previous layer's down output

@@ -67,7 +67,13 @@ class Llama(ModelFamily):
         return type(self).plan_decode is Llama.plan_decode  # a subclass planning otherwise opts out
 
     def check(self, eng: Engine, cfg: LlamaConfig) -> None:
-        """Refuse the model types another family serves (``fi_engine.engines.engine_class`` picks it)."""
+        """Refuse the model types another family serves (``fi_engine.engines.engine_class`` picks it), and FP8
+        weights over several GPUs (their shards are not cut yet)."""
+        if cfg.fp8 is not None and eng.tensor_parallel > 1:
+            raise ValueError(
+                f"tensor_parallel: {eng.tensor_parallel}; FP8 weights run on one GPU here (a shard would cut the "
+                f"scale blocks); leave tensor_parallel at 1 or serve a bfloat16 copy"
+            )
         if cfg.family is not None:
             name = FAMILY_ENGINES[cfg.model_type]
             raise ValueError(
@@ -113,6 +119,12 @@ class Llama(ModelFamily):
             return kernels.descriptor(dev.data.ptr, (arr.shape[0],), dtype, eng.device, owner=dev)
 
         vs = eng.vocab_shard
+        fp8 = c.fp8  # an Fp8Scheme: the projections are e4m3 (fi_engine.fp8_weights), the rest 16-bit
+
+        def fp8_linear(parts: list[tuple[str, tuple[int, int]]]) -> int:
+            from .fp8_weights import read_fp8_linear, upload_fp8_linear
+
+            return upload_fp8_linear(eng.dense, read_fp8_linear(ckpt, fp8, parts), upload)
 
         def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
             whole = get(name, (c.vocab_size, h))
@@ -130,23 +142,32 @@ class Llama(ModelFamily):
             eng._ws_moe = kernels.workspace(eng.device)  # the grouped GEMMs' own (argument arrays, scratch)
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            eng._wqkv.append(
-                upload(
-                    np.concatenate(
-                        [
-                            rows(get(p + "self_attn.q_proj.weight", (hq * d, h)), r, n),
-                            rows(get(p + "self_attn.k_proj.weight", (hk * d, h)), r, n),
-                            rows(get(p + "self_attn.v_proj.weight", (hk * d, h)), r, n),
-                        ]
-                    )
-                ).data.ptr
-            )
-            eng._wo.append(upload(columns(get(p + "self_attn.o_proj.weight", (h, hq * d)), r, n)).data.ptr)
+            if fp8 is not None:  # e4m3 projections (one GPU): read, uploaded and registered with the GEMMs
+                a = p + "self_attn."
+                qkv_parts = [(a + "q_proj", (hq * d, h)), (a + "k_proj", (hk * d, h)), (a + "v_proj", (hk * d, h))]
+                eng._wqkv.append(fp8_linear(qkv_parts))
+                eng._wo.append(fp8_linear([(a + "o_proj", (h, hq * d))]))
+            else:
+                eng._wqkv.append(
+                    upload(
+                        np.concatenate(
+                            [
+                                rows(get(p + "self_attn.q_proj.weight", (hq * d, h)), r, n),
+                                rows(get(p + "self_attn.k_proj.weight", (hk * d, h)), r, n),
+                                rows(get(p + "self_attn.v_proj.weight", (hk * d, h)), r, n),
+                            ]
+                        )
+                    ).data.ptr
+                )
+                eng._wo.append(upload(columns(get(p + "self_attn.o_proj.weight", (h, hq * d)), r, n)).data.ptr)
             if c.qk_norm:  # per head_dim: every rank keeps the whole vector
                 eng._q_norm.append(vector(get(p + "self_attn.q_norm.weight", (d,))))
                 eng._k_norm.append(vector(get(p + "self_attn.k_norm.weight", (d,))))
             if c.moe is not None:
                 eng._moe.append(load_moe_layer(eng, ckpt, p, get, upload))
+            elif fp8 is not None:
+                eng._wgu.append(fp8_linear([(p + "mlp.gate_proj", (inter, h)), (p + "mlp.up_proj", (inter, h))]))
+                eng._wd.append(fp8_linear([(p + "mlp.down_proj", (h, inter))]))
             else:
                 eng._wgu.append(
                     upload(

@@ -1,5 +1,5 @@
-"""What a checkpoint's ``quantization_config`` says, read by name (:func:`fp8_scheme`), and the refusal the Llama
-family gives quantized checkpoints until it serves them (:func:`refuse_quantized_llama`).
+"""What a checkpoint's ``quantization_config`` says, read by name (:func:`fp8_scheme`), and which of it the Llama
+family serves (:func:`llama_fp8_scheme`: FP8 weights of dense models).
 
 The FP8 layouts people serve on one H100 write it three ways (the keys as their configs spell them):
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Fp8Scheme", "fp8_scheme", "refuse_quantized_llama"]
+__all__ = ["Fp8Scheme", "fp8_scheme", "llama_fp8_scheme"]
 
 
 @dataclass(frozen=True)
@@ -99,23 +99,34 @@ def fp8_scheme(q: Any, source: str) -> Fp8Scheme | None:
     return None
 
 
-def refuse_quantized_llama(d: dict[str, Any], source: str) -> None:
-    """Refuse a Llama-family checkpoint with a ``quantization_config``, naming what it is: the engine serves
-    16-bit weights only (the grouped and dense GEMVs read bfloat16/float16). An FP8 layout is recognized and named
-    (:func:`fp8_scheme`), with the way to serve it today: a 16-bit copy of the dequantized weights."""
+def llama_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
+    """The FP8 layout a Llama-family config ``d`` (from ``source``) declares, which the engine serves
+    (:mod:`~fi_engine.fp8_weights`: e4m3 projections, 16-bit embedding, norms and LM head), or None without a
+    ``quantization_config``. ValueError naming the key and the way out for what it does not serve: another
+    quantization, FP8 MoE checkpoints (their experts are grouped GEMMs over 16-bit weights), compressed-tensors'
+    block strategy (its block size lives in each group), static activation scales are accepted and unused (the
+    activations stay 16-bit)."""
     q = d.get("quantization_config")
     if q is None:
-        return
+        return None
     scheme = fp8_scheme(q, source)
-    if scheme is not None:
+    if scheme is None:
+        method = q.get("quant_method") if isinstance(q, dict) else q
         raise ValueError(
-            f"{source}: quantization_config (quant_method {_show(scheme.method)}): {scheme.describe()}; this engine "
-            f"does not serve FP8 weights yet (issue 32). Serve a bfloat16 copy: load the checkpoint with "
-            f"transformers and save_pretrained(..., torch_dtype=bfloat16) after dequantizing, then drop "
-            f"quantization_config"
+            f"{source}: quantization_config (quant_method {_show(method)}) is not supported: this engine serves "
+            f"float16/bfloat16 weights and FP8 (e4m3) ones; save the model in bfloat16 or float16"
         )
-    method = q.get("quant_method") if isinstance(q, dict) else q
-    raise ValueError(
-        f"{source}: quantization_config (quant_method {_show(method)}) is not supported: this engine serves "
-        f"float16/bfloat16 weights; save the model in bfloat16 or float16"
-    )
+    moe = any(d.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+    if moe:
+        raise ValueError(
+            f"{source}: quantization_config (quant_method {_show(scheme.method)}): {scheme.describe()} in a "
+            f"mixture-of-experts model; this engine serves FP8 weights for dense models only (its expert GEMMs "
+            f"read 16-bit weights). Serve a bfloat16 copy: dequantize with transformers and save_pretrained in "
+            f"bfloat16, then drop quantization_config"
+        )
+    if scheme.scales == "block" and scheme.block is None:
+        raise ValueError(
+            f"{source}: quantization_config: compressed-tensors' block strategy is not served yet; its "
+            f"'fp8' (weight_block_size) form is. Re-export the checkpoint with quant_method 'fp8' or in bfloat16"
+        )
+    return scheme

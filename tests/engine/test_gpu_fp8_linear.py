@@ -10,6 +10,10 @@ products), per-row and 128x128-block scales, bfloat16 and float16 activations, 1
 - more rows (16 and 40): each weight dequantized to the 16-bit type first (one rounding, relative ``ulp_w`` =
   2**-8 bfloat16 / 2**-11 float16), then the 16-bit GEMM: ``|y - ref| <= sum_c |x_c w_c| * (ulp_w + 2**-20) + |ref|
   * ulp_out``;
+- the fused decode step's GEMVs over e4m3 weights (``Dense.fused_linear`` with a norm, add-norm or SiLU
+  prologue): their output against the plain FP8 GEMV applied to the prologue's rows (which the 16-bit fused
+  kernel yields exactly through an identity weight), within 2**-20 of the magnitude sum (the same sums in the same
+  order; only the module's flush-to-zero of tiny products may differ), and the new residual bit for bit;
 - bad calls: a shape that differs from the registration, an e4m3 weight with float32 activations, a misaligned
   or NULL address, a block that is no power-of-two columns: ValueError naming the argument.
 """
@@ -27,7 +31,7 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 cp = pytest.importorskip("cupy", reason="the engine needs CuPy")
 torch = pytest.importorskip("torch", reason="the e4m3 reference decodes through torch.float8_e4m3fn")
 
-from fi_engine.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
+from fi_engine.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -103,6 +107,41 @@ def test_fp8_linear_against_float32(dense, block, ab, out_f32) -> None:  # type:
         worst = float((err / bound).max())
         print(f"rows={rows} block={block} max err {err.max():.3g} (worst share of the bound {worst:.3f})")
         assert worst <= 1.0, f"rows={rows}: error {err.max()} over the bound"
+
+
+@pytest.mark.parametrize("mode", [NORM, ADD_NORM, SILU], ids=["norm", "addnorm", "silu"])
+@pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
+def test_fused_fp8_gemv_is_its_prologue_then_the_fp8_gemv(dense, mode, block) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(11)
+    n, k, ab = 392, 1024, CUDA_R_16BF
+    bits, scales, w = random_weight(rng, n, k, block)
+    dw, ds = cp.asarray(bits), cp.asarray(scales)
+    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    eye = to16(np.eye(k, dtype=np.float32), ab)  # in @ I.T = in, exactly (one product per sum)
+    for rows in (1, 2, 3, 4):
+        xw = 2 * k if mode == SILU else k
+        x = to16(rng.standard_normal((rows, xw)).astype(np.float32), ab)
+        h = to16(rng.standard_normal((rows, k)).astype(np.float32), ab)
+        nw = to16(rng.uniform(0.5, 1.5, k).astype(np.float32), ab)
+        outs = {}
+        for name, weight, width in (("in", eye, k), ("fp8", dw, n)):
+            y = cp.zeros((rows, width), cp.int16)
+            h_out = cp.zeros((rows, k), cp.int16)
+            dense.fused_linear(
+                mode, rows, x.data.ptr, xw, weight.data.ptr, width, k, y.data.ptr, width, ab, ab,
+                h.data.ptr, k, nw.data.ptr, h_out.data.ptr if mode == ADD_NORM else 0, 1e-5,
+            )  # fmt: skip
+            outs[name] = (y, h_out)
+        y_ref = cp.zeros((rows, n), cp.int16)
+        dense.linear(rows, outs["in"][0].data.ptr, k, dw.data.ptr, n, k, y_ref.data.ptr, n, ab, ab)
+        cp.cuda.get_current_stream().synchronize()
+        got, want = from16(outs["fp8"][0], ab), from16(y_ref, ab)
+        mag = np.abs(from16(outs["in"][0], ab)).astype(np.float64) @ np.abs(w).astype(np.float64).T
+        bound = mag * 2.0**-20 + np.abs(want) * 2.0**-8
+        assert (np.abs(got - want) <= bound).all(), f"rows={rows}: {np.abs(got - want).max()}"
+        print(f"mode={mode} rows={rows}: {100 * float((got == want).mean()):.1f} % bitwise equal")
+        if mode == ADD_NORM:
+            assert cp.array_equal(outs["fp8"][1], outs["in"][1]), "the new residual differs"
 
 
 @pytest.mark.parametrize("rows", [1, 8, 16])

@@ -1,6 +1,7 @@
 """Quantized Llama-family checkpoints (fi_engine.quantization): the FP8 layouts as published configs write them are
-recognized and named in the refusal (the engine serves 16-bit weights only), malformed FP8 configs are refused
-naming the key, and other methods are refused by their quant_method."""
+recognized and served for dense models (``LlamaConfig.fp8``); FP8 mixture-of-experts checkpoints and
+compressed-tensors' block strategy are refused by name, malformed FP8 configs naming the key, and other methods by
+their quant_method."""
 
 from __future__ import annotations
 
@@ -55,19 +56,51 @@ def test_published_layouts_are_read_by_name(q: dict[str, Any], want: Fp8Scheme |
 
 
 @pytest.mark.parametrize(
+    ("q", "want"),
+    [
+        (QWEN3_FP8, Fp8Scheme("fp8", "block", "dynamic", (128, 128))),
+        (LLAMA31_FP8_CT, Fp8Scheme("compressed-tensors", "channel", "dynamic")),
+        (FBGEMM, Fp8Scheme("fbgemm_fp8", "channel", "dynamic")),
+        ({"quant_method": "fp8", "activation_scheme": "static"}, Fp8Scheme("fp8", "tensor", "static")),
+    ],
+)
+def test_a_dense_fp8_checkpoint_is_served(q: Any, want: Fp8Scheme) -> None:
+    assert LlamaConfig.from_dict({**BASE, "quantization_config": q}).fp8 == want
+    assert LlamaConfig.from_dict({**BASE, "model_type": "qwen3", "quantization_config": q}).fp8 == want
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2}, "mixture-of-experts model"),
+        ({"model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
+         "dense models only"),
+    ],
+)  # fmt: skip
+def test_an_fp8_moe_checkpoint_is_refused_naming_what_it_is(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match="quantization_config") as info:
+        LlamaConfig.from_dict({**BASE, **extra, "quantization_config": QWEN3_FP8}, source="config.json")
+    assert message in str(info.value) and "bfloat16" in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("q", "message"),
     [
-        (QWEN3_FP8, "FP8 (e4m3) weights with per-block 128x128 scales, dynamic activation scales"),
-        (LLAMA31_FP8_CT, "quant_method 'compressed-tensors'): FP8 (e4m3) weights with per-channel scales"),
-        (FBGEMM, "quant_method 'fbgemm_fp8'): FP8 (e4m3) weights with per-channel scales"),
         ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq') is not supported"),
+        (
+            {
+                **LLAMA31_FP8_CT,
+                "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "block"}}},
+            },
+            "block strategy is not served yet",
+        ),
         ({"quant_method": "fp8", "weight_block_size": [128]}, "quantization_config.weight_block_size: expected two"),
         ({"quant_method": "fp8", "activation_scheme": "lazy"}, "quantization_config.activation_scheme: expected"),
         ({"quant_method": "compressed-tensors"}, "quantization_config.config_groups: expected an object"),
         ("fp8", "quantization_config: expected an object"),
     ],
 )
-def test_a_quantized_llama_checkpoint_is_refused_naming_what_it_is(tmp_path: Path, q: Any, message: str) -> None:
+def test_an_unserved_quantization_is_refused_naming_what_it_is(tmp_path: Path, q: Any, message: str) -> None:
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "quantization_config": q}))
     with pytest.raises(ValueError, match="config.json") as info:
         LlamaConfig.from_dir(tmp_path)
@@ -75,4 +108,5 @@ def test_a_quantized_llama_checkpoint_is_refused_naming_what_it_is(tmp_path: Pat
 
 
 def test_a_16_bit_checkpoint_is_unaffected() -> None:
-    assert LlamaConfig.from_dict(BASE).hidden_size == 4096
+    config = LlamaConfig.from_dict(BASE)
+    assert config.hidden_size == 4096 and config.fp8 is None

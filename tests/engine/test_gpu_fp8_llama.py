@@ -1,0 +1,102 @@
+"""The Llama engine serving FP8 (e4m3) checkpoints, on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy, torch, transformers).
+
+A random bfloat16 Llama (transformers' own classes: 2 layers, hidden 1024, 16 query / 4 KV heads of 128, MLP
+2816, vocab 32000) has its seven projections per layer quantized to e4m3 in each published layout
+(tests/helpers/fp8_checkpoints.py: per tensor, per channel, per 128x128 block). The reference is transformers in
+**float32** on exactly the dequantized weights the checkpoint stands for; transformers in bfloat16 on the same
+weights (rounded to bfloat16) gives the yardstick of bfloat16 arithmetic's own error:
+
+- prefill logits: max |engine - reference| <= 1.5 x transformers-bfloat16's max |error| on the same prompts (the
+  engine computes W8A16: 16-bit activations, weights exact in float32);
+- greedy decoding, eager (the fused decode step over FP8 weights, rows <= 4) and as a CUDA graph (one row: the
+  fused step captured; four rows: separate launches): every token the reference's argmax or within
+  ``LOGIT_TOL["bfloat16"]`` of it under teacher forcing, and eager and graph agree up to the first near tie.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from helpers.gpu import require_torch
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy")
+torch = require_torch()
+transformers = pytest.importorskip("transformers", reason="the reference needs transformers")
+
+from helpers.checkpoints import float32_reference, rope_kwargs, save_random  # noqa: E402
+from helpers.fp8_checkpoints import write_fp8_copy  # noqa: E402
+from helpers.yardstick import LOGIT_TOL, check_eager_matches_graph, check_greedy, prompts, reference_logits  # noqa: E402
+
+from fi_engine.llama import LlamaEngine  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+VOCAB = 32000
+TOL = LOGIT_TOL["bfloat16"]
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("bf16")
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    kw.update(rope_kwargs(transformers.LlamaConfig, 500000.0, None))
+    return path, save_random(path, "LlamaConfig", "LlamaForCausalLM", "bfloat16", kw)
+
+
+@pytest.fixture(scope="module", params=["tensor", "channel", "block"])
+def fp8_variant(request, bf16_model, tmp_path_factory):  # type: ignore[no-untyped-def]
+    src, model = bf16_model
+    dst = tmp_path_factory.mktemp(f"fp8-{request.param}")
+    dequantized = write_fp8_copy(src, dst, request.param)
+    ref = float32_reference(model)
+    with torch.no_grad():
+        for name, w in dequantized.items():
+            ref.get_parameter(name).copy_(torch.from_numpy(w))
+    bf16 = float32_reference(ref).to(torch.bfloat16)  # the same weights, rounded, computed in bfloat16
+    yield dst, ref, bf16
+    del ref, bf16
+    torch.cuda.empty_cache()
+
+
+def test_prefill_logits_within_transformers_bfloat16s_own_error(fp8_variant) -> None:  # type: ignore[no-untyped-def]
+    path, ref, bf16 = fp8_variant
+    ps = prompts((1, 7, 16, 33, 50), VOCAB)
+    with LlamaEngine(path, max_batch=4, page_size=16) as engine:
+        assert engine.dense.serves_fp8
+        got = engine.prefill_logits(ps)
+    ours = theirs = 0.0
+    for p, g in zip(ps, got, strict=True):
+        want = reference_logits(ref, p)
+        ours = max(ours, float(np.abs(g - want).max()))
+        theirs = max(theirs, float(np.abs(reference_logits(bf16, p) - want).max()))
+    print(f"max |logit error|: engine {ours:.4f}, transformers bfloat16 {theirs:.4f}")
+    assert ours <= 1.5 * theirs, f"engine {ours:.4f} > 1.5 x transformers-bfloat16's {theirs:.4f}"
+
+
+def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant) -> None:  # type: ignore[no-untyped-def]
+    path, ref, _ = fp8_variant
+    for lens, new in (((5, 16, 29, 50), [17, 12, 17, 9]), ((11,), [24])):  # 4 rows; 1 row (the fused graph step)
+        ps = prompts(lens, VOCAB)
+        results = {}
+        for graph in (False, True):
+            with LlamaEngine(path, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
+                results[graph] = r = engine.generate(ps, new, eos_token_ids=())
+            assert [len(t) for t in r.tokens] == new
+            exact = check_greedy(ref, ps, r.tokens, TOL)
+            print(f"{len(ps)} rows, {'graph' if graph else 'eager'}: {exact}/{sum(new)} tokens the reference's argmax")
+        check_eager_matches_graph(ref, ps, results[False].tokens, results[True].tokens, TOL)
+
+
+def test_fp8_weights_refuse_tensor_parallel(fp8_variant) -> None:  # type: ignore[no-untyped-def]
+    path, _, _ = fp8_variant
+    with pytest.raises(ValueError, match="tensor_parallel: 2; FP8 weights run on one GPU"):
+        LlamaEngine(path, tensor_parallel=2)
