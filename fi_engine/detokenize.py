@@ -123,6 +123,9 @@ class IncrementalDetokenizer:
                 f"{type(tokenizer).__name__}"
             )
         self._tokenizer = tokenizer
+        # the ids of a window are checked as they come in (push): fi_engine's Tokenizer then decodes them without
+        # checking each again (one Rust call per push; the per-token cost of a server streaming many requests)
+        self._decode = getattr(tokenizer, "_decode_checked", None) or tokenizer.decode
         self._vocab_size = vocab_size
         self._skip = arg_flag("skip_special_tokens", skip_special_tokens)
         self._stops = StopStrings(stop)
@@ -130,6 +133,7 @@ class IncrementalDetokenizer:
         # as context), then the ids not yet emitted from _read on
         self._ids: list[int] = arg_token_ids("prompt_ids", prompt_ids, vocab_size)[-CONTEXT_TOKENS:]
         self._read = len(self._ids)
+        self._before: str | None = None  # the text of self._ids[:self._read] (decoded once per window)
         self.generated: list[int] = []
 
     @property
@@ -154,8 +158,10 @@ class IncrementalDetokenizer:
         return self._stops.feed(self._settled(final=True)) + self._stops.finish()
 
     def _settled(self, final: bool) -> str:
-        decode = self._tokenizer.decode
-        before = decode(self._ids[: self._read], skip_special_tokens=self._skip)
+        decode = self._decode
+        before = self._before
+        if before is None:
+            before = self._before = decode(self._ids[: self._read], skip_special_tokens=self._skip)
         after = decode(self._ids, skip_special_tokens=self._skip)
         if not final and after.endswith(REPLACEMENT):
             return ""  # an unfinished UTF-8 sequence: wait for the tokens that complete it
@@ -167,6 +173,7 @@ class IncrementalDetokenizer:
         # the settled ids become the next window's context; ids before them are no longer needed
         del self._ids[: self._read]
         self._read = len(self._ids)
+        self._before = None
         return delta
 
 

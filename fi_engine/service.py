@@ -279,9 +279,17 @@ class RequestStream:
                 self._wake()
 
     def _wake(self) -> None:
-        """Under the lock: wake the threads and event loops waiting on this stream."""
+        """Under the lock: wake the threads and event loops waiting on this stream. In the engine thread the
+        event loops' wakeups wait for the end of the loop turn (GenerationService._flush_wakeups): one call into
+        each loop per turn instead of one per stream (each costs the loop a wakeup of its selector)."""
         self._ready.notify_all()
         waiters, self._waiters = self._waiters, []
+        if not waiters:
+            return
+        batch = self._service._turn_wakeups
+        if batch is not None and threading.get_ident() == self._service._thread.ident:
+            batch.extend(waiters)
+            return
         for loop, future in waiters:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there any more
                 loop.call_soon_threadsafe(_resolve, future)
@@ -290,6 +298,12 @@ class RequestStream:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 @dataclass
@@ -350,6 +364,8 @@ class GenerationService:
         # the engine thread's own: rid -> stream of the requests in the engine
         self._live: dict[int, RequestStream] = {}
         self._running = 0
+        # the event loops' wakeups of one loop turn, sent together at its end (RequestStream._wake)
+        self._turn_wakeups: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] | None = None
         self._thread = threading.Thread(target=self._run, name="fi-engine-service", daemon=True)
         self._thread.start()
 
@@ -533,11 +549,31 @@ class GenerationService:
     # -- the engine thread -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._turn_wakeups = []
         try:
-            while self._turn():
-                pass
+            while True:
+                more = self._turn()
+                self._flush_wakeups()
+                if not more:
+                    break
         except BaseException as exc:  # every waiting stream gets it; nothing waits forever
+            self._flush_wakeups()
+            self._turn_wakeups = None
             self._fail(exc)
+        self._turn_wakeups = None
+
+    def _flush_wakeups(self) -> None:
+        """Wake the event loops waiting on streams this turn delivered to: one call per loop."""
+        batch = self._turn_wakeups
+        if not batch:
+            return
+        self._turn_wakeups = []
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for loop, future in batch:
+            by_loop.setdefault(loop, []).append(future)
+        for loop, futures in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there any more
+                loop.call_soon_threadsafe(_resolve_all, futures)
 
     def _turn(self) -> bool:
         """One turn of the loop: take new work, run one step, deliver; False when the thread should end."""

@@ -138,3 +138,8 @@ class Tokenizer:
         checked = arg_token_ids("ids", ids, self.vocab_size)
         skip = arg_flag("skip_special_tokens", skip_special_tokens)
         return str(self._backend.decode(checked, skip_special_tokens=skip))
+
+    def _decode_checked(self, ids: list[int], skip_special_tokens: bool) -> str:
+        """:meth:`decode` of ids the caller has checked (ints in ``[0, vocab_size)``, a bool flag): the
+        incremental detokenizer's per-token call, without checking the window's ids again."""
+        return str(self._backend.decode(ids, skip_special_tokens=skip_special_tokens))

@@ -45,6 +45,7 @@ if not MODEL_DIR or not (Path(MODEL_DIR) / "tokenizer.json").is_file():
         allow_module_level=True,
     )
 
+NEAR_TIE = 0.25  # logits: a reference step whose two best are closer may go either way in bfloat16
 QUESTIONS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -62,10 +63,14 @@ def open_engine(max_batch: int, graph: bool = True):  # type: ignore[no-untyped-
 
 
 def test_greedy_chat_over_http_matches_transformers() -> None:
+    """Each answer equals transformers' greedy text (float32) up to the reference's first near tie: a step whose
+    two best logits are within NEAR_TIE (0.25), where bfloat16 arithmetic may pick either; with no near tie in
+    the 32 tokens, the whole text. How many answers agree in full is printed."""
     codec = TextCodec.from_dir(MODEL_DIR)
     ref = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, torch_dtype=torch.float32).cuda().eval()
     tok = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
     engine = open_engine(8)
+    whole = 0
     with engine, GenerationService(engine, codec) as service, running(build_app(service, "m")) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0, timeout=120)
         for question in QUESTIONS:
@@ -75,12 +80,23 @@ def test_greedy_chat_over_http_matches_transformers() -> None:
             ids = ids["input_ids"] if hasattr(ids, "keys") else ids
             assert ids[0].tolist() == codec.encode_chat(messages)  # the same prompt
             with torch.no_grad():
-                out = ref.generate(ids.cuda(), max_new_tokens=32, do_sample=False)
-            want = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+                out = ref.generate(
+                    ids.cuda(), max_new_tokens=32, do_sample=False, output_scores=True, return_dict_in_generate=True
+                )
+            new = out.sequences[0, ids.shape[1] :].tolist()
+            tie = len(new)
+            for t, scores in enumerate(out.scores):
+                top = torch.topk(scores[0].float(), 2).values
+                if float(top[0] - top[1]) < NEAR_TIE:
+                    tie = t
+                    break
+            want = tok.decode(new, skip_special_tokens=True)
+            sure = tok.decode(new[:tie], skip_special_tokens=True)  # the text before the first near tie
             got = served.choices[0].message.content
-            # float16/bfloat16 against float32 may part at a near tie late in the text; the start must agree
-            common = min(len(got), len(want), 40)
-            assert got[:common] == want[:common], (question, got, want)
+            whole += got == want
+            print(f"{question!r}: {'equal' if got == want else f'first near tie at token {tie}'}: {got!r}")
+            assert got.startswith(sure) or (tie == len(new) and got == want), (question, got, want, tie)
+    print(f"{whole}/{len(QUESTIONS)} answers equal transformers' in full")
 
 
 def test_64_streaming_clients_get_the_engines_own_tokens() -> None:
