@@ -146,6 +146,10 @@ def run_rank(
         from fi_engine.dense import Dense
 
         Dense.pdl = False
+    if variant == "fp8-fused":  # FP8 weights: the fused decode step over them (off in the engine: slower)
+        from fi_engine.dense import Dense
+
+        Dense.fp8_fused = True
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
         LlamaEngine.graph_fused_decode = False
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
@@ -329,7 +333,7 @@ def main() -> None:
         "in-step (TP 1: each graph step prepared only after the last one's tokens are back), lt (TP 1: every GEMM "
         "of the decode graph through cuBLASLt, none through the GEMV), unfused (TP 1: a one-row decode graph of "
         "separate launches, not the fused step), no-pdl (TP 1: the fused step's GEMVs without programmatic dependent "
-        "launch), "
+        "launch), fp8-fused (TP 1, FP8 checkpoints: the fused step over e4m3 weights, off by default), "
         "ahead (as fused, the next step prepared while the "
         "GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce launched with programmatic dependent "
         "launch)",
@@ -355,7 +359,7 @@ def main() -> None:
     table = []
     for tp in [int(t) for t in args.tp.split(",")]:
         variants = args.variants.split(",")
-        one_gpu = ["fused"] + [v for v in variants if v in ("in-step", "lt", "unfused", "no-pdl")]
+        one_gpu = ["fused"] + [v for v in variants if v in ("in-step", "lt", "unfused", "no-pdl", "fp8-fused")]
         for variant in one_gpu if tp == 1 else variants:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = [sys.executable, __file__, "--model", str(args.model), "--rank-out", out.name]

@@ -7,7 +7,8 @@ same batch for comparison.
     python benchmarks/bench_serve.py compare --model DIR [--batch 64] [--prompt-len 128] [--max-tokens 128] [--graph]
     python benchmarks/bench_serve.py selftest                  # the load generator against a CPU stand-in server
 
-``http``: ``--clients`` asyncio clients, each sending streamed ``/v1/completions`` requests (token-id prompts of
+``http``: ``--clients`` asyncio clients (split over ``--procs`` processes, 4 by default: one Python process parsing
+64 streams' events is itself the bottleneck), each sending streamed ``/v1/completions`` requests (token-id prompts of
 ``--prompt-len`` random ids, ``max_tokens`` ``--max-tokens``, ``ignore_eos``, greedy) one after another until
 ``--requests`` have been sent in all. Per request: time to first token (the first event with text), inter-token
 latency (between successive events; an event usually carries one token, a split character or a held-back stop
@@ -100,11 +101,13 @@ async def run_http(
     max_tokens: int,
     model: str | None,
     vocab: tuple[int, int] = (100, 10000),
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """``requests`` streamed completions over ``clients`` concurrent connections; the row of measurements."""
+    """``requests`` streamed completions over ``clients`` concurrent connections; the row of measurements (with
+    the raw latencies, ``_ttft`` / ``_itl``, and the wall clock's ``_t0`` / ``_t1``, for merging processes)."""
     import httpx
 
-    prompts = prompts_for(requests, prompt_len, vocab=vocab)
+    prompts = prompts_for(requests, prompt_len, seed=seed, vocab=vocab)
     if model is None:
         async with httpx.AsyncClient(timeout=60) as c:
             model = (await c.get(f"{url}/v1/models")).json()["data"][0]["id"]
@@ -130,7 +133,7 @@ async def run_http(
                 }
                 results.append(await one_request(client, url, body))
 
-        t0 = time.perf_counter()
+        t0, wall_t0 = time.perf_counter(), time.time()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - t0
     ok = [r for r in results if r.error is None]
@@ -154,7 +157,64 @@ async def run_http(
         "ttft_ms_p99": percentile(ttft, 0.99) * 1e3,
         "itl_ms_p50": percentile(itl, 0.5) * 1e3,
         "itl_ms_p99": percentile(itl, 0.99) * 1e3,
+        "_ttft": ttft,
+        "_itl": itl,
+        "_t0": wall_t0,
+        "_t1": wall_t0 + wall,
     }
+
+
+def _http_process(job: tuple[Any, ...], barrier: Any, out: Any) -> None:
+    barrier.wait()  # every process starts its clients at once
+    out.put(asyncio.run(run_http(*job)))
+
+
+def run_http_procs(
+    url: str,
+    clients: int,
+    requests: int,
+    prompt_len: int,
+    max_tokens: int,
+    model: str | None,
+    procs: int,
+    vocab: tuple[int, int] = (100, 10000),
+) -> dict[str, Any]:
+    """:func:`run_http` with the clients split over ``procs`` processes (one Python process parsing every
+    stream's events saturates a core before a fast server does), merged into one row: tokens over the wall time
+    from the first start to the last end, latencies pooled."""
+    if procs <= 1:
+        return asyncio.run(run_http(url, clients, requests, prompt_len, max_tokens, model, vocab))
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    workers = []
+    for p in range(procs):
+        share = (clients // procs + (p < clients % procs), requests // procs + (p < requests % procs))
+        job = (url, share[0], share[1], prompt_len, max_tokens, model, vocab, p)
+        workers.append(ctx.Process(target=_http_process, args=(job, barrier, out)))
+    for w in workers:
+        w.start()
+    parts = [out.get() for _ in workers]
+    for w in workers:
+        w.join()
+    wall = max(r["_t1"] for r in parts) - min(r["_t0"] for r in parts)
+    ttft = [x for r in parts for x in r["_ttft"]]
+    itl = [x for r in parts for x in r["_itl"]]
+    tokens = sum(r["tokens"] for r in parts)
+    row = dict(parts[0], clients=clients, requests=requests, procs=procs, wall_s=wall, tokens=tokens)
+    row.update(
+        failed=sum(r["failed"] for r in parts),
+        first_error=next((r["first_error"] for r in parts if r["first_error"]), None),
+        tokens_per_s=tokens / wall if wall else 0.0,
+        ttft_ms_p50=percentile(ttft, 0.5) * 1e3,
+        ttft_ms_p99=percentile(ttft, 0.99) * 1e3,
+        itl_ms_p50=percentile(itl, 0.5) * 1e3,
+        itl_ms_p99=percentile(itl, 0.99) * 1e3,
+        _ttft=ttft,
+        _itl=itl,
+    )
+    return row
 
 
 def run_engine(model: str, batch: int, prompt_len: int, max_tokens: int, graph: bool) -> dict[str, Any]:
@@ -210,7 +270,7 @@ def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
         wait_healthy(url, proc)
         # a warm-up round (graphs of the prefill shapes captured), then the measured one
         asyncio.run(run_http(url, args.batch, args.batch, args.prompt_len, args.max_tokens, None))
-        http = asyncio.run(run_http(url, args.batch, 4 * args.batch, args.prompt_len, args.max_tokens, None))
+        http = run_http_procs(url, args.batch, 4 * args.batch, args.prompt_len, args.max_tokens, None, args.procs)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -232,6 +292,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             )
         else:
             extra = f"  ({r['vs_engine']:.3f}x the engine)" if "vs_engine" in r else ""
+            extra += f" [{r['procs']} client processes]" if r.get("procs", 1) > 1 else ""
             lines.append(
                 f"http serve       clients {r['clients']:4d}  requests {r['requests']}  prompt {r['prompt_len']}  "
                 f"out {r['max_tokens']}: {r['tokens_per_s']:9.1f} tokens/s{extra}; TTFT p50 {r['ttft_ms_p50']:.1f} "
@@ -262,6 +323,9 @@ def run_selftest(args: argparse.Namespace) -> list[dict[str, Any]]:
         service = GenerationService(engine, codec, max_queue=4 * args.clients)
         with service, running(build_app(service, "fake")) as server:
             vocab = (3, codec.tokenizer.vocab_size)  # past the special tokens
+            if args.procs > 1:
+                return [run_http_procs(server.url, args.clients, args.requests, args.prompt_len, args.max_tokens,
+                                       None, args.procs, vocab)]  # fmt: skip
             http = run_http(server.url, args.clients, args.requests, args.prompt_len, args.max_tokens, None, vocab)
             return [asyncio.run(http)]
 
@@ -277,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("http", "selftest"):
             p.add_argument("--clients", type=int, default=64)
             p.add_argument("--requests", type=int, default=256)
+        if name in ("http", "compare", "selftest"):
+            p.add_argument("--procs", type=int, default=4, help="client processes (the clients split over them)")
         if name == "http":
             p.add_argument("--url", default="http://127.0.0.1:8000")
             p.add_argument("--model", default=None, help="the served name (default: the first /v1/models lists)")
@@ -289,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.mode == "http":
         rows = [
-            asyncio.run(run_http(args.url, args.clients, args.requests, args.prompt_len, args.max_tokens, args.model))
+            run_http_procs(
+                args.url, args.clients, args.requests, args.prompt_len, args.max_tokens, args.model, args.procs
+            )
         ]
     elif args.mode == "engine":
         rows = [run_engine(args.model, args.batch, args.prompt_len, args.max_tokens, args.graph)]
@@ -300,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+            json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], f, indent=2)
     return 0 if all(r.get("failed", 0) == 0 for r in rows) else 1
 
 

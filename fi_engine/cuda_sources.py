@@ -930,12 +930,26 @@ __device__ __forceinline__ void gemv8_fused(const unsigned short* __restrict__ x
     extern __shared__ uint4 sx[];  // the input rows, [rows, k / 8] vectors of 8 16-bit values
     __shared__ float part[2][SPLITS][COLS][4];
     griddep_launch_dependents();
-    griddep_wait();
-    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = warp / SPLITS, split = warp % SPLITS;
     const int groups = (n + COLS - 1) / COLS;
     const int vecs = k >> 4, row_vecs = k >> 3;
+    // the first pass's first weight vectors load before the wait for the previous kernel and the prologue (the
+    // weights are constants), as gemv_fused's do: most blocks make one pass, so this hides the prologue
+    uint4 a[COLS];
+    bool loaded = false;
+    {
+        const int g = blockIdx.x * 2 + group;
+        const int c = split * 32 + lane;
+        if (g < groups && c < vecs) {
+#pragma unroll
+            for (int i = 0; i < COLS; ++i)
+                a[i] = load_weights(reinterpret_cast<const uint4*>(w + (long long)min(g * COLS + i, n - 1) * k) + c);
+            loaded = true;
+        }
+    }
+    griddep_wait();
+    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
     for (int base = blockIdx.x * 2; base < groups; base += gridDim.x * 2) {
         const int g = base + group;
         const int j0 = g * COLS;
@@ -953,12 +967,12 @@ __device__ __forceinline__ void gemv8_fused(const unsigned short* __restrict__ x
                 wv[i] = reinterpret_cast<const uint4*>(w + (long long)j * k);
                 srow[i] = BLOCK ? scale + (long long)(j / bn) * s_ld : scale + j;
             }
-            uint4 a[COLS];
             int c = split * 32 + lane;
-            if (c < vecs) {
+            if (c < vecs && !loaded) {
 #pragma unroll
                 for (int i = 0; i < COLS; ++i) a[i] = load_weights(wv[i] + c);
             }
+            loaded = false;  // later passes load their own first vectors
             while (c < vecs) {
                 float wf[COLS][16];
                 float s[COLS];

@@ -827,11 +827,19 @@ class Dense:
         """Whether any weight was registered with :meth:`add_fp8_weight`."""
         return bool(self._fp8_weights)
 
+    fp8_fused = False
+    """Whether the fused decode step runs over FP8 weights (``FP8_FUSED_SOURCE``'s kernels, which
+    :meth:`fused_linear` serves either way): off, since on an H100 its one-row graph ran slower than separate
+    launches over the plain FP8 GEMV (8B shape: 4.57 against 4.00 ms per step; benchmarks/RESULTS.md). Read
+    when a step is packed; set it on the class to compare."""
+
     @property
     def fuses_fp8(self) -> bool:
-        """Whether :meth:`fused_linear` serves the registered FP8 weights (their fused kernels compiled); True
-        where there is none."""
-        return not self._fp8_weights or bool(self._fp8 is not None and self._fp8.fused_fn(NORM, True, False, False))
+        """Whether the fused decode step serves the registered FP8 weights (:attr:`fp8_fused` and their fused
+        kernels compiled); True where there is none."""
+        if not self._fp8_weights:
+            return True
+        return self.fp8_fused and bool(self._fp8 is not None and self._fp8.fused_fn(NORM, True, False, False))
 
     @staticmethod
     def _check_fp8_call(fp8: Any, n: int, k: int, ab_type: int, c_type: int) -> None:

@@ -8,9 +8,9 @@ weights (rounded to bfloat16) gives the yardstick of bfloat16 arithmetic's own e
 
 - prefill logits: max |engine - reference| <= 1.5 x transformers-bfloat16's max |error| on the same prompts (the
   engine computes W8A16: 16-bit activations, weights exact in float32);
-- greedy decoding, eager (the fused decode step over FP8 weights, rows <= 4) and as a CUDA graph (one row: the
-  fused step captured; four rows: separate launches): every token the reference's argmax or within
-  ``LOGIT_TOL["bfloat16"]`` of it under teacher forcing, and eager and graph agree up to the first near tie.
+- greedy decoding, eager and as a CUDA graph, 4 rows and 1, with the fused decode step over FP8 weights off (the
+  default: ``Dense.fp8_fused``) and on: every token the reference's argmax or within ``LOGIT_TOL["bfloat16"]`` of
+  it under teacher forcing, and eager and graph agree up to the first near tie.
 """
 
 from __future__ import annotations
@@ -82,13 +82,18 @@ def test_prefill_logits_within_transformers_bfloat16s_own_error(fp8_variant) -> 
     assert ours <= 1.5 * theirs, f"engine {ours:.4f} > 1.5 x transformers-bfloat16's {theirs:.4f}"
 
 
-def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, fused, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from fi_engine.dense import Dense
+
+    monkeypatch.setattr(Dense, "fp8_fused", fused)
     path, ref, _ = fp8_variant
     for lens, new in (((5, 16, 29, 50), [17, 12, 17, 9]), ((11,), [24])):  # 4 rows; 1 row (the fused graph step)
         ps = prompts(lens, VOCAB)
         results = {}
         for graph in (False, True):
             with LlamaEngine(path, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
+                assert engine._fuses(len(ps)) == fused
                 results[graph] = r = engine.generate(ps, new, eos_token_ids=())
             assert [len(t) for t in r.tokens] == new
             exact = check_greedy(ref, ps, r.tokens, TOL)
