@@ -48,15 +48,23 @@ _ORDER = _FINITE[np.argsort(E4M3[_FINITE], kind="stable")]  # the finite codes b
 
 
 def dequantize_e4m3(bits: np.ndarray) -> np.ndarray:
-    """The float32 values of e4m3 codes ``bits`` (uint8, any shape)."""
-    return E4M3[np.asarray(bits, np.uint8)]
+    """The float32 values of e4m3 codes ``bits`` (a uint8 array, any shape); TypeError naming ``bits`` else."""
+    if not isinstance(bits, np.ndarray) or bits.dtype != np.uint8:
+        raise TypeError(f"bits: expected a numpy uint8 array of e4m3 codes, got {_kind(bits)}")
+    return E4M3[bits]
+
+
+def _kind(value: Any) -> str:
+    return f"a {value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
 
 
 def quantize_e4m3(values: np.ndarray) -> np.ndarray:
-    """``values`` (float, any shape) rounded to the nearest e4m3 code (ties to the even code, saturating at +-448;
-    NaN to 0x7f; zero, and what rounds to it, to +0): uint8 of the same shape. Tests and benchmarks write FP8
-    checkpoints with it."""
-    v = np.asarray(values, np.float32)
+    """``values`` (a numpy array of numbers, any shape) rounded to the nearest e4m3 code (ties to the even code,
+    saturating at +-448; NaN to 0x7f; zero, and what rounds to it, to +0): uint8 of the same shape. Tests and
+    benchmarks write FP8 checkpoints with it."""
+    if not isinstance(values, np.ndarray) or values.dtype.kind not in "fiu":
+        raise TypeError(f"values: expected a numpy array of numbers, got {_kind(values)}")
+    v = values.astype(np.float32)
     table = E4M3[_ORDER]
     clipped = np.clip(np.nan_to_num(v, nan=0.0), -448.0, 448.0)
     hi = np.clip(np.searchsorted(table, clipped, side="left"), 1, table.size - 1)

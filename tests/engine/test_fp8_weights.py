@@ -44,6 +44,15 @@ def test_quantizing_rounds_to_the_nearest_code() -> None:
     assert quantize_e4m3(np.array([2.0**-11, 2.0**-10 * 1.01, np.nan, -(2.0**-12)])).tolist() == [0, 1, 0x7F, 0]
 
 
+def test_the_array_helpers_refuse_what_is_no_array() -> None:
+    for bad in ([1, 2], "x", np.zeros(3, np.int8), None):
+        with pytest.raises(TypeError, match="^bits: expected a numpy uint8 array"):
+            dequantize_e4m3(bad)  # type: ignore[arg-type]
+    for bad in ([1.0], "x", np.array(["a"]), None):
+        with pytest.raises(TypeError, match="^values: expected a numpy array of numbers"):
+            quantize_e4m3(bad)  # type: ignore[arg-type]
+
+
 def _write(path: Path, tensors: dict[str, object]) -> Checkpoint:
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / "model.safetensors", tensors)  # type: ignore[arg-type]

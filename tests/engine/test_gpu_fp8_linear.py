@@ -24,12 +24,13 @@ import os
 
 import numpy as np
 import pytest
+from helpers.gpu import require_torch
 
 if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
     pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
 
 cp = pytest.importorskip("cupy", reason="the engine needs CuPy")
-torch = pytest.importorskip("torch", reason="the e4m3 reference decodes through torch.float8_e4m3fn")
+torch = require_torch()  # the e4m3 reference decodes through torch.float8_e4m3fn
 
 from fi_engine.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
 

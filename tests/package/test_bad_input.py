@@ -1889,8 +1889,19 @@ EXEMPT: dict[str, str] = {
     "quantization.Fp8Scheme": _RECORD,
     "quantization.fp8_scheme": "reads a config dict: its malformed values refused by key in "
     "tests/engine/test_quantization_config.py",
-    "quantization.refuse_quantized_llama": "raises by design on any quantization_config: its cases in "
+    "quantization.llama_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
     "tests/engine/test_quantization_config.py",
+    # FP8 weights: host-side arrays read from a checkpoint (every malformed tensor refused by name in
+    # engine/test_fp8_weights.py); the GPU registry's arguments are checked in engine/test_gpu_fp8_linear.py
+    "fp8_weights.read_fp8_linear": "reads a Checkpoint: test_a_malformed_fp8_tensor_is_refused_by_name (engine/)",
+    **dict.fromkeys(["fp8_weights.Fp8Matrix", "fp8_linear.Fp8Weight"], _RECORD),
+    **dict.fromkeys(
+        ["fp8_weights.quantize_e4m3", "fp8_weights.dequantize_e4m3"],
+        "numpy array in, array out (non-numeric or wrong-typed input: TypeError naming it, "
+        "engine/test_fp8_weights.py::test_the_array_helpers_refuse_what_is_no_array)",
+    ),
+    "fp8_linear.Fp8Linears": "made by Dense.add_fp8_weight on a GPU; its checks in engine/test_gpu_fp8_linear.py "
+    "(test_bad_fp8_calls_name_the_argument)",
     "stepping.StepEngine": "a typing.Protocol the engines implement (their methods' signatures against it: "
     "tests/engine/test_step_api_host.py)",
     "stepping.FinishReason": "a typing.Literal of the three reasons a request ends, not an entry point",
