@@ -152,6 +152,33 @@ class IncrementalDetokenizer:
         self._ids.append(token)
         return self._stops.feed(self._settled(final=False))
 
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        """:meth:`push` of several tokens with one decode of the window: the same text in all (the same pieces
+        joined; only where the pieces end may differ). A server streaming many requests calls it once per
+        delivery rather than once per token."""
+        vocab = self._vocab_size
+        for i, token_id in enumerate(token_ids):
+            if isinstance(token_id, (bool, np.bool_)) or not isinstance(token_id, (int, np.integer)):
+                raise TypeError(f"token_ids[{i}]: expected an int, got {type(token_id).__name__}")
+            if not 0 <= token_id < vocab:
+                raise ValueError(f"token_ids[{i}]: {show(int(token_id))} is outside the vocabulary [0, {vocab})")
+        tokens = [int(t) for t in token_ids]
+        if not tokens:
+            return ""
+        self.generated.extend(tokens)
+        self._ids.extend(tokens)
+        return self._stops.feed(self._settled(final=False))
+
+    @property
+    def has_stops(self) -> bool:
+        """Whether stop strings were given (their matching needs each token's text as it comes)."""
+        return bool(self._stops.stops)
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size (ids ``[0, vocab_size)`` decode)."""
+        return self._vocab_size
+
     def finish(self) -> str:
         """The text still held back at the end of the generation (an unfinished UTF-8 sequence decodes to
         U+FFFD here, as in the full decode; a stop string's possible start is released)."""

@@ -81,6 +81,18 @@ class StreamDelta:
 
 
 @dataclass(frozen=True)
+class _PendingDelta:
+    """A delta whose text is decoded when the caller takes it (a stream without stop strings): the engine thread
+    hands over token ids only. ``flush``: the stream ended, so the detokenizer's held-back text follows."""
+
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    flush: bool
+
+
+@dataclass(frozen=True)
 class RequestResult:
     """A whole request: every generated token, its text (cut before a stop string), why it ended, the stop
     string that ended it (or None), and the usage counts."""
@@ -111,12 +123,19 @@ class RequestStream:
         self._detok = detokenizer
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
-        self._events: deque[StreamDelta | BaseException] = deque()
+        # what the caller has yet to take: indices into _history (its deltas, in order) or the error
+        self._events: deque[int | BaseException] = deque()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._ended = False  # the last event is queued
         self._consumed = False  # the last event was handed out
         self._accepted: bool | BaseException = False  # True once the engine took it; the error if refused
-        self._history: list[StreamDelta] = []  # every delta delivered (for result())
+        self._history: list[StreamDelta | _PendingDelta] = []  # every delta delivered (for result())
+        self._decoded = 0  # _history[:_decoded] are StreamDeltas (text decoded); the rest wait for a taker
+        # Without stop strings nothing in the engine thread needs the text: it is decoded by whoever takes the
+        # deltas, once for all the tokens taken together (a server's event loop, busy with many streams, takes
+        # several steps' tokens at a time, so its cost per token falls as the load grows). With stop strings the
+        # engine thread decodes each token as it comes, to end the request at the stop string.
+        self.deferred = detokenizer is not None and not detokenizer.has_stops
         self._error: BaseException | None = None
         self.stop_string: str | None = None
         # the engine thread's own fields (only it reads and writes them)
@@ -215,6 +234,7 @@ class RequestStream:
 
     def _whole(self) -> RequestResult:
         with self._lock:
+            self._decode(len(self._history))
             parts, error = list(self._history), self._error
         if error is not None:
             raise error
@@ -222,7 +242,7 @@ class RequestStream:
         assert last.finish_reason is not None
         return RequestResult(
             token_ids=tuple(t for d in parts for t in d.token_ids),
-            text="".join(d.text for d in parts),
+            text="".join(d.text for d in parts if isinstance(d, StreamDelta)),
             finish_reason=last.finish_reason,
             stop_string=self.stop_string,
             prompt_tokens=last.prompt_tokens,
@@ -239,37 +259,54 @@ class RequestStream:
             self._consumed = True
             self._events.clear()
             raise first
-        merged = [first]
+        last = first
         while self._events and not isinstance(self._events[0], BaseException):
-            merged.append(self._events.popleft())  # type: ignore[arg-type]
-        last = merged[-1]
-        if last.finish_reason is not None:
+            last = self._events.popleft()  # type: ignore[assignment]
+        self._decode(last + 1)
+        merged: list[StreamDelta] = self._history[first : last + 1]  # type: ignore[assignment]
+        end = merged[-1]
+        if end.finish_reason is not None:
             self._consumed = True
         if len(merged) == 1:
-            return first
+            return end
         return StreamDelta(
             token_ids=tuple(t for d in merged for t in d.token_ids),
             text="".join(d.text for d in merged),
-            finish_reason=last.finish_reason,
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
+            finish_reason=end.finish_reason,
+            prompt_tokens=end.prompt_tokens,
+            completion_tokens=end.completion_tokens,
         )
+
+    def _decode(self, upto: int) -> None:
+        """Under the lock: decode the text of the pending deltas in ``_history[:upto]``, in order (one decode of
+        the window for each delta's tokens together)."""
+        history, detok = self._history, self._detok
+        for i in range(self._decoded, upto):
+            d = history[i]
+            if isinstance(d, _PendingDelta):
+                assert detok is not None
+                text = detok.push_many(d.token_ids)
+                if d.flush:
+                    text += detok.finish()
+                history[i] = StreamDelta(d.token_ids, text, d.finish_reason, d.prompt_tokens, d.completion_tokens)
+        self._decoded = max(self._decoded, upto)
 
     # -- the engine thread's side -----------------------------------------------------------------------------
 
-    def _put(self, event: StreamDelta | BaseException) -> None:
+    def _put(self, event: StreamDelta | _PendingDelta | BaseException) -> None:
         with self._ready:
             if self._ended:
                 return
             if isinstance(event, BaseException):
                 self._error = event
+                self._events.append(event)
             else:
                 self._history.append(event)
+                self._events.append(len(self._history) - 1)
             if isinstance(event, BaseException) or event.finish_reason is not None:
                 self._ended = True
                 if self._accepted is False:  # ended before the engine took it (refused, cancelled, failed)
                     self._accepted = event if isinstance(event, BaseException) else True
-            self._events.append(event)
             self._wake()
 
     def _accept(self, outcome: bool | BaseException) -> None:
@@ -642,18 +679,26 @@ class GenerationService:
         text = []
         stopped = False
         try:
-            for token in token_ids:
-                taken.append(int(token))
-                if detok is not None:
-                    text.append(detok.push(token))
-                    if detok.stopped is not None:
-                        stopped = True
-                        break
+            if stream.deferred:  # the text is decoded by the taker; only check that the tokenizer knows the ids
+                assert detok is not None
+                taken = [int(t) for t in token_ids]
+                vocab = detok.vocab_size
+                for t in taken:
+                    if not 0 <= t < vocab:
+                        raise ValueError(f"token_id: {t} is outside the vocabulary [0, {vocab})")
+            else:
+                for token in token_ids:
+                    taken.append(int(token))
+                    if detok is not None:
+                        text.append(detok.push(token))
+                        if detok.stopped is not None:
+                            stopped = True
+                            break
             if stopped:
                 self.engine.abort_request(rid)
                 finish = "stop"
                 stream.stop_string = detok.stopped if detok is not None else None
-            elif finish is not None and detok is not None:
+            elif finish is not None and detok is not None and not stream.deferred:
                 text.append(detok.finish())
         except ValueError as exc:  # a token the tokenizer does not know (an engine vocabulary padded past it)
             self.engine.abort_request(rid)
@@ -671,18 +716,25 @@ class GenerationService:
             self.metrics.tokens(generated=len(taken))
         if finish is not None:
             del self._live[rid]
-        delta = StreamDelta(tuple(taken), "".join(text), finish, len(stream.prompt_ids), stream.completion_tokens)
-        stream._put(delta)
+        prompt_tokens, completion = len(stream.prompt_ids), stream.completion_tokens
+        if stream.deferred:
+            stream._put(_PendingDelta(tuple(taken), finish, prompt_tokens, completion, finish is not None))
+        else:
+            stream._put(StreamDelta(tuple(taken), "".join(text), finish, prompt_tokens, completion))
         if finish is not None:
             self.metrics.request_finished(finish, now - stream.submitted_at)
             self._count_end()
 
     def _end(self, stream: RequestStream, reason: FinishReason) -> None:
         """End a stream the engine no longer has (or never had): its last delta, with what text it held."""
-        text = ""
-        if stream._detok is not None and stream.completion_tokens:
-            text = stream._detok.finish()
-        stream._put(StreamDelta((), text, reason, len(stream.prompt_ids), stream.completion_tokens))
+        prompt_tokens, completion = len(stream.prompt_ids), stream.completion_tokens
+        if stream.deferred:  # the taker decodes what the detokenizer still holds
+            stream._put(_PendingDelta((), reason, prompt_tokens, completion, completion > 0))
+        else:
+            text = ""
+            if stream._detok is not None and completion:
+                text = stream._detok.finish()
+            stream._put(StreamDelta((), text, reason, prompt_tokens, completion))
         self.metrics.request_finished(reason, time.perf_counter() - stream.submitted_at)
         self._count_end()
 

@@ -58,6 +58,21 @@ def test_split_characters_are_held_back_and_the_deltas_add_up(tokenizer: Tokeniz
     assert "" in deltas  # some token settled nothing: its character was incomplete
 
 
+@pytest.mark.parametrize("text", SAMPLES)
+@pytest.mark.parametrize("group", [2, 3, 7])
+def test_tokens_pushed_together_give_the_same_text(tokenizer: Tokenizer, text: str, group: int) -> None:
+    """push_many (a server's delivery of several steps' tokens at once): the joined text equals one token at a time,
+    and no piece holds a broken character."""
+    ids = tokenizer.encode(text)
+    one, tail = stream(tokenizer, ids)
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.push_many(ids[i : i + group]) for i in range(0, len(ids), group)]
+    assert "".join(pieces) + detok.finish() == "".join(one) + tail == text
+    assert all("\ufffd" not in p for p in pieces) and detok.generated == ids
+    with pytest.raises(ValueError, match=r"token_ids\[1\]: .* outside the vocabulary"):
+        detok.push_many([ids[0], tokenizer.vocab_size])
+
+
 def test_an_emoji_byte_by_byte_appears_whole_on_its_last_byte(tokenizer: Tokenizer) -> None:
     ids = tokenizer.encode("😀")  # one token per byte: this tokenizer has no merges for them
     assert len(ids) == 4 and tokenizer.decode(ids[:3]).endswith("\ufffd")

@@ -101,6 +101,24 @@ def test_split_utf8_characters_are_never_emitted_broken(codec, pool) -> None:  #
     assert all("\ufffd" not in d.text for d in deltas)
 
 
+def test_a_slow_reader_gets_the_steps_tokens_merged_and_decoded_once(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    """Without stop strings the engine thread hands over ids only; a reader that comes late gets every step's
+    tokens in one delta, their text decoded then (once), and result() after a partial read still has it all."""
+    prompt = codec.encode("Q")
+    text = "emoji 😀 and 世界 ✓ done"
+    script = codec.encode(text)
+    engine = engine_for(codec, pool, scripts={tuple(prompt): script})
+    with GenerationService(engine, codec) as service:
+        stream = service.submit(prompt, max_new_tokens=len(script))
+        assert stream.deferred
+        stream.result(WAIT)  # the whole generation is queued before anything is read
+        first = next(stream)
+        assert first.finish_reason == "length" and list(first.token_ids) == script and first.text == text
+        assert stream.result(WAIT).text == text  # decoded once, kept
+        with_stop = service.submit(prompt, max_new_tokens=len(script), stop="never seen")
+        assert not with_stop.deferred and with_stop.result(WAIT).text == text
+
+
 def test_cancel_aborts_in_the_engine_and_frees_the_slot(codec, pool) -> None:  # type: ignore[no-untyped-def]
     engine = engine_for(codec, pool, max_batch=1, step_delay_s=0.002)
     with GenerationService(engine, codec) as service:
