@@ -46,8 +46,10 @@ each:
 - :mod:`~fi_engine.gemma2`, :mod:`~fi_engine.gpt_oss`: those families' definitions (their weights, forward and
   attention plans) and engines.
 - :mod:`~fi_engine.engines`: which engine serves a checkpoint, by ``model_type``.
-- :mod:`~fi_engine.quantization`: a checkpoint's ``quantization_config`` read by name (the FP8 layouts) and the
-  Llama family's refusal of quantized weights.
+- :mod:`~fi_engine.quantization`: a checkpoint's ``quantization_config`` read by name (the FP8 layouts served,
+  the rest refused); :mod:`~fi_engine.fp8_weights`: e4m3 codes and a projection's e4m3 weight and scales read
+  from a checkpoint (host side); :mod:`~fi_engine.fp8_linear`: those weights in ``Dense``'s GEMMs (the W8A16 GEMV,
+  dequantization for many rows).
 - :mod:`~fi_engine.moe_gemv`: the MoE decode step's grouped GEMV (CUDA C and its launcher).
 - :mod:`~fi_engine.stepping`: the step-by-step serving interface (``StepEngine``, ``StepOutput``) between an
   engine and the streaming service / HTTP server that drive it.
@@ -55,7 +57,8 @@ each:
   thread, streams of tokens and text, cancellation, the queue limit), :mod:`~fi_engine.metrics` (counters and
   latency histograms in Prometheus text), :mod:`~fi_engine.openai_protocol` (OpenAI request bodies checked,
   responses built) and :mod:`~fi_engine.openai_server` (the Starlette app and ``fi-engine serve``'s uvicorn run;
-  the ``serve`` extra, imported on first use).
+  the ``serve`` extra, imported on first use); :mod:`~fi_engine.engine_process` (the engine stepped in a child
+  process, so the server's event loop and the engine do not share one interpreter).
 - :mod:`~fi_engine.values`: checks of single argument values (ints, flags, arrays) the modules share.
 - :mod:`~fi_engine.cli`: the ``fi-engine`` command (``generate``, ``serve``).
 - Text in and out (docs/engine-text.md): :mod:`~fi_engine.text` (``TextCodec``, the facade), :mod:`~fi_engine.tokenizer`

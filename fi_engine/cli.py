@@ -363,6 +363,12 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--graph", action="store_true", help="replay the decode step as a CUDA graph")
     p.add_argument("--device", type=_ordinal, default=None, help="CUDA ordinal (default 0)")
     p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the engine in the server's own process (default: a child process, so that the HTTP event loop "
+        "and the engine's steps do not take turns on one Python interpreter)",
+    )
+    p.add_argument(
         "--grace",
         type=_seconds,
         default=30.0,
@@ -419,15 +425,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     f"the server needs the {module!r} package; install it with: python -m pip install '.[serve]' "
                     f"in the fi_ffi checkout"
                 ) from None
-        engine_type = engine_class(args.model)
-        engine = engine_type(
-            args.model,
-            max_batch=args.max_batch,
-            max_seq_len=args.max_seq_len,
-            cuda_graph=args.graph,
-            device=args.device,
-        )
-    except (ValueError, TypeError, ImportError, FiFFIError) as exc:
+        kwargs = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, cuda_graph=args.graph, device=args.device)
+        if args.in_process:
+            engine = engine_class(args.model)(args.model, **kwargs)
+        else:  # the engine steps in a process of its own (fi_engine.engine_process says why)
+            from .engine_process import EngineProcess
+
+            engine_class(args.model)  # the checkpoint's family is known (a bad config.json is named here)
+            engine = EngineProcess("fi_engine.engines:open_engine", args.model, **kwargs)
+    except (ValueError, TypeError, ImportError, RuntimeError, FiFFIError) as exc:
         print(f"{where}: {exc}", file=sys.stderr)
         return 2
     from .openai_server import serve

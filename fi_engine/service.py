@@ -621,8 +621,7 @@ class GenerationService:
             inbox, self._inbox = self._inbox, []
             cancels, self._cancels = self._cancels, []
             closing, deadline = self._closing, self._close_deadline
-        for sub in inbox:
-            self._add(sub)
+        self._add(inbox)
         for stream in cancels:
             self._abort(stream, "abort")
         if closing and deadline is not None and time.monotonic() >= deadline:
@@ -642,22 +641,38 @@ class GenerationService:
         self._publish_queue()
         return True
 
-    def _add(self, sub: _Submission) -> None:
-        stream = sub.stream
-        if stream._ended:
+    def _add(self, subs: list[_Submission]) -> None:
+        """Hand the new submissions to the engine: in one call where it takes several at once (an
+        :class:`~fi_engine.engine_process.EngineProcess`: one round trip), else one by one."""
+        subs = [sub for sub in subs if not sub.stream._ended]
+        if not subs:
             return
-        try:
-            rid = self.engine.add_request(
-                stream.prompt_ids, sub.max_new_tokens, sampling=sub.sampling, eos_token_ids=sub.eos_token_ids
-            )
-        except (ValueError, TypeError) as exc:  # this prompt only: the engine refuses it (too long, ...)
-            stream._put(exc)
-            self._count_end()
-            return
-        stream.rid = rid
-        self._live[rid] = stream
-        self.metrics.tokens(prompt=len(stream.prompt_ids))
-        stream._accept(True)
+        engine = self.engine
+        add_many = getattr(engine, "add_requests", None)
+        if add_many is not None:
+            results = add_many([(s.stream.prompt_ids, s.max_new_tokens, s.sampling, s.eos_token_ids) for s in subs])
+        else:
+            results = []
+            for sub in subs:
+                try:
+                    results.append(
+                        engine.add_request(
+                            sub.stream.prompt_ids, sub.max_new_tokens, sampling=sub.sampling,
+                            eos_token_ids=sub.eos_token_ids,
+                        )
+                    )  # fmt: skip
+                except (ValueError, TypeError) as exc:  # this prompt only: the engine refuses it (too long, ...)
+                    results.append(exc)
+        for sub, result in zip(subs, results, strict=True):
+            stream = sub.stream
+            if isinstance(result, Exception):
+                stream._put(result)
+                self._count_end()
+                continue
+            stream.rid = result
+            self._live[result] = stream
+            self.metrics.tokens(prompt=len(stream.prompt_ids))
+            stream._accept(True)
 
     def _abort(self, stream: RequestStream, reason: FinishReason) -> None:
         if stream._ended or stream.cancelled:

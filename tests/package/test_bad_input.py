@@ -1900,6 +1900,8 @@ EXEMPT: dict[str, str] = {
         "numpy array in, array out (non-numeric or wrong-typed input: TypeError naming it, "
         "engine/test_fp8_weights.py::test_the_array_helpers_refuse_what_is_no_array)",
     ),
+    "engine_process.EngineProcess": "starts a child process per instance: its factory, arguments and the child's "
+    "errors in engine/test_engine_process.py (test_a_child_that_cannot_build_its_engine_is_named)",
     "fp8_linear.Fp8Linears": "made by Dense.add_fp8_weight on a GPU; its checks in engine/test_gpu_fp8_linear.py "
     "(test_bad_fp8_calls_name_the_argument)",
     "stepping.StepEngine": "a typing.Protocol the engines implement (their methods' signatures against it: "

@@ -1,0 +1,99 @@
+"""fi_engine.engine_process.EngineProcess on CPU: the tests' stand-in engine (tests/helpers/fake_engine.py) built
+and stepped in a real child process (spawned), served through GenerationService as the GPU engine is by
+``fi-engine serve``: every request gets exactly the tokens the engine in-process gives it, refusals arrive as the
+engine's own ValueError, cancellation frees the slot, an engine error and a child that cannot start are named,
+and closing ends the child."""
+
+from __future__ import annotations
+
+import pytest
+from helpers.fake_engine import FakeStepEngine, expected_tokens
+from helpers.text_checkpoints import write_text_checkpoint
+
+from fi_engine.engine_process import EngineProcess
+from fi_engine.service import GenerationService, ServiceError
+from fi_engine.stepping import StepEngine
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("jinja2")
+
+WAIT = 30.0
+FAKE = "helpers.fake_engine:FakeStepEngine"
+
+
+@pytest.fixture(scope="module")
+def codec(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from fi_engine.text import TextCodec
+
+    return TextCodec.from_dir(write_text_checkpoint(tmp_path_factory.mktemp("text") / "m"))
+
+
+@pytest.fixture(scope="module")
+def pool(codec) -> list[int]:  # type: ignore[no-untyped-def]
+    return sorted(set(codec.encode("The quick brown fox jumps over the lazy dog.")))
+
+
+def test_requests_through_the_child_get_the_engines_tokens(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    vocab = codec.tokenizer.vocab_size
+    with EngineProcess(FAKE, vocab, pool=pool, max_batch=4) as engine:
+        assert isinstance(engine, StepEngine) and engine.max_batch == 4
+        prompts = [codec.encode(f"prompt {i}") for i in range(10)]  # more than the slots: queued in the child
+        with GenerationService(engine, codec) as service:
+            streams = [service.submit(p, max_new_tokens=5 + i) for i, p in enumerate(prompts)]
+            results = [s.result(WAIT) for s in streams]
+    for i, (p, r) in enumerate(zip(prompts, results, strict=True)):
+        assert list(r.token_ids) == expected_tokens(p, 5 + i, pool) and r.finish_reason == "length"
+        assert r.text == codec.decode(list(r.token_ids))
+
+
+def test_a_refused_prompt_fails_its_stream_alone(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    with EngineProcess(FAKE, codec.tokenizer.vocab_size, pool=pool, max_seq_len=12) as engine:
+        with pytest.raises(ValueError):
+            FakeStepEngine(codec.tokenizer.vocab_size, max_seq_len=12).add_request(list(range(3, 13)), 8)
+        with GenerationService(engine, codec) as service:
+            bad = service.submit(list(range(3, 13)), max_new_tokens=8)  # 10 + 8 > 12
+            good = service.submit(codec.encode("ok"), max_new_tokens=2)
+            with pytest.raises(ValueError):
+                bad.result(WAIT)
+            assert len(good.result(WAIT).token_ids) == 2
+
+
+def test_cancel_frees_the_slot_in_the_child(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    vocab = codec.tokenizer.vocab_size
+    engine = EngineProcess(FAKE, vocab, pool=pool, max_batch=1, step_delay_s=0.005)
+    with engine, GenerationService(engine, codec) as service:
+        long = service.submit(codec.encode("long"), max_new_tokens=10_000)
+        next(long)  # running
+        long.cancel()
+        assert long.result(WAIT).finish_reason == "abort"
+        after = service.submit(codec.encode("next"), max_new_tokens=3)  # the one slot is free again
+        assert after.result(WAIT).finish_reason == "length"
+
+
+def test_an_engine_error_in_the_child_reaches_the_streams(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    engine = EngineProcess(FAKE, codec.tokenizer.vocab_size, pool=pool, fail_at_step=3)
+    with engine, GenerationService(engine, codec) as service:
+        stream = service.submit(codec.encode("x"), max_new_tokens=50)
+        with pytest.raises(ServiceError, match="engine process: RuntimeError"):
+            stream.result(WAIT)
+
+
+def test_a_child_that_cannot_build_its_engine_is_named() -> None:
+    with pytest.raises(TypeError, match="no_such_argument"):  # the engine's own error, as itself
+        EngineProcess(FAKE, 100, no_such_argument=1)
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_here"):
+        EngineProcess("no_such_module_here:Engine")
+    with pytest.raises(RuntimeError, match="engine process: AttributeError"):
+        EngineProcess("helpers.fake_engine:NoSuchEngine")
+    with pytest.raises(TypeError, match="factory: expected 'module:callable'"):
+        EngineProcess("no colon")
+
+
+def test_close_ends_the_child(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    engine = EngineProcess(FAKE, codec.tokenizer.vocab_size, pool=pool)
+    proc = engine._proc
+    engine.close()
+    engine.close()  # idempotent
+    assert not proc.is_alive() and proc.exitcode == 0
+    with pytest.raises(ValueError, match="engine: closed"):
+        engine.step()
