@@ -93,7 +93,8 @@ class EngineProcess:
     the engine (loading a checkpoint onto the GPU). Close it (or use it as a context manager) to end the child.
 
     Raises the engine's ValueError / TypeError / ImportError when it refuses its arguments or checkpoint, and
-    RuntimeError naming the child's error otherwise.
+    RuntimeError naming the child's error otherwise. As with any ``spawn``-started process, a script that makes
+    one must do it under ``if __name__ == "__main__":`` (the child imports the script's main module).
     """
 
     def __init__(self, factory: str, *args: Any, start_timeout: float = 900.0, **kwargs: Any) -> None:

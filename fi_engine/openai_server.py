@@ -390,15 +390,9 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve until SIGINT/SIGTERM: uvicorn on ``host:port`` with :func:`build_app`; on the signal, stop taking
-    connections, give open responses ``graceful_s`` seconds, then close the service (cancelling what is left).
-
-    The process's thread switch interval is set to 1 ms (Python's default: 5 ms) for the run: the service thread
-    waits on the engine's messages and must get the interpreter back from the event loop soon after they come."""
+    connections, give open responses ``graceful_s`` seconds, then close the service (cancelling what is left)."""
     app = build_app(service, model_names, max_model_len=max_model_len, close_timeout=graceful_s)
     uvicorn = _require("uvicorn")
-    import sys
-
-    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_s, lifespan="on"
     )
