@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve token-id prompts with a local checkpoint (needs CuPy and a GPU)",
         description=textwrap.fill(
             "Load a Hugging Face checkpoint (Llama, Qwen3, Mixtral, Qwen3-MoE, Gemma 2, gpt-oss, DeepSeek; "
-            "f16/bf16) onto the GPU and generate from token-id prompts; prints the tokens, tokens/s and host time "
+            "f16/bf16; FP8 e4m3 for dense Llama/Qwen3) onto the GPU and generate from token-id prompts; prints the "
+            "tokens, tokens/s and host time "
             "per decode step. Needs CuPy (python -m pip install cupy-cuda13x). Every value is checked before the "
             "GPU is touched.",
             100,
@@ -254,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
-    p.add_argument("--model", required=True, help="checkpoint directory: config.json + *.safetensors (f16/bf16)")
+    p.add_argument(
+        "--model", required=True, help="checkpoint directory: config.json + *.safetensors (f16/bf16, or FP8 e4m3)"
+    )
     p.add_argument(
         "--prompt-ids",
         type=_token_ids,
