@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from fi_ffi.cuda import driver_error
@@ -205,6 +206,11 @@ class Dense:
     is host-bound). ``lt``: the other GEMMs go through cuBLASLt with cached algorithms.
     """
 
+    # no FP8 weight until add_fp8_weight makes them instance attributes (class defaults: the host tests build a
+    # Dense without its GPU __init__)
+    _fp8: Any = None
+    _fp8_weights: Mapping[int, Any] = MappingProxyType({})
+
     pdl = True
     """The prepared GEMV launches (the fused decode step's) use programmatic dependent launch on Hopper and later:
     each may start while the kernel before it drains, its first weights already loading (benchmarks/RESULTS.md).
@@ -247,8 +253,10 @@ class Dense:
         # shape of <= 4 rows as eagerly, where its lower host time wins
         self.bandwidth_bound = False
         self._gemv_wins: dict[tuple[int, ...], bool] = {}  # (rows, n, k, ab_type, c_type) -> GEMV faster
-        self._fp8: Any = None  # the e4m3 weights' kernels (fp8_linear.Fp8Linears), made by the first add_fp8_weight
-        self._fp8_weights: dict[int, Any] = {}  # their registrations by device address (empty: no FP8 weight)
+        # the e4m3 weights' kernels (fp8_linear.Fp8Linears, made by the first add_fp8_weight) and their registrations
+        # by device address (empty: no FP8 weight)
+        self._fp8 = None
+        self._fp8_weights = MappingProxyType({})
         self._flush: Any = None  # 64 MiB written between timed runs: each reads its weight from HBM, not L2
         try:  # the small-row GEMV (see linear); a GPU or driver it cannot serve leaves it off
             from fi_ffi.cuda import libcuda, libcuda_ffi

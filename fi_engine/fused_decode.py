@@ -132,7 +132,7 @@ class FusedDecode(EngineState):
         # or an FP8 cache comes (that epilogue stores 16-bit K/V: RoPE and the quantizing append run on their own)
         fp8 = self._kv_fp8
         # (and not over FP8 weights: the epilogue's kernel reads 16-bit ones)
-        in_gemv = not c.qk_norm and fp8 is None and not dense.serves_fp8 and dense.has_qkv_rope(ab, c.head_dim)
+        in_gemv = not c.qk_norm and fp8 is None and dense.has_qkv_rope(ab, c.head_dim) and not dense.serves_fp8
         layers = []
         for i in range(c.num_layers):
             # i == 0: input_layernorm of the embedding rows (rmsnorm); then h += the previous layer's down output
