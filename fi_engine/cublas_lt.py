@@ -28,6 +28,15 @@ __all__ = ["CDEFS", "FUNCTIONS", "LtMatmuls", "library"]
 CUBLASLT_MATMUL_DESC_TRANSA = 3
 CUBLASLT_MATMUL_DESC_TRANSB = 4
 CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES = 1
+# FP8 (e4m3) products with scales (cuBLASLt 12.9+; the enum values of cublasLt.h)
+CUBLASLT_MATMUL_DESC_A_SCALE_POINTER = 17
+CUBLASLT_MATMUL_DESC_B_SCALE_POINTER = 18
+CUBLASLT_MATMUL_DESC_A_SCALE_MODE = 31
+CUBLASLT_MATMUL_DESC_B_SCALE_MODE = 32
+CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F = 3  # a float32 per row of A (its M) / per column of B (its N)
+CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F = 4  # a float32 per 128 elements along k
+CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F = 5  # a float32 per 128x128 block
+CUDA_R_8F_E4M3 = 28
 
 CDEFS = r"""
 typedef struct cublasLtContext* cublasLtHandle_t;
@@ -134,6 +143,11 @@ class LtMatmuls:
         self._layouts: list[Any] = []
         self._pref: Any = None
         self._desc: Any = None
+        # FP8 products: one descriptor per (blocked, c_type) (its scale modes; the weight's scale pointer is set
+        # per call) and the cached (layouts, algorithm) per shape, None where no algorithm serves it
+        self._fp8_descs: dict[tuple[bool, int], Any] = {}
+        self._fp8_shapes: dict[tuple[int, ...], tuple[Any, ...] | None] = {}
+        self._pointer = ffi.new("uint64_t*")  # a scale pointer's value as fp8_call passes it (no allocation per call)
         try:
             p = ffi.new("cublasLtMatmulPreference_t*")
             _check("cublasLtMatmulPreferenceCreate", lib.cublasLtMatmulPreferenceCreate(p))
@@ -209,17 +223,102 @@ class LtMatmuls:
             self._stream,
         )
 
+    def fp8_shape(
+        self, rows: int, n: int, k: int, y_ld: int, c_type: int, blocked: bool, x_scales: int, w_scales: int
+    ) -> tuple[Any, ...] | None:
+        """The cached entry of ``y[:rows, :n] = dequant(xq)[:rows, :k] @ dequant(w).T`` with e4m3 ``xq`` (row-major,
+        row stride ``k``) and ``w`` (``[n, k]`` row-major), float32 sums, ``y`` of ``c_type`` (row stride ``y_ld``).
+        ``blocked`` False: per-row scales of both (``x_scales`` ``[rows]``, the weight's ``[n]``); True: the
+        weight's per 128x128 block (``[n / 128, k / 128]`` row-major) and x's per 128 columns (``x_scales``
+        ``[k / 128, rows]``, rows contiguous; ``w_scales``: a weight's, for the algorithm query, which offers none
+        while a scale pointer is NULL). None where cuBLASLt offers no algorithm (older than 12.9, a GPU
+        without FP8 tensor cores, a shape it does not serve) or after :meth:`close`."""
+        if self._h is None:
+            return None
+        key = (rows, n, k, y_ld, c_type, blocked, x_scales)
+        if key in self._fp8_shapes:
+            return self._fp8_shapes[key]
+        if len(self._fp8_shapes) >= _MAX_SHAPES:
+            self._drop_shapes()
+        lib, ffi = self._lib, self._ffi
+        desc = self._fp8_descs.get((blocked, c_type))
+        if desc is None:
+            d = ffi.new("cublasLtMatmulDesc_t*")
+            _check("cublasLtMatmulDescCreate", lib.cublasLtMatmulDescCreate(d, CUBLAS_COMPUTE_32F, CUDA_R_32F))
+            desc = self._fp8_descs[(blocked, c_type)] = d[0]
+            a_mode, b_mode = (
+                (CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F)
+                if blocked
+                else (CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F, CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F)
+            )
+            for attr, value in (
+                (CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T),
+                (CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N),
+                (CUBLASLT_MATMUL_DESC_A_SCALE_MODE, a_mode),
+                (CUBLASLT_MATMUL_DESC_B_SCALE_MODE, b_mode),
+            ):
+                status = lib.cublasLtMatmulDescSetAttribute(desc, attr, ffi.new("int32_t*", value), 4)
+                if status:  # a cuBLASLt without scale modes: no FP8 product from it
+                    self._fp8_shapes[key] = None
+                    return None
+        status = lib.cublasLtMatmulDescSetAttribute(
+            desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, ffi.new("uint64_t*", w_scales), 8
+        ) or lib.cublasLtMatmulDescSetAttribute(
+            desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, ffi.new("uint64_t*", x_scales), 8
+        )
+        made = []
+        for dtype, r, c, ld in ((CUDA_R_8F_E4M3, k, n, k), (CUDA_R_8F_E4M3, k, rows, k), (c_type, n, rows, y_ld)):
+            out = ffi.new("cublasLtMatrixLayout_t*")
+            _check("cublasLtMatrixLayoutCreate", lib.cublasLtMatrixLayoutCreate(out, dtype, r, c, ld))
+            made.append(out[0])
+            self._layouts.append(out[0])
+        results = ffi.new("cublasLtMatmulHeuristicResult_t[1]")
+        returned = ffi.new("int*")
+        a, b, c = made
+        if status == 0:
+            status = lib.cublasLtMatmulAlgoGetHeuristic(self._h, desc, a, b, c, c, self._pref, 1, results, returned)
+        entry = None
+        if status == 0 and returned[0] > 0 and results[0].state == 0:
+            algo = ffi.new("cublasLtMatmulAlgo_t*")
+            algo[0] = results[0].algo
+            entry = (desc, a, b, c, algo, x_scales)
+        self._fp8_shapes[key] = entry
+        return entry
+
+    def fp8_call(self, entry: tuple[Any, ...], xq: int, w: int, w_scales: int, y: int, accumulate: bool) -> int:
+        """Enqueue one FP8 product of a :meth:`fp8_shape` entry with the weight ``w`` and its scales; returns the
+        cublasStatus_t (0: success)."""
+        desc, a, b, c, algo, x_scales = entry
+        lib, pointer = self._lib, self._pointer
+        # the descriptor is shared by the shapes of its mode: both scale pointers are this call's (the attribute
+        # keeps the value, not the buffer)
+        pointer[0] = w_scales
+        status = lib.cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, pointer, 8)
+        if not status:
+            pointer[0] = x_scales
+            status = lib.cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, pointer, 8)
+        if status:
+            return int(status)
+        return self._matmul(  # type: ignore[no-any-return]
+            self._h, desc, self._one, w, a, xq, b, self._one if accumulate else self._zero, y, c, y, c, algo,
+            self._ws, self._ws_bytes, self._stream,
+        )  # fmt: skip
+
     def _drop_shapes(self) -> None:
         for layout in self._layouts:
             self._lib.cublasLtMatrixLayoutDestroy(layout)
         self._layouts.clear()
         self._shapes.clear()
+        self._fp8_shapes.clear()
 
     def close(self) -> None:
         """Destroy the layouts, descriptor, preference and handle (idempotent; work already enqueued is unaffected)."""
         if self._h is None:
             return
         self._drop_shapes()
+        for desc in self._fp8_descs.values():
+            self._lib.cublasLtMatmulDescDestroy(desc)
+        self._fp8_descs.clear()
         if self._desc is not None:
             self._lib.cublasLtMatmulDescDestroy(self._desc)
             self._desc = None

@@ -813,7 +813,8 @@ class Dense:
         ``scales`` (``block`` None: one per output row, ``[n]``; ``(bn, bk)``: one per block, ``[ceil(n / bn),
         ceil(k / bk)]`` row-major): from now on :meth:`linear` (and :meth:`prepared_linear`) with this ``w`` compute
         ``x @ (e4m3(w) * scale).T`` (:mod:`~fi_engine.fp8_linear`: a GEMV reading the bytes for at most 8 rows,
-        else the weight dequantized into a 16-bit scratch matrix and the 16-bit GEMM). Call it while loading, not
+        else cuBLASLt's FP8 GEMM over activations quantized to e4m3 (:attr:`fp8_w8a8`), else the weight
+        dequantized into a 16-bit scratch matrix and the 16-bit GEMM). Call it while loading, not
         during a step (the scratch may grow); the weight must stay allocated until :meth:`remove_fp8_weight` or
         :meth:`close`. ValueError naming a bad argument; RuntimeError where the driver launch path is off."""
         if not self.gemv:
@@ -834,6 +835,16 @@ class Dense:
     def serves_fp8(self) -> bool:
         """Whether any weight was registered with :meth:`add_fp8_weight`."""
         return bool(self._fp8_weights)
+
+    fp8_w8a8 = True
+    """Whether linears of FP8 weights over more than 8 rows quantize their activations to e4m3 and run cuBLASLt's
+    FP8 tensor-core GEMM (W8A8, :mod:`~fi_engine.fp8_linear`); False: the weight dequantized to 16 bits and the
+    16-bit GEMM (W8A16, slower: 5 bytes read per weight). A class attribute; set it on an instance to override."""
+
+    fp8_w8a8_blocks = False
+    """Whether :attr:`fp8_w8a8` serves 128x128-block weights too (per-tensor and per-channel ones: always). Off
+    until its GPU check passes (:mod:`~fi_engine.fp8_linear` says what was measured); those weights take the
+    dequantizing path."""
 
     fp8_fused = False
     """Whether the fused decode step runs over FP8 weights (``FP8_FUSED_SOURCE``'s kernels, which
@@ -873,7 +884,8 @@ class Dense:
         c_type: int,
         accumulate: bool,
     ) -> None:
-        """:meth:`linear` of a registered FP8 weight: the FP8 GEMV for at most 8 rows, else dequantize + GEMM."""
+        """:meth:`linear` of a registered FP8 weight: the FP8 GEMV for at most 8 rows, else the FP8 GEMM
+        (:attr:`fp8_w8a8`) where cuBLASLt serves it, else dequantize + 16-bit GEMM."""
         self._check_fp8_call(fp8, n, k, ab_type, c_type)
         bf16 = ab_type == CUDA_R_16BF
         if 0 < rows <= FP8_GEMV_MAX_ROWS and not accumulate:
@@ -881,6 +893,10 @@ class Dense:
             if packed:
                 self._fp8.run_gemv(packed, self._null)
                 return
+        if self.fp8_w8a8 and self._fp8.w8a8(
+            self._lt, rows, x, x_ld, fp8, y, y_ld, bf16, c_type, accumulate, self._null, self.fp8_w8a8_blocks
+        ):  # the FP8 tensor-core GEMM over activations quantized on the fly
+            return
         weight = self._fp8.dequantize(fp8, bf16, self._null)
         on, self.gemv = self.gemv, False  # the 16-bit GEMM (cuBLASLt / cuBLAS) on the dequantized scratch
         try:

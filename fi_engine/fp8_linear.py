@@ -1,15 +1,24 @@
-"""Linear layers with e4m3 weights on the GPU (W8A16): the registry of a :class:`~fi_engine.dense.Dense`'s FP8
-weights, the GEMV that reads them as stored for a step of few rows, and the dequantization that serves the rest.
+"""Linear layers with e4m3 weights on the GPU: the registry of a :class:`~fi_engine.dense.Dense`'s FP8 weights,
+the GEMV that reads them as stored for a step of few rows (W8A16), and the FP8 tensor-core GEMM for the rest (W8A8).
 
-Why W8A16 (16-bit activations times e4m3 weights scaled in registers) rather than FP8 tensor-core GEMMs with
-quantized activations (W8A8): a decode step of few rows is bound by reading the weights, and reading one byte per
-weight instead of two is the whole gain there; its sums stay float32 over unquantized activations, so its error is
-the weights' own (no activation scale to calibrate or compute per token). Steps of more than
-:data:`FP8_GEMV_MAX_ROWS` rows (prefill, large decode batches) dequantize the weight into a 16-bit scratch matrix
-of the Dense's (one kernel, reading 1 and writing 2 bytes per weight) and run the 16-bit GEMM on it: exact to the
-16-bit rounding of each scaled weight, with no kernel compiled at run time. An FP8 tensor-core GEMM would serve
-those steps faster; FlashInfer's ``fp8_blockscale_gemm_90`` module and cuBLASLt's block-scaled FP8 are where it
-would come from (docs/engine.md says what is measured).
+Decode steps of at most :data:`FP8_GEMV_MAX_ROWS` rows: W8A16, 16-bit activations times e4m3 weights scaled in
+registers. Such a step is bound by reading the weights, and reading one byte per weight instead of two is the whole
+gain there; its sums stay float32 over unquantized activations, so its error is the weights' own.
+
+More rows (prefill, large decode batches): W8A8 through cuBLASLt's FP8 tensor-core GEMM (:meth:`Fp8Linears.w8a8`).
+The activations are quantized to e4m3 on the fly (dynamic scales: one per row for per-tensor and per-channel
+weights, as vLLM's per-token scheme; one per row and 128 columns for 128x128-block weights, the DeepSeek-V3 /
+Qwen3-FP8 recipe), by a kernel of the engine's own, and the GEMM applies both operands' scales (cuBLASLt's
+OUTER_VEC_32F, or BLK128x128_32F for the weight and VEC128_32F for the activations). Measured on an H100 it takes
+0.55-0.75x the time of the 16-bit GEMM on the 8B shapes from 16 rows up, where the W8A16 GEMV would be compute-bound
+(each weight decoded with integer operations per 8 rows). The block-scaled product is off by default
+(:attr:`Dense.fp8_w8a8_blocks`): it was right on the GPU where ``ceil(k / 128)`` is a multiple of 4 and wrong
+otherwise (cuBLASLt reads the weight's scale rows at 16-byte strides); the padded copy of the scales that
+:meth:`Fp8Linears.add` makes for it has not yet run on a GPU. A checkpoint's static ``input_scale`` is not used: scales
+computed per row are never coarser. Where cuBLASLt offers no algorithm (older than 12.9, a GPU without FP8 tensor
+cores, a block other than 128x128) or the call does not fit its rules, the weight is dequantized into a 16-bit
+scratch matrix of the Dense's and the 16-bit GEMM runs on it (W8A16, exact to the 16-bit rounding of each scaled
+weight; it reads 5 bytes per weight). :attr:`Dense.fp8_w8a8` turns the tensor-core path off.
 
 Scales, as :meth:`Fp8Linears.add` takes them: float32, either one per output row (``block`` None: per-tensor
 checkpoints repeat their scalar over the rows, per-channel ones give theirs) or one per block of ``bn`` rows by
@@ -24,7 +33,7 @@ from typing import Any
 
 from fi_ffi.cuda import driver_error
 
-from .cuda_sources import FP8_FUSED_SOURCE, FP8_GEMV_SOURCE
+from .cuda_sources import FP8_FUSED_SOURCE, FP8_GEMV_SOURCE, FP8_QUANT_SOURCE
 
 __all__ = ["FP8_GEMV_MAX_ROWS", "FP8_GEMV_THREADS", "Fp8Linears", "Fp8Weight"]
 
@@ -44,6 +53,9 @@ class Fp8Weight:
     k: int
     scales: int
     block: tuple[int, int] | None
+    # the scales as cuBLASLt's FP8 GEMM reads them: for 128x128 blocks, rows of ceil(k / 128) rounded up to a
+    # multiple of 4 (16-byte strides; measured: unpadded rows give wrong products), a padded copy where they differ
+    lt_scales: int = 0
 
     @property
     def scale_args(self) -> tuple[int, int, int, int]:
@@ -85,12 +97,20 @@ class Fp8Linears:
         self.fused_smem = 0  # the dynamic shared memory (bytes) they may take: the Dense's fused limit less 1 KiB
         self._scratch: Any = None  # the 16-bit weight a GEMM of many rows reads (grown by add, never in a step)
         self._packed: dict[tuple[int, ...], tuple[Any, ...]] = {}
+        # the W8A8 path: the activation quantizers ((bf16, per 128 columns) -> CUfunction; empty where they did not
+        # compile, e.g. a GPU below SM 8.9) and each call site's plan (its launches, values only)
+        self._quant: dict[tuple[bool, bool], int] = {}
+        self.w8a8_error = ""  # why the quantizers did not compile, if they did not
+        self._w8a8_plans: dict[tuple[int, ...], tuple[Any, ...]] = {}
+        self._padded: dict[int, Any] = {}  # weight address -> its block scales padded for cuBLASLt (Fp8Weight)
 
     def add(self, w: int, n: int, k: int, scales: int, block: tuple[int, int] | None, fused_smem: int = 0) -> None:
         """Register the e4m3 weight ``[n, k]`` at ``w`` with its float32 ``scales`` (see the module docstring).
         ValueError naming the argument: an address that is NULL or not 16-byte aligned (``scales``: 4), ``k`` not
         a multiple of 16, a block that is not two positive ints with ``bk`` a power of two >= 16. ``fused_smem``:
-        the dynamic shared memory the fused variants may take (the Dense's; 0: none compiled)."""
+        the dynamic shared memory the fused variants may take (the Dense's; 0: none compiled). 128x128-block scales
+        whose rows (``ceil(k / 128)``) are not a multiple of 4 are copied here, padded, for cuBLASLt: register the
+        weight again after changing them."""
         for name, value, align in (("w", w, 16), ("scales", scales, 4)):
             if value.__class__ is not int or not 0 < value < _U64 or value % align:
                 raise ValueError(f"{name}: expected a non-NULL device address aligned to {align} bytes, got {value!r}")
@@ -106,7 +126,24 @@ class Fp8Linears:
                     f"block: expected (rows, columns), columns a power of two >= 16 (e.g. (128, 128)), got {block!r}"
                 )
         self._compile(fused_smem)
-        self.weights[w] = Fp8Weight(w, n, k, scales, block)
+        lt_scales = scales
+        self._padded.pop(w, None)
+        groups = -(-k // 128)
+        if block == (128, 128) and groups % 4:
+            import cupy
+
+            nb = -(-n // 128)
+            given = cupy.ndarray(
+                (nb, groups),
+                cupy.float32,
+                cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(scales, nb * groups * 4, None), 0),
+            )
+            padded = cupy.zeros((nb, -(-groups // 4) * 4), cupy.float32)
+            padded[:, :groups] = given
+            cupy.cuda.get_current_stream().synchronize()  # ready whatever stream the GEMMs run on
+            self._padded[w] = padded
+            lt_scales = int(padded.data.ptr)
+        self.weights[w] = Fp8Weight(w, n, k, scales, block, lt_scales)
         self._grow_scratch(2 * n * k)
 
     def _compile(self, fused_smem: int) -> None:
@@ -129,6 +166,14 @@ class Fp8Linears:
                 self._fused_module, self.fused_smem = fused, fused_smem - 1024
             except Exception as exc:
                 self._fused, self.fused_error = {}, f"{type(exc).__name__}: {exc}"
+        try:  # cvt.e4m3x2 needs SM 8.9+: without it, steps of many rows take the dequantizing path
+            quant = cupy.RawModule(code=FP8_QUANT_SOURCE)
+            for bf16, t in ((True, "bf16"), (False, "f16")):
+                self._quant[(bf16, False)] = _function_ptr(quant.get_function(f"quant_rows_{t}"))
+                self._quant[(bf16, True)] = _function_ptr(quant.get_function(f"quant_groups_{t}"))
+            self._quant_module = quant
+        except Exception as exc:
+            self._quant, self.w8a8_error = {}, f"{type(exc).__name__}: {exc}"
         module = cupy.RawModule(code=FP8_GEMV_SOURCE)
         for bf16 in (True, False):
             t = "bf16" if bf16 else "f16"
@@ -146,6 +191,7 @@ class Fp8Linears:
         if self._scratch is None or self._scratch.nbytes < nbytes:
             self._scratch = cupy.empty(nbytes, cupy.uint8)
             self._packed.clear()  # packed dequantizations point into the old scratch
+            self._w8a8_plans.clear()  # and so do the quantized activations
 
     def fused_fn(self, mode: int, bf16: bool, f32: bool, block: bool) -> int | None:
         """The fused GEMV over e4m3 weights with prologue ``mode`` (1 norm, 2 add-norm, 3 SiLU; see
@@ -198,15 +244,131 @@ class Fp8Linears:
             raise driver_error(err, "cuLaunchKernel(dequant_e4m3)")
         return int(out)
 
+    def w8a8(
+        self,
+        lt: Any,
+        rows: int,
+        x: int,
+        x_ld: int,
+        wt: Fp8Weight,
+        y: int,
+        y_ld: int,
+        bf16: bool,
+        c_type: int,
+        accumulate: bool,
+        null: Any,
+        blocks: bool = False,
+    ) -> bool:
+        """``y[:rows] (+)= x[:rows] @ dequant(wt).T`` with e4m3 activations (see the module docstring): x quantized
+        into the scratch, then cuBLASLt's FP8 GEMM (``lt``: the Dense's :class:`~fi_engine.cublas_lt.LtMatmuls`).
+        cuBLASLt serves some row counts only (measured on an H100: 16 and 37 rows with per-row scales, 16 and not
+        37 with blocks): the rows it serves go through it and the last few through the FP8 GEMV, 8 at a time.
+        False, with nothing launched, where this path cannot serve the call: the caller dequantizes instead.
+        ``blocks``: serve 128x128-block weights too (off by default: see the module docstring)."""
+        if wt.block is not None and not blocks:
+            return False
+        key = (rows, x, x_ld, wt.w, y, y_ld, bf16, c_type, accumulate)
+        plan = self._w8a8_plans.get(key)
+        if plan is None:
+            plan = self._plan_w8a8(lt, *key)
+            if len(self._w8a8_plans) > 4096:
+                self._w8a8_plans.clear()
+            self._w8a8_plans[key] = plan
+        if not plan:
+            return False
+        (fn, grid, threads, params, _), entry, xq, tail = plan
+        err = self._launch(fn, grid, 1, 1, threads, 1, 1, 0, self._stream, params, null)
+        if err:
+            raise driver_error(err, "cuLaunchKernel(e4m3 activation quantization)")
+        status = lt.fp8_call(entry, xq, wt.w, wt.lt_scales, y, accumulate)
+        if status:
+            from fi_ffi.errors import CublasError
+
+            from .cublas import status_name
+
+            raise CublasError("cublasLtMatmul(FP8)", status, status_name(status))
+        for packed in tail:
+            self.run_gemv(packed, null)
+        return True
+
+    def _plan_w8a8(
+        self,
+        lt: Any,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        y: int,
+        y_ld: int,
+        bf16: bool,
+        c_type: int,
+        accumulate: bool,
+    ) -> tuple[Any, ...]:
+        """The launches of one :meth:`w8a8` call site, or ``()`` where it cannot serve it."""
+        from .cublas import CUDA_R_32F
+
+        wt = self.weights[w]
+        blocked = wt.block is not None
+        y_size = 4 if c_type == CUDA_R_32F else 2
+        if (
+            not self._quant
+            or lt is None
+            or wt.n % 16
+            or (blocked and (wt.block != (128, 128) or wt.k % 128 or wt.n % 128))
+            or x % 16
+            or x_ld % 8
+            or y % 16
+            or (y_ld * y_size) % 16
+            or wt.lt_scales % 16
+        ):
+            return ()
+        k, groups = wt.k, -(-wt.k // 128)
+        scratch = int(self._scratch.data.ptr)
+        for main in dict.fromkeys((rows, rows - rows % 4, rows - rows % 16)):  # the rows cuBLASLt takes
+            tail_rows = rows - main
+            if main <= 0 or (tail_rows and accumulate):
+                continue
+            q_bytes = -(-main * k // 256) * 256
+            if q_bytes + 4 * main * (groups if blocked else 1) > self._scratch.nbytes:
+                continue  # more rows than the scratch holds: the dequantizing path (its GEMM takes any rows)
+            x_scales = scratch + q_bytes
+            entry = lt.fp8_shape(main, wt.n, k, y_ld, c_type, blocked, x_scales, wt.lt_scales)
+            if entry is None:
+                self.w8a8_error = f"cuBLASLt offers no FP8 algorithm for {main} x {wt.n} x {k} (blocked: {blocked})"
+                continue
+            tail = []
+            for start in range(main, rows, FP8_GEMV_MAX_ROWS):
+                r = min(FP8_GEMV_MAX_ROWS, rows - start)
+                packed = self.gemv(r, x + 2 * start * x_ld, x_ld, wt, y + y_size * start * y_ld, y_ld, bf16,
+                                   c_type == CUDA_R_32F)  # fmt: skip
+                if not packed:
+                    break
+                tail.append(packed)
+            else:
+                if blocked:
+                    values = self._ffi.new("uint64_t[7]", [x, x_ld, main, k, scratch, x_scales, main])
+                    params = self._ffi.new("void*[7]", [values + i for i in range(7)])
+                    quant = (self._quant[(bf16, True)], -(-main * groups // 8), 256, params, values)
+                else:
+                    values = self._ffi.new("uint64_t[5]", [x, x_ld, k, scratch, x_scales])
+                    params = self._ffi.new("void*[5]", [values + i for i in range(5)])
+                    quant = (self._quant[(bf16, False)], main, 256, params, values)
+                return quant, entry, scratch, tuple(tail)
+        return ()
+
     def remove(self, w: int) -> None:
         """Forget the registration of ``w`` (before its memory is freed: a 16-bit weight allocated there later
         must not be read as e4m3) and the launches packed for it. Unknown addresses: nothing happens."""
         if self.weights.pop(w, None) is not None:
+            self._padded.pop(w, None)
             self._packed.clear()
+            self._w8a8_plans.clear()
 
     def close(self) -> None:
         """Forget the weights and packed launches and free the scratch (the module goes with the object)."""
         self.weights.clear()
+        self._padded.clear()
         self._packed.clear()
+        self._w8a8_plans.clear()
         self._fused = {}
         self._scratch = None

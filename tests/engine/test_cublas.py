@@ -232,6 +232,14 @@ LT_ENUMS = {  # name -> the module's int (cublasLt.h)
     "CUBLASLT_MATMUL_DESC_TRANSA": cublas_lt.CUBLASLT_MATMUL_DESC_TRANSA,
     "CUBLASLT_MATMUL_DESC_TRANSB": cublas_lt.CUBLASLT_MATMUL_DESC_TRANSB,
     "CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES": cublas_lt.CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+    # the FP8 products (fi_engine.fp8_linear's W8A8 path)
+    "CUBLASLT_MATMUL_DESC_A_SCALE_POINTER": cublas_lt.CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+    "CUBLASLT_MATMUL_DESC_B_SCALE_POINTER": cublas_lt.CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+    "CUBLASLT_MATMUL_DESC_A_SCALE_MODE": cublas_lt.CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+    "CUBLASLT_MATMUL_DESC_B_SCALE_MODE": cublas_lt.CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+    "CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F": cublas_lt.CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F,
+    "CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F": cublas_lt.CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
+    "CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F": cublas_lt.CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
 }
 LT_ARITY = {
     "cublasLtCreate": 1,
@@ -260,6 +268,17 @@ def test_lt_declarations_parse_with_the_header_layouts():
     assert ffi.offsetof("cublasLtMatmulHeuristicResult_t", "state") == 72
     # the transposes the GEMM needs (w^T . x^T in column-major terms) are cuBLAS's own operation values
     assert (cublas_lt.CUBLAS_OP_T, cublas_lt.CUBLAS_OP_N) == (cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N)
+
+
+def test_lt_e4m3_data_type_matches_the_installed_header():
+    include = _header_dir()
+    path = include / "library_types.h" if include is not None else None
+    if path is None or not path.is_file():
+        path = _cuda_runtime_header("library_types.h")
+    if path is None:
+        pytest.skip("library_types.h not installed (nvidia-cublas / nvidia-cuda-runtime wheels or a CUDA toolkit)")
+    m = re.search(r"\bCUDA_R_8F_E4M3\s*=\s*(\d+)", path.read_text(errors="replace"))
+    assert m and int(m.group(1)) == cublas_lt.CUDA_R_8F_E4M3
 
 
 def test_lt_enum_values_match_the_installed_header():

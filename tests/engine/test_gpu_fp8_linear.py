@@ -7,9 +7,15 @@ products), per-row and 128x128-block scales, bfloat16 and float16 activations, 1
 - the GEMV (1 to 8 rows, the prepared launch too): float32 sums of exact products, so per output ``|y - ref| <=
   sum_c |x_c w_c| * 2**-20 + |ref| * ulp_out`` (2**-20: float32 rounding over k <= 4096 terms with room; ulp_out
   2**-8 bfloat16, 2**-11 float16, 0 for float32 out);
-- more rows (16 and 40): each weight dequantized to the 16-bit type first (one rounding, relative ``ulp_w`` =
-  2**-8 bfloat16 / 2**-11 float16), then the 16-bit GEMM: ``|y - ref| <= sum_c |x_c w_c| * (ulp_w + 2**-20) + |ref|
-  * ulp_out``;
+- more rows (16 and 40) with the W8A16 path (``Dense.fp8_w8a8`` off): each weight dequantized to the 16-bit type
+  first (one rounding, relative ``ulp_w`` = 2**-8 bfloat16 / 2**-11 float16), then the 16-bit GEMM: ``|y - ref| <=
+  sum_c |x_c w_c| * (ulp_w + 2**-20) + |ref| * ulp_out``;
+- more rows with the W8A8 path (the default for per-row scales; for 128x128 blocks behind
+  ``Dense.fp8_w8a8_blocks``, which the test turns on: activations quantized to e4m3 per row, or per row and 128
+  columns for block weights, then cuBLASLt's FP8 GEMM): against the same product computed in numpy on the activations
+  quantized exactly as the engine specifies (amax, scale = amax / 448, RNE e4m3 of x * (448 / amax) in float32),
+  ``|y - ref_q| <= sum_c |xq_c w_c| * 2**-12 + |ref_q| * ulp_out`` (2**-12: Hopper's FP8 tensor cores keep fewer
+  bits than float32 between cuBLASLt's promotions to float32); rows cuBLASLt does not take (the last few of a count it refuses) go through the FP8 GEMV and meet the W8A16 bound instead;
 - the fused decode step's GEMVs over e4m3 weights (``Dense.fused_linear`` with a norm, add-norm or SiLU
   prologue): their output against the plain FP8 GEMV applied to the prologue's rows (which the 16-bit fused
   kernel yields exactly through an identity weight), within 2**-20 of the magnitude sum (the same sums in the same
@@ -81,6 +87,7 @@ def random_weight(rng: np.random.Generator, n: int, k: int, block: tuple[int, in
 @pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
 @pytest.mark.parametrize("out_f32", [False, True], ids=["out16", "out32"])
 def test_fp8_linear_against_float32(dense, block, ab, out_f32) -> None:  # type: ignore[no-untyped-def]
+    dense.fp8_w8a8 = False  # the W8A16 path for every row count (the W8A8 one: the next test)
     rng = np.random.default_rng(7)
     n, k = 392, 1088  # n and k not multiples of 128: partial blocks on both axes
     bits, scales, w = random_weight(rng, n, k, block)
@@ -108,6 +115,70 @@ def test_fp8_linear_against_float32(dense, block, ab, out_f32) -> None:  # type:
         worst = float((err / bound).max())
         print(f"rows={rows} block={block} max err {err.max():.3g} (worst share of the bound {worst:.3f})")
         assert worst <= 1.0, f"rows={rows}: error {err.max()} over the bound"
+
+
+def quantize_rows(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """The engine's dynamic e4m3 quantization of activations x [rows, k] (float32) in groups of ``group`` columns:
+    the dequantized values and, per element, its group's scale."""
+    k = x.shape[1]
+    xq, sx = np.zeros_like(x), np.zeros_like(x)
+    for c in range(0, k, group):
+        part = x[:, c : c + group]
+        amax = np.maximum(np.abs(part).max(axis=1, keepdims=True), np.float32(1e-12)).astype(np.float32)
+        inv = (np.float32(448.0) / amax).astype(np.float32)
+        scaled = np.clip((part * inv).astype(np.float32), -448, 448)
+        q = torch.from_numpy(scaled).to(torch.float8_e4m3fn).float().numpy()  # round to nearest even
+        xq[:, c : c + group] = q
+        sx[:, c : c + group] = (amax / np.float32(448.0)).astype(np.float32)
+    return xq, sx
+
+
+@pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
+@pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
+@pytest.mark.parametrize("out_f32", [False, True], ids=["out16", "out32"])
+def test_fp8_tensor_core_gemm_against_the_quantized_product(dense, block, ab, out_f32) -> None:  # type: ignore[no-untyped-def]
+    dense.fp8_w8a8_blocks = True  # off by default until this check passes on a GPU (fp8_linear's docstring)
+    rng = np.random.default_rng(9)
+    n, k = 640, 1152  # multiples of 128 (cuBLASLt's block scales); 9 scale columns: the padded copy
+    bits, scales, w = random_weight(rng, n, k, block)
+    dw, ds = cp.asarray(bits), cp.asarray(scales)
+    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    c = CUDA_R_32F if out_f32 else ab
+    w64 = w.astype(np.float64)
+    for rows in (9, 16, 20, 37, 64, 200):
+        x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 10, (rows, 1))).astype(np.float32)
+        dx = to16(x, ab)
+        x = from16(dx, ab)
+        dy = cp.zeros((rows, n), cp.float32 if out_f32 else cp.int16)
+        dense.linear(rows, dx.data.ptr, k, dw.data.ptr, n, k, dy.data.ptr, n, ab, c)
+        cp.cuda.get_current_stream().synchronize()
+        got = cp.asnumpy(dy) if out_f32 else from16(dy, ab)
+        xq, sx = quantize_rows(x, k if block is None else 128)
+        xd = xq.astype(np.float64) * sx
+        ref_q = xd @ w64.T
+        bound_q = (np.abs(xd) @ np.abs(w64).T) * 2.0**-12 + np.abs(ref_q) * ULP[c] + 1e-6
+        ref = x.astype(np.float64) @ w64.T  # the W8A16 GEMV's, for rows cuBLASLt left to it
+        bound = (np.abs(x).astype(np.float64) @ np.abs(w64).T) * 2.0**-20 + np.abs(ref) * ULP[c] + 1e-6
+        tensor_core = (np.abs(got - ref_q) <= bound_q).all(axis=1)
+        gemv = (np.abs(got - ref) <= bound).all(axis=1)
+        print(f"rows={rows} block={block}: {int(tensor_core.sum())} rows the W8A8 product, {int(gemv.sum())} the W8A16")
+        print("  w8a8 plans:", [bool(p) for p in dense._fp8._w8a8_plans.values()], dense._fp8.w8a8_error)
+        assert (tensor_core | gemv).all(), f"rows={rows}: rows {np.nonzero(~(tensor_core | gemv))[0]} match neither"
+        if rows % 16 == 0:  # cuBLASLt serves these counts whole (measured): no row left to the GEMV
+            assert tensor_core.all(), f"rows={rows}: the FP8 tensor-core GEMM did not serve every row"
+    # accumulate (y += x @ w.T): cuBLASLt's beta = 1
+    rows = 32
+    x = to16(rng.standard_normal((rows, k)).astype(np.float32), ab)
+    y1 = cp.zeros((rows, n), cp.float32 if out_f32 else cp.int16)
+    dense.linear(rows, x.data.ptr, k, dw.data.ptr, n, k, y1.data.ptr, n, ab, c)
+    y2 = y1.copy()
+    dense.linear(rows, x.data.ptr, k, dw.data.ptr, n, k, y2.data.ptr, n, ab, c, accumulate=True)
+    cp.cuda.get_current_stream().synchronize()
+    once = cp.asnumpy(y1) if out_f32 else from16(y1, ab)
+    twice = cp.asnumpy(y2) if out_f32 else from16(y2, ab)
+    # float32 out: the same sums again, so exactly twice; 16-bit out: two roundings of the product apart
+    atol = 1e-6 if out_f32 else 1e-3 * float(np.abs(once).max())
+    assert np.allclose(twice, 2 * once, rtol=4 * ULP[c] + 1e-6, atol=atol), "accumulate: y + x @ w.T differs"
 
 
 @pytest.mark.parametrize("mode", [NORM, ADD_NORM, SILU], ids=["norm", "addnorm", "silu"])
@@ -150,6 +221,7 @@ def test_every_e4m3_code_decodes_exactly(dense, rows) -> None:  # type: ignore[n
     """One-hot rows of x pick single weights: y[r, j] = e4m3(w[j, c]) * 1 exactly (float32 out; the dequantized
     path rounds to bfloat16, which holds every e4m3 value), for the 254 codes that are not NaN, subnormals
     included."""
+    dense.fp8_w8a8 = False  # the W8A16 path (the W8A8 one rounds the activations' scale 1 / 448)
     codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)  # 254
     n, k = 32, 256
     bits = np.zeros((n, k), np.uint8)
