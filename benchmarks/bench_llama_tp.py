@@ -150,6 +150,14 @@ def run_rank(
         from fi_engine.dense import Dense
 
         Dense.fp8_fused = True
+    if variant == "w8a16":  # FP8 weights: steps of more than 8 rows dequantize (before the FP8 tensor-core GEMM)
+        from fi_engine.dense import Dense
+
+        Dense.fp8_w8a8 = False
+    if variant == "w8a8-blocks":  # FP8 128x128-block weights: the FP8 tensor-core GEMM too (off by default)
+        from fi_engine.dense import Dense
+
+        Dense.fp8_w8a8_blocks = True
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
         LlamaEngine.graph_fused_decode = False
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
@@ -334,6 +342,8 @@ def main() -> None:
         "of the decode graph through cuBLASLt, none through the GEMV), unfused (TP 1: a one-row decode graph of "
         "separate launches, not the fused step), no-pdl (TP 1: the fused step's GEMVs without programmatic dependent "
         "launch), fp8-fused (TP 1, FP8 checkpoints: the fused step over e4m3 weights, off by default), "
+        "w8a16 (TP 1, FP8 checkpoints: steps of more than 8 rows dequantize instead of the FP8 GEMM), "
+        "w8a8-blocks (TP 1, 128x128-block FP8 checkpoints: the FP8 GEMM for them too, off by default), "
         "ahead (as fused, the next step prepared while the "
         "GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce launched with programmatic dependent "
         "launch)",
@@ -359,7 +369,9 @@ def main() -> None:
     table = []
     for tp in [int(t) for t in args.tp.split(",")]:
         variants = args.variants.split(",")
-        one_gpu = ["fused"] + [v for v in variants if v in ("in-step", "lt", "unfused", "no-pdl", "fp8-fused")]
+        one_gpu = ["fused"] + [
+            v for v in variants if v in ("in-step", "lt", "unfused", "no-pdl", "fp8-fused", "w8a16", "w8a8-blocks")
+        ]
         for variant in one_gpu if tp == 1 else variants:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = [sys.executable, __file__, "--model", str(args.model), "--rank-out", out.name]
