@@ -1901,7 +1901,10 @@ EXEMPT: dict[str, str] = {
         "engine/test_fp8_weights.py::test_the_array_helpers_refuse_what_is_no_array)",
     ),
     "engine_process.EngineProcess": "starts a child process per instance: its factory, arguments and the child's "
-    "errors in engine/test_engine_process.py (test_a_child_that_cannot_build_its_engine_is_named)",
+    "errors in engine/test_engine_process.py (test_a_child_that_cannot_build_its_engine_is_named), clients= and "
+    "client() in engine/test_engine_process_clients.py (test_clients_are_named_and_handed_over_before_use)",
+    "engine_client.EngineClient": "made by EngineProcess.client only (a connection to a running child): "
+    "engine/test_engine_process_clients.py",
     "fp8_linear.Fp8Linears": "made by Dense.add_fp8_weight on a GPU; its checks in engine/test_gpu_fp8_linear.py "
     "(test_bad_fp8_calls_name_the_argument)",
     "stepping.StepEngine": "a typing.Protocol the engines implement (their methods' signatures against it: "
