@@ -1945,8 +1945,10 @@ EXEMPT: dict[str, str] = {
     "the tables of engine/test_service.py (test_bad_*_are_refused_by_name)",
     "service.RequestStream": "made by GenerationService.submit only (engine/test_service.py)",
     **dict.fromkeys(["service.StreamDelta", "service.RequestResult"], _RECORD),
-    "metrics.ServingMetrics": "takes no argument; the service and server feed it (engine/test_openai_server.py "
-    "parses its text with prometheus_client)",
+    "metrics.ServingMetrics": "takes no argument (ServingMetrics.shared(n) refuses n by name); the service and "
+    "server feed it (engine/test_openai_server.py and engine/test_service.py parse its text with prometheus_client)",
+    "shared_queue.SharedQueue": "made by SharedQueue.create (its count refused by name) for GenerationService's "
+    "shared_queue: engine/test_service.py (test_a_shared_queue_holds_the_limit_over_several_services)",
     "metrics.Histogram": "the metrics' own buckets (constants of fi_engine.metrics), checked in its constructor",
     "openai_protocol.ParsedRequest": "made by parse_completion / parse_chat from a checked body",
     **dict.fromkeys(
