@@ -153,6 +153,12 @@ class EngineClient:
         try:
             self._conn.send(msg)
         except (BrokenPipeError, ConnectionResetError):
+            # the child is gone: the error it sent before it ended (still unread here) says why
+            with contextlib.suppress(EOFError, OSError):
+                while self._conn.poll(0):
+                    pending = self._conn.recv()
+                    if pending[0] == "error":
+                        raise RuntimeError(f"engine process: {pending[1]}: {pending[2]}") from None
             raise RuntimeError(f"engine process: the child exited{self._status()}") from None
 
     def _receive(self) -> Any:

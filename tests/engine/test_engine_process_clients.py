@@ -49,11 +49,12 @@ def drain(client: StepEngine, got: Outputs) -> Outputs:
 def test_three_client_processes_each_get_exactly_their_own_outputs() -> None:
     ctx = mp.get_context("spawn")
     jobs = {i: [([i + 1, k + 1], 30 + 7 * k + i) for k in range(3)] for i in range(3)}
-    with EngineProcess(FAKE, VOCAB, max_batch=4, max_seq_len=100, step_delay_s=0.002, clients=3) as engine:
-        assert engine.clients == 3 and engine.client(2).max_batch == 4 and engine.client(2).max_seq_len == 100
+    jobs[1][0] = ([2, 1], 10**6)  # aborted by its client: no end of its own, however late the client reads
+    with EngineProcess(FAKE, VOCAB, max_batch=4, max_seq_len=10**7, step_delay_s=0.002, clients=3) as engine:
+        assert engine.clients == 3 and engine.client(2).max_batch == 4 and engine.client(2).max_seq_len == 10**7
         barrier, out = ctx.Barrier(3), ctx.Queue()
         options = {
-            0: {"refused": ([1] * 90, 20)},  # 90 + 20 > max_seq_len: refused, alone
+            0: {"refused": ([1, VOCAB + 5], 20)},  # a token outside the vocabulary: refused, alone
             1: {"abort_own_after": 5},
             2: {"abort_others": 9},  # every rid that is not its own: ignored by the child
         }
@@ -80,7 +81,7 @@ def test_three_client_processes_each_get_exactly_their_own_outputs() -> None:
             else:
                 assert finishes == ["length"] and tokens == want, (i, rid)
         assert refusal == (("ValueError", refusal[1]) if i == 0 else None)
-    assert "exceed max_seq_len 100" in reports[0][2][1]
+    assert f"prompt[1]: token id {VOCAB + 5} is outside the vocabulary" in reports[0][2][1]
 
 
 def test_a_killed_client_process_frees_its_slots_and_the_others_go_on() -> None:
@@ -118,10 +119,9 @@ def test_a_killed_client_process_frees_its_slots_and_the_others_go_on() -> None:
 def test_an_engine_error_reaches_every_client() -> None:
     with EngineProcess(FAKE, VOCAB, fail_at_step=3, step_delay_s=0.02, clients=2) as engine:
         clients = [engine.client(0), engine.client(1)]
-        for i, c in enumerate(clients):
-            c.add_request([i + 1], 50)
-        for c in clients:
+        for i, c in enumerate(clients):  # the second may come after the failure: its add is told then
             with pytest.raises(RuntimeError, match="engine process: RuntimeError: the fake engine fails at step 3"):
+                c.add_request([i + 1], 50)
                 drain(c, {})
         with pytest.raises(RuntimeError, match="engine process: the child exited"):  # and then its end
             clients[0].add_request([1], 2)
