@@ -1956,6 +1956,8 @@ EXEMPT: dict[str, str] = {
         "an HTTP body's fields, answered 400 naming the field: the BAD / BAD_CHAT tables of "
         "engine/test_openai_server.py",
     ),
+    "api_servers.serve_api_servers": "starts API-server processes over an EngineProcess until a signal: "
+    "engine/test_api_servers.py (its front ends' failures named; the address refused by name as port/host)",
     **dict.fromkeys(
         ["openai_server.build_app", "openai_server.serve"],
         "builds (and serve runs) the Starlette app over a GenerationService: engine/test_openai_server.py",
