@@ -144,7 +144,10 @@ def test_two_api_servers_answer_count_and_limit_together_then_stop_gracefully(
         messages = [[{"role": "user", "content": f"Hi {i}"}] for i in range(16)]
 
         async def clients() -> list[str]:
-            client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=WAIT)
+            fresh = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0))  # a connection per request
+            client = openai.AsyncOpenAI(
+                base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=WAIT, http_client=fresh
+            )
 
             async def one(i: int) -> str:
                 limit = 3 + i % 5
@@ -178,7 +181,14 @@ def test_two_api_servers_answer_count_and_limit_together_then_stop_gracefully(
         ]
         assert got == want
 
-        # every front end's /metrics is the sum over both (six fresh connections: both front ends answer)
+        # every front end's /metrics is the sum over both (six fresh connections: both front ends answer), once
+        # both have counted their requests' ends (a stream's last event can reach its client first)
+        settled = {("fi_engine_requests_running", ()): 0, ("fi_engine_requests_waiting", ()): 0}
+        settled[("fi_engine_requests_total", (("finish_reason", "length"),))] = 16
+        deadline = time.monotonic() + WAIT
+        while any(server.metrics().get(k) != v for k, v in settled.items()):
+            assert time.monotonic() < deadline, f"the metrics did not settle: {server.metrics()}"
+            time.sleep(0.02)
         views = [server.metrics() for _ in range(6)]
         assert all(v == views[0] for v in views)
         m = views[0]
