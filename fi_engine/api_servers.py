@@ -286,19 +286,27 @@ def _wait_ready(procs: list[Any], lifelines: list[Any], signals: _Signals) -> st
         waiting = {lifelines[i]: i for i in pending} | {procs[i].sentinel: i for i in pending}
         for obj in wait(list(waiting), POLL_S):
             i = waiting[obj]
-            if obj is lifelines[i] and lifelines[i].poll(0):
-                try:
-                    msg = lifelines[i].recv()
-                except (EOFError, OSError):
-                    msg = ("exited",)
-                if msg[0] == "ready":
-                    pending.discard(i)
-                    continue
-                if msg[0] == "failed":
-                    return f"API server {i} failed to start: {msg[1]}"
+            if i not in pending:  # its lifeline and its sentinel both came: handled
+                continue
+            msg = _read(lifelines[i])  # a process that exited may have said why first
+            if msg is None and procs[i].is_alive():
+                continue
+            if msg is not None and msg[0] == "ready":
+                pending.discard(i)
+                continue
+            if msg is not None and msg[0] == "failed":
+                return f"API server {i} failed to start: {msg[1]}"
             procs[i].join(1.0)
             return f"API server {i} exited (status {procs[i].exitcode}) before it listened"
     return None
+
+
+def _read(lifeline: Any) -> Any:
+    """The front end's message waiting on ``lifeline``; None when there is none, ``("gone",)`` at its end."""
+    try:
+        return lifeline.recv() if lifeline.poll(0) else None
+    except (EOFError, OSError):
+        return ("gone",)
 
 
 def _watch(procs: list[Any], signals: _Signals) -> str | None:
