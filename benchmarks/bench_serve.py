@@ -6,6 +6,8 @@ same batch for comparison.
     python benchmarks/bench_serve.py engine --model DIR [--batch 64] [--prompt-len 128] [--max-tokens 128] [--graph]
     python benchmarks/bench_serve.py compare --model DIR [--batch 64] [--prompt-len 128] [--max-tokens 128] [--graph]
     python benchmarks/bench_serve.py selftest                  # the load generator against a CPU stand-in server
+    python benchmarks/bench_serve.py standin [--api-servers N] [--batch 64] [--step-ms 1.4] [--prompt-len 128]
+                                             [--max-tokens 128] [--procs 4]
 
 ``http``: ``--clients`` asyncio clients (split over ``--procs`` processes, 4 by default: one Python process parsing
 64 streams' events is itself the bottleneck), each sending streamed ``/v1/completions`` requests (token-id prompts of
@@ -13,7 +15,8 @@ same batch for comparison.
 ``--requests`` have been sent in all. Per request: time to first token (the first event with text), inter-token
 latency (between successive events; an event usually carries one token, a split character or a held-back stop
 string prefix merges two), completion tokens (the closing usage chunk). Reported: generated tokens per second of
-wall time from the first request to the last answer, TTFT and ITL p50/p99 (ms), failed requests.
+wall time from the first request to the last answer, TTFT and ITL p50/p99 (ms), failed requests, and the CPU the
+load generator itself used (in cores: on a machine with few cores it competes with the server it measures).
 
 ``engine``: the engine of ``--model`` (``--batch`` slots) runs ``generate`` on ``--batch`` prompts of the same
 shape once to warm up, then once measured: its decode tokens/s (decode steps only) and end-to-end tokens/s
@@ -22,7 +25,16 @@ shape once to warm up, then once measured: its decode tokens/s (decode steps onl
 ``compare``: ``engine``, then (the engine freed) ``fi-engine serve --model DIR --max-batch B`` started as a
 subprocess, ``http`` with ``--clients B`` against it twice -- ``--requests B`` (one wave: the engine's own
 workload) and ``--requests 4B`` (each client sending its next request when one ends) -- and the ratio of the
-server's tokens/s to the engine's end-to-end tokens/s (issue 33's goal: within 10 %).
+server's tokens/s to the engine's end-to-end tokens/s (issue 33's goal: within 10 %). ``--api-servers N`` serves
+with N front-end processes (``fi-engine serve --api-servers N``).
+
+``standin``: the front end's limit without a GPU. A stand-in engine (the tests' ``FakeStepEngine``) whose every
+step takes ``--step-ms`` in all (it sleeps what its own work leaves) and gives one token per row: its own
+throughput is measured first (``--batch`` requests added at once and stepped to their end, as ``engine`` runs the
+engine's ``generate``), next to the ideal ``batch / step`` tokens/s; then the server over it (in its engine
+process, ``--api-servers N`` front ends, as ``fi-engine serve`` runs) gets the same two loads as ``compare``, and
+the ratios to both are reported. The default 1.4 ms per step of 64 rows is the H100's decode step of
+SmolLM2-135M, about 45,700 tokens/s: what the front ends must keep up with.
 """
 
 from __future__ import annotations
@@ -134,9 +146,10 @@ async def run_http(
                 }
                 results.append(await one_request(client, url, body))
 
-        t0, wall_t0 = time.perf_counter(), time.time()
+        t0, wall_t0, cpu0 = time.perf_counter(), time.time(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0  # this load generator's own CPU time (it shares the machine's cores)
     ok = [r for r in results if r.error is None]
     tokens = sum(r.tokens for r in ok)
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -152,6 +165,7 @@ async def run_http(
         "failed": len(results) - len(ok),
         "first_error": next((r.error for r in results if r.error), None),
         "wall_s": wall,
+        "client_cpu_s": cpu,
         "tokens": tokens,
         "tokens_per_s": tokens / wall if wall else 0.0,
         "ttft_ms_p50": percentile(ttft, 0.5) * 1e3,
@@ -204,6 +218,7 @@ def run_http_procs(
     itl = [x for r in parts for x in r["_itl"]]
     tokens = sum(r["tokens"] for r in parts)
     row = dict(parts[0], clients=clients, requests=requests, procs=procs, wall_s=wall, tokens=tokens)
+    row["client_cpu_s"] = sum(r["client_cpu_s"] for r in parts)
     row.update(
         failed=sum(r["failed"] for r in parts),
         first_error=next((r["first_error"] for r in parts if r["first_error"]), None),
@@ -262,19 +277,31 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 600.0
 def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     engine = run_engine(args.model, args.batch, args.prompt_len, args.max_tokens, args.graph)
     print(table([engine]), flush=True)
-    url = f"http://127.0.0.1:{args.port}"
     command = [sys.executable, "-m", "fi_engine", "serve", args.model, "--port", str(args.port)]
     command += ["--max-batch", str(args.batch), "--max-queue", str(4 * args.batch), "--log-level", "warning"]
     command += ["--graph"] if args.graph else []
+    command += ["--api-servers", str(args.api_servers)]
+    wave, http = measure_server(command, args)
+    for row in (wave, http):
+        row["vs_engine"] = row["tokens_per_s"] / engine["tokens_per_s"]
+    return [engine, wave, http]
+
+
+def measure_server(command: list[str], args: argparse.Namespace, vocab: tuple[int, int] = (100, 10000)) -> list[Any]:
+    """Start the server ``command`` (listening on ``args.port``), load it as ``compare`` does, stop it with
+    SIGINT: the rows of one wave and of four."""
+    url = f"http://127.0.0.1:{args.port}"
     proc = subprocess.Popen(command)
     try:
         wait_healthy(url, proc)
         # a warm-up round (graphs of the prefill shapes captured), then the measured one
-        asyncio.run(run_http(url, args.batch, args.batch, args.prompt_len, args.max_tokens, None))
+        asyncio.run(run_http(url, args.batch, args.batch, args.prompt_len, args.max_tokens, None, vocab))
         # one wave (the engine's own run: `batch` requests at once) and four (each client sends its next request
         # when one ends: arrivals spread, so prefills interleave with decode steps and the last wave tails off)
-        wave = run_http_procs(url, args.batch, args.batch, args.prompt_len, args.max_tokens, None, args.procs)
-        http = run_http_procs(url, args.batch, 4 * args.batch, args.prompt_len, args.max_tokens, None, args.procs)
+        wave = run_http_procs(url, args.batch, args.batch, args.prompt_len, args.max_tokens, None, args.procs, vocab)
+        http = run_http_procs(
+            url, args.batch, 4 * args.batch, args.prompt_len, args.max_tokens, None, args.procs, vocab
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -282,14 +309,116 @@ def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
         except subprocess.TimeoutExpired:
             proc.kill()
     for row in (wave, http):
-        row["vs_engine"] = row["tokens_per_s"] / engine["tokens_per_s"]
-    return [engine, wave, http]
+        row["api_servers"] = args.api_servers
+    return [wave, http]
+
+
+TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+
+
+def standin_text(model_dir: str) -> tuple[Any, list[int]]:
+    """The stand-in's tokenizer (the tests' text checkpoint in ``model_dir``) and the plain tokens it generates."""
+    from fi_engine.text import TextCodec
+
+    codec = TextCodec.from_dir(model_dir)
+    return codec, sorted(set(codec.encode("The quick brown fox jumps over the lazy dog. Hello, how are you today?")))
+
+
+def run_standin_engine(model_dir: str, batch: int, step_s: float, prompt_len: int, max_tokens: int) -> dict[str, Any]:
+    """The stand-in engine's own throughput: ``batch`` requests added at once and stepped to their end."""
+    sys.path.insert(0, TESTS)
+    from helpers.fake_engine import FakeStepEngine
+
+    codec, pool = standin_text(model_dir)
+    vocab = codec.tokenizer.vocab_size
+    engine = FakeStepEngine(vocab, pool=pool, max_batch=batch, step_s=step_s)
+    prompts = prompts_for(batch, prompt_len, vocab=(3, vocab))
+    t0 = time.perf_counter()
+    for p in prompts:
+        engine.add_request(p, max_tokens)
+    tokens = 0
+    while engine.has_unfinished:
+        tokens += sum(len(o.token_ids) for o in engine.step())
+    wall = time.perf_counter() - t0
+    return {
+        "mode": "standin",
+        "batch": batch,
+        "step_ms": step_s * 1e3,
+        "prompt_len": prompt_len,
+        "max_tokens": max_tokens,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ideal_tokens_per_s": batch / step_s,
+    }
+
+
+def run_standin(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, TESTS)
+    from helpers.text_checkpoints import write_text_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(write_text_checkpoint(Path(tmp) / "m"))
+        own = run_standin_engine(model_dir, args.batch, args.step_ms / 1e3, args.prompt_len, args.max_tokens)
+        print(table([own]), flush=True)
+        command = [sys.executable, os.path.abspath(__file__), "standin-server", "--model-dir", model_dir]
+        command += ["--port", str(args.port), "--batch", str(args.batch), "--step-ms", str(args.step_ms)]
+        command += ["--api-servers", str(args.api_servers)]
+        codec, _ = standin_text(model_dir)
+        rows = measure_server(command, args, vocab=(3, codec.tokenizer.vocab_size))
+    for row in rows:
+        row["vs_engine"] = row["tokens_per_s"] / own["tokens_per_s"]
+        row["vs_ideal"] = row["tokens_per_s"] / own["ideal_tokens_per_s"]
+    return [own, *rows]
+
+
+def serve_standin(args: argparse.Namespace) -> int:
+    """The server over the stand-in engine, as ``fi-engine serve`` runs (one front end in this process, or
+    ``--api-servers N`` front-end processes), until SIGINT."""
+    sys.path.insert(0, TESTS)
+    from fi_engine.engine_process import EngineProcess
+
+    codec, pool = standin_text(args.model_dir)
+    engine = EngineProcess(
+        "helpers.fake_engine:FakeStepEngine",
+        codec.tokenizer.vocab_size,
+        pool=pool,
+        max_batch=args.batch,
+        step_s=args.step_ms / 1e3,
+        clients=args.api_servers,
+    )
+    with engine:
+        if args.api_servers > 1:
+            from fi_engine.api_servers import serve_api_servers
+
+            serve_api_servers(
+                engine, args.model_dir, "standin", port=args.port, max_queue=4 * args.batch, graceful_s=5,
+                log_level="warning",
+            )  # fmt: skip
+            return 0
+        from fi_engine.openai_server import serve
+        from fi_engine.service import GenerationService
+
+        service = GenerationService(engine, codec, max_queue=4 * args.batch)
+        try:
+            serve(service, "standin", port=args.port, graceful_s=5, log_level="warning")
+        finally:
+            service.close(timeout=5)
+    return 0
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
-        if r["mode"] == "engine":
+        if r["mode"] == "standin":
+            lines.append(
+                f"stand-in engine  batch {r['batch']:4d}  step {r['step_ms']:.2f} ms  out {r['max_tokens']}: "
+                f"{r['tokens_per_s']:9.1f} tokens/s on its own (ideal {r['ideal_tokens_per_s']:.1f})"
+            )
+        elif r["mode"] == "engine":
             lines.append(
                 f"engine generate  batch {r['batch']:4d}  prompt {r['prompt_len']}  out {r['max_tokens']}  "
                 f"{'graph' if r['graph'] else 'eager'}: {r['tokens_per_s']:9.1f} tokens/s end to end, "
@@ -297,12 +426,20 @@ def table(rows: list[dict[str, Any]]) -> str:
             )
         else:
             extra = f"  ({r['vs_engine']:.3f}x the engine)" if "vs_engine" in r else ""
+            extra += f" ({r['vs_ideal']:.3f}x its ideal)" if "vs_ideal" in r else ""
+            extra += f" [{r['api_servers']} API servers]" if r.get("api_servers", 1) > 1 else ""
             extra += f" [{r['procs']} client processes]" if r.get("procs", 1) > 1 else ""
             lines.append(
                 f"http serve       clients {r['clients']:4d}  requests {r['requests']}  prompt {r['prompt_len']}  "
                 f"out {r['max_tokens']}: {r['tokens_per_s']:9.1f} tokens/s{extra}; TTFT p50 {r['ttft_ms_p50']:.1f} "
                 f"ms p99 {r['ttft_ms_p99']:.1f} ms; ITL p50 {r['itl_ms_p50']:.2f} ms p99 {r['itl_ms_p99']:.2f} ms; "
-                f"failed {r['failed']}" + (f" (first: {r['first_error']})" if r["failed"] else "")
+                f"failed {r['failed']}"
+                + (f" (first: {r['first_error']})" if r["failed"] else "")
+                + (
+                    f"; the load generator used {r['client_cpu_s'] / r['wall_s']:.2f} CPU cores"
+                    if "client_cpu_s" in r
+                    else ""
+                )
             )
     return "\n".join(lines)
 
@@ -338,7 +475,7 @@ def run_selftest(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
-    for name in ("http", "engine", "compare", "selftest"):
+    for name in ("http", "engine", "compare", "selftest", "standin", "standin-server"):
         p = sub.add_parser(name)
         p.add_argument("--prompt-len", type=int, default=128)
         p.add_argument("--max-tokens", type=int, default=128)
@@ -346,8 +483,16 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("http", "selftest"):
             p.add_argument("--clients", type=int, default=64)
             p.add_argument("--requests", type=int, default=256)
-        if name in ("http", "compare", "selftest"):
+        if name in ("http", "compare", "selftest", "standin"):
             p.add_argument("--procs", type=int, default=4, help="client processes (the clients split over them)")
+        if name in ("compare", "standin", "standin-server"):
+            p.add_argument("--api-servers", type=int, default=1, help="the server's front-end processes")
+        if name in ("standin", "standin-server"):
+            p.add_argument("--batch", type=int, default=64, help="the stand-in's slots (and the clients)")
+            p.add_argument("--step-ms", type=float, default=1.4, help="milliseconds each stand-in step takes")
+            p.add_argument("--port", type=int, default=8392)
+        if name == "standin-server":
+            p.add_argument("--model-dir", required=True, help="the text checkpoint the front ends read")
         if name == "http":
             p.add_argument("--url", default="http://127.0.0.1:8000")
             p.add_argument("--model", default=None, help="the served name (default: the first /v1/models lists)")
@@ -368,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = [run_engine(args.model, args.batch, args.prompt_len, args.max_tokens, args.graph)]
     elif args.mode == "compare":
         rows = run_compare(args)
+    elif args.mode == "standin":
+        rows = run_standin(args)
+    elif args.mode == "standin-server":
+        return serve_standin(args)
     else:
         rows = run_selftest(args)
     print(table(rows))

@@ -58,7 +58,10 @@ each:
   latency histograms in Prometheus text), :mod:`~fi_engine.openai_protocol` (OpenAI request bodies checked,
   responses built) and :mod:`~fi_engine.openai_server` (the Starlette app and ``fi-engine serve``'s uvicorn run;
   the ``serve`` extra, imported on first use); :mod:`~fi_engine.engine_process` (the engine stepped in a child
-  process, so the server's event loop and the engine do not share one interpreter).
+  process, so the server's event loop and the engine do not share one interpreter). Several API-server processes
+  in front of that one engine (``--api-servers N``): :mod:`~fi_engine.engine_client` (a front end's connection to
+  the engine process), :mod:`~fi_engine.shared_queue` (the queue limit over all of them; the metrics are summed
+  over them too) and :mod:`~fi_engine.api_servers` (the processes started, watched and stopped).
 - :mod:`~fi_engine.values`: checks of single argument values (ints, flags, arrays) the modules share.
 - :mod:`~fi_engine.cli`: the ``fi-engine`` command (``generate``, ``serve``).
 - Text in and out (docs/engine-text.md): :mod:`~fi_engine.text` (``TextCodec``, the facade), :mod:`~fi_engine.tokenizer`

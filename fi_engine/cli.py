@@ -6,8 +6,9 @@
   encoded with the checkpoint's ``tokenizer.json``, a chat message rendered with its chat template, the
   generation ended by its ``generation_config.json`` end-of-sequence ids, the output printed as text. Every value
   is checked before the GPU is touched: a bad one is a usage error (exit 2).
-- ``serve MODEL_DIR [--host H] [--port P] [--max-batch N] [--max-queue N] [--graph]``: the OpenAI-compatible HTTP
-  server (:mod:`fi_engine.openai_server`; the ``serve`` extra) until SIGINT/SIGTERM.
+- ``serve MODEL_DIR [--host H] [--port P] [--max-batch N] [--max-queue N] [--graph] [--api-servers N]``: the
+  OpenAI-compatible HTTP server (:mod:`fi_engine.openai_server`; the ``serve`` extra) until SIGINT/SIGTERM; with
+  ``--api-servers N``, N front-end processes over one engine process (:mod:`fi_engine.api_servers`).
 
 ``fi-ffi generate ARGS`` (the binding's command, where this subcommand lived) runs ``python -m fi_engine generate
 ARGS``. With ``--tp N`` this command starts its ranks through ``fi-ffi launch`` (the binding's launcher, a
@@ -372,6 +373,15 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         "and the engine's steps do not take turns on one Python interpreter)",
     )
     p.add_argument(
+        "--api-servers",
+        type=_api_servers,
+        default=1,
+        metavar="N",
+        help="HTTP front-end processes in front of the one engine process (default 1): each parses, tokenizes and "
+        "streams in an interpreter of its own, so more clients are served at the engine's pace; the queue limit and "
+        "/metrics cover all of them",
+    )
+    p.add_argument(
         "--grace",
         type=_seconds,
         default=30.0,
@@ -397,6 +407,12 @@ def _in_range(text: str, lowest: int, highest: int, what: str) -> int:
     return value
 
 
+def _api_servers(text: str) -> int:
+    from .engine_process import MAX_CLIENTS
+
+    return _in_range(text, 1, MAX_CLIENTS, f"an integer in [1, {MAX_CLIENTS}]")
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -417,6 +433,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .text import TextCodec
 
     where = f"{PROG} serve"
+    if args.api_servers > 1 and args.in_process:
+        print(
+            f"{where}: --api-servers {args.api_servers} serves one engine process; drop --in-process", file=sys.stderr
+        )
+        return 2
     try:
         # everything a CPU can check, before the GPU: the tokenizer and template, the server's packages
         codec = TextCodec.from_dir(args.model)
@@ -435,10 +456,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from .engine_process import EngineProcess
 
             engine_class(args.model)  # the checkpoint's family is known (a bad config.json is named here)
-            engine = EngineProcess("fi_engine.engines:open_engine", args.model, **kwargs)
+            engine = EngineProcess("fi_engine.engines:open_engine", args.model, clients=args.api_servers, **kwargs)
     except (ValueError, TypeError, ImportError, RuntimeError, FiFFIError) as exc:
         print(f"{where}: {exc}", file=sys.stderr)
         return 2
+    names = args.served_model_name or [args.model]
+    settings = f"max batch {args.max_batch}, queue {args.max_queue}, {'CUDA graph' if args.graph else 'eager'}"
+    if args.api_servers > 1:
+        return _serve_api_servers(args, engine, names, settings)
     from .openai_server import serve
 
     with engine:
@@ -450,10 +475,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             return 2
         service = GenerationService(engine, codec, max_queue=args.max_queue)
-        names = args.served_model_name or [args.model]
         print(
-            f"{where}: serving {', '.join(names)} on http://{args.host}:{args.port} (max batch {args.max_batch}, "
-            f"queue {args.max_queue}, {'CUDA graph' if args.graph else 'eager'})",
+            f"{where}: serving {', '.join(names)} on http://{args.host}:{args.port} ({settings})",
             file=sys.stderr,
             flush=True,
         )
@@ -469,6 +492,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         finally:
             service.close(timeout=args.grace)
+    return 0
+
+
+def _serve_api_servers(args: argparse.Namespace, engine: Any, names: list[str], settings: str) -> int:
+    """``serve --api-servers N`` (N > 1): N front-end processes over ``engine`` (fi_engine.api_servers) until
+    SIGINT/SIGTERM; 1 when a front end failed (named on stderr), 2 for an address that cannot be bound."""
+    from .api_servers import serve_api_servers
+
+    where = f"{PROG} serve"
+
+    def ready(port: int, pids: list[int]) -> None:
+        print(
+            f"{where}: serving {', '.join(names)} on http://{args.host}:{port} ({args.api_servers} API servers, "
+            f"{settings})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    with engine:
+        try:
+            serve_api_servers(
+                engine,
+                args.model,
+                names,
+                host=args.host,
+                port=args.port,
+                max_queue=args.max_queue,
+                max_model_len=engine.max_seq_len,
+                graceful_s=args.grace,
+                log_level=args.log_level,
+                ready=ready,
+            )
+        except ValueError as exc:  # the address cannot be bound
+            print(f"{where}: {exc}", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:  # a front end failed or died
+            print(f"{where}: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

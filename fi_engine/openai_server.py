@@ -7,11 +7,13 @@ Endpoints: ``GET /v1/models``; ``POST /v1/completions`` and ``POST /v1/chat/comp
 :class:`~fi_engine.metrics.ServingMetrics`).
 
 Every client's requests go to the one service, whose engine thread batches them all (continuous batching across
-HTTP requests); the event loop only checks bodies, renders and encodes prompts, and relays deltas. A full queue
-is 429 (with ``Retry-After``); a client that disconnects cancels its requests (their slots and pages are freed at
-the engine's next turn); a bad body, an unknown model or an out-of-range value is 400 with OpenAI's error object
-naming the field (:mod:`fi_engine.openai_protocol`); nothing a client sends is answered 500. On shutdown uvicorn
-stops accepting, waits for open responses up to the grace period, and the service then cancels what is left.
+HTTP requests; with ``fi-engine serve --api-servers N`` each of N processes runs this app over a service of its
+own, all over one engine process: :mod:`fi_engine.api_servers`); the event loop only checks bodies, renders and
+encodes prompts, and relays deltas. A full queue is 429 (with ``Retry-After``); a client that disconnects cancels
+its requests (their slots and pages are freed at the engine's next turn); a bad body, an unknown model or an
+out-of-range value is 400 with OpenAI's error object naming the field (:mod:`fi_engine.openai_protocol`); nothing
+a client sends is answered 500. On shutdown uvicorn stops accepting, waits for open responses up to the grace
+period, and the service then cancels what is left.
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ engine thread (no delta ends inside a UTF-8 character); a stop string ends the r
 aborts it, the text stops before the stop string, ``finish_reason`` is ``"stop"``, as OpenAI's API and vLLM do).
 
 Limits and failure. At most ``max_batch + max_queue`` requests are unfinished at once; one more is refused with
-:class:`QueueFullError` (an HTTP server's 429). An error in the engine thread reaches every waiting stream as a
-:class:`ServiceError` (never a hang), and later submissions are refused. :meth:`GenerationService.close` stops
-taking requests, lets the running ones finish for a grace period, cancels the rest and joins the thread.
+:class:`QueueFullError` (an HTTP server's 429); several services over one engine (one per API-server process)
+share the limit through a :class:`~fi_engine.shared_queue.SharedQueue`. An error in the engine thread reaches
+every waiting stream as a :class:`ServiceError` (never a hang), and later submissions are refused.
+:meth:`GenerationService.close` stops taking requests, lets the running ones finish for a grace period, cancels
+the rest and joins the thread.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any
 from .detokenize import IncrementalDetokenizer, StopStrings
 from .metrics import ServingMetrics
 from .sampling_params import SamplingParams
+from .shared_queue import SharedQueue
 from .stepping import FinishReason, StepEngine
 from .values import MAX_SIZE, show
 
@@ -362,10 +365,19 @@ class GenerationService:
         max_queue: requests accepted beyond the engine's ``max_batch`` before :meth:`submit` refuses with
             :class:`QueueFullError` (>= 0).
         metrics: where counts and latencies go (default: a new :class:`~fi_engine.metrics.ServingMetrics`).
+        shared_queue: with several services over one engine (one per API-server process), this service's part
+            of their shared count (:class:`~fi_engine.shared_queue.SharedQueue`): the limit ``max_batch +
+            max_queue`` then holds over all of them. None: this service's requests only.
     """
 
     def __init__(
-        self, engine: StepEngine, codec: Any = None, *, max_queue: int = 256, metrics: ServingMetrics | None = None
+        self,
+        engine: StepEngine,
+        codec: Any = None,
+        *,
+        max_queue: int = 256,
+        metrics: ServingMetrics | None = None,
+        shared_queue: SharedQueue | None = None,
     ) -> None:
         from .text import TextCodec
 
@@ -385,8 +397,12 @@ class GenerationService:
             raise TypeError(
                 f"metrics: expected a fi_engine.metrics.ServingMetrics or None, got {type(metrics).__name__}"
             )
+        if shared_queue is not None and not isinstance(shared_queue, SharedQueue):
+            what = type(shared_queue).__name__
+            raise TypeError(f"shared_queue: expected a fi_engine.shared_queue.SharedQueue or None, got {what}")
         self.engine = engine
         self.codec = codec
+        self._shared_queue = shared_queue
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics if metrics is not None else ServingMetrics()
@@ -506,10 +522,16 @@ class GenerationService:
         with self._wakeup:
             if self._closing or self.error is not None:
                 raise ServiceClosedError(self._closed_reason())
-            if self._unfinished + count > self.max_batch + self.max_queue:
+            limit, shared = self.max_batch + self.max_queue, self._shared_queue
+            if shared is None:
+                full = self._unfinished if self._unfinished + count > limit else None
+            else:
+                full = shared.try_add(count, limit)  # counted there when it fits
+            if full is not None:
                 self.metrics.request_rejected()
+                where = "" if shared is None else f" over the {shared.services} API servers"
                 raise QueueFullError(
-                    f"the queue is full: {self._unfinished} requests are unfinished, at most max_batch + max_queue "
+                    f"the queue is full: {full} requests are unfinished{where}, at most max_batch + max_queue "
                     f"= {self.max_batch} + {self.max_queue} are taken; retry later"
                 )
             self._unfinished += count
@@ -756,6 +778,8 @@ class GenerationService:
     def _count_end(self) -> None:
         with self._lock:
             self._unfinished -= 1
+            if self._shared_queue is not None:
+                self._shared_queue.remove(1)
 
     def _publish_queue(self) -> None:
         running = sum(1 for s in self._live.values() if s.last_token_at is not None)
@@ -773,6 +797,8 @@ class GenerationService:
             pending = [sub.stream for sub in self._inbox] + list(self._live.values())
             self._inbox.clear()
             self._live.clear()
+            if self._shared_queue is not None:
+                self._shared_queue.remove(self._unfinished)
             self._unfinished = 0
         for stream in pending:
             stream._put(error)

@@ -69,6 +69,8 @@ def test_serve_checks_the_text_side_then_stops_at_the_missing_gpu(model: Path) -
         ("--grace", "-2", "expected a finite number of seconds >= 0"),
         ("--grace", "nan", "expected a finite number of seconds >= 0"),
         ("--log-level", "loud", "invalid choice"),
+        ("--api-servers", "0", "expected an integer in [1, 64], got 0"),
+        ("--api-servers", "65", "expected an integer in [1, 64], got 65"),
     ],
 )
 def test_serve_bad_values_are_usage_errors(model: Path, flag: str, value: str, message: str) -> None:
@@ -76,7 +78,21 @@ def test_serve_bad_values_are_usage_errors(model: Path, flag: str, value: str, m
     assert done.returncode == 2 and f"argument {flag}: " in done.stderr and message in done.stderr
 
 
+@NO_GPU
+def test_serve_with_api_servers_stops_at_the_missing_gpu_too(model: Path) -> None:
+    done = engine_cli("serve", str(model), "--port", "0", "--api-servers", "2")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("fi-engine serve: the Llama engine needs an NVIDIA GPU")
+
+
+def test_serve_api_servers_need_the_engine_process(model: Path) -> None:
+    done = engine_cli("serve", str(model), "--api-servers", "2", "--in-process")
+    assert done.returncode == 2
+    assert done.stderr == "fi-engine serve: --api-servers 2 serves one engine process; drop --in-process\n"
+
+
 def test_serve_help_shows_a_query() -> None:
     done = engine_cli("serve", "--help")
     assert done.returncode == 0 and done.stdout.startswith("usage: fi-engine serve")
     assert "curl localhost:8000/v1/chat/completions" in done.stdout
+    assert "--api-servers N" in done.stdout

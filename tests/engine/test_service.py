@@ -5,6 +5,7 @@ the queue limit, engine errors reaching every stream, close(), one engine thread
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 import time
 
@@ -12,6 +13,7 @@ import pytest
 from helpers.fake_engine import FakeStepEngine, expected_tokens
 from helpers.text_checkpoints import write_text_checkpoint
 
+from fi_engine.metrics import ServingMetrics
 from fi_engine.sampling_params import SamplingParams
 from fi_engine.service import (
     GenerationService,
@@ -20,6 +22,7 @@ from fi_engine.service import (
     ServiceError,
     StreamDelta,
 )
+from fi_engine.shared_queue import SharedQueue
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -42,6 +45,13 @@ def pool(codec) -> list[int]:  # type: ignore[no-untyped-def]
 
 def engine_for(codec, pool, **kw) -> FakeStepEngine:  # type: ignore[no-untyped-def]
     return FakeStepEngine(codec.tokenizer.vocab_size, pool=pool, eos_token_ids=codec.eos_token_ids, **kw)
+
+
+def wait_until(predicate, what: str = "the condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
 
 
 def test_a_stream_gives_the_engines_tokens_and_their_text(codec, pool) -> None:  # type: ignore[no-untyped-def]
@@ -159,6 +169,73 @@ def test_the_queue_limit_refuses_then_takes_again(codec, pool) -> None:  # type:
         for s in streams:
             s.result(WAIT)
         assert service.submit([9], max_new_tokens=2).result(WAIT).completion_tokens == 2
+
+
+def test_a_shared_queue_holds_the_limit_over_several_services(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    """Two services (two API servers' worth) with one shared count: max_batch + max_queue over both together."""
+    queues = SharedQueue.create(2)
+    engines = [engine_for(codec, pool, max_batch=1, step_delay_s=0.01) for _ in range(2)]
+    a = GenerationService(engines[0], codec, max_queue=2, shared_queue=queues[0])
+    b = GenerationService(engines[1], codec, max_queue=2, shared_queue=queues[1])
+    with a, b:
+        held = [a.submit([1], max_new_tokens=10_000), b.submit_many([[2], [3]], 10_000)]  # 3 = 1 + 2 taken
+        assert queues[0].total == 3
+        with pytest.raises(QueueFullError, match="3 requests are unfinished over the 2 API servers"):
+            a.submit([4], max_new_tokens=2)  # a has one of its own only: the limit is over both
+        assert a.metrics.rejected == 1 and b.metrics.rejected == 0
+        held[0].cancel()
+        assert held[0].result(WAIT).finish_reason == "abort"
+        wait_until(lambda: queues[1].total == 2)
+        late = b.submit([5], max_new_tokens=2)  # the place a freed, taken by b
+        with pytest.raises(QueueFullError):
+            a.submit([4], max_new_tokens=2)
+        for st in [late, *held[1]]:
+            st.cancel()
+        wait_until(lambda: queues[0].total == 0)
+    failing = GenerationService(engine_for(codec, pool, fail_at_step=2), codec, shared_queue=queues[0])
+    with failing:
+        stream = failing.submit([6], max_new_tokens=50)
+        with pytest.raises(ServiceError):
+            stream.result(WAIT)
+    assert queues[0].total == 0  # an engine error gives its requests' places back
+    with pytest.raises(TypeError, match="^shared_queue"):
+        GenerationService(engine_for(codec, pool), codec, shared_queue=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^count: expected an int in \[1, 64\]"):
+        SharedQueue.create(0)
+
+
+def test_shared_metrics_render_the_sum_of_their_slots() -> None:
+    parser = pytest.importorskip("prometheus_client.parser")
+    metrics = ServingMetrics.shared(3)
+    for i, m in enumerate(metrics):
+        for _ in range(i + 1):
+            m.response(200)
+            m.tokens(prompt=2, generated=5)
+            m.first_token(0.03)
+            m.request_finished("length", 0.2)
+        m.queue(waiting=i, running=2 * i)
+    metrics[2].response(429)
+    metrics[2].request_rejected()
+    text = metrics[0].render()
+    assert text == metrics[2].render()  # any process answers /metrics with the same sums
+    value = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for f in parser.text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+    assert value[("fi_engine_generation_tokens_total", ())] == 30 and value[("fi_engine_prompt_tokens_total", ())] == 12
+    assert value[("fi_engine_requests_total", (("finish_reason", "length"),))] == 6
+    assert value[("fi_engine_http_responses_total", (("code", "200"),))] == 6
+    assert value[("fi_engine_http_responses_total", (("code", "429"),))] == 1
+    assert value[("fi_engine_requests_rejected_total", ())] == 1
+    assert (value[("fi_engine_requests_waiting", ())], value[("fi_engine_requests_running", ())]) == (3, 6)
+    assert value[("fi_engine_time_to_first_token_seconds_count", ())] == 6
+    assert value[("fi_engine_time_to_first_token_seconds_bucket", (("le", "0.04"),))] == 6
+    per_server = [value[("fi_engine_api_server_http_responses_total", (("api_server", str(i)),))] for i in range(3)]
+    assert per_server == [1, 2, 4]
+    assert metrics[1].generation_tokens == 10 and metrics[1].finished == {"length": 2}  # its own slot
+    assert "api_server" not in ServingMetrics().render()  # one server: no per-server family
+    with pytest.raises(ValueError, match="ServingMetrics.shared"):
+        pickle.dumps(ServingMetrics())
+    with pytest.raises(ValueError, match="^reason: expected one of stop, length, abort"):
+        metrics[0].request_finished("done", 1.0)
 
 
 def test_an_engine_error_reaches_every_stream_and_closes_the_service(codec, pool) -> None:  # type: ignore[no-untyped-def]

@@ -60,6 +60,8 @@ class FakeStepEngine:
         eos_token_ids: the default EOS ids (``add_request(eos_token_ids=None)``).
         scripts: prompt (a tuple of ids) -> the tokens to generate for it (then the limits and EOS apply).
         step_delay_s: seconds each step sleeps (a slow engine). fail_at_step: raise RuntimeError at that step.
+        step_s: seconds each step takes in all, its own work included (it sleeps what is left): a GPU's step of a
+            fixed time, for benchmarks/bench_serve.py's stand-in server.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class FakeStepEngine:
         scripts: dict[tuple[int, ...], list[int]] | None = None,
         step_delay_s: float = 0.0,
         fail_at_step: int | None = None,
+        step_s: float = 0.0,
     ) -> None:
         self.vocab_size = vocab_size
         self.pool = list(pool) if pool is not None else list(range(vocab_size))
@@ -81,6 +84,7 @@ class FakeStepEngine:
         self.eos_token_ids = tuple(eos_token_ids)
         self.scripts = dict(scripts or {})
         self.step_delay_s = step_delay_s
+        self.step_s = step_s
         self.fail_at_step = fail_at_step
         self._next_rid = 0
         self._queue: deque[FakeRequest] = deque()
@@ -151,6 +155,7 @@ class FakeStepEngine:
         self._called()
         if not self.has_unfinished:
             return []
+        started = time.perf_counter()
         self.steps += 1
         if self.fail_at_step is not None and self.steps >= self.fail_at_step:
             raise RuntimeError(f"the fake engine fails at step {self.steps}")
@@ -179,6 +184,10 @@ class FakeStepEngine:
             if finish is not None:
                 del self._active[rid]
             outputs.append(StepOutput(rid, (token,), finish))
+        if self.step_s:
+            left = started + self.step_s - time.perf_counter()
+            if left > 0:
+                time.sleep(left)
         return outputs
 
     @property

@@ -1901,7 +1901,10 @@ EXEMPT: dict[str, str] = {
         "engine/test_fp8_weights.py::test_the_array_helpers_refuse_what_is_no_array)",
     ),
     "engine_process.EngineProcess": "starts a child process per instance: its factory, arguments and the child's "
-    "errors in engine/test_engine_process.py (test_a_child_that_cannot_build_its_engine_is_named)",
+    "errors in engine/test_engine_process.py (test_a_child_that_cannot_build_its_engine_is_named), clients= and "
+    "client() in engine/test_engine_process_clients.py (test_clients_are_named_and_handed_over_before_use)",
+    "engine_client.EngineClient": "made by EngineProcess.client only (a connection to a running child): "
+    "engine/test_engine_process_clients.py",
     "fp8_linear.Fp8Linears": "made by Dense.add_fp8_weight on a GPU; its checks in engine/test_gpu_fp8_linear.py "
     "(test_bad_fp8_calls_name_the_argument)",
     "stepping.StepEngine": "a typing.Protocol the engines implement (their methods' signatures against it: "
@@ -1942,8 +1945,10 @@ EXEMPT: dict[str, str] = {
     "the tables of engine/test_service.py (test_bad_*_are_refused_by_name)",
     "service.RequestStream": "made by GenerationService.submit only (engine/test_service.py)",
     **dict.fromkeys(["service.StreamDelta", "service.RequestResult"], _RECORD),
-    "metrics.ServingMetrics": "takes no argument; the service and server feed it (engine/test_openai_server.py "
-    "parses its text with prometheus_client)",
+    "metrics.ServingMetrics": "takes no argument (ServingMetrics.shared(n) refuses n by name); the service and "
+    "server feed it (engine/test_openai_server.py and engine/test_service.py parse its text with prometheus_client)",
+    "shared_queue.SharedQueue": "made by SharedQueue.create (its count refused by name) for GenerationService's "
+    "shared_queue: engine/test_service.py (test_a_shared_queue_holds_the_limit_over_several_services)",
     "metrics.Histogram": "the metrics' own buckets (constants of fi_engine.metrics), checked in its constructor",
     "openai_protocol.ParsedRequest": "made by parse_completion / parse_chat from a checked body",
     **dict.fromkeys(
@@ -1951,6 +1956,8 @@ EXEMPT: dict[str, str] = {
         "an HTTP body's fields, answered 400 naming the field: the BAD / BAD_CHAT tables of "
         "engine/test_openai_server.py",
     ),
+    "api_servers.serve_api_servers": "starts API-server processes over an EngineProcess until a signal: "
+    "engine/test_api_servers.py (its front ends' failures named; the address refused by name as port/host)",
     **dict.fromkeys(
         ["openai_server.build_app", "openai_server.serve"],
         "builds (and serve runs) the Starlette app over a GenerationService: engine/test_openai_server.py",

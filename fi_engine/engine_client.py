@@ -1,0 +1,191 @@
+"""One connection to an engine process, served as a :class:`~fi_engine.stepping.StepEngine`: :class:`EngineClient`.
+
+An :class:`~fi_engine.engine_process.EngineProcess` has one connection per front end (``clients=N``); each is an
+``EngineClient`` (``engine.client(i)``). A client adds requests, aborts them and takes their outputs exactly as the
+engine process itself does for one front end: ``add_requests`` is a round trip (each request's id, or the engine's
+refusal as its ``ValueError`` / ``TypeError``), ``abort_request`` is not (the slot is freed before the engine's next
+step), :meth:`EngineClient.step` returns every output the engine sent this connection since the last call (only
+the requests it added), waiting for one when there is none yet. An error of the engine (or its process's end) is
+raised by the next call, naming it.
+
+A client is handed to another process by passing it to a ``spawn``-started process's arguments (its connection is
+duplicated into that process, as ``multiprocessing`` passes connections); the process that handed it over then
+:meth:`~EngineClient.close` s its own copy. When every copy of a connection is closed (its process exited, or
+died), the engine process aborts the requests that connection added; the other connections go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .sampling_params import SamplingParams
+from .stepping import StepOutput
+
+__all__ = ["EngineClient"]
+
+# what the engine raises for a bad argument or checkpoint, raised again as itself on the client's side (its message
+# names the argument); anything else from the engine process is a RuntimeError naming its type
+ERRORS: dict[str, type[Exception]] = {
+    "ValueError": ValueError,
+    "TypeError": TypeError,
+    "ImportError": ImportError,
+    "ModuleNotFoundError": ModuleNotFoundError,
+}
+
+
+class EngineClient:
+    """A :class:`~fi_engine.stepping.StepEngine` over one connection to an engine process; made by
+    :meth:`fi_engine.engine_process.EngineProcess.client` (not built directly).
+
+    Attributes:
+        index: which of the engine process's connections it is (0 to ``clients - 1``).
+        max_batch: the engine's batch slots (shared by every client of the engine).
+        max_seq_len: the engine's longest request in tokens, where it has one (a server's ``max_model_len``).
+    """
+
+    def __init__(
+        self, conn: Any, index: int, max_batch: int, max_seq_len: int | None, exitcode: Callable[[], Any] | None = None
+    ) -> None:
+        self._conn = conn
+        self.index = index
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        # the owner's clients read the child's exit status for their errors; a handed-over copy has none
+        self._exitcode = exitcode
+        self._live: set[int] = set()  # the requests added here that have not reported their end
+        self._outputs: list[StepOutput] = []  # outputs received while waiting for a reply, for step()
+        self._closed = False
+
+    # -- handed to another process -----------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._closed:
+            raise ValueError(f"engine client {self.index}: closed; hand a client over before closing it")
+        if self._live or self._outputs:
+            raise ValueError(
+                f"engine client {self.index}: has requests in flight; hand a client over before it is used"
+            )
+        # the connection pickles only while a process is being spawned (multiprocessing duplicates its descriptor)
+        return {"conn": self._conn, "index": self.index, "max_batch": self.max_batch, "max_seq_len": self.max_seq_len}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["conn"], state["index"], state["max_batch"], state["max_seq_len"])  # type: ignore[misc]
+
+    # -- the StepEngine protocol -------------------------------------------------------------------------------
+
+    def add_requests(self, requests: Sequence[tuple[Sequence[int], int, SamplingParams | None, Any]]) -> list[Any]:
+        """Queue several ``(prompt, max_new_tokens, sampling, eos_token_ids)`` at once (one round trip); each
+        one's request id, or the ``ValueError`` / ``TypeError`` the engine refused it with."""
+        self._check_open()
+        self._send(("add", [(list(p), m, s, None if e is None else list(e)) for p, m, s, e in requests]))
+        while True:  # outputs sent before the reply are kept for step()
+            msg = self._receive()
+            if msg[0] == "out":
+                self._take_outputs(msg)
+                continue
+            if msg[0] != "added":
+                raise RuntimeError(f"engine process: unexpected message {msg[0]!r}")
+            results: list[Any] = []
+            for rid, kind, text in msg[1]:
+                if rid is None:
+                    results.append(ERRORS.get(kind, ValueError)(text))
+                else:
+                    self._live.add(rid)
+                    results.append(rid)
+            return results
+
+    def add_request(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        *,
+        sampling: SamplingParams | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> int:
+        """One request (see :meth:`add_requests`): its id, or the engine's ValueError / TypeError raised."""
+        (result,) = self.add_requests([(prompt, max_new_tokens, sampling, eos_token_ids)])
+        if isinstance(result, Exception):
+            raise result
+        return int(result)
+
+    def abort_request(self, rid: int) -> None:
+        """End request ``rid`` (the engine aborts it before its next step; its ``"abort"`` output follows). An id
+        this client did not add, or one already ended: nothing happens."""
+        self._check_open()
+        self._send(("abort", rid))
+
+    @property
+    def has_unfinished(self) -> bool:
+        """Whether a request added here has not yet reported its end."""
+        return bool(self._live)
+
+    def step(self) -> list[StepOutput]:
+        """The outputs of this client's requests from every step the engine ran since the last call (waiting for
+        the next one when none has come yet and a request is unfinished)."""
+        self._check_open()
+        if not self._outputs and self._live:
+            self._take_outputs(self._expect_outputs())
+        while self._conn.poll(0):
+            self._take_outputs(self._expect_outputs())
+        outs, self._outputs = self._outputs, []
+        return outs
+
+    def close(self) -> None:
+        """Close this copy of the connection (idempotent). Once every copy is closed, the engine process aborts the
+        requests this connection added; the engine process itself runs on until its owner closes it."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._conn.close()
+
+    def __enter__(self) -> EngineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ----------------------------------------------------------------------------------------------
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        try:
+            self._conn.send(msg)
+        except (BrokenPipeError, ConnectionResetError):
+            # the child is gone: the error it sent before it ended (still unread here) says why
+            with contextlib.suppress(EOFError, OSError):
+                while self._conn.poll(0):
+                    pending = self._conn.recv()
+                    if pending[0] == "error":
+                        raise RuntimeError(f"engine process: {pending[1]}: {pending[2]}") from None
+            raise RuntimeError(f"engine process: the child exited{self._status()}") from None
+
+    def _receive(self) -> Any:
+        try:
+            msg = self._conn.recv()
+        except (EOFError, ConnectionResetError):
+            raise RuntimeError(f"engine process: the child exited{self._status()}") from None
+        if msg[0] == "error":
+            raise RuntimeError(f"engine process: {msg[1]}: {msg[2]}")
+        return msg
+
+    def _status(self) -> str:
+        return "" if self._exitcode is None else f" (status {self._exitcode()})"
+
+    def _take_outputs(self, msg: Any) -> None:
+        outputs, live = self._outputs, self._live
+        for rid, tokens, finish in msg[1]:
+            outputs.append(StepOutput(rid, tokens, finish))
+            if finish is not None:
+                live.discard(rid)
+
+    def _expect_outputs(self) -> Any:
+        msg = self._receive()
+        if msg[0] != "out":
+            raise RuntimeError(f"engine process: unexpected message {msg[0]!r}")
+        return msg
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("engine: closed")
