@@ -15,7 +15,8 @@ products), per-row and 128x128-block scales, bfloat16 and float16 activations, 1
   columns for block weights, then cuBLASLt's FP8 GEMM): against the same product computed in numpy on the activations
   quantized exactly as the engine specifies (amax, scale = amax / 448, RNE e4m3 of x * (448 / amax) in float32),
   ``|y - ref_q| <= sum_c |xq_c w_c| * 2**-12 + |ref_q| * ulp_out`` (2**-12: Hopper's FP8 tensor cores keep fewer
-  bits than float32 between cuBLASLt's promotions to float32); rows cuBLASLt does not take (the last few of a count it refuses) go through the FP8 GEMV and meet the W8A16 bound instead;
+  bits than float32 between cuBLASLt's promotions to float32); rows cuBLASLt does not take (the last few of a count
+  it refuses) go through the FP8 GEMV and meet the W8A16 bound instead;
 - the fused decode step's GEMVs over e4m3 weights (``Dense.fused_linear`` with a norm, add-norm or SiLU
   prologue): their output against the plain FP8 GEMV applied to the prologue's rows (which the 16-bit fused
   kernel yields exactly through an identity weight), within 2**-20 of the magnitude sum (the same sums in the same
