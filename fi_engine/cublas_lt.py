@@ -146,6 +146,7 @@ class LtMatmuls:
         # FP8 products: one descriptor per (blocked, c_type) (its scale modes; the weight's scale pointer is set
         # per call) and the cached (layouts, algorithm) per shape, None where no algorithm serves it
         self._fp8_descs: dict[tuple[bool, int], Any] = {}
+        self._fp8_refused: set[tuple[bool, int]] = set()  # modes this cuBLASLt does not take
         self._fp8_shapes: dict[tuple[int, ...], tuple[Any, ...] | None] = {}
         self._pointer = ffi.new("uint64_t*")  # a scale pointer's value as fp8_call passes it (no allocation per call)
         try:
@@ -182,9 +183,17 @@ class LtMatmuls:
             return found
         if len(self._shapes) >= _MAX_SHAPES:
             self._drop_shapes()
+        entry = self._choose(self._desc, ((ab_type, k, n, k), (ab_type, k, rows, x_ld), (c_type, n, rows, y_ld)))
+        self._shapes[key] = entry  # type: ignore[assignment]
+        return entry
+
+    def _choose(self, desc: Any, layouts: tuple[tuple[int, int, int, int], ...]) -> tuple[Any, ...] | None:
+        """The A, B and C/D layouts (``(type, rows, cols, ld)`` each, column-major; kept until the cache drops)
+        and the heuristic's first algorithm for ``desc``: ``(a, b, c, algo, workspace bytes)``, or None where it
+        offers none."""
         lib, ffi = self._lib, self._ffi
         made = []
-        for dtype, r, c, ld in ((ab_type, k, n, k), (ab_type, k, rows, x_ld), (c_type, n, rows, y_ld)):
+        for dtype, r, c, ld in layouts:
             out = ffi.new("cublasLtMatrixLayout_t*")
             _check("cublasLtMatrixLayoutCreate", lib.cublasLtMatrixLayoutCreate(out, dtype, r, c, ld))
             made.append(out[0])
@@ -192,14 +201,12 @@ class LtMatmuls:
         results = ffi.new("cublasLtMatmulHeuristicResult_t[1]")
         returned = ffi.new("int*")
         a, b, c = made
-        status = lib.cublasLtMatmulAlgoGetHeuristic(self._h, self._desc, a, b, c, c, self._pref, 1, results, returned)
-        entry = None
-        if status == 0 and returned[0] > 0 and results[0].state == 0:
-            algo = ffi.new("cublasLtMatmulAlgo_t*")
-            algo[0] = results[0].algo
-            entry = (a, b, c, algo, results[0].workspaceSize)
-        self._shapes[key] = entry  # type: ignore[assignment]
-        return entry
+        status = lib.cublasLtMatmulAlgoGetHeuristic(self._h, desc, a, b, c, c, self._pref, 1, results, returned)
+        if status or returned[0] <= 0 or results[0].state != 0:
+            return None
+        algo = ffi.new("cublasLtMatmulAlgo_t*")
+        algo[0] = results[0].algo
+        return a, b, c, algo, results[0].workspaceSize
 
     def __call__(self, entry: tuple[Any, ...], x: int, w: int, y: int, accumulate: bool) -> int:
         """Enqueue one product of a :meth:`shape` entry; returns the cublasStatus_t (0: success)."""
@@ -241,11 +248,13 @@ class LtMatmuls:
         if len(self._fp8_shapes) >= _MAX_SHAPES:
             self._drop_shapes()
         lib, ffi = self._lib, self._ffi
+        if (blocked, c_type) in self._fp8_refused:
+            return None
         desc = self._fp8_descs.get((blocked, c_type))
         if desc is None:
             d = ffi.new("cublasLtMatmulDesc_t*")
             _check("cublasLtMatmulDescCreate", lib.cublasLtMatmulDescCreate(d, CUBLAS_COMPUTE_32F, CUDA_R_32F))
-            desc = self._fp8_descs[(blocked, c_type)] = d[0]
+            desc = d[0]
             a_mode, b_mode = (
                 (CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F, CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F)
                 if blocked
@@ -258,30 +267,23 @@ class LtMatmuls:
                 (CUBLASLT_MATMUL_DESC_B_SCALE_MODE, b_mode),
             ):
                 status = lib.cublasLtMatmulDescSetAttribute(desc, attr, ffi.new("int32_t*", value), 4)
-                if status:  # a cuBLASLt without scale modes: no FP8 product from it
-                    self._fp8_shapes[key] = None
+                if status:  # a cuBLASLt without scale modes: no FP8 product from it, for any shape of this mode
+                    lib.cublasLtMatmulDescDestroy(desc)  # (a descriptor without its modes would scale wrongly)
+                    self._fp8_refused.add((blocked, c_type))
                     return None
+            self._fp8_descs[(blocked, c_type)] = desc
         status = lib.cublasLtMatmulDescSetAttribute(
             desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, ffi.new("uint64_t*", w_scales), 8
         ) or lib.cublasLtMatmulDescSetAttribute(
             desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, ffi.new("uint64_t*", x_scales), 8
         )
-        made = []
-        for dtype, r, c, ld in ((CUDA_R_8F_E4M3, k, n, k), (CUDA_R_8F_E4M3, k, rows, k), (c_type, n, rows, y_ld)):
-            out = ffi.new("cublasLtMatrixLayout_t*")
-            _check("cublasLtMatrixLayoutCreate", lib.cublasLtMatrixLayoutCreate(out, dtype, r, c, ld))
-            made.append(out[0])
-            self._layouts.append(out[0])
-        results = ffi.new("cublasLtMatmulHeuristicResult_t[1]")
-        returned = ffi.new("int*")
-        a, b, c = made
-        if status == 0:
-            status = lib.cublasLtMatmulAlgoGetHeuristic(self._h, desc, a, b, c, c, self._pref, 1, results, returned)
         entry = None
-        if status == 0 and returned[0] > 0 and results[0].state == 0:
-            algo = ffi.new("cublasLtMatmulAlgo_t*")
-            algo[0] = results[0].algo
-            entry = (desc, a, b, c, algo, x_scales)
+        if status == 0:
+            e4m3 = CUDA_R_8F_E4M3
+            chosen = self._choose(desc, ((e4m3, k, n, k), (e4m3, k, rows, k), (c_type, n, rows, y_ld)))
+            if chosen is not None:
+                a, b, c, algo, _ = chosen
+                entry = (desc, a, b, c, algo, x_scales)
         self._fp8_shapes[key] = entry
         return entry
 
