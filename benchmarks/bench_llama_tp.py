@@ -6,6 +6,7 @@ over the ranks by vocabulary rows (``whole-vocab`` rows). Not a test: nothing is
 
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b            # write the random checkpoint once (~16 GB)
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b-fp8 --fp8 block   # e4m3 projections, 128x128 scales
+    python3 benchmarks/bench_llama_tp.py --make /tmp/smollm2 --shape smollm2-135m --layers 30 --tokenizer-from DIR
     python3 benchmarks/bench_llama_tp.py --model /tmp/llama8b --tp 1,2,4 [--json PATH]
     python3 benchmarks/bench_llama_tp.py --model /tmp/llama8b --tp 1,2 --batches 32 --modes graph \
         --variants fused,whole-vocab
@@ -42,6 +43,20 @@ SHAPE_8B = dict(
     tie_word_embeddings=False,
     rope_theta=500000.0,
 )
+# SmolLM2-135M's shapes (its config.json): the model benchmarks/bench_serve.py serves, as random weights with the
+# real tokenizer (--tokenizer-from) where the checkpoint itself cannot travel to the GPU machine
+SHAPE_SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
+)
+SHAPES = {"8b": SHAPE_8B, "smollm2-135m": SHAPE_SMOLLM2_135M}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 FP8_CONFIGS = {  # --fp8 LAYOUT: the quantization_config its published checkpoints carry
@@ -52,29 +67,30 @@ FP8_CONFIGS = {  # --fp8 LAYOUT: the quantization_config its published checkpoin
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def make(folder: Path, layers: int, fp8: str | None = None) -> None:
+def make(
+    folder: Path, layers: int, fp8: str | None = None, shape: str = "8b", tokenizer_from: Path | None = None
+) -> None:
     """A random bfloat16 checkpoint written fast, whatever its depth: one random block per tensor shape, and every
     tensor of that shape (each layer's, the embedding's and the LM head's) points at the same bytes of the file
     (fi_ffi's reader allows it; the ``safetensors`` package would not). The file holds about 1.3 GB for the 8B shape
     at any depth, while the engine still uploads every tensor to a buffer of its own, so the GPU reads as much per
-    step as with distinct weights (the values do not matter for timing)."""
+    step as with distinct weights (the values do not matter for timing). ``shape``: a key of ``SHAPES``;
+    ``tokenizer_from``: a folder whose tokenizer files are copied beside the weights (a servable text checkpoint)."""
     cfg: dict[str, Any] = {
         "model_type": "llama",
         "max_position_embeddings": 8192,
         "rms_norm_eps": 1e-5,
         "eos_token_id": 2,
     }
-    cfg.update(SHAPE_8B, num_hidden_layers=layers)
+    cfg.update(SHAPES[shape], num_hidden_layers=layers)
     block = (np.random.default_rng(0).standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(np.float32)
     bits = (block.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bits
     one = (np.full(cfg["hidden_size"], 1.0, np.float32).view(np.uint32) >> 16).astype(np.uint16)
     h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     hq, hk, v = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
-    shapes = {
-        "model.embed_tokens.weight": (v, h),
-        "lm_head.weight": (v, h),
-        "model.norm.weight": (h,),
-    }
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (v, h)
     for n in range(layers):
         p = f"model.layers.{n}."
         shapes.update(
@@ -128,6 +144,9 @@ def make(folder: Path, layers: int, fp8: str | None = None) -> None:
         for _, arr in blobs.values():
             f.write(arr.tobytes())
     (folder / "config.json").write_text(json.dumps(cfg))
+    for name in _TOKENIZER_FILES if tokenizer_from is not None else ():
+        if (tokenizer_from / name).is_file():
+            (folder / name).write_bytes((tokenizer_from / name).read_bytes())
 
 
 def run_rank(
@@ -154,10 +173,14 @@ def run_rank(
         from fi_engine.dense import Dense
 
         Dense.fp8_w8a8 = False
-    if variant == "w8a8-blocks":  # FP8 128x128-block weights: the FP8 tensor-core GEMM too (off by default)
+    if variant == "w8a8-no-blocks":  # FP8 128x128-block weights: dequantized above 8 rows (before 2026-11-24)
         from fi_engine.dense import Dense
 
-        Dense.fp8_w8a8_blocks = True
+        Dense.fp8_w8a8_blocks = False
+    if variant.startswith("fp8-gemv-rows-"):  # FP8 weights: the GEMV up to N rows, the FP8 GEMM above
+        from fi_engine.dense import Dense
+
+        Dense.fp8_gemv_max_rows = int(variant.rsplit("-", 1)[1])
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
         LlamaEngine.graph_fused_decode = False
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
@@ -321,6 +344,8 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--make", type=Path, help="write a random 8B-shaped checkpoint here and exit")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="with --make: the model's shapes")
+    ap.add_argument("--tokenizer-from", type=Path, help="with --make: copy this folder's tokenizer files beside it")
     ap.add_argument("--fp8", choices=sorted(FP8_CONFIGS), help="with --make: e4m3 projections in this scale layout")
     ap.add_argument("--make-mixtral", type=Path, help="write a random Mixtral-shaped checkpoint here and exit")
     ap.add_argument("--layers", type=int, default=32)
@@ -343,7 +368,8 @@ def main() -> None:
         "separate launches, not the fused step), no-pdl (TP 1: the fused step's GEMVs without programmatic dependent "
         "launch), fp8-fused (TP 1, FP8 checkpoints: the fused step over e4m3 weights, off by default), "
         "w8a16 (TP 1, FP8 checkpoints: steps of more than 8 rows dequantize instead of the FP8 GEMM), "
-        "w8a8-blocks (TP 1, 128x128-block FP8 checkpoints: the FP8 GEMM for them too, off by default), "
+        "w8a8-no-blocks (TP 1, 128x128-block FP8 checkpoints: dequantized above 8 rows, not the FP8 GEMM), "
+        "fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "
         "ahead (as fused, the next step prepared while the "
         "GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce launched with programmatic dependent "
         "launch)",
@@ -351,7 +377,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
     args = ap.parse_args()
     if args.make:
-        make(args.make, args.layers, args.fp8)
+        make(args.make, args.layers, args.fp8, args.shape, args.tokenizer_from)
         return
     if args.make_mixtral:
         from bench_mixtral import make_checkpoint  # beside this file (the script's folder is on sys.path)
@@ -370,7 +396,10 @@ def main() -> None:
     for tp in [int(t) for t in args.tp.split(",")]:
         variants = args.variants.split(",")
         one_gpu = ["fused"] + [
-            v for v in variants if v in ("in-step", "lt", "unfused", "no-pdl", "fp8-fused", "w8a16", "w8a8-blocks")
+            v
+            for v in variants
+            if v in ("in-step", "lt", "unfused", "no-pdl", "fp8-fused", "w8a16", "w8a8-no-blocks")
+            or v.startswith("fp8-gemv-rows-")
         ]
         for variant in one_gpu if tp == 1 else variants:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:

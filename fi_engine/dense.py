@@ -444,7 +444,7 @@ class Dense:
             _int_arg(name, value, -(1 << 31), 1 << 31)
         args = (rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type)
         fp8 = self._fp8_weights.get(w)
-        if fp8 is not None and self.gemv and rows <= FP8_GEMV_MAX_ROWS:
+        if fp8 is not None and self.gemv and rows <= min(FP8_GEMV_MAX_ROWS, self.fp8_gemv_max_rows):
             self._check_fp8_call(fp8, n, k, ab_type, c_type)
             packed = self._fp8.gemv(rows, x, x_ld, fp8, y, y_ld, ab_type == CUDA_R_16BF, c_type == CUDA_R_32F)
             if packed:
@@ -837,14 +837,22 @@ class Dense:
         return bool(self._fp8_weights)
 
     fp8_w8a8 = True
-    """Whether linears of FP8 weights over more than 8 rows quantize their activations to e4m3 and run cuBLASLt's
-    FP8 tensor-core GEMM (W8A8, :mod:`~fi_engine.fp8_linear`); False: the weight dequantized to 16 bits and the
-    16-bit GEMM (W8A16, slower: 5 bytes read per weight). A class attribute; set it on an instance to override."""
+    """Whether linears of FP8 weights over more than :attr:`fp8_gemv_max_rows` rows quantize their activations to e4m3
+    and run cuBLASLt's FP8 tensor-core GEMM (W8A8, :mod:`~fi_engine.fp8_linear`); False: the FP8 GEMV up to 8 rows,
+    else the weight dequantized to 16 bits and the 16-bit GEMM (W8A16, slower: 5 bytes read per weight). A class
+    attribute; set it on an instance to override."""
 
-    fp8_w8a8_blocks = False
-    """Whether :attr:`fp8_w8a8` serves 128x128-block weights too (per-tensor and per-channel ones: always). Off
-    until its GPU check passes (:mod:`~fi_engine.fp8_linear` says what was measured); those weights take the
-    dequantizing path."""
+    fp8_w8a8_blocks = True
+    """Whether :attr:`fp8_w8a8` serves 128x128-block weights too (per-tensor and per-channel ones: always); False:
+    those weights take the dequantizing path above :attr:`fp8_gemv_max_rows` rows."""
+
+    fp8_gemv_max_rows = 2
+    """Linears of FP8 weights over at most this many rows run the FP8 GEMV (W8A16); more rows run the FP8 GEMM
+    (:attr:`fp8_w8a8`) where cuBLASLt serves the call, else the GEMV up to ``FP8_GEMV_MAX_ROWS`` rows. 2: on an
+    H100 (8B shape, 128x128 blocks, decode graph) the GEMV and the GEMM tie at 1 and 2 rows (cuBLASLt takes no
+    block-scaled call of 1 or 2 rows) and the GEMM wins from 4 (795 against 720 tokens/s) and 8 (1,573 against
+    1,014), where the GEMV's integer decoding per row makes it compute-bound. A class attribute, read when a call
+    is made or a step packed."""
 
     fp8_fused = False
     """Whether the fused decode step runs over FP8 weights (``FP8_FUSED_SOURCE``'s kernels, which
@@ -884,18 +892,19 @@ class Dense:
         c_type: int,
         accumulate: bool,
     ) -> None:
-        """:meth:`linear` of a registered FP8 weight: the FP8 GEMV for at most 8 rows, else the FP8 GEMM
-        (:attr:`fp8_w8a8`) where cuBLASLt serves it, else dequantize + 16-bit GEMM."""
+        """:meth:`linear` of a registered FP8 weight: the FP8 GEMV for at most :attr:`fp8_gemv_max_rows` rows, else
+        the FP8 GEMM (:attr:`fp8_w8a8`) where cuBLASLt serves it, else the GEMV up to 8 rows, else dequantize +
+        16-bit GEMM."""
         self._check_fp8_call(fp8, n, k, ab_type, c_type)
         bf16 = ab_type == CUDA_R_16BF
-        if 0 < rows <= FP8_GEMV_MAX_ROWS and not accumulate:
-            packed = self._fp8.gemv(rows, x, x_ld, fp8, y, y_ld, bf16, c_type == CUDA_R_32F)
-            if packed:
-                self._fp8.run_gemv(packed, self._null)
-                return
+        gemv = 0 < rows <= FP8_GEMV_MAX_ROWS and not accumulate
+        if gemv and rows <= self.fp8_gemv_max_rows and self._fp8_gemv(rows, x, x_ld, fp8, y, y_ld, bf16, c_type):
+            return
         if self.fp8_w8a8 and self._fp8.w8a8(
             self._lt, rows, x, x_ld, fp8, y, y_ld, bf16, c_type, accumulate, self._null, self.fp8_w8a8_blocks
         ):  # the FP8 tensor-core GEMM over activations quantized on the fly
+            return
+        if gemv and self._fp8_gemv(rows, x, x_ld, fp8, y, y_ld, bf16, c_type):
             return
         weight = self._fp8.dequantize(fp8, bf16, self._null)
         on, self.gemv = self.gemv, False  # the 16-bit GEMM (cuBLASLt / cuBLAS) on the dequantized scratch
@@ -903,6 +912,13 @@ class Dense:
             self.linear(rows, x, x_ld, weight, n, k, y, y_ld, ab_type, c_type, accumulate)
         finally:
             self.gemv = on
+
+    def _fp8_gemv(self, rows: int, x: int, x_ld: int, fp8: Any, y: int, y_ld: int, bf16: bool, c_type: int) -> bool:
+        """The FP8 GEMV of at most 8 rows launched; False where it cannot serve the call (nothing launched)."""
+        packed = self._fp8.gemv(rows, x, x_ld, fp8, y, y_ld, bf16, c_type == CUDA_R_32F)
+        if packed:
+            self._fp8.run_gemv(packed, self._null)
+        return bool(packed)
 
     def _gemv_faster(
         self, rows: int, x: int, x_ld: int, w: int, n: int, k: int, y: int, y_ld: int, ab_type: int, c_type: int

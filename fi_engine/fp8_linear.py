@@ -1,24 +1,26 @@
 """Linear layers with e4m3 weights on the GPU: the registry of a :class:`~fi_engine.dense.Dense`'s FP8 weights,
 the GEMV that reads them as stored for a step of few rows (W8A16), and the FP8 tensor-core GEMM for the rest (W8A8).
 
-Decode steps of at most :data:`FP8_GEMV_MAX_ROWS` rows: W8A16, 16-bit activations times e4m3 weights scaled in
-registers. Such a step is bound by reading the weights, and reading one byte per weight instead of two is the whole
+Steps of at most :attr:`Dense.fp8_gemv_max_rows` rows (2): W8A16, 16-bit activations times e4m3 weights scaled in
+registers, by a GEMV of the engine's own that reads the weights as stored (up to :data:`FP8_GEMV_MAX_ROWS` rows per
+launch). Such a step is bound by reading the weights, and reading one byte per weight instead of two is the whole
 gain there; its sums stay float32 over unquantized activations, so its error is the weights' own.
 
-More rows (prefill, large decode batches): W8A8 through cuBLASLt's FP8 tensor-core GEMM (:meth:`Fp8Linears.w8a8`).
-The activations are quantized to e4m3 on the fly (dynamic scales: one per row for per-tensor and per-channel
-weights, as vLLM's per-token scheme; one per row and 128 columns for 128x128-block weights, the DeepSeek-V3 /
-Qwen3-FP8 recipe), by a kernel of the engine's own, and the GEMM applies both operands' scales (cuBLASLt's
-OUTER_VEC_32F, or BLK128x128_32F for the weight and VEC128_32F for the activations). Measured on an H100 it takes
-0.55-0.75x the time of the 16-bit GEMM on the 8B shapes from 16 rows up, where the W8A16 GEMV would be compute-bound
-(each weight decoded with integer operations per 8 rows). The block-scaled product is off by default
-(:attr:`Dense.fp8_w8a8_blocks`): it was right on the GPU where ``ceil(k / 128)`` is a multiple of 4 and wrong
-otherwise (cuBLASLt reads the weight's scale rows at 16-byte strides); the padded copy of the scales that
-:meth:`Fp8Linears.add` makes for it has not yet run on a GPU. A checkpoint's static ``input_scale`` is not used: scales
-computed per row are never coarser. Where cuBLASLt offers no algorithm (older than 12.9, a GPU without FP8 tensor
-cores, a block other than 128x128) or the call does not fit its rules, the weight is dequantized into a 16-bit
-scratch matrix of the Dense's and the 16-bit GEMM runs on it (W8A16, exact to the 16-bit rounding of each scaled
-weight; it reads 5 bytes per weight). :attr:`Dense.fp8_w8a8` turns the tensor-core path off.
+More rows (prefill, decode batches from 3 rows): W8A8 through cuBLASLt's FP8 tensor-core GEMM
+(:meth:`Fp8Linears.w8a8`). The activations are quantized to e4m3 on the fly (dynamic scales: one per row for
+per-tensor and per-channel weights, as vLLM's per-token scheme; one per row and 128 columns for 128x128-block weights,
+the DeepSeek-V3 / Qwen3-FP8 recipe), by a kernel of the engine's own, and the GEMM applies both operands' scales
+(cuBLASLt's OUTER_VEC_32F, or BLK128x128_32F for the weight and VEC128_32F for the activations; the block scales
+handed over in a copy whose rows are padded to 4 floats, since cuBLASLt reads them at 16-byte strides). Measured on
+an H100 it takes 0.55-0.75x the time of the 16-bit GEMM on the 8B shapes from 4 rows up, where the W8A16 GEMV is
+compute-bound (each weight decoded with integer operations per 8 rows): at 4 and 8 rows of the 8B decode graph the
+GEMM gives 795 and 1,573 tokens/s where the GEMV gave 720 and 1,014. cuBLASLt takes no block-scaled call of a row
+count that is not a multiple of 4: up to 8 rows those go through the GEMV whole, above 8 the last few rows do. A
+checkpoint's static ``input_scale`` is not used: scales computed per row are never coarser. Where cuBLASLt offers no
+algorithm (older than 12.9, a GPU without FP8 tensor cores, a block other than 128x128) the weight is dequantized into
+a 16-bit scratch matrix of the Dense's and the 16-bit GEMM runs on it (W8A16, exact to the 16-bit rounding of each
+scaled weight; it reads 5 bytes per weight). :attr:`Dense.fp8_w8a8` turns the tensor-core path off,
+:attr:`Dense.fp8_w8a8_blocks` for 128x128-block weights only.
 
 Scales, as :meth:`Fp8Linears.add` takes them: float32, either one per output row (``block`` None: per-tensor
 checkpoints repeat their scalar over the rows, per-channel ones give theirs) or one per block of ``bn`` rows by
@@ -264,7 +266,7 @@ class Fp8Linears:
         cuBLASLt serves some row counts only (measured on an H100: 16 and 37 rows with per-row scales, 16 and not
         37 with blocks): the rows it serves go through it and the last few through the FP8 GEMV, 8 at a time.
         False, with nothing launched, where this path cannot serve the call: the caller dequantizes instead.
-        ``blocks``: serve 128x128-block weights too (off by default: see the module docstring)."""
+        ``blocks``: serve 128x128-block weights too (:attr:`Dense.fp8_w8a8_blocks`)."""
         if wt.block is not None and not blocks:
             return False
         key = (rows, x, x_ld, wt.w, y, y_ld, bf16, c_type, accumulate)
@@ -324,7 +326,10 @@ class Fp8Linears:
             return ()
         k, groups = wt.k, -(-wt.k // 128)
         scratch = int(self._scratch.data.ptr)
-        for main in dict.fromkeys((rows, rows - rows % 4, rows - rows % 16)):  # the rows cuBLASLt takes
+        # the rows cuBLASLt takes, the rest through the GEMV; a call the GEMV could take whole has no tail (it would
+        # read the weight twice)
+        candidates = (rows,) if rows <= FP8_GEMV_MAX_ROWS else (rows, rows - rows % 4, rows - rows % 16)
+        for main in dict.fromkeys(candidates):
             tail_rows = rows - main
             if main <= 0 or (tail_rows and accumulate):
                 continue

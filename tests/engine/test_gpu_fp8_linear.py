@@ -10,13 +10,13 @@ products), per-row and 128x128-block scales, bfloat16 and float16 activations, 1
 - more rows (16 and 40) with the W8A16 path (``Dense.fp8_w8a8`` off): each weight dequantized to the 16-bit type
   first (one rounding, relative ``ulp_w`` = 2**-8 bfloat16 / 2**-11 float16), then the 16-bit GEMM: ``|y - ref| <=
   sum_c |x_c w_c| * (ulp_w + 2**-20) + |ref| * ulp_out``;
-- more rows with the W8A8 path (the default for per-row scales; for 128x128 blocks behind
-  ``Dense.fp8_w8a8_blocks``, which the test turns on: activations quantized to e4m3 per row, or per row and 128
-  columns for block weights, then cuBLASLt's FP8 GEMM): against the same product computed in numpy on the activations
+- 1 to 200 rows with the W8A8 path (the default above ``Dense.fp8_gemv_max_rows`` rows, which the test sets to 0:
+  activations quantized to e4m3 per row, or per row and 128 columns for 128x128-block weights, then cuBLASLt's FP8
+  GEMM; multiples of 4 rows served whole by it): against the same product computed in numpy on the activations
   quantized exactly as the engine specifies (amax, scale = amax / 448, RNE e4m3 of x * (448 / amax) in float32),
   ``|y - ref_q| <= sum_c |xq_c w_c| * 2**-12 + |ref_q| * ulp_out`` (2**-12: Hopper's FP8 tensor cores keep fewer
   bits than float32 between cuBLASLt's promotions to float32); rows cuBLASLt does not take (the last few of a count
-  it refuses) go through the FP8 GEMV and meet the W8A16 bound instead;
+  it refuses, or all of at most 8 rows) go through the FP8 GEMV and meet the GEMV's bound instead;
 - the fused decode step's GEMVs over e4m3 weights (``Dense.fused_linear`` with a norm, add-norm or SiLU
   prologue): their output against the plain FP8 GEMV applied to the prologue's rows (which the 16-bit fused
   kernel yields exactly through an identity weight), within 2**-20 of the magnitude sum (the same sums in the same
@@ -40,6 +40,7 @@ cp = pytest.importorskip("cupy", reason="the engine needs CuPy")
 torch = require_torch()  # the e4m3 reference decodes through torch.float8_e4m3fn
 
 from fi_engine.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
+from fi_engine.fp8_linear import FP8_GEMV_MAX_ROWS  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -138,7 +139,7 @@ def quantize_rows(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
 @pytest.mark.parametrize("out_f32", [False, True], ids=["out16", "out32"])
 def test_fp8_tensor_core_gemm_against_the_quantized_product(dense, block, ab, out_f32) -> None:  # type: ignore[no-untyped-def]
-    dense.fp8_w8a8_blocks = True  # off by default until this check passes on a GPU (fp8_linear's docstring)
+    dense.fp8_gemv_max_rows = 0  # the FP8 GEMM for few rows too, where cuBLASLt takes them (else the GEMV)
     rng = np.random.default_rng(9)
     n, k = 640, 1152  # multiples of 128 (cuBLASLt's block scales); 9 scale columns: the padded copy
     bits, scales, w = random_weight(rng, n, k, block)
@@ -146,7 +147,7 @@ def test_fp8_tensor_core_gemm_against_the_quantized_product(dense, block, ab, ou
     dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
     c = CUDA_R_32F if out_f32 else ab
     w64 = w.astype(np.float64)
-    for rows in (9, 16, 20, 37, 64, 200):
+    for rows in (1, 4, 6, 8, 9, 16, 20, 37, 64, 200):
         x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 10, (rows, 1))).astype(np.float32)
         dx = to16(x, ab)
         x = from16(dx, ab)
@@ -165,7 +166,7 @@ def test_fp8_tensor_core_gemm_against_the_quantized_product(dense, block, ab, ou
         print(f"rows={rows} block={block}: {int(tensor_core.sum())} rows the W8A8 product, {int(gemv.sum())} the W8A16")
         print("  w8a8 plans:", [bool(p) for p in dense._fp8._w8a8_plans.values()], dense._fp8.w8a8_error)
         assert (tensor_core | gemv).all(), f"rows={rows}: rows {np.nonzero(~(tensor_core | gemv))[0]} match neither"
-        if rows % 16 == 0:  # cuBLASLt serves these counts whole (measured): no row left to the GEMV
+        if rows % 4 == 0:  # cuBLASLt serves these counts whole (measured): no row left to the GEMV
             assert tensor_core.all(), f"rows={rows}: the FP8 tensor-core GEMM did not serve every row"
     # accumulate (y += x @ w.T): cuBLASLt's beta = 1
     rows = 32
@@ -185,6 +186,7 @@ def test_fp8_tensor_core_gemm_against_the_quantized_product(dense, block, ab, ou
 @pytest.mark.parametrize("mode", [NORM, ADD_NORM, SILU], ids=["norm", "addnorm", "silu"])
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
 def test_fused_fp8_gemv_is_its_prologue_then_the_fp8_gemv(dense, mode, block) -> None:  # type: ignore[no-untyped-def]
+    dense.fp8_gemv_max_rows = FP8_GEMV_MAX_ROWS  # the reference: the plain FP8 GEMV for each row count
     rng = np.random.default_rng(11)
     n, k, ab = 392, 1024, CUDA_R_16BF
     bits, scales, w = random_weight(rng, n, k, block)

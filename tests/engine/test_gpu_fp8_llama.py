@@ -12,8 +12,9 @@ weights (rounded to bfloat16) gives the yardstick of bfloat16 arithmetic's own e
   columns before cuBLASLt's FP8 GEMM): <= 16 x transformers-bfloat16's error -- e4m3 keeps 3 mantissa bits where
   bfloat16 keeps 7, so each GEMM input is rounded 16x coarser (the bound the FP8 KV cache's check uses too);
 - greedy decoding, eager and as a CUDA graph, 4 rows and 1 (prefill of more rows: W8A8 unless said), with the fused
-  decode step over FP8 weights off (the default: ``Dense.fp8_fused``) and on, and W8A16 throughout: every token the
-  reference's argmax or within ``LOGIT_TOL["bfloat16"]`` of it (x 16 where the prefill was W8A8, as above) under
+  decode step over FP8 weights off (the default: ``Dense.fp8_fused``) and on, W8A16 throughout, and W8A8 throughout
+  (``Dense.fp8_gemv_max_rows`` 0: the decode steps through the FP8 GEMM too): every token the reference's argmax
+  or within ``LOGIT_TOL["bfloat16"]`` of it (x 16 where W8A8 served, as above) under
   teacher forcing, and eager and graph agree up to the first near tie.
 """
 
@@ -76,7 +77,7 @@ def test_prefill_logits_within_transformers_bfloat16s_own_error(fp8_variant, w8a
     from fi_engine.dense import Dense
 
     monkeypatch.setattr(Dense, "fp8_w8a8", w8a8)
-    monkeypatch.setattr(Dense, "fp8_w8a8_blocks", w8a8)  # block scales too (off by default until this passes)
+    monkeypatch.setattr(Dense, "fp8_w8a8_blocks", w8a8)  # block scales too
     factor = 16.0 if w8a8 else 1.5
     path, ref, bf16 = fp8_variant
     ps = prompts((1, 7, 16, 33, 50), VOCAB)
@@ -101,6 +102,8 @@ def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, fused, w
     monkeypatch.setattr(Dense, "fp8_fused", fused)
     monkeypatch.setattr(Dense, "fp8_w8a8", w8a8)
     monkeypatch.setattr(Dense, "fp8_w8a8_blocks", w8a8)
+    if w8a8:  # the decode steps of 4 rows and 1 row through the FP8 GEMM too (eager and captured)
+        monkeypatch.setattr(Dense, "fp8_gemv_max_rows", 0)
     tol = TOL * (16 if w8a8 else 1)
     path, ref, _ = fp8_variant
     for lens, new in (((5, 16, 29, 50), [17, 12, 17, 9]), ((11,), [24])):  # 4 rows; 1 row (the fused graph step)
