@@ -6,9 +6,11 @@
   encoded with the checkpoint's ``tokenizer.json``, a chat message rendered with its chat template, the
   generation ended by its ``generation_config.json`` end-of-sequence ids, the output printed as text. Every value
   is checked before the GPU is touched: a bad one is a usage error (exit 2).
-- ``serve MODEL_DIR [--host H] [--port P] [--max-batch N] [--max-queue N] [--graph] [--api-servers N]``: the
-  OpenAI-compatible HTTP server (:mod:`fi_engine.openai_server`; the ``serve`` extra) until SIGINT/SIGTERM; with
-  ``--api-servers N``, N front-end processes over one engine process (:mod:`fi_engine.api_servers`).
+- ``serve MODEL_DIR [--host H] [--port P] [--max-batch N] [--max-queue N] [--graph] [--api-servers N]
+  [--scheduler-delay-factor F]``: the OpenAI-compatible HTTP server (:mod:`fi_engine.openai_server`; the ``serve``
+  extra) until SIGINT/SIGTERM; with ``--api-servers N``, N front-end processes over one engine process
+  (:mod:`fi_engine.api_servers`). The engine steps with ``overlap_steps`` and the scheduler delay
+  (``fi_engine.serving.ServingLoop``).
 
 ``fi-ffi generate ARGS`` (the binding's command, where this subcommand lived) runs ``python -m fi_engine generate
 ARGS``. With ``--tp N`` this command starts its ranks through ``fi-ffi launch`` (the binding's launcher, a
@@ -31,6 +33,8 @@ from fi_ffi.errors import FiFFIError
 __all__ = ["build_parser", "main"]
 
 PROG = "fi-engine"
+# `serve --scheduler-delay-factor`'s default (ServingLoop._admit): measured on an H100, benchmarks/bench_serve.py
+SCHEDULER_DELAY_FACTOR = 3.0
 
 
 def _int_at_least(text: str, lowest: int, what: str) -> int:
@@ -382,6 +386,14 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         "/metrics cover all of them",
     )
     p.add_argument(
+        "--scheduler-delay-factor",
+        type=_delay_factor,
+        default=SCHEDULER_DELAY_FACTOR,
+        metavar="F",
+        help="requests that arrive while others decode wait up to F times the last prefill's time to be prefilled "
+        f"together, as vLLM's option of that name (default {SCHEDULER_DELAY_FACTOR}; 0: at the next step)",
+    )
+    p.add_argument(
         "--grace",
         type=_seconds,
         default=30.0,
@@ -413,6 +425,16 @@ def _api_servers(text: str) -> int:
     return _in_range(text, 1, MAX_CLIENTS, f"an integer in [1, {MAX_CLIENTS}]")
 
 
+def _delay_factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 100], got {text!r}") from None
+    if not 0 <= value <= 100:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 100], got {text}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -427,7 +449,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the checkpoint at ``args.model`` over HTTP until interrupted; 2 for a bad checkpoint or argument."""
     import importlib
 
-    from .engines import engine_class
+    from .engines import engine_class, open_engine
     from .service import GenerationService
     from .stepping import StepEngine
     from .text import TextCodec
@@ -450,8 +472,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     f"in the fi_ffi checkout"
                 ) from None
         kwargs = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, cuda_graph=args.graph, device=args.device)
+        # each decode step launched before the last one's tokens are delivered (ServingLoop._serve_step), and
+        # arrivals grouped into fewer prefills (ServingLoop._admit)
+        kwargs.update(overlap_steps=True, scheduler_delay_factor=args.scheduler_delay_factor)
         if args.in_process:
-            engine = engine_class(args.model)(args.model, **kwargs)
+            engine = open_engine(args.model, **kwargs)
         else:  # the engine steps in a process of its own (fi_engine.engine_process says why)
             from .engine_process import EngineProcess
 

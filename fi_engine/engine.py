@@ -167,6 +167,13 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         self.prefill_buckets = prefill_buckets(self.max_prefill_tokens)
         # an eager decode step of at most 4 rows runs its norms, SiLU, RoPE and KV append inside the GEMVs
         self.fused_decode = True
+        # the step API launches each decode step and returns, its tokens coming with the next step() (one GPU;
+        # ServingLoop._serve_step): the caller's handling of a step's tokens overlaps the next step on the GPU.
+        # Off by default (step() then returns each step's own tokens); the servers turn it on (engines.open_engine)
+        self.overlap_steps = False
+        # the step API's admission waits while others decode, up to this many times the last prefill's time, so a
+        # burst of arrivals is prefilled in fewer passes (ServingLoop._admit); 0: admitted at the next step
+        self.scheduler_delay_factor = 0.0
         self._prefill_graph_cache: dict[tuple[int, ...], Any] = {}
         # (bucket, requests) whose capture failed -> why: those prefills stay eager (and unpadded) from then on
         self.prefill_graph_failures: dict[tuple[int, int], str] = {}

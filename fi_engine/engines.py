@@ -32,6 +32,23 @@ def engine_class(model_dir: str | Path) -> Any:
     return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
-def open_engine(model_dir: str | Path, **kwargs: Any) -> Any:
-    """``engine_class(model_dir)(model_dir, **kwargs)``."""
-    return engine_class(model_dir)(model_dir, **kwargs)
+def open_engine(
+    model_dir: str | Path, *, overlap_steps: bool = False, scheduler_delay_factor: float = 0.0, **kwargs: Any
+) -> Any:
+    """``engine_class(model_dir)(model_dir, **kwargs)`` with the step API's serving settings, which a server
+    stepping the engine in a loop wants and ``generate`` ignores: ``overlap_steps`` (a decode step's tokens come
+    with the next ``step()``, the step left running on the GPU meanwhile) and ``scheduler_delay_factor`` (queued
+    requests wait while others decode, up to that many times the last prefill's time, to be prefilled together;
+    0 to 100)."""
+    if not isinstance(overlap_steps, bool):
+        raise TypeError(f"overlap_steps: expected True or False, got {type(overlap_steps).__name__}")
+    if (
+        isinstance(scheduler_delay_factor, bool)
+        or not isinstance(scheduler_delay_factor, (int, float))
+        or not 0 <= scheduler_delay_factor <= 100
+    ):
+        raise ValueError(f"scheduler_delay_factor: expected a number in [0, 100], got {scheduler_delay_factor!r:.40}")
+    engine = engine_class(model_dir)(model_dir, **kwargs)
+    engine.overlap_steps = overlap_steps
+    engine.scheduler_delay_factor = float(scheduler_delay_factor)
+    return engine

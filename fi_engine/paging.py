@@ -32,6 +32,7 @@ owns ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``), ``kv_indices`` (page ids), 
 from __future__ import annotations
 
 import operator
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,7 @@ class Request:
     sampling: SamplingParams | None = None
     draws: Any = None
     eos: frozenset[int] | None = None
+    queued_at: float = 0.0  # time.perf_counter() when it was submitted
 
     @property
     def finished(self) -> bool:
@@ -491,6 +493,7 @@ class Scheduler:
             sampling=None if greedy else sampling,
             draws=None if greedy else draws,
             eos=eos,
+            queued_at=time.perf_counter(),
         )
         self._next_id += 1
         self.pending.append(r)
@@ -616,10 +619,11 @@ class Scheduler:
         """Take the sampled token of each row (padding rows ignored); finish requests that are done.
 
         ``prefill``: the rows were just prefilled (their prompts are now cached); otherwise they ran one
-        decode step (one more token cached).
+        decode step (one more token cached). A row whose request ended while its step ran (aborted after a step
+        was launched ahead: ``ServingLoop.overlap_steps``) takes nothing.
         """
         for r, t in zip(rows, tokens, strict=True):
-            if r is None:
+            if r is None or r.finish_reason is not None:
                 continue
             r.cached = len(r.prompt) if prefill else r.cached + 1
             r.output.append(int(t))

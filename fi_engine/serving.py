@@ -118,7 +118,10 @@ class ServingLoop(EngineState):
         then one decode step over every active request (the same step as :meth:`generate`'s loop): one
         :class:`StepOutput` per request that produced tokens or ended, in the order they did (a request admitted
         here has two tokens: its prefill's and its first decode step's, unless it ended at the first), after the
-        ones aborted since the last step. With nothing queued or active: those aborted ones only, at once.
+        ones aborted since the last step. With nothing queued or active: those aborted ones only, at once. With
+        :attr:`overlap_steps`, the decode step is left running and its tokens come first in the next call
+        (:meth:`_serve_step`); with :attr:`scheduler_delay_factor`, queued requests may wait a few steps
+        (:meth:`_admit`).
 
         An exception from the device work (a CUDA error, an interrupt) ends every queued and active request (the
         next step reports them as aborted) and is raised; the engine can serve new requests afterwards unless the
@@ -127,7 +130,7 @@ class ServingLoop(EngineState):
         out = [StepOutput(r.rid, (), "abort") for r in self._aborted]
         self._aborted.clear()
         sched = self._sched
-        if sched is None or not sched.has_work:
+        if sched is None or (not sched.has_work and self._inflight is None):
             return out
         cp = self._cp
         if self._ffi_stream is None:
@@ -137,7 +140,7 @@ class ServingLoop(EngineState):
         # own between steps
         with cp.cuda.Device(self.device), self.stream, self._ffi_stream:
             try:
-                produced = self._advance(sched, None)
+                produced = self._serve_step(sched)
             except BaseException:
                 self._abort_everything(sched)
                 raise
@@ -149,10 +152,63 @@ class ServingLoop(EngineState):
                 requests.pop(r.rid, None)
         return out
 
+    def _serve_step(self, sched: Scheduler) -> dict[Request, int]:
+        """:meth:`step`'s device work: how many tokens each request got, in the order it first did. With
+        :attr:`overlap_steps` (one GPU), the decode step launched by the last call is waited for and its tokens
+        taken first, and this call's decode step is launched and left running: its tokens come with the next call,
+        while the caller handles these (the GPU does not wait for the host between steps). A request that ended
+        meanwhile (aborted) gets no token from the step in flight; its slot and pages are reused only by work
+        queued after that step on the engine's one stream."""
+        if not (self.overlap_steps and self.comm is None) and self._inflight is None:
+            return self._advance(sched, None)
+        produced: dict[Request, int] = {}
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            for r in self._decode_finish(sched, inflight):
+                produced[r] = 1
+        admitted = self._admit(sched, delay=True)
+        if admitted:
+            t = time.perf_counter()
+            self._prefill(sched, admitted)
+            self._last_prefill_s = time.perf_counter() - t
+            for r in admitted:
+                produced[r] = produced.get(r, 0) + 1
+        if sched.active:
+            if self.overlap_steps and self.comm is None:
+                self._inflight = self._decode_launch(sched)
+            else:  # turned off with a step in flight: this call's step as without overlap
+                for row in self._decode_step(sched)[1]:
+                    if row is not None:
+                        produced[row] = produced.get(row, 0) + 1
+        return produced
+
+    def _admit(self, sched: Scheduler, delay: bool) -> list[Request]:
+        """The scheduler's admission (:meth:`Scheduler.admit`), or none yet: with ``delay`` (the step API) and
+        :attr:`scheduler_delay_factor` > 0, queued requests wait while others decode, until the oldest has waited
+        that many times the last prefill's time or they would fill every free slot (vLLM's scheduler delay): a burst
+        of arrivals is prefilled in a few larger passes instead of one small pass per step, each of which costs the
+        batch a step."""
+        if not sched.pending:
+            return []
+        factor = self.scheduler_delay_factor
+        waits = delay and factor > 0 and sched.active and len(sched.pending) < sched.slots.count(None)
+        if waits and time.perf_counter() - sched.pending[0].queued_at < factor * self._last_prefill_s:
+            return []
+        return sched.admit()
+
+    def _settle(self) -> None:
+        """Wait for a decode step left in flight whose requests have all ended since (aborted): nothing of it is
+        recorded; the engine's buffers are free for the next call."""
+        if self._inflight is not None:
+            self.stream.synchronize()
+            self._inflight = None
+            self._next_rows = None
+
     def _abort_everything(self, sched: Scheduler) -> None:
         """After a failed step: wait for what was issued (the host staging buffers may be rewritten next), then end
         every request; the step API's ones are reported as aborted by the next :meth:`step`."""
         self._next_rows = None
+        self._inflight = None
         with contextlib.suppress(Exception):  # the step's own error is the one raised
             self.stream.synchronize()
         for r in [*sched.active, *sched.pending]:
@@ -209,12 +265,13 @@ class ServingLoop(EngineState):
         requests. With ``result`` (``generate``): its timings are added there and nothing else is kept; without,
         returns how many tokens each request produced, in the order it first did."""
         produced: dict[Request, int] = {}
-        admitted = sched.admit()
+        admitted = self._admit(sched, delay=result is None)
         if admitted:
             t = time.perf_counter()
             self._prefill(sched, admitted)
+            self._last_prefill_s = time.perf_counter() - t
             if result is not None:
-                result.prefill_s += time.perf_counter() - t
+                result.prefill_s += self._last_prefill_s
             else:
                 produced = dict.fromkeys(admitted, 1)
         if sched.active:
@@ -238,6 +295,7 @@ class ServingLoop(EngineState):
                 f"engine: {n} request(s) added with add_request are queued or active; step() them to the end or "
                 f"abort_request() them before {what}()"
             )
+        self._settle()
 
     def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Float32 logits ``[len(prompt), vocab]`` of every position of every prompt (a check against a
@@ -403,14 +461,32 @@ class ServingLoop(EngineState):
         return self._ids_host[:rows].tolist()
 
     def _decode_step(self, sched: Scheduler) -> tuple[float, list[Request | None]]:
-        """One decode step for every active request; returns its host time in microseconds (with a graph, the
-        next step's preparation included, which runs while the GPU computes this step) and its rows (None: a
-        padding row).
+        """One decode step for every active request, launched (:meth:`_decode_launch`), waited for and recorded;
+        returns its host time in microseconds (with a graph, the next step's preparation included, which runs while
+        the GPU computes this step) and its rows (None: a padding row)."""
+        t0 = time.perf_counter()
+        rows = self._decode_launch(sched)
+        t2 = time.perf_counter()
+        self.stream.synchronize()
+        t3 = time.perf_counter()
+        sched.record(rows, self._ids_host[: len(rows)].tolist())
+        return ((t2 - t0) + (time.perf_counter() - t3)) * 1e6, rows
+
+    def _decode_finish(self, sched: Scheduler, rows: list[Request | None]) -> list[Request]:
+        """Wait for the decode step launched over ``rows`` and record its tokens; returns the requests that took
+        one (those still active: a request aborted since the launch takes none)."""
+        live = [r for r in rows if r is not None and r.finish_reason is None]
+        self.stream.synchronize()
+        sched.record(rows, self._ids_host[: len(rows)].tolist())
+        return live
+
+    def _decode_launch(self, sched: Scheduler) -> list[Request | None]:
+        """Launch one decode step for every active request, its tokens copied to ``_ids_host`` behind it on the
+        stream (not waited for); returns its rows (None: a padding row).
 
         A step prepared during the previous one (:meth:`Scheduler.peek_rows`) runs only if the slots are still
         its rows (:meth:`Scheduler.same_rows`): a request that ended with an end-of-sequence token, was aborted or
         admitted since (a prefill also drops it) makes it be made again here."""
-        t0 = time.perf_counter()
         graph = self.graph
         prepared, self._next_rows = self._next_rows, None
         if prepared is not None and sched.same_rows(prepared):
@@ -452,11 +528,7 @@ class ServingLoop(EngineState):
             ahead = sched.peek_rows()
             self._upload_decode(n, fill_decode(ahead, self.page_size, self._dh, ahead=1), cuda_graph=True)
             self._next_rows = ahead
-        t2 = time.perf_counter()
-        self.stream.synchronize()
-        t3 = time.perf_counter()
-        sched.record(rows, self._ids_host[:n].tolist())
-        return ((t2 - t0) + (time.perf_counter() - t3)) * 1e6, rows
+        return rows
 
     def _check_open(self) -> None:
         if self._closed:

@@ -125,6 +125,10 @@ class EngineState:
     _ffi_stream: Any
     # the serving loop's decode step prepared ahead, and the graphs
     _next_rows: list[Request | None] | None
+    _inflight: list[Request | None] | None
+    _last_prefill_s: float
+    overlap_steps: bool
+    scheduler_delay_factor: float
     _staged: Any
     _prepare_ahead: bool
     _decode_plan: Any

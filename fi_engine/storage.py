@@ -111,6 +111,9 @@ class Storage(EngineState):
         # while the GPU runs this one (_decode_step); `_staged` marks the end of the last copy out of the host
         # staging buffers. Engine.__init__ turns it on where the family allows it (ModelFamily.plans_ahead).
         self._next_rows: list[Request | None] | None = None
+        # the decode step the step API launched and left running (ServingLoop.overlap_steps): its rows, or None
+        self._inflight: list[Request | None] | None = None
+        self._last_prefill_s = 0.0  # the host time of the last prefill (ServingLoop._admit's delay)
         self._staged = cp.cuda.Event(disable_timing=True)
         self._prepare_ahead = False
 

@@ -59,6 +59,7 @@ def open_engine(max_batch: int, graph: bool = True):  # type: ignore[no-untyped-
     if not isinstance(engine, StepEngine):
         engine.close()
         pytest.skip(f"{type(engine).__name__} does not implement fi_engine.stepping.StepEngine yet")
+    engine.overlap_steps = True  # as `fi-engine serve` steps it: each decode step left running between calls
     return engine
 
 

@@ -3,7 +3,9 @@ per-request sampling on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or tr
 
 A random SmolLM2-like float16 Llama (helpers.random_llama) is served eagerly, as the decode CUDA graph, and as the
 graph with the next step prepared ahead (``_prepare_ahead``, whose prepared step requests added or aborted in
-between must invalidate):
+between must invalidate), and eagerly and as the graph prepared ahead with ``overlap_steps`` (each decode step left
+running when ``step()`` returns, its tokens reported by the next call; a request aborted meanwhile takes none and
+its slot and pages go to the next request at once):
 
 (a) driving ``step()`` to the end gives exactly ``generate()``'s tokens (greedy; the same prefills and decode steps
     in the same order, so the same batches: bit-equal), and a request's own end-of-sequence id ends it ("stop");
@@ -40,7 +42,7 @@ from fi_engine.stepping import StepEngine, StepOutput  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-MODES = ("eager", "graph", "graph-ahead")
+MODES = ("eager", "graph", "graph-ahead", "eager-overlap", "graph-ahead-overlap")
 # This random model's logits have a standard deviation of ~24 (hidden 576 after a unit-weight norm, a tied head of
 # unit-variance rows): a token fed from the wrong context lands units below the best, while the prefill and decode
 # kernels (teacher forcing recomputes a decode step's logits with the prefill's) may differ by a few hundredths.
@@ -57,7 +59,8 @@ def checkpoint(tmp_path_factory):
 def engine(request, checkpoint):
     mode = request.param
     with LlamaEngine(checkpoint, max_batch=4, page_size=16, max_seq_len=256, cuda_graph=mode != "eager") as e:
-        e._prepare_ahead = mode == "graph-ahead"
+        e._prepare_ahead = mode.startswith("graph-ahead")
+        e.overlap_steps = mode.endswith("overlap")
         yield e
         assert not e.has_unfinished  # every test leaves the engine idle
 
@@ -114,6 +117,19 @@ def test_step_to_the_end_gives_exactly_generates_tokens(engine):
     assert all(o.finish_reason is None for r in rids for o in seen[r][:-1])
     assert free_pages(engine) == capacity(engine)
     assert engine.generate(ps, limits, eos_token_ids=()).tokens == want.tokens  # generate after steps: the same
+
+
+def test_overlapped_steps_report_a_decode_steps_tokens_with_the_next_call(engine):
+    (p,) = prompts((10,), VOCAB, seed=12)
+    want = engine.generate([p], 6, eos_token_ids=()).tokens[0]
+    rid = engine.add_request(p, 6, eos_token_ids=())
+    per_call = [[t for o in engine.step() for t in o.token_ids] for _ in range(7)]
+    assert [t for call in per_call for t in call] == want
+    if engine.overlap_steps:  # the prefill's token, then one per call: the step launched by the call before
+        assert per_call == [[t] for t in want] + [[]] and engine._inflight is None
+    else:  # the prefill's token and the first decode step's, then one per call
+        assert per_call == [want[:2]] + [[t] for t in want[2:]] + [[], []]
+    assert not engine.has_unfinished and rid not in engine._requests
 
 
 def test_a_requests_own_eos_id_ends_it_with_stop(engine):

@@ -71,6 +71,9 @@ def test_serve_checks_the_text_side_then_stops_at_the_missing_gpu(model: Path) -
         ("--log-level", "loud", "invalid choice"),
         ("--api-servers", "0", "expected an integer in [1, 64], got 0"),
         ("--api-servers", "65", "expected an integer in [1, 64], got 65"),
+        ("--scheduler-delay-factor", "-1", "expected a number in [0, 100], got -1"),
+        ("--scheduler-delay-factor", "nan", "expected a number in [0, 100], got nan"),
+        ("--scheduler-delay-factor", "soon", "expected a number in [0, 100], got 'soon'"),
     ],
 )
 def test_serve_bad_values_are_usage_errors(model: Path, flag: str, value: str, message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -259,11 +260,16 @@ def test_every_engine_class_has_the_step_protocols_methods_and_signatures(engine
     assert isinstance(inspect.getattr_static(engine, "has_unfinished"), property)
 
 
-def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None):
+def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False):
     """An engine without its constructor (no GPU): the host state the step API reads, and the device work
-    (``_prefill``, ``_decode_step``) stood in for by ``token_of(request)`` recorded through the real scheduler."""
+    (``_prefill``, ``_decode_step``, ``_decode_launch``) stood in for by ``token_of(request)`` recorded through the
+    real scheduler. ``overlap``: its ``overlap_steps`` (a launched decode step's tokens, computed from the state at
+    its launch, wait in ``_ids_host`` for the real ``_decode_finish``)."""
     e = LlamaEngine.__new__(LlamaEngine)
     e._closed = False
+    e.overlap_steps, e._inflight, e.comm = overlap, None, None
+    e.scheduler_delay_factor, e._last_prefill_s = 0.0, 0.0
+    e._ids_host = np.zeros(max_batch, np.int32)
     e.config = SimpleNamespace(vocab_size=1000, eos_token_ids=(EOS,))
     e.max_batch, e.page_size, e.num_pages = max_batch, PS, num_pages
     e.max_seq_len, e.max_prefill_tokens = 256, 512
@@ -286,8 +292,15 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None):
         sched.record(rows, [rule(r) for r in rows])
         return 1.0, rows
 
+    def decode_launch(sched):
+        rows = sched.decode_rows(padded=False)
+        e.steps.append(("decode", [r.rid for r in rows if r is not None]))
+        e._ids_host[: len(rows)] = [rule(r) for r in rows]
+        return rows
+
     e._prefill = prefill
     e._decode_step = decode_step
+    e._decode_launch = decode_launch
     return e
 
 
@@ -351,6 +364,126 @@ def test_step_drives_the_same_steps_as_generate():
     assert [got[r] for r in rids] == result.tokens
     assert b.steps == a.steps  # the same prefills and decode steps, in the same order
     assert result.finish_reasons == ["length"] * 5 and result.decode_steps == sum(s[0] == "decode" for s in a.steps)
+
+
+def run_to_the_end(e, prompts, limits, abort_after=None):
+    """Add the requests, step until nothing is unfinished (aborting ``abort_after = (call, index)``'s request
+    after that call); every request's tokens and the tokens each call reported."""
+    rids = [e.add_request(p, m, eos_token_ids=()) for p, m in zip(prompts, limits, strict=True)]
+    got: dict[int, list[int]] = {r: [] for r in rids}
+    calls = []
+    while e.has_unfinished:
+        outs = e.step()
+        calls.append(outs)
+        for o in outs:
+            got[o.rid].extend(o.token_ids)
+        if abort_after is not None and len(calls) == abort_after[0]:
+            e.abort_request(rids[abort_after[1]])
+    calls.append(e.step())
+    for o in calls[-1]:
+        got[o.rid].extend(o.token_ids)
+    return [got[r] for r in rids], calls
+
+
+def test_overlapped_steps_run_the_same_steps_and_give_the_same_tokens_one_call_later():
+    prompts = [[1] * 3, [2] * 20, [3] * 9, [4] * 33, [5]]
+    limits = [5, 9, 2, 7, 4]
+    plain, overlapped = bare_engine(max_batch=2), bare_engine(max_batch=2, overlap=True)
+    want, plain_calls = run_to_the_end(plain, prompts, limits)
+    got, calls = run_to_the_end(overlapped, prompts, limits)
+    assert got == want and overlapped.steps == plain.steps  # the same prefills and decode steps, in order
+    assert overlapped._inflight is None and not overlapped._requests
+    assert overlapped._sched.allocator.num_free == overlapped._sched.allocator.capacity
+    # the first call: both prefill tokens only (the decode step it launched reports next time)
+    assert [o.token_ids for o in calls[0]] == [(100,), (100,)] and overlapped._sched is not None
+    assert [o.token_ids for o in plain_calls[0]] == [(100, 101), (100, 101)]
+    assert len(calls) == len(plain_calls) + 1
+
+
+def test_a_request_aborted_while_its_step_runs_takes_no_token_and_its_slot_serves_the_next():
+    prompts = [[1] * 4, [2] * 4, [3] * 4]
+    e = bare_engine(max_batch=2, overlap=True)
+    got, calls = run_to_the_end(e, prompts, [6, 6, 6], abort_after=(2, 0))
+    # request 0: its prefill token and the token of the step the first call launched; the step the second call
+    # launched was running when it was aborted: nothing of it is recorded
+    assert got[0] == [100, 101]
+    assert any(o == StepOutput(0, (), "abort") for o in calls[2])
+    assert got[1] == [100 + i for i in range(6)] and got[2] == [100 + i for i in range(6)]
+    assert e.steps[3] == ("prefill", [2])  # admitted at the call after the abort, into request 0's slot
+    assert e._sched.allocator.num_free == e._sched.allocator.capacity and e._inflight is None
+
+
+def test_every_request_aborted_while_a_step_runs_then_generate_serves_on():
+    e = bare_engine(max_batch=2, overlap=True)
+    a, b = e.add_request([1] * 3, 10), e.add_request([2] * 3, 10)
+    e.step()
+    assert e._inflight is not None
+    e.abort_request(a)
+    e.abort_request(b)
+    assert not e.has_unfinished and e._sched.allocator.num_free == e._sched.allocator.capacity
+    assert sorted(o.rid for o in e.step()) == [a, b] and e._inflight is None
+    e.step()
+    e.add_request([3] * 3, 2)
+    e.step()
+    last = e.add_request([4], 5)
+    assert e._inflight is not None
+    e.abort_request(last)
+    e.step()  # reports nothing new for the aborted one; the other request's step finishes
+    while e.has_unfinished:
+        e.step()
+    e.step()
+    assert e._inflight is None
+    assert e.generate([[5] * 2], 3, eos_token_ids=()).tokens == [[100, 101, 102]]
+
+
+def test_a_step_left_running_is_waited_for_before_generate():
+    e = bare_engine(max_batch=2, overlap=True)
+    a = e.add_request([1] * 3, 10)
+    e.step()
+    e.abort_request(a)  # nothing unfinished, a step still in flight
+    assert e._inflight is not None
+    assert e.generate([[5] * 2], 2, eos_token_ids=()).tokens == [[100, 101]]
+    assert e._inflight is None  # waited for (the stream synchronized) and dropped, not recorded
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_the_scheduler_delay_holds_arrivals_while_others_decode_until_they_waited_or_fill_the_slots(
+    monkeypatch, overlap
+):
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])  # paging's and serving's clock
+    e = bare_engine(max_batch=4, overlap=overlap)
+    e.scheduler_delay_factor = 2.0
+    prefill = e._prefill
+
+    def one_second_prefill(sched, reqs, all_logits=False):
+        now[0] += 1.0
+        return prefill(sched, reqs, all_logits)
+
+    e._prefill = one_second_prefill
+    a = e.add_request([1] * 3, 40)
+    assert [o.rid for o in e.step()] == [a]  # nothing decoding: admitted at once (its prefill took 1 s)
+    b = e.add_request([2] * 3, 40)
+    now[0] += 0.5
+    assert all(o.rid != b for o in e.step()) and e._sched.pending[0].rid == b  # waited 0.5 s < 2 x 1 s
+    now[0] += 1.5
+    assert b in [o.rid for o in e.step()] and not e._sched.pending  # waited 2 s: admitted
+    c, d = e.add_request([3] * 3, 40), e.add_request([4] * 3, 40)  # they fill both free slots: no wait
+    assert {c, d} <= {o.rid for o in e.step()}
+    for r in (a, b, c, d):
+        e.abort_request(r)
+    e.step()
+    e.scheduler_delay_factor = 0.0
+    f = e.add_request([5] * 3, 40)
+    e.step()
+    g = e.add_request([6] * 3, 40)
+    assert g in [o.rid for o in e.step()]  # no delay: admitted at the next step
+    for r in (f, g):
+        e.abort_request(r)
+    e.step()
+    e.step()
+    e.scheduler_delay_factor = 100.0
+    assert e.generate([[7] * 2, [8] * 2], 2, eos_token_ids=()).tokens == [[100, 101]] * 2  # generate: no delay
 
 
 def test_abort_request_frees_at_once_and_the_next_step_reports_it_once():
@@ -595,3 +728,20 @@ def test_pick_launches_only_the_argmax_for_greedy_rows_and_one_call_for_a_unifor
     calls.clear()
     assert e._pick(v, 2, [_req(0, p, shared), _req(1)]) is True
     assert calls == [("argmax", 2), ("mixed", 2)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"overlap_steps": "yes"}, TypeError, "overlap_steps: expected True or False, got str"),
+        ({"scheduler_delay_factor": -1}, ValueError, r"scheduler_delay_factor: expected a number in \[0, 100\]"),
+        ({"scheduler_delay_factor": float("nan")}, ValueError, "scheduler_delay_factor: expected a number"),
+        ({"scheduler_delay_factor": True}, ValueError, "scheduler_delay_factor: expected a number"),
+        ({"scheduler_delay_factor": "2"}, ValueError, "scheduler_delay_factor: expected a number"),
+    ],
+)
+def test_open_engine_checks_the_serving_settings_before_the_checkpoint(tmp_path, kwargs, error, match):
+    from fi_engine.engines import open_engine
+
+    with pytest.raises(error, match=match):
+        open_engine(tmp_path / "no-checkpoint-here", **kwargs)
