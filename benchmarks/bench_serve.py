@@ -5,6 +5,7 @@ same batch for comparison.
                                           [--prompt-len 128] [--max-tokens 128] [--model NAME] [--json PATH]
     python benchmarks/bench_serve.py engine --model DIR [--batch 64] [--prompt-len 128] [--max-tokens 128] [--graph]
     python benchmarks/bench_serve.py compare --model DIR [--batch 64] [--prompt-len 128] [--max-tokens 128] [--graph]
+                                             [--api-servers N] [--waves 4] [--procs 4] [--client auto]
     python benchmarks/bench_serve.py selftest                  # the load generator against a CPU stand-in server
     python benchmarks/bench_serve.py standin [--api-servers N] [--batch 64] [--step-ms 1.4] [--prompt-len 128]
                                              [--max-tokens 128] [--procs 4]
@@ -19,14 +20,22 @@ wall time from the first request to the last answer, TTFT and ITL p50/p99 (ms), 
 load generator itself used (in cores: on a machine with few cores it competes with the server it measures).
 
 ``engine``: the engine of ``--model`` (``--batch`` slots) runs ``generate`` on ``--batch`` prompts of the same
-shape once to warm up, then once measured: its decode tokens/s (decode steps only) and end-to-end tokens/s
-(prefill included).
+shape once to warm up, then five times measured: the median run's decode tokens/s (decode steps only) and
+end-to-end tokens/s (prefill included).
 
-``compare``: ``engine``, then (the engine freed) ``fi-engine serve --model DIR --max-batch B`` started as a
-subprocess, ``http`` with ``--clients B`` against it twice -- ``--requests B`` (one wave: the engine's own
-workload) and ``--requests 4B`` (each client sending its next request when one ends) -- and the ratio of the
-server's tokens/s to the engine's end-to-end tokens/s (issue 33's goal: within 10 %). ``--api-servers N`` serves
-with N front-end processes (``fi-engine serve --api-servers N``).
+``compare``: ``engine``; the ideal server's load on the engine's step API (``churn``: the second load below with no
+HTTP, each request that ends replaced at once; with each decode step waited for in its ``step()``, and with
+``overlap_steps`` as the server runs it); then (the engine freed) ``fi-engine serve --model DIR --max-batch B``
+started as a subprocess, ``http`` with ``--clients B`` against it once to warm up (``4B`` requests: the prefill
+graphs of the shapes the loads meet captured, as in a server that has run a while), then twice -- ``--requests B``
+(one wave: the engine's own workload) and ``--requests WB`` (``--waves W``, 4 by default: each client sending its
+next request when one ends, so the front ends' turnaround between a request's end and the next one's first token
+costs slot time) -- and the ratio of the server's tokens/s to the engine's end-to-end tokens/s (issue 33's goal:
+within 10 %). ``--api-servers N`` serves with N front-end processes (``fi-engine serve --api-servers N``). Each
+load also reports the server's own mean time to first token (its ``/metrics``: from a request's arrival in a front
+end to its first token), which splits the clients' TTFT between the server and the HTTP path and clients around it.
+``--client``: the load generator's HTTP library, aiohttp where installed (as vLLM's serving benchmark; its C parser
+costs the clients less than half the CPU httpx does), else httpx.
 
 ``standin``: the front end's limit without a GPU. A stand-in engine (the tests' ``FakeStepEngine``) whose every
 step takes ``--step-ms`` in all (it sleeps what its own work leaves) and gives one token per row: its own
@@ -76,34 +85,64 @@ def prompts_for(count: int, length: int, seed: int = 0, vocab: tuple[int, int] =
     return [[rng.randrange(*vocab) for _ in range(length)] for _ in range(count)]
 
 
+def _take_event(stats: RequestStats, line: str, last: float | None, start: float) -> float | None:
+    """One server-sent-event line of a streamed completion into ``stats``; the time of the last text event."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return last
+    event = json.loads(line[6:])
+    if "error" in event:
+        stats.error = str(event["error"])[:200]
+        return last
+    if event.get("usage"):
+        stats.tokens = event["usage"]["completion_tokens"]
+    if event.get("choices") and event["choices"][0].get("text"):
+        now = time.perf_counter()
+        if last is None:
+            stats.ttft_s = now - start
+        else:
+            stats.itl_s.append(now - last)
+        return now
+    return last
+
+
 async def one_request(client: Any, url: str, body: dict[str, Any]) -> RequestStats:
+    """One streamed completion over ``client``: an ``aiohttp.ClientSession`` or an ``httpx.AsyncClient``."""
     stats = RequestStats()
     start = time.perf_counter()
     last = None
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                stats.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return stats
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    stats.error = str(event["error"])[:200]
-                    break
-                if event.get("usage"):
-                    stats.tokens = event["usage"]["completion_tokens"]
-                if event.get("choices") and event["choices"][0].get("text"):
-                    now = time.perf_counter()
-                    if last is None:
-                        stats.ttft_s = now - start
-                    else:
-                        stats.itl_s.append(now - last)
-                    last = now
+        if hasattr(client, "ws_connect"):  # aiohttp: its C HTTP parser and line reader
+            async with client.post(f"{url}/v1/completions", json=body) as response:
+                if response.status != 200:
+                    stats.error = f"HTTP {response.status}: {(await response.read())[:200]!r}"
+                    return stats
+                async for raw in response.content:
+                    last = _take_event(stats, raw.decode().rstrip("\r\n"), last, start)
+                    if stats.error:
+                        break
+        else:
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    stats.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                    return stats
+                async for line in response.aiter_lines():
+                    last = _take_event(stats, line, last, start)
+                    if stats.error:
+                        break
     except Exception as exc:  # a failed request is counted, not fatal
         stats.error = f"{type(exc).__name__}: {exc}"
     return stats
+
+
+def client_library(name: str) -> str:
+    """``name`` (``auto``: aiohttp where it is installed, as vLLM's serving benchmark uses, else httpx)."""
+    if name != "auto":
+        return name
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        return "httpx"
+    return "aiohttp"
 
 
 async def run_http(
@@ -115,10 +154,14 @@ async def run_http(
     model: str | None,
     vocab: tuple[int, int] = (100, 10000),
     seed: int = 0,
+    library: str = "auto",
 ) -> dict[str, Any]:
-    """``requests`` streamed completions over ``clients`` concurrent connections; the row of measurements (with
-    the raw latencies, ``_ttft`` / ``_itl``, and the wall clock's ``_t0`` / ``_t1``, for merging processes)."""
+    """``requests`` streamed completions over ``clients`` concurrent connections of ``library`` (aiohttp, httpx or
+    auto: :func:`client_library`); the row of measurements (with the raw latencies, ``_ttft`` / ``_itl``, and the
+    wall clock's ``_t0`` / ``_t1``, for merging processes)."""
     import httpx
+
+    library = client_library(library)
 
     prompts = prompts_for(requests, prompt_len, seed=seed, vocab=vocab)
     if model is None:
@@ -128,9 +171,16 @@ async def run_http(
     for p in prompts:
         queue.put_nowait(p)
     results: list[RequestStats] = []
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    if library == "aiohttp":
+        import aiohttp
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        connector = aiohttp.TCPConnector(limit=clients + 8)
+        session: Any = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600))
+    else:
+        limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+        session = httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits)
+
+    async with session as client:
 
         async def worker() -> None:
             while not queue.empty():
@@ -156,6 +206,7 @@ async def run_http(
     itl = [x for r in ok for x in r.itl_s]
     return {
         "mode": "http",
+        "client": library,
         "url": url,
         "model": model,
         "clients": clients,
@@ -193,12 +244,13 @@ def run_http_procs(
     model: str | None,
     procs: int,
     vocab: tuple[int, int] = (100, 10000),
+    library: str = "auto",
 ) -> dict[str, Any]:
     """:func:`run_http` with the clients split over ``procs`` processes (one Python process parsing every
     stream's events saturates a core before a fast server does), merged into one row: tokens over the wall time
     from the first start to the last end, latencies pooled."""
     if procs <= 1:
-        return asyncio.run(run_http(url, clients, requests, prompt_len, max_tokens, model, vocab))
+        return asyncio.run(run_http(url, clients, requests, prompt_len, max_tokens, model, vocab, 0, library))
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -206,7 +258,7 @@ def run_http_procs(
     workers = []
     for p in range(procs):
         share = (clients // procs + (p < clients % procs), requests // procs + (p < requests % procs))
-        job = (url, share[0], share[1], prompt_len, max_tokens, model, vocab, p)
+        job = (url, share[0], share[1], prompt_len, max_tokens, model, vocab, p, library)
         workers.append(ctx.Process(target=_http_process, args=(job, barrier, out)))
     for w in workers:
         w.start()
@@ -237,11 +289,14 @@ def run_engine(model: str, batch: int, prompt_len: int, max_tokens: int, graph: 
     from fi_engine.engines import engine_class
 
     prompts = prompts_for(batch, prompt_len)
+    runs = []
     with engine_class(model)(model, max_batch=batch, cuda_graph=graph) as engine:
         engine.generate(prompts, max_tokens, eos_token_ids=())  # warm-up (graphs captured, kernels loaded)
-        t0 = time.perf_counter()
-        result = engine.generate(prompts, max_tokens, eos_token_ids=())
-        wall = time.perf_counter() - t0
+        for _ in range(5):  # the median run: one run of SmolLM2's 64 x 128 tokens lasts ~0.2 s and varies by ~10 %
+            t0 = time.perf_counter()
+            result = engine.generate(prompts, max_tokens, eos_token_ids=())
+            runs.append((time.perf_counter() - t0, result))
+    wall, result = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
     tokens = sum(len(t) for t in result.tokens)
     return {
         "mode": "engine",
@@ -256,6 +311,66 @@ def run_engine(model: str, batch: int, prompt_len: int, max_tokens: int, graph: 
         "decode_tokens_per_s": result.tokens_per_s,
         "prefill_ms": result.prefill_s * 1e3,
     }
+
+
+def churn_load(engine: Any, prompts: list[list[int]], batch: int, max_tokens: int) -> dict[str, Any]:
+    """``batch`` of ``prompts`` added to ``engine`` (its step API) at once, and each one that ends replaced by the
+    next at once until all have run (the ideal server: no HTTP, no front end, no wait between a request's end and
+    the next one's admission). Steps that admitted requests (a prefill, then the decode step) and the others are
+    timed apart."""
+    sent = tokens = 0
+    admit_s: list[float] = []
+    plain_s: list[float] = []
+    admitted = 0
+    t0 = time.perf_counter()
+    for _ in range(min(batch, len(prompts))):
+        engine.add_request(prompts[sent], max_tokens, eos_token_ids=())
+        sent += 1
+    new = sent
+    while engine.has_unfinished:
+        t = time.perf_counter()
+        outs = engine.step()
+        (admit_s if new else plain_s).append(time.perf_counter() - t)
+        admitted += new
+        new = 0
+        for o in outs:
+            tokens += len(o.token_ids)
+            if o.finish_reason is not None and sent < len(prompts):
+                engine.add_request(prompts[sent], max_tokens, eos_token_ids=())
+                sent += 1
+                new += 1
+    wall = time.perf_counter() - t0
+    return {
+        "mode": "churn",
+        "batch": batch,
+        "max_tokens": max_tokens,
+        "requests": sent,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "admit_steps": len(admit_s),
+        "admitted_mean": admitted / max(len(admit_s), 1),
+        "admit_step_ms": 1e3 * sum(admit_s) / max(len(admit_s), 1),
+        "plain_steps": len(plain_s),
+        "plain_step_ms": 1e3 * sum(plain_s) / max(len(plain_s), 1),
+    }
+
+
+def run_churn(
+    model: str, batch: int, prompt_len: int, max_tokens: int, graph: bool, waves: int
+) -> list[dict[str, Any]]:
+    """:func:`churn_load` of ``waves * batch`` requests on the engine of ``model`` (``batch`` slots), with each
+    decode step waited for in its ``step()`` and with ``overlap_steps`` (as ``fi-engine serve`` runs it), in turn."""
+    from fi_engine.engines import open_engine
+
+    rows = []
+    with open_engine(model, max_batch=batch, cuda_graph=graph) as engine:
+        engine.generate(prompts_for(batch, prompt_len), max_tokens, eos_token_ids=())  # warm-up
+        for overlap in (False, True):
+            engine.overlap_steps = overlap
+            row = churn_load(engine, prompts_for(waves * batch, prompt_len, seed=1), batch, max_tokens)
+            rows.append(dict(row, model=model, prompt_len=prompt_len, graph=graph, overlap=overlap))
+    return rows
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 600.0) -> None:
@@ -276,32 +391,49 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 600.0
 
 def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     engine = run_engine(args.model, args.batch, args.prompt_len, args.max_tokens, args.graph)
-    print(table([engine]), flush=True)
+    churn = run_churn(args.model, args.batch, args.prompt_len, args.max_tokens, args.graph, args.waves)
+    for row in churn:
+        row["vs_engine"] = row["tokens_per_s"] / engine["tokens_per_s"]
+    print(table([engine, *churn]), flush=True)
     command = [sys.executable, "-m", "fi_engine", "serve", args.model, "--port", str(args.port)]
     command += ["--max-batch", str(args.batch), "--max-queue", str(4 * args.batch), "--log-level", "warning"]
     command += ["--graph"] if args.graph else []
     command += ["--api-servers", str(args.api_servers)]
+    if args.scheduler_delay_factor is not None:
+        command += ["--scheduler-delay-factor", str(args.scheduler_delay_factor)]
     wave, http = measure_server(command, args)
     for row in (wave, http):
+        row["scheduler_delay_factor"] = args.scheduler_delay_factor
+    for row in (wave, http):
         row["vs_engine"] = row["tokens_per_s"] / engine["tokens_per_s"]
-    return [engine, wave, http]
+    return [engine, *churn, wave, http]
 
 
 def measure_server(command: list[str], args: argparse.Namespace, vocab: tuple[int, int] = (100, 10000)) -> list[Any]:
     """Start the server ``command`` (listening on ``args.port``), load it as ``compare`` does, stop it with
-    SIGINT: the rows of one wave and of four."""
+    SIGINT: the rows of one wave and of ``args.waves``."""
     url = f"http://127.0.0.1:{args.port}"
     proc = subprocess.Popen(command)
     try:
         wait_healthy(url, proc)
-        # a warm-up round (graphs of the prefill shapes captured), then the measured one
-        asyncio.run(run_http(url, args.batch, args.batch, args.prompt_len, args.max_tokens, None, vocab))
+        # a warm-up load as the measured ones, so that the engine has captured the prefill graphs of the shapes
+        # they meet (the first prefill of a new (token rows, requests) shape costs ~40 ms on an H100 for
+        # SmolLM2, a replay 2-14 ms): what a server that has run a while has
+        run_http_procs(url, args.batch, 4 * args.batch, args.prompt_len, args.max_tokens, None, args.procs, vocab)
         # one wave (the engine's own run: `batch` requests at once) and four (each client sends its next request
         # when one ends: arrivals spread, so prefills interleave with decode steps and the last wave tails off)
-        wave = run_http_procs(url, args.batch, args.batch, args.prompt_len, args.max_tokens, None, args.procs, vocab)
-        http = run_http_procs(
-            url, args.batch, 4 * args.batch, args.prompt_len, args.max_tokens, None, args.procs, vocab
-        )
+        rows = []
+        for requests in (args.batch, args.waves * args.batch):
+            before = server_ttft(url)
+            rows.append(
+                run_http_procs(
+                    url, args.batch, requests, args.prompt_len, args.max_tokens, None, args.procs, vocab, args.client
+                )
+            )
+            after = server_ttft(url)
+            if after[1] > before[1]:
+                rows[-1]["server_ttft_ms_mean"] = (after[0] - before[0]) / (after[1] - before[1]) * 1e3
+        wave, http = rows
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -311,6 +443,24 @@ def measure_server(command: list[str], args: argparse.Namespace, vocab: tuple[in
     for row in (wave, http):
         row["api_servers"] = args.api_servers
     return [wave, http]
+
+
+def server_ttft(url: str) -> tuple[float, int]:
+    """The server's own time-to-first-token histogram so far, from ``/metrics``: (sum in seconds, count). Its
+    clock runs from a request's arrival in the front end to its first token in the service, so the mean over a
+    load, beside the clients' TTFT, splits the wait between the server and the clients' own processing."""
+    import httpx
+
+    total, count = 0.0, 0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("#") or "_time_to_first_token_seconds_" not in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        if name.endswith("_seconds_sum"):
+            total = float(value)
+        elif name.endswith("_seconds_count"):
+            count = int(float(value))
+    return total, count
 
 
 TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
@@ -405,6 +555,8 @@ def serve_standin(args: argparse.Namespace) -> int:
         service = GenerationService(engine, codec, max_queue=4 * args.batch)
         try:
             serve(service, "standin", port=args.port, graceful_s=5, log_level="warning")
+        except KeyboardInterrupt:  # the benchmark's SIGINT, after the graceful shutdown
+            pass
         finally:
             service.close(timeout=5)
     return 0
@@ -418,6 +570,15 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"stand-in engine  batch {r['batch']:4d}  step {r['step_ms']:.2f} ms  out {r['max_tokens']}: "
                 f"{r['tokens_per_s']:9.1f} tokens/s on its own (ideal {r['ideal_tokens_per_s']:.1f})"
             )
+        elif r["mode"] == "churn":
+            extra = f" ({r['vs_engine']:.3f}x the engine)" if "vs_engine" in r else ""
+            extra += " [overlap_steps]" if r.get("overlap") else ""
+            lines.append(
+                f"engine steps     batch {r['batch']:4d}  requests {r['requests']}  prompt {r['prompt_len']}  out "
+                f"{r['max_tokens']}, each ended request replaced at once: {r['tokens_per_s']:9.1f} tokens/s{extra}; "
+                f"{r['admit_steps']} steps admitted ({r['admitted_mean']:.1f} requests each, "
+                f"{r['admit_step_ms']:.2f} ms a step), {r['plain_steps']} did not ({r['plain_step_ms']:.2f} ms)"
+            )
         elif r["mode"] == "engine":
             lines.append(
                 f"engine generate  batch {r['batch']:4d}  prompt {r['prompt_len']}  out {r['max_tokens']}  "
@@ -429,11 +590,15 @@ def table(rows: list[dict[str, Any]]) -> str:
             extra += f" ({r['vs_ideal']:.3f}x its ideal)" if "vs_ideal" in r else ""
             extra += f" [{r['api_servers']} API servers]" if r.get("api_servers", 1) > 1 else ""
             extra += f" [{r['procs']} client processes]" if r.get("procs", 1) > 1 else ""
+            extra += f" [{r['client']}]" if "client" in r else ""
+            if r.get("scheduler_delay_factor") is not None:
+                extra += f" [scheduler delay factor {r['scheduler_delay_factor']}]"
             lines.append(
                 f"http serve       clients {r['clients']:4d}  requests {r['requests']}  prompt {r['prompt_len']}  "
                 f"out {r['max_tokens']}: {r['tokens_per_s']:9.1f} tokens/s{extra}; TTFT p50 {r['ttft_ms_p50']:.1f} "
-                f"ms p99 {r['ttft_ms_p99']:.1f} ms; ITL p50 {r['itl_ms_p50']:.2f} ms p99 {r['itl_ms_p99']:.2f} ms; "
-                f"failed {r['failed']}"
+                f"ms p99 {r['ttft_ms_p99']:.1f} ms"
+                + (f" (server's own {r['server_ttft_ms_mean']:.1f} ms mean)" if "server_ttft_ms_mean" in r else "")
+                + f"; ITL p50 {r['itl_ms_p50']:.2f} ms p99 {r['itl_ms_p99']:.2f} ms; failed {r['failed']}"
                 + (f" (first: {r['first_error']})" if r["failed"] else "")
                 + (
                     f"; the load generator used {r['client_cpu_s'] / r['wall_s']:.2f} CPU cores"
@@ -467,8 +632,10 @@ def run_selftest(args: argparse.Namespace) -> list[dict[str, Any]]:
             vocab = (3, codec.tokenizer.vocab_size)  # past the special tokens
             if args.procs > 1:
                 return [run_http_procs(server.url, args.clients, args.requests, args.prompt_len, args.max_tokens,
-                                       None, args.procs, vocab)]  # fmt: skip
-            http = run_http(server.url, args.clients, args.requests, args.prompt_len, args.max_tokens, None, vocab)
+                                       None, args.procs, vocab, args.client)]  # fmt: skip
+            http = run_http(
+                server.url, args.clients, args.requests, args.prompt_len, args.max_tokens, None, vocab, 0, args.client
+            )
             return [asyncio.run(http)]
 
 
@@ -485,8 +652,13 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--requests", type=int, default=256)
         if name in ("http", "compare", "selftest", "standin"):
             p.add_argument("--procs", type=int, default=4, help="client processes (the clients split over them)")
+            p.add_argument(
+                "--client", choices=("auto", "aiohttp", "httpx"), default="auto",
+                help="the clients' HTTP library (auto: aiohttp where installed, else httpx)",
+            )  # fmt: skip
         if name in ("compare", "standin", "standin-server"):
             p.add_argument("--api-servers", type=int, default=1, help="the server's front-end processes")
+            p.add_argument("--waves", type=int, default=4, help="the second load: requests per client, in turn")
         if name in ("standin", "standin-server"):
             p.add_argument("--batch", type=int, default=64, help="the stand-in's slots (and the clients)")
             p.add_argument("--step-ms", type=float, default=1.4, help="milliseconds each stand-in step takes")
@@ -502,11 +674,21 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--graph", action="store_true")
         if name == "compare":
             p.add_argument("--port", type=int, default=8391)
+            p.add_argument(
+                "--scheduler-delay-factor", type=float, default=None, help="the server's (default: its own default)"
+            )
     args = parser.parse_args(argv)
     if args.mode == "http":
         rows = [
             run_http_procs(
-                args.url, args.clients, args.requests, args.prompt_len, args.max_tokens, args.model, args.procs
+                args.url,
+                args.clients,
+                args.requests,
+                args.prompt_len,
+                args.max_tokens,
+                args.model,
+                args.procs,
+                library=args.client,
             )
         ]
     elif args.mode == "engine":
