@@ -26,8 +26,9 @@ host and lets finished requests leave (their pages are freed). With ``cuda_graph
 captured once at a fixed batch of ``max_batch`` rows (empty slots padded) and every step re-plans
 (``enable_cuda_graph=True``), copies the step's index arrays into the graph's buffers and replays it. A prefill
 pads its token rows up to a bucket (:func:`~fi_engine.paging.prefill_buckets`; the padding rows are one more
-request living on the padding page) and replays that bucket's CUDA graph, captured the first time the bucket and
-batch size are met (:mod:`~fi_engine.step_graphs`).
+request living on the padding page) and its requests up to a few slot counts with empty requests
+(:func:`~fi_engine.paging.prefill_slots`), and replays that shape's CUDA graph, captured the first time it is met
+(:mod:`~fi_engine.step_graphs`).
 
 Every buffer is allocated once, in the engine's constructor; the ops write into them (no allocation
 per step, which is also what makes the capture valid). All GPU work runs on the engine's own stream.

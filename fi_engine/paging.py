@@ -56,6 +56,7 @@ __all__ = [
     "pad_prefill",
     "pages_for",
     "prefill_buckets",
+    "prefill_slots",
 ]
 
 PAD_PAGE = 0
@@ -306,9 +307,32 @@ def _ladder(name: str, buckets: object, top: int) -> tuple[int, ...]:
     return ladder
 
 
-def pad_prefill(v: dict[str, np.ndarray], nnz: int, bucket: int, batch: int, pages: int, page_size: int) -> int:
+def prefill_slots(batch: int, max_batch: int) -> int:
+    """The real-request slots of a padded prefill of ``batch`` requests (:func:`pad_prefill`): the next power of
+    two above ``batch``, less one (1, 3, 7, 15, ...), at most ``max_batch``. A prefill graph serves any batch up to
+    its slots, so a bucket has a few graphs instead of one per batch size: the first prefill of a new shape costs a
+    capture (about 40 ms for a 135M model on an H100, where a replay takes 2-14), and a server's admissions come in
+    every size."""
+    batch = arg_int("batch", batch, 1, MAX_SIZE)
+    max_batch = arg_int("max_batch", max_batch, 1, MAX_SIZE)
+    if batch > max_batch:
+        raise ValueError(f"batch: {batch} requests exceed max_batch {max_batch}")
+    return min((1 << batch.bit_length()) - 1, max_batch)
+
+
+def pad_prefill(
+    v: dict[str, np.ndarray],
+    nnz: int,
+    bucket: int,
+    batch: int,
+    pages: int,
+    page_size: int,
+    requests: int | None = None,
+) -> int:
     """Append the **padding request** to a prefill that :func:`fill_prefill` wrote (``nnz`` token rows of ``batch``
     requests, ``pages`` page ids) so that its rows fill ``bucket``; returns the page ids written in all.
+    ``requests``: the prefill's requests in all once padded (default ``batch + 1``): past the padding request, empty
+    requests (no row, no page) up to that count, so the plan's batch size (and the graph's shape) is ``requests``.
 
     The padding request is request ``batch``: rows ``nnz .. bucket - 1`` (``P = bucket - nnz``, possibly 0),
     token 0 at positions ``0 .. P - 1``, and a KV of ``P`` tokens held by ``ceil(P / page_size)`` entries that
@@ -337,6 +361,7 @@ def pad_prefill(v: dict[str, np.ndarray], nnz: int, bucket: int, batch: int, pag
     if bucket < nnz:
         raise ValueError(f"bucket: {bucket} rows cannot hold the prefill's {nnz} token rows")
     batch = arg_int("batch", batch, 0, requests_room - 1)  # the padding request is request `batch`
+    requests = batch + 1 if requests is None else arg_int("requests", requests, batch + 1, requests_room)
     pages = arg_int("pages", pages, 0, len(kv_indices))
     if int(v["qo_indptr"][batch]) != nnz:
         raise ValueError(
@@ -354,9 +379,10 @@ def pad_prefill(v: dict[str, np.ndarray], nnz: int, bucket: int, batch: int, pag
     v["positions"][nnz:bucket] = np.arange(p, dtype=np.int32)
     v["batch_indices"][nnz:bucket] = batch
     v["kv_indices"][pages : pages + need] = PAD_PAGE
-    v["qo_indptr"][batch + 1] = bucket
-    v["kv_indptr"][batch + 1] = pages + need
+    v["qo_indptr"][batch + 1 : requests + 1] = bucket
+    v["kv_indptr"][batch + 1 : requests + 1] = pages + need
     v["kv_last_page_len"][batch] = (p - 1) % page_size + 1 if p else 0
+    v["kv_last_page_len"][batch + 1 : requests] = 0  # the empty requests: no page
     return pages + need
 
 

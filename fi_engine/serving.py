@@ -20,7 +20,16 @@ import numpy as np
 
 from fi_ffi import stream_scope
 
-from .paging import PageAllocator, Request, Scheduler, fill_decode, fill_prefill, pad_prefill, pages_for
+from .paging import (
+    PageAllocator,
+    Request,
+    Scheduler,
+    fill_decode,
+    fill_prefill,
+    pad_prefill,
+    pages_for,
+    prefill_slots,
+)
 from .sampling import Draws
 from .sampling_params import SamplingParams, sampling_arg
 from .state import EngineState
@@ -331,7 +340,8 @@ class ServingLoop(EngineState):
             batch: requests per prefill, in ``[1, max_batch]``.
 
         Returns:
-            the ``(bucket rows, requests)`` of every prefill graph the engine now holds, in replay order.
+            the ``(bucket rows, request slots)`` of every prefill graph the engine now holds, in replay order (a
+            graph of ``s`` slots serves prefills of 1 to ``s`` requests: :func:`~fi_engine.paging.prefill_slots`).
         """
         self._check_open()
         if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= self.max_batch:
@@ -417,12 +427,13 @@ class ServingLoop(EngineState):
         ph = self._ph
         nnz, n_pages = fill_prefill(reqs, self.page_size, ph)
         bucket = self._prefill_bucket(nnz, batch)
-        if bucket is not None:  # the padding request fills the rows up to the bucket (paging.pad_prefill)
-            n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size)
+        slots = prefill_slots(batch, self.max_batch)
+        if bucket is not None:  # the padding request fills the rows up to the bucket, empty ones the slots
+            n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size, requests=slots + 1)
         n = self._playout.end("kv_indices", n_pages)
         cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, _address(self._phost), 4 * n, _H2D, s)
         v = self._view("prefill", nnz, batch)  # the real rows and requests: the last-row gather, head, sampling
-        if bucket is None or not self._prefill_padded(nnz, batch, bucket):
+        if bucket is None or not self._prefill_padded(nnz, slots, bucket):
             self._plan_prefill(batch)
             self._forward(v, nnz, self._prefill_attention)
         full = None

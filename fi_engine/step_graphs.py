@@ -1,8 +1,9 @@
 """The engine's CUDA graphs: the decode step captured once at ``max_batch`` rows and replayed every step (the step's
 index arrays copied into the graph's buffers, the plan made again with ``enable_cuda_graph``), and a prefill padded
 up to a token-row bucket (:func:`~fi_engine.paging.prefill_buckets`) replayed as that bucket's graph, captured the
-first time the bucket and batch size are met (at most :data:`_PREFILL_GRAPHS` kept, the least recently replayed
-evicted first). Capture and replay: :class:`~fi_engine.graph.CudaGraph`.
+first time the bucket and request slots (the batch size padded up: :func:`~fi_engine.paging.prefill_slots`) are
+met (at most :data:`_PREFILL_GRAPHS` kept, the least recently replayed evicted first). Capture and replay:
+:class:`~fi_engine.graph.CudaGraph`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from .paging import _ladder, bucket_for, fill_decode
+from .paging import _ladder, bucket_for, fill_decode, prefill_slots
 from .state import EngineState
 from .storage import _H2D, _address
 
@@ -23,11 +24,12 @@ __all__: list[str] = []
 
 
 # Padded prefill graphs kept per engine. Each is ~10 kernel nodes per layer (a few hundred KB of host and device
-# memory for a 30-layer model), and a shape evicted costs one capture (about an eager prefill) when met again. 16
-# hold e.g. every quarter-octave bucket from 256 to 2048 rows at one batch size, or the buckets a serving mix
-# of a few prompt-length ranges and batch sizes meets; the key grows with (bucket, batch) pairs, so some bound is
+# memory for a 30-layer model), and a shape evicted costs one capture when met again (about 40 ms for SmolLM2 on an
+# H100, a replay 2-14 ms). A server admits requests in every group size; padded to slots of 1, 3, 7, 15, ... real
+# requests (paging.prefill_slots) they meet a few shapes per bucket, and 64 hold the buckets of a serving mix of
+# prompt lengths at every slot count up to 64 requests; the key grows with (bucket, slots) pairs, so some bound is
 # needed.
-_PREFILL_GRAPHS = 16
+_PREFILL_GRAPHS = 64
 
 
 def _refuse_allocation(size: int) -> Any:
@@ -123,13 +125,14 @@ class StepGraphs(EngineState):
         if not self.prefill_graphs or self._moe or self.comm is not None or not type(self).definition.llama_pass:
             return None
         bucket = bucket_for(nnz, self.prefill_buckets)
-        return None if (bucket, batch) in self.prefill_graph_failures else bucket
+        return None if (bucket, prefill_slots(batch, self.max_batch)) in self.prefill_graph_failures else bucket
 
     def _prefill_padded(self, nnz: int, batch: int, bucket: int) -> bool:
-        """The forward pass of a prefill padded to ``bucket`` rows (the index arrays on the device), as that bucket's
-        graph, or eagerly if its capture fails; False when its CUDA-graph plan fails (e.g. FA2's split-KV scratch
-        for a long bucket exceeds the workspace): recorded, and the caller runs the prefill eagerly, unpadded (the
-        padded arrays begin with the unpadded ones, so the copy already made serves it)."""
+        """The forward pass of a prefill padded to ``bucket`` rows and ``batch`` request slots
+        (:func:`~fi_engine.paging.prefill_slots`; the index arrays on the device), as that shape's graph, or eagerly
+        if its capture fails; False when its CUDA-graph plan fails (e.g. FA2's split-KV scratch for a long bucket
+        exceeds the workspace): recorded, and the caller runs the prefill eagerly, unpadded (the padded arrays begin
+        with the unpadded ones, so the copy already made serves it)."""
         try:
             self._plan_prefill_padded(batch + 1)
         except Exception as exc:
@@ -153,9 +156,9 @@ class StepGraphs(EngineState):
         )
 
     def _prefill_graph(self, v: SimpleNamespace, rows: int, batch: int) -> bool:
-        """Run the padded prefill pass (``rows``: the bucket's token rows, ``v`` its views; ``batch`` real requests
-        plus the padding request) as a CUDA graph, captured the first time its shape is met; False: the capture
-        failed and the caller runs the same pass eagerly.
+        """Run the padded prefill pass (``rows``: the bucket's token rows, ``v`` its views; ``batch`` request slots,
+        real or empty, plus the padding request) as a CUDA graph, captured the first time its shape is met; False:
+        the capture failed and the caller runs the same pass eagerly.
 
         Issuing ~10 launches per layer costs more host time than a small model's GPU takes for them, so an eager
         prefill is host-bound even at thousands of tokens. The graph's shape is the bucket, the batch size and

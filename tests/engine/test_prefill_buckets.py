@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import fi_engine.graph as graph_module
-from fi_engine import llama
+from fi_engine import llama, step_graphs
 from fi_engine.llama import LlamaEngine
 from fi_engine.paging import (
     PAD_PAGE,
@@ -32,6 +32,7 @@ from fi_engine.paging import (
     pages_for,
     prefill_buckets,
     prefill_layout,
+    prefill_slots,
 )
 from fi_ffi.errors import CudaError
 from fi_ffi.ops.attention import host_index as plan_checks
@@ -192,6 +193,43 @@ def test_padding_refuses_what_would_write_past_the_layout_or_disagree_with_fill_
     with pytest.raises((TypeError, ValueError), match=match):
         pad_prefill(v, **args)
     assert all(np.array_equal(before[k], v[k]) for k in v)  # nothing written
+
+
+def test_empty_requests_pad_the_request_count_to_the_slots():
+    reqs, v, nnz, pages, _ = padded_tables([3, 20], 32)  # 2 requests + the padding request, as before
+    s = scheduler()
+    reqs = [s.submit(list(range(1, 1 + n)), 4) for n in (3, 20)]
+    assert s.admit() == reqs
+    layout = prefill_layout(512, 4, 64 + 4, padded=True)
+    v = layout.views(np.full(layout.total, -7, np.int32))
+    nnz, pages = fill_prefill(reqs, PS, v)
+    total = pad_prefill(v, nnz, 32, 2, pages, PS, requests=5)  # 4 slots (the layout's max_batch) + padding
+    assert total == 4
+    assert v["qo_indptr"][:6].tolist() == [0, 3, 23, 32, 32, 32]
+    assert v["kv_indptr"][:6].tolist() == [0, 1, 3, 4, 4, 4]
+    assert v["kv_last_page_len"][:5].tolist() == [3, 4, 9, 0, 0]  # the empty requests: no page
+    assert check_with_fi_ffi(v, 5, 32, total).tolist() == [3, 20, 9, 0, 0]
+    with pytest.raises(ValueError, match=r"requests: expected an int in \[3, 5\]"):
+        pad_prefill(v, nnz, 32, 2, pages, PS, requests=6)  # past the layout's requests
+    with pytest.raises(ValueError, match=r"requests: expected an int in \[3, 5\]"):
+        pad_prefill(v, nnz, 32, 2, pages, PS, requests=2)  # fewer than the real ones and the padding request
+
+
+@pytest.mark.parametrize(
+    ("batch", "max_batch", "slots"),
+    [(1, 64, 1), (2, 64, 3), (3, 64, 3), (4, 64, 7), (7, 64, 7), (8, 64, 15), (33, 64, 63), (64, 64, 64), (5, 6, 6)],
+)
+def test_prefill_slots_are_a_power_of_two_less_one_up_to_max_batch(batch, max_batch, slots):
+    assert prefill_slots(batch, max_batch) == slots
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [((0, 4), "batch: expected an int"), ((5, 4), "batch: 5 requests exceed max_batch 4"), ((1, 0), "max_batch")],
+)
+def test_prefill_slots_refuse_a_bad_count(args, match):
+    with pytest.raises(ValueError, match=match):
+        prefill_slots(*args)
 
 
 def test_padding_fits_the_engine_layout_at_its_limits():
@@ -373,8 +411,14 @@ def test_lengths_in_one_bucket_replay_the_graph_captured_at_the_first(fake_rt):
     assert [p["qo"] for p in rec.plans] == [[0, 20, 32], [0, 32, 32], [0, 17, 32], [0, 25, 32]]
     assert all(p["batch"] == 2 and p["cuda_graph"] for p in rec.plans)
     prefill(e, [33])  # a new bucket: a second graph
-    prefill(e, [5, 6])  # a new batch size in bucket 16
-    assert list(e._prefill_graph_cache) == [(32, 1, 32, 2, 1), (64, 1, 64, 2, 1), (16, 2, 16, 3, 1)]
+    prefill(e, [5, 6])  # two requests in bucket 16: a graph of 3 request slots (the third one empty)
+    assert list(e._prefill_graph_cache) == [(32, 1, 32, 2, 1), (64, 1, 64, 2, 1), (16, 3, 16, 4, 1)]
+    assert rec.plans[-1] == {"batch": 4, "qo": [0, 5, 11, 16, 16], "cuda_graph": True}
+    launched = len(fake_rt.launched)
+    prefill(e, [2, 3, 4])  # three requests in bucket 16: the same graph, every slot real
+    assert rec.forwards == [(32, True), (64, True), (16, True)] and len(fake_rt.launched) == launched + 1
+    assert rec.plans[-1] == {"batch": 4, "qo": [0, 2, 5, 9, 16], "cuda_graph": True}
+    assert list(e._prefill_graph_cache)[-1] == (16, 3, 16, 4, 1)
     assert not e.prefill_graph_failures
 
 
@@ -435,17 +479,18 @@ def test_without_a_driver_the_capture_fails_at_its_start_and_the_prefill_runs_ea
     assert set(e.prefill_graph_failures) == {(16, 1)} and not e._prefill_graph_cache
 
 
-def test_graphs_are_bounded_and_the_least_recently_replayed_goes(fake_rt):
+def test_graphs_are_bounded_and_the_least_recently_replayed_goes(fake_rt, monkeypatch):
+    monkeypatch.setattr(step_graphs, "_PREFILL_GRAPHS", 16)  # the bound's rule, at fewer shapes than the real 64
     e, rec = bare_engine(fake_rt, max_batch=32, max_tokens=2048)
-    keep = llama._PREFILL_GRAPHS
+    keep = step_graphs._PREFILL_GRAPHS
     buckets = e.prefill_buckets
     assert len(buckets) >= keep
     for k in buckets[:keep]:
         prefill(e, [k])  # keep graphs: the cache is full
     prefill(e, [buckets[0] - 1])  # the first bucket replayed again: the second one is the oldest now
     assert rec.syncs == 0 and len(fake_rt.launched) == keep + 1
-    prefill(e, [1, 1])  # two new shapes (16 rows, 2 and 3 requests) evict the second and third buckets
-    prefill(e, [1, 1, 1])
+    prefill(e, [1, 1])  # two new shapes (16 rows, 3 and 7 request slots) evict the second and third buckets
+    prefill(e, [1, 1, 1, 1])
     cached = [key[:2] for key in e._prefill_graph_cache]
     assert len(cached) == keep
     assert (buckets[0], 1) in cached and (buckets[1], 1) not in cached and (buckets[2], 1) not in cached
