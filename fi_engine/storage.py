@@ -221,6 +221,7 @@ def step_views(
         logits=t("logits", (chosen, c.vocab_size), "float32"),
         ids=t("ids", (chosen,), "int32"),
         prepared={},  # the engine's launches packed once over these views (a kind, or a weight's address -> call)
+        kind=kind,
     )
     if kind in ("prefill", "padded prefill"):
         v.qo_indptr = region("qo_indptr", batch + 1)
