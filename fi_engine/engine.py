@@ -175,7 +175,7 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         # burst of arrivals is prefilled in fewer passes (ServingLoop._admit); 0: admitted at the next step
         self.scheduler_delay_factor = 0.0
         self._prefill_graph_cache: dict[tuple[int, ...], Any] = {}
-        # (bucket, requests) whose capture failed -> why: those prefills stay eager (and unpadded) from then on
+        # (bucket, request slots) whose capture failed -> why: those prefills stay eager (and unpadded) from then on
         self.prefill_graph_failures: dict[tuple[int, int], str] = {}
         self.comm: Any = None
         self._own_comm = False

@@ -40,15 +40,11 @@ def open_engine(
     with the next ``step()``, the step left running on the GPU meanwhile) and ``scheduler_delay_factor`` (queued
     requests wait while others decode, up to that many times the last prefill's time, to be prefilled together;
     0 to 100)."""
-    if not isinstance(overlap_steps, bool):
-        raise TypeError(f"overlap_steps: expected True or False, got {type(overlap_steps).__name__}")
-    if (
-        isinstance(scheduler_delay_factor, bool)
-        or not isinstance(scheduler_delay_factor, (int, float))
-        or not 0 <= scheduler_delay_factor <= 100
-    ):
-        raise ValueError(f"scheduler_delay_factor: expected a number in [0, 100], got {scheduler_delay_factor!r:.40}")
+    from .serving import delay_factor_arg, overlap_steps_arg
+
+    overlap_steps = overlap_steps_arg(overlap_steps)  # checked before the checkpoint is read
+    scheduler_delay_factor = delay_factor_arg(scheduler_delay_factor)
     engine = engine_class(model_dir)(model_dir, **kwargs)
     engine.overlap_steps = overlap_steps
-    engine.scheduler_delay_factor = float(scheduler_delay_factor)
+    engine.scheduler_delay_factor = scheduler_delay_factor
     return engine

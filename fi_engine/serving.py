@@ -36,7 +36,22 @@ from .state import EngineState
 from .stepping import FinishReason, StepOutput
 from .storage import _D2D, _D2H, _H2D, _address
 
-__all__ = ["GenerationResult"]
+__all__ = ["GenerationResult", "delay_factor_arg", "overlap_steps_arg"]
+
+
+def overlap_steps_arg(value: object) -> bool:
+    """``overlap_steps`` checked: a bool, else TypeError naming it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"overlap_steps: expected True or False, got {type(value).__name__}")
+    return value
+
+
+def delay_factor_arg(value: object) -> float:
+    """``scheduler_delay_factor`` checked: a number in [0, 100] (not a bool), as a float; else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        raise ValueError(f"scheduler_delay_factor: expected a number in [0, 100], got {value!r:.40}")
+    return float(value)
+
 
 # the scheduler's finish reasons as the step API's (fi_engine.stepping.FinishReason)
 _FINISH: dict[str, FinishReason] = {"eos": "stop", "length": "length", "abort": "abort"}
@@ -77,6 +92,26 @@ class ServingLoop(EngineState):
     (:meth:`_advance`) as :meth:`step`, over the same scheduler, until its own prompts are done."""
 
     # ------------------------------------------------------------------------------------ the step API
+
+    @property
+    def overlap_steps(self) -> bool:
+        """Whether :meth:`step` leaves its decode step running and reports its tokens with the next call (one GPU;
+        :meth:`_serve_step`). Default False; ``fi-engine serve`` turns it on. TypeError for anything but a bool."""
+        return self._overlap_steps
+
+    @overlap_steps.setter
+    def overlap_steps(self, value: bool) -> None:
+        self._overlap_steps = overlap_steps_arg(value)
+
+    @property
+    def scheduler_delay_factor(self) -> float:
+        """How long queued requests may wait while others decode, in multiples of the last prefill's time
+        (:meth:`_admit`; vLLM's option of that name), 0 to 100. Default 0; ``fi-engine serve`` uses 3."""
+        return self._scheduler_delay_factor
+
+    @scheduler_delay_factor.setter
+    def scheduler_delay_factor(self, value: float) -> None:
+        self._scheduler_delay_factor = delay_factor_arg(value)
 
     def add_request(
         self,
@@ -133,10 +168,12 @@ class ServingLoop(EngineState):
         (:meth:`_admit`).
 
         An exception from the device work (a CUDA error, an interrupt) ends every queued and active request (the
-        next step reports them as aborted) and is raised; the engine can serve new requests afterwards unless the
-        error left the device unusable."""
+        next step reports them as aborted, after the requests that had ended in the failed call before it failed,
+        with their tokens) and is raised; the engine can serve new requests afterwards unless the error left the
+        device unusable."""
         self._check_open()
-        out = [StepOutput(r.rid, (), "abort") for r in self._aborted]
+        out, self._unreported = self._unreported, []
+        out += [StepOutput(r.rid, (), "abort") for r in self._aborted]
         self._aborted.clear()
         sched = self._sched
         if sched is None or (not sched.has_work and self._inflight is None):
@@ -147,12 +184,21 @@ class ServingLoop(EngineState):
         # the device, CuPy's current stream and TVM-FFI's are the engine's for this step only (a device switch, CuPy's
         # thread-local stream, two TVM-FFI calls; the stream_scope is made once), so the caller's thread keeps its
         # own between steps
+        produced: dict[Request, int] = {}
         with cp.cuda.Device(self.device), self.stream, self._ffi_stream:
             try:
-                produced = self._serve_step(sched)
+                self._serve_step(sched, produced)
             except BaseException:
+                # a request that ended before the failure (its last token recorded, its slot left) is no longer
+                # the scheduler's to abort: the next step reports its end, with the tokens this call gave it
+                self._unreported = self._outputs({r: k for r, k in produced.items() if r.finished})
                 self._abort_everything(sched)
                 raise
+        return out + self._outputs(produced)
+
+    def _outputs(self, produced: dict[Request, int]) -> list[StepOutput]:
+        """The step API's outputs of ``produced`` (request -> tokens it got); ended requests are forgotten."""
+        out = []
         requests = self._requests
         for r, k in produced.items():
             finish = _FINISH.get(r.finish_reason) if r.finish_reason is not None else None
@@ -161,16 +207,17 @@ class ServingLoop(EngineState):
                 requests.pop(r.rid, None)
         return out
 
-    def _serve_step(self, sched: Scheduler) -> dict[Request, int]:
-        """:meth:`step`'s device work: how many tokens each request got, in the order it first did. With
+    def _serve_step(self, sched: Scheduler, produced: dict[Request, int]) -> None:
+        """:meth:`step`'s device work: how many tokens each request got, into ``produced`` in the order it first
+        did (filled as they come, so a failure midway leaves what was recorded before it). With
         :attr:`overlap_steps` (one GPU), the decode step launched by the last call is waited for and its tokens
         taken first, and this call's decode step is launched and left running: its tokens come with the next call,
         while the caller handles these (the GPU does not wait for the host between steps). A request that ended
         meanwhile (aborted) gets no token from the step in flight; its slot and pages are reused only by work
         queued after that step on the engine's one stream."""
         if not (self.overlap_steps and self.comm is None) and self._inflight is None:
-            return self._advance(sched, None)
-        produced: dict[Request, int] = {}
+            self._advance(sched, None, produced)
+            return
         inflight, self._inflight = self._inflight, None
         if inflight is not None:
             for r in self._decode_finish(sched, inflight):
@@ -189,7 +236,6 @@ class ServingLoop(EngineState):
                 for row in self._decode_step(sched)[1]:
                     if row is not None:
                         produced[row] = produced.get(row, 0) + 1
-        return produced
 
     def _admit(self, sched: Scheduler, delay: bool) -> list[Request]:
         """The scheduler's admission (:meth:`Scheduler.admit`), or none yet: with ``delay`` (the step API) and
@@ -269,11 +315,14 @@ class ServingLoop(EngineState):
         result.decode_tokens = sum(len(r.output) - 1 for r in reqs)
         return result
 
-    def _advance(self, sched: Scheduler, result: GenerationResult | None) -> dict[Request, int]:
+    def _advance(
+        self, sched: Scheduler, result: GenerationResult | None, produced: dict[Request, int] | None = None
+    ) -> None:
         """One step of the serving loop: admit what fits and prefill it, then one decode step over the active
-        requests. With ``result`` (``generate``): its timings are added there and nothing else is kept; without,
-        returns how many tokens each request produced, in the order it first did."""
-        produced: dict[Request, int] = {}
+        requests. With ``result`` (``generate``): its timings are added there and nothing else is kept; without
+        (the step API), how many tokens each request produced goes into ``produced``, in the order it first did."""
+        if produced is None:
+            produced = {}
         admitted = self._admit(sched, delay=result is None)
         if admitted:
             t = time.perf_counter()
@@ -282,7 +331,7 @@ class ServingLoop(EngineState):
             if result is not None:
                 result.prefill_s += self._last_prefill_s
             else:
-                produced = dict.fromkeys(admitted, 1)
+                produced.update(dict.fromkeys(admitted, 1))
         if sched.active:
             t = time.perf_counter()
             host_us, rows = self._decode_step(sched)
@@ -294,7 +343,6 @@ class ServingLoop(EngineState):
                 for r in rows:
                     if r is not None:
                         produced[r] = produced.get(r, 0) + 1
-        return produced
 
     def _check_idle(self, what: str) -> None:
         """``what`` shares the step API's scheduler and KV cache: refused while its requests are in flight."""

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .family import ModelFamily
     from .paging import Layout, Request, Scheduler
     from .sampling_params import SamplingParams
+    from .stepping import StepOutput
     from .tensor_parallel import VocabShard
 
 __all__: list[str] = []
@@ -122,13 +123,14 @@ class EngineState:
     _sched: Scheduler | None
     _requests: dict[int, Request]
     _aborted: list[Request]
+    _unreported: list[StepOutput]
     _ffi_stream: Any
     # the serving loop's decode step prepared ahead, and the graphs
     _next_rows: list[Request | None] | None
     _inflight: list[Request | None] | None
     _last_prefill_s: float
-    overlap_steps: bool
-    scheduler_delay_factor: float
+    _overlap_steps: bool
+    _scheduler_delay_factor: float
     _staged: Any
     _prepare_ahead: bool
     _decode_plan: Any

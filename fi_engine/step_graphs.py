@@ -144,13 +144,13 @@ class StepGraphs(EngineState):
         return True
 
     def _prefill_graph_failed(self, rows: int, batch: int, stage: str, exc: Exception) -> None:
-        """Record why the prefill graph of ``rows`` rows and ``batch`` requests failed (that shape is eager from
+        """Record why the prefill graph of ``rows`` rows and ``batch`` request slots failed (that shape is eager from
         now on: :meth:`_prefill_bucket`), and warn once."""
         why = f"{stage}: {type(exc).__name__}: {exc}"[:500]
         self.prefill_graph_failures[(rows, batch)] = why
         warnings.warn(
-            f"LlamaEngine: the prefill graph of {rows} token rows and {batch} requests failed ({why}); prefills of "
-            f"that shape run eagerly from now on (engine.prefill_graph_failures)",
+            f"LlamaEngine: the prefill graph of {rows} token rows and {batch} request slots failed ({why}); prefills "
+            f"of that shape run eagerly from now on (engine.prefill_graph_failures)",
             RuntimeWarning,
             stacklevel=2,
         )

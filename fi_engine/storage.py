@@ -16,6 +16,7 @@ from . import kernels
 from .config import LlamaConfig
 from .paging import Layout, Request, decode_layout, prefill_layout
 from .state import EngineState
+from .stepping import StepOutput
 
 __all__ = ["step_views"]
 
@@ -106,6 +107,7 @@ class Storage(EngineState):
         self._sched: Any = None
         self._requests: dict[int, Request] = {}
         self._aborted: list[Request] = []
+        self._unreported: list[StepOutput] = []  # ends a failed step() had recorded: the next step() reports them
         self._ffi_stream: Any = None
         # `_prepare_ahead`: the graph loop prepares the next decode step (index arrays copied, attention planned)
         # while the GPU runs this one (_decode_step); `_staged` marks the end of the last copy out of the host
@@ -174,9 +176,9 @@ def step_views(
 ) -> SimpleNamespace:
     """Descriptors of one forward pass's operands: the first ``rows`` token rows of the activation buffers
     (``base``: their device addresses, plus ``meta``, the index arrays laid out by ``layout``) and the index
-    arrays of a ``batch``-request step (``kind``: "decode", "prefill", or "padded prefill": a prefill whose last
-    request is the padding request of :func:`~fi_engine.paging.pad_prefill`, so ``logits`` and ``ids``, which
-    hold one row per real request, cover ``batch - 1`` rows).
+    arrays of a ``batch``-request step (``kind``: "decode", "prefill", or "padded prefill": a prefill of ``batch
+    - 1`` request slots, real or empty, and the padding request of :func:`~fi_engine.paging.pad_prefill`, so
+    ``logits`` and ``ids``, one row per slot, cover ``batch - 1`` rows).
 
     q, k and v are strided views into the fused QKV rows ``[rows, (Hq + 2 Hk) * D]`` (no copy); the int32 index
     arrays are regions of ``meta``; ``token_ids`` and ``last_rows`` are raw addresses (read by the gather kernel).

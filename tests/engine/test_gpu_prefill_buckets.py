@@ -166,7 +166,8 @@ def test_a_failed_capture_runs_the_prefill_eagerly(model):
             forward(v, rows, attention, static_moe)
 
         g._forward = sync_in_capture
-        with pytest.warns(RuntimeWarning, match=r"prefill graph of 32 token rows and 1 requests failed \(capture: "):
+        failed = r"prefill graph of 32 token rows and 1 request slots failed \(capture: "
+        with pytest.warns(RuntimeWarning, match=failed):
             first = g.prefill_logits(ps[:1])
         assert list(g.prefill_graph_failures) == [(32, 1)]
         print(f"recorded: {g.prefill_graph_failures[(32, 1)][:160]}")

@@ -440,7 +440,7 @@ def test_graphs_off_moe_and_failed_shapes_prefill_eagerly_unpadded(fake_rt):
 def test_a_capture_refused_midway_falls_back_to_the_same_pass_eagerly(fake_rt):
     e, rec = bare_engine(fake_rt)
     rec.refuse_in_capture = True
-    with pytest.warns(RuntimeWarning, match=r"32 token rows and 1 requests failed \(capture: CudaError: "):
+    with pytest.warns(RuntimeWarning, match=r"32 token rows and 1 request slots failed \(capture: CudaError: "):
         prefill(e, [20])
     # the padded pass ran eagerly right after, out of capture mode, with the thread's last error cleared
     assert rec.forwards == [(32, False)]
@@ -473,7 +473,7 @@ def test_without_a_driver_the_capture_fails_at_its_start_and_the_prefill_runs_ea
     """The real cuda.bindings runtime on this GPU-less machine: cudaStreamBeginCapture fails."""
     pytest.importorskip("cuda.bindings.runtime")
     e, rec = bare_engine(None)
-    with pytest.warns(RuntimeWarning, match=r"16 token rows and 1 requests failed .*cudaStreamBeginCapture"):
+    with pytest.warns(RuntimeWarning, match=r"16 token rows and 1 request slots failed .*cudaStreamBeginCapture"):
         prefill(e, [3])
     assert rec.forwards == [(16, False)]
     assert set(e.prefill_graph_failures) == {(16, 1)} and not e._prefill_graph_cache
@@ -523,7 +523,8 @@ def test_a_failed_cuda_graph_plan_prefills_eagerly_unpadded(fake_rt):
         raise RuntimeError("Out of workspace memory")
 
     e._plan_prefill_padded = refuse
-    with pytest.warns(RuntimeWarning, match=r"32 token rows and 1 requests failed \(planning: RuntimeError: Out of"):
+    failed = r"32 token rows and 1 request slots failed \(planning: RuntimeError: Out of"
+    with pytest.warns(RuntimeWarning, match=failed):
         prefill(e, [20])
     assert rec.forwards == [(20, False)]  # the unpadded pass on the same device arrays (they begin alike)
     assert rec.plans == [{"batch": 1, "qo": [0, 20], "cuda_graph": False}]

@@ -268,7 +268,7 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False):
     e = LlamaEngine.__new__(LlamaEngine)
     e._closed = False
     e.overlap_steps, e._inflight, e.comm = overlap, None, None
-    e.scheduler_delay_factor, e._last_prefill_s = 0.0, 0.0
+    e.scheduler_delay_factor, e._last_prefill_s, e._unreported = 0.0, 0.0, []
     e._ids_host = np.zeros(max_batch, np.int32)
     e.config = SimpleNamespace(vocab_size=1000, eos_token_ids=(EOS,))
     e.max_batch, e.page_size, e.num_pages = max_batch, PS, num_pages
@@ -434,6 +434,35 @@ def test_every_request_aborted_while_a_step_runs_then_generate_serves_on():
     e.step()
     assert e._inflight is None
     assert e.generate([[5] * 2], 3, eos_token_ids=()).tokens == [[100, 101, 102]]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_a_request_that_ended_before_a_failure_in_the_same_step_is_reported_with_its_tokens(overlap):
+    e = bare_engine(max_batch=2, overlap=overlap)
+    done = e.add_request([1] * 3, 2 if overlap else 1)
+    first = e.step()  # overlap: its last token is in flight; plain: its only token was the prefill's
+    assert [o.token_ids for o in first] == [(100,)] and first[0].finished is not overlap
+    if not overlap:  # a request ending at its prefill, then a failure in the same call's decode step
+        e.add_request([3] * 3, 5)
+        done = e.add_request([2] * 3, 1)
+    other = e.add_request([4] * 3, 5)
+
+    def broken(*a, **k):
+        raise RuntimeError("the device went away")
+
+    if overlap:
+        e._prefill = broken  # the step in flight is finished and recorded first, then the prefill fails
+    else:
+        e._decode_step = broken
+    with pytest.raises(RuntimeError, match="the device went away"):
+        e.step()
+    out = e.step()
+    ended = out[0]
+    assert ended.rid == done and ended.finish_reason == "length"
+    assert ended.token_ids == ((101,) if overlap else (100,))
+    assert StepOutput(other, (), "abort") in out
+    assert done not in e._requests and not e.has_unfinished
+    assert e._sched.allocator.num_free == e._sched.allocator.capacity and e._inflight is None
 
 
 def test_a_step_left_running_is_waited_for_before_generate():
@@ -738,6 +767,7 @@ def test_pick_launches_only_the_argmax_for_greedy_rows_and_one_call_for_a_unifor
         ({"scheduler_delay_factor": float("nan")}, ValueError, "scheduler_delay_factor: expected a number"),
         ({"scheduler_delay_factor": True}, ValueError, "scheduler_delay_factor: expected a number"),
         ({"scheduler_delay_factor": "2"}, ValueError, "scheduler_delay_factor: expected a number"),
+        ({"scheduler_delay_factor": None}, ValueError, "scheduler_delay_factor: expected a number"),
     ],
 )
 def test_open_engine_checks_the_serving_settings_before_the_checkpoint(tmp_path, kwargs, error, match):
@@ -745,3 +775,15 @@ def test_open_engine_checks_the_serving_settings_before_the_checkpoint(tmp_path,
 
     with pytest.raises(error, match=match):
         open_engine(tmp_path / "no-checkpoint-here", **kwargs)
+
+
+def test_the_serving_settings_refuse_a_bad_value_and_keep_the_last_good_one():
+    e = bare_engine(overlap=True)
+    e.scheduler_delay_factor = 2
+    assert e.scheduler_delay_factor == 2.0 and isinstance(e.scheduler_delay_factor, float)
+    with pytest.raises(TypeError, match="overlap_steps: expected True or False, got int"):
+        e.overlap_steps = 1  # type: ignore[assignment]
+    for bad in (None, -0.5, 101, float("inf"), "3"):
+        with pytest.raises(ValueError, match=r"scheduler_delay_factor: expected a number in \[0, 100\]"):
+            e.scheduler_delay_factor = bad  # type: ignore[assignment]
+    assert e.overlap_steps is True and e.scheduler_delay_factor == 2.0
