@@ -39,15 +39,16 @@ from .storage import _D2D, _D2H, _H2D, _address
 __all__ = ["GenerationResult", "delay_factor_arg", "overlap_steps_arg"]
 
 
-def overlap_steps_arg(value: object) -> bool:
+def overlap_steps_arg(overlap_steps: object) -> bool:
     """``overlap_steps`` checked: a bool, else TypeError naming it."""
-    if not isinstance(value, bool):
-        raise TypeError(f"overlap_steps: expected True or False, got {type(value).__name__}")
-    return value
+    if not isinstance(overlap_steps, bool):
+        raise TypeError(f"overlap_steps: expected True or False, got {type(overlap_steps).__name__}")
+    return overlap_steps
 
 
-def delay_factor_arg(value: object) -> float:
+def delay_factor_arg(scheduler_delay_factor: object) -> float:
     """``scheduler_delay_factor`` checked: a number in [0, 100] (not a bool), as a float; else ValueError naming it."""
+    value = scheduler_delay_factor
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
         raise ValueError(f"scheduler_delay_factor: expected a number in [0, 100], got {value!r:.40}")
     return float(value)

@@ -799,6 +799,7 @@ from fi_engine import (  # noqa: E402
     moe,
     moe_routing,
     paging,
+    serving,
     tensor_parallel,
     text,
     tokenizer,
@@ -1469,8 +1470,22 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "paging.pad_prefill": lambda: [
         (
             "pad_prefill",
-            Entry(paging.pad_prefill, _padded_prefill_call, fields=("v", _prefill_view_values), kinds={"v": "object"}),
+            Entry(
+                paging.pad_prefill,
+                _padded_prefill_call,
+                fields=("v", _prefill_view_values),
+                kinds={"v": "object", "requests": "opt_int"},
+            ),
         )
+    ],
+    "paging.prefill_slots": lambda: [
+        ("prefill_slots", Entry(paging.prefill_slots, lambda: dict(batch=3, max_batch=64)))
+    ],
+    "serving.delay_factor_arg": lambda: [
+        ("delay_factor_arg", Entry(serving.delay_factor_arg, lambda: dict(scheduler_delay_factor=3.0)))
+    ],
+    "serving.overlap_steps_arg": lambda: [
+        ("overlap_steps_arg", Entry(serving.overlap_steps_arg, lambda: dict(overlap_steps=True)))
     ],
     "tensor_parallel.rows": lambda: [
         ("rows", Entry(tensor_parallel.rows, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
