@@ -2,7 +2,10 @@
 8B-shaped random Llama (32 layers, hidden 4096, 32/8 heads of 128, MLP 14336, vocab 128256, bfloat16), batch 1
 and 32, eager and CUDA graph, with the fused all-reduce + residual + RMSNorm kernel and with NCCL + a separate
 ``fused_add_rmsnorm`` (``nccl`` rows), and with the embedding and LM head whole on every rank instead of split
-over the ranks by vocabulary rows (``whole-vocab`` rows). Not a test: nothing is asserted.
+over the ranks by vocabulary rows (``whole-vocab`` rows). Each row also gives the bytes a step reads on one rank
+(``bytes_per_step``: the projections, FP8 ones with their scales, the LM head, the norms and the KV cache; not the
+embedding, of which a step gathers a few rows) and that over the step time against the HBM bandwidth
+(``--hbm-tbs``, 3.35 TB/s: an H100 SXM). Not a test: nothing is asserted.
 
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b            # write the random checkpoint once (~16 GB)
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b-fp8 --fp8 block   # e4m3 projections, 128x128 scales
@@ -149,6 +152,33 @@ def make(
             (folder / name).write_bytes((tokenizer_from / name).read_bytes())
 
 
+HBM_BYTES_PER_S = 3.35e12  # an H100 SXM's HBM3 (the roofline's denominator; --hbm-tbs for another GPU)
+
+
+def bytes_per_step(cfg: dict[str, Any], tp: int, batch: int, context: int) -> float:
+    """The bytes one decode step of ``batch`` rows must read on one rank: every projection's weights (e4m3 with
+    their float32 scales where the checkpoint is FP8, else 16-bit), the LM head (16-bit; its rows split over the
+    ranks), the norms, and each row's KV cache of ``context`` tokens (16-bit). The embedding is gathered, not read."""
+    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    hq, hk, v, layers = (
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["vocab_size"],
+        cfg["num_hidden_layers"],
+    )
+    weights = h * (hq * d + 2 * hk * d) + hq * d * h + 2 * h * i + i * h  # q, k, v, o, gate + up, down
+    fp8 = cfg.get("quantization_config") is not None
+    block = (cfg.get("quantization_config") or {}).get("weight_block_size")
+    if not fp8:
+        per_layer = 2 * weights
+    elif block:  # one float32 per 128x128 block
+        per_layer = weights + 4 * weights / (block[0] * block[1])
+    else:  # one float32 per output row
+        per_layer = weights + 4 * (hq * d + 2 * hk * d + h + 2 * i + h)
+    kv = batch * layers * context * 2 * hk * d * 2
+    return (layers * (per_layer + 2 * 2 * h) + 2 * v * h) / tp + kv / tp
+
+
 def run_rank(
     model: str, out: str, variant: str, new_tokens: int, batches: list[int], modes: list[str], profile: bool
 ) -> None:
@@ -229,6 +259,8 @@ def run_rank(
                     "tokens_per_s": result.tokens_per_s,
                     "host_us_per_step": result.host_us_per_step,
                     "step_ms": result.decode_s / max(1, result.decode_steps) * 1e3,
+                    # the mean context of the decode steps: the 32-token prompt and half the new tokens
+                    "bytes_per_step": bytes_per_step(cfg, tp, batch, 32 + new_tokens // 2),
                     "tokens_sha": hashlib.sha256(json.dumps(result.tokens).encode()).hexdigest()[:12],
                     "parts_us": parts,
                 }
@@ -375,6 +407,9 @@ def main() -> None:
         "launch)",
     )
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
+    ap.add_argument(
+        "--hbm-tbs", type=float, default=HBM_BYTES_PER_S / 1e12, help="HBM bandwidth in TB/s (the roofline's)"
+    )
     args = ap.parse_args()
     if args.make:
         make(args.make, args.layers, args.fp8, args.shape, args.tokenizer_from)
@@ -414,13 +449,18 @@ def main() -> None:
                     continue
                 table += json.loads(Path(out.name).read_text())
     print(f"{'variant':>11} {'layers':>6} {'tp':>3} {'all-reduce':>10} {'vocab':>6} {'ids':>9} {'host prep':>9} "
-          f"{'batch':>5} {'mode':>6} {'pdl':>4} {'tokens/s':>10} {'ms/step':>8} {'host us/step':>13}")  # fmt: skip
+          f"{'batch':>5} {'mode':>6} {'pdl':>4} {'tokens/s':>10} {'ms/step':>8} {'host us/step':>13} "
+          f"{'GB/step':>8} {'roofline':>8}")  # fmt: skip
     for r in table:
+        # bytes read per step (one rank's) over the step time, against the HBM bandwidth
+        gb = r["bytes_per_step"] / 1e9
+        roofline = r["bytes_per_step"] / (args.hbm_tbs * 1e12) / (r["step_ms"] / 1e3) if r["step_ms"] else 0.0
+        r["roofline"] = roofline
         print(
             f"{r.get('variant', '-'):>11} {r['layers']:>6} {r['tp']:>3} {r['all-reduce']:>10} {r['vocab']:>6} "
             f"{r['ids']:>9} {r['host prep']:>9} "
             f"{r['batch']:>5} {r['mode']:>6} {'yes' if r['pdl'] else '-':>4} {r['tokens_per_s']:>10.1f} "
-            f"{r['step_ms']:>8.3f} {r['host_us_per_step']:>13.1f}"
+            f"{r['step_ms']:>8.3f} {r['host_us_per_step']:>13.1f} {gb:>8.2f} {100 * roofline:>7.0f}%"
         )
     # agree and ahead change no arithmetic: their greedy tokens must equal the fused rows' of the same shape
     key = ("tp", "batch", "layers", "mode", "vocab", "all-reduce")  # pdl rows: the same kernels, the same sums
