@@ -1,7 +1,8 @@
 """Decode throughput of fi_ffi's engine on a random Mixtral-shaped checkpoint (hidden 4096, intermediate 14336,
 8 experts, top-2, 32/8 heads, head_dim 128; ``--layers`` of them, 4 by default so that it fits one GPU: the full
 32 layers are 90 GB), float16, eager (MoE layers route on the host) and CUDA graph (their fixed-capacity device
-path), at batch 1 and 32: decode tokens/s, host us/step, and for the graph the GPU time of one replayed step.
+path), at batch 1 and 32: decode tokens/s, host us/step, for the graph the GPU time of one replayed step, and the
+bytes a step is expected to read (``bytes_per_step``) over the step time against 3.35 TB/s (the roofline).
 
 Needs a GPU, CuPy, cuBLAS and the model-family kernel wheel (``gemm_sm90``). No peer: this measures the engine
 only. ``--json PATH`` writes the rows.
@@ -73,6 +74,21 @@ def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
     return folder
 
 
+HBM_BYTES_PER_S = 3.35e12  # an H100 SXM's HBM3 (the roofline's denominator)
+
+
+def bytes_per_step(layers: int, vocab: int, batch: int, context: int) -> float:
+    """The bytes one decode step of ``batch`` rows reads from this benchmark's float16 Mixtral shape: each layer's
+    attention projections and router, the experts its rows choose -- the expected number of distinct ones, ``E (1 -
+    (1 - k / E) ** batch)`` for top-``k`` of ``E`` chosen uniformly (random weights route about so; a real model's
+    skew reads fewer) -- the LM head, and each row's KV cache of ``context`` tokens; not the embedding (gathered)."""
+    h, i, e, k, hq, hk, d = 4096, 14336, 8, 2, 32, 8, 128
+    attention = h * (hq * d + 2 * hk * d) + hq * d * h + e * h
+    experts = e * (1 - (1 - k / e) ** batch)
+    kv = batch * context * 2 * hk * d
+    return 2 * (layers * (attention + experts * 3 * h * i + kv + 2 * h) + vocab * h)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=4)
@@ -124,11 +140,14 @@ def main() -> int:
                         e1.record(engine.stream)
                         e1.synchronize()
                         row["gpu_us_per_step"] = cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 20
+            row["bytes_per_step"] = bytes_per_step(a.layers, a.vocab, batch, 32 + a.new_tokens // 2)
+            row["roofline"] = row["bytes_per_step"] / HBM_BYTES_PER_S / (row["ms_per_step"] / 1e3)
             rows.append(row)
             extra = f", GPU {row['gpu_us_per_step']:.0f} us/step" if "gpu_us_per_step" in row else ""
             print(
                 f"batch {batch:3d} {row['mode']:5s} gemv<={gemv_tokens}: {row['tokens_per_s']:8.0f} tokens/s, "
-                f"{row['ms_per_step']:.3f} ms/step, host {row['host_us_per_step']:.0f} us/step{extra}"
+                f"{row['ms_per_step']:.3f} ms/step, host {row['host_us_per_step']:.0f} us/step{extra}; "
+                f"{row['bytes_per_step'] / 1e9:.2f} GB/step expected, {100 * row['roofline']:.0f} % of the roofline"
             )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
