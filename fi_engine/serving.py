@@ -216,27 +216,27 @@ class ServingLoop(EngineState):
         while the caller handles these (the GPU does not wait for the host between steps). A request that ended
         meanwhile (aborted) gets no token from the step in flight; its slot and pages are reused only by work
         queued after that step on the engine's one stream."""
-        if not (self.overlap_steps and self.comm is None) and self._inflight is None:
-            self._advance(sched, None, produced)
-            return
         inflight, self._inflight = self._inflight, None
-        if inflight is not None:
+        if inflight is not None:  # also when overlap_steps was turned off since that step was launched
             for r in self._decode_finish(sched, inflight):
                 produced[r] = 1
+        if not (self.overlap_steps and self.comm is None):
+            self._advance(sched, None, produced)
+            return
         admitted = self._admit(sched, delay=True)
         if admitted:
-            t = time.perf_counter()
-            self._prefill(sched, admitted)
-            self._last_prefill_s = time.perf_counter() - t
+            self._timed_prefill(sched, admitted)
             for r in admitted:
-                produced[r] = produced.get(r, 0) + 1
+                produced[r] = 1
         if sched.active:
-            if self.overlap_steps and self.comm is None:
-                self._inflight = self._decode_launch(sched)
-            else:  # turned off with a step in flight: this call's step as without overlap
-                for row in self._decode_step(sched)[1]:
-                    if row is not None:
-                        produced[row] = produced.get(row, 0) + 1
+            self._inflight = self._decode_launch(sched)
+
+    def _timed_prefill(self, sched: Scheduler, admitted: list[Request]) -> float:
+        """:meth:`_prefill` of the admitted requests; its host time in seconds, kept for :meth:`_admit`'s delay."""
+        t = time.perf_counter()
+        self._prefill(sched, admitted)
+        self._last_prefill_s = time.perf_counter() - t
+        return self._last_prefill_s
 
     def _admit(self, sched: Scheduler, delay: bool) -> list[Request]:
         """The scheduler's admission (:meth:`Scheduler.admit`), or none yet: with ``delay`` (the step API) and
@@ -326,11 +326,9 @@ class ServingLoop(EngineState):
             produced = {}
         admitted = self._admit(sched, delay=result is None)
         if admitted:
-            t = time.perf_counter()
-            self._prefill(sched, admitted)
-            self._last_prefill_s = time.perf_counter() - t
+            elapsed = self._timed_prefill(sched, admitted)
             if result is not None:
-                result.prefill_s += self._last_prefill_s
+                result.prefill_s += elapsed
             else:
                 produced.update(dict.fromkeys(admitted, 1))
         if sched.active:
