@@ -6,6 +6,12 @@ per shape and row count, ``bf16``, ``row`` and ``block`` times, ``-`` where cuBL
 test: nothing is asserted (``tests/engine/test_gpu_fp8_linear.py`` checks the products).
 
     python3 benchmarks/bench_fp8_gemm.py [--rows 16,32,64,128,512,2048] [--reps 30]
+
+Where the lock holds FlashInfer 0.6.3's ``fp8_blockscale_gemm_90`` module (``../shared/wheels-fp8``), two more
+columns: its runner (a TVM-FFI module object: ``init()``, then ``ffi.ModuleGetFunction``) on its precompiled CUTLASS
+path (DeepGEMM's JIT include dirs are never set, so nothing compiles), ``fi-w8a8`` with e4m3 activations and their
+1x128 scales as cuBLASLt's ``block`` column gets them, and ``fi-bf16in`` with bfloat16 activations that the runner
+quantizes itself (its activation quantization included, unlike the other columns).
 """
 
 from __future__ import annotations
@@ -16,6 +22,22 @@ from typing import Any
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 WORKSPACE = 32 << 20
+
+
+def flashinfer_runner() -> Any:
+    """FlashInfer's FP8 block-scale GEMM runner: ``(module, {method: Function})``, or None (with the reason printed)
+    where the lock has no ``fp8_blockscale_gemm_90`` or it does not start."""
+    try:
+        from fi_ffi.abi.call import Function
+        from fi_ffi.launch.kernels import entry_point
+
+        module = entry_point("fp8_blockscale_gemm_90", "init")()
+        get = Function.global_function("ffi.ModuleGetFunction")
+        names = ("run_gemm", "get_workspace_size", "configure_workspace")
+        return module, {name: Function(get(module, name, False), name) for name in names}
+    except Exception as exc:  # a benchmark column, not the engine: say why it is missing
+        print(f"fp8_blockscale_gemm_90: not run ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
+        return None
 
 
 def main() -> None:
@@ -34,6 +56,8 @@ def main() -> None:
     stream = cp.cuda.Stream(non_blocking=True)
     workspace = cp.empty(WORKSPACE, cp.uint8)
     lt = LtMatmuls(stream.ptr, workspace.data.ptr, WORKSPACE, one, zero)
+    fi = flashinfer_runner()
+    fi_workspace = None
 
     def timed(call: Any) -> float:
         call()
@@ -55,6 +79,40 @@ def main() -> None:
 
         return call
 
+    def flashinfer_cells(fi: Any, rows: int, n: int, k: int, *bufs: Any) -> list[str]:
+        """The runner's two columns for one shape (``-`` where it refuses the call)."""
+        nonlocal fi_workspace
+        from fi_ffi import Tensor, stream_scope
+
+        _, methods = fi
+        x16, x8, x_scales, block_scales, y, w8 = bufs
+
+        def t(a: Any, shape: tuple[int, ...], dtype: str) -> Tensor:
+            return Tensor(a.data.ptr, shape, dtype, 0)
+
+        cells = []
+        with stream_scope(stream.ptr, 0):  # the runner launches on TVM-FFI's current stream
+            size = int(methods["get_workspace_size"](rows, n, k))
+            if fi_workspace is None or fi_workspace.nbytes < size:
+                fi_workspace = cp.empty(max(size, 1), cp.uint8)
+                methods["configure_workspace"](t(fi_workspace, (fi_workspace.nbytes,), "uint8"))
+            scales_b = t(block_scales, (-(-n // 128), -(-k // 128)), "float32")
+            out = t(y, (rows, n), "bfloat16")
+            for label, x, scales_a in (
+                ("fi-w8a8", t(x8, (rows, k), "float8_e4m3fn"), t(x_scales, (x_scales.size,), "float32")),
+                ("fi-bf16in", t(x16, (rows, k), "bfloat16"), None),
+            ):
+                run = methods["run_gemm"]
+
+                def product(w: int, x: Any = x, scales_a: Any = scales_a, run: Any = run) -> None:
+                    run(x, Tensor(w, (n, k), "float8_e4m3fn", 0), out, scales_a, scales_b)
+
+                try:
+                    cells.append(f"{label} {timed(rotating(product, w8)):.1f}")
+                except Exception as exc:  # a shape the runner refuses
+                    cells.append(f"{label} - ({type(exc).__name__}: {str(exc)[:80]})")
+        return cells
+
     with stream:
         for name, (n, k) in SHAPES.items():
             w16 = [cp.full((n, k), 0x3C00, cp.uint16) for _ in range(4)]
@@ -64,7 +122,7 @@ def main() -> None:
             cells = [f"{name} {n}x{k}"]
             for rows in (int(r) for r in args.rows.split(",")):
                 x16, x8 = cp.zeros((rows, k), cp.uint16), cp.zeros((rows, k), cp.uint8)
-                x_scales = cp.ones(rows * -(-k // 128), cp.float32)
+                x_scales = cp.ones(-(-rows // 128) * 128 * -(-k // 128), cp.float32)  # rows padded to 128
                 y = cp.zeros((rows, n), cp.uint16)
                 out = []
                 entry = lt.shape(rows, n, k, k, n, CUDA_R_16BF, CUDA_R_16BF)
@@ -86,9 +144,12 @@ def main() -> None:
                         y.data.ptr,
                     )
                     out.append(f"{label} {timed(rotating(product, w8)):.1f}")
+                if fi is not None:
+                    out += flashinfer_cells(fi, rows, n, k, x16, x8, x_scales, block_scales, y, w8)
                 cells.append(f"{rows} rows: " + " ".join(out))
             print(" | ".join(cells), flush=True)
     lt.close()
+    fi = None  # the runner module (and its methods) released before the interpreter ends
 
 
 if __name__ == "__main__":
