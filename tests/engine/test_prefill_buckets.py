@@ -168,6 +168,18 @@ def test_a_prompt_that_fills_its_bucket_gets_an_empty_padding_request():
     assert check_with_fi_ffi(v, 3, 32, total).tolist() == [16, 16, 0]
 
 
+def unpadded_tables():
+    """The tables fill_prefill writes for prompts of 3 and 20 tokens in an engine's padded layout (512 rows, 4
+    requests, 68 pages; -7 where nothing is written): ``(views, nnz, pages)``, not yet padded."""
+    s = scheduler()
+    reqs = [s.submit(list(range(1, 1 + n)), 4) for n in (3, 20)]
+    assert s.admit() == reqs
+    layout = prefill_layout(512, 4, 64 + 4, padded=True)
+    v = layout.views(np.full(layout.total, -7, np.int32))
+    nnz, pages = fill_prefill(reqs, PS, v)
+    return v, nnz, pages
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [
@@ -182,12 +194,7 @@ def test_a_prompt_that_fills_its_bucket_gets_an_empty_padding_request():
 )
 def test_padding_refuses_what_would_write_past_the_layout_or_disagree_with_fill_prefill(change, match):
     # unchecked, these wrote past the views (numpy slices stop silently) or put the padding request in a real one's
-    s = scheduler()
-    reqs = [s.submit(list(range(1, 1 + n)), 4) for n in (3, 20)]
-    assert s.admit() == reqs
-    layout = prefill_layout(512, 4, 64 + 4, padded=True)
-    v = layout.views(np.full(layout.total, -7, np.int32))
-    nnz, pages = fill_prefill(reqs, PS, v)
+    v, nnz, pages = unpadded_tables()
     before = {k: a.copy() for k, a in v.items()}
     args = {**dict(nnz=nnz, bucket=32, batch=2, pages=pages, page_size=PS), **change}
     with pytest.raises((TypeError, ValueError), match=match):
@@ -196,13 +203,7 @@ def test_padding_refuses_what_would_write_past_the_layout_or_disagree_with_fill_
 
 
 def test_empty_requests_pad_the_request_count_to_the_slots():
-    reqs, v, nnz, pages, _ = padded_tables([3, 20], 32)  # 2 requests + the padding request, as before
-    s = scheduler()
-    reqs = [s.submit(list(range(1, 1 + n)), 4) for n in (3, 20)]
-    assert s.admit() == reqs
-    layout = prefill_layout(512, 4, 64 + 4, padded=True)
-    v = layout.views(np.full(layout.total, -7, np.int32))
-    nnz, pages = fill_prefill(reqs, PS, v)
+    v, nnz, pages = unpadded_tables()
     total = pad_prefill(v, nnz, 32, 2, pages, PS, requests=5)  # 4 slots (the layout's max_batch) + padding
     assert total == 4
     assert v["qo_indptr"][:6].tolist() == [0, 3, 23, 32, 32, 32]
