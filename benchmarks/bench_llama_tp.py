@@ -36,6 +36,20 @@ import numpy as np
 
 os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
 
+# --variants that run on one GPU only (TP 1 rows): these names and these prefixes
+ONE_GPU_VARIANTS = (
+    "in-step",
+    "lt",
+    "unfused",
+    "no-pdl",
+    "no-attn-pdl",
+    "fp8-fused",
+    "w8a16",
+    "w8a8-no-blocks",
+    "again",
+)
+ONE_GPU_PREFIXES = ("fp8-gemv-rows-", "unroll-", "rope-unroll-")
+
 SHAPE_8B = dict(
     vocab_size=128256,
     hidden_size=4096,
@@ -211,6 +225,16 @@ def run_rank(
         from fi_engine.dense import Dense
 
         Dense.fp8_gemv_max_rows = int(variant.rsplit("-", 1)[1])
+    if variant.startswith("unroll-"):  # the 16-bit GEMVs with N weight vectors in flight per lane (4 by default)
+        from fi_engine.dense import Dense
+
+        Dense.gemv_unroll = int(variant.rsplit("-", 1)[1])
+    if variant.startswith("rope-unroll-"):  # the QKV + RoPE GEMV with N vectors per column in flight (1: before)
+        from fi_engine.dense import Dense
+
+        Dense.rope_unroll = int(variant.rsplit("-", 1)[1])
+    if variant == "no-attn-pdl":  # the fused step's attention runs launched without programmatic dependent launch
+        LlamaEngine.attention_pdl = False
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
         LlamaEngine.graph_fused_decode = False
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
@@ -402,6 +426,10 @@ def main() -> None:
         "w8a16 (TP 1, FP8 checkpoints: steps of more than 8 rows dequantize instead of the FP8 GEMM), "
         "w8a8-no-blocks (TP 1, 128x128-block FP8 checkpoints: dequantized above 8 rows, not the FP8 GEMM), "
         "fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "
+        "unroll-N (TP 1: the 16-bit GEMVs with N weight vectors in flight per lane; Dense.gemv_unroll), "
+        "rope-unroll-N (TP 1: the QKV + RoPE GEMV's; 1 is its loop before 2026-11-25), no-attn-pdl (TP 1: the fused "
+        "step's attention runs without programmatic dependent launch), again (TP 1: the default once more, after "
+        "the others: the run's own noise), "
         "ahead (as fused, the next step prepared while the "
         "GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce launched with programmatic dependent "
         "launch)",
@@ -430,12 +458,7 @@ def main() -> None:
     table = []
     for tp in [int(t) for t in args.tp.split(",")]:
         variants = args.variants.split(",")
-        one_gpu = ["fused"] + [
-            v
-            for v in variants
-            if v in ("in-step", "lt", "unfused", "no-pdl", "fp8-fused", "w8a16", "w8a8-no-blocks")
-            or v.startswith("fp8-gemv-rows-")
-        ]
+        one_gpu = ["fused"] + [v for v in variants if v in ONE_GPU_VARIANTS or v.startswith(ONE_GPU_PREFIXES)]
         for variant in one_gpu if tp == 1 else variants:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = [sys.executable, __file__, "--model", str(args.model), "--rank-out", out.name]

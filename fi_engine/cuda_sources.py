@@ -227,7 +227,10 @@ __device__ __forceinline__ uint4 load_weights(const uint4* p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
-#define UNROLL 4
+#ifndef GEMV_UNROLL  // weight vectors in flight per lane (Dense.gemv_unroll passes it)
+#define GEMV_UNROLL 4
+#endif
+#define UNROLL GEMV_UNROLL
 
 // acc[r] += the 8 products of weight vector a with x's vector c of row r, for r < rows, in element order.
 template <bool BF16>
@@ -451,7 +454,10 @@ __device__ __forceinline__ uint4 load_weights(const uint4* p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
-#define UNROLL 4
+#ifndef GEMV_UNROLL  // weight vectors in flight per lane (Dense.gemv_unroll passes it)
+#define GEMV_UNROLL 4
+#endif
+#define UNROLL GEMV_UNROLL
 
 // acc[r] += the 8 products of weight vector a with the staged input vector c of row r, for r < rows.
 template <bool BF16>
@@ -546,6 +552,36 @@ FUSED(gemv_f16_f32_silu, false, true, 3)
 FUSED(gemv_bf16_bf16_silu, true, false, 3)
 FUSED(gemv_bf16_f32_silu, true, true, 3)
 
+#ifndef ROPE_UNROLL  // vectors of each column in flight per lane in the QKV + RoPE GEMV (Dense.rope_unroll)
+#define ROPE_UNROLL 4
+#endif
+
+// a0[r] / a1[r] += the 8 products of weight vectors u0 / u1 (columns j0, j1) with staged input vector c of row r
+template <bool BF16>
+__device__ __forceinline__ void pair_vec(uint4 u0, uint4 u1, const uint4* sx, int vecs, int rows, int c, float a0[4],
+                                         float a1[4]) {
+    const unsigned short* v0 = reinterpret_cast<const unsigned short*>(&u0);
+    const unsigned short* v1 = reinterpret_cast<const unsigned short*>(&u1);
+    float f0[8], f1[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        f0[e] = tof<BF16>(v0[e]);
+        f1[e] = tof<BF16>(v1[e]);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        if (r < rows) {
+            uint4 b = sx[r * vecs + c];
+            const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                a0[r] += f0[e] * tof<BF16>(bv[e]);
+                a1[r] += f1[e] * tof<BF16>(bv[e]);
+            }
+        }
+    }
+}
+
 // The fused QKV GEMV of a decode step with FlashInfer's apply_rope_pos_ids (in place, non-interleaved, all of d
 // rotated) and append_paged_kv_cache (NHD) as its epilogue: y = qkv [rows, (hq + 2 hk) d], 16-bit. Each warp
 // computes the columns i and i + d/2 of one head (each column's sum exactly as gemv_fused's), rounds them as the
@@ -565,42 +601,60 @@ __device__ __forceinline__ void gemv_rope_append(
         int page_size, long long stride_page, long long stride_n, long long stride_h) {
     extern __shared__ uint4 sx[];
     griddep_launch_dependents();
-    griddep_wait();
-    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int vecs = k >> 3;
     const unsigned half = d >> 1;
     const int pairs = n >> 1;
-    for (int p = blockIdx.x * warps + warp; p < pairs; p += gridDim.x * warps) {
+    // As gemv_fused: ROPE_UNROLL vectors of each of the two columns in flight per lane (the first pair's loaded
+    // before the wait for the previous kernel), summed in the order of the one-at-a-time tail loop
+    int p = blockIdx.x * warps + warp;
+    uint4 b0[ROPE_UNROLL], b1[ROPE_UNROLL];
+    bool more = p < pairs && lane + 32 * (ROPE_UNROLL - 1) < vecs;
+    if (more) {
+        const int head = p / (int)half;
+        const long long j0 = (long long)head * d + (p - head * (int)half);
+        const uint4* w0 = reinterpret_cast<const uint4*>(w + j0 * k);
+        const uint4* w1 = reinterpret_cast<const uint4*>(w + (j0 + half) * k);
+#pragma unroll
+        for (int u = 0; u < ROPE_UNROLL; ++u) {
+            b0[u] = load_weights(w0 + lane + 32 * u);
+            b1[u] = load_weights(w1 + lane + 32 * u);
+        }
+    }
+    griddep_wait();
+    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    for (; p < pairs; p += gridDim.x * warps) {
         const int head = p / (int)half;
         const unsigned i = p - head * (int)half;
         const long long j0 = (long long)head * d + i, j1 = j0 + half;
         float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
         const uint4* w0 = reinterpret_cast<const uint4*>(w + j0 * k);
         const uint4* w1 = reinterpret_cast<const uint4*>(w + j1 * k);
-        for (int c = lane; c < vecs; c += 32) {
-            uint4 u0 = load_weights(w0 + c), u1 = load_weights(w1 + c);
-            const unsigned short* v0 = reinterpret_cast<const unsigned short*>(&u0);
-            const unsigned short* v1 = reinterpret_cast<const unsigned short*>(&u1);
-            float f0[8], f1[8];
+        int c = lane;
+        if (!more) {  // a later pair: its first vectors are loaded here
+            more = c + 32 * (ROPE_UNROLL - 1) < vecs;
+            if (more) {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                f0[e] = tof<BF16>(v0[e]);
-                f1[e] = tof<BF16>(v1[e]);
-            }
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                if (r < rows) {
-                    uint4 b = sx[r * vecs + c];
-                    const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) {
-                        a0[r] += f0[e] * tof<BF16>(bv[e]);
-                        a1[r] += f1[e] * tof<BF16>(bv[e]);
-                    }
+                for (int u = 0; u < ROPE_UNROLL; ++u) {
+                    b0[u] = load_weights(w0 + c + 32 * u);
+                    b1[u] = load_weights(w1 + c + 32 * u);
                 }
             }
         }
+        while (more) {
+#pragma unroll
+            for (int u = 0; u < ROPE_UNROLL; ++u) pair_vec<BF16>(b0[u], b1[u], sx, vecs, rows, c + 32 * u, a0, a1);
+            c += 32 * ROPE_UNROLL;
+            more = c + 32 * (ROPE_UNROLL - 1) < vecs;
+            if (more) {
+#pragma unroll
+                for (int u = 0; u < ROPE_UNROLL; ++u) {
+                    b0[u] = load_weights(w0 + c + 32 * u);
+                    b1[u] = load_weights(w1 + c + 32 * u);
+                }
+            }
+        }
+        for (; c < vecs; c += 32) pair_vec<BF16>(load_weights(w0 + c), load_weights(w1 + c), sx, vecs, rows, c, a0, a1);
 #pragma unroll
         for (int r = 0; r < 4; ++r)
             for (int off = 16; off; off >>= 1) {

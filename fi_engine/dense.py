@@ -186,6 +186,13 @@ def _overlap(a: int, a_len: int, b: int, b_len: int) -> bool:
     return a < b + b_len and b < a + a_len
 
 
+def _unroll(value: Any) -> int:
+    """A ``gemv_unroll`` / ``rope_unroll`` setting checked: an int from 1 to 16 (registers bound it)."""
+    if value.__class__ is not int or not 1 <= value <= 16:
+        raise ValueError(f"Dense.gemv_unroll, Dense.rope_unroll: expected an int from 1 to 16, got {value!r:.40}")
+    return int(value)
+
+
 def _function_ptr(kernel: Any) -> int:
     """The ``CUfunction`` of a CuPy ``RawModule`` function (its compiled ``Function``'s handle)."""
     function = getattr(kernel, "kernel", kernel)  # cupy RawKernel -> cupy.cuda.function.Function
@@ -215,6 +222,21 @@ class Dense:
     """The prepared GEMV launches (the fused decode step's) use programmatic dependent launch on Hopper and later:
     each may start while the kernel before it drains, its first weights already loading (benchmarks/RESULTS.md).
     Read when a launch is prepared; set it on the class to compare."""
+
+    gemv_unroll = 4
+    """16-byte weight vectors each lane of the 16-bit GEMVs (plain and fused) keeps in flight: more bytes in flight
+    per warp against more registers. Compiled in when a Dense is made; set it on the class to compare
+    (``benchmarks/bench_llama_tp.py --variants unroll-N``)."""
+
+    rope_unroll = 4
+    """The same for each of the two columns of the fused QKV + RoPE + append GEMV (``prepared_qkv_rope``); 1 is
+    the one-vector loop it had before (``benchmarks/bench_llama_tp.py --variants rope-unroll-1``)."""
+
+    @property
+    def launches_with_pdl(self) -> bool:
+        """Whether the prepared launches use programmatic dependent launch (:attr:`pdl` on, a Hopper or later GPU,
+        a driver with ``cuLaunchKernelEx``): the decode step launches its attention runs the same way."""
+        return bool(self.pdl and getattr(self, "_launch_ex", None) is not None)
 
     def __init__(self, stream: Any) -> None:
         import cupy
@@ -263,7 +285,7 @@ class Dense:
 
             lib = libcuda()
             if lib is not None:
-                gemv = cupy.RawModule(code=GEMV_SOURCE)
+                gemv = cupy.RawModule(code=GEMV_SOURCE, options=(f"-DGEMV_UNROLL={_unroll(self.gemv_unroll)}",))
                 self._gemv_fns = {key: _function_ptr(gemv.get_function(name)) for key, name in _GEMV_NAMES.items()}
                 self._gemv_module = gemv
                 self._launch, self._driver_ffi = lib.cuLaunchKernel, libcuda_ffi()
@@ -299,7 +321,8 @@ class Dense:
     def _load_fused(self, cupy: Any) -> None:
         """Compile the fused GEMV variants (``fused_linear``); a failure leaves them off, the plain GEMV on."""
         try:
-            module = cupy.RawModule(code=FUSED_GEMV_SOURCE, options=("--use_fast_math",))
+            unroll = (f"-DGEMV_UNROLL={_unroll(self.gemv_unroll)}", f"-DROPE_UNROLL={_unroll(self.rope_unroll)}")
+            module = cupy.RawModule(code=FUSED_GEMV_SOURCE, options=("--use_fast_math", *unroll))
             attrs = cupy.cuda.Device().attributes
             fns = {}
             limit = _STATIC_SMEM - 1024  # the static part (the sums of squares) counts against the same 48 KiB

@@ -28,6 +28,11 @@ class FusedDecode(EngineState):
     taking only the step's plan, instead of a ``batch_decode_run`` per layer (the same logits bit for bit:
     tests/engine/test_gpu_fused_decode.py); False: a ``batch_decode_run`` per layer."""
 
+    attention_pdl: bool = True
+    """The packed attention runs launched with programmatic dependent launch where the GEMVs are
+    (``Dense.launches_with_pdl``: Hopper and later): each may start while the QKV GEMV drains, and the O GEMV after it
+    while it drains (FlashInfer's ``enable_pdl``). Read when the runs are packed; set it on the class to compare."""
+
     @property
     def fused_decode(self) -> bool:
         """Whether an eager decode step runs as :meth:`_fused_step` where it applies (see the class docstring;
@@ -104,8 +109,9 @@ class FusedDecode(EngineState):
         found = v.prepared.get("attention runs")
         if found is None or found[0] != plan._context:
             index = (v.kv_indptr, v.kv_indices, v.kv_last_page_len)
+            pdl = self.attention_pdl and self.dense.launches_with_pdl
             runs = [
-                kernels.prepared_decode_run(plan, v.q, kc, vc, *index, v.attn, self._s)
+                kernels.prepared_decode_run(plan, v.q, kc, vc, *index, v.attn, self._s, enable_pdl=pdl)
                 for kc, vc in zip(self._k_cache, self._v_cache, strict=True)
             ]
             found = v.prepared["attention runs"] = (plan._context, runs)

@@ -316,9 +316,11 @@ def prepared_decode_run(
     kv_last_page_len: Any,
     out: Any,
     stream: int,
+    enable_pdl: bool = False,
 ) -> Any:
     """:func:`decode_run` checked and packed once (:func:`fi_ffi.prepare_decode_run`): the result's ``run(plan)``
-    launches it with any plan of ``plan``'s settings and batch size on its workspace."""
+    launches it with any plan of ``plan``'s settings and batch size on its workspace. ``enable_pdl``: launched with
+    programmatic dependent launch (SM90+; the kernels before and after it wait for their predecessors themselves)."""
     return fi_ffi.prepare_decode_run(
         q,
         (k_cache, v_cache),
@@ -327,6 +329,7 @@ def prepared_decode_run(
         kv_last_page_len=kv_last_page_len,
         out=out,
         plan=plan,
+        enable_pdl=enable_pdl,
         stream=stream,
     )
 

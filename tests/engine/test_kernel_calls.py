@@ -257,6 +257,7 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
         eng = object.__new__(LlamaEngine)
         eng.family = LlamaEngine.definition()  # the layer body's attention (the constructor makes it)
         eng.config, eng._s, eng._head_rows = c, 0, 0
+        eng.dense = SimpleNamespace(launches_with_pdl=False)  # as batch_decode_run launches (no PDL)
         shape = (PAGES, PS, c.num_kv_heads, c.head_dim)
         eng._k_cache = [kernels.descriptor(FAKE + ((16 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
         eng._v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
@@ -335,7 +336,11 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
     eng._v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
     stand_in = lambda *_: "gemv"  # noqa: E731
     eng.dense = SimpleNamespace(
-        prepared_gather=stand_in, prepared_fused=stand_in, prepared_linear=stand_in, has_qkv_rope=lambda *_: False
+        prepared_gather=stand_in,
+        prepared_fused=stand_in,
+        prepared_linear=stand_in,
+        has_qkv_rope=lambda *_: False,
+        launches_with_pdl=False,  # the frames compared with batch_decode_run's (which launches without it)
     )
     op = "_apply_llama31_rope_pos_ids" if llama3 else "_apply_rope_pos_ids"
     launches = (getattr(rope, op), page._append, norm._qk_rmsnorm)
