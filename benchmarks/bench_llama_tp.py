@@ -47,6 +47,7 @@ ONE_GPU_VARIANTS = (
     "w8a16",
     "w8a8-no-blocks",
     "again",
+    "no-pipeline",
 )
 ONE_GPU_PREFIXES = ("fp8-gemv-rows-", "unroll-", "rope-unroll-")
 
@@ -233,6 +234,8 @@ def run_rank(
         from fi_engine.dense import Dense
 
         Dense.rope_unroll = int(variant.rsplit("-", 1)[1])
+    if variant == "no-pipeline":  # each decode step launched after the last one's tokens are read (before 2026-11-25)
+        LlamaEngine.pipelined_decode = False
     if variant == "no-attn-pdl":  # the fused step's attention runs launched without programmatic dependent launch
         LlamaEngine.attention_pdl = False
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
@@ -428,8 +431,9 @@ def main() -> None:
         "fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "
         "unroll-N (TP 1: the 16-bit GEMVs with N weight vectors in flight per lane; Dense.gemv_unroll), "
         "rope-unroll-N (TP 1: the QKV + RoPE GEMV's; 1 is its loop before 2026-11-25), no-attn-pdl (TP 1: the fused "
-        "step's attention runs without programmatic dependent launch), again (TP 1: the default once more, after "
-        "the others: the run's own noise), "
+        "step's attention runs without programmatic dependent launch), no-pipeline (TP 1: each graph step launched "
+        "only after the last one's tokens are read, ServingLoop.pipelined_decode off), again (TP 1: the default "
+        "once more, after the others: the run's own noise), "
         "ahead (as fused, the next step prepared while the "
         "GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce launched with programmatic dependent "
         "launch)",

@@ -395,7 +395,8 @@ def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.
     (:meth:`Scheduler.decode_rows`).
 
     ``ahead=1``: the step after the one in flight (:meth:`Scheduler.peek_rows`): position ``cached + 1``, and
-    token id 0 in place of the token that step in flight has not produced yet (the caller writes it).
+    token id 0 in place of the token that step in flight has not produced yet (the caller writes it); ``ahead=2``:
+    the step after two in flight (``ServingLoop.pipelined_decode``), position ``cached + 2``.
     """
     ids: list[int] = []
     pos: list[int] = []
@@ -621,18 +622,19 @@ class Scheduler:
         rows: list[Request | None] = [r for r in self.slots if r is not None]
         return rows
 
-    def peek_rows(self) -> list[Request | None]:
-        """The padded rows of the decode step after the one in flight (issued from :meth:`decode_rows`, not yet
-        :meth:`record`-ed), as they will be if no request ends with an end-of-sequence token: a request whose
-        step in flight gives its ``max_new_tokens``-th token is None. Gives each continuing request the page
-        that next step needs (within its budget: it would get it from :meth:`decode_rows` then). Compare the
-        result with :attr:`slots` after :meth:`record` (:meth:`same_rows`) before using it."""
+    def peek_rows(self, ahead: int = 1) -> list[Request | None]:
+        """The padded rows of the decode step after the ``ahead`` steps in flight (issued from :meth:`decode_rows`,
+        not yet :meth:`record`-ed; 1 or 2), as they will be if no request ends with an end-of-sequence token: a
+        request whose steps in flight give its ``max_new_tokens``-th token is None. Gives each continuing request
+        the pages that step needs (within its budget: it would get them from :meth:`decode_rows` then). Compare
+        the result with :attr:`slots` once all but one of those steps are recorded (:meth:`same_rows`) before
+        using it."""
         rows: list[Request | None] = []
         for r in self.slots:
-            if r is None or len(r.output) + 1 >= r.max_new_tokens:
+            if r is None or len(r.output) + ahead >= r.max_new_tokens:
                 rows.append(None)
                 continue
-            if r.cached + 1 == len(r.pages) * self.page_size:
+            while len(r.pages) * self.page_size <= r.cached + ahead:
                 r.pages.extend(self.allocator.alloc(1))
             rows.append(r)
         return rows

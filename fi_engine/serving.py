@@ -58,6 +58,16 @@ def delay_factor_arg(scheduler_delay_factor: object) -> float:
 _FINISH: dict[str, FinishReason] = {"eos": "stop", "length": "length", "abort": "abort"}
 
 
+@dataclass(frozen=True)
+class _LaunchedStep:
+    """A decode step launched and not yet recorded: its rows (None: a padding row), the page-locked buffer its
+    tokens are copied into and the event that marks the end of that copy (ServingLoop._decode_launch)."""
+
+    rows: list[Request | None]
+    ids: np.ndarray
+    done: Any
+
+
 @dataclass
 class GenerationResult:
     """Tokens per prompt (in the order given) and timings.
@@ -91,6 +101,15 @@ class ServingLoop(EngineState):
     step API (:class:`~fi_engine.stepping.StepEngine`: :meth:`add_request`, :meth:`abort_request`, :meth:`step`,
     :attr:`has_unfinished`), with the prefill and decode steps they run. ``generate`` drives the same step
     (:meth:`_advance`) as :meth:`step`, over the same scheduler, until its own prompts are done."""
+
+    pipelined_decode = True
+    """With the decode graph on one GPU and the next step prepared ahead: ``generate``'s loop, and :meth:`step`
+    with :attr:`overlap_steps`, launch decode step n + 1 before waiting for step n's tokens (its input tokens are
+    copied on the device from step n's output; its index arrays and plan were staged while step n ran), so the GPU
+    goes from step to step without waiting for the host to read tokens and launch. A request that ends with an
+    end-of-sequence token at step n takes nothing from step n + 1; steps that would admit queued requests, or
+    after which a request reaches its token limit, and steps with sampled rows, are not launched ahead. Set it
+    on the class to compare (``benchmarks/bench_llama_tp.py --variants no-pipeline``)."""
 
     # ------------------------------------------------------------------------------------ the step API
 
@@ -218,8 +237,13 @@ class ServingLoop(EngineState):
         queued after that step on the engine's one stream."""
         inflight, self._inflight = self._inflight, None
         if inflight is not None:  # also when overlap_steps was turned off since that step was launched
-            for r in self._decode_finish(sched, inflight):
+            # the next step launched before this one's tokens are read, where nothing changes the rows in between
+            if self.overlap_steps and self._launches_ahead(sched, delay=True):
+                self._inflight = self._decode_launch(sched, depth=2)
+            for r in self._decode_finish(sched, inflight, behind=self._inflight is not None):
                 produced[r] = 1
+            if self._inflight is not None:
+                return
         if not (self.overlap_steps and self.comm is None):
             self._advance(sched, None, produced)
             return
@@ -237,6 +261,32 @@ class ServingLoop(EngineState):
         self._prefill(sched, admitted)
         self._last_prefill_s = time.perf_counter() - t
         return self._last_prefill_s
+
+    def _launches_ahead(self, sched: Scheduler, delay: bool) -> bool:
+        """Whether the next decode step may be launched now, before the tokens of the one in flight are read
+        (:attr:`pipelined_decode`): it was prepared during that step (decode graph, one GPU) for the rows the
+        slots still hold (:meth:`Scheduler.same_rows`: no request reaches its token limit in the step in flight,
+        none was aborted), every row greedy (a sampled step stages its parameters in host memory that the step in
+        flight may not have copied yet), and no queued request would be admitted first (:meth:`_would_admit`)."""
+        prepared = self._next_rows
+        return (
+            self.pipelined_decode
+            and not sched.sampled
+            and prepared is not None
+            and self.graph is not None
+            and self.comm is None
+            and sched.same_rows(prepared)
+            and not self._would_admit(sched, delay)
+        )
+
+    def _would_admit(self, sched: Scheduler, delay: bool) -> bool:
+        """Whether :meth:`_admit` would admit a queued request now (a free slot, and no scheduler delay holding
+        the queue back), without admitting it."""
+        if not sched.pending or None not in sched.slots:
+            return False
+        factor = self.scheduler_delay_factor
+        waits = delay and factor > 0 and sched.active and len(sched.pending) < sched.slots.count(None)
+        return not (waits and time.perf_counter() - sched.pending[0].queued_at < factor * self._last_prefill_s)
 
     def _admit(self, sched: Scheduler, delay: bool) -> list[Request]:
         """The scheduler's admission (:meth:`Scheduler.admit`), or none yet: with ``delay`` (the step API) and
@@ -305,8 +355,13 @@ class ServingLoop(EngineState):
         # current already (one query instead of a set and a restore around each of the ~10 kernels per layer)
         with cp.cuda.Device(self.device), self.stream, stream_scope(self._s, self.device):
             try:
-                while sched.has_work:
-                    self._advance(sched, result)
+                if self.pipelined_decode and self.graph is not None and self.comm is None:
+                    launched = None
+                    while sched.has_work:
+                        launched = self._advance_pipelined(sched, result, launched)
+                else:
+                    while sched.has_work:
+                        self._advance(sched, result)
             finally:
                 if sum(sched.abort(r) for r in reqs):  # interrupted: nothing of this call stays queued or active
                     self._next_rows = None
@@ -342,6 +397,39 @@ class ServingLoop(EngineState):
                 for r in rows:
                     if r is not None:
                         produced[r] = produced.get(r, 0) + 1
+
+    def _advance_pipelined(
+        self, sched: Scheduler, result: GenerationResult, launched: _LaunchedStep | None
+    ) -> _LaunchedStep | None:
+        """``generate``'s step with :attr:`pipelined_decode`: with a decode step in flight (``launched``), the
+        next one is launched first where it may be (:meth:`_launches_ahead`), then the one in flight is waited for
+        and recorded; without, what fits is admitted and prefilled and a decode step launched. Returns the step
+        left in flight. The timings as :meth:`_advance` gives them (the waits for the GPU excluded)."""
+        if launched is None:
+            admitted = self._admit(sched, delay=False)
+            if admitted:
+                result.prefill_s += self._timed_prefill(sched, admitted)
+            if not sched.active:
+                return None
+            t = time.perf_counter()
+            launched = self._decode_launch(sched)
+            result.decode_s += time.perf_counter() - t
+            return launched
+        t0 = time.perf_counter()
+        ahead = self._decode_launch(sched, depth=2) if self._launches_ahead(sched, delay=False) else None
+        waited = self._staged_wait_s if ahead is not None else 0.0
+        t1 = time.perf_counter()
+        if ahead is not None:
+            launched.done.synchronize()  # its token copy, not the step queued behind it
+        else:
+            self.stream.synchronize()  # everything, the copies out of the host staging buffers included
+        t2 = time.perf_counter()
+        sched.record(launched.rows, launched.ids[: len(launched.rows)].tolist())
+        t3 = time.perf_counter()
+        result.step_host_us.append((t1 - t0 - waited + t3 - t2) * 1e6)
+        result.decode_s += t3 - t0
+        result.decode_steps += 1
+        return ahead
 
     def _check_idle(self, what: str) -> None:
         """``what`` shares the step API's scheduler and KV cache: refused while its requests are in flight."""
@@ -523,24 +611,31 @@ class ServingLoop(EngineState):
         returns its host time in microseconds (with a graph, the next step's preparation included, which runs while
         the GPU computes this step) and its rows (None: a padding row)."""
         t0 = time.perf_counter()
-        rows = self._decode_launch(sched)
+        launched = self._decode_launch(sched)
         t2 = time.perf_counter()
         self.stream.synchronize()
         t3 = time.perf_counter()
-        sched.record(rows, self._ids_host[: len(rows)].tolist())
-        return ((t2 - t0) + (time.perf_counter() - t3)) * 1e6, rows
+        sched.record(launched.rows, launched.ids[: len(launched.rows)].tolist())
+        return ((t2 - t0) + (time.perf_counter() - t3)) * 1e6, launched.rows
 
-    def _decode_finish(self, sched: Scheduler, rows: list[Request | None]) -> list[Request]:
-        """Wait for the decode step launched over ``rows`` and record its tokens; returns the requests that took
-        one (those still active: a request aborted since the launch takes none)."""
-        live = [r for r in rows if r is not None and r.finish_reason is None]
-        self.stream.synchronize()
-        sched.record(rows, self._ids_host[: len(rows)].tolist())
+    def _decode_finish(self, sched: Scheduler, launched: _LaunchedStep, behind: bool = False) -> list[Request]:
+        """Wait for the decode step ``launched`` and record its tokens; returns the requests that took one (those
+        still active: a request that ended since the launch, aborted or at the step before it, takes none).
+        ``behind``: another step was launched after it (:meth:`_launches_ahead`): only its token copy is waited
+        for; otherwise the whole stream, so that the host staging buffers may be written next."""
+        live = [r for r in launched.rows if r is not None and r.finish_reason is None]
+        if behind:
+            launched.done.synchronize()
+        else:
+            self.stream.synchronize()
+        sched.record(launched.rows, launched.ids[: len(launched.rows)].tolist())
         return live
 
-    def _decode_launch(self, sched: Scheduler) -> list[Request | None]:
-        """Launch one decode step for every active request, its tokens copied to ``_ids_host`` behind it on the
-        stream (not waited for); returns its rows (None: a padding row).
+    def _decode_launch(self, sched: Scheduler, depth: int = 1) -> _LaunchedStep:
+        """Launch one decode step for every active request, its tokens copied behind it on the stream into the
+        next of the two decode token buffers (not waited for). ``depth``: the steps then in flight, this one
+        included (2: launched before the last one's tokens were read, :meth:`_launches_ahead`); the step after
+        them is prepared for that many steps ahead.
 
         A step prepared during the previous one (:meth:`Scheduler.peek_rows`) runs only if the slots are still
         its rows (:meth:`Scheduler.same_rows`): a request that ended with an end-of-sequence token, was aborted or
@@ -578,15 +673,21 @@ class ServingLoop(EngineState):
                 self._head(n, self._normed.data.ptr)
             sampled = self._pick(v, n, draw_rows)
         self._share_ids(sampled)
-        self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
+        turn = self._decode_turn
+        self._decode_turn = 1 - turn
+        ids, done = self._decode_ids[turn], self._decode_done[turn]
+        self._cp.cuda.runtime.memcpyAsync(_address(ids), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
+        done.record(self.stream)
         if graph is not None and self._prepare_ahead:
             # the next step, as it will be unless a request ends with an end-of-sequence token or a prefill comes
             # first (then it is dropped and made again): staged and planned while the GPU runs this one
+            t = time.perf_counter()
             self._staged.synchronize()  # this step's copies out of the staging buffers are done
-            ahead = sched.peek_rows()
-            self._upload_decode(n, fill_decode(ahead, self.page_size, self._dh, ahead=1), cuda_graph=True)
+            self._staged_wait_s = time.perf_counter() - t  # (a step launched ahead waits here for the one before)
+            ahead = sched.peek_rows(depth)
+            self._upload_decode(n, fill_decode(ahead, self.page_size, self._dh, ahead=depth), cuda_graph=True)
             self._next_rows = ahead
-        return rows
+        return _LaunchedStep(rows, ids, done)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -107,6 +107,9 @@ class EngineState:
     _ph: dict[str, np.ndarray]
     _ids_mem: Any
     _ids_host: np.ndarray
+    _decode_ids: tuple[np.ndarray, np.ndarray]
+    _decode_done: tuple[Any, Any]
+    _decode_turn: int
     _views: dict[tuple[Any, ...], SimpleNamespace]
     # sampling state (made on the first sampled step)
     _probs: Any
@@ -127,11 +130,12 @@ class EngineState:
     _ffi_stream: Any
     # the serving loop's decode step prepared ahead, and the graphs
     _next_rows: list[Request | None] | None
-    _inflight: list[Request | None] | None
+    _inflight: Any  # serving.LaunchedStep or None
     _last_prefill_s: float
     _overlap_steps: bool
     _scheduler_delay_factor: float
     _staged: Any
+    _staged_wait_s: float
     _prepare_ahead: bool
     _decode_plan: Any
     _prefill_plan: Any

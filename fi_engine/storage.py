@@ -94,8 +94,16 @@ class Storage(EngineState):
         self._pmeta, self._phost = self._meta(self._playout.total)
         self._dh = self._dlayout.views(self._dhost)
         self._ph = self._playout.views(self._phost)
-        self._ids_mem = cp.cuda.alloc_pinned_memory(4 * self.max_batch)
-        self._ids_host = np.frombuffer(self._ids_mem, np.int32, self.max_batch)
+        self._ids_mem = cp.cuda.alloc_pinned_memory(12 * self.max_batch)
+        self._ids_host = np.frombuffer(self._ids_mem, np.int32, self.max_batch)  # a prefill's tokens
+        # a decode step's tokens, in turn: two steps may be in flight (ServingLoop.pipelined_decode), each copying
+        # into its own buffer and marking its copy's end with its own event
+        self._decode_ids = (
+            np.frombuffer(self._ids_mem, np.int32, self.max_batch, 4 * self.max_batch),
+            np.frombuffer(self._ids_mem, np.int32, self.max_batch, 8 * self.max_batch),
+        )
+        self._decode_done = (cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True))
+        self._decode_turn = 0
         self._views: dict[tuple[Any, ...], SimpleNamespace] = {}
         self._probs: Any = None
         self._gathered: Any = None  # [N, max_batch, V/N] float32, made on the first sampled step (vocabulary shards)
@@ -114,9 +122,10 @@ class Storage(EngineState):
         # staging buffers. Engine.__init__ turns it on where the family allows it (ModelFamily.plans_ahead).
         self._next_rows: list[Request | None] | None = None
         # the decode step the step API launched and left running (ServingLoop.overlap_steps): its rows, or None
-        self._inflight: list[Request | None] | None = None
+        self._inflight: Any = None  # serving.LaunchedStep
         self._last_prefill_s = 0.0  # the host time of the last prefill (ServingLoop._admit's delay)
         self._staged = cp.cuda.Event(disable_timing=True)
+        self._staged_wait_s = 0.0  # the last decode launch's wait for `_staged` (ServingLoop._advance_pipelined)
         self._prepare_ahead = False
 
     def _meta(self, n: int) -> tuple[Any, np.ndarray]:

@@ -260,16 +260,20 @@ def test_every_engine_class_has_the_step_protocols_methods_and_signatures(engine
     assert isinstance(inspect.getattr_static(engine, "has_unfinished"), property)
 
 
-def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False):
+def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pipelined=False):
     """An engine without its constructor (no GPU): the host state the step API reads, and the device work
     (``_prefill``, ``_decode_step``, ``_decode_launch``) stood in for by ``token_of(request)`` recorded through the
     real scheduler. ``overlap``: its ``overlap_steps`` (a launched decode step's tokens, computed from the state at
-    its launch, wait in ``_ids_host`` for the real ``_decode_finish``)."""
+    its launch, wait in its ``_LaunchedStep`` for the real ``_decode_finish``). ``pipelined``: a stand-in decode
+    graph, so that the real ``ServingLoop.pipelined_decode`` logic runs: each launch prepares the next step
+    (``peek_rows``) as the real one does, and a step launched ahead of the one in flight takes the tokens the
+    device would give it (``token_of`` of the request as it will be after the steps before it)."""
     e = LlamaEngine.__new__(LlamaEngine)
     e._closed = False
     e.overlap_steps, e._inflight, e.comm = overlap, None, None
+    e.graph = object() if pipelined else None
     e.scheduler_delay_factor, e._last_prefill_s, e._unreported = 0.0, 0.0, []
-    e._ids_host = np.zeros(max_batch, np.int32)
+    e._staged_wait_s = 0.0
     e.config = SimpleNamespace(vocab_size=1000, eos_token_ids=(EOS,))
     e.max_batch, e.page_size, e.num_pages = max_batch, PS, num_pages
     e.max_seq_len, e.max_prefill_tokens = 256, 512
@@ -282,6 +286,7 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False):
     rule = token_of or (lambda r: 100 + len(r.output))
 
     def prefill(sched, reqs, all_logits=False):
+        e._next_rows = None  # as the real prefill: its tokens overwrite the ids a prepared step would read
         e.steps.append(("prefill", [r.rid for r in reqs]))
         sched.record(reqs, [rule(r) for r in reqs], prefill=True)
         return []
@@ -292,16 +297,32 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False):
         sched.record(rows, [rule(r) for r in rows])
         return 1.0, rows
 
-    def decode_launch(sched):
-        rows = sched.decode_rows(padded=False)
+    def decode_launch(sched, depth=1):
+        prepared, e._next_rows = e._next_rows, None
+        if prepared is not None and sched.same_rows(prepared):
+            rows = prepared
+        else:
+            rows = sched.decode_rows(padded=e.graph is not None)
         e.steps.append(("decode", [r.rid for r in rows if r is not None]))
-        e._ids_host[: len(rows)] = [rule(r) for r in rows]
-        return rows
+
+        def token(r):  # the request as the device sees it: the steps in flight before this one recorded
+            seen = SimpleNamespace(rid=r.rid, prompt=r.prompt, output=r.output + [0] * (depth - 1))
+            return rule(seen)
+
+        ids = np.array([token(r) if r is not None else 0 for r in rows], np.int32)
+        if e.graph is not None:
+            e._next_rows = sched.peek_rows(depth)
+        return serving._LaunchedStep(rows, ids, _Done())
 
     e._prefill = prefill
     e._decode_step = decode_step
     e._decode_launch = decode_launch
     return e
+
+
+class _Done:
+    def synchronize(self):
+        return None
 
 
 class _Stream:
@@ -366,10 +387,74 @@ def test_step_drives_the_same_steps_as_generate():
     assert result.finish_reasons == ["length"] * 5 and result.decode_steps == sum(s[0] == "decode" for s in a.steps)
 
 
-def run_to_the_end(e, prompts, limits, abort_after=None):
+def counting_ahead(e):
+    """Count the decode steps ``e`` launches ahead of the one in flight (``depth=2``) in ``e.ahead``."""
+    launch = e._decode_launch
+    e.ahead = 0
+
+    def counted(sched, depth=1):
+        e.ahead += depth == 2
+        return launch(sched, depth)
+
+    e._decode_launch = counted
+    return e
+
+
+def eos_rule(r):
+    """Request 1 ends with an end-of-sequence token after 2 tokens, request 3 after 5; others count up."""
+    if (r.rid, len(r.output)) in ((1, 2), (3, 5)):
+        return EOS
+    return 100 + len(r.output)
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 4])
+def test_pipelined_generate_gives_the_same_tokens_as_one_step_at_a_time(max_batch):
+    """ServingLoop.pipelined_decode (a decode graph on one GPU): generate launches a step before reading the
+    tokens of the one in flight, and still gives every prompt the tokens and finish reason of the plain loop, with
+    end-of-sequence tokens mid-batch, different token limits and more prompts than slots; steps were launched
+    ahead (more than a third of them), every page goes back, and nothing stays in flight."""
+    prompts = [[1] * 3, [2] * 20, [3] * 9, [4] * 33, [5], [6] * 15]
+    limits = [5, 9, 2, 12, 4, 30]
+    plain = bare_engine(max_batch=max_batch, token_of=eos_rule)
+    want = plain.generate(prompts, limits, eos_token_ids=(EOS,))
+    piped = counting_ahead(bare_engine(max_batch=max_batch, token_of=eos_rule, pipelined=True))
+    got = piped.generate(prompts, limits, eos_token_ids=(EOS,))
+    assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
+    assert "eos" in got.finish_reasons and "length" in got.finish_reasons
+    decode_steps = sum(s[0] == "decode" for s in piped.steps)
+    assert got.decode_steps == decode_steps and 3 * piped.ahead > decode_steps, (piped.ahead, decode_steps)
+    assert piped._sched.allocator.num_free == piped._sched.allocator.capacity
+    pipelined_off = bare_engine(max_batch=max_batch, token_of=eos_rule, pipelined=True)
+    pipelined_off.pipelined_decode = False
+    assert pipelined_off.generate(prompts, limits, eos_token_ids=(EOS,)).tokens == want.tokens
+
+
+@pytest.mark.parametrize("abort_after", [None, (3, 0), (5, 4)])
+def test_pipelined_overlapped_steps_give_the_same_tokens_as_plain_steps(abort_after):
+    """The step API with overlap_steps and a stand-in decode graph: step() launches the next decode step before
+    reading the one in flight where nothing changes the rows between them; every request gets the tokens of the
+    plain step API (end-of-sequence tokens, limits, more requests than slots), a request aborted between calls
+    takes nothing of a step launched after its abort, and every page goes back."""
+    prompts = [[1] * 3, [2] * 20, [3] * 9, [4] * 33, [5], [6] * 15]
+    limits = [5, 9, 2, 12, 4, 30]
+    plain = bare_engine(max_batch=2, token_of=eos_rule, overlap=True)
+    piped = counting_ahead(bare_engine(max_batch=2, token_of=eos_rule, overlap=True, pipelined=True))
+    want, _ = run_to_the_end(plain, prompts, limits, abort_after=abort_after, eos=(EOS,))
+    got, _ = run_to_the_end(piped, prompts, limits, abort_after=abort_after, eos=(EOS,))
+    if abort_after is None:
+        assert got == want
+    else:  # the aborted request: a prefix of its plain tokens; the others: theirs
+        i = abort_after[1]
+        assert all(g == w for j, (g, w) in enumerate(zip(got, want, strict=True)) if j != i)
+        assert got[i] == want[i][: len(got[i])]
+    assert piped.ahead > 0 and piped._inflight is None and not piped._requests
+    assert piped._sched.allocator.num_free == piped._sched.allocator.capacity
+
+
+def run_to_the_end(e, prompts, limits, abort_after=None, eos=()):
     """Add the requests, step until nothing is unfinished (aborting ``abort_after = (call, index)``'s request
     after that call); every request's tokens and the tokens each call reported."""
-    rids = [e.add_request(p, m, eos_token_ids=()) for p, m in zip(prompts, limits, strict=True)]
+    rids = [e.add_request(p, m, eos_token_ids=eos) for p, m in zip(prompts, limits, strict=True)]
     got: dict[int, list[int]] = {r: [] for r in rids}
     calls = []
     while e.has_unfinished:
