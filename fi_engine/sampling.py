@@ -140,8 +140,12 @@ class Sampling(EngineState):
         self._softmax_ws = cp.empty((kernels.softmax_workspace_bytes(b, vocab),), np.uint8)
         self._valid = cp.empty((b,), np.bool_) if kernels.sampling_needs_valid() else None
         self._slayout = _sample_layout(b)
-        self._smeta_mem = cp.cuda.alloc_pinned_memory(4 * self._slayout.total)
-        self._shost = np.frombuffer(self._smeta_mem, np.int32, self._slayout.total)
+        # two host staging buffers, in turn: a decode step launched ahead (ServingLoop.pipelined_decode) stages its
+        # parameters while the copy out of the step before it may still be queued behind that step's graph
+        total = self._slayout.total
+        self._smeta_mem = cp.cuda.alloc_pinned_memory(8 * total)
+        self._shosts = tuple(np.frombuffer(self._smeta_mem, np.int32, total, 4 * total * i) for i in (0, 1))
+        self._sturn = 0
         self._smeta = cp.zeros(self._slayout.total, np.int32)
         self._choice = cp.zeros(2 * b, np.int32)  # the argmax ids, then the sampled tokens: the merge's source
 
@@ -177,7 +181,8 @@ class Sampling(EngineState):
         with per-row temperatures, one sampling call per stream into ``choice[max_batch:]``, then the rows gathered
         from ``choice`` (the argmax for greedy rows, their sample for the others) back into ``ids``."""
         cp, b, vocab, s = self._cp, self.max_batch, self.config.vocab_size, self._s
-        lay, host = self._slayout, self._shost
+        lay, host = self._slayout, self._shosts[self._sturn]
+        self._sturn = 1 - self._sturn
         o = lay.offsets
         temperature = host[o["temperature"] : o["temperature"] + n].view(np.float32)
         top_p = host[o["top_p"] : o["top_p"] + n].view(np.float32)

@@ -108,8 +108,9 @@ class ServingLoop(EngineState):
     copied on the device from step n's output; its index arrays and plan were staged while step n ran), so the GPU
     goes from step to step without waiting for the host to read tokens and launch. A request that ends with an
     end-of-sequence token at step n takes nothing from step n + 1; steps that would admit queued requests, or
-    after which a request reaches its token limit, and steps with sampled rows, are not launched ahead. Set it
-    on the class to compare (``benchmarks/bench_llama_tp.py --variants no-pipeline``)."""
+    after which a request reaches its token limit, are not launched ahead. Sampled rows draw as they would one step
+    at a time (the same Philox offsets in the same order). Set it on the class to compare
+    (``benchmarks/bench_llama_tp.py --variants no-pipeline``)."""
 
     # ------------------------------------------------------------------------------------ the step API
 
@@ -266,12 +267,11 @@ class ServingLoop(EngineState):
         """Whether the next decode step may be launched now, before the tokens of the one in flight are read
         (:attr:`pipelined_decode`): it was prepared during that step (decode graph, one GPU) for the rows the
         slots still hold (:meth:`Scheduler.same_rows`: no request reaches its token limit in the step in flight,
-        none was aborted), every row greedy (a sampled step stages its parameters in host memory that the step in
-        flight may not have copied yet), and no queued request would be admitted first (:meth:`_would_admit`)."""
+        none was aborted), and no queued request would be admitted first (:meth:`_would_admit`). (Sampled rows
+        stage their parameters in the other of two host buffers than the step in flight's.)"""
         prepared = self._next_rows
         return (
             self.pipelined_decode
-            and not sched.sampled
             and prepared is not None
             and self.graph is not None
             and self.comm is None

@@ -118,7 +118,8 @@ class EngineState:
     _valid: Any
     _shared_draws: Any
     _slayout: Layout
-    _shost: np.ndarray
+    _shosts: tuple[np.ndarray, ...]
+    _sturn: int
     _smeta: Any
     _smeta_mem: Any
     _choice: Any

@@ -272,6 +272,49 @@ def test_a_seeded_request_alone_reproduces_its_tokens(engine):
     assert engine.generate([p], 20, eos_token_ids=(), sampling=s).tokens == again.tokens
 
 
+def test_pipelined_decode_draws_what_one_step_at_a_time_draws(engine):
+    """ServingLoop.pipelined_decode (the graph modes prepared ahead launch a step before reading the one in
+    flight): a batch of greedy and seeded sampled rows with different parameters (the per-row path, whose
+    parameters are staged in host memory) gets exactly the tokens of the same batch one step at a time, through
+    the step API and through generate with one seeded stream; with an end-of-sequence id ending one request early."""
+    ps = prompts((14, 29, 8, 21), VOCAB, seed=13)
+    samplings = [
+        None,
+        SamplingParams(temperature=20.0, top_k=5, seed=21),
+        SamplingParams(temperature=10.0, top_p=0.9, seed=22),
+        SamplingParams(temperature=20.0, top_k=3, seed=23),
+    ]
+    runs = {}
+    for pipelined in (True, False):
+        engine.pipelined_decode = pipelined
+        try:
+            rids = [engine.add_request(p, 18, sampling=s, eos_token_ids=()) for p, s in zip(ps, samplings, strict=True)]
+            seen = drain(engine)
+            whole = engine.generate(ps, 18, eos_token_ids=(), sampling=SamplingParams(temperature=20.0, seed=5))
+        finally:
+            del engine.pipelined_decode  # the class's (True)
+        runs[pipelined] = ([tokens_of(seen[r]) for r in rids], whole.tokens)
+    assert runs[True] == runs[False]
+    assert len({tuple(t) for t in runs[True][0][1:]}) == 3  # the sampled rows differ from each other
+    stop = runs[True][0][0][5]  # the greedy request's 6th token ends it early; the others go on as before
+    end = runs[True][0][0].index(stop) + 1
+    rid = engine.add_request(ps[0], 18, eos_token_ids=[stop])
+    others = [
+        engine.add_request(p, 18, sampling=s, eos_token_ids=()) for p, s in zip(ps[1:], samplings[1:], strict=True)
+    ]
+    seen = drain(engine)
+    assert tokens_of(seen[rid]) == runs[True][0][0][:end] and seen[rid][-1].finish_reason == "stop"
+    got = [tokens_of(seen[r]) for r in others]
+    # the graph pads the batch to its rows, so the others' logits do not change when one row leaves; eagerly the
+    # batch shrinks (another GEMM shape): the same tokens until then
+    assert [len(t) for t in got] == [18] * 3
+    assert (
+        got == runs[True][0][1:]
+        if engine.graph is not None
+        else [t[:end] for t in got] == [t[:end] for t in runs[True][0][1:]]
+    )
+
+
 # ------------------------------------------------------------------------------------------------------------ (d)
 
 

@@ -772,7 +772,7 @@ def test_a_mixed_step_hands_each_stream_its_rows_and_merges_the_samples_into_the
     e._buf = SimpleNamespace(ids=buffer(ids))
     e._probs, e._softmax_ws, e._valid = buffer(4 << 40), buffer(5 << 40, (64,)), None
     e._slayout = _sample_layout(B)
-    e._shost = np.zeros(e._slayout.total, np.int32)
+    e._shosts, e._sturn = (np.zeros(e._slayout.total, np.int32), np.zeros(e._slayout.total, np.int32)), 0
     e._smeta, e._choice = buffer(meta), buffer(choice)
     copies, launches = [], []
     e._cp = SimpleNamespace(cuda=SimpleNamespace(runtime=SimpleNamespace(memcpyAsync=lambda *a: copies.append(a[:3]))))
@@ -790,7 +790,9 @@ def test_a_mixed_step_hands_each_stream_its_rows_and_merges_the_samples_into_the
     v = SimpleNamespace(logits="logits")
     e._sample_mixed(v, n, rows, groups)
 
-    o, host = e._slayout.offsets, e._shost
+    o, host = e._slayout.offsets, e._shosts[0]
+    assert e._sturn == 1  # the next step stages into the other buffer (a step launched ahead may be in flight)
+    assert copies[0][1] == host.__array_interface__["data"][0]
     assert host[o["temperature"] : o["temperature"] + n].view(np.float32).tolist() == [1, 0.5, 1, 2, 0.5, 1]
     assert host[o["top_k"] : o["top_k"] + n].tolist() == [V, 7, V, V, 7, V]
     assert np.allclose(host[o["top_p"] : o["top_p"] + n].view(np.float32), [1, 0.8, 1, 1, 0.8, 1])
