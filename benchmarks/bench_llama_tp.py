@@ -48,6 +48,7 @@ ONE_GPU_VARIANTS = (
     "w8a8-no-blocks",
     "again",
     "no-pipeline",
+    "one-graph",
 )
 ONE_GPU_PREFIXES = ("fp8-gemv-rows-", "unroll-", "rope-unroll-")
 
@@ -195,7 +196,14 @@ def bytes_per_step(cfg: dict[str, Any], tp: int, batch: int, context: int) -> fl
 
 
 def run_rank(
-    model: str, out: str, variant: str, new_tokens: int, batches: list[int], modes: list[str], profile: bool
+    model: str,
+    out: str,
+    variant: str,
+    new_tokens: int,
+    batches: list[int],
+    modes: list[str],
+    profile: bool,
+    max_batch: int = 0,
 ) -> None:
     """One rank (or the single GPU): every configuration, rank 0 writes the rows."""
     from fi_engine.llama import Llama, LlamaEngine
@@ -238,6 +246,8 @@ def run_rank(
         LlamaEngine.pipelined_decode = False
     if variant == "no-attn-pdl":  # the fused step's attention runs launched without programmatic dependent launch
         LlamaEngine.attention_pdl = False
+    if variant == "one-graph":  # one decode graph of max_batch rows for every step (before 2026-11-25)
+        LlamaEngine.decode_graph_ladder = False
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
         LlamaEngine.graph_fused_decode = False
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
@@ -254,7 +264,7 @@ def run_rank(
         for graph in [m == "graph" for m in modes]:
             with LlamaEngine(
                 model,
-                max_batch=batch,
+                max_batch=max(batch, max_batch),
                 max_seq_len=256,
                 cuda_graph=graph,
                 tensor_parallel=tp,
@@ -282,6 +292,7 @@ def run_rank(
                     "variant": variant,
                     "pdl": variant == "pdl",
                     "batch": batch,
+                    "max_batch": max(batch, max_batch),
                     "mode": "graph" if graph else "eager",
                     "tokens_per_s": result.tokens_per_s,
                     "host_us_per_step": result.host_us_per_step,
@@ -417,6 +428,12 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32", help="batch sizes (comma-separated)")
     ap.add_argument("--modes", default="eager,graph", help="eager and/or graph")
     ap.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        help="the engine's max_batch (a server's slots) for every batch; 0 (default): max_batch = the batch",
+    )
+    ap.add_argument(
         "--variants",
         default="fused,nccl,whole-vocab",
         help="TP > 1 rows: fused (fused all-reduce, vocabulary split), nccl (NCCL + fused_add_rmsnorm), "
@@ -432,7 +449,8 @@ def main() -> None:
         "unroll-N (TP 1: the 16-bit GEMVs with N weight vectors in flight per lane; Dense.gemv_unroll), "
         "rope-unroll-N (TP 1: the QKV + RoPE GEMV's; 1 is its loop before 2026-11-25), no-attn-pdl (TP 1: the fused "
         "step's attention runs without programmatic dependent launch), no-pipeline (TP 1: each graph step launched "
-        "only after the last one's tokens are read, ServingLoop.pipelined_decode off), again (TP 1: the default "
+        "only after the last one's tokens are read, ServingLoop.pipelined_decode off), one-graph (TP 1: one decode "
+        "graph of max_batch rows for every step, LlamaEngine.decode_graph_ladder off), again (TP 1: the default "
         "once more, after the others: the run's own noise), "
         "ahead (as fused, the next step prepared while the "
         "GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce launched with programmatic dependent "
@@ -457,7 +475,9 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
     if args.rank_out:
-        run_rank(str(args.model), args.rank_out, args.variant, args.new_tokens, batches, modes, args.profile)
+        run_rank(
+            str(args.model), args.rank_out, args.variant, args.new_tokens, batches, modes, args.profile, args.max_batch
+        )
         return
     table = []
     for tp in [int(t) for t in args.tp.split(",")]:
@@ -468,6 +488,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--model", str(args.model), "--rank-out", out.name]
                 cmd += ["--new-tokens", str(args.new_tokens), "--variant", variant]
                 cmd += ["--batches", args.batches, "--modes", args.modes] + (["--profile"] if args.profile else [])
+                cmd += ["--max-batch", str(args.max_batch)]
                 if tp > 1:
                     cmd = [sys.executable, "-m", "fi_ffi", "launch", "--nproc", str(tp), "--", *cmd]
                 done = subprocess.run(cmd)
@@ -476,21 +497,23 @@ def main() -> None:
                     continue
                 table += json.loads(Path(out.name).read_text())
     print(f"{'variant':>11} {'layers':>6} {'tp':>3} {'all-reduce':>10} {'vocab':>6} {'ids':>9} {'host prep':>9} "
-          f"{'batch':>5} {'mode':>6} {'pdl':>4} {'tokens/s':>10} {'ms/step':>8} {'host us/step':>13} "
+          f"{'batch':>7} {'mode':>6} {'pdl':>4} {'tokens/s':>10} {'ms/step':>8} {'host us/step':>13} "
           f"{'GB/step':>8} {'roofline':>8}")  # fmt: skip
     for r in table:
         # bytes read per step (one rank's) over the step time, against the HBM bandwidth
         gb = r["bytes_per_step"] / 1e9
         roofline = r["bytes_per_step"] / (args.hbm_tbs * 1e12) / (r["step_ms"] / 1e3) if r["step_ms"] else 0.0
         r["roofline"] = roofline
+        batch = f"{r['batch']}/{r.get('max_batch', r['batch'])}"  # the step's rows / the engine's slots
         print(
             f"{r.get('variant', '-'):>11} {r['layers']:>6} {r['tp']:>3} {r['all-reduce']:>10} {r['vocab']:>6} "
             f"{r['ids']:>9} {r['host prep']:>9} "
-            f"{r['batch']:>5} {r['mode']:>6} {'yes' if r['pdl'] else '-':>4} {r['tokens_per_s']:>10.1f} "
+            f"{batch:>7} {r['mode']:>6} {'yes' if r['pdl'] else '-':>4} {r['tokens_per_s']:>10.1f} "
             f"{r['step_ms']:>8.3f} {r['host_us_per_step']:>13.1f} {gb:>8.2f} {100 * roofline:>7.0f}%"
         )
     # agree and ahead change no arithmetic: their greedy tokens must equal the fused rows' of the same shape
-    key = ("tp", "batch", "layers", "mode", "vocab", "all-reduce")  # pdl rows: the same kernels, the same sums
+    # pdl rows: the same kernels, the same sums
+    key = ("tp", "batch", "max_batch", "layers", "mode", "vocab", "all-reduce")
     for r in table:
         ref = [
             q

@@ -62,7 +62,7 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
 
     Args:
         model_dir: a Hugging Face checkpoint directory (``config.json`` + ``*.safetensors``).
-        max_batch: batch slots: requests decoded together (the CUDA graph's fixed batch).
+        max_batch: batch slots: requests decoded together (the largest decode CUDA graph's rows).
         page_size: tokens per KV-cache page.
         max_seq_len: the most tokens (prompt + generated) per request; default
             ``min(max_position_embeddings, 4096)``.
@@ -159,7 +159,10 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
             "max_prefill_tokens",
             max_prefill_tokens if max_prefill_tokens is not None else max(self.max_seq_len, self.max_batch),
         )
-        self.graph: Any = None
+        self.graph: Any = None  # the decode graph of max_batch rows (with cuda_graph), one of `graphs`
+        self.graphs: dict[int, Any] = {}  # the decode graphs by their rows (StepGraphs.decode_graph_batches)
+        self._graph_plan_infos: dict[int, Any] = {}
+        self._graphs_checked: set[int] = set()
         # the MoE layers' grouped-GEMM workspace: made by _load where the model has routed experts (close() frees it)
         self._ws_moe: Any = None
         self.prefill_graphs = True
@@ -341,8 +344,10 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
             return  # the peers are gone or going: no synchronization (queued collectives never finish), no teardown
         with self._cp.cuda.Device(self.device):
             self.stream.synchronize()
-            if self.graph is not None:
-                self.graph.close()
+            for graph in self.graphs.values():
+                graph.close()
+            self.graphs.clear()
+            self.graph = None
             for graph in self._prefill_graph_cache.values():
                 graph.close()
             self._prefill_graph_cache.clear()

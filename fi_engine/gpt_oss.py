@@ -41,10 +41,10 @@ between the expert GEMMs, the down bias weighted in the combine. The experts are
 The rule (``moe_path="auto"``, :func:`~fi_engine.moe.choose_path`): dense when a step's ``rows * k`` assignments
 reach the number of experts (gpt-oss-20b, 32 experts top-4: from 8 rows), routed below, where few experts are touched
 and reading only theirs wins; steps of more than ``max_batch`` rows (long prefills, compute-bound, where routing's
-``k / E`` of the FLOPs counts) are always routed. The decode graph, captured at ``max_batch`` rows, picks once at
-capture. Measured on an H100 (benchmarks/RESULTS.md: gpt-oss; ``benchmarks/bench_gpt_oss.py``, gpt-oss-20b-shaped,
-2 layers, graph): routed 998 / 2565 / 3879 / 11886 tokens/s at batch 1 / 4 / 8 / 32, dense 605 / 2289 / 4617 /
-16573: the crossover lies between 4 and 8 rows, where the rule puts it.
+``k / E`` of the FLOPs counts) are always routed. Each decode CUDA graph (one per batch size up to ``max_batch``)
+picks once, at its capture. Measured on an H100 (benchmarks/RESULTS.md: gpt-oss; ``benchmarks/bench_gpt_oss.py``,
+gpt-oss-20b-shaped, 2 layers, graph): routed 998 / 2565 / 3879 / 11886 tokens/s at batch 1 / 4 / 8 / 32, dense
+605 / 2289 / 4617 / 16573: the crossover lies between 4 and 8 rows, where the rule puts it.
 
 Tensor parallelism (``tensor_parallel=N``, :mod:`fi_engine.tensor_parallel`): each rank keeps its heads (q/k/v
 rows with their biases, its heads' sinks, its KV heads' cache), its columns of the O projection, the whole router
@@ -273,11 +273,11 @@ class GptOss(ModelFamily):
         g: GptOssSettings = c.family
         eng._ws_moe = kernels.workspace(eng.device)  # the grouped GEMMs' own
         max_tokens = max(eng.max_prefill_tokens, eng.max_batch)
-        # buffers for the paths this engine can take: the fixed-capacity routed path where the decode graph
-        # (max_batch rows) routes, the dense path where some step of up to max_batch rows goes dense
-        graph_path = eng.moe_path_for(eng.max_batch)
-        capacity = eng.max_batch if eng._static_moe and graph_path == "routed" else None
-        dense_rows = eng.max_batch if eng.moe_path == "dense" or graph_path == "dense" else None
+        # buffers for the paths this engine can take: the fixed-capacity routed path where a decode graph (one per
+        # batch size of the ladder) routes, the dense path where some step of up to max_batch rows goes dense
+        graph_paths = {eng.moe_path_for(b) for b in eng.decode_graph_batches} if eng._static_moe else set()
+        capacity = eng.max_batch if "routed" in graph_paths else None
+        dense_rows = eng.max_batch if eng.moe_path == "dense" or eng.moe_path_for(eng.max_batch) == "dense" else None
         eng._moe_scratch = MoEScratch(
             num_experts=e, hidden=h, intermediate=i_size // n, top_k=c.moe.top_k, max_tokens=max_tokens, dtype=dtype,
             capacity=capacity, dense_rows=dense_rows,
@@ -465,8 +465,8 @@ class GptOssEngine(Engine):
     Args:
         moe_path: how the MoE layers run a step of up to ``max_batch`` token rows (module docstring):
             ``"auto"`` (default) picks per step by :func:`~fi_engine.moe.choose_path` (dense over the experts
-            from ``num_experts / top_k`` rows, routed below; the decode CUDA graph, captured at ``max_batch`` rows,
-            picks once); ``"routed"`` or ``"dense"`` force one path. Steps of more rows (long prefills) are always
+            from ``num_experts / top_k`` rows, routed below; each decode CUDA graph picks once, at its
+            capture); ``"routed"`` or ``"dense"`` force one path. Steps of more rows (long prefills) are always
             routed.
     """
 

@@ -23,7 +23,8 @@ queued (:mod:`fi_engine.paging`), admitted into free batch
 slots and prefilled together (one ``batch_prefill_paged_plan``, one run per layer); then each decode step makes
 one ``batch_decode_plan`` and runs every layer with it, samples one token per request, copies the tokens to the
 host and lets finished requests leave (their pages are freed). With ``cuda_graph=True`` the decode step is
-captured once at a fixed batch of ``max_batch`` rows (empty slots padded) and every step re-plans
+captured at each batch size of :func:`~fi_engine.paging.decode_batches` (1, 2, 4, ..., ``max_batch`` rows) and every
+step replays the smallest holding its occupied slots (empty ones among them padded): it re-plans
 (``enable_cuda_graph=True``), copies the step's index arrays into the graph's buffers and replays it. A prefill
 pads its token rows up to a bucket (:func:`~fi_engine.paging.prefill_buckets`; the padding rows are one more
 request living on the padding page) and its requests up to a few slot counts with empty requests

@@ -31,6 +31,7 @@ owns ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``), ``kv_indices`` (page ids), 
 
 from __future__ import annotations
 
+import bisect
 import operator
 import time
 from collections import deque
@@ -51,6 +52,7 @@ __all__ = [
     "Request",
     "Scheduler",
     "bucket_for",
+    "decode_batches",
     "fill_decode",
     "fill_prefill",
     "pad_prefill",
@@ -276,12 +278,28 @@ def prefill_buckets(max_tokens: int) -> tuple[int, ...]:
     return tuple(ladder)
 
 
+def decode_batches(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes the decode step is captured at as CUDA graphs, ascending: the powers of two below
+    ``max_batch``, then ``max_batch`` itself (1, 2, 4, 8, 16, 32, 48 for 48). A step replays the smallest graph
+    holding every occupied slot (:meth:`Scheduler.graph_rows`), as vLLM and SGLang pad to their capture sizes:
+    with one graph of ``max_batch`` rows, a server's step at low load ran ``max_batch`` rows (a one-row step of an
+    8B model is the fused GEMV step, a 32-row one cuBLASLt's GEMMs and 32 rows of attention; a MoE step's padding
+    rows route to experts of their own). Doubling keeps the padding at most half the rows, where a decode step's
+    time barely depends on its rows, with one graph per octave to capture."""
+    max_batch = arg_int("max_batch", max_batch, 1, MAX_SIZE)
+    ladder = []
+    n = 1
+    while n < max_batch:
+        ladder.append(n)
+        n *= 2
+    ladder.append(max_batch)
+    return tuple(ladder)
+
+
 def bucket_for(rows: int, buckets: Sequence[int]) -> int:
     """The smallest bucket of ``buckets`` (ascending, from :func:`prefill_buckets`) holding ``rows`` token rows
     (``rows >= 1``). Raises ValueError when ``rows`` exceeds the largest bucket; TypeError/ValueError naming
     ``rows`` or ``buckets`` when one is no int or no non-empty ascending sequence of ints in ``[1, 2**31)``."""
-    import bisect
-
     if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)):
         raise TypeError(f"rows: expected an int, got {type(rows).__name__}")
     if rows < 1:
@@ -434,7 +452,7 @@ class Scheduler:
     Args:
         allocator: the KV cache's pages.
         page_size: tokens per page.
-        max_batch: batch slots (the CUDA graph's fixed batch).
+        max_batch: batch slots (the largest decode CUDA graph's rows).
         max_seq_len: the most tokens (prompt + generated) one request may reach.
         max_prefill_tokens: the most prompt tokens prefilled together (the engine's buffer rows).
         vocab_size: token ids must be below it.
@@ -611,8 +629,8 @@ class Scheduler:
     def decode_rows(self, padded: bool) -> list[Request | None]:
         """The next decode step's rows, after giving each active request the page its next token needs.
 
-        ``padded``: all ``max_batch`` slots (None for an empty one), the CUDA graph's fixed batch; otherwise
-        the active requests only, in slot order.
+        ``padded``: all ``max_batch`` slots (None for an empty one), which a decode CUDA graph's rows begin with
+        (:meth:`graph_rows`); otherwise the active requests only, in slot order.
         """
         for r in self.slots:
             if r is not None and r.cached == len(r.pages) * self.page_size:
@@ -640,8 +658,25 @@ class Scheduler:
         return rows
 
     def same_rows(self, rows: Sequence[Request | None]) -> bool:
-        """True when ``rows`` (from :meth:`peek_rows`) are the slots now: the same request (or None) in each."""
-        return len(rows) == len(self.slots) and all(a is b for a, b in zip(rows, self.slots, strict=True))
+        """True when ``rows`` (from :meth:`peek_rows`, possibly cut to :meth:`graph_rows` of them) are the slots
+        now: the same request (or None) in each of the first ``len(rows)`` slots, and no request in the others."""
+        n = len(rows)
+        return (
+            n <= len(self.slots)
+            and all(a is b for a, b in zip(rows, self.slots[:n], strict=True))
+            and all(r is None for r in self.slots[n:])
+        )
+
+    @staticmethod
+    def graph_rows(rows: Sequence[Request | None], batches: Sequence[int]) -> int:
+        """The rows of the smallest decode graph of ``batches`` (ascending, the last ``max_batch``:
+        :func:`decode_batches`) holding every request of the padded ``rows`` (slot order, None: an empty slot):
+        the graph's rows are the first slots, so a request in slot ``i`` needs ``i + 1`` of them."""
+        last = next((i for i in range(len(rows) - 1, -1, -1) if rows[i] is not None), 0)
+        i = bisect.bisect_left(batches, last + 1)
+        if i == len(batches):
+            raise ValueError(f"rows: a request in slot {last} exceeds the largest decode graph ({batches[-1]} rows)")
+        return batches[i]
 
     def record(self, rows: Sequence[Request | None], tokens: Sequence[int], *, prefill: bool = False) -> None:
         """Take the sampled token of each row (padding rows ignored); finish requests that are done.

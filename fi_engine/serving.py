@@ -651,18 +651,22 @@ class ServingLoop(EngineState):
             self._cp.cuda.runtime.memcpyAsync(token_ids, self._buf.ids.data.ptr, 4 * n, _D2D, self._s)
         else:
             rows = sched.decode_rows(padded=graph is not None)
+            if graph is not None:  # the first slots, as many as the smallest graph holding every request
+                rows = rows[: sched.graph_rows(rows, self.decode_graph_batches)]
             n = len(rows)
             self._upload_decode(n, fill_decode(rows, self.page_size, self._dh), cuda_graph=graph is not None)
         v = self._view("decode", n, n)
         draw_rows = rows if sched.sampled else None  # None: every row greedy (one counter read, no row scan)
         if graph is not None:
-            if not self._graph_checked:
+            graph = self.graphs[n]
+            if n not in self._graphs_checked:
                 # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
-                if self._decode_plan.info != self._graph_plan_info:
+                if self._decode_plan.info != self._graph_plan_infos[n]:
                     raise RuntimeError(
-                        "a CUDA-graph decode plan changed its schedule layout; the captured graph cannot replay it"
+                        f"a CUDA-graph decode plan of {n} rows changed its schedule layout; the captured graph "
+                        f"cannot replay it"
                     )
-                self._graph_checked = True
+                self._graphs_checked.add(n)
             graph.launch()  # its argmax is every greedy row's token
             sampled = draw_rows is not None and self._pick(v, n, draw_rows, argmax_done=True)
         else:
@@ -685,7 +689,9 @@ class ServingLoop(EngineState):
             self._staged.synchronize()  # this step's copies out of the staging buffers are done
             self._staged_wait_s = time.perf_counter() - t  # (a step launched ahead waits here for the one before)
             ahead = sched.peek_rows(depth)
-            self._upload_decode(n, fill_decode(ahead, self.page_size, self._dh, ahead=depth), cuda_graph=True)
+            ahead = ahead[: sched.graph_rows(ahead, self.decode_graph_batches)]
+            filled = fill_decode(ahead, self.page_size, self._dh, ahead=depth)
+            self._upload_decode(len(ahead), filled, cuda_graph=True)
             self._next_rows = ahead
         return _LaunchedStep(rows, ids, done)
 

@@ -140,8 +140,9 @@ class EngineState:
     _prepare_ahead: bool
     _decode_plan: Any
     _prefill_plan: Any
-    _graph_plan_info: Any
-    _graph_checked: bool
+    graphs: dict[int, Any]
+    _graph_plan_infos: dict[int, Any]
+    _graphs_checked: set[int]
     _prefill_graph_cache: dict[tuple[int, ...], Any]
     _prefill_buckets: tuple[int, ...]
     _fused_decode: bool
@@ -150,6 +151,10 @@ class EngineState:
 
         @property
         def prefill_buckets(self) -> tuple[int, ...]:
+            raise NotImplementedError
+
+        @property
+        def decode_graph_batches(self) -> tuple[int, ...]:
             raise NotImplementedError
 
         def generate(

@@ -1,5 +1,7 @@
-"""The engine's CUDA graphs: the decode step captured once at ``max_batch`` rows and replayed every step (the step's
-index arrays copied into the graph's buffers, the plan made again with ``enable_cuda_graph``), and a prefill padded
+"""The engine's CUDA graphs: the decode step captured at each batch size of a ladder up to ``max_batch`` rows
+(:func:`~fi_engine.paging.decode_batches`: 1, 2, 4, ..., ``max_batch``) and each step replayed as the smallest graph
+holding its occupied slots (the step's index arrays copied into the graph's buffers, the plan made again with
+``enable_cuda_graph`` for that batch), and a prefill padded
 up to a token-row bucket (:func:`~fi_engine.paging.prefill_buckets`) replayed as that bucket's graph, captured the
 first time the bucket and request slots (the batch size padded up: :func:`~fi_engine.paging.prefill_slots`) are
 met (at most :data:`_PREFILL_GRAPHS` kept, the least recently replayed evicted first). Capture and replay:
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from .paging import _ladder, bucket_for, fill_decode, prefill_slots
+from .paging import _ladder, bucket_for, decode_batches, fill_decode, prefill_slots
 from .state import EngineState
 from .storage import _H2D, _address
 
@@ -50,6 +52,17 @@ class StepGraphs(EngineState):
     leave 4 of every 9 launches; benchmarks/RESULTS.md). Not at 2-4 rows, where the fused GEMVs' per-row work makes
     them slower than cuBLASLt. Read when the graph is captured (at construction): set it on the class to compare."""
 
+    decode_graph_ladder = True
+    """Capture the decode step at every batch size of :func:`~fi_engine.paging.decode_batches` (each step replays the
+    smallest graph holding its occupied slots); False: one graph of ``max_batch`` rows, which every step replays
+    (before 2026-11-25). Read when the graphs are captured (at construction): set it on the class to compare."""
+
+    @property
+    def decode_graph_batches(self) -> tuple[int, ...]:
+        """The batch sizes (rows) of the decode graphs, ascending, the last ``max_batch``: those the engine captures
+        with ``cuda_graph=True`` (:attr:`decode_graph_ladder`)."""
+        return decode_batches(self.max_batch) if self.decode_graph_ladder else (self.max_batch,)
+
     def _decode_body(self, v: SimpleNamespace, rows: int) -> None:
         """One decode step on the device: forward, LM head, argmax into ``ids`` (what the graph captures); with
         :attr:`graph_fused_decode`, forward and LM head as the fused step where it applies (``_fuses``)."""
@@ -61,8 +74,8 @@ class StepGraphs(EngineState):
         self._argmax(rows)
 
     def _capture(self) -> None:
-        """Warm up one padded decode step eagerly (loads modules, compiles kernels, picks GEMM algorithms),
-        then capture the same step into a CUDA graph."""
+        """For each batch size of :attr:`decode_graph_batches`: warm up one padded decode step eagerly (loads
+        modules, compiles kernels, picks GEMM algorithms), then capture the same step into a CUDA graph."""
         # the captured step is GPU-bound: the GEMV serves only the shapes where the device runs it faster than
         # cuBLASLt (dense.gemv_bound); eagerly it serves every small-row GEMM, for its lower host time
         self.dense.bandwidth_bound = True
@@ -74,21 +87,21 @@ class StepGraphs(EngineState):
     def _capture_step(self) -> None:
         from .graph import CudaGraph
 
-        rows = self.max_batch
-        n_pages = fill_decode([None] * rows, self.page_size, self._dh)
-        self._upload_decode(rows, n_pages, cuda_graph=True)
-        v = self._view("decode", rows, rows)
-        self._decode_body(v, rows)
-        self.stream.synchronize()
-        graph = CudaGraph(self._s)
-        # Nothing in the step may allocate: memory handed out during capture would go back to CuPy's pool after
-        # it and be reused while every replay still writes to it. The step only uses buffers made in __init__;
-        # this allocator turns a regression into an error at capture instead of silent corruption.
-        with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
+        for rows in self.decode_graph_batches:
+            n_pages = fill_decode([None] * rows, self.page_size, self._dh)
+            self._upload_decode(rows, n_pages, cuda_graph=True)
+            v = self._view("decode", rows, rows)
             self._decode_body(v, rows)
-        self._graph_plan_info = self._decode_plan.info
-        self._graph_checked = False
-        self.graph = graph
+            self.stream.synchronize()
+            graph = self.graphs[rows] = CudaGraph(self._s)  # kept at once: close() frees it if the capture fails
+            # Nothing in the step may allocate: memory handed out during capture would go back to CuPy's pool after
+            # it and be reused while every replay still writes to it. The step only uses buffers made in __init__;
+            # this allocator turns a regression into an error at capture instead of silent corruption.
+            with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
+                self._decode_body(v, rows)
+            # the plan's schedule layout of this batch size, which every replay's plan must keep (checked once)
+            self._graph_plan_infos[rows] = self._decode_plan.info
+        self.graph = self.graphs[self.max_batch]
 
     def _upload_decode(self, rows: int, n_pages: int, cuda_graph: bool) -> None:
         """Copy the step's index arrays to the device and plan the step (``cuda_graph``: a fixed-batch plan for

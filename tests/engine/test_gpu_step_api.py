@@ -315,6 +315,33 @@ def test_pipelined_decode_draws_what_one_step_at_a_time_draws(engine):
     )
 
 
+def test_each_decode_step_replays_the_smallest_graph_holding_its_requests(engine):
+    """The decode graphs, one per batch size of ``decode_batches(4)`` = 1, 2, 4: three requests in slots 0-2 step
+    as the graph of 4 rows, then, as the request in the highest slot leaves, as the graphs of 2 and 1; every token is
+    the engine's own greedy choice (teacher forcing), so no graph reads another's rows or plan."""
+    if engine.graph is None:
+        pytest.skip("eager steps run their rows unpadded")
+    assert engine.decode_graph_batches == (1, 2, 4) and sorted(engine.graphs) == [1, 2, 4]
+    assert engine.graph is engine.graphs[4]
+    replays: list[int] = []
+    for n, g in engine.graphs.items():
+        g.launch = lambda n=n, launch=g.launch: (replays.append(n), launch())[1]
+    try:
+        ps = prompts((5, 9, 14), VOCAB, seed=17)
+        limits = [20, 12, 4]  # slots 0, 1, 2: the last slot empties first
+        rids = [engine.add_request(p, m, eos_token_ids=()) for p, m in zip(ps, limits, strict=True)]
+        seen = drain(engine)
+    finally:
+        for g in engine.graphs.values():
+            del g.launch  # the class's method again
+    # a prefill gives each request its first token; each decode step one more
+    assert replays == [4] * 3 + [2] * 8 + [1] * 8
+    for p, r, m in zip(ps, rids, limits, strict=True):
+        out = tokens_of(seen[r])
+        assert len(out) == m
+        check_own_greedy(engine, p, out)
+
+
 # ------------------------------------------------------------------------------------------------------------ (d)
 
 

@@ -7,6 +7,7 @@ check use), so a table the kernels would misread fails here.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from fi_engine.paging import (
     OutOfPagesError,
     PageAllocator,
     Scheduler,
+    decode_batches,
     decode_layout,
     fill_decode,
     fill_prefill,
@@ -284,12 +286,17 @@ def test_requests_finish_at_different_steps_and_free_their_pages(padded):
     assert steps >= 39
 
 
+@pytest.mark.parametrize("ladder", [False, True])
 @pytest.mark.parametrize("eos_at", [None, 9])
-def test_the_step_prepared_ahead_equals_the_step_made_after_recording(eos_at):
+def test_the_step_prepared_ahead_equals_the_step_made_after_recording(eos_at, ladder):
     """The engine's graph loop prepares step n + 1 while step n runs (peek_rows, fill_decode(ahead=1)) and uses it
     when the slots are unchanged after recording step n, with step n's tokens as its input ids: its tables must
-    equal the ones decode_rows + fill_decode make then, and no page may leak."""
+    equal the ones decode_rows + fill_decode make then, and no page may leak. ``ladder``: both cut to the rows of
+    the smallest decode graph holding their requests, as the engine's serving loop cuts them (one graph per batch
+    size of decode_batches)."""
     s = make(num_pages=1 + 12, max_batch=3, eos=(500,))
+    batches = decode_batches(s.max_batch) if ladder else (s.max_batch,)
+    cut = []  # the graph rows of each step
     prompts = [[1] * 3, [2] * 16, [3] * 30, [4] * 7, [5] * 1]
     limits = [40, 5, 20, 33, 2]
     reqs = [s.submit(p, m) for p, m in zip(prompts, limits, strict=True)]
@@ -310,6 +317,8 @@ def test_the_step_prepared_ahead_equals_the_step_made_after_recording(eos_at):
             continue
         valid = peeked is not None and s.same_rows(peeked)
         rows = s.decode_rows(padded=True)  # allocates nothing after a valid peek: the pages came with it
+        rows = rows[: s.graph_rows(rows, batches)]
+        cut.append(len(rows))
         n_pages = fill_decode(rows, PS, now)
         if valid:
             used += 1
@@ -326,12 +335,54 @@ def test_the_step_prepared_ahead_equals_the_step_made_after_recording(eos_at):
             assert ahead["kv_indices"][:n_pages].tolist() == now["kv_indices"][:n_pages].tolist()
         tokens = [0 if r is None else token_of(r) for r in rows]
         peeked = s.peek_rows()
+        peeked = peeked[: s.graph_rows(peeked, batches)]
         fill_decode(peeked, PS, ahead, ahead=1)
         s.record(rows, tokens)
         steps += 1
     assert [len(r.output) for r in reqs] == [40, 5, 20, 10 if eos_at else 33, 2]
     assert s.allocator.num_free == s.allocator.capacity  # every page came back, the ones given ahead too
-    assert used >= steps - 8  # only steps after an admission or an eos fall back
+    # only steps after an admission or an eos fall back (the ladder changes graphs as requests come and go, and the
+    # prepared steps still serve: a request leaving at its token limit was foreseen by peek_rows)
+    assert used >= steps - 8
+    assert {1, 3} <= set(cut) if ladder else set(cut) == {3}
+
+
+def test_decode_batches_double_up_to_max_batch():
+    assert decode_batches(1) == (1,)
+    assert decode_batches(2) == (1, 2)
+    assert decode_batches(32) == (1, 2, 4, 8, 16, 32)
+    assert decode_batches(48) == (1, 2, 4, 8, 16, 32, 48)
+    for m in range(1, 300):
+        ladder = decode_batches(m)
+        assert ladder[-1] == m and list(ladder) == sorted(set(ladder))
+        assert all(b <= 2 * a for a, b in itertools.pairwise(ladder))  # at most half a graph is padding
+    with pytest.raises(ValueError, match="max_batch"):
+        decode_batches(0)
+
+
+def test_graph_rows_hold_the_last_occupied_slot():
+    r = object()
+    batches = (1, 2, 4, 8)
+    assert Scheduler.graph_rows([r] + [None] * 7, batches) == 1
+    assert Scheduler.graph_rows([None] * 8, batches) == 1  # nothing occupied: the smallest graph
+    assert Scheduler.graph_rows([None, r] + [None] * 6, batches) == 2
+    assert Scheduler.graph_rows([r, None, r] + [None] * 5, batches) == 4  # slot 2 needs 3 rows: the graph of 4
+    assert Scheduler.graph_rows([None] * 4 + [r] + [None] * 3, batches) == 8
+    assert Scheduler.graph_rows([None] * 7 + [r], batches) == 8
+    with pytest.raises(ValueError, match="exceeds the largest decode graph"):
+        Scheduler.graph_rows([None] * 8 + [r], batches)
+
+
+def test_same_rows_of_a_cut_step_need_the_other_slots_empty():
+    s = make(num_pages=1 + 12, max_batch=4)
+    a, b = (s.submit([1] * 3, 10) for _ in range(2))
+    s.admit()
+    assert s.slots == [a, b, None, None]
+    assert s.same_rows([a, b]) and s.same_rows([a, b, None]) and s.same_rows([a, b, None, None])
+    assert not s.same_rows([a]) and not s.same_rows([b, a]) and not s.same_rows([a, b, None, None, None])
+    c = s.submit([1] * 3, 10)
+    s.admit()
+    assert s.slots[2] is c and not s.same_rows([a, b])  # a request admitted past the cut rows
 
 
 def test_a_request_that_fits_only_alone_waits_for_the_others():

@@ -1478,6 +1478,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
+    "paging.decode_batches": lambda: [("decode_batches", Entry(paging.decode_batches, lambda: dict(max_batch=48)))],
     "paging.prefill_slots": lambda: [
         ("prefill_slots", Entry(paging.prefill_slots, lambda: dict(batch=3, max_batch=64)))
     ],
