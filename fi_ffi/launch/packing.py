@@ -63,7 +63,8 @@ def prepare(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Prepared
 
     ``function`` is one of the ops fi_ffi packs: the RMSNorm family (``rmsnorm``, ``qk_rmsnorm``,
     ``gemma_rmsnorm``, ``fused_add_rmsnorm``, ``gemma_fused_add_rmsnorm``), in-place RoPE with position ids
-    (``apply_rope_pos_ids_inplace``, ``apply_llama31_rope_pos_ids_inplace``) and ``append_paged_kv_cache``;
+    (``apply_rope_pos_ids_inplace``, ``apply_llama31_rope_pos_ids_inplace``), ``append_paged_kv_cache`` and the
+    gated activations (``silu_and_mul``, ``gelu_and_mul``, ``gelu_tanh_and_mul``);
     ``args``/``kwargs`` exactly what it takes, checked as it checks them (the same errors, naming the argument).
     Calling the result launches the kernel again with the same arguments (same buffers, scalars, stream) and costs
     about one FFI call: the per-step path of a runtime whose buffers do not move::

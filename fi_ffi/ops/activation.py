@@ -13,13 +13,16 @@ no strides) with the same dtype, device and leading dimensions; at least one row
 (16-byte vector loads of both halves; flashinfer-python asks only ``2 d`` to be, which misaligns ``y``);
 16-byte aligned data pointers; ``out`` shares no memory with ``input``.
 
-All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`) and never synchronize.
+All calls are asynchronous on ``stream`` (see :mod:`fi_ffi.tensor.streams`) and never synchronize. Each op can be
+checked and packed once by :func:`fi_ffi.prepare` (a runtime's per-layer MLP activation over buffers that do not
+move: about one FFI call per launch).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..abi.wire import BOOL, Declaration, declare, tensor
 from ..dtypes import bfloat16, float16
@@ -87,7 +90,15 @@ def _need_out(out: None) -> NoReturn:
     )
 
 
-@op(launch=_silu_and_mul, flashinfer="flashinfer.activation.silu_and_mul")
+def _gated(launch: Callable[..., Any], input: Any, out: Any, enable_pdl: Any, stream: Any) -> Any:
+    """A gated activation's arguments as its launch takes them, ``(out, input, enable_pdl)``: the op's call and its
+    packed form (``fi_ffi.prepare``, which calls this alone: hence the ``out`` check here too) alike."""
+    if out is None:
+        _need_out(out)
+    return launch(out, input, False if enable_pdl is None else enable_pdl, stream=stream)
+
+
+@op(launch=_silu_and_mul, packable=_gated, flashinfer="flashinfer.activation.silu_and_mul")
 def silu_and_mul(
     input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
 ) -> TensorT:
@@ -109,11 +120,11 @@ def silu_and_mul(
     """
     if out is None:
         _need_out(out)
-    _silu_and_mul(out, input, False if enable_pdl is None else enable_pdl, stream=stream)
+    _gated(_silu_and_mul, input, out, enable_pdl, stream)
     return out
 
 
-@op(launch=_gelu_and_mul, flashinfer="flashinfer.activation.gelu_and_mul")
+@op(launch=_gelu_and_mul, packable=_gated, flashinfer="flashinfer.activation.gelu_and_mul")
 def gelu_and_mul(
     input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
 ) -> TensorT:
@@ -126,11 +137,11 @@ def gelu_and_mul(
     """
     if out is None:
         _need_out(out)
-    _gelu_and_mul(out, input, False if enable_pdl is None else enable_pdl, stream=stream)
+    _gated(_gelu_and_mul, input, out, enable_pdl, stream)
     return out
 
 
-@op(launch=_gelu_tanh_and_mul, flashinfer="flashinfer.activation.gelu_tanh_and_mul")
+@op(launch=_gelu_tanh_and_mul, packable=_gated, flashinfer="flashinfer.activation.gelu_tanh_and_mul")
 def gelu_tanh_and_mul(
     input: TensorLike, out: TensorT | None = None, enable_pdl: bool | None = None, *, stream: StreamLike = None
 ) -> TensorT:
@@ -144,5 +155,5 @@ def gelu_tanh_and_mul(
     """
     if out is None:
         _need_out(out)
-    _gelu_tanh_and_mul(out, input, False if enable_pdl is None else enable_pdl, stream=stream)
+    _gated(_gelu_tanh_and_mul, input, out, enable_pdl, stream)
     return out

@@ -1,4 +1,5 @@
-"""``fi_ffi.prepare`` of the KV append and the in-place RoPE ops, proven on the CPU against the op calls.
+"""``fi_ffi.prepare`` of the KV append, the in-place RoPE ops and the gated activations, proven on the CPU against
+the op calls.
 
 The launchers' entry points are bound to a probe (tests/helpers/frame_probe.py: a TVM-FFI Function called through
 the real libtvm_ffi) that records every slot of the frame it is handed, each ``DLTensor`` a slot points at, the
@@ -23,7 +24,7 @@ from helpers.frame_probe import FrameProbe
 
 import fi_ffi
 from fi_ffi.launch import packing
-from fi_ffi.ops import norm, page, rope
+from fi_ffi.ops import activation, norm, page, rope
 
 pytestmark = pytest.mark.usefixtures("kernel_modules")
 
@@ -36,6 +37,9 @@ LAUNCHES = (
     norm._gemma_rmsnorm,
     norm._fused_add_rmsnorm,
     norm._gemma_fused_add_rmsnorm,
+    activation._silu_and_mul,
+    activation._gelu_and_mul,
+    activation._gelu_tanh_and_mul,
 )
 
 
@@ -158,6 +162,22 @@ def test_a_prepared_norm_hands_over_the_op_calls_frame(probe, op) -> None:
     _same_frame(probe, op, (*args, 1e-5), {**outputs, "stream": 99})  # eps positional, as flashinfer's
 
 
+@pytest.mark.parametrize("op", [fi_ffi.silu_and_mul, fi_ffi.gelu_and_mul, fi_ffi.gelu_tanh_and_mul])
+def test_a_prepared_gated_activation_hands_over_the_op_calls_frame(probe, op) -> None:
+    for shape, dtype in (((3, 2 * 512), "float16"), ((2, 5, 2 * 128), "bfloat16")):
+        x, out = fake_cuda(shape, dtype), fake_cuda((*shape[:-1], shape[-1] // 2), dtype)
+        _same_frame(probe, op, (x, out), {})
+        _same_frame(probe, op, (x,), {"out": out, "enable_pdl": True, "stream": 99})
+    # the op's own refusals, named as it names them
+    x = fake_cuda((3, 2 * 512))
+    for args, kwargs, name in (((x,), {}, "out"), ((x, fake_cuda((3, 512), "bfloat16")), {}, "out"),
+                               ((x, fake_cuda((3, 511))), {}, "out"), ((x, fake_cuda((3, 512))), {"enable_pdl": "yes"},
+                                                                       "enable_pdl")):  # fmt: skip
+        want = _error(lambda a=args, k=kwargs: op(*a, **k))
+        assert want[1].startswith(f"{name}: "), want
+        assert _error(lambda a=args, k=kwargs: fi_ffi.prepare(op, *a, **k)) == want
+
+
 def _error(call) -> tuple[type, str]:
     with pytest.raises((TypeError, ValueError)) as info:
         call()
@@ -230,7 +250,8 @@ def test_prepare_refuses_what_it_cannot_pack_naming_it(probe) -> None:
     with pytest.raises(TypeError, match="apply_rope_pos_ids_inplace: got an unexpected keyword argument 'q_rope'"):
         fi_ffi.prepare(fi_ffi.apply_rope_pos_ids_inplace, q, k, pos, q_rope=q)
     with pytest.raises(
-        TypeError, match=r"function: expected one of the ops fi_ffi.prepare packs \(.*append_paged_kv_cache.*rmsnorm\)"
+        TypeError,
+        match=r"function: expected one of the ops fi_ffi.prepare packs \(.*append_paged_kv_cache.*silu_and_mul\)",
     ):
         fi_ffi.prepare(fi_ffi.apply_rope_with_cos_sin_cache_inplace, q, k, pos)
     # an empty append: the op checks everything and launches nothing; a prepared call would launch an empty grid

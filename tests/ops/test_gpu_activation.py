@@ -67,3 +67,22 @@ def test_cupy_arrays() -> None:
     got = torch.from_numpy(cp.asnumpy(out)).float()
     want = reference("gelu_tanh_and_mul", torch.from_numpy(cp.asnumpy(inp)))
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_a_prepared_call_equals_the_op_call(name: str) -> None:
+    """``fi_ffi.prepare`` of each gated activation launches the op's kernel on the op's arguments: the same bits,
+    on fresh inputs written into the same buffers between calls (the packed call reads the buffers, not values)."""
+    op = getattr(fi_ffi, name)
+    inp = torch.empty(6, 2 * 1024, dtype=torch.bfloat16, device="cuda")
+    want = torch.empty(6, 1024, dtype=torch.bfloat16, device="cuda")
+    got = torch.full_like(want, 7.0)  # poisoned: every element must be written
+    prepared = fi_ffi.prepare(op, inp, got)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        inp.copy_(torch.randn_like(inp, dtype=torch.float32) * 3)
+        op(inp, out=want)
+        prepared()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want), name
+        assert torch.allclose(got.float(), reference(name, inp), atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
