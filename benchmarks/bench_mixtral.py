@@ -1,8 +1,12 @@
 """Decode throughput of fi_ffi's engine on a random Mixtral-shaped checkpoint (hidden 4096, intermediate 14336,
 8 experts, top-2, 32/8 heads, head_dim 128; ``--layers`` of them, 4 by default so that it fits one GPU: the full
-32 layers are 90 GB), float16, eager (MoE layers route on the host) and CUDA graph (their fixed-capacity device
-path), at batch 1 and 32: decode tokens/s, host us/step, for the graph the GPU time of one replayed step, and the
-bytes a step is expected to read (``bytes_per_step``) over the step time against 3.35 TB/s (the roofline).
+32 layers are 90 GB), float16, eager and CUDA graph, at batch 1 and 32 (``--batch``), each ``moe_path`` of
+``--moe-paths`` (``auto``: the engine's choice per step; ``routed``: on the device, the grouped GEMV or the
+fixed-capacity grouped GEMM; ``dense``: every expert through one GEMM and one batched GEMM): decode tokens/s, host
+us/step, for the graph the GPU time of one replayed step, and the bytes a step is expected to read
+(``bytes_per_step``) over the step time against 3.35 TB/s (the roofline). ``--max-batch N`` runs every batch in an
+engine of ``N`` slots, as a server holds them (the decode graphs: one per batch size up to ``N``, or with
+``--one-graph`` a single one of ``N`` rows, as before 2026-11-25).
 
 Needs a GPU, CuPy, cuBLAS and the model-family kernel wheel (``gemm_sm90``). No peer: this measures the engine
 only. ``--json PATH`` writes the rows.
@@ -21,7 +25,10 @@ import numpy as np
 
 
 def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
-    """A random float16 Mixtral checkpoint (config.json + one .safetensors per layer), written with numpy."""
+    """A random float16 Mixtral checkpoint (config.json + one .safetensors per layer), written with numpy. The
+    experts' matrices are one random block per shape, shared by every expert of every layer (drawing 2.8 GB of
+    normal floats per layer took most of a GPU run's minute and a half); the router and attention weights are drawn
+    per layer, so the routing is as random as before, and each expert is still uploaded, and read, on its own."""
     from fi_engine.checkpoint import write_safetensors
 
     h, i, e, hq, hk, d = 4096, 14336, 8, 32, 8, 128
@@ -55,6 +62,7 @@ def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
             "model.norm.weight": np.ones(h, np.float16),
         },
     )
+    expert = {"w1": w(i, h), "w3": w(i, h), "w2": w(h, i)}
     for n in range(layers):
         p = f"model.layers.{n}."
         tensors = {
@@ -68,7 +76,7 @@ def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
         }
         for x in range(e):
             q = f"{p}block_sparse_moe.experts.{x}."
-            tensors.update({q + "w1.weight": w(i, h), q + "w3.weight": w(i, h), q + "w2.weight": w(h, i)})
+            tensors.update({f"{q}{name}.weight": block for name, block in expert.items()})
         write_safetensors(folder / f"model-{n:03d}.safetensors", tensors)
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
@@ -104,6 +112,21 @@ def main() -> int:
         help="MoELayer.gemv_tokens settings to compare (0: every step through the grouped GEMM); default 8",
     )
     ap.add_argument("--modes", default="eager,graph")
+    ap.add_argument(
+        "--moe-paths",
+        default="auto",
+        help="LlamaEngine moe_path values to compare (auto, routed, dense; comma-separated); default auto",
+    )
+    ap.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        help="the engine's max_batch (a server's slots) for every batch; 0 (default): max_batch = the batch",
+    )
+    ap.add_argument("--one-graph", action="store_true", help="one decode graph of max_batch rows (before 2026-11-25)")
+    ap.add_argument(
+        "--checkpoint", default="", help="keep the random checkpoint in this folder, or reuse the one written there"
+    )
     a = ap.parse_args()
 
     import cupy as cp
@@ -114,29 +137,44 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        model = make_checkpoint(Path(tmp), a.layers, a.vocab)
-        print(
-            f"random Mixtral-shaped checkpoint ({a.layers} layers) in {time.perf_counter() - t:.0f} s", file=sys.stderr
-        )
+        folder = Path(a.checkpoint or tmp)
+        if (folder / "config.json").is_file():
+            model = folder  # written by an earlier run (--checkpoint)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            model = make_checkpoint(folder, a.layers, a.vocab)
+            print(
+                f"random Mixtral-shaped checkpoint ({a.layers} layers) in {time.perf_counter() - t:.0f} s",
+                file=sys.stderr,
+            )
         rng = np.random.default_rng(1)
-        for batch, gemv_tokens, graph in [
-            (b, g, m == "graph") for b in a.batch for g in a.gemv_tokens for m in a.modes.split(",")
+        LlamaEngine.decode_graph_ladder = not a.one_graph
+        for batch, gemv_tokens, path, graph in [
+            (b, g, p, m == "graph")
+            for b in a.batch
+            for g in a.gemv_tokens
+            for p in a.moe_paths.split(",")
+            for m in a.modes.split(",")
         ]:
             MoELayer.gemv_tokens = gemv_tokens
             prompts = [rng.integers(3, a.vocab, size=32).tolist() for _ in range(batch)]
-            with LlamaEngine(model, max_batch=batch, cuda_graph=graph, max_seq_len=256) as engine:
+            max_batch = max(batch, a.max_batch)
+            with LlamaEngine(model, max_batch=max_batch, cuda_graph=graph, max_seq_len=256, moe_path=path) as engine:
+                chosen = engine.moe_path_for(batch)
                 engine.generate(prompts, 8, eos_token_ids=())  # warm-up
                 r = engine.generate(prompts, a.new_tokens, eos_token_ids=())
-                row = {"batch": batch, "mode": "graph" if graph else "eager", "tokens_per_s": r.tokens_per_s,
-                       "host_us_per_step": r.host_us_per_step, "gemv_tokens": gemv_tokens,
+                row = {"batch": batch, "max_batch": max_batch, "mode": "graph" if graph else "eager",
+                       "tokens_per_s": r.tokens_per_s, "host_us_per_step": r.host_us_per_step,
+                       "gemv_tokens": gemv_tokens, "moe_path": f"{path}:{chosen}",
                        "ms_per_step": r.decode_s / max(1, r.decode_steps) * 1e3}  # fmt: skip
-                if graph:
+                if graph:  # the graph this batch replays (the smallest of the ladder holding it)
+                    replayed = engine.graphs[min(b for b in engine.graphs if b >= batch)]
                     with cp.cuda.Device(engine.device), engine.stream:
                         e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-                        engine.graph.launch()
+                        replayed.launch()
                         e0.record(engine.stream)
                         for _ in range(20):
-                            engine.graph.launch()
+                            replayed.launch()
                         e1.record(engine.stream)
                         e1.synchronize()
                         row["gpu_us_per_step"] = cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 20
@@ -145,7 +183,8 @@ def main() -> int:
             rows.append(row)
             extra = f", GPU {row['gpu_us_per_step']:.0f} us/step" if "gpu_us_per_step" in row else ""
             print(
-                f"batch {batch:3d} {row['mode']:5s} gemv<={gemv_tokens}: {row['tokens_per_s']:8.0f} tokens/s, "
+                f"batch {batch:3d}/{max_batch} {row['mode']:5s} gemv<={gemv_tokens} moe_path {row['moe_path']}: "
+                f"{row['tokens_per_s']:8.0f} tokens/s, "
                 f"{row['ms_per_step']:.3f} ms/step, host {row['host_us_per_step']:.0f} us/step{extra}; "
                 f"{row['bytes_per_step'] / 1e9:.2f} GB/step expected, {100 * row['roofline']:.0f} % of the roofline"
             )

@@ -50,7 +50,8 @@ each:
   the rest refused); :mod:`~fi_engine.fp8_weights`: e4m3 codes and a projection's e4m3 weight and scales read
   from a checkpoint (host side); :mod:`~fi_engine.fp8_linear`: those weights in ``Dense``'s GEMMs (the W8A16 GEMV,
   dequantization for many rows).
-- :mod:`~fi_engine.moe_gemv`: the MoE decode step's grouped GEMV (CUDA C and its launcher).
+- :mod:`~fi_engine.moe_gemv`: the MoE decode step's grouped GEMV (CUDA C and its launcher);
+  :mod:`~fi_engine.moe_paths`: which path (routed or dense over the experts) an engine's MoE layers take per step.
 - :mod:`~fi_engine.stepping`: the step-by-step serving interface (``StepEngine``, ``StepOutput``) between an
   engine and the streaming service / HTTP server that drive it.
 - Serving many callers (docs/engine-text.md): :mod:`~fi_engine.service` (``GenerationService``: one engine

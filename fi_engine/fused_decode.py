@@ -1,7 +1,9 @@
-"""The fused eager decode step of the Llama pass: a step of at most 4 rows on one GPU without MoE layers runs its
-RMSNorms, residual adds and SiLU inside the engine's GEMV launches, and RoPE with the KV append as the QKV GEMV's
-epilogue where it serves the head dim (5 launches per layer instead of 10), every launch but the attention run
-packed once per step view; the same logits as the separate launches (tests/engine/test_gpu_fused_decode.py).
+"""The fused eager decode step of the Llama pass: a step of at most 4 rows on one GPU runs its RMSNorms, residual
+adds and SiLU inside the engine's GEMV launches, and RoPE with the KV append as the QKV GEMV's epilogue where it
+serves the head dim (5 launches per layer instead of 10), every launch but the attention run packed once per step
+view; the same logits as the separate launches (tests/engine/test_gpu_fused_decode.py). MoE layers (Mixtral,
+Qwen3-MoE) keep their residual add and norm as one packed kernel and issue their step's packed launches (the
+grouped GEMV's, or the dense path's) in place of the MLP's two GEMVs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from . import kernels
+from .moe_paths import MoEPaths
 from .state import EngineState
 
 if TYPE_CHECKING:
@@ -48,19 +51,29 @@ class FusedDecode(EngineState):
     def _fuses(self, rows: int) -> bool:
         """Whether an eager decode step of ``rows`` rows runs as :meth:`_fused_step`: ``fused_decode`` on, the family
         runs the engine's Llama pass (``ModelFamily.llama_pass``), one GPU (no all-reduce, no vocabulary
-        shard), no MoE layer, FP8 weights only where their fused kernels compiled (Dense.fuses_fp8), and the engine's
-        GEMV serving the rows (at most 4; see Dense.fused_fits)."""
+        shard), FP8 weights only where their fused kernels compiled (Dense.fuses_fp8), the engine's GEMV serving the
+        rows (at most 4; see Dense.fused_fits), and MoE layers only where their step's launches pack
+        (``MoELayer.packs_step``: the grouped GEMV, or the dense path)."""
         c = self.config
         return (
             self.fused_decode
             and type(self).definition.llama_pass
             and self._allreduce is None
             and self.vocab_shard is None
-            and not self._moe
             and self.dense.fuses_fp8
             and self.dense.fused_fits(rows, c.hidden_size)
-            and self.dense.fused_fits(rows, c.intermediate_size)
+            and (
+                self._moe[0].packs_step(rows, self._dense_moe(rows))  # every MoE layer alike: its first says
+                if self._moe
+                else self.dense.fused_fits(rows, c.intermediate_size)
+            )
         )
+
+    def _dense_moe(self, rows: int) -> bool:
+        """Whether the MoE layers run a step of ``rows`` rows dense over the experts: the engine's ``moe_path``
+        (:class:`~fi_engine.moe_paths.MoEPaths`); never for engines without it (DeepSeek's: the dense path does not
+        make its routing)."""
+        return isinstance(self, MoEPaths) and self.moe_path_for(rows) == "dense"
 
     def _fused_step(self, v: SimpleNamespace, rows: int) -> None:
         """:meth:`_forward` and :meth:`_head` of a decode step in 5 launches per layer instead of 10: the RMSNorms
@@ -170,6 +183,18 @@ class FusedDecode(EngineState):
             scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
             after = [] if scale is None else [scale]
             after.append(dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab))
+            if self._moe:
+                # h += o's output and post_attention_layernorm into x, in place on the residual (one kernel: the
+                # experts' GEMVs read the normalized rows whole), then the MoE step's launches packed by the layer,
+                # its output into x (the next GEMV's prologue adds it)
+                resid = v.h if cur == b.h.data.ptr else kernels.descriptor(cur, (rows, h), self.dtype, self.device)
+                after.append(kernels.prepared_fused_add_rmsnorm(v.x, resid, self._ln2[i], eps, s))
+                moe = self._moe[i].prepared_step(self._normed, b.x, rows, self._dense_moe(rows))
+                if moe is None:
+                    raise AssertionError(f"layer {i}: its MoE step of {rows} rows has no packed launches")
+                after.extend(moe)
+                layers.append((before, after))
+                continue
             # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
             ln = self._ln2[i].data_ptr
             after.append(

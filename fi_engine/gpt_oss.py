@@ -75,13 +75,11 @@ from .config import LlamaConfig
 from .engine import Engine
 from .family import ModelFamily
 from .family_configs import MXFP4_HELP, GptOssSettings
-from .moe import choose_path
+from .moe_paths import MoEPaths
 from .values import arg_array, arg_int
 from .weights import WeightLoader
 
 __all__ = ["GptOss", "GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache", "shard_experts"]
-
-MOE_PATHS = ("auto", "routed", "dense")
 
 # rows of the cos/sin table: p * f is a float32 product (exact positions up to 2**24, as transformers computes it)
 MAX_ROPE_POSITIONS = 1 << 24
@@ -458,34 +456,16 @@ class GptOss(ModelFamily):
             ws.close()
 
 
-class GptOssEngine(Engine):
+class GptOssEngine(MoEPaths, Engine):
     """A bfloat16 gpt-oss checkpoint on one GPU or ``tensor_parallel`` GPUs; arguments and serving API as
     :class:`~fi_engine.llama.LlamaEngine`, plus:
 
     Args:
-        moe_path: how the MoE layers run a step of up to ``max_batch`` token rows (module docstring):
-            ``"auto"`` (default) picks per step by :func:`~fi_engine.moe.choose_path` (dense over the experts
-            from ``num_experts / top_k`` rows, routed below; each decode CUDA graph picks once, at its
-            capture); ``"routed"`` or ``"dense"`` force one path. Steps of more rows (long prefills) are always
-            routed.
+        moe_path: how the MoE layers run a step of up to ``max_batch`` token rows (module docstring;
+            :class:`~fi_engine.moe_paths.MoEPaths`): ``"auto"`` (default) picks per step by
+            :func:`~fi_engine.moe.choose_path` (dense over the experts from ``num_experts / top_k`` rows, routed
+            below; each decode CUDA graph picks once, at its capture); ``"routed"`` or ``"dense"`` force one path.
+            Steps of more rows (long prefills) are always routed.
     """
 
     definition = GptOss
-
-    def __init__(self, model_dir: Any, *, moe_path: str = "auto", **kwargs: Any) -> None:
-        if not isinstance(moe_path, str) or moe_path not in MOE_PATHS:
-            raise ValueError(f"moe_path: expected one of {', '.join(map(repr, MOE_PATHS))}, got {moe_path!r:.60}")
-        self.moe_path = moe_path
-        super().__init__(model_dir, **kwargs)
-
-    def moe_path_for(self, rows: int) -> str:
-        """``"routed"`` or ``"dense"``: the path the MoE layers take for a step of ``rows`` token rows (the decode
-        graph's: ``moe_path_for(max_batch)``)."""
-        rows = arg_int("rows", rows, 1, MAX_ROPE_POSITIONS)
-        if rows > self.max_batch:  # long prefills: the dense path's buffers hold max_batch rows
-            return "routed"
-        if self.moe_path != "auto":
-            return self.moe_path
-        c = self.model_config
-        assert c.moe is not None
-        return choose_path(rows, c.moe.num_experts, c.moe.top_k)

@@ -47,6 +47,8 @@ from .checkpoint import Checkpoint
 from .config import FAMILY_ENGINES, LlamaConfig
 from .engine import Engine
 from .family import ModelFamily
+from .moe import MoELayer
+from .moe_paths import MoEPaths
 from .sampling_params import SamplingParams
 from .serving import GenerationResult
 from .step_graphs import _PREFILL_GRAPHS, _refuse_allocation  # noqa: F401 - their old home (benchmarks import it)
@@ -76,6 +78,8 @@ class Llama(ModelFamily):
                 f"tensor_parallel: {eng.tensor_parallel}; FP8 weights run on one GPU here (a shard would cut the "
                 f"scale blocks); leave tensor_parallel at 1 or serve a bfloat16 copy"
             )
+        if isinstance(eng, MoEPaths):
+            eng.check_moe_path(cfg)
         if cfg.family is not None:
             name = FAMILY_ENGINES[cfg.model_type]
             raise ValueError(
@@ -305,7 +309,9 @@ class Llama(ModelFamily):
                 fp8.scale_output(v, rows)
             dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
             eng._add_norm(v, eng._ln2[i])
-            if eng._moe and (static_moe or rows <= eng.max_batch):  # device routing, fixed capacity: capturable
+            if eng._moe and eng._dense_moe(rows):  # every expert, no host step: capturable
+                eng._moe[i].forward_dense(eng._normed, b.x, rows)
+            elif eng._moe and (static_moe or rows <= eng.max_batch):  # device routing, fixed capacity: capturable
                 eng._moe[i].forward_static(eng._normed, b.x, rows)
             elif eng._moe:  # routes on the host: synchronizes the stream (not capturable)
                 eng._moe[i].forward(eng._normed, b.x, rows)
@@ -316,17 +322,30 @@ class Llama(ModelFamily):
             eng._add_norm(v, eng._ln1[i + 1] if i < last else eng._norm)
 
 
-class LlamaEngine(Engine):
+class LlamaEngine(MoEPaths, Engine):
     """A Llama-family checkpoint (:class:`Llama`) on one GPU or ``tensor_parallel`` GPUs; the arguments and serving
-    API are :class:`~fi_engine.engine.Engine`'s."""
+    API are :class:`~fi_engine.engine.Engine`'s, and ``moe_path`` for MoE models (Mixtral, Qwen3-MoE).
+
+    Args:
+        moe_path: how the MoE layers run a step of up to ``max_batch`` token rows
+            (:class:`~fi_engine.moe_paths.MoEPaths`): ``"auto"`` (default): the grouped GEMV (routed on the device,
+            each chosen expert's weights read once) for steps of at most :attr:`~fi_engine.moe.MoELayer.gemv_tokens`
+            rows whose assignments number less than twice the experts, then dense over the experts where
+            :func:`~fi_engine.moe.choose_path` says so (Mixtral's 8 experts, top-2: from 8 rows), else routed (the
+            fixed-capacity grouped GEMM); ``"routed"`` or ``"dense"`` force one path. Steps of more rows (long
+            prefills) route on the host.
+    """
 
     definition = Llama
+
+    def _moe_gemv_rows(self) -> int:
+        return MoELayer.gemv_tokens  # read per call: a benchmark may set it on the class
 
 
 def load_moe_layer(eng: Engine, ckpt: Checkpoint, p: str, get: Any, upload: Any) -> Any:
     """Engine ``eng``'s :class:`~fi_engine.moe.MoELayer` of layer prefix ``p``: router, experts' gate/up stacked as
     ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as ``[E, H, I]``."""
-    from .moe import MoELayer, MoEScratch, MoEWeights
+    from .moe import MoEScratch, MoEWeights
     from .tensor_parallel import columns, expert_rows, rows
 
     c = eng.config
@@ -338,10 +357,13 @@ def load_moe_layer(eng: Engine, ckpt: Checkpoint, p: str, get: Any, upload: Any)
     # eager or a graph's replay): no host routing, so no stream synchronization per layer; longer prefills route on
     # the host. Other families (DeepSeek) take it in their decode graph only.
     capacity = eng.max_batch if eng._static_moe or eng.family.llama_pass else None
+    # the dense-over-experts path's buffers where some step of at most max_batch rows takes it (moe_path_for is
+    # monotonic in the rows: dense from some row count up)
+    dense_rows = eng.max_batch if eng._dense_moe(eng.max_batch) else None
     if eng._moe_scratch is None:  # one set of activation buffers for every MoE layer (they run in turn)
         eng._moe_scratch = MoEScratch(
             num_experts=e, hidden=h, intermediate=i, top_k=m.top_k, max_tokens=max_tokens, dtype=eng.dtype,
-            capacity=capacity,
+            capacity=capacity, dense_rows=dense_rows,
         )  # fmt: skip
     # Per-expert tensors (checkpoints on the Hub, transformers 4): Mixtral block_sparse_moe.experts.N.w1 (gate),
     # w3 (up), w2 (down); Qwen3-MoE mlp.experts.N.gate_proj, up_proj, down_proj. Fused tensors (transformers
@@ -386,4 +408,5 @@ def load_moe_layer(eng: Engine, ckpt: Checkpoint, p: str, get: Any, upload: Any)
         workspace=eng._ws_moe,
         capacity=capacity,
         scratch=eng._moe_scratch,
+        dense_rows=dense_rows,
     )

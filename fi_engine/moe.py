@@ -556,6 +556,8 @@ class MoELayer:
         self.last_routing: tuple[np.ndarray, np.ndarray, ExpertGroups] | None = None
         self.capacity = 0
         self._grouped: Any = None  # the grouped GEMV, made with the fixed-capacity path
+        # the launches of a GEMV or dense step packed per call site (_run_packed)
+        self._packed_steps: dict[tuple[Any, ...], list[Any]] = {}
         if capacity is not None:
             self._build_static(capacity)
 
@@ -686,7 +688,6 @@ class MoELayer:
             except Exception:  # NVRTC or the device refusing: the grouped GEMM serves every step
                 self._grouped = None
             self._g_rows = cupy.arange(c * self.top_k, dtype=cupy.int32)  # assignment a's output is row a
-        self._packed_steps: dict[tuple[int, ...], list[Any]] = {}  # _gemv_step's launches per call site
 
     gemv_tokens = 8
     """Steps of at most this many tokens take the grouped GEMV in :meth:`forward_static` (where the layer has it);
@@ -699,19 +700,47 @@ class MoELayer:
 
     def _gemv_step(self, x: Any, out: Any, t: int) -> Any:
         """:meth:`forward_static` over the grouped GEMV as six launches packed once per ``(x, out, t)``: the router
-        GEMM, the device routing, the gate/up GEMV, SiLU-and-mul, the down GEMV and the combine (a decode step
-        calls the same buffers every time: an eager step then pays about one FFI call per launch instead of a CuPy
-        kernel call's argument handling). At most 64 such call sites are kept, then the cache starts again."""
+        GEMM, the device routing, the gate/up GEMV, SiLU-and-mul, the down GEMV and the combine."""
+        return self._run_packed(self._pack_gemv_step, x, out, t)
+
+    def _run_packed(self, pack: Any, x: Any, out: Any, t: int) -> Any:
+        """Run a step's launches packed once per call site (:meth:`_packed`)."""
+        for call in self._packed(pack, x, out, t):
+            call()
+        return out
+
+    def _packed(self, pack: Any, x: Any, out: Any, t: int) -> list[Any]:
+        """A step's launches packed once per call site ``(pack, x, out, t)`` by ``pack(x, out, t, x_ld, out_ld)`` (a
+        decode step calls the same buffers every time: an eager step then pays about one FFI call per launch instead
+        of a CuPy kernel call's argument handling). At most 64 call sites are kept, then the cache starts again."""
         x_ld, out_ld = x.strides[0] // x.itemsize, out.strides[0] // out.itemsize
-        key = (int(x.data.ptr), x_ld, int(out.data.ptr), out_ld, t)
+        key = (pack.__name__, int(x.data.ptr), x_ld, int(out.data.ptr), out_ld, t)
         calls = self._packed_steps.get(key)
         if calls is None:
             if len(self._packed_steps) >= 64:
                 self._packed_steps.clear()
-            calls = self._packed_steps[key] = self._pack_gemv_step(x, out, t, x_ld, out_ld)
-        for call in calls:
-            call()
-        return out
+            calls = self._packed_steps[key] = pack(x, out, t, x_ld, out_ld)
+        return calls
+
+    def prepared_step(self, x: Any, out: Any, tokens: int, dense: bool) -> list[Any] | None:
+        """The launches of one ``out[:tokens] = MoE(x[:tokens])`` step, packed once per call site, for a caller that
+        issues them itself among its own packed launches (the engine's fused decode step): :meth:`forward_dense`'s
+        (``dense``) or :meth:`forward_static`'s over the grouped GEMV; None where that path has no packed form here
+        (the driver launch path off, no such path built, or the grouped GEMV not serving ``tokens``). Each call
+        launches on the layer's stream; ``x`` and ``out`` as :meth:`forward_static` takes them."""
+        self._check_static(x, out)
+        t = _token_count(tokens, x)
+        if not self.packs_step(t, dense) or t > min(x.shape[0], out.shape[0]):
+            return None
+        return self._packed(self._pack_dense_step if dense else self._pack_gemv_step, x, out, t)
+
+    def packs_step(self, tokens: int, dense: bool) -> bool:
+        """Whether :meth:`prepared_step` has packed launches for a step of ``tokens`` tokens (a few comparisons)."""
+        if not self.dense.gemv or tokens < 1:
+            return False
+        if dense:
+            return tokens <= self.dense_rows
+        return tokens <= self.capacity and self._gemv_serves(tokens)
 
     def _pack_gemv_step(self, x: Any, out: Any, t: int, x_ld: int, out_ld: int) -> list[Any]:
         from .dense import _function_ptr
@@ -732,7 +761,7 @@ class MoELayer:
         gu_t, act_t = self._t(self.gate_up_out, (rows, 2 * i)), self._t(self.act, (rows, i))
         stream = self.stream.ptr
 
-        def silu() -> None:  # an op call on descriptors made once (fi_ffi.prepare does not pack this op)
+        def silu() -> None:  # an op call on descriptors made once (not yet fi_ffi.prepare's packed call: unmeasured)
             fi_ffi.silu_and_mul(gu_t, act_t, stream=stream)
 
         fn, grid, block, smem, args = g.launch(act, i, 1, experts, t, k, int(self.weights.down.data.ptr), e, h, i, y, h)
@@ -847,6 +876,8 @@ class MoELayer:
             )
         if t == 0:
             return out
+        if self.dense.gemv:  # the driver launch path: the six launches packed once per call site
+            return self._run_packed(self._pack_dense_step, x, out, t)
         e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
         sc, s, d = self.scratch, self.stream, self.dense_rows
         with s:
@@ -876,6 +907,50 @@ class MoELayer:
                        out, np.int64(h), np.int64(ld), np.int32(self._bf16))  # fmt: skip
             self._dense_combine_fn((t,), (256,), combine, stream=s)
         return out
+
+    def _pack_dense_step(self, x: Any, out: Any, t: int, x_ld: int, out_ld: int) -> list[Any]:
+        """:meth:`forward_dense`'s launches with their arguments packed once: the router GEMM (and bias), the device
+        routing, the gate/up GEMM over every expert, the activation, the batched down GEMMs and the combine (the
+        GEMMs of more than a few rows stay calls of :meth:`Dense.linear` / :meth:`Dense.batched_linear`)."""
+        from .dense import _function_ptr
+
+        d, sc = self.dense, self.scratch
+        e, h, i, k, rows = self.num_experts, self.hidden, self.intermediate, self.top_k, self.dense_rows
+        xp, op = int(x.data.ptr), int(out.data.ptr)
+        logits, experts, weights = (int(a.data.ptr) for a in (self.logits, sc.d_experts, sc.d_weights))
+        gu, act, y = (int(a.data.ptr) for a in (sc.d_gu, sc.d_act, sc.d_y))
+        a, b = self.activation, self.biases
+        calls = [
+            d.prepared_linear(t, xp, x_ld, int(self.weights.router.data.ptr), e, h, logits, e, self._ab, CUDA_R_32F)
+        ]
+        if b is not None:  # the router bias (gpt-oss), as _router_logits adds it
+            bias_args = [logits, int(b.router.data.ptr), e]
+            calls.append(
+                d.prepared_kernel(_function_ptr(self._router_bias_fn), (t, 1), 128, 0, bias_args, "moe_router_bias")
+            )
+        route_args = [logits, e, k, 1 if self.renormalize else 0, t, experts, weights]
+        route = d.prepared_kernel(_function_ptr(self._route_fn), ((t + 127) // 128, 1), 128, 0, route_args, "moe_route")
+        gate_up = d.prepared_linear(t, xp, x_ld, int(self.weights.gate_up.data.ptr), e * 2 * i, h, gu, e * 2 * i,
+                                    self._ab, self._ab)  # fmt: skip
+        alpha, limit = (a.alpha, a.limit) if a is not None else (0.0, 0.0)
+        b_gu = int((b.gate_up if b is not None else self.logits).data.ptr)  # unread without biases
+        # float parameters pass as their float32 bits (an 8-byte slot whose low 4 bytes the kernel reads)
+        act_args = [gu, b_gu, int(b is not None), experts, e, k, i, int(a is not None), _f32_bits(alpha),
+                    _f32_bits(limit), self._bf16, act]  # fmt: skip
+        activate = d.prepared_kernel(
+            _function_ptr(self._dense_act_fn), (t * e, 1), min(256, -(-i // 32) * 32), 0, act_args, "moe_dense_act"
+        )
+
+        def down() -> None:
+            d.batched_linear(e, t, act, e * i, i, int(self.weights.down.data.ptr), h, i, h * i, y, h, rows * h,
+                             self._ab, CUDA_R_32F)  # fmt: skip
+
+        b_down = int((b.down if b is not None else self.logits).data.ptr)  # unread without biases
+        combine_args = [y, rows, experts, weights, k, b_down, int(b is not None), op, h, out_ld, self._bf16]
+        combine = d.prepared_kernel(
+            _function_ptr(self._dense_combine_fn), (t, 1), 256, 0, combine_args, "moe_dense_combine"
+        )
+        return [*calls, route, gate_up, activate, down, combine]
 
     def _t(self, arr: Any, shape: tuple[int, ...], dtype: str | None = None) -> fi_ffi.Tensor:
         return fi_ffi.Tensor(int(arr.data.ptr), shape, dtype or self.dtype, self.device_id)
@@ -960,6 +1035,11 @@ class MoELayer:
             self.workspace.close()
         if self._own_dense:
             self.dense.close()
+
+
+def _f32_bits(value: float) -> int:
+    """The float32 bit pattern of ``value`` as an unsigned int (a prepared launch's parameter slot)."""
+    return int(np.float32(value).view(np.uint32))
 
 
 def _token_count(tokens: Any, x: Any) -> int:

@@ -179,3 +179,30 @@ def test_greedy_decode_matches_transformers(family) -> None:  # type: ignore[no-
         exact = check_greedy(ref, ps, r.tokens, LOGIT_TOL[dtype])
         print(f"{name} {'graph' if graph else 'eager'}: {exact}/{sum(MAX_NEW)} equal to the reference's argmax, "
               f"{r.tokens_per_s:.0f} tokens/s")  # fmt: skip
+
+
+@pytest.mark.parametrize(("moe_path", "max_batch", "lens"), [
+    ("routed", 8, PROMPT_LENS),
+    ("dense", 8, PROMPT_LENS),
+    # auto over 16 slots: the graphs of 8 and 16 rows (and eager steps of 8+ rows) dense over the experts, those of
+    # fewer the grouped GEMV, switching as requests end
+    ("auto", 16, (3, 16, 29, 50, 5, 9, 12, 40, 7, 22, 31, 2)),
+])  # fmt: skip
+def test_greedy_decode_with_each_moe_path(family, moe_path, max_batch, lens) -> None:  # type: ignore[no-untyped-def]
+    """MoE models with ``moe_path`` forced, or picking per step over enough rows to go dense: greedy decode, eager
+    and as the CUDA graphs, against the reference as test_greedy_decode_matches_transformers (the dense path routes
+    with the same kernel on the same router logits; only its expert GEMMs differ)."""
+    name, path, ref, dtype = family
+    if "moe" not in name and "mixtral" not in name:
+        pytest.skip("a dense model has no MoE path")
+    ps = prompts(lens, VOCAB, seed=5)
+    limits = [(9, 33, 20, 27)[i % 4] for i in range(len(ps))]
+    for graph in (False, True):
+        with LlamaEngine(path, max_batch=max_batch, page_size=16, cuda_graph=graph, moe_path=moe_path) as engine:
+            paths = [engine.moe_path_for(b) for b in range(1, max_batch + 1)]
+            assert paths == [moe_path] * max_batch if moe_path != "auto" else paths[-1] == "dense" == paths[8]
+            r = engine.generate(ps, limits, eos_token_ids=())
+        assert [len(t) for t in r.tokens] == limits
+        exact = check_greedy(ref, ps, r.tokens, LOGIT_TOL[dtype])
+        print(f"{name} moe_path={moe_path} max_batch={max_batch} {'graph' if graph else 'eager'}: {exact}/"
+              f"{sum(limits)} equal to the reference's argmax, {r.tokens_per_s:.0f} tokens/s")  # fmt: skip

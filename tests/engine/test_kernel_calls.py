@@ -329,6 +329,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
     weight = SimpleNamespace(data_ptr=FAKE)
     eng._norm, eng._ln1, eng._ln2 = weight, [weight] * c.num_layers, [weight] * c.num_layers
     eng._wqkv = eng._wo = eng._wgu = eng._wd = [0] * c.num_layers
+    eng._moe = []  # a dense model
     head_w = [kernels.descriptor(FAKE + ((30 + i) << 30), (c.head_dim,), dtype, 0) for i in range(2 * c.num_layers)]
     eng._q_norm, eng._k_norm = head_w[: c.num_layers], head_w[c.num_layers :]
     shape = (PAGES, PS, c.num_kv_heads, c.head_dim)

@@ -120,6 +120,45 @@ def test_tensor_parallel_moe_whose_expert_columns_do_not_divide_is_refused_befor
         LlamaEngine(tmp_path, tensor_parallel=4)
 
 
+def test_moe_path_is_checked_before_the_checkpoint_and_refused_without_experts(tmp_path: Any) -> None:
+    from fi_engine.llama import LlamaEngine
+
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "llama"}))
+    for bad in ("fast", None, 1, "Dense"):  # refused before the config is read
+        with pytest.raises(ValueError, match="moe_path: expected one of 'auto', 'routed', 'dense'"):
+            LlamaEngine(tmp_path / "absent", moe_path=bad)  # type: ignore[arg-type]
+    for path in ("routed", "dense"):  # a dense model: refused by name before CuPy is needed
+        with pytest.raises(ValueError, match=f"moe_path: '{path}' needs MoE layers; this model has none"):
+            LlamaEngine(tmp_path, moe_path=path)
+
+
+def _moe_paths_of(config: dict[str, Any], moe_path: str, max_batch: int) -> list[str]:
+    """``LlamaEngine.moe_path_for`` of 1..max_batch + 1 rows on an engine object made without its constructor."""
+    from fi_engine.llama import LlamaEngine
+
+    engine = LlamaEngine.__new__(LlamaEngine)
+    engine.moe_path, engine.max_batch = moe_path, max_batch
+    engine.model_config = LlamaConfig.from_dict(config)
+    return [engine.moe_path_for(rows) for rows in range(1, max_batch + 2)]
+
+
+def test_moe_path_auto_keeps_the_grouped_gemv_then_goes_dense_where_the_assignments_cover_the_experts() -> None:
+    from fi_engine.moe import MoELayer
+
+    assert MoELayer.gemv_tokens == 8
+    # Mixtral, 8 experts top-2: choose_path says dense from 4 rows, the grouped GEMV keeps steps of fewer than 16
+    # assignments (GEMV_DENSE_FILL * 8 experts): dense from 8 rows
+    assert _moe_paths_of(MIXTRAL, "auto", 32) == ["routed"] * 7 + ["dense"] * 25 + ["routed"]  # 33: past max_batch
+    # Qwen3-MoE-like, 16 experts top-4: the GEMV below 32 assignments (8 rows), dense from there
+    assert _moe_paths_of(QWEN3_MOE, "auto", 16) == ["routed"] * 7 + ["dense"] * 9 + ["routed"]
+    # 128 experts top-8 (Qwen3-30B-A3B): the GEMV to 8 rows, the grouped GEMM at 9-15, dense from 16 rows
+    wide = {**QWEN3_MOE, "num_experts": 128, "num_experts_per_tok": 8}
+    assert _moe_paths_of(wide, "auto", 32) == ["routed"] * 15 + ["dense"] * 17 + ["routed"]
+    for forced in ("routed", "dense"):  # forced up to max_batch; longer steps (prefills) always routed
+        assert _moe_paths_of(MIXTRAL, forced, 8) == [forced] * 8 + ["routed"]
+    assert _moe_paths_of({**BASE, "model_type": "llama"}, "auto", 4) == ["routed"] * 5  # no experts: never dense
+
+
 # ---- bad input (issue 23): bounds, non-finite numbers, JSON no config holds, bad from_dir arguments ----------------
 
 

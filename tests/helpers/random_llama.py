@@ -21,10 +21,18 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def save_random_llama(
-    folder: Path, dtype: str, head_dim: int, heads: tuple[int, int], hidden: int, inter: int, llama3: bool
+    folder: Path,
+    dtype: str,
+    head_dim: int,
+    heads: tuple[int, int],
+    hidden: int,
+    inter: int,
+    llama3: bool,
+    experts: tuple[int, int] | None = None,
 ) -> Path:
     """A random Llama (4 layers, tied embedding, vocab :data:`VOCAB`, eos id 2) saved into ``folder``; norm weights
-    around 1; with ``llama3`` Llama 3.1 RoPE scaling whose original context (64) the prompts pass. Seeded: the same
+    around 1; with ``llama3`` Llama 3.1 RoPE scaling whose original context (64) the prompts pass; with ``experts``
+    ``(E, k)`` a Mixtral (every layer's MLP ``E`` experts of intermediate ``inter``, top-``k``). Seeded: the same
     arguments give the same weights."""
     rng = np.random.default_rng(7)
     hq, hk = heads
@@ -33,6 +41,9 @@ def save_random_llama(
         num_attention_heads=hq, num_key_value_heads=hk, head_dim=head_dim, tie_word_embeddings=True,
         rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=EPS, eos_token_id=2,
     )  # fmt: skip
+    if experts is not None:
+        cfg.update(model_type="mixtral", num_local_experts=experts[0], num_experts_per_tok=experts[1])
+        cfg["sliding_window"] = None
     if llama3:
         cfg["rope_scaling"] = {
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -49,14 +60,20 @@ def save_random_llama(
     }
     for i in range(4):
         p = f"model.layers.{i}."
+        mlp = [("mlp.gate_proj", (inter, hidden)), ("mlp.up_proj", (inter, hidden)), ("mlp.down_proj", (hidden, inter))]
+        if experts is not None:  # Mixtral's names: the router, then each expert's w1 (gate), w3 (up), w2 (down)
+            m = "block_sparse_moe."
+            mlp = [(m + "gate", (experts[0], hidden))] + [
+                (f"{m}experts.{e}.{name}", shape)
+                for e in range(experts[0])
+                for name, shape in (("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter)))
+            ]
         for name, shape in (
             ("self_attn.q_proj", (hq * head_dim, hidden)),
             ("self_attn.k_proj", (hk * head_dim, hidden)),
             ("self_attn.v_proj", (hk * head_dim, hidden)),
             ("self_attn.o_proj", (hidden, hq * head_dim)),
-            ("mlp.gate_proj", (inter, hidden)),
-            ("mlp.up_proj", (inter, hidden)),
-            ("mlp.down_proj", (hidden, inter)),
+            *mlp,
         ):
             tensors[p + name + ".weight"] = t(*shape)
         tensors[p + "input_layernorm.weight"] = t(hidden, mean=1.0, scale=0.1)
