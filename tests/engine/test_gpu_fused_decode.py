@@ -16,7 +16,8 @@ GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
 2. The QKV GEMV with FlashInfer's RoPE (plain and Llama 3.1) and KV append as its epilogue: q, k, v and both
    caches equal to the separate launches' bit for bit.
 3. The engine: greedy decoding of four prompts (1 to 4 rows: every step fused) with ``fused_decode`` on and off on
-   a random SmolLM2-like float16 checkpoint and a bfloat16 one with Llama 3.1 RoPE: the tokens are equal, and
+   a random SmolLM2-like float16 checkpoint, a bfloat16 one with Llama 3.1 RoPE and a bfloat16 Mixtral-like one
+   (its MoE layers' add + norm one packed kernel, then the grouped GEMV's launches): the tokens are equal, and
    the logits of every step are within the engine tests' tolerance (``helpers.yardstick.LOGIT_TOL``: float16
    0.02, bfloat16 0.08) with the bitwise share printed. The unfused path is the one tests/engine/test_gpu_llama.py
    checks against transformers.
@@ -24,6 +25,8 @@ GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
 5. ``LlamaEngine.packed_attention`` (the fused step's attention runs packed once per view, ``prepare_decode_run``):
    on and off, the same greedy decoding gives the same tokens and bit-equal logits at every step (the same kernel
    on the same arguments; tests/ops/attention/test_prepared_decode_run.py proves the frames equal on the CPU).
+6. The Mixtral-like model's one-row decode graph captures the fused step: one request's tokens through it are its
+   own greedy choice (teacher forcing with the engine's prefill logits).
 """
 
 from __future__ import annotations
@@ -346,3 +349,26 @@ def test_packed_attention_runs_give_bit_equal_logits(tmp_path, model):
     assert len(log_p) == len(log_u)
     for i, (a, b) in enumerate(zip(log_p, log_u, strict=True)):
         assert np.array_equal(a, b), f"{model}: step {i}: logits differ (max {float(np.abs(a - b).max()):.2e})"
+
+
+def test_a_moe_models_one_row_graph_captures_the_fused_step(tmp_path):
+    """The decode graph of one row (the ladder's smallest) captures the fused step over MoE layers too: a single
+    request's tokens through that graph are its greedy choice at every position (teacher forcing with the
+    engine's own prefill logits, near ties within the bfloat16 tolerance), and every decode step replays it."""
+    dtype, *_ = MODELS["bf16-mixtral-like"]
+    path = make_checkpoint(tmp_path, *MODELS["bf16-mixtral-like"])
+    prompt = [(11 * j) % 4000 + 3 for j in range(21)]
+    with LlamaEngine(path, max_batch=4, page_size=16, cuda_graph=True) as engine:
+        assert engine._fuses(1) and sorted(engine.graphs) == [1, 2, 4]
+        replays = []
+        one = engine.graphs[1]
+        one.launch = lambda launch=one.launch: (replays.append(1), launch())[1]
+        try:
+            out = engine.generate([prompt], 24, eos_token_ids=()).tokens[0]
+        finally:
+            del one.launch
+        assert replays == [1] * 23
+        logits = engine.prefill_logits([prompt + out[:-1]])[0]
+    for t, tok in enumerate(out):
+        row = logits[len(prompt) - 1 + t]
+        assert row[tok] >= float(row.max()) - LOGIT_TOL[dtype], (t, tok, int(row.argmax()))
