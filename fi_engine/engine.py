@@ -91,10 +91,11 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
     a bucket (:attr:`prefill_buckets`) and run as the CUDA graph of that bucket and batch size, captured the first
     time it is met (see :meth:`_prefill_graph`); set it False to always prefill eagerly. A capture that fails
     leaves that shape eager, with a warning and the reason in :attr:`prefill_graph_failures`.
-    ``fused_decode`` (default True): an eager decode step of at most 4 rows on one GPU without MoE layers, by the Llama
-    pass (``ModelFamily.llama_pass``), runs its RMSNorms, residual adds and SiLU inside the engine's
-    GEMV launches, and RoPE and the KV append too where the QKV GEMV's epilogue serves them (head dim 64 to 512,
-    no Qwen3 per-head norms between), with every launch but the attention run packed once (:meth:`_fused_step`;
+    ``fused_decode`` (default True): an eager decode step of at most 4 rows on one GPU, by the Llama pass
+    (``ModelFamily.llama_pass``), runs its RMSNorms, residual adds and SiLU inside the engine's GEMV launches (MoE
+    layers: their add + norm as one packed kernel, then their step's packed launches, where the MoE path packs),
+    and RoPE and the KV append too where the QKV GEMV's epilogue serves them (head dim 64 to 512, no Qwen3 per-head
+    norms between), with every launch but the attention run packed once (:meth:`_fused_step`;
     the same logits as the separate launches); False: the separate launches.
     ``packed_attention`` (default True): the fused step's attention runs packed too (see below).
     """
@@ -162,6 +163,7 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         self.graph: Any = None  # the decode graph of max_batch rows (with cuda_graph), one of `graphs`
         self.graphs: dict[int, Any] = {}  # the decode graphs by their rows (StepGraphs.decode_graph_batches)
         self._graph_plan_infos: dict[int, Any] = {}
+        self._graph_batches: tuple[int, ...] = ()  # the rows of `graphs`, ascending (once captured)
         self._graphs_checked: set[int] = set()
         # the MoE layers' grouped-GEMM workspace: made by _load where the model has routed experts (close() frees it)
         self._ws_moe: Any = None

@@ -15,8 +15,10 @@ appended to the paged cache, attention (causal batch prefill, or batch decode) w
 residual-add + RMSNorm, fused gate/up projection, SiLU-and-mul, down projection (Mixtral, Qwen3-MoE: the
 mixture-of-experts layer of :mod:`fi_engine.moe` instead); final RMSNorm; LM head (tied to the embedding or
 not) with float32 logits; greedy argmax or top-k/top-p sampling. Model types: ``llama``, ``qwen3``, ``mixtral``,
-``qwen3_moe`` (:mod:`fi_engine.config`). MoE layers take their fixed-capacity device path (no host step) for every
-step of at most ``max_batch`` rows, eager or in the decode graph, and route on the host for longer prefills.
+``qwen3_moe`` (:mod:`fi_engine.config`). MoE layers take a device path (no host step) for every step of at most
+``max_batch`` rows, eager or in a decode graph: the fixed-capacity routed path (the grouped GEMV, or the grouped
+GEMM) or dense over the experts, as ``moe_path`` picks (:mod:`fi_engine.moe_paths`); longer prefills route on the
+host.
 
 Serving (:class:`~fi_engine.engine.Engine`, of which :class:`LlamaEngine` is the Llama family's): the prompts are
 queued (:mod:`fi_engine.paging`), admitted into free batch
@@ -282,6 +284,7 @@ class Llama(ModelFamily):
         normed = eng._normed.data.ptr  # x, or x2 with the fused all-reduce
         w, hqd, last = eng._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
         fp8 = eng._kv_fp8
+        dense_moe = bool(eng._moe) and eng._dense_moe(rows)  # the MoE path of this step, chosen once
         eng._embed_and_norm(v, rows)
         for i in range(c.num_layers):
             dense.linear(rows, normed, h, eng._wqkv[i], w, h, qkv, w, ab, ab)
@@ -309,7 +312,7 @@ class Llama(ModelFamily):
                 fp8.scale_output(v, rows)
             dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
             eng._add_norm(v, eng._ln2[i])
-            if eng._moe and eng._dense_moe(rows):  # every expert, no host step: capturable
+            if dense_moe:  # every expert, no host step: capturable
                 eng._moe[i].forward_dense(eng._normed, b.x, rows)
             elif eng._moe and (static_moe or rows <= eng.max_batch):  # device routing, fixed capacity: capturable
                 eng._moe[i].forward_static(eng._normed, b.x, rows)

@@ -876,7 +876,7 @@ class MoELayer:
             )
         if t == 0:
             return out
-        if self.dense.gemv:  # the driver launch path: the six launches packed once per call site
+        if self.dense.gemv:  # the driver launch path: its launches packed once per call site
             return self._run_packed(self._pack_dense_step, x, out, t)
         e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
         sc, s, d = self.scratch, self.stream, self.dense_rows
@@ -909,7 +909,8 @@ class MoELayer:
         return out
 
     def _pack_dense_step(self, x: Any, out: Any, t: int, x_ld: int, out_ld: int) -> list[Any]:
-        """:meth:`forward_dense`'s launches with their arguments packed once: the router GEMM (and bias), the device
+        """:meth:`forward_dense`'s launches (six, seven with a router bias) with their arguments packed once: the
+        router GEMM (and bias), the device
         routing, the gate/up GEMM over every expert, the activation, the batched down GEMMs and the combine (the
         GEMMs of more than a few rows stay calls of :meth:`Dense.linear` / :meth:`Dense.batched_linear`)."""
         from .dense import _function_ptr

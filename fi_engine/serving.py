@@ -109,8 +109,12 @@ class ServingLoop(EngineState):
     goes from step to step without waiting for the host to read tokens and launch. A request that ends with an
     end-of-sequence token at step n takes nothing from step n + 1; steps that would admit queued requests, or
     after which a request reaches its token limit, are not launched ahead. Sampled rows draw as they would one step
-    at a time (the same Philox offsets in the same order). Set it on the class to compare
-    (``benchmarks/bench_llama_tp.py --variants no-pipeline``)."""
+    at a time (the same Philox offsets in the same order), with one exception: where an end-of-sequence token at
+    step n empties the highest occupied slot, step n + 1 (launched ahead) still replays the graph of the rows it was
+    prepared for, where one step at a time would replay a smaller one (:meth:`Scheduler.graph_rows`), so the other
+    rows' logits come from other GEMM shapes and a sampling call's Philox offset advances by that graph's rows: the
+    tokens after that step may differ from a run with this off (each run still reproduces itself). Set it on the
+    class to compare (``benchmarks/bench_llama_tp.py --variants no-pipeline``)."""
 
     # ------------------------------------------------------------------------------------ the step API
 
@@ -652,7 +656,7 @@ class ServingLoop(EngineState):
         else:
             rows = sched.decode_rows(padded=graph is not None)
             if graph is not None:  # the first slots, as many as the smallest graph holding every request
-                rows = rows[: sched.graph_rows(rows, self.decode_graph_batches)]
+                rows = rows[: sched.graph_rows(rows, self._graph_batches)]
             n = len(rows)
             self._upload_decode(n, fill_decode(rows, self.page_size, self._dh), cuda_graph=graph is not None)
         v = self._view("decode", n, n)
@@ -689,7 +693,7 @@ class ServingLoop(EngineState):
             self._staged.synchronize()  # this step's copies out of the staging buffers are done
             self._staged_wait_s = time.perf_counter() - t  # (a step launched ahead waits here for the one before)
             ahead = sched.peek_rows(depth)
-            ahead = ahead[: sched.graph_rows(ahead, self.decode_graph_batches)]
+            ahead = ahead[: sched.graph_rows(ahead, self._graph_batches)]
             filled = fill_decode(ahead, self.page_size, self._dh, ahead=depth)
             self._upload_decode(len(ahead), filled, cuda_graph=True)
             self._next_rows = ahead

@@ -142,6 +142,7 @@ class EngineState:
     _prefill_plan: Any
     graphs: dict[int, Any]
     _graph_plan_infos: dict[int, Any]
+    _graph_batches: tuple[int, ...]
     _graphs_checked: set[int]
     _prefill_graph_cache: dict[tuple[int, ...], Any]
     _prefill_buckets: tuple[int, ...]

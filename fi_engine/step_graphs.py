@@ -59,8 +59,10 @@ class StepGraphs(EngineState):
 
     @property
     def decode_graph_batches(self) -> tuple[int, ...]:
-        """The batch sizes (rows) of the decode graphs, ascending, the last ``max_batch``: those the engine captures
-        with ``cuda_graph=True`` (:attr:`decode_graph_ladder`)."""
+        """The batch sizes (rows) of the decode graphs, ascending, the last ``max_batch``: those the engine captured
+        (``cuda_graph=True``), or before the capture those it will capture (:attr:`decode_graph_ladder`)."""
+        if self._graph_batches:
+            return self._graph_batches
         return decode_batches(self.max_batch) if self.decode_graph_ladder else (self.max_batch,)
 
     def _decode_body(self, v: SimpleNamespace, rows: int) -> None:
@@ -102,6 +104,7 @@ class StepGraphs(EngineState):
             # the plan's schedule layout of this batch size, which every replay's plan must keep (checked once)
             self._graph_plan_infos[rows] = self._decode_plan.info
         self.graph = self.graphs[self.max_batch]
+        self._graph_batches = tuple(self.graphs)  # ascending: what each step's rows are cut to (serving)
 
     def _upload_decode(self, rows: int, n_pages: int, cuda_graph: bool) -> None:
         """Copy the step's index arrays to the device and plan the step (``cuda_graph``: a fixed-batch plan for

@@ -21,7 +21,7 @@ from fi_engine.engine import Engine
 from fi_engine.gemma2 import Gemma2Engine
 from fi_engine.gpt_oss import GptOssEngine
 from fi_engine.llama import LlamaEngine
-from fi_engine.paging import PageAllocator, Request, Scheduler, fill_decode, pages_for
+from fi_engine.paging import PageAllocator, Request, Scheduler, decode_batches, fill_decode, pages_for
 from fi_engine.sampling import Draws, draw_groups
 from fi_engine.sampling_params import SamplingParams, sampling_arg
 from fi_engine.stepping import StepEngine, StepOutput
@@ -272,6 +272,7 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
     e._closed = False
     e.overlap_steps, e._inflight, e.comm = overlap, None, None
     e.graph = object() if pipelined else None
+    e._graph_batches = decode_batches(max_batch) if pipelined else ()  # the decode graphs' rows (the ladder)
     e.scheduler_delay_factor, e._last_prefill_s, e._unreported = 0.0, 0.0, []
     e._staged_wait_s = 0.0
     e.config = SimpleNamespace(vocab_size=1000, eos_token_ids=(EOS,))
@@ -303,6 +304,8 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
             rows = prepared
         else:
             rows = sched.decode_rows(padded=e.graph is not None)
+            if e.graph is not None:  # as the real launch: the first slots, the smallest graph holding every request
+                rows = rows[: sched.graph_rows(rows, e._graph_batches)]
         e.steps.append(("decode", [r.rid for r in rows if r is not None]))
 
         def token(r):  # the request as the device sees it: the steps in flight before this one recorded
@@ -311,7 +314,8 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
 
         ids = np.array([token(r) if r is not None else 0 for r in rows], np.int32)
         if e.graph is not None:
-            e._next_rows = sched.peek_rows(depth)
+            ahead = sched.peek_rows(depth)
+            e._next_rows = ahead[: sched.graph_rows(ahead, e._graph_batches)]
         return serving._LaunchedStep(rows, ids, _Done())
 
     e._prefill = prefill
