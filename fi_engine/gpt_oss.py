@@ -276,7 +276,7 @@ class GptOss(ModelFamily):
         # batch size of the ladder) routes, the dense path where some step of up to max_batch rows goes dense
         graph_paths = {eng.moe_path_for(b) for b in eng.decode_graph_batches} if eng._static_moe else set()
         capacity = eng.max_batch if "routed" in graph_paths else None
-        dense_rows = eng.max_batch if eng.moe_path == "dense" or eng.moe_path_for(eng.max_batch) == "dense" else None
+        dense_rows = eng.max_batch if eng._dense_moe(eng.max_batch) else None  # forced, or auto from some row count up
         eng._moe_scratch = MoEScratch(
             num_experts=e, hidden=h, intermediate=i_size // n, top_k=c.moe.top_k, max_tokens=max_tokens, dtype=dtype,
             capacity=capacity, dense_rows=dense_rows,

@@ -910,9 +910,9 @@ class MoELayer:
 
     def _pack_dense_step(self, x: Any, out: Any, t: int, x_ld: int, out_ld: int) -> list[Any]:
         """:meth:`forward_dense`'s launches (six, seven with a router bias) with their arguments packed once: the
-        router GEMM (and bias), the device
-        routing, the gate/up GEMM over every expert, the activation, the batched down GEMMs and the combine (the
-        GEMMs of more than a few rows stay calls of :meth:`Dense.linear` / :meth:`Dense.batched_linear`)."""
+        router GEMM (and bias), the device routing, the gate/up GEMM over every expert, the activation, the batched
+        down GEMMs and the combine (the GEMMs of more than a few rows stay calls of :meth:`Dense.linear` /
+        :meth:`Dense.batched_linear`)."""
         from .dense import _function_ptr
 
         d, sc = self.dense, self.scratch
