@@ -125,6 +125,13 @@ def main() -> int:
     )
     ap.add_argument("--one-graph", action="store_true", help="one decode graph of max_batch rows (before 2026-11-25)")
     ap.add_argument(
+        "--variants",
+        default="default",
+        help="comma-separated, each row run per variant in turn: default; no-fused-silu (the grouped GEMV step's "
+        "SiLU-and-mul as a launch of its own, MoELayer.gemv_fused_silu off, as before 2026-11-25); grouped-warps-8 "
+        "(8 warps in every grouped GEMV block, GroupedGemv.min_warps_per_sm 0, as before 2026-11-25)",
+    )
+    ap.add_argument(
         "--checkpoint", default="", help="keep the random checkpoint in this folder, or reuse the one written there"
     )
     a = ap.parse_args()
@@ -133,6 +140,7 @@ def main() -> int:
 
     from fi_engine.llama import LlamaEngine
     from fi_engine.moe import MoELayer
+    from fi_engine.moe_gemv import GroupedGemv
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,14 +157,19 @@ def main() -> int:
             )
         rng = np.random.default_rng(1)
         LlamaEngine.decode_graph_ladder = not a.one_graph
-        for batch, gemv_tokens, path, graph in [
-            (b, g, p, m == "graph")
+        for batch, gemv_tokens, path, graph, variant in [
+            (b, g, p, m == "graph", v)
             for b in a.batch
             for g in a.gemv_tokens
             for p in a.moe_paths.split(",")
             for m in a.modes.split(",")
+            for v in a.variants.split(",")
         ]:
+            if variant not in ("default", "no-fused-silu", "grouped-warps-8"):
+                raise SystemExit(f"--variants: unknown variant {variant!r} (default, no-fused-silu, grouped-warps-8)")
             MoELayer.gemv_tokens = gemv_tokens
+            MoELayer.gemv_fused_silu = variant != "no-fused-silu"
+            GroupedGemv.min_warps_per_sm = 0 if variant == "grouped-warps-8" else 32
             prompts = [rng.integers(3, a.vocab, size=32).tolist() for _ in range(batch)]
             max_batch = max(batch, a.max_batch)
             with LlamaEngine(model, max_batch=max_batch, cuda_graph=graph, max_seq_len=256, moe_path=path) as engine:
@@ -165,7 +178,7 @@ def main() -> int:
                 r = engine.generate(prompts, a.new_tokens, eos_token_ids=())
                 row = {"batch": batch, "max_batch": max_batch, "mode": "graph" if graph else "eager",
                        "tokens_per_s": r.tokens_per_s, "host_us_per_step": r.host_us_per_step,
-                       "gemv_tokens": gemv_tokens, "moe_path": f"{path}:{chosen}",
+                       "gemv_tokens": gemv_tokens, "moe_path": f"{path}:{chosen}", "variant": variant,
                        "ms_per_step": r.decode_s / max(1, r.decode_steps) * 1e3}  # fmt: skip
                 if graph:  # the graph this batch replays (the smallest of the ladder holding it)
                     replayed = engine.graphs[min(b for b in engine.graphs if b >= batch)]
@@ -183,7 +196,8 @@ def main() -> int:
             rows.append(row)
             extra = f", GPU {row['gpu_us_per_step']:.0f} us/step" if "gpu_us_per_step" in row else ""
             print(
-                f"batch {batch:3d}/{max_batch} {row['mode']:5s} gemv<={gemv_tokens} moe_path {row['moe_path']}: "
+                f"batch {batch:3d}/{max_batch} {row['mode']:5s} gemv<={gemv_tokens} moe_path {row['moe_path']} "
+                f"{variant}: "
                 f"{row['tokens_per_s']:8.0f} tokens/s, "
                 f"{row['ms_per_step']:.3f} ms/step, host {row['host_us_per_step']:.0f} us/step{extra}; "
                 f"{row['bytes_per_step'] / 1e9:.2f} GB/step expected, {100 * row['roofline']:.0f} % of the roofline"

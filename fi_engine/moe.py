@@ -70,12 +70,15 @@ __device__ __forceinline__ unsigned short store16(float f, int bf16) {
     else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
-// out[t, c] = sum_j w[t * k + j] * y[row_of[t * k + j], c], accumulated in float32; one block per token.
+// out[t, c] = sum_j w[t * k + j] * y[row_of[t * k + j], c], accumulated in float32; grid (T, column blocks): the
+// blocks of a token (blockIdx.y) share its columns (a token's columns in one block made a decode step's combine a
+// 10 us chain of dependent loads on one SM; the combines below share the grid).
 extern "C" __global__ void moe_combine(const unsigned short* __restrict__ y, const int* __restrict__ row_of,
                                        const float* __restrict__ w, unsigned short* __restrict__ out, int k,
                                        long long hidden, long long out_ld, int bf16) {
     const long long t = blockIdx.x;
-    for (long long c = threadIdx.x; c < hidden; c += blockDim.x) {
+    const long long stride = (long long)gridDim.y * blockDim.x;
+    for (long long c = (long long)blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += stride) {
         float acc = 0.f;
         for (int j = 0; j < k; ++j) {
             const long long r = row_of[t * k + j];
@@ -163,7 +166,7 @@ extern "C" __global__ void moe_bias_act(const unsigned short* __restrict__ gu, c
 }
 
 // moe_combine with the experts' down bias: out[t, c] = sum_j w[t * k + j] * (y[row_of[t * k + j], c] + b_down[e_j, c]),
-// e_j the expert of that row (seg as above; float32 b_down [E, hidden]); k <= 64; one block per token.
+// e_j the expert of that row (seg as above; float32 b_down [E, hidden]); k <= 64; grid as moe_combine.
 extern "C" __global__ void moe_combine_bias(const unsigned short* __restrict__ y, const int* __restrict__ row_of,
                                             const float* __restrict__ w, const float* __restrict__ b_down,
                                             const int* __restrict__ seg, int E, unsigned short* __restrict__ out,
@@ -172,7 +175,8 @@ extern "C" __global__ void moe_combine_bias(const unsigned short* __restrict__ y
     const long long t = blockIdx.x;
     for (int j = threadIdx.x; j < k; j += blockDim.x) ex[j] = expert_of(seg, E, row_of[t * k + j]);
     __syncthreads();
-    for (long long c = threadIdx.x; c < hidden; c += blockDim.x) {
+    const long long stride = (long long)gridDim.y * blockDim.x;
+    for (long long c = (long long)blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += stride) {
         float acc = 0.f;
         for (int j = 0; j < k; ++j) {
             const long long r = row_of[t * k + j];
@@ -232,7 +236,7 @@ extern "C" __global__ void moe_dense_act(const unsigned short* __restrict__ gu, 
     }
 }
 
-// Dense-over-experts combine, one block per token t: out[t, c] = sum_j w[t, j] * (y[e_j, t, c] + b_down[e_j, c])
+// Dense-over-experts combine, grid as moe_combine: out[t, c] = sum_j w[t, j] * (y[e_j, t, c] + b_down[e_j, c])
 // over the k experts e_j that t chose (experts, w [T, k]); y float32 [E, y_rows, hidden] (expert e's down projection
 // of every token), b_down float32 [E, hidden] when has_bias. Accumulated in float32, rounded once.
 extern "C" __global__ void moe_dense_combine(const float* __restrict__ y, long long y_rows,
@@ -241,7 +245,8 @@ extern "C" __global__ void moe_dense_combine(const float* __restrict__ y, long l
                                              unsigned short* __restrict__ out, long long hidden, long long out_ld,
                                              int bf16) {
     const long long t = blockIdx.x;
-    for (long long c = threadIdx.x; c < hidden; c += blockDim.x) {
+    const long long stride = (long long)gridDim.y * blockDim.x;
+    for (long long c = (long long)blockIdx.y * blockDim.x + threadIdx.x; c < hidden; c += stride) {
         float acc = 0.f;
         for (int j = 0; j < k; ++j) {
             const long long e = experts[t * k + j];
@@ -609,17 +614,21 @@ class MoELayer:
                 np.float32(alpha), np.float32(limit), np.int32(self._bf16), act)  # fmt: skip
         self._act_fn((rows,), (min(256, -(-i // 32) * 32),), args, stream=self.stream)
 
+    def _combine_grid(self, t: int) -> tuple[int, int]:
+        """The combine kernels' grid for ``t`` tokens: one block of 256 threads per 256 columns of each token."""
+        return t, -(-self.hidden // 256)
+
     def _combine_rows(self, y: Any, row_of: Any, weights: Any, out: Any, t: int, seg: Any) -> None:
         """``out[t] = sum_j w[t, j] * (y[row_of[t, j]] (+ the expert's down bias))``."""
         k, h = self.top_k, self.hidden
         ld = out.strides[0] // out.itemsize
         if self.biases is None:
             args = (y, row_of, weights, out, np.int32(k), np.int64(h), np.int64(ld), np.int32(self._bf16))
-            self._combine((t,), (256,), args, stream=self.stream)
+            self._combine(self._combine_grid(t), (256,), args, stream=self.stream)
         else:
             args = (y, row_of, weights, self.biases.down, seg, np.int32(self.num_experts), out, np.int32(k),  # type: ignore[assignment]
                     np.int64(h), np.int64(ld), np.int32(self._bf16))  # fmt: skip
-            self._combine_bias_fn((t,), (256,), args, stream=self.stream)
+            self._combine_bias_fn(self._combine_grid(t), (256,), args, stream=self.stream)
 
     def _build_static(self, capacity: int) -> None:
         """Buffers and prepared grouped GEMMs of the fixed-capacity path: expert ``e`` owns rows
@@ -689,6 +698,12 @@ class MoELayer:
                 self._grouped = None
             self._g_rows = cupy.arange(c * self.top_k, dtype=cupy.int32)  # assignment a's output is row a
 
+    gemv_fused_silu = True
+    """The grouped GEMV step's down projection makes SiLU-and-mul itself as it stages its input rows (one launch
+    fewer per layer and step, and no activation buffer written and read back); False: FlashInfer's
+    ``silu_and_mul`` as a launch of its own before it (the same arithmetic). Read when a step is packed; set it on
+    the class to compare (``benchmarks/bench_mixtral.py --variants no-fused-silu``)."""
+
     gemv_tokens = 8
     """Steps of at most this many tokens take the grouped GEMV in :meth:`forward_static` (where the layer has it);
     longer ones the fixed-capacity grouped GEMM (benchmarks/RESULTS.md: where each is faster on an H100)."""
@@ -699,8 +714,9 @@ class MoELayer:
         return g is not None and t <= self.gemv_tokens and g.fits(t, k, 2 * i, h) and g.fits(t, k, h, i)
 
     def _gemv_step(self, x: Any, out: Any, t: int) -> Any:
-        """:meth:`forward_static` over the grouped GEMV as six launches packed once per ``(x, out, t)``: the router
-        GEMM, the device routing, the gate/up GEMV, SiLU-and-mul, the down GEMV and the combine."""
+        """:meth:`forward_static` over the grouped GEMV as five launches packed once per ``(x, out, t)``: the router
+        GEMM, the device routing, the gate/up GEMV, the down GEMV (SiLU-and-mul made as it stages its rows; a
+        launch of its own before it where :attr:`gemv_fused_silu` is off) and the combine."""
         return self._run_packed(self._pack_gemv_step, x, out, t)
 
     def _run_packed(self, pack: Any, x: Any, out: Any, t: int) -> Any:
@@ -758,27 +774,35 @@ class MoELayer:
         fn, grid, block, smem, args = g.launch(xp, x_ld, k, experts, t, k, int(self.weights.gate_up.data.ptr), e,
                                                2 * i, h, gu, 2 * i)  # fmt: skip
         gate_up = d.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (gate/up)")
-        gu_t, act_t = self._t(self.gate_up_out, (rows, 2 * i)), self._t(self.act, (rows, i))
-        stream = self.stream.ptr
-
-        def silu() -> None:  # an op call on descriptors made once (not yet fi_ffi.prepare's packed call: unmeasured)
-            fi_ffi.silu_and_mul(gu_t, act_t, stream=stream)
-
-        fn, grid, block, smem, args = g.launch(act, i, 1, experts, t, k, int(self.weights.down.data.ptr), e, h, i, y, h)
+        w_down = int(self.weights.down.data.ptr)
+        if self.gemv_fused_silu:  # the down GEMV stages silu(gate) * up itself: five launches
+            fn, grid, block, smem, args = g.launch(gu, 2 * i, 1, experts, t, k, w_down, e, h, i, y, h, gated=True)
+            activation = []
+        else:
+            gu_t, act_t = self._t(self.gate_up_out, (rows, 2 * i)), self._t(self.act, (rows, i))
+            # packed once as the other launches are: one FFI call per step instead of the op call's checks
+            activation = [fi_ffi.prepare(fi_ffi.silu_and_mul, gu_t, act_t, stream=self.stream.ptr)]
+            fn, grid, block, smem, args = g.launch(act, i, 1, experts, t, k, w_down, e, h, i, y, h)
         down = d.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (down)")
         combine_args = [y, int(self._g_rows.data.ptr), weights, op, k, h, out_ld, self._bf16]
-        combine = d.prepared_kernel(_function_ptr(self._combine), (t, 1), 256, 0, combine_args, "moe_combine")
-        return [router, route, gate_up, silu, down, combine]
+        combine = d.prepared_kernel(
+            _function_ptr(self._combine), self._combine_grid(t), 256, 0, combine_args, "moe_combine"
+        )
+        return [router, route, gate_up, *activation, down, combine]
 
     def _gemv_experts(self, x: Any, out: Any, t: int) -> Any:
         """The experts of :meth:`forward_static` as two grouped GEMVs over the ``t * k`` assignments: gate/up
-        (input rows: the tokens) into ``gate_up_out``, SiLU-and-mul into ``act``, down (input rows: the
-        assignments' activations) into ``y``, then the combine over each token's rows ``t * k + j``."""
+        (input rows: the tokens) into ``gate_up_out``, down (input rows: the assignments' activations, SiLU-and-mul
+        of their ``gate_up_out`` rows, made by the down GEMV as it stages them or, :attr:`gemv_fused_silu` off, into
+        ``act`` before it) into ``y``, then the combine over each token's rows ``t * k + j``."""
         e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
         g = self._grouped
         g(x, k, self.s_experts, t, k, self.weights.gate_up, e, 2 * i, h, self.gate_up_out)
-        self._activate(self.gate_up_out, self.act, t * k, self._s_seg)
-        g(self.act, 1, self.s_experts, t, k, self.weights.down, e, h, i, self.y)
+        if self.gemv_fused_silu:  # SiLU-and-mul made as the down GEMV stages its rows
+            g(self.gate_up_out, 1, self.s_experts, t, k, self.weights.down, e, h, i, self.y, gated=True)
+        else:
+            self._activate(self.gate_up_out, self.act, t * k, self._s_seg)
+            g(self.act, 1, self.s_experts, t, k, self.weights.down, e, h, i, self.y)
         self._combine_rows(self.y, self._g_rows, self.s_weights, out, t, self._s_seg)
         return out
 
@@ -905,7 +929,7 @@ class MoELayer:
             ld = out.strides[0] // out.itemsize
             combine = (sc.d_y, np.int64(d), sc.d_experts, sc.d_weights, np.int32(k), b_down, np.int32(b is not None),
                        out, np.int64(h), np.int64(ld), np.int32(self._bf16))  # fmt: skip
-            self._dense_combine_fn((t,), (256,), combine, stream=s)
+            self._dense_combine_fn(self._combine_grid(t), (256,), combine, stream=s)
         return out
 
     def _pack_dense_step(self, x: Any, out: Any, t: int, x_ld: int, out_ld: int) -> list[Any]:
@@ -949,7 +973,7 @@ class MoELayer:
         b_down = int((b.down if b is not None else self.logits).data.ptr)  # unread without biases
         combine_args = [y, rows, experts, weights, k, b_down, int(b is not None), op, h, out_ld, self._bf16]
         combine = d.prepared_kernel(
-            _function_ptr(self._dense_combine_fn), (t, 1), 256, 0, combine_args, "moe_dense_combine"
+            _function_ptr(self._dense_combine_fn), self._combine_grid(t), 256, 0, combine_args, "moe_dense_combine"
         )
         return [*calls, route, gate_up, activate, down, combine]
 

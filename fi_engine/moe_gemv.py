@@ -73,7 +73,10 @@ __device__ __forceinline__ void dot_vec(uint4 a, const uint4* sx, int vecs, int 
 }
 
 // y[a, j] = in[a / div] . W[experts[a], j] for a < A (see the module docstring); grid (blocks per expert, E).
-template <bool BF16, int R>
+// GATED: the input row is silu(g) * u of a [gate | up] row of 2k elements (FlashInfer's silu_and_mul, rounded to
+// the 16-bit type as it rounds, its __expf and division as the module's --use_fast_math compiles them), made while
+// it is staged: the down projection reads the gate/up output directly, one launch instead of two.
+template <bool BF16, int R, bool GATED>
 __device__ __forceinline__ void grouped_gemv(const unsigned short* __restrict__ in, long long in_ld, int div,
                                              const int* __restrict__ experts, int A,
                                              const unsigned short* __restrict__ w, int n, int k,
@@ -97,7 +100,23 @@ __device__ __forceinline__ void grouped_gemv(const unsigned short* __restrict__ 
         if (base) __syncthreads();  // the last pass is done with the staged rows
         for (int r = 0; r < rows; ++r) {
             const uint4* src = reinterpret_cast<const uint4*>(in + (long long)(list[base + r] / div) * in_ld);
-            for (int v = threadIdx.x; v < vecs; v += blockDim.x) sx[r * vecs + v] = src[v];
+            for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
+                if (GATED) {
+                    uint4 g = src[v], u = src[vecs + v], o;
+                    const unsigned short* gv = reinterpret_cast<const unsigned short*>(&g);
+                    const unsigned short* uv = reinterpret_cast<const unsigned short*>(&u);
+                    unsigned short* ov = reinterpret_cast<unsigned short*>(&o);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        float a = BF16 ? b2f(gv[e]) : h2f(gv[e]);
+                        float m = a / (1.0f + __expf(-a)) * (BF16 ? b2f(uv[e]) : h2f(uv[e]));
+                        ov[e] = BF16 ? f2b(m) : f2h(m);
+                    }
+                    sx[r * vecs + v] = o;
+                } else {
+                    sx[r * vecs + v] = src[v];
+                }
+            }
         }
         __syncthreads();
         for (int j = blockIdx.x * warps + warp; j < n; j += gridDim.x * warps) {
@@ -124,22 +143,30 @@ __device__ __forceinline__ void grouped_gemv(const unsigned short* __restrict__ 
     }
 }
 
-#define GROUPED(name, bf16, r)                                                                                     \
+#define GROUPED(name, bf16, r, gated)                                                                              \
     extern "C" __global__ void name(const unsigned short* in, long long in_ld, int div, const int* experts, int A,  \
                                     const unsigned short* w, int n, int k, unsigned short* y, long long y_ld) {     \
-        grouped_gemv<bf16, r>(in, in_ld, div, experts, A, w, n, k, y, y_ld);                                        \
+        grouped_gemv<bf16, r, gated>(in, in_ld, div, experts, A, w, n, k, y, y_ld);                                 \
     }
-GROUPED(grouped_gemv_f16_r1, false, 1)
-GROUPED(grouped_gemv_bf16_r1, true, 1)
-GROUPED(grouped_gemv_f16_r2, false, 2)
-GROUPED(grouped_gemv_bf16_r2, true, 2)
-GROUPED(grouped_gemv_f16_r4, false, 4)
-GROUPED(grouped_gemv_bf16_r4, true, 4)
-GROUPED(grouped_gemv_f16_r8, false, 8)
-GROUPED(grouped_gemv_bf16_r8, true, 8)
+GROUPED(grouped_gemv_f16_r1, false, 1, false)
+GROUPED(grouped_gemv_bf16_r1, true, 1, false)
+GROUPED(grouped_gemv_f16_r2, false, 2, false)
+GROUPED(grouped_gemv_bf16_r2, true, 2, false)
+GROUPED(grouped_gemv_f16_r4, false, 4, false)
+GROUPED(grouped_gemv_bf16_r4, true, 4, false)
+GROUPED(grouped_gemv_f16_r8, false, 8, false)
+GROUPED(grouped_gemv_bf16_r8, true, 8, false)
+GROUPED(grouped_gemv_f16_r1_silu, false, 1, true)
+GROUPED(grouped_gemv_bf16_r1_silu, true, 1, true)
+GROUPED(grouped_gemv_f16_r2_silu, false, 2, true)
+GROUPED(grouped_gemv_bf16_r2_silu, true, 2, true)
+GROUPED(grouped_gemv_f16_r4_silu, false, 4, true)
+GROUPED(grouped_gemv_bf16_r4_silu, true, 4, true)
+GROUPED(grouped_gemv_f16_r8_silu, false, 8, true)
+GROUPED(grouped_gemv_bf16_r8_silu, true, 8, true)
 """
 
-_WARPS = 8  # warps per block
+_WARPS = 8  # warps per block, unless shared memory holds too few blocks per SM (GroupedGemv.min_warps_per_sm)
 _ROWS = (1, 2, 4, 8)  # the kernels' staged rows per pass
 _MAX_ASSIGN = 1024  # assignments one launch takes (the block's list in shared memory)
 _STATIC_SMEM = 4 * _MAX_ASSIGN + 64  # the list and the count
@@ -156,16 +183,34 @@ class GroupedGemv:
 
         self.stream = stream
         tag = "bf16" if dtype == "bfloat16" else "f16"
-        module = cupy.RawModule(code=GROUPED_GEMV_SOURCE)
+        # fast math as FlashInfer's activation modules compile (the gated staging's __expf and division)
+        module = cupy.RawModule(code=GROUPED_GEMV_SOURCE, options=("--use_fast_math",))
         attrs = cupy.cuda.Device().attributes
         self._smem_limit = int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10)) - _STATIC_SMEM
+        self._smem_per_sm = int(attrs.get("MaxSharedMemoryPerMultiprocessor", 0))
         self._sms = int(attrs.get("MultiProcessorCount", 132))
-        self._fns = {}
+        self._fns = {}  # (rows per pass, gated) -> the kernel
         for r in _ROWS:
-            fn = module.get_function(f"grouped_gemv_{tag}_r{r}")
-            fn.max_dynamic_shared_size_bytes = self._smem_limit
-            self._fns[r] = fn
+            for gated in (False, True):
+                fn = module.get_function(f"grouped_gemv_{tag}_r{r}{'_silu' if gated else ''}")
+                fn.max_dynamic_shared_size_bytes = self._smem_limit
+                self._fns[r, gated] = fn
+        # the most warps a block of every kernel may have (its registers per thread allow it)
+        self._max_warps = min(32, *(int(fn.max_threads_per_block) // 32 for fn in self._fns.values()))
         self._module = module
+
+    min_warps_per_sm = 32
+    """A launch whose staged rows leave room for few blocks per SM (4 rows of the down projection's 14336
+    elements: 115 KB, one block) gets more warps per block (up to 32), so that each SM still has about this many
+    warps streaming weights; 8 warps a block otherwise. 0: always 8 (as before 2026-11-25). Read at each launch's
+    packing; set it on the class to compare (``benchmarks/bench_mixtral.py --variants grouped-warps-8``)."""
+
+    def warps_per_block(self, smem: int) -> int:
+        """Warps per block for a launch of ``smem`` bytes of staged rows (see :attr:`min_warps_per_sm`)."""
+        resident = min(8, self._smem_per_sm // (smem + _STATIC_SMEM + 1024)) if self._smem_per_sm else 8
+        if self.min_warps_per_sm <= 0 or resident <= 0:
+            return _WARPS
+        return min(self._max_warps, max(_WARPS, -(-self.min_warps_per_sm // resident)))
 
     def rows_per_pass(self, tokens: int, k: int) -> int:
         """Input rows staged per pass for ``tokens`` tokens (an expert has at most one assignment per token) of
@@ -196,16 +241,19 @@ class GroupedGemv:
         k: int,
         y: int,
         y_ld: int,
+        gated: bool = False,
     ) -> tuple[int, tuple[int, int], int, int, list[int]]:
         """The launch :meth:`__call__` makes, for pointers given as ints: ``(function handle, grid, threads per
         block, shared bytes, arguments)``, for a caller that packs it once (``Dense.prepared_kernel``)."""
         assignments = tokens * top_k
         r = self.rows_per_pass(tokens, k)
+        warps = self.warps_per_block(r * k * 2)
         active = max(1, min(num_experts, assignments))
-        blocks = max(1, min(-(-n // _WARPS), -(-8 * self._sms // active)))
+        blocks = max(1, min(-(-n // warps), -(-8 * self._sms // active)))
         args = [x, x_ld, div, experts, assignments, w, n, k, y, y_ld]
-        function = getattr(self._fns[r], "kernel", self._fns[r])  # a CuPy RawKernel's compiled Function
-        return int(function.ptr), (blocks, num_experts), 32 * _WARPS, r * k * 2, args
+        fn = self._fns[r, gated]
+        function = getattr(fn, "kernel", fn)  # a CuPy RawKernel's compiled Function
+        return int(function.ptr), (blocks, num_experts), 32 * warps, r * k * 2, args
 
     def __call__(
         self,
@@ -219,17 +267,21 @@ class GroupedGemv:
         n: int,
         k: int,
         y: Any,
+        gated: bool = False,
     ) -> None:
         """``y[a, :n] = x[a // div, :k] @ w[experts[a]].T`` for the ``a < tokens * top_k`` assignments (device
         arrays: ``x`` 16-bit rows with contiguous elements, ``experts`` int32, ``w [num_experts, n, k]``
         contiguous, ``y`` 16-bit rows); :meth:`fits` must hold. Blocks per expert: enough for the active experts
-        (at most ``min(E, tokens * top_k)``) to fill every SM 8 blocks deep."""
+        (at most ``min(E, tokens * top_k)``) to fill every SM 8 blocks deep. ``gated``: ``x``'s rows are
+        ``[gate | up]`` of ``2 k`` elements and the product reads ``silu(gate) * up`` in their place (the
+        expert's SiLU-and-mul made as the rows are staged)."""
         assignments = tokens * top_k
         r = self.rows_per_pass(tokens, k)
+        warps = self.warps_per_block(r * k * 2)
         active = max(1, min(num_experts, assignments))
-        blocks = max(1, min(-(-n // _WARPS), -(-8 * self._sms // active)))
+        blocks = max(1, min(-(-n // warps), -(-8 * self._sms // active)))
         x_ld = x.strides[0] // x.itemsize
         y_ld = y.strides[0] // y.itemsize
         args = (x, np.int64(x_ld), np.int32(div), experts, np.int32(assignments), w, np.int32(n), np.int32(k), y,
                 np.int64(y_ld))  # fmt: skip
-        self._fns[r]((blocks, num_experts), (32 * _WARPS,), args, shared_mem=r * k * 2, stream=self.stream)
+        self._fns[r, gated]((blocks, num_experts), (32 * warps,), args, shared_mem=r * k * 2, stream=self.stream)

@@ -23,10 +23,12 @@ MOE_PATHS = ("auto", "routed", "dense")
 _MAX_ROWS = 1 << 31
 
 GEMV_DENSE_FILL = 2
-"""Steps the grouped GEMV serves stay routed under ``"auto"`` while their ``rows * top_k`` assignments number less
-than this many times the experts. Measured on an H100 (benchmarks/RESULTS.md, Mixtral shape, 2 layers, graph): at
-8 rows (16 assignments over 8 experts) dense over the experts gave 3,436 tokens/s, the grouped GEMV 3,191; at 4 rows
-the GEMV reads ~5.3 of the 8 experts, the dense path all 8."""
+"""Steps the grouped GEMV serves stay routed under ``"auto"`` while their ``rows * top_k`` assignments number at
+most this many times the experts. Measured on an H100 (benchmarks/RESULTS.md, Mixtral shape, 2 layers, graph; the
+GEMV with more warps per block where its staged rows leave room for few blocks per SM): at 8 rows (16 assignments
+over 8 experts, ~7.2 of them chosen) the grouped GEMV gave 3,734-3,750 tokens/s, dense over the experts 3,479; at 6
+rows 3,086-3,126 against 2,609. (Before those warps, at 8 rows dense won: 3,436 against 3,191, and the bound was
+strict.)"""
 
 
 class MoEPaths:
@@ -51,7 +53,7 @@ class MoEPaths:
     def moe_path_for(self, rows: int) -> str:
         """``"routed"`` or ``"dense"``: the path the MoE layers take for a step of ``rows`` token rows. Under
         ``"auto"``: routed where the layers' grouped GEMV serves the step (at most :meth:`_moe_gemv_rows` rows, fewer
-        than :data:`GEMV_DENSE_FILL` times the experts in assignments), then :func:`~fi_engine.moe.choose_path`'s
+        at most :data:`GEMV_DENSE_FILL` times the experts in assignments), then :func:`~fi_engine.moe.choose_path`'s
         rule (dense once the step's ``rows * top_k`` assignments reach the number of experts: they cover most
         experts anyway, and one GEMM and one batched GEMM stream every expert faster than the grouped GEMM streams
         the chosen ones).
@@ -65,7 +67,7 @@ class MoEPaths:
         moe = self.model_config.moe
         if moe is None:
             return "routed"
-        if rows <= self._moe_gemv_rows() and rows * moe.top_k < GEMV_DENSE_FILL * moe.num_experts:
+        if rows <= self._moe_gemv_rows() and rows * moe.top_k <= GEMV_DENSE_FILL * moe.num_experts:
             return "routed"  # the grouped GEMV: each chosen expert's weights streamed once, few unchosen
         return choose_path(rows, moe.num_experts, moe.top_k)
 

@@ -17,6 +17,7 @@ formula, and the dense-over-experts path (``forward_dense``) against the routed 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -226,6 +227,17 @@ def test_the_fixed_capacity_path_computes_only_the_chosen_experts_rows() -> None
         layer.close()
 
 
+def gemv_layer(rng: np.random.Generator, dtype: str) -> tuple[int, int, int, Any, MoEWeights, MoELayer]:
+    """A layer of 8 experts, top-2, hidden 256, intermediate 512 whose grouped GEMV serves steps of up to 8 tokens:
+    ``(hidden, top_k, capacity, stream, weights, layer)``."""
+    experts, top_k, h, i, cap = 8, 2, 256, 512, 8
+    stream = cupy.cuda.Stream(non_blocking=True)
+    weights = random_weights(rng, experts, h, i, dtype)
+    layer = MoELayer(weights, dtype=dtype, top_k=top_k, max_tokens=32, stream=stream, capacity=cap)
+    assert layer._grouped is not None and layer._gemv_serves(cap)
+    return h, top_k, cap, stream, weights, layer
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_the_grouped_gemv_matches_float32_and_the_grouped_gemm_and_replays_in_a_graph(dtype: str) -> None:
     """Steps of at most ``gemv_tokens`` tokens take the grouped GEMV (fi_engine.moe_gemv): the same result as the
@@ -233,12 +245,8 @@ def test_the_grouped_gemv_matches_float32_and_the_grouped_gemm_and_replays_in_a_
     a float32 reference of its expert within the dtype's rounding (rel 1e-2 of the row's scale), at 1-8 tokens
     (1: six of eight experts unread); captured in a CUDA graph, a replay on new inputs gives the new result."""
     rng = np.random.default_rng(5)
-    experts, top_k, h, i, cap = 8, 2, 256, 512, 8
-    stream = cupy.cuda.Stream(non_blocking=True)
-    weights = random_weights(rng, experts, h, i, dtype)
-    layer = MoELayer(weights, dtype=dtype, top_k=top_k, max_tokens=32, stream=stream, capacity=cap)
+    h, top_k, cap, stream, weights, layer = gemv_layer(rng, dtype)
     try:
-        assert layer._grouped is not None and layer._gemv_serves(cap)
         gate_up = from_device(weights.gate_up, dtype)
         for tokens in (1, 2, 3, 5, 8):
             x_d, x_f = to_device(rng.standard_normal((tokens, h)), dtype)
@@ -277,6 +285,38 @@ def test_the_grouped_gemv_matches_float32_and_the_grouped_gemm_and_replays_in_a_
             from_device(out_buf, dtype), from_device(want, dtype), atol=TOL[dtype], rtol=TOL[dtype]
         )
     finally:
+        layer.close()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_grouped_gemv_makes_silu_and_mul_as_the_launch_before_it_does(dtype: str) -> None:
+    """The grouped GEMV step's down projection making SiLU-and-mul as it stages its rows (``gemv_fused_silu``,
+    the default) gives bit for bit what FlashInfer's ``silu_and_mul`` as a launch of its own before the plain
+    down GEMV gives (the same rounding of each activation, the same sums), at 1-8 tokens, packed and not."""
+    rng = np.random.default_rng(11)
+    h, top_k, _, stream, _, layer = gemv_layer(rng, dtype)
+    experts = layer.num_experts
+    try:
+        for tokens in (1, 2, 3, 5, 8):
+            x_d, _ = to_device(rng.standard_normal((tokens, h)), dtype)
+            outs = {}
+            for fused in (True, False):
+                layer.gemv_fused_silu = fused
+                packed, plain = cupy.zeros_like(x_d), cupy.zeros_like(x_d)  # new buffers: packed anew
+                layer.forward_static(x_d, packed)
+                with stream:
+                    layer._router_logits(x_d, tokens)
+                    route = (layer.logits, np.int32(experts), np.int32(top_k), np.int32(layer.renormalize),
+                             np.int32(tokens), layer.s_experts, layer.s_weights)  # fmt: skip
+                    layer._route_fn(((tokens + 127) // 128,), (128,), route, stream=stream)
+                    layer._gemv_experts(x_d, plain, tokens)
+                stream.synchronize()
+                outs[fused] = (cupy.asnumpy(packed), cupy.asnumpy(plain))
+            for got, want in zip(outs[True], outs[False], strict=True):
+                assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), f"{tokens} tokens"
+            assert np.abs(outs[True][0].astype(np.float32)).max() > 0  # a product was made
+    finally:
+        layer.gemv_fused_silu = MoELayer.gemv_fused_silu
         layer.close()
 
 

@@ -146,11 +146,11 @@ def test_moe_path_auto_keeps_the_grouped_gemv_then_goes_dense_where_the_assignme
     from fi_engine.moe import MoELayer
 
     assert MoELayer.gemv_tokens == 8
-    # Mixtral, 8 experts top-2: choose_path says dense from 4 rows, the grouped GEMV keeps steps of fewer than 16
-    # assignments (GEMV_DENSE_FILL * 8 experts): dense from 8 rows
-    assert _moe_paths_of(MIXTRAL, "auto", 32) == ["routed"] * 7 + ["dense"] * 25 + ["routed"]  # 33: past max_batch
-    # Qwen3-MoE-like, 16 experts top-4: the GEMV below 32 assignments (8 rows), dense from there
-    assert _moe_paths_of(QWEN3_MOE, "auto", 16) == ["routed"] * 7 + ["dense"] * 9 + ["routed"]
+    # Mixtral, 8 experts top-2: choose_path says dense from 4 rows, the grouped GEMV keeps steps of at most 16
+    # assignments (GEMV_DENSE_FILL * 8 experts) and 8 rows (gemv_tokens): dense from 9 rows
+    assert _moe_paths_of(MIXTRAL, "auto", 32) == ["routed"] * 8 + ["dense"] * 24 + ["routed"]  # 33: past max_batch
+    # Qwen3-MoE-like, 16 experts top-4: the GEMV to 32 assignments (8 rows), dense from there
+    assert _moe_paths_of(QWEN3_MOE, "auto", 16) == ["routed"] * 8 + ["dense"] * 8 + ["routed"]
     # 128 experts top-8 (Qwen3-30B-A3B): the GEMV to 8 rows, the grouped GEMM at 9-15, dense from 16 rows
     wide = {**QWEN3_MOE, "num_experts": 128, "num_experts_per_tok": 8}
     assert _moe_paths_of(wide, "auto", 32) == ["routed"] * 15 + ["dense"] * 17 + ["routed"]
