@@ -50,7 +50,7 @@ ONE_GPU_VARIANTS = (
     "no-pipeline",
     "one-graph",
 )
-ONE_GPU_PREFIXES = ("fp8-gemv-rows-", "unroll-", "rope-unroll-")
+ONE_GPU_PREFIXES = ("fp8-gemv-rows-", "unroll-", "rope-unroll-", "fused-blocks-")
 
 SHAPE_8B = dict(
     vocab_size=128256,
@@ -242,6 +242,10 @@ def run_rank(
         from fi_engine.dense import Dense
 
         Dense.rope_unroll = int(variant.rsplit("-", 1)[1])
+    if variant.startswith("fused-blocks-"):  # the fused GEMVs with at most N blocks per SM (8 by default)
+        from fi_engine.dense import Dense
+
+        Dense.fused_blocks_per_sm = int(variant.rsplit("-", 1)[1])
     if variant == "no-pipeline":  # each decode step launched after the last one's tokens are read (before 2026-11-25)
         LlamaEngine.pipelined_decode = False
     if variant == "no-attn-pdl":  # the fused step's attention runs launched without programmatic dependent launch
@@ -436,25 +440,25 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default="fused,nccl,whole-vocab",
-        help="TP > 1 rows: fused (fused all-reduce, vocabulary split), nccl (NCCL + fused_add_rmsnorm), "
-        "whole-vocab (fused all-reduce, embedding and LM head whole on every rank), agree (as fused, greedy ids "
-        "from the shards' combined argmax without rank 0's broadcast; off in the engine until measured), "
-        "in-step (TP 1: each graph step prepared only after the last one's tokens are back), lt (TP 1: every GEMM "
-        "of the decode graph through cuBLASLt, none through the GEMV), unfused (TP 1: a one-row decode graph of "
-        "separate launches, not the fused step), no-pdl (TP 1: the fused step's GEMVs without programmatic dependent "
-        "launch), fp8-fused (TP 1, FP8 checkpoints: the fused step over e4m3 weights, off by default), "
-        "w8a16 (TP 1, FP8 checkpoints: steps of more than 8 rows dequantize instead of the FP8 GEMM), "
-        "w8a8-no-blocks (TP 1, 128x128-block FP8 checkpoints: dequantized above 8 rows, not the FP8 GEMM), "
-        "fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "
-        "unroll-N (TP 1: the 16-bit GEMVs with N weight vectors in flight per lane; Dense.gemv_unroll), "
-        "rope-unroll-N (TP 1: the QKV + RoPE GEMV's; 1 is its loop before 2026-11-25), no-attn-pdl (TP 1: the fused "
-        "step's attention runs without programmatic dependent launch), no-pipeline (TP 1: each graph step launched "
-        "only after the last one's tokens are read, ServingLoop.pipelined_decode off), one-graph (TP 1: one decode "
-        "graph of max_batch rows for every step, LlamaEngine.decode_graph_ladder off), again (TP 1: the default "
-        "once more, after the others: the run's own noise), "
-        "ahead (as fused, the next step prepared while the "
-        "GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce launched with programmatic dependent "
-        "launch)",
+        help="TP > 1 rows: fused (fused all-reduce, vocabulary split), nccl (NCCL + fused_add_rmsnorm), whole-"
+        "vocab (fused all-reduce, embedding and LM head whole on every rank), agree (as fused, greedy ids "
+        "from the shards' combined argmax without rank 0's broadcast; off in the engine until measured), in-"
+        "step (TP 1: each graph step prepared only after the last one's tokens are back), lt (TP 1: every "
+        "GEMM of the decode graph through cuBLASLt, none through the GEMV), unfused (TP 1: a one-row decode "
+        "graph of separate launches, not the fused step), no-pdl (TP 1: the fused step's GEMVs without "
+        "programmatic dependent launch), fp8-fused (TP 1, FP8 checkpoints: the fused step over e4m3 weights, "
+        "off by default), w8a16 (TP 1, FP8 checkpoints: steps of more than 8 rows dequantize instead of the "
+        "FP8 GEMM), w8a8-no-blocks (TP 1, 128x128-block FP8 checkpoints: dequantized above 8 rows, not the "
+        "FP8 GEMM), fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "
+        "unroll-N (TP 1: the 16-bit GEMVs with N weight vectors in flight per lane; Dense.gemv_unroll), rope-"
+        "unroll-N (TP 1: the QKV + RoPE GEMV's; 1 is its loop before 2026-11-25), fused-blocks-N (TP 1: the "
+        "fused GEMVs with at most N blocks per SM; Dense.fused_blocks_per_sm, 8 by default), no-attn-pdl (TP "
+        "1: the fused step's attention runs without programmatic dependent launch), no-pipeline (TP 1: each "
+        "graph step launched only after the last one's tokens are read, ServingLoop.pipelined_decode off), "
+        "one-graph (TP 1: one decode graph of max_batch rows for every step, LlamaEngine.decode_graph_ladder "
+        "off), again (TP 1: the default once more, after the others: the run's own noise), ahead (as fused, "
+        "the next step prepared while the GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce"
+        " launched with programmatic dependent launch)",
     )
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
     ap.add_argument(

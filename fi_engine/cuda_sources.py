@@ -5,7 +5,7 @@ NVRTC into three modules, checks the arguments of and launches (nothing here run
 decode step, ``cuLaunchKernel``). Copies and exact comparisons only: nothing is rounded.
 
 - ``gather_rows16(src, rows, dst, width, src_ld, dst_ld)``: ``dst[r, :width] = src[rows[r], :width]``, 16-bit
-  elements, ``rows`` int32; one block per output row (the embedding lookup).
+  elements, ``rows`` int32; grid (output rows, column blocks) (the embedding lookup).
 - ``gather_rows16_shard(..., lo, n)``: the same for a vocabulary shard holding ids ``[lo, lo + n)``; a row whose
   id is outside gets zeros (the other ranks add theirs).
 - ``argmax_rows(x, n, ld, out)``: ``out[r]`` = the first index of the largest of ``x[r, :n]`` (float32 ``x``
@@ -69,13 +69,15 @@ __all__ = [
 ROW_KERNELS_SOURCE = r"""
 #define NEG_INF __int_as_float((int)0xff800000u)
 
-// dst[r, :width] = src[rows[r], :width] for 16-bit elements; one block per output row.
+// dst[r, :width] = src[rows[r], :width] for 16-bit elements; grid (rows, column blocks): blockIdx.y's blocks share
+// a row's columns (one block a row made a decode step's embedding gather a chain of dependent copies on one SM).
 extern "C" __global__ void gather_rows16(const unsigned short* __restrict__ src, const int* __restrict__ rows,
                                          unsigned short* __restrict__ dst, long long width, long long src_ld,
                                          long long dst_ld) {
+    const long long c0 = (long long)blockIdx.y * blockDim.x + threadIdx.x, stride = (long long)gridDim.y * blockDim.x;
     const unsigned short* a = src + (long long)rows[blockIdx.x] * src_ld;
     unsigned short* b = dst + (long long)blockIdx.x * dst_ld;
-    for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = a[c];
+    for (long long c = c0; c < width; c += stride) b[c] = a[c];
 }
 
 __device__ __forceinline__ void keep_first_max(float& best, int& idx, float ob, int oi) {
@@ -83,18 +85,19 @@ __device__ __forceinline__ void keep_first_max(float& best, int& idx, float ob, 
 }
 
 // dst[r, :width] = src[rows[r] - lo, :width] where lo <= rows[r] < lo + n, else zeros: the rows a vocabulary shard
-// holds (the other ranks add the rest); one block per output row.
+// holds (the other ranks add the rest); grid as gather_rows16.
 extern "C" __global__ void gather_rows16_shard(const unsigned short* __restrict__ src, const int* __restrict__ rows,
                                                unsigned short* __restrict__ dst, long long width, long long src_ld,
                                                long long dst_ld, int lo, int n) {
+    const long long c0 = (long long)blockIdx.y * blockDim.x + threadIdx.x, stride = (long long)gridDim.y * blockDim.x;
     const int id = rows[blockIdx.x] - lo;
     unsigned short* b = dst + (long long)blockIdx.x * dst_ld;
     if (id < 0 || id >= n) {
-        for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = 0;
+        for (long long c = c0; c < width; c += stride) b[c] = 0;
         return;
     }
     const unsigned short* a = src + (long long)id * src_ld;
-    for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = a[c];
+    for (long long c = c0; c < width; c += stride) b[c] = a[c];
 }
 
 // The largest of row[:n] and its first index, for the whole block; the answer is in thread 0's (best, idx);
@@ -102,9 +105,21 @@ extern "C" __global__ void gather_rows16_shard(const unsigned short* __restrict_
 __device__ __forceinline__ void block_argmax(const float* __restrict__ row, long long n, float& best, int& idx) {
     best = NEG_INF;
     idx = 0x7fffffff;
-    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+    const long long b = blockDim.x;
+    long long i = threadIdx.x;
+    // 8 loads in flight per thread before they are compared (one at a time, a 128K vocabulary's row took 30 us
+    // of dependent loads on its one SM); compared in ascending index order, as one at a time
+    for (; i + 7 * b < n; i += 8 * b) {
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) v[u] = row[i + u * b];
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+            if (v[u] > best) { best = v[u]; idx = (int)(i + u * b); }  // ascending: '>' keeps the first max
+    }
+    for (; i < n; i += b) {
         float v = row[i];
-        if (v > best) { best = v; idx = (int)i; }  // a thread's indices ascend: '>' keeps its first max
+        if (v > best) { best = v; idx = (int)i; }
     }
     for (int off = 16; off; off >>= 1)
         keep_first_max(best, idx, __shfl_down_sync(0xffffffffu, best, off), __shfl_down_sync(0xffffffffu, idx, off));

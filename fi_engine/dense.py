@@ -61,6 +61,11 @@ __all__ = [
 WORKSPACE_BYTES = 32 << 20
 
 
+def _column_blocks(width: int) -> int:
+    """Blocks of 256 threads per row of the row copies (``gather_rows16``), one column each (at least one)."""
+    return max(1, -(-int(width) // 256))
+
+
 def data_type(dtype: str) -> int:
     """The cudaDataType_t of an fi_ffi dtype name."""
     try:
@@ -228,6 +233,12 @@ class Dense:
     per warp against more registers. Compiled in when a Dense is made; set it on the class to compare
     (``benchmarks/bench_llama_tp.py --variants unroll-N``)."""
 
+    fused_blocks_per_sm = 8
+    """The fused GEMVs' blocks per SM at most (their grid: this many times the SMs, each block serving a grid-stride
+    set of columns after computing its prologue -- the norm or SiLU of the input rows -- once): more blocks keep more
+    weight loads in flight, fewer recompute the prologue fewer times. Read when a Dense is made; set it on the class
+    to compare (``benchmarks/bench_llama_tp.py --variants fused-blocks-N``)."""
+
     rope_unroll = 4
     """The same for each of the two columns of the fused QKV + RoPE + append GEMV (``prepared_qkv_rope``); 1 is
     the one-vector loop it had before (``benchmarks/bench_llama_tp.py --variants rope-unroll-1``)."""
@@ -346,7 +357,7 @@ class Dense:
                             optin = limit
                     fns[(mode | _ROPE, ab, ab)] = _function_ptr(kernel)
             self._fused_smem = max(limit, optin)
-            self._fused_grid = 8 * int(attrs.get("MultiProcessorCount", 132))
+            self._fused_grid = max(1, int(self.fused_blocks_per_sm)) * int(attrs.get("MultiProcessorCount", 132))
             self._fused_module, self._fused_fns = module, fns
         except Exception as exc:  # NVRTC refusing: the engine keeps its separate norm and activation launches
             self._fused_fns, self.gemv_error = {}, f"fused GEMV: {type(exc).__name__}: {exc}"
@@ -495,7 +506,9 @@ class Dense:
                 raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
         values = self._driver_ffi.new("uint64_t[6]", [src, index, dst, width, src_ld, dst_ld])
         params = self._driver_ffi.new("void*[6]", [values + i for i in range(6)])
-        return self._prepared(_function_ptr(self._gather_fn), rows, 256, 0, params, values, "gather_rows16")
+        return self._prepared(
+            _function_ptr(self._gather_fn), rows, 256, 0, params, values, "gather_rows16", grid_y=_column_blocks(width)
+        )
 
     def prepared_kernel(
         self, fn: int, grid: tuple[int, int], block: int, smem: int, args: Sequence[int], name: str
@@ -1059,7 +1072,7 @@ class Dense:
 
     def gather_rows(self, rows: int, src: int, src_ld: int, index: int, dst: int, dst_ld: int, width: int) -> None:
         """``dst[r, :width] = src[index[r], :width]`` for ``r < rows`` (16-bit elements; ``index`` int32)."""
-        self._gather_fn((rows,), (256,), (src, index, dst, width, src_ld, dst_ld))
+        self._gather_fn((rows, _column_blocks(width)), (256,), (src, index, dst, width, src_ld, dst_ld))
 
     def argmax(self, rows: int, x: int, n: int, ld: int, out: int) -> None:
         """``out[r] = argmax(x[r, :n])`` (float32 ``x``, int32 ``out``; ties: the first index)."""
@@ -1071,7 +1084,8 @@ class Dense:
         """``dst[r] = src[index[r] - lo]`` where ``lo <= index[r] < lo + n``, else a row of zeros (16-bit)."""
         import numpy as np
 
-        self._gather_shard_fn((rows,), (256,), (src, index, dst, width, src_ld, dst_ld, np.int32(lo), np.int32(n)))
+        args = (src, index, dst, width, src_ld, dst_ld, np.int32(lo), np.int32(n))
+        self._gather_shard_fn((rows, _column_blocks(width)), (256,), args)
 
     def argmax_shard(self, rows: int, x: int, n: int, ld: int, offset: int, pairs: int) -> None:
         """``pairs[r] = (max(x[r, :n]) as float32 bits, first argmax + offset)`` (int32 ``[rows, 2]``)."""

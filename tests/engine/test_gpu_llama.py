@@ -378,6 +378,39 @@ def test_gather_rows_and_argmax(dense):
     assert ids.get().tolist() == want.tolist()
 
 
+@pytest.mark.parametrize("n", [128_259, 32_000, 1_000])
+def test_argmax_over_a_vocabulary_row_and_a_wide_gather(dense, n):
+    """The argmax's 8 loads in flight per thread (and the loop over what is left past them) give numpy's first
+    index: ties placed in both loops and across them, NaNs that never win, a row whose largest value sits in the last
+    few elements, a row of -inf (0); the gather over a row of several column blocks (4,100 elements: 17 blocks of
+    256, the last one partial) copies each row exactly and writes nothing past it, called and prepared."""
+    d, stream = dense
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, n)).astype(np.float32)
+    x[0, [3, n // 2, n - 2]] = 60.0  # a three-way tie: the first wins
+    x[1, n - 1] = 70.0  # the largest in the remainder (the row is not a multiple of the 8 x 1024 unrolled step)
+    x[2, rng.integers(0, n, 50)] = np.nan  # NaN never wins
+    x[2, 7] = 80.0
+    x[3, :] = -np.inf
+    x[4, [0, 1]] = 90.0  # a tie in one thread's first loads
+    xd, ids = cp.asarray(x), cp.full(5, -1, np.int32)
+    width, ld = 4_100, 4_104
+    table = cp.asarray(rng.integers(0, 1 << 16, size=(64, width), dtype=np.uint16))
+    index = cp.asarray(np.array([63, 0, 17], np.int32))
+    out, prepared_out = cp.zeros((3, ld), np.uint16), cp.zeros((3, ld), np.uint16)
+    cp.cuda.Device().synchronize()
+    d.argmax(5, xd.data.ptr, n, n, ids.data.ptr)
+    d.gather_rows(3, table.data.ptr, width, index.data.ptr, out.data.ptr, ld, width)
+    d.prepared_gather(3, table.data.ptr, width, index.data.ptr, prepared_out.data.ptr, ld, width)()
+    stream.synchronize()
+    want = np.where(np.isnan(x), -np.inf, x).argmax(axis=1)
+    want[3] = 0
+    assert ids.get().tolist() == want.tolist() == [3, n - 1, 7, 0, 0]
+    for got in (out.get(), prepared_out.get()):
+        assert np.array_equal(got[:, :width], table.get()[[63, 0, 17]])
+        assert not got[:, width:].any()
+
+
 def hf_inv_freq(d: int, rope: RopeConfig) -> np.ndarray:
     """transformers' inverse frequencies (default and llama3 types), float64."""
     inv = 1.0 / rope.theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
