@@ -6,10 +6,11 @@ vocab 4096) at ``--layers`` depths, so the GPU's work is small and the host neve
 batch size the engine's eager decode step is issued as ``ServingLoop`` issues it (the fused step where it applies,
 else the forward pass and the LM head) on one prepared step, the host time of the issue measured (median of
 ``--reps``, the stream synchronized between repetitions and outside the timing), and the per-layer host time is the
-slope between the two depths (the embedding, final norm and head cancel). Needs a GPU and CuPy. Not a test:
-nothing is asserted.
+slope between the two depths (the embedding, final norm and head cancel). ``--rounds`` (3) repeats every
+measurement in turn and reports the medians and each round's ratio: single runs moved by about 20 %. Needs a GPU
+and CuPy. Not a test: nothing is asserted.
 
-    bash tools/gpu_run.sh python3 benchmarks/bench_layer_host.py [--batches 1,8,32] [--layers 2,10]
+    bash tools/gpu_run.sh python3 benchmarks/bench_layer_host.py [--batches 1,8,32] [--layers 2,10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -122,23 +123,36 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--layers", default="2,10", help="two depths; the per-layer time is the slope between them")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="every measurement repeated this many times in turn; medians reported"
+    )
     args = ap.parse_args()
     lo, hi = (int(x) for x in args.layers.split(","))
     batches = [int(b) for b in args.batches.split(",")]
-    per_layer: dict[tuple[str, int], float] = {}
+    per_layer: dict[tuple[str, int], list[float]] = {}
+    ratios: dict[int, list[float]] = {b: [] for b in batches}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("dense", "moe"):
             for depth in (lo, hi):
                 folder = Path(tmp) / f"{kind}{depth}"
                 folder.mkdir()
                 write_checkpoint(folder, depth, kind == "moe")
+        # rounds in turn (dense and MoE measured next to each other in each): a round's ratio compares like with
+        # like, and the medians over rounds drop a round that a cold start or a busy host slowed
+        for round_ in range(args.rounds):
             for b in batches:
-                (t_lo, path), (t_hi, _) = (step_host_us(Path(tmp) / f"{kind}{d}", b, args.reps) for d in (lo, hi))
-                per_layer[kind, b] = (t_hi - t_lo) / (hi - lo)
-                print(f"{kind:5s} batch {b:3d} ({path}): step host {t_lo:7.1f} us at {lo} layers, {t_hi:7.1f} us at "
-                      f"{hi}: {per_layer[kind, b]:6.1f} us per layer", flush=True)  # fmt: skip
+                for kind in ("dense", "moe"):
+                    (t_lo, path), (t_hi, _) = (step_host_us(Path(tmp) / f"{kind}{d}", b, args.reps) for d in (lo, hi))
+                    slope = (t_hi - t_lo) / (hi - lo)
+                    per_layer.setdefault((kind, b), []).append(slope)
+                    print(f"round {round_}: {kind:5s} batch {b:3d} ({path}): step host {t_lo:7.1f} us at {lo} layers, "
+                          f"{t_hi:7.1f} us at {hi}: {slope:6.1f} us per layer", flush=True)  # fmt: skip
+                ratios[b].append(per_layer["moe", b][-1] / per_layer["dense", b][-1])
     for b in batches:
-        print(f"batch {b:3d}: MoE layer / dense layer host time = {per_layer['moe', b] / per_layer['dense', b]:.2f}x")
+        moe, dense = statistics.median(per_layer["moe", b]), statistics.median(per_layer["dense", b])
+        each = ", ".join(f"{r:.2f}" for r in ratios[b])
+        print(f"batch {b:3d}: MoE layer {moe:.1f} us / dense layer {dense:.1f} us = {moe / dense:.2f}x "
+              f"(median per layer over {args.rounds} rounds; each round's ratio: {each})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""Where a replayed decode step's GPU time goes: every kernel of the engine's decode CUDA graph, with its time, and
+the idle time between kernels (issue 32: "per-kernel time from a profile of one replayed step").
+
+    bash tools/gpu_run.sh python3 benchmarks/profile_step.py --model DIR [--batch 1] [--steps 20] [--moe-path auto]
+
+The engine of ``DIR`` (any checkpoint ``fi_engine.engines.open_engine`` serves; ``max_batch`` = ``--batch``, CUDA
+graph) generates a few tokens once (graphs captured, kernels loaded), then replays the decode graph of ``--batch``
+rows ``--steps`` times back to back under torch's profiler (CUPTI: the kernels inside a graph are recorded one by
+one). Printed per kernel name: launches per step, microseconds per step and per launch, and the exclusive time per
+step: the part of each launch's time after every earlier kernel had ended (a kernel launched with programmatic
+dependent launch starts while its predecessor drains and waits for it, so its own duration counts that overlap
+twice; the exclusive times and the idle time add up to the step); then per step the span from the first kernel's
+start to the last one's end and the idle time in it (no kernel running: launch gaps and the graph's own
+dependencies). Needs a GPU, CuPy and torch (only for its profiler:
+the engine does not use torch). Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def short_name(name: str) -> str:
+    """A kernel's name without template arguments and parameter lists (one row per kernel family)."""
+    while "<" in name:
+        reduced = re.sub(r"<[^<>]*>", "", name)
+        if reduced == name:
+            break
+        name = reduced
+    name = re.sub(r"\(.*", "", name)
+    name = name.replace("void ", "").strip()
+    return name[:90]
+
+
+def kernel_events(prof: Any) -> list[tuple[str, float, float]]:
+    """``(name, start_us, duration_us)`` of every GPU kernel the profiler recorded, in start order."""
+    events = []
+    for e in prof.events():
+        if getattr(e, "device_type", None) is None or "CUDA" not in str(e.device_type):
+            continue
+        if "memcpy" in e.name.lower() or "memset" in e.name.lower():
+            continue
+        start = e.time_range.start
+        events.append((e.name, float(start), float(e.time_range.end - start)))
+    events.sort(key=lambda x: x[1])
+    return events
+
+
+def profile(model: str, batch: int, steps: int, moe_path: str | None) -> dict[str, Any]:
+    import cupy as cp
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from fi_engine.engines import open_engine
+
+    kwargs: dict[str, Any] = {"max_batch": batch, "cuda_graph": True, "max_seq_len": 512}
+    if moe_path:
+        kwargs["moe_path"] = moe_path
+    rng = np.random.default_rng(0)
+    with open_engine(model, **kwargs) as engine:
+        vocab = engine.config.vocab_size
+        prompts = [rng.integers(3, min(vocab, 30000), size=32).tolist() for _ in range(batch)]
+        engine.generate(prompts, 8, eos_token_ids=())
+        rows = min(b for b in engine.graphs if b >= batch)
+        graph = engine.graphs[rows]
+        with cp.cuda.Device(engine.device), engine.stream:
+            for _ in range(3):
+                graph.launch()
+            engine.stream.synchronize()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    graph.launch()
+                engine.stream.synchronize()
+    events = kernel_events(prof)
+    if not events:
+        raise SystemExit("the profiler recorded no kernel (CUPTI unavailable?)")
+    per_step = len(events) / steps
+    if per_step != int(per_step):
+        print(f"note: {len(events)} kernels over {steps} replays is not a whole number per replay")
+    n = int(per_step)
+    spans, busy = [], []
+    for s in range(steps):
+        chunk = events[s * n : (s + 1) * n]
+        if not chunk:
+            break
+        spans.append(chunk[-1][1] + chunk[-1][2] - chunk[0][1])
+        busy.append(sum(d for _, _, d in chunk))
+    by_name: dict[str, list[float]] = defaultdict(list)
+    exclusive: dict[str, float] = defaultdict(float)
+    idle = 0.0
+    for s in range(steps):
+        chunk = events[s * n : (s + 1) * n]
+        ended = chunk[0][1] if chunk else 0.0
+        for name, start, dur in chunk:
+            idle += max(0.0, start - ended)
+            exclusive[short_name(name)] += max(0.0, start + dur - max(start, ended))
+            ended = max(ended, start + dur)
+    for name, _, dur in events:
+        by_name[short_name(name)].append(dur)
+    table = sorted(
+        (
+            (name, len(d) / steps, sum(d) / steps, sum(d) / len(d), exclusive[name] / steps)
+            for name, d in by_name.items()
+        ),
+        key=lambda row: -row[4],
+    )
+    span, work = sorted(spans)[len(spans) // 2], sorted(busy)[len(busy) // 2]
+    print(f"{model}: batch {batch} (graph of {rows} rows), {n} kernels per replayed step, median of {len(spans)}")
+    print(f"{'kernel':80s} {'per step':>8s} {'us/step':>9s} {'us/launch':>9s} {'exclusive us/step':>17s}")
+    for name, count, total, mean, excl in table:
+        print(f"{name[:80]:80s} {count:8.1f} {total:9.1f} {mean:9.2f} {excl:17.1f}")
+    print(f"step span {span:.1f} us (median); mean idle between kernels {idle / steps:.1f} us per step "
+          f"({100 * idle / steps / span:.1f} %, {idle / steps / max(n - 1, 1):.2f} us per boundary)")  # fmt: skip
+    return {
+        "model": model,
+        "batch": batch,
+        "graph_rows": rows,
+        "kernels_per_step": n,
+        "span_us": span,
+        "busy_us": work,
+        "idle_us": idle / steps,
+        "kernels": [
+            {"name": a, "per_step": b, "us_per_step": c, "us_per_launch": d, "exclusive_us_per_step": e}
+            for a, b, c, d, e in table
+        ],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory")
+    ap.add_argument("--batch", type=int, nargs="*", default=[1])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--moe-path", default=None, help="LlamaEngine moe_path (auto, routed, dense); default: its own")
+    ap.add_argument("--json", default="", help="write the rows to this file")
+    a = ap.parse_args()
+    rows = [profile(a.model, b, a.steps, a.moe_path) for b in a.batch]
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
