@@ -46,6 +46,7 @@ torch = require_torch()
 transformers = pytest.importorskip("transformers", reason="the reference needs transformers (fi-ffi[gpu-tests])")
 
 from helpers.checkpoints import float32_reference, randomize_norms, rope_kwargs  # noqa: E402
+from helpers.wheels import supplied_by_user  # noqa: E402
 from helpers.yardstick import (  # noqa: E402
     bf16_yardstick,
     check_eager_matches_graph,
@@ -191,5 +192,7 @@ def test_cli_generate_picks_the_family_engine(family) -> None:  # type: ignore[n
          "--max-new-tokens", "4", "--graph"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    if out.returncode and "no prebuilt module for" in out.stderr and supplied_by_user():  # as conftest skips
+        pytest.skip("the test wheel FI_FFI_TEST_WHEELS names holds no such module: " + out.stderr.strip()[-600:])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("[0] ") and "(length)" in out.stdout, out.stdout
