@@ -333,8 +333,8 @@ class LlamaEngine(MoEPaths, Engine):
         moe_path: how the MoE layers run a step of up to ``max_batch`` token rows
             (:class:`~fi_engine.moe_paths.MoEPaths`): ``"auto"`` (default): the grouped GEMV (routed on the device,
             each chosen expert's weights read once) for steps of at most :attr:`~fi_engine.moe.MoELayer.gemv_tokens`
-            rows whose assignments number less than twice the experts, then dense over the experts where
-            :func:`~fi_engine.moe.choose_path` says so (Mixtral's 8 experts, top-2: from 8 rows), else routed (the
+            rows whose assignments number at most twice the experts, then dense over the experts where
+            :func:`~fi_engine.moe.choose_path` says so (Mixtral's 8 experts, top-2: from 9 rows), else routed (the
             fixed-capacity grouped GEMM); ``"routed"`` or ``"dense"`` force one path. Steps of more rows (long
             prefills) route on the host.
     """

@@ -45,7 +45,7 @@ import numpy as np
 
 import fi_ffi
 
-from .dense import CUDA_R_32F, Dense, data_type
+from .dense import CUDA_R_32F, Dense, _column_blocks, data_type
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
 from .values import MAX_SIZE, arg_int, integer
 
@@ -615,8 +615,9 @@ class MoELayer:
         self._act_fn((rows,), (min(256, -(-i // 32) * 32),), args, stream=self.stream)
 
     def _combine_grid(self, t: int) -> tuple[int, int]:
-        """The combine kernels' grid for ``t`` tokens: one block of 256 threads per 256 columns of each token."""
-        return t, -(-self.hidden // 256)
+        """The combine kernels' grid for ``t`` tokens: one block of 256 threads per 256 columns of each token (as
+        the row copies of :class:`~fi_engine.dense.Dense` spread theirs)."""
+        return t, _column_blocks(self.hidden)
 
     def _combine_rows(self, y: Any, row_of: Any, weights: Any, out: Any, t: int, seg: Any) -> None:
         """``out[t] = sum_j w[t, j] * (y[row_of[t, j]] (+ the expert's down bias))``."""

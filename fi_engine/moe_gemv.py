@@ -227,6 +227,14 @@ class GroupedGemv:
         (k a multiple of 8, at most 1024 assignments, one input row in shared memory)."""
         return 0 < tokens * top_k <= _MAX_ASSIGN and k % 8 == 0 and n > 0 and self.rows_per_pass(tokens, k) > 0
 
+    def _geometry(self, assignments: int, num_experts: int, tokens: int, n: int, k: int) -> tuple[int, int, int]:
+        """A launch's rows staged per pass, warps per block and blocks per expert: enough blocks for the active
+        experts (at most ``min(E, assignments)``) to fill every SM 8 blocks deep, at most one column per warp."""
+        r = self.rows_per_pass(tokens, k)
+        warps = self.warps_per_block(r * k * 2)
+        active = max(1, min(num_experts, assignments))
+        return r, warps, max(1, min(-(-n // warps), -(-8 * self._sms // active)))
+
     def launch(
         self,
         x: int,
@@ -246,10 +254,7 @@ class GroupedGemv:
         """The launch :meth:`__call__` makes, for pointers given as ints: ``(function handle, grid, threads per
         block, shared bytes, arguments)``, for a caller that packs it once (``Dense.prepared_kernel``)."""
         assignments = tokens * top_k
-        r = self.rows_per_pass(tokens, k)
-        warps = self.warps_per_block(r * k * 2)
-        active = max(1, min(num_experts, assignments))
-        blocks = max(1, min(-(-n // warps), -(-8 * self._sms // active)))
+        r, warps, blocks = self._geometry(assignments, num_experts, tokens, n, k)
         args = [x, x_ld, div, experts, assignments, w, n, k, y, y_ld]
         fn = self._fns[r, gated]
         function = getattr(fn, "kernel", fn)  # a CuPy RawKernel's compiled Function
@@ -276,10 +281,7 @@ class GroupedGemv:
         ``[gate | up]`` of ``2 k`` elements and the product reads ``silu(gate) * up`` in their place (the
         expert's SiLU-and-mul made as the rows are staged)."""
         assignments = tokens * top_k
-        r = self.rows_per_pass(tokens, k)
-        warps = self.warps_per_block(r * k * 2)
-        active = max(1, min(num_experts, assignments))
-        blocks = max(1, min(-(-n // warps), -(-8 * self._sms // active)))
+        r, warps, blocks = self._geometry(assignments, num_experts, tokens, n, k)
         x_ld = x.strides[0] // x.itemsize
         y_ld = y.strides[0] // y.itemsize
         args = (x, np.int64(x_ld), np.int32(div), experts, np.int32(assignments), w, np.int32(n), np.int32(k), y,

@@ -52,8 +52,8 @@ class MoEPaths:
 
     def moe_path_for(self, rows: int) -> str:
         """``"routed"`` or ``"dense"``: the path the MoE layers take for a step of ``rows`` token rows. Under
-        ``"auto"``: routed where the layers' grouped GEMV serves the step (at most :meth:`_moe_gemv_rows` rows, fewer
-        at most :data:`GEMV_DENSE_FILL` times the experts in assignments), then :func:`~fi_engine.moe.choose_path`'s
+        ``"auto"``: routed where the layers' grouped GEMV serves the step (at most :meth:`_moe_gemv_rows` rows, whose
+        assignments number at most :data:`GEMV_DENSE_FILL` times the experts), then :func:`~fi_engine.moe.choose_path`'s
         rule (dense once the step's ``rows * top_k`` assignments reach the number of experts: they cover most
         experts anyway, and one GEMM and one batched GEMM stream every expert faster than the grouped GEMM streams
         the chosen ones).
