@@ -411,6 +411,27 @@ def test_argmax_over_a_vocabulary_row_and_a_wide_gather(dense, n):
         assert not got[:, width:].any()
 
 
+def test_the_shard_gather_over_several_column_blocks(dense):
+    """A vocabulary shard's gather (tensor parallelism's embedding, run here on one GPU: the kernel needs no peer)
+    over rows of 4,100 elements (17 column blocks of 256): each id the shard holds, ``[lo, lo + n)``, copies its
+    row exactly; an id outside gives a row of zeros; nothing is written past ``width``."""
+    d, stream = dense
+    rng = np.random.default_rng(2)
+    width, ld, lo, n = 4_100, 4_104, 100, 64
+    shard = cp.asarray(rng.integers(1, 1 << 16, size=(n, width), dtype=np.uint16))
+    ids = np.array([100, 163, 99, 164, 130], np.int32)  # first, last, below, above, inside
+    index = cp.asarray(ids)
+    out = cp.full((len(ids), ld), 7, np.uint16)
+    cp.cuda.Device().synchronize()
+    d.gather_rows_shard(len(ids), shard.data.ptr, width, index.data.ptr, out.data.ptr, ld, width, lo, n)
+    stream.synchronize()
+    got, table = out.get(), shard.get()
+    for r, i in enumerate(ids):
+        want = table[i - lo] if lo <= i < lo + n else np.zeros(width, np.uint16)
+        assert np.array_equal(got[r, :width], want), f"row {r} (id {i})"
+        assert (got[r, width:] == 7).all()
+
+
 def hf_inv_freq(d: int, rope: RopeConfig) -> np.ndarray:
     """transformers' inverse frequencies (default and llama3 types), float64."""
     inv = 1.0 / rope.theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
