@@ -44,6 +44,7 @@ ONE_GPU_VARIANTS = (
     "no-pdl",
     "no-attn-pdl",
     "fp8-fused",
+    "fp8-scalar-gemv",
     "w8a16",
     "w8a8-no-blocks",
     "again",
@@ -222,6 +223,10 @@ def run_rank(
         from fi_engine.dense import Dense
 
         Dense.fp8_fused = True
+    if variant == "fp8-scalar-gemv":  # FP8 weights: the GEMV without tensor cores (gemv8_*; before 2026-11-25)
+        from fi_engine.fp8_linear import Fp8Linears
+
+        Fp8Linears.tensor_core_rows = 9
     if variant == "w8a16":  # FP8 weights: steps of more than 8 rows dequantize (before the FP8 tensor-core GEMM)
         from fi_engine.dense import Dense
 

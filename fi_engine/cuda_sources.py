@@ -946,6 +946,158 @@ GEMV8(gemv8_f16_f16_block_8, false, false, true, 8)
 GEMV8(gemv8_f16_f32_row_8, false, true, false, 8)
 GEMV8(gemv8_f16_f32_block_8, false, true, true, 8)
 
+// The same product on tensor cores (SM 8.0+; an empty kernel below): gemv8_rows' decoding is the step's cost once
+// rows > 1 (each weight widened per row group), while here each weight is decoded once into a 16-bit pair and
+// one mma.m16n8k16 multiplies 16 columns by 16 of k for all rows <= 8 (the mma's n). A block of W warps (blockDim
+// / 32, at most 8) serves 16 consecutive columns j0..j0+15; warp v sums the chunks of 128 of k at 128 v, 128 (v +
+// W), ...; lane (g = lane / 4, t = lane % 4) reads 16 weights of column j0 + g and of j0 + g + 8 at 16 t and at 64
+// + 16 t of each chunk (a warp's load: 64 contiguous bytes of 8 columns), the next chunk loading while this one is
+// summed. Decoding: e4m3's bits moved into a 16-bit float's places (bfloat16: the value times 2**-120, float16:
+// times 2**-8, subnormals landing on subnormals) and one packed multiply by 2**120 / 2**8, exact. The mma sums
+// k in an order of its own: the lane's physical k positions are paired as the decoding pairs them (bytes 0 and 2,
+// 1 and 3 of each word), and x's values are paired alike (prmt), which the sum does not see. Sums: each chunk's
+// products in the mma's float32 accumulator (fresh per chunk), added to the column's sum (times the chunk's block
+// scale); the warps' sums in shared memory; y rounded once. BLOCK needs (16 << shift) a multiple of 128 (a chunk
+// inside one scale block) and bn a multiple of 16 (the caller checks); k a multiple of 16; x, w, x_ld 16-byte
+// aligned.
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+    unsigned d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+// bytes 1 and 3 of u (each half's high byte), e4m3, as a 16-bit pair (low half: byte 1), exactly
+template <bool BF16> __device__ __forceinline__ unsigned e4m3_pair(unsigned u) {
+    const unsigned bits = (u & 0x80008000u) | ((u & 0x7f007f00u) >> (BF16 ? 4 : 1));
+    unsigned d;
+#if __CUDA_ARCH__ >= 800
+    if (BF16)  // times 2**120 (plus -0: a product's sign kept)
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(bits), "r"(0x7b807b80u), "r"(0x80008000u));
+    else  // times 2**8
+        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(bits), "r"(0x5c005c00u), "r"(0x80008000u));
+#else
+    d = bits;
+#endif
+    return d;
+}
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                         unsigned b1) {
+#if __CUDA_ARCH__ >= 800
+    if (BF16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+// a lane's 16-byte weight vectors of one chunk at `at`: column g's at 16 t and 64 + 16 t, then column g + 8's
+// (zeros past k)
+__device__ __forceinline__ void tc_load(uint4* v, const unsigned char* wa, const unsigned char* wb, int at, int t,
+                                        int k) {
+    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+    const bool lo = at + 16 * t + 16 <= k, hi = at + 80 + 16 * t <= k;
+    v[0] = lo ? load_weights(reinterpret_cast<const uint4*>(wa + at)) : z;
+    v[1] = hi ? load_weights(reinterpret_cast<const uint4*>(wa + at + 64)) : z;
+    v[2] = lo ? load_weights(reinterpret_cast<const uint4*>(wb + at)) : z;
+    v[3] = hi ? load_weights(reinterpret_cast<const uint4*>(wb + at + 64)) : z;
+}
+// c += one chunk: 8 mma, each over word q of both columns' 32 weights and x's 4 values at the same places
+template <bool BF16>
+__device__ __forceinline__ void tc_chunk(const uint4* v, const uint4* xq, float* c) {
+    const unsigned* ua = reinterpret_cast<const unsigned*>(v);
+    const unsigned* ub = reinterpret_cast<const unsigned*>(v + 2);
+    const unsigned* xv = reinterpret_cast<const unsigned*>(xq);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        // A: (column g, k pair 0) bytes 0 and 2, (g + 8, pair 0), (g, pair 1) bytes 1 and 3, (g + 8, pair 1)
+        const unsigned a0 = e4m3_pair<BF16>(ua[q] << 8), a1 = e4m3_pair<BF16>(ub[q] << 8);
+        const unsigned a2 = e4m3_pair<BF16>(ua[q]), a3 = e4m3_pair<BF16>(ub[q]);
+        // B: x's values 0 and 2, then 1 and 3, of the same 4 places (row g of x)
+        const unsigned b0 = prmt(xv[2 * q], xv[2 * q + 1], 0x5410u), b1 = prmt(xv[2 * q], xv[2 * q + 1], 0x7632u);
+        mma16816<BF16>(c, a0, a1, a2, a3, b0, b1);
+    }
+}
+
+template <bool BF16, bool F32OUT, bool BLOCK>
+__device__ __forceinline__ void gemv8_tc(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
+                                         void* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                         long long y_ld, const float* __restrict__ scale, long long s_ld, int bn,
+                                         int shift) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ float part[8][32][4];
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int j0 = blockIdx.x * 16, stride = warps * 128;
+    const unsigned char* wa = w + (long long)min(j0 + g, n - 1) * k + 16 * t;  // a last partial tile repeats
+    const unsigned char* wb = w + (long long)min(j0 + g + 8, n - 1) * k + 16 * t;  // its last column (not stored)
+    const unsigned short* xr = x + (long long)min(g, rows - 1) * x_ld + 16 * t;  // B's column g: x's row g
+    const float* srow = BLOCK ? scale + (long long)(j0 / bn) * s_ld : scale;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    uint4 cur[4], nxt[4];
+    int at = warp * 128;
+    if (at < k) tc_load(cur, wa, wb, at, t, k);
+    griddep_wait();  // x may be the previous kernel's output; the weights and scales are constants
+    while (at < k) {
+        const int next = at + stride;
+        if (next < k) tc_load(nxt, wa, wb, next, t, k);
+        uint4 xq[4];
+        const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+        const bool lo = g < rows && at + 16 * t + 16 <= k, hi = g < rows && at + 80 + 16 * t <= k;
+        const uint4* xp = reinterpret_cast<const uint4*>(xr + at);
+        xq[0] = lo ? __ldg(xp) : z;
+        xq[1] = lo ? __ldg(xp + 1) : z;
+        xq[2] = hi ? __ldg(xp + 8) : z;
+        xq[3] = hi ? __ldg(xp + 9) : z;
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        tc_chunk<BF16>(cur, xq, c);
+        const float s = BLOCK ? __ldg(srow + (at >> (4 + shift))) : 1.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[i] = BLOCK ? fmaf(s, c[i], acc[i]) : acc[i] + c[i];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) cur[i] = nxt[i];
+        at = next;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) part[warp][lane][i] = acc[i];
+    __syncthreads();
+    if (warp == 0) {
+        // accumulator i: column j0 + g (+ 8 for i >= 2), x row 2 t + (i & 1)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            float v = 0.f;
+            for (int p = 0; p < warps; ++p) v += part[p][lane][i];
+            const int j = j0 + g + (i >> 1) * 8, r = 2 * t + (i & 1);
+            if (j < n && r < rows) {
+                if (!BLOCK) v *= __ldg(scale + j);
+                if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
+                else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
+            }
+        }
+    }
+#endif
+}
+
+#define GEMV8TC(name, bf16, f32out, block)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n, int k, long long x_ld,     \
+             long long y_ld, const float* scale, long long s_ld, int bn, int shift) {                             \
+        gemv8_tc<bf16, f32out, block>(x, w, y, rows, n, k, x_ld, y_ld, scale, s_ld, bn, shift);                    \
+    }
+GEMV8TC(gemv8tc_bf16_bf16_row, true, false, false)
+GEMV8TC(gemv8tc_bf16_bf16_block, true, false, true)
+GEMV8TC(gemv8tc_bf16_f32_row, true, true, false)
+GEMV8TC(gemv8tc_bf16_f32_block, true, true, true)
+GEMV8TC(gemv8tc_f16_f16_row, false, false, false)
+GEMV8TC(gemv8tc_f16_f16_block, false, false, true)
+GEMV8TC(gemv8tc_f16_f32_row, false, true, false)
+GEMV8TC(gemv8tc_f16_f32_block, false, true, true)
+
 // out [n, k] 16-bit = w [n, k] e4m3 times its scales (as gemv8_rows reads them; block != 0: per block), each
 // product rounded once to nearest even: the weight a 16-bit GEMM of many rows reads. A grid-stride loop over the
 // 16-byte weight vectors; k a multiple of 16, w and out 16-byte aligned.

@@ -40,7 +40,7 @@ from .cublas import (
     status_name,
 )
 from .cuda_sources import FUSED_GEMV_SOURCE, GEMV_SOURCE, ROW_KERNELS_SOURCE
-from .fp8_linear import FP8_GEMV_MAX_ROWS, FP8_GEMV_THREADS
+from .fp8_linear import FP8_GEMV_MAX_ROWS
 from .values import integer
 
 __all__ = [
@@ -482,8 +482,8 @@ class Dense:
             self._check_fp8_call(fp8, n, k, ab_type, c_type)
             packed = self._fp8.gemv(rows, x, x_ld, fp8, y, y_ld, ab_type == CUDA_R_16BF, c_type == CUDA_R_32F)
             if packed:
-                fn, grid, params, values = packed
-                return self._prepared(fn, grid, FP8_GEMV_THREADS, 0, params, values, "fp8 gemv", pdl=True)
+                fn, grid, threads, params, values = packed
+                return self._prepared(fn, grid, threads, 0, params, values, "fp8 gemv", pdl=True)
         packed = self._pack_gemv(args) if fp8 is None and self.gemv and rows <= GEMV_MAX_ROWS else ()
         if not packed:
             return lambda: self.linear(*args)
@@ -882,13 +882,14 @@ class Dense:
     """Whether :attr:`fp8_w8a8` serves 128x128-block weights too (per-tensor and per-channel ones: always); False:
     those weights take the dequantizing path above :attr:`fp8_gemv_max_rows` rows."""
 
-    fp8_gemv_max_rows = 2
+    fp8_gemv_max_rows = 8
     """Linears of FP8 weights over at most this many rows run the FP8 GEMV (W8A16); more rows run the FP8 GEMM
-    (:attr:`fp8_w8a8`) where cuBLASLt serves the call, else the GEMV up to ``FP8_GEMV_MAX_ROWS`` rows. 2: on an
-    H100 (8B shape, 128x128 blocks, decode graph) the GEMV and the GEMM tie at 1 and 2 rows (cuBLASLt takes no
-    block-scaled call of 1 or 2 rows) and the GEMM wins from 4 (795 against 720 tokens/s) and 8 (1,573 against
-    1,014), where the GEMV's integer decoding per row makes it compute-bound. A class attribute, read when a call
-    is made or a step packed."""
+    (:attr:`fp8_w8a8`) where cuBLASLt serves the call, else the GEMV up to ``FP8_GEMV_MAX_ROWS`` rows. 8: the GEMV
+    runs on tensor cores from 3 rows (``Fp8Linears.tensor_core_rows``), and on an H100 (8B shape, 128x128 blocks,
+    decode graph, one run) it beat the FP8 GEMM at 4 rows (914.8 against 831.8 tokens/s) and 8 (1,791.5 against
+    1,636.1), and tied at 1 and 2 (cuBLASLt takes no block-scaled call of 1 or 2 rows). It was 2 while the GEMV
+    widened each weight per group of rows, which made it compute-bound from 4 rows. A class attribute, read when a
+    call is made or a step packed."""
 
     fp8_fused = False
     """Whether the fused decode step runs over FP8 weights (``FP8_FUSED_SOURCE``'s kernels, which

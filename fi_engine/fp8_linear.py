@@ -1,22 +1,25 @@
 """Linear layers with e4m3 weights on the GPU: the registry of a :class:`~fi_engine.dense.Dense`'s FP8 weights,
 the GEMV that reads them as stored for a step of few rows (W8A16), and the FP8 tensor-core GEMM for the rest (W8A8).
 
-Steps of at most :attr:`Dense.fp8_gemv_max_rows` rows (2): W8A16, 16-bit activations times e4m3 weights scaled in
+Steps of at most :attr:`Dense.fp8_gemv_max_rows` rows (8): W8A16, 16-bit activations times e4m3 weights scaled in
 registers, by a GEMV of the engine's own that reads the weights as stored (up to :data:`FP8_GEMV_MAX_ROWS` rows per
 launch). Such a step is bound by reading the weights, and reading one byte per weight instead of two is the whole
-gain there; its sums stay float32 over unquantized activations, so its error is the weights' own.
+gain there; its sums stay float32 over unquantized activations, so its error is the weights' own. From 3 rows
+(:attr:`Fp8Linears.tensor_core_rows`) it runs on tensor cores, each weight decoded once into a 16-bit pair for all
+rows; below, each lane widens its weights to float32 and sums per row (as fast at one row on an H100, where the
+tensor-core one issues half the instructions: the loads, not the decoding, bound a one-row step).
 
-More rows (prefill, decode batches from 3 rows): W8A8 through cuBLASLt's FP8 tensor-core GEMM
+More rows (prefill, decode batches from 9 rows): W8A8 through cuBLASLt's FP8 tensor-core GEMM
 (:meth:`Fp8Linears.w8a8`). The activations are quantized to e4m3 on the fly (dynamic scales: one per row for
 per-tensor and per-channel weights, as vLLM's per-token scheme; one per row and 128 columns for 128x128-block weights,
 the DeepSeek-V3 / Qwen3-FP8 recipe), by a kernel of the engine's own, and the GEMM applies both operands' scales
 (cuBLASLt's OUTER_VEC_32F, or BLK128x128_32F for the weight and VEC128_32F for the activations; the block scales
 handed over in a copy whose rows are padded to 4 floats, since cuBLASLt reads them at 16-byte strides). Measured on
-an H100 it takes 0.55-0.75x the time of the 16-bit GEMM on the 8B shapes from 4 rows up, where the W8A16 GEMV is
-compute-bound (each weight decoded with integer operations per 8 rows): at 4 and 8 rows of the 8B decode graph the
-GEMM gives 795 and 1,573 tokens/s where the GEMV gave 720 and 1,014. cuBLASLt takes no block-scaled call of a row
-count that is not a multiple of 4: up to 8 rows those go through the GEMV whole, above 8 the last few rows do. A
-checkpoint's static ``input_scale`` is not used: scales computed per row are never coarser. Where cuBLASLt offers no
+an H100 it takes 0.55-0.75x the time of the 16-bit GEMM on the 8B shapes from 4 rows up; up to 8 rows the
+tensor-core GEMV beats it (8B decode graph at 4 and 8 rows: 915 and 1,792 tokens/s against the GEMM's 832 and 1,636).
+cuBLASLt takes no block-scaled call of a row count that is not a multiple of 4: above 8 rows the last few rows go
+through the GEMV. A checkpoint's static ``input_scale`` is not used: scales computed per row are never coarser.
+Where cuBLASLt offers no
 algorithm (older than 12.9, a GPU without FP8 tensor cores, a block other than 128x128) the weight is dequantized into
 a 16-bit scratch matrix of the Dense's and the 16-bit GEMM runs on it (W8A16, exact to the 16-bit rounding of each
 scaled weight; it reads 5 bytes per weight). :attr:`Dense.fp8_w8a8` turns the tensor-core path off,
@@ -37,11 +40,12 @@ from fi_ffi.cuda import driver_error
 
 from .cuda_sources import FP8_FUSED_SOURCE, FP8_GEMV_SOURCE, FP8_QUANT_SOURCE
 
-__all__ = ["FP8_GEMV_MAX_ROWS", "FP8_GEMV_THREADS", "Fp8Linears", "Fp8Weight"]
+__all__ = ["FP8_GEMV_MAX_ROWS", "Fp8Linears", "Fp8Weight"]
 
 FP8_GEMV_MAX_ROWS = 8  # the rows one FP8 GEMV launch takes (one float32 sum per row in registers)
 _COLS = 4  # output columns per block (COLS in cuda_sources.FP8_GEMV_SOURCE)
-FP8_GEMV_THREADS = _THREADS = 128  # 4 warps a block, each summing a share of every column's k (SPLITS there)
+_THREADS = 128  # 4 warps a block, each summing a share of every column's k (SPLITS there)
+_TC_COLUMNS = 16  # output columns per block of the tensor-core GEMV (gemv8tc_*: the mma's m)
 _U64 = 1 << 64
 
 
@@ -87,11 +91,22 @@ class Fp8Linears:
     ``CUstream`` as an int). A registration is a value (addresses and sizes): the weight must stay allocated until
     :meth:`remove` or :meth:`close` (the engine keeps its weights as long as its Dense)."""
 
+    tensor_core_rows = 3
+    """The GEMV runs on tensor cores from this many rows up (``gemv8tc_*`` in
+    :data:`~fi_engine.cuda_sources.FP8_GEMV_SOURCE`: SM 8.0+, each weight decoded once for all rows; where it serves
+    the weight: per-row scales, or blocks of a multiple of 16 rows by a multiple of 128 columns), and as ``gemv8_*``
+    (each weight widened per group of rows) below; above 8: never. 3: on an H100 (8B shape, 128x128 blocks, decode
+    graph; benchmarks/RESULTS.md) the tensor-core GEMV ran 4 % slower at 1 row, as fast at 2, and 10 % faster at 4
+    and 8 rows than the FP8 GEMM that served those rows before. Read when a call site is packed (set it on the
+    class, before the engine is made, to compare)."""
+
     def __init__(self, launch: Any, ffi: Any, stream: int) -> None:
         self._launch, self._ffi, self._stream = launch, ffi, stream
+        self._sms = 132  # the GPU's SMs (set at the first compile): the tensor-core GEMV's warps per block
         self.weights: dict[int, Fp8Weight] = {}  # device address -> its registration (values only)
         self._module: Any = None
         self._gemv: dict[tuple[bool, bool, bool, int], int] = {}  # (bf16, f32 out, block, rows <= R) -> CUfunction
+        self._tc: dict[tuple[bool, bool, bool], int] = {}  # the tensor-core GEMV: (bf16, f32 out, block) -> CUfunction
         self._dequant: dict[bool, int] = {}  # bf16 -> CUfunction
         # the fused decode step's GEMVs (a norm, add-norm or SiLU prologue): (mode, bf16, f32 out, block) -> CUfunction
         self._fused: dict[tuple[int, bool, bool, bool], int] = {}
@@ -185,6 +200,15 @@ class Fp8Linears:
                         name = f"gemv8_{t}_{'f32' if f32 else t}_{'block' if block else 'row'}_{r}"
                         self._gemv[(bf16, f32, block, r)] = _function_ptr(module.get_function(name))
             self._dequant[bf16] = _function_ptr(module.get_function(f"dequant_e4m3_{t}"))
+        device = cupy.cuda.Device()
+        self._sms = int(device.attributes.get("MultiProcessorCount", 132))
+        if int(device.compute_capability) >= 80:  # mma.sync over 16-bit pairs (below: the kernels are empty)
+            for bf16 in (True, False):
+                t = "bf16" if bf16 else "f16"
+                for f32 in (False, True):
+                    for block in (False, True):
+                        name = f"gemv8tc_{t}_{'f32' if f32 else t}_{'block' if block else 'row'}"
+                        self._tc[(bf16, f32, block)] = _function_ptr(module.get_function(name))
         self._module = module
 
     def _grow_scratch(self, nbytes: int) -> None:
@@ -202,8 +226,8 @@ class Fp8Linears:
 
     def gemv(self, rows: int, x: int, x_ld: int, wt: Fp8Weight, y: int, y_ld: int, bf16: bool, f32: bool) -> tuple:
         """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`FP8_GEMV_MAX_ROWS`):
-        ``(function, grid, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld). Packed once per
-        call site (its ints: values only); at most 4096 kept."""
+        ``(function, grid, threads, params, values)``, or ``()`` where x is not 16-byte aligned (x, x_ld). Packed
+        once per call site (its ints: values only); at most 4096 kept."""
         key = (rows, x, x_ld, wt.w, y, y_ld, bf16, f32)
         packed = self._packed.get(key)
         if packed is not None:
@@ -211,12 +235,20 @@ class Fp8Linears:
         packed = ()
         if x % 16 == 0 and x_ld % 8 == 0:
             s_ld, bn, shift, block = wt.scale_args
-            fn = self._gemv[(bf16, f32, bool(block), 1 if rows == 1 else 2 if rows == 2 else 4 if rows <= 4 else 8)]
+            tc = self._tc.get((bf16, f32, bool(block))) if rows >= self.tensor_core_rows else None
+            if tc is not None and (not block or (bn % _TC_COLUMNS == 0 and (16 << shift) % 128 == 0)):
+                # 16 columns a block; 8 warps where 4 would leave fewer than 8 warps an SM (the 8B shape's o and
+                # down: 256 blocks), else 4 (measured on an H100: each the faster there)
+                fn, grid = tc, -(-wt.n // _TC_COLUMNS)
+                threads = 256 if grid * 4 < 8 * self._sms else 128
+            else:
+                fn = self._gemv[(bf16, f32, bool(block), 1 if rows == 1 else 2 if rows == 2 else 4 if rows <= 4 else 8)]
+                grid, threads = (wt.n + _COLS - 1) // _COLS, _THREADS
             values = self._ffi.new(
                 "uint64_t[12]", [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.scales, s_ld, bn, shift]
             )
             params = self._ffi.new("void*[12]", [values + i for i in range(12)])
-            packed = (fn, (wt.n + _COLS - 1) // _COLS, params, values)
+            packed = (fn, grid, threads, params, values)
         if len(self._packed) > 4096:
             self._packed.clear()
         self._packed[key] = packed
@@ -224,8 +256,8 @@ class Fp8Linears:
 
     def run_gemv(self, packed: tuple, null: Any) -> None:
         """Launch a packed :meth:`gemv` on the stream."""
-        fn, grid, params, _ = packed
-        err = self._launch(fn, grid, 1, 1, _THREADS, 1, 1, 0, self._stream, params, null)
+        fn, grid, threads, params, _ = packed
+        err = self._launch(fn, grid, 1, 1, threads, 1, 1, 0, self._stream, params, null)
         if err:
             raise driver_error(err, "cuLaunchKernel(FP8 gemv)")
 

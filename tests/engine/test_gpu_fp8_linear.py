@@ -21,6 +21,7 @@ products), per-row and 128x128-block scales, bfloat16 and float16 activations, 1
   prologue): their output against the plain FP8 GEMV applied to the prologue's rows (which the 16-bit fused
   kernel yields exactly through an identity weight), within 2**-20 of the magnitude sum (the same sums in the same
   order; only the module's flush-to-zero of tiny products may differ), and the new residual bit for bit;
+- the tensor-core GEMV (from 3 rows by default) against the widening one at every row count 1-8;
 - bad calls: a shape that differs from the registration, an e4m3 weight with float32 activations, a misaligned
   or NULL address, a block that is no power-of-two columns: ValueError naming the argument.
 """
@@ -217,6 +218,40 @@ def test_fused_fp8_gemv_is_its_prologue_then_the_fp8_gemv(dense, mode, block) ->
         print(f"mode={mode} rows={rows}: {100 * float((got == want).mean()):.1f} % bitwise equal")
         if mode == ADD_NORM:
             assert cp.array_equal(outs["fp8"][1], outs["in"][1]), "the new residual differs"
+
+
+@pytest.mark.parametrize("block", [None, (128, 128), (128, 64)], ids=["row", "block", "block-bk64"])
+@pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
+def test_tensor_core_gemv_against_the_widening_one(monkeypatch, dense, block, ab) -> None:  # type: ignore[no-untyped-def]
+    """Every row count 1-8 through the tensor-core GEMV (``Fp8Linears.tensor_core_rows`` 1) and through the widening
+    one (9: never tensor cores), float32 out: both are float32 sums of exact products, so they agree within
+    ``2 * 2**-20`` of the magnitude sum (each within 2**-20 of the reference, the first test's bound). 64-column
+    blocks are not the tensor-core kernel's (a chunk of 128 would span two scales): both runs take the widening one
+    and agree bit for bit."""
+    from fi_engine.fp8_linear import Fp8Linears
+
+    rng = np.random.default_rng(5)
+    n, k = 200, 1040  # a partial tile of 16 columns, a partial chunk of 128
+    bits, scales, w = random_weight(rng, n, k, block)
+    dw, ds = cp.asarray(bits), cp.asarray(scales)
+    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    for rows in range(1, 9):
+        x = to16(rng.standard_normal((rows, k)).astype(np.float32), ab)
+        outs = []
+        for tc_rows in (1, 9):
+            monkeypatch.setattr(Fp8Linears, "tensor_core_rows", tc_rows)
+            dense._fp8._packed.clear()  # packed call sites keep the kernel they were packed with
+            y = cp.zeros((rows, n), cp.float32)
+            dense.linear(rows, x.data.ptr, k, dw.data.ptr, n, k, y.data.ptr, n, ab, CUDA_R_32F)
+            cp.cuda.get_current_stream().synchronize()
+            outs.append(cp.asnumpy(y))
+        mag = np.abs(from16(x, ab)).astype(np.float64) @ np.abs(w).astype(np.float64).T
+        diff = np.abs(outs[0].astype(np.float64) - outs[1])
+        if block == (128, 64):
+            assert np.array_equal(outs[0], outs[1]), f"rows={rows}: the widening GEMV differs from itself"
+        else:
+            assert (diff <= mag * 2.0**-19 + 1e-30).all(), f"rows={rows}: {float((diff / mag).max())} of the magnitude"
+        assert np.isfinite(outs[0]).all() and np.abs(outs[0]).max() > 0, f"rows={rows}: no product"
 
 
 @pytest.mark.parametrize("rows", [1, 8, 16])
