@@ -6,8 +6,8 @@ registers, by a GEMV of the engine's own that reads the weights as stored (up to
 launch). Such a step is bound by reading the weights, and reading one byte per weight instead of two is the whole
 gain there; its sums stay float32 over unquantized activations, so its error is the weights' own. From 3 rows
 (:attr:`Fp8Linears.tensor_core_rows`) it runs on tensor cores, each weight decoded once into a 16-bit pair for all
-rows; below, each lane widens its weights to float32 and sums per row (as fast at one row on an H100, where the
-tensor-core one issues half the instructions: the loads, not the decoding, bound a one-row step).
+rows; below, each lane widens its weights to float32 and sums per row (on an H100 the tensor-core one, which issues
+half the instructions, was no faster at one row: the loads, not the decoding, bound a one-row step).
 
 More rows (prefill, decode batches from 9 rows): W8A8 through cuBLASLt's FP8 tensor-core GEMM
 (:meth:`Fp8Linears.w8a8`). The activations are quantized to e4m3 on the fly (dynamic scales: one per row for
@@ -19,11 +19,10 @@ an H100 it takes 0.55-0.75x the time of the 16-bit GEMM on the 8B shapes from 4 
 tensor-core GEMV beats it (8B decode graph at 4 and 8 rows: 915 and 1,792 tokens/s against the GEMM's 832 and 1,636).
 cuBLASLt takes no block-scaled call of a row count that is not a multiple of 4: above 8 rows the last few rows go
 through the GEMV. A checkpoint's static ``input_scale`` is not used: scales computed per row are never coarser.
-Where cuBLASLt offers no
-algorithm (older than 12.9, a GPU without FP8 tensor cores, a block other than 128x128) the weight is dequantized into
-a 16-bit scratch matrix of the Dense's and the 16-bit GEMM runs on it (W8A16, exact to the 16-bit rounding of each
-scaled weight; it reads 5 bytes per weight). :attr:`Dense.fp8_w8a8` turns the tensor-core path off,
-:attr:`Dense.fp8_w8a8_blocks` for 128x128-block weights only.
+Where cuBLASLt offers no algorithm (older than 12.9, a GPU without FP8 tensor cores, a block other than 128x128) the
+weight is dequantized into a 16-bit scratch matrix of the Dense's and the 16-bit GEMM runs on it (W8A16, exact to the
+16-bit rounding of each scaled weight; it reads 5 bytes per weight). :attr:`Dense.fp8_w8a8` turns the tensor-core
+GEMM off, :attr:`Dense.fp8_w8a8_blocks` for 128x128-block weights only.
 
 Scales, as :meth:`Fp8Linears.add` takes them: float32, either one per output row (``block`` None: per-tensor
 checkpoints repeat their scalar over the rows, per-channel ones give theirs) or one per block of ``bn`` rows by
