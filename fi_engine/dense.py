@@ -19,7 +19,6 @@ its stream current and gives it to :class:`Dense`, so they are the same.
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -41,7 +40,7 @@ from .cublas import (
 )
 from .cuda_sources import FUSED_GEMV_SOURCE, GEMV_SOURCE, ROW_KERNELS_SOURCE
 from .fp8_linear import FP8_GEMV_MAX_ROWS
-from .values import integer
+from .values import float32_bits, integer
 
 __all__ = [
     "ADD_NORM",
@@ -128,16 +127,24 @@ class RopeAppend:
         import numpy as np
 
         f = np.float32
-        theta, scale = f(self.theta), f(self.scale)
-        rcp_theta, rcp_scale = f(1) / theta, f(1) / scale
-        if not self.llama3:
-            return float(rcp_theta), float(rcp_scale), 0.0, 0.0
-        low, high, old = f(self.low_freq_factor), f(self.high_freq_factor), f(self.old_context_len)
-        smooth_a = f(float(old) / (2 * math.pi * float(high) - 2 * math.pi * float(low)))
-        smooth_b = f(-1) / (high / low - f(1))
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # an infinity here is refused by name
+            theta, scale = f(self.theta), f(self.scale)
+            rcp_theta, rcp_scale = f(1) / theta, f(1) / scale
+            if not self.llama3:
+                return float(rcp_theta), float(rcp_scale), 0.0, 0.0
+            low, high, old = f(self.low_freq_factor), f(self.high_freq_factor), f(self.old_context_len)
+            smooth_a = f(float(old) / (2 * math.pi * float(high) - 2 * math.pi * float(low)))
+            smooth_b = f(-1) / (high / low - f(1))
         return float(rcp_theta), float(rcp_scale), float(smooth_a), float(smooth_b)
 
 
+# what each of RopeAppend.constants() is derived from, for the error naming one that is no float32
+_ROPE_CONSTANTS = (
+    "rope.theta (its reciprocal)",
+    "rope.scale (its reciprocal)",
+    "rope.old_context_len / (high_freq_factor - low_freq_factor)",
+    "rope.high_freq_factor / low_freq_factor",
+)
 _U64 = 1 << 64  # a device address is below it (the kernels' pointers, packed into uint64 slots)
 _MAX_LD = 1 << 40  # row strides (elements): far past any buffer, far below the kernels' long long
 
@@ -165,7 +172,7 @@ def _int_arg(name: str, value: Any, lo: int, hi: int) -> int:
 def _check_fused_values(key: tuple[Any, ...]) -> None:
     """The types and ranges of one fused GEMV call's values (``Dense._pack_fused``'s key), each refused naming
     its argument: ints (not bools) where the kernel takes ints, addresses in ``[0, 2**64)``, row strides in
-    ``[0, 2**40)``, ``eps`` a finite float. The kernel's own limits (rows, k, n, row strides at least a row's
+    ``[0, 2**40)``, ``eps`` a float finite in float32. The kernel's own limits (rows, k, n, row strides at least a row's
     width, alignment, overlap) are checked after."""
     mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps = key
     if isinstance(mode, bool) or not isinstance(mode, int) or (mode & ~_ROPE) not in _FUSED_SUFFIX:
@@ -179,11 +186,10 @@ def _check_fused_values(key: tuple[Any, ...]) -> None:
     if isinstance(eps, bool) or not hasattr(eps, "__float__"):
         raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
     try:
-        finite = math.isfinite(float(eps))
-    except (OverflowError, TypeError, ValueError):
-        finite = False
-    if not finite:
-        raise ValueError(f"eps: expected a finite float, got {eps!r:.40}")
+        value = float(eps)
+    except (OverflowError, TypeError, ValueError):  # an int past float's range, or a __float__ that refuses
+        value = math.nan
+    float32_bits("eps", value)  # the kernel reads it as a float32: finite there too
 
 
 def _overlap(a: int, a_len: int, b: int, b_len: int) -> bool:
@@ -649,7 +655,7 @@ class Dense:
             return (fn, None, rows * k * 2, None, None)
         assert not rope
         ffi = self._driver_ffi
-        eps_bits = int.from_bytes(struct.pack("<f", eps), "little")
+        eps_bits = float32_bits("eps", eps)
         # one 8-byte slot per kernel argument (int and float ones read their low 4 bytes: little-endian)
         args = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, eps_bits]
         grid = min((n + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
@@ -723,6 +729,8 @@ class Dense:
                 f"rope.high_freq_factor: expected a value > low_freq_factor ({r.low_freq_factor}), got "
                 f"{r.high_freq_factor} (the blend divides by high_freq_factor / low_freq_factor - 1)"
             )
+        # the kernel's float32 constants (1/theta of a subnormal theta is no float32, say)
+        rope_bits = [float32_bits(name, v) for name, v in zip(_ROPE_CONSTANTS, r.constants(), strict=True)]
         n = (r.hq + 2 * r.hk) * r.d
         key = (mode | _ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
         if not (r.hq > 0 and r.hk > 0 and r.d in (64, 128, 256, 512) and r.page_size > 0 and r.num_pages > 0):
@@ -752,8 +760,8 @@ class Dense:
                     raise ValueError(f"rope.{name}: overlaps {other} (the launch writes the cache while reading it)")
         if _overlap(r.k_cache, span_cache, r.v_cache, span_cache):
             raise ValueError("rope.v_cache: overlaps rope.k_cache")
-        bits = [int.from_bytes(struct.pack("<f", v), "little") for v in (eps, *r.constants())]
-        ints = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, bits[0], r.hq, r.hk, r.d, *bits[1:]]
+        ints = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, float32_bits("eps", eps)]
+        ints += [r.hq, r.hk, r.d, *rope_bits]
         ints += [r.positions, r.batch_indices, r.kv_indptr, r.kv_indices, r.k_cache, r.v_cache, r.page_size]
         ints += [r.stride_page, r.stride_n, r.stride_h]
         values = self._driver_ffi.new(f"uint64_t[{len(ints)}]", ints)

@@ -26,11 +26,11 @@ Refused at construction, before any GPU work (:func:`check_supported`): families
 from __future__ import annotations
 
 import json
-import math
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from .values import float32_bits
 
 __all__ = ["KV_CACHE_DTYPES", "KvFp8", "check_supported", "parse_kv_cache_dtype", "read_scales"]
 
@@ -59,21 +59,33 @@ def parse_kv_cache_dtype(value: Any) -> str:
     raise ValueError(f"kv_cache_dtype: expected None or one of {', '.join(KV_CACHE_DTYPES)}, got {value!r:.40}{hint}")
 
 
+_SCALE_MAX = 3.4028234663852886e38  # float32's largest
+_SCALE_MIN = 1.0 / _SCALE_MAX  # its reciprocal is float32's largest
+
+
+def _usable_scale(x: float) -> bool:
+    """Whether a KV scale and its reciprocal are finite float32 values (the append kernel takes 1/scale, the
+    output scaling the scale, each as a float32)."""
+    return _SCALE_MIN <= x <= _SCALE_MAX
+
+
 def parse_scales(value: Any) -> tuple[float, float] | None:
-    """``kv_cache_scales``: None (the checkpoint's, else 1.0) or a pair of finite floats > 0 ``(k_scale, v_scale)``."""
+    """``kv_cache_scales``: None (the checkpoint's, else 1.0) or a pair ``(k_scale, v_scale)`` of floats > 0, each
+    and its reciprocal a finite float32."""
     if value is None:
         return None
     ok = isinstance(value, (tuple, list)) and len(value) == 2
     pair: list[float] = []
     if ok:
         for x in value:
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < float(x) < math.inf:
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not _usable_scale(float(x)):
                 ok = False
                 break
             pair.append(float(x))
     if not ok:
         raise ValueError(
-            f"kv_cache_scales: expected None or a pair (k_scale, v_scale) of finite floats > 0, got {value!r:.60}"
+            f"kv_cache_scales: expected None or a pair (k_scale, v_scale) of floats from {_SCALE_MIN:.3g} to "
+            f"{_SCALE_MAX:.3g} (each and its reciprocal a float32: the kernels take them so), got {value!r:.60}"
         )
     return pair[0], pair[1]
 
@@ -137,9 +149,10 @@ def read_scales(ckpt: Any, num_layers: int) -> tuple[float, float]:
             raw = np.asarray(ckpt.array(key, tuple(info.shape))).reshape(-1)
             bf16 = info.dtype == "bfloat16"  # read as its uint16 bits: the top half of a float32
             arr = (raw.astype(np.uint32) << 16).view(np.float32) if bf16 else raw.astype(np.float32)
-            if arr.size != 1 or not (0 < float(arr[0]) < math.inf):
+            if arr.size != 1 or not _usable_scale(float(arr[0])):
                 raise ValueError(
-                    f"model: tensor {key!r} must hold one finite scale > 0 (per-tensor FP8 KV scale), got "
+                    f"model: tensor {key!r} must hold one finite scale > 0 (per-tensor FP8 KV scale) from "
+                    f"{_SCALE_MIN:.3g} to {_SCALE_MAX:.3g} (each and its reciprocal a float32), got "
                     f"{arr.size} values, first {float(arr[0]) if arr.size else None}"
                 )
             found[name].append(float(arr[0]))
@@ -159,11 +172,6 @@ def open_fp8_cache(eng: Any, ckpt: Any, scales: tuple[float, float] | None) -> K
             f"modules are built for SM 9.0); cuda:{eng.device} is SM {cc // 10}.{cc % 10}; use kv_cache_dtype='auto'"
         )
     return KvFp8(eng, scales if scales is not None else read_scales(ckpt, eng.config.num_layers))
-
-
-def _bits(x: float) -> int:
-    """The IEEE float32 bits of ``x`` (a kernel argument slot takes integers only)."""
-    return int.from_bytes(struct.pack("<f", x), "little")
 
 
 APPEND_E4M3_SOURCE = r"""
@@ -283,8 +291,8 @@ class KvFp8:
             vc.data_ptr,
             eng.page_size,
             hk * d,
-            _bits(1.0 / self.k_scale),
-            _bits(1.0 / self.v_scale),
+            float32_bits("kv_cache_scales (1 / k_scale)", 1.0 / self.k_scale),
+            float32_bits("kv_cache_scales (1 / v_scale)", 1.0 / self.v_scale),
         ]
         return self._launch(self._append, rows, 128, args, "QQQQQQQQQIIII", "append_kv_e4m3")
 
@@ -305,5 +313,5 @@ class KvFp8:
         c = self._eng.config
         n = rows * c.num_qo_heads * c.head_dim
         grid = min(1024, -(-n // 256))
-        args = [v.attn.data_ptr, n, _bits(self.v_scale)]
+        args = [v.attn.data_ptr, n, float32_bits("kv_cache_scales (v_scale)", self.v_scale)]
         return self._launch(self._scale, grid, 256, args, "QQI", "scale_bf16")

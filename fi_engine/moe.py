@@ -47,7 +47,7 @@ import fi_ffi
 
 from .dense import CUDA_R_32F, Dense, _column_blocks, data_type
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
-from .values import MAX_SIZE, arg_int, integer
+from .values import MAX_SIZE, arg_int, float32_bits, integer
 
 __all__ = ["DENSE_MIN_FILL", "ClampedSwiGLU", "MoEBiases", "MoELayer", "MoEScratch", "MoEWeights", "choose_path"]
 
@@ -315,6 +315,10 @@ class ClampedSwiGLU:
 
     alpha: float
     limit: float
+
+    def __post_init__(self) -> None:  # refused here, at load, not at a forward's launch: the kernels take float32
+        float32_bits("alpha", self.alpha)
+        float32_bits("swiglu_limit", self.limit)
 
 
 class MoEScratch:
@@ -961,8 +965,8 @@ class MoELayer:
         alpha, limit = (a.alpha, a.limit) if a is not None else (0.0, 0.0)
         b_gu = int((b.gate_up if b is not None else self.logits).data.ptr)  # unread without biases
         # float parameters pass as their float32 bits (an 8-byte slot whose low 4 bytes the kernel reads)
-        act_args = [gu, b_gu, int(b is not None), experts, e, k, i, int(a is not None), _f32_bits(alpha),
-                    _f32_bits(limit), self._bf16, act]  # fmt: skip
+        act_args = [gu, b_gu, int(b is not None), experts, e, k, i, int(a is not None), float32_bits("alpha", alpha),
+                    float32_bits("limit", limit), self._bf16, act]  # fmt: skip
         activate = d.prepared_kernel(
             _function_ptr(self._dense_act_fn), (t * e, 1), min(256, -(-i // 32) * 32), 0, act_args, "moe_dense_act"
         )
@@ -1061,11 +1065,6 @@ class MoELayer:
             self.workspace.close()
         if self._own_dense:
             self.dense.close()
-
-
-def _f32_bits(value: float) -> int:
-    """The float32 bit pattern of ``value`` as an unsigned int (a prepared launch's parameter slot)."""
-    return int(np.float32(value).view(np.uint32))
 
 
 def _token_count(tokens: Any, x: Any) -> int:

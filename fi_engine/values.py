@@ -1,5 +1,6 @@
 """Checks of single values that the checkpoint readers and host helpers of :mod:`fi_engine` share: an int
-argument within bounds, a flag, a numpy array argument of a rank, and a value shown short in an error message.
+argument within bounds, a flag, a numpy array argument of a rank, a float's float32 bits for a kernel argument
+slot, and a value shown short in an error message.
 
 The engine's own (it takes no private helper of fi_ffi's): :func:`integer` and :func:`flag` refuse what fi_ffi's
 op arguments refuse, with the same messages.
@@ -10,12 +11,14 @@ the host helpers (:mod:`.deepseek_routing`, :mod:`.mla_weights`) stand on it wit
 
 from __future__ import annotations
 
+import math
 import reprlib
+import struct
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_SIZE", "arg_array", "arg_int", "flag", "integer", "show"]
+__all__ = ["MAX_SIZE", "arg_array", "arg_int", "flag", "float32_bits", "integer", "show"]
 
 MAX_SIZE = (1 << 31) - 1  # every size and token id reaches the kernels as an int32
 
@@ -63,6 +66,21 @@ def flag(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, int)) or (isinstance(value, int) and value not in (0, 1)):
         raise TypeError(f"{name}: expected a bool, got {value!r}")
     return bool(value)
+
+
+def float32_bits(name: str, value: float) -> int:
+    """The IEEE float32 bits of ``value`` as an unsigned int (a kernel's float argument goes into an integer slot),
+    else ValueError naming ``name``: no float (a bool is none), NaN, an infinity, or a finite value past float32's
+    largest (3.4028235e38), which would reach the kernel as an infinity (``struct.pack`` raises OverflowError)."""
+    try:
+        packed = b"" if isinstance(value, bool) or not math.isfinite(value) else struct.pack("<f", value)
+    except (OverflowError, TypeError, struct.error):
+        packed = b""
+    if not packed:
+        raise ValueError(
+            f"{name}: expected a finite float within float32's range (|x| <= 3.4028235e38), got {show(value)}"
+        )
+    return int.from_bytes(packed, "little")
 
 
 def arg_array(name: str, value: Any, ndim: int, shape: str) -> np.ndarray:

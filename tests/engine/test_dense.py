@@ -126,7 +126,8 @@ STRIDES = {"x_ld", "y_ld", "h_ld", "src_ld", "dst_ld", "width"}
 
 def bad_values(name: str) -> tuple[Any, ...]:
     if name == "eps":
-        return (None, float("nan"), float("inf"), HUGE, True, "0.5", (0.5,), np.array([0.5, 0.5]))
+        # 1e300 and -1e39 are finite floats but no float32 (the kernel's): struct.pack raised OverflowError
+        return (None, float("nan"), float("inf"), HUGE, 1e300, -1e39, True, "0.5", (0.5,), np.array([0.5, 0.5]))
     if name == "mode":
         return (None, 0, 4, 1.5, True, "1", np.float64(1.0), D.NORM | D._ROPE, [1])
     if name == "rope":
@@ -188,6 +189,22 @@ def test_a_bad_rope_field_is_refused_by_name(field):
     with pytest.raises((TypeError, ValueError), match=rf"^rope\.{field}: "):
         d.prepared_qkv_rope(**{**qkv_call(), "rope": dataclasses.replace(rope(), **{field: bad})})
     assert d.launches == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("theta", 1e-40, r"^rope\.theta \(its reciprocal\): expected a finite float within float32's range"),
+        ("scale", 1e-300, r"^rope\.scale \(its reciprocal\): expected a finite float"),
+        ("old_context_len", 1e300, r"^rope\.old_context_len / \(high_freq_factor - low_freq_factor\): expected"),
+    ],
+)
+def test_a_rope_constant_past_float32_is_refused_by_name(field, value, match):
+    # each finite and > 0 (as a float64), but its float32 constant would be an infinity in the kernel
+    d = fake_dense()
+    with pytest.raises(ValueError, match=match):
+        d.prepared_qkv_rope(**{**qkv_call(), "rope": dataclasses.replace(rope(), **{field: value})})
+    assert d.launches == [] and d._fused_args == {}
 
 
 @pytest.mark.parametrize(

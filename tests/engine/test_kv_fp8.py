@@ -104,7 +104,12 @@ def test_bad_kv_cache_dtype_is_named(tmp_path: Path, value: Any, error: type, ma
 
 
 @pytest.mark.parametrize(
-    "value", [(1.0,), (1.0, 0.0), (1.0, float("inf")), (float("nan"), 1.0), ("1", 1.0), (True, 1.0), 1.0, "1,1"]
+    "value",
+    [
+        *[(1.0,), (1.0, 0.0), (1.0, float("inf")), (float("nan"), 1.0), ("1", 1.0), (True, 1.0), 1.0, "1,1"],
+        # finite and > 0, but the scale or its reciprocal is no float32 (struct.pack raised OverflowError at launch)
+        *[(1e-39, 1.0), (1.0, 1e39), (1.0, 1e300), (1e-300, 1.0)],
+    ],
 )
 def test_bad_kv_cache_scales_are_named(tmp_path: Path, value: Any) -> None:
     with pytest.raises(ValueError, match=r"^kv_cache_scales: expected None or a pair \(k_scale, v_scale\)"):
@@ -220,14 +225,14 @@ def test_scales_read_from_the_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [np.array([1.0, 2.0], np.float32), np.array(0.0, np.float32), np.array(-1.0, np.float32)]
+    "bad",
+    [
+        *[np.array([1.0, 2.0], np.float32), np.array(0.0, np.float32), np.array(-1.0, np.float32)],
+        np.array(1e-39, np.float32),  # a subnormal whose reciprocal is no float32
+        np.array(np.inf, np.float32),
+    ],
 )
 def test_bad_checkpoint_scales_are_named(tmp_path: Path, bad: np.ndarray) -> None:
     ckpt = _checkpoint(tmp_path, {"model.layers.0.self_attn.v_scale": bad})
     with pytest.raises(ValueError, match=r"^model: tensor 'model.layers.0.self_attn.v_scale' must hold one finite"):
         kv_fp8.read_scales(ckpt, 1)
-
-
-def test_scale_bits_are_the_float32_bits() -> None:
-    assert kv_fp8._bits(1.0) == 0x3F800000
-    assert kv_fp8._bits(0.25) == 0x3E800000

@@ -116,3 +116,13 @@ def test_moe_layer_names_a_bad_argument_before_cupy(change: dict[str, Any], erro
     args: dict[str, Any] = dict(weights=_layer_weights(), dtype="float16", top_k=2, max_tokens=64, stream=None)
     with pytest.raises(error, match=names):
         MoELayer(**{**args, **change})
+
+
+@pytest.mark.parametrize(("alpha", "limit", "name"), [(1e39, 7.0, "alpha"), (1.702, float("nan"), "swiglu_limit")])
+def test_a_clamped_swiglu_past_float32_is_refused_at_construction(alpha: float, limit: float, name: str) -> None:
+    # the kernels take alpha and the limit as float32: 1e39 would reach them as an infinity (no clamp at all)
+    from fi_engine.moe import ClampedSwiGLU
+
+    assert ClampedSwiGLU(1.702, 7.0).limit == 7.0
+    with pytest.raises(ValueError, match=rf"^{name}: expected a finite float within float32's range"):
+        ClampedSwiGLU(alpha, limit)

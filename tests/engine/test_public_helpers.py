@@ -3,6 +3,7 @@ bad input is fi_ffi's own error naming the argument, as for an op."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import fi_ffi
@@ -38,8 +39,6 @@ def test_segment_gemm_args_bytes() -> None:
 
 
 def test_the_engines_own_value_checks_keep_fi_ffis_messages() -> None:
-    import numpy as np
-
     assert values.integer("n", np.int64(3), 1) == 3
     with pytest.raises(TypeError, match=r"^n: expected an int, got bool$"):
         values.integer("n", True)
@@ -52,3 +51,15 @@ def test_the_engines_own_value_checks_keep_fi_ffis_messages() -> None:
         values.flag("on", "yes")
     with pytest.raises(TypeError, match=r"^on: expected a bool, got 2$"):
         values.flag("on", 2)
+
+
+def test_float32_bits_packs_a_float32_and_refuses_by_name_what_is_none() -> None:
+    # the kernels' float arguments (eps, RoPE constants, KV scales, gpt-oss's clamp) go through it
+    assert values.float32_bits("eps", 1.0) == 0x3F800000
+    assert values.float32_bits("eps", 0.25) == 0x3E800000
+    assert values.float32_bits("eps", -2.5) == 0xC0200000
+    assert values.float32_bits("eps", 1e-6) == int(np.float32(1e-6).view(np.uint32))
+    assert values.float32_bits("eps", 3.4028234663852886e38) == 0x7F7FFFFF  # float32's largest
+    for bad in (1e39, -1e300, float("nan"), float("inf"), 10**400, True, None, "1.0"):
+        with pytest.raises(ValueError, match=r"^eps: expected a finite float within float32's range"):
+            values.float32_bits("eps", bad)
