@@ -1,5 +1,6 @@
 """The CUDA C of the engine's own kernels: three sources, which :class:`~fi_engine.dense.Dense` compiles with
-NVRTC into three modules, checks the arguments of and launches (nothing here runs).
+NVRTC into three modules, checks the arguments of and launches (nothing here runs), and a routing function that
+one of them shares with the MoE layer's module.
 
 :data:`ROW_KERNELS_SOURCE` (compiled as is; launched through CuPy ``RawKernel`` or, for the gather of the fused
 decode step, ``cuLaunchKernel``). Copies and exact comparisons only: nothing is rounded.
@@ -49,6 +50,18 @@ and ``x``'s rows 16-byte aligned.
   stored in ``y``. The host computes the RoPE constants as FlashInfer's launcher does
   (:meth:`~fi_engine.dense.RopeAppend.constants`).
 
+- ``gemv_{f16,bf16}_{norm,addnorm}_route(..., eps, normed, normed_ld, top_k, renorm, experts, weights, done)``:
+  the NORM / ADD_NORM GEMV of a MoE layer's router (``y``: float32 logits ``[rows, n]``, ``n`` experts) with the
+  routing as its epilogue: block 0 writes the normalized input rows to ``normed`` (16-bit, row stride
+  ``normed_ld``) for the experts' GEMVs, and the last block to finish (a uint32 counter at ``done``, 0 between
+  launches: that block sets it back) routes each row by :data:`ROUTE_SOURCE`'s ``route_row`` into ``experts``
+  (int32) and ``weights`` (float32), ``[rows, top_k]``. One launch where the norm, the GEMV and ``moe_route``
+  were three. The logits and the expert choice are those launches' bit for bit (comparisons only); the weights
+  come from this module's fast-math ``expf`` and division (within a few float32 ulps of ``moe_route``'s).
+
+:data:`ROUTE_SOURCE`: ``route_row``, the device routing of one token (softmax, top-k, renormalization), text that
+the fused GEMV source above and the MoE layer's module (``moe_route``) both include.
+
 The sources are the text NVRTC compiles, byte for byte as they were written in :mod:`~fi_engine.dense`
 (``FUSED_GEMV_SOURCE``'s first comment still calls the plain GEMV ``_GEMV_SOURCE``, its name there): a change
 of one byte is a new kernel, to be proven on the GPU against FlashInfer's launches
@@ -63,6 +76,7 @@ __all__ = [
     "FP8_QUANT_SOURCE",
     "FUSED_GEMV_SOURCE",
     "GEMV_SOURCE",
+    "ROUTE_SOURCE",
     "ROW_KERNELS_SOURCE",
 ]
 
@@ -184,6 +198,46 @@ extern "C" __global__ void unshard_columns(const float* __restrict__ src, int ro
     const int r = blockIdx.x;
     for (long long c = threadIdx.x; c < n; c += blockDim.x)
         dst[r * dst_ld + c] = src[((c / width) * rows + r) * width + c % width];
+}
+"""
+
+
+ROUTE_SOURCE = r"""
+// One token's routing on the device (a MoE layer's: moe_route, and the router GEMV's epilogue): softmax over the E
+// float32 logits l, the k largest (ties: the lower expert id) into ex[0, k), their probabilities into w[0, k),
+// divided by their sum when renorm. The logits are read through L2 (ld.global.cg): in the router GEMV, blocks
+// other than the routing one wrote them during the same launch.
+__device__ __forceinline__ float load_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void route_row(const float* __restrict__ l, int E, int k, int renorm, int* __restrict__ ex,
+                                          float* __restrict__ w) {
+    float m = load_cg(l);
+    for (int e = 1; e < E; ++e) m = fmaxf(m, load_cg(l + e));
+    float total = 0.f;
+    for (int e = 0; e < E; ++e) total += expf(load_cg(l + e) - m);
+    float picked = 0.f;
+    for (int j = 0; j < k; ++j) {
+        int best = -1;
+        float bv = 0.f;
+        for (int e = 0; e < E; ++e) {
+            bool taken = false;
+            for (int i = 0; i < j; ++i) taken |= ex[i] == e;
+            const float v = load_cg(l + e);
+            if (!taken && (best < 0 || v > bv)) {
+                best = e;
+                bv = v;
+            }
+        }
+        const float p = expf(bv - m) / total;
+        ex[j] = best;
+        w[j] = p;
+        picked += p;
+    }
+    if (renorm)
+        for (int j = 0; j < k; ++j) w[j] /= picked;
 }
 """
 
@@ -728,6 +782,54 @@ ROPE_APPEND(gemv_f16_norm_rope, false, 1)
 ROPE_APPEND(gemv_bf16_norm_rope, true, 1)
 ROPE_APPEND(gemv_f16_addnorm_rope, false, 2)
 ROPE_APPEND(gemv_bf16_addnorm_rope, true, 2)
+"""
+    + ROUTE_SOURCE
+    + r"""
+// The router GEMV of a MoE decode step with the routing as its epilogue: the NORM / ADD_NORM fused GEMV into
+// float32 logits y [rows, n] (n experts), block 0 also writing the staged input rows (the normalized rows the
+// experts' GEMVs read) to `normed`; then the last block to finish (counted in `done`, which it sets back to 0 for
+// the next launch: a CUDA graph replays it as is) routes each row as route_row does, into experts and weights
+// [rows, top_k]. Every block fences its logits before it counts itself, so the last one reads them all.
+template <bool BF16, int MODE>
+__device__ __forceinline__ void gemv_route(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                                           float* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                           long long y_ld, const unsigned short* __restrict__ h,
+                                           const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
+                                           long long h_ld, float eps, unsigned short* __restrict__ normed,
+                                           long long normed_ld, int top_k, int renorm, int* __restrict__ experts,
+                                           float* __restrict__ weights, unsigned int* __restrict__ done) {
+    extern __shared__ uint4 sx[];  // the staged rows: gemv_fused leaves them in place
+    __shared__ int last;
+    gemv_fused<BF16, true, MODE>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps);
+    const int vecs = k >> 3;
+    if (blockIdx.x == 0)
+        for (int r = 0; r < rows; ++r)
+            for (int c = threadIdx.x; c < vecs; c += blockDim.x)
+                reinterpret_cast<uint4*>(normed + r * normed_ld)[c] = sx[r * vecs + c];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int r = threadIdx.x; r < rows; r += blockDim.x)
+        route_row(y + r * y_ld, n, top_k, renorm, experts + r * top_k, weights + r * top_k);
+    if (threadIdx.x == 0) *done = 0u;
+}
+
+#define ROUTE(name, bf16, mode)                                                                                    \
+    extern "C" __global__ void name(const unsigned short* x, const unsigned short* w, float* y, int rows, int n,     \
+                                    int k, long long x_ld, long long y_ld, const unsigned short* h,                 \
+                                    const unsigned short* nw, unsigned short* h_out, long long h_ld, float eps,     \
+                                    unsigned short* normed, long long normed_ld, int top_k, int renorm,             \
+                                    int* experts, float* weights, unsigned int* done) {                             \
+        gemv_route<bf16, mode>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, normed, normed_ld, top_k,  \
+                               renorm, experts, weights, done);                                                     \
+    }
+ROUTE(gemv_f16_norm_route, false, 1)
+ROUTE(gemv_bf16_norm_route, true, 1)
+ROUTE(gemv_f16_addnorm_route, false, 2)
+ROUTE(gemv_bf16_addnorm_route, true, 2)
 """
 )
 

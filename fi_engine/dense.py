@@ -53,6 +53,7 @@ __all__ = [
     "WORKSPACE_BYTES",
     "Dense",
     "RopeAppend",
+    "RouterEpilogue",
     "data_type",
 ]
 
@@ -77,6 +78,7 @@ def data_type(dtype: str) -> int:
 NORM, ADD_NORM, SILU = 1, 2, 3
 _FUSED_SUFFIX = {NORM: "norm", ADD_NORM: "addnorm", SILU: "silu"}
 _ROPE = 16  # a mode flag: the QKV GEMV with RoPE and the KV append as its epilogue (Dense.prepared_qkv_rope)
+_ROUTE = 32  # a mode flag: a MoE router GEMV with the routing as its epilogue (Dense.prepared_router)
 _FUSED_WARPS = 8  # output columns per block per pass (one warp each); a block stages its input rows once
 _STATIC_SMEM = 48 << 10  # dynamic shared memory a kernel may take without opting in
 
@@ -145,6 +147,26 @@ _ROPE_CONSTANTS = (
     "rope.old_context_len / (high_freq_factor - low_freq_factor)",
     "rope.high_freq_factor / low_freq_factor",
 )
+
+
+@dataclass(frozen=True)
+class RouterEpilogue:
+    """What :meth:`Dense.prepared_router`'s epilogue needs, addresses as ints: ``normed`` (where the normalized
+    input rows go, 16-bit ``[rows, k]`` with row stride ``normed_ld`` elements, for the experts' GEMVs),
+    ``top_k`` experts per row from the softmax of the logits (``renormalize``: their weights divided by their
+    sum), written to ``experts`` (int32) and ``weights`` (float32), each ``[rows, top_k]`` contiguous; ``done``: a
+    uint32 the caller zeroed once, which each launch's last block sets back to 0 (one per stream of launches:
+    two launches in flight at once must not share it). A value (the engine keys nothing by it)."""
+
+    normed: int
+    normed_ld: int
+    top_k: int
+    renormalize: bool
+    experts: int
+    weights: int
+    done: int
+
+
 _U64 = 1 << 64  # a device address is below it (the kernels' pointers, packed into uint64 slots)
 _MAX_LD = 1 << 40  # row strides (elements): far past any buffer, far below the kernels' long long
 
@@ -362,6 +384,13 @@ class Dense:
                         except Exception:
                             optin = limit
                     fns[(mode | _ROPE, ab, ab)] = _function_ptr(kernel)
+                    kernel = module.get_function(f"gemv_{name}_{suffix}_route")  # a MoE router: float32 logits
+                    if optin > limit:
+                        try:
+                            kernel.max_dynamic_shared_size_bytes = optin
+                        except Exception:
+                            optin = limit
+                    fns[(mode | _ROUTE, ab, CUDA_R_32F)] = _function_ptr(kernel)
             self._fused_smem = max(limit, optin)
             self._fused_grid = max(1, int(self.fused_blocks_per_sm)) * int(attrs.get("MultiProcessorCount", 132))
             self._fused_module, self._fused_fns = module, fns
@@ -768,6 +797,94 @@ class Dense:
         params = self._driver_ffi.new(f"void*[{len(ints)}]", [values + i for i in range(len(ints))])
         grid = min((n // 2 + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
         return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "qkv gemv + rope + append", pdl=True)
+
+    def has_router(self, ab_type: int) -> bool:
+        """Whether :meth:`prepared_router` serves ``ab_type`` inputs (its kernels compiled). TypeError naming
+        ``ab_type`` when it is no int."""
+        _int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        return (ADD_NORM | _ROUTE, ab_type, CUDA_R_32F) in self._fused_fns
+
+    def prepared_router(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        logits: int,
+        logits_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+        route: RouterEpilogue,
+    ) -> Callable[[], None]:
+        """A MoE layer's router GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`fused_linear`; float32
+        ``logits [rows, n]`` over ``n`` experts' ``[n, k]`` 16-bit router weight ``w``) with the routing as its
+        epilogue, checked and packed once (see :meth:`prepared_fused`): the normalized rows also written to
+        ``route.normed``, then each row's softmax top-``route.top_k`` experts and weights (as ``moe_route``), one
+        launch where the norm, the router GEMV and the routing were three. The logits and the experts equal those
+        launches' bit for bit; the weights are within a few float32 ulps (fast-math ``expf``; the GPU test checks
+        both). Raises TypeError/ValueError naming an argument as :meth:`fused_linear` does, ``route`` that is no
+        :class:`RouterEpilogue` or one of its fields (``route.<field>``) of the wrong type or range, misaligned,
+        NULL or overlapping another operand, or a shape the kernel does not serve."""
+        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in (NORM, ADD_NORM):
+            raise ValueError(f"mode: the routing epilogue follows a NORM or ADD_NORM prologue, got {mode!r:.40}")
+        if not isinstance(route, RouterEpilogue):
+            raise TypeError(f"route: expected a RouterEpilogue, got {type(route).__name__}")
+        r = route
+        _int_arg("route.top_k", r.top_k, 1, 65)
+        if not isinstance(r.renormalize, bool):
+            raise TypeError(f"route.renormalize: expected a bool, got {type(r.renormalize).__name__}")
+        for name in ("normed", "experts", "weights", "done"):
+            _int_arg(f"route.{name}", getattr(r, name), 0, _U64)
+        _int_arg("route.normed_ld", r.normed_ld, 0, _MAX_LD)
+        key = (mode, rows, x, x_ld, w, n, k, logits, logits_ld, ab_type, CUDA_R_32F, h, h_ld, norm_weight, h_out, eps)
+        _check_fused_values(key)
+        if self._fp8_weights and w in self._fp8_weights:
+            raise ValueError("w: the routing epilogue reads 16-bit router weights; this one is registered as FP8")
+        _, _, smem, _, _ = self._pack_fused(key, checks_only=True)  # the GEMV's own checks
+        fn = self._fused_fns.get((mode | _ROUTE, ab_type, CUDA_R_32F))
+        if fn is None:
+            raise ValueError(f"ab_type: no router GEMV compiled for it ({ab_type}; see has_router)")
+        if r.top_k > n:
+            raise ValueError(f"route.top_k: expected at most n ({n}) experts, got {r.top_k}")
+        if rows > 1 and r.normed_ld < k:
+            raise ValueError(f"route.normed_ld: {r.normed_ld} elements between rows is less than a row's {k}")
+        span_normed = 2 * ((rows - 1) * r.normed_ld + k)
+        span_choice = 4 * rows * r.top_k
+        aligned = [("normed", r.normed, 16), ("normed_ld", 2 * r.normed_ld, 16), ("experts", r.experts, 4)]
+        aligned += [("weights", r.weights, 4), ("done", r.done, 4)]
+        for name, value, align in aligned:
+            if value % align or (value == 0 and name != "normed_ld"):
+                raise ValueError(f"route.{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+        outs = [("normed", r.normed, span_normed), ("experts", r.experts, span_choice)]
+        outs += [("weights", r.weights, span_choice), ("done", r.done, 4)]
+        span_in = 2 * ((rows - 1) * h_ld + k)
+        others = [("h", h, span_in), ("norm_weight", norm_weight, 2 * k), ("w", w, 2 * n * k)]
+        others += [("logits", logits, 4 * ((rows - 1) * logits_ld + n))]
+        if mode == ADD_NORM:
+            others.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
+            if h_out:
+                others.append(("h_out", h_out, span_in))
+        for i, (name, base, span) in enumerate(outs):
+            if base + span > _U64:
+                raise ValueError(f"route.{name}: 0x{base:x} + {span} bytes runs past the end of the address space")
+            for other, obase, ospan in others + [(f"route.{o}", b, n_) for o, b, n_ in outs[:i]]:
+                if _overlap(base, span, obase, ospan):
+                    raise ValueError(
+                        f"route.{name}: overlaps {other} (the launch writes it while reading or writing that)"
+                    )
+        ints = [x, w, logits, rows, n, k, x_ld, logits_ld, h, norm_weight, h_out, h_ld, float32_bits("eps", eps)]
+        ints += [r.normed, r.normed_ld, r.top_k, int(r.renormalize), r.experts, r.weights, r.done]
+        values = self._driver_ffi.new(f"uint64_t[{len(ints)}]", ints)
+        params = self._driver_ffi.new(f"void*[{len(ints)}]", [values + i for i in range(len(ints))])
+        grid = min((n + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
+        return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "router gemv + routing", pdl=True)
 
     @property
     def lt(self) -> bool:

@@ -80,7 +80,9 @@ class FusedDecode(EngineState):
         and the residual adds run in the prologue of the GEMV that reads their output (``Dense.fused_linear``,
         modes NORM / ADD_NORM), ``silu_and_mul`` in the down GEMV's (SILU), and RoPE with the KV append as the QKV
         GEMV's epilogue (``Dense.prepared_qkv_rope``; where it does not serve the head dim, or Qwen3's per-head
-        norms come between, those stay separate launches: 7 per layer, 9 with the norms). Same rounding points as the
+        norms come between, those stay separate launches: 7 per layer, 9 with the norms; a MoE layer's grouped-GEMV
+        step takes the post-attention norm and the routing into its router GEMV's launch,
+        ``MoELayer.prepared_normed_step``: 7 per layer with the attention). Same rounding points as the
         separate launches: the o and down GEMVs write their rounded output into ``x`` as before; the next GEMV
         forms ``s = h + x`` in float32, normalizes ``s`` (not its rounding, as ``fused_add_rmsnorm`` does) and
         stores ``round(s)`` as the new residual. That store goes to the other of two residual buffers (``h``,
@@ -184,12 +186,24 @@ class FusedDecode(EngineState):
             after = [] if scale is None else [scale]
             after.append(dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab))
             if self._moe:
-                # h += o's output and post_attention_layernorm into x, in place on the residual (one kernel: the
-                # experts' GEMVs read the normalized rows whole), then the MoE step's launches packed by the layer,
-                # its output into x (the next GEMV's prologue adds it)
+                # the grouped-GEMV step: h += o's output and post_attention_layernorm as the router GEMV's
+                # prologue (the new residual into `other`, as the dense layers' gate/up GEMV writes it), the
+                # routing as its epilogue, then the experts; their output into x (the next GEMV's prologue adds it)
+                layer = self._moe[i]
+                dense_moe = self._dense_moe(rows)
+                ln = self._ln2[i].data_ptr
+                moe = None if dense_moe else layer.prepared_normed_step(b.x, b.x, rows, cur, other, ln, eps)
+                if moe is not None:
+                    cur, other = other, cur
+                    after.extend(moe)
+                    layers.append((before, after))
+                    continue
+                # else h += o's output and post_attention_layernorm into x, in place on the residual (one kernel:
+                # the experts' GEMVs read the normalized rows whole), then the MoE step's launches packed by the
+                # layer, its output into x
                 resid = v.h if cur == b.h.data.ptr else kernels.descriptor(cur, (rows, h), self.dtype, self.device)
                 after.append(kernels.prepared_fused_add_rmsnorm(v.x, resid, self._ln2[i], eps, s))
-                moe = self._moe[i].prepared_step(self._normed, b.x, rows, self._dense_moe(rows))
+                moe = layer.prepared_step(self._normed, b.x, rows, dense_moe)
                 if moe is None:
                     raise AssertionError(f"layer {i}: its MoE step of {rows} rows has no packed launches")
                 after.extend(moe)

@@ -45,6 +45,7 @@ import numpy as np
 
 import fi_ffi
 
+from .cuda_sources import ROUTE_SOURCE
 from .dense import CUDA_R_32F, Dense, _column_blocks, data_type
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
 from .values import MAX_SIZE, arg_int, float32_bits, integer
@@ -57,7 +58,9 @@ many times the number of experts (measured on an H100, benchmarks/RESULTS.md: gp
 
 _MAX_SCRATCH_BYTES = 1 << 46  # 64 TiB: far above any GPU's memory, far below int64 overflow
 
-_COMBINE = r"""
+_COMBINE = (
+    ROUTE_SOURCE
+    + r"""
 __device__ __forceinline__ float load16(unsigned short v, int bf16) {
     if (bf16) return __uint_as_float(((unsigned int)v) << 16);
     float f;
@@ -88,33 +91,12 @@ extern "C" __global__ void moe_combine(const unsigned short* __restrict__ y, con
     }
 }
 
-// Device routing of the fixed-capacity path, one thread per token t < T: softmax over the E logits (float32), the k
-// largest (ties: the lower expert id), renormalized when renorm.
+// Device routing of the fixed-capacity path, one thread per token t < T: route_row (fi_engine.cuda_sources).
 extern "C" __global__ void moe_route(const float* __restrict__ logits, int E, int k, int renorm, int T,
                                      int* __restrict__ experts, float* __restrict__ w) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
-    const float* l = logits + (long long)t * E;
-    float m = l[0];
-    for (int e = 1; e < E; ++e) m = fmaxf(m, l[e]);
-    float total = 0.f;
-    for (int e = 0; e < E; ++e) total += expf(l[e] - m);
-    float picked = 0.f;
-    for (int j = 0; j < k; ++j) {
-        int best = -1;
-        float bv = 0.f;
-        for (int e = 0; e < E; ++e) {
-            bool taken = false;
-            for (int i = 0; i < j; ++i) taken |= experts[t * k + i] == e;
-            if (!taken && (best < 0 || l[e] > bv)) { best = e; bv = l[e]; }
-        }
-        const float p = expf(bv - m) / total;
-        experts[t * k + j] = best;
-        w[t * k + j] = p;
-        picked += p;
-    }
-    if (renorm)
-        for (int j = 0; j < k; ++j) w[t * k + j] /= picked;
+    route_row(logits + (long long)t * E, E, k, renorm, experts + (long long)t * k, w + (long long)t * k);
 }
 
 // Rows of the fixed-capacity path; one block, a thread per expert e: the choices of e, in token order, take e's rows
@@ -258,6 +240,7 @@ extern "C" __global__ void moe_dense_combine(const float* __restrict__ y, long l
     }
 }
 """
+)
 
 
 def choose_path(rows: int, num_experts: int, top_k: int) -> str:
@@ -702,6 +685,8 @@ class MoELayer:
             except Exception:  # NVRTC or the device refusing: the grouped GEMM serves every step
                 self._grouped = None
             self._g_rows = cupy.arange(c * self.top_k, dtype=cupy.int32)  # assignment a's output is row a
+            # the router GEMV's count of finished blocks (Dense.prepared_router; 0 between its launches)
+            self._route_done = cupy.zeros(1, cupy.uint32)
 
     gemv_fused_silu = True
     """The grouped GEMV step's down projection makes SiLU-and-mul itself as it stages its input rows (one launch
@@ -730,17 +715,18 @@ class MoELayer:
             call()
         return out
 
-    def _packed(self, pack: Any, x: Any, out: Any, t: int) -> list[Any]:
-        """A step's launches packed once per call site ``(pack, x, out, t)`` by ``pack(x, out, t, x_ld, out_ld)`` (a
-        decode step calls the same buffers every time: an eager step then pays about one FFI call per launch instead
-        of a CuPy kernel call's argument handling). At most 64 call sites are kept, then the cache starts again."""
+    def _packed(self, pack: Any, x: Any, out: Any, t: int, *extra: Any) -> list[Any]:
+        """A step's launches packed once per call site ``(pack, x, out, t, *extra)`` by ``pack(x, out, t, x_ld,
+        out_ld, *extra)`` (a decode step calls the same buffers every time: an eager step then pays about one FFI
+        call per launch instead of a CuPy kernel call's argument handling). ``extra``: values (addresses, floats).
+        At most 64 call sites are kept, then the cache starts again."""
         x_ld, out_ld = x.strides[0] // x.itemsize, out.strides[0] // out.itemsize
-        key = (pack.__name__, int(x.data.ptr), x_ld, int(out.data.ptr), out_ld, t)
+        key = (pack.__name__, int(x.data.ptr), x_ld, int(out.data.ptr), out_ld, t, *extra)
         calls = self._packed_steps.get(key)
         if calls is None:
             if len(self._packed_steps) >= 64:
                 self._packed_steps.clear()
-            calls = self._packed_steps[key] = pack(x, out, t, x_ld, out_ld)
+            calls = self._packed_steps[key] = pack(x, out, t, x_ld, out_ld, *extra)
         return calls
 
     def prepared_step(self, x: Any, out: Any, tokens: int, dense: bool) -> list[Any] | None:
@@ -755,6 +741,31 @@ class MoELayer:
             return None
         return self._packed(self._pack_dense_step if dense else self._pack_gemv_step, x, out, t)
 
+    def prepared_normed_step(
+        self, x: Any, out: Any, tokens: int, residual: int, residual_out: int, norm_weight: int, eps: float
+    ) -> list[Any] | None:
+        """:meth:`prepared_step`'s grouped-GEMV step with the post-attention ``fused_add_rmsnorm`` folded into the
+        router's launch: ``residual_out[:t] = residual[:t] + x[:t]``, the rows ``rmsnorm(residual_out) *
+        norm_weight`` into the layer's scratch ``xs`` (the experts read them there), the router GEMV with the
+        routing as its epilogue (``Dense.prepared_router``), then the experts and the combine into ``out`` as
+        :meth:`prepared_step` makes them: four launches where a norm and :meth:`prepared_step` make six.
+        ``residual`` and ``residual_out`` (different buffers: every block reads one while the first writes the
+        other) are addresses of 16-bit rows of ``hidden`` elements, row stride ``hidden``; ``norm_weight`` of
+        ``hidden`` 16-bit values; ``x`` and ``out`` as :meth:`forward_static` takes them (``x`` is read, not
+        changed). None where this form does not serve: more tokens than the fused GEMV's prologue takes
+        (``Dense.fused_fits``), no router kernel compiled, or no grouped-GEMV step (:meth:`packs_step`)."""
+        self._check_static(x, out)
+        t = _token_count(tokens, x)
+        d = self.dense
+        if (
+            not self.packs_step(t, False)
+            or not d.has_router(self._ab)
+            or not d.fused_fits(t, self.hidden)
+            or t > min(x.shape[0], out.shape[0], self.xs.shape[0])
+        ):
+            return None
+        return self._packed(self._pack_normed_step, x, out, t, residual, residual_out, norm_weight, eps)
+
     def packs_step(self, tokens: int, dense: bool) -> bool:
         """Whether :meth:`prepared_step` has packed launches for a step of ``tokens`` tokens (a few comparisons)."""
         if not self.dense.gemv or tokens < 1:
@@ -766,16 +777,49 @@ class MoELayer:
     def _pack_gemv_step(self, x: Any, out: Any, t: int, x_ld: int, out_ld: int) -> list[Any]:
         from .dense import _function_ptr
 
-        d, g = self.dense, self._grouped
-        e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
-        xp, op = int(x.data.ptr), int(out.data.ptr)
+        d = self.dense
+        e, h, k = self.num_experts, self.hidden, self.top_k
+        xp = int(x.data.ptr)
         logits, experts, weights = (int(a.data.ptr) for a in (self.logits, self.s_experts, self.s_weights))
-        gu, act, y = (int(a.data.ptr) for a in (self.gate_up_out, self.act, self.y))
-        rows = t * k
         router_w = int(self.weights.router.data.ptr)
         router = d.prepared_linear(t, xp, x_ld, router_w, e, h, logits, e, self._ab, CUDA_R_32F)
         route_args = [logits, e, k, 1 if self.renormalize else 0, t, experts, weights]
         route = d.prepared_kernel(_function_ptr(self._route_fn), ((t + 127) // 128, 1), 128, 0, route_args, "moe_route")
+        return [router, route, *self._pack_gemv_experts(xp, x_ld, int(out.data.ptr), out_ld, t)]
+
+    def _pack_normed_step(
+        self,
+        x: Any,
+        out: Any,
+        t: int,
+        x_ld: int,
+        out_ld: int,
+        residual: int,
+        residual_out: int,
+        norm_weight: int,
+        eps: float,
+    ) -> list[Any]:
+        from .dense import ADD_NORM, RouterEpilogue
+
+        e, h, k = self.num_experts, self.hidden, self.top_k
+        logits, experts, weights = (int(a.data.ptr) for a in (self.logits, self.s_experts, self.s_weights))
+        normed = int(self.xs.data.ptr)
+        route = RouterEpilogue(normed, h, k, bool(self.renormalize), experts, weights, int(self._route_done.data.ptr))
+        router = self.dense.prepared_router(ADD_NORM, t, int(x.data.ptr), x_ld, int(self.weights.router.data.ptr),
+                                            e, h, logits, e, self._ab, residual, h, norm_weight, residual_out, eps,
+                                            route)  # fmt: skip
+        return [router, *self._pack_gemv_experts(normed, h, int(out.data.ptr), out_ld, t)]
+
+    def _pack_gemv_experts(self, xp: int, x_ld: int, op: int, out_ld: int, t: int) -> list[Any]:
+        """The grouped-GEMV step's launches after the routing (gate/up, SiLU-and-mul where it is its own launch,
+        down, combine), packed: the input rows at address ``xp`` (row stride ``x_ld``), the output's at ``op``."""
+        from .dense import _function_ptr
+
+        d, g = self.dense, self._grouped
+        e, h, i, k = self.num_experts, self.hidden, self.intermediate, self.top_k
+        experts, weights = (int(a.data.ptr) for a in (self.s_experts, self.s_weights))
+        gu, act, y = (int(a.data.ptr) for a in (self.gate_up_out, self.act, self.y))
+        rows = t * k
         fn, grid, block, smem, args = g.launch(xp, x_ld, k, experts, t, k, int(self.weights.gate_up.data.ptr), e,
                                                2 * i, h, gu, 2 * i)  # fmt: skip
         gate_up = d.prepared_kernel(fn, grid, block, smem, args, "grouped gemv (gate/up)")
@@ -793,7 +837,7 @@ class MoELayer:
         combine = d.prepared_kernel(
             _function_ptr(self._combine), self._combine_grid(t), 256, 0, combine_args, "moe_combine"
         )
-        return [router, route, gate_up, *activation, down, combine]
+        return [gate_up, *activation, down, combine]
 
     def _gemv_experts(self, x: Any, out: Any, t: int) -> Any:
         """The experts of :meth:`forward_static` as two grouped GEMVs over the ``t * k`` assignments: gate/up

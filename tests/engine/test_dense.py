@@ -299,3 +299,79 @@ def test_prepared_kernel_packs_integer_arguments_into_8_byte_slots() -> None:
     d.gemv = False
     with pytest.raises(ValueError, match="launch path is off"):
         d.prepared_kernel(0x5000, (1, 1), 32, 0, [], "k")
+
+
+def router_call(mode: int = D.ADD_NORM) -> dict[str, Any]:
+    """A valid prepared_router call: 2 rows of H over 16 experts, top-2 (addresses at(12..15) for the epilogue)."""
+    call = fused_call(mode)
+    del call["c_type"], call["y"], call["y_ld"]
+    route = D.RouterEpilogue(normed=at(12), normed_ld=H, top_k=2, renormalize=True, experts=at(13), weights=at(14),
+                             done=at(15))  # fmt: skip
+    return {**call, "n": 16, "logits": at(2), "logits_ld": 16, "route": route}
+
+
+def router_dense() -> D.Dense:
+    d = fake_dense()
+    d._fused_fns |= {
+        (m | D._ROUTE, ab, D.CUDA_R_32F): 0x5000 + m for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)
+    }
+    return d
+
+
+def test_a_router_call_packs_its_epilogue_after_the_fused_gemvs_arguments():
+    d = router_dense()
+    assert d.has_router(D.CUDA_R_16BF) and not fake_dense().has_router(D.CUDA_R_16BF)
+    call = router_call()
+    d.prepared_router(**call)()
+    fn, grid, _, _, block, _, _, smem, stream, params, _ = d.launches[0]
+    assert (fn, grid, block, smem, stream) == (0x5000 + D.ADD_NORM, 2, 256, 2 * 2 * H, 0x77)
+    slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(20)]
+    r = call["route"]
+    eps_bits = int.from_bytes(struct.pack("<f", call["eps"]), "little")
+    want = [call[n] for n in ("x", "w", "logits", "rows", "n", "k", "x_ld", "logits_ld", "h", "norm_weight")]
+    want += [call["h_out"], call["h_ld"], eps_bits, r.normed, r.normed_ld, 2, 1, r.experts, r.weights, r.done]
+    assert slots == want
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (dict(mode=D.SILU), ValueError, r"^mode: the routing epilogue follows a NORM or ADD_NORM prologue"),
+        (dict(route=(1, 2)), TypeError, r"^route: expected a RouterEpilogue"),
+        (dict(route_top_k=0), ValueError, r"^route\.top_k: "),
+        (dict(route_top_k=17), ValueError, r"^route\.top_k: expected at most n \(16\)"),
+        (dict(route_top_k=True), TypeError, r"^route\.top_k: "),
+        (dict(route_renormalize=1), TypeError, r"^route\.renormalize: expected a bool"),
+        (dict(route_normed=None), TypeError, r"^route\.normed: "),
+        (dict(route_normed=at(12) + 8), ValueError, r"^route\.normed: 0x[0-9a-f]+ must be a non-NULL address aligned"),
+        (dict(route_experts=0), ValueError, r"^route\.experts: 0x0 must be a non-NULL"),
+        (dict(route_done=at(15) + 2), ValueError, r"^route\.done: "),
+        (dict(route_normed_ld=H - 8), ValueError, r"^route\.normed_ld: "),
+        (dict(route_normed=at(0)), ValueError, r"^route\.normed: overlaps x"),
+        (dict(route_weights=at(13) + 8), ValueError, r"^route\.weights: overlaps route\.experts"),
+        (dict(route_done=at(2)), ValueError, r"^route\.done: overlaps logits"),
+        (dict(route_experts=(1 << 64) - 8), ValueError, r"^route\.experts: .* runs past the end"),
+        (dict(eps=1e300), ValueError, r"^eps: expected a finite float within float32's range"),
+        (dict(logits=at(0)), ValueError, r"^y: overlaps x"),
+        (dict(ab_type=D.CUDA_R_32F), ValueError, r"^ab_type, c_type: no fused GEMV"),
+        (dict(k=H + 4), ValueError, r"k"),
+    ],
+)
+def test_a_bad_router_call_is_refused_by_name_before_any_launch(change, error, match):
+    d = router_dense()
+    call = router_call()
+    fields = {k.removeprefix("route_"): v for k, v in change.items() if k.startswith("route_")}
+    call |= {k: v for k, v in change.items() if not k.startswith("route_")}
+    if fields:
+        call["route"] = dataclasses.replace(call["route"], **fields)
+    with pytest.raises(error, match=match):
+        d.prepared_router(**call)
+    assert d.launches == []
+
+
+def test_a_router_over_fp8_weights_is_refused():
+    d = router_dense()
+    d._fp8_weights = {at(1): object()}
+    with pytest.raises(ValueError, match=r"^w: the routing epilogue reads 16-bit router weights"):
+        d.prepared_router(**router_call())
+    assert d.launches == []

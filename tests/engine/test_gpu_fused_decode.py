@@ -17,7 +17,7 @@ GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
    caches equal to the separate launches' bit for bit.
 3. The engine: greedy decoding of four prompts (1 to 4 rows: every step fused) with ``fused_decode`` on and off on
    a random SmolLM2-like float16 checkpoint, a bfloat16 one with Llama 3.1 RoPE and a bfloat16 Mixtral-like one
-   (its MoE layers' add + norm one packed kernel, then the grouped GEMV's launches): the tokens are equal, and
+   (its MoE layers' add + norm and routing in the router GEMV's launch, then the grouped GEMV's): the tokens equal, and
    the logits of every step are within the engine tests' tolerance (``helpers.yardstick.LOGIT_TOL``: float16
    0.02, bfloat16 0.08) with the bitwise share printed. The unfused path is the one tests/engine/test_gpu_llama.py
    checks against transformers.
@@ -273,7 +273,8 @@ def test_gemv_and_fused_gemv_refuse_bad_pointers(dense):
 MODELS = {  # (dtype, head_dim, (q heads, kv heads), hidden, intermediate, Llama 3.1 RoPE[, (experts, top-k)])
     "f16-smollm2-like": ("float16", 64, (9, 3), 576, 1536, False),
     "bf16-d128-llama31": ("bfloat16", 128, (8, 2), 1024, 2816, True),
-    # a Mixtral: its MoE layers' add + norm as one packed kernel, then the grouped GEMV's packed launches
+    # a Mixtral: its MoE layers' add + norm and routing in the router GEMV's launch (MoELayer.prepared_normed_step),
+    # then the grouped GEMV's packed launches
     "bf16-mixtral-like": ("bfloat16", 128, (8, 2), 1024, 1024, False, (8, 2)),
 }
 

@@ -450,3 +450,86 @@ def test_the_dense_path_matches_the_routed_paths_and_replays_in_a_graph(kind: st
             plain.forward_dense(x_buf[:2], out_buf[:2])
     finally:
         plain.close()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_router_gemv_makes_the_norm_and_the_routing_of_the_step(dtype: str) -> None:
+    """``prepared_normed_step`` (the post-attention ``fused_add_rmsnorm`` as the router GEMV's prologue and the
+    routing as its epilogue: one launch for three) against FlashInfer's ``fused_add_rmsnorm`` followed by
+    ``prepared_step``, at 1-4 tokens: the new residual, the normalized rows, the logits and the chosen experts bit
+    for bit; the routing weights within 1e-6 relative (this launch's fast-math ``expf`` and division against
+    ``moe_route``'s, each a few float32 ulps); the output within one 16-bit ulp of the separate launches' (2**-10 /
+    2**-7 relative: the same products, combined with those weights). Three launches in a row give the same result
+    (the block counter sets itself back to 0), and a CUDA graph of the step replays it on new inputs."""
+    import fi_ffi
+
+    rng = np.random.default_rng(13)
+    h, top_k, _, stream, _, layer = gemv_layer(rng, dtype)
+    ulp = 2.0**-10 if dtype == "float16" else 2.0**-7
+    eps = 1e-5
+    try:
+        assert layer.dense.has_router(layer._ab)
+        nw, _ = to_device(1.0 + 0.1 * rng.standard_normal(h), dtype)
+        for tokens in (1, 2, 3, 4):
+            x, _ = to_device(rng.standard_normal((tokens, h)), dtype)
+            resid, _ = to_device(rng.standard_normal((tokens, h)), dtype)
+            # the separate launches: x <- rmsnorm(resid + x) * nw, resid <- resid + x, in place; then the step
+            x_ref, resid_ref, out_ref = x.copy(), resid.copy(), cupy.zeros_like(x)
+            stream.synchronize()
+            fi_ffi.fused_add_rmsnorm(layer._t(x_ref, (tokens, h)), layer._t(resid_ref, (tokens, h)),
+                                     layer._t(nw, (h,)), eps, stream=stream.ptr)  # fmt: skip
+            for call in layer.prepared_step(x_ref, out_ref, tokens, False):
+                call()
+            stream.synchronize()
+            want = {name: cupy.asnumpy(a[: tokens * top_k]) for name, a in (("experts", layer.s_experts),
+                    ("weights", layer.s_weights))}  # fmt: skip
+            want_logits = cupy.asnumpy(layer.logits[:tokens])
+            for _ in range(3):
+                resid_out, out = cupy.zeros_like(resid), cupy.zeros_like(x)
+                calls = layer.prepared_normed_step(
+                    x, out, tokens, int(resid.data.ptr), int(resid_out.data.ptr), int(nw.data.ptr), eps
+                )
+                assert calls is not None and len(calls) == 4  # router (+ norm + routing), gate/up, down, combine
+                for call in calls:
+                    call()
+                stream.synchronize()
+                assert int(layer._route_done.get()[0]) == 0
+                assert np.array_equal(cupy.asnumpy(resid_out).view(np.uint16), cupy.asnumpy(resid_ref).view(np.uint16))
+                normed = cupy.asnumpy(layer.xs[:tokens]).view(np.uint16)
+                assert np.array_equal(normed, cupy.asnumpy(x_ref).view(np.uint16))
+                assert np.array_equal(cupy.asnumpy(layer.logits[:tokens]).view(np.uint32), want_logits.view(np.uint32))
+                assert np.array_equal(cupy.asnumpy(layer.s_experts[: tokens * top_k]), want["experts"])
+                got_w = cupy.asnumpy(layer.s_weights[: tokens * top_k])
+                np.testing.assert_allclose(got_w, want["weights"], rtol=1e-6, atol=0)
+                got, ref = from_device(out, dtype), from_device(out_ref, dtype)
+                np.testing.assert_allclose(got, ref, rtol=ulp, atol=ulp * float(np.abs(ref).max()) * 2**-4)
+                assert np.abs(ref).max() > 0
+        # a graph of the step (4 tokens), replayed on new inputs, against the same step run eagerly
+        tokens = 4
+        x, _ = to_device(rng.standard_normal((tokens, h)), dtype)
+        resid, _ = to_device(rng.standard_normal((tokens, h)), dtype)
+        resid_out, out = cupy.zeros_like(resid), cupy.zeros_like(x)
+        calls = layer.prepared_normed_step(x, out, tokens, int(resid.data.ptr), int(resid_out.data.ptr),
+                                           int(nw.data.ptr), eps)  # fmt: skip
+        assert calls is not None
+        stream.begin_capture()
+        for call in calls:
+            call()
+        graph = stream.end_capture()
+        for seed in (1, 2):
+            new = np.random.default_rng(seed)
+            x[...], _ = to_device(new.standard_normal((tokens, h)), dtype)
+            resid[...], _ = to_device(new.standard_normal((tokens, h)), dtype)
+            cupy.cuda.Device().synchronize()
+            graph.launch(stream)
+            stream.synchronize()
+            replayed = cupy.asnumpy(out).view(np.uint16).copy(), cupy.asnumpy(resid_out).view(np.uint16).copy()
+            out[...] = 0
+            for call in calls:
+                call()
+            stream.synchronize()
+            assert np.array_equal(replayed[0], cupy.asnumpy(out).view(np.uint16))
+            assert np.array_equal(replayed[1], cupy.asnumpy(resid_out).view(np.uint16))
+        assert int(layer._route_done.get()[0]) == 0
+    finally:
+        layer.close()
