@@ -11,6 +11,7 @@ measurement in turn and reports the medians and each round's ratio: single runs 
 and CuPy. Not a test: nothing is asserted.
 
     bash tools/gpu_run.sh python3 benchmarks/bench_layer_host.py [--batches 1,8,32] [--layers 2,10] [--rounds 3]
+        [--unfolded]
 """
 
 from __future__ import annotations
@@ -126,11 +127,20 @@ def main() -> None:
     ap.add_argument(
         "--rounds", type=int, default=3, help="every measurement repeated this many times in turn; medians reported"
     )
+    ap.add_argument(
+        "--unfolded",
+        action="store_true",
+        help="also measure the MoE layer with MoELayer.fold_norm_into_router off (its norm, router GEMV and routing "
+        "as three launches, as before 2026-11-25), in the same rounds",
+    )
     args = ap.parse_args()
     lo, hi = (int(x) for x in args.layers.split(","))
     batches = [int(b) for b in args.batches.split(",")]
     per_layer: dict[tuple[str, int], list[float]] = {}
-    ratios: dict[int, list[float]] = {b: [] for b in batches}
+    ratios: dict[tuple[str, int], list[float]] = {}
+    kinds = ("dense", "moe", "moe-unfolded") if args.unfolded else ("dense", "moe")
+    from fi_engine.moe import MoELayer
+
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("dense", "moe"):
             for depth in (lo, hi):
@@ -141,18 +151,28 @@ def main() -> None:
         # like, and the medians over rounds drop a round that a cold start or a busy host slowed
         for round_ in range(args.rounds):
             for b in batches:
-                for kind in ("dense", "moe"):
-                    (t_lo, path), (t_hi, _) = (step_host_us(Path(tmp) / f"{kind}{d}", b, args.reps) for d in (lo, hi))
+                for kind in kinds:
+                    folder = "dense" if kind == "dense" else "moe"
+                    MoELayer.fold_norm_into_router = kind != "moe-unfolded"
+                    try:
+                        (t_lo, path), (t_hi, _) = (
+                            step_host_us(Path(tmp) / f"{folder}{d}", b, args.reps) for d in (lo, hi)
+                        )
+                    finally:
+                        MoELayer.fold_norm_into_router = True
                     slope = (t_hi - t_lo) / (hi - lo)
                     per_layer.setdefault((kind, b), []).append(slope)
-                    print(f"round {round_}: {kind:5s} batch {b:3d} ({path}): step host {t_lo:7.1f} us at {lo} layers, "
-                          f"{t_hi:7.1f} us at {hi}: {slope:6.1f} us per layer", flush=True)  # fmt: skip
-                ratios[b].append(per_layer["moe", b][-1] / per_layer["dense", b][-1])
+                    print(f"round {round_}: {kind:12s} batch {b:3d} ({path}): step host {t_lo:7.1f} us at {lo} "
+                          f"layers, {t_hi:7.1f} us at {hi}: {slope:6.1f} us per layer", flush=True)  # fmt: skip
+                    if kind != "dense":
+                        ratios.setdefault((kind, b), []).append(slope / per_layer["dense", b][-1])
     for b in batches:
-        moe, dense = statistics.median(per_layer["moe", b]), statistics.median(per_layer["dense", b])
-        each = ", ".join(f"{r:.2f}" for r in ratios[b])
-        print(f"batch {b:3d}: MoE layer {moe:.1f} us / dense layer {dense:.1f} us = {moe / dense:.2f}x "
-              f"(median per layer over {args.rounds} rounds; each round's ratio: {each})")  # fmt: skip
+        dense = statistics.median(per_layer["dense", b])
+        for kind in kinds[1:]:
+            moe = statistics.median(per_layer[kind, b])
+            each = ", ".join(f"{r:.2f}" for r in ratios[kind, b])
+            print(f"batch {b:3d}: {kind} layer {moe:.1f} us / dense layer {dense:.1f} us = {moe / dense:.2f}x "
+                  f"(median per layer over {args.rounds} rounds; each round's ratio: {each})")  # fmt: skip
 
 
 if __name__ == "__main__":

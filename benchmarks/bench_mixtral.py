@@ -129,7 +129,9 @@ def main() -> int:
         default="default",
         help="comma-separated, each row run per variant in turn: default; no-fused-silu (the grouped GEMV step's "
         "SiLU-and-mul as a launch of its own, MoELayer.gemv_fused_silu off, as before 2026-11-25); grouped-warps-8 "
-        "(8 warps in every grouped GEMV block, GroupedGemv.min_warps_per_sm 0, as before 2026-11-25)",
+        "(8 warps in every grouped GEMV block, GroupedGemv.min_warps_per_sm 0, as before 2026-11-25); unfolded-router "
+        "(the post-attention norm, router GEMV and routing as three launches, MoELayer.fold_norm_into_router off, "
+        "as before 2026-11-25 session 7)",
     )
     ap.add_argument(
         "--checkpoint", default="", help="keep the random checkpoint in this folder, or reuse the one written there"
@@ -165,8 +167,10 @@ def main() -> int:
             for m in a.modes.split(",")
             for v in a.variants.split(",")
         ]:
-            if variant not in ("default", "no-fused-silu", "grouped-warps-8"):
-                raise SystemExit(f"--variants: unknown variant {variant!r} (default, no-fused-silu, grouped-warps-8)")
+            known = ("default", "no-fused-silu", "grouped-warps-8", "unfolded-router")
+            if variant not in known:
+                raise SystemExit(f"--variants: unknown variant {variant!r} ({', '.join(known)})")
+            MoELayer.fold_norm_into_router = variant != "unfolded-router"
             MoELayer.gemv_tokens = gemv_tokens
             MoELayer.gemv_fused_silu = variant != "no-fused-silu"
             GroupedGemv.min_warps_per_sm = 0 if variant == "grouped-warps-8" else 32

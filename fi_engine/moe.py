@@ -741,6 +741,12 @@ class MoELayer:
             return None
         return self._packed(self._pack_dense_step if dense else self._pack_gemv_step, x, out, t)
 
+    fold_norm_into_router = True
+    """Whether :meth:`prepared_normed_step` serves (the fused decode step then folds the post-attention norm and
+    the routing into the router GEMV's launch); False: None, and the engine keeps the separate norm, router GEMV
+    and routing launches. Read when a step is packed; set it on the class to compare
+    (``benchmarks/bench_layer_host.py --unfolded``)."""
+
     def prepared_normed_step(
         self, x: Any, out: Any, tokens: int, residual: int, residual_out: int, norm_weight: int, eps: float
     ) -> list[Any] | None:
@@ -753,12 +759,14 @@ class MoELayer:
         other) are addresses of 16-bit rows of ``hidden`` elements, row stride ``hidden``; ``norm_weight`` of
         ``hidden`` 16-bit values; ``x`` and ``out`` as :meth:`forward_static` takes them (``x`` is read, not
         changed). None where this form does not serve: more tokens than the fused GEMV's prologue takes
-        (``Dense.fused_fits``), no router kernel compiled, or no grouped-GEMV step (:meth:`packs_step`)."""
+        (``Dense.fused_fits``), no router kernel compiled, no grouped-GEMV step (:meth:`packs_step`), or
+        :attr:`fold_norm_into_router` off."""
         self._check_static(x, out)
         t = _token_count(tokens, x)
         d = self.dense
         if (
-            not self.packs_step(t, False)
+            not self.fold_norm_into_router
+            or not self.packs_step(t, False)
             or not d.has_router(self._ab)
             or not d.fused_fits(t, self.hidden)
             or t > min(x.shape[0], out.shape[0], self.xs.shape[0])
