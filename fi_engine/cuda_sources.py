@@ -3,7 +3,7 @@ NVRTC into three modules, checks the arguments of and launches (nothing here run
 one of them shares with the MoE layer's module.
 
 :data:`ROW_KERNELS_SOURCE` (compiled as is; launched through CuPy ``RawKernel`` or, for the gather of the fused
-decode step, ``cuLaunchKernel``). Copies and exact comparisons only: nothing is rounded.
+decode step, the driver's launch). Copies and exact comparisons only: nothing is rounded.
 
 - ``gather_rows16(src, rows, dst, width, src_ld, dst_ld)``: ``dst[r, :width] = src[rows[r], :width]``, 16-bit
   elements, ``rows`` int32; grid (output rows, column blocks) (the embedding lookup).
@@ -19,7 +19,7 @@ decode step, ``cuLaunchKernel``). Copies and exact comparisons only: nothing is 
 - ``unshard_columns(src, rows, width, n, dst, dst_ld)``: the all-gathered float32 shards ``src [parts, rows,
   width]`` as ``dst [rows, :n]`` (the padding columns past ``n`` dropped).
 
-:data:`GEMV_SOURCE` (compiled as is; launched with ``cuLaunchKernel``). ``gemv_{f16,bf16}_{f16,f32}(x, w, y,
+:data:`GEMV_SOURCE` (compiled as is; launched by the driver, Dense._prepared). ``gemv_{f16,bf16}_{f16,f32}(x, w, y,
 rows, n, k, x_ld, y_ld)``: ``y[r, j] = sum_c x[r, c] * w[j, c]`` for ``r < rows <= 4`` -- ``x [rows, k]`` and
 ``w [n, k]`` (row-major, a Linear weight) 16-bit, ``y [rows, n]`` 16-bit or float32, row strides ``x_ld``,
 ``y_ld`` in elements. One warp per output column (Dense launches 4 a block, ``ceil(n / 4)`` blocks): lane ``l``
@@ -30,8 +30,8 @@ they bypass L1), which keeps enough bytes in flight to read the weights at 70-92
 Rounding: none but ``y``'s, once, to nearest even (float32 ``y``: none). ``k`` a multiple of 8; ``x``, ``w``
 and ``x``'s rows 16-byte aligned.
 
-:data:`FUSED_GEMV_SOURCE` (compiled with ``--use_fast_math``, as FlashInfer's modules are; launched with
-``cuLaunchKernel`` on 8 warps a block, at most 8 blocks per SM, each block serving a grid-stride set of columns):
+:data:`FUSED_GEMV_SOURCE` (compiled with ``--use_fast_math``, as FlashInfer's modules are; launched by the driver
+on 8 warps a block, at most 8 blocks per SM, each block serving a grid-stride set of columns):
 
 - ``gemv_{f16,bf16}_{f16,f32}_{norm,addnorm,silu}(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps)``:
   the GEMV above (the same sums in the same order) whose input rows ``in [rows, k]`` a prologue computes into

@@ -580,17 +580,23 @@ class Dense:
     ) -> Any:
         """A launch of ``fn`` packed once. ``pdl``: the kernel waits for its predecessor itself
         (``griddep_wait`` in :mod:`~fi_engine.cuda_sources`), so it is launched with programmatic dependent launch
-        where :attr:`pdl` allows it: it may start while the kernel before it drains, loading its weights."""
+        where :attr:`pdl` allows it: it may start while the kernel before it drains, loading its weights. Where the
+        driver has ``cuLaunchKernelEx`` every launch goes through it, its configuration packed here: a call then
+        passes 4 arguments where ``cuLaunchKernel`` takes 11, each converted by cffi (about 1.5 us of host time a
+        launch on the H100's host: benchmarks/RESULTS.md); the attribute only where ``pdl`` asks for it."""
         stream, null = self._stream, self._null
-        if pdl and self.pdl and self._launch_ex is not None:
+        if self._launch_ex is not None:
             ffi = self._driver_ffi
-            attr = ffi.new("CUlaunchAttribute*")
-            attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
-            attr.value[0] = 1  # programmaticStreamSerializationAllowed (an int, little-endian)
             config = ffi.new("CUlaunchConfig*")
             config.gridDimX, config.gridDimY, config.gridDimZ = grid, grid_y, 1
             config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
-            config.sharedMemBytes, config.hStream, config.attrs, config.numAttrs = smem, stream, attr, 1
+            config.sharedMemBytes, config.hStream = smem, stream
+            attr = ffi.NULL
+            if pdl and self.pdl:
+                attr = ffi.new("CUlaunchAttribute*")
+                attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
+                attr.value[0] = 1  # programmaticStreamSerializationAllowed (an int, little-endian)
+                config.attrs, config.numAttrs = attr, 1
             launch_ex = self._launch_ex
 
             def call_ex() -> None:

@@ -50,36 +50,42 @@ def fake_dense() -> D.Dense:
 
 
 def test_pdl_launches_carry_the_attribute() -> None:
-    """With cuLaunchKernelEx available, the prepared GEMV launches (which wait for their predecessor in the kernel)
-    go through it with one programmatic-stream-serialization attribute and the launch's own grid, block, shared
-    memory and stream, in the real cffi structs; the row gather (which does not wait) keeps cuLaunchKernel; with
-    Dense.pdl off every launch keeps cuLaunchKernel."""
+    """With cuLaunchKernelEx available, every prepared launch goes through it with a configuration packed once: the
+    GEMV launches (which wait for their predecessor in the kernel) with one programmatic-stream-serialization
+    attribute, the row gather (which does not wait) with none, each with the launch's own grid, block, shared
+    memory and stream, in the real cffi structs; with Dense.pdl off no launch carries the attribute."""
     d = fake_dense()
     seen: list[tuple[Any, ...]] = []
 
     def launch_ex(config: Any, fn: int, params: Any, extra: Any) -> int:
-        a = config.attrs[0]
-        seen.append((fn, config.gridDimX, config.blockDimX, config.sharedMemBytes, config.hStream, config.numAttrs,
-                     a.id, int.from_bytes(bytes(a.value[0:4]), "little"), params))  # fmt: skip
+        attrs = [(config.attrs[i].id, int.from_bytes(bytes(config.attrs[i].value[0:4]), "little"))
+                 for i in range(config.numAttrs)]  # fmt: skip
+        seen.append((fn, config.gridDimX, config.gridDimY, config.blockDimX, config.sharedMemBytes, config.hStream,
+                     attrs, params))  # fmt: skip
         return 0
 
     d._launch_ex = launch_ex
     d.prepared_linear(**linear_call())()
-    fn, grid, block, smem, stream, count, attr_id, allowed, params = seen[0]
-    assert (fn, grid, block, smem, stream) == (0x3000, -(-N // D._GEMV_WARPS), 32 * D._GEMV_WARPS, 0, 0x77)
-    assert (count, attr_id, allowed) == (1, 6, 1) and params != d._null
+    fn, grid, grid_y, block, smem, stream, attrs, params = seen[0]
+    assert (fn, grid, grid_y, block, smem, stream) == (0x3000, -(-N // D._GEMV_WARPS), 1, 32 * D._GEMV_WARPS, 0, 0x77)
+    assert attrs == [(6, 1)] and params != d._null
     d.prepared_fused(**fused_call())()
-    assert seen[1][0] == 0x1000 + D.ADD_NORM and seen[1][2] == 32 * D._FUSED_WARPS and seen[1][3] > 0
+    assert seen[1][0] == 0x1000 + D.ADD_NORM and seen[1][3] == 32 * D._FUSED_WARPS and seen[1][4] > 0
+    assert seen[1][6] == [(6, 1)]
     d.prepared_qkv_rope(**qkv_call())()
-    assert seen[2][0] == 0x2000 + D.ADD_NORM and len(seen) == 3
+    assert seen[2][0] == 0x2000 + D.ADD_NORM and seen[2][6] == [(6, 1)]
     d.prepared_gather(**gather_call())()
-    assert len(seen) == 3 and len(d.launches) == 1  # the gather: cuLaunchKernel
+    assert seen[3][0] == 0x4000 and seen[3][2] == D._column_blocks(H) and seen[3][6] == []  # no attribute
+    assert d.launches == []  # cuLaunchKernel: never, where cuLaunchKernelEx is
     D.Dense.pdl = False
     try:
         d.prepared_linear(**linear_call())()
-        assert len(seen) == 3 and len(d.launches) == 2
+        assert len(seen) == 5 and seen[4][6] == [] and d.launches == []
     finally:
         D.Dense.pdl = True
+    d._launch_ex = None  # a driver without cuLaunchKernelEx (or a GPU before Hopper): cuLaunchKernel
+    d.prepared_linear(**linear_call())()
+    assert len(seen) == 5 and len(d.launches) == 1
 
 
 def at(i: int) -> int:
