@@ -763,6 +763,9 @@ class MoELayer:
         :attr:`fold_norm_into_router` off."""
         self._check_static(x, out)
         t = _token_count(tokens, x)
+        for name, value in (("residual", residual), ("residual_out", residual_out), ("norm_weight", norm_weight)):
+            arg_int(name, value, 0, (1 << 64) - 1)  # (values that key the packed launches: never a list)
+        float32_bits("eps", eps)
         d = self.dense
         if (
             not self.fold_norm_into_router

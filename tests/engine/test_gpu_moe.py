@@ -531,5 +531,18 @@ def test_the_router_gemv_makes_the_norm_and_the_routing_of_the_step(dtype: str) 
             assert np.array_equal(replayed[0], cupy.asnumpy(out).view(np.uint16))
             assert np.array_equal(replayed[1], cupy.asnumpy(resid_out).view(np.uint16))
         assert int(layer._route_done.get()[0]) == 0
+        # bad values are refused by name before anything is packed or launched
+        good = dict(residual=int(resid.data.ptr), residual_out=int(resid_out.data.ptr), norm_weight=int(nw.data.ptr))
+        for change, error, match in [
+            ({"residual": [1]}, TypeError, r"^residual: expected an int"),
+            ({"residual_out": -16}, ValueError, r"^residual_out: expected an int in"),
+            ({"norm_weight": 1.5}, TypeError, r"^norm_weight: expected an int"),
+            ({"eps": 1e300}, ValueError, r"^eps: expected a finite float within float32's range"),
+            ({"residual_out": int(resid.data.ptr)}, ValueError, r"^h_out: overlaps h"),
+            ({"norm_weight": int(nw.data.ptr) + 8}, ValueError, r"^norm_weight: "),
+        ]:
+            args = {**good, "eps": eps, **change}
+            with pytest.raises(error, match=match):
+                layer.prepared_normed_step(x, out, tokens, **args)
     finally:
         layer.close()
