@@ -366,31 +366,24 @@ class Dense:
             fns = {}
             limit = _STATIC_SMEM - 1024  # the static part (the sums of squares) counts against the same 48 KiB
             optin = int(attrs.get("MaxSharedMemoryPerBlockOptin", 0)) - 1024
+
+            def load(kernel_name: str) -> int:
+                nonlocal optin
+                kernel = module.get_function(kernel_name)
+                if optin > limit:  # rows x k input values beyond 48 KiB: opt in once per kernel
+                    try:
+                        kernel.max_dynamic_shared_size_bytes = optin
+                    except Exception:
+                        optin = limit
+                return _function_ptr(kernel)
+
             for (ab, c), name in _GEMV_NAMES.items():
                 for mode, suffix in _FUSED_SUFFIX.items():
-                    kernel = module.get_function(f"{name}_{suffix}")
-                    if optin > limit:  # rows x k input values beyond 48 KiB: opt in once per kernel
-                        try:
-                            kernel.max_dynamic_shared_size_bytes = optin
-                        except Exception:
-                            optin = limit
-                    fns[(mode, ab, c)] = _function_ptr(kernel)
-            for ab, name in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):  # the QKV GEMV with RoPE + KV append
+                    fns[(mode, ab, c)] = load(f"{name}_{suffix}")
+            for ab, name in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):
                 for mode, suffix in ((NORM, "norm"), (ADD_NORM, "addnorm")):
-                    kernel = module.get_function(f"gemv_{name}_{suffix}_rope")
-                    if optin > limit:
-                        try:
-                            kernel.max_dynamic_shared_size_bytes = optin
-                        except Exception:
-                            optin = limit
-                    fns[(mode | _ROPE, ab, ab)] = _function_ptr(kernel)
-                    kernel = module.get_function(f"gemv_{name}_{suffix}_route")  # a MoE router: float32 logits
-                    if optin > limit:
-                        try:
-                            kernel.max_dynamic_shared_size_bytes = optin
-                        except Exception:
-                            optin = limit
-                    fns[(mode | _ROUTE, ab, CUDA_R_32F)] = _function_ptr(kernel)
+                    fns[(mode | _ROPE, ab, ab)] = load(f"gemv_{name}_{suffix}_rope")  # the QKV GEMV + RoPE + append
+                    fns[(mode | _ROUTE, ab, CUDA_R_32F)] = load(f"gemv_{name}_{suffix}_route")  # a MoE router
             self._fused_smem = max(limit, optin)
             self._fused_grid = max(1, int(self.fused_blocks_per_sm)) * int(attrs.get("MultiProcessorCount", 132))
             self._fused_module, self._fused_fns = module, fns
@@ -539,8 +532,7 @@ class Dense:
         for name, value, align in (("src", src, 2), ("index", index, 4), ("dst", dst, 2)):
             if not _int_arg(name, value, 0, _U64) or value % align:
                 raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
-        values = self._driver_ffi.new("uint64_t[6]", [src, index, dst, width, src_ld, dst_ld])
-        params = self._driver_ffi.new("void*[6]", [values + i for i in range(6)])
+        params, values = self._slots([src, index, dst, width, src_ld, dst_ld])
         return self._prepared(
             _function_ptr(self._gather_fn), rows, 256, 0, params, values, "gather_rows16", grid_y=_column_blocks(width)
         )
@@ -560,11 +552,17 @@ class Dense:
         gx, gy = (_int_arg("grid", g, 1, 1 << 31) for g in grid)
         _int_arg("block", block, 1, 1025)
         _int_arg("smem", smem, 0, 1 << 31)
-        values = [_int_arg(f"args[{i}]", a, 0, _U64) for i, a in enumerate(args)]
-        ffi = self._driver_ffi
-        packed = ffi.new(f"uint64_t[{max(1, len(values))}]", values or [0])
-        params = ffi.new(f"void*[{max(1, len(values))}]", [packed + i for i in range(max(1, len(values)))])
-        return self._prepared(fn, gx, block, smem, params, packed, name, grid_y=gy)
+        params, values = self._slots([_int_arg(f"args[{i}]", a, 0, _U64) for i, a in enumerate(args)])
+        return self._prepared(fn, gx, block, smem, params, values, name, grid_y=gy)
+
+    def _slots(self, ints: list[int]) -> tuple[Any, Any]:
+        """``(params, values)`` of a launch: each of ``ints`` in its own 8-byte slot of ``values`` (a 32-bit
+        parameter reads its low 4 bytes: little-endian), ``params`` the kernel's array of pointers into them; at
+        least one slot (cffi makes no empty array). ``values`` must be kept alive with ``params``."""
+        ffi, count = self._driver_ffi, max(1, len(ints))
+        values = ffi.new(f"uint64_t[{count}]", ints or [0])
+        params = ffi.new(f"void*[{count}]", [values + i for i in range(count)])
+        return params, values
 
     def _prepared(
         self,
@@ -689,16 +687,13 @@ class Dense:
         if checks_only:
             return (fn, None, rows * k * 2, None, None)
         assert not rope
-        ffi = self._driver_ffi
         eps_bits = float32_bits("eps", eps)
-        # one 8-byte slot per kernel argument (int and float ones read their low 4 bytes: little-endian)
         args = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, eps_bits]
         grid = min((n + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
         if fp8 is not None:  # its scales; two groups of 4 columns a block (FP8_FUSED_SOURCE)
             args += [fp8.scales, *fp8.scale_args[:3]]
             grid = min((n + 7) // 8, self._fused_grid)
-        values = ffi.new(f"uint64_t[{len(args)}]", args)
-        params = ffi.new(f"void*[{len(args)}]", [values + i for i in range(len(args))])
+        params, values = self._slots(args)
         packed = (fn, grid, rows * k * 2, params, values)  # values: kept with params
         if len(self._fused_args) > 4096:
             self._fused_args.clear()
@@ -799,8 +794,7 @@ class Dense:
         ints += [r.hq, r.hk, r.d, *rope_bits]
         ints += [r.positions, r.batch_indices, r.kv_indptr, r.kv_indices, r.k_cache, r.v_cache, r.page_size]
         ints += [r.stride_page, r.stride_n, r.stride_h]
-        values = self._driver_ffi.new(f"uint64_t[{len(ints)}]", ints)
-        params = self._driver_ffi.new(f"void*[{len(ints)}]", [values + i for i in range(len(ints))])
+        params, values = self._slots(ints)
         grid = min((n // 2 + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
         return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "qkv gemv + rope + append", pdl=True)
 
@@ -887,8 +881,7 @@ class Dense:
                     )
         ints = [x, w, logits, rows, n, k, x_ld, logits_ld, h, norm_weight, h_out, h_ld, float32_bits("eps", eps)]
         ints += [r.normed, r.normed_ld, r.top_k, int(r.renormalize), r.experts, r.weights, r.done]
-        values = self._driver_ffi.new(f"uint64_t[{len(ints)}]", ints)
-        params = self._driver_ffi.new(f"void*[{len(ints)}]", [values + i for i in range(len(ints))])
+        params, values = self._slots(ints)
         grid = min((n + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
         return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "router gemv + routing", pdl=True)
 
@@ -1143,10 +1136,7 @@ class Dense:
             )
         packed: tuple[Any, ...] = ()
         if fn is not None and k % 8 == 0 and x_ld % 8 == 0 and x % 16 == 0 and w % 16 == 0 and 0 < n < 1 << 31:
-            ffi = self._driver_ffi
-            # one 8-byte slot per kernel argument (the int ones read their low 4 bytes: little-endian)
-            values = ffi.new("uint64_t[8]", [x, w, y, rows, n, k, x_ld, y_ld])
-            params = ffi.new("void*[8]", [values + i for i in range(8)])
+            params, values = self._slots([x, w, y, rows, n, k, x_ld, y_ld])
             packed = (fn, (n + _GEMV_WARPS - 1) // _GEMV_WARPS, params, values)  # values: kept with params
         if len(self._gemv_args) > 4096:
             self._gemv_args.clear()
