@@ -13,6 +13,11 @@ twice; the exclusive times and the idle time add up to the step); then per step 
 start to the last one's end and the idle time in it (no kernel running: launch gaps and the graph's own
 dependencies). Needs a GPU, CuPy and torch (only for its profiler:
 the engine does not use torch). Not a test: nothing is asserted.
+
+``--generate N`` profiles a whole ``generate`` of ``N`` new tokens instead (after a warm-up call of the same shape):
+its decode wall time as the engine counts it against the time some kernel ran in it, and the largest idle gaps
+with the kernels on either side: where a generated step's time goes that a replayed graph does not show (the
+host's preparation of each step, copies, waits between steps).
 """
 
 from __future__ import annotations
@@ -134,15 +139,81 @@ def profile(model: str, batch: int, steps: int, moe_path: str | None) -> dict[st
     }
 
 
+def union_busy(events: list[tuple[str, float, float]], start: float, end: float) -> float:
+    """Microseconds of ``[start, end]`` in which at least one of ``events`` ran (overlaps counted once)."""
+    busy, reach = 0.0, start
+    for _, s, d in events:
+        lo, hi = max(s, reach), min(s + d, end)
+        if hi > lo:
+            busy += hi - lo
+        reach = max(reach, min(s + d, end))
+    return busy
+
+
+def profile_generate(model: str, batch: int, new_tokens: int, moe_path: str | None) -> dict[str, Any]:
+    """A whole ``generate`` of ``batch`` prompts under the profiler: decode wall time against kernel time."""
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from fi_engine.engines import open_engine
+
+    kwargs: dict[str, Any] = {"max_batch": batch, "cuda_graph": True, "max_seq_len": 512}
+    if moe_path:
+        kwargs["moe_path"] = moe_path
+    rng = np.random.default_rng(0)
+    with open_engine(model, **kwargs) as engine:
+        vocab = engine.config.vocab_size
+        prompts = [rng.integers(3, min(vocab, 30000), size=32).tolist() for _ in range(batch)]
+        engine.generate(prompts, new_tokens, eos_token_ids=())  # warm-up: graphs captured, kernels loaded
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            result = engine.generate(prompts, new_tokens, eos_token_ids=())
+    events = kernel_events(prof)
+    if not events:
+        raise SystemExit("the profiler recorded no kernel (CUPTI unavailable?)")
+    first, last = events[0][1], events[-1][1] + events[-1][2]
+    gaps = []
+    ended, before = first, events[0][0]
+    for name, s, d in events:
+        if s > ended:
+            gaps.append((s - ended, short_name(before), short_name(name)))
+        if s + d >= ended:
+            ended, before = s + d, name
+    gaps.sort(reverse=True)
+    span = last - first
+    busy = union_busy(events, first, last)
+    decode_us = result.decode_s * 1e6
+    steps = max(1, result.decode_steps)
+    print(
+        f"{model}: generate batch {batch}, {new_tokens} new tokens: decode {decode_us / steps:.1f} us per step "
+        f"({result.decode_steps} steps, {result.tokens_per_s:.1f} tokens/s), prefill {result.prefill_s * 1e3:.1f} ms"
+    )
+    print(f"kernels from first to last: {span:.0f} us, some kernel running {busy:.0f} us ({100 * busy / span:.1f} %), "
+          f"idle {span - busy:.0f} us = {(span - busy) / steps:.1f} us per decode step")  # fmt: skip
+    print(f"{'gap us':>9}  after -> before")
+    for g, a, b in gaps[:15]:
+        print(f"{g:9.1f}  {a[:60]} -> {b[:60]}")
+    big = [g for g, _, _ in gaps if g > 20.0]
+    print(f"gaps over 20 us: {len(big)}, {sum(big):.0f} us in all")
+    return {"model": model, "batch": batch, "new_tokens": new_tokens, "decode_us_per_step": decode_us / steps,
+            "span_us": span, "busy_us": busy, "gaps_top": gaps[:30]}  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory")
     ap.add_argument("--batch", type=int, nargs="*", default=[1])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--moe-path", default=None, help="LlamaEngine moe_path (auto, routed, dense); default: its own")
+    ap.add_argument("--generate", type=int, default=0, help="profile a whole generate of N new tokens instead")
     ap.add_argument("--json", default="", help="write the rows to this file")
     a = ap.parse_args()
-    rows = [profile(a.model, b, a.steps, a.moe_path) for b in a.batch]
+    if a.generate:
+        rows = [profile_generate(a.model, b, a.generate, a.moe_path) for b in a.batch]
+    else:
+        rows = [profile(a.model, b, a.steps, a.moe_path) for b in a.batch]
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0
