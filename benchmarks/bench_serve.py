@@ -23,17 +23,17 @@ load generator itself used (in cores: on a machine with few cores it competes wi
 shape once to warm up, then five times measured: the median run's decode tokens/s (decode steps only) and
 end-to-end tokens/s (prefill included).
 
-``compare``: ``engine``; the ideal server's load on the engine's step API (``churn``: the second load below with no
-HTTP, each request that ends replaced at once; with each decode step waited for in its ``step()``, and with
-``overlap_steps`` as the server runs it); then (the engine freed) ``fi-engine serve --model DIR --max-batch B``
+``compare``: ``engine``, then on the same engine the ideal server's load on its step API (``churn``: the second load
+below with no HTTP, each request that ends replaced at once; with each decode step waited for in its ``step()``, and
+with ``overlap_steps`` as the server runs it); then (the engine freed) ``fi-engine serve --model DIR --max-batch B``
 started as a subprocess, ``http`` with ``--clients B`` against it once to warm up (``4B`` requests: the prefill
 graphs of the shapes the loads meet captured, as in a server that has run a while), then twice -- ``--requests B``
 (one wave: the engine's own workload) and ``--requests WB`` (``--waves W``, 4 by default: each client sending its
 next request when one ends, so the front ends' turnaround between a request's end and the next one's first token
 costs slot time) -- and the ratio of the server's tokens/s to the engine's end-to-end tokens/s (issue 33's goal:
-within 10 %). ``--api-servers N`` serves with N front-end processes (``fi-engine serve --api-servers N``). Each
-load also reports the server's own mean time to first token (its ``/metrics``: from a request's arrival in a front
-end to its first token), which splits the clients' TTFT between the server and the HTTP path and clients around it.
+within 10 %). ``--api-servers N`` serves with N front-end processes (``fi-engine serve --api-servers N``). Each load
+also reports the server's own mean time to first token (its ``/metrics``: from a request's arrival in a front end to
+its first token), which splits the clients' TTFT between the server and the HTTP path and clients around it.
 ``--client``: the load generator's HTTP library, aiohttp where installed (as vLLM's serving benchmark; its C parser
 costs the clients less than half the CPU httpx does), else httpx.
 
@@ -288,14 +288,21 @@ def run_http_procs(
 def run_engine(model: str, batch: int, prompt_len: int, max_tokens: int, graph: bool) -> dict[str, Any]:
     from fi_engine.engines import engine_class
 
+    with engine_class(model)(model, max_batch=batch, cuda_graph=graph) as engine:
+        return measure_generate(engine, model, batch, prompt_len, max_tokens, graph)
+
+
+def measure_generate(
+    engine: Any, model: str, batch: int, prompt_len: int, max_tokens: int, graph: bool
+) -> dict[str, Any]:
+    """``engine.generate`` of ``batch`` prompts once to warm up, then five times: the median run's row."""
     prompts = prompts_for(batch, prompt_len)
     runs = []
-    with engine_class(model)(model, max_batch=batch, cuda_graph=graph) as engine:
-        engine.generate(prompts, max_tokens, eos_token_ids=())  # warm-up (graphs captured, kernels loaded)
-        for _ in range(5):  # the median run: one run of SmolLM2's 64 x 128 tokens lasts ~0.2 s and varies by ~10 %
-            t0 = time.perf_counter()
-            result = engine.generate(prompts, max_tokens, eos_token_ids=())
-            runs.append((time.perf_counter() - t0, result))
+    engine.generate(prompts, max_tokens, eos_token_ids=())  # warm-up (graphs captured, kernels loaded)
+    for _ in range(5):  # the median run: one run of SmolLM2's 64 x 128 tokens lasts ~0.2 s and varies by ~10 %
+        t0 = time.perf_counter()
+        result = engine.generate(prompts, max_tokens, eos_token_ids=())
+        runs.append((time.perf_counter() - t0, result))
     wall, result = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
     tokens = sum(len(t) for t in result.tokens)
     return {
@@ -359,13 +366,16 @@ def churn_load(engine: Any, prompts: list[list[int]], batch: int, max_tokens: in
 def run_churn(
     model: str, batch: int, prompt_len: int, max_tokens: int, graph: bool, waves: int
 ) -> list[dict[str, Any]]:
-    """:func:`churn_load` of ``waves * batch`` requests on the engine of ``model`` (``batch`` slots), with each
-    decode step waited for in its ``step()`` and with ``overlap_steps`` (as ``fi-engine serve`` runs it), in turn."""
+    """The engine of ``model`` (``batch`` slots): :func:`measure_generate`, then :func:`churn_load` of ``waves *
+    batch`` requests with each decode step waited for in its ``step()`` and with ``overlap_steps`` (as ``fi-engine
+    serve`` runs it), in turn. One engine for all three, so that the ideal server is compared with the very engine
+    whose ``generate`` it is held to: once a second engine had been opened in a process, every engine of it stepped
+    about 9 % slower on an H100 (SmolLM2 shapes, 64 rows: 1.32 against 1.22 ms a decode step; benchmarks/RESULTS.md,
+    session 8), which made an ideal server on a second engine look 7 % slower than the engine it was held to."""
     from fi_engine.engines import open_engine
 
-    rows = []
     with open_engine(model, max_batch=batch, cuda_graph=graph) as engine:
-        engine.generate(prompts_for(batch, prompt_len), max_tokens, eos_token_ids=())  # warm-up
+        rows = [measure_generate(engine, model, batch, prompt_len, max_tokens, graph)]
         for overlap in (False, True):
             engine.overlap_steps = overlap
             row = churn_load(engine, prompts_for(waves * batch, prompt_len, seed=1), batch, max_tokens)
@@ -390,8 +400,7 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 600.0
 
 
 def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
-    engine = run_engine(args.model, args.batch, args.prompt_len, args.max_tokens, args.graph)
-    churn = run_churn(args.model, args.batch, args.prompt_len, args.max_tokens, args.graph, args.waves)
+    engine, *churn = run_churn(args.model, args.batch, args.prompt_len, args.max_tokens, args.graph, args.waves)
     for row in churn:
         row["vs_engine"] = row["tokens_per_s"] / engine["tokens_per_s"]
     print(table([engine, *churn]), flush=True)
