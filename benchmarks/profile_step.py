@@ -26,6 +26,8 @@ import argparse
 import json
 import re
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +58,10 @@ def kernel_events(prof: Any) -> list[tuple[str, float, float]]:
     return events
 
 
-def profile(model: str, batch: int, steps: int, moe_path: str | None) -> dict[str, Any]:
-    import cupy as cp
+@contextmanager
+def engine_and_prompts(model: str, batch: int, moe_path: str | None) -> Iterator[tuple[Any, list[list[int]]]]:
+    """The engine of ``model`` (``max_batch`` = ``batch``, CUDA graph) and ``batch`` random 32-token prompts."""
     import numpy as np
-    import torch
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
 
     from fi_engine.engines import open_engine
 
@@ -71,7 +71,16 @@ def profile(model: str, batch: int, steps: int, moe_path: str | None) -> dict[st
     rng = np.random.default_rng(0)
     with open_engine(model, **kwargs) as engine:
         vocab = engine.config.vocab_size
-        prompts = [rng.integers(3, min(vocab, 30000), size=32).tolist() for _ in range(batch)]
+        yield engine, [rng.integers(3, min(vocab, 30000), size=32).tolist() for _ in range(batch)]
+
+
+def profile(model: str, batch: int, steps: int, moe_path: str | None) -> dict[str, Any]:
+    import cupy as cp
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with engine_and_prompts(model, batch, moe_path) as (engine, prompts):
         engine.generate(prompts, 8, eos_token_ids=())
         rows = min(b for b in engine.graphs if b >= batch)
         graph = engine.graphs[rows]
@@ -152,20 +161,11 @@ def union_busy(events: list[tuple[str, float, float]], start: float, end: float)
 
 def profile_generate(model: str, batch: int, new_tokens: int, moe_path: str | None) -> dict[str, Any]:
     """A whole ``generate`` of ``batch`` prompts under the profiler: decode wall time against kernel time."""
-    import numpy as np
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from fi_engine.engines import open_engine
-
-    kwargs: dict[str, Any] = {"max_batch": batch, "cuda_graph": True, "max_seq_len": 512}
-    if moe_path:
-        kwargs["moe_path"] = moe_path
-    rng = np.random.default_rng(0)
-    with open_engine(model, **kwargs) as engine:
-        vocab = engine.config.vocab_size
-        prompts = [rng.integers(3, min(vocab, 30000), size=32).tolist() for _ in range(batch)]
+    with engine_and_prompts(model, batch, moe_path) as (engine, prompts):
         engine.generate(prompts, new_tokens, eos_token_ids=())  # warm-up: graphs captured, kernels loaded
         torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
