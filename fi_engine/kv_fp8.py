@@ -30,7 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .values import float32_bits
+from .values import FLOAT32_MAX, float32_bits
 
 __all__ = ["KV_CACHE_DTYPES", "KvFp8", "check_supported", "parse_kv_cache_dtype", "read_scales"]
 
@@ -59,7 +59,7 @@ def parse_kv_cache_dtype(value: Any) -> str:
     raise ValueError(f"kv_cache_dtype: expected None or one of {', '.join(KV_CACHE_DTYPES)}, got {value!r:.40}{hint}")
 
 
-_SCALE_MAX = 3.4028234663852886e38  # float32's largest
+_SCALE_MAX = FLOAT32_MAX
 _SCALE_MIN = 1.0 / _SCALE_MAX  # its reciprocal is float32's largest
 
 

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_SIZE", "arg_array", "arg_int", "flag", "float32_bits", "integer", "show"]
+__all__ = ["FLOAT32_MAX", "MAX_SIZE", "arg_array", "arg_int", "flag", "float32_bits", "integer", "show"]
 
 MAX_SIZE = (1 << 31) - 1  # every size and token id reaches the kernels as an int32
+FLOAT32_MAX = 3.4028234663852886e38  # float32's largest finite value: what a kernel's float argument can hold
 
 
 _REPR = reprlib.Repr()
