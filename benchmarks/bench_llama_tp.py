@@ -44,6 +44,7 @@ ONE_GPU_VARIANTS = (
     "no-pdl",
     "no-attn-pdl",
     "fp8-fused",
+    "fp8-separate",
     "fp8-scalar-gemv",
     "w8a16",
     "w8a8-no-blocks",
@@ -219,10 +220,14 @@ def run_rank(
         from fi_engine.dense import Dense
 
         Dense.pdl = False
-    if variant == "fp8-fused":  # FP8 weights: the fused decode step over them (off in the engine: slower)
+    if variant == "fp8-fused":  # FP8 weights: the fused step with the norms and SiLU as prologues (off: slower)
         from fi_engine.dense import Dense
 
         Dense.fp8_fused = True
+    if variant == "fp8-separate":  # FP8 weights: the decode step as separate launches (before 2026-11-25, session 9)
+        from fi_engine.dense import Dense
+
+        Dense.fp8_epilogues = False
     if variant == "fp8-scalar-gemv":  # FP8 weights: the GEMV without tensor cores (gemv8_*; before 2026-11-25)
         from fi_engine.fp8_linear import Fp8Linears
 
@@ -451,8 +456,10 @@ def main() -> None:
         "step (TP 1: each graph step prepared only after the last one's tokens are back), lt (TP 1: every "
         "GEMM of the decode graph through cuBLASLt, none through the GEMV), unfused (TP 1: a one-row decode "
         "graph of separate launches, not the fused step), no-pdl (TP 1: the fused step's GEMVs without "
-        "programmatic dependent launch), fp8-fused (TP 1, FP8 checkpoints: the fused step over e4m3 weights, "
-        "off by default), w8a16 (TP 1, FP8 checkpoints: steps of more than 8 rows dequantize instead of the "
+        "programmatic dependent launch), fp8-fused (TP 1, FP8 checkpoints: the fused step with the norms and SiLU "
+        "as its FP8 GEMVs' prologues, off by default), fp8-separate (TP 1, FP8 checkpoints: the decode step as "
+        "separate launches, not the GEMVs with SiLU and RoPE epilogues), w8a16 (TP 1, FP8 checkpoints: steps of "
+        "more than 8 rows dequantize instead of the "
         "FP8 GEMM), w8a8-no-blocks (TP 1, 128x128-block FP8 checkpoints: dequantized above 8 rows, not the "
         "FP8 GEMM), fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "
         "unroll-N (TP 1: the 16-bit GEMVs with N weight vectors in flight per lane; Dense.gemv_unroll), rope-"

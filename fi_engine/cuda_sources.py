@@ -1237,8 +1237,10 @@ extern "C" __global__ void dequant_e4m3_f16(const unsigned char* w, unsigned sho
 )
 
 # FUSED_GEMV_SOURCE (its prologue, stage) with a GEMV over e4m3 weights after it: the fused decode step's
-# launches for FP8 weights. Compiled with --use_fast_math as FUSED_GEMV_SOURCE is (the prologue's rounding must
-# be FlashInfer's); the weights' decoding multiplies with subnormal inputs honored regardless (mul_subnormal).
+# launches for FP8 weights (gemv8_*_{norm,addnorm,silu}_*: a prologue; gemv8_*_{silu,rope}_{row,block}_{1,4}: the
+# SiLU or the RoPE and KV append as an epilogue over pairs of output columns). Compiled with --use_fast_math as
+# FUSED_GEMV_SOURCE is (the prologue's and the epilogues' rounding must be FlashInfer's); the weights' decoding
+# multiplies with subnormal inputs honored regardless (mul_subnormal).
 FP8_FUSED_SOURCE = (
     FUSED_GEMV_SOURCE
     + _FP8_DECODE
@@ -1390,6 +1392,173 @@ FUSED8(gemv8_f16_f32_addnorm_row, false, true, 2, false)
 FUSED8(gemv8_f16_f32_addnorm_block, false, true, 2, true)
 FUSED8(gemv8_f16_f32_silu_row, false, true, 3, false)
 FUSED8(gemv8_f16_f32_silu_block, false, true, 3, true)
+
+// The FP8 GEMV of a decode step whose outputs pair up in an epilogue, so that the launch after it goes away. A
+// block of SPLITS warps computes two pairs (a, b) of output columns, four e4m3 weight rows, each with gemv8_rows'
+// sums in gemv8_rows' order (so each output has the plain FP8 GEMV's bits, up to this module's flush-to-zero of
+// subnormal products), rounds them to the 16-bit type as that GEMV's output is rounded, then per pair and row:
+//   EPI 1 (SiLU): w [2 pairs, k] holds the gate rows, then the up rows; pair o is (o, o + pairs) and writes
+//                 y [rows, pairs] at column o: round(silu(gate) * up), FlashInfer's silu_and_mul of the two rounded
+//                 outputs (its arithmetic, as the fused SILU prologue computes it)
+//   EPI 2 (RoPE and the KV append): y = qkv [rows, (hq + 2 hk) d]; pair p of head p / (d / 2), element i = p % (d /
+//                 2) is (head d + i, head d + i + d / 2): gemv_rope_append's epilogue (q and k heads rotated, k and
+//                 v heads also written into page kv_indices[kv_indptr[b] + pos / page_size] of the caches)
+// Rows <= R <= 4; k a multiple of 16; x, w and x_ld 16-byte aligned (the caller checks).
+template <bool BF16, bool BLOCK, int R, int EPI>
+__device__ __forceinline__ void gemv8_pairs(
+        const unsigned short* __restrict__ x, const unsigned char* __restrict__ w, unsigned short* __restrict__ y,
+        int rows, int pairs, int k, long long x_ld, long long y_ld, const float* __restrict__ scale, long long s_ld,
+        int bn, int shift, int hq, int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a,
+        float smooth_b, const int* __restrict__ positions, const int* __restrict__ batch_indices,
+        const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache,
+        unsigned short* __restrict__ v_cache, int page_size, long long stride_page, long long stride_n,
+        long long stride_h) {
+    __shared__ float part[SPLITS][4][R];
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int vecs = k >> 4;
+    const unsigned half = EPI == 2 ? d >> 1 : 1u;
+    const uint4* wv[4];
+    const float* srow[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // weight row i: pair i & 1 of the block, its member i >> 1
+        const int p = min((int)blockIdx.x * 2 + (i & 1), pairs - 1);  // a last odd pair repeats (not stored)
+        const int j = EPI == 1 ? p + (i >> 1) * pairs
+                               : (p / (int)half) * (int)d + p % (int)half + (i >> 1) * (int)half;
+        wv[i] = reinterpret_cast<const uint4*>(w + (long long)j * k);
+        srow[i] = BLOCK ? scale + (long long)(j / bn) * s_ld : scale + j;
+    }
+    float acc[4][R];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[i][r] = 0.f;
+    uint4 a[4];
+    int c = warp * 32 + lane;
+    if (c < vecs) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = load_weights(wv[i] + c);
+    }
+    griddep_wait();  // x is the previous kernel's output; the weights and scales are constants
+    while (c < vecs) {  // gemv8_rows' loop
+        float wf[4][16];
+        float s[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            e4m3x16(a[i], wf[i]);
+            s[i] = BLOCK ? __ldg(srow[i] + (c >> shift)) : 1.f;
+        }
+        const int next = c + 32 * SPLITS;
+        if (next < vecs) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = load_weights(wv[i] + next);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (r < rows) {
+                const uint4* xr = reinterpret_cast<const uint4*>(x + r * x_ld) + 2 * c;
+                float xf[16];
+                widen8<BF16>(__ldg(xr), xf);
+                widen8<BF16>(__ldg(xr + 1), xf + 8);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    float p = 0.f;
+#pragma unroll
+                    for (int e = 0; e < 16; ++e) p = fmaf(wf[i][e], xf[e], p);
+                    acc[i][r] = BLOCK ? fmaf(s[i], p, acc[i][r]) : acc[i][r] + p;
+                }
+            }
+        }
+        c = next;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float v = acc[i][r];
+            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0) part[warp][i][r] = v;
+        }
+    __syncthreads();
+    // warp 0: lane q * R + r finishes pair q of the block for row r
+    const int q = lane / R, r = lane % R;
+    const int p = (int)blockIdx.x * 2 + q;
+    if (warp != 0 || lane >= 2 * R || r >= rows || p >= pairs) return;
+    float va = 0.f, vb = 0.f;
+#pragma unroll
+    for (int sp = 0; sp < SPLITS; ++sp) {
+        va += part[sp][q][r];
+        vb += part[sp][q + 2][r];
+    }
+    const int head = p / (int)half;
+    const unsigned i = p - head * (int)half;
+    const long long ja = EPI == 1 ? p : (long long)head * d + i;
+    const long long jb = EPI == 1 ? (long long)p + pairs : ja + half;
+    if (!BLOCK) {
+        va *= __ldg(scale + ja);
+        vb *= __ldg(scale + jb);
+    }
+    unsigned short q0 = fromf<BF16>(va), q1 = fromf<BF16>(vb);
+    if (EPI == 1) {
+        const float g = tof<BF16>(q0);
+        y[r * y_ld + p] = fromf<BF16>(g / (1.0f + __expf(-g)) * tof<BF16>(q1));
+        return;
+    }
+    const int pos = positions[r];
+    if (head < hq + hk) {  // gemv_rope_append's rotation, its expressions as written there
+        float freq = __powf(rcp_theta, float(2 * (i % half)) / float(d));
+        float smooth = freq * smooth_a + smooth_b;
+        smooth = max(0.0f, min(1.0f, smooth));
+        freq = __fmaf_rn(1 - smooth, freq * rcp_scale, smooth * freq);
+        float sn, cs;
+        __sincosf(float(pos) * freq, &sn, &cs);
+        const float x0 = tof<BF16>(q0), x1 = tof<BF16>(q1);
+        const float o0 = __fmaf_rn(x0, cs, -x1 * sn);
+        const float o1 = __fmaf_rn(x1, cs, x0 * sn);
+        q0 = fromf<BF16>(o0);
+        q1 = fromf<BF16>(o1);
+    }
+    y[r * y_ld + ja] = q0;
+    y[r * y_ld + jb] = q1;
+    if (head >= hq) {
+        const bool is_k = head < hq + hk;
+        const int kvh = is_k ? head - hq : head - hq - hk;
+        const int page = kv_indices[kv_indptr[batch_indices[r]] + pos / page_size];
+        const long long at = page * stride_page + (long long)(pos % page_size) * stride_n + kvh * stride_h + i;
+        unsigned short* cache = is_k ? k_cache : v_cache;
+        cache[at] = q0;
+        cache[at + half] = q1;
+    }
+}
+
+#define PAIRS8(name, bf16, block, r, epi)                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * SPLITS) name(                                                \
+            const unsigned short* x, const unsigned char* w, unsigned short* y, int rows, int pairs, int k,         \
+            long long x_ld, long long y_ld, const float* scale, long long s_ld, int bn, int shift, int hq, int hk,   \
+            unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b, const int* positions,     \
+            const int* batch_indices, const int* kv_indptr, const int* kv_indices, unsigned short* k_cache,         \
+            unsigned short* v_cache, int page_size, long long stride_page, long long stride_n, long long stride_h) { \
+        gemv8_pairs<bf16, block, r, epi>(x, w, y, rows, pairs, k, x_ld, y_ld, scale, s_ld, bn, shift, hq, hk, d,    \
+                                         rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,         \
+                                         kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, \
+                                         stride_h);                                                                 \
+    }
+PAIRS8(gemv8_bf16_silu_row_1, true, false, 1, 1)
+PAIRS8(gemv8_bf16_silu_block_1, true, true, 1, 1)
+PAIRS8(gemv8_bf16_silu_row_4, true, false, 4, 1)
+PAIRS8(gemv8_bf16_silu_block_4, true, true, 4, 1)
+PAIRS8(gemv8_bf16_rope_row_1, true, false, 1, 2)
+PAIRS8(gemv8_bf16_rope_block_1, true, true, 1, 2)
+PAIRS8(gemv8_bf16_rope_row_4, true, false, 4, 2)
+PAIRS8(gemv8_bf16_rope_block_4, true, true, 4, 2)
+PAIRS8(gemv8_f16_silu_row_1, false, false, 1, 1)
+PAIRS8(gemv8_f16_silu_block_1, false, true, 1, 1)
+PAIRS8(gemv8_f16_silu_row_4, false, false, 4, 1)
+PAIRS8(gemv8_f16_silu_block_4, false, true, 4, 1)
+PAIRS8(gemv8_f16_rope_row_1, false, false, 1, 2)
+PAIRS8(gemv8_f16_rope_block_1, false, true, 1, 2)
+PAIRS8(gemv8_f16_rope_row_4, false, false, 4, 2)
+PAIRS8(gemv8_f16_rope_block_4, false, true, 4, 2)
 """
 )
 

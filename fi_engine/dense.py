@@ -39,7 +39,7 @@ from .cublas import (
     status_name,
 )
 from .cuda_sources import FUSED_GEMV_SOURCE, GEMV_SOURCE, ROW_KERNELS_SOURCE
-from .fp8_linear import FP8_GEMV_MAX_ROWS
+from .fp8_linear import FP8_GEMV_MAX_ROWS, PAIR_MAX_ROWS, PAIR_ROPE, PAIR_SILU, PAIR_THREADS
 from .values import float32_bits, integer
 
 __all__ = [
@@ -212,6 +212,65 @@ def _check_fused_values(key: tuple[Any, ...]) -> None:
     except (OverflowError, TypeError, ValueError):  # an int past float's range, or a __float__ that refuses
         value = math.nan
     float32_bits("eps", value)  # the kernel reads it as a float32: finite there too
+
+
+def _rope_ints(rope: Any) -> list[int]:
+    """The RoPE and append arguments of a QKV GEMV's epilogue checked, as the kernels take them after their GEMV's:
+    ``hq, hk, d``, the four float32 constants' bits, the index arrays, the caches, ``page_size`` and the three cache
+    strides. TypeError/ValueError naming ``rope`` or its field (:func:`_caches_apart` checks the caches against the
+    launch's other operands)."""
+    if not isinstance(rope, RopeAppend):
+        raise TypeError(f"rope: expected a RopeAppend, got {type(rope).__name__}")
+    r = rope
+    for name in ("hq", "hk", "d", "page_size", "num_pages", "stride_page", "stride_n", "stride_h"):
+        _int_arg(f"rope.{name}", getattr(r, name), 1, 1 << 31 if name in ("hq", "hk", "d", "page_size") else _MAX_LD)
+    for name in ("positions", "batch_indices", "kv_indptr", "kv_indices", "k_cache", "v_cache"):
+        _int_arg(f"rope.{name}", getattr(r, name), 0, _U64)
+    for name in ("theta", "scale", "low_freq_factor", "high_freq_factor", "old_context_len"):
+        value = getattr(r, name)
+        try:
+            ok = not isinstance(value, bool) and 0 < float(value) < math.inf
+        except (OverflowError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"rope.{name}: expected a finite float > 0, got {value!r:.40}")
+    if not isinstance(r.llama3, bool):
+        raise TypeError(f"rope.llama3: expected a bool, got {type(r.llama3).__name__}")
+    if r.llama3 and not r.high_freq_factor > r.low_freq_factor:  # as FlashInfer's Llama 3.1 RoPE op refuses
+        raise ValueError(
+            f"rope.high_freq_factor: expected a value > low_freq_factor ({r.low_freq_factor}), got "
+            f"{r.high_freq_factor} (the blend divides by high_freq_factor / low_freq_factor - 1)"
+        )
+    # the kernel's float32 constants (1/theta of a subnormal theta is no float32, say)
+    rope_bits = [float32_bits(name, v) for name, v in zip(_ROPE_CONSTANTS, r.constants(), strict=True)]
+    if r.d not in (64, 128, 256, 512):
+        raise ValueError(f"rope.d: the RoPE epilogue serves head dims 64, 128, 256 and 512, got {r.d}")
+    for name in ("positions", "batch_indices", "kv_indptr", "kv_indices"):
+        value = getattr(r, name)
+        if not value or value % 4:
+            raise ValueError(f"rope.{name}: 0x{value:x} must be a non-NULL address aligned to 4 bytes (int32)")
+    for name in ("k_cache", "v_cache"):
+        value = getattr(r, name)
+        if not value or value % 2:
+            raise ValueError(f"rope.{name}: 0x{value:x} must be a non-NULL address aligned to 2 bytes")
+    ints = [r.hq, r.hk, r.d, *rope_bits]
+    ints += [r.positions, r.batch_indices, r.kv_indptr, r.kv_indices, r.k_cache, r.v_cache, r.page_size]
+    return [*ints, r.stride_page, r.stride_n, r.stride_h]
+
+
+def _caches_apart(rope: RopeAppend, areas: list[tuple[str, int, int]]) -> None:
+    """ValueError naming the cache of ``rope`` (checked by :func:`_rope_ints`) that runs past the address space or
+    overlaps the other cache or one of ``areas`` (``(name, address, bytes)``: what the launch reads or writes)."""
+    span_cache = 2 * rope.num_pages * rope.stride_page
+    for name in ("k_cache", "v_cache"):
+        value = getattr(rope, name)
+        if value + span_cache > _U64:
+            raise ValueError(f"rope.{name}: 0x{value:x} + {span_cache} bytes runs past the end of the address space")
+        for other, base, span in areas:
+            if _overlap(value, span_cache, base, span):
+                raise ValueError(f"rope.{name}: overlaps {other} (the launch writes the cache while reading it)")
+    if _overlap(rope.k_cache, span_cache, rope.v_cache, span_cache):
+        raise ValueError("rope.v_cache: overlaps rope.k_cache")
 
 
 def _overlap(a: int, a_len: int, b: int, b_len: int) -> bool:
@@ -735,65 +794,17 @@ class Dense:
         caches against y, h, x and h_out), or a shape the kernel does not serve."""
         if isinstance(mode, bool) or not isinstance(mode, int) or mode not in (NORM, ADD_NORM):
             raise ValueError(f"mode: the RoPE epilogue follows a NORM or ADD_NORM prologue, got {mode!r:.40}")
-        if not isinstance(rope, RopeAppend):
-            raise TypeError(f"rope: expected a RopeAppend, got {type(rope).__name__}")
-        r = rope
-        for name in ("hq", "hk", "d", "page_size", "num_pages", "stride_page", "stride_n", "stride_h"):
-            _int_arg(
-                f"rope.{name}", getattr(r, name), 1, 1 << 31 if name in ("hq", "hk", "d", "page_size") else _MAX_LD
-            )
-        for name in ("positions", "batch_indices", "kv_indptr", "kv_indices", "k_cache", "v_cache"):
-            _int_arg(f"rope.{name}", getattr(r, name), 0, _U64)
-        for name in ("theta", "scale", "low_freq_factor", "high_freq_factor", "old_context_len"):
-            value = getattr(r, name)
-            try:
-                ok = not isinstance(value, bool) and 0 < float(value) < math.inf
-            except (OverflowError, TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ValueError(f"rope.{name}: expected a finite float > 0, got {value!r:.40}")
-        if not isinstance(r.llama3, bool):
-            raise TypeError(f"rope.llama3: expected a bool, got {type(r.llama3).__name__}")
-        if r.llama3 and not r.high_freq_factor > r.low_freq_factor:  # as FlashInfer's Llama 3.1 RoPE op refuses
-            raise ValueError(
-                f"rope.high_freq_factor: expected a value > low_freq_factor ({r.low_freq_factor}), got "
-                f"{r.high_freq_factor} (the blend divides by high_freq_factor / low_freq_factor - 1)"
-            )
-        # the kernel's float32 constants (1/theta of a subnormal theta is no float32, say)
-        rope_bits = [float32_bits(name, v) for name, v in zip(_ROPE_CONSTANTS, r.constants(), strict=True)]
-        n = (r.hq + 2 * r.hk) * r.d
+        rope_ints = _rope_ints(rope)
+        n = (rope.hq + 2 * rope.hk) * rope.d
         key = (mode | _ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
-        if not (r.hq > 0 and r.hk > 0 and r.d in (64, 128, 256, 512) and r.page_size > 0 and r.num_pages > 0):
-            raise ValueError(f"rope: heads, head_dim (64 to 512), page size and pages must be positive, got {r}")
         fn, grid, smem, _, _ = self._pack_fused(key, checks_only=True)
-        for name in ("positions", "batch_indices", "kv_indptr", "kv_indices"):
-            value = getattr(r, name)
-            if not value or value % 4:
-                raise ValueError(f"rope.{name}: 0x{value:x} must be a non-NULL address aligned to 4 bytes (int32)")
-        span_cache = 2 * r.num_pages * r.stride_page
-        span_y = 2 * ((rows - 1) * y_ld + n)
-        areas = [("y", y, span_y), ("h", h, 2 * ((rows - 1) * h_ld + k))]
+        areas = [("y", y, 2 * ((rows - 1) * y_ld + n)), ("h", h, 2 * ((rows - 1) * h_ld + k))]
         if mode == ADD_NORM:
             areas.append(("x", x, 2 * ((rows - 1) * x_ld + k)))
             if h_out:
                 areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
-        for name in ("k_cache", "v_cache"):
-            value = getattr(r, name)
-            if not value or value % 2:
-                raise ValueError(f"rope.{name}: 0x{value:x} must be a non-NULL address aligned to 2 bytes")
-            if value + span_cache > _U64:
-                raise ValueError(
-                    f"rope.{name}: 0x{value:x} + {span_cache} bytes runs past the end of the address space"
-                )
-            for other, base, span in areas:
-                if _overlap(value, span_cache, base, span):
-                    raise ValueError(f"rope.{name}: overlaps {other} (the launch writes the cache while reading it)")
-        if _overlap(r.k_cache, span_cache, r.v_cache, span_cache):
-            raise ValueError("rope.v_cache: overlaps rope.k_cache")
-        ints = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, float32_bits("eps", eps)]
-        ints += [r.hq, r.hk, r.d, *rope_bits]
-        ints += [r.positions, r.batch_indices, r.kv_indptr, r.kv_indices, r.k_cache, r.v_cache, r.page_size]
-        ints += [r.stride_page, r.stride_n, r.stride_h]
+        _caches_apart(rope, areas)
+        ints = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, float32_bits("eps", eps), *rope_ints]
         params, values = self._slots(ints)
         grid = min((n // 2 + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
         return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "qkv gemv + rope + append", pdl=True)
@@ -996,6 +1007,10 @@ class Dense:
         """Whether any weight was registered with :meth:`add_fp8_weight`."""
         return bool(self._fp8_weights)
 
+    def has_fp8_weight(self, w: int) -> bool:
+        """Whether the weight at device address ``w`` is registered as FP8 (:meth:`add_fp8_weight`)."""
+        return w in self._fp8_weights
+
     fp8_w8a8 = True
     """Whether linears of FP8 weights over more than :attr:`fp8_gemv_max_rows` rows quantize their activations to e4m3
     and run cuBLASLt's FP8 tensor-core GEMM (W8A8, :mod:`~fi_engine.fp8_linear`); False: the FP8 GEMV up to 8 rows,
@@ -1021,13 +1036,93 @@ class Dense:
     launches over the plain FP8 GEMV (8B shape: 4.57 against 4.00 ms per step; benchmarks/RESULTS.md). Read
     when a step is packed; set it on the class to compare."""
 
+    fp8_epilogues = True
+    """Whether the fused decode step runs over FP8 weights with its GEMVs' pairwise epilogues where
+    :attr:`fp8_fused` is off (:meth:`prepared_fp8_silu`, :meth:`prepared_fp8_qkv_rope`: SiLU in the gate/up GEMV,
+    RoPE and the KV append in the QKV GEMV, the norms as launches of their own); False: the FP8 decode step as
+    separate launches. Read when a step is packed; set it on the class to compare."""
+
     @property
     def fuses_fp8(self) -> bool:
         """Whether the fused decode step serves the registered FP8 weights (:attr:`fp8_fused` and their fused
-        kernels compiled); True where there is none."""
+        kernels compiled, or :attr:`fp8_epilogues` and the epilogue GEMVs compiled); True where there is none."""
         if not self._fp8_weights:
             return True
-        return self.fp8_fused and bool(self._fp8 is not None and self._fp8.fused_fn(NORM, True, False, False))
+        if self._fp8 is None:
+            return False
+        if self.fp8_fused:
+            return bool(self._fp8.fused_fn(NORM, True, False, False))
+        return self.fp8_epilogues and self._fp8.pair_fn(PAIR_SILU, True, False, 1) is not None
+
+    def prepared_fp8_silu(
+        self, rows: int, x: int, x_ld: int, w: int, k: int, y: int, y_ld: int, ab_type: int
+    ) -> Callable[[], None]:
+        """A decode step's gate/up GEMV over the FP8 weight ``w`` (registered, ``[2 m, k]``: the gate rows, then the
+        up rows) with FlashInfer's ``silu_and_mul`` as its epilogue, checked and packed once (see
+        :meth:`prepared_fused`): ``y [rows, m] = silu(g) * u`` (16-bit, row stride ``y_ld``), ``g`` and ``u`` the
+        16-bit outputs of ``x [rows, k] @ w.T`` (row stride ``x_ld``), each rounded as :meth:`linear` rounds them:
+        one launch for two, the same values as the FP8 GEMV then ``silu_and_mul`` (the GPU test checks them).
+        ``rows`` 1 to 4. Raises TypeError/ValueError naming an argument that is no int or out of range, a weight
+        not registered as FP8 or of another shape, a misaligned ``x`` (16 bytes, and its row stride) or ``y`` (2),
+        or ``y`` overlapping ``x``."""
+        return self._prepared_pairs(PAIR_SILU, rows, x, x_ld, w, k, y, y_ld, ab_type, None)
+
+    def prepared_fp8_qkv_rope(
+        self, rows: int, x: int, x_ld: int, w: int, k: int, y: int, y_ld: int, ab_type: int, rope: RopeAppend
+    ) -> Callable[[], None]:
+        """A decode step's QKV GEMV over the FP8 weight ``w`` (registered, ``[(hq + 2 hk) d, k]``) into 16-bit ``y =
+        qkv [rows, (hq + 2 hk) d]`` with FlashInfer's ``apply_rope_pos_ids`` and ``append_paged_kv_cache`` as its
+        epilogue (as :meth:`prepared_qkv_rope`'s, over the normalized rows ``x`` the launch before wrote), checked
+        and packed once: one launch for three, the same values as the FP8 GEMV then those two (the GPU test checks
+        them). ``rows`` 1 to 4. Raises as :meth:`prepared_fp8_silu` does, and for ``rope`` as
+        :meth:`prepared_qkv_rope` does (its caches against ``x`` and ``y``)."""
+        return self._prepared_pairs(PAIR_ROPE, rows, x, x_ld, w, k, y, y_ld, ab_type, rope)
+
+    def _prepared_pairs(
+        self, epi: int, rows: int, x: int, x_ld: int, w: int, k: int, y: int, y_ld: int, ab_type: int, rope: Any
+    ) -> Callable[[], None]:
+        """:meth:`prepared_fp8_silu` (``epi`` PAIR_SILU, ``rope`` None) or :meth:`prepared_fp8_qkv_rope`."""
+        what = "the SiLU" if epi == PAIR_SILU else "the RoPE"
+        _int_arg("rows", rows, 1, PAIR_MAX_ROWS + 1)
+        _int_arg("k", k, 1, 1 << 31)
+        for name, value in (("x", x), ("w", w), ("y", y)):
+            _int_arg(name, value, 0, _U64)
+        for name, value in (("x_ld", x_ld), ("y_ld", y_ld)):
+            _int_arg(name, value, 0, _MAX_LD)
+        _int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        rope_ints = _rope_ints(rope) if epi == PAIR_ROPE else [0] * 17  # (the SiLU kernel reads none of them)
+        fp8 = self._fp8_weights.get(w)
+        if fp8 is None:
+            raise ValueError(f"w: 0x{w:x} is no registered FP8 weight (add_fp8_weight); {what} GEMV reads e4m3")
+        n = fp8.n if epi == PAIR_SILU else (rope.hq + 2 * rope.hk) * rope.d
+        if epi == PAIR_SILU and fp8.n % 2:
+            raise ValueError(f"w: the gate/up weight has {fp8.n} rows; the SiLU pairs gate and up rows, an even count")
+        self._check_fp8_call(fp8, n, k, ab_type, ab_type)
+        out = fp8.n // 2 if epi == PAIR_SILU else n  # y's width
+        fn = None if not self.gemv else self._fp8.pair_fn(epi, ab_type == CUDA_R_16BF, fp8.block is not None, rows)
+        if fn is None:
+            raise ValueError(f"w: no FP8 GEMV with {what} epilogue compiled ({self._fp8.fused_error or 'closed'})")
+        if rows > 1:
+            for name, value, width in (("x_ld", x_ld, k), ("y_ld", y_ld, out)):
+                if value < width:
+                    raise ValueError(f"{name}: {value} elements between rows is less than a row's {width}")
+        for name, value, align in (("x", x, 16), ("x_ld", 2 * x_ld, 16), ("y", y, 2)):
+            if value % align or (value == 0 and name != "x_ld"):
+                raise ValueError(f"{name}: 0x{value:x} must be a non-NULL address aligned to {align} bytes")
+        span_x, span_y = 2 * ((rows - 1) * x_ld + k), 2 * ((rows - 1) * y_ld + out)
+        for name, base, span in (("x", x, span_x), ("y", y, span_y)):
+            if base + span > _U64:
+                raise ValueError(f"{name}: 0x{base:x} + {span} bytes runs past the end of the address space")
+        if _overlap(y, span_y, x, span_x):
+            raise ValueError("y: overlaps x (the launch writes y while other blocks still read x)")
+        if epi == PAIR_ROPE:
+            _caches_apart(rope, [("y", y, span_y), ("x", x, span_x)])
+        pairs = out // 2 if epi == PAIR_ROPE else out
+        s_ld, bn, shift, _ = fp8.scale_args
+        ints = [x, w, y, rows, pairs, k, x_ld, y_ld, fp8.scales, s_ld, bn, shift, *rope_ints]
+        params, values = self._slots(ints)
+        name = "fp8 gate/up gemv + silu" if epi == PAIR_SILU else "fp8 qkv gemv + rope + append"
+        return self._prepared(fn, -(-pairs // 2), PAIR_THREADS, 0, params, values, name, pdl=True)
 
     @staticmethod
     def _check_fp8_call(fp8: Any, n: int, k: int, ab_type: int, c_type: int) -> None:

@@ -39,9 +39,13 @@ from fi_ffi.cuda import driver_error
 
 from .cuda_sources import FP8_FUSED_SOURCE, FP8_GEMV_SOURCE, FP8_QUANT_SOURCE
 
-__all__ = ["FP8_GEMV_MAX_ROWS", "Fp8Linears", "Fp8Weight"]
+__all__ = ["FP8_GEMV_MAX_ROWS", "PAIR_MAX_ROWS", "PAIR_ROPE", "PAIR_SILU", "Fp8Linears", "Fp8Weight"]
 
 FP8_GEMV_MAX_ROWS = 8  # the rows one FP8 GEMV launch takes (one float32 sum per row in registers)
+PAIR_SILU = 1  # the pairwise epilogues of the FP8 decode GEMVs (EPI in gemv8_pairs): silu(gate) * up
+PAIR_ROPE = 2  # RoPE of the q and k heads and the KV append
+PAIR_MAX_ROWS = 4  # the rows one launch of those takes (the fused decode step's, Dense.fused_fits)
+PAIR_THREADS = 128  # 4 warps a block (SPLITS), two pairs of output columns each
 _COLS = 4  # output columns per block (COLS in cuda_sources.FP8_GEMV_SOURCE)
 _THREADS = 128  # 4 warps a block, each summing a share of every column's k (SPLITS there)
 _TC_COLUMNS = 16  # output columns per block of the tensor-core GEMV (gemv8tc_*: the mma's m)
@@ -109,6 +113,9 @@ class Fp8Linears:
         self._dequant: dict[bool, int] = {}  # bf16 -> CUfunction
         # the fused decode step's GEMVs (a norm, add-norm or SiLU prologue): (mode, bf16, f32 out, block) -> CUfunction
         self._fused: dict[tuple[int, bool, bool, bool], int] = {}
+        # the decode step's GEMVs with a pairwise epilogue (SiLU, or RoPE + KV append): (epi, bf16, block, R) ->
+        # CUfunction, R the rows one launch serves (1 or 4)
+        self._pairs: dict[tuple[int, bool, bool, int], int] = {}
         self.fused_error = ""  # why the fused kernels did not compile, if they did not
         self.fused_smem = 0  # the dynamic shared memory (bytes) they may take: the Dense's fused limit less 1 KiB
         self._scratch: Any = None  # the 16-bit weight a GEMM of many rows reads (grown by add, never in a step)
@@ -179,9 +186,14 @@ class Fp8Linears:
                                 if fused_smem > 46 << 10:  # (1 KiB of its own static shared memory more)
                                     kernel.max_dynamic_shared_size_bytes = fused_smem - 1024
                                 self._fused[(mode, bf16, f32, block)] = _function_ptr(kernel)
+                    for epi, suffix in ((PAIR_SILU, "silu"), (PAIR_ROPE, "rope")):
+                        for block in (False, True):
+                            for r in (1, 4):
+                                name = f"gemv8_{t}_{suffix}_{'block' if block else 'row'}_{r}"
+                                self._pairs[(epi, bf16, block, r)] = _function_ptr(fused.get_function(name))
                 self._fused_module, self.fused_smem = fused, fused_smem - 1024
             except Exception as exc:
-                self._fused, self.fused_error = {}, f"{type(exc).__name__}: {exc}"
+                self._fused, self._pairs, self.fused_error = {}, {}, f"{type(exc).__name__}: {exc}"
         try:  # cvt.e4m3x2 needs SM 8.9+: without it, steps of many rows take the dequantizing path
             quant = cupy.RawModule(code=FP8_QUANT_SOURCE)
             for bf16, t in ((True, "bf16"), (False, "f16")):
@@ -222,6 +234,12 @@ class Fp8Linears:
         """The fused GEMV over e4m3 weights with prologue ``mode`` (1 norm, 2 add-norm, 3 SiLU; see
         :data:`~fi_engine.cuda_sources.FP8_FUSED_SOURCE`), or None where it did not compile."""
         return self._fused.get((mode, bf16, f32, block))
+
+    def pair_fn(self, epi: int, bf16: bool, block: bool, rows: int) -> int | None:
+        """The GEMV with a pairwise epilogue (:data:`PAIR_SILU` or :data:`PAIR_ROPE`; ``gemv8_pairs`` in
+        :data:`~fi_engine.cuda_sources.FP8_FUSED_SOURCE`) serving ``rows`` rows (1 to :data:`PAIR_MAX_ROWS`), or None
+        where it did not compile."""
+        return self._pairs.get((epi, bf16, block, 1 if rows == 1 else 4))
 
     def gemv(self, rows: int, x: int, x_ld: int, wt: Fp8Weight, y: int, y_ld: int, bf16: bool, f32: bool) -> tuple:
         """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`FP8_GEMV_MAX_ROWS`):

@@ -61,6 +61,7 @@ class FusedDecode(EngineState):
             and self._allreduce is None
             and self.vocab_shard is None
             and self.dense.fuses_fp8
+            and not (self._moe and self.dense.serves_fp8 and not self.dense.fp8_fused)  # (dense layers only)
             and self.dense.fused_fits(rows, c.hidden_size)
             and (
                 self._moe[0].packs_step(rows, self._dense_moe(rows))  # every MoE layer alike: its first says
@@ -142,6 +143,8 @@ class FusedDecode(EngineState):
 
         from .dense import ADD_NORM, NORM, SILU
 
+        if self.dense.serves_fp8 and not self.dense.fp8_fused:
+            return self._fp8_fused_calls(v, rows)
         c, b, dense, s = self.config, self._buf, self.dense, self._s
         h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
         x, qkv, attn, gu = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr
@@ -221,6 +224,65 @@ class FusedDecode(EngineState):
         n, logits, ln = self._head_rows, b.logits.data.ptr, self._norm.data_ptr
         mode = ADD_NORM if c.num_layers else NORM
         head = fused(mode, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, ln, 0, eps)
+        return embed, layers, head
+
+    def _fp8_fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
+        """:meth:`_fused_calls` over FP8 weights (``Dense.fp8_epilogues``; dense layers): per layer the input norm as
+        a launch of its own (``fused_add_rmsnorm`` in place, ``h += x`` and ``x`` its norm; the first layer's
+        ``rmsnorm`` of the embedding rows), the QKV GEMV with RoPE and the KV append as its epilogue
+        (``Dense.prepared_fp8_qkv_rope``), the attention, the O GEMV, the post-attention norm, the gate/up GEMV
+        with SiLU as its epilogue (``Dense.prepared_fp8_silu``) and the down GEMV: 8 launches a layer where the
+        separate launches are 11. Where Qwen3's per-head norms come between, the KV cache is FP8 or a weight is
+        16-bit, that part runs as separate launches. The LM head takes the last norm as its prologue. The FP8
+        GEMVs over normalized rows read them whole, so each norm runs once, not once per block as a prologue
+        would (the FP8 weights' shorter GEMVs pay that more than 16-bit ones: ``Dense.fp8_fused``)."""
+        from fi_ffi import prepare, qk_rmsnorm, rmsnorm, silu_and_mul
+
+        from .dense import ADD_NORM, NORM
+
+        c, b, dense, s = self.config, self._buf, self.dense, self._s
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
+        x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
+        w, hqd = self._qkv_width, c.num_qo_heads * c.head_dim
+        fp8 = self._kv_fp8
+        embed = dense.prepared_gather(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
+        rope_in_gemv = not c.qk_norm and fp8 is None and c.head_dim in (64, 128, 256, 512)
+        layers = []
+        for i in range(c.num_layers):
+            if i == 0:  # input_layernorm of the embedding rows into x
+                before = [prepare(rmsnorm, v.h, self._ln1[0], eps=eps, out=v.x, stream=s)]
+            else:  # h += the previous layer's down output; x = input_layernorm(h)
+                before = [kernels.prepared_fused_add_rmsnorm(v.x, v.h, self._ln1[i], eps, s)]
+            if rope_in_gemv and dense.has_fp8_weight(self._wqkv[i]):
+                rope = self._rope_append(i, v)
+                before.append(dense.prepared_fp8_qkv_rope(rows, x, h, self._wqkv[i], h, qkv, w, ab, rope))
+            else:
+                before.append(dense.prepared_linear(rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab))
+                if c.qk_norm:
+                    before.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], eps, out=v.q, stream=s))
+                    before.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], eps, out=v.k, stream=s))
+                before.append(kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s))
+                if fp8 is not None:
+                    before.append(fp8.prepared_append(v, rows, i))
+                else:
+                    append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
+                    index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
+                    before.append(kernels.prepared_append_kv(*append, *index, s))
+            scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
+            after = [] if scale is None else [scale]
+            after.append(dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab))
+            after.append(kernels.prepared_fused_add_rmsnorm(v.x, v.h, self._ln2[i], eps, s))
+            if dense.has_fp8_weight(self._wgu[i]):  # silu(gate) * up straight into act
+                after.append(dense.prepared_fp8_silu(rows, x, h, self._wgu[i], h, act, inter, ab))
+            else:
+                after.append(dense.prepared_linear(rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab))
+                after.append(prepare(silu_and_mul, v.gu, v.act, stream=s))
+            after.append(dense.prepared_linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab))
+            layers.append((before, after))
+        # h += the last down output; the final norm; the LM head
+        n, logits, ln, cur = self._head_rows, b.logits.data.ptr, self._norm.data_ptr, b.h.data.ptr
+        mode = ADD_NORM if c.num_layers else NORM
+        head = dense.prepared_fused(mode, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, ln, 0, eps)
         return embed, layers, head
 
     def _rope_append(self, i: int, v: SimpleNamespace) -> Any:

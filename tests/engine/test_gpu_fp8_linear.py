@@ -21,6 +21,9 @@ products), per-row and 128x128-block scales, bfloat16 and float16 activations, 1
   prologue): their output against the plain FP8 GEMV applied to the prologue's rows (which the 16-bit fused
   kernel yields exactly through an identity weight), within 2**-20 of the magnitude sum (the same sums in the same
   order; only the module's flush-to-zero of tiny products may differ), and the new residual bit for bit;
+- the FP8 decode step's GEMVs with an epilogue (``Dense.prepared_fp8_silu``: SiLU of the gate and up outputs;
+  ``Dense.prepared_fp8_qkv_rope``: RoPE and the KV append) against the widening FP8 GEMV then FlashInfer's
+  ``silu_and_mul`` / ``apply_rope_pos_ids`` and ``append_paged_kv_cache``: bit for bit, 1 to 4 rows;
 - the tensor-core GEMV (from 3 rows by default) against the widening one at every row count 1-8;
 - bad calls: a shape that differs from the registration, an e4m3 weight with float32 activations, a misaligned
   or NULL address, a block that is no power-of-two columns: ValueError naming the argument.
@@ -301,3 +304,158 @@ def test_bad_fp8_calls_name_the_argument(dense) -> None:  # type: ignore[no-unty
     ):
         with pytest.raises(ValueError, match=f"^{name}:"):
             dense.add_fp8_weight(*args)
+
+
+def _descriptor(buf: cp.ndarray, shape: tuple[int, ...], ab: int, strides: tuple[int, ...] | None = None, at: int = 0):  # type: ignore[no-untyped-def]
+    from fi_engine import kernels
+
+    dtype = "bfloat16" if ab == CUDA_R_16BF else "float16"
+    return kernels.descriptor(buf.data.ptr + 2 * at, shape, dtype, cp.cuda.Device().id, strides, owner=buf)
+
+
+@pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
+@pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
+def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense, block, ab) -> None:  # type: ignore[no-untyped-def]
+    """``Dense.prepared_fp8_silu`` (the gate/up GEMV of the FP8 decode step with SiLU as its epilogue), 1 to 4 rows,
+    against the launches it replaces: the FP8 GEMV into ``[rows, 2 m]``, then FlashInfer's ``silu_and_mul``. Bit for
+    bit: the epilogue's sums are the widening GEMV's (the reference is held to it: ``tensor_core_rows`` 9), rounded
+    as its output, then FlashInfer's arithmetic. A last odd pair of columns (m = 201) and a partial chunk of k."""
+    from fi_engine import kernels
+    from fi_engine.fp8_linear import Fp8Linears
+
+    monkeypatch.setattr(Fp8Linears, "tensor_core_rows", 9)
+    rng = np.random.default_rng(21)
+    m, k = 201, 1040
+    bits, scales, _ = random_weight(rng, 2 * m, k, block)
+    dw, ds = cp.asarray(bits), cp.asarray(scales)
+    dense.add_fp8_weight(dw.data.ptr, 2 * m, k, ds.data.ptr, block)
+    stream = cp.cuda.get_current_stream()
+    for rows in (1, 2, 3, 4):
+        x = to16(rng.standard_normal((rows, k)).astype(np.float32), ab)
+        gu, got = cp.zeros((rows, 2 * m), cp.int16), cp.full((rows, m + 1), 7, cp.int16)  # (the last: never written)
+        dense.linear(rows, x.data.ptr, k, dw.data.ptr, 2 * m, k, gu.data.ptr, 2 * m, ab, ab)
+        # FlashInfer's silu_and_mul takes widths of whole 16-byte vectors: gate and up each padded to 208 columns
+        padded, want = cp.zeros((rows, 2, 208), cp.int16), cp.zeros((rows, 208), cp.int16)
+        padded[:, 0, :m], padded[:, 1, :m] = gu[:, :m], gu[:, m:]
+        kernels.silu_and_mul(_descriptor(padded, (rows, 416), ab), _descriptor(want, (rows, 208), ab), stream.ptr)
+        want = want[:, :m]
+        dense.prepared_fp8_silu(rows, x.data.ptr, k, dw.data.ptr, k, got.data.ptr, m + 1, ab)()
+        stream.synchronize()
+        a, b = from16(got[:, :m], ab), from16(want, ab)
+        assert np.isfinite(b).all() and np.abs(b).max() > 0, f"rows={rows}: no product"
+        np.testing.assert_array_equal(got[:, :m].get(), want.get(), err_msg=f"rows={rows}: {np.abs(a - b).max()}")
+        assert (got[:, m].get() == 7).all(), f"rows={rows}: a column past y was written"
+
+
+@pytest.mark.parametrize("llama3", [False, True], ids=["rope", "llama31"])
+@pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
+def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(monkeypatch, dense, block, llama3) -> None:  # type: ignore[no-untyped-def]
+    """``Dense.prepared_fp8_qkv_rope`` (the QKV GEMV of the FP8 decode step with FlashInfer's RoPE, plain or Llama
+    3.1, and the KV append as its epilogue), bfloat16, head dim 128, 1 to 4 rows at positions up to 300 on shuffled
+    pages, against the FP8 GEMV into qkv (the widening one, whose sums the epilogue shares), then
+    ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through fi_ffi: qkv and both caches bit for bit."""
+    from fi_engine import kernels
+    from fi_engine.config import RopeConfig
+    from fi_engine.dense import RopeAppend
+    from fi_engine.fp8_linear import Fp8Linears
+
+    monkeypatch.setattr(Fp8Linears, "tensor_core_rows", 9)
+    rng = np.random.default_rng(31 + llama3)
+    ab, d, hq, hk, k, ps, pages = CUDA_R_16BF, 128, 4, 2, 512, 16, 40
+    n = (hq + 2 * hk) * d
+    bits, scales, _ = random_weight(rng, n, k, block)
+    dw, ds = cp.asarray(bits), cp.asarray(scales)
+    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    rope = (
+        RopeConfig(theta=5e5, llama3=True, factor=8.0, original_max_position_embeddings=64.0)
+        if llama3
+        else RopeConfig()
+    )
+    stream = cp.cuda.get_current_stream()
+    for rows in (1, 2, 3, 4):
+        x = to16(rng.standard_normal((rows, k)).astype(np.float32), ab)
+        positions = np.array([300, 17, 0, 95][:rows], np.int32)
+        per = [int(p) // ps + 1 for p in positions]
+        order = rng.permutation(pages)[: sum(per)].astype(np.int32)
+        meta = {
+            "positions": cp.asarray(positions),
+            "batch_indices": cp.arange(rows, dtype=np.int32),
+            "kv_indptr": cp.asarray(np.concatenate([[0], np.cumsum(per)]).astype(np.int32)),
+            "kv_indices": cp.asarray(order),
+            "last": cp.asarray((positions % ps + 1).astype(np.int32)),
+        }
+        start = to16(rng.standard_normal((2, pages, ps, hk, d)).astype(np.float32), ab)
+        caches = {f: start.copy() for f in ("fused", "sep")}
+        qkv = {f: cp.zeros((rows, n), cp.int16) for f in ("fused", "sep")}
+        kv = caches["fused"]
+        epilogue = RopeAppend(
+            hq=hq, hk=hk, d=d, theta=rope.theta, scale=rope.factor if llama3 else 1.0, llama3=llama3,
+            low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
+            old_context_len=rope.original_max_position_embeddings, positions=meta["positions"].data.ptr,
+            batch_indices=meta["batch_indices"].data.ptr, kv_indptr=meta["kv_indptr"].data.ptr,
+            kv_indices=meta["kv_indices"].data.ptr, k_cache=kv[0].data.ptr, v_cache=kv[1].data.ptr,
+            page_size=ps, num_pages=pages, stride_page=ps * hk * d, stride_n=hk * d, stride_h=d,
+        )  # fmt: skip
+        dense.prepared_fp8_qkv_rope(rows, x.data.ptr, k, dw.data.ptr, k, qkv["fused"].data.ptr, n, ab, epilogue)()
+        y = qkv["sep"]
+        dense.linear(rows, x.data.ptr, k, dw.data.ptr, n, k, y.data.ptr, n, ab, ab)
+        q_v = _descriptor(y, (rows, hq, d), ab, (n, d, 1))
+        k_v = _descriptor(y, (rows, hk, d), ab, (n, d, 1), at=hq * d)
+        v_v = _descriptor(y, (rows, hk, d), ab, (n, d, 1), at=(hq + hk) * d)
+        dev = cp.cuda.Device().id
+        ints = {name: kernels.descriptor(a.data.ptr, a.shape, "int32", dev, owner=a) for name, a in meta.items()}
+        kernels.rope_inplace(q_v, k_v, ints["positions"], rope, stream.ptr)
+        sep = caches["sep"]
+        kernels.append_kv(
+            k_v, v_v, ints["batch_indices"], ints["positions"], _descriptor(sep[0], (pages, ps, hk, d), ab),
+            _descriptor(sep[1], (pages, ps, hk, d), ab), ints["kv_indices"], ints["kv_indptr"], ints["last"],
+            stream.ptr,
+        )  # fmt: skip
+        stream.synchronize()
+        what = f"{'llama31' if llama3 else 'rope'} block={block} rows={rows}"
+        np.testing.assert_array_equal(qkv["fused"].get(), y.get(), err_msg=f"{what}: qkv")
+        np.testing.assert_array_equal(caches["fused"].get(), sep.get(), err_msg=f"{what}: caches")
+        assert not np.array_equal(caches["fused"].get(), start.get()), f"{what}: nothing appended"
+        assert np.abs(from16(y, ab)).max() > 0, f"{what}: no product"
+
+
+def test_fp8_epilogue_gemvs_refuse_bad_calls(dense) -> None:  # type: ignore[no-untyped-def]
+    """``prepared_fp8_silu`` / ``prepared_fp8_qkv_rope``: a weight not registered as FP8, an odd gate/up row count,
+    more than 4 rows, a misaligned x, y over x, a shape unlike the registration, a head dim the RoPE does not serve:
+    ValueError naming the argument, nothing launched."""
+    from fi_engine.dense import RopeAppend
+
+    k = 256
+    gate_up, odd, w16 = cp.zeros((64, k), cp.uint8), cp.zeros((63, k), cp.uint8), cp.zeros((64, k), cp.int16)
+    scales = cp.ones(64, cp.float32)
+    x, y = cp.zeros((4, 2 * k), cp.int16), cp.zeros((4, 64), cp.int16)
+    dense.add_fp8_weight(gate_up.data.ptr, 64, k, scales.data.ptr, None)
+    dense.add_fp8_weight(odd.data.ptr, 63, k, scales.data.ptr, None)
+    silu = dense.prepared_fp8_silu
+    good = (1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 32, CUDA_R_16BF)
+    for args, name in (
+        ((1, x.data.ptr, k, w16.data.ptr, k, y.data.ptr, 32, CUDA_R_16BF), "w"),
+        ((1, x.data.ptr, k, odd.data.ptr, k, y.data.ptr, 32, CUDA_R_16BF), "w"),
+        ((5, *good[1:]), "rows"),
+        ((1, x.data.ptr + 8, *good[2:]), "x"),
+        ((2, x.data.ptr, k + 4, *good[3:]), "x_ld"),
+        ((1, x.data.ptr, k, gate_up.data.ptr, k, x.data.ptr + 256, 32, CUDA_R_16BF), "y"),  # x's row's 2nd half
+        ((1, x.data.ptr, k, gate_up.data.ptr, 128, y.data.ptr, 32, CUDA_R_16BF), "n, k"),
+        ((1, *good[1:7], CUDA_R_32F), "ab_type, c_type"),
+    ):
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            silu(*args)
+    silu(*good)()  # the good call launches
+    caches = cp.zeros((2, 4, 16, 1, 96), cp.int16)
+    index = cp.zeros(8, cp.int32)
+    rope = RopeAppend(
+        hq=1, hk=1, d=96, theta=1e4, scale=1.0, llama3=False, low_freq_factor=1.0, high_freq_factor=4.0,
+        old_context_len=8192.0, positions=index.data.ptr, batch_indices=index.data.ptr, kv_indptr=index.data.ptr,
+        kv_indices=index.data.ptr, k_cache=caches[0].data.ptr, v_cache=caches[1].data.ptr, page_size=16,
+        num_pages=4, stride_page=16 * 96, stride_n=96, stride_h=96,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="^rope.d:"):
+        dense.prepared_fp8_qkv_rope(1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 64, CUDA_R_16BF, rope)
+    with pytest.raises(TypeError, match="^rope:"):
+        dense.prepared_fp8_qkv_rope(1, x.data.ptr, k, gate_up.data.ptr, k, y.data.ptr, 64, CUDA_R_16BF, None)
+    cp.cuda.get_current_stream().synchronize()

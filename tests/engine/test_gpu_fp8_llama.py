@@ -12,10 +12,14 @@ weights (rounded to bfloat16) gives the yardstick of bfloat16 arithmetic's own e
   columns before cuBLASLt's FP8 GEMM): <= 16 x transformers-bfloat16's error -- e4m3 keeps 3 mantissa bits where
   bfloat16 keeps 7, so each GEMM input is rounded 16x coarser (the bound the FP8 KV cache's check uses too);
 - greedy decoding, eager and as a CUDA graph, 4 rows and 1 (prefill of more rows: W8A8 unless said), with the fused
-  decode step over FP8 weights off (the default: ``Dense.fp8_fused``) and on, W8A16 throughout, and W8A8 throughout
-  (``Dense.fp8_gemv_max_rows`` 0: the decode steps through the FP8 GEMM too): every token the reference's argmax
-  or within ``LOGIT_TOL["bfloat16"]`` of it (x 16 where W8A8 served, as above) under
-  teacher forcing, and eager and graph agree up to the first near tie.
+  decode step over FP8 weights as the engine runs it (``Dense.fp8_epilogues``: SiLU and RoPE with the KV append in
+  the GEMVs' epilogues), as separate launches, and with the norms as the GEMVs' prologues (``Dense.fp8_fused``),
+  W8A16 throughout, and W8A8 throughout (``Dense.fp8_gemv_max_rows`` 0: the decode steps through the FP8 GEMM
+  too): every token the reference's argmax or within ``LOGIT_TOL["bfloat16"]`` of it (x 16 where W8A8 served, as
+  above) under teacher forcing, and eager and graph agree up to the first near tie;
+- one row, the epilogue step against the separate launches: the same tokens, and every step's logits within 1e-3 of
+  their largest magnitude (the epilogues repeat the separate kernels' arithmetic on the same GEMV sums; only the LM
+  head's sums may run in another order), the bitwise share printed.
 """
 
 from __future__ import annotations
@@ -94,12 +98,16 @@ def test_prefill_logits_within_transformers_bfloat16s_own_error(fp8_variant, w8a
 
 
 @pytest.mark.parametrize(
-    ("fused", "w8a8"), [(False, False), (True, False), (False, True)], ids=["separate", "fused", "w8a8"]
+    ("step", "w8a8"),
+    [("epilogues", False), ("separate", False), ("prologues", False), ("epilogues", True)],
+    ids=["epilogues", "separate", "prologues", "w8a8"],
 )
-def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, fused, w8a8, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, step, w8a8, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from fi_engine.dense import Dense
 
-    monkeypatch.setattr(Dense, "fp8_fused", fused)
+    monkeypatch.setattr(Dense, "fp8_fused", step == "prologues")
+    monkeypatch.setattr(Dense, "fp8_epilogues", step == "epilogues")
+    fused = step != "separate"
     monkeypatch.setattr(Dense, "fp8_w8a8", w8a8)
     monkeypatch.setattr(Dense, "fp8_w8a8_blocks", w8a8)
     if w8a8:  # the decode steps of 4 rows and 1 row through the FP8 GEMM too (eager and captured)
@@ -117,6 +125,35 @@ def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, fused, w
             exact = check_greedy(ref, ps, r.tokens, tol)
             print(f"{len(ps)} rows, {'graph' if graph else 'eager'}: {exact}/{sum(new)} tokens the reference's argmax")
         check_eager_matches_graph(ref, ps, results[False].tokens, results[True].tokens, tol)
+
+
+def test_the_epilogue_step_gives_the_separate_launches_logits(fp8_variant, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from fi_engine.dense import Dense
+
+    path, _, _ = fp8_variant
+    ps = prompts((11,), VOCAB)
+    runs = {}
+    for epilogues in (True, False):
+        monkeypatch.setattr(Dense, "fp8_epilogues", epilogues)
+        with LlamaEngine(path, max_batch=1, page_size=16) as engine:
+            assert engine._fuses(1) == epilogues
+            original, logits = engine._pick, []
+
+            def pick(v, rows, sampling, logits=logits, original=original, engine=engine):  # type: ignore[no-untyped-def]
+                logits.append(engine._buf.logits[:rows].get())  # this step's logits, before the argmax
+                original(v, rows, sampling)
+
+            engine._pick = pick
+            runs[epilogues] = (engine.generate(ps, [20], eos_token_ids=()).tokens, logits)
+    assert runs[True][0] == runs[False][0]
+    assert len(runs[True][1]) == len(runs[False][1]) >= 20  # the prefill's and the decode steps'
+    equal = 0
+    for step, (a, b) in enumerate(zip(runs[True][1], runs[False][1], strict=True)):
+        # only the LM head may sum in another order (the fused GEMV against the separate path's GEMV or cuBLASLt)
+        worst = float(np.abs(a - b).max())
+        assert worst <= 1e-3 * max(1.0, float(np.abs(b).max())), f"step {step}: max |logit difference| {worst}"
+        equal += int((a == b).sum())
+    print(f"epilogues vs separate: {equal / sum(a.size for a in runs[True][1]):.2%} of the logits bitwise equal")
 
 
 def test_fp8_weights_refuse_tensor_parallel(fp8_variant) -> None:  # type: ignore[no-untyped-def]
