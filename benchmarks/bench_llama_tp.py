@@ -45,6 +45,7 @@ ONE_GPU_VARIANTS = (
     "no-attn-pdl",
     "fp8-fused",
     "fp8-separate",
+    "fp8-norm-no-pdl",
     "fp8-scalar-gemv",
     "w8a16",
     "w8a8-no-blocks",
@@ -224,6 +225,10 @@ def run_rank(
         from fi_engine.dense import Dense
 
         Dense.fp8_fused = True
+    if variant == "fp8-norm-no-pdl":  # FP8 weights: the epilogue step's norms without programmatic dependent launch
+        from fi_engine.fused_decode import FusedDecode
+
+        FusedDecode.norm_pdl = False
     if variant == "fp8-separate":  # FP8 weights: the decode step as separate launches (before 2026-11-25, session 9)
         from fi_engine.dense import Dense
 
@@ -458,7 +463,8 @@ def main() -> None:
         "graph of separate launches, not the fused step), no-pdl (TP 1: the fused step's GEMVs without "
         "programmatic dependent launch), fp8-fused (TP 1, FP8 checkpoints: the fused step with the norms and SiLU "
         "as its FP8 GEMVs' prologues, off by default), fp8-separate (TP 1, FP8 checkpoints: the decode step as "
-        "separate launches, not the GEMVs with SiLU and RoPE epilogues), w8a16 (TP 1, FP8 checkpoints: steps of "
+        "separate launches, not the GEMVs with SiLU and RoPE epilogues), fp8-norm-no-pdl (TP 1, FP8 checkpoints: "
+        "that step's norms launched without programmatic dependent launch), w8a16 (TP 1, FP8 checkpoints: steps of "
         "more than 8 rows dequantize instead of the "
         "FP8 GEMM), w8a8-no-blocks (TP 1, 128x128-block FP8 checkpoints: dequantized above 8 rows, not the "
         "FP8 GEMM), fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "

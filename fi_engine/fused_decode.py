@@ -36,6 +36,11 @@ class FusedDecode(EngineState):
     (``Dense.launches_with_pdl``: Hopper and later): each may start while the QKV GEMV drains, and the O GEMV after it
     while it drains (FlashInfer's ``enable_pdl``). Read when the runs are packed; set it on the class to compare."""
 
+    norm_pdl: bool = True
+    """The FP8 step's norms (``Dense.fp8_epilogues``: launches of their own) launched with programmatic dependent
+    launch where the GEMVs are (FlashInfer's ``enable_pdl``): each may start while the GEMV before it drains. Read
+    when the step is packed; set it on the class to compare."""
+
     @property
     def fused_decode(self) -> bool:
         """Whether an eager decode step runs as :meth:`_fused_step` where it applies (see the class docstring;
@@ -247,12 +252,13 @@ class FusedDecode(EngineState):
         fp8 = self._kv_fp8
         embed = dense.prepared_gather(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
         rope_in_gemv = not c.qk_norm and fp8 is None and c.head_dim in (64, 128, 256, 512)
+        pdl = self.norm_pdl and dense.launches_with_pdl
         layers = []
         for i in range(c.num_layers):
             if i == 0:  # input_layernorm of the embedding rows into x
-                before = [prepare(rmsnorm, v.h, self._ln1[0], eps=eps, out=v.x, stream=s)]
+                before = [prepare(rmsnorm, v.h, self._ln1[0], eps=eps, out=v.x, enable_pdl=pdl, stream=s)]
             else:  # h += the previous layer's down output; x = input_layernorm(h)
-                before = [kernels.prepared_fused_add_rmsnorm(v.x, v.h, self._ln1[i], eps, s)]
+                before = [kernels.prepared_fused_add_rmsnorm(v.x, v.h, self._ln1[i], eps, s, pdl)]
             if rope_in_gemv and dense.has_fp8_weight(self._wqkv[i]):
                 rope = self._rope_append(i, v)
                 before.append(dense.prepared_fp8_qkv_rope(rows, x, h, self._wqkv[i], h, qkv, w, ab, rope))
@@ -271,7 +277,7 @@ class FusedDecode(EngineState):
             scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
             after = [] if scale is None else [scale]
             after.append(dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab))
-            after.append(kernels.prepared_fused_add_rmsnorm(v.x, v.h, self._ln2[i], eps, s))
+            after.append(kernels.prepared_fused_add_rmsnorm(v.x, v.h, self._ln2[i], eps, s, pdl))
             if dense.has_fp8_weight(self._wgu[i]):  # silu(gate) * up straight into act
                 after.append(dense.prepared_fp8_silu(rows, x, h, self._wgu[i], h, act, inter, ab))
             else:

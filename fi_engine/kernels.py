@@ -74,10 +74,13 @@ def fused_add_rmsnorm(x: Any, residual: Any, weight: Any, eps: float, stream: in
     fi_ffi.fused_add_rmsnorm(x, residual, weight, eps=eps, stream=stream)
 
 
-def prepared_fused_add_rmsnorm(x: Any, residual: Any, weight: Any, eps: float, stream: int) -> Any:
+def prepared_fused_add_rmsnorm(
+    x: Any, residual: Any, weight: Any, eps: float, stream: int, enable_pdl: bool = False
+) -> Any:
     """:func:`fused_add_rmsnorm` checked and packed once (:func:`fi_ffi.prepare`): calling the result launches it
-    again on the same buffers (about one FFI call; the engine's buffers never move)."""
-    return fi_ffi.prepare(fi_ffi.fused_add_rmsnorm, x, residual, weight, eps=eps, stream=stream)
+    again on the same buffers (about one FFI call; the engine's buffers never move). ``enable_pdl``: launched with
+    programmatic dependent launch (it may start while the kernel before it drains, and waits for it on the GPU)."""
+    return fi_ffi.prepare(fi_ffi.fused_add_rmsnorm, x, residual, weight, eps=eps, enable_pdl=enable_pdl, stream=stream)
 
 
 def rope_inplace(q: Any, k: Any, positions: Any, rope: RopeConfig, stream: int) -> None:
