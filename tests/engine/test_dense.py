@@ -1,6 +1,7 @@
 """Dense's fused decode-step launches, no GPU: the argument checks of ``fused_linear``, ``prepared_fused``,
-``prepared_qkv_rope``, ``prepared_linear`` and ``prepared_gather`` (each bad value refused by a TypeError or
-ValueError naming its argument, before anything is launched) and the packed arguments of a valid call.
+``prepared_qkv_rope``, ``prepared_linear``, ``prepared_gather`` and the FP8 epilogue GEMVs (``prepared_fp8_silu``,
+``prepared_fp8_qkv_rope``, over FP8 weights registered as values) -- each bad value refused by a TypeError or
+ValueError naming its argument, before anything is launched -- and the packed arguments of a valid call.
 
 The Dense is made without its constructor (which compiles kernels with CuPy on a GPU): its kernels' function
 handles are fake numbers, the argument arrays are packed with the real cffi declarations of ``fi_ffi.cuda.driver``,
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from fi_engine import dense as D
+from fi_engine.fp8_linear import Fp8Weight
 from fi_ffi.cuda import driver
 
 pytestmark = pytest.mark.cpu_only
@@ -46,7 +48,23 @@ def fake_dense() -> D.Dense:
     d._launch = launch
     d._launch_ex = None  # no programmatic dependent launch (test_pdl_launches_carry_the_attribute turns it on)
     d._gather_fn = type("Kernel", (), {"ptr": 0x4000})()
+    # two FP8 weights (values, as Dense.add_fp8_weight registers them): gate/up [N, H] with 128x128-block scales,
+    # QKV [(4 + 2 * 2) * 64, H] with per-row ones; the epilogue GEMVs' handles fake numbers
+    d._fp8_weights = {
+        at(12): Fp8Weight(at(12), N, H, at(14), (128, 128)),
+        at(13): Fp8Weight(at(13), 8 * 64, H, at(15), None),
+    }
+    d._fp8 = FakeFp8Linears()
     return d
+
+
+class FakeFp8Linears:
+    """What Dense's FP8 epilogue GEMVs ask of its Fp8Linears: the kernels' handles (fake) and why they are missing."""
+
+    fused_error = ""
+
+    def pair_fn(self, epi: int, bf16: bool, block: bool, rows: int) -> int:
+        return 0x5000 + 0x100 * epi + 0x10 * bf16 + 2 * block + (rows == 1)
 
 
 def test_pdl_launches_carry_the_attribute() -> None:
@@ -118,6 +136,14 @@ def linear_call() -> dict[str, Any]:
     return dict(rows=2, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=N, ab_type=D.CUDA_R_16F, c_type=D.CUDA_R_32F)
 
 
+def fp8_silu_call() -> dict[str, Any]:
+    return dict(rows=2, x=at(0), x_ld=H, w=at(12), k=H, y=at(2), y_ld=N // 2, ab_type=D.CUDA_R_16BF)
+
+
+def fp8_qkv_call() -> dict[str, Any]:
+    return dict(rows=2, x=at(0), x_ld=H, w=at(13), k=H, y=at(2), y_ld=8 * 64, ab_type=D.CUDA_R_16BF, rope=rope())
+
+
 def gather_call() -> dict[str, Any]:
     return dict(rows=3, src=at(0), src_ld=H, index=at(1), dst=at(2), dst_ld=H, width=H)
 
@@ -152,6 +178,8 @@ ENTRIES = {
     "prepared_qkv_rope": (lambda d: d.prepared_qkv_rope, qkv_call),
     "prepared_linear": (lambda d: d.prepared_linear, linear_call),
     "prepared_gather": (lambda d: d.prepared_gather, gather_call),
+    "prepared_fp8_silu": (lambda d: d.prepared_fp8_silu, fp8_silu_call),
+    "prepared_fp8_qkv_rope": (lambda d: d.prepared_fp8_qkv_rope, fp8_qkv_call),
 }
 CASES = [  # (prepared_linear passes dtype codes 0 and -1 on: cuBLAS refuses what it lacks)
     (entry, name, value)
@@ -380,4 +408,72 @@ def test_a_router_over_fp8_weights_is_refused():
     d._fp8_weights = {at(1): object()}
     with pytest.raises(ValueError, match=r"^w: the routing epilogue reads 16-bit router weights"):
         d.prepared_router(**router_call())
+    assert d.launches == []
+
+
+def test_the_fp8_epilogue_gemvs_pack_their_pairs_and_scales() -> None:
+    """prepared_fp8_silu: one block per two output columns (pairs of gate and up rows), 4 warps, the weight's block
+    scales (row stride ceil(k / 128), 128 rows a block, log2 of 8 vectors a block), no RoPE arguments;
+    prepared_fp8_qkv_rope: a pair per two columns of a head, per-row scales, then the RoPE and append arguments as
+    prepared_qkv_rope packs them. Kernels picked by epilogue, type, scale layout and rows (1, or up to 4)."""
+    d = fake_dense()
+    calls = [d.prepared_fp8_silu(**fp8_silu_call()), d.prepared_fp8_qkv_rope(**{**fp8_qkv_call(), "rows": 1})]
+    for call in calls:  # (kept: a launch's argument array lives as long as its prepared call)
+        call()
+    (fn, grid, _, _, block, _, _, smem, stream, params, _), qkv = d.launches
+    assert (fn, grid, block, smem, stream) == (0x5000 + 0x100 + 0x10 + 2, N // 4, 128, 0, 0x77)
+    slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(29)]
+    assert slots == [at(0), at(12), at(2), 2, N // 2, H, H, N // 2, at(14), H // 128, 128, 3] + [0] * 17
+    fn, grid, block, params = qkv[0], qkv[1], qkv[4], qkv[9]
+    assert (fn, grid, block) == (0x5000 + 0x200 + 0x10 + 1, 8 * 64 // 4, 128)
+    slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(29)]
+    r = rope()
+    assert slots[:12] == [at(0), at(13), at(2), 1, 8 * 64 // 2, H, H, 8 * 64, at(15), 0, 1, 0]
+    assert slots[12:15] == [4, 2, 64] and slots[19:] == [
+        at(6),
+        at(7),
+        at(8),
+        at(9),
+        at(10),
+        at(11),
+        16,
+        *[r.stride_page, r.stride_n, r.stride_h],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "change", "match"),
+    [
+        ("silu", dict(w=at(1)), r"^w: 0x[0-9a-f]+ is no registered FP8 weight"),
+        ("silu", dict(rows=5), r"^rows: expected an int in \[1, 5\)"),
+        ("silu", dict(x=at(0) + 8), r"^x: 0x[0-9a-f]+ must be a non-NULL address aligned to 16 bytes"),
+        ("silu", dict(x_ld=H + 4), r"^x_ld: "),
+        ("silu", dict(y_ld=N // 2 - 1), r"^y_ld: 255 elements between rows is less than a row's 256"),
+        ("silu", dict(y=at(0) + 16), r"^y: overlaps x"),
+        ("silu", dict(y=at(2) + 1), r"^y: 0x[0-9a-f]+ must be a non-NULL address aligned to 2 bytes"),
+        ("silu", dict(k=2 * H), r"^n, k: the FP8 weight at 0x[0-9a-f]+ is \[512, 256\], the call says \[512, 512\]"),
+        ("silu", dict(ab_type=D.CUDA_R_32F), r"^ab_type, c_type: FP8 weights take bfloat16 or float16"),
+        ("qkv", dict(y=at(10)), r"^rope.k_cache: overlaps y"),
+        ("qkv", dict(rope=dataclasses.replace(rope(), d=96)), r"^rope.d: the RoPE epilogue serves head dims"),
+        ("qkv", dict(rope=dataclasses.replace(rope(), hq=2)), r"^n, k: the FP8 weight .* the call says \[384, 256\]"),
+    ],
+)
+def test_a_bad_fp8_epilogue_call_is_refused_by_name(entry, change, match):
+    d = fake_dense()
+    method, call = (
+        (d.prepared_fp8_silu, fp8_silu_call()) if entry == "silu" else (d.prepared_fp8_qkv_rope, fp8_qkv_call())
+    )
+    with pytest.raises(ValueError, match=match):
+        method(**{**call, **change})
+    assert d.launches == []
+
+
+def test_an_odd_gate_up_weight_and_a_missing_kernel_are_refused_by_name() -> None:
+    d = fake_dense()
+    d._fp8_weights[at(16)] = Fp8Weight(at(16), N - 1, H, at(14), None)
+    with pytest.raises(ValueError, match=r"^w: the gate/up weight has 511 rows; the SiLU pairs gate and up rows"):
+        d.prepared_fp8_silu(**{**fp8_silu_call(), "w": at(16)})
+    d._fp8.pair_fn = lambda *args: None  # type: ignore[method-assign]  # what a failed compile leaves
+    with pytest.raises(ValueError, match=r"^w: no FP8 GEMV with the SiLU epilogue compiled"):
+        d.prepared_fp8_silu(**fp8_silu_call())
     assert d.launches == []
