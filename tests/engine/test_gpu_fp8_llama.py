@@ -19,7 +19,8 @@ weights (rounded to bfloat16) gives the yardstick of bfloat16 arithmetic's own e
   above) under teacher forcing, and eager and graph agree up to the first near tie;
 - one row, the epilogue step against the separate launches: the same tokens, and every step's logits within 1e-3 of
   their largest magnitude (the epilogues repeat the separate kernels' arithmetic on the same GEMV sums; only the LM
-  head's sums may run in another order), the bitwise share printed.
+  head's sums may run in another order), the bitwise share printed; also with an e4m3 KV cache and for a Qwen3
+  (per-head norms), where RoPE and the append stay separate launches.
 """
 
 from __future__ import annotations
@@ -127,15 +128,17 @@ def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, step, w8
         check_eager_matches_graph(ref, ps, results[False].tokens, results[True].tokens, tol)
 
 
-def test_the_epilogue_step_gives_the_separate_launches_logits(fp8_variant, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def compare_epilogue_step(path, monkeypatch, **engine_kw) -> None:  # type: ignore[no-untyped-def]
+    """One row's greedy decode with the FP8 epilogue step and with the separate launches: the same tokens, and every
+    step's logits within 1e-3 of their largest magnitude (only the LM head may sum in another order: the fused GEMV
+    against the separate path's GEMV or cuBLASLt); the bitwise share printed."""
     from fi_engine.dense import Dense
 
-    path, _, _ = fp8_variant
     ps = prompts((11,), VOCAB)
     runs = {}
     for epilogues in (True, False):
         monkeypatch.setattr(Dense, "fp8_epilogues", epilogues)
-        with LlamaEngine(path, max_batch=1, page_size=16) as engine:
+        with LlamaEngine(path, max_batch=1, page_size=16, **engine_kw) as engine:
             assert engine._fuses(1) == epilogues
             original, logits = engine._pick, []
 
@@ -149,11 +152,35 @@ def test_the_epilogue_step_gives_the_separate_launches_logits(fp8_variant, monke
     assert len(runs[True][1]) == len(runs[False][1]) >= 20  # the prefill's and the decode steps'
     equal = 0
     for step, (a, b) in enumerate(zip(runs[True][1], runs[False][1], strict=True)):
-        # only the LM head may sum in another order (the fused GEMV against the separate path's GEMV or cuBLASLt)
         worst = float(np.abs(a - b).max())
         assert worst <= 1e-3 * max(1.0, float(np.abs(b).max())), f"step {step}: max |logit difference| {worst}"
         equal += int((a == b).sum())
     print(f"epilogues vs separate: {equal / sum(a.size for a in runs[True][1]):.2%} of the logits bitwise equal")
+
+
+def test_the_epilogue_step_gives_the_separate_launches_logits(fp8_variant, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    compare_epilogue_step(fp8_variant[0], monkeypatch)
+
+
+def test_the_epilogue_step_with_an_fp8_kv_cache(bf16_model, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An e4m3 KV cache: the QKV GEMV's RoPE and append stay separate launches (the quantizing append), its SiLU
+    epilogue is still on."""
+    write_fp8_copy(bf16_model[0], tmp_path, "block")
+    compare_epilogue_step(tmp_path, monkeypatch, kv_cache_dtype="fp8_e4m3")
+
+
+def test_the_epilogue_step_of_qwen3(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Qwen3's per-head q/k norms come between the QKV GEMV and RoPE, so those stay separate launches in the epilogue
+    step (128x128-block FP8 weights of a random Qwen3)."""
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    kw.update(rope_kwargs(transformers.Qwen3Config, 1000000.0, None))
+    save_random(tmp_path / "bf16", "Qwen3Config", "Qwen3ForCausalLM", "bfloat16", kw)
+    write_fp8_copy(tmp_path / "bf16", tmp_path / "fp8", "block")
+    compare_epilogue_step(tmp_path / "fp8", monkeypatch)
 
 
 def test_fp8_weights_refuse_tensor_parallel(fp8_variant) -> None:  # type: ignore[no-untyped-def]
