@@ -300,10 +300,12 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
 
 
 @pytest.mark.parametrize(
-    ("dtype", "head_dim", "qk_norm", "llama3"), [("float16", 128, False, True), ("bfloat16", 64, True, False)]
+    ("dtype", "head_dim", "qk_norm", "llama3", "fp8"),
+    [("float16", 128, False, True, False), ("bfloat16", 64, True, False, False), ("bfloat16", 128, True, True, True)],
 )
-def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtype, head_dim, qk_norm, llama3):
-    """The fused step's fallback (Qwen3's per-head norms, or a head dim the QKV epilogue lacks): ``_fused_calls``
+def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtype, head_dim, qk_norm, llama3, fp8):
+    """The fused step's fallback (Qwen3's per-head norms, or a head dim the QKV epilogue lacks; ``fp8``: the FP8
+    epilogue step, ``_fp8_fused_calls``, whose QKV GEMV keeps them separate for Qwen3): ``_fused_calls``
     packs RoPE and the KV append with ``fi_ffi.prepare`` (``kernels.prepared_rope_inplace`` / ``prepared_append_kv``),
     and each packed launch hands the module the frame the op call ``_forward`` makes does (``kernels.rope_inplace``
     / ``append_kv``; the norms' ``qk_rmsnorm``), every slot and DLTensor recorded by a probe bound as the entry point
@@ -324,9 +326,11 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
     eng = object.__new__(LlamaEngine)
     eng.config, eng._s, eng._ab, eng._f32, eng._head_rows = c, 0, 1, 2, 0
     buffer = SimpleNamespace(data=SimpleNamespace(ptr=FAKE))
-    eng._buf = SimpleNamespace(x=buffer, qkv=buffer, attn=buffer, gu=buffer, h=buffer, h_alt=buffer, logits=buffer)
+    eng._buf = SimpleNamespace(
+        x=buffer, qkv=buffer, attn=buffer, gu=buffer, act=buffer, h=buffer, h_alt=buffer, logits=buffer
+    )
     eng._qkv_width, eng._embed, eng._lm_head = 0, 0, 0
-    weight = SimpleNamespace(data_ptr=FAKE)
+    weight = kernels.descriptor(FAKE + (40 << 30), (c.hidden_size,), dtype, 0)  # (the FP8 step packs its norms)
     eng._norm, eng._ln1, eng._ln2 = weight, [weight] * c.num_layers, [weight] * c.num_layers
     eng._wqkv = eng._wo = eng._wgu = eng._wd = [0] * c.num_layers
     eng._moe = []  # a dense model
@@ -342,7 +346,13 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
         prepared_linear=stand_in,
         has_qkv_rope=lambda *_: False,
         launches_with_pdl=False,  # the frames compared with batch_decode_run's (which launches without it)
+        serves_fp8=fp8,  # FP8 weights: the epilogue step (its norms packed launches of their own)
+        fp8_fused=False,
+        has_fp8_weight=lambda _: fp8,
+        prepared_fp8_silu=stand_in,
     )
+    if fp8:
+        eng._kv_fp8 = None
     op = "_apply_llama31_rope_pos_ids" if llama3 else "_apply_rope_pos_ids"
     launches = (getattr(rope, op), page._append, norm._qk_rmsnorm)
     probe = FrameProbe()
@@ -353,7 +363,11 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
     try:
         _, layers, _ = eng._fused_calls(v, BATCH)
         for i, (before, after) in enumerate(layers):
-            assert before[0] == "gemv" and after == ["gemv"] * 3
+            if fp8:  # the norm, the QKV GEMV, ...; after: O, the norm, gate/up + SiLU, down
+                assert callable(before[0]) and before[1] == "gemv" and after[::2] == after[2:] == ["gemv"] * 2
+                before = before[1:]
+            else:
+                assert before[0] == "gemv" and after == ["gemv"] * 3
             packed = before[1:]
             assert len(packed) == (4 if qk_norm else 2)
             for call in packed:
@@ -373,7 +387,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
             each.launcher.entry = entry
     # packed again with the real modules bound: each packed call passes the module's signature check
     _, layers, _ = eng._fused_calls(v, BATCH)
-    for call in layers[0][0][1:]:
+    for call in layers[0][0][2 if fp8 else 1 :]:
         reached(call)
 
 
