@@ -237,10 +237,10 @@ class FusedDecode(EngineState):
         ``rmsnorm`` of the embedding rows), the QKV GEMV with RoPE and the KV append as its epilogue
         (``Dense.prepared_fp8_qkv_rope``), the attention, the O GEMV, the post-attention norm, the gate/up GEMV
         with SiLU as its epilogue (``Dense.prepared_fp8_silu``) and the down GEMV: 7 launches a layer with the
-        attention's, where the separate launches are 10. Where Qwen3's per-head norms come between, the KV cache is FP8 or a weight is
-        16-bit, that part runs as separate launches. The LM head takes the last norm as its prologue. The FP8
-        GEMVs over normalized rows read them whole, so each norm runs once, not once per block as a prologue
-        would (the FP8 weights' shorter GEMVs pay that more than 16-bit ones: ``Dense.fp8_fused``)."""
+        attention's, where the separate launches are 10. Where Qwen3's per-head norms come between, the KV cache
+        is FP8 or a weight is 16-bit, that part runs as separate launches. The LM head takes the last norm as its
+        prologue. The FP8 GEMVs over normalized rows read them whole, so each norm runs once, not once per block as
+        a prologue would (the FP8 weights' shorter GEMVs pay that more than 16-bit ones: ``Dense.fp8_fused``)."""
         from fi_ffi import prepare, qk_rmsnorm, rmsnorm, silu_and_mul
 
         from .dense import ADD_NORM, NORM
