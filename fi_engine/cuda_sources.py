@@ -884,6 +884,73 @@ template <bool BF16> __device__ __forceinline__ void widen8(uint4 b, float* f) {
 
 """
 
+# The tensor-core decoding and mma of e4m3 weights (gemv8_tc in FP8_GEMV_SOURCE, gemv8_tc_pairs in FP8_FUSED_SOURCE
+# share it; gemv8_tc's comment says how they work); uses load_weights, which each source defines before it
+_FP8_TENSOR_CORES = r"""__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+    unsigned d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+// bytes 1 and 3 of u (each half's high byte), e4m3, as a 16-bit pair (low half: byte 1), exactly
+template <bool BF16> __device__ __forceinline__ unsigned e4m3_pair(unsigned u) {
+    const unsigned bits = (u & 0x80008000u) | ((u & 0x7f007f00u) >> (BF16 ? 4 : 1));
+    unsigned d;
+#if __CUDA_ARCH__ >= 800
+    if (BF16)  // times 2**120 (plus -0: a product's sign kept)
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(bits), "r"(0x7b807b80u), "r"(0x80008000u));
+    else  // times 2**8
+        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(bits), "r"(0x5c005c00u), "r"(0x80008000u));
+#else
+    d = bits;
+#endif
+    return d;
+}
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                         unsigned b1) {
+#if __CUDA_ARCH__ >= 800
+    if (BF16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+// a lane's 16-byte weight vectors of one chunk at `at`: column g's at 16 t and 64 + 16 t, then column g + 8's
+// (zeros past k)
+__device__ __forceinline__ void tc_load(uint4* v, const unsigned char* wa, const unsigned char* wb, int at, int t,
+                                        int k) {
+    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+    const bool lo = at + 16 * t + 16 <= k, hi = at + 80 + 16 * t <= k;
+    v[0] = lo ? load_weights(reinterpret_cast<const uint4*>(wa + at)) : z;
+    v[1] = hi ? load_weights(reinterpret_cast<const uint4*>(wa + at + 64)) : z;
+    v[2] = lo ? load_weights(reinterpret_cast<const uint4*>(wb + at)) : z;
+    v[3] = hi ? load_weights(reinterpret_cast<const uint4*>(wb + at + 64)) : z;
+}
+// c += one chunk: 8 mma, each over word q of both columns' 32 weights and x's 4 values at the same places
+template <bool BF16>
+__device__ __forceinline__ void tc_chunk(const uint4* v, const uint4* xq, float* c) {
+    const unsigned* ua = reinterpret_cast<const unsigned*>(v);
+    const unsigned* ub = reinterpret_cast<const unsigned*>(v + 2);
+    const unsigned* xv = reinterpret_cast<const unsigned*>(xq);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+        // A: (column g, k pair 0) bytes 0 and 2, (g + 8, pair 0), (g, pair 1) bytes 1 and 3, (g + 8, pair 1)
+        const unsigned a0 = e4m3_pair<BF16>(ua[q] << 8), a1 = e4m3_pair<BF16>(ub[q] << 8);
+        const unsigned a2 = e4m3_pair<BF16>(ua[q]), a3 = e4m3_pair<BF16>(ub[q]);
+        // B: x's values 0 and 2, then 1 and 3, of the same 4 places (row g of x)
+        const unsigned b0 = prmt(xv[2 * q], xv[2 * q + 1], 0x5410u), b1 = prmt(xv[2 * q], xv[2 * q + 1], 0x7632u);
+        mma16816<BF16>(c, a0, a1, a2, a3, b0, b1);
+    }
+}
+
+"""
+
 FP8_GEMV_SOURCE = (
     r"""
 // Linear layers with e4m3 weights and 16-bit activations (W8A16): the weights are read as stored (one byte each)
@@ -1062,70 +1129,9 @@ GEMV8(gemv8_f16_f32_block_8, false, true, true, 8)
 // scale); the warps' sums in shared memory; y rounded once. BLOCK needs (16 << shift) a multiple of 128 (a chunk
 // inside one scale block) and bn a multiple of 16 (the caller checks); k a multiple of 16; x, w, x_ld 16-byte
 // aligned.
-__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
-    unsigned d;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-    return d;
-}
-// bytes 1 and 3 of u (each half's high byte), e4m3, as a 16-bit pair (low half: byte 1), exactly
-template <bool BF16> __device__ __forceinline__ unsigned e4m3_pair(unsigned u) {
-    const unsigned bits = (u & 0x80008000u) | ((u & 0x7f007f00u) >> (BF16 ? 4 : 1));
-    unsigned d;
-#if __CUDA_ARCH__ >= 800
-    if (BF16)  // times 2**120 (plus -0: a product's sign kept)
-        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(bits), "r"(0x7b807b80u), "r"(0x80008000u));
-    else  // times 2**8
-        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(bits), "r"(0x5c005c00u), "r"(0x80008000u));
-#else
-    d = bits;
-#endif
-    return d;
-}
-template <bool BF16>
-__device__ __forceinline__ void mma16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                                         unsigned b1) {
-#if __CUDA_ARCH__ >= 800
-    if (BF16)
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                     "{%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-    else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                     "{%8,%9}, {%0,%1,%2,%3};"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
-// a lane's 16-byte weight vectors of one chunk at `at`: column g's at 16 t and 64 + 16 t, then column g + 8's
-// (zeros past k)
-__device__ __forceinline__ void tc_load(uint4* v, const unsigned char* wa, const unsigned char* wb, int at, int t,
-                                        int k) {
-    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-    const bool lo = at + 16 * t + 16 <= k, hi = at + 80 + 16 * t <= k;
-    v[0] = lo ? load_weights(reinterpret_cast<const uint4*>(wa + at)) : z;
-    v[1] = hi ? load_weights(reinterpret_cast<const uint4*>(wa + at + 64)) : z;
-    v[2] = lo ? load_weights(reinterpret_cast<const uint4*>(wb + at)) : z;
-    v[3] = hi ? load_weights(reinterpret_cast<const uint4*>(wb + at + 64)) : z;
-}
-// c += one chunk: 8 mma, each over word q of both columns' 32 weights and x's 4 values at the same places
-template <bool BF16>
-__device__ __forceinline__ void tc_chunk(const uint4* v, const uint4* xq, float* c) {
-    const unsigned* ua = reinterpret_cast<const unsigned*>(v);
-    const unsigned* ub = reinterpret_cast<const unsigned*>(v + 2);
-    const unsigned* xv = reinterpret_cast<const unsigned*>(xq);
-#pragma unroll
-    for (int q = 0; q < 8; ++q) {
-        // A: (column g, k pair 0) bytes 0 and 2, (g + 8, pair 0), (g, pair 1) bytes 1 and 3, (g + 8, pair 1)
-        const unsigned a0 = e4m3_pair<BF16>(ua[q] << 8), a1 = e4m3_pair<BF16>(ub[q] << 8);
-        const unsigned a2 = e4m3_pair<BF16>(ua[q]), a3 = e4m3_pair<BF16>(ub[q]);
-        // B: x's values 0 and 2, then 1 and 3, of the same 4 places (row g of x)
-        const unsigned b0 = prmt(xv[2 * q], xv[2 * q + 1], 0x5410u), b1 = prmt(xv[2 * q], xv[2 * q + 1], 0x7632u);
-        mma16816<BF16>(c, a0, a1, a2, a3, b0, b1);
-    }
-}
-
-template <bool BF16, bool F32OUT, bool BLOCK>
+"""
+    + _FP8_TENSOR_CORES
+    + r"""template <bool BF16, bool F32OUT, bool BLOCK>
 __device__ __forceinline__ void gemv8_tc(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
                                          void* __restrict__ y, int rows, int n, int k, long long x_ld,
                                          long long y_ld, const float* __restrict__ scale, long long s_ld, int bn,
@@ -1393,6 +1399,59 @@ FUSED8(gemv8_f16_f32_addnorm_block, false, true, 2, true)
 FUSED8(gemv8_f16_f32_silu_row, false, true, 3, false)
 FUSED8(gemv8_f16_f32_silu_block, false, true, 3, true)
 
+// The end of one pair of output columns and one row (gemv8_pairs, gemv8_tc_pairs): its two float32 sums va and vb
+// (pair p: columns ja and jb as gemv8_pairs maps them) times their per-row scales (not BLOCK), rounded as the GEMV's
+// output, then the epilogue EPI
+template <bool BF16, bool BLOCK, int EPI>
+__device__ __forceinline__ void finish_pair(
+        float va, float vb, int p, int r, unsigned short* __restrict__ y, long long y_ld, int pairs,
+        const float* __restrict__ scale, int hq, int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a,
+        float smooth_b, const int* __restrict__ positions, const int* __restrict__ batch_indices,
+        const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache,
+        unsigned short* __restrict__ v_cache, int page_size, long long stride_page, long long stride_n,
+        long long stride_h) {
+    const unsigned half = EPI == 2 ? d >> 1 : 1u;
+    const int head = p / (int)half;
+    const unsigned i = p - head * (int)half;
+    const long long ja = EPI == 1 ? p : (long long)head * d + i;
+    const long long jb = EPI == 1 ? (long long)p + pairs : ja + half;
+    if (!BLOCK) {
+        va *= __ldg(scale + ja);
+        vb *= __ldg(scale + jb);
+    }
+    unsigned short q0 = fromf<BF16>(va), q1 = fromf<BF16>(vb);
+    if (EPI == 1) {
+        const float g = tof<BF16>(q0);
+        y[r * y_ld + p] = fromf<BF16>(g / (1.0f + __expf(-g)) * tof<BF16>(q1));
+        return;
+    }
+    const int pos = positions[r];
+    if (head < hq + hk) {  // gemv_rope_append's rotation, its expressions as written there
+        float freq = __powf(rcp_theta, float(2 * (i % half)) / float(d));
+        float smooth = freq * smooth_a + smooth_b;
+        smooth = max(0.0f, min(1.0f, smooth));
+        freq = __fmaf_rn(1 - smooth, freq * rcp_scale, smooth * freq);
+        float sn, cs;
+        __sincosf(float(pos) * freq, &sn, &cs);
+        const float x0 = tof<BF16>(q0), x1 = tof<BF16>(q1);
+        const float o0 = __fmaf_rn(x0, cs, -x1 * sn);
+        const float o1 = __fmaf_rn(x1, cs, x0 * sn);
+        q0 = fromf<BF16>(o0);
+        q1 = fromf<BF16>(o1);
+    }
+    y[r * y_ld + ja] = q0;
+    y[r * y_ld + jb] = q1;
+    if (head >= hq) {
+        const bool is_k = head < hq + hk;
+        const int kvh = is_k ? head - hq : head - hq - hk;
+        const int page = kv_indices[kv_indptr[batch_indices[r]] + pos / page_size];
+        const long long at = page * stride_page + (long long)(pos % page_size) * stride_n + kvh * stride_h + i;
+        unsigned short* cache = is_k ? k_cache : v_cache;
+        cache[at] = q0;
+        cache[at + half] = q1;
+    }
+}
+
 // The FP8 GEMV of a decode step whose outputs pair up in an epilogue, so that the launch after it goes away. A
 // block of SPLITS warps computes two pairs (a, b) of output columns, four e4m3 weight rows, each with gemv8_rows'
 // sums in gemv8_rows' order (so each output has the plain FP8 GEMV's bits, up to this module's flush-to-zero of
@@ -1490,45 +1549,9 @@ __device__ __forceinline__ void gemv8_pairs(
         va += part[sp][q][r];
         vb += part[sp][q + 2][r];
     }
-    const int head = p / (int)half;
-    const unsigned i = p - head * (int)half;
-    const long long ja = EPI == 1 ? p : (long long)head * d + i;
-    const long long jb = EPI == 1 ? (long long)p + pairs : ja + half;
-    if (!BLOCK) {
-        va *= __ldg(scale + ja);
-        vb *= __ldg(scale + jb);
-    }
-    unsigned short q0 = fromf<BF16>(va), q1 = fromf<BF16>(vb);
-    if (EPI == 1) {
-        const float g = tof<BF16>(q0);
-        y[r * y_ld + p] = fromf<BF16>(g / (1.0f + __expf(-g)) * tof<BF16>(q1));
-        return;
-    }
-    const int pos = positions[r];
-    if (head < hq + hk) {  // gemv_rope_append's rotation, its expressions as written there
-        float freq = __powf(rcp_theta, float(2 * (i % half)) / float(d));
-        float smooth = freq * smooth_a + smooth_b;
-        smooth = max(0.0f, min(1.0f, smooth));
-        freq = __fmaf_rn(1 - smooth, freq * rcp_scale, smooth * freq);
-        float sn, cs;
-        __sincosf(float(pos) * freq, &sn, &cs);
-        const float x0 = tof<BF16>(q0), x1 = tof<BF16>(q1);
-        const float o0 = __fmaf_rn(x0, cs, -x1 * sn);
-        const float o1 = __fmaf_rn(x1, cs, x0 * sn);
-        q0 = fromf<BF16>(o0);
-        q1 = fromf<BF16>(o1);
-    }
-    y[r * y_ld + ja] = q0;
-    y[r * y_ld + jb] = q1;
-    if (head >= hq) {
-        const bool is_k = head < hq + hk;
-        const int kvh = is_k ? head - hq : head - hq - hk;
-        const int page = kv_indices[kv_indptr[batch_indices[r]] + pos / page_size];
-        const long long at = page * stride_page + (long long)(pos % page_size) * stride_n + kvh * stride_h + i;
-        unsigned short* cache = is_k ? k_cache : v_cache;
-        cache[at] = q0;
-        cache[at + half] = q1;
-    }
+    finish_pair<BF16, BLOCK, EPI>(va, vb, p, r, y, y_ld, pairs, scale, hq, hk, d, rcp_theta, rcp_scale, smooth_a,
+                                  smooth_b, positions, batch_indices, kv_indptr, kv_indices, k_cache, v_cache,
+                                  page_size, stride_page, stride_n, stride_h);
 }
 
 // (one row: at most 80 registers a thread, so that 6 blocks share an SM where 96 left room for 5: on an H100 the
@@ -1562,6 +1585,110 @@ PAIRS8(gemv8_f16_rope_row_1, false, false, 1, 2)
 PAIRS8(gemv8_f16_rope_block_1, false, true, 1, 2)
 PAIRS8(gemv8_f16_rope_row_4, false, false, 4, 2)
 PAIRS8(gemv8_f16_rope_block_4, false, true, 4, 2)
+"""
+    + _FP8_TENSOR_CORES
+    + r"""
+// gemv8_pairs on tensor cores, for 3 rows and more (as gemv8_tc serves them: SM 8.0+, an empty kernel below): a
+// block's 16 mma rows are the two members of 8 pairs, lane (g, t) reading the weights of pair p = 8 blockIdx + g's
+// first column (mma row g) and second (row g + 8), so that its accumulators hold both members of its pair for x rows
+// 2 t and 2 t + 1, and finish_pair runs in the lane. Each column's sum is gemv8_tc's, in gemv8_tc's order (the same
+// chunks per warp for the same warps a block: the caller launches as gemv8_tc would be launched over the weight),
+// each chunk times its own column's block scale. BLOCK needs (16 << shift) a multiple of 128 (the caller checks).
+template <bool BF16, bool BLOCK, int EPI>
+__device__ __forceinline__ void gemv8_tc_pairs(
+        const unsigned short* __restrict__ x, const unsigned char* __restrict__ w, unsigned short* __restrict__ y,
+        int rows, int pairs, int k, long long x_ld, long long y_ld, const float* __restrict__ scale, long long s_ld,
+        int bn, int shift, int hq, int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a,
+        float smooth_b, const int* __restrict__ positions, const int* __restrict__ batch_indices,
+        const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache,
+        unsigned short* __restrict__ v_cache, int page_size, long long stride_page, long long stride_n,
+        long long stride_h) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ float part[8][32][4];
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int stride = warps * 128;
+    const unsigned half = EPI == 2 ? d >> 1 : 1u;
+    const int p = min((int)blockIdx.x * 8 + g, pairs - 1);  // a last partial tile repeats its last pair (not stored)
+    const long long ja = EPI == 1 ? p : (long long)(p / (int)half) * d + p % (int)half;
+    const long long jb = EPI == 1 ? (long long)p + pairs : ja + half;
+    const unsigned char* wa = w + ja * k + 16 * t;
+    const unsigned char* wb = w + jb * k + 16 * t;
+    const unsigned short* xr = x + (long long)min(g, rows - 1) * x_ld + 16 * t;  // B's column g: x's row g
+    const float* sa = BLOCK ? scale + (ja / bn) * s_ld : scale;
+    const float* sb = BLOCK ? scale + (jb / bn) * s_ld : scale;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    uint4 cur[4], nxt[4];
+    int at = warp * 128;
+    if (at < k) tc_load(cur, wa, wb, at, t, k);
+    griddep_wait();  // x is the previous kernel's output; the weights and scales are constants
+    while (at < k) {  // gemv8_tc's loop
+        const int next = at + stride;
+        if (next < k) tc_load(nxt, wa, wb, next, t, k);
+        uint4 xq[4];
+        const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+        const bool lo = g < rows && at + 16 * t + 16 <= k, hi = g < rows && at + 80 + 16 * t <= k;
+        const uint4* xp = reinterpret_cast<const uint4*>(xr + at);
+        xq[0] = lo ? __ldg(xp) : z;
+        xq[1] = lo ? __ldg(xp + 1) : z;
+        xq[2] = hi ? __ldg(xp + 8) : z;
+        xq[3] = hi ? __ldg(xp + 9) : z;
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        tc_chunk<BF16>(cur, xq, c);
+        const float s_a = BLOCK ? __ldg(sa + (at >> (4 + shift))) : 1.f;
+        const float s_b = BLOCK ? __ldg(sb + (at >> (4 + shift))) : 1.f;
+        acc[0] = BLOCK ? fmaf(s_a, c[0], acc[0]) : acc[0] + c[0];
+        acc[1] = BLOCK ? fmaf(s_a, c[1], acc[1]) : acc[1] + c[1];
+        acc[2] = BLOCK ? fmaf(s_b, c[2], acc[2]) : acc[2] + c[2];
+        acc[3] = BLOCK ? fmaf(s_b, c[3], acc[3]) : acc[3] + c[3];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) cur[i] = nxt[i];
+        at = next;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) part[warp][lane][i] = acc[i];
+    __syncthreads();
+    const int pair = (int)blockIdx.x * 8 + g;
+    if (warp != 0 || pair >= pairs) return;
+    // accumulator i: the pair's first column (i < 2) or second, x row 2 t + (i & 1)
+    float v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[i] = 0.f;
+        for (int q = 0; q < warps; ++q) v[i] += part[q][lane][i];
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = 2 * t + h;
+        if (r < rows)
+            finish_pair<BF16, BLOCK, EPI>(v[h], v[2 + h], pair, r, y, y_ld, pairs, scale, hq, hk, d, rcp_theta,
+                                          rcp_scale, smooth_a, smooth_b, positions, batch_indices, kv_indptr,
+                                          kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, stride_h);
+    }
+#endif
+}
+
+#define PAIRS8TC(name, bf16, block, epi)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) name(                                                       \
+            const unsigned short* x, const unsigned char* w, unsigned short* y, int rows, int pairs, int k,         \
+            long long x_ld, long long y_ld, const float* scale, long long s_ld, int bn, int shift, int hq, int hk,   \
+            unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b, const int* positions,     \
+            const int* batch_indices, const int* kv_indptr, const int* kv_indices, unsigned short* k_cache,         \
+            unsigned short* v_cache, int page_size, long long stride_page, long long stride_n, long long stride_h) { \
+        gemv8_tc_pairs<bf16, block, epi>(x, w, y, rows, pairs, k, x_ld, y_ld, scale, s_ld, bn, shift, hq, hk, d,    \
+                                         rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,         \
+                                         kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, \
+                                         stride_h);                                                                 \
+    }
+PAIRS8TC(gemv8tc_bf16_silu_row, true, false, 1)
+PAIRS8TC(gemv8tc_bf16_silu_block, true, true, 1)
+PAIRS8TC(gemv8tc_bf16_rope_row, true, false, 2)
+PAIRS8TC(gemv8tc_bf16_rope_block, true, true, 2)
+PAIRS8TC(gemv8tc_f16_silu_row, false, false, 1)
+PAIRS8TC(gemv8tc_f16_silu_block, false, true, 1)
+PAIRS8TC(gemv8tc_f16_rope_row, false, false, 2)
+PAIRS8TC(gemv8tc_f16_rope_block, false, true, 2)
 """
 )
 

@@ -39,7 +39,7 @@ from .cublas import (
     status_name,
 )
 from .cuda_sources import FUSED_GEMV_SOURCE, GEMV_SOURCE, ROW_KERNELS_SOURCE
-from .fp8_linear import FP8_GEMV_MAX_ROWS, PAIR_MAX_ROWS, PAIR_ROPE, PAIR_SILU, PAIR_THREADS
+from .fp8_linear import FP8_GEMV_MAX_ROWS, PAIR_MAX_ROWS, PAIR_ROPE, PAIR_SILU
 from .values import float32_bits, integer
 
 __all__ = [
@@ -1099,8 +1099,9 @@ class Dense:
             raise ValueError(f"w: the gate/up weight has {fp8.n} rows; the SiLU pairs gate and up rows, an even count")
         self._check_fp8_call(fp8, n, k, ab_type, ab_type)
         out = fp8.n // 2 if epi == PAIR_SILU else n  # y's width
-        fn = None if not self.gemv else self._fp8.pair_fn(epi, ab_type == CUDA_R_16BF, fp8.block is not None, rows)
-        if fn is None:
+        pairs = out // 2 if epi == PAIR_ROPE else out
+        launch = None if not self.gemv else self._fp8.pair_launch(epi, ab_type == CUDA_R_16BF, fp8, rows, pairs)
+        if launch is None:
             raise ValueError(f"w: no FP8 GEMV with {what} epilogue compiled ({self._fp8.fused_error or 'closed'})")
         if rows > 1:
             for name, value, width in (("x_ld", x_ld, k), ("y_ld", y_ld, out)):
@@ -1117,12 +1118,12 @@ class Dense:
             raise ValueError("y: overlaps x (the launch writes y while other blocks still read x)")
         if epi == PAIR_ROPE:
             _caches_apart(rope, [("y", y, span_y), ("x", x, span_x)])
-        pairs = out // 2 if epi == PAIR_ROPE else out
         s_ld, bn, shift, _ = fp8.scale_args
         ints = [x, w, y, rows, pairs, k, x_ld, y_ld, fp8.scales, s_ld, bn, shift, *rope_ints]
         params, values = self._slots(ints)
         name = "fp8 gate/up gemv + silu" if epi == PAIR_SILU else "fp8 qkv gemv + rope + append"
-        return self._prepared(fn, -(-pairs // 2), PAIR_THREADS, 0, params, values, name, pdl=True)
+        fn, grid, threads = launch
+        return self._prepared(fn, grid, threads, 0, params, values, name, pdl=True)
 
     @staticmethod
     def _check_fp8_call(fp8: Any, n: int, k: int, ab_type: int, c_type: int) -> None:

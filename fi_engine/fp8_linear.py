@@ -116,6 +116,9 @@ class Fp8Linears:
         # the decode step's GEMVs with a pairwise epilogue (SiLU, or RoPE + KV append): (epi, bf16, block, R) ->
         # CUfunction, R the rows one launch serves (1 or 4)
         self._pairs: dict[tuple[int, bool, bool, int], int] = {}
+        self._pairs_tc: dict[
+            tuple[int, bool, bool], int
+        ] = {}  # their tensor-core form: (epi, bf16, block) -> CUfunction
         self.fused_error = ""  # why the fused kernels did not compile, if they did not
         self.fused_smem = 0  # the dynamic shared memory (bytes) they may take: the Dense's fused limit less 1 KiB
         self._scratch: Any = None  # the 16-bit weight a GEMM of many rows reads (grown by add, never in a step)
@@ -188,12 +191,17 @@ class Fp8Linears:
                                 self._fused[(mode, bf16, f32, block)] = _function_ptr(kernel)
                     for epi, suffix in ((PAIR_SILU, "silu"), (PAIR_ROPE, "rope")):
                         for block in (False, True):
+                            scales = "block" if block else "row"
                             for r in (1, 4):
-                                name = f"gemv8_{t}_{suffix}_{'block' if block else 'row'}_{r}"
+                                name = f"gemv8_{t}_{suffix}_{scales}_{r}"
                                 self._pairs[(epi, bf16, block, r)] = _function_ptr(fused.get_function(name))
+                            if int(cupy.cuda.Device().compute_capability) >= 80:  # mma.sync (below: empty kernels)
+                                name = f"gemv8tc_{t}_{suffix}_{scales}"
+                                self._pairs_tc[(epi, bf16, block)] = _function_ptr(fused.get_function(name))
                 self._fused_module, self.fused_smem = fused, fused_smem - 1024
             except Exception as exc:
-                self._fused, self._pairs, self.fused_error = {}, {}, f"{type(exc).__name__}: {exc}"
+                self._fused, self._pairs, self._pairs_tc = {}, {}, {}
+                self.fused_error = f"{type(exc).__name__}: {exc}"
         try:  # cvt.e4m3x2 needs SM 8.9+: without it, steps of many rows take the dequantizing path
             quant = cupy.RawModule(code=FP8_QUANT_SOURCE)
             for bf16, t in ((True, "bf16"), (False, "f16")):
@@ -240,6 +248,20 @@ class Fp8Linears:
         :data:`~fi_engine.cuda_sources.FP8_FUSED_SOURCE`) serving ``rows`` rows (1 to :data:`PAIR_MAX_ROWS`), or None
         where it did not compile."""
         return self._pairs.get((epi, bf16, block, 1 if rows == 1 else 4))
+
+    def pair_launch(self, epi: int, bf16: bool, wt: Fp8Weight, rows: int, pairs: int) -> tuple[int, int, int] | None:
+        """``(function, grid, threads)`` of the GEMV with a pairwise epilogue over ``wt`` for ``rows`` rows and
+        ``pairs`` pairs of output columns: on tensor cores from :attr:`tensor_core_rows` rows where they serve the
+        weight (8 pairs a block, as many warps as :meth:`gemv` gives the GEMV over ``wt``, so each column's sums are
+        that GEMV's), else the widening kernel (2 pairs a block, 4 warps); None where neither compiled."""
+        _, _, shift, block = wt.scale_args
+        if rows >= self.tensor_core_rows:
+            tc = self._pairs_tc.get((epi, bf16, bool(block)))
+            if tc is not None and (not block or (16 << shift) % 128 == 0):
+                threads = 256 if -(-wt.n // _TC_COLUMNS) * 4 < 8 * self._sms else 128
+                return tc, -(-pairs // 8), threads
+        fn = self.pair_fn(epi, bf16, bool(block), rows)
+        return None if fn is None else (fn, -(-pairs // 2), PAIR_THREADS)
 
     def gemv(self, rows: int, x: int, x_ld: int, wt: Fp8Weight, y: int, y_ld: int, bf16: bool, f32: bool) -> tuple:
         """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`FP8_GEMV_MAX_ROWS`):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from fi_engine import dense as D
-from fi_engine.fp8_linear import Fp8Weight
+from fi_engine.fp8_linear import Fp8Linears, Fp8Weight
 from fi_ffi.cuda import driver
 
 pytestmark = pytest.mark.cpu_only
@@ -59,9 +59,18 @@ def fake_dense() -> D.Dense:
 
 
 class FakeFp8Linears:
-    """What Dense's FP8 epilogue GEMVs ask of its Fp8Linears: the kernels' handles (fake) and why they are missing."""
+    """What Dense's FP8 epilogue GEMVs ask of its Fp8Linears: the kernels' handles (fake), why they are missing, and
+    the real choice between the widening and the tensor-core form (``Fp8Linears.pair_launch``) on an H100's 132 SMs."""
 
     fused_error = ""
+    tensor_core_rows = Fp8Linears.tensor_core_rows
+    pair_launch = Fp8Linears.pair_launch
+    _sms = 132
+
+    def __init__(self) -> None:
+        self._pairs_tc = {
+            (e, b, blk): 0x6000 + 0x100 * e + 0x10 * b + blk for e in (1, 2) for b in (0, 1) for blk in (0, 1)
+        }
 
     def pair_fn(self, epi: int, bf16: bool, block: bool, rows: int) -> int:
         return 0x5000 + 0x100 * epi + 0x10 * bf16 + 2 * block + (rows == 1)
@@ -439,6 +448,13 @@ def test_the_fp8_epilogue_gemvs_pack_their_pairs_and_scales() -> None:
         16,
         *[r.stride_page, r.stride_n, r.stride_h],
     ]
+    # from 3 rows: the tensor-core form, 8 pairs a block, the warps gemv gives the whole weight (N / 16 = 32 blocks:
+    # 8 warps, as fewer than 8 warps an SM would be left)
+    d.launches.clear()
+    kept = d.prepared_fp8_silu(**{**fp8_silu_call(), "rows": 3})
+    kept()
+    fn, grid, _, _, block = d.launches[0][:5]
+    assert (fn, grid, block) == (0x6000 + 0x100 + 0x10 + 1, N // 2 // 8, 256)
 
 
 @pytest.mark.parametrize(

@@ -313,17 +313,19 @@ def _descriptor(buf: cp.ndarray, shape: tuple[int, ...], ab: int, strides: tuple
     return kernels.descriptor(buf.data.ptr + 2 * at, shape, dtype, cp.cuda.Device().id, strides, owner=buf)
 
 
+@pytest.mark.parametrize("tc_rows", [9, 3], ids=["widening", "tensor-cores-from-3"])
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
 @pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
-def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense, block, ab) -> None:  # type: ignore[no-untyped-def]
+def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense, block, ab, tc_rows) -> None:  # type: ignore[no-untyped-def]
     """``Dense.prepared_fp8_silu`` (the gate/up GEMV of the FP8 decode step with SiLU as its epilogue), 1 to 4 rows,
     against the launches it replaces: the FP8 GEMV into ``[rows, 2 m]``, then FlashInfer's ``silu_and_mul``. Bit for
-    bit: the epilogue's sums are the widening GEMV's (the reference is held to it: ``tensor_core_rows`` 9), rounded
-    as its output, then FlashInfer's arithmetic. A last odd pair of columns (m = 201) and a partial chunk of k."""
+    bit: the epilogue's sums are the GEMV's (the widening one, or on tensor cores from ``tensor_core_rows`` rows in
+    both), rounded as its output, then FlashInfer's arithmetic. A last odd pair of columns (m = 201: a partial tile of
+    the tensor-core form too) and a partial chunk of k."""
     from fi_engine import kernels
     from fi_engine.fp8_linear import Fp8Linears
 
-    monkeypatch.setattr(Fp8Linears, "tensor_core_rows", 9)
+    monkeypatch.setattr(Fp8Linears, "tensor_core_rows", tc_rows)
     rng = np.random.default_rng(21)
     m, k = 201, 1040
     bits, scales, _ = random_weight(rng, 2 * m, k, block)
@@ -347,19 +349,21 @@ def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense,
         assert (got[:, m].get() == 7).all(), f"rows={rows}: a column past y was written"
 
 
+@pytest.mark.parametrize("tc_rows", [9, 3], ids=["widening", "tensor-cores-from-3"])
 @pytest.mark.parametrize("llama3", [False, True], ids=["rope", "llama31"])
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
-def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(monkeypatch, dense, block, llama3) -> None:  # type: ignore[no-untyped-def]
+def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(monkeypatch, dense, block, llama3, tc_rows) -> None:  # type: ignore[no-untyped-def]
     """``Dense.prepared_fp8_qkv_rope`` (the QKV GEMV of the FP8 decode step with FlashInfer's RoPE, plain or Llama
     3.1, and the KV append as its epilogue), bfloat16, head dim 128, 1 to 4 rows at positions up to 300 on shuffled
-    pages, against the FP8 GEMV into qkv (the widening one, whose sums the epilogue shares), then
-    ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through fi_ffi: qkv and both caches bit for bit."""
+    pages, against the FP8 GEMV into qkv (the widening one, or on tensor cores from ``tensor_core_rows`` rows in both:
+    the epilogue shares its sums), then ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through fi_ffi:
+    qkv and both caches bit for bit."""
     from fi_engine import kernels
     from fi_engine.config import RopeConfig
     from fi_engine.dense import RopeAppend
     from fi_engine.fp8_linear import Fp8Linears
 
-    monkeypatch.setattr(Fp8Linears, "tensor_core_rows", 9)
+    monkeypatch.setattr(Fp8Linears, "tensor_core_rows", tc_rows)
     rng = np.random.default_rng(31 + llama3)
     ab, d, hq, hk, k, ps, pages = CUDA_R_16BF, 128, 4, 2, 512, 16, 40
     n = (hq + 2 * hk) * d

@@ -128,18 +128,18 @@ def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, step, w8
         check_eager_matches_graph(ref, ps, results[False].tokens, results[True].tokens, tol)
 
 
-def compare_epilogue_step(path, monkeypatch, **engine_kw) -> None:  # type: ignore[no-untyped-def]
-    """One row's greedy decode with the FP8 epilogue step and with the separate launches: the same tokens, and every
-    step's logits within 1e-3 of their largest magnitude (only the LM head may sum in another order: the fused GEMV
-    against the separate path's GEMV or cuBLASLt); the bitwise share printed."""
+def compare_epilogue_step(path, monkeypatch, lens=(11,), **engine_kw) -> None:  # type: ignore[no-untyped-def]
+    """Greedy decode (prompts of ``lens`` tokens) with the FP8 epilogue step and with the separate launches: the same
+    tokens, and every step's logits within 1e-3 of their largest magnitude (only the LM head may sum in another
+    order: the fused GEMV against the separate path's GEMV or cuBLASLt); the bitwise share printed."""
     from fi_engine.dense import Dense
 
-    ps = prompts((11,), VOCAB)
+    ps = prompts(lens, VOCAB)
     runs = {}
     for epilogues in (True, False):
         monkeypatch.setattr(Dense, "fp8_epilogues", epilogues)
-        with LlamaEngine(path, max_batch=1, page_size=16, **engine_kw) as engine:
-            assert engine._fuses(1) == epilogues
+        with LlamaEngine(path, max_batch=len(ps), page_size=16, **engine_kw) as engine:
+            assert engine._fuses(len(ps)) == epilogues
             original, logits = engine._pick, []
 
             def pick(v, rows, sampling, logits=logits, original=original, engine=engine):  # type: ignore[no-untyped-def]
@@ -147,7 +147,7 @@ def compare_epilogue_step(path, monkeypatch, **engine_kw) -> None:  # type: igno
                 original(v, rows, sampling)
 
             engine._pick = pick
-            runs[epilogues] = (engine.generate(ps, [20], eos_token_ids=()).tokens, logits)
+            runs[epilogues] = (engine.generate(ps, [20] * len(ps), eos_token_ids=()).tokens, logits)
     assert runs[True][0] == runs[False][0]
     assert len(runs[True][1]) == len(runs[False][1]) >= 20  # the prefill's and the decode steps'
     equal = 0
