@@ -651,6 +651,53 @@ __device__ __forceinline__ void pair_vec(uint4 u0, uint4 u1, const uint4* sx, in
     }
 }
 
+// RoPE's frequency of element i of a head of d (and of i + d / 2: FlashInfer indexes it by e % (d / 2)), with
+// FlashInfer's expressions (the host computes rcp_theta, rcp_scale, smooth_a and smooth_b as its launcher does):
+// explicit fmas where the compiler could contract either product, FlashInfer's build fusing the first
+__device__ __forceinline__ float rope_freq(unsigned i, unsigned d, float rcp_theta, float rcp_scale, float smooth_a,
+                                           float smooth_b) {
+    const unsigned half = d >> 1;
+    float freq = __powf(rcp_theta, float(2 * (i % half)) / float(d));
+    float smooth = freq * smooth_a + smooth_b;
+    smooth = max(0.0f, min(1.0f, smooth));
+    return __fmaf_rn(1 - smooth, freq * rcp_scale, smooth * freq);
+}
+
+// A QKV GEMV's epilogue for row r of one pair of its rounded outputs (q0, q1: columns j0 = head d + i and j0 + d /
+// 2): a q or k head rotated at the row's position (FlashInfer's rotation, written as its kernel writes it, in
+// float32 from the rounded values, rounded again), stored back into y, and a k or v head also written into page
+// kv_indices[kv_indptr[batch_indices[r]] + pos / page_size] of its cache (strides in elements)
+template <bool BF16>
+__device__ __forceinline__ void rope_store_append(
+        unsigned short q0, unsigned short q1, int head, unsigned i, float freq, int r, unsigned short* __restrict__ y,
+        long long y_ld, long long j0, int hq, int hk, unsigned d, const int* __restrict__ positions,
+        const int* __restrict__ batch_indices, const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices,
+        unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache, int page_size,
+        long long stride_page, long long stride_n, long long stride_h) {
+    const unsigned half = d >> 1;
+    const int pos = positions[r];
+    if (head < hq + hk) {
+        float sn, cs;
+        __sincosf(float(pos) * freq, &sn, &cs);
+        const float x0 = tof<BF16>(q0), x1 = tof<BF16>(q1);
+        const float o0 = __fmaf_rn(x0, cs, -x1 * sn);
+        const float o1 = __fmaf_rn(x1, cs, x0 * sn);
+        q0 = fromf<BF16>(o0);
+        q1 = fromf<BF16>(o1);
+    }
+    y[r * y_ld + j0] = q0;
+    y[r * y_ld + j0 + half] = q1;
+    if (head >= hq) {
+        const bool is_k = head < hq + hk;
+        const int kvh = is_k ? head - hq : head - hq - hk;
+        const int page = kv_indices[kv_indptr[batch_indices[r]] + pos / page_size];
+        const long long at = page * stride_page + (long long)(pos % page_size) * stride_n + kvh * stride_h + i;
+        unsigned short* cache = is_k ? k_cache : v_cache;
+        cache[at] = q0;
+        cache[at + half] = q1;
+    }
+}
+
 // The fused QKV GEMV of a decode step with FlashInfer's apply_rope_pos_ids (in place, non-interleaved, all of d
 // rotated) and append_paged_kv_cache (NHD) as its epilogue: y = qkv [rows, (hq + 2 hk) d], 16-bit. Each warp
 // computes the columns i and i + d/2 of one head (each column's sum exactly as gemv_fused's), rounds them as the
@@ -731,37 +778,13 @@ __device__ __forceinline__ void gemv_rope_append(
                 a1[r] += __shfl_xor_sync(0xffffffffu, a1[r], off);
             }
         if (lane != 0) continue;
-        // element i's frequency (i + d/2 has the same: FlashInfer indexes it by e % (d / 2))
-        float freq = __powf(rcp_theta, float(2 * (i % half)) / float(d));
-        float smooth = freq * smooth_a + smooth_b;
-        smooth = max(0.0f, min(1.0f, smooth));
-        // explicit fmas where the compiler could contract either product: FlashInfer's build fuses the first
-        freq = __fmaf_rn(1 - smooth, freq * rcp_scale, smooth * freq);
+        const float freq = rope_freq(i, d, rcp_theta, rcp_scale, smooth_a, smooth_b);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             if (r >= rows) break;
-            unsigned short q0 = fromf<BF16>(a0[r]), q1 = fromf<BF16>(a1[r]);
-            const int pos = positions[r];
-            if (head < hq + hk) {
-                float sn, cs;
-                __sincosf(float(pos) * freq, &sn, &cs);
-                const float x0 = tof<BF16>(q0), x1 = tof<BF16>(q1);
-                const float o0 = __fmaf_rn(x0, cs, -x1 * sn);
-                const float o1 = __fmaf_rn(x1, cs, x0 * sn);
-                q0 = fromf<BF16>(o0);
-                q1 = fromf<BF16>(o1);
-            }
-            y[r * y_ld + j0] = q0;
-            y[r * y_ld + j1] = q1;
-            if (head >= hq) {
-                const bool is_k = head < hq + hk;
-                const int kvh = is_k ? head - hq : head - hq - hk;
-                const int page = kv_indices[kv_indptr[batch_indices[r]] + pos / page_size];
-                const long long at = page * stride_page + (long long)(pos % page_size) * stride_n + kvh * stride_h + i;
-                unsigned short* cache = is_k ? k_cache : v_cache;
-                cache[at] = q0;
-                cache[at + half] = q1;
-            }
+            rope_store_append<BF16>(fromf<BF16>(a0[r]), fromf<BF16>(a1[r]), head, i, freq, r, y, y_ld, j0, hq, hk, d,
+                                    positions, batch_indices, kv_indptr, kv_indices, k_cache, v_cache, page_size,
+                                    stride_page, stride_n, stride_h);
         }
     }
 }
@@ -1419,37 +1442,15 @@ __device__ __forceinline__ void finish_pair(
         va *= __ldg(scale + ja);
         vb *= __ldg(scale + jb);
     }
-    unsigned short q0 = fromf<BF16>(va), q1 = fromf<BF16>(vb);
+    const unsigned short q0 = fromf<BF16>(va), q1 = fromf<BF16>(vb);
     if (EPI == 1) {
         const float g = tof<BF16>(q0);
         y[r * y_ld + p] = fromf<BF16>(g / (1.0f + __expf(-g)) * tof<BF16>(q1));
         return;
     }
-    const int pos = positions[r];
-    if (head < hq + hk) {  // gemv_rope_append's rotation, its expressions as written there
-        float freq = __powf(rcp_theta, float(2 * (i % half)) / float(d));
-        float smooth = freq * smooth_a + smooth_b;
-        smooth = max(0.0f, min(1.0f, smooth));
-        freq = __fmaf_rn(1 - smooth, freq * rcp_scale, smooth * freq);
-        float sn, cs;
-        __sincosf(float(pos) * freq, &sn, &cs);
-        const float x0 = tof<BF16>(q0), x1 = tof<BF16>(q1);
-        const float o0 = __fmaf_rn(x0, cs, -x1 * sn);
-        const float o1 = __fmaf_rn(x1, cs, x0 * sn);
-        q0 = fromf<BF16>(o0);
-        q1 = fromf<BF16>(o1);
-    }
-    y[r * y_ld + ja] = q0;
-    y[r * y_ld + jb] = q1;
-    if (head >= hq) {
-        const bool is_k = head < hq + hk;
-        const int kvh = is_k ? head - hq : head - hq - hk;
-        const int page = kv_indices[kv_indptr[batch_indices[r]] + pos / page_size];
-        const long long at = page * stride_page + (long long)(pos % page_size) * stride_n + kvh * stride_h + i;
-        unsigned short* cache = is_k ? k_cache : v_cache;
-        cache[at] = q0;
-        cache[at + half] = q1;
-    }
+    rope_store_append<BF16>(q0, q1, head, i, rope_freq(i, d, rcp_theta, rcp_scale, smooth_a, smooth_b), r, y, y_ld,
+                            ja, hq, hk, d, positions, batch_indices, kv_indptr, kv_indices, k_cache, v_cache,
+                            page_size, stride_page, stride_n, stride_h);
 }
 
 // The FP8 GEMV of a decode step whose outputs pair up in an epilogue, so that the launch after it goes away. A

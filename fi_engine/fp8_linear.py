@@ -116,9 +116,8 @@ class Fp8Linears:
         # the decode step's GEMVs with a pairwise epilogue (SiLU, or RoPE + KV append): (epi, bf16, block, R) ->
         # CUfunction, R the rows one launch serves (1 or 4)
         self._pairs: dict[tuple[int, bool, bool, int], int] = {}
-        self._pairs_tc: dict[
-            tuple[int, bool, bool], int
-        ] = {}  # their tensor-core form: (epi, bf16, block) -> CUfunction
+        # their tensor-core form: (epi, bf16, block) -> CUfunction
+        self._pairs_tc: dict[tuple[int, bool, bool], int] = {}
         self.fused_error = ""  # why the fused kernels did not compile, if they did not
         self.fused_smem = 0  # the dynamic shared memory (bytes) they may take: the Dense's fused limit less 1 KiB
         self._scratch: Any = None  # the 16-bit weight a GEMM of many rows reads (grown by add, never in a step)
@@ -177,6 +176,9 @@ class Fp8Linears:
             return
         import cupy
 
+        device = cupy.cuda.Device()
+        self._sms = int(device.attributes.get("MultiProcessorCount", 132))
+        tensor_cores = int(device.compute_capability) >= 80  # mma.sync over 16-bit pairs (below: empty kernels)
         if fused_smem:  # a failure leaves the fused decode step off for FP8 weights, the plain GEMV on
             try:
                 fused = cupy.RawModule(code=FP8_FUSED_SOURCE, options=("--use_fast_math",))
@@ -195,7 +197,7 @@ class Fp8Linears:
                             for r in (1, 4):
                                 name = f"gemv8_{t}_{suffix}_{scales}_{r}"
                                 self._pairs[(epi, bf16, block, r)] = _function_ptr(fused.get_function(name))
-                            if int(cupy.cuda.Device().compute_capability) >= 80:  # mma.sync (below: empty kernels)
+                            if tensor_cores:
                                 name = f"gemv8tc_{t}_{suffix}_{scales}"
                                 self._pairs_tc[(epi, bf16, block)] = _function_ptr(fused.get_function(name))
                 self._fused_module, self.fused_smem = fused, fused_smem - 1024
@@ -219,9 +221,7 @@ class Fp8Linears:
                         name = f"gemv8_{t}_{'f32' if f32 else t}_{'block' if block else 'row'}_{r}"
                         self._gemv[(bf16, f32, block, r)] = _function_ptr(module.get_function(name))
             self._dequant[bf16] = _function_ptr(module.get_function(f"dequant_e4m3_{t}"))
-        device = cupy.cuda.Device()
-        self._sms = int(device.attributes.get("MultiProcessorCount", 132))
-        if int(device.compute_capability) >= 80:  # mma.sync over 16-bit pairs (below: the kernels are empty)
+        if tensor_cores:
             for bf16 in (True, False):
                 t = "bf16" if bf16 else "f16"
                 for f32 in (False, True):
@@ -258,10 +258,15 @@ class Fp8Linears:
         if rows >= self.tensor_core_rows:
             tc = self._pairs_tc.get((epi, bf16, bool(block)))
             if tc is not None and (not block or (16 << shift) % 128 == 0):
-                threads = 256 if -(-wt.n // _TC_COLUMNS) * 4 < 8 * self._sms else 128
-                return tc, -(-pairs // 8), threads
+                return tc, -(-pairs // 8), self._tc_threads(wt)
         fn = self.pair_fn(epi, bf16, bool(block), rows)
         return None if fn is None else (fn, -(-pairs // 2), PAIR_THREADS)
+
+    def _tc_threads(self, wt: Fp8Weight) -> int:
+        """The threads a block of the tensor-core GEMV over ``wt`` (16 columns a block; the pairwise form takes the
+        same, so that its sums are that GEMV's): 8 warps where 4 would leave fewer than 8 warps an SM (the 8B shape's
+        o and down: 256 blocks), else 4 (measured on an H100: each the faster there)."""
+        return 256 if -(-wt.n // _TC_COLUMNS) * 4 < 8 * self._sms else 128
 
     def gemv(self, rows: int, x: int, x_ld: int, wt: Fp8Weight, y: int, y_ld: int, bf16: bool, f32: bool) -> tuple:
         """The packed GEMV launch of ``y[:rows] = x[:rows] @ dequant(wt).T`` (rows <= :data:`FP8_GEMV_MAX_ROWS`):
@@ -276,10 +281,7 @@ class Fp8Linears:
             s_ld, bn, shift, block = wt.scale_args
             tc = self._tc.get((bf16, f32, bool(block))) if rows >= self.tensor_core_rows else None
             if tc is not None and (not block or (bn % _TC_COLUMNS == 0 and (16 << shift) % 128 == 0)):
-                # 16 columns a block; 8 warps where 4 would leave fewer than 8 warps an SM (the 8B shape's o and
-                # down: 256 blocks), else 4 (measured on an H100: each the faster there)
-                fn, grid = tc, -(-wt.n // _TC_COLUMNS)
-                threads = 256 if grid * 4 < 8 * self._sms else 128
+                fn, grid, threads = tc, -(-wt.n // _TC_COLUMNS), self._tc_threads(wt)
             else:
                 fn = self._gemv[(bf16, f32, bool(block), 1 if rows == 1 else 2 if rows == 2 else 4 if rows <= 4 else 8)]
                 grid, threads = (wt.n + _COLS - 1) // _COLS, _THREADS

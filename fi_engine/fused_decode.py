@@ -144,7 +144,6 @@ class FusedDecode(EngineState):
         layer (the launches before the attention run, those after it), and the LM head. Each is checked when
         packed (pointer rules, alignment); every operand is an engine buffer or weight, which never moves, and the
         result is kept in the view's ``prepared`` (keyed by a value: the view is made once per step shape)."""
-        from fi_ffi import prepare, qk_rmsnorm
 
         from .dense import ADD_NORM, NORM, SILU
 
@@ -178,18 +177,7 @@ class FusedDecode(EngineState):
             if i:
                 cur, other = other, cur
             if not in_gemv:
-                if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE (packed as _add_norm packs its norm)
-                    before.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], eps, out=v.q, stream=s))
-                    before.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], eps, out=v.k, stream=s))
-                # RoPE and the append as _forward calls them, packed once (fi_ffi.prepare): the step writes its
-                # positions and page table into the view's index arrays, which the kernels read at each launch
-                before.append(kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s))
-                if fp8 is not None:
-                    before.append(fp8.prepared_append(v, rows, i))
-                else:
-                    append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
-                    index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
-                    before.append(kernels.prepared_append_kv(*append, *index, s))
+                before += self._separate_rope_append(v, rows, i)
             scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
             after = [] if scale is None else [scale]
             after.append(dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab))
@@ -241,7 +229,7 @@ class FusedDecode(EngineState):
         is FP8 or a weight is 16-bit, that part runs as separate launches. The LM head takes the last norm as its
         prologue. The FP8 GEMVs over normalized rows read them whole, so each norm runs once, not once per block as
         a prologue would (the FP8 weights' shorter GEMVs pay that more than 16-bit ones: ``Dense.fp8_fused``)."""
-        from fi_ffi import prepare, qk_rmsnorm, rmsnorm, silu_and_mul
+        from fi_ffi import prepare, rmsnorm, silu_and_mul
 
         from .dense import ADD_NORM, NORM
 
@@ -264,16 +252,7 @@ class FusedDecode(EngineState):
                 before.append(dense.prepared_fp8_qkv_rope(rows, x, h, self._wqkv[i], h, qkv, w, ab, rope))
             else:
                 before.append(dense.prepared_linear(rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab))
-                if c.qk_norm:
-                    before.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], eps, out=v.q, stream=s))
-                    before.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], eps, out=v.k, stream=s))
-                before.append(kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s))
-                if fp8 is not None:
-                    before.append(fp8.prepared_append(v, rows, i))
-                else:
-                    append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
-                    index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
-                    before.append(kernels.prepared_append_kv(*append, *index, s))
+                before += self._separate_rope_append(v, rows, i)
             scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
             after = [] if scale is None else [scale]
             after.append(dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab))
@@ -290,6 +269,27 @@ class FusedDecode(EngineState):
         mode = ADD_NORM if c.num_layers else NORM
         head = dense.prepared_fused(mode, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, ln, 0, eps)
         return embed, layers, head
+
+    def _separate_rope_append(self, v: SimpleNamespace, rows: int, i: int) -> list[Any]:
+        """Layer ``i``'s launches between its QKV GEMV and the attention where no epilogue takes them, packed once as
+        ``_forward`` calls them (``fi_ffi.prepare``: the step writes its positions and page table into the view's
+        index arrays, which the kernels read at each launch): Qwen3's per-head q and k norms, RoPE, and the KV
+        append (the quantizing one into an FP8 cache)."""
+        from fi_ffi import prepare, qk_rmsnorm
+
+        c, s, eps, fp8 = self.config, self._s, self.config.rms_norm_eps, self._kv_fp8
+        calls = []
+        if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE
+            calls.append(prepare(qk_rmsnorm, v.q, self._q_norm[i], eps, out=v.q, stream=s))
+            calls.append(prepare(qk_rmsnorm, v.k, self._k_norm[i], eps, out=v.k, stream=s))
+        calls.append(kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s))
+        if fp8 is not None:
+            calls.append(fp8.prepared_append(v, rows, i))
+        else:
+            append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
+            index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
+            calls.append(kernels.prepared_append_kv(*append, *index, s))
+        return calls
 
     def _rope_append(self, i: int, v: SimpleNamespace) -> Any:
         """The RoPE settings, this step's index arrays and layer ``i``'s caches as the QKV GEMV's epilogue takes

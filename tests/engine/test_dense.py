@@ -65,6 +65,7 @@ class FakeFp8Linears:
     fused_error = ""
     tensor_core_rows = Fp8Linears.tensor_core_rows
     pair_launch = Fp8Linears.pair_launch
+    _tc_threads = Fp8Linears._tc_threads
     _sms = 132
 
     def __init__(self) -> None:

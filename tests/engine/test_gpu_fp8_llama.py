@@ -48,17 +48,17 @@ pytestmark = pytest.mark.gpu
 
 VOCAB = 32000
 TOL = LOGIT_TOL["bfloat16"]
+SHAPE = dict(  # the random checkpoints' shapes (a Llama's, a Qwen3's)
+    vocab_size=VOCAB, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+    num_key_value_heads=4, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1,
+    eos_token_id=2,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def bf16_model(tmp_path_factory):  # type: ignore[no-untyped-def]
     path = tmp_path_factory.mktemp("bf16")
-    kw = dict(
-        vocab_size=VOCAB, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
-        num_key_value_heads=4, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    kw.update(rope_kwargs(transformers.LlamaConfig, 500000.0, None))
+    kw = {**SHAPE, "rms_norm_eps": 1e-5, **rope_kwargs(transformers.LlamaConfig, 500000.0, None)}
     return path, save_random(path, "LlamaConfig", "LlamaForCausalLM", "bfloat16", kw)
 
 
@@ -172,12 +172,7 @@ def test_the_epilogue_step_with_an_fp8_kv_cache(bf16_model, tmp_path, monkeypatc
 def test_the_epilogue_step_of_qwen3(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Qwen3's per-head q/k norms come between the QKV GEMV and RoPE, so those stay separate launches in the epilogue
     step (128x128-block FP8 weights of a random Qwen3)."""
-    kw = dict(
-        vocab_size=VOCAB, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
-        num_key_value_heads=4, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    kw.update(rope_kwargs(transformers.Qwen3Config, 1000000.0, None))
+    kw = {**SHAPE, "rms_norm_eps": 1e-6, **rope_kwargs(transformers.Qwen3Config, 1000000.0, None)}
     save_random(tmp_path / "bf16", "Qwen3Config", "Qwen3ForCausalLM", "bfloat16", kw)
     write_fp8_copy(tmp_path / "bf16", tmp_path / "fp8", "block")
     compare_epilogue_step(tmp_path / "fp8", monkeypatch)
