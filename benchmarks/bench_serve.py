@@ -26,16 +26,16 @@ end-to-end tokens/s (prefill included).
 ``compare``: ``engine``, then on the same engine the ideal server's load on its step API (``churn``: the second load
 below with no HTTP, each request that ends replaced at once; with each decode step waited for in its ``step()``, and
 with ``overlap_steps`` as the server runs it); then (the engine freed) ``fi-engine serve --model DIR --max-batch B``
-started as a subprocess, ``http`` with ``--clients B`` against it once to warm up (``4B`` requests: the prefill
-graphs of the shapes the loads meet captured, as in a server that has run a while), then twice -- ``--requests B``
-(one wave: the engine's own workload) and ``--requests WB`` (``--waves W``, 4 by default: each client sending its
-next request when one ends, so the front ends' turnaround between a request's end and the next one's first token
-costs slot time) -- and the ratio of the server's tokens/s to the engine's end-to-end tokens/s (issue 33's goal:
-within 10 %). ``--api-servers N`` serves with N front-end processes (``fi-engine serve --api-servers N``). Each load
-also reports the server's own mean time to first token (its ``/metrics``: from a request's arrival in a front end to
-its first token), which splits the clients' TTFT between the server and the HTTP path and clients around it.
-``--client``: the load generator's HTTP library, aiohttp where installed (as vLLM's serving benchmark; its C parser
-costs the clients less than half the CPU httpx does), else httpx.
+started as a subprocess, ``http`` with ``--clients B`` against it once to warm up (``WB`` requests, at least ``4B``: the
+prefill graphs of the shapes the loads meet captured, as in a server that has run a while), then twice -- ``--requests
+B`` (one wave: the engine's own workload) and ``--requests WB`` (``--waves W``, 4 by default: each client sending its
+next request when one ends, so the front ends' turnaround between a request's end and the next one's first token costs
+slot time) -- and the ratio of the server's tokens/s to the engine's end-to-end tokens/s (issue 33's goal: within 10 %).
+``--api-servers N`` serves with N front-end processes (``fi-engine serve --api-servers N``). Each load also reports the
+server's own mean time to first token (its ``/metrics``: from a request's arrival in a front end to its first token),
+which splits the clients' TTFT between the server and the HTTP path and clients around it. ``--client``: the load
+generator's HTTP library, aiohttp where installed (as vLLM's serving benchmark; its C parser costs the clients less than
+half the CPU httpx does), else httpx.
 
 ``standin``: the front end's limit without a GPU. A stand-in engine (the tests' ``FakeStepEngine``) whose every
 step takes ``--step-ms`` in all (it sleeps what its own work leaves) and gives one token per row: its own
@@ -57,6 +57,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,10 +156,15 @@ async def run_http(
     vocab: tuple[int, int] = (100, 10000),
     seed: int = 0,
     library: str = "auto",
+    ready: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     """``requests`` streamed completions over ``clients`` concurrent connections of ``library`` (aiohttp, httpx or
     auto: :func:`client_library`); the row of measurements (with the raw latencies, ``_ttft`` / ``_itl``, and the
-    wall clock's ``_t0`` / ``_t1``, for merging processes)."""
+    wall clock's ``_t0`` / ``_t1``, for merging processes). ``ready`` is called once everything but the load is set
+    up (libraries imported, prompts made, the model's name asked for, the session open) and the clock starts when it
+    returns: :func:`run_http_procs` waits there for every process, so that the wall time it merges covers the load
+    alone, not one process's set-up while the others already load the server."""
+    entered = time.perf_counter()
     import httpx
 
     library = client_library(library)
@@ -196,6 +202,9 @@ async def run_http(
                 }
                 results.append(await one_request(client, url, body))
 
+        setup_s = time.perf_counter() - entered
+        if ready is not None:
+            ready()
         t0, wall_t0, cpu0 = time.perf_counter(), time.time(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - t0
@@ -227,12 +236,15 @@ async def run_http(
         "_itl": itl,
         "_t0": wall_t0,
         "_t1": wall_t0 + wall,
+        "_setup_s": setup_s,
     }
 
 
 def _http_process(job: tuple[Any, ...], barrier: Any, out: Any) -> None:
-    barrier.wait()  # every process starts its clients at once
-    out.put(asyncio.run(run_http(*job)))
+    # every process starts its clients at once, each once its own set-up is done: a process that imports its HTTP
+    # library and asks for the model's name after the others started would add its set-up to the merged wall time
+    # (with the server part-loaded meanwhile)
+    out.put(asyncio.run(run_http(*job, ready=barrier.wait)))
 
 
 def run_http_procs(
@@ -271,6 +283,10 @@ def run_http_procs(
     tokens = sum(r["tokens"] for r in parts)
     row = dict(parts[0], clients=clients, requests=requests, procs=procs, wall_s=wall, tokens=tokens)
     row["client_cpu_s"] = sum(r["client_cpu_s"] for r in parts)
+    # how far apart the processes' set-ups ended: what the merged wall time would include had each started its load
+    # as soon as its own set-up was done
+    setups = [r["_setup_s"] for r in parts]
+    row["client_setup_ms"] = (1e3 * min(setups), 1e3 * max(setups))
     row.update(
         failed=sum(r["failed"] for r in parts),
         first_error=next((r["first_error"] for r in parts if r["first_error"]), None),
@@ -425,10 +441,12 @@ def measure_server(command: list[str], args: argparse.Namespace, vocab: tuple[in
     proc = subprocess.Popen(command)
     try:
         wait_healthy(url, proc)
-        # a warm-up load as the measured ones, so that the engine has captured the prefill graphs of the shapes
-        # they meet (the first prefill of a new (token rows, requests) shape costs ~40 ms on an H100 for
-        # SmolLM2, a replay 2-14 ms): what a server that has run a while has
-        run_http_procs(url, args.batch, 4 * args.batch, args.prompt_len, args.max_tokens, None, args.procs, vocab)
+        # a warm-up load as the measured ones (as long as the longer one), so that the engine has captured the
+        # prefill graphs of the shapes they meet (the first prefill of a new (token rows, requests) shape costs a
+        # capture, 20-70 ms on an H100 for SmolLM2, where a replay takes 2-14 ms): what a server that has run a
+        # while has. A warm-up of 4 waves had left 4 captures (~95 ms) inside a measured 16-wave load (session 10)
+        warm = max(args.waves, 4) * args.batch
+        run_http_procs(url, args.batch, warm, args.prompt_len, args.max_tokens, None, args.procs, vocab)
         # one wave (the engine's own run: `batch` requests at once) and four (each client sends its next request
         # when one ends: arrivals spread, so prefills interleave with decode steps and the last wave tails off)
         rows = []
@@ -612,6 +630,11 @@ def table(rows: list[dict[str, Any]]) -> str:
                 + (
                     f"; the load generator used {r['client_cpu_s'] / r['wall_s']:.2f} CPU cores"
                     if "client_cpu_s" in r
+                    else ""
+                )
+                + (
+                    "; its processes' set-up {:.0f}-{:.0f} ms (not timed)".format(*r["client_setup_ms"])
+                    if "client_setup_ms" in r
                     else ""
                 )
             )
