@@ -314,8 +314,13 @@ class EngineProcess:
 
     def step(self) -> list[StepOutput]:
         """The outputs of every step the child ran since the last call (waiting for the next one when none has
-        come yet and a request is unfinished)."""
+        come yet and a request is unfinished, unless :meth:`wake` is called meanwhile)."""
         return self._first().step()
+
+    def wake(self) -> None:
+        """Make a :meth:`step` waiting in another thread return now (:meth:`EngineClient.wake`)."""
+        if not self._closed and self._clients:
+            self._clients[0].wake()
 
     def _first(self) -> EngineClient:
         self._check_open()

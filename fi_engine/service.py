@@ -11,7 +11,9 @@ Threads. The engine (a CUDA context, its buffers and scheduler) is not thread-sa
 service's, ever calls it: callers' :meth:`GenerationService.submit` and :meth:`RequestStream.cancel` only queue
 work under a lock and wake that thread, which at each turn of its loop adds the new requests, aborts the
 cancelled ones, runs one :meth:`~fi_engine.stepping.StepEngine.step` and delivers what it produced. Every
-connected caller's requests are therefore batched together (the engine's continuous batching).
+connected caller's requests are therefore batched together (the engine's continuous batching). An engine whose
+``step()`` waits for another process's outputs (an :class:`~fi_engine.engine_client.EngineClient`) has a
+``wake()`` method, which they call too, so new work does not wait for that step's outputs.
 
 Text. Each request's tokens go through its own :class:`~fi_engine.detokenize.IncrementalDetokenizer` in the
 engine thread (no delta ends inside a UTF-8 character); a stop string ends the request at once (the engine
@@ -401,6 +403,9 @@ class GenerationService:
             what = type(shared_queue).__name__
             raise TypeError(f"shared_queue: expected a fi_engine.shared_queue.SharedQueue or None, got {what}")
         self.engine = engine
+        # an engine whose step() waits for outputs (an engine process's client) wakes it for new work this way;
+        # an engine that steps in this thread needs none
+        self._wake_engine: Callable[[], object] | None = getattr(engine, "wake", None)
         self.codec = codec
         self._shared_queue = shared_queue
         self.max_batch = max_batch
@@ -538,6 +543,7 @@ class GenerationService:
             for stream, limit, sampling in zip(streams, limits, samplings, strict=True):
                 self._inbox.append(_Submission(stream, limit, sampling, eos))
             self._wakeup.notify()
+        self._wake_step()
         return streams
 
     def close(self, timeout: float = 30.0) -> None:
@@ -550,6 +556,7 @@ class GenerationService:
                 self._closing = True
                 self._close_deadline = time.monotonic() + timeout
             self._wakeup.notify()
+        self._wake_step()
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -565,6 +572,13 @@ class GenerationService:
                 return
             self._cancels.append(stream)
             self._wakeup.notify()
+        self._wake_step()
+
+    def _wake_step(self) -> None:
+        """Wake the engine thread where it waits in the engine's ``step()`` (not on this service's condition), so
+        that new requests and cancellations reach the engine at once, not after its next output."""
+        if self._wake_engine is not None:
+            self._wake_engine()
 
     def _closed_reason(self) -> str:
         if self.error is not None:

@@ -56,6 +56,10 @@ class StepEngine(Protocol):
 
     Each request carries its own :class:`~fi_engine.sampling_params.SamplingParams` and end-of-sequence ids
     (None: the checkpoint's).
+
+    An engine whose :meth:`step` may wait for outputs computed elsewhere (an engine process's
+    :class:`~fi_engine.engine_client.EngineClient`) may also have ``wake()``: thread-safe, it makes a waiting
+    ``step()`` return at once, and :class:`~fi_engine.service.GenerationService` calls it when it queues new work.
     """
 
     max_batch: int

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+import threading
 import time
 
 import pytest
@@ -156,3 +157,53 @@ def test_clients_are_named_and_handed_over_before_use() -> None:
         rid = engine.add_request([2], 2)  # connection 0 (the engine process's own methods) still serves
         assert drain(engine, {}) == {rid: (expected_tokens([2], 2, list(range(VOCAB))), ["length"])}
     assert not engine.alive
+
+
+def test_wake_returns_a_step_that_waits_for_outputs() -> None:
+    # one slot, held by client 0's long request: client 1's queued request gives no output for as long as that runs,
+    # so client 1's step() waits, until another thread wakes it
+    with EngineProcess(FAKE, VOCAB, max_batch=1, max_seq_len=10**7, step_delay_s=0.005, clients=2) as engine:
+        holder, waiter = engine.client(0), engine.client(1)
+        held = holder.add_request([1, 2], 10**6)
+        assert any(o.rid == held for o in holder.step())  # running
+        waiter.add_request([3, 4], 5)
+        returned: list[object] = []
+        thread = threading.Thread(target=lambda: returned.append(waiter.step()))
+        thread.start()
+        thread.join(0.3)
+        assert thread.is_alive() and not returned  # waiting: nothing for client 1 yet
+        woken_at = time.monotonic()
+        waiter.wake()
+        thread.join(WAIT)
+        assert returned == [[]] and time.monotonic() - woken_at < 2.0  # back at once, with nothing
+        assert waiter.has_unfinished  # its request still queued
+        waiter.wake()  # a wake with no step waiting: the next step returns at once too, then steps wait again
+        assert waiter.step() == []
+        holder.abort_request(held)  # the slot frees: client 1's request now runs to its end
+        got = drain(waiter, {})
+        assert [finishes for _, finishes in got.values()] == [["length"]]
+        waiter.close()
+        waiter.wake()  # after close: nothing happens (no descriptor written to)
+
+
+def test_a_service_waiting_on_a_queued_request_takes_a_cancel_at_once() -> None:
+    # the service's thread waits in its client's step() for the queued request's first output, which never comes
+    # while client 0 holds the one slot; its cancel must reach the engine all the same (GenerationService wakes
+    # the client), and the request end "abort"
+    with EngineProcess(FAKE, VOCAB, max_batch=1, max_seq_len=10**7, step_delay_s=0.005, clients=2) as engine:
+        holder = engine.client(0)
+        held = holder.add_request([1, 2], 10**6)
+        assert any(o.rid == held for o in holder.step())
+        with GenerationService(engine.client(1)) as service:
+            queued = service.submit([3, 4], max_new_tokens=5)
+            assert queued.accepted(WAIT)
+            time.sleep(0.2)  # the service's thread is in step() now
+            cancelled_at = time.monotonic()
+            queued.cancel()
+            assert queued.result(WAIT).finish_reason == "abort"
+            assert time.monotonic() - cancelled_at < 2.0
+            # and a new request is handed to the engine while the thread waits again: it runs once the slot frees
+            after = service.submit([5, 6], max_new_tokens=3)
+            assert after.accepted(WAIT)
+            holder.abort_request(held)
+            assert after.result(WAIT).finish_reason == "length"
