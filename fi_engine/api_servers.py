@@ -41,6 +41,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -84,11 +85,12 @@ def _front_end(
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises what it caught once it stopped: nothing to do
         signal.signal(sig, _ignore)
     try:
-        from .openai_server import _require, build_app
+        from .openai_server import SWITCH_INTERVAL_S, _require, build_app
         from .service import GenerationService
         from .text import TextCodec
 
         uvicorn = _require("uvicorn")
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         codec = TextCodec.from_dir(settings.model_dir)
         service = GenerationService(client, codec, max_queue=settings.max_queue, metrics=metrics, shared_queue=queue)
     except Exception as exc:  # the owner names it and stops the others

@@ -22,6 +22,7 @@ import asyncio
 import importlib
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -46,6 +47,13 @@ __all__ = ["build_app", "serve"]
 
 log = logging.getLogger("fi_engine.server")
 SERVE_HINT = "python -m pip install '.[serve]' in the fi_ffi checkout"
+# The interpreter's thread switch interval in a server process (CPython's default: 5 ms). Its event loop, relaying
+# thousands of token events a second, rarely waits, so the service's thread (which hands requests to the engine
+# and takes its tokens) got the interpreter back only when the loop was made to drop it, once per interval: a
+# request reached the engine process 4-20 ms after it arrived (H100, SmolLM2 shapes, 64 streaming clients over 4
+# API servers: benchmarks/RESULTS.md, session 10), where a decode step takes 1.2 ms. Set by serve() and by each API
+# server process, which are the server's own; a program that embeds the service keeps its own setting.
+SWITCH_INTERVAL_S = 0.0005
 
 
 def _require(module: str) -> Any:
@@ -395,6 +403,7 @@ def serve(
     connections, give open responses ``graceful_s`` seconds, then close the service (cancelling what is left)."""
     app = build_app(service, model_names, max_model_len=max_model_len, close_timeout=graceful_s)
     uvicorn = _require("uvicorn")
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_s, lifespan="on"
     )
