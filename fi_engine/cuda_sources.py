@@ -974,6 +974,92 @@ __device__ __forceinline__ void tc_chunk(const uint4* v, const uint4* xq, float*
 
 """
 
+
+# The FP8 GEMV of one x row (a decode step of one row), shared by FP8_GEMV_SOURCE (gemv8_one) and FP8_FUSED_SOURCE
+# (gemv8_pair_one); uses load_weights, griddep_wait and _FP8_DECODE's helpers, which each source defines before it
+_FP8_ONE_ROW = r"""
+// 4 warps a block walk groups of two e4m3 weight rows, g = blockIdx.x, blockIdx.x + gridDim.x, ... < groups, the
+// weight rows row_of(g, 0) and row_of(g, 1). Each row's sum is gemv8_rows' at one row, in its order (lane l of warp
+// v sums the 16-byte vectors 32 v + l, 32 (v + 4) + l, ..., 16 products at a time, each times its block scale where
+// BLOCK; a butterfly over the lanes; the warps' sums added in order by one thread): the same bits. The schedule is
+// what differs: two weight rows a block where gemv8_rows takes four, at most 64 registers a thread (the launch
+// bounds), so that 8 blocks share an SM where 5 did, and a block's next weight vectors load while it sums the last
+// ones, the next group's first ones included. finish(g, va, vb) gets the two sums (no per-row scale applied) in
+// thread 0. Why: a one-row step's GEMVs are bound by the bytes in flight, and more resident warps keep more of them
+// in flight (an H100, 8B shape, 128x128 blocks, weights past L2, us a launch: QKV 12.4 -> 10.9, o 9.3 -> 8.2, gate/up
+// 45.1 -> 42.1, down 24.2 -> 22.0; benchmarks/RESULTS.md).
+template <bool BF16, bool BLOCK, class RowOf, class Finish>
+__device__ __forceinline__ void gemv8_one_row(const unsigned short* __restrict__ x,
+                                              const unsigned char* __restrict__ w, int groups, int k,
+                                              const float* __restrict__ scale, long long s_ld, int bn, int shift,
+                                              RowOf row_of, Finish finish) {
+    __shared__ float part[2][4][2];  // [group parity][warp][weight row]: the next group writes the other half
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int vecs = k >> 4, c0 = warp * 32 + lane;
+    int g = blockIdx.x;
+    uint4 a[2];
+    if (g < groups && c0 < vecs) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+            a[i] = load_weights(reinterpret_cast<const uint4*>(w + (long long)row_of(g, i) * k) + c0);
+    }
+    griddep_wait();  // x may be the previous kernel's output; the weights and scales are constants
+    for (int parity = 0; g < groups; g += gridDim.x, parity ^= 1) {
+        const float* srow[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) srow[i] = BLOCK ? scale + (long long)(row_of(g, i) / bn) * s_ld : scale;
+        float acc[2] = {0.f, 0.f};
+        for (int c = c0; c < vecs; c += 128) {
+            float wf[2][16];
+            float s[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                e4m3x16(a[i], wf[i]);
+                s[i] = BLOCK ? __ldg(srow[i] + (c >> shift)) : 1.f;
+            }
+            int next = c + 128, ng = g;  // this lane's next vectors: further along k, else the next group's first
+            if (next >= vecs) {
+                next = c0;
+                ng = g + gridDim.x;
+            }
+            if (ng < groups) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+                    a[i] = load_weights(reinterpret_cast<const uint4*>(w + (long long)row_of(ng, i) * k) + next);
+            }
+            const uint4* xr = reinterpret_cast<const uint4*>(x) + 2 * c;
+            float xf[16];
+            widen8<BF16>(__ldg(xr), xf);
+            widen8<BF16>(__ldg(xr + 1), xf + 8);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                float p = 0.f;
+#pragma unroll
+                for (int e = 0; e < 16; ++e) p = fmaf(wf[i][e], xf[e], p);
+                acc[i] = BLOCK ? fmaf(s[i], p, acc[i]) : acc[i] + p;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            float v = acc[i];
+            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0) part[parity][warp][i] = v;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float va = 0.f, vb = 0.f;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                va += part[parity][q][0];
+                vb += part[parity][q][1];
+            }
+            finish(g, va, vb);
+        }
+    }
+}
+"""
+
 FP8_GEMV_SOURCE = (
     r"""
 // Linear layers with e4m3 weights and 16-bit activations (W8A16): the weights are read as stored (one byte each)
@@ -1005,6 +1091,9 @@ __device__ __forceinline__ uint4 load_weights(const uint4* p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
+"""
+    + _FP8_ONE_ROW
+    + r"""
 #define COLS 4   // output columns per block: each x vector loaded and widened once serves all of them
 #define SPLITS 4 // warps per block, each summing every SPLITS-th run of 32 weight vectors of the block's columns
 
@@ -1099,20 +1188,48 @@ __device__ __forceinline__ void gemv8_rows(const unsigned short* __restrict__ x,
     }
 }
 
+// One x row (gemv8_one_row): y[j] = the sum of weight row j (times scale[j] where not BLOCK), rounded once; the
+// arguments as gemv8_rows takes them (rows, x_ld and y_ld unused: one row)
+template <bool BF16, bool F32OUT, bool BLOCK>
+__device__ __forceinline__ void gemv8_one(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
+                                          void* __restrict__ y, int n, int k, const float* __restrict__ scale,
+                                          long long s_ld, int bn, int shift) {
+    gemv8_one_row<BF16, BLOCK>(
+        x, w, (n + 1) / 2, k, scale, s_ld, bn, shift, [n](int g, int i) { return min(2 * g + i, n - 1); },
+        [=](int g, float va, float vb) {
+            const float v[2] = {va, vb};
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int j = 2 * g + i;  // (a last odd group's second row repeats its first: not stored)
+                if (j < n) {
+                    const float o = BLOCK ? v[i] : v[i] * __ldg(scale + j);
+                    if (F32OUT) reinterpret_cast<float*>(y)[j] = o;
+                    else reinterpret_cast<unsigned short*>(y)[j] = fromf<BF16>(o);
+                }
+            }
+        });
+}
+#define GEMV8ONE(name, bf16, f32out, block)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128, 8)                                                           \
+        name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n, int k, long long x_ld,     \
+             long long y_ld, const float* scale, long long s_ld, int bn, int shift) {                             \
+        gemv8_one<bf16, f32out, block>(x, w, y, n, k, scale, s_ld, bn, shift);                                     \
+    }
+GEMV8ONE(gemv8_bf16_bf16_row_1, true, false, false)
+GEMV8ONE(gemv8_bf16_bf16_block_1, true, false, true)
+GEMV8ONE(gemv8_bf16_f32_row_1, true, true, false)
+GEMV8ONE(gemv8_bf16_f32_block_1, true, true, true)
+GEMV8ONE(gemv8_f16_f16_row_1, false, false, false)
+GEMV8ONE(gemv8_f16_f16_block_1, false, false, true)
+GEMV8ONE(gemv8_f16_f32_row_1, false, true, false)
+GEMV8ONE(gemv8_f16_f32_block_1, false, true, true)
+
 #define GEMV8(name, bf16, f32out, block, r)                                                                         \
     extern "C" __global__ void name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n,       \
                                     int k, long long x_ld, long long y_ld, const float* scale, long long s_ld,       \
                                     int bn, int shift) {                                                             \
         gemv8_rows<bf16, f32out, block, r>(x, w, y, rows, n, k, x_ld, y_ld, scale, s_ld, bn, shift);                \
     }
-GEMV8(gemv8_bf16_bf16_row_1, true, false, false, 1)
-GEMV8(gemv8_bf16_bf16_block_1, true, false, true, 1)
-GEMV8(gemv8_bf16_f32_row_1, true, true, false, 1)
-GEMV8(gemv8_bf16_f32_block_1, true, true, true, 1)
-GEMV8(gemv8_f16_f16_row_1, false, false, false, 1)
-GEMV8(gemv8_f16_f16_block_1, false, false, true, 1)
-GEMV8(gemv8_f16_f32_row_1, false, true, false, 1)
-GEMV8(gemv8_f16_f32_block_1, false, true, true, 1)
 GEMV8(gemv8_bf16_bf16_row_2, true, false, false, 2)
 GEMV8(gemv8_bf16_bf16_block_2, true, false, true, 2)
 GEMV8(gemv8_bf16_f32_row_2, true, true, false, 2)
@@ -1273,6 +1390,7 @@ extern "C" __global__ void dequant_e4m3_f16(const unsigned char* w, unsigned sho
 FP8_FUSED_SOURCE = (
     FUSED_GEMV_SOURCE
     + _FP8_DECODE
+    + _FP8_ONE_ROW
     + r"""
 #define COLS 4   // output columns per group of warps, as gemv8_rows
 #define SPLITS 4 // warps per group, each summing every SPLITS-th run of 32 weight vectors
@@ -1555,35 +1673,61 @@ __device__ __forceinline__ void gemv8_pairs(
                                   page_size, stride_page, stride_n, stride_h);
 }
 
-// (one row: at most 80 registers a thread, so that 6 blocks share an SM where 96 left room for 5: on an H100 the
-// 8B shape's gate/up + SiLU took 42.7 us a launch where it took 45.5, its QKV GEMV 11.5 where 12.3; the rows of up
-// to 4 keep their registers)
+// gemv8_pairs' sums and epilogue for one x row (gemv8_one_row: one pair a group, weight rows its two members;
+// the same bits as gemv8_pairs at one row, on the one-row schedule)
+template <bool BF16, bool BLOCK, int EPI>
+__device__ __forceinline__ void gemv8_pair_one(
+        const unsigned short* __restrict__ x, const unsigned char* __restrict__ w, unsigned short* __restrict__ y,
+        int pairs, int k, long long y_ld, const float* __restrict__ scale, long long s_ld, int bn, int shift, int hq,
+        int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b,
+        const int* __restrict__ positions, const int* __restrict__ batch_indices, const int* __restrict__ kv_indptr,
+        const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache,
+        int page_size, long long stride_page, long long stride_n, long long stride_h) {
+    const int half = EPI == 2 ? (int)(d >> 1) : 1;
+    gemv8_one_row<BF16, BLOCK>(
+        x, w, pairs, k, scale, s_ld, bn, shift,
+        [=](int p, int i) { return EPI == 1 ? p + i * pairs : (p / half) * (int)d + p % half + i * half; },
+        [=](int p, float va, float vb) {
+            finish_pair<BF16, BLOCK, EPI>(va, vb, p, 0, y, y_ld, pairs, scale, hq, hk, d, rcp_theta, rcp_scale,
+                                          smooth_a, smooth_b, positions, batch_indices, kv_indptr, kv_indices,
+                                          k_cache, v_cache, page_size, stride_page, stride_n, stride_h);
+        });
+}
+
+// The kernels' parameters, shared by the one-row (gemv8_pair_one) and the up-to-4-rows (gemv8_pairs) forms
+#define PAIRS8_PARAMS                                                                                              \
+    const unsigned short *x, const unsigned char *w, unsigned short *y, int rows, int pairs, int k, long long x_ld, \
+        long long y_ld, const float *scale, long long s_ld, int bn, int shift, int hq, int hk, unsigned d,          \
+        float rcp_theta, float rcp_scale, float smooth_a, float smooth_b, const int *positions,                     \
+        const int *batch_indices, const int *kv_indptr, const int *kv_indices, unsigned short *k_cache,             \
+        unsigned short *v_cache, int page_size, long long stride_page, long long stride_n, long long stride_h
+#define PAIRS8ONE(name, bf16, block, epi)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128, 8) name(PAIRS8_PARAMS) {                                    \
+        gemv8_pair_one<bf16, block, epi>(x, w, y, pairs, k, y_ld, scale, s_ld, bn, shift, hq, hk, d, rcp_theta,    \
+                                         rcp_scale, smooth_a, smooth_b, positions, batch_indices, kv_indptr,        \
+                                         kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, stride_h); \
+    }
 #define PAIRS8(name, bf16, block, r, epi)                                                                          \
-    extern "C" __global__ void __launch_bounds__(32 * SPLITS, (r) == 1 ? 6 : 1) name(                              \
-            const unsigned short* x, const unsigned char* w, unsigned short* y, int rows, int pairs, int k,         \
-            long long x_ld, long long y_ld, const float* scale, long long s_ld, int bn, int shift, int hq, int hk,   \
-            unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b, const int* positions,     \
-            const int* batch_indices, const int* kv_indptr, const int* kv_indices, unsigned short* k_cache,         \
-            unsigned short* v_cache, int page_size, long long stride_page, long long stride_n, long long stride_h) { \
+    extern "C" __global__ void __launch_bounds__(32 * SPLITS) name(PAIRS8_PARAMS) {                               \
         gemv8_pairs<bf16, block, r, epi>(x, w, y, rows, pairs, k, x_ld, y_ld, scale, s_ld, bn, shift, hq, hk, d,    \
                                          rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,         \
                                          kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, \
                                          stride_h);                                                                 \
     }
-PAIRS8(gemv8_bf16_silu_row_1, true, false, 1, 1)
-PAIRS8(gemv8_bf16_silu_block_1, true, true, 1, 1)
+PAIRS8ONE(gemv8_bf16_silu_row_1, true, false, 1)
+PAIRS8ONE(gemv8_bf16_silu_block_1, true, true, 1)
 PAIRS8(gemv8_bf16_silu_row_4, true, false, 4, 1)
 PAIRS8(gemv8_bf16_silu_block_4, true, true, 4, 1)
-PAIRS8(gemv8_bf16_rope_row_1, true, false, 1, 2)
-PAIRS8(gemv8_bf16_rope_block_1, true, true, 1, 2)
+PAIRS8ONE(gemv8_bf16_rope_row_1, true, false, 2)
+PAIRS8ONE(gemv8_bf16_rope_block_1, true, true, 2)
 PAIRS8(gemv8_bf16_rope_row_4, true, false, 4, 2)
 PAIRS8(gemv8_bf16_rope_block_4, true, true, 4, 2)
-PAIRS8(gemv8_f16_silu_row_1, false, false, 1, 1)
-PAIRS8(gemv8_f16_silu_block_1, false, true, 1, 1)
+PAIRS8ONE(gemv8_f16_silu_row_1, false, false, 1)
+PAIRS8ONE(gemv8_f16_silu_block_1, false, true, 1)
 PAIRS8(gemv8_f16_silu_row_4, false, false, 4, 1)
 PAIRS8(gemv8_f16_silu_block_4, false, true, 4, 1)
-PAIRS8(gemv8_f16_rope_row_1, false, false, 1, 2)
-PAIRS8(gemv8_f16_rope_block_1, false, true, 1, 2)
+PAIRS8ONE(gemv8_f16_rope_row_1, false, false, 2)
+PAIRS8ONE(gemv8_f16_rope_block_1, false, true, 2)
 PAIRS8(gemv8_f16_rope_row_4, false, false, 4, 2)
 PAIRS8(gemv8_f16_rope_block_4, false, true, 4, 2)
 """

@@ -45,8 +45,8 @@ FP8_GEMV_MAX_ROWS = 8  # the rows one FP8 GEMV launch takes (one float32 sum per
 PAIR_SILU = 1  # the pairwise epilogues of the FP8 decode GEMVs (EPI in gemv8_pairs): silu(gate) * up
 PAIR_ROPE = 2  # RoPE of the q and k heads and the KV append
 PAIR_MAX_ROWS = 4  # the rows one launch of those takes (the fused decode step's, Dense.fused_fits)
-PAIR_THREADS = 128  # 4 warps a block (SPLITS), two pairs of output columns each
-_COLS = 4  # output columns per block (COLS in cuda_sources.FP8_GEMV_SOURCE)
+PAIR_THREADS = 128  # 4 warps a block (SPLITS), two pairs of output columns each (one row: one pair a group)
+_COLS = 4  # output columns per block (COLS in cuda_sources.FP8_GEMV_SOURCE; one row: 2 a group, gemv8_one_row)
 _THREADS = 128  # 4 warps a block, each summing a share of every column's k (SPLITS there)
 _TC_COLUMNS = 16  # output columns per block of the tensor-core GEMV (gemv8tc_*: the mma's m)
 _U64 = 1 << 64
@@ -102,6 +102,13 @@ class Fp8Linears:
     graph; benchmarks/RESULTS.md) the tensor-core GEMV ran 4 % slower at 1 row, as fast at 2, and 10 % faster at 4
     and 8 rows than the FP8 GEMM that served those rows before. Read when a call site is packed (set it on the
     class, before the engine is made, to compare)."""
+
+    one_row_blocks_per_sm = 16
+    """The blocks a one-row launch of the widening GEMV (``gemv8_*_1``, and its SiLU and RoPE forms) gets per SM, at
+    most one per group of two output columns (one pair): each block walks its groups in turn (``gemv8_one_row`` in
+    :data:`~fi_engine.cuda_sources.FP8_GEMV_SOURCE`), 8 resident an SM. 16: on an H100 (8B shape, weights past L2)
+    the fastest of 6 to 24 for the QKV and down shapes and within 2 % of it for o and gate/up. Read when a call site
+    is packed (set it on the class, before the engine is made, to compare)."""
 
     def __init__(self, launch: Any, ffi: Any, stream: int) -> None:
         self._launch, self._ffi, self._stream = launch, ffi, stream
@@ -253,14 +260,21 @@ class Fp8Linears:
         """``(function, grid, threads)`` of the GEMV with a pairwise epilogue over ``wt`` for ``rows`` rows and
         ``pairs`` pairs of output columns: on tensor cores from :attr:`tensor_core_rows` rows where they serve the
         weight (8 pairs a block, as many warps as :meth:`gemv` gives the GEMV over ``wt``, so each column's sums are
-        that GEMV's), else the widening kernel (2 pairs a block, 4 warps); None where neither compiled."""
+        that GEMV's), else the widening kernel (4 warps a block; 2 pairs a block, or for one row a group of one pair
+        at a time over :meth:`_one_row_grid` blocks); None where neither compiled."""
         _, _, shift, block = wt.scale_args
         if rows >= self.tensor_core_rows:
             tc = self._pairs_tc.get((epi, bf16, bool(block)))
             if tc is not None and (not block or (16 << shift) % 128 == 0):
                 return tc, -(-pairs // 8), self._tc_threads(wt)
         fn = self.pair_fn(epi, bf16, bool(block), rows)
-        return None if fn is None else (fn, -(-pairs // 2), PAIR_THREADS)
+        if fn is None:
+            return None
+        return fn, self._one_row_grid(pairs) if rows == 1 else -(-pairs // 2), PAIR_THREADS
+
+    def _one_row_grid(self, groups: int) -> int:
+        """The blocks of a one-row widening launch over ``groups`` groups (see :attr:`one_row_blocks_per_sm`)."""
+        return max(1, min(groups, int(self.one_row_blocks_per_sm) * self._sms))
 
     def _tc_threads(self, wt: Fp8Weight) -> int:
         """The threads a block of the tensor-core GEMV over ``wt`` (16 columns a block; the pairwise form takes the
@@ -284,7 +298,8 @@ class Fp8Linears:
                 fn, grid, threads = tc, -(-wt.n // _TC_COLUMNS), self._tc_threads(wt)
             else:
                 fn = self._gemv[(bf16, f32, bool(block), 1 if rows == 1 else 2 if rows == 2 else 4 if rows <= 4 else 8)]
-                grid, threads = (wt.n + _COLS - 1) // _COLS, _THREADS
+                grid = self._one_row_grid(-(-wt.n // 2)) if rows == 1 else -(-wt.n // _COLS)
+                threads = _THREADS
             values = self._ffi.new(
                 "uint64_t[12]", [x, wt.w, y, rows, wt.n, wt.k, x_ld, y_ld, wt.scales, s_ld, bn, shift]
             )

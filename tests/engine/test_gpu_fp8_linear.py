@@ -25,6 +25,10 @@ products), per-row and 128x128-block scales, bfloat16 and float16 activations, 1
   ``Dense.prepared_fp8_qkv_rope``: RoPE and the KV append) against the widening FP8 GEMV then FlashInfer's
   ``silu_and_mul`` / ``apply_rope_pos_ids`` and ``append_paged_kv_cache``: bit for bit, 1 to 4 rows;
 - the tensor-core GEMV (from 3 rows by default) against the widening one at every row count 1-8;
+- the one-row widening GEMV and its SiLU form (``gemv8_one_row``: each block walks several groups of columns when
+  ``Fp8Linears.one_row_blocks_per_sm`` leaves fewer blocks than groups) against the same launches with a block per
+  group and against the first row of a two-row launch (the kernels of 2 to 4 rows: the same sums in the same
+  order), bit for bit;
 - bad calls: a shape that differs from the registration, an e4m3 weight with float32 activations, a misaligned
   or NULL address, a block that is no power-of-two columns: ValueError naming the argument.
 """
@@ -306,6 +310,52 @@ def test_bad_fp8_calls_name_the_argument(dense) -> None:  # type: ignore[no-unty
             dense.add_fp8_weight(*args)
 
 
+@pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
+@pytest.mark.parametrize("ab", [CUDA_R_16BF, CUDA_R_16F], ids=["bf16", "f16"])
+@pytest.mark.parametrize("k", [1088, 4112], ids=["k1088", "k4112"])
+def test_one_row_gemv_walking_its_groups_gives_the_same_bits(monkeypatch, dense, block, ab, k) -> None:  # type: ignore[no-untyped-def]
+    """The one-row widening GEMV (``gemv8_*_1``) and its SiLU form with one block an SM (``one_row_blocks_per_sm``
+    1: each block walks 3 to 4 groups of columns, loading the next group's weights while it sums this one's) against
+    a block per group (16 an SM exceeds the groups here) and against row 0 of a two-row launch of x's row twice (the
+    kernels of 2 to 4 rows, another schedule of the same sums): bit for bit. An odd column count (a last group
+    repeats its column), k a multiple of 128 vectors plus 1 (lanes with unequal counts of vectors) and k under 128
+    vectors (lanes with none)."""
+    from fi_engine.fp8_linear import Fp8Linears
+
+    rng = np.random.default_rng(41)
+    n = 2 * 132 * 3 + 1  # 397 groups of 2 columns over 132 blocks (an H100's SMs), the last one odd
+    m = n // 2  # the SiLU form's pairs (gate row o, up row o + m): 396 groups
+    bits, scales, _ = random_weight(rng, n, k, block)
+    dw, ds = cp.asarray(bits), cp.asarray(scales)
+    dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
+    bits2, scales2, _ = random_weight(rng, 2 * m, k, block)
+    dg, dgs = cp.asarray(bits2), cp.asarray(scales2)
+    dense.add_fp8_weight(dg.data.ptr, 2 * m, k, dgs.data.ptr, block)
+    x = to16(rng.standard_normal((1, k)).astype(np.float32), ab)
+    x2 = cp.concatenate([x, x])
+    stream = cp.cuda.get_current_stream()
+    outs = {}
+    for per_sm in (1, 16):
+        monkeypatch.setattr(Fp8Linears, "one_row_blocks_per_sm", per_sm)
+        y, act = cp.zeros((1, n), cp.int16), cp.zeros((1, m), cp.int16)
+        dense.prepared_linear(1, x.data.ptr, k, dw.data.ptr, n, k, y.data.ptr, n, ab, ab)()
+        dense.prepared_fp8_silu(1, x.data.ptr, k, dg.data.ptr, k, act.data.ptr, m, ab)()
+        outs[per_sm] = (y, act)
+    y2, act2 = cp.zeros((2, n), cp.int16), cp.zeros((2, m), cp.int16)
+    dense.prepared_linear(2, x2.data.ptr, k, dw.data.ptr, n, k, y2.data.ptr, n, ab, ab)()
+    dense.prepared_fp8_silu(2, x2.data.ptr, k, dg.data.ptr, k, act2.data.ptr, m, ab)()
+    stream.synchronize()
+    y, act = outs[1]
+    assert np.isfinite(from16(y, ab)).all() and np.abs(from16(y, ab)).max() > 0, "no product"
+    for name, (got, want) in {
+        "gemv, one block a group": (y, outs[16][0]),
+        "gemv, two rows' first": (y[0], y2[0]),
+        "silu, one block a group": (act, outs[16][1]),
+        "silu, two rows' first": (act[0], act2[0]),
+    }.items():
+        np.testing.assert_array_equal(got.get(), want.get(), err_msg=name)
+
+
 def _descriptor(buf: cp.ndarray, shape: tuple[int, ...], ab: int, strides: tuple[int, ...] | None = None, at: int = 0):  # type: ignore[no-untyped-def]
     from fi_engine import kernels
 
@@ -349,21 +399,26 @@ def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense,
         assert (got[:, m].get() == 7).all(), f"rows={rows}: a column past y was written"
 
 
+@pytest.mark.parametrize("one_row_blocks", [16, 1], ids=["block-a-group", "blocks-walk-groups"])
 @pytest.mark.parametrize("tc_rows", [9, 3], ids=["widening", "tensor-cores-from-3"])
 @pytest.mark.parametrize("llama3", [False, True], ids=["rope", "llama31"])
 @pytest.mark.parametrize("block", [None, (128, 128)], ids=["row", "block"])
-def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(monkeypatch, dense, block, llama3, tc_rows) -> None:  # type: ignore[no-untyped-def]
+def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(  # type: ignore[no-untyped-def]
+    monkeypatch, dense, block, llama3, tc_rows, one_row_blocks
+) -> None:
     """``Dense.prepared_fp8_qkv_rope`` (the QKV GEMV of the FP8 decode step with FlashInfer's RoPE, plain or Llama
     3.1, and the KV append as its epilogue), bfloat16, head dim 128, 1 to 4 rows at positions up to 300 on shuffled
     pages, against the FP8 GEMV into qkv (the widening one, or on tensor cores from ``tensor_core_rows`` rows in both:
     the epilogue shares its sums), then ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through fi_ffi:
-    qkv and both caches bit for bit."""
+    qkv and both caches bit for bit. One row with a block per pair and with fewer blocks than pairs (each walks
+    several: ``Fp8Linears.one_row_blocks_per_sm`` 1)."""
     from fi_engine import kernels
     from fi_engine.config import RopeConfig
     from fi_engine.dense import RopeAppend
     from fi_engine.fp8_linear import Fp8Linears
 
     monkeypatch.setattr(Fp8Linears, "tensor_core_rows", tc_rows)
+    monkeypatch.setattr(Fp8Linears, "one_row_blocks_per_sm", one_row_blocks)  # 1: 132 blocks over 512 pairs
     rng = np.random.default_rng(31 + llama3)
     ab, d, hq, hk, k, ps, pages = CUDA_R_16BF, 128, 4, 2, 512, 16, 40
     n = (hq + 2 * hk) * d
