@@ -53,7 +53,7 @@ ONE_GPU_VARIANTS = (
     "no-pipeline",
     "one-graph",
 )
-ONE_GPU_PREFIXES = ("fp8-gemv-rows-", "unroll-", "rope-unroll-", "fused-blocks-")
+ONE_GPU_PREFIXES = ("fp8-gemv-rows-", "fp8-one-row-blocks-", "unroll-", "rope-unroll-", "fused-blocks-")
 
 SHAPE_8B = dict(
     vocab_size=128256,
@@ -249,6 +249,10 @@ def run_rank(
         from fi_engine.dense import Dense
 
         Dense.fp8_gemv_max_rows = int(variant.rsplit("-", 1)[1])
+    if variant.startswith("fp8-one-row-blocks-"):  # FP8 weights: one-row GEMV launches of N blocks an SM (64)
+        from fi_engine.fp8_linear import Fp8Linears
+
+        Fp8Linears.one_row_blocks_per_sm = int(variant.rsplit("-", 1)[1])
     if variant.startswith("unroll-"):  # the 16-bit GEMVs with N weight vectors in flight per lane (4 by default)
         from fi_engine.dense import Dense
 

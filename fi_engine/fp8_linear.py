@@ -103,12 +103,14 @@ class Fp8Linears:
     and 8 rows than the FP8 GEMM that served those rows before. Read when a call site is packed (set it on the
     class, before the engine is made, to compare)."""
 
-    one_row_blocks_per_sm = 16
+    one_row_blocks_per_sm = 64
     """The blocks a one-row launch of the widening GEMV (``gemv8_*_1``, and its SiLU and RoPE forms) gets per SM, at
     most one per group of two output columns (one pair): each block walks its groups in turn (``gemv8_one_row`` in
-    :data:`~fi_engine.cuda_sources.FP8_GEMV_SOURCE`), 8 resident an SM. 16: on an H100 (8B shape, weights past L2)
-    the fastest of 6 to 24 for the QKV and down shapes and within 2 % of it for o and gate/up. Read when a call site
-    is packed (set it on the class, before the engine is made, to compare)."""
+    :data:`~fi_engine.cuda_sources.FP8_GEMV_SOURCE`), 8 resident an SM. On an H100 (8B shape, 128x128 blocks; only
+    the gate/up GEMV's 14,336 groups outnumber the blocks there) the batch-1 decode graph ran, tokens/s, at 8: 288.1,
+    16: 293.7, 24: 296.2-299.1, 32: 297.2, 64: 298.8-301.2, 128: 299.5-299.7, a block per group: 299.7-300.0
+    (benchmarks/RESULTS.md). Read when a call site is packed (set it on the class, before the engine is made, to
+    compare)."""
 
     def __init__(self, launch: Any, ffi: Any, stream: int) -> None:
         self._launch, self._ffi, self._stream = launch, ffi, stream
