@@ -275,8 +275,12 @@ class Fp8Linears:
         return fn, self._one_row_grid(pairs) if rows == 1 else -(-pairs // 2), PAIR_THREADS
 
     def _one_row_grid(self, groups: int) -> int:
-        """The blocks of a one-row widening launch over ``groups`` groups (see :attr:`one_row_blocks_per_sm`)."""
-        return max(1, min(groups, int(self.one_row_blocks_per_sm) * self._sms))
+        """The blocks of a one-row widening launch over ``groups`` groups (see :attr:`one_row_blocks_per_sm`; a
+        ValueError naming it where it is no int from 1 to 1024)."""
+        per_sm = self.one_row_blocks_per_sm
+        if per_sm.__class__ is not int or not 1 <= per_sm <= 1024:
+            raise ValueError(f"Fp8Linears.one_row_blocks_per_sm: expected an int from 1 to 1024, got {per_sm!r:.40}")
+        return max(1, min(groups, per_sm * self._sms))
 
     def _tc_threads(self, wt: Fp8Weight) -> int:
         """The threads a block of the tensor-core GEMV over ``wt`` (16 columns a block; the pairwise form takes the

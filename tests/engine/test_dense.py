@@ -66,6 +66,8 @@ class FakeFp8Linears:
     tensor_core_rows = Fp8Linears.tensor_core_rows
     pair_launch = Fp8Linears.pair_launch
     _tc_threads = Fp8Linears._tc_threads
+    _one_row_grid = Fp8Linears._one_row_grid
+    one_row_blocks_per_sm = Fp8Linears.one_row_blocks_per_sm
     _sms = 132
 
     def __init__(self) -> None:
@@ -425,7 +427,9 @@ def test_the_fp8_epilogue_gemvs_pack_their_pairs_and_scales() -> None:
     """prepared_fp8_silu: one block per two output columns (pairs of gate and up rows), 4 warps, the weight's block
     scales (row stride ceil(k / 128), 128 rows a block, log2 of 8 vectors a block), no RoPE arguments;
     prepared_fp8_qkv_rope: a pair per two columns of a head, per-row scales, then the RoPE and append arguments as
-    prepared_qkv_rope packs them. Kernels picked by epilogue, type, scale layout and rows (1, or up to 4)."""
+    prepared_qkv_rope packs them. Kernels picked by epilogue, type, scale layout and rows (1, or up to 4); one row:
+    a block per pair, at most ``Fp8Linears.one_row_blocks_per_sm`` blocks an SM (fewer: each walks several pairs), a
+    bad setting refused by name."""
     d = fake_dense()
     calls = [d.prepared_fp8_silu(**fp8_silu_call()), d.prepared_fp8_qkv_rope(**{**fp8_qkv_call(), "rows": 1})]
     for call in calls:  # (kept: a launch's argument array lives as long as its prepared call)
@@ -435,7 +439,7 @@ def test_the_fp8_epilogue_gemvs_pack_their_pairs_and_scales() -> None:
     slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(29)]
     assert slots == [at(0), at(12), at(2), 2, N // 2, H, H, N // 2, at(14), H // 128, 128, 3] + [0] * 17
     fn, grid, block, params = qkv[0], qkv[1], qkv[4], qkv[9]
-    assert (fn, grid, block) == (0x5000 + 0x200 + 0x10 + 1, 8 * 64 // 4, 128)
+    assert (fn, grid, block) == (0x5000 + 0x200 + 0x10 + 1, 8 * 64 // 2, 128)  # one row: a block per pair
     slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(29)]
     r = rope()
     assert slots[:12] == [at(0), at(13), at(2), 1, 8 * 64 // 2, H, H, 8 * 64, at(15), 0, 1, 0]
@@ -449,6 +453,15 @@ def test_the_fp8_epilogue_gemvs_pack_their_pairs_and_scales() -> None:
         16,
         *[r.stride_page, r.stride_n, r.stride_h],
     ]
+    d.launches.clear()
+    d._fp8.one_row_blocks_per_sm = 1  # 132 blocks (an H100's SMs) over 256 pairs
+    d.prepared_fp8_qkv_rope(**{**fp8_qkv_call(), "rows": 1})()
+    assert d.launches[0][1] == 132
+    for bad in (0, 1025, 2.0, "4", None):
+        d._fp8.one_row_blocks_per_sm = bad
+        with pytest.raises(ValueError, match=r"^Fp8Linears.one_row_blocks_per_sm: expected an int from 1 to 1024"):
+            d.prepared_fp8_qkv_rope(**{**fp8_qkv_call(), "rows": 1})
+    del d._fp8.one_row_blocks_per_sm
     # from 3 rows: the tensor-core form, 8 pairs a block, the warps gemv gives the whole weight (N / 16 = 32 blocks:
     # 8 warps, as fewer than 8 warps an SM would be left)
     d.launches.clear()
