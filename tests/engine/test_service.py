@@ -241,7 +241,9 @@ def test_shared_metrics_render_the_sum_of_their_slots() -> None:
 def test_an_engine_error_reaches_every_stream_and_closes_the_service(codec, pool) -> None:  # type: ignore[no-untyped-def]
     engine = engine_for(codec, pool, max_batch=2, fail_at_step=3)
     service = GenerationService(engine, codec)
-    streams = [service.submit([i + 1], max_new_tokens=50) for i in range(5)]
+    # all five queued at once: one by one, the engine could reach its failing step (and close the service) before
+    # the last submit on a loaded machine
+    streams = service.submit_many([[i + 1] for i in range(5)], max_new_tokens=50)
     for s in streams:
         with pytest.raises(ServiceError, match="fails at step 3") as info:
             list(s)
