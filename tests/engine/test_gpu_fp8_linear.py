@@ -412,9 +412,9 @@ def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(  # type: ignore
     the epilogue shares its sums), then ``apply_rope_pos_ids`` in place and ``append_paged_kv_cache`` through fi_ffi:
     qkv and both caches bit for bit. One row with a block per pair and with fewer blocks than pairs (each walks
     several: ``Fp8Linears.one_row_blocks_per_sm`` 1)."""
+    from helpers.decode_pages import decode_page_table, rope_append, rope_config
+
     from fi_engine import kernels
-    from fi_engine.config import RopeConfig
-    from fi_engine.dense import RopeAppend
     from fi_engine.fp8_linear import Fp8Linears
 
     monkeypatch.setattr(Fp8Linears, "tensor_core_rows", tc_rows)
@@ -425,36 +425,16 @@ def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(  # type: ignore
     bits, scales, _ = random_weight(rng, n, k, block)
     dw, ds = cp.asarray(bits), cp.asarray(scales)
     dense.add_fp8_weight(dw.data.ptr, n, k, ds.data.ptr, block)
-    rope = (
-        RopeConfig(theta=5e5, llama3=True, factor=8.0, original_max_position_embeddings=64.0)
-        if llama3
-        else RopeConfig()
-    )
+    rope = rope_config(llama3)
     stream = cp.cuda.get_current_stream()
     for rows in (1, 2, 3, 4):
         x = to16(rng.standard_normal((rows, k)).astype(np.float32), ab)
-        positions = np.array([300, 17, 0, 95][:rows], np.int32)
-        per = [int(p) // ps + 1 for p in positions]
-        order = rng.permutation(pages)[: sum(per)].astype(np.int32)
-        meta = {
-            "positions": cp.asarray(positions),
-            "batch_indices": cp.arange(rows, dtype=np.int32),
-            "kv_indptr": cp.asarray(np.concatenate([[0], np.cumsum(per)]).astype(np.int32)),
-            "kv_indices": cp.asarray(order),
-            "last": cp.asarray((positions % ps + 1).astype(np.int32)),
-        }
+        meta = decode_page_table(rng, rows, ps, pages)
         start = to16(rng.standard_normal((2, pages, ps, hk, d)).astype(np.float32), ab)
         caches = {f: start.copy() for f in ("fused", "sep")}
         qkv = {f: cp.zeros((rows, n), cp.int16) for f in ("fused", "sep")}
         kv = caches["fused"]
-        epilogue = RopeAppend(
-            hq=hq, hk=hk, d=d, theta=rope.theta, scale=rope.factor if llama3 else 1.0, llama3=llama3,
-            low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
-            old_context_len=rope.original_max_position_embeddings, positions=meta["positions"].data.ptr,
-            batch_indices=meta["batch_indices"].data.ptr, kv_indptr=meta["kv_indptr"].data.ptr,
-            kv_indices=meta["kv_indices"].data.ptr, k_cache=kv[0].data.ptr, v_cache=kv[1].data.ptr,
-            page_size=ps, num_pages=pages, stride_page=ps * hk * d, stride_n=hk * d, stride_h=d,
-        )  # fmt: skip
+        epilogue = rope_append(meta, rope, hq, hk, d, kv, pages)
         dense.prepared_fp8_qkv_rope(rows, x.data.ptr, k, dw.data.ptr, k, qkv["fused"].data.ptr, n, ab, epilogue)()
         y = qkv["sep"]
         dense.linear(rows, x.data.ptr, k, dw.data.ptr, n, k, y.data.ptr, n, ab, ab)

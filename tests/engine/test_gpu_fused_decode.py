@@ -162,8 +162,7 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
     launches it replaces: the fused GEMV into qkv, then FlashInfer's apply_rope_pos_ids (or the Llama 3.1 form)
     in place and append_paged_kv_cache through fi_ffi. qkv (rotated q and k, plain v) and both caches must be
     equal bit for bit (the epilogue repeats FlashInfer's arithmetic), and the rest of the caches untouched."""
-    from fi_engine.config import RopeConfig
-    from fi_engine.dense import RopeAppend
+    from helpers.decode_pages import decode_page_table, rope_append, rope_config
 
     d_, stream = dense
     dev = cp.cuda.Device().id
@@ -172,11 +171,7 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
     n = (hq + 2 * hk) * d
     ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
     assert d_.has_qkv_rope(ab, d)
-    rope = (
-        RopeConfig(theta=5e5, llama3=True, factor=8.0, original_max_position_embeddings=64.0)
-        if llama3
-        else RopeConfig()
-    )
+    rope = rope_config(llama3)
     h16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
     x16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
     nw16 = to16(1 + 0.2 * rng.standard_normal(k).astype(np.float32), dtype)
@@ -185,32 +180,14 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
     desc = lambda a, shape, dt=dtype, strides=None: kernels.descriptor(a.data.ptr, shape, dt, dev, strides, owner=a)  # noqa: E731
     for mode in (NORM, ADD_NORM):
         for rows in (1, 2, 3, 4):
-            # request r holds positions[r] + 1 tokens on its own pages (a shuffled page table)
-            positions = np.array([300, 17, 0, 95][:rows], np.int32)
-            per = [int(p) // ps + 1 for p in positions]
-            order = rng.permutation(pages)[: sum(per)].astype(np.int32)
-            indptr = np.concatenate([[0], np.cumsum(per)]).astype(np.int32)
-            meta = {
-                "positions": cp.asarray(positions),
-                "batch_indices": cp.arange(rows, dtype=np.int32),
-                "kv_indptr": cp.asarray(indptr),
-                "kv_indices": cp.asarray(order),
-                "last": cp.asarray((positions % ps + 1).astype(np.int32)),
-            }
+            meta = decode_page_table(rng, rows, ps, pages)
             start = rng.standard_normal((2, pages, ps, hk, d)).astype(np.float32)
             caches = {f: cp.asarray(to16(start, dtype)) for f in ("fused", "sep")}
             qkv = {f: cp.zeros((rows, n), h16.dtype) for f in ("fused", "sep")}
             h_out = cp.zeros((4, k), h16.dtype)
             cp.cuda.Device().synchronize()
             kv = caches["fused"]
-            epilogue = RopeAppend(
-                hq=hq, hk=hk, d=d, theta=rope.theta, scale=rope.factor if llama3 else 1.0, llama3=llama3,
-                low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
-                old_context_len=rope.original_max_position_embeddings, positions=meta["positions"].data.ptr,
-                batch_indices=meta["batch_indices"].data.ptr, kv_indptr=meta["kv_indptr"].data.ptr,
-                kv_indices=meta["kv_indices"].data.ptr, k_cache=kv[0].data.ptr, v_cache=kv[1].data.ptr,
-                page_size=ps, num_pages=pages, stride_page=ps * hk * d, stride_n=hk * d, stride_h=d,
-            )  # fmt: skip
+            epilogue = rope_append(meta, rope, hq, hk, d, kv, pages)
             args = (rows, xd.data.ptr, k, wd.data.ptr, k, qkv["fused"].data.ptr, n, ab, hd.data.ptr, k, nwd.data.ptr)
             call = d_.prepared_qkv_rope(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS, epilogue)
             call()
@@ -229,7 +206,8 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
             kernels.append_kv(
                 k_v, v_v, desc(meta["batch_indices"], (rows,), "int32"), pos,
                 desc(sep[0], (pages, ps, hk, d)), desc(sep[1], (pages, ps, hk, d)),
-                desc(meta["kv_indices"], (len(order),), "int32"), desc(meta["kv_indptr"], (rows + 1,), "int32"),
+                desc(meta["kv_indices"], meta["kv_indices"].shape, "int32"),
+                desc(meta["kv_indptr"], (rows + 1,), "int32"),
                 desc(meta["last"], (rows,), "int32"), stream.ptr,
             )  # fmt: skip
             stream.synchronize()
