@@ -907,8 +907,9 @@ template <bool BF16> __device__ __forceinline__ void widen8(uint4 b, float* f) {
 
 """
 
-# The tensor-core decoding and mma of e4m3 weights (gemv8_tc in FP8_GEMV_SOURCE, gemv8_tc_pairs in FP8_FUSED_SOURCE
-# share it; gemv8_tc's comment says how they work); uses load_weights, which each source defines before it
+# The tensor-core decoding, mma and main loop of e4m3 weights (gemv8_tc in FP8_GEMV_SOURCE, gemv8_tc_pairs in
+# FP8_FUSED_SOURCE share it; gemv8_tc's comment says how they work); uses load_weights and griddep_wait, which each
+# source defines before it
 _FP8_TENSOR_CORES = r"""__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
     unsigned d;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
@@ -969,6 +970,45 @@ __device__ __forceinline__ void tc_chunk(const uint4* v, const uint4* xq, float*
         // B: x's values 0 and 2, then 1 and 3, of the same 4 places (row g of x)
         const unsigned b0 = prmt(xv[2 * q], xv[2 * q + 1], 0x5410u), b1 = prmt(xv[2 * q], xv[2 * q + 1], 0x7632u);
         mma16816<BF16>(c, a0, a1, a2, a3, b0, b1);
+    }
+}
+// gemv8_tc's sums, which gemv8_tc_pairs shares: lane (g, t) of warp `warp` (of `warps`) sums the chunks at warp 128,
+// (warp + warps) 128, ... < k of its two weight rows (wa: mma row g, wb: row g + 8, each already at 16 t) against x's
+// row g (xr, at 16 t; zeros for g >= rows), loading the next chunk's weights while it sums this one; acc[0..1] (wa's
+// column) times its block scales at sa, acc[2..3] (wb's) times those at sb where BLOCK (one 128-column chunk inside
+// one scale block; ONE_SCALE: both rows in one scale block, sb unread), plain sums otherwise. The first chunk's
+// weights load before griddep_wait, the rest after.
+template <bool BF16, bool BLOCK, bool ONE_SCALE>
+__device__ __forceinline__ void tc_sums(float* acc, const unsigned char* wa, const unsigned char* wb,
+                                        const unsigned short* xr, const float* sa, const float* sb, int warp,
+                                        int warps, int g, int t, int rows, int k, int shift) {
+    const int stride = warps * 128;
+    uint4 cur[4], nxt[4];
+    int at = warp * 128;
+    if (at < k) tc_load(cur, wa, wb, at, t, k);
+    griddep_wait();  // x may be the previous kernel's output; the weights and scales are constants
+    while (at < k) {
+        const int next = at + stride;
+        if (next < k) tc_load(nxt, wa, wb, next, t, k);
+        uint4 xq[4];
+        const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+        const bool lo = g < rows && at + 16 * t + 16 <= k, hi = g < rows && at + 80 + 16 * t <= k;
+        const uint4* xp = reinterpret_cast<const uint4*>(xr + at);
+        xq[0] = lo ? __ldg(xp) : z;
+        xq[1] = lo ? __ldg(xp + 1) : z;
+        xq[2] = hi ? __ldg(xp + 8) : z;
+        xq[3] = hi ? __ldg(xp + 9) : z;
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        tc_chunk<BF16>(cur, xq, c);
+        const float s_a = BLOCK ? __ldg(sa + (at >> (4 + shift))) : 1.f;
+        const float s_b = BLOCK && !ONE_SCALE ? __ldg(sb + (at >> (4 + shift))) : s_a;
+        acc[0] = BLOCK ? fmaf(s_a, c[0], acc[0]) : acc[0] + c[0];
+        acc[1] = BLOCK ? fmaf(s_a, c[1], acc[1]) : acc[1] + c[1];
+        acc[2] = BLOCK ? fmaf(s_b, c[2], acc[2]) : acc[2] + c[2];
+        acc[3] = BLOCK ? fmaf(s_b, c[3], acc[3]) : acc[3] + c[3];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) cur[i] = nxt[i];
+        at = next;
     }
 }
 
@@ -1281,36 +1321,13 @@ __device__ __forceinline__ void gemv8_tc(const unsigned short* __restrict__ x, c
     griddep_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int j0 = blockIdx.x * 16, stride = warps * 128;
+    const int j0 = blockIdx.x * 16;
     const unsigned char* wa = w + (long long)min(j0 + g, n - 1) * k + 16 * t;  // a last partial tile repeats
     const unsigned char* wb = w + (long long)min(j0 + g + 8, n - 1) * k + 16 * t;  // its last column (not stored)
     const unsigned short* xr = x + (long long)min(g, rows - 1) * x_ld + 16 * t;  // B's column g: x's row g
-    const float* srow = BLOCK ? scale + (long long)(j0 / bn) * s_ld : scale;
+    const float* srow = BLOCK ? scale + (long long)(j0 / bn) * s_ld : scale;  // (the tile inside one scale block)
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    uint4 cur[4], nxt[4];
-    int at = warp * 128;
-    if (at < k) tc_load(cur, wa, wb, at, t, k);
-    griddep_wait();  // x may be the previous kernel's output; the weights and scales are constants
-    while (at < k) {
-        const int next = at + stride;
-        if (next < k) tc_load(nxt, wa, wb, next, t, k);
-        uint4 xq[4];
-        const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-        const bool lo = g < rows && at + 16 * t + 16 <= k, hi = g < rows && at + 80 + 16 * t <= k;
-        const uint4* xp = reinterpret_cast<const uint4*>(xr + at);
-        xq[0] = lo ? __ldg(xp) : z;
-        xq[1] = lo ? __ldg(xp + 1) : z;
-        xq[2] = hi ? __ldg(xp + 8) : z;
-        xq[3] = hi ? __ldg(xp + 9) : z;
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        tc_chunk<BF16>(cur, xq, c);
-        const float s = BLOCK ? __ldg(srow + (at >> (4 + shift))) : 1.f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[i] = BLOCK ? fmaf(s, c[i], acc[i]) : acc[i] + c[i];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) cur[i] = nxt[i];
-        at = next;
-    }
+    tc_sums<BF16, BLOCK, true>(acc, wa, wb, xr, srow, srow, warp, warps, g, t, rows, k, shift);
 #pragma unroll
     for (int i = 0; i < 4; ++i) part[warp][lane][i] = acc[i];
     __syncthreads();
@@ -1753,7 +1770,6 @@ __device__ __forceinline__ void gemv8_tc_pairs(
     griddep_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int stride = warps * 128;
     const unsigned half = EPI == 2 ? d >> 1 : 1u;
     const int p = min((int)blockIdx.x * 8 + g, pairs - 1);  // a last partial tile repeats its last pair (not stored)
     const long long ja = EPI == 1 ? p : (long long)(p / (int)half) * d + p % (int)half;
@@ -1764,33 +1780,7 @@ __device__ __forceinline__ void gemv8_tc_pairs(
     const float* sa = BLOCK ? scale + (ja / bn) * s_ld : scale;
     const float* sb = BLOCK ? scale + (jb / bn) * s_ld : scale;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    uint4 cur[4], nxt[4];
-    int at = warp * 128;
-    if (at < k) tc_load(cur, wa, wb, at, t, k);
-    griddep_wait();  // x is the previous kernel's output; the weights and scales are constants
-    while (at < k) {  // gemv8_tc's loop
-        const int next = at + stride;
-        if (next < k) tc_load(nxt, wa, wb, next, t, k);
-        uint4 xq[4];
-        const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-        const bool lo = g < rows && at + 16 * t + 16 <= k, hi = g < rows && at + 80 + 16 * t <= k;
-        const uint4* xp = reinterpret_cast<const uint4*>(xr + at);
-        xq[0] = lo ? __ldg(xp) : z;
-        xq[1] = lo ? __ldg(xp + 1) : z;
-        xq[2] = hi ? __ldg(xp + 8) : z;
-        xq[3] = hi ? __ldg(xp + 9) : z;
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-        tc_chunk<BF16>(cur, xq, c);
-        const float s_a = BLOCK ? __ldg(sa + (at >> (4 + shift))) : 1.f;
-        const float s_b = BLOCK ? __ldg(sb + (at >> (4 + shift))) : 1.f;
-        acc[0] = BLOCK ? fmaf(s_a, c[0], acc[0]) : acc[0] + c[0];
-        acc[1] = BLOCK ? fmaf(s_a, c[1], acc[1]) : acc[1] + c[1];
-        acc[2] = BLOCK ? fmaf(s_b, c[2], acc[2]) : acc[2] + c[2];
-        acc[3] = BLOCK ? fmaf(s_b, c[3], acc[3]) : acc[3] + c[3];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) cur[i] = nxt[i];
-        at = next;
-    }
+    tc_sums<BF16, BLOCK, false>(acc, wa, wb, xr, sa, sb, warp, warps, g, t, rows, k, shift);  // gemv8_tc's sums
 #pragma unroll
     for (int i = 0; i < 4; ++i) part[warp][lane][i] = acc[i];
     __syncthreads();
