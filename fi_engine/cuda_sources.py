@@ -904,6 +904,22 @@ template <bool BF16> __device__ __forceinline__ void widen8(uint4 b, float* f) {
     }
 }
 
+// x's 16 values at xr (two 16-byte vectors, through the read-only path) as float32
+template <bool BF16> __device__ __forceinline__ void widen16(const uint4* xr, float* f) {
+    widen8<BF16>(__ldg(xr), f);
+    widen8<BF16>(__ldg(xr + 1), f + 8);
+}
+
+// acc plus the 16-product partial sum of one decoded weight vector wf with x's values xf, summed in order, times the
+// vector's block scale s where BLOCK: each widening FP8 GEMV's step per weight vector and x row (their order of sums)
+template <bool BLOCK>
+__device__ __forceinline__ float add_partial16(float acc, const float* wf, const float* xf, float s) {
+    float p = 0.f;
+#pragma unroll
+    for (int e = 0; e < 16; ++e) p = fmaf(wf[e], xf[e], p);
+    return BLOCK ? fmaf(s, p, acc) : acc + p;
+}
+
 
 """
 
@@ -1068,17 +1084,10 @@ __device__ __forceinline__ void gemv8_one_row(const unsigned short* __restrict__
                 for (int i = 0; i < 2; ++i)
                     a[i] = load_weights(reinterpret_cast<const uint4*>(w + (long long)row_of(ng, i) * k) + next);
             }
-            const uint4* xr = reinterpret_cast<const uint4*>(x) + 2 * c;
             float xf[16];
-            widen8<BF16>(__ldg(xr), xf);
-            widen8<BF16>(__ldg(xr + 1), xf + 8);
+            widen16<BF16>(reinterpret_cast<const uint4*>(x) + 2 * c, xf);
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                float p = 0.f;
-#pragma unroll
-                for (int e = 0; e < 16; ++e) p = fmaf(wf[i][e], xf[e], p);
-                acc[i] = BLOCK ? fmaf(s[i], p, acc[i]) : acc[i] + p;
-            }
+            for (int i = 0; i < 2; ++i) acc[i] = add_partial16<BLOCK>(acc[i], wf[i], xf, s[i]);
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -1191,17 +1200,10 @@ __device__ __forceinline__ void gemv8_rows(const unsigned short* __restrict__ x,
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             if (r < rows) {
-                const uint4* xr = reinterpret_cast<const uint4*>(x + r * x_ld) + 2 * c;
                 float xf[16];
-                widen8<BF16>(__ldg(xr), xf);
-                widen8<BF16>(__ldg(xr + 1), xf + 8);
+                widen16<BF16>(reinterpret_cast<const uint4*>(x + r * x_ld) + 2 * c, xf);
 #pragma unroll
-                for (int i = 0; i < COLS; ++i) {
-                    float p = 0.f;
-#pragma unroll
-                    for (int e = 0; e < 16; ++e) p = fmaf(wf[i][e], xf[e], p);
-                    acc[i][r] = BLOCK ? fmaf(s[i], p, acc[i][r]) : acc[i][r] + p;
-                }
+                for (int i = 0; i < COLS; ++i) acc[i][r] = add_partial16<BLOCK>(acc[i][r], wf[i], xf, s[i]);
             }
         }
         c = next;
@@ -1489,12 +1491,7 @@ __device__ __forceinline__ void gemv8_fused(const unsigned short* __restrict__ x
                         widen8<BF16>(sx[r * row_vecs + 2 * c], xf);
                         widen8<BF16>(sx[r * row_vecs + 2 * c + 1], xf + 8);
 #pragma unroll
-                        for (int i = 0; i < COLS; ++i) {
-                            float p = 0.f;
-#pragma unroll
-                            for (int e = 0; e < 16; ++e) p = fmaf(wf[i][e], xf[e], p);
-                            acc[i][r] = BLOCK ? fmaf(s[i], p, acc[i][r]) : acc[i][r] + p;
-                        }
+                        for (int i = 0; i < COLS; ++i) acc[i][r] = add_partial16<BLOCK>(acc[i][r], wf[i], xf, s[i]);
                     }
                 }
                 c = next;
@@ -1651,17 +1648,10 @@ __device__ __forceinline__ void gemv8_pairs(
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             if (r < rows) {
-                const uint4* xr = reinterpret_cast<const uint4*>(x + r * x_ld) + 2 * c;
                 float xf[16];
-                widen8<BF16>(__ldg(xr), xf);
-                widen8<BF16>(__ldg(xr + 1), xf + 8);
+                widen16<BF16>(reinterpret_cast<const uint4*>(x + r * x_ld) + 2 * c, xf);
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    float p = 0.f;
-#pragma unroll
-                    for (int e = 0; e < 16; ++e) p = fmaf(wf[i][e], xf[e], p);
-                    acc[i][r] = BLOCK ? fmaf(s[i], p, acc[i][r]) : acc[i][r] + p;
-                }
+                for (int i = 0; i < 4; ++i) acc[i][r] = add_partial16<BLOCK>(acc[i][r], wf[i], xf, s[i]);
             }
         }
         c = next;
