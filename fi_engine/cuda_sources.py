@@ -64,8 +64,8 @@ the fused GEMV source above and the MoE layer's module (``moe_route``) both incl
 
 The sources are the text NVRTC compiles, byte for byte as they were written in :mod:`~fi_engine.dense`
 (``FUSED_GEMV_SOURCE``'s first comment still calls the plain GEMV ``_GEMV_SOURCE``, its name there): a change
-of one byte is a new kernel, to be proven on the GPU against FlashInfer's launches
-(tests/engine/test_gpu_fused_decode.py).
+that moves a kernel's machine code (``tools/kernel_fingerprints.py`` compares it on the CPU) is a new kernel, to be
+proven on the GPU against FlashInfer's launches (tests/engine/test_gpu_fused_decode.py).
 """
 
 from __future__ import annotations
