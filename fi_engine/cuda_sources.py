@@ -920,7 +920,6 @@ __device__ __forceinline__ float add_partial16(float acc, const float* wf, const
     return BLOCK ? fmaf(s, p, acc) : acc + p;
 }
 
-
 """
 
 # The tensor-core decoding, mma and main loop of e4m3 weights (gemv8_tc in FP8_GEMV_SOURCE, gemv8_tc_pairs in
