@@ -9,27 +9,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from helpers.tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("api_reference", ROOT / "tools" / "api_reference.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _tool()
+tool = load_tool("api_reference")
 ENTRIES = tool.public_surface()
 TENSOR_TYPES = ("TensorLike", "TensorT", "IndexLike")
 

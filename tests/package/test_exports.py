@@ -26,20 +26,13 @@ from types import ModuleType
 
 import pytest
 from helpers.env import subprocess_env
+from helpers.tools import load_tool
 
 import fi_ffi
 import fi_ffi.loader
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = (fi_ffi, fi_ffi.loader)
-
-
-def _tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_init_stub", ROOT / "tools" / "gen_init_stub.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def table(package: ModuleType) -> dict[str, str]:
@@ -126,7 +119,7 @@ def test_dir_lists_the_lazy_names_before_they_are_used(package: ModuleType) -> N
 
 
 def test_the_committed_stubs_are_what_the_generator_writes() -> None:
-    tool = _tool()
+    tool = load_tool("gen_init_stub")
     files = tool.stubs()
     assert {p.relative_to(ROOT).as_posix() for p in files} == {
         "fi_ffi/launch/exports.py",
@@ -138,7 +131,7 @@ def test_the_committed_stubs_are_what_the_generator_writes() -> None:
 
 def test_the_generator_reads_an_op_from_its_decorator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the table could not fail to match if the reader found nothing: give it a family of its own
-    tool = _tool()
+    tool = load_tool("gen_init_stub")
     family = tmp_path / "fi_ffi" / "ops" / "attention"
     family.mkdir(parents=True)
     (family / "extra.py").write_text(

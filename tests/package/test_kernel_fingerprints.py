@@ -10,28 +10,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
+from helpers.tools import load_tool
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kernel_fingerprints", ROOT / "tools" / "kernel_fingerprints.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _tool()
+tool = load_tool("kernel_fingerprints")
 
 
 def elf(sections: dict[str, bytes]) -> bytes:
