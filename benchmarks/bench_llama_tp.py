@@ -52,8 +52,17 @@ ONE_GPU_VARIANTS = (
     "again",
     "no-pipeline",
     "one-graph",
+    "any-rows",
+    "no-gemv-pipeline",
 )
-ONE_GPU_PREFIXES = ("fp8-gemv-rows-", "fp8-one-row-blocks-", "unroll-", "rope-unroll-", "fused-blocks-")
+ONE_GPU_PREFIXES = (
+    "fp8-gemv-rows-",
+    "fp8-one-row-blocks-",
+    "unroll-",
+    "rope-unroll-",
+    "fused-blocks-",
+    "fused-min-blocks-",
+)
 
 SHAPE_8B = dict(
     vocab_size=128256,
@@ -265,6 +274,18 @@ def run_rank(
         from fi_engine.dense import Dense
 
         Dense.fused_blocks_per_sm = int(variant.rsplit("-", 1)[1])
+    if variant.startswith("fused-min-blocks-"):  # the one-row fused GEMVs' registers capped for N blocks an SM (4)
+        from fi_engine.dense import Dense
+
+        Dense.fused_min_blocks = int(variant.rsplit("-", 1)[1])
+    if variant == "any-rows":  # one 16-bit GEMV kernel for any row count (before 2026-11-25, session 13)
+        from fi_engine.dense import Dense
+
+        Dense.gemv_fixed_rows = False
+    if variant == "no-gemv-pipeline":  # the 16-bit GEMVs load their next weights after summing (before session 13)
+        from fi_engine.dense import Dense
+
+        Dense.gemv_pipeline = False
     if variant == "no-pipeline":  # each decode step launched after the last one's tokens are read (before 2026-11-25)
         LlamaEngine.pipelined_decode = False
     if variant == "no-attn-pdl":  # the fused step's attention runs launched without programmatic dependent launch
@@ -474,7 +495,11 @@ def main() -> None:
         "FP8 GEMM), fp8-gemv-rows-N (TP 1, FP8 checkpoints: the FP8 GEMV up to N rows, the FP8 GEMM above), "
         "unroll-N (TP 1: the 16-bit GEMVs with N weight vectors in flight per lane; Dense.gemv_unroll), rope-"
         "unroll-N (TP 1: the QKV + RoPE GEMV's; 1 is its loop before 2026-11-25), fused-blocks-N (TP 1: the "
-        "fused GEMVs with at most N blocks per SM; Dense.fused_blocks_per_sm, 8 by default), no-attn-pdl (TP "
+        "fused GEMVs with at most N blocks per SM; Dense.fused_blocks_per_sm, 8 by default), "
+        "fused-min-blocks-N (TP 1: the one-row fused GEMVs' registers capped for N blocks an SM; "
+        "Dense.fused_min_blocks, 4), any-rows (TP 1: one 16-bit GEMV kernel for any row count, "
+        "Dense.gemv_fixed_rows off), no-gemv-pipeline (TP 1: the 16-bit GEMVs load their next weights after "
+        "summing, Dense.gemv_pipeline off), no-attn-pdl (TP "
         "1: the fused step's attention runs without programmatic dependent launch), no-pipeline (TP 1: each "
         "graph step launched only after the last one's tokens are read, ServingLoop.pipelined_decode off), "
         "one-graph (TP 1: one decode graph of max_batch rows for every step, LlamaEngine.decode_graph_ladder "

@@ -19,19 +19,25 @@ decode step, the driver's launch). Copies and exact comparisons only: nothing is
 - ``unshard_columns(src, rows, width, n, dst, dst_ld)``: the all-gathered float32 shards ``src [parts, rows,
   width]`` as ``dst [rows, :n]`` (the padding columns past ``n`` dropped).
 
-:data:`GEMV_SOURCE` (compiled as is; launched by the driver, Dense._prepared). ``gemv_{f16,bf16}_{f16,f32}(x, w, y,
-rows, n, k, x_ld, y_ld)``: ``y[r, j] = sum_c x[r, c] * w[j, c]`` for ``r < rows <= 4`` -- ``x [rows, k]`` and
-``w [n, k]`` (row-major, a Linear weight) 16-bit, ``y [rows, n]`` 16-bit or float32, row strides ``x_ld``,
-``y_ld`` in elements. One warp per output column (Dense launches 4 a block, ``ceil(n / 4)`` blocks): lane ``l``
-sums, in float32, the 8-element vectors ``l, l + 32, ...`` of ``w``'s row, then a butterfly sums the 32 lanes.
-Each lane loads 4 weight vectors before summing them (``ld.global.nc.L1::no_allocate``: weights are read once, so
-they bypass L1), which keeps enough bytes in flight to read the weights at 70-92 % of an H100's HBM bandwidth
-(benchmarks/bench_gemv.py); the sums are the same, in the same order, as one vector at a time.
-Rounding: none but ``y``'s, once, to nearest even (float32 ``y``: none). ``k`` a multiple of 8; ``x``, ``w``
-and ``x``'s rows 16-byte aligned.
+:data:`GEMV_SOURCE` (launched by the driver, Dense._prepared). ``gemv_{f16,bf16}_{f16,f32}_r{R}(x, w, y, rows, n,
+k, x_ld, y_ld)``: ``y[r, j] = sum_c x[r, c] * w[j, c]`` for ``r < rows <= 4`` -- ``x [rows, k]`` and ``w [n, k]``
+(row-major, a Linear weight) 16-bit, ``y [rows, n]`` 16-bit or float32, row strides ``x_ld``, ``y_ld`` in
+elements. One warp per output column (Dense launches 4 a block, ``ceil(n / 4)`` blocks): lane ``l`` sums, in
+float32, the 8-element vectors ``l, l + 32, ...`` of ``w``'s row, then a butterfly sums the 32 lanes. Each lane
+loads 4 weight vectors before summing them (``ld.global.nc.L1::no_allocate``: weights are read once, so they
+bypass L1), and loads its next 4 before summing those (``GEMV_PIPELINE``); the sums are the same, in the same
+order, as one vector at a time. Each kernel is compiled for one row count ``R`` = ``rows``, 1 to 4
+(``GEMV_FIXED_ROWS``: the loops over the rows have a known length, so the loads of ``x``'s rows go out together
+instead of one behind each row's branch; 0 compiles one kernel, ``_r0``, for any count). Lab timings on an H100
+(8 layers of the 8B shape's four one-row GEMVs, programmatic dependent launch, weights past L2): 1,305 us with one
+kernel for any count, 1,194 with a kernel per count, 1,160 with the pipelined loads too (90 % of HBM bandwidth).
+Rounding: none but ``y``'s, once, to nearest even (float32 ``y``: none). ``k`` a multiple of 8; ``x``, ``w`` and
+``x``'s rows 16-byte aligned.
 
 :data:`FUSED_GEMV_SOURCE` (compiled with ``--use_fast_math``, as FlashInfer's modules are; launched by the driver
-on 8 warps a block, at most 8 blocks per SM, each block serving a grid-stride set of columns):
+on 8 warps a block, at most 8 blocks per SM, each block serving a grid-stride set of columns; each kernel compiled
+per row count, ``_r1`` .. ``_r4``, as the plain GEMV's, the one-row kernels' registers capped so that
+``GEMV_FUSED_MIN_BLOCKS`` blocks, 4, fit an SM):
 
 - ``gemv_{f16,bf16}_{f16,f32}_{norm,addnorm,silu}(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps)``:
   the GEMV above (the same sums in the same order) whose input rows ``in [rows, k]`` a prologue computes into
@@ -262,6 +268,36 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 """
 )
 
+# The row counts the 16-bit GEMVs are compiled for, and their other compile-time settings (Dense passes each)
+_ROW_COUNTS = r"""// The row count of a kernel compiled for R rows (1 to 4: loops of known length, whose loads of x the
+// compiler may issue together), or the launch's `rows` where R is 0 (any count: each row's load behind a branch)
+#define ROWS(R, rows) ((R) ? (R) : (rows))
+#ifndef GEMV_FIXED_ROWS  // 1: a kernel per row count, name suffix _r1 .. _r4; 0: one kernel (_r0) for 1 to 4 rows
+#define GEMV_FIXED_ROWS 1
+#endif
+#ifndef GEMV_PIPELINE  // 1: each lane loads its next UNROLL weight vectors before it sums the current ones
+#define GEMV_PIPELINE 1
+#endif
+#ifndef GEMV_FUSED_MIN_BLOCKS  // the one-row fused kernels' registers capped so this many 256-thread blocks fit an SM
+#define GEMV_FUSED_MIN_BLOCKS 4
+#endif
+#if GEMV_FUSED_MIN_BLOCKS > 1
+#define FUSED_BOUNDS_1 __launch_bounds__(256, GEMV_FUSED_MIN_BLOCKS)
+#else
+#define FUSED_BOUNDS_1
+#endif
+#define FUSED_BOUNDS_0
+#define FUSED_BOUNDS_2
+#define FUSED_BOUNDS_3
+#define FUSED_BOUNDS_4
+#if GEMV_FIXED_ROWS
+#define EACH_ROW_COUNT(M, ...) M(1, __VA_ARGS__) M(2, __VA_ARGS__) M(3, __VA_ARGS__) M(4, __VA_ARGS__)
+#else
+#define EACH_ROW_COUNT(M, ...) M(0, __VA_ARGS__)
+#endif
+
+"""
+
 GEMV_SOURCE = (
     r"""
 // y[r, j] = sum_c x[r, c] * w[j, c] for r < rows <= 4 (float32 sums; 16-bit x and w, 16-bit or float32 y): the
@@ -300,9 +336,10 @@ __device__ __forceinline__ uint4 load_weights(const uint4* p) {
 #define GEMV_UNROLL 4
 #endif
 #define UNROLL GEMV_UNROLL
-
-// acc[r] += the 8 products of weight vector a with x's vector c of row r, for r < rows, in element order.
-template <bool BF16>
+"""
+    + _ROW_COUNTS
+    + r"""// acc[r] += the 8 products of weight vector a with x's vector c of row r, r < ROWS(R, rows), in order.
+template <bool BF16, int R>
 __device__ __forceinline__ void gemv_vec(uint4 a, const unsigned short* __restrict__ x, long long x_ld, int rows, int c,
                                          float acc[4]) {
     const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
@@ -311,7 +348,7 @@ __device__ __forceinline__ void gemv_vec(uint4 a, const unsigned short* __restri
     for (int e = 0; e < 8; ++e) wf[e] = BF16 ? b2f(av[e]) : h2f(av[e]);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-        if (r < rows) {
+        if (r < ROWS(R, rows)) {
             uint4 b = __ldg(reinterpret_cast<const uint4*>(x + r * x_ld) + c);
             const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
 #pragma unroll
@@ -320,7 +357,7 @@ __device__ __forceinline__ void gemv_vec(uint4 a, const unsigned short* __restri
     }
 }
 
-template <bool BF16, bool F32OUT>
+template <bool BF16, bool F32OUT, int R>
 __device__ __forceinline__ void gemv_rows(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
                                           void* __restrict__ y, int rows, int n, int k, long long x_ld,
                                           long long y_ld) {
@@ -334,7 +371,8 @@ __device__ __forceinline__ void gemv_rows(const unsigned short* __restrict__ x, 
     int c = lane;
     // UNROLL weight vectors loaded before any is used (more bytes in flight per warp), then summed in the same
     // order as the one-at-a-time tail loop below: the sums do not depend on the unrolling. The first UNROLL are
-    // loaded before waiting for the previous kernel (weights are constants; see griddep_wait)
+    // loaded before waiting for the previous kernel (weights are constants; see griddep_wait); with GEMV_PIPELINE
+    // each later UNROLL are loaded before the ones in hand are summed, so the loads wait on no sum
     uint4 a[UNROLL];
     bool more = c + 32 * (UNROLL - 1) < vecs;
     if (more) {
@@ -343,36 +381,42 @@ __device__ __forceinline__ void gemv_rows(const unsigned short* __restrict__ x, 
     }
     griddep_wait();
     while (more) {
+        const bool next = c + 32 * (2 * UNROLL - 1) < vecs;
+        uint4 b[UNROLL];
+        if (GEMV_PIPELINE && next) {
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) gemv_vec<BF16>(a[u], x, x_ld, rows, c + 32 * u, acc);
+            for (int u = 0; u < UNROLL; ++u) b[u] = load_weights(wv + c + 32 * (UNROLL + u));
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) gemv_vec<BF16, R>(a[u], x, x_ld, rows, c + 32 * u, acc);
         c += 32 * UNROLL;
-        more = c + 32 * (UNROLL - 1) < vecs;
+        more = next;
         if (more) {
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
+            for (int u = 0; u < UNROLL; ++u) a[u] = GEMV_PIPELINE ? b[u] : load_weights(wv + c + 32 * u);
         }
     }
-    for (; c < vecs; c += 32) gemv_vec<BF16>(load_weights(wv + c), x, x_ld, rows, c, acc);
+    for (; c < vecs; c += 32) gemv_vec<BF16, R>(load_weights(wv + c), x, x_ld, rows, c, acc);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         float v = acc[r];
         for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0 && r < rows) {
+        if (lane == 0 && r < ROWS(R, rows)) {
             if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
             else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = BF16 ? f2b(v) : f2h(v);
         }
     }
 }
 
-#define GEMV(name, bf16, f32out)                                                                                    \
-    extern "C" __global__ void name(const unsigned short* x, const unsigned short* w, void* y, int rows, int n,      \
-                                    int k, long long x_ld, long long y_ld) {                                        \
-        gemv_rows<bf16, f32out>(x, w, y, rows, n, k, x_ld, y_ld);                                                   \
+#define GEMV(R, name, bf16, f32out)                                                                                 \
+    extern "C" __global__ void name##_r##R(const unsigned short* x, const unsigned short* w, void* y, int rows,      \
+                                           int n, int k, long long x_ld, long long y_ld) {                          \
+        gemv_rows<bf16, f32out, R>(x, w, y, rows, n, k, x_ld, y_ld);                                                \
     }
-GEMV(gemv_f16_f16, false, false)
-GEMV(gemv_f16_f32, false, true)
-GEMV(gemv_bf16_bf16, true, false)
-GEMV(gemv_bf16_f32, true, true)
+EACH_ROW_COUNT(GEMV, gemv_f16_f16, false, false)
+EACH_ROW_COUNT(GEMV, gemv_f16_f32, false, true)
+EACH_ROW_COUNT(GEMV, gemv_bf16_bf16, true, false)
+EACH_ROW_COUNT(GEMV, gemv_bf16_f32, true, true)
 """
 )
 
@@ -527,9 +571,10 @@ __device__ __forceinline__ uint4 load_weights(const uint4* p) {
 #define GEMV_UNROLL 4
 #endif
 #define UNROLL GEMV_UNROLL
-
-// acc[r] += the 8 products of weight vector a with the staged input vector c of row r, for r < rows.
-template <bool BF16>
+"""
+    + _ROW_COUNTS
+    + r"""// acc[r] += the 8 products of weight vector a with the staged input vector c of row r, for r < ROWS(R, rows).
+template <bool BF16, int R>
 __device__ __forceinline__ void staged_vec(uint4 a, const uint4* sx, int vecs, int rows, int c, float acc[4]) {
     const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
     float wf[8];
@@ -537,7 +582,7 @@ __device__ __forceinline__ void staged_vec(uint4 a, const uint4* sx, int vecs, i
     for (int e = 0; e < 8; ++e) wf[e] = tof<BF16>(av[e]);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-        if (r < rows) {
+        if (r < ROWS(R, rows)) {
             uint4 b = sx[r * vecs + c];
             const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
 #pragma unroll
@@ -546,7 +591,7 @@ __device__ __forceinline__ void staged_vec(uint4 a, const uint4* sx, int vecs, i
     }
 }
 
-template <bool BF16, bool F32OUT, int MODE>
+template <bool BF16, bool F32OUT, int MODE, int R>
 __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
                                            void* __restrict__ y, int rows, int n, int k, long long x_ld,
                                            long long y_ld, const unsigned short* __restrict__ h,
@@ -567,7 +612,7 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
         for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + lane + 32 * u);
     }
     griddep_wait();
-    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    stage<BF16, MODE>(sx, x, ROWS(R, rows), k, x_ld, h, nw, h_out, h_ld, eps);
     for (; j < n; j += gridDim.x * warps) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
@@ -579,22 +624,28 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
                 for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
             }
         }
-        while (more) {  // as the plain GEMV: the same sums
+        while (more) {  // as the plain GEMV: the same sums, the next vectors loaded first with GEMV_PIPELINE
+            const bool next = c + 32 * (2 * UNROLL - 1) < vecs;
+            uint4 b[UNROLL];
+            if (GEMV_PIPELINE && next) {
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) staged_vec<BF16>(a[u], sx, vecs, rows, c + 32 * u, acc);
+                for (int u = 0; u < UNROLL; ++u) b[u] = load_weights(wv + c + 32 * (UNROLL + u));
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) staged_vec<BF16, R>(a[u], sx, vecs, rows, c + 32 * u, acc);
             c += 32 * UNROLL;
-            more = c + 32 * (UNROLL - 1) < vecs;
+            more = next;
             if (more) {
 #pragma unroll
-                for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
+                for (int u = 0; u < UNROLL; ++u) a[u] = GEMV_PIPELINE ? b[u] : load_weights(wv + c + 32 * u);
             }
         }
-        for (; c < vecs; c += 32) staged_vec<BF16>(load_weights(wv + c), sx, vecs, rows, c, acc);
+        for (; c < vecs; c += 32) staged_vec<BF16, R>(load_weights(wv + c), sx, vecs, rows, c, acc);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             float v = acc[r];
             for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-            if (lane == 0 && r < rows) {
+            if (lane == 0 && r < ROWS(R, rows)) {
                 if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
                 else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
             }
@@ -602,31 +653,32 @@ __device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x,
     }
 }
 
-#define FUSED(name, bf16, f32out, mode)                                                                            \
-    extern "C" __global__ void name(const unsigned short* x, const unsigned short* w, void* y, int rows, int n,      \
-                                    int k, long long x_ld, long long y_ld, const unsigned short* h,                 \
-                                    const unsigned short* nw, unsigned short* h_out, long long h_ld, float eps) {   \
-        gemv_fused<bf16, f32out, mode>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps);                   \
+#define FUSED(R, name, bf16, f32out, mode)                                                                         \
+    extern "C" __global__ void FUSED_BOUNDS_##R                                                                    \
+            name##_r##R(const unsigned short* x, const unsigned short* w, void* y, int rows, int n, int k,           \
+                        long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,           \
+                        unsigned short* h_out, long long h_ld, float eps) {                                          \
+        gemv_fused<bf16, f32out, mode, R>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps);                \
     }
-FUSED(gemv_f16_f16_norm, false, false, 1)
-FUSED(gemv_f16_f32_norm, false, true, 1)
-FUSED(gemv_bf16_bf16_norm, true, false, 1)
-FUSED(gemv_bf16_f32_norm, true, true, 1)
-FUSED(gemv_f16_f16_addnorm, false, false, 2)
-FUSED(gemv_f16_f32_addnorm, false, true, 2)
-FUSED(gemv_bf16_bf16_addnorm, true, false, 2)
-FUSED(gemv_bf16_f32_addnorm, true, true, 2)
-FUSED(gemv_f16_f16_silu, false, false, 3)
-FUSED(gemv_f16_f32_silu, false, true, 3)
-FUSED(gemv_bf16_bf16_silu, true, false, 3)
-FUSED(gemv_bf16_f32_silu, true, true, 3)
+EACH_ROW_COUNT(FUSED, gemv_f16_f16_norm, false, false, 1)
+EACH_ROW_COUNT(FUSED, gemv_f16_f32_norm, false, true, 1)
+EACH_ROW_COUNT(FUSED, gemv_bf16_bf16_norm, true, false, 1)
+EACH_ROW_COUNT(FUSED, gemv_bf16_f32_norm, true, true, 1)
+EACH_ROW_COUNT(FUSED, gemv_f16_f16_addnorm, false, false, 2)
+EACH_ROW_COUNT(FUSED, gemv_f16_f32_addnorm, false, true, 2)
+EACH_ROW_COUNT(FUSED, gemv_bf16_bf16_addnorm, true, false, 2)
+EACH_ROW_COUNT(FUSED, gemv_bf16_f32_addnorm, true, true, 2)
+EACH_ROW_COUNT(FUSED, gemv_f16_f16_silu, false, false, 3)
+EACH_ROW_COUNT(FUSED, gemv_f16_f32_silu, false, true, 3)
+EACH_ROW_COUNT(FUSED, gemv_bf16_bf16_silu, true, false, 3)
+EACH_ROW_COUNT(FUSED, gemv_bf16_f32_silu, true, true, 3)
 
 #ifndef ROPE_UNROLL  // vectors of each column in flight per lane in the QKV + RoPE GEMV (Dense.rope_unroll)
 #define ROPE_UNROLL 4
 #endif
 
 // a0[r] / a1[r] += the 8 products of weight vectors u0 / u1 (columns j0, j1) with staged input vector c of row r
-template <bool BF16>
+template <bool BF16, int R>
 __device__ __forceinline__ void pair_vec(uint4 u0, uint4 u1, const uint4* sx, int vecs, int rows, int c, float a0[4],
                                          float a1[4]) {
     const unsigned short* v0 = reinterpret_cast<const unsigned short*>(&u0);
@@ -639,7 +691,7 @@ __device__ __forceinline__ void pair_vec(uint4 u0, uint4 u1, const uint4* sx, in
     }
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-        if (r < rows) {
+        if (r < ROWS(R, rows)) {
             uint4 b = sx[r * vecs + c];
             const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
 #pragma unroll
@@ -706,7 +758,7 @@ __device__ __forceinline__ void rope_store_append(
 // computes rcp_theta, rcp_scale, smooth_a and smooth_b as its launcher does), stores them back into y (attention
 // reads q there) and writes k and v heads into page kv_indices[kv_indptr[b] + pos / page_size], entry
 // pos % page_size of k_cache / v_cache (b = batch_indices[r], pos = positions[r]; strides in elements).
-template <bool BF16, int MODE>
+template <bool BF16, int MODE, int R>
 __device__ __forceinline__ void gemv_rope_append(
         const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, unsigned short* __restrict__ y,
         int rows, int n, int k, long long x_ld, long long y_ld, const unsigned short* __restrict__ h,
@@ -738,7 +790,7 @@ __device__ __forceinline__ void gemv_rope_append(
         }
     }
     griddep_wait();
-    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    stage<BF16, MODE>(sx, x, ROWS(R, rows), k, x_ld, h, nw, h_out, h_ld, eps);
     for (; p < pairs; p += gridDim.x * warps) {
         const int head = p / (int)half;
         const unsigned i = p - head * (int)half;
@@ -759,7 +811,7 @@ __device__ __forceinline__ void gemv_rope_append(
         }
         while (more) {
 #pragma unroll
-            for (int u = 0; u < ROPE_UNROLL; ++u) pair_vec<BF16>(b0[u], b1[u], sx, vecs, rows, c + 32 * u, a0, a1);
+            for (int u = 0; u < ROPE_UNROLL; ++u) pair_vec<BF16, R>(b0[u], b1[u], sx, vecs, rows, c + 32 * u, a0, a1);
             c += 32 * ROPE_UNROLL;
             more = c + 32 * (ROPE_UNROLL - 1) < vecs;
             if (more) {
@@ -770,7 +822,8 @@ __device__ __forceinline__ void gemv_rope_append(
                 }
             }
         }
-        for (; c < vecs; c += 32) pair_vec<BF16>(load_weights(w0 + c), load_weights(w1 + c), sx, vecs, rows, c, a0, a1);
+        for (; c < vecs; c += 32)
+            pair_vec<BF16, R>(load_weights(w0 + c), load_weights(w1 + c), sx, vecs, rows, c, a0, a1);
 #pragma unroll
         for (int r = 0; r < 4; ++r)
             for (int off = 16; off; off >>= 1) {
@@ -781,7 +834,7 @@ __device__ __forceinline__ void gemv_rope_append(
         const float freq = rope_freq(i, d, rcp_theta, rcp_scale, smooth_a, smooth_b);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-            if (r >= rows) break;
+            if (r >= ROWS(R, rows)) break;
             rope_store_append<BF16>(fromf<BF16>(a0[r]), fromf<BF16>(a1[r]), head, i, freq, r, y, y_ld, j0, hq, hk, d,
                                     positions, batch_indices, kv_indptr, kv_indices, k_cache, v_cache, page_size,
                                     stride_page, stride_n, stride_h);
@@ -789,22 +842,23 @@ __device__ __forceinline__ void gemv_rope_append(
     }
 }
 
-#define ROPE_APPEND(name, bf16, mode)                                                                              \
-    extern "C" __global__ void name(                                                                               \
+#define ROPE_APPEND(R, name, bf16, mode)                                                                           \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(                                                       \
             const unsigned short* x, const unsigned short* w, unsigned short* y, int rows, int n, int k,             \
             long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,                       \
             unsigned short* h_out, long long h_ld, float eps, int hq, int hk, unsigned d, float rcp_theta,           \
             float rcp_scale, float smooth_a, float smooth_b, const int* positions, const int* batch_indices,         \
             const int* kv_indptr, const int* kv_indices, unsigned short* k_cache, unsigned short* v_cache,           \
             int page_size, long long stride_page, long long stride_n, long long stride_h) {                          \
-        gemv_rope_append<bf16, mode>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d,           \
-                                     rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices, kv_indptr, \
-                                     kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, stride_h);     \
+        gemv_rope_append<bf16, mode, R>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d,        \
+                                        rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,         \
+                                        kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n,  \
+                                        stride_h);                                                                  \
     }
-ROPE_APPEND(gemv_f16_norm_rope, false, 1)
-ROPE_APPEND(gemv_bf16_norm_rope, true, 1)
-ROPE_APPEND(gemv_f16_addnorm_rope, false, 2)
-ROPE_APPEND(gemv_bf16_addnorm_rope, true, 2)
+EACH_ROW_COUNT(ROPE_APPEND, gemv_f16_norm_rope, false, 1)
+EACH_ROW_COUNT(ROPE_APPEND, gemv_bf16_norm_rope, true, 1)
+EACH_ROW_COUNT(ROPE_APPEND, gemv_f16_addnorm_rope, false, 2)
+EACH_ROW_COUNT(ROPE_APPEND, gemv_bf16_addnorm_rope, true, 2)
 """
     + ROUTE_SOURCE
     + r"""
@@ -813,7 +867,7 @@ ROPE_APPEND(gemv_bf16_addnorm_rope, true, 2)
 // experts' GEMVs read) to `normed`; then the last block to finish (counted in `done`, which it sets back to 0 for
 // the next launch: a CUDA graph replays it as is) routes each row as route_row does, into experts and weights
 // [rows, top_k]. Every block fences its logits before it counts itself, so the last one reads them all.
-template <bool BF16, int MODE>
+template <bool BF16, int MODE, int R>
 __device__ __forceinline__ void gemv_route(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
                                            float* __restrict__ y, int rows, int n, int k, long long x_ld,
                                            long long y_ld, const unsigned short* __restrict__ h,
@@ -823,7 +877,7 @@ __device__ __forceinline__ void gemv_route(const unsigned short* __restrict__ x,
                                            float* __restrict__ weights, unsigned int* __restrict__ done) {
     extern __shared__ uint4 sx[];  // the staged rows: gemv_fused leaves them in place
     __shared__ int last;
-    gemv_fused<BF16, true, MODE>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps);
+    gemv_fused<BF16, true, MODE, R>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps);
     const int vecs = k >> 3;
     if (blockIdx.x == 0)
         for (int r = 0; r < rows; ++r)
@@ -840,19 +894,19 @@ __device__ __forceinline__ void gemv_route(const unsigned short* __restrict__ x,
     if (threadIdx.x == 0) *done = 0u;
 }
 
-#define ROUTE(name, bf16, mode)                                                                                    \
-    extern "C" __global__ void name(const unsigned short* x, const unsigned short* w, float* y, int rows, int n,     \
-                                    int k, long long x_ld, long long y_ld, const unsigned short* h,                 \
-                                    const unsigned short* nw, unsigned short* h_out, long long h_ld, float eps,     \
-                                    unsigned short* normed, long long normed_ld, int top_k, int renorm,             \
-                                    int* experts, float* weights, unsigned int* done) {                             \
-        gemv_route<bf16, mode>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, normed, normed_ld, top_k,  \
-                               renorm, experts, weights, done);                                                     \
+#define ROUTE(R, name, bf16, mode)                                                                                 \
+    extern "C" __global__ void name##_r##R(const unsigned short* x, const unsigned short* w, float* y, int rows,     \
+                                           int n, int k, long long x_ld, long long y_ld, const unsigned short* h,   \
+                                           const unsigned short* nw, unsigned short* h_out, long long h_ld,         \
+                                           float eps, unsigned short* normed, long long normed_ld, int top_k,       \
+                                           int renorm, int* experts, float* weights, unsigned int* done) {          \
+        gemv_route<bf16, mode, R>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, normed, normed_ld,      \
+                                  top_k, renorm, experts, weights, done);                                           \
     }
-ROUTE(gemv_f16_norm_route, false, 1)
-ROUTE(gemv_bf16_norm_route, true, 1)
-ROUTE(gemv_f16_addnorm_route, false, 2)
-ROUTE(gemv_bf16_addnorm_route, true, 2)
+EACH_ROW_COUNT(ROUTE, gemv_f16_norm_route, false, 1)
+EACH_ROW_COUNT(ROUTE, gemv_bf16_norm_route, true, 1)
+EACH_ROW_COUNT(ROUTE, gemv_f16_addnorm_route, false, 2)
+EACH_ROW_COUNT(ROUTE, gemv_bf16_addnorm_route, true, 2)
 """
 )
 

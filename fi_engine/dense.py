@@ -330,6 +330,23 @@ class Dense:
     """The same for each of the two columns of the fused QKV + RoPE + append GEMV (``prepared_qkv_rope``); 1 is
     the one-vector loop it had before (``benchmarks/bench_llama_tp.py --variants rope-unroll-1``)."""
 
+    gemv_fixed_rows = True
+    """The 16-bit GEMVs (plain, fused, RoPE, router) compiled once per row count, 1 to 4, each launch taking the
+    kernel of its rows: loops of known length, whose loads of the input rows the compiler issues together. False:
+    one kernel per variant for any row count (each row's load behind a branch), as before 2026-11-25 (session 13).
+    The same sums either way. Compiled in when a Dense is made; set it on the class to compare
+    (``benchmarks/bench_llama_tp.py --variants any-rows``)."""
+
+    gemv_pipeline = True
+    """The plain and fused 16-bit GEMVs load each lane's next :attr:`gemv_unroll` weight vectors before summing the
+    ones in hand, so a load never waits for a sum (the same sums in the same order). Compiled in when a Dense is
+    made; set it on the class to compare (``benchmarks/bench_llama_tp.py --variants no-gemv-pipeline``)."""
+
+    fused_min_blocks = 4
+    """The one-row fused GEMVs' registers capped (``__launch_bounds__``) so that this many of their 256-thread
+    blocks fit an SM (1: no cap). Compiled in when a Dense is made; set it on the class to compare
+    (``benchmarks/bench_llama_tp.py --variants fused-min-blocks-N``)."""
+
     @property
     def launches_with_pdl(self) -> bool:
         """Whether the prepared launches use programmatic dependent launch (:attr:`pdl` on, a Hopper or later GPU,
@@ -356,10 +373,11 @@ class Dense:
             self._blas.close()
             raise
         self._stream = stream.ptr
-        self._gemv_fns: dict[tuple[int, int], int] = {}
+        self._gemv_fns: dict[tuple[int, int], tuple[int, ...]] = {}  # (ab_type, c_type) -> CUfunction per row count
         self._gemv_args: dict[tuple[int, ...], tuple[Any, ...]] = {}
-        # the GEMV with a prologue (fused_linear): (mode, ab_type, c_type) -> CUfunction, packed calls, limits
-        self._fused_fns: dict[tuple[int, int, int], int] = {}
+        # the GEMV with a prologue (fused_linear): (mode, ab_type, c_type) -> CUfunction per row count (1 to 4),
+        # packed calls, limits
+        self._fused_fns: dict[tuple[int, int, int], tuple[int, ...]] = {}
         self._fused_args: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._fused_smem = 0  # the most dynamic shared memory (bytes) a fused launch may take: its input rows
         self._fused_grid = 1056  # blocks per fused launch at most (8 per SM; each stages its input rows once)
@@ -383,8 +401,9 @@ class Dense:
 
             lib = libcuda()
             if lib is not None:
-                gemv = cupy.RawModule(code=GEMV_SOURCE, options=(f"-DGEMV_UNROLL={_unroll(self.gemv_unroll)}",))
-                self._gemv_fns = {key: _function_ptr(gemv.get_function(name)) for key, name in _GEMV_NAMES.items()}
+                options = (f"-DGEMV_UNROLL={_unroll(self.gemv_unroll)}", *self._row_options())
+                gemv = cupy.RawModule(code=GEMV_SOURCE, options=options)
+                self._gemv_fns = {key: self._row_kernels(gemv, name) for key, name in _GEMV_NAMES.items()}
                 self._gemv_module = gemv
                 self._launch, self._driver_ffi = lib.cuLaunchKernel, libcuda_ffi()
                 try:  # CUDA 12.0 drivers and later; Hopper and later run its programmatic dependent launch
@@ -416,25 +435,41 @@ class Dense:
             self._blas.close()
             raise
 
+    def _row_options(self) -> tuple[str, ...]:
+        """The NVRTC options of :attr:`gemv_fixed_rows`, :attr:`gemv_pipeline` and :attr:`fused_min_blocks`."""
+        return (
+            f"-DGEMV_FIXED_ROWS={int(bool(self.gemv_fixed_rows))}",
+            f"-DGEMV_PIPELINE={int(bool(self.gemv_pipeline))}",
+            f"-DGEMV_FUSED_MIN_BLOCKS={max(1, min(32, int(self.fused_min_blocks)))}",
+        )
+
+    def _row_kernels(self, module: Any, name: str, keep: bool = False) -> Any:
+        """Kernel ``name``'s functions for 1, 2, 3 and 4 rows, in that order (``name_r1`` .. ``name_r4``; without
+        :attr:`gemv_fixed_rows`, ``name_r0`` four times): CUfunction handles, or with ``keep`` the CuPy functions."""
+        names = [f"{name}_r{r}" for r in range(1, GEMV_MAX_ROWS + 1)] if self.gemv_fixed_rows else [f"{name}_r0"] * 4
+        kernels = [module.get_function(n) for n in names]
+        return tuple(kernels) if keep else tuple(_function_ptr(k) for k in kernels)
+
     def _load_fused(self, cupy: Any) -> None:
         """Compile the fused GEMV variants (``fused_linear``); a failure leaves them off, the plain GEMV on."""
         try:
             unroll = (f"-DGEMV_UNROLL={_unroll(self.gemv_unroll)}", f"-DROPE_UNROLL={_unroll(self.rope_unroll)}")
-            module = cupy.RawModule(code=FUSED_GEMV_SOURCE, options=("--use_fast_math", *unroll))
+            module = cupy.RawModule(code=FUSED_GEMV_SOURCE, options=("--use_fast_math", *unroll, *self._row_options()))
             attrs = cupy.cuda.Device().attributes
             fns = {}
             limit = _STATIC_SMEM - 1024  # the static part (the sums of squares) counts against the same 48 KiB
             optin = int(attrs.get("MaxSharedMemoryPerBlockOptin", 0)) - 1024
 
-            def load(kernel_name: str) -> int:
+            def load(kernel_name: str) -> tuple[int, ...]:
                 nonlocal optin
-                kernel = module.get_function(kernel_name)
-                if optin > limit:  # rows x k input values beyond 48 KiB: opt in once per kernel
-                    try:
-                        kernel.max_dynamic_shared_size_bytes = optin
-                    except Exception:
-                        optin = limit
-                return _function_ptr(kernel)
+                kernels = self._row_kernels(module, kernel_name, keep=True)
+                for kernel in kernels:
+                    if optin > limit:  # rows x k input values beyond 48 KiB: opt in once per kernel
+                        try:
+                            kernel.max_dynamic_shared_size_bytes = optin
+                        except Exception:
+                            optin = limit
+                return tuple(_function_ptr(kernel) for kernel in kernels)
 
             for (ab, c), name in _GEMV_NAMES.items():
                 for mode, suffix in _FUSED_SUFFIX.items():
@@ -704,6 +739,8 @@ class Dense:
         rope, mode = mode & _ROPE, mode & ~_ROPE
         if not self.fused_fits(rows, k):
             raise ValueError(f"rows, k: the fused GEMV does not serve {rows} rows of {k} (see fused_fits)")
+        if fp8 is None:
+            fn = fn[rows - 1]  # the 16-bit kernel of this many rows
         if not 0 < n < 1 << 31:
             raise ValueError(f"n: expected 1 to 2**31 - 1 output columns, got {n}")
         if rows > 1:  # rows closer than a row's width would overlap (one row never steps by its stride)
@@ -859,9 +896,10 @@ class Dense:
         if self._fp8_weights and w in self._fp8_weights:
             raise ValueError("w: the routing epilogue reads 16-bit router weights; this one is registered as FP8")
         _, _, smem, _, _ = self._pack_fused(key, checks_only=True)  # the GEMV's own checks
-        fn = self._fused_fns.get((mode | _ROUTE, ab_type, CUDA_R_32F))
-        if fn is None:
+        fns = self._fused_fns.get((mode | _ROUTE, ab_type, CUDA_R_32F))
+        if fns is None:
             raise ValueError(f"ab_type: no router GEMV compiled for it ({ab_type}; see has_router)")
+        fn = fns[rows - 1]  # (rows checked by the GEMV's checks above)
         if r.top_k > n:
             raise ValueError(f"route.top_k: expected at most n ({n}) experts, got {r.top_k}")
         if rows > 1 and r.normed_ld < k:
@@ -1224,7 +1262,8 @@ class Dense:
         multiple of 8, x, w or x's rows not 16-byte aligned). Keyed by the call's ints only (values, no caller
         object); at most 4096 kept, then the cache starts again."""
         rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type = key
-        fn = self._gemv_fns.get((ab_type, c_type))
+        fns = self._gemv_fns.get((ab_type, c_type))
+        fn = fns[rows - 1] if fns is not None and 0 < rows <= GEMV_MAX_ROWS else None
         item = 4 if c_type == CUDA_R_32F else 2
         if fn is not None and y % item:  # the kernel stores one element at a time: each must be aligned
             raise ValueError(

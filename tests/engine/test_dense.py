@@ -31,9 +31,11 @@ H, N = 256, 512  # hidden size (k) and output columns
 def fake_dense() -> D.Dense:
     d = D.Dense.__new__(D.Dense)
     d.gemv = True
-    d._fused_fns = {(m, ab, c): 0x1000 + m for (ab, c) in D._GEMV_NAMES for m in (D.NORM, D.ADD_NORM, D.SILU)}
-    d._fused_fns |= {(m | D._ROPE, ab, ab): 0x2000 + m for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)}
-    d._gemv_fns = dict.fromkeys(D._GEMV_NAMES, 0x3000)
+    # the kernels of 1 to 4 rows: handle + 0x100 * (rows - 1)
+    by_rows = lambda fn: tuple(fn + 0x100 * r for r in range(D.GEMV_MAX_ROWS))  # noqa: E731
+    d._fused_fns = {(m, ab, c): by_rows(0x1000 + m) for (ab, c) in D._GEMV_NAMES for m in (D.NORM, D.ADD_NORM, D.SILU)}
+    d._fused_fns |= {(m | D._ROPE, ab, ab): by_rows(0x2000 + m) for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)}
+    d._gemv_fns = dict.fromkeys(D._GEMV_NAMES, by_rows(0x3000))
     d._fused_args, d._gemv_args = {}, {}
     d._fused_smem, d._fused_grid = (48 << 10) - 1024, 1056
     d._driver_ffi = driver.ffi()
@@ -97,13 +99,13 @@ def test_pdl_launches_carry_the_attribute() -> None:
     d._launch_ex = launch_ex
     d.prepared_linear(**linear_call())()
     fn, grid, grid_y, block, smem, stream, attrs, params = seen[0]
-    assert (fn, grid, grid_y, block, smem, stream) == (0x3000, -(-N // D._GEMV_WARPS), 1, 32 * D._GEMV_WARPS, 0, 0x77)
+    assert (fn, grid, grid_y, block, smem, stream) == (0x3100, -(-N // D._GEMV_WARPS), 1, 32 * D._GEMV_WARPS, 0, 0x77)
     assert attrs == [(6, 1)] and params != d._null
     d.prepared_fused(**fused_call())()
-    assert seen[1][0] == 0x1000 + D.ADD_NORM and seen[1][3] == 32 * D._FUSED_WARPS and seen[1][4] > 0
+    assert seen[1][0] == 0x1100 + D.ADD_NORM and seen[1][3] == 32 * D._FUSED_WARPS and seen[1][4] > 0
     assert seen[1][6] == [(6, 1)]
     d.prepared_qkv_rope(**qkv_call())()
-    assert seen[2][0] == 0x2000 + D.ADD_NORM and seen[2][6] == [(6, 1)]
+    assert seen[2][0] == 0x2100 + D.ADD_NORM and seen[2][6] == [(6, 1)]
     d.prepared_gather(**gather_call())()
     assert seen[3][0] == 0x4000 and seen[3][2] == D._column_blocks(H) and seen[3][6] == []  # no attribute
     assert d.launches == []  # cuLaunchKernel: never, where cuLaunchKernelEx is
@@ -278,12 +280,30 @@ def test_one_row_takes_any_stride_and_norm_ignores_x():
     assert len(d.launches) == 2
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_each_launch_takes_the_kernel_compiled_for_its_row_count(rows: int):
+    """The 16-bit GEMVs are compiled once per row count (Dense.gemv_fixed_rows): the plain, fused, RoPE and router
+    launches of ``rows`` rows take that count's kernel (the fakes' handles: base + 0x100 * (rows - 1))."""
+    d = router_dense()
+    d._launch_ex = lambda config, fn, params, extra: d.launches.append((fn,)) or 0
+    d.bandwidth_bound = False  # an eager step: the GEMV serves every call of at most 4 rows
+    offset = 0x100 * (rows - 1)
+    d.prepared_linear(**{**linear_call(), "rows": rows})()
+    d.prepared_fused(**{**fused_call(), "rows": rows})()
+    d.prepared_qkv_rope(**{**qkv_call(), "rows": rows})()
+    d.prepared_router(**{**router_call(), "rows": rows})()
+    d.linear(**{**linear_call(), "rows": rows})  # the unprepared path: cuLaunchKernel, its first argument
+    d.fused_linear(**{**fused_call(D.SILU), "rows": rows})
+    launched = [launch[0] for launch in d.launches]
+    assert launched == [base + offset for base in (0x3000, 0x1002, 0x2002, 0x5002, 0x3000, 0x1003)]
+
+
 def test_the_packed_arguments_are_the_call_values():
     d = fake_dense()
     call = fused_call()
     d.fused_linear(**call)
     fn, grid, _, _, block, _, _, smem, stream, params, _ = d.launches[0]
-    assert (fn, grid, block, smem, stream) == (0x1002, N // 8, 256, 2 * H * 2, 0x77)
+    assert (fn, grid, block, smem, stream) == (0x1102, N // 8, 256, 2 * H * 2, 0x77)  # ADD_NORM's 2-row kernel
     slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(13)]
     eps_bits = int.from_bytes(struct.pack("<f", call["eps"]), "little")
     names = ("x", "w", "y", "rows", "n", "k", "x_ld", "y_ld", "h", "norm_weight", "h_out", "h_ld")
@@ -359,7 +379,9 @@ def router_call(mode: int = D.ADD_NORM) -> dict[str, Any]:
 def router_dense() -> D.Dense:
     d = fake_dense()
     d._fused_fns |= {
-        (m | D._ROUTE, ab, D.CUDA_R_32F): 0x5000 + m for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)
+        (m | D._ROUTE, ab, D.CUDA_R_32F): tuple(0x5000 + m + 0x100 * r for r in range(4))
+        for ab in (D.CUDA_R_16F, D.CUDA_R_16BF)
+        for m in (1, 2)
     }
     return d
 
@@ -370,7 +392,7 @@ def test_a_router_call_packs_its_epilogue_after_the_fused_gemvs_arguments():
     call = router_call()
     d.prepared_router(**call)()
     fn, grid, _, _, block, _, _, smem, stream, params, _ = d.launches[0]
-    assert (fn, grid, block, smem, stream) == (0x5000 + D.ADD_NORM, 2, 256, 2 * 2 * H, 0x77)
+    assert (fn, grid, block, smem, stream) == (0x5100 + D.ADD_NORM, 2, 256, 2 * 2 * H, 0x77)
     slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(20)]
     r = call["route"]
     eps_bits = int.from_bytes(struct.pack("<f", call["eps"]), "little")
