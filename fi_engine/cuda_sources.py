@@ -290,7 +290,9 @@ _ROW_COUNTS = r"""// The row count of a kernel compiled for R rows (1 to 4: loop
 #define FUSED_BOUNDS_2
 #define FUSED_BOUNDS_3
 #define FUSED_BOUNDS_4
-#if GEMV_FIXED_ROWS
+#if defined(GEMV_DEVICE_FUNCTIONS_ONLY)  // a module that includes this source for its device functions only
+#define EACH_ROW_COUNT(M, ...)
+#elif GEMV_FIXED_ROWS
 #define EACH_ROW_COUNT(M, ...) M(1, __VA_ARGS__) M(2, __VA_ARGS__) M(3, __VA_ARGS__) M(4, __VA_ARGS__)
 #else
 #define EACH_ROW_COUNT(M, ...) M(0, __VA_ARGS__)
@@ -750,16 +752,37 @@ __device__ __forceinline__ void rope_store_append(
     }
 }
 
-// The fused QKV GEMV of a decode step with FlashInfer's apply_rope_pos_ids (in place, non-interleaved, all of d
-// rotated) and append_paged_kv_cache (NHD) as its epilogue: y = qkv [rows, (hq + 2 hk) d], 16-bit. Each warp
+// The fused GEMVs whose warps each compute a pair of output columns, then an epilogue over the pair (EPI):
+//
+// EPI_ROPE: the QKV GEMV of a decode step with FlashInfer's apply_rope_pos_ids (in place, non-interleaved, all of
+// d rotated) and append_paged_kv_cache (NHD) as its epilogue: y = qkv [rows, (hq + 2 hk) d], 16-bit. Each warp
 // computes the columns i and i + d/2 of one head (each column's sum exactly as gemv_fused's), rounds them as the
 // GEMV's output is rounded, rotates q and k heads with FlashInfer's arithmetic (its frequency and smoothing
 // expressions, __powf and __sincosf under --use_fast_math, the rotation written as its kernel writes it; the host
 // computes rcp_theta, rcp_scale, smooth_a and smooth_b as its launcher does), stores them back into y (attention
 // reads q there) and writes k and v heads into page kv_indices[kv_indptr[b] + pos / page_size], entry
 // pos % page_size of k_cache / v_cache (b = batch_indices[r], pos = positions[r]; strides in elements).
-template <bool BF16, int MODE, int R>
-__device__ __forceinline__ void gemv_rope_append(
+//
+// EPI_SILU: the gate/up GEMV of a decode step (w [2 m, k]: the m gate rows, then the m up rows; n = 2 m) with
+// FlashInfer's silu_and_mul as its epilogue: y [rows, m] = silu(g) * u, g and u the columns p and m + p rounded as
+// the GEMV's output is, the activation as the SiLU prologue computes it. The RoPE arguments are unused.
+#define EPI_ROPE 0
+#define EPI_SILU 1
+template <int EPI>
+__device__ __forceinline__ void pair_columns(int p, int pairs, unsigned d, long long& j0, long long& j1) {
+    if (EPI == EPI_SILU) {
+        j0 = p;
+        j1 = (long long)pairs + p;
+    } else {
+        const unsigned half = d >> 1;
+        const int head = p / (int)half;
+        j0 = (long long)head * d + (p - head * (int)half);
+        j1 = j0 + half;
+    }
+}
+
+template <bool BF16, int MODE, int R, int EPI>
+__device__ __forceinline__ void gemv_pairs(
         const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, unsigned short* __restrict__ y,
         int rows, int n, int k, long long x_ld, long long y_ld, const unsigned short* __restrict__ h,
         const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out, long long h_ld, float eps, int hq,
@@ -771,7 +794,6 @@ __device__ __forceinline__ void gemv_rope_append(
     griddep_launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int vecs = k >> 3;
-    const unsigned half = d >> 1;
     const int pairs = n >> 1;
     // As gemv_fused: ROPE_UNROLL vectors of each of the two columns in flight per lane (the first pair's loaded
     // before the wait for the previous kernel), summed in the order of the one-at-a-time tail loop
@@ -779,10 +801,10 @@ __device__ __forceinline__ void gemv_rope_append(
     uint4 b0[ROPE_UNROLL], b1[ROPE_UNROLL];
     bool more = p < pairs && lane + 32 * (ROPE_UNROLL - 1) < vecs;
     if (more) {
-        const int head = p / (int)half;
-        const long long j0 = (long long)head * d + (p - head * (int)half);
+        long long j0, j1;
+        pair_columns<EPI>(p, pairs, d, j0, j1);
         const uint4* w0 = reinterpret_cast<const uint4*>(w + j0 * k);
-        const uint4* w1 = reinterpret_cast<const uint4*>(w + (j0 + half) * k);
+        const uint4* w1 = reinterpret_cast<const uint4*>(w + j1 * k);
 #pragma unroll
         for (int u = 0; u < ROPE_UNROLL; ++u) {
             b0[u] = load_weights(w0 + lane + 32 * u);
@@ -792,9 +814,8 @@ __device__ __forceinline__ void gemv_rope_append(
     griddep_wait();
     stage<BF16, MODE>(sx, x, ROWS(R, rows), k, x_ld, h, nw, h_out, h_ld, eps);
     for (; p < pairs; p += gridDim.x * warps) {
-        const int head = p / (int)half;
-        const unsigned i = p - head * (int)half;
-        const long long j0 = (long long)head * d + i, j1 = j0 + half;
+        long long j0, j1;
+        pair_columns<EPI>(p, pairs, d, j0, j1);
         float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
         const uint4* w0 = reinterpret_cast<const uint4*>(w + j0 * k);
         const uint4* w1 = reinterpret_cast<const uint4*>(w + j1 * k);
@@ -831,6 +852,18 @@ __device__ __forceinline__ void gemv_rope_append(
                 a1[r] += __shfl_xor_sync(0xffffffffu, a1[r], off);
             }
         if (lane != 0) continue;
+        if (EPI == EPI_SILU) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                if (r >= ROWS(R, rows)) break;
+                const float g = tof<BF16>(fromf<BF16>(a0[r])), u = tof<BF16>(fromf<BF16>(a1[r]));
+                y[r * y_ld + p] = fromf<BF16>(g / (1.0f + __expf(-g)) * u);
+            }
+            continue;
+        }
+        const unsigned half = d >> 1;
+        const int head = p / (int)half;
+        const unsigned i = p - head * (int)half;
         const float freq = rope_freq(i, d, rcp_theta, rcp_scale, smooth_a, smooth_b);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
@@ -842,7 +875,7 @@ __device__ __forceinline__ void gemv_rope_append(
     }
 }
 
-#define ROPE_APPEND(R, name, bf16, mode)                                                                           \
+#define PAIRS(R, name, bf16, mode, epi)                                                                            \
     extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(                                                       \
             const unsigned short* x, const unsigned short* w, unsigned short* y, int rows, int n, int k,             \
             long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,                       \
@@ -850,15 +883,19 @@ __device__ __forceinline__ void gemv_rope_append(
             float rcp_scale, float smooth_a, float smooth_b, const int* positions, const int* batch_indices,         \
             const int* kv_indptr, const int* kv_indices, unsigned short* k_cache, unsigned short* v_cache,           \
             int page_size, long long stride_page, long long stride_n, long long stride_h) {                          \
-        gemv_rope_append<bf16, mode, R>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d,        \
-                                        rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,         \
-                                        kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n,  \
-                                        stride_h);                                                                  \
+        gemv_pairs<bf16, mode, R, epi>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d,         \
+                                       rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,          \
+                                       kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n,   \
+                                       stride_h);                                                                   \
     }
-EACH_ROW_COUNT(ROPE_APPEND, gemv_f16_norm_rope, false, 1)
-EACH_ROW_COUNT(ROPE_APPEND, gemv_bf16_norm_rope, true, 1)
-EACH_ROW_COUNT(ROPE_APPEND, gemv_f16_addnorm_rope, false, 2)
-EACH_ROW_COUNT(ROPE_APPEND, gemv_bf16_addnorm_rope, true, 2)
+EACH_ROW_COUNT(PAIRS, gemv_f16_norm_rope, false, 1, EPI_ROPE)
+EACH_ROW_COUNT(PAIRS, gemv_bf16_norm_rope, true, 1, EPI_ROPE)
+EACH_ROW_COUNT(PAIRS, gemv_f16_addnorm_rope, false, 2, EPI_ROPE)
+EACH_ROW_COUNT(PAIRS, gemv_bf16_addnorm_rope, true, 2, EPI_ROPE)
+EACH_ROW_COUNT(PAIRS, gemv_f16_norm_gateup, false, 1, EPI_SILU)
+EACH_ROW_COUNT(PAIRS, gemv_bf16_norm_gateup, true, 1, EPI_SILU)
+EACH_ROW_COUNT(PAIRS, gemv_f16_addnorm_gateup, false, 2, EPI_SILU)
+EACH_ROW_COUNT(PAIRS, gemv_bf16_addnorm_gateup, true, 2, EPI_SILU)
 """
     + ROUTE_SOURCE
     + r"""
@@ -1460,7 +1497,8 @@ extern "C" __global__ void dequant_e4m3_f16(const unsigned char* w, unsigned sho
 # FUSED_GEMV_SOURCE is (the prologue's and the epilogues' rounding must be FlashInfer's); the weights' decoding
 # multiplies with subnormal inputs honored regardless (mul_subnormal).
 FP8_FUSED_SOURCE = (
-    FUSED_GEMV_SOURCE
+    "#define GEMV_DEVICE_FUNCTIONS_ONLY  // FUSED_GEMV_SOURCE's prologue and epilogues, none of its 16-bit kernels\n"
+    + FUSED_GEMV_SOURCE
     + _FP8_DECODE
     + _FP8_ONE_ROW
     + r"""

@@ -79,6 +79,8 @@ NORM, ADD_NORM, SILU = 1, 2, 3
 _FUSED_SUFFIX = {NORM: "norm", ADD_NORM: "addnorm", SILU: "silu"}
 _ROPE = 16  # a mode flag: the QKV GEMV with RoPE and the KV append as its epilogue (Dense.prepared_qkv_rope)
 _ROUTE = 32  # a mode flag: a MoE router GEMV with the routing as its epilogue (Dense.prepared_router)
+_GATE_UP = 64  # a mode flag: the gate/up GEMV with SiLU-and-mul as its epilogue (Dense.prepared_gate_up_silu)
+_PAIRS = _ROPE | _GATE_UP  # the epilogues over pairs of columns, which their own methods pack
 _FUSED_WARPS = 8  # output columns per block per pass (one warp each); a block stages its input rows once
 _STATIC_SMEM = 48 << 10  # dynamic shared memory a kernel may take without opting in
 
@@ -197,7 +199,7 @@ def _check_fused_values(key: tuple[Any, ...]) -> None:
     ``[0, 2**40)``, ``eps`` a float finite in float32. The kernel's own limits (rows, k, n, row strides at least a row's
     width, alignment, overlap) are checked after."""
     mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps = key
-    if isinstance(mode, bool) or not isinstance(mode, int) or (mode & ~_ROPE) not in _FUSED_SUFFIX:
+    if isinstance(mode, bool) or not isinstance(mode, int) or (mode & ~_PAIRS) not in _FUSED_SUFFIX:
         raise ValueError(f"mode: expected NORM, ADD_NORM or SILU (fi_engine.dense), got {mode!r:.40}")
     for name, value in (("rows", rows), ("n", n), ("k", k), ("ab_type", ab_type), ("c_type", c_type)):
         _int_arg(name, value, -(1 << 63), 1 << 63)  # their limits: fused_fits, and the kernel lookup
@@ -477,6 +479,7 @@ class Dense:
             for ab, name in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):
                 for mode, suffix in ((NORM, "norm"), (ADD_NORM, "addnorm")):
                     fns[(mode | _ROPE, ab, ab)] = load(f"gemv_{name}_{suffix}_rope")  # the QKV GEMV + RoPE + append
+                    fns[(mode | _GATE_UP, ab, ab)] = load(f"gemv_{name}_{suffix}_gateup")  # gate/up + silu_and_mul
                     fns[(mode | _ROUTE, ab, CUDA_R_32F)] = load(f"gemv_{name}_{suffix}_route")  # a MoE router
             self._fused_smem = max(limit, optin)
             self._fused_grid = max(1, int(self.fused_blocks_per_sm)) * int(attrs.get("MultiProcessorCount", 132))
@@ -715,12 +718,13 @@ class Dense:
     def _pack_fused(self, key: tuple[Any, ...], checks_only: bool = False) -> tuple[Any, ...]:
         """Check one :meth:`fused_linear` call site and pack its kernel arguments once: ``(function, grid, shared
         bytes, params, values)``; at most 4096 kept, then the cache starts again. ``checks_only``: the checks and
-        ``(function, grid, shared bytes, None, None)``, nothing packed or kept (the RoPE variant packs its own)."""
+        ``(function, grid, shared bytes, None, None)``, nothing packed or kept (the pairs variants pack their own)."""
         _check_fused_values(key)
         mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps = key
-        if mode & _ROPE and not checks_only:  # (an AssertionError below otherwise)
+        if mode & _PAIRS and not checks_only:  # (an AssertionError below otherwise)
             raise ValueError(
-                f"mode: expected NORM, ADD_NORM or SILU; the RoPE epilogue is prepared_qkv_rope's, got {mode}"
+                f"mode: expected NORM, ADD_NORM or SILU; the RoPE and SiLU epilogues are prepared_qkv_rope's and "
+                f"prepared_gate_up_silu's, got {mode}"
             )
         fn = self._fused_fns.get((mode, ab_type, c_type))
         if fn is None:
@@ -728,15 +732,15 @@ class Dense:
             raise ValueError(f"ab_type, c_type: no fused GEMV {why} ({ab_type}, {c_type}, mode {mode})")
         fp8 = self._fp8_weights.get(w) if self._fp8_weights else None
         if fp8 is not None:  # e4m3 weights: the same prologue before the FP8 GEMV (fp8_linear)
-            if mode & _ROPE:
-                raise ValueError("w: the RoPE epilogue reads 16-bit weights; this one is registered as FP8")
+            if mode & _PAIRS:
+                raise ValueError("w: the RoPE and SiLU epilogues read 16-bit weights; this one is registered as FP8")
             self._check_fp8_call(fp8, n, k, ab_type, c_type)
             fn = self._fp8.fused_fn(mode, ab_type == CUDA_R_16BF, c_type == CUDA_R_32F, fp8.block is not None)
             if fn is None:
                 raise ValueError(f"w: no fused GEMV over FP8 weights compiled ({self._fp8.fused_error or 'closed'})")
             if rows * k * 2 > self._fp8.fused_smem:
                 raise ValueError(f"rows, k: the FP8 fused GEMV stages at most {self._fp8.fused_smem} bytes of input")
-        rope, mode = mode & _ROPE, mode & ~_ROPE
+        pairs, mode = mode & _PAIRS, mode & ~_PAIRS
         if not self.fused_fits(rows, k):
             raise ValueError(f"rows, k: the fused GEMV does not serve {rows} rows of {k} (see fused_fits)")
         if fp8 is None:
@@ -782,7 +786,7 @@ class Dense:
             raise ValueError("h_out: overlaps y")
         if checks_only:
             return (fn, None, rows * k * 2, None, None)
-        assert not rope
+        assert not pairs
         eps_bits = float32_bits("eps", eps)
         args = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, eps_bits]
         grid = min((n + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
@@ -845,6 +849,55 @@ class Dense:
         params, values = self._slots(ints)
         grid = min((n // 2 + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
         return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "qkv gemv + rope + append", pdl=True)
+
+    def has_gate_up_silu(self, ab_type: int) -> bool:
+        """Whether :meth:`prepared_gate_up_silu` serves ``ab_type`` inputs (its kernels compiled). TypeError naming
+        ``ab_type`` when it is no int."""
+        _int_arg("ab_type", ab_type, -(1 << 63), 1 << 63)
+        return (ADD_NORM | _GATE_UP, ab_type, ab_type) in self._fused_fns
+
+    def prepared_gate_up_silu(
+        self,
+        mode: int,
+        rows: int,
+        x: int,
+        x_ld: int,
+        w: int,
+        n: int,
+        k: int,
+        y: int,
+        y_ld: int,
+        ab_type: int,
+        h: int,
+        h_ld: int,
+        norm_weight: int,
+        h_out: int,
+        eps: float,
+    ) -> Callable[[], None]:
+        """The fused gate/up GEMV of a decode step (``mode`` NORM or ADD_NORM, as :meth:`fused_linear`; the 16-bit
+        weight ``w [n, k]`` holds the ``n / 2`` gate rows, then the ``n / 2`` up rows) with FlashInfer's
+        ``silu_and_mul`` as its epilogue, checked and packed once (see :meth:`prepared_fused`): ``y [rows, n / 2] =
+        silu(g) * u`` (16-bit, row stride ``y_ld``), ``g`` and ``u`` the GEMV's columns ``j`` and ``n / 2 + j``
+        rounded as its output is. One launch where the fused GEMV and ``silu_and_mul`` were two, and the down GEMV
+        after it reads ``y`` as it is (no SiLU prologue recomputed in each of its blocks); the same values as those
+        launches bit for bit (the GPU test checks them). Raises TypeError/ValueError naming an argument as
+        :meth:`fused_linear` does (``y``'s extent: ``n / 2`` columns), an odd ``n``, or a weight registered as FP8
+        (:meth:`prepared_fp8_silu` serves those)."""
+        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in (NORM, ADD_NORM):
+            raise ValueError(f"mode: the SiLU epilogue follows a NORM or ADD_NORM prologue, got {mode!r:.40}")
+        _int_arg("n", n, 2, 1 << 31)
+        if n % 2:
+            raise ValueError(f"n: the gate/up weight pairs its gate and up rows, an even count; got {n}")
+        m = n // 2
+        # the GEMV's checks over y's real extent (m columns); the weight's 2 m rows checked after
+        key = (mode | _GATE_UP, rows, x, x_ld, w, m, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
+        fn, _, smem, _, _ = self._pack_fused(key, checks_only=True)
+        if w + 2 * n * k > _U64:
+            raise ValueError(f"w: 0x{w:x} + {2 * n * k} bytes runs past the end of the address space")
+        ints = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, float32_bits("eps", eps)]
+        params, values = self._slots(ints + [0] * 17)  # (the RoPE arguments, which the SiLU kernel reads none of)
+        grid = min((m + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
+        return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "gate/up gemv + silu", pdl=True)
 
     def has_router(self, ab_type: int) -> bool:
         """Whether :meth:`prepared_router` serves ``ab_type`` inputs (its kernels compiled). TypeError naming

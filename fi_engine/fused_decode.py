@@ -36,6 +36,13 @@ class FusedDecode(EngineState):
     (``Dense.launches_with_pdl``: Hopper and later): each may start while the QKV GEMV drains, and the O GEMV after it
     while it drains (FlashInfer's ``enable_pdl``). Read when the runs are packed; set it on the class to compare."""
 
+    silu_in_gate_up: bool = True
+    """The fused step's gate/up GEMV over 16-bit weights writes ``silu(gate) * up`` (``Dense.prepared_gate_up_silu``)
+    and the down GEMV reads it as its input; False: the gate/up GEMV writes both halves and the down GEMV computes
+    SiLU-and-mul in a prologue, in each of its blocks (before 2026-11-25, session 13). The same values either way
+    (tests/engine/test_gpu_fused_decode.py). Read when the step is packed; set it on the class to compare
+    (``benchmarks/bench_llama_tp.py --variants silu-prologue``)."""
+
     norm_pdl: bool = True
     """The FP8 step's norms (``Dense.fp8_epilogues``: launches of their own) launched with programmatic dependent
     launch where the GEMVs are (FlashInfer's ``enable_pdl``): each may start while the GEMV before it drains. Read
@@ -151,7 +158,7 @@ class FusedDecode(EngineState):
             return self._fp8_fused_calls(v, rows)
         c, b, dense, s = self.config, self._buf, self.dense, self._s
         h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
-        x, qkv, attn, gu = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr
+        x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
         w, hqd = self._qkv_width, c.num_qo_heads * c.head_dim
         fused = dense.prepared_fused
         cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
@@ -161,6 +168,8 @@ class FusedDecode(EngineState):
         fp8 = self._kv_fp8
         # (and not over FP8 weights: the epilogue's kernel reads 16-bit ones)
         in_gemv = not c.qk_norm and fp8 is None and dense.has_qkv_rope(ab, c.head_dim) and not dense.serves_fp8
+        # SiLU-and-mul as the gate/up GEMV's epilogue (its input to the down GEMV made once, not in each block)
+        silu_in_gate_up = self.silu_in_gate_up and dense.has_gate_up_silu(ab) and not dense.serves_fp8
         layers = []
         for i in range(c.num_layers):
             # i == 0: input_layernorm of the embedding rows (rmsnorm); then h += the previous layer's down output
@@ -207,11 +216,22 @@ class FusedDecode(EngineState):
                 continue
             # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
             ln = self._ln2[i].data_ptr
-            after.append(
-                fused(ADD_NORM, rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab, cur, h, ln, other, eps)
-            )
+            if silu_in_gate_up:
+                wgu = self._wgu[i]
+                after.append(
+                    dense.prepared_gate_up_silu(
+                        ADD_NORM, rows, x, h, wgu, 2 * inter, h, act, inter, ab, cur, h, ln, other, eps
+                    )
+                )
+                after.append(dense.prepared_linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab))
+            else:
+                after.append(
+                    fused(
+                        ADD_NORM, rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab, cur, h, ln, other, eps
+                    )
+                )
+                after.append(fused(SILU, rows, gu, 2 * inter, self._wd[i], h, inter, x, h, ab, ab))
             cur, other = other, cur
-            after.append(fused(SILU, rows, gu, 2 * inter, self._wd[i], h, inter, x, h, ab, ab))
             layers.append((before, after))
         # h += the last down output; the final norm; the LM head (the new residual is not needed: no h_out)
         n, logits, ln = self._head_rows, b.logits.data.ptr, self._norm.data_ptr

@@ -35,6 +35,9 @@ def fake_dense() -> D.Dense:
     by_rows = lambda fn: tuple(fn + 0x100 * r for r in range(D.GEMV_MAX_ROWS))  # noqa: E731
     d._fused_fns = {(m, ab, c): by_rows(0x1000 + m) for (ab, c) in D._GEMV_NAMES for m in (D.NORM, D.ADD_NORM, D.SILU)}
     d._fused_fns |= {(m | D._ROPE, ab, ab): by_rows(0x2000 + m) for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)}
+    d._fused_fns |= {
+        (m | D._GATE_UP, ab, ab): by_rows(0x6000 + m) for ab in (D.CUDA_R_16F, D.CUDA_R_16BF) for m in (1, 2)
+    }
     d._gemv_fns = dict.fromkeys(D._GEMV_NAMES, by_rows(0x3000))
     d._fused_args, d._gemv_args = {}, {}
     d._fused_smem, d._fused_grid = (48 << 10) - 1024, 1056
@@ -146,6 +149,13 @@ def qkv_call() -> dict[str, Any]:
     return {**call, "y_ld": 8 * 64, "rope": rope()}
 
 
+def gate_up_call() -> dict[str, Any]:
+    """A valid prepared_gate_up_silu call: 2 rows, the weight's N rows (N / 2 gate, N / 2 up) into y [2, N / 2]."""
+    call = fused_call()
+    del call["c_type"]
+    return {**call, "y_ld": N // 2}
+
+
 def linear_call() -> dict[str, Any]:
     return dict(rows=2, x=at(0), x_ld=H, w=at(1), n=N, k=H, y=at(2), y_ld=N, ab_type=D.CUDA_R_16F, c_type=D.CUDA_R_32F)
 
@@ -190,6 +200,7 @@ ENTRIES = {
     "fused_linear (SILU)": (lambda d: d.fused_linear, lambda: fused_call(D.SILU)),
     "prepared_fused": (lambda d: d.prepared_fused, fused_call),
     "prepared_qkv_rope": (lambda d: d.prepared_qkv_rope, qkv_call),
+    "prepared_gate_up_silu": (lambda d: d.prepared_gate_up_silu, gate_up_call),
     "prepared_linear": (lambda d: d.prepared_linear, linear_call),
     "prepared_gather": (lambda d: d.prepared_gather, gather_call),
     "prepared_fp8_silu": (lambda d: d.prepared_fp8_silu, fp8_silu_call),
@@ -292,10 +303,37 @@ def test_each_launch_takes_the_kernel_compiled_for_its_row_count(rows: int):
     d.prepared_fused(**{**fused_call(), "rows": rows})()
     d.prepared_qkv_rope(**{**qkv_call(), "rows": rows})()
     d.prepared_router(**{**router_call(), "rows": rows})()
+    d.prepared_gate_up_silu(**{**gate_up_call(), "rows": rows})()
     d.linear(**{**linear_call(), "rows": rows})  # the unprepared path: cuLaunchKernel, its first argument
     d.fused_linear(**{**fused_call(D.SILU), "rows": rows})
     launched = [launch[0] for launch in d.launches]
-    assert launched == [base + offset for base in (0x3000, 0x1002, 0x2002, 0x5002, 0x3000, 0x1003)]
+    assert launched == [base + offset for base in (0x3000, 0x1002, 0x2002, 0x5002, 0x6002, 0x3000, 0x1003)]
+
+
+def test_the_gate_up_silu_call_packs_the_gemvs_arguments_and_its_half_width_output():
+    """prepared_gate_up_silu: one launch of the ADD_NORM gate/up kernel over its m = N / 2 pairs (a block per 8),
+    the fused GEMV's 13 arguments (n: the weight's N rows) and 17 zero slots where the RoPE kernel takes its own;
+    y is m columns wide (a row stride of m is enough), an odd n, a y row stride under m, a y that overlaps x or h,
+    and a weight registered as FP8 are refused by name."""
+    d = fake_dense()
+    call = gate_up_call()
+    d.prepared_gate_up_silu(**call)()
+    fn, grid, _, _, block, _, _, smem, stream, params, _ = d.launches[0]
+    assert (fn, grid, block, smem, stream) == (0x6100 + D.ADD_NORM, N // 2 // 8, 256, 2 * H * 2, 0x77)
+    slots = [d._driver_ffi.cast("uint64_t*", params[i])[0] for i in range(30)]
+    names = ("x", "w", "y", "rows", "n", "k", "x_ld", "y_ld", "h", "norm_weight", "h_out", "h_ld")
+    assert slots[:12] == [call[n] for n in names] and slots[13:] == [0] * 17
+    for change, match in (
+        ({"n": N + 1}, "n: the gate/up weight pairs"),
+        ({"y_ld": N // 2 - 1}, "y_ld: "),
+        ({"y": call["x"] + 2 * 8}, "y: overlaps x"),
+        ({"y": call["h"]}, "y: overlaps h"),
+        ({"w": at(12)}, "w: the RoPE and SiLU epilogues read 16-bit weights"),
+        ({"mode": D.SILU}, "mode: the SiLU epilogue follows a NORM or ADD_NORM prologue"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            d.prepared_gate_up_silu(**{**call, **change})
+    assert len(d.launches) == 1
 
 
 def test_the_packed_arguments_are_the_call_values():

@@ -15,6 +15,9 @@ GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
    - the new residual ``h_out`` equals ``round(h + x)`` exactly.
 2. The QKV GEMV with FlashInfer's RoPE (plain and Llama 3.1) and KV append as its epilogue: q, k, v and both
    caches equal to the separate launches' bit for bit.
+   The gate/up GEMV with SiLU-and-mul as its epilogue (``Dense.prepared_gate_up_silu``) and the plain down GEMV
+   after it: equal bit for bit to the fused GEMV into both halves and the down GEMV with the SiLU prologue; its
+   activation within one 16-bit ulp of FlashInfer's ``silu_and_mul``.
 3. The engine: greedy decoding of four prompts (1 to 4 rows: every step fused) with ``fused_decode`` on and off on
    a random SmolLM2-like float16 checkpoint, a bfloat16 one with Llama 3.1 RoPE and a bfloat16 Mixtral-like one
    (its MoE layers' add + norm and routing in the router GEMV's launch, then the grouped GEMV's): the tokens equal, and
@@ -218,6 +221,56 @@ def test_qkv_gemv_with_rope_and_append_equals_the_separate_launches(dense, dtype
             np.testing.assert_array_equal(a, b, err_msg=f"{what}: qkv")
             np.testing.assert_array_equal(caches["fused"].get(), sep.get(), err_msg=f"{what}: caches")
             assert not np.array_equal(caches["fused"].get(), to16(start, dtype)), what  # something was appended
+
+
+@pytest.mark.parametrize("k", [576, 4096])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gate_up_gemv_with_silu_equals_the_silu_prologue(dense, dtype, k):
+    """Dense.prepared_gate_up_silu (NORM and ADD_NORM prologues, 1 to 4 rows, m = 1000 gate and up rows: the down
+    GEMV's k, a multiple of 8) then the plain GEMV of a down weight over its output, against the path it replaces: the
+    fused GEMV into [rows, 2 m], then the fused GEMV whose SiLU prologue makes silu(g) * u in each block. The down
+    outputs and the new residual must be equal bit for bit (the epilogue computes the activation as the prologue
+    does, in the same module). The activation itself against FlashInfer's silu_and_mul (through fi_ffi): within one
+    unit in the last place of the 16-bit type (its module's division and exp may round differently), the share of
+    bitwise-equal values printed."""
+    d_, stream = dense
+    dev = cp.cuda.Device().id
+    rng = np.random.default_rng(k)
+    m, n_down = 1000, 520
+    ab = CUDA_R_16F if dtype == "float16" else CUDA_R_16BF
+    ulp = 2.0**-10 if dtype == "float16" else 2.0**-7
+    assert d_.has_gate_up_silu(ab)
+    h16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
+    x16 = to16(rng.standard_normal((4, k)).astype(np.float32), dtype)
+    nw16 = to16(1 + 0.2 * rng.standard_normal(k).astype(np.float32), dtype)
+    w16 = to16(rng.standard_normal((2 * m, k)).astype(np.float32) * 0.1, dtype)
+    wd16 = to16(rng.standard_normal((n_down, m)).astype(np.float32) * 0.1, dtype)
+    hd, xd, nwd, wd, wdd = (cp.asarray(a) for a in (h16, x16, nw16, w16, wd16))
+    desc = lambda a, shape: kernels.descriptor(a.data.ptr, shape, dtype, dev, owner=a)  # noqa: E731
+    for mode in (NORM, ADD_NORM):
+        for rows in (1, 2, 3, 4):
+            act, gu = cp.zeros((rows, m), h16.dtype), cp.zeros((rows, 2 * m), h16.dtype)
+            act_fi = cp.zeros((rows, m), h16.dtype)
+            y, y_old = cp.zeros((rows, n_down), h16.dtype), cp.zeros((rows, n_down), h16.dtype)
+            h_out, h_out_old = cp.zeros((4, k), h16.dtype), cp.zeros((4, k), h16.dtype)
+            cp.cuda.Device().synchronize()
+            args = (rows, xd.data.ptr, k, wd.data.ptr, 2 * m, k, act.data.ptr, m, ab, hd.data.ptr, k, nwd.data.ptr)
+            d_.prepared_gate_up_silu(mode, *args, h_out.data.ptr if mode == ADD_NORM else 0, EPS)()
+            d_.linear(rows, act.data.ptr, m, wdd.data.ptr, n_down, m, y.data.ptr, n_down, ab, ab)
+            d_.fused_linear(
+                mode, rows, xd.data.ptr, k, wd.data.ptr, 2 * m, k, gu.data.ptr, 2 * m, ab, ab, hd.data.ptr, k,
+                nwd.data.ptr, h_out_old.data.ptr if mode == ADD_NORM else 0, EPS,
+            )  # fmt: skip
+            d_.fused_linear(SILU, rows, gu.data.ptr, 2 * m, wdd.data.ptr, n_down, m, y_old.data.ptr, n_down, ab, ab)
+            kernels.silu_and_mul(desc(gu, (rows, 2 * m)), desc(act_fi, (rows, m)), stream.ptr)
+            stream.synchronize()
+            what = f"{dtype} k={k} mode {mode} rows {rows}"
+            np.testing.assert_array_equal(y.get(), y_old.get(), err_msg=f"{what}: the down GEMV's output")
+            np.testing.assert_array_equal(h_out.get(), h_out_old.get(), err_msg=f"{what}: h_out")
+            got, want = from16(act.get(), dtype), from16(act_fi.get(), dtype)
+            assert np.count_nonzero(got) > m // 2, what  # something was computed
+            assert np.all(np.abs(got - want) <= np.abs(want) * ulp + 1e-6), f"{what}: vs silu_and_mul"
+            print(f"{what}: activation {np.mean(got == want):.2%} bitwise equal to silu_and_mul")
 
 
 def test_gemv_and_fused_gemv_refuse_bad_pointers(dense):

@@ -345,6 +345,8 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
         prepared_fused=stand_in,
         prepared_linear=stand_in,
         has_qkv_rope=lambda *_: False,
+        has_gate_up_silu=lambda *_: True,  # the gate/up GEMV's SiLU epilogue, then the down GEMV over its output
+        prepared_gate_up_silu=stand_in,
         launches_with_pdl=False,  # the frames compared with batch_decode_run's (which launches without it)
         serves_fp8=fp8,  # FP8 weights: the epilogue step (its norms packed launches of their own)
         fp8_fused=False,
