@@ -54,6 +54,7 @@ ONE_GPU_VARIANTS = (
     "one-graph",
     "any-rows",
     "no-gemv-pipeline",
+    "silu-prologue",
 )
 ONE_GPU_PREFIXES = (
     "fp8-gemv-rows-",
@@ -63,6 +64,12 @@ ONE_GPU_PREFIXES = (
     "fused-blocks-",
     "fused-min-blocks-",
 )
+
+
+def one_gpu_variant(name: str) -> bool:
+    """Whether ``name`` is a variant that runs on one GPU only (a TP 1 row)."""
+    return name in ONE_GPU_VARIANTS or name.startswith(ONE_GPU_PREFIXES)
+
 
 SHAPE_8B = dict(
     vocab_size=128256,
@@ -207,21 +214,14 @@ def bytes_per_step(cfg: dict[str, Any], tp: int, batch: int, context: int) -> fl
     return (layers * (per_layer + 2 * 2 * h) + 2 * v * h) / tp + kv / tp
 
 
-def run_rank(
-    model: str,
-    out: str,
-    variant: str,
-    new_tokens: int,
-    batches: list[int],
-    modes: list[str],
-    profile: bool,
-    max_batch: int = 0,
-) -> None:
-    """One rank (or the single GPU): every configuration, rank 0 writes the rows."""
-    from fi_engine.llama import Llama, LlamaEngine
+def set_variant(variant: str) -> None:
+    """The class-level settings of one ``--variants`` name (the TP 1 ones; ``a+b`` sets both a's and b's)."""
+    from fi_engine.llama import LlamaEngine
 
-    tp = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
-    nccl = variant == "nccl"
+    if "+" in variant:
+        for part in variant.split("+"):
+            set_variant(part)
+        return
     if variant == "lt":  # every GEMM of the decode graph through cuBLASLt (before the GEMV served one row)
         import fi_engine.dense
 
@@ -278,6 +278,8 @@ def run_rank(
         from fi_engine.dense import Dense
 
         Dense.fused_min_blocks = int(variant.rsplit("-", 1)[1])
+    if variant == "silu-prologue":  # the down GEMV computes SiLU-and-mul in each block (before session 13)
+        LlamaEngine.silu_in_gate_up = False
     if variant == "any-rows":  # one 16-bit GEMV kernel for any row count (before 2026-11-25, session 13)
         from fi_engine.dense import Dense
 
@@ -298,6 +300,24 @@ def run_rank(
         from fi_engine.tensor_parallel import ResidualAllReduce
 
         ResidualAllReduce.launch_with_pdl = True
+
+
+def run_rank(
+    model: str,
+    out: str,
+    variant: str,
+    new_tokens: int,
+    batches: list[int],
+    modes: list[str],
+    profile: bool,
+    max_batch: int = 0,
+) -> None:
+    """One rank (or the single GPU): every configuration, rank 0 writes the rows."""
+    from fi_engine.llama import Llama, LlamaEngine
+
+    tp = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
+    nccl = variant == "nccl"
+    set_variant(variant)
     rows = []
     rng = np.random.default_rng(0)
     cfg = json.loads((Path(model) / "config.json").read_text())
@@ -499,7 +519,9 @@ def main() -> None:
         "fused-min-blocks-N (TP 1: the one-row fused GEMVs' registers capped for N blocks an SM; "
         "Dense.fused_min_blocks, 4), any-rows (TP 1: one 16-bit GEMV kernel for any row count, "
         "Dense.gemv_fixed_rows off), no-gemv-pipeline (TP 1: the 16-bit GEMVs load their next weights after "
-        "summing, Dense.gemv_pipeline off), no-attn-pdl (TP "
+        "summing, Dense.gemv_pipeline off), silu-prologue (TP 1: the one-row step's down GEMV computes SiLU-and-mul "
+        "in each of its blocks, LlamaEngine.silu_in_gate_up off; TP 1 names joined by + combine, e.g. "
+        "any-rows+no-gemv-pipeline), no-attn-pdl (TP "
         "1: the fused step's attention runs without programmatic dependent launch), no-pipeline (TP 1: each "
         "graph step launched only after the last one's tokens are read, ServingLoop.pipelined_decode off), "
         "one-graph (TP 1: one decode graph of max_batch rows for every step, LlamaEngine.decode_graph_ladder "
@@ -533,7 +555,7 @@ def main() -> None:
     table = []
     for tp in [int(t) for t in args.tp.split(",")]:
         variants = args.variants.split(",")
-        one_gpu = ["fused"] + [v for v in variants if v in ONE_GPU_VARIANTS or v.startswith(ONE_GPU_PREFIXES)]
+        one_gpu = ["fused"] + [v for v in variants if all(one_gpu_variant(part) for part in v.split("+"))]
         for variant in one_gpu if tp == 1 else variants:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = [sys.executable, __file__, "--model", str(args.model), "--rank-out", out.name]
