@@ -403,8 +403,7 @@ class Dense:
 
             lib = libcuda()
             if lib is not None:
-                options = (f"-DGEMV_UNROLL={_unroll(self.gemv_unroll)}", *self._row_options())
-                gemv = cupy.RawModule(code=GEMV_SOURCE, options=options)
+                gemv = cupy.RawModule(code=GEMV_SOURCE, options=self.gemv_options())
                 self._gemv_fns = {key: self._row_kernels(gemv, name) for key, name in _GEMV_NAMES.items()}
                 self._gemv_module = gemv
                 self._launch, self._driver_ffi = lib.cuLaunchKernel, libcuda_ffi()
@@ -437,26 +436,59 @@ class Dense:
             self._blas.close()
             raise
 
-    def _row_options(self) -> tuple[str, ...]:
-        """The NVRTC options of :attr:`gemv_fixed_rows`, :attr:`gemv_pipeline` and :attr:`fused_min_blocks`."""
+    @classmethod
+    def gemv_options(cls) -> tuple[str, ...]:
+        """The NVRTC options :data:`~fi_engine.cuda_sources.GEMV_SOURCE` is compiled with: :attr:`gemv_unroll`,
+        :attr:`gemv_fixed_rows` and :attr:`gemv_pipeline` (what ``tools/kernel_fingerprints.py`` compiles too)."""
         return (
-            f"-DGEMV_FIXED_ROWS={int(bool(self.gemv_fixed_rows))}",
-            f"-DGEMV_PIPELINE={int(bool(self.gemv_pipeline))}",
-            f"-DGEMV_FUSED_MIN_BLOCKS={max(1, min(32, int(self.fused_min_blocks)))}",
+            f"-DGEMV_UNROLL={_unroll(cls.gemv_unroll)}",
+            f"-DGEMV_FIXED_ROWS={int(bool(cls.gemv_fixed_rows))}",
+            f"-DGEMV_PIPELINE={int(bool(cls.gemv_pipeline))}",
         )
 
+    @classmethod
+    def fused_options(cls) -> tuple[str, ...]:
+        """The NVRTC options :data:`~fi_engine.cuda_sources.FUSED_GEMV_SOURCE` is compiled with: fast math (as
+        FlashInfer's modules are), :meth:`gemv_options`, :attr:`rope_unroll` and :attr:`fused_min_blocks`."""
+        return (
+            "--use_fast_math",
+            *cls.gemv_options(),
+            f"-DROPE_UNROLL={_unroll(cls.rope_unroll)}",
+            f"-DGEMV_FUSED_MIN_BLOCKS={max(1, min(32, int(cls.fused_min_blocks)))}",
+        )
+
+    @staticmethod
+    def fused_kernels() -> dict[tuple[int, int, int], str]:
+        """The fused GEMVs a Dense loads, ``(mode, ab_type, c_type) -> kernel name`` (without the ``_r<rows>``
+        suffix): the prologue kernels of every type pair, and per 16-bit type the QKV + RoPE + append, gate/up + SiLU
+        and MoE router kernels after a NORM or ADD_NORM prologue."""
+        names = {}
+        for (ab, c), name in _GEMV_NAMES.items():
+            for mode, suffix in _FUSED_SUFFIX.items():
+                names[(mode, ab, c)] = f"{name}_{suffix}"
+        for ab, name in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):
+            for mode, suffix in ((NORM, "norm"), (ADD_NORM, "addnorm")):
+                names[(mode | _ROPE, ab, ab)] = f"gemv_{name}_{suffix}_rope"
+                names[(mode | _GATE_UP, ab, ab)] = f"gemv_{name}_{suffix}_gateup"
+                names[(mode | _ROUTE, ab, CUDA_R_32F)] = f"gemv_{name}_{suffix}_route"
+        return names
+
+    @classmethod
+    def row_kernel_names(cls, name: str) -> list[str]:
+        """Kernel ``name``'s functions for 1, 2, 3 and 4 rows, in that order: ``name_r1`` .. ``name_r4``, or without
+        :attr:`gemv_fixed_rows` ``name_r0`` four times (one kernel for any count)."""
+        return [f"{name}_r{r}" for r in range(1, GEMV_MAX_ROWS + 1)] if cls.gemv_fixed_rows else [f"{name}_r0"] * 4
+
     def _row_kernels(self, module: Any, name: str, keep: bool = False) -> Any:
-        """Kernel ``name``'s functions for 1, 2, 3 and 4 rows, in that order (``name_r1`` .. ``name_r4``; without
-        :attr:`gemv_fixed_rows`, ``name_r0`` four times): CUfunction handles, or with ``keep`` the CuPy functions."""
-        names = [f"{name}_r{r}" for r in range(1, GEMV_MAX_ROWS + 1)] if self.gemv_fixed_rows else [f"{name}_r0"] * 4
-        kernels = [module.get_function(n) for n in names]
+        """Kernel ``name``'s functions for 1, 2, 3 and 4 rows (:meth:`row_kernel_names`): CUfunction handles, or with
+        ``keep`` the CuPy functions."""
+        kernels = [module.get_function(n) for n in self.row_kernel_names(name)]
         return tuple(kernels) if keep else tuple(_function_ptr(k) for k in kernels)
 
     def _load_fused(self, cupy: Any) -> None:
         """Compile the fused GEMV variants (``fused_linear``); a failure leaves them off, the plain GEMV on."""
         try:
-            unroll = (f"-DGEMV_UNROLL={_unroll(self.gemv_unroll)}", f"-DROPE_UNROLL={_unroll(self.rope_unroll)}")
-            module = cupy.RawModule(code=FUSED_GEMV_SOURCE, options=("--use_fast_math", *unroll, *self._row_options()))
+            module = cupy.RawModule(code=FUSED_GEMV_SOURCE, options=self.fused_options())
             attrs = cupy.cuda.Device().attributes
             fns = {}
             limit = _STATIC_SMEM - 1024  # the static part (the sums of squares) counts against the same 48 KiB
@@ -473,14 +505,8 @@ class Dense:
                             optin = limit
                 return tuple(_function_ptr(kernel) for kernel in kernels)
 
-            for (ab, c), name in _GEMV_NAMES.items():
-                for mode, suffix in _FUSED_SUFFIX.items():
-                    fns[(mode, ab, c)] = load(f"{name}_{suffix}")
-            for ab, name in ((CUDA_R_16F, "f16"), (CUDA_R_16BF, "bf16")):
-                for mode, suffix in ((NORM, "norm"), (ADD_NORM, "addnorm")):
-                    fns[(mode | _ROPE, ab, ab)] = load(f"gemv_{name}_{suffix}_rope")  # the QKV GEMV + RoPE + append
-                    fns[(mode | _GATE_UP, ab, ab)] = load(f"gemv_{name}_{suffix}_gateup")  # gate/up + silu_and_mul
-                    fns[(mode | _ROUTE, ab, CUDA_R_32F)] = load(f"gemv_{name}_{suffix}_route")  # a MoE router
+            for key, name in self.fused_kernels().items():
+                fns[key] = load(name)
             self._fused_smem = max(limit, optin)
             self._fused_grid = max(1, int(self.fused_blocks_per_sm)) * int(attrs.get("MultiProcessorCount", 132))
             self._fused_module, self._fused_fns = module, fns

@@ -20,14 +20,16 @@ import json
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# (label, module, the constant's name, NVRTC options as the engine passes them)
-SOURCES = [
+# (label, module, the constant's name, NVRTC options as the engine passes them: a tuple, or "module:Class.method"
+# naming the engine's own function that makes them)
+SOURCES: list[tuple[str, str, str, tuple[str, ...] | str]] = [
     ("rows", "fi_engine.cuda_sources", "ROW_KERNELS_SOURCE", ()),  # Dense
-    ("gemv", "fi_engine.cuda_sources", "GEMV_SOURCE", ()),  # Dense (its GEMV_UNROLL default: 4)
-    ("fused", "fi_engine.cuda_sources", "FUSED_GEMV_SOURCE", ("--use_fast_math",)),  # Dense._load_fused
+    ("gemv", "fi_engine.cuda_sources", "GEMV_SOURCE", "fi_engine.dense:Dense.gemv_options"),
+    ("fused", "fi_engine.cuda_sources", "FUSED_GEMV_SOURCE", "fi_engine.dense:Dense.fused_options"),
     ("fp8", "fi_engine.cuda_sources", "FP8_GEMV_SOURCE", ()),  # Fp8Linears._compile
     ("fp8_fused", "fi_engine.cuda_sources", "FP8_FUSED_SOURCE", ("--use_fast_math",)),
     ("fp8_quant", "fi_engine.cuda_sources", "FP8_QUANT_SOURCE", ()),
@@ -89,6 +91,19 @@ def compile_cubin(source: str, options: tuple[str, ...], arch: str) -> bytes:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
+def source_options(options: tuple[str, ...] | str) -> tuple[str, ...]:
+    """A :data:`SOURCES` row's NVRTC options: the tuple, or what the named ``module:Class.method`` returns."""
+    if not isinstance(options, str):
+        return options
+    import importlib
+
+    module, path = options.split(":")
+    made: Any = importlib.import_module(module)
+    for part in path.split("."):
+        made = getattr(made, part)
+    return tuple(made())
+
+
 def fingerprints(arch: str) -> dict[str, str]:
     """``{"label:kernel": sha256 of its machine code, 16 hex digits}`` over every source of :data:`SOURCES`."""
     import importlib
@@ -96,7 +111,7 @@ def fingerprints(arch: str) -> dict[str, str]:
     found = {}
     for label, module, name, options in SOURCES:
         source = getattr(importlib.import_module(module), name)
-        for kernel, code in text_sections(compile_cubin(source, options, arch)).items():
+        for kernel, code in text_sections(compile_cubin(source, source_options(options), arch)).items():
             found[f"{label}:{kernel}"] = hashlib.sha256(code).hexdigest()[:16]
     return found
 

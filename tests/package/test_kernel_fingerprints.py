@@ -99,3 +99,23 @@ def test_without_nvrtc_the_tool_says_how_to_install_it(monkeypatch, capsys) -> N
     monkeypatch.setattr(tool, "fingerprints", missing)
     assert tool.main([]) == 2
     assert "pip install nvidia-cuda-nvrtc" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not NVRTC, reason="NVRTC is not installed (python -m pip install nvidia-cuda-nvrtc)")
+@pytest.mark.parametrize("fixed_rows", [True, False], ids=["a-kernel-per-row-count", "any-rows"])
+def test_every_kernel_dense_loads_is_in_its_module(monkeypatch, fixed_rows: bool) -> None:
+    """Dense compiles GEMV_SOURCE and FUSED_GEMV_SOURCE with its own options (Dense.gemv_options, fused_options:
+    what the tool compiles too) and looks its kernels up by name, 1 to 4 rows each; a name the source does not define
+    would leave the GEMV or the fused step off on the GPU (Dense.gemv_error), so each must be in the cubin."""
+    from fi_engine import cuda_sources
+    from fi_engine.dense import _GEMV_NAMES, Dense
+
+    monkeypatch.setattr(Dense, "gemv_fixed_rows", fixed_rows)
+    for source, options, bases in (
+        (cuda_sources.GEMV_SOURCE, Dense.gemv_options(), list(_GEMV_NAMES.values())),
+        (cuda_sources.FUSED_GEMV_SOURCE, Dense.fused_options(), list(Dense.fused_kernels().values())),
+    ):
+        compiled = set(tool.text_sections(tool.compile_cubin(source, options, "sm_90")))
+        wanted = {name for base in bases for name in Dense.row_kernel_names(base)}
+        assert wanted <= compiled, sorted(wanted - compiled)[:5]
+        assert len(wanted) == len(bases) * (4 if fixed_rows else 1)
