@@ -260,6 +260,13 @@ def _rope_ints(rope: Any) -> list[int]:
     return [*ints, r.stride_page, r.stride_n, r.stride_h]
 
 
+def _epilogue_mode(mode: object, epilogue: str) -> None:
+    """ValueError naming ``mode`` unless it is NORM or ADD_NORM (an int, not a bool): the prologues a GEMV with an
+    ``epilogue`` (the RoPE, SiLU or routing one) follows."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode not in (NORM, ADD_NORM):
+        raise ValueError(f"mode: the {epilogue} epilogue follows a NORM or ADD_NORM prologue, got {mode!r:.40}")
+
+
 def _caches_apart(rope: RopeAppend, areas: list[tuple[str, int, int]]) -> None:
     """ValueError naming the cache of ``rope`` (checked by :func:`_rope_ints`) that runs past the address space or
     overlaps the other cache or one of ``areas`` (``(name, address, bytes)``: what the launch reads or writes)."""
@@ -859,8 +866,7 @@ class Dense:
         argument as :meth:`fused_linear` does, ``rope`` that is no :class:`RopeAppend` or one of its fields
         (``rope.<field>``) of the wrong type or range, a misaligned, NULL or overlapping cache or index array (the
         caches against y, h, x and h_out), or a shape the kernel does not serve."""
-        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in (NORM, ADD_NORM):
-            raise ValueError(f"mode: the RoPE epilogue follows a NORM or ADD_NORM prologue, got {mode!r:.40}")
+        _epilogue_mode(mode, "RoPE")
         rope_ints = _rope_ints(rope)
         n = (rope.hq + 2 * rope.hk) * rope.d
         key = (mode | _ROPE, rows, x, x_ld, w, n, k, y, y_ld, ab_type, ab_type, h, h_ld, norm_weight, h_out, eps)
@@ -909,8 +915,7 @@ class Dense:
         launches bit for bit (the GPU test checks them). Raises TypeError/ValueError naming an argument as
         :meth:`fused_linear` does (``y``'s extent: ``n / 2`` columns), an odd ``n``, or a weight registered as FP8
         (:meth:`prepared_fp8_silu` serves those)."""
-        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in (NORM, ADD_NORM):
-            raise ValueError(f"mode: the SiLU epilogue follows a NORM or ADD_NORM prologue, got {mode!r:.40}")
+        _epilogue_mode(mode, "SiLU")
         _int_arg("n", n, 2, 1 << 31)
         if n % 2:
             raise ValueError(f"n: the gate/up weight pairs its gate and up rows, an even count; got {n}")
@@ -959,8 +964,7 @@ class Dense:
         both). Raises TypeError/ValueError naming an argument as :meth:`fused_linear` does, ``route`` that is no
         :class:`RouterEpilogue` or one of its fields (``route.<field>``) of the wrong type or range, misaligned,
         NULL or overlapping another operand, or a shape the kernel does not serve."""
-        if isinstance(mode, bool) or not isinstance(mode, int) or mode not in (NORM, ADD_NORM):
-            raise ValueError(f"mode: the routing epilogue follows a NORM or ADD_NORM prologue, got {mode!r:.40}")
+        _epilogue_mode(mode, "routing")
         if not isinstance(route, RouterEpilogue):
             raise TypeError(f"route: expected a RouterEpilogue, got {type(route).__name__}")
         r = route
