@@ -14,6 +14,10 @@ start to the last one's end and the idle time in it (no kernel running: launch g
 dependencies). Needs a GPU, CuPy and torch (only for its profiler:
 the engine does not use torch). Not a test: nothing is asserted.
 
+``--sequence FIRST:COUNT`` also prints COUNT kernels of the replayed step from position FIRST, in launch order, each
+with its median duration, exclusive time and start against the end of the kernels before it: one layer's launches
+one by one (the O and down projections share a kernel name; their positions tell them apart).
+
 ``--generate N`` profiles a whole ``generate`` of ``N`` new tokens instead (after a warm-up call of the same shape):
 its decode wall time as the engine counts it against the time some kernel ran in it, and the largest idle gaps
 with the kernels on either side: where a generated step's time goes that a replayed graph does not show (the
@@ -74,7 +78,36 @@ def engine_and_prompts(model: str, batch: int, moe_path: str | None) -> Iterator
         yield engine, [rng.integers(3, min(vocab, 30000), size=32).tolist() for _ in range(batch)]
 
 
-def profile(model: str, batch: int, steps: int, moe_path: str | None) -> dict[str, Any]:
+def kernel_sequence(events: list[tuple[str, float, float]], n: int, steps: int, first: int, count: int) -> None:
+    """Print kernels ``first`` .. ``first + count - 1`` of the replayed step in launch order, each with its median
+    over the steps of: its duration, its exclusive time (as in the table) and its start relative to the end of
+    every kernel before it (negative: it started while an earlier one ran, as programmatic dependent launch allows;
+    positive: the GPU idled that long before it). Where one kernel name serves several weights (the O and down
+    projections run the same GEMV), the positions tell them apart."""
+
+    def median(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
+    print(f"{'#':>4} {'kernel':60s} {'us':>8s} {'excl us':>8s} {'start after prev end us':>24s}")
+    for pos in range(first, min(first + count, n)):
+        durations, exclusives, starts = [], [], []
+        for s in range(steps):
+            chunk = events[s * n : (s + 1) * n]
+            if len(chunk) < n:
+                break
+            ended = max((st + d for _, st, d in chunk[:pos]), default=chunk[0][1])
+            _, start, dur = chunk[pos]
+            durations.append(dur)
+            exclusives.append(max(0.0, start + dur - max(start, ended)))
+            starts.append(start - ended)
+        if durations:
+            name = short_name(chunk[pos][0])[:60]
+            print(f"{pos:4d} {name:60s} {median(durations):8.2f} {median(exclusives):8.2f} {median(starts):24.2f}")
+
+
+def profile(
+    model: str, batch: int, steps: int, moe_path: str | None, sequence: tuple[int, int] = (0, 0)
+) -> dict[str, Any]:
     import cupy as cp
     import torch
     from torch.profiler import ProfilerActivity
@@ -133,6 +166,8 @@ def profile(model: str, batch: int, steps: int, moe_path: str | None) -> dict[st
         print(f"{name[:80]:80s} {count:8.1f} {total:9.1f} {mean:9.2f} {excl:17.1f}")
     print(f"step span {span:.1f} us (median); mean idle between kernels {idle / steps:.1f} us per step "
           f"({100 * idle / steps / span:.1f} %, {idle / steps / max(n - 1, 1):.2f} us per boundary)")  # fmt: skip
+    if sequence[1]:
+        kernel_sequence(events, n, steps, *sequence)
     return {
         "model": model,
         "batch": batch,
@@ -209,11 +244,16 @@ def main() -> int:
     ap.add_argument("--moe-path", default=None, help="LlamaEngine moe_path (auto, routed, dense); default: its own")
     ap.add_argument("--generate", type=int, default=0, help="profile a whole generate of N new tokens instead")
     ap.add_argument("--json", default="", help="write the rows to this file")
+    ap.add_argument(
+        "--sequence", default="", metavar="FIRST:COUNT", help="also print COUNT kernels of the step from FIRST in order"
+    )
     a = ap.parse_args()
+    first, _, count = a.sequence.partition(":")
+    sequence = (int(first or 0), int(count or 0))
     if a.generate:
         rows = [profile_generate(a.model, b, a.generate, a.moe_path) for b in a.batch]
     else:
-        rows = [profile(a.model, b, a.steps, a.moe_path) for b in a.batch]
+        rows = [profile(a.model, b, a.steps, a.moe_path, sequence) for b in a.batch]
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0
