@@ -232,6 +232,13 @@ def profile_generate(model: str, batch: int, new_tokens: int, moe_path: str | No
         print(f"{g:9.1f}  {a[:60]} -> {b[:60]}")
     big = [g for g, _, _ in gaps if g > 20.0]
     print(f"gaps over 20 us: {len(big)}, {sum(big):.0f} us in all")
+    # each kernel's time per decode step, to set beside a replayed step's table (prefill kernels included)
+    per_name: dict[str, float] = defaultdict(float)
+    for name, _, d in events:
+        per_name[short_name(name)] += d
+    print(f"{'kernel':80s} {'us per decode step':>18s}")
+    for name, total in sorted(per_name.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"{name[:80]:80s} {total / steps:18.1f}")
     return {"model": model, "batch": batch, "new_tokens": new_tokens, "decode_us_per_step": decode_us / steps,
             "span_us": span, "busy_us": busy, "gaps_top": gaps[:30]}  # fmt: skip
 
