@@ -239,3 +239,61 @@ def test_bad_uniform_q_len_is_named(kernel_modules: list[str], value: object, ex
             workspace=ws,
         )
     assert ws._generation == generation
+
+
+# ------------------------------------------------------------------------------- split-KV controls in CUDA-graph mode
+
+
+def _graph_plan(ws, backend: str = "fa2", graph: bool = True, **split):  # type: ignore[no-untyped-def]
+    return prefill.batch_prefill_paged_plan(
+        host([0, 3, 4]),
+        host([0, 1, 3]),
+        None,
+        host([5, 4]),
+        32,
+        8,
+        128,
+        16,
+        backend=backend,
+        enable_cuda_graph=graph,
+        workspace=ws,
+        **split,
+    )
+
+
+@pytest.mark.parametrize(
+    ("split", "pattern"),
+    [
+        (dict(disable_split_kv=True), r"^disable_split_kv: True with enable_cuda_graph=True is unsafe on "),
+        (dict(fixed_split_size=64), r"^fixed_split_size: 64 with enable_cuda_graph=True is unsafe on "),
+    ],
+)
+def test_a_063_fa2_graph_plan_without_split_kv_is_refused_before_the_plan(
+    kernel_modules: list[str], split: dict[str, object], pattern: str
+) -> None:
+    """FlashInfer 0.6.3's FA2 planner masks a CUDA-graph launch's padding blocks only for a split schedule (the
+    unsplit one ran them on stale indices: an illegal address on the H100, session 14), so fi_ffi refuses the
+    combination by name before the plan call; eager plans, FA3 plans and the default split reach the module."""
+    ws = workspace()
+    generation = ws._generation
+    tail = r"FlashInfer 0\.6\.3's FA2 prefill module .*keep split-KV on in CUDA-graph mode.*pin FlashInfer >= 0\.7\.2$"
+    with pytest.raises(ValueError, match=pattern + tail):
+        _graph_plan(ws, **split)
+    assert ws._generation == generation  # refused before the plan call: earlier plans stay valid
+    for call in (
+        lambda: _graph_plan(ws, graph=False, **split),  # eager: no padding blocks
+        lambda: _graph_plan(ws, backend="fa3", **split),  # FA3 takes no split controls
+        lambda: _graph_plan(ws),  # graph mode, split as the planner chooses
+    ):
+        err = reached(call)
+        assert err.function.endswith(".plan")
+    # the eager plan passes the control on: (fixed_split_size, disable_split_kv) before the last argument
+    split_args = reached(lambda: _graph_plan(ws, graph=False, **split)).arguments[-3:-1]
+    assert split_args == (("64", "False") if "fixed_split_size" in split else ("-1", "True"))
+
+
+def test_a_072_fa2_graph_plan_without_split_kv_reaches_the_module(release_072: list[str]) -> None:
+    """FlashInfer 0.7.2's planner masks the padding blocks whether or not it splits: the combination is passed on."""
+    err = reached(lambda: _graph_plan(workspace(), disable_split_kv=True))
+    assert err.function == FA2_072 + ".plan"
+    assert "True" in err.arguments

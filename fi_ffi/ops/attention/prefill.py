@@ -614,6 +614,9 @@ def batch_prefill_ragged_plan(
         sm_scale: default ``1 / sqrt(head_dim_qk)``; rope_scale, rope_theta: RoPE parameters (None: 1.0, 1e4).
         q_data_type, kv_data_type, o_data_type: element types, names or dtype objects (kv and o default to q's).
         fixed_split_size, disable_split_kv: FA2 split-KV controls (deterministic reductions); ignored by FA3.
+            With ``enable_cuda_graph`` on a module of FlashInfer before 0.7.2 they are refused (ValueError): that
+            planner masks a CUDA-graph launch's padding blocks only when it splits, so an unsplit schedule's
+            padding blocks would read stale indices.
         kv_layout: ``"NHD"`` (``[nnz_kv, kv_heads, d]``) or ``"HND"`` (``[kv_heads, nnz_kv, d]``; FA2 only).
         alibi_slopes: float32 ``[num_qo_heads]`` with ALIBI (referred to by the plan, like the mask).
         backend: ``"auto"``, ``"fa2"`` or ``"fa3"``.
@@ -631,7 +634,8 @@ def batch_prefill_ragged_plan(
 
     Raises:
         TypeError, ValueError: an argument of the wrong type or value, named, before any module is looked up (an
-            index list's dtype, length, order; a head count, dtype, layout, mask, position encoding, scale).
+            index list's dtype, length, order; a head count, dtype, layout, mask, position encoding, scale); a
+            split-KV control that the bound module cannot honour in CUDA-graph mode, named, before the plan call.
         KernelNotFoundError: no pinned module for these settings (names the closest ones).
         UnsupportedDeviceError: ``backend="fa3"`` on a GPU that is not SM 9.x.
         LoaderError: the module cannot be loaded (the kernel wheel absent offline, a damaged cache).
@@ -733,7 +737,8 @@ def batch_prefill_paged_plan(
 
     Raises:
         TypeError, ValueError: an argument of the wrong type or value, named, before any module is looked up (an
-            index list's dtype, length, order; a head count, dtype, layout, mask, position encoding, scale).
+            index list's dtype, length, order; a head count, dtype, layout, mask, position encoding, scale); a
+            split-KV control that the bound module cannot honour in CUDA-graph mode, named, before the plan call.
         KernelNotFoundError: no pinned module for these settings (names the closest ones).
         UnsupportedDeviceError: ``backend="fa3"`` on a GPU that is not SM 9.x.
         LoaderError: the module cannot be loaded (the kernel wheel absent offline, a damaged cache).
@@ -835,6 +840,8 @@ def _plan(
     )
     if alibi_slopes is not None or s.pos_encoding == POS_ALIBI:
         check_alibi(s, alibi_slopes, ws.device)
+    if s.enable_cuda_graph and s.backend != "fa3" and (s.disable_split_kv or s.fixed_split_size > 0):
+        _check_graph_split(s)
     extra = (
         {} if s.backend == "fa3" else {"fixed_split_size": s.fixed_split_size, "disable_split_kv": s.disable_split_kv}
     )
@@ -865,6 +872,33 @@ def _plan(
         **extra,
     )
     return Plan.make(info, ws, generation, s, batch, rows, extent_, inputs)
+
+
+# The first FlashInfer release whose FA2 prefill planner masks a CUDA-graph launch's padding blocks whether or not
+# it splits the keys (before it, the mask exists only for a split schedule).
+_GRAPH_MASK_RELEASE = "0.7.2"
+
+
+def _check_graph_split(s: PlanSettings) -> None:
+    """Refuse, before the plan call, a CUDA-graph FA2 prefill plan with split-KV turned off (``disable_split_kv``,
+    or a ``fixed_split_size`` that leaves every request in one chunk) on a module older than 0.7.2: its planner
+    launches ``padded_batch_size`` blocks but writes their indices only for the real ones and, unsplit, no mask
+    telling the others to stop, so the padding blocks read indices an earlier plan left in the workspace and the
+    run reads and writes out of bounds (an illegal address that ends the process's CUDA context)."""
+    from ...loader import module_release
+    from ...loader.lockfile import release_key
+
+    release = module_release(s.uri)
+    if release and release_key(release) >= release_key(_GRAPH_MASK_RELEASE):
+        return
+    name = "disable_split_kv" if s.disable_split_kv else "fixed_split_size"
+    value = "True" if s.disable_split_kv else str(s.fixed_split_size)
+    raise ValueError(
+        f"{name}: {value} with enable_cuda_graph=True is unsafe on FlashInfer {release or '(release not recorded)'}'s "
+        f"FA2 prefill module {s.uri}: its CUDA-graph schedule leaves the padding blocks unmasked unless the keys "
+        f"are split, and those blocks read stale indices; keep split-KV on in CUDA-graph mode (disable_split_kv="
+        f"False, fixed_split_size=None), plan without enable_cuda_graph, or pin FlashInfer >= {_GRAPH_MASK_RELEASE}"
+    )
 
 
 def _uniform_q_len(value: Any, qo: np.ndarray, s: PlanSettings) -> int:
