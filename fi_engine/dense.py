@@ -260,6 +260,15 @@ def _rope_ints(rope: Any) -> list[int]:
     return [*ints, r.stride_page, r.stride_n, r.stride_h]
 
 
+def _fused_args(key: tuple[Any, ...], n: int | None = None) -> list[int]:
+    """The 13 arguments every fused GEMV kernel takes first (``x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight,
+    h_out, h_ld`` and ``eps``'s float32 bits), from a call's checked key (:func:`_check_fused_values`'s order);
+    ``n``: the weight's rows where the key holds ``y``'s narrower width (the gate/up GEMV's ``n / 2``)."""
+    _, rows, x, x_ld, w, key_n, k, y, y_ld, _, _, h, h_ld, norm_weight, h_out, eps = key
+    n = key_n if n is None else n
+    return [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, float32_bits("eps", eps)]
+
+
 def _epilogue_mode(mode: object, epilogue: str) -> None:
     """ValueError naming ``mode`` unless it is NORM or ADD_NORM (an int, not a bool): the prologues a GEMV with an
     ``epilogue`` (the RoPE, SiLU or routing one) follows."""
@@ -753,7 +762,7 @@ class Dense:
         bytes, params, values)``; at most 4096 kept, then the cache starts again. ``checks_only``: the checks and
         ``(function, grid, shared bytes, None, None)``, nothing packed or kept (the pairs variants pack their own)."""
         _check_fused_values(key)
-        mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, eps = key
+        mode, rows, x, x_ld, w, n, k, y, y_ld, ab_type, c_type, h, h_ld, norm_weight, h_out, _ = key
         if mode & _PAIRS and not checks_only:  # (an AssertionError below otherwise)
             raise ValueError(
                 f"mode: expected NORM, ADD_NORM or SILU; the RoPE and SiLU epilogues are prepared_qkv_rope's and "
@@ -820,8 +829,7 @@ class Dense:
         if checks_only:
             return (fn, None, rows * k * 2, None, None)
         assert not pairs
-        eps_bits = float32_bits("eps", eps)
-        args = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, eps_bits]
+        args = _fused_args(key)
         grid = min((n + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
         if fp8 is not None:  # its scales; two groups of 4 columns a block (FP8_FUSED_SOURCE)
             args += [fp8.scales, *fp8.scale_args[:3]]
@@ -877,8 +885,7 @@ class Dense:
             if h_out:
                 areas.append(("h_out", h_out, 2 * ((rows - 1) * h_ld + k)))
         _caches_apart(rope, areas)
-        ints = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, float32_bits("eps", eps), *rope_ints]
-        params, values = self._slots(ints)
+        params, values = self._slots([*_fused_args(key), *rope_ints])
         grid = min((n // 2 + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
         return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "qkv gemv + rope + append", pdl=True)
 
@@ -925,8 +932,8 @@ class Dense:
         fn, _, smem, _, _ = self._pack_fused(key, checks_only=True)
         if w + 2 * n * k > _U64:
             raise ValueError(f"w: 0x{w:x} + {2 * n * k} bytes runs past the end of the address space")
-        ints = [x, w, y, rows, n, k, x_ld, y_ld, h, norm_weight, h_out, h_ld, float32_bits("eps", eps)]
-        params, values = self._slots(ints + [0] * 17)  # (the RoPE arguments, which the SiLU kernel reads none of)
+        # (17 zero slots: the RoPE arguments, which the SiLU kernel reads none of)
+        params, values = self._slots([*_fused_args(key, n), *[0] * 17])
         grid = min((m + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
         return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "gate/up gemv + silu", pdl=True)
 
@@ -1011,8 +1018,7 @@ class Dense:
                     raise ValueError(
                         f"route.{name}: overlaps {other} (the launch writes it while reading or writing that)"
                     )
-        ints = [x, w, logits, rows, n, k, x_ld, logits_ld, h, norm_weight, h_out, h_ld, float32_bits("eps", eps)]
-        ints += [r.normed, r.normed_ld, r.top_k, int(r.renormalize), r.experts, r.weights, r.done]
+        ints = [*_fused_args(key), r.normed, r.normed_ld, r.top_k, int(r.renormalize), r.experts, r.weights, r.done]
         params, values = self._slots(ints)
         grid = min((n + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
         return self._prepared(fn, grid, 32 * _FUSED_WARPS, smem, params, values, "router gemv + routing", pdl=True)
