@@ -44,6 +44,13 @@ def reached(call) -> KernelError:  # type: ignore[no-untyped-def]
     return info.value
 
 
+def paged_plan(ws, **kw):  # type: ignore[no-untyped-def]
+    """``batch_prefill_paged_plan`` of two requests (3 and 1 query rows over 1 and 2 pages of 16) on ``ws``."""
+    return prefill.batch_prefill_paged_plan(
+        host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, workspace=ws, **kw
+    )
+
+
 def served_by_072(uri: str) -> None:
     assert loader.module_release(uri) == "0.7.2.post1"
 
@@ -97,11 +104,7 @@ def test_fa3_prefill_plan_and_runs_reach_the_072_module(release_072: list[str], 
             )
         )
     else:
-        err = reached(
-            lambda: prefill.batch_prefill_paged_plan(
-                host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, backend="fa3", workspace=ws
-            )
-        )
+        err = reached(lambda: paged_plan(ws, backend="fa3"))
     assert err.function == FA3_072 + ".plan" and len(err.arguments) == 16
     plan = prefill_plan(make_array, mode, "fa3")
     served_by_072(plan.uri)
@@ -168,11 +171,7 @@ def test_fa2_prefill_plan_passes_uniform_q_len_to_the_072_module(release_072: li
         )
     )
     assert err.function == FA2_072 + ".plan" and len(err.arguments) == 20 and err.arguments[-1] == "3"
-    err = reached(
-        lambda: prefill.batch_prefill_paged_plan(
-            host([0, 3, 4]), host([0, 1, 3]), None, host([5, 4]), 32, 8, 128, 16, backend="fa2", workspace=ws
-        )
-    )
+    err = reached(lambda: paged_plan(ws, backend="fa2"))
     assert err.arguments[-1] == "0"  # no promise: 0.6.3's behaviour
 
 
@@ -225,19 +224,7 @@ def test_bad_uniform_q_len_is_named(kernel_modules: list[str], value: object, ex
     ws = workspace()
     generation = ws._generation
     with pytest.raises(exc, match=pattern):
-        prefill.batch_prefill_paged_plan(
-            host([0, 3, 4]),
-            host([0, 1, 3]),
-            None,
-            host([5, 4]),
-            32,
-            8,
-            128,
-            16,
-            backend="fa2",
-            uniform_q_len=value,
-            workspace=ws,
-        )
+        paged_plan(ws, backend="fa2", uniform_q_len=value)
     assert ws._generation == generation
 
 
@@ -245,20 +232,7 @@ def test_bad_uniform_q_len_is_named(kernel_modules: list[str], value: object, ex
 
 
 def _graph_plan(ws, backend: str = "fa2", graph: bool = True, **split):  # type: ignore[no-untyped-def]
-    return prefill.batch_prefill_paged_plan(
-        host([0, 3, 4]),
-        host([0, 1, 3]),
-        None,
-        host([5, 4]),
-        32,
-        8,
-        128,
-        16,
-        backend=backend,
-        enable_cuda_graph=graph,
-        workspace=ws,
-        **split,
-    )
+    return paged_plan(ws, backend=backend, enable_cuda_graph=graph, **split)
 
 
 @pytest.mark.parametrize(
