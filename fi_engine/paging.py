@@ -215,36 +215,61 @@ def prefill_layout(max_tokens: int, max_rows: int, max_pages: int, padded: bool 
             "kv_indptr": max_rows + extra + 1,
             "kv_last_page_len": max_rows + extra,
             "last_rows": max_rows,
+            "rider_slots": max_rows,
             "kv_indices": max_pages + (max_tokens if padded else 0),
         }
     )
 
 
-def fill_prefill(requests: Sequence[Request], page_size: int, v: dict[str, np.ndarray]) -> tuple[int, int]:
-    """Write the prefill arrays of ``requests`` (their whole prompts, pages already held) into the views ``v``.
+def fill_prefill(
+    requests: Sequence[Request], page_size: int, v: dict[str, np.ndarray], ahead: int = 0
+) -> tuple[int, int]:
+    """Write the prefill arrays of ``requests`` (pages already held) into the views ``v``: each request's tokens
+    whose K/V are not in the cache yet, at their positions. For a request just admitted that is its whole prompt
+    (positions ``0..n-1``); for one that is decoding (a mixed pass, ``ServingLoop.mixed_prefill``) its last token
+    at its position ``len(prompt) + len(output) - 1`` (``cached``), attending to the tokens before it as a decode
+    step would. ``ahead=1``: the decoding requests' last tokens come from a decode step in flight, not recorded
+    yet: each is fed one position further, with token id 0 in place of the token (the caller writes it).
 
-    Row ``b`` is ``requests[b]``; its prompt tokens are rows ``qo_indptr[b]:qo_indptr[b+1]`` at positions
-    ``0..n-1``; ``last_rows[b]`` is its last prompt token's row (whose logits give the first new token).
+    Row ``b`` is ``requests[b]``; its tokens are rows ``qo_indptr[b]:qo_indptr[b+1]``, its KV the pages that hold
+    its tokens up to its last row's; ``last_rows[b]`` is its last token's row (whose logits give its next token).
     Returns ``(nnz, pages)``: tokens and page ids written.
     """
-    t = p = 0
-    v["qo_indptr"][0] = 0
-    v["kv_indptr"][0] = 0
+    ids: list[int] = []
+    positions: list[int] = []
+    rows: list[int] = []
+    indices: list[int] = []
+    qo = [0]
+    kv = [0]
+    last_page_len: list[int] = []
     for b, r in enumerate(requests):
-        n = len(r.prompt)
-        need = pages_for(n, page_size)
-        if len(r.pages) != need:
-            raise AssertionError(f"request {r.rid}: holds {len(r.pages)} pages, its prompt needs {need}")
-        v["token_ids"][t : t + n] = r.prompt
-        v["positions"][t : t + n] = np.arange(n, dtype=np.int32)
-        v["batch_indices"][t : t + n] = b
-        v["kv_indices"][p : p + need] = r.pages
-        t += n
-        p += need
-        v["qo_indptr"][b + 1] = t
-        v["kv_indptr"][b + 1] = p
-        v["kv_last_page_len"][b] = (n - 1) % page_size + 1
-        v["last_rows"][b] = t - 1
+        new: Sequence[int]
+        if r.output:  # decoding: its last token, one row
+            start = len(r.prompt) + len(r.output) - 1 + ahead
+            new = (0,) if ahead else (r.output[-1],)
+        else:
+            start, new = 0, r.prompt
+        end = start + len(new)
+        need = pages_for(end, page_size)
+        if not new or len(r.pages) < need:
+            raise AssertionError(f"request {r.rid}: holds {len(r.pages)} pages, its {end} tokens need {need}")
+        ids.extend(new)
+        positions.extend(range(start, end))
+        rows.extend([b] * len(new))
+        indices.extend(r.pages[:need])
+        qo.append(len(ids))
+        kv.append(len(indices))
+        last_page_len.append((end - 1) % page_size + 1)
+    t, p, n = len(ids), len(indices), len(requests)
+    v["token_ids"][:t] = ids
+    v["positions"][:t] = positions
+    v["batch_indices"][:t] = rows
+    v["kv_indices"][:p] = indices
+    v["qo_indptr"][: n + 1] = qo
+    v["kv_indptr"][: n + 1] = kv
+    v["kv_last_page_len"][:n] = last_page_len
+    v["last_rows"][:n] = qo[1:]
+    v["last_rows"][:n] -= 1
     return t, p
 
 
@@ -408,13 +433,14 @@ def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.
     """Write one decode step's arrays for ``rows`` (None: a padding row) into the views ``v``; returns the
     number of page ids written.
 
-    Row ``i`` feeds its request's last token at position ``cached`` (padding: token 0 at position 0 on
-    :data:`PAD_PAGE`) and attends to ``cached + 1`` tokens, so its pages must already cover them
-    (:meth:`Scheduler.decode_rows`).
+    Row ``i`` feeds its request's last token at its position ``len(prompt) + len(output) - 1`` (``cached`` once its
+    tokens are recorded; padding: token 0 at position 0 on :data:`PAD_PAGE`) and attends to the tokens up to it,
+    so its pages must already cover them (:meth:`Scheduler.decode_rows`).
 
-    ``ahead=1``: the step after the one in flight (:meth:`Scheduler.peek_rows`): position ``cached + 1``, and
-    token id 0 in place of the token that step in flight has not produced yet (the caller writes it); ``ahead=2``:
-    the step after two in flight (``ServingLoop.pipelined_decode``), position ``cached + 2``.
+    ``ahead=1``: the step after a pass in flight that gives the request a token (a decode step, or the prefill
+    pass that gives an admitted request its first: :meth:`Scheduler.peek_rows`): one position further, and token
+    id 0 in place of the token the pass in flight has not produced yet (the caller writes it); ``ahead=2``: the
+    step after two in flight (``ServingLoop.pipelined_decode``), two positions further.
     """
     ids: list[int] = []
     pos: list[int] = []
@@ -428,7 +454,7 @@ def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.
             last.append(1)
             indices.append(PAD_PAGE)
         else:
-            at = r.cached + ahead
+            at = len(r.prompt) + len(r.output) - 1 + ahead
             if len(r.pages) * page_size <= at:
                 raise AssertionError(f"request {r.rid}: {len(r.pages)} pages cannot hold token {at}")
             ids.append(r.output[-1] if not ahead else 0)
@@ -597,16 +623,18 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.pending) or any(r is not None for r in self.slots)
 
-    def admit(self) -> list[Request]:
+    def admit(self, reserve: int = 0) -> list[Request]:
         """Move queued requests (in order) into free slots while their page budgets and the prefill token
-        limit allow; give each its prompt's pages. Returns the admitted requests (to prefill together)."""
+        limit allow; give each its prompt's pages. Returns the admitted requests (to prefill together).
+        ``reserve``: token rows of the prefill pass already taken (the decoding requests that ride in a mixed pass,
+        ``ServingLoop.mixed_prefill``), so the admitted prompts get ``max_prefill_tokens - reserve`` rows."""
         free_slots = [i for i, s in enumerate(self.slots) if s is None]
         outstanding = sum(r.budget_pages - len(r.pages) for r in self.slots if r is not None)
         admitted: list[Request] = []
         tokens = 0
         while self.pending and free_slots:
             r = self.pending[0]
-            if tokens + len(r.prompt) > self.max_prefill_tokens:
+            if reserve + tokens + len(r.prompt) > self.max_prefill_tokens:
                 break
             if self.allocator.num_free - outstanding < r.budget_pages:
                 break
@@ -632,27 +660,35 @@ class Scheduler:
         ``padded``: all ``max_batch`` slots (None for an empty one), which a decode CUDA graph's rows begin with
         (:meth:`graph_rows`); otherwise the active requests only, in slot order.
         """
-        for r in self.slots:
-            if r is not None and r.cached == len(r.pages) * self.page_size:
-                r.pages.extend(self.allocator.alloc(1))  # within its budget, reserved at admission
+        self.grow_pages()
         if padded:
             return list(self.slots)
         rows: list[Request | None] = [r for r in self.slots if r is not None]
         return rows
 
+    def grow_pages(self, requests: Iterable[Request | None] | None = None, ahead: int = 0) -> None:
+        """Give each active request (or each of ``requests``: decoding ones) the page its next token needs, if it
+        lacks it (within its budget, reserved at admission): before a decode step or a mixed pass feeds it that
+        token, at position ``cached`` (``len(prompt) + len(output) - 1``), or ``ahead`` positions further where
+        that many passes giving it a token are in flight (:func:`fill_prefill`'s ``ahead``)."""
+        for r in self.slots if requests is None else requests:
+            if r is not None:
+                while len(r.pages) * self.page_size <= len(r.prompt) + len(r.output) - 1 + ahead:
+                    r.pages.extend(self.allocator.alloc(1))
+
     def peek_rows(self, ahead: int = 1) -> list[Request | None]:
-        """The padded rows of the decode step after the ``ahead`` steps in flight (issued from :meth:`decode_rows`,
-        not yet :meth:`record`-ed; 1 or 2), as they will be if no request ends with an end-of-sequence token: a
-        request whose steps in flight give its ``max_new_tokens``-th token is None. Gives each continuing request
-        the pages that step needs (within its budget: it would get them from :meth:`decode_rows` then). Compare
-        the result with :attr:`slots` once all but one of those steps are recorded (:meth:`same_rows`) before
-        using it."""
+        """The padded rows of the decode step after the ``ahead`` passes in flight (decode steps issued from
+        :meth:`decode_rows`, or the prefill pass of the requests just admitted, not yet :meth:`record`-ed; 1 or 2),
+        as they will be if no request ends with an end-of-sequence token: a request whose passes in flight give its
+        ``max_new_tokens``-th token is None. Gives each continuing request the pages that step needs (within its
+        budget: it would get them from :meth:`decode_rows` then). Compare the result with :attr:`slots` once all
+        but one of those passes are recorded (:meth:`same_rows`) before using it."""
         rows: list[Request | None] = []
         for r in self.slots:
             if r is None or len(r.output) + ahead >= r.max_new_tokens:
                 rows.append(None)
                 continue
-            while len(r.pages) * self.page_size <= r.cached + ahead:
+            while len(r.pages) * self.page_size <= len(r.prompt) + len(r.output) - 1 + ahead:
                 r.pages.extend(self.allocator.alloc(1))
             rows.append(r)
         return rows

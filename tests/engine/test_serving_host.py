@@ -177,6 +177,84 @@ def test_prefill_tables_match_fi_ffi_host_helpers():
     check_append_positions(bi, po, v["kv_indices"][:n_pages], kv, last, PS, num_pages=64)
 
 
+def test_a_mixed_pass_feeds_each_decoding_request_its_last_token_beside_the_new_prompts():
+    """A mixed prefill pass (ServingLoop.mixed_prefill): a decoding request is one row, its last token at position
+    ``cached`` over the pages that hold ``cached + 1`` tokens, as its decode step would feed it; a new request its
+    whole prompt. FlashInfer's own host helpers map the rows to the same (request, position) pairs and accept the
+    appends."""
+    s = make(max_batch=4)
+    a = s.submit([1] * 15, 8)
+    b = s.submit([2] * 5, 8)
+    s.admit()
+    s.record([a, b], [11, 12], prefill=True)  # a: 15 cached, its token 11 goes to position 15 (page 1's end)
+    s.record([a, b], [13, 14])  # a: 16 cached, its next token opens page 2; b: 6 cached
+    c = s.submit([3] * 18, 8)
+    assert s.admit(reserve=2) == [c]
+    s.grow_pages()  # what the mixed pass does first
+    assert len(a.pages) == 2 and len(b.pages) == 1 and len(c.pages) == 2
+    layout = prefill_layout(64, 4, 64)
+    v = layout.views(np.zeros(layout.total, np.int32))
+    nnz, n_pages = fill_prefill([a, b, c], PS, v)
+    assert (nnz, n_pages) == (1 + 1 + 18, 2 + 1 + 2)
+    assert v["token_ids"][:nnz].tolist() == [13, 14, *c.prompt]
+    assert v["positions"][:nnz].tolist() == [16, 6, *range(18)]
+    assert v["qo_indptr"][:4].tolist() == [0, 1, 2, 20]
+    assert v["kv_indptr"][:4].tolist() == [0, 2, 3, 5]
+    assert v["kv_last_page_len"][:3].tolist() == [1, 7, 2]
+    assert v["last_rows"][:3].tolist() == [0, 1, 19]
+    assert v["kv_indices"][:n_pages].tolist() == [*a.pages, *b.pages, *c.pages]
+    qo, kv, last = v["qo_indptr"][:4], v["kv_indptr"][:4], v["kv_last_page_len"][:3]
+    seq = plan_checks.check_last_page_len("kv_last_page_len", last, kv, PS, lengths=True)
+    assert seq.tolist() == [17, 7, 18]
+    bi, po = get_batch_indices_positions(qo, seq)
+    assert np.array_equal(bi, v["batch_indices"][:nnz]) and np.array_equal(po, v["positions"][:nnz])
+    check_append_positions(bi, po, v["kv_indices"][:n_pages], kv, last, PS, num_pages=64)
+
+
+def test_a_mixed_pass_behind_a_decode_step_feeds_its_riders_one_position_on():
+    """``ahead=1`` (a pass launched behind a decode step in flight): each decoding request is fed at the position
+    after its last recorded token, with token 0 in place of the one in flight (gathered on the device), and
+    ``grow_pages(riders, 1)`` gives it the page that position opens; a new request's prompt is as before."""
+    s = make(max_batch=4)
+    a = s.submit([1] * 14, 8)
+    s.admit()
+    s.record([a], [11], prefill=True)
+    s.record([a], [12])  # 15 cached; the step in flight feeds 12 at 15 and gives the token fed at 16
+    c = s.submit([3] * 5, 8)
+    assert s.admit(reserve=1) == [c]
+    assert len(a.pages) == 1
+    s.grow_pages([a], ahead=1)
+    assert len(a.pages) == 2 and len(c.pages) == 1  # position 16 opens a's second page; c is not a rider
+    layout = prefill_layout(64, 4, 64)
+    v = layout.views(np.zeros(layout.total, np.int32))
+    nnz, n_pages = fill_prefill([a, c], PS, v, ahead=1)
+    assert (nnz, n_pages) == (1 + 5, 2 + 1)
+    assert v["token_ids"][:nnz].tolist() == [0, *c.prompt]
+    assert v["positions"][:nnz].tolist() == [16, *range(5)]
+    assert v["kv_last_page_len"][:2].tolist() == [1, 5]
+    assert v["kv_indices"][:n_pages].tolist() == [*a.pages, *c.pages]
+
+
+def test_a_mixed_pass_refuses_a_decoding_request_without_the_page_its_token_needs():
+    s = make(max_batch=2)
+    a = s.submit([1] * 16, 8)
+    s.admit()
+    s.record([a], [11], prefill=True)  # 16 cached: position 16 needs a second page, not given yet
+    layout = prefill_layout(64, 2, 64)
+    with pytest.raises(AssertionError, match="holds 1 pages, its 17 tokens need 2"):
+        fill_prefill([a], PS, layout.views(np.zeros(layout.total, np.int32)))
+
+
+def test_admission_leaves_the_reserved_rows_of_a_mixed_pass_to_the_riders():
+    s = Scheduler(PageAllocator(64), PS, 4, 256, 40, 1000)
+    s.submit([1] * 10, 4)
+    s.submit([2] * 10, 4)
+    s.submit([3] * 10, 4)
+    assert len(s.admit(reserve=15)) == 2  # 15 + 10 + 10 <= 40 < 15 + 30
+    assert s.admit(reserve=31) == []  # 31 + 10 > 40: the third waits
+    assert len(s.admit(reserve=30)) == 1
+
+
 def test_decode_tables_pad_to_the_graph_batch_with_the_padding_page():
     s = make(max_batch=4)
     a = s.submit([1] * 16, 8)
