@@ -547,20 +547,20 @@ def engine_share(folder: Path, profile: int) -> dict[str, Any]:
     spans: list[tuple[str, float, float]] = []
     label = [""]
 
-    def timed_prefill(self: Any, sched: Any, reqs: Any, all_logits: bool = False) -> Any:
+    def timed_prefill(self: Any, sched: Any, reqs: Any, all_logits: bool = False, riders: Any = ()) -> Any:
         begin = time.perf_counter()
-        fetch = self._fetch_ids
+        finish = self._prefill_finish
         issued: list[float] = []
 
-        def timed_fetch(rows: int, sampled: bool) -> Any:
-            issued.append(time.perf_counter())
-            return fetch(rows, sampled)
+        def timed_finish(*args: Any, **kwargs: Any) -> Any:
+            issued.append(time.perf_counter())  # the pass is issued: the host waits for it from here
+            return finish(*args, **kwargs)
 
-        self._fetch_ids = timed_fetch
+        self._prefill_finish = timed_finish
         try:
-            return original(self, sched, reqs, all_logits)
+            return original(self, sched, reqs, all_logits, riders)
         finally:
-            del self._fetch_ids
+            del self._prefill_finish
             end = time.perf_counter()
             if issued and label[0]:
                 spans.append((label[0], issued[0] - begin, end - begin))

@@ -7,10 +7,10 @@
   generation ended by its ``generation_config.json`` end-of-sequence ids, the output printed as text. Every value
   is checked before the GPU is touched: a bad one is a usage error (exit 2).
 - ``serve MODEL_DIR [--host H] [--port P] [--max-batch N] [--max-queue N] [--graph] [--api-servers N]
-  [--scheduler-delay-factor F]``: the OpenAI-compatible HTTP server (:mod:`fi_engine.openai_server`; the ``serve``
-  extra) until SIGINT/SIGTERM; with ``--api-servers N``, N front-end processes over one engine process
-  (:mod:`fi_engine.api_servers`). The engine steps with ``overlap_steps`` and the scheduler delay
-  (``fi_engine.serving.ServingLoop``).
+  [--scheduler-delay-factor F] [--no-mixed-prefill]``: the OpenAI-compatible HTTP server
+  (:mod:`fi_engine.openai_server`; the ``serve`` extra) until SIGINT/SIGTERM; with ``--api-servers N``, N front-end
+  processes over one engine process (:mod:`fi_engine.api_servers`). The engine steps with ``overlap_steps``, the
+  scheduler delay and ``mixed_prefill`` (``fi_engine.serving.ServingLoop``).
 
 ``fi-ffi generate ARGS`` (the binding's command, where this subcommand lived) runs ``python -m fi_engine generate
 ARGS``. With ``--tp N`` this command starts its ranks through ``fi-ffi launch`` (the binding's launcher, a
@@ -397,6 +397,13 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         f"together, as vLLM's option of that name (default {SCHEDULER_DELAY_FACTOR}; 0: at the next step)",
     )
     p.add_argument(
+        "--mixed-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a prefill pass also decodes the requests already running, one token row each, instead of pausing "
+        "them for a pass of its own (default on; --no-mixed-prefill: each prefill alone, the decode step after it)",
+    )
+    p.add_argument(
         "--grace",
         type=_seconds,
         default=30.0,
@@ -475,9 +482,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     f"in the fi_ffi checkout"
                 ) from None
         kwargs = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, cuda_graph=args.graph, device=args.device)
-        # each decode step launched before the last one's tokens are delivered (ServingLoop._serve_step), and
-        # arrivals grouped into fewer prefills (ServingLoop._admit)
-        kwargs.update(overlap_steps=True, scheduler_delay_factor=args.scheduler_delay_factor)
+        # each decode step launched before the last one's tokens are delivered (ServingLoop._serve_step), arrivals
+        # grouped into fewer prefills (ServingLoop._admit), and the running requests decoded in each prefill pass
+        kwargs.update(
+            overlap_steps=True, scheduler_delay_factor=args.scheduler_delay_factor, mixed_prefill=args.mixed_prefill
+        )
         if args.in_process:
             engine = open_engine(args.model, **kwargs)
         else:  # the engine steps in a process of its own (fi_engine.engine_process says why)

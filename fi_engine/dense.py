@@ -1420,6 +1420,10 @@ class Dense:
         """``dst[r, :width] = src[index[r], :width]`` for ``r < rows`` (16-bit elements; ``index`` int32)."""
         self._gather_fn((rows, _column_blocks(width)), (256,), (src, index, dst, width, src_ld, dst_ld))
 
+    def gather_ids(self, rows: int, src: int, index: int, dst: int) -> None:
+        """``dst[r] = src[index[r]]`` for ``r < rows`` (int32 token ids: the row gather over two 16-bit halves)."""
+        self.gather_rows(rows, src, 2, index, dst, 2, 2)
+
     def argmax(self, rows: int, x: int, n: int, ld: int, out: int) -> None:
         """``out[r] = argmax(x[r, :n])`` (float32 ``x``, int32 ``out``; ties: the first index)."""
         self._argmax_fn((rows,), (1024,), (x, n, ld, out))

@@ -179,6 +179,9 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         # the step API's admission waits while others decode, up to this many times the last prefill's time, so a
         # burst of arrivals is prefilled in fewer passes (ServingLoop._admit); 0: admitted at the next step
         self.scheduler_delay_factor = 0.0
+        # the step API's prefill passes also decode the active requests (ServingLoop.mixed_prefill); off by default
+        # (their riders' logits come from the prefill's kernels); the servers turn it on (engines.open_engine)
+        self.mixed_prefill = False
         self._prefill_graph_cache: dict[tuple[int, ...], Any] = {}
         # (bucket, request slots) whose capture failed -> why: those prefills stay eager (and unpadded) from then on
         self.prefill_graph_failures: dict[tuple[int, int], str] = {}

@@ -33,18 +33,25 @@ def engine_class(model_dir: str | Path) -> Any:
 
 
 def open_engine(
-    model_dir: str | Path, *, overlap_steps: bool = False, scheduler_delay_factor: float = 0.0, **kwargs: Any
+    model_dir: str | Path,
+    *,
+    overlap_steps: bool = False,
+    scheduler_delay_factor: float = 0.0,
+    mixed_prefill: bool = False,
+    **kwargs: Any,
 ) -> Any:
     """``engine_class(model_dir)(model_dir, **kwargs)`` with the step API's serving settings, which a server
     stepping the engine in a loop wants and ``generate`` ignores: ``overlap_steps`` (a decode step's tokens come
-    with the next ``step()``, the step left running on the GPU meanwhile) and ``scheduler_delay_factor`` (queued
+    with the next ``step()``, the step left running on the GPU meanwhile), ``scheduler_delay_factor`` (queued
     requests wait while others decode, up to that many times the last prefill's time, to be prefilled together;
-    0 to 100)."""
-    from .serving import delay_factor_arg, overlap_steps_arg
+    0 to 100) and ``mixed_prefill`` (a prefill pass decodes the active requests too)."""
+    from .serving import delay_factor_arg, mixed_prefill_arg, overlap_steps_arg
 
     overlap_steps = overlap_steps_arg(overlap_steps)  # checked before the checkpoint is read
     scheduler_delay_factor = delay_factor_arg(scheduler_delay_factor)
+    mixed_prefill = mixed_prefill_arg(mixed_prefill)
     engine = engine_class(model_dir)(model_dir, **kwargs)
     engine.overlap_steps = overlap_steps
     engine.scheduler_delay_factor = scheduler_delay_factor
+    engine.mixed_prefill = mixed_prefill
     return engine

@@ -36,14 +36,24 @@ from .state import EngineState
 from .stepping import FinishReason, StepOutput
 from .storage import _D2D, _D2H, _H2D, _address
 
-__all__ = ["GenerationResult", "delay_factor_arg", "overlap_steps_arg"]
+__all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
+
+
+def _switch(name: str, value: object) -> bool:
+    """A switch of the step API checked: a bool, else TypeError naming it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
+    return value
 
 
 def overlap_steps_arg(overlap_steps: object) -> bool:
     """``overlap_steps`` checked: a bool, else TypeError naming it."""
-    if not isinstance(overlap_steps, bool):
-        raise TypeError(f"overlap_steps: expected True or False, got {type(overlap_steps).__name__}")
-    return overlap_steps
+    return _switch("overlap_steps", overlap_steps)
+
+
+def mixed_prefill_arg(mixed_prefill: object) -> bool:
+    """``mixed_prefill`` checked: a bool, else TypeError naming it."""
+    return _switch("mixed_prefill", mixed_prefill)
 
 
 def delay_factor_arg(scheduler_delay_factor: object) -> float:
@@ -65,6 +75,18 @@ class _LaunchedStep:
 
     rows: list[Request | None]
     ids: np.ndarray
+    done: Any
+
+
+@dataclass(frozen=True)
+class _LaunchedPass:
+    """A prefill pass launched and not yet recorded (ServingLoop._prefill_launch): the decoding requests it carried
+    (``riders``), the requests it prefilled (``admitted``), the slot of each (its token's place in ``_ids_host``:
+    the pass chooses one token per slot) and the event that marks the end of that copy."""
+
+    riders: list[Request]
+    admitted: list[Request]
+    slots: list[int]
     done: Any
 
 
@@ -116,6 +138,12 @@ class ServingLoop(EngineState):
     tokens after that step may differ from a run with this off (each run still reproduces itself). Set it on the
     class to compare (``benchmarks/bench_llama_tp.py --variants no-pipeline``)."""
 
+    pipelined_prefill = True
+    """With :attr:`overlap_steps`, the decode graph on one GPU and steps prepared ahead: a queued request's prefill
+    pass is prepared while the decode step in flight runs and launched behind it, its riders fed that step's tokens
+    on the device (:meth:`_serve_step`), instead of after the host has waited for that step. Set it on the class to
+    compare (``benchmarks/bench_serve.py compare``'s closed-loop rows)."""
+
     # ------------------------------------------------------------------------------------ the step API
 
     @property
@@ -127,6 +155,23 @@ class ServingLoop(EngineState):
     @overlap_steps.setter
     def overlap_steps(self, value: bool) -> None:
         self._overlap_steps = overlap_steps_arg(value)
+
+    @property
+    def mixed_prefill(self) -> bool:
+        """Whether the step API's prefill passes also decode the requests already active (SGLang's mixed chunk; what
+        vLLM's chunked prefill does for prompts that fit one pass): each decoding request feeds its last token as one
+        more row of the pass, at its position, attending to its cached tokens through the prefill attention, and
+        gets its next token from it. A prefill then costs the batch a pass with a few more rows instead of a pass
+        and the decode step it held back. Default False; ``fi-engine serve`` turns it on. One GPU and the Llama
+        pass (the prefill attention reads the paged cache); elsewhere, and where the prompts leave no rows for the
+        decoding requests (``max_prefill_tokens``), a prefill runs alone as before. The riders' logits come from the
+        prefill's kernels (other sums than the decode step's): equal within bfloat16 rounding, not bit for bit, so a
+        greedy token at a near tie may differ from ``generate``'s. TypeError for anything but a bool."""
+        return self._mixed_prefill
+
+    @mixed_prefill.setter
+    def mixed_prefill(self, value: bool) -> None:
+        self._mixed_prefill = mixed_prefill_arg(value)
 
     @property
     def scheduler_delay_factor(self) -> float:
@@ -190,7 +235,8 @@ class ServingLoop(EngineState):
         ones aborted since the last step. With nothing queued or active: those aborted ones only, at once. With
         :attr:`overlap_steps`, the decode step is left running and its tokens come first in the next call
         (:meth:`_serve_step`); with :attr:`scheduler_delay_factor`, queued requests may wait a few steps
-        (:meth:`_admit`).
+        (:meth:`_admit`); with :attr:`mixed_prefill`, the requests already active take a token from the prefill pass
+        too (so one more in that call).
 
         An exception from the device work (a CUDA error, an interrupt) ends every queued and active request (the
         next step reports them as aborted, after the requests that had ended in the failed call before it failed,
@@ -239,31 +285,66 @@ class ServingLoop(EngineState):
         taken first, and this call's decode step is launched and left running: its tokens come with the next call,
         while the caller handles these (the GPU does not wait for the host between steps). A request that ended
         meanwhile (aborted) gets no token from the step in flight; its slot and pages are reused only by work
-        queued after that step on the engine's one stream."""
+        queued after that step on the engine's one stream. Where queued requests are admitted, their prefill pass
+        (with the running requests riding in it: :attr:`mixed_prefill`) is prepared while the step in flight runs
+        and launched behind it (:attr:`pipelined_prefill`), and the decode step after the pass behind the pass
+        where it gave every active request a token (:meth:`_decodes_behind_prefill`)."""
         inflight, self._inflight = self._inflight, None
+        launched: _LaunchedPass | None = None
+        riders: list[Request] = []
+        admitted: list[Request] = []
+        t = 0.0  # when the prefill pass began (its host time, kept for the scheduler delay)
         if inflight is not None:  # also when overlap_steps was turned off since that step was launched
             # the next step launched before this one's tokens are read, where nothing changes the rows in between
             if self.overlap_steps and self._launches_ahead(sched, delay=True):
                 self._inflight = self._decode_launch(sched, depth=2)
-            for r in self._decode_finish(sched, inflight, behind=self._inflight is not None):
+            elif self.overlap_steps and self._prefills_ahead(sched):
+                # the prefill pass of the requests admitted now goes behind the step in flight, prepared while it
+                # runs: its riders (those the step in flight does not end by their limit) are fed the step's
+                # tokens on the device, one position on
+                riders = [r for r in sched.active if len(r.output) + 1 < r.max_new_tokens] if self._mixes() else []
+                admitted = sched.admit(reserve=len(riders))
+                if riders and not admitted:  # the first queued prompt does not fit beside the riders: alone
+                    riders, admitted = [], sched.admit()
+                if admitted:
+                    t = time.perf_counter()
+                    launched, _ = self._prefill_launch(sched, admitted, riders, behind=True)
+            for r in self._decode_finish(sched, inflight, behind=self._inflight is not None or launched is not None):
                 produced[r] = 1
             if self._inflight is not None:
                 return
-        if not (self.overlap_steps and self.comm is None):
-            self._advance(sched, None, produced)
-            return
-        admitted = self._admit(sched, delay=True)
-        if admitted:
-            self._timed_prefill(sched, admitted)
-            for r in admitted:
-                produced[r] = 1
-        if sched.active:
+        if launched is None:
+            if not (self.overlap_steps and self.comm is None):
+                self._advance(sched, None, produced)
+                return
+            admitted = self._admit(sched, delay=True, riders=riders)
+            if admitted:
+                t = time.perf_counter()
+                launched, _ = self._prefill_launch(sched, admitted, riders)
+        if launched is not None:
+            # every active request takes a token from the pass (it was admitted, or rides in it)
+            passed = [*launched.riders, *launched.admitted]
+            ids = {id(r) for r in passed}
+            had = [len(r.output) for r in passed]
+            if all(id(r) in ids for r in sched.active) and self._decodes_behind_prefill(sched):
+                # the decode step goes right behind the pass, its input tokens copied on the device: the GPU does
+                # not wait for the host to read the pass's tokens and prepare the step
+                self._inflight = self._decode_launch(sched, depth=2)
+                self._prefill_finish(sched, launched, behind=True)
+            else:
+                self._prefill_finish(sched, launched)
+            self._last_prefill_s = time.perf_counter() - t
+            for r, n in zip(passed, had, strict=True):  # (a rider the step in flight ended took nothing)
+                if len(r.output) > n:
+                    produced[r] = produced.get(r, 0) + 1
+        if sched.active and self._inflight is None:
             self._inflight = self._decode_launch(sched)
 
-    def _timed_prefill(self, sched: Scheduler, admitted: list[Request]) -> float:
-        """:meth:`_prefill` of the admitted requests; its host time in seconds, kept for :meth:`_admit`'s delay."""
+    def _timed_prefill(self, sched: Scheduler, admitted: list[Request], riders: Sequence[Request] = ()) -> float:
+        """:meth:`_prefill` of the admitted requests (with ``riders``, a mixed pass: :attr:`mixed_prefill`); its
+        host time in seconds, kept for :meth:`_admit`'s delay."""
         t = time.perf_counter()
-        self._prefill(sched, admitted)
+        self._prefill(sched, admitted, riders=riders)
         self._last_prefill_s = time.perf_counter() - t
         return self._last_prefill_s
 
@@ -283,6 +364,37 @@ class ServingLoop(EngineState):
             and not self._would_admit(sched, delay)
         )
 
+    def _prefills_ahead(self, sched: Scheduler) -> bool:
+        """Whether the prefill pass of queued requests may be launched now, behind the decode step in flight
+        (:meth:`_serve_step`, :attr:`pipelined_prefill`): a queued request would be admitted (:meth:`_would_admit`),
+        on one GPU with the decode graph where steps are prepared ahead (:attr:`pipelined_decode`'s conditions)."""
+        return (
+            self.pipelined_prefill
+            and self.pipelined_decode
+            and self.graph is not None
+            and self.comm is None
+            and self._prepare_ahead
+            and self._would_admit(sched, delay=True)
+        )
+
+    def _decodes_behind_prefill(self, sched: Scheduler) -> bool:
+        """Prepare the decode step after the prefill pass just launched, which gives every active request a token
+        (the caller checks), for the rows the slots will hold after it (:meth:`Scheduler.peek_rows` of one pass
+        ahead: each admitted request at its prompt's end, each rider one position on), and return True; False
+        (nothing prepared) where steps are not prepared ahead (the conditions of :attr:`pipelined_decode`) or a
+        request reaches its token limit in the pass (the rows will change). The step's input tokens are then the
+        pass's, which it chose one per slot: copied on the device at launch."""
+        if not (self.pipelined_decode and self.graph is not None and self.comm is None and self._prepare_ahead):
+            return False
+        rows = sched.peek_rows(1)
+        rows = rows[: sched.graph_rows(rows, self._graph_batches)]
+        if not sched.same_rows(rows):
+            return False
+        self._staged.synchronize()  # the copies out of the staging buffers of the step before are done
+        self._upload_decode(len(rows), fill_decode(rows, self.page_size, self._dh, ahead=1), cuda_graph=True)
+        self._next_rows = rows
+        return True
+
     def _would_admit(self, sched: Scheduler, delay: bool) -> bool:
         """Whether :meth:`_admit` would admit a queued request now (a free slot, and no scheduler delay holding
         the queue back), without admitting it."""
@@ -292,19 +404,35 @@ class ServingLoop(EngineState):
         waits = delay and factor > 0 and sched.active and len(sched.pending) < sched.slots.count(None)
         return not (waits and time.perf_counter() - sched.pending[0].queued_at < factor * self._last_prefill_s)
 
-    def _admit(self, sched: Scheduler, delay: bool) -> list[Request]:
+    def _admit(self, sched: Scheduler, delay: bool, riders: list[Request] | None = None) -> list[Request]:
         """The scheduler's admission (:meth:`Scheduler.admit`), or none yet: with ``delay`` (the step API) and
         :attr:`scheduler_delay_factor` > 0, queued requests wait while others decode, until the oldest has waited
         that many times the last prefill's time or they would fill every free slot (vLLM's scheduler delay): a burst
         of arrivals is prefilled in a few larger passes instead of one small pass per step, each of which costs the
-        batch a step."""
+        batch a step.
+
+        ``riders`` (the step API): with :attr:`mixed_prefill` where it applies, the requests already active are
+        appended to it when some are admitted (they ride in the prefill pass, each one token row of the pass's
+        ``max_prefill_tokens``); where the first queued prompt does not fit beside them, it is admitted alone and
+        ``riders`` stays empty."""
         if not sched.pending:
             return []
         factor = self.scheduler_delay_factor
         waits = delay and factor > 0 and sched.active and len(sched.pending) < sched.slots.count(None)
         if waits and time.perf_counter() - sched.pending[0].queued_at < factor * self._last_prefill_s:
             return []
+        if riders is not None and self._mixes():
+            active = sched.active
+            admitted = sched.admit(reserve=len(active)) if active else []
+            if admitted:
+                riders.extend(active)
+                return admitted
         return sched.admit()
+
+    def _mixes(self) -> bool:
+        """Whether the step API's prefill passes take the decoding requests along (:attr:`mixed_prefill`): one GPU,
+        and the Llama pass, whose prefill attention reads every request's KV from the paged cache."""
+        return self.mixed_prefill and self.comm is None and self.definition.llama_pass
 
     def _settle(self) -> None:
         """Wait for a decode step left in flight whose requests have all ended since (aborted): nothing of it is
@@ -383,12 +511,15 @@ class ServingLoop(EngineState):
         (the step API), how many tokens each request produced goes into ``produced``, in the order it first did."""
         if produced is None:
             produced = {}
-        admitted = self._admit(sched, delay=result is None)
+        riders: list[Request] = []
+        admitted = self._admit(sched, delay=result is None, riders=None if result is not None else riders)
         if admitted:
-            elapsed = self._timed_prefill(sched, admitted)
+            elapsed = self._timed_prefill(sched, admitted, riders)
             if result is not None:
                 result.prefill_s += elapsed
             else:
+                for rider in riders:
+                    produced[rider] = produced.get(rider, 0) + 1
                 produced.update(dict.fromkeys(admitted, 1))
         if sched.active:
             t = time.perf_counter()
@@ -559,20 +690,72 @@ class ServingLoop(EngineState):
             raise
         return reqs
 
-    def _prefill(self, sched: Scheduler, reqs: list[Request], all_logits: bool = False) -> list[np.ndarray]:
+    def _prefill(
+        self, sched: Scheduler, reqs: list[Request], all_logits: bool = False, riders: Sequence[Request] = ()
+    ) -> list[np.ndarray]:
+        """Prefill the admitted requests ``reqs`` and, in the same pass, decode ``riders`` (active requests: one token
+        row each, :attr:`mixed_prefill`); wait for it and record their tokens (:meth:`_prefill_launch`,
+        :meth:`_prefill_finish`). ``all_logits`` (without riders: :meth:`prefill_logits`): return each request's
+        logits at every row."""
+        launched, full = self._prefill_launch(sched, reqs, riders, all_logits)
+        self._prefill_finish(sched, launched)
+        if full is None:
+            return []
+        c = self.config
+        host = full.get(stream=self.stream)
+        if host.ndim == 3:  # [ranks, nnz, V/N]: the columns side by side, the padding dropped
+            host = np.concatenate(list(host), axis=1)[:, : c.vocab_size]
+        bounds = self._ph["qo_indptr"][: len(reqs) + 1].tolist()
+        return [host[bounds[i] : bounds[i + 1]] for i in range(len(reqs))]
+
+    def _prefill_launch(
+        self,
+        sched: Scheduler,
+        reqs: list[Request],
+        riders: Sequence[Request] = (),
+        all_logits: bool = False,
+        behind: bool = False,
+    ) -> tuple[_LaunchedPass, Any]:
+        """Launch the prefill pass of ``reqs`` with ``riders`` (:meth:`_prefill`), its tokens copied behind it into
+        ``_ids_host`` (not waited for): one per slot up to the highest slot it serves, in slot order, so that the
+        decode step after it can read them in place (:meth:`_decodes_behind_prefill`); an empty slot's is garbage.
+        ``behind``: a decode step is in flight, not recorded: the riders' last tokens are its tokens, fed one
+        position on and gathered from its ``ids`` on the device (a rider it ends with an end-of-sequence token
+        computes a row nobody records). Returns the launched pass and, with ``all_logits``, the float32 logits of
+        every row (on the device)."""
         cp, c, b, s = self._cp, self.config, self._buf, self._s
-        batch = len(reqs)
+        ahead = 1 if behind else 0
+        if riders:
+            sched.grow_pages(riders, ahead)  # each rider's next token may open a page
+        rows = [*riders, *reqs]
+        batch = len(rows)
         self._next_rows = None  # the prefill's tokens overwrite `ids`: a step prepared before it cannot run
         ph = self._ph
-        nnz, n_pages = fill_prefill(reqs, self.page_size, ph)
+        nnz, n_pages = fill_prefill(rows, self.page_size, ph, ahead)
+        k = len(riders) if behind else 0
+        if k:  # riders come first, one row each: rows 0..k-1 take the tokens of their slots
+            ph["rider_slots"][:k] = [r.slot for r in riders]
+        # each request's last row, by slot: the rows whose logits choose the tokens
+        slots = [r.slot for r in rows]
+        width = max(slots) + 1
+        ends = ph["last_rows"][:batch].copy()
+        ph["last_rows"][:width] = 0
+        ph["last_rows"][slots] = ends
+        by_slot: list[Request | None] = [None] * width
+        for r in rows:
+            by_slot[r.slot] = r
         bucket = self._prefill_bucket(nnz, batch)
-        slots = prefill_slots(batch, self.max_batch)
+        # a mixed pass's requests are every occupied slot: its graphs are those of max_batch slots, one per bucket
+        padded_slots = self.max_batch if riders else prefill_slots(batch, self.max_batch)
         if bucket is not None:  # the padding request fills the rows up to the bucket, empty ones the slots
-            n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size, requests=slots + 1)
+            n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size, requests=padded_slots + 1)
         n = self._playout.end("kv_indices", n_pages)
         cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, _address(self._phost), 4 * n, _H2D, s)
-        v = self._view("prefill", nnz, batch)  # the real rows and requests: the last-row gather, head, sampling
-        if bucket is None or not self._prefill_padded(nnz, slots, bucket):
+        if k:
+            meta, at = self._pmeta.data.ptr, self._playout.offsets
+            self.dense.gather_ids(k, b.ids.data.ptr, meta + 4 * at["rider_slots"], meta + 4 * at["token_ids"])
+        v = self._view("prefill", nnz, batch)  # the real rows and requests
+        if bucket is None or not self._prefill_padded(nnz, padded_slots, bucket):
             self._plan_prefill(batch)
             self._forward(v, nnz, self._prefill_attention)
         full = None
@@ -589,26 +772,27 @@ class ServingLoop(EngineState):
                 full = cp.empty((self.tensor_parallel, nnz, hr), np.float32)
                 self.comm.all_gather(part, full, stream=s)
         h = c.hidden_size
-        self.dense.gather_rows(batch, self._normed.data.ptr, h, v.last_rows, b.last.data.ptr, h, h)
-        self._head(batch, b.last.data.ptr)
-        sampled = self._pick(v, batch, reqs if sched.sampled else None)
-        tokens = self._fetch_ids(batch, sampled)
-        sched.record(reqs, tokens, prefill=True)
-        if full is None:
-            return []
-        host = full.get(stream=self.stream)
-        if host.ndim == 3:  # [ranks, nnz, V/N]: the columns side by side, the padding dropped
-            host = np.concatenate(list(host), axis=1)[:, : c.vocab_size]
-        bounds = ph["qo_indptr"][: batch + 1].tolist()
-        return [host[bounds[i] : bounds[i + 1]] for i in range(batch)]
+        vs = v if width == batch else self._view("prefill", nnz, width)  # the sampled rows: one per slot
+        self.dense.gather_rows(width, self._normed.data.ptr, h, vs.last_rows, b.last.data.ptr, h, h)
+        self._head(width, b.last.data.ptr)
+        self._share_ids(self._pick(vs, width, by_slot if sched.sampled else None))
+        cp.cuda.runtime.memcpyAsync(_address(self._ids_host), b.ids.data.ptr, 4 * width, _D2H, s)
+        self._prefill_done.record(self.stream)
+        return _LaunchedPass(list(riders), reqs, slots, self._prefill_done), full
 
-    def _fetch_ids(self, rows: int, sampled: bool) -> list[int]:
-        """Copy the chosen tokens to the host and wait for the stream (the one synchronization per step);
-        ``sampled``: some row was sampled (:meth:`_share_ids`)."""
-        self._share_ids(sampled)
-        self._cp.cuda.runtime.memcpyAsync(_address(self._ids_host), self._buf.ids.data.ptr, 4 * rows, _D2H, self._s)
-        self.stream.synchronize()
-        return self._ids_host[:rows].tolist()
+    def _prefill_finish(self, sched: Scheduler, launched: _LaunchedPass, behind: bool = False) -> None:
+        """Wait for the prefill pass ``launched`` and record its tokens: the riders' next, the admitted requests'
+        first. ``behind``: a decode step was launched after it (:meth:`_decodes_behind_prefill`): only its token
+        copy is waited for; otherwise the whole stream, so that the host staging buffers may be written next."""
+        if behind:
+            launched.done.synchronize()
+        else:
+            self.stream.synchronize()
+        tokens = self._ids_host[launched.slots].tolist()
+        k = len(launched.riders)
+        if k:
+            sched.record(launched.riders, tokens[:k])
+        sched.record(launched.admitted, tokens[k:], prefill=True)
 
     def _decode_step(self, sched: Scheduler) -> tuple[float, list[Request | None]]:
         """One decode step for every active request, launched (:meth:`_decode_launch`), waited for and recorded;

@@ -28,6 +28,7 @@ class EngineState:
     methods one part calls on another (declared here for the type checker only)."""
 
     family: ModelFamily  # the model family's definition: config checks, weights, layer body, attention plans
+    definition: type[ModelFamily]  # the engine class's family (ModelFamily.llama_pass: the shared pass)
     config: Any  # this rank's shard of the model's config (the checkpoint's on one GPU)
     model_config: Any
     tensor_parallel: int
@@ -107,6 +108,7 @@ class EngineState:
     _ph: dict[str, np.ndarray]
     _ids_mem: Any
     _ids_host: np.ndarray
+    _prefill_done: Any
     _decode_ids: tuple[np.ndarray, np.ndarray]
     _decode_done: tuple[Any, Any]
     _decode_turn: int
@@ -135,6 +137,7 @@ class EngineState:
     _last_prefill_s: float
     _overlap_steps: bool
     _scheduler_delay_factor: float
+    _mixed_prefill: bool
     _staged: Any
     _staged_wait_s: float
     _prepare_ahead: bool

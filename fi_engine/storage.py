@@ -95,7 +95,8 @@ class Storage(EngineState):
         self._dh = self._dlayout.views(self._dhost)
         self._ph = self._playout.views(self._phost)
         self._ids_mem = cp.cuda.alloc_pinned_memory(12 * self.max_batch)
-        self._ids_host = np.frombuffer(self._ids_mem, np.int32, self.max_batch)  # a prefill's tokens
+        self._ids_host = np.frombuffer(self._ids_mem, np.int32, self.max_batch)  # a prefill's tokens, by slot
+        self._prefill_done = cp.cuda.Event(disable_timing=True)  # the end of their copy
         # a decode step's tokens, in turn: two steps may be in flight (ServingLoop.pipelined_decode), each copying
         # into its own buffer and marking its copy's end with its own event
         self._decode_ids = (

@@ -17,7 +17,10 @@ its slot and pages go to the next request at once):
     exactly the tokens of the all-greedy run of the same batch; sampled requests with ``top_k=1`` get the greedy
     tokens; a greedy batch launches no sampling kernel (softmax, sampler, merge gather); a seeded request run
     alone twice gives the same tokens, each among the engine's top tokens at its position;
-(d) requests added while others decode are served correctly (teacher forcing, as in (b)).
+(d) requests added while others decode are served correctly (teacher forcing, as in (b));
+(e) with ``mixed_prefill`` (eagerly, and as the graph prepared ahead with ``overlap_steps``, as the server runs it),
+    a prefill pass that admits requests while others decode decodes those too, and every token is still the
+    engine's own greedy choice (teacher forcing, as in (b)).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from fi_engine.stepping import StepEngine, StepOutput  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
-MODES = ("eager", "graph", "graph-ahead", "eager-overlap", "graph-ahead-overlap")
+MODES = ("eager", "graph", "graph-ahead", "eager-overlap", "graph-ahead-overlap", "eager-mixed", "graph-overlap-mixed")
 # This random model's logits have a standard deviation of ~24 (hidden 576 after a unit-weight norm, a tied head of
 # unit-variance rows): a token fed from the wrong context lands units below the best, while the prefill and decode
 # kernels (teacher forcing recomputes a decode step's logits with the prefill's) may differ by a few hundredths.
@@ -58,9 +61,11 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module", params=MODES)
 def engine(request, checkpoint):
     mode = request.param
-    with LlamaEngine(checkpoint, max_batch=4, page_size=16, max_seq_len=256, cuda_graph=mode != "eager") as e:
-        e._prepare_ahead = mode.startswith("graph-ahead")
-        e.overlap_steps = mode.endswith("overlap")
+    graph = mode.startswith("graph")
+    with LlamaEngine(checkpoint, max_batch=4, page_size=16, max_seq_len=256, cuda_graph=graph) as e:
+        e._prepare_ahead = mode.startswith("graph-ahead") or mode == "graph-overlap-mixed"
+        e.overlap_steps = "overlap" in mode
+        e.mixed_prefill = mode.endswith("mixed")
         yield e
         assert not e.has_unfinished  # every test leaves the engine idle
 
@@ -370,3 +375,38 @@ def test_requests_added_while_others_decode_are_served(engine):
         out = got[rid]
         assert len(out) == m or (rid == rids[1] and out[-1] == 2)  # rids[1] keeps the checkpoint's eos (id 2)
         check_own_greedy(engine, p, out)
+
+
+# ------------------------------------------------------------------------------------------------------------ (e)
+
+
+def test_a_mixed_prefill_pass_decodes_the_running_requests(engine):
+    if not engine.mixed_prefill:
+        pytest.skip("mixed_prefill is off in this mode")
+    rider_counts: list[int] = []  # per prefill pass: the decoding requests it carried
+    launch = engine._prefill_launch
+
+    def counted(sched, reqs, riders=(), all_logits=False, behind=False):
+        rider_counts.append(len(riders))
+        return launch(sched, reqs, riders, all_logits, behind)
+
+    engine._prefill_launch = counted
+    try:
+        ps = prompts((21, 4, 33, 17, 9), VOCAB, seed=23)
+        limits = [28, 26, 14, 19, 11]
+        got: dict[int, list[int]] = {}
+        rids = [engine.add_request(ps[0], limits[0], eos_token_ids=())]
+        for i in range(1, 5):  # each request joins a batch that is decoding: its prefill pass carries the others
+            for _ in range(3):
+                for o in engine.step():
+                    got.setdefault(o.rid, []).extend(o.token_ids)
+            rids.append(engine.add_request(ps[i], limits[i], eos_token_ids=()))
+        for rid, outs in drain(engine).items():
+            got.setdefault(rid, []).extend(tokens_of(outs))
+    finally:
+        del engine._prefill_launch  # the class's method again
+    assert rider_counts[0] == 0 and rider_counts[1:] and all(n >= 1 for n in rider_counts[1:]), rider_counts
+    assert free_pages(engine) == capacity(engine)
+    for rid, p, m in zip(rids, ps, limits, strict=True):
+        assert len(got[rid]) == m
+        check_own_greedy(engine, p, got[rid])

@@ -345,7 +345,9 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     e._phost = np.zeros(e._playout.total, np.int32)
     e._ph = e._playout.views(e._phost)
     e._pmeta = SimpleNamespace(data=SimpleNamespace(ptr=0x1000))
-    e._buf = SimpleNamespace(last=SimpleNamespace(data=SimpleNamespace(ptr=0x2000)))
+    e._buf = SimpleNamespace(
+        last=SimpleNamespace(data=SimpleNamespace(ptr=0x2000)), ids=SimpleNamespace(data=SimpleNamespace(ptr=0x2400))
+    )
     e._normed = SimpleNamespace(data=SimpleNamespace(ptr=0x2800))
     copies: list[int] = []
     e._cp = SimpleNamespace(
@@ -380,8 +382,10 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     e._view = lambda kind, rows, batch: SimpleNamespace(kind=kind, rows=rows, batch=batch, last_rows=0x3000)
     e.dense = SimpleNamespace(gather_rows=lambda *a: None)
     e._head = lambda rows, x: None
-    e._pick = lambda v, rows, sampling: None
-    e._fetch_ids = lambda rows, sampling: [7] * rows
+    e._pick = lambda v, rows, sampling: False
+    e._share_ids = lambda sampled: None
+    e._ids_host = np.full(max_batch, 7, np.int32)  # the tokens the pass "chose", one per slot
+    e._prefill_done = SimpleNamespace(record=lambda stream: None)
     return e, rec
 
 
@@ -489,13 +493,13 @@ def test_graphs_are_bounded_and_the_least_recently_replayed_goes(fake_rt, monkey
     for k in buckets[:keep]:
         prefill(e, [k])  # keep graphs: the cache is full
     prefill(e, [buckets[0] - 1])  # the first bucket replayed again: the second one is the oldest now
-    assert rec.syncs == 0 and len(fake_rt.launched) == keep + 1
+    assert rec.syncs == keep + 1 and len(fake_rt.launched) == keep + 1  # each prefill's tokens waited for once
     prefill(e, [1, 1])  # two new shapes (16 rows, 3 and 7 request slots) evict the second and third buckets
     prefill(e, [1, 1, 1, 1])
     cached = [key[:2] for key in e._prefill_graph_cache]
     assert len(cached) == keep
     assert (buckets[0], 1) in cached and (buckets[1], 1) not in cached and (buckets[2], 1) not in cached
-    assert rec.syncs == 2  # a replay may still run: the stream is waited for before each eviction
+    assert rec.syncs == keep + 3 + 2  # a replay may still run: the stream is waited for before each eviction
     assert len(fake_rt.live) == 2 * keep  # the evicted graphs were destroyed (graph + executable each)
 
 

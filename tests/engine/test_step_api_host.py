@@ -21,7 +21,17 @@ from fi_engine.engine import Engine
 from fi_engine.gemma2 import Gemma2Engine
 from fi_engine.gpt_oss import GptOssEngine
 from fi_engine.llama import LlamaEngine
-from fi_engine.paging import PageAllocator, Request, Scheduler, decode_batches, fill_decode, pages_for
+from fi_engine.paging import (
+    PageAllocator,
+    Request,
+    Scheduler,
+    decode_batches,
+    decode_layout,
+    fill_decode,
+    fill_prefill,
+    pages_for,
+    prefill_layout,
+)
 from fi_engine.sampling import Draws, draw_groups
 from fi_engine.sampling_params import SamplingParams, sampling_arg
 from fi_engine.stepping import StepEngine, StepOutput
@@ -260,17 +270,20 @@ def test_every_engine_class_has_the_step_protocols_methods_and_signatures(engine
     assert isinstance(inspect.getattr_static(engine, "has_unfinished"), property)
 
 
-def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pipelined=False):
+def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pipelined=False, mixed=False):
     """An engine without its constructor (no GPU): the host state the step API reads, and the device work
-    (``_prefill``, ``_decode_step``, ``_decode_launch``) stood in for by ``token_of(request)`` recorded through the
-    real scheduler. ``overlap``: its ``overlap_steps`` (a launched decode step's tokens, computed from the state at
-    its launch, wait in its ``_LaunchedStep`` for the real ``_decode_finish``). ``pipelined``: a stand-in decode
-    graph, so that the real ``ServingLoop.pipelined_decode`` logic runs: each launch prepares the next step
-    (``peek_rows``) as the real one does, and a step launched ahead of the one in flight takes the tokens the
-    device would give it (``token_of`` of the request as it will be after the steps before it)."""
+    (``_prefill_launch`` / ``_prefill_finish``, ``_decode_step``, ``_decode_launch``) stood in for by
+    ``token_of(request)`` recorded through the real scheduler. ``overlap``: its ``overlap_steps`` (a launched decode
+    step's tokens, computed from the state at its launch, wait in its ``_LaunchedStep`` for the real
+    ``_decode_finish``; a launched pass's, from the state at its launch, for the stand-in ``_prefill_finish``).
+    ``pipelined``: a stand-in decode graph, so that the real ``ServingLoop.pipelined_decode`` logic runs: each
+    launch prepares the next step (``peek_rows``) as the real one does, and a step launched ahead of the one in
+    flight takes the tokens the device would give it (``token_of`` of the request as it will be after the steps
+    before it). ``mixed``: its ``mixed_prefill`` (a prefill pass's riders are recorded as a decode step records
+    them)."""
     e = LlamaEngine.__new__(LlamaEngine)
     e._closed = False
-    e.overlap_steps, e._inflight, e.comm = overlap, None, None
+    e.overlap_steps, e._inflight, e.comm, e.mixed_prefill = overlap, None, None, mixed
     e.graph = object() if pipelined else None
     e._graph_batches = decode_batches(max_batch) if pipelined else ()  # the decode graphs' rows (the ladder)
     e.scheduler_delay_factor, e._last_prefill_s, e._unreported = 0.0, 0.0, []
@@ -283,14 +296,35 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
     e.device, e._s = 0, 0
     e._cp = SimpleNamespace(cuda=SimpleNamespace(Device=lambda d: contextlib.nullcontext()))
     e.stream = _Stream()
-    e.steps = []  # ("prefill", rids) / ("decode", rids) in the order they ran
+    e.steps = []  # ("prefill", rids) / ("mixed", riders' rids, rids) / ("decode", rids) in the order they ran
+    e.behind = 0  # prefill passes launched behind a decode step in flight
     rule = token_of or (lambda r: 100 + len(r.output))
 
-    def prefill(sched, reqs, all_logits=False):
+    layout = prefill_layout(e.max_prefill_tokens, max_batch, num_pages + max_batch, padded=True)
+    arrays = layout.views(np.zeros(layout.total, np.int32))
+    pass_tokens: dict[int, list[int]] = {}  # a launched pass's tokens (by id), chosen from the state at its launch
+
+    def prefill_launch(sched, reqs, riders=(), all_logits=False, behind=False):
         e._next_rows = None  # as the real prefill: its tokens overwrite the ids a prepared step would read
-        e.steps.append(("prefill", [r.rid for r in reqs]))
-        sched.record(reqs, [rule(r) for r in reqs], prefill=True)
-        return []
+        ahead = 1 if behind else 0  # behind a decode step in flight: the riders one token further
+        if riders:  # as the real mixed pass: each rider's next token needs its page
+            sched.grow_pages(riders, ahead)
+            e.steps.append(("mixed", [r.rid for r in riders], [r.rid for r in reqs]))
+        else:
+            e.steps.append(("prefill", [r.rid for r in reqs]))
+        rows = [*riders, *reqs]
+        e.filled = fill_prefill(rows, PS, arrays, ahead)  # (rows, pages); AssertionError for a page missing
+        e.behind += behind
+        launched = serving._LaunchedPass(list(riders), reqs, [r.slot for r in rows], _Done())
+        seen = [SimpleNamespace(rid=r.rid, prompt=r.prompt, output=r.output + [0] * ahead) for r in riders]
+        pass_tokens[id(launched)] = [rule(r) for r in (*seen, *reqs)]
+        return launched, None
+
+    def prefill_finish(sched, launched, behind=False):
+        tokens = pass_tokens.pop(id(launched))
+        k = len(launched.riders)
+        sched.record(launched.riders, tokens[:k])
+        sched.record(launched.admitted, tokens[k:], prefill=True)
 
     def decode_step(sched):
         rows = sched.decode_rows(padded=False)
@@ -318,7 +352,13 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
             e._next_rows = ahead[: sched.graph_rows(ahead, e._graph_batches)]
         return serving._LaunchedStep(rows, ids, _Done())
 
-    e._prefill = prefill
+    e._prefill_launch = prefill_launch
+    e._prefill_finish = prefill_finish
+    e._prepare_ahead = pipelined  # as the real engine's with a decode graph: the step after a prefill prepared too
+    e._staged = _Done()
+    e._upload_decode = lambda rows, n_pages, cuda_graph: None
+    decode_arrays = decode_layout(max_batch, num_pages + max_batch)
+    e._dh = decode_arrays.views(np.zeros(decode_arrays.total, np.int32))
     e._decode_step = decode_step
     e._decode_launch = decode_launch
     return e
@@ -443,6 +483,35 @@ def test_pipelined_overlapped_steps_give_the_same_tokens_as_plain_steps(abort_af
     limits = [5, 9, 2, 12, 4, 30]
     plain = bare_engine(max_batch=2, token_of=eos_rule, overlap=True)
     piped = counting_ahead(bare_engine(max_batch=2, token_of=eos_rule, overlap=True, pipelined=True))
+    same_tokens(plain, piped, prompts, limits, abort_after)
+    assert piped.ahead > 0 and piped._inflight is None and not piped._requests
+    assert piped.behind > 0  # a prefill pass launched behind a decode step in flight
+    assert piped._sched.allocator.num_free == piped._sched.allocator.capacity
+
+
+@pytest.mark.parametrize("abort_after", [None, (4, 3)])
+def test_a_decode_step_launched_behind_a_mixed_pass_gives_the_same_tokens(abort_after):
+    """With mixed_prefill, overlap_steps and a stand-in decode graph, a prefill pass goes behind the decode step in
+    flight (its riders fed that step's tokens, one position on), and where it gives every active request a token the
+    decode step after it is launched at once, behind it (its rows one position on, its input tokens the pass's):
+    every request gets the tokens of the plain step API with mixed passes, and every page goes back."""
+    prompts = [[1] * 3, [2] * 20, [3] * 9, [4] * 33, [5], [6] * 15, [7] * 16, [8] * 31]
+    limits = [5, 9, 2, 12, 4, 30, 17, 6]
+    plain = bare_engine(max_batch=3, token_of=eos_rule, mixed=True)
+    piped = counting_ahead(bare_engine(max_batch=3, token_of=eos_rule, overlap=True, pipelined=True, mixed=True))
+    behind: list[bool] = []  # per admitting step: whether its decode step went behind the pass
+    prepare = piped._decodes_behind_prefill
+    piped._decodes_behind_prefill = lambda sched: behind.append(prepare(sched)) or behind[-1]
+    same_tokens(plain, piped, prompts, limits, abort_after)
+    assert any(step[0] == "mixed" for step in piped.steps) and sum(behind) >= 2, behind
+    assert piped.behind >= 1  # a mixed pass launched behind a decode step in flight, its riders one token on
+    assert piped._inflight is None and not piped._requests
+    assert piped._sched.allocator.num_free == piped._sched.allocator.capacity
+
+
+def same_tokens(plain, piped, prompts, limits, abort_after):
+    """Run the requests to their end on both engines: ``piped`` gives each the tokens ``plain`` does (end-of-sequence
+    ids: ``eos_rule``'s), the one aborted after call ``abort_after[0]`` a prefix of them."""
     want, _ = run_to_the_end(plain, prompts, limits, abort_after=abort_after, eos=(EOS,))
     got, _ = run_to_the_end(piped, prompts, limits, abort_after=abort_after, eos=(EOS,))
     if abort_after is None:
@@ -451,8 +520,6 @@ def test_pipelined_overlapped_steps_give_the_same_tokens_as_plain_steps(abort_af
         i = abort_after[1]
         assert all(g == w for j, (g, w) in enumerate(zip(got, want, strict=True)) if j != i)
         assert got[i] == want[i][: len(got[i])]
-    assert piped.ahead > 0 and piped._inflight is None and not piped._requests
-    assert piped._sched.allocator.num_free == piped._sched.allocator.capacity
 
 
 def run_to_the_end(e, prompts, limits, abort_after=None, eos=()):
@@ -540,7 +607,7 @@ def test_a_request_that_ended_before_a_failure_in_the_same_step_is_reported_with
         raise RuntimeError("the device went away")
 
     if overlap:
-        e._prefill = broken  # the step in flight is finished and recorded first, then the prefill fails
+        e._prefill_launch = broken  # the step in flight is finished and recorded first, then the prefill fails
     else:
         e._decode_step = broken
     with pytest.raises(RuntimeError, match="the device went away"):
@@ -572,13 +639,13 @@ def test_the_scheduler_delay_holds_arrivals_while_others_decode_until_they_waite
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])  # paging's and serving's clock
     e = bare_engine(max_batch=4, overlap=overlap)
     e.scheduler_delay_factor = 2.0
-    prefill = e._prefill
+    launch = e._prefill_launch
 
-    def one_second_prefill(sched, reqs, all_logits=False):
+    def one_second_prefill(sched, reqs, riders=(), all_logits=False):
         now[0] += 1.0
-        return prefill(sched, reqs, all_logits)
+        return launch(sched, reqs, riders, all_logits)
 
-    e._prefill = one_second_prefill
+    e._prefill_launch = one_second_prefill
     a = e.add_request([1] * 3, 40)
     assert [o.rid for o in e.step()] == [a]  # nothing decoding: admitted at once (its prefill took 1 s)
     b = e.add_request([2] * 3, 40)
@@ -602,6 +669,58 @@ def test_the_scheduler_delay_holds_arrivals_while_others_decode_until_they_waite
     e.step()
     e.scheduler_delay_factor = 100.0
     assert e.generate([[7] * 2, [8] * 2], 2, eos_token_ids=()).tokens == [[100, 101]] * 2  # generate: no delay
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_mixed_prefill_decodes_the_running_requests_in_the_prefill_pass(overlap):
+    """With mixed_prefill a prefill that admits requests while others decode takes those along (one row each),
+    and nothing else changes: every token recorded once, in order (the stand-in's rule gives each request 100, 101,
+    ... so a token given twice or skipped shows), every page back at the end. generate never mixes."""
+    e = bare_engine(max_batch=3, overlap=overlap, mixed=True)
+    seen: dict[int, list] = {}
+
+    def step():
+        for o in e.step():
+            seen.setdefault(o.rid, []).append(o)
+
+    a = e.add_request([1] * 3, 12)
+    step()
+    step()
+    b = e.add_request([2] * 14, 12)  # a is decoding: b's prefill pass decodes a too
+    step()
+    mixed = [s for s in e.steps if s[0] == "mixed"]
+    assert mixed == [("mixed", [a], [b])]
+    assert e.filled == (1 + 14, 1 + 1)  # a's one row (a's 1st page holds its token), b's 14 rows (one page)
+    c = e.add_request([3] * 2, 5)
+    while e.has_unfinished:
+        step()
+    assert [s for s in e.steps if s[0] == "mixed"][1:] == [("mixed", [a, b], [c])]
+    for rid, m in ((a, 12), (b, 12), (c, 5)):
+        got = [t for o in seen[rid] for t in o.token_ids]
+        assert got == list(range(100, 100 + m)) and seen[rid][-1].finish_reason == "length"
+    assert e._sched.allocator.num_free == e._sched.allocator.capacity
+    e.steps.clear()
+    assert e.generate([[4] * 2] * 5, 3, eos_token_ids=()).tokens == [[100, 101, 102]] * 5  # 5 prompts, 3 slots
+    assert [s[0] for s in e.steps].count("prefill") == 2 and all(s[0] != "mixed" for s in e.steps)
+
+
+def test_mixed_prefill_leaves_a_prompt_that_does_not_fit_beside_the_riders_to_a_pass_of_its_own():
+    e = bare_engine(max_batch=4, mixed=True)
+    e.max_prefill_tokens = 10  # the scheduler, made at the first request, takes it
+    a = e.add_request([1] * 3, 30)
+    e.step()
+    b = e.add_request([2] * 10, 30)  # 1 rider + 10 rows > 10: alone, as without mixed_prefill
+    e.step()
+    assert e.steps[-2:] == [("prefill", [b]), ("decode", [a, b])]
+    c, d = e.add_request([3] * 4, 4), e.add_request([4] * 5, 4)  # 2 riders + 4 fit, + 5 do not: d waits a step
+    e.step()
+    assert e.steps[-2:] == [("mixed", [a, b], [c]), ("decode", [a, b, c])]
+    e.step()
+    assert e.steps[-2:] == [("mixed", [a, b, c], [d]), ("decode", [a, b, c, d])]
+    for r in (a, b, c, d):
+        e.abort_request(r)
+    e.step()
+    assert e._sched.allocator.num_free == e._sched.allocator.capacity
 
 
 def test_abort_request_frees_at_once_and_the_next_step_reports_it_once():
@@ -854,6 +973,7 @@ def test_pick_launches_only_the_argmax_for_greedy_rows_and_one_call_for_a_unifor
     ("kwargs", "error", "match"),
     [
         ({"overlap_steps": "yes"}, TypeError, "overlap_steps: expected True or False, got str"),
+        ({"mixed_prefill": 1}, TypeError, "mixed_prefill: expected True or False, got int"),
         ({"scheduler_delay_factor": -1}, ValueError, r"scheduler_delay_factor: expected a number in \[0, 100\]"),
         ({"scheduler_delay_factor": float("nan")}, ValueError, "scheduler_delay_factor: expected a number"),
         ({"scheduler_delay_factor": True}, ValueError, "scheduler_delay_factor: expected a number"),
@@ -874,6 +994,10 @@ def test_the_serving_settings_refuse_a_bad_value_and_keep_the_last_good_one():
     assert e.scheduler_delay_factor == 2.0 and isinstance(e.scheduler_delay_factor, float)
     with pytest.raises(TypeError, match="overlap_steps: expected True or False, got int"):
         e.overlap_steps = 1  # type: ignore[assignment]
+    e.mixed_prefill = True
+    with pytest.raises(TypeError, match="mixed_prefill: expected True or False, got NoneType"):
+        e.mixed_prefill = None  # type: ignore[assignment]
+    assert e.mixed_prefill is True
     for bad in (None, -0.5, 101, float("inf"), "3"):
         with pytest.raises(ValueError, match=r"scheduler_delay_factor: expected a number in \[0, 100\]"):
             e.scheduler_delay_factor = bad  # type: ignore[assignment]

@@ -1488,6 +1488,9 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "serving.overlap_steps_arg": lambda: [
         ("overlap_steps_arg", Entry(serving.overlap_steps_arg, lambda: dict(overlap_steps=True)))
     ],
+    "serving.mixed_prefill_arg": lambda: [
+        ("mixed_prefill_arg", Entry(serving.mixed_prefill_arg, lambda: dict(mixed_prefill=True)))
+    ],
     "tensor_parallel.rows": lambda: [
         ("rows", Entry(tensor_parallel.rows, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
     ],
