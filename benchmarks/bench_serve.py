@@ -6,6 +6,7 @@ same batch for comparison.
     python benchmarks/bench_serve.py engine --model DIR [--batch 64] [--prompt-len 128] [--max-tokens 128] [--graph]
     python benchmarks/bench_serve.py compare --model DIR [--batch 64] [--prompt-len 128] [--max-tokens 128] [--graph]
                                              [--api-servers N] [--waves 4] [--procs 4] [--client auto]
+                                             [--variants mixed,plain] [--rounds N]
     python benchmarks/bench_serve.py selftest                  # the load generator against a CPU stand-in server
     python benchmarks/bench_serve.py standin [--api-servers N] [--batch 64] [--step-ms 1.4] [--prompt-len 128]
                                              [--max-tokens 128] [--procs 4]
@@ -25,12 +26,17 @@ end-to-end tokens/s (prefill included).
 
 ``compare``: ``engine``, then on the same engine the ideal server's load on its step API (``churn``: the second load
 below with no HTTP, each request that ends replaced at once; with each decode step waited for in its ``step()``, and
-with ``overlap_steps`` as the server runs it); then (the engine freed) ``fi-engine serve --model DIR --max-batch B``
-started as a subprocess, ``http`` with ``--clients B`` against it once to warm up (``WB`` requests, at least ``4B``: the
-prefill graphs of the shapes the loads meet captured, as in a server that has run a while), then twice -- ``--requests
-B`` (one wave: the engine's own workload) and ``--requests WB`` (``--waves W``, 4 by default: each client sending its
-next request when one ends, so the front ends' turnaround between a request's end and the next one's first token costs
-slot time) -- and the ratio of the server's tokens/s to the engine's end-to-end tokens/s (issue 33's goal: within 10 %).
+with ``overlap_steps`` as the server runs it), and a closed loop on the step API whose requests come back 3-10 steps
+after they end (a server's turnaround without its HTTP; overlapped: without ``mixed_prefill``, with it, and with it
+but ``ServingLoop.pipelined_prefill`` off, twice in turn); then (the engine freed) ``fi-engine serve --model DIR
+--max-batch B`` started as a subprocess, ``http`` with ``--clients B`` against it once to warm up (``WB`` requests,
+at least ``4B``: the prefill graphs of the shapes the loads meet captured, as in a server that has run a while), then
+twice -- ``--requests B`` (one wave: the engine's own workload) and ``--requests WB`` (``--waves W``, 4 by default:
+each client sending its next request when one ends, so the front ends' turnaround between a request's end and the
+next one's first token costs slot time) -- and the ratio of the server's tokens/s to the engine's end-to-end tokens/s
+(issue 33's goal: within 10 %). ``--variants`` measures several servers in turn (``mixed``: the serve defaults;
+``plain``: ``--no-mixed-prefill``, each prefill a pass of its own), ``--rounds`` times over, each against the same
+``generate``.
 ``--api-servers N`` serves with N front-end processes (``fi-engine serve --api-servers N``). Each load also reports the
 server's own mean time to first token (its ``/metrics``: from a request's arrival in a front end to its first token),
 which splits the clients' TTFT between the server and the HTTP path and clients around it. ``--client``: the load
@@ -336,29 +342,41 @@ def measure_generate(
     }
 
 
-def churn_load(engine: Any, prompts: list[list[int]], batch: int, max_tokens: int) -> dict[str, Any]:
+def churn_load(
+    engine: Any, prompts: list[list[int]], batch: int, max_tokens: int, turnaround: tuple[int, int] = (0, 0)
+) -> dict[str, Any]:
     """``batch`` of ``prompts`` added to ``engine`` (its step API) at once, and each one that ends replaced by the
-    next at once until all have run (the ideal server: no HTTP, no front end, no wait between a request's end and
-    the next one's admission). Steps that admitted requests (a prefill, then the decode step) and the others are
-    timed apart."""
+    next until all have run: at once by default (the ideal server: no HTTP, no front end, no wait between a
+    request's end and the next one's admission), or ``turnaround = (lo, hi)`` steps later, a number drawn for each
+    (seeded: the same draws for every engine), as a closed loop of clients whose next request takes a few steps to
+    come back (a server's turnaround, without its HTTP: arrivals spread, so prefill passes meet decoding requests).
+    Steps that admitted requests (a prefill, then the decode step) and the others are timed apart."""
+    rng = random.Random(7)
     sent = tokens = 0
     admit_s: list[float] = []
     plain_s: list[float] = []
     admitted = 0
+    due: list[int] = []  # the step() call after which each ended request's successor is added
+    calls = 0
     t0 = time.perf_counter()
     for _ in range(min(batch, len(prompts))):
         engine.add_request(prompts[sent], max_tokens, eos_token_ids=())
         sent += 1
     new = sent
-    while engine.has_unfinished:
+    while engine.has_unfinished or due:
         t = time.perf_counter()
         outs = engine.step()
+        calls += 1
         (admit_s if new else plain_s).append(time.perf_counter() - t)
         admitted += new
         new = 0
         for o in outs:
             tokens += len(o.token_ids)
-            if o.finish_reason is not None and sent < len(prompts):
+            if o.finish_reason is not None:
+                due.append(calls + rng.randint(*turnaround))
+        while due and min(due) <= calls:
+            due.remove(min(due))
+            if sent < len(prompts):
                 engine.add_request(prompts[sent], max_tokens, eos_token_ids=())
                 sent += 1
                 new += 1
@@ -368,6 +386,7 @@ def churn_load(engine: Any, prompts: list[list[int]], batch: int, max_tokens: in
         "batch": batch,
         "max_tokens": max_tokens,
         "requests": sent,
+        "turnaround": turnaround,
         "tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
@@ -396,7 +415,30 @@ def run_churn(
             engine.overlap_steps = overlap
             row = churn_load(engine, prompts_for(waves * batch, prompt_len, seed=1), batch, max_tokens)
             rows.append(dict(row, model=model, prompt_len=prompt_len, graph=graph, overlap=overlap))
+        # a closed loop whose requests come back 3-10 steps after they end (about a server's turnaround), as the
+        # server steps (overlapped): without mixed prefill passes, with them, and with them but each pass launched
+        # only once the decode step before it is read (pipelined_prefill off), twice in turn (a warm-up first: the
+        # prefill graphs of the shapes it meets)
+        engine.overlap_steps = True
+        churn_load(engine, prompts_for(waves * batch, prompt_len, seed=2), batch, max_tokens, TURNAROUND)
+        try:
+            for _ in range(2):
+                for mixed, piped in ((False, True), (True, False), (True, True)):
+                    engine.mixed_prefill = mixed
+                    type(engine).pipelined_prefill = piped
+                    row = churn_load(
+                        engine, prompts_for(waves * batch, prompt_len, seed=1), batch, max_tokens, TURNAROUND
+                    )
+                    rows.append(
+                        dict(row, model=model, prompt_len=prompt_len, graph=graph, overlap=True, mixed=mixed,
+                             pipelined_prefill=piped)
+                    )  # fmt: skip
+        finally:
+            type(engine).pipelined_prefill = True
     return rows
+
+
+TURNAROUND = (3, 10)  # steps between a request's end and its successor's arrival in the closed-loop churn rows
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 600.0) -> None:
@@ -426,12 +468,22 @@ def run_compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     command += ["--api-servers", str(args.api_servers)]
     if args.scheduler_delay_factor is not None:
         command += ["--scheduler-delay-factor", str(args.scheduler_delay_factor)]
-    wave, http = measure_server(command, args)
-    for row in (wave, http):
-        row["scheduler_delay_factor"] = args.scheduler_delay_factor
-    for row in (wave, http):
-        row["vs_engine"] = row["tokens_per_s"] / engine["tokens_per_s"]
-    return [engine, *churn, wave, http]
+    rows = [engine, *churn]
+    for _ in range(args.rounds):  # the variants in turn, round after round: machine drift spreads over all of them
+        for variant in args.variants.split(","):
+            wave, http = measure_server(command + SERVER_VARIANTS[variant], args)
+            for row in (wave, http):
+                row["scheduler_delay_factor"] = args.scheduler_delay_factor
+                row["variant"] = variant
+                row["vs_engine"] = row["tokens_per_s"] / engine["tokens_per_s"]
+            print(table([wave, http]), flush=True)
+            rows += [wave, http]
+    return rows
+
+
+# `compare --variants`: the server's options per variant ("mixed": the serve defaults, each prefill pass decoding the
+# running requests too; "plain": each prefill a pass of its own, the decode step after it)
+SERVER_VARIANTS = {"mixed": [], "plain": ["--no-mixed-prefill"]}
 
 
 def measure_server(command: list[str], args: argparse.Namespace, vocab: tuple[int, int] = (100, 10000)) -> list[Any]:
@@ -470,6 +522,15 @@ def measure_server(command: list[str], args: argparse.Namespace, vocab: tuple[in
     for row in (wave, http):
         row["api_servers"] = args.api_servers
     return [wave, http]
+
+
+def _variants(text: str) -> str:
+    """``--variants`` checked: names of SERVER_VARIANTS, comma-separated."""
+    unknown = [v for v in text.split(",") if v not in SERVER_VARIANTS]
+    if unknown:
+        known = ", ".join(SERVER_VARIANTS)
+        raise argparse.ArgumentTypeError(f"unknown variant {unknown[0]!r}; expected some of {known}")
+    return text
 
 
 def server_ttft(url: str) -> tuple[float, int]:
@@ -600,9 +661,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         elif r["mode"] == "churn":
             extra = f" ({r['vs_engine']:.3f}x the engine)" if "vs_engine" in r else ""
             extra += " [overlap_steps]" if r.get("overlap") else ""
+            extra += f" [mixed_prefill {'on' if r['mixed'] else 'off'}]" if "mixed" in r else ""
+            extra += " [pipelined_prefill off]" if r.get("pipelined_prefill") is False else ""
+            lo, hi = r.get("turnaround", (0, 0))
+            when = "at once" if hi == 0 else f"{lo}-{hi} steps later"
             lines.append(
                 f"engine steps     batch {r['batch']:4d}  requests {r['requests']}  prompt {r['prompt_len']}  out "
-                f"{r['max_tokens']}, each ended request replaced at once: {r['tokens_per_s']:9.1f} tokens/s{extra}; "
+                f"{r['max_tokens']}, each ended request replaced {when}: {r['tokens_per_s']:9.1f} tokens/s{extra}; "
                 f"{r['admit_steps']} steps admitted ({r['admitted_mean']:.1f} requests each, "
                 f"{r['admit_step_ms']:.2f} ms a step), {r['plain_steps']} did not ({r['plain_step_ms']:.2f} ms)"
             )
@@ -620,6 +685,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             extra += f" [{r['client']}]" if "client" in r else ""
             if r.get("scheduler_delay_factor") is not None:
                 extra += f" [scheduler delay factor {r['scheduler_delay_factor']}]"
+            extra += f" [{r['variant']}]" if "variant" in r else ""
             lines.append(
                 f"http serve       clients {r['clients']:4d}  requests {r['requests']}  prompt {r['prompt_len']}  "
                 f"out {r['max_tokens']}: {r['tokens_per_s']:9.1f} tokens/s{extra}; TTFT p50 {r['ttft_ms_p50']:.1f} "
@@ -709,6 +775,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(
                 "--scheduler-delay-factor", type=float, default=None, help="the server's (default: its own default)"
             )
+            p.add_argument(
+                "--variants",
+                default="mixed",
+                type=_variants,
+                help=f"server variants measured in turn, comma-separated, of {', '.join(SERVER_VARIANTS)} (default "
+                "mixed: the serve defaults)",
+            )
+            p.add_argument("--rounds", type=int, default=1, help="times the variants are measured in turn")
     args = parser.parse_args(argv)
     if args.mode == "http":
         rows = [
