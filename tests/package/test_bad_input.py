@@ -1014,8 +1014,9 @@ def _padded_prefill_call() -> dict[str, Any]:
 
 def _prefill_view_values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """(never valid, may be valid) replacements of one of pad_prefill's views (a 1-D int32 array); none for
-    ``last_rows``, which it neither reads nor writes (the real requests' rows keep their values)."""
-    if key == "last_rows":
+    ``last_rows`` and ``rider_slots``, which it neither reads nor writes (the real requests' rows keep their
+    values)."""
+    if key in ("last_rows", "rider_slots"):
         return (), ()
     never = (None, 5, 1.5, "x", [0] * len(value), value.astype(np.int64), value.astype(np.float32), value[None])
     return never, (value[:1], value[:0], value.copy())
