@@ -293,7 +293,7 @@ class ServingLoop(EngineState):
         launched: _LaunchedPass | None = None
         riders: list[Request] = []
         admitted: list[Request] = []
-        t = 0.0  # when the prefill pass began (its host time, kept for the scheduler delay)
+        prefill_s = 0.0  # the prefill pass's launch and wait (kept for the scheduler delay)
         if inflight is not None:  # also when overlap_steps was turned off since that step was launched
             # the next step launched before this one's tokens are read, where nothing changes the rows in between
             if self.overlap_steps and self._launches_ahead(sched, delay=True):
@@ -308,7 +308,16 @@ class ServingLoop(EngineState):
                     riders, admitted = [], sched.admit()
                 if admitted:
                     t = time.perf_counter()
-                    launched, _ = self._prefill_launch(sched, admitted, riders, behind=True)
+                    try:
+                        launched, _ = self._prefill_launch(sched, admitted, riders, behind=True)
+                    except BaseException:
+                        # the step in flight ran before the failure: the requests it ended are reported with their
+                        # tokens (step() aborts the rest), as where the prefill follows its recording
+                        with contextlib.suppress(Exception):
+                            for r in self._decode_finish(sched, inflight, behind=True):
+                                produced[r] = 1
+                        raise
+                    prefill_s = time.perf_counter() - t
             for r in self._decode_finish(sched, inflight, behind=self._inflight is not None or launched is not None):
                 produced[r] = 1
             if self._inflight is not None:
@@ -321,6 +330,7 @@ class ServingLoop(EngineState):
             if admitted:
                 t = time.perf_counter()
                 launched, _ = self._prefill_launch(sched, admitted, riders)
+                prefill_s = time.perf_counter() - t
         if launched is not None:
             # every active request takes a token from the pass (it was admitted, or rides in it)
             passed = [*launched.riders, *launched.admitted]
@@ -330,10 +340,12 @@ class ServingLoop(EngineState):
                 # the decode step goes right behind the pass, its input tokens copied on the device: the GPU does
                 # not wait for the host to read the pass's tokens and prepare the step
                 self._inflight = self._decode_launch(sched, depth=2)
+                t = time.perf_counter()
                 self._prefill_finish(sched, launched, behind=True)
             else:
+                t = time.perf_counter()
                 self._prefill_finish(sched, launched)
-            self._last_prefill_s = time.perf_counter() - t
+            self._last_prefill_s = prefill_s + time.perf_counter() - t
             for r, n in zip(passed, had, strict=True):  # (a rider the step in flight ended took nothing)
                 if len(r.output) > n:
                     produced[r] = produced.get(r, 0) + 1
@@ -744,9 +756,9 @@ class ServingLoop(EngineState):
         by_slot: list[Request | None] = [None] * width
         for r in rows:
             by_slot[r.slot] = r
-        bucket = self._prefill_bucket(nnz, batch)
         # a mixed pass's requests are every occupied slot: its graphs are those of max_batch slots, one per bucket
         padded_slots = self.max_batch if riders else prefill_slots(batch, self.max_batch)
+        bucket = self._prefill_bucket(nnz, padded_slots)
         if bucket is not None:  # the padding request fills the rows up to the bucket, empty ones the slots
             n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size, requests=padded_slots + 1)
         n = self._playout.end("kv_indices", n_pages)

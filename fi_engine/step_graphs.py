@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from .paging import _ladder, bucket_for, decode_batches, fill_decode, prefill_slots
+from .paging import _ladder, bucket_for, decode_batches, fill_decode
 from .state import EngineState
 from .storage import _H2D, _address
 
@@ -133,15 +133,16 @@ class StepGraphs(EngineState):
             )
         self._prefill_buckets = ladder
 
-    def _prefill_bucket(self, nnz: int, batch: int) -> int | None:
-        """The token rows a prefill of ``nnz`` rows and ``batch`` requests is padded to, to run as that bucket's
-        CUDA graph (:meth:`_prefill_graph`); None: it runs eagerly, unpadded. Eager for MoE layers (host routing
+    def _prefill_bucket(self, nnz: int, slots: int) -> int | None:
+        """The token rows a prefill of ``nnz`` rows is padded to, to run as that bucket's CUDA graph of ``slots``
+        request slots (:meth:`_prefill_graph`; :func:`~fi_engine.paging.prefill_slots` of its requests, or
+        ``max_batch`` for a mixed pass); None: it runs eagerly, unpadded. Eager for MoE layers (host routing
         synchronizes), tensor parallelism, the engines that override the pass, ``prefill_graphs = False``, and a
         shape whose capture failed before (:attr:`prefill_graph_failures`)."""
         if not self.prefill_graphs or self._moe or self.comm is not None or not type(self).definition.llama_pass:
             return None
         bucket = bucket_for(nnz, self.prefill_buckets)
-        return None if (bucket, prefill_slots(batch, self.max_batch)) in self.prefill_graph_failures else bucket
+        return None if (bucket, slots) in self.prefill_graph_failures else bucket
 
     def _prefill_padded(self, nnz: int, batch: int, bucket: int) -> bool:
         """The forward pass of a prefill padded to ``bucket`` rows and ``batch`` request slots

@@ -462,6 +462,30 @@ def test_a_capture_refused_midway_falls_back_to_the_same_pass_eagerly(fake_rt):
     assert rec.plans[1] == {"batch": 1, "qo": [0, 25], "cuda_graph": False}
 
 
+def test_a_mixed_pass_whose_capture_failed_stays_eager_for_its_bucket_at_max_batch_slots(fake_rt):
+    """A mixed pass (decoding requests riding in the prefill) pads its requests to max_batch slots: a failed capture
+    is remembered under that shape, so the next mixed pass of the bucket, whatever its request count, runs eagerly
+    without trying again."""
+    e, rec = bare_engine(fake_rt, max_batch=4)
+    s = Scheduler(PageAllocator(e.num_pages), PS, 4, e.max_prefill_tokens + 2, e.max_prefill_tokens, 1000)
+    a = s.submit([1] * 5, 8)
+    s.admit()
+    s.record([a], [7], prefill=True)  # decoding: it rides in the next passes
+    b = s.submit([2] * 20, 4)
+    assert s.admit(reserve=1) == [b]
+    rec.refuse_in_capture = True
+    with pytest.warns(RuntimeWarning, match=r"32 token rows and 4 request slots failed \(capture: "):
+        e._prefill(s, [b], riders=[a])
+    assert set(e.prefill_graph_failures) == {(32, 4)} and a.output == [7, 7] and b.output == [7]
+    rec.refuse_in_capture = False
+    c = s.submit([3] * 18, 4)
+    assert s.admit(reserve=2) == [c]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e._prefill(s, [c], riders=[a, b])  # 20 rows, 3 requests: the same bucket at max_batch slots
+    assert rec.forwards[-1] == (20, False) and not e._prefill_graph_cache
+
+
 def test_a_refused_instantiation_falls_back_and_frees_the_graph(monkeypatch):
     rt = FakeRuntime(instantiate_error=1)  # cudaErrorInvalidValue
     monkeypatch.setattr(graph_module, "_rt", lambda: rt)

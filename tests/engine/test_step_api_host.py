@@ -592,9 +592,13 @@ def test_every_request_aborted_while_a_step_runs_then_generate_serves_on():
     assert e.generate([[5] * 2], 3, eos_token_ids=()).tokens == [[100, 101, 102]]
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
-def test_a_request_that_ended_before_a_failure_in_the_same_step_is_reported_with_its_tokens(overlap):
-    e = bare_engine(max_batch=2, overlap=overlap)
+@pytest.mark.parametrize("mode", ["plain", "overlap", "pipelined-mixed"])
+def test_a_request_that_ended_before_a_failure_in_the_same_step_is_reported_with_its_tokens(mode):
+    """A failure midway through a step: the requests that ended before it in that step are reported with their
+    tokens, the others aborted, every page back. ``pipelined-mixed``: the prefill pass that fails was being
+    launched behind the decode step in flight (not recorded yet): that step is recorded before the error goes on."""
+    overlap = mode != "plain"
+    e = bare_engine(max_batch=2, overlap=overlap, pipelined=mode == "pipelined-mixed", mixed=mode == "pipelined-mixed")
     done = e.add_request([1] * 3, 2 if overlap else 1)
     first = e.step()  # overlap: its last token is in flight; plain: its only token was the prefill's
     assert [o.token_ids for o in first] == [(100,)] and first[0].finished is not overlap
