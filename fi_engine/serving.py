@@ -370,6 +370,7 @@ class ServingLoop(EngineState):
         return (
             self.pipelined_decode
             and prepared is not None
+            and any(r is not None for r in prepared)  # (all padding: every request ended; nothing to step)
             and self.graph is not None
             and self.comm is None
             and sched.same_rows(prepared)

@@ -509,6 +509,21 @@ def test_a_decode_step_launched_behind_a_mixed_pass_gives_the_same_tokens(abort_
     assert piped._sched.allocator.num_free == piped._sched.allocator.capacity
 
 
+def test_no_empty_decode_step_is_launched_ahead_once_every_request_ended():
+    """A step launched ahead of an end-of-sequence token is all padding once that request ends; the calls after
+    the end wait for it and launch nothing more (each had launched another all-padding step)."""
+    e = bare_engine(max_batch=2, token_of=eos_rule, overlap=True, pipelined=True)
+    e.add_request([9] * 3, 1, eos_token_ids=(EOS,))
+    e.add_request([1] * 3, 4, eos_token_ids=(EOS,))  # request 1: an end-of-sequence token after 2 tokens
+    while e.has_unfinished:
+        e.step()
+    assert e._inflight is not None  # the step launched ahead of that token: every row padding now
+    ran = len(e.steps)
+    for _ in range(3):
+        assert e.step() == []
+    assert e.steps[ran:] == [] and e._inflight is None
+
+
 def same_tokens(plain, piped, prompts, limits, abort_after):
     """Run the requests to their end on both engines: ``piped`` gives each the tokens ``plain`` does (end-of-sequence
     ids: ``eos_rule``'s), the one aborted after call ``abort_after[0]`` a prefix of them."""
