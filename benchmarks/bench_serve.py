@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import heapq
 import json
 import os
 import random
@@ -356,7 +357,7 @@ def churn_load(
     admit_s: list[float] = []
     plain_s: list[float] = []
     admitted = 0
-    due: list[int] = []  # the step() call after which each ended request's successor is added
+    due: list[int] = []  # (a heap) the step() call after which each ended request's successor is added
     calls = 0
     t0 = time.perf_counter()
     for _ in range(min(batch, len(prompts))):
@@ -373,9 +374,9 @@ def churn_load(
         for o in outs:
             tokens += len(o.token_ids)
             if o.finish_reason is not None:
-                due.append(calls + rng.randint(*turnaround))
-        while due and min(due) <= calls:
-            due.remove(min(due))
+                heapq.heappush(due, calls + rng.randint(*turnaround))
+        while due and due[0] <= calls:
+            heapq.heappop(due)
             if sent < len(prompts):
                 engine.add_request(prompts[sent], max_tokens, eos_token_ids=())
                 sent += 1

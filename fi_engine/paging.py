@@ -162,6 +162,11 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def position(self, ahead: int = 0) -> int:
+        """The position of the token it is fed next: its last token's (``cached`` once its tokens are recorded),
+        or ``ahead`` positions further where that many passes giving it a token are in flight, not recorded."""
+        return len(self.prompt) + len(self.output) - 1 + ahead
+
 
 class Layout:
     """Named int32 regions at fixed offsets of one flat buffer (one host-to-device copy per step).
@@ -245,7 +250,7 @@ def fill_prefill(
     for b, r in enumerate(requests):
         new: Sequence[int]
         if r.output:  # decoding: its last token, one row
-            start = len(r.prompt) + len(r.output) - 1 + ahead
+            start = r.position(ahead)
             new = (0,) if ahead else (r.output[-1],)
         else:
             start, new = 0, r.prompt
@@ -454,7 +459,7 @@ def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.
             last.append(1)
             indices.append(PAD_PAGE)
         else:
-            at = len(r.prompt) + len(r.output) - 1 + ahead
+            at = r.position(ahead)
             if len(r.pages) * page_size <= at:
                 raise AssertionError(f"request {r.rid}: {len(r.pages)} pages cannot hold token {at}")
             ids.append(r.output[-1] if not ahead else 0)
@@ -673,7 +678,7 @@ class Scheduler:
         that many passes giving it a token are in flight (:func:`fill_prefill`'s ``ahead``)."""
         for r in self.slots if requests is None else requests:
             if r is not None:
-                while len(r.pages) * self.page_size <= len(r.prompt) + len(r.output) - 1 + ahead:
+                while len(r.pages) * self.page_size <= r.position(ahead):
                     r.pages.extend(self.allocator.alloc(1))
 
     def peek_rows(self, ahead: int = 1) -> list[Request | None]:
@@ -683,14 +688,8 @@ class Scheduler:
         ``max_new_tokens``-th token is None. Gives each continuing request the pages that step needs (within its
         budget: it would get them from :meth:`decode_rows` then). Compare the result with :attr:`slots` once all
         but one of those passes are recorded (:meth:`same_rows`) before using it."""
-        rows: list[Request | None] = []
-        for r in self.slots:
-            if r is None or len(r.output) + ahead >= r.max_new_tokens:
-                rows.append(None)
-                continue
-            while len(r.pages) * self.page_size <= len(r.prompt) + len(r.output) - 1 + ahead:
-                r.pages.extend(self.allocator.alloc(1))
-            rows.append(r)
+        rows = [None if r is None or len(r.output) + ahead >= r.max_new_tokens else r for r in self.slots]
+        self.grow_pages(rows, ahead)
         return rows
 
     def same_rows(self, rows: Sequence[Request | None]) -> bool:

@@ -300,12 +300,8 @@ class ServingLoop(EngineState):
                 self._inflight = self._decode_launch(sched, depth=2)
             elif self.overlap_steps and self._prefills_ahead(sched):
                 # the prefill pass of the requests admitted now goes behind the step in flight, prepared while it
-                # runs: its riders (those the step in flight does not end by their limit) are fed the step's
-                # tokens on the device, one position on
-                riders = [r for r in sched.active if len(r.output) + 1 < r.max_new_tokens] if self._mixes() else []
-                admitted = sched.admit(reserve=len(riders))
-                if riders and not admitted:  # the first queued prompt does not fit beside the riders: alone
-                    riders, admitted = [], sched.admit()
+                # runs: its riders are fed the step's tokens on the device, one position on
+                admitted = self._admit(sched, delay=True, riders=riders, behind=True)
                 if admitted:
                     t = time.perf_counter()
                     try:
@@ -381,14 +377,12 @@ class ServingLoop(EngineState):
         """Whether the prefill pass of queued requests may be launched now, behind the decode step in flight
         (:meth:`_serve_step`, :attr:`pipelined_prefill`): a queued request would be admitted (:meth:`_would_admit`),
         on one GPU with the decode graph where steps are prepared ahead (:attr:`pipelined_decode`'s conditions)."""
-        return (
-            self.pipelined_prefill
-            and self.pipelined_decode
-            and self.graph is not None
-            and self.comm is None
-            and self._prepare_ahead
-            and self._would_admit(sched, delay=True)
-        )
+        return self.pipelined_prefill and self._prepares_ahead() and self._would_admit(sched, delay=True)
+
+    def _prepares_ahead(self) -> bool:
+        """Whether decode steps are prepared while the one before runs and launched with their input tokens copied
+        on the device (:attr:`pipelined_decode`, the decode graph, one GPU, ``_prepare_ahead``)."""
+        return self.pipelined_decode and self.graph is not None and self.comm is None and self._prepare_ahead
 
     def _decodes_behind_prefill(self, sched: Scheduler) -> bool:
         """Prepare the decode step after the prefill pass just launched, which gives every active request a token
@@ -397,7 +391,7 @@ class ServingLoop(EngineState):
         (nothing prepared) where steps are not prepared ahead (the conditions of :attr:`pipelined_decode`) or a
         request reaches its token limit in the pass (the rows will change). The step's input tokens are then the
         pass's, which it chose one per slot: copied on the device at launch."""
-        if not (self.pipelined_decode and self.graph is not None and self.comm is None and self._prepare_ahead):
+        if not self._prepares_ahead():
             return False
         rows = sched.peek_rows(1)
         rows = rows[: sched.graph_rows(rows, self._graph_batches)]
@@ -417,7 +411,9 @@ class ServingLoop(EngineState):
         waits = delay and factor > 0 and sched.active and len(sched.pending) < sched.slots.count(None)
         return not (waits and time.perf_counter() - sched.pending[0].queued_at < factor * self._last_prefill_s)
 
-    def _admit(self, sched: Scheduler, delay: bool, riders: list[Request] | None = None) -> list[Request]:
+    def _admit(
+        self, sched: Scheduler, delay: bool, riders: list[Request] | None = None, behind: bool = False
+    ) -> list[Request]:
         """The scheduler's admission (:meth:`Scheduler.admit`), or none yet: with ``delay`` (the step API) and
         :attr:`scheduler_delay_factor` > 0, queued requests wait while others decode, until the oldest has waited
         that many times the last prefill's time or they would fill every free slot (vLLM's scheduler delay): a burst
@@ -427,15 +423,12 @@ class ServingLoop(EngineState):
         ``riders`` (the step API): with :attr:`mixed_prefill` where it applies, the requests already active are
         appended to it when some are admitted (they ride in the prefill pass, each one token row of the pass's
         ``max_prefill_tokens``); where the first queued prompt does not fit beside them, it is admitted alone and
-        ``riders`` stays empty."""
-        if not sched.pending:
-            return []
-        factor = self.scheduler_delay_factor
-        waits = delay and factor > 0 and sched.active and len(sched.pending) < sched.slots.count(None)
-        if waits and time.perf_counter() - sched.pending[0].queued_at < factor * self._last_prefill_s:
+        ``riders`` stays empty. ``behind``: the pass goes behind a decode step in flight, not recorded: a request
+        that step gives its last token (its limit) rides no more."""
+        if not self._would_admit(sched, delay):
             return []
         if riders is not None and self._mixes():
-            active = sched.active
+            active = [r for r in sched.active if not behind or len(r.output) + 1 < r.max_new_tokens]
             admitted = sched.admit(reserve=len(active)) if active else []
             if admitted:
                 riders.extend(active)
