@@ -11,14 +11,17 @@ The child is started with ``spawn`` (a fresh interpreter: CUDA state is never fo
 from ``factory`` (``"module:callable"``) and its arguments. It runs a step whenever it has work, handling its
 connections' messages between steps. It has ``clients`` connections (default 1), one per front end
 (:class:`~fi_engine.engine_client.EngineClient`, ``engine.client(i)``: several API-server processes in front of one
-engine): it tags each request with the connection that added it, sends each step's outputs as one message per
-connection holding that connection's rows only, takes aborts only for a connection's own requests, and aborts every
-request of a connection whose process went away (the others go on). Request ids are the engine's, so unique
-across connections. The engine process's own StepEngine methods are those of connection 0 (``client(0)``): with one
-front end, serve the engine process itself (``GenerationService(EngineProcess(...), codec)``).
+engine): each connection names its requests itself (ids unique across the connections), the child keeps which
+engine request each one is, sends each step's outputs as one message per connection holding that connection's rows
+only (under its own ids), takes aborts only for a connection's own requests, and aborts every request of a
+connection whose process went away (the others go on). The engine process's own StepEngine methods are those of
+connection 0 (``client(0)``): with one front end, serve the engine process itself
+(``GenerationService(EngineProcess(...), codec)``).
 
 ``add_requests`` is a round trip (each request's id, or the engine's refusal as its ``ValueError`` /
-``TypeError``), ``abort_request`` is not (its slot is freed before the child's next step). :meth:`EngineProcess.step`
+``TypeError``); ``add_requests_nowait`` is not (the ids at once, the child's answers among the outputs: what
+:class:`~fi_engine.service.GenerationService` uses), nor is ``abort_request`` (its slot is freed before the child's
+next step). :meth:`EngineProcess.step`
 returns every output the child sent since the last call, waiting for one when there is none yet. An error in the
 child (or the child's death) is raised by the next call of every connection, naming it. Only the owner (the
 process that made the ``EngineProcess``) ends the child, with :meth:`~EngineProcess.close`; the child ignores
@@ -36,14 +39,12 @@ from collections.abc import Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
-from .engine_client import ERRORS, EngineClient
+from .engine_client import ERRORS, MAX_CLIENTS, EngineClient, NewRequests
 from .sampling_params import SamplingParams
 from .stepping import StepOutput
 from .values import show
 
 __all__ = ["EngineProcess"]
-
-MAX_CLIENTS = 64  # front-end connections of one engine process (each is a pipe the child watches)
 
 
 def _child(
@@ -81,8 +82,10 @@ class _Router:
         self.control = control
         self.conns: dict[Any, int] = {conn: i for i, conn in enumerate(conns)}  # the connections still open
         self.by_index: dict[int, Any] = dict(enumerate(conns))
-        self.owner: dict[int, int] = {}  # rid -> the index of the connection that added it (until it ends)
-        self.rids: list[set[int]] = [set() for _ in conns]  # per connection: its unfinished requests
+        # the connections name their requests themselves (EngineClient's ids): each engine rid's connection and id
+        # there, and per connection its unfinished requests' ids -> engine rids (until they end)
+        self.owner: dict[int, tuple[int, int]] = {}
+        self.rids: list[dict[int, int]] = [{} for _ in conns]
         self.waitables: list[Any] = [control, *conns]
         self.aborted = False  # a request was aborted since the last step
 
@@ -132,40 +135,42 @@ class _Router:
             return
         engine = self.engine
         if msg[0] == "abort":
-            rid = msg[1]
-            if self.owner.get(rid) == index:  # a connection aborts its own requests only
+            rid = self.rids[index].get(msg[1])  # a connection names (and so aborts) its own requests only
+            if rid is not None:
                 engine.abort_request(rid)
                 self.aborted = True
         elif msg[0] == "add":
-            replies: list[tuple[Any, str | None, str]] = []
+            # each request under the id its connection gave it; the reply says which were taken and which refused
+            replies: list[tuple[int, str | None, str]] = []
             owner, mine = self.owner, self.rids[index]
-            for prompt, max_new, sampling, eos in msg[1]:
+            for tag, prompt, max_new, sampling, eos in msg[1]:
                 try:
                     rid = engine.add_request(prompt, max_new, sampling=sampling, eos_token_ids=eos)
                 except (ValueError, TypeError) as exc:
-                    replies.append((None, type(exc).__name__, str(exc)))
+                    replies.append((tag, type(exc).__name__, str(exc)))
                     continue
-                owner[rid] = index
-                mine.add(rid)
-                replies.append((rid, None, ""))
+                owner[rid] = (index, tag)
+                mine[tag] = rid
+                replies.append((tag, None, ""))
             self._send(index, ("added", replies))
 
     def _route(self, outs: list[StepOutput]) -> None:
-        """One message per connection with rows in this step: ``(rid, token_ids, finish_reason)`` of its own
-        requests (the rows of a connection already gone are dropped)."""
+        """One message per connection with rows in this step: ``(id, token_ids, finish_reason)`` of its own
+        requests, under the ids it gave them (the rows of a connection already gone are dropped)."""
         owner, rids = self.owner, self.rids
         per: dict[int, list[tuple[int, tuple[int, ...], Any]]] = {}
         for o in outs:
-            index = owner.get(o.rid)
-            if index is None:  # a request of a connection already dropped (its abort reported)
+            named = owner.get(o.rid)
+            if named is None:  # a request of a connection already dropped (its abort reported)
                 continue
+            index, tag = named
             rows = per.get(index)
             if rows is None:
                 rows = per[index] = []
-            rows.append((o.rid, tuple(o.token_ids), o.finish_reason))
+            rows.append((tag, tuple(o.token_ids), o.finish_reason))
             if o.finish_reason is not None:
                 del owner[o.rid]
-                rids[index].discard(o.rid)
+                del rids[index][tag]
         for index, rows in per.items():
             self._send(index, ("out", rows))
 
@@ -187,7 +192,7 @@ class _Router:
         self.waitables.remove(conn)
         with contextlib.suppress(OSError):
             conn.close()
-        for rid in self.rids[index]:
+        for rid in self.rids[index].values():
             self.engine.abort_request(rid)
             self.owner.pop(rid, None)
             self.aborted = True
@@ -287,10 +292,15 @@ class EngineProcess:
 
     # -- connection 0's StepEngine protocol (one front end) ----------------------------------------------------
 
-    def add_requests(self, requests: Sequence[tuple[Sequence[int], int, SamplingParams | None, Any]]) -> list[Any]:
+    def add_requests(self, requests: NewRequests) -> list[Any]:
         """Queue several ``(prompt, max_new_tokens, sampling, eos_token_ids)`` at once (one round trip); each
         one's request id, or the ``ValueError`` / ``TypeError`` the engine refused it with."""
         return self._first().add_requests(requests)
+
+    def add_requests_nowait(self, requests: NewRequests) -> list[int]:
+        """Queue several requests without waiting for the child: their ids at once, the child's answers from
+        :meth:`step` (:meth:`fi_engine.engine_client.EngineClient.add_requests_nowait`)."""
+        return self._first().add_requests_nowait(requests)
 
     def add_request(
         self,

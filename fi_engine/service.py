@@ -406,6 +406,9 @@ class GenerationService:
         # an engine whose step() waits for outputs (an engine process's client) wakes it for new work this way;
         # an engine that steps in this thread needs none
         self._wake_engine: Callable[[], object] | None = getattr(engine, "wake", None)
+        # an engine in another process takes new requests without a round trip (EngineClient.add_requests_nowait):
+        # this thread goes on delivering tokens and the engine's answer comes with its outputs
+        self._add_nowait: Callable[[list[Any]], list[int]] | None = getattr(engine, "add_requests_nowait", None)
         self.codec = codec
         self._shared_queue = shared_queue
         self.max_batch = max_batch
@@ -667,7 +670,7 @@ class GenerationService:
             now_outputs = engine.step()
             now = time.perf_counter()
             for out in now_outputs:
-                self._deliver(out.rid, out.token_ids, out.finish_reason, now)
+                self._deliver(out.rid, out.token_ids, out.finish_reason, now, out.error)
         elif closing and not self._live:
             with self._wakeup:
                 if not self._inbox:
@@ -684,9 +687,15 @@ class GenerationService:
         if not subs:
             return
         engine = self.engine
+        requests = [(s.stream.prompt_ids, s.max_new_tokens, s.sampling, s.eos_token_ids) for s in subs]
+        if self._add_nowait is not None:  # taken (or refused) with the engine's outputs: _deliver
+            for sub, rid in zip(subs, self._add_nowait(requests), strict=True):
+                sub.stream.rid = rid
+                self._live[rid] = sub.stream
+            return
         add_many = getattr(engine, "add_requests", None)
         if add_many is not None:
-            results = add_many([(s.stream.prompt_ids, s.max_new_tokens, s.sampling, s.eos_token_ids) for s in subs])
+            results = add_many(requests)
         else:
             results = []
             for sub in subs:
@@ -721,9 +730,25 @@ class GenerationService:
         elif stream.rid is None:  # still in the inbox of a later turn, or never added
             self._end(stream, reason)
 
-    def _deliver(self, rid: int, token_ids: Sequence[int], finish: FinishReason | None, now: float) -> None:
+    def _deliver(
+        self,
+        rid: int,
+        token_ids: Sequence[int],
+        finish: FinishReason | None,
+        now: float,
+        error: Exception | None = None,
+    ) -> None:
         stream = self._live.get(rid)
         if stream is None:  # a request this service already ended (a stop string, a cancel)
+            return
+        if not token_ids and finish is None:  # the engine took a request added without waiting (_add_nowait)
+            self.metrics.tokens(prompt=len(stream.prompt_ids))
+            stream._accept(True)
+            return
+        if error is not None:  # ... or refused it: the stream raises the engine's ValueError / TypeError
+            del self._live[rid]
+            stream._put(error)
+            self._count_end()
             return
         detok = stream._detok
         taken: list[int] = []

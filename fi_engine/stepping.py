@@ -29,11 +29,17 @@ class StepOutput:
     ``rid``: the id :meth:`StepEngine.add_request` returned. ``token_ids``: the tokens this step generated for it
     (one per step today; a list so a step may give several). ``finish_reason``: None while it continues;
     otherwise why it ended, and its slot and KV pages are free again when the step returns.
+
+    An engine whose ``add_requests_nowait`` returns ids before the engine has seen the requests (an engine
+    process's :class:`~fi_engine.engine_client.EngineClient`) answers for each one through :meth:`StepEngine.step`:
+    an output with no tokens and no finish reason once the engine took it, or, where it refused it,
+    ``finish_reason="abort"`` with ``error`` the ``ValueError`` / ``TypeError`` ``add_request`` would have raised.
     """
 
     rid: int
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
+    error: Exception | None = None
 
     @property
     def finished(self) -> bool:

@@ -6,13 +6,15 @@ and closing ends the child."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from helpers.fake_engine import FakeStepEngine, expected_tokens
 from helpers.text_checkpoints import write_text_checkpoint
 
 from fi_engine.engine_process import EngineProcess
 from fi_engine.service import GenerationService, ServiceError
-from fi_engine.stepping import StepEngine
+from fi_engine.stepping import StepEngine, StepOutput
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -53,9 +55,39 @@ def test_a_refused_prompt_fails_its_stream_alone(codec, pool) -> None:  # type: 
         with GenerationService(engine, codec) as service:
             bad = service.submit(list(range(3, 13)), max_new_tokens=8)  # 10 + 8 > 12
             good = service.submit(codec.encode("ok"), max_new_tokens=2)
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="exceed max_seq_len 12"):
                 bad.result(WAIT)
-            assert len(good.result(WAIT).token_ids) == 2
+            with pytest.raises(ValueError, match="exceed max_seq_len 12"):  # what the server answers 400 with
+                bad.accepted(WAIT)
+            assert good.accepted(WAIT) and len(good.result(WAIT).token_ids) == 2
+        # the prompt tokens counted are those the engine took
+        assert service.metrics.prompt_tokens == len(codec.encode("ok"))
+
+
+def test_add_requests_nowait_returns_at_once_and_the_answers_come_with_the_outputs(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    """The child takes messages between its steps (0.4 s each here): ``add_requests_nowait`` returns within 0.1 s
+    while one runs; ``step()`` then gives each request taken an output with no tokens and no finish reason before
+    its tokens, and the refused one a single ``"abort"`` whose ``error`` is the engine's ValueError, by name."""
+    vocab = codec.tokenizer.vocab_size
+    with EngineProcess(FAKE, vocab, pool=pool, max_seq_len=12, step_delay_s=0.4) as engine:
+        running = engine.add_request([3], 2)
+        while not any(o.rid == running and o.token_ids for o in engine.step()):
+            pass  # the child is stepping
+        t0 = time.perf_counter()
+        good, bad = engine.add_requests_nowait([([4, 5], 3, None, None), (list(range(3, 13)), 8, None, None)])
+        assert time.perf_counter() - t0 < 0.1
+        seen: dict[int, list[StepOutput]] = {}
+        deadline = time.monotonic() + WAIT
+        while engine.has_unfinished:
+            assert time.monotonic() < deadline, "the requests did not end"
+            for o in engine.step():
+                seen.setdefault(o.rid, []).append(o)
+    assert seen[good][0] == StepOutput(good, ())  # taken, before any token
+    assert [t for o in seen[good] for t in o.token_ids] == expected_tokens([4, 5], 3, pool)
+    assert seen[good][-1].finish_reason == "length" and all(o.error is None for o in seen[good])
+    (refusal,) = seen[bad]
+    assert refusal.token_ids == () and refusal.finish_reason == "abort"
+    assert isinstance(refusal.error, ValueError) and "exceed max_seq_len 12" in str(refusal.error)
 
 
 def test_cancel_frees_the_slot_in_the_child(codec, pool) -> None:  # type: ignore[no-untyped-def]

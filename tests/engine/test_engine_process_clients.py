@@ -16,7 +16,7 @@ import pytest
 from helpers.engine_clients import hold_slots, run_client
 from helpers.fake_engine import expected_tokens
 
-from fi_engine.engine_client import EngineClient
+from fi_engine.engine_client import MAX_CLIENTS, EngineClient
 from fi_engine.engine_process import EngineProcess
 from fi_engine.service import GenerationService
 from fi_engine.stepping import StepEngine
@@ -57,7 +57,8 @@ def test_three_client_processes_each_get_exactly_their_own_outputs() -> None:
         options = {
             0: {"refused": ([1, VOCAB + 5], 20)},  # a token outside the vocabulary: refused, alone
             1: {"abort_own_after": 5},
-            2: {"abort_others": 9},  # every rid that is not its own: ignored by the child
+            # every id the other two connections gave their requests (index + 64 k): ignored by the child
+            2: {"abort_others": [i + MAX_CLIENTS * k for i in (0, 1) for k in range(4)]},
         }
         procs = [
             ctx.Process(target=run_client, args=(engine.client(i), jobs[i], barrier, out), kwargs=options[i])
@@ -71,7 +72,7 @@ def test_three_client_processes_each_get_exactly_their_own_outputs() -> None:
             p.join(WAIT)
             assert p.exitcode == 0
     all_rids = [rid for r in reports.values() for rid in r[1]]
-    assert sorted(all_rids) == list(range(9))  # unique across the clients, none lost
+    assert len(set(all_rids)) == len(all_rids) == 9  # unique across the clients, none lost
     for i, (_, rids, refusal, outputs, foreign) in reports.items():
         assert foreign == [] and set(outputs) == set(rids)
         for rid, (prompt, limit) in zip(rids, jobs[i], strict=True):

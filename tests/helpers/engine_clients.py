@@ -4,6 +4,7 @@ processes, each stepping its own :class:`~fi_engine.engine_client.EngineClient` 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -13,12 +14,12 @@ def run_client(
     barrier: Any,
     out: Any,
     abort_own_after: int | None = None,
-    abort_others: int = 0,
+    abort_others: Sequence[int] = (),
     refused: tuple[list[int], int] | None = None,
 ) -> None:
     """Add ``requests`` (``(prompt, max_new_tokens)``; with ``refused``, one the engine refuses, first), wait at
-    ``barrier`` (every client's requests are in the engine), abort rid ``0 .. abort_others - 1`` where they are
-    not its own (a connection may not end another's requests) and its own first request once it has
+    ``barrier`` (every client's requests are in the engine), abort the ids ``abort_others`` where they are not its
+    own (the other clients' ids: a connection may not end another's requests) and its own first request once it has
     ``abort_own_after`` tokens, then step until all ended. Puts ``(index, rids, refusal, outputs, foreign)`` on
     ``out``: ``outputs`` maps each rid to ``(tokens, finish_reasons)``, ``foreign`` lists rids not its own it saw."""
     batch = [(list(p), n, None, None) for p, n in requests]
@@ -31,7 +32,7 @@ def run_client(
         refusal = (type(first).__name__, str(first))
     rids = [int(r) for r in results]
     barrier.wait(30)
-    for rid in range(abort_others):
+    for rid in abort_others:
         if rid not in rids:
             client.abort_request(rid)
     outputs: dict[int, tuple[list[int], list[str]]] = {rid: ([], []) for rid in rids}
