@@ -484,8 +484,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kwargs = dict(max_batch=args.max_batch, max_seq_len=args.max_seq_len, cuda_graph=args.graph, device=args.device)
         # each decode step launched before the last one's tokens are delivered (ServingLoop._serve_step), arrivals
         # grouped into fewer prefills (ServingLoop._admit), and the running requests decoded in each prefill pass
+        # and, with CUDA graphs, the prefill graphs those passes replay captured before the first request
         kwargs.update(
-            overlap_steps=True, scheduler_delay_factor=args.scheduler_delay_factor, mixed_prefill=args.mixed_prefill
+            overlap_steps=True,
+            scheduler_delay_factor=args.scheduler_delay_factor,
+            mixed_prefill=args.mixed_prefill,
+            warm_serving=args.graph,
         )
         if args.in_process:
             engine = open_engine(args.model, **kwargs)

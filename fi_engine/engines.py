@@ -38,20 +38,32 @@ def open_engine(
     overlap_steps: bool = False,
     scheduler_delay_factor: float = 0.0,
     mixed_prefill: bool = False,
+    warm_serving: bool = False,
     **kwargs: Any,
 ) -> Any:
     """``engine_class(model_dir)(model_dir, **kwargs)`` with the step API's serving settings, which a server
     stepping the engine in a loop wants and ``generate`` ignores: ``overlap_steps`` (a decode step's tokens come
     with the next ``step()``, the step left running on the GPU meanwhile), ``scheduler_delay_factor`` (queued
     requests wait while others decode, up to that many times the last prefill's time, to be prefilled together;
-    0 to 100) and ``mixed_prefill`` (a prefill pass decodes the active requests too)."""
+    0 to 100), ``mixed_prefill`` (a prefill pass decodes the active requests too) and ``warm_serving`` (the prefill
+    graphs the step API replays captured now, not while serving: ``ServingLoop.warm_serving``, where the engine has
+    it; about 1 s for SmolLM2-135M on an H100)."""
     from .serving import delay_factor_arg, mixed_prefill_arg, overlap_steps_arg
 
     overlap_steps = overlap_steps_arg(overlap_steps)  # checked before the checkpoint is read
     scheduler_delay_factor = delay_factor_arg(scheduler_delay_factor)
     mixed_prefill = mixed_prefill_arg(mixed_prefill)
+    if not isinstance(warm_serving, bool):
+        raise TypeError(f"warm_serving: expected True or False, got {type(warm_serving).__name__}")
     engine = engine_class(model_dir)(model_dir, **kwargs)
     engine.overlap_steps = overlap_steps
     engine.scheduler_delay_factor = scheduler_delay_factor
     engine.mixed_prefill = mixed_prefill
+    warm = getattr(engine, "warm_serving", None)
+    if warm_serving and warm is not None:
+        try:
+            warm()
+        except BaseException:
+            engine.close()
+            raise
     return engine

@@ -305,7 +305,9 @@ class ServingLoop(EngineState):
                 if admitted:
                     t = time.perf_counter()
                     try:
-                        launched, _ = self._prefill_launch(sched, admitted, riders, behind=True)
+                        launched, _ = self._prefill_launch(
+                            sched, admitted, riders, behind=True, graph_slots=self.max_batch
+                        )
                     except BaseException:
                         # the step in flight ran before the failure: the requests it ended are reported with their
                         # tokens (step() aborts the rest), as where the prefill follows its recording
@@ -325,7 +327,7 @@ class ServingLoop(EngineState):
             admitted = self._admit(sched, delay=True, riders=riders)
             if admitted:
                 t = time.perf_counter()
-                launched, _ = self._prefill_launch(sched, admitted, riders)
+                launched, _ = self._prefill_launch(sched, admitted, riders, graph_slots=self.max_batch)
                 prefill_s = time.perf_counter() - t
         if launched is not None:
             # every active request takes a token from the pass (it was admitted, or rides in it)
@@ -647,6 +649,27 @@ class ServingLoop(EngineState):
             self.generate(prompts, 1, eos_token_ids=())
         return [(int(key[0]), int(key[1])) for key in self._prefill_graph_cache]
 
+    def warm_serving(self) -> list[tuple[int, int]]:
+        """Capture, before serving, the prefill graphs the step API's passes replay: every token bucket of at least
+        ``max_batch`` rows (:attr:`prefill_buckets`) at ``max_batch`` request slots, the shape of every pass
+        :meth:`step` runs with :attr:`overlap_steps` (mixed or not). A pass that meets a shape first costs a
+        capture, during which every request waits: 30-40 ms on an H100 for SmolLM2-135M, where a pass replays in
+        2-5 ms; measured serving 64 streams, one or two of them fell inside each 3 s load (benchmarks/RESULTS.md).
+        ``fi-engine serve`` calls it with CUDA graphs on. Buckets whose dummy prompts the KV cache or
+        ``max_seq_len`` cannot hold are left to be captured when met; where prefill graphs do not apply, nothing is
+        captured (:meth:`warm_prefill`). Returns :meth:`warm_prefill`'s list of the graphs held."""
+        batch = self.max_batch
+        top = min(self.max_prefill_tokens, batch * (self.max_seq_len - 1))
+        fits = self.num_pages - 1  # page 0 is the padding page
+        lengths = [
+            n
+            for n in self.prefill_buckets
+            if batch <= n <= top and batch * pages_for(-(-n // batch), self.page_size) <= fits
+        ]
+        if not lengths:
+            return [(int(key[0]), int(key[1])) for key in self._prefill_graph_cache]
+        return self.warm_prefill(lengths, batch)
+
     def _scheduler(self) -> Scheduler:
         """The engine's scheduler (one KV cache, one set of slots), made on first use; the checkpoint's
         end-of-sequence ids unless a request brings its own."""
@@ -721,14 +744,18 @@ class ServingLoop(EngineState):
         riders: Sequence[Request] = (),
         all_logits: bool = False,
         behind: bool = False,
+        graph_slots: int | None = None,
     ) -> tuple[_LaunchedPass, Any]:
         """Launch the prefill pass of ``reqs`` with ``riders`` (:meth:`_prefill`), its tokens copied behind it into
         ``_ids_host`` (not waited for): one per slot up to the highest slot it serves, in slot order, so that the
         decode step after it can read them in place (:meth:`_decodes_behind_prefill`); an empty slot's is garbage.
         ``behind``: a decode step is in flight, not recorded: the riders' last tokens are its tokens, fed one
         position on and gathered from its ``ids`` on the device (a rider it ends with an end-of-sequence token
-        computes a row nobody records). Returns the launched pass and, with ``all_logits``, the float32 logits of
-        every row (on the device)."""
+        computes a row nobody records). ``graph_slots``: the request slots its graph is padded to (None:
+        ``max_batch`` for a mixed pass, else :func:`~fi_engine.paging.prefill_slots` of its requests; the step API's
+        passes take ``max_batch``, so that a server replays one graph per bucket, each captured before it serves:
+        :meth:`warm_serving`). Returns the launched pass and, with ``all_logits``, the float32 logits of every row (on
+        the device)."""
         cp, c, b, s = self._cp, self.config, self._buf, self._s
         ahead = 1 if behind else 0
         if riders:
@@ -750,8 +777,9 @@ class ServingLoop(EngineState):
         by_slot: list[Request | None] = [None] * width
         for r in rows:
             by_slot[r.slot] = r
-        # a mixed pass's requests are every occupied slot: its graphs are those of max_batch slots, one per bucket
-        padded_slots = self.max_batch if riders else prefill_slots(batch, self.max_batch)
+        padded_slots = graph_slots
+        if padded_slots is None:  # a mixed pass's requests are every occupied slot: one graph per bucket
+            padded_slots = self.max_batch if riders else prefill_slots(batch, self.max_batch)
         bucket = self._prefill_bucket(nnz, padded_slots)
         if bucket is not None:  # the padding request fills the rows up to the bucket, empty ones the slots
             n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size, requests=padded_slots + 1)

@@ -192,3 +192,34 @@ def test_warm_prefill_captures_ahead_and_serving_only_replays(model):
         assert captures == [] and sorted(k[:2] for k in g._prefill_graph_cache) == [(64, 1), (256, 1)]
     print(f"{dtype}: after warm_prefill {got}")
     assert got == eager
+
+
+def test_warm_serving_captures_every_pass_the_step_api_replays(model):
+    """``warm_serving`` captures every bucket of at least ``max_batch`` rows at ``max_batch`` request slots; a
+    served load on the step API (overlapped, mixed passes, arrivals while others decode and into an idle engine)
+    then captures nothing. (Its tokens are held to the engine's own by teacher forcing in test_gpu_step_api: a
+    mixed pass's riders may differ from generate's at a near tie.)"""
+    path, dtype = model
+    ps = prompts((40, 150, 9, 70, 33, 120), VOCAB, seed=8)
+    with engine(path, 4, graphs=True, cuda_graph=True) as g:
+        held = g.warm_serving()
+        want = [(b, 4) for b in g.prefill_buckets if b >= 4]
+        assert sorted(held) == want, held
+        capture = g._capture_prefill
+        captures = []
+        g._capture_prefill = lambda *a: captures.append(a[1:]) or capture(*a)
+        g.overlap_steps, g.mixed_prefill = True, True
+        rids, got = {}, {}
+        queue = list(enumerate(ps))
+        for _ in range(2):  # two into the idle engine, the rest as slots come free: mixed passes
+            i, p = queue.pop(0)
+            rids[g.add_request(p, 8, eos_token_ids=())] = i
+        while g.has_unfinished or queue:
+            for o in g.step():
+                got.setdefault(rids[o.rid], []).extend(o.token_ids)
+                if o.finish_reason is not None and queue:
+                    i, p = queue.pop(0)
+                    rids[g.add_request(p, 8, eos_token_ids=())] = i
+    print(f"{dtype}: warm_serving held {len(held)} graphs, captured {captures} while serving")
+    assert captures == []
+    assert sorted(got) == list(range(len(ps))) and all(len(t) == 8 for t in got.values())

@@ -386,9 +386,9 @@ def test_a_mixed_prefill_pass_decodes_the_running_requests(engine):
     rider_counts: list[int] = []  # per prefill pass: the decoding requests it carried
     launch = engine._prefill_launch
 
-    def counted(sched, reqs, riders=(), all_logits=False, behind=False):
+    def counted(sched, reqs, riders=(), all_logits=False, behind=False, graph_slots=None):
         rider_counts.append(len(riders))
-        return launch(sched, reqs, riders, all_logits, behind)
+        return launch(sched, reqs, riders, all_logits, behind, graph_slots)
 
     engine._prefill_launch = counted
     try:

@@ -298,13 +298,15 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
     e.stream = _Stream()
     e.steps = []  # ("prefill", rids) / ("mixed", riders' rids, rids) / ("decode", rids) in the order they ran
     e.behind = 0  # prefill passes launched behind a decode step in flight
+    e.graph_slots = []  # each prefill pass's graph_slots (the step API's: max_batch, the graphs warm_serving captures)
     rule = token_of or (lambda r: 100 + len(r.output))
 
     layout = prefill_layout(e.max_prefill_tokens, max_batch, num_pages + max_batch, padded=True)
     arrays = layout.views(np.zeros(layout.total, np.int32))
     pass_tokens: dict[int, list[int]] = {}  # a launched pass's tokens (by id), chosen from the state at its launch
 
-    def prefill_launch(sched, reqs, riders=(), all_logits=False, behind=False):
+    def prefill_launch(sched, reqs, riders=(), all_logits=False, behind=False, graph_slots=None):
+        e.graph_slots.append(graph_slots)
         e._next_rows = None  # as the real prefill: its tokens overwrite the ids a prepared step would read
         ahead = 1 if behind else 0  # behind a decode step in flight: the riders one token further
         if riders:  # as the real mixed pass: each rider's next token needs its page
@@ -487,6 +489,8 @@ def test_pipelined_overlapped_steps_give_the_same_tokens_as_plain_steps(abort_af
     assert piped.ahead > 0 and piped._inflight is None and not piped._requests
     assert piped.behind > 0  # a prefill pass launched behind a decode step in flight
     assert piped._sched.allocator.num_free == piped._sched.allocator.capacity
+    # every pass of the overlapped step API is padded to max_batch request slots: one graph per bucket
+    assert piped.graph_slots and set(piped.graph_slots) == {piped.max_batch}
 
 
 @pytest.mark.parametrize("abort_after", [None, (4, 3)])
@@ -660,9 +664,9 @@ def test_the_scheduler_delay_holds_arrivals_while_others_decode_until_they_waite
     e.scheduler_delay_factor = 2.0
     launch = e._prefill_launch
 
-    def one_second_prefill(sched, reqs, riders=(), all_logits=False):
+    def one_second_prefill(sched, reqs, riders=(), all_logits=False, **kw):
         now[0] += 1.0
-        return launch(sched, reqs, riders, all_logits)
+        return launch(sched, reqs, riders, all_logits, **kw)
 
     e._prefill_launch = one_second_prefill
     a = e.add_request([1] * 3, 40)
@@ -993,6 +997,7 @@ def test_pick_launches_only_the_argmax_for_greedy_rows_and_one_call_for_a_unifor
     [
         ({"overlap_steps": "yes"}, TypeError, "overlap_steps: expected True or False, got str"),
         ({"mixed_prefill": 1}, TypeError, "mixed_prefill: expected True or False, got int"),
+        ({"warm_serving": "no"}, TypeError, "warm_serving: expected True or False, got str"),
         ({"scheduler_delay_factor": -1}, ValueError, r"scheduler_delay_factor: expected a number in \[0, 100\]"),
         ({"scheduler_delay_factor": float("nan")}, ValueError, "scheduler_delay_factor: expected a number"),
         ({"scheduler_delay_factor": True}, ValueError, "scheduler_delay_factor: expected a number"),
