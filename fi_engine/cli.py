@@ -371,7 +371,11 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         help="requests waiting beyond --max-batch before new ones get HTTP 429 (default 256)",
     )
     p.add_argument("--max-seq-len", type=_positive_int, default=None, help="most tokens per request (prompt + output)")
-    p.add_argument("--graph", action="store_true", help="replay the decode step as a CUDA graph")
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="replay the decode step and the prefill passes as CUDA graphs (the passes' graphs captured at start)",
+    )
     p.add_argument("--device", type=_ordinal, default=None, help="CUDA ordinal (default 0)")
     p.add_argument(
         "--in-process",
