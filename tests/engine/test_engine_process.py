@@ -102,6 +102,23 @@ def test_cancel_frees_the_slot_in_the_child(codec, pool) -> None:  # type: ignor
         assert after.result(WAIT).finish_reason == "length"
 
 
+def test_a_request_cancelled_before_the_child_answered_its_add_is_ended_there(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    """The service adds without waiting: a stream cancelled before the child's answer (the child is inside a 0.3 s
+    step) ends with "abort" at once, the child aborts it when the add arrives (the abort follows it on the same
+    connection), and its one slot serves the next request."""
+    vocab = codec.tokenizer.vocab_size
+    engine = EngineProcess(FAKE, vocab, pool=pool, max_batch=1, step_delay_s=0.3)
+    with engine, GenerationService(engine, codec) as service:
+        warm = service.submit(codec.encode("warm"), max_new_tokens=2)
+        next(warm)  # the child is stepping
+        early = service.submit(codec.encode("early"), max_new_tokens=10_000)
+        early.cancel()
+        assert early.result(WAIT).finish_reason == "abort" and early.result(WAIT).token_ids == ()
+        assert warm.result(WAIT).finish_reason == "length"
+        after = service.submit(codec.encode("next"), max_new_tokens=3)  # the slot was never held by "early"
+        assert after.result(WAIT).token_ids == tuple(expected_tokens(codec.encode("next"), 3, pool))
+
+
 def test_an_engine_error_in_the_child_reaches_the_streams(codec, pool) -> None:  # type: ignore[no-untyped-def]
     engine = EngineProcess(FAKE, codec.tokenizer.vocab_size, pool=pool, fail_at_step=3)
     with engine, GenerationService(engine, codec) as service:
