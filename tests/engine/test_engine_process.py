@@ -1,8 +1,9 @@
 """fi_engine.engine_process.EngineProcess on CPU: the tests' stand-in engine (tests/helpers/fake_engine.py) built
 and stepped in a real child process (spawned), served through GenerationService as the GPU engine is by
 ``fi-engine serve``: every request gets exactly the tokens the engine in-process gives it, refusals arrive as the
-engine's own ValueError, cancellation frees the slot, an engine error and a child that cannot start are named,
-and closing ends the child."""
+engine's own ValueError (over HTTP a 400), requests are added without waiting for the child (its answers come with
+the outputs; a request cancelled before the answer ends at once), cancellation frees the slot, an engine error and
+a child that cannot start are named, and closing ends the child."""
 
 from __future__ import annotations
 
@@ -146,3 +147,31 @@ def test_close_ends_the_child(codec, pool) -> None:  # type: ignore[no-untyped-d
     assert not proc.is_alive() and proc.exitcode == 0
     with pytest.raises(ValueError, match="engine: closed"):
         engine.step()
+
+
+def test_the_server_over_the_child_answers_a_refused_prompt_400_and_serves_the_rest(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    """Over an engine process the service adds without waiting; the HTTP layer still waits for the child's answer
+    before it starts a response: a prompt the engine refuses (longer than its max_seq_len) is a 400 naming the
+    prompt, streamed or not, and a request beside it is served."""
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    from helpers.serve import RunningServer
+
+    from fi_engine.openai_server import build_app
+
+    engine = EngineProcess(FAKE, codec.tokenizer.vocab_size, pool=pool, max_seq_len=64)
+    with engine, GenerationService(engine, codec) as service:
+        server = RunningServer(build_app(service, "m", close_timeout=1.0), 5.0)
+        try:
+            for stream in (False, True):
+                body = {"model": "m", "prompt": [5] * 60, "max_tokens": 10, "stream": stream}
+                bad = httpx.post(f"{server.url}/v1/completions", json=body, timeout=WAIT)
+                assert bad.status_code == 400, bad.text
+                error = bad.json()["error"]
+                assert error["param"] == "prompt" and "exceed max_seq_len 64" in error["message"]
+            good = {"model": "m", "prompt": [5, 6], "max_tokens": 4, "temperature": 0}
+            ok = httpx.post(f"{server.url}/v1/completions", json=good, timeout=WAIT)
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+        finally:
+            server.stop()
