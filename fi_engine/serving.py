@@ -626,7 +626,7 @@ class ServingLoop(EngineState):
             raise ValueError(f"batch: expected requests per prefill in [1, {self.max_batch}], got {batch!r:.40}")
         if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or not lengths:
             raise ValueError(f"lengths: expected a non-empty list of token-row counts, got {lengths!r:.60}")
-        top = min(self.max_prefill_tokens, batch * (self.max_seq_len - 1))
+        top = self._warm_top(batch)
         for i, n in enumerate(lengths):
             if isinstance(n, bool) or not isinstance(n, int) or not batch <= n <= top:
                 raise ValueError(
@@ -635,19 +635,14 @@ class ServingLoop(EngineState):
                 )
         runs = []
         for i, n in enumerate(lengths):
-            prompts = [[0] * (n // batch + (1 if r < n % batch else 0)) for r in range(batch)]
-            # the scheduler admits the batch together only if the KV cache holds it (page 0 is the padding
-            # page); short of pages it would prefill fewer requests at a time and capture another shape
-            need = sum(pages_for(len(p), self.page_size) for p in prompts)
+            prompts, need = self._warm_prompts(n, batch)
             if need > self.num_pages - 1:
                 raise ValueError(
                     f"lengths[{i}]: {n} token rows of {batch} requests need {need} KV pages, the cache has "
                     f"{self.num_pages - 1} (they would not be prefilled together)"
                 )
             runs.append(prompts)
-        for prompts in runs:
-            self.generate(prompts, 1, eos_token_ids=())
-        return [(int(key[0]), int(key[1])) for key in self._prefill_graph_cache]
+        return self._warm(runs)
 
     def warm_serving(self) -> list[tuple[int, int]]:
         """Capture, before serving, the prefill graphs the step API's passes replay: every token bucket of at least
@@ -658,17 +653,35 @@ class ServingLoop(EngineState):
         ``fi-engine serve`` calls it with CUDA graphs on. Buckets whose dummy prompts the KV cache or
         ``max_seq_len`` cannot hold are left to be captured when met; where prefill graphs do not apply, nothing is
         captured (:meth:`warm_prefill`). Returns :meth:`warm_prefill`'s list of the graphs held."""
+        self._check_open()
         batch = self.max_batch
-        top = min(self.max_prefill_tokens, batch * (self.max_seq_len - 1))
-        fits = self.num_pages - 1  # page 0 is the padding page
-        lengths = [
-            n
-            for n in self.prefill_buckets
-            if batch <= n <= top and batch * pages_for(-(-n // batch), self.page_size) <= fits
-        ]
-        if not lengths:
-            return [(int(key[0]), int(key[1])) for key in self._prefill_graph_cache]
-        return self.warm_prefill(lengths, batch)
+        top = self._warm_top(batch)
+        runs = []
+        for n in self.prefill_buckets:
+            if batch <= n <= top:
+                prompts, need = self._warm_prompts(n, batch)
+                if need <= self.num_pages - 1:
+                    runs.append(prompts)
+        return self._warm(runs)
+
+    def _warm_top(self, batch: int) -> int:
+        """The most token rows a warm-up prefill of ``batch`` dummy prompts may have: ``max_prefill_tokens``, and
+        room for each prompt's one new token within ``max_seq_len``."""
+        return min(self.max_prefill_tokens, batch * (self.max_seq_len - 1))
+
+    def _warm_prompts(self, rows: int, batch: int) -> tuple[list[list[int]], int]:
+        """The ``batch`` dummy prompts (token 0) of a warm-up prefill of ``rows`` token rows, and the KV pages they
+        need at once: the scheduler admits them together only if the cache holds them (page 0 is the padding
+        page); short of pages it would prefill fewer requests at a time and capture another shape."""
+        prompts = [[0] * (rows // batch + (1 if r < rows % batch else 0)) for r in range(batch)]
+        return prompts, sum(pages_for(len(p), self.page_size) for p in prompts)
+
+    def _warm(self, runs: list[list[list[int]]]) -> list[tuple[int, int]]:
+        """One prefill of each set of dummy prompts (a new token each, their pages freed), so that its graph is
+        captured now; the ``(bucket rows, request slots)`` of every prefill graph the engine then holds."""
+        for prompts in runs:
+            self.generate(prompts, 1, eos_token_ids=())
+        return [(int(key[0]), int(key[1])) for key in self._prefill_graph_cache]
 
     def _scheduler(self) -> Scheduler:
         """The engine's scheduler (one KV cache, one set of slots), made on first use; the checkpoint's
