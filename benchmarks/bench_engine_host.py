@@ -36,7 +36,7 @@ def main() -> None:
 
     from bench_goals import SMOLLM2, make_checkpoint  # beside this file
 
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, SMOLLM2["vocab_size"], 32).tolist() for _ in range(args.batch)]

@@ -1,5 +1,5 @@
 """cuBLASLt's FP8 (e4m3) GEMM against its 16-bit GEMM on the 8B shapes, as the engine's W8A8 path calls them
-(:meth:`fi_engine.cublas_lt.LtMatmuls.fp8_shape` / ``fp8_call``: per-row scales, or 128x128 weight blocks with
+(:meth:`fi_engine.kernels.cublas_lt.LtMatmuls.fp8_shape` / ``fp8_call``: per-row scales, or 128x128 weight blocks with
 per-128-column activation scales): us per product, the weight rotating over 4 copies so that each product reads it
 from HBM (the activation quantization is not included: ``benchmarks/bench_llama_tp.py`` times whole steps). Prints,
 per shape and row count, ``bf16``, ``row`` and ``block`` times, ``-`` where cuBLASLt offers no algorithm. Not a
@@ -48,8 +48,8 @@ def main() -> None:
 
     import cupy as cp
 
-    from fi_engine.cublas import CUDA_R_16BF
-    from fi_engine.cublas_lt import _DECLARATIONS, LtMatmuls
+    from fi_engine.kernels.cublas import CUDA_R_16BF
+    from fi_engine.kernels.cublas_lt import _DECLARATIONS, LtMatmuls
 
     ffi = _DECLARATIONS.ffi()
     one, zero = ffi.new("float*", 1.0), ffi.new("float*", 0.0)

@@ -1,6 +1,6 @@
 # ruff: noqa: B023  (each loop iteration captures its closures into CUDA graphs before the next one rebinds them)
 """The decode GEMMs of an 8B-shaped Llama at HBM bandwidth: for each weight shape (QKV, O, gate/up, down, LM head)
-and row count, the engine's GEMV kernel (``fi_engine.dense.Dense.linear`` with the GEMV on), the fused GEMV with
+and row count, the engine's GEMV kernel (``fi_engine.kernels.dense.Dense.linear`` with the GEMV on), the fused GEMV with
 a norm / add-norm / SiLU prologue (``Dense.fused_linear``), cuBLASLt (the GEMV off), and the same shape with e4m3
 weights (``Dense.add_fp8_weight``; per-row and 128x128-block scales: the FP8 GEMV up to 8 rows, dequantize + GEMM
 beyond), in us per call and GB/s of weight bytes read (one byte per weight for FP8; the weights rotate over
@@ -39,7 +39,7 @@ def main() -> None:
 
     import cupy as cp
 
-    from fi_engine.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_32F, GEMV_MAX_ROWS, NORM, SILU, Dense
+    from fi_engine.kernels.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_32F, GEMV_MAX_ROWS, NORM, SILU, Dense
 
     stream = cp.cuda.Stream(non_blocking=True)
     bf16 = CUDA_R_16BF

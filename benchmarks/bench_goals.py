@@ -222,7 +222,7 @@ def decode_step_rows(steps: int, rounds: int, old: Any = None) -> dict[str, floa
 def make_checkpoint(folder: Path, shape: dict[str, Any]) -> Path:
     import numpy as np
 
-    from fi_engine.checkpoint import write_safetensors
+    from fi_engine.checkpoint.safetensors import write_safetensors
 
     cfg = {"model_type": "llama", "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "eos_token_id": 2, **shape}
     rng = np.random.default_rng(0)
@@ -257,7 +257,7 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
     import io
     import pstats
 
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     out: dict[str, Any] = {}
     prompt = [[(7 * k) % 40000 + 3 for k in range(16)]]
@@ -354,7 +354,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
     plan, inside the engine's stream scope as generate runs them): the four GEMMs through cuBLASLt and through
     cublasGemmEx, the FlashInfer launches, and a CuPy RawKernel launch (the embedding gather) for scale.
     ``n`` calls per round stay below the launch queue's depth, so a round times the host alone."""
-    from fi_engine import kernels
+    from fi_engine.kernels import flashinfer as kernels
     from fi_ffi import stream_scope
 
     c, b, d, s = engine.config, engine._buf, engine.dense, engine._s
@@ -403,7 +403,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
         "CuPy RawKernel (row gather)": lambda: d.gather_rows(1, engine._embed, h, v.token_ids, b.h.data.ptr, h, h),
     }
     if gemv and getattr(d, "fused_fits", None) and d.fused_fits(1, h) and d.fused_fits(1, inter):
-        from fi_engine.dense import ADD_NORM, SILU
+        from fi_engine.kernels.dense import ADD_NORM, SILU
 
         nw, f32, vocab = engine._ln1[1].data_ptr, engine._f32, c.vocab_size
         fused_calls = {  # the fused step's GEMVs (engine._fused_step), the first layer's weights
@@ -540,7 +540,7 @@ PREFILL_MODES = (
 
 def engine_share(folder: Path, profile: int) -> dict[str, Any]:
     """engine_rows, with the prefill's host share computed from the wall time of generate(prompt, 1)."""
-    import fi_engine.llama as llama
+    import fi_engine.models.llama as llama
 
     out: dict[str, Any] = {}
     original = llama.LlamaEngine._prefill

@@ -26,7 +26,7 @@ import numpy as np
 
 def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
     """A random bfloat16 gpt-oss checkpoint (config.json + one .safetensors per layer), written with numpy."""
-    from fi_engine.checkpoint import write_safetensors
+    from fi_engine.checkpoint.safetensors import write_safetensors
 
     h, i, e, hq, hk, d = 2880, 2880, 32, 64, 8, 64
     cfg: dict[str, Any] = {
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", help="a module with another GptOssEngine to time on the same checkpoint")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
-    from fi_engine.gpt_oss import GptOssEngine
-    from fi_engine.moe import choose_path
+    from fi_engine.layers.moe import choose_path
+    from fi_engine.models.gpt_oss import GptOssEngine
 
     contenders: list[tuple[str, Any, dict[str, Any]]] = [
         (f"gpt_oss moe_path={m}", GptOssEngine, {"moe_path": m}) for m in args.modes.split(",")

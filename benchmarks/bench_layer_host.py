@@ -31,7 +31,7 @@ H, INTER, E, K, HQ, HK, D, VOCAB = 1024, 2048, 8, 2, 8, 2, 128, 4096
 
 def write_checkpoint(folder: Path, layers: int, moe: bool) -> Path:
     """A random float16 Llama (``moe``: Mixtral) checkpoint of this benchmark's shapes."""
-    from fi_engine.checkpoint import write_safetensors
+    from fi_engine.checkpoint.safetensors import write_safetensors
 
     cfg: dict[str, Any] = {
         "model_type": "mixtral" if moe else "llama",
@@ -84,8 +84,8 @@ def step_host_us(model: Path, batch: int, reps: int) -> tuple[float, str]:
     its layers take."""
     import cupy as cp
 
-    from fi_engine.llama import LlamaEngine
-    from fi_engine.paging import fill_decode
+    from fi_engine.models.llama import LlamaEngine
+    from fi_engine.runtime.paging import fill_decode
     from fi_ffi import stream_scope
 
     with LlamaEngine(model, max_batch=batch, max_seq_len=256) as engine:
@@ -139,7 +139,7 @@ def main() -> None:
     per_layer: dict[tuple[str, int], list[float]] = {}
     ratios: dict[tuple[str, int], list[float]] = {}
     kinds = ("dense", "moe", "moe-unfolded") if args.unfolded else ("dense", "moe")
-    from fi_engine.moe import MoELayer
+    from fi_engine.layers.moe import MoELayer
 
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("dense", "moe"):

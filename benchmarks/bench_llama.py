@@ -2,7 +2,7 @@
 with flashinfer-python 0.6.3 + torch (same weights, same FlashInfer kernels, torch GEMMs), eager and CUDA graph,
 batch 1 and 32.
 
-Both implementations share the host-side serving logic (:mod:`fi_engine.paging`: pages, slots, padding, the
+Both implementations share the host-side serving logic (:mod:`fi_engine.runtime.paging`: pages, slots, padding, the
 index arrays) and the same loop: per step, one packed host-to-device copy of the index arrays, one decode plan,
 the forward pass (or one graph replay), greedy argmax, one device-to-host copy of the tokens and a stream
 synchronization. So the difference is the binding layer and the GEMM library.
@@ -73,7 +73,7 @@ PRESETS = {
 
 def make_checkpoint(preset: str, folder: Path) -> Path:
     """A random float16 Llama checkpoint (config.json + model.safetensors) written with numpy."""
-    from fi_engine.checkpoint import write_safetensors
+    from fi_engine.checkpoint.safetensors import write_safetensors
 
     cfg = {
         "model_type": "llama",
@@ -116,7 +116,7 @@ def make_checkpoint(preset: str, folder: Path) -> Path:
 def run_fi_ffi(model: Path, prompts: list[list[int]], new: int, graph: bool, seq: int) -> dict[str, Any]:
     import cupy as cp
 
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     with LlamaEngine(model, max_batch=len(prompts), cuda_graph=graph, max_seq_len=seq) as engine:
         engine.generate(prompts, 8, eos_token_ids=())  # warm-up: modules, kernels, GEMM heuristics
@@ -165,9 +165,9 @@ class TorchLlama:
         from flashinfer.decode import BatchDecodeWithPagedKVCacheWrapper
         from flashinfer.prefill import BatchPrefillWithPagedKVCacheWrapper
 
-        from fi_engine.checkpoint import Checkpoint
-        from fi_engine.config import LlamaConfig
-        from fi_engine.paging import decode_layout, pages_for, prefill_layout
+        from fi_engine.checkpoint.config import LlamaConfig
+        from fi_engine.checkpoint.safetensors import Checkpoint
+        from fi_engine.runtime.paging import decode_layout, pages_for, prefill_layout
 
         self.torch = torch
         c = self.c = LlamaConfig.from_dir(model)
@@ -304,7 +304,7 @@ class TorchLlama:
         )
 
     def capture(self) -> None:
-        from fi_engine.paging import fill_decode
+        from fi_engine.runtime.paging import fill_decode
 
         torch = self.torch
         with torch.cuda.stream(self.stream):
@@ -317,7 +317,7 @@ class TorchLlama:
                 self.graph_out = self.decode_body(self.max_batch)
 
     def generate(self, prompts: list[list[int]], new: int) -> dict[str, Any]:
-        from fi_engine.paging import PageAllocator, Scheduler, fill_decode, fill_prefill
+        from fi_engine.runtime.paging import PageAllocator, Scheduler, fill_decode, fill_prefill
 
         torch, c = self.torch, self.c
         s = Scheduler(PageAllocator(self.num_pages), 16, self.max_batch, self.seq, self.seq, c.vocab_size, ())

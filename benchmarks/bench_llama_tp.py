@@ -216,76 +216,76 @@ def bytes_per_step(cfg: dict[str, Any], tp: int, batch: int, context: int) -> fl
 
 def set_variant(variant: str) -> None:
     """The class-level settings of one ``--variants`` name (the TP 1 ones; ``a+b`` sets both a's and b's)."""
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     if "+" in variant:
         for part in variant.split("+"):
             set_variant(part)
         return
     if variant == "lt":  # every GEMM of the decode graph through cuBLASLt (before the GEMV served one row)
-        import fi_engine.dense
+        import fi_engine.kernels.dense
 
-        fi_engine.dense.gemv_bound = lambda rows, n, k: False
+        fi_engine.kernels.dense.gemv_bound = lambda rows, n, k: False
     if variant == "no-pdl":  # the fused step's GEMVs launched without programmatic dependent launch
-        from fi_engine.dense import Dense
+        from fi_engine.kernels.dense import Dense
 
         Dense.pdl = False
     if variant == "fp8-fused":  # FP8 weights: the fused step with the norms and SiLU as prologues (off: slower)
-        from fi_engine.dense import Dense
+        from fi_engine.kernels.dense import Dense
 
         Dense.fp8_fused = True
     if variant == "fp8-norm-no-pdl":  # FP8 weights: the epilogue step's norms without programmatic dependent launch
-        from fi_engine.fused_decode import FusedDecode
+        from fi_engine.runtime.fused_decode import FusedDecode
 
         FusedDecode.norm_pdl = False
     if variant == "fp8-separate":  # FP8 weights: the decode step as separate launches (before 2026-11-25, session 9)
-        from fi_engine.dense import Dense
+        from fi_engine.kernels.dense import Dense
 
         Dense.fp8_epilogues = False
     if variant == "fp8-scalar-gemv":  # FP8 weights: the GEMV without tensor cores (gemv8_*; before 2026-11-25)
-        from fi_engine.fp8_linear import Fp8Linears
+        from fi_engine.kernels.fp8_linear import Fp8Linears
 
         Fp8Linears.tensor_core_rows = 9
     if variant == "w8a16":  # FP8 weights: steps of more than 8 rows dequantize (before the FP8 tensor-core GEMM)
-        from fi_engine.dense import Dense
+        from fi_engine.kernels.dense import Dense
 
         Dense.fp8_w8a8 = False
     if variant == "w8a8-no-blocks":  # FP8 128x128-block weights: dequantized above 8 rows (before 2026-11-24)
-        from fi_engine.dense import Dense
+        from fi_engine.kernels.dense import Dense
 
         Dense.fp8_w8a8_blocks = False
     if variant.startswith("fp8-gemv-rows-"):  # FP8 weights: the GEMV up to N rows, the FP8 GEMM above
-        from fi_engine.dense import Dense
+        from fi_engine.kernels.dense import Dense
 
         Dense.fp8_gemv_max_rows = int(variant.rsplit("-", 1)[1])
     if variant.startswith("fp8-one-row-blocks-"):  # FP8 weights: one-row GEMV launches of N blocks an SM (64)
-        from fi_engine.fp8_linear import Fp8Linears
+        from fi_engine.kernels.fp8_linear import Fp8Linears
 
         Fp8Linears.one_row_blocks_per_sm = int(variant.rsplit("-", 1)[1])
     if variant.startswith("unroll-"):  # the 16-bit GEMVs with N weight vectors in flight per lane (4 by default)
-        from fi_engine.dense import Dense
+        from fi_engine.kernels.dense import Dense
 
         Dense.gemv_unroll = int(variant.rsplit("-", 1)[1])
     if variant.startswith("rope-unroll-"):  # the QKV + RoPE GEMV with N vectors per column in flight (1: before)
-        from fi_engine.dense import Dense
+        from fi_engine.kernels.dense import Dense
 
         Dense.rope_unroll = int(variant.rsplit("-", 1)[1])
     if variant.startswith("fused-blocks-"):  # the fused GEMVs with at most N blocks per SM (8 by default)
-        from fi_engine.dense import Dense
+        from fi_engine.kernels.dense import Dense
 
         Dense.fused_blocks_per_sm = int(variant.rsplit("-", 1)[1])
     if variant.startswith("fused-min-blocks-"):  # the one-row fused GEMVs' registers capped for N blocks an SM (4)
-        from fi_engine.dense import Dense
+        from fi_engine.kernels.dense import Dense
 
         Dense.fused_min_blocks = int(variant.rsplit("-", 1)[1])
     if variant == "silu-prologue":  # the down GEMV computes SiLU-and-mul in each block (before session 13)
         LlamaEngine.silu_in_gate_up = False
     if variant == "any-rows":  # one 16-bit GEMV kernel for any row count (before 2026-11-25, session 13)
-        from fi_engine.dense import Dense
+        from fi_engine.kernels.dense import Dense
 
         Dense.gemv_fixed_rows = False
     if variant == "no-gemv-pipeline":  # the 16-bit GEMVs load their next weights after summing (before session 13)
-        from fi_engine.dense import Dense
+        from fi_engine.kernels.dense import Dense
 
         Dense.gemv_pipeline = False
     if variant == "no-pipeline":  # each decode step launched after the last one's tokens are read (before 2026-11-25)
@@ -297,7 +297,7 @@ def set_variant(variant: str) -> None:
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
         LlamaEngine.graph_fused_decode = False
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
-        from fi_engine.tensor_parallel import ResidualAllReduce
+        from fi_engine.layers.tensor_parallel import ResidualAllReduce
 
         ResidualAllReduce.launch_with_pdl = True
 
@@ -313,7 +313,7 @@ def run_rank(
     max_batch: int = 0,
 ) -> None:
     """One rank (or the single GPU): every configuration, rank 0 writes the rows."""
-    from fi_engine.llama import Llama, LlamaEngine
+    from fi_engine.models.llama import Llama, LlamaEngine
 
     tp = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
     nccl = variant == "nccl"
@@ -381,10 +381,10 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
 
     import cupy as cp
 
-    from fi_engine import kernels
-    from fi_engine.graph import CudaGraph
-    from fi_engine.llama import _refuse_allocation
-    from fi_engine.paging import fill_decode
+    from fi_engine.kernels import flashinfer as kernels
+    from fi_engine.kernels.graph import CudaGraph
+    from fi_engine.models.llama import _refuse_allocation
+    from fi_engine.runtime.paging import fill_decode
     from fi_ffi import stream_scope
 
     e: Any = engine

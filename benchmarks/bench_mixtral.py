@@ -29,7 +29,7 @@ def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
     experts' matrices are one random block per shape, shared by every expert of every layer (drawing 2.8 GB of
     normal floats per layer took most of a GPU run's minute and a half); the router and attention weights are drawn
     per layer, so the routing is as random as before, and each expert is still uploaded, and read, on its own."""
-    from fi_engine.checkpoint import write_safetensors
+    from fi_engine.checkpoint.safetensors import write_safetensors
 
     h, i, e, hq, hk, d = 4096, 14336, 8, 32, 8, 128
     cfg = {
@@ -140,9 +140,9 @@ def main() -> int:
 
     import cupy as cp
 
-    from fi_engine.llama import LlamaEngine
-    from fi_engine.moe import MoELayer
-    from fi_engine.moe_gemv import GroupedGemv
+    from fi_engine.kernels.moe_gemv import GroupedGemv
+    from fi_engine.layers.moe import MoELayer
+    from fi_engine.models.llama import LlamaEngine
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

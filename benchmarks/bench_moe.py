@@ -32,7 +32,7 @@ def main() -> None:
     import cupy
     import torch
 
-    from fi_engine.moe import MoELayer, MoEWeights
+    from fi_engine.layers.moe import MoELayer, MoEWeights
 
     torch.manual_seed(0)
     e, k, h, i = a.experts, a.top_k, a.hidden, a.intermediate

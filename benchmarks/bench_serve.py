@@ -309,7 +309,7 @@ def run_http_procs(
 
 
 def run_engine(model: str, batch: int, prompt_len: int, max_tokens: int, graph: bool) -> dict[str, Any]:
-    from fi_engine.engines import engine_class
+    from fi_engine.models.registry import engine_class
 
     with engine_class(model)(model, max_batch=batch, cuda_graph=graph) as engine:
         return measure_generate(engine, model, batch, prompt_len, max_tokens, graph)
@@ -408,7 +408,7 @@ def run_churn(
     whose ``generate`` it is held to: once a second engine had been opened in a process, every engine of it stepped
     about 9 % slower on an H100 (SmolLM2 shapes, 64 rows: 1.32 against 1.22 ms a decode step; benchmarks/RESULTS.md,
     session 8), which made an ideal server on a second engine look 7 % slower than the engine it was held to."""
-    from fi_engine.engines import open_engine
+    from fi_engine.models.registry import open_engine
 
     with open_engine(model, max_batch=batch, cuda_graph=graph) as engine:
         rows = [measure_generate(engine, model, batch, prompt_len, max_tokens, graph)]
@@ -557,7 +557,7 @@ TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
 
 def standin_text(model_dir: str) -> tuple[Any, list[int]]:
     """The stand-in's tokenizer (the tests' text checkpoint in ``model_dir``) and the plain tokens it generates."""
-    from fi_engine.text import TextCodec
+    from fi_engine.text.codec import TextCodec
 
     codec = TextCodec.from_dir(model_dir)
     return codec, sorted(set(codec.encode("The quick brown fox jumps over the lazy dog. Hello, how are you today?")))
@@ -618,7 +618,7 @@ def serve_standin(args: argparse.Namespace) -> int:
     """The server over the stand-in engine, as ``fi-engine serve`` runs (one front end in this process, or
     ``--api-servers N`` front-end processes), until SIGINT."""
     sys.path.insert(0, TESTS)
-    from fi_engine.engine_process import EngineProcess
+    from fi_engine.serve.engine_process import EngineProcess
 
     codec, pool = standin_text(args.model_dir)
     engine = EngineProcess(
@@ -631,15 +631,15 @@ def serve_standin(args: argparse.Namespace) -> int:
     )
     with engine:
         if args.api_servers > 1:
-            from fi_engine.api_servers import serve_api_servers
+            from fi_engine.serve.api_servers import serve_api_servers
 
             serve_api_servers(
                 engine, args.model_dir, "standin", port=args.port, max_queue=4 * args.batch, graceful_s=5,
                 log_level="warning",
             )  # fmt: skip
             return 0
-        from fi_engine.openai_server import serve
-        from fi_engine.service import GenerationService
+        from fi_engine.serve.openai_server import serve
+        from fi_engine.serve.service import GenerationService
 
         service = GenerationService(engine, codec, max_queue=4 * args.batch)
         try:
@@ -718,9 +718,9 @@ def run_selftest(args: argparse.Namespace) -> list[dict[str, Any]]:
     from helpers.serve import running
     from helpers.text_checkpoints import write_text_checkpoint
 
-    from fi_engine.openai_server import build_app
-    from fi_engine.service import GenerationService
-    from fi_engine.text import TextCodec
+    from fi_engine.serve.openai_server import build_app
+    from fi_engine.serve.service import GenerationService
+    from fi_engine.text.codec import TextCodec
 
     with tempfile.TemporaryDirectory() as tmp:
         codec = TextCodec.from_dir(write_text_checkpoint(Path(tmp) / "m"))

@@ -25,16 +25,16 @@ from typing import Any
 import cffi
 
 # the engine's own declarations and enum values (cublasLt.h / library_types.h), not a second copy
-from fi_engine.cublas import CUBLAS_COMPUTE_32F as _COMPUTE_32F
-from fi_engine.cublas import CUBLAS_OP_N as _OP_N
-from fi_engine.cublas import CUBLAS_OP_T as _OP_T
-from fi_engine.cublas import CUDA_R_16BF as _R_16BF
-from fi_engine.cublas import CUDA_R_32F as _R_32F
-from fi_engine.cublas_lt import CDEFS as _CDEFS
-from fi_engine.cublas_lt import CUBLASLT_MATMUL_DESC_TRANSA as _DESC_TRANSA
-from fi_engine.cublas_lt import CUBLASLT_MATMUL_DESC_TRANSB as _DESC_TRANSB
-from fi_engine.cublas_lt import CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES as _PREF_MAX_WORKSPACE_BYTES
-from fi_engine.dense import WORKSPACE_BYTES as _WORKSPACE
+from fi_engine.kernels.cublas import CUBLAS_COMPUTE_32F as _COMPUTE_32F
+from fi_engine.kernels.cublas import CUBLAS_OP_N as _OP_N
+from fi_engine.kernels.cublas import CUBLAS_OP_T as _OP_T
+from fi_engine.kernels.cublas import CUDA_R_16BF as _R_16BF
+from fi_engine.kernels.cublas import CUDA_R_32F as _R_32F
+from fi_engine.kernels.cublas_lt import CDEFS as _CDEFS
+from fi_engine.kernels.cublas_lt import CUBLASLT_MATMUL_DESC_TRANSA as _DESC_TRANSA
+from fi_engine.kernels.cublas_lt import CUBLASLT_MATMUL_DESC_TRANSB as _DESC_TRANSB
+from fi_engine.kernels.cublas_lt import CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES as _PREF_MAX_WORKSPACE_BYTES
+from fi_engine.kernels.dense import WORKSPACE_BYTES as _WORKSPACE
 
 HIDDEN, QKV, INTER, VOCAB = 4096, 6144, 14336, 128256
 
@@ -132,9 +132,9 @@ def main() -> None:
 
     import cupy as cp
 
-    from fi_engine.cublas import CUDA_R_16BF, CUDA_R_32F
-    from fi_engine.dense import GEMV_MAX_ROWS, Dense
-    from fi_engine.graph import CudaGraph
+    from fi_engine.kernels.cublas import CUDA_R_16BF, CUDA_R_32F
+    from fi_engine.kernels.dense import GEMV_MAX_ROWS, Dense
+    from fi_engine.kernels.graph import CudaGraph
 
     stream = cp.cuda.Stream(non_blocking=True)
     dense = Dense(stream)

@@ -3,7 +3,8 @@ the idle time between kernels (issue 32: "per-kernel time from a profile of one 
 
     bash tools/gpu_run.sh python3 benchmarks/profile_step.py --model DIR [--batch 1] [--steps 20] [--moe-path auto]
 
-The engine of ``DIR`` (any checkpoint ``fi_engine.engines.open_engine`` serves; ``max_batch`` = ``--batch``, CUDA
+The engine of ``DIR`` (any checkpoint ``fi_engine.models.registry.open_engine`` serves; ``max_batch`` = ``--batch``,
+CUDA
 graph) generates a few tokens once (graphs captured, kernels loaded), then replays the decode graph of ``--batch``
 rows ``--steps`` times back to back under torch's profiler (CUPTI: the kernels inside a graph are recorded one by
 one). Printed per kernel name: launches per step, microseconds per step and per launch, and the exclusive time per
@@ -67,7 +68,7 @@ def engine_and_prompts(model: str, batch: int, moe_path: str | None) -> Iterator
     """The engine of ``model`` (``max_batch`` = ``batch``, CUDA graph) and ``batch`` random 32-token prompts."""
     import numpy as np
 
-    from fi_engine.engines import open_engine
+    from fi_engine.models.registry import open_engine
 
     kwargs: dict[str, Any] = {"max_batch": batch, "cuda_graph": True, "max_seq_len": 512}
     if moe_path:

@@ -8,9 +8,10 @@
   is checked before the GPU is touched: a bad one is a usage error (exit 2).
 - ``serve MODEL_DIR [--host H] [--port P] [--max-batch N] [--max-queue N] [--graph] [--api-servers N]
   [--scheduler-delay-factor F] [--no-mixed-prefill]``: the OpenAI-compatible HTTP server
-  (:mod:`fi_engine.openai_server`; the ``serve`` extra) until SIGINT/SIGTERM; with ``--api-servers N``, N front-end
-  processes over one engine process (:mod:`fi_engine.api_servers`). The engine steps with ``overlap_steps``, the
-  scheduler delay and ``mixed_prefill`` (``fi_engine.serving.ServingLoop``).
+  (:mod:`fi_engine.serve.openai_server`; the ``serve`` extra) until SIGINT/SIGTERM; with ``--api-servers N``, N
+  front-end
+  processes over one engine process (:mod:`fi_engine.serve.api_servers`). The engine steps with ``overlap_steps``, the
+  scheduler delay and ``mixed_prefill`` (``fi_engine.runtime.serving.ServingLoop``).
 
 ``fi-ffi generate ARGS`` (the binding's command, where this subcommand lived) runs ``python -m fi_engine generate
 ARGS``. With ``--tp N`` this command starts its ranks through ``fi-ffi launch`` (the binding's launcher, a
@@ -28,7 +29,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from fi_ffi.errors import FiFFIError
+from .kernels.system import FiFFIError
 
 __all__ = ["build_parser", "main"]
 
@@ -117,9 +118,9 @@ def _eos_ids(text: str) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Serve the prompts of ``args`` (token ids, texts or chat messages) with the checkpoint at ``args.model``;
     print the tokens (or the text) and the timings."""
-    from .deepseek_config import is_deepseek
-    from .engines import engine_class
-    from .llama import SamplingParams
+    from .checkpoint.deepseek_config import is_deepseek
+    from .models.llama import SamplingParams
+    from .models.registry import engine_class
 
     rank = os.environ.get("RANK")
     # Under --tp every rank runs this command: what is the same on every rank (the checkpoint's config, whether
@@ -170,7 +171,7 @@ def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
     """The prompts in order: each ``--prompt-ids`` as given, each ``--prompt`` encoded with the checkpoint's
     tokenizer (its BOS added where the tokenizer adds one), each ``--chat`` as one user message through the
     checkpoint's chat template with the assistant's turn opened; and the checkpoint's
-    :class:`~fi_engine.text.TextCodec` when any prompt is text (None otherwise). ValueError naming the flag when
+    :class:`~fi_engine.text.codec.TextCodec` when any prompt is text (None otherwise). ValueError naming the flag when
     none is given or a text is empty."""
     prompts = [list(p) for p in args.prompt_ids or ()]
     texts, chats = args.prompt or [], args.chat or []
@@ -182,7 +183,7 @@ def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
                 raise ValueError(f"{flag}: expected a non-empty text, got {text!r}")
     if not texts and not chats:
         return prompts, None
-    from .text import TextCodec
+    from .text.codec import TextCodec
 
     codec = TextCodec.from_dir(args.model)
     prompts += [codec.encode(text) for text in texts]
@@ -193,11 +194,9 @@ def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
 def _check_tp(model: str, tp: int) -> None:
     """What every rank of ``generate --tp`` would find the same, checked once before they start: the checkpoint's
     config, that ``tp`` divides it, and that this host has ``tp`` GPUs."""
-    from fi_ffi.cuda import gpus
-    from fi_ffi.errors import UnsupportedDeviceError
-
-    from .config import LlamaConfig
-    from .tensor_parallel import shard_config
+    from .checkpoint.config import LlamaConfig
+    from .kernels.system import UnsupportedDeviceError, gpus
+    from .layers.tensor_parallel import shard_config
 
     shard_config(LlamaConfig.from_dir(model), tp)  # every LlamaConfig model type (Gemma 2 and gpt-oss too)
     found, why = gpus()
@@ -434,7 +433,7 @@ def _in_range(text: str, lowest: int, highest: int, what: str) -> int:
 
 
 def _api_servers(text: str) -> int:
-    from .engine_process import MAX_CLIENTS
+    from .serve.engine_process import MAX_CLIENTS
 
     return _in_range(text, 1, MAX_CLIENTS, f"an integer in [1, {MAX_CLIENTS}]")
 
@@ -463,10 +462,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the checkpoint at ``args.model`` over HTTP until interrupted; 2 for a bad checkpoint or argument."""
     import importlib
 
-    from .engines import engine_class, open_engine
-    from .service import GenerationService
-    from .stepping import StepEngine
-    from .text import TextCodec
+    from .models.registry import engine_class, open_engine
+    from .runtime.stepping import StepEngine
+    from .serve.service import GenerationService
+    from .text.codec import TextCodec
 
     where = f"{PROG} serve"
     if args.api_servers > 1 and args.in_process:
@@ -497,11 +496,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         if args.in_process:
             engine = open_engine(args.model, **kwargs)
-        else:  # the engine steps in a process of its own (fi_engine.engine_process says why)
-            from .engine_process import EngineProcess
+        else:  # the engine steps in a process of its own (fi_engine.serve.engine_process says why)
+            from .serve.engine_process import EngineProcess
 
             engine_class(args.model)  # the checkpoint's family is known (a bad config.json is named here)
-            engine = EngineProcess("fi_engine.engines:open_engine", args.model, clients=args.api_servers, **kwargs)
+            engine = EngineProcess(
+                "fi_engine.models.registry:open_engine", args.model, clients=args.api_servers, **kwargs
+            )
     except (ValueError, TypeError, ImportError, RuntimeError, FiFFIError) as exc:
         print(f"{where}: {exc}", file=sys.stderr)
         return 2
@@ -509,13 +510,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = f"max batch {args.max_batch}, queue {args.max_queue}, {'CUDA graph' if args.graph else 'eager'}"
     if args.api_servers > 1:
         return _serve_api_servers(args, engine, names, settings)
-    from .openai_server import serve
+    from .serve.openai_server import serve
 
     with engine:
         if not isinstance(engine, StepEngine):
             print(
-                f"{where}: {type(engine).__name__} does not serve step by step yet (fi_engine.stepping.StepEngine: "
-                f"add_request, abort_request, step, has_unfinished)",
+                f"{where}: {type(engine).__name__} does not serve step by step yet "
+                f"(fi_engine.runtime.stepping.StepEngine: add_request, abort_request, step, has_unfinished)",
                 file=sys.stderr,
             )
             return 2
@@ -541,9 +542,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_api_servers(args: argparse.Namespace, engine: Any, names: list[str], settings: str) -> int:
-    """``serve --api-servers N`` (N > 1): N front-end processes over ``engine`` (fi_engine.api_servers) until
+    """``serve --api-servers N`` (N > 1): N front-end processes over ``engine`` (fi_engine.serve.api_servers) until
     SIGINT/SIGTERM; 1 when a front end failed (named on stderr), 2 for an address that cannot be bound."""
-    from .api_servers import serve_api_servers
+    from .serve.api_servers import serve_api_servers
 
     where = f"{PROG} serve"
 

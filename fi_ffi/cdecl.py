@@ -1,7 +1,7 @@
 """C declarations parsed once, on first use: one ``cffi.FFI`` per set of declarations (ABI mode, nothing compiled).
 
 fi_ffi keeps a few independent sets (TVM-FFI and DLPack in :mod:`fi_ffi.abi.cdefs`, libc's ``dl*`` in
-:mod:`fi_ffi.loader.dl`, cuBLAS in :mod:`fi_engine.cublas`); each module holds a :class:`Declarations` and
+:mod:`fi_ffi.loader.dl`, cuBLAS in :mod:`fi_engine.kernels.cublas`); each module holds a :class:`Declarations` and
 asks it for its FFI, so ``import fi_ffi`` parses nothing. This module imports nothing of fi_ffi's: every layer may
 use it.
 """

@@ -146,7 +146,8 @@ class CublasError(FiFFIError, RuntimeError):
     share that enum).
 
     The one convention for both libraries, wherever the call is made (the ``bmm_fp8`` handle in
-    :mod:`fi_ffi.launch.cublaslt`, the engine's GEMMs in :mod:`fi_engine.cublas` and :mod:`fi_engine.cublas_lt`):
+    :mod:`fi_ffi.launch.cublaslt`, the engine's GEMMs in :mod:`fi_engine.kernels.cublas` and
+    :mod:`fi_engine.kernels.cublas_lt`):
     the caller names the function and passes the status, and its name where the library gave one
     (``cublasGetStatusName``; else :attr:`STATUS_NAMES` names it); the text is ``"{function} failed: {name}
     ({status}). {hint}"``. Also a ``RuntimeError``, as the engine's own class was before it joined this tree.

@@ -106,10 +106,10 @@ def public_surface() -> list[Entry]:
             entries.append(Entry(f"{module.__name__}.{name}", getattr(module, name), CORE[0]))
     for name in _exported(fi_ffi.comm):
         entries.append(Entry(f"fi_ffi.comm.{name}", getattr(fi_ffi.comm, name), COMM[0]))
-    for info in sorted(pkgutil.iter_modules(fi_engine.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
+    for info in sorted(pkgutil.walk_packages(fi_engine.__path__, "fi_engine."), key=lambda i: i.name):
+        if any(part.startswith("_") for part in info.name.split(".")):
             continue
-        module = importlib.import_module(f"fi_engine.{info.name}")
+        module = importlib.import_module(info.name)
         for name in _exported(module):
             entries.append(Entry(f"{module.__name__}.{name}", getattr(module, name), MODELS[0]))
     return entries

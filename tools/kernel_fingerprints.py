@@ -27,14 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # (label, module, the constant's name, NVRTC options as the engine passes them: a tuple, or "module:Class.method"
 # naming the engine's own function that makes them)
 SOURCES: list[tuple[str, str, str, tuple[str, ...] | str]] = [
-    ("rows", "fi_engine.cuda_sources", "ROW_KERNELS_SOURCE", ()),  # Dense
-    ("gemv", "fi_engine.cuda_sources", "GEMV_SOURCE", "fi_engine.dense:Dense.gemv_options"),
-    ("fused", "fi_engine.cuda_sources", "FUSED_GEMV_SOURCE", "fi_engine.dense:Dense.fused_options"),
-    ("fp8", "fi_engine.cuda_sources", "FP8_GEMV_SOURCE", ()),  # Fp8Linears._compile
-    ("fp8_fused", "fi_engine.cuda_sources", "FP8_FUSED_SOURCE", ("--use_fast_math",)),
-    ("fp8_quant", "fi_engine.cuda_sources", "FP8_QUANT_SOURCE", ()),
-    ("grouped_gemv", "fi_engine.moe_gemv", "GROUPED_GEMV_SOURCE", ("--use_fast_math",)),
-    ("kv_fp8", "fi_engine.kv_fp8", "APPEND_E4M3_SOURCE", ()),
+    ("rows", "fi_engine.kernels.cuda_sources", "ROW_KERNELS_SOURCE", ()),  # Dense
+    ("gemv", "fi_engine.kernels.cuda_sources", "GEMV_SOURCE", "fi_engine.kernels.dense:Dense.gemv_options"),
+    ("fused", "fi_engine.kernels.cuda_sources", "FUSED_GEMV_SOURCE", "fi_engine.kernels.dense:Dense.fused_options"),
+    ("fp8", "fi_engine.kernels.cuda_sources", "FP8_GEMV_SOURCE", ()),  # Fp8Linears._compile
+    ("fp8_fused", "fi_engine.kernels.cuda_sources", "FP8_FUSED_SOURCE", ("--use_fast_math",)),
+    ("fp8_quant", "fi_engine.kernels.cuda_sources", "FP8_QUANT_SOURCE", ()),
+    ("grouped_gemv", "fi_engine.kernels.moe_gemv", "GROUPED_GEMV_SOURCE", ("--use_fast_math",)),
+    ("kv_fp8", "fi_engine.layers.kv_fp8", "APPEND_E4M3_SOURCE", ()),
 ]
 
 

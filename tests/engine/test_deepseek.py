@@ -14,9 +14,9 @@ import math
 import numpy as np
 import pytest
 
-from fi_engine.deepseek_config import DeepSeekConfig, DeepSeekRouting, is_deepseek
-from fi_engine.deepseek_routing import grouped_topk
-from fi_engine.mla_weights import split_kv_b
+from fi_engine.checkpoint.deepseek_config import DeepSeekConfig, DeepSeekRouting, is_deepseek
+from fi_engine.layers.deepseek_routing import grouped_topk
+from fi_engine.models.mla_weights import split_kv_b
 
 V3 = {
     "architectures": ["DeepseekV3ForCausalLM"],
@@ -201,7 +201,7 @@ V3_MANY_GROUPS = {**V3, "n_routed_experts": 512, "n_group": 128, "topk_group": 4
 
 
 def test_engine_refuses_tp_through_the_family_hook_before_touching_a_gpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from fi_engine.deepseek import DeepSeekEngine
+    from fi_engine.models.deepseek import DeepSeekEngine
 
     (tmp_path / "config.json").write_text(json.dumps(V3))
     with pytest.raises(ValueError, match=r"tensor_parallel: deepseek_v3 .*pass tensor_parallel=1"):
@@ -214,8 +214,8 @@ def test_engine_refuses_tp_through_the_family_hook_before_touching_a_gpu(tmp_pat
 def test_engine_takes_a_graph_where_the_routing_runs_on_the_device(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """V3 (fused kernel) and V2-Lite (the device fallback) pass the family check with cuda_graph=True and get as far
     as looking for a GPU; a routing neither device path does is refused naming n_group."""
-    from fi_engine import deepseek
-    from fi_engine.deepseek import DeepSeekEngine
+    from fi_engine.models import deepseek
+    from fi_engine.models.deepseek import DeepSeekEngine
     from fi_ffi.errors import UnsupportedDeviceError
 
     for cfg in (V3, V2_LITE, {**V3, "norm_topk_prob": False}):
@@ -235,7 +235,7 @@ def test_engine_takes_a_graph_where_the_routing_runs_on_the_device(tmp_path) -> 
 
 
 def test_device_routing_refusals_name_the_field() -> None:
-    from fi_engine.deepseek_routing import MAX_DEVICE_GROUPS, DeviceGroupedTopk, device_routing_blocker
+    from fi_engine.layers.deepseek_routing import MAX_DEVICE_GROUPS, DeviceGroupedTopk, device_routing_blocker
 
     many = DeepSeekConfig.from_dict(V3_MANY_GROUPS).routing
     assert many is not None and many.n_group > MAX_DEVICE_GROUPS
@@ -261,7 +261,7 @@ def test_device_routing_checks_topk_group_and_its_call_arguments() -> None:
     instance built without CuPy (none on a CPU machine): its checks come before the kernel, never reached here."""
     import dataclasses
 
-    from fi_engine.deepseek_routing import DeviceGroupedTopk
+    from fi_engine.layers.deepseek_routing import DeviceGroupedTopk
 
     ok = DeepSeekConfig.from_dict(V3).routing
     assert ok is not None
@@ -468,7 +468,7 @@ def test_grouped_topk_refusals() -> None:
 
 
 def test_fused_routing_applies_to_v3_only_within_the_kernel_limits() -> None:
-    from fi_engine.deepseek import fused_routing_blocker
+    from fi_engine.models.deepseek import fused_routing_blocker
 
     assert fused_routing_blocker(DeepSeekConfig.from_dict(V3)) is None  # 256 experts, 8 groups, top-4 groups, top-8
     why = fused_routing_blocker(DeepSeekConfig.from_dict(V2_LITE))
@@ -482,7 +482,7 @@ def test_fused_routing_applies_to_v3_only_within_the_kernel_limits() -> None:
 
 
 def test_engine_refuses_a_bad_fused_routing_value(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from fi_engine.deepseek import DeepSeekEngine
+    from fi_engine.models.deepseek import DeepSeekEngine
 
     (tmp_path / "config.json").write_text(json.dumps(V3))
     with pytest.raises(ValueError, match="fused_routing"):

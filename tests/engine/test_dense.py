@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fi_engine import dense as D
-from fi_engine.fp8_linear import Fp8Linears, Fp8Weight
+from fi_engine.kernels import dense as D
+from fi_engine.kernels.fp8_linear import Fp8Linears, Fp8Weight
 from fi_ffi.cuda import driver
 
 pytestmark = pytest.mark.cpu_only

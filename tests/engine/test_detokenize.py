@@ -11,8 +11,8 @@ from helpers.text_checkpoints import byte_level_tokenizer, sentencepiece_style_t
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fi_engine.detokenize import IncrementalDetokenizer, StopStrings
-from fi_engine.tokenizer import Tokenizer
+from fi_engine.text.detokenize import IncrementalDetokenizer, StopStrings
+from fi_engine.text.tokenizer import Tokenizer
 
 pytest.importorskip("tokenizers")
 

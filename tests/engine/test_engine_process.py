@@ -1,4 +1,4 @@
-"""fi_engine.engine_process.EngineProcess on CPU: the tests' stand-in engine (tests/helpers/fake_engine.py) built
+"""fi_engine.serve.engine_process.EngineProcess on CPU: the tests' stand-in engine (tests/helpers/fake_engine.py) built
 and stepped in a real child process (spawned), served through GenerationService as the GPU engine is by
 ``fi-engine serve``: every request gets exactly the tokens the engine in-process gives it, refusals arrive as the
 engine's own ValueError (over HTTP a 400), requests are added without waiting for the child (its answers come with
@@ -13,9 +13,9 @@ import pytest
 from helpers.fake_engine import FakeStepEngine, expected_tokens
 from helpers.text_checkpoints import write_text_checkpoint
 
-from fi_engine.engine_process import EngineProcess
-from fi_engine.service import GenerationService, ServiceError
-from fi_engine.stepping import StepEngine, StepOutput
+from fi_engine.runtime.stepping import StepEngine, StepOutput
+from fi_engine.serve.engine_process import EngineProcess
+from fi_engine.serve.service import GenerationService, ServiceError
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -26,7 +26,7 @@ FAKE = "helpers.fake_engine:FakeStepEngine"
 
 @pytest.fixture(scope="module")
 def codec(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from fi_engine.text import TextCodec
+    from fi_engine.text.codec import TextCodec
 
     return TextCodec.from_dir(write_text_checkpoint(tmp_path_factory.mktemp("text") / "m"))
 
@@ -158,7 +158,7 @@ def test_the_server_over_the_child_answers_a_refused_prompt_400_and_serves_the_r
     httpx = pytest.importorskip("httpx")
     from helpers.serve import RunningServer
 
-    from fi_engine.openai_server import build_app
+    from fi_engine.serve.openai_server import build_app
 
     engine = EngineProcess(FAKE, codec.tokenizer.vocab_size, pool=pool, max_seq_len=64)
     with engine, GenerationService(engine, codec) as service:

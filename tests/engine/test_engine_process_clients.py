@@ -1,4 +1,4 @@
-"""fi_engine.engine_process.EngineProcess with several connections (``clients=N``), one per front end, on CPU: the
+"""fi_engine.serve.engine_process.EngineProcess with several connections (``clients=N``), one per front end, on CPU: the
 tests' stand-in engine (tests/helpers/fake_engine.py) in a spawned child, stepped by client processes
 (tests/helpers/engine_clients.py) as ``fi-engine serve --api-servers N`` steps it: each client gets exactly its own
 requests' outputs (nothing lost, duplicated or crossed), request ids are unique across clients, a client aborts
@@ -16,10 +16,10 @@ import pytest
 from helpers.engine_clients import hold_slots, run_client
 from helpers.fake_engine import expected_tokens
 
-from fi_engine.engine_client import MAX_CLIENTS, EngineClient
-from fi_engine.engine_process import EngineProcess
-from fi_engine.service import GenerationService
-from fi_engine.stepping import StepEngine
+from fi_engine.runtime.stepping import StepEngine
+from fi_engine.serve.engine_client import MAX_CLIENTS, EngineClient
+from fi_engine.serve.engine_process import EngineProcess
+from fi_engine.serve.service import GenerationService
 
 FAKE = "helpers.fake_engine:FakeStepEngine"
 VOCAB = 50

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from helpers.hf_configs import GEMMA2, GPT_OSS, GPT_OSS_BF16, hf_experts
 
-from fi_engine.checkpoint import Checkpoint, write_safetensors
-from fi_engine.config import LlamaConfig
-from fi_engine.family_configs import Gemma2Settings, GptOssSettings, YarnRope
+from fi_engine.checkpoint.config import LlamaConfig
+from fi_engine.checkpoint.family_configs import Gemma2Settings, GptOssSettings, YarnRope
+from fi_engine.checkpoint.safetensors import Checkpoint, write_safetensors
 
 
 def test_gemma2_config_of_the_published_checkpoint() -> None:
@@ -128,7 +128,7 @@ def test_yarn_frequencies_follow_the_definition(truncate: bool) -> None:
 
 
 def test_rope_cos_sin_cache_layout() -> None:
-    from fi_engine.gpt_oss import rope_cos_sin_cache
+    from fi_engine.models.gpt_oss import rope_cos_sin_cache
 
     c = LlamaConfig.from_dict(GPT_OSS_BF16)
     cache = rope_cos_sin_cache(c, 300)
@@ -140,7 +140,7 @@ def test_rope_cos_sin_cache_layout() -> None:
 
 
 def test_gpt_oss_expert_matrices_compute_transformers_experts() -> None:
-    from fi_engine.gpt_oss import expert_matrices
+    from fi_engine.models.gpt_oss import expert_matrices
 
     rng = np.random.default_rng(0)
     e, h, i, t = 4, 12, 5, 7
@@ -181,7 +181,7 @@ def bf16(a: np.ndarray) -> tuple[np.ndarray, str]:
 
 
 def test_gpt_oss_checkpoint_checks(tmp_path: Path) -> None:
-    from fi_engine.gpt_oss import check_checkpoint
+    from fi_engine.models.gpt_oss import check_checkpoint
 
     emb = np.ones((8, 4), np.float32)
     write_safetensors(tmp_path / "model.safetensors", {"model.embed_tokens.weight": bf16(emb)})
@@ -199,7 +199,7 @@ def test_gpt_oss_checkpoint_checks(tmp_path: Path) -> None:
 
 
 def test_gemma_scale_is_rounded_to_the_dtype() -> None:
-    from fi_engine.gemma2 import round_to
+    from fi_engine.models.gemma2 import round_to
 
     assert round_to(math.sqrt(2304), "bfloat16") == 48.0
     assert round_to(math.sqrt(2048), "bfloat16") == 45.25  # 45.2548... -> 8 significant bits
@@ -208,8 +208,8 @@ def test_gemma_scale_is_rounded_to_the_dtype() -> None:
 
 @pytest.mark.parametrize(("config", "name"), [(GEMMA2, "Gemma2Engine"), (GPT_OSS_BF16, "GptOssEngine")])
 def test_engine_picked_by_model_type_and_llama_engine_refuses(tmp_path: Path, config: dict, name: str) -> None:
-    from fi_engine.engines import engine_class
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
+    from fi_engine.models.registry import engine_class
 
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert engine_class(tmp_path).__name__ == name
@@ -220,8 +220,8 @@ def test_engine_picked_by_model_type_and_llama_engine_refuses(tmp_path: Path, co
 
 
 def test_family_engines_refuse_other_types(tmp_path: Path) -> None:
-    from fi_engine.gemma2 import Gemma2Engine
-    from fi_engine.gpt_oss import GptOssEngine
+    from fi_engine.models.gemma2 import Gemma2Engine
+    from fi_engine.models.gpt_oss import GptOssEngine
 
     (tmp_path / "config.json").write_text(json.dumps(GEMMA2))
     with pytest.raises(ValueError, match="GptOssEngine serves gpt_oss checkpoints, this one is 'gemma2'"):

@@ -2,8 +2,8 @@
 shapes, refusals of sizes that do not divide (ValueError naming the config key, before any GPU is touched), and
 the sharding arithmetic the engines follow, in float64 numpy against the unsharded formulas:
 
-- gpt-oss: q/k/v biases and sinks go with their heads (:func:`~fi_engine.tensor_parallel.segment`); each
-  rank's slice of the interleaved experts (:func:`~fi_engine.gpt_oss.shard_experts`) through the engine's
+- gpt-oss: q/k/v biases and sinks go with their heads (:func:`~fi_engine.layers.tensor_parallel.segment`); each
+  rank's slice of the interleaved experts (:func:`~fi_engine.models.gpt_oss.shard_experts`) through the engine's
   dense-over-experts math gives partial sums that add up to transformers' experts when the down bias is added by
   one rank only (and not when every rank adds it); the O projection likewise with its bias;
 - Gemma 2: the GeGLU column split's partial sums add up to the MLP, and the post-feed-forward norm must see their
@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from helpers.hf_configs import GEMMA2, GPT_OSS_BF16, hf_experts
 
-from fi_engine.config import LlamaConfig
-from fi_engine.tensor_parallel import VocabShard, columns, rows, segment, shard_config
+from fi_engine.checkpoint.config import LlamaConfig
+from fi_engine.layers.tensor_parallel import VocabShard, columns, rows, segment, shard_config
 
 
 def test_published_shapes_shard_by_heads_and_columns() -> None:
@@ -42,12 +42,13 @@ def test_published_shapes_shard_by_heads_and_columns() -> None:
 @pytest.mark.parametrize(
     ("config", "engine", "n", "message"),
     [
-        (GEMMA2, "gemma2.Gemma2Engine", 8, r"tensor_parallel: 8 does not divide the model's 4 KV heads "
+        (GEMMA2, "models.gemma2.Gemma2Engine", 8, r"tensor_parallel: 8 does not divide the model's 4 KV heads "
          r"\(num_key_value_heads\); use a tensor-parallel size that divides"),
-        (GEMMA2, "gemma2.Gemma2Engine", 3, r"tensor_parallel: 3 does not divide the model's 8 query heads "
+        (GEMMA2, "models.gemma2.Gemma2Engine", 3, r"tensor_parallel: 3 does not divide the model's 8 query heads "
          r"\(num_attention_heads\)"),
-        (GPT_OSS_BF16, "gpt_oss.GptOssEngine", 16, r"tensor_parallel: 16 does not divide the model's 8 KV heads"),
-        ({**GPT_OSS_BF16, "intermediate_size": 2884}, "gpt_oss.GptOssEngine", 8,
+        (GPT_OSS_BF16, "models.gpt_oss.GptOssEngine", 16,
+         r"tensor_parallel: 16 does not divide the model's 8 KV heads"),
+        ({**GPT_OSS_BF16, "intermediate_size": 2884}, "models.gpt_oss.GptOssEngine", 8,
          r"tensor_parallel: 8 does not divide the model's 2884 MLP columns \(intermediate_size\)"),
     ],
 )  # fmt: skip
@@ -56,7 +57,7 @@ def test_sizes_that_do_not_divide_are_refused_by_name(
 ) -> None:
     import importlib
 
-    module, _, name = engine.partition(".")
+    module, _, name = engine.rpartition(".")
     cls = getattr(importlib.import_module(f"fi_engine.{module}"), name)
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
@@ -114,7 +115,7 @@ def test_gpt_oss_attention_shards_with_biases_and_sinks_sum_to_the_whole() -> No
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_gpt_oss_expert_shards_sum_to_transformers_experts(n: int) -> None:
-    from fi_engine.gpt_oss import expert_matrices, shard_experts
+    from fi_engine.models.gpt_oss import expert_matrices, shard_experts
 
     rng = np.random.default_rng(n)
     e, h, i, t = 4, 12, 8, 7
@@ -144,7 +145,7 @@ def test_gpt_oss_expert_shards_sum_to_transformers_experts(n: int) -> None:
 
 
 def test_gpt_oss_expert_shards_refuse_what_does_not_divide() -> None:
-    from fi_engine.gpt_oss import shard_experts
+    from fi_engine.models.gpt_oss import shard_experts
 
     gu, b, down = np.zeros((2, 4, 12)), np.zeros((2, 12)), np.zeros((2, 6, 4))
     with pytest.raises(ValueError, match=r"parts: 4 does not divide the experts' 6 intermediate columns"):
@@ -181,7 +182,7 @@ def test_gemma2_geglu_shards_sum_before_the_post_feedforward_norm() -> None:
 
 @pytest.mark.parametrize(("vocab", "n"), [(1001, 2), (257, 4), (10, 3)])
 def test_gemma2_scaled_embedding_and_soft_capped_logits_on_vocab_shards(vocab: int, n: int) -> None:
-    from fi_engine.gemma2 import round_to
+    from fi_engine.models.gemma2 import round_to
 
     rng = np.random.default_rng(vocab)
     table = rng.standard_normal((vocab, 8)).astype(np.float16)

@@ -1,4 +1,5 @@
-"""FP8 weights on the host (fi_engine.fp8_weights): the e4m3 table against the format's definition, rounding to
+"""FP8 weights on the host (fi_engine.checkpoint.fp8_weights): the e4m3 table against the format's definition, rounding
+to
 e4m3 (nearest, ties to the even code, saturating), and reading projections from real safetensors files written in
 each published layout -- per tensor (``weight_scale`` scalar), per channel (``weight_scale [n, 1]``), per 128x128
 block (``weight_scale_inv``) -- stacked as the engine stacks them, with every malformed file refused naming the
@@ -14,10 +15,10 @@ import pytest
 from helpers.fp8_checkpoints import write_fp8_copy
 from helpers.random_llama import save_random_llama
 
-from fi_engine.checkpoint import Checkpoint, write_safetensors
-from fi_engine.config import LlamaConfig
-from fi_engine.fp8_weights import E4M3, Fp8Matrix, dequantize_e4m3, quantize_e4m3, read_fp8_linear
-from fi_engine.quantization import Fp8Scheme
+from fi_engine.checkpoint.config import LlamaConfig
+from fi_engine.checkpoint.fp8_weights import E4M3, Fp8Matrix, dequantize_e4m3, quantize_e4m3, read_fp8_linear
+from fi_engine.checkpoint.quantization import Fp8Scheme
+from fi_engine.checkpoint.safetensors import Checkpoint, write_safetensors
 
 TENSOR = Fp8Scheme("fp8", "tensor", "dynamic")
 CHANNEL = Fp8Scheme("fbgemm_fp8", "channel", "dynamic")
@@ -155,7 +156,7 @@ def test_the_config_names_fp8_as_written(tmp_path: Path) -> None:
 
 
 def test_fp8_weights_refuse_tensor_parallel_before_any_gpu_work(tmp_path: Path) -> None:
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     (tmp_path / "bf16").mkdir()
     src = save_random_llama(tmp_path / "bf16", "bfloat16", 64, (4, 2), 256, 384, False)

@@ -84,7 +84,7 @@ def test_no_gpu_is_named_with_its_fix(model: Path) -> None:
 
 @NO_GPU
 def test_the_engine_raises_our_error_without_a_gpu(model: Path) -> None:
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
     from fi_ffi.errors import UnsupportedDeviceError
 
     with pytest.raises(UnsupportedDeviceError, match="needs an NVIDIA GPU"):

@@ -16,7 +16,7 @@ routes on bfloat16 activations, the reference on float32 ones, so a token whose 
 close may take other experts (tests/engine/test_gpu_models.py measured it for Mixtral). So the engine records its
 routing
 (``MoELayer.last_routing``), the test checks that the reference's own routing is what
-:func:`~fi_engine.deepseek_routing.grouped_topk` computes from the reference's router logits (the routing code
+:func:`~fi_engine.layers.deepseek_routing.grouped_topk` computes from the reference's router logits (the routing code
 against transformers'), counts where the engine's choice differs (at most 10% of (layer, token) pairs), and
 compares the logits with the reference run on the engine's experts (weights: the reference's own scores of them).
 Tolerance on the logits: 0.08 (bfloat16, as tests/engine/test_gpu_llama.py); transformers' own bfloat16 error on the
@@ -43,8 +43,8 @@ transformers = pytest.importorskip("transformers", reason="the reference needs t
 from helpers.checkpoints import float32_reference, randomize_norms  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, prompts  # noqa: E402
 
-from fi_engine.deepseek import DeepSeekEngine  # noqa: E402
-from fi_engine.deepseek_routing import grouped_topk  # noqa: E402
+from fi_engine.layers.deepseek_routing import grouped_topk  # noqa: E402
+from fi_engine.models.deepseek import DeepSeekEngine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -154,7 +154,7 @@ def family(request, tmp_path_factory):  # type: ignore[no-untyped-def]
 def record_routing(engine):  # type: ignore[no-untyped-def]
     """Per MoE layer (in order), the experts ``[rows, k]`` the engine chose in each forward."""
     seen: dict[int, list[np.ndarray]] = {i: [] for i, m in enumerate(engine._moe) if m is not None}
-    inner = engine.family._moe_forward  # the DeepSeek definition's host-routed MoE layer (fi_engine.deepseek)
+    inner = engine.family._moe_forward  # the DeepSeek definition's host-routed MoE layer (fi_engine.models.deepseek)
 
     def wrapped(eng, i, rows, _inner=inner):  # type: ignore[no-untyped-def]
         _inner(eng, i, rows)
@@ -349,7 +349,7 @@ def test_cuda_graph_decode_matches_eager(family, fused) -> None:  # type: ignore
 
 def test_batched_linear_matches_numpy() -> None:
     """The per-head strided batched GEMM the absorption uses, on its own (float32 result, bfloat16 inputs)."""
-    from fi_engine.dense import CUDA_R_16BF, CUDA_R_32F, Dense
+    from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_32F, Dense
 
     rng = np.random.default_rng(0)
     heads, rows, k, n, stride = 3, 5, 32, 48, 40  # x: head h's k columns start at h * stride of a [rows, 3*40] row

@@ -1,4 +1,4 @@
-"""Gemma 2 and gpt-oss engines (fi_engine.gemma2 / gpt_oss) against transformers, on a GPU
+"""Gemma 2 and gpt-oss engines (fi_engine.models.gemma2 / gpt_oss) against transformers, on a GPU
 (FI_FFI_RUN_GPU_TESTS=1; CuPy, torch, transformers; the model-family kernel wheel staged beside the core one).
 
 Each family is a random small checkpoint built with transformers' own config and model classes, saved with
@@ -55,7 +55,7 @@ from helpers.yardstick import (  # noqa: E402
     reference_logits,
 )
 
-from fi_engine.engines import open_engine  # noqa: E402
+from fi_engine.models.registry import open_engine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""``Dense.linear`` on e4m3 weights (``Dense.add_fp8_weight``, :mod:`fi_engine.fp8_linear`), on a GPU
+"""``Dense.linear`` on e4m3 weights (``Dense.add_fp8_weight``, :mod:`fi_engine.kernels.fp8_linear`), on a GPU
 (FI_FFI_RUN_GPU_TESTS=1; CuPy; torch only to decode e4m3, independently of the engine's integer decoding).
 
 Against the float32 reference ``y = x @ (e4m3(w) * scale).T`` computed in numpy (float64 sums of the float32
@@ -47,8 +47,8 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 cp = pytest.importorskip("cupy", reason="the engine needs CuPy")
 torch = require_torch()  # the e4m3 reference decodes through torch.float8_e4m3fn
 
-from fi_engine.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
-from fi_engine.fp8_linear import FP8_GEMV_MAX_ROWS  # noqa: E402
+from fi_engine.kernels.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
+from fi_engine.kernels.fp8_linear import FP8_GEMV_MAX_ROWS  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -235,7 +235,7 @@ def test_tensor_core_gemv_against_the_widening_one(monkeypatch, dense, block, ab
     ``2 * 2**-20`` of the magnitude sum (each within 2**-20 of the reference, the first test's bound). 64-column
     blocks are not the tensor-core kernel's (a chunk of 128 would span two scales): both runs take the widening one
     and agree bit for bit."""
-    from fi_engine.fp8_linear import Fp8Linears
+    from fi_engine.kernels.fp8_linear import Fp8Linears
 
     rng = np.random.default_rng(5)
     n, k = 200, 1040  # a partial tile of 16 columns, a partial chunk of 128
@@ -320,7 +320,7 @@ def test_one_row_gemv_walking_its_groups_gives_the_same_bits(monkeypatch, dense,
     kernels of 2 to 4 rows, another schedule of the same sums): bit for bit. An odd column count (a last group
     repeats its column), k a multiple of 128 vectors plus 1 (lanes with unequal counts of vectors) and k under 128
     vectors (lanes with none)."""
-    from fi_engine.fp8_linear import Fp8Linears
+    from fi_engine.kernels.fp8_linear import Fp8Linears
 
     rng = np.random.default_rng(41)
     n = 2 * 132 * 3 + 1  # 397 groups of 2 columns over 132 blocks (an H100's SMs), the last one odd
@@ -357,7 +357,7 @@ def test_one_row_gemv_walking_its_groups_gives_the_same_bits(monkeypatch, dense,
 
 
 def _descriptor(buf: cp.ndarray, shape: tuple[int, ...], ab: int, strides: tuple[int, ...] | None = None, at: int = 0):  # type: ignore[no-untyped-def]
-    from fi_engine import kernels
+    from fi_engine.kernels import flashinfer as kernels
 
     dtype = "bfloat16" if ab == CUDA_R_16BF else "float16"
     return kernels.descriptor(buf.data.ptr + 2 * at, shape, dtype, cp.cuda.Device().id, strides, owner=buf)
@@ -372,8 +372,8 @@ def test_fp8_silu_epilogue_is_the_fp8_gemv_then_silu_and_mul(monkeypatch, dense,
     bit: the epilogue's sums are the GEMV's (the widening one, or on tensor cores from ``tensor_core_rows`` rows in
     both), rounded as its output, then FlashInfer's arithmetic. A last odd pair of columns (m = 201: a partial tile of
     the tensor-core form too) and a partial chunk of k."""
-    from fi_engine import kernels
-    from fi_engine.fp8_linear import Fp8Linears
+    from fi_engine.kernels import flashinfer as kernels
+    from fi_engine.kernels.fp8_linear import Fp8Linears
 
     monkeypatch.setattr(Fp8Linears, "tensor_core_rows", tc_rows)
     rng = np.random.default_rng(21)
@@ -414,8 +414,8 @@ def test_fp8_rope_epilogue_is_the_fp8_gemv_then_rope_and_append(  # type: ignore
     several: ``Fp8Linears.one_row_blocks_per_sm`` 1)."""
     from helpers.decode_pages import decode_page_table, rope_append, rope_config
 
-    from fi_engine import kernels
-    from fi_engine.fp8_linear import Fp8Linears
+    from fi_engine.kernels import flashinfer as kernels
+    from fi_engine.kernels.fp8_linear import Fp8Linears
 
     monkeypatch.setattr(Fp8Linears, "tensor_core_rows", tc_rows)
     monkeypatch.setattr(Fp8Linears, "one_row_blocks_per_sm", one_row_blocks)  # 1: 132 blocks over 512 pairs
@@ -462,7 +462,7 @@ def test_fp8_epilogue_gemvs_refuse_bad_calls(dense) -> None:  # type: ignore[no-
     """``prepared_fp8_silu`` / ``prepared_fp8_qkv_rope``: a weight not registered as FP8, an odd gate/up row count,
     more than 4 rows, a misaligned x, y over x, a shape unlike the registration, a head dim the RoPE does not serve:
     ValueError naming the argument, nothing launched."""
-    from fi_engine.dense import RopeAppend
+    from fi_engine.kernels.dense import RopeAppend
 
     k = 256
     gate_up, odd, w16 = cp.zeros((64, k), cp.uint8), cp.zeros((63, k), cp.uint8), cp.zeros((64, k), cp.int16)

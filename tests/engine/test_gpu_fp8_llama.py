@@ -42,7 +42,7 @@ from helpers.checkpoints import float32_reference, rope_kwargs, save_random  # n
 from helpers.fp8_checkpoints import write_fp8_copy  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, check_eager_matches_graph, check_greedy, prompts, reference_logits  # noqa: E402
 
-from fi_engine.llama import LlamaEngine  # noqa: E402
+from fi_engine.models.llama import LlamaEngine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -79,7 +79,7 @@ def fp8_variant(request, bf16_model, tmp_path_factory):  # type: ignore[no-untyp
 
 @pytest.mark.parametrize("w8a8", [False, True], ids=["w8a16", "w8a8"])
 def test_prefill_logits_within_transformers_bfloat16s_own_error(fp8_variant, w8a8, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from fi_engine.dense import Dense
+    from fi_engine.kernels.dense import Dense
 
     monkeypatch.setattr(Dense, "fp8_w8a8", w8a8)
     monkeypatch.setattr(Dense, "fp8_w8a8_blocks", w8a8)  # block scales too
@@ -104,7 +104,7 @@ def test_prefill_logits_within_transformers_bfloat16s_own_error(fp8_variant, w8a
     ids=["epilogues", "separate", "prologues", "w8a8"],
 )
 def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, step, w8a8, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from fi_engine.dense import Dense
+    from fi_engine.kernels.dense import Dense
 
     monkeypatch.setattr(Dense, "fp8_fused", step == "prologues")
     monkeypatch.setattr(Dense, "fp8_epilogues", step == "epilogues")
@@ -132,7 +132,7 @@ def compare_epilogue_step(path, monkeypatch, lens=(11,), **engine_kw) -> None:  
     """Greedy decode (prompts of ``lens`` tokens) with the FP8 epilogue step and with the separate launches: the same
     tokens, and every step's logits within 1e-3 of their largest magnitude (only the LM head may sum in another
     order: the fused GEMV against the separate path's GEMV or cuBLASLt); the bitwise share printed."""
-    from fi_engine.dense import Dense
+    from fi_engine.kernels.dense import Dense
 
     ps = prompts(lens, VOCAB)
     runs = {}

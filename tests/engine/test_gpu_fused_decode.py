@@ -48,9 +48,9 @@ from helpers.random_llama import EPS, bf16_bits  # noqa: E402
 from helpers.random_llama import save_random_llama as make_checkpoint  # noqa: E402
 from helpers.yardstick import LOGIT_TOL  # noqa: E402
 
-from fi_engine import kernels  # noqa: E402
-from fi_engine.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
-from fi_engine.llama import LlamaEngine  # noqa: E402
+from fi_engine.kernels import flashinfer as kernels  # noqa: E402
+from fi_engine.kernels.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
+from fi_engine.models.llama import LlamaEngine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

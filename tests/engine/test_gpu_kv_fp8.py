@@ -196,7 +196,7 @@ def _reference_logits(ref, ps):
 
 
 def test_fp8_cache_takes_half_the_bytes(checkpoint):
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     path, _ = checkpoint
     with LlamaEngine(path, max_batch=4, kv_cache_dtype="fp8_e4m3") as fp8, LlamaEngine(path, max_batch=4) as bf16:
@@ -208,7 +208,7 @@ def test_fp8_cache_takes_half_the_bytes(checkpoint):
 @pytest.mark.parametrize("scales", [None, (2.0, 4.0)], ids=["scale-1", "scales-2-4"])
 def test_prefill_logits_within_the_fp8_bound(checkpoint, scales):
     """The bf16 engine's and the FP8 engine's prefill logits against float32 (see the module docstring)."""
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     path, ref = checkpoint
     ps = prompts(PROMPT_LENS, VOCAB)
@@ -227,7 +227,7 @@ def test_prefill_logits_within_the_fp8_bound(checkpoint, scales):
 
 
 def test_greedy_decode_eager_and_graph_with_an_fp8_cache(checkpoint):
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     path, ref = checkpoint
     ps = prompts(PROMPT_LENS, VOCAB)
@@ -245,7 +245,7 @@ def test_greedy_decode_eager_and_graph_with_an_fp8_cache(checkpoint):
 def test_fused_and_separate_decode_launches_agree(checkpoint):
     """The fused eager step (RoPE and the quantizing append as launches of their own) against the separate launches:
     the same tokens (both quantize the same bf16 K/V with the same kernel)."""
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     path, _ = checkpoint
     ps = prompts((5, 12), VOCAB)
@@ -260,7 +260,7 @@ def test_fused_and_separate_decode_launches_agree(checkpoint):
 def test_quantizing_append_equals_torchs_e4m3_cast(checkpoint):
     """The engine's append kernel (one eager prefill step) stores exactly ``(k / k_scale).to(e4m3)``: the cache
     bytes of the prompt's tokens against torch's cast of the bf16 K the bf16 engine stored."""
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     path, _ = checkpoint
     ps = prompts((40,), VOCAB)

@@ -1,4 +1,4 @@
-"""The Llama engine (fi_engine.llama) against transformers, on a GPU (FI_FFI_RUN_GPU_TESTS=1).
+"""The Llama engine (fi_engine.models.llama) against transformers, on a GPU (FI_FFI_RUN_GPU_TESTS=1).
 
 Each variant builds a small random Llama with transformers' own ``LlamaConfig`` / ``LlamaForCausalLM`` (2 layers,
 hidden 1024, 16 query / 4 KV heads, vocab 32000), saves it with ``save_pretrained`` and loads it into the engine.
@@ -41,10 +41,10 @@ from helpers.checkpoints import float32_reference, rope_kwargs, save_random  # n
 from helpers.no_torch import TORCH_SPY  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, check_eager_matches_graph, check_greedy, prompts, reference_logits  # noqa: E402
 
-from fi_engine import kernels  # noqa: E402
-from fi_engine.config import RopeConfig  # noqa: E402
-from fi_engine.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
-from fi_engine.llama import LlamaEngine  # noqa: E402
+from fi_engine.checkpoint.config import RopeConfig  # noqa: E402
+from fi_engine.kernels import flashinfer as kernels  # noqa: E402
+from fi_engine.kernels.dense import CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, Dense  # noqa: E402
+from fi_engine.models.llama import LlamaEngine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -241,7 +241,7 @@ def test_linear_through_cublaslt_matches_gemm_ex(dense, accumulate):
     y += x @ w.T, for a decode row and a prefill block."""
     d, stream = dense
     assert d.lt  # cuBLASLt loads wherever cuBLAS does (libcublas links it)
-    from fi_engine import cublas
+    from fi_engine.kernels import cublas
     from fi_ffi import loader
 
     # one copy for the process: the engine's libcublas is the one fi_ffi's loader found (the gemm module's too)
@@ -329,7 +329,7 @@ def test_closed_dense_refuses_small_and_large_gemms():
 def test_linear_is_captured_in_a_cuda_graph(dense):
     """The GEMM can be captured (CuPy's cuBLAS wrappers refused: "calling cuBLAS API during stream capture is
     currently unsupported") and a replay computes from the buffers' contents at replay time."""
-    from fi_engine.graph import CudaGraph
+    from fi_engine.kernels.graph import CudaGraph
 
     d, stream = dense
     rng = np.random.default_rng(1)
@@ -495,7 +495,7 @@ def test_rope_settings_match_transformers_formula(llama3, d):
 def test_top_k_top_p_sampling_draws_from_the_filtered_distribution_and_reproduces(variant):
     """Sampled generation (softmax, then the joint top-k/top-p kernel) through fi_ffi's sampling ops: every token is
     one of the reference's top-k tokens at that position, and the same seed reproduces the same tokens."""
-    from fi_engine.llama import SamplingParams
+    from fi_engine.models.llama import SamplingParams
 
     path, ref, _ = variant
     ps = prompts(PROMPT_LENS, VOCAB)

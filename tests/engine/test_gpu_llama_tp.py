@@ -48,7 +48,7 @@ CONFIG = {
 
 
 def _write_model(path: Path) -> Path:
-    from fi_engine.checkpoint import write_safetensors
+    from fi_engine.checkpoint.safetensors import write_safetensors
 
     c = CONFIG
     h, inter, hq, hk, d = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], 4, c["head_dim"]

@@ -40,7 +40,7 @@ transformers = pytest.importorskip("transformers", reason="the reference needs t
 from helpers.checkpoints import MIXTRAL_MOE, SMALL, float32_reference, qwen3_moe, save_random  # noqa: E402
 from helpers.yardstick import LOGIT_TOL, check_greedy, prompts, reference_logits  # noqa: E402
 
-from fi_engine.llama import LlamaEngine  # noqa: E402
+from fi_engine.models.llama import LlamaEngine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -1,4 +1,4 @@
-"""The MoE layer (fi_engine.moe) on a real GPU against a float32 numpy reference (gated by
+"""The MoE layer (fi_engine.layers.moe) on a real GPU against a float32 numpy reference (gated by
 FI_FFI_RUN_GPU_TESTS=1; needs CuPy and the model-family test wheel; bfloat16 cases convert through torch).
 
 Reference, per token: softmax over the router logits (float32, from the dtype-rounded x and router weight), top-k,
@@ -28,7 +28,7 @@ import numpy as np
 
 cupy = pytest.importorskip("cupy")
 
-from fi_engine.moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEWeights  # noqa: E402
+from fi_engine.layers.moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEWeights  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 TOL = {"float16": 2e-2, "bfloat16": 5e-2}
@@ -240,7 +240,8 @@ def gemv_layer(rng: np.random.Generator, dtype: str) -> tuple[int, int, int, Any
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_the_grouped_gemv_matches_float32_and_the_grouped_gemm_and_replays_in_a_graph(dtype: str) -> None:
-    """Steps of at most ``gemv_tokens`` tokens take the grouped GEMV (fi_engine.moe_gemv): the same result as the
+    """Steps of at most ``gemv_tokens`` tokens take the grouped GEMV (fi_engine.kernels.moe_gemv): the same result as
+    the
     host path and as the fixed-capacity grouped GEMM (tolerance as above), every assignment's gate/up row equal to
     a float32 reference of its expert within the dtype's rounding (rel 1e-2 of the row's scale), at 1-8 tokens
     (1: six of eight experts unread); captured in a CUDA graph, a replay on new inputs gives the new result."""
@@ -323,7 +324,7 @@ def test_the_grouped_gemv_makes_silu_and_mul_as_the_launch_before_it_does(dtype:
 def test_layers_sharing_one_scratch_give_their_own_results() -> None:
     """Two layers on one MoEScratch (as the engine's layers are), run in turn on both paths, give what each gives
     with buffers of its own; a scratch of another shape is refused naming it."""
-    from fi_engine.moe import MoEScratch
+    from fi_engine.layers.moe import MoEScratch
 
     rng = np.random.default_rng(5)
     experts, top_k, h, i, cap, dtype = 8, 2, 256, 512, 16, "bfloat16"

@@ -27,8 +27,8 @@ cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy (pip instal
 
 from helpers.yardstick import LOGIT_TOL, prompts  # noqa: E402
 
-from fi_engine.checkpoint import write_safetensors  # noqa: E402
-from fi_engine.llama import LlamaEngine  # noqa: E402
+from fi_engine.checkpoint.safetensors import write_safetensors  # noqa: E402
+from fi_engine.models.llama import LlamaEngine  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

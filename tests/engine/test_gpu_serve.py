@@ -30,11 +30,11 @@ pytest.importorskip("starlette", reason="the server needs the serve extra")
 
 from helpers.serve import running  # noqa: E402
 
-from fi_engine.engines import engine_class  # noqa: E402
-from fi_engine.openai_server import build_app  # noqa: E402
-from fi_engine.service import GenerationService  # noqa: E402
-from fi_engine.stepping import StepEngine  # noqa: E402
-from fi_engine.text import TextCodec  # noqa: E402
+from fi_engine.models.registry import engine_class  # noqa: E402
+from fi_engine.runtime.stepping import StepEngine  # noqa: E402
+from fi_engine.serve.openai_server import build_app  # noqa: E402
+from fi_engine.serve.service import GenerationService  # noqa: E402
+from fi_engine.text.codec import TextCodec  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -65,7 +65,7 @@ def open_engine(max_batch: int, graph: bool = True, one_graph: bool = False):  #
     engine = cls(MODEL_DIR, max_batch=max_batch, cuda_graph=graph)
     if not isinstance(engine, StepEngine):
         engine.close()
-        pytest.skip(f"{type(engine).__name__} does not implement fi_engine.stepping.StepEngine yet")
+        pytest.skip(f"{type(engine).__name__} does not implement fi_engine.runtime.stepping.StepEngine yet")
     engine.overlap_steps = True  # as `fi-engine serve` steps it: each decode step left running between calls
     return engine
 

@@ -1,4 +1,5 @@
-"""The engine's step API (``add_request`` / ``step`` / ``abort_request``, fi_engine.stepping's ``StepEngine``) and
+"""The engine's step API (``add_request`` / ``step`` / ``abort_request``, fi_engine.runtime.stepping's ``StepEngine``)
+and
 per-request sampling on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
 
 A random SmolLM2-like float16 Llama (helpers.random_llama) is served eagerly, as the decode CUDA graph, and as the
@@ -38,10 +39,10 @@ cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy (pip instal
 from helpers.random_llama import VOCAB, save_random_llama  # noqa: E402
 from helpers.yardstick import prompts  # noqa: E402
 
-from fi_engine import kernels  # noqa: E402
-from fi_engine.llama import LlamaEngine  # noqa: E402
-from fi_engine.sampling_params import SamplingParams  # noqa: E402
-from fi_engine.stepping import StepEngine, StepOutput  # noqa: E402
+from fi_engine.kernels import flashinfer as kernels  # noqa: E402
+from fi_engine.models.llama import LlamaEngine  # noqa: E402
+from fi_engine.runtime.sampling_params import SamplingParams  # noqa: E402
+from fi_engine.runtime.stepping import StepEngine, StepOutput  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -1,8 +1,8 @@
 """The Llama engine's operands reach the real kernel modules (CPU machine, shared test wheel).
 
-:func:`fi_engine.llama.step_views` builds the descriptors the engine passes to every fi_ffi op (strided q/k/v
+:func:`fi_engine.models.llama.step_views` builds the descriptors the engine passes to every fi_ffi op (strided q/k/v
 views of the fused QKV rows, index arrays as regions of one buffer). Here they claim ``cuda:0`` but point at host
-memory: each call through :mod:`fi_engine.kernels` must pass fi_ffi's checks and the module's signature check
+memory: each call through :mod:`fi_engine.kernels.flashinfer` must pass fi_ffi's checks and the module's signature check
 and stop at the module's first CUDA call. That proves, without a GPU, that the engine's shapes, strides, dtypes
 and keyword arguments are ones the ops accept, for both head dims and both dtypes the engine serves.
 """
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import fi_ffi
-from fi_engine import kernels
-from fi_engine.config import LlamaConfig, RopeConfig
-from fi_engine.llama import step_views
-from fi_engine.paging import decode_layout, prefill_layout
+from fi_engine.checkpoint.config import LlamaConfig, RopeConfig
+from fi_engine.kernels import flashinfer as kernels
+from fi_engine.models.llama import step_views
+from fi_engine.runtime.paging import decode_layout, prefill_layout
 from fi_ffi.errors import KernelError
 from fi_ffi.ops.attention import decode, prefill
 from fi_ffi.ops.attention.plan import Plan
@@ -238,7 +238,7 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
 
     from helpers.frame_probe import FrameProbe
 
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
     from fi_ffi.abi.call import Function
 
     c = config(head_dim)
@@ -316,7 +316,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
 
     from helpers.frame_probe import FrameProbe
 
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
     from fi_ffi.ops import norm, page, rope
 
     c = replace(config(head_dim), qk_norm=qk_norm)
@@ -395,7 +395,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_per_row_sampling_calls_reach_the_sampling_module(rows):
-    """A mixed step's sampling (fi_engine.sampling.Sampling._sample_mixed): softmax with a per-row temperature
+    """A mixed step's sampling (fi_engine.runtime.sampling.Sampling._sample_mixed): softmax with a per-row temperature
     array, then the joint top-k/top-p sampler with per-row int32 top_k / float32 top_p arrays read at ``indices``
     (a stream's rows, fewer than the rows) into an int32 ``out`` of its own length, as the engine describes them;
     and the uniform step's scalar call."""

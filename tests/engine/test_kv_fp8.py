@@ -1,4 +1,5 @@
-"""The FP8 KV cache's arguments and refusals on CPU (fi_engine.kv_fp8): ``kv_cache_dtype`` and ``kv_cache_scales``
+"""The FP8 KV cache's arguments and refusals on CPU (fi_engine.layers.kv_fp8): ``kv_cache_dtype`` and
+``kv_cache_scales``
 checked by name, every combination without an FP8 attention kernel refused at construction naming
 ``kv_cache_dtype``, what is missing and what is supported (before any GPU work), and the scales read from a
 checkpoint's ``self_attn.k_scale`` / ``v_scale`` tensors. The engine itself runs in test_gpu_kv_fp8.py."""
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 from helpers.hf_configs import GEMMA2, GPT_OSS_BF16
 
-from fi_engine import kv_fp8
-from fi_engine.checkpoint import Checkpoint, write_safetensors
-from fi_engine.llama import LlamaEngine
+from fi_engine.checkpoint.safetensors import Checkpoint, write_safetensors
+from fi_engine.layers import kv_fp8
+from fi_engine.models.llama import LlamaEngine
 
 DEEPSEEK_V3 = {  # the keys of the published DeepSeek-V3 config (as tests/engine/test_deepseek.py)
     "architectures": ["DeepseekV3ForCausalLM"],
@@ -152,8 +153,8 @@ def test_llama_settings_without_a_kernel_are_refused_at_construction(
 
 def test_a_supported_llama_passes_the_checks() -> None:
     """The checks that run before the GPU accept a bfloat16 head_dim 128 Llama (and Qwen3-style, no dtype key)."""
-    from fi_engine.config import LlamaConfig
-    from fi_engine.llama import Llama
+    from fi_engine.checkpoint.config import LlamaConfig
+    from fi_engine.models.llama import Llama
 
     cfg = LlamaConfig.from_dict(LLAMA_128)
     kv_fp8.check_supported(Llama(), cfg, "/nonexistent")  # no config.json to read: the weights decide at load
@@ -165,8 +166,8 @@ def test_a_supported_llama_passes_the_checks() -> None:
 @pytest.mark.parametrize(
     ("config", "engine", "missing"),
     [
-        (GEMMA2, "fi_engine.gemma2.Gemma2Engine", r"Gemma 2's attention \(logits soft caps and sliding windows"),
-        (GPT_OSS_BF16, "fi_engine.gpt_oss.GptOssEngine", r"gpt-oss's attention sinks"),
+        (GEMMA2, "fi_engine.models.gemma2.Gemma2Engine", r"Gemma 2's attention \(logits soft caps and sliding windows"),
+        (GPT_OSS_BF16, "fi_engine.models.gpt_oss.GptOssEngine", r"gpt-oss's attention sinks"),
     ],
 )
 def test_families_without_an_fp8_kernel_are_refused(tmp_path: Path, config: dict, engine: str, missing: str) -> None:
@@ -180,7 +181,7 @@ def test_families_without_an_fp8_kernel_are_refused(tmp_path: Path, config: dict
 
 
 def test_deepseek_mla_is_refused(tmp_path: Path) -> None:
-    from fi_engine.deepseek import DeepSeekEngine
+    from fi_engine.models.deepseek import DeepSeekEngine
 
     (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_V3))
     with pytest.raises(ValueError, match=r"^kv_cache_dtype: fp8_e4m3 has no attention kernel for MLA \(DeepSeek"):

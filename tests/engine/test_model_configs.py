@@ -1,4 +1,4 @@
-"""The engine's configs of today's model families (fi_engine.config): Qwen3 (q/k norm), Mixtral and Qwen3-MoE
+"""The engine's configs of today's model families (fi_engine.checkpoint.config): Qwen3 (q/k norm), Mixtral and Qwen3-MoE
 (MoE MLPs) parsed from the keys transformers writes, and what the engine does not implement refused by name."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fi_engine.config import LlamaConfig, MoEConfig
+from fi_engine.checkpoint.config import LlamaConfig, MoEConfig
 
 BASE: dict[str, Any] = {
     "vocab_size": 1000,
@@ -111,7 +111,7 @@ def test_what_the_engine_does_not_implement_is_refused(config: dict[str, Any], m
 def test_tensor_parallel_moe_whose_expert_columns_do_not_divide_is_refused_before_loading(tmp_path: Any) -> None:
     import json
 
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     # Qwen3-MoE: 8 heads, 4 KV heads and 512 dense columns divide by 4, the experts' 130 columns do not
     (tmp_path / "config.json").write_text(json.dumps({**QWEN3_MOE, "moe_intermediate_size": 130}))
@@ -121,7 +121,7 @@ def test_tensor_parallel_moe_whose_expert_columns_do_not_divide_is_refused_befor
 
 
 def test_moe_path_is_checked_before_the_checkpoint_and_refused_without_experts(tmp_path: Any) -> None:
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "llama"}))
     for bad in ("fast", None, 1, "Dense"):  # refused before the config is read
@@ -134,7 +134,7 @@ def test_moe_path_is_checked_before_the_checkpoint_and_refused_without_experts(t
 
 def _moe_paths_of(config: dict[str, Any], moe_path: str, max_batch: int) -> list[str]:
     """``LlamaEngine.moe_path_for`` of 1..max_batch + 1 rows on an engine object made without its constructor."""
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     engine = LlamaEngine.__new__(LlamaEngine)
     engine.moe_path, engine.max_batch = moe_path, max_batch
@@ -143,7 +143,7 @@ def _moe_paths_of(config: dict[str, Any], moe_path: str, max_batch: int) -> list
 
 
 def test_moe_path_auto_keeps_the_grouped_gemv_then_goes_dense_where_the_assignments_cover_the_experts() -> None:
-    from fi_engine.moe import MoELayer
+    from fi_engine.layers.moe import MoELayer
 
     assert MoELayer.gemv_tokens == 8
     # Mixtral, 8 experts top-2: choose_path says dense from 4 rows, the grouped GEMV keeps steps of at most 16

@@ -1,11 +1,12 @@
-"""fi_engine.moe_gemv on the CPU: the grouped GEMV refuses a dtype it has no kernel for before it imports CuPy (its
+"""fi_engine.kernels.moe_gemv on the CPU: the grouped GEMV refuses a dtype it has no kernel for before it imports CuPy
+(its
 arithmetic is checked on the GPU in tests/engine/test_gpu_moe.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from fi_engine.moe_gemv import GROUPED_GEMV_SOURCE, GroupedGemv
+from fi_engine.kernels.moe_gemv import GROUPED_GEMV_SOURCE, GroupedGemv
 
 
 @pytest.mark.parametrize("dtype", ["float32", "fp8_e4m3", None, 16])

@@ -1,4 +1,4 @@
-"""MoE routing and grouping on the host (fi_engine.moe_routing): softmax + top-k against a direct computation,
+"""MoE routing and grouping on the host (fi_engine.layers.moe_routing): softmax + top-k against a direct computation,
 the expert grouping's invariants (every assignment exactly once, segments in expert order, stable within an
 expert, the permutation and its inverse agree), uneven and empty experts, and bad inputs named."""
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fi_engine.moe_routing import group_by_expert, softmax_topk
+from fi_engine.layers.moe_routing import group_by_expert, softmax_topk
 
 
 def test_softmax_topk_by_hand() -> None:
@@ -117,7 +117,7 @@ def test_group_by_expert_bad_inputs(experts: np.ndarray, num_experts: object, ex
 
 
 def test_moe_weights_shapes_are_checked() -> None:
-    from fi_engine.moe import MoEWeights
+    from fi_engine.layers.moe import MoEWeights
 
     e, h, i = 8, 64, 96
     ok = MoEWeights(np.zeros((e, h)), np.zeros((e, 2 * i, h)), np.zeros((e, h, i)))
@@ -140,10 +140,10 @@ def test_the_moe_modules_never_import_torch() -> None:
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] == 'torch': raise ImportError('torch import attempted: ' + name)\n"
         "sys.meta_path.insert(0, Refuse())\n"
-        "import fi_engine.moe, fi_engine.moe_routing\n"
+        "import fi_engine.layers.moe, fi_engine.layers.moe_routing\n"
         "import numpy as np\n"
-        "w, e = fi_engine.moe_routing.softmax_topk(np.ones((3, 4), np.float32), 2)\n"
-        "fi_engine.moe_routing.group_by_expert(e, 4)\n"
+        "w, e = fi_engine.layers.moe_routing.softmax_topk(np.ones((3, 4), np.float32), 2)\n"
+        "fi_engine.layers.moe_routing.group_by_expert(e, 4)\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fi_engine.moe import MoEScratch
+from fi_engine.layers.moe import MoEScratch
 
 GOOD: dict[str, Any] = dict(
     num_experts=8, hidden=256, intermediate=512, top_k=2, max_tokens=64, dtype="bfloat16", capacity=16
@@ -67,7 +67,7 @@ def test_bytes_needed_counts_the_dense_path_buffers() -> None:
 
 
 def test_choose_path_is_dense_once_the_assignments_cover_the_experts() -> None:
-    from fi_engine.moe import DENSE_MIN_FILL, choose_path
+    from fi_engine.layers.moe import DENSE_MIN_FILL, choose_path
 
     assert DENSE_MIN_FILL == 1
     # gpt-oss-20b: 32 experts, top-4: dense from 8 rows; gpt-oss-120b: 128 experts, top-4: from 32
@@ -82,7 +82,7 @@ def test_choose_path_is_dense_once_the_assignments_cover_the_experts() -> None:
 
 def _layer_weights(e: int = 8, h: int = 16, i: int = 32) -> Any:
     """Stand-ins of the right shapes: MoELayer reads only the shapes before importing CuPy."""
-    from fi_engine.moe import MoEWeights
+    from fi_engine.layers.moe import MoEWeights
 
     return MoEWeights(
         np.zeros((e, h), np.float16), np.zeros((e, 2 * i, h), np.float16), np.zeros((e, h, i), np.float16)
@@ -108,7 +108,7 @@ def _layer_weights(e: int = 8, h: int = 16, i: int = 32) -> Any:
 def test_moe_layer_names_a_bad_argument_before_cupy(change: dict[str, Any], error: type, names: str) -> None:
     """MoELayer's size and type checks run before CuPy is imported (none is on a CPU machine: an unchecked argument
     would surface as ModuleNotFoundError here, and on a GPU as a stray TypeError from a comparison)."""
-    from fi_engine.moe import MoELayer, MoEWeights
+    from fi_engine.layers.moe import MoELayer, MoEWeights
 
     if change.get("weights") == "router 1-D":
         w = _layer_weights()
@@ -121,7 +121,7 @@ def test_moe_layer_names_a_bad_argument_before_cupy(change: dict[str, Any], erro
 @pytest.mark.parametrize(("alpha", "limit", "name"), [(1e39, 7.0, "alpha"), (1.702, float("nan"), "swiglu_limit")])
 def test_a_clamped_swiglu_past_float32_is_refused_at_construction(alpha: float, limit: float, name: str) -> None:
     # the kernels take alpha and the limit as float32: 1e39 would reach them as an infinity (no clamp at all)
-    from fi_engine.moe import ClampedSwiGLU
+    from fi_engine.layers.moe import ClampedSwiGLU
 
     assert ClampedSwiGLU(1.702, 7.0).limit == 7.0
     with pytest.raises(ValueError, match=rf"^{name}: expected a finite float within float32's range"):

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (fi_engine.openai_server) on loopback, over the stand-in engine
+"""The OpenAI-compatible server (fi_engine.serve.openai_server) on loopback, over the stand-in engine
 (helpers.fake_engine) and a real tokenizer: the official ``openai`` client on every endpoint, streamed and not;
 bad requests answered 400 naming the field; a full queue 429; a client that hangs up cancels its request in
 the engine; 200 concurrent clients each get exactly their tokens; /metrics parses as Prometheus text; /health;
@@ -19,7 +19,7 @@ from helpers.fake_engine import FakeStepEngine, expected_tokens
 from helpers.serve import RunningServer
 from helpers.text_checkpoints import write_text_checkpoint
 
-from fi_engine.service import GenerationService
+from fi_engine.serve.service import GenerationService
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -34,7 +34,7 @@ WAIT = 20.0
 
 @pytest.fixture(scope="module")
 def codec(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from fi_engine.text import TextCodec
+    from fi_engine.text.codec import TextCodec
 
     return TextCodec.from_dir(write_text_checkpoint(tmp_path_factory.mktemp("text") / "m"))
 
@@ -52,7 +52,7 @@ class Served:
     """A fake engine, its service and the server on loopback."""
 
     def __init__(self, codec, pool, max_queue: int = 256, graceful_s: float = 5.0, **engine_kw) -> None:  # type: ignore[no-untyped-def]
-        from fi_engine.openai_server import build_app
+        from fi_engine.serve.openai_server import build_app
 
         self.engine = make_engine(codec, pool, **{"max_seq_len": 4096, **engine_kw})
         self.service = GenerationService(self.engine, codec, max_queue=max_queue)
@@ -328,7 +328,7 @@ def test_unknown_paths_and_methods_answer_openai_errors(served: Served) -> None:
 
 
 def test_a_template_that_refuses_the_messages_is_400(tmp_path, pool) -> None:  # type: ignore[no-untyped-def]
-    from fi_engine.text import TextCodec
+    from fi_engine.text.codec import TextCodec
 
     root = write_text_checkpoint(tmp_path / "m")
     (root / "chat_template.jinja").write_text(

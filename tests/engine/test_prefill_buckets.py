@@ -3,7 +3,7 @@ value by value and with fi_ffi's own host validators), the graph keys, eviction,
 pass when a capture fails.
 
 The engine-level tests run ``LlamaEngine._prefill`` / ``_prefill_graph`` / ``_capture_prefill`` and
-:class:`fi_engine.graph.CudaGraph` as they are, on an engine object made without its constructor (which needs a
+:class:`fi_engine.kernels.graph.CudaGraph` as they are, on an engine object made without its constructor (which needs a
 GPU): only what touches the device is replaced (the forward pass, the plan, the head, the token fetch, CuPy's
 copy) by recorders. The CUDA runtime is either the real one (cuda.bindings: with no driver every capture fails
 at ``cudaStreamBeginCapture``) or a small stand-in that models capture mode and the thread's last error.
@@ -19,10 +19,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import fi_engine.graph as graph_module
-from fi_engine import llama, step_graphs
-from fi_engine.llama import LlamaEngine
-from fi_engine.paging import (
+import fi_engine.kernels.graph as graph_module
+from fi_engine.models import llama
+from fi_engine.models.llama import LlamaEngine
+from fi_engine.runtime import step_graphs
+from fi_engine.runtime.paging import (
     PAD_PAGE,
     PageAllocator,
     Scheduler,

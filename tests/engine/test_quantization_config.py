@@ -1,4 +1,5 @@
-"""Quantized Llama-family checkpoints (fi_engine.quantization): the FP8 layouts as published configs write them are
+"""Quantized Llama-family checkpoints (fi_engine.checkpoint.quantization): the FP8 layouts as published configs write
+them are
 recognized and served for dense models (``LlamaConfig.fp8``); FP8 mixture-of-experts checkpoints and
 compressed-tensors' block strategy are refused by name, malformed FP8 configs naming the key, and other methods by
 their quant_method."""
@@ -11,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from fi_engine.config import LlamaConfig
-from fi_engine.quantization import Fp8Scheme, fp8_scheme
+from fi_engine.checkpoint.config import LlamaConfig
+from fi_engine.checkpoint.quantization import Fp8Scheme, fp8_scheme
 
 BASE = {
     "model_type": "llama",

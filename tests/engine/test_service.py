@@ -1,4 +1,4 @@
-"""The streaming service (fi_engine.service) on CPU, over the stand-in engine (helpers.fake_engine) and a real
+"""The streaming service (fi_engine.serve.service) on CPU, over the stand-in engine (helpers.fake_engine) and a real
 tokenizer (helpers.text_checkpoints): streams and their text, stop strings, EOS, cancellation freeing the slot,
 the queue limit, engine errors reaching every stream, close(), one engine thread, async iteration."""
 
@@ -13,16 +13,10 @@ import pytest
 from helpers.fake_engine import FakeStepEngine, expected_tokens
 from helpers.text_checkpoints import write_text_checkpoint
 
-from fi_engine.metrics import ServingMetrics
-from fi_engine.sampling_params import SamplingParams
-from fi_engine.service import (
-    GenerationService,
-    QueueFullError,
-    ServiceClosedError,
-    ServiceError,
-    StreamDelta,
-)
-from fi_engine.shared_queue import SharedQueue
+from fi_engine.runtime.sampling_params import SamplingParams
+from fi_engine.serve.metrics import ServingMetrics
+from fi_engine.serve.service import GenerationService, QueueFullError, ServiceClosedError, ServiceError, StreamDelta
+from fi_engine.serve.shared_queue import SharedQueue
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -32,7 +26,7 @@ WAIT = 10.0  # seconds any wait in these tests may take before it counts as a ha
 
 @pytest.fixture(scope="module")
 def codec(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from fi_engine.text import TextCodec
+    from fi_engine.text.codec import TextCodec
 
     return TextCodec.from_dir(write_text_checkpoint(tmp_path_factory.mktemp("text") / "m"))
 

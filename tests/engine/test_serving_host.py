@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from helpers.no_torch import TORCH_SPY
 
-from fi_engine.checkpoint import Checkpoint, read_header, write_safetensors
-from fi_engine.config import LlamaConfig, RopeConfig
-from fi_engine.paging import (
+from fi_engine.checkpoint.config import LlamaConfig, RopeConfig
+from fi_engine.checkpoint.safetensors import Checkpoint, read_header, write_safetensors
+from fi_engine.runtime.paging import (
     PAD_PAGE,
     OutOfPagesError,
     PageAllocator,
@@ -643,10 +643,10 @@ def test_engine_path_never_imports_torch(tmp_path):
     write_safetensors(tmp_path / "model.safetensors", {"model.embed_tokens.weight": np.zeros((8, 4), np.float16)})
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "rope_scaling": LLAMA3}))
     code = TORCH_SPY + textwrap.dedent(f"""
-        import fi_engine.llama, fi_engine.kernels, fi_ffi.cli
+        import fi_engine.models.llama, fi_engine.kernels.flashinfer, fi_ffi.cli
         from fi_engine import paging
-        from fi_engine.checkpoint import Checkpoint
-        from fi_engine.config import LlamaConfig
+        from fi_engine.checkpoint.safetensors import Checkpoint
+        from fi_engine.checkpoint.config import LlamaConfig
         cfg = LlamaConfig.from_dir({str(tmp_path)!r})
         Checkpoint({str(tmp_path)!r}).array("model.embed_tokens.weight", (8, 4))
         s = paging.Scheduler(paging.PageAllocator(9), 16, 2, 64, 64, cfg.vocab_size, ())

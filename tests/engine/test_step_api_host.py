@@ -1,5 +1,6 @@
 """The step API's host side, on CPU: :meth:`Scheduler.abort`, per-request end-of-sequence ids and sampling in the
-scheduler, how a step's rows choose their tokens (:func:`fi_engine.sampling.draw_groups`), the argument checks of
+scheduler, how a step's rows choose their tokens (:func:`fi_engine.runtime.sampling.draw_groups`), the argument checks
+of
 ``add_request`` / ``abort_request`` / ``generate``, and the engine's ``step`` / ``generate`` loop itself
 (:meth:`ServingLoop._advance`) with only the device work stood in for: ``_prefill`` and ``_decode_step`` record
 tokens of a fixed rule through the real scheduler. The same on a GPU: tests/engine/test_gpu_step_api.py.
@@ -15,13 +16,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fi_engine import serving
-from fi_engine.deepseek import DeepSeekEngine
-from fi_engine.engine import Engine
-from fi_engine.gemma2 import Gemma2Engine
-from fi_engine.gpt_oss import GptOssEngine
-from fi_engine.llama import LlamaEngine
-from fi_engine.paging import (
+from fi_engine.models.deepseek import DeepSeekEngine
+from fi_engine.models.gemma2 import Gemma2Engine
+from fi_engine.models.gpt_oss import GptOssEngine
+from fi_engine.models.llama import LlamaEngine
+from fi_engine.runtime import serving
+from fi_engine.runtime.engine import Engine
+from fi_engine.runtime.paging import (
     PageAllocator,
     Request,
     Scheduler,
@@ -32,9 +33,9 @@ from fi_engine.paging import (
     pages_for,
     prefill_layout,
 )
-from fi_engine.sampling import Draws, draw_groups
-from fi_engine.sampling_params import SamplingParams, sampling_arg
-from fi_engine.stepping import StepEngine, StepOutput
+from fi_engine.runtime.sampling import Draws, draw_groups
+from fi_engine.runtime.sampling_params import SamplingParams, sampling_arg
+from fi_engine.runtime.stepping import StepEngine, StepOutput
 
 PS = 16
 EOS = 999
@@ -90,7 +91,7 @@ def test_abort_of_a_finished_or_foreign_request_changes_nothing():
     mine = s.submit([1], 3)
     assert s.abort(stranger) is False and stranger.finish_reason is None and list(other.pending) == [stranger]
     assert list(s.pending) == [mine]
-    with pytest.raises(TypeError, match="request: expected a fi_engine.paging.Request, got int"):
+    with pytest.raises(TypeError, match="request: expected a fi_engine.runtime.paging.Request, got int"):
         s.abort(3)  # type: ignore[arg-type]
 
 
@@ -135,7 +136,7 @@ def test_aborts_mid_run_leave_the_others_served_and_every_page_back(padded):
 
 
 def _decode_views(s: Scheduler) -> dict[str, np.ndarray]:
-    from fi_engine.paging import decode_layout
+    from fi_engine.runtime.paging import decode_layout
 
     layout = decode_layout(s.max_batch, s.allocator.num_pages + s.max_batch)
     return layout.views(np.zeros(layout.total, np.int32))
@@ -190,13 +191,17 @@ def test_submit_keeps_sampling_only_for_sampled_requests_and_counts_them_while_a
     assert s.sampled == 1
     s.abort(hot)
     assert s.sampled == 0
-    with pytest.raises(TypeError, match="sampling: expected a fi_engine.sampling_params.SamplingParams or None"):
+    with pytest.raises(
+        TypeError, match="sampling: expected a fi_engine.runtime.sampling_params.SamplingParams or None"
+    ):
         s.submit([1], 5, sampling={"temperature": 1.0})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("bad", [{"temperature": 1}, 0.5, "greedy", SamplingParams])
 def test_sampling_arg_names_the_argument(bad):
-    with pytest.raises(TypeError, match=r"^sampling: expected a fi_engine.sampling_params.SamplingParams or None"):
+    with pytest.raises(
+        TypeError, match=r"^sampling: expected a fi_engine.runtime.sampling_params.SamplingParams or None"
+    ):
         sampling_arg(bad)
     assert sampling_arg(None) is None
 
@@ -902,8 +907,8 @@ def test_a_mixed_step_hands_each_stream_its_rows_and_merges_the_samples_into_the
     """Sampling._sample_mixed on the host, with the launches recorded: the per-row arrays it copies, the calls it
     makes (softmax once; one sampler per stream with that stream's rows as indices into its own output span), and
     the gather that merges them, replayed in numpy: greedy rows keep their argmax, sampled rows get their sample."""
-    from fi_engine import kernels
-    from fi_engine.sampling import _sample_layout
+    from fi_engine.kernels import flashinfer as kernels
+    from fi_engine.runtime.sampling import _sample_layout
 
     B, V = 6, 1000
     e = LlamaEngine.__new__(LlamaEngine)
@@ -967,7 +972,7 @@ def test_a_mixed_step_hands_each_stream_its_rows_and_merges_the_samples_into_the
 
 
 def test_pick_launches_only_the_argmax_for_greedy_rows_and_one_call_for_a_uniform_batch(monkeypatch):
-    from fi_engine import kernels
+    from fi_engine.kernels import flashinfer as kernels
 
     e = LlamaEngine.__new__(LlamaEngine)
     e.max_batch, e.device, e._s, e.vocab_shard = 4, 0, 0, None
@@ -1006,7 +1011,7 @@ def test_pick_launches_only_the_argmax_for_greedy_rows_and_one_call_for_a_unifor
     ],
 )
 def test_open_engine_checks_the_serving_settings_before_the_checkpoint(tmp_path, kwargs, error, match):
-    from fi_engine.engines import open_engine
+    from fi_engine.models.registry import open_engine
 
     with pytest.raises(error, match=match):
         open_engine(tmp_path / "no-checkpoint-here", **kwargs)

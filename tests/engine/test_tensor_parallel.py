@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from helpers.env import subprocess_env
 
-from fi_engine.config import LlamaConfig
-from fi_engine.tensor_parallel import VocabShard, columns, combine_shard_argmax, expert_rows, rows, shard_config
+from fi_engine.checkpoint.config import LlamaConfig
+from fi_engine.layers.tensor_parallel import VocabShard, columns, combine_shard_argmax, expert_rows, rows, shard_config
 
 LLAMA = {
     "model_type": "llama",
@@ -68,7 +68,7 @@ def _model_dir(tmp_path: Path, config: dict) -> Path:
 
 
 def test_the_engine_refuses_before_touching_a_gpu(tmp_path: Path) -> None:
-    from fi_engine.llama import LlamaEngine
+    from fi_engine.models.llama import LlamaEngine
 
     with pytest.raises(ValueError, match="tensor_parallel: 2 does not divide the model's 9 query heads"):
         LlamaEngine(_model_dir(tmp_path, SMOLLM2), tensor_parallel=2)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fi_engine.generation_config import GenerationDefaults
+from fi_engine.text.generation_config import GenerationDefaults
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,8 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_importing_the_engine_and_its_text_modules_imports_neither_tokenizers_nor_jinja2() -> None:
     code = (
-        "import sys, fi_engine, fi_engine.text, fi_engine.chat, fi_engine.tokenizer, fi_engine.detokenize\n"
+        "import sys, fi_engine, fi_engine.text.codec, fi_engine.text.chat, fi_engine.text.tokenizer, "
+        "fi_engine.text.detokenize\n"
         "print(sorted(m for m in ('tokenizers', 'jinja2') if m in sys.modules))"
     )
     done = run_python(code)
@@ -34,7 +35,7 @@ def test_a_missing_package_names_the_extra(tmp_path: Path) -> None:
     # sys.modules[name] = None is how Python marks a module as not importable
     code = (
         "import sys; sys.modules['tokenizers'] = None; sys.modules['jinja2'] = None\n"
-        "from fi_engine.tokenizer import Tokenizer\nfrom fi_engine.chat import ChatTemplate\n"
+        "from fi_engine.text.tokenizer import Tokenizer\nfrom fi_engine.text.chat import ChatTemplate\n"
         f"for f in (lambda: Tokenizer.from_dir({str(tmp_path)!r}),\n"
         "          lambda: ChatTemplate({'default': 'x'}, 't').render([{'role': 'user', 'content': 'x'}])):\n"
         "    try: f()\n    except ModuleNotFoundError as e: print(e)\n"
@@ -106,8 +107,8 @@ def test_tokenizer_files(tmp_path: Path) -> None:
     pytest.importorskip("tokenizers")
     from helpers.text_checkpoints import byte_level_tokenizer
 
-    from fi_engine.text import TextCodec
-    from fi_engine.tokenizer import Tokenizer
+    from fi_engine.text.codec import TextCodec
+    from fi_engine.text.tokenizer import Tokenizer
 
     with pytest.raises(ValueError, match=r"model_dir: .*tokenizer\.json does not exist; .*save_pretrained"):
         Tokenizer.from_dir(tmp_path)
@@ -144,7 +145,7 @@ def test_the_docs_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str
     root = write_text_checkpoint(tmp_path / "m")
     assert '"SmolLM2-135M-Instruct"' in code
     code = code.replace('"SmolLM2-135M-Instruct"', repr(str(root)))
-    from fi_engine.text import TextCodec
+    from fi_engine.text.codec import TextCodec
 
     generated = TextCodec.from_dir(root).encode("Hi 😀 there.\n\nUser: more", add_special_tokens=False)
     exec(compile(code, "docs/engine-text.md", "exec"), {"generated_ids": generated})

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from fi_engine.api_servers import serve_api_servers
-from fi_engine.engine_process import EngineProcess
+from fi_engine.serve.api_servers import serve_api_servers
+from fi_engine.serve.engine_process import EngineProcess
 
 
 def main(config: dict) -> int:  # type: ignore[type-arg]

@@ -9,7 +9,7 @@ from typing import Any
 import cupy as cp
 import numpy as np
 
-from fi_engine.dense import RopeAppend
+from fi_engine.kernels.dense import RopeAppend
 
 POSITIONS = (300, 17, 0, 95)  # request r's new token sits at POSITIONS[r]
 
@@ -48,7 +48,7 @@ def rope_append(meta: dict[str, Any], rope: Any, hq: int, hk: int, d: int, kv: A
 def rope_config(llama3: bool) -> Any:
     """The tests' RoPE: Llama 3.1's (theta 5e5, factor 8, an original context of 64 so that positions up to 300
     cross its bands) or the plain default."""
-    from fi_engine.config import RopeConfig
+    from fi_engine.checkpoint.config import RopeConfig
 
     if llama3:
         return RopeConfig(theta=5e5, llama3=True, factor=8.0, original_max_position_embeddings=64.0)

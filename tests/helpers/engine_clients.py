@@ -1,5 +1,5 @@
 """Front ends of one engine process for tests/engine/test_engine_process_clients.py: functions that run in spawned
-processes, each stepping its own :class:`~fi_engine.engine_client.EngineClient` and reporting what it saw."""
+processes, each stepping its own :class:`~fi_engine.serve.engine_client.EngineClient` and reporting what it saw."""
 
 from __future__ import annotations
 

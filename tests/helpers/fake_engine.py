@@ -1,4 +1,4 @@
-"""A stand-in :class:`~fi_engine.stepping.StepEngine` for the serving tests on CPU (no GPU, no model).
+"""A stand-in :class:`~fi_engine.runtime.stepping.StepEngine` for the serving tests on CPU (no GPU, no model).
 
 :class:`FakeStepEngine` keeps the protocol's contract the way the GPU engine does: requests queued FIFO and
 admitted into ``max_batch`` slots, one token per active request per step (the admitting step is the prefill and
@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fi_engine.sampling_params import SamplingParams
-from fi_engine.stepping import FinishReason, StepOutput
+from fi_engine.runtime.sampling_params import SamplingParams
+from fi_engine.runtime.stepping import FinishReason, StepOutput
 
 
 def expected_tokens(
@@ -50,7 +50,7 @@ class FakeRequest:
 
 
 class FakeStepEngine:
-    """A deterministic :class:`~fi_engine.stepping.StepEngine` over a vocabulary of ``vocab_size`` ids.
+    """A deterministic :class:`~fi_engine.runtime.stepping.StepEngine` over a vocabulary of ``vocab_size`` ids.
 
     Args:
         vocab_size: ids of prompts lie in ``[0, vocab_size)``.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fi_engine.checkpoint import Checkpoint, write_safetensors
-from fi_engine.fp8_weights import E4M3, quantize_e4m3
+from fi_engine.checkpoint.fp8_weights import E4M3, quantize_e4m3
+from fi_engine.checkpoint.safetensors import Checkpoint, write_safetensors
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIGS = {

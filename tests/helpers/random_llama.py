@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fi_engine.checkpoint import write_safetensors
+from fi_engine.checkpoint.safetensors import write_safetensors
 
 EPS = 1e-5
 VOCAB = 4096

@@ -38,7 +38,7 @@ def test_every_public_name_is_on_its_page_and_in_the_index() -> None:
     names = {e.qualname for e in ENTRIES}
     assert {f"fi_ffi.{n}" for n in fi_ffi.__all__} <= names
     assert {f"fi_ffi.comm.{n}" for n in fi_ffi.comm.__all__} <= names
-    assert "fi_engine.llama.LlamaEngine" in names and "fi_ffi.tensor.protocols.TensorLike" in names
+    assert "fi_engine.models.llama.LlamaEngine" in names and "fi_ffi.tensor.protocols.TensorLike" in names
     for e in ENTRIES:
         assert f"### `{e.qualname}`\n" in files[f"{e.page}.md"], e.qualname
         assert f"[`{e.qualname}`]({e.page}.md#{tool.anchor(e.qualname)})" in files["index.md"], e.qualname

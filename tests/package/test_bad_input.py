@@ -782,29 +782,14 @@ from helpers.comm_args import (  # noqa: E402 - the comm builders (the fixture p
     moe_reduction_args,
 )
 
-from fi_engine import (  # noqa: E402
-    chat,
-    deepseek,
-    deepseek_config,
-    deepseek_routing,
-    detokenize,
-    engines,
-    family_configs,
-    gemma2,
-    generation_config,
-    gpt_oss,
-    llama,
-    mla_weights,
-    model_files,
-    moe,
-    moe_routing,
-    paging,
-    serving,
-    tensor_parallel,
-    text,
-    tokenizer,
-)
-from fi_engine import config as model_config  # noqa: E402
+from fi_engine.checkpoint import config as model_config  # noqa: E402
+from fi_engine.checkpoint import deepseek_config, family_configs  # noqa: E402
+from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
+from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # noqa: E402
+from fi_engine.models import registry as engines  # noqa: E402
+from fi_engine.runtime import paging, serving  # noqa: E402
+from fi_engine.text import chat, detokenize, generation_config, model_files, tokenizer  # noqa: E402
+from fi_engine.text import codec as text  # noqa: E402
 from fi_ffi.comm import env as comm_env  # noqa: E402
 from fi_ffi.comm import launch as comm_launch  # noqa: E402
 from fi_ffi.comm import (  # noqa: E402
@@ -1132,7 +1117,7 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
     directory = {"model_dir": "directory"}  # readers that do not read config.json
     with_tools = {"tools": "opt_records", "documents": "opt_records"}
     return {
-        "tokenizer.Tokenizer": [
+        "text.tokenizer.Tokenizer": [
             ("Tokenizer.from_dir", Entry(tokenizer.Tokenizer.from_dir, lambda: {"model_dir": _text_dir()}, kinds=path)),
             (
                 "Tokenizer.encode",
@@ -1145,7 +1130,7 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
                 Entry(tok.special_token_id, lambda: {"token_name": "eos_token"}, kinds={"token_name": "label"}),
             ),
         ],
-        "chat.ChatTemplate": [
+        "text.chat.ChatTemplate": [
             (
                 "ChatTemplate",
                 Entry(
@@ -1176,7 +1161,7 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
                 ),
             ),
         ],
-        "detokenize.IncrementalDetokenizer": [
+        "text.detokenize.IncrementalDetokenizer": [
             (
                 "IncrementalDetokenizer",
                 Entry(
@@ -1190,14 +1175,14 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
                 Entry(detokenize.IncrementalDetokenizer(tok).push, lambda: {"token_id": 40}),
             ),
         ],
-        "detokenize.StopStrings": [
+        "text.detokenize.StopStrings": [
             ("StopStrings", Entry(detokenize.StopStrings, lambda: {"stop": ["END"]}, kinds={"stop": "stop_strings"})),
             (
                 "StopStrings.feed",
                 Entry(detokenize.StopStrings(["END"]).feed, lambda: {"text": "ab"}, kinds={"text": "label"}),
             ),
         ],
-        "generation_config.GenerationDefaults": [
+        "text.generation_config.GenerationDefaults": [
             (
                 "GenerationDefaults.from_dict",
                 Entry(
@@ -1216,10 +1201,10 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
                 ),
             ),
         ],
-        "model_files.checkpoint_dir": [
+        "text.model_files.checkpoint_dir": [
             ("checkpoint_dir", Entry(model_files.checkpoint_dir, lambda: {"model_dir": _text_dir()}, kinds=directory))
         ],
-        "text.TextCodec": [
+        "text.codec.TextCodec": [
             ("TextCodec.from_dir", Entry(text.TextCodec.from_dir, lambda: {"model_dir": _text_dir()}, kinds=path)),
             (
                 "TextCodec",
@@ -1256,13 +1241,13 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
 
 
 _TEXT_NAMES = (
-    "tokenizer.Tokenizer",
-    "chat.ChatTemplate",
-    "detokenize.IncrementalDetokenizer",
-    "detokenize.StopStrings",
-    "generation_config.GenerationDefaults",
-    "model_files.checkpoint_dir",
-    "text.TextCodec",
+    "text.tokenizer.Tokenizer",
+    "text.chat.ChatTemplate",
+    "text.detokenize.IncrementalDetokenizer",
+    "text.detokenize.StopStrings",
+    "text.generation_config.GenerationDefaults",
+    "text.model_files.checkpoint_dir",
+    "text.codec.TextCodec",
 )
 
 ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
@@ -1416,7 +1401,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     ],
     "vllm_ar.meta_size": lambda: [("meta_size", Entry(vllm_ar.meta_size, dict, comm=True))],
     # fi_engine
-    "config.LlamaConfig": lambda: [
+    "checkpoint.config.LlamaConfig": lambda: [
         (
             "LlamaConfig.from_dict",
             Entry(
@@ -1431,10 +1416,10 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             Entry(model_config.LlamaConfig.from_dir, lambda: {"model_dir": _model_dir()}, kinds={"model_dir": "path"}),
         ),
     ],
-    "moe_routing.softmax_topk": lambda: [
+    "layers.moe_routing.softmax_topk": lambda: [
         ("softmax_topk", Entry(moe_routing.softmax_topk, lambda: dict(logits=np.zeros((3, 8), np.float32), k=2)))
     ],
-    "moe_routing.group_by_expert": lambda: [
+    "layers.moe_routing.group_by_expert": lambda: [
         (
             "group_by_expert",
             Entry(
@@ -1442,7 +1427,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "moe.MoEScratch": lambda: [
+    "layers.moe.MoEScratch": lambda: [
         (
             "MoEScratch",
             Entry(
@@ -1452,13 +1437,15 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "moe.choose_path": lambda: [("choose_path", Entry(moe.choose_path, lambda: dict(rows=4, num_experts=32, top_k=4)))],
-    "paging.pages_for": lambda: [("pages_for", Entry(paging.pages_for, lambda: dict(tokens=33, page_size=16)))],
-    "paging.PageAllocator": lambda: [("PageAllocator", Entry(paging.PageAllocator, lambda: dict(num_pages=8)))],
-    "paging.prefill_buckets": lambda: [
+    "layers.moe.choose_path": lambda: [
+        ("choose_path", Entry(moe.choose_path, lambda: dict(rows=4, num_experts=32, top_k=4)))
+    ],
+    "runtime.paging.pages_for": lambda: [("pages_for", Entry(paging.pages_for, lambda: dict(tokens=33, page_size=16)))],
+    "runtime.paging.PageAllocator": lambda: [("PageAllocator", Entry(paging.PageAllocator, lambda: dict(num_pages=8)))],
+    "runtime.paging.prefill_buckets": lambda: [
         ("prefill_buckets", Entry(paging.prefill_buckets, lambda: dict(max_tokens=2048)))
     ],
-    "paging.bucket_for": lambda: [
+    "runtime.paging.bucket_for": lambda: [
         (
             "bucket_for",
             Entry(
@@ -1468,7 +1455,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "paging.pad_prefill": lambda: [
+    "runtime.paging.pad_prefill": lambda: [
         (
             "pad_prefill",
             Entry(
@@ -1479,29 +1466,31 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "paging.decode_batches": lambda: [("decode_batches", Entry(paging.decode_batches, lambda: dict(max_batch=48)))],
-    "paging.prefill_slots": lambda: [
+    "runtime.paging.decode_batches": lambda: [
+        ("decode_batches", Entry(paging.decode_batches, lambda: dict(max_batch=48)))
+    ],
+    "runtime.paging.prefill_slots": lambda: [
         ("prefill_slots", Entry(paging.prefill_slots, lambda: dict(batch=3, max_batch=64)))
     ],
-    "serving.delay_factor_arg": lambda: [
+    "runtime.serving.delay_factor_arg": lambda: [
         ("delay_factor_arg", Entry(serving.delay_factor_arg, lambda: dict(scheduler_delay_factor=3.0)))
     ],
-    "serving.overlap_steps_arg": lambda: [
+    "runtime.serving.overlap_steps_arg": lambda: [
         ("overlap_steps_arg", Entry(serving.overlap_steps_arg, lambda: dict(overlap_steps=True)))
     ],
-    "serving.mixed_prefill_arg": lambda: [
+    "runtime.serving.mixed_prefill_arg": lambda: [
         ("mixed_prefill_arg", Entry(serving.mixed_prefill_arg, lambda: dict(mixed_prefill=True)))
     ],
-    "tensor_parallel.rows": lambda: [
+    "layers.tensor_parallel.rows": lambda: [
         ("rows", Entry(tensor_parallel.rows, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
     ],
-    "tensor_parallel.columns": lambda: [
+    "layers.tensor_parallel.columns": lambda: [
         ("columns", Entry(tensor_parallel.columns, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
     ],
-    "tensor_parallel.segment": lambda: [
+    "layers.tensor_parallel.segment": lambda: [
         ("segment", Entry(tensor_parallel.segment, lambda: dict(vector=np.zeros(8, np.float32), rank=1, parts=2)))
     ],
-    "tensor_parallel.shard_config": lambda: [
+    "layers.tensor_parallel.shard_config": lambda: [
         (
             "shard_config",
             Entry(
@@ -1510,7 +1499,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "deepseek_config.DeepSeekConfig": lambda: [
+    "checkpoint.deepseek_config.DeepSeekConfig": lambda: [
         (
             "DeepSeekConfig.from_dict",
             Entry(
@@ -1533,7 +1522,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         ),
     ],
-    "deepseek_config.is_deepseek": lambda: [
+    "checkpoint.deepseek_config.is_deepseek": lambda: [
         (
             "is_deepseek",
             Entry(
@@ -1543,7 +1532,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "deepseek_routing.grouped_topk": lambda: [
+    "layers.deepseek_routing.grouped_topk": lambda: [
         (
             "grouped_topk",
             Entry(
@@ -1559,7 +1548,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "deepseek.graph_blocker": lambda: [
+    "models.deepseek.graph_blocker": lambda: [
         (
             "graph_blocker",
             Entry(
@@ -1569,7 +1558,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "deepseek_routing.device_routing_blocker": lambda: [
+    "layers.deepseek_routing.device_routing_blocker": lambda: [
         (
             "device_routing_blocker",
             Entry(
@@ -1577,7 +1566,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "deepseek.fused_routing_blocker": lambda: [
+    "models.deepseek.fused_routing_blocker": lambda: [
         (
             "fused_routing_blocker",
             Entry(
@@ -1587,7 +1576,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "mla_weights.split_kv_b": lambda: [
+    "models.mla_weights.split_kv_b": lambda: [
         (
             "split_kv_b",
             Entry(
@@ -1596,7 +1585,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "family_configs.gemma2_settings": lambda: [
+    "checkpoint.family_configs.gemma2_settings": lambda: [
         (
             "gemma2_settings",
             Entry(
@@ -1607,7 +1596,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "family_configs.gpt_oss_settings": lambda: [
+    "checkpoint.family_configs.gpt_oss_settings": lambda: [
         (
             "gpt_oss_settings",
             Entry(
@@ -1622,7 +1611,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             Entry(_gpt_oss_yarn, lambda: {"rope_scaling": dict(GPT_OSS_YARN)}, fields=("rope_scaling", _family_values)),
         ),
     ],
-    "family_configs.layer_windows": lambda: [
+    "checkpoint.family_configs.layer_windows": lambda: [
         (
             "layer_windows",
             Entry(
@@ -1637,7 +1626,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "engines.engine_class": lambda: [
+    "models.registry.engine_class": lambda: [
         (
             f"engine_class ({name})",
             Entry(
@@ -1652,10 +1641,10 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ("gemma2", {**CONFIG, **GEMMA2, "model_type": "gemma2"}),
         )
     ],
-    "engines.open_engine": lambda: [
+    "models.registry.open_engine": lambda: [
         ("open_engine", Entry(engines.open_engine, lambda: {"model_dir": _model_dir()}, kinds={"model_dir": "path"}))
     ],
-    "gpt_oss.expert_matrices": lambda: [
+    "models.gpt_oss.expert_matrices": lambda: [
         (
             "expert_matrices",
             Entry(
@@ -1668,7 +1657,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "gpt_oss.shard_experts": lambda: [
+    "models.gpt_oss.shard_experts": lambda: [
         (
             "shard_experts",
             Entry(
@@ -1683,7 +1672,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "gpt_oss.rope_cos_sin_cache": lambda: [
+    "models.gpt_oss.rope_cos_sin_cache": lambda: [
         (
             "rope_cos_sin_cache",
             Entry(
@@ -1704,7 +1693,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "tensor_parallel.VocabShard": lambda: [
+    "layers.tensor_parallel.VocabShard": lambda: [
         ("VocabShard.of", Entry(tensor_parallel.VocabShard.of, lambda: dict(vocab=1000, rank=1, parts=3))),
         (
             "VocabShard.take",
@@ -1714,7 +1703,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         ),
     ],
-    "tensor_parallel.combine_shard_argmax": lambda: [
+    "layers.tensor_parallel.combine_shard_argmax": lambda: [
         (
             "combine_shard_argmax",
             Entry(
@@ -1723,7 +1712,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "tensor_parallel.expert_rows": lambda: [
+    "layers.tensor_parallel.expert_rows": lambda: [
         (
             "expert_rows",
             Entry(tensor_parallel.expert_rows, lambda: dict(weight=np.zeros((2, 8, 4), np.float32), rank=1, parts=2)),
@@ -1742,7 +1731,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     ],
     # the engines: their argument and config checks run before the device is opened (here: no GPU, the end)
     **{
-        f"{module}.{cls}": lambda module=module, cls=cls, config=config: [
+        f"models.{module}.{cls}": lambda module=module, cls=cls, config=config: [
             (
                 cls,
                 Entry(
@@ -1781,19 +1770,19 @@ _ADAPTER = "the engine's adapter over fi_ffi ops already in the op campaign abov
 _PACKING = "packs a declaration's values for the comm set-up calls, reached only through the entry points above"
 _PLUMBING = "internal plumbing over the CUDA runtime (raw addresses fi_ffi itself allocated); comm/test_gpu_comm.py"
 EXEMPT: dict[str, str] = {
-    **dict.fromkeys(["env.DistEnv", "trtllm_ar.WorkspaceMetadata", "checkpoint.TensorInfo"], _RECORD),
+    **dict.fromkeys(["env.DistEnv", "trtllm_ar.WorkspaceMetadata", "checkpoint.safetensors.TensorInfo"], _RECORD),
     # compiles its kernel with CuPy in the constructor; its argument checks run before that (engine/test_deepseek.py)
-    "deepseek_routing.DeviceGroupedTopk": _GPU,
+    "layers.deepseek_routing.DeviceGroupedTopk": _GPU,
     # compiles its kernels with CuPy in the constructor; its dtype check runs before that (engine/test_moe_gemv.py)
-    "moe_gemv.GroupedGemv": _GPU,
+    "kernels.moe_gemv.GroupedGemv": _GPU,
     **dict.fromkeys(
         [
-            "config.MoEConfig",
-            "config.RopeConfig",
-            "moe_routing.ExpertGroups",
-            "llama.GenerationResult",
-            "moe.ClampedSwiGLU",
-            "moe.MoEBiases",
+            "checkpoint.config.MoEConfig",
+            "checkpoint.config.RopeConfig",
+            "layers.moe_routing.ExpertGroups",
+            "models.llama.GenerationResult",
+            "layers.moe.ClampedSwiGLU",
+            "layers.moe.MoEBiases",
         ],
         _RECORD,
     ),
@@ -1834,17 +1823,18 @@ EXEMPT: dict[str, str] = {
     "rendezvous.exchange": "opens sockets to rank 0 (its DistEnv comes from read_env): tests/comm/test_rendezvous.py",
     "rendezvous.default_timeout": "reads FI_FFI_RENDEZVOUS_TIMEOUT: tests/comm/test_rendezvous.py",
     "vllm_ar.register_graph_buffers": "takes get_graph_buffer_ipc_meta of each rank: comm/test_allreduce_kernels.py",
-    "checkpoint.Checkpoint": "reads safetensors files: tests/engine/test_serving_host.py",
-    "checkpoint.read_header": "reads a safetensors header: tests/engine/test_serving_host.py",
-    "checkpoint.write_safetensors": "a test helper writing checkpoints: tests/engine/test_serving_host.py",
-    **{f"cublas.{n}": _GPU for n in ("Handle", "get_ffi", "library", "library_path", "status_name")},
-    "dense.Dense": "compiles its kernels with CuPy on a GPU; the argument checks of its fused decode-step launches "
+    "checkpoint.safetensors.Checkpoint": "reads safetensors files: tests/engine/test_serving_host.py",
+    "checkpoint.safetensors.read_header": "reads a safetensors header: tests/engine/test_serving_host.py",
+    "checkpoint.safetensors.write_safetensors": "a test helper writing checkpoints: tests/engine/test_serving_host.py",
+    **{f"kernels.cublas.{n}": _GPU for n in ("Handle", "get_ffi", "library", "library_path", "status_name")},
+    "kernels.dense.Dense": "compiles its kernels with CuPy on a GPU; the argument checks of its fused decode-step "
+    "launches "
     "run on CPU over a Dense made without its constructor: tests/engine/test_dense.py",
-    "dense.data_type": _GPU,
-    "dense.RopeAppend": "addresses Dense.prepared_qkv_rope checks on a GPU: engine/test_gpu_fused_decode.py",
-    "dense.RouterEpilogue": "a value Dense.prepared_router checks field by field: tests/engine/test_dense.py",
-    **{f"cublas_lt.{n}": _GPU for n in ("LtMatmuls", "library")},
-    "graph.CudaGraph": _GPU,
+    "kernels.dense.data_type": _GPU,
+    "kernels.dense.RopeAppend": "addresses Dense.prepared_qkv_rope checks on a GPU: engine/test_gpu_fused_decode.py",
+    "kernels.dense.RouterEpilogue": "a value Dense.prepared_router checks field by field: tests/engine/test_dense.py",
+    **{f"kernels.cublas_lt.{n}": _GPU for n in ("LtMatmuls", "library")},
+    "kernels.graph.CudaGraph": _GPU,
     **{
         f"values.{n}": "a shared value check that the config and host-helper generators above reach on every bad case"
         for n in ("arg_array", "arg_int", "show")
@@ -1860,7 +1850,7 @@ EXEMPT: dict[str, str] = {
         for n in ("build_parser", "main")
     },
     **{
-        f"kernels.{n}": _ADAPTER
+        f"kernels.flashinfer.{n}": _ADAPTER
         for n in (
             "append_kv",
             "decode_plan",
@@ -1871,6 +1861,9 @@ EXEMPT: dict[str, str] = {
             "prepared_append_kv",
             "prepared_decode_run",
             "prepared_fused_add_rmsnorm",
+            "prepared_qk_rmsnorm",
+            "prepared_rmsnorm",
+            "prepared_silu_and_mul",
             "prepared_rope_inplace",
             "prefill_plan",
             "prefill_run",
@@ -1885,104 +1878,122 @@ EXEMPT: dict[str, str] = {
         )
     },
     **{
-        f"text_args.{n}": "a shared value check of the text layer that its generators above reach on every bad case"
+        f"text.args.{n}": "a shared value check of the text layer that its generators above reach on every bad case"
         for n in ("arg_flag", "arg_mapping", "arg_records", "arg_text", "arg_token_ids")
     },
     **dict.fromkeys(
-        ["model_files.read_json", "model_files.read_text"],
+        ["text.model_files.read_json", "text.model_files.read_text"],
         "reads a file of a directory checkpoint_dir (above) checked: every model_dir case of the text rows above "
         "(broken config.json included) goes through it",
     ),
-    "optional.require": "imports one of the text layer's own package names; engine/test_text_files.py checks the "
+    "text.optional.require": "imports one of the text layer's own package names; engine/test_text_files.py checks the "
     "message of a missing package",
-    "llama.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/engine/test_serving_host.py",
-    "kv_fp8.KvFp8": _GPU,
-    "kv_fp8.parse_kv_cache_dtype": "the engines' kv_cache_dtype check (the engine rows above pass it every bad value)",
-    "kv_fp8.check_supported": "the engines' FP8 refusals on their own parsed config: engine/test_kv_fp8.py",
-    "kv_fp8.read_scales": "reads a Checkpoint the engine opened (its tensors checked by name): engine/test_kv_fp8.py",
-    "llama.step_views": "the engine's own views of its step buffers (fi_ffi's values): engine/test_serving_host.py",
-    # the same three in their own modules (fi_engine.llama re-exports them)
-    "sampling_params.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/engine/test_serving_host.py",
-    "sampling.SamplingParams": "re-exported from sampling_params (its checks: the line above)",
-    "sampling_params.sampling_arg": "the type check of add_request's and generate's sampling=: its bad kinds in "
+    "models.llama.SamplingParams": "checked by LlamaEngine.generate on a GPU: tests/engine/test_serving_host.py",
+    "layers.kv_fp8.KvFp8": _GPU,
+    "layers.kv_fp8.parse_kv_cache_dtype": "the engines' kv_cache_dtype check (the engine rows above pass it every "
+    "bad value)",
+    "layers.kv_fp8.check_supported": "the engines' FP8 refusals on their own parsed config: engine/test_kv_fp8.py",
+    "layers.kv_fp8.read_scales": "reads a Checkpoint the engine opened (its tensors checked by name): "
+    "engine/test_kv_fp8.py",
+    "models.llama.step_views": "the engine's own views of its step buffers (fi_ffi's values): "
+    "engine/test_serving_host.py",
+    # the same three in their own modules (fi_engine.models.llama re-exports them)
+    "runtime.sampling_params.SamplingParams": "checked by LlamaEngine.generate on a GPU: "
+    "tests/engine/test_serving_host.py",
+    "runtime.sampling.SamplingParams": "re-exported from sampling_params (its checks: the line above)",
+    "runtime.sampling_params.sampling_arg": "the type check of add_request's and generate's sampling=: its bad kinds "
+    "in "
     "tests/engine/test_step_api_host.py",
-    "sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
+    "runtime.sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
     "tests/engine/test_step_api_host.py",
-    "stepping.StepOutput": _RECORD,
-    "quantization.Fp8Scheme": _RECORD,
-    "quantization.fp8_scheme": "reads a config dict: its malformed values refused by key in "
+    "runtime.stepping.StepOutput": _RECORD,
+    "checkpoint.quantization.Fp8Scheme": _RECORD,
+    "checkpoint.quantization.fp8_scheme": "reads a config dict: its malformed values refused by key in "
     "tests/engine/test_quantization_config.py",
-    "quantization.llama_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
+    "checkpoint.quantization.llama_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
     "tests/engine/test_quantization_config.py",
     # FP8 weights: host-side arrays read from a checkpoint (every malformed tensor refused by name in
     # engine/test_fp8_weights.py); the GPU registry's arguments are checked in engine/test_gpu_fp8_linear.py
-    "fp8_weights.read_fp8_linear": "reads a Checkpoint: test_a_malformed_fp8_tensor_is_refused_by_name (engine/)",
-    **dict.fromkeys(["fp8_weights.Fp8Matrix", "fp8_linear.Fp8Weight"], _RECORD),
+    "checkpoint.fp8_weights.read_fp8_linear": "reads a Checkpoint: test_a_malformed_fp8_tensor_is_refused_by_name "
+    "(engine/)",
+    **dict.fromkeys(["checkpoint.fp8_weights.Fp8Matrix", "kernels.fp8_linear.Fp8Weight"], _RECORD),
     **dict.fromkeys(
-        ["fp8_weights.quantize_e4m3", "fp8_weights.dequantize_e4m3"],
+        ["checkpoint.fp8_weights.quantize_e4m3", "checkpoint.fp8_weights.dequantize_e4m3"],
         "numpy array in, array out (non-numeric or wrong-typed input: TypeError naming it, "
         "engine/test_fp8_weights.py::test_the_array_helpers_refuse_what_is_no_array)",
     ),
-    "engine_process.EngineProcess": "starts a child process per instance: its factory, arguments and the child's "
+    "serve.engine_process.EngineProcess": "starts a child process per instance: its factory, arguments and the child's "
     "errors in engine/test_engine_process.py (test_a_child_that_cannot_build_its_engine_is_named), clients= and "
     "client() in engine/test_engine_process_clients.py (test_clients_are_named_and_handed_over_before_use)",
-    "engine_client.EngineClient": "made by EngineProcess.client only (a connection to a running child): "
+    "serve.engine_client.EngineClient": "made by EngineProcess.client only (a connection to a running child): "
     "engine/test_engine_process_clients.py",
-    "fp8_linear.Fp8Linears": "made by Dense.add_fp8_weight on a GPU; its checks in engine/test_gpu_fp8_linear.py "
+    "kernels.fp8_linear.Fp8Linears": "made by Dense.add_fp8_weight on a GPU; its checks in "
+    "engine/test_gpu_fp8_linear.py "
     "(test_bad_fp8_calls_name_the_argument)",
-    "stepping.StepEngine": "a typing.Protocol the engines implement (their methods' signatures against it: "
+    "runtime.stepping.StepEngine": "a typing.Protocol the engines implement (their methods' signatures against it: "
     "tests/engine/test_step_api_host.py)",
-    "stepping.FinishReason": "a typing.Literal of the three reasons a request ends, not an entry point",
-    "sampling.draw_groups": "plans the rows of the engine's own scheduler (its Requests): "
+    "runtime.stepping.FinishReason": "a typing.Literal of the three reasons a request ends, not an entry point",
+    "runtime.sampling.draw_groups": "plans the rows of the engine's own scheduler (its Requests): "
     "tests/engine/test_step_api_host.py",
-    "serving.GenerationResult": _RECORD,
-    "storage.step_views": "the engine's own views of its step buffers (fi_ffi's values): engine/test_serving_host.py",
+    "runtime.serving.GenerationResult": _RECORD,
+    "runtime.storage.step_views": "the engine's own views of its step buffers (fi_ffi's values): "
+    "engine/test_serving_host.py",
     **dict.fromkeys(
-        ["llama.Llama", "gemma2.Gemma2", "gpt_oss.GptOss", "deepseek.DeepSeek"],
+        ["models.llama.Llama", "models.gemma2.Gemma2", "models.gpt_oss.GptOss", "models.deepseek.DeepSeek"],
         "a model family's definition, made by its engine class (takes no argument; the engines' rows above check "
         "theirs)",
     ),
-    "moe.MoELayer": _GPU,
-    "moe.MoEWeights": _GPU,
-    "paging.Layout": "the engine's own buffer layout (fi_ffi's values): tests/engine/test_serving_host.py",
-    "paging.Request": "a record the Scheduler makes: tests/engine/test_serving_host.py",
-    "paging.Scheduler": "the engine's scheduler, made from a checked LlamaConfig: tests/engine/test_serving_host.py",
-    "paging.fill_decode": "fills the engine's own arrays from its scheduler's requests: engine/test_serving_host.py",
-    "paging.fill_prefill": "fills the engine's own arrays from its scheduler's requests: engine/test_serving_host.py",
+    "layers.moe.MoELayer": _GPU,
+    "layers.moe.MoEWeights": _GPU,
+    "runtime.paging.Layout": "the engine's own buffer layout (fi_ffi's values): tests/engine/test_serving_host.py",
+    "runtime.paging.Request": "a record the Scheduler makes: tests/engine/test_serving_host.py",
+    "runtime.paging.Scheduler": "the engine's scheduler, made from a checked LlamaConfig: "
+    "tests/engine/test_serving_host.py",
+    "runtime.paging.fill_decode": "fills the engine's own arrays from its scheduler's requests: "
+    "engine/test_serving_host.py",
+    "runtime.paging.fill_prefill": "fills the engine's own arrays from its scheduler's requests: "
+    "engine/test_serving_host.py",
     **dict.fromkeys(
         [
-            "deepseek_config.DeepSeekRouting",
-            "deepseek_config.YarnConfig",
-            "family_configs.Gemma2Settings",
-            "family_configs.GptOssSettings",
-            "family_configs.YarnRope",
+            "checkpoint.deepseek_config.DeepSeekRouting",
+            "checkpoint.deepseek_config.YarnConfig",
+            "checkpoint.family_configs.Gemma2Settings",
+            "checkpoint.family_configs.GptOssSettings",
+            "checkpoint.family_configs.YarnRope",
         ],
         _RECORD,
     ),
-    "gpt_oss.check_checkpoint": "reads a safetensors checkpoint (Checkpoint, above): engine/test_family_configs.py",
-    "weights.WeightLoader": "uploads through the caller's CuPy module onto a GPU: the GPU model suites",
+    "models.gpt_oss.check_checkpoint": "reads a safetensors checkpoint (Checkpoint, above): "
+    "engine/test_family_configs.py",
+    "models.weights.WeightLoader": "uploads through the caller's CuPy module onto a GPU: the GPU model suites",
     "watchdog.bootstrap": "opens sockets to rank 0 (its DistEnv comes from read_env, above): comm/test_watchdog.py",
-    "tensor_parallel.ResidualAllReduce": "over AllReduceFusionWorkspace, Communicator: engine/test_tensor_parallel.py",
+    "layers.tensor_parallel.ResidualAllReduce": "over AllReduceFusionWorkspace, Communicator: "
+    "engine/test_tensor_parallel.py",
     # streaming and serving: each starts a thread or a server; their bad input has tables of its own
-    "service.GenerationService": "starts an engine thread per instance: its argument checks (and submit's) are "
+    "serve.service.GenerationService": "starts an engine thread per instance: its argument checks (and submit's) are "
     "the tables of engine/test_service.py (test_bad_*_are_refused_by_name)",
-    "service.RequestStream": "made by GenerationService.submit only (engine/test_service.py)",
-    **dict.fromkeys(["service.StreamDelta", "service.RequestResult"], _RECORD),
-    "metrics.ServingMetrics": "takes no argument (ServingMetrics.shared(n) refuses n by name); the service and "
+    "serve.service.RequestStream": "made by GenerationService.submit only (engine/test_service.py)",
+    **dict.fromkeys(["serve.service.StreamDelta", "serve.service.RequestResult"], _RECORD),
+    "serve.metrics.ServingMetrics": "takes no argument (ServingMetrics.shared(n) refuses n by name); the service and "
     "server feed it (engine/test_openai_server.py and engine/test_service.py parse its text with prometheus_client)",
-    "shared_queue.SharedQueue": "made by SharedQueue.create (its count refused by name) for GenerationService's "
+    "serve.shared_queue.SharedQueue": "made by SharedQueue.create (its count refused by name) for GenerationService's "
     "shared_queue: engine/test_service.py (test_a_shared_queue_holds_the_limit_over_several_services)",
-    "metrics.Histogram": "the metrics' own buckets (constants of fi_engine.metrics), checked in its constructor",
-    "openai_protocol.ParsedRequest": "made by parse_completion / parse_chat from a checked body",
+    "serve.metrics.Histogram": "the metrics' own buckets (constants of fi_engine.serve.metrics), checked in its "
+    "constructor",
+    "serve.openai_protocol.ParsedRequest": "made by parse_completion / parse_chat from a checked body",
     **dict.fromkeys(
-        ["openai_protocol.parse_completion", "openai_protocol.parse_chat", "openai_protocol.error_body"],
+        [
+            "serve.openai_protocol.parse_completion",
+            "serve.openai_protocol.parse_chat",
+            "serve.openai_protocol.error_body",
+        ],
         "an HTTP body's fields, answered 400 naming the field: the BAD / BAD_CHAT tables of "
         "engine/test_openai_server.py",
     ),
-    "api_servers.serve_api_servers": "starts API-server processes over an EngineProcess until a signal: "
+    "serve.api_servers.serve_api_servers": "starts API-server processes over an EngineProcess until a signal: "
     "engine/test_api_servers.py (its front ends' failures named; the address refused by name as port/host)",
     **dict.fromkeys(
-        ["openai_server.build_app", "openai_server.serve"],
+        ["serve.openai_server.build_app", "serve.openai_server.serve"],
         "builds (and serve runs) the Starlette app over a GenerationService: engine/test_openai_server.py",
     ),
 }
@@ -2167,12 +2178,12 @@ def public_entry_points() -> set[str]:
 
     names = set()
     for pkg in (fi_ffi.comm, fi_engine):
-        for info in pkgutil.iter_modules(pkg.__path__):
-            module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for info in pkgutil.walk_packages(pkg.__path__, f"{pkg.__name__}."):
+            module = importlib.import_module(info.name)
             for name in getattr(module, "__all__", ()):
                 obj = getattr(module, name)
                 if callable(obj) and not (isinstance(obj, type) and issubclass(obj, BaseException)):
-                    names.add(f"{info.name}.{name}")
+                    names.add(f"{info.name.removeprefix(pkg.__name__ + '.')}.{name}")
     return names
 
 

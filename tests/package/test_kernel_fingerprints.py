@@ -107,8 +107,8 @@ def test_every_kernel_dense_loads_is_in_its_module(monkeypatch, fixed_rows: bool
     """Dense compiles GEMV_SOURCE and FUSED_GEMV_SOURCE with its own options (Dense.gemv_options, fused_options:
     what the tool compiles too) and looks its kernels up by name, 1 to 4 rows each; a name the source does not define
     would leave the GEMV or the fused step off on the GPU (Dense.gemv_error), so each must be in the cubin."""
-    from fi_engine import cuda_sources
-    from fi_engine.dense import _GEMV_NAMES, Dense
+    from fi_engine.kernels import cuda_sources
+    from fi_engine.kernels.dense import _GEMV_NAMES, Dense
 
     monkeypatch.setattr(Dense, "gemv_fixed_rows", fixed_rows)
     for source, options, bases in (

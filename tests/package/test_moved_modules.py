@@ -28,7 +28,7 @@ def test_the_engine_path_warns_and_is_the_engine() -> None:
         "except DeprecationWarning as w:\n"
         "    print('warned:', w)\n"
         "warnings.simplefilter('ignore')\n"
-        "import fi_ffi.models.config as old, fi_engine.config as new, fi_ffi.models as pkg, fi_engine\n"
+        "import fi_ffi.models.config as old, fi_engine.checkpoint.config as new, fi_ffi.models as pkg, fi_engine\n"
         "print(old is new, pkg is fi_engine, old.LlamaConfig is new.LlamaConfig)\n"
     )
     assert done.returncode == 0, done.stderr

@@ -27,14 +27,15 @@ PACKAGE = Path(__file__).resolve().parents[2] / "fi_ffi"
 LAYERS = ("fi_ffi.abi", "fi_ffi.loader", "fi_ffi.tensor.descriptor")
 
 
-def sources() -> dict[str, ast.Module]:
-    """Module name (``fi_ffi.abi.call``; a package is its ``__init__``) → parsed source, for every file."""
+def sources(root: Path = PACKAGE) -> dict[str, ast.Module]:
+    """Module name (``fi_ffi.abi.call``; a package is its ``__init__``) → parsed source, for every file of the
+    package at ``root`` (fi_ffi's, or the engine's)."""
     found = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         found[name] = ast.parse(path.read_text(encoding="utf-8"), str(path))
-    assert len(found) > 40 and "fi_ffi.abi.runtime" in found and "fi_ffi.loader.modules" in found
+    assert len(found) > 40
     return found
 
 
@@ -166,21 +167,22 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("fi_ffi.cli",),  # the command line, the first-use checks
     ("fi_ffi.__main__",),
 )
-UNITS = sorted((unit for units in FLOORS for unit in units), key=len, reverse=True)
 
 
-def unit_of(module: str) -> str:
-    """The longest unit of :data:`FLOORS` that ``module`` is or lies in: ``fi_ffi.ops.attention.decode`` →
+def unit_of(module: str, floors: tuple[tuple[str, ...], ...] = FLOORS) -> str:
+    """The longest unit of ``floors`` that ``module`` is or lies in: ``fi_ffi.ops.attention.decode`` →
     ``fi_ffi.ops``; ``fi_ffi.tensor.intake`` → itself; ``fi_ffi`` → ``fi_ffi``; a module of no unit → its first two
     components (which :func:`test_every_module_stands_on_a_floor` then names)."""
-    found = next((u for u in UNITS if module == u or module.startswith(u + ".")), None)
-    if found is None or (found == "fi_ffi" and module != "fi_ffi"):
+    units = sorted((unit for floor in floors for unit in floor), key=len, reverse=True)
+    package = floors[-1][0].split(".")[0]  # fi_ffi, fi_engine: the face is a unit of its own module only
+    found = next((u for u in units if module == u or module.startswith(u + ".")), None)
+    if found is None or (found == package and module != package):
         return ".".join(module.split(".")[:2])
     return found
 
 
-def floor_of(unit: str) -> int:
-    return next(i for i, units in enumerate(FLOORS) if unit in units)
+def floor_of(unit: str, floors: tuple[tuple[str, ...], ...] = FLOORS) -> int:
+    return next(i for i, units in enumerate(floors) if unit in units)
 
 
 def module_imports(trees: dict[str, ast.Module]) -> dict[str, dict[str, set[str]]]:
@@ -211,14 +213,16 @@ def module_imports(trees: dict[str, ast.Module]) -> dict[str, dict[str, set[str]
     return out
 
 
-def floor_violations(imports: dict[str, dict[str, set[str]]]) -> list[str]:
+def floor_violations(
+    imports: dict[str, dict[str, set[str]]], floors: tuple[tuple[str, ...], ...] = FLOORS
+) -> list[str]:
     """``a -> b`` for every import of a module of another unit that is not on a lower floor."""
     bad = []
     for module, targets in imports.items():
-        here = unit_of(module)
+        here = unit_of(module, floors)
         for target in targets:
-            there = unit_of(target)
-            if there != here and floor_of(there) >= floor_of(here):
+            there = unit_of(target, floors)
+            if there != here and floor_of(there, floors) >= floor_of(here, floors):
                 bad.append(f"{module} -> {target}")
     return sorted(bad)
 
@@ -445,6 +449,7 @@ PUBLIC_MODULES = (
     "fi_ffi.cuda",
     "fi_ffi.cdecl",
     "fi_ffi.tensor.protocols",
+    "fi_ffi.moved",  # its finder, given the engine's own table of old paths (fi_engine.moved)
 )
 
 
@@ -585,8 +590,98 @@ def test_fi_ffi_never_imports_the_engine() -> None:
 
 def test_the_engine_import_check_finds_one() -> None:  # the check above could fail
     trees = {
-        "fi_ffi.cli": ast.parse("def f():\n    from fi_engine.llama import LlamaEngine\n"),
+        "fi_ffi.cli": ast.parse("def f():\n    from fi_engine.models.llama import LlamaEngine\n"),
         "fi_ffi.ops.norm": ast.parse("import fi_engine\n"),
         "fi_ffi.moved": ast.parse('OLD = {"fi_ffi.models": "fi_engine"}\n'),
     }
     assert engine_imports(trees) == ["fi_ffi.cli:2", "fi_ffi.ops.norm:1"]
+
+
+# ---- the engine's floors: subpackages by concern, every import one way -------------------------------------------
+
+# fi_engine from the ground up (docs/engine.md draws it): the host-only readers of a checkpoint and of text, the
+# launch layer over the GPU (the one importer of fi_ffi), the model's building blocks, the runtime (the engine and
+# the interface a family implements), then the families and the servers side by side, neither importing the other.
+ENGINE_FLOORS: tuple[tuple[str, ...], ...] = (
+    ("fi_engine.values", "fi_engine.moved"),  # argument checks; the old module paths
+    ("fi_engine.checkpoint", "fi_engine.text"),  # config.json, safetensors; tokenizer, chat template
+    ("fi_engine.kernels",),  # fi_ffi's ops, cuBLAS, the engine's CUDA kernels, graphs
+    ("fi_engine.layers",),  # MoE and routing, tensor parallelism, the FP8 KV cache
+    ("fi_engine.runtime",),  # the engine: scheduler and pages, buffers, graphs, sampling, the step API
+    ("fi_engine.models", "fi_engine.serve"),  # the families and their registry; the servers
+    ("fi_engine.cli",),
+    ("fi_engine", "fi_engine.__main__"),
+)
+ENGINE_ROOT = PACKAGE.parent / "fi_engine"
+# what imports fi_ffi: the launch layer, and the old-path table handed to fi_ffi's moved-module finder
+FI_FFI_IMPORTERS = ("fi_engine.kernels", "fi_engine.moved")
+
+
+def test_every_engine_module_stands_on_a_floor_and_imports_only_below() -> None:
+    trees = sources(ENGINE_ROOT)
+    placed = {unit for units in ENGINE_FLOORS for unit in units}
+    assert {unit_of(module, ENGINE_FLOORS) for module in trees} == placed, "add the new unit to ENGINE_FLOORS"
+    assert floor_violations(module_imports(trees), ENGINE_FLOORS) == []
+
+
+def test_the_engine_units_form_no_cycle() -> None:
+    graph: dict[str, set[str]] = {unit: set() for units in ENGINE_FLOORS for unit in units}
+    for module, targets in module_imports(sources(ENGINE_ROOT)).items():
+        here = unit_of(module, ENGINE_FLOORS)
+        graph[here] |= {unit_of(t, ENGINE_FLOORS) for t in targets} - {here}
+    assert cycle(graph) == [], graph
+    assert graph["fi_engine.models"] >= {"fi_engine.runtime", "fi_engine.layers"}  # the graph is read at all
+
+
+def test_the_engine_floor_check_finds_an_upward_import() -> None:  # the check above could fail
+    trees = {
+        "fi_engine.kernels.dense": ast.parse("from ..runtime.paging import Request\n"),
+        "fi_engine.runtime.paging": ast.parse("from ..values import arg_int\n"),
+        "fi_engine.serve.service": ast.parse("def f():\n    from ..models import registry\n"),
+        "fi_engine.models.registry": ast.parse(""),
+        "fi_engine.values": ast.parse(""),
+    }
+    assert floor_violations(module_imports(trees), ENGINE_FLOORS) == [
+        "fi_engine.kernels.dense -> fi_engine.runtime.paging",
+        "fi_engine.serve.service -> fi_engine.models.registry",
+    ]
+
+
+def test_the_engine_root_keeps_only_its_command_face_and_ground() -> None:
+    top = sorted(p.stem for p in ENGINE_ROOT.glob("*.py"))
+    folders = sorted(p.name for p in ENGINE_ROOT.iterdir() if (p / "__init__.py").is_file())
+    assert top == ["__init__", "__main__", "cli", "moved", "values"]
+    assert folders == ["checkpoint", "kernels", "layers", "models", "runtime", "serve", "text"]
+
+
+def fi_ffi_importers(trees: dict[str, ast.Module], allowed: tuple[str, ...] = FI_FFI_IMPORTERS) -> list[str]:
+    """``module:line`` for every import of fi_ffi (function-local too) by a module outside the units ``allowed``."""
+    found = []
+    for module, tree in trees.items():
+        if any(module == u or module.startswith(u + ".") for u in allowed):
+            continue
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n == "fi_ffi" or n.startswith("fi_ffi.") for n in names):
+                found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def test_only_the_kernels_layer_imports_fi_ffi() -> None:
+    # the rest of the engine reaches fi_ffi's ops, errors and devices through fi_engine.kernels (kernels.flashinfer)
+    trees = sources(ENGINE_ROOT)
+    assert fi_ffi_importers({m: trees[m] for m in ("fi_engine.kernels.flashinfer", "fi_engine.moved")}, ())
+    assert fi_ffi_importers(trees) == []
+
+
+def test_the_fi_ffi_import_check_finds_one() -> None:  # the check above could fail
+    trees = {
+        "fi_engine.runtime.engine": ast.parse("def f():\n    from fi_ffi.cuda import gpus\n"),
+        "fi_engine.models.gemma2": ast.parse("import fi_ffi\n"),
+        "fi_engine.kernels.dense": ast.parse("import fi_ffi\n"),
+    }
+    assert fi_ffi_importers(trees) == ["fi_engine.runtime.engine:2", "fi_engine.models.gemma2:1"]

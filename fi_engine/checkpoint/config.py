@@ -1,0 +1,363 @@
+"""The parts of a Hugging Face ``config.json`` the engine needs, parsed and checked.
+
+Model types: ``llama``; ``qwen3`` (Llama plus a per-head RMSNorm of q and k before RoPE, ``head_dim`` given
+explicitly); ``mixtral`` and ``qwen3_moe`` (a mixture-of-experts MLP in every layer: :class:`MoEConfig`;
+Qwen3-MoE with Qwen3's q/k norm). Settings these architectures have but the engine does not implement (sliding
+windows, attention biases, dense layers between MoE layers) are refused by name rather than ignored.
+
+Both spellings of the rotary settings are read: ``rope_theta`` + ``rope_scaling`` (transformers 4.x) and
+``rope_parameters`` (transformers 5.x, ``rope_theta`` inside). Supported rotary types: ``default`` (plain RoPE)
+and ``llama3`` (Llama 3.1 frequency scaling); anything else is a ValueError, since silently using plain RoPE
+would give wrong logits. Likewise the experts per layer: ``num_local_experts`` (Mixtral, and Qwen3-MoE from
+transformers 5.x) or ``num_experts`` (Qwen3-MoE from transformers 4.x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..values import MAX_SIZE, show
+
+__all__ = ["MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
+
+MODEL_TYPES = ("llama", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gpt_oss")
+# families whose own settings (windows, soft caps, sinks, biases, YaRN) live in LlamaConfig.family
+FAMILIES = ("gemma2", "gpt_oss")
+# the engine class ("module.Class" under fi_engine) that serves each family: data here, so that the Llama
+# engine can name it in its refusal without importing the module that picks engines (which imports it)
+FAMILY_ENGINES = {"gemma2": "gemma2.Gemma2Engine", "gpt_oss": "gpt_oss.GptOssEngine"}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings.
+
+    Attributes:
+        theta: the frequency base (``rope_theta``).
+        llama3: True for Llama 3.1 scaling (then the four fields below are used), False for plain RoPE.
+        factor: ``rope_scale`` of the Llama 3.1 formula (low frequencies are divided by it).
+        low_freq_factor, high_freq_factor: the blend band of the Llama 3.1 formula.
+        original_max_position_embeddings: the pre-training context, in tokens (``old_context_len``).
+    """
+
+    theta: float = 10000.0
+    llama3: bool = False
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: float = 8192.0
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The mixture-of-experts MLP of every layer.
+
+    Attributes:
+        num_experts: experts per layer (``num_local_experts``, or ``num_experts`` as transformers 4 writes
+            Qwen3-MoE configs).
+        top_k: experts per token (``num_experts_per_tok``).
+        intermediate_size: each expert's intermediate size (Mixtral ``intermediate_size``, Qwen3-MoE
+            ``moe_intermediate_size``).
+        renormalize: the chosen softmax probabilities are renormalized to sum to 1 (Mixtral always; Qwen3-MoE
+            ``norm_topk_prob``).
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """A Llama-architecture decoder's shape and settings (see :meth:`from_dict` for the keys read)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    model_type: str = "llama"
+    qk_norm: bool = False  # Qwen3: RMSNorm of each q and k head (weights [head_dim]) before RoPE
+    moe: MoEConfig | None = None  # Mixtral, Qwen3-MoE, gpt-oss: the MLP of every layer
+    family: Any = None  # Gemma2Settings / GptOssSettings (fi_engine.checkpoint.family_configs); None for Llama's kind
+    fp8: Any = (
+        None  # the checkpoint's FP8 weight layout (fi_engine.checkpoint.quantization.Fp8Scheme); None: 16-bit weights
+    )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> LlamaConfig:
+        """Read ``model_dir/config.json``."""
+        data, path = read_config_json(model_dir)
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "config") -> LlamaConfig:
+        """Parse a config dict. Keys: ``vocab_size``, ``hidden_size``, ``intermediate_size``,
+        ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads`` (default: the attention heads),
+        ``head_dim`` (default ``hidden_size / num_attention_heads``), ``rms_norm_eps``, the rotary keys (module
+        docstring), ``tie_word_embeddings`` (default False, as transformers), ``max_position_embeddings``,
+        ``eos_token_id`` (int, list or absent)."""
+        if not isinstance(source, str):
+            raise TypeError(f"source: expected a str naming where the config came from, got {type(source).__name__}")
+        if not isinstance(d, dict):
+            raise ValueError(f"d: expected a JSON object (a dict) from {source}, got {type(d).__name__}")
+        model_type = d.get("model_type", "llama")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"{source}: model_type {model_type!r} is not supported; this engine runs "
+                f"{', '.join(repr(t) for t in MODEL_TYPES)} checkpoints"
+            )
+        if model_type in FAMILIES:
+            return cls._family(d, model_type, source)
+        from .quantization import llama_fp8_scheme
+
+        fp8 = llama_fp8_scheme(d, source)
+        if d.get("use_sliding_window", False) or (model_type == "mixtral" and d.get("sliding_window") is not None):
+            raise ValueError(
+                f"{source}: sliding-window attention (use_sliding_window / sliding_window) is not supported by this "
+                f"engine; every layer attends to the whole context"
+            )
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act {act!r} is not supported (Llama uses 'silu')")
+        for key in ("attention_bias", "mlp_bias"):
+            if d.get(key, False):
+                raise ValueError(f"{source}: {key}=true is not supported (Llama projections have no bias)")
+        return dataclasses.replace(cls._common(d, model_type, source, _moe(d, model_type, source)), fp8=fp8)
+
+    @classmethod
+    def _family(cls, d: dict[str, Any], model_type: str, source: str) -> LlamaConfig:
+        """Gemma 2 and gpt-oss: the shared fields, plus the family's settings (:mod:`.family_configs`)."""
+        from .family_configs import gemma2_settings, gpt_oss_settings, refuse_quantized
+
+        refuse_quantized(d, source)
+        layers = _int(d, "num_hidden_layers", source)
+        if model_type == "gemma2":
+            d = {
+                "head_dim": 256,
+                "tie_word_embeddings": True,
+                "max_position_embeddings": 8192,
+                **d,
+            }  # Gemma2Config's defaults (left out when equal)
+            return dataclasses.replace(
+                cls._common(d, model_type, source, None), family=gemma2_settings(d, layers, source)
+            )
+        d = {"head_dim": 64, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, **d}  # GptOssConfig's defaults
+        experts = _num_experts(d, source, 128)
+        moe = MoEConfig(experts, _topk(d, experts, source), _int(d, "intermediate_size", source), True)
+        return dataclasses.replace(cls._common(d, model_type, source, moe), family=gpt_oss_settings(d, layers, source))
+
+    @classmethod
+    def _common(cls, d: dict[str, Any], model_type: str, source: str, moe: MoEConfig | None) -> LlamaConfig:
+        hidden = _int(d, "hidden_size", source)
+        heads = _int(d, "num_attention_heads", source)
+        kv_heads = _int(d, "num_key_value_heads", source, heads)
+        if heads % kv_heads:
+            raise ValueError(
+                f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+            )
+        if d.get("head_dim") is None and hidden % heads:
+            raise ValueError(
+                f"{source}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
+                f"and no head_dim is given"
+            )
+        head_dim = _int(d, "head_dim", source, hidden // heads)
+        eps = _positive(d, "rms_norm_eps", source, 1e-6, what="rms_norm_eps")
+        tie = d.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
+        return cls(
+            model_type=model_type,
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            moe=moe,
+            vocab_size=_int(d, "vocab_size", source),
+            hidden_size=hidden,
+            intermediate_size=_int(d, "intermediate_size", source),
+            num_layers=_int(d, "num_hidden_layers", source),
+            num_qo_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(eps),
+            rope=_rope(d, source) if model_type != "gpt_oss" else _plain_theta(d, source),
+            tie_word_embeddings=tie,
+            max_position_embeddings=_int(d, "max_position_embeddings", source, 2048),
+            eos_token_ids=_eos(d.get("eos_token_id"), _int(d, "vocab_size", source), source),
+        )
+
+
+def _moe(d: dict[str, Any], model_type: str, source: str) -> MoEConfig | None:
+    if model_type == "mixtral":
+        experts = _num_experts(d, source, 8)
+        return MoEConfig(experts, _topk(d, experts, source), _int(d, "intermediate_size", source), True)
+    if model_type != "qwen3_moe":
+        return None
+    if _int(d, "decoder_sparse_step", source, 1) != 1 or d.get("mlp_only_layers"):
+        raise ValueError(
+            f"{source}: dense MLP layers between the MoE layers (decoder_sparse_step > 1 or mlp_only_layers) are "
+            f"not supported; every layer must be a MoE layer"
+        )
+    if d.get("shared_expert_intermediate_size"):
+        raise ValueError(f"{source}: shared experts are not supported (shared_expert_intermediate_size)")
+    experts = _num_experts(d, source)
+    renorm = d.get("norm_topk_prob", False)
+    if not isinstance(renorm, bool):
+        raise ValueError(f"{source}: norm_topk_prob must be true or false, got {renorm!r}")
+    return MoEConfig(experts, _topk(d, experts, source), _int(d, "moe_intermediate_size", source), renorm)
+
+
+def _num_experts(d: dict[str, Any], source: str, default: int | None = None) -> int:
+    """The experts per layer under either name transformers writes: ``num_local_experts`` (Mixtral; Qwen3-MoE from
+    transformers 5, whose config stores ``num_experts`` under that name) or ``num_experts`` (Qwen3-MoE from
+    transformers 4)."""
+    present = [key for key in ("num_local_experts", "num_experts") if d.get(key) is not None]
+    if not present:
+        if default is None:
+            raise ValueError(f"{source}: missing 'num_local_experts' or 'num_experts' (experts per layer)")
+        return default
+    values = {key: _int(d, key, source) for key in present}
+    if len(set(values.values())) > 1:
+        raise ValueError(
+            f"{source}: num_local_experts ({values['num_local_experts']}) and num_experts ({values['num_experts']}) "
+            f"disagree; keep one of them"
+        )
+    return values[present[0]]
+
+
+def _topk(d: dict[str, Any], experts: int, source: str) -> int:
+    k = _int(d, "num_experts_per_tok", source)
+    if k > experts:
+        raise ValueError(f"{source}: num_experts_per_tok ({k}) exceeds the {experts} experts")
+    return k
+
+
+def _int(d: dict[str, Any], key: str, source: str, default: int | None = None) -> int:
+    value = d.get(key)
+    if value is None:
+        if default is None:
+            raise ValueError(f"{source}: missing {key!r} (a positive integer)")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+        raise ValueError(
+            f"{source}: {key} must be a positive integer no larger than {MAX_SIZE} (the kernels' int32), got "
+            f"{show(value)}"
+        )
+    return value
+
+
+def _positive(params: dict[str, Any], key: str, source: str, default: float | None = None, *, what: str = "") -> float:
+    """``params[key]`` as a finite float > 0 (a float64 holds it)."""
+    value = params.get(key, default)
+    name = what or f"rope {key}"
+    number = math.nan
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float64
+            number = math.inf
+    if not (number > 0 and math.isfinite(number)):
+        raise ValueError(f"{source}: {name} must be a finite number > 0, got {show(value)}")
+    return number
+
+
+def _rope(d: dict[str, Any], source: str) -> RopeConfig:
+    params = d.get("rope_parameters")
+    scaling = d.get("rope_scaling")
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{source}: {name} must be an object or null, got {value!r}")
+    merged: dict[str, Any] = {}
+    if "rope_theta" in d:
+        merged["rope_theta"] = d["rope_theta"]
+    merged.update(scaling or {})
+    merged.update(params or {})  # transformers 5.x: the whole rotary setting, theta included
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    theta = _positive(merged, "rope_theta", source, 10000.0)
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    if kind == "llama3":
+        factor = _positive(merged, "factor", source)
+        low = _positive(merged, "low_freq_factor", source)
+        high = _positive(merged, "high_freq_factor", source)
+        if high <= low:
+            raise ValueError(f"{source}: rope high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+        old = _positive(merged, "original_max_position_embeddings", source)
+        return RopeConfig(
+            theta=theta,
+            llama3=True,
+            factor=factor,
+            low_freq_factor=low,
+            high_freq_factor=high,
+            original_max_position_embeddings=old,
+        )
+    raise ValueError(
+        f"{source}: rope type {kind!r} is not supported; supported: 'default' (no scaling) and "
+        f"'llama3' (Llama 3.1 scaling)"
+    )
+
+
+def _plain_theta(d: dict[str, Any], source: str) -> RopeConfig:
+    """gpt-oss: only the base here; its YaRN scaling is GptOssSettings.yarn (applied through a cos/sin cache)."""
+    from .family_configs import rope_settings
+
+    return RopeConfig(theta=_positive(rope_settings(d), "rope_theta", source, 150000.0))
+
+
+def _eos(value: Any, vocab_size: int, source: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size for v in items):
+        raise ValueError(
+            f"{source}: eos_token_id must be a token id in [0, vocab_size={vocab_size}) or a list of them, got "
+            f"{show(value)}"
+        )
+    return tuple(items)
+
+
+def read_config_json(model_dir: Any) -> tuple[Any, Path]:
+    """The parsed ``model_dir/config.json`` and its path; TypeError/ValueError naming ``model_dir`` (a path that
+    is not one, a NUL byte, a missing or unreadable file, JSON too deep or with a number past the digit limit)."""
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"model_dir: expected a path (str or os.PathLike) of a Hugging Face checkpoint directory, got "
+            f"{type(model_dir).__name__}"
+        )
+    fs = os.fspath(model_dir)
+    if ("\0" if isinstance(fs, str) else b"\0") in fs:  # type: ignore[operator]
+        raise ValueError(f"model_dir: contains a NUL byte: {model_dir!r:.80}; pass the directory's path")
+    path = Path(model_dir) / "config.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(
+            f"model_dir: {path} does not exist; pass a Hugging Face checkpoint directory (config.json + *.safetensors)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"model_dir: cannot read {path}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
+        raise ValueError(f"model_dir: {path} is not valid JSON or holds a number no config needs ({exc})") from None
+    except RecursionError:
+        raise ValueError(
+            f"model_dir: {path} nests its JSON too deeply to parse; a config.json is a flat object of settings"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"model_dir: {path} holds a JSON {type(data).__name__}; a config.json is an object of settings"
+        )
+    return data, path

@@ -1,0 +1,23 @@
+"""What the engine runs on the GPU, one launch layer: FlashInfer's ops through fi_ffi, cuBLAS/cuBLASLt, the engine's
+own CUDA kernels (``csrc/*.cu``, compiled by NVRTC), and CUDA graphs. The only part of the engine that imports
+fi_ffi (tests/package/test_structure.py holds it to that).
+
+- :mod:`~fi_engine.kernels.flashinfer`: every fi_ffi op and name the engine uses, in one adapter.
+- :mod:`~fi_engine.kernels.cublas`: cuBLAS through cffi (a handle, its stream and workspace, ``cublasGemmEx``);
+  :mod:`~fi_engine.kernels.cublas_lt`: cuBLASLt matmuls with the algorithm chosen once per shape.
+- :mod:`~fi_engine.kernels.dense`: the dense GEMMs, the engine's own GEMV (plain, or fused with the decode step's
+  norms, SiLU, RoPE and KV append) and small row kernels, checked and launched;
+  :mod:`~fi_engine.kernels.fp8_linear`: FP8 weights in those GEMMs; :mod:`~fi_engine.kernels.moe_gemv`: the MoE
+  decode step's grouped GEMV; :mod:`~fi_engine.kernels.cuda_sources`: their CUDA C.
+- :mod:`~fi_engine.kernels.graph`: CUDA graph capture and replay with cuda-python.
+"""
+
+from typing import Any
+
+__all__: list[str] = []
+
+
+def __getattr__(name: str) -> Any:  # the old module fi_engine.kernels's names, for one release
+    from ..moved import old_name
+
+    return old_name(__name__, name)

@@ -1,0 +1,281 @@
+"""Tensor parallelism of the Llama engine (Megatron-style): what each rank holds and the all-reduce it adds.
+
+Each of ``N`` ranks (one process per GPU, :class:`~fi_ffi.comm.nccl.Communicator`) holds:
+
+- attention heads ``[r * Hq / N, (r + 1) * Hq / N)`` and KV heads ``[r * Hk / N, ...)``: the Q, K, V projections
+  split by output rows (column-parallel), the output projection by input columns (row-parallel), and the KV cache
+  for its own KV heads only;
+- MLP columns ``[r * I / N, (r + 1) * I / N)``: gate/up by output rows, down by input columns; in an MoE layer
+  (Mixtral, Qwen3-MoE) the same slice of *every* expert's intermediate columns, and the whole router (every rank
+  routes every token the same way, so each expert's partial output is a plain partial sum);
+- vocabulary rows ``[r * V' / N, (r + 1) * V' / N)`` of the embedding and of the LM head (:class:`VocabShard`;
+  ``V'`` is the vocabulary padded up to a multiple of ``N`` with zero rows): the embedding gathers the rows it
+  has (zeros for the others) and the ranks' rows are summed by the same all-reduce that adds the first residual;
+  the LM head gives each rank its columns of the logits, greedy decoding takes each shard's argmax and combines
+  the ``N`` (value, index) pairs (:func:`combine_shard_argmax`), sampling gathers the logits first
+  (``vocab_parallel=False`` keeps both whole on every rank, as before);
+- the norms whole. Every rank ends a step with the same tokens; rank 0's are broadcast each step all the same, so
+  the ranks can never drift apart.
+
+The O and down projections give partial sums; :class:`ResidualAllReduce` sums them over the ranks and, as the
+unsharded model does next, adds the residual and applies the next RMSNorm: in one kernel
+(``trtllm_allreduce_fusion``, pattern ``kARResidualRMSNorm``) where it applies (2/4/8/16 ranks on one host,
+hidden size a multiple of 8), else NCCL's all-reduce then ``fused_add_rmsnorm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint.config import LlamaConfig
+from ..values import arg_array, arg_int
+
+MAX_VOCAB = (1 << 31) - 1  # token ids are int32
+MAX_PARTS = 1 << 16  # ranks of one tensor-parallel group (a bound that keeps the arithmetic in int64)
+
+
+def shard_config(cfg: LlamaConfig, tensor_parallel: int) -> LlamaConfig:
+    """The per-rank shape of ``cfg`` split ``tensor_parallel`` ways (heads and MLP columns divided).
+
+    Raises:
+        ValueError: naming ``tensor_parallel`` and the dimension it does not divide.
+    """
+    if not isinstance(cfg, LlamaConfig):
+        raise TypeError(f"cfg: expected a LlamaConfig (LlamaConfig.from_dir), got {type(cfg).__name__}")
+    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel: expected an int >= 1 (ranks), got {tensor_parallel!r}")
+    n = tensor_parallel
+    checked = [
+        ("query heads", "num_attention_heads", cfg.num_qo_heads),
+        ("KV heads", "num_key_value_heads", cfg.num_kv_heads),
+        ("MLP columns", "intermediate_size", cfg.intermediate_size),
+    ]
+    if cfg.moe is not None:
+        key = "moe_intermediate_size" if cfg.model_type == "qwen3_moe" else "intermediate_size"
+        checked.append(("expert intermediate columns", key, cfg.moe.intermediate_size))
+    for what, key, value in checked:
+        if value % n:
+            raise ValueError(
+                f"tensor_parallel: {n} does not divide the model's {value} {what} ({key}); use a tensor-parallel "
+                f"size that divides {', '.join(f'{v} {w}' for w, _, v in checked)} (1 always does)"
+            )
+    moe = cfg.moe if cfg.moe is None else dataclasses.replace(cfg.moe, intermediate_size=cfg.moe.intermediate_size // n)
+    return dataclasses.replace(
+        cfg,
+        num_qo_heads=cfg.num_qo_heads // n,
+        num_kv_heads=cfg.num_kv_heads // n,
+        intermediate_size=cfg.intermediate_size // n,
+        moe=moe,
+    )
+
+
+def _block(weight: Any, rank: Any, parts: Any, axis: int) -> int:
+    """The block length of ``weight``'s ``axis`` split ``parts`` ways, the arguments checked (named)."""
+    if not isinstance(weight, np.ndarray) or weight.ndim != 2 or weight.dtype.kind in "OUSM":
+        what = (
+            f"{weight.dtype} array of shape {weight.shape}" if isinstance(weight, np.ndarray) else type(weight).__name__
+        )
+        raise TypeError(f"weight: expected a 2-D numpy array of numbers [out, in], got {what}")
+    for name, value in (("rank", rank), ("parts", parts)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not 0 <= rank < parts:
+        raise ValueError(f"rank, parts: expected 0 <= rank < parts, got rank {rank} of {parts}")
+    if weight.shape[axis] % parts:
+        raise ValueError(f"parts: {parts} does not divide weight's dimension {axis} ({weight.shape[axis]})")
+    return int(weight.shape[axis] // parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabShard:
+    """The vocabulary rows one rank keeps of the embedding and the LM head (and its columns of the logits).
+
+    Attributes:
+        vocab: the model's vocabulary size ``V``.
+        rank, parts: this rank of ``parts``.
+        rows: rows per rank, ``ceil(V / parts)`` (the padded vocabulary ``V' = rows * parts``).
+        start: the first token id of the shard, ``rank * rows``.
+        valid: the shard's real rows, ``min(rows, V - start)`` clipped at 0: the last ranks' tails are padding
+            (zero rows; their logits are never read).
+    """
+
+    vocab: int
+    rank: int
+    parts: int
+    rows: int
+    start: int
+    valid: int
+
+    @classmethod
+    def of(cls, vocab: int, rank: int, parts: int) -> VocabShard:
+        """Rank ``rank``'s shard of a ``vocab``-token vocabulary split ``parts`` ways."""
+        vocab = arg_int("vocab", vocab, 1, MAX_VOCAB)
+        parts = arg_int("parts", parts, 1, MAX_PARTS)
+        rank = arg_int("rank", rank, 0, parts - 1)
+        step = -(-vocab // parts)
+        start = rank * step
+        return cls(vocab, rank, parts, step, start, max(0, min(step, vocab - start)))
+
+    def take(self, table: np.ndarray) -> np.ndarray:
+        """This shard's ``[rows, H]`` block of a ``[V, H]`` table (embedding or LM head), zero rows past ``V``."""
+        arg_array("table", table, 2, f"[{self.vocab}, hidden]")
+        if table.shape[0] != self.vocab:
+            raise ValueError(f"table: expected [{self.vocab}, hidden], got {table.shape}")
+        out = np.zeros((self.rows, table.shape[1]), table.dtype)
+        out[: self.valid] = table[self.start : self.start + self.valid]
+        return out
+
+
+def combine_shard_argmax(values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """The token each row takes from the ranks' shard argmaxes (the rule the device combine kernel follows).
+
+    Args:
+        values: ``[parts, rows]`` float32, each shard's largest logit (-inf for a shard with no real rows or only
+            NaN / -inf logits).
+        indices: ``[parts, rows]`` int, the global token id of that largest logit (the first one on ties).
+
+    Returns ``[rows]`` int32: the id of the largest value; on ties the lowest id (the lower rank: shards ascend),
+    which is what one argmax over the whole row gives (the first maximum); a row with no finite maximum anywhere
+    gives rank 0's index, as the single-GPU argmax gives 0.
+    """
+    values = arg_array("values", values, 2, "[parts, rows]").astype(np.float32, copy=False)
+    idx = arg_array("indices", indices, 2, f"[parts, rows] {values.shape}")
+    if idx.shape != values.shape or not values.shape[0]:
+        raise ValueError(f"indices: expected the shape of values {values.shape} (at least one part), got {idx.shape}")
+    if idx.dtype.kind == "f" or (idx.size and not (idx.min() >= 0 and idx.max() < 1 << 31)):
+        raise ValueError("indices: expected integer token ids in [0, 2**31) (an int32 array)")
+    indices = idx
+    best = np.full(values.shape[1], -np.inf, np.float32)
+    out = np.asarray(indices[0], np.int32).copy()
+    for r in range(values.shape[0]):
+        win = values[r] > best  # strictly larger: an equal value on a later rank has a larger id
+        best = np.where(win, values[r], best)
+        out = np.where(win, np.asarray(indices[r], np.int32), out)
+    return out
+
+
+def rows(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
+    """Rank ``rank``'s block of output rows of ``weight`` ``[out, in]`` (column-parallel)."""
+    step = _block(weight, rank, parts, 0)
+    return weight[rank * step : (rank + 1) * step]
+
+
+def columns(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
+    """Rank ``rank``'s block of input columns of ``weight`` ``[out, in]`` (row-parallel)."""
+    step = _block(weight, rank, parts, 1)
+    return np.ascontiguousarray(weight[:, rank * step : (rank + 1) * step])
+
+
+def segment(vector: np.ndarray, rank: int, parts: int) -> np.ndarray:
+    """Rank ``rank``'s block of a 1-D ``vector`` split ``parts`` ways: the biases of column-parallel rows (gpt-oss's
+    q/k/v biases) and per-head values (gpt-oss's attention sinks) go with their rows and heads."""
+    arg_array("vector", vector, 1, "[length]")
+    parts = arg_int("parts", parts, 1, MAX_PARTS)
+    rank = arg_int("rank", rank, 0, parts - 1)
+    if vector.shape[0] % parts:
+        raise ValueError(f"parts: {parts} does not divide vector's length ({vector.shape[0]})")
+    step = vector.shape[0] // parts
+    return vector[rank * step : (rank + 1) * step].copy()
+
+
+def expert_rows(weight: np.ndarray, rank: int, parts: int) -> np.ndarray:
+    """Rank ``rank``'s block of every expert's intermediate rows of a stacked gate/up weight ``[E, 2I, H]`` (gate
+    rows, then up rows): ``[E, 2I/N, H]``, its gate rows then its up rows (what ``silu_and_mul`` pairs)."""
+    arg_array("weight", weight, 3, "[num_experts, 2 * intermediate, hidden]")
+    parts = arg_int("parts", parts, 1, MAX_PARTS)
+    rank = arg_int("rank", rank, 0, parts - 1)
+    if weight.shape[1] % (2 * parts):
+        raise ValueError(
+            f"parts: 2 * {parts} does not divide weight's dimension 1 ({weight.shape[1]}, the gate and up rows)"
+        )
+    i = weight.shape[1] // 2
+    step = i // parts
+    lo = rank * step
+    return np.ascontiguousarray(np.concatenate([weight[:, lo : lo + step], weight[:, i + lo : i + lo + step]], axis=1))
+
+
+class ResidualAllReduce:
+    """``residual += all_reduce(partial)``; ``normed = rmsnorm(residual) * weight``, over a communicator's ranks.
+
+    Args:
+        comm: the communicator (``world_size`` ranks).
+        max_rows: the most token rows of a call.
+        hidden: hidden size.
+        dtype: the activations' dtype (``"float16"``/``"bfloat16"``).
+        fused: use the fused kernel where it applies (False: always NCCL).
+
+    ``fused`` (attribute) says which path was taken: the fused kernel writes the normalized rows into a buffer
+    of their own (``normed``), the NCCL path normalizes ``partial`` in place. ``launch_with_pdl`` (class
+    attribute, off): launch the fused kernel with programmatic dependent launch (benchmarks/bench_llama_tp.py,
+    variant "pdl", measures it).
+    """
+
+    launch_with_pdl = False
+
+    def __init__(self, comm: Any, max_rows: int, hidden: int, dtype: str, *, fused: bool = True) -> None:
+        self.comm = comm
+        self.workspace: Any = None
+        single_host = comm.env is None or comm.env.single_host
+        if fused and comm.world_size in (2, 4, 8, 16) and single_host and hidden % 8 == 0:
+            from ..kernels.system import AllReduceFusionWorkspace
+
+            self.workspace = AllReduceFusionWorkspace(comm, max_rows, hidden, dtype)
+        self.fused = self.workspace is not None
+
+    def __call__(self, partial: Any, residual: Any, weight: Any, normed: Any, eps: float, stream: int) -> None:
+        """``partial`` (this rank's sum, ``[rows, hidden]``) is consumed; ``residual`` is updated in place; the
+        normalized rows land in ``normed`` (fused) or in ``partial`` (NCCL)."""
+        if self.workspace is not None:
+            from ..kernels.system import AllReduceFusionPattern
+
+            self.workspace.allreduce_fusion(
+                partial,
+                pattern=AllReduceFusionPattern.kARResidualRMSNorm,
+                residual_in=residual,
+                residual_out=residual,
+                norm_out=normed,
+                rms_gamma=weight,
+                rms_eps=eps,
+                launch_with_pdl=self.launch_with_pdl,
+                stream=stream,
+            )
+            return
+        from ..kernels.flashinfer import fused_add_rmsnorm
+
+        self.comm.all_reduce(partial, stream=stream)
+        fused_add_rmsnorm(partial, residual, weight, eps, stream)
+
+    def sum(self, partial: Any, out: Any, stream: int) -> Any:
+        """The plain all-reduce (no residual, no norm: Gemma 2 normalizes a layer's output before adding it to the
+        residual): the sum of ``partial`` (``[rows, hidden]``) over the ranks lands in ``out`` (fused kernel's
+        ``kAllReduce``; ``out`` must not overlap ``partial``) or in ``partial`` itself (NCCL). Returns the one
+        holding it."""
+        if self.workspace is not None:
+            from ..kernels.system import AllReduceFusionPattern
+
+            self.workspace.allreduce_fusion(
+                partial, pattern=AllReduceFusionPattern.kAllReduce, allreduce_out=out, stream=stream
+            )
+            return out
+        self.comm.all_reduce(partial, stream=stream)
+        return partial
+
+    def close(self) -> None:
+        """Release the fused kernel's workspace (a collective: every rank calls it)."""
+        if self.workspace is not None:
+            self.workspace.close()
+
+
+__all__ = [
+    "ResidualAllReduce",
+    "VocabShard",
+    "columns",
+    "combine_shard_argmax",
+    "expert_rows",
+    "rows",
+    "segment",
+    "shard_config",
+]

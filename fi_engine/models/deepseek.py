@@ -1,0 +1,628 @@
+"""A DeepSeek-V3 / DeepSeek-V2 serving engine without torch: :class:`~fi_engine.models.llama.LlamaEngine`'s serving
+loop, buffers of the step index arrays, embedding, norms, LM head and sampling, with the DeepSeek layer body.
+
+::
+
+    from fi_engine.models.deepseek import DeepSeekEngine
+
+    with DeepSeekEngine("/path/to/DeepSeek-V2-Lite", max_batch=8) as engine:
+        result = engine.generate([[100000, 791, 6864]], max_new_tokens=32)
+
+Per layer, for ``T`` token rows, ``H`` heads, ``dn``/``dr``/``dv`` the no-RoPE, RoPE and value head dims and
+``R = 512`` the latent (``kv_lora_rank``) (:mod:`fi_engine.checkpoint.deepseek_config`):
+
+1. queries: ``q = q_b_proj(rmsnorm(q_a_proj(x)))`` (or ``q_proj(x)`` without ``q_lora_rank``) ``[T, H, dn + dr]``;
+2. latent KV: ``c = rmsnorm(kv_a_proj(x)[:, :R])`` ``[T, R]`` and ``k_pe = kv_a_proj(x)[:, R:]`` ``[T, dr]``;
+3. RoPE (plain or YaRN, from a float32 cos/sin table; interleaved pairs as DeepSeek lays them out) on each
+   head's ``q_pe`` and on ``k_pe``; ``(c, k_pe)`` appended to the paged MLA cache (one shared "head");
+4. absorption (:mod:`fi_engine.models.mla_weights`): ``q_abs[h] = q_nope[h] @ W_k[h]`` ``[T, H, R]`` (one strided
+   batched GEMM over the heads);
+5. MLA attention over the cached latents (``batch_mla_run``: scores ``q_abs . c + q_pe . k_pe`` times the
+   softmax scale of the *unabsorbed* head dim, ``(dn + dr)^-1/2`` with YaRN's ``mscale_all_dim`` factor; output
+   the weighted latents ``o [T, H, R]``);
+6. values: ``attn[h] = o[h] @ W_v[h]^T`` (a second batched GEMM), then ``o_proj``;
+7. MLP: the first ``first_k_dense_replace`` layers a dense SwiGLU; the rest routed experts
+   (:class:`~fi_engine.layers.moe.MoELayer`'s grouped GEMMs, routed on the host by
+   :func:`~fi_engine.layers.deepseek_routing.grouped_topk`) plus the shared experts (a SwiGLU added into the same
+   output by the down projection's GEMM).
+
+Prefill takes the same absorbed path as decode (the MLA kernel with a causal mask over each request's rows): one
+code path and one cache format (only the latents are ever stored), at the cost of more attention FLOPs per prompt
+token than expanding K and V to ``H`` heads would need (``R + dr = 576`` against ``dn + dr = 192`` per head for
+V3); docs/engine.md says so.
+
+CUDA graph (``cuda_graph=True``): the decode step is captured at each batch size of the ladder up to ``max_batch`` rows
+(:func:`~fi_engine.runtime.paging.decode_batches`), as the Llama engine's. The MLA plan is made on the host before
+every replay
+into the decode workspace (its schedule layout is fixed for a fixed batch of one-row requests: the engine checks it),
+the step's index arrays go into the graph's fixed buffers, and the MoE layers take
+:meth:`~fi_engine.layers.moe.MoELayer.forward_static_routed`'s fixed-capacity path, routed on the device: the models
+wheel's
+fused ``NoAuxTc`` kernel where it applies (:func:`fused_routing_blocker`), else
+:class:`~fi_engine.layers.deepseek_routing.DeviceGroupedTopk` (V2's softmax routing included). Prefill stays eager.
+
+Refused with a message naming the field (:meth:`DeepSeek.check`, the hook every family definition refuses
+through): tensor parallelism, a CUDA graph for a routing the device kernel cannot do (``n_group`` above
+:data:`~fi_engine.layers.deepseek_routing.MAX_DEVICE_GROUPS`); FP8 block-quantized checkpoints (at load).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint.deepseek_config import DeepSeekConfig
+from ..checkpoint.safetensors import Checkpoint
+from ..kernels import flashinfer as kernels
+from ..layers.deepseek_routing import DeviceGroupedTopk, device_routing_blocker, grouped_topk
+from ..layers.moe_routing import group_by_expert
+from ..runtime.engine import Engine
+from ..runtime.family import ModelFamily
+from .llama import load_moe_layer
+from .mla_weights import split_kv_b
+
+__all__ = ["DeepSeek", "DeepSeekEngine", "fused_routing_blocker", "graph_blocker"]
+
+FUSED_ROUTING_MODULE = "dsv3_fused_routing"  # the models wheel's NoAuxTc kernel
+
+
+def fused_routing_blocker(c: DeepSeekConfig) -> str | None:
+    """Why the models wheel's fused routing kernel (``NoAuxTc``, :func:`fi_ffi.fused_topk_deepseek`)
+    cannot route this model's experts, or None when it can (its availability in the kernel lock aside): it computes
+    V3's ``noaux_tc`` with renormalized weights, within its size limits
+    (:func:`fi_ffi.routing_limits`)."""
+
+    if not isinstance(c, DeepSeekConfig):
+        raise TypeError(f"c: expected a DeepSeekConfig (DeepSeekConfig.from_dir), got {type(c).__name__}")
+    if c.moe is None or c.routing is None:
+        return "the model has no MoE layers"
+    if c.routing.method != "noaux_tc":
+        return f"topk_method {c.routing.method!r} (DeepSeek-V2's softmax routing) is not the kernel's noaux_tc"
+    if not c.moe.renormalize:
+        return "the kernel always renormalizes the chosen weights, and norm_topk_prob is false"
+    try:
+        kernels.routing_limits(c.moe.num_experts, c.routing.n_group, c.routing.topk_group, c.moe.top_k)
+    except ValueError as exc:
+        return f"beyond the kernel's limits ({exc})"
+    return None
+
+
+def graph_blocker(c: DeepSeekConfig) -> str | None:
+    """Why the decode step of this model cannot be captured as a CUDA graph (the config field named), or None: its
+    MoE layers must route on the device, by the fused kernel or, where that does not apply,
+    :class:`~fi_engine.layers.deepseek_routing.DeviceGroupedTopk`."""
+    if not isinstance(c, DeepSeekConfig):
+        raise TypeError(f"c: expected a DeepSeekConfig (DeepSeekConfig.from_dir), got {type(c).__name__}")
+    if c.routing is None or c.moe is None or fused_routing_blocker(c) is None:
+        return None
+    return device_routing_blocker(c.routing)
+
+
+class DeepSeek(ModelFamily):
+    """The DeepSeek-V3 / V2 family's definition (module docstring): its config and refusals, weights (MLA with the
+    absorbed ``kv_b_proj``, dense and routed MLP layers with shared experts, the routing's correction bias), the MLA
+    + MoE layer body with its host, fused-kernel and device routings, and the MLA plans."""
+
+    fp8_kv_refusal = "MLA (DeepSeek's compressed KV cache)"
+
+    def check(self, eng: Any, cfg: Any) -> None:
+        """Refuse what this engine cannot serve, before any GPU work (the Llama engine calls this hook with
+        ``tensor_parallel`` and ``cuda_graph`` set): a config that is not a DeepSeekConfig, tensor parallelism (MLA
+        and the experts are not sharded), a CUDA graph whose MoE routing has no device path."""
+        if not isinstance(cfg, DeepSeekConfig):
+            raise ValueError(
+                f"model: DeepSeekEngine serves deepseek_v2 / deepseek_v3 checkpoints, got a {type(cfg).__name__}"
+            )
+        if eng.tensor_parallel != 1:
+            raise ValueError(
+                f"tensor_parallel: {cfg.model_type} checkpoints run on one GPU here (MLA and the experts are not "
+                f"sharded yet), got {eng.tensor_parallel}; pass tensor_parallel=1"
+            )
+        why = graph_blocker(cfg)
+        if eng.cuda_graph and why is not None:
+            raise ValueError(f"cuda_graph: {why}; pass cuda_graph=False (eager decode routes on the host)")
+
+    def read_config(self, model_dir: str | Path) -> Any:
+        return DeepSeekConfig.from_dir(model_dir)
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def load(self, eng: Any, ckpt: Checkpoint) -> None:
+        cp, c = eng._cp, eng._ds
+        h, heads, dn, dr, dv, r = (
+            c.hidden_size, c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
+        )  # fmt: skip
+        dtype = ckpt.info("model.embed_tokens.weight").dtype
+        if dtype not in ("float16", "bfloat16"):
+            hint = (
+                " (FP8 block-quantized weights: save a bfloat16 copy first, see docs/engine.md)" if "8" in dtype else ""
+            )
+            raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints{hint}")
+        eng.dtype = dtype
+        from ..kernels.dense import data_type
+
+        eng._ab, eng._f32 = data_type(dtype), data_type("float32")
+        eng._weights = []
+
+        def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            got = ckpt.info(name).dtype
+            if got != dtype:
+                hint = "; FP8 checkpoints are not supported, save a bfloat16 copy" if "8" in got else ""
+                raise ValueError(f"model: tensor {name!r} is {got}, the embedding is {dtype}{hint}")
+            return ckpt.array(name, shape)
+
+        def upload(arr: np.ndarray) -> Any:
+            dev = cp.asarray(np.ascontiguousarray(arr))
+            eng._weights.append(dev)
+            return dev
+
+        def vector(arr: np.ndarray) -> Any:
+            dev = upload(arr)
+            return kernels.descriptor(dev.data.ptr, (arr.shape[0],), dtype, eng.device, owner=dev)
+
+        eng._embed = upload(get("model.embed_tokens.weight", (c.vocab_size, h))).data.ptr
+        eng._lm_head = (
+            eng._embed if c.tie_word_embeddings else upload(get("lm_head.weight", (c.vocab_size, h))).data.ptr
+        )
+        eng._head_rows = c.vocab_size  # the LM head's output columns (the whole vocabulary: one GPU)
+        w = SimpleNamespace(
+            q=[], qa=[], qa_norm=[], qb=[], ckv=[], kpe=[], kv_norm=[], uk_t=[], uv=[], o=[], gu=[], d=[],
+            shared_gu=[], shared_d=[], bias=[], bias_arr=[], bias_dev=[],
+        )  # fmt: skip
+        eng._w = w
+        eng._ln1, eng._ln2 = [], []
+        eng._moe = []
+        eng._moe_scratch = None
+        eng.fused_routing_used = self._choose_routing(eng)
+        # the decode graph's routing where the fused kernel does not serve (DeepSeek.check refused what neither does)
+        eng._device_topk = None
+        if c.moe is not None:
+            eng._ws_moe = kernels.workspace(eng.device)
+            if eng._static_moe and not eng.fused_routing_used:
+                assert c.routing is not None
+                eng._device_topk = DeviceGroupedTopk(c.routing, c.moe.num_experts, c.moe.top_k, c.moe.renormalize)
+        qk = dn + dr
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            if c.q_lora_rank is None:
+                w.q.append(upload(get(a + "q_proj.weight", (heads * qk, h))).data.ptr)
+            else:
+                q_rank = c.q_lora_rank
+                w.qa.append(upload(get(a + "q_a_proj.weight", (q_rank, h))).data.ptr)
+                w.qa_norm.append(vector(get(a + "q_a_layernorm.weight", (q_rank,))))
+                w.qb.append(upload(get(a + "q_b_proj.weight", (heads * qk, q_rank))).data.ptr)
+            kv_a = get(a + "kv_a_proj_with_mqa.weight", (r + dr, h))
+            # two GEMMs rather than one: the latent then goes through RMSNorm, the RoPE part into the cache,
+            # each contiguous
+            w.ckv.append(upload(kv_a[:r]).data.ptr)
+            w.kpe.append(upload(kv_a[r:]).data.ptr)
+            w.kv_norm.append(vector(get(a + "kv_a_layernorm.weight", (r,))))
+            uk_t, uv = split_kv_b(get(a + "kv_b_proj.weight", (heads * (dn + dv), r)), heads, dn, dv)
+            w.uk_t.append(upload(uk_t).data.ptr)
+            w.uv.append(upload(uv).data.ptr)
+            w.o.append(upload(get(a + "o_proj.weight", (h, heads * dv))).data.ptr)
+            if c.is_moe_layer(i):
+                # router and experts as the Qwen3-MoE names them (mlp.gate, mlp.experts.N.{gate,up,down}_proj, or
+                # transformers 5's fused mlp.experts.gate_up_proj / down_proj): the Llama engine's loader
+                layer = load_moe_layer(eng, ckpt, p, get, upload)
+                # DeepSeek's eager decode routes on the host through the grouped GEMM; its graph keeps the same
+                # GEMM (not the grouped GEMV), so the two give the same tokens
+                layer.gemv_tokens = 0
+                eng._moe.append(layer)
+                bias = self._correction_bias(eng, ckpt, p + "mlp.gate.e_score_correction_bias")
+                w.bias.append(bias)
+                if bias is not None:  # the device routing (fused kernel, or the graph's fallback) reads it (float32)
+                    dev = upload(bias)
+                    w.bias_arr.append(dev)
+                    w.bias_dev.append(kernels.descriptor(dev.data.ptr, bias.shape, "float32", eng.device, owner=dev))
+                else:
+                    w.bias_arr.append(None)
+                    w.bias_dev.append(None)
+                si = c.shared_intermediate
+                if si:
+                    s = p + "mlp.shared_experts."
+                    gate_up = np.concatenate([get(s + "gate_proj.weight", (si, h)), get(s + "up_proj.weight", (si, h))])
+                    w.shared_gu.append(upload(gate_up).data.ptr)
+                    w.shared_d.append(upload(get(s + "down_proj.weight", (h, si))).data.ptr)
+                else:
+                    w.shared_gu.append(0)
+                    w.shared_d.append(0)
+                w.gu.append(0)
+                w.d.append(0)
+            else:
+                inter = c.intermediate_size
+                eng._moe.append(None)
+                w.bias.append(None)
+                w.bias_arr.append(None)
+                w.bias_dev.append(None)
+                w.shared_gu.append(0)
+                w.shared_d.append(0)
+                gate_up = np.concatenate(
+                    [get(p + "mlp.gate_proj.weight", (inter, h)), get(p + "mlp.up_proj.weight", (inter, h))]
+                )
+                w.gu.append(upload(gate_up).data.ptr)
+                w.d.append(upload(get(p + "mlp.down_proj.weight", (h, inter))).data.ptr)
+            eng._ln1.append(vector(get(p + "input_layernorm.weight", (h,))))
+            eng._ln2.append(vector(get(p + "post_attention_layernorm.weight", (h,))))
+        eng._norm = vector(get("model.norm.weight", (h,)))
+
+    def _choose_routing(self, eng: Any) -> bool:
+        """Whether the MoE layers route with the fused kernel (``fused_routing``, see the class docstring)."""
+        request = eng._fused_routing_request
+        if request is False or eng._ds.moe is None:
+            if request:
+                raise ValueError("fused_routing: the model has no MoE layers")
+            return False
+        why = fused_routing_blocker(eng._ds)
+        if why is None:
+            from ..kernels.system import FiFFIError, module_source
+
+            try:
+                module_source(FUSED_ROUTING_MODULE)
+            except FiFFIError as exc:
+                why = f"the kernel lock has no {FUSED_ROUTING_MODULE} module (the models wheel): {exc}"
+        if why is not None and request:
+            raise ValueError(f"fused_routing: cannot use the fused routing kernel: {why}")
+        return why is None
+
+    def _correction_bias(self, eng: Any, ckpt: Checkpoint, name: str) -> np.ndarray | None:
+        """V3's ``e_score_correction_bias`` as float32 on the host (transformers keeps it in float32; a bfloat16
+        copy is widened), None for V2 routing."""
+        c = eng._ds
+        assert c.routing is not None and c.moe is not None
+        if c.routing.method != "noaux_tc":
+            return None
+        info = ckpt.info(name)
+        arr = np.asarray(ckpt.array(name, (c.moe.num_experts,)))
+        if info.dtype == "float32":
+            return arr.astype(np.float32)
+        if info.dtype == "bfloat16":
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        if info.dtype == "float16":
+            return arr.astype(np.float32)
+        raise ValueError(f"model: tensor {name!r} is {info.dtype}; expected float32 or bfloat16")
+
+    def allocate(self, eng: Any) -> None:
+        cp, c = eng._cp, eng._ds
+        storage = np.float16 if eng.dtype == "float16" else np.uint16
+        rows = max(eng.max_prefill_tokens, eng.max_batch)
+        h, heads, dn, dr, dv, r = (
+            c.hidden_size, c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
+        )  # fmt: skip
+        # widths: the Llama views (step_views) also describe qkv/attn/gu/act as [rows, (H + 2) * 64] etc.; the
+        # buffers hold both shapes (those views are never used by this engine's forward)
+        eng._qw = max(heads * (dn + dr), (heads + 2) * dr)
+        inter = max(c.intermediate_size, c.shared_intermediate)
+        b = eng._buf = SimpleNamespace(
+            h=cp.empty((rows, h), storage),
+            x=cp.empty((rows, h), storage),
+            qkv=cp.empty((rows, eng._qw), storage),
+            qa=cp.empty((rows, c.q_lora_rank or 1), storage),
+            qa_n=cp.empty((rows, c.q_lora_rank or 1), storage),
+            ckv=cp.empty((rows, r), storage),
+            ckv_n=cp.empty((rows, r), storage),
+            kpe=cp.empty((rows, dr), storage),
+            q_abs=cp.empty((rows, heads, r), storage),
+            o_lat=cp.empty((rows, heads, r), storage),
+            attn=cp.empty((rows, heads * max(dv, dr)), storage),
+            gu=cp.empty((rows, 2 * inter), storage),
+            act=cp.empty((rows, inter), storage),
+            last=cp.empty((eng.max_batch, h), storage),
+            logits=cp.empty((eng.max_batch, c.vocab_size), np.float32),
+            ids=cp.empty(eng.max_batch, np.int32),
+            ckv_cache=cp.zeros((c.num_layers, eng.num_pages, eng.page_size, r), storage),
+            kpe_cache=cp.zeros((c.num_layers, eng.num_pages, eng.page_size, dr), storage),
+        )
+        if eng.fused_routing_used:  # the fused routing kernel's outputs
+            assert c.moe is not None
+            b.topk_w = cp.empty((rows, c.moe.top_k), np.float32)
+            b.topk_i = cp.empty((rows, c.moe.top_k), np.int32)
+        eng._normed = b.x
+        positions = eng.max_seq_len  # rows 0..max_seq_len, one spare row for the interleaved kernel's read-ahead
+        table = c.cos_sin_cache(positions + 1)
+        eng._cos_sin_dev = cp.asarray(table)
+        eng._cos_sin = kernels.descriptor(
+            eng._cos_sin_dev.data.ptr, (positions + 1, dr), "float32", eng.device, owner=eng._cos_sin_dev
+        )
+        eng._ckv_cache = [
+            kernels.descriptor(
+                b.ckv_cache[i].data.ptr, (eng.num_pages, eng.page_size, r), eng.dtype, eng.device,
+                owner=b.ckv_cache,
+            )
+            for i in range(c.num_layers)
+        ]  # fmt: skip
+        eng._kpe_cache = [
+            kernels.descriptor(
+                b.kpe_cache[i].data.ptr, (eng.num_pages, eng.page_size, dr), eng.dtype, eng.device,
+                owner=b.kpe_cache,
+            )
+            for i in range(c.num_layers)
+        ]  # fmt: skip
+        eng._kv_lens = np.zeros(eng.max_batch, np.int32)
+        eng._decode_qo = np.arange(eng.max_batch + 1, dtype=np.int32)
+        eng._mla = {}
+        eng._allocate_steps()
+
+    def _mla_views(self, eng: Any, rows: int) -> SimpleNamespace:
+        """Descriptors of the MLA operands for ``rows`` token rows (made once per row count)."""
+        m = eng._mla.get(rows)
+        if m is not None:
+            return m
+        if len(eng._mla) > 256:
+            eng._mla.clear()
+        c, b, dt, dev = eng._ds, eng._buf, eng.dtype, eng.device
+        heads, dn, dr, r = c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
+
+        def t(arr: Any, shape: tuple[int, ...], offset: int = 0, strides: tuple[int, ...] | None = None) -> Any:
+            return kernels.descriptor(arr.data.ptr + 2 * offset, shape, dt, dev, strides, owner=arr)
+
+        q_rank = c.q_lora_rank or 1
+        inter, si = c.intermediate_size, max(c.shared_intermediate, 1)
+        m = eng._mla[rows] = SimpleNamespace(
+            qa=t(b.qa, (rows, q_rank)),
+            qa_n=t(b.qa_n, (rows, q_rank)),
+            ckv=t(b.ckv, (rows, r)),
+            ckv_n=t(b.ckv_n, (rows, r)),
+            kpe=t(b.kpe, (rows, dr)),
+            kpe3=t(b.kpe, (rows, 1, dr)),
+            q_pe=t(b.qkv, (rows, heads, dr), dn, (eng._qw, dn + dr, 1)),
+            q_abs=t(b.q_abs, (rows, heads, r)),
+            o_lat=t(b.o_lat, (rows, heads, r)),
+            gu=t(b.gu, (rows, 2 * inter)),
+            act=t(b.act, (rows, inter)),
+            shared_gu=t(b.gu, (rows, 2 * si)),
+            shared_act=t(b.act, (rows, si)),
+        )
+        if eng.fused_routing_used:
+            assert c.moe is not None
+            k, logits = c.moe.top_k, eng._moe_scratch.logits
+            m.logits = kernels.descriptor(logits.data.ptr, (rows, c.moe.num_experts), "float32", dev, owner=logits)
+            m.topk_w = kernels.descriptor(b.topk_w.data.ptr, (rows, k), "float32", dev, owner=b.topk_w)
+            m.topk_i = kernels.descriptor(b.topk_i.data.ptr, (rows, k), "int32", dev, owner=b.topk_i)
+        if eng._static_moe and eng.fused_routing_used and rows <= eng.max_batch:
+            # the fixed-capacity path's routing buffers, which the fused kernel writes in the decode graph
+            assert c.moe is not None
+            sc, k = eng._moe_scratch, c.moe.top_k
+            m.s_topk_w = kernels.descriptor(sc.s_weights.data.ptr, (rows, k), "float32", dev, owner=sc.s_weights)
+            m.s_topk_i = kernels.descriptor(sc.s_experts.data.ptr, (rows, k), "int32", dev, owner=sc.s_experts)
+        return m
+
+    # ------------------------------------------------------------------------------------------ plans
+
+    def _mla_plan(
+        self, eng: Any, ws: Any, qo_indptr: np.ndarray, kv_indptr: np.ndarray, last: np.ndarray, batch: int
+    ) -> Any:
+        lens = eng._kv_lens[:batch]
+        np.subtract(kv_indptr[1 : batch + 1], kv_indptr[:batch], out=lens)
+        lens -= 1
+        lens *= eng.page_size
+        lens += last[:batch]
+        c = eng._ds
+        return kernels.batch_mla_plan(
+            qo_indptr[: batch + 1],
+            kv_indptr[: batch + 1],
+            None,
+            lens,
+            c.num_qo_heads,
+            c.kv_lora_rank,
+            c.qk_rope_head_dim,
+            eng.page_size,
+            True,
+            c.softmax_scale,
+            eng.dtype,
+            stream=eng._s,
+            workspace=ws,
+        )
+
+    def plan_prefill(self, eng: Any, batch: int) -> None:
+        ph = eng._ph
+        eng._prefill_plan = self._mla_plan(
+            eng, eng._ws_prefill, ph["qo_indptr"], ph["kv_indptr"], ph["kv_last_page_len"], batch
+        )
+
+    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
+        dh = eng._dh
+        eng._decode_plan = self._mla_plan(
+            eng, eng._ws_decode, eng._decode_qo, dh["kv_indptr"], dh["kv_last_page_len"], rows
+        )
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def forward(self, eng: Any, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+        """Embedding to the final RMSNorm for ``rows`` token rows (module docstring); normalized rows left in x."""
+        c, b, w, dense, s = eng._ds, eng._buf, eng._w, eng.dense, eng._s
+        h, eps, ab = c.hidden_size, c.rms_norm_eps, eng._ab
+        heads, dn, dr, dv, r = c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        qk, qw = dn + dr, eng._qw
+        x, normed, q = b.x.data.ptr, eng._normed.data.ptr, b.qkv.data.ptr
+        m = eng._mv = self._mla_views(eng, rows)
+        last = c.num_layers - 1
+        eng._embed_and_norm(v, rows)  # one GPU: no vocabulary shard
+        for i in range(c.num_layers):
+            if c.q_lora_rank is None:
+                dense.linear(rows, normed, h, w.q[i], heads * qk, h, q, qw, ab, ab)
+            else:
+                qr = c.q_lora_rank
+                dense.linear(rows, normed, h, w.qa[i], qr, h, b.qa.data.ptr, qr, ab, ab)
+                kernels.rmsnorm(m.qa, w.qa_norm[i], m.qa_n, eps, s)
+                dense.linear(rows, b.qa_n.data.ptr, qr, w.qb[i], heads * qk, qr, q, qw, ab, ab)
+            dense.linear(rows, normed, h, w.ckv[i], r, h, b.ckv.data.ptr, r, ab, ab)
+            dense.linear(rows, normed, h, w.kpe[i], dr, h, b.kpe.data.ptr, dr, ab, ab)
+            kernels.rmsnorm(m.ckv, w.kv_norm[i], m.ckv_n, eps, s)
+            kernels.apply_rope_with_cos_sin_cache_inplace(
+                v.positions, m.q_pe, m.kpe3, dr, eng._cos_sin, not c.rope_interleave, stream=s
+            )
+            kernels.append_paged_mla_kv_cache(
+                m.ckv_n, m.kpe, v.batch_indices, v.positions, eng._ckv_cache[i], eng._kpe_cache[i],
+                v.kv_indices, v.kv_indptr, v.kv_last_page_len, stream=s,
+            )  # fmt: skip
+            # q_abs[:, n] = q_nope[:, n] @ W_k[n], per head n: q_nope is the first dn columns of head n's q
+            dense.batched_linear(
+                heads, rows, q, qw, qk, w.uk_t[i], r, dn, r * dn, b.q_abs.data.ptr, heads * r, r, ab, ab
+            )
+            attention(i, v)
+            # attn[:, n] = o[:, n] @ W_v[n]^T
+            dense.batched_linear(
+                heads, rows, b.o_lat.data.ptr, heads * r, r, w.uv[i], dv, r, dv * r, b.attn.data.ptr, heads * dv,
+                dv, ab, ab,
+            )  # fmt: skip
+            dense.linear(rows, b.attn.data.ptr, heads * dv, w.o[i], h, heads * dv, x, h, ab, ab)
+            eng._add_norm(v, eng._ln2[i])
+            if eng._moe[i] is None:
+                inter = c.intermediate_size
+                dense.linear(rows, normed, h, w.gu[i], 2 * inter, h, b.gu.data.ptr, 2 * inter, ab, ab)
+                kernels.silu_and_mul(m.gu, m.act, s)
+                dense.linear(rows, b.act.data.ptr, inter, w.d[i], h, inter, x, h, ab, ab)
+            elif static_moe:  # the decode graph: routed on the device, fixed capacity
+                self._moe_forward_static(eng, i, rows)
+            else:
+                self._moe_forward(eng, i, rows)
+            eng._add_norm(v, eng._ln1[i + 1] if i < last else eng._norm)
+
+    def _moe_forward(self, eng: Any, i: int, rows: int) -> None:
+        """``x = routed experts(normed) + shared experts(normed)``; ``normed`` is ``x`` itself, so the shared
+        experts' gate/up runs first, the routed output then overwrites x, and the shared down projection adds
+        into it."""
+        c, b, w, dense, s, ab = eng._ds, eng._buf, eng._w, eng.dense, eng._s, eng._ab
+        h, m, layer = c.hidden_size, eng._mv, eng._moe[i]
+        assert c.moe is not None and c.routing is not None
+        si, normed = c.shared_intermediate, eng._normed.data.ptr
+        if si:
+            dense.linear(rows, normed, h, w.shared_gu[i], 2 * si, h, b.gu.data.ptr, 2 * si, ab, ab)
+            kernels.silu_and_mul(m.shared_gu, m.shared_act, s)
+        e = c.moe.num_experts
+        # router logits in float32 (as transformers: a float32 GEMM of the bfloat16 rows), then routing on the host
+        dense.linear(rows, normed, h, layer.weights.router.data.ptr, e, h, layer.logits.data.ptr, e, ab, eng._f32)
+        if eng.fused_routing_used:  # the models wheel's NoAuxTc on the device; only [rows, k] come back
+            r = c.routing
+            kernels.fused_topk_deepseek(
+                m.logits, w.bias_dev[i], r.n_group, r.topk_group, c.moe.top_k, r.routed_scaling_factor, m.topk_w,
+                m.topk_i, stream=s,
+            )  # fmt: skip
+            weights = eng._cp.asnumpy(b.topk_w[:rows], stream=eng.stream)
+            experts = eng._cp.asnumpy(b.topk_i[:rows], stream=eng.stream)
+            eng.stream.synchronize()
+        else:  # host routing from the float32 logits
+            logits = eng._cp.asnumpy(layer.logits[:rows], stream=eng.stream)
+            eng.stream.synchronize()
+            weights, experts = grouped_topk(logits, c.moe.top_k, c.routing, c.moe.renormalize, w.bias[i])
+        groups = group_by_expert(experts, e)
+        layer.last_routing = (weights, experts, groups)  # what the layer was given (tests read it)
+        layer.forward_routed(eng._normed, b.x, weights, groups, rows)
+        if si:
+            dense.linear(rows, b.act.data.ptr, si, w.shared_d[i], h, si, b.x.data.ptr, h, ab, ab, accumulate=True)
+
+    def _moe_forward_static(self, eng: Any, i: int, rows: int) -> None:
+        """:meth:`_moe_forward` without a host step (what the decode graph captures): the router GEMM, the routing on
+        the device into the layer's fixed-capacity buffers (the fused kernel, or :class:`DeviceGroupedTopk`), the
+        experts over their fixed rows, the shared experts added by their down projection."""
+        c, b, w, dense, ab = eng._ds, eng._buf, eng._w, eng.dense, eng._ab
+        h, m, layer = c.hidden_size, eng._mv, eng._moe[i]
+        assert c.moe is not None and c.routing is not None
+        si, normed, e = c.shared_intermediate, eng._normed.data.ptr, c.moe.num_experts
+        if si:
+            dense.linear(rows, normed, h, w.shared_gu[i], 2 * si, h, b.gu.data.ptr, 2 * si, ab, ab)
+            kernels.silu_and_mul(m.shared_gu, m.shared_act, eng._s)
+        dense.linear(rows, normed, h, layer.weights.router.data.ptr, e, h, layer.logits.data.ptr, e, ab, eng._f32)
+        if eng.fused_routing_used:
+            r = c.routing
+            kernels.fused_topk_deepseek(
+                m.logits, w.bias_dev[i], r.n_group, r.topk_group, c.moe.top_k, r.routed_scaling_factor, m.s_topk_w,
+                m.s_topk_i, False, stream=eng._s,
+            )  # fmt: skip
+        else:
+            assert eng._device_topk is not None
+            eng._device_topk(layer.logits, w.bias_arr[i], rows, layer.s_experts, layer.s_weights, eng.stream)
+        layer.forward_static_routed(eng._normed, b.x, rows)
+        if si:
+            dense.linear(rows, b.act.data.ptr, si, w.shared_d[i], h, si, b.x.data.ptr, h, ab, ab, accumulate=True)
+
+    def _mla_run(self, eng: Any, plan: Any, i: int) -> None:
+        m = eng._mv
+        kernels.batch_mla_run(
+            m.q_abs,
+            m.q_pe,
+            eng._ckv_cache[i],
+            eng._kpe_cache[i],
+            out=m.o_lat,
+            kv_indices=eng._kv_indices_view,
+            stream=eng._s,
+            plan=plan,
+        )
+
+    def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
+        eng._kv_indices_view = v.kv_indices
+        self._mla_run(eng, eng._decode_plan, i)
+
+    def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
+        eng._kv_indices_view = v.kv_indices
+        self._mla_run(eng, eng._prefill_plan, i)
+
+
+class DeepSeekEngine(Engine):
+    """Loads a DeepSeek-V3 / V2 checkpoint (bfloat16 or float16) onto one GPU and serves batches of token-id
+    prompts.
+
+    Arguments as :class:`~fi_engine.models.llama.LlamaEngine`'s; ``tensor_parallel`` must be 1 (refused otherwise by
+    :meth:`DeepSeek.check`, with a ValueError naming it); ``cuda_graph=True`` captures the decode step (module
+    docstring), plus:
+
+    Args:
+        fused_routing: route V3 experts with the models wheel's fused ``NoAuxTc`` kernel on the device (then only
+            the chosen experts and weights come back to the host for grouping, not the router logits). None
+            (default): where it applies (:func:`fused_routing_blocker`) and the kernel lock has the module; True:
+            required (ValueError saying why not); False: the host routing
+            (:func:`~fi_engine.layers.deepseek_routing.grouped_topk`). ``fused_routing_used`` says which ran.
+    """
+
+    definition = DeepSeek
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_batch: int = 32,
+        page_size: int = 16,
+        max_seq_len: int | None = None,
+        num_pages: int | None = None,
+        max_prefill_tokens: int | None = None,
+        cuda_graph: bool = False,
+        device: int | None = None,
+        tensor_parallel: int = 1,
+        comm: Any = None,
+        fused_allreduce: bool = True,
+        vocab_parallel: bool = True,
+        fused_routing: bool | None = None,
+        kv_cache_dtype: str | None = "auto",
+        kv_cache_scales: tuple[float, float] | None = None,
+    ) -> None:
+        if fused_routing is not None and not isinstance(fused_routing, bool):
+            raise ValueError(
+                f"fused_routing: expected None (where it applies), True or False, got {fused_routing!r:.40}"
+            )
+        self._fused_routing_request = fused_routing
+        super().__init__(
+            model_dir,
+            max_batch=max_batch,
+            page_size=page_size,
+            max_seq_len=max_seq_len,
+            num_pages=num_pages,
+            max_prefill_tokens=max_prefill_tokens,
+            cuda_graph=cuda_graph,
+            device=device,
+            tensor_parallel=tensor_parallel,
+            comm=comm,
+            fused_allreduce=fused_allreduce,
+            vocab_parallel=vocab_parallel,
+            kv_cache_dtype=kv_cache_dtype,  # refused unless "auto" (MLA: DeepSeek.fp8_kv_refusal)
+            kv_cache_scales=kv_cache_scales,
+        )
+
+    @property
+    def _ds(self) -> DeepSeekConfig:
+        """``config``, typed as what :meth:`_read_config` made it."""
+        return self.config  # type: ignore[return-value]

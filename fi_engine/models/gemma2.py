@@ -1,0 +1,321 @@
+"""Gemma 2 (``model_type`` ``gemma2``) on the Llama engine's serving loop, without torch (needs CuPy and the
+model-family kernel wheel: its head_dim 256 sliding-window + soft-cap decode and prefill modules).
+
+::
+
+    from fi_engine.models.gemma2 import Gemma2Engine
+
+    with Gemma2Engine("/path/to/gemma-2-2b", max_batch=8, cuda_graph=True) as engine:
+        result = engine.generate([[2, 651, 6037]], max_new_tokens=32)
+
+What differs from Llama (transformers' ``Gemma2ForCausalLM``):
+
+- the embedding rows are multiplied by ``sqrt(hidden_size)`` rounded to the weights' dtype (as transformers does);
+- four RMSNorms per layer, all Gemma's ``x / RMS(x) * (1 + w)``: input, post-attention (on the attention output,
+  before the residual add), pre-feed-forward and post-feed-forward (on the MLP output, before the residual add);
+- attention: ``sm_scale = query_pre_attn_scalar ** -0.5``, logits soft-capped (``cap * tanh(s / cap)``,
+  ``attn_logit_softcapping``), even layers within a sliding window (``sliding_window`` tokens), odd layers over the
+  whole context (``layer_types`` when the config lists them). The wheel has only the sliding-window + soft-cap
+  modules for head_dim 256, so a global layer runs them with a window wider than any request (``max_seq_len``):
+  the same mask as no window. Prefill uses FA2 (the wheel has no FA3 head_dim 256 module);
+- the MLP is GeGLU: ``gelu_tanh(gate) * up``;
+- the final logits are soft-capped (``final_logit_softcapping``) in float32 before sampling;
+- the LM head is tied to the embedding unless the config says otherwise (Gemma2Config's default).
+
+Tensor parallelism (``tensor_parallel=N``, :mod:`fi_engine.layers.tensor_parallel`): heads, KV cache and GeGLU
+columns split as Llama's, the embedding and LM head by vocabulary rows. The post-attention and post-feed-forward
+norms apply to the *summed* output of the row-parallel O and down projections, before the residual add, so the
+fused all-reduce + residual + RMSNorm (which adds first) does not fit: each partial sum is all-reduced on its own
+(the fused workspace's plain ``kAllReduce``, or NCCL), then the two Gemma norms run as on one GPU. The scaled
+embedding: each rank scales the rows it has (zeros for the others; the sum is exact). The final soft cap is
+elementwise, so it runs on each rank's logits columns before the argmax (which it does not change) or the gather
+for sampling. Float16 or bfloat16 checkpoints (the kernel wheel's modules are bfloat16).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint.config import LlamaConfig
+from ..checkpoint.family_configs import Gemma2Settings
+from ..checkpoint.safetensors import Checkpoint
+from ..kernels import flashinfer as kernels
+from ..runtime.engine import Engine
+from ..runtime.family import ModelFamily
+from .weights import WeightLoader
+
+__all__ = ["Gemma2", "Gemma2Engine"]
+
+_D2D = 3  # cudaMemcpyKind
+
+_SOURCE = r"""
+__device__ __forceinline__ float load16(unsigned short v, int bf16) {
+    if (bf16) return __uint_as_float(((unsigned int)v) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+__device__ __forceinline__ unsigned short store16(float f, int bf16) {
+    unsigned short h;
+    if (bf16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+// dst[r, :width] = round(src[rows[r] - start, :width] * scale): Gemma's scaled embedding (scale already in the
+// dtype), from a table of the ids [start, start + valid) (a vocabulary shard); zeros for an id outside it.
+extern "C" __global__ void gather_scale16(const unsigned short* __restrict__ src, const int* __restrict__ rows,
+                                          unsigned short* __restrict__ dst, long long width, float scale, int bf16,
+                                          long long start, long long valid) {
+    const long long id = (long long)rows[blockIdx.x] - start;
+    unsigned short* b = dst + (long long)blockIdx.x * width;
+    if (id < 0 || id >= valid) {
+        for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = 0;
+        return;
+    }
+    const unsigned short* a = src + id * width;
+    for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = store16(load16(a[c], bf16) * scale, bf16);
+}
+// x[i] = cap * tanh(x[i] / cap) for i < n (float32 logits).
+extern "C" __global__ void soft_cap(float* __restrict__ x, long long n, float cap) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        x[i] = cap * tanhf(x[i] / cap);
+}
+"""
+
+
+def round_to(value: float, dtype: str) -> float:
+    """``value`` rounded to float16 or bfloat16 (round to nearest even), as a Python float."""
+    if dtype == "float16":
+        return float(np.float16(value))
+    bits = int(np.array(value, np.float32).view(np.uint32))
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return float(np.array(bits, np.uint32).view(np.float32))
+
+
+class Gemma2(ModelFamily):
+    """The Gemma 2 family's definition (module docstring): its config check, weights (four norms per layer, the
+    scaled embedding's kernel), layer body, and a sliding-window + soft-cap plan per distinct window."""
+
+    fp8_kv_refusal = "Gemma 2's attention (logits soft caps and sliding windows at head_dim 256)"
+
+    def check(self, eng: Any, cfg: LlamaConfig) -> None:
+        if cfg.model_type != "gemma2" or not isinstance(cfg.family, Gemma2Settings):
+            raise ValueError(f"model: Gemma2Engine serves gemma2 checkpoints, this one is {cfg.model_type!r}")
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def load(self, eng: Any, ckpt: Checkpoint) -> None:
+        from ..kernels.dense import data_type
+        from ..layers.tensor_parallel import columns, rows
+
+        c = eng.model_config  # the checkpoint's shapes; this rank keeps its shard (rank r of n)
+        r, n, vs = eng.rank, eng.tensor_parallel, eng.vocab_shard
+        g: Gemma2Settings = c.family
+        hq, hk, d, h, inter = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
+        dtype = ckpt.info("model.embed_tokens.weight").dtype
+        if dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints")
+        eng.dtype, eng._ab, eng._f32 = dtype, data_type(dtype), data_type("float32")
+        eng._weights = []
+        eng._moe = []
+        eng._moe_scratch = None
+        w = WeightLoader(ckpt, eng._cp, dtype, eng.device, eng._weights)
+
+        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
+            whole = w.get(name, (c.vocab_size, h))
+            return whole if vs is None else vs.take(whole)
+
+        eng._embed = w.ptr(table("model.embed_tokens.weight"))
+        tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
+        eng._lm_head = eng._embed if tied else w.ptr(table("lm_head.weight"))
+        eng._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
+        # the embedding's token ids [start, start + valid) (the whole vocabulary on one GPU)
+        first, count = (0, c.vocab_size) if vs is None else (vs.start, vs.valid)
+        eng._embed_ids = (np.int64(first), np.int64(count))
+        eng._wqkv, eng._wo, eng._wgu, eng._wd = [], [], [], []
+        eng._ln1, eng._post_attn, eng._pre_ff, eng._post_ff = [], [], [], []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            qkv = [w.get(a + "q_proj.weight", (hq * d, h)), w.get(a + "k_proj.weight", (hk * d, h))]
+            qkv.append(w.get(a + "v_proj.weight", (hk * d, h)))
+            eng._wqkv.append(w.ptr(np.concatenate([rows(x, r, n) for x in qkv])))  # this rank's heads
+            eng._wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))  # a partial sum
+            gate_up = [w.get(p + "mlp.gate_proj.weight", (inter, h)), w.get(p + "mlp.up_proj.weight", (inter, h))]
+            eng._wgu.append(w.ptr(np.concatenate([rows(x, r, n) for x in gate_up])))  # its GeGLU columns
+            eng._wd.append(w.ptr(columns(w.get(p + "mlp.down_proj.weight", (h, inter)), r, n)))
+            eng._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
+            eng._post_attn.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
+            eng._pre_ff.append(w.vector(w.get(p + "pre_feedforward_layernorm.weight", (h,))))
+            eng._post_ff.append(w.vector(w.get(p + "post_feedforward_layernorm.weight", (h,))))
+        eng._norm = w.vector(w.get("model.norm.weight", (h,)))
+        eng._q_norm = []
+        eng._k_norm = []
+        eng._scale = np.float32(round_to(math.sqrt(h), dtype))  # transformers: sqrt(hidden) as a tensor of the dtype
+        eng._bf16 = np.int32(dtype == "bfloat16")
+        module = eng._cp.RawModule(code=_SOURCE)
+        eng._gather_scale = module.get_function("gather_scale16")
+        eng._soft_cap = module.get_function("soft_cap")
+        eng._sm_scale = g.query_pre_attn_scalar**-0.5
+        # window_left per layer: the sliding layers' window, or (global layers) one wider than any request
+        eng._windows = [eng.max_seq_len if x < 0 else x for x in g.windows]
+
+    def allocate(self, eng: Any) -> None:
+        eng._allocate_layers()
+        rows = max(eng.max_prefill_tokens, eng.max_batch)
+        storage = np.float16 if eng.dtype == "float16" else np.uint16
+        eng._y = eng._cp.empty((rows, eng.config.hidden_size), storage)  # attention / MLP output before its norm
+        eng._row_views = {}
+        # Gemma's norms write their rows into x (the LM head's input too); the fused all-reduce's x2, where the base
+        # engine made one, holds the plain all-reduce's sums instead (its output may not overlap its input)
+        eng._sum = getattr(eng._buf, "x2", None)
+        eng._normed = eng._buf.x
+        # one workspace per distinct window (a plan is stale once another is made on its workspace)
+        eng._plan_windows = sorted(set(eng._windows))
+        eng._extra_ws = [kernels.workspace(eng.device) for _ in range(2 * (len(eng._plan_windows) - 1))]
+
+    def _workspaces(self, eng: Any, decode: bool) -> list[Any]:
+        first = eng._ws_decode if decode else eng._ws_prefill
+        n = len(eng._plan_windows) - 1
+        return [first, *(eng._extra_ws[n:] if decode else eng._extra_ws[:n])]
+
+    # ------------------------------------------------------------------------------------------ attention plans
+
+    def plan_prefill(self, eng: Any, batch: int) -> None:
+        c, g, ph = eng.config, eng.config.family, eng._ph
+        eng._prefill_plans = {
+            window: kernels.batch_prefill_paged_plan(
+                ph["qo_indptr"][: batch + 1],
+                ph["kv_indptr"][: batch + 1],
+                None,
+                ph["kv_last_page_len"][:batch],
+                c.num_qo_heads,
+                c.num_kv_heads,
+                c.head_dim,
+                eng.page_size,
+                q_data_type=eng.dtype,
+                causal=True,
+                window_left=window,
+                logits_soft_cap=g.attn_logit_softcapping,
+                sm_scale=eng._sm_scale,
+                backend="fa2",
+                stream=eng._s,
+                workspace=ws,
+            )
+            for window, ws in zip(eng._plan_windows, self._workspaces(eng, False), strict=True)
+        }
+
+    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
+        c, g = eng.config, eng.config.family
+        eng._decode_plans = {
+            window: kernels.batch_decode_plan(
+                eng._dh["kv_indptr"][: rows + 1],
+                None,
+                None,
+                c.num_qo_heads,
+                c.num_kv_heads,
+                c.head_dim,
+                eng.page_size,
+                q_data_type=eng.dtype,
+                window_left=window,
+                logits_soft_cap=g.attn_logit_softcapping,
+                sm_scale=eng._sm_scale,
+                enable_cuda_graph=cuda_graph,
+                stream=eng._s,
+                workspace=ws,
+            )
+            for window, ws in zip(eng._plan_windows, self._workspaces(eng, True), strict=True)
+        }
+        eng._decode_plan = eng._decode_plans[eng._plan_windows[0]]  # the one the graph's layout check watches
+
+    def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
+        kernels.prefill_run(
+            eng._prefill_plans[eng._windows[i]], v.q, eng._k_cache[i], eng._v_cache[i], v.qo_indptr, v.kv_indptr,
+            v.kv_indices, v.kv_last_page_len, v.attn, eng._s,
+        )  # fmt: skip
+
+    def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
+        kernels.decode_run(
+            eng._decode_plans[eng._windows[i]], v.q, eng._k_cache[i], eng._v_cache[i], v.kv_indptr, v.kv_indices,
+            v.kv_last_page_len, v.attn, eng._s,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def _rows_view(self, eng: Any, buf: Any, rows: int) -> Any:
+        """A descriptor of the first ``rows`` rows of ``buf`` (``[*, hidden]``), made once per (buffer, rows)."""
+        key = (int(buf.data.ptr), rows)
+        t = eng._row_views.get(key)
+        if t is None:
+            t = eng._row_views[key] = kernels.descriptor(
+                buf.data.ptr, (rows, eng.config.hidden_size), eng.dtype, eng.device, owner=buf
+            )
+        return t
+
+    def _reduced(self, eng: Any, vy: Any, rows: int) -> Any:
+        """The sum over the ranks of each rank's partial rows ``vy`` (one GPU: ``vy`` itself)."""
+        if eng._allreduce is None:
+            return vy
+        out = None if eng._sum is None else self._rows_view(eng, eng._sum, rows)
+        return eng._allreduce.sum(vy, out, eng._s)
+
+    def forward(self, eng: Any, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+        """Embedding to the final norm for ``rows`` token rows; the normalized rows end in ``x`` (the LM head's
+        input), the residual stream in ``h``."""
+        c, b, dense, s = eng.config, eng._buf, eng.dense, eng._s
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, eng._ab
+        x, qkv, attn, gu, act, y = (a.data.ptr for a in (b.x, b.qkv, b.attn, b.gu, b.act, eng._y))
+        w, hqd, last = eng._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        vy = self._rows_view(eng, eng._y, rows)
+        start, valid = eng._embed_ids
+        if eng.vocab_shard is None:  # the whole table
+            eng._gather_scale((rows,), (256,), (eng._embed, v.token_ids, b.h.data.ptr, h, eng._scale, eng._bf16,
+                                                 start, valid))  # fmt: skip
+        else:  # each rank's vocabulary rows, zeros for the others: their sum is the embedding (exactly)
+            eng._gather_scale((rows,), (256,), (eng._embed, v.token_ids, y, h, eng._scale, eng._bf16, start,
+                                                 valid))  # fmt: skip
+            got = self._reduced(eng, vy, rows)
+            eng._cp.cuda.runtime.memcpyAsync(b.h.data.ptr, got.data_ptr, rows * h * b.h.itemsize, _D2D, s)
+        kernels.gemma_rmsnorm(v.h, eng._ln1[0], out=v.x, eps=eps, stream=s)
+        for i in range(c.num_layers):
+            dense.linear(rows, x, h, eng._wqkv[i], w, h, qkv, w, ab, ab)
+            kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
+            kernels.append_kv(
+                v.k, v.v, v.batch_indices, v.positions, eng._k_cache[i], eng._v_cache[i], v.kv_indices, v.kv_indptr,
+                v.kv_last_page_len, s,
+            )  # fmt: skip
+            attention(i, v)
+            dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, y, h, ab, ab)  # a partial sum with TP
+            kernels.gemma_rmsnorm(
+                self._reduced(eng, vy, rows), eng._post_attn[i], out=v.x, eps=eps, stream=s
+            )  # post-attn
+            kernels.gemma_fused_add_rmsnorm(v.x, v.h, eng._pre_ff[i], eps=eps, stream=s)  # h += x; x = pre-FF norm
+            dense.linear(rows, x, h, eng._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
+            kernels.gelu_tanh_and_mul(v.gu, v.act, stream=s)
+            dense.linear(rows, act, inter, eng._wd[i], h, inter, y, h, ab, ab)  # a partial sum with TP
+            kernels.gemma_rmsnorm(
+                self._reduced(eng, vy, rows), eng._post_ff[i], out=v.x, eps=eps, stream=s
+            )  # post-FF norm
+            nxt = eng._ln1[i + 1] if i < last else eng._norm
+            kernels.gemma_fused_add_rmsnorm(v.x, v.h, nxt, eps=eps, stream=s)
+
+    def finish_logits(self, eng: Any, logits: int, rows: int, columns: int) -> None:
+        cap = eng.config.family.final_logit_softcapping
+        if cap > 0 and rows:
+            n = rows * columns
+            eng._soft_cap((min(1024, -(-n // 256)),), (256,), (logits, n, np.float32(cap)))
+
+    def close(self, eng: Any) -> None:
+        for ws in eng._extra_ws:
+            ws.close()
+
+
+class Gemma2Engine(Engine):
+    """A Gemma 2 checkpoint (:class:`Gemma2`) on one GPU or ``tensor_parallel`` GPUs; arguments and serving API as
+    :class:`~fi_engine.models.llama.LlamaEngine`."""
+
+    definition = Gemma2

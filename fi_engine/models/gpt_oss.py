@@ -1,0 +1,472 @@
+"""gpt-oss (``model_type`` ``gpt_oss``) on the Llama engine's serving loop, without torch (needs CuPy and the
+model-family kernel wheel: its attention-sink modules, bfloat16, head_dim 64, window on and off).
+
+::
+
+    from fi_engine.models.gpt_oss import GptOssEngine
+
+    with GptOssEngine("/path/to/gpt-oss-20b-bf16", max_batch=8, cuda_graph=True) as engine:
+        result = engine.generate([[200006, 17360, 200008]], max_new_tokens=32)
+
+What differs from Llama (transformers' ``GptOssForCausalLM``):
+
+- attention: q/k/v/o projections with biases; YaRN RoPE (rotary ``cos``/``sin`` precomputed once on the host, times
+  YaRN's attention factor, in a float32 cache read by ``apply_rope_with_cos_sin_cache_inplace``); a learned sink
+  logit per head (``self_attn.sinks``) in the softmax; even layers within a sliding window of ``sliding_window``
+  (128) tokens, odd layers over the whole context (``layer_types`` when the config lists them). Prefill runs the
+  sink prefill modules (FA3 on Hopper); **decode runs the same sink prefill modules (FA2) with one query row per
+  request** (``qo_indptr = 0, 1, ..., B``): the kernel wheel has no decode-with-sinks module, and this needs no new
+  kernel and keeps the sink math identical between prefill and decode;
+- the MLP is a mixture of experts in every layer: router with bias; top-k of the router logits, softmax over the k
+  chosen logits; each expert ``down(clamp_swiglu(gate_up(x) + b_gu)) + b_down`` where transformers' gpt-oss
+  activation is ``(clamp(up, -L, L) + 1) * g * sigmoid(alpha * g)``, ``g = clamp(gate, max=L)`` (``L`` =
+  ``swiglu_limit``, 7; ``alpha`` 1.702). The checkpoint stores ``experts.gate_up_proj [E, H, 2I]`` with gate and up
+  interleaved (even and odd columns), ``gate_up_proj_bias [E, 2I]``, ``down_proj [E, I, H]``, ``down_proj_bias
+  [E, H]``.
+
+The MoE layer is :class:`~fi_engine.layers.moe.MoELayer`, the layer of Mixtral and Qwen3-MoE, with gpt-oss's extras
+(:class:`~fi_engine.layers.moe.MoEBiases`, :class:`~fi_engine.layers.moe.ClampedSwiGLU`): the router bias added to the
+float32 router logits (then top-k and softmax over the k chosen, which is the softmax over every expert renormalized
+over the chosen: the layer's routing with ``renormalize``), the gate/up bias and the clamped SwiGLU in one kernel
+between the expert GEMMs, the down bias weighted in the combine. The experts are held once, in the routed layout
+(``gate_up [E, 2I, H]``, ``down [E, H, I]``), and **each step picks one of two paths over them** (``moe_path``):
+
+- **routed**: only the chosen experts' weights are read (grouped GEMM over the ``T * k`` assignments). Prefill and
+  eager decode route on the host (one synchronization per layer, as Mixtral); the decode CUDA graph takes the
+  layer's fixed-capacity path, routed on the device;
+- **dense over the experts** (:meth:`~fi_engine.layers.moe.MoELayer.forward_dense`): every token through every expert
+  (``gate_up`` read as one ``[E * 2I, H]`` GEMM, ``down`` as a strided-batched GEMM over the experts), the routing
+  weights picking each token's k; no host step, so eager decode and the graph run it alike.
+
+The rule (``moe_path="auto"``, :func:`~fi_engine.layers.moe.choose_path`): dense when a step's ``rows * k`` assignments
+reach
+the number of experts (gpt-oss-20b, 32 experts top-4: from 8 rows), routed below, where few experts are touched and
+reading only theirs wins; steps of more than ``max_batch`` rows (long prefills, compute-bound, where routing's ``k / E``
+of the FLOPs counts) are always routed. Each decode CUDA graph (one per batch size of the ladder,
+:func:`~fi_engine.runtime.paging.decode_batches`) picks once, at its capture. Measured on an H100
+(benchmarks/RESULTS.md:
+gpt-oss; ``benchmarks/bench_gpt_oss.py``, gpt-oss-20b-shaped, 2 layers, graph): routed 998 / 2565 / 3879 / 11886
+tokens/s at batch 1 / 4 / 8 / 32, dense 605 / 2289 / 4617 / 16573: the crossover lies between 4 and 8 rows, where the
+rule puts it.
+
+Tensor parallelism (``tensor_parallel=N``, :mod:`fi_engine.layers.tensor_parallel`): each rank keeps its heads (q/k/v
+rows with their biases, its heads' sinks, its KV heads' cache), its columns of the O projection, the whole router
+(every rank routes every token alike, so every rank takes the same path), and the same slice
+``[r * I / N, (r + 1) * I / N)`` of every expert's intermediate columns (:func:`shard_experts`: in the checkpoint's
+interleaved gate/up layout that is one contiguous block of ``2I / N`` columns, with its biases; the clamped SwiGLU
+is elementwise per column pair, so it runs on the slice as on the whole); the embedding and LM head by vocabulary
+rows. The O and expert-down outputs are partial sums, summed by the fused all-reduce + residual + RMSNorm as
+Llama's; their biases (``o_proj.bias``, the routing-weighted ``down_proj_bias``) are added on rank 0 only (the other
+ranks' MoE layers get a zero down bias), so the sum has each once.
+
+Only bfloat16 checkpoints (the sink modules are bfloat16); MXFP4 checkpoints (the published ones) are refused with
+the recipe for a bfloat16 copy (docs/engine.md: gpt-oss).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint.config import LlamaConfig
+from ..checkpoint.family_configs import MXFP4_HELP, GptOssSettings
+from ..checkpoint.safetensors import Checkpoint
+from ..kernels import flashinfer as kernels
+from ..runtime.engine import Engine
+from ..runtime.family import ModelFamily
+from ..runtime.moe_paths import MoEPaths
+from ..values import arg_array, arg_int
+from .weights import WeightLoader
+
+__all__ = ["GptOss", "GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache", "shard_experts"]
+
+# rows of the cos/sin table: p * f is a float32 product (exact positions up to 2**24, as transformers computes it)
+MAX_ROPE_POSITIONS = 1 << 24
+
+_SOURCE = r"""
+__device__ __forceinline__ float bf(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
+__device__ __forceinline__ unsigned short to_bf(float f) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+// x[t, c] = round(x[t, c] + b[c]) for t < rows, c < width (bfloat16; row stride ld).
+extern "C" __global__ void add_bias(unsigned short* __restrict__ x, const unsigned short* __restrict__ b,
+                                    long long width, long long ld) {
+    unsigned short* row = x + (long long)blockIdx.x * ld;
+    for (long long c = threadIdx.x; c < width; c += blockDim.x) row[c] = to_bf(bf(row[c]) + bf(b[c]));
+}
+"""
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bits (uint16)."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def rope_cos_sin_cache(cfg: LlamaConfig, positions: int) -> np.ndarray:
+    """float32 ``[positions, head_dim]``: ``cos(p * f_j) * s`` for ``j < head_dim / 2``, then ``sin(p * f_j) * s``,
+    with gpt-oss's frequencies ``f`` and scale ``s`` (YaRN's, or plain RoPE's with ``s = 1``); as transformers,
+    ``p * f`` is a float32 product."""
+    if not isinstance(cfg, LlamaConfig) or not isinstance(cfg.family, GptOssSettings):
+        raise TypeError(f"cfg: expected a gpt-oss LlamaConfig (LlamaConfig.from_dir), got {type(cfg).__name__}")
+    positions = arg_int("positions", positions, 0, MAX_ROPE_POSITIONS)
+    g: GptOssSettings = cfg.family
+    d, theta = cfg.head_dim, cfg.rope.theta
+    if g.yarn is None:
+        inv, scale = (1.0 / theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))).astype(np.float32), 1.0
+    else:
+        inv, scale = g.yarn.inv_freq(theta, d), g.yarn.scale()
+    angles = np.arange(positions, dtype=np.float32)[:, None] * inv[None, :]  # float32, as transformers
+    return (np.concatenate([np.cos(angles), np.sin(angles)], axis=1) * np.float32(scale)).astype(np.float32)
+
+
+def check_checkpoint(ckpt: Checkpoint) -> str:
+    """The checkpoint's dtype, which must be bfloat16 and unquantized (ValueError naming the tensor otherwise)."""
+    quantized = next((n for n in ckpt.tensors if n.endswith(("_blocks", "_scales"))), None)
+    if quantized is not None:
+        raise ValueError(f"model: tensor {quantized!r} is MXFP4-quantized; {MXFP4_HELP}")
+    dtype = ckpt.info("model.embed_tokens.weight").dtype
+    if dtype != "bfloat16":
+        raise ValueError(
+            f"model: weights are {dtype}; gpt-oss runs in bfloat16 here (the attention-sink kernels are "
+            f"bfloat16): save the model with torch_dtype=torch.bfloat16"
+        )
+    return dtype
+
+
+def expert_matrices(gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One layer's experts in :class:`~fi_engine.layers.moe.MoEWeights`' layouts (nn.Linear weights per expert).
+
+    Args:
+        gate_up: ``[E, H, 2I]`` (the checkpoint's ``experts.gate_up_proj``: ``x @ gate_up[e]``, gate on the even
+            and up on the odd columns).
+        gate_up_bias: ``[E, 2I]``, interleaved the same way.
+        down: ``[E, I, H]`` (``act @ down[e]``).
+
+    Returns:
+        ``(w_gu [E, 2I, H], b_gu [E, 2I], w_down [E, H, I])``: ``w_gu[e]`` expert ``e``'s gate rows, then its up
+        rows (``x @ w_gu[e].T`` gives ``[gate, up]``); ``b_gu`` likewise (gate, then up); ``w_down[e]`` its down
+        projection (``act @ w_down[e].T``).
+    """
+    arg_array("gate_up", gate_up, 3, "[num_experts, hidden, 2 * intermediate]")
+    e, h, two_i = gate_up.shape
+    if two_i % 2:
+        raise ValueError(f"gate_up: expected an even last dimension (gate and up interleaved), got {gate_up.shape}")
+    arg_array("gate_up_bias", gate_up_bias, 2, f"[{e}, {two_i}]")
+    if gate_up_bias.shape != (e, two_i):
+        raise ValueError(
+            f"gate_up_bias: expected shape ({e}, {two_i}) (gate_up's experts and columns), got {gate_up_bias.shape}"
+        )
+    arg_array("down", down, 3, f"[{e}, {two_i // 2}, {h}]")
+    if down.shape != (e, two_i // 2, h):
+        raise ValueError(
+            f"down: expected shape ({e}, {two_i // 2}, {h}) (gate_up's experts, intermediate and "
+            f"hidden), got {down.shape}"
+        )
+    t = gate_up.transpose(0, 2, 1)  # [E, 2I, H]
+    w_gu = np.concatenate([t[:, 0::2], t[:, 1::2]], axis=1)
+    b_gu = np.concatenate([gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]], axis=1)
+    w_down = down.transpose(0, 2, 1)
+    return np.ascontiguousarray(w_gu), np.ascontiguousarray(b_gu), np.ascontiguousarray(w_down)
+
+
+def shard_experts(
+    gate_up: np.ndarray, gate_up_bias: np.ndarray, down: np.ndarray, rank: int, parts: int
+) -> tuple[np.ndarray, ...]:
+    """Rank ``rank``'s slice of every expert's intermediate columns, in the checkpoint's layout (what
+    :func:`expert_matrices` takes).
+
+    Args:
+        gate_up: ``[E, H, 2I]``, gate and up interleaved (even and odd columns: intermediate column ``j`` is the
+            pair ``2j, 2j + 1``).
+        gate_up_bias: ``[E, 2I]``, interleaved the same way.
+        down: ``[E, I, H]``.
+        rank, parts: this rank of ``parts``; ``parts`` must divide ``I``.
+
+    Returns ``(gate_up [E, H, 2I/N], gate_up_bias [E, 2I/N], down [E, I/N, H])``: intermediate columns
+    ``[r * I/N, (r + 1) * I/N)``, i.e. interleaved columns ``[2r * I/N, 2(r + 1) * I/N)``. Every rank's experts
+    give a partial sum of each expert's down projection (without its bias, which one rank adds).
+    """
+    from ..layers.tensor_parallel import MAX_PARTS
+
+    arg_array("gate_up", gate_up, 3, "[num_experts, hidden, 2 * intermediate]")
+    e, _, two_i = gate_up.shape
+    arg_array("gate_up_bias", gate_up_bias, 2, f"[{e}, {two_i}]")
+    arg_array("down", down, 3, f"[{e}, {two_i // 2}, hidden]")
+    if gate_up_bias.shape != (e, two_i) or down.shape[:2] != (e, two_i // 2) or two_i % 2:
+        raise ValueError(
+            f"gate_up_bias, down: expected [{e}, {two_i}] and [{e}, {two_i // 2}, hidden] (gate_up {gate_up.shape}: "
+            f"an even number of interleaved columns), got {gate_up_bias.shape} and {down.shape}"
+        )
+    parts = arg_int("parts", parts, 1, MAX_PARTS)
+    rank = arg_int("rank", rank, 0, parts - 1)
+    i = two_i // 2
+    if i % parts:
+        raise ValueError(f"parts: {parts} does not divide the experts' {i} intermediate columns")
+    step = i // parts
+    lo, hi = rank * step, (rank + 1) * step
+    return (
+        np.ascontiguousarray(gate_up[:, :, 2 * lo : 2 * hi]),
+        np.ascontiguousarray(gate_up_bias[:, 2 * lo : 2 * hi]),
+        np.ascontiguousarray(down[:, lo:hi]),
+    )
+
+
+class GptOss(ModelFamily):
+    """The gpt-oss family's definition (module docstring): its config check, bfloat16 weights (biased attention,
+    sinks, the experts in the routed layout with their biases, the YaRN cos/sin table), layer body with its two MoE
+    paths, and an attention-sink plan per distinct window (decode on the sink prefill modules)."""
+
+    fp8_kv_refusal = "gpt-oss's attention sinks"
+
+    def check(self, eng: Any, cfg: LlamaConfig) -> None:
+        if cfg.model_type != "gpt_oss" or not isinstance(cfg.family, GptOssSettings):
+            raise ValueError(f"model: GptOssEngine serves gpt_oss checkpoints, this one is {cfg.model_type!r}")
+        if cfg.moe is None or cfg.moe.top_k > 64:
+            raise ValueError("num_experts_per_tok: above 64 is not supported by the biased MoE combine kernel")
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    def load(self, eng: Any, ckpt: Checkpoint) -> None:
+        from ..kernels.dense import data_type
+        from ..layers.tensor_parallel import columns, rows, segment
+
+        c = eng.model_config  # the checkpoint's shapes; this rank keeps its shard (rank r of n)
+        r, n, vs = eng.rank, eng.tensor_parallel, eng.vocab_shard
+        assert c.moe is not None
+        hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+        e, i_size = c.moe.num_experts, c.moe.intermediate_size
+        dtype = check_checkpoint(ckpt)
+        eng.dtype, eng._ab, eng._f32 = dtype, data_type(dtype), data_type("float32")
+        eng._weights = []
+        eng._moe = []
+        eng._moe_scratch = None
+        w = WeightLoader(ckpt, eng._cp, dtype, eng.device, eng._weights)
+
+        def host_f32(name: str, shape: tuple[int, ...]) -> np.ndarray:  # biases and sinks, as float32
+            info = ckpt.info(name)
+            arr = ckpt.array(name, shape)
+            if info.dtype not in ("bfloat16", "float32"):
+                raise ValueError(f"model: tensor {name!r} is {info.dtype}, expected bfloat16 or float32")
+            return bf16_to_f32(arr) if info.dtype == "bfloat16" else np.asarray(arr, np.float32)
+
+        def f32(name: str, shape: tuple[int, ...]) -> Any:  # on the device
+            return w.upload(host_f32(name, shape))
+
+        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
+            whole = w.get(name, (c.vocab_size, h))
+            return whole if vs is None else vs.take(whole)
+
+        eng._embed = w.ptr(table("model.embed_tokens.weight"))
+        tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
+        eng._lm_head = eng._embed if tied else w.ptr(table("lm_head.weight"))
+        eng._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
+        eng._with_bias = r == 0  # the row-parallel outputs' biases: once in the ranks' sum
+        eng._wqkv, eng._bqkv, eng._wo, eng._bo, eng._ln1, eng._ln2 = [], [], [], [], [], []
+        eng._sinks = []
+        from ..layers.moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEScratch, MoEWeights
+
+        g: GptOssSettings = c.family
+        eng._ws_moe = kernels.workspace(eng.device)  # the grouped GEMMs' own
+        max_tokens = max(eng.max_prefill_tokens, eng.max_batch)
+        # buffers for the paths this engine can take: the fixed-capacity routed path where a decode graph (one per
+        # batch size of the ladder) routes, the dense path where some step of up to max_batch rows goes dense
+        graph_paths = {eng.moe_path_for(b) for b in eng.decode_graph_batches} if eng._static_moe else set()
+        capacity = eng.max_batch if "routed" in graph_paths else None
+        dense_rows = eng.max_batch if eng._dense_moe(eng.max_batch) else None  # forced, or auto from some row count up
+        eng._moe_scratch = MoEScratch(
+            num_experts=e, hidden=h, intermediate=i_size // n, top_k=c.moe.top_k, max_tokens=max_tokens, dtype=dtype,
+            capacity=capacity, dense_rows=dense_rows,
+        )  # fmt: skip
+        activation = ClampedSwiGLU(float(g.alpha), float(g.swiglu_limit))
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            shapes = (("q_proj", hq * d), ("k_proj", hk * d), ("v_proj", hk * d))
+            # this rank's heads: q/k/v rows with their biases, its heads' sinks; the O projection's columns
+            eng._wqkv.append(w.ptr(np.concatenate([rows(w.get(f"{a}{x}.weight", (k, h)), r, n) for x, k in shapes])))
+            eng._bqkv.append(w.ptr(np.concatenate([segment(w.get(f"{a}{x}.bias", (k,)), r, n) for x, k in shapes])))
+            eng._wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))
+            eng._bo.append(w.ptr(w.get(a + "o_proj.bias", (h,))))  # added by rank 0 only
+            sinks = w.upload(segment(host_f32(a + "sinks", (hq,)), r, n))
+            eng._sinks.append(kernels.descriptor(sinks.data.ptr, sinks.shape, "float32", eng.device, owner=sinks))
+            eng._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
+            eng._ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
+            m = p + "mlp."
+            experts = shard_experts(  # this rank's slice of every expert's intermediate columns
+                w.get(m + "experts.gate_up_proj", (e, h, 2 * i_size)),
+                bf16_to_f32(w.get(m + "experts.gate_up_proj_bias", (e, 2 * i_size))),
+                w.get(m + "experts.down_proj", (e, i_size, h)),
+                r,
+                n,
+            )
+            w_gu, b_gu, w_down = expert_matrices(*experts)
+            weights = MoEWeights(w.upload(w.get(m + "router.weight", (e, h))), w.upload(w_gu), w.upload(w_down))
+            b_down = host_f32(m + "experts.down_proj_bias", (e, h))
+            b_down = b_down if eng._with_bias else np.zeros_like(b_down)  # rank 0's partial sum carries it
+            biases = MoEBiases(f32(m + "router.bias", (e,)), w.upload(b_gu), w.upload(b_down))
+            eng._moe.append(
+                MoELayer(
+                    weights, dtype=dtype, top_k=c.moe.top_k, renormalize=True, max_tokens=max_tokens,
+                    stream=eng.stream, dense=eng.dense, workspace=eng._ws_moe, capacity=capacity,
+                    scratch=eng._moe_scratch, biases=biases, activation=activation, dense_rows=dense_rows,
+                )
+            )  # fmt: skip
+        eng._norm = w.vector(w.get("model.norm.weight", (h,)))
+        eng._q_norm = []
+        eng._k_norm = []
+        cache = w.upload(rope_cos_sin_cache(c, eng.max_seq_len))
+        eng._cos_sin = kernels.descriptor(cache.data.ptr, cache.shape, "float32", eng.device, owner=cache)
+        module = eng._cp.RawModule(code=_SOURCE)
+        eng._k_bias = module.get_function("add_bias")
+        eng._windows = list(g.windows)
+
+    def allocate(self, eng: Any) -> None:
+        eng._allocate_layers()
+        cp = eng._cp
+        # decode: one query row per request (the sink prefill kernels serve decode)
+        eng._qo_host = np.arange(eng.max_batch + 1, dtype=np.int32)
+        eng._qo_dev = cp.asarray(eng._qo_host)
+        eng._qo_views = {}
+        eng._plan_windows = sorted(set(eng._windows))
+        eng._extra_ws = [kernels.workspace(eng.device) for _ in range(2 * (len(eng._plan_windows) - 1))]
+
+    def _workspaces(self, eng: Any, decode: bool) -> list[Any]:
+        first = eng._ws_decode if decode else eng._ws_prefill
+        n = len(eng._plan_windows) - 1
+        return [first, *(eng._extra_ws[n:] if decode else eng._extra_ws[:n])]
+
+    # ------------------------------------------------------------------------------------------ attention
+
+    def _sink_plan(self, eng: Any, ws: Any, qo: Any, kv: Any, last: Any, window: int, backend: Any, graph: bool) -> Any:
+        c = eng.config
+        return kernels.batch_attention_sink_plan(
+            qo,
+            kv,
+            None,
+            last,
+            c.num_qo_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            eng.page_size,
+            q_data_type=eng.dtype,
+            causal=True,
+            window_left=window,
+            sm_scale=c.head_dim**-0.5,
+            backend=backend,
+            enable_cuda_graph=graph,
+            stream=eng._s,
+            workspace=ws,
+        )
+
+    def plan_prefill(self, eng: Any, batch: int) -> None:
+        ph = eng._ph
+        qo, kv, last = ph["qo_indptr"][: batch + 1], ph["kv_indptr"][: batch + 1], ph["kv_last_page_len"][:batch]
+        eng._prefill_plans = {
+            window: self._sink_plan(eng, ws, qo, kv, last, window, "auto", False)
+            for window, ws in zip(eng._plan_windows, self._workspaces(eng, False), strict=True)
+        }
+
+    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
+        dh = eng._dh
+        qo, kv, last = eng._qo_host[: rows + 1], dh["kv_indptr"][: rows + 1], dh["kv_last_page_len"][:rows]
+        # FA2: a decode row is one query; FA2's small query tiles suit it, and its CUDA-graph schedule is fixed
+        eng._decode_plans = {
+            window: self._sink_plan(eng, ws, qo, kv, last, window, "fa2", cuda_graph)
+            for window, ws in zip(eng._plan_windows, self._workspaces(eng, True), strict=True)
+        }
+        eng._decode_plan = eng._decode_plans[eng._plan_windows[0]]  # the one the graph's layout check watches
+
+    def _qo_view(self, eng: Any, rows: int) -> Any:
+        t = eng._qo_views.get(rows)
+        if t is None:
+            t = eng._qo_views[rows] = kernels.descriptor(
+                eng._qo_dev.data.ptr, (rows + 1,), "int32", eng.device, owner=eng._qo_dev
+            )
+        return t
+
+    def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
+        kernels.batch_attention_sink_run(
+            v.q,
+            (eng._k_cache[i], eng._v_cache[i]),
+            qo_indptr=v.qo_indptr,
+            kv_indptr=v.kv_indptr,
+            kv_indices=v.kv_indices,
+            kv_last_page_len=v.kv_last_page_len,
+            out=v.attn,
+            sinks=eng._sinks[i],
+            stream=eng._s,
+            plan=eng._prefill_plans[eng._windows[i]],
+        )
+
+    def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
+        kernels.batch_attention_sink_run(
+            v.q,
+            (eng._k_cache[i], eng._v_cache[i]),
+            qo_indptr=self._qo_view(eng, v.kv_last_page_len.shape[0]),
+            kv_indptr=v.kv_indptr,
+            kv_indices=v.kv_indices,
+            kv_last_page_len=v.kv_last_page_len,
+            out=v.attn,
+            sinks=eng._sinks[i],
+            stream=eng._s,
+            plan=eng._decode_plans[eng._windows[i]],
+        )
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def forward(self, eng: Any, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+        """Embedding to the final RMSNorm for ``rows`` token rows; the normalized rows end in ``x2`` (``x``
+        itself unless the fused all-reduce writes them), the residual stream in ``h``."""
+        c, b, dense, s = eng.config, eng._buf, eng.dense, eng._s
+        h, ab = c.hidden_size, eng._ab
+        x, qkv, attn = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr
+        normed = eng._normed.data.ptr
+        w, hqd, last = eng._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        path = eng.moe_path_for(rows)
+        eng._embed_and_norm(v, rows)
+        for i in range(c.num_layers):
+            dense.linear(rows, normed, h, eng._wqkv[i], w, h, qkv, w, ab, ab)
+            eng._k_bias((rows,), (256,), (qkv, eng._bqkv[i], w, w))
+            kernels.apply_rope_with_cos_sin_cache_inplace(
+                v.positions, v.q, v.k, c.head_dim, eng._cos_sin, is_neox=True, stream=s
+            )
+            kernels.append_kv(
+                v.k, v.v, v.batch_indices, v.positions, eng._k_cache[i], eng._v_cache[i], v.kv_indices, v.kv_indptr,
+                v.kv_last_page_len, s,
+            )  # fmt: skip
+            attention(i, v)
+            dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
+            if eng._with_bias:
+                eng._k_bias((rows,), (256,), (x, eng._bo[i], h, h))
+            eng._add_norm(v, eng._ln2[i])
+            xin = eng._normed  # x, or x2 with the fused all-reduce; the MoE's (partial) output goes to x
+            if path == "dense":  # every expert, no host step (capturable)
+                eng._moe[i].forward_dense(xin, b.x, rows)
+            elif static_moe:  # the decode graph: routed on the device, fixed capacity (capturable)
+                eng._moe[i].forward_static(xin, b.x, rows)
+            else:  # routed on the host: only the chosen experts' weights are read
+                eng._moe[i].forward(xin, b.x, rows)
+            eng._add_norm(v, eng._ln1[i + 1] if i < last else eng._norm)
+
+    def close(self, eng: Any) -> None:
+        for ws in eng._extra_ws:
+            ws.close()
+
+
+class GptOssEngine(MoEPaths, Engine):
+    """A bfloat16 gpt-oss checkpoint on one GPU or ``tensor_parallel`` GPUs; arguments and serving API as
+    :class:`~fi_engine.models.llama.LlamaEngine`, plus:
+
+    Args:
+        moe_path: how the MoE layers run a step of up to ``max_batch`` token rows (module docstring;
+            :class:`~fi_engine.runtime.moe_paths.MoEPaths`): ``"auto"`` (default) picks per step by
+            :func:`~fi_engine.layers.moe.choose_path` (dense over the experts from ``num_experts / top_k`` rows, routed
+            below; each decode CUDA graph picks once, at its capture); ``"routed"`` or ``"dense"`` force one path.
+            Steps of more rows (long prefills) are always routed.
+    """
+
+    definition = GptOss

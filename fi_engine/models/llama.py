@@ -1,0 +1,424 @@
+"""A Llama serving engine without torch: fi_ffi for FlashInfer's ops, cuBLAS (called through cffi) for the GEMMs,
+CuPy for device memory and two small kernels.
+
+::
+
+    from fi_engine.models.llama import LlamaEngine
+
+    with LlamaEngine("/path/to/Llama-3.2-1B", max_batch=8, cuda_graph=True) as engine:
+        result = engine.generate([[128000, 791, 6864], [128000, 40]], max_new_tokens=32)
+    print(result.tokens, result.tokens_per_s, result.host_us_per_step)
+
+The model (``config.json`` + ``*.safetensors``, float16 or bfloat16): token embedding; per layer RMSNorm,
+fused QKV projection, (Qwen3: per-head RMSNorm of q and k,) RoPE (plain or Llama 3.1 scaled) on q and k, K/V
+appended to the paged cache, attention (causal batch prefill, or batch decode) with GQA, output projection, fused
+residual-add + RMSNorm, fused gate/up projection, SiLU-and-mul, down projection (Mixtral, Qwen3-MoE: the
+mixture-of-experts layer of :mod:`fi_engine.layers.moe` instead); final RMSNorm; LM head (tied to the embedding or
+not) with float32 logits; greedy argmax or top-k/top-p sampling. Model types: ``llama``, ``qwen3``, ``mixtral``,
+``qwen3_moe`` (:mod:`fi_engine.checkpoint.config`). MoE layers take a device path (no host step) for every step of at
+most
+``max_batch`` rows, eager or in a decode graph: the fixed-capacity routed path (the grouped GEMV, or the grouped
+GEMM) or dense over the experts, as ``moe_path`` picks (:mod:`fi_engine.runtime.moe_paths`); longer prefills route on
+the
+host.
+
+Serving (:class:`~fi_engine.runtime.engine.Engine`, of which :class:`LlamaEngine` is the Llama family's): the prompts
+are
+queued (:mod:`fi_engine.runtime.paging`), admitted into free batch
+slots and prefilled together (one ``batch_prefill_paged_plan``, one run per layer); then each decode step makes
+one ``batch_decode_plan`` and runs every layer with it, samples one token per request, copies the tokens to the
+host and lets finished requests leave (their pages are freed). With ``cuda_graph=True`` the decode step is
+captured at each batch size of :func:`~fi_engine.runtime.paging.decode_batches` (1, 2, 4, ..., ``max_batch`` rows) and
+every
+step replays the smallest holding its occupied slots (empty ones among them padded): it re-plans
+(``enable_cuda_graph=True``), copies the step's index arrays into the graph's buffers and replays it. A prefill
+pads its token rows up to a bucket (:func:`~fi_engine.runtime.paging.prefill_buckets`; the padding rows are one more
+request living on the padding page) and its requests up to a few slot counts with empty requests
+(:func:`~fi_engine.runtime.paging.prefill_slots`), and replays that shape's CUDA graph, captured the first time it is
+met
+(:mod:`~fi_engine.runtime.step_graphs`).
+
+Every buffer is allocated once, in the engine's constructor; the ops write into them (no allocation
+per step, which is also what makes the capture valid). All GPU work runs on the engine's own stream.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint.config import FAMILY_ENGINES, LlamaConfig
+from ..checkpoint.safetensors import Checkpoint
+from ..kernels import flashinfer as kernels
+from ..layers.moe import MoELayer
+from ..runtime.engine import Engine
+from ..runtime.family import ModelFamily
+from ..runtime.moe_paths import MoEPaths
+from ..runtime.sampling_params import SamplingParams
+from ..runtime.serving import GenerationResult
+from ..runtime.step_graphs import _PREFILL_GRAPHS, _refuse_allocation  # noqa: F401 - their old home (benchmarks import it)
+from ..runtime.storage import step_views
+
+__all__ = ["GenerationResult", "Llama", "LlamaEngine", "SamplingParams", "step_views"]
+
+
+class Llama(ModelFamily):
+    """The Llama family's definition (``llama``, ``qwen3``, ``mixtral``, ``qwen3_moe``): Llama's config, its weights
+    (fused QKV and gate/up, Qwen3's per-head norms, Mixtral's and Qwen3-MoE's experts), the Llama pass (the module
+    docstring) and FlashInfer's paged prefill and decode plans. The fused decode step and the padded prefill graphs
+    serve it (:attr:`~fi_engine.runtime.family.ModelFamily.llama_pass`)."""
+
+    llama_pass = True
+    fp8_kv_refusal = ""  # bf16 queries over an e4m3 cache: FA2 decode and paged prefill (head_dim 128, kv_fp8)
+    _planned: tuple[int, bool, bytes] | None = None  # the key of the decode plan in the workspace (plan_decode)
+
+    def plans_ahead(self) -> bool:
+        return type(self).plan_decode is Llama.plan_decode  # a subclass planning otherwise opts out
+
+    def check(self, eng: Engine, cfg: LlamaConfig) -> None:
+        """Refuse the model types another family serves (``fi_engine.models.registry.engine_class`` picks it), and FP8
+        weights over several GPUs (their shards are not cut yet)."""
+        if cfg.fp8 is not None and eng.tensor_parallel > 1:
+            raise ValueError(
+                f"tensor_parallel: {eng.tensor_parallel}; FP8 weights run on one GPU here (a shard would cut the "
+                f"scale blocks); leave tensor_parallel at 1 or serve a bfloat16 copy"
+            )
+        if isinstance(eng, MoEPaths):
+            eng.check_moe_path(cfg)
+        if cfg.family is not None:
+            name = FAMILY_ENGINES[cfg.model_type]
+            raise ValueError(
+                f"model: a {cfg.model_type} checkpoint; load it with fi_engine.{name} (or "
+                f"fi_engine.models.registry.open_engine, which picks the engine from config.json)"
+            )
+
+    def load(self, eng: Engine, ckpt: Checkpoint) -> None:
+        from ..layers.tensor_parallel import columns, rows
+
+        cp, c = eng._cp, eng.model_config  # the checkpoint's shapes; this rank keeps its shard
+        hq, hk, d, h, inter = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
+        r, n = eng.rank, eng.tensor_parallel
+        embed_info = ckpt.info("model.embed_tokens.weight")
+        dtype = embed_info.dtype
+        if dtype not in ("float16", "bfloat16"):
+            raise ValueError(
+                f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints "
+                f"(save the model in one of them)"
+            )
+        eng.dtype = dtype
+        from ..kernels.dense import data_type
+
+        eng._ab = data_type(dtype)
+        eng._f32 = data_type("float32")
+        eng._weights = []  # keeps every device array alive
+
+        def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+            if ckpt.info(name).dtype != dtype:
+                raise ValueError(
+                    f"model: tensor {name!r} is {ckpt.info(name).dtype}, the embedding is {dtype}; "
+                    f"mixed-precision checkpoints are not supported"
+                )
+            return ckpt.array(name, shape)
+
+        def upload(arr: np.ndarray) -> Any:
+            dev = cp.asarray(np.ascontiguousarray(arr))
+            eng._weights.append(dev)
+            return dev
+
+        def vector(arr: np.ndarray) -> Any:
+            dev = upload(arr)
+            return kernels.descriptor(dev.data.ptr, (arr.shape[0],), dtype, eng.device, owner=dev)
+
+        vs = eng.vocab_shard
+        fp8 = c.fp8  # an Fp8Scheme: the projections are e4m3 (fi_engine.checkpoint.fp8_weights), the rest 16-bit
+
+        def fp8_linear(parts: list[tuple[str, tuple[int, int]]]) -> int:
+            from ..checkpoint.fp8_weights import read_fp8_linear, upload_fp8_linear
+
+            return upload_fp8_linear(eng.dense, read_fp8_linear(ckpt, fp8, parts), upload)
+
+        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
+            whole = get(name, (c.vocab_size, h))
+            return whole if vs is None else vs.take(whole)
+
+        eng._embed = upload(table("model.embed_tokens.weight")).data.ptr
+        eng._lm_head = eng._embed if c.tie_word_embeddings else upload(table("lm_head.weight")).data.ptr
+        eng._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
+        eng._wqkv, eng._wo, eng._wgu, eng._wd, eng._ln1, eng._ln2 = [], [], [], [], [], []
+        eng._q_norm = []
+        eng._k_norm = []
+        eng._moe = []
+        eng._moe_scratch = None
+        if c.moe is not None:
+            eng._ws_moe = kernels.workspace(eng.device)  # the grouped GEMMs' own (argument arrays, scratch)
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            if fp8 is not None:  # e4m3 projections (one GPU): read, uploaded and registered with the GEMMs
+                a = p + "self_attn."
+                qkv_parts = [(a + "q_proj", (hq * d, h)), (a + "k_proj", (hk * d, h)), (a + "v_proj", (hk * d, h))]
+                eng._wqkv.append(fp8_linear(qkv_parts))
+                eng._wo.append(fp8_linear([(a + "o_proj", (h, hq * d))]))
+            else:
+                eng._wqkv.append(
+                    upload(
+                        np.concatenate(
+                            [
+                                rows(get(p + "self_attn.q_proj.weight", (hq * d, h)), r, n),
+                                rows(get(p + "self_attn.k_proj.weight", (hk * d, h)), r, n),
+                                rows(get(p + "self_attn.v_proj.weight", (hk * d, h)), r, n),
+                            ]
+                        )
+                    ).data.ptr
+                )
+                eng._wo.append(upload(columns(get(p + "self_attn.o_proj.weight", (h, hq * d)), r, n)).data.ptr)
+            if c.qk_norm:  # per head_dim: every rank keeps the whole vector
+                eng._q_norm.append(vector(get(p + "self_attn.q_norm.weight", (d,))))
+                eng._k_norm.append(vector(get(p + "self_attn.k_norm.weight", (d,))))
+            if c.moe is not None:
+                eng._moe.append(load_moe_layer(eng, ckpt, p, get, upload))
+            elif fp8 is not None:
+                eng._wgu.append(fp8_linear([(p + "mlp.gate_proj", (inter, h)), (p + "mlp.up_proj", (inter, h))]))
+                eng._wd.append(fp8_linear([(p + "mlp.down_proj", (h, inter))]))
+            else:
+                eng._wgu.append(
+                    upload(
+                        np.concatenate(
+                            [
+                                rows(get(p + "mlp.gate_proj.weight", (inter, h)), r, n),
+                                rows(get(p + "mlp.up_proj.weight", (inter, h)), r, n),
+                            ]
+                        )
+                    ).data.ptr
+                )
+                eng._wd.append(upload(columns(get(p + "mlp.down_proj.weight", (h, inter)), r, n)).data.ptr)
+            eng._ln1.append(vector(get(p + "input_layernorm.weight", (h,))))
+            eng._ln2.append(vector(get(p + "post_attention_layernorm.weight", (h,))))
+        eng._norm = vector(get("model.norm.weight", (h,)))
+
+    def plan_prefill_padded(self, eng: Engine, batch: int) -> None:
+        """Plan the padded prefill of ``batch`` requests (the padding request included) for a CUDA graph: the
+        schedule's layout then depends only on the bucket and ``batch`` (FlashInfer's ``enable_cuda_graph``)."""
+        self._plan_own_prefill(eng, batch, cuda_graph=True)
+
+    def plan_prefill(self, eng: Engine, batch: int) -> None:
+        """Plan the prefill attention of ``batch`` requests from the host index arrays ."""
+        self._plan_own_prefill(eng, batch, cuda_graph=False)
+
+    def _plan_own_prefill(self, eng: Engine, batch: int, cuda_graph: bool) -> None:
+        """This class's prefill plan of ``batch`` requests into ``_prefill_plan`` (``cuda_graph``: see
+        :func:`~fi_engine.kernels.flashinfer.prefill_plan`); the one body of the two methods above, ."""
+        c, ph = eng.config, eng._ph
+        eng._prefill_plan = kernels.prefill_plan(
+            eng._ws_prefill,
+            ph["qo_indptr"][: batch + 1],
+            ph["kv_indptr"][: batch + 1],
+            ph["kv_last_page_len"][:batch],
+            c.num_qo_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            eng.page_size,
+            eng.dtype,
+            eng._s,
+            cuda_graph=cuda_graph,
+            kv_dtype=eng.kv_dtype,
+            sm_scale=eng.kv_sm_scale,
+        )
+
+    def plan_decode(self, eng: Engine, rows: int, cuda_graph: bool) -> None:
+        """Plan a decode step of ``rows`` rows whose index arrays are in ``eng._dh``; the plan of the last step is
+        kept where this one's ``kv_indptr`` is the same (no request crossed a page boundary, 15 steps of 16 at
+        page size 16): FlashInfer's decode plan reads only ``kv_indptr`` and the fixed settings, so it would write
+        the same schedule again, and a plan costs the step 30-60 us of host time (benchmarks/bench_engine_host.py).
+        """
+        c = eng.config
+        indptr = eng._dh["kv_indptr"][: rows + 1]
+        key = (rows, cuda_graph, indptr.tobytes())
+        if key == self._planned and eng._decode_plan is not None:
+            return
+        self._planned = None  # until the plan below exists: a failed plan leaves nothing to reuse
+        eng._decode_plan = kernels.decode_plan(
+            eng._ws_decode,
+            indptr,
+            c.num_qo_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            eng.page_size,
+            eng.dtype,
+            cuda_graph,
+            eng._s,
+            kv_dtype=eng.kv_dtype,
+            sm_scale=eng.kv_sm_scale,
+        )
+        self._planned = key
+
+    def prefill_attention(self, eng: Engine, i: int, v: SimpleNamespace) -> None:
+        kernels.prefill_run(
+            eng._prefill_plan,
+            v.q,
+            eng._k_cache[i],
+            eng._v_cache[i],
+            v.qo_indptr,
+            v.kv_indptr,
+            v.kv_indices,
+            v.kv_last_page_len,
+            v.attn,
+            eng._s,
+        )
+
+    def decode_attention(self, eng: Engine, i: int, v: SimpleNamespace) -> None:
+        kernels.decode_run(
+            eng._decode_plan,
+            v.q,
+            eng._k_cache[i],
+            eng._v_cache[i],
+            v.kv_indptr,
+            v.kv_indices,
+            v.kv_last_page_len,
+            v.attn,
+            eng._s,
+        )
+
+    def forward(self, eng: Engine, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+        """Embedding to the final RMSNorm for ``rows`` token rows; leaves the normalized hidden states in x.
+        ``static_moe``: MoE layers take their fixed-capacity device path (the decode graph's)."""
+        c, b, dense, s = eng.config, eng._buf, eng.dense, eng._s
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, eng._ab
+        x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
+        normed = eng._normed.data.ptr  # x, or x2 with the fused all-reduce
+        w, hqd, last = eng._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        fp8 = eng._kv_fp8
+        dense_moe = bool(eng._moe) and eng._dense_moe(rows)  # the MoE path of this step, chosen once
+        eng._embed_and_norm(v, rows)
+        for i in range(c.num_layers):
+            dense.linear(rows, normed, h, eng._wqkv[i], w, h, qkv, w, ab, ab)
+            if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE
+                kernels.qk_rmsnorm(v.q, eng._q_norm[i], eps, s)
+                kernels.qk_rmsnorm(v.k, eng._k_norm[i], eps, s)
+            kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
+            if fp8 is not None:  # K/V quantized to e4m3 on their way into the cache; the output times v_scale
+                fp8.append(v, rows, i)
+            else:
+                kernels.append_kv(
+                    v.k,
+                    v.v,
+                    v.batch_indices,
+                    v.positions,
+                    eng._k_cache[i],
+                    eng._v_cache[i],
+                    v.kv_indices,
+                    v.kv_indptr,
+                    v.kv_last_page_len,
+                    s,
+                )
+            attention(i, v)
+            if fp8 is not None:
+                fp8.scale_output(v, rows)
+            dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
+            eng._add_norm(v, eng._ln2[i])
+            if dense_moe:  # every expert, no host step: capturable
+                eng._moe[i].forward_dense(eng._normed, b.x, rows)
+            elif eng._moe and (static_moe or rows <= eng.max_batch):  # device routing, fixed capacity: capturable
+                eng._moe[i].forward_static(eng._normed, b.x, rows)
+            elif eng._moe:  # routes on the host: synchronizes the stream (not capturable)
+                eng._moe[i].forward(eng._normed, b.x, rows)
+            else:
+                dense.linear(rows, normed, h, eng._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
+                kernels.silu_and_mul(v.gu, v.act, s)
+                dense.linear(rows, act, inter, eng._wd[i], h, inter, x, h, ab, ab)
+            eng._add_norm(v, eng._ln1[i + 1] if i < last else eng._norm)
+
+
+class LlamaEngine(MoEPaths, Engine):
+    """A Llama-family checkpoint (:class:`Llama`) on one GPU or ``tensor_parallel`` GPUs; the arguments and serving
+    API are :class:`~fi_engine.runtime.engine.Engine`'s, and ``moe_path`` for MoE models (Mixtral, Qwen3-MoE).
+
+    Args:
+        moe_path: how the MoE layers run a step of up to ``max_batch`` token rows
+            (:class:`~fi_engine.runtime.moe_paths.MoEPaths`): ``"auto"`` (default): the grouped GEMV (routed on the
+            device,
+            each chosen expert's weights read once) for steps of at most
+            :attr:`~fi_engine.layers.moe.MoELayer.gemv_tokens`
+            rows whose assignments number at most twice the experts, then dense over the experts where
+            :func:`~fi_engine.layers.moe.choose_path` says so (Mixtral's 8 experts, top-2: from 9 rows), else routed
+            (the
+            fixed-capacity grouped GEMM); ``"routed"`` or ``"dense"`` force one path. Steps of more rows (long
+            prefills) route on the host.
+    """
+
+    definition = Llama
+
+    def _moe_gemv_rows(self) -> int:
+        return MoELayer.gemv_tokens  # read per call: a benchmark may set it on the class
+
+
+def load_moe_layer(eng: Engine, ckpt: Checkpoint, p: str, get: Any, upload: Any) -> Any:
+    """Engine ``eng``'s :class:`~fi_engine.layers.moe.MoELayer` of layer prefix ``p``: router, experts' gate/up stacked
+    as
+    ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as ``[E, H, I]``."""
+    from ..layers.moe import MoEScratch, MoEWeights
+    from ..layers.tensor_parallel import columns, expert_rows, rows
+
+    c = eng.config
+    m = c.moe
+    assert m is not None
+    e, h, i = m.num_experts, c.hidden_size, m.intermediate_size  # i: this rank's share with TP
+    max_tokens = max(eng.max_prefill_tokens, eng.max_batch)
+    # the Llama pass: the fixed-capacity device path serves every step of at most max_batch rows (each decode step,
+    # eager or a graph's replay): no host routing, so no stream synchronization per layer; longer prefills route on
+    # the host. Other families (DeepSeek) take it in their decode graph only.
+    capacity = eng.max_batch if eng._static_moe or eng.family.llama_pass else None
+    # the dense-over-experts path's buffers where some step of at most max_batch rows takes it (moe_path_for is
+    # monotonic in the rows: dense from some row count up)
+    dense_rows = eng.max_batch if eng._dense_moe(eng.max_batch) else None
+    if eng._moe_scratch is None:  # one set of activation buffers for every MoE layer (they run in turn)
+        eng._moe_scratch = MoEScratch(
+            num_experts=e, hidden=h, intermediate=i, top_k=m.top_k, max_tokens=max_tokens, dtype=eng.dtype,
+            capacity=capacity, dense_rows=dense_rows,
+        )  # fmt: skip
+    # Per-expert tensors (checkpoints on the Hub, transformers 4): Mixtral block_sparse_moe.experts.N.w1 (gate),
+    # w3 (up), w2 (down); Qwen3-MoE mlp.experts.N.gate_proj, up_proj, down_proj. Fused tensors (transformers
+    # 5 saves these): mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then up rows) and down_proj [E, H, I].
+    if c.model_type == "mixtral" and p + "block_sparse_moe.gate.weight" in ckpt:
+        base, gate, up, down = p + "block_sparse_moe.", "w1", "w3", "w2"
+    elif c.model_type == "mixtral":
+        base, gate, up, down = p + "mlp.", "w1", "w3", "w2"
+    else:
+        base, gate, up, down = p + "mlp.", "gate_proj", "up_proj", "down_proj"
+    # With TP (i is this rank's share, full = i * n): every rank keeps the whole router (the ranks route alike)
+    # and columns [r * i, (r + 1) * i) of every expert's intermediate size, so its output is a partial sum
+    router = upload(get(base + "gate.weight", (e, h)))
+    r, n = eng.rank, eng.tensor_parallel
+    full = i * n
+    if base + "experts.gate_up_proj" in ckpt:
+        gate_up = upload(expert_rows(get(base + "experts.gate_up_proj", (e, 2 * full, h)), r, n))
+        down_w = upload(np.ascontiguousarray(get(base + "experts.down_proj", (e, h, full))[:, :, r * i : (r + 1) * i]))
+    else:
+        gate_up = upload(
+            np.stack(
+                [
+                    np.concatenate(
+                        [
+                            rows(get(f"{base}experts.{x}.{gate}.weight", (full, h)), r, n),
+                            rows(get(f"{base}experts.{x}.{up}.weight", (full, h)), r, n),
+                        ]
+                    )
+                    for x in range(e)
+                ]
+            )
+        )
+        down_w = upload(np.stack([columns(get(f"{base}experts.{x}.{down}.weight", (h, full)), r, n) for x in range(e)]))
+    return MoELayer(
+        MoEWeights(router, gate_up, down_w),
+        dtype=eng.dtype,
+        top_k=m.top_k,
+        renormalize=m.renormalize,
+        max_tokens=max_tokens,
+        stream=eng.stream,
+        dense=eng.dense,
+        workspace=eng._ws_moe,
+        capacity=capacity,
+        scratch=eng._moe_scratch,
+        dense_rows=dense_rows,
+    )

@@ -1,0 +1,46 @@
+"""Checkpoint tensors onto the GPU for the family engines (Gemma 2, gpt-oss): dtype-checked reads, uploads kept
+alive by the engine, and fi_ffi descriptors of weight vectors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint.safetensors import Checkpoint
+from ..kernels import flashinfer as kernels
+
+__all__ = ["WeightLoader"]
+
+
+class WeightLoader:
+    """Reads tensors of ``ckpt`` that must all be ``dtype`` (the embedding's) and uploads them with CuPy ``cp`` to
+    ``device``; every upload is appended to ``keep`` (the engine's list that keeps its weights alive)."""
+
+    def __init__(self, ckpt: Checkpoint, cp: Any, dtype: str, device: int, keep: list[Any]) -> None:
+        self.ckpt, self.cp, self.dtype, self.device, self.keep = ckpt, cp, dtype, device, keep
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor ``name`` (shape checked), in the checkpoint's dtype (bfloat16 as uint16 bits)."""
+        got = self.ckpt.info(name).dtype
+        if got != self.dtype:
+            raise ValueError(
+                f"model: tensor {name!r} is {got}, the embedding is {self.dtype}; mixed-precision checkpoints are "
+                f"not supported"
+            )
+        return self.ckpt.array(name, shape)
+
+    def upload(self, arr: np.ndarray) -> Any:
+        """A device copy of ``arr`` (kept alive with the engine)."""
+        dev = self.cp.asarray(np.ascontiguousarray(arr))
+        self.keep.append(dev)
+        return dev
+
+    def ptr(self, arr: np.ndarray) -> int:
+        """The device address of an uploaded copy of ``arr``."""
+        return int(self.upload(arr).data.ptr)
+
+    def vector(self, arr: np.ndarray, dtype: str | None = None) -> Any:
+        """A descriptor of an uploaded 1-D copy of ``arr``."""
+        dev = self.upload(arr)
+        return kernels.descriptor(dev.data.ptr, (arr.shape[0],), dtype or self.dtype, self.device, owner=dev)

@@ -1,0 +1,100 @@
+"""The engine's old module paths, importable under their old names for one release, with a DeprecationWarning.
+
+The engine was one flat folder of modules; it is now a package of subpackages, one concern each (see
+docs/engine.md). ``import fi_engine.llama`` gives the very module ``fi_engine.models.llama`` (one module object
+under two names, so classes compare equal), through the binding's moved-module finder
+(:class:`fi_ffi.moved.MovedModuleFinder`) given the table below. Three old modules share their name with a new
+subpackage (``fi_engine.checkpoint``, ``fi_engine.kernels``, ``fi_engine.text``): that package's face hands the
+old module's names on instead (:func:`old_name`), with the same warning. ``import fi_engine`` installs the finder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
+from fi_ffi.moved import install as _install
+
+__all__: list[str] = []  # the tables and the finder are the package's own business
+
+# old module path -> new module path (a module at the old path imports nothing until it is asked for)
+MOVED: dict[str, str] = {
+    "fi_engine.config": "fi_engine.checkpoint.config",
+    "fi_engine.quantization": "fi_engine.checkpoint.quantization",
+    "fi_engine.fp8_weights": "fi_engine.checkpoint.fp8_weights",
+    "fi_engine.family_configs": "fi_engine.checkpoint.family_configs",
+    "fi_engine.deepseek_config": "fi_engine.checkpoint.deepseek_config",
+    "fi_engine.tokenizer": "fi_engine.text.tokenizer",
+    "fi_engine.chat": "fi_engine.text.chat",
+    "fi_engine.detokenize": "fi_engine.text.detokenize",
+    "fi_engine.generation_config": "fi_engine.text.generation_config",
+    "fi_engine.text_args": "fi_engine.text.args",
+    "fi_engine.optional": "fi_engine.text.optional",
+    "fi_engine.model_files": "fi_engine.text.model_files",
+    "fi_engine.cublas": "fi_engine.kernels.cublas",
+    "fi_engine.cublas_lt": "fi_engine.kernels.cublas_lt",
+    "fi_engine.dense": "fi_engine.kernels.dense",
+    "fi_engine.moe_gemv": "fi_engine.kernels.moe_gemv",
+    "fi_engine.fp8_linear": "fi_engine.kernels.fp8_linear",
+    "fi_engine.graph": "fi_engine.kernels.graph",
+    "fi_engine.cuda_sources": "fi_engine.kernels.cuda_sources",
+    "fi_engine.moe": "fi_engine.layers.moe",
+    "fi_engine.moe_routing": "fi_engine.layers.moe_routing",
+    "fi_engine.tensor_parallel": "fi_engine.layers.tensor_parallel",
+    "fi_engine.kv_fp8": "fi_engine.layers.kv_fp8",
+    "fi_engine.deepseek_routing": "fi_engine.layers.deepseek_routing",
+    "fi_engine.engine": "fi_engine.runtime.engine",
+    "fi_engine.state": "fi_engine.runtime.state",
+    "fi_engine.storage": "fi_engine.runtime.storage",
+    "fi_engine.serving": "fi_engine.runtime.serving",
+    "fi_engine.step_graphs": "fi_engine.runtime.step_graphs",
+    "fi_engine.fused_decode": "fi_engine.runtime.fused_decode",
+    "fi_engine.sampling": "fi_engine.runtime.sampling",
+    "fi_engine.sampling_params": "fi_engine.runtime.sampling_params",
+    "fi_engine.paging": "fi_engine.runtime.paging",
+    "fi_engine.stepping": "fi_engine.runtime.stepping",
+    "fi_engine.moe_paths": "fi_engine.runtime.moe_paths",
+    "fi_engine.family": "fi_engine.runtime.family",
+    "fi_engine.llama": "fi_engine.models.llama",
+    "fi_engine.gemma2": "fi_engine.models.gemma2",
+    "fi_engine.gpt_oss": "fi_engine.models.gpt_oss",
+    "fi_engine.deepseek": "fi_engine.models.deepseek",
+    "fi_engine.mla_weights": "fi_engine.models.mla_weights",
+    "fi_engine.weights": "fi_engine.models.weights",
+    "fi_engine.engines": "fi_engine.models.registry",
+    "fi_engine.service": "fi_engine.serve.service",
+    "fi_engine.engine_process": "fi_engine.serve.engine_process",
+    "fi_engine.engine_client": "fi_engine.serve.engine_client",
+    "fi_engine.api_servers": "fi_engine.serve.api_servers",
+    "fi_engine.shared_queue": "fi_engine.serve.shared_queue",
+    "fi_engine.metrics": "fi_engine.serve.metrics",
+    "fi_engine.openai_protocol": "fi_engine.serve.openai_protocol",
+    "fi_engine.openai_server": "fi_engine.serve.openai_server",
+}
+
+# old module whose name is now a subpackage -> the module its names went to
+FACES: dict[str, str] = {
+    "fi_engine.checkpoint": "fi_engine.checkpoint.safetensors",
+    "fi_engine.kernels": "fi_engine.kernels.flashinfer",
+    "fi_engine.text": "fi_engine.text.codec",
+}
+
+
+def install() -> None:
+    """Put the finder of :data:`MOVED` first on :data:`sys.meta_path`, once (``import fi_engine`` calls it)."""
+    _install(MOVED)
+
+
+def old_name(package: str, name: str) -> Any:
+    """Name ``name`` of the old module ``package`` (a package of :data:`FACES` now), with a DeprecationWarning;
+    AttributeError where the old module had no such name (the package's ``__getattr__`` calls this)."""
+    module = importlib.import_module(FACES[package])
+    if name.startswith("_") or not hasattr(module, name):
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    warnings.warn(
+        f"{package}.{name} moved to {FACES[package]}.{name}: import it from there (the old path goes in 0.2)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return getattr(module, name)

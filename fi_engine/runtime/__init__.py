@@ -1,0 +1,17 @@
+"""The engine that runs a model: sizes and buffers made once, the scheduler and pages of the paged KV cache, each
+step's plan, launch (eager or a CUDA graph) and sampling, and the step API the servers drive.
+
+- :mod:`~fi_engine.runtime.engine`: ``Engine``, made of the parts below; :mod:`~fi_engine.runtime.family`: the
+  interface a model family implements (its config, weights, layer body and attention plans).
+- :mod:`~fi_engine.runtime.paging`: the host side of serving (page allocator, requests, the scheduler, the index
+  arrays the attention plans take); :mod:`~fi_engine.runtime.storage`: the device buffers, KV cache and step views.
+- :mod:`~fi_engine.runtime.serving`: the serving loop (``generate``, the step API);
+  :mod:`~fi_engine.runtime.step_graphs`: the decode and padded prefill CUDA graphs;
+  :mod:`~fi_engine.runtime.fused_decode`: the fused eager decode step; :mod:`~fi_engine.runtime.moe_paths`: which
+  MoE path a step takes; :mod:`~fi_engine.runtime.sampling`: greedy, top-k / top-p.
+- :mod:`~fi_engine.runtime.sampling_params`: a request's sampling settings; :mod:`~fi_engine.runtime.stepping`:
+  the step protocol (``StepEngine``, ``StepOutput``) between an engine and what drives it;
+  :mod:`~fi_engine.runtime.state`: what the engine's parts share.
+"""
+
+__all__: list[str] = []

@@ -1,0 +1,94 @@
+"""A model family as a definition the engine holds, not a subclass overriding the engine: what differs between
+Llama (and Qwen3, Mixtral, Qwen3-MoE), Gemma 2, gpt-oss and DeepSeek-V3/V2 is their config, their weights, their
+layer body (embedding to the final norm) and their attention plans; the serving loop, buffers of the step index
+arrays, graphs, LM head and sampling are the engine's (:class:`~fi_engine.runtime.engine.Engine`).
+
+A definition is made once per engine (``Engine.definition()``: per-engine settings may live on it) and each of its
+methods takes the engine ``eng``, whose attributes hold the device state (``eng._wqkv``, ``eng._buf``, ...): the
+definition's ``load`` and ``allocate`` set them, its ``forward`` reads them. The engine calls, in its constructor,
+``read_config``, ``check`` (before any GPU work, with ``tensor_parallel`` and ``cuda_graph`` set), ``load``,
+``allocate``; per step ``plan_prefill`` / ``plan_decode``, ``forward`` with ``prefill_attention`` /
+``decode_attention``, ``finish_logits``; ``close`` after its own teardown.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..checkpoint.safetensors import Checkpoint
+
+__all__: list[str] = []
+
+
+class ModelFamily:
+    """The definition of one model family (the methods a family provides; the defaults say what is optional)."""
+
+    llama_pass: bool = False
+    """The family's forward is the engine's Llama pass (:class:`~fi_engine.models.llama.Llama`): the fused decode step
+    (:mod:`~fi_engine.runtime.fused_decode`) and the padded prefill graphs (:mod:`~fi_engine.runtime.step_graphs`)
+    serve it. False
+    for a layer body with host work between launches, which a graph would not repeat, or other launches."""
+
+    fp8_kv_refusal: str = "this model family's attention"
+    """What has no FP8 KV-cache kernel in this family (``kv_cache_dtype="fp8_e4m3"`` is refused naming it, see
+    :mod:`~fi_engine.layers.kv_fp8`); ``""`` where its attention reads an e4m3 cache (the Llama pass)."""
+
+    def read_config(self, model_dir: str | Path) -> Any:
+        """The checkpoint's config (``config.json``), parsed and checked: by default a
+        :class:`~fi_engine.checkpoint.config.LlamaConfig` (with its family's settings: Gemma 2's, gpt-oss's)."""
+        from ..checkpoint.config import LlamaConfig
+
+        return LlamaConfig.from_dir(model_dir)
+
+    def check(self, eng: Any, cfg: Any) -> None:
+        """Refuse what this family cannot serve (ValueError naming the field and the fix), before any GPU work."""
+
+    def load(self, eng: Any, ckpt: Checkpoint) -> None:
+        """The weights onto the GPU (``eng.dtype``, ``eng._embed``, ``eng._lm_head``, ``eng._head_rows``, the
+        layers')."""
+        raise NotImplementedError
+
+    def allocate(self, eng: Any) -> None:
+        """The engine's buffers: by default the Llama pass's (``Storage._allocate_layers``)."""
+        eng._allocate_layers()
+
+    def plan_prefill(self, eng: Any, batch: int) -> None:
+        """Plan the prefill attention of ``batch`` requests from the host index arrays ``eng._ph``."""
+        raise NotImplementedError
+
+    def plan_prefill_padded(self, eng: Any, batch: int) -> None:
+        """Plan a padded prefill for its CUDA graph (only where :attr:`llama_pass`)."""
+        raise NotImplementedError
+
+    def plans_ahead(self) -> bool:
+        """Whether the graph loop may plan the next decode step while the GPU runs this one (``_prepare_ahead``):
+        only where :meth:`plan_decode` orders its copies on the engine's stream (the Llama family's)."""
+        return False
+
+    def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
+        """Plan a decode step of ``rows`` rows whose index arrays are in ``eng._dh``; sets ``eng._decode_plan`` (the
+        plan whose schedule layout the decode graph checks)."""
+        raise NotImplementedError
+
+    def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
+        """Layer ``i``'s prefill attention over step views ``v``."""
+        raise NotImplementedError
+
+    def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
+        """Layer ``i``'s decode attention over step views ``v``."""
+        raise NotImplementedError
+
+    def forward(self, eng: Any, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+        """Embedding to the final norm for ``rows`` token rows; the normalized rows end in ``eng._normed``.
+        ``attention(i, v)``: the prefill or decode attention; ``static_moe``: the decode graph's MoE path."""
+        raise NotImplementedError
+
+    def finish_logits(self, eng: Any, logits: int, rows: int, columns: int) -> None:
+        """Post-process float32 logits ``[rows, columns]`` at ``logits`` in place (elementwise: the whole vocabulary
+        or this rank's columns of it); by default nothing."""
+
+    def close(self, eng: Any) -> None:
+        """Free what ``load`` / ``allocate`` made beyond the engine's own (called once, after the engine's teardown)."""

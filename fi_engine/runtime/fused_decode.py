@@ -1,0 +1,339 @@
+"""The fused eager decode step of the Llama pass: a step of at most 4 rows on one GPU runs its RMSNorms, residual
+adds and SiLU inside the engine's GEMV launches, and RoPE with the KV append as the QKV GEMV's epilogue where it
+serves the head dim (5 launches per layer instead of 10), every launch but the attention run packed once per step
+view; the same logits as the separate launches (tests/engine/test_gpu_fused_decode.py). MoE layers (Mixtral,
+Qwen3-MoE) keep their residual add and norm as one packed kernel and issue their step's packed launches (the
+grouped GEMV's, or the dense path's) in place of the MLP's two GEMVs.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from ..kernels import flashinfer as kernels
+from .moe_paths import MoEPaths
+from .state import EngineState
+
+if TYPE_CHECKING:
+    from .family import ModelFamily
+
+__all__: list[str] = []
+
+
+class FusedDecode(EngineState):
+    """:meth:`_fused_step` and what it packs; ``fused_decode`` and ``packed_attention`` switch it."""
+
+    definition: type[ModelFamily]
+
+    packed_attention: bool = True
+    """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call
+    taking only the step's plan, instead of a ``batch_decode_run`` per layer (the same logits bit for bit:
+    tests/engine/test_gpu_fused_decode.py); False: a ``batch_decode_run`` per layer."""
+
+    attention_pdl: bool = True
+    """The packed attention runs launched with programmatic dependent launch where the GEMVs are
+    (``Dense.launches_with_pdl``: Hopper and later): each may start while the QKV GEMV drains, and the O GEMV after it
+    while it drains (FlashInfer's ``enable_pdl``). Read when the runs are packed; set it on the class to compare."""
+
+    silu_in_gate_up: bool = True
+    """The fused step's gate/up GEMV over 16-bit weights writes ``silu(gate) * up`` (``Dense.prepared_gate_up_silu``)
+    and the down GEMV reads it as its input; False: the gate/up GEMV writes both halves and the down GEMV computes
+    SiLU-and-mul in a prologue, in each of its blocks (before 2026-11-25, session 13). The same values either way
+    (tests/engine/test_gpu_fused_decode.py). Read when the step is packed; set it on the class to compare
+    (``benchmarks/bench_llama_tp.py --variants silu-prologue``)."""
+
+    norm_pdl: bool = True
+    """The FP8 step's norms (``Dense.fp8_epilogues``: launches of their own) launched with programmatic dependent
+    launch where the GEMVs are (FlashInfer's ``enable_pdl``): each may start while the GEMV before it drains. Read
+    when the step is packed; set it on the class to compare."""
+
+    @property
+    def fused_decode(self) -> bool:
+        """Whether an eager decode step runs as :meth:`_fused_step` where it applies (see the class docstring;
+        default True). Settable to a bool (TypeError naming ``fused_decode`` otherwise: a string would be true)."""
+        return self._fused_decode
+
+    @fused_decode.setter
+    def fused_decode(self, on: bool) -> None:
+        from ..values import flag
+
+        self._fused_decode = flag("fused_decode", on)
+
+    def _fuses(self, rows: int) -> bool:
+        """Whether an eager decode step of ``rows`` rows runs as :meth:`_fused_step`: ``fused_decode`` on, the family
+        runs the engine's Llama pass (``ModelFamily.llama_pass``), one GPU (no all-reduce, no vocabulary
+        shard), FP8 weights only where their fused kernels compiled (Dense.fuses_fp8), the engine's GEMV serving the
+        rows (at most 4; see Dense.fused_fits), and MoE layers only where their step's launches pack
+        (``MoELayer.packs_step``: the grouped GEMV, or the dense path)."""
+        c = self.config
+        return (
+            self.fused_decode
+            and type(self).definition.llama_pass
+            and self._allreduce is None
+            and self.vocab_shard is None
+            and self.dense.fuses_fp8
+            and not (self._moe and self.dense.serves_fp8 and not self.dense.fp8_fused)  # (dense layers only)
+            and self.dense.fused_fits(rows, c.hidden_size)
+            and (
+                self._moe[0].packs_step(rows, self._dense_moe(rows))  # every MoE layer alike: its first says
+                if self._moe
+                else self.dense.fused_fits(rows, c.intermediate_size)
+            )
+        )
+
+    def _dense_moe(self, rows: int) -> bool:
+        """Whether the MoE layers run a step of ``rows`` rows dense over the experts: the engine's ``moe_path``
+        (:class:`~fi_engine.runtime.moe_paths.MoEPaths`); never for engines without it (DeepSeek's: the dense path does
+        not
+        make its routing)."""
+        return isinstance(self, MoEPaths) and self.moe_path_for(rows) == "dense"
+
+    def _fused_step(self, v: SimpleNamespace, rows: int) -> None:
+        """:meth:`_forward` and :meth:`_head` of a decode step in 5 launches per layer instead of 10: the RMSNorms
+        and the residual adds run in the prologue of the GEMV that reads their output (``Dense.fused_linear``,
+        modes NORM / ADD_NORM), ``silu_and_mul`` in the down GEMV's (SILU), and RoPE with the KV append as the QKV
+        GEMV's epilogue (``Dense.prepared_qkv_rope``; where it does not serve the head dim, or Qwen3's per-head
+        norms come between, those stay separate launches: 7 per layer, 9 with the norms; a MoE layer's grouped-GEMV
+        step takes the post-attention norm and the routing into its router GEMV's launch,
+        ``MoELayer.prepared_normed_step``: 7 per layer with the attention). Same rounding points as the
+        separate launches: the o and down GEMVs write their rounded output into ``x`` as before; the next GEMV
+        forms ``s = h + x`` in float32, normalizes ``s`` (not its rounding, as ``fused_add_rmsnorm`` does) and
+        stores ``round(s)`` as the new residual. That store goes to the other of two residual buffers (``h``,
+        ``h_alt``), since every block of the launch still reads the old one; the final norm is the LM head's
+        prologue. Leaves the float32 logits in ``logits``, finished (:meth:`_finish_logits`).
+
+        Every launch but the attention run is packed once per step view (:meth:`_fused_calls`): a step calls
+        them in turn, with the attention run (this step's plan) between each layer's two halves. With
+        :attr:`packed_attention` the attention runs are packed once per view too (:meth:`_attention_runs`) and each
+        call takes only the step's plan."""
+        calls = v.prepared.get("fused step")
+        if calls is None:
+            calls = v.prepared["fused step"] = self._fused_calls(v, rows)
+        embed, layers, head = calls
+        embed()
+        if self.packed_attention:
+            plan = self._decode_plan
+            for (before, after), run in zip(layers, self._attention_runs(v, plan), strict=True):
+                for call in before:
+                    call()
+                run.run(plan)
+                for call in after:
+                    call()
+        else:
+            attention = self._decode_attention
+            for i, (before, after) in enumerate(layers):
+                for call in before:
+                    call()
+                attention(i, v)
+                for call in after:
+                    call()
+        head()
+        self._finish_logits(self._buf.logits.data.ptr, rows, self._head_rows)
+
+    def _attention_runs(self, v: SimpleNamespace, plan: Any) -> list[Any]:
+        """Each layer's decode attention run over view ``v`` packed once (``kernels.prepared_decode_run``), for plans
+        of ``plan``'s settings and batch size (its run context, a value): kept in the view's ``prepared`` with that
+        context, and packed again only when a plan of another context comes (one entry per view: bounded)."""
+        found = v.prepared.get("attention runs")
+        if found is None or found[0] != plan._context:
+            index = (v.kv_indptr, v.kv_indices, v.kv_last_page_len)
+            pdl = self.attention_pdl and self.dense.launches_with_pdl
+            runs = [
+                kernels.prepared_decode_run(plan, v.q, kc, vc, *index, v.attn, self._s, enable_pdl=pdl)
+                for kc, vc in zip(self._k_cache, self._v_cache, strict=True)
+            ]
+            found = v.prepared["attention runs"] = (plan._context, runs)
+        runs_: list[Any] = found[1]
+        return runs_
+
+    def _fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
+        """The packed launches of :meth:`_fused_step` over view ``v`` (``rows`` rows): the embedding gather, per
+        layer (the launches before the attention run, those after it), and the LM head. Each is checked when
+        packed (pointer rules, alignment); every operand is an engine buffer or weight, which never moves, and the
+        result is kept in the view's ``prepared`` (keyed by a value: the view is made once per step shape)."""
+
+        from ..kernels.dense import ADD_NORM, NORM, SILU
+
+        if self.dense.serves_fp8 and not self.dense.fp8_fused:
+            return self._fp8_fused_calls(v, rows)
+        c, b, dense, s = self.config, self._buf, self.dense, self._s
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
+        x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
+        w, hqd = self._qkv_width, c.num_qo_heads * c.head_dim
+        fused = dense.prepared_fused
+        cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
+        embed = dense.prepared_gather(rows, self._embed, h, v.token_ids, cur, h, h)
+        # RoPE and the KV append as the QKV GEMV's epilogue, unless Qwen3's per-head norms come between,
+        # or an FP8 cache comes (that epilogue stores 16-bit K/V: RoPE and the quantizing append run on their own)
+        fp8 = self._kv_fp8
+        # (and not over FP8 weights: the epilogue's kernel reads 16-bit ones)
+        in_gemv = not c.qk_norm and fp8 is None and dense.has_qkv_rope(ab, c.head_dim) and not dense.serves_fp8
+        # SiLU-and-mul as the gate/up GEMV's epilogue (its input to the down GEMV made once, not in each block)
+        silu_in_gate_up = self.silu_in_gate_up and dense.has_gate_up_silu(ab) and not dense.serves_fp8
+        layers = []
+        for i in range(c.num_layers):
+            # i == 0: input_layernorm of the embedding rows (rmsnorm); then h += the previous layer's down output
+            # and input_layernorm (fused_add_rmsnorm), the new residual into `other`
+            mode, ln, h_out = (NORM, self._ln1[0].data_ptr, 0) if i == 0 else (ADD_NORM, self._ln1[i].data_ptr, other)
+            if in_gemv:
+                epilogue = self._rope_append(i, v)
+                qkv_call = dense.prepared_qkv_rope(
+                    mode, rows, x, h, self._wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue
+                )
+            else:
+                qkv_call = fused(mode, rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
+            before = [qkv_call]
+            if i:
+                cur, other = other, cur
+            if not in_gemv:
+                before += self._separate_rope_append(v, rows, i)
+            scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
+            after = [] if scale is None else [scale]
+            after.append(dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab))
+            if self._moe:
+                # the grouped-GEMV step: h += o's output and post_attention_layernorm as the router GEMV's
+                # prologue (the new residual into `other`, as the dense layers' gate/up GEMV writes it), the
+                # routing as its epilogue, then the experts; their output into x (the next GEMV's prologue adds it)
+                layer = self._moe[i]
+                dense_moe = self._dense_moe(rows)
+                ln = self._ln2[i].data_ptr
+                moe = None if dense_moe else layer.prepared_normed_step(b.x, b.x, rows, cur, other, ln, eps)
+                if moe is not None:
+                    cur, other = other, cur
+                    after.extend(moe)
+                    layers.append((before, after))
+                    continue
+                # else h += o's output and post_attention_layernorm into x, in place on the residual (one kernel:
+                # the experts' GEMVs read the normalized rows whole), then the MoE step's launches packed by the
+                # layer, its output into x
+                resid = v.h if cur == b.h.data.ptr else kernels.descriptor(cur, (rows, h), self.dtype, self.device)
+                after.append(kernels.prepared_fused_add_rmsnorm(v.x, resid, self._ln2[i], eps, s))
+                moe = layer.prepared_step(self._normed, b.x, rows, dense_moe)
+                if moe is None:
+                    raise AssertionError(f"layer {i}: its MoE step of {rows} rows has no packed launches")
+                after.extend(moe)
+                layers.append((before, after))
+                continue
+            # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
+            ln = self._ln2[i].data_ptr
+            if silu_in_gate_up:
+                wgu = self._wgu[i]
+                after.append(
+                    dense.prepared_gate_up_silu(
+                        ADD_NORM, rows, x, h, wgu, 2 * inter, h, act, inter, ab, cur, h, ln, other, eps
+                    )
+                )
+                after.append(dense.prepared_linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab))
+            else:
+                after.append(
+                    fused(
+                        ADD_NORM, rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab, cur, h, ln, other, eps
+                    )
+                )
+                after.append(fused(SILU, rows, gu, 2 * inter, self._wd[i], h, inter, x, h, ab, ab))
+            cur, other = other, cur
+            layers.append((before, after))
+        # h += the last down output; the final norm; the LM head (the new residual is not needed: no h_out)
+        n, logits, ln = self._head_rows, b.logits.data.ptr, self._norm.data_ptr
+        mode = ADD_NORM if c.num_layers else NORM
+        head = fused(mode, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, ln, 0, eps)
+        return embed, layers, head
+
+    def _fp8_fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
+        """:meth:`_fused_calls` over FP8 weights (``Dense.fp8_epilogues``; dense layers): per layer the input norm as
+        a launch of its own (``fused_add_rmsnorm`` in place, ``h += x`` and ``x`` its norm; the first layer's
+        ``rmsnorm`` of the embedding rows), the QKV GEMV with RoPE and the KV append as its epilogue
+        (``Dense.prepared_fp8_qkv_rope``), the attention, the O GEMV, the post-attention norm, the gate/up GEMV
+        with SiLU as its epilogue (``Dense.prepared_fp8_silu``) and the down GEMV: 7 launches a layer with the
+        attention's, where the separate launches are 10. Where Qwen3's per-head norms come between, the KV cache
+        is FP8 or a weight is 16-bit, that part runs as separate launches. The LM head takes the last norm as its
+        prologue. The FP8 GEMVs over normalized rows read them whole, so each norm runs once, not once per block as
+        a prologue would (the FP8 weights' shorter GEMVs pay that more than 16-bit ones: ``Dense.fp8_fused``)."""
+        from ..kernels.dense import ADD_NORM, NORM
+
+        c, b, dense, s = self.config, self._buf, self.dense, self._s
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
+        x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
+        w, hqd = self._qkv_width, c.num_qo_heads * c.head_dim
+        fp8 = self._kv_fp8
+        embed = dense.prepared_gather(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
+        rope_in_gemv = not c.qk_norm and fp8 is None and c.head_dim in (64, 128, 256, 512)
+        pdl = self.norm_pdl and dense.launches_with_pdl
+        layers = []
+        for i in range(c.num_layers):
+            if i == 0:  # input_layernorm of the embedding rows into x
+                before = [kernels.prepared_rmsnorm(v.h, self._ln1[0], v.x, eps, s, pdl)]
+            else:  # h += the previous layer's down output; x = input_layernorm(h)
+                before = [kernels.prepared_fused_add_rmsnorm(v.x, v.h, self._ln1[i], eps, s, pdl)]
+            if rope_in_gemv and dense.has_fp8_weight(self._wqkv[i]):
+                rope = self._rope_append(i, v)
+                before.append(dense.prepared_fp8_qkv_rope(rows, x, h, self._wqkv[i], h, qkv, w, ab, rope))
+            else:
+                before.append(dense.prepared_linear(rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab))
+                before += self._separate_rope_append(v, rows, i)
+            scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
+            after = [] if scale is None else [scale]
+            after.append(dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab))
+            after.append(kernels.prepared_fused_add_rmsnorm(v.x, v.h, self._ln2[i], eps, s, pdl))
+            if dense.has_fp8_weight(self._wgu[i]):  # silu(gate) * up straight into act
+                after.append(dense.prepared_fp8_silu(rows, x, h, self._wgu[i], h, act, inter, ab))
+            else:
+                after.append(dense.prepared_linear(rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab))
+                after.append(kernels.prepared_silu_and_mul(v.gu, v.act, s))
+            after.append(dense.prepared_linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab))
+            layers.append((before, after))
+        # h += the last down output; the final norm; the LM head
+        n, logits, ln, cur = self._head_rows, b.logits.data.ptr, self._norm.data_ptr, b.h.data.ptr
+        mode = ADD_NORM if c.num_layers else NORM
+        head = dense.prepared_fused(mode, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, ln, 0, eps)
+        return embed, layers, head
+
+    def _separate_rope_append(self, v: SimpleNamespace, rows: int, i: int) -> list[Any]:
+        """Layer ``i``'s launches between its QKV GEMV and the attention where no epilogue takes them, packed once as
+        ``_forward`` calls them (``fi_ffi.prepare``: the step writes its positions and page table into the view's
+        index arrays, which the kernels read at each launch): Qwen3's per-head q and k norms, RoPE, and the KV
+        append (the quantizing one into an FP8 cache)."""
+        c, s, eps, fp8 = self.config, self._s, self.config.rms_norm_eps, self._kv_fp8
+        calls = []
+        if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE
+            calls.append(kernels.prepared_qk_rmsnorm(v.q, self._q_norm[i], eps, s))
+            calls.append(kernels.prepared_qk_rmsnorm(v.k, self._k_norm[i], eps, s))
+        calls.append(kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s))
+        if fp8 is not None:
+            calls.append(fp8.prepared_append(v, rows, i))
+        else:
+            append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
+            index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
+            calls.append(kernels.prepared_append_kv(*append, *index, s))
+        return calls
+
+    def _rope_append(self, i: int, v: SimpleNamespace) -> Any:
+        """The RoPE settings, this step's index arrays and layer ``i``'s caches as the QKV GEMV's epilogue takes
+        them (``Dense.prepared_qkv_rope``): the values ``kernels.rope_inplace`` and ``append_kv`` pass."""
+        from ..kernels.dense import RopeAppend
+
+        c, r = self.config, self.config.rope
+        kc, vc = self._k_cache[i], self._v_cache[i]
+        return RopeAppend(
+            hq=c.num_qo_heads,
+            hk=c.num_kv_heads,
+            d=c.head_dim,
+            theta=r.theta,
+            scale=r.factor if r.llama3 else 1.0,
+            llama3=r.llama3,
+            low_freq_factor=r.low_freq_factor,
+            high_freq_factor=r.high_freq_factor,
+            old_context_len=r.original_max_position_embeddings,
+            positions=v.positions.data_ptr,
+            batch_indices=v.batch_indices.data_ptr,
+            kv_indptr=v.kv_indptr.data_ptr,
+            kv_indices=v.kv_indices.data_ptr,
+            k_cache=kc.data_ptr,
+            v_cache=vc.data_ptr,
+            page_size=kc.shape[1],
+            num_pages=kc.shape[0],
+            stride_page=kc.strides[0],
+            stride_n=kc.strides[1],
+            stride_h=kc.strides[2],
+        )

@@ -1,0 +1,927 @@
+"""The serving loop and its scheduler: prompts queued as requests (:mod:`~fi_engine.runtime.paging`), admitted into free
+batch slots and prefilled together, then one decode step after another over every active request until each ends
+(an end-of-sequence token, its token limit or an abort), its pages freed; :class:`GenerationResult` with the tokens
+and the timings. The loop is driven by ``generate`` to the end of its prompts, or one step at a time by the step
+API (``add_request`` / ``step`` / ``abort_request``, :class:`~fi_engine.runtime.stepping.StepEngine`); both run the same
+step (``ServingLoop._advance``) over the engine's one scheduler. The loop is the same for every model family: what
+a step runs on the device is the engine's (:mod:`~fi_engine.runtime.step_graphs` for the CUDA graphs, the family
+definition's forward, :mod:`~fi_engine.runtime.sampling`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..kernels.flashinfer import stream_scope
+from .paging import PageAllocator, Request, Scheduler, fill_decode, fill_prefill, pad_prefill, pages_for, prefill_slots
+from .sampling import Draws
+from .sampling_params import SamplingParams, sampling_arg
+from .state import EngineState
+from .stepping import FinishReason, StepOutput
+from .storage import _D2D, _D2H, _H2D, _address
+
+__all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
+
+
+def _switch(name: str, value: object) -> bool:
+    """A switch of the step API checked: a bool, else TypeError naming it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
+    return value
+
+
+def overlap_steps_arg(overlap_steps: object) -> bool:
+    """``overlap_steps`` checked: a bool, else TypeError naming it."""
+    return _switch("overlap_steps", overlap_steps)
+
+
+def mixed_prefill_arg(mixed_prefill: object) -> bool:
+    """``mixed_prefill`` checked: a bool, else TypeError naming it."""
+    return _switch("mixed_prefill", mixed_prefill)
+
+
+def delay_factor_arg(scheduler_delay_factor: object) -> float:
+    """``scheduler_delay_factor`` checked: a number in [0, 100] (not a bool), as a float; else ValueError naming it."""
+    value = scheduler_delay_factor
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        raise ValueError(f"scheduler_delay_factor: expected a number in [0, 100], got {value!r:.40}")
+    return float(value)
+
+
+# the scheduler's finish reasons as the step API's (fi_engine.runtime.stepping.FinishReason)
+_FINISH: dict[str, FinishReason] = {"eos": "stop", "length": "length", "abort": "abort"}
+
+
+@dataclass(frozen=True)
+class _LaunchedStep:
+    """A decode step launched and not yet recorded: its rows (None: a padding row), the page-locked buffer its
+    tokens are copied into and the event that marks the end of that copy (ServingLoop._decode_launch)."""
+
+    rows: list[Request | None]
+    ids: np.ndarray
+    done: Any
+
+
+@dataclass(frozen=True)
+class _LaunchedPass:
+    """A prefill pass launched and not yet recorded (ServingLoop._prefill_launch): the decoding requests it carried
+    (``riders``), the requests it prefilled (``admitted``), the slot of each (its token's place in ``_ids_host``:
+    the pass chooses one token per slot) and the event that marks the end of that copy."""
+
+    riders: list[Request]
+    admitted: list[Request]
+    slots: list[int]
+    done: Any
+
+
+@dataclass
+class GenerationResult:
+    """Tokens per prompt (in the order given) and timings.
+
+    ``decode_steps``: decode steps run; ``decode_tokens``: tokens they produced; ``decode_s``: their wall time;
+    ``step_host_us``: host time of each step (building the index arrays, planning, launching, and handling the
+    sampled tokens; the wait for the GPU excluded).
+    """
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    step_host_us: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput: generated tokens per second of decode-step wall time."""
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def host_us_per_step(self) -> float:
+        """Median host time per decode step, in microseconds."""
+        return float(np.median(self.step_host_us)) if self.step_host_us else 0.0
+
+
+class ServingLoop(EngineState):
+    """The engine's public serving calls: :meth:`generate`, :meth:`prefill_logits`, :meth:`warm_prefill`, and the
+    step API (:class:`~fi_engine.runtime.stepping.StepEngine`: :meth:`add_request`, :meth:`abort_request`, :meth:`step`,
+    :attr:`has_unfinished`), with the prefill and decode steps they run. ``generate`` drives the same step
+    (:meth:`_advance`) as :meth:`step`, over the same scheduler, until its own prompts are done."""
+
+    pipelined_decode = True
+    """With the decode graph on one GPU and the next step prepared ahead: ``generate``'s loop, and :meth:`step`
+    with :attr:`overlap_steps`, launch decode step n + 1 before waiting for step n's tokens (its input tokens are
+    copied on the device from step n's output; its index arrays and plan were staged while step n ran), so the GPU
+    goes from step to step without waiting for the host to read tokens and launch. A request that ends with an
+    end-of-sequence token at step n takes nothing from step n + 1; steps that would admit queued requests, or
+    after which a request reaches its token limit, are not launched ahead. Sampled rows draw as they would one step
+    at a time (the same Philox offsets in the same order), with one exception: where an end-of-sequence token at
+    step n empties the highest occupied slot, step n + 1 (launched ahead) still replays the graph of the rows it was
+    prepared for, where one step at a time would replay a smaller one (:meth:`Scheduler.graph_rows`), so the other
+    rows' logits come from other GEMM shapes and a sampling call's Philox offset advances by that graph's rows: the
+    tokens after that step may differ from a run with this off (each run still reproduces itself). Set it on the
+    class to compare (``benchmarks/bench_llama_tp.py --variants no-pipeline``)."""
+
+    pipelined_prefill = True
+    """With :attr:`overlap_steps`, the decode graph on one GPU and steps prepared ahead: a queued request's prefill
+    pass is prepared while the decode step in flight runs and launched behind it, its riders fed that step's tokens
+    on the device (:meth:`_serve_step`), instead of after the host has waited for that step. Set it on the class to
+    compare (``benchmarks/bench_serve.py compare``'s closed-loop rows)."""
+
+    # ------------------------------------------------------------------------------------ the step API
+
+    @property
+    def overlap_steps(self) -> bool:
+        """Whether :meth:`step` leaves its decode step running and reports its tokens with the next call (one GPU;
+        :meth:`_serve_step`). Default False; ``fi-engine serve`` turns it on. TypeError for anything but a bool."""
+        return self._overlap_steps
+
+    @overlap_steps.setter
+    def overlap_steps(self, value: bool) -> None:
+        self._overlap_steps = overlap_steps_arg(value)
+
+    @property
+    def mixed_prefill(self) -> bool:
+        """Whether the step API's prefill passes also decode the requests already active (SGLang's mixed chunk; what
+        vLLM's chunked prefill does for prompts that fit one pass): each decoding request feeds its last token as one
+        more row of the pass, at its position, attending to its cached tokens through the prefill attention, and
+        gets its next token from it. A prefill then costs the batch a pass with a few more rows instead of a pass
+        and the decode step it held back. Default False; ``fi-engine serve`` turns it on. One GPU and the Llama
+        pass (the prefill attention reads the paged cache); elsewhere, and where the prompts leave no rows for the
+        decoding requests (``max_prefill_tokens``), a prefill runs alone as before. The riders' logits come from the
+        prefill's kernels (other sums than the decode step's): equal within bfloat16 rounding, not bit for bit, so a
+        greedy token at a near tie may differ from ``generate``'s. TypeError for anything but a bool."""
+        return self._mixed_prefill
+
+    @mixed_prefill.setter
+    def mixed_prefill(self, value: bool) -> None:
+        self._mixed_prefill = mixed_prefill_arg(value)
+
+    @property
+    def scheduler_delay_factor(self) -> float:
+        """How long queued requests may wait while others decode, in multiples of the last prefill's time
+        (:meth:`_admit`; vLLM's option of that name), 0 to 100. Default 0; ``fi-engine serve`` uses 3."""
+        return self._scheduler_delay_factor
+
+    @scheduler_delay_factor.setter
+    def scheduler_delay_factor(self, value: float) -> None:
+        self._scheduler_delay_factor = delay_factor_arg(value)
+
+    def add_request(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        *,
+        sampling: SamplingParams | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> int:
+        """Queue ``prompt`` (token ids) for up to ``max_new_tokens`` new tokens; returns its id (an int, never
+        reused by this engine). ``sampling``: its own (None: greedy; its ``seed``: :class:`SamplingParams`);
+        ``eos_token_ids``: the tokens that end it, kept in its output (None: the checkpoint's; ``()``: none).
+
+        Raises ValueError naming ``prompt``, ``max_new_tokens`` or ``eos_token_ids[i]`` for a request that can never
+        be served (empty, ids outside the vocabulary, longer than ``max_seq_len`` or ``max_prefill_tokens``, a
+        page budget beyond the KV cache), TypeError naming ``sampling`` for anything but :class:`SamplingParams` or
+        None; nothing is queued then."""
+        self._check_open()
+        sampling = sampling_arg(sampling)
+        r = self._scheduler().submit(
+            prompt,
+            max_new_tokens,
+            name="prompt",
+            sampling=sampling,
+            eos_token_ids=eos_token_ids,
+            draws=self._draws(sampling),
+        )
+        self._requests[r.rid] = r
+        return r.rid
+
+    def abort_request(self, rid: int) -> None:
+        """End request ``rid`` now, queued or active: its slot and KV pages are free when this returns, and the next
+        :meth:`step` reports it once (``finish_reason="abort"``). An id that is unknown or already finished: nothing
+        happens. TypeError naming ``rid`` for anything but an int."""
+        if isinstance(rid, bool) or not isinstance(rid, int):
+            raise TypeError(f"rid: expected a request id (the int add_request returned), got {type(rid).__name__}")
+        r = self._requests.pop(rid, None)
+        if r is not None and self._sched is not None and self._sched.abort(r):
+            self._aborted.append(r)
+
+    @property
+    def has_unfinished(self) -> bool:
+        """Whether a request added with :meth:`add_request` is queued or active."""
+        return self._sched is not None and self._sched.has_work
+
+    def step(self) -> list[StepOutput]:
+        """Admit queued requests into free slots and prefill them (each one's first token comes from its prefill),
+        then one decode step over every active request (the same step as :meth:`generate`'s loop): one
+        :class:`StepOutput` per request that produced tokens or ended, in the order they did (a request admitted
+        here has two tokens: its prefill's and its first decode step's, unless it ended at the first), after the
+        ones aborted since the last step. With nothing queued or active: those aborted ones only, at once. With
+        :attr:`overlap_steps`, the decode step is left running and its tokens come first in the next call
+        (:meth:`_serve_step`); with :attr:`scheduler_delay_factor`, queued requests may wait a few steps
+        (:meth:`_admit`); with :attr:`mixed_prefill`, the requests already active take a token from the prefill pass
+        too (so one more in that call).
+
+        An exception from the device work (a CUDA error, an interrupt) ends every queued and active request (the
+        next step reports them as aborted, after the requests that had ended in the failed call before it failed,
+        with their tokens) and is raised; the engine can serve new requests afterwards unless the error left the
+        device unusable."""
+        self._check_open()
+        out, self._unreported = self._unreported, []
+        out += [StepOutput(r.rid, (), "abort") for r in self._aborted]
+        self._aborted.clear()
+        sched = self._sched
+        if sched is None or (not sched.has_work and self._inflight is None):
+            return out
+        cp = self._cp
+        if self._ffi_stream is None:
+            self._ffi_stream = stream_scope(self._s, self.device)
+        # the device, CuPy's current stream and TVM-FFI's are the engine's for this step only (a device switch, CuPy's
+        # thread-local stream, two TVM-FFI calls; the stream_scope is made once), so the caller's thread keeps its
+        # own between steps
+        produced: dict[Request, int] = {}
+        with cp.cuda.Device(self.device), self.stream, self._ffi_stream:
+            try:
+                self._serve_step(sched, produced)
+            except BaseException:
+                # a request that ended before the failure (its last token recorded, its slot left) is no longer
+                # the scheduler's to abort: the next step reports its end, with the tokens this call gave it
+                self._unreported = self._outputs({r: k for r, k in produced.items() if r.finished})
+                self._abort_everything(sched)
+                raise
+        return out + self._outputs(produced)
+
+    def _outputs(self, produced: dict[Request, int]) -> list[StepOutput]:
+        """The step API's outputs of ``produced`` (request -> tokens it got); ended requests are forgotten."""
+        out = []
+        requests = self._requests
+        for r, k in produced.items():
+            finish = _FINISH.get(r.finish_reason) if r.finish_reason is not None else None
+            out.append(StepOutput(r.rid, tuple(r.output[-k:]), finish))
+            if finish is not None:
+                requests.pop(r.rid, None)
+        return out
+
+    def _serve_step(self, sched: Scheduler, produced: dict[Request, int]) -> None:
+        """:meth:`step`'s device work: how many tokens each request got, into ``produced`` in the order it first
+        did (filled as they come, so a failure midway leaves what was recorded before it). With
+        :attr:`overlap_steps` (one GPU), the decode step launched by the last call is waited for and its tokens
+        taken first, and this call's decode step is launched and left running: its tokens come with the next call,
+        while the caller handles these (the GPU does not wait for the host between steps). A request that ended
+        meanwhile (aborted) gets no token from the step in flight; its slot and pages are reused only by work
+        queued after that step on the engine's one stream. Where queued requests are admitted, their prefill pass
+        (with the running requests riding in it: :attr:`mixed_prefill`) is prepared while the step in flight runs
+        and launched behind it (:attr:`pipelined_prefill`), and the decode step after the pass behind the pass
+        where it gave every active request a token (:meth:`_decodes_behind_prefill`)."""
+        inflight, self._inflight = self._inflight, None
+        launched: _LaunchedPass | None = None
+        riders: list[Request] = []
+        admitted: list[Request] = []
+        prefill_s = 0.0  # the prefill pass's launch and wait (kept for the scheduler delay)
+        if inflight is not None:  # also when overlap_steps was turned off since that step was launched
+            # the next step launched before this one's tokens are read, where nothing changes the rows in between
+            if self.overlap_steps and self._launches_ahead(sched, delay=True):
+                self._inflight = self._decode_launch(sched, depth=2)
+            elif self.overlap_steps and self._prefills_ahead(sched):
+                # the prefill pass of the requests admitted now goes behind the step in flight, prepared while it
+                # runs: its riders are fed the step's tokens on the device, one position on
+                admitted = self._admit(sched, delay=True, riders=riders, behind=True)
+                if admitted:
+                    t = time.perf_counter()
+                    try:
+                        launched, _ = self._prefill_launch(
+                            sched, admitted, riders, behind=True, graph_slots=self.max_batch
+                        )
+                    except BaseException:
+                        # the step in flight ran before the failure: the requests it ended are reported with their
+                        # tokens (step() aborts the rest), as where the prefill follows its recording
+                        with contextlib.suppress(Exception):
+                            for r in self._decode_finish(sched, inflight, behind=True):
+                                produced[r] = 1
+                        raise
+                    prefill_s = time.perf_counter() - t
+            for r in self._decode_finish(sched, inflight, behind=self._inflight is not None or launched is not None):
+                produced[r] = 1
+            if self._inflight is not None:
+                return
+        if launched is None:
+            if not (self.overlap_steps and self.comm is None):
+                self._advance(sched, None, produced)
+                return
+            admitted = self._admit(sched, delay=True, riders=riders)
+            if admitted:
+                t = time.perf_counter()
+                launched, _ = self._prefill_launch(sched, admitted, riders, graph_slots=self.max_batch)
+                prefill_s = time.perf_counter() - t
+        if launched is not None:
+            # every active request takes a token from the pass (it was admitted, or rides in it)
+            passed = [*launched.riders, *launched.admitted]
+            ids = {id(r) for r in passed}
+            had = [len(r.output) for r in passed]
+            if all(id(r) in ids for r in sched.active) and self._decodes_behind_prefill(sched):
+                # the decode step goes right behind the pass, its input tokens copied on the device: the GPU does
+                # not wait for the host to read the pass's tokens and prepare the step
+                self._inflight = self._decode_launch(sched, depth=2)
+                t = time.perf_counter()
+                self._prefill_finish(sched, launched, behind=True)
+            else:
+                t = time.perf_counter()
+                self._prefill_finish(sched, launched)
+            self._last_prefill_s = prefill_s + time.perf_counter() - t
+            for r, n in zip(passed, had, strict=True):  # (a rider the step in flight ended took nothing)
+                if len(r.output) > n:
+                    produced[r] = produced.get(r, 0) + 1
+        if sched.active and self._inflight is None:
+            self._inflight = self._decode_launch(sched)
+
+    def _timed_prefill(self, sched: Scheduler, admitted: list[Request], riders: Sequence[Request] = ()) -> float:
+        """:meth:`_prefill` of the admitted requests (with ``riders``, a mixed pass: :attr:`mixed_prefill`); its
+        host time in seconds, kept for :meth:`_admit`'s delay."""
+        t = time.perf_counter()
+        self._prefill(sched, admitted, riders=riders)
+        self._last_prefill_s = time.perf_counter() - t
+        return self._last_prefill_s
+
+    def _launches_ahead(self, sched: Scheduler, delay: bool) -> bool:
+        """Whether the next decode step may be launched now, before the tokens of the one in flight are read
+        (:attr:`pipelined_decode`): it was prepared during that step (decode graph, one GPU) for the rows the
+        slots still hold (:meth:`Scheduler.same_rows`: no request reaches its token limit in the step in flight,
+        none was aborted), and no queued request would be admitted first (:meth:`_would_admit`). (Sampled rows
+        stage their parameters in the other of two host buffers than the step in flight's.)"""
+        prepared = self._next_rows
+        return (
+            self.pipelined_decode
+            and prepared is not None
+            and any(r is not None for r in prepared)  # (all padding: every request ended; nothing to step)
+            and self.graph is not None
+            and self.comm is None
+            and sched.same_rows(prepared)
+            and not self._would_admit(sched, delay)
+        )
+
+    def _prefills_ahead(self, sched: Scheduler) -> bool:
+        """Whether the prefill pass of queued requests may be launched now, behind the decode step in flight
+        (:meth:`_serve_step`, :attr:`pipelined_prefill`): a queued request would be admitted (:meth:`_would_admit`),
+        on one GPU with the decode graph where steps are prepared ahead (:attr:`pipelined_decode`'s conditions)."""
+        return self.pipelined_prefill and self._prepares_ahead() and self._would_admit(sched, delay=True)
+
+    def _prepares_ahead(self) -> bool:
+        """Whether decode steps are prepared while the one before runs and launched with their input tokens copied
+        on the device (:attr:`pipelined_decode`, the decode graph, one GPU, ``_prepare_ahead``)."""
+        return self.pipelined_decode and self.graph is not None and self.comm is None and self._prepare_ahead
+
+    def _decodes_behind_prefill(self, sched: Scheduler) -> bool:
+        """Prepare the decode step after the prefill pass just launched, which gives every active request a token
+        (the caller checks), for the rows the slots will hold after it (:meth:`Scheduler.peek_rows` of one pass
+        ahead: each admitted request at its prompt's end, each rider one position on), and return True; False
+        (nothing prepared) where steps are not prepared ahead (the conditions of :attr:`pipelined_decode`) or a
+        request reaches its token limit in the pass (the rows will change). The step's input tokens are then the
+        pass's, which it chose one per slot: copied on the device at launch."""
+        if not self._prepares_ahead():
+            return False
+        rows = sched.peek_rows(1)
+        rows = rows[: sched.graph_rows(rows, self._graph_batches)]
+        if not sched.same_rows(rows):
+            return False
+        self._staged.synchronize()  # the copies out of the staging buffers of the step before are done
+        self._upload_decode(len(rows), fill_decode(rows, self.page_size, self._dh, ahead=1), cuda_graph=True)
+        self._next_rows = rows
+        return True
+
+    def _would_admit(self, sched: Scheduler, delay: bool) -> bool:
+        """Whether :meth:`_admit` would admit a queued request now (a free slot, and no scheduler delay holding
+        the queue back), without admitting it."""
+        if not sched.pending or None not in sched.slots:
+            return False
+        factor = self.scheduler_delay_factor
+        waits = delay and factor > 0 and sched.active and len(sched.pending) < sched.slots.count(None)
+        return not (waits and time.perf_counter() - sched.pending[0].queued_at < factor * self._last_prefill_s)
+
+    def _admit(
+        self, sched: Scheduler, delay: bool, riders: list[Request] | None = None, behind: bool = False
+    ) -> list[Request]:
+        """The scheduler's admission (:meth:`Scheduler.admit`), or none yet: with ``delay`` (the step API) and
+        :attr:`scheduler_delay_factor` > 0, queued requests wait while others decode, until the oldest has waited
+        that many times the last prefill's time or they would fill every free slot (vLLM's scheduler delay): a burst
+        of arrivals is prefilled in a few larger passes instead of one small pass per step, each of which costs the
+        batch a step.
+
+        ``riders`` (the step API): with :attr:`mixed_prefill` where it applies, the requests already active are
+        appended to it when some are admitted (they ride in the prefill pass, each one token row of the pass's
+        ``max_prefill_tokens``); where the first queued prompt does not fit beside them, it is admitted alone and
+        ``riders`` stays empty. ``behind``: the pass goes behind a decode step in flight, not recorded: a request
+        that step gives its last token (its limit) rides no more."""
+        if not self._would_admit(sched, delay):
+            return []
+        if riders is not None and self._mixes():
+            active = [r for r in sched.active if not behind or len(r.output) + 1 < r.max_new_tokens]
+            admitted = sched.admit(reserve=len(active)) if active else []
+            if admitted:
+                riders.extend(active)
+                return admitted
+        return sched.admit()
+
+    def _mixes(self) -> bool:
+        """Whether the step API's prefill passes take the decoding requests along (:attr:`mixed_prefill`): one GPU,
+        and the Llama pass, whose prefill attention reads every request's KV from the paged cache."""
+        return self.mixed_prefill and self.comm is None and self.definition.llama_pass
+
+    def _settle(self) -> None:
+        """Wait for a decode step left in flight whose requests have all ended since (aborted): nothing of it is
+        recorded; the engine's buffers are free for the next call."""
+        if self._inflight is not None:
+            self.stream.synchronize()
+            self._inflight = None
+            self._next_rows = None
+
+    def _abort_everything(self, sched: Scheduler) -> None:
+        """After a failed step: wait for what was issued (the host staging buffers may be rewritten next), then end
+        every request; the step API's ones are reported as aborted by the next :meth:`step`."""
+        self._next_rows = None
+        self._inflight = None
+        with contextlib.suppress(Exception):  # the step's own error is the one raised
+            self.stream.synchronize()
+        for r in [*sched.active, *sched.pending]:
+            sched.abort(r)
+            if self._requests.pop(r.rid, None) is not None:
+                self._aborted.append(r)
+
+    # ------------------------------------------------------------------------------------ generate
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        *,
+        eos_token_ids: Sequence[int] | None = None,
+        sampling: SamplingParams | None = None,
+    ) -> GenerationResult:
+        """Generate tokens for each prompt (lists of token ids) until an end-of-sequence token (kept in the
+        output) or ``max_new_tokens`` (one value, or one per prompt).
+
+        ``eos_token_ids``: default the checkpoint's ``eos_token_id``; ``()`` to always run to
+        ``max_new_tokens``. Returns the tokens in prompt order, with timings. Sampled generation starts a new
+        Philox stream from ``sampling.seed`` (None: 0; offset 0) on every call, shared by its prompts, so the same
+        call reproduces its tokens. It runs the step of :meth:`step` over the engine's scheduler, so it needs the
+        step API idle: ValueError while requests added with :meth:`add_request` are queued or active.
+        """
+        self._check_open()
+        self._check_idle("generate")
+        sampling = sampling_arg(sampling) or SamplingParams()
+        # a fresh stream per call (seed, offset 0), every row its own subsequence: reproducible generations
+        draws = None if sampling.greedy else Draws.seeded(sampling.seed or 0, shared=True)
+        sched = self._scheduler()
+        reqs = self._submit(sched, prompts, max_new_tokens, sampling, eos_token_ids, draws)
+        self._next_rows = None
+        result = GenerationResult([], [])
+        cp = self._cp
+        # TVM-FFI's current stream is the engine's for the whole call: every op is given that stream, and finds it
+        # current already (one query instead of a set and a restore around each of the ~10 kernels per layer)
+        with cp.cuda.Device(self.device), self.stream, stream_scope(self._s, self.device):
+            try:
+                if self.pipelined_decode and self.graph is not None and self.comm is None:
+                    launched = None
+                    while sched.has_work:
+                        launched = self._advance_pipelined(sched, result, launched)
+                else:
+                    while sched.has_work:
+                        self._advance(sched, result)
+            finally:
+                if sum(sched.abort(r) for r in reqs):  # interrupted: nothing of this call stays queued or active
+                    self._next_rows = None
+                self.stream.synchronize()
+        result.tokens = [list(r.output) for r in reqs]
+        result.finish_reasons = [r.finish_reason or "" for r in reqs]
+        result.decode_tokens = sum(len(r.output) - 1 for r in reqs)
+        return result
+
+    def _advance(
+        self, sched: Scheduler, result: GenerationResult | None, produced: dict[Request, int] | None = None
+    ) -> None:
+        """One step of the serving loop: admit what fits and prefill it, then one decode step over the active
+        requests. With ``result`` (``generate``): its timings are added there and nothing else is kept; without
+        (the step API), how many tokens each request produced goes into ``produced``, in the order it first did."""
+        if produced is None:
+            produced = {}
+        riders: list[Request] = []
+        admitted = self._admit(sched, delay=result is None, riders=None if result is not None else riders)
+        if admitted:
+            elapsed = self._timed_prefill(sched, admitted, riders)
+            if result is not None:
+                result.prefill_s += elapsed
+            else:
+                for rider in riders:
+                    produced[rider] = produced.get(rider, 0) + 1
+                produced.update(dict.fromkeys(admitted, 1))
+        if sched.active:
+            t = time.perf_counter()
+            host_us, rows = self._decode_step(sched)
+            if result is not None:
+                result.step_host_us.append(host_us)
+                result.decode_s += time.perf_counter() - t
+                result.decode_steps += 1
+            else:
+                for r in rows:
+                    if r is not None:
+                        produced[r] = produced.get(r, 0) + 1
+
+    def _advance_pipelined(
+        self, sched: Scheduler, result: GenerationResult, launched: _LaunchedStep | None
+    ) -> _LaunchedStep | None:
+        """``generate``'s step with :attr:`pipelined_decode`: with a decode step in flight (``launched``), the
+        next one is launched first where it may be (:meth:`_launches_ahead`), then the one in flight is waited for
+        and recorded; without, what fits is admitted and prefilled and a decode step launched. Returns the step
+        left in flight. The timings as :meth:`_advance` gives them (the waits for the GPU excluded)."""
+        if launched is None:
+            admitted = self._admit(sched, delay=False)
+            if admitted:
+                result.prefill_s += self._timed_prefill(sched, admitted)
+            if not sched.active:
+                return None
+            t = time.perf_counter()
+            launched = self._decode_launch(sched)
+            result.decode_s += time.perf_counter() - t
+            return launched
+        t0 = time.perf_counter()
+        ahead = self._decode_launch(sched, depth=2) if self._launches_ahead(sched, delay=False) else None
+        waited = self._staged_wait_s if ahead is not None else 0.0
+        t1 = time.perf_counter()
+        if ahead is not None:
+            launched.done.synchronize()  # its token copy, not the step queued behind it
+        else:
+            self.stream.synchronize()  # everything, the copies out of the host staging buffers included
+        t2 = time.perf_counter()
+        sched.record(launched.rows, launched.ids[: len(launched.rows)].tolist())
+        t3 = time.perf_counter()
+        result.step_host_us.append((t1 - t0 - waited + t3 - t2) * 1e6)
+        result.decode_s += t3 - t0
+        result.decode_steps += 1
+        return ahead
+
+    def _check_idle(self, what: str) -> None:
+        """``what`` shares the step API's scheduler and KV cache: refused while its requests are in flight."""
+        if self._sched is not None and self._sched.has_work:
+            n = len(self._sched.active) + len(self._sched.pending)
+            raise ValueError(
+                f"engine: {n} request(s) added with add_request are queued or active; step() them to the end or "
+                f"abort_request() them before {what}()"
+            )
+        self._settle()
+
+    def prefill_logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Float32 logits ``[len(prompt), vocab]`` of every position of every prompt (a check against a
+        reference implementation; the prompts are prefilled in batches, then their pages freed)."""
+        self._check_open()
+        self._check_idle("prefill_logits")
+        sched = self._scheduler()
+        reqs = self._submit(sched, prompts, 1, None, (), None)
+        out: dict[int, np.ndarray] = {}
+        with self._cp.cuda.Device(self.device), self.stream, stream_scope(self._s, self.device):
+            try:
+                while sched.has_work:
+                    admitted = sched.admit()
+                    for r, logits in zip(admitted, self._prefill(sched, admitted, all_logits=True), strict=True):
+                        out[r.rid] = logits
+            finally:
+                for r in reqs:  # interrupted: nothing of this call stays queued or active
+                    sched.abort(r)
+        return [out[r.rid] for r in reqs]
+
+    def warm_prefill(self, lengths: Sequence[int], batch: int = 1) -> list[tuple[int, int]]:
+        """Capture, before serving, the prefill graphs that prefills of ``lengths`` token rows in all, of ``batch``
+        requests each, will replay, so that no request pays a capture (a bucket met the first time costs about
+        one eager prefill more than a replay; benchmarks/RESULTS.md. Each length runs one prefill of ``batch``
+        dummy prompts (token 0, ``lengths[i]`` tokens together) with one new token and frees their pages; lengths
+        of one bucket capture it once. Nothing is captured where prefill graphs do not apply (``prefill_graphs =
+        False``, MoE layers, tensor parallelism, the subclass engines) or a capture fails (a warning says so).
+
+        Args:
+            lengths: token rows per prefill, each in ``[batch, max_prefill_tokens]``, at most
+                ``batch * (max_seq_len - 1)`` (each dummy prompt leaves room for its token), and with pages for
+                all ``batch`` prompts at once in the KV cache (``num_pages - 1``).
+            batch: requests per prefill, in ``[1, max_batch]``.
+
+        Returns:
+            the ``(bucket rows, request slots)`` of every prefill graph the engine now holds, in replay order (a
+            graph of ``s`` slots serves prefills of 1 to ``s`` requests:
+            :func:`~fi_engine.runtime.paging.prefill_slots`).
+        """
+        self._check_open()
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= self.max_batch:
+            raise ValueError(f"batch: expected requests per prefill in [1, {self.max_batch}], got {batch!r:.40}")
+        if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or not lengths:
+            raise ValueError(f"lengths: expected a non-empty list of token-row counts, got {lengths!r:.60}")
+        top = self._warm_top(batch)
+        for i, n in enumerate(lengths):
+            if isinstance(n, bool) or not isinstance(n, int) or not batch <= n <= top:
+                raise ValueError(
+                    f"lengths[{i}]: expected token rows in [{batch}, {top}] (at least one per request; at most "
+                    f"max_prefill_tokens, and max_seq_len - 1 per request), got {n!r:.40}"
+                )
+        runs = []
+        for i, n in enumerate(lengths):
+            prompts, need = self._warm_prompts(n, batch)
+            if need > self.num_pages - 1:
+                raise ValueError(
+                    f"lengths[{i}]: {n} token rows of {batch} requests need {need} KV pages, the cache has "
+                    f"{self.num_pages - 1} (they would not be prefilled together)"
+                )
+            runs.append(prompts)
+        return self._warm(runs)
+
+    def warm_serving(self) -> list[tuple[int, int]]:
+        """Capture, before serving, the prefill graphs the step API's passes replay: every token bucket of at least
+        ``max_batch`` rows (:attr:`prefill_buckets`) at ``max_batch`` request slots, the shape of every pass
+        :meth:`step` runs with :attr:`overlap_steps` (mixed or not). A pass that meets a shape first costs a
+        capture, during which every request waits: 30-40 ms on an H100 for SmolLM2-135M, where a pass replays in
+        2-5 ms; measured serving 64 streams, one or two of them fell inside each 3 s load (benchmarks/RESULTS.md).
+        ``fi-engine serve`` calls it with CUDA graphs on. Buckets whose dummy prompts the KV cache or
+        ``max_seq_len`` cannot hold are left to be captured when met; where prefill graphs do not apply, nothing is
+        captured (:meth:`warm_prefill`). Returns :meth:`warm_prefill`'s list of the graphs held."""
+        self._check_open()
+        batch = self.max_batch
+        top = self._warm_top(batch)
+        runs = []
+        for n in self.prefill_buckets:
+            if batch <= n <= top:
+                prompts, need = self._warm_prompts(n, batch)
+                if need <= self.num_pages - 1:
+                    runs.append(prompts)
+        return self._warm(runs)
+
+    def _warm_top(self, batch: int) -> int:
+        """The most token rows a warm-up prefill of ``batch`` dummy prompts may have: ``max_prefill_tokens``, and
+        room for each prompt's one new token within ``max_seq_len``."""
+        return min(self.max_prefill_tokens, batch * (self.max_seq_len - 1))
+
+    def _warm_prompts(self, rows: int, batch: int) -> tuple[list[list[int]], int]:
+        """The ``batch`` dummy prompts (token 0) of a warm-up prefill of ``rows`` token rows, and the KV pages they
+        need at once: the scheduler admits them together only if the cache holds them (page 0 is the padding
+        page); short of pages it would prefill fewer requests at a time and capture another shape."""
+        prompts = [[0] * (rows // batch + (1 if r < rows % batch else 0)) for r in range(batch)]
+        return prompts, sum(pages_for(len(p), self.page_size) for p in prompts)
+
+    def _warm(self, runs: list[list[list[int]]]) -> list[tuple[int, int]]:
+        """One prefill of each set of dummy prompts (a new token each, their pages freed), so that its graph is
+        captured now; the ``(bucket rows, request slots)`` of every prefill graph the engine then holds."""
+        for prompts in runs:
+            self.generate(prompts, 1, eos_token_ids=())
+        return [(int(key[0]), int(key[1])) for key in self._prefill_graph_cache]
+
+    def _scheduler(self) -> Scheduler:
+        """The engine's scheduler (one KV cache, one set of slots), made on first use; the checkpoint's
+        end-of-sequence ids unless a request brings its own."""
+        if self._sched is None:
+            self._sched = Scheduler(
+                PageAllocator(self.num_pages),
+                self.page_size,
+                self.max_batch,
+                self.max_seq_len,
+                self.max_prefill_tokens,
+                self.config.vocab_size,
+                self.config.eos_token_ids,
+            )
+        return self._sched
+
+    @staticmethod
+    def _submit(
+        sched: Scheduler,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        sampling: SamplingParams | None,
+        eos_token_ids: Sequence[int] | None,
+        draws: Any,
+    ) -> list[Request]:
+        """Queue every prompt, all or none: a prompt refused takes the ones queued before it out again."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts: expected a non-empty list of prompts (lists of token ids)")
+        if isinstance(max_new_tokens, Sequence):
+            if len(max_new_tokens) != len(prompts):
+                raise ValueError(
+                    f"max_new_tokens: expected one value per prompt ({len(prompts)}), got {len(max_new_tokens)}"
+                )
+            limits = list(max_new_tokens)
+        else:
+            limits = [max_new_tokens] * len(prompts)
+        reqs: list[Request] = []
+        try:
+            for i, (p, m) in enumerate(zip(prompts, limits, strict=True)):
+                reqs.append(
+                    sched.submit(
+                        p, m, name=f"prompts[{i}]", sampling=sampling, eos_token_ids=eos_token_ids, draws=draws
+                    )
+                )
+        except BaseException:
+            for r in reqs:
+                sched.abort(r)
+            raise
+        return reqs
+
+    def _prefill(
+        self, sched: Scheduler, reqs: list[Request], all_logits: bool = False, riders: Sequence[Request] = ()
+    ) -> list[np.ndarray]:
+        """Prefill the admitted requests ``reqs`` and, in the same pass, decode ``riders`` (active requests: one token
+        row each, :attr:`mixed_prefill`); wait for it and record their tokens (:meth:`_prefill_launch`,
+        :meth:`_prefill_finish`). ``all_logits`` (without riders: :meth:`prefill_logits`): return each request's
+        logits at every row."""
+        launched, full = self._prefill_launch(sched, reqs, riders, all_logits)
+        self._prefill_finish(sched, launched)
+        if full is None:
+            return []
+        c = self.config
+        host = full.get(stream=self.stream)
+        if host.ndim == 3:  # [ranks, nnz, V/N]: the columns side by side, the padding dropped
+            host = np.concatenate(list(host), axis=1)[:, : c.vocab_size]
+        bounds = self._ph["qo_indptr"][: len(reqs) + 1].tolist()
+        return [host[bounds[i] : bounds[i + 1]] for i in range(len(reqs))]
+
+    def _prefill_launch(
+        self,
+        sched: Scheduler,
+        reqs: list[Request],
+        riders: Sequence[Request] = (),
+        all_logits: bool = False,
+        behind: bool = False,
+        graph_slots: int | None = None,
+    ) -> tuple[_LaunchedPass, Any]:
+        """Launch the prefill pass of ``reqs`` with ``riders`` (:meth:`_prefill`), its tokens copied behind it into
+        ``_ids_host`` (not waited for): one per slot up to the highest slot it serves, in slot order, so that the
+        decode step after it can read them in place (:meth:`_decodes_behind_prefill`); an empty slot's is garbage.
+        ``behind``: a decode step is in flight, not recorded: the riders' last tokens are its tokens, fed one
+        position on and gathered from its ``ids`` on the device (a rider it ends with an end-of-sequence token
+        computes a row nobody records). ``graph_slots``: the request slots its graph is padded to (None:
+        ``max_batch`` for a mixed pass, else :func:`~fi_engine.runtime.paging.prefill_slots` of its requests; the step
+        API's
+        passes take ``max_batch``, so that a server replays one graph per bucket, each captured before it serves:
+        :meth:`warm_serving`). Returns the launched pass and, with ``all_logits``, the float32 logits of every row (on
+        the device)."""
+        cp, c, b, s = self._cp, self.config, self._buf, self._s
+        ahead = 1 if behind else 0
+        if riders:
+            sched.grow_pages(riders, ahead)  # each rider's next token may open a page
+        rows = [*riders, *reqs]
+        batch = len(rows)
+        self._next_rows = None  # the prefill's tokens overwrite `ids`: a step prepared before it cannot run
+        ph = self._ph
+        nnz, n_pages = fill_prefill(rows, self.page_size, ph, ahead)
+        k = len(riders) if behind else 0
+        if k:  # riders come first, one row each: rows 0..k-1 take the tokens of their slots
+            ph["rider_slots"][:k] = [r.slot for r in riders]
+        # each request's last row, by slot: the rows whose logits choose the tokens
+        slots = [r.slot for r in rows]
+        width = max(slots) + 1
+        ends = ph["last_rows"][:batch].copy()
+        ph["last_rows"][:width] = 0
+        ph["last_rows"][slots] = ends
+        by_slot: list[Request | None] = [None] * width
+        for r in rows:
+            by_slot[r.slot] = r
+        padded_slots = graph_slots
+        if padded_slots is None:  # a mixed pass's requests are every occupied slot: one graph per bucket
+            padded_slots = self.max_batch if riders else prefill_slots(batch, self.max_batch)
+        bucket = self._prefill_bucket(nnz, padded_slots)
+        if bucket is not None:  # the padding request fills the rows up to the bucket, empty ones the slots
+            n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size, requests=padded_slots + 1)
+        n = self._playout.end("kv_indices", n_pages)
+        cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, _address(self._phost), 4 * n, _H2D, s)
+        if k:
+            meta, at = self._pmeta.data.ptr, self._playout.offsets
+            self.dense.gather_ids(k, b.ids.data.ptr, meta + 4 * at["rider_slots"], meta + 4 * at["token_ids"])
+        v = self._view("prefill", nnz, batch)  # the real rows and requests
+        if bucket is None or not self._prefill_padded(nnz, padded_slots, bucket):
+            self._plan_prefill(batch)
+            self._forward(v, nnz, self._prefill_attention)
+        full = None
+        if all_logits:  # a check, not serving: allocated here
+            hr = self._head_rows
+            part = cp.empty((nnz, hr), np.float32)
+            self.dense.linear(
+                nnz, self._normed.data.ptr, c.hidden_size, self._lm_head, hr, c.hidden_size, part.data.ptr, hr,
+                self._ab, self._f32,
+            )  # fmt: skip
+            full = part
+            self._finish_logits(part.data.ptr, nnz, hr)
+            if self.vocab_shard is not None:  # every rank's columns, then [nnz, V] on the host
+                full = cp.empty((self.tensor_parallel, nnz, hr), np.float32)
+                self.comm.all_gather(part, full, stream=s)
+        h = c.hidden_size
+        vs = v if width == batch else self._view("prefill", nnz, width)  # the sampled rows: one per slot
+        self.dense.gather_rows(width, self._normed.data.ptr, h, vs.last_rows, b.last.data.ptr, h, h)
+        self._head(width, b.last.data.ptr)
+        self._share_ids(self._pick(vs, width, by_slot if sched.sampled else None))
+        cp.cuda.runtime.memcpyAsync(_address(self._ids_host), b.ids.data.ptr, 4 * width, _D2H, s)
+        self._prefill_done.record(self.stream)
+        return _LaunchedPass(list(riders), reqs, slots, self._prefill_done), full
+
+    def _prefill_finish(self, sched: Scheduler, launched: _LaunchedPass, behind: bool = False) -> None:
+        """Wait for the prefill pass ``launched`` and record its tokens: the riders' next, the admitted requests'
+        first. ``behind``: a decode step was launched after it (:meth:`_decodes_behind_prefill`): only its token
+        copy is waited for; otherwise the whole stream, so that the host staging buffers may be written next."""
+        if behind:
+            launched.done.synchronize()
+        else:
+            self.stream.synchronize()
+        tokens = self._ids_host[launched.slots].tolist()
+        k = len(launched.riders)
+        if k:
+            sched.record(launched.riders, tokens[:k])
+        sched.record(launched.admitted, tokens[k:], prefill=True)
+
+    def _decode_step(self, sched: Scheduler) -> tuple[float, list[Request | None]]:
+        """One decode step for every active request, launched (:meth:`_decode_launch`), waited for and recorded;
+        returns its host time in microseconds (with a graph, the next step's preparation included, which runs while
+        the GPU computes this step) and its rows (None: a padding row)."""
+        t0 = time.perf_counter()
+        launched = self._decode_launch(sched)
+        t2 = time.perf_counter()
+        self.stream.synchronize()
+        t3 = time.perf_counter()
+        sched.record(launched.rows, launched.ids[: len(launched.rows)].tolist())
+        return ((t2 - t0) + (time.perf_counter() - t3)) * 1e6, launched.rows
+
+    def _decode_finish(self, sched: Scheduler, launched: _LaunchedStep, behind: bool = False) -> list[Request]:
+        """Wait for the decode step ``launched`` and record its tokens; returns the requests that took one (those
+        still active: a request that ended since the launch, aborted or at the step before it, takes none).
+        ``behind``: another step was launched after it (:meth:`_launches_ahead`): only its token copy is waited
+        for; otherwise the whole stream, so that the host staging buffers may be written next."""
+        live = [r for r in launched.rows if r is not None and r.finish_reason is None]
+        if behind:
+            launched.done.synchronize()
+        else:
+            self.stream.synchronize()
+        sched.record(launched.rows, launched.ids[: len(launched.rows)].tolist())
+        return live
+
+    def _decode_launch(self, sched: Scheduler, depth: int = 1) -> _LaunchedStep:
+        """Launch one decode step for every active request, its tokens copied behind it on the stream into the
+        next of the two decode token buffers (not waited for). ``depth``: the steps then in flight, this one
+        included (2: launched before the last one's tokens were read, :meth:`_launches_ahead`); the step after
+        them is prepared for that many steps ahead.
+
+        A step prepared during the previous one (:meth:`Scheduler.peek_rows`) runs only if the slots are still
+        its rows (:meth:`Scheduler.same_rows`): a request that ended with an end-of-sequence token, was aborted or
+        admitted since (a prefill also drops it) makes it be made again here."""
+        graph = self.graph
+        prepared, self._next_rows = self._next_rows, None
+        if prepared is not None and sched.same_rows(prepared):
+            # prepared during the previous step (index arrays and plan enqueued behind it); its input tokens are
+            # that step's output, still in `ids` in slot order: copied on the device
+            rows = prepared
+            n = len(rows)
+            token_ids = self._dmeta.data.ptr + 4 * self._dlayout.offsets["token_ids"]
+            self._cp.cuda.runtime.memcpyAsync(token_ids, self._buf.ids.data.ptr, 4 * n, _D2D, self._s)
+        else:
+            rows = sched.decode_rows(padded=graph is not None)
+            if graph is not None:  # the first slots, as many as the smallest graph holding every request
+                rows = rows[: sched.graph_rows(rows, self._graph_batches)]
+            n = len(rows)
+            self._upload_decode(n, fill_decode(rows, self.page_size, self._dh), cuda_graph=graph is not None)
+        v = self._view("decode", n, n)
+        draw_rows = rows if sched.sampled else None  # None: every row greedy (one counter read, no row scan)
+        if graph is not None:
+            graph = self.graphs[n]
+            if n not in self._graphs_checked:
+                # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
+                if self._decode_plan.info != self._graph_plan_infos[n]:
+                    raise RuntimeError(
+                        f"a CUDA-graph decode plan of {n} rows changed its schedule layout; the captured graph "
+                        f"cannot replay it"
+                    )
+                self._graphs_checked.add(n)
+            graph.launch()  # its argmax is every greedy row's token
+            sampled = draw_rows is not None and self._pick(v, n, draw_rows, argmax_done=True)
+        else:
+            if self._fuses(n):
+                self._fused_step(v, n)
+            else:
+                self._forward(v, n, self._decode_attention)
+                self._head(n, self._normed.data.ptr)
+            sampled = self._pick(v, n, draw_rows)
+        self._share_ids(sampled)
+        turn = self._decode_turn
+        self._decode_turn = 1 - turn
+        ids, done = self._decode_ids[turn], self._decode_done[turn]
+        self._cp.cuda.runtime.memcpyAsync(_address(ids), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
+        done.record(self.stream)
+        if graph is not None and self._prepare_ahead:
+            # the next step, as it will be unless a request ends with an end-of-sequence token or a prefill comes
+            # first (then it is dropped and made again): staged and planned while the GPU runs this one
+            t = time.perf_counter()
+            self._staged.synchronize()  # this step's copies out of the staging buffers are done
+            self._staged_wait_s = time.perf_counter() - t  # (a step launched ahead waits here for the one before)
+            ahead = sched.peek_rows(depth)
+            ahead = ahead[: sched.graph_rows(ahead, self._graph_batches)]
+            filled = fill_decode(ahead, self.page_size, self._dh, ahead=depth)
+            self._upload_decode(len(ahead), filled, cuda_graph=True)
+            self._next_rows = ahead
+        return _LaunchedStep(rows, ids, done)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("engine: closed")

@@ -1,0 +1,97 @@
+"""The step-by-step serving interface (:class:`StepEngine`): requests added and aborted one at a time, and one
+:meth:`~StepEngine.step` after another returning each request's new tokens (:class:`StepOutput`).
+
+It is the seam between a model engine and what serves many callers at once (the streaming service and the HTTP
+server): the engine implements it on the GPU, the service drives it from one thread, and the server's CPU tests
+drive the service with a stand-in that implements the same protocol without a GPU. A value module: no engine
+state, nothing imported from the engine's parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from .sampling_params import SamplingParams
+
+__all__ = ["FinishReason", "StepEngine", "StepOutput"]
+
+FinishReason = Literal["stop", "length", "abort"]
+"""Why a request ended: ``"stop"`` (one of its end-of-sequence tokens, which is kept in its output), ``"length"``
+(its ``max_new_tokens``) or ``"abort"`` (:meth:`StepEngine.abort_request`)."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one :meth:`StepEngine.step` produced for one request.
+
+    ``rid``: the id :meth:`StepEngine.add_request` returned. ``token_ids``: the tokens this step generated for it
+    (one per step today; a list so a step may give several). ``finish_reason``: None while it continues;
+    otherwise why it ended, and its slot and KV pages are free again when the step returns.
+
+    An engine whose ``add_requests_nowait`` returns ids before the engine has seen the requests (an engine
+    process's :class:`~fi_engine.serve.engine_client.EngineClient`) answers for each one through
+    :meth:`StepEngine.step`:
+    an output with no tokens and no finish reason once the engine took it, or, where it refused it,
+    ``finish_reason="abort"`` with ``error`` the ``ValueError`` / ``TypeError`` ``add_request`` would have raised.
+    """
+
+    rid: int
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    error: Exception | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@runtime_checkable
+class StepEngine(Protocol):
+    """An engine served one step at a time, from one thread (its calls are not thread-safe).
+
+    - :meth:`add_request` queues a prompt (token ids) and returns its id, or raises ``ValueError`` naming the
+      argument when it can never be served (empty, ids outside the vocabulary, longer than the engine allows);
+    - :meth:`step` admits queued requests into free batch slots and runs one prefill or one decode step over the
+      active ones (whatever the engine's policy picks), returning a :class:`StepOutput` for every request that
+      produced tokens or ended in it; with nothing queued or active it returns ``[]`` at once;
+    - :meth:`abort_request` ends a queued or active request now: its slot and pages are freed before it returns,
+      and the next :meth:`step` reports it once with ``finish_reason="abort"`` (an id that is unknown or already
+      finished: nothing happens);
+    - :attr:`has_unfinished`: whether any request is queued or active.
+
+    Each request carries its own :class:`~fi_engine.runtime.sampling_params.SamplingParams` and end-of-sequence ids
+    (None: the checkpoint's).
+
+    An engine whose :meth:`step` may wait for outputs computed elsewhere (an engine process's
+    :class:`~fi_engine.serve.engine_client.EngineClient`) may also have ``wake()``: thread-safe, it makes a waiting
+    ``step()`` return at once, and :class:`~fi_engine.serve.service.GenerationService` calls it when it queues new work.
+    """
+
+    max_batch: int
+
+    def add_request(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        *,
+        sampling: SamplingParams | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> int:
+        """Queue ``prompt`` (token ids) for up to ``max_new_tokens`` new tokens; returns the request's id. Raises
+        ValueError naming the argument when the request can never be served."""
+        ...
+
+    def abort_request(self, rid: int) -> None:
+        """End request ``rid`` now, freeing its slot and pages; the next :meth:`step` reports it with
+        ``finish_reason="abort"``. Unknown or finished ids: nothing happens."""
+        ...
+
+    def step(self) -> list[StepOutput]:
+        """Admit queued requests and run one prefill or decode step; the new tokens of every request that got
+        some or ended (``[]`` when nothing is queued or active)."""
+        ...
+
+    @property
+    def has_unfinished(self) -> bool: ...

@@ -1,0 +1,384 @@
+"""The OpenAI API's request bodies checked field by field (:func:`parse_completion`, :func:`parse_chat`) and its
+response objects built (:func:`completion_body`, :func:`chat_body`, the streaming chunks), with no HTTP and no
+engine: the server (:mod:`fi_engine.serve.openai_server`) stands on it, and its tests read it alone.
+
+A bad field is an :class:`APIError` naming it (``param``) with what was expected, which the server answers with
+HTTP 400 and OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``. Fields the engine cannot
+honour (``logprobs``, ``echo``, penalties, ``tools``, ...) are refused by name when set to anything but their
+neutral value; fields that change nothing here (``user``, ``metadata``, ``store``, ...) and unknown fields are
+ignored, as vLLM's server does. See docs/engine-text.md ("Serving") for every choice made where the API is silent.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..values import show
+
+__all__ = ["APIError", "ParsedRequest", "error_body", "parse_chat", "parse_completion"]
+
+MAX_N = 128  # choices per request (each is a request in the engine)
+MAX_STOP = 64  # stop strings per request
+MAX_TEMPERATURE = 1e4  # as generation_config.json's bound: far past any useful value, finite in float32
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
+
+
+class APIError(Exception):
+    """A request the server answers with an error: ``status`` (400 unless said), OpenAI's ``type``, the field
+    at fault (``param``, None when none) and a machine-readable ``code``."""
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        *,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        code: str | None = "invalid_value",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.type = type
+        self.code = code
+
+
+def error_body(error: APIError) -> dict[str, Any]:
+    """OpenAI's error object for ``error``."""
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+
+
+@dataclass
+class ParsedRequest:
+    """A checked request. ``prompts``: texts or token-id lists (completions; each gets ``n`` choices), or None
+    for a chat (``messages`` then). Sampling fields are None where the request leaves them to the defaults."""
+
+    model: str
+    stream: bool
+    include_usage: bool
+    n: int
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    stop: list[str]
+    ignore_eos: bool
+    skip_special_tokens: bool
+    prompts: list[str | list[int]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    add_generation_prompt: bool = True
+
+    def seeds(self) -> list[int]:
+        """One seed per choice: the request's ``seed`` + i (each choice samples its own), or fresh random ones."""
+        base = self.seed if self.seed is not None else secrets.randbelow(2**63)
+        return [(base + i) % 2**64 for i in range(self.n)]
+
+
+def _object(body: Any) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _bool(body: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise APIError(f"{key}: expected true or false, got {show(value)}", key)
+    return value
+
+
+def _int(body: Mapping[str, Any], key: str, lo: int, hi: int, what: str = "") -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():  # JSON 16.0: an integer written as a float
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise APIError(f"{key}: expected an integer{what}, got {show(value)}", key)
+    if not lo <= value <= hi:
+        raise APIError(f"{key}: expected an integer in [{lo}, {hi}]{what}, got {show(value)}", key)
+    return value
+
+
+def _float(body: Mapping[str, Any], key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise APIError(f"{key}: expected a number, got {show(value)}", key)
+    value = float(value)
+    if not math.isfinite(value) or not (lo < value if lo_open else lo <= value) or value > hi:
+        bounds = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise APIError(f"{key}: expected a number in {bounds}, got {show(value)}", key)
+    return value
+
+
+def _neutral(body: Mapping[str, Any], key: str, neutral: Sequence[Any], what: str) -> None:
+    """Refuse ``key`` unless absent, null or one of its ``neutral`` values (the engine cannot honour it)."""
+    value = body.get(key)
+    if value is None or any(value == v and type(value) is type(v) for v in neutral):
+        return
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and any(isinstance(v, (int, float)) and not isinstance(v, bool) and value == v for v in neutral)
+    ):
+        return
+    raise APIError(f"{key}: {what} is not supported by this server; leave it out", key, code="unsupported_value")
+
+
+def _stop(body: Mapping[str, Any]) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise APIError(f"stop: expected a string or a list of strings, got {show(value)}", "stop")
+    if len(items) > MAX_STOP:
+        raise APIError(f"stop: expected at most {MAX_STOP} stop strings, got {len(items)}", "stop")
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item:
+            raise APIError(f"stop[{i}]: expected a non-empty string, got {show(item)}", "stop")
+    return list(items)
+
+
+def _common(body: Mapping[str, Any], models: Sequence[str], max_tokens_keys: Sequence[str]) -> dict[str, Any]:
+    """The fields completions and chat share, checked."""
+    model = body.get("model")
+    if model is None:
+        model = models[0]  # as vLLM: a request without a model gets the one served
+    if not isinstance(model, str):
+        raise APIError(f"model: expected a model name (a string), got {show(model)}", "model")
+    if model not in models:
+        raise APIError(
+            f"model: {model!r} is not served here; this server serves {', '.join(map(repr, models))} (GET /v1/models)",
+            "model",
+            code="model_not_found",
+        )
+    stream = _bool(body, "stream", False)
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise APIError("stream_options: only allowed with stream: true", "stream_options")
+        if not isinstance(options, Mapping):
+            raise APIError(f"stream_options: expected an object, got {show(options)}", "stream_options")
+        include_usage = _bool(options, "include_usage", False)
+    max_tokens = None
+    for key in max_tokens_keys:
+        value = _int(body, key, 1, 2**31 - 1)
+        if value is not None:
+            max_tokens = value if max_tokens is None else min(max_tokens, value)
+    n = _int(body, "n", 1, MAX_N)
+    top_k = _int(body, "top_k", -1, 2**31 - 1, " (-1 or 0: no limit)")
+    _neutral(body, "presence_penalty", (0,), "presence_penalty other than 0")
+    _neutral(body, "frequency_penalty", (0,), "frequency_penalty other than 0")
+    _neutral(body, "repetition_penalty", (1,), "repetition_penalty other than 1")
+    _neutral(body, "min_p", (0,), "min_p other than 0")
+    _neutral(body, "logit_bias", ({},), "logit_bias")
+    _neutral(body, "min_tokens", (0,), "min_tokens")
+    best_of = _int(body, "best_of", 1, MAX_N)
+    if best_of is not None and best_of != (n or 1):
+        raise APIError("best_of: only best_of equal to n is supported", "best_of", code="unsupported_value")
+    return {
+        "model": model,
+        "stream": stream,
+        "include_usage": include_usage,
+        "n": n or 1,
+        "max_tokens": max_tokens,
+        "temperature": _float(body, "temperature", 0.0, MAX_TEMPERATURE),
+        "top_p": _float(body, "top_p", 0.0, 1.0, lo_open=True),
+        "top_k": None if top_k is None else max(top_k, 0),
+        "seed": _int(body, "seed", 0, 2**64 - 1),
+        "stop": _stop(body),
+        "ignore_eos": _bool(body, "ignore_eos", False),
+        "skip_special_tokens": _bool(body, "skip_special_tokens", True),
+    }
+
+
+def parse_completion(body: Any, models: Sequence[str]) -> ParsedRequest:
+    """Check a ``/v1/completions`` body against the served ``models``; :class:`APIError` naming the field.
+
+    ``prompt``: a string, a list of strings, a list of token ids, or a list of token-id lists (each prompt gets
+    ``n`` choices, indexed prompt by prompt)."""
+    body = _object(body)
+    common = _common(body, models, ("max_tokens",))
+    if common["max_tokens"] is None:
+        common["max_tokens"] = COMPLETION_DEFAULT_MAX_TOKENS
+    _neutral(body, "echo", (False,), "echo")
+    _neutral(body, "logprobs", (), "logprobs")
+    _neutral(body, "suffix", (), "suffix")
+    prompt = body.get("prompt")
+    prompts: list[str | list[int]]
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        prompts = [list(prompt)]
+    elif isinstance(prompt, list) and prompt:
+        prompts = []
+        for i, p in enumerate(prompt):
+            if isinstance(p, str):
+                prompts.append(p)
+            elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                prompts.append(list(p))
+            else:
+                raise APIError(
+                    f"prompt[{i}]: expected a string or a non-empty list of token ids (integers), got {show(p)}",
+                    "prompt",
+                )
+    else:
+        raise APIError(
+            f"prompt: expected a string, a list of strings, a list of token ids or a list of token-id lists, "
+            f"got {show(prompt)}",
+            "prompt",
+        )
+    if len(prompts) * common["n"] > MAX_N:
+        raise APIError(f"prompt: {len(prompts)} prompts x n={common['n']} exceed {MAX_N} choices", "prompt")
+    return ParsedRequest(prompts=prompts, **common)
+
+
+def _content(value: Any, where: str) -> Any:
+    """A message's content: a string, null, or a list of text parts (joined with newlines, as vLLM does)."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise APIError(f"{where}: expected a string or a list of content parts, got {show(value)}", "messages")
+    texts = []
+    for j, part in enumerate(value):
+        if not isinstance(part, Mapping):
+            raise APIError(f"{where}[{j}]: expected a content part object, got {show(part)}", "messages")
+        if part.get("type") != "text":
+            raise APIError(
+                f"{where}[{j}].type: only text content parts are supported, got {show(part.get('type'))}",
+                "messages",
+                code="unsupported_value",
+            )
+        if not isinstance(part.get("text"), str):
+            raise APIError(f"{where}[{j}].text: expected a string, got {show(part.get('text'))}", "messages")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
+    """Check a ``/v1/chat/completions`` body against the served ``models``; :class:`APIError` naming the field.
+
+    ``messages``: a non-empty list of ``{"role": str, "content": str | [text parts] | null, ...}`` (other keys,
+    e.g. ``name``, go to the chat template as they are). ``max_completion_tokens`` is ``max_tokens``'s newer name
+    (the smaller wins when both are given). ``chat_template_kwargs`` (vLLM's extension): extra template
+    variables such as ``{"enable_thinking": false}``."""
+    body = _object(body)
+    common = _common(body, models, ("max_tokens", "max_completion_tokens"))
+    _neutral(body, "logprobs", (False,), "logprobs")
+    _neutral(body, "top_logprobs", (0,), "top_logprobs")
+    _neutral(body, "tools", ([],), "tools (function calling)")
+    _neutral(body, "tool_choice", ("none",), "tool_choice")
+    _neutral(body, "response_format", ({"type": "text"},), "response_format other than text")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(f"messages: expected a non-empty list of messages, got {show(messages)}", "messages")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise APIError(f"messages[{i}]: expected a message object, got {show(message)}", "messages")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise APIError(
+                f"messages[{i}].role: expected a role (a string such as 'user'), got {show(role)}", "messages"
+            )
+        checked.append({**message, "content": _content(message.get("content"), f"messages[{i}].content")})
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise APIError(f"chat_template_kwargs: expected an object, got {show(kwargs)}", "chat_template_kwargs")
+    reserved = {"messages", "tools", "documents", "add_generation_prompt"} & set(kwargs or {})
+    if reserved:
+        raise APIError(f"chat_template_kwargs: may not set {sorted(reserved)}", "chat_template_kwargs")
+    return ParsedRequest(
+        messages=checked,
+        template_kwargs=dict(kwargs or {}),
+        add_generation_prompt=_bool(body, "add_generation_prompt", True),
+        **common,
+    )
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(
+    rid: str, model: str, choices: Sequence[tuple[str, str | None]], usage: dict[str, int]
+) -> dict[str, Any]:
+    """A ``text_completion`` object: ``choices`` as (text, finish reason) in index order."""
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": why} for i, (text, why) in enumerate(choices)
+        ],
+        "usage": usage,
+    }
+
+
+def chat_body(rid: str, model: str, choices: Sequence[tuple[str, str | None]], usage: dict[str, int]) -> dict[str, Any]:
+    """A ``chat.completion`` object: ``choices`` as (assistant text, finish reason) in index order."""
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": why}
+            for i, (text, why) in enumerate(choices)
+        ],
+        "usage": usage,
+    }
+
+
+def completion_chunk(
+    rid: str, model: str, created: int, index: int | None, text: str, finish: str | None, usage: dict[str, int] | None
+) -> dict[str, Any]:
+    """One streamed ``text_completion`` event (``index`` None: the closing usage chunk, with no choice)."""
+    choices = [] if index is None else [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]
+    out: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model}
+    out["choices"] = choices
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def chat_chunk(
+    rid: str,
+    model: str,
+    created: int,
+    index: int | None,
+    delta: dict[str, Any],
+    finish: str | None,
+    usage: dict[str, int] | None,
+) -> dict[str, Any]:
+    """One streamed ``chat.completion.chunk`` (``index`` None: the closing usage chunk, with no choice)."""
+    choices = [] if index is None else [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    out["choices"] = choices
+    if usage is not None:
+        out["usage"] = usage
+    return out

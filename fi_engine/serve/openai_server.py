@@ -1,0 +1,410 @@
+"""An OpenAI-compatible HTTP server over a :class:`~fi_engine.serve.service.GenerationService`: Starlette + uvicorn
+(the ``serve`` extra), imported on first use.
+
+Endpoints: ``GET /v1/models``; ``POST /v1/completions`` and ``POST /v1/chat/completions``, whole or streamed
+(``"stream": true``: server-sent events ``data: {...}``, closed by ``data: [DONE]``); ``GET /health`` (200, or
+503 once the engine failed or the server is closing); ``GET /metrics`` (Prometheus text,
+:class:`~fi_engine.serve.metrics.ServingMetrics`).
+
+Every client's requests go to the one service, whose engine thread batches them all (continuous batching across
+HTTP requests; with ``fi-engine serve --api-servers N`` each of N processes runs this app over a service of its
+own, all over one engine process: :mod:`fi_engine.serve.api_servers`); the event loop only checks bodies, renders and
+encodes prompts, and relays deltas. A full queue is 429 (with ``Retry-After``); a client that disconnects cancels
+its requests (their slots and pages are freed at the engine's next turn); a bad body, an unknown model or an
+out-of-range value is 400 with OpenAI's error object naming the field (:mod:`fi_engine.serve.openai_protocol`); nothing
+a client sends is answered 500. On shutdown uvicorn stops accepting, waits for open responses up to the grace
+period, and the service then cancels what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from ..runtime.sampling_params import SamplingParams
+from .openai_protocol import (
+    APIError,
+    ParsedRequest,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    completion_chunk,
+    error_body,
+    new_id,
+    parse_chat,
+    parse_completion,
+    usage_body,
+)
+from .service import GenerationService, QueueFullError, RequestStream, ServiceClosedError, ServiceError
+
+__all__ = ["build_app", "serve"]
+
+log = logging.getLogger("fi_engine.server")
+SERVE_HINT = "python -m pip install '.[serve]' in the fi_ffi checkout"
+# The interpreter's thread switch interval in a server process (CPython's default: 5 ms). Its event loop, relaying
+# thousands of token events a second, rarely waits, so the service's thread (which hands requests to the engine
+# and takes its tokens) got the interpreter back only when the loop was made to drop it, once per interval: a
+# request reached the engine process 4-20 ms after it arrived (H100, SmolLM2 shapes, 64 streaming clients over 4
+# API servers: benchmarks/RESULTS.md, session 10), where a decode step takes 1.2 ms. Set by serve() and by each API
+# server process, which are the server's own; a program that embeds the service keeps its own setting.
+SWITCH_INTERVAL_S = 0.0005
+
+
+def _require(module: str) -> Any:
+    """Import ``module`` of the ``serve`` extra, or ModuleNotFoundError naming the install command."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"the OpenAI-compatible server needs the {module.partition('.')[0]!r} package, which is not installed "
+            f"({exc}); install the server's dependencies with: {SERVE_HINT}",
+            name=exc.name,
+        ) from exc
+
+
+class _Handlers:
+    """The endpoints, bound to one service and the model names it answers to."""
+
+    def __init__(self, service: GenerationService, models: Sequence[str], max_model_len: int | None) -> None:
+        self.service = service
+        self.models = list(models)
+        self.max_model_len = max_model_len
+        self.started = int(time.time())
+        from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+        self.JSONResponse, self.PlainTextResponse = JSONResponse, PlainTextResponse
+        self.Response, self.StreamingResponse = Response, StreamingResponse
+
+    # -- plumbing ----------------------------------------------------------------------------------------------
+
+    def error(self, error: APIError) -> Any:
+        self.service.metrics.response(error.status)
+        headers = {"Retry-After": "1"} if error.status == 429 else None
+        return self.JSONResponse(error_body(error), status_code=error.status, headers=headers)
+
+    async def body(self, request: Any) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(f"the request body is not valid JSON: {exc}", None, code="invalid_json") from None
+        except RecursionError:
+            raise APIError("the request body nests too deeply", None, code="invalid_json") from None
+
+    # -- endpoints ---------------------------------------------------------------------------------------------
+
+    async def health(self, request: Any) -> Any:
+        if self.service.healthy:
+            return self.Response(status_code=200)
+        reason = "closing" if self.service.error is None else f"engine failed: {self.service.error!r}"
+        return self.PlainTextResponse(reason, status_code=503)
+
+    async def metrics(self, request: Any) -> Any:
+        return self.PlainTextResponse(
+            self.service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    async def list_models(self, request: Any) -> Any:
+        data = [
+            {"id": m, "object": "model", "created": self.started, "owned_by": "fi_engine", "root": m}
+            | ({"max_model_len": self.max_model_len} if self.max_model_len else {})
+            for m in self.models
+        ]
+        return self.JSONResponse({"object": "list", "data": data})
+
+    async def completions(self, request: Any) -> Any:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: Any) -> Any:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Any, chat: bool) -> Any:
+        try:
+            body = await self.body(request)
+            parsed = parse_chat(body, self.models) if chat else parse_completion(body, self.models)
+            streams, prompt_tokens = self._submit(parsed)
+        except APIError as exc:
+            return self.error(exc)
+        try:
+            await asyncio.gather(*(s.aaccepted() for s in streams))
+        except (ValueError, TypeError) as exc:  # the engine refused a prompt (too long for it, ...)
+            for s in streams:
+                s.cancel()
+            return self.error(_refusal(exc, chat))
+        except ServiceError as exc:
+            return self.error(APIError(str(exc), status=500, type="internal_server_error", code="engine_error"))
+        except asyncio.CancelledError:
+            for s in streams:
+                s.cancel()
+            raise
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        if parsed.stream:
+            self.service.metrics.response(200)
+            events = self._events(parsed, streams, prompt_tokens, rid, chat)
+            return self.StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await self._whole(request, parsed, streams, prompt_tokens, rid, chat)
+
+    def _submit(self, parsed: ParsedRequest) -> tuple[list[RequestStream], int]:
+        """Encode the prompts and queue ``n`` requests per prompt, all or none; the prompt token count."""
+        service = self.service
+        codec = service.codec
+        if codec is None:
+            raise APIError("this server has no tokenizer: it serves token-id prompts only", "prompt")
+        try:
+            if parsed.messages is not None:
+                ids = [
+                    codec.encode_chat(
+                        parsed.messages, add_generation_prompt=parsed.add_generation_prompt, **parsed.template_kwargs
+                    )
+                ]
+            else:
+                assert parsed.prompts is not None
+                ids = [codec.encode(p) if isinstance(p, str) else p for p in parsed.prompts]
+                if not all(ids):
+                    raise APIError("prompt: the text encodes to no token; give a non-empty prompt", "prompt")
+        except (ValueError, TypeError) as exc:  # a template that refuses the messages, ...
+            raise _named(exc, "messages" if parsed.messages is not None else "prompt") from None
+        gen = codec.generation
+        temperature = parsed.temperature
+        if temperature is None:  # the checkpoint's default (generation_config.json), else OpenAI's 1.0
+            temperature = gen.temperature if gen.temperature is not None else 1.0
+        top_p = parsed.top_p if parsed.top_p is not None else (gen.top_p if gen.top_p is not None else 1.0)
+        top_k = parsed.top_k if parsed.top_k is not None else (gen.top_k if gen.top_k is not None else 0)
+        prompts, limits, samplings = [], [], []
+        for prompt in ids:
+            limit = parsed.max_tokens
+            if limit is None:  # chat without max_tokens: what the engine's context leaves
+                room = (self.max_model_len or 0) - len(prompt)
+                limit = room if room >= 1 else (gen.max_new_tokens or 1024)
+            for seed in parsed.seeds():
+                prompts.append(prompt)
+                limits.append(limit)
+                samplings.append(SamplingParams(temperature, top_k, top_p, seed))
+        try:
+            streams = service.submit_many(
+                prompts,
+                limits,
+                samplings,
+                stop=parsed.stop,
+                eos_token_ids=() if parsed.ignore_eos else None,
+                skip_special_tokens=parsed.skip_special_tokens,
+            )
+        except QueueFullError as exc:
+            raise APIError(str(exc), None, status=429, type="rate_limit_error", code="rate_limit_exceeded") from None
+        except ServiceClosedError as exc:
+            raise APIError(str(exc), None, status=503, type="service_unavailable", code="unavailable") from None
+        except (ValueError, TypeError) as exc:  # ids outside the vocabulary, a text that encodes to nothing
+            raise _named(exc, "messages" if parsed.messages is not None else "prompt") from None
+        return streams, sum(len(p) for p in ids)
+
+    async def _whole(
+        self,
+        request: Any,
+        parsed: ParsedRequest,
+        streams: list[RequestStream],
+        prompt_tokens: int,
+        rid: str,
+        chat: bool,
+    ) -> Any:
+        """Wait for every choice, or cancel them all when the client goes away first."""
+        results: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(s.aresult() for s in streams)))
+        gone: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not results.done():
+                for s in streams:
+                    s.cancel()
+            gone.cancel()
+        if not results.done():
+            results.cancel()
+            return self.Response(status_code=499)  # nobody reads it
+        try:
+            done = results.result()
+        except ServiceError as exc:
+            return self.error(APIError(str(exc), status=500, type="internal_server_error", code="engine_error"))
+        usage = usage_body(prompt_tokens, sum(r.completion_tokens for r in done))
+        choices = [(r.text, r.finish_reason) for r in done]
+        body = (chat_body if chat else completion_body)(rid, parsed.model, choices, usage)
+        self.service.metrics.response(200)
+        return self.JSONResponse(body)
+
+    async def _events(
+        self, parsed: ParsedRequest, streams: list[RequestStream], prompt_tokens: int, rid: str, chat: bool
+    ) -> AsyncIterator[bytes]:
+        """The server-sent events of a streamed request; cancels its requests however it ends (a disconnect
+        cancels this generator)."""
+        created = int(time.time())
+        completion_tokens = [0] * len(streams)
+        try:
+            if chat:
+                for i in range(len(streams)):
+                    yield _sse(
+                        chat_chunk(rid, parsed.model, created, i, {"role": "assistant", "content": ""}, None, None)
+                    )
+            async for index, delta in _merged(streams):
+                completion_tokens[index] = delta.completion_tokens
+                if not delta.text and delta.finish_reason is None:
+                    continue  # tokens that settle no text yet (a split character, a possible stop string)
+                if chat:
+                    content = {"content": delta.text} if delta.text or delta.finish_reason is None else {}
+                    event = chat_chunk(rid, parsed.model, created, index, content, delta.finish_reason, None)
+                else:
+                    event = completion_chunk(rid, parsed.model, created, index, delta.text, delta.finish_reason, None)
+                yield _sse(event)
+            if parsed.include_usage:
+                usage = usage_body(prompt_tokens, sum(completion_tokens))
+                if chat:
+                    yield _sse(chat_chunk(rid, parsed.model, created, None, {}, None, usage))
+                else:
+                    yield _sse(completion_chunk(rid, parsed.model, created, None, "", None, usage))
+        except ServiceError as exc:
+            error = APIError(str(exc), status=500, type="internal_server_error", code="engine_error")
+            yield _sse(error_body(error))
+        finally:
+            for s in streams:
+                s.cancel()
+        yield b"data: [DONE]\n\n"
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+    """(choice index, delta) of several streams as they come; one stream is read directly."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for delta in stream:
+                await queue.put((i, delta))
+        except BaseException as exc:
+            await queue.put((i, exc))
+            return
+        await queue.put((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _disconnected(request: Any) -> None:
+    """Return when the client hangs up (the body was read: the next ASGI message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _named(exc: BaseException, default: str) -> APIError:
+    """A ValueError/TypeError of the text layer or the service as a 400: its leading ``name:`` as the param."""
+    text = str(exc)
+    head = text.split(":", 1)[0].split("[", 1)[0]
+    param = head if head in ("prompt", "prompts", "messages", "stop", "max_new_tokens") else default
+    return APIError(text, {"prompts": "prompt", "max_new_tokens": "max_tokens"}.get(param, param))
+
+
+def _refusal(exc: BaseException, chat: bool) -> APIError:
+    """The engine's refusal of a prompt (longer than it serves, ...) as a 400."""
+    text = str(exc)
+    param = "max_tokens" if text.startswith("max_new_tokens") else "messages" if chat else "prompt"
+    return APIError(f"the engine cannot serve this request: {text}", param, code="context_length_exceeded")
+
+
+def build_app(
+    service: GenerationService,
+    model_names: str | Sequence[str],
+    *,
+    max_model_len: int | None = None,
+    close_timeout: float = 30.0,
+) -> Any:
+    """The server's Starlette application.
+
+    Args:
+        service: the :class:`~fi_engine.serve.service.GenerationService` every request goes to (it needs a codec).
+        model_names: the name(s) the model answers to (``model`` of a request; the first is the default).
+        max_model_len: the engine's longest request in tokens (``/v1/models`` reports it; a chat without
+            ``max_tokens`` may generate up to it); None: unknown.
+        close_timeout: seconds the service gets, once the server stops, to finish what uvicorn's own grace left.
+    """
+    applications = _require("starlette.applications")
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    names = [model_names] if isinstance(model_names, str) else list(model_names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"model_names: expected a non-empty name or list of names, got {model_names!r:.80}")
+    if not isinstance(service, GenerationService):
+        raise TypeError(f"service: expected a fi_engine.serve.service.GenerationService, got {type(service).__name__}")
+    h = _Handlers(service, names, max_model_len)
+
+    async def http_error(request: Any, exc: Any) -> Any:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        what = f"{request.method} {request.url.path}: {exc.detail}"
+        return h.error(APIError(what, None, status=exc.status_code, code=code))
+
+    async def unexpected(request: Any, exc: Exception) -> Any:  # a bug of ours: logged, answered as JSON
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return h.error(APIError(f"internal error: {type(exc).__name__}", status=500, type="internal_server_error"))
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, service.close, close_timeout)
+
+    routes = [
+        Route("/health", h.health, methods=["GET"]),
+        Route("/metrics", h.metrics, methods=["GET"]),
+        Route("/v1/models", h.list_models, methods=["GET"]),
+        Route("/v1/completions", h.completions, methods=["POST"]),
+        Route("/v1/chat/completions", h.chat_completions, methods=["POST"]),
+    ]
+    return applications.Starlette(
+        routes=routes, exception_handlers={HTTPException: http_error, Exception: unexpected}, lifespan=lifespan
+    )
+
+
+def serve(
+    service: GenerationService,
+    model_names: str | Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_model_len: int | None = None,
+    graceful_s: float = 30.0,
+    log_level: str = "info",
+) -> None:
+    """Serve until SIGINT/SIGTERM: uvicorn on ``host:port`` with :func:`build_app`; on the signal, stop taking
+    connections, give open responses ``graceful_s`` seconds, then close the service (cancelling what is left)."""
+    app = build_app(service, model_names, max_model_len=max_model_len, close_timeout=graceful_s)
+    uvicorn = _require("uvicorn")
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_s, lifespan="on"
+    )
+    uvicorn.Server(config).run()
