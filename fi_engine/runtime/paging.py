@@ -660,6 +660,31 @@ class Scheduler:
             )
         return admitted
 
+    def can_admit(self, hold_s: float = 0.0, now: float | None = None) -> bool:
+        """Whether :meth:`admit` would take a queued request now: one is queued, a slot is free, and the queue is
+        not held. ``hold_s`` (seconds; the serving loop's scheduler delay, ``scheduler_delay_factor`` times its last
+        prefill's time): while others decode, queued requests wait until the oldest has waited that long or they
+        would fill every free slot (vLLM's scheduler delay), so a burst of arrivals is prefilled in a few larger
+        passes instead of one small pass per step. ``now``: the clock (``time.perf_counter``) reading to judge by."""
+        if not self.pending or None not in self.slots:
+            return False
+        if hold_s <= 0 or not self.active or len(self.pending) >= self.slots.count(None):
+            return True
+        waited = (time.perf_counter() if now is None else now) - self.pending[0].queued_at
+        return waited >= hold_s
+
+    def admit_beside_active(self, behind: bool = False) -> tuple[list[Request], list[Request]]:
+        """Admission for a mixed prefill pass (``ServingLoop.mixed_prefill``): the active requests ride in the pass,
+        one token row each of ``max_prefill_tokens``, and queued prompts are admitted into the rows left. Returns
+        ``(admitted, riders)``; where the first queued prompt does not fit beside the riders, it is admitted alone
+        (:meth:`admit`) and ``riders`` is empty. ``behind``: the pass goes behind a decode step not yet recorded,
+        so a request that step gives its last token (its ``max_new_tokens``-th) rides no more."""
+        riders = [r for r in self.active if not behind or len(r.output) + 1 < r.max_new_tokens]
+        admitted = self.admit(reserve=len(riders)) if riders else []
+        if admitted:
+            return admitted, riders
+        return self.admit(), []
+
     def decode_rows(self, padded: bool) -> list[Request | None]:
         """The next decode step's rows, after giving each active request the page its next token needs.
 

@@ -395,13 +395,10 @@ class ServingLoop(EngineState):
         return True
 
     def _would_admit(self, sched: Scheduler, delay: bool) -> bool:
-        """Whether :meth:`_admit` would admit a queued request now (a free slot, and no scheduler delay holding
-        the queue back), without admitting it."""
-        if not sched.pending or None not in sched.slots:
-            return False
-        factor = self.scheduler_delay_factor
-        waits = delay and factor > 0 and sched.active and len(sched.pending) < sched.slots.count(None)
-        return not (waits and time.perf_counter() - sched.pending[0].queued_at < factor * self._last_prefill_s)
+        """Whether :meth:`_admit` would admit a queued request now (:meth:`Scheduler.can_admit`), without admitting
+        it. ``delay`` (the step API): the queue is held by :attr:`scheduler_delay_factor` times the last prefill's
+        time."""
+        return sched.can_admit(self.scheduler_delay_factor * self._last_prefill_s if delay else 0.0)
 
     def _admit(
         self, sched: Scheduler, delay: bool, riders: list[Request] | None = None, behind: bool = False
@@ -420,11 +417,9 @@ class ServingLoop(EngineState):
         if not self._would_admit(sched, delay):
             return []
         if riders is not None and self._mixes():
-            active = [r for r in sched.active if not behind or len(r.output) + 1 < r.max_new_tokens]
-            admitted = sched.admit(reserve=len(active)) if active else []
-            if admitted:
-                riders.extend(active)
-                return admitted
+            admitted, riding = sched.admit_beside_active(behind)
+            riders.extend(riding)
+            return admitted
         return sched.admit()
 
     def _mixes(self) -> bool:

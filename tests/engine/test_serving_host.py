@@ -148,6 +148,44 @@ def test_admit_respects_the_prefill_token_limit():
     assert s.admit() == [b]
 
 
+def test_can_admit_holds_the_queue_while_others_decode_until_the_oldest_waited_or_fills_the_slots():
+    s = make(max_batch=3)
+    assert not s.can_admit()  # nothing queued
+    a = s.submit([1] * 4, 8)
+    assert s.can_admit(hold_s=10.0)  # nobody decodes: a hold does not apply
+    assert s.admit() == [a]
+    b = s.submit([2] * 4, 8)
+    t = b.queued_at
+    assert s.can_admit() and s.can_admit(hold_s=0.0)  # no hold
+    assert not s.can_admit(hold_s=0.5, now=t + 0.4)  # a decodes: b waits out the hold
+    assert s.can_admit(hold_s=0.5, now=t + 0.5)
+    c = s.submit([3] * 4, 8)
+    assert s.can_admit(hold_s=0.5, now=t + 0.1)  # b and c fill both free slots: no reason to wait
+    s.admit()
+    s.submit([4] * 4, 8)
+    assert s.slots.count(None) == 0 and not s.can_admit()  # no free slot
+    assert c.slot == 2
+
+
+def test_admit_beside_active_gives_the_riders_their_rows_or_admits_alone():
+    s = make(max_batch=4, max_prefill_tokens=20)
+    a = s.submit([1] * 4, 2)
+    b = s.submit([1] * 4, 8)
+    assert s.admit_beside_active() == ([a, b], [])  # nobody active: a plain admission
+    s.record([a, b], [5, 5], prefill=True)  # a has 1 of its 2 tokens, b 1 of 8
+    c = s.submit([2] * 18, 4)  # 18 prompt rows + 2 riders = 20: fits beside both
+    assert s.admit_beside_active() == ([c], [a, b])
+    s.record([c], [6], prefill=True)
+    d = s.submit([3] * 18, 4)  # 18 + 3 riders > 20: admitted alone
+    assert s.admit_beside_active() == ([d], [])
+    s.record([d], [6], prefill=True)
+    e = s.submit([4] * 4, 4)
+    assert s.admit_beside_active(behind=True) == ([], [])  # every slot is taken
+    s.abort(d)
+    admitted, riders = s.admit_beside_active(behind=True)  # a's step in flight gives it its last token
+    assert admitted == [e] and a not in riders and riders == [b, c]
+
+
 def test_prefill_tables_match_fi_ffi_host_helpers():
     s = make()
     lens = [3, 16, 17, 40]
