@@ -61,6 +61,7 @@ from ..layers.deepseek_routing import DeviceGroupedTopk, device_routing_blocker,
 from ..layers.moe_routing import group_by_expert
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
+from ..runtime.settings import with_settings
 from .llama import load_moe_layer
 from .mla_weights import split_kv_b
 
@@ -581,46 +582,15 @@ class DeepSeekEngine(Engine):
 
     definition = DeepSeek
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        max_batch: int = 32,
-        page_size: int = 16,
-        max_seq_len: int | None = None,
-        num_pages: int | None = None,
-        max_prefill_tokens: int | None = None,
-        cuda_graph: bool = False,
-        device: int | None = None,
-        tensor_parallel: int = 1,
-        comm: Any = None,
-        fused_allreduce: bool = True,
-        vocab_parallel: bool = True,
-        fused_routing: bool | None = None,
-        kv_cache_dtype: str | None = "auto",
-        kv_cache_scales: tuple[float, float] | None = None,
-    ) -> None:
+    @with_settings
+    def __init__(self, model_dir: str | Path, *, fused_routing: bool | None = None, **settings: Any) -> None:
         if fused_routing is not None and not isinstance(fused_routing, bool):
             raise ValueError(
                 f"fused_routing: expected None (where it applies), True or False, got {fused_routing!r:.40}"
             )
         self._fused_routing_request = fused_routing
-        super().__init__(
-            model_dir,
-            max_batch=max_batch,
-            page_size=page_size,
-            max_seq_len=max_seq_len,
-            num_pages=num_pages,
-            max_prefill_tokens=max_prefill_tokens,
-            cuda_graph=cuda_graph,
-            device=device,
-            tensor_parallel=tensor_parallel,
-            comm=comm,
-            fused_allreduce=fused_allreduce,
-            vocab_parallel=vocab_parallel,
-            kv_cache_dtype=kv_cache_dtype,  # refused unless "auto" (MLA: DeepSeek.fp8_kv_refusal)
-            kv_cache_scales=kv_cache_scales,
-        )
+        # kv_cache_dtype is refused unless "auto" (MLA: DeepSeek.fp8_kv_refusal)
+        super().__init__(model_dir, **settings)
 
     @property
     def _ds(self) -> DeepSeekConfig:
