@@ -61,8 +61,10 @@ from ..layers.deepseek_routing import DeviceGroupedTopk, device_routing_blocker,
 from ..layers.moe_routing import group_by_expert
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
+from ..runtime.settings import with_settings
 from .llama import load_moe_layer
 from .mla_weights import split_kv_b
+from .weights import WeightLoader
 
 __all__ = ["DeepSeek", "DeepSeekEngine", "fused_routing_blocker", "graph_blocker"]
 
@@ -101,6 +103,14 @@ def graph_blocker(c: DeepSeekConfig) -> str | None:
     return device_routing_blocker(c.routing)
 
 
+class _DeepSeekWeights(WeightLoader):
+    """The loader of DeepSeek checkpoints: a tensor of an FP8 dtype (as DeepSeek publishes V3) is refused saying
+    how to get one this engine serves."""
+
+    def mismatch_hint(self, got: str) -> str:
+        return "; FP8 checkpoints are not supported, save a bfloat16 copy" if "8" in got else ""
+
+
 class DeepSeek(ModelFamily):
     """The DeepSeek-V3 / V2 family's definition (module docstring): its config and refusals, weights (MLA with the
     absorbed ``kv_b_proj``, dense and routed MLP layers with shared experts, the routing's correction bias), the MLA
@@ -131,7 +141,7 @@ class DeepSeek(ModelFamily):
     # ------------------------------------------------------------------------------------------ loading
 
     def load(self, eng: Any, ckpt: Checkpoint) -> None:
-        cp, c = eng._cp, eng._ds
+        c = eng._ds
         h, heads, dn, dr, dv, r = (
             c.hidden_size, c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
         )  # fmt: skip
@@ -141,38 +151,14 @@ class DeepSeek(ModelFamily):
                 " (FP8 block-quantized weights: save a bfloat16 copy first, see docs/engine.md)" if "8" in dtype else ""
             )
             raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints{hint}")
-        eng.dtype = dtype
-        from ..kernels.dense import data_type
-
-        eng._ab, eng._f32 = data_type(dtype), data_type("float32")
-        eng._weights = []
-
-        def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-            got = ckpt.info(name).dtype
-            if got != dtype:
-                hint = "; FP8 checkpoints are not supported, save a bfloat16 copy" if "8" in got else ""
-                raise ValueError(f"model: tensor {name!r} is {got}, the embedding is {dtype}{hint}")
-            return ckpt.array(name, shape)
-
-        def upload(arr: np.ndarray) -> Any:
-            dev = cp.asarray(np.ascontiguousarray(arr))
-            eng._weights.append(dev)
-            return dev
-
-        def vector(arr: np.ndarray) -> Any:
-            dev = upload(arr)
-            return kernels.descriptor(dev.data.ptr, (arr.shape[0],), dtype, eng.device, owner=dev)
-
-        eng._embed = upload(get("model.embed_tokens.weight", (c.vocab_size, h))).data.ptr
-        eng._lm_head = (
-            eng._embed if c.tie_word_embeddings else upload(get("lm_head.weight", (c.vocab_size, h))).data.ptr
-        )
+        ld = _DeepSeekWeights.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng._weights
+        eng._embed = ld.ptr(ld.get("model.embed_tokens.weight", (c.vocab_size, h)))
+        eng._lm_head = eng._embed if c.tie_word_embeddings else ld.ptr(ld.get("lm_head.weight", (c.vocab_size, h)))
         eng._head_rows = c.vocab_size  # the LM head's output columns (the whole vocabulary: one GPU)
-        w = SimpleNamespace(
+        w = eng._w = SimpleNamespace(
             q=[], qa=[], qa_norm=[], qb=[], ckv=[], kpe=[], kv_norm=[], uk_t=[], uv=[], o=[], gu=[], d=[],
             shared_gu=[], shared_d=[], bias=[], bias_arr=[], bias_dev=[],
         )  # fmt: skip
-        eng._w = w
         eng._ln1, eng._ln2 = [], []
         eng._moe = []
         eng._moe_scratch = None
@@ -189,26 +175,26 @@ class DeepSeek(ModelFamily):
             p = f"model.layers.{i}."
             a = p + "self_attn."
             if c.q_lora_rank is None:
-                w.q.append(upload(get(a + "q_proj.weight", (heads * qk, h))).data.ptr)
+                w.q.append(ld.ptr(ld.get(a + "q_proj.weight", (heads * qk, h))))
             else:
                 q_rank = c.q_lora_rank
-                w.qa.append(upload(get(a + "q_a_proj.weight", (q_rank, h))).data.ptr)
-                w.qa_norm.append(vector(get(a + "q_a_layernorm.weight", (q_rank,))))
-                w.qb.append(upload(get(a + "q_b_proj.weight", (heads * qk, q_rank))).data.ptr)
-            kv_a = get(a + "kv_a_proj_with_mqa.weight", (r + dr, h))
+                w.qa.append(ld.ptr(ld.get(a + "q_a_proj.weight", (q_rank, h))))
+                w.qa_norm.append(ld.vector(ld.get(a + "q_a_layernorm.weight", (q_rank,))))
+                w.qb.append(ld.ptr(ld.get(a + "q_b_proj.weight", (heads * qk, q_rank))))
+            kv_a = ld.get(a + "kv_a_proj_with_mqa.weight", (r + dr, h))
             # two GEMMs rather than one: the latent then goes through RMSNorm, the RoPE part into the cache,
             # each contiguous
-            w.ckv.append(upload(kv_a[:r]).data.ptr)
-            w.kpe.append(upload(kv_a[r:]).data.ptr)
-            w.kv_norm.append(vector(get(a + "kv_a_layernorm.weight", (r,))))
-            uk_t, uv = split_kv_b(get(a + "kv_b_proj.weight", (heads * (dn + dv), r)), heads, dn, dv)
-            w.uk_t.append(upload(uk_t).data.ptr)
-            w.uv.append(upload(uv).data.ptr)
-            w.o.append(upload(get(a + "o_proj.weight", (h, heads * dv))).data.ptr)
+            w.ckv.append(ld.ptr(kv_a[:r]))
+            w.kpe.append(ld.ptr(kv_a[r:]))
+            w.kv_norm.append(ld.vector(ld.get(a + "kv_a_layernorm.weight", (r,))))
+            uk_t, uv = split_kv_b(ld.get(a + "kv_b_proj.weight", (heads * (dn + dv), r)), heads, dn, dv)
+            w.uk_t.append(ld.ptr(uk_t))
+            w.uv.append(ld.ptr(uv))
+            w.o.append(ld.ptr(ld.get(a + "o_proj.weight", (h, heads * dv))))
             if c.is_moe_layer(i):
                 # router and experts as the Qwen3-MoE names them (mlp.gate, mlp.experts.N.{gate,up,down}_proj, or
                 # transformers 5's fused mlp.experts.gate_up_proj / down_proj): the Llama engine's loader
-                layer = load_moe_layer(eng, ckpt, p, get, upload)
+                layer = load_moe_layer(eng, ckpt, p, ld)
                 # DeepSeek's eager decode routes on the host through the grouped GEMM; its graph keeps the same
                 # GEMM (not the grouped GEMV), so the two give the same tokens
                 layer.gemv_tokens = 0
@@ -216,7 +202,7 @@ class DeepSeek(ModelFamily):
                 bias = self._correction_bias(eng, ckpt, p + "mlp.gate.e_score_correction_bias")
                 w.bias.append(bias)
                 if bias is not None:  # the device routing (fused kernel, or the graph's fallback) reads it (float32)
-                    dev = upload(bias)
+                    dev = ld.upload(bias)
                     w.bias_arr.append(dev)
                     w.bias_dev.append(kernels.descriptor(dev.data.ptr, bias.shape, "float32", eng.device, owner=dev))
                 else:
@@ -225,9 +211,11 @@ class DeepSeek(ModelFamily):
                 si = c.shared_intermediate
                 if si:
                     s = p + "mlp.shared_experts."
-                    gate_up = np.concatenate([get(s + "gate_proj.weight", (si, h)), get(s + "up_proj.weight", (si, h))])
-                    w.shared_gu.append(upload(gate_up).data.ptr)
-                    w.shared_d.append(upload(get(s + "down_proj.weight", (h, si))).data.ptr)
+                    gate_up = np.concatenate(
+                        [ld.get(s + "gate_proj.weight", (si, h)), ld.get(s + "up_proj.weight", (si, h))]
+                    )
+                    w.shared_gu.append(ld.ptr(gate_up))
+                    w.shared_d.append(ld.ptr(ld.get(s + "down_proj.weight", (h, si))))
                 else:
                     w.shared_gu.append(0)
                     w.shared_d.append(0)
@@ -242,13 +230,13 @@ class DeepSeek(ModelFamily):
                 w.shared_gu.append(0)
                 w.shared_d.append(0)
                 gate_up = np.concatenate(
-                    [get(p + "mlp.gate_proj.weight", (inter, h)), get(p + "mlp.up_proj.weight", (inter, h))]
+                    [ld.get(p + "mlp.gate_proj.weight", (inter, h)), ld.get(p + "mlp.up_proj.weight", (inter, h))]
                 )
-                w.gu.append(upload(gate_up).data.ptr)
-                w.d.append(upload(get(p + "mlp.down_proj.weight", (h, inter))).data.ptr)
-            eng._ln1.append(vector(get(p + "input_layernorm.weight", (h,))))
-            eng._ln2.append(vector(get(p + "post_attention_layernorm.weight", (h,))))
-        eng._norm = vector(get("model.norm.weight", (h,)))
+                w.gu.append(ld.ptr(gate_up))
+                w.d.append(ld.ptr(ld.get(p + "mlp.down_proj.weight", (h, inter))))
+            eng._ln1.append(ld.vector(ld.get(p + "input_layernorm.weight", (h,))))
+            eng._ln2.append(ld.vector(ld.get(p + "post_attention_layernorm.weight", (h,))))
+        eng._norm = ld.vector(ld.get("model.norm.weight", (h,)))
 
     def _choose_routing(self, eng: Any) -> bool:
         """Whether the MoE layers route with the fused kernel (``fused_routing``, see the class docstring)."""
@@ -581,46 +569,15 @@ class DeepSeekEngine(Engine):
 
     definition = DeepSeek
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        max_batch: int = 32,
-        page_size: int = 16,
-        max_seq_len: int | None = None,
-        num_pages: int | None = None,
-        max_prefill_tokens: int | None = None,
-        cuda_graph: bool = False,
-        device: int | None = None,
-        tensor_parallel: int = 1,
-        comm: Any = None,
-        fused_allreduce: bool = True,
-        vocab_parallel: bool = True,
-        fused_routing: bool | None = None,
-        kv_cache_dtype: str | None = "auto",
-        kv_cache_scales: tuple[float, float] | None = None,
-    ) -> None:
+    @with_settings
+    def __init__(self, model_dir: str | Path, *, fused_routing: bool | None = None, **settings: Any) -> None:
         if fused_routing is not None and not isinstance(fused_routing, bool):
             raise ValueError(
                 f"fused_routing: expected None (where it applies), True or False, got {fused_routing!r:.40}"
             )
         self._fused_routing_request = fused_routing
-        super().__init__(
-            model_dir,
-            max_batch=max_batch,
-            page_size=page_size,
-            max_seq_len=max_seq_len,
-            num_pages=num_pages,
-            max_prefill_tokens=max_prefill_tokens,
-            cuda_graph=cuda_graph,
-            device=device,
-            tensor_parallel=tensor_parallel,
-            comm=comm,
-            fused_allreduce=fused_allreduce,
-            vocab_parallel=vocab_parallel,
-            kv_cache_dtype=kv_cache_dtype,  # refused unless "auto" (MLA: DeepSeek.fp8_kv_refusal)
-            kv_cache_scales=kv_cache_scales,
-        )
+        # kv_cache_dtype is refused unless "auto" (MLA: DeepSeek.fp8_kv_refusal)
+        super().__init__(model_dir, **settings)
 
     @property
     def _ds(self) -> DeepSeekConfig:

@@ -60,6 +60,7 @@ from ..runtime.sampling_params import SamplingParams
 from ..runtime.serving import GenerationResult
 from ..runtime.step_graphs import _PREFILL_GRAPHS, _refuse_allocation  # noqa: F401 - their old home (benchmarks import it)
 from ..runtime.storage import step_views
+from .weights import WeightLoader
 
 __all__ = ["GenerationResult", "Llama", "LlamaEngine", "SamplingParams", "step_views"]
 
@@ -97,7 +98,7 @@ class Llama(ModelFamily):
     def load(self, eng: Engine, ckpt: Checkpoint) -> None:
         from ..layers.tensor_parallel import columns, rows
 
-        cp, c = eng._cp, eng.model_config  # the checkpoint's shapes; this rank keeps its shard
+        c = eng.model_config  # the checkpoint's shapes; this rank keeps its shard
         hq, hk, d, h, inter = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
         r, n = eng.rank, eng.tensor_parallel
         embed_info = ckpt.info("model.embed_tokens.weight")
@@ -107,44 +108,21 @@ class Llama(ModelFamily):
                 f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints "
                 f"(save the model in one of them)"
             )
-        eng.dtype = dtype
-        from ..kernels.dense import data_type
-
-        eng._ab = data_type(dtype)
-        eng._f32 = data_type("float32")
-        eng._weights = []  # keeps every device array alive
-
-        def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-            if ckpt.info(name).dtype != dtype:
-                raise ValueError(
-                    f"model: tensor {name!r} is {ckpt.info(name).dtype}, the embedding is {dtype}; "
-                    f"mixed-precision checkpoints are not supported"
-                )
-            return ckpt.array(name, shape)
-
-        def upload(arr: np.ndarray) -> Any:
-            dev = cp.asarray(np.ascontiguousarray(arr))
-            eng._weights.append(dev)
-            return dev
-
-        def vector(arr: np.ndarray) -> Any:
-            dev = upload(arr)
-            return kernels.descriptor(dev.data.ptr, (arr.shape[0],), dtype, eng.device, owner=dev)
-
+        w = WeightLoader.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng._weights
         vs = eng.vocab_shard
         fp8 = c.fp8  # an Fp8Scheme: the projections are e4m3 (fi_engine.checkpoint.fp8_weights), the rest 16-bit
 
         def fp8_linear(parts: list[tuple[str, tuple[int, int]]]) -> int:
             from ..checkpoint.fp8_weights import read_fp8_linear, upload_fp8_linear
 
-            return upload_fp8_linear(eng.dense, read_fp8_linear(ckpt, fp8, parts), upload)
+            return upload_fp8_linear(eng.dense, read_fp8_linear(ckpt, fp8, parts), w.upload)
 
         def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
-            whole = get(name, (c.vocab_size, h))
+            whole = w.get(name, (c.vocab_size, h))
             return whole if vs is None else vs.take(whole)
 
-        eng._embed = upload(table("model.embed_tokens.weight")).data.ptr
-        eng._lm_head = eng._embed if c.tie_word_embeddings else upload(table("lm_head.weight")).data.ptr
+        eng._embed = w.ptr(table("model.embed_tokens.weight"))
+        eng._lm_head = eng._embed if c.tie_word_embeddings else w.ptr(table("lm_head.weight"))
         eng._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
         eng._wqkv, eng._wo, eng._wgu, eng._wd, eng._ln1, eng._ln2 = [], [], [], [], [], []
         eng._q_norm = []
@@ -161,41 +139,31 @@ class Llama(ModelFamily):
                 eng._wqkv.append(fp8_linear(qkv_parts))
                 eng._wo.append(fp8_linear([(a + "o_proj", (h, hq * d))]))
             else:
-                eng._wqkv.append(
-                    upload(
-                        np.concatenate(
-                            [
-                                rows(get(p + "self_attn.q_proj.weight", (hq * d, h)), r, n),
-                                rows(get(p + "self_attn.k_proj.weight", (hk * d, h)), r, n),
-                                rows(get(p + "self_attn.v_proj.weight", (hk * d, h)), r, n),
-                            ]
-                        )
-                    ).data.ptr
-                )
-                eng._wo.append(upload(columns(get(p + "self_attn.o_proj.weight", (h, hq * d)), r, n)).data.ptr)
+                qkv = [
+                    rows(w.get(p + "self_attn.q_proj.weight", (hq * d, h)), r, n),
+                    rows(w.get(p + "self_attn.k_proj.weight", (hk * d, h)), r, n),
+                    rows(w.get(p + "self_attn.v_proj.weight", (hk * d, h)), r, n),
+                ]
+                eng._wqkv.append(w.ptr(np.concatenate(qkv)))
+                eng._wo.append(w.ptr(columns(w.get(p + "self_attn.o_proj.weight", (h, hq * d)), r, n)))
             if c.qk_norm:  # per head_dim: every rank keeps the whole vector
-                eng._q_norm.append(vector(get(p + "self_attn.q_norm.weight", (d,))))
-                eng._k_norm.append(vector(get(p + "self_attn.k_norm.weight", (d,))))
+                eng._q_norm.append(w.vector(w.get(p + "self_attn.q_norm.weight", (d,))))
+                eng._k_norm.append(w.vector(w.get(p + "self_attn.k_norm.weight", (d,))))
             if c.moe is not None:
-                eng._moe.append(load_moe_layer(eng, ckpt, p, get, upload))
+                eng._moe.append(load_moe_layer(eng, ckpt, p, w))
             elif fp8 is not None:
                 eng._wgu.append(fp8_linear([(p + "mlp.gate_proj", (inter, h)), (p + "mlp.up_proj", (inter, h))]))
                 eng._wd.append(fp8_linear([(p + "mlp.down_proj", (h, inter))]))
             else:
-                eng._wgu.append(
-                    upload(
-                        np.concatenate(
-                            [
-                                rows(get(p + "mlp.gate_proj.weight", (inter, h)), r, n),
-                                rows(get(p + "mlp.up_proj.weight", (inter, h)), r, n),
-                            ]
-                        )
-                    ).data.ptr
-                )
-                eng._wd.append(upload(columns(get(p + "mlp.down_proj.weight", (h, inter)), r, n)).data.ptr)
-            eng._ln1.append(vector(get(p + "input_layernorm.weight", (h,))))
-            eng._ln2.append(vector(get(p + "post_attention_layernorm.weight", (h,))))
-        eng._norm = vector(get("model.norm.weight", (h,)))
+                gate_up = [
+                    rows(w.get(p + "mlp.gate_proj.weight", (inter, h)), r, n),
+                    rows(w.get(p + "mlp.up_proj.weight", (inter, h)), r, n),
+                ]
+                eng._wgu.append(w.ptr(np.concatenate(gate_up)))
+                eng._wd.append(w.ptr(columns(w.get(p + "mlp.down_proj.weight", (h, inter)), r, n)))
+            eng._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
+            eng._ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
+        eng._norm = w.vector(w.get("model.norm.weight", (h,)))
 
     def plan_prefill_padded(self, eng: Engine, batch: int) -> None:
         """Plan the padded prefill of ``batch`` requests (the padding request included) for a CUDA graph: the
@@ -353,10 +321,10 @@ class LlamaEngine(MoEPaths, Engine):
         return MoELayer.gemv_tokens  # read per call: a benchmark may set it on the class
 
 
-def load_moe_layer(eng: Engine, ckpt: Checkpoint, p: str, get: Any, upload: Any) -> Any:
-    """Engine ``eng``'s :class:`~fi_engine.layers.moe.MoELayer` of layer prefix ``p``: router, experts' gate/up stacked
-    as
-    ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as ``[E, H, I]``."""
+def load_moe_layer(eng: Engine, ckpt: Checkpoint, p: str, w: WeightLoader) -> Any:
+    """Engine ``eng``'s :class:`~fi_engine.layers.moe.MoELayer` of layer prefix ``p``, read and uploaded by ``w``:
+    router, experts' gate/up stacked as ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as
+    ``[E, H, I]``."""
     from ..layers.moe import MoEScratch, MoEWeights
     from ..layers.tensor_parallel import columns, expert_rows, rows
 
@@ -388,6 +356,7 @@ def load_moe_layer(eng: Engine, ckpt: Checkpoint, p: str, get: Any, upload: Any)
         base, gate, up, down = p + "mlp.", "gate_proj", "up_proj", "down_proj"
     # With TP (i is this rank's share, full = i * n): every rank keeps the whole router (the ranks route alike)
     # and columns [r * i, (r + 1) * i) of every expert's intermediate size, so its output is a partial sum
+    get, upload = w.get, w.upload
     router = upload(get(base + "gate.weight", (e, h)))
     r, n = eng.rank, eng.tensor_parallel
     full = i * n

@@ -1,9 +1,9 @@
-"""Checkpoint tensors onto the GPU for the family engines (Gemma 2, gpt-oss): dtype-checked reads, uploads kept
-alive by the engine, and fi_ffi descriptors of weight vectors."""
+"""Checkpoint tensors onto the GPU for the family engines (Llama, Gemma 2, gpt-oss, DeepSeek): dtype-checked reads,
+uploads kept alive by the engine, and fi_ffi descriptors of weight vectors."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -20,15 +20,29 @@ class WeightLoader:
     def __init__(self, ckpt: Checkpoint, cp: Any, dtype: str, device: int, keep: list[Any]) -> None:
         self.ckpt, self.cp, self.dtype, self.device, self.keep = ckpt, cp, dtype, device, keep
 
+    @classmethod
+    def for_engine(cls, eng: Any, ckpt: Checkpoint, dtype: str) -> Self:
+        """A loader of ``ckpt`` onto engine ``eng``'s device in ``dtype`` (the embedding's, which the family has
+        checked): sets ``eng.dtype``, the cuBLAS data types ``eng._ab`` (``dtype``) and ``eng._f32``, and a new
+        ``eng._weights``, the list that keeps the uploads alive."""
+        from ..kernels.dense import data_type
+
+        eng.dtype = dtype
+        eng._ab = data_type(dtype)
+        eng._f32 = data_type("float32")
+        eng._weights = []
+        return cls(ckpt, eng._cp, dtype, eng.device, eng._weights)
+
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """The tensor ``name`` (shape checked), in the checkpoint's dtype (bfloat16 as uint16 bits)."""
         got = self.ckpt.info(name).dtype
         if got != self.dtype:
-            raise ValueError(
-                f"model: tensor {name!r} is {got}, the embedding is {self.dtype}; mixed-precision checkpoints are "
-                f"not supported"
-            )
+            raise ValueError(f"model: tensor {name!r} is {got}, the embedding is {self.dtype}{self.mismatch_hint(got)}")
         return self.ckpt.array(name, shape)
+
+    def mismatch_hint(self, got: str) -> str:
+        """What :meth:`get`'s refusal of a tensor of dtype ``got`` adds after naming it (a subclass may say more)."""
+        return "; mixed-precision checkpoints are not supported"
 
     def upload(self, arr: np.ndarray) -> Any:
         """A device copy of ``arr`` (kept alive with the engine)."""

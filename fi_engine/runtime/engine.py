@@ -30,9 +30,10 @@ from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 from .family import ModelFamily
 from .fused_decode import FusedDecode
-from .paging import pages_for, prefill_buckets
+from .paging import prefill_buckets
 from .sampling import Sampling
 from .serving import ServingLoop
+from .settings import EngineSettings
 from .step_graphs import StepGraphs
 from .storage import Storage
 
@@ -123,24 +124,51 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         kv_cache_dtype: str | None = "auto",
         kv_cache_scales: tuple[float, float] | None = None,
     ) -> None:
-        from ..layers.tensor_parallel import ResidualAllReduce, shard_config
+        settings = EngineSettings(
+            max_batch=max_batch,
+            page_size=page_size,
+            max_seq_len=max_seq_len,
+            num_pages=num_pages,
+            max_prefill_tokens=max_prefill_tokens,
+            cuda_graph=cuda_graph,
+            device=device,
+            tensor_parallel=tensor_parallel,
+            comm=comm,
+            fused_allreduce=fused_allreduce,
+            vocab_parallel=vocab_parallel,
+            kv_cache_dtype=kv_cache_dtype,
+            kv_cache_scales=kv_cache_scales,
+        )  # every argument checked here, before the checkpoint is read
+        self._configure(model_dir, settings)
+        _require_gpu(device)  # before CuPy: its CUDARuntimeError would name neither the cause nor the fix
+        try:
+            import cupy as cp
+        except ImportError as exc:
+            raise ImportError(
+                f"the Llama engine needs CuPy ({exc}); install it with: python -m pip install cupy-cuda13x"
+            ) from exc
+        self._cp = cp
+        self._connect(settings)
+        self._open(model_dir)
 
-        _check_engine_arguments(cuda_graph, fused_allreduce, vocab_parallel, device, comm)
+    def _configure(self, model_dir: str | Path, settings: EngineSettings) -> None:
+        """The host side, before any GPU work: the model's config read and checked against ``settings`` (the
+        family's refusals, an FP8 cache's), this rank's shard of it, the sizes resolved, and the engine's state
+        before its buffers exist."""
+        from ..layers import kv_fp8
+        from ..layers.tensor_parallel import shard_config
+
+        self.settings = settings
         self.family = self.definition()
         self.model_config = self.family.read_config(model_dir)
-        self.tensor_parallel = _positive("tensor_parallel", tensor_parallel)
-        self.cuda_graph = cuda_graph
+        self.tensor_parallel = settings.tensor_parallel
+        self.cuda_graph = settings.cuda_graph
         self.family.check(self, self.model_config)
-        from ..layers import kv_fp8
-
-        # the KV cache's element type: "auto" (the model's) or "fp8_e4m3" (checked before any GPU work)
-        self.kv_cache_dtype = kv_fp8.parse_kv_cache_dtype(kv_cache_dtype)
-        scales = kv_fp8.parse_scales(kv_cache_scales)
+        # the KV cache's element type: "auto" (the model's) or "fp8_e4m3" (normalized by the settings)
+        self.kv_cache_dtype = settings.kv_cache_dtype or "auto"
         if self.kv_cache_dtype == "fp8_e4m3":
             kv_fp8.check_supported(self.family, self.model_config, model_dir)
-        elif scales is not None:
-            raise ValueError("kv_cache_scales: only an FP8 KV cache has scales; pass kv_cache_dtype='fp8_e4m3'")
-        self._kv_scales = scales
+        self._kv_scales = settings.kv_cache_scales
         self._kv_fp8: Any = None  # the FP8 cache's scales and kernels (kv_fp8.KvFp8), made once the model is loaded
         # one GPU: the config as read (a family's own config type, e.g. DeepSeek's, is never sharded)
         tp = self.tensor_parallel
@@ -148,20 +176,13 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         # MoE layers (Llama family): the fixed-capacity device path (routing and token counts on the device; only
         # the chosen experts' weights are read; a graph can capture it) for every step of at most max_batch rows,
         # eager or captured; host routing for longer prefills
-        self._static_moe = cuda_graph and cfg.moe is not None
-        self.max_batch = _positive("max_batch", max_batch)
-        self.page_size = _positive("page_size", page_size)
-        self.max_seq_len = _positive(
-            "max_seq_len", max_seq_len if max_seq_len is not None else min(cfg.max_position_embeddings, 4096)
-        )
-        per_request = pages_for(self.max_seq_len, self.page_size)
-        self.num_pages = _positive(
-            "num_pages", num_pages if num_pages is not None else self.max_batch * per_request + 1
-        )
-        self.max_prefill_tokens = _positive(
-            "max_prefill_tokens",
-            max_prefill_tokens if max_prefill_tokens is not None else max(self.max_seq_len, self.max_batch),
-        )
+        self._static_moe = self.cuda_graph and cfg.moe is not None
+        sizes = settings.sizes(cfg)
+        self.max_batch = sizes.max_batch
+        self.page_size = sizes.page_size
+        self.max_seq_len = sizes.max_seq_len
+        self.num_pages = sizes.num_pages
+        self.max_prefill_tokens = sizes.max_prefill_tokens
         self.graph: Any = None  # the decode graph of max_batch rows (with cuda_graph), one of `graphs`
         self.graphs: dict[int, Any] = {}  # the decode graphs by their rows (StepGraphs.decode_graph_batches)
         self._graph_plan_infos: dict[int, Any] = {}
@@ -190,15 +211,12 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         self.comm: Any = None
         self._own_comm = False
         self._allreduce: Any = None
-        self._closed = True  # until everything below exists
-        _require_gpu(device)  # before CuPy: its CUDARuntimeError would name neither the cause nor the fix
-        try:
-            import cupy as cp
-        except ImportError as exc:
-            raise ImportError(
-                f"the Llama engine needs CuPy ({exc}); install it with: python -m pip install cupy-cuda13x"
-            ) from exc
-        self._cp = cp
+        self._closed = True  # until _open has made everything
+
+    def _connect(self, settings: EngineSettings) -> None:
+        """This rank's communicator (with tensor parallelism: ``settings.comm``, else one made from the launcher's
+        variables, which the engine then closes), its device, rank and vocabulary shard."""
+        comm, device = settings.comm, settings.device
         if self.tensor_parallel > 1:
             if comm is None:
                 from ..kernels.system import Communicator
@@ -219,12 +237,22 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
 
         # this rank's rows of the embedding and the LM head (None: the whole vocabulary)
         self.vocab_shard: VocabShard | None = None
-        if self.comm is not None and vocab_parallel:
-            self.vocab_shard = VocabShard.of(cfg.vocab_size, self.rank, self.tensor_parallel)
+        if self.comm is not None and settings.vocab_parallel:
+            self.vocab_shard = VocabShard.of(self.config.vocab_size, self.rank, self.tensor_parallel)
         # greedy ids need no broadcast from rank 0 when they come from the shards' combined argmax (_share_ids);
         # off until a 2-GPU run has checked the tokens and measured the step (bench_llama_tp.py, variant "bcast"):
         # set to `self.vocab_shard is not None` to try it
         self._ids_agree = False
+
+    def _open(self, model_dir: str | Path) -> None:
+        """The GPU side, on ``device``: the stream and cuBLAS handles, the weights (``ModelFamily.load``), an FP8
+        cache's scales, the all-reduce, the buffers (``ModelFamily.allocate``), the workspaces and, with
+        ``cuda_graph``, the decode graphs; on a failure, what it made that no finalizer would release is released
+        (and the error raised)."""
+        from ..layers import kv_fp8
+        from ..layers.tensor_parallel import ResidualAllReduce
+
+        cp, device, cfg = self._cp, self.device, self.config
         try:
             with cp.cuda.Device(device):
                 self.stream = cp.cuda.Stream(non_blocking=True)
@@ -242,7 +270,7 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
                         max(self.max_prefill_tokens, self.max_batch),
                         cfg.hidden_size,
                         self.dtype,
-                        fused=fused_allreduce,
+                        fused=self.settings.fused_allreduce,
                     )
                 self.family.allocate(self)
                 # the graph loop plans step N + 1 while the GPU runs step N: on an H100 (8B shape, one GPU) 6.39
@@ -255,7 +283,7 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
                 # wait for: finish them once here.
                 cp.cuda.Device(device).synchronize()
                 self._closed = False
-                if cuda_graph:
+                if self.cuda_graph:
                     try:
                         with self.stream:
                             self._capture()
@@ -377,27 +405,3 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
             # close()'s own: tell them (they exit naming this rank; fi_ffi.comm.watchdog) and skip the teardown.
             self.comm.abort(f"{type(exc).__name__}: {exc}")
         self.close()
-
-
-def _positive(name: str, value: Any) -> int:
-    """A size the engine allocates by (tokens, pages, rows): an int in ``[1, 2**31)`` (the kernels' int32)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 31:
-        shown = f"an integer of {value.bit_length()} bits" if isinstance(value, int) and value >= 1 << 31 else value
-        raise ValueError(f"{name}: expected a positive integer below 2**31 (an int32 size), got {shown!r:.60}")
-    return value
-
-
-def _check_engine_arguments(cuda_graph: Any, fused_allreduce: Any, vocab_parallel: Any, device: Any, comm: Any) -> None:
-    """The constructor's flags are bools, ``device`` None or a CUDA ordinal, ``comm`` None or a communicator (before
-    any of them is used: a truthy string would otherwise switch a path on)."""
-    for name, value in (
-        ("cuda_graph", cuda_graph),
-        ("fused_allreduce", fused_allreduce),
-        ("vocab_parallel", vocab_parallel),
-    ):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}: expected True or False, got {value!r:.40}")
-    if device is not None and (isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < 1 << 16):
-        raise ValueError(f"device: expected None or a CUDA device ordinal (an int >= 0), got {str(device)[:40]}")
-    if comm is not None and not all(hasattr(comm, a) for a in ("world_size", "rank", "device")):
-        raise TypeError(f"comm: expected None or a communicator (fi_ffi.comm.Communicator), got {type(comm).__name__}")

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .family import ModelFamily
     from .paging import Layout, Request, Scheduler
     from .sampling_params import SamplingParams
+    from .settings import EngineSettings
     from .stepping import StepOutput
 
 __all__: list[str] = []
@@ -31,6 +32,7 @@ class EngineState:
     definition: type[ModelFamily]  # the engine class's family (ModelFamily.llama_pass: the shared pass)
     config: Any  # this rank's shard of the model's config (the checkpoint's on one GPU)
     model_config: Any
+    settings: EngineSettings  # the constructor's arguments, checked (runtime.settings)
     tensor_parallel: int
     cuda_graph: bool
     max_batch: int

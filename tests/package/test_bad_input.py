@@ -788,6 +788,7 @@ from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel
 from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # noqa: E402
 from fi_engine.models import registry as engines  # noqa: E402
 from fi_engine.runtime import paging, serving  # noqa: E402
+from fi_engine.runtime import settings as engine_settings  # noqa: E402
 from fi_engine.text import chat, detokenize, generation_config, model_files, tokenizer  # noqa: E402
 from fi_engine.text import codec as text  # noqa: E402
 from fi_ffi.comm import env as comm_env  # noqa: E402
@@ -1440,6 +1441,10 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "layers.moe.choose_path": lambda: [
         ("choose_path", Entry(moe.choose_path, lambda: dict(rows=4, num_experts=32, top_k=4)))
     ],
+    # the engines' arguments as one value: each checked when it is made (the engines below build it first)
+    "runtime.settings.EngineSettings": lambda: [
+        ("EngineSettings", Entry(engine_settings.EngineSettings, lambda: {}, kinds=ENGINE_KINDS))
+    ],
     "runtime.paging.pages_for": lambda: [("pages_for", Entry(paging.pages_for, lambda: dict(tokens=33, page_size=16)))],
     "runtime.paging.PageAllocator": lambda: [("PageAllocator", Entry(paging.PageAllocator, lambda: dict(num_pages=8)))],
     "runtime.paging.prefill_buckets": lambda: [
@@ -1770,7 +1775,15 @@ _ADAPTER = "the engine's adapter over fi_ffi ops already in the op campaign abov
 _PACKING = "packs a declaration's values for the comm set-up calls, reached only through the entry points above"
 _PLUMBING = "internal plumbing over the CUDA runtime (raw addresses fi_ffi itself allocated); comm/test_gpu_comm.py"
 EXEMPT: dict[str, str] = {
-    **dict.fromkeys(["env.DistEnv", "trtllm_ar.WorkspaceMetadata", "checkpoint.safetensors.TensorInfo"], _RECORD),
+    **dict.fromkeys(
+        [
+            "env.DistEnv",
+            "trtllm_ar.WorkspaceMetadata",
+            "checkpoint.safetensors.TensorInfo",
+            "runtime.settings.EngineSizes",
+        ],
+        _RECORD,
+    ),
     # compiles its kernel with CuPy in the constructor; its argument checks run before that (engine/test_deepseek.py)
     "layers.deepseek_routing.DeviceGroupedTopk": _GPU,
     # compiles its kernels with CuPy in the constructor; its dtype check runs before that (engine/test_moe_gemv.py)
