@@ -16,6 +16,7 @@ from typing import Any
 
 from ..layers.moe import choose_path
 from ..values import arg_int
+from .settings import with_settings
 
 __all__ = ["MOE_PATHS"]  # MoEPaths: a base of the engine classes, not made on its own
 
@@ -47,6 +48,7 @@ class MoEPaths:
     max_batch: int  # the Engine's, which this mixin comes before
     model_config: Any
 
+    @with_settings
     def __init__(self, model_dir: Any, *, moe_path: str = "auto", **kwargs: Any) -> None:
         if not isinstance(moe_path, str) or moe_path not in MOE_PATHS:
             raise ValueError(f"moe_path: expected one of {', '.join(map(repr, MOE_PATHS))}, got {moe_path!r:.60}")
