@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .kernels.system import FiFFIError
@@ -60,6 +60,18 @@ def _count(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
+def _float_where(text: str, ok: Callable[[float], bool], what: str, out_of_range: str | None = None) -> float:
+    """``text`` as a float for which ``ok`` holds (``ok`` must refuse NaN), for argparse; ``what`` describes it in
+    the error, ``out_of_range`` (default: ``what``) where it is a number ``ok`` refuses."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {out_of_range or what}, got {text}")
+    return value
+
+
 def _seed(text: str) -> int:
     value = _count(text)
     if value >= 2**64:
@@ -67,34 +79,20 @@ def _seed(text: str) -> int:
     return value
 
 
+def _finite_non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
 def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: greedy), got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0: greedy), got {text}")
-    return value
+    return _float_where(text, _finite_non_negative, "a number >= 0 (0: greedy)", "a finite number >= 0 (0: greedy)")
 
 
 def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text}")
-    return value
+    return _float_where(text, lambda v: 0.0 < v <= 1.0, "a probability in (0, 1]")  # refuses NaN too
 
 
 def _ordinal(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a CUDA device ordinal (0, 1, ...), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a CUDA device ordinal (0, 1, ...), got {value}")
-    return value
+    return _int_at_least(text, 0, "a CUDA device ordinal (0, 1, ...)")
 
 
 def _token_ids(text: str) -> list[int]:
@@ -439,23 +437,11 @@ def _api_servers(text: str) -> int:
 
 
 def _delay_factor(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 100], got {text!r}") from None
-    if not 0 <= value <= 100:  # NaN too
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 100], got {text}")
-    return value
+    return _float_where(text, lambda v: 0 <= v <= 100, "a number in [0, 100]")  # refuses NaN too
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text}")
-    return value
+    return _float_where(text, _finite_non_negative, "seconds >= 0", "a finite number of seconds >= 0")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -125,14 +125,7 @@ class Gemma2(ModelFamily):
         eng._moe_scratch = None
         w = WeightLoader(ckpt, eng._cp, dtype, eng.device, eng._weights)
 
-        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
-            whole = w.get(name, (c.vocab_size, h))
-            return whole if vs is None else vs.take(whole)
-
-        eng._embed = w.ptr(table("model.embed_tokens.weight"))
-        tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
-        eng._lm_head = eng._embed if tied else w.ptr(table("lm_head.weight"))
-        eng._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
+        w.embedding_and_head(eng, c)
         # the embedding's token ids [start, start + valid) (the whole vocabulary on one GPU)
         first, count = (0, c.vocab_size) if vs is None else (vs.start, vs.valid)
         eng._embed_ids = (np.int64(first), np.int64(count))

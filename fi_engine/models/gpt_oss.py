@@ -235,7 +235,7 @@ class GptOss(ModelFamily):
         from ..layers.tensor_parallel import columns, rows, segment
 
         c = eng.model_config  # the checkpoint's shapes; this rank keeps its shard (rank r of n)
-        r, n, vs = eng.rank, eng.tensor_parallel, eng.vocab_shard
+        r, n = eng.rank, eng.tensor_parallel
         assert c.moe is not None
         hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
         e, i_size = c.moe.num_experts, c.moe.intermediate_size
@@ -256,14 +256,7 @@ class GptOss(ModelFamily):
         def f32(name: str, shape: tuple[int, ...]) -> Any:  # on the device
             return w.upload(host_f32(name, shape))
 
-        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
-            whole = w.get(name, (c.vocab_size, h))
-            return whole if vs is None else vs.take(whole)
-
-        eng._embed = w.ptr(table("model.embed_tokens.weight"))
-        tied = c.tie_word_embeddings or "lm_head.weight" not in ckpt
-        eng._lm_head = eng._embed if tied else w.ptr(table("lm_head.weight"))
-        eng._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
+        w.embedding_and_head(eng, c)
         eng._with_bias = r == 0  # the row-parallel outputs' biases: once in the ranks' sum
         eng._wqkv, eng._bqkv, eng._wo, eng._bo, eng._ln1, eng._ln2 = [], [], [], [], [], []
         eng._sinks = []

@@ -44,6 +44,22 @@ class WeightLoader:
         """What :meth:`get`'s refusal of a tensor of dtype ``got`` adds after naming it (a subclass may say more)."""
         return "; mixed-precision checkpoints are not supported"
 
+    def embedding_and_head(self, eng: Any, c: Any) -> None:
+        """Upload the token embedding and the LM head (the embedding itself where tied, or where the checkpoint has
+        no ``lm_head.weight``) for engine ``eng`` of checkpoint config ``c``: the whole ``[V, H]`` tables, or this
+        rank's rows of them (its ``vocab_shard``). Sets ``eng._embed``, ``eng._lm_head`` and ``eng._head_rows`` (the
+        LM head's output columns on this rank)."""
+        vs = eng.vocab_shard
+
+        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
+            whole = self.get(name, (c.vocab_size, c.hidden_size))
+            return whole if vs is None else vs.take(whole)
+
+        eng._embed = self.ptr(table("model.embed_tokens.weight"))
+        tied = c.tie_word_embeddings or "lm_head.weight" not in self.ckpt
+        eng._lm_head = eng._embed if tied else self.ptr(table("lm_head.weight"))
+        eng._head_rows = c.vocab_size if vs is None else vs.rows
+
     def upload(self, arr: np.ndarray) -> Any:
         """A device copy of ``arr`` (kept alive with the engine)."""
         dev = self.cp.asarray(np.ascontiguousarray(arr))

@@ -23,7 +23,7 @@ from .paging import PageAllocator, Request, Scheduler, fill_decode, fill_prefill
 from .sampling import Draws
 from .sampling_params import SamplingParams, sampling_arg
 from .state import EngineState
-from .stepping import FinishReason, StepOutput
+from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput
 from .storage import _D2D, _D2H, _H2D, _address
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
@@ -108,7 +108,7 @@ class GenerationResult:
         return float(np.median(self.step_host_us)) if self.step_host_us else 0.0
 
 
-class ServingLoop(EngineState):
+class ServingLoop(EngineState, StepEngineBase):
     """The engine's public serving calls: :meth:`generate`, :meth:`prefill_logits`, :meth:`warm_prefill`, and the
     step API (:class:`~fi_engine.runtime.stepping.StepEngine`: :meth:`add_request`, :meth:`abort_request`, :meth:`step`,
     :attr:`has_unfinished`), with the prefill and decode steps they run. ``generate`` drives the same step
@@ -173,22 +173,17 @@ class ServingLoop(EngineState):
     def scheduler_delay_factor(self, value: float) -> None:
         self._scheduler_delay_factor = delay_factor_arg(value)
 
-    def add_request(
-        self,
-        prompt: Sequence[int],
-        max_new_tokens: int,
-        *,
-        sampling: SamplingParams | None = None,
-        eos_token_ids: Sequence[int] | None = None,
-    ) -> int:
-        """Queue ``prompt`` (token ids) for up to ``max_new_tokens`` new tokens; returns its id (an int, never
-        reused by this engine). ``sampling``: its own (None: greedy; its ``seed``: :class:`SamplingParams`);
-        ``eos_token_ids``: the tokens that end it, kept in its output (None: the checkpoint's; ``()``: none).
+    def _add_request(self, request: NewRequest) -> int:
+        """:meth:`add_request`: queue ``prompt`` (token ids) for up to ``max_new_tokens`` new tokens; returns its id
+        (an int, never reused by this engine). ``sampling``: its own (None: greedy; its ``seed``:
+        :class:`SamplingParams`); ``eos_token_ids``: the tokens that end it, kept in its output (None: the
+        checkpoint's; ``()``: none).
 
         Raises ValueError naming ``prompt``, ``max_new_tokens`` or ``eos_token_ids[i]`` for a request that can never
         be served (empty, ids outside the vocabulary, longer than ``max_seq_len`` or ``max_prefill_tokens``, a
         page budget beyond the KV cache), TypeError naming ``sampling`` for anything but :class:`SamplingParams` or
         None; nothing is queued then."""
+        prompt, max_new_tokens, sampling, eos_token_ids = request
         self._check_open()
         sampling = sampling_arg(sampling)
         r = self._scheduler().submit(

@@ -15,7 +15,10 @@ from typing import Literal, Protocol, runtime_checkable
 
 from .sampling_params import SamplingParams
 
-__all__ = ["FinishReason", "StepEngine", "StepOutput"]
+__all__ = ["FinishReason", "StepEngine", "StepEngineBase", "StepOutput"]
+
+NewRequest = tuple[Sequence[int], int, SamplingParams | None, Sequence[int] | None]
+"""One request as :meth:`StepEngine.add_request` takes it: ``(prompt, max_new_tokens, sampling, eos_token_ids)``."""
 
 FinishReason = Literal["stop", "length", "abort"]
 """Why a request ended: ``"stop"`` (one of its end-of-sequence tokens, which is kept in its output), ``"length"``
@@ -95,3 +98,30 @@ class StepEngine(Protocol):
 
     @property
     def has_unfinished(self) -> bool: ...
+
+
+class StepEngineBase:
+    """The engines of this package that implement :class:`StepEngine` (the GPU engine, an engine process and its
+    connections) take :meth:`add_request`'s arguments here, one signature for all of them, and each queues the
+    request in its own :meth:`_add_request`. (An engine of another package needs no base: the protocol is
+    structural.)"""
+
+    def add_request(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        *,
+        sampling: SamplingParams | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> int:
+        """Queue ``prompt`` (token ids) for up to ``max_new_tokens`` new tokens; returns the request's id (an int).
+        ``sampling``: its own (None: greedy); ``eos_token_ids``: the tokens that end it, kept in its output (None:
+        the checkpoint's; ``()``: none). Raises ValueError naming the argument when the request can never be served
+        (and TypeError naming ``sampling`` for anything but :class:`~fi_engine.runtime.sampling_params.SamplingParams`
+        or None); nothing is queued then. The engine's own rules: its :meth:`_add_request`."""
+        return self._add_request((prompt, max_new_tokens, sampling, eos_token_ids))
+
+    def _add_request(self, request: NewRequest) -> int:
+        """Queue ``request`` (``(prompt, max_new_tokens, sampling, eos_token_ids)``) and return its id, as
+        :meth:`add_request` says; each engine its own."""
+        raise NotImplementedError

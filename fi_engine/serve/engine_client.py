@@ -27,7 +27,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from ..runtime.sampling_params import SamplingParams
-from ..runtime.stepping import StepOutput
+from ..runtime.stepping import NewRequest, StepEngineBase, StepOutput
 
 MAX_CLIENTS = 64  # connections of one engine process (each is a pipe its child watches); a client's ids step by it
 
@@ -46,7 +46,7 @@ ERRORS: dict[str, type[Exception]] = {
 }
 
 
-class EngineClient:
+class EngineClient(StepEngineBase):
     """A :class:`~fi_engine.runtime.stepping.StepEngine` over one connection to an engine process; made by
     :meth:`fi_engine.serve.engine_process.EngineProcess.client` (not built directly).
 
@@ -125,16 +125,10 @@ class EngineClient:
         ``TypeError`` :meth:`add_request` would have raised) when it refused it."""
         return self._send_add(requests)
 
-    def add_request(
-        self,
-        prompt: Sequence[int],
-        max_new_tokens: int,
-        *,
-        sampling: SamplingParams | None = None,
-        eos_token_ids: Sequence[int] | None = None,
-    ) -> int:
-        """One request (see :meth:`add_requests`): its id, or the engine's ValueError / TypeError raised."""
-        (result,) = self.add_requests([(prompt, max_new_tokens, sampling, eos_token_ids)])
+    def _add_request(self, request: NewRequest) -> int:
+        """:meth:`add_request`: one request (see :meth:`add_requests`): its id, or the engine's ValueError /
+        TypeError raised."""
+        (result,) = self.add_requests([request])
         if isinstance(result, Exception):
             raise result
         return int(result)

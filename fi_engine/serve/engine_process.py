@@ -37,12 +37,10 @@ import importlib
 import multiprocessing as mp
 import signal
 import sys
-from collections.abc import Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
-from ..runtime.sampling_params import SamplingParams
-from ..runtime.stepping import StepOutput
+from ..runtime.stepping import NewRequest, StepEngineBase, StepOutput
 from ..values import show
 from .engine_client import ERRORS, MAX_CLIENTS, EngineClient, NewRequests
 
@@ -201,7 +199,7 @@ class _Router:
         self.rids[index].clear()
 
 
-class EngineProcess:
+class EngineProcess(StepEngineBase):
     """The engine ``factory(*args, **kwargs)`` (``factory`` a ``"module:callable"`` string, e.g.
     ``"fi_engine.models.registry:open_engine"``) built and stepped in a child process; serve it like the engine itself
     (``GenerationService(EngineProcess(...), codec)``). ``start_timeout``: seconds the child may take to build
@@ -306,16 +304,10 @@ class EngineProcess:
         :meth:`step` (:meth:`fi_engine.serve.engine_client.EngineClient.add_requests_nowait`)."""
         return self._first().add_requests_nowait(requests)
 
-    def add_request(
-        self,
-        prompt: Sequence[int],
-        max_new_tokens: int,
-        *,
-        sampling: SamplingParams | None = None,
-        eos_token_ids: Sequence[int] | None = None,
-    ) -> int:
-        """One request (see :meth:`add_requests`): its id, or the engine's ValueError / TypeError raised."""
-        return self._first().add_request(prompt, max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids)
+    def _add_request(self, request: NewRequest) -> int:
+        """:meth:`add_request`: one request (see :meth:`add_requests`): its id, or the engine's ValueError /
+        TypeError raised."""
+        return self._first()._add_request(request)
 
     def abort_request(self, rid: int) -> None:
         """End request ``rid`` (the child aborts it before its next step; its ``"abort"`` output follows)."""

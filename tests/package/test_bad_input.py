@@ -1945,6 +1945,9 @@ EXEMPT: dict[str, str] = {
     "(test_bad_fp8_calls_name_the_argument)",
     "runtime.stepping.StepEngine": "a typing.Protocol the engines implement (their methods' signatures against it: "
     "tests/engine/test_step_api_host.py)",
+    "runtime.stepping.StepEngineBase": "a base class, never built itself: its add_request is the GPU engine's, an "
+    "engine process's and its clients' (their bad arguments in tests/engine/test_step_api_host.py and "
+    "engine/test_engine_process.py)",
     "runtime.stepping.FinishReason": "a typing.Literal of the three reasons a request ends, not an entry point",
     "runtime.sampling.draw_groups": "plans the rows of the engine's own scheduler (its Requests): "
     "tests/engine/test_step_api_host.py",
