@@ -2,7 +2,7 @@
 wide, 9/3 heads of 64), decode as a CUDA graph at ``--batch`` (6 by default, the SmolLM2 check's), host us per
 step (median; the wait for the GPU excluded), ms per step and tokens/s, with the next step planned ahead (the
 default) and after the last one's tokens are back (``in-step``), interleaved over ``--rounds``. A small model's
-step is short, so the host's share shows: the row that guards issue 32's goal (<= 80 us per step). ``--profile``
+step is short, so the host's share shows: the row that guards the goal of at most 80 us per step. ``--profile``
 adds a cProfile of one generate call (the functions by own time). Not a test: nothing is asserted.
 
     bash tools/gpu_run.sh python3 benchmarks/bench_engine_host.py [--batch 6] [--new-tokens 64] [--profile]

@@ -1,4 +1,4 @@
-"""The goal table of issue 21 in one run: per-call host cost for every producer against the Cython binding and
+"""The binding's per-call goal table in one run: per-call host cost for every producer against the Cython binding and
 flashinfer-python, descriptor costs, a decode step, and the engine's eager step and long prefill.
 
     python benchmarks/bench_goals.py [--before DIR] [--json PATH] [--profile N]

@@ -1,5 +1,5 @@
 """Host time per layer of an eager decode step: a MoE layer (Mixtral-like: 8 experts, top-2) against a dense
-Llama layer of the same attention and hidden size (issue 32's goal: the MoE layer at most 2x the dense one).
+Llama layer of the same attention and hidden size (the goal: the MoE layer at most 2x the dense one).
 
 Two small random float16 checkpoints of each kind (hidden 1024, 8 query / 2 KV heads of 128, intermediate 2048,
 vocab 4096) at ``--layers`` depths, so the GPU's work is small and the host never waits for it: for each

@@ -238,7 +238,7 @@ def set_variant(variant: str) -> None:
         from fi_engine.runtime.fused_decode import FusedDecode
 
         FusedDecode.norm_pdl = False
-    if variant == "fp8-separate":  # FP8 weights: the decode step as separate launches (before 2026-11-25, session 9)
+    if variant == "fp8-separate":  # FP8 weights: the decode step as separate launches (before 2026-11-25)
         from fi_engine.kernels.dense import Dense
 
         Dense.fp8_epilogues = False
@@ -278,13 +278,13 @@ def set_variant(variant: str) -> None:
         from fi_engine.kernels.dense import Dense
 
         Dense.fused_min_blocks = int(variant.rsplit("-", 1)[1])
-    if variant == "silu-prologue":  # the down GEMV computes SiLU-and-mul in each block (before session 13)
+    if variant == "silu-prologue":  # the down GEMV computes SiLU-and-mul in each block (before 2026-11-25)
         LlamaEngine.silu_in_gate_up = False
-    if variant == "any-rows":  # one 16-bit GEMV kernel for any row count (before 2026-11-25, session 13)
+    if variant == "any-rows":  # one 16-bit GEMV kernel for any row count (before 2026-11-25)
         from fi_engine.kernels.dense import Dense
 
         Dense.gemv_fixed_rows = False
-    if variant == "no-gemv-pipeline":  # the 16-bit GEMVs load their next weights after summing (before session 13)
+    if variant == "no-gemv-pipeline":  # the 16-bit GEMVs load their next weights after summing (before 2026-11-25)
         from fi_engine.kernels.dense import Dense
 
         Dense.gemv_pipeline = False

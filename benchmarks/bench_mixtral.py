@@ -131,7 +131,7 @@ def main() -> int:
         "SiLU-and-mul as a launch of its own, MoELayer.gemv_fused_silu off, as before 2026-11-25); grouped-warps-8 "
         "(8 warps in every grouped GEMV block, GroupedGemv.min_warps_per_sm 0, as before 2026-11-25); unfolded-router "
         "(the post-attention norm, router GEMV and routing as three launches, MoELayer.fold_norm_into_router off, "
-        "as before 2026-11-25 session 7)",
+        "as before 2026-11-25)",
     )
     ap.add_argument(
         "--checkpoint", default="", help="keep the random checkpoint in this folder, or reuse the one written there"

@@ -34,7 +34,7 @@ at least ``4B``: the prefill graphs of the shapes the loads meet captured, as in
 twice -- ``--requests B`` (one wave: the engine's own workload) and ``--requests WB`` (``--waves W``, 4 by default:
 each client sending its next request when one ends, so the front ends' turnaround between a request's end and the
 next one's first token costs slot time) -- and the ratio of the server's tokens/s to the engine's end-to-end tokens/s
-(issue 33's goal: within 10 %). ``--variants`` measures several servers in turn (``mixed``: the serve defaults;
+(the goal: within 10 %). ``--variants`` measures several servers in turn (``mixed``: the serve defaults;
 ``plain``: ``--no-mixed-prefill``, each prefill a pass of its own), ``--rounds`` times over, each against the same
 ``generate``.
 ``--api-servers N`` serves with N front-end processes (``fi-engine serve --api-servers N``). Each load also reports the
@@ -407,7 +407,7 @@ def run_churn(
     serve`` runs it), in turn. One engine for all three, so that the ideal server is compared with the very engine
     whose ``generate`` it is held to: once a second engine had been opened in a process, every engine of it stepped
     about 9 % slower on an H100 (SmolLM2 shapes, 64 rows: 1.32 against 1.22 ms a decode step; benchmarks/RESULTS.md,
-    session 8), which made an ideal server on a second engine look 7 % slower than the engine it was held to."""
+    2026-11-23), which made an ideal server on a second engine look 7 % slower than the engine it was held to."""
     from fi_engine.models.registry import open_engine
 
     with open_engine(model, max_batch=batch, cuda_graph=graph) as engine:
@@ -497,7 +497,7 @@ def measure_server(command: list[str], args: argparse.Namespace, vocab: tuple[in
         # a warm-up load as the measured ones (as long as the longer one), so that the engine has captured the
         # prefill graphs of the shapes they meet (the first prefill of a new (token rows, requests) shape costs a
         # capture, 20-70 ms on an H100 for SmolLM2, where a replay takes 2-14 ms): what a server that has run a
-        # while has. A warm-up of 4 waves had left 4 captures (~95 ms) inside a measured 16-wave load (session 10)
+        # while has. A warm-up of 4 waves had left 4 captures (~95 ms) inside a measured 16-wave load (2026-11-24)
         warm = max(args.waves, 4) * args.batch
         run_http_procs(url, args.batch, warm, args.prompt_len, args.max_tokens, None, args.procs, vocab)
         # one wave (the engine's own run: `batch` requests at once) and four (each client sends its next request

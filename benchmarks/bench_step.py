@@ -26,8 +26,8 @@ best round is kept; only ratios of one run mean anything):
 - ``flashinfer``: ``BatchDecodeWithPagedKVCacheWrapper`` planned with host indptr / last-page tensors, and
   ``flashinfer.page.append_paged_kv_cache``.
 
-Every contender's last-layer output after one step is compared with fi_ffi's (they must be equal). Goals
-(issue 7): batch 1: descriptors <= 0.5x flashinfer, torch tensors <= 0.8x; batch 32: <= 1.02x.
+Every contender's last-layer output after one step is compared with fi_ffi's (they must be equal). Goals:
+batch 1: descriptors <= 0.5x flashinfer, torch tensors <= 0.8x; batch 32: <= 1.02x.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Where a replayed decode step's GPU time goes: every kernel of the engine's decode CUDA graph, with its time, and
-the idle time between kernels (issue 32: "per-kernel time from a profile of one replayed step").
+the idle time between kernels (per-kernel time from a profile of one replayed step).
 
     bash tools/gpu_run.sh python3 benchmarks/profile_step.py --model DIR [--batch 1] [--steps 20] [--moe-path auto]
 

@@ -36,7 +36,7 @@ __all__ = ["build_parser", "main"]
 PROG = "fi-engine"
 # `serve --scheduler-delay-factor`'s default (ServingLoop._admit), vLLM's too: admit at the next step. Measured on an
 # H100 (benchmarks/bench_serve.py compare, SmolLM2 shapes, 64 streaming clients over 4 API servers, 16 waves; once
-# the front ends handed requests on at once, session 10): factor 0 gave 0.87-0.99x of generate over 8 runs (median
+# the front ends handed requests on at once, 2026-11-24): factor 0 gave 0.87-0.99x of generate over 8 runs (median
 # 0.906), 1 gave 0.88x, 3 (the earlier default, chosen while requests reached the engine 4-20 ms late) 0.87-0.91x
 SCHEDULER_DELAY_FACTOR = 0.0
 

@@ -351,7 +351,7 @@ class Dense:
     gemv_fixed_rows = True
     """The 16-bit GEMVs (plain, fused, RoPE, router) compiled once per row count, 1 to 4, each launch taking the
     kernel of its rows: loops of known length, whose loads of the input rows the compiler issues together. False:
-    one kernel per variant for any row count (each row's load behind a branch), as before 2026-11-25 (session 13).
+    one kernel per variant for any row count (each row's load behind a branch), as the engine ran before 2026-11-25.
     The same sums either way. Compiled in when a Dense is made; set it on the class to compare
     (``benchmarks/bench_llama_tp.py --variants any-rows``)."""
 

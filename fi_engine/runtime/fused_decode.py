@@ -39,7 +39,7 @@ class FusedDecode(EngineState):
     silu_in_gate_up: bool = True
     """The fused step's gate/up GEMV over 16-bit weights writes ``silu(gate) * up`` (``Dense.prepared_gate_up_silu``)
     and the down GEMV reads it as its input; False: the gate/up GEMV writes both halves and the down GEMV computes
-    SiLU-and-mul in a prologue, in each of its blocks (before 2026-11-25, session 13). The same values either way
+    SiLU-and-mul in a prologue, in each of its blocks (the engine's step before 2026-11-25). The same values either way
     (tests/engine/test_gpu_fused_decode.py). Read when the step is packed; set it on the class to compare
     (``benchmarks/bench_llama_tp.py --variants silu-prologue``)."""
 

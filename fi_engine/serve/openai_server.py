@@ -51,7 +51,7 @@ SERVE_HINT = "python -m pip install '.[serve]' in the fi_ffi checkout"
 # thousands of token events a second, rarely waits, so the service's thread (which hands requests to the engine
 # and takes its tokens) got the interpreter back only when the loop was made to drop it, once per interval: a
 # request reached the engine process 4-20 ms after it arrived (H100, SmolLM2 shapes, 64 streaming clients over 4
-# API servers: benchmarks/RESULTS.md, session 10), where a decode step takes 1.2 ms. Set by serve() and by each API
+# API servers, 2026-11-24: benchmarks/RESULTS.md), where a decode step takes 1.2 ms. Set by serve() and by each API
 # server process, which are the server's own; a program that embeds the service keeps its own setting.
 SWITCH_INTERVAL_S = 0.0005
 

@@ -91,7 +91,7 @@ The torch fast path reads ``data_ptr()``, ``shape``, ``stride()``, ``dtype`` and
 checks want kDLCPU, whereas torch's DLPack says CUDA_HOST), rejects lazily negated views (``is_neg()``), and
 goes through DLPack when an explicit ``stream`` asks torch to order its work.
 
-Remembered layouts (issue 21). Once a torch tensor (or a CuPy array, described through DLPack) has been described
+Remembered layouts. Once a torch tensor (or a CuPy array, described through DLPack) has been described
 with every field checked, its layout (shape, strides, dtype, device, layout id) is remembered under the
 producer's own values (torch: ``shape``, ``stride()``, ``dtype``, ``device``; CuPy: ``shape``, ``strides``,
 ``dtype``, ``__dlpack_device__()``), values only. A later tensor with the same values is described by reading
