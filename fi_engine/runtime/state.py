@@ -163,16 +163,6 @@ class EngineState:
         def decode_graph_batches(self) -> tuple[int, ...]:
             raise NotImplementedError
 
-        def generate(
-            self,
-            prompts: Sequence[Sequence[int]],
-            max_new_tokens: int | Sequence[int],
-            *,
-            eos_token_ids: Sequence[int] | None = None,
-            sampling: SamplingParams | None = None,
-        ) -> Any:
-            raise NotImplementedError
-
         def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
             raise NotImplementedError
 
