@@ -197,7 +197,7 @@ def _check_tp(model: str, tp: int) -> None:
 
     family = family_of(model)
     if not family.tensor_parallel:  # its registry row says so (the engine refuses too)
-        raise ValueError(f"--tp {tp}: {family.name} checkpoints run on one GPU here; leave out --tp")
+        raise ValueError(f"--tp {tp}: {family.label} checkpoints run on one GPU here; leave out --tp")
     shard_config(read_config(model), tp)  # as the checkpoint's family reads it (a LlamaConfig where --tp applies)
     found, why = gpus()
     if len(found) < tp:
@@ -220,7 +220,7 @@ def _served() -> str:
     """The families served and their ``config.json`` model types, for the help (one row each in the registry)."""
     from .models.registry import families
 
-    return "; ".join(f"{f.name}: model_type {', '.join(f.model_types)}" for f in families())
+    return "; ".join(f"{f.label}: model_type {', '.join(f.model_types)}" for f in families())
 
 
 def build_parser() -> argparse.ArgumentParser:

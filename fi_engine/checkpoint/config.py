@@ -90,8 +90,8 @@ class MoEConfig:
         _check_dict(d, source)
         if default_experts is not None:
             default_experts = arg_int("default_experts", default_experts, 1, MAX_SIZE)
-        if not isinstance(size_key, str):
-            raise TypeError(f"size_key: expected the str key of the experts' size, got {type(size_key).__name__}")
+        if size_key not in ("intermediate_size", "moe_intermediate_size"):  # the keys transformers' configs use
+            raise ValueError(f"size_key: expected 'intermediate_size' or 'moe_intermediate_size', got {show(size_key)}")
         if not isinstance(renormalize, bool):
             raise TypeError(f"renormalize: expected True or False, got {type(renormalize).__name__}")
         experts = _num_experts(d, source, default_experts)

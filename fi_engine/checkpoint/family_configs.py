@@ -23,6 +23,7 @@ from ..values import arg_int, show
 __all__ = ["layer_windows"]
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+MAX_LAYERS = 1 << 20  # layer_windows lists a window per layer
 
 
 def number(d: dict[str, Any], key: str, source: str, default: float | None, allow_zero: bool = False) -> float:
@@ -56,7 +57,12 @@ def layer_windows(d: dict[str, Any], num_layers: int, sliding_window: int, sourc
         raise TypeError(f"source: expected a str naming where the config came from, got {type(source).__name__}")
     if not isinstance(d, dict):
         raise TypeError(f"d: expected the config.json object (a dict) from {source}, got {type(d).__name__}")
-    num_layers = arg_int("num_layers", num_layers, 1, 1 << 20)
+    if isinstance(num_layers, int) and not isinstance(num_layers, bool) and num_layers > MAX_LAYERS:
+        raise ValueError(  # a config's num_hidden_layers: the built-in pattern would list that many layers
+            f"{source}: num_hidden_layers ({num_layers}) is past the {MAX_LAYERS} layers a family of sliding windows "
+            f"reads here (num_layers)"
+        )
+    num_layers = arg_int("num_layers", num_layers, 1, MAX_LAYERS)
     sliding_window = arg_int("sliding_window", sliding_window, 1, (1 << 31) - 1)
     types = d.get("layer_types")
     if types is None:

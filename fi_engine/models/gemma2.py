@@ -77,6 +77,10 @@ def gemma2_config(d: Any, source: str = "config") -> LlamaConfig:
     and :class:`Gemma2Settings` in ``family``. Refused by name (ValueError): a ``quantization_config``, an
     activation other than GELU-tanh, attention biases, bad windows, scales or soft caps."""
     check_dict(d, source)
+    if d.get("model_type") != "gemma2":  # another family's config (fi_engine.models.registry.read_config picks it)
+        raise ValueError(
+            f"{source}: model_type {show(d.get('model_type'))} is not gemma2; read it with its family's reader"
+        )
     refuse_quantized(d, source)
     d = {"head_dim": 256, "tie_word_embeddings": True, "max_position_embeddings": 8192, **d}  # left out when equal
     cfg = LlamaConfig.shared(d, source)

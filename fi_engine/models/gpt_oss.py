@@ -186,6 +186,10 @@ def gpt_oss_config(d: Any, source: str = "config") -> LlamaConfig:
     Refused by name (ValueError): a ``quantization_config`` (MXFP4: with the recipe for a bfloat16 copy), no
     attention biases, rotary types other than ``default``/``yarn``, bad windows or limits."""
     check_dict(d, source)
+    if d.get("model_type") != "gpt_oss":  # another family's config (fi_engine.models.registry.read_config picks it)
+        raise ValueError(
+            f"{source}: model_type {show(d.get('model_type'))} is not gpt_oss; read it with its family's reader"
+        )
     refuse_quantized(d, source, MXFP4_HELP)
     d = {"head_dim": 64, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, **d}  # GptOssConfig's defaults
     moe = MoEConfig.from_dict(d, source, default_experts=128)

@@ -41,7 +41,7 @@ class Family:
     """One registry row: a model family the engine serves.
 
     Attributes:
-        name: how messages name the family (``"Gemma 2"``).
+        label: how messages name the family (``"Gemma 2"``).
         model_types: the ``config.json`` ``model_type`` values it serves (each served by one family only).
         module: the module defining it, imported when first needed (``"fi_engine.models.gemma2"``).
         engine: the name of its engine class in ``module`` (an :class:`~fi_engine.runtime.engine.Engine` whose
@@ -49,14 +49,14 @@ class Family:
         tensor_parallel: whether its engine splits a model over GPUs (``tensor_parallel=N``, ``--tp N``).
     """
 
-    name: str
+    label: str
     model_types: tuple[str, ...]
     module: str
     engine: str
     tensor_parallel: bool = True
 
     def __post_init__(self) -> None:
-        for field in ("name", "module", "engine"):
+        for field in ("label", "module", "engine"):
             value = getattr(self, field)
             if not isinstance(value, str) or not value:
                 raise TypeError(f"{field}: expected a non-empty str, got {show(value)}")
@@ -100,7 +100,7 @@ def register(family: Family) -> Family:
         raise TypeError(f"family: expected a registry row (fi_engine.models.registry.Family), got {show(family)}")
     for t in family.model_types:
         if t in _BY_TYPE:
-            raise ValueError(f"family: model_type {t!r} is served by {_BY_TYPE[t].name} ({_BY_TYPE[t].path}) already")
+            raise ValueError(f"family: model_type {t!r} is served by {_BY_TYPE[t].label} ({_BY_TYPE[t].path}) already")
     _BY_TYPE.update(dict.fromkeys(family.model_types, family))
     return family
 
