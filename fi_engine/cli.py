@@ -116,7 +116,6 @@ def _eos_ids(text: str) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Serve the prompts of ``args`` (token ids, texts or chat messages) with the checkpoint at ``args.model``;
     print the tokens (or the text) and the timings."""
-    from .checkpoint.deepseek_config import is_deepseek
     from .models.llama import SamplingParams
     from .models.registry import engine_class
 
@@ -127,8 +126,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     where = f"{PROG} generate" if args.tp == 1 or rank is None else f"{PROG} generate [rank {rank}]"
     try:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-        if is_deepseek(args.model) and args.tp > 1:  # model_type deepseek_v2 / deepseek_v3 (the engine refuses too)
-            raise ValueError(f"--tp {args.tp}: DeepSeek checkpoints run on one GPU here; leave out --tp")
         if args.tp > 1 and rank is None:  # the driver: start the ranks, each runs this same command
             if args.device is not None:
                 raise ValueError("--device: each rank of --tp uses GPU LOCAL_RANK; leave --device out")
@@ -192,11 +189,14 @@ def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
 def _check_tp(model: str, tp: int) -> None:
     """What every rank of ``generate --tp`` would find the same, checked once before they start: the checkpoint's
     config, that ``tp`` divides it, and that this host has ``tp`` GPUs."""
-    from .checkpoint.config import LlamaConfig
     from .kernels.system import UnsupportedDeviceError, gpus
     from .layers.tensor_parallel import shard_config
+    from .models.registry import family_of, read_config
 
-    shard_config(LlamaConfig.from_dir(model), tp)  # every LlamaConfig model type (Gemma 2 and gpt-oss too)
+    family = family_of(model)
+    if not family.tensor_parallel:  # its registry row says so (the engine refuses too)
+        raise ValueError(f"--tp {tp}: {family.label} checkpoints run on one GPU here; leave out --tp")
+    shard_config(read_config(model), tp)  # as the checkpoint's family reads it (a LlamaConfig where --tp applies)
     found, why = gpus()
     if len(found) < tp:
         raise UnsupportedDeviceError(
@@ -212,6 +212,13 @@ def _launch_ranks(nproc: int, command: list[str]) -> int:
 
     launcher = [sys.executable, "-m", "fi_ffi", "launch", "--nproc", str(nproc), "--master-addr", "127.0.0.1"]
     return subprocess.call([*launcher, "--", *command])
+
+
+def _served() -> str:
+    """The families served and their ``config.json`` model types, for the help (one row each in the registry)."""
+    from .models.registry import families
+
+    return "; ".join(f"{f.label}: model_type {', '.join(f.model_types)}" for f in families())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="serve token-id prompts with a local checkpoint (needs CuPy and a GPU)",
         description=textwrap.fill(
-            "Load a Hugging Face checkpoint (Llama, Qwen3, Mixtral, Qwen3-MoE, Gemma 2, gpt-oss, DeepSeek; "
+            f"Load a Hugging Face checkpoint ({_served()}; "
             "f16/bf16; FP8 e4m3 for dense Llama/Qwen3) onto the GPU and generate from token-id prompts; prints the "
             "tokens, tokens/s and host time "
             "per decode step. Needs CuPy (python -m pip install cupy-cuda13x). Every value is checked before the "
@@ -333,7 +340,8 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         "serve",
         help="serve a checkpoint over an OpenAI-compatible HTTP API (needs CuPy, a GPU and the serve extra)",
         description=textwrap.fill(
-            "Load a checkpoint onto the GPU and serve /v1/completions, /v1/chat/completions (streamed or not), "
+            f"Load a checkpoint ({_served()}) onto the GPU and serve /v1/completions, /v1/chat/completions "
+            "(streamed or not), "
             "/v1/models, /health and /metrics until SIGINT/SIGTERM; every client's requests are batched together. "
             "Needs the engine and serve extras: python -m pip install '.[engine,serve]' in the checkout.",
             100,

@@ -1,9 +1,10 @@
 """What a checkpoint directory holds, read on the host with numpy only (no GPU): ``config.json`` parsed and
 checked per family, the ``quantization_config``, the ``*.safetensors`` tensors, FP8 weights' codes and scales.
 
-- :mod:`~fi_engine.checkpoint.config`: a Llama-architecture ``config.json`` (Llama, Qwen3, Mixtral, Qwen3-MoE,
-  Gemma 2, gpt-oss), parsed and checked; :mod:`~fi_engine.checkpoint.family_configs`: Gemma 2's and gpt-oss's own
-  settings; :mod:`~fi_engine.checkpoint.deepseek_config`: DeepSeek-V2/V3's (MLA, group-limited routing, YaRN).
+- :mod:`~fi_engine.checkpoint.config`: a Llama-architecture ``config.json`` (Llama, Qwen3, Mixtral, Qwen3-MoE;
+  the fields other Llama-architecture families share), parsed and checked; :mod:`~fi_engine.checkpoint.family_configs`:
+  readers of the settings such a family adds (each family reads its own in ``fi_engine.models.<family>``);
+  :mod:`~fi_engine.checkpoint.deepseek_config`: DeepSeek-V2/V3's (MLA, group-limited routing, YaRN).
 - :mod:`~fi_engine.checkpoint.safetensors`: ``*.safetensors`` read (and written, for tests).
 - :mod:`~fi_engine.checkpoint.quantization`: the ``quantization_config`` read by name (the FP8 layouts served, the
   rest refused); :mod:`~fi_engine.checkpoint.fp8_weights`: e4m3 codes and a projection's weight and scales.

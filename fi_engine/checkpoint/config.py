@@ -1,9 +1,13 @@
 """The parts of a Hugging Face ``config.json`` the engine needs, parsed and checked.
 
-Model types: ``llama``; ``qwen3`` (Llama plus a per-head RMSNorm of q and k before RoPE, ``head_dim`` given
-explicitly); ``mixtral`` and ``qwen3_moe`` (a mixture-of-experts MLP in every layer: :class:`MoEConfig`;
-Qwen3-MoE with Qwen3's q/k norm). Settings these architectures have but the engine does not implement (sliding
-windows, attention biases, dense layers between MoE layers) are refused by name rather than ignored.
+:meth:`LlamaConfig.from_dict` reads the Llama family's model types (:data:`LLAMA_MODEL_TYPES`): ``llama``;
+``qwen3`` (Llama plus a per-head RMSNorm of q and k before RoPE, ``head_dim`` given explicitly); ``mixtral`` and
+``qwen3_moe`` (a mixture-of-experts MLP in every layer: :class:`MoEConfig`; Qwen3-MoE with Qwen3's q/k norm).
+Settings these architectures have but the engine does not implement (sliding windows, attention biases, dense
+layers between MoE layers) are refused by name rather than ignored. Another family of the Llama architecture reads
+its config in its own module (``fi_engine.models.<family>``): :meth:`LlamaConfig.shared` for the fields every
+such family has, plus its own settings (in ``LlamaConfig.family``); which model types are served, and by which
+family, is the registry's to say (``fi_engine.models.registry``), not this module's.
 
 Both spellings of the rotary settings are read: ``rope_theta`` + ``rope_scaling`` (transformers 4.x) and
 ``rope_parameters`` (transformers 5.x, ``rope_theta`` inside). Supported rotary types: ``default`` (plain RoPE)
@@ -22,16 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..values import MAX_SIZE, show
+from ..values import MAX_SIZE, arg_int, show
 
-__all__ = ["MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
+__all__ = ["LLAMA_MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
 
-MODEL_TYPES = ("llama", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gpt_oss")
-# families whose own settings (windows, soft caps, sinks, biases, YaRN) live in LlamaConfig.family
-FAMILIES = ("gemma2", "gpt_oss")
-# the engine class ("module.Class" under fi_engine) that serves each family: data here, so that the Llama
-# engine can name it in its refusal without importing the module that picks engines (which imports it)
-FAMILY_ENGINES = {"gemma2": "gemma2.Gemma2Engine", "gpt_oss": "gpt_oss.GptOssEngine"}
+# the model types LlamaConfig.from_dict reads: the Llama family's (fi_engine.models.llama), q/k norms and experts
+LLAMA_MODEL_TYPES = ("llama", "qwen3", "mixtral", "qwen3_moe")
+_QK_NORM = ("qwen3", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,29 @@ class MoEConfig:
     intermediate_size: int
     renormalize: bool
 
+    @classmethod
+    def from_dict(
+        cls,
+        d: Any,
+        source: str = "config",
+        *,
+        default_experts: int | None = None,
+        size_key: str = "intermediate_size",
+        renormalize: bool = True,
+    ) -> MoEConfig:
+        """The experts of config dict ``d``: ``num_local_experts`` or ``num_experts`` (absent: ``default_experts``,
+        None: refused), ``num_experts_per_tok`` (at most the experts), each expert's intermediate size under
+        ``size_key``; ``renormalize`` as the family does. ValueError names the key."""
+        _check_dict(d, source)
+        if default_experts is not None:
+            default_experts = arg_int("default_experts", default_experts, 1, MAX_SIZE)
+        if size_key not in ("intermediate_size", "moe_intermediate_size"):  # the keys transformers' configs use
+            raise ValueError(f"size_key: expected 'intermediate_size' or 'moe_intermediate_size', got {show(size_key)}")
+        if not isinstance(renormalize, bool):
+            raise TypeError(f"renormalize: expected True or False, got {type(renormalize).__name__}")
+        experts = _num_experts(d, source, default_experts)
+        return cls(experts, _topk(d, experts, source), _int(d, size_key, source), renormalize)
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -93,7 +117,7 @@ class LlamaConfig:
     model_type: str = "llama"
     qk_norm: bool = False  # Qwen3: RMSNorm of each q and k head (weights [head_dim]) before RoPE
     moe: MoEConfig | None = None  # Mixtral, Qwen3-MoE, gpt-oss: the MLP of every layer
-    family: Any = None  # Gemma2Settings / GptOssSettings (fi_engine.checkpoint.family_configs); None for Llama's kind
+    family: Any = None  # a family's own settings (e.g. fi_engine.models.gemma2.Gemma2Settings); None for Llama's
     fp8: Any = (
         None  # the checkpoint's FP8 weight layout (fi_engine.checkpoint.quantization.Fp8Scheme); None: 16-bit weights
     )
@@ -106,23 +130,20 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "config") -> LlamaConfig:
-        """Parse a config dict. Keys: ``vocab_size``, ``hidden_size``, ``intermediate_size``,
-        ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads`` (default: the attention heads),
-        ``head_dim`` (default ``hidden_size / num_attention_heads``), ``rms_norm_eps``, the rotary keys (module
-        docstring), ``tie_word_embeddings`` (default False, as transformers), ``max_position_embeddings``,
-        ``eos_token_id`` (int, list or absent)."""
-        if not isinstance(source, str):
-            raise TypeError(f"source: expected a str naming where the config came from, got {type(source).__name__}")
-        if not isinstance(d, dict):
-            raise ValueError(f"d: expected a JSON object (a dict) from {source}, got {type(d).__name__}")
+        """Parse a config dict of the Llama family (:data:`LLAMA_MODEL_TYPES`; ``model_type`` absent: ``llama``).
+        Keys: ``vocab_size``, ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+        ``num_attention_heads``, ``num_key_value_heads`` (default: the attention heads), ``head_dim`` (default
+        ``hidden_size / num_attention_heads``), ``rms_norm_eps``, the rotary keys (module docstring),
+        ``tie_word_embeddings`` (default False, as transformers), ``max_position_embeddings``, ``eos_token_id``
+        (int, list or absent); the experts' keys (:class:`MoEConfig`) and ``quantization_config`` (FP8 layouts)."""
+        _check_dict(d, source)
         model_type = d.get("model_type", "llama")
-        if model_type not in MODEL_TYPES:
+        if model_type not in LLAMA_MODEL_TYPES:
             raise ValueError(
-                f"{source}: model_type {model_type!r} is not supported; this engine runs "
-                f"{', '.join(repr(t) for t in MODEL_TYPES)} checkpoints"
+                f"{source}: model_type {show(model_type)} is not supported; this engine runs "
+                f"{', '.join(repr(t) for t in LLAMA_MODEL_TYPES)} checkpoints as Llama (another family's "
+                f"config is read by its own module: fi_engine.models.registry.read_config picks it)"
             )
-        if model_type in FAMILIES:
-            return cls._family(d, model_type, source)
         from .quantization import llama_fp8_scheme
 
         fp8 = llama_fp8_scheme(d, source)
@@ -137,32 +158,27 @@ class LlamaConfig:
         for key in ("attention_bias", "mlp_bias"):
             if d.get(key, False):
                 raise ValueError(f"{source}: {key}=true is not supported (Llama projections have no bias)")
-        return dataclasses.replace(cls._common(d, model_type, source, _moe(d, model_type, source)), fp8=fp8)
+        shared = cls.shared(d, source, moe=_moe(d, model_type, source))
+        return dataclasses.replace(shared, qk_norm=model_type in _QK_NORM, fp8=fp8)
 
     @classmethod
-    def _family(cls, d: dict[str, Any], model_type: str, source: str) -> LlamaConfig:
-        """Gemma 2 and gpt-oss: the shared fields, plus the family's settings (:mod:`.family_configs`)."""
-        from .family_configs import gemma2_settings, gpt_oss_settings, refuse_quantized
-
-        refuse_quantized(d, source)
-        layers = _int(d, "num_hidden_layers", source)
-        if model_type == "gemma2":
-            d = {
-                "head_dim": 256,
-                "tie_word_embeddings": True,
-                "max_position_embeddings": 8192,
-                **d,
-            }  # Gemma2Config's defaults (left out when equal)
-            return dataclasses.replace(
-                cls._common(d, model_type, source, None), family=gemma2_settings(d, layers, source)
-            )
-        d = {"head_dim": 64, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, **d}  # GptOssConfig's defaults
-        experts = _num_experts(d, source, 128)
-        moe = MoEConfig(experts, _topk(d, experts, source), _int(d, "intermediate_size", source), True)
-        return dataclasses.replace(cls._common(d, model_type, source, moe), family=gpt_oss_settings(d, layers, source))
-
-    @classmethod
-    def _common(cls, d: dict[str, Any], model_type: str, source: str, moe: MoEConfig | None) -> LlamaConfig:
+    def shared(
+        cls, d: Any, source: str = "config", *, moe: MoEConfig | None = None, rope: RopeConfig | None = None
+    ) -> LlamaConfig:
+        """The fields every Llama-architecture family shares, read from config dict ``d`` (the keys of
+        :meth:`from_dict` but the experts' and ``quantization_config``; ``model_type`` as given, default
+        ``llama``), with none of the Llama family's refusals: a family's own reader (in its module
+        ``fi_engine.models.<family>``) builds on it, checks its own settings, and keeps them in ``family``
+        (``dataclasses.replace``). ``moe``: the family's experts (None: a dense MLP); ``rope``: the family's
+        rotary settings (None: read here, plain or Llama 3.1). ValueError names the key."""
+        _check_dict(d, source)
+        if moe is not None and not isinstance(moe, MoEConfig):
+            raise TypeError(f"moe: expected a MoEConfig or None, got {type(moe).__name__}")
+        if rope is not None and not isinstance(rope, RopeConfig):
+            raise TypeError(f"rope: expected a RopeConfig or None, got {type(rope).__name__}")
+        model_type = d.get("model_type", "llama")
+        if not isinstance(model_type, str):
+            raise ValueError(f"{source}: model_type must be a string, got {show(model_type)}")
         hidden = _int(d, "hidden_size", source)
         heads = _int(d, "num_attention_heads", source)
         kv_heads = _int(d, "num_key_value_heads", source, heads)
@@ -182,7 +198,6 @@ class LlamaConfig:
             raise ValueError(f"{source}: tie_word_embeddings must be true or false, got {tie!r}")
         return cls(
             model_type=model_type,
-            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             moe=moe,
             vocab_size=_int(d, "vocab_size", source),
             hidden_size=hidden,
@@ -192,17 +207,23 @@ class LlamaConfig:
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(eps),
-            rope=_rope(d, source) if model_type != "gpt_oss" else _plain_theta(d, source),
+            rope=_rope(d, source) if rope is None else rope,
             tie_word_embeddings=tie,
             max_position_embeddings=_int(d, "max_position_embeddings", source, 2048),
             eos_token_ids=_eos(d.get("eos_token_id"), _int(d, "vocab_size", source), source),
         )
 
 
+def _check_dict(d: Any, source: Any) -> None:
+    if not isinstance(source, str):
+        raise TypeError(f"source: expected a str naming where the config came from, got {type(source).__name__}")
+    if not isinstance(d, dict):
+        raise ValueError(f"d: expected a JSON object (a dict) from {source}, got {type(d).__name__}")
+
+
 def _moe(d: dict[str, Any], model_type: str, source: str) -> MoEConfig | None:
     if model_type == "mixtral":
-        experts = _num_experts(d, source, 8)
-        return MoEConfig(experts, _topk(d, experts, source), _int(d, "intermediate_size", source), True)
+        return MoEConfig.from_dict(d, source, default_experts=8)
     if model_type != "qwen3_moe":
         return None
     if _int(d, "decoder_sparse_step", source, 1) != 1 or d.get("mlp_only_layers"):
@@ -212,11 +233,10 @@ def _moe(d: dict[str, Any], model_type: str, source: str) -> MoEConfig | None:
         )
     if d.get("shared_expert_intermediate_size"):
         raise ValueError(f"{source}: shared experts are not supported (shared_expert_intermediate_size)")
-    experts = _num_experts(d, source)
     renorm = d.get("norm_topk_prob", False)
     if not isinstance(renorm, bool):
         raise ValueError(f"{source}: norm_topk_prob must be true or false, got {renorm!r}")
-    return MoEConfig(experts, _topk(d, experts, source), _int(d, "moe_intermediate_size", source), renorm)
+    return MoEConfig.from_dict(d, source, size_key="moe_intermediate_size", renormalize=renorm)
 
 
 def _num_experts(d: dict[str, Any], source: str, default: int | None = None) -> int:
@@ -307,13 +327,6 @@ def _rope(d: dict[str, Any], source: str) -> RopeConfig:
         f"{source}: rope type {kind!r} is not supported; supported: 'default' (no scaling) and "
         f"'llama3' (Llama 3.1 scaling)"
     )
-
-
-def _plain_theta(d: dict[str, Any], source: str) -> RopeConfig:
-    """gpt-oss: only the base here; its YaRN scaling is GptOssSettings.yarn (applied through a cos/sin cache)."""
-    from .family_configs import rope_settings
-
-    return RopeConfig(theta=_positive(rope_settings(d), "rope_theta", source, 150000.0))
 
 
 def _eos(value: Any, vocab_size: int, source: str) -> tuple[int, ...]:

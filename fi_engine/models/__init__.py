@@ -4,7 +4,8 @@
   :mod:`~fi_engine.models.gemma2`, :mod:`~fi_engine.models.gpt_oss`, :mod:`~fi_engine.models.deepseek`
   (DeepSeek-V2/V3, with :mod:`~fi_engine.models.mla_weights`: MLA weight absorption).
 - :mod:`~fi_engine.models.weights`: checkpoint tensors onto the GPU.
-- :mod:`~fi_engine.models.registry`: which engine serves a checkpoint, and ``open_engine``.
+- :mod:`~fi_engine.models.registry`: one row per family (its model types, module and engine class): which engine
+  serves a checkpoint, and ``open_engine``. docs/ADDING_A_MODEL.md: adding a family.
 """
 
 __all__: list[str] = []

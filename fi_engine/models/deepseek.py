@@ -64,6 +64,7 @@ from ..runtime.family import ModelFamily
 from ..runtime.settings import with_settings
 from .llama import load_moe_layer
 from .mla_weights import split_kv_b
+from .registry import family_config_json
 from .weights import WeightLoader
 
 __all__ = ["DeepSeek", "DeepSeekEngine", "fused_routing_blocker", "graph_blocker"]
@@ -136,7 +137,10 @@ class DeepSeek(ModelFamily):
             raise ValueError(f"cuda_graph: {why}; pass cuda_graph=False (eager decode routes on the host)")
 
     def read_config(self, model_dir: str | Path) -> Any:
-        return DeepSeekConfig.from_dir(model_dir)
+        """The checkpoint's ``config.json`` read by :meth:`DeepSeekConfig.from_dict
+        <fi_engine.checkpoint.deepseek_config.DeepSeekConfig.from_dict>` (another family's model type: refused,
+        naming its engine)."""
+        return DeepSeekConfig.from_dict(*family_config_json(model_dir, type(self)))
 
     # ------------------------------------------------------------------------------------------ loading
 

@@ -34,21 +34,77 @@ for sampling. Float16 or bfloat16 checkpoints (the kernel wheel's modules are bf
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from ..checkpoint.config import LlamaConfig
-from ..checkpoint.family_configs import Gemma2Settings
+from ..checkpoint.family_configs import check_dict, flag, layer_windows, number, positive_int, refuse_quantized
 from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
+from ..values import show
+from .registry import family_config_json
 from .weights import WeightLoader
 
-__all__ = ["Gemma2", "Gemma2Engine"]
+__all__ = ["Gemma2", "Gemma2Engine", "Gemma2Settings", "gemma2_config", "gemma2_settings"]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Gemma2Settings:
+    """Gemma 2: ``sm_scale = query_pre_attn_scalar ** -0.5``; soft caps (0: off) of the attention logits and of the
+    final logits (``cap * tanh(x / cap)``); ``windows[i]`` is layer ``i``'s ``window_left`` (-1: whole context)."""
+
+    query_pre_attn_scalar: float
+    attn_logit_softcapping: float
+    final_logit_softcapping: float
+    sliding_window: int
+    windows: tuple[int, ...]
+
+
+def gemma2_config(d: Any, source: str = "config") -> LlamaConfig:
+    """A ``gemma2`` config dict (``source`` names it in errors): the fields shared with Llama
+    (:meth:`~fi_engine.checkpoint.config.LlamaConfig.shared`, with ``Gemma2Config``'s defaults for those left out)
+    and :class:`Gemma2Settings` in ``family``. Refused by name (ValueError): a ``quantization_config``, an
+    activation other than GELU-tanh, attention biases, bad windows, scales or soft caps."""
+    check_dict(d, source)
+    if d.get("model_type") != "gemma2":  # another family's config (fi_engine.models.registry.read_config picks it)
+        raise ValueError(
+            f"{source}: model_type {show(d.get('model_type'))} is not gemma2; read it with its family's reader"
+        )
+    refuse_quantized(d, source)
+    d = {"head_dim": 256, "tie_word_embeddings": True, "max_position_embeddings": 8192, **d}  # left out when equal
+    cfg = LlamaConfig.shared(d, source)
+    return dataclasses.replace(cfg, family=gemma2_settings(d, cfg.num_layers, source))
+
+
+def gemma2_settings(d: dict[str, Any], num_layers: int, source: str) -> Gemma2Settings:
+    """Gemma 2's settings (defaults: ``Gemma2Config``'s)."""
+    check_dict(d, source)
+    refuse_quantized(d, source)
+    act = d.get("hidden_activation", d.get("hidden_act", "gelu_pytorch_tanh"))
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"{source}: hidden_activation {show(act)} is not supported (Gemma 2 uses 'gelu_pytorch_tanh')")
+    if flag(d, "attention_bias", source, False):
+        raise ValueError(f"{source}: attention_bias=true is not supported (Gemma 2 projections have no bias)")
+    window = positive_int(d, "sliding_window", source, 4096)
+    return Gemma2Settings(
+        query_pre_attn_scalar=number(d, "query_pre_attn_scalar", source, 256),
+        attn_logit_softcapping=number(d, "attn_logit_softcapping", source, 50.0, allow_zero=True),
+        final_logit_softcapping=number(d, "final_logit_softcapping", source, 30.0, allow_zero=True),
+        sliding_window=window,
+        windows=layer_windows(d, num_layers, window, source),
+    )
+
 
 _D2D = 3  # cudaMemcpyKind
 
@@ -101,6 +157,11 @@ class Gemma2(ModelFamily):
     scaled embedding's kernel), layer body, and a sliding-window + soft-cap plan per distinct window."""
 
     fp8_kv_refusal = "Gemma 2's attention (logits soft caps and sliding windows at head_dim 256)"
+
+    def read_config(self, model_dir: str | Path) -> LlamaConfig:
+        """The checkpoint's ``config.json`` read by :func:`gemma2_config` (another family's model type: refused,
+        naming its engine)."""
+        return gemma2_config(*family_config_json(model_dir, type(self)))
 
     def check(self, eng: Any, cfg: LlamaConfig) -> None:
         if cfg.model_type != "gemma2" or not isinstance(cfg.family, Gemma2Settings):

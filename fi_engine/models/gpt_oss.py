@@ -65,22 +65,185 @@ the recipe for a bfloat16 copy (docs/engine.md: gpt-oss).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from ..checkpoint.config import LlamaConfig
-from ..checkpoint.family_configs import MXFP4_HELP, GptOssSettings
+from ..checkpoint.config import LlamaConfig, MoEConfig, RopeConfig
+from ..checkpoint.family_configs import (
+    check_dict,
+    flag,
+    layer_windows,
+    number,
+    positive_int,
+    refuse_quantized,
+    rope_settings,
+)
 from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
 from ..runtime.moe_paths import MoEPaths
-from ..values import arg_array, arg_int
+from ..values import arg_array, arg_int, show
+from .registry import family_config_json
 from .weights import WeightLoader
 
-__all__ = ["GptOss", "GptOssEngine", "check_checkpoint", "expert_matrices", "rope_cos_sin_cache", "shard_experts"]
+__all__ = [
+    "GptOss",
+    "GptOssEngine",
+    "GptOssSettings",
+    "YarnRope",
+    "check_checkpoint",
+    "expert_matrices",
+    "gpt_oss_config",
+    "gpt_oss_settings",
+    "rope_cos_sin_cache",
+    "shard_experts",
+]
+
+# ---------------------------------------------------------------------------------------------- config
+
+MXFP4_HELP = (
+    "this engine serves bfloat16 gpt-oss weights only; make a bfloat16 copy once with transformers: "
+    "GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True), "
+    "torch_dtype=torch.bfloat16).save_pretrained(out_dir), then load out_dir"
+)
+
+
+@dataclass(frozen=True)
+class YarnRope:
+    """YaRN rotary scaling (transformers' ``rope_type="yarn"``); see :meth:`inv_freq` for the formula."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+
+    def scale(self) -> float:
+        """The factor cos and sin are multiplied by (transformers' ``attention_factor``)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return get_mscale(self.factor, self.mscale) / get_mscale(self.factor, self.mscale_all_dim)
+        return get_mscale(self.factor)
+
+    def inv_freq(self, theta: float, dim: int) -> Any:
+        """float32 ``[dim / 2]`` inverse frequencies: the plain ones (``theta ** (-2j / dim)``) where a frequency
+        turns fewer than ``beta_slow`` times over the original context, those divided by ``factor`` where it turns
+        more than ``beta_fast`` times, and a linear blend between (the correction range, floored/ceiled when
+        ``truncate``)."""
+        import numpy as np
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+                2 * math.log(theta)
+            )
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # transformers' guard against a zero-width ramp
+        pos = (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
+        extrapolation, interpolation = 1.0 / pos, 1.0 / (np.float32(self.factor) * pos)
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+        keep = 1 - ramp  # 1: the plain frequency (extrapolate), 0: divided by factor (interpolate)
+        return (interpolation * (1 - keep) + extrapolation * keep).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class GptOssSettings:
+    """gpt-oss: ``windows[i]`` as in :class:`Gemma2Settings`; ``yarn``: the rotary scaling (None: plain RoPE);
+    ``swiglu_limit``: the clamp of the experts' gate and up values; ``alpha``: the gate's sigmoid slope (1.702,
+    fixed in transformers)."""
+
+    sliding_window: int
+    windows: tuple[int, ...]
+    yarn: YarnRope | None
+    swiglu_limit: float
+    alpha: float = 1.702
+
+
+def gpt_oss_config(d: Any, source: str = "config") -> LlamaConfig:
+    """A ``gpt_oss`` config dict (``source`` names it in errors): the fields shared with Llama
+    (:meth:`~fi_engine.checkpoint.config.LlamaConfig.shared`, with ``GptOssConfig``'s defaults for those left out),
+    the experts (128 by default, renormalized), the rotary base alone (the YaRN scaling is
+    :attr:`GptOssSettings.yarn`, applied through a cos/sin cache) and :class:`GptOssSettings` in ``family``.
+    Refused by name (ValueError): a ``quantization_config`` (MXFP4: with the recipe for a bfloat16 copy), no
+    attention biases, rotary types other than ``default``/``yarn``, bad windows or limits."""
+    check_dict(d, source)
+    if d.get("model_type") != "gpt_oss":  # another family's config (fi_engine.models.registry.read_config picks it)
+        raise ValueError(
+            f"{source}: model_type {show(d.get('model_type'))} is not gpt_oss; read it with its family's reader"
+        )
+    refuse_quantized(d, source, MXFP4_HELP)
+    d = {"head_dim": 64, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, **d}  # GptOssConfig's defaults
+    moe = MoEConfig.from_dict(d, source, default_experts=128)
+    rope = RopeConfig(theta=number(rope_settings(d), "rope_theta", source, 150000.0))
+    cfg = LlamaConfig.shared(d, source, moe=moe, rope=rope)
+    return dataclasses.replace(cfg, family=gpt_oss_settings(d, cfg.num_layers, source))
+
+
+def gpt_oss_settings(d: dict[str, Any], num_layers: int, source: str) -> GptOssSettings:
+    """gpt-oss's settings (defaults: ``GptOssConfig``'s)."""
+    check_dict(d, source)
+    refuse_quantized(d, source, MXFP4_HELP)
+    if not flag(d, "attention_bias", source, True):
+        raise ValueError(f"{source}: attention_bias=false is not supported (gpt-oss projections carry biases)")
+    window = positive_int(d, "sliding_window", source, 128)
+    return GptOssSettings(
+        sliding_window=window,
+        windows=layer_windows(d, num_layers, window, source),
+        yarn=yarn(d, source),
+        swiglu_limit=number(d, "swiglu_limit", source, 7.0),
+    )
+
+
+def yarn(d: dict[str, Any], source: str) -> YarnRope | None:
+    """The YaRN settings of a gpt-oss config; None for plain RoPE."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ValueError(f"{source}: {key} must be an object or null, got {show(d[key])}")
+    r = rope_settings(d)
+    kind = r.get("rope_type", r.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise ValueError(
+            f"{source}: rope_type (or type) {show(kind)} is not supported for gpt_oss; supported: 'default', 'yarn'"
+        )
+    optional = {k: number(r, k, source, None) for k in ("attention_factor", "mscale", "mscale_all_dim") if r.get(k)}
+    truncate = r.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ValueError(f"{source}: rope truncate must be true or false, got {show(truncate)}")
+    original = r.get("original_max_position_embeddings")
+    if original is None:
+        original = d.get("max_position_embeddings", 4096)
+    return YarnRope(
+        factor=number(r, "factor", source, None),
+        original_max_position_embeddings=positive_int(
+            {"original_max_position_embeddings": original}, "original_max_position_embeddings", source, 4096
+        ),
+        beta_fast=number(r, "beta_fast", source, 32.0),
+        beta_slow=number(r, "beta_slow", source, 1.0),
+        truncate=truncate,
+        **optional,
+    )
+
 
 # rows of the cos/sin table: p * f is a float32 product (exact positions up to 2**24, as transformers computes it)
 MAX_ROPE_POSITIONS = 1 << 24
@@ -221,6 +384,11 @@ class GptOss(ModelFamily):
     paths, and an attention-sink plan per distinct window (decode on the sink prefill modules)."""
 
     fp8_kv_refusal = "gpt-oss's attention sinks"
+
+    def read_config(self, model_dir: str | Path) -> LlamaConfig:
+        """The checkpoint's ``config.json`` read by :func:`gpt_oss_config` (another family's model type: refused,
+        naming its engine)."""
+        return gpt_oss_config(*family_config_json(model_dir, type(self)))
 
     def check(self, eng: Any, cfg: LlamaConfig) -> None:
         if cfg.model_type != "gpt_oss" or not isinstance(cfg.family, GptOssSettings):

@@ -44,12 +44,13 @@ per step, which is also what makes the capture valid). All GPU work runs on the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from ..checkpoint.config import FAMILY_ENGINES, LlamaConfig
+from ..checkpoint.config import LlamaConfig
 from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 from ..layers.moe import MoELayer
@@ -60,6 +61,7 @@ from ..runtime.sampling_params import SamplingParams
 from ..runtime.serving import GenerationResult
 from ..runtime.step_graphs import _PREFILL_GRAPHS, _refuse_allocation  # noqa: F401 - their old home (benchmarks import it)
 from ..runtime.storage import step_views
+from .registry import family_config_json
 from .weights import WeightLoader
 
 __all__ = ["GenerationResult", "Llama", "LlamaEngine", "SamplingParams", "step_views"]
@@ -78,9 +80,14 @@ class Llama(ModelFamily):
     def plans_ahead(self) -> bool:
         return type(self).plan_decode is Llama.plan_decode  # a subclass planning otherwise opts out
 
+    def read_config(self, model_dir: str | Path) -> LlamaConfig:
+        """The checkpoint's ``config.json`` read by :meth:`LlamaConfig.from_dict
+        <fi_engine.checkpoint.config.LlamaConfig.from_dict>`; a model type another family serves is refused naming
+        its engine (``fi_engine.models.registry.engine_class`` picks it)."""
+        return LlamaConfig.from_dict(*family_config_json(model_dir, type(self)))
+
     def check(self, eng: Engine, cfg: LlamaConfig) -> None:
-        """Refuse the model types another family serves (``fi_engine.models.registry.engine_class`` picks it), and FP8
-        weights over several GPUs (their shards are not cut yet)."""
+        """Refuse FP8 weights over several GPUs (their shards are not cut yet) and a MoE path the model cannot take."""
         if cfg.fp8 is not None and eng.tensor_parallel > 1:
             raise ValueError(
                 f"tensor_parallel: {eng.tensor_parallel}; FP8 weights run on one GPU here (a shard would cut the "
@@ -88,12 +95,6 @@ class Llama(ModelFamily):
             )
         if isinstance(eng, MoEPaths):
             eng.check_moe_path(cfg)
-        if cfg.family is not None:
-            name = FAMILY_ENGINES[cfg.model_type]
-            raise ValueError(
-                f"model: a {cfg.model_type} checkpoint; load it with fi_engine.{name} (or "
-                f"fi_engine.models.registry.open_engine, which picks the engine from config.json)"
-            )
 
     def load(self, eng: Engine, ckpt: Checkpoint) -> None:
         from ..layers.tensor_parallel import columns, rows

@@ -1,35 +1,177 @@
-"""Which engine class serves a checkpoint, by its ``config.json`` ``model_type``.
+"""Which family serves a checkpoint, by its ``config.json`` ``model_type``: one row per family.
 
-``llama``, ``qwen3``, ``mixtral``, ``qwen3_moe``: :class:`~fi_engine.models.llama.LlamaEngine`; ``gemma2``:
-:class:`~fi_engine.models.gemma2.Gemma2Engine`; ``gpt_oss``: :class:`~fi_engine.models.gpt_oss.GptOssEngine`;
-``deepseek_v2``, ``deepseek_v3``: :class:`~fi_engine.models.deepseek.DeepSeekEngine`. The
-engines share the constructor arguments and the serving API (``generate``, ``prefill_logits``, ``close``).
+A row (:class:`Family`) names the family, the model types it serves, the module that defines it and the engine
+class in that module; :data:`FAMILIES` holds the built-in rows. Everything that depends on the set of families
+follows from the rows: :func:`engine_class` and :func:`open_engine` (the engine that serves a checkpoint),
+:func:`read_config` (its config, read by its family), :func:`model_types` (what is served, as the refusal of an
+unknown model type and the command line's help list it), and the model type a family's own config reader accepts
+(:func:`family_config_json`). A family module is imported only when a checkpoint of its family is met (importing
+this module imports none of them). :func:`register` adds a row at run time (a family outside this package).
+
+The engines share the constructor arguments and the serving API (``generate``, ``prefill_logits``, ``close``).
+docs/ADDING_A_MODEL.md says how to add a family: its module and its row.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.config import FAMILY_ENGINES, LlamaConfig
-from ..checkpoint.deepseek_config import is_deepseek
+from ..checkpoint.config import read_config_json
+from ..values import show
 
-__all__ = ["ENGINES", "engine_class", "open_engine"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "engine_class",
+    "families",
+    "family_config_json",
+    "family_of",
+    "model_types",
+    "open_engine",
+    "read_config",
+    "register",
+]
 
-# model_type -> "module.Class" under fi_engine; model types not listed are LlamaEngine's
-ENGINES = FAMILY_ENGINES
+
+@dataclass(frozen=True)
+class Family:
+    """One registry row: a model family the engine serves.
+
+    Attributes:
+        label: how messages name the family (``"Gemma 2"``).
+        model_types: the ``config.json`` ``model_type`` values it serves (each served by one family only).
+        module: the module defining it, imported when first needed (``"fi_engine.models.gemma2"``).
+        engine: the name of its engine class in ``module`` (an :class:`~fi_engine.runtime.engine.Engine` whose
+            ``definition`` is the family's :class:`~fi_engine.runtime.family.ModelFamily`).
+        tensor_parallel: whether its engine splits a model over GPUs (``tensor_parallel=N``, ``--tp N``).
+    """
+
+    label: str
+    model_types: tuple[str, ...]
+    module: str
+    engine: str
+    tensor_parallel: bool = True
+
+    def __post_init__(self) -> None:
+        for field in ("label", "module", "engine"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value:
+                raise TypeError(f"{field}: expected a non-empty str, got {show(value)}")
+        types = self.model_types
+        if not isinstance(types, tuple) or not types or not all(isinstance(t, str) and t for t in types):
+            raise TypeError(f"model_types: expected a non-empty tuple of non-empty str, got {show(types)}")
+        if not isinstance(self.tensor_parallel, bool):
+            raise TypeError(f"tensor_parallel: expected True or False, got {show(self.tensor_parallel)}")
+
+    def engine_class(self) -> Any:
+        """The engine class (imports :attr:`module`)."""
+        return getattr(importlib.import_module(self.module), self.engine)
+
+    @property
+    def path(self) -> str:
+        """``module.engine``: where the engine class is (as messages name it)."""
+        return f"{self.module}.{self.engine}"
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("Llama", ("llama", "qwen3", "mixtral", "qwen3_moe"), "fi_engine.models.llama", "LlamaEngine"),
+    Family("Gemma 2", ("gemma2",), "fi_engine.models.gemma2", "Gemma2Engine"),
+    Family("gpt-oss", ("gpt_oss",), "fi_engine.models.gpt_oss", "GptOssEngine"),
+    Family(
+        "DeepSeek",
+        ("deepseek_v2", "deepseek_v3"),
+        "fi_engine.models.deepseek",
+        "DeepSeekEngine",
+        tensor_parallel=False,  # MLA and the experts are not sharded yet
+    ),
+)
+
+# model_type -> its row: the built-in rows, then those register() added
+_BY_TYPE: dict[str, Family] = {t: row for row in FAMILIES for t in row.model_types}
+
+
+def register(family: Family) -> Family:
+    """Add ``family``'s row (a family defined outside this package; the built-in ones are :data:`FAMILIES`) and
+    return it; ValueError if one of its model types is served already, naming the family that serves it."""
+    if not isinstance(family, Family):
+        raise TypeError(f"family: expected a registry row (fi_engine.models.registry.Family), got {show(family)}")
+    for t in family.model_types:
+        if t in _BY_TYPE:
+            raise ValueError(f"family: model_type {t!r} is served by {_BY_TYPE[t].label} ({_BY_TYPE[t].path}) already")
+    _BY_TYPE.update(dict.fromkeys(family.model_types, family))
+    return family
+
+
+def families() -> tuple[Family, ...]:
+    """Every row, built-in first, in the order they were added."""
+    return tuple(dict.fromkeys(_BY_TYPE.values()))
+
+
+def model_types() -> tuple[str, ...]:
+    """Every ``model_type`` served, row by row."""
+    return tuple(_BY_TYPE)
+
+
+def _row(model_type: Any, source: str) -> Family:
+    row = _BY_TYPE.get(model_type) if isinstance(model_type, str) else None
+    if row is None:
+        raise ValueError(
+            f"{source}: model_type {show(model_type)} is not supported; this engine runs "
+            f"{', '.join(repr(t) for t in _BY_TYPE)} checkpoints"
+        )
+    return row
+
+
+def _model_type(d: dict[str, Any]) -> Any:
+    return d.get("model_type", "llama")  # transformers' LlamaConfig is the one without it in older checkpoints
+
+
+def family_of(model_dir: str | Path) -> Family:
+    """The row of the family serving the checkpoint in ``model_dir`` (its ``config.json`` ``model_type``; ValueError
+    naming the served ones if none serves it, or naming ``model_dir`` if there is no readable config.json)."""
+    d, path = read_config_json(model_dir)
+    return _row(_model_type(d), str(path))
 
 
 def engine_class(model_dir: str | Path) -> Any:
-    """The engine class for the checkpoint in ``model_dir`` (reads its ``config.json``; ValueError if refused)."""
-    if is_deepseek(model_dir):  # its config is not a LlamaConfig (MLA, DeepSeek routing): read by the engine
-        from .deepseek import DeepSeekEngine
+    """The engine class for the checkpoint in ``model_dir`` (reads its ``config.json`` with the family's reader;
+    ValueError if refused)."""
+    cls = family_of(model_dir).engine_class()
+    cls.definition().read_config(model_dir)  # a bad config.json is named now, before any engine is made
+    return cls
 
-        return DeepSeekEngine
-    cfg = LlamaConfig.from_dir(model_dir)
-    module, _, name = ENGINES.get(cfg.model_type, "llama.LlamaEngine").partition(".")
-    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+def read_config(model_dir: str | Path) -> Any:
+    """The config of the checkpoint in ``model_dir`` as its family reads it (``ModelFamily.read_config``: a
+    :class:`~fi_engine.checkpoint.config.LlamaConfig` for the Llama-architecture families); ValueError if refused."""
+    return family_of(model_dir).engine_class().definition().read_config(model_dir)
+
+
+def family_config_json(model_dir: str | Path, definition: type) -> tuple[dict[str, Any], str]:
+    """``model_dir/config.json`` (a dict) and its path, for the ``read_config`` of family ``definition`` (a
+    ``ModelFamily`` class): the model type must be one its row lists (the row of its module, or of the nearest base
+    class's with one), else ValueError naming the engine that serves it (or the served ones)."""
+    if not isinstance(definition, type):
+        raise TypeError(f"definition: expected a ModelFamily class, got {show(definition)}")
+    d, path = read_config_json(model_dir)
+    source, model_type = str(path), _model_type(d)
+    mine = next((r for c in definition.__mro__ for r in families() if r.module == c.__module__), None)
+    if mine is None:
+        raise ValueError(
+            f"definition: {definition.__name__} ({definition.__module__}) is no registered family's, nor a subclass "
+            f"of one; add its row to fi_engine.models.registry (docs/ADDING_A_MODEL.md)"
+        )
+    if model_type not in mine.model_types:
+        theirs = _row(model_type, source)
+        raise ValueError(
+            f"model: {mine.engine} serves {' / '.join(mine.model_types)} checkpoints, this one is {model_type!r}; "
+            f"load it with {theirs.path} (or fi_engine.models.registry.open_engine, which picks the engine from "
+            f"config.json)"
+        )
+    return d, source
 
 
 def open_engine(

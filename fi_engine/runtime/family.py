@@ -37,8 +37,12 @@ class ModelFamily:
     :mod:`~fi_engine.layers.kv_fp8`); ``""`` where its attention reads an e4m3 cache (the Llama pass)."""
 
     def read_config(self, model_dir: str | Path) -> Any:
-        """The checkpoint's config (``config.json``), parsed and checked: by default a
-        :class:`~fi_engine.checkpoint.config.LlamaConfig` (with its family's settings: Gemma 2's, gpt-oss's)."""
+        """The checkpoint's config (``config.json``), parsed and checked (ValueError naming the key): by default a
+        :class:`~fi_engine.checkpoint.config.LlamaConfig` of the Llama family's model types. A family reads its own:
+        the fields it shares with Llama (``LlamaConfig.shared``) plus its settings (in ``LlamaConfig.family``), or
+        a config type of its own (DeepSeek's), taking ``config.json`` from
+        ``fi_engine.models.registry.family_config_json``, which refuses the model types its registry row does not
+        list (docs/ADDING_A_MODEL.md)."""
         from ..checkpoint.config import LlamaConfig
 
         return LlamaConfig.from_dir(model_dir)

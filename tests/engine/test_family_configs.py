@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from helpers.hf_configs import GEMMA2, GPT_OSS, GPT_OSS_BF16, hf_experts
 
-from fi_engine.checkpoint.config import LlamaConfig
-from fi_engine.checkpoint.family_configs import Gemma2Settings, GptOssSettings, YarnRope
 from fi_engine.checkpoint.safetensors import Checkpoint, write_safetensors
+from fi_engine.models.gemma2 import Gemma2Settings, gemma2_config
+from fi_engine.models.gpt_oss import GptOssSettings, YarnRope, gpt_oss_config
 
 
 def test_gemma2_config_of_the_published_checkpoint() -> None:
-    c = LlamaConfig.from_dict(GEMMA2)
+    c = gemma2_config(GEMMA2)
     assert (c.model_type, c.head_dim, c.num_qo_heads, c.num_kv_heads) == ("gemma2", 256, 8, 4)
     assert c.moe is None and not c.qk_norm and c.eos_token_ids == (1, 107)
     assert c.family == Gemma2Settings(256.0, 50.0, 30.0, 4096, tuple(4095 if i % 2 == 0 else -1 for i in range(26)))
@@ -31,7 +31,7 @@ def test_gemma2_defaults_and_layer_types() -> None:
     d = {k: v for k, v in GEMMA2.items() if k not in ("head_dim", "query_pre_attn_scalar", "sliding_window")}
     d.update(num_hidden_layers=3, layer_types=["full_attention", "sliding_attention", "full_attention"])
     d.update(attn_logit_softcapping=None, final_logit_softcapping=None)
-    c = LlamaConfig.from_dict(d)
+    c = gemma2_config(d)
     assert c.head_dim == 256 and c.family.query_pre_attn_scalar == 256.0
     assert c.family.windows == (-1, 4095, -1)
     assert c.family.attn_logit_softcapping == 0.0 and c.family.final_logit_softcapping == 0.0
@@ -55,11 +55,11 @@ def test_gemma2_defaults_and_layer_types() -> None:
 )
 def test_gemma2_refusals_name_the_key(change: dict[str, Any], key: str) -> None:
     with pytest.raises(ValueError, match=key):
-        LlamaConfig.from_dict({**GEMMA2, **change})
+        gemma2_config({**GEMMA2, **change})
 
 
 def test_gpt_oss_bf16_config() -> None:
-    c = LlamaConfig.from_dict(GPT_OSS_BF16)
+    c = gpt_oss_config(GPT_OSS_BF16)
     assert (c.head_dim, c.num_qo_heads, c.num_kv_heads, c.rope.theta) == (64, 64, 8, 150000.0)
     assert c.moe is not None and (c.moe.num_experts, c.moe.top_k, c.moe.intermediate_size) == (32, 4, 2880)
     g = c.family
@@ -70,7 +70,7 @@ def test_gpt_oss_bf16_config() -> None:
 
 def test_gpt_oss_mxfp4_is_refused_with_the_recipe() -> None:
     with pytest.raises(ValueError, match=r"quantization_config.*mxfp4.*Mxfp4Config\(dequantize=True\)"):
-        LlamaConfig.from_dict(GPT_OSS)
+        gpt_oss_config(GPT_OSS)
 
 
 @pytest.mark.parametrize(
@@ -88,13 +88,13 @@ def test_gpt_oss_mxfp4_is_refused_with_the_recipe() -> None:
 )
 def test_gpt_oss_refusals_name_the_key(change: dict[str, Any], key: str) -> None:
     with pytest.raises(ValueError, match=key):
-        LlamaConfig.from_dict({**GPT_OSS_BF16, **change})
+        gpt_oss_config({**GPT_OSS_BF16, **change})
 
 
 def test_gpt_oss_rope_parameters_spelling_of_transformers_5() -> None:
     d = {k: v for k, v in GPT_OSS_BF16.items() if k not in ("rope_scaling", "rope_theta")}
     d["rope_parameters"] = {**GPT_OSS["rope_scaling"], "rope_theta": 150000.0}
-    c = LlamaConfig.from_dict(d)
+    c = gpt_oss_config(d)
     assert c.rope.theta == 150000.0 and c.family.yarn is not None and c.family.yarn.factor == 32.0
 
 
@@ -130,7 +130,7 @@ def test_yarn_frequencies_follow_the_definition(truncate: bool) -> None:
 def test_rope_cos_sin_cache_layout() -> None:
     from fi_engine.models.gpt_oss import rope_cos_sin_cache
 
-    c = LlamaConfig.from_dict(GPT_OSS_BF16)
+    c = gpt_oss_config(GPT_OSS_BF16)
     cache = rope_cos_sin_cache(c, 300)
     inv = c.family.yarn.inv_freq(150000.0, 64).astype(np.float64)
     s = c.family.yarn.scale()

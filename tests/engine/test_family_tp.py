@@ -21,17 +21,18 @@ import numpy as np
 import pytest
 from helpers.hf_configs import GEMMA2, GPT_OSS_BF16, hf_experts
 
-from fi_engine.checkpoint.config import LlamaConfig
 from fi_engine.layers.tensor_parallel import VocabShard, columns, rows, segment, shard_config
+from fi_engine.models.gemma2 import gemma2_config
+from fi_engine.models.gpt_oss import gpt_oss_config
 
 
 def test_published_shapes_shard_by_heads_and_columns() -> None:
-    gemma = LlamaConfig.from_dict(GEMMA2)  # gemma-2-2b: 8 query heads, 4 KV heads, 9216 GeGLU columns
+    gemma = gemma2_config(GEMMA2)  # gemma-2-2b: 8 query heads, 4 KV heads, 9216 GeGLU columns
     for n in (1, 2, 4):
         local = shard_config(gemma, n)
         assert (local.num_qo_heads, local.num_kv_heads, local.intermediate_size) == (8 // n, 4 // n, 9216 // n)
         assert (local.head_dim, local.hidden_size, local.family) == (256, 2304, gemma.family)  # windows, caps kept
-    oss = LlamaConfig.from_dict(GPT_OSS_BF16)  # gpt-oss-20b: 64 query heads, 8 KV heads, 32 experts of 2880
+    oss = gpt_oss_config(GPT_OSS_BF16)  # gpt-oss-20b: 64 query heads, 8 KV heads, 32 experts of 2880
     for n in (1, 2, 4, 8):
         local = shard_config(oss, n)
         assert local.moe is not None and oss.moe is not None

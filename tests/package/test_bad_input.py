@@ -975,6 +975,25 @@ def _family_values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ..
     return (*CFG_INT[0], NESTED), (None, *CFG_INT[1])
 
 
+def _shared_values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """LlamaConfig.shared's config.json values: _config_values, any model_type string being valid (a family's)."""
+    if key == "model_type":
+        return (None, 5, ["llama"], {}, b"llama"), ("llama", "gpt2", "")
+    return _config_values(key, value)
+
+
+def _family_config_values(model_type: str) -> Callable[[str, Any], tuple[tuple[Any, ...], tuple[Any, ...]]]:
+    """config.json values of a family's whole config (its reader, e.g. gemma2_config): its own keys as
+    _family_values, the shared ones as _config_values, and ``model_type`` its own only."""
+
+    def values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        if key == "model_type":
+            return (None, 5, "gpt2", "llama", [model_type], {}, b"x"), (model_type,)
+        return _config_values(key, value) if key in CONFIG else _family_values(key, value)
+
+    return values
+
+
 def _deepseek_yarn(rope_scaling: dict[str, Any]) -> Any:
     """DeepSeekConfig.from_dict of DEEPSEEK with ``rope_scaling`` (its YaRN keys varied one at a time)."""
     return deepseek_config.DeepSeekConfig.from_dict({**DEEPSEEK, "rope_scaling": rope_scaling})
@@ -982,7 +1001,7 @@ def _deepseek_yarn(rope_scaling: dict[str, Any]) -> Any:
 
 def _gpt_oss_yarn(rope_scaling: dict[str, Any]) -> Any:
     """gpt_oss_settings of GPT_OSS with ``rope_scaling`` (its YaRN keys varied one at a time)."""
-    return family_configs.gpt_oss_settings({**GPT_OSS, "rope_scaling": rope_scaling}, 2, "config.json")
+    return gpt_oss.gpt_oss_settings({**GPT_OSS, "rope_scaling": rope_scaling}, 2, "config.json")
 
 
 from pathlib import Path  # noqa: E402
@@ -1413,6 +1432,15 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         ),
         (
+            "LlamaConfig.shared",
+            Entry(
+                model_config.LlamaConfig.shared,
+                lambda: {"d": dict(CONFIG), "source": "config.json"},
+                fields=("d", _shared_values),
+                kinds={"source": "label", "moe": "opt_object", "rope": "opt_object"},
+            ),
+        ),
+        (
             "LlamaConfig.from_dir",
             Entry(model_config.LlamaConfig.from_dir, lambda: {"model_dir": _model_dir()}, kinds={"model_dir": "path"}),
         ),
@@ -1590,22 +1618,22 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
-    "checkpoint.family_configs.gemma2_settings": lambda: [
+    "models.gemma2.gemma2_settings": lambda: [
         (
             "gemma2_settings",
             Entry(
-                family_configs.gemma2_settings,
+                gemma2.gemma2_settings,
                 lambda: dict(d=dict(GEMMA2), num_layers=2, source="config.json"),
                 fields=("d", _family_values),
                 kinds={"source": "label"},
             ),
         )
     ],
-    "checkpoint.family_configs.gpt_oss_settings": lambda: [
+    "models.gpt_oss.gpt_oss_settings": lambda: [
         (
             "gpt_oss_settings",
             Entry(
-                family_configs.gpt_oss_settings,
+                gpt_oss.gpt_oss_settings,
                 lambda: dict(d=dict(GPT_OSS), num_layers=2, source="config.json"),
                 fields=("d", _family_values),
                 kinds={"source": "label"},
@@ -1631,6 +1659,75 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             ),
         )
     ],
+    "models.gemma2.gemma2_config": lambda: [
+        (
+            "gemma2_config",
+            Entry(
+                gemma2.gemma2_config,
+                lambda: {"d": {**CONFIG, **GEMMA2, "model_type": "gemma2"}, "source": "config.json"},
+                fields=("d", _family_config_values("gemma2")),
+                kinds={"source": "label"},
+            ),
+        )
+    ],
+    "models.gpt_oss.gpt_oss_config": lambda: [
+        (
+            "gpt_oss_config",
+            Entry(
+                gpt_oss.gpt_oss_config,
+                lambda: {"d": {**CONFIG, **GPT_OSS, **GPT_OSS_MOE, "model_type": "gpt_oss"}, "source": "config.json"},
+                fields=("d", _family_config_values("gpt_oss")),  # its YaRN keys: gpt_oss_settings YaRN, above
+                kinds={"source": "label"},
+            ),
+        )
+    ],
+    "checkpoint.config.MoEConfig": lambda: [
+        (
+            "MoEConfig.from_dict",
+            Entry(
+                model_config.MoEConfig.from_dict,
+                lambda: {"d": dict(GPT_OSS_MOE, intermediate_size=64), "source": "config.json"},
+                fields=("d", _config_values),
+                kinds={"source": "label", "size_key": "str", "default_experts": "opt_int"},
+            ),
+        )
+    ],
+    "models.registry.Family": lambda: [
+        (
+            "Family",
+            Entry(
+                engines.Family,
+                lambda: dict(label="Toy", model_types=("toy",), module="toy_family", engine="ToyEngine"),
+                kinds={"label": "label", "module": "label", "engine": "label"},
+            ),
+        )
+    ],
+    "models.registry.families": lambda: [("families", Entry(engines.families, dict))],
+    "models.registry.model_types": lambda: [("model_types", Entry(engines.model_types, dict))],
+    "models.registry.family_config_json": lambda: [
+        (
+            "family_config_json",
+            Entry(
+                engines.family_config_json,
+                lambda: {"model_dir": _model_dir(), "definition": llama.Llama},
+                kinds={"model_dir": "path", "definition": "object"},
+            ),
+        )
+    ],
+    **{
+        f"models.registry.{fn.__name__}": lambda fn=fn: [
+            (
+                f"{fn.__name__} ({name})",
+                Entry(fn, lambda c=c, name=name: {"model_dir": _family_dir(name, c)}, kinds={"model_dir": "path"}),
+            )
+            for name, c in (
+                ("llama", CONFIG),
+                ("deepseek", DEEPSEEK),
+                ("gemma2", {**CONFIG, **GEMMA2, "model_type": "gemma2"}),
+            )
+        ]
+        for fn in (engines.family_of, engines.read_config)
+    },
     "models.registry.engine_class": lambda: [
         (
             f"engine_class ({name})",
@@ -1683,7 +1780,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             Entry(
                 gpt_oss.rope_cos_sin_cache,
                 lambda: dict(
-                    cfg=model_config.LlamaConfig.from_dict(
+                    cfg=gpt_oss.gpt_oss_config(
                         {
                             **CONFIG,
                             **GPT_OSS,
@@ -1790,7 +1887,6 @@ EXEMPT: dict[str, str] = {
     "kernels.moe_gemv.GroupedGemv": _GPU,
     **dict.fromkeys(
         [
-            "checkpoint.config.MoEConfig",
             "checkpoint.config.RopeConfig",
             "layers.moe_routing.ExpertGroups",
             "models.llama.GenerationResult",
@@ -1973,12 +2069,14 @@ EXEMPT: dict[str, str] = {
         [
             "checkpoint.deepseek_config.DeepSeekRouting",
             "checkpoint.deepseek_config.YarnConfig",
-            "checkpoint.family_configs.Gemma2Settings",
-            "checkpoint.family_configs.GptOssSettings",
-            "checkpoint.family_configs.YarnRope",
+            "models.gemma2.Gemma2Settings",
+            "models.gpt_oss.GptOssSettings",
+            "models.gpt_oss.YarnRope",
         ],
         _RECORD,
     ),
+    "models.registry.register": "adds a row to the process's registry (a second valid call is refused: its model "
+    "type is served then); its refusals in package/test_adding_a_model.py",
     "models.gpt_oss.check_checkpoint": "reads a safetensors checkpoint (Checkpoint, above): "
     "engine/test_family_configs.py",
     "models.weights.WeightLoader": "uploads through the caller's CuPy module onto a GPU: the GPU model suites",
