@@ -357,16 +357,16 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
     from fi_engine.kernels import flashinfer as kernels
     from fi_ffi import stream_scope
 
-    c, b, d, s = engine.config, engine._buf, engine.dense, engine._s
-    h, inter, w = c.hidden_size, c.intermediate_size, engine._qkv_width
+    c, b, d, s = engine.config, engine.buffers, engine.dense, engine.stream_ptr
+    h, inter, w = c.hidden_size, c.intermediate_size, engine.qkv_width
     hqd = c.num_qo_heads * c.head_dim
-    ab = engine._ab
+    ab = engine.gemm_type
     v = engine._view("decode", 1, 1)
     shapes = {
-        "qkv": (b.x.data.ptr, h, engine._wqkv[0], w, h, b.qkv.data.ptr, w),
-        "o": (b.attn.data.ptr, hqd, engine._wo[0], h, hqd, b.x.data.ptr, h),
-        "gate_up": (b.x.data.ptr, h, engine._wgu[0], 2 * inter, h, b.gu.data.ptr, 2 * inter),
-        "down": (b.act.data.ptr, inter, engine._wd[0], h, inter, b.x.data.ptr, h),
+        "qkv": (b.x.data.ptr, h, engine.wqkv[0], w, h, b.qkv.data.ptr, w),
+        "o": (b.attn.data.ptr, hqd, engine.wo[0], h, hqd, b.x.data.ptr, h),
+        "gate_up": (b.x.data.ptr, h, engine.wgu[0], 2 * inter, h, b.gu.data.ptr, 2 * inter),
+        "down": (b.act.data.ptr, inter, engine.wd[0], h, inter, b.x.data.ptr, h),
     }
     report = Report(f"eager decode step parts at 1 row, host us per call (n={n})")
     sync = engine.stream.synchronize
@@ -381,18 +381,18 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
     gemv = d.gemv
 
     eps = c.rms_norm_eps
-    norm = kernels.prepared_fused_add_rmsnorm(v.x, v.h, engine._ln2[0], eps, s)
+    norm = kernels.prepared_fused_add_rmsnorm(v.x, v.h, engine.ln2[0], eps, s)
     parts = {
         "fused_add_rmsnorm (prepared)": norm,
-        "fused_add_rmsnorm (op)": lambda: kernels.fused_add_rmsnorm(v.x, v.h, engine._ln2[0], eps, s),
+        "fused_add_rmsnorm (op)": lambda: kernels.fused_add_rmsnorm(v.x, v.h, engine.ln2[0], eps, s),
         "rope": lambda: kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s),
         "append_paged_kv_cache": lambda: kernels.append_kv(
             v.k,
             v.v,
             v.batch_indices,
             v.positions,
-            engine._k_cache[0],
-            engine._v_cache[0],
+            engine.k_cache[0],
+            engine.v_cache[0],
             v.kv_indices,
             v.kv_indptr,
             v.kv_last_page_len,
@@ -400,27 +400,27 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
         ),
         "batch_decode_run": lambda: engine._decode_attention(0, v),
         "silu_and_mul": lambda: kernels.silu_and_mul(v.gu, v.act, s),
-        "CuPy RawKernel (row gather)": lambda: d.gather_rows(1, engine._embed, h, v.token_ids, b.h.data.ptr, h, h),
+        "CuPy RawKernel (row gather)": lambda: d.gather_rows(1, engine.embed, h, v.token_ids, b.h.data.ptr, h, h),
     }
     if gemv and getattr(d, "fused_fits", None) and d.fused_fits(1, h) and d.fused_fits(1, inter):
         from fi_engine.kernels.dense import ADD_NORM, SILU
 
-        nw, f32, vocab = engine._ln1[1].data_ptr, engine._f32, c.vocab_size
+        nw, f32, vocab = engine.ln1[1].data_ptr, engine.gemm_f32, c.vocab_size
         fused_calls = {  # the fused step's GEMVs (engine._fused_step), the first layer's weights
-            "GEMM qkv + add-norm": (ADD_NORM, b.x.data.ptr, h, engine._wqkv[0], w, h, b.qkv.data.ptr, w, ab),
+            "GEMM qkv + add-norm": (ADD_NORM, b.x.data.ptr, h, engine.wqkv[0], w, h, b.qkv.data.ptr, w, ab),
             "GEMM gate_up + add-norm": (
                 ADD_NORM,
                 b.x.data.ptr,
                 h,
-                engine._wgu[0],
+                engine.wgu[0],
                 2 * inter,
                 h,
                 b.gu.data.ptr,
                 2 * inter,
                 ab,
             ),
-            "GEMM down + SiLU": (SILU, b.gu.data.ptr, 2 * inter, engine._wd[0], h, inter, b.x.data.ptr, h, ab),
-            "LM head + add-norm": (ADD_NORM, b.x.data.ptr, h, engine._lm_head, vocab, h, b.logits.data.ptr, vocab, f32),
+            "GEMM down + SiLU": (SILU, b.gu.data.ptr, 2 * inter, engine.wd[0], h, inter, b.x.data.ptr, h, ab),
+            "LM head + add-norm": (ADD_NORM, b.x.data.ptr, h, engine.lm_head, vocab, h, b.logits.data.ptr, vocab, f32),
         }
         for name, (mode, x, x_ld, wt, n_out, k_in, y, y_ld, out) in fused_calls.items():
             # packed once, as the fused step packs them; the cuBLAS rows above turn the GEMV off between rounds
@@ -435,7 +435,7 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
             parts[f"{name} (fused GEMV, prepared)"] = fused_gemv
         if hasattr(d, "has_qkv_rope") and d.has_qkv_rope(ab, c.head_dim):  # RoPE + KV append as its epilogue
             call = d.prepared_qkv_rope(
-                ADD_NORM, 1, b.x.data.ptr, h, engine._wqkv[0], h, b.qkv.data.ptr, w, ab, b.h.data.ptr, h, nw,
+                ADD_NORM, 1, b.x.data.ptr, h, engine.wqkv[0], h, b.qkv.data.ptr, w, ab, b.h.data.ptr, h, nw,
                 b.h_alt.data.ptr, eps, engine._rope_append(0, v),
             )  # fmt: skip
 
@@ -445,12 +445,12 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
 
             parts["GEMM qkv + add-norm + RoPE + KV append (fused GEMV, prepared)"] = qkv_rope
     if hasattr(kernels, "prepared_decode_run"):  # packed once per view, as the fused step's packed_attention runs
-        plan = engine._decode_plan
+        plan = engine.decode_plan
         run = kernels.prepared_decode_run(
-            plan, v.q, engine._k_cache[0], engine._v_cache[0], v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn, s
+            plan, v.q, engine.k_cache[0], engine.v_cache[0], v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn, s
         )
         parts["batch_decode_run (prepared, this step's plan)"] = lambda: run.run(plan)
-    raw = raw_launch(d, engine._embed, v.token_ids, b.h.data.ptr, h, s)
+    raw = raw_launch(d, engine.embed, v.token_ids, b.h.data.ptr, h, s)
     if raw is not None:
         parts["raw cuLaunchKernel through cffi (row gather)"] = raw
     with engine.stream, stream_scope(s, engine.device):

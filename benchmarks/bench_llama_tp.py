@@ -388,44 +388,44 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
     from fi_ffi import stream_scope
 
     e: Any = engine
-    c, b, dense, s = e.config, e._buf, e.dense, e._s
-    h, inter, ab, eps = c.hidden_size, c.intermediate_size, e._ab, c.rms_norm_eps
+    c, b, dense, s = e.config, e.buffers, e.dense, e.stream_ptr
+    h, inter, ab, eps = c.hidden_size, c.intermediate_size, e.gemm_type, c.rms_norm_eps
     rows, layers = e.max_batch, c.num_layers
-    hqd, w = c.num_qo_heads * c.head_dim, e._qkv_width
-    normed, x, qkv, attn, gu, act = (a.data.ptr for a in (e._normed, b.x, b.qkv, b.attn, b.gu, b.act))
+    hqd, w = c.num_qo_heads * c.head_dim, e.qkv_width
+    normed, x, qkv, attn, gu, act = (a.data.ptr for a in (e.normed, b.x, b.qkv, b.attn, b.gu, b.act))
     out: dict[str, float] = {}
     dense.bandwidth_bound = True  # as in the engine's decode graph (Dense.gemv_bound picks GEMV or cuBLASLt)
     with cp.cuda.Device(e.device), e.stream, stream_scope(s, e.device):
-        n_pages = fill_decode([None] * rows, e.page_size, e._dh)
+        n_pages = fill_decode([None] * rows, e.page_size, e.decode_arrays)
         e._upload_decode(rows, n_pages, cuda_graph=True)
         v = e._view("decode", rows, rows)
 
         def embed() -> None:
             vs = e.vocab_shard
             if vs is None:
-                dense.gather_rows(rows, e._embed, h, v.token_ids, b.h.data.ptr, h, h)
-                kernels.rmsnorm(v.h, e._ln1[0], v.x2, eps, s)
+                dense.gather_rows(rows, e.embed, h, v.token_ids, b.h.data.ptr, h, h)
+                kernels.rmsnorm(v.h, e.ln1[0], v.x2, eps, s)
             else:
-                dense.gather_rows_shard(rows, e._embed, h, v.token_ids, x, h, h, vs.start, vs.valid)
+                dense.gather_rows_shard(rows, e.embed, h, v.token_ids, x, h, h, vs.start, vs.valid)
                 cp.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
-                e._add_norm(v, e._ln1[0])
+                e.add_norm(v, e.ln1[0])
 
         def rope_append(i: int) -> None:
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
             kernels.append_kv(
-                v.k, v.v, v.batch_indices, v.positions, e._k_cache[i], e._v_cache[i], v.kv_indices, v.kv_indptr,
+                v.k, v.v, v.batch_indices, v.positions, e.k_cache[i], e.v_cache[i], v.kv_indices, v.kv_indptr,
                 v.kv_last_page_len, s,
             )  # fmt: skip
 
         per_layer = {
-            "qkv gemm": lambda i: dense.linear(rows, normed, h, e._wqkv[i], w, h, qkv, w, ab, ab),
+            "qkv gemm": lambda i: dense.linear(rows, normed, h, e.wqkv[i], w, h, qkv, w, ab, ab),
             "rope + kv append": rope_append,
             "attention": lambda i: e._decode_attention(i, v),
-            "o gemm": lambda i: dense.linear(rows, attn, hqd, e._wo[i], h, hqd, x, h, ab, ab),
-            "add+norm (all-reduce) x2": lambda i: (e._add_norm(v, e._ln2[i]), e._add_norm(v, e._ln1[i])),
-            "gate/up gemm": lambda i: dense.linear(rows, normed, h, e._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab),
+            "o gemm": lambda i: dense.linear(rows, attn, hqd, e.wo[i], h, hqd, x, h, ab, ab),
+            "add+norm (all-reduce) x2": lambda i: (e.add_norm(v, e.ln2[i]), e.add_norm(v, e.ln1[i])),
+            "gate/up gemm": lambda i: dense.linear(rows, normed, h, e.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab),
             "silu_and_mul": lambda i: kernels.silu_and_mul(v.gu, v.act, s),
-            "down gemm": lambda i: dense.linear(rows, act, inter, e._wd[i], h, inter, x, h, ab, ab),
+            "down gemm": lambda i: dense.linear(rows, act, inter, e.wd[i], h, inter, x, h, ab, ab),
         }
         parts: dict[str, Any] = {"embedding": embed}
         for name, fn in per_layer.items():

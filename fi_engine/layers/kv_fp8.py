@@ -165,7 +165,7 @@ def open_fp8_cache(eng: Any, ckpt: Any, scales: tuple[float, float] | None) -> K
     """The engine's :class:`KvFp8` once its weights are loaded (``eng.dtype`` known): the model's dtype and the GPU
     checked, the scales read (:func:`read_scales`) unless given."""
     check_model_dtype(eng.dtype)
-    cc = int(eng._cp.cuda.Device(eng.device).compute_capability)  # CuPy's "90" for SM 9.0
+    cc = int(eng.cupy.cuda.Device(eng.device).compute_capability)  # CuPy's "90" for SM 9.0
     if cc < 89:
         raise ValueError(
             f"kv_cache_dtype: fp8_e4m3 needs an SM 8.9+ GPU (its append converts with cvt.e4m3x2; the FP8 attention "
@@ -238,7 +238,7 @@ class KvFp8:
         self.k_scale, self.v_scale = scales
         self.sm_scale = eng.config.head_dim**-0.5 * self.k_scale
         self._eng = eng
-        module = eng._cp.RawModule(code=APPEND_E4M3_SOURCE)
+        module = eng.cupy.RawModule(code=APPEND_E4M3_SOURCE)
         self._module = module  # keeps the functions' module loaded
         self._append = module.get_function("append_kv_e4m3")
         self._scale = module.get_function("scale_bf16")
@@ -278,7 +278,7 @@ class KvFp8:
         k, val = v.k, v.v
         if k.strides[1:] != (d, 1) or val.strides != k.strides or k.shape[1:] != (hk, d):
             raise ValueError(f"the FP8 append needs K/V rows of contiguous heads, got k {k.shape} strides {k.strides}")
-        kc, vc = eng._k_cache[i], eng._v_cache[i]
+        kc, vc = eng.k_cache[i], eng.v_cache[i]
         args = [
             k.data_ptr,
             val.data_ptr,

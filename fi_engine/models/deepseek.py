@@ -145,7 +145,7 @@ class DeepSeek(ModelFamily):
     # ------------------------------------------------------------------------------------------ loading
 
     def load(self, eng: Any, ckpt: Checkpoint) -> None:
-        c = eng._ds
+        c = eng.deepseek_config
         h, heads, dn, dr, dv, r = (
             c.hidden_size, c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
         )  # fmt: skip
@@ -155,25 +155,25 @@ class DeepSeek(ModelFamily):
                 " (FP8 block-quantized weights: save a bfloat16 copy first, see docs/engine.md)" if "8" in dtype else ""
             )
             raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints{hint}")
-        ld = _DeepSeekWeights.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng._weights
-        eng._embed = ld.ptr(ld.get("model.embed_tokens.weight", (c.vocab_size, h)))
-        eng._lm_head = eng._embed if c.tie_word_embeddings else ld.ptr(ld.get("lm_head.weight", (c.vocab_size, h)))
-        eng._head_rows = c.vocab_size  # the LM head's output columns (the whole vocabulary: one GPU)
-        w = eng._w = SimpleNamespace(
+        ld = _DeepSeekWeights.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng.device_arrays
+        eng.embed = ld.ptr(ld.get("model.embed_tokens.weight", (c.vocab_size, h)))
+        eng.lm_head = eng.embed if c.tie_word_embeddings else ld.ptr(ld.get("lm_head.weight", (c.vocab_size, h)))
+        eng.head_rows = c.vocab_size  # the LM head's output columns (the whole vocabulary: one GPU)
+        w = self.w = SimpleNamespace(
             q=[], qa=[], qa_norm=[], qb=[], ckv=[], kpe=[], kv_norm=[], uk_t=[], uv=[], o=[], gu=[], d=[],
             shared_gu=[], shared_d=[], bias=[], bias_arr=[], bias_dev=[],
         )  # fmt: skip
-        eng._ln1, eng._ln2 = [], []
-        eng._moe = []
-        eng._moe_scratch = None
+        eng.ln1, eng.ln2 = [], []
+        eng.moe_layers = []
+        self.moe_scratch = None
         eng.fused_routing_used = self._choose_routing(eng)
         # the decode graph's routing where the fused kernel does not serve (DeepSeek.check refused what neither does)
-        eng._device_topk = None
+        self.device_topk = None
         if c.moe is not None:
-            eng._ws_moe = kernels.workspace(eng.device)
-            if eng._static_moe and not eng.fused_routing_used:
+            eng.moe_workspace = kernels.workspace(eng.device)
+            if eng.static_moe and not eng.fused_routing_used:
                 assert c.routing is not None
-                eng._device_topk = DeviceGroupedTopk(c.routing, c.moe.num_experts, c.moe.top_k, c.moe.renormalize)
+                self.device_topk = DeviceGroupedTopk(c.routing, c.moe.num_experts, c.moe.top_k, c.moe.renormalize)
         qk = dn + dr
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
@@ -202,7 +202,7 @@ class DeepSeek(ModelFamily):
                 # DeepSeek's eager decode routes on the host through the grouped GEMM; its graph keeps the same
                 # GEMM (not the grouped GEMV), so the two give the same tokens
                 layer.gemv_tokens = 0
-                eng._moe.append(layer)
+                eng.moe_layers.append(layer)
                 bias = self._correction_bias(eng, ckpt, p + "mlp.gate.e_score_correction_bias")
                 w.bias.append(bias)
                 if bias is not None:  # the device routing (fused kernel, or the graph's fallback) reads it (float32)
@@ -227,7 +227,7 @@ class DeepSeek(ModelFamily):
                 w.d.append(0)
             else:
                 inter = c.intermediate_size
-                eng._moe.append(None)
+                eng.moe_layers.append(None)
                 w.bias.append(None)
                 w.bias_arr.append(None)
                 w.bias_dev.append(None)
@@ -238,18 +238,18 @@ class DeepSeek(ModelFamily):
                 )
                 w.gu.append(ld.ptr(gate_up))
                 w.d.append(ld.ptr(ld.get(p + "mlp.down_proj.weight", (h, inter))))
-            eng._ln1.append(ld.vector(ld.get(p + "input_layernorm.weight", (h,))))
-            eng._ln2.append(ld.vector(ld.get(p + "post_attention_layernorm.weight", (h,))))
-        eng._norm = ld.vector(ld.get("model.norm.weight", (h,)))
+            eng.ln1.append(ld.vector(ld.get(p + "input_layernorm.weight", (h,))))
+            eng.ln2.append(ld.vector(ld.get(p + "post_attention_layernorm.weight", (h,))))
+        eng.final_norm = ld.vector(ld.get("model.norm.weight", (h,)))
 
     def _choose_routing(self, eng: Any) -> bool:
         """Whether the MoE layers route with the fused kernel (``fused_routing``, see the class docstring)."""
-        request = eng._fused_routing_request
-        if request is False or eng._ds.moe is None:
+        request = eng.fused_routing_request
+        if request is False or eng.deepseek_config.moe is None:
             if request:
                 raise ValueError("fused_routing: the model has no MoE layers")
             return False
-        why = fused_routing_blocker(eng._ds)
+        why = fused_routing_blocker(eng.deepseek_config)
         if why is None:
             from ..kernels.system import FiFFIError, module_source
 
@@ -264,7 +264,7 @@ class DeepSeek(ModelFamily):
     def _correction_bias(self, eng: Any, ckpt: Checkpoint, name: str) -> np.ndarray | None:
         """V3's ``e_score_correction_bias`` as float32 on the host (transformers keeps it in float32; a bfloat16
         copy is widened), None for V2 routing."""
-        c = eng._ds
+        c = eng.deepseek_config
         assert c.routing is not None and c.moe is not None
         if c.routing.method != "noaux_tc":
             return None
@@ -279,7 +279,7 @@ class DeepSeek(ModelFamily):
         raise ValueError(f"model: tensor {name!r} is {info.dtype}; expected float32 or bfloat16")
 
     def allocate(self, eng: Any) -> None:
-        cp, c = eng._cp, eng._ds
+        cp, c = eng.cupy, eng.deepseek_config
         storage = np.float16 if eng.dtype == "float16" else np.uint16
         rows = max(eng.max_prefill_tokens, eng.max_batch)
         h, heads, dn, dr, dv, r = (
@@ -287,12 +287,12 @@ class DeepSeek(ModelFamily):
         )  # fmt: skip
         # widths: the Llama views (step_views) also describe qkv/attn/gu/act as [rows, (H + 2) * 64] etc.; the
         # buffers hold both shapes (those views are never used by this engine's forward)
-        eng._qw = max(heads * (dn + dr), (heads + 2) * dr)
+        self.qw = max(heads * (dn + dr), (heads + 2) * dr)
         inter = max(c.intermediate_size, c.shared_intermediate)
-        b = eng._buf = SimpleNamespace(
+        b = eng.buffers = SimpleNamespace(
             h=cp.empty((rows, h), storage),
             x=cp.empty((rows, h), storage),
-            qkv=cp.empty((rows, eng._qw), storage),
+            qkv=cp.empty((rows, self.qw), storage),
             qa=cp.empty((rows, c.q_lora_rank or 1), storage),
             qa_n=cp.empty((rows, c.q_lora_rank or 1), storage),
             ckv=cp.empty((rows, r), storage),
@@ -313,40 +313,40 @@ class DeepSeek(ModelFamily):
             assert c.moe is not None
             b.topk_w = cp.empty((rows, c.moe.top_k), np.float32)
             b.topk_i = cp.empty((rows, c.moe.top_k), np.int32)
-        eng._normed = b.x
+        eng.normed = b.x
         positions = eng.max_seq_len  # rows 0..max_seq_len, one spare row for the interleaved kernel's read-ahead
         table = c.cos_sin_cache(positions + 1)
-        eng._cos_sin_dev = cp.asarray(table)
-        eng._cos_sin = kernels.descriptor(
-            eng._cos_sin_dev.data.ptr, (positions + 1, dr), "float32", eng.device, owner=eng._cos_sin_dev
+        self.cos_sin_dev = cp.asarray(table)
+        self.cos_sin = kernels.descriptor(
+            self.cos_sin_dev.data.ptr, (positions + 1, dr), "float32", eng.device, owner=self.cos_sin_dev
         )
-        eng._ckv_cache = [
+        self.ckv_cache = [
             kernels.descriptor(
                 b.ckv_cache[i].data.ptr, (eng.num_pages, eng.page_size, r), eng.dtype, eng.device,
                 owner=b.ckv_cache,
             )
             for i in range(c.num_layers)
         ]  # fmt: skip
-        eng._kpe_cache = [
+        self.kpe_cache = [
             kernels.descriptor(
                 b.kpe_cache[i].data.ptr, (eng.num_pages, eng.page_size, dr), eng.dtype, eng.device,
                 owner=b.kpe_cache,
             )
             for i in range(c.num_layers)
         ]  # fmt: skip
-        eng._kv_lens = np.zeros(eng.max_batch, np.int32)
-        eng._decode_qo = np.arange(eng.max_batch + 1, dtype=np.int32)
-        eng._mla = {}
-        eng._allocate_steps()
+        self.kv_lens = np.zeros(eng.max_batch, np.int32)
+        self.decode_qo = np.arange(eng.max_batch + 1, dtype=np.int32)
+        self.mla: dict[int, SimpleNamespace] = {}
+        eng.allocate_steps()
 
     def _mla_views(self, eng: Any, rows: int) -> SimpleNamespace:
         """Descriptors of the MLA operands for ``rows`` token rows (made once per row count)."""
-        m = eng._mla.get(rows)
+        m = self.mla.get(rows)
         if m is not None:
             return m
-        if len(eng._mla) > 256:
-            eng._mla.clear()
-        c, b, dt, dev = eng._ds, eng._buf, eng.dtype, eng.device
+        if len(self.mla) > 256:
+            self.mla.clear()
+        c, b, dt, dev = eng.deepseek_config, eng.buffers, eng.dtype, eng.device
         heads, dn, dr, r = c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
 
         def t(arr: Any, shape: tuple[int, ...], offset: int = 0, strides: tuple[int, ...] | None = None) -> Any:
@@ -354,14 +354,14 @@ class DeepSeek(ModelFamily):
 
         q_rank = c.q_lora_rank or 1
         inter, si = c.intermediate_size, max(c.shared_intermediate, 1)
-        m = eng._mla[rows] = SimpleNamespace(
+        m = self.mla[rows] = SimpleNamespace(
             qa=t(b.qa, (rows, q_rank)),
             qa_n=t(b.qa_n, (rows, q_rank)),
             ckv=t(b.ckv, (rows, r)),
             ckv_n=t(b.ckv_n, (rows, r)),
             kpe=t(b.kpe, (rows, dr)),
             kpe3=t(b.kpe, (rows, 1, dr)),
-            q_pe=t(b.qkv, (rows, heads, dr), dn, (eng._qw, dn + dr, 1)),
+            q_pe=t(b.qkv, (rows, heads, dr), dn, (self.qw, dn + dr, 1)),
             q_abs=t(b.q_abs, (rows, heads, r)),
             o_lat=t(b.o_lat, (rows, heads, r)),
             gu=t(b.gu, (rows, 2 * inter)),
@@ -371,14 +371,14 @@ class DeepSeek(ModelFamily):
         )
         if eng.fused_routing_used:
             assert c.moe is not None
-            k, logits = c.moe.top_k, eng._moe_scratch.logits
+            k, logits = c.moe.top_k, self.moe_scratch.logits
             m.logits = kernels.descriptor(logits.data.ptr, (rows, c.moe.num_experts), "float32", dev, owner=logits)
             m.topk_w = kernels.descriptor(b.topk_w.data.ptr, (rows, k), "float32", dev, owner=b.topk_w)
             m.topk_i = kernels.descriptor(b.topk_i.data.ptr, (rows, k), "int32", dev, owner=b.topk_i)
-        if eng._static_moe and eng.fused_routing_used and rows <= eng.max_batch:
+        if eng.static_moe and eng.fused_routing_used and rows <= eng.max_batch:
             # the fixed-capacity path's routing buffers, which the fused kernel writes in the decode graph
             assert c.moe is not None
-            sc, k = eng._moe_scratch, c.moe.top_k
+            sc, k = self.moe_scratch, c.moe.top_k
             m.s_topk_w = kernels.descriptor(sc.s_weights.data.ptr, (rows, k), "float32", dev, owner=sc.s_weights)
             m.s_topk_i = kernels.descriptor(sc.s_experts.data.ptr, (rows, k), "int32", dev, owner=sc.s_experts)
         return m
@@ -388,12 +388,12 @@ class DeepSeek(ModelFamily):
     def _mla_plan(
         self, eng: Any, ws: Any, qo_indptr: np.ndarray, kv_indptr: np.ndarray, last: np.ndarray, batch: int
     ) -> Any:
-        lens = eng._kv_lens[:batch]
+        lens = self.kv_lens[:batch]
         np.subtract(kv_indptr[1 : batch + 1], kv_indptr[:batch], out=lens)
         lens -= 1
         lens *= eng.page_size
         lens += last[:batch]
-        c = eng._ds
+        c = eng.deepseek_config
         return kernels.batch_mla_plan(
             qo_indptr[: batch + 1],
             kv_indptr[: batch + 1],
@@ -406,34 +406,34 @@ class DeepSeek(ModelFamily):
             True,
             c.softmax_scale,
             eng.dtype,
-            stream=eng._s,
+            stream=eng.stream_ptr,
             workspace=ws,
         )
 
     def plan_prefill(self, eng: Any, batch: int) -> None:
-        ph = eng._ph
-        eng._prefill_plan = self._mla_plan(
-            eng, eng._ws_prefill, ph["qo_indptr"], ph["kv_indptr"], ph["kv_last_page_len"], batch
+        ph = eng.prefill_arrays
+        eng.prefill_plan = self._mla_plan(
+            eng, eng.prefill_workspace, ph["qo_indptr"], ph["kv_indptr"], ph["kv_last_page_len"], batch
         )
 
     def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
-        dh = eng._dh
-        eng._decode_plan = self._mla_plan(
-            eng, eng._ws_decode, eng._decode_qo, dh["kv_indptr"], dh["kv_last_page_len"], rows
+        dh = eng.decode_arrays
+        eng.decode_plan = self._mla_plan(
+            eng, eng.decode_workspace, self.decode_qo, dh["kv_indptr"], dh["kv_last_page_len"], rows
         )
 
     # ------------------------------------------------------------------------------------------ forward
 
     def forward(self, eng: Any, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
         """Embedding to the final RMSNorm for ``rows`` token rows (module docstring); normalized rows left in x."""
-        c, b, w, dense, s = eng._ds, eng._buf, eng._w, eng.dense, eng._s
-        h, eps, ab = c.hidden_size, c.rms_norm_eps, eng._ab
+        c, b, w, dense, s = eng.deepseek_config, eng.buffers, self.w, eng.dense, eng.stream_ptr
+        h, eps, ab = c.hidden_size, c.rms_norm_eps, eng.gemm_type
         heads, dn, dr, dv, r = c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
-        qk, qw = dn + dr, eng._qw
-        x, normed, q = b.x.data.ptr, eng._normed.data.ptr, b.qkv.data.ptr
-        m = eng._mv = self._mla_views(eng, rows)
+        qk, qw = dn + dr, self.qw
+        x, normed, q = b.x.data.ptr, eng.normed.data.ptr, b.qkv.data.ptr
+        m = self.mv = self._mla_views(eng, rows)
         last = c.num_layers - 1
-        eng._embed_and_norm(v, rows)  # one GPU: no vocabulary shard
+        eng.embed_and_norm(v, rows)  # one GPU: no vocabulary shard
         for i in range(c.num_layers):
             if c.q_lora_rank is None:
                 dense.linear(rows, normed, h, w.q[i], heads * qk, h, q, qw, ab, ab)
@@ -446,10 +446,10 @@ class DeepSeek(ModelFamily):
             dense.linear(rows, normed, h, w.kpe[i], dr, h, b.kpe.data.ptr, dr, ab, ab)
             kernels.rmsnorm(m.ckv, w.kv_norm[i], m.ckv_n, eps, s)
             kernels.apply_rope_with_cos_sin_cache_inplace(
-                v.positions, m.q_pe, m.kpe3, dr, eng._cos_sin, not c.rope_interleave, stream=s
+                v.positions, m.q_pe, m.kpe3, dr, self.cos_sin, not c.rope_interleave, stream=s
             )
             kernels.append_paged_mla_kv_cache(
-                m.ckv_n, m.kpe, v.batch_indices, v.positions, eng._ckv_cache[i], eng._kpe_cache[i],
+                m.ckv_n, m.kpe, v.batch_indices, v.positions, self.ckv_cache[i], self.kpe_cache[i],
                 v.kv_indices, v.kv_indptr, v.kv_last_page_len, stream=s,
             )  # fmt: skip
             # q_abs[:, n] = q_nope[:, n] @ W_k[n], per head n: q_nope is the first dn columns of head n's q
@@ -463,8 +463,8 @@ class DeepSeek(ModelFamily):
                 dv, ab, ab,
             )  # fmt: skip
             dense.linear(rows, b.attn.data.ptr, heads * dv, w.o[i], h, heads * dv, x, h, ab, ab)
-            eng._add_norm(v, eng._ln2[i])
-            if eng._moe[i] is None:
+            eng.add_norm(v, eng.ln2[i])
+            if eng.moe_layers[i] is None:
                 inter = c.intermediate_size
                 dense.linear(rows, normed, h, w.gu[i], 2 * inter, h, b.gu.data.ptr, 2 * inter, ab, ab)
                 kernels.silu_and_mul(m.gu, m.act, s)
@@ -473,38 +473,38 @@ class DeepSeek(ModelFamily):
                 self._moe_forward_static(eng, i, rows)
             else:
                 self._moe_forward(eng, i, rows)
-            eng._add_norm(v, eng._ln1[i + 1] if i < last else eng._norm)
+            eng.add_norm(v, eng.ln1[i + 1] if i < last else eng.final_norm)
 
     def _moe_forward(self, eng: Any, i: int, rows: int) -> None:
         """``x = routed experts(normed) + shared experts(normed)``; ``normed`` is ``x`` itself, so the shared
         experts' gate/up runs first, the routed output then overwrites x, and the shared down projection adds
         into it."""
-        c, b, w, dense, s, ab = eng._ds, eng._buf, eng._w, eng.dense, eng._s, eng._ab
-        h, m, layer = c.hidden_size, eng._mv, eng._moe[i]
+        c, b, w, dense, s, ab = eng.deepseek_config, eng.buffers, self.w, eng.dense, eng.stream_ptr, eng.gemm_type
+        h, m, layer = c.hidden_size, self.mv, eng.moe_layers[i]
         assert c.moe is not None and c.routing is not None
-        si, normed = c.shared_intermediate, eng._normed.data.ptr
+        si, normed = c.shared_intermediate, eng.normed.data.ptr
         if si:
             dense.linear(rows, normed, h, w.shared_gu[i], 2 * si, h, b.gu.data.ptr, 2 * si, ab, ab)
             kernels.silu_and_mul(m.shared_gu, m.shared_act, s)
         e = c.moe.num_experts
         # router logits in float32 (as transformers: a float32 GEMM of the bfloat16 rows), then routing on the host
-        dense.linear(rows, normed, h, layer.weights.router.data.ptr, e, h, layer.logits.data.ptr, e, ab, eng._f32)
+        dense.linear(rows, normed, h, layer.weights.router.data.ptr, e, h, layer.logits.data.ptr, e, ab, eng.gemm_f32)
         if eng.fused_routing_used:  # the models wheel's NoAuxTc on the device; only [rows, k] come back
             r = c.routing
             kernels.fused_topk_deepseek(
                 m.logits, w.bias_dev[i], r.n_group, r.topk_group, c.moe.top_k, r.routed_scaling_factor, m.topk_w,
                 m.topk_i, stream=s,
             )  # fmt: skip
-            weights = eng._cp.asnumpy(b.topk_w[:rows], stream=eng.stream)
-            experts = eng._cp.asnumpy(b.topk_i[:rows], stream=eng.stream)
+            weights = eng.cupy.asnumpy(b.topk_w[:rows], stream=eng.stream)
+            experts = eng.cupy.asnumpy(b.topk_i[:rows], stream=eng.stream)
             eng.stream.synchronize()
         else:  # host routing from the float32 logits
-            logits = eng._cp.asnumpy(layer.logits[:rows], stream=eng.stream)
+            logits = eng.cupy.asnumpy(layer.logits[:rows], stream=eng.stream)
             eng.stream.synchronize()
             weights, experts = grouped_topk(logits, c.moe.top_k, c.routing, c.moe.renormalize, w.bias[i])
         groups = group_by_expert(experts, e)
         layer.last_routing = (weights, experts, groups)  # what the layer was given (tests read it)
-        layer.forward_routed(eng._normed, b.x, weights, groups, rows)
+        layer.forward_routed(eng.normed, b.x, weights, groups, rows)
         if si:
             dense.linear(rows, b.act.data.ptr, si, w.shared_d[i], h, si, b.x.data.ptr, h, ab, ab, accumulate=True)
 
@@ -512,47 +512,47 @@ class DeepSeek(ModelFamily):
         """:meth:`_moe_forward` without a host step (what the decode graph captures): the router GEMM, the routing on
         the device into the layer's fixed-capacity buffers (the fused kernel, or :class:`DeviceGroupedTopk`), the
         experts over their fixed rows, the shared experts added by their down projection."""
-        c, b, w, dense, ab = eng._ds, eng._buf, eng._w, eng.dense, eng._ab
-        h, m, layer = c.hidden_size, eng._mv, eng._moe[i]
+        c, b, w, dense, ab = eng.deepseek_config, eng.buffers, self.w, eng.dense, eng.gemm_type
+        h, m, layer = c.hidden_size, self.mv, eng.moe_layers[i]
         assert c.moe is not None and c.routing is not None
-        si, normed, e = c.shared_intermediate, eng._normed.data.ptr, c.moe.num_experts
+        si, normed, e = c.shared_intermediate, eng.normed.data.ptr, c.moe.num_experts
         if si:
             dense.linear(rows, normed, h, w.shared_gu[i], 2 * si, h, b.gu.data.ptr, 2 * si, ab, ab)
-            kernels.silu_and_mul(m.shared_gu, m.shared_act, eng._s)
-        dense.linear(rows, normed, h, layer.weights.router.data.ptr, e, h, layer.logits.data.ptr, e, ab, eng._f32)
+            kernels.silu_and_mul(m.shared_gu, m.shared_act, eng.stream_ptr)
+        dense.linear(rows, normed, h, layer.weights.router.data.ptr, e, h, layer.logits.data.ptr, e, ab, eng.gemm_f32)
         if eng.fused_routing_used:
             r = c.routing
             kernels.fused_topk_deepseek(
                 m.logits, w.bias_dev[i], r.n_group, r.topk_group, c.moe.top_k, r.routed_scaling_factor, m.s_topk_w,
-                m.s_topk_i, False, stream=eng._s,
+                m.s_topk_i, False, stream=eng.stream_ptr,
             )  # fmt: skip
         else:
-            assert eng._device_topk is not None
-            eng._device_topk(layer.logits, w.bias_arr[i], rows, layer.s_experts, layer.s_weights, eng.stream)
-        layer.forward_static_routed(eng._normed, b.x, rows)
+            assert self.device_topk is not None
+            self.device_topk(layer.logits, w.bias_arr[i], rows, layer.s_experts, layer.s_weights, eng.stream)
+        layer.forward_static_routed(eng.normed, b.x, rows)
         if si:
             dense.linear(rows, b.act.data.ptr, si, w.shared_d[i], h, si, b.x.data.ptr, h, ab, ab, accumulate=True)
 
     def _mla_run(self, eng: Any, plan: Any, i: int) -> None:
-        m = eng._mv
+        m = self.mv
         kernels.batch_mla_run(
             m.q_abs,
             m.q_pe,
-            eng._ckv_cache[i],
-            eng._kpe_cache[i],
+            self.ckv_cache[i],
+            self.kpe_cache[i],
             out=m.o_lat,
-            kv_indices=eng._kv_indices_view,
-            stream=eng._s,
+            kv_indices=self.kv_indices_view,
+            stream=eng.stream_ptr,
             plan=plan,
         )
 
     def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
-        eng._kv_indices_view = v.kv_indices
-        self._mla_run(eng, eng._decode_plan, i)
+        self.kv_indices_view = v.kv_indices
+        self._mla_run(eng, eng.decode_plan, i)
 
     def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
-        eng._kv_indices_view = v.kv_indices
-        self._mla_run(eng, eng._prefill_plan, i)
+        self.kv_indices_view = v.kv_indices
+        self._mla_run(eng, eng.prefill_plan, i)
 
 
 class DeepSeekEngine(Engine):
@@ -579,11 +579,11 @@ class DeepSeekEngine(Engine):
             raise ValueError(
                 f"fused_routing: expected None (where it applies), True or False, got {fused_routing!r:.40}"
             )
-        self._fused_routing_request = fused_routing
+        self.fused_routing_request = fused_routing
         # kv_cache_dtype is refused unless "auto" (MLA: DeepSeek.fp8_kv_refusal)
         super().__init__(model_dir, **settings)
 
     @property
-    def _ds(self) -> DeepSeekConfig:
+    def deepseek_config(self) -> DeepSeekConfig:
         """``config``, typed as what :meth:`_read_config` made it."""
         return self.config  # type: ignore[return-value]

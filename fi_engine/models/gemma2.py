@@ -180,68 +180,70 @@ class Gemma2(ModelFamily):
         dtype = ckpt.info("model.embed_tokens.weight").dtype
         if dtype not in ("float16", "bfloat16"):
             raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints")
-        eng.dtype, eng._ab, eng._f32 = dtype, data_type(dtype), data_type("float32")
-        eng._weights = []
-        eng._moe = []
-        eng._moe_scratch = None
-        w = WeightLoader(ckpt, eng._cp, dtype, eng.device, eng._weights)
+        eng.dtype, eng.gemm_type, eng.gemm_f32 = dtype, data_type(dtype), data_type("float32")
+        eng.device_arrays = []
+        eng.moe_layers = []
+        self.moe_scratch = None
+        w = WeightLoader(ckpt, eng.cupy, dtype, eng.device, eng.device_arrays)
 
         w.embedding_and_head(eng, c)
         # the embedding's token ids [start, start + valid) (the whole vocabulary on one GPU)
         first, count = (0, c.vocab_size) if vs is None else (vs.start, vs.valid)
-        eng._embed_ids = (np.int64(first), np.int64(count))
-        eng._wqkv, eng._wo, eng._wgu, eng._wd = [], [], [], []
-        eng._ln1, eng._post_attn, eng._pre_ff, eng._post_ff = [], [], [], []
+        self.embed_ids = (np.int64(first), np.int64(count))
+        eng.wqkv, eng.wo, eng.wgu, eng.wd = [], [], [], []
+        eng.ln1, self.post_attn, self.pre_ff, self.post_ff = [], [], [], []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
             qkv = [w.get(a + "q_proj.weight", (hq * d, h)), w.get(a + "k_proj.weight", (hk * d, h))]
             qkv.append(w.get(a + "v_proj.weight", (hk * d, h)))
-            eng._wqkv.append(w.ptr(np.concatenate([rows(x, r, n) for x in qkv])))  # this rank's heads
-            eng._wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))  # a partial sum
+            eng.wqkv.append(w.ptr(np.concatenate([rows(x, r, n) for x in qkv])))  # this rank's heads
+            eng.wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))  # a partial sum
             gate_up = [w.get(p + "mlp.gate_proj.weight", (inter, h)), w.get(p + "mlp.up_proj.weight", (inter, h))]
-            eng._wgu.append(w.ptr(np.concatenate([rows(x, r, n) for x in gate_up])))  # its GeGLU columns
-            eng._wd.append(w.ptr(columns(w.get(p + "mlp.down_proj.weight", (h, inter)), r, n)))
-            eng._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
-            eng._post_attn.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
-            eng._pre_ff.append(w.vector(w.get(p + "pre_feedforward_layernorm.weight", (h,))))
-            eng._post_ff.append(w.vector(w.get(p + "post_feedforward_layernorm.weight", (h,))))
-        eng._norm = w.vector(w.get("model.norm.weight", (h,)))
-        eng._q_norm = []
-        eng._k_norm = []
-        eng._scale = np.float32(round_to(math.sqrt(h), dtype))  # transformers: sqrt(hidden) as a tensor of the dtype
-        eng._bf16 = np.int32(dtype == "bfloat16")
-        module = eng._cp.RawModule(code=_SOURCE)
-        eng._gather_scale = module.get_function("gather_scale16")
-        eng._soft_cap = module.get_function("soft_cap")
-        eng._sm_scale = g.query_pre_attn_scalar**-0.5
+            eng.wgu.append(w.ptr(np.concatenate([rows(x, r, n) for x in gate_up])))  # its GeGLU columns
+            eng.wd.append(w.ptr(columns(w.get(p + "mlp.down_proj.weight", (h, inter)), r, n)))
+            eng.ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
+            self.post_attn.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
+            self.pre_ff.append(w.vector(w.get(p + "pre_feedforward_layernorm.weight", (h,))))
+            self.post_ff.append(w.vector(w.get(p + "post_feedforward_layernorm.weight", (h,))))
+        eng.final_norm = w.vector(w.get("model.norm.weight", (h,)))
+        eng.q_norm = []
+        eng.k_norm = []
+        self.embed_scale = np.float32(
+            round_to(math.sqrt(h), dtype)
+        )  # transformers: sqrt(hidden) as a tensor of the dtype
+        self.bf16 = np.int32(dtype == "bfloat16")
+        module = eng.cupy.RawModule(code=_SOURCE)
+        self.gather_scale = module.get_function("gather_scale16")
+        self.soft_cap = module.get_function("soft_cap")
+        self.sm_scale = g.query_pre_attn_scalar**-0.5
         # window_left per layer: the sliding layers' window, or (global layers) one wider than any request
-        eng._windows = [eng.max_seq_len if x < 0 else x for x in g.windows]
+        self.windows = [eng.max_seq_len if x < 0 else x for x in g.windows]
 
     def allocate(self, eng: Any) -> None:
-        eng._allocate_layers()
+        eng.allocate_layers()
         rows = max(eng.max_prefill_tokens, eng.max_batch)
         storage = np.float16 if eng.dtype == "float16" else np.uint16
-        eng._y = eng._cp.empty((rows, eng.config.hidden_size), storage)  # attention / MLP output before its norm
-        eng._row_views = {}
+        self.y = eng.cupy.empty((rows, eng.config.hidden_size), storage)  # attention / MLP output before its norm
+        self.row_views: dict[tuple[int, int], Any] = {}
         # Gemma's norms write their rows into x (the LM head's input too); the fused all-reduce's x2, where the base
         # engine made one, holds the plain all-reduce's sums instead (its output may not overlap its input)
-        eng._sum = getattr(eng._buf, "x2", None)
-        eng._normed = eng._buf.x
+        self.sum = getattr(eng.buffers, "x2", None)
+        eng.normed = eng.buffers.x
         # one workspace per distinct window (a plan is stale once another is made on its workspace)
-        eng._plan_windows = sorted(set(eng._windows))
-        eng._extra_ws = [kernels.workspace(eng.device) for _ in range(2 * (len(eng._plan_windows) - 1))]
+        self.plan_windows = sorted(set(self.windows))
+        self.extra_ws = [kernels.workspace(eng.device) for _ in range(2 * (len(self.plan_windows) - 1))]
 
     def _workspaces(self, eng: Any, decode: bool) -> list[Any]:
-        first = eng._ws_decode if decode else eng._ws_prefill
-        n = len(eng._plan_windows) - 1
-        return [first, *(eng._extra_ws[n:] if decode else eng._extra_ws[:n])]
+        first = eng.decode_workspace if decode else eng.prefill_workspace
+        n = len(self.plan_windows) - 1
+        return [first, *(self.extra_ws[n:] if decode else self.extra_ws[:n])]
 
     # ------------------------------------------------------------------------------------------ attention plans
 
     def plan_prefill(self, eng: Any, batch: int) -> None:
-        c, g, ph = eng.config, eng.config.family, eng._ph
-        eng._prefill_plans = {
+        c, g, ph = eng.config, eng.config.family, eng.prefill_arrays
+        self.prefill_plans = {
             window: kernels.batch_prefill_paged_plan(
                 ph["qo_indptr"][: batch + 1],
                 ph["kv_indptr"][: batch + 1],
@@ -255,19 +257,19 @@ class Gemma2(ModelFamily):
                 causal=True,
                 window_left=window,
                 logits_soft_cap=g.attn_logit_softcapping,
-                sm_scale=eng._sm_scale,
+                sm_scale=self.sm_scale,
                 backend="fa2",
-                stream=eng._s,
+                stream=eng.stream_ptr,
                 workspace=ws,
             )
-            for window, ws in zip(eng._plan_windows, self._workspaces(eng, False), strict=True)
+            for window, ws in zip(self.plan_windows, self._workspaces(eng, False), strict=True)
         }
 
     def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
         c, g = eng.config, eng.config.family
-        eng._decode_plans = {
+        self.decode_plans = {
             window: kernels.batch_decode_plan(
-                eng._dh["kv_indptr"][: rows + 1],
+                eng.decode_arrays["kv_indptr"][: rows + 1],
                 None,
                 None,
                 c.num_qo_heads,
@@ -277,25 +279,25 @@ class Gemma2(ModelFamily):
                 q_data_type=eng.dtype,
                 window_left=window,
                 logits_soft_cap=g.attn_logit_softcapping,
-                sm_scale=eng._sm_scale,
+                sm_scale=self.sm_scale,
                 enable_cuda_graph=cuda_graph,
-                stream=eng._s,
+                stream=eng.stream_ptr,
                 workspace=ws,
             )
-            for window, ws in zip(eng._plan_windows, self._workspaces(eng, True), strict=True)
+            for window, ws in zip(self.plan_windows, self._workspaces(eng, True), strict=True)
         }
-        eng._decode_plan = eng._decode_plans[eng._plan_windows[0]]  # the one the graph's layout check watches
+        eng.decode_plan = self.decode_plans[self.plan_windows[0]]  # the one the graph's layout check watches
 
     def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         kernels.prefill_run(
-            eng._prefill_plans[eng._windows[i]], v.q, eng._k_cache[i], eng._v_cache[i], v.qo_indptr, v.kv_indptr,
-            v.kv_indices, v.kv_last_page_len, v.attn, eng._s,
+            self.prefill_plans[self.windows[i]], v.q, eng.k_cache[i], eng.v_cache[i], v.qo_indptr, v.kv_indptr,
+            v.kv_indices, v.kv_last_page_len, v.attn, eng.stream_ptr,
         )  # fmt: skip
 
     def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         kernels.decode_run(
-            eng._decode_plans[eng._windows[i]], v.q, eng._k_cache[i], eng._v_cache[i], v.kv_indptr, v.kv_indices,
-            v.kv_last_page_len, v.attn, eng._s,
+            self.decode_plans[self.windows[i]], v.q, eng.k_cache[i], eng.v_cache[i], v.kv_indptr, v.kv_indices,
+            v.kv_last_page_len, v.attn, eng.stream_ptr,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ forward
@@ -303,68 +305,68 @@ class Gemma2(ModelFamily):
     def _rows_view(self, eng: Any, buf: Any, rows: int) -> Any:
         """A descriptor of the first ``rows`` rows of ``buf`` (``[*, hidden]``), made once per (buffer, rows)."""
         key = (int(buf.data.ptr), rows)
-        t = eng._row_views.get(key)
+        t = self.row_views.get(key)
         if t is None:
-            t = eng._row_views[key] = kernels.descriptor(
+            t = self.row_views[key] = kernels.descriptor(
                 buf.data.ptr, (rows, eng.config.hidden_size), eng.dtype, eng.device, owner=buf
             )
         return t
 
     def _reduced(self, eng: Any, vy: Any, rows: int) -> Any:
         """The sum over the ranks of each rank's partial rows ``vy`` (one GPU: ``vy`` itself)."""
-        if eng._allreduce is None:
+        if eng.allreduce is None:
             return vy
-        out = None if eng._sum is None else self._rows_view(eng, eng._sum, rows)
-        return eng._allreduce.sum(vy, out, eng._s)
+        out = None if self.sum is None else self._rows_view(eng, self.sum, rows)
+        return eng.allreduce.sum(vy, out, eng.stream_ptr)
 
     def forward(self, eng: Any, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
         """Embedding to the final norm for ``rows`` token rows; the normalized rows end in ``x`` (the LM head's
         input), the residual stream in ``h``."""
-        c, b, dense, s = eng.config, eng._buf, eng.dense, eng._s
-        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, eng._ab
-        x, qkv, attn, gu, act, y = (a.data.ptr for a in (b.x, b.qkv, b.attn, b.gu, b.act, eng._y))
-        w, hqd, last = eng._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
-        vy = self._rows_view(eng, eng._y, rows)
-        start, valid = eng._embed_ids
+        c, b, dense, s = eng.config, eng.buffers, eng.dense, eng.stream_ptr
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, eng.gemm_type
+        x, qkv, attn, gu, act, y = (a.data.ptr for a in (b.x, b.qkv, b.attn, b.gu, b.act, self.y))
+        w, hqd, last = eng.qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        vy = self._rows_view(eng, self.y, rows)
+        start, valid = self.embed_ids
         if eng.vocab_shard is None:  # the whole table
-            eng._gather_scale((rows,), (256,), (eng._embed, v.token_ids, b.h.data.ptr, h, eng._scale, eng._bf16,
+            self.gather_scale((rows,), (256,), (eng.embed, v.token_ids, b.h.data.ptr, h, self.embed_scale, self.bf16,
                                                  start, valid))  # fmt: skip
         else:  # each rank's vocabulary rows, zeros for the others: their sum is the embedding (exactly)
-            eng._gather_scale((rows,), (256,), (eng._embed, v.token_ids, y, h, eng._scale, eng._bf16, start,
+            self.gather_scale((rows,), (256,), (eng.embed, v.token_ids, y, h, self.embed_scale, self.bf16, start,
                                                  valid))  # fmt: skip
             got = self._reduced(eng, vy, rows)
-            eng._cp.cuda.runtime.memcpyAsync(b.h.data.ptr, got.data_ptr, rows * h * b.h.itemsize, _D2D, s)
-        kernels.gemma_rmsnorm(v.h, eng._ln1[0], out=v.x, eps=eps, stream=s)
+            eng.cupy.cuda.runtime.memcpyAsync(b.h.data.ptr, got.data_ptr, rows * h * b.h.itemsize, _D2D, s)
+        kernels.gemma_rmsnorm(v.h, eng.ln1[0], out=v.x, eps=eps, stream=s)
         for i in range(c.num_layers):
-            dense.linear(rows, x, h, eng._wqkv[i], w, h, qkv, w, ab, ab)
+            dense.linear(rows, x, h, eng.wqkv[i], w, h, qkv, w, ab, ab)
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
             kernels.append_kv(
-                v.k, v.v, v.batch_indices, v.positions, eng._k_cache[i], eng._v_cache[i], v.kv_indices, v.kv_indptr,
+                v.k, v.v, v.batch_indices, v.positions, eng.k_cache[i], eng.v_cache[i], v.kv_indices, v.kv_indptr,
                 v.kv_last_page_len, s,
             )  # fmt: skip
             attention(i, v)
-            dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, y, h, ab, ab)  # a partial sum with TP
+            dense.linear(rows, attn, hqd, eng.wo[i], h, hqd, y, h, ab, ab)  # a partial sum with TP
             kernels.gemma_rmsnorm(
-                self._reduced(eng, vy, rows), eng._post_attn[i], out=v.x, eps=eps, stream=s
+                self._reduced(eng, vy, rows), self.post_attn[i], out=v.x, eps=eps, stream=s
             )  # post-attn
-            kernels.gemma_fused_add_rmsnorm(v.x, v.h, eng._pre_ff[i], eps=eps, stream=s)  # h += x; x = pre-FF norm
-            dense.linear(rows, x, h, eng._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
+            kernels.gemma_fused_add_rmsnorm(v.x, v.h, self.pre_ff[i], eps=eps, stream=s)  # h += x; x = pre-FF norm
+            dense.linear(rows, x, h, eng.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
             kernels.gelu_tanh_and_mul(v.gu, v.act, stream=s)
-            dense.linear(rows, act, inter, eng._wd[i], h, inter, y, h, ab, ab)  # a partial sum with TP
+            dense.linear(rows, act, inter, eng.wd[i], h, inter, y, h, ab, ab)  # a partial sum with TP
             kernels.gemma_rmsnorm(
-                self._reduced(eng, vy, rows), eng._post_ff[i], out=v.x, eps=eps, stream=s
+                self._reduced(eng, vy, rows), self.post_ff[i], out=v.x, eps=eps, stream=s
             )  # post-FF norm
-            nxt = eng._ln1[i + 1] if i < last else eng._norm
+            nxt = eng.ln1[i + 1] if i < last else eng.final_norm
             kernels.gemma_fused_add_rmsnorm(v.x, v.h, nxt, eps=eps, stream=s)
 
     def finish_logits(self, eng: Any, logits: int, rows: int, columns: int) -> None:
         cap = eng.config.family.final_logit_softcapping
         if cap > 0 and rows:
             n = rows * columns
-            eng._soft_cap((min(1024, -(-n // 256)),), (256,), (logits, n, np.float32(cap)))
+            self.soft_cap((min(1024, -(-n // 256)),), (256,), (logits, n, np.float32(cap)))
 
     def close(self, eng: Any) -> None:
-        for ws in eng._extra_ws:
+        for ws in self.extra_ws:
             ws.close()
 
 

@@ -408,11 +408,11 @@ class GptOss(ModelFamily):
         hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
         e, i_size = c.moe.num_experts, c.moe.intermediate_size
         dtype = check_checkpoint(ckpt)
-        eng.dtype, eng._ab, eng._f32 = dtype, data_type(dtype), data_type("float32")
-        eng._weights = []
-        eng._moe = []
-        eng._moe_scratch = None
-        w = WeightLoader(ckpt, eng._cp, dtype, eng.device, eng._weights)
+        eng.dtype, eng.gemm_type, eng.gemm_f32 = dtype, data_type(dtype), data_type("float32")
+        eng.device_arrays = []
+        eng.moe_layers = []
+        self.moe_scratch = None
+        w = WeightLoader(ckpt, eng.cupy, dtype, eng.device, eng.device_arrays)
 
         def host_f32(name: str, shape: tuple[int, ...]) -> np.ndarray:  # biases and sinks, as float32
             info = ckpt.info(name)
@@ -425,20 +425,20 @@ class GptOss(ModelFamily):
             return w.upload(host_f32(name, shape))
 
         w.embedding_and_head(eng, c)
-        eng._with_bias = r == 0  # the row-parallel outputs' biases: once in the ranks' sum
-        eng._wqkv, eng._bqkv, eng._wo, eng._bo, eng._ln1, eng._ln2 = [], [], [], [], [], []
-        eng._sinks = []
+        self.with_bias = r == 0  # the row-parallel outputs' biases: once in the ranks' sum
+        eng.wqkv, self.bqkv, eng.wo, self.bo, eng.ln1, eng.ln2 = [], [], [], [], [], []
+        self.sinks = []
         from ..layers.moe import ClampedSwiGLU, MoEBiases, MoELayer, MoEScratch, MoEWeights
 
         g: GptOssSettings = c.family
-        eng._ws_moe = kernels.workspace(eng.device)  # the grouped GEMMs' own
+        eng.moe_workspace = kernels.workspace(eng.device)  # the grouped GEMMs' own
         max_tokens = max(eng.max_prefill_tokens, eng.max_batch)
         # buffers for the paths this engine can take: the fixed-capacity routed path where a decode graph (one per
         # batch size of the ladder) routes, the dense path where some step of up to max_batch rows goes dense
-        graph_paths = {eng.moe_path_for(b) for b in eng.decode_graph_batches} if eng._static_moe else set()
+        graph_paths = {eng.moe_path_for(b) for b in eng.decode_graph_batches} if eng.static_moe else set()
         capacity = eng.max_batch if "routed" in graph_paths else None
-        dense_rows = eng.max_batch if eng._dense_moe(eng.max_batch) else None  # forced, or auto from some row count up
-        eng._moe_scratch = MoEScratch(
+        dense_rows = eng.max_batch if eng.dense_moe(eng.max_batch) else None  # forced, or auto from some row count up
+        self.moe_scratch = MoEScratch(
             num_experts=e, hidden=h, intermediate=i_size // n, top_k=c.moe.top_k, max_tokens=max_tokens, dtype=dtype,
             capacity=capacity, dense_rows=dense_rows,
         )  # fmt: skip
@@ -448,14 +448,14 @@ class GptOss(ModelFamily):
             a = p + "self_attn."
             shapes = (("q_proj", hq * d), ("k_proj", hk * d), ("v_proj", hk * d))
             # this rank's heads: q/k/v rows with their biases, its heads' sinks; the O projection's columns
-            eng._wqkv.append(w.ptr(np.concatenate([rows(w.get(f"{a}{x}.weight", (k, h)), r, n) for x, k in shapes])))
-            eng._bqkv.append(w.ptr(np.concatenate([segment(w.get(f"{a}{x}.bias", (k,)), r, n) for x, k in shapes])))
-            eng._wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))
-            eng._bo.append(w.ptr(w.get(a + "o_proj.bias", (h,))))  # added by rank 0 only
+            eng.wqkv.append(w.ptr(np.concatenate([rows(w.get(f"{a}{x}.weight", (k, h)), r, n) for x, k in shapes])))
+            self.bqkv.append(w.ptr(np.concatenate([segment(w.get(f"{a}{x}.bias", (k,)), r, n) for x, k in shapes])))
+            eng.wo.append(w.ptr(columns(w.get(a + "o_proj.weight", (h, hq * d)), r, n)))
+            self.bo.append(w.ptr(w.get(a + "o_proj.bias", (h,))))  # added by rank 0 only
             sinks = w.upload(segment(host_f32(a + "sinks", (hq,)), r, n))
-            eng._sinks.append(kernels.descriptor(sinks.data.ptr, sinks.shape, "float32", eng.device, owner=sinks))
-            eng._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
-            eng._ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
+            self.sinks.append(kernels.descriptor(sinks.data.ptr, sinks.shape, "float32", eng.device, owner=sinks))
+            eng.ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
+            eng.ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
             m = p + "mlp."
             experts = shard_experts(  # this rank's slice of every expert's intermediate columns
                 w.get(m + "experts.gate_up_proj", (e, h, 2 * i_size)),
@@ -467,38 +467,38 @@ class GptOss(ModelFamily):
             w_gu, b_gu, w_down = expert_matrices(*experts)
             weights = MoEWeights(w.upload(w.get(m + "router.weight", (e, h))), w.upload(w_gu), w.upload(w_down))
             b_down = host_f32(m + "experts.down_proj_bias", (e, h))
-            b_down = b_down if eng._with_bias else np.zeros_like(b_down)  # rank 0's partial sum carries it
+            b_down = b_down if self.with_bias else np.zeros_like(b_down)  # rank 0's partial sum carries it
             biases = MoEBiases(f32(m + "router.bias", (e,)), w.upload(b_gu), w.upload(b_down))
-            eng._moe.append(
+            eng.moe_layers.append(
                 MoELayer(
                     weights, dtype=dtype, top_k=c.moe.top_k, renormalize=True, max_tokens=max_tokens,
-                    stream=eng.stream, dense=eng.dense, workspace=eng._ws_moe, capacity=capacity,
-                    scratch=eng._moe_scratch, biases=biases, activation=activation, dense_rows=dense_rows,
+                    stream=eng.stream, dense=eng.dense, workspace=eng.moe_workspace, capacity=capacity,
+                    scratch=self.moe_scratch, biases=biases, activation=activation, dense_rows=dense_rows,
                 )
             )  # fmt: skip
-        eng._norm = w.vector(w.get("model.norm.weight", (h,)))
-        eng._q_norm = []
-        eng._k_norm = []
+        eng.final_norm = w.vector(w.get("model.norm.weight", (h,)))
+        eng.q_norm = []
+        eng.k_norm = []
         cache = w.upload(rope_cos_sin_cache(c, eng.max_seq_len))
-        eng._cos_sin = kernels.descriptor(cache.data.ptr, cache.shape, "float32", eng.device, owner=cache)
-        module = eng._cp.RawModule(code=_SOURCE)
-        eng._k_bias = module.get_function("add_bias")
-        eng._windows = list(g.windows)
+        self.cos_sin = kernels.descriptor(cache.data.ptr, cache.shape, "float32", eng.device, owner=cache)
+        module = eng.cupy.RawModule(code=_SOURCE)
+        self.k_bias = module.get_function("add_bias")
+        self.windows = list(g.windows)
 
     def allocate(self, eng: Any) -> None:
-        eng._allocate_layers()
-        cp = eng._cp
+        eng.allocate_layers()
+        cp = eng.cupy
         # decode: one query row per request (the sink prefill kernels serve decode)
-        eng._qo_host = np.arange(eng.max_batch + 1, dtype=np.int32)
-        eng._qo_dev = cp.asarray(eng._qo_host)
-        eng._qo_views = {}
-        eng._plan_windows = sorted(set(eng._windows))
-        eng._extra_ws = [kernels.workspace(eng.device) for _ in range(2 * (len(eng._plan_windows) - 1))]
+        self.qo_host = np.arange(eng.max_batch + 1, dtype=np.int32)
+        self.qo_dev = cp.asarray(self.qo_host)
+        self.qo_views: dict[int, Any] = {}
+        self.plan_windows = sorted(set(self.windows))
+        self.extra_ws = [kernels.workspace(eng.device) for _ in range(2 * (len(self.plan_windows) - 1))]
 
     def _workspaces(self, eng: Any, decode: bool) -> list[Any]:
-        first = eng._ws_decode if decode else eng._ws_prefill
-        n = len(eng._plan_windows) - 1
-        return [first, *(eng._extra_ws[n:] if decode else eng._extra_ws[:n])]
+        first = eng.decode_workspace if decode else eng.prefill_workspace
+        n = len(self.plan_windows) - 1
+        return [first, *(self.extra_ws[n:] if decode else self.extra_ws[:n])]
 
     # ------------------------------------------------------------------------------------------ attention
 
@@ -519,62 +519,62 @@ class GptOss(ModelFamily):
             sm_scale=c.head_dim**-0.5,
             backend=backend,
             enable_cuda_graph=graph,
-            stream=eng._s,
+            stream=eng.stream_ptr,
             workspace=ws,
         )
 
     def plan_prefill(self, eng: Any, batch: int) -> None:
-        ph = eng._ph
+        ph = eng.prefill_arrays
         qo, kv, last = ph["qo_indptr"][: batch + 1], ph["kv_indptr"][: batch + 1], ph["kv_last_page_len"][:batch]
-        eng._prefill_plans = {
+        self.prefill_plans = {
             window: self._sink_plan(eng, ws, qo, kv, last, window, "auto", False)
-            for window, ws in zip(eng._plan_windows, self._workspaces(eng, False), strict=True)
+            for window, ws in zip(self.plan_windows, self._workspaces(eng, False), strict=True)
         }
 
     def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
-        dh = eng._dh
-        qo, kv, last = eng._qo_host[: rows + 1], dh["kv_indptr"][: rows + 1], dh["kv_last_page_len"][:rows]
+        dh = eng.decode_arrays
+        qo, kv, last = self.qo_host[: rows + 1], dh["kv_indptr"][: rows + 1], dh["kv_last_page_len"][:rows]
         # FA2: a decode row is one query; FA2's small query tiles suit it, and its CUDA-graph schedule is fixed
-        eng._decode_plans = {
+        self.decode_plans = {
             window: self._sink_plan(eng, ws, qo, kv, last, window, "fa2", cuda_graph)
-            for window, ws in zip(eng._plan_windows, self._workspaces(eng, True), strict=True)
+            for window, ws in zip(self.plan_windows, self._workspaces(eng, True), strict=True)
         }
-        eng._decode_plan = eng._decode_plans[eng._plan_windows[0]]  # the one the graph's layout check watches
+        eng.decode_plan = self.decode_plans[self.plan_windows[0]]  # the one the graph's layout check watches
 
     def _qo_view(self, eng: Any, rows: int) -> Any:
-        t = eng._qo_views.get(rows)
+        t = self.qo_views.get(rows)
         if t is None:
-            t = eng._qo_views[rows] = kernels.descriptor(
-                eng._qo_dev.data.ptr, (rows + 1,), "int32", eng.device, owner=eng._qo_dev
+            t = self.qo_views[rows] = kernels.descriptor(
+                self.qo_dev.data.ptr, (rows + 1,), "int32", eng.device, owner=self.qo_dev
             )
         return t
 
     def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         kernels.batch_attention_sink_run(
             v.q,
-            (eng._k_cache[i], eng._v_cache[i]),
+            (eng.k_cache[i], eng.v_cache[i]),
             qo_indptr=v.qo_indptr,
             kv_indptr=v.kv_indptr,
             kv_indices=v.kv_indices,
             kv_last_page_len=v.kv_last_page_len,
             out=v.attn,
-            sinks=eng._sinks[i],
-            stream=eng._s,
-            plan=eng._prefill_plans[eng._windows[i]],
+            sinks=self.sinks[i],
+            stream=eng.stream_ptr,
+            plan=self.prefill_plans[self.windows[i]],
         )
 
     def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         kernels.batch_attention_sink_run(
             v.q,
-            (eng._k_cache[i], eng._v_cache[i]),
+            (eng.k_cache[i], eng.v_cache[i]),
             qo_indptr=self._qo_view(eng, v.kv_last_page_len.shape[0]),
             kv_indptr=v.kv_indptr,
             kv_indices=v.kv_indices,
             kv_last_page_len=v.kv_last_page_len,
             out=v.attn,
-            sinks=eng._sinks[i],
-            stream=eng._s,
-            plan=eng._decode_plans[eng._windows[i]],
+            sinks=self.sinks[i],
+            stream=eng.stream_ptr,
+            plan=self.decode_plans[self.windows[i]],
         )
 
     # ------------------------------------------------------------------------------------------ forward
@@ -582,39 +582,39 @@ class GptOss(ModelFamily):
     def forward(self, eng: Any, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
         """Embedding to the final RMSNorm for ``rows`` token rows; the normalized rows end in ``x2`` (``x``
         itself unless the fused all-reduce writes them), the residual stream in ``h``."""
-        c, b, dense, s = eng.config, eng._buf, eng.dense, eng._s
-        h, ab = c.hidden_size, eng._ab
+        c, b, dense, s = eng.config, eng.buffers, eng.dense, eng.stream_ptr
+        h, ab = c.hidden_size, eng.gemm_type
         x, qkv, attn = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr
-        normed = eng._normed.data.ptr
-        w, hqd, last = eng._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        normed = eng.normed.data.ptr
+        w, hqd, last = eng.qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
         path = eng.moe_path_for(rows)
-        eng._embed_and_norm(v, rows)
+        eng.embed_and_norm(v, rows)
         for i in range(c.num_layers):
-            dense.linear(rows, normed, h, eng._wqkv[i], w, h, qkv, w, ab, ab)
-            eng._k_bias((rows,), (256,), (qkv, eng._bqkv[i], w, w))
+            dense.linear(rows, normed, h, eng.wqkv[i], w, h, qkv, w, ab, ab)
+            self.k_bias((rows,), (256,), (qkv, self.bqkv[i], w, w))
             kernels.apply_rope_with_cos_sin_cache_inplace(
-                v.positions, v.q, v.k, c.head_dim, eng._cos_sin, is_neox=True, stream=s
+                v.positions, v.q, v.k, c.head_dim, self.cos_sin, is_neox=True, stream=s
             )
             kernels.append_kv(
-                v.k, v.v, v.batch_indices, v.positions, eng._k_cache[i], eng._v_cache[i], v.kv_indices, v.kv_indptr,
+                v.k, v.v, v.batch_indices, v.positions, eng.k_cache[i], eng.v_cache[i], v.kv_indices, v.kv_indptr,
                 v.kv_last_page_len, s,
             )  # fmt: skip
             attention(i, v)
-            dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
-            if eng._with_bias:
-                eng._k_bias((rows,), (256,), (x, eng._bo[i], h, h))
-            eng._add_norm(v, eng._ln2[i])
-            xin = eng._normed  # x, or x2 with the fused all-reduce; the MoE's (partial) output goes to x
+            dense.linear(rows, attn, hqd, eng.wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
+            if self.with_bias:
+                self.k_bias((rows,), (256,), (x, self.bo[i], h, h))
+            eng.add_norm(v, eng.ln2[i])
+            xin = eng.normed  # x, or x2 with the fused all-reduce; the MoE's (partial) output goes to x
             if path == "dense":  # every expert, no host step (capturable)
-                eng._moe[i].forward_dense(xin, b.x, rows)
+                eng.moe_layers[i].forward_dense(xin, b.x, rows)
             elif static_moe:  # the decode graph: routed on the device, fixed capacity (capturable)
-                eng._moe[i].forward_static(xin, b.x, rows)
+                eng.moe_layers[i].forward_static(xin, b.x, rows)
             else:  # routed on the host: only the chosen experts' weights are read
-                eng._moe[i].forward(xin, b.x, rows)
-            eng._add_norm(v, eng._ln1[i + 1] if i < last else eng._norm)
+                eng.moe_layers[i].forward(xin, b.x, rows)
+            eng.add_norm(v, eng.ln1[i + 1] if i < last else eng.final_norm)
 
     def close(self, eng: Any) -> None:
-        for ws in eng._extra_ws:
+        for ws in self.extra_ws:
             ws.close()
 
 

@@ -109,7 +109,7 @@ class Llama(ModelFamily):
                 f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints "
                 f"(save the model in one of them)"
             )
-        w = WeightLoader.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng._weights
+        w = WeightLoader.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng.device_arrays
         vs = eng.vocab_shard
         fp8 = c.fp8  # an Fp8Scheme: the projections are e4m3 (fi_engine.checkpoint.fp8_weights), the rest 16-bit
 
@@ -122,49 +122,49 @@ class Llama(ModelFamily):
             whole = w.get(name, (c.vocab_size, h))
             return whole if vs is None else vs.take(whole)
 
-        eng._embed = w.ptr(table("model.embed_tokens.weight"))
-        eng._lm_head = eng._embed if c.tie_word_embeddings else w.ptr(table("lm_head.weight"))
-        eng._head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
-        eng._wqkv, eng._wo, eng._wgu, eng._wd, eng._ln1, eng._ln2 = [], [], [], [], [], []
-        eng._q_norm = []
-        eng._k_norm = []
-        eng._moe = []
-        eng._moe_scratch = None
+        eng.embed = w.ptr(table("model.embed_tokens.weight"))
+        eng.lm_head = eng.embed if c.tie_word_embeddings else w.ptr(table("lm_head.weight"))
+        eng.head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
+        eng.wqkv, eng.wo, eng.wgu, eng.wd, eng.ln1, eng.ln2 = [], [], [], [], [], []
+        eng.q_norm = []
+        eng.k_norm = []
+        eng.moe_layers = []
+        self.moe_scratch = None
         if c.moe is not None:
-            eng._ws_moe = kernels.workspace(eng.device)  # the grouped GEMMs' own (argument arrays, scratch)
+            eng.moe_workspace = kernels.workspace(eng.device)  # the grouped GEMMs' own (argument arrays, scratch)
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             if fp8 is not None:  # e4m3 projections (one GPU): read, uploaded and registered with the GEMMs
                 a = p + "self_attn."
                 qkv_parts = [(a + "q_proj", (hq * d, h)), (a + "k_proj", (hk * d, h)), (a + "v_proj", (hk * d, h))]
-                eng._wqkv.append(fp8_linear(qkv_parts))
-                eng._wo.append(fp8_linear([(a + "o_proj", (h, hq * d))]))
+                eng.wqkv.append(fp8_linear(qkv_parts))
+                eng.wo.append(fp8_linear([(a + "o_proj", (h, hq * d))]))
             else:
                 qkv = [
                     rows(w.get(p + "self_attn.q_proj.weight", (hq * d, h)), r, n),
                     rows(w.get(p + "self_attn.k_proj.weight", (hk * d, h)), r, n),
                     rows(w.get(p + "self_attn.v_proj.weight", (hk * d, h)), r, n),
                 ]
-                eng._wqkv.append(w.ptr(np.concatenate(qkv)))
-                eng._wo.append(w.ptr(columns(w.get(p + "self_attn.o_proj.weight", (h, hq * d)), r, n)))
+                eng.wqkv.append(w.ptr(np.concatenate(qkv)))
+                eng.wo.append(w.ptr(columns(w.get(p + "self_attn.o_proj.weight", (h, hq * d)), r, n)))
             if c.qk_norm:  # per head_dim: every rank keeps the whole vector
-                eng._q_norm.append(w.vector(w.get(p + "self_attn.q_norm.weight", (d,))))
-                eng._k_norm.append(w.vector(w.get(p + "self_attn.k_norm.weight", (d,))))
+                eng.q_norm.append(w.vector(w.get(p + "self_attn.q_norm.weight", (d,))))
+                eng.k_norm.append(w.vector(w.get(p + "self_attn.k_norm.weight", (d,))))
             if c.moe is not None:
-                eng._moe.append(load_moe_layer(eng, ckpt, p, w))
+                eng.moe_layers.append(load_moe_layer(eng, ckpt, p, w))
             elif fp8 is not None:
-                eng._wgu.append(fp8_linear([(p + "mlp.gate_proj", (inter, h)), (p + "mlp.up_proj", (inter, h))]))
-                eng._wd.append(fp8_linear([(p + "mlp.down_proj", (h, inter))]))
+                eng.wgu.append(fp8_linear([(p + "mlp.gate_proj", (inter, h)), (p + "mlp.up_proj", (inter, h))]))
+                eng.wd.append(fp8_linear([(p + "mlp.down_proj", (h, inter))]))
             else:
                 gate_up = [
                     rows(w.get(p + "mlp.gate_proj.weight", (inter, h)), r, n),
                     rows(w.get(p + "mlp.up_proj.weight", (inter, h)), r, n),
                 ]
-                eng._wgu.append(w.ptr(np.concatenate(gate_up)))
-                eng._wd.append(w.ptr(columns(w.get(p + "mlp.down_proj.weight", (h, inter)), r, n)))
-            eng._ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
-            eng._ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
-        eng._norm = w.vector(w.get("model.norm.weight", (h,)))
+                eng.wgu.append(w.ptr(np.concatenate(gate_up)))
+                eng.wd.append(w.ptr(columns(w.get(p + "mlp.down_proj.weight", (h, inter)), r, n)))
+            eng.ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
+            eng.ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
+        eng.final_norm = w.vector(w.get("model.norm.weight", (h,)))
 
     def plan_prefill_padded(self, eng: Engine, batch: int) -> None:
         """Plan the padded prefill of ``batch`` requests (the padding request included) for a CUDA graph: the
@@ -178,9 +178,9 @@ class Llama(ModelFamily):
     def _plan_own_prefill(self, eng: Engine, batch: int, cuda_graph: bool) -> None:
         """This class's prefill plan of ``batch`` requests into ``_prefill_plan`` (``cuda_graph``: see
         :func:`~fi_engine.kernels.flashinfer.prefill_plan`); the one body of the two methods above, ."""
-        c, ph = eng.config, eng._ph
-        eng._prefill_plan = kernels.prefill_plan(
-            eng._ws_prefill,
+        c, ph = eng.config, eng.prefill_arrays
+        eng.prefill_plan = kernels.prefill_plan(
+            eng.prefill_workspace,
             ph["qo_indptr"][: batch + 1],
             ph["kv_indptr"][: batch + 1],
             ph["kv_last_page_len"][:batch],
@@ -189,26 +189,27 @@ class Llama(ModelFamily):
             c.head_dim,
             eng.page_size,
             eng.dtype,
-            eng._s,
+            eng.stream_ptr,
             cuda_graph=cuda_graph,
             kv_dtype=eng.kv_dtype,
             sm_scale=eng.kv_sm_scale,
         )
 
     def plan_decode(self, eng: Engine, rows: int, cuda_graph: bool) -> None:
-        """Plan a decode step of ``rows`` rows whose index arrays are in ``eng._dh``; the plan of the last step is
+        """Plan a decode step of ``rows`` rows whose index arrays are in ``eng.decode_arrays``; the plan of the last
+        step is
         kept where this one's ``kv_indptr`` is the same (no request crossed a page boundary, 15 steps of 16 at
         page size 16): FlashInfer's decode plan reads only ``kv_indptr`` and the fixed settings, so it would write
         the same schedule again, and a plan costs the step 30-60 us of host time (benchmarks/bench_engine_host.py).
         """
         c = eng.config
-        indptr = eng._dh["kv_indptr"][: rows + 1]
+        indptr = eng.decode_arrays["kv_indptr"][: rows + 1]
         key = (rows, cuda_graph, indptr.tobytes())
-        if key == self._planned and eng._decode_plan is not None:
+        if key == self._planned and eng.decode_plan is not None:
             return
         self._planned = None  # until the plan below exists: a failed plan leaves nothing to reuse
-        eng._decode_plan = kernels.decode_plan(
-            eng._ws_decode,
+        eng.decode_plan = kernels.decode_plan(
+            eng.decode_workspace,
             indptr,
             c.num_qo_heads,
             c.num_kv_heads,
@@ -216,7 +217,7 @@ class Llama(ModelFamily):
             eng.page_size,
             eng.dtype,
             cuda_graph,
-            eng._s,
+            eng.stream_ptr,
             kv_dtype=eng.kv_dtype,
             sm_scale=eng.kv_sm_scale,
         )
@@ -224,47 +225,47 @@ class Llama(ModelFamily):
 
     def prefill_attention(self, eng: Engine, i: int, v: SimpleNamespace) -> None:
         kernels.prefill_run(
-            eng._prefill_plan,
+            eng.prefill_plan,
             v.q,
-            eng._k_cache[i],
-            eng._v_cache[i],
+            eng.k_cache[i],
+            eng.v_cache[i],
             v.qo_indptr,
             v.kv_indptr,
             v.kv_indices,
             v.kv_last_page_len,
             v.attn,
-            eng._s,
+            eng.stream_ptr,
         )
 
     def decode_attention(self, eng: Engine, i: int, v: SimpleNamespace) -> None:
         kernels.decode_run(
-            eng._decode_plan,
+            eng.decode_plan,
             v.q,
-            eng._k_cache[i],
-            eng._v_cache[i],
+            eng.k_cache[i],
+            eng.v_cache[i],
             v.kv_indptr,
             v.kv_indices,
             v.kv_last_page_len,
             v.attn,
-            eng._s,
+            eng.stream_ptr,
         )
 
     def forward(self, eng: Engine, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
         """Embedding to the final RMSNorm for ``rows`` token rows; leaves the normalized hidden states in x.
         ``static_moe``: MoE layers take their fixed-capacity device path (the decode graph's)."""
-        c, b, dense, s = eng.config, eng._buf, eng.dense, eng._s
-        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, eng._ab
+        c, b, dense, s = eng.config, eng.buffers, eng.dense, eng.stream_ptr
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, eng.gemm_type
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
-        normed = eng._normed.data.ptr  # x, or x2 with the fused all-reduce
-        w, hqd, last = eng._qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
-        fp8 = eng._kv_fp8
-        dense_moe = bool(eng._moe) and eng._dense_moe(rows)  # the MoE path of this step, chosen once
-        eng._embed_and_norm(v, rows)
+        normed = eng.normed.data.ptr  # x, or x2 with the fused all-reduce
+        w, hqd, last = eng.qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
+        fp8 = eng.kv_fp8
+        dense_moe = bool(eng.moe_layers) and eng.dense_moe(rows)  # the MoE path of this step, chosen once
+        eng.embed_and_norm(v, rows)
         for i in range(c.num_layers):
-            dense.linear(rows, normed, h, eng._wqkv[i], w, h, qkv, w, ab, ab)
+            dense.linear(rows, normed, h, eng.wqkv[i], w, h, qkv, w, ab, ab)
             if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE
-                kernels.qk_rmsnorm(v.q, eng._q_norm[i], eps, s)
-                kernels.qk_rmsnorm(v.k, eng._k_norm[i], eps, s)
+                kernels.qk_rmsnorm(v.q, eng.q_norm[i], eps, s)
+                kernels.qk_rmsnorm(v.k, eng.k_norm[i], eps, s)
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
             if fp8 is not None:  # K/V quantized to e4m3 on their way into the cache; the output times v_scale
                 fp8.append(v, rows, i)
@@ -274,8 +275,8 @@ class Llama(ModelFamily):
                     v.v,
                     v.batch_indices,
                     v.positions,
-                    eng._k_cache[i],
-                    eng._v_cache[i],
+                    eng.k_cache[i],
+                    eng.v_cache[i],
                     v.kv_indices,
                     v.kv_indptr,
                     v.kv_last_page_len,
@@ -284,19 +285,19 @@ class Llama(ModelFamily):
             attention(i, v)
             if fp8 is not None:
                 fp8.scale_output(v, rows)
-            dense.linear(rows, attn, hqd, eng._wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
-            eng._add_norm(v, eng._ln2[i])
+            dense.linear(rows, attn, hqd, eng.wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
+            eng.add_norm(v, eng.ln2[i])
             if dense_moe:  # every expert, no host step: capturable
-                eng._moe[i].forward_dense(eng._normed, b.x, rows)
-            elif eng._moe and (static_moe or rows <= eng.max_batch):  # device routing, fixed capacity: capturable
-                eng._moe[i].forward_static(eng._normed, b.x, rows)
-            elif eng._moe:  # routes on the host: synchronizes the stream (not capturable)
-                eng._moe[i].forward(eng._normed, b.x, rows)
+                eng.moe_layers[i].forward_dense(eng.normed, b.x, rows)
+            elif eng.moe_layers and (static_moe or rows <= eng.max_batch):  # device routing, fixed capacity: capturable
+                eng.moe_layers[i].forward_static(eng.normed, b.x, rows)
+            elif eng.moe_layers:  # routes on the host: synchronizes the stream (not capturable)
+                eng.moe_layers[i].forward(eng.normed, b.x, rows)
             else:
-                dense.linear(rows, normed, h, eng._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
+                dense.linear(rows, normed, h, eng.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab)
                 kernels.silu_and_mul(v.gu, v.act, s)
-                dense.linear(rows, act, inter, eng._wd[i], h, inter, x, h, ab, ab)
-            eng._add_norm(v, eng._ln1[i + 1] if i < last else eng._norm)
+                dense.linear(rows, act, inter, eng.wd[i], h, inter, x, h, ab, ab)
+            eng.add_norm(v, eng.ln1[i + 1] if i < last else eng.final_norm)
 
 
 class LlamaEngine(MoEPaths, Engine):
@@ -337,12 +338,12 @@ def load_moe_layer(eng: Engine, ckpt: Checkpoint, p: str, w: WeightLoader) -> An
     # the Llama pass: the fixed-capacity device path serves every step of at most max_batch rows (each decode step,
     # eager or a graph's replay): no host routing, so no stream synchronization per layer; longer prefills route on
     # the host. Other families (DeepSeek) take it in their decode graph only.
-    capacity = eng.max_batch if eng._static_moe or eng.family.llama_pass else None
+    capacity = eng.max_batch if eng.static_moe or eng.family.llama_pass else None
     # the dense-over-experts path's buffers where some step of at most max_batch rows takes it (moe_path_for is
     # monotonic in the rows: dense from some row count up)
-    dense_rows = eng.max_batch if eng._dense_moe(eng.max_batch) else None
-    if eng._moe_scratch is None:  # one set of activation buffers for every MoE layer (they run in turn)
-        eng._moe_scratch = MoEScratch(
+    dense_rows = eng.max_batch if eng.dense_moe(eng.max_batch) else None
+    if eng.family.moe_scratch is None:  # one set of activation buffers for every MoE layer (they run in turn)
+        eng.family.moe_scratch = MoEScratch(
             num_experts=e, hidden=h, intermediate=i, top_k=m.top_k, max_tokens=max_tokens, dtype=eng.dtype,
             capacity=capacity, dense_rows=dense_rows,
         )  # fmt: skip
@@ -387,8 +388,8 @@ def load_moe_layer(eng: Engine, ckpt: Checkpoint, p: str, w: WeightLoader) -> An
         max_tokens=max_tokens,
         stream=eng.stream,
         dense=eng.dense,
-        workspace=eng._ws_moe,
+        workspace=eng.moe_workspace,
         capacity=capacity,
-        scratch=eng._moe_scratch,
+        scratch=eng.family.moe_scratch,
         dense_rows=dense_rows,
     )

@@ -23,15 +23,16 @@ class WeightLoader:
     @classmethod
     def for_engine(cls, eng: Any, ckpt: Checkpoint, dtype: str) -> Self:
         """A loader of ``ckpt`` onto engine ``eng``'s device in ``dtype`` (the embedding's, which the family has
-        checked): sets ``eng.dtype``, the cuBLAS data types ``eng._ab`` (``dtype``) and ``eng._f32``, and a new
-        ``eng._weights``, the list that keeps the uploads alive."""
+        checked): sets ``eng.dtype``, the cuBLAS data types ``eng.gemm_type`` (``dtype``) and ``eng.gemm_f32``, and a
+        new
+        ``eng.device_arrays``, the list that keeps the uploads alive."""
         from ..kernels.dense import data_type
 
         eng.dtype = dtype
-        eng._ab = data_type(dtype)
-        eng._f32 = data_type("float32")
-        eng._weights = []
-        return cls(ckpt, eng._cp, dtype, eng.device, eng._weights)
+        eng.gemm_type = data_type(dtype)
+        eng.gemm_f32 = data_type("float32")
+        eng.device_arrays = []
+        return cls(ckpt, eng.cupy, dtype, eng.device, eng.device_arrays)
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """The tensor ``name`` (shape checked), in the checkpoint's dtype (bfloat16 as uint16 bits)."""
@@ -47,7 +48,7 @@ class WeightLoader:
     def embedding_and_head(self, eng: Any, c: Any) -> None:
         """Upload the token embedding and the LM head (the embedding itself where tied, or where the checkpoint has
         no ``lm_head.weight``) for engine ``eng`` of checkpoint config ``c``: the whole ``[V, H]`` tables, or this
-        rank's rows of them (its ``vocab_shard``). Sets ``eng._embed``, ``eng._lm_head`` and ``eng._head_rows`` (the
+        rank's rows of them (its ``vocab_shard``). Sets ``eng.embed``, ``eng.lm_head`` and ``eng.head_rows`` (the
         LM head's output columns on this rank)."""
         vs = eng.vocab_shard
 
@@ -55,10 +56,10 @@ class WeightLoader:
             whole = self.get(name, (c.vocab_size, c.hidden_size))
             return whole if vs is None else vs.take(whole)
 
-        eng._embed = self.ptr(table("model.embed_tokens.weight"))
+        eng.embed = self.ptr(table("model.embed_tokens.weight"))
         tied = c.tie_word_embeddings or "lm_head.weight" not in self.ckpt
-        eng._lm_head = eng._embed if tied else self.ptr(table("lm_head.weight"))
-        eng._head_rows = c.vocab_size if vs is None else vs.rows
+        eng.lm_head = eng.embed if tied else self.ptr(table("lm_head.weight"))
+        eng.head_rows = c.vocab_size if vs is None else vs.rows
 
     def upload(self, arr: np.ndarray) -> Any:
         """A device copy of ``arr`` (kept alive with the engine)."""

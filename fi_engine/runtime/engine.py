@@ -147,7 +147,7 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
             raise ImportError(
                 f"the Llama engine needs CuPy ({exc}); install it with: python -m pip install cupy-cuda13x"
             ) from exc
-        self._cp = cp
+        self.cupy = cp
         self._connect(settings)
         self._open(model_dir)
 
@@ -169,14 +169,14 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         if self.kv_cache_dtype == "fp8_e4m3":
             kv_fp8.check_supported(self.family, self.model_config, model_dir)
         self._kv_scales = settings.kv_cache_scales
-        self._kv_fp8: Any = None  # the FP8 cache's scales and kernels (kv_fp8.KvFp8), made once the model is loaded
+        self.kv_fp8: Any = None  # the FP8 cache's scales and kernels (kv_fp8.KvFp8), made once the model is loaded
         # one GPU: the config as read (a family's own config type, e.g. DeepSeek's, is never sharded)
         tp = self.tensor_parallel
         cfg = self.config = self.model_config if tp == 1 else shard_config(self.model_config, tp)
         # MoE layers (Llama family): the fixed-capacity device path (routing and token counts on the device; only
         # the chosen experts' weights are read; a graph can capture it) for every step of at most max_batch rows,
         # eager or captured; host routing for longer prefills
-        self._static_moe = self.cuda_graph and cfg.moe is not None
+        self.static_moe = self.cuda_graph and cfg.moe is not None
         sizes = settings.sizes(cfg)
         self.max_batch = sizes.max_batch
         self.page_size = sizes.page_size
@@ -189,7 +189,7 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         self._graph_batches: tuple[int, ...] = ()  # the rows of `graphs`, ascending (once captured)
         self._graphs_checked: set[int] = set()
         # the MoE layers' grouped-GEMM workspace: made by _load where the model has routed experts (close() frees it)
-        self._ws_moe: Any = None
+        self.moe_workspace: Any = None
         self.prefill_graphs = True
         # token-row buckets of the padded prefill graphs (fi_engine.runtime.paging.prefill_buckets says why these)
         self.prefill_buckets = prefill_buckets(self.max_prefill_tokens)
@@ -210,7 +210,7 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         self.prefill_graph_failures: dict[tuple[int, int], str] = {}
         self.comm: Any = None
         self._own_comm = False
-        self._allreduce: Any = None
+        self.allreduce: Any = None
         self._closed = True  # until _open has made everything
 
     def _connect(self, settings: EngineSettings) -> None:
@@ -252,20 +252,20 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         from ..layers import kv_fp8
         from ..layers.tensor_parallel import ResidualAllReduce
 
-        cp, device, cfg = self._cp, self.device, self.config
+        cp, device, cfg = self.cupy, self.device, self.config
         try:
             with cp.cuda.Device(device):
                 self.stream = cp.cuda.Stream(non_blocking=True)
-                self._s = self.stream.ptr
+                self.stream_ptr = self.stream.ptr
                 from ..kernels.dense import Dense
 
                 self.dense = Dense(self.stream)
                 ckpt = Checkpoint(model_dir)
                 self.family.load(self, ckpt)
                 if self.kv_cache_dtype == "fp8_e4m3":
-                    self._kv_fp8 = kv_fp8.open_fp8_cache(self, ckpt, self._kv_scales)
+                    self.kv_fp8 = kv_fp8.open_fp8_cache(self, ckpt, self._kv_scales)
                 if self.comm is not None:
-                    self._allreduce = ResidualAllReduce(
+                    self.allreduce = ResidualAllReduce(
                         self.comm,
                         max(self.max_prefill_tokens, self.max_batch),
                         cfg.hidden_size,
@@ -277,8 +277,8 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
                 # instead of 6.59 ms per step at batch 1, the same tokens (benchmarks/RESULTS.md); not yet measured
                 # with tensor parallelism, so off there
                 self._prepare_ahead = self.comm is None and self.family.plans_ahead()
-                self._ws_prefill = kernels.workspace(device)
-                self._ws_decode = kernels.workspace(device)
+                self.prefill_workspace = kernels.workspace(device)
+                self.decode_workspace = kernels.workspace(device)
                 # The uploads and zero fills above ran on the legacy stream, which our non-blocking stream does not
                 # wait for: finish them once here.
                 cp.cuda.Device(device).synchronize()
@@ -300,42 +300,44 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
                     self.comm.close()
             raise
 
-    def _embed_and_norm(self, v: SimpleNamespace, rows: int) -> None:
+    def embed_and_norm(self, v: SimpleNamespace, rows: int) -> None:
         """The embedding rows of ``v.token_ids`` into the residual stream ``h`` and the first layer's input norm into
         ``x2``; with a vocabulary shard each rank gathers the rows it has (zeros for the rest) into ``x``, and the
         all-reduce sums them into ``h = 0`` as the residual."""
-        c, b, dense, s = self.config, self._buf, self.dense, self._s
+        c, b, dense, s = self.config, self.buffers, self.dense, self.stream_ptr
         h, vs = c.hidden_size, self.vocab_shard
         if vs is None:
-            dense.gather_rows(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
-            kernels.rmsnorm(v.h, self._ln1[0], v.x2, c.rms_norm_eps, s)
+            dense.gather_rows(rows, self.embed, h, v.token_ids, b.h.data.ptr, h, h)
+            kernels.rmsnorm(v.h, self.ln1[0], v.x2, c.rms_norm_eps, s)
         else:
-            dense.gather_rows_shard(rows, self._embed, h, v.token_ids, b.x.data.ptr, h, h, vs.start, vs.valid)
-            self._cp.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
-            self._add_norm(v, self._ln1[0])
+            dense.gather_rows_shard(rows, self.embed, h, v.token_ids, b.x.data.ptr, h, h, vs.start, vs.valid)
+            self.cupy.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
+            self.add_norm(v, self.ln1[0])
 
-    def _add_norm(self, v: SimpleNamespace, weight: Any) -> None:
+    def add_norm(self, v: SimpleNamespace, weight: Any) -> None:
         """``h += x`` (summed over the ranks first with TP); the rows normalized with ``weight`` into ``x2``."""
         eps = self.config.rms_norm_eps
-        if self._allreduce is None and v.kind != "decode":
+        if self.allreduce is None and v.kind != "decode":
             # a prefill's view is met once per shape (an eager prefill) or captured once (a padded one): packing each
             # layer's call would check every argument of all of them (~0.25 ms each, ~14 ms for 30 layers on the
             # first prefill of a shape); the op's own launch cache checks the shape once and each call's pointers
-            kernels.fused_add_rmsnorm(v.x, v.h, weight, eps, self._s)
-        elif self._allreduce is None:  # packed once per view and weight (keyed by its address, a value): one FFI call
+            kernels.fused_add_rmsnorm(v.x, v.h, weight, eps, self.stream_ptr)
+        elif self.allreduce is None:  # packed once per view and weight (keyed by its address, a value): one FFI call
             call = v.prepared.get(weight.data_ptr)
             if call is None:
-                call = v.prepared[weight.data_ptr] = kernels.prepared_fused_add_rmsnorm(v.x, v.h, weight, eps, self._s)
+                call = v.prepared[weight.data_ptr] = kernels.prepared_fused_add_rmsnorm(
+                    v.x, v.h, weight, eps, self.stream_ptr
+                )
             call()
         else:
-            self._allreduce(v.x, v.h, weight, v.x2, eps, self._s)
+            self.allreduce(v.x, v.h, weight, v.x2, eps, self.stream_ptr)
 
     def _head(self, rows: int, x: int) -> None:
         """The LM head of ``rows`` normalized rows at ``x``: float32 logits into ``logits`` (whole vocabulary) or,
         with a vocabulary shard, this rank's columns into ``head``."""
-        h, n = self.config.hidden_size, self._head_rows
-        out = self._buf.logits if self.vocab_shard is None else self._buf.head
-        self.dense.linear(rows, x, h, self._lm_head, n, h, out.data.ptr, n, self._ab, self._f32)
+        h, n = self.config.hidden_size, self.head_rows
+        out = self.buffers.logits if self.vocab_shard is None else self.buffers.head
+        self.dense.linear(rows, x, h, self.lm_head, n, h, out.data.ptr, n, self.gemm_type, self.gemm_f32)
         self._finish_logits(out.data.ptr, rows, n)  # on the shard's columns too: sampling gathers finished logits
 
     # ------------------------------------------------------------------------------------------ the family's parts
@@ -377,7 +379,7 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         """The engine's own teardown (:meth:`close`)."""
         if self.comm is not None and self.comm.aborted:
             return  # the peers are gone or going: no synchronization (queued collectives never finish), no teardown
-        with self._cp.cuda.Device(self.device):
+        with self.cupy.cuda.Device(self.device):
             self.stream.synchronize()
             for graph in self.graphs.values():
                 graph.close()
@@ -386,13 +388,13 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
             for graph in self._prefill_graph_cache.values():
                 graph.close()
             self._prefill_graph_cache.clear()
-            self._ws_prefill.close()
-            self._ws_decode.close()
-            if self._ws_moe is not None:  # not `if self._moe`: DeepSeek lists None for its dense layers
-                self._ws_moe.close()
+            self.prefill_workspace.close()
+            self.decode_workspace.close()
+            if self.moe_workspace is not None:  # not `if self.moe_layers`: DeepSeek lists None for its dense layers
+                self.moe_workspace.close()
             self.dense.close()
-            if self._allreduce is not None:
-                self._allreduce.close()  # a collective: every rank closes its engine
+            if self.allreduce is not None:
+                self.allreduce.close()  # a collective: every rank closes its engine
             if self._own_comm:
                 self.comm.close()
 

@@ -3,9 +3,15 @@ Llama (and Qwen3, Mixtral, Qwen3-MoE), Gemma 2, gpt-oss and DeepSeek-V3/V2 is th
 layer body (embedding to the final norm) and their attention plans; the serving loop, buffers of the step index
 arrays, graphs, LM head and sampling are the engine's (:class:`~fi_engine.runtime.engine.Engine`).
 
-A definition is made once per engine (``Engine.definition()``: per-engine settings may live on it) and each of its
-methods takes the engine ``eng``, whose attributes hold the device state (``eng._wqkv``, ``eng._buf``, ...): the
-definition's ``load`` and ``allocate`` set them, its ``forward`` reads them. The engine calls, in its constructor,
+A definition is made once per engine (``Engine.definition()``) and keeps its own state on itself (Gemma 2's extra
+norms, gpt-oss's sinks, DeepSeek's MLA caches). Each of its methods takes the engine ``eng`` and reaches it only
+through the engine's family interface (declared and documented in :class:`~fi_engine.runtime.state.EngineState`):
+the device context (``eng.cupy``, ``eng.stream_ptr``, ``eng.dense``), the weights its ``load`` sets (``eng.wqkv``,
+``eng.ln1``, ...), the buffers its ``allocate`` sets or asks for (``eng.allocate_layers()``, ``eng.buffers``,
+``eng.k_cache``), the plans its ``plan_*`` set (``eng.decode_plan``), and the public methods ``embed_and_norm``,
+``add_norm``, ``dense_moe``; never a private (``_name``) attribute, which tests/package/test_structure.py checks.
+
+The engine calls, in its constructor,
 ``read_config``, ``check`` (before any GPU work, with ``tensor_parallel`` and ``cuda_graph`` set), ``load``,
 ``allocate``; per step ``plan_prefill`` / ``plan_decode``, ``forward`` with ``prefill_attention`` /
 ``decode_attention``, ``finish_logits``; ``close`` after its own teardown.
@@ -36,6 +42,10 @@ class ModelFamily:
     """What has no FP8 KV-cache kernel in this family (``kv_cache_dtype="fp8_e4m3"`` is refused naming it, see
     :mod:`~fi_engine.layers.kv_fp8`); ``""`` where its attention reads an e4m3 cache (the Llama pass)."""
 
+    moe_scratch: Any = None
+    """The activation buffers every MoE layer of the model shares (:class:`~fi_engine.layers.moe.MoEScratch`; they
+    run in turn), made by the first MoE layer's load; None for a model without routed experts."""
+
     def read_config(self, model_dir: str | Path) -> Any:
         """The checkpoint's config (``config.json``), parsed and checked (ValueError naming the key): by default a
         :class:`~fi_engine.checkpoint.config.LlamaConfig` of the Llama family's model types. A family reads its own:
@@ -51,16 +61,16 @@ class ModelFamily:
         """Refuse what this family cannot serve (ValueError naming the field and the fix), before any GPU work."""
 
     def load(self, eng: Any, ckpt: Checkpoint) -> None:
-        """The weights onto the GPU (``eng.dtype``, ``eng._embed``, ``eng._lm_head``, ``eng._head_rows``, the
+        """The weights onto the GPU (``eng.dtype``, ``eng.embed``, ``eng.lm_head``, ``eng.head_rows``, the
         layers')."""
         raise NotImplementedError
 
     def allocate(self, eng: Any) -> None:
-        """The engine's buffers: by default the Llama pass's (``Storage._allocate_layers``)."""
-        eng._allocate_layers()
+        """The engine's buffers: by default the Llama pass's (``Storage.allocate_layers``)."""
+        eng.allocate_layers()
 
     def plan_prefill(self, eng: Any, batch: int) -> None:
-        """Plan the prefill attention of ``batch`` requests from the host index arrays ``eng._ph``."""
+        """Plan the prefill attention of ``batch`` requests from the host index arrays ``eng.prefill_arrays``."""
         raise NotImplementedError
 
     def plan_prefill_padded(self, eng: Any, batch: int) -> None:
@@ -73,7 +83,8 @@ class ModelFamily:
         return False
 
     def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
-        """Plan a decode step of ``rows`` rows whose index arrays are in ``eng._dh``; sets ``eng._decode_plan`` (the
+        """Plan a decode step of ``rows`` rows whose index arrays are in ``eng.decode_arrays``; sets
+        ``eng.decode_plan`` (the
         plan whose schedule layout the decode graph checks)."""
         raise NotImplementedError
 
@@ -86,7 +97,7 @@ class ModelFamily:
         raise NotImplementedError
 
     def forward(self, eng: Any, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
-        """Embedding to the final norm for ``rows`` token rows; the normalized rows end in ``eng._normed``.
+        """Embedding to the final norm for ``rows`` token rows; the normalized rows end in ``eng.normed``.
         ``attention(i, v)``: the prefill or decode attention; ``static_moe``: the decode graph's MoE path."""
         raise NotImplementedError
 

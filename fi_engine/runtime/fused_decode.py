@@ -70,19 +70,19 @@ class FusedDecode(EngineState):
         return (
             self.fused_decode
             and type(self).definition.llama_pass
-            and self._allreduce is None
+            and self.allreduce is None
             and self.vocab_shard is None
             and self.dense.fuses_fp8
-            and not (self._moe and self.dense.serves_fp8 and not self.dense.fp8_fused)  # (dense layers only)
+            and not (self.moe_layers and self.dense.serves_fp8 and not self.dense.fp8_fused)  # (dense layers only)
             and self.dense.fused_fits(rows, c.hidden_size)
             and (
-                self._moe[0].packs_step(rows, self._dense_moe(rows))  # every MoE layer alike: its first says
-                if self._moe
+                self.moe_layers[0].packs_step(rows, self.dense_moe(rows))  # every MoE layer alike: its first says
+                if self.moe_layers
                 else self.dense.fused_fits(rows, c.intermediate_size)
             )
         )
 
-    def _dense_moe(self, rows: int) -> bool:
+    def dense_moe(self, rows: int) -> bool:
         """Whether the MoE layers run a step of ``rows`` rows dense over the experts: the engine's ``moe_path``
         (:class:`~fi_engine.runtime.moe_paths.MoEPaths`); never for engines without it (DeepSeek's: the dense path does
         not
@@ -113,7 +113,7 @@ class FusedDecode(EngineState):
         embed, layers, head = calls
         embed()
         if self.packed_attention:
-            plan = self._decode_plan
+            plan = self.decode_plan
             for (before, after), run in zip(layers, self._attention_runs(v, plan), strict=True):
                 for call in before:
                     call()
@@ -129,7 +129,7 @@ class FusedDecode(EngineState):
                 for call in after:
                     call()
         head()
-        self._finish_logits(self._buf.logits.data.ptr, rows, self._head_rows)
+        self._finish_logits(self.buffers.logits.data.ptr, rows, self.head_rows)
 
     def _attention_runs(self, v: SimpleNamespace, plan: Any) -> list[Any]:
         """Each layer's decode attention run over view ``v`` packed once (``kernels.prepared_decode_run``), for plans
@@ -140,8 +140,8 @@ class FusedDecode(EngineState):
             index = (v.kv_indptr, v.kv_indices, v.kv_last_page_len)
             pdl = self.attention_pdl and self.dense.launches_with_pdl
             runs = [
-                kernels.prepared_decode_run(plan, v.q, kc, vc, *index, v.attn, self._s, enable_pdl=pdl)
-                for kc, vc in zip(self._k_cache, self._v_cache, strict=True)
+                kernels.prepared_decode_run(plan, v.q, kc, vc, *index, v.attn, self.stream_ptr, enable_pdl=pdl)
+                for kc, vc in zip(self.k_cache, self.v_cache, strict=True)
             ]
             found = v.prepared["attention runs"] = (plan._context, runs)
         runs_: list[Any] = found[1]
@@ -157,16 +157,16 @@ class FusedDecode(EngineState):
 
         if self.dense.serves_fp8 and not self.dense.fp8_fused:
             return self._fp8_fused_calls(v, rows)
-        c, b, dense, s = self.config, self._buf, self.dense, self._s
-        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
+        c, b, dense, s = self.config, self.buffers, self.dense, self.stream_ptr
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self.gemm_type
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
-        w, hqd = self._qkv_width, c.num_qo_heads * c.head_dim
+        w, hqd = self.qkv_width, c.num_qo_heads * c.head_dim
         fused = dense.prepared_fused
         cur, other = b.h.data.ptr, b.h_alt.data.ptr  # the residual stream, and where its next value goes
-        embed = dense.prepared_gather(rows, self._embed, h, v.token_ids, cur, h, h)
+        embed = dense.prepared_gather(rows, self.embed, h, v.token_ids, cur, h, h)
         # RoPE and the KV append as the QKV GEMV's epilogue, unless Qwen3's per-head norms come between,
         # or an FP8 cache comes (that epilogue stores 16-bit K/V: RoPE and the quantizing append run on their own)
-        fp8 = self._kv_fp8
+        fp8 = self.kv_fp8
         # (and not over FP8 weights: the epilogue's kernel reads 16-bit ones)
         in_gemv = not c.qk_norm and fp8 is None and dense.has_qkv_rope(ab, c.head_dim) and not dense.serves_fp8
         # SiLU-and-mul as the gate/up GEMV's epilogue (its input to the down GEMV made once, not in each block)
@@ -175,14 +175,14 @@ class FusedDecode(EngineState):
         for i in range(c.num_layers):
             # i == 0: input_layernorm of the embedding rows (rmsnorm); then h += the previous layer's down output
             # and input_layernorm (fused_add_rmsnorm), the new residual into `other`
-            mode, ln, h_out = (NORM, self._ln1[0].data_ptr, 0) if i == 0 else (ADD_NORM, self._ln1[i].data_ptr, other)
+            mode, ln, h_out = (NORM, self.ln1[0].data_ptr, 0) if i == 0 else (ADD_NORM, self.ln1[i].data_ptr, other)
             if in_gemv:
                 epilogue = self._rope_append(i, v)
                 qkv_call = dense.prepared_qkv_rope(
-                    mode, rows, x, h, self._wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue
+                    mode, rows, x, h, self.wqkv[i], h, qkv, w, ab, cur, h, ln, h_out, eps, epilogue
                 )
             else:
-                qkv_call = fused(mode, rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
+                qkv_call = fused(mode, rows, x, h, self.wqkv[i], w, h, qkv, w, ab, ab, cur, h, ln, h_out, eps)
             before = [qkv_call]
             if i:
                 cur, other = other, cur
@@ -190,14 +190,14 @@ class FusedDecode(EngineState):
                 before += self._separate_rope_append(v, rows, i)
             scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
             after = [] if scale is None else [scale]
-            after.append(dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab))
-            if self._moe:
+            after.append(dense.prepared_linear(rows, attn, hqd, self.wo[i], h, hqd, x, h, ab, ab))
+            if self.moe_layers:
                 # the grouped-GEMV step: h += o's output and post_attention_layernorm as the router GEMV's
                 # prologue (the new residual into `other`, as the dense layers' gate/up GEMV writes it), the
                 # routing as its epilogue, then the experts; their output into x (the next GEMV's prologue adds it)
-                layer = self._moe[i]
-                dense_moe = self._dense_moe(rows)
-                ln = self._ln2[i].data_ptr
+                layer = self.moe_layers[i]
+                dense_moe = self.dense_moe(rows)
+                ln = self.ln2[i].data_ptr
                 moe = None if dense_moe else layer.prepared_normed_step(b.x, b.x, rows, cur, other, ln, eps)
                 if moe is not None:
                     cur, other = other, cur
@@ -208,36 +208,36 @@ class FusedDecode(EngineState):
                 # the experts' GEMVs read the normalized rows whole), then the MoE step's launches packed by the
                 # layer, its output into x
                 resid = v.h if cur == b.h.data.ptr else kernels.descriptor(cur, (rows, h), self.dtype, self.device)
-                after.append(kernels.prepared_fused_add_rmsnorm(v.x, resid, self._ln2[i], eps, s))
-                moe = layer.prepared_step(self._normed, b.x, rows, dense_moe)
+                after.append(kernels.prepared_fused_add_rmsnorm(v.x, resid, self.ln2[i], eps, s))
+                moe = layer.prepared_step(self.normed, b.x, rows, dense_moe)
                 if moe is None:
                     raise AssertionError(f"layer {i}: its MoE step of {rows} rows has no packed launches")
                 after.extend(moe)
                 layers.append((before, after))
                 continue
             # h += o's output; post_attention_layernorm; gate/up; then down of silu(gate) * up
-            ln = self._ln2[i].data_ptr
+            ln = self.ln2[i].data_ptr
             if silu_in_gate_up:
-                wgu = self._wgu[i]
+                wgu = self.wgu[i]
                 after.append(
                     dense.prepared_gate_up_silu(
                         ADD_NORM, rows, x, h, wgu, 2 * inter, h, act, inter, ab, cur, h, ln, other, eps
                     )
                 )
-                after.append(dense.prepared_linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab))
+                after.append(dense.prepared_linear(rows, act, inter, self.wd[i], h, inter, x, h, ab, ab))
             else:
                 after.append(
                     fused(
-                        ADD_NORM, rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab, cur, h, ln, other, eps
+                        ADD_NORM, rows, x, h, self.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab, cur, h, ln, other, eps
                     )
                 )
-                after.append(fused(SILU, rows, gu, 2 * inter, self._wd[i], h, inter, x, h, ab, ab))
+                after.append(fused(SILU, rows, gu, 2 * inter, self.wd[i], h, inter, x, h, ab, ab))
             cur, other = other, cur
             layers.append((before, after))
         # h += the last down output; the final norm; the LM head (the new residual is not needed: no h_out)
-        n, logits, ln = self._head_rows, b.logits.data.ptr, self._norm.data_ptr
+        n, logits, ln = self.head_rows, b.logits.data.ptr, self.final_norm.data_ptr
         mode = ADD_NORM if c.num_layers else NORM
-        head = fused(mode, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, ln, 0, eps)
+        head = fused(mode, rows, x, h, self.lm_head, n, h, logits, n, ab, self.gemm_f32, cur, h, ln, 0, eps)
         return embed, layers, head
 
     def _fp8_fused_calls(self, v: SimpleNamespace, rows: int) -> tuple[Any, list[tuple[list[Any], list[Any]]], Any]:
@@ -252,41 +252,43 @@ class FusedDecode(EngineState):
         a prologue would (the FP8 weights' shorter GEMVs pay that more than 16-bit ones: ``Dense.fp8_fused``)."""
         from ..kernels.dense import ADD_NORM, NORM
 
-        c, b, dense, s = self.config, self._buf, self.dense, self._s
-        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self._ab
+        c, b, dense, s = self.config, self.buffers, self.dense, self.stream_ptr
+        h, inter, eps, ab = c.hidden_size, c.intermediate_size, c.rms_norm_eps, self.gemm_type
         x, qkv, attn, gu, act = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr, b.gu.data.ptr, b.act.data.ptr
-        w, hqd = self._qkv_width, c.num_qo_heads * c.head_dim
-        fp8 = self._kv_fp8
-        embed = dense.prepared_gather(rows, self._embed, h, v.token_ids, b.h.data.ptr, h, h)
+        w, hqd = self.qkv_width, c.num_qo_heads * c.head_dim
+        fp8 = self.kv_fp8
+        embed = dense.prepared_gather(rows, self.embed, h, v.token_ids, b.h.data.ptr, h, h)
         rope_in_gemv = not c.qk_norm and fp8 is None and c.head_dim in (64, 128, 256, 512)
         pdl = self.norm_pdl and dense.launches_with_pdl
         layers = []
         for i in range(c.num_layers):
             if i == 0:  # input_layernorm of the embedding rows into x
-                before = [kernels.prepared_rmsnorm(v.h, self._ln1[0], v.x, eps, s, pdl)]
+                before = [kernels.prepared_rmsnorm(v.h, self.ln1[0], v.x, eps, s, pdl)]
             else:  # h += the previous layer's down output; x = input_layernorm(h)
-                before = [kernels.prepared_fused_add_rmsnorm(v.x, v.h, self._ln1[i], eps, s, pdl)]
-            if rope_in_gemv and dense.has_fp8_weight(self._wqkv[i]):
+                before = [kernels.prepared_fused_add_rmsnorm(v.x, v.h, self.ln1[i], eps, s, pdl)]
+            if rope_in_gemv and dense.has_fp8_weight(self.wqkv[i]):
                 rope = self._rope_append(i, v)
-                before.append(dense.prepared_fp8_qkv_rope(rows, x, h, self._wqkv[i], h, qkv, w, ab, rope))
+                before.append(dense.prepared_fp8_qkv_rope(rows, x, h, self.wqkv[i], h, qkv, w, ab, rope))
             else:
-                before.append(dense.prepared_linear(rows, x, h, self._wqkv[i], w, h, qkv, w, ab, ab))
+                before.append(dense.prepared_linear(rows, x, h, self.wqkv[i], w, h, qkv, w, ab, ab))
                 before += self._separate_rope_append(v, rows, i)
             scale = fp8.prepared_scale(v, rows) if fp8 is not None else None  # attn *= v_scale (None where 1)
             after = [] if scale is None else [scale]
-            after.append(dense.prepared_linear(rows, attn, hqd, self._wo[i], h, hqd, x, h, ab, ab))
-            after.append(kernels.prepared_fused_add_rmsnorm(v.x, v.h, self._ln2[i], eps, s, pdl))
-            if dense.has_fp8_weight(self._wgu[i]):  # silu(gate) * up straight into act
-                after.append(dense.prepared_fp8_silu(rows, x, h, self._wgu[i], h, act, inter, ab))
+            after.append(dense.prepared_linear(rows, attn, hqd, self.wo[i], h, hqd, x, h, ab, ab))
+            after.append(kernels.prepared_fused_add_rmsnorm(v.x, v.h, self.ln2[i], eps, s, pdl))
+            if dense.has_fp8_weight(self.wgu[i]):  # silu(gate) * up straight into act
+                after.append(dense.prepared_fp8_silu(rows, x, h, self.wgu[i], h, act, inter, ab))
             else:
-                after.append(dense.prepared_linear(rows, x, h, self._wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab))
+                after.append(dense.prepared_linear(rows, x, h, self.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab))
                 after.append(kernels.prepared_silu_and_mul(v.gu, v.act, s))
-            after.append(dense.prepared_linear(rows, act, inter, self._wd[i], h, inter, x, h, ab, ab))
+            after.append(dense.prepared_linear(rows, act, inter, self.wd[i], h, inter, x, h, ab, ab))
             layers.append((before, after))
         # h += the last down output; the final norm; the LM head
-        n, logits, ln, cur = self._head_rows, b.logits.data.ptr, self._norm.data_ptr, b.h.data.ptr
+        n, logits, ln, cur = self.head_rows, b.logits.data.ptr, self.final_norm.data_ptr, b.h.data.ptr
         mode = ADD_NORM if c.num_layers else NORM
-        head = dense.prepared_fused(mode, rows, x, h, self._lm_head, n, h, logits, n, ab, self._f32, cur, h, ln, 0, eps)
+        head = dense.prepared_fused(
+            mode, rows, x, h, self.lm_head, n, h, logits, n, ab, self.gemm_f32, cur, h, ln, 0, eps
+        )
         return embed, layers, head
 
     def _separate_rope_append(self, v: SimpleNamespace, rows: int, i: int) -> list[Any]:
@@ -294,16 +296,16 @@ class FusedDecode(EngineState):
         ``_forward`` calls them (``fi_ffi.prepare``: the step writes its positions and page table into the view's
         index arrays, which the kernels read at each launch): Qwen3's per-head q and k norms, RoPE, and the KV
         append (the quantizing one into an FP8 cache)."""
-        c, s, eps, fp8 = self.config, self._s, self.config.rms_norm_eps, self._kv_fp8
+        c, s, eps, fp8 = self.config, self.stream_ptr, self.config.rms_norm_eps, self.kv_fp8
         calls = []
         if c.qk_norm:  # Qwen3: each q and k head normalized before RoPE
-            calls.append(kernels.prepared_qk_rmsnorm(v.q, self._q_norm[i], eps, s))
-            calls.append(kernels.prepared_qk_rmsnorm(v.k, self._k_norm[i], eps, s))
+            calls.append(kernels.prepared_qk_rmsnorm(v.q, self.q_norm[i], eps, s))
+            calls.append(kernels.prepared_qk_rmsnorm(v.k, self.k_norm[i], eps, s))
         calls.append(kernels.prepared_rope_inplace(v.q, v.k, v.positions, c.rope, s))
         if fp8 is not None:
             calls.append(fp8.prepared_append(v, rows, i))
         else:
-            append = (v.k, v.v, v.batch_indices, v.positions, self._k_cache[i], self._v_cache[i])
+            append = (v.k, v.v, v.batch_indices, v.positions, self.k_cache[i], self.v_cache[i])
             index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
             calls.append(kernels.prepared_append_kv(*append, *index, s))
         return calls
@@ -314,7 +316,7 @@ class FusedDecode(EngineState):
         from ..kernels.dense import RopeAppend
 
         c, r = self.config, self.config.rope
-        kc, vc = self._k_cache[i], self._v_cache[i]
+        kc, vc = self.k_cache[i], self.v_cache[i]
         return RopeAppend(
             hq=c.num_qo_heads,
             hk=c.num_kv_heads,

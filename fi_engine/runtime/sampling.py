@@ -135,7 +135,7 @@ class Sampling(EngineState):
         """Make the sampling buffers on the first sampled step (outside any graph capture)."""
         if self._probs is not None:
             return
-        cp, b, vocab = self._cp, self.max_batch, self.config.vocab_size
+        cp, b, vocab = self.cupy, self.max_batch, self.config.vocab_size
         self._probs = cp.empty((b, vocab), np.float32)
         self._softmax_ws = cp.empty((kernels.softmax_workspace_bytes(b, vocab),), np.uint8)
         self._valid = cp.empty((b,), np.bool_) if kernels.sampling_needs_valid() else None
@@ -170,7 +170,7 @@ class Sampling(EngineState):
             float(sampling.top_p),
             float(sampling.temperature),
             draws.generator,
-            self._s,
+            self.stream_ptr,
             valid,
         )
 
@@ -180,7 +180,7 @@ class Sampling(EngineState):
         """Rows of several streams or parameters, greedy ones among them (``ids`` holds every row's argmax): softmax
         with per-row temperatures, one sampling call per stream into ``choice[max_batch:]``, then the rows gathered
         from ``choice`` (the argmax for greedy rows, their sample for the others) back into ``ids``."""
-        cp, b, vocab, s = self._cp, self.max_batch, self.config.vocab_size, self._s
+        cp, b, vocab, s = self.cupy, self.max_batch, self.config.vocab_size, self.stream_ptr
         lay, host = self._slayout, self._shosts[self._sturn]
         self._sturn = 1 - self._sturn
         o = lay.offsets
@@ -205,7 +205,7 @@ class Sampling(EngineState):
                 source[i] = b + at + j
             spans.append((draws, at, len(idx)))
             at += len(idx)
-        meta, ids = self._smeta.data.ptr, self._buf.ids.data.ptr
+        meta, ids = self._smeta.data.ptr, self.buffers.ids.data.ptr
         cp.cuda.runtime.memcpyAsync(meta, _address(host), 4 * lay.total, _H2D, s)
         choice = self._choice.data.ptr
         cp.cuda.runtime.memcpyAsync(choice, ids, 4 * n, _D2D, s)
@@ -229,22 +229,22 @@ class Sampling(EngineState):
     def _argmax(self, rows: int) -> None:
         """Greedy tokens into ``ids`` from what :meth:`_head` wrote; with a vocabulary shard each rank's argmax
         (value, global id) is all-gathered and combined (the same token on every rank)."""
-        b, vs = self._buf, self.vocab_shard
+        b, vs = self.buffers, self.vocab_shard
         if vs is None:
             v = self.config.vocab_size
             self.dense.argmax(rows, b.logits.data.ptr, v, v, b.ids.data.ptr)
             return
         self.dense.argmax_shard(rows, b.head.data.ptr, vs.valid, vs.rows, vs.start, b.pairs.data.ptr)
-        self.comm.all_gather(b.pairs[:rows], b.pairs_all[: vs.parts * rows * 2], stream=self._s)
+        self.comm.all_gather(b.pairs[:rows], b.pairs_all[: vs.parts * rows * 2], stream=self.stream_ptr)
         self.dense.combine_argmax(rows, b.pairs_all.data.ptr, vs.parts, b.ids.data.ptr)
 
     def _gather_logits(self, rows: int) -> None:
         """With a vocabulary shard: every rank's logits columns into the whole ``logits [rows, V]`` (sampling)."""
-        vs, b = self.vocab_shard, self._buf
+        vs, b = self.vocab_shard, self.buffers
         assert vs is not None
         if self._gathered is None:  # made on the first sampled step, outside any graph capture
-            self._gathered = self._cp.empty(vs.parts * self.max_batch * vs.rows, np.float32)
-        self.comm.all_gather(b.head[:rows], self._gathered[: vs.parts * rows * vs.rows], stream=self._s)
+            self._gathered = self.cupy.empty(vs.parts * self.max_batch * vs.rows, np.float32)
+        self.comm.all_gather(b.head[:rows], self._gathered[: vs.parts * rows * vs.rows], stream=self.stream_ptr)
         v = self.config.vocab_size
         self.dense.unshard_columns(rows, self._gathered.data.ptr, vs.rows, v, b.logits.data.ptr, v)
 
@@ -255,4 +255,4 @@ class Sampling(EngineState):
         kernel, so the ids agree bit for bit without a collective (one NCCL call and its host time saved per
         step)."""
         if self.comm is not None and (sampled or not self._ids_agree):
-            self.comm.broadcast(self._buf.ids, root=0, stream=self._s)
+            self.comm.broadcast(self.buffers.ids, root=0, stream=self.stream_ptr)

@@ -234,9 +234,9 @@ class ServingLoop(EngineState, StepEngineBase):
         sched = self._sched
         if sched is None or (not sched.has_work and self._inflight is None):
             return out
-        cp = self._cp
+        cp = self.cupy
         if self._ffi_stream is None:
-            self._ffi_stream = stream_scope(self._s, self.device)
+            self._ffi_stream = stream_scope(self.stream_ptr, self.device)
         # the device, CuPy's current stream and TVM-FFI's are the engine's for this step only (a device switch, CuPy's
         # thread-local stream, two TVM-FFI calls; the stream_scope is made once), so the caller's thread keeps its
         # own between steps
@@ -385,7 +385,7 @@ class ServingLoop(EngineState, StepEngineBase):
         if not sched.same_rows(rows):
             return False
         self._staged.synchronize()  # the copies out of the staging buffers of the step before are done
-        self._upload_decode(len(rows), fill_decode(rows, self.page_size, self._dh, ahead=1), cuda_graph=True)
+        self._upload_decode(len(rows), fill_decode(rows, self.page_size, self.decode_arrays, ahead=1), cuda_graph=True)
         self._next_rows = rows
         return True
 
@@ -470,10 +470,10 @@ class ServingLoop(EngineState, StepEngineBase):
         reqs = self._submit(sched, prompts, max_new_tokens, sampling, eos_token_ids, draws)
         self._next_rows = None
         result = GenerationResult([], [])
-        cp = self._cp
+        cp = self.cupy
         # TVM-FFI's current stream is the engine's for the whole call: every op is given that stream, and finds it
         # current already (one query instead of a set and a restore around each of the ~10 kernels per layer)
-        with cp.cuda.Device(self.device), self.stream, stream_scope(self._s, self.device):
+        with cp.cuda.Device(self.device), self.stream, stream_scope(self.stream_ptr, self.device):
             try:
                 if self.pipelined_decode and self.graph is not None and self.comm is None:
                     launched = None
@@ -572,7 +572,7 @@ class ServingLoop(EngineState, StepEngineBase):
         sched = self._scheduler()
         reqs = self._submit(sched, prompts, 1, None, (), None)
         out: dict[int, np.ndarray] = {}
-        with self._cp.cuda.Device(self.device), self.stream, stream_scope(self._s, self.device):
+        with self.cupy.cuda.Device(self.device), self.stream, stream_scope(self.stream_ptr, self.device):
             try:
                 while sched.has_work:
                     admitted = sched.admit()
@@ -728,7 +728,7 @@ class ServingLoop(EngineState, StepEngineBase):
         host = full.get(stream=self.stream)
         if host.ndim == 3:  # [ranks, nnz, V/N]: the columns side by side, the padding dropped
             host = np.concatenate(list(host), axis=1)[:, : c.vocab_size]
-        bounds = self._ph["qo_indptr"][: len(reqs) + 1].tolist()
+        bounds = self.prefill_arrays["qo_indptr"][: len(reqs) + 1].tolist()
         return [host[bounds[i] : bounds[i + 1]] for i in range(len(reqs))]
 
     def _prefill_launch(
@@ -751,14 +751,14 @@ class ServingLoop(EngineState, StepEngineBase):
         passes take ``max_batch``, so that a server replays one graph per bucket, each captured before it serves:
         :meth:`warm_serving`). Returns the launched pass and, with ``all_logits``, the float32 logits of every row (on
         the device)."""
-        cp, c, b, s = self._cp, self.config, self._buf, self._s
+        cp, c, b, s = self.cupy, self.config, self.buffers, self.stream_ptr
         ahead = 1 if behind else 0
         if riders:
             sched.grow_pages(riders, ahead)  # each rider's next token may open a page
         rows = [*riders, *reqs]
         batch = len(rows)
         self._next_rows = None  # the prefill's tokens overwrite `ids`: a step prepared before it cannot run
-        ph = self._ph
+        ph = self.prefill_arrays
         nnz, n_pages = fill_prefill(rows, self.page_size, ph, ahead)
         k = len(riders) if behind else 0
         if k:  # riders come first, one row each: rows 0..k-1 take the tokens of their slots
@@ -789,11 +789,11 @@ class ServingLoop(EngineState, StepEngineBase):
             self._forward(v, nnz, self._prefill_attention)
         full = None
         if all_logits:  # a check, not serving: allocated here
-            hr = self._head_rows
+            hr = self.head_rows
             part = cp.empty((nnz, hr), np.float32)
             self.dense.linear(
-                nnz, self._normed.data.ptr, c.hidden_size, self._lm_head, hr, c.hidden_size, part.data.ptr, hr,
-                self._ab, self._f32,
+                nnz, self.normed.data.ptr, c.hidden_size, self.lm_head, hr, c.hidden_size, part.data.ptr, hr,
+                self.gemm_type, self.gemm_f32,
             )  # fmt: skip
             full = part
             self._finish_logits(part.data.ptr, nnz, hr)
@@ -802,7 +802,7 @@ class ServingLoop(EngineState, StepEngineBase):
                 self.comm.all_gather(part, full, stream=s)
         h = c.hidden_size
         vs = v if width == batch else self._view("prefill", nnz, width)  # the sampled rows: one per slot
-        self.dense.gather_rows(width, self._normed.data.ptr, h, vs.last_rows, b.last.data.ptr, h, h)
+        self.dense.gather_rows(width, self.normed.data.ptr, h, vs.last_rows, b.last.data.ptr, h, h)
         self._head(width, b.last.data.ptr)
         self._share_ids(self._pick(vs, width, by_slot if sched.sampled else None))
         cp.cuda.runtime.memcpyAsync(_address(self._ids_host), b.ids.data.ptr, 4 * width, _D2H, s)
@@ -865,20 +865,20 @@ class ServingLoop(EngineState, StepEngineBase):
             rows = prepared
             n = len(rows)
             token_ids = self._dmeta.data.ptr + 4 * self._dlayout.offsets["token_ids"]
-            self._cp.cuda.runtime.memcpyAsync(token_ids, self._buf.ids.data.ptr, 4 * n, _D2D, self._s)
+            self.cupy.cuda.runtime.memcpyAsync(token_ids, self.buffers.ids.data.ptr, 4 * n, _D2D, self.stream_ptr)
         else:
             rows = sched.decode_rows(padded=graph is not None)
             if graph is not None:  # the first slots, as many as the smallest graph holding every request
                 rows = rows[: sched.graph_rows(rows, self._graph_batches)]
             n = len(rows)
-            self._upload_decode(n, fill_decode(rows, self.page_size, self._dh), cuda_graph=graph is not None)
+            self._upload_decode(n, fill_decode(rows, self.page_size, self.decode_arrays), cuda_graph=graph is not None)
         v = self._view("decode", n, n)
         draw_rows = rows if sched.sampled else None  # None: every row greedy (one counter read, no row scan)
         if graph is not None:
             graph = self.graphs[n]
             if n not in self._graphs_checked:
                 # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
-                if self._decode_plan.info != self._graph_plan_infos[n]:
+                if self.decode_plan.info != self._graph_plan_infos[n]:
                     raise RuntimeError(
                         f"a CUDA-graph decode plan of {n} rows changed its schedule layout; the captured graph "
                         f"cannot replay it"
@@ -891,13 +891,13 @@ class ServingLoop(EngineState, StepEngineBase):
                 self._fused_step(v, n)
             else:
                 self._forward(v, n, self._decode_attention)
-                self._head(n, self._normed.data.ptr)
+                self._head(n, self.normed.data.ptr)
             sampled = self._pick(v, n, draw_rows)
         self._share_ids(sampled)
         turn = self._decode_turn
         self._decode_turn = 1 - turn
         ids, done = self._decode_ids[turn], self._decode_done[turn]
-        self._cp.cuda.runtime.memcpyAsync(_address(ids), self._buf.ids.data.ptr, 4 * n, _D2H, self._s)
+        self.cupy.cuda.runtime.memcpyAsync(_address(ids), self.buffers.ids.data.ptr, 4 * n, _D2H, self.stream_ptr)
         done.record(self.stream)
         if graph is not None and self._prepare_ahead:
             # the next step, as it will be unless a request ends with an end-of-sequence token or a prefill comes
@@ -907,7 +907,7 @@ class ServingLoop(EngineState, StepEngineBase):
             self._staged_wait_s = time.perf_counter() - t  # (a step launched ahead waits here for the one before)
             ahead = sched.peek_rows(depth)
             ahead = ahead[: sched.graph_rows(ahead, self._graph_batches)]
-            filled = fill_decode(ahead, self.page_size, self._dh, ahead=depth)
+            filled = fill_decode(ahead, self.page_size, self.decode_arrays, ahead=depth)
             self._upload_decode(len(ahead), filled, cuda_graph=True)
             self._next_rows = ahead
         return _LaunchedStep(rows, ids, done)

@@ -52,62 +52,77 @@ class EngineState:
     dtype: str
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "fp8_e4m3" (fi_engine.layers.kv_fp8)
     vocab_shard: VocabShard | None
-    _kv_fp8: Any = None  # kv_fp8.KvFp8 with an FP8 cache (class default: an engine assembled without __init__)
+    kv_fp8: Any = None  # kv_fp8.KvFp8 with an FP8 cache (class default: an engine assembled without __init__)
     _kv_scales: tuple[float, float] | None = None
 
     @property
     def kv_dtype(self) -> str:
         """The KV cache's element type as the attention ops name it: the model's dtype, or ``float8_e4m3fn``."""
-        return "float8_e4m3fn" if self._kv_fp8 is not None else self.dtype
+        return "float8_e4m3fn" if self.kv_fp8 is not None else self.dtype
 
     @property
     def kv_sm_scale(self) -> float | None:
         """The attention plans' softmax scale: None (``1/sqrt(head_dim)``), or with an FP8 cache that times its
         ``k_scale`` (the FP8 modules take no scales: flashinfer-python's wrappers fold it the same way)."""
-        return self._kv_fp8.sm_scale if self._kv_fp8 is not None else None
+        return self.kv_fp8.sm_scale if self.kv_fp8 is not None else None
 
-    _cp: Any
-    _s: int
     _closed: bool
     _own_comm: bool
-    _allreduce: Any
-    _static_moe: bool
     _ids_agree: bool
-    # weights (the family's load): device addresses, descriptors of vectors, the MoE layers
-    _weights: list[Any]
-    _ab: Any
-    _f32: Any
-    _embed: int
-    _lm_head: int
-    _head_rows: int
-    _wqkv: list[int]
-    _wo: list[int]
-    _wgu: list[int]
-    _wd: list[int]
-    _ln1: list[Any]
-    _ln2: list[Any]
-    _norm: Any
-    _q_norm: list[Any]
-    _k_norm: list[Any]
-    _moe: list[Any]
-    _moe_scratch: Any
-    _ws_moe: Any
-    # buffers (the family's allocate): activations, KV cache, step index arrays and their views
-    _buf: SimpleNamespace
-    _normed: Any
-    _qkv_width: int
-    _k_cache: list[Any]
-    _v_cache: list[Any]
-    _ws_prefill: Any
-    _ws_decode: Any
+
+    # ---- the family interface ------------------------------------------------------------------------------------
+    # What a model family (runtime.family.ModelFamily; fi_engine.models) reads and sets on the engine ``eng`` it is
+    # given: these public attributes and the public methods embed_and_norm, add_norm, allocate_layers,
+    # allocate_steps, dense_moe. Nothing else: a family keeps its own state on itself (the family object is made
+    # once per engine), and tests/package/test_structure.py fails on any private attribute a model module reaches.
+    #
+    # the engine's device context (set by the constructor; read by every family)
+    cupy: Any  # the CuPy module (device arrays, RawModule kernels)
+    stream_ptr: int  # the engine's CUDA stream (cudaStream_t as an int): every launch goes on it
+    allreduce: Any  # tensor_parallel.ResidualAllReduce on a tensor-parallel rank, else None
+    static_moe: bool  # MoE layers take the fixed-capacity device path for steps of at most max_batch rows
+    # the weights (set by the family's load, mostly through models.weights.WeightLoader): device addresses (int) of
+    # row-major [out, in] matrices in the model's dtype, or fi_ffi descriptors of vectors; one entry per layer
+    device_arrays: list[Any]  # every uploaded array, kept alive with the engine
+    gemm_type: Any  # cuBLAS data type of the weights (Dense.data_type(dtype)); gemm_f32: float32's
+    gemm_f32: Any
+    embed: int  # [vocab rows of this rank, hidden] token embedding
+    lm_head: int  # [head_rows, hidden] (the embedding's address where tied)
+    head_rows: int  # the LM head's output columns on this rank (vocab_size, or this rank's vocabulary shard)
+    wqkv: list[int]  # [(Hq + 2 Hk) * D, hidden] fused q, k, v projections (or an FP8 weight's handle)
+    wo: list[int]  # [hidden, Hq * D]
+    wgu: list[int]  # [2 * intermediate, hidden] fused gate and up (dense MLP layers)
+    wd: list[int]  # [hidden, intermediate]
+    ln1: list[Any]  # [hidden] input_layernorm weights
+    ln2: list[Any]  # [hidden] post_attention_layernorm weights
+    final_norm: Any  # [hidden] the model's final norm
+    q_norm: list[Any]  # [D] Qwen3's per-head q norm (empty where the model has none); k_norm: k's
+    k_norm: list[Any]
+    moe_layers: list[Any]  # layers.moe.MoELayer per layer (None for a dense layer); [] for a dense model
+    moe_workspace: Any  # the MoE layers' grouped-GEMM workspace (None without routed experts)
+    # the buffers (the family's allocate: allocate_layers for the Llama pass, or its own layout): activations of
+    # max(max_prefill_tokens, max_batch) rows, the paged KV cache, the attention workspaces, the step index arrays
+    buffers: SimpleNamespace  # the activation buffers (h, x, qkv, attn, gu, act, last, logits, ids, kv, ...)
+    normed: Any  # where the normalized rows of the final norm land (buffers.x, or x2 with the fused all-reduce)
+    qkv_width: int  # (Hq + 2 Hk) * D: a qkv buffer row
+    k_cache: list[Any]  # per layer, a descriptor of [num_pages, page_size, Hk, D] keys (kv_dtype)
+    v_cache: list[Any]  # values, as k_cache
+    prefill_workspace: Any  # the prefill attention's fi_ffi Workspace; decode_workspace: the decode's
+    decode_workspace: Any
+    decode_arrays: dict[str, np.ndarray]  # the decode step's host index arrays (paging.decode_layout), by name
+    prefill_arrays: dict[str, np.ndarray]  # the prefill pass's (paging.prefill_layout)
+    # the attention plans (set by the family's plan_decode / plan_prefill): the decode graph checks the decode
+    # plan's schedule layout
+    decode_plan: Any
+    prefill_plan: Any
+    # ---- end of the family interface
+
     _dlayout: Layout
     _playout: Layout
     _dmeta: Any
     _dhost: np.ndarray
     _pmeta: Any
     _phost: np.ndarray
-    _dh: dict[str, np.ndarray]
-    _ph: dict[str, np.ndarray]
     _ids_mem: Any
     _ids_host: np.ndarray
     _prefill_done: Any
@@ -143,8 +158,6 @@ class EngineState:
     _staged: Any
     _staged_wait_s: float
     _prepare_ahead: bool
-    _decode_plan: Any
-    _prefill_plan: Any
     graphs: dict[int, Any]
     _graph_plan_infos: dict[int, Any]
     _graph_batches: tuple[int, ...]
@@ -184,10 +197,10 @@ class EngineState:
         def _finish_logits(self, logits: int, rows: int, columns: int) -> None:
             raise NotImplementedError
 
-        def _embed_and_norm(self, v: SimpleNamespace, rows: int) -> None:
+        def embed_and_norm(self, v: SimpleNamespace, rows: int) -> None:
             raise NotImplementedError
 
-        def _add_norm(self, v: SimpleNamespace, weight: Any) -> None:
+        def add_norm(self, v: SimpleNamespace, weight: Any) -> None:
             raise NotImplementedError
 
         def _head(self, rows: int, x: int) -> None:

@@ -74,8 +74,8 @@ class StepGraphs(EngineState):
         if self.graph_fused_decode and rows == 1 and self._fuses(rows):
             self._fused_step(v, rows)
         else:
-            self._forward(v, rows, self._decode_attention, static_moe=self._static_moe)
-            self._head(rows, self._normed.data.ptr)
+            self._forward(v, rows, self._decode_attention, static_moe=self.static_moe)
+            self._head(rows, self.normed.data.ptr)
         self._argmax(rows)
 
     def _capture(self) -> None:
@@ -93,19 +93,21 @@ class StepGraphs(EngineState):
         from ..kernels.graph import CudaGraph
 
         for rows in self.decode_graph_batches:
-            n_pages = fill_decode([None] * rows, self.page_size, self._dh)
+            n_pages = fill_decode([None] * rows, self.page_size, self.decode_arrays)
             self._upload_decode(rows, n_pages, cuda_graph=True)
             v = self._view("decode", rows, rows)
             self._decode_body(v, rows)
             self.stream.synchronize()
-            graph = self.graphs[rows] = CudaGraph(self._s)  # kept at once: close() frees it if the capture fails
+            graph = self.graphs[rows] = CudaGraph(
+                self.stream_ptr
+            )  # kept at once: close() frees it if the capture fails
             # Nothing in the step may allocate: memory handed out during capture would go back to CuPy's pool after
             # it and be reused while every replay still writes to it. The step only uses buffers made in __init__;
             # this allocator turns a regression into an error at capture instead of silent corruption.
-            with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
+            with self.cupy.cuda.using_allocator(_refuse_allocation), graph.capture():
                 self._decode_body(v, rows)
             # the plan's schedule layout of this batch size, which every replay's plan must keep (checked once)
-            self._graph_plan_infos[rows] = self._decode_plan.info
+            self._graph_plan_infos[rows] = self.decode_plan.info
         self.graph = self.graphs[self.max_batch]
         self._graph_batches = tuple(self.graphs)  # ascending: what each step's rows are cut to (serving)
 
@@ -113,7 +115,7 @@ class StepGraphs(EngineState):
         """Copy the step's index arrays to the device and plan the step (``cuda_graph``: a fixed-batch plan for
         the captured graph)."""
         n = self._dlayout.end("kv_indices", n_pages)
-        self._cp.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, _address(self._dhost), 4 * n, _H2D, self._s)
+        self.cupy.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, _address(self._dhost), 4 * n, _H2D, self.stream_ptr)
         self._plan_decode(rows, cuda_graph)
         self._staged.record(self.stream)  # the host staging (ours and the plan's) may be rewritten after this
 
@@ -142,7 +144,7 @@ class StepGraphs(EngineState):
         ``max_batch`` for a mixed pass); None: it runs eagerly, unpadded. Eager for MoE layers (host routing
         synchronizes), tensor parallelism, the engines that override the pass, ``prefill_graphs = False``, and a
         shape whose capture failed before (:attr:`prefill_graph_failures`)."""
-        if not self.prefill_graphs or self._moe or self.comm is not None or not type(self).definition.llama_pass:
+        if not self.prefill_graphs or self.moe_layers or self.comm is not None or not type(self).definition.llama_pass:
             return None
         bucket = bucket_for(nnz, self.prefill_buckets)
         return None if (bucket, slots) in self.prefill_graph_failures else bucket
@@ -190,7 +192,7 @@ class StepGraphs(EngineState):
         At most :data:`_PREFILL_GRAPHS` are kept, the least recently replayed evicted first.
         """
         cache = self._prefill_graph_cache
-        key = (rows, batch, *self._prefill_plan.info)
+        key = (rows, batch, *self.prefill_plan.info)
         graph = cache.pop(key, None)
         if graph is None:
             graph = self._capture_prefill(v, rows, batch)
@@ -210,9 +212,9 @@ class StepGraphs(EngineState):
         if len(cache) >= _PREFILL_GRAPHS:  # the least recently replayed goes, after its last replay
             self.stream.synchronize()
             cache.pop(next(iter(cache))).close()
-        graph = CudaGraph(self._s)
+        graph = CudaGraph(self.stream_ptr)
         try:
-            with self._cp.cuda.using_allocator(_refuse_allocation), graph.capture():
+            with self.cupy.cuda.using_allocator(_refuse_allocation), graph.capture():
                 self._forward(v, rows, self._prefill_attention)
         except Exception as exc:  # e.g. a launch refused in capture, an allocation, instantiation refused
             graph.close()

@@ -26,22 +26,22 @@ _H2D, _D2H, _D2D = 1, 2, 3  # cudaMemcpyKind
 class Storage(EngineState):
     """Allocation of the engine's buffers and step arrays, and the step views over them."""
 
-    def _allocate_layers(self) -> None:
+    def allocate_layers(self) -> None:
         """The Llama pass's buffers (``_buf``): activations of ``max(max_prefill_tokens, max_batch)`` rows, the
         last-row gather, logits and ids of ``max_batch`` rows, the paged KV cache ``[layers, 2, pages, page_size,
         Hk, D]`` (with its per-layer descriptors), the vocabulary shard's and the fused all-reduce's; then the step
         arrays (:meth:`_allocate_steps`). A family's ``allocate`` calls it, or lays out its own."""
         from ..kernels.dense import GEMV_MAX_ROWS
 
-        cp, c = self._cp, self.config
+        cp, c = self.cupy, self.config
         storage = np.float16 if self.dtype == "float16" else np.uint16
         rows = max(self.max_prefill_tokens, self.max_batch)
         hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
-        self._qkv_width = (hq + 2 * hk) * d
-        b = self._buf = SimpleNamespace(
+        self.qkv_width = (hq + 2 * hk) * d
+        b = self.buffers = SimpleNamespace(
             h=cp.empty((rows, h), storage),
             x=cp.empty((rows, h), storage),
-            qkv=cp.empty((rows, self._qkv_width), storage),
+            qkv=cp.empty((rows, self.qkv_width), storage),
             attn=cp.empty((rows, hq * d), storage),
             gu=cp.empty((rows, 2 * c.intermediate_size), storage),
             act=cp.empty((rows, c.intermediate_size), storage),
@@ -50,41 +50,39 @@ class Storage(EngineState):
             logits=cp.empty((self.max_batch, c.vocab_size), np.float32),
             ids=cp.empty(self.max_batch, np.int32),
             # one byte per element with an FP8 cache (kv_cache_dtype="fp8_e4m3": e4m3 bits), else the model's dtype
-            kv=cp.zeros(
-                (c.num_layers, 2, self.num_pages, self.page_size, hk, d), np.uint8 if self._kv_fp8 else storage
-            ),
+            kv=cp.zeros((c.num_layers, 2, self.num_pages, self.page_size, hk, d), np.uint8 if self.kv_fp8 else storage),
         )
         self._allocate_attention_caches()
         if self.vocab_shard is not None:
             # this rank's logits columns, and every rank's shard argmax (value bits, index); the whole logits are
             # only gathered (into `logits`) for sampling
-            b.head = cp.empty((self.max_batch, self._head_rows), np.float32)
+            b.head = cp.empty((self.max_batch, self.head_rows), np.float32)
             b.pairs = cp.empty((self.max_batch, 2), np.int32)
             b.pairs_all = cp.empty(self.tensor_parallel * self.max_batch * 2, np.int32)
         # where the normalized rows live: x (normalized in place), or x2 when the fused all-reduce writes them
-        if self._allreduce is not None and self._allreduce.fused:
+        if self.allreduce is not None and self.allreduce.fused:
             b.x2 = cp.empty((rows, h), storage)
-        self._normed = b.x2 if hasattr(b, "x2") else b.x
-        self._allocate_steps()
+        self.normed = b.x2 if hasattr(b, "x2") else b.x
+        self.allocate_steps()
 
     def _allocate_attention_caches(self) -> None:
         """Descriptors of each layer's K and V cache in ``_buf.kv``."""
-        c, b = self.config, self._buf
+        c, b = self.config, self.buffers
         kv_shape = (self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
         dtype = self.kv_dtype
-        self._k_cache = [
+        self.k_cache = [
             kernels.descriptor(b.kv[i, 0].data.ptr, kv_shape, dtype, self.device, owner=b.kv)
             for i in range(c.num_layers)
         ]
-        self._v_cache = [
+        self.v_cache = [
             kernels.descriptor(b.kv[i, 1].data.ptr, kv_shape, dtype, self.device, owner=b.kv)
             for i in range(c.num_layers)
         ]
 
-    def _allocate_steps(self) -> None:
+    def allocate_steps(self) -> None:
         """The per-step index arrays (host staging and device), the token-id buffers and the sampling state:
         what every architecture's serving loop shares."""
-        cp = self._cp
+        cp = self.cupy
         max_pages = self.num_pages  # every request's pages at once, plus padding rows' page 0
         max_pages += self.max_batch
         self._dlayout = decode_layout(self.max_batch, max_pages)
@@ -92,8 +90,8 @@ class Storage(EngineState):
         self._playout = prefill_layout(self.max_prefill_tokens, self.max_batch, max_pages, padded=True)
         self._dmeta, self._dhost = self._meta(self._dlayout.total)
         self._pmeta, self._phost = self._meta(self._playout.total)
-        self._dh = self._dlayout.views(self._dhost)
-        self._ph = self._playout.views(self._phost)
+        self.decode_arrays = self._dlayout.views(self._dhost)
+        self.prefill_arrays = self._playout.views(self._phost)
         self._ids_mem = cp.cuda.alloc_pinned_memory(12 * self.max_batch)
         self._ids_host = np.frombuffer(self._ids_mem, np.int32, self.max_batch)  # a prefill's tokens, by slot
         self._prefill_done = cp.cuda.Event(disable_timing=True)  # the end of their copy
@@ -131,11 +129,11 @@ class Storage(EngineState):
 
     def _meta(self, n: int) -> tuple[Any, np.ndarray]:
         """A device int32 buffer of ``n`` entries and its page-locked host staging twin."""
-        mem = self._cp.cuda.alloc_pinned_memory(4 * n)
+        mem = self.cupy.cuda.alloc_pinned_memory(4 * n)
         host = np.frombuffer(mem, np.int32, n)
         host[:] = 0
-        self._weights.append(mem)
-        return self._cp.zeros(n, np.int32), host
+        self.device_arrays.append(mem)
+        return self.cupy.zeros(n, np.int32), host
 
     def _view(self, kind: str, rows: int, batch: int) -> SimpleNamespace:
         """:func:`step_views` over the engine's buffers, made once per shape."""
@@ -144,12 +142,12 @@ class Storage(EngineState):
         if v is None:
             if len(self._views) > 256:
                 self._views.clear()
-            b = self._buf
+            b = self.buffers
             meta, layout = (self._dmeta, self._dlayout) if kind == "decode" else (self._pmeta, self._playout)
             arrays = {
                 "h": b.h,
                 "x": b.x,
-                "x2": self._normed,
+                "x2": self.normed,
                 "qkv": b.qkv,
                 "attn": b.attn,
                 "gu": b.gu,

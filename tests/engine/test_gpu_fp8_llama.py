@@ -143,7 +143,7 @@ def compare_epilogue_step(path, monkeypatch, lens=(11,), **engine_kw) -> None:  
             original, logits = engine._pick, []
 
             def pick(v, rows, sampling, logits=logits, original=original, engine=engine):  # type: ignore[no-untyped-def]
-                logits.append(engine._buf.logits[:rows].get())  # this step's logits, before the argmax
+                logits.append(engine.buffers.logits[:rows].get())  # this step's logits, before the argmax
                 original(v, rows, sampling)
 
             engine._pick = pick

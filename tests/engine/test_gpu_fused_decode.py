@@ -324,7 +324,7 @@ def test_fused_decode_step_matches_the_separate_launches(tmp_path, model):
             logits: list[np.ndarray] = []
 
             def pick(v, rows, sampling, logits=logits):
-                logits.append(engine._buf.logits[:rows].get())  # this step's logits, before the argmax
+                logits.append(engine.buffers.logits[:rows].get())  # this step's logits, before the argmax
                 original(v, rows, sampling)
 
             engine._pick = pick
@@ -362,7 +362,7 @@ def test_packed_attention_runs_give_bit_equal_logits(tmp_path, model):
             logits: list[np.ndarray] = []
 
             def pick(v, rows, sampling, logits=logits):
-                logits.append(engine._buf.logits[:rows].get())
+                logits.append(engine.buffers.logits[:rows].get())
                 original(v, rows, sampling)
 
             engine._pick = pick

@@ -98,7 +98,7 @@ def max_diff(a, b) -> float:
 
 def kv_pages(e: LlamaEngine) -> np.ndarray:
     """The KV cache of every page but the padding page (float32, on the host)."""
-    kv = e._buf.kv[:, :, 1:].get()
+    kv = e.buffers.kv[:, :, 1:].get()
     return kv.astype(np.float32) if kv.dtype == np.float16 else (kv.astype(np.uint32) << 16).view(np.float32)
 
 

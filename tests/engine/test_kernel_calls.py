@@ -256,12 +256,12 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
     try:
         eng = object.__new__(LlamaEngine)
         eng.family = LlamaEngine.definition()  # the layer body's attention (the constructor makes it)
-        eng.config, eng._s, eng._head_rows = c, 0, 0
+        eng.config, eng.stream_ptr, eng.head_rows = c, 0, 0
         eng.dense = SimpleNamespace(launches_with_pdl=False)  # as batch_decode_run launches (no PDL)
         shape = (PAGES, PS, c.num_kv_heads, c.head_dim)
-        eng._k_cache = [kernels.descriptor(FAKE + ((16 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
-        eng._v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
-        eng._buf = SimpleNamespace(logits=SimpleNamespace(data=SimpleNamespace(ptr=0)))
+        eng.k_cache = [kernels.descriptor(FAKE + ((16 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
+        eng.v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
+        eng.buffers = SimpleNamespace(logits=SimpleNamespace(data=SimpleNamespace(ptr=0)))
         order: list[tuple[str, int]] = []
         eng._finish_logits = lambda *_: order.append(("finish", len(probe.seen)))
         v = views(c, dtype, "decode")
@@ -274,7 +274,7 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
         seen: dict[bool, list[object]] = {}
         packed_runs = []
         for step, indptr in enumerate(([0, 2, 3, 4], [0, 1, 3, 5], [0, 3, 4, 7])):
-            eng._decode_plan = kernels.decode_plan(ws, np.array(indptr, np.int32), *args[:4], dtype, False, 0)
+            eng.decode_plan = kernels.decode_plan(ws, np.array(indptr, np.int32), *args[:4], dtype, False, 0)
             for packed in (False, True):
                 eng.packed_attention = packed
                 order.clear()
@@ -288,7 +288,7 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
                 assert order == [*want, ("head", c.num_layers), ("finish", c.num_layers)]
             assert seen[True] == seen[False], f"step {step}: the packed runs' frames differ"
             packed_runs.append(v.prepared["attention runs"])
-            assert packed_runs[-1][0] == eng._decode_plan._context
+            assert packed_runs[-1][0] == eng.decode_plan._context
         assert packed_runs[0] is packed_runs[1] is packed_runs[2]  # packed once for the context, reused by each step
         # the caches of each layer reached its own run
         k_slot = [p.name for p in decode.RUN.params].index("k_cache")
@@ -324,21 +324,21 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
         c = replace(c, rope=RopeConfig(theta=5e5, llama3=True, factor=8.0))
     v = views(c, dtype, "decode")
     eng = object.__new__(LlamaEngine)
-    eng.config, eng._s, eng._ab, eng._f32, eng._head_rows = c, 0, 1, 2, 0
+    eng.config, eng.stream_ptr, eng.gemm_type, eng.gemm_f32, eng.head_rows = c, 0, 1, 2, 0
     buffer = SimpleNamespace(data=SimpleNamespace(ptr=FAKE))
-    eng._buf = SimpleNamespace(
+    eng.buffers = SimpleNamespace(
         x=buffer, qkv=buffer, attn=buffer, gu=buffer, act=buffer, h=buffer, h_alt=buffer, logits=buffer
     )
-    eng._qkv_width, eng._embed, eng._lm_head = 0, 0, 0
+    eng.qkv_width, eng.embed, eng.lm_head = 0, 0, 0
     weight = kernels.descriptor(FAKE + (40 << 30), (c.hidden_size,), dtype, 0)  # (the FP8 step packs its norms)
-    eng._norm, eng._ln1, eng._ln2 = weight, [weight] * c.num_layers, [weight] * c.num_layers
-    eng._wqkv = eng._wo = eng._wgu = eng._wd = [0] * c.num_layers
-    eng._moe = []  # a dense model
+    eng.final_norm, eng.ln1, eng.ln2 = weight, [weight] * c.num_layers, [weight] * c.num_layers
+    eng.wqkv = eng.wo = eng.wgu = eng.wd = [0] * c.num_layers
+    eng.moe_layers = []  # a dense model
     head_w = [kernels.descriptor(FAKE + ((30 + i) << 30), (c.head_dim,), dtype, 0) for i in range(2 * c.num_layers)]
-    eng._q_norm, eng._k_norm = head_w[: c.num_layers], head_w[c.num_layers :]
+    eng.q_norm, eng.k_norm = head_w[: c.num_layers], head_w[c.num_layers :]
     shape = (PAGES, PS, c.num_kv_heads, c.head_dim)
-    eng._k_cache = [kernels.descriptor(FAKE + ((16 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
-    eng._v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
+    eng.k_cache = [kernels.descriptor(FAKE + ((16 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
+    eng.v_cache = [kernels.descriptor(FAKE + ((17 + 2 * i) << 30), shape, dtype, 0) for i in range(c.num_layers)]
     stand_in = lambda *_: "gemv"  # noqa: E731
     eng.dense = SimpleNamespace(
         prepared_gather=stand_in,
@@ -354,7 +354,7 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
         prepared_fp8_silu=stand_in,
     )
     if fp8:
-        eng._kv_fp8 = None
+        eng.kv_fp8 = None
     op = "_apply_llama31_rope_pos_ids" if llama3 else "_apply_rope_pos_ids"
     launches = (getattr(rope, op), page._append, norm._qk_rmsnorm)
     probe = FrameProbe()
@@ -376,11 +376,11 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
                 call()
             packed_frames = [probe.seen.pop(0) for _ in packed]
             if qk_norm:  # as _forward calls them
-                kernels.qk_rmsnorm(v.q, eng._q_norm[i], c.rms_norm_eps, 0)
-                kernels.qk_rmsnorm(v.k, eng._k_norm[i], c.rms_norm_eps, 0)
+                kernels.qk_rmsnorm(v.q, eng.q_norm[i], c.rms_norm_eps, 0)
+                kernels.qk_rmsnorm(v.k, eng.k_norm[i], c.rms_norm_eps, 0)
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, 0)
             index = (v.kv_indices, v.kv_indptr, v.kv_last_page_len)
-            kernels.append_kv(v.k, v.v, v.batch_indices, v.positions, eng._k_cache[i], eng._v_cache[i], *index, 0)
+            kernels.append_kv(v.k, v.v, v.batch_indices, v.positions, eng.k_cache[i], eng.v_cache[i], *index, 0)
             assert packed_frames == [probe.seen.pop(0) for _ in packed], f"layer {i}"
             assert probe.seen == []
     finally:

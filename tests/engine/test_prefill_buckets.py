@@ -331,7 +331,7 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     e.num_pages = num_pages = pages_for(max_tokens, PS) + max_batch + 1
     rec = Recorder(rt)
     e.prefill_graphs = True
-    e._moe = []
+    e.moe_layers = []
     e.comm = None
     e.page_size = PS
     e.max_batch = max_batch
@@ -340,18 +340,18 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     e._prefill_graph_cache = {}
     e.prefill_graph_failures = {}
     e._next_rows = None
-    e._s = 1234
+    e.stream_ptr = 1234
     e.config = SimpleNamespace(hidden_size=8, vocab_size=1000)
     e._playout = prefill_layout(max_tokens, max_batch, num_pages + max_batch, padded=True)
     e._phost = np.zeros(e._playout.total, np.int32)
-    e._ph = e._playout.views(e._phost)
+    e.prefill_arrays = e._playout.views(e._phost)
     e._pmeta = SimpleNamespace(data=SimpleNamespace(ptr=0x1000))
-    e._buf = SimpleNamespace(
+    e.buffers = SimpleNamespace(
         last=SimpleNamespace(data=SimpleNamespace(ptr=0x2000)), ids=SimpleNamespace(data=SimpleNamespace(ptr=0x2400))
     )
-    e._normed = SimpleNamespace(data=SimpleNamespace(ptr=0x2800))
+    e.normed = SimpleNamespace(data=SimpleNamespace(ptr=0x2800))
     copies: list[int] = []
-    e._cp = SimpleNamespace(
+    e.cupy = SimpleNamespace(
         cuda=SimpleNamespace(
             runtime=SimpleNamespace(memcpyAsync=lambda dst, src, n, kind, s: copies.append(n)),
             using_allocator=lambda allocator: contextlib.nullcontext(),
@@ -367,7 +367,7 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
         rec.forwards.append((rows, capturing))
 
     def plan(batch, cuda_graph):
-        ph = e._ph
+        ph = e.prefill_arrays
         qo = ph["qo_indptr"][: batch + 1].copy()
         kv = ph["kv_indptr"][: batch + 1].copy()
         last = ph["kv_last_page_len"][:batch].copy()
@@ -375,7 +375,7 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
         plan_checks.check_last_page_len("kv_last_page_len", last, kv, PS, lengths=True)
         rec.plans.append({"batch": batch, "qo": qo.tolist(), "cuda_graph": cuda_graph})
         # a CUDA-graph plan's schedule vector depends on (total rows, batch) only (FlashInfer's scheduler)
-        e._prefill_plan = SimpleNamespace(info=(int(qo[-1]), batch, int(cuda_graph)))
+        e.prefill_plan = SimpleNamespace(info=(int(qo[-1]), batch, int(cuda_graph)))
 
     e._forward = forward
     e._plan_prefill = lambda batch: plan(batch, False)
@@ -433,7 +433,7 @@ def test_graphs_off_moe_and_failed_shapes_prefill_eagerly_unpadded(fake_rt):
     e.prefill_graphs = False
     prefill(e, [20])
     e.prefill_graphs = True
-    e._moe = [object()]  # MoE layers route on the host: never captured
+    e.moe_layers = [object()]  # MoE layers route on the host: never captured
     prefill(e, [21])
     assert rec.forwards == [(20, False), (21, False)]
     assert rec.plans == [

@@ -298,8 +298,8 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
     e.max_seq_len, e.max_prefill_tokens = 256, 512
     e._sched, e._requests, e._aborted, e._shared_draws, e._next_rows = None, {}, [], None, None
     e._ffi_stream = contextlib.nullcontext()
-    e.device, e._s = 0, 0
-    e._cp = SimpleNamespace(cuda=SimpleNamespace(Device=lambda d: contextlib.nullcontext()))
+    e.device, e.stream_ptr = 0, 0
+    e.cupy = SimpleNamespace(cuda=SimpleNamespace(Device=lambda d: contextlib.nullcontext()))
     e.stream = _Stream()
     e.steps = []  # ("prefill", rids) / ("mixed", riders' rids, rids) / ("decode", rids) in the order they ran
     e.behind = 0  # prefill passes launched behind a decode step in flight
@@ -365,7 +365,7 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
     e._staged = _Done()
     e._upload_decode = lambda rows, n_pages, cuda_graph: None
     decode_arrays = decode_layout(max_batch, num_pages + max_batch)
-    e._dh = decode_arrays.views(np.zeros(decode_arrays.total, np.int32))
+    e.decode_arrays = decode_arrays.views(np.zeros(decode_arrays.total, np.int32))
     e._decode_step = decode_step
     e._decode_launch = decode_launch
     return e
@@ -912,7 +912,7 @@ def test_a_mixed_step_hands_each_stream_its_rows_and_merges_the_samples_into_the
 
     B, V = 6, 1000
     e = LlamaEngine.__new__(LlamaEngine)
-    e.max_batch, e.device, e._s = B, 0, 0
+    e.max_batch, e.device, e.stream_ptr = B, 0, 0
     e.config = SimpleNamespace(vocab_size=V)
     e.vocab_shard = None
 
@@ -920,13 +920,13 @@ def test_a_mixed_step_hands_each_stream_its_rows_and_merges_the_samples_into_the
         return SimpleNamespace(data=SimpleNamespace(ptr=address), shape=shape)
 
     ids, choice, meta = 1 << 40, 2 << 40, 3 << 40
-    e._buf = SimpleNamespace(ids=buffer(ids))
+    e.buffers = SimpleNamespace(ids=buffer(ids))
     e._probs, e._softmax_ws, e._valid = buffer(4 << 40), buffer(5 << 40, (64,)), None
     e._slayout = _sample_layout(B)
     e._shosts, e._sturn = (np.zeros(e._slayout.total, np.int32), np.zeros(e._slayout.total, np.int32)), 0
     e._smeta, e._choice = buffer(meta), buffer(choice)
     copies, launches = [], []
-    e._cp = SimpleNamespace(cuda=SimpleNamespace(runtime=SimpleNamespace(memcpyAsync=lambda *a: copies.append(a[:3]))))
+    e.cupy = SimpleNamespace(cuda=SimpleNamespace(runtime=SimpleNamespace(memcpyAsync=lambda *a: copies.append(a[:3]))))
     e.dense = SimpleNamespace(gather_rows=lambda *a: launches.append(("gather", a)))
     monkeypatch.setattr(kernels, "softmax", lambda *a: launches.append(("softmax", a)))
     monkeypatch.setattr(kernels, "sample_rows", lambda *a: launches.append(("sample", a)))
@@ -975,7 +975,7 @@ def test_pick_launches_only_the_argmax_for_greedy_rows_and_one_call_for_a_unifor
     from fi_engine.kernels import flashinfer as kernels
 
     e = LlamaEngine.__new__(LlamaEngine)
-    e.max_batch, e.device, e._s, e.vocab_shard = 4, 0, 0, None
+    e.max_batch, e.device, e.stream_ptr, e.vocab_shard = 4, 0, 0, None
     e.config = SimpleNamespace(vocab_size=1000)
     ptr = SimpleNamespace(data=SimpleNamespace(ptr=1 << 40), shape=(64,))
     e._probs, e._softmax_ws, e._valid = ptr, ptr, None

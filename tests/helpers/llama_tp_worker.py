@@ -59,7 +59,7 @@ def main() -> None:
                 ps, MAX_NEW, eos_token_ids=(), sampling=SamplingParams(temperature=1.0, top_k=1, seed=7)
             ).tokens
         logits = engine.prefill_logits(ps[:2])
-        fused = engine._allreduce is not None and engine._allreduce.fused
+        fused = engine.allreduce is not None and engine.allreduce.fused
         if engine.rank == 0:
             np.savez(
                 out,

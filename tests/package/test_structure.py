@@ -685,3 +685,42 @@ def test_the_fi_ffi_import_check_finds_one() -> None:  # the check above could f
         "fi_engine.kernels.dense": ast.parse("import fi_ffi\n"),
     }
     assert fi_ffi_importers(trees) == ["fi_engine.runtime.engine:2", "fi_engine.models.gemma2:1"]
+
+
+# ---- a family reaches the engine only through its family interface -----------------------------------------------
+
+
+def private_reaches(tree: ast.Module) -> list[str]:
+    """``line: expression`` for every private attribute (``_name``, not ``__dunder__``) of another object that
+    ``tree`` reads or writes: anything but ``self._x``, ``cls._x`` and ``super()._x`` (an object's own)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = node.value
+            if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+                continue
+            if isinstance(owner, ast.Call) and getattr(owner.func, "id", "") == "super":
+                continue
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_model_module_reaches_a_private_attribute_of_another_object() -> None:
+    # the families read and set the engine through the public attributes and methods EngineState declares (the family
+    # interface), and keep their own state on themselves
+    models = {m: t for m, t in sources(ENGINE_ROOT).items() if m.startswith("fi_engine.models.")}
+    assert {"fi_engine.models.llama", "fi_engine.models.deepseek", "fi_engine.models.gemma2"} <= set(models)
+    assert {m: found for m, t in models.items() if (found := private_reaches(t))} == {}
+
+
+def test_the_private_attribute_check_finds_each_kind_of_reach() -> None:  # the check above could fail
+    source = (
+        "def load(self, eng):\n"
+        "    eng._wqkv = []\n"  # a write
+        "    x = eng._buf.h\n"  # a read
+        "    eng.dense._fn(1)\n"  # a private method of an object the engine holds
+        "    self._planned = None\n"  # its own: allowed
+        "    super()._load(eng)\n"  # its own: allowed
+        "    return eng.__class__\n"  # a dunder: allowed
+    )
+    assert private_reaches(ast.parse(source)) == ["2: eng._wqkv", "3: eng._buf", "4: eng.dense._fn"]
