@@ -218,7 +218,7 @@ def check_reference_routing(name, cfg, seen, bias):  # type: ignore[no-untyped-d
 
 
 def biases(engine):  # type: ignore[no-untyped-def]
-    return [b for b, m in zip(engine._w.bias, engine.moe_layers, strict=True) if m is not None]
+    return [b for b, m in zip(engine.family.w.bias, engine.moe_layers, strict=True) if m is not None]
 
 
 def flips(engine_choice, ref_choice):  # type: ignore[no-untyped-def]
@@ -327,7 +327,7 @@ def test_cuda_graph_decode_matches_eager(family, fused) -> None:  # type: ignore
         with DeepSeekEngine(path, max_batch=4, page_size=16, cuda_graph=graph, fused_routing=fused) as engine:
             assert (engine.graph is not None) is graph
             if graph:
-                assert engine.static_moe and (engine._device_topk is None) is engine.fused_routing_used
+                assert engine.static_moe and (engine.family.device_topk is None) is engine.fused_routing_used
             r = engine.generate(ps, limits, eos_token_ids=())
             # the last step: eager ran the two active requests (slots 0, 2), the graph all 4 slots
             rows = [0, 2] if graph else [0, 1]
