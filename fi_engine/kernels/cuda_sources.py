@@ -152,18 +152,27 @@ def files() -> list[str]:
     return sorted(f.name for f in folder.iterdir() if f.name.endswith((".cu", ".cuh")))
 
 
-@functools.cache
 def read(name: str) -> str:
     """The text of ``csrc/<name>`` as stored (a header's text, as the MoE layer puts its own after ``route.cuh``);
     read once per process. FileNotFoundError where there is no such file."""
+    return _stored(name)
+
+
+def source(name: str) -> str:
+    """The program NVRTC compiles for ``csrc/<name>``: its text with each ``#include "<file>"`` line replaced by
+    that file's program (itself expanded), the expansion opened by ``#line 1 "<file>"`` and followed by a ``#line``
+    back to the includer's next line; made once per process. ValueError where a file includes itself (through any
+    chain of includes)."""
+    return _program(name)
+
+
+@functools.cache
+def _stored(name: str) -> str:
     return (resources.files(__package__) / CSRC / name).read_text(encoding="utf-8")
 
 
 @functools.cache
-def source(name: str) -> str:
-    """The program NVRTC compiles for ``csrc/<name>``: its text with each ``#include "<file>"`` line replaced by
-    that file's program (itself expanded), the expansion opened by ``#line 1 "<file>"`` and followed by a ``#line``
-    back to the includer's next line. ValueError where a file includes itself (through any chain of includes)."""
+def _program(name: str) -> str:
     return _expand(name, ())
 
 
