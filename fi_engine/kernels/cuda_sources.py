@@ -148,22 +148,36 @@ _INCLUDE = re.compile(r'#include "([^"]+)"[^\n]*\n?')
 
 def files() -> list[str]:
     """The names of the CUDA files (``.cu`` and ``.cuh``) in ``csrc``, sorted."""
-    folder = resources.files(__package__) / CSRC
-    return sorted(f.name for f in folder.iterdir() if f.name.endswith((".cu", ".cuh")))
+    return sorted(_names())
 
 
-def read(name: str) -> str:
-    """The text of ``csrc/<name>`` as stored (a header's text, as the MoE layer puts its own after ``route.cuh``);
-    read once per process. FileNotFoundError where there is no such file."""
-    return _stored(name)
+def read(file: str) -> str:
+    """The text of ``csrc/<file>`` as stored (a header's text, as the MoE layer puts its own after ``route.cuh``);
+    read once per process. TypeError/ValueError naming ``file`` where it is no file of :func:`files`."""
+    return _stored(_checked(file))
 
 
-def source(name: str) -> str:
-    """The program NVRTC compiles for ``csrc/<name>``: its text with each ``#include "<file>"`` line replaced by
+def source(file: str) -> str:
+    """The program NVRTC compiles for ``csrc/<file>``: its text with each ``#include "<file>"`` line replaced by
     that file's program (itself expanded), the expansion opened by ``#line 1 "<file>"`` and followed by a ``#line``
-    back to the includer's next line; made once per process. ValueError where a file includes itself (through any
-    chain of includes)."""
-    return _program(name)
+    back to the includer's next line; made once per process. TypeError/ValueError naming ``file`` where it is no
+    file of :func:`files`; ValueError where a file includes itself (through any chain of includes)."""
+    return _program(_checked(file))
+
+
+@functools.cache
+def _names() -> frozenset[str]:
+    folder = resources.files(__package__) / CSRC
+    return frozenset(f.name for f in folder.iterdir() if f.name.endswith((".cu", ".cuh")))
+
+
+def _checked(file: object) -> str:
+    """``file`` where it is a file of :func:`files` (so that no other path is read), else TypeError/ValueError."""
+    if not isinstance(file, str):
+        raise TypeError(f"file: expected a CUDA file's name (str), got {type(file).__name__}")
+    if file not in _names():
+        raise ValueError(f"file: {file!r:.60} is no CUDA file of fi_engine/kernels/csrc (one of {', '.join(files())})")
+    return file
 
 
 @functools.cache

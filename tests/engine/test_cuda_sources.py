@@ -128,8 +128,16 @@ def test_a_program_is_its_files_between_line_directives(name: str) -> None:
 def test_an_include_cycle_is_refused_by_name(monkeypatch) -> None:
     texts = {"a.cu": '#include "b.cuh"\n', "b.cuh": 'x\n#include "a.cu"\n'}
     monkeypatch.setattr(cuda_sources, "read", texts.__getitem__)
+    monkeypatch.setattr(cuda_sources, "_names", lambda: frozenset(texts))
     with pytest.raises(ValueError, match=r"^a\.cu -> b\.cuh -> a\.cu: a CUDA file includes itself"):
         source("a.cu")  # (a refusal is not cached)
+
+
+@pytest.mark.parametrize("name", ["nope.cu", "../cuda_sources.py", "csrc/gemv.cu", "", 5, None])
+def test_a_name_that_is_no_cuda_file_is_refused(name: object) -> None:
+    for fn in (read, source):
+        with pytest.raises((TypeError, ValueError), match=r"^file: "):
+            fn(name)  # type: ignore[arg-type]
 
 
 def test_the_cuda_files_are_package_data_of_the_wheel_and_the_sdist() -> None:
