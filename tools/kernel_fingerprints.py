@@ -7,9 +7,10 @@ new kernel: run its GPU tests (and, for a hot kernel, its benchmark).
     python tools/kernel_fingerprints.py --json /tmp/before.json  # on the commit before the change
     python tools/kernel_fingerprints.py --compare /tmp/before.json   # after it: exit 1 where any kernel differs
 
-Each source is compiled with the options the engine compiles it with (:data:`SOURCES`) for ``--arch`` (sm_90, the
-H100's, by default); a kernel's fingerprint is a hash of its ``.text`` section in the cubin. Exit 2 with a message
-where NVRTC is not installed or a source does not compile.
+Each program (a ``.cu`` file of ``fi_engine/kernels/csrc`` with its includes expanded, as the engine reads it) is
+compiled with the options the engine compiles it with (:data:`SOURCES`) for ``--arch`` (sm_90, the H100's, by
+default); a kernel's fingerprint is a hash of its ``.text`` section in the cubin. Exit 2 with a message where NVRTC
+is not installed or a source does not compile.
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# (label, module, the constant's name, NVRTC options as the engine passes them: a tuple, or "module:Class.method"
-# naming the engine's own function that makes them)
-SOURCES: list[tuple[str, str, str, tuple[str, ...] | str]] = [
-    ("rows", "fi_engine.kernels.cuda_sources", "ROW_KERNELS_SOURCE", ()),  # Dense
-    ("gemv", "fi_engine.kernels.cuda_sources", "GEMV_SOURCE", "fi_engine.kernels.dense:Dense.gemv_options"),
-    ("fused", "fi_engine.kernels.cuda_sources", "FUSED_GEMV_SOURCE", "fi_engine.kernels.dense:Dense.fused_options"),
-    ("fp8", "fi_engine.kernels.cuda_sources", "FP8_GEMV_SOURCE", ()),  # Fp8Linears._compile
-    ("fp8_fused", "fi_engine.kernels.cuda_sources", "FP8_FUSED_SOURCE", ("--use_fast_math",)),
-    ("fp8_quant", "fi_engine.kernels.cuda_sources", "FP8_QUANT_SOURCE", ()),
-    ("grouped_gemv", "fi_engine.kernels.moe_gemv", "GROUPED_GEMV_SOURCE", ("--use_fast_math",)),
-    ("kv_fp8", "fi_engine.layers.kv_fp8", "APPEND_E4M3_SOURCE", ()),
+# (label, the program's file in fi_engine/kernels/csrc, NVRTC options as the engine passes them: a tuple, or
+# "module:Class.method" naming the engine's own function that makes them); each program is the engine's
+# (fi_engine.kernels.cuda_sources.source), compiled under its file's name
+SOURCES: list[tuple[str, str, tuple[str, ...] | str]] = [
+    ("rows", "rows.cu", ()),  # Dense
+    ("gemv", "gemv.cu", "fi_engine.kernels.dense:Dense.gemv_options"),
+    ("fused", "fused_gemv.cu", "fi_engine.kernels.dense:Dense.fused_options"),
+    ("fp8", "fp8_gemv.cu", ()),  # Fp8Linears._compile
+    ("fp8_fused", "fp8_fused.cu", ("--use_fast_math",)),
+    ("fp8_quant", "fp8_quant.cu", ()),
+    ("grouped_gemv", "grouped_gemv.cu", ("--use_fast_math",)),  # GroupedGemv
+    ("kv_fp8", "append_e4m3.cu", ()),  # KvFp8
 ]
 
 
@@ -68,11 +70,12 @@ class CompileError(RuntimeError):
     """NVRTC refused a source (its log in the message)."""
 
 
-def compile_cubin(source: str, options: tuple[str, ...], arch: str) -> bytes:
-    """``source`` compiled by NVRTC (through cuda.bindings) for ``arch``; CompileError with NVRTC's log."""
+def compile_cubin(source: str, options: tuple[str, ...], arch: str, name: str = "source.cu") -> bytes:
+    """``source`` compiled by NVRTC (through cuda.bindings) for ``arch`` as the program ``name`` (the name NVRTC's
+    messages give lines without a ``#line`` of their own); CompileError with NVRTC's log."""
     from cuda.bindings import nvrtc
 
-    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), b"source.cu", 0, [], [])
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], [])
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         raise CompileError(f"nvrtcCreateProgram: {err}")
     try:
@@ -106,12 +109,12 @@ def source_options(options: tuple[str, ...] | str) -> tuple[str, ...]:
 
 def fingerprints(arch: str) -> dict[str, str]:
     """``{"label:kernel": sha256 of its machine code, 16 hex digits}`` over every source of :data:`SOURCES`."""
-    import importlib
+    from fi_engine.kernels.cuda_sources import source
 
     found = {}
-    for label, module, name, options in SOURCES:
-        source = getattr(importlib.import_module(module), name)
-        for kernel, code in text_sections(compile_cubin(source, source_options(options), arch)).items():
+    for label, file, options in SOURCES:
+        cubin = compile_cubin(source(file), source_options(options), arch, file)
+        for kernel, code in text_sections(cubin).items():
             found[f"{label}:{kernel}"] = hashlib.sha256(code).hexdigest()[:16]
     return found
 

@@ -39,7 +39,7 @@ from .cublas import (
     Handle,
     status_name,
 )
-from .cuda_sources import FUSED_GEMV_SOURCE, GEMV_SOURCE, ROW_KERNELS_SOURCE
+from .cuda_sources import source
 from .fp8_linear import FP8_GEMV_MAX_ROWS, PAIR_MAX_ROWS, PAIR_ROPE, PAIR_SILU
 
 __all__ = [
@@ -380,7 +380,7 @@ class Dense:
         self._blas = Handle()
         try:
             self._blas.bind(stream.ptr, self._workspace.data.ptr, WORKSPACE_BYTES)
-            module = cupy.RawModule(code=ROW_KERNELS_SOURCE)
+            module = cupy.RawModule(code=source("rows.cu"))
             self._gather_fn = module.get_function("gather_rows16")
             self._argmax_fn = module.get_function("argmax_rows")
             self._gather_shard_fn = module.get_function("gather_rows16_shard")
@@ -419,7 +419,7 @@ class Dense:
 
             lib = libcuda()
             if lib is not None:
-                gemv = cupy.RawModule(code=GEMV_SOURCE, options=self.gemv_options())
+                gemv = cupy.RawModule(code=source("gemv.cu"), options=self.gemv_options())
                 self._gemv_fns = {key: self._row_kernels(gemv, name) for key, name in _GEMV_NAMES.items()}
                 self._gemv_module = gemv
                 self._launch, self._driver_ffi = lib.cuLaunchKernel, libcuda_ffi()
@@ -504,7 +504,7 @@ class Dense:
     def _load_fused(self, cupy: Any) -> None:
         """Compile the fused GEMV variants (``fused_linear``); a failure leaves them off, the plain GEMV on."""
         try:
-            module = cupy.RawModule(code=FUSED_GEMV_SOURCE, options=self.fused_options())
+            module = cupy.RawModule(code=source("fused_gemv.cu"), options=self.fused_options())
             attrs = cupy.cuda.Device().attributes
             fns = {}
             limit = _STATIC_SMEM - 1024  # the static part (the sums of squares) counts against the same 48 KiB

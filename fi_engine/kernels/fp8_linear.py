@@ -37,7 +37,7 @@ from typing import Any
 
 from fi_ffi.cuda import driver_error
 
-from .cuda_sources import FP8_FUSED_SOURCE, FP8_GEMV_SOURCE, FP8_QUANT_SOURCE
+from .cuda_sources import source
 
 __all__ = ["FP8_GEMV_MAX_ROWS", "PAIR_MAX_ROWS", "PAIR_ROPE", "PAIR_SILU", "Fp8Linears", "Fp8Weight"]
 
@@ -192,7 +192,7 @@ class Fp8Linears:
         tensor_cores = int(device.compute_capability) >= 80  # mma.sync over 16-bit pairs (below: empty kernels)
         if fused_smem:  # a failure leaves the fused decode step off for FP8 weights, the plain GEMV on
             try:
-                fused = cupy.RawModule(code=FP8_FUSED_SOURCE, options=("--use_fast_math",))
+                fused = cupy.RawModule(code=source("fp8_fused.cu"), options=("--use_fast_math",))
                 for bf16, t in ((True, "bf16"), (False, "f16")):
                     for f32 in (False, True):
                         for mode, suffix in ((1, "norm"), (2, "addnorm"), (3, "silu")):
@@ -216,14 +216,14 @@ class Fp8Linears:
                 self._fused, self._pairs, self._pairs_tc = {}, {}, {}
                 self.fused_error = f"{type(exc).__name__}: {exc}"
         try:  # cvt.e4m3x2 needs SM 8.9+: without it, steps of many rows take the dequantizing path
-            quant = cupy.RawModule(code=FP8_QUANT_SOURCE)
+            quant = cupy.RawModule(code=source("fp8_quant.cu"))
             for bf16, t in ((True, "bf16"), (False, "f16")):
                 self._quant[(bf16, False)] = _function_ptr(quant.get_function(f"quant_rows_{t}"))
                 self._quant[(bf16, True)] = _function_ptr(quant.get_function(f"quant_groups_{t}"))
             self._quant_module = quant
         except Exception as exc:
             self._quant, self.w8a8_error = {}, f"{type(exc).__name__}: {exc}"
-        module = cupy.RawModule(code=FP8_GEMV_SOURCE)
+        module = cupy.RawModule(code=source("fp8_gemv.cu"))
         for bf16 in (True, False):
             t = "bf16" if bf16 else "f16"
             for f32 in (False, True):

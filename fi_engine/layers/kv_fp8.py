@@ -14,10 +14,11 @@ every layer (a plan's ``sm_scale`` is one value for all layers): the largest of 
 every layer inside e4m3's range at the cost of a little resolution in the layers whose own scale is smaller.
 ``kv_cache_scales=(k, v)`` overrides both.
 
-How it is written: the engine's own kernel (:data:`APPEND_E4M3_SOURCE`) quantizes this step's K and V rows (strided
-views of the QKV GEMM's output) and stores them at their pages, in place of FlashInfer's ``append_paged_kv_cache``,
-which copies elements of the cache's dtype without converting them. The fused decode step's QKV GEMV keeps its
-RoPE epilogue off with an FP8 cache (that epilogue stores 16-bit K/V): RoPE and this append run as two launches.
+How it is written: the engine's own kernel (``fi_engine/kernels/csrc/append_e4m3.cu``) quantizes this step's K and V
+rows (strided views of the QKV GEMM's output) and stores them at their pages, in place of FlashInfer's
+``append_paged_kv_cache``, which copies elements of the cache's dtype without converting them. The fused decode
+step's QKV GEMV keeps its RoPE epilogue off with an FP8 cache (that epilogue stores 16-bit K/V): RoPE and this
+append run as two launches.
 
 Refused at construction, before any GPU work (:func:`check_supported`): families and settings without an FP8 module
 (head_dim other than 128, float16 models, MLA/DeepSeek, Gemma 2's soft caps and windows, gpt-oss's sinks).
@@ -30,6 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from ..kernels.cuda_sources import source
 from ..values import FLOAT32_MAX, float32_bits
 
 __all__ = ["KV_CACHE_DTYPES", "KvFp8", "check_supported", "parse_kv_cache_dtype", "read_scales"]
@@ -174,60 +176,6 @@ def open_fp8_cache(eng: Any, ckpt: Any, scales: tuple[float, float] | None) -> K
     return KvFp8(eng, scales if scales is not None else read_scales(ckpt, eng.config.num_layers))
 
 
-APPEND_E4M3_SOURCE = r"""
-// bf16 -> float: the bits shifted into the top half of a float32.
-__device__ __forceinline__ float bf16_bits_to_float(unsigned short x) {
-    return __uint_as_float(((unsigned int)x) << 16);
-}
-
-// Two floats -> two e4m3 bytes (lo at the lower address), round to nearest even, saturated at +-448 (SM 8.9+).
-__device__ __forceinline__ unsigned short to_e4m3x2(float lo, float hi) {
-    unsigned short out;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(out) : "f"(hi), "f"(lo));
-    return out;
-}
-
-// One block per appended token t: its K and V rows (hk * d bf16 elements each, heads contiguous, rows row_ld
-// elements apart: views of the fused QKV rows) scaled by 1/k_scale, 1/v_scale, rounded to e4m3 and stored at the
-// token's page (kv_indices[kv_indptr[b] + pos / page_size]) and slot (pos % page_size) of the NHD caches
-// [pages, page_size, hk, d]: what FlashInfer's append_paged_kv_cache does, with the conversion.
-extern "C" __global__ void append_kv_e4m3(
-    const unsigned short* __restrict__ k, const unsigned short* __restrict__ v, unsigned long long row_ld,
-    const int* __restrict__ batch_indices, const int* __restrict__ positions,
-    const int* __restrict__ kv_indices, const int* __restrict__ kv_indptr,
-    unsigned char* __restrict__ k_cache, unsigned char* __restrict__ v_cache,
-    unsigned int page_size, unsigned int width, unsigned int inv_k_bits, unsigned int inv_v_bits) {
-    const unsigned int t = blockIdx.x;
-    const int b = batch_indices[t];
-    const int pos = positions[t];
-    const long long page = kv_indices[kv_indptr[b] + pos / (int)page_size];
-    const unsigned long long base = ((unsigned long long)page * page_size + (unsigned)(pos % (int)page_size)) * width;
-    const float ik = __uint_as_float(inv_k_bits), iv = __uint_as_float(inv_v_bits);
-    const unsigned short* kr = k + (unsigned long long)t * row_ld;
-    const unsigned short* vr = v + (unsigned long long)t * row_ld;
-    for (unsigned int j = 2 * threadIdx.x; j < width; j += 2 * blockDim.x) {
-        const unsigned int kk = *reinterpret_cast<const unsigned int*>(kr + j);  // two bf16 (4-byte aligned)
-        const unsigned int vv = *reinterpret_cast<const unsigned int*>(vr + j);
-        *reinterpret_cast<unsigned short*>(k_cache + base + j) =
-            to_e4m3x2(bf16_bits_to_float(kk & 0xffff) * ik, bf16_bits_to_float(kk >> 16) * ik);
-        *reinterpret_cast<unsigned short*>(v_cache + base + j) =
-            to_e4m3x2(bf16_bits_to_float(vv & 0xffff) * iv, bf16_bits_to_float(vv >> 16) * iv);
-    }
-}
-
-// x[i] *= scale for n bf16 elements (the attention output times v_scale), rounded to nearest even.
-extern "C" __global__ void scale_bf16(unsigned short* __restrict__ x, unsigned long long n, unsigned int scale_bits) {
-    const float s = __uint_as_float(scale_bits);
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)gridDim.x * blockDim.x) {
-        unsigned int f = __float_as_uint(bf16_bits_to_float(x[i]) * s);
-        f += 0x7fff + ((f >> 16) & 1);  // round to nearest even (finite inputs: the output stays finite or inf)
-        x[i] = (unsigned short)(f >> 16);
-    }
-}
-"""
-
-
 class KvFp8:
     """An engine's FP8 KV cache state: the scales and the compiled kernels, and the launches of each step view.
 
@@ -238,7 +186,7 @@ class KvFp8:
         self.k_scale, self.v_scale = scales
         self.sm_scale = eng.config.head_dim**-0.5 * self.k_scale
         self._eng = eng
-        module = eng.cupy.RawModule(code=APPEND_E4M3_SOURCE)
+        module = eng.cupy.RawModule(code=source("append_e4m3.cu"))
         self._module = module  # keeps the functions' module loaded
         self._append = module.get_function("append_kv_e4m3")
         self._scale = module.get_function("scale_bf16")

@@ -784,6 +784,7 @@ from helpers.comm_args import (  # noqa: E402 - the comm builders (the fixture p
 
 from fi_engine.checkpoint import config as model_config  # noqa: E402
 from fi_engine.checkpoint import deepseek_config, family_configs  # noqa: E402
+from fi_engine.kernels import cuda_sources  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
 from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # noqa: E402
 from fi_engine.models import registry as engines  # noqa: E402
@@ -1421,6 +1422,10 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     ],
     "vllm_ar.meta_size": lambda: [("meta_size", Entry(vllm_ar.meta_size, dict, comm=True))],
     # fi_engine
+    # the engine's CUDA files by name (no GPU: reading and expanding text)
+    "kernels.cuda_sources.files": lambda: [("files", Entry(cuda_sources.files, dict))],
+    "kernels.cuda_sources.read": lambda: [("read", Entry(cuda_sources.read, lambda: {"file": "griddep.cuh"}))],
+    "kernels.cuda_sources.source": lambda: [("source", Entry(cuda_sources.source, lambda: {"file": "gemv.cu"}))],
     "checkpoint.config.LlamaConfig": lambda: [
         (
             "LlamaConfig.from_dict",

@@ -5,7 +5,9 @@
 - Its comparison: the same fingerprints exit 0, a changed, new or gone kernel exits 1 naming it, an unreadable
   ``--compare`` file exits 2 (over fingerprints handed in, as NVRTC would give them).
 - With NVRTC installed (``nvidia-cuda-nvrtc``; skipped, saying so, without it): every source of ``SOURCES``
-  compiles, a kernel's fingerprint is stable across compiles and moves when its arithmetic does.
+  compiles, a kernel's fingerprint is stable across compiles and moves when its arithmetic does, and NVRTC's
+  message about an error in an included header names the header's file and line, one after the include the
+  including file's.
 """
 
 from __future__ import annotations
@@ -104,18 +106,35 @@ def test_without_nvrtc_the_tool_says_how_to_install_it(monkeypatch, capsys) -> N
 @pytest.mark.skipif(not NVRTC, reason="NVRTC is not installed (python -m pip install nvidia-cuda-nvrtc)")
 @pytest.mark.parametrize("fixed_rows", [True, False], ids=["a-kernel-per-row-count", "any-rows"])
 def test_every_kernel_dense_loads_is_in_its_module(monkeypatch, fixed_rows: bool) -> None:
-    """Dense compiles GEMV_SOURCE and FUSED_GEMV_SOURCE with its own options (Dense.gemv_options, fused_options:
-    what the tool compiles too) and looks its kernels up by name, 1 to 4 rows each; a name the source does not define
-    would leave the GEMV or the fused step off on the GPU (Dense.gemv_error), so each must be in the cubin."""
-    from fi_engine.kernels import cuda_sources
+    """Dense compiles gemv.cu and fused_gemv.cu with its own options (Dense.gemv_options, fused_options: what the
+    tool compiles too) and looks its kernels up by name, 1 to 4 rows each; a name the source does not define would
+    leave the GEMV or the fused step off on the GPU (Dense.gemv_error), so each must be in the cubin."""
+    from fi_engine.kernels.cuda_sources import source
     from fi_engine.kernels.dense import _GEMV_NAMES, Dense
 
     monkeypatch.setattr(Dense, "gemv_fixed_rows", fixed_rows)
-    for source, options, bases in (
-        (cuda_sources.GEMV_SOURCE, Dense.gemv_options(), list(_GEMV_NAMES.values())),
-        (cuda_sources.FUSED_GEMV_SOURCE, Dense.fused_options(), list(Dense.fused_kernels().values())),
+    for file, options, bases in (
+        ("gemv.cu", Dense.gemv_options(), list(_GEMV_NAMES.values())),
+        ("fused_gemv.cu", Dense.fused_options(), list(Dense.fused_kernels().values())),
     ):
-        compiled = set(tool.text_sections(tool.compile_cubin(source, options, "sm_90")))
+        compiled = set(tool.text_sections(tool.compile_cubin(source(file), options, "sm_90", file)))
         wanted = {name for base in bases for name in Dense.row_kernel_names(base)}
         assert wanted <= compiled, sorted(wanted - compiled)[:5]
         assert len(wanted) == len(bases) * (4 if fixed_rows else 1)
+
+
+@pytest.mark.skipif(not NVRTC, reason="NVRTC is not installed (python -m pip install nvidia-cuda-nvrtc)")
+def test_compiler_messages_name_the_cuda_file_and_line() -> None:
+    """The programs carry #line directives around each expanded include: an error inside griddep.cuh is reported
+    at griddep.cuh's line, one in gemv.cu's own text after the include at gemv.cu's line (not the expanded text's)."""
+    from fi_engine.kernels.cuda_sources import read, source
+
+    def line_of(file: str, text: str) -> int:
+        return next(n for n, line in enumerate(read(file).splitlines(), 1) if text in line)
+
+    program = source("gemv.cu")
+    for file, anchor in (("griddep.cuh", "void griddep_wait() {"), ("gemv.cu", "uint4 load_weights(const uint4* p) {")):
+        broken = program.replace(anchor, anchor + " not_declared_anywhere;", 1)
+        with pytest.raises(tool.CompileError) as refused:
+            tool.compile_cubin(broken, (), "sm_90", "gemv.cu")
+        assert f"{file}({line_of(file, anchor)}): error" in str(refused.value), str(refused.value)[:400]

@@ -1,0 +1,407 @@
+#define GEMV_DEVICE_FUNCTIONS_ONLY  // FUSED_GEMV_SOURCE's prologue and epilogues, none of its 16-bit kernels
+#include "fused_gemv.cu"  // its prologue (stage), epilogues and device functions, no kernels
+#include "fp8_decode.cuh"  // e4m3x16, widen16, add_partial16
+#include "fp8_one_row.cuh"  // gemv8_one_row, for gemv8_pair_one
+
+#define COLS 4   // output columns per group of warps, as gemv8_rows
+#define SPLITS 4 // warps per group, each summing every SPLITS-th run of 32 weight vectors
+
+// gemv_fused's prologue (MODE 1 norm, 2 add-norm, 3 silu: the input rows into shared memory, rounded as
+// FlashInfer rounds) followed by gemv8_rows' sums over e4m3 weights (its scales, its order of sums) for rows <= 4.
+// 8 warps a block: two groups of SPLITS warps, each group serving COLS columns per pass of a grid-stride loop
+// (both groups take the same number of passes, so the block's barriers are met by all its threads).
+template <bool BF16, bool F32OUT, int MODE, bool BLOCK>
+__device__ __forceinline__ void gemv8_fused(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
+                                            void* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                            long long y_ld, const unsigned short* __restrict__ h,
+                                            const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
+                                            long long h_ld, float eps, const float* __restrict__ scale,
+                                            long long s_ld, int bn, int shift) {
+    extern __shared__ uint4 sx[];  // the input rows, [rows, k / 8] vectors of 8 16-bit values
+    __shared__ float part[2][SPLITS][COLS][4];
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int group = warp / SPLITS, split = warp % SPLITS;
+    const int groups = (n + COLS - 1) / COLS;
+    const int vecs = k >> 4, row_vecs = k >> 3;
+    // the first pass's first weight vectors load before the wait for the previous kernel and the prologue (the
+    // weights are constants), as gemv_fused's do: most blocks make one pass, so this hides the prologue
+    uint4 a[COLS];
+    bool loaded = false;
+    {
+        const int g = blockIdx.x * 2 + group;
+        const int c = split * 32 + lane;
+        if (g < groups && c < vecs) {
+#pragma unroll
+            for (int i = 0; i < COLS; ++i)
+                a[i] = load_weights(reinterpret_cast<const uint4*>(w + (long long)min(g * COLS + i, n - 1) * k) + c);
+            loaded = true;
+        }
+    }
+    griddep_wait();
+    stage<BF16, MODE>(sx, x, rows, k, x_ld, h, nw, h_out, h_ld, eps);
+    for (int base = blockIdx.x * 2; base < groups; base += gridDim.x * 2) {
+        const int g = base + group;
+        const int j0 = g * COLS;
+        float acc[COLS][4];
+#pragma unroll
+        for (int i = 0; i < COLS; ++i)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][r] = 0.f;
+        const float* srow[COLS];
+        if (g < groups) {
+            const uint4* wv[COLS];
+#pragma unroll
+            for (int i = 0; i < COLS; ++i) {
+                const int j = min(j0 + i, n - 1);
+                wv[i] = reinterpret_cast<const uint4*>(w + (long long)j * k);
+                srow[i] = BLOCK ? scale + (long long)(j / bn) * s_ld : scale + j;
+            }
+            int c = split * 32 + lane;
+            if (c < vecs && !loaded) {
+#pragma unroll
+                for (int i = 0; i < COLS; ++i) a[i] = load_weights(wv[i] + c);
+            }
+            loaded = false;  // later passes load their own first vectors
+            while (c < vecs) {
+                float wf[COLS][16];
+                float s[COLS];
+#pragma unroll
+                for (int i = 0; i < COLS; ++i) {
+                    e4m3x16(a[i], wf[i]);
+                    s[i] = BLOCK ? __ldg(srow[i] + (c >> shift)) : 1.f;
+                }
+                const int next = c + 32 * SPLITS;
+                if (next < vecs) {
+#pragma unroll
+                    for (int i = 0; i < COLS; ++i) a[i] = load_weights(wv[i] + next);
+                }
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    if (r < rows) {
+                        float xf[16];
+                        widen8<BF16>(sx[r * row_vecs + 2 * c], xf);
+                        widen8<BF16>(sx[r * row_vecs + 2 * c + 1], xf + 8);
+#pragma unroll
+                        for (int i = 0; i < COLS; ++i) acc[i][r] = add_partial16<BLOCK>(acc[i][r], wf[i], xf, s[i]);
+                    }
+                }
+                c = next;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < COLS; ++i)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                float v = acc[i][r];
+                for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+                if (lane == 0) part[group][split][i][r] = v;
+            }
+        __syncthreads();
+        const int i = lane >> 2, r = lane & 3;
+        if (split == 0 && g < groups && lane < COLS * 4 && r < rows && j0 + i < n) {
+            float v = 0.f;
+#pragma unroll
+            for (int p = 0; p < SPLITS; ++p) v += part[group][p][i][r];
+            if (!BLOCK) v *= __ldg(srow[i]);
+            const int j = j0 + i;
+            if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
+            else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
+        }
+        __syncthreads();  // part is written again by the next pass
+    }
+}
+
+// (at most 128 registers a thread, so that two blocks share an SM: one alone keeps too few loads in flight)
+#define FUSED8(name, bf16, f32out, mode, block)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                           \
+        name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n, int k, long long x_ld,     \
+             long long y_ld, const unsigned short* h, const unsigned short* nw, unsigned short* h_out,             \
+             long long h_ld, float eps, const float* scale, long long s_ld, int bn, int shift) {                   \
+        gemv8_fused<bf16, f32out, mode, block>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, scale,     \
+                                               s_ld, bn, shift);                                                    \
+    }
+FUSED8(gemv8_bf16_bf16_norm_row, true, false, 1, false)
+FUSED8(gemv8_bf16_bf16_norm_block, true, false, 1, true)
+FUSED8(gemv8_bf16_bf16_addnorm_row, true, false, 2, false)
+FUSED8(gemv8_bf16_bf16_addnorm_block, true, false, 2, true)
+FUSED8(gemv8_bf16_bf16_silu_row, true, false, 3, false)
+FUSED8(gemv8_bf16_bf16_silu_block, true, false, 3, true)
+FUSED8(gemv8_bf16_f32_norm_row, true, true, 1, false)
+FUSED8(gemv8_bf16_f32_norm_block, true, true, 1, true)
+FUSED8(gemv8_bf16_f32_addnorm_row, true, true, 2, false)
+FUSED8(gemv8_bf16_f32_addnorm_block, true, true, 2, true)
+FUSED8(gemv8_bf16_f32_silu_row, true, true, 3, false)
+FUSED8(gemv8_bf16_f32_silu_block, true, true, 3, true)
+FUSED8(gemv8_f16_f16_norm_row, false, false, 1, false)
+FUSED8(gemv8_f16_f16_norm_block, false, false, 1, true)
+FUSED8(gemv8_f16_f16_addnorm_row, false, false, 2, false)
+FUSED8(gemv8_f16_f16_addnorm_block, false, false, 2, true)
+FUSED8(gemv8_f16_f16_silu_row, false, false, 3, false)
+FUSED8(gemv8_f16_f16_silu_block, false, false, 3, true)
+FUSED8(gemv8_f16_f32_norm_row, false, true, 1, false)
+FUSED8(gemv8_f16_f32_norm_block, false, true, 1, true)
+FUSED8(gemv8_f16_f32_addnorm_row, false, true, 2, false)
+FUSED8(gemv8_f16_f32_addnorm_block, false, true, 2, true)
+FUSED8(gemv8_f16_f32_silu_row, false, true, 3, false)
+FUSED8(gemv8_f16_f32_silu_block, false, true, 3, true)
+
+// The end of one pair of output columns and one row (gemv8_pairs, gemv8_tc_pairs): its two float32 sums va and vb
+// (pair p: columns ja and jb as gemv8_pairs maps them) times their per-row scales (not BLOCK), rounded as the GEMV's
+// output, then the epilogue EPI
+template <bool BF16, bool BLOCK, int EPI>
+__device__ __forceinline__ void finish_pair(
+        float va, float vb, int p, int r, unsigned short* __restrict__ y, long long y_ld, int pairs,
+        const float* __restrict__ scale, int hq, int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a,
+        float smooth_b, const int* __restrict__ positions, const int* __restrict__ batch_indices,
+        const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache,
+        unsigned short* __restrict__ v_cache, int page_size, long long stride_page, long long stride_n,
+        long long stride_h) {
+    const unsigned half = EPI == 2 ? d >> 1 : 1u;
+    const int head = p / (int)half;
+    const unsigned i = p - head * (int)half;
+    const long long ja = EPI == 1 ? p : (long long)head * d + i;
+    const long long jb = EPI == 1 ? (long long)p + pairs : ja + half;
+    if (!BLOCK) {
+        va *= __ldg(scale + ja);
+        vb *= __ldg(scale + jb);
+    }
+    const unsigned short q0 = fromf<BF16>(va), q1 = fromf<BF16>(vb);
+    if (EPI == 1) {
+        const float g = tof<BF16>(q0);
+        y[r * y_ld + p] = fromf<BF16>(g / (1.0f + __expf(-g)) * tof<BF16>(q1));
+        return;
+    }
+    rope_store_append<BF16>(q0, q1, head, i, rope_freq(i, d, rcp_theta, rcp_scale, smooth_a, smooth_b), r, y, y_ld,
+                            ja, hq, hk, d, positions, batch_indices, kv_indptr, kv_indices, k_cache, v_cache,
+                            page_size, stride_page, stride_n, stride_h);
+}
+
+// The FP8 GEMV of a decode step whose outputs pair up in an epilogue, so that the launch after it goes away. A
+// block of SPLITS warps computes two pairs (a, b) of output columns, four e4m3 weight rows, each with gemv8_rows'
+// sums in gemv8_rows' order (so each output has the plain FP8 GEMV's bits, up to this module's flush-to-zero of
+// subnormal products), rounds them to the 16-bit type as that GEMV's output is rounded, then per pair and row:
+//   EPI 1 (SiLU): w [2 pairs, k] holds the gate rows, then the up rows; pair o is (o, o + pairs) and writes
+//                 y [rows, pairs] at column o: round(silu(gate) * up), FlashInfer's silu_and_mul of the two rounded
+//                 outputs (its arithmetic, as the fused SILU prologue computes it)
+//   EPI 2 (RoPE and the KV append): y = qkv [rows, (hq + 2 hk) d]; pair p of head p / (d / 2), element i = p % (d /
+//                 2) is (head d + i, head d + i + d / 2): gemv_rope_append's epilogue (q and k heads rotated, k and
+//                 v heads also written into page kv_indices[kv_indptr[b] + pos / page_size] of the caches)
+// Rows <= R <= 4; k a multiple of 16; x, w and x_ld 16-byte aligned (the caller checks).
+template <bool BF16, bool BLOCK, int R, int EPI>
+__device__ __forceinline__ void gemv8_pairs(
+        const unsigned short* __restrict__ x, const unsigned char* __restrict__ w, unsigned short* __restrict__ y,
+        int rows, int pairs, int k, long long x_ld, long long y_ld, const float* __restrict__ scale, long long s_ld,
+        int bn, int shift, int hq, int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a,
+        float smooth_b, const int* __restrict__ positions, const int* __restrict__ batch_indices,
+        const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache,
+        unsigned short* __restrict__ v_cache, int page_size, long long stride_page, long long stride_n,
+        long long stride_h) {
+    __shared__ float part[SPLITS][4][R];
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int vecs = k >> 4;
+    const unsigned half = EPI == 2 ? d >> 1 : 1u;
+    const uint4* wv[4];
+    const float* srow[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // weight row i: pair i & 1 of the block, its member i >> 1
+        const int p = min((int)blockIdx.x * 2 + (i & 1), pairs - 1);  // a last odd pair repeats (not stored)
+        const int j = EPI == 1 ? p + (i >> 1) * pairs
+                               : (p / (int)half) * (int)d + p % (int)half + (i >> 1) * (int)half;
+        wv[i] = reinterpret_cast<const uint4*>(w + (long long)j * k);
+        srow[i] = BLOCK ? scale + (long long)(j / bn) * s_ld : scale + j;
+    }
+    float acc[4][R];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[i][r] = 0.f;
+    uint4 a[4];
+    int c = warp * 32 + lane;
+    if (c < vecs) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = load_weights(wv[i] + c);
+    }
+    griddep_wait();  // x is the previous kernel's output; the weights and scales are constants
+    while (c < vecs) {  // gemv8_rows' loop
+        float wf[4][16];
+        float s[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            e4m3x16(a[i], wf[i]);
+            s[i] = BLOCK ? __ldg(srow[i] + (c >> shift)) : 1.f;
+        }
+        const int next = c + 32 * SPLITS;
+        if (next < vecs) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = load_weights(wv[i] + next);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (r < rows) {
+                float xf[16];
+                widen16<BF16>(reinterpret_cast<const uint4*>(x + r * x_ld) + 2 * c, xf);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[i][r] = add_partial16<BLOCK>(acc[i][r], wf[i], xf, s[i]);
+            }
+        }
+        c = next;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float v = acc[i][r];
+            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0) part[warp][i][r] = v;
+        }
+    __syncthreads();
+    // warp 0: lane q * R + r finishes pair q of the block for row r
+    const int q = lane / R, r = lane % R;
+    const int p = (int)blockIdx.x * 2 + q;
+    if (warp != 0 || lane >= 2 * R || r >= rows || p >= pairs) return;
+    float va = 0.f, vb = 0.f;
+#pragma unroll
+    for (int sp = 0; sp < SPLITS; ++sp) {
+        va += part[sp][q][r];
+        vb += part[sp][q + 2][r];
+    }
+    finish_pair<BF16, BLOCK, EPI>(va, vb, p, r, y, y_ld, pairs, scale, hq, hk, d, rcp_theta, rcp_scale, smooth_a,
+                                  smooth_b, positions, batch_indices, kv_indptr, kv_indices, k_cache, v_cache,
+                                  page_size, stride_page, stride_n, stride_h);
+}
+
+// gemv8_pairs' sums and epilogue for one x row (gemv8_one_row: one pair a group, weight rows its two members;
+// the same bits as gemv8_pairs at one row, on the one-row schedule)
+template <bool BF16, bool BLOCK, int EPI>
+__device__ __forceinline__ void gemv8_pair_one(
+        const unsigned short* __restrict__ x, const unsigned char* __restrict__ w, unsigned short* __restrict__ y,
+        int pairs, int k, long long y_ld, const float* __restrict__ scale, long long s_ld, int bn, int shift, int hq,
+        int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b,
+        const int* __restrict__ positions, const int* __restrict__ batch_indices, const int* __restrict__ kv_indptr,
+        const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache,
+        int page_size, long long stride_page, long long stride_n, long long stride_h) {
+    const int half = EPI == 2 ? (int)(d >> 1) : 1;
+    gemv8_one_row<BF16, BLOCK>(
+        x, w, pairs, k, scale, s_ld, bn, shift,
+        [=](int p, int i) { return EPI == 1 ? p + i * pairs : (p / half) * (int)d + p % half + i * half; },
+        [=](int p, float va, float vb) {
+            finish_pair<BF16, BLOCK, EPI>(va, vb, p, 0, y, y_ld, pairs, scale, hq, hk, d, rcp_theta, rcp_scale,
+                                          smooth_a, smooth_b, positions, batch_indices, kv_indptr, kv_indices,
+                                          k_cache, v_cache, page_size, stride_page, stride_n, stride_h);
+        });
+}
+
+// The kernels' parameters, shared by the one-row (gemv8_pair_one) and the up-to-4-rows (gemv8_pairs) forms
+#define PAIRS8_PARAMS                                                                                              \
+    const unsigned short *x, const unsigned char *w, unsigned short *y, int rows, int pairs, int k, long long x_ld, \
+        long long y_ld, const float *scale, long long s_ld, int bn, int shift, int hq, int hk, unsigned d,          \
+        float rcp_theta, float rcp_scale, float smooth_a, float smooth_b, const int *positions,                     \
+        const int *batch_indices, const int *kv_indptr, const int *kv_indices, unsigned short *k_cache,             \
+        unsigned short *v_cache, int page_size, long long stride_page, long long stride_n, long long stride_h
+#define PAIRS8ONE(name, bf16, block, epi)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128, 8) name(PAIRS8_PARAMS) {                                    \
+        gemv8_pair_one<bf16, block, epi>(x, w, y, pairs, k, y_ld, scale, s_ld, bn, shift, hq, hk, d, rcp_theta,    \
+                                         rcp_scale, smooth_a, smooth_b, positions, batch_indices, kv_indptr,        \
+                                         kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, stride_h); \
+    }
+#define PAIRS8(name, bf16, block, r, epi)                                                                          \
+    extern "C" __global__ void __launch_bounds__(32 * SPLITS) name(PAIRS8_PARAMS) {                               \
+        gemv8_pairs<bf16, block, r, epi>(x, w, y, rows, pairs, k, x_ld, y_ld, scale, s_ld, bn, shift, hq, hk, d,    \
+                                         rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,         \
+                                         kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, \
+                                         stride_h);                                                                 \
+    }
+PAIRS8ONE(gemv8_bf16_silu_row_1, true, false, 1)
+PAIRS8ONE(gemv8_bf16_silu_block_1, true, true, 1)
+PAIRS8(gemv8_bf16_silu_row_4, true, false, 4, 1)
+PAIRS8(gemv8_bf16_silu_block_4, true, true, 4, 1)
+PAIRS8ONE(gemv8_bf16_rope_row_1, true, false, 2)
+PAIRS8ONE(gemv8_bf16_rope_block_1, true, true, 2)
+PAIRS8(gemv8_bf16_rope_row_4, true, false, 4, 2)
+PAIRS8(gemv8_bf16_rope_block_4, true, true, 4, 2)
+PAIRS8ONE(gemv8_f16_silu_row_1, false, false, 1)
+PAIRS8ONE(gemv8_f16_silu_block_1, false, true, 1)
+PAIRS8(gemv8_f16_silu_row_4, false, false, 4, 1)
+PAIRS8(gemv8_f16_silu_block_4, false, true, 4, 1)
+PAIRS8ONE(gemv8_f16_rope_row_1, false, false, 2)
+PAIRS8ONE(gemv8_f16_rope_block_1, false, true, 2)
+PAIRS8(gemv8_f16_rope_row_4, false, false, 4, 2)
+PAIRS8(gemv8_f16_rope_block_4, false, true, 4, 2)
+#include "fp8_tensor_cores.cuh"  // tc_sums and its decoding and mma, for gemv8_tc_pairs below
+
+// gemv8_pairs on tensor cores, for 3 rows and more (as gemv8_tc serves them: SM 8.0+, an empty kernel below): a
+// block's 16 mma rows are the two members of 8 pairs, lane (g, t) reading the weights of pair p = 8 blockIdx + g's
+// first column (mma row g) and second (row g + 8), so that its accumulators hold both members of its pair for x rows
+// 2 t and 2 t + 1, and finish_pair runs in the lane. Each column's sum is gemv8_tc's, in gemv8_tc's order (the same
+// chunks per warp for the same warps a block: the caller launches as gemv8_tc would be launched over the weight),
+// each chunk times its own column's block scale. BLOCK needs (16 << shift) a multiple of 128 (the caller checks).
+template <bool BF16, bool BLOCK, int EPI>
+__device__ __forceinline__ void gemv8_tc_pairs(
+        const unsigned short* __restrict__ x, const unsigned char* __restrict__ w, unsigned short* __restrict__ y,
+        int rows, int pairs, int k, long long x_ld, long long y_ld, const float* __restrict__ scale, long long s_ld,
+        int bn, int shift, int hq, int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a,
+        float smooth_b, const int* __restrict__ positions, const int* __restrict__ batch_indices,
+        const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache,
+        unsigned short* __restrict__ v_cache, int page_size, long long stride_page, long long stride_n,
+        long long stride_h) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ float part[8][32][4];
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned half = EPI == 2 ? d >> 1 : 1u;
+    const int p = min((int)blockIdx.x * 8 + g, pairs - 1);  // a last partial tile repeats its last pair (not stored)
+    const long long ja = EPI == 1 ? p : (long long)(p / (int)half) * d + p % (int)half;
+    const long long jb = EPI == 1 ? (long long)p + pairs : ja + half;
+    const unsigned char* wa = w + ja * k + 16 * t;
+    const unsigned char* wb = w + jb * k + 16 * t;
+    const unsigned short* xr = x + (long long)min(g, rows - 1) * x_ld + 16 * t;  // B's column g: x's row g
+    const float* sa = BLOCK ? scale + (ja / bn) * s_ld : scale;
+    const float* sb = BLOCK ? scale + (jb / bn) * s_ld : scale;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    tc_sums<BF16, BLOCK, false>(acc, wa, wb, xr, sa, sb, warp, warps, g, t, rows, k, shift);  // gemv8_tc's sums
+#pragma unroll
+    for (int i = 0; i < 4; ++i) part[warp][lane][i] = acc[i];
+    __syncthreads();
+    const int pair = (int)blockIdx.x * 8 + g;
+    if (warp != 0 || pair >= pairs) return;
+    // accumulator i: the pair's first column (i < 2) or second, x row 2 t + (i & 1)
+    float v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[i] = 0.f;
+        for (int q = 0; q < warps; ++q) v[i] += part[q][lane][i];
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = 2 * t + h;
+        if (r < rows)
+            finish_pair<BF16, BLOCK, EPI>(v[h], v[2 + h], pair, r, y, y_ld, pairs, scale, hq, hk, d, rcp_theta,
+                                          rcp_scale, smooth_a, smooth_b, positions, batch_indices, kv_indptr,
+                                          kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, stride_h);
+    }
+#endif
+}
+
+#define PAIRS8TC(name, bf16, block, epi)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) name(                                                       \
+            const unsigned short* x, const unsigned char* w, unsigned short* y, int rows, int pairs, int k,         \
+            long long x_ld, long long y_ld, const float* scale, long long s_ld, int bn, int shift, int hq, int hk,   \
+            unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b, const int* positions,     \
+            const int* batch_indices, const int* kv_indptr, const int* kv_indices, unsigned short* k_cache,         \
+            unsigned short* v_cache, int page_size, long long stride_page, long long stride_n, long long stride_h) { \
+        gemv8_tc_pairs<bf16, block, epi>(x, w, y, rows, pairs, k, x_ld, y_ld, scale, s_ld, bn, shift, hq, hk, d,    \
+                                         rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,         \
+                                         kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n, \
+                                         stride_h);                                                                 \
+    }
+PAIRS8TC(gemv8tc_bf16_silu_row, true, false, 1)
+PAIRS8TC(gemv8tc_bf16_silu_block, true, true, 1)
+PAIRS8TC(gemv8tc_bf16_rope_row, true, false, 2)
+PAIRS8TC(gemv8tc_bf16_rope_block, true, true, 2)
+PAIRS8TC(gemv8tc_f16_silu_row, false, false, 1)
+PAIRS8TC(gemv8tc_f16_silu_block, false, true, 1)
+PAIRS8TC(gemv8tc_f16_rope_row, false, false, 2)
+PAIRS8TC(gemv8tc_f16_rope_block, false, true, 2)

@@ -1,0 +1,285 @@
+
+// Linear layers with e4m3 weights and 16-bit activations (W8A16): the weights are read as stored (one byte each)
+// and turned into float32 in registers; x, y and the float32 sums as GEMV_SOURCE's.
+__device__ __forceinline__ float h2f(unsigned short u) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
+    return f;
+}
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short u;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+__device__ __forceinline__ unsigned short f2b(float f) {
+    unsigned short u;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+template <bool BF16> __device__ __forceinline__ unsigned short fromf(float f) { return BF16 ? f2b(f) : f2h(f); }
+
+#include "fp8_decode.cuh"  // e4m3x16, widen16, add_partial16 (they use h2f, above)
+#include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
+// Weights past L1: as GEMV_SOURCE.
+__device__ __forceinline__ uint4 load_weights(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+#include "fp8_one_row.cuh"  // gemv8_one_row (uses load_weights and griddep_wait, above)
+
+#define COLS 4   // output columns per block: each x vector loaded and widened once serves all of them
+#define SPLITS 4 // warps per block, each summing every SPLITS-th run of 32 weight vectors of the block's columns
+
+// y[r, j] = sum_c x[r, c] * w[j, c] * scale(j, c) for r < rows <= R: x [rows, k] 16-bit (row stride x_ld), w [n, k]
+// e4m3 (row-major), y [rows, n] 16-bit or float32 (row stride y_ld). BLOCK false: scale(j, c) = scale[j], applied
+// to the whole sum; BLOCK true: scale[(j / bn) * s_ld + (c >> (4 + shift))] (blocks of bn rows and 16 << shift
+// columns), applied to each 16-element partial sum. Each block of SPLITS warps serves COLS consecutive columns:
+// lane l of warp v takes the 16-byte weight vectors 32 v + l, 32 (v + SPLITS) + l, ... of each column (the next
+// ones loading while these are summed), a butterfly sums each warp's lanes and warp 0 the warps' sums. Float32
+// sums of exact products (the weights exact as float32); y rounded once. k a multiple of 16; x, w and x_ld
+// 16-byte aligned (the caller checks).
+template <bool BF16, bool F32OUT, bool BLOCK, int R>
+__device__ __forceinline__ void gemv8_rows(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
+                                           void* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                           long long y_ld, const float* __restrict__ scale, long long s_ld, int bn,
+                                           int shift) {
+    __shared__ float part[SPLITS][COLS][R];
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int j0 = blockIdx.x * COLS;
+    const int vecs = k >> 4;
+    const uint4* wv[COLS];
+    const float* srow[COLS];
+#pragma unroll
+    for (int i = 0; i < COLS; ++i) {
+        const int j = min(j0 + i, n - 1);  // a last partial group repeats its last column (not stored)
+        wv[i] = reinterpret_cast<const uint4*>(w + (long long)j * k);
+        srow[i] = BLOCK ? scale + (long long)(j / bn) * s_ld : scale + j;
+    }
+    float acc[COLS][R];
+#pragma unroll
+    for (int i = 0; i < COLS; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[i][r] = 0.f;
+    uint4 a[COLS];
+    int c = warp * 32 + lane;
+    if (c < vecs) {
+#pragma unroll
+        for (int i = 0; i < COLS; ++i) a[i] = load_weights(wv[i] + c);
+    }
+    griddep_wait();  // x may be the previous kernel's output; the weights and scales are constants
+    while (c < vecs) {
+        float wf[COLS][16];
+        float s[COLS];
+#pragma unroll
+        for (int i = 0; i < COLS; ++i) {
+            e4m3x16(a[i], wf[i]);
+            s[i] = BLOCK ? __ldg(srow[i] + (c >> shift)) : 1.f;
+        }
+        const int next = c + 32 * SPLITS;
+        if (next < vecs) {
+#pragma unroll
+            for (int i = 0; i < COLS; ++i) a[i] = load_weights(wv[i] + next);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (r < rows) {
+                float xf[16];
+                widen16<BF16>(reinterpret_cast<const uint4*>(x + r * x_ld) + 2 * c, xf);
+#pragma unroll
+                for (int i = 0; i < COLS; ++i) acc[i][r] = add_partial16<BLOCK>(acc[i][r], wf[i], xf, s[i]);
+            }
+        }
+        c = next;
+    }
+#pragma unroll
+    for (int i = 0; i < COLS; ++i)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float v = acc[i][r];
+            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0) part[warp][i][r] = v;
+        }
+    __syncthreads();
+    // warp 0: lane i * R + r adds the warps' sums of column j0 + i, row r, and stores it
+    const int i = lane / R, r = lane % R;
+    if (warp == 0 && lane < COLS * R && r < rows && j0 + i < n) {
+        float v = 0.f;
+#pragma unroll
+        for (int p = 0; p < SPLITS; ++p) v += part[p][i][r];
+        if (!BLOCK) v *= __ldg(srow[0] + i);
+        const int j = j0 + i;
+        if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
+        else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
+    }
+}
+
+// One x row (gemv8_one_row): y[j] = the sum of weight row j (times scale[j] where not BLOCK), rounded once; the
+// arguments as gemv8_rows takes them (rows, x_ld and y_ld unused: one row)
+template <bool BF16, bool F32OUT, bool BLOCK>
+__device__ __forceinline__ void gemv8_one(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
+                                          void* __restrict__ y, int n, int k, const float* __restrict__ scale,
+                                          long long s_ld, int bn, int shift) {
+    gemv8_one_row<BF16, BLOCK>(
+        x, w, (n + 1) / 2, k, scale, s_ld, bn, shift, [n](int g, int i) { return min(2 * g + i, n - 1); },
+        [=](int g, float va, float vb) {
+            const float v[2] = {va, vb};
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int j = 2 * g + i;  // (a last odd group's second row repeats its first: not stored)
+                if (j < n) {
+                    const float o = BLOCK ? v[i] : v[i] * __ldg(scale + j);
+                    if (F32OUT) reinterpret_cast<float*>(y)[j] = o;
+                    else reinterpret_cast<unsigned short*>(y)[j] = fromf<BF16>(o);
+                }
+            }
+        });
+}
+#define GEMV8ONE(name, bf16, f32out, block)                                                                        \
+    extern "C" __global__ void __launch_bounds__(128, 8)                                                           \
+        name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n, int k, long long x_ld,     \
+             long long y_ld, const float* scale, long long s_ld, int bn, int shift) {                             \
+        gemv8_one<bf16, f32out, block>(x, w, y, n, k, scale, s_ld, bn, shift);                                     \
+    }
+GEMV8ONE(gemv8_bf16_bf16_row_1, true, false, false)
+GEMV8ONE(gemv8_bf16_bf16_block_1, true, false, true)
+GEMV8ONE(gemv8_bf16_f32_row_1, true, true, false)
+GEMV8ONE(gemv8_bf16_f32_block_1, true, true, true)
+GEMV8ONE(gemv8_f16_f16_row_1, false, false, false)
+GEMV8ONE(gemv8_f16_f16_block_1, false, false, true)
+GEMV8ONE(gemv8_f16_f32_row_1, false, true, false)
+GEMV8ONE(gemv8_f16_f32_block_1, false, true, true)
+
+#define GEMV8(name, bf16, f32out, block, r)                                                                         \
+    extern "C" __global__ void name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n,       \
+                                    int k, long long x_ld, long long y_ld, const float* scale, long long s_ld,       \
+                                    int bn, int shift) {                                                             \
+        gemv8_rows<bf16, f32out, block, r>(x, w, y, rows, n, k, x_ld, y_ld, scale, s_ld, bn, shift);                \
+    }
+GEMV8(gemv8_bf16_bf16_row_2, true, false, false, 2)
+GEMV8(gemv8_bf16_bf16_block_2, true, false, true, 2)
+GEMV8(gemv8_bf16_f32_row_2, true, true, false, 2)
+GEMV8(gemv8_bf16_f32_block_2, true, true, true, 2)
+GEMV8(gemv8_f16_f16_row_2, false, false, false, 2)
+GEMV8(gemv8_f16_f16_block_2, false, false, true, 2)
+GEMV8(gemv8_f16_f32_row_2, false, true, false, 2)
+GEMV8(gemv8_f16_f32_block_2, false, true, true, 2)
+GEMV8(gemv8_bf16_bf16_row_4, true, false, false, 4)
+GEMV8(gemv8_bf16_bf16_block_4, true, false, true, 4)
+GEMV8(gemv8_bf16_f32_row_4, true, true, false, 4)
+GEMV8(gemv8_bf16_f32_block_4, true, true, true, 4)
+GEMV8(gemv8_f16_f16_row_4, false, false, false, 4)
+GEMV8(gemv8_f16_f16_block_4, false, false, true, 4)
+GEMV8(gemv8_f16_f32_row_4, false, true, false, 4)
+GEMV8(gemv8_f16_f32_block_4, false, true, true, 4)
+GEMV8(gemv8_bf16_bf16_row_8, true, false, false, 8)
+GEMV8(gemv8_bf16_bf16_block_8, true, false, true, 8)
+GEMV8(gemv8_bf16_f32_row_8, true, true, false, 8)
+GEMV8(gemv8_bf16_f32_block_8, true, true, true, 8)
+GEMV8(gemv8_f16_f16_row_8, false, false, false, 8)
+GEMV8(gemv8_f16_f16_block_8, false, false, true, 8)
+GEMV8(gemv8_f16_f32_row_8, false, true, false, 8)
+GEMV8(gemv8_f16_f32_block_8, false, true, true, 8)
+
+// The same product on tensor cores (SM 8.0+; an empty kernel below): gemv8_rows' decoding is the step's cost once
+// rows > 1 (each weight widened per row group), while here each weight is decoded once into a 16-bit pair and
+// one mma.m16n8k16 multiplies 16 columns by 16 of k for all rows <= 8 (the mma's n). A block of W warps (blockDim
+// / 32, at most 8) serves 16 consecutive columns j0..j0+15; warp v sums the chunks of 128 of k at 128 v, 128 (v +
+// W), ...; lane (g = lane / 4, t = lane % 4) reads 16 weights of column j0 + g and of j0 + g + 8 at 16 t and at 64
+// + 16 t of each chunk (a warp's load: 64 contiguous bytes of 8 columns), the next chunk loading while this one is
+// summed. Decoding: e4m3's bits moved into a 16-bit float's places (bfloat16: the value times 2**-120, float16:
+// times 2**-8, subnormals landing on subnormals) and one packed multiply by 2**120 / 2**8, exact. The mma sums
+// k in an order of its own: the lane's physical k positions are paired as the decoding pairs them (bytes 0 and 2,
+// 1 and 3 of each word), and x's values are paired alike (prmt), which the sum does not see. Sums: each chunk's
+// products in the mma's float32 accumulator (fresh per chunk), added to the column's sum (times the chunk's block
+// scale); the warps' sums in shared memory; y rounded once. BLOCK needs (16 << shift) a multiple of 128 (a chunk
+// inside one scale block) and bn a multiple of 16 (the caller checks); k a multiple of 16; x, w, x_ld 16-byte
+// aligned.
+#include "fp8_tensor_cores.cuh"  // tc_sums and its decoding and mma, for gemv8_tc below
+template <bool BF16, bool F32OUT, bool BLOCK>
+__device__ __forceinline__ void gemv8_tc(const unsigned short* __restrict__ x, const unsigned char* __restrict__ w,
+                                         void* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                         long long y_ld, const float* __restrict__ scale, long long s_ld, int bn,
+                                         int shift) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ float part[8][32][4];
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int j0 = blockIdx.x * 16;
+    const unsigned char* wa = w + (long long)min(j0 + g, n - 1) * k + 16 * t;  // a last partial tile repeats
+    const unsigned char* wb = w + (long long)min(j0 + g + 8, n - 1) * k + 16 * t;  // its last column (not stored)
+    const unsigned short* xr = x + (long long)min(g, rows - 1) * x_ld + 16 * t;  // B's column g: x's row g
+    const float* srow = BLOCK ? scale + (long long)(j0 / bn) * s_ld : scale;  // (the tile inside one scale block)
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    tc_sums<BF16, BLOCK, true>(acc, wa, wb, xr, srow, srow, warp, warps, g, t, rows, k, shift);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) part[warp][lane][i] = acc[i];
+    __syncthreads();
+    if (warp == 0) {
+        // accumulator i: column j0 + g (+ 8 for i >= 2), x row 2 t + (i & 1)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            float v = 0.f;
+            for (int p = 0; p < warps; ++p) v += part[p][lane][i];
+            const int j = j0 + g + (i >> 1) * 8, r = 2 * t + (i & 1);
+            if (j < n && r < rows) {
+                if (!BLOCK) v *= __ldg(scale + j);
+                if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
+                else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
+            }
+        }
+    }
+#endif
+}
+
+#define GEMV8TC(name, bf16, f32out, block)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        name(const unsigned short* x, const unsigned char* w, void* y, int rows, int n, int k, long long x_ld,     \
+             long long y_ld, const float* scale, long long s_ld, int bn, int shift) {                             \
+        gemv8_tc<bf16, f32out, block>(x, w, y, rows, n, k, x_ld, y_ld, scale, s_ld, bn, shift);                    \
+    }
+GEMV8TC(gemv8tc_bf16_bf16_row, true, false, false)
+GEMV8TC(gemv8tc_bf16_bf16_block, true, false, true)
+GEMV8TC(gemv8tc_bf16_f32_row, true, true, false)
+GEMV8TC(gemv8tc_bf16_f32_block, true, true, true)
+GEMV8TC(gemv8tc_f16_f16_row, false, false, false)
+GEMV8TC(gemv8tc_f16_f16_block, false, false, true)
+GEMV8TC(gemv8tc_f16_f32_row, false, true, false)
+GEMV8TC(gemv8tc_f16_f32_block, false, true, true)
+
+// out [n, k] 16-bit = w [n, k] e4m3 times its scales (as gemv8_rows reads them; block != 0: per block), each
+// product rounded once to nearest even: the weight a 16-bit GEMM of many rows reads. A grid-stride loop over the
+// 16-byte weight vectors; k a multiple of 16, w and out 16-byte aligned.
+template <bool BF16>
+__device__ __forceinline__ void dequant_rows(const unsigned char* __restrict__ w, unsigned short* __restrict__ out,
+                                             long long n, int k, const float* __restrict__ scale, long long s_ld,
+                                             int bn, int shift, int block) {
+    const int vecs = k >> 4;
+    const long long total = n * vecs;
+    for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < total;
+         v += (long long)gridDim.x * blockDim.x) {
+        const long long j = v / vecs;
+        const int c = (int)(v - j * vecs);
+        const float s = block ? __ldg(scale + (j / bn) * s_ld + (c >> shift)) : __ldg(scale + j);
+        float wf[16];
+        e4m3x16(load_weights(reinterpret_cast<const uint4*>(w) + v), wf);
+        uint4 o[2];
+        unsigned short* ov = reinterpret_cast<unsigned short*>(o);
+#pragma unroll
+        for (int e = 0; e < 16; ++e) ov[e] = fromf<BF16>(wf[e] * s);
+        uint4* dst = reinterpret_cast<uint4*>(out) + 2 * v;
+        dst[0] = o[0];
+        dst[1] = o[1];
+    }
+}
+extern "C" __global__ void dequant_e4m3_bf16(const unsigned char* w, unsigned short* out, long long n, int k,
+                                             const float* scale, long long s_ld, int bn, int shift, int block) {
+    dequant_rows<true>(w, out, n, k, scale, s_ld, bn, shift, block);
+}
+extern "C" __global__ void dequant_e4m3_f16(const unsigned char* w, unsigned short* out, long long n, int k,
+                                            const float* scale, long long s_ld, int bn, int shift, int block) {
+    dequant_rows<false>(w, out, n, k, scale, s_ld, bn, shift, block);
+}

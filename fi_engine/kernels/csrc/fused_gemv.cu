@@ -1,0 +1,517 @@
+
+// The GEMV of _GEMV_SOURCE (same column loop, same float32 sums in the same order, same output rounding) with its
+// input rows computed in a prologue into shared memory, so that the launch producing them goes away:
+//   MODE 1 (norm):     in = rmsnorm(h) * nw                     (FlashInfer's rmsnorm of h)
+//   MODE 2 (add-norm): s = h + x; h_out = s; in = rmsnorm(s) * nw (FlashInfer's fused_add_rmsnorm with input x,
+//                      residual h, written into h_out instead of in place: every block reads h while block 0
+//                      writes h_out, so the two are different buffers the caller alternates)
+//   MODE 3 (silu):     in = silu(x[:, :k]) * x[:, k:2k]           (FlashInfer's silu_and_mul of x)
+// The prologue rounds where those kernels round (h_out and in to the 16-bit type, nothing else) and sums the
+// squares in FlashInfer's order: its block of W = ceil(min(1024, k / 8) / 32) warps, thread t summing the 8-element
+// vectors t, t + 32 W, ... in turn, a butterfly within each warp, then one across the W warp sums; rsqrt.approx as
+// its math::rsqrt. The module is compiled with --use_fast_math, as FlashInfer's modules are (its divisions and
+// __expf). Each block recomputes the prologue (rows <= 4 rows of k elements, from L2) and then serves a
+// grid-stride set of output columns, one warp each. k a multiple of 8; x, h, h_out, nw and the row strides 16-byte
+// aligned (the caller checks).
+__device__ __forceinline__ float h2f(unsigned short u) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
+    return f;
+}
+__device__ __forceinline__ float b2f(unsigned short u) {
+    return __int_as_float(((unsigned)u) << 16);
+}
+__device__ __forceinline__ unsigned short f2h(float f) {
+    unsigned short u;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+__device__ __forceinline__ unsigned short f2b(float f) {
+    unsigned short u;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
+    return u;
+}
+__device__ __forceinline__ float rsqrt_approx(float x) {
+    float y;
+    asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+template <bool BF16> __device__ __forceinline__ float tof(unsigned short u) { return BF16 ? b2f(u) : h2f(u); }
+template <bool BF16> __device__ __forceinline__ unsigned short fromf(float f) { return BF16 ? f2b(f) : f2h(f); }
+
+// element e of the 8-vector at c8 of row r: h alone, or x + h (FlashInfer: float(input) + float(residual))
+template <bool BF16, int MODE>
+__device__ __forceinline__ void row_vec(const unsigned short* __restrict__ h, const unsigned short* __restrict__ x,
+                                        int r, int c8, long long h_ld, long long x_ld, float v[8]) {
+    uint4 a = *(reinterpret_cast<const uint4*>(h + r * h_ld) + c8);
+    const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
+    if (MODE == 2) {
+        uint4 b = *(reinterpret_cast<const uint4*>(x + r * x_ld) + c8);
+        const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            float t = tof<BF16>(bv[e]);
+            t += tof<BF16>(av[e]);
+            v[e] = t;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = tof<BF16>(av[e]);
+    }
+}
+
+// The prologue: the input rows into sx (shared), every thread of the block taking part; ends with a barrier.
+template <bool BF16, int MODE>
+__device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restrict__ x, int rows, int k, long long x_ld,
+                                      const unsigned short* __restrict__ h, const unsigned short* __restrict__ nw,
+                                      unsigned short* __restrict__ h_out, long long h_ld, float eps) {
+    __shared__ float part[4][32];
+    __shared__ float rcp[4];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int vecs = k >> 3;
+    if (MODE == 3) {
+        for (int r = 0; r < rows; ++r)
+            for (int c = threadIdx.x; c < vecs; c += blockDim.x) {
+                uint4 g = *(reinterpret_cast<const uint4*>(x + r * x_ld) + c);
+                uint4 u = *(reinterpret_cast<const uint4*>(x + r * x_ld + k) + c);
+                const unsigned short* gv = reinterpret_cast<const unsigned short*>(&g);
+                const unsigned short* uv = reinterpret_cast<const unsigned short*>(&u);
+                uint4 o;
+                unsigned short* ov = reinterpret_cast<unsigned short*>(&o);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    float a = tof<BF16>(gv[e]);
+                    ov[e] = fromf<BF16>(a / (1.0f + __expf(-a)) * tof<BF16>(uv[e]));
+                }
+                sx[r * vecs + c] = o;
+            }
+    } else {
+        // FlashInfer's partition of the sum of squares (see above)
+        const int fw = (min(1024, vecs) + 31) >> 5;
+        const int ft = fw << 5;
+        for (int r = 0; r < rows; ++r)
+            for (int vw = warp; vw < fw; vw += warps) {
+                const int t = (vw << 5) + lane;
+                float sum = 0.f;
+                for (int c = t; c < vecs; c += ft) {
+                    float v[8];
+                    row_vec<BF16, MODE>(h, x, r, c, h_ld, x_ld, v);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) sum += v[e] * v[e];
+                }
+#pragma unroll
+                for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                if (lane == 0) part[r][vw] = sum;
+            }
+        __syncthreads();
+        if (warp == 0)
+            for (int r = 0; r < rows; ++r) {
+                float sum = lane < fw ? part[r][lane] : 0.f;
+#pragma unroll
+                for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                if (lane == 0) rcp[r] = rsqrt_approx(sum / float(k) + eps);
+            }
+        __syncthreads();
+        const bool write_h = MODE == 2 && h_out != nullptr && blockIdx.x == 0;
+        for (int r = 0; r < rows; ++r)
+            for (int c = threadIdx.x; c < vecs; c += blockDim.x) {
+                float v[8];
+                row_vec<BF16, MODE>(h, x, r, c, h_ld, x_ld, v);
+                uint4 g = *(reinterpret_cast<const uint4*>(nw) + c);
+                const unsigned short* gv = reinterpret_cast<const unsigned short*>(&g);
+                uint4 o, s;
+                unsigned short* ov = reinterpret_cast<unsigned short*>(&o);
+                unsigned short* sv = reinterpret_cast<unsigned short*>(&s);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    ov[e] = fromf<BF16>(v[e] * rcp[r] * tof<BF16>(gv[e]));
+                    sv[e] = fromf<BF16>(v[e]);
+                }
+                sx[r * vecs + c] = o;
+                if (write_h) *(reinterpret_cast<uint4*>(h_out + r * h_ld) + c) = s;
+            }
+    }
+    __syncthreads();
+}
+
+#include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
+// Weights past L1, UNROLL vectors in flight per lane: as the plain GEMV (GEMV_SOURCE).
+__device__ __forceinline__ uint4 load_weights(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+#ifndef GEMV_UNROLL  // weight vectors in flight per lane (Dense.gemv_unroll passes it)
+#define GEMV_UNROLL 4
+#endif
+#define UNROLL GEMV_UNROLL
+#include "row_counts.cuh"  // ROWS, EACH_ROW_COUNT, FUSED_BOUNDS_* and the GEMV_* settings
+// acc[r] += the 8 products of weight vector a with the staged input vector c of row r, for r < ROWS(R, rows).
+template <bool BF16, int R>
+__device__ __forceinline__ void staged_vec(uint4 a, const uint4* sx, int vecs, int rows, int c, float acc[4]) {
+    const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);
+    float wf[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) wf[e] = tof<BF16>(av[e]);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        if (r < ROWS(R, rows)) {
+            uint4 b = sx[r * vecs + c];
+            const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[r] += wf[e] * tof<BF16>(bv[e]);
+        }
+    }
+}
+
+template <bool BF16, bool F32OUT, int MODE, int R>
+__device__ __forceinline__ void gemv_fused(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                                           void* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                           long long y_ld, const unsigned short* __restrict__ h,
+                                           const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
+                                           long long h_ld, float eps) {
+    extern __shared__ uint4 sx[];  // the input rows, [rows, k / 8] vectors of 8 16-bit values
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int vecs = k >> 3;
+    // the first column's first UNROLL weight vectors are loaded before the wait for the previous kernel, whose
+    // output the prologue reads (weights are constants)
+    int j = blockIdx.x * warps + warp;
+    uint4 a[UNROLL];
+    bool more = j < n && lane + 32 * (UNROLL - 1) < vecs;
+    if (more) {
+        const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + lane + 32 * u);
+    }
+    griddep_wait();
+    stage<BF16, MODE>(sx, x, ROWS(R, rows), k, x_ld, h, nw, h_out, h_ld, eps);
+    for (; j < n; j += gridDim.x * warps) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint4* wv = reinterpret_cast<const uint4*>(w + (long long)j * k);
+        int c = lane;
+        if (!more) {  // a later column: its first vectors are loaded here
+            more = c + 32 * (UNROLL - 1) < vecs;
+            if (more) {
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) a[u] = load_weights(wv + c + 32 * u);
+            }
+        }
+        while (more) {  // as the plain GEMV: the same sums, the next vectors loaded first with GEMV_PIPELINE
+            const bool next = c + 32 * (2 * UNROLL - 1) < vecs;
+            uint4 b[UNROLL];
+            if (GEMV_PIPELINE && next) {
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) b[u] = load_weights(wv + c + 32 * (UNROLL + u));
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) staged_vec<BF16, R>(a[u], sx, vecs, rows, c + 32 * u, acc);
+            c += 32 * UNROLL;
+            more = next;
+            if (more) {
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) a[u] = GEMV_PIPELINE ? b[u] : load_weights(wv + c + 32 * u);
+            }
+        }
+        for (; c < vecs; c += 32) staged_vec<BF16, R>(load_weights(wv + c), sx, vecs, rows, c, acc);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            float v = acc[r];
+            for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0 && r < ROWS(R, rows)) {
+                if (F32OUT) reinterpret_cast<float*>(y)[r * y_ld + j] = v;
+                else reinterpret_cast<unsigned short*>(y)[r * y_ld + j] = fromf<BF16>(v);
+            }
+        }
+    }
+}
+
+#define FUSED(R, name, bf16, f32out, mode)                                                                         \
+    extern "C" __global__ void FUSED_BOUNDS_##R                                                                    \
+            name##_r##R(const unsigned short* x, const unsigned short* w, void* y, int rows, int n, int k,           \
+                        long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,           \
+                        unsigned short* h_out, long long h_ld, float eps) {                                          \
+        gemv_fused<bf16, f32out, mode, R>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps);                \
+    }
+EACH_ROW_COUNT(FUSED, gemv_f16_f16_norm, false, false, 1)
+EACH_ROW_COUNT(FUSED, gemv_f16_f32_norm, false, true, 1)
+EACH_ROW_COUNT(FUSED, gemv_bf16_bf16_norm, true, false, 1)
+EACH_ROW_COUNT(FUSED, gemv_bf16_f32_norm, true, true, 1)
+EACH_ROW_COUNT(FUSED, gemv_f16_f16_addnorm, false, false, 2)
+EACH_ROW_COUNT(FUSED, gemv_f16_f32_addnorm, false, true, 2)
+EACH_ROW_COUNT(FUSED, gemv_bf16_bf16_addnorm, true, false, 2)
+EACH_ROW_COUNT(FUSED, gemv_bf16_f32_addnorm, true, true, 2)
+EACH_ROW_COUNT(FUSED, gemv_f16_f16_silu, false, false, 3)
+EACH_ROW_COUNT(FUSED, gemv_f16_f32_silu, false, true, 3)
+EACH_ROW_COUNT(FUSED, gemv_bf16_bf16_silu, true, false, 3)
+EACH_ROW_COUNT(FUSED, gemv_bf16_f32_silu, true, true, 3)
+
+#ifndef ROPE_UNROLL  // vectors of each column in flight per lane in the QKV + RoPE GEMV (Dense.rope_unroll)
+#define ROPE_UNROLL 4
+#endif
+
+// a0[r] / a1[r] += the 8 products of weight vectors u0 / u1 (columns j0, j1) with staged input vector c of row r
+template <bool BF16, int R>
+__device__ __forceinline__ void pair_vec(uint4 u0, uint4 u1, const uint4* sx, int vecs, int rows, int c, float a0[4],
+                                         float a1[4]) {
+    const unsigned short* v0 = reinterpret_cast<const unsigned short*>(&u0);
+    const unsigned short* v1 = reinterpret_cast<const unsigned short*>(&u1);
+    float f0[8], f1[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        f0[e] = tof<BF16>(v0[e]);
+        f1[e] = tof<BF16>(v1[e]);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        if (r < ROWS(R, rows)) {
+            uint4 b = sx[r * vecs + c];
+            const unsigned short* bv = reinterpret_cast<const unsigned short*>(&b);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                a0[r] += f0[e] * tof<BF16>(bv[e]);
+                a1[r] += f1[e] * tof<BF16>(bv[e]);
+            }
+        }
+    }
+}
+
+// RoPE's frequency of element i of a head of d (and of i + d / 2: FlashInfer indexes it by e % (d / 2)), with
+// FlashInfer's expressions (the host computes rcp_theta, rcp_scale, smooth_a and smooth_b as its launcher does):
+// explicit fmas where the compiler could contract either product, FlashInfer's build fusing the first
+__device__ __forceinline__ float rope_freq(unsigned i, unsigned d, float rcp_theta, float rcp_scale, float smooth_a,
+                                           float smooth_b) {
+    const unsigned half = d >> 1;
+    float freq = __powf(rcp_theta, float(2 * (i % half)) / float(d));
+    float smooth = freq * smooth_a + smooth_b;
+    smooth = max(0.0f, min(1.0f, smooth));
+    return __fmaf_rn(1 - smooth, freq * rcp_scale, smooth * freq);
+}
+
+// A QKV GEMV's epilogue for row r of one pair of its rounded outputs (q0, q1: columns j0 = head d + i and j0 + d /
+// 2): a q or k head rotated at the row's position (FlashInfer's rotation, written as its kernel writes it, in
+// float32 from the rounded values, rounded again), stored back into y, and a k or v head also written into page
+// kv_indices[kv_indptr[batch_indices[r]] + pos / page_size] of its cache (strides in elements)
+template <bool BF16>
+__device__ __forceinline__ void rope_store_append(
+        unsigned short q0, unsigned short q1, int head, unsigned i, float freq, int r, unsigned short* __restrict__ y,
+        long long y_ld, long long j0, int hq, int hk, unsigned d, const int* __restrict__ positions,
+        const int* __restrict__ batch_indices, const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices,
+        unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache, int page_size,
+        long long stride_page, long long stride_n, long long stride_h) {
+    const unsigned half = d >> 1;
+    const int pos = positions[r];
+    if (head < hq + hk) {
+        float sn, cs;
+        __sincosf(float(pos) * freq, &sn, &cs);
+        const float x0 = tof<BF16>(q0), x1 = tof<BF16>(q1);
+        const float o0 = __fmaf_rn(x0, cs, -x1 * sn);
+        const float o1 = __fmaf_rn(x1, cs, x0 * sn);
+        q0 = fromf<BF16>(o0);
+        q1 = fromf<BF16>(o1);
+    }
+    y[r * y_ld + j0] = q0;
+    y[r * y_ld + j0 + half] = q1;
+    if (head >= hq) {
+        const bool is_k = head < hq + hk;
+        const int kvh = is_k ? head - hq : head - hq - hk;
+        const int page = kv_indices[kv_indptr[batch_indices[r]] + pos / page_size];
+        const long long at = page * stride_page + (long long)(pos % page_size) * stride_n + kvh * stride_h + i;
+        unsigned short* cache = is_k ? k_cache : v_cache;
+        cache[at] = q0;
+        cache[at + half] = q1;
+    }
+}
+
+// The fused GEMVs whose warps each compute a pair of output columns, then an epilogue over the pair (EPI):
+//
+// EPI_ROPE: the QKV GEMV of a decode step with FlashInfer's apply_rope_pos_ids (in place, non-interleaved, all of
+// d rotated) and append_paged_kv_cache (NHD) as its epilogue: y = qkv [rows, (hq + 2 hk) d], 16-bit. Each warp
+// computes the columns i and i + d/2 of one head (each column's sum exactly as gemv_fused's), rounds them as the
+// GEMV's output is rounded, rotates q and k heads with FlashInfer's arithmetic (its frequency and smoothing
+// expressions, __powf and __sincosf under --use_fast_math, the rotation written as its kernel writes it; the host
+// computes rcp_theta, rcp_scale, smooth_a and smooth_b as its launcher does), stores them back into y (attention
+// reads q there) and writes k and v heads into page kv_indices[kv_indptr[b] + pos / page_size], entry
+// pos % page_size of k_cache / v_cache (b = batch_indices[r], pos = positions[r]; strides in elements).
+//
+// EPI_SILU: the gate/up GEMV of a decode step (w [2 m, k]: the m gate rows, then the m up rows; n = 2 m) with
+// FlashInfer's silu_and_mul as its epilogue: y [rows, m] = silu(g) * u, g and u the columns p and m + p rounded as
+// the GEMV's output is, the activation as the SiLU prologue computes it. The RoPE arguments are unused.
+#define EPI_ROPE 0
+#define EPI_SILU 1
+template <int EPI>
+__device__ __forceinline__ void pair_columns(int p, int pairs, unsigned d, long long& j0, long long& j1) {
+    if (EPI == EPI_SILU) {
+        j0 = p;
+        j1 = (long long)pairs + p;
+    } else {
+        const unsigned half = d >> 1;
+        const int head = p / (int)half;
+        j0 = (long long)head * d + (p - head * (int)half);
+        j1 = j0 + half;
+    }
+}
+
+template <bool BF16, int MODE, int R, int EPI>
+__device__ __forceinline__ void gemv_pairs(
+        const unsigned short* __restrict__ x, const unsigned short* __restrict__ w, unsigned short* __restrict__ y,
+        int rows, int n, int k, long long x_ld, long long y_ld, const unsigned short* __restrict__ h,
+        const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out, long long h_ld, float eps, int hq,
+        int hk, unsigned d, float rcp_theta, float rcp_scale, float smooth_a, float smooth_b,
+        const int* __restrict__ positions, const int* __restrict__ batch_indices, const int* __restrict__ kv_indptr,
+        const int* __restrict__ kv_indices, unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache,
+        int page_size, long long stride_page, long long stride_n, long long stride_h) {
+    extern __shared__ uint4 sx[];
+    griddep_launch_dependents();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int vecs = k >> 3;
+    const int pairs = n >> 1;
+    // As gemv_fused: ROPE_UNROLL vectors of each of the two columns in flight per lane (the first pair's loaded
+    // before the wait for the previous kernel), summed in the order of the one-at-a-time tail loop
+    int p = blockIdx.x * warps + warp;
+    uint4 b0[ROPE_UNROLL], b1[ROPE_UNROLL];
+    bool more = p < pairs && lane + 32 * (ROPE_UNROLL - 1) < vecs;
+    if (more) {
+        long long j0, j1;
+        pair_columns<EPI>(p, pairs, d, j0, j1);
+        const uint4* w0 = reinterpret_cast<const uint4*>(w + j0 * k);
+        const uint4* w1 = reinterpret_cast<const uint4*>(w + j1 * k);
+#pragma unroll
+        for (int u = 0; u < ROPE_UNROLL; ++u) {
+            b0[u] = load_weights(w0 + lane + 32 * u);
+            b1[u] = load_weights(w1 + lane + 32 * u);
+        }
+    }
+    griddep_wait();
+    stage<BF16, MODE>(sx, x, ROWS(R, rows), k, x_ld, h, nw, h_out, h_ld, eps);
+    for (; p < pairs; p += gridDim.x * warps) {
+        long long j0, j1;
+        pair_columns<EPI>(p, pairs, d, j0, j1);
+        float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint4* w0 = reinterpret_cast<const uint4*>(w + j0 * k);
+        const uint4* w1 = reinterpret_cast<const uint4*>(w + j1 * k);
+        int c = lane;
+        if (!more) {  // a later pair: its first vectors are loaded here
+            more = c + 32 * (ROPE_UNROLL - 1) < vecs;
+            if (more) {
+#pragma unroll
+                for (int u = 0; u < ROPE_UNROLL; ++u) {
+                    b0[u] = load_weights(w0 + c + 32 * u);
+                    b1[u] = load_weights(w1 + c + 32 * u);
+                }
+            }
+        }
+        while (more) {
+#pragma unroll
+            for (int u = 0; u < ROPE_UNROLL; ++u) pair_vec<BF16, R>(b0[u], b1[u], sx, vecs, rows, c + 32 * u, a0, a1);
+            c += 32 * ROPE_UNROLL;
+            more = c + 32 * (ROPE_UNROLL - 1) < vecs;
+            if (more) {
+#pragma unroll
+                for (int u = 0; u < ROPE_UNROLL; ++u) {
+                    b0[u] = load_weights(w0 + c + 32 * u);
+                    b1[u] = load_weights(w1 + c + 32 * u);
+                }
+            }
+        }
+        for (; c < vecs; c += 32)
+            pair_vec<BF16, R>(load_weights(w0 + c), load_weights(w1 + c), sx, vecs, rows, c, a0, a1);
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+            for (int off = 16; off; off >>= 1) {
+                a0[r] += __shfl_xor_sync(0xffffffffu, a0[r], off);
+                a1[r] += __shfl_xor_sync(0xffffffffu, a1[r], off);
+            }
+        if (lane != 0) continue;
+        if (EPI == EPI_SILU) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                if (r >= ROWS(R, rows)) break;
+                const float g = tof<BF16>(fromf<BF16>(a0[r])), u = tof<BF16>(fromf<BF16>(a1[r]));
+                y[r * y_ld + p] = fromf<BF16>(g / (1.0f + __expf(-g)) * u);
+            }
+            continue;
+        }
+        const unsigned half = d >> 1;
+        const int head = p / (int)half;
+        const unsigned i = p - head * (int)half;
+        const float freq = rope_freq(i, d, rcp_theta, rcp_scale, smooth_a, smooth_b);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            if (r >= ROWS(R, rows)) break;
+            rope_store_append<BF16>(fromf<BF16>(a0[r]), fromf<BF16>(a1[r]), head, i, freq, r, y, y_ld, j0, hq, hk, d,
+                                    positions, batch_indices, kv_indptr, kv_indices, k_cache, v_cache, page_size,
+                                    stride_page, stride_n, stride_h);
+        }
+    }
+}
+
+#define PAIRS(R, name, bf16, mode, epi)                                                                            \
+    extern "C" __global__ void FUSED_BOUNDS_##R name##_r##R(                                                       \
+            const unsigned short* x, const unsigned short* w, unsigned short* y, int rows, int n, int k,             \
+            long long x_ld, long long y_ld, const unsigned short* h, const unsigned short* nw,                       \
+            unsigned short* h_out, long long h_ld, float eps, int hq, int hk, unsigned d, float rcp_theta,           \
+            float rcp_scale, float smooth_a, float smooth_b, const int* positions, const int* batch_indices,         \
+            const int* kv_indptr, const int* kv_indices, unsigned short* k_cache, unsigned short* v_cache,           \
+            int page_size, long long stride_page, long long stride_n, long long stride_h) {                          \
+        gemv_pairs<bf16, mode, R, epi>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, hq, hk, d,         \
+                                       rcp_theta, rcp_scale, smooth_a, smooth_b, positions, batch_indices,          \
+                                       kv_indptr, kv_indices, k_cache, v_cache, page_size, stride_page, stride_n,   \
+                                       stride_h);                                                                   \
+    }
+EACH_ROW_COUNT(PAIRS, gemv_f16_norm_rope, false, 1, EPI_ROPE)
+EACH_ROW_COUNT(PAIRS, gemv_bf16_norm_rope, true, 1, EPI_ROPE)
+EACH_ROW_COUNT(PAIRS, gemv_f16_addnorm_rope, false, 2, EPI_ROPE)
+EACH_ROW_COUNT(PAIRS, gemv_bf16_addnorm_rope, true, 2, EPI_ROPE)
+EACH_ROW_COUNT(PAIRS, gemv_f16_norm_gateup, false, 1, EPI_SILU)
+EACH_ROW_COUNT(PAIRS, gemv_bf16_norm_gateup, true, 1, EPI_SILU)
+EACH_ROW_COUNT(PAIRS, gemv_f16_addnorm_gateup, false, 2, EPI_SILU)
+EACH_ROW_COUNT(PAIRS, gemv_bf16_addnorm_gateup, true, 2, EPI_SILU)
+#include "route.cuh"  // route_row, for gemv_route's epilogue (the MoE layer's module has it too)
+
+// The router GEMV of a MoE decode step with the routing as its epilogue: the NORM / ADD_NORM fused GEMV into
+// float32 logits y [rows, n] (n experts), block 0 also writing the staged input rows (the normalized rows the
+// experts' GEMVs read) to `normed`; then the last block to finish (counted in `done`, which it sets back to 0 for
+// the next launch: a CUDA graph replays it as is) routes each row as route_row does, into experts and weights
+// [rows, top_k]. Every block fences its logits before it counts itself, so the last one reads them all.
+template <bool BF16, int MODE, int R>
+__device__ __forceinline__ void gemv_route(const unsigned short* __restrict__ x, const unsigned short* __restrict__ w,
+                                           float* __restrict__ y, int rows, int n, int k, long long x_ld,
+                                           long long y_ld, const unsigned short* __restrict__ h,
+                                           const unsigned short* __restrict__ nw, unsigned short* __restrict__ h_out,
+                                           long long h_ld, float eps, unsigned short* __restrict__ normed,
+                                           long long normed_ld, int top_k, int renorm, int* __restrict__ experts,
+                                           float* __restrict__ weights, unsigned int* __restrict__ done) {
+    extern __shared__ uint4 sx[];  // the staged rows: gemv_fused leaves them in place
+    __shared__ int last;
+    gemv_fused<BF16, true, MODE, R>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps);
+    const int vecs = k >> 3;
+    if (blockIdx.x == 0)
+        for (int r = 0; r < rows; ++r)
+            for (int c = threadIdx.x; c < vecs; c += blockDim.x)
+                reinterpret_cast<uint4*>(normed + r * normed_ld)[c] = sx[r * vecs + c];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int r = threadIdx.x; r < rows; r += blockDim.x)
+        route_row(y + r * y_ld, n, top_k, renorm, experts + r * top_k, weights + r * top_k);
+    if (threadIdx.x == 0) *done = 0u;
+}
+
+#define ROUTE(R, name, bf16, mode)                                                                                 \
+    extern "C" __global__ void name##_r##R(const unsigned short* x, const unsigned short* w, float* y, int rows,     \
+                                           int n, int k, long long x_ld, long long y_ld, const unsigned short* h,   \
+                                           const unsigned short* nw, unsigned short* h_out, long long h_ld,         \
+                                           float eps, unsigned short* normed, long long normed_ld, int top_k,       \
+                                           int renorm, int* experts, float* weights, unsigned int* done) {          \
+        gemv_route<bf16, mode, R>(x, w, y, rows, n, k, x_ld, y_ld, h, nw, h_out, h_ld, eps, normed, normed_ld,      \
+                                  top_k, renorm, experts, weights, done);                                           \
+    }
+EACH_ROW_COUNT(ROUTE, gemv_f16_norm_route, false, 1)
+EACH_ROW_COUNT(ROUTE, gemv_bf16_norm_route, true, 1)
+EACH_ROW_COUNT(ROUTE, gemv_f16_addnorm_route, false, 2)
+EACH_ROW_COUNT(ROUTE, gemv_bf16_addnorm_route, true, 2)

@@ -1,0 +1,150 @@
+"""fi_engine.kernels.cuda_sources on the CPU: the engine's CUDA C is files of ``fi_engine/kernels/csrc``, each used.
+
+- Every ``.cu`` and ``.cuh`` file is reached from a program the engine reads (a ``source("...")`` or ``read("...")``
+  call in fi_engine, then the includes), and every ``.cu`` program the engine compiles is fingerprinted by
+  ``tools/kernel_fingerprints.py``.
+- No Python string of the kernel modules holds CUDA C (``__global__``, ``__device__``): the sources are read from
+  the files, and the module constants kept for their old names are those programs.
+- A program is its file with each include expanded between ``#line`` directives: without them, the files' text
+  concatenated as written; an include cycle is refused by name.
+- The files are package data: :func:`~fi_engine.kernels.cuda_sources.files` lists them through
+  :mod:`importlib.resources`, pyproject.toml's package data for ``fi_engine.kernels`` matches each and MANIFEST.in
+  takes them into the sdist.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+import tomllib
+
+import pytest
+from helpers.env import REPO
+from helpers.tools import load_tool
+
+from fi_engine.kernels import cuda_sources
+from fi_engine.kernels.cuda_sources import files, read, source
+
+ENGINE = REPO / "fi_engine"
+INCLUDE = re.compile(r'^#include "([^"]+)"', re.MULTILINE)
+# modules whose CUDA C is still a Python string, each its own module's concern (not moved to csrc yet)
+STRING_SOURCES_LEFT = {"layers/deepseek_routing.py", "layers/moe.py", "models/gemma2.py", "models/gpt_oss.py"}
+
+
+def loader_calls() -> dict[str, set[str]]:
+    """``{"source" or "read": the file names fi_engine passes them as literals}``, read from the code with ast."""
+    found: dict[str, set[str]] = {"source": set(), "read": set()}
+    for path in ENGINE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in found
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
+                found[node.func.id].add(node.args[0].value)
+    return found
+
+
+def reached(roots: set[str]) -> set[str]:
+    """``roots`` and every file they include, through any chain of includes."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(INCLUDE.findall(read(name)))
+    return seen
+
+
+def test_every_cuda_file_is_used_and_every_program_fingerprinted() -> None:
+    on_disk = {p.name for p in (ENGINE / "kernels" / "csrc").iterdir()}
+    assert files() == sorted(on_disk), "csrc holds a file that is not CUDA C (.cu, .cuh)"
+    calls = loader_calls()
+    programs = calls["source"]
+    assert programs and all(name.endswith(".cu") for name in programs), programs
+    assert reached(programs | calls["read"]) == set(files()), "a CUDA file that no program uses"
+    fingerprinted = {file for _, file, _ in load_tool("kernel_fingerprints").SOURCES}
+    assert programs <= fingerprinted, f"compiled by the engine, not fingerprinted: {sorted(programs - fingerprinted)}"
+
+
+def test_no_kernel_module_holds_cuda_c_in_a_string() -> None:
+    holders = set()
+    for path in ENGINE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            text = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
+            if "__global__" in text or "__device__ __forceinline__" in text:
+                holders.add(path.relative_to(ENGINE).as_posix())
+    assert holders <= STRING_SOURCES_LEFT, f"CUDA C in a Python string: {sorted(holders - STRING_SOURCES_LEFT)}"
+
+
+def test_the_old_constants_are_the_programs_of_the_files() -> None:
+    from fi_engine.kernels.moe_gemv import GROUPED_GEMV_SOURCE
+
+    constants = {
+        "rows.cu": cuda_sources.ROW_KERNELS_SOURCE,
+        "gemv.cu": cuda_sources.GEMV_SOURCE,
+        "fused_gemv.cu": cuda_sources.FUSED_GEMV_SOURCE,
+        "fp8_gemv.cu": cuda_sources.FP8_GEMV_SOURCE,
+        "fp8_fused.cu": cuda_sources.FP8_FUSED_SOURCE,
+        "fp8_quant.cu": cuda_sources.FP8_QUANT_SOURCE,
+        "grouped_gemv.cu": GROUPED_GEMV_SOURCE,
+    }
+    assert {name: source(name) for name in constants} == constants
+    assert read("route.cuh") == cuda_sources.ROUTE_SOURCE and "#line" not in cuda_sources.ROUTE_SOURCE
+    assert read("gemv.cu") is read("gemv.cu") and source("gemv.cu") is source("gemv.cu")  # read once
+
+
+@pytest.mark.parametrize("name", [f for f in files() if f.endswith(".cu")])
+def test_a_program_is_its_files_between_line_directives(name: str) -> None:
+    """Without its ``#line`` lines, a program is the files' text with each include line replaced by the included
+    file's (the text NVRTC compiled when the sources were strings); every line of the program's own text is
+    preceded by a ``#line`` that numbers it as its file does."""
+
+    def expanded(file: str) -> str:
+        lines = read(file).splitlines(keepends=True)
+        return "".join(expanded(m[1]) if (m := INCLUDE.match(line)) else line for line in lines)
+
+    program = source(name)
+    assert program.startswith(f'#line 1 "{name}"\n')
+    assert "".join(line for line in program.splitlines(keepends=True) if not line.startswith("#line ")) == expanded(
+        name
+    )
+    at: tuple[str, int] = ("", 0)  # the file and line number the compiler gives the next line
+    for line in program.splitlines(keepends=True):
+        directive = re.match(r'#line (\d+) "([^"]+)"\n', line)
+        if directive:
+            at = (directive[2], int(directive[1]))
+            continue
+        file, number = at
+        assert read(file).splitlines(keepends=True)[number - 1] == line, (file, number)
+        at = (file, number + 1)
+
+
+def test_an_include_cycle_is_refused_by_name(monkeypatch) -> None:
+    texts = {"a.cu": '#include "b.cuh"\n', "b.cuh": 'x\n#include "a.cu"\n'}
+    monkeypatch.setattr(cuda_sources, "read", texts.__getitem__)
+    monkeypatch.setattr(cuda_sources, "_names", lambda: frozenset(texts))
+    with pytest.raises(ValueError, match=r"^a\.cu -> b\.cuh -> a\.cu: a CUDA file includes itself"):
+        source("a.cu")  # (a refusal is not cached)
+
+
+@pytest.mark.parametrize("name", ["nope.cu", "../cuda_sources.py", "csrc/gemv.cu", "", 5, None])
+def test_a_name_that_is_no_cuda_file_is_refused(name: object) -> None:
+    for fn in (read, source):
+        with pytest.raises((TypeError, ValueError), match=r"^file: "):
+            fn(name)  # type: ignore[arg-type]
+
+
+def test_the_cuda_files_are_package_data_of_the_wheel_and_the_sdist() -> None:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "fi_engine.kernels" in config["packages"]
+    patterns = config["package-data"]["fi_engine.kernels"]
+    unmatched = [f for f in files() if not any(fnmatch.fnmatch(f"csrc/{f}", p) for p in patterns)]
+    assert not unmatched, f"not package data (pyproject.toml): {unmatched}"
+    manifest = (REPO / "MANIFEST.in").read_text().splitlines()
+    assert "recursive-include fi_engine/kernels/csrc *.cu *.cuh" in manifest
