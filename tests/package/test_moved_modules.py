@@ -57,3 +57,51 @@ def test_paths_that_did_not_move_are_not_answered() -> None:
     assert moved.MovedModuleFinder().find_spec("fi_ffi.ops.norm") is None
     done = run("import fi_ffi\nimport fi_ffi.no_such_module\n")
     assert done.returncode == 1 and "ModuleNotFoundError: No module named 'fi_ffi.no_such_module'" in done.stderr
+
+
+def test_every_flat_engine_path_imports_its_new_module_with_a_warning() -> None:
+    # the engine's flat modules of the previous release (fi_engine.moved.MOVED): each old path warns, naming the new
+    # one, and is the new module itself; the new module exists (a table entry pointing nowhere fails here)
+    from fi_engine.moved import MOVED
+
+    assert len(MOVED) > 40 and MOVED["fi_engine.llama"] == "fi_engine.models.llama"
+    done = run(
+        "import importlib, warnings, fi_engine\n"
+        "from fi_engine.moved import MOVED\n"
+        "bad = []\n"
+        "for old, new in MOVED.items():\n"
+        "    with warnings.catch_warnings(record=True) as seen:\n"
+        "        warnings.simplefilter('always')\n"
+        "        module = importlib.import_module(old)\n"
+        "    if module is not importlib.import_module(new) or not any(new in str(w.message) for w in seen):\n"
+        "        bad.append(old)\n"
+        "print('bad:', bad)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "bad: []" in done.stdout
+
+
+def test_old_modules_that_are_packages_now_hand_their_names_on_with_a_warning() -> None:
+    done = run(
+        "import fi_engine.kernels, fi_engine.checkpoint, fi_engine.text\n"
+        "for package, name in (('kernels', 'descriptor'), ('checkpoint', 'Checkpoint'), ('text', 'TextCodec')):\n"
+        "    try:\n"
+        "        getattr(getattr(fi_engine, package), name)\n"
+        "    except DeprecationWarning as w:\n"
+        "        print('warned:', w)\n"
+        "import warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "from fi_engine.text import TextCodec\n"
+        "from fi_engine.text.codec import TextCodec as new\n"
+        "print(TextCodec is new)\n"
+        "try:\n"
+        "    fi_engine.kernels.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    print('missing:', e)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "warned: fi_engine.kernels.descriptor moved to fi_engine.kernels.flashinfer.descriptor" in out
+    assert "warned: fi_engine.checkpoint.Checkpoint moved to fi_engine.checkpoint.safetensors.Checkpoint" in out
+    assert "warned: fi_engine.text.TextCodec moved to fi_engine.text.codec.TextCodec" in out
+    assert "True" in out and "missing: module 'fi_engine.kernels' has no attribute 'no_such_name'" in out
