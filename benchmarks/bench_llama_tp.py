@@ -336,7 +336,7 @@ def run_rank(
                 vocab_parallel=variant != "whole-vocab",
             ) as engine:
                 if variant == "agree":  # greedy ids from the shards' combined argmax, no broadcast from rank 0
-                    engine._ids_agree = engine.vocab_shard is not None
+                    engine.sampler.ids_agree = engine.vocab_shard is not None
                 if variant == "ahead":  # the next step's index arrays and plan prepared while the GPU runs this one
                     engine._prepare_ahead = type(engine.family).plan_decode is Llama.plan_decode
                 if variant == "in-step":  # each step prepared after the last one's tokens are back (before 2026-11-23)
@@ -431,7 +431,7 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
         for name, fn in per_layer.items():
             parts[name] = lambda fn=fn: [fn(i) for i in range(layers)]
         parts["lm head"] = lambda: e._head(rows, normed)
-        parts["argmax (+ combine)"] = lambda: e._argmax(rows)
+        parts["argmax (+ combine)"] = lambda: e.sampler.argmax(rows)
         if e.comm is not None:
             parts["ids broadcast"] = lambda: e.comm.broadcast(b.ids, root=0, stream=s)
         parts["step (one graph)"] = lambda: e._decode_body(v, rows)
@@ -463,7 +463,7 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
             "host: upload + plan": lambda: e._upload_decode(rows, n_pages, cuda_graph=True),
             "host: graph launch": e.graph.launch,
             "host: ids broadcast call": lambda: e.comm.broadcast(b.ids, root=0, stream=s) if e.comm else None,
-            "host: step's share_ids": lambda: e._share_ids(False),  # a greedy step's
+            "host: step's share_ids": lambda: e.sampler.share_ids(False),  # a greedy step's
         }.items():
             e.stream.synchronize()
             t = time.perf_counter()

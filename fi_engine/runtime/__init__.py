@@ -8,7 +8,7 @@ step's plan, launch (eager or a CUDA graph) and sampling, and the step API the s
 - :mod:`~fi_engine.runtime.serving`: the serving loop (``generate``, the step API);
   :mod:`~fi_engine.runtime.step_graphs`: the decode and padded prefill CUDA graphs;
   :mod:`~fi_engine.runtime.fused_decode`: the fused eager decode step; :mod:`~fi_engine.runtime.moe_paths`: which
-  MoE path a step takes; :mod:`~fi_engine.runtime.sampling`: greedy, top-k / top-p.
+  MoE path a step takes; :mod:`~fi_engine.runtime.sampling`: the ``Sampler`` (greedy, top-k / top-p).
 - :mod:`~fi_engine.runtime.sampling_params`: a request's sampling settings; :mod:`~fi_engine.runtime.stepping`:
   the step protocol (``StepEngine``, ``StepOutput``) between an engine and what drives it;
   :mod:`~fi_engine.runtime.state`: what the engine's parts share.

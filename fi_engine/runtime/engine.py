@@ -6,17 +6,16 @@ once in the constructor, serving batches of token-id prompts. Its parts, one con
   :class:`~fi_engine.models.deepseek.DeepSeek`):
   config checks, weights, layer body, attention plans;
 - :mod:`~fi_engine.runtime.storage`: the activation buffers, KV cache, step index arrays and the views over them;
-- :mod:`~fi_engine.runtime.serving`: the serving loop and its scheduler (``generate``, ``prefill_logits``,
-  ``warm_prefill``,
-  and the step API: ``add_request``, ``step``, ``abort_request``, ``has_unfinished``);
+- :mod:`~fi_engine.runtime.serving`: the serving loop over its scheduler (``generate``, ``prefill_logits``,
+  ``warm_prefill``, and the step API: ``add_request``, ``step``, ``abort_request``, ``has_unfinished``);
 - :mod:`~fi_engine.runtime.step_graphs`: the decode CUDA graph and the padded prefill graphs;
 - :mod:`~fi_engine.runtime.fused_decode`: the fused eager decode step of the Llama pass;
-- :mod:`~fi_engine.runtime.sampling`: greedy, top-k / top-p, each request with its own parameters;
+- :mod:`~fi_engine.runtime.sampling`: the :class:`~fi_engine.runtime.sampling.Sampler` the engine holds
+  (``sampler``): greedy, top-k / top-p, each request with its own parameters;
 - here: the constructor, the embedding, residual add + norm and LM head every family's pass shares, and teardown.
 
 A family engine (:class:`~fi_engine.models.llama.LlamaEngine`, ``Gemma2Engine``, ``GptOssEngine``, ``DeepSeekEngine``)
-is
-this class with its :attr:`Engine.definition` (and its own constructor arguments, if any).
+is this class with its :attr:`Engine.definition` (and its own constructor arguments, if any).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from ..kernels import flashinfer as kernels
 from .family import ModelFamily
 from .fused_decode import FusedDecode
 from .paging import prefill_buckets
-from .sampling import Sampling
+from .sampling import Sampler
 from .serving import ServingLoop
 from .settings import EngineSettings
 from .step_graphs import StepGraphs
@@ -59,7 +58,7 @@ def _require_gpu(device: int | None) -> None:
         )
 
 
-class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
+class Engine(ServingLoop, StepGraphs, FusedDecode, Storage):
     """Loads a checkpoint of the family :attr:`definition` onto one GPU (or ``tensor_parallel`` GPUs) and serves
     batches of token-id prompts.
 
@@ -239,10 +238,6 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
         self.vocab_shard: VocabShard | None = None
         if self.comm is not None and settings.vocab_parallel:
             self.vocab_shard = VocabShard.of(self.config.vocab_size, self.rank, self.tensor_parallel)
-        # greedy ids need no broadcast from rank 0 when they come from the shards' combined argmax (_share_ids);
-        # off until a 2-GPU run has checked the tokens and measured the step (bench_llama_tp.py, variant "bcast"):
-        # set to `self.vocab_shard is not None` to try it
-        self._ids_agree = False
 
     def _open(self, model_dir: str | Path) -> None:
         """The GPU side, on ``device``: the stream and cuBLAS handles, the weights (``ModelFamily.load``), an FP8
@@ -273,6 +268,7 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Sampling, Storage):
                         fused=self.settings.fused_allreduce,
                     )
                 self.family.allocate(self)
+                self.sampler = Sampler.of(self)  # the tokens' choice, over the buffers just made
                 # the graph loop plans step N + 1 while the GPU runs step N: on an H100 (8B shape, one GPU) 6.39
                 # instead of 6.59 ms per step at batch 1, the same tokens (benchmarks/RESULTS.md); not yet measured
                 # with tensor parallelism, so off there

@@ -1,6 +1,6 @@
 """Choosing each request's next token from the float32 logits, with each request's own
 :class:`SamplingParams` (greedy argmax, or top-k / top-p sampling from a Philox stream), and the engine's part that
-runs it on the device (:class:`Sampling`: the argmax over the whole vocabulary or combined over the ranks'
+runs it on the device (:class:`Sampler`: the argmax over the whole vocabulary or combined over the ranks'
 vocabulary shards, the logits gathered for sampling, the tokens shared between tensor-parallel ranks).
 
 A step's rows choose in one of three ways (:func:`draw_groups` decides on the host):
@@ -29,10 +29,14 @@ import numpy as np
 from ..kernels import flashinfer as kernels
 from .paging import Layout, Request
 from .sampling_params import SamplingParams
-from .state import EngineState
 from .storage import _D2D, _H2D, _address
 
-__all__ = ["Draws", "SamplingParams", "draw_groups"]  # SamplingParams' home is sampling_params; importable here too
+__all__ = [
+    "Draws",
+    "Sampler",
+    "SamplingParams",
+    "draw_groups",
+]  # SamplingParams' home is sampling_params; importable here too
 
 
 @dataclass(eq=False)
@@ -90,12 +94,65 @@ def _sample_layout(max_batch: int) -> Layout:
     return Layout({name: max_batch for name in ("temperature", "top_k", "top_p", "indices", "source")})
 
 
-class Sampling(EngineState):
-    """The engine's sampling: each row's token into ``ids`` from what the LM head (:meth:`Engine._head`) wrote.
-    The sampling state (probabilities, workspace, the per-row arrays) is made on the first sampled step, outside
-    any graph capture."""
+class Sampler:
+    """The engine's sampling part: each row's token into ``buffers.ids`` from the float32 logits the LM head wrote
+    (``buffers.logits``, or with a vocabulary shard this rank's columns in ``buffers.head``). Made by the engine once
+    its buffers exist (:meth:`of`); what it reads of the engine is fixed then. The sampling buffers (probabilities,
+    workspace, the per-row arrays) are made on the first sampled step, outside any graph capture.
 
-    def _draws(self, sampling: SamplingParams | None) -> Draws | None:
+    The engine calls :meth:`draws` when a request is added, :meth:`pick` after each step's LM head (:meth:`argmax`
+    inside the decode graph), and :meth:`share_ids` once the step's tokens are chosen.
+    """
+
+    def __init__(
+        self,
+        cupy: Any,
+        dense: Any,
+        buffers: SimpleNamespace,
+        *,
+        device: int,
+        stream_ptr: int,
+        max_batch: int,
+        vocab_size: int,
+        vocab_shard: Any = None,
+        comm: Any = None,
+    ) -> None:
+        self.cupy, self.dense, self.buffers = cupy, dense, buffers
+        self.device, self.stream_ptr = device, stream_ptr
+        self.max_batch, self.vocab_size = max_batch, vocab_size
+        self.vocab_shard, self.comm = vocab_shard, comm
+        # greedy ids need no broadcast from rank 0 when they come from the shards' combined argmax (share_ids);
+        # off until a 2-GPU run has checked the tokens and measured the step (bench_llama_tp.py, variant "bcast"):
+        # set to `self.vocab_shard is not None` to try it
+        self.ids_agree = False
+        self._shared_draws: Draws | None = None  # the unseeded requests' Philox stream, made on first use
+        self._probs: Any = None  # the sampling buffers (_sampling_state), made on the first sampled step
+        self._gathered: Any = None  # [N, max_batch, V/N] float32 (vocabulary shards), made on the first sampled step
+        self._softmax_ws: Any = None
+        self._valid: Any = None
+        self._slayout: Layout = _sample_layout(max_batch)
+        self._shosts: tuple[np.ndarray, ...] = ()
+        self._sturn = 0
+        self._smeta: Any = None
+        self._smeta_mem: Any = None
+        self._choice: Any = None
+
+    @classmethod
+    def of(cls, eng: Any) -> Sampler:
+        """The sampler of engine ``eng``, whose buffers, stream and vocabulary shard exist."""
+        return cls(
+            eng.cupy,
+            eng.dense,
+            eng.buffers,
+            device=eng.device,
+            stream_ptr=eng.stream_ptr,
+            max_batch=eng.max_batch,
+            vocab_size=eng.config.vocab_size,
+            vocab_shard=eng.vocab_shard,
+            comm=eng.comm,
+        )
+
+    def draws(self, sampling: SamplingParams | None) -> Draws | None:
         """The stream a request added with ``sampling`` draws from (None: greedy): its own for a seed, else the
         engine's shared stream (seeded at random once)."""
         if sampling is None or sampling.greedy:
@@ -106,7 +163,7 @@ class Sampling(EngineState):
             self._shared_draws = Draws.seeded(secrets.randbits(64), shared=True)
         return self._shared_draws
 
-    def _pick(
+    def pick(
         self, v: SimpleNamespace, n: int, rows: Sequence[Request | None] | None, argmax_done: bool = False
     ) -> bool:
         """Choose each of the ``n`` rows' token into ``ids`` from ``logits``. ``rows``: the step's requests by row
@@ -115,7 +172,7 @@ class Sampling(EngineState):
         uniform, groups = (False, []) if rows is None else draw_groups(rows)
         if not groups:
             if not argmax_done:
-                self._argmax(n)
+                self.argmax(n)
             return False
         self._sampling_state()
         if self.vocab_shard is not None:
@@ -127,7 +184,7 @@ class Sampling(EngineState):
             self._sample_uniform(v, n, first.sampling, draws)
         else:
             if not argmax_done:
-                self._argmax(n)
+                self.argmax(n)
             self._sample_mixed(v, n, rows or [], groups)
         return True
 
@@ -135,11 +192,10 @@ class Sampling(EngineState):
         """Make the sampling buffers on the first sampled step (outside any graph capture)."""
         if self._probs is not None:
             return
-        cp, b, vocab = self.cupy, self.max_batch, self.config.vocab_size
+        cp, b, vocab = self.cupy, self.max_batch, self.vocab_size
         self._probs = cp.empty((b, vocab), np.float32)
         self._softmax_ws = cp.empty((kernels.softmax_workspace_bytes(b, vocab),), np.uint8)
         self._valid = cp.empty((b,), np.bool_) if kernels.sampling_needs_valid() else None
-        self._slayout = _sample_layout(b)
         # two host staging buffers, in turn: a decode step launched ahead (ServingLoop.pipelined_decode) stages its
         # parameters while the copy out of the step before it may still be queued behind that step's graph
         total = self._slayout.total
@@ -154,12 +210,12 @@ class Sampling(EngineState):
 
     def _top_k(self, sampling: SamplingParams) -> int:
         """The kernel's top-k: the whole vocabulary for 0 (no limit) or a larger k."""
-        vocab = self.config.vocab_size
+        vocab = self.vocab_size
         return vocab if sampling.top_k == 0 else min(sampling.top_k, vocab)
 
     def _sample_uniform(self, v: SimpleNamespace, n: int, sampling: SamplingParams, draws: Draws) -> None:
         """Every row from one stream with one set of parameters (scalars): row ``b`` draws subsequence ``b``."""
-        vocab = self.config.vocab_size
+        vocab = self.vocab_size
         valid = None if self._valid is None else self._describe(self._valid.data.ptr, (n,), "bool", self._valid)
         kernels.sample_top_k_top_p(
             v.logits,
@@ -180,7 +236,7 @@ class Sampling(EngineState):
         """Rows of several streams or parameters, greedy ones among them (``ids`` holds every row's argmax): softmax
         with per-row temperatures, one sampling call per stream into ``choice[max_batch:]``, then the rows gathered
         from ``choice`` (the argmax for greedy rows, their sample for the others) back into ``ids``."""
-        cp, b, vocab, s = self.cupy, self.max_batch, self.config.vocab_size, self.stream_ptr
+        cp, b, vocab, s = self.cupy, self.max_batch, self.vocab_size, self.stream_ptr
         lay, host = self._slayout, self._shosts[self._sturn]
         self._sturn = 1 - self._sturn
         o = lay.offsets
@@ -226,12 +282,12 @@ class Sampling(EngineState):
         # ids[r] = choice[source[r]]: an int32 is two 16-bit elements for the row gather
         self.dense.gather_rows(n, choice, 2, meta + 4 * o["source"], ids, 2, 2)
 
-    def _argmax(self, rows: int) -> None:
-        """Greedy tokens into ``ids`` from what :meth:`_head` wrote; with a vocabulary shard each rank's argmax
-        (value, global id) is all-gathered and combined (the same token on every rank)."""
+    def argmax(self, rows: int) -> None:
+        """Greedy tokens into ``ids`` from what the LM head (``Engine._head``) wrote; with a vocabulary shard each
+        rank's argmax (value, global id) is all-gathered and combined (the same token on every rank)."""
         b, vs = self.buffers, self.vocab_shard
         if vs is None:
-            v = self.config.vocab_size
+            v = self.vocab_size
             self.dense.argmax(rows, b.logits.data.ptr, v, v, b.ids.data.ptr)
             return
         self.dense.argmax_shard(rows, b.head.data.ptr, vs.valid, vs.rows, vs.start, b.pairs.data.ptr)
@@ -245,14 +301,14 @@ class Sampling(EngineState):
         if self._gathered is None:  # made on the first sampled step, outside any graph capture
             self._gathered = self.cupy.empty(vs.parts * self.max_batch * vs.rows, np.float32)
         self.comm.all_gather(b.head[:rows], self._gathered[: vs.parts * rows * vs.rows], stream=self.stream_ptr)
-        v = self.config.vocab_size
+        v = self.vocab_size
         self.dense.unshard_columns(rows, self._gathered.data.ptr, vs.rows, v, b.logits.data.ptr, v)
 
-    def _share_ids(self, sampled: bool) -> None:
+    def share_ids(self, sampled: bool) -> None:
         """With TP: every rank takes rank 0's tokens (they compute the same ones; this makes it certain, and the
         engine's unseeded stream is seeded differently on each rank). Not needed for greedy tokens from vocabulary
         shards (``sampled`` False): every rank combines the same all-gathered (value, id) pairs with the same
         kernel, so the ids agree bit for bit without a collective (one NCCL call and its host time saved per
         step)."""
-        if self.comm is not None and (sampled or not self._ids_agree):
+        if self.comm is not None and (sampled or not self.ids_agree):
             self.comm.broadcast(self.buffers.ids, root=0, stream=self.stream_ptr)

@@ -192,7 +192,7 @@ class ServingLoop(EngineState, StepEngineBase):
             name="prompt",
             sampling=sampling,
             eos_token_ids=eos_token_ids,
-            draws=self._draws(sampling),
+            draws=self.sampler.draws(sampling),
         )
         self._requests[r.rid] = r
         return r.rid
@@ -804,7 +804,7 @@ class ServingLoop(EngineState, StepEngineBase):
         vs = v if width == batch else self._view("prefill", nnz, width)  # the sampled rows: one per slot
         self.dense.gather_rows(width, self.normed.data.ptr, h, vs.last_rows, b.last.data.ptr, h, h)
         self._head(width, b.last.data.ptr)
-        self._share_ids(self._pick(vs, width, by_slot if sched.sampled else None))
+        self.sampler.share_ids(self.sampler.pick(vs, width, by_slot if sched.sampled else None))
         cp.cuda.runtime.memcpyAsync(_address(self._ids_host), b.ids.data.ptr, 4 * width, _D2H, s)
         self._prefill_done.record(self.stream)
         return _LaunchedPass(list(riders), reqs, slots, self._prefill_done), full
@@ -885,15 +885,15 @@ class ServingLoop(EngineState, StepEngineBase):
                     )
                 self._graphs_checked.add(n)
             graph.launch()  # its argmax is every greedy row's token
-            sampled = draw_rows is not None and self._pick(v, n, draw_rows, argmax_done=True)
+            sampled = draw_rows is not None and self.sampler.pick(v, n, draw_rows, argmax_done=True)
         else:
             if self._fuses(n):
                 self._fused_step(v, n)
             else:
                 self._forward(v, n, self._decode_attention)
                 self._head(n, self.normed.data.ptr)
-            sampled = self._pick(v, n, draw_rows)
-        self._share_ids(sampled)
+            sampled = self.sampler.pick(v, n, draw_rows)
+        self.sampler.share_ids(sampled)
         turn = self._decode_turn
         self._decode_turn = 1 - turn
         ids, done = self._decode_ids[turn], self._decode_done[turn]

@@ -7,7 +7,6 @@ checker); the values are set by the engine's constructor, :mod:`~fi_engine.runti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,7 @@ if TYPE_CHECKING:
     from ..layers.tensor_parallel import VocabShard
     from .family import ModelFamily
     from .paging import Layout, Request, Scheduler
-    from .sampling_params import SamplingParams
+    from .sampling import Sampler
     from .settings import EngineSettings
     from .stepping import StepOutput
 
@@ -68,7 +67,6 @@ class EngineState:
 
     _closed: bool
     _own_comm: bool
-    _ids_agree: bool
 
     # ---- the family interface ------------------------------------------------------------------------------------
     # What a model family (runtime.family.ModelFamily; fi_engine.models) reads and sets on the engine ``eng`` it is
@@ -130,18 +128,7 @@ class EngineState:
     _decode_done: tuple[Any, Any]
     _decode_turn: int
     _views: dict[tuple[Any, ...], SimpleNamespace]
-    # sampling state (made on the first sampled step)
-    _probs: Any
-    _gathered: Any
-    _softmax_ws: Any
-    _valid: Any
-    _shared_draws: Any
-    _slayout: Layout
-    _shosts: tuple[np.ndarray, ...]
-    _sturn: int
-    _smeta: Any
-    _smeta_mem: Any
-    _choice: Any
+    sampler: Sampler  # the tokens' choice (runtime.sampling), made once the buffers exist
     # the step API (serving.ServingLoop): the engine's scheduler, its requests by id, aborted ones to report
     _sched: Scheduler | None
     _requests: dict[int, Request]
@@ -207,20 +194,6 @@ class EngineState:
             raise NotImplementedError
 
         def _view(self, kind: str, rows: int, batch: int) -> SimpleNamespace:
-            raise NotImplementedError
-
-        def _pick(
-            self, v: SimpleNamespace, n: int, rows: Sequence[Request | None] | None, argmax_done: bool = False
-        ) -> bool:
-            raise NotImplementedError
-
-        def _draws(self, sampling: SamplingParams | None) -> Any:
-            raise NotImplementedError
-
-        def _argmax(self, rows: int) -> None:
-            raise NotImplementedError
-
-        def _share_ids(self, sampled: bool) -> None:
             raise NotImplementedError
 
         def _fuses(self, rows: int) -> bool:

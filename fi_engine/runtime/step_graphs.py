@@ -76,7 +76,7 @@ class StepGraphs(EngineState):
         else:
             self._forward(v, rows, self._decode_attention, static_moe=self.static_moe)
             self._head(rows, self.normed.data.ptr)
-        self._argmax(rows)
+        self.sampler.argmax(rows)
 
     def _capture(self) -> None:
         """For each batch size of :attr:`decode_graph_batches`: warm up one padded decode step eagerly (loads

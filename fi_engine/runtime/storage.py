@@ -104,11 +104,6 @@ class Storage(EngineState):
         self._decode_done = (cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True))
         self._decode_turn = 0
         self._views: dict[tuple[Any, ...], SimpleNamespace] = {}
-        self._probs: Any = None
-        self._gathered: Any = None  # [N, max_batch, V/N] float32, made on the first sampled step (vocabulary shards)
-        self._softmax_ws: Any = None
-        self._valid: Any = None
-        self._shared_draws: Any = None  # the unseeded requests' Philox stream (sampling.Draws), made on first use
         # the step API's state (serving.ServingLoop): its scheduler (made on first use), its requests by id, and the
         # aborted ones the next step() reports
         self._sched: Any = None

@@ -140,13 +140,13 @@ def compare_epilogue_step(path, monkeypatch, lens=(11,), **engine_kw) -> None:  
         monkeypatch.setattr(Dense, "fp8_epilogues", epilogues)
         with LlamaEngine(path, max_batch=len(ps), page_size=16, **engine_kw) as engine:
             assert engine._fuses(len(ps)) == epilogues
-            original, logits = engine._pick, []
+            original, logits = engine.sampler.pick, []
 
             def pick(v, rows, sampling, logits=logits, original=original, engine=engine):  # type: ignore[no-untyped-def]
                 logits.append(engine.buffers.logits[:rows].get())  # this step's logits, before the argmax
                 original(v, rows, sampling)
 
-            engine._pick = pick
+            engine.sampler.pick = pick
             runs[epilogues] = (engine.generate(ps, [20] * len(ps), eos_token_ids=()).tokens, logits)
     assert runs[True][0] == runs[False][0]
     assert len(runs[True][1]) == len(runs[False][1]) >= 20  # the prefill's and the decode steps'

@@ -318,7 +318,7 @@ def test_fused_decode_step_matches_the_separate_launches(tmp_path, model):
     runs = {}
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
         assert all(engine._fuses(r) for r in (1, 2, 3, 4)), engine.dense.gemv_error
-        original = engine._pick
+        original = engine.sampler.pick
         for fused in (True, False):
             engine.fused_decode = fused
             logits: list[np.ndarray] = []
@@ -327,7 +327,7 @@ def test_fused_decode_step_matches_the_separate_launches(tmp_path, model):
                 logits.append(engine.buffers.logits[:rows].get())  # this step's logits, before the argmax
                 original(v, rows, sampling)
 
-            engine._pick = pick
+            engine.sampler.pick = pick
             calls = []
             step = engine._fused_step
             engine._fused_step = lambda v, rows, calls=calls, step=step: (calls.append(rows), step(v, rows))[1]
@@ -335,7 +335,7 @@ def test_fused_decode_step_matches_the_separate_launches(tmp_path, model):
                 r = engine.generate(ps, [24, 13, 24, 7], eos_token_ids=())
             finally:
                 del engine._fused_step
-                del engine._pick
+                del engine.sampler.pick
             assert len(calls) == (r.decode_steps if fused else 0)  # every decode step fused exactly when on
             runs[fused] = (r.tokens, logits)  # the prefill's too (never fused: equal in both runs)
     (tok_f, log_f), (tok_u, log_u) = runs[True], runs[False]
@@ -356,7 +356,7 @@ def test_packed_attention_runs_give_bit_equal_logits(tmp_path, model):
     runs = {}
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
         assert all(engine._fuses(r) for r in (1, 2, 3, 4)), engine.dense.gemv_error
-        original = engine._pick
+        original = engine.sampler.pick
         for packed in (False, True):
             engine.packed_attention = packed
             logits: list[np.ndarray] = []
@@ -365,11 +365,11 @@ def test_packed_attention_runs_give_bit_equal_logits(tmp_path, model):
                 logits.append(engine.buffers.logits[:rows].get())
                 original(v, rows, sampling)
 
-            engine._pick = pick
+            engine.sampler.pick = pick
             try:
                 r = engine.generate(ps, [20, 12, 26, 5], eos_token_ids=())
             finally:
-                del engine._pick
+                del engine.sampler.pick
                 engine.packed_attention = LlamaEngine.packed_attention
             runs[packed] = (r.tokens, logits, r.decode_steps)
         # the packed runs were made (one per layer, per decode view the packed pass met)

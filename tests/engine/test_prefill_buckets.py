@@ -383,8 +383,7 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     e._view = lambda kind, rows, batch: SimpleNamespace(kind=kind, rows=rows, batch=batch, last_rows=0x3000)
     e.dense = SimpleNamespace(gather_rows=lambda *a: None)
     e._head = lambda rows, x: None
-    e._pick = lambda v, rows, sampling: False
-    e._share_ids = lambda sampled: None
+    e.sampler = SimpleNamespace(pick=lambda v, rows, sampling: False, share_ids=lambda sampled: None)
     e._ids_host = np.full(max_batch, 7, np.int32)  # the tokens the pass "chose", one per slot
     e._prefill_done = SimpleNamespace(record=lambda stream: None)
     return e, rec

@@ -33,7 +33,7 @@ from fi_engine.runtime.paging import (
     pages_for,
     prefill_layout,
 )
-from fi_engine.runtime.sampling import Draws, draw_groups
+from fi_engine.runtime.sampling import Draws, Sampler, draw_groups
 from fi_engine.runtime.sampling_params import SamplingParams, sampling_arg
 from fi_engine.runtime.stepping import StepEngine, StepOutput
 
@@ -296,7 +296,8 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
     e.config = SimpleNamespace(vocab_size=1000, eos_token_ids=(EOS,))
     e.max_batch, e.page_size, e.num_pages = max_batch, PS, num_pages
     e.max_seq_len, e.max_prefill_tokens = 256, 512
-    e._sched, e._requests, e._aborted, e._shared_draws, e._next_rows = None, {}, [], None, None
+    e._sched, e._requests, e._aborted, e._next_rows = None, {}, [], None
+    e.sampler = Sampler(None, None, SimpleNamespace(), device=0, stream_ptr=0, max_batch=max_batch, vocab_size=1000)
     e._ffi_stream = contextlib.nullcontext()
     e.device, e.stream_ptr = 0, 0
     e.cupy = SimpleNamespace(cuda=SimpleNamespace(Device=lambda d: contextlib.nullcontext()))
@@ -904,30 +905,24 @@ def test_aborting_active_and_queued_requests_gives_every_page_back():
 
 
 def test_a_mixed_step_hands_each_stream_its_rows_and_merges_the_samples_into_the_greedy_ids(monkeypatch):
-    """Sampling._sample_mixed on the host, with the launches recorded: the per-row arrays it copies, the calls it
+    """Sampler._sample_mixed on the host, with the launches recorded: the per-row arrays it copies, the calls it
     makes (softmax once; one sampler per stream with that stream's rows as indices into its own output span), and
     the gather that merges them, replayed in numpy: greedy rows keep their argmax, sampled rows get their sample."""
     from fi_engine.kernels import flashinfer as kernels
-    from fi_engine.runtime.sampling import _sample_layout
 
     B, V = 6, 1000
-    e = LlamaEngine.__new__(LlamaEngine)
-    e.max_batch, e.device, e.stream_ptr = B, 0, 0
-    e.config = SimpleNamespace(vocab_size=V)
-    e.vocab_shard = None
 
     def buffer(address, shape=(1,)):
         return SimpleNamespace(data=SimpleNamespace(ptr=address), shape=shape)
 
     ids, choice, meta = 1 << 40, 2 << 40, 3 << 40
-    e.buffers = SimpleNamespace(ids=buffer(ids))
+    copies, launches = [], []
+    cupy = SimpleNamespace(cuda=SimpleNamespace(runtime=SimpleNamespace(memcpyAsync=lambda *a: copies.append(a[:3]))))
+    dense = SimpleNamespace(gather_rows=lambda *a: launches.append(("gather", a)))
+    e = Sampler(cupy, dense, SimpleNamespace(ids=buffer(ids)), device=0, stream_ptr=0, max_batch=B, vocab_size=V)
     e._probs, e._softmax_ws, e._valid = buffer(4 << 40), buffer(5 << 40, (64,)), None
-    e._slayout = _sample_layout(B)
     e._shosts, e._sturn = (np.zeros(e._slayout.total, np.int32), np.zeros(e._slayout.total, np.int32)), 0
     e._smeta, e._choice = buffer(meta), buffer(choice)
-    copies, launches = [], []
-    e.cupy = SimpleNamespace(cuda=SimpleNamespace(runtime=SimpleNamespace(memcpyAsync=lambda *a: copies.append(a[:3]))))
-    e.dense = SimpleNamespace(gather_rows=lambda *a: launches.append(("gather", a)))
     monkeypatch.setattr(kernels, "softmax", lambda *a: launches.append(("softmax", a)))
     monkeypatch.setattr(kernels, "sample_rows", lambda *a: launches.append(("sample", a)))
 
@@ -974,26 +969,24 @@ def test_a_mixed_step_hands_each_stream_its_rows_and_merges_the_samples_into_the
 def test_pick_launches_only_the_argmax_for_greedy_rows_and_one_call_for_a_uniform_batch(monkeypatch):
     from fi_engine.kernels import flashinfer as kernels
 
-    e = LlamaEngine.__new__(LlamaEngine)
-    e.max_batch, e.device, e.stream_ptr, e.vocab_shard = 4, 0, 0, None
-    e.config = SimpleNamespace(vocab_size=1000)
+    e = Sampler(None, None, SimpleNamespace(), device=0, stream_ptr=0, max_batch=4, vocab_size=1000)
     ptr = SimpleNamespace(data=SimpleNamespace(ptr=1 << 40), shape=(64,))
     e._probs, e._softmax_ws, e._valid = ptr, ptr, None
     calls: list[tuple] = []
-    e._argmax = lambda n: calls.append(("argmax", n))
+    e.argmax = lambda n: calls.append(("argmax", n))  # type: ignore[method-assign]
     monkeypatch.setattr(kernels, "sample_top_k_top_p", lambda *a: calls.append(("uniform", a[4:8])))
     e._sample_mixed = lambda v, n, rows, groups: calls.append(("mixed", n))
     v = SimpleNamespace(logits=None, ids=None)
-    assert e._pick(v, 4, None) is False and calls == [("argmax", 4)]  # greedy: the argmax alone
+    assert e.pick(v, 4, None) is False and calls == [("argmax", 4)]  # greedy: the argmax alone
     calls.clear()
-    assert e._pick(v, 4, None, argmax_done=True) is False and calls == []  # the graph's argmax: nothing more
-    assert e._pick(v, 2, [_req(0), _req(1)], argmax_done=True) is False and calls == []
+    assert e.pick(v, 4, None, argmax_done=True) is False and calls == []  # the graph's argmax: nothing more
+    assert e.pick(v, 2, [_req(0), _req(1)], argmax_done=True) is False and calls == []
     shared = Draws.seeded(9, True)
     p = SamplingParams(temperature=0.5, top_k=3, top_p=0.9)
-    assert e._pick(v, 4, [_req(0, p, shared), None, _req(2, p, shared), None]) is True
+    assert e.pick(v, 4, [_req(0, p, shared), None, _req(2, p, shared), None]) is True
     assert calls == [("uniform", (3, 0.9, 0.5, shared.generator))]  # no argmax, one call, scalar parameters
     calls.clear()
-    assert e._pick(v, 2, [_req(0, p, shared), _req(1)]) is True
+    assert e.pick(v, 2, [_req(0, p, shared), _req(1)]) is True
     assert calls == [("argmax", 2), ("mixed", 2)]
 
 
