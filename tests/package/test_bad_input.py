@@ -2018,6 +2018,8 @@ EXEMPT: dict[str, str] = {
     "runtime.sampling_params.sampling_arg": "the type check of add_request's and generate's sampling=: its bad kinds "
     "in "
     "tests/engine/test_step_api_host.py",
+    "runtime.sampling.Sampler": "the engine's own part, made by Engine from its checked buffers (Sampler.of): "
+    "tests/engine/test_step_api_host.py and the GPU suites",
     "runtime.sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
     "tests/engine/test_step_api_host.py",
     "runtime.stepping.StepOutput": _RECORD,
