@@ -21,12 +21,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..values import MAX_SIZE, arg_int, show
+from ..values import MAX_SIZE, arg_int, model_dir_fspath, show
 
 __all__ = ["LLAMA_MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
 
@@ -344,14 +343,7 @@ def _eos(value: Any, vocab_size: int, source: str) -> tuple[int, ...]:
 def read_config_json(model_dir: Any) -> tuple[Any, Path]:
     """The parsed ``model_dir/config.json`` and its path; TypeError/ValueError naming ``model_dir`` (a path that
     is not one, a NUL byte, a missing or unreadable file, JSON too deep or with a number past the digit limit)."""
-    if not isinstance(model_dir, (str, os.PathLike)):
-        raise TypeError(
-            f"model_dir: expected a path (str or os.PathLike) of a Hugging Face checkpoint directory, got "
-            f"{type(model_dir).__name__}"
-        )
-    fs = os.fspath(model_dir)
-    if ("\0" if isinstance(fs, str) else b"\0") in fs:  # type: ignore[operator]
-        raise ValueError(f"model_dir: contains a NUL byte: {model_dir!r:.80}; pass the directory's path")
+    model_dir_fspath(model_dir)
     path = Path(model_dir) / "config.json"
     try:
         text = path.read_text(encoding="utf-8")
