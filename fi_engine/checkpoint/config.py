@@ -340,6 +340,27 @@ def _eos(value: Any, vocab_size: int, source: str) -> tuple[int, ...]:
     return tuple(items)
 
 
+def yarn_ramp(
+    dim: int, base: float, original_max_positions: float, beta_fast: float, beta_slow: float, truncate: bool
+) -> tuple[float, float]:
+    """YaRN's correction range over the ``dim / 2`` rotary frequencies (``base ** (-2j / dim)``): ``(low, high)``,
+    the indices where a frequency turns ``beta_fast`` and ``beta_slow`` times over ``original_max_positions``
+    tokens (floored and ceiled when ``truncate``), clamped to ``[0, dim - 1]`` and never of zero width; the
+    inverse frequencies blend linearly between the plain ones below ``low`` and the interpolated ones above
+    ``high`` (transformers' ``_compute_yarn_parameters``)."""
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original_max_positions / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    return low, high
+
+
 def read_config_json(model_dir: Any) -> tuple[Any, Path]:
     """The parsed ``model_dir/config.json`` and its path; TypeError/ValueError naming ``model_dir`` (a path that
     is not one, a NUL byte, a missing or unreadable file, JSON too deep or with a number past the digit limit)."""

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..values import MAX_SIZE, show
-from .config import MoEConfig, _eos, _int, read_config_json
+from .config import MoEConfig, _eos, _int, read_config_json, yarn_ramp
 
 __all__ = ["DEEPSEEK_MODEL_TYPES", "DeepSeekConfig", "DeepSeekRouting", "YarnConfig", "is_deepseek"]
 
@@ -148,18 +148,7 @@ class DeepSeekConfig:
             attention = _yarn_mscale(y.factor, y.mscale) / _yarn_mscale(y.factor, y.mscale_all_dim)
         else:
             attention = _yarn_mscale(y.factor)
-
-        def correction_dim(rotations: float) -> float:
-            return (dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
-                2 * math.log(base)
-            )
-
-        low, high = correction_dim(y.beta_fast), correction_dim(y.beta_slow)
-        if y.truncate:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001
+        low, high = yarn_ramp(dim, base, y.original_max_position_embeddings, y.beta_fast, y.beta_slow, y.truncate)
         ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
         extrapolation = 1 - ramp
         inv = (1.0 / (y.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation

@@ -74,7 +74,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint.config import LlamaConfig, MoEConfig, RopeConfig
+from ..checkpoint.config import LlamaConfig, MoEConfig, RopeConfig, yarn_ramp
 from ..checkpoint.family_configs import (
     check_dict,
     flag,
@@ -148,17 +148,9 @@ class YarnRope:
         ``truncate``)."""
         import numpy as np
 
-        def correction_dim(rotations: float) -> float:
-            return (dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
-                2 * math.log(theta)
-            )
-
-        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
-        if self.truncate:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001  # transformers' guard against a zero-width ramp
+        low, high = yarn_ramp(
+            dim, theta, self.original_max_position_embeddings, self.beta_fast, self.beta_slow, self.truncate
+        )
         pos = (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
         extrapolation, interpolation = 1.0 / pos, 1.0 / (np.float32(self.factor) * pos)
         ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
