@@ -21,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..values import MAX_SIZE, arg_int, model_dir_fspath, show
+from .family_configs import rope_settings
 
 __all__ = ["LLAMA_MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
 
@@ -151,12 +153,7 @@ class LlamaConfig:
                 f"{source}: sliding-window attention (use_sliding_window / sliding_window) is not supported by this "
                 f"engine; every layer attends to the whole context"
             )
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act {act!r} is not supported (Llama uses 'silu')")
-        for key in ("attention_bias", "mlp_bias"):
-            if d.get(key, False):
-                raise ValueError(f"{source}: {key}=true is not supported (Llama projections have no bias)")
+        _silu_without_biases(d, source, "Llama", repr)
         shared = cls.shared(d, source, moe=_moe(d, model_type, source))
         return dataclasses.replace(shared, qk_norm=model_type in _QK_NORM, fp8=fp8)
 
@@ -218,6 +215,17 @@ def _check_dict(d: Any, source: Any) -> None:
         raise TypeError(f"source: expected a str naming where the config came from, got {type(source).__name__}")
     if not isinstance(d, dict):
         raise ValueError(f"d: expected a JSON object (a dict) from {source}, got {type(d).__name__}")
+
+
+def _silu_without_biases(d: dict[str, Any], source: str, family: str, shown: Callable[[Any], str] = show) -> None:
+    """Refuse (ValueError naming ``family``) an activation other than SiLU and attention or MLP biases: the Llama
+    and DeepSeek projections and MLPs have neither; ``shown`` writes the activation's value in the message."""
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{source}: hidden_act {shown(act)} is not supported ({family} uses 'silu')")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key, False):
+            raise ValueError(f"{source}: {key}=true is not supported ({family} projections have no bias)")
 
 
 def _moe(d: dict[str, Any], model_type: str, source: str) -> MoEConfig | None:
@@ -298,11 +306,7 @@ def _rope(d: dict[str, Any], source: str) -> RopeConfig:
     for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"{source}: {name} must be an object or null, got {value!r}")
-    merged: dict[str, Any] = {}
-    if "rope_theta" in d:
-        merged["rope_theta"] = d["rope_theta"]
-    merged.update(scaling or {})
-    merged.update(params or {})  # transformers 5.x: the whole rotary setting, theta included
+    merged = rope_settings(d)  # both checked above; rope_parameters (transformers 5.x) overrides rope_scaling
     kind = merged.get("rope_type", merged.get("type", "default"))
     theta = _positive(merged, "rope_theta", source, 10000.0)
     if kind == "default":
