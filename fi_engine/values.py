@@ -1,6 +1,6 @@
 """Checks of single values that the checkpoint readers and host helpers of :mod:`fi_engine` share: an int
 argument within bounds, a flag, a numpy array argument of a rank, a float's float32 bits for a kernel argument
-slot, and a value shown short in an error message.
+slot, a checkpoint directory's path, and a value shown short in an error message.
 
 The engine's own (it takes no private helper of fi_ffi's): :func:`integer` and :func:`flag` refuse what fi_ffi's
 op arguments refuse, with the same messages.
@@ -12,13 +12,24 @@ the host helpers (:mod:`.deepseek_routing`, :mod:`.mla_weights`) stand on it wit
 from __future__ import annotations
 
 import math
+import os
 import reprlib
 import struct
 from typing import Any
 
 import numpy as np
 
-__all__ = ["FLOAT32_MAX", "MAX_SIZE", "arg_array", "arg_int", "flag", "float32_bits", "integer", "show"]
+__all__ = [
+    "FLOAT32_MAX",
+    "MAX_SIZE",
+    "arg_array",
+    "arg_int",
+    "flag",
+    "float32_bits",
+    "integer",
+    "model_dir_fspath",
+    "show",
+]
 
 MAX_SIZE = (1 << 31) - 1  # every size and token id reaches the kernels as an int32
 FLOAT32_MAX = 3.4028234663852886e38  # float32's largest finite value: what a kernel's float argument can hold
@@ -37,6 +48,20 @@ def show(value: Any) -> str:
     except ValueError:  # an integer past Python's digit limit inside a container
         text = f"a {type(value).__name__} holding an integer too long to print"
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def model_dir_fspath(model_dir: Any) -> str | bytes:
+    """``os.fspath(model_dir)``, a checkpoint directory's path: TypeError for a value that is no path (str or
+    os.PathLike), ValueError for one holding a NUL byte (which no file system call takes)."""
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"model_dir: expected a path (str or os.PathLike) of a Hugging Face checkpoint directory, got "
+            f"{type(model_dir).__name__}"
+        )
+    fs = os.fspath(model_dir)
+    if ("\0" if isinstance(fs, str) else b"\0") in fs:  # type: ignore[operator]
+        raise ValueError(f"model_dir: contains a NUL byte: {model_dir!r:.80}; pass the directory's path")
+    return fs
 
 
 def arg_int(name: str, value: Any, lo: int, hi: int) -> int:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..values import MAX_SIZE, arg_int, show
+from ..values import MAX_SIZE, arg_int, model_dir_fspath, show
+from .family_configs import rope_settings
 
 __all__ = ["LLAMA_MODEL_TYPES", "LlamaConfig", "MoEConfig", "RopeConfig"]
 
@@ -152,12 +153,7 @@ class LlamaConfig:
                 f"{source}: sliding-window attention (use_sliding_window / sliding_window) is not supported by this "
                 f"engine; every layer attends to the whole context"
             )
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act {act!r} is not supported (Llama uses 'silu')")
-        for key in ("attention_bias", "mlp_bias"):
-            if d.get(key, False):
-                raise ValueError(f"{source}: {key}=true is not supported (Llama projections have no bias)")
+        _silu_without_biases(d, source, "Llama", repr)
         shared = cls.shared(d, source, moe=_moe(d, model_type, source))
         return dataclasses.replace(shared, qk_norm=model_type in _QK_NORM, fp8=fp8)
 
@@ -219,6 +215,17 @@ def _check_dict(d: Any, source: Any) -> None:
         raise TypeError(f"source: expected a str naming where the config came from, got {type(source).__name__}")
     if not isinstance(d, dict):
         raise ValueError(f"d: expected a JSON object (a dict) from {source}, got {type(d).__name__}")
+
+
+def _silu_without_biases(d: dict[str, Any], source: str, family: str, shown: Callable[[Any], str] = show) -> None:
+    """Refuse (ValueError naming ``family``) an activation other than SiLU and attention or MLP biases: the Llama
+    and DeepSeek projections and MLPs have neither; ``shown`` writes the activation's value in the message."""
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{source}: hidden_act {shown(act)} is not supported ({family} uses 'silu')")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key, False):
+            raise ValueError(f"{source}: {key}=true is not supported ({family} projections have no bias)")
 
 
 def _moe(d: dict[str, Any], model_type: str, source: str) -> MoEConfig | None:
@@ -299,11 +306,7 @@ def _rope(d: dict[str, Any], source: str) -> RopeConfig:
     for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"{source}: {name} must be an object or null, got {value!r}")
-    merged: dict[str, Any] = {}
-    if "rope_theta" in d:
-        merged["rope_theta"] = d["rope_theta"]
-    merged.update(scaling or {})
-    merged.update(params or {})  # transformers 5.x: the whole rotary setting, theta included
+    merged = rope_settings(d)  # both checked above; rope_parameters (transformers 5.x) overrides rope_scaling
     kind = merged.get("rope_type", merged.get("type", "default"))
     theta = _positive(merged, "rope_theta", source, 10000.0)
     if kind == "default":
@@ -341,17 +344,31 @@ def _eos(value: Any, vocab_size: int, source: str) -> tuple[int, ...]:
     return tuple(items)
 
 
+def yarn_ramp(
+    dim: int, base: float, original_max_positions: float, beta_fast: float, beta_slow: float, truncate: bool
+) -> tuple[float, float]:
+    """YaRN's correction range over the ``dim / 2`` rotary frequencies (``base ** (-2j / dim)``): ``(low, high)``,
+    the indices where a frequency turns ``beta_fast`` and ``beta_slow`` times over ``original_max_positions``
+    tokens (floored and ceiled when ``truncate``), clamped to ``[0, dim - 1]`` and never of zero width; the
+    inverse frequencies blend linearly between the plain ones below ``low`` and the interpolated ones above
+    ``high`` (transformers' ``_compute_yarn_parameters``)."""
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original_max_positions / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    return low, high
+
+
 def read_config_json(model_dir: Any) -> tuple[Any, Path]:
     """The parsed ``model_dir/config.json`` and its path; TypeError/ValueError naming ``model_dir`` (a path that
     is not one, a NUL byte, a missing or unreadable file, JSON too deep or with a number past the digit limit)."""
-    if not isinstance(model_dir, (str, os.PathLike)):
-        raise TypeError(
-            f"model_dir: expected a path (str or os.PathLike) of a Hugging Face checkpoint directory, got "
-            f"{type(model_dir).__name__}"
-        )
-    fs = os.fspath(model_dir)
-    if ("\0" if isinstance(fs, str) else b"\0") in fs:  # type: ignore[operator]
-        raise ValueError(f"model_dir: contains a NUL byte: {model_dir!r:.80}; pass the directory's path")
+    model_dir_fspath(model_dir)
     path = Path(model_dir) / "config.json"
     try:
         text = path.read_text(encoding="utf-8")

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from ..values import MAX_SIZE, show
-from .config import MoEConfig, _eos, _int, read_config_json
+from .config import MoEConfig, _eos, _int, _silu_without_biases, read_config_json, yarn_ramp
+from .family_configs import rope_settings
 
 __all__ = ["DEEPSEEK_MODEL_TYPES", "DeepSeekConfig", "DeepSeekRouting", "YarnConfig", "is_deepseek"]
 
@@ -148,18 +149,7 @@ class DeepSeekConfig:
             attention = _yarn_mscale(y.factor, y.mscale) / _yarn_mscale(y.factor, y.mscale_all_dim)
         else:
             attention = _yarn_mscale(y.factor)
-
-        def correction_dim(rotations: float) -> float:
-            return (dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
-                2 * math.log(base)
-            )
-
-        low, high = correction_dim(y.beta_fast), correction_dim(y.beta_slow)
-        if y.truncate:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001
+        low, high = yarn_ramp(dim, base, y.original_max_position_embeddings, y.beta_fast, y.beta_slow, y.truncate)
         ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
         extrapolation = 1 - ramp
         inv = (1.0 / (y.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
@@ -197,12 +187,7 @@ class DeepSeekConfig:
                 f"{source}: quantization_config (quant_method {show(method)}) is not supported: this engine serves "
                 f"bfloat16 or float16 weights, not FP8 block-quantized ones; {_BF16_HINT}"
             )
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act {show(act)} is not supported (DeepSeek uses 'silu')")
-        for key in ("attention_bias", "mlp_bias"):
-            if d.get(key, False):
-                raise ValueError(f"{source}: {key}=true is not supported (DeepSeek projections have no bias)")
+        _silu_without_biases(d, source, "DeepSeek")
         kv_rank = _int(d, "kv_lora_rank", source)
         rope_dim = _int(d, "qk_rope_head_dim", source)
         if kv_rank != KV_LORA_RANK or rope_dim != ROPE_HEAD_DIM:
@@ -297,11 +282,7 @@ def _rope(d: dict[str, Any], source: str) -> tuple[float, YarnConfig | None]:
     for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"{source}: {name} must be an object or null, got {show(value)}")
-    merged: dict[str, Any] = {}
-    if "rope_theta" in d:
-        merged["rope_theta"] = d["rope_theta"]
-    merged.update(scaling or {})
-    merged.update(params or {})
+    merged = rope_settings(d)  # both checked above: objects or null
     kind = merged.get("rope_type", merged.get("type", "default"))
     theta = _number(merged, "rope_theta", source, 10000.0)
     if kind == "default":

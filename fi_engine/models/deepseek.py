@@ -320,20 +320,16 @@ class DeepSeek(ModelFamily):
         self.cos_sin = kernels.descriptor(
             self.cos_sin_dev.data.ptr, (positions + 1, dr), "float32", eng.device, owner=self.cos_sin_dev
         )
-        self.ckv_cache = [
-            kernels.descriptor(
-                b.ckv_cache[i].data.ptr, (eng.num_pages, eng.page_size, r), eng.dtype, eng.device,
-                owner=b.ckv_cache,
-            )
-            for i in range(c.num_layers)
-        ]  # fmt: skip
-        self.kpe_cache = [
-            kernels.descriptor(
-                b.kpe_cache[i].data.ptr, (eng.num_pages, eng.page_size, dr), eng.dtype, eng.device,
-                owner=b.kpe_cache,
-            )
-            for i in range(c.num_layers)
-        ]  # fmt: skip
+
+        def per_layer(cache: Any, width: int) -> list[Any]:  # a descriptor of each layer's [pages, page, width]
+            shape = (eng.num_pages, eng.page_size, width)
+            return [
+                kernels.descriptor(cache[i].data.ptr, shape, eng.dtype, eng.device, owner=cache)
+                for i in range(c.num_layers)
+            ]
+
+        self.ckv_cache = per_layer(b.ckv_cache, r)
+        self.kpe_cache = per_layer(b.kpe_cache, dr)
         self.kv_lens = np.zeros(eng.max_batch, np.int32)
         self.decode_qo = np.arange(eng.max_batch + 1, dtype=np.int32)
         self.mla: dict[int, SimpleNamespace] = {}

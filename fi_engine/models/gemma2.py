@@ -52,6 +52,7 @@ from ..runtime.family import ModelFamily
 from ..values import show
 from .registry import family_config_json
 from .weights import WeightLoader
+from .windows import WindowPlans
 
 __all__ = ["Gemma2", "Gemma2Engine", "Gemma2Settings", "gemma2_config", "gemma2_settings"]
 
@@ -170,7 +171,6 @@ class Gemma2(ModelFamily):
     # ------------------------------------------------------------------------------------------ loading
 
     def load(self, eng: Any, ckpt: Checkpoint) -> None:
-        from ..kernels.dense import data_type
         from ..layers.tensor_parallel import columns, rows
 
         c = eng.model_config  # the checkpoint's shapes; this rank keeps its shard (rank r of n)
@@ -180,11 +180,9 @@ class Gemma2(ModelFamily):
         dtype = ckpt.info("model.embed_tokens.weight").dtype
         if dtype not in ("float16", "bfloat16"):
             raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints")
-        eng.dtype, eng.gemm_type, eng.gemm_f32 = dtype, data_type(dtype), data_type("float32")
-        eng.device_arrays = []
+        w = WeightLoader.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng.device_arrays
         eng.moe_layers = []
         self.moe_scratch = None
-        w = WeightLoader(ckpt, eng.cupy, dtype, eng.device, eng.device_arrays)
 
         w.embedding_and_head(eng, c)
         # the embedding's token ids [start, start + valid) (the whole vocabulary on one GPU)
@@ -230,63 +228,36 @@ class Gemma2(ModelFamily):
         # engine made one, holds the plain all-reduce's sums instead (its output may not overlap its input)
         self.sum = getattr(eng.buffers, "x2", None)
         eng.normed = eng.buffers.x
-        # one workspace per distinct window (a plan is stale once another is made on its workspace)
-        self.plan_windows = sorted(set(self.windows))
-        self.extra_ws = [kernels.workspace(eng.device) for _ in range(2 * (len(self.plan_windows) - 1))]
-
-    def _workspaces(self, eng: Any, decode: bool) -> list[Any]:
-        first = eng.decode_workspace if decode else eng.prefill_workspace
-        n = len(self.plan_windows) - 1
-        return [first, *(self.extra_ws[n:] if decode else self.extra_ws[:n])]
+        self.window_plans = WindowPlans(self.windows, eng.device)
 
     # ------------------------------------------------------------------------------------------ attention plans
 
     def plan_prefill(self, eng: Any, batch: int) -> None:
-        c, g, ph = eng.config, eng.config.family, eng.prefill_arrays
-        self.prefill_plans = {
-            window: kernels.batch_prefill_paged_plan(
-                ph["qo_indptr"][: batch + 1],
-                ph["kv_indptr"][: batch + 1],
-                None,
-                ph["kv_last_page_len"][:batch],
-                c.num_qo_heads,
-                c.num_kv_heads,
-                c.head_dim,
-                eng.page_size,
-                q_data_type=eng.dtype,
-                causal=True,
-                window_left=window,
-                logits_soft_cap=g.attn_logit_softcapping,
-                sm_scale=self.sm_scale,
-                backend="fa2",
-                stream=eng.stream_ptr,
-                workspace=ws,
-            )
-            for window, ws in zip(self.plan_windows, self._workspaces(eng, False), strict=True)
-        }
+        g, ph = eng.config.family, eng.prefill_arrays
+        arrays = (ph["qo_indptr"][: batch + 1], ph["kv_indptr"][: batch + 1], None, ph["kv_last_page_len"][:batch])
+        self.prefill_plans = self.window_plans.plan(
+            eng,
+            False,
+            kernels.batch_prefill_paged_plan,
+            arrays,
+            causal=True,
+            logits_soft_cap=g.attn_logit_softcapping,
+            sm_scale=self.sm_scale,
+            backend="fa2",
+        )
 
     def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
-        c, g = eng.config, eng.config.family
-        self.decode_plans = {
-            window: kernels.batch_decode_plan(
-                eng.decode_arrays["kv_indptr"][: rows + 1],
-                None,
-                None,
-                c.num_qo_heads,
-                c.num_kv_heads,
-                c.head_dim,
-                eng.page_size,
-                q_data_type=eng.dtype,
-                window_left=window,
-                logits_soft_cap=g.attn_logit_softcapping,
-                sm_scale=self.sm_scale,
-                enable_cuda_graph=cuda_graph,
-                stream=eng.stream_ptr,
-                workspace=ws,
-            )
-            for window, ws in zip(self.plan_windows, self._workspaces(eng, True), strict=True)
-        }
-        eng.decode_plan = self.decode_plans[self.plan_windows[0]]  # the one the graph's layout check watches
+        g = eng.config.family
+        arrays = (eng.decode_arrays["kv_indptr"][: rows + 1], None, None)
+        self.decode_plans = self.window_plans.plan(
+            eng,
+            True,
+            kernels.batch_decode_plan,
+            arrays,
+            logits_soft_cap=g.attn_logit_softcapping,
+            sm_scale=self.sm_scale,
+            enable_cuda_graph=cuda_graph,
+        )
 
     def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
         kernels.prefill_run(
@@ -366,8 +337,7 @@ class Gemma2(ModelFamily):
             self.soft_cap((min(1024, -(-n // 256)),), (256,), (logits, n, np.float32(cap)))
 
     def close(self, eng: Any) -> None:
-        for ws in self.extra_ws:
-            ws.close()
+        self.window_plans.close()
 
 
 class Gemma2Engine(Engine):

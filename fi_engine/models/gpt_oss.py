@@ -74,7 +74,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint.config import LlamaConfig, MoEConfig, RopeConfig
+from ..checkpoint.config import LlamaConfig, MoEConfig, RopeConfig, yarn_ramp
 from ..checkpoint.family_configs import (
     check_dict,
     flag,
@@ -92,6 +92,7 @@ from ..runtime.moe_paths import MoEPaths
 from ..values import arg_array, arg_int, show
 from .registry import family_config_json
 from .weights import WeightLoader
+from .windows import WindowPlans
 
 __all__ = [
     "GptOss",
@@ -147,17 +148,9 @@ class YarnRope:
         ``truncate``)."""
         import numpy as np
 
-        def correction_dim(rotations: float) -> float:
-            return (dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
-                2 * math.log(theta)
-            )
-
-        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
-        if self.truncate:
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001  # transformers' guard against a zero-width ramp
+        low, high = yarn_ramp(
+            dim, theta, self.original_max_position_embeddings, self.beta_fast, self.beta_slow, self.truncate
+        )
         pos = (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
         extrapolation, interpolation = 1.0 / pos, 1.0 / (np.float32(self.factor) * pos)
         ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
@@ -399,7 +392,6 @@ class GptOss(ModelFamily):
     # ------------------------------------------------------------------------------------------ loading
 
     def load(self, eng: Any, ckpt: Checkpoint) -> None:
-        from ..kernels.dense import data_type
         from ..layers.tensor_parallel import columns, rows, segment
 
         c = eng.model_config  # the checkpoint's shapes; this rank keeps its shard (rank r of n)
@@ -408,11 +400,9 @@ class GptOss(ModelFamily):
         hq, hk, d, h = c.num_qo_heads, c.num_kv_heads, c.head_dim, c.hidden_size
         e, i_size = c.moe.num_experts, c.moe.intermediate_size
         dtype = check_checkpoint(ckpt)
-        eng.dtype, eng.gemm_type, eng.gemm_f32 = dtype, data_type(dtype), data_type("float32")
-        eng.device_arrays = []
+        w = WeightLoader.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng.device_arrays
         eng.moe_layers = []
         self.moe_scratch = None
-        w = WeightLoader(ckpt, eng.cupy, dtype, eng.device, eng.device_arrays)
 
         def host_f32(name: str, shape: tuple[int, ...]) -> np.ndarray:  # biases and sinks, as float32
             info = ckpt.info(name)
@@ -492,54 +482,34 @@ class GptOss(ModelFamily):
         self.qo_host = np.arange(eng.max_batch + 1, dtype=np.int32)
         self.qo_dev = cp.asarray(self.qo_host)
         self.qo_views: dict[int, Any] = {}
-        self.plan_windows = sorted(set(self.windows))
-        self.extra_ws = [kernels.workspace(eng.device) for _ in range(2 * (len(self.plan_windows) - 1))]
-
-    def _workspaces(self, eng: Any, decode: bool) -> list[Any]:
-        first = eng.decode_workspace if decode else eng.prefill_workspace
-        n = len(self.plan_windows) - 1
-        return [first, *(self.extra_ws[n:] if decode else self.extra_ws[:n])]
+        self.window_plans = WindowPlans(self.windows, eng.device)
 
     # ------------------------------------------------------------------------------------------ attention
 
-    def _sink_plan(self, eng: Any, ws: Any, qo: Any, kv: Any, last: Any, window: int, backend: Any, graph: bool) -> Any:
-        c = eng.config
-        return kernels.batch_attention_sink_plan(
-            qo,
-            kv,
-            None,
-            last,
-            c.num_qo_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            eng.page_size,
-            q_data_type=eng.dtype,
+    def _sink_plans(self, eng: Any, decode: bool, arrays: tuple[Any, ...], backend: str, graph: bool) -> dict[int, Any]:
+        """The attention-sink plans by window over the step's index ``arrays`` (qo indptr, kv indptr, None, last
+        page lengths)."""
+        return self.window_plans.plan(
+            eng,
+            decode,
+            kernels.batch_attention_sink_plan,
+            arrays,
             causal=True,
-            window_left=window,
-            sm_scale=c.head_dim**-0.5,
+            sm_scale=eng.config.head_dim**-0.5,
             backend=backend,
             enable_cuda_graph=graph,
-            stream=eng.stream_ptr,
-            workspace=ws,
         )
 
     def plan_prefill(self, eng: Any, batch: int) -> None:
         ph = eng.prefill_arrays
-        qo, kv, last = ph["qo_indptr"][: batch + 1], ph["kv_indptr"][: batch + 1], ph["kv_last_page_len"][:batch]
-        self.prefill_plans = {
-            window: self._sink_plan(eng, ws, qo, kv, last, window, "auto", False)
-            for window, ws in zip(self.plan_windows, self._workspaces(eng, False), strict=True)
-        }
+        arrays = (ph["qo_indptr"][: batch + 1], ph["kv_indptr"][: batch + 1], None, ph["kv_last_page_len"][:batch])
+        self.prefill_plans = self._sink_plans(eng, False, arrays, "auto", False)
 
     def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
         dh = eng.decode_arrays
-        qo, kv, last = self.qo_host[: rows + 1], dh["kv_indptr"][: rows + 1], dh["kv_last_page_len"][:rows]
+        arrays = (self.qo_host[: rows + 1], dh["kv_indptr"][: rows + 1], None, dh["kv_last_page_len"][:rows])
         # FA2: a decode row is one query; FA2's small query tiles suit it, and its CUDA-graph schedule is fixed
-        self.decode_plans = {
-            window: self._sink_plan(eng, ws, qo, kv, last, window, "fa2", cuda_graph)
-            for window, ws in zip(self.plan_windows, self._workspaces(eng, True), strict=True)
-        }
-        eng.decode_plan = self.decode_plans[self.plan_windows[0]]  # the one the graph's layout check watches
+        self.decode_plans = self._sink_plans(eng, True, arrays, "fa2", cuda_graph)
 
     def _qo_view(self, eng: Any, rows: int) -> Any:
         t = self.qo_views.get(rows)
@@ -614,8 +584,7 @@ class GptOss(ModelFamily):
             eng.add_norm(v, eng.ln1[i + 1] if i < last else eng.final_norm)
 
     def close(self, eng: Any) -> None:
-        for ws in self.extra_ws:
-            ws.close()
+        self.window_plans.close()
 
 
 class GptOssEngine(MoEPaths, Engine):

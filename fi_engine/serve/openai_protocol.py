@@ -323,47 +323,48 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _body(rid: str, kind: str, model: str, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+    """A whole response object of type ``kind``, created now (seconds since the epoch)."""
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
+
+
 def completion_body(
     rid: str, model: str, choices: Sequence[tuple[str, str | None]], usage: dict[str, int]
 ) -> dict[str, Any]:
     """A ``text_completion`` object: ``choices`` as (text, finish reason) in index order."""
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": why} for i, (text, why) in enumerate(choices)
-        ],
-        "usage": usage,
-    }
+    listed = [
+        {"index": i, "text": text, "logprobs": None, "finish_reason": why} for i, (text, why) in enumerate(choices)
+    ]
+    return _body(rid, "text_completion", model, listed, usage)
 
 
 def chat_body(rid: str, model: str, choices: Sequence[tuple[str, str | None]], usage: dict[str, int]) -> dict[str, Any]:
     """A ``chat.completion`` object: ``choices`` as (assistant text, finish reason) in index order."""
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": why}
-            for i, (text, why) in enumerate(choices)
-        ],
-        "usage": usage,
-    }
+    listed = [
+        {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": why}
+        for i, (text, why) in enumerate(choices)
+    ]
+    return _body(rid, "chat.completion", model, listed, usage)
+
+
+def _chunk(
+    rid: str, kind: str, model: str, created: int, choice: dict[str, Any] | None, usage: dict[str, int] | None
+) -> dict[str, Any]:
+    """One streamed event of type ``kind`` with ``choice`` (None: the closing usage chunk, with no choice) and,
+    where given, ``usage``."""
+    out: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model}
+    out["choices"] = [] if choice is None else [choice]
+    if usage is not None:
+        out["usage"] = usage
+    return out
 
 
 def completion_chunk(
     rid: str, model: str, created: int, index: int | None, text: str, finish: str | None, usage: dict[str, int] | None
 ) -> dict[str, Any]:
     """One streamed ``text_completion`` event (``index`` None: the closing usage chunk, with no choice)."""
-    choices = [] if index is None else [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]
-    out: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model}
-    out["choices"] = choices
-    if usage is not None:
-        out["usage"] = usage
-    return out
+    choice = None if index is None else {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    return _chunk(rid, "text_completion", model, created, choice, usage)
 
 
 def chat_chunk(
@@ -376,9 +377,5 @@ def chat_chunk(
     usage: dict[str, int] | None,
 ) -> dict[str, Any]:
     """One streamed ``chat.completion.chunk`` (``index`` None: the closing usage chunk, with no choice)."""
-    choices = [] if index is None else [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
-    out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-    out["choices"] = choices
-    if usage is not None:
-        out["usage"] = usage
-    return out
+    choice = None if index is None else {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return _chunk(rid, "chat.completion.chunk", model, created, choice, usage)

@@ -14,20 +14,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..values import model_dir_fspath
+
 __all__ = ["checkpoint_dir", "read_json", "read_text"]
 
 
 def checkpoint_dir(model_dir: Any) -> Path:
     """``model_dir`` as a Path to an existing directory; TypeError for a non-path, ValueError for a path that is
     not a directory or holds a NUL byte."""
-    if not isinstance(model_dir, (str, os.PathLike)):
-        raise TypeError(
-            f"model_dir: expected a path (str or os.PathLike) of a Hugging Face checkpoint directory, got "
-            f"{type(model_dir).__name__}"
-        )
-    fs = os.fspath(model_dir)
-    if ("\0" if isinstance(fs, str) else b"\0") in fs:  # type: ignore[operator]
-        raise ValueError(f"model_dir: contains a NUL byte: {model_dir!r:.80}; pass the directory's path")
+    fs = model_dir_fspath(model_dir)
     path = Path(os.fsdecode(fs))
     if not path.is_dir():
         raise ValueError(

@@ -1957,6 +1957,8 @@ EXEMPT: dict[str, str] = {
         f"values.{n}": "a value check with fi_ffi's messages: every bad kind in tests/engine/test_public_helpers.py"
         for n in ("flag", "integer")
     },
+    "values.model_dir_fspath": "the shared model_dir path check of read_config_json and checkpoint_dir: every bad "
+    "model_dir case of the config and text rows above reaches it",
     "values.float32_bits": "a kernel argument's float32 bits: every bad kind in tests/engine/test_public_helpers.py, "
     "and each caller's argument in test_dense.py, test_kv_fp8.py, test_moe_scratch.py",
     **{
