@@ -27,9 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # (label, the program's file in fi_engine/kernels/csrc, NVRTC options as the engine passes them: a tuple, or
 # "module:Class.method" naming the engine's own function that makes them); each program is the engine's
-# (fi_engine.kernels.cuda_sources.source), compiled under its file's name. A "module:NAME" in place of the file is a
-# program the engine still keeps as a Python string constant (fingerprinted before it moves to csrc, so that the move
-# can be compared against it)
+# (fi_engine.kernels.cuda_sources.source), compiled under its file's name
 SOURCES: list[tuple[str, str, tuple[str, ...] | str]] = [
     ("rows", "rows.cu", ()),  # Dense
     ("gemv", "gemv.cu", "fi_engine.kernels.dense:Dense.gemv_options"),
@@ -39,10 +37,10 @@ SOURCES: list[tuple[str, str, tuple[str, ...] | str]] = [
     ("fp8_quant", "fp8_quant.cu", ()),
     ("grouped_gemv", "grouped_gemv.cu", ("--use_fast_math",)),  # GroupedGemv
     ("kv_fp8", "append_e4m3.cu", ()),  # KvFp8
-    ("moe", "fi_engine.layers.moe:_COMBINE", ()),  # MoELayer._build
-    ("ds_routing", "fi_engine.layers.deepseek_routing:_KERNEL", ()),  # DeviceGroupedTopk
-    ("gemma2", "fi_engine.models.gemma2:_SOURCE", ()),  # Gemma2.load
-    ("gpt_oss", "fi_engine.models.gpt_oss:_SOURCE", ()),  # GptOss.load
+    ("moe", "moe.cu", ()),  # MoELayer._build
+    ("ds_routing", "ds_routing.cu", ()),  # DeviceGroupedTopk
+    ("gemma2", "gemma2.cu", ()),  # Gemma2.load
+    ("gpt_oss", "gpt_oss.cu", ()),  # GptOss.load
 ]
 
 
@@ -113,25 +111,13 @@ def source_options(options: tuple[str, ...] | str) -> tuple[str, ...]:
     return tuple(made())
 
 
-def program(file: str) -> tuple[str, str]:
-    """A :data:`SOURCES` row's (program, its name for NVRTC): ``source(file)``, or the string constant a
-    ``module:NAME`` names (under the name ``NAME.cu``)."""
-    if ":" not in file:
-        from fi_engine.kernels.cuda_sources import source
-
-        return source(file), file
-    import importlib
-
-    module, name = file.split(":")
-    return getattr(importlib.import_module(module), name), f"{name}.cu"
-
-
 def fingerprints(arch: str) -> dict[str, str]:
     """``{"label:kernel": sha256 of its machine code, 16 hex digits}`` over every source of :data:`SOURCES`."""
+    from fi_engine.kernels.cuda_sources import source
+
     found = {}
     for label, file, options in SOURCES:
-        text, name = program(file)
-        cubin = compile_cubin(text, source_options(options), arch, name)
+        cubin = compile_cubin(source(file), source_options(options), arch, file)
         for kernel, code in text_sections(cubin).items():
             found[f"{label}:{kernel}"] = hashlib.sha256(code).hexdigest()[:16]
     return found

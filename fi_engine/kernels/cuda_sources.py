@@ -20,7 +20,7 @@ The headers (``.cuh``), each the same text in every program that includes it:
 - ``row_counts.cuh``: the row counts the 16-bit GEMVs are compiled for and their other compile-time settings
   (``GEMV_FIXED_ROWS``, ``GEMV_PIPELINE``, ``GEMV_FUSED_MIN_BLOCKS``: Dense passes each); ``gemv.cu``,
   ``fused_gemv.cu``.
-- ``route.cuh``: ``route_row`` (:data:`ROUTE_SOURCE`); ``fused_gemv.cu`` and the MoE layer's module.
+- ``route.cuh``: ``route_row`` (:data:`ROUTE_SOURCE`); ``fused_gemv.cu`` and ``moe.cu``.
 - ``fp8_decode.cuh``: the e4m3 decoding and 16-bit widening of the FP8 kernels (``fp8_gemv.cu``, ``fp8_fused.cu``);
   uses ``h2f``, which each includer defines before it.
 - ``fp8_one_row.cuh``: the FP8 GEMV of one ``x`` row (``gemv8_one`` in ``fp8_gemv.cu``, ``gemv8_pair_one`` in
@@ -94,7 +94,7 @@ so that ``GEMV_FUSED_MIN_BLOCKS`` blocks, 4, fit an SM):
   come from this module's fast-math ``expf`` and division (within a few float32 ulps of ``moe_route``'s).
 
 ``route.cuh``, :data:`ROUTE_SOURCE`: ``route_row``, the device routing of one token (softmax, top-k,
-renormalization), text that the fused GEMV source above and the MoE layer's module (``moe_route``) both include.
+renormalization), text that the fused GEMV source above and ``moe.cu`` (``moe_route``) both include.
 
 ``fp8_gemv.cu``, :data:`FP8_GEMV_SOURCE`: the linear layers of e4m3 weights and 16-bit activations (W8A16) of
 :class:`~fi_engine.kernels.fp8_linear.Fp8Linears`: GEMVs of one row to
@@ -113,6 +113,12 @@ tensor-core GEMM (W8A8, ``Fp8Linears.w8a8``).
 
 ``grouped_gemv.cu``: the grouped GEMV of a MoE decode step (:mod:`~fi_engine.kernels.moe_gemv`). ``append_e4m3.cu``:
 the FP8 KV cache's append and output scaling (:mod:`~fi_engine.layers.kv_fp8`).
+
+The programs of the layers and models, each compiled by the module named (CuPy ``RawModule``, no options):
+``moe.cu``, the MoE layer's combines, device routing (``route.cuh``), rows and activations
+(:class:`~fi_engine.layers.moe.MoELayer`); ``ds_routing.cu``, DeepSeek's grouped top-k routing
+(:class:`~fi_engine.layers.deepseek_routing.DeviceGroupedTopk`); ``gemma2.cu``, Gemma 2's scaled embedding and logit
+soft cap (:mod:`~fi_engine.models.gemma2`); ``gpt_oss.cu``, gpt-oss's k bias (:mod:`~fi_engine.models.gpt_oss`).
 
 The text of a program is what NVRTC compiles (``fused_gemv.cu``'s first comment still calls the plain GEMV
 ``_GEMV_SOURCE``, its name when it was a string in :mod:`~fi_engine.kernels.dense`): a change that moves a kernel's
@@ -152,8 +158,8 @@ def files() -> list[str]:
 
 
 def read(file: str) -> str:
-    """The text of ``csrc/<file>`` as stored (a header's text, as the MoE layer puts its own after ``route.cuh``);
-    read once per process. TypeError/ValueError naming ``file`` where it is no file of :func:`files`."""
+    """The text of ``csrc/<file>`` as stored, its includes not expanded; read once per process. TypeError/ValueError
+    naming ``file`` where it is no file of :func:`files`."""
     return _stored(_checked(file))
 
 
@@ -207,7 +213,7 @@ def _expand(name: str, including: tuple[str, ...]) -> str:
 ROW_KERNELS_SOURCE = source("rows.cu")
 """:func:`source` of ``rows.cu``: the row kernels of :class:`~fi_engine.kernels.dense.Dense`."""
 ROUTE_SOURCE = read("route.cuh")
-"""``route.cuh`` as stored, without ``#line`` directives: the MoE layer's module puts its own text after it."""
+"""``route.cuh`` as stored, without ``#line`` directives (the routing ``fused_gemv.cu`` and ``moe.cu`` include)."""
 GEMV_SOURCE = source("gemv.cu")
 """:func:`source` of ``gemv.cu``: the 16-bit GEMV of a decode step's few rows."""
 FUSED_GEMV_SOURCE = source("fused_gemv.cu")
