@@ -9,12 +9,17 @@ How a program is made: :func:`source` expands each line ``#include "<file>"`` of
 so that a compiler message names the file and line it is about (CuPy gives NVRTC a program name of its own) while
 NVRTC sees no include to resolve: the options stay those the engine always passed, and CuPy's kernel cache, keyed
 by the program's text, sees a change to a header as a change to every program that includes it (an include left
-to NVRTC would be compiled from a stale cache entry). Apart from the ``#line`` directives, a program is the text
-the engine compiled when these sources were Python strings, byte for byte; ``tools/kernel_fingerprints.py``
-proves that the machine code is unchanged.
+to NVRTC would be compiled from a stale cache entry). The programs were Python strings once, each with its own copy
+of the device functions the headers now hold; ``tools/kernel_fingerprints.py`` proves that every kernel's machine
+code is what those strings compiled to.
 
 The headers (``.cuh``), each the same text in every program that includes it:
 
+- ``convert.cuh``: the conversions between float32 and the 16-bit formats (``h2f``, ``b2f``, ``f2h``, ``f2b``;
+  ``tof`` / ``fromf`` with the format a template argument, ``load16`` / ``store16`` with it a kernel argument) and
+  to e4m3 pairs (``e4m3x2``); included by every program that converts (all but ``rows.cu`` and ``ds_routing.cu``).
+- ``load_weights.cuh``: ``load_weights``, the GEMVs' 16-byte weight loads past L1; ``gemv.cu``, ``fused_gemv.cu``,
+  ``fp8_gemv.cu``, ``grouped_gemv.cu``.
 - ``griddep.cuh``: programmatic dependent launch (``griddep_wait``, ``griddep_launch_dependents``); included by
   ``gemv.cu``, ``fused_gemv.cu`` and ``fp8_gemv.cu``.
 - ``row_counts.cuh``: the row counts the 16-bit GEMVs are compiled for and their other compile-time settings
@@ -22,7 +27,7 @@ The headers (``.cuh``), each the same text in every program that includes it:
   ``fused_gemv.cu``.
 - ``route.cuh``: ``route_row`` (:data:`ROUTE_SOURCE`); ``fused_gemv.cu`` and ``moe.cu``.
 - ``fp8_decode.cuh``: the e4m3 decoding and 16-bit widening of the FP8 kernels (``fp8_gemv.cu``, ``fp8_fused.cu``);
-  uses ``h2f``, which each includer defines before it.
+  uses ``convert.cuh``'s ``h2f``, which each includer includes before it.
 - ``fp8_one_row.cuh``: the FP8 GEMV of one ``x`` row (``gemv8_one`` in ``fp8_gemv.cu``, ``gemv8_pair_one`` in
   ``fp8_fused.cu``); uses ``load_weights``, ``griddep_wait`` and ``fp8_decode.cuh``'s helpers, defined before it.
 - ``fp8_tensor_cores.cuh``: the tensor-core decoding, mma and main loop of e4m3 weights (``gemv8_tc`` in

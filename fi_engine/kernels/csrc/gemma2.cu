@@ -1,16 +1,5 @@
 // Gemma 2's kernels (fi_engine.models.gemma2): the scaled embedding lookup and the logits' soft cap.
-__device__ __forceinline__ float load16(unsigned short v, int bf16) {
-    if (bf16) return __uint_as_float(((unsigned int)v) << 16);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-}
-__device__ __forceinline__ unsigned short store16(float f, int bf16) {
-    unsigned short h;
-    if (bf16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+#include "convert.cuh"  // load16, store16
 // dst[r, :width] = round(src[rows[r] - start, :width] * scale): Gemma's scaled embedding (scale already in the
 // dtype), from a table of the ids [start, start + valid) (a vocabulary shard); zeros for an id outside it.
 extern "C" __global__ void gather_scale16(const unsigned short* __restrict__ src, const int* __restrict__ rows,

@@ -1,18 +1,7 @@
 // The MoE layer's kernels (fi_engine.layers.moe): its combines, the fixed-capacity path's routing and rows, the
 // biased activations and the dense-over-experts path's activation and combine.
 #include "route.cuh"  // route_row (moe_route)
-__device__ __forceinline__ float load16(unsigned short v, int bf16) {
-    if (bf16) return __uint_as_float(((unsigned int)v) << 16);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-}
-__device__ __forceinline__ unsigned short store16(float f, int bf16) {
-    unsigned short h;
-    if (bf16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+#include "convert.cuh"  // load16, store16
 // out[t, c] = sum_j w[t * k + j] * y[row_of[t * k + j], c], accumulated in float32; grid (T, column blocks): the
 // blocks of a token (blockIdx.y) share its columns (a token's columns in one block made a decode step's combine a
 // 10 us chain of dependent loads on one SM; the combines below share the grid).
