@@ -37,6 +37,10 @@ SOURCES: list[tuple[str, str, tuple[str, ...] | str]] = [
     ("fp8_quant", "fp8_quant.cu", ()),
     ("grouped_gemv", "grouped_gemv.cu", ("--use_fast_math",)),  # GroupedGemv
     ("kv_fp8", "append_e4m3.cu", ()),  # KvFp8
+    ("moe", "moe.cu", ()),  # MoELayer._build
+    ("ds_routing", "ds_routing.cu", ()),  # DeviceGroupedTopk
+    ("gemma2", "gemma2.cu", ()),  # Gemma2.load
+    ("gpt_oss", "gpt_oss.cu", ()),  # GptOss.load
 ]
 
 

@@ -9,20 +9,25 @@ How a program is made: :func:`source` expands each line ``#include "<file>"`` of
 so that a compiler message names the file and line it is about (CuPy gives NVRTC a program name of its own) while
 NVRTC sees no include to resolve: the options stay those the engine always passed, and CuPy's kernel cache, keyed
 by the program's text, sees a change to a header as a change to every program that includes it (an include left
-to NVRTC would be compiled from a stale cache entry). Apart from the ``#line`` directives, a program is the text
-the engine compiled when these sources were Python strings, byte for byte; ``tools/kernel_fingerprints.py``
-proves that the machine code is unchanged.
+to NVRTC would be compiled from a stale cache entry). The programs were Python strings once, each with its own copy
+of the device functions the headers now hold; ``tools/kernel_fingerprints.py`` proves that every kernel's machine
+code is what those strings compiled to.
 
 The headers (``.cuh``), each the same text in every program that includes it:
 
+- ``convert.cuh``: the conversions between float32 and the 16-bit formats (``h2f``, ``b2f``, ``f2h``, ``f2b``;
+  ``tof`` / ``fromf`` with the format a template argument, ``load16`` / ``store16`` with it a kernel argument) and
+  to e4m3 pairs (``e4m3x2``); included by every program that converts (all but ``rows.cu`` and ``ds_routing.cu``).
+- ``load_weights.cuh``: ``load_weights``, the GEMVs' 16-byte weight loads past L1; ``gemv.cu``, ``fused_gemv.cu``,
+  ``fp8_gemv.cu``, ``grouped_gemv.cu``.
 - ``griddep.cuh``: programmatic dependent launch (``griddep_wait``, ``griddep_launch_dependents``); included by
   ``gemv.cu``, ``fused_gemv.cu`` and ``fp8_gemv.cu``.
 - ``row_counts.cuh``: the row counts the 16-bit GEMVs are compiled for and their other compile-time settings
   (``GEMV_FIXED_ROWS``, ``GEMV_PIPELINE``, ``GEMV_FUSED_MIN_BLOCKS``: Dense passes each); ``gemv.cu``,
   ``fused_gemv.cu``.
-- ``route.cuh``: ``route_row`` (:data:`ROUTE_SOURCE`); ``fused_gemv.cu`` and the MoE layer's module.
+- ``route.cuh``: ``route_row`` (:data:`ROUTE_SOURCE`); ``fused_gemv.cu`` and ``moe.cu``.
 - ``fp8_decode.cuh``: the e4m3 decoding and 16-bit widening of the FP8 kernels (``fp8_gemv.cu``, ``fp8_fused.cu``);
-  uses ``h2f``, which each includer defines before it.
+  uses ``convert.cuh``'s ``h2f``, which each includer includes before it.
 - ``fp8_one_row.cuh``: the FP8 GEMV of one ``x`` row (``gemv8_one`` in ``fp8_gemv.cu``, ``gemv8_pair_one`` in
   ``fp8_fused.cu``); uses ``load_weights``, ``griddep_wait`` and ``fp8_decode.cuh``'s helpers, defined before it.
 - ``fp8_tensor_cores.cuh``: the tensor-core decoding, mma and main loop of e4m3 weights (``gemv8_tc`` in
@@ -94,7 +99,7 @@ so that ``GEMV_FUSED_MIN_BLOCKS`` blocks, 4, fit an SM):
   come from this module's fast-math ``expf`` and division (within a few float32 ulps of ``moe_route``'s).
 
 ``route.cuh``, :data:`ROUTE_SOURCE`: ``route_row``, the device routing of one token (softmax, top-k,
-renormalization), text that the fused GEMV source above and the MoE layer's module (``moe_route``) both include.
+renormalization), text that the fused GEMV source above and ``moe.cu`` (``moe_route``) both include.
 
 ``fp8_gemv.cu``, :data:`FP8_GEMV_SOURCE`: the linear layers of e4m3 weights and 16-bit activations (W8A16) of
 :class:`~fi_engine.kernels.fp8_linear.Fp8Linears`: GEMVs of one row to
@@ -113,6 +118,12 @@ tensor-core GEMM (W8A8, ``Fp8Linears.w8a8``).
 
 ``grouped_gemv.cu``: the grouped GEMV of a MoE decode step (:mod:`~fi_engine.kernels.moe_gemv`). ``append_e4m3.cu``:
 the FP8 KV cache's append and output scaling (:mod:`~fi_engine.layers.kv_fp8`).
+
+The programs of the layers and models, each compiled by the module named (CuPy ``RawModule``, no options):
+``moe.cu``, the MoE layer's combines, device routing (``route.cuh``), rows and activations
+(:class:`~fi_engine.layers.moe.MoELayer`); ``ds_routing.cu``, DeepSeek's grouped top-k routing
+(:class:`~fi_engine.layers.deepseek_routing.DeviceGroupedTopk`); ``gemma2.cu``, Gemma 2's scaled embedding and logit
+soft cap (:mod:`~fi_engine.models.gemma2`); ``gpt_oss.cu``, gpt-oss's k bias (:mod:`~fi_engine.models.gpt_oss`).
 
 The text of a program is what NVRTC compiles (``fused_gemv.cu``'s first comment still calls the plain GEMV
 ``_GEMV_SOURCE``, its name when it was a string in :mod:`~fi_engine.kernels.dense`): a change that moves a kernel's
@@ -152,8 +163,8 @@ def files() -> list[str]:
 
 
 def read(file: str) -> str:
-    """The text of ``csrc/<file>`` as stored (a header's text, as the MoE layer puts its own after ``route.cuh``);
-    read once per process. TypeError/ValueError naming ``file`` where it is no file of :func:`files`."""
+    """The text of ``csrc/<file>`` as stored, its includes not expanded; read once per process. TypeError/ValueError
+    naming ``file`` where it is no file of :func:`files`."""
     return _stored(_checked(file))
 
 
@@ -207,7 +218,7 @@ def _expand(name: str, including: tuple[str, ...]) -> str:
 ROW_KERNELS_SOURCE = source("rows.cu")
 """:func:`source` of ``rows.cu``: the row kernels of :class:`~fi_engine.kernels.dense.Dense`."""
 ROUTE_SOURCE = read("route.cuh")
-"""``route.cuh`` as stored, without ``#line`` directives: the MoE layer's module puts its own text after it."""
+"""``route.cuh`` as stored, without ``#line`` directives (the routing ``fused_gemv.cu`` and ``moe.cu`` include)."""
 GEMV_SOURCE = source("gemv.cu")
 """:func:`source` of ``gemv.cu``: the 16-bit GEMV of a decode step's few rows."""
 FUSED_GEMV_SOURCE = source("fused_gemv.cu")

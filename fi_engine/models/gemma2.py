@@ -109,40 +109,6 @@ def gemma2_settings(d: dict[str, Any], num_layers: int, source: str) -> Gemma2Se
 
 _D2D = 3  # cudaMemcpyKind
 
-_SOURCE = r"""
-__device__ __forceinline__ float load16(unsigned short v, int bf16) {
-    if (bf16) return __uint_as_float(((unsigned int)v) << 16);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-}
-__device__ __forceinline__ unsigned short store16(float f, int bf16) {
-    unsigned short h;
-    if (bf16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-// dst[r, :width] = round(src[rows[r] - start, :width] * scale): Gemma's scaled embedding (scale already in the
-// dtype), from a table of the ids [start, start + valid) (a vocabulary shard); zeros for an id outside it.
-extern "C" __global__ void gather_scale16(const unsigned short* __restrict__ src, const int* __restrict__ rows,
-                                          unsigned short* __restrict__ dst, long long width, float scale, int bf16,
-                                          long long start, long long valid) {
-    const long long id = (long long)rows[blockIdx.x] - start;
-    unsigned short* b = dst + (long long)blockIdx.x * width;
-    if (id < 0 || id >= valid) {
-        for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = 0;
-        return;
-    }
-    const unsigned short* a = src + id * width;
-    for (long long c = threadIdx.x; c < width; c += blockDim.x) b[c] = store16(load16(a[c], bf16) * scale, bf16);
-}
-// x[i] = cap * tanh(x[i] / cap) for i < n (float32 logits).
-extern "C" __global__ void soft_cap(float* __restrict__ x, long long n, float cap) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        x[i] = cap * tanhf(x[i] / cap);
-}
-"""
-
 
 def round_to(value: float, dtype: str) -> float:
     """``value`` rounded to float16 or bfloat16 (round to nearest even), as a Python float."""
@@ -211,7 +177,9 @@ class Gemma2(ModelFamily):
             round_to(math.sqrt(h), dtype)
         )  # transformers: sqrt(hidden) as a tensor of the dtype
         self.bf16 = np.int32(dtype == "bfloat16")
-        module = eng.cupy.RawModule(code=_SOURCE)
+        from ..kernels.cuda_sources import source
+
+        module = eng.cupy.RawModule(code=source("gemma2.cu"))
         self.gather_scale = module.get_function("gather_scale16")
         self.soft_cap = module.get_function("soft_cap")
         self.sm_scale = g.query_pre_attn_scalar**-0.5

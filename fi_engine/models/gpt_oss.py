@@ -241,21 +241,6 @@ def yarn(d: dict[str, Any], source: str) -> YarnRope | None:
 # rows of the cos/sin table: p * f is a float32 product (exact positions up to 2**24, as transformers computes it)
 MAX_ROPE_POSITIONS = 1 << 24
 
-_SOURCE = r"""
-__device__ __forceinline__ float bf(unsigned short v) { return __uint_as_float(((unsigned int)v) << 16); }
-__device__ __forceinline__ unsigned short to_bf(float f) {
-    unsigned short h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-// x[t, c] = round(x[t, c] + b[c]) for t < rows, c < width (bfloat16; row stride ld).
-extern "C" __global__ void add_bias(unsigned short* __restrict__ x, const unsigned short* __restrict__ b,
-                                    long long width, long long ld) {
-    unsigned short* row = x + (long long)blockIdx.x * ld;
-    for (long long c = threadIdx.x; c < width; c += blockDim.x) row[c] = to_bf(bf(row[c]) + bf(b[c]));
-}
-"""
-
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """float32 values of bfloat16 bits (uint16)."""
@@ -471,7 +456,9 @@ class GptOss(ModelFamily):
         eng.k_norm = []
         cache = w.upload(rope_cos_sin_cache(c, eng.max_seq_len))
         self.cos_sin = kernels.descriptor(cache.data.ptr, cache.shape, "float32", eng.device, owner=cache)
-        module = eng.cupy.RawModule(code=_SOURCE)
+        from ..kernels.cuda_sources import source
+
+        module = eng.cupy.RawModule(code=source("gpt_oss.cu"))
         self.k_bias = module.get_function("add_bias")
         self.windows = list(g.windows)
 

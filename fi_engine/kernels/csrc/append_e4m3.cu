@@ -1,15 +1,5 @@
 
-// bf16 -> float: the bits shifted into the top half of a float32.
-__device__ __forceinline__ float bf16_bits_to_float(unsigned short x) {
-    return __uint_as_float(((unsigned int)x) << 16);
-}
-
-// Two floats -> two e4m3 bytes (lo at the lower address), round to nearest even, saturated at +-448 (SM 8.9+).
-__device__ __forceinline__ unsigned short to_e4m3x2(float lo, float hi) {
-    unsigned short out;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(out) : "f"(hi), "f"(lo));
-    return out;
-}
+#include "convert.cuh"  // b2f, e4m3x2
 
 // One block per appended token t: its K and V rows (hk * d bf16 elements each, heads contiguous, rows row_ld
 // elements apart: views of the fused QKV rows) scaled by 1/k_scale, 1/v_scale, rounded to e4m3 and stored at the
@@ -33,9 +23,9 @@ extern "C" __global__ void append_kv_e4m3(
         const unsigned int kk = *reinterpret_cast<const unsigned int*>(kr + j);  // two bf16 (4-byte aligned)
         const unsigned int vv = *reinterpret_cast<const unsigned int*>(vr + j);
         *reinterpret_cast<unsigned short*>(k_cache + base + j) =
-            to_e4m3x2(bf16_bits_to_float(kk & 0xffff) * ik, bf16_bits_to_float(kk >> 16) * ik);
+            e4m3x2(b2f(kk & 0xffff) * ik, b2f(kk >> 16) * ik);
         *reinterpret_cast<unsigned short*>(v_cache + base + j) =
-            to_e4m3x2(bf16_bits_to_float(vv & 0xffff) * iv, bf16_bits_to_float(vv >> 16) * iv);
+            e4m3x2(b2f(vv & 0xffff) * iv, b2f(vv >> 16) * iv);
     }
 }
 
@@ -44,7 +34,7 @@ extern "C" __global__ void scale_bf16(unsigned short* __restrict__ x, unsigned l
     const float s = __uint_as_float(scale_bits);
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
-        unsigned int f = __float_as_uint(bf16_bits_to_float(x[i]) * s);
+        unsigned int f = __float_as_uint(b2f(x[i]) * s);
         f += 0x7fff + ((f >> 16) & 1);  // round to nearest even (finite inputs: the output stays finite or inf)
         x[i] = (unsigned short)(f >> 16);
     }

@@ -1,32 +1,11 @@
 
 // Linear layers with e4m3 weights and 16-bit activations (W8A16): the weights are read as stored (one byte each)
 // and turned into float32 in registers; x, y and the float32 sums as GEMV_SOURCE's.
-__device__ __forceinline__ float h2f(unsigned short u) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
-    return f;
-}
-__device__ __forceinline__ unsigned short f2h(float f) {
-    unsigned short u;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
-    return u;
-}
-__device__ __forceinline__ unsigned short f2b(float f) {
-    unsigned short u;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
-    return u;
-}
-template <bool BF16> __device__ __forceinline__ unsigned short fromf(float f) { return BF16 ? f2b(f) : f2h(f); }
+#include "convert.cuh"  // h2f, b2f, f2h, f2b, tof, fromf
 
-#include "fp8_decode.cuh"  // e4m3x16, widen16, add_partial16 (they use h2f, above)
+#include "fp8_decode.cuh"  // e4m3x16, widen16, add_partial16 (they use h2f, of convert.cuh)
 #include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
-// Weights past L1: as GEMV_SOURCE.
-__device__ __forceinline__ uint4 load_weights(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+#include "load_weights.cuh"  // load_weights: past L1
 #include "fp8_one_row.cuh"  // gemv8_one_row (uses load_weights and griddep_wait, above)
 
 #define COLS 4   // output columns per block: each x vector loaded and widened once serves all of them

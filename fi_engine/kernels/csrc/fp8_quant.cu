@@ -3,19 +3,7 @@
 // e4m3 (row-major, row stride k) and float32 scales with x ~= q * scale. Per group of elements: amax = max(max |x|,
 // 1e-12), scale = amax / 448 and q = e4m3(x * (448 / amax)), rounded to nearest even and saturated at +-448 (PTX
 // cvt.rn.satfinite.e4m3x2.f32; SM 8.9+). The largest element of each group is stored as +-448 exactly.
-__device__ __forceinline__ float h2f(unsigned short u) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
-    return f;
-}
-template <bool BF16> __device__ __forceinline__ float wide(unsigned short u) {
-    return BF16 ? __int_as_float(((unsigned)u) << 16) : h2f(u);
-}
-__device__ __forceinline__ unsigned short e4m3x2(float lo, float hi) {
-    unsigned short out;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(out) : "f"(hi), "f"(lo));
-    return out;
-}
+#include "convert.cuh"  // tof, e4m3x2
 
 // One group per row (per-token scales, scale[r]): one block of 256 threads per row; k a multiple of 8.
 template <bool BF16>
@@ -31,8 +19,8 @@ __device__ __forceinline__ void quant_rows(const unsigned short* __restrict__ x,
         const unsigned w[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            m = fmaxf(m, fabsf(wide<BF16>((unsigned short)(w[j] & 0xffffu))));
-            m = fmaxf(m, fabsf(wide<BF16>((unsigned short)(w[j] >> 16))));
+            m = fmaxf(m, fabsf(tof<BF16>((unsigned short)(w[j] & 0xffffu))));
+            m = fmaxf(m, fabsf(tof<BF16>((unsigned short)(w[j] >> 16))));
         }
     }
 #pragma unroll
@@ -51,8 +39,8 @@ __device__ __forceinline__ void quant_rows(const unsigned short* __restrict__ x,
         unsigned short b[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const float lo = wide<BF16>((unsigned short)(w[j] & 0xffffu));
-            const float hi = wide<BF16>((unsigned short)(w[j] >> 16));
+            const float lo = tof<BF16>((unsigned short)(w[j] & 0xffffu));
+            const float hi = tof<BF16>((unsigned short)(w[j] >> 16));
             b[j] = e4m3x2(lo * inv, hi * inv);
         }
         out[i] = make_uint2(b[0] | ((unsigned)b[1] << 16), b[2] | ((unsigned)b[3] << 16));
@@ -72,10 +60,10 @@ __device__ __forceinline__ void quant_groups(const unsigned short* __restrict__ 
     float f[4] = {0.f, 0.f, 0.f, 0.f};
     if (c < k) {
         const uint2 a = *reinterpret_cast<const uint2*>(x + (long long)r * x_ld + c);
-        f[0] = wide<BF16>((unsigned short)(a.x & 0xffffu));
-        f[1] = wide<BF16>((unsigned short)(a.x >> 16));
-        f[2] = wide<BF16>((unsigned short)(a.y & 0xffffu));
-        f[3] = wide<BF16>((unsigned short)(a.y >> 16));
+        f[0] = tof<BF16>((unsigned short)(a.x & 0xffffu));
+        f[1] = tof<BF16>((unsigned short)(a.x >> 16));
+        f[2] = tof<BF16>((unsigned short)(a.y & 0xffffu));
+        f[3] = tof<BF16>((unsigned short)(a.y >> 16));
     }
     float m = fmaxf(fmaxf(fabsf(f[0]), fabsf(f[1])), fmaxf(fabsf(f[2]), fabsf(f[3])));
 #pragma unroll

@@ -13,31 +13,12 @@
 // __expf). Each block recomputes the prologue (rows <= 4 rows of k elements, from L2) and then serves a
 // grid-stride set of output columns, one warp each. k a multiple of 8; x, h, h_out, nw and the row strides 16-byte
 // aligned (the caller checks).
-__device__ __forceinline__ float h2f(unsigned short u) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
-    return f;
-}
-__device__ __forceinline__ float b2f(unsigned short u) {
-    return __int_as_float(((unsigned)u) << 16);
-}
-__device__ __forceinline__ unsigned short f2h(float f) {
-    unsigned short u;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
-    return u;
-}
-__device__ __forceinline__ unsigned short f2b(float f) {
-    unsigned short u;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
-    return u;
-}
+#include "convert.cuh"  // h2f, b2f, f2h, f2b, tof, fromf
 __device__ __forceinline__ float rsqrt_approx(float x) {
     float y;
     asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
-template <bool BF16> __device__ __forceinline__ float tof(unsigned short u) { return BF16 ? b2f(u) : h2f(u); }
-template <bool BF16> __device__ __forceinline__ unsigned short fromf(float f) { return BF16 ? f2b(f) : f2h(f); }
 
 // element e of the 8-vector at c8 of row r: h alone, or x + h (FlashInfer: float(input) + float(residual))
 template <bool BF16, int MODE>
@@ -135,13 +116,8 @@ __device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restric
 }
 
 #include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
-// Weights past L1, UNROLL vectors in flight per lane: as the plain GEMV (GEMV_SOURCE).
-__device__ __forceinline__ uint4 load_weights(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+#include "load_weights.cuh"  // load_weights: past L1
+// UNROLL weight vectors in flight per lane: as the plain GEMV (GEMV_SOURCE).
 #ifndef GEMV_UNROLL  // weight vectors in flight per lane (Dense.gemv_unroll passes it)
 #define GEMV_UNROLL 4
 #endif

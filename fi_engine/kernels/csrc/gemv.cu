@@ -2,34 +2,11 @@
 // y[r, j] = sum_c x[r, c] * w[j, c] for r < rows <= 4 (float32 sums; 16-bit x and w, 16-bit or float32 y): the
 // GEMM of a decode step with few rows. One warp per output column j reads w's row j once in 16-byte vectors and
 // keeps one sum per x row; k a multiple of 8, x, w and x_ld 16-byte aligned (the caller checks). Conversions by
-// PTX (no headers): float16 via cvt, bfloat16 as the high half of a float32, rounded to nearest even on output.
-__device__ __forceinline__ float h2f(unsigned short u) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
-    return f;
-}
-__device__ __forceinline__ float b2f(unsigned short u) {
-    return __int_as_float(((unsigned)u) << 16);
-}
-__device__ __forceinline__ unsigned short f2h(float f) {
-    unsigned short u;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
-    return u;
-}
-__device__ __forceinline__ unsigned short f2b(float f) {
-    unsigned short u;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
-    return u;
-}
+// PTX (convert.cuh): float16 via cvt, bfloat16 as the high half of a float32, rounded to nearest even on output.
+#include "convert.cuh"  // h2f, b2f, f2h, f2b, tof, fromf
 
 #include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
-// Weights are read once per step: loaded past L1 (no allocation there), so x's rows keep it.
-__device__ __forceinline__ uint4 load_weights(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+#include "load_weights.cuh"  // load_weights: past L1
 #ifndef GEMV_UNROLL  // weight vectors in flight per lane (Dense.gemv_unroll passes it)
 #define GEMV_UNROLL 4
 #endif

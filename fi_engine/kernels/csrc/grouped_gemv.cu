@@ -1,26 +1,6 @@
 
-__device__ __forceinline__ float h2f(unsigned short u) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(u));
-    return f;
-}
-__device__ __forceinline__ float b2f(unsigned short u) { return __int_as_float(((unsigned)u) << 16); }
-__device__ __forceinline__ unsigned short f2h(float f) {
-    unsigned short u;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(u) : "f"(f));
-    return u;
-}
-__device__ __forceinline__ unsigned short f2b(float f) {
-    unsigned short u;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(u) : "f"(f));
-    return u;
-}
-__device__ __forceinline__ uint4 load_weights(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
+#include "convert.cuh"  // h2f, b2f, f2h, f2b, tof, fromf
+#include "load_weights.cuh"  // load_weights: past L1
 #define UNROLL 4
 #define MAX_ASSIGN 1024
 
