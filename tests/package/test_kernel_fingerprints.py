@@ -133,7 +133,8 @@ def test_compiler_messages_name_the_cuda_file_and_line() -> None:
         return next(n for n, line in enumerate(read(file).splitlines(), 1) if text in line)
 
     program = source("gemv.cu")
-    for file, anchor in (("griddep.cuh", "void griddep_wait() {"), ("gemv.cu", "uint4 load_weights(const uint4* p) {")):
+    after_includes = "const unsigned short* av = reinterpret_cast<const unsigned short*>(&a);"  # gemv_vec's body
+    for file, anchor in (("griddep.cuh", "void griddep_wait() {"), ("gemv.cu", after_includes)):
         broken = program.replace(anchor, anchor + " not_declared_anywhere;", 1)
         with pytest.raises(tool.CompileError) as refused:
             tool.compile_cubin(broken, (), "sm_90", "gemv.cu")
