@@ -567,20 +567,28 @@ def f():
     ]
 
 
-def engine_imports(trees: dict[str, ast.Module]) -> list[str]:
-    """``module:line`` for every import of ``fi_engine`` (or a module of it) by a module of ``trees``; a string
-    naming it (``fi_ffi.moved``'s table of old paths) is no import."""
+def imports_of(package: str, trees: dict[str, ast.Module], allowed: tuple[str, ...] = ()) -> list[str]:
+    """``module:line`` for every import (function-local too) of ``package`` or a module of it by a module of
+    ``trees`` outside the units ``allowed``; a string naming it (``fi_ffi.moved``'s table of old paths) is no
+    import."""
     found = []
     for module, tree in trees.items():
+        if any(module == u or module.startswith(u + ".") for u in allowed):
+            continue
         for node in ast.walk(tree):
             names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and not node.level:
                 names = [node.module or ""]
-            if any(n == "fi_engine" or n.startswith("fi_engine.") for n in names):
+            if any(n == package or n.startswith(package + ".") for n in names):
                 found.append(f"{module}:{node.lineno}")
     return found
+
+
+def engine_imports(trees: dict[str, ast.Module]) -> list[str]:
+    """``module:line`` for every import of ``fi_engine`` (or a module of it) by a module of ``trees``."""
+    return imports_of("fi_engine", trees)
 
 
 def test_fi_ffi_never_imports_the_engine() -> None:
@@ -656,19 +664,7 @@ def test_the_engine_root_keeps_only_its_command_face_and_ground() -> None:
 
 def fi_ffi_importers(trees: dict[str, ast.Module], allowed: tuple[str, ...] = FI_FFI_IMPORTERS) -> list[str]:
     """``module:line`` for every import of fi_ffi (function-local too) by a module outside the units ``allowed``."""
-    found = []
-    for module, tree in trees.items():
-        if any(module == u or module.startswith(u + ".") for u in allowed):
-            continue
-        for node in ast.walk(tree):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and not node.level:
-                names = [node.module or ""]
-            if any(n == "fi_ffi" or n.startswith("fi_ffi.") for n in names):
-                found.append(f"{module}:{node.lineno}")
-    return found
+    return imports_of("fi_ffi", trees, allowed)
 
 
 def test_only_the_kernels_layer_imports_fi_ffi() -> None:
