@@ -8,19 +8,11 @@ import re
 from typing import Any
 
 import pytest
+from helpers.hf_configs import SMALL_LLAMA
 
 from fi_engine.checkpoint.config import LlamaConfig, MoEConfig
 
-BASE: dict[str, Any] = {
-    "vocab_size": 1000,
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 4096,
-}
+BASE: dict[str, Any] = dict(SMALL_LLAMA)
 QWEN3 = {**BASE, "model_type": "qwen3", "head_dim": 64, "attention_bias": False, "use_sliding_window": False,
          "sliding_window": None, "rope_theta": 1000000.0}  # fmt: skip
 MIXTRAL = {**BASE, "model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None}

@@ -47,3 +47,16 @@ def hf_experts(x, gate_up, gate_up_bias, down, down_bias, weights, alpha=1.702, 
         act = (up + 1) * gate / (1 + np.exp(-alpha * gate))
         out += weights[:, e : e + 1] * (act @ down[e] + down_bias[e])
     return out
+
+
+# the smallest Llama-architecture config.json fields the config tests build on (model_type and extras added per test)
+SMALL_LLAMA: dict[str, Any] = {
+    "vocab_size": 1000,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 4096,
+}

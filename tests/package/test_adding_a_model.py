@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from helpers.env import subprocess_env
+from helpers.hf_configs import SMALL_LLAMA
 
 from fi_engine.models import registry
 
@@ -27,18 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "ADDING_A_MODEL.md"
 MODULE = "adding_a_model_example"  # the module name the guide's code runs under here
 
-TOY = {
-    "model_type": "toy",
-    "vocab_size": 1000,
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 4096,
-    "embedding_multiplier": 2.5,
-}
+TOY = {"model_type": "toy", **SMALL_LLAMA, "embedding_multiplier": 2.5}
 
 
 def python_blocks() -> list[str]:
