@@ -47,6 +47,7 @@ from ..checkpoint.config import LlamaConfig
 from ..checkpoint.family_configs import check_dict, flag, layer_windows, number, positive_int, refuse_quantized
 from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
+from ..kernels.copies import D2D
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
 from ..values import show
@@ -105,9 +106,6 @@ def gemma2_settings(d: dict[str, Any], num_layers: int, source: str) -> Gemma2Se
         sliding_window=window,
         windows=layer_windows(d, num_layers, window, source),
     )
-
-
-_D2D = 3  # cudaMemcpyKind
 
 
 def round_to(value: float, dtype: str) -> float:
@@ -274,7 +272,7 @@ class Gemma2(ModelFamily):
             self.gather_scale((rows,), (256,), (eng.embed, v.token_ids, y, h, self.embed_scale, self.bf16, start,
                                                  valid))  # fmt: skip
             got = self._reduced(eng, vy, rows)
-            eng.cupy.cuda.runtime.memcpyAsync(b.h.data.ptr, got.data_ptr, rows * h * b.h.itemsize, _D2D, s)
+            eng.cupy.cuda.runtime.memcpyAsync(b.h.data.ptr, got.data_ptr, rows * h * b.h.itemsize, D2D, s)
         kernels.gemma_rmsnorm(v.h, eng.ln1[0], out=v.x, eps=eps, stream=s)
         for i in range(c.num_layers):
             dense.linear(rows, x, h, eng.wqkv[i], w, h, qkv, w, ab, ab)

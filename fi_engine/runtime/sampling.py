@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from ..kernels import flashinfer as kernels
+from ..kernels.copies import D2D, H2D, host_address
 from .paging import Layout, Request
 from .sampling_params import SamplingParams
-from .storage import _D2D, _H2D, _address
 
 __all__ = [
     "Draws",
@@ -262,9 +262,9 @@ class Sampler:
             spans.append((draws, at, len(idx)))
             at += len(idx)
         meta, ids = self._smeta.data.ptr, self.buffers.ids.data.ptr
-        cp.cuda.runtime.memcpyAsync(meta, _address(host), 4 * lay.total, _H2D, s)
+        cp.cuda.runtime.memcpyAsync(meta, host_address(host), 4 * lay.total, H2D, s)
         choice = self._choice.data.ptr
-        cp.cuda.runtime.memcpyAsync(choice, ids, 4 * n, _D2D, s)
+        cp.cuda.runtime.memcpyAsync(choice, ids, 4 * n, D2D, s)
         probs = self._describe(self._probs.data.ptr, (n, vocab), "float32", self._probs)
         workspace = self._describe(self._softmax_ws.data.ptr, self._softmax_ws.shape, "uint8", self._softmax_ws)
         kernels.softmax(

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from ..kernels.copies import D2D, D2H, H2D, host_address
 from ..kernels.flashinfer import stream_scope
 from .paging import PageAllocator, Request, Scheduler, fill_decode, fill_prefill, pad_prefill, pages_for, prefill_slots
 from .sampling import Draws
 from .sampling_params import SamplingParams, sampling_arg
 from .state import EngineState
 from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput
-from .storage import _D2D, _D2H, _H2D, _address
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
 
@@ -779,7 +779,7 @@ class ServingLoop(EngineState, StepEngineBase):
         if bucket is not None:  # the padding request fills the rows up to the bucket, empty ones the slots
             n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size, requests=padded_slots + 1)
         n = self._playout.end("kv_indices", n_pages)
-        cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, _address(self._phost), 4 * n, _H2D, s)
+        cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, host_address(self._phost), 4 * n, H2D, s)
         if k:
             meta, at = self._pmeta.data.ptr, self._playout.offsets
             self.dense.gather_ids(k, b.ids.data.ptr, meta + 4 * at["rider_slots"], meta + 4 * at["token_ids"])
@@ -805,7 +805,7 @@ class ServingLoop(EngineState, StepEngineBase):
         self.dense.gather_rows(width, self.normed.data.ptr, h, vs.last_rows, b.last.data.ptr, h, h)
         self._head(width, b.last.data.ptr)
         self.sampler.share_ids(self.sampler.pick(vs, width, by_slot if sched.sampled else None))
-        cp.cuda.runtime.memcpyAsync(_address(self._ids_host), b.ids.data.ptr, 4 * width, _D2H, s)
+        cp.cuda.runtime.memcpyAsync(host_address(self._ids_host), b.ids.data.ptr, 4 * width, D2H, s)
         self._prefill_done.record(self.stream)
         return _LaunchedPass(list(riders), reqs, slots, self._prefill_done), full
 
@@ -865,7 +865,7 @@ class ServingLoop(EngineState, StepEngineBase):
             rows = prepared
             n = len(rows)
             token_ids = self._dmeta.data.ptr + 4 * self._dlayout.offsets["token_ids"]
-            self.cupy.cuda.runtime.memcpyAsync(token_ids, self.buffers.ids.data.ptr, 4 * n, _D2D, self.stream_ptr)
+            self.cupy.cuda.runtime.memcpyAsync(token_ids, self.buffers.ids.data.ptr, 4 * n, D2D, self.stream_ptr)
         else:
             rows = sched.decode_rows(padded=graph is not None)
             if graph is not None:  # the first slots, as many as the smallest graph holding every request
@@ -897,7 +897,7 @@ class ServingLoop(EngineState, StepEngineBase):
         turn = self._decode_turn
         self._decode_turn = 1 - turn
         ids, done = self._decode_ids[turn], self._decode_done[turn]
-        self.cupy.cuda.runtime.memcpyAsync(_address(ids), self.buffers.ids.data.ptr, 4 * n, _D2H, self.stream_ptr)
+        self.cupy.cuda.runtime.memcpyAsync(host_address(ids), self.buffers.ids.data.ptr, 4 * n, D2H, self.stream_ptr)
         done.record(self.stream)
         if graph is not None and self._prepare_ahead:
             # the next step, as it will be unless a request ends with an end-of-sequence token or a prefill comes

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from ..kernels.copies import H2D, host_address
 from .paging import _ladder, bucket_for, decode_batches, fill_decode
 from .state import EngineState
-from .storage import _H2D, _address
 
 if TYPE_CHECKING:
     from .family import ModelFamily
@@ -115,7 +115,7 @@ class StepGraphs(EngineState):
         """Copy the step's index arrays to the device and plan the step (``cuda_graph``: a fixed-batch plan for
         the captured graph)."""
         n = self._dlayout.end("kv_indices", n_pages)
-        self.cupy.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, _address(self._dhost), 4 * n, _H2D, self.stream_ptr)
+        self.cupy.cuda.runtime.memcpyAsync(self._dmeta.data.ptr, host_address(self._dhost), 4 * n, H2D, self.stream_ptr)
         self._plan_decode(rows, cuda_graph)
         self._staged.record(self.stream)  # the host staging (ours and the plan's) may be rewritten after this
 

@@ -20,8 +20,6 @@ from .stepping import StepOutput
 
 __all__ = ["step_views"]
 
-_H2D, _D2H, _D2D = 1, 2, 3  # cudaMemcpyKind
-
 
 class Storage(EngineState):
     """Allocation of the engine's buffers and step arrays, and the step views over them."""
@@ -232,8 +230,3 @@ def step_views(
         v.qo_indptr = region("qo_indptr", batch + 1)
         v.last_rows = meta + 4 * layout.offsets["last_rows"]
     return v
-
-
-def _address(host: np.ndarray) -> int:
-    """The address of ``host``'s first element (numpy's array interface)."""
-    return int(host.__array_interface__["data"][0])

@@ -1944,6 +1944,7 @@ EXEMPT: dict[str, str] = {
     "kernels.dense.Dense": "compiles its kernels with CuPy on a GPU; the argument checks of its fused decode-step "
     "launches "
     "run on CPU over a Dense made without its constructor: tests/engine/test_dense.py",
+    "kernels.copies.host_address": "a numpy array's own address (its array interface): the engine's staging buffers",
     "kernels.dense.data_type": _GPU,
     "kernels.dense.RopeAppend": "addresses Dense.prepared_qkv_rope checks on a GPU: engine/test_gpu_fused_decode.py",
     "kernels.dense.RouterEpilogue": "a value Dense.prepared_router checks field by field: tests/engine/test_dense.py",

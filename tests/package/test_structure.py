@@ -641,6 +641,13 @@ def test_the_engine_units_form_no_cycle() -> None:
     assert graph["fi_engine.models"] >= {"fi_engine.runtime", "fi_engine.layers"}  # the graph is read at all
 
 
+def test_no_engine_module_imports_itself_back() -> None:
+    # no cycle of modules either, inside a unit (a TYPE_CHECKING import counts: the type checker follows it)
+    imports = module_imports(sources(ENGINE_ROOT))
+    graph = {module: set(targets) & set(imports) - {module} for module, targets in imports.items()}
+    assert cycle(graph) == []
+
+
 def test_the_engine_floor_check_finds_an_upward_import() -> None:  # the check above could fail
     trees = {
         "fi_engine.kernels.dense": ast.parse("from ..runtime.paging import Request\n"),
