@@ -176,7 +176,7 @@ class Llama(ModelFamily):
         self._plan_own_prefill(eng, batch, cuda_graph=False)
 
     def _plan_own_prefill(self, eng: Engine, batch: int, cuda_graph: bool) -> None:
-        """This class's prefill plan of ``batch`` requests into ``_prefill_plan`` (``cuda_graph``: see
+        """This class's prefill plan of ``batch`` requests into ``eng.prefill_plan`` (``cuda_graph``: see
         :func:`~fi_engine.kernels.flashinfer.prefill_plan`); the one body of the two methods above, ."""
         c, ph = eng.config, eng.prefill_arrays
         eng.prefill_plan = kernels.prefill_plan(

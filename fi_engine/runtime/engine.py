@@ -196,13 +196,14 @@ class Engine(ServingLoop, StepGraphs, FusedDecode, Storage):
         self.fused_decode = True
         # the step API launches each decode step and returns, its tokens coming with the next step() (one GPU;
         # ServingLoop._serve_step): the caller's handling of a step's tokens overlaps the next step on the GPU.
-        # Off by default (step() then returns each step's own tokens); the servers turn it on (engines.open_engine)
+        # Off by default (step() then returns each step's own tokens); the servers turn it on
+        # (models.registry.open_engine)
         self.overlap_steps = False
         # the step API's admission waits while others decode, up to this many times the last prefill's time, so a
         # burst of arrivals is prefilled in fewer passes (ServingLoop._admit); 0: admitted at the next step
         self.scheduler_delay_factor = 0.0
         # the step API's prefill passes also decode the active requests (ServingLoop.mixed_prefill); off by default
-        # (their riders' logits come from the prefill's kernels); the servers turn it on (engines.open_engine)
+        # (their riders' logits come from the prefill's kernels); the servers turn it on (models.registry.open_engine)
         self.mixed_prefill = False
         self._prefill_graph_cache: dict[tuple[int, ...], Any] = {}
         # (bucket, request slots) whose capture failed -> why: those prefills stay eager (and unpadded) from then on

@@ -122,7 +122,7 @@ class Sampler:
         self.max_batch, self.vocab_size = max_batch, vocab_size
         self.vocab_shard, self.comm = vocab_shard, comm
         # greedy ids need no broadcast from rank 0 when they come from the shards' combined argmax (share_ids);
-        # off until a 2-GPU run has checked the tokens and measured the step (bench_llama_tp.py, variant "bcast"):
+        # off until a 2-GPU run has checked the tokens and measured the step (bench_llama_tp.py, variant "agree"):
         # set to `self.vocab_shard is not None` to try it
         self.ids_agree = False
         self._shared_draws: Draws | None = None  # the unseeded requests' Philox stream, made on first use

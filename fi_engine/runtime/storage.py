@@ -25,10 +25,10 @@ class Storage(EngineState):
     """Allocation of the engine's buffers and step arrays, and the step views over them."""
 
     def allocate_layers(self) -> None:
-        """The Llama pass's buffers (``_buf``): activations of ``max(max_prefill_tokens, max_batch)`` rows, the
+        """The Llama pass's buffers (``buffers``): activations of ``max(max_prefill_tokens, max_batch)`` rows, the
         last-row gather, logits and ids of ``max_batch`` rows, the paged KV cache ``[layers, 2, pages, page_size,
         Hk, D]`` (with its per-layer descriptors), the vocabulary shard's and the fused all-reduce's; then the step
-        arrays (:meth:`_allocate_steps`). A family's ``allocate`` calls it, or lays out its own."""
+        arrays (:meth:`allocate_steps`). A family's ``allocate`` calls it, or lays out its own."""
         from ..kernels.dense import GEMV_MAX_ROWS
 
         cp, c = self.cupy, self.config
@@ -64,7 +64,7 @@ class Storage(EngineState):
         self.allocate_steps()
 
     def _allocate_attention_caches(self) -> None:
-        """Descriptors of each layer's K and V cache in ``_buf.kv``."""
+        """Descriptors of each layer's K and V cache in ``buffers.kv``."""
         c, b = self.config, self.buffers
         kv_shape = (self.num_pages, self.page_size, c.num_kv_heads, c.head_dim)
         dtype = self.kv_dtype
