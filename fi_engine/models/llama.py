@@ -59,7 +59,6 @@ from ..runtime.family import ModelFamily
 from ..runtime.moe_paths import MoEPaths
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.serving import GenerationResult
-from ..runtime.step_graphs import _PREFILL_GRAPHS, _refuse_allocation  # noqa: F401 - their old home (benchmarks import it)
 from ..runtime.storage import step_views
 from .registry import family_config_json
 from .weights import WeightLoader
