@@ -422,7 +422,7 @@ class DeepSeek(ModelFamily):
 
     def forward(self, eng: Any, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
         """Embedding to the final RMSNorm for ``rows`` token rows (module docstring); normalized rows left in x."""
-        c, b, w, dense, s = eng.deepseek_config, eng.buffers, self.w, eng.dense, eng.stream_ptr
+        c, b, w, dense, s = eng.config, eng.buffers, self.w, eng.dense, eng.stream_ptr
         h, eps, ab = c.hidden_size, c.rms_norm_eps, eng.gemm_type
         heads, dn, dr, dv, r = c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
         qk, qw = dn + dr, self.qw
@@ -475,7 +475,7 @@ class DeepSeek(ModelFamily):
         """``x = routed experts(normed) + shared experts(normed)``; ``normed`` is ``x`` itself, so the shared
         experts' gate/up runs first, the routed output then overwrites x, and the shared down projection adds
         into it."""
-        c, b, w, dense, s, ab = eng.deepseek_config, eng.buffers, self.w, eng.dense, eng.stream_ptr, eng.gemm_type
+        c, b, w, dense, s, ab = eng.config, eng.buffers, self.w, eng.dense, eng.stream_ptr, eng.gemm_type
         h, m, layer = c.hidden_size, self.mv, eng.moe_layers[i]
         assert c.moe is not None and c.routing is not None
         si, normed = c.shared_intermediate, eng.normed.data.ptr
@@ -508,7 +508,7 @@ class DeepSeek(ModelFamily):
         """:meth:`_moe_forward` without a host step (what the decode graph captures): the router GEMM, the routing on
         the device into the layer's fixed-capacity buffers (the fused kernel, or :class:`DeviceGroupedTopk`), the
         experts over their fixed rows, the shared experts added by their down projection."""
-        c, b, w, dense, ab = eng.deepseek_config, eng.buffers, self.w, eng.dense, eng.gemm_type
+        c, b, w, dense, ab = eng.config, eng.buffers, self.w, eng.dense, eng.gemm_type
         h, m, layer = c.hidden_size, self.mv, eng.moe_layers[i]
         assert c.moe is not None and c.routing is not None
         si, normed, e = c.shared_intermediate, eng.normed.data.ptr, c.moe.num_experts

@@ -43,8 +43,7 @@ def _require_gpu(device: int | None) -> None:
     """Raise :class:`~fi_ffi.errors.UnsupportedDeviceError` unless CUDA device ``device`` (None: 0) is usable."""
     from ..kernels.system import UnsupportedDeviceError, gpus
 
-    if device is not None and (isinstance(device, bool) or not isinstance(device, int) or device < 0):
-        raise ValueError(f"device: expected a CUDA ordinal (an int >= 0) or None, got {device!r}")
+    # (``device`` itself is checked by EngineSettings, made before this is called)
     found, why = gpus()
     if not found:
         raise UnsupportedDeviceError(
