@@ -25,7 +25,7 @@ The headers (``.cuh``), each the same text in every program that includes it:
 - ``row_counts.cuh``: the row counts the 16-bit GEMVs are compiled for and their other compile-time settings
   (``GEMV_FIXED_ROWS``, ``GEMV_PIPELINE``, ``GEMV_FUSED_MIN_BLOCKS``: Dense passes each); ``gemv.cu``,
   ``fused_gemv.cu``.
-- ``route.cuh``: ``route_row`` (:data:`ROUTE_SOURCE`); ``fused_gemv.cu`` and ``moe.cu``.
+- ``route.cuh``: ``route_row``; ``fused_gemv.cu`` and ``moe.cu``.
 - ``fp8_decode.cuh``: the e4m3 decoding and 16-bit widening of the FP8 kernels (``fp8_gemv.cu``, ``fp8_fused.cu``);
   uses ``convert.cuh``'s ``h2f``, which each includer includes before it.
 - ``fp8_one_row.cuh``: the FP8 GEMV of one ``x`` row (``gemv8_one`` in ``fp8_gemv.cu``, ``gemv8_pair_one`` in
@@ -36,7 +36,7 @@ The headers (``.cuh``), each the same text in every program that includes it:
 
 The programs (``.cu``), each also kept as a module constant holding :func:`source`'s text:
 
-``rows.cu``, :data:`ROW_KERNELS_SOURCE` (compiled as is; launched through CuPy ``RawKernel`` or, for the gather of
+``rows.cu`` (compiled as is; launched through CuPy ``RawKernel`` or, for the gather of
 the fused decode step, the driver's launch). Copies and exact comparisons only: nothing is rounded.
 
 - ``gather_rows16(src, rows, dst, width, src_ld, dst_ld)``: ``dst[r, :width] = src[rows[r], :width]``, 16-bit
@@ -53,7 +53,7 @@ the fused decode step, the driver's launch). Copies and exact comparisons only: 
 - ``unshard_columns(src, rows, width, n, dst, dst_ld)``: the all-gathered float32 shards ``src [parts, rows,
   width]`` as ``dst [rows, :n]`` (the padding columns past ``n`` dropped).
 
-``gemv.cu``, :data:`GEMV_SOURCE` (launched by the driver, Dense._prepared). ``gemv_{f16,bf16}_{f16,f32}_r{R}(x, w,
+``gemv.cu`` (launched by the driver, Dense._prepared). ``gemv_{f16,bf16}_{f16,f32}_r{R}(x, w,
 y, rows, n, k, x_ld, y_ld)``: ``y[r, j] = sum_c x[r, c] * w[j, c]`` for ``r < rows <= 4`` -- ``x [rows, k]`` and ``w
 [n, k]`` (row-major, a Linear weight) 16-bit, ``y [rows, n]`` 16-bit or float32, row strides ``x_ld``, ``y_ld`` in
 elements. One warp per output column (Dense launches 4 a block, ``ceil(n / 4)`` blocks): lane ``l`` sums, in
@@ -67,7 +67,7 @@ one-row GEMVs, programmatic dependent launch, weights past L2): 1,305 us with on
 kernel per count, 1,160 with the pipelined loads too (90 % of HBM bandwidth). Rounding: none but ``y``'s, once, to
 nearest even (float32 ``y``: none). ``k`` a multiple of 8; ``x``, ``w`` and ``x``'s rows 16-byte aligned.
 
-``fused_gemv.cu``, :data:`FUSED_GEMV_SOURCE` (compiled with ``--use_fast_math``, as FlashInfer's modules are;
+``fused_gemv.cu`` (compiled with ``--use_fast_math``, as FlashInfer's modules are;
 launched by the driver on 8 warps a block, at most 8 blocks per SM, each block serving a grid-stride set of columns;
 each kernel compiled per row count, ``_r1`` .. ``_r4``, as the plain GEMV's, the one-row kernels' registers capped
 so that ``GEMV_FUSED_MIN_BLOCKS`` blocks, 4, fit an SM):
@@ -93,27 +93,27 @@ so that ``GEMV_FUSED_MIN_BLOCKS`` blocks, 4, fit an SM):
   the NORM / ADD_NORM GEMV of a MoE layer's router (``y``: float32 logits ``[rows, n]``, ``n`` experts) with the
   routing as its epilogue: block 0 writes the normalized input rows to ``normed`` (16-bit, row stride
   ``normed_ld``) for the experts' GEMVs, and the last block to finish (a uint32 counter at ``done``, 0 between
-  launches: that block sets it back) routes each row by :data:`ROUTE_SOURCE`'s ``route_row`` into ``experts``
+  launches: that block sets it back) routes each row by ``route.cuh``'s ``route_row`` into ``experts``
   (int32) and ``weights`` (float32), ``[rows, top_k]``. One launch where the norm, the GEMV and ``moe_route``
   were three. The logits and the expert choice are those launches' bit for bit (comparisons only); the weights
   come from this module's fast-math ``expf`` and division (within a few float32 ulps of ``moe_route``'s).
 
-``route.cuh``, :data:`ROUTE_SOURCE`: ``route_row``, the device routing of one token (softmax, top-k,
+``route.cuh``: ``route_row``, the device routing of one token (softmax, top-k,
 renormalization), text that the fused GEMV source above and ``moe.cu`` (``moe_route``) both include.
 
-``fp8_gemv.cu``, :data:`FP8_GEMV_SOURCE`: the linear layers of e4m3 weights and 16-bit activations (W8A16) of
+``fp8_gemv.cu``: the linear layers of e4m3 weights and 16-bit activations (W8A16) of
 :class:`~fi_engine.kernels.fp8_linear.Fp8Linears`: GEMVs of one row to
 :data:`~fi_engine.kernels.fp8_linear.FP8_GEMV_MAX_ROWS` (``gemv8_*``, ``gemv8tc_*`` on tensor cores) and the
 weights' dequantization to 16 bits for steps of more rows (``dequant_e4m3_*``).
 
-``fp8_fused.cu``, :data:`FP8_FUSED_SOURCE`: ``fused_gemv.cu``'s prologue (``stage``) and epilogues with a GEMV over
+``fp8_fused.cu``: ``fused_gemv.cu``'s prologue (``stage``) and epilogues with a GEMV over
 e4m3 weights after it (``GEMV_DEVICE_FUNCTIONS_ONLY`` leaves out its 16-bit kernels): the fused decode step's
 launches for FP8 weights (``gemv8_*_{norm,addnorm,silu}_*``: a prologue; ``gemv8_*_{silu,rope}_{row,block}_{1,4}``:
 the SiLU or the RoPE and KV append as an epilogue over pairs of output columns). Compiled with ``--use_fast_math``
 as ``fused_gemv.cu`` is (the prologue's and the epilogues' rounding must be FlashInfer's); the weights' decoding
 multiplies with subnormal inputs honored regardless (``mul_subnormal``).
 
-``fp8_quant.cu``, :data:`FP8_QUANT_SOURCE`: dynamic e4m3 quantization of 16-bit activations for the FP8
+``fp8_quant.cu``: dynamic e4m3 quantization of 16-bit activations for the FP8
 tensor-core GEMM (W8A8, ``Fp8Linears.w8a8``).
 
 ``grouped_gemv.cu``: the grouped GEMV of a MoE decode step (:mod:`~fi_engine.kernels.moe_gemv`). ``append_e4m3.cu``:
@@ -125,8 +125,7 @@ The programs of the layers and models, each compiled by the module named (CuPy `
 (:class:`~fi_engine.layers.deepseek_routing.DeviceGroupedTopk`); ``gemma2.cu``, Gemma 2's scaled embedding and logit
 soft cap (:mod:`~fi_engine.models.gemma2`); ``gpt_oss.cu``, gpt-oss's k bias (:mod:`~fi_engine.models.gpt_oss`).
 
-The text of a program is what NVRTC compiles (``fused_gemv.cu``'s first comment still calls the plain GEMV
-``_GEMV_SOURCE``, its name when it was a string in :mod:`~fi_engine.kernels.dense`): a change that moves a kernel's
+The text of a program is what NVRTC compiles: a change that moves a kernel's
 machine code (``tools/kernel_fingerprints.py`` compares it on the CPU) is a new kernel, to be proven on the GPU
 against FlashInfer's launches (tests/engine/test_gpu_fused_decode.py).
 """
@@ -137,18 +136,7 @@ import functools
 import re
 from importlib import resources
 
-__all__ = [
-    "FP8_FUSED_SOURCE",
-    "FP8_GEMV_SOURCE",
-    "FP8_QUANT_SOURCE",
-    "FUSED_GEMV_SOURCE",
-    "GEMV_SOURCE",
-    "ROUTE_SOURCE",
-    "ROW_KERNELS_SOURCE",
-    "files",
-    "read",
-    "source",
-]
+__all__ = ["files", "read", "source"]
 
 CSRC = "csrc"
 """The folder of the CUDA files inside this package."""
@@ -213,19 +201,3 @@ def _expand(name: str, including: tuple[str, ...]) -> str:
         parts.append(_expand(included[1], (*including, name)))
         parts.append(f'#line {number + 1} "{name}"\n')
     return "".join(parts)
-
-
-ROW_KERNELS_SOURCE = source("rows.cu")
-""":func:`source` of ``rows.cu``: the row kernels of :class:`~fi_engine.kernels.dense.Dense`."""
-ROUTE_SOURCE = read("route.cuh")
-"""``route.cuh`` as stored, without ``#line`` directives (the routing ``fused_gemv.cu`` and ``moe.cu`` include)."""
-GEMV_SOURCE = source("gemv.cu")
-""":func:`source` of ``gemv.cu``: the 16-bit GEMV of a decode step's few rows."""
-FUSED_GEMV_SOURCE = source("fused_gemv.cu")
-""":func:`source` of ``fused_gemv.cu``: the 16-bit GEMV with a prologue (norm, add-norm, SiLU) and epilogues."""
-FP8_GEMV_SOURCE = source("fp8_gemv.cu")
-""":func:`source` of ``fp8_gemv.cu``: the GEMVs of e4m3 weights and their dequantization."""
-FP8_FUSED_SOURCE = source("fp8_fused.cu")
-""":func:`source` of ``fp8_fused.cu``: the fused decode step's launches for e4m3 weights."""
-FP8_QUANT_SOURCE = source("fp8_quant.cu")
-""":func:`source` of ``fp8_quant.cu``: dynamic e4m3 quantization of 16-bit activations."""

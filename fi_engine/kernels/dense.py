@@ -74,7 +74,7 @@ def data_type(dtype: str) -> int:
         raise ValueError(f"dtype: expected float16, bfloat16 or float32, got {dtype!r}") from None
 
 
-# the fused GEMV's prologues (its MODE; see cuda_sources.FUSED_GEMV_SOURCE); Dense.fused_linear's `mode`
+# the fused GEMV's prologues (its MODE; see csrc/fused_gemv.cu); Dense.fused_linear's `mode`
 NORM, ADD_NORM, SILU = 1, 2, 3
 _FUSED_SUFFIX = {NORM: "norm", ADD_NORM: "addnorm", SILU: "silu"}
 _ROPE = 16  # a mode flag: the QKV GEMV with RoPE and the KV append as its epilogue (Dense.prepared_qkv_rope)
@@ -454,7 +454,7 @@ class Dense:
 
     @classmethod
     def gemv_options(cls) -> tuple[str, ...]:
-        """The NVRTC options :data:`~fi_engine.kernels.cuda_sources.GEMV_SOURCE` is compiled with: :attr:`gemv_unroll`,
+        """The NVRTC options ``csrc/gemv.cu`` is compiled with: :attr:`gemv_unroll`,
         :attr:`gemv_fixed_rows` and :attr:`gemv_pipeline` (what ``tools/kernel_fingerprints.py`` compiles too)."""
         return (
             f"-DGEMV_UNROLL={_unroll(cls.gemv_unroll)}",
@@ -464,7 +464,7 @@ class Dense:
 
     @classmethod
     def fused_options(cls) -> tuple[str, ...]:
-        """The NVRTC options :data:`~fi_engine.kernels.cuda_sources.FUSED_GEMV_SOURCE` is compiled with: fast math (as
+        """The NVRTC options :data:`~fi_engine.kernels.csrc/fused_gemv.cu` is compiled with: fast math (as
         FlashInfer's modules are), :meth:`gemv_options`, :attr:`rope_unroll` and :attr:`fused_min_blocks`."""
         return (
             "--use_fast_math",
@@ -832,7 +832,7 @@ class Dense:
         assert not pairs
         args = _fused_args(key)
         grid = min((n + _FUSED_WARPS - 1) // _FUSED_WARPS, self._fused_grid)
-        if fp8 is not None:  # its scales; two groups of 4 columns a block (FP8_FUSED_SOURCE)
+        if fp8 is not None:  # its scales; two groups of 4 columns a block (csrc/fp8_fused.cu)
             args += [fp8.scales, *fp8.scale_args[:3]]
             grid = min((n + 7) // 8, self._fused_grid)
         params, values = self._slots(args)
@@ -1160,7 +1160,7 @@ class Dense:
     call is made or a step packed."""
 
     fp8_fused = False
-    """Whether the fused decode step runs over FP8 weights (``FP8_FUSED_SOURCE``'s kernels, which
+    """Whether the fused decode step runs over FP8 weights (``csrc/fp8_fused.cu``'s kernels, which
     :meth:`fused_linear` serves either way): off, since on an H100 its one-row graph ran slower than separate
     launches over the plain FP8 GEMV (8B shape: 4.57 against 4.00 ms per step; benchmarks/RESULTS.md). Read
     when a step is packed; set it on the class to compare."""

@@ -46,7 +46,7 @@ PAIR_SILU = 1  # the pairwise epilogues of the FP8 decode GEMVs (EPI in gemv8_pa
 PAIR_ROPE = 2  # RoPE of the q and k heads and the KV append
 PAIR_MAX_ROWS = 4  # the rows one launch of those takes (the fused decode step's, Dense.fused_fits)
 PAIR_THREADS = 128  # 4 warps a block (SPLITS), two pairs of output columns each (one row: one pair a group)
-_COLS = 4  # output columns per block (COLS in cuda_sources.FP8_GEMV_SOURCE; one row: 2 a group, gemv8_one_row)
+_COLS = 4  # output columns per block (COLS in csrc/fp8_gemv.cu; one row: 2 a group, gemv8_one_row)
 _THREADS = 128  # 4 warps a block, each summing a share of every column's k (SPLITS there)
 _TC_COLUMNS = 16  # output columns per block of the tensor-core GEMV (gemv8tc_*: the mma's m)
 _U64 = 1 << 64
@@ -96,7 +96,7 @@ class Fp8Linears:
 
     tensor_core_rows = 3
     """The GEMV runs on tensor cores from this many rows up (``gemv8tc_*`` in
-    :data:`~fi_engine.kernels.cuda_sources.FP8_GEMV_SOURCE`: SM 8.0+, each weight decoded once for all rows; where it
+    ``csrc/fp8_gemv.cu``: SM 8.0+, each weight decoded once for all rows; where it
     serves
     the weight: per-row scales, or blocks of a multiple of 16 rows by a multiple of 128 columns), and as ``gemv8_*``
     (each weight widened per group of rows) below; above 8: never. 3: on an H100 (8B shape, 128x128 blocks, decode
@@ -107,7 +107,7 @@ class Fp8Linears:
     one_row_blocks_per_sm = 64
     """The blocks a one-row launch of the widening GEMV (``gemv8_*_1``, and its SiLU and RoPE forms) gets per SM, at
     most one per group of two output columns (one pair): each block walks its groups in turn (``gemv8_one_row`` in
-    :data:`~fi_engine.kernels.cuda_sources.FP8_GEMV_SOURCE`), 8 resident an SM. On an H100 (8B shape, 128x128 blocks;
+    ``csrc/fp8_gemv.cu``), 8 resident an SM. On an H100 (8B shape, 128x128 blocks;
     only
     the gate/up GEMV's 14,336 groups outnumber the blocks there) the batch-1 decode graph ran, tokens/s, at 8: 288.1,
     16: 293.7, 24: 296.2-299.1, 32: 297.2, 64: 298.8-301.2, 128: 299.5-299.7, a block per group: 299.7-300.0
@@ -251,12 +251,12 @@ class Fp8Linears:
 
     def fused_fn(self, mode: int, bf16: bool, f32: bool, block: bool) -> int | None:
         """The fused GEMV over e4m3 weights with prologue ``mode`` (1 norm, 2 add-norm, 3 SiLU; see
-        :data:`~fi_engine.kernels.cuda_sources.FP8_FUSED_SOURCE`), or None where it did not compile."""
+        ``csrc/fp8_fused.cu``), or None where it did not compile."""
         return self._fused.get((mode, bf16, f32, block))
 
     def pair_fn(self, epi: int, bf16: bool, block: bool, rows: int) -> int | None:
         """The GEMV with a pairwise epilogue (:data:`PAIR_SILU` or :data:`PAIR_ROPE`; ``gemv8_pairs`` in
-        :data:`~fi_engine.kernels.cuda_sources.FP8_FUSED_SOURCE`) serving ``rows`` rows (1 to :data:`PAIR_MAX_ROWS`),
+        ``csrc/fp8_fused.cu``) serving ``rows`` rows (1 to :data:`PAIR_MAX_ROWS`),
         or None
         where it did not compile."""
         return self._pairs.get((epi, bf16, block, 1 if rows == 1 else 4))

@@ -1,5 +1,5 @@
 """The grouped GEMV of a mixture-of-experts decode step: each chosen expert's weights read once, at HBM bandwidth,
-for the few tokens that chose it (:class:`GroupedGemv`; CUDA C in ``csrc/grouped_gemv.cu``, :data:`GROUPED_GEMV_SOURCE`,
+for the few tokens that chose it (:class:`GroupedGemv`; CUDA C in ``csrc/grouped_gemv.cu``,
 compiled with NVRTC through CuPy).
 
 A decode step of ``T`` tokens with ``k`` experts each makes ``A = T * k`` assignments; assignment ``a`` is token
@@ -29,9 +29,8 @@ import numpy as np
 
 from .cuda_sources import source
 
-__all__ = ["GROUPED_GEMV_SOURCE", "GroupedGemv"]
+__all__ = ["GroupedGemv"]
 
-GROUPED_GEMV_SOURCE = source("grouped_gemv.cu")
 """:func:`~fi_engine.kernels.cuda_sources.source` of ``csrc/grouped_gemv.cu``: the grouped GEMV kernels."""
 
 _WARPS = 8  # warps per block, unless shared memory holds too few blocks per SM (GroupedGemv.min_warps_per_sm)

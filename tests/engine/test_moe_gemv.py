@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from fi_engine.kernels.moe_gemv import GROUPED_GEMV_SOURCE, GroupedGemv
+from fi_engine.kernels.cuda_sources import source
+from fi_engine.kernels.moe_gemv import GroupedGemv
 
 
 @pytest.mark.parametrize("dtype", ["float32", "fp8_e4m3", None, 16])
@@ -18,4 +19,4 @@ def test_a_dtype_without_a_kernel_is_refused_by_name(dtype: object) -> None:
 def test_every_kernel_the_launcher_names_is_in_the_source() -> None:
     for tag in ("f16", "bf16"):
         for rows in (1, 2, 4, 8):
-            assert f"GROUPED(grouped_gemv_{tag}_r{rows}," in GROUPED_GEMV_SOURCE
+            assert f"GROUPED(grouped_gemv_{tag}_r{rows}," in source("grouped_gemv.cu")

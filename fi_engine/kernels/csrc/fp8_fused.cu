@@ -1,4 +1,4 @@
-#define GEMV_DEVICE_FUNCTIONS_ONLY  // FUSED_GEMV_SOURCE's prologue and epilogues, none of its 16-bit kernels
+#define GEMV_DEVICE_FUNCTIONS_ONLY  // fused_gemv.cu's prologue and epilogues, none of its 16-bit kernels
 #include "fused_gemv.cu"  // its prologue (stage), epilogues and device functions, no kernels
 #include "fp8_decode.cuh"  // e4m3x16, widen16, add_partial16
 #include "fp8_one_row.cuh"  // gemv8_one_row, for gemv8_pair_one

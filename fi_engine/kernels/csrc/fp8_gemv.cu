@@ -1,6 +1,6 @@
 
 // Linear layers with e4m3 weights and 16-bit activations (W8A16): the weights are read as stored (one byte each)
-// and turned into float32 in registers; x, y and the float32 sums as GEMV_SOURCE's.
+// and turned into float32 in registers; x, y and the float32 sums as gemv.cu's.
 #include "convert.cuh"  // h2f, b2f, f2h, f2b, tof, fromf
 
 #include "fp8_decode.cuh"  // e4m3x16, widen16, add_partial16 (they use h2f, of convert.cuh)

@@ -1,5 +1,5 @@
 
-// The GEMV of _GEMV_SOURCE (same column loop, same float32 sums in the same order, same output rounding) with its
+// The GEMV of gemv.cu (same column loop, same float32 sums in the same order, same output rounding) with its
 // input rows computed in a prologue into shared memory, so that the launch producing them goes away:
 //   MODE 1 (norm):     in = rmsnorm(h) * nw                     (FlashInfer's rmsnorm of h)
 //   MODE 2 (add-norm): s = h + x; h_out = s; in = rmsnorm(s) * nw (FlashInfer's fused_add_rmsnorm with input x,
@@ -117,7 +117,7 @@ __device__ __forceinline__ void stage(uint4* sx, const unsigned short* __restric
 
 #include "griddep.cuh"  // griddep_wait, griddep_launch_dependents
 #include "load_weights.cuh"  // load_weights: past L1
-// UNROLL weight vectors in flight per lane: as the plain GEMV (GEMV_SOURCE).
+// UNROLL weight vectors in flight per lane: as the plain GEMV (gemv.cu).
 #ifndef GEMV_UNROLL  // weight vectors in flight per lane (Dense.gemv_unroll passes it)
 #define GEMV_UNROLL 4
 #endif
