@@ -36,12 +36,11 @@ each client sending its next request when one ends, so the front ends' turnaroun
 next one's first token costs slot time) -- and the ratio of the server's tokens/s to the engine's end-to-end tokens/s
 (the goal: within 10 %). ``--variants`` measures several servers in turn (``mixed``: the serve defaults;
 ``plain``: ``--no-mixed-prefill``, each prefill a pass of its own), ``--rounds`` times over, each against the same
-``generate``.
-``--api-servers N`` serves with N front-end processes (``fi-engine serve --api-servers N``). Each load also reports the
-server's own mean time to first token (its ``/metrics``: from a request's arrival in a front end to its first token),
-which splits the clients' TTFT between the server and the HTTP path and clients around it. ``--client``: the load
-generator's HTTP library, aiohttp where installed (as vLLM's serving benchmark; its C parser costs the clients less than
-half the CPU httpx does), else httpx.
+``generate``. ``--api-servers N`` serves with N front-end processes (``fi-engine serve --api-servers N``). Each load
+also reports the server's own mean time to first token (its ``/metrics``: from a request's arrival in a front end to its
+first token), which splits the clients' TTFT between the server and the HTTP path and clients around it. ``--client``:
+the load generator's HTTP library, aiohttp where installed (as vLLM's serving benchmark; its C parser costs the clients
+less than half the CPU httpx does), else httpx.
 
 ``standin``: the front end's limit without a GPU. A stand-in engine (the tests' ``FakeStepEngine``) whose every
 step takes ``--step-ms`` in all (it sleeps what its own work leaves) and gives one token per row: its own

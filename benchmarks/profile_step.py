@@ -4,16 +4,14 @@ the idle time between kernels (per-kernel time from a profile of one replayed st
     bash tools/gpu_run.sh python3 benchmarks/profile_step.py --model DIR [--batch 1] [--steps 20] [--moe-path auto]
 
 The engine of ``DIR`` (any checkpoint ``fi_engine.models.registry.open_engine`` serves; ``max_batch`` = ``--batch``,
-CUDA
-graph) generates a few tokens once (graphs captured, kernels loaded), then replays the decode graph of ``--batch``
-rows ``--steps`` times back to back under torch's profiler (CUPTI: the kernels inside a graph are recorded one by
-one). Printed per kernel name: launches per step, microseconds per step and per launch, and the exclusive time per
-step: the part of each launch's time after every earlier kernel had ended (a kernel launched with programmatic
-dependent launch starts while its predecessor drains and waits for it, so its own duration counts that overlap
-twice; the exclusive times and the idle time add up to the step); then per step the span from the first kernel's
-start to the last one's end and the idle time in it (no kernel running: launch gaps and the graph's own
-dependencies). Needs a GPU, CuPy and torch (only for its profiler:
-the engine does not use torch). Not a test: nothing is asserted.
+CUDA graph) generates a few tokens once (graphs captured, kernels loaded), then replays the decode graph of ``--batch``
+rows ``--steps`` times back to back under torch's profiler (CUPTI: the kernels inside a graph are recorded one by one).
+Printed per kernel name: launches per step, microseconds per step and per launch, and the exclusive time per step: the
+part of each launch's time after every earlier kernel had ended (a kernel launched with programmatic dependent launch
+starts while its predecessor drains and waits for it, so its own duration counts that overlap twice; the exclusive times
+and the idle time add up to the step); then per step the span from the first kernel's start to the last one's end and
+the idle time in it (no kernel running: launch gaps and the graph's own dependencies). Needs a GPU, CuPy and torch (only
+for its profiler: the engine does not use torch). Not a test: nothing is asserted.
 
 ``--sequence FIRST:COUNT`` also prints COUNT kernels of the replayed step from position FIRST, in launch order, each
 with its median duration, exclusive time and start against the end of the kernels before it: one layer's launches

@@ -9,9 +9,8 @@
 - ``serve MODEL_DIR [--host H] [--port P] [--max-batch N] [--max-queue N] [--graph] [--api-servers N]
   [--scheduler-delay-factor F] [--no-mixed-prefill]``: the OpenAI-compatible HTTP server
   (:mod:`fi_engine.serve.openai_server`; the ``serve`` extra) until SIGINT/SIGTERM; with ``--api-servers N``, N
-  front-end
-  processes over one engine process (:mod:`fi_engine.serve.api_servers`). The engine steps with ``overlap_steps``, the
-  scheduler delay and ``mixed_prefill`` (``fi_engine.runtime.serving.ServingLoop``).
+  front-end processes over one engine process (:mod:`fi_engine.serve.api_servers`). The engine steps with
+  ``overlap_steps``, the scheduler delay and ``mixed_prefill`` (``fi_engine.runtime.serving.ServingLoop``).
 
 ``fi-ffi generate ARGS`` (the binding's command, where this subcommand lived) runs ``python -m fi_engine generate
 ARGS``. With ``--tp N`` this command starts its ranks through ``fi-ffi launch`` (the binding's launcher, a

@@ -717,11 +717,10 @@ class Dense:
     ) -> Any:
         """A launch of ``fn`` packed once. ``pdl``: the kernel waits for its predecessor itself
         (``griddep_wait`` in :mod:`~fi_engine.kernels.cuda_sources`), so it is launched with programmatic dependent
-        launch
-        where :attr:`pdl` allows it: it may start while the kernel before it drains, loading its weights. Where the
-        driver has ``cuLaunchKernelEx`` every launch goes through it, its configuration packed here: a call then
-        passes 4 arguments where ``cuLaunchKernel`` takes 11, each converted by cffi (about 1.5 us of host time a
-        launch on the H100's host: benchmarks/RESULTS.md); the attribute only where ``pdl`` asks for it."""
+        launch where :attr:`pdl` allows it: it may start while the kernel before it drains, loading its weights. Where
+        the driver has ``cuLaunchKernelEx`` every launch goes through it, its configuration packed here: a call then
+        passes 4 arguments where ``cuLaunchKernel`` takes 11, each converted by cffi (about 1.5 us of host time a launch
+        on the H100's host: benchmarks/RESULTS.md); the attribute only where ``pdl`` asks for it."""
         stream, null = self._stream, self._null
         if self._launch_ex is not None:
             ffi = self._driver_ffi

@@ -33,12 +33,10 @@ V3); docs/engine.md says so.
 
 CUDA graph (``cuda_graph=True``): the decode step is captured at each batch size of the ladder up to ``max_batch`` rows
 (:func:`~fi_engine.runtime.paging.decode_batches`), as the Llama engine's. The MLA plan is made on the host before
-every replay
-into the decode workspace (its schedule layout is fixed for a fixed batch of one-row requests: the engine checks it),
-the step's index arrays go into the graph's fixed buffers, and the MoE layers take
+every replay into the decode workspace (its schedule layout is fixed for a fixed batch of one-row requests: the engine
+checks it), the step's index arrays go into the graph's fixed buffers, and the MoE layers take
 :meth:`~fi_engine.layers.moe.MoELayer.forward_static_routed`'s fixed-capacity path, routed on the device: the models
-wheel's
-fused ``NoAuxTc`` kernel where it applies (:func:`fused_routing_blocker`), else
+wheel's fused ``NoAuxTc`` kernel where it applies (:func:`fused_routing_blocker`), else
 :class:`~fi_engine.layers.deepseek_routing.DeviceGroupedTopk` (V2's softmax routing included). Prefill stays eager.
 
 Refused with a message naming the field (:meth:`DeepSeek.check`, the hook every family definition refuses

@@ -39,15 +39,13 @@ between the expert GEMMs, the down bias weighted in the combine. The experts are
   weights picking each token's k; no host step, so eager decode and the graph run it alike.
 
 The rule (``moe_path="auto"``, :func:`~fi_engine.layers.moe.choose_path`): dense when a step's ``rows * k`` assignments
-reach
-the number of experts (gpt-oss-20b, 32 experts top-4: from 8 rows), routed below, where few experts are touched and
-reading only theirs wins; steps of more than ``max_batch`` rows (long prefills, compute-bound, where routing's ``k / E``
-of the FLOPs counts) are always routed. Each decode CUDA graph (one per batch size of the ladder,
+reach the number of experts (gpt-oss-20b, 32 experts top-4: from 8 rows), routed below, where few experts are touched
+and reading only theirs wins; steps of more than ``max_batch`` rows (long prefills, compute-bound, where routing's ``k /
+E`` of the FLOPs counts) are always routed. Each decode CUDA graph (one per batch size of the ladder,
 :func:`~fi_engine.runtime.paging.decode_batches`) picks once, at its capture. Measured on an H100
-(benchmarks/RESULTS.md:
-gpt-oss; ``benchmarks/bench_gpt_oss.py``, gpt-oss-20b-shaped, 2 layers, graph): routed 998 / 2565 / 3879 / 11886
-tokens/s at batch 1 / 4 / 8 / 32, dense 605 / 2289 / 4617 / 16573: the crossover lies between 4 and 8 rows, where the
-rule puts it.
+(benchmarks/RESULTS.md: gpt-oss; ``benchmarks/bench_gpt_oss.py``, gpt-oss-20b-shaped, 2 layers, graph): routed 998 /
+2565 / 3879 / 11886 tokens/s at batch 1 / 4 / 8 / 32, dense 605 / 2289 / 4617 / 16573: the crossover lies between 4 and
+8 rows, where the rule puts it.
 
 Tensor parallelism (``tensor_parallel=N``, :mod:`fi_engine.layers.tensor_parallel`): each rank keeps its heads (q/k/v
 rows with their biases, its heads' sinks, its KV heads' cache), its columns of the O projection, the whole router

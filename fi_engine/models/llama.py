@@ -16,27 +16,21 @@ residual-add + RMSNorm, fused gate/up projection, SiLU-and-mul, down projection 
 mixture-of-experts layer of :mod:`fi_engine.layers.moe` instead); final RMSNorm; LM head (tied to the embedding or
 not) with float32 logits; greedy argmax or top-k/top-p sampling. Model types: ``llama``, ``qwen3``, ``mixtral``,
 ``qwen3_moe`` (:mod:`fi_engine.checkpoint.config`). MoE layers take a device path (no host step) for every step of at
-most
-``max_batch`` rows, eager or in a decode graph: the fixed-capacity routed path (the grouped GEMV, or the grouped
+most ``max_batch`` rows, eager or in a decode graph: the fixed-capacity routed path (the grouped GEMV, or the grouped
 GEMM) or dense over the experts, as ``moe_path`` picks (:mod:`fi_engine.runtime.moe_paths`); longer prefills route on
-the
-host.
+the host.
 
 Serving (:class:`~fi_engine.runtime.engine.Engine`, of which :class:`LlamaEngine` is the Llama family's): the prompts
-are
-queued (:mod:`fi_engine.runtime.paging`), admitted into free batch
-slots and prefilled together (one ``batch_prefill_paged_plan``, one run per layer); then each decode step makes
-one ``batch_decode_plan`` and runs every layer with it, samples one token per request, copies the tokens to the
-host and lets finished requests leave (their pages are freed). With ``cuda_graph=True`` the decode step is
-captured at each batch size of :func:`~fi_engine.runtime.paging.decode_batches` (1, 2, 4, ..., ``max_batch`` rows) and
-every
-step replays the smallest holding its occupied slots (empty ones among them padded): it re-plans
-(``enable_cuda_graph=True``), copies the step's index arrays into the graph's buffers and replays it. A prefill
-pads its token rows up to a bucket (:func:`~fi_engine.runtime.paging.prefill_buckets`; the padding rows are one more
-request living on the padding page) and its requests up to a few slot counts with empty requests
-(:func:`~fi_engine.runtime.paging.prefill_slots`), and replays that shape's CUDA graph, captured the first time it is
-met
-(:mod:`~fi_engine.runtime.step_graphs`).
+are queued (:mod:`fi_engine.runtime.paging`), admitted into free batch slots and prefilled together (one
+``batch_prefill_paged_plan``, one run per layer); then each decode step makes one ``batch_decode_plan`` and runs every
+layer with it, samples one token per request, copies the tokens to the host and lets finished requests leave (their
+pages are freed). With ``cuda_graph=True`` the decode step is captured at each batch size of
+:func:`~fi_engine.runtime.paging.decode_batches` (1, 2, 4, ..., ``max_batch`` rows) and every step replays the smallest
+holding its occupied slots (empty ones among them padded): it re-plans (``enable_cuda_graph=True``), copies the step's
+index arrays into the graph's buffers and replays it. A prefill pads its token rows up to a bucket
+(:func:`~fi_engine.runtime.paging.prefill_buckets`; the padding rows are one more request living on the padding page)
+and its requests up to a few slot counts with empty requests (:func:`~fi_engine.runtime.paging.prefill_slots`), and
+replays that shape's CUDA graph, captured the first time it is met (:mod:`~fi_engine.runtime.step_graphs`).
 
 Every buffer is allocated once, in the engine's constructor; the ops write into them (no allocation
 per step, which is also what makes the capture valid). All GPU work runs on the engine's own stream.
@@ -196,11 +190,9 @@ class Llama(ModelFamily):
 
     def plan_decode(self, eng: Engine, rows: int, cuda_graph: bool) -> None:
         """Plan a decode step of ``rows`` rows whose index arrays are in ``eng.decode_arrays``; the plan of the last
-        step is
-        kept where this one's ``kv_indptr`` is the same (no request crossed a page boundary, 15 steps of 16 at
-        page size 16): FlashInfer's decode plan reads only ``kv_indptr`` and the fixed settings, so it would write
-        the same schedule again, and a plan costs the step 30-60 us of host time (benchmarks/bench_engine_host.py).
-        """
+        step is kept where this one's ``kv_indptr`` is the same (no request crossed a page boundary, 15 steps of 16 at
+        page size 16): FlashInfer's decode plan reads only ``kv_indptr`` and the fixed settings, so it would write the
+        same schedule again, and a plan costs the step 30-60 us of host time (benchmarks/bench_engine_host.py)."""
         c = eng.config
         indptr = eng.decode_arrays["kv_indptr"][: rows + 1]
         key = (rows, cuda_graph, indptr.tobytes())
@@ -306,14 +298,11 @@ class LlamaEngine(MoEPaths, Engine):
     Args:
         moe_path: how the MoE layers run a step of up to ``max_batch`` token rows
             (:class:`~fi_engine.runtime.moe_paths.MoEPaths`): ``"auto"`` (default): the grouped GEMV (routed on the
-            device,
-            each chosen expert's weights read once) for steps of at most
-            :attr:`~fi_engine.layers.moe.MoELayer.gemv_tokens`
-            rows whose assignments number at most twice the experts, then dense over the experts where
-            :func:`~fi_engine.layers.moe.choose_path` says so (Mixtral's 8 experts, top-2: from 9 rows), else routed
-            (the
-            fixed-capacity grouped GEMM); ``"routed"`` or ``"dense"`` force one path. Steps of more rows (long
-            prefills) route on the host.
+            device, each chosen expert's weights read once) for steps of at most
+            :attr:`~fi_engine.layers.moe.MoELayer.gemv_tokens` rows whose assignments number at most twice the experts,
+            then dense over the experts where :func:`~fi_engine.layers.moe.choose_path` says so (Mixtral's 8 experts,
+            top-2: from 9 rows), else routed (the fixed-capacity grouped GEMM); ``"routed"`` or ``"dense"`` force one
+            path. Steps of more rows (long prefills) route on the host.
     """
 
     definition = Llama

@@ -24,8 +24,7 @@ class WeightLoader:
     def for_engine(cls, eng: Any, ckpt: Checkpoint, dtype: str) -> Self:
         """A loader of ``ckpt`` onto engine ``eng``'s device in ``dtype`` (the embedding's, which the family has
         checked): sets ``eng.dtype``, the cuBLAS data types ``eng.gemm_type`` (``dtype``) and ``eng.gemm_f32``, and a
-        new
-        ``eng.device_arrays``, the list that keeps the uploads alive."""
+        new ``eng.device_arrays``, the list that keeps the uploads alive."""
         from ..kernels.dense import data_type
 
         eng.dtype = dtype

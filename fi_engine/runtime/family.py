@@ -84,8 +84,7 @@ class ModelFamily:
 
     def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
         """Plan a decode step of ``rows`` rows whose index arrays are in ``eng.decode_arrays``; sets
-        ``eng.decode_plan`` (the
-        plan whose schedule layout the decode graph checks)."""
+        ``eng.decode_plan`` (the plan whose schedule layout the decode graph checks)."""
         raise NotImplementedError
 
     def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:

@@ -85,8 +85,7 @@ class FusedDecode(EngineState):
     def dense_moe(self, rows: int) -> bool:
         """Whether the MoE layers run a step of ``rows`` rows dense over the experts: the engine's ``moe_path``
         (:class:`~fi_engine.runtime.moe_paths.MoEPaths`); never for engines without it (DeepSeek's: the dense path does
-        not
-        make its routing)."""
+        not make its routing)."""
         return isinstance(self, MoEPaths) and self.moe_path_for(rows) == "dense"
 
     def _fused_step(self, v: SimpleNamespace, rows: int) -> None:

@@ -1,13 +1,11 @@
 """Which path an engine's MoE layers take for a step (``moe_path``): the engine-level choice between the routed paths
 of :class:`~fi_engine.layers.moe.MoELayer` (only the chosen experts' weights are read) and its dense-over-the-experts
-path
-(every expert's weights read through one GEMM and one batched GEMM).
+path (every expert's weights read through one GEMM and one batched GEMM).
 
 The MoE families' engine classes (:class:`~fi_engine.models.llama.LlamaEngine` for Mixtral and Qwen3-MoE,
 :class:`~fi_engine.models.gpt_oss.GptOssEngine`) take ``moe_path`` and answer :meth:`MoEPaths.moe_path_for`; the
-family's
-load allocates the buffers of the paths some step may take, and its forward asks per step. A decode CUDA graph (one
-per batch size, :attr:`~fi_engine.runtime.step_graphs.StepGraphs.decode_graph_batches`) picks once, at its capture.
+family's load allocates the buffers of the paths some step may take, and its forward asks per step. A decode CUDA graph
+(one per batch size, :attr:`~fi_engine.runtime.step_graphs.StepGraphs.decode_graph_batches`) picks once, at its capture.
 """
 
 from __future__ import annotations
@@ -62,9 +60,8 @@ class MoEPaths:
         :func:`~fi_engine.layers.moe.choose_path`'s
         rule (dense once the step's ``rows * top_k`` assignments reach the number of experts: they cover most
         experts anyway, and one GEMM and one batched GEMM stream every expert faster than the grouped GEMM streams
-        the chosen ones).
-        Always routed above ``max_batch`` rows (the dense path's buffers hold ``max_batch``; long prefills are
-        compute-bound, where routing's ``top_k / num_experts`` of the FLOPs counts)."""
+        the chosen ones). Always routed above ``max_batch`` rows (the dense path's buffers hold ``max_batch``; long
+        prefills are compute-bound, where routing's ``top_k / num_experts`` of the FLOPs counts)."""
         rows = arg_int("rows", rows, 1, _MAX_ROWS)
         if rows > self.max_batch:
             return "routed"

@@ -142,8 +142,7 @@ class Request:
 
     ``sampling``: how its tokens are chosen (None: greedy argmax); ``draws``: the random stream its sampled tokens
     draw from (the engine's :class:`~fi_engine.runtime.sampling.Draws`; None when greedy); ``eos``: the tokens that end
-    it
-    (None: the scheduler's)."""
+    it (None: the scheduler's)."""
 
     rid: int
     prompt: tuple[int, ...]

@@ -747,8 +747,7 @@ class ServingLoop(EngineState, StepEngineBase):
         position on and gathered from its ``ids`` on the device (a rider it ends with an end-of-sequence token
         computes a row nobody records). ``graph_slots``: the request slots its graph is padded to (None:
         ``max_batch`` for a mixed pass, else :func:`~fi_engine.runtime.paging.prefill_slots` of its requests; the step
-        API's
-        passes take ``max_batch``, so that a server replays one graph per bucket, each captured before it serves:
+        API's passes take ``max_batch``, so that a server replays one graph per bucket, each captured before it serves:
         :meth:`warm_serving`). Returns the launched pass and, with ``all_logits``, the float32 logits of every row (on
         the device)."""
         cp, c, b, s = self.cupy, self.config, self.buffers, self.stream_ptr

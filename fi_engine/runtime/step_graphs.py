@@ -1,14 +1,11 @@
 """The engine's CUDA graphs: the decode step captured at each batch size of a ladder up to ``max_batch`` rows
 (:func:`~fi_engine.runtime.paging.decode_batches`: 1, 2, 4, ..., ``max_batch``) and each step replayed as the smallest
-graph
-holding its occupied slots (the step's index arrays copied into the graph's buffers, the plan made again with
-``enable_cuda_graph`` for that batch), and a prefill padded
-up to a token-row bucket (:func:`~fi_engine.runtime.paging.prefill_buckets`) replayed as that bucket's graph, captured
-the
-first time the bucket and request slots (the batch size padded up: :func:`~fi_engine.runtime.paging.prefill_slots`) are
-met (at most :data:`_PREFILL_GRAPHS` kept, the least recently replayed evicted first). Capture and replay:
-:class:`~fi_engine.kernels.graph.CudaGraph`.
-"""
+graph holding its occupied slots (the step's index arrays copied into the graph's buffers, the plan made again with
+``enable_cuda_graph`` for that batch), and a prefill padded up to a token-row bucket
+(:func:`~fi_engine.runtime.paging.prefill_buckets`) replayed as that bucket's graph, captured the first time the bucket
+and request slots (the batch size padded up: :func:`~fi_engine.runtime.paging.prefill_slots`) are met (at most
+:data:`_PREFILL_GRAPHS` kept, the least recently replayed evicted first). Capture and replay:
+:class:`~fi_engine.kernels.graph.CudaGraph`."""
 
 from __future__ import annotations
 
@@ -152,10 +149,9 @@ class StepGraphs(EngineState):
     def _prefill_padded(self, nnz: int, batch: int, bucket: int) -> bool:
         """The forward pass of a prefill padded to ``bucket`` rows and ``batch`` request slots
         (:func:`~fi_engine.runtime.paging.prefill_slots`; the index arrays on the device), as that shape's graph, or
-        eagerly
-        if its capture fails; False when its CUDA-graph plan fails (e.g. FA2's split-KV scratch for a long bucket
-        exceeds the workspace): recorded, and the caller runs the prefill eagerly, unpadded (the padded arrays begin
-        with the unpadded ones, so the copy already made serves it)."""
+        eagerly if its capture fails; False when its CUDA-graph plan fails (e.g. FA2's split-KV scratch for a long
+        bucket exceeds the workspace): recorded, and the caller runs the prefill eagerly, unpadded (the padded arrays
+        begin with the unpadded ones, so the copy already made serves it)."""
         try:
             self._plan_prefill_padded(batch + 1)
         except Exception as exc:

@@ -120,8 +120,7 @@ class EngineClient(StepEngineBase):
         and goes back to delivering tokens, where a round trip had held it, and every request arriving
         meanwhile, for most of an engine step (3.6 ms on average at 64 streams on an H100). The answer comes from
         :meth:`step`: a :class:`~fi_engine.runtime.stepping.StepOutput` with no tokens and no finish reason when the
-        engine
-        took the request, or one with ``finish_reason="abort"`` and ``error`` set (the ``ValueError`` /
+        engine took the request, or one with ``finish_reason="abort"`` and ``error`` set (the ``ValueError`` /
         ``TypeError`` :meth:`add_request` would have raised) when it refused it."""
         return self._send_add(requests)
 

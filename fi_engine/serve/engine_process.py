@@ -11,24 +11,20 @@ The child is started with ``spawn`` (a fresh interpreter: CUDA state is never fo
 from ``factory`` (``"module:callable"``) and its arguments. It runs a step whenever it has work, handling its
 connections' messages between steps. It has ``clients`` connections (default 1), one per front end
 (:class:`~fi_engine.serve.engine_client.EngineClient`, ``engine.client(i)``: several API-server processes in front of
-one
-engine): each connection names its requests itself (ids unique across the connections), the child keeps which
-engine request each one is, sends each step's outputs as one message per connection holding that connection's rows
-only (under its own ids), takes aborts only for a connection's own requests, and aborts every request of a
-connection whose process went away (the others go on). The engine process's own StepEngine methods are those of
-connection 0 (``client(0)``): with one front end, serve the engine process itself
-(``GenerationService(EngineProcess(...), codec)``).
+one engine): each connection names its requests itself (ids unique across the connections), the child keeps which engine
+request each one is, sends each step's outputs as one message per connection holding that connection's rows only (under
+its own ids), takes aborts only for a connection's own requests, and aborts every request of a connection whose process
+went away (the others go on). The engine process's own StepEngine methods are those of connection 0 (``client(0)``):
+with one front end, serve the engine process itself (``GenerationService(EngineProcess(...), codec)``).
 
 ``add_requests`` is a round trip (each request's id, or the engine's refusal as its ``ValueError`` /
 ``TypeError``); ``add_requests_nowait`` is not (the ids at once, the child's answers among the outputs: what
 :class:`~fi_engine.serve.service.GenerationService` uses), nor is ``abort_request`` (its slot is freed before the
-child's
-next step). :meth:`EngineProcess.step`
-returns every output the child sent since the last call, waiting for one when there is none yet. An error in the
-child (or the child's death) is raised by the next call of every connection, naming it. Only the owner (the
-process that made the ``EngineProcess``) ends the child, with :meth:`~EngineProcess.close`; the child ignores
-SIGINT, so that a Ctrl-C to a terminal's process group leaves the owner to shut down in order.
-"""
+child's next step). :meth:`EngineProcess.step` returns every output the child sent since the last call, waiting for one
+when there is none yet. An error in the child (or the child's death) is raised by the next call of every connection,
+naming it. Only the owner (the process that made the ``EngineProcess``) ends the child, with
+:meth:`~EngineProcess.close`; the child ignores SIGINT, so that a Ctrl-C to a terminal's process group leaves the owner
+to shut down in order."""
 
 from __future__ import annotations
 
@@ -283,10 +279,9 @@ class EngineProcess(StepEngineBase):
 
     def client(self, index: int = 0) -> EngineClient:
         """Connection ``index`` (0 to ``clients - 1``) as a :class:`~fi_engine.serve.engine_client.EngineClient`: pass
-        it
-        to a ``spawn``-started process's arguments (the front end steps it there), then :meth:`EngineClient.close
-        <fi_engine.serve.engine_client.EngineClient.close>` this copy, so that the front end's exit aborts its
-        requests."""
+        it to a ``spawn``-started process's arguments (the front end steps it there), then :meth:`EngineClient.close
+        <fi_engine.serve.engine_client.EngineClient.close>` this copy, so that the front end's exit aborts its requests.
+        """
         self._check_open()
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self._clients):
             raise ValueError(f"index: expected an int in [0, {len(self._clients)}) (clients), got {show(index)}")

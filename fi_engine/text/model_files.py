@@ -2,10 +2,8 @@
 ``chat_template.jinja``, ...), read with errors that name ``model_dir``, the file and the fix.
 
 ``config.json`` has its own reader (:func:`fi_engine.checkpoint.config.read_config_json`); this module serves the text
-layer,
-whose files are optional one by one: :func:`read_json` and :func:`read_text` return None for a file that is absent,
-and raise for one that is present but unreadable or malformed, so a broken file is never silently skipped.
-"""
+layer, whose files are optional one by one: :func:`read_json` and :func:`read_text` return None for a file that is
+absent, and raise for one that is present but unreadable or malformed, so a broken file is never silently skipped."""
 
 from __future__ import annotations
 

@@ -416,10 +416,9 @@ def nvidia_library(name: str) -> str:
     The one finder of these libraries in the repository: the kernel modules that link one (``gemm``: both) load it
     here before the module is opened, fi_ffi's ``bmm_fp8`` handle and the engine's cuBLAS/cuBLASLt bindings
     (:mod:`fi_engine.kernels.cublas`, :mod:`fi_engine.kernels.cublas_lt`) open what it returns, so the process maps one
-    copy
-    whoever asks first. Where it is found: cuda-pathfinder's search (the ``nvidia-cublas`` wheel, conda, a CUDA
-    toolkit at ``CUDA_HOME``, the dynamic loader's path). Opening the returned path again
-    (``cffi.FFI().dlopen(path)``) binds a set of declarations to that same mapping. Cached per name (thread-safe).
+    copy whoever asks first. Where it is found: cuda-pathfinder's search (the ``nvidia-cublas`` wheel, conda, a CUDA
+    toolkit at ``CUDA_HOME``, the dynamic loader's path). Opening the returned path again (``cffi.FFI().dlopen(path)``)
+    binds a set of declarations to that same mapping. Cached per name (thread-safe).
 
     Raises:
         ValueError: ``name`` is not one of :data:`NVIDIA_LIBRARIES`.

@@ -1,9 +1,8 @@
 """FP8 weights on the host (fi_engine.checkpoint.fp8_weights): the e4m3 table against the format's definition, rounding
-to
-e4m3 (nearest, ties to the even code, saturating), and reading projections from real safetensors files written in
-each published layout -- per tensor (``weight_scale`` scalar), per channel (``weight_scale [n, 1]``), per 128x128
-block (``weight_scale_inv``) -- stacked as the engine stacks them, with every malformed file refused naming the
-tensor. No GPU: the GPU side is tests/engine/test_gpu_fp8_linear.py and test_gpu_fp8_llama.py."""
+to e4m3 (nearest, ties to the even code, saturating), and reading projections from real safetensors files written in
+each published layout -- per tensor (``weight_scale`` scalar), per channel (``weight_scale [n, 1]``), per 128x128 block
+(``weight_scale_inv``) -- stacked as the engine stacks them, with every malformed file refused naming the tensor. No
+GPU: the GPU side is tests/engine/test_gpu_fp8_linear.py and test_gpu_fp8_llama.py."""
 
 from __future__ import annotations
 

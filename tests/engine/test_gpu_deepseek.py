@@ -14,16 +14,13 @@ Random small checkpoints built with transformers' own config and model classes, 
 The reference is the same transformers model in float32 on the saved (rounded) weights. Router near ties: the engine
 routes on bfloat16 activations, the reference on float32 ones, so a token whose k-th and (k+1)-th choice are that
 close may take other experts (tests/engine/test_gpu_models.py measured it for Mixtral). So the engine records its
-routing
-(``MoELayer.last_routing``), the test checks that the reference's own routing is what
+routing (``MoELayer.last_routing``), the test checks that the reference's own routing is what
 :func:`~fi_engine.layers.deepseek_routing.grouped_topk` computes from the reference's router logits (the routing code
-against transformers'), counts where the engine's choice differs (at most 10% of (layer, token) pairs), and
-compares the logits with the reference run on the engine's experts (weights: the reference's own scores of them).
-Tolerance on the logits: 0.08 (bfloat16, as tests/engine/test_gpu_llama.py); transformers' own bfloat16 error on the
-same
-prompts is printed as the yardstick. The decode CUDA graph is checked against eager decode (same tokens, last-step
-logits within the same tolerance), with the default routing and with the device fallback.
-"""
+against transformers'), counts where the engine's choice differs (at most 10% of (layer, token) pairs), and compares the
+logits with the reference run on the engine's experts (weights: the reference's own scores of them). Tolerance on the
+logits: 0.08 (bfloat16, as tests/engine/test_gpu_llama.py); transformers' own bfloat16 error on the same prompts is
+printed as the yardstick. The decode CUDA graph is checked against eager decode (same tokens, last-step logits within
+the same tolerance), with the default routing and with the device fallback."""
 
 from __future__ import annotations
 

@@ -6,9 +6,7 @@ fi_ffi's own safetensors writer. tests/helpers/llama_tp_worker.py runs greedy ge
 ranks under ``fi-ffi launch`` (eager and CUDA graph; the fused all-reduce and NCCL): the tokens must equal the
 single-GPU tokens and the prefill logits agree within float16 tolerance (the vocabulary split over the ranks, the
 engine's default; tests/engine/test_gpu_moe_tp.py compares it with the whole vocabulary). A rank SIGKILLed in the
-middle of
-a generation ends the job within a bound, and a second run works.
-"""
+middle of a generation ends the job within a bound, and a second run works."""
 
 from __future__ import annotations
 

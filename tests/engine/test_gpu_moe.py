@@ -241,10 +241,9 @@ def gemv_layer(rng: np.random.Generator, dtype: str) -> tuple[int, int, int, Any
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_the_grouped_gemv_matches_float32_and_the_grouped_gemm_and_replays_in_a_graph(dtype: str) -> None:
     """Steps of at most ``gemv_tokens`` tokens take the grouped GEMV (fi_engine.kernels.moe_gemv): the same result as
-    the
-    host path and as the fixed-capacity grouped GEMM (tolerance as above), every assignment's gate/up row equal to
-    a float32 reference of its expert within the dtype's rounding (rel 1e-2 of the row's scale), at 1-8 tokens
-    (1: six of eight experts unread); captured in a CUDA graph, a replay on new inputs gives the new result."""
+    the host path and as the fixed-capacity grouped GEMM (tolerance as above), every assignment's gate/up row equal to a
+    float32 reference of its expert within the dtype's rounding (rel 1e-2 of the row's scale), at 1-8 tokens (1: six of
+    eight experts unread); captured in a CUDA graph, a replay on new inputs gives the new result."""
     rng = np.random.default_rng(5)
     h, top_k, cap, stream, weights, layer = gemv_layer(rng, dtype)
     try:

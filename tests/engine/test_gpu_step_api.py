@@ -1,6 +1,5 @@
 """The engine's step API (``add_request`` / ``step`` / ``abort_request``, fi_engine.runtime.stepping's ``StepEngine``)
-and
-per-request sampling on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
+and per-request sampling on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
 
 A random SmolLM2-like float16 Llama (helpers.random_llama) is served eagerly, as the decode CUDA graph, and as the
 graph with the next step prepared ahead (``_prepare_ahead``, whose prepared step requests added or aborted in

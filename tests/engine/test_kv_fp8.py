@@ -1,8 +1,7 @@
 """The FP8 KV cache's arguments and refusals on CPU (fi_engine.layers.kv_fp8): ``kv_cache_dtype`` and
-``kv_cache_scales``
-checked by name, every combination without an FP8 attention kernel refused at construction naming
-``kv_cache_dtype``, what is missing and what is supported (before any GPU work), and the scales read from a
-checkpoint's ``self_attn.k_scale`` / ``v_scale`` tensors. The engine itself runs in test_gpu_kv_fp8.py."""
+``kv_cache_scales`` checked by name, every combination without an FP8 attention kernel refused at construction naming
+``kv_cache_dtype``, what is missing and what is supported (before any GPU work), and the scales read from a checkpoint's
+``self_attn.k_scale`` / ``v_scale`` tensors. The engine itself runs in test_gpu_kv_fp8.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """fi_engine.kernels.moe_gemv on the CPU: the grouped GEMV refuses a dtype it has no kernel for before it imports CuPy
-(its
-arithmetic is checked on the GPU in tests/engine/test_gpu_moe.py)."""
+(its arithmetic is checked on the GPU in tests/engine/test_gpu_moe.py)."""
 
 from __future__ import annotations
 

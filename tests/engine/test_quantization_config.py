@@ -1,8 +1,7 @@
 """Quantized Llama-family checkpoints (fi_engine.checkpoint.quantization): the FP8 layouts as published configs write
-them are
-recognized and served for dense models (``LlamaConfig.fp8``); FP8 mixture-of-experts checkpoints and
-compressed-tensors' block strategy are refused by name, malformed FP8 configs naming the key, and other methods by
-their quant_method."""
+them are recognized and served for dense models (``LlamaConfig.fp8``); FP8 mixture-of-experts checkpoints and
+compressed-tensors' block strategy are refused by name, malformed FP8 configs naming the key, and other methods by their
+quant_method."""
 
 from __future__ import annotations
 

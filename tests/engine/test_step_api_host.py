@@ -1,10 +1,8 @@
 """The step API's host side, on CPU: :meth:`Scheduler.abort`, per-request end-of-sequence ids and sampling in the
 scheduler, how a step's rows choose their tokens (:func:`fi_engine.runtime.sampling.draw_groups`), the argument checks
-of
-``add_request`` / ``abort_request`` / ``generate``, and the engine's ``step`` / ``generate`` loop itself
-(:meth:`ServingLoop._advance`) with only the device work stood in for: ``_prefill`` and ``_decode_step`` record
-tokens of a fixed rule through the real scheduler. The same on a GPU: tests/engine/test_gpu_step_api.py.
-"""
+of ``add_request`` / ``abort_request`` / ``generate``, and the engine's ``step`` / ``generate`` loop itself
+(:meth:`ServingLoop._advance`) with only the device work stood in for: ``_prefill`` and ``_decode_step`` record tokens
+of a fixed rule through the real scheduler. The same on a GPU: tests/engine/test_gpu_step_api.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One rank of the tensor-parallel tests (tests/engine/test_gpu_llama_tp.py, engine/test_gpu_moe_tp.py,
-engine/test_gpu_family_tp.py),
-or the single-GPU reference. The engine class is the checkpoint's (fi_engine.models.registry: Llama, Gemma 2, gpt-oss).
+engine/test_gpu_family_tp.py), or the single-GPU reference. The engine class is the checkpoint's
+(fi_engine.models.registry: Llama, Gemma 2, gpt-oss).
 
 ``python tests/helpers/llama_tp_worker.py MODEL_DIR OUT.npz [--graph] [--nccl] [--whole-vocab] [--topk1] [--loop DIR]``:
 under ``fi-ffi launch`` (``RANK`` set) the engine runs with ``tensor_parallel = WORLD_SIZE``, otherwise on one GPU.
