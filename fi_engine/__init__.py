@@ -7,7 +7,8 @@ OpenAI-compatible server. Its command is ``fi-engine`` (``generate``, ``serve``;
 CuPy and cuBLAS 13 (the ``engine`` extra: ``python -m pip install '.[engine]'`` in the checkout).
 
 A package of its own beside the binding, in the same distribution: it uses fi_ffi's public API only, through
-:mod:`fi_engine.kernels`, and fi_ffi never imports it (both checked by tests/package/test_structure.py). Its
+:mod:`fi_engine.kernels` (and :mod:`~fi_engine.moved`, which gives fi_ffi's moved-module finder the engine's old
+paths), and fi_ffi never imports it (both checked by tests/package/test_structure.py). Its
 subpackages, one concern each, from the ground up (each imports only those below it; docs/engine.md draws them):
 
 - :mod:`~fi_engine.values`: checks of single argument values that every floor shares.
