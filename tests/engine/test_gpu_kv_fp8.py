@@ -266,10 +266,10 @@ def test_quantizing_append_equals_torchs_e4m3_cast(checkpoint):
     ps = prompts((40,), VOCAB)
     with LlamaEngine(path, max_batch=1) as engine:
         engine.prefill_logits(ps)
-        k16 = torch.as_tensor(engine.buffers.kv.view(np.uint16), device="cuda").view(torch.bfloat16).clone()
+        k16 = torch.as_tensor(engine.runner.buffers.kv.view(np.uint16), device="cuda").view(torch.bfloat16).clone()
     with LlamaEngine(path, max_batch=1, kv_cache_dtype="fp8_e4m3", kv_cache_scales=(0.5, 2.0)) as engine:
         engine.prefill_logits(ps)
-        k8 = torch.as_tensor(engine.buffers.kv, device="cuda").clone()
+        k8 = torch.as_tensor(engine.runner.buffers.kv, device="cuda").clone()
     # layer 0 only (its K/V come from the same bf16 computation in both engines; layer 1's input already differs);
     # both engines put the one request on the same pages (after the padding page 0), 16 tokens each
     pages = slice(1, 1 + -(-40 // 16))

@@ -98,7 +98,7 @@ def max_diff(a, b) -> float:
 
 def kv_pages(e: LlamaEngine) -> np.ndarray:
     """The KV cache of every page but the padding page (float32, on the host)."""
-    kv = e.buffers.kv[:, :, 1:].get()
+    kv = e.runner.buffers.kv[:, :, 1:].get()
     return kv.astype(np.float32) if kv.dtype == np.float16 else (kv.astype(np.uint32) << 16).view(np.float32)
 
 
@@ -138,10 +138,10 @@ def test_batched_prefill_and_decode_after_a_graph_prefill_match_eager(model):
             out[graphs] = [e.generate(b, 13, eos_token_ids=()).tokens for b in batches]
             logits = e.prefill_logits(batches[1])
             if graphs:
-                assert [k[:2] for k in e._prefill_graph_cache] == [(32, 3)]
+                assert [k[:2] for k in e.runner._prefill_graph_cache] == [(32, 3)]
                 assert not e.prefill_graph_failures
             else:
-                assert not e._prefill_graph_cache
+                assert not e.runner._prefill_graph_cache
                 eager_logits = logits
     print(f"{dtype}: batched greedy tokens {out[True]}")
     assert out[True] == out[False]

@@ -788,7 +788,7 @@ from fi_engine.kernels import cuda_sources  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
 from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # noqa: E402
 from fi_engine.models import registry as engines  # noqa: E402
-from fi_engine.runtime import paging, serving  # noqa: E402
+from fi_engine.runtime import moe_paths, paging, serving  # noqa: E402
 from fi_engine.runtime import settings as engine_settings  # noqa: E402
 from fi_engine.text import chat, detokenize, generation_config, model_files, tokenizer  # noqa: E402
 from fi_engine.text import codec as text  # noqa: E402
@@ -1519,6 +1519,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "runtime.serving.mixed_prefill_arg": lambda: [
         ("mixed_prefill_arg", Entry(serving.mixed_prefill_arg, lambda: dict(mixed_prefill=True)))
     ],
+    "runtime.moe_paths.MoEPaths": lambda: [("MoEPaths", Entry(moe_paths.MoEPaths, lambda: dict(moe_path="dense")))],
     "layers.tensor_parallel.rows": lambda: [
         ("rows", Entry(tensor_parallel.rows, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
     ],
@@ -2023,6 +2024,8 @@ EXEMPT: dict[str, str] = {
     "tests/engine/test_step_api_host.py",
     "runtime.sampling.Sampler": "the engine's own part, made by Engine from its checked buffers (Sampler.of): "
     "tests/engine/test_step_api_host.py and the GPU suites",
+    "runtime.model_runner.ModelRunner": "the engine's own part, made by Engine from its checked settings and family "
+    "(EngineSettings' generator above; it needs a GPU): tests/engine/test_prefill_buckets.py and the GPU suites",
     "runtime.sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
     "tests/engine/test_step_api_host.py",
     "runtime.stepping.StepOutput": _RECORD,
