@@ -91,7 +91,7 @@ def step_host_us(model: Path, batch: int, reps: int) -> tuple[float, str]:
     with LlamaEngine(model, max_batch=batch, max_seq_len=256) as engine:
         prompts = [[5 + r] * 4 for r in range(batch)]  # all admitted at once (max_prefill_tokens >= 4 * batch)
         engine.generate(prompts, 4, eos_token_ids=())  # warm-up: modules, kernels, packed call sites
-        sched = engine._scheduler()
+        sched = engine.scheduler
         for p in prompts:
             sched.submit(p, 8, eos_token_ids=())  # none may end at its prefill
         admitted = sched.admit()

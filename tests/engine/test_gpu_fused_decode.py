@@ -1,4 +1,4 @@
-"""The engine's fused decode step (``LlamaEngine._fused_step``) and its GEMV variants (``Dense.fused_linear``), on a
+"""The engine's fused decode step (``ModelRunner._fused_step``) and its GEMV variants (``Dense.fused_linear``), on a
 GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
 
 1. Each variant (RMSNorm prologue, add + RMSNorm prologue with the new residual written out, SiLU-gated input) for

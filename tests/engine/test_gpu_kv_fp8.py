@@ -200,9 +200,9 @@ def test_fp8_cache_takes_half_the_bytes(checkpoint):
 
     path, _ = checkpoint
     with LlamaEngine(path, max_batch=4, kv_cache_dtype="fp8_e4m3") as fp8, LlamaEngine(path, max_batch=4) as bf16:
-        assert fp8.buffers.kv.nbytes * 2 == bf16.buffers.kv.nbytes
-        assert fp8.kv_dtype == "float8_e4m3fn" and fp8.k_cache[0].dtype.name == "float8_e4m3fn"
-        assert (fp8.kv_fp8.k_scale, fp8.kv_fp8.v_scale) == (1.0, 1.0)  # no scales in the checkpoint
+        assert fp8.runner.buffers.kv.nbytes * 2 == bf16.runner.buffers.kv.nbytes
+        assert fp8.runner.kv_dtype == "float8_e4m3fn" and fp8.runner.k_cache[0].dtype.name == "float8_e4m3fn"
+        assert (fp8.runner.kv_fp8.k_scale, fp8.runner.kv_fp8.v_scale) == (1.0, 1.0)  # no scales in the checkpoint
 
 
 @pytest.mark.parametrize("scales", [None, (2.0, 4.0)], ids=["scale-1", "scales-2-4"])
