@@ -181,6 +181,7 @@ def open_engine(
     scheduler_delay_factor: float = 0.0,
     mixed_prefill: bool = False,
     warm_serving: bool = False,
+    prefix_caching: bool = False,
     **kwargs: Any,
 ) -> Any:
     """``engine_class(model_dir)(model_dir, **kwargs)`` with the step API's serving settings, which a server
@@ -189,18 +190,24 @@ def open_engine(
     requests wait while others decode, up to that many times the last prefill's time, to be prefilled together;
     0 to 100), ``mixed_prefill`` (a prefill pass decodes the active requests too) and ``warm_serving`` (the prefill
     graphs the step API replays captured now, not while serving: ``ServingLoop.warm_serving``, where the engine has
-    it; about 1 s for SmolLM2-135M on an H100)."""
+    it; about 1 s for SmolLM2-135M on an H100) and ``prefix_caching`` (a prompt reuses the KV pages an earlier
+    request computed for its beginning: ``ServingLoop.prefix_caching``, on where the engine serves it, left off
+    elsewhere; ``engine.prefix_caching`` says which)."""
     from ..runtime.serving import delay_factor_arg, mixed_prefill_arg, overlap_steps_arg
 
     overlap_steps = overlap_steps_arg(overlap_steps)  # checked before the checkpoint is read
     scheduler_delay_factor = delay_factor_arg(scheduler_delay_factor)
     mixed_prefill = mixed_prefill_arg(mixed_prefill)
-    if not isinstance(warm_serving, bool):
-        raise TypeError(f"warm_serving: expected True or False, got {type(warm_serving).__name__}")
+    for name, value in (("warm_serving", warm_serving), ("prefix_caching", prefix_caching)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
     engine = engine_class(model_dir)(model_dir, **kwargs)
     engine.overlap_steps = overlap_steps
     engine.scheduler_delay_factor = scheduler_delay_factor
     engine.mixed_prefill = mixed_prefill
+    blocker = getattr(engine, "prefix_caching_blocker", None)
+    if prefix_caching and blocker is not None and blocker() is None:
+        engine.prefix_caching = True
     warm = getattr(engine, "warm_serving", None)
     if warm_serving and warm is not None:
         try:

@@ -6,8 +6,9 @@ own module with a narrow interface:
   :class:`~fi_engine.models.deepseek.DeepSeek`): config checks, weights, layer body, attention plans;
 - the **model runner** (:class:`~fi_engine.runtime.model_runner.ModelRunner`): the model on the GPU (weights,
   buffers, the KV cache's tensors, CUDA graphs, the fused decode step), staging and running one step at a time;
-- the **scheduler** (:class:`~fi_engine.runtime.paging.Scheduler`) with the KV cache's page allocator
-  (:class:`~fi_engine.runtime.paging.PageAllocator`): the requests, their slots and pages, admission, a step's rows;
+- the **scheduler** (:class:`~fi_engine.runtime.paging.Scheduler`) with the KV-cache manager
+  (:class:`~fi_engine.runtime.kv_cache.KVCacheManager`: the pages, and the prompt prefixes cached in them): the
+  requests, their slots and pages, admission, a step's rows;
 - the **sampler** (:class:`~fi_engine.runtime.sampling.Sampler`): greedy, top-k / top-p, each request with its own
   parameters, over the runner's logits;
 - the **serving loop** (:class:`~fi_engine.runtime.serving.ServingLoop`, this class's base): ``generate``,
@@ -23,8 +24,9 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
 
 from .family import ModelFamily
+from .kv_cache import KVCacheManager
 from .model_runner import ModelRunner
-from .paging import PageAllocator, Scheduler
+from .paging import Scheduler
 from .serving import ServingLoop
 from .settings import EngineSettings
 
@@ -90,7 +92,8 @@ class Engine(ServingLoop):
             engine class passes its own, made with its constructor's family options (``moe_path``, ...).
 
     Parts: ``runner`` (:class:`~fi_engine.runtime.model_runner.ModelRunner`), ``scheduler``
-    (:class:`~fi_engine.runtime.paging.Scheduler`, its page allocator ``scheduler.allocator``), ``sampler``
+    (:class:`~fi_engine.runtime.paging.Scheduler`), ``kv_cache`` (its pages:
+    :class:`~fi_engine.runtime.kv_cache.KVCacheManager`), ``sampler``
     (:class:`~fi_engine.runtime.sampling.Sampler`), ``family``. The sizes the engine was made with (``config``,
     ``model_config``, ``max_batch``, ``page_size``, ``max_seq_len``, ``num_pages``, ``max_prefill_tokens``) and its
     device (``device``, ``stream``, ``comm``, ``rank``, ``dtype``, ``tensor_parallel``, ``cuda_graph``) are the
@@ -170,8 +173,9 @@ class Engine(ServingLoop):
         runner = self.runner = ModelRunner(family, model_dir, settings)
         self.sampler = runner.sampler
         c = runner.config
+        self.kv_cache = KVCacheManager(runner.num_pages, runner.page_size)  # caching once prefix_caching is on
         self.scheduler = Scheduler(
-            PageAllocator(runner.num_pages),
+            self.kv_cache,
             runner.page_size,
             runner.max_batch,
             runner.max_seq_len,

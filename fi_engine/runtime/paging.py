@@ -37,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -151,6 +151,7 @@ class Request:
     output: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V are in the cache
+    hit: int = 0  # prompt tokens found in the prefix cache at admission (their K/V computed by an earlier request)
     slot: int = -1  # row in the batch while active
     finish_reason: str | None = None  # "eos", "length" or "abort" once finished
     sampling: SamplingParams | None = None
@@ -252,8 +253,9 @@ def fill_prefill(
         if r.output:  # decoding: its last token, one row
             start = r.position(ahead)
             new = (0,) if ahead else (r.output[-1],)
-        else:
-            start, new = 0, r.prompt
+        else:  # admitted: its prompt from the first token not in the cache (a prefix cache hit: past the hit)
+            start = r.cached
+            new = r.prompt[start:]
         end = start + len(new)
         need = pages_for(end, page_size)
         if not new or len(r.pages) < need:
@@ -477,11 +479,38 @@ def fill_decode(rows: Sequence[Request | None], page_size: int, v: dict[str, np.
     return len(indices)
 
 
+class PagePool(Protocol):
+    """What the scheduler asks of the KV cache's pages: :class:`PageAllocator`'s calls."""
+
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def num_free(self) -> int: ...
+    def alloc(self, n: int) -> list[int]: ...
+    def free(self, pages: Iterable[int]) -> None: ...
+
+
+class PrefixCache(PagePool, Protocol):
+    """What the scheduler asks of a page pool that caches prompt prefixes
+    (:class:`~fi_engine.runtime.kv_cache.KVCacheManager`, which documents each call)."""
+
+    enable_prefix_caching: bool
+
+    def match_prefix(self, token_ids: Sequence[int], extra_key: Any = None) -> tuple[list[int], int]: ...
+    def free_pages_needed(self, prefix: Sequence[int], num_new: int) -> int: ...
+    def acquire(self, prefix: Sequence[int], num_new: int, *, num_tokens: int) -> list[int]: ...
+    def commit(
+        self, pages: Sequence[int], token_ids: Sequence[int], num_computed_tokens: int, extra_key: Any = None
+    ) -> int: ...
+
+
 class Scheduler:
     """Requests in, batches out: admission, slots, page growth, finishing (see the module docstring).
 
     Args:
-        allocator: the KV cache's pages.
+        allocator: the KV cache's pages: a :class:`PageAllocator`, or a
+            :class:`~fi_engine.runtime.kv_cache.KVCacheManager`, which can also cache prompt prefixes
+            (:attr:`prefix_caching`).
         page_size: tokens per page.
         max_batch: batch slots (the largest decode CUDA graph's rows).
         max_seq_len: the most tokens (prompt + generated) one request may reach.
@@ -490,11 +519,16 @@ class Scheduler:
         eos_token_ids: tokens that end a request (they are kept in its output), unless it was submitted with its own.
 
     ``sampled``: how many active requests sample (not greedy), so a step of greedy rows only knows it at once.
+
+    ``prefix_caching`` (default False; settable where the allocator caches: a KVCacheManager made with
+    ``enable_prefix_caching=True``): an admitted prompt takes the cached full pages its beginning matches (their K/V
+    already computed) and is prefilled from the first token past them; a request's full pages are registered in the
+    cache after each pass that wrote them (a finished request's too, so a conversation's next turn finds them).
     """
 
     def __init__(
         self,
-        allocator: PageAllocator,
+        allocator: PagePool,
         page_size: int,
         max_batch: int,
         max_seq_len: int,
@@ -513,6 +547,23 @@ class Scheduler:
         self.slots: list[Request | None] = [None] * max_batch
         self.sampled = 0
         self._next_id = 0
+        self._prefix_caching = False
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether admission matches prompts against the cached pages and passes register full pages (see above)."""
+        return self._prefix_caching
+
+    @prefix_caching.setter
+    def prefix_caching(self, on: bool) -> None:
+        if not isinstance(on, bool):
+            raise TypeError(f"prefix_caching: expected True or False, got {type(on).__name__}")
+        if on and not getattr(self.allocator, "enable_prefix_caching", False):
+            raise ValueError(
+                "prefix_caching: the scheduler's page pool caches nothing; make it a "
+                "fi_engine.runtime.kv_cache.KVCacheManager with enable_prefix_caching=True"
+            )
+        self._prefix_caching = on
 
     # ---- requests in
 
@@ -637,21 +688,31 @@ class Scheduler:
         outstanding = sum(r.budget_pages - len(r.pages) for r in self.slots if r is not None)
         admitted: list[Request] = []
         tokens = 0
+        cache = cast(PrefixCache, self.allocator) if self._prefix_caching else None
         while self.pending and free_slots:
             r = self.pending[0]
-            if reserve + tokens + len(r.prompt) > self.max_prefill_tokens:
+            prefix, cached = cache.match_prefix(r.prompt) if cache is not None else ([], 0)
+            if reserve + tokens + len(r.prompt) - cached > self.max_prefill_tokens:
                 break
-            if self.allocator.num_free - outstanding < r.budget_pages:
+            # the pages it may come to hold that the pool must give: its budget beyond the matched pages, and the
+            # matched pages no request holds (they leave the pool's evictable ones)
+            need = r.budget_pages if cache is None else cache.free_pages_needed(prefix, r.budget_pages - len(prefix))
+            if self.allocator.num_free - outstanding < need:
                 break
             self.pending.popleft()
-            r.pages = self.allocator.alloc(pages_for(len(r.prompt), self.page_size))
+            new = pages_for(len(r.prompt), self.page_size) - len(prefix)
+            if cache is None:
+                r.pages = self.allocator.alloc(new)
+            else:
+                r.pages = cache.acquire(prefix, new, num_tokens=len(r.prompt))
+                r.cached = r.hit = cached
             outstanding += r.budget_pages - len(r.pages)
             r.slot = free_slots.pop(0)
             self.slots[r.slot] = r
             if r.sampling is not None:
                 self.sampled += 1
             admitted.append(r)
-            tokens += len(r.prompt)
+            tokens += len(r.prompt) - r.cached
         if self.pending and not admitted and not self.active:
             raise OutOfPagesError(
                 f"request {self.pending[0].rid} cannot be admitted into an empty batch "
@@ -750,6 +811,8 @@ class Scheduler:
                 continue
             r.cached = len(r.prompt) if prefill else r.cached + 1
             r.output.append(int(t))
+            if self._prefix_caching and (prefill or r.cached % self.page_size == 0):  # a page filled: shareable now
+                cast(PrefixCache, self.allocator).commit(r.pages, (*r.prompt, *r.output), r.cached)
             if int(t) in (self.eos if r.eos is None else r.eos):
                 r.finish_reason = "eos"
             elif len(r.output) >= r.max_new_tokens:

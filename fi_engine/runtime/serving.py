@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..kernels.flashinfer import stream_scope
+from .kv_cache import KVCacheManager
 from .model_runner import ModelRunner
 from .paging import Request, Scheduler, pages_for, prefill_slots
 from .sampling import Draws, Sampler
@@ -118,11 +119,12 @@ class ServingLoop(StepEngineBase):
     :attr:`has_unfinished`), with the prefill and decode steps they run. ``generate`` drives the same step
     (:meth:`_advance`) as :meth:`step`, over the same scheduler, until its own prompts are done.
 
-    Its parts (set by :class:`~fi_engine.runtime.engine.Engine`'s constructor): ``runner``, ``scheduler`` (which owns
-    the KV cache's pages, ``scheduler.allocator``) and ``sampler``."""
+    Its parts (set by :class:`~fi_engine.runtime.engine.Engine`'s constructor): ``runner``, ``scheduler``, ``kv_cache``
+    (the scheduler's page pool) and ``sampler``."""
 
     runner: ModelRunner  # the model on the GPU: stages and runs each step, copies its tokens out
     scheduler: Scheduler  # the requests, their slots and KV pages: admission, a step's rows, the tokens recorded
+    kv_cache: KVCacheManager  # the KV cache's pages and the prompt prefixes cached in them (the scheduler's pool)
     sampler: Sampler  # each row's token from its logits (greedy, or drawn with the request's parameters)
     # the step API's requests by id, the aborted ones the next step() reports, the ends a failed step() had recorded
     _requests: dict[int, Request]
@@ -205,6 +207,58 @@ class ServingLoop(StepEngineBase):
     @mixed_prefill.setter
     def mixed_prefill(self, value: bool) -> None:
         self._mixed_prefill = mixed_prefill_arg(value)
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether a request's prompt reuses the KV of the longest run of full pages an earlier request computed
+        for the same tokens (automatic prefix caching, as vLLM's and SGLang's): its prefill starts past them, and its
+        own full pages are shared from when a pass wrote them, evicted least recently used once no request holds them
+        (:mod:`~fi_engine.runtime.kv_cache`). The tokens are the same as without it up to the rounding of another
+        pass shape (the prefix's K/V come from the pass that computed them). Default False; ``fi-engine serve``
+        turns it on where it applies: the Llama pass (whose prefill attention reads the paged cache) on one GPU;
+        ValueError naming what stands in the way elsewhere (:meth:`prefix_caching_blocker`), TypeError for anything
+        but a bool. ``prefill_logits`` and the warm-ups never read or fill the cache. Turning it off drops the
+        cached pages (once no request holds them)."""
+        return self.scheduler.prefix_caching
+
+    @prefix_caching.setter
+    def prefix_caching(self, on: bool) -> None:
+        on = _switch("prefix_caching", on)
+        why = self.prefix_caching_blocker() if on else None
+        if why is not None:
+            raise ValueError(f"prefix_caching: {why}; leave it off for this engine")
+        self.scheduler.prefix_caching = on
+        if not on:
+            self.kv_cache.reset()  # (nothing dropped while a request holds pages)
+
+    def prefix_caching_blocker(self) -> str | None:
+        """Why :attr:`prefix_caching` cannot be on for this engine, or None."""
+        runner = self.runner
+        if not runner.family.llama_pass:
+            return (
+                f"{type(runner.family).__name__}'s prefill attention reads only the prompt's own keys and values (the "
+                f"Llama family's reads the paged cache, which a cached prefix needs)"
+            )
+        if runner.comm is not None:
+            return "not with tensor parallelism yet"
+        return None
+
+    @property
+    def prefix_cache_stats(self) -> Any:
+        """The prefix cache's counters (:class:`~fi_engine.runtime.kv_cache.PrefixCacheStats`: requests, prompt
+        tokens looked up, tokens found, evictions, ``hit_rate``)."""
+        return self.kv_cache.stats
+
+    @contextlib.contextmanager
+    def _prefix_cache_off(self) -> Iterator[None]:
+        """Within: no prompt reads or fills the prefix cache (``prefill_logits`` needs every row's logits; a warm-up's
+        dummy prompts must run the shapes they were made for)."""
+        sched = self.scheduler
+        on, sched.prefix_caching = sched.prefix_caching, False
+        try:
+            yield
+        finally:
+            sched.prefix_caching = on
 
     @property
     def scheduler_delay_factor(self) -> float:
@@ -613,7 +667,8 @@ class ServingLoop(StepEngineBase):
         sched, runner = self.scheduler, self.runner
         reqs = self._submit(sched, prompts, 1, None, (), None)
         out: dict[int, np.ndarray] = {}
-        with runner.cupy.cuda.Device(runner.device), runner.stream, stream_scope(runner.stream_ptr, runner.device):
+        device = runner.cupy.cuda.Device(runner.device)
+        with self._prefix_cache_off(), device, runner.stream, stream_scope(runner.stream_ptr, runner.device):
             try:
                 while sched.has_work:
                     admitted = sched.admit()
@@ -702,8 +757,9 @@ class ServingLoop(StepEngineBase):
     def _warm(self, runs: list[list[list[int]]]) -> list[tuple[int, int]]:
         """One prefill of each set of dummy prompts (a new token each, their pages freed), so that its graph is
         captured now; the ``(bucket rows, request slots)`` of every prefill graph the engine then holds."""
-        for prompts in runs:
-            self.generate(prompts, 1, eos_token_ids=())
+        with self._prefix_cache_off():
+            for prompts in runs:
+                self.generate(prompts, 1, eos_token_ids=())
         return self.runner.prefill_graph_shapes()
 
     @staticmethod

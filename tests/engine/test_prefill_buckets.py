@@ -391,6 +391,7 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
     r._ids_host = np.full(max_batch, 7, np.int32)  # the tokens the pass "chose", one per slot
     r._prefill_done = SimpleNamespace(record=lambda stream: None)
     e._next_rows = None
+    e.scheduler = Scheduler(PageAllocator(r.num_pages), PS, max_batch, max_tokens + 2, max_tokens, 1000)
     return e, rec
 
 

@@ -20,6 +20,7 @@ from fi_engine.models.gpt_oss import GptOssEngine
 from fi_engine.models.llama import LlamaEngine
 from fi_engine.runtime import serving
 from fi_engine.runtime.engine import Engine
+from fi_engine.runtime.kv_cache import KVCacheManager
 from fi_engine.runtime.paging import (
     PageAllocator,
     Request,
@@ -305,7 +306,8 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
         stream=_Stream(),
         stage_decode_ahead=lambda rows, ahead: None,
     )
-    e.scheduler = Scheduler(PageAllocator(num_pages), PS, max_batch, 256, 512, 1000, (EOS,))
+    e.kv_cache = KVCacheManager(num_pages, PS)
+    e.scheduler = Scheduler(e.kv_cache, PS, max_batch, 256, 512, 1000, (EOS,))
     e.sampler = Sampler(None, None, SimpleNamespace(), device=0, stream_ptr=0, max_batch=max_batch, vocab_size=1000)
     e._start_loop()
     e.overlap_steps, e.mixed_prefill = overlap, mixed
@@ -1027,3 +1029,95 @@ def test_the_serving_settings_refuse_a_bad_value_and_keep_the_last_good_one():
         with pytest.raises(ValueError, match=r"scheduler_delay_factor: expected a number in \[0, 100\]"):
             e.scheduler_delay_factor = bad  # type: ignore[assignment]
     assert e.overlap_steps is True and e.scheduler_delay_factor == 2.0
+
+
+# ---------------------------------------------------------------------------------------------- prefix caching
+
+
+def cached_scheduler(num_pages=1 + 16, max_batch=3):
+    s = Scheduler(KVCacheManager(num_pages, PS), PS, max_batch, 256, 512, 1000, (EOS,))
+    s.prefix_caching = True
+    return s
+
+
+def test_a_prompt_sharing_full_pages_with_a_finished_one_takes_them_and_is_prefilled_past_them():
+    s = cached_scheduler()
+    system = list(range(1, 2 * PS + 1))  # two full pages
+    a = s.submit(system + [7, 8, 9], 2)
+    s.admit()
+    s.record([a], [50], prefill=True)  # its pass wrote the prompt: its two full pages are registered
+    s.record(s.decode_rows(padded=False), [51])  # ends at max_new_tokens: its pages go back, the full ones cached
+    assert a.finished and s.allocator.num_free == s.allocator.capacity
+    b = s.submit(system + [4, 5], 3)
+    assert s.admit() == [b]
+    assert b.cached == b.hit == 2 * PS and len(b.pages) == 3  # the two cached pages, then its own third
+    arrays = prefill_layout(512, 3, 1 + 16 + 3).views(np.zeros(prefill_layout(512, 3, 20).total, np.int32))
+    nnz, pages = fill_prefill([b], PS, arrays)
+    assert nnz == 2 and pages == 3  # only the tokens past the cached pages are computed, attending to all three
+    assert arrays["token_ids"][:2].tolist() == [4, 5] and arrays["positions"][:2].tolist() == [2 * PS, 2 * PS + 1]
+    assert s.allocator.stats.hits == 2 * PS and s.allocator.stats.queries == len(a.prompt) + len(b.prompt)
+
+
+def test_a_shared_prefix_is_matched_while_its_first_request_still_decodes_and_never_the_whole_prompt():
+    s = cached_scheduler()
+    prompt = list(range(1, PS + 1))  # exactly one page: the match leaves its last token to compute
+    a = s.submit(prompt + [99], 5)
+    s.admit()
+    s.record([a], [50], prefill=True)
+    b = s.submit(prompt, 2)
+    c = s.submit(prompt + [99, 50, 3], 2)
+    assert s.admit() == [b, c]
+    assert b.cached == 0  # one page = the whole prompt: its last token is computed, so nothing is taken
+    assert c.cached == PS and c.pages[0] == a.pages[0]  # a's first page, shared while a runs
+    for r in (a, b, c):
+        s.abort(r)
+    assert s.allocator.num_free == s.allocator.capacity
+    s.allocator.check()
+
+
+def test_without_prefix_caching_the_pool_hands_out_what_a_page_allocator_does():
+    plain = make(num_pages=1 + 16)
+    pool = Scheduler(KVCacheManager(1 + 16, PS), PS, 3, 256, 512, 1000, (EOS,))
+    for s in (plain, pool):
+        reqs = [s.submit([i + 1] * (5 + 9 * i), 20) for i in range(4)]
+        s.admit()
+        s.record(s.active, [100] * len(s.active), prefill=True)
+        s.abort(reqs[1])
+        s.admit()
+    assert [r.pages for r in plain.active] == [r.pages for r in pool.active]
+    with pytest.raises(ValueError, match="prefix_caching: the scheduler's page pool caches nothing"):
+        plain.prefix_caching = True
+    with pytest.raises(TypeError, match="prefix_caching: expected True or False, got str"):
+        pool.prefix_caching = "yes"  # type: ignore[assignment]
+
+
+def test_the_step_api_with_prefix_caching_gives_the_same_tokens_and_prefills_fewer_rows():
+    prompts = [[1] * (3 * PS) + [2, 3], [1] * (3 * PS) + [4], [1] * (2 * PS) + [5] * 7]
+    runs = {}
+    for on in (False, True):
+        e = bare_engine(max_batch=2)
+        e.prefix_caching = on
+        rows = []
+        for p in prompts:  # one after another: each finds what the ones before it left
+            rid = e.add_request(p, 3, eos_token_ids=())
+            out = drain(e)
+            rows.append(e.filled[0])
+            runs[on] = runs.get(on, []) + [[t for o in out[rid] for t in o.token_ids]]
+        runs[on, "rows"] = rows
+        assert e.scheduler.allocator.num_free == e.scheduler.allocator.capacity
+    assert runs[True] == runs[False]  # the stand-in's tokens depend on the prompt and output only
+    assert runs[False, "rows"] == [len(p) for p in prompts]
+    assert runs[True, "rows"] == [3 * PS + 2, 1, 7]  # past the 3 and 2 pages the first prompt left cached
+
+
+def test_prefix_caching_is_refused_where_the_prefill_attention_reads_no_paged_cache():
+    e = bare_engine()
+    e.runner.family = SimpleNamespace(llama_pass=False)
+    with pytest.raises(ValueError, match="prefix_caching: SimpleNamespace's prefill attention reads only"):
+        e.prefix_caching = True
+    e.runner.family, e.runner.comm = SimpleNamespace(llama_pass=True), object()
+    with pytest.raises(ValueError, match="prefix_caching: not with tensor parallelism yet"):
+        e.prefix_caching = True
+    with pytest.raises(TypeError, match="prefix_caching: expected True or False, got int"):
+        e.prefix_caching = 1  # type: ignore[assignment]
+    assert e.prefix_caching is False
