@@ -410,3 +410,37 @@ def test_a_mixed_prefill_pass_decodes_the_running_requests(engine):
     for rid, p, m in zip(rids, ps, limits, strict=True):
         assert len(got[rid]) == m
         check_own_greedy(engine, p, got[rid])
+
+
+# ------------------------------------------------------------------------------------------------------------ (f)
+
+
+def test_prefix_caching_serves_a_shared_system_prompt_with_the_same_tokens(engine):
+    """Automatic prefix caching (ServingLoop.prefix_caching) in every mode: a conversation's first turn fills the
+    cache, then three turns that begin with the same 40-token system prompt, added together, each take its two full
+    pages and are prefilled past them. Their tokens equal those of the same run with the cache off (the cached K/V
+    are what their own prefill would have computed, from another pass shape), and each is the engine's own greedy
+    choice by teacher forcing."""
+    system = prompts((40,), VOCAB, seed=31)[0]
+    turns = [system + p for p in prompts((5, 9, 17, 3), VOCAB, seed=32)]
+
+    def run(on: bool) -> list[list[int]]:
+        engine.prefix_caching = on
+        first = engine.add_request(turns[0], 12, eos_token_ids=())
+        got = drain(engine)
+        rids = [engine.add_request(p, 12, eos_token_ids=()) for p in turns[1:]]
+        got.update(drain(engine))
+        return [tokens_of(got[r]) for r in (first, *rids)]
+
+    try:
+        off = run(False)
+        before = engine.prefix_cache_stats.hits
+        on = run(True)
+        hits = engine.prefix_cache_stats.hits - before
+    finally:
+        engine.prefix_caching = False
+    assert hits == 3 * 32, hits  # turns 1..3: the system prompt's two full pages of 16 tokens each
+    assert on == off
+    assert free_pages(engine) == capacity(engine)
+    for p, out in zip(turns, on, strict=True):
+        check_own_greedy(engine, p, out)
