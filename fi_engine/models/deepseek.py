@@ -172,7 +172,6 @@ class DeepSeek(ModelFamily):
         )  # fmt: skip
         eng.ln1, eng.ln2 = [], []
         eng.moe_layers = []
-        self.moe_scratch = None
         self.fused_routing_used = self._choose_routing(eng)
         # the decode graph's routing where the fused kernel does not serve (DeepSeek.check refused what neither does)
         self.device_topk = None

@@ -146,7 +146,6 @@ class Gemma2(ModelFamily):
             raise ValueError(f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints")
         w = WeightLoader.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng.device_arrays
         eng.moe_layers = []
-        self.moe_scratch = None
 
         w.embedding_and_head(eng, c)
         # the embedding's token ids [start, start + valid) (the whole vocabulary on one GPU)

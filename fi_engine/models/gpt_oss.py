@@ -387,7 +387,6 @@ class GptOss(MoEPaths, ModelFamily):
         dtype = check_checkpoint(ckpt)
         w = WeightLoader.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng.device_arrays
         eng.moe_layers = []
-        self.moe_scratch = None
 
         def host_f32(name: str, shape: tuple[int, ...]) -> np.ndarray:  # biases and sinks, as float32
             info = ckpt.info(name)

@@ -127,7 +127,6 @@ class Llama(MoEPaths, ModelFamily):
         eng.q_norm = []
         eng.k_norm = []
         eng.moe_layers = []
-        self.moe_scratch = None
         if c.moe is not None:
             eng.moe_workspace = kernels.workspace(eng.device)  # the grouped GEMMs' own (argument arrays, scratch)
         for i in range(c.num_layers):

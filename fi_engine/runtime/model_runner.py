@@ -104,7 +104,7 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
         self.cuda_graph = settings.cuda_graph
         self.family.check(self, self.model_config)
         # the KV cache's element type: "auto" (the model's) or "fp8_e4m3" (normalized by the settings)
-        self.kv_cache_dtype = settings.kv_cache_dtype or "auto"
+        self.kv_cache_dtype = settings.kv_cache_dtype or "auto"  # (the settings made None "auto"; for the type)
         if self.kv_cache_dtype == "fp8_e4m3":
             kv_fp8.check_supported(self.family, self.model_config, model_dir)
         self._kv_scales = settings.kv_cache_scales
