@@ -1,19 +1,44 @@
-"""Binding of kernel-module entry points, once per process.
+"""Binding of kernel-module entry points, once per process; the ops' one way to the loader.
 
 :func:`entry_point` loads the module ``uri`` (extracting it from the pinned wheel on first use, see
 :mod:`fi_ffi.loader`) and binds its ``__tvm_ffi_<name>`` symbol. Later calls return the same
-:class:`~fi_ffi.abi.call.EntryPoint`.
+:class:`~fi_ffi.abi.call.EntryPoint`. :func:`module_sources` and :func:`module_release` answer which modules the
+pinned wheels serve (the attention plans choose their module by it).
+
+Each of them first asks for a usable NVIDIA driver (:func:`require_driver`): without one an op or plan says "no
+NVIDIA driver found" and the fix, before any download or module load (which would end in a network error, or in
+the CUDA runtime's "driver version is insufficient" from inside the module). Once a driver was found that is a
+single flag test, on first calls only: a bound entry point never asks again.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from .. import caches
 from ..abi.call import EntryPoint
 
+if TYPE_CHECKING:
+    from ..loader.lockfile import WheelPin
+
 _lock = threading.Lock()
 _bound: dict[tuple[str, str], EntryPoint] = {}
+_driver_found = False  # True once cuInit succeeded in this process (the CPU test suite sets it: tests/conftest.py)
+
+
+def require_driver(what: str) -> None:
+    """Raise :class:`~fi_ffi.errors.CudaError` ("no NVIDIA driver found", or the driver that sees no GPU, and the
+    fix: :func:`fi_ffi.cuda.runtime.no_driver`) for ``what`` (the module or entry point about to be used) where this
+    machine has no usable CUDA driver; nothing once one was found."""
+    global _driver_found
+    if _driver_found:
+        return
+    from ..cuda import driver, runtime
+
+    if driver.load() is None:
+        raise runtime.no_driver(what)
+    _driver_found = True
 
 
 def entry_point(uri: str, name: str) -> EntryPoint:
@@ -23,11 +48,30 @@ def entry_point(uri: str, name: str) -> EntryPoint:
         with _lock:
             ep = _bound.get((uri, name))
             if ep is None:
+                require_driver(f"{uri}.{name}")
                 from .. import loader
 
                 handle = loader.load_module(uri)
                 ep = _bound[(uri, name)] = EntryPoint(handle, name, uri)
     return ep
+
+
+def module_sources() -> dict[str, WheelPin]:
+    """Every module the pinned wheels serve, with the lock entry serving it (:func:`fi_ffi.loader.module_sources`;
+    may fetch the wheels' listings), once a driver is found."""
+    require_driver("choosing an attention module")
+    from .. import loader
+
+    return loader.module_sources()
+
+
+def module_release(uri: str) -> str:
+    """The FlashInfer release module ``uri`` is served from (:func:`fi_ffi.loader.module_release`), once a driver is
+    found."""
+    require_driver(uri)
+    from .. import loader
+
+    return loader.module_release(uri)
 
 
 def _reset() -> None:

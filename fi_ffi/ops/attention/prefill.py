@@ -885,7 +885,7 @@ def _check_graph_split(s: PlanSettings) -> None:
     launches ``padded_batch_size`` blocks but writes their indices only for the real ones and, unsplit, no mask
     telling the others to stop, so the padding blocks read indices an earlier plan left in the workspace and the
     run reads and writes out of bounds (an illegal address that ends the process's CUDA context)."""
-    from ...loader import module_release
+    from ...launch.kernels import module_release
     from ...loader.lockfile import release_key
 
     release = module_release(s.uri)

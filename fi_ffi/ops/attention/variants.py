@@ -387,9 +387,10 @@ def _state() -> _Pinned:
             found = _pinned
             if found is None:
                 from ... import loader
+                from ...launch import kernels as bound
                 from ...loader.lockfile import release_key
 
-                sources = loader.module_sources()
+                sources = bound.module_sources()  # "no NVIDIA driver found" first, before any listing is fetched
                 kernels = loader.selection().kernels
                 # Entries later in the lock rank lower at equal priority and release (lockfile.provider's rule).
                 rank = {
