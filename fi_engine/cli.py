@@ -1,6 +1,6 @@
 """``fi-engine``: the engine's command line (``python -m fi_engine``).
 
-- ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph] [--tp N]``: serve
+- ``generate MODEL_DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph] [--tp N]``: serve
   token-id prompts with a local checkpoint (needs CuPy and a GPU); prints the tokens, tokens/s and host time per
   decode step. ``--prompt TEXT`` and ``--chat MESSAGE`` (each repeatable, beside ``--prompt-ids``) take text:
   encoded with the checkpoint's ``tokenizer.json``, a chat message rendered with its chat template, the
@@ -220,6 +220,13 @@ def _served() -> str:
     return "; ".join(f"{f.label}: model_type {', '.join(f.model_types)}" for f in families())
 
 
+def _version() -> str:
+    """The installed distribution's version (fi_engine ships in fi_ffi's)."""
+    from .kernels.system import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fi-engine`` argument parser (subcommands ``generate`` and ``serve``)."""
     common = argparse.ArgumentParser(add_help=False)  # -q/-v before or after the subcommand
@@ -240,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "usage, checkpoint or fi_ffi error.",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
         "generate",
@@ -266,9 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
-    p.add_argument(
-        "--model", required=True, help="checkpoint directory: config.json + *.safetensors (f16/bf16, or FP8 e4m3)"
-    )
+    _add_model(p, "checkpoint directory: config.json + *.safetensors (f16/bf16, or FP8 e4m3)")
     p.add_argument(
         "--prompt-ids",
         type=_token_ids,
@@ -334,6 +340,29 @@ class _WatchedStdout:
         return getattr(self.stream, name)
 
 
+def _add_model(p: argparse.ArgumentParser, what: str) -> None:
+    """The checkpoint of a command: ``MODEL_DIR`` (positional, as ``vllm serve MODEL``) or ``--model DIR`` (as
+    vLLM's option), either spelling; :func:`_model_of` picks the one given."""
+    p.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help=f"{what} (or --model DIR)")
+    p.add_argument("--model", metavar="DIR", help="the same as MODEL_DIR")
+    p.set_defaults(subparser=p)
+
+
+def _model_of(args: argparse.Namespace) -> str:
+    """The checkpoint ``args`` name, through ``MODEL_DIR`` or ``--model``; a usage error (exit 2) when neither is
+    given, or both with different values."""
+    given, flag = args.model_dir, args.model
+    if given is not None and flag is not None and given != flag:
+        args.subparser.error(
+            f"MODEL_DIR {given!r} and --model {flag!r} name different checkpoints; give one of them (the same value "
+            f"twice is accepted)"
+        )
+    model = given if given is not None else flag
+    if model is None:
+        args.subparser.error("the checkpoint is missing: give MODEL_DIR (e.g. ./SmolLM2-135M-Instruct) or --model DIR")
+    return str(model)
+
+
 def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "serve",
@@ -357,9 +386,7 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
-    p.add_argument(
-        "model", metavar="MODEL_DIR", help="checkpoint directory: config.json, *.safetensors, tokenizer.json"
-    )
+    _add_model(p, "checkpoint directory: config.json, *.safetensors, tokenizer.json")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     p.add_argument(
@@ -594,6 +621,7 @@ def _main(argv: Sequence[str] | None, watched: _WatchedStdout) -> int:
                 raise watched.error from None
             return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
         command = f"{PROG} {args.command}"
+        args.model = _model_of(args)
         _apply_verbosity(getattr(args, "quiet", False), getattr(args, "verbose", 0))
         args.argv = list(sys.argv[1:] if argv is None else argv)  # what `generate --tp N` restarts as its ranks
         status = int(args.func(args))

@@ -231,3 +231,39 @@ def test_text_prompts_are_encoded_before_the_engine_needs_the_gpu(tmp_path: Path
     done = generate("--model", str(root), "--prompt", "hello world", "--chat", "What is a GPU?")
     assert done.returncode == 2
     assert done.stderr.startswith("fi-engine generate: the Llama engine needs an NVIDIA GPU"), done.stderr
+
+
+# ---- one CLI shape for both commands: MODEL_DIR or --model (as vLLM's `vllm serve MODEL` and `--model`) -------
+
+
+def engine_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fi_engine", *args], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_both_commands_take_model_dir_or_dash_dash_model(model: Path, command: str) -> None:
+    extra = ["--prompt-ids", "1,2"] if command == "generate" else []
+    # serve reads the tokenizer first (this checkpoint has none), generate stops at the GPU: either way the
+    # checkpoint given was read, whichever spelling named it
+    reached = "tokenizer.json does not exist" if command == "serve" else "needs an NVIDIA GPU"
+    for spelling in ([str(model)], ["--model", str(model)], [str(model), "--model", str(model)]):
+        done = engine_cli(command, *spelling, *extra)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "unrecognized arguments" not in done.stderr and "usage:" not in done.stderr, done.stderr
+        if command == "serve" or not system.gpus()[0]:
+            assert reached in done.stderr, (spelling, done.stderr)
+    done = engine_cli(command, str(model), "--model", "/elsewhere", *extra)
+    assert done.returncode == 2 and "usage:" in done.stderr
+    assert f"MODEL_DIR '{model}' and --model '/elsewhere' name different checkpoints" in done.stderr
+    done = engine_cli(command, *extra)
+    assert done.returncode == 2
+    assert "the checkpoint is missing: give MODEL_DIR (e.g. ./SmolLM2-135M-Instruct) or --model DIR" in done.stderr
+
+
+def test_fi_engine_version_is_printed_as_fi_ffi_prints_its_own() -> None:
+    import fi_ffi
+
+    done = engine_cli("--version")
+    assert done.returncode == 0 and done.stdout == f"fi-engine {fi_ffi.__version__}\n", done.stdout + done.stderr
