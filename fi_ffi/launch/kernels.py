@@ -2,11 +2,12 @@
 
 :func:`entry_point` loads the module ``uri`` (extracting it from the pinned wheel on first use, see
 :mod:`fi_ffi.loader`) and binds its ``__tvm_ffi_<name>`` symbol. Later calls return the same
-:class:`~fi_ffi.abi.call.EntryPoint`. :func:`module_sources` and :func:`module_release` answer which modules the
-pinned wheels serve (the attention plans choose their module by it).
+:class:`~fi_ffi.abi.call.EntryPoint`. :func:`module_release` says which FlashInfer release serves a module (for the
+ops that refuse a release's known defect).
 
-Each of them first asks for a usable NVIDIA driver (:func:`require_driver`): without one an op or plan says "no
-NVIDIA driver found" and the fix, before any download or module load (which would end in a network error, or in
+Both first ask for a usable NVIDIA driver (:func:`require_driver`, which the attention plans also ask before they
+choose their module: :mod:`fi_ffi.ops.attention.variants`): without one an op or plan says "no NVIDIA driver found"
+and the fix, before any download or module load (which would end in a network error, or in
 the CUDA runtime's "driver version is insufficient" from inside the module). Once a driver was found that is a
 single flag test, on first calls only: a bound entry point never asks again.
 """
@@ -14,13 +15,9 @@ single flag test, on first calls only: a bound entry point never asks again.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
 
 from .. import caches
 from ..abi.call import EntryPoint
-
-if TYPE_CHECKING:
-    from ..loader.lockfile import WheelPin
 
 _lock = threading.Lock()
 _bound: dict[tuple[str, str], EntryPoint] = {}
@@ -54,15 +51,6 @@ def entry_point(uri: str, name: str) -> EntryPoint:
                 handle = loader.load_module(uri)
                 ep = _bound[(uri, name)] = EntryPoint(handle, name, uri)
     return ep
-
-
-def module_sources() -> dict[str, WheelPin]:
-    """Every module the pinned wheels serve, with the lock entry serving it (:func:`fi_ffi.loader.module_sources`;
-    may fetch the wheels' listings), once a driver is found."""
-    require_driver("choosing an attention module")
-    from .. import loader
-
-    return loader.module_sources()
 
 
 def module_release(uri: str) -> str:

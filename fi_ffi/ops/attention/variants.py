@@ -387,10 +387,9 @@ def _state() -> _Pinned:
             found = _pinned
             if found is None:
                 from ... import loader
-                from ...launch import kernels as bound
                 from ...loader.lockfile import release_key
 
-                sources = bound.module_sources()  # "no NVIDIA driver found" first, before any listing is fetched
+                sources = loader.module_sources()
                 kernels = loader.selection().kernels
                 # Entries later in the lock rank lower at equal priority and release (lockfile.provider's rule).
                 rank = {
@@ -404,9 +403,20 @@ def _state() -> _Pinned:
 
 
 def available() -> tuple[frozenset[str], tuple[Variant, ...]]:
-    """(every module URI of the pinned wheels, the attention variants among them); read once per process."""
-    state = _state()
+    """(every module URI of the pinned wheels, the attention variants among them); read once per process. For an
+    op: "no NVIDIA driver found" first, before any wheel listing is fetched (:func:`_for_an_op`)."""
+    state = _for_an_op()
     return state.uris, state.variants
+
+
+def _for_an_op() -> _Pinned:
+    """:func:`_state`, once this machine has a usable driver (:func:`fi_ffi.launch.kernels.require_driver`): an op
+    or plan without one says so before the listing could download a wheel. ``fi-ffi list`` reads :func:`_state`
+    itself (it answers on any machine)."""
+    from ...launch.kernels import require_driver
+
+    require_driver("choosing an attention module")
+    return _state()
 
 
 def release_of(uri: str) -> str:
@@ -457,7 +467,7 @@ def find(variant: Variant) -> Variant | None:
     None. When several are pinned (a 0.6.3 untagged and a 0.7.2 ``kv_stride_equal`` FA2 prefill, say), the one
     whose lock entry takes precedence (priority, then newest release: :mod:`fi_ffi.loader.lockfile`) wins; on a
     tie, ``variant``'s own tag."""
-    state = _state()
+    state = _for_an_op()
     try:
         return state.found[variant]
     except KeyError:
@@ -568,7 +578,7 @@ def list_variants(kind: str | None = None, dtype: Any = None, head_dim: int | No
     except (TypeError, ValueError, KeyError):
         raise TypeError(f"dtype: expected a dtype (a name, a numpy or torch dtype), got {dtype!r}") from None
     rows = []
-    for v in available()[1]:
+    for v in _state().variants:
         if kind is not None and v.kind != kind and not v.kind.endswith("_" + kind):
             continue
         if want_dtype is not None and v.dtype_q != want_dtype:
