@@ -303,21 +303,11 @@ def doctor_data() -> dict[str, Any]:
 
 def cache_problem(root: Path) -> str:
     """Why the cache folder ``root`` cannot be used (``""``: it is a writable folder, or can be made in a writable
-    one)."""
-    import os
+    one: :func:`fi_ffi.loader.settings.cache_dir_problem`, which tries)."""
+    from ..loader import settings
 
-    if root.exists():
-        if not root.is_dir():
-            return f"{root} is a file, not a folder; set FI_FFI_CACHE_DIR to a folder"
-        if not os.access(root, os.W_OK | os.X_OK):
-            return f"{root} is not writable by this user; set FI_FFI_CACHE_DIR to a folder it can write"
-        return ""
-    parent = root.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        return f"{root} does not exist and cannot be made in {parent}; set FI_FFI_CACHE_DIR to a writable folder"
-    return ""
+    why = settings.cache_dir_problem(str(root))
+    return f"{why}; set FI_FFI_CACHE_DIR to a folder this user can write" if why else ""
 
 
 def print_report(data: dict[str, Any]) -> None:
