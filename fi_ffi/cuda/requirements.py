@@ -166,10 +166,11 @@ def explain(code: int, runtime_version: int) -> tuple[str, str] | None:
 
 
 def summary() -> str:
-    """The driver in one line for ``fi-ffi doctor``: its release and the newest CUDA it runs, or why there is none."""
+    """The driver in one line for ``fi-ffi doctor``: its release and the newest CUDA it runs, or why there is none
+    (the fix is doctor's PROBLEM line, :func:`problem`, said once)."""
     probed = driver.probe()
     if not probed.found:
-        return f"not found: {no_driver()}"
+        return f"not found: {no_driver_cause()}"
     release = driver_release()
     head = f"{release}, " if release else ""
     if probed.version <= 0:
