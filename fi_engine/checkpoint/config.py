@@ -142,8 +142,8 @@ class LlamaConfig:
         if model_type not in LLAMA_MODEL_TYPES:
             raise ValueError(
                 f"{source}: model_type {show(model_type)} is not a Llama-family type (LlamaConfig reads "
-                f"{', '.join(repr(t) for t in LLAMA_MODEL_TYPES)}); the engine's other families read their own configs: "
-                f"fi_engine.models.registry.read_config picks the reader and names every model_type served"
+                f"{', '.join(repr(t) for t in LLAMA_MODEL_TYPES)}); the engine's other families read their own "
+                f"configs: fi_engine.models.registry.read_config picks the reader and names every model_type served"
             )
         from .quantization import llama_fp8_scheme
 

@@ -177,9 +177,10 @@ def test_commands_name_a_bad_setting_before_any_download(
 def test_an_op_refuses_a_bad_setting_instead_of_ignoring_it(
     kernel_modules: object, monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:
+    from helpers.fakes import fake_cuda
+
     import fi_ffi
     from fi_ffi import caches
-    from helpers.fakes import fake_cuda
 
     caches.reset()  # the op binds its module again, under the settings below
     monkeypatch.setenv(name, value)

@@ -188,8 +188,16 @@ def test_build_test_wheels_names_what_it_lacks_instead_of_tracing_back(tmp_path:
     if importlib.util.find_spec("flashinfer") is not None:
         pytest.skip("flashinfer-python is installed here: the build would start")
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "build_test_wheels.py"), "build", "core", "--out", str(tmp_path)]
-        + ["--modules", "norm"],
+        [
+            sys.executable,
+            str(REPO / "tools" / "build_test_wheels.py"),
+            "build",
+            "core",
+            "--out",
+            str(tmp_path),
+            "--modules",
+            "norm",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
