@@ -42,6 +42,12 @@ CALLS = {
     "prefill plan": "fi_ffi.batch_prefill_paged_plan(host([0, 1]), host([0, 1]), host([0]), host([1]), 32, 8, 128, "
     "16, workspace=workspace())",
     "single prefill": "fi_ffi.single_prefill(f16(4, 32, 128), f16(4, 8, 128), f16(4, 8, 128), out=f16(4, 32, 128))",
+    "topk": "fi_ffi.top_k(f32(4, 256), 8, values=f32(4, 8), indices=i32(4, 8), row_states_buffer=u8(1 << 20))",
+    "mla plan": "fi_ffi.batch_mla_plan(host([0, 1]), host([0, 1]), host([0]), host([1]), 16, 512, 64, 1, True, 0.1, "
+    "workspace=workspace())",
+    "fp8 gemm (cuBLASLt)": "fi_ffi.bmm_fp8(fake_cuda((1, 16, 32), 'float8_e4m3fn'), fake_cuda((1, 32, 16), "
+    "'float8_e4m3fn', strides=(512, 1, 32)), f32(1), f32(1), 'bfloat16', bf16(1, 16, 16), "
+    "workspace_buffer=u8(1 << 22))",
     "gemm": "fi_ffi.segment_gemm(workspace=workspace(), x=bf16(11, 64), weights=bf16(4, 128, 64), batch_size=5, "
     "weight_column_major=True, out=bf16(11, 128), seg_indptr=host([0, 3, 3, 10, 11, 11]), "
     "weight_indices=[0, 1, 2, 3, 0])",
@@ -59,6 +65,7 @@ def f16(*shape): return fake_cuda(shape, 'float16')
 def bf16(*shape): return fake_cuda(shape, 'bfloat16')
 def f32(*shape): return fake_cuda(shape, 'float32')
 def i32(*shape): return fake_cuda(shape, 'int32')
+def u8(*shape): return fake_cuda(shape, 'uint8')
 for name, call in {calls!r}.items():
     try:
         eval(call)
