@@ -129,10 +129,13 @@ def problems() -> dict[str, str]:
     return out
 
 
-def _cache_dir_setting() -> str:
-    """What is wrong with ``FI_FFI_CACHE_DIR`` (``""``: unset, or a folder fi_ffi can write or make)."""
+def _cache_dir_setting(existing_ok: bool = False) -> str:
+    """What is wrong with ``FI_FFI_CACHE_DIR`` (``""``: unset, or a folder fi_ffi can write or make).
+    ``existing_ok``: an existing folder passes even where it cannot be written (a read-only cache serves what it
+    holds; the loader names the fix when it must write)."""
     value = get(CACHE_DIR)
-    why = cache_dir_problem(os.path.abspath(os.path.expanduser(value))) if value else ""
+    root = os.path.abspath(os.path.expanduser(value)) if value else ""
+    why = cache_dir_problem(root) if value and not (existing_ok and os.path.isdir(root)) else ""
     return f"{CACHE_DIR}={value!r}: {why}; point it at a folder this user can write" if why else ""
 
 
@@ -162,9 +165,9 @@ def cache_dir_problem(root: str) -> str:
 def check() -> None:
     """Refuse the loader's variables when one is set to a value it would refuse: one :class:`LoaderError` naming
     each such variable, its value and what it takes (:func:`fi_ffi.variables.problem`; ``FI_FFI_CACHE_DIR`` also a
-    folder this user cannot write or make), before anything is fetched or loaded under them."""
+    file, or a folder that cannot be made), before anything is fetched or loaded under them."""
     bad = [variables.problem(name) for name in ALL if name != CACHE_DIR]
-    bad.append(_cache_dir_setting())
+    bad.append(_cache_dir_setting(existing_ok=True))
     wheelhouses()  # an entry that is a file or a wheel
     bad = [why for why in bad if why]
     if bad:
