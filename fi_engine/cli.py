@@ -365,11 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n".join(
             f"  {line}"
             for line in (
-                "fi-engine generate --model ./SmolLM2-135M --prompt-ids 1,2,3 --max-new-tokens 16",
+                "fi-engine generate ./SmolLM2-135M --prompt-ids 1,2,3 --max-new-tokens 16",
                 "fi-engine generate --model ./m --prompt-ids 1,2 --prompt-ids 4,5 --temperature 0.7 --top-p 0.9 "
                 "--graph",
                 "fi-engine generate --model ./m --prompt-ids 1,2,3 --tp 2",
-                "fi-engine generate --model ./SmolLM2-135M-Instruct --chat 'What is a GPU?' --max-new-tokens 64",
+                "fi-engine generate ./SmolLM2-135M-Instruct --chat 'What is a GPU?' --max-new-tokens 64",
             )
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
