@@ -30,6 +30,7 @@ from ... import dtypes as _dt
 from ...dtypes import DType
 from ...errors import KernelNotFoundError
 from ...launch import checks
+from ...launch.kernels import require_driver
 from ...launch.registry import op
 
 SINGLE_PREFILL = "single_prefill"
@@ -413,9 +414,7 @@ def _for_an_op() -> _Pinned:
     """:func:`_state`, once this machine has a usable driver (:func:`fi_ffi.launch.kernels.require_driver`): an op
     or plan without one says so before the listing could download a wheel. ``fi-ffi list`` reads :func:`_state`
     itself (it answers on any machine)."""
-    from ...launch.kernels import require_driver
-
-    require_driver("choosing an attention module")
+    require_driver("choosing an attention module")  # a flag test once a driver was found
     return _state()
 
 
