@@ -217,3 +217,14 @@ def test_contributing_without_shared_names_no_shared_path() -> None:
     section = text.split("### Without `../shared`", 1)[1].split("\n### ", 1)[0]
     assert "build_test_wheels.py build" in section and "FI_FFI_TEST_WHEELS=" in section
     assert "../shared" not in section.split("\n", 1)[1]
+
+
+def test_the_readmes_two_commands_are_two() -> None:
+    # the section showed a third (serving), which has a section of its own, with the way to a checkpoint first
+    text = (REPO / "README.md").read_text()
+    section = text.split("## The two commands", 1)[1].split("\n## ", 1)[0]
+    assert section.count("```bash") == 2 and "fi-ffi smoke" in section and "pytest" in section
+    serving = text.split("## Serving a checkpoint", 1)[1].split("\n## ", 1)[0]
+    assert serving.index("hf download HuggingFaceTB/SmolLM2-135M-Instruct") < serving.index("fi-engine serve")
+    for needed in ("config.json", "*.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert needed in serving, needed
