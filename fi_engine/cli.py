@@ -1,6 +1,6 @@
 """``fi-engine``: the engine's command line (``python -m fi_engine``).
 
-- ``generate --model DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph] [--tp N]``: serve
+- ``generate MODEL_DIR --prompt-ids 1,2,3 [--prompt-ids ...] --max-new-tokens N [--graph] [--tp N]``: serve
   token-id prompts with a local checkpoint (needs CuPy and a GPU); prints the tokens, tokens/s and host time per
   decode step. ``--prompt TEXT`` and ``--chat MESSAGE`` (each repeatable, beside ``--prompt-ids``) take text:
   encoded with the checkpoint's ``tokenizer.json``, a chat message rendered with its chat template, the
@@ -53,6 +53,11 @@ def _int_at_least(text: str, lowest: int, what: str) -> int:
 
 def _positive_int(text: str) -> int:
     return _int_at_least(text, 1, "a positive integer")
+
+
+def _size(text: str) -> int:
+    """A count the engine allocates by (tokens, batch slots): an int in ``[1, 2**31)`` (the kernels' int32)."""
+    return _in_range(text, 1, (1 << 31) - 1, "a positive integer below 2**31")
 
 
 def _count(text: str) -> int:
@@ -125,12 +130,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     where = f"{PROG} generate" if args.tp == 1 or rank is None else f"{PROG} generate [rank {rank}]"
     try:
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+        if args.tp > 1 and args.device is not None:
+            raise ValueError("--device: each rank of --tp uses GPU LOCAL_RANK; leave --device out")
+        prompts, codec = _prompts(args)
+        _check_generate_values(args, prompts)  # against the checkpoint's config: before any rank or GPU
         if args.tp > 1 and rank is None:  # the driver: start the ranks, each runs this same command
-            if args.device is not None:
-                raise ValueError("--device: each rank of --tp uses GPU LOCAL_RANK; leave --device out")
             _check_tp(args.model, args.tp)
             return _launch_ranks(args.tp, [sys.executable, "-m", "fi_engine", *args.argv])
-        prompts, codec = _prompts(args)
+        _check_device(args.device)
         eos = args.eos_ids if args.eos_ids is not None or codec is None else list(codec.eos_token_ids) or None
         engine_type = engine_class(args.model)  # LlamaEngine, Gemma2Engine, GptOssEngine or DeepSeekEngine
         with engine_type(
@@ -185,6 +192,100 @@ def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
     return prompts, codec
 
 
+def _check_generate_values(args: argparse.Namespace, prompts: list[list[int]]) -> None:
+    """The values of ``generate`` that the checkpoint's ``config.json`` bounds, checked on the host before any GPU
+    work: token ids (``--prompt-ids``, ``--eos-ids``) in ``[0, vocab_size)``, ``--top-k`` at most ``vocab_size``,
+    and the longest prompt plus ``--max-new-tokens`` within the engine's ``max_seq_len`` (the rule its scheduler
+    applies to every request: :meth:`~fi_engine.runtime.paging.Scheduler.submit`). ValueError naming the flag, the
+    value, what is allowed and the fix."""
+    from .models.registry import read_config
+    from .runtime.settings import EngineSettings
+
+    config = read_config(args.model)
+    vocab = config.vocab_size
+    for flag, lists in (("--prompt-ids", args.prompt_ids or []), ("--eos-ids", [args.eos_ids or []])):
+        for ids in lists:
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(
+                    f"{flag}: token id {bad} is outside the checkpoint's vocabulary (vocab_size {vocab} in "
+                    f"config.json); use ids from 0 to {vocab - 1}"
+                )
+    if args.top_k > vocab:
+        raise ValueError(
+            f"--top-k {args.top_k}: expected 0 (every token) up to the vocabulary size {vocab}; use --top-k {vocab} "
+            f"or less"
+        )
+    max_seq_len = EngineSettings(max_batch=args.max_batch or len(prompts)).sizes(config).max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest + args.max_new_tokens > max_seq_len:
+        limit = f"the engine's max_seq_len {max_seq_len} (max_position_embeddings {config.max_position_embeddings} "
+        limit += "in config.json, at most 4096)"
+        if longest >= max_seq_len:
+            raise ValueError(
+                f"a prompt of {longest} tokens leaves no room for a new token within {limit}; shorten it to "
+                f"{max_seq_len - 1} tokens or fewer"
+            )
+        raise ValueError(
+            f"--max-new-tokens {args.max_new_tokens}: the longest prompt ({longest} tokens) plus "
+            f"{args.max_new_tokens} new tokens exceed {limit}; use --max-new-tokens {max_seq_len - longest} or less"
+        )
+
+
+def _check_serve_values(args: argparse.Namespace) -> None:
+    """The values of ``serve`` checked on the host before any GPU work: ``--max-seq-len`` at most the checkpoint's
+    ``max_position_embeddings``, every ``--served-model-name`` non-empty, ``--host`` an address or a name this
+    machine resolves (``socket.getaddrinfo``), ``--device`` an ordinal present. ValueError naming the flag."""
+    import socket
+
+    from .models.registry import read_config
+
+    config = read_config(args.model)
+    limit = config.max_position_embeddings
+    if args.max_seq_len is not None and args.max_seq_len > limit:
+        raise ValueError(
+            f"--max-seq-len {args.max_seq_len}: the checkpoint's max_position_embeddings is {limit} (config.json), "
+            f"the longest sequence its positions cover; use --max-seq-len {limit} or less"
+        )
+    for name in args.served_model_name or ():
+        if not name.strip():
+            raise ValueError(
+                f"--served-model-name: expected a non-empty name, got {name!r}; leave the flag out to serve the "
+                f"model as MODEL_DIR"
+            )
+    try:
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        why = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise ValueError(
+            f"--host {args.host!r}: cannot be resolved to an address to listen on ({why}); give an address such as "
+            f"127.0.0.1, 0.0.0.0 (every interface) or ::, or a host name this machine resolves"
+        ) from None
+    _check_device(args.device)
+
+
+def _check_device(device: int | None) -> None:
+    """``--device`` against the GPUs this host has; where it has none, the engine's "needs an NVIDIA GPU" says why."""
+    if device is None:
+        return
+    from .kernels.system import gpus
+
+    why = device_problem(device, len(gpus()[0]))
+    if why:
+        raise ValueError(why)
+
+
+def device_problem(device: int, count: int) -> str:
+    """What is wrong with ``--device device`` on a host with ``count`` GPUs (``""``: nothing, or no GPU at all,
+    which the engine names with its fix)."""
+    if count == 0 or device < count:
+        return ""
+    return (
+        f"--device {device}: this host has {count} GPU{'s' if count > 1 else ''} (ordinals 0 to {count - 1}); use "
+        f"one of them (`nvidia-smi` lists them)"
+    )
+
+
 def _check_tp(model: str, tp: int) -> None:
     """What every rank of ``generate --tp`` would find the same, checked once before they start: the checkpoint's
     config, that ``tp`` divides it, and that this host has ``tp`` GPUs."""
@@ -220,6 +321,13 @@ def _served() -> str:
     return "; ".join(f"{f.label}: model_type {', '.join(f.model_types)}" for f in families())
 
 
+def _version() -> str:
+    """The installed distribution's version (fi_engine ships in fi_ffi's)."""
+    from .kernels.system import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fi-engine`` argument parser (subcommands ``generate`` and ``serve``)."""
     common = argparse.ArgumentParser(add_help=False)  # -q/-v before or after the subcommand
@@ -240,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         "usage, checkpoint or fi_ffi error.",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser(
         "generate",
@@ -256,19 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n".join(
             f"  {line}"
             for line in (
-                "fi-engine generate --model ./SmolLM2-135M --prompt-ids 1,2,3 --max-new-tokens 16",
+                "fi-engine generate ./SmolLM2-135M --prompt-ids 1,2,3 --max-new-tokens 16",
                 "fi-engine generate --model ./m --prompt-ids 1,2 --prompt-ids 4,5 --temperature 0.7 --top-p 0.9 "
                 "--graph",
                 "fi-engine generate --model ./m --prompt-ids 1,2,3 --tp 2",
-                "fi-engine generate --model ./SmolLM2-135M-Instruct --chat 'What is a GPU?' --max-new-tokens 64",
+                "fi-engine generate ./SmolLM2-135M-Instruct --chat 'What is a GPU?' --max-new-tokens 64",
             )
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
-    p.add_argument(
-        "--model", required=True, help="checkpoint directory: config.json + *.safetensors (f16/bf16, or FP8 e4m3)"
-    )
+    _add_model(p, "checkpoint directory: config.json + *.safetensors (f16/bf16, or FP8 e4m3)")
     p.add_argument(
         "--prompt-ids",
         type=_token_ids,
@@ -285,9 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="one user message, rendered with the checkpoint's chat template (repeat for a batch; printed as text)",
     )
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to generate per prompt (>= 1)")
+    p.add_argument("--max-new-tokens", type=_size, default=32, help="tokens to generate per prompt (>= 1)")
     p.add_argument("--graph", action="store_true", help="replay the decode step as a CUDA graph")
-    p.add_argument("--max-batch", type=_positive_int, default=None, help="batch slots (default: the number of prompts)")
+    p.add_argument("--max-batch", type=_size, default=None, help="batch slots (default: the number of prompts)")
     p.add_argument(
         "--eos-ids", type=_eos_ids, help="comma-separated end-of-sequence ids, or 'none' (default: the checkpoint's)"
     )
@@ -334,6 +441,29 @@ class _WatchedStdout:
         return getattr(self.stream, name)
 
 
+def _add_model(p: argparse.ArgumentParser, what: str) -> None:
+    """The checkpoint of a command: ``MODEL_DIR`` (positional, as ``vllm serve MODEL``) or ``--model DIR`` (as
+    vLLM's option), either spelling; :func:`_model_of` picks the one given."""
+    p.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help=f"{what} (or --model DIR)")
+    p.add_argument("--model", metavar="DIR", help="the same as MODEL_DIR")
+    p.set_defaults(subparser=p)
+
+
+def _model_of(args: argparse.Namespace) -> str:
+    """The checkpoint ``args`` name, through ``MODEL_DIR`` or ``--model``; a usage error (exit 2) when neither is
+    given, or both with different values."""
+    given, flag = args.model_dir, args.model
+    if given is not None and flag is not None and given != flag:
+        args.subparser.error(
+            f"MODEL_DIR {given!r} and --model {flag!r} name different checkpoints; give one of them (the same value "
+            f"twice is accepted)"
+        )
+    model = given if given is not None else flag
+    if model is None:
+        args.subparser.error("the checkpoint is missing: give MODEL_DIR (e.g. ./SmolLM2-135M-Instruct) or --model DIR")
+    return str(model)
+
+
 def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "serve",
@@ -357,9 +487,7 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
-    p.add_argument(
-        "model", metavar="MODEL_DIR", help="checkpoint directory: config.json, *.safetensors, tokenizer.json"
-    )
+    _add_model(p, "checkpoint directory: config.json, *.safetensors, tokenizer.json")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     p.add_argument(
@@ -367,14 +495,19 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         action="append",
         help="the name(s) requests give as `model` (default: MODEL_DIR as given, as vLLM does; repeat for aliases)",
     )
-    p.add_argument("--max-batch", type=_positive_int, default=32, help="requests generated together (default 32)")
+    p.add_argument("--max-batch", type=_size, default=32, help="requests generated together (default 32)")
     p.add_argument(
         "--max-queue",
         type=_count,
         default=256,
         help="requests waiting beyond --max-batch before new ones get HTTP 429 (default 256)",
     )
-    p.add_argument("--max-seq-len", type=_positive_int, default=None, help="most tokens per request (prompt + output)")
+    p.add_argument(
+        "--max-seq-len",
+        type=_size,
+        default=None,
+        help="most tokens per request, prompt + output (default: max_position_embeddings, at most 4096)",
+    )
     p.add_argument(
         "--graph",
         action="store_true",
@@ -467,7 +600,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        # everything a CPU can check, before the GPU: the tokenizer and template, the server's packages
+        # everything a CPU can check, before the GPU: the values, the tokenizer and template, the server's packages
+        _check_serve_values(args)
         codec = TextCodec.from_dir(args.model)
         for module in ("starlette", "uvicorn"):
             try:
@@ -594,6 +728,7 @@ def _main(argv: Sequence[str] | None, watched: _WatchedStdout) -> int:
                 raise watched.error from None
             return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
         command = f"{PROG} {args.command}"
+        args.model = _model_of(args)
         _apply_verbosity(getattr(args, "quiet", False), getattr(args, "verbose", 0))
         args.argv = list(sys.argv[1:] if argv is None else argv)  # what `generate --tp N` restarts as its ranks
         status = int(args.func(args))

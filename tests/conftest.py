@@ -7,7 +7,9 @@ Whole session (automatic, see :func:`_fi_ffi_session_env`): the loader runs agai
 (``FI_FFI_OFFLINE=1``; set ``FI_FFI_TEST_ALLOW_NETWORK=1`` to lift that) and, when the shared test kernel wheel
 is present and ``FI_FFI_LOCK`` is not already set, uses a lock pinning that wheel with its folder as
 ``FI_FFI_WHEELHOUSE``. So no test can download the 1-2 GB upstream wheels, and every test that loads a kernel
-module gets the shared wheel's. Subprocesses started by tests inherit these variables.
+module gets the shared wheel's. Subprocesses started by tests inherit these variables. The ops' driver check
+(:func:`fi_ffi.launch.kernels.require_driver`) is passed in the test process (not in its subprocesses), so that
+calls reach the real modules on a machine without a driver.
 
 GPU suite against FlashInfer 0.7.2 (``FI_FFI_TEST_RELEASE=0.7.2``): the session lock pins the 0.6.3 test wheels
 and the 0.7.2 one (``$FI_FFI_TEST_WHEELS_072`` or ``<repo>/../shared/wheels-072``) with ``priority = 1`` on the
@@ -163,6 +165,12 @@ def _fi_ffi_session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
             lock.write_text(lock_text(pinned, preferred))
             mp.setenv("FI_FFI_LOCK", str(lock))
             mp.setenv("FI_FFI_WHEELHOUSE", wheelhouse([*pinned, *preferred]))
+        # The CPU tests cross the FFI to the real modules with descriptors claiming cuda:0 (their wire layout):
+        # the ops' "no NVIDIA driver found" check is passed in this process only; tests/ops/test_no_driver.py
+        # calls the ops in child processes, where it is not.
+        from fi_ffi.launch import kernels
+
+        mp.setattr(kernels, "_driver_found", True)
         yield
 
 

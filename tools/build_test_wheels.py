@@ -23,8 +23,9 @@ Two steps, in two environments:
 
 2. ``compare`` runs in the project's dev environment (fi_ffi installed): it pins the built wheel in a lock of its own,
    loads each module on this machine (no GPU needed), asks each entry point for its signature (a zero-argument call
-   answers with it) and compares them with a reference: a signatures file (``../shared/wheels/signatures-ext.txt``)
-   or another wheel (the team's, or FlashInfer's ``flashinfer-jit-cache`` release)::
+   answers with it) and compares them with a reference: a signatures file (one ``signatures`` printed; the team's
+   are ``../shared/wheels*/signatures-*.txt``) or another wheel (the team's, or FlashInfer's ``flashinfer-jit-cache``
+   release)::
 
        python tools/build_test_wheels.py compare wheels/flashinfer_jit_cache-*.whl \\
            ../shared/wheels/flashinfer_jit_cache-0.6.3+cu130.sm90a-cp39-abi3-linux_x86_64.whl
@@ -279,12 +280,37 @@ def _nvidia_include_dirs() -> list[str]:
     return sorted({str(p.parent) for root in nvidia.__path__ for p in Path(root).glob("*/include/cublasLt.h")})
 
 
+def missing_requirements(release: str) -> str:
+    """What ``build`` needs that this environment lacks, with the commands that provide it (``""``: nothing). The
+    generators are flashinfer-python's (which imports torch) and run ninja and nvcc: none of them is in the dev
+    environment, so the build runs in a virtual environment of its own (the module docstring, step 1)."""
+    import importlib.util
+
+    packages = [("flashinfer", f"flashinfer-python=={release}"), ("torch", "torch"), ("ninja", "ninja")]
+    lacking = [pip for module, pip in packages if importlib.util.find_spec(module) is None]
+    text = []
+    if lacking:
+        text.append(
+            f"the build needs {', '.join(lacking)} (FlashInfer's JIT generators and what they import), which this "
+            f"environment lacks; build in a virtual environment of its own: python -m venv /tmp/fibuild && "
+            f". /tmp/fibuild/bin/activate && pip install flashinfer-python=={release} torch ninja "
+            f"'nvidia-cublas>=13,<14' 'nvidia-curand>=10,<11' (CONTRIBUTING.md, \"Without ../shared\")"
+        )
+    if shutil.which("nvcc") is None:
+        text.append("the build needs CUDA's nvcc on the PATH (CUDA 13; 12.x for the cu12 set)")
+    return "; ".join(text)
+
+
 def build(args: argparse.Namespace) -> int:
     wheel_set = SETS[args.set]
     names = args.modules or list(wheel_set.modules)
     unknown = sorted(set(names) - set(wheel_set.modules))
     if unknown:
         print(f"--modules: not in the {args.set} set: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    missing = missing_requirements(wheel_set.release)
+    if missing:
+        print(f"build_test_wheels.py build: {missing}", file=sys.stderr)
         return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="fi_ffi_build_"))
     os.environ.setdefault("FLASHINFER_WORKSPACE_BASE", str(work))

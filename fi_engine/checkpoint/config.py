@@ -141,9 +141,9 @@ class LlamaConfig:
         model_type = d.get("model_type", "llama")
         if model_type not in LLAMA_MODEL_TYPES:
             raise ValueError(
-                f"{source}: model_type {show(model_type)} is not supported; this engine runs "
-                f"{', '.join(repr(t) for t in LLAMA_MODEL_TYPES)} checkpoints as Llama (another family's "
-                f"config is read by its own module: fi_engine.models.registry.read_config picks it)"
+                f"{source}: model_type {show(model_type)} is not a Llama-family type (LlamaConfig reads "
+                f"{', '.join(repr(t) for t in LLAMA_MODEL_TYPES)}); the engine's other families read their own "
+                f"configs: fi_engine.models.registry.read_config picks the reader and names every model_type served"
             )
         from .quantization import llama_fp8_scheme
 
@@ -308,7 +308,7 @@ def _rope(d: dict[str, Any], source: str) -> RopeConfig:
             raise ValueError(f"{source}: {name} must be an object or null, got {value!r}")
     merged = rope_settings(d)  # both checked above; rope_parameters (transformers 5.x) overrides rope_scaling
     kind = merged.get("rope_type", merged.get("type", "default"))
-    theta = _positive(merged, "rope_theta", source, 10000.0)
+    theta = _positive(merged, "rope_theta", source, 10000.0, what="rope_theta")
     if kind == "default":
         return RopeConfig(theta=theta)
     if kind == "llama3":

@@ -5,6 +5,7 @@ importer of fi_ffi; tests/package/test_structure.py holds it to that).
 
 from __future__ import annotations
 
+from fi_ffi import __version__ as __version__
 from fi_ffi.comm import AllReduceFusionPattern as AllReduceFusionPattern
 from fi_ffi.comm import AllReduceFusionWorkspace as AllReduceFusionWorkspace
 from fi_ffi.comm import Communicator as Communicator

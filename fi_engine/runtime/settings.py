@@ -23,8 +23,10 @@ __all__ = ["EngineSettings", "EngineSizes"]
 def _positive(name: str, value: Any) -> int:
     """A size the engine allocates by (tokens, pages, rows): an int in ``[1, 2**31)`` (the kernels' int32)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 31:
-        shown = f"an integer of {value.bit_length()} bits" if isinstance(value, int) and value >= 1 << 31 else value
-        raise ValueError(f"{name}: expected a positive integer below 2**31 (an int32 size), got {shown!r:.60}")
+        # an int is shown as its value (1000000000000); only one too long to print is shown by its size
+        huge = isinstance(value, int) and value.bit_length() > 192
+        shown = f"an integer of {value.bit_length()} bits" if huge else value if isinstance(value, int) else repr(value)
+        raise ValueError(f"{name}: expected a positive integer below 2**31 (an int32 size), got {shown!s:.60}")
     return value
 
 

@@ -303,24 +303,40 @@ def doctor_data() -> dict[str, Any]:
 
 def cache_problem(root: Path) -> str:
     """Why the cache folder ``root`` cannot be used (``""``: it is a writable folder, or can be made in a writable
-    one)."""
-    import os
+    one: :func:`fi_ffi.loader.settings.cache_dir_problem`, which tries)."""
+    from ..loader import settings
 
-    if root.exists():
-        if not root.is_dir():
-            return f"{root} is a file, not a folder; set FI_FFI_CACHE_DIR to a folder"
-        if not os.access(root, os.W_OK | os.X_OK):
-            return f"{root} is not writable by this user; set FI_FFI_CACHE_DIR to a folder it can write"
-        return ""
-    parent = root.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        return f"{root} does not exist and cannot be made in {parent}; set FI_FFI_CACHE_DIR to a writable folder"
-    return ""
+    why = settings.cache_dir_problem(str(root))
+    return f"{why}; set FI_FFI_CACHE_DIR to a folder this user can write" if why else ""
 
 
-def print_report(data: dict[str, Any]) -> None:
+def print_report(data: dict[str, Any], *, above: str = "") -> None:
+    """The report of :func:`doctor_data` as text; the no-driver message (its cause and fix, ~400 characters) in full
+    once, later lines pointing at it (``above``: what the caller printed first, e.g. ``smoke``'s line)."""
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        _print_report(data)
+    print(say_once(text.getvalue(), above), end="")
+
+
+def say_once(text: str, above: str = "") -> str:
+    """``text`` with each no-driver message after the first one in ``above`` + ``text`` cut to a pointer to it."""
+    from ..cuda import requirements
+
+    full = f"{requirements.no_driver_cause()}. {requirements.NO_DRIVER_FIX}"
+    if full in above:
+        start = 0
+    elif full in text:
+        start = text.index(full) + len(full)
+    else:
+        return text
+    return text[:start] + text[start:].replace(full, "no NVIDIA driver found (the fix: above)")
+
+
+def _print_report(data: dict[str, Any]) -> None:
     s = data["system"]
     print(f"fi_ffi {data['fi_ffi']}  Python {s['python']}  {s['arch']}  {s['glibc'] or 'libc: unknown'}")
     print(f"NVIDIA driver:  {s.get('driver_summary') or s['driver_version'] or s['driver_error']}")

@@ -21,8 +21,9 @@ def run(args: argparse.Namespace) -> int:
         write_json({"error": f"needs a CUDA GPU: {why}", "doctor": doctor.doctor_data()})
         return EXIT_CHECK_FAILED
     if not gpus:
-        print(f"fi-ffi smoke needs a CUDA GPU: {why}\n")
-        doctor.print_report(doctor.doctor_data())
+        first = f"fi-ffi smoke needs a CUDA GPU: {why}"
+        print(f"{first}\n")
+        doctor.print_report(doctor.doctor_data(), above=first)
         return EXIT_CHECK_FAILED
     try:
         smoke.check_ordinal(args.device, gpus)

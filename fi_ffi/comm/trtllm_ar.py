@@ -983,10 +983,10 @@ def _refuse_lamport_stride_defect(tp_size: int) -> None:
     The Lamport kernel runs for RESIDUAL_RMS_NORM (up to 16 tokens of at least 256 elements, chosen on the
     device side of the FFI), so such calls, and any call given the Lamport pointers, are refused there.
     """
-    from .. import loader
+    from ..launch.kernels import module_release
     from ..loader.lockfile import release_key
 
-    release = loader.module_release(URI)
+    release = module_release(URI)
     if release and release_key(release) >= release_key(LAMPORT_STRIDE_FIXED_IN):
         return
     which = f"FlashInfer {release}" if release else "a module whose lock entry records no FlashInfer release"

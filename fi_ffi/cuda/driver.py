@@ -72,8 +72,10 @@ class DriverProbe:
 
     @property
     def found(self) -> bool:
-        """True if a driver library was opened (it may still be too old, or see no GPU)."""
-        return not self.load_error
+        """True if a driver library was opened and answers as one (it may still be too old, or see no GPU). A
+        library that loads but answers neither ``cuDriverGetVersion`` nor ``cuInit`` (a stand-in such as the CUDA
+        toolkit's ``stubs/libcuda.so``) is no driver: every NVIDIA driver tells its version."""
+        return not self.load_error and (self.version > 0 or self.init == 0)
 
 
 _lock = threading.Lock()

@@ -82,8 +82,14 @@ NO_DRIVER_FIX = (
 
 
 def no_driver_cause() -> str:
-    """``"no NVIDIA driver found (<why libcuda.so.1 did not load>)"``."""
-    error = driver.probe().load_error
+    """``"no NVIDIA driver found (<why libcuda.so.1 did not load, or is no driver>)"``."""
+    probed = driver.probe()
+    if not probed.load_error:  # it loaded, but is a stand-in (driver.DriverProbe.found)
+        return (
+            f"no NVIDIA driver found ({driver.LIBRARY} loads but answers neither cuDriverGetVersion nor cuInit, "
+            f"CUresult {probed.init}: a stand-in library, not the driver)"
+        )
+    error = probed.load_error
     # cffi's text: "cannot load library 'libcuda.so.1': <dlerror>.  Additionally, ctypes.util.find_library() ..."
     error = error.split(".  Additionally")[0].removeprefix(f"cannot load library '{driver.LIBRARY}': ")
     return f"no NVIDIA driver found ({error or driver.LIBRARY + ' cannot be loaded'})"
@@ -160,10 +166,11 @@ def explain(code: int, runtime_version: int) -> tuple[str, str] | None:
 
 
 def summary() -> str:
-    """The driver in one line for ``fi-ffi doctor``: its release and the newest CUDA it runs, or why there is none."""
+    """The driver in one line for ``fi-ffi doctor``: its release and the newest CUDA it runs, or why there is none
+    (the fix is doctor's PROBLEM line, :func:`problem`, said once)."""
     probed = driver.probe()
     if not probed.found:
-        return f"not found: {no_driver()}"
+        return f"not found: {no_driver_cause()}"
     release = driver_release()
     head = f"{release}, " if release else ""
     if probed.version <= 0:

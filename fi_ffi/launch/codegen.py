@@ -123,6 +123,8 @@ def launch_source(
                 keys.append(f"({a} if {a} is None or {a}.__class__ is int else _BAD)")
             elif kind == wire.OPT_FLOAT:
                 keys.append(f"({a} if {a} is None or {a}.__class__ is float else _BAD)")
+            elif kind == wire.BOOL and p.name == "enable_pdl":  # None: flashinfer's "ask the device" (validation)
+                keys.append(f"({a} if {a}.__class__ is bool or {a} is None else _BAD)")
             else:
                 keys.append(f"({a} if {a}.__class__ is {guard} else _BAD)")
     key_tuple = "(" + "".join(k + ", " for k in keys) + "context)"

@@ -49,7 +49,9 @@ def handle(device_id: int) -> int:
         found = _handles.get(device_id)
         if found is None:
             from ..cuda import device
+            from .kernels import require_driver
 
+            require_driver("cublasLtCreate")  # "no NVIDIA driver found" before a missing library is looked for
             lib, ffi = _load()
             previous = device.make_current(device_id)
             try:

@@ -127,9 +127,34 @@ def describe_arguments(
                 first_cuda = value
         elif kind == wire.ARRAY:
             checked[name] = plan_info(name, value)
+        elif value is None and name == PDL and kind == wire.BOOL:
+            checked[name] = None  # flashinfer's "ask the device": resolved below, once the tensors' device is known
         else:
             checked[name] = to_scalar(name, kind, value)
+    if checked.get(PDL, False) is None:
+        checked[PDL] = pdl_default(checked)
     return checked, ptrs, first_cuda
+
+
+PDL = "enable_pdl"
+"""flashinfer's name of the programmatic-dependent-launch flag; ``None`` there means "ask the device"."""
+
+
+def pdl_default(checked: Mapping[str, Any]) -> bool:
+    """flashinfer's ``enable_pdl=None``: programmatic dependent launch where the device of the call's first CUDA
+    tensor supports it (SM 9.0 and later: Hopper, Blackwell). Read once per device (:mod:`fi_ffi.cuda.device`),
+    and once per layout at all: the launchers key ``None`` with the tensors' devices. A device that cannot be asked
+    (no GPU: the kernel then stops at its own device check) gets False."""
+    from ..cuda import device
+    from ..errors import CudaError, UnsupportedDeviceError
+
+    cuda = next((t.device.device_id for t in checked.values() if isinstance(t, Tensor) and t.device.is_cuda), None)
+    if cuda is None:
+        return False
+    try:
+        return device.compute_capability(cuda)[0] >= 9
+    except (UnsupportedDeviceError, CudaError):
+        return False
 
 
 def check_view(decl: wire.Declaration, checked: Mapping[str, Any], context: Any) -> SimpleNamespace:

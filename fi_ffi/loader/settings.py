@@ -123,7 +123,55 @@ def problems() -> dict[str, str]:
     bad = [p for p in (wheelhouse_problem(f) for f in get(WHEELHOUSE).split(os.pathsep) if f) if p]
     if bad:
         out[WHEELHOUSE] = "; ".join(bad)
+    cache = _cache_dir_setting()
+    if cache:
+        out[CACHE_DIR] = cache
     return out
+
+
+def _cache_dir_setting(existing_ok: bool = False) -> str:
+    """What is wrong with ``FI_FFI_CACHE_DIR`` (``""``: unset, or a folder fi_ffi can write or make).
+    ``existing_ok``: an existing folder passes even where it cannot be written (a read-only cache serves what it
+    holds; the loader names the fix when it must write)."""
+    value = get(CACHE_DIR)
+    root = os.path.abspath(os.path.expanduser(value)) if value else ""
+    why = cache_dir_problem(root) if value and not (existing_ok and os.path.isdir(root)) else ""
+    return f"{CACHE_DIR}={value!r}: {why}; point it at a folder this user can write" if why else ""
+
+
+def cache_dir_problem(root: str) -> str:
+    """Why fi_ffi cannot keep its cache in folder ``root`` (``""``: it can). Tried, not read from permission bits
+    (root passes every access check, yet nothing can be made under ``/proc``): a temporary folder is made in
+    ``root``, or in its nearest existing parent where ``root`` is still to be made, and removed at once."""
+    import tempfile
+
+    if os.path.exists(root) and not os.path.isdir(root):
+        return f"{root} is a file, not a folder"
+    parent = root
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{root} cannot be made: {parent} is a file"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fi_ffi-probe-", dir=parent))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if parent == root:
+            return f"{root} is a folder this user cannot write ({reason})"
+        return f"{root} does not exist and cannot be made in {parent} ({reason})"
+    return ""
+
+
+def check() -> None:
+    """Refuse the loader's variables when one is set to a value it would refuse: one :class:`LoaderError` naming
+    each such variable, its value and what it takes (:func:`fi_ffi.variables.problem`; ``FI_FFI_CACHE_DIR`` also a
+    file, or a folder that cannot be made), before anything is fetched or loaded under them."""
+    bad = [variables.problem(name) for name in ALL if name != CACHE_DIR]
+    bad.append(_cache_dir_setting(existing_ok=True))
+    wheelhouses()  # an entry that is a file or a wheel
+    bad = [why for why in bad if why]
+    if bad:
+        raise LoaderError("; ".join(bad) + " (`fi-ffi doctor` lists every FI_FFI_* variable set)")
 
 
 def sm_filter() -> tuple[str, ...]:
@@ -131,9 +179,22 @@ def sm_filter() -> tuple[str, ...]:
     return variables.archs_of(get(SM))
 
 
+_checked: tuple[str, ...] | None = None  # the values check() last accepted
+
+
 def snapshot() -> tuple[str, ...]:
-    """The values of all variables above; a change of any of them invalidates the loader's memo tables."""
-    return tuple(variables.raw(name) for name in ALL)
+    """The values of all variables above; a change of any of them invalidates the loader's memo tables. New values
+    are checked first (:func:`check`): every selection, fetch and module load reads them through here.
+
+    Raises:
+        LoaderError: a variable is set to a value the loader would refuse.
+    """
+    global _checked
+    values = tuple(variables.raw(name) for name in ALL)
+    if values != _checked:
+        check()
+        _checked = values
+    return values
 
 
 def use_installed() -> bool:

@@ -95,7 +95,7 @@ def _gated(launch: Callable[..., Any], input: Any, out: Any, enable_pdl: Any, st
     packed form (``fi_ffi.prepare``, which calls this alone: hence the ``out`` check here too) alike."""
     if out is None:
         _need_out(out)
-    return launch(out, input, False if enable_pdl is None else enable_pdl, stream=stream)
+    return launch(out, input, enable_pdl, stream=stream)
 
 
 @op(launch=_silu_and_mul, packable=_gated, flashinfer="flashinfer.activation.silu_and_mul")
@@ -107,7 +107,7 @@ def silu_and_mul(
     Args:
         input: ``[..., 2 * d]`` float16/bfloat16 on a CUDA device, contiguous, ``d`` a multiple of 8.
         out: ``[..., d]``, same dtype and device, contiguous (required). Written asynchronously.
-        enable_pdl: launch with programmatic dependent launch (SM90+); None: off.
+        enable_pdl: launch with programmatic dependent launch (SM90+); None: where the device supports it.
         stream: where the kernel runs (None: the framework's current stream of ``out``).
 
     Returns:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from math import gcd
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NoReturn
 
 from ..abi.wire import BOOL, FLOAT, Declaration, Param, declare, tensor
 from ..dtypes import bfloat16, float16
@@ -43,6 +43,14 @@ GEMMA_FUSED_ADD_RMSNORM = _norm(
 )
 # (module URI pattern, declaration), checked against the modules by tests/launch/test_declarations.py
 DECLARATIONS = tuple(("norm", d) for d in (RMSNORM, GEMMA_RMSNORM, FUSED_ADD_RMSNORM, GEMMA_FUSED_ADD_RMSNORM))
+
+
+def _need_out(name: str) -> NoReturn:
+    """The error for an out-of-place norm called without ``out`` (flashinfer allocates it when omitted)."""
+    raise TypeError(
+        f"out: required (fi_ffi never allocates device memory); pass a tensor of input's shape, dtype and device, "
+        f"as {name}(input, weight, eps, out) or out=..."
+    )
 
 
 # The wire mappings (the op's arguments -> its launch function's values), shared by the ops and fi_ffi.prepare: the
@@ -126,14 +134,15 @@ def rmsnorm(
     input: TensorLike,
     weight: TensorLike,
     eps: float = 1e-6,
+    out: TensorT | None = None,
+    enable_pdl: bool | None = False,
     *,
-    out: TensorT,
-    enable_pdl: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
     """RMSNorm of each row: ``out[..., :] = input[..., :] / RMS(input[..., :]) * weight``.
 
-    flashinfer's ``rmsnorm(input, weight, eps, out, enable_pdl)``; ``out`` is required (fi_ffi never allocates).
+    flashinfer's ``rmsnorm(input, weight, eps, out, enable_pdl)``, in its order (``out`` positional or a keyword);
+    ``out`` is required (fi_ffi never allocates).
 
     Args:
         input: ``[B, D]`` (one row per token) or ``[B, H, D]`` (QK RMSNorm: one row per head, as Qwen3 and Gemma 3
@@ -143,7 +152,7 @@ def rmsnorm(
         eps: added to the mean square, finite and > 0.
         out: ``input``'s shape, dtype and device; last dimension contiguous, may be strided like ``input`` or be
             ``input`` itself (in place). Written asynchronously.
-        enable_pdl: launch with programmatic dependent launch (SM90+).
+        enable_pdl: launch with programmatic dependent launch (SM90+); None: where the device supports it.
         stream: where the kernel runs; ``None`` follows ``input``'s framework (torch's or CuPy's current
             stream), or TVM-FFI's current stream of the device for descriptors.
 
@@ -156,6 +165,8 @@ def rmsnorm(
             not on the CUDA device of ``input`` or with a strided last dimension, a misaligned row, ``out``
             overlapping ``input`` other than being it, or ``eps`` not finite and > 0.
     """
+    if out is None:
+        _need_out("rmsnorm")
     _out_first(_rmsnorm, input, weight, eps, out, enable_pdl, stream)
     return out
 
@@ -167,7 +178,7 @@ def qk_rmsnorm(
     eps: float = 1e-6,
     *,
     out: TensorT,
-    enable_pdl: bool = False,
+    enable_pdl: bool | None = False,
     stream: StreamLike = None,
 ) -> TensorT:
     """Per-head RMSNorm (QK RMSNorm): :func:`rmsnorm` restricted to a 3-D ``input``.
@@ -181,7 +192,7 @@ def qk_rmsnorm(
         weight: ``[D]``, shared by every head.
         eps: added to the mean square, finite and > 0.
         out: ``[B, H, D]``, same dtype and device; may be strided like ``input``.
-        enable_pdl: launch with programmatic dependent launch (SM90+).
+        enable_pdl: launch with programmatic dependent launch (SM90+); None: where the device supports it.
         stream: as :func:`rmsnorm`.
 
     Returns:
@@ -200,9 +211,9 @@ def gemma_rmsnorm(
     input: TensorLike,
     weight: TensorLike,
     eps: float = 1e-6,
+    out: TensorT | None = None,
+    enable_pdl: bool | None = False,
     *,
-    out: TensorT,
-    enable_pdl: bool = False,
     stream: StreamLike = None,
 ) -> TensorT:
     """Gemma RMSNorm: ``out = input / RMS(input) * (1 + weight)``, arguments as :func:`rmsnorm`, 2-D only.
@@ -214,6 +225,8 @@ def gemma_rmsnorm(
         TypeError: as :func:`rmsnorm`.
         ValueError: ``input`` not 2-D, else as :func:`rmsnorm`.
     """
+    if out is None:
+        _need_out("gemma_rmsnorm")
     _out_first(_gemma_rmsnorm, input, weight, eps, out, enable_pdl, stream)
     return out
 
@@ -224,7 +237,7 @@ def fused_add_rmsnorm(
     residual: TensorLike,
     weight: TensorLike,
     eps: float = 1e-6,
-    enable_pdl: bool = False,
+    enable_pdl: bool | None = False,
     *,
     stream: StreamLike = None,
 ) -> None:
@@ -237,7 +250,7 @@ def fused_add_rmsnorm(
         residual: ``[B, D]``, same dtype and device, overwritten with ``residual + input``.
         weight: ``[D]``.
         eps: added to the mean square, finite and > 0.
-        enable_pdl: launch with programmatic dependent launch (SM90+).
+        enable_pdl: launch with programmatic dependent launch (SM90+); None: where the device supports it.
         stream: as :func:`rmsnorm`.
 
     Raises:
@@ -255,7 +268,7 @@ def gemma_fused_add_rmsnorm(
     residual: TensorLike,
     weight: TensorLike,
     eps: float = 1e-6,
-    enable_pdl: bool = False,
+    enable_pdl: bool | None = False,
     *,
     stream: StreamLike = None,
 ) -> None:

@@ -44,6 +44,10 @@ from ..tensor.protocols import IndexLike, StreamLike, TensorLike
 from .attention.plan_settings import LAYOUTS  # the KV layout codes the kernels take, stated once
 
 _URI = "page"
+_LAYOUT_SHAPES = {  # what kv_layout means, for the message that suggests the other one
+    "NHD": "[num_pages, page_size, num_kv_heads, head_dim]",
+    "HND": "[num_pages, num_kv_heads, page_size, head_dim]",
+}
 KVLayout = Literal["NHD", "HND"]  # the order of a paged cache's dimensions (page, token, head): see LAYOUTS
 _CACHE_DTYPES = (float16, bfloat16, float8_e4m3fn, float8_e5m2)
 _HEAD_DIMS = (64, 128, 256, 512)
@@ -145,9 +149,15 @@ def _check_kv(a: SimpleNamespace) -> PointerRules:
     if head_dim not in _HEAD_DIMS:
         raise ValueError(f"k_cache: expected head_dim (last dimension) in {_HEAD_DIMS}, got {head_dim}")
     if ak.shape[1] != heads or ak.shape[2] != head_dim:
+        layout, other = ("NHD", "HND") if nhd else ("HND", "NHD")
+        if ak.shape[1] == page_size and ak.shape[2] == head_dim:  # the cache fits the other layout: say so
+            raise ValueError(
+                f"kv_layout: {layout!r} reads k_cache {kc.shape} as {heads} heads of pages of {page_size} tokens, "
+                f"but append_key {ak.shape} has {ak.shape[1]} heads: the cache is laid out {other} "
+                f"({_LAYOUT_SHAPES[other]}); pass kv_layout={other!r}"
+            )
         raise ValueError(
-            f"append_key: expected [nnz, {heads}, {head_dim}] to match k_cache {kc.shape} "
-            f"({'NHD' if nhd else 'HND'}), got {ak.shape}"
+            f"append_key: expected [nnz, {heads}, {head_dim}] to match k_cache {kc.shape} ({layout}), got {ak.shape}"
         )
     _fits_uint32("k_cache", kc)
     itemsize = ak.dtype.itemsize

@@ -560,7 +560,7 @@ def _sample(
 def softmax(
     logits: TensorLike,
     temperature: float | TensorLike | None = None,
-    enable_pdl: bool = False,
+    enable_pdl: bool | None = False,
     *,
     out: TensorT,
     workspace: TensorLike,
@@ -574,7 +574,7 @@ def softmax(
         workspace: a 1-D CUDA buffer of at least :func:`softmax_workspace_size` ``(R, V)`` bytes (8-byte
             aligned); 1 MiB fits every shape. Scratch, overwritten.
         temperature: None (1.0), a number > 0, or a ``[R]`` float32 tensor.
-        enable_pdl: launch with programmatic dependent launch (SM90+).
+        enable_pdl: launch with programmatic dependent launch (SM90+); None: where the device supports it.
 
     Returns:
         ``out``.

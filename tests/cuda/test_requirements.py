@@ -104,6 +104,18 @@ def test_no_driver_is_named_so_in_smoke_and_doctor() -> None:
 
 
 @no_driver_here
+def test_doctor_and_smoke_say_the_no_driver_message_once() -> None:
+    # the ~400-character message (cause and fix) was printed three times by doctor and four by smoke
+    for command in ("doctor", "smoke"):
+        out = fi_ffi(command).stdout
+        assert out.count("Install the NVIDIA driver") == 1, out
+        assert out.count("no NVIDIA driver found (the fix: above)") == (1 if command == "doctor" else 2), out
+    doctor = fi_ffi("doctor").stdout
+    assert "NVIDIA driver:  not found: no NVIDIA driver found (libcuda.so.1" in doctor  # the cause, short
+    assert "GPUs:           none (cudaGetDeviceCount failed: " in doctor
+
+
+@no_driver_here
 def test_no_driver_is_named_so_by_the_device_queries_and_the_driver_calls() -> None:
     done = python(
         "from fi_ffi.cuda import device, runtime\n"

@@ -58,3 +58,15 @@ def test_sizes_take_their_defaults_from_the_config() -> None:
     assert given.sizes(config) == EngineSizes(32, 16, 64, 10, 128)
     with pytest.raises(ValueError, match="num_pages: expected a positive integer below 2"):
         EngineSettings(max_batch=1 << 30, page_size=1).sizes(config)  # the default overflows an int32
+
+
+def test_a_size_too_large_is_shown_as_its_value() -> None:
+    # "got an integer of 40 bits" told the user less than the value they typed
+    with pytest.raises(ValueError, match=r"max_batch: expected a positive integer below 2\*\*31 .*got 1000000000000$"):
+        EngineSettings(max_batch=10**12)
+    with pytest.raises(ValueError, match=r"max_seq_len: .*got 2147483648$"):
+        EngineSettings(max_seq_len=2**31)
+    with pytest.raises(ValueError, match=r"page_size: .*got an integer of 1329 bits$"):  # too long to print
+        EngineSettings(page_size=10**400)
+    with pytest.raises(ValueError, match=r"max_batch: .*got '8'$"):
+        EngineSettings(max_batch="8")  # type: ignore[arg-type]

@@ -56,8 +56,8 @@ def model(tmp_path: Path) -> Path:
         ("--top-p", "2", r"expected a probability in (0, 1], got 2"),
         ("--top-p", "nan", "expected a probability in (0, 1]"),
         ("--top-k", "-1", "expected an integer >= 0, got -1"),
-        ("--max-new-tokens", "-5", "expected a positive integer, got -5"),
-        ("--max-batch", "0", "expected a positive integer, got 0"),
+        ("--max-new-tokens", "-5", "expected a positive integer below 2**31, got -5"),
+        ("--max-batch", "0", "expected a positive integer below 2**31, got 0"),
         ("--seed", "-3", "expected an integer >= 0"),
         ("--device", "-1", "expected a CUDA device ordinal"),
         ("--tp", "0", "expected a positive integer, got 0"),
@@ -231,3 +231,103 @@ def test_text_prompts_are_encoded_before_the_engine_needs_the_gpu(tmp_path: Path
     done = generate("--model", str(root), "--prompt", "hello world", "--chat", "What is a GPU?")
     assert done.returncode == 2
     assert done.stderr.startswith("fi-engine generate: the Llama engine needs an NVIDIA GPU"), done.stderr
+
+
+# ---- one CLI shape for both commands: MODEL_DIR or --model (as vLLM's `vllm serve MODEL` and `--model`) -------
+
+
+def engine_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fi_engine", *args], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_both_commands_take_model_dir_or_dash_dash_model(model: Path, command: str) -> None:
+    extra = ["--prompt-ids", "1,2"] if command == "generate" else []
+    # serve reads the tokenizer first (this checkpoint has none), generate stops at the GPU: either way the
+    # checkpoint given was read, whichever spelling named it
+    reached = "tokenizer.json does not exist" if command == "serve" else "needs an NVIDIA GPU"
+    for spelling in ([str(model)], ["--model", str(model)], [str(model), "--model", str(model)]):
+        done = engine_cli(command, *spelling, *extra)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "unrecognized arguments" not in done.stderr and "usage:" not in done.stderr, done.stderr
+        if command == "serve" or not system.gpus()[0]:
+            assert reached in done.stderr, (spelling, done.stderr)
+    done = engine_cli(command, str(model), "--model", "/elsewhere", *extra)
+    assert done.returncode == 2 and "usage:" in done.stderr
+    assert f"MODEL_DIR '{model}' and --model '/elsewhere' name different checkpoints" in done.stderr
+    done = engine_cli(command, *extra)
+    assert done.returncode == 2
+    assert "the checkpoint is missing: give MODEL_DIR (e.g. ./SmolLM2-135M-Instruct) or --model DIR" in done.stderr
+
+
+def test_fi_engine_version_is_printed_as_fi_ffi_prints_its_own() -> None:
+    import fi_ffi
+
+    done = engine_cli("--version")
+    assert done.returncode == 0 and done.stdout == f"fi-engine {fi_ffi.__version__}\n", done.stdout + done.stderr
+
+
+# ---- every value checked against the checkpoint's config.json before the GPU --------------------------------
+
+SMALL = {**CONFIG, "vocab_size": 64, "max_position_embeddings": 256}
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    """A checkpoint whose config.json has a vocabulary of 64 tokens and 256 positions (no weights)."""
+    (tmp_path / "config.json").write_text(json.dumps(SMALL))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt-ids", "99999"], "--prompt-ids: token id 99999 is outside the checkpoint's vocabulary"),
+        (["--prompt-ids", "1,-1"], "--prompt-ids: token id -1 is outside the checkpoint's vocabulary"),
+        (["--prompt-ids", "1", "--eos-ids", "-5"], "--eos-ids: token id -5 is outside"),
+        (["--prompt-ids", "1", "--eos-ids", "99999999999"], "--eos-ids: token id 99999999999 is outside"),
+        (["--prompt-ids", "1,2", "--max-new-tokens", "300"], "--max-new-tokens 300: the longest prompt (2 tokens)"),
+        (["--prompt-ids", ",".join(["1"] * 256)], "a prompt of 256 tokens leaves no room for a new token"),
+        (["--prompt-ids", "1", "--top-k", str(10**20)], f"--top-k {10**20}: expected 0 (every token) up to"),
+        (["--prompt-ids", "1", "--top-k", "65"], "--top-k 65: expected 0 (every token) up to the vocabulary size 64"),
+    ],
+)
+def test_values_the_config_bounds_are_refused_before_the_gpu(small: Path, args: list[str], message: str) -> None:
+    # --device 99 too: the value checks come before any question to the GPU (or its absence)
+    done = generate(str(small), *args, "--device", "99")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"fi-engine generate: {message}"), done.stderr
+    assert "NVIDIA GPU" not in done.stderr
+    if "token id" in message:
+        assert "(vocab_size 64 in config.json); use ids from 0 to 63" in done.stderr
+    if "--max-new-tokens" in message:
+        assert "max_seq_len 256 (max_position_embeddings 256 in config.json" in done.stderr
+        assert "use --max-new-tokens 254 or less" in done.stderr
+
+
+@pytest.mark.parametrize("value", [str(2**31), str(10**20)])
+@pytest.mark.parametrize("flag", ["--max-new-tokens", "--max-batch"])
+def test_sizes_beyond_int32_are_usage_errors_showing_the_value(small: Path, flag: str, value: str) -> None:
+    done = generate(str(small), "--prompt-ids", "1", flag, value)
+    assert done.returncode == 2
+    assert f"argument {flag}: expected a positive integer below 2**31, got {value}" in done.stderr
+    assert "bits" not in done.stderr
+
+
+def test_a_device_ordinal_beyond_the_gpus_present_is_named() -> None:
+    from fi_engine.cli import device_problem
+
+    assert device_problem(1, 2) == "" and device_problem(0, 1) == ""
+    assert device_problem(99, 2) == "--device 99: this host has 2 GPUs (ordinals 0 to 1); use one of them " + (
+        "(`nvidia-smi` lists them)"
+    )
+    assert device_problem(1, 1).startswith("--device 1: this host has 1 GPU (ordinals 0 to 0)")
+    assert device_problem(5, 0) == ""  # no GPU at all: the engine's "needs an NVIDIA GPU" and its fix say why
+
+
+@NO_GPU
+def test_valid_values_reach_the_gpu_check(small: Path) -> None:
+    done = generate(str(small), "--prompt-ids", "0,63", "--eos-ids", "63", "--max-new-tokens", "254", "--top-k", "64")
+    assert done.returncode == 2 and "needs an NVIDIA GPU" in done.stderr, done.stderr

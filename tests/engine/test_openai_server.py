@@ -489,3 +489,21 @@ def test_shutdown_lets_open_streams_finish(codec, pool) -> None:  # type: ignore
     assert texts == [s.service.codec.decode(expected_tokens([5], 30, pool))]
     assert not s.service.healthy and not s.service._thread.is_alive()  # the lifespan closed the service
     s.service.close()
+
+
+def test_the_openai_client_example_of_engine_text_md_runs(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
+    # docs/engine-text.md's example as written, pointed at this server: a chat answer, then a streamed one
+    from helpers.env import REPO
+
+    text = (REPO / "docs" / "engine-text.md").read_text()
+    code = next(b.split("```", 1)[0] for b in text.split("```python\n")[1:] if "from openai import OpenAI" in b)
+    assert 'base_url="http://localhost:8000/v1"' in code and 'model = "./SmolLM2-135M-Instruct"' in code
+    assert "stream=True" in code
+    code = code.replace("http://localhost:8000/v1", f"{served.url}/v1")
+    exec(compile(code.replace('"./SmolLM2-135M-Instruct"', repr(MODEL)), "engine-text.md", "exec"), {})
+    out = capsys.readouterr().out
+    answer, streamed = out.split("CompletionUsage(", 1)  # the answer, its usage, then the streamed text
+    assert answer.strip() and "completion_tokens=" in streamed, out
+    assert streamed.split(")", 1)[1].strip(), out
+    added = served.engine.added
+    assert len(added) == 2 and added[0][2] == 64 and added[1][2] == 32  # max_tokens of each request

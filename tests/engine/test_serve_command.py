@@ -64,7 +64,7 @@ def test_serve_checks_the_text_side_then_stops_at_the_missing_gpu(model: Path) -
     [
         ("--port", "70000", "expected a TCP port in [0, 65535], got 70000"),
         ("--port", "http", "expected a TCP port"),
-        ("--max-batch", "0", "expected a positive integer, got 0"),
+        ("--max-batch", "0", "expected a positive integer below 2**31, got 0"),
         ("--max-queue", "-1", "expected an integer >= 0, got -1"),
         ("--grace", "-2", "expected a finite number of seconds >= 0"),
         ("--grace", "nan", "expected a finite number of seconds >= 0"),
@@ -99,3 +99,32 @@ def test_serve_help_shows_a_query() -> None:
     assert done.returncode == 0 and done.stdout.startswith("usage: fi-engine serve")
     assert "curl localhost:8000/v1/chat/completions" in done.stdout
     assert "--api-servers N" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-seq-len", "5000"], "--max-seq-len 5000: the checkpoint's max_position_embeddings is 4096"),
+        (["--host", "bad host"], "--host 'bad host': cannot be resolved to an address to listen on"),
+        (["--host", "nowhere.invalid"], "--host 'nowhere.invalid': cannot be resolved"),
+        (["--served-model-name", ""], "--served-model-name: expected a non-empty name, got ''"),
+        (["--served-model-name", "a", "--served-model-name", " "], "--served-model-name: expected a non-empty"),
+    ],
+)
+def test_serve_values_are_refused_before_the_gpu(model: Path, args: list[str], message: str) -> None:
+    done = engine_cli("serve", str(model), "--device", "99", *args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"fi-engine serve: {message}"), done.stderr
+    assert "NVIDIA GPU" not in done.stderr
+
+
+def test_serve_sizes_beyond_int32_show_the_value(model: Path) -> None:
+    done = engine_cli("serve", str(model), "--max-batch", "1000000000000")
+    assert done.returncode == 2
+    assert "argument --max-batch: expected a positive integer below 2**31, got 1000000000000" in done.stderr
+
+
+@NO_GPU
+def test_serve_accepts_a_resolvable_host_and_the_full_length(model: Path) -> None:
+    done = engine_cli("serve", str(model), "--host", "localhost", "--max-seq-len", "4096", "--port", "0")
+    assert done.returncode == 2 and "needs an NVIDIA GPU" in done.stderr, done.stderr

@@ -588,7 +588,7 @@ def test_config_tied_embeddings_and_head_dim():
         ({"hidden_size": None}, "missing 'hidden_size'"),
         ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
         ({"num_key_value_heads": 5}, "multiple of num_key_value_heads"),
-        ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
+        ({"model_type": "mistral"}, "model_type 'mistral' is not a Llama-family type"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"attention_bias": True}, "attention_bias=true is not supported"),
         ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),

@@ -223,7 +223,7 @@ def _bad_append() -> list[tuple[Any, tuple[Any, ...], dict[str, Any], str]]:
         (ap, with_(3, fake_cuda((4,), "int32")), {}, "positions"),
         (ap, with_(4, (good[4][0], fake_cuda((6, 16, 2, 128), strides=(8192, 256, 128, 1)))), {}, "v_cache"),
         (ap, with_(6, fake_cuda((5,), "int32")), {}, "kv_indptr"),
-        (ap, hnd, {"kv_layout": "NHD"}, "append_key"),  # HND caches described as NHD: the heads do not match
+        (ap, hnd, {"kv_layout": "NHD"}, "kv_layout"),  # HND caches described as NHD: the layout is named
         (ap, with_(4, (None, good[4][1])), {}, "k_cache"),
         (ap, with_(4, None), {}, "paged_kv_cache"),
         (ap, with_(4, (good[4][0],)), {}, "paged_kv_cache"),

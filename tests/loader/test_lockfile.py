@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fi_ffi import loader
-from fi_ffi.errors import LibraryLoadError, LockError
+from fi_ffi.errors import LibraryLoadError, LoaderError, LockError
 from fi_ffi.loader import libraries, lockfile
 
 SHARED_SHA256 = "865dd2def285393e98953a8a6e49ab785df2ec3b59e3bd778cd924a8da5d5d50"
@@ -149,8 +149,8 @@ def test_selection_uses_env_cuda_version_and_sm(monkeypatch: pytest.MonkeyPatch,
     assert [p.filename for p in chosen.kernels] == ["k_b-1-py3-none-linux_x86_64.whl"]
     assert chosen.lock_path == lock
     monkeypatch.setenv("FI_FFI_CUDA_VERSION", "13")
-    with pytest.raises(LockError, match="FI_FFI_CUDA_VERSION"):
-        loader.selection(arch="x86_64")
+    with pytest.raises(LoaderError, match="^FI_FFI_CUDA_VERSION='13': expected major.minor"):
+        loader.selection(arch="x86_64")  # the settings are checked before anything is selected
 
 
 def test_user_lock_without_runtime_section_keeps_the_packaged_runtime(

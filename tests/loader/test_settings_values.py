@@ -130,6 +130,83 @@ def test_doctor_checks_the_cache_is_a_writable_folder(tmp_path: Path) -> None:
         locked.chmod(0o500)
         try:
             data = json.loads(fi_ffi("doctor", "--json", FI_FFI_CACHE_DIR=str(locked)).stdout)
-            assert "is not writable by this user" in data["cache_problem"]
+            assert "is a folder this user cannot write" in data["cache_problem"]
         finally:
             locked.chmod(0o700)
+
+
+# ---- every entry point reads the variables through the table: a bad value is named before anything else ------
+
+BAD_SETTINGS = [
+    ("FI_FFI_QUIET", "2", "FI_FFI_QUIET='2': expected 1 (or true/yes/on) to turn it on, 0 (or false/no/off)"),
+    ("FI_FFI_LOCK_TIMEOUT", "abc", "FI_FFI_LOCK_TIMEOUT='abc': expected a number of seconds >= 0"),
+    ("FI_FFI_SM", "xyz!", "FI_FFI_SM='xyz!': expected comma-separated GPU archs such as 90a,100a"),
+    ("FI_FFI_RUNTIME", "bogus", "FI_FFI_RUNTIME='bogus': expected auto, package, lock or the path of a libtvm_ffi.so"),
+    ("FI_FFI_TRUST_INSTALLED", "maybe", "FI_FFI_TRUST_INSTALLED='maybe': expected 1 (or true/yes/on)"),
+    ("FI_FFI_CACHE_DIR", "<file>", "is a file, not a folder; point it at a folder this user can write"),
+    ("FI_FFI_CACHE_DIR", "/proc/fi_ffi_cache", "/proc/fi_ffi_cache does not exist and cannot be made in /proc"),
+]
+
+
+def _value(value: str, tmp_path: Path) -> str:
+    if value != "<file>":
+        return value
+    plain = tmp_path / "a-file"
+    plain.write_text("x")
+    return str(plain)
+
+
+@pytest.mark.parametrize(("name", "value", "message"), BAD_SETTINGS)
+@pytest.mark.parametrize("command", [["list"], ["fetch"]])
+def test_commands_name_a_bad_setting_before_any_download(
+    tmp_path: Path, command: list[str], name: str, value: str, message: str
+) -> None:
+    if value.startswith("/proc/") and not Path("/proc").is_dir():
+        pytest.skip("needs /proc")
+    env = {"FI_FFI_LOCK": "", "FI_FFI_WHEELHOUSE": "", "FI_FFI_CACHE_DIR": str(tmp_path / "cache")}
+    env[name] = _value(value, tmp_path)  # the packaged lock, nothing at hand: a download would be next
+    done = fi_ffi(*command, **env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"fi-ffi {command[0]}: {name}="), done.stderr
+    assert message in done.stderr and "fi-ffi doctor" in done.stderr
+    for other in ("network", "offline", "OFFLINE", "download"):
+        assert other not in done.stderr, done.stderr
+
+
+OP_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])  # tests/: helpers
+import fi_ffi
+from fi_ffi.launch import kernels
+from helpers.fakes import fake_cuda
+kernels._driver_found = True  # as on a GPU machine: the settings are what is in the way
+try:
+    fi_ffi.rmsnorm(fake_cuda((4, 128)), fake_cuda((128,)), 1e-6, out=fake_cuda((4, 128)))
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.parametrize(("name", "value"), [("FI_FFI_QUIET", "2"), ("FI_FFI_TRUST_INSTALLED", "maybe")])
+def test_an_op_refuses_a_bad_setting_instead_of_ignoring_it(shared_wheel: Path, name: str, value: str) -> None:
+    # a fresh process, as a user's: its first op binds its module under these settings (it went on before)
+    done = subprocess.run(
+        [sys.executable, "-c", OP_CHILD, str(Path(__file__).resolve().parents[1])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(**{name: value}),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"LoaderError {name}='{value}': expected 1 (or true/yes/on)"), done.stdout
+
+
+def test_doctor_names_a_cache_folder_that_cannot_be_made() -> None:
+    if not Path("/proc").is_dir():
+        pytest.skip("needs /proc")
+    done = fi_ffi("doctor", "--json", FI_FFI_CACHE_DIR="/proc/fi_ffi_cache")
+    data = json.loads(done.stdout)
+    # root passes every permission check here, yet nothing can be made under /proc: tried, not guessed
+    assert "/proc/fi_ffi_cache does not exist and cannot be made in /proc" in data["cache_problem"]
+    note = {row["name"]: row["note"] for row in data["settings"]}["FI_FFI_CACHE_DIR"]
+    assert note.startswith("FI_FFI_CACHE_DIR='/proc/fi_ffi_cache': /proc/fi_ffi_cache does not exist"), note

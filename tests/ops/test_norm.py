@@ -196,3 +196,54 @@ def test_prepare_checks_arguments_and_the_function(kernel_modules: object) -> No
         fi_ffi.prepare(print, x, w, o)
     with pytest.raises(TypeError):
         fi_ffi.prepare(fi_ffi.rmsnorm, x, w)  # missing `out`
+
+
+# ---- flashinfer's call shapes: positional out, enable_pdl=None ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["rmsnorm", "gemma_rmsnorm"])
+def test_flashinfer_positional_out_is_taken(kernel_modules: object, name: str) -> None:
+    # flashinfer's rmsnorm(input, weight, eps, out, enable_pdl): a port that passes out by position works as is
+    op = getattr(fi_ffi, name)
+    with pytest.raises(KernelError) as info:
+        op(fake_cuda((4, 128)), fake_cuda((128,)), 1e-6, fake_cuda((4, 128)), False)
+    assert_reached_the_kernel(info.value)
+    with pytest.raises(TypeError, match=rf"^out: required .*as {name}\(input, weight, eps, out\) or out=\.\.\."):
+        op(fake_cuda((4, 128)), fake_cuda((128,)), 1e-6)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, w, o: fi_ffi.rmsnorm(x, w, 1e-6, o, None),
+        lambda x, w, o: fi_ffi.fused_add_rmsnorm(x, o, w, 1e-6, None),
+        lambda x, w, o: fi_ffi.silu_and_mul(fake_cuda((4, 256)), o, None),
+    ],
+    ids=["rmsnorm", "fused_add_rmsnorm", "silu_and_mul"],
+)
+def test_enable_pdl_none_asks_the_device_as_flashinfer_does(kernel_modules: object, call: object) -> None:
+    # flashinfer's default; refused before ("enable_pdl: expected a bool, got None"). Twice: the second call takes
+    # the launcher's cached layout, None keyed with the device.
+    for _ in range(2):
+        x, w, o = fake_cuda((4, 128)), fake_cuda((128,)), fake_cuda((4, 128))
+        with pytest.raises(KernelError) as info:
+            call(x, w, o)  # type: ignore[operator]
+        assert_reached_the_kernel(info.value)
+
+
+@pytest.mark.parametrize(("capability", "pdl"), [((9, 0), True), ((10, 0), True), ((8, 9), False)])
+def test_enable_pdl_none_is_on_from_sm90(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], pdl: bool
+) -> None:
+    from fi_ffi.cuda import device
+    from fi_ffi.launch.validation import describe_arguments
+    from fi_ffi.ops.norm import RMSNORM
+
+    monkeypatch.setitem(device._properties, 0, device.DeviceProperties(capability, 132, 32))
+    values = [fake_cuda((4, 128)), fake_cuda((4, 128)), fake_cuda((128,)), 1e-6, None]
+    assert describe_arguments(RMSNORM, values, None)[0]["enable_pdl"] is pdl
+    values[-1] = False  # a bool given is kept whatever the device
+    assert describe_arguments(RMSNORM, values, None)[0]["enable_pdl"] is False
+    values[-1] = "yes"
+    with pytest.raises(TypeError, match="enable_pdl: expected a bool, got 'yes'"):
+        describe_arguments(RMSNORM, values, None)

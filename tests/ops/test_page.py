@@ -147,7 +147,7 @@ def test_validation_memo_does_not_hide_a_changed_argument(kernel_modules: object
         page.append_paged_kv_cache(**args)  # same descriptors: memo hit, still reaches the kernel
     with pytest.raises(TypeError, match="positions: expected dtype int32"):
         page.append_paged_kv_cache(**{**args, "positions": fake_cuda((5,), "int64")})
-    with pytest.raises(ValueError, match="append_key: expected"):
+    with pytest.raises(ValueError, match="kv_layout: 'HND' reads k_cache"):
         page.append_paged_kv_cache(**{**args, "kv_layout": "HND"})  # same tensors, other layout: heads differ
 
 
@@ -211,9 +211,17 @@ def test_index_arrays_must_be_int32(name: str, dtype: str) -> None:
             r"append_key: expected \[nnz, 4, 128\] to match k_cache",
         ),
         (
+            # an NHD cache (16 tokens of 8 heads a page) called HND: the layout is blamed, not append_key's shape
             dict(layout="HND", k_cache=fake_cuda((6, 16, 8, 128)), v_cache=fake_cuda((6, 16, 8, 128))),
             ValueError,
-            r"append_key: expected \[nnz, 16, 128\] to match k_cache .*HND",
+            r"^kv_layout: 'HND' reads k_cache \(6, 16, 8, 128\) as 16 heads of pages of 8 tokens, but append_key "
+            r"\(5, 8, 128\) has 8 heads: the cache is laid out NHD \(\[num_pages, page_size, num_kv_heads, "
+            r"head_dim\]\); pass kv_layout='NHD'$",
+        ),
+        (
+            dict(layout="HND", k_cache=fake_cuda((6, 4, 16, 128)), v_cache=fake_cuda((6, 4, 16, 128))),
+            ValueError,
+            r"append_key: expected \[nnz, 4, 128\] to match k_cache .*HND",  # neither layout fits: the shape
         ),
         (
             dict(k_cache=fake_cuda((6, 0, 8, 128)), v_cache=fake_cuda((6, 0, 8, 128))),

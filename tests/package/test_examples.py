@@ -57,3 +57,26 @@ def test_gpu_examples_say_what_is_missing(name: str, message: str) -> None:
 
     if name.endswith("_cuda_python.py") and not driver.probe().found:  # the driver's absence named, with the fix
         assert "no NVIDIA driver found (libcuda.so.1" in done.stderr and "Install the NVIDIA driver" in done.stderr
+
+
+def test_the_porting_guides_cpu_check_of_a_plan_runs_as_written(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # docs/porting.md, "Checking a port on a machine without a GPU": the plan's own check refuses the bad call, and
+    # the good one goes as far as a machine without a driver lets it (it said nothing of from_buffers before)
+    text = (REPO / "docs" / "porting.md").read_text()
+    section = text.split("## Checking a port on a machine without a GPU", 1)[1].split("\n## ", 1)[0]
+    assert "Workspace.from_buffers" in section and "Workspace.allocate" in section
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(FI_FFI_CACHE_DIR=str(tmp_path / "cache")),
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "ValueError num_qo_heads: num_qo_heads must be a multiple of num_kv_heads (7), got 32"
+    from fi_ffi.cuda import driver
+
+    if not driver.probe().found:
+        assert lines[1].startswith("CudaError choosing an attention module failed: no NVIDIA driver found"), lines

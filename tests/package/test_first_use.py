@@ -160,6 +160,8 @@ def test_the_sdist_manifest_carries_what_the_tests_need() -> None:
 
 FIRST_CALL = """
 import numpy as np, fi_ffi
+from fi_ffi.launch import kernels
+kernels._driver_found = True  # as on a GPU machine: the loader is what fails here
 host = np.zeros(4096, np.uint8)
 ptr = (host.ctypes.data + 255) // 256 * 256
 x = fi_ffi.Tensor.from_pointer(ptr, (4, 128), "float16", 0)
@@ -177,3 +179,52 @@ def test_a_loader_error_on_the_first_op_is_shown_alone(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "fi_ffi.errors.LoaderError" in done.stderr and "FI_FFI_OFFLINE" in done.stderr, done.stderr
     assert "AttributeError" not in done.stderr, done.stderr
+
+
+# ---- contributing without ../shared -----------------------------------------------------------------------------
+
+
+def test_build_test_wheels_names_what_it_lacks_instead_of_tracing_back(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("flashinfer") is not None:
+        pytest.skip("flashinfer-python is installed here: the build would start")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "build_test_wheels.py"),
+            "build",
+            "core",
+            "--out",
+            str(tmp_path),
+            "--modules",
+            "norm",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "the build needs flashinfer-python==0.6.3" in done.stderr
+    assert "pip install flashinfer-python==0.6.3 torch ninja" in done.stderr and "python -m venv" in done.stderr
+    assert not list(tmp_path.iterdir())  # nothing started
+
+
+def test_contributing_without_shared_names_no_shared_path() -> None:
+    # the section for a contributor outside the team pointed at ../shared/stubs and ../shared/wheels files
+    text = (REPO / "CONTRIBUTING.md").read_text()
+    section = text.split("### Without `../shared`", 1)[1].split("\n### ", 1)[0]
+    assert "build_test_wheels.py build" in section and "FI_FFI_TEST_WHEELS=" in section
+    assert "../shared" not in section.split("\n", 1)[1]
+
+
+def test_the_readmes_two_commands_are_two() -> None:
+    # the section showed a third (serving), which has a section of its own, with the way to a checkpoint first
+    text = (REPO / "README.md").read_text()
+    section = text.split("## The two commands", 1)[1].split("\n## ", 1)[0]
+    assert section.count("```bash") == 2 and "fi-ffi smoke" in section and "pytest" in section
+    serving = text.split("## Serving a checkpoint", 1)[1].split("\n## ", 1)[0]
+    assert serving.index("hf download HuggingFaceTB/SmolLM2-135M-Instruct") < serving.index("fi-engine serve")
+    for needed in ("config.json", "*.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert needed in serving, needed

@@ -41,3 +41,49 @@ def test_the_history_check_finds_what_it_looks_for(tmp_path: Path) -> None:  # t
     lines = ["measured in session 13", "issue 32's goal", "Issue #21", "sessions 9-10", "a session of 13 requests"]
     doc.write_text("\n".join(lines), encoding="utf-8")
     assert [m.split(": ", 1)[1] for m in history_mentions([doc])] == lines[:4]
+
+
+# `fi_ffi.sampling_release()`, `fi_engine.models.registry.read_config`: a dotted name of either package, in backticks
+DOTTED_NAME = re.compile(r"`((?:fi_ffi|fi_engine)(?:\.[A-Za-z_]\w*)+)(?:\(\))?`")
+
+
+def dotted_names_missing(paths: list[Path]) -> list[str]:
+    """``path: name`` for every backticked ``fi_ffi.``/``fi_engine.`` name in ``paths`` that does not resolve (the
+    longest importable module prefix, then attributes)."""
+    import importlib
+    import warnings
+
+    def resolves(dotted: str) -> bool:
+        parts = dotted.split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                with warnings.catch_warnings():  # an old module path the docs name on purpose still resolves
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for part in parts[i:]:
+                if not hasattr(obj, part):
+                    return False
+                obj = getattr(obj, part)
+            return True
+        return False
+
+    return [
+        f"{path.name}: {m.group(1)}"
+        for path in paths
+        for m in DOTTED_NAME.finditer(path.read_text(encoding="utf-8"))
+        if not resolves(m.group(1))
+    ]
+
+
+def test_every_name_the_documents_give_exists() -> None:
+    # docs/ops.md named fi_ffi.ops.sampling.release() after it became fi_ffi.sampling_release()
+    docs = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    assert dotted_names_missing(docs) == []
+
+
+def test_the_name_check_finds_a_stale_name(tmp_path: Path) -> None:  # the check above could fail
+    doc = tmp_path / "probe.md"
+    doc.write_text("`fi_ffi.sampling_release()`, `fi_ffi.ops.sampling.release()`, `fi_engine.cli.main`\n")
+    assert dotted_names_missing([doc]) == ["probe.md: fi_ffi.ops.sampling.release"]

@@ -344,7 +344,7 @@ def batch_decode_run(
     kv_last_page_len: TensorLike,
     out: TensorT,
     lse: TensorLike | None = None,
-    enable_pdl: bool = False,
+    enable_pdl: bool | None = False,
     stream: StreamLike = None,
 ) -> TensorT:
     """Run batch decode attention with a plan from :func:`batch_decode_plan`.
@@ -364,7 +364,7 @@ def batch_decode_run(
         kv_last_page_len: device int32 ``[batch]``.
         out: ``[batch, num_qo_heads, head_dim]`` of the plan's o dtype, contiguous (written densely).
         lse: optional float32 ``[batch, num_qo_heads]``, contiguous.
-        enable_pdl: programmatic dependent launch (SM90+).
+        enable_pdl: programmatic dependent launch (SM90+); None: where the device supports it.
         stream: the plan's stream (None: the framework's current stream of the first tensor, as for every op).
 
     Returns:
@@ -428,7 +428,7 @@ def prepare_decode_run(
     out: TensorLike,
     plan: Plan,
     lse: TensorLike | None = None,
-    enable_pdl: bool = False,
+    enable_pdl: bool | None = False,
     stream: StreamLike = None,
 ) -> PreparedDecodeRun:
     """:func:`batch_decode_run`'s call checked and packed once; the result's ``run(plan)`` launches it with a plan.

@@ -885,7 +885,7 @@ def _check_graph_split(s: PlanSettings) -> None:
     launches ``padded_batch_size`` blocks but writes their indices only for the real ones and, unsplit, no mask
     telling the others to stop, so the padding blocks read indices an earlier plan left in the workspace and the
     run reads and writes out of bounds (an illegal address that ends the process's CUDA context)."""
-    from ...loader import module_release
+    from ...launch.kernels import module_release
     from ...loader.lockfile import release_key
 
     release = module_release(s.uri)
@@ -1186,7 +1186,7 @@ def batch_prefill_ragged_run(
     kv_indptr: TensorLike,
     out: TensorT,
     lse: TensorLike | None = None,
-    enable_pdl: bool = False,
+    enable_pdl: bool | None = False,
     q_scale: float | None = None,
     k_scale: float | None = None,
     v_scale: float | None = None,
@@ -1205,7 +1205,7 @@ def batch_prefill_ragged_run(
         qo_indptr, kv_indptr: device int32 ``[batch + 1]`` copies of the plan's host arrays.
         out: ``[q.shape[0], num_qo_heads, head_dim_vo]`` of the plan's o dtype, contiguous.
         lse: optional float32 ``[q.shape[0], num_qo_heads]``.
-        enable_pdl: programmatic dependent launch (SM90+).
+        enable_pdl: programmatic dependent launch (SM90+); None: where the device supports it.
         q_scale, k_scale, v_scale: FA3 FP8 plans only (float8 q, k and v): per-tensor dequantization scales
             (None: 1.0; flashinfer-python's float arguments of these names), passed to the kernel's
             ``scale_q/k/v_scalar``: it scales the logits by ``q_scale * k_scale * sm_scale`` and the output by
@@ -1243,7 +1243,7 @@ def batch_prefill_paged_run(
     kv_last_page_len: TensorLike,
     out: TensorT,
     lse: TensorLike | None = None,
-    enable_pdl: bool = False,
+    enable_pdl: bool | None = False,
     q_scale: float | None = None,
     k_scale: float | None = None,
     v_scale: float | None = None,
@@ -1264,7 +1264,7 @@ def batch_prefill_paged_run(
         kv_indices: device int32 ``[>= kv_indptr[-1]]`` page ids.
         out: ``[q.shape[0], num_qo_heads, head_dim_vo]`` of the plan's o dtype, contiguous.
         lse: optional float32 ``[q.shape[0], num_qo_heads]``.
-        enable_pdl: programmatic dependent launch (SM90+).
+        enable_pdl: programmatic dependent launch (SM90+); None: where the device supports it.
         q_scale, k_scale, v_scale: FA3 FP8 plans only (float8 q, k and v): per-tensor dequantization scales
             (None: 1.0; flashinfer-python's float arguments of these names), passed to the kernel's
             ``scale_q/k/v_scalar``: it scales the logits by ``q_scale * k_scale * sm_scale`` and the output by

@@ -359,7 +359,7 @@ def batch_attention_sink_run(
     out: TensorT,
     sinks: TensorLike,
     lse: TensorLike | None = None,
-    enable_pdl: bool = False,
+    enable_pdl: bool | None = False,
     stream: StreamLike = None,
 ) -> TensorT:
     """Run attention with sinks over a paged KV cache with a plan from :func:`batch_attention_sink_plan`.
@@ -377,7 +377,7 @@ def batch_attention_sink_run(
         out: ``[q.shape[0], num_qo_heads, head_dim]``, contiguous; written.
         sinks: float32 device ``[num_qo_heads]``: each head's sink logit.
         lse: optional float32 ``[q.shape[0], num_qo_heads]`` (base 2).
-        enable_pdl: programmatic dependent launch (SM90+).
+        enable_pdl: programmatic dependent launch (SM90+); None: where the device supports it.
         stream: the plan's stream.
 
     Returns:
@@ -409,7 +409,7 @@ def batch_attention_sink_ragged_run(
     out: TensorT,
     sinks: TensorLike,
     lse: TensorLike | None = None,
-    enable_pdl: bool = False,
+    enable_pdl: bool | None = False,
     stream: StreamLike = None,
 ) -> TensorT:
     """Run attention with sinks over ragged ``k``/``v`` (NHD ``[>= kv_indptr[-1], num_kv_heads, head_dim]`` or

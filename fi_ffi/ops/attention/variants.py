@@ -30,6 +30,7 @@ from ... import dtypes as _dt
 from ...dtypes import DType
 from ...errors import KernelNotFoundError
 from ...launch import checks
+from ...launch.kernels import require_driver
 from ...launch.registry import op
 
 SINGLE_PREFILL = "single_prefill"
@@ -403,9 +404,18 @@ def _state() -> _Pinned:
 
 
 def available() -> tuple[frozenset[str], tuple[Variant, ...]]:
-    """(every module URI of the pinned wheels, the attention variants among them); read once per process."""
-    state = _state()
+    """(every module URI of the pinned wheels, the attention variants among them); read once per process. For an
+    op: "no NVIDIA driver found" first, before any wheel listing is fetched (:func:`_for_an_op`)."""
+    state = _for_an_op()
     return state.uris, state.variants
+
+
+def _for_an_op() -> _Pinned:
+    """:func:`_state`, once this machine has a usable driver (:func:`fi_ffi.launch.kernels.require_driver`): an op
+    or plan without one says so before the listing could download a wheel. ``fi-ffi list`` reads :func:`_state`
+    itself (it answers on any machine)."""
+    require_driver("choosing an attention module")  # a flag test once a driver was found
+    return _state()
 
 
 def release_of(uri: str) -> str:
@@ -456,7 +466,7 @@ def find(variant: Variant) -> Variant | None:
     None. When several are pinned (a 0.6.3 untagged and a 0.7.2 ``kv_stride_equal`` FA2 prefill, say), the one
     whose lock entry takes precedence (priority, then newest release: :mod:`fi_ffi.loader.lockfile`) wins; on a
     tie, ``variant``'s own tag."""
-    state = _state()
+    state = _for_an_op()
     try:
         return state.found[variant]
     except KeyError:
@@ -567,7 +577,7 @@ def list_variants(kind: str | None = None, dtype: Any = None, head_dim: int | No
     except (TypeError, ValueError, KeyError):
         raise TypeError(f"dtype: expected a dtype (a name, a numpy or torch dtype), got {dtype!r}") from None
     rows = []
-    for v in available()[1]:
+    for v in _state().variants:
         if kind is not None and v.kind != kind and not v.kind.endswith("_" + kind):
             continue
         if want_dtype is not None and v.dtype_q != want_dtype:
