@@ -162,4 +162,6 @@ _DEFAULTS = {f.name: f.default for f in fields(SamplingParams)}
 
 def unsupported_by_gpu_engine(params: SamplingParams) -> str | None:
     """The first field of ``params`` in :data:`GPU_UNSUPPORTED` set to other than its default, or None."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params: expected a SamplingParams, got {type(params).__name__}")
     return next((n for n, v in _DEFAULTS.items() if n in GPU_UNSUPPORTED and getattr(params, n) != v), None)

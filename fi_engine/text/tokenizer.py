@@ -142,9 +142,13 @@ class Tokenizer:
         """One token as log-probabilities show it: its text alone (special tokens included; a token holding part of
         a UTF-8 character reads U+FFFD there) and its exact bytes (that part: a byte-level BPE token's own bytes,
         a ``<0xNN>`` byte-fallback token's byte), so that the bytes of consecutive tokens join into the text."""
-        found = self._pieces.get(token_id)
+        found = self._pieces.get(token_id) if type(token_id) is int else None
         if found is not None:
             return found
+        if isinstance(token_id, bool) or not isinstance(token_id, int):
+            raise TypeError(f"token_id: expected an int, got {type(token_id).__name__}")
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token_id: {show(token_id)} is outside the vocabulary [0, {self.vocab_size})")
         text = self.decode([token_id], skip_special_tokens=False)
         raw = text.encode()
         if "\ufffd" in text:

@@ -15,11 +15,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers.fake_engine import FakeStepEngine, expected_tokens
-from helpers.serve import RunningServer
+from helpers.fake_engine import expected_tokens
+from helpers.serve import MODEL, WAIT, Served
 from helpers.text_checkpoints import write_text_checkpoint
-
-from fi_engine.serve.service import GenerationService
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -27,9 +25,6 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
-
-MODEL = "fake-model"
-WAIT = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -42,27 +37,6 @@ def codec(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
 @pytest.fixture(scope="module")
 def pool(codec) -> list[int]:  # type: ignore[no-untyped-def]
     return sorted(set(codec.encode("The quick brown fox jumps over the lazy dog. Hello, how are you today?")))
-
-
-def make_engine(codec, pool, **kw) -> FakeStepEngine:  # type: ignore[no-untyped-def]
-    return FakeStepEngine(codec.tokenizer.vocab_size, pool=pool, eos_token_ids=codec.eos_token_ids, **kw)
-
-
-class Served:
-    """A fake engine, its service and the server on loopback."""
-
-    def __init__(self, codec, pool, max_queue: int = 256, graceful_s: float = 5.0, **engine_kw) -> None:  # type: ignore[no-untyped-def]
-        from fi_engine.serve.openai_server import build_app
-
-        self.engine = make_engine(codec, pool, **{"max_seq_len": 4096, **engine_kw})
-        self.service = GenerationService(self.engine, codec, max_queue=max_queue)
-        self.server = RunningServer(build_app(self.service, MODEL, max_model_len=4096, close_timeout=1.0), graceful_s)
-        self.url = self.server.url
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=WAIT)
-
-    def close(self) -> None:
-        self.server.stop()
-        self.service.close(timeout=1.0)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fi_engine.runtime.sampling_params import SamplingParams
+from fi_engine.runtime.sampling_params import SamplingParams, sampling_arg
 from fi_engine.runtime.stepping import FinishReason, StepOutput, TokenLogprobs
 
 
@@ -224,6 +224,8 @@ class FakeStepEngine:
         step_delay_s: seconds each step sleeps (a slow engine). fail_at_step: raise RuntimeError at that step.
         step_s: seconds each step takes in all, its own work included (it sleeps what is left): a GPU's step of a
             fixed time, for benchmarks/bench_serve.py's stand-in server.
+        as_gpu_engine: check ``sampling`` as the GPU engine does (``sampling_arg``: the fields it cannot honour yet
+            refused with a ValueError naming them).
     """
 
     def __init__(
@@ -238,6 +240,7 @@ class FakeStepEngine:
         step_delay_s: float = 0.0,
         fail_at_step: int | None = None,
         step_s: float = 0.0,
+        as_gpu_engine: bool = False,
     ) -> None:
         self.vocab_size = vocab_size
         self.pool = list(pool) if pool is not None else list(range(vocab_size))
@@ -248,6 +251,7 @@ class FakeStepEngine:
         self.step_delay_s = step_delay_s
         self.step_s = step_s
         self.fail_at_step = fail_at_step
+        self.as_gpu_engine = as_gpu_engine
         self._next_rid = 0
         self._queue: deque[FakeRequest] = deque()
         self._active: dict[int, FakeRequest] = {}
@@ -292,6 +296,8 @@ class FakeStepEngine:
             raise ValueError(
                 f"prompt: {len(prompt)} tokens + max_new_tokens {max_new_tokens} exceed max_seq_len {self.max_seq_len}"
             )
+        if self.as_gpu_engine:
+            sampling_arg(sampling)
         if sampling is not None:
             for token, _ in sampling.logit_bias:
                 if token >= self.vocab_size:

@@ -1146,6 +1146,7 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
             ),
             ("Tokenizer.decode", Entry(tok.decode, lambda: {"ids": [1, 40, 41], "skip_special_tokens": True})),
             ("Tokenizer.token_id", Entry(tok.token_id, lambda: {"token": "<|im_end|>"}, kinds={"token": "label"})),
+            ("Tokenizer.token_piece", Entry(tok.token_piece, lambda: {"token_id": 40})),
             (
                 "Tokenizer.special_token_id",
                 Entry(tok.special_token_id, lambda: {"token_name": "eos_token"}, kinds={"token_name": "label"}),
@@ -2026,6 +2027,9 @@ EXEMPT: dict[str, str] = {
     "runtime.sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
     "tests/engine/test_step_api_host.py",
     "runtime.stepping.StepOutput": _RECORD,
+    "runtime.stepping.TokenLogprobs": _RECORD,
+    "runtime.sampling_params.unsupported_by_gpu_engine": "reads a checked SamplingParams (TypeError naming params "
+    "for anything else): tests/engine/test_sampling_params.py",
     "checkpoint.quantization.Fp8Scheme": _RECORD,
     "checkpoint.quantization.fp8_scheme": "reads a config dict: its malformed values refused by key in "
     "tests/engine/test_quantization_config.py",
