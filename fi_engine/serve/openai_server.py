@@ -89,6 +89,16 @@ class _Choice:
     offset: int = 0
 
 
+@dataclass
+class _Submitted:
+    """A request's engine requests: their streams and choices (one each, choice ``i`` of the answer is stream
+    ``i``) and the prompt tokens it counts."""
+
+    streams: list[RequestStream]
+    choices: list[_Choice]
+    prompt_tokens: int
+
+
 class _Handlers:
     """The endpoints, bound to one service and the model names it answers to."""
 
@@ -149,9 +159,10 @@ class _Handlers:
         try:
             body = await self.body(request)
             parsed = parse_chat(body, self.models) if chat else parse_completion(body, self.models)
-            streams, choices, prompt_tokens = self._submit(parsed)
+            submitted = self._submit(parsed)
         except APIError as exc:
             return self.error(exc)
+        streams = submitted.streams
         try:
             await asyncio.gather(*(s.aaccepted() for s in streams))
         except (ValueError, TypeError) as exc:  # the engine refused a prompt (too long for it, ...)
@@ -167,11 +178,11 @@ class _Handlers:
         rid = new_id("chatcmpl" if chat else "cmpl")
         if parsed.stream:
             self.service.metrics.response(200)
-            events = self._events(parsed, streams, choices, prompt_tokens, rid, chat)
+            events = self._events(parsed, submitted, rid, chat)
             return self.StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self._whole(request, parsed, streams, choices, prompt_tokens, rid, chat)
+        return await self._whole(request, parsed, submitted, rid, chat)
 
-    def _submit(self, parsed: ParsedRequest) -> tuple[list[RequestStream], list[_Choice], int]:
+    def _submit(self, parsed: ParsedRequest) -> _Submitted:
         """Encode the prompts and queue ``n`` requests per prompt, all or none; their choices (one per request)
         and the prompt token count."""
         service = self.service
@@ -244,7 +255,7 @@ class _Handlers:
             raise APIError(str(exc), None, status=503, type="service_unavailable", code="unavailable") from None
         except (ValueError, TypeError) as exc:  # ids outside the vocabulary, a text that encodes to nothing
             raise _named(exc, "messages" if parsed.messages is not None else "prompt") from None
-        return streams, choices, sum(len(p) for p in ids)
+        return _Submitted(streams, choices, sum(len(p) for p in ids))
 
     def _shape(
         self, parsed: ParsedRequest, choice: _Choice, part: Any, chat: bool
@@ -277,17 +288,9 @@ class _Handlers:
         shaped, choice.offset = completion_logprobs(ids, entries, piece, choice.offset)
         return text, shaped
 
-    async def _whole(
-        self,
-        request: Any,
-        parsed: ParsedRequest,
-        streams: list[RequestStream],
-        choices: list[_Choice],
-        prompt_tokens: int,
-        rid: str,
-        chat: bool,
-    ) -> Any:
+    async def _whole(self, request: Any, parsed: ParsedRequest, submitted: _Submitted, rid: str, chat: bool) -> Any:
         """Wait for every choice, or cancel them all when the client goes away first."""
+        streams, choices = submitted.streams, submitted.choices
         results: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(s.aresult() for s in streams)))
         gone: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(request))
         try:
@@ -304,9 +307,8 @@ class _Handlers:
             done = results.result()
         except ServiceError as exc:
             return self.error(APIError(str(exc), status=500, type="internal_server_error", code="engine_error"))
-        usage = usage_body(
-            prompt_tokens, sum(r.completion_tokens for r, c in zip(done, choices, strict=True) if c.generates)
-        )
+        generated = sum(r.completion_tokens for r, c in zip(done, choices, strict=True) if c.generates)
+        usage = usage_body(submitted.prompt_tokens, generated)
         answers: list[Choice] = []
         for r, choice in zip(done, choices, strict=True):
             text, logprobs = self._shape(parsed, choice, r, chat)
@@ -315,17 +317,10 @@ class _Handlers:
         self.service.metrics.response(200)
         return self.JSONResponse(body)
 
-    async def _events(
-        self,
-        parsed: ParsedRequest,
-        streams: list[RequestStream],
-        choices: list[_Choice],
-        prompt_tokens: int,
-        rid: str,
-        chat: bool,
-    ) -> AsyncIterator[bytes]:
+    async def _events(self, parsed: ParsedRequest, submitted: _Submitted, rid: str, chat: bool) -> AsyncIterator[bytes]:
         """The server-sent events of a streamed request; cancels its requests however it ends (a disconnect
         cancels this generator)."""
+        streams, choices = submitted.streams, submitted.choices
         created = int(time.time())
         completion_tokens = [0] * len(streams)
         try:
@@ -349,7 +344,7 @@ class _Handlers:
                     event = completion_chunk(rid, parsed.model, created, index, text, finish, None, logprobs)
                 yield _sse(event)
             if parsed.include_usage:
-                usage = usage_body(prompt_tokens, sum(completion_tokens))
+                usage = usage_body(submitted.prompt_tokens, sum(completion_tokens))
                 if chat:
                     yield _sse(chat_chunk(rid, parsed.model, created, None, {}, None, usage))
                 else:

@@ -7,7 +7,6 @@ by the client, streamed or whole; a field an engine cannot honour is a 400 namin
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -15,7 +14,6 @@ import httpx
 import pytest
 from helpers.fake_engine import reference_run, rule_token
 from helpers.serve import MODEL, WAIT, Served
-from helpers.text_checkpoints import write_text_checkpoint
 
 from fi_engine.runtime.sampling_params import SamplingParams
 from fi_engine.runtime.stepping import TokenLogprobs
@@ -27,25 +25,6 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 TOL = 1e-12  # logprobs are float64 in the stand-in and travel as JSON's shortest round-trip repr: exact but for ulps
-
-
-@pytest.fixture(scope="module")
-def codec(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from fi_engine.text.codec import TextCodec
-
-    return TextCodec.from_dir(write_text_checkpoint(tmp_path_factory.mktemp("text") / "m"))
-
-
-@pytest.fixture(scope="module")
-def pool(codec) -> list[int]:  # type: ignore[no-untyped-def]
-    return sorted(set(codec.encode("The quick brown fox jumps over the lazy dog. Hello, how are you today?")))
-
-
-@pytest.fixture
-def served(codec, pool) -> Iterator[Served]:  # type: ignore[no-untyped-def]
-    s = Served(codec, pool, max_batch=8)
-    yield s
-    s.close()
 
 
 def reference(codec, pool, prompt, max_tokens, sampling=None, script=None):  # type: ignore[no-untyped-def]

@@ -11,7 +11,6 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,25 +24,6 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
-
-
-@pytest.fixture(scope="module")
-def codec(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from fi_engine.text.codec import TextCodec
-
-    return TextCodec.from_dir(write_text_checkpoint(tmp_path_factory.mktemp("text") / "m"))
-
-
-@pytest.fixture(scope="module")
-def pool(codec) -> list[int]:  # type: ignore[no-untyped-def]
-    return sorted(set(codec.encode("The quick brown fox jumps over the lazy dog. Hello, how are you today?")))
-
-
-@pytest.fixture
-def served(codec, pool) -> Iterator[Served]:  # type: ignore[no-untyped-def]
-    s = Served(codec, pool, max_batch=8)
-    yield s
-    s.close()
 
 
 def post(url: str, path: str, body: Any, **kw: Any) -> Any:
