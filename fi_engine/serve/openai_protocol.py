@@ -4,7 +4,7 @@ engine: the server (:mod:`fi_engine.serve.openai_server`) stands on it, and its 
 
 A bad field is an :class:`APIError` naming it (``param``) with what was expected, which the server answers with
 HTTP 400 and OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``. Fields the server cannot
-honour (``tools``, ``response_format``, ``suffix``, ...) are refused by name when set to anything but their
+honour (``response_format``, ``suffix``, ...) are refused by name when set to anything but their
 neutral value; fields that change nothing here (``user``, ``metadata``, ``store``, ...) and unknown fields are
 ignored, as vLLM's server does. See docs/engine-text.md ("Serving") for every choice made where the API is silent.
 
@@ -16,6 +16,7 @@ bytes, top_logprobs: [{token, logprob, bytes}]}``, :func:`chat_logprobs`) and th
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 from ..runtime.sampling_params import MAX_LOGPROBS
 from ..runtime.stepping import TokenLogprobs
+from ..text.tool_calls import ToolCall
 from ..values import show
 
 __all__ = ["APIError", "ParsedRequest", "error_body", "parse_chat", "parse_completion"]
@@ -75,7 +77,10 @@ class ParsedRequest:
     ``logprobs``: the top-N count of log-probabilities per generated token (completions' ``logprobs``, the chat's
     ``top_logprobs`` once ``logprobs`` is true: 0 when it is absent), None: none. ``echo`` (completions): the
     prompt's text (and, with ``logprobs``, its log-probabilities) leads each choice; ``max_tokens`` 0 then asks for
-    the prompt's alone."""
+    the prompt's alone.
+
+    ``tools`` (chat): the function tools as given; ``tool_choice``: ``"none"``, ``"auto"`` (the default with
+    tools), ``"required"`` or ``"named"`` (the function ``tool_name``)."""
 
     model: str
     stream: bool
@@ -101,6 +106,10 @@ class ParsedRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
     echo: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str = "none"
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
 
     def seeds(self) -> list[int]:
         """One seed per choice: the request's ``seed`` + i (each choice samples its own), or fresh random ones."""
@@ -343,8 +352,7 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
         top = None
     else:
         top = top or 0
-    _neutral(body, "tools", ([],), "tools (function calling)")
-    _neutral(body, "tool_choice", ("none",), "tool_choice")
+    tools, tool_choice, tool_name = _tools(body)
     _neutral(body, "response_format", ({"type": "text"},), "response_format other than text")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -358,7 +366,13 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
             raise APIError(
                 f"messages[{i}].role: expected a role (a string such as 'user'), got {show(role)}", "messages"
             )
-        checked.append({**message, "content": _content(message.get("content"), f"messages[{i}].content")})
+        checked.append(
+            {
+                **message,
+                "content": _content(message.get("content"), f"messages[{i}].content"),
+                **_message_tool_calls(message, i),
+            }
+        )
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise APIError(f"chat_template_kwargs: expected an object, got {show(kwargs)}", "chat_template_kwargs")
@@ -370,8 +384,82 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
         template_kwargs=dict(kwargs or {}),
         add_generation_prompt=_bool(body, "add_generation_prompt", True),
         logprobs=top,
+        tools=tools,
+        tool_choice=tool_choice,
+        tool_name=tool_name,
+        parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
         **common,
     )
+
+
+def _tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, str, str | None]:
+    """``tools`` (function tools: ``{"type": "function", "function": {"name", "description"?, "parameters"?}}``)
+    and ``tool_choice`` (``"none"``, ``"auto"``, ``"required"`` or ``{"type": "function", "function": {"name"}}``
+    naming one of them): the tools (None: none), the choice and the named function."""
+    value = body.get("tools")
+    if value is not None and not isinstance(value, list):
+        raise APIError(f"tools: expected a list of tools, got {show(value)}", "tools")
+    names = []
+    for i, tool in enumerate(value or []):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(tool, Mapping) or tool.get("type") != "function" or not isinstance(function, Mapping):
+            raise APIError(
+                f'tools[{i}]: expected {{"type": "function", "function": {{...}}}}, got {show(tool)}', "tools"
+            )
+        name = function.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
+            raise APIError(
+                f"tools[{i}].function.name: expected a name of letters, digits, _ and - (at most 64), got {show(name)}",
+                "tools",
+            )
+        if not isinstance(function.get("parameters", {}), Mapping):
+            raise APIError(f"tools[{i}].function.parameters: expected a JSON schema object", "tools")
+        names.append(name)
+    choice = body.get("tool_choice")
+    if choice is None:
+        return (value or None), ("auto" if names else "none"), None
+    if choice in ("none", "auto", "required"):
+        if choice != "none" and not names:
+            raise APIError(f"tool_choice: {choice!r} needs tools", "tool_choice")
+        return (value or None), choice, None
+    function = choice.get("function") if isinstance(choice, Mapping) else None
+    name = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(choice, Mapping) or choice.get("type") != "function" or not isinstance(name, str):
+        raise APIError(
+            f'tool_choice: expected "none", "auto", "required" or {{"type": "function", "function": {{"name": ...}}}}, '
+            f"got {show(choice)}",
+            "tool_choice",
+        )
+    if name not in names:
+        raise APIError(f"tool_choice: function {name!r} is not one of the tools ({names})", "tool_choice")
+    return value, "named", name
+
+
+def _message_tool_calls(message: Mapping[str, Any], i: int) -> dict[str, Any]:
+    """An assistant message's ``tool_calls`` for the template: each call's ``function.arguments`` (JSON text, as
+    OpenAI sends it) parsed into an object, as templates read it (as vLLM does); ``{}`` without calls."""
+    calls = message.get("tool_calls")
+    if calls is None:
+        return {}
+    if not isinstance(calls, list):
+        raise APIError(f"messages[{i}].tool_calls: expected a list of tool calls, got {show(calls)}", "messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise APIError(
+                f"messages[{i}].tool_calls[{j}]: expected a function call with a name, got {show(call)}", "messages"
+            )
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise APIError(
+                    f"messages[{i}].tool_calls[{j}].function.arguments: not JSON ({show(arguments)})", "messages"
+                ) from None
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return {"tool_calls": out}
 
 
 def new_id(prefix: str) -> str:
@@ -404,13 +492,30 @@ def completion_body(rid: str, model: str, choices: Sequence[Choice], usage: dict
     return _body(rid, "text_completion", model, listed, usage)
 
 
-def chat_body(rid: str, model: str, choices: Sequence[Choice], usage: dict[str, int]) -> dict[str, Any]:
-    """A ``chat.completion`` object: ``choices`` as (assistant text, finish reason, logprobs) in index order."""
-    listed = [
-        {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": why}
-        for i, (text, why, logprobs) in enumerate(choices)
-    ]
+def chat_body(
+    rid: str,
+    model: str,
+    choices: Sequence[Choice],
+    usage: dict[str, int],
+    tool_calls: Sequence[list[dict[str, Any]] | None] | None = None,
+) -> dict[str, Any]:
+    """A ``chat.completion`` object: ``choices`` as (assistant text, finish reason, logprobs) in index order, and
+    each one's ``tool_calls`` where it called tools (its content then None when empty)."""
+    listed = []
+    for i, (text, why, logprobs) in enumerate(choices):
+        calls = tool_calls[i] if tool_calls is not None else None
+        message: dict[str, Any] = {"role": "assistant", "content": (text or None) if calls else text}
+        if calls:
+            message["tool_calls"] = calls
+        listed.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": why})
     return _body(rid, "chat.completion", model, listed, usage)
+
+
+def tool_call_body(call: ToolCall, arguments: str | None = None) -> dict[str, Any]:
+    """OpenAI's object of a function call, with a fresh id (``arguments``: in place of the call's own, e.g. ``""``
+    for the first chunk of a streamed call)."""
+    function = {"name": call.name, "arguments": call.arguments if arguments is None else arguments}
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function}
 
 
 def _logprob(value: float) -> float:

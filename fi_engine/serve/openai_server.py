@@ -30,6 +30,7 @@ from typing import Any
 
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.stepping import TokenLogprobs
+from ..text.tool_calls import ToolCall, ToolCallParser, call_format, opener
 from .openai_protocol import (
     APIError,
     Choice,
@@ -44,6 +45,7 @@ from .openai_protocol import (
     new_id,
     parse_chat,
     parse_completion,
+    tool_call_body,
     usage_body,
 )
 from .service import GenerationService, QueueFullError, RequestStream, ServiceClosedError, ServiceError
@@ -87,6 +89,21 @@ class _Choice:
     ids: list[int] = field(default_factory=list)
     entries: list[TokenLogprobs | None] = field(default_factory=list)
     offset: int = 0
+    tools: ToolCallParser | None = None  # reads the reply for tool calls (chat with tools)
+    parallel: bool = True  # False: the first call only (parallel_tool_calls)
+    called: int = 0  # calls sent so far
+
+    def calls(self, text: str, end: bool) -> tuple[str, list[ToolCall]]:
+        """The content and the tool calls of the reply's next ``text`` (``end``: the reply ended)."""
+        assert self.tools is not None
+        content, calls = self.tools.feed(text)
+        if end:
+            rest, late = self.tools.finish()
+            content, calls = content + rest, calls + late
+        if not self.parallel:
+            calls = calls[: max(0, 1 - self.called)]
+        self.called += len(calls)
+        return content, calls
 
 
 @dataclass
@@ -190,12 +207,12 @@ class _Handlers:
         if codec is None:
             raise APIError("this server has no tokenizer: it serves token-id prompts only", "prompt")
         try:
-            if parsed.messages is not None:
-                ids = [
-                    codec.encode_chat(
-                        parsed.messages, add_generation_prompt=parsed.add_generation_prompt, **parsed.template_kwargs
-                    )
-                ]
+            fmt, lead = self._tool_format(parsed)
+            if parsed.messages is not None:  # the template renders the tools; a forced call's start follows
+                text = codec.render_chat(
+                    parsed.messages, parsed.add_generation_prompt, parsed.tools, **parsed.template_kwargs
+                )
+                ids = [codec.tokenizer.encode(text + lead, add_special_tokens=False)]
             else:
                 assert parsed.prompts is not None
                 ids = [codec.encode(p) if isinstance(p, str) else p for p in parsed.prompts]
@@ -239,7 +256,10 @@ class _Handlers:
                 prompts.append(prompt)
                 limits.append(max(limit, 1))  # max_tokens 0 (echo): one token generated, left out of the answer
                 samplings.append(replace(controls, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-                choices.append(_Choice(echo, prompt, generates=limit > 0))
+                parser = None if fmt is None else ToolCallParser(fmt, lead)
+                choices.append(
+                    _Choice(echo, prompt, generates=limit > 0, tools=parser, parallel=parsed.parallel_tool_calls)
+                )
         try:
             streams = service.submit_many(
                 prompts,
@@ -256,6 +276,25 @@ class _Handlers:
         except (ValueError, TypeError) as exc:  # ids outside the vocabulary, a text that encodes to nothing
             raise _named(exc, "messages" if parsed.messages is not None else "prompt") from None
         return _Submitted(streams, choices, sum(len(p) for p in ids))
+
+    def _tool_format(self, parsed: ParsedRequest) -> tuple[str | None, str]:
+        """The tool-call format of the checkpoint's chat template when the reply is to be read for calls (None:
+        not, ``tool_choice`` "none" or no tools) and the text that starts the reply (a call's start when
+        ``tool_choice`` forces one). 400 naming ``tools`` when the template shows no format the server reads."""
+        template = self.service.codec.chat_template if self.service.codec is not None else None
+        if parsed.tool_choice == "none" or template is None:
+            return None, ""
+        fmt = call_format(template.templates[template.pick(has_tools=True)])
+        if fmt is None:
+            raise APIError(
+                f"tools: the chat template of {template.source} shows no tool-call format this server reads "
+                f'(Hermes-style <tool_call> blocks, Llama 3.1 JSON); send tool_choice: "none" or no tools',
+                "tools",
+                code="unsupported_value",
+            )
+        if parsed.tool_choice == "auto":
+            return fmt, ""
+        return fmt, opener(fmt, parsed.tool_name)
 
     def _shape(
         self, parsed: ParsedRequest, choice: _Choice, part: Any, chat: bool
@@ -310,10 +349,22 @@ class _Handlers:
         generated = sum(r.completion_tokens for r, c in zip(done, choices, strict=True) if c.generates)
         usage = usage_body(submitted.prompt_tokens, generated)
         answers: list[Choice] = []
+        tool_calls: list[list[dict[str, Any]] | None] = []
         for r, choice in zip(done, choices, strict=True):
             text, logprobs = self._shape(parsed, choice, r, chat)
-            answers.append((text, r.finish_reason if choice.generates else "length", logprobs))
-        body = (chat_body if chat else completion_body)(rid, parsed.model, answers, usage)
+            finish = r.finish_reason if choice.generates else "length"
+            calls = None
+            if choice.tools is not None:
+                content, found = choice.calls(text, end=True)
+                if found:
+                    text, calls = content.strip(), [tool_call_body(c) for c in found]
+                    finish = "tool_calls" if finish == "stop" else finish
+            answers.append((text, finish, logprobs))
+            tool_calls.append(calls)
+        if chat:
+            body = chat_body(rid, parsed.model, answers, usage, tool_calls)
+        else:
+            body = completion_body(rid, parsed.model, answers, usage)
         self.service.metrics.response(200)
         return self.JSONResponse(body)
 
@@ -335,6 +386,10 @@ class _Handlers:
                     completion_tokens[index] = delta.completion_tokens
                 text, logprobs = self._shape(parsed, choice, delta, chat)
                 finish = delta.finish_reason if choice.generates or delta.finish_reason is None else "length"
+                if choice.tools is not None:
+                    for event in _tool_chunks(rid, parsed.model, created, index, choice, text, finish, logprobs):
+                        yield _sse(event)
+                    continue
                 if not text and finish is None:
                     continue  # tokens that settle no text yet (a split character, a possible stop string)
                 if chat:
@@ -356,6 +411,35 @@ class _Handlers:
             for s in streams:
                 s.cancel()
         yield b"data: [DONE]\n\n"
+
+
+def _tool_chunks(
+    rid: str,
+    model: str,
+    created: int,
+    index: int,
+    choice: _Choice,
+    text: str,
+    finish: str | None,
+    logprobs: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """The chunks of a streamed reply read for tool calls, for its next ``text``: the content settled (with the
+    logprobs), then each call completed as OpenAI streams one (its id, type and name, then its arguments), then
+    the finish (``"tool_calls"`` when the reply called tools and stopped)."""
+    content, calls = choice.calls(text, end=finish is not None)
+    events = []
+    if content or logprobs is not None:
+        delta = {"content": content} if content else {}
+        events.append(chat_chunk(rid, model, created, index, delta, None, None, logprobs))
+    for k, call in enumerate(calls, start=choice.called - len(calls)):
+        head = {"index": k, **tool_call_body(call, arguments="")}
+        events.append(chat_chunk(rid, model, created, index, {"tool_calls": [head]}, None, None))
+        tail = {"index": k, "function": {"arguments": call.arguments}}
+        events.append(chat_chunk(rid, model, created, index, {"tool_calls": [tail]}, None, None))
+    if finish is not None:
+        why = "tool_calls" if choice.called and finish == "stop" else finish
+        events.append(chat_chunk(rid, model, created, index, {}, why, None))
+    return events
 
 
 def _sse(event: dict[str, Any]) -> bytes:

@@ -230,6 +230,13 @@ BAD = [
     ({"prompt": [5] * 5000}, "prompt", "max_seq_len"),
     ({"prompt": [5], "max_tokens": 2**31 - 1}, "prompt", "max_seq_len"),
 ]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def named_tool(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name}}
+
+
 BAD_CHAT = [
     ({}, "messages", "messages"),
     ({"messages": []}, "messages", "messages"),
@@ -239,7 +246,26 @@ BAD_CHAT = [
     ({"messages": [{"role": "user", "content": 5}]}, "messages", "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages", "type"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages", "text"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools", "not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools", "tools[0]"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": {"f": 1}}, "tools", "list of tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [TOOL], "tool_choice": "any"}, "tool_choice", None),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice", "needs tools"),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "tools": [TOOL], "tool_choice": named_tool("other")},
+        "tool_choice",
+        "not one of the tools",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "a b"}}]},
+        "tools",
+        "tools[0].function.name",
+    ),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [TOOL]}, "tools", "no tool-call format"),
+    (
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]},
+        "messages",
+        "messages[0].tool_calls[0].function.arguments",
+    ),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "top_logprobs", "logprobs: true"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs", "true or false"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
