@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .args import arg_text
+
 __all__ = ["FORMATS", "ToolCall", "ToolCallParser", "call_format", "opener"]
 
 FORMATS = ("hermes", "llama3_json")
@@ -37,6 +39,7 @@ class ToolCall:
 
 def call_format(template: str) -> str | None:
     """The tool-call format a chat template (its jinja source) asks the model for, or None when it shows none."""
+    template = arg_text("template", template)
     if HERMES_OPEN in template:
         return "hermes"
     if PYTHON_TAG in template or '"parameters"' in template:
@@ -44,11 +47,16 @@ def call_format(template: str) -> str | None:
     return None
 
 
-def opener(fmt: str, name: str | None = None) -> str:
-    """The text that starts a call in format ``fmt`` (of the function ``name``, when given): written after the
-    prompt, the model's reply continues it."""
+def opener(fmt: str, function: str | None = None) -> str:
+    """The text that starts a call in format ``fmt`` (of the function named ``function``, when given): written
+    after the prompt, the model's reply continues it."""
+    fmt = _format(fmt)
     key = "arguments" if fmt == "hermes" else "parameters"
-    head = "" if name is None else f"{json.dumps(name, ensure_ascii=False)}, {json.dumps(key)}: "
+    head = (
+        ""
+        if function is None
+        else f"{json.dumps(arg_text('function', function), ensure_ascii=False)}, {json.dumps(key)}: "
+    )
     call = '{"name": ' + head
     return f"{HERMES_OPEN}\n{call}" if fmt == "hermes" else call
 
@@ -99,9 +107,8 @@ class ToolCallParser:
     """
 
     def __init__(self, fmt: str, prefix: str = "") -> None:
-        if fmt not in FORMATS:
-            raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r:.80}")
-        self.fmt = fmt
+        self.fmt = _format(fmt)
+        prefix = arg_text("prefix", prefix)
         self.calls: list[ToolCall] = []  # every call so far
         self._held = ""  # text not settled yet
         self._inside = False  # hermes: within a <tool_call> block; llama3_json: the reply is a call
@@ -113,7 +120,7 @@ class ToolCallParser:
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         """The content settled and the calls completed by the next piece ``text``."""
-        self._held += text
+        self._held += arg_text("text", text)
         if self.fmt == "llama3_json":
             return self._feed_json(), []
         content, calls = [], []
@@ -187,6 +194,12 @@ class ToolCallParser:
             return ""
         held, self._held = self._held, ""
         return held
+
+
+def _format(fmt: Any) -> str:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r:.80}")
+    return fmt
 
 
 def _partial_tail(text: str, tag: str) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from helpers.serve import MODEL, Served
+from helpers.text_checkpoints import WEATHER_TOOL
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -21,19 +22,11 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city now",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 TIME = {
     "type": "function",
     "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}},
 }
-TOOLS = [WEATHER, TIME]
+TOOLS = [WEATHER_TOOL, TIME]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 # family -> (the call format, how its models write a call of get_weather(city="Paris"), two calls)
