@@ -43,13 +43,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_checkpoint(Path(tmp), SMOLLM2)
         with LlamaEngine(tmp, max_batch=args.batch, max_seq_len=256, cuda_graph=True) as engine:
-            ahead = engine._prepare_ahead
+            ahead = engine.runner.prepare_ahead
             engine.generate(prompts, 4, eos_token_ids=())  # warm-up
             rows: dict[str, list[tuple[float, float, float]]] = {"ahead": [], "in-step": []}
             tokens: dict[str, list[list[int]]] = {}
             for _ in range(args.rounds):
                 for name in rows:
-                    engine._prepare_ahead = ahead and name == "ahead"
+                    engine.runner.prepare_ahead = ahead and name == "ahead"
                     r = engine.generate(prompts, args.new_tokens, eos_token_ids=())
                     rows[name].append((r.host_us_per_step, r.decode_s / max(1, r.decode_steps) * 1e3, r.tokens_per_s))
                     tokens[name] = r.tokens
@@ -64,7 +64,7 @@ def main() -> None:
             if tokens.get("ahead") and tokens["ahead"] != tokens["in-step"]:
                 print("tokens differ between the two ways of preparing a step")
             if args.profile:
-                engine._prepare_ahead = ahead
+                engine.runner.prepare_ahead = ahead
                 prof = cProfile.Profile()
                 prof.enable()
                 engine.generate(prompts, args.new_tokens, eos_token_ids=())

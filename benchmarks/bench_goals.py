@@ -264,7 +264,7 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
     with LlamaEngine(folder, max_batch=1, cuda_graph=False, max_seq_len=4096, max_prefill_tokens=2048) as engine:
         engine.generate(prompt, 8, eos_token_ids=())  # warm-up: modules, kernels, GEMM heuristics
         # the GEMMs through cuBLASLt (algorithms cached per shape) and through cublasGemmEx, interleaved rounds
-        dense = engine.dense
+        dense = engine.runner.dense
         lt, gemv = dense.lt, dense.gemv
         if not gemv:
             print(f"GEMV unavailable: {dense.gemv_error}")
@@ -336,7 +336,7 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
             label[0] = "graph"
             engine.generate(long_prompt, 1, eos_token_ids=())
         label[0] = ""
-        out["prefill graphs"] = [key[:2] for key in engine._prefill_graph_cache]
+        out["prefill graphs"] = [key[:2] for key in engine.runner._prefill_graph_cache]
         out["prefill graph failures"] = {str(k): why for k, why in engine.prefill_graph_failures.items()}
     return out
 
@@ -344,9 +344,9 @@ def engine_rows(folder: Path, profile: int, label: list[str]) -> dict[str, Any]:
 def drop_prefill_graphs(engine: Any) -> None:
     """Close the engine's prefill graphs (after the stream's work), so the next prefill captures its bucket again."""
     engine.stream.synchronize()
-    for graph in engine._prefill_graph_cache.values():
+    for graph in engine.runner._prefill_graph_cache.values():
         graph.close()
-    engine._prefill_graph_cache.clear()
+    engine.runner._prefill_graph_cache.clear()
 
 
 def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
@@ -357,16 +357,16 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
     from fi_engine.kernels import flashinfer as kernels
     from fi_ffi import stream_scope
 
-    c, b, d, s = engine.config, engine.buffers, engine.dense, engine.stream_ptr
-    h, inter, w = c.hidden_size, c.intermediate_size, engine.qkv_width
+    c, b, d, s = engine.config, engine.runner.buffers, engine.runner.dense, engine.runner.stream_ptr
+    h, inter, w = c.hidden_size, c.intermediate_size, engine.runner.qkv_width
     hqd = c.num_qo_heads * c.head_dim
-    ab = engine.gemm_type
-    v = engine._view("decode", 1, 1)
+    ab = engine.runner.gemm_type
+    v = engine.runner._view("decode", 1, 1)
     shapes = {
-        "qkv": (b.x.data.ptr, h, engine.wqkv[0], w, h, b.qkv.data.ptr, w),
-        "o": (b.attn.data.ptr, hqd, engine.wo[0], h, hqd, b.x.data.ptr, h),
-        "gate_up": (b.x.data.ptr, h, engine.wgu[0], 2 * inter, h, b.gu.data.ptr, 2 * inter),
-        "down": (b.act.data.ptr, inter, engine.wd[0], h, inter, b.x.data.ptr, h),
+        "qkv": (b.x.data.ptr, h, engine.runner.wqkv[0], w, h, b.qkv.data.ptr, w),
+        "o": (b.attn.data.ptr, hqd, engine.runner.wo[0], h, hqd, b.x.data.ptr, h),
+        "gate_up": (b.x.data.ptr, h, engine.runner.wgu[0], 2 * inter, h, b.gu.data.ptr, 2 * inter),
+        "down": (b.act.data.ptr, inter, engine.runner.wd[0], h, inter, b.x.data.ptr, h),
     }
     report = Report(f"eager decode step parts at 1 row, host us per call (n={n})")
     sync = engine.stream.synchronize
@@ -381,46 +381,58 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
     gemv = d.gemv
 
     eps = c.rms_norm_eps
-    norm = kernels.prepared_fused_add_rmsnorm(v.x, v.h, engine.ln2[0], eps, s)
+    norm = kernels.prepared_fused_add_rmsnorm(v.x, v.h, engine.runner.ln2[0], eps, s)
     parts = {
         "fused_add_rmsnorm (prepared)": norm,
-        "fused_add_rmsnorm (op)": lambda: kernels.fused_add_rmsnorm(v.x, v.h, engine.ln2[0], eps, s),
+        "fused_add_rmsnorm (op)": lambda: kernels.fused_add_rmsnorm(v.x, v.h, engine.runner.ln2[0], eps, s),
         "rope": lambda: kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s),
         "append_paged_kv_cache": lambda: kernels.append_kv(
             v.k,
             v.v,
             v.batch_indices,
             v.positions,
-            engine.k_cache[0],
-            engine.v_cache[0],
+            engine.runner.k_cache[0],
+            engine.runner.v_cache[0],
             v.kv_indices,
             v.kv_indptr,
             v.kv_last_page_len,
             s,
         ),
-        "batch_decode_run": lambda: engine._decode_attention(0, v),
+        "batch_decode_run": lambda: engine.runner._decode_attention(0, v),
         "silu_and_mul": lambda: kernels.silu_and_mul(v.gu, v.act, s),
-        "CuPy RawKernel (row gather)": lambda: d.gather_rows(1, engine.embed, h, v.token_ids, b.h.data.ptr, h, h),
+        "CuPy RawKernel (row gather)": lambda: d.gather_rows(
+            1, engine.runner.embed, h, v.token_ids, b.h.data.ptr, h, h
+        ),
     }
     if gemv and getattr(d, "fused_fits", None) and d.fused_fits(1, h) and d.fused_fits(1, inter):
         from fi_engine.kernels.dense import ADD_NORM, SILU
 
-        nw, f32, vocab = engine.ln1[1].data_ptr, engine.gemm_f32, c.vocab_size
-        fused_calls = {  # the fused step's GEMVs (engine._fused_step), the first layer's weights
-            "GEMM qkv + add-norm": (ADD_NORM, b.x.data.ptr, h, engine.wqkv[0], w, h, b.qkv.data.ptr, w, ab),
+        nw, f32, vocab = engine.runner.ln1[1].data_ptr, engine.runner.gemm_f32, c.vocab_size
+        fused_calls = {  # the fused step's GEMVs (engine.runner._fused_step), the first layer's weights
+            "GEMM qkv + add-norm": (ADD_NORM, b.x.data.ptr, h, engine.runner.wqkv[0], w, h, b.qkv.data.ptr, w, ab),
             "GEMM gate_up + add-norm": (
                 ADD_NORM,
                 b.x.data.ptr,
                 h,
-                engine.wgu[0],
+                engine.runner.wgu[0],
                 2 * inter,
                 h,
                 b.gu.data.ptr,
                 2 * inter,
                 ab,
             ),
-            "GEMM down + SiLU": (SILU, b.gu.data.ptr, 2 * inter, engine.wd[0], h, inter, b.x.data.ptr, h, ab),
-            "LM head + add-norm": (ADD_NORM, b.x.data.ptr, h, engine.lm_head, vocab, h, b.logits.data.ptr, vocab, f32),
+            "GEMM down + SiLU": (SILU, b.gu.data.ptr, 2 * inter, engine.runner.wd[0], h, inter, b.x.data.ptr, h, ab),
+            "LM head + add-norm": (
+                ADD_NORM,
+                b.x.data.ptr,
+                h,
+                engine.runner.lm_head,
+                vocab,
+                h,
+                b.logits.data.ptr,
+                vocab,
+                f32,
+            ),
         }
         for name, (mode, x, x_ld, wt, n_out, k_in, y, y_ld, out) in fused_calls.items():
             # packed once, as the fused step packs them; the cuBLAS rows above turn the GEMV off between rounds
@@ -435,8 +447,8 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
             parts[f"{name} (fused GEMV, prepared)"] = fused_gemv
         if hasattr(d, "has_qkv_rope") and d.has_qkv_rope(ab, c.head_dim):  # RoPE + KV append as its epilogue
             call = d.prepared_qkv_rope(
-                ADD_NORM, 1, b.x.data.ptr, h, engine.wqkv[0], h, b.qkv.data.ptr, w, ab, b.h.data.ptr, h, nw,
-                b.h_alt.data.ptr, eps, engine._rope_append(0, v),
+                ADD_NORM, 1, b.x.data.ptr, h, engine.runner.wqkv[0], h, b.qkv.data.ptr, w, ab, b.h.data.ptr, h, nw,
+                b.h_alt.data.ptr, eps, engine.runner._rope_append(0, v),
             )  # fmt: skip
 
             def qkv_rope(call: Any = call) -> None:
@@ -445,12 +457,20 @@ def part_rows(engine: Any, n: int = 200) -> dict[str, float]:
 
             parts["GEMM qkv + add-norm + RoPE + KV append (fused GEMV, prepared)"] = qkv_rope
     if hasattr(kernels, "prepared_decode_run"):  # packed once per view, as the fused step's packed_attention runs
-        plan = engine.decode_plan
+        plan = engine.runner.decode_plan
         run = kernels.prepared_decode_run(
-            plan, v.q, engine.k_cache[0], engine.v_cache[0], v.kv_indptr, v.kv_indices, v.kv_last_page_len, v.attn, s
+            plan,
+            v.q,
+            engine.runner.k_cache[0],
+            engine.runner.v_cache[0],
+            v.kv_indptr,
+            v.kv_indices,
+            v.kv_last_page_len,
+            v.attn,
+            s,
         )
         parts["batch_decode_run (prepared, this step's plan)"] = lambda: run.run(plan)
-    raw = raw_launch(d, engine.embed, v.token_ids, b.h.data.ptr, h, s)
+    raw = raw_launch(d, engine.runner.embed, v.token_ids, b.h.data.ptr, h, s)
     if raw is not None:
         parts["raw cuLaunchKernel through cffi (row gather)"] = raw
     with engine.stream, stream_scope(s, engine.device):

@@ -91,26 +91,28 @@ def step_host_us(model: Path, batch: int, reps: int) -> tuple[float, str]:
     with LlamaEngine(model, max_batch=batch, max_seq_len=256) as engine:
         prompts = [[5 + r] * 4 for r in range(batch)]  # all admitted at once (max_prefill_tokens >= 4 * batch)
         engine.generate(prompts, 4, eos_token_ids=())  # warm-up: modules, kernels, packed call sites
-        sched = engine._scheduler()
+        sched = engine.scheduler
         for p in prompts:
             sched.submit(p, 8, eos_token_ids=())  # none may end at its prefill
         admitted = sched.admit()
-        with cp.cuda.Device(engine.device), engine.stream, stream_scope(engine.stream_ptr, engine.device):
+        with cp.cuda.Device(engine.device), engine.stream, stream_scope(engine.runner.stream_ptr, engine.device):
             engine._prefill(sched, admitted)
             rows = sched.decode_rows(padded=False)
             if len(rows) != batch:
                 raise RuntimeError(f"{len(rows)} of {batch} requests admitted")
-            engine._upload_decode(batch, fill_decode(rows, engine.page_size, engine.decode_arrays), cuda_graph=False)
-            v = engine._view("decode", batch, batch)
+            engine.runner._upload_decode(
+                batch, fill_decode(rows, engine.page_size, engine.runner.decode_arrays), cuda_graph=False
+            )
+            v = engine.runner._view("decode", batch, batch)
             times = []
             for _ in range(reps + 3):
                 engine.stream.synchronize()
                 t = time.perf_counter()
-                if engine._fuses(batch):
-                    engine._fused_step(v, batch)
+                if engine.runner._fuses(batch):
+                    engine.runner._fused_step(v, batch)
                 else:
-                    engine._forward(v, batch, engine._decode_attention)
-                    engine._head(batch, engine.normed.data.ptr)
+                    engine.runner._forward(v, batch, engine.runner._decode_attention)
+                    engine.runner._head(batch, engine.runner.normed.data.ptr)
                 times.append(time.perf_counter() - t)
             engine.stream.synchronize()
             for r in admitted:

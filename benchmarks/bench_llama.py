@@ -125,10 +125,10 @@ def run_fi_ffi(model: Path, prompts: list[list[int]], new: int, graph: bool, seq
         if graph:  # GPU time of one step: the captured graph replayed back to back
             with cp.cuda.Device(engine.device), engine.stream:
                 e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-                engine.graph.launch()
+                engine.runner.graph.launch()
                 e0.record(engine.stream)
                 for _ in range(50):
-                    engine.graph.launch()
+                    engine.runner.graph.launch()
                 e1.record(engine.stream)
                 e1.synchronize()
                 out["gpu_us"] = cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 50

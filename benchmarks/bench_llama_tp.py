@@ -217,6 +217,7 @@ def bytes_per_step(cfg: dict[str, Any], tp: int, batch: int, context: int) -> fl
 def set_variant(variant: str) -> None:
     """The class-level settings of one ``--variants`` name (the TP 1 ones; ``a+b`` sets both a's and b's)."""
     from fi_engine.models.llama import LlamaEngine
+    from fi_engine.runtime.model_runner import ModelRunner
 
     if "+" in variant:
         for part in variant.split("+"):
@@ -279,7 +280,7 @@ def set_variant(variant: str) -> None:
 
         Dense.fused_min_blocks = int(variant.rsplit("-", 1)[1])
     if variant == "silu-prologue":  # the down GEMV computes SiLU-and-mul in each block (before 2026-11-25)
-        LlamaEngine.silu_in_gate_up = False
+        ModelRunner.silu_in_gate_up = False
     if variant == "any-rows":  # one 16-bit GEMV kernel for any row count (before 2026-11-25)
         from fi_engine.kernels.dense import Dense
 
@@ -291,11 +292,11 @@ def set_variant(variant: str) -> None:
     if variant == "no-pipeline":  # each decode step launched after the last one's tokens are read (before 2026-11-25)
         LlamaEngine.pipelined_decode = False
     if variant == "no-attn-pdl":  # the fused step's attention runs launched without programmatic dependent launch
-        LlamaEngine.attention_pdl = False
+        ModelRunner.attention_pdl = False
     if variant == "one-graph":  # one decode graph of max_batch rows for every step (before 2026-11-25)
-        LlamaEngine.decode_graph_ladder = False
+        ModelRunner.decode_graph_ladder = False
     if variant == "unfused":  # a one-row decode graph of separate launches (before 2026-11-23)
-        LlamaEngine.graph_fused_decode = False
+        ModelRunner.graph_fused_decode = False
     if variant == "pdl":  # the fused all-reduce + norm launched with programmatic dependent launch
         from fi_engine.layers.tensor_parallel import ResidualAllReduce
 
@@ -336,11 +337,11 @@ def run_rank(
                 vocab_parallel=variant != "whole-vocab",
             ) as engine:
                 if variant == "agree":  # greedy ids from the shards' combined argmax, no broadcast from rank 0
-                    engine.sampler.ids_agree = engine.vocab_shard is not None
+                    engine.sampler.ids_agree = engine.runner.vocab_shard is not None
                 if variant == "ahead":  # the next step's index arrays and plan prepared while the GPU runs this one
-                    engine._prepare_ahead = type(engine.family).plan_decode is Llama.plan_decode
+                    engine.runner.prepare_ahead = type(engine.family).plan_decode is Llama.plan_decode
                 if variant == "in-step":  # each step prepared after the last one's tokens are back (before 2026-11-23)
-                    engine._prepare_ahead = False
+                    engine.runner.prepare_ahead = False
                 engine.generate(prompts, 4, eos_token_ids=())  # warm-up
                 result = engine.generate(prompts, new_tokens, eos_token_ids=())
                 rank = engine.rank
@@ -352,7 +353,7 @@ def run_rank(
                     "all-reduce": "nccl" if nccl or tp == 1 else "fused",
                     "vocab": "whole" if tp == 1 or variant == "whole-vocab" else "split",
                     "ids": "broadcast" if tp > 1 and variant != "agree" else "-",
-                    "host prep": "ahead" if engine._prepare_ahead else "in step",
+                    "host prep": "ahead" if engine.runner.prepare_ahead else "in step",
                     "variant": variant,
                     "pdl": variant == "pdl",
                     "batch": batch,
@@ -388,53 +389,58 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
     from fi_ffi import stream_scope
 
     e: Any = engine
-    c, b, dense, s = e.config, e.buffers, e.dense, e.stream_ptr
-    h, inter, ab, eps = c.hidden_size, c.intermediate_size, e.gemm_type, c.rms_norm_eps
+    c, b, dense, s = e.config, e.runner.buffers, e.runner.dense, e.runner.stream_ptr
+    h, inter, ab, eps = c.hidden_size, c.intermediate_size, e.runner.gemm_type, c.rms_norm_eps
     rows, layers = e.max_batch, c.num_layers
-    hqd, w = c.num_qo_heads * c.head_dim, e.qkv_width
-    normed, x, qkv, attn, gu, act = (a.data.ptr for a in (e.normed, b.x, b.qkv, b.attn, b.gu, b.act))
+    hqd, w = c.num_qo_heads * c.head_dim, e.runner.qkv_width
+    normed, x, qkv, attn, gu, act = (a.data.ptr for a in (e.runner.normed, b.x, b.qkv, b.attn, b.gu, b.act))
     out: dict[str, float] = {}
     dense.bandwidth_bound = True  # as in the engine's decode graph (Dense.gemv_bound picks GEMV or cuBLASLt)
     with cp.cuda.Device(e.device), e.stream, stream_scope(s, e.device):
-        n_pages = fill_decode([None] * rows, e.page_size, e.decode_arrays)
-        e._upload_decode(rows, n_pages, cuda_graph=True)
-        v = e._view("decode", rows, rows)
+        n_pages = fill_decode([None] * rows, e.page_size, e.runner.decode_arrays)
+        e.runner._upload_decode(rows, n_pages, cuda_graph=True)
+        v = e.runner._view("decode", rows, rows)
 
         def embed() -> None:
-            vs = e.vocab_shard
+            vs = e.runner.vocab_shard
             if vs is None:
-                dense.gather_rows(rows, e.embed, h, v.token_ids, b.h.data.ptr, h, h)
-                kernels.rmsnorm(v.h, e.ln1[0], v.x2, eps, s)
+                dense.gather_rows(rows, e.runner.embed, h, v.token_ids, b.h.data.ptr, h, h)
+                kernels.rmsnorm(v.h, e.runner.ln1[0], v.x2, eps, s)
             else:
-                dense.gather_rows_shard(rows, e.embed, h, v.token_ids, x, h, h, vs.start, vs.valid)
+                dense.gather_rows_shard(rows, e.runner.embed, h, v.token_ids, x, h, h, vs.start, vs.valid)
                 cp.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
-                e.add_norm(v, e.ln1[0])
+                e.runner.add_norm(v, e.runner.ln1[0])
 
         def rope_append(i: int) -> None:
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
             kernels.append_kv(
-                v.k, v.v, v.batch_indices, v.positions, e.k_cache[i], e.v_cache[i], v.kv_indices, v.kv_indptr,
-                v.kv_last_page_len, s,
+                v.k, v.v, v.batch_indices, v.positions, e.runner.k_cache[i], e.runner.v_cache[i], v.kv_indices,
+                v.kv_indptr, v.kv_last_page_len, s,
             )  # fmt: skip
 
         per_layer = {
-            "qkv gemm": lambda i: dense.linear(rows, normed, h, e.wqkv[i], w, h, qkv, w, ab, ab),
+            "qkv gemm": lambda i: dense.linear(rows, normed, h, e.runner.wqkv[i], w, h, qkv, w, ab, ab),
             "rope + kv append": rope_append,
-            "attention": lambda i: e._decode_attention(i, v),
-            "o gemm": lambda i: dense.linear(rows, attn, hqd, e.wo[i], h, hqd, x, h, ab, ab),
-            "add+norm (all-reduce) x2": lambda i: (e.add_norm(v, e.ln2[i]), e.add_norm(v, e.ln1[i])),
-            "gate/up gemm": lambda i: dense.linear(rows, normed, h, e.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab),
+            "attention": lambda i: e.runner._decode_attention(i, v),
+            "o gemm": lambda i: dense.linear(rows, attn, hqd, e.runner.wo[i], h, hqd, x, h, ab, ab),
+            "add+norm (all-reduce) x2": lambda i: (
+                e.runner.add_norm(v, e.runner.ln2[i]),
+                e.runner.add_norm(v, e.runner.ln1[i]),
+            ),
+            "gate/up gemm": lambda i: dense.linear(
+                rows, normed, h, e.runner.wgu[i], 2 * inter, h, gu, 2 * inter, ab, ab
+            ),
             "silu_and_mul": lambda i: kernels.silu_and_mul(v.gu, v.act, s),
-            "down gemm": lambda i: dense.linear(rows, act, inter, e.wd[i], h, inter, x, h, ab, ab),
+            "down gemm": lambda i: dense.linear(rows, act, inter, e.runner.wd[i], h, inter, x, h, ab, ab),
         }
         parts: dict[str, Any] = {"embedding": embed}
         for name, fn in per_layer.items():
             parts[name] = lambda fn=fn: [fn(i) for i in range(layers)]
-        parts["lm head"] = lambda: e._head(rows, normed)
+        parts["lm head"] = lambda: e.runner._head(rows, normed)
         parts["argmax (+ combine)"] = lambda: e.sampler.argmax(rows)
         if e.comm is not None:
             parts["ids broadcast"] = lambda: e.comm.broadcast(b.ids, root=0, stream=s)
-        parts["step (one graph)"] = lambda: e._decode_body(v, rows)
+        parts["step (one graph)"] = lambda: e.runner._decode_body(v, rows)
         start, end = cp.cuda.Event(), cp.cuda.Event()
 
         def timed(launch: Any) -> float:
@@ -457,11 +463,11 @@ def step_parts(engine: object, reps: int = 20) -> dict[str, float]:
                 print(f"step_parts: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             finally:
                 g.close()
-        out["graph replay"] = timed(e.graph.launch)
+        out["graph replay"] = timed(e.runner.graph.launch)
         # host time of what _decode_step does outside the graph, per call
         for name, fn in {
-            "host: upload + plan": lambda: e._upload_decode(rows, n_pages, cuda_graph=True),
-            "host: graph launch": e.graph.launch,
+            "host: upload + plan": lambda: e.runner._upload_decode(rows, n_pages, cuda_graph=True),
+            "host: graph launch": e.runner.graph.launch,
             "host: ids broadcast call": lambda: e.comm.broadcast(b.ids, root=0, stream=s) if e.comm else None,
             "host: step's share_ids": lambda: e.sampler.share_ids(False),  # a greedy step's
         }.items():
@@ -520,11 +526,11 @@ def main() -> None:
         "Dense.fused_min_blocks, 4), any-rows (TP 1: one 16-bit GEMV kernel for any row count, "
         "Dense.gemv_fixed_rows off), no-gemv-pipeline (TP 1: the 16-bit GEMVs load their next weights after "
         "summing, Dense.gemv_pipeline off), silu-prologue (TP 1: the one-row step's down GEMV computes SiLU-and-mul "
-        "in each of its blocks, LlamaEngine.silu_in_gate_up off; TP 1 names joined by + combine, e.g. "
+        "in each of its blocks, ModelRunner.silu_in_gate_up off; TP 1 names joined by + combine, e.g. "
         "any-rows+no-gemv-pipeline), no-attn-pdl (TP "
         "1: the fused step's attention runs without programmatic dependent launch), no-pipeline (TP 1: each "
         "graph step launched only after the last one's tokens are read, ServingLoop.pipelined_decode off), "
-        "one-graph (TP 1: one decode graph of max_batch rows for every step, LlamaEngine.decode_graph_ladder "
+        "one-graph (TP 1: one decode graph of max_batch rows for every step, ModelRunner.decode_graph_ladder "
         "off), again (TP 1: the default once more, after the others: the run's own noise), ahead (as fused, "
         "the next step prepared while the GPU runs this one; TP 1 runs it too), pdl (as fused, the all-reduce"
         " launched with programmatic dependent launch)",

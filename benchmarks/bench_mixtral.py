@@ -143,6 +143,7 @@ def main() -> int:
     from fi_engine.kernels.moe_gemv import GroupedGemv
     from fi_engine.layers.moe import MoELayer
     from fi_engine.models.llama import LlamaEngine
+    from fi_engine.runtime.model_runner import ModelRunner
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +159,7 @@ def main() -> int:
                 file=sys.stderr,
             )
         rng = np.random.default_rng(1)
-        LlamaEngine.decode_graph_ladder = not a.one_graph
+        ModelRunner.decode_graph_ladder = not a.one_graph
         for batch, gemv_tokens, path, graph, variant in [
             (b, g, p, m == "graph", v)
             for b in a.batch
@@ -185,7 +186,7 @@ def main() -> int:
                        "gemv_tokens": gemv_tokens, "moe_path": f"{path}:{chosen}", "variant": variant,
                        "ms_per_step": r.decode_s / max(1, r.decode_steps) * 1e3}  # fmt: skip
                 if graph:  # the graph this batch replays (the smallest of the ladder holding it)
-                    replayed = engine.graphs[min(b for b in engine.graphs if b >= batch)]
+                    replayed = engine.runner.graphs[min(b for b in engine.runner.graphs if b >= batch)]
                     with cp.cuda.Device(engine.device), engine.stream:
                         e0, e1 = cp.cuda.Event(), cp.cuda.Event()
                         replayed.launch()

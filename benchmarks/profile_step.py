@@ -114,8 +114,8 @@ def profile(
 
     with engine_and_prompts(model, batch, moe_path) as (engine, prompts):
         engine.generate(prompts, 8, eos_token_ids=())
-        rows = min(b for b in engine.graphs if b >= batch)
-        graph = engine.graphs[rows]
+        rows = min(b for b in engine.runner.graphs if b >= batch)
+        graph = engine.runner.graphs[rows]
         with cp.cuda.Device(engine.device), engine.stream:
             for _ in range(3):
                 graph.launch()

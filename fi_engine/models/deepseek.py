@@ -116,6 +116,15 @@ class DeepSeek(ModelFamily):
     + MoE layer body with its host, fused-kernel and device routings, and the MLA plans."""
 
     fp8_kv_refusal = "MLA (DeepSeek's compressed KV cache)"
+    fused_routing_used = False  # whether the MoE layers route with the fused kernel (decided by load)
+
+    def __init__(self, fused_routing: bool | None = None) -> None:
+        """``fused_routing``: :class:`DeepSeekEngine`'s argument of that name (None: where it applies)."""
+        if fused_routing is not None and not isinstance(fused_routing, bool):
+            raise ValueError(
+                f"fused_routing: expected None (where it applies), True or False, got {fused_routing!r:.40}"
+            )
+        self.fused_routing_request = fused_routing
 
     def check(self, eng: Any, cfg: Any) -> None:
         """Refuse what this engine cannot serve, before any GPU work (the Llama engine calls this hook with
@@ -143,7 +152,7 @@ class DeepSeek(ModelFamily):
     # ------------------------------------------------------------------------------------------ loading
 
     def load(self, eng: Any, ckpt: Checkpoint) -> None:
-        c = eng.deepseek_config
+        c = eng.config
         h, heads, dn, dr, dv, r = (
             c.hidden_size, c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
         )  # fmt: skip
@@ -164,12 +173,12 @@ class DeepSeek(ModelFamily):
         eng.ln1, eng.ln2 = [], []
         eng.moe_layers = []
         self.moe_scratch = None
-        eng.fused_routing_used = self._choose_routing(eng)
+        self.fused_routing_used = self._choose_routing(eng)
         # the decode graph's routing where the fused kernel does not serve (DeepSeek.check refused what neither does)
         self.device_topk = None
         if c.moe is not None:
             eng.moe_workspace = kernels.workspace(eng.device)
-            if eng.static_moe and not eng.fused_routing_used:
+            if eng.static_moe and not self.fused_routing_used:
                 assert c.routing is not None
                 self.device_topk = DeviceGroupedTopk(c.routing, c.moe.num_experts, c.moe.top_k, c.moe.renormalize)
         qk = dn + dr
@@ -242,12 +251,12 @@ class DeepSeek(ModelFamily):
 
     def _choose_routing(self, eng: Any) -> bool:
         """Whether the MoE layers route with the fused kernel (``fused_routing``, see the class docstring)."""
-        request = eng.fused_routing_request
-        if request is False or eng.deepseek_config.moe is None:
+        request = self.fused_routing_request
+        if request is False or eng.config.moe is None:
             if request:
                 raise ValueError("fused_routing: the model has no MoE layers")
             return False
-        why = fused_routing_blocker(eng.deepseek_config)
+        why = fused_routing_blocker(eng.config)
         if why is None:
             from ..kernels.system import FiFFIError, module_source
 
@@ -262,7 +271,7 @@ class DeepSeek(ModelFamily):
     def _correction_bias(self, eng: Any, ckpt: Checkpoint, name: str) -> np.ndarray | None:
         """V3's ``e_score_correction_bias`` as float32 on the host (transformers keeps it in float32; a bfloat16
         copy is widened), None for V2 routing."""
-        c = eng.deepseek_config
+        c = eng.config
         assert c.routing is not None and c.moe is not None
         if c.routing.method != "noaux_tc":
             return None
@@ -277,7 +286,7 @@ class DeepSeek(ModelFamily):
         raise ValueError(f"model: tensor {name!r} is {info.dtype}; expected float32 or bfloat16")
 
     def allocate(self, eng: Any) -> None:
-        cp, c = eng.cupy, eng.deepseek_config
+        cp, c = eng.cupy, eng.config
         storage = np.float16 if eng.dtype == "float16" else np.uint16
         rows = max(eng.max_prefill_tokens, eng.max_batch)
         h, heads, dn, dr, dv, r = (
@@ -307,7 +316,7 @@ class DeepSeek(ModelFamily):
             ckv_cache=cp.zeros((c.num_layers, eng.num_pages, eng.page_size, r), storage),
             kpe_cache=cp.zeros((c.num_layers, eng.num_pages, eng.page_size, dr), storage),
         )
-        if eng.fused_routing_used:  # the fused routing kernel's outputs
+        if self.fused_routing_used:  # the fused routing kernel's outputs
             assert c.moe is not None
             b.topk_w = cp.empty((rows, c.moe.top_k), np.float32)
             b.topk_i = cp.empty((rows, c.moe.top_k), np.int32)
@@ -340,7 +349,7 @@ class DeepSeek(ModelFamily):
             return m
         if len(self.mla) > 256:
             self.mla.clear()
-        c, b, dt, dev = eng.deepseek_config, eng.buffers, eng.dtype, eng.device
+        c, b, dt, dev = eng.config, eng.buffers, eng.dtype, eng.device
         heads, dn, dr, r = c.num_qo_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
 
         def t(arr: Any, shape: tuple[int, ...], offset: int = 0, strides: tuple[int, ...] | None = None) -> Any:
@@ -363,13 +372,13 @@ class DeepSeek(ModelFamily):
             shared_gu=t(b.gu, (rows, 2 * si)),
             shared_act=t(b.act, (rows, si)),
         )
-        if eng.fused_routing_used:
+        if self.fused_routing_used:
             assert c.moe is not None
             k, logits = c.moe.top_k, self.moe_scratch.logits
             m.logits = kernels.descriptor(logits.data.ptr, (rows, c.moe.num_experts), "float32", dev, owner=logits)
             m.topk_w = kernels.descriptor(b.topk_w.data.ptr, (rows, k), "float32", dev, owner=b.topk_w)
             m.topk_i = kernels.descriptor(b.topk_i.data.ptr, (rows, k), "int32", dev, owner=b.topk_i)
-        if eng.static_moe and eng.fused_routing_used and rows <= eng.max_batch:
+        if eng.static_moe and self.fused_routing_used and rows <= eng.max_batch:
             # the fixed-capacity path's routing buffers, which the fused kernel writes in the decode graph
             assert c.moe is not None
             sc, k = self.moe_scratch, c.moe.top_k
@@ -387,7 +396,7 @@ class DeepSeek(ModelFamily):
         lens -= 1
         lens *= eng.page_size
         lens += last[:batch]
-        c = eng.deepseek_config
+        c = eng.config
         return kernels.batch_mla_plan(
             qo_indptr[: batch + 1],
             kv_indptr[: batch + 1],
@@ -483,7 +492,7 @@ class DeepSeek(ModelFamily):
         e = c.moe.num_experts
         # router logits in float32 (as transformers: a float32 GEMM of the bfloat16 rows), then routing on the host
         dense.linear(rows, normed, h, layer.weights.router.data.ptr, e, h, layer.logits.data.ptr, e, ab, eng.gemm_f32)
-        if eng.fused_routing_used:  # the models wheel's NoAuxTc on the device; only [rows, k] come back
+        if self.fused_routing_used:  # the models wheel's NoAuxTc on the device; only [rows, k] come back
             r = c.routing
             kernels.fused_topk_deepseek(
                 m.logits, w.bias_dev[i], r.n_group, r.topk_group, c.moe.top_k, r.routed_scaling_factor, m.topk_w,
@@ -514,7 +523,7 @@ class DeepSeek(ModelFamily):
             dense.linear(rows, normed, h, w.shared_gu[i], 2 * si, h, b.gu.data.ptr, 2 * si, ab, ab)
             kernels.silu_and_mul(m.shared_gu, m.shared_act, eng.stream_ptr)
         dense.linear(rows, normed, h, layer.weights.router.data.ptr, e, h, layer.logits.data.ptr, e, ab, eng.gemm_f32)
-        if eng.fused_routing_used:
+        if self.fused_routing_used:
             r = c.routing
             kernels.fused_topk_deepseek(
                 m.logits, w.bias_dev[i], r.n_group, r.topk_group, c.moe.top_k, r.routed_scaling_factor, m.s_topk_w,
@@ -569,15 +578,15 @@ class DeepSeekEngine(Engine):
 
     @with_settings
     def __init__(self, model_dir: str | Path, *, fused_routing: bool | None = None, **settings: Any) -> None:
-        if fused_routing is not None and not isinstance(fused_routing, bool):
-            raise ValueError(
-                f"fused_routing: expected None (where it applies), True or False, got {fused_routing!r:.40}"
-            )
-        self.fused_routing_request = fused_routing
         # kv_cache_dtype is refused unless "auto" (MLA: DeepSeek.fp8_kv_refusal)
-        super().__init__(model_dir, **settings)
+        super().__init__(model_dir, family=self.definition(fused_routing), **settings)
 
     @property
     def deepseek_config(self) -> DeepSeekConfig:
-        """``config``, typed as what :meth:`_read_config` made it."""
-        return self.config  # type: ignore[return-value]
+        """``config``, typed as what :meth:`DeepSeek.read_config` made it."""
+        return self.config  # type: ignore[no-any-return]
+
+    @property
+    def fused_routing_used(self) -> bool:
+        """Whether the MoE layers route with the fused kernel (``fused_routing``; decided when the weights load)."""
+        return self.family.fused_routing_used  # type: ignore[attr-defined,no-any-return]

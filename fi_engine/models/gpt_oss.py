@@ -87,6 +87,7 @@ from ..kernels import flashinfer as kernels
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
 from ..runtime.moe_paths import MoEPaths
+from ..runtime.settings import with_settings
 from ..values import arg_array, arg_int, show
 from .registry import family_config_json
 from .weights import WeightLoader
@@ -354,10 +355,11 @@ def shard_experts(
     )
 
 
-class GptOss(ModelFamily):
+class GptOss(MoEPaths, ModelFamily):
     """The gpt-oss family's definition (module docstring): its config check, bfloat16 weights (biased attention,
     sinks, the experts in the routed layout with their biases, the YaRN cos/sin table), layer body with its two MoE
-    paths, and an attention-sink plan per distinct window (decode on the sink prefill modules)."""
+    paths (``moe_path``: :class:`~fi_engine.runtime.moe_paths.MoEPaths`), and an attention-sink plan per distinct
+    window (decode on the sink prefill modules)."""
 
     fp8_kv_refusal = "gpt-oss's attention sinks"
 
@@ -408,7 +410,7 @@ class GptOss(ModelFamily):
         max_tokens = max(eng.max_prefill_tokens, eng.max_batch)
         # buffers for the paths this engine can take: the fixed-capacity routed path where a decode graph (one per
         # batch size of the ladder) routes, the dense path where some step of up to max_batch rows goes dense
-        graph_paths = {eng.moe_path_for(b) for b in eng.decode_graph_batches} if eng.static_moe else set()
+        graph_paths = {self.moe_path_for(eng, b) for b in eng.decode_graph_batches} if eng.static_moe else set()
         capacity = eng.max_batch if "routed" in graph_paths else None
         dense_rows = eng.max_batch if eng.dense_moe(eng.max_batch) else None  # forced, or auto from some row count up
         self.moe_scratch = MoEScratch(
@@ -542,7 +544,7 @@ class GptOss(ModelFamily):
         x, qkv, attn = b.x.data.ptr, b.qkv.data.ptr, b.attn.data.ptr
         normed = eng.normed.data.ptr
         w, hqd, last = eng.qkv_width, c.num_qo_heads * c.head_dim, c.num_layers - 1
-        path = eng.moe_path_for(rows)
+        path = self.moe_path_for(eng, rows)
         eng.embed_and_norm(v, rows)
         for i in range(c.num_layers):
             dense.linear(rows, normed, h, eng.wqkv[i], w, h, qkv, w, ab, ab)
@@ -572,7 +574,7 @@ class GptOss(ModelFamily):
         self.window_plans.close()
 
 
-class GptOssEngine(MoEPaths, Engine):
+class GptOssEngine(Engine):
     """A bfloat16 gpt-oss checkpoint on one GPU or ``tensor_parallel`` GPUs; arguments and serving API as
     :class:`~fi_engine.models.llama.LlamaEngine`, plus:
 
@@ -585,3 +587,7 @@ class GptOssEngine(MoEPaths, Engine):
     """
 
     definition = GptOss
+
+    @with_settings
+    def __init__(self, model_dir: str | Path, *, moe_path: str = "auto", **settings: Any) -> None:
+        super().__init__(model_dir, family=self.definition(moe_path), **settings)

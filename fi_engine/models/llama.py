@@ -50,9 +50,11 @@ from ..kernels import flashinfer as kernels
 from ..layers.moe import MoELayer
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
+from ..runtime.model_runner import ModelRunner
 from ..runtime.moe_paths import MoEPaths
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.serving import GenerationResult
+from ..runtime.settings import with_settings
 from ..runtime.storage import step_views
 from .registry import family_config_json
 from .weights import WeightLoader
@@ -60,15 +62,19 @@ from .weights import WeightLoader
 __all__ = ["GenerationResult", "Llama", "LlamaEngine", "SamplingParams", "step_views"]
 
 
-class Llama(ModelFamily):
+class Llama(MoEPaths, ModelFamily):
     """The Llama family's definition (``llama``, ``qwen3``, ``mixtral``, ``qwen3_moe``): Llama's config, its weights
     (fused QKV and gate/up, Qwen3's per-head norms, Mixtral's and Qwen3-MoE's experts), the Llama pass (the module
     docstring) and FlashInfer's paged prefill and decode plans. The fused decode step and the padded prefill graphs
-    serve it (:attr:`~fi_engine.runtime.family.ModelFamily.llama_pass`)."""
+    serve it (:attr:`~fi_engine.runtime.family.ModelFamily.llama_pass`). ``moe_path``: the MoE layers' path for MoE
+    models (:class:`~fi_engine.runtime.moe_paths.MoEPaths`; :class:`LlamaEngine` passes its argument on)."""
 
     llama_pass = True
     fp8_kv_refusal = ""  # bf16 queries over an e4m3 cache: FA2 decode and paged prefill (head_dim 128, kv_fp8)
     _planned: tuple[int, bool, bytes] | None = None  # the key of the decode plan in the workspace (plan_decode)
+
+    def _moe_gemv_rows(self) -> int:
+        return MoELayer.gemv_tokens  # read per call: a benchmark may set it on the class
 
     def plans_ahead(self) -> bool:
         return type(self).plan_decode is Llama.plan_decode  # a subclass planning otherwise opts out
@@ -79,17 +85,16 @@ class Llama(ModelFamily):
         its engine (``fi_engine.models.registry.engine_class`` picks it)."""
         return LlamaConfig.from_dict(*family_config_json(model_dir, type(self)))
 
-    def check(self, eng: Engine, cfg: LlamaConfig) -> None:
+    def check(self, eng: ModelRunner, cfg: LlamaConfig) -> None:
         """Refuse FP8 weights over several GPUs (their shards are not cut yet) and a MoE path the model cannot take."""
         if cfg.fp8 is not None and eng.tensor_parallel > 1:
             raise ValueError(
                 f"tensor_parallel: {eng.tensor_parallel}; FP8 weights run on one GPU here (a shard would cut the "
                 f"scale blocks); leave tensor_parallel at 1 or serve a bfloat16 copy"
             )
-        if isinstance(eng, MoEPaths):
-            eng.check_moe_path(cfg)
+        self.check_moe_path(cfg)
 
-    def load(self, eng: Engine, ckpt: Checkpoint) -> None:
+    def load(self, eng: ModelRunner, ckpt: Checkpoint) -> None:
         from ..layers.tensor_parallel import columns, rows
 
         c = eng.model_config  # the checkpoint's shapes; this rank keeps its shard
@@ -159,16 +164,16 @@ class Llama(ModelFamily):
             eng.ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
         eng.final_norm = w.vector(w.get("model.norm.weight", (h,)))
 
-    def plan_prefill_padded(self, eng: Engine, batch: int) -> None:
+    def plan_prefill_padded(self, eng: ModelRunner, batch: int) -> None:
         """Plan the padded prefill of ``batch`` requests (the padding request included) for a CUDA graph: the
         schedule's layout then depends only on the bucket and ``batch`` (FlashInfer's ``enable_cuda_graph``)."""
         self._plan_own_prefill(eng, batch, cuda_graph=True)
 
-    def plan_prefill(self, eng: Engine, batch: int) -> None:
+    def plan_prefill(self, eng: ModelRunner, batch: int) -> None:
         """Plan the prefill attention of ``batch`` requests from the host index arrays ."""
         self._plan_own_prefill(eng, batch, cuda_graph=False)
 
-    def _plan_own_prefill(self, eng: Engine, batch: int, cuda_graph: bool) -> None:
+    def _plan_own_prefill(self, eng: ModelRunner, batch: int, cuda_graph: bool) -> None:
         """This class's prefill plan of ``batch`` requests into ``eng.prefill_plan`` (``cuda_graph``: see
         :func:`~fi_engine.kernels.flashinfer.prefill_plan`); the one body of the two methods above, ."""
         c, ph = eng.config, eng.prefill_arrays
@@ -188,7 +193,7 @@ class Llama(ModelFamily):
             sm_scale=eng.kv_sm_scale,
         )
 
-    def plan_decode(self, eng: Engine, rows: int, cuda_graph: bool) -> None:
+    def plan_decode(self, eng: ModelRunner, rows: int, cuda_graph: bool) -> None:
         """Plan a decode step of ``rows`` rows whose index arrays are in ``eng.decode_arrays``; the plan of the last
         step is kept where this one's ``kv_indptr`` is the same (no request crossed a page boundary, 15 steps of 16 at
         page size 16): FlashInfer's decode plan reads only ``kv_indptr`` and the fixed settings, so it would write the
@@ -214,7 +219,7 @@ class Llama(ModelFamily):
         )
         self._planned = key
 
-    def prefill_attention(self, eng: Engine, i: int, v: SimpleNamespace) -> None:
+    def prefill_attention(self, eng: ModelRunner, i: int, v: SimpleNamespace) -> None:
         kernels.prefill_run(
             eng.prefill_plan,
             v.q,
@@ -228,7 +233,7 @@ class Llama(ModelFamily):
             eng.stream_ptr,
         )
 
-    def decode_attention(self, eng: Engine, i: int, v: SimpleNamespace) -> None:
+    def decode_attention(self, eng: ModelRunner, i: int, v: SimpleNamespace) -> None:
         kernels.decode_run(
             eng.decode_plan,
             v.q,
@@ -241,7 +246,9 @@ class Llama(ModelFamily):
             eng.stream_ptr,
         )
 
-    def forward(self, eng: Engine, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+    def forward(
+        self, eng: ModelRunner, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False
+    ) -> None:
         """Embedding to the final RMSNorm for ``rows`` token rows; leaves the normalized hidden states in x.
         ``static_moe``: MoE layers take their fixed-capacity device path (the decode graph's)."""
         c, b, dense, s = eng.config, eng.buffers, eng.dense, eng.stream_ptr
@@ -291,7 +298,7 @@ class Llama(ModelFamily):
             eng.add_norm(v, eng.ln1[i + 1] if i < last else eng.final_norm)
 
 
-class LlamaEngine(MoEPaths, Engine):
+class LlamaEngine(Engine):
     """A Llama-family checkpoint (:class:`Llama`) on one GPU or ``tensor_parallel`` GPUs; the arguments and serving
     API are :class:`~fi_engine.runtime.engine.Engine`'s, and ``moe_path`` for MoE models (Mixtral, Qwen3-MoE).
 
@@ -307,11 +314,12 @@ class LlamaEngine(MoEPaths, Engine):
 
     definition = Llama
 
-    def _moe_gemv_rows(self) -> int:
-        return MoELayer.gemv_tokens  # read per call: a benchmark may set it on the class
+    @with_settings
+    def __init__(self, model_dir: str | Path, *, moe_path: str = "auto", **settings: Any) -> None:
+        super().__init__(model_dir, family=self.definition(moe_path), **settings)
 
 
-def load_moe_layer(eng: Engine, ckpt: Checkpoint, p: str, w: WeightLoader) -> Any:
+def load_moe_layer(eng: ModelRunner, ckpt: Checkpoint, p: str, w: WeightLoader) -> Any:
     """Engine ``eng``'s :class:`~fi_engine.layers.moe.MoELayer` of layer prefix ``p``, read and uploaded by ``w``:
     router, experts' gate/up stacked as ``[E, 2I, H]`` (gate rows, then up rows, per expert) and down as
     ``[E, H, I]``."""

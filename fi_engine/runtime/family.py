@@ -1,20 +1,20 @@
 """A model family as a definition the engine holds, not a subclass overriding the engine: what differs between
 Llama (and Qwen3, Mixtral, Qwen3-MoE), Gemma 2, gpt-oss and DeepSeek-V3/V2 is their config, their weights, their
-layer body (embedding to the final norm) and their attention plans; the serving loop, buffers of the step index
-arrays, graphs, LM head and sampling are the engine's (:class:`~fi_engine.runtime.engine.Engine`).
+layer body (embedding to the final norm) and their attention plans; the serving loop, scheduler, buffers of the step
+index arrays, graphs, LM head and sampling are the engine's parts (:class:`~fi_engine.runtime.engine.Engine`).
 
-A definition is made once per engine (``Engine.definition()``) and keeps its own state on itself (Gemma 2's extra
-norms, gpt-oss's sinks, DeepSeek's MLA caches). Each of its methods takes the engine ``eng`` and reaches it only
-through the engine's family interface (declared and documented in :class:`~fi_engine.runtime.state.EngineState`):
-the device context (``eng.cupy``, ``eng.stream_ptr``, ``eng.dense``), the weights its ``load`` sets (``eng.wqkv``,
-``eng.ln1``, ...), the buffers its ``allocate`` sets or asks for (``eng.allocate_layers()``, ``eng.buffers``,
-``eng.k_cache``), the plans its ``plan_*`` set (``eng.decode_plan``), and the public methods ``embed_and_norm``,
-``add_norm``, ``dense_moe``; never a private (``_name``) attribute, which tests/package/test_structure.py checks.
+A definition is made once per engine (``Engine.definition()``, with the engine class's family options) and keeps its
+own state on itself (Gemma 2's extra norms, gpt-oss's sinks, DeepSeek's MLA caches). Each of its methods takes the
+model runner ``eng`` (:class:`~fi_engine.runtime.model_runner.ModelRunner`) and reaches it only through the family
+interface (declared and documented in :class:`~fi_engine.runtime.state.RunnerState`): the device context
+(``eng.cupy``, ``eng.stream_ptr``, ``eng.dense``), the weights its ``load`` sets (``eng.wqkv``, ``eng.ln1``, ...),
+the buffers its ``allocate`` sets or asks for (``eng.allocate_layers()``, ``eng.buffers``, ``eng.k_cache``), the
+plans its ``plan_*`` set (``eng.decode_plan``), and the public methods ``embed_and_norm``, ``add_norm``,
+``dense_moe``; never a private (``_name``) attribute, which tests/package/test_structure.py checks.
 
-The engine calls, in its constructor,
-``read_config``, ``check`` (before any GPU work, with ``tensor_parallel`` and ``cuda_graph`` set), ``load``,
-``allocate``; per step ``plan_prefill`` / ``plan_decode``, ``forward`` with ``prefill_attention`` /
-``decode_attention``, ``finish_logits``; ``close`` after its own teardown.
+The runner calls, in its constructor, ``read_config``, ``check`` (before any GPU work, with ``tensor_parallel`` and
+``cuda_graph`` set), ``load``, ``allocate``; per step ``plan_prefill`` / ``plan_decode``, ``forward`` with
+``prefill_attention`` / ``decode_attention``, ``finish_logits``; ``close`` after its own teardown.
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ class ModelFamily:
         raise NotImplementedError
 
     def plans_ahead(self) -> bool:
-        """Whether the graph loop may plan the next decode step while the GPU runs this one (``_prepare_ahead``):
-        only where :meth:`plan_decode` orders its copies on the engine's stream (the Llama family's)."""
+        """Whether the graph loop may plan the next decode step while the GPU runs this one
+        (``ModelRunner.prepare_ahead``): only where :meth:`plan_decode` orders its copies on the runner's stream (the
+        Llama family's)."""
         return False
 
     def plan_decode(self, eng: Any, rows: int, cuda_graph: bool) -> None:
@@ -103,6 +104,12 @@ class ModelFamily:
     def finish_logits(self, eng: Any, logits: int, rows: int, columns: int) -> None:
         """Post-process float32 logits ``[rows, columns]`` at ``logits`` in place (elementwise: the whole vocabulary
         or this rank's columns of it); by default nothing."""
+
+    def moe_path_for(self, eng: Any, rows: int) -> str:
+        """``"routed"`` or ``"dense"``: the path the MoE layers of runner ``eng`` take for a step of ``rows`` token
+        rows; ``"routed"`` for a family without that choice (:class:`~fi_engine.runtime.moe_paths.MoEPaths` gives
+        the Llama family and gpt-oss theirs)."""
+        return "routed"
 
     def close(self, eng: Any) -> None:
         """Free what ``load`` / ``allocate`` made beyond the engine's own (called once, after the engine's teardown)."""

@@ -9,22 +9,16 @@ grouped GEMV's, or the dense path's) in place of the MLP's two GEMVs.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..kernels import flashinfer as kernels
-from .moe_paths import MoEPaths
-from .state import EngineState
-
-if TYPE_CHECKING:
-    from .family import ModelFamily
+from .state import RunnerState
 
 __all__: list[str] = []
 
 
-class FusedDecode(EngineState):
+class FusedDecode(RunnerState):
     """:meth:`_fused_step` and what it packs; ``fused_decode`` and ``packed_attention`` switch it."""
-
-    definition: type[ModelFamily]
 
     packed_attention: bool = True
     """The fused decode step's attention runs packed once per step view (``fi_ffi.prepare_decode_run``), each call
@@ -69,7 +63,7 @@ class FusedDecode(EngineState):
         c = self.config
         return (
             self.fused_decode
-            and type(self).definition.llama_pass
+            and self.family.llama_pass
             and self.allreduce is None
             and self.vocab_shard is None
             and self.dense.fuses_fp8
@@ -83,10 +77,10 @@ class FusedDecode(EngineState):
         )
 
     def dense_moe(self, rows: int) -> bool:
-        """Whether the MoE layers run a step of ``rows`` rows dense over the experts: the engine's ``moe_path``
-        (:class:`~fi_engine.runtime.moe_paths.MoEPaths`); never for engines without it (DeepSeek's: the dense path does
-        not make its routing)."""
-        return isinstance(self, MoEPaths) and self.moe_path_for(rows) == "dense"
+        """Whether the MoE layers run a step of ``rows`` rows dense over the experts: the family's ``moe_path``
+        (:meth:`~fi_engine.runtime.family.ModelFamily.moe_path_for`); never for a family without that choice
+        (DeepSeek's: the dense path does not make its routing)."""
+        return self.family.moe_path_for(self, rows) == "dense"
 
     def _fused_step(self, v: SimpleNamespace, rows: int) -> None:
         """:meth:`_forward` and :meth:`_head` of a decode step in 5 launches per layer instead of 10: the RMSNorms

@@ -1,11 +1,12 @@
-"""Which path an engine's MoE layers take for a step (``moe_path``): the engine-level choice between the routed paths
-of :class:`~fi_engine.layers.moe.MoELayer` (only the chosen experts' weights are read) and its dense-over-the-experts
+"""Which path a model's MoE layers take for a step (``moe_path``): the choice between the routed paths of
+:class:`~fi_engine.layers.moe.MoELayer` (only the chosen experts' weights are read) and its dense-over-the-experts
 path (every expert's weights read through one GEMM and one batched GEMM).
 
-The MoE families' engine classes (:class:`~fi_engine.models.llama.LlamaEngine` for Mixtral and Qwen3-MoE,
-:class:`~fi_engine.models.gpt_oss.GptOssEngine`) take ``moe_path`` and answer :meth:`MoEPaths.moe_path_for`; the
-family's load allocates the buffers of the paths some step may take, and its forward asks per step. A decode CUDA graph
-(one per batch size, :attr:`~fi_engine.runtime.step_graphs.StepGraphs.decode_graph_batches`) picks once, at its capture.
+The MoE families' definitions (:class:`~fi_engine.models.llama.Llama` for Mixtral and Qwen3-MoE,
+:class:`~fi_engine.models.gpt_oss.GptOss`) take ``moe_path`` (their engine classes pass it on) and answer
+:meth:`MoEPaths.moe_path_for`; the family's load allocates the buffers of the paths some step may take, and its forward
+asks per step. A decode CUDA graph (one per batch size,
+:attr:`~fi_engine.runtime.step_graphs.StepGraphs.decode_graph_batches`) picks once, at its capture.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from typing import Any
 
 from ..layers.moe import choose_path
 from ..values import arg_int
-from .settings import with_settings
 
-__all__ = ["MOE_PATHS"]  # MoEPaths: a base of the engine classes, not made on its own
+__all__ = ["MOE_PATHS", "MoEPaths"]
 
 MOE_PATHS = ("auto", "routed", "dense")
 
@@ -33,28 +33,24 @@ strict.)"""
 
 
 class MoEPaths:
-    """The ``moe_path`` setting of an engine class with MoE layers (a mixin before
-    :class:`~fi_engine.runtime.engine.Engine`
-    in the class's bases).
+    """The ``moe_path`` option of a family definition with MoE layers (a base before
+    :class:`~fi_engine.runtime.family.ModelFamily` in the definition's bases).
 
     Args:
         moe_path: how the MoE layers run a step of up to ``max_batch`` token rows: ``"auto"`` (default) picks per
             step (:meth:`moe_path_for`); ``"routed"`` or ``"dense"`` force one path. Steps of more rows (long
-            prefills) are always routed. A model without MoE layers takes ``"auto"`` only (ValueError otherwise).
+            prefills) are always routed. A model without MoE layers takes ``"auto"`` only (ValueError otherwise,
+            from :meth:`check_moe_path`).
     """
 
-    max_batch: int  # the Engine's, which this mixin comes before
-    model_config: Any
-
-    @with_settings
-    def __init__(self, model_dir: Any, *, moe_path: str = "auto", **kwargs: Any) -> None:
+    def __init__(self, moe_path: str = "auto") -> None:
         if not isinstance(moe_path, str) or moe_path not in MOE_PATHS:
             raise ValueError(f"moe_path: expected one of {', '.join(map(repr, MOE_PATHS))}, got {moe_path!r:.60}")
         self.moe_path = moe_path
-        super().__init__(model_dir, **kwargs)  # type: ignore[call-arg]  # the Engine after this mixin
 
-    def moe_path_for(self, rows: int) -> str:
-        """``"routed"`` or ``"dense"``: the path the MoE layers take for a step of ``rows`` token rows. Under
+    def moe_path_for(self, eng: Any, rows: int) -> str:
+        """``"routed"`` or ``"dense"``: the path the MoE layers of runner ``eng`` take for a step of ``rows`` token
+        rows. Under
         ``"auto"``: routed where the layers' grouped GEMV serves the step (at most :meth:`_moe_gemv_rows` rows, whose
         assignments number at most :data:`GEMV_DENSE_FILL` times the experts), then
         :func:`~fi_engine.layers.moe.choose_path`'s
@@ -63,11 +59,11 @@ class MoEPaths:
         the chosen ones). Always routed above ``max_batch`` rows (the dense path's buffers hold ``max_batch``; long
         prefills are compute-bound, where routing's ``top_k / num_experts`` of the FLOPs counts)."""
         rows = arg_int("rows", rows, 1, _MAX_ROWS)
-        if rows > self.max_batch:
+        if rows > eng.max_batch:
             return "routed"
         if self.moe_path != "auto":
             return self.moe_path
-        moe = self.model_config.moe
+        moe = eng.model_config.moe
         if moe is None:
             return "routed"
         if rows <= self._moe_gemv_rows() and rows * moe.top_k <= GEMV_DENSE_FILL * moe.num_experts:

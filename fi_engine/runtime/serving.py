@@ -1,11 +1,16 @@
-"""The serving loop and its scheduler: prompts queued as requests (:mod:`~fi_engine.runtime.paging`), admitted into free
-batch slots and prefilled together, then one decode step after another over every active request until each ends
-(an end-of-sequence token, its token limit or an abort), its pages freed; :class:`GenerationResult` with the tokens
-and the timings. The loop is driven by ``generate`` to the end of its prompts, or one step at a time by the step
-API (``add_request`` / ``step`` / ``abort_request``, :class:`~fi_engine.runtime.stepping.StepEngine`); both run the same
-step (``ServingLoop._advance``) over the engine's one scheduler. The loop is the same for every model family: what
-a step runs on the device is the engine's (:mod:`~fi_engine.runtime.step_graphs` for the CUDA graphs, the family
-definition's forward, :mod:`~fi_engine.runtime.sampling`).
+"""The serving loop over the engine's parts: prompts queued as requests in the scheduler
+(:mod:`~fi_engine.runtime.paging`), admitted into free batch slots and prefilled together, then one decode step after
+another over every active request until each ends (an end-of-sequence token, its token limit or an abort), its pages
+freed; :class:`GenerationResult` with the tokens and the timings. The loop is driven by ``generate`` to the end of its
+prompts, or one step at a time by the step API (``add_request`` / ``step`` / ``abort_request``,
+:class:`~fi_engine.runtime.stepping.StepEngine`); both run the same step (``ServingLoop._advance``) over the engine's
+one scheduler.
+
+Each step goes one way through the parts: the **scheduler** picks the rows (admission, the decode rows, their pages),
+the **model runner** (:class:`~fi_engine.runtime.model_runner.ModelRunner`) stages them and runs the forward pass and
+the LM head, the **sampler** (:class:`~fi_engine.runtime.sampling.Sampler`) picks each row's token, the runner copies
+the tokens out, and the scheduler records them. The loop is the same for every model family; what differs is the
+runner's family definition.
 """
 
 from __future__ import annotations
@@ -18,12 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels.copies import D2D, D2H, H2D, host_address
 from ..kernels.flashinfer import stream_scope
-from .paging import PageAllocator, Request, Scheduler, fill_decode, fill_prefill, pad_prefill, pages_for, prefill_slots
-from .sampling import Draws
+from .model_runner import ModelRunner
+from .paging import Request, Scheduler, pages_for, prefill_slots
+from .sampling import Draws, Sampler
 from .sampling_params import SamplingParams, sampling_arg
-from .state import EngineState
 from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
@@ -71,8 +75,8 @@ class _LaunchedStep:
 @dataclass(frozen=True)
 class _LaunchedPass:
     """A prefill pass launched and not yet recorded (ServingLoop._prefill_launch): the decoding requests it carried
-    (``riders``), the requests it prefilled (``admitted``), the slot of each (its token's place in ``_ids_host``:
-    the pass chooses one token per slot) and the event that marks the end of that copy."""
+    (``riders``), the requests it prefilled (``admitted``), the slot of each (its token's place among the pass's
+    tokens: it chooses one per slot, ModelRunner.prefill_tokens) and the event that marks the end of their copy."""
 
     riders: list[Request]
     admitted: list[Request]
@@ -108,11 +112,50 @@ class GenerationResult:
         return float(np.median(self.step_host_us)) if self.step_host_us else 0.0
 
 
-class ServingLoop(EngineState, StepEngineBase):
+class ServingLoop(StepEngineBase):
     """The engine's public serving calls: :meth:`generate`, :meth:`prefill_logits`, :meth:`warm_prefill`, and the
     step API (:class:`~fi_engine.runtime.stepping.StepEngine`: :meth:`add_request`, :meth:`abort_request`, :meth:`step`,
     :attr:`has_unfinished`), with the prefill and decode steps they run. ``generate`` drives the same step
-    (:meth:`_advance`) as :meth:`step`, over the same scheduler, until its own prompts are done."""
+    (:meth:`_advance`) as :meth:`step`, over the same scheduler, until its own prompts are done.
+
+    Its parts (set by :class:`~fi_engine.runtime.engine.Engine`'s constructor): ``runner``, ``scheduler`` (which owns
+    the KV cache's pages, ``scheduler.allocator``) and ``sampler``."""
+
+    runner: ModelRunner  # the model on the GPU: stages and runs each step, copies its tokens out
+    scheduler: Scheduler  # the requests, their slots and KV pages: admission, a step's rows, the tokens recorded
+    sampler: Sampler  # each row's token from its logits (greedy, or drawn with the request's parameters)
+    # the step API's requests by id, the aborted ones the next step() reports, the ends a failed step() had recorded
+    _requests: dict[int, Request]
+    _aborted: list[Request]
+    _unreported: list[StepOutput]
+    _ffi_stream: Any  # TVM-FFI's stream scope of the runner's stream, made on the first step()
+    _next_rows: list[Request | None] | None  # the decode step the runner staged ahead (its rows), or None
+    _inflight: _LaunchedStep | None  # the decode step step() launched and left running (overlap_steps)
+    _last_prefill_s: float  # the host time of the last prefill (_admit's delay)
+    _overlap_steps: bool
+    _scheduler_delay_factor: float
+    _mixed_prefill: bool
+    _closed: bool
+
+    def _start_loop(self) -> None:
+        """The loop's state before the first request (the constructor calls it once the parts exist)."""
+        self._requests = {}
+        self._aborted = []
+        self._unreported = []
+        self._ffi_stream = None
+        self._next_rows = None
+        self._inflight = None
+        self._last_prefill_s = 0.0
+        # the step API launches each decode step and returns, its tokens coming with the next step() (one GPU;
+        # _serve_step): the caller's handling of a step's tokens overlaps the next step on the GPU. Off by default
+        # (step() then returns each step's own tokens); the servers turn it on (models.registry.open_engine)
+        self.overlap_steps = False
+        # the step API's admission waits while others decode, up to this many times the last prefill's time, so a
+        # burst of arrivals is prefilled in fewer passes (_admit); 0: admitted at the next step
+        self.scheduler_delay_factor = 0.0
+        # the step API's prefill passes also decode the active requests (mixed_prefill); off by default (their
+        # riders' logits come from the prefill's kernels); the servers turn it on (models.registry.open_engine)
+        self.mixed_prefill = False
 
     pipelined_decode = True
     """With the decode graph on one GPU and the next step prepared ahead: ``generate``'s loop, and :meth:`step`
@@ -186,7 +229,7 @@ class ServingLoop(EngineState, StepEngineBase):
         prompt, max_new_tokens, sampling, eos_token_ids = request
         self._check_open()
         sampling = sampling_arg(sampling)
-        r = self._scheduler().submit(
+        r = self.scheduler.submit(
             prompt,
             max_new_tokens,
             name="prompt",
@@ -204,13 +247,13 @@ class ServingLoop(EngineState, StepEngineBase):
         if isinstance(rid, bool) or not isinstance(rid, int):
             raise TypeError(f"rid: expected a request id (the int add_request returned), got {type(rid).__name__}")
         r = self._requests.pop(rid, None)
-        if r is not None and self._sched is not None and self._sched.abort(r):
+        if r is not None and self.scheduler.abort(r):
             self._aborted.append(r)
 
     @property
     def has_unfinished(self) -> bool:
         """Whether a request added with :meth:`add_request` is queued or active."""
-        return self._sched is not None and self._sched.has_work
+        return self.scheduler.has_work
 
     def step(self) -> list[StepOutput]:
         """Admit queued requests into free slots and prefill them (each one's first token comes from its prefill),
@@ -231,17 +274,16 @@ class ServingLoop(EngineState, StepEngineBase):
         out, self._unreported = self._unreported, []
         out += [StepOutput(r.rid, (), "abort") for r in self._aborted]
         self._aborted.clear()
-        sched = self._sched
-        if sched is None or (not sched.has_work and self._inflight is None):
+        sched, runner = self.scheduler, self.runner
+        if not sched.has_work and self._inflight is None:
             return out
-        cp = self.cupy
         if self._ffi_stream is None:
-            self._ffi_stream = stream_scope(self.stream_ptr, self.device)
+            self._ffi_stream = stream_scope(runner.stream_ptr, runner.device)
         # the device, CuPy's current stream and TVM-FFI's are the engine's for this step only (a device switch, CuPy's
         # thread-local stream, two TVM-FFI calls; the stream_scope is made once), so the caller's thread keeps its
         # own between steps
         produced: dict[Request, int] = {}
-        with cp.cuda.Device(self.device), self.stream, self._ffi_stream:
+        with runner.cupy.cuda.Device(runner.device), runner.stream, self._ffi_stream:
             try:
                 self._serve_step(sched, produced)
             except BaseException:
@@ -291,7 +333,7 @@ class ServingLoop(EngineState, StepEngineBase):
                     t = time.perf_counter()
                     try:
                         launched, _ = self._prefill_launch(
-                            sched, admitted, riders, behind=True, graph_slots=self.max_batch
+                            sched, admitted, riders, behind=True, graph_slots=self.runner.max_batch
                         )
                     except BaseException:
                         # the step in flight ran before the failure: the requests it ended are reported with their
@@ -306,13 +348,13 @@ class ServingLoop(EngineState, StepEngineBase):
             if self._inflight is not None:
                 return
         if launched is None:
-            if not (self.overlap_steps and self.comm is None):
+            if not (self.overlap_steps and self.runner.comm is None):
                 self._advance(sched, None, produced)
                 return
             admitted = self._admit(sched, delay=True, riders=riders)
             if admitted:
                 t = time.perf_counter()
-                launched, _ = self._prefill_launch(sched, admitted, riders, graph_slots=self.max_batch)
+                launched, _ = self._prefill_launch(sched, admitted, riders, graph_slots=self.runner.max_batch)
                 prefill_s = time.perf_counter() - t
         if launched is not None:
             # every active request takes a token from the pass (it was admitted, or rides in it)
@@ -354,8 +396,8 @@ class ServingLoop(EngineState, StepEngineBase):
             self.pipelined_decode
             and prepared is not None
             and any(r is not None for r in prepared)  # (all padding: every request ended; nothing to step)
-            and self.graph is not None
-            and self.comm is None
+            and self.runner.graph is not None
+            and self.runner.comm is None
             and sched.same_rows(prepared)
             and not self._would_admit(sched, delay)
         )
@@ -368,8 +410,9 @@ class ServingLoop(EngineState, StepEngineBase):
 
     def _prepares_ahead(self) -> bool:
         """Whether decode steps are prepared while the one before runs and launched with their input tokens copied
-        on the device (:attr:`pipelined_decode`, the decode graph, one GPU, ``_prepare_ahead``)."""
-        return self.pipelined_decode and self.graph is not None and self.comm is None and self._prepare_ahead
+        on the device (:attr:`pipelined_decode`, the decode graph, one GPU, ``ModelRunner.prepare_ahead``)."""
+        runner = self.runner
+        return self.pipelined_decode and runner.graph is not None and runner.comm is None and runner.prepare_ahead
 
     def _decodes_behind_prefill(self, sched: Scheduler) -> bool:
         """Prepare the decode step after the prefill pass just launched, which gives every active request a token
@@ -381,11 +424,10 @@ class ServingLoop(EngineState, StepEngineBase):
         if not self._prepares_ahead():
             return False
         rows = sched.peek_rows(1)
-        rows = rows[: sched.graph_rows(rows, self._graph_batches)]
+        rows = rows[: sched.graph_rows(rows, self.runner.decode_graph_batches)]
         if not sched.same_rows(rows):
             return False
-        self._staged.synchronize()  # the copies out of the staging buffers of the step before are done
-        self._upload_decode(len(rows), fill_decode(rows, self.page_size, self.decode_arrays, ahead=1), cuda_graph=True)
+        self.runner.stage_decode_ahead(rows, ahead=1)
         self._next_rows = rows
         return True
 
@@ -420,13 +462,13 @@ class ServingLoop(EngineState, StepEngineBase):
     def _mixes(self) -> bool:
         """Whether the step API's prefill passes take the decoding requests along (:attr:`mixed_prefill`): one GPU,
         and the Llama pass, whose prefill attention reads every request's KV from the paged cache."""
-        return self.mixed_prefill and self.comm is None and self.definition.llama_pass
+        return self.mixed_prefill and self.runner.comm is None and self.runner.family.llama_pass
 
     def _settle(self) -> None:
         """Wait for a decode step left in flight whose requests have all ended since (aborted): nothing of it is
         recorded; the engine's buffers are free for the next call."""
         if self._inflight is not None:
-            self.stream.synchronize()
+            self.runner.stream.synchronize()
             self._inflight = None
             self._next_rows = None
 
@@ -436,7 +478,7 @@ class ServingLoop(EngineState, StepEngineBase):
         self._next_rows = None
         self._inflight = None
         with contextlib.suppress(Exception):  # the step's own error is the one raised
-            self.stream.synchronize()
+            self.runner.stream.synchronize()
         for r in [*sched.active, *sched.pending]:
             sched.abort(r)
             if self._requests.pop(r.rid, None) is not None:
@@ -466,16 +508,15 @@ class ServingLoop(EngineState, StepEngineBase):
         sampling = sampling_arg(sampling) or SamplingParams()
         # a fresh stream per call (seed, offset 0), every row its own subsequence: reproducible generations
         draws = None if sampling.greedy else Draws.seeded(sampling.seed or 0, shared=True)
-        sched = self._scheduler()
+        sched, runner = self.scheduler, self.runner
         reqs = self._submit(sched, prompts, max_new_tokens, sampling, eos_token_ids, draws)
         self._next_rows = None
         result = GenerationResult([], [])
-        cp = self.cupy
-        # TVM-FFI's current stream is the engine's for the whole call: every op is given that stream, and finds it
+        # TVM-FFI's current stream is the runner's for the whole call: every op is given that stream, and finds it
         # current already (one query instead of a set and a restore around each of the ~10 kernels per layer)
-        with cp.cuda.Device(self.device), self.stream, stream_scope(self.stream_ptr, self.device):
+        with runner.cupy.cuda.Device(runner.device), runner.stream, stream_scope(runner.stream_ptr, runner.device):
             try:
-                if self.pipelined_decode and self.graph is not None and self.comm is None:
+                if self.pipelined_decode and runner.graph is not None and runner.comm is None:
                     launched = None
                     while sched.has_work:
                         launched = self._advance_pipelined(sched, result, launched)
@@ -485,7 +526,7 @@ class ServingLoop(EngineState, StepEngineBase):
             finally:
                 if sum(sched.abort(r) for r in reqs):  # interrupted: nothing of this call stays queued or active
                     self._next_rows = None
-                self.stream.synchronize()
+                runner.stream.synchronize()
         result.tokens = [list(r.output) for r in reqs]
         result.finish_reasons = [r.finish_reason or "" for r in reqs]
         result.decode_tokens = sum(len(r.output) - 1 for r in reqs)
@@ -540,12 +581,12 @@ class ServingLoop(EngineState, StepEngineBase):
             return launched
         t0 = time.perf_counter()
         ahead = self._decode_launch(sched, depth=2) if self._launches_ahead(sched, delay=False) else None
-        waited = self._staged_wait_s if ahead is not None else 0.0
+        waited = self.runner.staged_wait_s if ahead is not None else 0.0
         t1 = time.perf_counter()
         if ahead is not None:
             launched.done.synchronize()  # its token copy, not the step queued behind it
         else:
-            self.stream.synchronize()  # everything, the copies out of the host staging buffers included
+            self.runner.stream.synchronize()  # everything, the copies out of the host staging buffers included
         t2 = time.perf_counter()
         sched.record(launched.rows, launched.ids[: len(launched.rows)].tolist())
         t3 = time.perf_counter()
@@ -556,8 +597,8 @@ class ServingLoop(EngineState, StepEngineBase):
 
     def _check_idle(self, what: str) -> None:
         """``what`` shares the step API's scheduler and KV cache: refused while its requests are in flight."""
-        if self._sched is not None and self._sched.has_work:
-            n = len(self._sched.active) + len(self._sched.pending)
+        if self.scheduler.has_work:
+            n = len(self.scheduler.active) + len(self.scheduler.pending)
             raise ValueError(
                 f"engine: {n} request(s) added with add_request are queued or active; step() them to the end or "
                 f"abort_request() them before {what}()"
@@ -569,10 +610,10 @@ class ServingLoop(EngineState, StepEngineBase):
         reference implementation; the prompts are prefilled in batches, then their pages freed)."""
         self._check_open()
         self._check_idle("prefill_logits")
-        sched = self._scheduler()
+        sched, runner = self.scheduler, self.runner
         reqs = self._submit(sched, prompts, 1, None, (), None)
         out: dict[int, np.ndarray] = {}
-        with self.cupy.cuda.Device(self.device), self.stream, stream_scope(self.stream_ptr, self.device):
+        with runner.cupy.cuda.Device(runner.device), runner.stream, stream_scope(runner.stream_ptr, runner.device):
             try:
                 while sched.has_work:
                     admitted = sched.admit()
@@ -603,8 +644,9 @@ class ServingLoop(EngineState, StepEngineBase):
             :func:`~fi_engine.runtime.paging.prefill_slots`).
         """
         self._check_open()
-        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= self.max_batch:
-            raise ValueError(f"batch: expected requests per prefill in [1, {self.max_batch}], got {batch!r:.40}")
+        max_batch = self.runner.max_batch
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= max_batch:
+            raise ValueError(f"batch: expected requests per prefill in [1, {max_batch}], got {batch!r:.40}")
         if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or not lengths:
             raise ValueError(f"lengths: expected a non-empty list of token-row counts, got {lengths!r:.60}")
         top = self._warm_top(batch)
@@ -617,10 +659,10 @@ class ServingLoop(EngineState, StepEngineBase):
         runs = []
         for i, n in enumerate(lengths):
             prompts, need = self._warm_prompts(n, batch)
-            if need > self.num_pages - 1:
+            if need > self.runner.num_pages - 1:
                 raise ValueError(
                     f"lengths[{i}]: {n} token rows of {batch} requests need {need} KV pages, the cache has "
-                    f"{self.num_pages - 1} (they would not be prefilled together)"
+                    f"{self.runner.num_pages - 1} (they would not be prefilled together)"
                 )
             runs.append(prompts)
         return self._warm(runs)
@@ -635,49 +677,34 @@ class ServingLoop(EngineState, StepEngineBase):
         ``max_seq_len`` cannot hold are left to be captured when met; where prefill graphs do not apply, nothing is
         captured (:meth:`warm_prefill`). Returns :meth:`warm_prefill`'s list of the graphs held."""
         self._check_open()
-        batch = self.max_batch
+        batch = self.runner.max_batch
         top = self._warm_top(batch)
         runs = []
-        for n in self.prefill_buckets:
+        for n in self.runner.prefill_buckets:
             if batch <= n <= top:
                 prompts, need = self._warm_prompts(n, batch)
-                if need <= self.num_pages - 1:
+                if need <= self.runner.num_pages - 1:
                     runs.append(prompts)
         return self._warm(runs)
 
     def _warm_top(self, batch: int) -> int:
         """The most token rows a warm-up prefill of ``batch`` dummy prompts may have: ``max_prefill_tokens``, and
         room for each prompt's one new token within ``max_seq_len``."""
-        return min(self.max_prefill_tokens, batch * (self.max_seq_len - 1))
+        return min(self.runner.max_prefill_tokens, batch * (self.runner.max_seq_len - 1))
 
     def _warm_prompts(self, rows: int, batch: int) -> tuple[list[list[int]], int]:
         """The ``batch`` dummy prompts (token 0) of a warm-up prefill of ``rows`` token rows, and the KV pages they
         need at once: the scheduler admits them together only if the cache holds them (page 0 is the padding
         page); short of pages it would prefill fewer requests at a time and capture another shape."""
         prompts = [[0] * (rows // batch + (1 if r < rows % batch else 0)) for r in range(batch)]
-        return prompts, sum(pages_for(len(p), self.page_size) for p in prompts)
+        return prompts, sum(pages_for(len(p), self.runner.page_size) for p in prompts)
 
     def _warm(self, runs: list[list[list[int]]]) -> list[tuple[int, int]]:
         """One prefill of each set of dummy prompts (a new token each, their pages freed), so that its graph is
         captured now; the ``(bucket rows, request slots)`` of every prefill graph the engine then holds."""
         for prompts in runs:
             self.generate(prompts, 1, eos_token_ids=())
-        return [(int(key[0]), int(key[1])) for key in self._prefill_graph_cache]
-
-    def _scheduler(self) -> Scheduler:
-        """The engine's scheduler (one KV cache, one set of slots), made on first use; the checkpoint's
-        end-of-sequence ids unless a request brings its own."""
-        if self._sched is None:
-            self._sched = Scheduler(
-                PageAllocator(self.num_pages),
-                self.page_size,
-                self.max_batch,
-                self.max_seq_len,
-                self.max_prefill_tokens,
-                self.config.vocab_size,
-                self.config.eos_token_ids,
-            )
-        return self._sched
+        return self.runner.prefill_graph_shapes()
 
     @staticmethod
     def _submit(
@@ -722,14 +749,7 @@ class ServingLoop(EngineState, StepEngineBase):
         logits at every row."""
         launched, full = self._prefill_launch(sched, reqs, riders, all_logits)
         self._prefill_finish(sched, launched)
-        if full is None:
-            return []
-        c = self.config
-        host = full.get(stream=self.stream)
-        if host.ndim == 3:  # [ranks, nnz, V/N]: the columns side by side, the padding dropped
-            host = np.concatenate(list(host), axis=1)[:, : c.vocab_size]
-        bounds = self.prefill_arrays["qo_indptr"][: len(reqs) + 1].tolist()
-        return [host[bounds[i] : bounds[i + 1]] for i in range(len(reqs))]
+        return [] if full is None else self.runner.split_logits(full, len(reqs))
 
     def _prefill_launch(
         self,
@@ -740,9 +760,9 @@ class ServingLoop(EngineState, StepEngineBase):
         behind: bool = False,
         graph_slots: int | None = None,
     ) -> tuple[_LaunchedPass, Any]:
-        """Launch the prefill pass of ``reqs`` with ``riders`` (:meth:`_prefill`), its tokens copied behind it into
-        ``_ids_host`` (not waited for): one per slot up to the highest slot it serves, in slot order, so that the
-        decode step after it can read them in place (:meth:`_decodes_behind_prefill`); an empty slot's is garbage.
+        """Launch the prefill pass of ``reqs`` with ``riders`` (:meth:`_prefill`), its tokens copied behind it to the
+        host (not waited for): one per slot up to the highest slot it serves, in slot order, so that the decode step
+        after it can read them in place (:meth:`_decodes_behind_prefill`); an empty slot's is garbage.
         ``behind``: a decode step is in flight, not recorded: the riders' last tokens are its tokens, fed one
         position on and gathered from its ``ids`` on the device (a rider it ends with an end-of-sequence token
         computes a row nobody records). ``graph_slots``: the request slots its graph is padded to (None:
@@ -750,63 +770,22 @@ class ServingLoop(EngineState, StepEngineBase):
         API's passes take ``max_batch``, so that a server replays one graph per bucket, each captured before it serves:
         :meth:`warm_serving`). Returns the launched pass and, with ``all_logits``, the float32 logits of every row (on
         the device)."""
-        cp, c, b, s = self.cupy, self.config, self.buffers, self.stream_ptr
+        runner, sampler = self.runner, self.sampler
         ahead = 1 if behind else 0
         if riders:
             sched.grow_pages(riders, ahead)  # each rider's next token may open a page
         rows = [*riders, *reqs]
-        batch = len(rows)
         self._next_rows = None  # the prefill's tokens overwrite `ids`: a step prepared before it cannot run
-        ph = self.prefill_arrays
-        nnz, n_pages = fill_prefill(rows, self.page_size, ph, ahead)
-        k = len(riders) if behind else 0
-        if k:  # riders come first, one row each: rows 0..k-1 take the tokens of their slots
-            ph["rider_slots"][:k] = [r.slot for r in riders]
-        # each request's last row, by slot: the rows whose logits choose the tokens
-        slots = [r.slot for r in rows]
-        width = max(slots) + 1
-        ends = ph["last_rows"][:batch].copy()
-        ph["last_rows"][:width] = 0
-        ph["last_rows"][slots] = ends
+        padded_slots = graph_slots
+        if padded_slots is None:  # a mixed pass's requests are every occupied slot: one graph per bucket
+            padded_slots = runner.max_batch if riders else prefill_slots(len(rows), runner.max_batch)
+        view, width, full = runner.run_prefill(rows, len(riders) if behind else 0, padded_slots, ahead, all_logits)
         by_slot: list[Request | None] = [None] * width
         for r in rows:
             by_slot[r.slot] = r
-        padded_slots = graph_slots
-        if padded_slots is None:  # a mixed pass's requests are every occupied slot: one graph per bucket
-            padded_slots = self.max_batch if riders else prefill_slots(batch, self.max_batch)
-        bucket = self._prefill_bucket(nnz, padded_slots)
-        if bucket is not None:  # the padding request fills the rows up to the bucket, empty ones the slots
-            n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size, requests=padded_slots + 1)
-        n = self._playout.end("kv_indices", n_pages)
-        cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, host_address(self._phost), 4 * n, H2D, s)
-        if k:
-            meta, at = self._pmeta.data.ptr, self._playout.offsets
-            self.dense.gather_ids(k, b.ids.data.ptr, meta + 4 * at["rider_slots"], meta + 4 * at["token_ids"])
-        v = self._view("prefill", nnz, batch)  # the real rows and requests
-        if bucket is None or not self._prefill_padded(nnz, padded_slots, bucket):
-            self._plan_prefill(batch)
-            self._forward(v, nnz, self._prefill_attention)
-        full = None
-        if all_logits:  # a check, not serving: allocated here
-            hr = self.head_rows
-            part = cp.empty((nnz, hr), np.float32)
-            self.dense.linear(
-                nnz, self.normed.data.ptr, c.hidden_size, self.lm_head, hr, c.hidden_size, part.data.ptr, hr,
-                self.gemm_type, self.gemm_f32,
-            )  # fmt: skip
-            full = part
-            self._finish_logits(part.data.ptr, nnz, hr)
-            if self.vocab_shard is not None:  # every rank's columns, then [nnz, V] on the host
-                full = cp.empty((self.tensor_parallel, nnz, hr), np.float32)
-                self.comm.all_gather(part, full, stream=s)
-        h = c.hidden_size
-        vs = v if width == batch else self._view("prefill", nnz, width)  # the sampled rows: one per slot
-        self.dense.gather_rows(width, self.normed.data.ptr, h, vs.last_rows, b.last.data.ptr, h, h)
-        self._head(width, b.last.data.ptr)
-        self.sampler.share_ids(self.sampler.pick(vs, width, by_slot if sched.sampled else None))
-        cp.cuda.runtime.memcpyAsync(host_address(self._ids_host), b.ids.data.ptr, 4 * width, D2H, s)
-        self._prefill_done.record(self.stream)
-        return _LaunchedPass(list(riders), reqs, slots, self._prefill_done), full
+        sampler.share_ids(sampler.pick(view, width, by_slot if sched.sampled else None))
+        done = runner.send_prefill_tokens(width)
+        return _LaunchedPass(list(riders), reqs, [r.slot for r in rows], done), full
 
     def _prefill_finish(self, sched: Scheduler, launched: _LaunchedPass, behind: bool = False) -> None:
         """Wait for the prefill pass ``launched`` and record its tokens: the riders' next, the admitted requests'
@@ -815,8 +794,8 @@ class ServingLoop(EngineState, StepEngineBase):
         if behind:
             launched.done.synchronize()
         else:
-            self.stream.synchronize()
-        tokens = self._ids_host[launched.slots].tolist()
+            self.runner.stream.synchronize()
+        tokens = self.runner.prefill_tokens(launched.slots)
         k = len(launched.riders)
         if k:
             sched.record(launched.riders, tokens[:k])
@@ -829,7 +808,7 @@ class ServingLoop(EngineState, StepEngineBase):
         t0 = time.perf_counter()
         launched = self._decode_launch(sched)
         t2 = time.perf_counter()
-        self.stream.synchronize()
+        self.runner.stream.synchronize()
         t3 = time.perf_counter()
         sched.record(launched.rows, launched.ids[: len(launched.rows)].tolist())
         return ((t2 - t0) + (time.perf_counter() - t3)) * 1e6, launched.rows
@@ -843,71 +822,47 @@ class ServingLoop(EngineState, StepEngineBase):
         if behind:
             launched.done.synchronize()
         else:
-            self.stream.synchronize()
+            self.runner.stream.synchronize()
         sched.record(launched.rows, launched.ids[: len(launched.rows)].tolist())
         return live
 
     def _decode_launch(self, sched: Scheduler, depth: int = 1) -> _LaunchedStep:
-        """Launch one decode step for every active request, its tokens copied behind it on the stream into the
-        next of the two decode token buffers (not waited for). ``depth``: the steps then in flight, this one
-        included (2: launched before the last one's tokens were read, :meth:`_launches_ahead`); the step after
-        them is prepared for that many steps ahead.
+        """Launch one decode step for every active request: the scheduler's rows, staged and run by the runner, each
+        row's token picked by the sampler, the tokens copied out behind it on the stream (not waited for).
+        ``depth``: the steps then in flight, this one included (2: launched before the last one's tokens were read,
+        :meth:`_launches_ahead`); the step after them is staged for that many steps ahead.
 
-        A step prepared during the previous one (:meth:`Scheduler.peek_rows`) runs only if the slots are still
-        its rows (:meth:`Scheduler.same_rows`): a request that ended with an end-of-sequence token, was aborted or
-        admitted since (a prefill also drops it) makes it be made again here."""
-        graph = self.graph
+        A step staged during the previous one (:meth:`Scheduler.peek_rows`) runs only if the slots are still its rows
+        (:meth:`Scheduler.same_rows`): a request that ended with an end-of-sequence token, was aborted or admitted
+        since (a prefill also drops it) makes it be staged again here."""
+        runner, sampler = self.runner, self.sampler
+        graph = runner.graph
         prepared, self._next_rows = self._next_rows, None
         if prepared is not None and sched.same_rows(prepared):
-            # prepared during the previous step (index arrays and plan enqueued behind it); its input tokens are
-            # that step's output, still in `ids` in slot order: copied on the device
+            # staged during the previous step (index arrays and plan enqueued behind it); its input tokens are that
+            # step's output, still on the device in slot order
             rows = prepared
-            n = len(rows)
-            token_ids = self._dmeta.data.ptr + 4 * self._dlayout.offsets["token_ids"]
-            self.cupy.cuda.runtime.memcpyAsync(token_ids, self.buffers.ids.data.ptr, 4 * n, D2D, self.stream_ptr)
+            runner.feed_staged_decode(len(rows))
         else:
             rows = sched.decode_rows(padded=graph is not None)
             if graph is not None:  # the first slots, as many as the smallest graph holding every request
-                rows = rows[: sched.graph_rows(rows, self._graph_batches)]
-            n = len(rows)
-            self._upload_decode(n, fill_decode(rows, self.page_size, self.decode_arrays), cuda_graph=graph is not None)
-        v = self._view("decode", n, n)
+                rows = rows[: sched.graph_rows(rows, runner.decode_graph_batches)]
+            runner.stage_decode(rows)
+        n = len(rows)
+        view, argmax_done = runner.run_decode(n)
         draw_rows = rows if sched.sampled else None  # None: every row greedy (one counter read, no row scan)
-        if graph is not None:
-            graph = self.graphs[n]
-            if n not in self._graphs_checked:
-                # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
-                if self.decode_plan.info != self._graph_plan_infos[n]:
-                    raise RuntimeError(
-                        f"a CUDA-graph decode plan of {n} rows changed its schedule layout; the captured graph "
-                        f"cannot replay it"
-                    )
-                self._graphs_checked.add(n)
-            graph.launch()  # its argmax is every greedy row's token
-            sampled = draw_rows is not None and self.sampler.pick(v, n, draw_rows, argmax_done=True)
+        if argmax_done:  # the graph's argmax is every greedy row's token
+            sampled = draw_rows is not None and sampler.pick(view, n, draw_rows, argmax_done=True)
         else:
-            if self._fuses(n):
-                self._fused_step(v, n)
-            else:
-                self._forward(v, n, self._decode_attention)
-                self._head(n, self.normed.data.ptr)
-            sampled = self.sampler.pick(v, n, draw_rows)
-        self.sampler.share_ids(sampled)
-        turn = self._decode_turn
-        self._decode_turn = 1 - turn
-        ids, done = self._decode_ids[turn], self._decode_done[turn]
-        self.cupy.cuda.runtime.memcpyAsync(host_address(ids), self.buffers.ids.data.ptr, 4 * n, D2H, self.stream_ptr)
-        done.record(self.stream)
-        if graph is not None and self._prepare_ahead:
+            sampled = sampler.pick(view, n, draw_rows)
+        sampler.share_ids(sampled)
+        ids, done = runner.send_decode_tokens(n)
+        if graph is not None and runner.prepare_ahead:
             # the next step, as it will be unless a request ends with an end-of-sequence token or a prefill comes
-            # first (then it is dropped and made again): staged and planned while the GPU runs this one
-            t = time.perf_counter()
-            self._staged.synchronize()  # this step's copies out of the staging buffers are done
-            self._staged_wait_s = time.perf_counter() - t  # (a step launched ahead waits here for the one before)
+            # first (then it is dropped and staged again): staged and planned while the GPU runs this one
             ahead = sched.peek_rows(depth)
-            ahead = ahead[: sched.graph_rows(ahead, self._graph_batches)]
-            filled = fill_decode(ahead, self.page_size, self.decode_arrays, ahead=depth)
-            self._upload_decode(len(ahead), filled, cuda_graph=True)
+            ahead = ahead[: sched.graph_rows(ahead, runner.decode_graph_batches)]
+            runner.stage_decode_ahead(ahead, depth)
             self._next_rows = ahead
         return _LaunchedStep(rows, ids, done)
 

@@ -1,8 +1,10 @@
-"""What every engine holds, declared once for the modules that make up :class:`~fi_engine.runtime.engine.Engine` (each
-concern a class of its own module, the engine their union): the sizes it was made with, its device buffers and
-weights, the step index arrays and their views, the sampling state, the graphs. Declarations only (types for the
-checker); the values are set by the engine's constructor, :mod:`~fi_engine.runtime.storage` and the family definition's
-``load`` / ``allocate`` (:mod:`~fi_engine.runtime.family`).
+"""What the model runner (:class:`~fi_engine.runtime.model_runner.ModelRunner`) holds, declared once for the modules
+that make it up (its buffers and step views, :mod:`~fi_engine.runtime.storage`; its graphs,
+:mod:`~fi_engine.runtime.step_graphs`; its fused decode step, :mod:`~fi_engine.runtime.fused_decode`): the sizes it
+was made with, its device buffers and weights, the step index arrays and their views, the graphs. Declarations only
+(types for the checker); the values are set by the runner's constructor, :mod:`~fi_engine.runtime.storage` and the
+family definition's ``load`` / ``allocate`` (:mod:`~fi_engine.runtime.family`). The serving loop's state (the
+scheduler, the requests, the step in flight) is the engine's, not here.
 """
 
 from __future__ import annotations
@@ -15,20 +17,18 @@ import numpy as np
 if TYPE_CHECKING:
     from ..layers.tensor_parallel import VocabShard
     from .family import ModelFamily
-    from .paging import Layout, Request, Scheduler
+    from .paging import Layout
     from .sampling import Sampler
     from .settings import EngineSettings
-    from .stepping import StepOutput
 
 __all__: list[str] = []
 
 
-class EngineState:
-    """The attributes the engine's parts share (set in :class:`~fi_engine.runtime.engine.Engine`'s constructor), and the
-    methods one part calls on another (declared here for the type checker only)."""
+class RunnerState:
+    """The attributes the model runner's modules share (set in :class:`~fi_engine.runtime.model_runner.ModelRunner`'s
+    constructor), and the methods one module calls on another (declared here for the type checker only)."""
 
     family: ModelFamily  # the model family's definition: config checks, weights, layer body, attention plans
-    definition: type[ModelFamily]  # the engine class's family (ModelFamily.llama_pass: the shared pass)
     config: Any  # this rank's shard of the model's config (the checkpoint's on one GPU)
     model_config: Any
     settings: EngineSettings  # the constructor's arguments, checked (runtime.settings)
@@ -69,7 +69,7 @@ class EngineState:
     _own_comm: bool
 
     # ---- the family interface ------------------------------------------------------------------------------------
-    # What a model family (runtime.family.ModelFamily; fi_engine.models) reads and sets on the engine ``eng`` it is
+    # What a model family (runtime.family.ModelFamily; fi_engine.models) reads and sets on the runner ``eng`` it is
     # given: these public attributes and the public methods embed_and_norm, add_norm, allocate_layers,
     # allocate_steps, dense_moe. Nothing else: a family keeps its own state on itself (the family object is made
     # once per engine), and tests/package/test_structure.py fails on any private attribute a model module reaches.
@@ -129,22 +129,10 @@ class EngineState:
     _decode_turn: int
     _views: dict[tuple[Any, ...], SimpleNamespace]
     sampler: Sampler  # the tokens' choice (runtime.sampling), made once the buffers exist
-    # the step API (serving.ServingLoop): the engine's scheduler, its requests by id, aborted ones to report
-    _sched: Scheduler | None
-    _requests: dict[int, Request]
-    _aborted: list[Request]
-    _unreported: list[StepOutput]
-    _ffi_stream: Any
-    # the serving loop's decode step prepared ahead, and the graphs
-    _next_rows: list[Request | None] | None
-    _inflight: Any  # serving.LaunchedStep or None
-    _last_prefill_s: float
-    _overlap_steps: bool
-    _scheduler_delay_factor: float
-    _mixed_prefill: bool
+    # the decode step staged ahead (ModelRunner.stage_decode), and the graphs
     _staged: Any
-    _staged_wait_s: float
-    _prepare_ahead: bool
+    staged_wait_s: float  # the last stage_decode_ahead's wait for the staging buffers, in seconds
+    prepare_ahead: bool  # stage decode step n + 1 while the GPU runs step n (ModelRunner.stage_decode_ahead)
     graphs: dict[int, Any]
     _graph_plan_infos: dict[int, Any]
     _graph_batches: tuple[int, ...]
@@ -209,10 +197,4 @@ class EngineState:
             raise NotImplementedError
 
         def _prefill_padded(self, nnz: int, batch: int, bucket: int) -> bool:
-            raise NotImplementedError
-
-        def _check_open(self) -> None:
-            raise NotImplementedError
-
-        def _scheduler(self) -> Scheduler:
             raise NotImplementedError

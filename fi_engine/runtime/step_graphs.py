@@ -12,14 +12,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..kernels.copies import H2D, host_address
 from .paging import _ladder, bucket_for, decode_batches, fill_decode
-from .state import EngineState
-
-if TYPE_CHECKING:
-    from .family import ModelFamily
+from .state import RunnerState
 
 __all__: list[str] = []
 
@@ -41,10 +38,9 @@ def _refuse_allocation(size: int) -> Any:
     )
 
 
-class StepGraphs(EngineState):
+class StepGraphs(RunnerState):
     """The decode graph and the padded prefill graphs of an engine."""
 
-    definition: type[ModelFamily]  # the engine class's family (prefill graphs serve the Llama pass only)
     graph_fused_decode = True
     """A decode graph of one row captures the fused step (``_fused_step``, where ``_fuses`` holds) instead of the
     separate launches: on an H100, 8B shape, 6.02 instead of 6.19 ms per step (the norms, SiLU, RoPE and KV append
@@ -135,13 +131,17 @@ class StepGraphs(EngineState):
             )
         self._prefill_buckets = ladder
 
+    def prefill_graph_shapes(self) -> list[tuple[int, int]]:
+        """The ``(bucket rows, request slots)`` of every prefill graph held, in replay order (least recent first)."""
+        return [(int(key[0]), int(key[1])) for key in self._prefill_graph_cache]
+
     def _prefill_bucket(self, nnz: int, slots: int) -> int | None:
         """The token rows a prefill of ``nnz`` rows is padded to, to run as that bucket's CUDA graph of ``slots``
         request slots (:meth:`_prefill_graph`; :func:`~fi_engine.runtime.paging.prefill_slots` of its requests, or
         ``max_batch`` for a mixed pass); None: it runs eagerly, unpadded. Eager for MoE layers (host routing
         synchronizes), tensor parallelism, the engines that override the pass, ``prefill_graphs = False``, and a
         shape whose capture failed before (:attr:`prefill_graph_failures`)."""
-        if not self.prefill_graphs or self.moe_layers or self.comm is not None or not type(self).definition.llama_pass:
+        if not self.prefill_graphs or self.moe_layers or self.comm is not None or not self.family.llama_pass:
             return None
         bucket = bucket_for(nnz, self.prefill_buckets)
         return None if (bucket, slots) in self.prefill_graph_failures else bucket

@@ -14,15 +14,14 @@ import numpy as np
 
 from ..checkpoint.config import LlamaConfig
 from ..kernels import flashinfer as kernels
-from .paging import Layout, Request, decode_layout, prefill_layout
-from .state import EngineState
-from .stepping import StepOutput
+from .paging import Layout, decode_layout, prefill_layout
+from .state import RunnerState
 
 __all__ = ["step_views"]
 
 
-class Storage(EngineState):
-    """Allocation of the engine's buffers and step arrays, and the step views over them."""
+class Storage(RunnerState):
+    """Allocation of the runner's buffers and step arrays, and the step views over them."""
 
     def allocate_layers(self) -> None:
         """The Llama pass's buffers (``buffers``): activations of ``max(max_prefill_tokens, max_batch)`` rows, the
@@ -102,23 +101,12 @@ class Storage(EngineState):
         self._decode_done = (cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True))
         self._decode_turn = 0
         self._views: dict[tuple[Any, ...], SimpleNamespace] = {}
-        # the step API's state (serving.ServingLoop): its scheduler (made on first use), its requests by id, and the
-        # aborted ones the next step() reports
-        self._sched: Any = None
-        self._requests: dict[int, Request] = {}
-        self._aborted: list[Request] = []
-        self._unreported: list[StepOutput] = []  # ends a failed step() had recorded: the next step() reports them
-        self._ffi_stream: Any = None
-        # `_prepare_ahead`: the graph loop prepares the next decode step (index arrays copied, attention planned)
-        # while the GPU runs this one (_decode_step); `_staged` marks the end of the last copy out of the host
-        # staging buffers. Engine.__init__ turns it on where the family allows it (ModelFamily.plans_ahead).
-        self._next_rows: list[Request | None] | None = None
-        # the decode step the step API launched and left running (ServingLoop.overlap_steps): its rows, or None
-        self._inflight: Any = None  # serving.LaunchedStep
-        self._last_prefill_s = 0.0  # the host time of the last prefill (ServingLoop._admit's delay)
+        # `prepare_ahead`: the graph loop prepares the next decode step (index arrays copied, attention planned)
+        # while the GPU runs this one (ModelRunner.stage_decode_ahead); `_staged` marks the end of the last copy out
+        # of the host staging buffers. The runner turns it on where the family allows it (ModelFamily.plans_ahead).
         self._staged = cp.cuda.Event(disable_timing=True)
-        self._staged_wait_s = 0.0  # the last decode launch's wait for `_staged` (ServingLoop._advance_pipelined)
-        self._prepare_ahead = False
+        self.staged_wait_s = 0.0  # the last staging's wait for `_staged` (ServingLoop._advance_pipelined)
+        self.prepare_ahead = False
 
     def _meta(self, n: int) -> tuple[Any, np.ndarray]:
         """A device int32 buffer of ``n`` entries and its page-locked host staging twin."""

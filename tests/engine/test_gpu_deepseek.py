@@ -150,12 +150,12 @@ def family(request, tmp_path_factory):  # type: ignore[no-untyped-def]
 
 def record_routing(engine):  # type: ignore[no-untyped-def]
     """Per MoE layer (in order), the experts ``[rows, k]`` the engine chose in each forward."""
-    seen: dict[int, list[np.ndarray]] = {i: [] for i, m in enumerate(engine.moe_layers) if m is not None}
+    seen: dict[int, list[np.ndarray]] = {i: [] for i, m in enumerate(engine.runner.moe_layers) if m is not None}
     inner = engine.family._moe_forward  # the DeepSeek definition's host-routed MoE layer (fi_engine.models.deepseek)
 
     def wrapped(eng, i, rows, _inner=inner):  # type: ignore[no-untyped-def]
         _inner(eng, i, rows)
-        seen[i].append(engine.moe_layers[i].last_routing[1].copy())
+        seen[i].append(engine.runner.moe_layers[i].last_routing[1].copy())
 
     engine.family._moe_forward = wrapped
     return seen
@@ -215,7 +215,7 @@ def check_reference_routing(name, cfg, seen, bias):  # type: ignore[no-untyped-d
 
 
 def biases(engine):  # type: ignore[no-untyped-def]
-    return [b for b, m in zip(engine.family.w.bias, engine.moe_layers, strict=True) if m is not None]
+    return [b for b, m in zip(engine.family.w.bias, engine.runner.moe_layers, strict=True) if m is not None]
 
 
 def flips(engine_choice, ref_choice):  # type: ignore[no-untyped-def]
@@ -322,13 +322,13 @@ def test_cuda_graph_decode_matches_eager(family, fused) -> None:  # type: ignore
     runs = {}
     for graph in (False, True):
         with DeepSeekEngine(path, max_batch=4, page_size=16, cuda_graph=graph, fused_routing=fused) as engine:
-            assert (engine.graph is not None) is graph
+            assert (engine.runner.graph is not None) is graph
             if graph:
-                assert engine.static_moe and (engine.family.device_topk is None) is engine.fused_routing_used
+                assert engine.runner.static_moe and (engine.family.device_topk is None) is engine.fused_routing_used
             r = engine.generate(ps, limits, eos_token_ids=())
             # the last step: eager ran the two active requests (slots 0, 2), the graph all 4 slots
             rows = [0, 2] if graph else [0, 1]
-            logits = engine.buffers.logits[: max(rows) + 1].get()[rows]
+            logits = engine.runner.buffers.logits[: max(rows) + 1].get()[rows]
             again = engine.generate(ps[:1], 4, eos_token_ids=()).tokens[0]  # the graph replays on a later call too
         runs[graph] = (r, logits, again)
     (er, el, ea), (gr, gl, ga) = runs[False], runs[True]
@@ -390,7 +390,11 @@ def test_a_model_without_routed_experts_opens_and_closes(tmp_path) -> None:  # t
     tokens = {}
     for graph in (False, True):
         engine = DeepSeekEngine(tmp_path, max_batch=2, page_size=16, cuda_graph=graph)
-        assert engine.deepseek_config.moe is None and engine.moe_workspace is None and engine.moe_layers == [None] * 3
+        assert (
+            engine.deepseek_config.moe is None
+            and engine.runner.moe_workspace is None
+            and engine.runner.moe_layers == [None] * 3
+        )
         tokens[graph] = engine.generate([[5, 6, 7]], 4, eos_token_ids=()).tokens[0]
         engine.close()
         engine.close()  # idempotent

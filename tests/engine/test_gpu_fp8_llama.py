@@ -87,7 +87,7 @@ def test_prefill_logits_within_transformers_bfloat16s_own_error(fp8_variant, w8a
     path, ref, bf16 = fp8_variant
     ps = prompts((1, 7, 16, 33, 50), VOCAB)
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
-        assert engine.dense.serves_fp8
+        assert engine.runner.dense.serves_fp8
         got = engine.prefill_logits(ps)
     ours = theirs = 0.0
     for p, g in zip(ps, got, strict=True):
@@ -120,7 +120,7 @@ def test_greedy_decode_eager_and_graph_match_the_reference(fp8_variant, step, w8
         results = {}
         for graph in (False, True):
             with LlamaEngine(path, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
-                assert engine._fuses(len(ps)) == fused
+                assert engine.runner._fuses(len(ps)) == fused
                 results[graph] = r = engine.generate(ps, new, eos_token_ids=())
             assert [len(t) for t in r.tokens] == new
             exact = check_greedy(ref, ps, r.tokens, tol)
@@ -139,11 +139,11 @@ def compare_epilogue_step(path, monkeypatch, lens=(11,), **engine_kw) -> None:  
     for epilogues in (True, False):
         monkeypatch.setattr(Dense, "fp8_epilogues", epilogues)
         with LlamaEngine(path, max_batch=len(ps), page_size=16, **engine_kw) as engine:
-            assert engine._fuses(len(ps)) == epilogues
+            assert engine.runner._fuses(len(ps)) == epilogues
             original, logits = engine.sampler.pick, []
 
             def pick(v, rows, sampling, logits=logits, original=original, engine=engine):  # type: ignore[no-untyped-def]
-                logits.append(engine.buffers.logits[:rows].get())  # this step's logits, before the argmax
+                logits.append(engine.runner.buffers.logits[:rows].get())  # this step's logits, before the argmax
                 original(v, rows, sampling)
 
             engine.sampler.pick = pick

@@ -1,4 +1,4 @@
-"""The engine's fused decode step (``LlamaEngine._fused_step``) and its GEMV variants (``Dense.fused_linear``), on a
+"""The engine's fused decode step (``ModelRunner._fused_step``) and its GEMV variants (``Dense.fused_linear``), on a
 GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
 
 1. Each variant (RMSNorm prologue, add + RMSNorm prologue with the new residual written out, SiLU-gated input) for
@@ -25,7 +25,7 @@ GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or transformers).
    0.02, bfloat16 0.08) with the bitwise share printed. The unfused path is the one tests/engine/test_gpu_llama.py
    checks against transformers.
 4. Bad pointers: a misaligned GEMV output, a misaligned or overlapping fused argument give ValueError naming it.
-5. ``LlamaEngine.packed_attention`` (the fused step's attention runs packed once per view, ``prepare_decode_run``):
+5. ``ModelRunner.packed_attention`` (the fused step's attention runs packed once per view, ``prepare_decode_run``):
    on and off, the same greedy decoding gives the same tokens and bit-equal logits at every step (the same kernel
    on the same arguments; tests/ops/attention/test_prepared_decode_run.py proves the frames equal on the CPU).
 6. The Mixtral-like model's one-row decode graph captures the fused step: one request's tokens through it are its
@@ -51,6 +51,7 @@ from helpers.yardstick import LOGIT_TOL  # noqa: E402
 from fi_engine.kernels import flashinfer as kernels  # noqa: E402
 from fi_engine.kernels.dense import ADD_NORM, CUDA_R_16BF, CUDA_R_16F, CUDA_R_32F, NORM, SILU, Dense  # noqa: E402
 from fi_engine.models.llama import LlamaEngine  # noqa: E402
+from fi_engine.runtime.model_runner import ModelRunner  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -317,24 +318,24 @@ def test_fused_decode_step_matches_the_separate_launches(tmp_path, model):
     ps = [[(5 * j + 3 * i) % 4000 + 3 for j in range(n)] for i, n in enumerate((3, 16, 29, 50))]
     runs = {}
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
-        assert all(engine._fuses(r) for r in (1, 2, 3, 4)), engine.dense.gemv_error
+        assert all(engine.runner._fuses(r) for r in (1, 2, 3, 4)), engine.runner.dense.gemv_error
         original = engine.sampler.pick
         for fused in (True, False):
             engine.fused_decode = fused
             logits: list[np.ndarray] = []
 
             def pick(v, rows, sampling, logits=logits):
-                logits.append(engine.buffers.logits[:rows].get())  # this step's logits, before the argmax
+                logits.append(engine.runner.buffers.logits[:rows].get())  # this step's logits, before the argmax
                 original(v, rows, sampling)
 
             engine.sampler.pick = pick
             calls = []
-            step = engine._fused_step
-            engine._fused_step = lambda v, rows, calls=calls, step=step: (calls.append(rows), step(v, rows))[1]
+            step = engine.runner._fused_step
+            engine.runner._fused_step = lambda v, rows, calls=calls, step=step: (calls.append(rows), step(v, rows))[1]
             try:
                 r = engine.generate(ps, [24, 13, 24, 7], eos_token_ids=())
             finally:
-                del engine._fused_step
+                del engine.runner._fused_step
                 del engine.sampler.pick
             assert len(calls) == (r.decode_steps if fused else 0)  # every decode step fused exactly when on
             runs[fused] = (r.tokens, logits)  # the prefill's too (never fused: equal in both runs)
@@ -355,14 +356,14 @@ def test_packed_attention_runs_give_bit_equal_logits(tmp_path, model):
     ps = [[(7 * j + 5 * i) % 4000 + 3 for j in range(n)] for i, n in enumerate((4, 17, 33, 9))]
     runs = {}
     with LlamaEngine(path, max_batch=4, page_size=16) as engine:
-        assert all(engine._fuses(r) for r in (1, 2, 3, 4)), engine.dense.gemv_error
+        assert all(engine.runner._fuses(r) for r in (1, 2, 3, 4)), engine.runner.dense.gemv_error
         original = engine.sampler.pick
         for packed in (False, True):
             engine.packed_attention = packed
             logits: list[np.ndarray] = []
 
             def pick(v, rows, sampling, logits=logits):
-                logits.append(engine.buffers.logits[:rows].get())
+                logits.append(engine.runner.buffers.logits[:rows].get())
                 original(v, rows, sampling)
 
             engine.sampler.pick = pick
@@ -370,10 +371,10 @@ def test_packed_attention_runs_give_bit_equal_logits(tmp_path, model):
                 r = engine.generate(ps, [20, 12, 26, 5], eos_token_ids=())
             finally:
                 del engine.sampler.pick
-                engine.packed_attention = LlamaEngine.packed_attention
+                engine.packed_attention = ModelRunner.packed_attention
             runs[packed] = (r.tokens, logits, r.decode_steps)
         # the packed runs were made (one per layer, per decode view the packed pass met)
-        packed_views = [v for v in engine._views.values() if "attention runs" in v.prepared]
+        packed_views = [v for v in engine.runner._views.values() if "attention runs" in v.prepared]
         assert packed_views and all(len(v.prepared["attention runs"][1]) == 4 for v in packed_views)
     (tok_p, log_p, steps), (tok_u, log_u, _) = runs[True], runs[False]
     assert steps > 0
@@ -391,9 +392,9 @@ def test_a_moe_models_one_row_graph_captures_the_fused_step(tmp_path):
     path = make_checkpoint(tmp_path, *MODELS["bf16-mixtral-like"])
     prompt = [(11 * j) % 4000 + 3 for j in range(21)]
     with LlamaEngine(path, max_batch=4, page_size=16, cuda_graph=True) as engine:
-        assert engine._fuses(1) and sorted(engine.graphs) == [1, 2, 4]
+        assert engine.runner._fuses(1) and sorted(engine.runner.graphs) == [1, 2, 4]
         replays = []
-        one = engine.graphs[1]
+        one = engine.runner.graphs[1]
         one.launch = lambda launch=one.launch: (replays.append(1), launch())[1]
         try:
             out = engine.generate([prompt], 24, eos_token_ids=()).tokens[0]

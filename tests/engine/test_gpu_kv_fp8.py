@@ -200,9 +200,9 @@ def test_fp8_cache_takes_half_the_bytes(checkpoint):
 
     path, _ = checkpoint
     with LlamaEngine(path, max_batch=4, kv_cache_dtype="fp8_e4m3") as fp8, LlamaEngine(path, max_batch=4) as bf16:
-        assert fp8.buffers.kv.nbytes * 2 == bf16.buffers.kv.nbytes
-        assert fp8.kv_dtype == "float8_e4m3fn" and fp8.k_cache[0].dtype.name == "float8_e4m3fn"
-        assert (fp8.kv_fp8.k_scale, fp8.kv_fp8.v_scale) == (1.0, 1.0)  # no scales in the checkpoint
+        assert fp8.runner.buffers.kv.nbytes * 2 == bf16.runner.buffers.kv.nbytes
+        assert fp8.runner.kv_dtype == "float8_e4m3fn" and fp8.runner.k_cache[0].dtype.name == "float8_e4m3fn"
+        assert (fp8.runner.kv_fp8.k_scale, fp8.runner.kv_fp8.v_scale) == (1.0, 1.0)  # no scales in the checkpoint
 
 
 @pytest.mark.parametrize("scales", [None, (2.0, 4.0)], ids=["scale-1", "scales-2-4"])
@@ -266,10 +266,10 @@ def test_quantizing_append_equals_torchs_e4m3_cast(checkpoint):
     ps = prompts((40,), VOCAB)
     with LlamaEngine(path, max_batch=1) as engine:
         engine.prefill_logits(ps)
-        k16 = torch.as_tensor(engine.buffers.kv.view(np.uint16), device="cuda").view(torch.bfloat16).clone()
+        k16 = torch.as_tensor(engine.runner.buffers.kv.view(np.uint16), device="cuda").view(torch.bfloat16).clone()
     with LlamaEngine(path, max_batch=1, kv_cache_dtype="fp8_e4m3", kv_cache_scales=(0.5, 2.0)) as engine:
         engine.prefill_logits(ps)
-        k8 = torch.as_tensor(engine.buffers.kv, device="cuda").clone()
+        k8 = torch.as_tensor(engine.runner.buffers.kv, device="cuda").clone()
     # layer 0 only (its K/V come from the same bf16 computation in both engines; layer 1's input already differs);
     # both engines put the one request on the same pages (after the padding page 0), 16 tokens each
     pages = slice(1, 1 + -(-40 // 16))

@@ -78,8 +78,8 @@ def family(request, tmp_path_factory):  # type: ignore[no-untyped-def]
 def record_routing(engine):  # type: ignore[no-untyped-def]
     """Per MoE layer, the experts ``[tokens, k]`` it chose in each forward (a wrapper that observes
     ``MoELayer.forward`` and keeps ``last_routing``; the layer itself runs unchanged)."""
-    seen: list[list[np.ndarray]] = [[] for _ in engine.moe_layers]
-    for moe, calls in zip(engine.moe_layers, seen, strict=True):
+    seen: list[list[np.ndarray]] = [[] for _ in engine.runner.moe_layers]
+    for moe, calls in zip(engine.runner.moe_layers, seen, strict=True):
 
         def forward(x, out, tokens=None, _moe=moe, _forward=moe.forward, _calls=calls):  # type: ignore[no-untyped-def]
             result = _forward(x, out, tokens)

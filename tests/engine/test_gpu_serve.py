@@ -31,6 +31,7 @@ pytest.importorskip("starlette", reason="the server needs the serve extra")
 from helpers.serve import running  # noqa: E402
 
 from fi_engine.models.registry import engine_class  # noqa: E402
+from fi_engine.runtime.model_runner import ModelRunner  # noqa: E402
 from fi_engine.runtime.stepping import StepEngine  # noqa: E402
 from fi_engine.serve.openai_server import build_app  # noqa: E402
 from fi_engine.serve.service import GenerationService  # noqa: E402
@@ -60,9 +61,11 @@ def open_engine(max_batch: int, graph: bool = True, one_graph: bool = False):  #
     which others share its steps (with the ladder a smaller graph's GEMMs may round differently and a near tie go
     either way; test_gpu_step_api checks the ladder's tokens by teacher forcing)."""
     cls = engine_class(MODEL_DIR)
-    if one_graph:
-        cls = type(f"OneGraph{cls.__name__}", (cls,), {"decode_graph_ladder": False})
-    engine = cls(MODEL_DIR, max_batch=max_batch, cuda_graph=graph)
+    ModelRunner.decode_graph_ladder = not one_graph  # read when the graphs are captured, in the constructor
+    try:
+        engine = cls(MODEL_DIR, max_batch=max_batch, cuda_graph=graph)
+    finally:
+        ModelRunner.decode_graph_ladder = True
     if not isinstance(engine, StepEngine):
         engine.close()
         pytest.skip(f"{type(engine).__name__} does not implement fi_engine.runtime.stepping.StepEngine yet")

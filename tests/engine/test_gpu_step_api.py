@@ -63,7 +63,7 @@ def engine(request, checkpoint):
     mode = request.param
     graph = mode.startswith("graph")
     with LlamaEngine(checkpoint, max_batch=4, page_size=16, max_seq_len=256, cuda_graph=graph) as e:
-        e._prepare_ahead = mode.startswith("graph-ahead") or mode == "graph-overlap-mixed"
+        e.runner.prepare_ahead = mode.startswith("graph-ahead") or mode == "graph-overlap-mixed"
         e.overlap_steps = "overlap" in mode
         e.mixed_prefill = mode.endswith("mixed")
         yield e
@@ -96,11 +96,11 @@ def check_own_greedy(engine, prompt: list[int], out: list[int]) -> None:
 
 
 def free_pages(engine) -> int:
-    return engine._sched.allocator.num_free
+    return engine.scheduler.allocator.num_free
 
 
 def capacity(engine) -> int:
-    return engine._sched.allocator.capacity
+    return engine.scheduler.allocator.capacity
 
 
 # ------------------------------------------------------------------------------------------------------------ (a)
@@ -161,7 +161,7 @@ def test_abort_mid_generation_frees_the_slot_and_pages_and_a_queued_request_is_s
     for _ in range(6):
         for o in engine.step():
             got[o.rid].extend(o.token_ids)
-    sched = engine._sched
+    sched = engine.scheduler
     victim = sched.slots[1]
     assert victim is not None and victim.rid == rids[1] and len(sched.pending) == 1
     held = len(victim.pages)
@@ -315,7 +315,7 @@ def test_pipelined_decode_draws_what_one_step_at_a_time_draws(engine):
     assert [len(t) for t in got] == [18] * 3
     assert (
         got == runs[True][0][1:]
-        if engine.graph is not None
+        if engine.runner.graph is not None
         else [t[:end] for t in got] == [t[:end] for t in runs[True][0][1:]]
     )
 
@@ -324,12 +324,12 @@ def test_each_decode_step_replays_the_smallest_graph_holding_its_requests(engine
     """The decode graphs, one per batch size of ``decode_batches(4)`` = 1, 2, 4: three requests in slots 0-2 step
     as the graph of 4 rows, then, as the request in the highest slot leaves, as the graphs of 2 and 1; every token is
     the engine's own greedy choice (teacher forcing), so no graph reads another's rows or plan."""
-    if engine.graph is None:
+    if engine.runner.graph is None:
         pytest.skip("eager steps run their rows unpadded")
-    assert engine.decode_graph_batches == (1, 2, 4) and sorted(engine.graphs) == [1, 2, 4]
-    assert engine.graph is engine.graphs[4]
+    assert engine.decode_graph_batches == (1, 2, 4) and sorted(engine.runner.graphs) == [1, 2, 4]
+    assert engine.runner.graph is engine.runner.graphs[4]
     replays: list[int] = []
-    for n, g in engine.graphs.items():
+    for n, g in engine.runner.graphs.items():
         g.launch = lambda n=n, launch=g.launch: (replays.append(n), launch())[1]
     try:
         ps = prompts((5, 9, 14), VOCAB, seed=17)
@@ -337,7 +337,7 @@ def test_each_decode_step_replays_the_smallest_graph_holding_its_requests(engine
         rids = [engine.add_request(p, m, eos_token_ids=()) for p, m in zip(ps, limits, strict=True)]
         seen = drain(engine)
     finally:
-        for g in engine.graphs.values():
+        for g in engine.runner.graphs.values():
             del g.launch  # the class's method again
     # a prefill gives each request its first token; each decode step one more
     assert replays == [4] * 3 + [2] * 8 + [1] * 8
@@ -367,7 +367,7 @@ def test_requests_added_while_others_decode_are_served(engine):
     step(3)
     rids += [engine.add_request(p, m, eos_token_ids=()) for p, m in zip(ps[3:], limits[3:], strict=True)]
     step(1)  # admitted into the free slots, the others queued
-    assert engine._sched.pending
+    assert engine.scheduler.pending
     for rid, outs in drain(engine).items():
         got.setdefault(rid, []).extend(tokens_of(outs))
     assert free_pages(engine) == capacity(engine)

@@ -230,7 +230,7 @@ def test_silu_and_mul_accepts_the_engine_views(dtype):
 
 @pytest.mark.parametrize(("dtype", "head_dim"), [("float16", 128), ("bfloat16", 64)])
 def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypatch, dtype, head_dim):
-    """``LlamaEngine.packed_attention``: the fused step's attention run per layer, packed once per view, hands the
+    """``ModelRunner.packed_attention``: the fused step's attention run per layer, packed once per view, hands the
     module the frame ``batch_decode_run`` does (every slot and DLTensor, recorded by a probe bound as the run's entry
     point), step after step with a new plan each, between the same packed launches in the same order. The engine is
     a bare object with the attributes ``_fused_step`` reads; the other packed launches are recording stand-ins."""
@@ -238,7 +238,8 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
 
     from helpers.frame_probe import FrameProbe
 
-    from fi_engine.models.llama import LlamaEngine
+    from fi_engine.models.llama import Llama
+    from fi_engine.runtime.model_runner import ModelRunner
     from fi_ffi.abi.call import Function
 
     c = config(head_dim)
@@ -254,8 +255,8 @@ def test_the_fused_step_hands_the_packed_attention_runs_the_same_frames(monkeypa
     plan_l.entry = SimpleNamespace(safe_call=array.safe_call, this=array.this)
     monkeypatch.setattr(Workspace, "_record_plan_copy", lambda self, stream: None)  # a CUDA event: no GPU here
     try:
-        eng = object.__new__(LlamaEngine)
-        eng.family = LlamaEngine.definition()  # the layer body's attention (the constructor makes it)
+        eng = object.__new__(ModelRunner)
+        eng.family = Llama()  # the layer body's attention (the engine's constructor makes it)
         eng.config, eng.stream_ptr, eng.head_rows = c, 0, 0
         eng.dense = SimpleNamespace(launches_with_pdl=False)  # as batch_decode_run launches (no PDL)
         shape = (PAGES, PS, c.num_kv_heads, c.head_dim)
@@ -316,14 +317,14 @@ def test_the_fused_steps_fallback_packs_rope_and_the_append_as_the_op_calls(dtyp
 
     from helpers.frame_probe import FrameProbe
 
-    from fi_engine.models.llama import LlamaEngine
+    from fi_engine.runtime.model_runner import ModelRunner
     from fi_ffi.ops import norm, page, rope
 
     c = replace(config(head_dim), qk_norm=qk_norm)
     if llama3:
         c = replace(c, rope=RopeConfig(theta=5e5, llama3=True, factor=8.0))
     v = views(c, dtype, "decode")
-    eng = object.__new__(LlamaEngine)
+    eng = object.__new__(ModelRunner)
     eng.config, eng.stream_ptr, eng.gemm_type, eng.gemm_f32, eng.head_rows = c, 0, 1, 2, 0
     buffer = SimpleNamespace(data=SimpleNamespace(ptr=FAKE))
     eng.buffers = SimpleNamespace(

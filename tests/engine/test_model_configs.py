@@ -125,13 +125,13 @@ def test_moe_path_is_checked_before_the_checkpoint_and_refused_without_experts(t
 
 
 def _moe_paths_of(config: dict[str, Any], moe_path: str, max_batch: int) -> list[str]:
-    """``LlamaEngine.moe_path_for`` of 1..max_batch + 1 rows on an engine object made without its constructor."""
-    from fi_engine.models.llama import LlamaEngine
+    """The Llama family's ``moe_path_for`` of 1..max_batch + 1 rows, for a runner's sizes (no GPU: a stand-in)."""
+    from types import SimpleNamespace
 
-    engine = LlamaEngine.__new__(LlamaEngine)
-    engine.moe_path, engine.max_batch = moe_path, max_batch
-    engine.model_config = LlamaConfig.from_dict(config)
-    return [engine.moe_path_for(rows) for rows in range(1, max_batch + 2)]
+    from fi_engine.models.llama import Llama
+
+    runner = SimpleNamespace(max_batch=max_batch, model_config=LlamaConfig.from_dict(config))
+    return [Llama(moe_path).moe_path_for(runner, rows) for rows in range(1, max_batch + 2)]
 
 
 def test_moe_path_auto_keeps_the_grouped_gemv_then_goes_dense_where_the_assignments_cover_the_experts() -> None:

@@ -21,8 +21,9 @@ import pytest
 
 import fi_engine.kernels.graph as graph_module
 from fi_engine.models import llama
-from fi_engine.models.llama import LlamaEngine
+from fi_engine.models.llama import Llama, LlamaEngine
 from fi_engine.runtime import step_graphs
+from fi_engine.runtime.model_runner import ModelRunner
 from fi_engine.runtime.paging import (
     PAD_PAGE,
     PageAllocator,
@@ -326,38 +327,41 @@ class Recorder:
 
 
 def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
-    """A LlamaEngine without its constructor: the host state _prefill reads, recorders for the device work."""
+    """A LlamaEngine without its constructor, over a ModelRunner without its own: the host state the loop's _prefill and
+    the runner's run_prefill read, recorders for the device work."""
     e = LlamaEngine.__new__(LlamaEngine)
-    e.num_pages = num_pages = pages_for(max_tokens, PS) + max_batch + 1
+    r = e.runner = ModelRunner.__new__(ModelRunner)
+    r.family = Llama()
+    r.num_pages = num_pages = pages_for(max_tokens, PS) + max_batch + 1
     rec = Recorder(rt)
-    e.prefill_graphs = True
-    e.moe_layers = []
-    e.comm = None
-    e.page_size = PS
-    e.max_batch = max_batch
-    e.max_prefill_tokens = max_tokens
-    e.prefill_buckets = prefill_buckets(max_tokens)
-    e._prefill_graph_cache = {}
-    e.prefill_graph_failures = {}
+    r.prefill_graphs = True
+    r.moe_layers = []
+    r.comm = None
+    r.page_size = PS
+    r.max_batch = max_batch
+    r.max_prefill_tokens = max_tokens
+    r.prefill_buckets = prefill_buckets(max_tokens)
+    r._prefill_graph_cache = {}
+    r.prefill_graph_failures = {}
     e._next_rows = None
-    e.stream_ptr = 1234
-    e.config = SimpleNamespace(hidden_size=8, vocab_size=1000)
-    e._playout = prefill_layout(max_tokens, max_batch, num_pages + max_batch, padded=True)
-    e._phost = np.zeros(e._playout.total, np.int32)
-    e.prefill_arrays = e._playout.views(e._phost)
-    e._pmeta = SimpleNamespace(data=SimpleNamespace(ptr=0x1000))
-    e.buffers = SimpleNamespace(
+    r.stream_ptr = 1234
+    r.config = SimpleNamespace(hidden_size=8, vocab_size=1000)
+    r._playout = prefill_layout(max_tokens, max_batch, num_pages + max_batch, padded=True)
+    r._phost = np.zeros(r._playout.total, np.int32)
+    r.prefill_arrays = r._playout.views(r._phost)
+    r._pmeta = SimpleNamespace(data=SimpleNamespace(ptr=0x1000))
+    r.buffers = SimpleNamespace(
         last=SimpleNamespace(data=SimpleNamespace(ptr=0x2000)), ids=SimpleNamespace(data=SimpleNamespace(ptr=0x2400))
     )
-    e.normed = SimpleNamespace(data=SimpleNamespace(ptr=0x2800))
+    r.normed = SimpleNamespace(data=SimpleNamespace(ptr=0x2800))
     copies: list[int] = []
-    e.cupy = SimpleNamespace(
+    r.cupy = SimpleNamespace(
         cuda=SimpleNamespace(
             runtime=SimpleNamespace(memcpyAsync=lambda dst, src, n, kind, s: copies.append(n)),
             using_allocator=lambda allocator: contextlib.nullcontext(),
         )
     )
-    e.stream = SimpleNamespace(synchronize=lambda: setattr(rec, "syncs", rec.syncs + 1))
+    r.stream = SimpleNamespace(synchronize=lambda: setattr(rec, "syncs", rec.syncs + 1))
 
     def forward(v, rows, attention):
         capturing = rt is not None and rt.capturing
@@ -367,7 +371,7 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
         rec.forwards.append((rows, capturing))
 
     def plan(batch, cuda_graph):
-        ph = e.prefill_arrays
+        ph = r.prefill_arrays
         qo = ph["qo_indptr"][: batch + 1].copy()
         kv = ph["kv_indptr"][: batch + 1].copy()
         last = ph["kv_last_page_len"][:batch].copy()
@@ -375,17 +379,18 @@ def bare_engine(rt: FakeRuntime | None, max_batch=4, max_tokens=512):
         plan_checks.check_last_page_len("kv_last_page_len", last, kv, PS, lengths=True)
         rec.plans.append({"batch": batch, "qo": qo.tolist(), "cuda_graph": cuda_graph})
         # a CUDA-graph plan's schedule vector depends on (total rows, batch) only (FlashInfer's scheduler)
-        e.prefill_plan = SimpleNamespace(info=(int(qo[-1]), batch, int(cuda_graph)))
+        r.prefill_plan = SimpleNamespace(info=(int(qo[-1]), batch, int(cuda_graph)))
 
-    e._forward = forward
-    e._plan_prefill = lambda batch: plan(batch, False)
-    e._plan_prefill_padded = lambda batch: plan(batch, True)
-    e._view = lambda kind, rows, batch: SimpleNamespace(kind=kind, rows=rows, batch=batch, last_rows=0x3000)
-    e.dense = SimpleNamespace(gather_rows=lambda *a: None)
-    e._head = lambda rows, x: None
+    r._forward = forward
+    r._plan_prefill = lambda batch: plan(batch, False)
+    r._plan_prefill_padded = lambda batch: plan(batch, True)
+    r._view = lambda kind, rows, batch: SimpleNamespace(kind=kind, rows=rows, batch=batch, last_rows=0x3000)
+    r.dense = SimpleNamespace(gather_rows=lambda *a: None)
+    r._head = lambda rows, x: None
     e.sampler = SimpleNamespace(pick=lambda v, rows, sampling: False, share_ids=lambda sampled: None)
-    e._ids_host = np.full(max_batch, 7, np.int32)  # the tokens the pass "chose", one per slot
-    e._prefill_done = SimpleNamespace(record=lambda stream: None)
+    r._ids_host = np.full(max_batch, 7, np.int32)  # the tokens the pass "chose", one per slot
+    r._prefill_done = SimpleNamespace(record=lambda stream: None)
+    e._next_rows = None
     return e, rec
 
 
@@ -410,20 +415,20 @@ def test_lengths_in_one_bucket_replay_the_graph_captured_at_the_first(fake_rt):
     for n in (20, 32, 17, 25):  # all in bucket 32
         prefill(e, [n])
     assert rec.forwards == [(32, True)]  # captured once, at the first sight; no eager pass
-    assert list(e._prefill_graph_cache) == [(32, 1, 32, 2, 1)]  # (bucket, requests, *the plan's schedule vector)
+    assert list(e.runner._prefill_graph_cache) == [(32, 1, 32, 2, 1)]  # (bucket, requests, *the plan's schedule vector)
     assert len(fake_rt.launched) == 4 and len(set(fake_rt.launched)) == 1
     # every plan: the padding request appended (batch 2), the rows ending at the bucket, a CUDA-graph plan
     assert [p["qo"] for p in rec.plans] == [[0, 20, 32], [0, 32, 32], [0, 17, 32], [0, 25, 32]]
     assert all(p["batch"] == 2 and p["cuda_graph"] for p in rec.plans)
     prefill(e, [33])  # a new bucket: a second graph
     prefill(e, [5, 6])  # two requests in bucket 16: a graph of 3 request slots (the third one empty)
-    assert list(e._prefill_graph_cache) == [(32, 1, 32, 2, 1), (64, 1, 64, 2, 1), (16, 3, 16, 4, 1)]
+    assert list(e.runner._prefill_graph_cache) == [(32, 1, 32, 2, 1), (64, 1, 64, 2, 1), (16, 3, 16, 4, 1)]
     assert rec.plans[-1] == {"batch": 4, "qo": [0, 5, 11, 16, 16], "cuda_graph": True}
     launched = len(fake_rt.launched)
     prefill(e, [2, 3, 4])  # three requests in bucket 16: the same graph, every slot real
     assert rec.forwards == [(32, True), (64, True), (16, True)] and len(fake_rt.launched) == launched + 1
     assert rec.plans[-1] == {"batch": 4, "qo": [0, 2, 5, 9, 16], "cuda_graph": True}
-    assert list(e._prefill_graph_cache)[-1] == (16, 3, 16, 4, 1)
+    assert list(e.runner._prefill_graph_cache)[-1] == (16, 3, 16, 4, 1)
     assert not e.prefill_graph_failures
 
 
@@ -432,14 +437,14 @@ def test_graphs_off_moe_and_failed_shapes_prefill_eagerly_unpadded(fake_rt):
     e.prefill_graphs = False
     prefill(e, [20])
     e.prefill_graphs = True
-    e.moe_layers = [object()]  # MoE layers route on the host: never captured
+    e.runner.moe_layers = [object()]  # MoE layers route on the host: never captured
     prefill(e, [21])
     assert rec.forwards == [(20, False), (21, False)]
     assert rec.plans == [
         {"batch": 1, "qo": [0, 20], "cuda_graph": False},
         {"batch": 1, "qo": [0, 21], "cuda_graph": False},
     ]
-    assert not e._prefill_graph_cache and not fake_rt.launched
+    assert not e.runner._prefill_graph_cache and not fake_rt.launched
 
 
 def test_a_capture_refused_midway_falls_back_to_the_same_pass_eagerly(fake_rt):
@@ -451,7 +456,7 @@ def test_a_capture_refused_midway_falls_back_to_the_same_pass_eagerly(fake_rt):
     assert rec.forwards == [(32, False)]
     assert not fake_rt.capturing and fake_rt.last_error == 0 and not fake_rt.live
     assert "cudaErrorStreamCaptureInvalidated" in e.prefill_graph_failures[(32, 1)]
-    assert not e._prefill_graph_cache
+    assert not e.runner._prefill_graph_cache
     # that shape is eager (and unpadded) from now on, without a second warning; other shapes still capture
     rec.refuse_in_capture = False
     with warnings.catch_warnings():
@@ -483,7 +488,7 @@ def test_a_mixed_pass_whose_capture_failed_stays_eager_for_its_bucket_at_max_bat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         e._prefill(s, [c], riders=[a, b])  # 20 rows, 3 requests: the same bucket at max_batch slots
-    assert rec.forwards[-1] == (20, False) and not e._prefill_graph_cache
+    assert rec.forwards[-1] == (20, False) and not e.runner._prefill_graph_cache
 
 
 def test_a_refused_instantiation_falls_back_and_frees_the_graph(monkeypatch):
@@ -493,7 +498,7 @@ def test_a_refused_instantiation_falls_back_and_frees_the_graph(monkeypatch):
     with pytest.warns(RuntimeWarning, match="cudaGraphInstantiate"):
         prefill(e, [40])
     assert rec.forwards == [(64, True), (64, False)]  # captured, not instantiated, then run eagerly
-    assert not rt.live and rt.last_error == 0 and not e._prefill_graph_cache
+    assert not rt.live and rt.last_error == 0 and not e.runner._prefill_graph_cache
     assert (64, 1) in e.prefill_graph_failures
 
 
@@ -505,7 +510,7 @@ def test_without_a_driver_the_capture_fails_at_its_start_and_the_prefill_runs_ea
     with pytest.warns(RuntimeWarning, match=r"16 token rows and 1 request slots failed .*cudaStreamBeginCapture"):
         prefill(e, [3])
     assert rec.forwards == [(16, False)]
-    assert set(e.prefill_graph_failures) == {(16, 1)} and not e._prefill_graph_cache
+    assert set(e.prefill_graph_failures) == {(16, 1)} and not e.runner._prefill_graph_cache
 
 
 def test_graphs_are_bounded_and_the_least_recently_replayed_goes(fake_rt, monkeypatch):
@@ -520,7 +525,7 @@ def test_graphs_are_bounded_and_the_least_recently_replayed_goes(fake_rt, monkey
     assert rec.syncs == keep + 1 and len(fake_rt.launched) == keep + 1  # each prefill's tokens waited for once
     prefill(e, [1, 1])  # two new shapes (16 rows, 3 and 7 request slots) evict the second and third buckets
     prefill(e, [1, 1, 1, 1])
-    cached = [key[:2] for key in e._prefill_graph_cache]
+    cached = [key[:2] for key in e.runner._prefill_graph_cache]
     assert len(cached) == keep
     assert (buckets[0], 1) in cached and (buckets[1], 1) not in cached and (buckets[2], 1) not in cached
     assert rec.syncs == keep + 3 + 2  # a replay may still run: the stream is waited for before each eviction
@@ -546,19 +551,19 @@ def test_padded_prefill_views_describe_logits_and_tokens_of_the_real_requests_on
 def test_a_failed_cuda_graph_plan_prefills_eagerly_unpadded(fake_rt):
     """E.g. FA2's split-KV scratch of a long bucket larger than the workspace: the plan call raises."""
     e, rec = bare_engine(fake_rt)
-    padded_plan = e._plan_prefill_padded
+    padded_plan = e.runner._plan_prefill_padded
 
     def refuse(batch):
         raise RuntimeError("Out of workspace memory")
 
-    e._plan_prefill_padded = refuse
+    e.runner._plan_prefill_padded = refuse
     failed = r"32 token rows and 1 request slots failed \(planning: RuntimeError: Out of"
     with pytest.warns(RuntimeWarning, match=failed):
         prefill(e, [20])
     assert rec.forwards == [(20, False)]  # the unpadded pass on the same device arrays (they begin alike)
     assert rec.plans == [{"batch": 1, "qo": [0, 20], "cuda_graph": False}]
     assert list(e.prefill_graph_failures) == [(32, 1)] and not fake_rt.live
-    e._plan_prefill_padded = padded_plan
+    e.runner._plan_prefill_padded = padded_plan
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prefill(e, [30])  # the same shape: eager, no second warning
@@ -569,10 +574,10 @@ def test_a_failed_cuda_graph_plan_prefills_eagerly_unpadded(fake_rt):
 def warm_engine():
     e, _ = bare_engine(None, max_batch=4, max_tokens=512)
     e._closed = False
-    e.max_seq_len = 300
+    e.runner.max_seq_len = 300
     calls = []
     e.generate = lambda prompts, new, eos_token_ids=None: calls.append(([len(p) for p in prompts], new, eos_token_ids))
-    e._prefill_graph_cache = {(64, 3, 7, 8): None, (512, 1, 9): None}  # what the prefills captured
+    e.runner._prefill_graph_cache = {(64, 3, 7, 8): None, (512, 1, 9): None}  # what the prefills captured
     return e, calls
 
 
@@ -647,7 +652,7 @@ def test_fused_decode_takes_a_bool_only():
 def test_warm_prefill_refuses_lengths_the_kv_cache_cannot_hold_at_once():
     # short of pages the scheduler would prefill fewer requests at a time: another (bucket, batch) captured
     e, calls = warm_engine()
-    e.num_pages = 10  # 9 pages for requests: 144 tokens of 16
+    e.runner.num_pages = 10  # 9 pages for requests: 144 tokens of 16
     with pytest.raises(
         ValueError, match=r"lengths\[1\]: 200 token rows of 2 requests need 14 KV pages, the cache has 9"
     ):

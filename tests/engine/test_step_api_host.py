@@ -134,7 +134,6 @@ def test_aborts_mid_run_leave_the_others_served_and_every_page_back(padded):
 
 
 def _decode_views(s: Scheduler) -> dict[str, np.ndarray]:
-    from fi_engine.runtime.paging import decode_layout
 
     layout = decode_layout(s.max_batch, s.allocator.num_pages + s.max_batch)
     return layout.views(np.zeros(layout.total, np.int32))
@@ -286,20 +285,31 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
     them)."""
     e = LlamaEngine.__new__(LlamaEngine)
     e._closed = False
-    e.overlap_steps, e._inflight, e.comm, e.mixed_prefill = overlap, None, None, mixed
-    e.graph = object() if pipelined else None
-    e._graph_batches = decode_batches(max_batch) if pipelined else ()  # the decode graphs' rows (the ladder)
-    e.scheduler_delay_factor, e._last_prefill_s, e._unreported = 0.0, 0.0, []
-    e._staged_wait_s = 0.0
-    e.config = SimpleNamespace(vocab_size=1000, eos_token_ids=(EOS,))
-    e.max_batch, e.page_size, e.num_pages = max_batch, PS, num_pages
-    e.max_seq_len, e.max_prefill_tokens = 256, 512
-    e._sched, e._requests, e._aborted, e._next_rows = None, {}, [], None
+    # the runner's side the loop reads (the real one needs a GPU): its sizes, device, graphs and switches
+    e.runner = SimpleNamespace(
+        graph=object() if pipelined else None,
+        decode_graph_batches=decode_batches(max_batch) if pipelined else (),  # the decode graphs' rows (the ladder)
+        comm=None,
+        family=SimpleNamespace(llama_pass=True),
+        prepare_ahead=pipelined,  # as the real runner's with a decode graph: the step after a prefill prepared too
+        staged_wait_s=0.0,
+        config=SimpleNamespace(vocab_size=1000, eos_token_ids=(EOS,)),
+        max_batch=max_batch,
+        page_size=PS,
+        num_pages=num_pages,
+        max_seq_len=256,
+        max_prefill_tokens=512,
+        device=0,
+        stream_ptr=0,
+        cupy=SimpleNamespace(cuda=SimpleNamespace(Device=lambda d: contextlib.nullcontext())),
+        stream=_Stream(),
+        stage_decode_ahead=lambda rows, ahead: None,
+    )
+    e.scheduler = Scheduler(PageAllocator(num_pages), PS, max_batch, 256, 512, 1000, (EOS,))
     e.sampler = Sampler(None, None, SimpleNamespace(), device=0, stream_ptr=0, max_batch=max_batch, vocab_size=1000)
+    e._start_loop()
+    e.overlap_steps, e.mixed_prefill = overlap, mixed
     e._ffi_stream = contextlib.nullcontext()
-    e.device, e.stream_ptr = 0, 0
-    e.cupy = SimpleNamespace(cuda=SimpleNamespace(Device=lambda d: contextlib.nullcontext()))
-    e.stream = _Stream()
     e.steps = []  # ("prefill", rids) / ("mixed", riders' rids, rids) / ("decode", rids) in the order they ran
     e.behind = 0  # prefill passes launched behind a decode step in flight
     e.graph_slots = []  # each prefill pass's graph_slots (the step API's: max_batch, the graphs warm_serving captures)
@@ -343,9 +353,9 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
         if prepared is not None and sched.same_rows(prepared):
             rows = prepared
         else:
-            rows = sched.decode_rows(padded=e.graph is not None)
-            if e.graph is not None:  # as the real launch: the first slots, the smallest graph holding every request
-                rows = rows[: sched.graph_rows(rows, e._graph_batches)]
+            rows = sched.decode_rows(padded=e.runner.graph is not None)
+            if e.runner.graph is not None:  # as the real launch: the first slots, the smallest graph holding them all
+                rows = rows[: sched.graph_rows(rows, e.runner.decode_graph_batches)]
         e.steps.append(("decode", [r.rid for r in rows if r is not None]))
 
         def token(r):  # the request as the device sees it: the steps in flight before this one recorded
@@ -353,18 +363,13 @@ def bare_engine(max_batch=3, num_pages=1 + 16, token_of=None, overlap=False, pip
             return rule(seen)
 
         ids = np.array([token(r) if r is not None else 0 for r in rows], np.int32)
-        if e.graph is not None:
+        if e.runner.graph is not None:
             ahead = sched.peek_rows(depth)
-            e._next_rows = ahead[: sched.graph_rows(ahead, e._graph_batches)]
+            e._next_rows = ahead[: sched.graph_rows(ahead, e.runner.decode_graph_batches)]
         return serving._LaunchedStep(rows, ids, _Done())
 
     e._prefill_launch = prefill_launch
     e._prefill_finish = prefill_finish
-    e._prepare_ahead = pipelined  # as the real engine's with a decode graph: the step after a prefill prepared too
-    e._staged = _Done()
-    e._upload_decode = lambda rows, n_pages, cuda_graph: None
-    decode_arrays = decode_layout(max_batch, num_pages + max_batch)
-    e.decode_arrays = decode_arrays.views(np.zeros(decode_arrays.total, np.int32))
     e._decode_step = decode_step
     e._decode_launch = decode_launch
     return e
@@ -416,7 +421,7 @@ def test_step_reports_each_requests_tokens_once_and_its_end_as_the_protocols_rea
     assert [o.token_ids for o in seen[1]] == [(EOS,)] and seen[1][-1].finish_reason == "stop"  # eos -> "stop"
     assert 2 not in seen
     assert e.step() == [] and not e._requests  # finished requests are forgotten
-    assert e._sched.allocator.num_free == e._sched.allocator.capacity
+    assert e.scheduler.allocator.num_free == e.scheduler.allocator.capacity
 
 
 def test_step_drives_the_same_steps_as_generate():
@@ -473,7 +478,7 @@ def test_pipelined_generate_gives_the_same_tokens_as_one_step_at_a_time(max_batc
     assert "eos" in got.finish_reasons and "length" in got.finish_reasons
     decode_steps = sum(s[0] == "decode" for s in piped.steps)
     assert got.decode_steps == decode_steps and 3 * piped.ahead > decode_steps, (piped.ahead, decode_steps)
-    assert piped._sched.allocator.num_free == piped._sched.allocator.capacity
+    assert piped.scheduler.allocator.num_free == piped.scheduler.allocator.capacity
     pipelined_off = bare_engine(max_batch=max_batch, token_of=eos_rule, pipelined=True)
     pipelined_off.pipelined_decode = False
     assert pipelined_off.generate(prompts, limits, eos_token_ids=(EOS,)).tokens == want.tokens
@@ -492,7 +497,7 @@ def test_pipelined_overlapped_steps_give_the_same_tokens_as_plain_steps(abort_af
     same_tokens(plain, piped, prompts, limits, abort_after)
     assert piped.ahead > 0 and piped._inflight is None and not piped._requests
     assert piped.behind > 0  # a prefill pass launched behind a decode step in flight
-    assert piped._sched.allocator.num_free == piped._sched.allocator.capacity
+    assert piped.scheduler.allocator.num_free == piped.scheduler.allocator.capacity
     # every pass of the overlapped step API is padded to max_batch request slots: one graph per bucket
     assert piped.graph_slots and set(piped.graph_slots) == {piped.max_batch}
 
@@ -514,7 +519,7 @@ def test_a_decode_step_launched_behind_a_mixed_pass_gives_the_same_tokens(abort_
     assert any(step[0] == "mixed" for step in piped.steps) and sum(behind) >= 2, behind
     assert piped.behind >= 1  # a mixed pass launched behind a decode step in flight, its riders one token on
     assert piped._inflight is None and not piped._requests
-    assert piped._sched.allocator.num_free == piped._sched.allocator.capacity
+    assert piped.scheduler.allocator.num_free == piped.scheduler.allocator.capacity
 
 
 def test_no_empty_decode_step_is_launched_ahead_once_every_request_ended():
@@ -572,9 +577,9 @@ def test_overlapped_steps_run_the_same_steps_and_give_the_same_tokens_one_call_l
     got, calls = run_to_the_end(overlapped, prompts, limits)
     assert got == want and overlapped.steps == plain.steps  # the same prefills and decode steps, in order
     assert overlapped._inflight is None and not overlapped._requests
-    assert overlapped._sched.allocator.num_free == overlapped._sched.allocator.capacity
+    assert overlapped.scheduler.allocator.num_free == overlapped.scheduler.allocator.capacity
     # the first call: both prefill tokens only (the decode step it launched reports next time)
-    assert [o.token_ids for o in calls[0]] == [(100,), (100,)] and overlapped._sched is not None
+    assert [o.token_ids for o in calls[0]] == [(100,), (100,)] and overlapped.scheduler is not None
     assert [o.token_ids for o in plain_calls[0]] == [(100, 101), (100, 101)]
     assert len(calls) == len(plain_calls) + 1
 
@@ -589,7 +594,7 @@ def test_a_request_aborted_while_its_step_runs_takes_no_token_and_its_slot_serve
     assert any(o == StepOutput(0, (), "abort") for o in calls[2])
     assert got[1] == [100 + i for i in range(6)] and got[2] == [100 + i for i in range(6)]
     assert e.steps[3] == ("prefill", [2])  # admitted at the call after the abort, into request 0's slot
-    assert e._sched.allocator.num_free == e._sched.allocator.capacity and e._inflight is None
+    assert e.scheduler.allocator.num_free == e.scheduler.allocator.capacity and e._inflight is None
 
 
 def test_every_request_aborted_while_a_step_runs_then_generate_serves_on():
@@ -599,7 +604,7 @@ def test_every_request_aborted_while_a_step_runs_then_generate_serves_on():
     assert e._inflight is not None
     e.abort_request(a)
     e.abort_request(b)
-    assert not e.has_unfinished and e._sched.allocator.num_free == e._sched.allocator.capacity
+    assert not e.has_unfinished and e.scheduler.allocator.num_free == e.scheduler.allocator.capacity
     assert sorted(o.rid for o in e.step()) == [a, b] and e._inflight is None
     e.step()
     e.add_request([3] * 3, 2)
@@ -645,7 +650,7 @@ def test_a_request_that_ended_before_a_failure_in_the_same_step_is_reported_with
     assert ended.token_ids == ((101,) if overlap else (100,))
     assert StepOutput(other, (), "abort") in out
     assert done not in e._requests and not e.has_unfinished
-    assert e._sched.allocator.num_free == e._sched.allocator.capacity and e._inflight is None
+    assert e.scheduler.allocator.num_free == e.scheduler.allocator.capacity and e._inflight is None
 
 
 def test_a_step_left_running_is_waited_for_before_generate():
@@ -677,9 +682,9 @@ def test_the_scheduler_delay_holds_arrivals_while_others_decode_until_they_waite
     assert [o.rid for o in e.step()] == [a]  # nothing decoding: admitted at once (its prefill took 1 s)
     b = e.add_request([2] * 3, 40)
     now[0] += 0.5
-    assert all(o.rid != b for o in e.step()) and e._sched.pending[0].rid == b  # waited 0.5 s < 2 x 1 s
+    assert all(o.rid != b for o in e.step()) and e.scheduler.pending[0].rid == b  # waited 0.5 s < 2 x 1 s
     now[0] += 1.5
-    assert b in [o.rid for o in e.step()] and not e._sched.pending  # waited 2 s: admitted
+    assert b in [o.rid for o in e.step()] and not e.scheduler.pending  # waited 2 s: admitted
     c, d = e.add_request([3] * 3, 40), e.add_request([4] * 3, 40)  # they fill both free slots: no wait
     assert {c, d} <= {o.rid for o in e.step()}
     for r in (a, b, c, d):
@@ -725,7 +730,7 @@ def test_mixed_prefill_decodes_the_running_requests_in_the_prefill_pass(overlap)
     for rid, m in ((a, 12), (b, 12), (c, 5)):
         got = [t for o in seen[rid] for t in o.token_ids]
         assert got == list(range(100, 100 + m)) and seen[rid][-1].finish_reason == "length"
-    assert e._sched.allocator.num_free == e._sched.allocator.capacity
+    assert e.scheduler.allocator.num_free == e.scheduler.allocator.capacity
     e.steps.clear()
     assert e.generate([[4] * 2] * 5, 3, eos_token_ids=()).tokens == [[100, 101, 102]] * 5  # 5 prompts, 3 slots
     assert [s[0] for s in e.steps].count("prefill") == 2 and all(s[0] != "mixed" for s in e.steps)
@@ -733,7 +738,7 @@ def test_mixed_prefill_decodes_the_running_requests_in_the_prefill_pass(overlap)
 
 def test_mixed_prefill_leaves_a_prompt_that_does_not_fit_beside_the_riders_to_a_pass_of_its_own():
     e = bare_engine(max_batch=4, mixed=True)
-    e.max_prefill_tokens = 10  # the scheduler, made at the first request, takes it
+    e.scheduler.max_prefill_tokens = e.runner.max_prefill_tokens = 10  # a pass of 10 token rows at most
     a = e.add_request([1] * 3, 30)
     e.step()
     b = e.add_request([2] * 10, 30)  # 1 rider + 10 rows > 10: alone, as without mixed_prefill
@@ -747,7 +752,7 @@ def test_mixed_prefill_leaves_a_prompt_that_does_not_fit_beside_the_riders_to_a_
     for r in (a, b, c, d):
         e.abort_request(r)
     e.step()
-    assert e._sched.allocator.num_free == e._sched.allocator.capacity
+    assert e.scheduler.allocator.num_free == e.scheduler.allocator.capacity
 
 
 def test_abort_request_frees_at_once_and_the_next_step_reports_it_once():
@@ -755,9 +760,9 @@ def test_abort_request_frees_at_once_and_the_next_step_reports_it_once():
     a = e.add_request([1] * 10, 40)  # budget 4 pages: the whole cache
     b = e.add_request([2] * 3, 5)  # queued behind a's budget
     e.step()
-    assert e._sched.slots[0].rid == a and e._sched.pending[0].rid == b
+    assert e.scheduler.slots[0].rid == a and e.scheduler.pending[0].rid == b
     e.abort_request(a)
-    assert e._sched.allocator.num_free == e._sched.allocator.capacity and e._sched.slots == [None, None]
+    assert e.scheduler.allocator.num_free == e.scheduler.allocator.capacity and e.scheduler.slots == [None, None]
     out = e.step()  # a's abort, then b admitted into the freed pages and served
     assert out[0] == StepOutput(a, (), "abort")
     assert out[1].rid == b and len(out[1].token_ids) == 2
@@ -808,7 +813,7 @@ def test_a_failed_step_ends_every_request_and_the_next_step_reports_them():
     e._decode_step = broken
     with pytest.raises(RuntimeError, match="the device went away"):
         e.step()
-    assert not e.has_unfinished and e._sched.allocator.num_free == e._sched.allocator.capacity
+    assert not e.has_unfinished and e.scheduler.allocator.num_free == e.scheduler.allocator.capacity
     assert sorted(o.rid for o in e.step()) == [a, b, c]
 
 
@@ -840,7 +845,7 @@ def test_add_request_gives_each_seeded_request_its_own_stream_and_unseeded_ones_
     e.add_request([1], 4, sampling=SamplingParams(temperature=1.0))
     e.add_request([1], 4, sampling=SamplingParams(temperature=0.5))
     e.add_request([1], 4, sampling=SamplingParams(seed=5))  # greedy: no stream
-    r = list(e._sched.pending)
+    r = list(e.scheduler.pending)
     assert r[0].draws is not r[1].draws and not r[0].draws.shared and r[0].draws.generator.get_state() == (5, 0)
     assert r[2].draws is r[3].draws and r[2].draws.shared
     assert r[4].draws is None and r[4].sampling is None
@@ -878,7 +883,7 @@ def test_an_interrupted_generate_leaves_nothing_queued_or_holding_pages():
     e._decode_step = decode_step
     with pytest.raises(KeyboardInterrupt):
         e.generate([[1] * 5] * 4, 10, eos_token_ids=())
-    s = e._sched
+    s = e.scheduler
     assert not s.has_work and s.allocator.num_free == s.allocator.capacity
     calls.clear()  # a working device again: the engine serves on
     assert e.generate([[1]], 3, eos_token_ids=()).tokens == [[100, 7, 7]]
@@ -889,7 +894,7 @@ def test_aborting_active_and_queued_requests_gives_every_page_back():
     rids = [e.add_request([i + 1] * (5 + 9 * i), 30) for i in range(6)]
     e.step()
     e.step()
-    s = e._sched
+    s = e.scheduler
     assert len(s.active) == 4 and len(s.pending) == 2
     held = sum(len(r.pages) for r in s.active)
     assert held == sum(pages_for(len(r.prompt) + 2, PS) for r in s.active)  # prompt + 2 decode inputs

@@ -59,7 +59,7 @@ def main() -> None:
                 ps, MAX_NEW, eos_token_ids=(), sampling=SamplingParams(temperature=1.0, top_k=1, seed=7)
             ).tokens
         logits = engine.prefill_logits(ps[:2])
-        fused = engine.allreduce is not None and engine.allreduce.fused
+        fused = engine.runner.allreduce is not None and engine.runner.allreduce.fused
         if engine.rank == 0:
             np.savez(
                 out,
@@ -69,7 +69,7 @@ def main() -> None:
                 logits1=logits[1],
                 fused=np.array(fused),
                 tp=np.array(tp),
-                vocab_shard=np.array(engine.vocab_shard is not None),
+                vocab_shard=np.array(engine.runner.vocab_shard is not None),
             )
             print(f"rank 0: tp {tp}, fused all-reduce {fused}, {result.tokens_per_s:.1f} tokens/s", flush=True)
 

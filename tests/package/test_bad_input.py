@@ -788,7 +788,7 @@ from fi_engine.kernels import cuda_sources  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
 from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # noqa: E402
 from fi_engine.models import registry as engines  # noqa: E402
-from fi_engine.runtime import paging, serving  # noqa: E402
+from fi_engine.runtime import kv_cache, moe_paths, paging, serving  # noqa: E402
 from fi_engine.runtime import settings as engine_settings  # noqa: E402
 from fi_engine.text import chat, detokenize, generation_config, model_files, tokenizer, tool_calls  # noqa: E402
 from fi_engine.text import codec as text  # noqa: E402
@@ -1508,6 +1508,19 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     ],
     "runtime.paging.pages_for": lambda: [("pages_for", Entry(paging.pages_for, lambda: dict(tokens=33, page_size=16)))],
     "runtime.paging.PageAllocator": lambda: [("PageAllocator", Entry(paging.PageAllocator, lambda: dict(num_pages=8)))],
+    "runtime.kv_cache.KVCacheManager": lambda: [
+        ("KVCacheManager", Entry(kv_cache.KVCacheManager, lambda: dict(num_pages=8, page_size=16)))
+    ],
+    "runtime.kv_cache.page_hashes": lambda: [
+        (
+            "page_hashes",
+            Entry(
+                kv_cache.page_hashes,
+                lambda: dict(token_ids=[1, 2, 3, 4, 5], page_size=2),
+                kinds={"extra_key": "extra_key"},
+            ),
+        )
+    ],
     "runtime.paging.prefill_buckets": lambda: [
         ("prefill_buckets", Entry(paging.prefill_buckets, lambda: dict(max_tokens=2048)))
     ],
@@ -1547,6 +1560,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "runtime.serving.mixed_prefill_arg": lambda: [
         ("mixed_prefill_arg", Entry(serving.mixed_prefill_arg, lambda: dict(mixed_prefill=True)))
     ],
+    "runtime.moe_paths.MoEPaths": lambda: [("MoEPaths", Entry(moe_paths.MoEPaths, lambda: dict(moe_path="dense")))],
     "layers.tensor_parallel.rows": lambda: [
         ("rows", Entry(tensor_parallel.rows, lambda: dict(weight=np.zeros((8, 4), np.float32), rank=1, parts=2)))
     ],
@@ -1965,6 +1979,7 @@ EXEMPT: dict[str, str] = {
     "rendezvous.exchange": "opens sockets to rank 0 (its DistEnv comes from read_env): tests/comm/test_rendezvous.py",
     "rendezvous.default_timeout": "reads FI_FFI_RENDEZVOUS_TIMEOUT: tests/comm/test_rendezvous.py",
     "vllm_ar.register_graph_buffers": "takes get_graph_buffer_ipc_meta of each rank: comm/test_allreduce_kernels.py",
+    "runtime.kv_cache.PrefixCacheStats": "the counters a KVCacheManager keeps and counts up; no argument to check",
     "checkpoint.safetensors.Checkpoint": "reads safetensors files: tests/engine/test_serving_host.py",
     "checkpoint.safetensors.read_header": "reads a safetensors header: tests/engine/test_serving_host.py",
     "checkpoint.safetensors.write_safetensors": "a test helper writing checkpoints: tests/engine/test_serving_host.py",
@@ -2051,6 +2066,8 @@ EXEMPT: dict[str, str] = {
     "tests/engine/test_step_api_host.py",
     "runtime.sampling.Sampler": "the engine's own part, made by Engine from its checked buffers (Sampler.of): "
     "tests/engine/test_step_api_host.py and the GPU suites",
+    "runtime.model_runner.ModelRunner": "the engine's own part, made by Engine from its checked settings and family "
+    "(EngineSettings' generator above; it needs a GPU): tests/engine/test_prefill_buckets.py and the GPU suites",
     "runtime.sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
     "tests/engine/test_step_api_host.py",
     "runtime.stepping.StepOutput": _RECORD,
@@ -2190,6 +2207,11 @@ ENTRY_KINDS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
     "ladder": (
         (None, 5, 1.5, "x", b"16", (), [], (32, 16), (16, 16), (0, 16), (16, 2**31), (16.0, 32), (True, 32), {16: 1}),
         ([16, 32, 512], (np.int64(16), 512), (512,), (300,), (16, 2**31 - 1)),
+    ),
+    # a prefix cache's extra key: None, or an int, str or bytes, or a tuple of them
+    "extra_key": (
+        (1.5, NAN, INF, [1], {"a": 1}, {1, 2}, (1, [2]), _Opaque(), 1 + 2j, np.int64(1), np.array([1])),
+        (None, 0, -1, True, "lora", "", b"x", (), ("lora", 7), (None, (1, b"a"))),
     ),
     # a count of rows a host table gets (bounded: 2**31 rows would allocate gigabytes)
     "size": ((None, 1.5, NAN, INF, HUGE, True, "5", [1], np.float64(2.0), -1, 2**31, 2**63, 2**70), (0, 1, 4096)),

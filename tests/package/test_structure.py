@@ -709,7 +709,7 @@ def private_reaches(tree: ast.Module) -> list[str]:
 
 
 def test_no_model_module_reaches_a_private_attribute_of_another_object() -> None:
-    # the families read and set the engine through the public attributes and methods EngineState declares (the family
+    # the families read and set the engine through the public attributes and methods RunnerState declares (the family
     # interface), and keep their own state on themselves
     models = {m: t for m, t in sources(ENGINE_ROOT).items() if m.startswith("fi_engine.models.")}
     assert {"fi_engine.models.llama", "fi_engine.models.deepseek", "fi_engine.models.gemma2"} <= set(models)

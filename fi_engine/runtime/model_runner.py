@@ -1,0 +1,459 @@
+"""The model runner: one GPU's (or one tensor-parallel rank's) model, made once and run step by step. It holds the
+family's weights (loaded by the family definition, :mod:`~fi_engine.runtime.family`), the activation buffers, the
+paged KV cache's tensors and the step index arrays (:mod:`~fi_engine.runtime.storage`), the CUDA graphs
+(:mod:`~fi_engine.runtime.step_graphs`), the fused decode step (:mod:`~fi_engine.runtime.fused_decode`) and the
+:class:`~fi_engine.runtime.sampling.Sampler` over its logits, on its own CUDA stream.
+
+The serving loop (:mod:`~fi_engine.runtime.serving`) drives it one way per step: the scheduler picks the rows, the
+runner stages their index arrays (:meth:`ModelRunner.stage_decode`, :meth:`ModelRunner.run_prefill`) and runs the
+forward pass and the LM head (:meth:`ModelRunner.run_decode`), the sampler picks the tokens, the runner copies them out
+(:meth:`ModelRunner.send_decode_tokens`), and the scheduler records them. The runner knows nothing of requests
+beyond the rows it is given (their pages and positions): no queue, no admission, no token limits.
+
+A family definition reaches the runner (its ``eng`` argument) only through the family interface declared in
+:class:`~fi_engine.runtime.state.RunnerState`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint.safetensors import Checkpoint
+from ..kernels import flashinfer as kernels
+from ..kernels.copies import D2D, D2H, H2D, host_address
+from .family import ModelFamily
+from .fused_decode import FusedDecode
+from .paging import Request, fill_decode, fill_prefill, pad_prefill, prefill_buckets
+from .sampling import Sampler
+from .settings import EngineSettings
+from .step_graphs import StepGraphs
+from .storage import Storage
+
+__all__ = ["ModelRunner"]
+
+
+def _require_gpu(device: int | None) -> None:
+    """Raise :class:`~fi_ffi.errors.UnsupportedDeviceError` unless CUDA device ``device`` (None: 0) is usable."""
+    from ..kernels.system import UnsupportedDeviceError, gpus
+
+    # (``device`` itself is checked by EngineSettings, made before this is called)
+    found, why = gpus()
+    if not found:
+        raise UnsupportedDeviceError(
+            f"the Llama engine needs an NVIDIA GPU and its driver: {why or 'CUDA reports no device'}; run it on a "
+            f"machine with one (`fi-ffi doctor` shows what this machine has)"
+        )
+    if (device or 0) >= len(found):
+        raise UnsupportedDeviceError(
+            f"device: cuda:{device} does not exist; this machine has {len(found)} GPU(s) (ordinals 0 to "
+            f"{len(found) - 1})"
+        )
+
+
+class ModelRunner(StepGraphs, FusedDecode, Storage):
+    """One GPU's model of family ``family`` (a :class:`~fi_engine.runtime.family.ModelFamily` instance), loaded from
+    ``model_dir`` with ``settings`` (checked already: :class:`~fi_engine.runtime.settings.EngineSettings`).
+
+    ``config`` is this rank's shard of the model (heads and MLP columns divided by ``tensor_parallel``),
+    ``model_config`` the checkpoint's. ``prefill_graphs`` (default True): a prefill's token rows are padded up to
+    a bucket (:attr:`prefill_buckets`) and run as the CUDA graph of that bucket and batch size, captured the first
+    time it is met (see :meth:`_prefill_graph`); set it False to always prefill eagerly. A capture that fails
+    leaves that shape eager, with a warning and the reason in :attr:`prefill_graph_failures`.
+    ``fused_decode`` (default True): an eager decode step of at most 4 rows on one GPU, by the Llama pass
+    (``ModelFamily.llama_pass``), runs its RMSNorms, residual adds and SiLU inside the runner's GEMV launches (MoE
+    layers: their add + norm as one packed kernel, then their step's packed launches, where the MoE path packs),
+    and RoPE and the KV append too where the QKV GEMV's epilogue serves them (head dim 64 to 512, no Qwen3 per-head
+    norms between), with every launch but the attention run packed once (:meth:`_fused_step`;
+    the same logits as the separate launches); False: the separate launches.
+    ``packed_attention`` (default True): the fused step's attention runs packed too.
+    ``prepare_ahead``: the graph loop stages decode step n + 1 while the GPU runs step n (one GPU, a family whose
+    plans order their copies on the stream: ``ModelFamily.plans_ahead``).
+    """
+
+    def __init__(self, family: ModelFamily, model_dir: str | Path, settings: EngineSettings) -> None:
+        self._configure(family, model_dir, settings)
+        _require_gpu(settings.device)  # before CuPy: its CUDARuntimeError would name neither the cause nor the fix
+        try:
+            import cupy as cp
+        except ImportError as exc:
+            raise ImportError(
+                f"the Llama engine needs CuPy ({exc}); install it with: python -m pip install cupy-cuda13x"
+            ) from exc
+        self.cupy = cp
+        self._connect(settings)
+        self._open(model_dir)
+
+    def _configure(self, family: ModelFamily, model_dir: str | Path, settings: EngineSettings) -> None:
+        """The host side, before any GPU work: the model's config read and checked against ``settings`` (the
+        family's refusals, an FP8 cache's), this rank's shard of it, the sizes resolved, and the engine's state
+        before its buffers exist."""
+        from ..layers import kv_fp8
+        from ..layers.tensor_parallel import shard_config
+
+        self.settings = settings
+        self.family = family
+        self.model_config = self.family.read_config(model_dir)
+        self.tensor_parallel = settings.tensor_parallel
+        self.cuda_graph = settings.cuda_graph
+        self.family.check(self, self.model_config)
+        # the KV cache's element type: "auto" (the model's) or "fp8_e4m3" (normalized by the settings)
+        self.kv_cache_dtype = settings.kv_cache_dtype or "auto"
+        if self.kv_cache_dtype == "fp8_e4m3":
+            kv_fp8.check_supported(self.family, self.model_config, model_dir)
+        self._kv_scales = settings.kv_cache_scales
+        self.kv_fp8: Any = None  # the FP8 cache's scales and kernels (kv_fp8.KvFp8), made once the model is loaded
+        # one GPU: the config as read (a family's own config type, e.g. DeepSeek's, is never sharded)
+        tp = self.tensor_parallel
+        cfg = self.config = self.model_config if tp == 1 else shard_config(self.model_config, tp)
+        # MoE layers (Llama family): the fixed-capacity device path (routing and token counts on the device; only
+        # the chosen experts' weights are read; a graph can capture it) for every step of at most max_batch rows,
+        # eager or captured; host routing for longer prefills
+        self.static_moe = self.cuda_graph and cfg.moe is not None
+        sizes = settings.sizes(cfg)
+        self.max_batch = sizes.max_batch
+        self.page_size = sizes.page_size
+        self.max_seq_len = sizes.max_seq_len
+        self.num_pages = sizes.num_pages
+        self.max_prefill_tokens = sizes.max_prefill_tokens
+        self.graph: Any = None  # the decode graph of max_batch rows (with cuda_graph), one of `graphs`
+        self.graphs: dict[int, Any] = {}  # the decode graphs by their rows (StepGraphs.decode_graph_batches)
+        self._graph_plan_infos: dict[int, Any] = {}
+        self._graph_batches: tuple[int, ...] = ()  # the rows of `graphs`, ascending (once captured)
+        self._graphs_checked: set[int] = set()
+        # the MoE layers' grouped-GEMM workspace: made by _load where the model has routed experts (close() frees it)
+        self.moe_workspace: Any = None
+        self.prefill_graphs = True
+        # token-row buckets of the padded prefill graphs (fi_engine.runtime.paging.prefill_buckets says why these)
+        self.prefill_buckets = prefill_buckets(self.max_prefill_tokens)
+        # an eager decode step of at most 4 rows runs its norms, SiLU, RoPE and KV append inside the GEMVs
+        self.fused_decode = True
+        self._prefill_graph_cache: dict[tuple[int, ...], Any] = {}
+        # (bucket, request slots) whose capture failed -> why: those prefills stay eager (and unpadded) from then on
+        self.prefill_graph_failures: dict[tuple[int, int], str] = {}
+        self.comm: Any = None
+        self._own_comm = False
+        self.allreduce: Any = None
+        self._closed = True  # until _open has made everything
+
+    def _connect(self, settings: EngineSettings) -> None:
+        """This rank's communicator (with tensor parallelism: ``settings.comm``, else one made from the launcher's
+        variables, which the engine then closes), its device, rank and vocabulary shard."""
+        comm, device = settings.comm, settings.device
+        if self.tensor_parallel > 1:
+            if comm is None:
+                from ..kernels.system import Communicator
+
+                comm, self._own_comm = Communicator.from_env(), True
+            if comm.world_size != self.tensor_parallel:
+                raise ValueError(
+                    f"comm: has {comm.world_size} ranks, tensor_parallel is {self.tensor_parallel}; start as many "
+                    f"ranks as the tensor-parallel size"
+                )
+            if device is not None and device != comm.device:
+                raise ValueError(f"device: {device}, but this rank's communicator drives cuda:{comm.device}")
+            device = comm.device
+            self.comm = comm
+        self.device = device = 0 if device is None else device
+        self.rank = 0 if self.comm is None else self.comm.rank
+        from ..layers.tensor_parallel import VocabShard
+
+        # this rank's rows of the embedding and the LM head (None: the whole vocabulary)
+        self.vocab_shard: VocabShard | None = None
+        if self.comm is not None and settings.vocab_parallel:
+            self.vocab_shard = VocabShard.of(self.config.vocab_size, self.rank, self.tensor_parallel)
+
+    def _open(self, model_dir: str | Path) -> None:
+        """The GPU side, on ``device``: the stream and cuBLAS handles, the weights (``ModelFamily.load``), an FP8
+        cache's scales, the all-reduce, the buffers (``ModelFamily.allocate``), the sampler, the workspaces and, with
+        ``cuda_graph``, the decode graphs; on a failure, what it made that no finalizer would release is released
+        (and the error raised)."""
+        from ..layers import kv_fp8
+        from ..layers.tensor_parallel import ResidualAllReduce
+
+        cp, device, cfg = self.cupy, self.device, self.config
+        try:
+            with cp.cuda.Device(device):
+                self.stream = cp.cuda.Stream(non_blocking=True)
+                self.stream_ptr = self.stream.ptr
+                from ..kernels.dense import Dense
+
+                self.dense = Dense(self.stream)
+                ckpt = Checkpoint(model_dir)
+                self.family.load(self, ckpt)
+                if self.kv_cache_dtype == "fp8_e4m3":
+                    self.kv_fp8 = kv_fp8.open_fp8_cache(self, ckpt, self._kv_scales)
+                if self.comm is not None:
+                    self.allreduce = ResidualAllReduce(
+                        self.comm,
+                        max(self.max_prefill_tokens, self.max_batch),
+                        cfg.hidden_size,
+                        self.dtype,
+                        fused=self.settings.fused_allreduce,
+                    )
+                self.family.allocate(self)
+                self.sampler = Sampler.of(self)  # the tokens' choice, over the buffers just made
+                # the graph loop plans step N + 1 while the GPU runs step N: on an H100 (8B shape, one GPU) 6.39
+                # instead of 6.59 ms per step at batch 1, the same tokens (benchmarks/RESULTS.md); not yet measured
+                # with tensor parallelism, so off there
+                self.prepare_ahead = self.comm is None and self.family.plans_ahead()
+                self.prefill_workspace = kernels.workspace(device)
+                self.decode_workspace = kernels.workspace(device)
+                # The uploads and zero fills above ran on the legacy stream, which our non-blocking stream does not
+                # wait for: finish them once here.
+                cp.cuda.Device(device).synchronize()
+                self._closed = False
+                if self.cuda_graph:
+                    try:
+                        with self.stream:
+                            self._capture()
+                    except BaseException:
+                        self.close()
+                        raise
+        except BaseException:
+            if self._closed:  # the engine never opened: release what it made that no finalizer would
+                dense = getattr(self, "dense", None)
+                if dense is not None:  # cuBLAS and cuBLASLt handles (the original error is the one raised)
+                    with contextlib.suppress(Exception), cp.cuda.Device(device):
+                        dense.close()
+                if self._own_comm:  # the communicator it made
+                    self.comm.close()
+            raise
+
+    def embed_and_norm(self, v: SimpleNamespace, rows: int) -> None:
+        """The embedding rows of ``v.token_ids`` into the residual stream ``h`` and the first layer's input norm into
+        ``x2``; with a vocabulary shard each rank gathers the rows it has (zeros for the rest) into ``x``, and the
+        all-reduce sums them into ``h = 0`` as the residual."""
+        c, b, dense, s = self.config, self.buffers, self.dense, self.stream_ptr
+        h, vs = c.hidden_size, self.vocab_shard
+        if vs is None:
+            dense.gather_rows(rows, self.embed, h, v.token_ids, b.h.data.ptr, h, h)
+            kernels.rmsnorm(v.h, self.ln1[0], v.x2, c.rms_norm_eps, s)
+        else:
+            dense.gather_rows_shard(rows, self.embed, h, v.token_ids, b.x.data.ptr, h, h, vs.start, vs.valid)
+            self.cupy.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
+            self.add_norm(v, self.ln1[0])
+
+    def add_norm(self, v: SimpleNamespace, weight: Any) -> None:
+        """``h += x`` (summed over the ranks first with TP); the rows normalized with ``weight`` into ``x2``."""
+        eps = self.config.rms_norm_eps
+        if self.allreduce is None and v.kind != "decode":
+            # a prefill's view is met once per shape (an eager prefill) or captured once (a padded one): packing each
+            # layer's call would check every argument of all of them (~0.25 ms each, ~14 ms for 30 layers on the
+            # first prefill of a shape); the op's own launch cache checks the shape once and each call's pointers
+            kernels.fused_add_rmsnorm(v.x, v.h, weight, eps, self.stream_ptr)
+        elif self.allreduce is None:  # packed once per view and weight (keyed by its address, a value): one FFI call
+            call = v.prepared.get(weight.data_ptr)
+            if call is None:
+                call = v.prepared[weight.data_ptr] = kernels.prepared_fused_add_rmsnorm(
+                    v.x, v.h, weight, eps, self.stream_ptr
+                )
+            call()
+        else:
+            self.allreduce(v.x, v.h, weight, v.x2, eps, self.stream_ptr)
+
+    def _head(self, rows: int, x: int) -> None:
+        """The LM head of ``rows`` normalized rows at ``x``: float32 logits into ``logits`` (whole vocabulary) or,
+        with a vocabulary shard, this rank's columns into ``head``."""
+        h, n = self.config.hidden_size, self.head_rows
+        out = self.buffers.logits if self.vocab_shard is None else self.buffers.head
+        self.dense.linear(rows, x, h, self.lm_head, n, h, out.data.ptr, n, self.gemm_type, self.gemm_f32)
+        self._finish_logits(out.data.ptr, rows, n)  # on the shard's columns too: sampling gathers finished logits
+
+    # ------------------------------------------------------------------------------------------ the family's parts
+
+    def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
+        """Embedding to the final norm for ``rows`` token rows (``ModelFamily.forward``)."""
+        self.family.forward(self, v, rows, attention, static_moe)
+
+    def _decode_attention(self, i: int, v: SimpleNamespace) -> None:
+        self.family.decode_attention(self, i, v)
+
+    def _prefill_attention(self, i: int, v: SimpleNamespace) -> None:
+        self.family.prefill_attention(self, i, v)
+
+    def _plan_decode(self, rows: int, cuda_graph: bool) -> None:
+        self.family.plan_decode(self, rows, cuda_graph)
+
+    def _plan_prefill(self, batch: int) -> None:
+        self.family.plan_prefill(self, batch)
+
+    def _plan_prefill_padded(self, batch: int) -> None:
+        self.family.plan_prefill_padded(self, batch)
+
+    def _finish_logits(self, logits: int, rows: int, columns: int) -> None:
+        self.family.finish_logits(self, logits, rows, columns)
+
+    # ------------------------------------------------------------------------------------------ one step's work
+
+    def run_prefill(
+        self, rows: Sequence[Request], riders_behind: int, graph_slots: int, ahead: int, all_logits: bool = False
+    ) -> tuple[SimpleNamespace, int, Any]:
+        """Stage and run the prefill pass of ``rows`` (requests with their pages; a rider first, one token row at
+        its position ``ahead`` tokens on, then the admitted prompts), through the LM head of each request's last
+        row, by slot. ``riders_behind``: the first rows ride behind a decode step in flight, their input tokens
+        gathered on the device from its ``ids`` by slot. ``graph_slots``: the request slots its graph is padded to.
+        Returns the view whose ``logits`` / ``ids`` rows are the slots (one per slot up to the highest, an empty
+        slot's row garbage), that width, and with ``all_logits`` the float32 logits of every token row (on the
+        device; ``[ranks, rows, V/N]`` with a vocabulary shard)."""
+        cp, c, b, s = self.cupy, self.config, self.buffers, self.stream_ptr
+        batch = len(rows)
+        ph = self.prefill_arrays
+        nnz, n_pages = fill_prefill(rows, self.page_size, ph, ahead)
+        k = riders_behind
+        if k:  # riders come first, one row each: rows 0..k-1 take the tokens of their slots
+            ph["rider_slots"][:k] = [r.slot for r in rows[:k]]
+        # each request's last row, by slot: the rows whose logits choose the tokens
+        slots = [r.slot for r in rows]
+        width = max(slots) + 1
+        ends = ph["last_rows"][:batch].copy()
+        ph["last_rows"][:width] = 0
+        ph["last_rows"][slots] = ends
+        bucket = self._prefill_bucket(nnz, graph_slots)
+        if bucket is not None:  # the padding request fills the rows up to the bucket, empty ones the slots
+            n_pages = pad_prefill(ph, nnz, bucket, batch, n_pages, self.page_size, requests=graph_slots + 1)
+        n = self._playout.end("kv_indices", n_pages)
+        cp.cuda.runtime.memcpyAsync(self._pmeta.data.ptr, host_address(self._phost), 4 * n, H2D, s)
+        if k:
+            meta, at = self._pmeta.data.ptr, self._playout.offsets
+            self.dense.gather_ids(k, b.ids.data.ptr, meta + 4 * at["rider_slots"], meta + 4 * at["token_ids"])
+        v = self._view("prefill", nnz, batch)  # the real rows and requests
+        if bucket is None or not self._prefill_padded(nnz, graph_slots, bucket):
+            self._plan_prefill(batch)
+            self._forward(v, nnz, self._prefill_attention)
+        full = None
+        if all_logits:  # a check, not serving: allocated here
+            hr = self.head_rows
+            part = cp.empty((nnz, hr), np.float32)
+            self.dense.linear(
+                nnz, self.normed.data.ptr, c.hidden_size, self.lm_head, hr, c.hidden_size, part.data.ptr, hr,
+                self.gemm_type, self.gemm_f32,
+            )  # fmt: skip
+            full = part
+            self._finish_logits(part.data.ptr, nnz, hr)
+            if self.vocab_shard is not None:  # every rank's columns, then [nnz, V] on the host
+                full = cp.empty((self.tensor_parallel, nnz, hr), np.float32)
+                self.comm.all_gather(part, full, stream=s)
+        h = c.hidden_size
+        vs = v if width == batch else self._view("prefill", nnz, width)  # the sampled rows: one per slot
+        self.dense.gather_rows(width, self.normed.data.ptr, h, vs.last_rows, b.last.data.ptr, h, h)
+        self._head(width, b.last.data.ptr)
+        return vs, width, full
+
+    def split_logits(self, full: Any, batch: int) -> list[np.ndarray]:
+        """:meth:`run_prefill`'s ``all_logits`` on the host, one ``[prompt rows, vocab]`` array per request of the
+        pass (waits for the stream)."""
+        host = full.get(stream=self.stream)
+        if host.ndim == 3:  # [ranks, nnz, V/N]: the columns side by side, the padding dropped
+            host = np.concatenate(list(host), axis=1)[:, : self.config.vocab_size]
+        bounds = self.prefill_arrays["qo_indptr"][: batch + 1].tolist()
+        return [host[bounds[i] : bounds[i + 1]] for i in range(batch)]
+
+    def send_prefill_tokens(self, width: int) -> Any:
+        """Copy the pass's chosen tokens (``buffers.ids``, one per slot up to ``width``) to the host behind it on the
+        stream; returns the event marking the copy's end (:meth:`prefill_tokens` reads them once it has passed)."""
+        self.cupy.cuda.runtime.memcpyAsync(
+            host_address(self._ids_host), self.buffers.ids.data.ptr, 4 * width, D2H, self.stream_ptr
+        )
+        self._prefill_done.record(self.stream)
+        return self._prefill_done
+
+    def prefill_tokens(self, slots: Sequence[int]) -> list[int]:
+        """The tokens the last prefill pass chose for ``slots`` (after its copy: :meth:`send_prefill_tokens`)."""
+        return self._ids_host[list(slots)].tolist()
+
+    def stage_decode(self, rows: Sequence[Request | None], ahead: int = 0) -> None:
+        """Fill and upload the decode step's index arrays for ``rows`` (None: a padding row), ``ahead`` tokens on
+        from where each request stands, and plan its attention (a fixed-batch plan with the decode graph)."""
+        filled = fill_decode(rows, self.page_size, self.decode_arrays, ahead=ahead)
+        self._upload_decode(len(rows), filled, cuda_graph=self.graph is not None)
+
+    def stage_decode_ahead(self, rows: Sequence[Request | None], ahead: int) -> None:
+        """:meth:`stage_decode` for a step that runs after the ones in flight (:attr:`prepare_ahead`, the decode
+        graph): first waits until the last staging's copies are out of the host buffers (the wait in seconds kept in
+        ``staged_wait_s``)."""
+        t = time.perf_counter()
+        self._staged.synchronize()  # the copies out of the staging buffers of the step before are done
+        self.staged_wait_s = time.perf_counter() - t
+        filled = fill_decode(rows, self.page_size, self.decode_arrays, ahead=ahead)
+        self._upload_decode(len(rows), filled, cuda_graph=True)
+
+    def feed_staged_decode(self, rows: int) -> None:
+        """A decode step staged ahead takes its input tokens from the step or pass before it, still in
+        ``buffers.ids`` in slot order: copied on the device into its ``token_ids``."""
+        token_ids = self._dmeta.data.ptr + 4 * self._dlayout.offsets["token_ids"]
+        self.cupy.cuda.runtime.memcpyAsync(token_ids, self.buffers.ids.data.ptr, 4 * rows, D2D, self.stream_ptr)
+
+    def run_decode(self, rows: int) -> tuple[SimpleNamespace, bool]:
+        """Run the staged decode step of ``rows`` rows through the LM head: the decode graph of that many rows (its
+        argmax into ``ids`` included), or eagerly (the fused step where it applies). Returns the step's views and
+        whether the graph already wrote every row's argmax."""
+        v = self._view("decode", rows, rows)
+        if self.graph is None:
+            if self._fuses(rows):
+                self._fused_step(v, rows)
+            else:
+                self._forward(v, rows, self._decode_attention)
+                self._head(rows, self.normed.data.ptr)
+            return v, False
+        if rows not in self._graphs_checked:
+            # FlashInfer keeps a CUDA-graph schedule's layout fixed for a fixed batch; the graph relies on it.
+            if self.decode_plan.info != self._graph_plan_infos[rows]:
+                raise RuntimeError(
+                    f"a CUDA-graph decode plan of {rows} rows changed its schedule layout; the captured graph "
+                    f"cannot replay it"
+                )
+            self._graphs_checked.add(rows)
+        self.graphs[rows].launch()  # its argmax is every greedy row's token
+        return v, True
+
+    def send_decode_tokens(self, rows: int) -> tuple[np.ndarray, Any]:
+        """Copy the step's chosen tokens (``buffers.ids``) to the host behind it on the stream, into the next of
+        the two decode token buffers (two steps may be in flight); returns that buffer and the event marking the
+        copy's end."""
+        turn = self._decode_turn
+        self._decode_turn = 1 - turn
+        ids, done = self._decode_ids[turn], self._decode_done[turn]
+        self.cupy.cuda.runtime.memcpyAsync(host_address(ids), self.buffers.ids.data.ptr, 4 * rows, D2H, self.stream_ptr)
+        done.record(self.stream)
+        return ids, done
+
+    # ------------------------------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Free the graphs, workspaces and cuBLAS handle (device arrays go with the runner), then what the family
+        made (``ModelFamily.close``). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+        self.family.close(self)
+
+    def _release(self) -> None:
+        """The runner's own teardown (:meth:`close`)."""
+        if self.comm is not None and self.comm.aborted:
+            return  # the peers are gone or going: no synchronization (queued collectives never finish), no teardown
+        with self.cupy.cuda.Device(self.device):
+            self.stream.synchronize()
+            for graph in self.graphs.values():
+                graph.close()
+            self.graphs.clear()
+            self.graph = None
+            for graph in self._prefill_graph_cache.values():
+                graph.close()
+            self._prefill_graph_cache.clear()
+            self.prefill_workspace.close()
+            self.decode_workspace.close()
+            if self.moe_workspace is not None:  # not `if self.moe_layers`: DeepSeek lists None for its dense layers
+                self.moe_workspace.close()
+            self.dense.close()
+            if self.allreduce is not None:
+                self.allreduce.close()  # a collective: every rank closes its engine
+            if self._own_comm:
+                self.comm.close()
