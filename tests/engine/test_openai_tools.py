@@ -203,3 +203,17 @@ def test_a_conversation_with_calls_and_their_results_renders(family: Family) -> 
         assert out.choices[0].message.content == "It is sunny in Paris." and out.choices[0].finish_reason == "stop"
     finally:
         s.close()
+
+
+def test_logprobs_come_with_a_streamed_call(family: Family, answered: Served) -> None:
+    """Every generated token's logprob arrives once, whether its text became content or a call."""
+    chunks = list(
+        answered.client.chat.completions.create(
+            model=MODEL, messages=ASK, tools=TOOLS, temperature=0, stream=True, logprobs=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) == chunks[-1].usage.completion_tokens == len(family.reply(family.one_call))
+    raw = b"".join(bytes(e.bytes) for e in entries)
+    assert raw.startswith(family.one_call.encode())  # then the end-of-turn token's text
