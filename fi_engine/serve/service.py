@@ -549,7 +549,9 @@ class GenerationService:
             ids = self._prompt_ids(prompt, add_special_tokens, "prompt" if count == 1 else f"prompts[{i}]")
             detok = None
             if self.codec is not None:
-                detok = self.codec.detokenizer(ids, stop=stops, skip_special_tokens=skip_special_tokens)
+                sampling = samplings[i]  # its min_tokens hold back the stop strings too
+                least = 0 if sampling is None else sampling.min_tokens
+                detok = self.codec.detokenizer(ids, stops, skip_special_tokens, least)
             streams.append(RequestStream(self, ids, detok))
         with self._wakeup:
             if self._closing or self.error is not None:

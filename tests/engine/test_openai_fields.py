@@ -331,6 +331,24 @@ def test_min_tokens_holds_back_the_end_of_sequence(codec, pool, min_tokens) -> N
         s.close()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_hold_back_the_stop_strings_too(codec, pool, stream) -> None:  # type: ignore[no-untyped-def]
+    prompt = codec.encode("Q")
+    first = codec.encode("Hello STOP you")
+    s = Served(codec, pool, scripts={tuple(prompt): first + codec.encode(" are fine. STOP and more")})
+    try:
+        for least, want in [(0, "Hello "), (len(first), "Hello STOP you are fine. ")]:
+            kw: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": 40, "stop": "STOP", "temperature": 0}
+            kw["extra_body"] = {"min_tokens": least}
+            if stream:
+                text = "".join(c.choices[0].text for c in s.client.completions.create(**kw, stream=True))
+            else:
+                text = s.client.completions.create(**kw).choices[0].text
+            assert text == want
+    finally:
+        s.close()
+
+
 def test_logit_bias_ids_are_checked_against_the_vocabulary(served: Served, codec) -> None:  # type: ignore[no-untyped-def]
     vocab = codec.tokenizer.vocab_size
     with pytest.raises(openai.BadRequestError) as info:
