@@ -37,7 +37,12 @@ Fixtures for tests:
 - ``make_wheel``: builds a small wheel (zip) from ``{member: bytes}``;
 - ``tvm_ffi_runtime_wheel``: a runtime wheel holding the installed ``libtvm_ffi.so`` (skips without it);
 - ``http_server``: a local HTTP server on 127.0.0.1 in a thread serving registered byte strings, with
-  options to answer an HTTP error or to lie about ``Content-Length`` and hang up.
+  options to answer an HTTP error or to lie about ``Content-Length`` and hang up;
+- ``codec``: the ``TextCodec`` of ``helpers.text_checkpoints.write_text_checkpoint`` (a byte-level BPE tokenizer,
+  a ChatML-style template; needs ``tokenizers`` and ``jinja2``), and ``pool``: plain tokens of it (no special
+  token) for the serving tests' stand-in engine to generate from; a test module may define its own;
+- ``served``: the OpenAI-compatible server on loopback over the stand-in engine (``helpers.serve.Served``: 8
+  slots, over ``codec`` and ``pool``) with an official ``openai`` client; closed after the test.
 """
 
 from __future__ import annotations
@@ -334,3 +339,26 @@ def http_server() -> Iterator[LocalServer]:
     finally:
         if server.thread.is_alive():
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def codec(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from helpers.text_checkpoints import write_text_checkpoint
+
+    from fi_engine.text.codec import TextCodec
+
+    return TextCodec.from_dir(write_text_checkpoint(tmp_path_factory.mktemp("text") / "m"))
+
+
+@pytest.fixture(scope="session")
+def pool(codec: Any) -> list[int]:
+    return sorted(set(codec.encode("The quick brown fox jumps over the lazy dog. Hello, how are you today?")))
+
+
+@pytest.fixture
+def served(codec: Any, pool: list[int]) -> Iterator[Any]:
+    from helpers.serve import Served
+
+    server = Served(codec, pool, max_batch=8)
+    yield server
+    server.close()

@@ -4,9 +4,15 @@ each other."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
-__all__ = ["SamplingParams", "sampling_arg"]
+__all__ = ["GPU_UNSUPPORTED", "MAX_LOGPROBS", "SamplingParams", "sampling_arg", "unsupported_by_gpu_engine"]
+
+MAX_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's top_logprobs bound, vLLM's default)
+MAX_LOGIT_BIAS = 100.0  # |bias| bound, OpenAI's
 
 
 @dataclass(frozen=True)
@@ -24,12 +30,34 @@ class SamplingParams:
       reproduces its tokens whenever its logits are the same (exactly when it runs alone; in a batch the logits may
       differ in their last bits, which can change a draw). None: the engine's shared stream (seeded at random
       once per engine), like an unseeded request of an OpenAI-style server.
+
+    The controls below have vLLM's meanings; each default changes nothing. In the order they act on a step's
+    logits: ``logit_bias`` ((token id, bias) pairs, bias in ``[-100, 100]`` added to that token's logit; a mapping
+    is accepted and stored as pairs sorted by id, so the value stays hashable); ``min_tokens`` (>= 0: the request's
+    end-of-sequence ids are masked out until it has that many tokens); ``repetition_penalty`` (> 0, 1: none; a
+    token seen in the prompt or the output has a positive logit divided by it, a negative one multiplied);
+    ``frequency_penalty`` and ``presence_penalty`` (in ``[-2, 2]``: subtracted from a token's logit once per time /
+    once if it occurs in the output so far); then greedy argmax, or for sampling ``temperature``, ``min_p`` (in
+    ``[0, 1]``: tokens of probability below ``min_p`` times the most likely one's are dropped), ``top_k``,
+    ``top_p``.
+
+    ``logprobs`` (None, or 0 to :data:`MAX_LOGPROBS`): each new token comes with its log-probability and the
+    ``logprobs`` most likely tokens' (0: its own only); ``prompt_logprobs`` (likewise): the prompt's tokens, on
+    the request's first output (:class:`~fi_engine.runtime.stepping.TokenLogprobs` says what they are).
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
@@ -48,17 +76,92 @@ class SamplingParams:
         if seed is not None and not 0 <= seed < 1 << 64:  # a huge int shown by its size, not its digits
             shown = repr(seed) if seed.bit_length() <= 80 else f"an int of {seed.bit_length()} bits"
             raise ValueError(f"seed: expected None or an int in [0, 2**64), got {shown}")
+        _number("min_p", self.min_p, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1] (0: off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _number(name, getattr(self, name), lambda v: -2.0 <= v <= 2.0, "a number in [-2, 2] (0: off)")
+        _number(
+            "repetition_penalty", self.repetition_penalty, lambda v: 0.0 < v < math.inf, "a finite number > 0 (1: off)"
+        )
+        _count("min_tokens", self.min_tokens, (1 << 31) - 1)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _count(name, getattr(self, name), MAX_LOGPROBS, "None or ")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
+def _number(name: str, value: object, in_range: Callable[[float], bool], expected: str) -> None:
+    """TypeError naming ``name`` unless ``value`` is a real number (not a bool); ValueError unless ``in_range`` of it
+    (never for NaN: every comparison with it is False)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    if not in_range(value):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _count(name: str, value: object, hi: int, none: str = "") -> None:
+    """ValueError naming ``name`` unless ``value`` is an int in ``[0, hi]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
+        raise ValueError(f"{name}: expected {none}an integer in [0, {hi}], got {value!r:.80}")
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as (token id, bias) pairs sorted by id: from a mapping or a sequence of pairs."""
+    items = list(value.items()) if isinstance(value, Mapping) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)):
+        raise TypeError(f"logit_bias: expected a mapping or pairs of token id -> bias, got {type(value).__name__}")
+    out: dict[int, float] = {}
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise TypeError(f"logit_bias: expected (token id, bias) pairs, got {item!r:.80}")
+        token, bias = item
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias: expected token ids (ints >= 0), got {token!r:.80}")
+        _number(f"logit_bias[{token}]", bias, lambda v: abs(v) <= MAX_LOGIT_BIAS, "a bias in [-100, 100]")
+        if token in out:
+            raise ValueError(f"logit_bias: token id {token} is given twice")
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
+
+
 def sampling_arg(sampling: object) -> SamplingParams | None:
-    """``sampling`` if it is a :class:`SamplingParams` or None (greedy), else TypeError naming it."""
+    """``sampling`` if it is a :class:`SamplingParams` or None (greedy), else TypeError naming it; ValueError naming
+    the field when it sets one the GPU engine does not serve yet (:func:`unsupported_by_gpu_engine`; the engine's
+    ``add_request`` and ``generate`` check their ``sampling`` here)."""
     if sampling is not None and not isinstance(sampling, SamplingParams):
         raise TypeError(
             f"sampling: expected a fi_engine.runtime.sampling_params.SamplingParams or None (greedy), got "
             f"{type(sampling).__name__}"
         )
+    name = None if sampling is None else unsupported_by_gpu_engine(sampling)
+    if name is not None:
+        default = _DEFAULTS[name]
+        raise ValueError(f"{name}: not supported by this engine yet; leave it at {default!r}")
     return sampling
+
+
+GPU_UNSUPPORTED = frozenset(
+    {
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "min_tokens",
+        "logit_bias",
+        "logprobs",
+        "prompt_logprobs",
+    }
+)
+"""The :class:`SamplingParams` fields the GPU engine cannot honour yet (a field leaves it as the engine learns it)."""
+
+_DEFAULTS = {f.name: f.default for f in fields(SamplingParams)}
+
+
+def unsupported_by_gpu_engine(params: SamplingParams) -> str | None:
+    """The first field of ``params`` in :data:`GPU_UNSUPPORTED` set to other than its default, or None."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params: expected a SamplingParams, got {type(params).__name__}")
+    return next((n for n, v in _DEFAULTS.items() if n in GPU_UNSUPPORTED and getattr(params, n) != v), None)

@@ -15,7 +15,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from .sampling_params import SamplingParams
 
-__all__ = ["FinishReason", "StepEngine", "StepEngineBase", "StepOutput"]
+__all__ = ["FinishReason", "StepEngine", "StepEngineBase", "StepOutput", "TokenLogprobs"]
 
 NewRequest = tuple[Sequence[int], int, SamplingParams | None, Sequence[int] | None]
 """One request as :meth:`StepEngine.add_request` takes it: ``(prompt, max_new_tokens, sampling, eos_token_ids)``."""
@@ -26,12 +26,36 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """The log-probabilities at one position of a request (a generated token's, or a prompt token's).
+
+    Natural logarithms (Python floats) of the model's distribution at that position: the log-softmax of its raw
+    logits in float32, before ``logit_bias``, ``min_tokens``, penalties, temperature and top-k / top-p / min-p
+    (vLLM's default, "raw logprobs"), so that a token's value does not depend on how it was chosen.
+
+    ``logprob``: of the token at that position (the one generated, or the prompt's). ``top``: the N most likely
+    tokens there as ``(token id, logprob)``, most likely first (ties: the lower id first), N being the request's
+    :attr:`~fi_engine.runtime.sampling_params.SamplingParams.logprobs` (for generated tokens) or ``prompt_logprobs``
+    (for the prompt's); ``()`` when N is 0. The token at the position may or may not be among them.
+    """
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class StepOutput:
     """What one :meth:`StepEngine.step` produced for one request.
 
     ``rid``: the id :meth:`StepEngine.add_request` returned. ``token_ids``: the tokens this step generated for it
     (one per step today; a list so a step may give several). ``finish_reason``: None while it continues;
     otherwise why it ended, and its slot and KV pages are free again when the step returns.
+
+    ``logprobs``: None unless the request's sampling asked for them (``SamplingParams.logprobs`` not None); then
+    one :class:`TokenLogprobs` per token of ``token_ids``, in order. ``prompt_logprobs``: None except on the first
+    output with tokens of a request whose sampling set ``prompt_logprobs``: one entry per prompt token, the first
+    None (nothing precedes it: as vLLM and OpenAI's ``echo`` give it), entry ``i`` the distribution after
+    ``prompt[:i]`` with ``logprob`` that of ``prompt[i]``.
 
     An engine whose ``add_requests_nowait`` returns ids before the engine has seen the requests (an engine
     process's :class:`~fi_engine.serve.engine_client.EngineClient`) answers for each one through
@@ -44,6 +68,8 @@ class StepOutput:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     error: Exception | None = None
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
     @property
     def finished(self) -> bool:

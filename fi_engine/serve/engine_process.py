@@ -151,10 +151,11 @@ class _Router:
             self._send(index, ("added", replies))
 
     def _route(self, outs: list[StepOutput]) -> None:
-        """One message per connection with rows in this step: ``(id, token_ids, finish_reason)`` of its own
-        requests, under the ids it gave them (the rows of a connection already gone are dropped)."""
+        """One message per connection with rows in this step: ``(id, token_ids, finish_reason, logprobs,
+        prompt_logprobs)`` of its own requests, under the ids it gave them (the rows of a connection already gone
+        are dropped)."""
         owner, rids = self.owner, self.rids
-        per: dict[int, list[tuple[int, tuple[int, ...], Any]]] = {}
+        per: dict[int, list[tuple[int, tuple[int, ...], Any, Any, Any]]] = {}
         for o in outs:
             named = owner.get(o.rid)
             if named is None:  # a request of a connection already dropped (its abort reported)
@@ -163,7 +164,7 @@ class _Router:
             rows = per.get(index)
             if rows is None:
                 rows = per[index] = []
-            rows.append((tag, tuple(o.token_ids), o.finish_reason))
+            rows.append((tag, tuple(o.token_ids), o.finish_reason, o.logprobs, o.prompt_logprobs))
             if o.finish_reason is not None:
                 del owner[o.rid]
                 del rids[index][tag]

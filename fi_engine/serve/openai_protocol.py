@@ -3,22 +3,31 @@ response objects built (:func:`completion_body`, :func:`chat_body`, the streamin
 engine: the server (:mod:`fi_engine.serve.openai_server`) stands on it, and its tests read it alone.
 
 A bad field is an :class:`APIError` naming it (``param``) with what was expected, which the server answers with
-HTTP 400 and OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``. Fields the engine cannot
-honour (``logprobs``, ``echo``, penalties, ``tools``, ...) are refused by name when set to anything but their
+HTTP 400 and OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``. Fields the server cannot
+honour (``response_format``, ``suffix``, ...) are refused by name when set to anything but their
 neutral value; fields that change nothing here (``user``, ``metadata``, ``store``, ...) and unknown fields are
 ignored, as vLLM's server does. See docs/engine-text.md ("Serving") for every choice made where the API is silent.
+
+Log-probabilities take OpenAI's two shapes: the chat's (``choices[i].logprobs.content[j]`` = ``{token, logprob,
+bytes, top_logprobs: [{token, logprob, bytes}]}``, :func:`chat_logprobs`) and the legacy completions' (``tokens``,
+``token_logprobs``, ``top_logprobs`` as one ``{token: logprob}`` per token, ``text_offset``,
+:func:`completion_logprobs`). A logprob below -9999 (or not a number) is given as -9999.0, OpenAI's "very unlikely".
 """
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..runtime.sampling_params import MAX_LOGPROBS
+from ..runtime.stepping import TokenLogprobs
+from ..text.tool_calls import ToolCall
 from ..values import show
 
 __all__ = ["APIError", "ParsedRequest", "error_body", "parse_chat", "parse_completion"]
@@ -27,6 +36,11 @@ MAX_N = 128  # choices per request (each is a request in the engine)
 MAX_STOP = 64  # stop strings per request
 MAX_TEMPERATURE = 1e4  # as generation_config.json's bound: far past any useful value, finite in float32
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
+LOGPROB_FLOOR = -9999.0  # OpenAI's value for a token too unlikely to say (and what -inf is sent as)
+
+Piece = Callable[[int], tuple[str, bytes]]
+"""A token id's text and bytes as log-probabilities show it (:meth:`fi_engine.text.tokenizer.Tokenizer.token_piece`)."""
 
 
 class APIError(Exception):
@@ -58,7 +72,15 @@ def error_body(error: APIError) -> dict[str, Any]:
 @dataclass
 class ParsedRequest:
     """A checked request. ``prompts``: texts or token-id lists (completions; each gets ``n`` choices), or None
-    for a chat (``messages`` then). Sampling fields are None where the request leaves them to the defaults."""
+    for a chat (``messages`` then). Sampling fields are None where the request leaves them to the defaults.
+
+    ``logprobs``: the top-N count of log-probabilities per generated token (completions' ``logprobs``, the chat's
+    ``top_logprobs`` once ``logprobs`` is true: 0 when it is absent), None: none. ``echo`` (completions): the
+    prompt's text (and, with ``logprobs``, its log-probabilities) leads each choice; ``max_tokens`` 0 then asks for
+    the prompt's alone.
+
+    ``tools`` (chat): the function tools as given; ``tool_choice``: ``"none"``, ``"auto"`` (the default with
+    tools), ``"required"`` or ``"named"`` (the function ``tool_name``)."""
 
     model: str
     stream: bool
@@ -76,6 +98,18 @@ class ParsedRequest:
     messages: list[dict[str, Any]] | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     add_generation_prompt: bool = True
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+    echo: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str = "none"
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
 
     def seeds(self) -> list[int]:
         """One seed per choice: the request's ``seed`` + i (each choice samples its own), or fresh random ones."""
@@ -120,8 +154,29 @@ def _float(body: Mapping[str, Any], key: str, lo: float, hi: float, lo_open: boo
     value = float(value)
     if not math.isfinite(value) or not (lo < value if lo_open else lo <= value) or value > hi:
         bounds = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise APIError(f"{key}: expected a number in {bounds}, got {show(value)}", key)
+        what = f"a finite number > {lo}" if hi == math.inf else f"a number in {bounds}"
+        raise APIError(f"{key}: expected {what}, got {show(value)}", key)
     return value
+
+
+def _logit_bias(body: Mapping[str, Any]) -> dict[int, float]:
+    """``logit_bias``: an object of token ids (as strings, JSON's keys) to biases in [-100, 100]."""
+    value = body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise APIError(f"logit_bias: expected an object of token ids to biases, got {show(value)}", "logit_bias")
+    out = {}
+    for key, bias in value.items():
+        token = key.strip() if isinstance(key, str) else ""
+        if not token.isdecimal():
+            raise APIError(
+                f'logit_bias: keys are token ids (decimal strings such as "50256"), got {show(key)}', "logit_bias"
+            )
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not abs(bias) <= MAX_LOGIT_BIAS:
+            raise APIError(f"logit_bias[{key}]: expected a bias in [-100, 100], got {show(bias)}", "logit_bias")
+        out[int(token)] = float(bias)
+    return out
 
 
 def _neutral(body: Mapping[str, Any], key: str, neutral: Sequence[Any], what: str) -> None:
@@ -153,8 +208,10 @@ def _stop(body: Mapping[str, Any]) -> list[str]:
     return list(items)
 
 
-def _common(body: Mapping[str, Any], models: Sequence[str], max_tokens_keys: Sequence[str]) -> dict[str, Any]:
-    """The fields completions and chat share, checked."""
+def _common(
+    body: Mapping[str, Any], models: Sequence[str], max_tokens_keys: Sequence[str], least_tokens: int = 1
+) -> dict[str, Any]:
+    """The fields completions and chat share, checked (``max_tokens`` from ``least_tokens`` on)."""
     model = body.get("model")
     if model is None:
         model = models[0]  # as vLLM: a request without a model gets the one served
@@ -177,17 +234,15 @@ def _common(body: Mapping[str, Any], models: Sequence[str], max_tokens_keys: Seq
         include_usage = _bool(options, "include_usage", False)
     max_tokens = None
     for key in max_tokens_keys:
-        value = _int(body, key, 1, 2**31 - 1)
+        value = _int(body, key, least_tokens, 2**31 - 1)
         if value is not None:
             max_tokens = value if max_tokens is None else min(max_tokens, value)
     n = _int(body, "n", 1, MAX_N)
     top_k = _int(body, "top_k", -1, 2**31 - 1, " (-1 or 0: no limit)")
-    _neutral(body, "presence_penalty", (0,), "presence_penalty other than 0")
-    _neutral(body, "frequency_penalty", (0,), "frequency_penalty other than 0")
-    _neutral(body, "repetition_penalty", (1,), "repetition_penalty other than 1")
-    _neutral(body, "min_p", (0,), "min_p other than 0")
-    _neutral(body, "logit_bias", ({},), "logit_bias")
-    _neutral(body, "min_tokens", (0,), "min_tokens")
+    _neutral(body, "prompt_logprobs", (), "prompt_logprobs (for a prompt's logprobs, use echo with logprobs)")
+    min_tokens = _int(body, "min_tokens", 0, 2**31 - 1) or 0
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise APIError(f"min_tokens: {min_tokens} exceeds max_tokens {max_tokens}", "min_tokens")
     best_of = _int(body, "best_of", 1, MAX_N)
     if best_of is not None and best_of != (n or 1):
         raise APIError("best_of: only best_of equal to n is supported", "best_of", code="unsupported_value")
@@ -204,6 +259,12 @@ def _common(body: Mapping[str, Any], models: Sequence[str], max_tokens_keys: Seq
         "stop": _stop(body),
         "ignore_eos": _bool(body, "ignore_eos", False),
         "skip_special_tokens": _bool(body, "skip_special_tokens", True),
+        "min_p": _float(body, "min_p", 0.0, 1.0) or 0.0,
+        "presence_penalty": _float(body, "presence_penalty", -2.0, 2.0) or 0.0,
+        "frequency_penalty": _float(body, "frequency_penalty", -2.0, 2.0) or 0.0,
+        "repetition_penalty": _float(body, "repetition_penalty", 0.0, math.inf, lo_open=True) or 1.0,
+        "min_tokens": min_tokens,
+        "logit_bias": _logit_bias(body),
     }
 
 
@@ -213,11 +274,16 @@ def parse_completion(body: Any, models: Sequence[str]) -> ParsedRequest:
     ``prompt``: a string, a list of strings, a list of token ids, or a list of token-id lists (each prompt gets
     ``n`` choices, indexed prompt by prompt)."""
     body = _object(body)
-    common = _common(body, models, ("max_tokens",))
+    common = _common(body, models, ("max_tokens",), least_tokens=0)
+    echo = _bool(body, "echo", False)
     if common["max_tokens"] is None:
         common["max_tokens"] = COMPLETION_DEFAULT_MAX_TOKENS
-    _neutral(body, "echo", (False,), "echo")
-    _neutral(body, "logprobs", (), "logprobs")
+    elif common["max_tokens"] == 0 and not echo:
+        raise APIError(
+            "max_tokens: 0 generates nothing; it is allowed with echo: true only (the prompt and its logprobs)",
+            "max_tokens",
+        )
+    logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS, " (the top-N count)")
     _neutral(body, "suffix", (), "suffix")
     prompt = body.get("prompt")
     prompts: list[str | list[int]]
@@ -245,7 +311,7 @@ def parse_completion(body: Any, models: Sequence[str]) -> ParsedRequest:
         )
     if len(prompts) * common["n"] > MAX_N:
         raise APIError(f"prompt: {len(prompts)} prompts x n={common['n']} exceed {MAX_N} choices", "prompt")
-    return ParsedRequest(prompts=prompts, **common)
+    return ParsedRequest(prompts=prompts, logprobs=logprobs, echo=echo, **common)
 
 
 def _content(value: Any, where: str) -> Any:
@@ -279,10 +345,14 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
     variables such as ``{"enable_thinking": false}``."""
     body = _object(body)
     common = _common(body, models, ("max_tokens", "max_completion_tokens"))
-    _neutral(body, "logprobs", (False,), "logprobs")
-    _neutral(body, "top_logprobs", (0,), "top_logprobs")
-    _neutral(body, "tools", ([],), "tools (function calling)")
-    _neutral(body, "tool_choice", ("none",), "tool_choice")
+    top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if not _bool(body, "logprobs", False):
+        if top:
+            raise APIError("top_logprobs: needs logprobs: true", "top_logprobs")
+        top = None
+    else:
+        top = top or 0
+    tools, tool_choice, tool_name = _tools(body)
     _neutral(body, "response_format", ({"type": "text"},), "response_format other than text")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -296,7 +366,13 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
             raise APIError(
                 f"messages[{i}].role: expected a role (a string such as 'user'), got {show(role)}", "messages"
             )
-        checked.append({**message, "content": _content(message.get("content"), f"messages[{i}].content")})
+        checked.append(
+            {
+                **message,
+                "content": _content(message.get("content"), f"messages[{i}].content"),
+                **_message_tool_calls(message, i),
+            }
+        )
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise APIError(f"chat_template_kwargs: expected an object, got {show(kwargs)}", "chat_template_kwargs")
@@ -307,8 +383,83 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
         messages=checked,
         template_kwargs=dict(kwargs or {}),
         add_generation_prompt=_bool(body, "add_generation_prompt", True),
+        logprobs=top,
+        tools=tools,
+        tool_choice=tool_choice,
+        tool_name=tool_name,
+        parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
         **common,
     )
+
+
+def _tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]] | None, str, str | None]:
+    """``tools`` (function tools: ``{"type": "function", "function": {"name", "description"?, "parameters"?}}``)
+    and ``tool_choice`` (``"none"``, ``"auto"``, ``"required"`` or ``{"type": "function", "function": {"name"}}``
+    naming one of them): the tools (None: none), the choice and the named function."""
+    value = body.get("tools")
+    if value is not None and not isinstance(value, list):
+        raise APIError(f"tools: expected a list of tools, got {show(value)}", "tools")
+    names = []
+    for i, tool in enumerate(value or []):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(tool, Mapping) or tool.get("type") != "function" or not isinstance(function, Mapping):
+            raise APIError(
+                f'tools[{i}]: expected {{"type": "function", "function": {{...}}}}, got {show(tool)}', "tools"
+            )
+        name = function.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
+            raise APIError(
+                f"tools[{i}].function.name: expected a name of letters, digits, _ and - (at most 64), got {show(name)}",
+                "tools",
+            )
+        if not isinstance(function.get("parameters", {}), Mapping):
+            raise APIError(f"tools[{i}].function.parameters: expected a JSON schema object", "tools")
+        names.append(name)
+    choice = body.get("tool_choice")
+    if choice is None:
+        return (value or None), ("auto" if names else "none"), None
+    if choice in ("none", "auto", "required"):
+        if choice != "none" and not names:
+            raise APIError(f"tool_choice: {choice!r} needs tools", "tool_choice")
+        return (value or None), choice, None
+    function = choice.get("function") if isinstance(choice, Mapping) else None
+    name = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(choice, Mapping) or choice.get("type") != "function" or not isinstance(name, str):
+        raise APIError(
+            f'tool_choice: expected "none", "auto", "required" or {{"type": "function", "function": {{"name": ...}}}}, '
+            f"got {show(choice)}",
+            "tool_choice",
+        )
+    if name not in names:
+        raise APIError(f"tool_choice: function {name!r} is not one of the tools ({names})", "tool_choice")
+    return value, "named", name
+
+
+def _message_tool_calls(message: Mapping[str, Any], i: int) -> dict[str, Any]:
+    """An assistant message's ``tool_calls`` for the template: each call's ``function.arguments`` (JSON text, as
+    OpenAI sends it) parsed into an object, as templates read it (as vLLM does); ``{}`` without calls."""
+    calls = message.get("tool_calls")
+    if calls is None:
+        return {}
+    if not isinstance(calls, list):
+        raise APIError(f"messages[{i}].tool_calls: expected a list of tool calls, got {show(calls)}", "messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise APIError(
+                f"messages[{i}].tool_calls[{j}]: expected a function call with a name, got {show(call)}", "messages"
+            )
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise APIError(
+                    f"messages[{i}].tool_calls[{j}].function.arguments: not JSON ({show(arguments)})", "messages"
+                ) from None
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return {"tool_calls": out}
 
 
 def new_id(prefix: str) -> str:
@@ -328,23 +479,91 @@ def _body(rid: str, kind: str, model: str, choices: list[dict[str, Any]], usage:
     return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
 
 
-def completion_body(
-    rid: str, model: str, choices: Sequence[tuple[str, str | None]], usage: dict[str, int]
-) -> dict[str, Any]:
-    """A ``text_completion`` object: ``choices`` as (text, finish reason) in index order."""
+Choice = tuple[str, str | None, dict[str, Any] | None]
+"""One choice of a response: its text, finish reason and logprobs object (None: not asked)."""
+
+
+def completion_body(rid: str, model: str, choices: Sequence[Choice], usage: dict[str, int]) -> dict[str, Any]:
+    """A ``text_completion`` object: ``choices`` as (text, finish reason, logprobs) in index order."""
     listed = [
-        {"index": i, "text": text, "logprobs": None, "finish_reason": why} for i, (text, why) in enumerate(choices)
+        {"index": i, "text": text, "logprobs": logprobs, "finish_reason": why}
+        for i, (text, why, logprobs) in enumerate(choices)
     ]
     return _body(rid, "text_completion", model, listed, usage)
 
 
-def chat_body(rid: str, model: str, choices: Sequence[tuple[str, str | None]], usage: dict[str, int]) -> dict[str, Any]:
-    """A ``chat.completion`` object: ``choices`` as (assistant text, finish reason) in index order."""
-    listed = [
-        {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": why}
-        for i, (text, why) in enumerate(choices)
-    ]
+def chat_body(
+    rid: str,
+    model: str,
+    choices: Sequence[Choice],
+    usage: dict[str, int],
+    tool_calls: Sequence[list[dict[str, Any]] | None] | None = None,
+) -> dict[str, Any]:
+    """A ``chat.completion`` object: ``choices`` as (assistant text, finish reason, logprobs) in index order, and
+    each one's ``tool_calls`` where it called tools (its content then None when empty)."""
+    listed = []
+    for i, (text, why, logprobs) in enumerate(choices):
+        calls = tool_calls[i] if tool_calls is not None else None
+        message: dict[str, Any] = {"role": "assistant", "content": (text or None) if calls else text}
+        if calls:
+            message["tool_calls"] = calls
+        listed.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": why})
     return _body(rid, "chat.completion", model, listed, usage)
+
+
+def tool_call_body(call: ToolCall, arguments: str | None = None) -> dict[str, Any]:
+    """OpenAI's object of a function call, with a fresh id (``arguments``: in place of the call's own, e.g. ``""``
+    for the first chunk of a streamed call)."""
+    function = {"name": call.name, "arguments": call.arguments if arguments is None else arguments}
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function}
+
+
+def _logprob(value: float) -> float:
+    """A logprob as JSON can carry it: -9999.0 for anything lower (``-inf``) or not a number."""
+    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def chat_logprobs(token_ids: Sequence[int], entries: Sequence[TokenLogprobs], piece: Piece) -> dict[str, Any]:
+    """The chat's ``logprobs`` object of generated tokens: ``{"content": [{token, logprob, bytes, top_logprobs}],
+    "refusal": None}``, ``top_logprobs`` each entry's top N (``[]`` for 0)."""
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text, raw = piece(token)
+        return {"token": text, "logprob": _logprob(logprob), "bytes": list(raw)}
+
+    content = [
+        {**one(t, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]}
+        for t, e in zip(token_ids, entries, strict=True)
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(
+    token_ids: Sequence[int], entries: Sequence[TokenLogprobs | None], piece: Piece, offset: int = 0
+) -> tuple[dict[str, Any], int]:
+    """The legacy completions' ``logprobs`` object of ``token_ids`` (an echoed prompt's, whose first entry is None,
+    then generated ones) and the text offset after them. ``top_logprobs`` holds each entry's top N and the token
+    itself (so up to N + 1 keys, as OpenAI's); ``text_offset``: where each token's text starts in the choice's
+    text, counting from ``offset`` (a stream's chunks continue where the previous one ended)."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+    for token, entry in zip(token_ids, entries, strict=True):
+        text = piece(token)[0]
+        tokens.append(text)
+        text_offset.append(offset)
+        offset += len(text)
+        if entry is None:  # a prompt's first token: nothing precedes it
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(_logprob(entry.logprob))
+        top = {piece(i)[0]: _logprob(lp) for i, lp in entry.top}
+        top.setdefault(text, _logprob(entry.logprob))
+        top_logprobs.append(top)
+    shaped = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs}
+    return {**shaped, "text_offset": text_offset}, offset
 
 
 def _chunk(
@@ -360,10 +579,17 @@ def _chunk(
 
 
 def completion_chunk(
-    rid: str, model: str, created: int, index: int | None, text: str, finish: str | None, usage: dict[str, int] | None
+    rid: str,
+    model: str,
+    created: int,
+    index: int | None,
+    text: str,
+    finish: str | None,
+    usage: dict[str, int] | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed ``text_completion`` event (``index`` None: the closing usage chunk, with no choice)."""
-    choice = None if index is None else {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    choice = None if index is None else {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
     return _chunk(rid, "text_completion", model, created, choice, usage)
 
 
@@ -375,7 +601,8 @@ def chat_chunk(
     delta: dict[str, Any],
     finish: str | None,
     usage: dict[str, int] | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed ``chat.completion.chunk`` (``index`` None: the closing usage chunk, with no choice)."""
-    choice = None if index is None else {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    choice = None if index is None else {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     return _chunk(rid, "chat.completion.chunk", model, created, choice, usage)

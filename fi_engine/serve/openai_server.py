@@ -25,20 +25,27 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..runtime.sampling_params import SamplingParams
+from ..runtime.stepping import TokenLogprobs
+from ..text.tool_calls import ToolCall, ToolCallParser, call_format, opener
 from .openai_protocol import (
     APIError,
+    Choice,
     ParsedRequest,
     chat_body,
     chat_chunk,
+    chat_logprobs,
     completion_body,
     completion_chunk,
+    completion_logprobs,
     error_body,
     new_id,
     parse_chat,
     parse_completion,
+    tool_call_body,
     usage_body,
 )
 from .service import GenerationService, QueueFullError, RequestStream, ServiceClosedError, ServiceError
@@ -66,6 +73,47 @@ def _require(module: str) -> Any:
             f"({exc}); install the server's dependencies with: {SERVE_HINT}",
             name=exc.name,
         ) from exc
+
+
+@dataclass
+class _Choice:
+    """One choice of a response as it is shaped: what leads it (``echo``: the prompt's text, and its ids for the
+    prompt's logprobs), whether its generated tokens count (not with ``max_tokens`` 0), and the tokens whose
+    logprobs wait for the next chunk with text (a stream holds text back while a character or a stop string is
+    pending) with the text offset reached."""
+
+    echo: str
+    prompt_ids: list[int]
+    generates: bool
+    started: bool = False
+    ids: list[int] = field(default_factory=list)
+    entries: list[TokenLogprobs | None] = field(default_factory=list)
+    offset: int = 0
+    tools: ToolCallParser | None = None  # reads the reply for tool calls (chat with tools)
+    parallel: bool = True  # False: the first call only (parallel_tool_calls)
+    called: int = 0  # calls sent so far
+
+    def calls(self, text: str, end: bool) -> tuple[str, list[ToolCall]]:
+        """The content and the tool calls of the reply's next ``text`` (``end``: the reply ended)."""
+        assert self.tools is not None
+        content, calls = self.tools.feed(text)
+        if end:
+            rest, late = self.tools.finish()
+            content, calls = content + rest, calls + late
+        if not self.parallel:
+            calls = calls[: max(0, 1 - self.called)]
+        self.called += len(calls)
+        return content, calls
+
+
+@dataclass
+class _Submitted:
+    """A request's engine requests: their streams and choices (one each, choice ``i`` of the answer is stream
+    ``i``) and the prompt tokens it counts."""
+
+    streams: list[RequestStream]
+    choices: list[_Choice]
+    prompt_tokens: int
 
 
 class _Handlers:
@@ -128,9 +176,10 @@ class _Handlers:
         try:
             body = await self.body(request)
             parsed = parse_chat(body, self.models) if chat else parse_completion(body, self.models)
-            streams, prompt_tokens = self._submit(parsed)
+            submitted = self._submit(parsed)
         except APIError as exc:
             return self.error(exc)
+        streams = submitted.streams
         try:
             await asyncio.gather(*(s.aaccepted() for s in streams))
         except (ValueError, TypeError) as exc:  # the engine refused a prompt (too long for it, ...)
@@ -146,23 +195,24 @@ class _Handlers:
         rid = new_id("chatcmpl" if chat else "cmpl")
         if parsed.stream:
             self.service.metrics.response(200)
-            events = self._events(parsed, streams, prompt_tokens, rid, chat)
+            events = self._events(parsed, submitted, rid, chat)
             return self.StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self._whole(request, parsed, streams, prompt_tokens, rid, chat)
+        return await self._whole(request, parsed, submitted, rid, chat)
 
-    def _submit(self, parsed: ParsedRequest) -> tuple[list[RequestStream], int]:
-        """Encode the prompts and queue ``n`` requests per prompt, all or none; the prompt token count."""
+    def _submit(self, parsed: ParsedRequest) -> _Submitted:
+        """Encode the prompts and queue ``n`` requests per prompt, all or none; their choices (one per request)
+        and the prompt token count."""
         service = self.service
         codec = service.codec
         if codec is None:
             raise APIError("this server has no tokenizer: it serves token-id prompts only", "prompt")
         try:
-            if parsed.messages is not None:
-                ids = [
-                    codec.encode_chat(
-                        parsed.messages, add_generation_prompt=parsed.add_generation_prompt, **parsed.template_kwargs
-                    )
-                ]
+            fmt, lead = self._tool_format(parsed)
+            if parsed.messages is not None:  # the template renders the tools; a forced call's start follows
+                text = codec.render_chat(
+                    parsed.messages, parsed.add_generation_prompt, parsed.tools, **parsed.template_kwargs
+                )
+                ids = [codec.tokenizer.encode(text + lead, add_special_tokens=False)]
             else:
                 assert parsed.prompts is not None
                 ids = [codec.encode(p) if isinstance(p, str) else p for p in parsed.prompts]
@@ -176,16 +226,40 @@ class _Handlers:
             temperature = gen.temperature if gen.temperature is not None else 1.0
         top_p = parsed.top_p if parsed.top_p is not None else (gen.top_p if gen.top_p is not None else 1.0)
         top_k = parsed.top_k if parsed.top_k is not None else (gen.top_k if gen.top_k is not None else 0)
-        prompts, limits, samplings = [], [], []
-        for prompt in ids:
+        vocab = codec.tokenizer.vocab_size
+        for token in parsed.logit_bias:
+            if token >= vocab:
+                raise APIError(f"logit_bias: token id {token} is outside the vocabulary [0, {vocab})", "logit_bias")
+        controls = SamplingParams(  # the request's own controls (each default changes nothing)
+            min_p=parsed.min_p,
+            presence_penalty=parsed.presence_penalty,
+            frequency_penalty=parsed.frequency_penalty,
+            repetition_penalty=parsed.repetition_penalty,
+            min_tokens=parsed.min_tokens,
+            logit_bias=tuple(parsed.logit_bias.items()),
+            logprobs=parsed.logprobs,
+            prompt_logprobs=parsed.logprobs if parsed.echo else None,
+        )
+        prompts, limits, samplings, choices = [], [], [], []
+        for i, prompt in enumerate(ids):
             limit = parsed.max_tokens
             if limit is None:  # chat without max_tokens: what the engine's context leaves
                 room = (self.max_model_len or 0) - len(prompt)
                 limit = room if room >= 1 else (gen.max_new_tokens or 1024)
+            if parsed.min_tokens > limit:
+                raise APIError(f"min_tokens: {parsed.min_tokens} exceeds the {limit} tokens left", "min_tokens")
+            echo = ""
+            if parsed.echo:  # the prompt as given; token ids as their text
+                given = parsed.prompts[i] if parsed.prompts is not None else prompt
+                echo = given if isinstance(given, str) else codec.decode(given, parsed.skip_special_tokens)
             for seed in parsed.seeds():
                 prompts.append(prompt)
-                limits.append(limit)
-                samplings.append(SamplingParams(temperature, top_k, top_p, seed))
+                limits.append(max(limit, 1))  # max_tokens 0 (echo): one token generated, left out of the answer
+                samplings.append(replace(controls, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+                parser = None if fmt is None else ToolCallParser(fmt, lead)
+                choices.append(
+                    _Choice(echo, prompt, generates=limit > 0, tools=parser, parallel=parsed.parallel_tool_calls)
+                )
         try:
             streams = service.submit_many(
                 prompts,
@@ -201,18 +275,61 @@ class _Handlers:
             raise APIError(str(exc), None, status=503, type="service_unavailable", code="unavailable") from None
         except (ValueError, TypeError) as exc:  # ids outside the vocabulary, a text that encodes to nothing
             raise _named(exc, "messages" if parsed.messages is not None else "prompt") from None
-        return streams, sum(len(p) for p in ids)
+        return _Submitted(streams, choices, sum(len(p) for p in ids))
 
-    async def _whole(
-        self,
-        request: Any,
-        parsed: ParsedRequest,
-        streams: list[RequestStream],
-        prompt_tokens: int,
-        rid: str,
-        chat: bool,
-    ) -> Any:
+    def _tool_format(self, parsed: ParsedRequest) -> tuple[str | None, str]:
+        """The tool-call format of the checkpoint's chat template when the reply is to be read for calls (None:
+        not, ``tool_choice`` "none" or no tools) and the text that starts the reply (a call's start when
+        ``tool_choice`` forces one). 400 naming ``tools`` when the template shows no format the server reads."""
+        template = self.service.codec.chat_template if self.service.codec is not None else None
+        if parsed.tool_choice == "none" or template is None:
+            return None, ""
+        fmt = call_format(template.templates[template.pick(has_tools=True)])
+        if fmt is None:
+            raise APIError(
+                f"tools: the chat template of {template.source} shows no tool-call format this server reads "
+                f'(Hermes-style <tool_call> blocks, Llama 3.1 JSON); send tool_choice: "none" or no tools',
+                "tools",
+                code="unsupported_value",
+            )
+        if parsed.tool_choice == "auto":
+            return fmt, ""
+        return fmt, opener(fmt, parsed.tool_name)
+
+    def _shape(
+        self, parsed: ParsedRequest, choice: _Choice, part: Any, chat: bool
+    ) -> tuple[str, dict[str, Any] | None]:
+        """The text of ``part`` (a :class:`~fi_engine.serve.service.StreamDelta` or a whole
+        :class:`~fi_engine.serve.service.RequestResult`) as ``choice`` answers it, with the echoed prompt first,
+        and the logprobs object of its tokens and of those held from before (None when not asked). A stream
+        sends it only when the text is not empty or the choice ends; otherwise its logprobs wait for the next."""
+        text = ""
+        if not choice.started:
+            choice.started = True
+            text = choice.echo
+            if parsed.echo and part.prompt_logprobs is not None:
+                choice.ids += choice.prompt_ids
+                choice.entries += part.prompt_logprobs
+        if choice.generates:
+            text += part.text
+            if part.logprobs is not None:
+                choice.ids += part.token_ids
+                choice.entries += part.logprobs
+        if parsed.logprobs is None or (not text and part.finish_reason is None):
+            return text, None
+        ids, entries = choice.ids, choice.entries
+        choice.ids, choice.entries = [], []
+        codec = self.service.codec
+        assert codec is not None  # _submit refused the request otherwise
+        piece = codec.tokenizer.token_piece
+        if chat:
+            return text, chat_logprobs(ids, entries, piece)  # type: ignore[arg-type]  # no prompt entries in a chat
+        shaped, choice.offset = completion_logprobs(ids, entries, piece, choice.offset)
+        return text, shaped
+
+    async def _whole(self, request: Any, parsed: ParsedRequest, submitted: _Submitted, rid: str, chat: bool) -> Any:
         """Wait for every choice, or cancel them all when the client goes away first."""
+        streams, choices = submitted.streams, submitted.choices
         results: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(s.aresult() for s in streams)))
         gone: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(request))
         try:
@@ -229,17 +346,32 @@ class _Handlers:
             done = results.result()
         except ServiceError as exc:
             return self.error(APIError(str(exc), status=500, type="internal_server_error", code="engine_error"))
-        usage = usage_body(prompt_tokens, sum(r.completion_tokens for r in done))
-        choices = [(r.text, r.finish_reason) for r in done]
-        body = (chat_body if chat else completion_body)(rid, parsed.model, choices, usage)
+        generated = sum(r.completion_tokens for r, c in zip(done, choices, strict=True) if c.generates)
+        usage = usage_body(submitted.prompt_tokens, generated)
+        answers: list[Choice] = []
+        tool_calls: list[list[dict[str, Any]] | None] = []
+        for r, choice in zip(done, choices, strict=True):
+            text, logprobs = self._shape(parsed, choice, r, chat)
+            finish = r.finish_reason if choice.generates else "length"
+            calls = None
+            if choice.tools is not None:
+                content, found = choice.calls(text, end=True)
+                if found:
+                    text, calls = content.strip(), [tool_call_body(c) for c in found]
+                    finish = "tool_calls" if finish == "stop" else finish
+            answers.append((text, finish, logprobs))
+            tool_calls.append(calls)
+        if chat:
+            body = chat_body(rid, parsed.model, answers, usage, tool_calls)
+        else:
+            body = completion_body(rid, parsed.model, answers, usage)
         self.service.metrics.response(200)
         return self.JSONResponse(body)
 
-    async def _events(
-        self, parsed: ParsedRequest, streams: list[RequestStream], prompt_tokens: int, rid: str, chat: bool
-    ) -> AsyncIterator[bytes]:
+    async def _events(self, parsed: ParsedRequest, submitted: _Submitted, rid: str, chat: bool) -> AsyncIterator[bytes]:
         """The server-sent events of a streamed request; cancels its requests however it ends (a disconnect
         cancels this generator)."""
+        streams, choices = submitted.streams, submitted.choices
         created = int(time.time())
         completion_tokens = [0] * len(streams)
         try:
@@ -249,17 +381,25 @@ class _Handlers:
                         chat_chunk(rid, parsed.model, created, i, {"role": "assistant", "content": ""}, None, None)
                     )
             async for index, delta in _merged(streams):
-                completion_tokens[index] = delta.completion_tokens
-                if not delta.text and delta.finish_reason is None:
+                choice = choices[index]
+                if choice.generates:
+                    completion_tokens[index] = delta.completion_tokens
+                text, logprobs = self._shape(parsed, choice, delta, chat)
+                finish = delta.finish_reason if choice.generates or delta.finish_reason is None else "length"
+                if choice.tools is not None:
+                    for event in _tool_chunks(rid, parsed.model, created, index, choice, text, finish, logprobs):
+                        yield _sse(event)
+                    continue
+                if not text and finish is None:
                     continue  # tokens that settle no text yet (a split character, a possible stop string)
                 if chat:
-                    content = {"content": delta.text} if delta.text or delta.finish_reason is None else {}
-                    event = chat_chunk(rid, parsed.model, created, index, content, delta.finish_reason, None)
+                    content = {"content": text} if text or finish is None else {}
+                    event = chat_chunk(rid, parsed.model, created, index, content, finish, None, logprobs)
                 else:
-                    event = completion_chunk(rid, parsed.model, created, index, delta.text, delta.finish_reason, None)
+                    event = completion_chunk(rid, parsed.model, created, index, text, finish, None, logprobs)
                 yield _sse(event)
             if parsed.include_usage:
-                usage = usage_body(prompt_tokens, sum(completion_tokens))
+                usage = usage_body(submitted.prompt_tokens, sum(completion_tokens))
                 if chat:
                     yield _sse(chat_chunk(rid, parsed.model, created, None, {}, None, usage))
                 else:
@@ -271,6 +411,35 @@ class _Handlers:
             for s in streams:
                 s.cancel()
         yield b"data: [DONE]\n\n"
+
+
+def _tool_chunks(
+    rid: str,
+    model: str,
+    created: int,
+    index: int,
+    choice: _Choice,
+    text: str,
+    finish: str | None,
+    logprobs: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """The chunks of a streamed reply read for tool calls, for its next ``text``: the content settled (with the
+    logprobs), then each call completed as OpenAI streams one (its id, type and name, then its arguments), then
+    the finish (``"tool_calls"`` when the reply called tools and stopped)."""
+    content, calls = choice.calls(text, end=finish is not None)
+    events = []
+    if content or logprobs is not None:
+        delta = {"content": content} if content else {}
+        events.append(chat_chunk(rid, model, created, index, delta, None, None, logprobs))
+    for k, call in enumerate(calls, start=choice.called - len(calls)):
+        head = {"index": k, **tool_call_body(call, arguments="")}
+        events.append(chat_chunk(rid, model, created, index, {"tool_calls": [head]}, None, None))
+        tail = {"index": k, "function": {"arguments": call.arguments}}
+        events.append(chat_chunk(rid, model, created, index, {"tool_calls": [tail]}, None, None))
+    if finish is not None:
+        why = "tool_calls" if choice.called and finish == "stop" else finish
+        events.append(chat_chunk(rid, model, created, index, {}, why, None))
+    return events
 
 
 def _sse(event: dict[str, Any]) -> bytes:
@@ -327,9 +496,18 @@ def _named(exc: BaseException, default: str) -> APIError:
     return APIError(text, {"prompts": "prompt", "max_new_tokens": "max_tokens"}.get(param, param))
 
 
+# the request field of each SamplingParams field an engine may refuse (``"logprobs: not supported by this engine"``)
+_SAMPLING_FIELDS = {f.name: f.name for f in fields(SamplingParams)} | {"prompt_logprobs": "echo"}
+
+
 def _refusal(exc: BaseException, chat: bool) -> APIError:
-    """The engine's refusal of a prompt (longer than it serves, ...) as a 400."""
+    """The engine's refusal of a request as a 400: a prompt longer than it serves, or a sampling field it cannot
+    honour (named by the message's head)."""
     text = str(exc)
+    head = text.split(":", 1)[0]
+    if head in _SAMPLING_FIELDS:
+        param = "logprobs" if chat and head == "logprobs" else _SAMPLING_FIELDS[head]
+        return APIError(f"the engine cannot serve this request: {text}", param, code="unsupported_value")
     param = "max_tokens" if text.startswith("max_new_tokens") else "messages" if chat else "prompt"
     return APIError(f"the engine cannot serve this request: {text}", param, code="context_length_exceeded")
 

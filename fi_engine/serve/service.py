@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..runtime.sampling_params import SamplingParams
-from ..runtime.stepping import FinishReason, StepEngine
+from ..runtime.stepping import FinishReason, StepEngine, StepOutput, TokenLogprobs
 from ..text.detokenize import IncrementalDetokenizer, StopStrings
 from ..values import MAX_SIZE, show
 from .metrics import ServingMetrics
@@ -76,6 +76,9 @@ class StreamDelta:
     that completed it). ``text``: their new text (may be ``""`` while a character or a possible stop string is
     pending). ``finish_reason``: None, or on the last delta ``"stop"`` (EOS or a stop string), ``"length"``
     (``max_new_tokens``) or ``"abort"`` (cancelled). ``prompt_tokens``, ``completion_tokens``: the usage so far.
+    ``logprobs``: one :class:`~fi_engine.runtime.stepping.TokenLogprobs` per token of ``token_ids`` where the
+    request's sampling asked for them, else None; ``prompt_logprobs``: the prompt's (its first entry None), on the
+    first delta with tokens of a request that asked for them, else None.
     """
 
     token_ids: tuple[int, ...]
@@ -83,6 +86,8 @@ class StreamDelta:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,12 +100,15 @@ class _PendingDelta:
     prompt_tokens: int
     completion_tokens: int
     flush: bool
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 @dataclass(frozen=True)
 class RequestResult:
     """A whole request: every generated token, its text (cut before a stop string), why it ended, the stop
-    string that ended it (or None), and the usage counts."""
+    string that ended it (or None), the usage counts, and the log-probabilities where the request asked for them
+    (as :class:`StreamDelta` has them, for every token)."""
 
     token_ids: tuple[int, ...]
     text: str
@@ -108,6 +116,8 @@ class RequestResult:
     stop_string: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 class RequestStream:
@@ -252,6 +262,8 @@ class RequestStream:
             stop_string=self.stop_string,
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
+            logprobs=_joined_logprobs(parts),
+            prompt_logprobs=next((d.prompt_logprobs for d in parts if d.prompt_logprobs is not None), None),
         )
 
     def _take(self) -> StreamDelta:
@@ -280,6 +292,8 @@ class RequestStream:
             finish_reason=end.finish_reason,
             prompt_tokens=end.prompt_tokens,
             completion_tokens=end.completion_tokens,
+            logprobs=_joined_logprobs(merged),
+            prompt_logprobs=next((d.prompt_logprobs for d in merged if d.prompt_logprobs is not None), None),
         )
 
     def _decode(self, upto: int) -> None:
@@ -293,7 +307,10 @@ class RequestStream:
                 text = detok.push_many(d.token_ids)
                 if d.flush:
                     text += detok.finish()
-                history[i] = StreamDelta(d.token_ids, text, d.finish_reason, d.prompt_tokens, d.completion_tokens)
+                history[i] = StreamDelta(
+                    d.token_ids, text, d.finish_reason, d.prompt_tokens, d.completion_tokens, d.logprobs,
+                    d.prompt_logprobs,
+                )  # fmt: skip
         self._decoded = max(self._decoded, upto)
 
     # -- the engine thread's side -----------------------------------------------------------------------------
@@ -335,6 +352,13 @@ class RequestStream:
         for loop, future in waiters:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there any more
                 loop.call_soon_threadsafe(_resolve, future)
+
+
+def _joined_logprobs(deltas: Sequence[StreamDelta | _PendingDelta]) -> tuple[TokenLogprobs, ...] | None:
+    """The logprobs of several deltas in order, or None where none has any (the request did not ask)."""
+    if all(d.logprobs is None for d in deltas):
+        return None
+    return tuple(entry for d in deltas for entry in d.logprobs or ())
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -525,7 +549,9 @@ class GenerationService:
             ids = self._prompt_ids(prompt, add_special_tokens, "prompt" if count == 1 else f"prompts[{i}]")
             detok = None
             if self.codec is not None:
-                detok = self.codec.detokenizer(ids, stop=stops, skip_special_tokens=skip_special_tokens)
+                sampling = samplings[i]  # its min_tokens hold back the stop strings too
+                least = 0 if sampling is None else sampling.min_tokens
+                detok = self.codec.detokenizer(ids, stops, skip_special_tokens, least)
             streams.append(RequestStream(self, ids, detok))
         with self._wakeup:
             if self._closing or self.error is not None:
@@ -670,7 +696,7 @@ class GenerationService:
             now_outputs = engine.step()
             now = time.perf_counter()
             for out in now_outputs:
-                self._deliver(out.rid, out.token_ids, out.finish_reason, now, out.error)
+                self._deliver(out, now)
         elif closing and not self._live:
             with self._wakeup:
                 if not self._inbox:
@@ -730,14 +756,8 @@ class GenerationService:
         elif stream.rid is None:  # still in the inbox of a later turn, or never added
             self._end(stream, reason)
 
-    def _deliver(
-        self,
-        rid: int,
-        token_ids: Sequence[int],
-        finish: FinishReason | None,
-        now: float,
-        error: Exception | None = None,
-    ) -> None:
+    def _deliver(self, out: StepOutput, now: float) -> None:
+        rid, token_ids, finish, error = out.rid, out.token_ids, out.finish_reason, out.error
         stream = self._live.get(rid)
         if stream is None:  # a request this service already ended (a stop string, a cancel)
             return
@@ -793,10 +813,18 @@ class GenerationService:
         if finish is not None:
             del self._live[rid]
         prompt_tokens, completion = len(stream.prompt_ids), stream.completion_tokens
+        logprobs = None if out.logprobs is None else tuple(out.logprobs[: len(taken)])  # none past a stop string
+        prompt_logprobs = out.prompt_logprobs
         if stream.deferred:
-            stream._put(_PendingDelta(tuple(taken), finish, prompt_tokens, completion, finish is not None))
+            stream._put(
+                _PendingDelta(
+                    tuple(taken), finish, prompt_tokens, completion, finish is not None, logprobs, prompt_logprobs
+                )
+            )
         else:
-            stream._put(StreamDelta(tuple(taken), "".join(text), finish, prompt_tokens, completion))
+            stream._put(
+                StreamDelta(tuple(taken), "".join(text), finish, prompt_tokens, completion, logprobs, prompt_logprobs)
+            )
         if finish is not None:
             self.metrics.request_finished(finish, now - stream.submitted_at)
             self._count_end()

@@ -113,7 +113,13 @@ class TextCodec:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def detokenizer(
-        self, prompt_ids: Sequence[int] = (), stop: str | Sequence[str] = (), skip_special_tokens: bool = True
+        self,
+        prompt_ids: Sequence[int] = (),
+        stop: str | Sequence[str] = (),
+        skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ) -> IncrementalDetokenizer:
         """A fresh :class:`~fi_engine.text.detokenize.IncrementalDetokenizer` for one request's generated tokens."""
-        return IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens, stop=stop)
+        return IncrementalDetokenizer(
+            self.tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens, stop=stop, min_tokens=min_tokens
+        )

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..values import show
+from ..values import MAX_SIZE, show
 from .args import arg_flag, arg_text, arg_token_ids
 
 __all__ = ["IncrementalDetokenizer", "StopStrings"]
@@ -79,6 +79,12 @@ class StopStrings:
         self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep]
 
+    def release(self, text: str) -> str:
+        """What was held back and ``text``, all emitted without looking for a stop string (text that may not
+        stop the stream: a request's first ``min_tokens`` tokens)."""
+        held, self._held = self._held, ""
+        return "" if self.stopped is not None else held + arg_text("text", text)
+
     def finish(self) -> str:
         """What was held back; the stream has ended, so it cannot become a stop string any more."""
         held, self._held = self._held, ""
@@ -102,6 +108,8 @@ class IncrementalDetokenizer:
         prompt_ids: the prompt's token ids (its last few give the first generated token its context).
         skip_special_tokens: leave special tokens (EOS, ``<|im_end|>``, ...) out of the text.
         stop: stop strings (see :class:`StopStrings`); :attr:`stopped` names the one that ended the text.
+        min_tokens: stop strings are looked for only in the text that the tokens after the first ``min_tokens``
+            add (vLLM's rule: a request's ``min_tokens`` holds back its stop strings as well as its EOS).
     """
 
     def __init__(
@@ -111,6 +119,7 @@ class IncrementalDetokenizer:
         *,
         skip_special_tokens: bool = True,
         stop: str | Sequence[str] = (),
+        min_tokens: int = 0,
     ) -> None:
         vocab_size = getattr(tokenizer, "vocab_size", None)
         if (
@@ -129,6 +138,9 @@ class IncrementalDetokenizer:
         self._vocab_size = vocab_size
         self._skip = arg_flag("skip_special_tokens", skip_special_tokens)
         self._stops = StopStrings(stop)
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or not 0 <= min_tokens <= MAX_SIZE:
+            raise ValueError(f"min_tokens: expected an int in [0, {MAX_SIZE}], got {show(min_tokens)}")
+        self._min_tokens = min_tokens
         # the window decoded on each push: the settled ids of the last emission (at first the prompt's last few,
         # as context), then the ids not yet emitted from _read on
         self._ids: list[int] = arg_token_ids("prompt_ids", prompt_ids, vocab_size)[-CONTEXT_TOKENS:]
@@ -150,7 +162,7 @@ class IncrementalDetokenizer:
         token = int(token_id)
         self.generated.append(token)
         self._ids.append(token)
-        return self._stops.feed(self._settled(final=False))
+        return self._stop(self._settled(final=False))
 
     def push_many(self, token_ids: Sequence[int]) -> str:
         """:meth:`push` of several tokens with one decode of the window: the same text in all (the same pieces
@@ -167,7 +179,13 @@ class IncrementalDetokenizer:
             return ""
         self.generated.extend(tokens)
         self._ids.extend(tokens)
-        return self._stops.feed(self._settled(final=False))
+        return self._stop(self._settled(final=False))
+
+    def _stop(self, text: str) -> str:
+        """``text`` through the stop strings, once the request has more than ``min_tokens`` tokens."""
+        if len(self.generated) <= self._min_tokens:
+            return self._stops.release(text)
+        return self._stops.feed(text)
 
     @property
     def has_stops(self) -> bool:

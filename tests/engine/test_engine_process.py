@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from helpers.fake_engine import FakeStepEngine, expected_tokens
+from helpers.fake_engine import FakeStepEngine, expected_tokens, reference_run
 from helpers.text_checkpoints import write_text_checkpoint
 
+from fi_engine.runtime.sampling_params import SamplingParams
 from fi_engine.runtime.stepping import StepEngine, StepOutput
 from fi_engine.serve.engine_process import EngineProcess
 from fi_engine.serve.service import GenerationService, ServiceError
@@ -47,6 +48,22 @@ def test_requests_through_the_child_get_the_engines_tokens(codec, pool) -> None:
     for i, (p, r) in enumerate(zip(prompts, results, strict=True)):
         assert list(r.token_ids) == expected_tokens(p, 5 + i, pool) and r.finish_reason == "length"
         assert r.text == codec.decode(list(r.token_ids))
+
+
+def test_logprobs_cross_the_process_intact(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    """StepOutput's logprobs and prompt logprobs travel from the child with their tokens (and a control that
+    changes the choice reaches the engine there)."""
+    vocab = codec.tokenizer.vocab_size
+    prompt = codec.encode("Hello there")
+    sampling = SamplingParams(logprobs=3, prompt_logprobs=2, logit_bias=((pool[2], 4.0),))
+    with EngineProcess(FAKE, vocab, pool=pool) as engine, GenerationService(engine, codec) as service:
+        got = service.submit(prompt, 6, sampling).result(WAIT)
+    want = reference_run(vocab, pool, prompt, 6, sampling)
+    assert want.tokens != expected_tokens(prompt, 6, pool)  # the bias changed them
+    assert (
+        list(got.token_ids) == want.tokens and want.logprobs is not None and list(got.logprobs or ()) == want.logprobs
+    )
+    assert got.prompt_logprobs == want.prompt_logprobs and len(got.prompt_logprobs or ()) == len(prompt)
 
 
 def test_a_refused_prompt_fails_its_stream_alone(codec, pool) -> None:  # type: ignore[no-untyped-def]

@@ -11,15 +11,12 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers.fake_engine import FakeStepEngine, expected_tokens
-from helpers.serve import RunningServer
+from helpers.fake_engine import expected_tokens
+from helpers.serve import MODEL, WAIT, Served
 from helpers.text_checkpoints import write_text_checkpoint
-
-from fi_engine.serve.service import GenerationService
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
@@ -27,49 +24,6 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
-
-MODEL = "fake-model"
-WAIT = 20.0
-
-
-@pytest.fixture(scope="module")
-def codec(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from fi_engine.text.codec import TextCodec
-
-    return TextCodec.from_dir(write_text_checkpoint(tmp_path_factory.mktemp("text") / "m"))
-
-
-@pytest.fixture(scope="module")
-def pool(codec) -> list[int]:  # type: ignore[no-untyped-def]
-    return sorted(set(codec.encode("The quick brown fox jumps over the lazy dog. Hello, how are you today?")))
-
-
-def make_engine(codec, pool, **kw) -> FakeStepEngine:  # type: ignore[no-untyped-def]
-    return FakeStepEngine(codec.tokenizer.vocab_size, pool=pool, eos_token_ids=codec.eos_token_ids, **kw)
-
-
-class Served:
-    """A fake engine, its service and the server on loopback."""
-
-    def __init__(self, codec, pool, max_queue: int = 256, graceful_s: float = 5.0, **engine_kw) -> None:  # type: ignore[no-untyped-def]
-        from fi_engine.serve.openai_server import build_app
-
-        self.engine = make_engine(codec, pool, **{"max_seq_len": 4096, **engine_kw})
-        self.service = GenerationService(self.engine, codec, max_queue=max_queue)
-        self.server = RunningServer(build_app(self.service, MODEL, max_model_len=4096, close_timeout=1.0), graceful_s)
-        self.url = self.server.url
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=WAIT)
-
-    def close(self) -> None:
-        self.server.stop()
-        self.service.close(timeout=1.0)
-
-
-@pytest.fixture
-def served(codec, pool) -> Iterator[Served]:  # type: ignore[no-untyped-def]
-    s = Served(codec, pool, max_batch=8)
-    yield s
-    s.close()
 
 
 def post(url: str, path: str, body: Any, **kw: Any) -> Any:
@@ -245,11 +199,22 @@ BAD = [
     ({"prompt": "x", "stream": "yes"}, "stream", "stream"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "stream: true"),
     ({"prompt": "x", "stream": True, "stream_options": 3}, "stream_options", "stream_options"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs", "not supported"),
-    ({"prompt": "x", "echo": True}, "echo", "not supported"),
-    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty", "not supported"),
-    ({"prompt": "x", "frequency_penalty": 1}, "frequency_penalty", "not supported"),
-    ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias", "not supported"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs", "[0, 20]"),
+    ({"prompt": "x", "logprobs": True}, "logprobs", "integer"),
+    ({"prompt": "x", "echo": "yes"}, "echo", "true or false"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "echo"),
+    ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty", "[-2.0, 2.0]"),
+    ({"prompt": "x", "frequency_penalty": "1"}, "frequency_penalty", "number"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty", "> 0"),
+    ({"prompt": "x", "min_p": 1.5}, "min_p", "[0.0, 1.0]"),
+    ({"prompt": "x", "min_tokens": -1}, "min_tokens", "min_tokens"),
+    ({"prompt": "x", "min_tokens": 20, "max_tokens": 5}, "min_tokens", "exceeds max_tokens 5"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+    ({"prompt": "x", "logit_bias": {"five": 1}}, "logit_bias", "token ids"),
+    ({"prompt": "x", "logit_bias": [5]}, "logit_bias", "object"),
+    ({"prompt": "x", "logit_bias": {"100000": 1}}, "logit_bias", "outside the vocabulary"),
+    ({"prompt": "x", "prompt_logprobs": 1}, "prompt_logprobs", "echo"),
+    ({"prompt": "x", "suffix": "y"}, "suffix", "not supported"),
     ({"prompt": "x", "best_of": 3}, "best_of", "best_of"),
     ({"prompt": "x", "ignore_eos": "yes"}, "ignore_eos", "ignore_eos"),
     ({}, "prompt", "prompt"),
@@ -265,6 +230,13 @@ BAD = [
     ({"prompt": [5] * 5000}, "prompt", "max_seq_len"),
     ({"prompt": [5], "max_tokens": 2**31 - 1}, "prompt", "max_seq_len"),
 ]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def named_tool(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name}}
+
+
 BAD_CHAT = [
     ({}, "messages", "messages"),
     ({"messages": []}, "messages", "messages"),
@@ -274,8 +246,29 @@ BAD_CHAT = [
     ({"messages": [{"role": "user", "content": 5}]}, "messages", "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages", "type"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages", "text"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools", "not supported"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools", "tools[0]"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": {"f": 1}}, "tools", "list of tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [TOOL], "tool_choice": "any"}, "tool_choice", None),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice", "needs tools"),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "tools": [TOOL], "tool_choice": named_tool("other")},
+        "tool_choice",
+        "not one of the tools",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "a b"}}]},
+        "tools",
+        "tools[0].function.name",
+    ),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [TOOL]}, "tools", "no tool-call format"),
+    (
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]},
+        "messages",
+        "messages[0].tool_calls[0].function.arguments",
+    ),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, "top_logprobs", "logprobs: true"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs", "true or false"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "max_completion_tokens", None),
     (
         {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},

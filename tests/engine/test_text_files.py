@@ -150,3 +150,37 @@ def test_the_docs_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str
     generated = TextCodec.from_dir(root).encode("Hi 😀 there.\n\nUser: more", add_special_tokens=False)
     exec(compile(code, "docs/engine-text.md", "exec"), {"generated_ids": generated})
     assert capsys.readouterr().out == "Hi 😀 there.\n"  # cut at the stop string, then finish()'s newline
+
+
+def test_token_pieces_give_each_tokens_text_and_exact_bytes(tmp_path: Path) -> None:
+    """A token's text alone (special tokens shown) and its own bytes, which join into the text even where a
+    character spans tokens: a byte-level BPE's (its alphabet's characters mapped back to bytes) and a byte-fallback
+    vocabulary's (``<0xNN>``)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from helpers.text_checkpoints import byte_level_tokenizer
+
+    from fi_engine.text.tokenizer import Tokenizer
+
+    byte_level_tokenizer(["<|im_end|>"]).save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_dir(tmp_path)
+    text = "Hé, 😀 x\n\tdone"
+    ids = tok.encode(text)
+    pieces = [tok.token_piece(i) for i in ids]
+    assert b"".join(raw for _, raw in pieces).decode() == text
+    assert any(t == "\ufffd" and len(raw) == 1 for t, raw in pieces)  # é and 😀 are split over byte tokens here
+    assert all(t == raw.decode() for t, raw in pieces if "\ufffd" not in t)
+    assert tok.token_piece(0) == ("<|im_end|>", b"<|im_end|>") and tok.token_piece(ids[0]) is tok.token_piece(ids[0])
+    for bad, error, match in [(tok.vocab_size, ValueError, "outside the vocabulary"), (-1, ValueError, "-1"),
+                              (True, TypeError, "bool"), (1.0, TypeError, "float")]:  # fmt: skip
+        with pytest.raises(error, match=f"^token_id: .*{match}"):
+            tok.token_piece(bad)
+
+    fallback = tokenizers.Tokenizer(
+        tokenizers.models.BPE({"<0xC3>": 0, "<0xA9>": 1, "a": 2, "▁": 3}, [], byte_fallback=True)
+    )
+    fallback.decoder = tokenizers.decoders.Sequence([tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse()])
+    root = tmp_path / "fallback"
+    root.mkdir()
+    fallback.save(str(root / "tokenizer.json"))
+    tok = Tokenizer.from_dir(root)
+    assert [tok.token_piece(i) for i in (2, 0, 1)] == [("a", b"a"), ("\ufffd", b"\xc3"), ("\ufffd", b"\xa9")]

@@ -9,6 +9,13 @@ Its tokens follow a rule (:func:`expected_tokens`) so that a test knows every re
 
 It records what a test asserts: the rids aborted, the most slots used at once, the threads that called it (the
 service must call it from one), and it can be slow (``step_delay_s``) or fail at a step (``fail_at_step``).
+
+Log-probabilities and the sampling controls. Behind the rule stand logits (:func:`fake_logits`): a fixed
+pseudo-random vector per (prompt, seed, step) whose most likely token is the rule's (or the script's). A request
+that asks for ``logprobs`` / ``prompt_logprobs`` gets them from those logits (:func:`position_logprobs`); one that
+sets a control that can change the choice (``logit_bias``, ``min_tokens``, a penalty, ``min_p``) has its tokens
+chosen from them by :func:`next_token`, in vLLM's order, greedy or drawn with a uniform fixed per (seed, step).
+:func:`reference_run` plays a request through the same functions, so a test knows its every token and logprob.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fi_engine.runtime.sampling_params import SamplingParams
-from fi_engine.runtime.stepping import FinishReason, StepOutput
+import numpy as np
+
+from fi_engine.runtime.sampling_params import SamplingParams, sampling_arg
+from fi_engine.runtime.stepping import FinishReason, StepOutput, TokenLogprobs
 
 
 def expected_tokens(
@@ -38,6 +47,140 @@ def expected_tokens(
     return out
 
 
+def rule_token(prompt: Sequence[int], k: int, pool: Sequence[int], seed: int = 0) -> int:
+    """Token ``k`` of :func:`expected_tokens`' rule."""
+    return pool[(sum(prompt) * 7 + seed * 13 + k * 5) % len(pool)]
+
+
+def fake_logits(vocab_size: int, pool: Sequence[int], key: Sequence[int], favoured: int) -> np.ndarray:
+    """The stand-in model's logits (float64, ``(vocab_size,)``): standard normal noise drawn from ``key`` (ints
+    >= 0), 8 lower outside ``pool``, and ``favoured`` set 2 above the largest (so it is the argmax)."""
+    logits = np.random.default_rng([int(k) % 2**63 for k in key]).standard_normal(vocab_size)
+    outside = np.ones(vocab_size, dtype=bool)
+    outside[list(pool)] = False
+    logits[outside] -= 8.0
+    logits[favoured] = logits.max() + 2.0
+    return logits
+
+
+def step_logits(
+    vocab_size: int, pool: Sequence[int], prompt: Sequence[int], k: int, seed: int, script: Sequence[int] | None
+) -> np.ndarray:
+    """The logits of a request's step ``k``: favouring the script's token ``k``, else the rule's."""
+    favoured = script[k] if script is not None else rule_token(prompt, k, pool, seed)
+    return fake_logits(vocab_size, pool, (sum(prompt) * 7 + seed * 13, k), favoured)
+
+
+def position_logprobs(logits: np.ndarray, token: int, n: int) -> TokenLogprobs:
+    """``token``'s log-softmax and the ``n`` most likely (id, logprob), most likely first, ties by id."""
+    shifted = logits - logits.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    order = np.lexsort((np.arange(logits.size), -logprobs))[:n]
+    return TokenLogprobs(float(logprobs[token]), tuple((int(i), float(logprobs[i])) for i in order))
+
+
+def prompt_logprobs(
+    vocab_size: int, pool: Sequence[int], prompt: Sequence[int], n: int
+) -> tuple[TokenLogprobs | None, ...]:
+    """The prompt's log-probabilities: position ``i`` under the logits of a greedy request of ``prompt[:i]``'s
+    first step (None for position 0)."""
+    out: list[TokenLogprobs | None] = [None]
+    for i in range(1, len(prompt)):
+        logits = step_logits(vocab_size, pool, prompt[:i], 0, 0, None)
+        out.append(position_logprobs(logits, prompt[i], n))
+    return tuple(out)
+
+
+def changes_choice(sampling: SamplingParams | None) -> bool:
+    """Whether ``sampling`` sets a control that can change which token is chosen (the rule no longer applies)."""
+    if sampling is None:
+        return False
+    return bool(
+        sampling.logit_bias
+        or sampling.min_tokens
+        or sampling.presence_penalty
+        or sampling.frequency_penalty
+        or sampling.repetition_penalty != 1.0
+        or sampling.min_p
+    )
+
+
+def next_token(
+    logits: np.ndarray,
+    sampling: SamplingParams,
+    prompt: Sequence[int],
+    generated: Sequence[int],
+    eos: Sequence[int],
+) -> int:
+    """The token a request chooses from ``logits`` after ``generated``, as vLLM orders the controls: logit_bias,
+    min_tokens (EOS masked), repetition penalty (prompt and output), frequency and presence penalties (output);
+    then the argmax (lowest id on a tie) when greedy, else temperature, min_p, top_k, top_p and an inverse-CDF
+    draw with a uniform fixed by (seed, step)."""
+    x = logits.copy()
+    for token, bias in sampling.logit_bias:
+        x[token] += bias
+    if len(generated) < sampling.min_tokens and eos:
+        x[list(eos)] = -np.inf
+    penalty = sampling.repetition_penalty
+    if penalty != 1.0:
+        seen = np.unique(np.asarray([*prompt, *generated], dtype=np.int64))
+        x[seen] = np.where(x[seen] > 0, x[seen] / penalty, x[seen] * penalty)
+    counts = np.bincount(np.asarray(generated, dtype=np.int64), minlength=x.size)[: x.size]
+    x -= sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0)
+    if sampling.greedy:
+        return int(np.argmax(x))
+    probs = np.exp((x - x.max()) / sampling.temperature)
+    probs /= probs.sum()
+    probs[probs < sampling.min_p * probs.max()] = 0.0
+    order = np.lexsort((np.arange(x.size), -probs))
+    if sampling.top_k:
+        probs[order[sampling.top_k :]] = 0.0
+    if sampling.top_p < 1.0:
+        cumulative = np.cumsum(probs[order]) / probs.sum()
+        probs[order[int(np.searchsorted(cumulative, sampling.top_p)) + 1 :]] = 0.0
+    u = np.random.default_rng([sampling.seed or 0, len(generated), 1]).random()
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), x.size - 1))
+
+
+@dataclass(frozen=True)
+class FakeRun:
+    """A request played through the stand-in's rules: its tokens, their logprobs and the prompt's (None when
+    the request did not ask)."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprobs] | None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None
+
+
+def reference_run(
+    vocab_size: int,
+    pool: Sequence[int],
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    eos: Sequence[int] = (),
+    script: Sequence[int] | None = None,
+) -> FakeRun:
+    """What :class:`FakeStepEngine` gives a request (the same functions, step by step)."""
+    script = None if script is None else list(script)
+    request = FakeRequest(0, list(prompt), max_new_tokens, _seed(sampling), tuple(eos), script, sampling)
+    logprobs: list[TokenLogprobs] | None = None if sampling is None or sampling.logprobs is None else []
+    while True:
+        token, entry, last = request.advance(vocab_size, pool)
+        if logprobs is not None and entry is not None:
+            logprobs.append(entry)
+        if token in request.eos or last:
+            break
+    asked = None if sampling is None else sampling.prompt_logprobs
+    prompts = None if asked is None else prompt_logprobs(vocab_size, pool, prompt, asked)
+    return FakeRun(request.generated, logprobs, prompts)
+
+
+def _seed(sampling: SamplingParams | None) -> int:
+    return 0 if sampling is None or sampling.greedy else sampling.seed or 0
+
+
 @dataclass
 class FakeRequest:
     rid: int
@@ -46,7 +189,26 @@ class FakeRequest:
     seed: int
     eos: tuple[int, ...]
     script: list[int] | None  # the tokens to give, else the rule of expected_tokens
+    sampling: SamplingParams | None = None
     generated: list[int] = field(default_factory=list)
+
+    def advance(self, vocab_size: int, pool: Sequence[int]) -> tuple[int, TokenLogprobs | None, bool]:
+        """Generate the next token: it, its logprobs (None unless asked) and whether it is the last by length."""
+        k, sampling, script = len(self.generated), self.sampling, self.script
+        asked = None if sampling is None else sampling.logprobs
+        chooses = changes_choice(sampling)
+        logits = None
+        if asked is not None or chooses:
+            logits = step_logits(vocab_size, pool, self.prompt, k, self.seed, script)
+        if chooses:
+            assert sampling is not None and logits is not None
+            token = next_token(logits, sampling, self.prompt, self.generated, self.eos)
+        else:
+            token = script[k] if script is not None else rule_token(self.prompt, k, pool, self.seed)
+        entry = None if asked is None or logits is None else position_logprobs(logits, token, asked)
+        self.generated.append(token)
+        last = k + 1 == (self.max_new_tokens if script is None else min(len(script), self.max_new_tokens))
+        return token, entry, last
 
 
 class FakeStepEngine:
@@ -62,6 +224,8 @@ class FakeStepEngine:
         step_delay_s: seconds each step sleeps (a slow engine). fail_at_step: raise RuntimeError at that step.
         step_s: seconds each step takes in all, its own work included (it sleeps what is left): a GPU's step of a
             fixed time, for benchmarks/bench_serve.py's stand-in server.
+        as_gpu_engine: check ``sampling`` as the GPU engine does (``sampling_arg``: the fields it cannot honour yet
+            refused with a ValueError naming them).
     """
 
     def __init__(
@@ -76,6 +240,7 @@ class FakeStepEngine:
         step_delay_s: float = 0.0,
         fail_at_step: int | None = None,
         step_s: float = 0.0,
+        as_gpu_engine: bool = False,
     ) -> None:
         self.vocab_size = vocab_size
         self.pool = list(pool) if pool is not None else list(range(vocab_size))
@@ -86,6 +251,7 @@ class FakeStepEngine:
         self.step_delay_s = step_delay_s
         self.step_s = step_s
         self.fail_at_step = fail_at_step
+        self.as_gpu_engine = as_gpu_engine
         self._next_rid = 0
         self._queue: deque[FakeRequest] = deque()
         self._active: dict[int, FakeRequest] = {}
@@ -130,12 +296,17 @@ class FakeStepEngine:
             raise ValueError(
                 f"prompt: {len(prompt)} tokens + max_new_tokens {max_new_tokens} exceed max_seq_len {self.max_seq_len}"
             )
+        if self.as_gpu_engine:
+            sampling_arg(sampling)
+        if sampling is not None:
+            for token, _ in sampling.logit_bias:
+                if token >= self.vocab_size:
+                    raise ValueError(f"logit_bias: token id {token} is outside the vocabulary [0, {self.vocab_size})")
         eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
-        seed = 0 if sampling is None or sampling.greedy else sampling.seed
         rid = self._next_rid
         self._next_rid += 1
         script = self.scripts.get(tuple(prompt))
-        self._queue.append(FakeRequest(rid, prompt, max_new_tokens, seed, eos, script))
+        self._queue.append(FakeRequest(rid, prompt, max_new_tokens, _seed(sampling), eos, script, sampling))
         self.added.append((rid, tuple(prompt), max_new_tokens, sampling))
         return rid
 
@@ -168,14 +339,12 @@ class FakeStepEngine:
             self._active[request.rid] = request
         self.most_active = max(self.most_active, len(self._active))
         for rid, request in list(self._active.items()):
-            k = len(request.generated)
-            if request.script is not None:
-                token = request.script[k]
-                last = k + 1 == min(len(request.script), request.max_new_tokens)
-            else:
-                token = self.pool[(sum(request.prompt) * 7 + request.seed * 13 + k * 5) % len(self.pool)]
-                last = k + 1 == request.max_new_tokens
-            request.generated.append(token)
+            first = not request.generated
+            token, entry, last = request.advance(self.vocab_size, self.pool)
+            asked = None if request.sampling is None else request.sampling.prompt_logprobs
+            prompts = None
+            if first and asked is not None:
+                prompts = prompt_logprobs(self.vocab_size, self.pool, request.prompt, asked)
             finish: FinishReason | None = None
             if token in request.eos:
                 finish = "stop"
@@ -183,7 +352,8 @@ class FakeStepEngine:
                 finish = "length"
             if finish is not None:
                 del self._active[rid]
-            outputs.append(StepOutput(rid, (token,), finish))
+            logprobs = None if entry is None else (entry,)
+            outputs.append(StepOutput(rid, (token,), finish, logprobs=logprobs, prompt_logprobs=prompts))
         if self.step_s:
             left = started + self.step_s - time.perf_counter()
             if left > 0:

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible server on loopback for the server tests: uvicorn in a thread on an ephemeral port."""
+"""The OpenAI-compatible server on loopback for the server tests: uvicorn in a thread on an ephemeral port
+(:class:`RunningServer`), and the server over the stand-in engine with the official client (:class:`Served`)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,30 @@ def running(app: Any, graceful_s: float = 5.0) -> Iterator[RunningServer]:
         yield server
     finally:
         server.stop()
+
+
+MODEL = "fake-model"  # the name a Served server answers to
+WAIT = 20.0  # seconds a client or a test waits at most
+
+
+class Served:
+    """A stand-in engine (:class:`~helpers.fake_engine.FakeStepEngine` over ``codec``'s vocabulary, generating from
+    ``pool``), its service and the server on loopback, with an official ``openai`` client (:attr:`client`)."""
+
+    def __init__(self, codec: Any, pool: Any, max_queue: int = 256, graceful_s: float = 5.0, **engine_kw: Any) -> None:
+        import openai
+
+        from fi_engine.serve.openai_server import build_app
+        from fi_engine.serve.service import GenerationService
+        from helpers.fake_engine import FakeStepEngine
+
+        kw = {"max_seq_len": 4096, **engine_kw}
+        self.engine = FakeStepEngine(codec.tokenizer.vocab_size, pool=pool, eos_token_ids=codec.eos_token_ids, **kw)
+        self.service = GenerationService(self.engine, codec, max_queue=max_queue)
+        self.server = RunningServer(build_app(self.service, MODEL, max_model_len=4096, close_timeout=1.0), graceful_s)
+        self.url = self.server.url
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=WAIT)
+
+    def close(self) -> None:
+        self.server.stop()
+        self.service.close(timeout=1.0)

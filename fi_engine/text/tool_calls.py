@@ -1,0 +1,210 @@
+"""Tool calls in a model's output, in the two formats the chat templates of the served families ask for:
+
+- ``"hermes"`` (Qwen 2.5 / Qwen3, Hermes, SmolLM3): each call a JSON object ``{"name": ..., "arguments": {...}}``
+  between ``<tool_call>`` and ``</tool_call>``, any number of them, text around them being the reply's content;
+- ``"llama3_json"`` (Llama 3.1 / 3.2 / 3.3 with custom tools): the whole reply is the call, a JSON object
+  ``{"name": ..., "parameters": {...}}`` (after ``<|python_tag|>`` when the model writes it and the text keeps
+  special tokens); several calls separated by ``;``.
+
+:func:`call_format` tells the format from the checkpoint's chat template; :class:`ToolCallParser` reads a reply
+piece by piece as it streams (:meth:`~ToolCallParser.feed`, :meth:`~ToolCallParser.finish`): content is let out as
+soon as it cannot be the start of a call, and each call once it is complete. A block that does not hold a valid
+call (bad JSON, no name) is content, as written. :func:`opener` is the text that starts a call, for a server that
+makes the model call a tool (``tool_choice`` "required" or a named function) by writing it after the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .args import arg_text
+
+__all__ = ["FORMATS", "ToolCall", "ToolCallParser", "call_format", "opener"]
+
+FORMATS = ("hermes", "llama3_json")
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call: the function's ``name`` and its ``arguments`` as JSON text of an object (what OpenAI's
+    ``function.arguments`` holds)."""
+
+    name: str
+    arguments: str
+
+
+def call_format(template: str) -> str | None:
+    """The tool-call format a chat template (its jinja source) asks the model for, or None when it shows none."""
+    template = arg_text("template", template)
+    if HERMES_OPEN in template:
+        return "hermes"
+    if PYTHON_TAG in template or '"parameters"' in template:
+        return "llama3_json"
+    return None
+
+
+def opener(fmt: str, function: str | None = None) -> str:
+    """The text that starts a call in format ``fmt`` (of the function named ``function``, when given): written
+    after the prompt, the model's reply continues it."""
+    fmt = _format(fmt)
+    key = "arguments" if fmt == "hermes" else "parameters"
+    head = (
+        ""
+        if function is None
+        else f"{json.dumps(arg_text('function', function), ensure_ascii=False)}, {json.dumps(key)}: "
+    )
+    call = '{"name": ' + head
+    return f"{HERMES_OPEN}\n{call}" if fmt == "hermes" else call
+
+
+def _call(value: Any) -> ToolCall | None:
+    """A call from a parsed JSON value: an object with a string ``name`` and an object (or absent) ``arguments``
+    / ``parameters``; None otherwise."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        return None
+    args = value.get("arguments", value.get("parameters", {}))
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(value["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _json_calls(text: str) -> list[ToolCall] | None:
+    """The calls of a Llama 3 reply: JSON objects separated by ``;`` (and whitespace); None unless all are."""
+    decoder = json.JSONDecoder()
+    calls: list[ToolCall] = []
+    at = 0
+    while True:
+        while at < len(text) and (text[at].isspace() or text[at] == ";"):
+            at += 1
+        if at == len(text):
+            return calls or None
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            return None
+        call = _call(value)
+        if call is None:
+            return None
+        calls.append(call)
+
+
+class ToolCallParser:
+    """Read a reply in format ``fmt`` as it comes.
+
+    ``prefix``: text the reply continues that the model did not write itself (an :func:`opener` put after the
+    prompt), read first and never given back as content. :meth:`feed` takes the next piece of text and returns the
+    content that is settled and the calls completed; :meth:`finish` returns the rest at the end of the reply. The
+    pieces of content joined are the reply with its calls taken out.
+    """
+
+    def __init__(self, fmt: str, prefix: str = "") -> None:
+        self.fmt = _format(fmt)
+        prefix = arg_text("prefix", prefix)
+        self.calls: list[ToolCall] = []  # every call so far
+        self._held = ""  # text not settled yet
+        self._inside = False  # hermes: within a <tool_call> block; llama3_json: the reply is a call
+        self._decided = False  # llama3_json: whether the reply's first character was seen
+        if prefix:
+            content, _ = self.feed(prefix)
+            if content:
+                raise ValueError(f"prefix: {prefix!r:.80} does not start a call in the {fmt} format")
+
+    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+        """The content settled and the calls completed by the next piece ``text``."""
+        self._held += arg_text("text", text)
+        if self.fmt == "llama3_json":
+            return self._feed_json(), []
+        content, calls = [], []
+        while True:
+            if self._inside:
+                end = self._held.find(HERMES_CLOSE)
+                if end == -1:
+                    break
+                block, self._held = self._held[:end], self._held[end + len(HERMES_CLOSE) :]
+                self._inside = False
+                call = self._block(block)
+                if call is None:
+                    content.append(HERMES_OPEN + block + HERMES_CLOSE)
+                else:
+                    calls.append(call)
+                continue
+            start = self._held.find(HERMES_OPEN)
+            if start == -1:
+                keep = _partial_tail(self._held, HERMES_OPEN)
+                content.append(self._held[: len(self._held) - keep])
+                self._held = self._held[len(self._held) - keep :]
+                break
+            content.append(self._held[:start])
+            self._held = self._held[start + len(HERMES_OPEN) :]
+            self._inside = True
+        self.calls += calls
+        return self._content("".join(content)), calls
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """The content and calls left at the end of the reply (a call cut short is content)."""
+        held, self._held = self._held, ""
+        if self.fmt == "llama3_json":
+            if not self._inside:
+                return held, []
+            calls = _json_calls(held.removeprefix(PYTHON_TAG))
+            if calls is None:
+                return held, []
+            self.calls += calls
+            return "", calls
+        if not self._inside:
+            return self._content(held), []
+        self._inside = False
+        call = self._block(held)  # a last call without its closing tag (the reply ended at EOS)
+        if call is None:
+            return HERMES_OPEN + held, []
+        self.calls.append(call)
+        return "", [call]
+
+    def _content(self, text: str) -> str:
+        """Content as given, but none of the blank text between and after calls (their separators)."""
+        return "" if self.calls and not text.strip() else text
+
+    def _block(self, block: str) -> ToolCall | None:
+        try:
+            return _call(json.loads(block))
+        except json.JSONDecodeError:
+            return None
+
+    def _feed_json(self) -> str:
+        """llama3_json: the reply is a call when its first character (past whitespace and the python tag) is
+        ``{``; then all of it waits for :meth:`finish`, else it is content at once."""
+        if not self._decided:
+            head = self._held.lstrip()
+            if not head or (PYTHON_TAG.startswith(head) and head != PYTHON_TAG):
+                return ""  # nothing to decide on yet
+            head = head.removeprefix(PYTHON_TAG).lstrip()
+            if not head:
+                return ""
+            self._decided, self._inside = True, head.startswith("{")
+        if self._inside:
+            return ""
+        held, self._held = self._held, ""
+        return held
+
+
+def _format(fmt: Any) -> str:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ValueError(f"fmt: expected one of {FORMATS}, got {fmt!r:.80}")
+    return fmt
+
+
+def _partial_tail(text: str, tag: str) -> int:
+    """The length of the longest end of ``text`` that begins ``tag`` (held back: it may become the tag)."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
