@@ -352,9 +352,12 @@ class ServingLoop(StepEngineBase):
         """The step API's outputs of ``produced`` (request -> tokens it got); ended requests are forgotten."""
         out = []
         requests = self._requests
+        caching = self.scheduler.prefix_caching
         for r, k in produced.items():
             finish = _FINISH.get(r.finish_reason) if r.finish_reason is not None else None
-            out.append(StepOutput(r.rid, tuple(r.output[-k:]), finish))
+            # with its first tokens, the prefix cache's hit (where the cache is on)
+            hit = r.hit if caching and len(r.output) == k else None
+            out.append(StepOutput(r.rid, tuple(r.output[-k:]), finish, num_cached_tokens=hit))
             if finish is not None:
                 requests.pop(r.rid, None)
         return out

@@ -57,6 +57,11 @@ class StepOutput:
     None (nothing precedes it: as vLLM and OpenAI's ``echo`` give it), entry ``i`` the distribution after
     ``prompt[:i]`` with ``logprob`` that of ``prompt[i]``.
 
+    ``num_cached_tokens``: on the first output with tokens of a request, how many of its prompt tokens the engine
+    found in its prefix cache (their keys and values computed for an earlier request; 0 without a hit), as vLLM
+    reports it and OpenAI's usage gives ``prompt_tokens_details.cached_tokens``; None on its later outputs, with
+    the cache off, and from an engine that does not say.
+
     An engine whose ``add_requests_nowait`` returns ids before the engine has seen the requests (an engine
     process's :class:`~fi_engine.serve.engine_client.EngineClient`) answers for each one through
     :meth:`StepEngine.step`:
@@ -70,6 +75,7 @@ class StepOutput:
     error: Exception | None = None
     logprobs: tuple[TokenLogprobs, ...] | None = None
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    num_cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:

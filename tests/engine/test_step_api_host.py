@@ -1043,12 +1043,12 @@ def cached_scheduler(num_pages=1 + 16, max_batch=3):
 def test_a_prompt_sharing_full_pages_with_a_finished_one_takes_them_and_is_prefilled_past_them():
     s = cached_scheduler()
     system = list(range(1, 2 * PS + 1))  # two full pages
-    a = s.submit(system + [7, 8, 9], 2)
+    a = s.submit([*system, 7, 8, 9], 2)
     s.admit()
     s.record([a], [50], prefill=True)  # its pass wrote the prompt: its two full pages are registered
     s.record(s.decode_rows(padded=False), [51])  # ends at max_new_tokens: its pages go back, the full ones cached
     assert a.finished and s.allocator.num_free == s.allocator.capacity
-    b = s.submit(system + [4, 5], 3)
+    b = s.submit([*system, 4, 5], 3)
     assert s.admit() == [b]
     assert b.cached == b.hit == 2 * PS and len(b.pages) == 3  # the two cached pages, then its own third
     arrays = prefill_layout(512, 3, 1 + 16 + 3).views(np.zeros(prefill_layout(512, 3, 20).total, np.int32))
@@ -1061,11 +1061,11 @@ def test_a_prompt_sharing_full_pages_with_a_finished_one_takes_them_and_is_prefi
 def test_a_shared_prefix_is_matched_while_its_first_request_still_decodes_and_never_the_whole_prompt():
     s = cached_scheduler()
     prompt = list(range(1, PS + 1))  # exactly one page: the match leaves its last token to compute
-    a = s.submit(prompt + [99], 5)
+    a = s.submit([*prompt, 99], 5)
     s.admit()
     s.record([a], [50], prefill=True)
     b = s.submit(prompt, 2)
-    c = s.submit(prompt + [99, 50, 3], 2)
+    c = s.submit([*prompt, 99, 50, 3], 2)
     assert s.admit() == [b, c]
     assert b.cached == 0  # one page = the whole prompt: its last token is computed, so nothing is taken
     assert c.cached == PS and c.pages[0] == a.pages[0]  # a's first page, shared while a runs
@@ -1102,10 +1102,13 @@ def test_the_step_api_with_prefix_caching_gives_the_same_tokens_and_prefills_few
             rid = e.add_request(p, 3, eos_token_ids=())
             out = drain(e)
             rows.append(e.filled[0])
-            runs[on] = runs.get(on, []) + [[t for o in out[rid] for t in o.token_ids]]
+            runs[on] = [*runs.get(on, []), [t for o in out[rid] for t in o.token_ids]]
+            runs[on, "cached"] = [*runs.get((on, "cached"), []), out[rid][0].num_cached_tokens]
+            assert all(o.num_cached_tokens is None for o in out[rid][1:])  # on the first output only
         runs[on, "rows"] = rows
         assert e.scheduler.allocator.num_free == e.scheduler.allocator.capacity
     assert runs[True] == runs[False]  # the stand-in's tokens depend on the prompt and output only
+    assert runs[True, "cached"] == [0, 3 * PS, 2 * PS] and runs[False, "cached"] == [None] * 3
     assert runs[False, "rows"] == [len(p) for p in prompts]
     assert runs[True, "rows"] == [3 * PS + 2, 1, 7]  # past the 3 and 2 pages the first prompt left cached
 
