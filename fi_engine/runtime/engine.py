@@ -9,6 +9,8 @@ own module with a narrow interface:
 - the **scheduler** (:class:`~fi_engine.runtime.paging.Scheduler`) with the KV-cache manager
   (:class:`~fi_engine.runtime.kv_cache.KVCacheManager`: the pages, and the prompt prefixes cached in them): the
   requests, their slots and pages, admission, a step's rows;
+- the **logits processor** (:class:`~fi_engine.runtime.logits_processing.LogitsProcessor`): the log-probabilities
+  and sampling controls (bias, penalties, ``min_tokens``, ``min_p``) of the rows that ask;
 - the **sampler** (:class:`~fi_engine.runtime.sampling.Sampler`): greedy, top-k / top-p, each request with its own
   parameters, over the runner's logits;
 - the **serving loop** (:class:`~fi_engine.runtime.serving.ServingLoop`, this class's base): ``generate``,
@@ -25,6 +27,7 @@ from typing import Any, Generic, TypeVar, overload
 
 from .family import ModelFamily
 from .kv_cache import KVCacheManager
+from .logits_processing import LogitsProcessor
 from .model_runner import ModelRunner
 from .paging import Scheduler
 from .serving import ServingLoop
@@ -173,6 +176,7 @@ class Engine(ServingLoop):
         runner = self.runner = ModelRunner(family, model_dir, settings)
         self.sampler = runner.sampler
         c = runner.config
+        self.processor = LogitsProcessor(runner.cupy, runner.buffers.logits, c.vocab_size, frozenset(c.eos_token_ids))
         self.kv_cache = KVCacheManager(runner.num_pages, runner.page_size)  # caching once prefix_caching is on
         self.scheduler = Scheduler(
             self.kv_cache,

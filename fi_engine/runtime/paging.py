@@ -42,7 +42,7 @@ from typing import Any, Protocol, cast
 import numpy as np
 
 from ..values import MAX_SIZE, arg_int, integer, show
-from .sampling_params import SamplingParams, sampling_arg
+from .sampling_params import SamplingParams, asks_processing, sampling_arg
 
 __all__ = [
     "PAD_PAGE",
@@ -152,6 +152,8 @@ class Request:
     pages: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V are in the cache
     hit: int = 0  # prompt tokens found in the prefix cache at admission (their K/V computed by an earlier request)
+    asks: SamplingParams | None = None  # its sampling where it sets logprobs or a control (asks_processing)
+    logprobs: list[Any] = field(default_factory=list)  # a TokenLogprobs per output token, where asks.logprobs is set
     slot: int = -1  # row in the batch while active
     finish_reason: str | None = None  # "eos", "length" or "abort" once finished
     sampling: SamplingParams | None = None
@@ -518,7 +520,8 @@ class Scheduler:
         vocab_size: token ids must be below it.
         eos_token_ids: tokens that end a request (they are kept in its output), unless it was submitted with its own.
 
-    ``sampled``: how many active requests sample (not greedy), so a step of greedy rows only knows it at once.
+    ``sampled``: how many active requests sample (not greedy), so a step of greedy rows only knows it at once;
+    ``processed``: how many ask for log-probabilities or a sampling control (``Request.asks``).
 
     ``prefix_caching`` (default False; settable where the allocator caches: a KVCacheManager made with
     ``enable_prefix_caching=True``): an admitted prompt takes the cached full pages its beginning matches (their K/V
@@ -546,6 +549,7 @@ class Scheduler:
         self.pending: deque[Request] = deque()
         self.slots: list[Request | None] = [None] * max_batch
         self.sampled = 0
+        self.processed = 0
         self._next_id = 0
         self._prefix_caching = False
 
@@ -612,6 +616,7 @@ class Scheduler:
                 f"{self.allocator.capacity}; raise num_pages or lower max_new_tokens"
             )
         greedy = sampling is None or sampling.greedy
+        asking = asks_processing(sampling)
         r = Request(
             self._next_id,
             tuple(int(t) for t in arr),
@@ -621,6 +626,7 @@ class Scheduler:
             draws=None if greedy else draws,
             eos=eos,
             queued_at=time.perf_counter(),
+            asks=sampling if asking else None,
         )
         self._next_id += 1
         self.pending.append(r)
@@ -667,6 +673,8 @@ class Scheduler:
         r.slot = -1
         if r.sampling is not None:
             self.sampled -= 1
+        if r.asks is not None:
+            self.processed -= 1
 
     # ---- batches out
 
@@ -711,6 +719,8 @@ class Scheduler:
             self.slots[r.slot] = r
             if r.sampling is not None:
                 self.sampled += 1
+            if r.asks is not None:
+                self.processed += 1
             admitted.append(r)
             tokens += len(r.prompt) - r.cached
         if self.pending and not admitted and not self.active:

@@ -143,18 +143,7 @@ def sampling_arg(sampling: object) -> SamplingParams | None:
     return sampling
 
 
-GPU_UNSUPPORTED = frozenset(
-    {
-        "min_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "min_tokens",
-        "logit_bias",
-        "logprobs",
-        "prompt_logprobs",
-    }
-)
+GPU_UNSUPPORTED = frozenset({"prompt_logprobs"})
 """The :class:`SamplingParams` fields the GPU engine cannot honour yet (a field leaves it as the engine learns it)."""
 
 _DEFAULTS = {f.name: f.default for f in fields(SamplingParams)}
@@ -165,3 +154,18 @@ def unsupported_by_gpu_engine(params: SamplingParams) -> str | None:
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params: expected a SamplingParams, got {type(params).__name__}")
     return next((n for n, v in _DEFAULTS.items() if n in GPU_UNSUPPORTED and getattr(params, n) != v), None)
+
+
+_CONTROLS = ("logit_bias", "min_tokens", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p")
+
+
+def sets_controls(sampling: SamplingParams | None) -> bool:
+    """Whether ``sampling`` sets a control that changes the logits (``logit_bias``, ``min_tokens``, the penalties,
+    ``min_p``): the engine processes its rows' logits before choosing (:mod:`~fi_engine.runtime.logits_processing`)."""
+    return sampling is not None and any(getattr(sampling, n) != _DEFAULTS[n] for n in _CONTROLS)
+
+
+def asks_processing(sampling: SamplingParams | None) -> bool:
+    """Whether a request of ``sampling`` needs its logits processed: a control (:func:`sets_controls`) or
+    ``logprobs``."""
+    return sampling is not None and (sampling.logprobs is not None or sets_controls(sampling))

@@ -25,10 +25,11 @@ import numpy as np
 
 from ..kernels.flashinfer import stream_scope
 from .kv_cache import KVCacheManager
+from .logits_processing import LogitsProcessor, PendingLogprobs
 from .model_runner import ModelRunner
 from .paging import Request, Scheduler, pages_for, prefill_slots
 from .sampling import Draws, Sampler
-from .sampling_params import SamplingParams, sampling_arg
+from .sampling_params import SamplingParams, asks_processing, sampling_arg
 from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
@@ -71,6 +72,7 @@ class _LaunchedStep:
     rows: list[Request | None]
     ids: np.ndarray
     done: Any
+    logprobs: PendingLogprobs | None = None  # the log-probabilities of its rows that ask (logits_processing)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class _LaunchedPass:
     admitted: list[Request]
     slots: list[int]
     done: Any
+    logprobs: PendingLogprobs | None = None
 
 
 @dataclass
@@ -126,6 +129,7 @@ class ServingLoop(StepEngineBase):
     scheduler: Scheduler  # the requests, their slots and KV pages: admission, a step's rows, the tokens recorded
     kv_cache: KVCacheManager  # the KV cache's pages and the prompt prefixes cached in them (the scheduler's pool)
     sampler: Sampler  # each row's token from its logits (greedy, or drawn with the request's parameters)
+    processor: LogitsProcessor  # the logprobs and sampling controls of the rows that ask, before the sampler
     # the step API's requests by id, the aborted ones the next step() reports, the ends a failed step() had recorded
     _requests: dict[int, Request]
     _aborted: list[Request]
@@ -283,6 +287,8 @@ class ServingLoop(StepEngineBase):
         prompt, max_new_tokens, sampling, eos_token_ids = request
         self._check_open()
         sampling = sampling_arg(sampling)
+        if asks_processing(sampling):
+            self._check_processing(sampling)
         r = self.scheduler.submit(
             prompt,
             max_new_tokens,
@@ -293,6 +299,16 @@ class ServingLoop(StepEngineBase):
         )
         self._requests[r.rid] = r
         return r.rid
+
+    def _check_processing(self, sampling: Any) -> None:
+        """ValueError naming the field where this engine cannot honour ``sampling``'s logprobs or controls."""
+        if self.runner.vocab_shard is not None:
+            field = "logprobs" if sampling.logprobs is not None else "logit_bias"
+            raise ValueError(f"{field}: not supported with a vocabulary split over tensor-parallel ranks yet")
+        vocab = self.runner.config.vocab_size
+        bad = next((t for t, _ in sampling.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias: token id {bad} is outside the vocabulary [0, {vocab})")
 
     def abort_request(self, rid: int) -> None:
         """End request ``rid`` now, queued or active: its slot and KV pages are free when this returns, and the next
@@ -357,7 +373,8 @@ class ServingLoop(StepEngineBase):
             finish = _FINISH.get(r.finish_reason) if r.finish_reason is not None else None
             # with its first tokens, the prefix cache's hit (where the cache is on)
             hit = r.hit if caching and len(r.output) == k else None
-            out.append(StepOutput(r.rid, tuple(r.output[-k:]), finish, num_cached_tokens=hit))
+            logprobs = tuple(r.logprobs[-k:]) if r.asks is not None and r.asks.logprobs is not None else None
+            out.append(StepOutput(r.rid, tuple(r.output[-k:]), finish, num_cached_tokens=hit, logprobs=logprobs))
             if finish is not None:
                 requests.pop(r.rid, None)
         return out
@@ -456,6 +473,7 @@ class ServingLoop(StepEngineBase):
             and self.runner.graph is not None
             and self.runner.comm is None
             and sched.same_rows(prepared)
+            and not sched.processed  # its controls and logprobs read each request's recorded tokens
             and not self._would_admit(sched, delay)
         )
 
@@ -463,7 +481,12 @@ class ServingLoop(StepEngineBase):
         """Whether the prefill pass of queued requests may be launched now, behind the decode step in flight
         (:meth:`_serve_step`, :attr:`pipelined_prefill`): a queued request would be admitted (:meth:`_would_admit`),
         on one GPU with the decode graph where steps are prepared ahead (:attr:`pipelined_decode`'s conditions)."""
-        return self.pipelined_prefill and self._prepares_ahead() and self._would_admit(sched, delay=True)
+        return (
+            self.pipelined_prefill
+            and self._prepares_ahead()
+            and not sched.processed  # a rider's controls and logprobs read its recorded tokens
+            and self._would_admit(sched, delay=True)
+        )
 
     def _prepares_ahead(self) -> bool:
         """Whether decode steps are prepared while the one before runs and launched with their input tokens copied
@@ -478,7 +501,7 @@ class ServingLoop(StepEngineBase):
         (nothing prepared) where steps are not prepared ahead (the conditions of :attr:`pipelined_decode`) or a
         request reaches its token limit in the pass (the rows will change). The step's input tokens are then the
         pass's, which it chose one per slot: copied on the device at launch."""
-        if not self._prepares_ahead():
+        if not self._prepares_ahead() or sched.processed:  # (controls and logprobs read the recorded tokens)
             return False
         rows = sched.peek_rows(1)
         rows = rows[: sched.graph_rows(rows, self.runner.decode_graph_batches)]
@@ -563,6 +586,8 @@ class ServingLoop(StepEngineBase):
         self._check_open()
         self._check_idle("generate")
         sampling = sampling_arg(sampling) or SamplingParams()
+        if asks_processing(sampling):
+            self._check_processing(sampling)
         # a fresh stream per call (seed, offset 0), every row its own subsequence: reproducible generations
         draws = None if sampling.greedy else Draws.seeded(sampling.seed or 0, shared=True)
         sched, runner = self.scheduler, self.runner
@@ -645,7 +670,7 @@ class ServingLoop(StepEngineBase):
         else:
             self.runner.stream.synchronize()  # everything, the copies out of the host staging buffers included
         t2 = time.perf_counter()
-        sched.record(launched.rows, launched.ids[: len(launched.rows)].tolist())
+        self._record(sched, launched.rows, launched.ids[: len(launched.rows)].tolist(), launched.logprobs)
         t3 = time.perf_counter()
         result.step_host_us.append((t1 - t0 - waited + t3 - t2) * 1e6)
         result.decode_s += t3 - t0
@@ -842,9 +867,12 @@ class ServingLoop(StepEngineBase):
         by_slot: list[Request | None] = [None] * width
         for r in rows:
             by_slot[r.slot] = r
+        pending = self.processor.apply(by_slot, width)[0] if sched.processed else None
         sampler.share_ids(sampler.pick(view, width, by_slot if sched.sampled else None))
+        if pending is not None:
+            self.processor.chosen(pending, runner.buffers.ids)
         done = runner.send_prefill_tokens(width)
-        return _LaunchedPass(list(riders), reqs, [r.slot for r in rows], done), full
+        return _LaunchedPass(list(riders), reqs, [r.slot for r in rows], done, pending), full
 
     def _prefill_finish(self, sched: Scheduler, launched: _LaunchedPass, behind: bool = False) -> None:
         """Wait for the prefill pass ``launched`` and record its tokens: the riders' next, the admitted requests'
@@ -856,6 +884,8 @@ class ServingLoop(StepEngineBase):
             self.runner.stream.synchronize()
         tokens = self.runner.prefill_tokens(launched.slots)
         k = len(launched.riders)
+        if launched.logprobs is not None:
+            self._keep_logprobs(launched.logprobs, [*launched.riders, *launched.admitted])
         if k:
             sched.record(launched.riders, tokens[:k])
         sched.record(launched.admitted, tokens[k:], prefill=True)
@@ -869,7 +899,7 @@ class ServingLoop(StepEngineBase):
         t2 = time.perf_counter()
         self.runner.stream.synchronize()
         t3 = time.perf_counter()
-        sched.record(launched.rows, launched.ids[: len(launched.rows)].tolist())
+        self._record(sched, launched.rows, launched.ids[: len(launched.rows)].tolist(), launched.logprobs)
         return ((t2 - t0) + (time.perf_counter() - t3)) * 1e6, launched.rows
 
     def _decode_finish(self, sched: Scheduler, launched: _LaunchedStep, behind: bool = False) -> list[Request]:
@@ -882,7 +912,7 @@ class ServingLoop(StepEngineBase):
             launched.done.synchronize()
         else:
             self.runner.stream.synchronize()
-        sched.record(launched.rows, launched.ids[: len(launched.rows)].tolist())
+        self._record(sched, launched.rows, launched.ids[: len(launched.rows)].tolist(), launched.logprobs)
         return live
 
     def _decode_launch(self, sched: Scheduler, depth: int = 1) -> _LaunchedStep:
@@ -909,12 +939,18 @@ class ServingLoop(StepEngineBase):
             runner.stage_decode(rows)
         n = len(rows)
         view, argmax_done = runner.run_decode(n)
+        pending = None
+        if sched.processed:  # logprobs and controls of the rows that ask; a control: every argmax taken again
+            pending, changed = self.processor.apply(rows, n)
+            argmax_done = argmax_done and not changed
         draw_rows = rows if sched.sampled else None  # None: every row greedy (one counter read, no row scan)
         if argmax_done:  # the graph's argmax is every greedy row's token
             sampled = draw_rows is not None and sampler.pick(view, n, draw_rows, argmax_done=True)
         else:
             sampled = sampler.pick(view, n, draw_rows)
         sampler.share_ids(sampled)
+        if pending is not None:
+            self.processor.chosen(pending, runner.buffers.ids)
         ids, done = runner.send_decode_tokens(n)
         if graph is not None and runner.prepare_ahead:
             # the next step, as it will be unless a request ends with an end-of-sequence token or a prefill comes
@@ -923,7 +959,25 @@ class ServingLoop(StepEngineBase):
             ahead = ahead[: sched.graph_rows(ahead, runner.decode_graph_batches)]
             runner.stage_decode_ahead(ahead, depth)
             self._next_rows = ahead
-        return _LaunchedStep(rows, ids, done)
+        return _LaunchedStep(rows, ids, done, pending)
+
+    def _record(
+        self, sched: Scheduler, rows: Sequence[Request | None], tokens: list[int], pending: PendingLogprobs | None
+    ) -> None:
+        """A decode step's tokens recorded (``Scheduler.record``), with the log-probabilities of its rows that asked
+        kept on their requests first."""
+        if pending is not None:
+            self._keep_logprobs(pending, [r for r in rows if r is not None])
+        sched.record(rows, tokens)
+
+    @staticmethod
+    def _keep_logprobs(pending: PendingLogprobs, taking: Sequence[Request]) -> None:
+        """Append each asking request's :class:`~fi_engine.runtime.stepping.TokenLogprobs` of this pass to its
+        ``logprobs``, where it takes the pass's token (a request that ended since the launch takes none)."""
+        live = {id(r) for r in taking if r.finish_reason is None}
+        for r, entry in zip(pending.requests, pending.resolve(), strict=True):
+            if id(r) in live:
+                r.logprobs.append(entry)
 
     def _check_open(self) -> None:
         if self._closed:

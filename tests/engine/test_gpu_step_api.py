@@ -35,6 +35,7 @@ if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
 
 cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy (pip install 'fi-ffi[llama]')")
 
+from helpers.fake_engine import next_token  # noqa: E402
 from helpers.random_llama import VOCAB, save_random_llama  # noqa: E402
 from helpers.yardstick import prompts  # noqa: E402
 
@@ -444,3 +445,69 @@ def test_prefix_caching_serves_a_shared_system_prompt_with_the_same_tokens(engin
     assert free_pages(engine) == capacity(engine)
     for p, out in zip(turns, on, strict=True):
         check_own_greedy(engine, p, out)
+
+
+# ------------------------------------------------------------------------------------------------------------ (g)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x - x.max() - np.log(np.exp(x - x.max()).sum())
+
+
+def test_logprobs_are_the_log_softmax_of_the_engines_own_logits(engine):
+    """``SamplingParams.logprobs``: each token's log-probability and the top 5 are those of the engine's own logits
+    (teacher forcing with prefill_logits, whose kernels differ from the decode step's by a few hundredths: within
+    0.1), for a request alone and beside requests that ask nothing; a graph's rows too."""
+    ps = prompts((14, 30, 7), VOCAB, seed=41)
+    sp = SamplingParams(logprobs=5)
+    rids = [engine.add_request(ps[0], 10, sampling=sp, eos_token_ids=())]
+    rids += [engine.add_request(p, 10, eos_token_ids=()) for p in ps[1:]]
+    got = drain(engine)
+    outs = got[rids[0]]
+    tokens = tokens_of(outs)
+    entries = [e for o in outs for e in (o.logprobs or ())]
+    assert len(entries) == len(tokens) == 10 and all(o.logprobs is None for r in rids[1:] for o in got[r])
+    lg = engine.prefill_logits([ps[0] + tokens[:-1]])[0]
+    for t, (tok, entry) in enumerate(zip(tokens, entries, strict=True)):
+        ref = log_softmax(lg[len(ps[0]) - 1 + t])
+        assert entry.logprob == pytest.approx(ref[tok], abs=0.1), t
+        assert len(entry.top) == 5 and entry.top[0][1] >= entry.top[-1][1]
+        assert all(v == pytest.approx(ref[i], abs=0.1) for i, v in entry.top)
+        assert entry.top[0][0] == tok or ref[entry.top[0][0]] - ref[tok] < TOL / 10  # greedy: the top one
+    assert free_pages(engine) == capacity(engine)
+
+
+def test_sampling_controls_choose_what_the_reference_chooses_from_the_engines_logits(engine):
+    """Greedy requests with controls, in one batch with one that has none: each token is what the stand-in's
+    reference (helpers.fake_engine.next_token: vLLM's order of bias, min_tokens, penalties) picks from the
+    engine's own logits at that position, up to a near tie (TOL) of the controlled logits; a bias of +100 forces its
+    token; min_tokens holds the end-of-sequence token back."""
+    ps = prompts((12, 9, 20, 16), VOCAB, seed=43)
+    eos = 7
+    controls = [
+        SamplingParams(repetition_penalty=1.6, frequency_penalty=0.8, presence_penalty=0.5),
+        SamplingParams(logit_bias={33: 100.0}),
+        SamplingParams(min_tokens=6, logit_bias={eos: 60.0}),  # eos the best token, held back for 6 tokens
+        None,
+    ]
+    rids = [engine.add_request(p, 9, sampling=sp, eos_token_ids=(eos,)) for p, sp in zip(ps, controls, strict=True)]
+    got = {r: tokens_of(o) for r, o in drain(engine).items()}
+    assert got[rids[1]] == [33] * 9
+    held = got[rids[2]]
+    assert eos not in held[:6] and held[-1] == eos and len(held) == 7  # ends at its 7th token, the first allowed
+    for rid, p, sp in zip(rids, ps, controls, strict=True):
+        out = got[rid]
+        if sp is None:
+            check_own_greedy(engine, p, out)
+            continue
+        lg = engine.prefill_logits([p + out[:-1]])[0]
+        for t, tok in enumerate(out):
+            x = lg[len(p) - 1 + t].astype(np.float64)
+            want = next_token(x, sp, p, out[:t], [eos])
+            if tok != want:  # only a near tie of the controlled logits may go either way
+                y = x.copy()
+                for token, bias in sp.logit_bias:
+                    y[token] += bias
+                assert abs(y[tok] - y[want]) < TOL * sp.repetition_penalty, (rid, t, tok, want)
+    assert free_pages(engine) == capacity(engine)

@@ -1,0 +1,147 @@
+"""What happens to a step's logits between the LM head and the sampler, for the requests that ask (the OpenAI API's
+``logprobs`` and the sampling controls of :class:`~fi_engine.runtime.sampling_params.SamplingParams`):
+
+Which requests ask: ``Request.asks`` (their :class:`~fi_engine.runtime.sampling_params.SamplingParams` where
+:func:`~fi_engine.runtime.sampling_params.asks_processing`, else None), set by the scheduler at submission.
+
+1. **log-probabilities** of the raw logits (before any control; vLLM's default): each asking row's log-softmax
+   normalizer and its ``logprobs`` most likely tokens, kept on the device until the step's tokens are recorded,
+   then its chosen token's log-probability (:class:`PendingLogprobs`);
+2. **controls**, in vLLM's order, on the logits in place: ``logit_bias``, ``min_tokens`` (the request's
+   end-of-sequence ids masked until it has that many tokens), ``repetition_penalty`` (over the prompt and the
+   output), ``frequency_penalty`` and ``presence_penalty`` (over the output), and ``min_p`` as a mask (a token whose
+   probability at the request's temperature is below ``min_p`` times the most likely one's: ``logit < max + T *
+   ln(min_p)``), which the sampler's temperature, top-k and top-p then see as vLLM's order has them.
+
+Rows asking nothing cost nothing: a step whose rows ask nothing never calls here (the scheduler counts the active
+requests that ask, ``Scheduler.processed``). A step that does runs a few CuPy launches per control over the rows
+that ask (temporary arrays of those rows, made per step), and its greedy rows' argmax is taken again after the
+controls (the decode graph's captured argmax saw the raw logits).
+
+One GPU: with a vocabulary shard the logits are split over the ranks (refused by the engine's ``add_request``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .paging import Request
+from .sampling_params import SamplingParams, sets_controls
+from .stepping import TokenLogprobs
+
+__all__ = ["LogitsProcessor", "PendingLogprobs", "logprobs_of_rows"]
+
+
+@dataclass
+class PendingLogprobs:
+    """The log-probabilities of one step's asking rows, on the device until :meth:`resolve` (after the step's
+    tokens are chosen: it reads them from the device too). ``rows``: the step's row of each asking request."""
+
+    requests: list[Request]
+    rows: list[int]
+    raw: Any  # [k, vocab] float32: the asking rows' raw logits
+    lse: Any  # [k]: their log-sum-exp
+    top_ids: Any  # [k, N] int: the N most likely tokens (N the most any asking row wants), or None
+    top_values: Any  # [k, N] float32: their log-probabilities
+    host: Callable[[Any], np.ndarray]  # a device array's copy on the host (CuPy's asnumpy)
+    chosen: Any = None  # [k] float32: the chosen tokens' log-probabilities (set by LogitsProcessor.chosen)
+
+    def resolve(self) -> list[TokenLogprobs]:
+        """Each asking row's :class:`TokenLogprobs` (its top N as its request asked), read from the device (waits
+        for the stream)."""
+        chosen = self.host(self.chosen) if self.chosen is not None else np.zeros(len(self.rows), np.float32)
+        ids = self.host(self.top_ids) if self.top_ids is not None else None
+        values = self.host(self.top_values) if self.top_values is not None else None
+        out = []
+        for i, r in enumerate(self.requests):
+            n = (r.asks.logprobs or 0) if r.asks is not None else 0
+            top: tuple[tuple[int, float], ...] = ()
+            if n and ids is not None and values is not None:
+                top = tuple((int(t), float(v)) for t, v in zip(ids[i, :n], values[i, :n], strict=True))
+            out.append(TokenLogprobs(float(chosen[i]), top))
+        return out
+
+
+def logprobs_of_rows(cp: Any, logits: Any, top_n: int) -> tuple[Any, Any, Any]:
+    """``(lse, top_ids, top_values)`` of float32 ``logits`` ``[k, vocab]``: each row's log-sum-exp, and its ``top_n``
+    most likely tokens' ids and log-probabilities, most likely first, ties to the lower id (None, None for 0)."""
+    m = logits.max(axis=1, keepdims=True)
+    lse = (cp.log(cp.exp(logits - m).sum(axis=1, keepdims=True)) + m)[:, 0]
+    if top_n <= 0:
+        return lse, None, None
+    # a stable sort of the negated logits: descending values, equal ones in ascending id order
+    order = cp.argsort(-logits, axis=1, kind="stable")[:, :top_n]
+    values = cp.take_along_axis(logits, order, axis=1) - lse[:, None]
+    return lse, order, values
+
+
+class LogitsProcessor:
+    """The engine's logits processing between its LM head and its sampler (see the module docstring), over the
+    runner's ``logits`` buffer ``[max_batch, vocab]`` (float32, on its stream)."""
+
+    def __init__(self, cupy: Any, logits: Any, vocab_size: int, eos: frozenset[int]) -> None:
+        self.cupy = cupy
+        self.logits = logits
+        self.vocab_size = vocab_size
+        self.eos = eos  # the engine's end-of-sequence ids (a request without its own)
+        self._host = getattr(cupy, "asnumpy", np.asarray)  # (numpy stands in for CuPy in the CPU tests)
+
+    def apply(self, rows: Sequence[Request | None], n: int) -> tuple[PendingLogprobs | None, bool]:
+        """Process the first ``n`` rows of the logits for ``rows`` (the step's requests by row; None: padding).
+        Returns the pending log-probabilities of the rows asking for them (None: none asks) and whether a control
+        changed some row (then every greedy row's argmax must be taken again)."""
+        cp, logits = self.cupy, self.logits
+        asking = [(i, r) for i, r in enumerate(rows[:n]) if r is not None and r.asks is not None]
+        pending = None
+        want = [(i, r) for i, r in asking if r.asks is not None and r.asks.logprobs is not None]
+        if want:
+            idx = cp.asarray([i for i, _ in want], dtype=np.int32)
+            raw = logits[idx]  # a copy: the controls below change the buffer
+            top_n = max(r.asks.logprobs or 0 for _, r in want if r.asks is not None)
+            lse, top_ids, top_values = logprobs_of_rows(cp, raw, top_n)
+            pending = PendingLogprobs(
+                [r for _, r in want], [i for i, _ in want], raw, lse, top_ids, top_values, self._host
+            )
+        changed = False
+        for i, r in asking:
+            sp = r.asks
+            if sp is None or not sets_controls(sp):
+                continue
+            changed = True
+            self._control_row(i, r, sp)
+        return pending, changed
+
+    def chosen(self, pending: PendingLogprobs, ids: Any) -> None:
+        """Gather each asking row's chosen token's raw log-probability (``ids``: the step's chosen tokens on the
+        device, by row), after the sampler wrote them."""
+        cp = self.cupy
+        rows = cp.asarray(pending.rows, dtype=np.int32)
+        tokens = ids[rows].astype(np.int64)
+        pending.chosen = cp.take_along_axis(pending.raw, tokens[:, None], axis=1)[:, 0] - pending.lse
+
+    def _control_row(self, i: int, r: Request, sp: SamplingParams) -> None:
+        """Apply ``sp``'s controls to row ``i`` (request ``r``), in vLLM's order."""
+        cp, row = self.cupy, self.logits[i]
+        if sp.logit_bias:
+            ids = cp.asarray([t for t, _ in sp.logit_bias], dtype=np.int64)
+            row[ids] += cp.asarray([b for _, b in sp.logit_bias], dtype=np.float32)
+        if len(r.output) < sp.min_tokens:
+            eos = sorted(self.eos if r.eos is None else r.eos)
+            if eos:
+                row[cp.asarray(eos, dtype=np.int64)] = -math.inf
+        if sp.repetition_penalty != 1.0:
+            seen = cp.asarray(sorted({*r.prompt, *r.output}), dtype=np.int64)
+            x = row[seen]
+            row[seen] = cp.where(x > 0, x / sp.repetition_penalty, x * sp.repetition_penalty)
+        if (sp.frequency_penalty or sp.presence_penalty) and r.output:
+            tokens, counts = np.unique(np.asarray(r.output, dtype=np.int64), return_counts=True)
+            penalty = sp.frequency_penalty * counts + sp.presence_penalty
+            row[cp.asarray(tokens)] -= cp.asarray(penalty, dtype=np.float32)
+        if sp.min_p > 0.0 and not sp.greedy:
+            cut = row.max() + sp.temperature * math.log(sp.min_p)
+            row[row < cut] = -math.inf
