@@ -481,21 +481,25 @@ def test_logprobs_are_the_log_softmax_of_the_engines_own_logits(engine):
 def test_sampling_controls_choose_what_the_reference_chooses_from_the_engines_logits(engine):
     """Greedy requests with controls, in one batch with one that has none: each token is what the stand-in's
     reference (helpers.fake_engine.next_token: vLLM's order of bias, min_tokens, penalties) picks from the
-    engine's own logits at that position, up to a near tie (TOL) of the controlled logits; a bias of +100 forces its
-    token; min_tokens holds the end-of-sequence token back."""
+    engine's own logits at that position, up to a near tie (TOL) of the controlled logits. Biases of -100 on the
+    first position's best token and +100 on its runner-up (this random model's logits spread over hundreds) make the
+    runner-up the first token; min_tokens holds the end-of-sequence token back (here the
+    first position's best, so that it would otherwise end the request at once)."""
     ps = prompts((12, 9, 20, 16), VOCAB, seed=43)
-    eos = 7
+    first = engine.prefill_logits([ps[1], ps[2]])
+    best, runner_up = (int(i) for i in np.argsort(first[0][-1])[[-1, -2]])
+    assert first[0][-1][best] - first[0][-1][runner_up] < 200  # (the biases swap them)
+    eos = int(np.argmax(first[1][-1]))
     controls = [
         SamplingParams(repetition_penalty=1.6, frequency_penalty=0.8, presence_penalty=0.5),
-        SamplingParams(logit_bias={33: 100.0}),
-        SamplingParams(min_tokens=6, logit_bias={eos: 60.0}),  # eos the best token, held back for 6 tokens
+        SamplingParams(logit_bias={best: -100.0, runner_up: 100.0}),
+        SamplingParams(min_tokens=6),
         None,
     ]
     rids = [engine.add_request(p, 9, sampling=sp, eos_token_ids=(eos,)) for p, sp in zip(ps, controls, strict=True)]
     got = {r: tokens_of(o) for r, o in drain(engine).items()}
-    assert got[rids[1]] == [33] * 9
-    held = got[rids[2]]
-    assert eos not in held[:6] and held[-1] == eos and len(held) == 7  # ends at its 7th token, the first allowed
+    assert got[rids[1]][0] == runner_up
+    assert eos not in got[rids[2]][:6] and len(got[rids[2]]) >= 7
     for rid, p, sp in zip(rids, ps, controls, strict=True):
         out = got[rid]
         if sp is None:
