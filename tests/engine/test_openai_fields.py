@@ -360,27 +360,30 @@ def test_logit_bias_ids_are_checked_against_the_vocabulary(served: Served, codec
 # ---- an engine that cannot honour a field ------------------------------------------------------------------------
 
 REFUSED = [  # (endpoint, body, the field named): what the GPU engine refuses until it learns it
-    ("/v1/completions", {"prompt": "x", "logprobs": 1}, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 0, "max_tokens": 0}, "logprobs"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
-    ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
-    ("/v1/completions", {"prompt": "x", "repetition_penalty": 1.1}, "repetition_penalty"),
-    ("/v1/completions", {"prompt": "x", "min_p": 0.1}, "min_p"),
-    ("/v1/completions", {"prompt": "x", "min_tokens": 1}, "min_tokens"),
+    # echo with logprobs: the prompt's (the engine's prompt_logprobs)
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 0, "max_tokens": 0}, "echo", "prompt_logprobs"),
+]
+SERVED_ON_THE_GPU = [  # what the GPU engine serves (the stand-in acting as it: the same refusal rule)
+    {"prompt": "x", "logprobs": 1},
+    {"prompt": "x", "logit_bias": {"5": 1}},
+    {"prompt": "x", "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1},
+    {"prompt": "x", "min_p": 0.1, "temperature": 0.7},
+    {"prompt": "x", "min_tokens": 1},
 ]
 
 
 def test_a_field_the_engine_cannot_honour_is_a_400_naming_it(codec, pool) -> None:  # type: ignore[no-untyped-def]
     s = Served(codec, pool, as_gpu_engine=True)
     try:
-        for path, body, param in REFUSED:
+        for path, body, param, field in REFUSED:
             r = httpx.post(f"{s.url}{path}", content=json.dumps({"model": MODEL, **body}), timeout=WAIT)
             assert r.status_code == 400, (body, r.text)
             error = r.json()["error"]
             assert error["param"] == param and error["code"] == "unsupported_value", (body, error)
-            assert f"{param}: not supported by this engine yet" in error["message"]
+            assert f"{field}: not supported by this engine yet" in error["message"]
+        for body in SERVED_ON_THE_GPU:
+            r = httpx.post(f"{s.url}/v1/completions", content=json.dumps({"model": MODEL, **body}), timeout=WAIT)
+            assert r.status_code == 200, (body, r.text)
         ok = s.client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0.7, top_p=0.9, seed=1)
         assert ok.usage.completion_tokens == 2 and s.service.unfinished == 0
     finally:
