@@ -6,7 +6,9 @@ Which requests ask: ``Request.asks`` (their :class:`~fi_engine.runtime.sampling_
 
 1. **log-probabilities** of the raw logits (before any control; vLLM's default): each asking row's log-softmax
    normalizer and its ``logprobs`` most likely tokens, kept on the device until the step's tokens are recorded,
-   then its chosen token's log-probability (:class:`PendingLogprobs`);
+   then its chosen token's log-probability (:class:`PendingLogprobs`); and a prompt's (``prompt_logprobs``) from
+   its prefill pass's logits of every row (:class:`PendingPromptLogprobs`; such a prompt is never matched in the
+   prefix cache: each of its positions needs its row);
 2. **controls**, in vLLM's order, on the logits in place: ``logit_bias``, ``min_tokens`` (the request's
    end-of-sequence ids masked until it has that many tokens), ``repetition_penalty`` (over the prompt and the
    output), ``frequency_penalty`` and ``presence_penalty`` (over the output), and ``min_p`` as a mask (a token whose
@@ -34,7 +36,7 @@ from .paging import Request
 from .sampling_params import SamplingParams, sets_controls
 from .stepping import TokenLogprobs
 
-__all__ = ["LogitsProcessor", "PendingLogprobs", "logprobs_of_rows"]
+__all__ = ["LogitsProcessor", "PendingLogprobs", "PendingPromptLogprobs", "logprobs_of_rows"]
 
 
 @dataclass
@@ -65,6 +67,30 @@ class PendingLogprobs:
                 top = tuple((int(t), float(v)) for t, v in zip(ids[i, :n], values[i, :n], strict=True))
             out.append(TokenLogprobs(float(chosen[i]), top))
         return out
+
+
+@dataclass
+class PendingPromptLogprobs:
+    """The prompt log-probabilities of a prefill pass's requests that ask (``prompt_logprobs``), on the device until
+    :meth:`resolve`: per request, its prompt tokens' log-probabilities (positions 1 on) and the top N at each."""
+
+    entries: list[tuple[Request, Any, Any, Any]]  # (request, chosen [n-1], top ids [n-1, N] or None, their values)
+    host: Callable[[Any], np.ndarray]
+
+    def resolve(self) -> None:
+        """Set each asking request's ``prompt_logprobs``: None for its first token, then one :class:`TokenLogprobs`
+        per prompt token (reads the device: waits for the stream)."""
+        for r, chosen, ids, values in self.entries:
+            lp = self.host(chosen)
+            top_ids = self.host(ids) if ids is not None else None
+            top_values = self.host(values) if values is not None else None
+            out: list[TokenLogprobs | None] = [None]
+            for t in range(lp.shape[0]):
+                top: tuple[tuple[int, float], ...] = ()
+                if top_ids is not None and top_values is not None:
+                    top = tuple((int(i), float(v)) for i, v in zip(top_ids[t], top_values[t], strict=True))
+                out.append(TokenLogprobs(float(lp[t]), top))
+            r.prompt_logprobs = tuple(out)
 
 
 def logprobs_of_rows(cp: Any, logits: Any, top_n: int) -> tuple[Any, Any, Any]:
@@ -115,6 +141,21 @@ class LogitsProcessor:
             changed = True
             self._control_row(i, r, sp)
         return pending, changed
+
+    def prompt_logprobs(self, logits: Any, spans: Sequence[tuple[Request, int]]) -> PendingPromptLogprobs:
+        """The prompt log-probabilities of the requests in ``spans`` (each with the row where its prompt's rows begin
+        in ``logits``, a prefill pass's float32 ``[rows, vocab]`` of every row; its prompt prefilled whole, from
+        position 0): position ``i``'s entry is ``prompt[i]`` under the logits of row ``i - 1``."""
+        cp = self.cupy
+        entries = []
+        for r, first in spans:
+            assert r.asks is not None and r.asks.prompt_logprobs is not None
+            x = logits[first : first + len(r.prompt) - 1]
+            lse, top_ids, top_values = logprobs_of_rows(cp, x, r.asks.prompt_logprobs)
+            targets = cp.asarray(r.prompt[1:], dtype=np.int64)
+            chosen = cp.take_along_axis(x, targets[:, None], axis=1)[:, 0] - lse
+            entries.append((r, chosen, top_ids, top_values))
+        return PendingPromptLogprobs(entries, self._host)
 
     def chosen(self, pending: PendingLogprobs, ids: Any) -> None:
         """Gather each asking row's chosen token's raw log-probability (``ids``: the step's chosen tokens on the

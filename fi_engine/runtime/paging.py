@@ -154,6 +154,7 @@ class Request:
     hit: int = 0  # prompt tokens found in the prefix cache at admission (their K/V computed by an earlier request)
     asks: SamplingParams | None = None  # its sampling where it sets logprobs or a control (asks_processing)
     logprobs: list[Any] = field(default_factory=list)  # a TokenLogprobs per output token, where asks.logprobs is set
+    prompt_logprobs: tuple[Any, ...] | None = None  # None, then a TokenLogprobs per prompt token (asks.prompt_logprobs)
     slot: int = -1  # row in the batch while active
     finish_reason: str | None = None  # "eos", "length" or "abort" once finished
     sampling: SamplingParams | None = None
@@ -699,7 +700,9 @@ class Scheduler:
         cache = cast(PrefixCache, self.allocator) if self._prefix_caching else None
         while self.pending and free_slots:
             r = self.pending[0]
-            prefix, cached = cache.match_prefix(r.prompt) if cache is not None else ([], 0)
+            # (a prompt whose logprobs are asked is computed whole: each position needs its row)
+            whole = r.asks is not None and r.asks.prompt_logprobs is not None
+            prefix, cached = cache.match_prefix(r.prompt) if cache is not None and not whole else ([], 0)
             if reserve + tokens + len(r.prompt) - cached > self.max_prefill_tokens:
                 break
             # the pages it may come to hold that the pool must give: its budget beyond the matched pages, and the
@@ -712,7 +715,7 @@ class Scheduler:
             if cache is None:
                 r.pages = self.allocator.alloc(new)
             else:
-                r.pages = cache.acquire(prefix, new, num_tokens=len(r.prompt))
+                r.pages = cache.acquire(prefix, new, num_tokens=len(r.prompt))  # (prefix [] for a whole prompt)
                 r.cached = r.hit = cached
             outstanding += r.budget_pages - len(r.pages)
             r.slot = free_slots.pop(0)

@@ -143,7 +143,7 @@ def sampling_arg(sampling: object) -> SamplingParams | None:
     return sampling
 
 
-GPU_UNSUPPORTED = frozenset({"prompt_logprobs"})
+GPU_UNSUPPORTED: frozenset[str] = frozenset()
 """The :class:`SamplingParams` fields the GPU engine cannot honour yet (a field leaves it as the engine learns it)."""
 
 _DEFAULTS = {f.name: f.default for f in fields(SamplingParams)}
@@ -166,6 +166,8 @@ def sets_controls(sampling: SamplingParams | None) -> bool:
 
 
 def asks_processing(sampling: SamplingParams | None) -> bool:
-    """Whether a request of ``sampling`` needs its logits processed: a control (:func:`sets_controls`) or
-    ``logprobs``."""
-    return sampling is not None and (sampling.logprobs is not None or sets_controls(sampling))
+    """Whether a request of ``sampling`` needs its logits processed: a control (:func:`sets_controls`),
+    ``logprobs`` or ``prompt_logprobs``."""
+    return sampling is not None and (
+        sampling.logprobs is not None or sampling.prompt_logprobs is not None or sets_controls(sampling)
+    )

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..kernels.flashinfer import stream_scope
 from .kv_cache import KVCacheManager
-from .logits_processing import LogitsProcessor, PendingLogprobs
+from .logits_processing import LogitsProcessor, PendingLogprobs, PendingPromptLogprobs
 from .model_runner import ModelRunner
 from .paging import Request, Scheduler, pages_for, prefill_slots
 from .sampling import Draws, Sampler
@@ -86,6 +86,7 @@ class _LaunchedPass:
     slots: list[int]
     done: Any
     logprobs: PendingLogprobs | None = None
+    prompt_logprobs: PendingPromptLogprobs | None = None  # those of its admitted requests that ask
 
 
 @dataclass
@@ -303,7 +304,8 @@ class ServingLoop(StepEngineBase):
     def _check_processing(self, sampling: Any) -> None:
         """ValueError naming the field where this engine cannot honour ``sampling``'s logprobs or controls."""
         if self.runner.vocab_shard is not None:
-            field = "logprobs" if sampling.logprobs is not None else "logit_bias"
+            asked = ("logprobs", "prompt_logprobs")
+            field = next((f for f in asked if getattr(sampling, f) is not None), "logit_bias, penalties or min_p")
             raise ValueError(f"{field}: not supported with a vocabulary split over tensor-parallel ranks yet")
         vocab = self.runner.config.vocab_size
         bad = next((t for t, _ in sampling.logit_bias if t >= vocab), None)
@@ -374,7 +376,8 @@ class ServingLoop(StepEngineBase):
             # with its first tokens, the prefix cache's hit (where the cache is on)
             hit = r.hit if caching and len(r.output) == k else None
             logprobs = tuple(r.logprobs[-k:]) if r.asks is not None and r.asks.logprobs is not None else None
-            out.append(StepOutput(r.rid, tuple(r.output[-k:]), finish, num_cached_tokens=hit, logprobs=logprobs))
+            prompt = r.prompt_logprobs if len(r.output) == k else None  # (set where asked: with its first tokens)
+            out.append(StepOutput(r.rid, tuple(r.output[-k:]), finish, None, logprobs, prompt, num_cached_tokens=hit))
             if finish is not None:
                 requests.pop(r.rid, None)
         return out
@@ -863,7 +866,15 @@ class ServingLoop(StepEngineBase):
         padded_slots = graph_slots
         if padded_slots is None:  # a mixed pass's requests are every occupied slot: one graph per bucket
             padded_slots = runner.max_batch if riders else prefill_slots(len(rows), runner.max_batch)
-        view, width, full = runner.run_prefill(rows, len(riders) if behind else 0, padded_slots, ahead, all_logits)
+        # a prompt whose logprobs are asked takes every row's logits (from the pass's own LM head over all rows)
+        asking = [(r, j) for j, r in enumerate(reqs) if r.asks is not None and r.asks.prompt_logprobs is not None]
+        view, width, full = runner.run_prefill(
+            rows, len(riders) if behind else 0, padded_slots, ahead, all_logits or bool(asking)
+        )
+        prompts = None
+        if asking:
+            qo = runner.prefill_arrays["qo_indptr"]  # each request's first row (riders first)
+            prompts = self.processor.prompt_logprobs(full, [(r, int(qo[len(riders) + j])) for r, j in asking])
         by_slot: list[Request | None] = [None] * width
         for r in rows:
             by_slot[r.slot] = r
@@ -872,7 +883,8 @@ class ServingLoop(StepEngineBase):
         if pending is not None:
             self.processor.chosen(pending, runner.buffers.ids)
         done = runner.send_prefill_tokens(width)
-        return _LaunchedPass(list(riders), reqs, [r.slot for r in rows], done, pending), full
+        launched = _LaunchedPass(list(riders), reqs, [r.slot for r in rows], done, pending, prompts)
+        return launched, full if all_logits else None
 
     def _prefill_finish(self, sched: Scheduler, launched: _LaunchedPass, behind: bool = False) -> None:
         """Wait for the prefill pass ``launched`` and record its tokens: the riders' next, the admitted requests'
@@ -886,6 +898,8 @@ class ServingLoop(StepEngineBase):
         k = len(launched.riders)
         if launched.logprobs is not None:
             self._keep_logprobs(launched.logprobs, [*launched.riders, *launched.admitted])
+        if launched.prompt_logprobs is not None:
+            launched.prompt_logprobs.resolve()
         if k:
             sched.record(launched.riders, tokens[:k])
         sched.record(launched.admitted, tokens[k:], prefill=True)

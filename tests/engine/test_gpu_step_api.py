@@ -515,3 +515,30 @@ def test_sampling_controls_choose_what_the_reference_chooses_from_the_engines_lo
                     y[token] += bias
                 assert abs(y[tok] - y[want]) < TOL * sp.repetition_penalty, (rid, t, tok, want)
     assert free_pages(engine) == capacity(engine)
+
+
+def test_prompt_logprobs_are_the_log_softmax_of_the_prompts_own_rows(engine):
+    """``SamplingParams.prompt_logprobs`` (the OpenAI API's ``echo`` with ``logprobs``): on the first output, None and
+    then each prompt token's log-probability under the row before it, and the top 3: those of prefill_logits (the
+    same kernels: within 1e-3), with the prefix cache on (such a prompt is computed whole) and a request beside it."""
+    ps = prompts((37, 21), VOCAB, seed=47)
+    engine.prefix_caching = True
+    try:
+        engine.add_request(ps[0], 2, eos_token_ids=())  # fills the cache with the first prompt's pages
+        drain(engine)
+        rid = engine.add_request(ps[0], 1, sampling=SamplingParams(prompt_logprobs=3), eos_token_ids=())
+        other = engine.add_request(ps[1], 4, eos_token_ids=())
+        got = drain(engine)
+    finally:
+        engine.prefix_caching = False
+    first = got[rid][0]
+    assert first.num_cached_tokens == 0 and all(o.prompt_logprobs is None for o in got[other])
+    entries = first.prompt_logprobs
+    assert entries is not None and entries[0] is None and len(entries) == len(ps[0])
+    lg = engine.prefill_logits([ps[0]])[0]
+    for i in range(1, len(ps[0])):
+        ref = log_softmax(lg[i - 1])
+        e = entries[i]
+        assert e is not None and e.logprob == pytest.approx(ref[ps[0][i]], abs=1e-3), i
+        assert [t for t, _ in e.top] == [int(t) for t in np.argsort(-ref, kind="stable")[:3]]
+    assert free_pages(engine) == capacity(engine)

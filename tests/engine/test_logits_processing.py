@@ -117,3 +117,21 @@ def test_min_p_keeps_exactly_the_tokens_the_reference_keeps(temperature: float, 
     assert np.array_equal(kept[margin], kept_ref[margin]) and kept.sum() >= 1
     assert np.array_equal(logits[0][kept], raw[0][kept])  # kept tokens keep their logits
     assert math.isinf(float(logits[0][~kept].max(initial=-np.inf)))
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_prompt_logprobs_are_each_token_under_the_row_before_it(n: int) -> None:
+    rows = np.stack([fake_logits(V, POOL, (k, 2), 20 + k) for k in range(9)]).astype(np.float32)  # a pass's rows
+    prompt = [30, 31, 32, 33, 34]
+    r = request(prompt, [], SamplingParams(prompt_logprobs=n))
+    other = request([40, 41, 42, 43], [], SamplingParams(prompt_logprobs=1))
+    pending = LogitsProcessor(np, rows, V, frozenset()).prompt_logprobs(rows, [(other, 0), (r, 4)])
+    pending.resolve()
+    assert r.prompt_logprobs is not None and r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(prompt)
+    for i in range(1, len(prompt)):
+        want = position_logprobs(rows[4 + i - 1].astype(np.float64), prompt[i], n)
+        got = r.prompt_logprobs[i]
+        assert got is not None and got.logprob == pytest.approx(want.logprob, abs=1e-5)
+        assert [t for t, _ in got.top] == [t for t, _ in want.top]
+    assert other.prompt_logprobs is not None and len(other.prompt_logprobs) == 4
+    assert asks_processing(SamplingParams(prompt_logprobs=0))
