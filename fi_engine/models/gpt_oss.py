@@ -506,31 +506,25 @@ class GptOss(MoEPaths, ModelFamily):
         return t
 
     def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
-        kernels.batch_attention_sink_run(
-            v.q,
-            (eng.k_cache[i], eng.v_cache[i]),
-            qo_indptr=v.qo_indptr,
-            kv_indptr=v.kv_indptr,
-            kv_indices=v.kv_indices,
-            kv_last_page_len=v.kv_last_page_len,
-            out=v.attn,
-            sinks=self.sinks[i],
-            stream=eng.stream_ptr,
-            plan=self.prefill_plans[self.windows[i]],
-        )
+        self._attention(eng, i, v, v.qo_indptr, self.prefill_plans)
 
     def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
+        self._attention(eng, i, v, self._qo_view(eng, v.kv_last_page_len.shape[0]), self.decode_plans)
+
+    def _attention(self, eng: Any, i: int, v: SimpleNamespace, qo_indptr: Any, plans: dict[int, Any]) -> None:
+        """Layer ``i``'s attention with sinks over the paged cache: ``v``'s rows (``qo_indptr``: their offsets per
+        request) under the plan of the layer's window in ``plans`` (the prefill's or the decode's)."""
         kernels.batch_attention_sink_run(
             v.q,
             (eng.k_cache[i], eng.v_cache[i]),
-            qo_indptr=self._qo_view(eng, v.kv_last_page_len.shape[0]),
+            qo_indptr=qo_indptr,
             kv_indptr=v.kv_indptr,
             kv_indices=v.kv_indices,
             kv_last_page_len=v.kv_last_page_len,
             out=v.attn,
             sinks=self.sinks[i],
             stream=eng.stream_ptr,
-            plan=self.decode_plans[self.windows[i]],
+            plan=plans[self.windows[i]],
         )
 
     # ------------------------------------------------------------------------------------------ forward
