@@ -276,10 +276,7 @@ class Gemma2(ModelFamily):
         for i in range(c.num_layers):
             dense.linear(rows, x, h, eng.wqkv[i], w, h, qkv, w, ab, ab)
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
-            kernels.append_kv(
-                v.k, v.v, v.batch_indices, v.positions, eng.k_cache[i], eng.v_cache[i], v.kv_indices, v.kv_indptr,
-                v.kv_last_page_len, s,
-            )  # fmt: skip
+            eng.append_kv(v, i)
             attention(i, v)
             dense.linear(rows, attn, hqd, eng.wo[i], h, hqd, y, h, ab, ab)  # a partial sum with TP
             kernels.gemma_rmsnorm(

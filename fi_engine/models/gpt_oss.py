@@ -545,10 +545,7 @@ class GptOss(MoEPaths, ModelFamily):
             kernels.apply_rope_with_cos_sin_cache_inplace(
                 v.positions, v.q, v.k, c.head_dim, self.cos_sin, is_neox=True, stream=s
             )
-            kernels.append_kv(
-                v.k, v.v, v.batch_indices, v.positions, eng.k_cache[i], eng.v_cache[i], v.kv_indices, v.kv_indptr,
-                v.kv_last_page_len, s,
-            )  # fmt: skip
+            eng.append_kv(v, i)
             attention(i, v)
             dense.linear(rows, attn, hqd, eng.wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
             if self.with_bias:

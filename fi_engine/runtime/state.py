@@ -70,7 +70,7 @@ class RunnerState:
 
     # ---- the family interface ------------------------------------------------------------------------------------
     # What a model family (runtime.family.ModelFamily; fi_engine.models) reads and sets on the runner ``eng`` it is
-    # given: these public attributes and the public methods embed_and_norm, add_norm, allocate_layers,
+    # given: these public attributes and the public methods embed_and_norm, add_norm, append_kv, allocate_layers,
     # allocate_steps, dense_moe. Nothing else: a family keeps its own state on itself (the family object is made
     # once per engine), and tests/package/test_structure.py fails on any private attribute a model module reaches.
     #
