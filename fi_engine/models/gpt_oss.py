@@ -89,7 +89,7 @@ from ..runtime.family import ModelFamily
 from ..runtime.moe_paths import MoEPaths
 from ..runtime.settings import with_settings
 from ..values import arg_array, arg_int, show
-from .registry import family_config_json
+from .registry import SettingsFamily
 from .weights import WeightLoader
 from .windows import WindowPlans
 
@@ -355,7 +355,7 @@ def shard_experts(
     )
 
 
-class GptOss(MoEPaths, ModelFamily):
+class GptOss(MoEPaths, SettingsFamily, ModelFamily):
     """The gpt-oss family's definition (module docstring): its config check, bfloat16 weights (biased attention,
     sinks, the experts in the routed layout with their biases, the YaRN cos/sin table), layer body with its two MoE
     paths (``moe_path``: :class:`~fi_engine.runtime.moe_paths.MoEPaths`), and an attention-sink plan per distinct
@@ -363,14 +363,15 @@ class GptOss(MoEPaths, ModelFamily):
 
     fp8_kv_refusal = "gpt-oss's attention sinks"
 
-    def read_config(self, model_dir: str | Path) -> LlamaConfig:
-        """The checkpoint's ``config.json`` read by :func:`gpt_oss_config` (another family's model type: refused,
-        naming its engine)."""
-        return gpt_oss_config(*family_config_json(model_dir, type(self)))
+    model_type, settings, engine = "gpt_oss", GptOssSettings, "GptOssEngine"
+
+    def parse_config(self, d: Any, source: str) -> LlamaConfig:
+        return gpt_oss_config(d, source)
 
     def check(self, eng: Any, cfg: LlamaConfig) -> None:
-        if cfg.model_type != "gpt_oss" or not isinstance(cfg.family, GptOssSettings):
-            raise ValueError(f"model: GptOssEngine serves gpt_oss checkpoints, this one is {cfg.model_type!r}")
+        """Refuse as :class:`~fi_engine.models.registry.SettingsFamily`'s ``check`` does, and a config without
+        experts or with more than 64 per token (the biased MoE combine kernel's limit)."""
+        super().check(eng, cfg)
         if cfg.moe is None or cfg.moe.top_k > 64:
             raise ValueError("num_experts_per_tok: above 64 is not supported by the biased MoE combine kernel")
 
