@@ -328,6 +328,21 @@ def _version() -> str:
     return __version__
 
 
+def _command(
+    sub: Any, common: argparse.ArgumentParser, name: str, summary: str, description: str, examples: Sequence[str]
+) -> argparse.ArgumentParser:
+    """Sub-command ``name``'s parser: its one-line ``summary`` (the command list's help), ``description`` wrapped at 100
+    columns, ``examples`` after the options as written (one command line each) and the ``common`` options."""
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=textwrap.fill(description, 100),
+        epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fi-engine`` argument parser (subcommands ``generate`` and ``serve``)."""
     common = argparse.ArgumentParser(add_help=False)  # -q/-v before or after the subcommand
@@ -350,30 +365,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        common,
         "generate",
-        help="serve token-id prompts with a local checkpoint (needs CuPy and a GPU)",
-        description=textwrap.fill(
-            f"Load a Hugging Face checkpoint ({_served()}; "
-            "f16/bf16; FP8 e4m3 for dense Llama/Qwen3) onto the GPU and generate from token-id prompts; prints the "
-            "tokens, tokens/s and host time "
-            "per decode step. Needs CuPy (python -m pip install cupy-cuda13x). Every value is checked before the "
-            "GPU is touched.",
-            100,
+        "serve token-id prompts with a local checkpoint (needs CuPy and a GPU)",
+        f"Load a Hugging Face checkpoint ({_served()}; "
+        "f16/bf16; FP8 e4m3 for dense Llama/Qwen3) onto the GPU and generate from token-id prompts; prints the "
+        "tokens, tokens/s and host time "
+        "per decode step. Needs CuPy (python -m pip install cupy-cuda13x). Every value is checked before the "
+        "GPU is touched.",
+        (
+            "fi-engine generate ./SmolLM2-135M --prompt-ids 1,2,3 --max-new-tokens 16",
+            "fi-engine generate --model ./m --prompt-ids 1,2 --prompt-ids 4,5 --temperature 0.7 --top-p 0.9 --graph",
+            "fi-engine generate --model ./m --prompt-ids 1,2,3 --tp 2",
+            "fi-engine generate ./SmolLM2-135M-Instruct --chat 'What is a GPU?' --max-new-tokens 64",
         ),
-        epilog="examples:\n"
-        + "\n".join(
-            f"  {line}"
-            for line in (
-                "fi-engine generate ./SmolLM2-135M --prompt-ids 1,2,3 --max-new-tokens 16",
-                "fi-engine generate --model ./m --prompt-ids 1,2 --prompt-ids 4,5 --temperature 0.7 --top-p 0.9 "
-                "--graph",
-                "fi-engine generate --model ./m --prompt-ids 1,2,3 --tp 2",
-                "fi-engine generate ./SmolLM2-135M-Instruct --chat 'What is a GPU?' --max-new-tokens 64",
-            )
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[common],
     )
     _add_model(p, "checkpoint directory: config.json + *.safetensors (f16/bf16, or FP8 e4m3)")
     p.add_argument(
@@ -465,27 +472,20 @@ def _model_of(args: argparse.Namespace) -> str:
 
 
 def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        common,
         "serve",
-        help="serve a checkpoint over an OpenAI-compatible HTTP API (needs CuPy, a GPU and the serve extra)",
-        description=textwrap.fill(
-            f"Load a checkpoint ({_served()}) onto the GPU and serve /v1/completions, /v1/chat/completions "
-            "(streamed or not), "
-            "/v1/models, /health and /metrics until SIGINT/SIGTERM; every client's requests are batched together. "
-            "Needs the engine and serve extras: python -m pip install '.[engine,serve]' in the checkout.",
-            100,
+        "serve a checkpoint over an OpenAI-compatible HTTP API (needs CuPy, a GPU and the serve extra)",
+        f"Load a checkpoint ({_served()}) onto the GPU and serve /v1/completions, /v1/chat/completions "
+        "(streamed or not), "
+        "/v1/models, /health and /metrics until SIGINT/SIGTERM; every client's requests are batched together. "
+        "Needs the engine and serve extras: python -m pip install '.[engine,serve]' in the checkout.",
+        (
+            "fi-engine serve ./SmolLM2-135M-Instruct --port 8000 --max-batch 64 --graph",
+            "curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+            '  -d \'{"model": "./SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}]}\'',
         ),
-        epilog="examples:\n"
-        + "\n".join(
-            f"  {line}"
-            for line in (
-                "fi-engine serve ./SmolLM2-135M-Instruct --port 8000 --max-batch 64 --graph",
-                "curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
-                '  -d \'{"model": "./SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}]}\'',
-            )
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[common],
     )
     _add_model(p, "checkpoint directory: config.json, *.safetensors, tokenizer.json")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")

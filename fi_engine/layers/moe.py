@@ -453,31 +453,19 @@ class MoELayer:
         ptr = int(self._s_args.data.ptr)
         args_gu = kernels.Tensor(ptr, (nbytes,), "uint8", self.device_id)
         args_down = kernels.Tensor(ptr + nbytes, (nbytes,), "uint8", self.device_id)
+
+        def prepare(x: Any, w: Any, out: Any, n: int, k: int, args: Any) -> Any:
+            """The grouped GEMM ``out[rows, n] = x[rows, k] @ w[e]^T`` (``w``: ``[e, n, k]``) over the experts' row
+            segments ``seg``, its argument arrays copied into ``args``."""
+            x_t, w_t, out_t = self._t(x, (rows, k)), self._t(w, (e, n, k)), self._t(out, (rows, n))
+            return kernels.prepare_segment_gemm(
+                x_t, w_t, e, True, out_t, workspace=self.workspace, args_buffer=args, seg_indptr=seg,
+                backend=self.backend, stream=self.stream.ptr,
+            )  # fmt: skip
+
         cupy.cuda.Device().synchronize()  # the zero fills (legacy stream) before the synchronous argument copies
-        self._gemm_gu = kernels.prepare_segment_gemm(
-            self._t(self.s_xs, (rows, h)),
-            self._t(self.weights.gate_up, (e, 2 * i, h)),
-            e,
-            True,
-            self._t(self.s_gu, (rows, 2 * i)),
-            workspace=self.workspace,
-            args_buffer=args_gu,
-            seg_indptr=seg,
-            backend=self.backend,
-            stream=self.stream.ptr,
-        )  # fmt: skip
-        self._gemm_down = kernels.prepare_segment_gemm(
-            self._t(self.s_act, (rows, i)),
-            self._t(self.weights.down, (e, h, i)),
-            e,
-            True,
-            self._t(self.s_y, (rows, h)),
-            workspace=self.workspace,
-            args_buffer=args_down,
-            seg_indptr=seg,
-            backend=self.backend,
-            stream=self.stream.ptr,
-        )  # fmt: skip
+        self._gemm_gu = prepare(self.s_xs, self.weights.gate_up, self.s_gu, 2 * i, h, args_gu)
+        self._gemm_down = prepare(self.s_act, self.weights.down, self.s_y, h, i, args_down)
         # the problem sizes, (m, n, k) int32 per expert, inside our argument buffer: moe_slots writes each m
         for gemm in (self._gemm_gu, self._gemm_down):
             if gemm.count != e or list(gemm.segments) != list(range(e)):

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -51,7 +50,7 @@ from ..kernels.copies import D2D
 from ..runtime.engine import Engine
 from ..runtime.family import ModelFamily
 from ..values import show
-from .registry import family_config_json
+from .registry import SettingsFamily
 from .weights import WeightLoader
 from .windows import WindowPlans
 
@@ -117,20 +116,16 @@ def round_to(value: float, dtype: str) -> float:
     return float(np.array(bits, np.uint32).view(np.float32))
 
 
-class Gemma2(ModelFamily):
+class Gemma2(SettingsFamily, ModelFamily):
     """The Gemma 2 family's definition (module docstring): its config check, weights (four norms per layer, the
     scaled embedding's kernel), layer body, and a sliding-window + soft-cap plan per distinct window."""
 
     fp8_kv_refusal = "Gemma 2's attention (logits soft caps and sliding windows at head_dim 256)"
 
-    def read_config(self, model_dir: str | Path) -> LlamaConfig:
-        """The checkpoint's ``config.json`` read by :func:`gemma2_config` (another family's model type: refused,
-        naming its engine)."""
-        return gemma2_config(*family_config_json(model_dir, type(self)))
+    model_type, settings, engine = "gemma2", Gemma2Settings, "Gemma2Engine"
 
-    def check(self, eng: Any, cfg: LlamaConfig) -> None:
-        if cfg.model_type != "gemma2" or not isinstance(cfg.family, Gemma2Settings):
-            raise ValueError(f"model: Gemma2Engine serves gemma2 checkpoints, this one is {cfg.model_type!r}")
+    def parse_config(self, d: Any, source: str) -> LlamaConfig:
+        return gemma2_config(d, source)
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -276,10 +271,7 @@ class Gemma2(ModelFamily):
         for i in range(c.num_layers):
             dense.linear(rows, x, h, eng.wqkv[i], w, h, qkv, w, ab, ab)
             kernels.rope_inplace(v.q, v.k, v.positions, c.rope, s)
-            kernels.append_kv(
-                v.k, v.v, v.batch_indices, v.positions, eng.k_cache[i], eng.v_cache[i], v.kv_indices, v.kv_indptr,
-                v.kv_last_page_len, s,
-            )  # fmt: skip
+            eng.append_kv(v, i)
             attention(i, v)
             dense.linear(rows, attn, hqd, eng.wo[i], h, hqd, y, h, ab, ab)  # a partial sum with TP
             kernels.gemma_rmsnorm(

@@ -89,7 +89,7 @@ from ..runtime.family import ModelFamily
 from ..runtime.moe_paths import MoEPaths
 from ..runtime.settings import with_settings
 from ..values import arg_array, arg_int, show
-from .registry import family_config_json
+from .registry import SettingsFamily
 from .weights import WeightLoader
 from .windows import WindowPlans
 
@@ -355,7 +355,7 @@ def shard_experts(
     )
 
 
-class GptOss(MoEPaths, ModelFamily):
+class GptOss(MoEPaths, SettingsFamily, ModelFamily):
     """The gpt-oss family's definition (module docstring): its config check, bfloat16 weights (biased attention,
     sinks, the experts in the routed layout with their biases, the YaRN cos/sin table), layer body with its two MoE
     paths (``moe_path``: :class:`~fi_engine.runtime.moe_paths.MoEPaths`), and an attention-sink plan per distinct
@@ -363,14 +363,15 @@ class GptOss(MoEPaths, ModelFamily):
 
     fp8_kv_refusal = "gpt-oss's attention sinks"
 
-    def read_config(self, model_dir: str | Path) -> LlamaConfig:
-        """The checkpoint's ``config.json`` read by :func:`gpt_oss_config` (another family's model type: refused,
-        naming its engine)."""
-        return gpt_oss_config(*family_config_json(model_dir, type(self)))
+    model_type, settings, engine = "gpt_oss", GptOssSettings, "GptOssEngine"
+
+    def parse_config(self, d: Any, source: str) -> LlamaConfig:
+        return gpt_oss_config(d, source)
 
     def check(self, eng: Any, cfg: LlamaConfig) -> None:
-        if cfg.model_type != "gpt_oss" or not isinstance(cfg.family, GptOssSettings):
-            raise ValueError(f"model: GptOssEngine serves gpt_oss checkpoints, this one is {cfg.model_type!r}")
+        """Refuse as :class:`~fi_engine.models.registry.SettingsFamily`'s ``check`` does, and a config without
+        experts or with more than 64 per token (the biased MoE combine kernel's limit)."""
+        super().check(eng, cfg)
         if cfg.moe is None or cfg.moe.top_k > 64:
             raise ValueError("num_experts_per_tok: above 64 is not supported by the biased MoE combine kernel")
 
@@ -506,31 +507,25 @@ class GptOss(MoEPaths, ModelFamily):
         return t
 
     def prefill_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
-        kernels.batch_attention_sink_run(
-            v.q,
-            (eng.k_cache[i], eng.v_cache[i]),
-            qo_indptr=v.qo_indptr,
-            kv_indptr=v.kv_indptr,
-            kv_indices=v.kv_indices,
-            kv_last_page_len=v.kv_last_page_len,
-            out=v.attn,
-            sinks=self.sinks[i],
-            stream=eng.stream_ptr,
-            plan=self.prefill_plans[self.windows[i]],
-        )
+        self._attention(eng, i, v, v.qo_indptr, self.prefill_plans)
 
     def decode_attention(self, eng: Any, i: int, v: SimpleNamespace) -> None:
+        self._attention(eng, i, v, self._qo_view(eng, v.kv_last_page_len.shape[0]), self.decode_plans)
+
+    def _attention(self, eng: Any, i: int, v: SimpleNamespace, qo_indptr: Any, plans: dict[int, Any]) -> None:
+        """Layer ``i``'s attention with sinks over the paged cache: ``v``'s rows (``qo_indptr``: their offsets per
+        request) under the plan of the layer's window in ``plans`` (the prefill's or the decode's)."""
         kernels.batch_attention_sink_run(
             v.q,
             (eng.k_cache[i], eng.v_cache[i]),
-            qo_indptr=self._qo_view(eng, v.kv_last_page_len.shape[0]),
+            qo_indptr=qo_indptr,
             kv_indptr=v.kv_indptr,
             kv_indices=v.kv_indices,
             kv_last_page_len=v.kv_last_page_len,
             out=v.attn,
             sinks=self.sinks[i],
             stream=eng.stream_ptr,
-            plan=self.decode_plans[self.windows[i]],
+            plan=plans[self.windows[i]],
         )
 
     # ------------------------------------------------------------------------------------------ forward
@@ -551,10 +546,7 @@ class GptOss(MoEPaths, ModelFamily):
             kernels.apply_rope_with_cos_sin_cache_inplace(
                 v.positions, v.q, v.k, c.head_dim, self.cos_sin, is_neox=True, stream=s
             )
-            kernels.append_kv(
-                v.k, v.v, v.batch_indices, v.positions, eng.k_cache[i], eng.v_cache[i], v.kv_indices, v.kv_indptr,
-                v.kv_last_page_len, s,
-            )  # fmt: skip
+            eng.append_kv(v, i)
             attention(i, v)
             dense.linear(rows, attn, hqd, eng.wo[i], h, hqd, x, h, ab, ab)  # a partial sum with TP
             if self.with_bias:

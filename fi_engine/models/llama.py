@@ -267,18 +267,7 @@ class Llama(MoEPaths, ModelFamily):
             if fp8 is not None:  # K/V quantized to e4m3 on their way into the cache; the output times v_scale
                 fp8.append(v, rows, i)
             else:
-                kernels.append_kv(
-                    v.k,
-                    v.v,
-                    v.batch_indices,
-                    v.positions,
-                    eng.k_cache[i],
-                    eng.v_cache[i],
-                    v.kv_indices,
-                    v.kv_indptr,
-                    v.kv_last_page_len,
-                    s,
-                )
+                eng.append_kv(v, i)
             attention(i, v)
             if fp8 is not None:
                 fp8.scale_output(v, rows)

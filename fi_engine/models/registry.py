@@ -17,14 +17,15 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from ..checkpoint.config import read_config_json
+from ..checkpoint.config import LlamaConfig, read_config_json
 from ..values import show
 
 __all__ = [
     "FAMILIES",
     "Family",
+    "SettingsFamily",
     "engine_class",
     "families",
     "family_config_json",
@@ -172,6 +173,34 @@ def family_config_json(model_dir: str | Path, definition: type) -> tuple[dict[st
             f"config.json)"
         )
     return d, source
+
+
+class SettingsFamily:
+    """A family definition's ``read_config`` and ``check`` where its config is a
+    :class:`~fi_engine.checkpoint.config.LlamaConfig` with settings of its own in ``LlamaConfig.family`` (Gemma 2,
+    gpt-oss); a base before :class:`~fi_engine.runtime.family.ModelFamily` in the definition's bases, which sets
+    the three class attributes and ``parse_config``."""
+
+    model_type: ClassVar[str]  # the config.json model_type the family serves ("gemma2")
+    settings: ClassVar[type]  # the type of its settings in LlamaConfig.family
+    engine: ClassVar[str]  # the name of the engine class serving it, for the refusal
+
+    def parse_config(self, d: Any, source: str) -> LlamaConfig:
+        """The family's config from ``config.json``'s dict ``d`` (``source``: its path, for the errors)."""
+        raise NotImplementedError
+
+    def read_config(self, model_dir: str | Path) -> LlamaConfig:
+        """The checkpoint's ``config.json`` read by :meth:`parse_config` (another family's model type: refused,
+        naming its engine: :func:`family_config_json`)."""
+        return self.parse_config(*family_config_json(model_dir, type(self)))
+
+    def check(self, eng: Any, cfg: LlamaConfig) -> None:
+        """Refuse a config that is not of :attr:`model_type` with its :attr:`settings` (one a subclass's
+        ``read_config`` read otherwise), naming :attr:`engine`."""
+        if cfg.model_type != self.model_type or not isinstance(cfg.family, self.settings):
+            raise ValueError(
+                f"model: {self.engine} serves {self.model_type} checkpoints, this one is {cfg.model_type!r}"
+            )
 
 
 def open_engine(

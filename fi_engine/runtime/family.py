@@ -10,7 +10,7 @@ interface (declared and documented in :class:`~fi_engine.runtime.state.RunnerSta
 (``eng.cupy``, ``eng.stream_ptr``, ``eng.dense``), the weights its ``load`` sets (``eng.wqkv``, ``eng.ln1``, ...),
 the buffers its ``allocate`` sets or asks for (``eng.allocate_layers()``, ``eng.buffers``, ``eng.k_cache``), the
 plans its ``plan_*`` set (``eng.decode_plan``), and the public methods ``embed_and_norm``, ``add_norm``,
-``dense_moe``; never a private (``_name``) attribute, which tests/package/test_structure.py checks.
+``append_kv``, ``dense_moe``; never a private (``_name``) attribute, which tests/package/test_structure.py checks.
 
 The runner calls, in its constructor, ``read_config``, ``check`` (before any GPU work, with ``tensor_parallel`` and
 ``cuda_graph`` set), ``load``, ``allocate``; per step ``plan_prefill`` / ``plan_decode``, ``forward`` with

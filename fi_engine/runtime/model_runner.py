@@ -240,6 +240,15 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
             self.cupy.cuda.runtime.memsetAsync(b.h.data.ptr, 0, rows * h * b.h.itemsize, s)
             self.add_norm(v, self.ln1[0])
 
+    def append_kv(self, v: SimpleNamespace, i: int) -> None:
+        """This step's keys and values (``v.k``, ``v.v``: ``[rows, kv_heads, head_dim]``) into layer ``i``'s paged
+        cache, each row at its request's position (``v``'s page table: ``kv_indptr``, ``kv_indices``,
+        ``kv_last_page_len``)."""
+        kernels.append_kv(
+            v.k, v.v, v.batch_indices, v.positions, self.k_cache[i], self.v_cache[i], v.kv_indices, v.kv_indptr,
+            v.kv_last_page_len, self.stream_ptr,
+        )  # fmt: skip
+
     def add_norm(self, v: SimpleNamespace, weight: Any) -> None:
         """``h += x`` (summed over the ranks first with TP); the rows normalized with ``weight`` into ``x2``."""
         eps = self.config.rms_norm_eps

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, cast, overload
 
 import numpy as np
 
@@ -58,6 +58,42 @@ def delay_factor_arg(scheduler_delay_factor: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
         raise ValueError(f"scheduler_delay_factor: expected a number in [0, 100], got {value!r:.40}")
     return float(value)
+
+
+T = TypeVar("T")
+
+
+class _Setting(property, Generic[T]):
+    """A setting of the step API: a property that keeps its value in ``_<name>`` on the engine and checks every value
+    set with ``check`` (its ``*_arg`` function: the value, or TypeError / ValueError naming it). ``doc``: its
+    docstring."""
+
+    def __init__(self, check: Callable[[object], T], doc: str) -> None:
+        super().__init__(self._get, self._set)
+        self.check = check
+        self.__doc__ = doc  # a property subclass's own docstring is its instance's, not the class's
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = f"_{name}"
+
+    def _get(self, obj: object) -> T:
+        return cast("T", getattr(obj, self.attr))
+
+    def _set(self, obj: object, value: T) -> None:
+        setattr(obj, self.attr, self.check(value))
+
+    # typed for the checker (a plain property's value is Any)
+    @overload  # type: ignore[override]
+    def __get__(self, obj: None, owner: type, /) -> _Setting[T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None, /) -> T: ...
+
+    def __get__(self, obj: object, owner: type | None = None, /) -> Any:
+        return super().__get__(obj, owner)
+
+    def __set__(self, obj: object, value: T, /) -> None:
+        super().__set__(obj, value)
 
 
 # the scheduler's finish reasons as the step API's (fi_engine.runtime.stepping.FinishReason)
@@ -186,18 +222,13 @@ class ServingLoop(StepEngineBase):
 
     # ------------------------------------------------------------------------------------ the step API
 
-    @property
-    def overlap_steps(self) -> bool:
+    overlap_steps = _Setting(
+        overlap_steps_arg,
         """Whether :meth:`step` leaves its decode step running and reports its tokens with the next call (one GPU;
-        :meth:`_serve_step`). Default False; ``fi-engine serve`` turns it on. TypeError for anything but a bool."""
-        return self._overlap_steps
-
-    @overlap_steps.setter
-    def overlap_steps(self, value: bool) -> None:
-        self._overlap_steps = overlap_steps_arg(value)
-
-    @property
-    def mixed_prefill(self) -> bool:
+        :meth:`_serve_step`). Default False; ``fi-engine serve`` turns it on. TypeError for anything but a bool.""",
+    )
+    mixed_prefill = _Setting(
+        mixed_prefill_arg,
         """Whether the step API's prefill passes also decode the requests already active (SGLang's mixed chunk; what
         vLLM's chunked prefill does for prompts that fit one pass): each decoding request feeds its last token as one
         more row of the pass, at its position, attending to its cached tokens through the prefill attention, and
@@ -206,12 +237,8 @@ class ServingLoop(StepEngineBase):
         pass (the prefill attention reads the paged cache); elsewhere, and where the prompts leave no rows for the
         decoding requests (``max_prefill_tokens``), a prefill runs alone as before. The riders' logits come from the
         prefill's kernels (other sums than the decode step's): equal within bfloat16 rounding, not bit for bit, so a
-        greedy token at a near tie may differ from ``generate``'s. TypeError for anything but a bool."""
-        return self._mixed_prefill
-
-    @mixed_prefill.setter
-    def mixed_prefill(self, value: bool) -> None:
-        self._mixed_prefill = mixed_prefill_arg(value)
+        greedy token at a near tie may differ from ``generate``'s. TypeError for anything but a bool.""",
+    )
 
     @property
     def prefix_caching(self) -> bool:
@@ -265,15 +292,11 @@ class ServingLoop(StepEngineBase):
         finally:
             sched.prefix_caching = on
 
-    @property
-    def scheduler_delay_factor(self) -> float:
+    scheduler_delay_factor = _Setting(
+        delay_factor_arg,
         """How long queued requests may wait while others decode, in multiples of the last prefill's time
-        (:meth:`_admit`; vLLM's option of that name), 0 to 100. Default 0; ``fi-engine serve`` uses 3."""
-        return self._scheduler_delay_factor
-
-    @scheduler_delay_factor.setter
-    def scheduler_delay_factor(self, value: float) -> None:
-        self._scheduler_delay_factor = delay_factor_arg(value)
+        (:meth:`_admit`; vLLM's option of that name), 0 to 100. Default 0; ``fi-engine serve`` uses 3.""",
+    )
 
     def _add_request(self, request: NewRequest) -> int:
         """:meth:`add_request`: queue ``prompt`` (token ids) for up to ``max_new_tokens`` new tokens; returns its id

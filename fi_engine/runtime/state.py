@@ -70,7 +70,7 @@ class RunnerState:
 
     # ---- the family interface ------------------------------------------------------------------------------------
     # What a model family (runtime.family.ModelFamily; fi_engine.models) reads and sets on the runner ``eng`` it is
-    # given: these public attributes and the public methods embed_and_norm, add_norm, allocate_layers,
+    # given: these public attributes and the public methods embed_and_norm, add_norm, append_kv, allocate_layers,
     # allocate_steps, dense_moe. Nothing else: a family keeps its own state on itself (the family object is made
     # once per engine), and tests/package/test_structure.py fails on any private attribute a model module reaches.
     #
@@ -141,60 +141,17 @@ class RunnerState:
     _prefill_buckets: tuple[int, ...]
     _fused_decode: bool
 
-    if TYPE_CHECKING:  # one part's methods that another calls
+    if TYPE_CHECKING:  # the methods one part calls on another (model_runner, storage, step_graphs, fused_decode)
 
-        @property
-        def prefill_buckets(self) -> tuple[int, ...]:
-            raise NotImplementedError
-
-        @property
-        def decode_graph_batches(self) -> tuple[int, ...]:
-            raise NotImplementedError
-
-        def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None:
-            raise NotImplementedError
-
-        def _decode_attention(self, i: int, v: SimpleNamespace) -> None:
-            raise NotImplementedError
-
-        def _prefill_attention(self, i: int, v: SimpleNamespace) -> None:
-            raise NotImplementedError
-
-        def _plan_decode(self, rows: int, cuda_graph: bool) -> None:
-            raise NotImplementedError
-
-        def _plan_prefill(self, batch: int) -> None:
-            raise NotImplementedError
-
-        def _plan_prefill_padded(self, batch: int) -> None:
-            raise NotImplementedError
-
-        def _finish_logits(self, logits: int, rows: int, columns: int) -> None:
-            raise NotImplementedError
-
-        def embed_and_norm(self, v: SimpleNamespace, rows: int) -> None:
-            raise NotImplementedError
-
-        def add_norm(self, v: SimpleNamespace, weight: Any) -> None:
-            raise NotImplementedError
-
-        def _head(self, rows: int, x: int) -> None:
-            raise NotImplementedError
-
-        def _view(self, kind: str, rows: int, batch: int) -> SimpleNamespace:
-            raise NotImplementedError
-
-        def _fuses(self, rows: int) -> bool:
-            raise NotImplementedError
-
-        def _fused_step(self, v: SimpleNamespace, rows: int) -> None:
-            raise NotImplementedError
-
-        def _upload_decode(self, rows: int, n_pages: int, cuda_graph: bool) -> None:
-            raise NotImplementedError
-
-        def _prefill_bucket(self, nnz: int, batch: int) -> int | None:
-            raise NotImplementedError
-
-        def _prefill_padded(self, nnz: int, batch: int, bucket: int) -> bool:
-            raise NotImplementedError
+        def _forward(self, v: SimpleNamespace, rows: int, attention: Any, static_moe: bool = False) -> None: ...
+        def _decode_attention(self, i: int, v: SimpleNamespace) -> None: ...
+        def _prefill_attention(self, i: int, v: SimpleNamespace) -> None: ...
+        def _plan_decode(self, rows: int, cuda_graph: bool) -> None: ...
+        def _plan_prefill_padded(self, batch: int) -> None: ...
+        def _finish_logits(self, logits: int, rows: int, columns: int) -> None: ...
+        def embed_and_norm(self, v: SimpleNamespace, rows: int) -> None: ...
+        def add_norm(self, v: SimpleNamespace, weight: Any) -> None: ...
+        def _head(self, rows: int, x: int) -> None: ...
+        def _view(self, kind: str, rows: int, batch: int) -> SimpleNamespace: ...
+        def _fuses(self, rows: int) -> bool: ...
+        def _fused_step(self, v: SimpleNamespace, rows: int) -> None: ...

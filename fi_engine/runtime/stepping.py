@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, cast, runtime_checkable
 
 from .sampling_params import SamplingParams
 
@@ -114,9 +114,15 @@ class StepEngine(Protocol):
         sampling: SamplingParams | None = None,
         eos_token_ids: Sequence[int] | None = None,
     ) -> int:
-        """Queue ``prompt`` (token ids) for up to ``max_new_tokens`` new tokens; returns the request's id. Raises
-        ValueError naming the argument when the request can never be served."""
-        ...
+        """Queue ``prompt`` (token ids) for up to ``max_new_tokens`` new tokens; returns the request's id (an int).
+        ``sampling``: its own (None: greedy); ``eos_token_ids``: the tokens that end it, kept in its output (None:
+        the checkpoint's; ``()``: none). Raises ValueError naming the argument when the request can never be served
+        (and TypeError naming ``sampling`` for anything but :class:`~fi_engine.runtime.sampling_params.SamplingParams`
+        or None); nothing is queued then.
+
+        This body is :class:`StepEngineBase`'s (an engine of this package queues the request in its own
+        ``_add_request``, by its own rules); an engine of another package writes its own."""
+        return cast("StepEngineBase", self)._add_request((prompt, max_new_tokens, sampling, eos_token_ids))
 
     def abort_request(self, rid: int) -> None:
         """End request ``rid`` now, freeing its slot and pages; the next :meth:`step` reports it with
@@ -138,20 +144,7 @@ class StepEngineBase:
     request in its own :meth:`_add_request`. (An engine of another package needs no base: the protocol is
     structural.)"""
 
-    def add_request(
-        self,
-        prompt: Sequence[int],
-        max_new_tokens: int,
-        *,
-        sampling: SamplingParams | None = None,
-        eos_token_ids: Sequence[int] | None = None,
-    ) -> int:
-        """Queue ``prompt`` (token ids) for up to ``max_new_tokens`` new tokens; returns the request's id (an int).
-        ``sampling``: its own (None: greedy); ``eos_token_ids``: the tokens that end it, kept in its output (None:
-        the checkpoint's; ``()``: none). Raises ValueError naming the argument when the request can never be served
-        (and TypeError naming ``sampling`` for anything but :class:`~fi_engine.runtime.sampling_params.SamplingParams`
-        or None); nothing is queued then. The engine's own rules: its :meth:`_add_request`."""
-        return self._add_request((prompt, max_new_tokens, sampling, eos_token_ids))
+    add_request = StepEngine.add_request  # the protocol's signature, docstring and body, written once
 
     def _add_request(self, request: NewRequest) -> int:
         """Queue ``request`` (``(prompt, max_new_tokens, sampling, eos_token_ids)``) and return its id, as

@@ -182,25 +182,12 @@ class ServingMetrics:
         """Requests finished, by finish reason (only the reasons that occurred)."""
         return {r: int(self._own[_FINISHED + i]) for i, r in enumerate(REASONS) if self._own[_FINISHED + i]}
 
-    @property
-    def rejected(self) -> int:
-        return int(self._own[_REJECTED])
-
-    @property
-    def prompt_tokens(self) -> int:
-        return int(self._own[_PROMPT])
-
-    @property
-    def generation_tokens(self) -> int:
-        return int(self._own[_GENERATED])
-
-    @property
-    def waiting(self) -> int:
-        return int(self._own[_WAITING])
-
-    @property
-    def running(self) -> int:
-        return int(self._own[_RUNNING])
+    # the counts of one cell each (ints; read-only)
+    rejected = property(lambda self: int(self._own[_REJECTED]))
+    prompt_tokens = property(lambda self: int(self._own[_PROMPT]))
+    generation_tokens = property(lambda self: int(self._own[_GENERATED]))
+    waiting = property(lambda self: int(self._own[_WAITING]))
+    running = property(lambda self: int(self._own[_RUNNING]))
 
     @property
     def responses(self) -> dict[int, int]:

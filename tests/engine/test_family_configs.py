@@ -219,6 +219,25 @@ def test_engine_picked_by_model_type_and_llama_engine_refuses(tmp_path: Path, co
     assert engine_class(tmp_path) is LlamaEngine
 
 
+def test_family_checks_refuse_a_config_of_another_family() -> None:
+    # check() guards a config its own read_config did not read (a subclass's reader): the other family's config, or
+    # its model type with the settings missing, is refused naming the engine; its own passes (before any GPU work)
+    import dataclasses
+
+    from fi_engine.models.gemma2 import Gemma2
+    from fi_engine.models.gpt_oss import GptOss
+
+    gemma, gpt = gemma2_config(GEMMA2), gpt_oss_config(GPT_OSS_BF16)
+    Gemma2().check(None, gemma)
+    GptOss().check(None, gpt)
+    with pytest.raises(ValueError, match="model: Gemma2Engine serves gemma2 checkpoints, this one is 'gpt_oss'"):
+        Gemma2().check(None, gpt)
+    with pytest.raises(ValueError, match="model: GptOssEngine serves gpt_oss checkpoints, this one is 'gemma2'"):
+        GptOss().check(None, gemma)
+    with pytest.raises(ValueError, match="GptOssEngine serves gpt_oss checkpoints, this one is 'gpt_oss'"):
+        GptOss().check(None, dataclasses.replace(gpt, family=gemma.family))
+
+
 def test_family_engines_refuse_other_types(tmp_path: Path) -> None:
     from fi_engine.models.gemma2 import Gemma2Engine
     from fi_engine.models.gpt_oss import GptOssEngine

@@ -2114,6 +2114,9 @@ EXEMPT: dict[str, str] = {
         "a model family's definition, made by its engine class (takes no argument; the engines' rows above check "
         "theirs)",
     ),
+    "models.registry.SettingsFamily": "a base of family definitions (Gemma 2's, gpt-oss's), never built itself: "
+    "its read_config and check refuse another family's config in engine/test_family_configs.py "
+    "(test_family_engines_refuse_other_types)",
     "layers.moe.MoELayer": _GPU,
     "layers.moe.MoEWeights": _GPU,
     "runtime.paging.Layout": "the engine's own buffer layout (fi_ffi's values): tests/engine/test_serving_host.py",
