@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -412,3 +413,22 @@ class FakeStepEngine:
     @property
     def active(self) -> int:
         return len(self._active)
+
+
+def open_fake_engine(
+    model_dir: str, *, prefix_caching: bool = False, max_batch: int = 4, max_seq_len: int | None = None, **settings: Any
+) -> FakeStepEngine:
+    """``fi_engine.models.registry.open_engine``'s stand-in for the ``serve`` command's tests: a
+    :class:`FakeStepEngine` over ``model_dir``'s tokenizer with its EOS ids, its prefix cache (pages of 16 tokens)
+    on when ``prefix_caching``, the other serving settings taken and ignored (``max_seq_len`` None: the default).
+    Also an engine process's factory (``"helpers.fake_engine:open_fake_engine"``)."""
+    from fi_engine.text.codec import TextCodec
+
+    codec = TextCodec.from_dir(model_dir)
+    return FakeStepEngine(
+        codec.tokenizer.vocab_size,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len or 1 << 20,
+        eos_token_ids=codec.eos_token_ids,
+        prefix_cache_page=16 if prefix_caching else None,
+    )
