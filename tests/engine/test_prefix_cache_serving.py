@@ -355,3 +355,19 @@ def test_serve_help_names_the_switch(capsys: pytest.CaptureFixture[str]) -> None
     assert cli.main(["serve", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--enable-prefix-caching, --no-enable-prefix-caching" in text and "usage.prompt_tokens_details" in text
+
+
+def test_the_docs_example_runs(cached: Served, codec, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """docs/engine-text.md's prefix-caching example against the stand-in server: the second turn finds the system
+    prompt and the first turn computed."""
+    doc = (Path(__file__).parents[2] / "docs" / "engine-text.md").read_text(encoding="utf-8")
+    start = doc.index("```python\n", doc.index("### Prefix caching")) + 10
+    code = doc[start : doc.index("```", start)]
+    assert '"http://localhost:8000/v1"' in code and 'MODEL = "./SmolLM2-135M-Instruct"' in code
+    code = code.replace('"http://localhost:8000/v1"', repr(f"{cached.url}/v1"))
+    exec(compile(code.replace('"./SmolLM2-135M-Instruct"', repr(MODEL)), "docs/engine-text.md", "exec"), {})
+    (p1, hit1), (p2, hit2) = (map(int, line.split()) for line in capsys.readouterr().out.splitlines())
+    prompts = [list(a[1]) for a in cached.engine.added]
+    assert [p1, p2] == [len(p) for p in prompts] and hit1 == 0
+    reply = cached.engine.plan(prompts[0], 16, eos=codec.eos_token_ids)
+    assert hit2 == predicted(prompts[1], [computed(prompts[0], reply)]) and hit2 >= 4 * PAGE
