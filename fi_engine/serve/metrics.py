@@ -129,7 +129,7 @@ class ServingMetrics:
 
     ``ServingMetrics()`` counts for one process; :meth:`shared` makes the metrics of several processes over one
     block of shared memory. Its attributes (``finished``, ``rejected``, ``prompt_tokens``, ``generation_tokens``,
-    ``prefix_cache_queries``, ``prefix_cache_hits``, ``waiting``, ``running``, ``responses``, the histograms
+    ``prefix_cache_counts``, ``waiting``, ``running``, ``responses``, the histograms
     ``ttft``, ``itl``, ``latency``) are this one's own counts; :meth:`render` writes the sum over the block.
     """
 
@@ -198,14 +198,10 @@ class ServingMetrics:
         return int(self._own[_GENERATED])
 
     @property
-    def prefix_cache_queries(self) -> int:
-        """Prompt tokens looked up in the engine's prefix cache (of the requests whose engine reported a hit)."""
-        return int(self._own[_CACHE_QUERIES])
-
-    @property
-    def prefix_cache_hits(self) -> int:
-        """Prompt tokens found in the engine's prefix cache."""
-        return int(self._own[_CACHE_HITS])
+    def prefix_cache_counts(self) -> tuple[int, int]:
+        """``(queries, hits)``: prompt tokens looked up in the engine's prefix cache (of the requests whose engine
+        reported its hit) and found there."""
+        return int(self._own[_CACHE_QUERIES]), int(self._own[_CACHE_HITS])
 
     @property
     def waiting(self) -> int:

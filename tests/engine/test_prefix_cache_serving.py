@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from helpers.fake_engine import FakeStepEngine, expected_tokens, open_fake_engine
-from helpers.serve import MODEL, WAIT, Served
+from helpers.serve import MODEL, WAIT, Served, run_doc_example
 from helpers.text_checkpoints import write_text_checkpoint
 
 from fi_engine.serve.engine_process import EngineProcess
@@ -31,7 +32,6 @@ pytest.importorskip("jinja2")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
 
 PAGE = 16
 SYSTEM = (
@@ -223,7 +223,7 @@ def test_shared_metrics_sum_the_lookups_and_rate_the_sums() -> None:
     value = {s.name: s.value for f in parser.text_string_to_metric_families(text) for s in f.samples if not s.labels}
     assert value["fi_engine_prefix_cache_queries_total"] == 420 and value["fi_engine_prefix_cache_hits_total"] == 112
     assert value["fi_engine_prefix_cache_hit_rate"] == pytest.approx(112 / 420, rel=1e-12)
-    assert (metrics[1].prefix_cache_queries, metrics[1].prefix_cache_hits) == (320, 16)  # its own slot
+    assert metrics[1].prefix_cache_counts == (320, 16)  # its own slot
 
 
 # ---- through an engine process ----------------------------------------------------------------------------------
@@ -360,14 +360,11 @@ def test_serve_help_names_the_switch(capsys: pytest.CaptureFixture[str]) -> None
 def test_the_docs_example_runs(cached: Served, codec, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     """docs/engine-text.md's prefix-caching example against the stand-in server: the second turn finds the system
     prompt and the first turn computed."""
-    doc = (Path(__file__).parents[2] / "docs" / "engine-text.md").read_text(encoding="utf-8")
-    start = doc.index("```python\n", doc.index("### Prefix caching")) + 10
-    code = doc[start : doc.index("```", start)]
-    assert '"http://localhost:8000/v1"' in code and 'MODEL = "./SmolLM2-135M-Instruct"' in code
-    code = code.replace('"http://localhost:8000/v1"', repr(f"{cached.url}/v1"))
-    exec(compile(code.replace('"./SmolLM2-135M-Instruct"', repr(MODEL)), "docs/engine-text.md", "exec"), {})
+    run_doc_example("### Prefix caching", cached.url)
     (p1, hit1), (p2, hit2) = (map(int, line.split()) for line in capsys.readouterr().out.splitlines())
     prompts = [list(a[1]) for a in cached.engine.added]
     assert [p1, p2] == [len(p) for p in prompts] and hit1 == 0
-    reply = cached.engine.plan(prompts[0], 16, eos=codec.eos_token_ids)
+    sampling = cached.engine.added[0][3]  # the checkpoint's default temperature: sampled, with a random seed
+    seed = 0 if sampling is None or sampling.greedy else sampling.seed or 0
+    reply = cached.engine.plan(prompts[0], 16, seed=seed, eos=codec.eos_token_ids)
     assert hit2 == predicted(prompts[1], [computed(prompts[0], reply)]) and hit2 >= 4 * PAGE
