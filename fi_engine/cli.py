@@ -7,10 +7,11 @@
   generation ended by its ``generation_config.json`` end-of-sequence ids, the output printed as text. Every value
   is checked before the GPU is touched: a bad one is a usage error (exit 2).
 - ``serve MODEL_DIR [--host H] [--port P] [--max-batch N] [--max-queue N] [--graph] [--api-servers N]
-  [--scheduler-delay-factor F] [--no-mixed-prefill]``: the OpenAI-compatible HTTP server
-  (:mod:`fi_engine.serve.openai_server`; the ``serve`` extra) until SIGINT/SIGTERM; with ``--api-servers N``, N
-  front-end processes over one engine process (:mod:`fi_engine.serve.api_servers`). The engine steps with
-  ``overlap_steps``, the scheduler delay and ``mixed_prefill`` (``fi_engine.runtime.serving.ServingLoop``).
+  [--scheduler-delay-factor F] [--no-mixed-prefill] [--no-enable-prefix-caching]``: the OpenAI-compatible HTTP
+  server (:mod:`fi_engine.serve.openai_server`; the ``serve`` extra) until SIGINT/SIGTERM; with ``--api-servers
+  N``, N front-end processes over one engine process (:mod:`fi_engine.serve.api_servers`). The engine steps with
+  ``overlap_steps``, the scheduler delay, ``mixed_prefill`` and ``prefix_caching`` where the engine serves it
+  (``fi_engine.runtime.serving.ServingLoop``); the start-up line says whether prefix caching is on.
 
 ``fi-ffi generate ARGS`` (the binding's command, where this subcommand lived) runs ``python -m fi_engine generate
 ARGS``. With ``--tp N`` this command starts its ranks through ``fi-ffi launch`` (the binding's launcher, a
@@ -545,6 +546,15 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         "them for a pass of its own (default on; --no-mixed-prefill: each prefill alone, the decode step after it)",
     )
     p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a prompt reuses the KV cache pages an earlier request computed for the same beginning (a chat's system "
+        "prompt and history), as vLLM's option of that name; on where the engine serves it (the Llama family on one "
+        "GPU), the start-up line says which; hits in each response's usage.prompt_tokens_details.cached_tokens and in "
+        "/metrics (default on; --no-enable-prefix-caching: every prompt computed whole)",
+    )
+    p.add_argument(
         "--grace",
         type=_seconds,
         default=30.0,
@@ -620,6 +630,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             scheduler_delay_factor=args.scheduler_delay_factor,
             mixed_prefill=args.mixed_prefill,
             warm_serving=args.graph,
+            prefix_caching=args.enable_prefix_caching,
         )
         if args.in_process:
             engine = open_engine(args.model, **kwargs)
@@ -634,7 +645,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"{where}: {exc}", file=sys.stderr)
         return 2
     names = args.served_model_name or [args.model]
-    settings = f"max batch {args.max_batch}, queue {args.max_queue}, {'CUDA graph' if args.graph else 'eager'}"
+    caching = getattr(engine, "prefix_caching", False) is True
+    unserved = " (not served by this engine)" if args.enable_prefix_caching and not caching else ""
+    settings = (
+        f"max batch {args.max_batch}, queue {args.max_queue}, {'CUDA graph' if args.graph else 'eager'}, "
+        f"prefix caching {'on' if caching else 'off'}{unserved}"
+    )
     if args.api_servers > 1:
         return _serve_api_servers(args, engine, names, settings)
     from .serve.openai_server import serve

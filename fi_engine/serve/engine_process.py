@@ -54,13 +54,14 @@ def _child(
         engine = getattr(importlib.import_module(module), name)(*args, **kwargs)
         max_batch = int(engine.max_batch)
         max_seq_len = getattr(engine, "max_seq_len", None)
+        caching = getattr(engine, "prefix_caching", False) is True  # False where the engine has no such switch
     except BaseException as exc:  # the owner raises it from its constructor
         from ..kernels.system import FiFFIError
 
         # fi_ffi's errors (no GPU, a driver too old, ...) are worded for the user: passed on as they are
         control.send(("error", "FiFFIError" if isinstance(exc, FiFFIError) else type(exc).__name__, str(exc)))
         return
-    control.send(("ready", max_batch, max_seq_len if isinstance(max_seq_len, int) else None))
+    control.send(("ready", max_batch, max_seq_len if isinstance(max_seq_len, int) else None, caching))
     try:
         _Router(engine, control, conns).run()
     finally:
@@ -152,10 +153,10 @@ class _Router:
 
     def _route(self, outs: list[StepOutput]) -> None:
         """One message per connection with rows in this step: ``(id, token_ids, finish_reason, logprobs,
-        prompt_logprobs)`` of its own requests, under the ids it gave them (the rows of a connection already gone
-        are dropped)."""
+        prompt_logprobs, num_cached_tokens)`` of its own requests, under the ids it gave them (the rows of a
+        connection already gone are dropped)."""
         owner, rids = self.owner, self.rids
-        per: dict[int, list[tuple[int, tuple[int, ...], Any, Any, Any]]] = {}
+        per: dict[int, list[tuple[int, tuple[int, ...], Any, Any, Any, int | None]]] = {}
         for o in outs:
             named = owner.get(o.rid)
             if named is None:  # a request of a connection already dropped (its abort reported)
@@ -164,7 +165,7 @@ class _Router:
             rows = per.get(index)
             if rows is None:
                 rows = per[index] = []
-            rows.append((tag, tuple(o.token_ids), o.finish_reason, o.logprobs, o.prompt_logprobs))
+            rows.append((tag, tuple(o.token_ids), o.finish_reason, o.logprobs, o.prompt_logprobs, o.num_cached_tokens))
             if o.finish_reason is not None:
                 del owner[o.rid]
                 del rids[index][tag]
@@ -202,7 +203,8 @@ class EngineProcess(StepEngineBase):
     (``GenerationService(EngineProcess(...), codec)``). ``start_timeout``: seconds the child may take to build
     the engine (loading a checkpoint onto the GPU). ``clients``: the child's connections, one per front end (1 to
     64; :meth:`client`); the engine process's own StepEngine methods are connection 0's. Close it (or use it as a
-    context manager) to end the child.
+    context manager) to end the child. ``max_batch``, ``max_seq_len`` (None where the engine has none) and
+    ``prefix_caching`` (False where the engine has none) are the engine's, read once it is built.
 
     Raises the engine's ValueError / TypeError / ImportError when it refuses its arguments or checkpoint, and
     RuntimeError naming the child's error otherwise. As with any ``spawn``-started process, a script that makes
@@ -239,6 +241,7 @@ class EngineProcess(StepEngineBase):
             raise
         self.max_batch: int = msg[1]
         self.max_seq_len: int | None = msg[2]  # the engine's, where it has one (a server's max_model_len)
+        self.prefix_caching: bool = msg[3]  # the engine's prefix_caching (False where it has none)
         exitcode = self._exitcode
         self._clients = [
             EngineClient(p, i, self.max_batch, self.max_seq_len, exitcode) for i, (p, _) in enumerate(pipes)

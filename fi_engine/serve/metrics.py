@@ -108,7 +108,9 @@ _FINISHED = 0
 _REJECTED = _FINISHED + len(REASONS)
 _PROMPT = _REJECTED + 1
 _GENERATED = _PROMPT + 1
-_WAITING = _GENERATED + 1
+_CACHE_QUERIES = _GENERATED + 1  # prompt tokens looked up in the engine's prefix cache
+_CACHE_HITS = _CACHE_QUERIES + 1  # ... and found there
+_WAITING = _CACHE_HITS + 1
 _RUNNING = _WAITING + 1
 _OTHER_CODES = _RUNNING + 1  # responses whose status found the table full
 _CODES = _OTHER_CODES + 1  # (status, count) pairs, filled in the order statuses first occur
@@ -121,13 +123,14 @@ SLOT_CELLS = _LATENCY + Histogram.cells_for(LATENCY_BUCKETS)
 
 class ServingMetrics:
     """What a server reports: requests (finished, by reason; refused with 429), tokens (prompt, generated), the
-    queue (waiting: accepted, no token yet; running: generating) and latencies (time to first token, inter-token
-    latency, whole request), all thread-safe.
+    engine's prefix cache (prompt tokens looked up and found, as vLLM's ``prefix_cache_queries`` and
+    ``prefix_cache_hits``, and their ratio), the queue (waiting: accepted, no token yet; running: generating) and
+    latencies (time to first token, inter-token latency, whole request), all thread-safe.
 
     ``ServingMetrics()`` counts for one process; :meth:`shared` makes the metrics of several processes over one
     block of shared memory. Its attributes (``finished``, ``rejected``, ``prompt_tokens``, ``generation_tokens``,
-    ``waiting``, ``running``, ``responses``, the histograms ``ttft``, ``itl``, ``latency``) are this one's own
-    counts; :meth:`render` writes the sum over the block.
+    ``prefix_cache_counts``, ``waiting``, ``running``, ``responses``, the histograms
+    ``ttft``, ``itl``, ``latency``) are this one's own counts; :meth:`render` writes the sum over the block.
     """
 
     def __init__(self) -> None:
@@ -190,6 +193,12 @@ class ServingMetrics:
     running = property(lambda self: int(self._own[_RUNNING]))
 
     @property
+    def prefix_cache_counts(self) -> tuple[int, int]:
+        """``(queries, hits)``: prompt tokens looked up in the engine's prefix cache (of the requests whose engine
+        reported its hit) and found there."""
+        return int(self._own[_CACHE_QUERIES]), int(self._own[_CACHE_HITS])
+
+    @property
     def responses(self) -> dict[int, int]:
         """HTTP responses of the API endpoints, by status (only the statuses that occurred)."""
         return _codes([self._values(self._slot_index)])
@@ -216,6 +225,14 @@ class ServingMetrics:
             own = self._own
             own[_PROMPT] += prompt
             own[_GENERATED] += generated
+
+    def prefix_cache(self, queries: int, hits: int) -> None:
+        """A request's ``queries`` prompt tokens were looked up in the engine's prefix cache and ``hits`` of them
+        found (its :attr:`~fi_engine.runtime.stepping.StepOutput.num_cached_tokens`)."""
+        with self._lock:
+            own = self._own
+            own[_CACHE_QUERIES] += queries
+            own[_CACHE_HITS] += hits
 
     def first_token(self, seconds: float) -> None:
         """A request's first token came ``seconds`` after it arrived."""
@@ -265,6 +282,7 @@ class ServingMetrics:
         latency = Histogram(LATENCY_BUCKETS, cells[_LATENCY:SLOT_CELLS])
         finished = {r: int(total[_FINISHED + i]) for i, r in enumerate(REASONS) if total[_FINISHED + i]}
         codes = _codes(slots)
+        queries, hits = int(total[_CACHE_QUERIES]), int(total[_CACHE_HITS])
         p = PREFIX
         out = [
             f"# HELP {p}_requests_total Requests finished, by finish reason (stop, length, abort).",
@@ -279,6 +297,17 @@ class ServingMetrics:
             f"# HELP {p}_generation_tokens_total Tokens generated.",
             f"# TYPE {p}_generation_tokens_total counter",
             f"{p}_generation_tokens_total {int(total[_GENERATED])}",
+            f"# HELP {p}_prefix_cache_queries_total Prompt tokens looked up in the engine's prefix cache (requests "
+            "whose engine reports its hits).",
+            f"# TYPE {p}_prefix_cache_queries_total counter",
+            f"{p}_prefix_cache_queries_total {queries}",
+            f"# HELP {p}_prefix_cache_hits_total Prompt tokens found in the engine's prefix cache (not computed "
+            "again).",
+            f"# TYPE {p}_prefix_cache_hits_total counter",
+            f"{p}_prefix_cache_hits_total {hits}",
+            f"# HELP {p}_prefix_cache_hit_rate Prefix cache hits / queries since the start (0 before any query).",
+            f"# TYPE {p}_prefix_cache_hit_rate gauge",
+            f"{p}_prefix_cache_hit_rate {_number(hits / queries if queries else 0.0)}",
             f"# HELP {p}_requests_waiting Requests accepted that have no token yet (the queue depth).",
             f"# TYPE {p}_requests_waiting gauge",
             f"{p}_requests_waiting {int(total[_WAITING])}",

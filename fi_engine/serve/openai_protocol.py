@@ -466,15 +466,20 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's ``usage`` object; with ``prompt_tokens_details.cached_tokens`` (the prompt tokens the engine found
+    in its prefix cache) where the engine said how many (``cached_tokens`` not None, 0 included)."""
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return usage
 
 
-def _body(rid: str, kind: str, model: str, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+def _body(rid: str, kind: str, model: str, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
     """A whole response object of type ``kind``, created now (seconds since the epoch)."""
     return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
 
@@ -483,7 +488,7 @@ Choice = tuple[str, str | None, dict[str, Any] | None]
 """One choice of a response: its text, finish reason and logprobs object (None: not asked)."""
 
 
-def completion_body(rid: str, model: str, choices: Sequence[Choice], usage: dict[str, int]) -> dict[str, Any]:
+def completion_body(rid: str, model: str, choices: Sequence[Choice], usage: dict[str, Any]) -> dict[str, Any]:
     """A ``text_completion`` object: ``choices`` as (text, finish reason, logprobs) in index order."""
     listed = [
         {"index": i, "text": text, "logprobs": logprobs, "finish_reason": why}
@@ -496,7 +501,7 @@ def chat_body(
     rid: str,
     model: str,
     choices: Sequence[Choice],
-    usage: dict[str, int],
+    usage: dict[str, Any],
     tool_calls: Sequence[list[dict[str, Any]] | None] | None = None,
 ) -> dict[str, Any]:
     """A ``chat.completion`` object: ``choices`` as (assistant text, finish reason, logprobs) in index order, and
@@ -567,7 +572,7 @@ def completion_logprobs(
 
 
 def _chunk(
-    rid: str, kind: str, model: str, created: int, choice: dict[str, Any] | None, usage: dict[str, int] | None
+    rid: str, kind: str, model: str, created: int, choice: dict[str, Any] | None, usage: dict[str, Any] | None
 ) -> dict[str, Any]:
     """One streamed event of type ``kind`` with ``choice`` (None: the closing usage chunk, with no choice) and,
     where given, ``usage``."""
@@ -585,7 +590,7 @@ def completion_chunk(
     index: int | None,
     text: str,
     finish: str | None,
-    usage: dict[str, int] | None,
+    usage: dict[str, Any] | None,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed ``text_completion`` event (``index`` None: the closing usage chunk, with no choice)."""
@@ -600,7 +605,7 @@ def chat_chunk(
     index: int | None,
     delta: dict[str, Any],
     finish: str | None,
-    usage: dict[str, int] | None,
+    usage: dict[str, Any] | None,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed ``chat.completion.chunk`` (``index`` None: the closing usage chunk, with no choice)."""

@@ -347,7 +347,7 @@ class _Handlers:
         except ServiceError as exc:
             return self.error(APIError(str(exc), status=500, type="internal_server_error", code="engine_error"))
         generated = sum(r.completion_tokens for r, c in zip(done, choices, strict=True) if c.generates)
-        usage = usage_body(submitted.prompt_tokens, generated)
+        usage = usage_body(submitted.prompt_tokens, generated, _cached([r.num_cached_tokens for r in done], parsed.n))
         answers: list[Choice] = []
         tool_calls: list[list[dict[str, Any]] | None] = []
         for r, choice in zip(done, choices, strict=True):
@@ -374,6 +374,7 @@ class _Handlers:
         streams, choices = submitted.streams, submitted.choices
         created = int(time.time())
         completion_tokens = [0] * len(streams)
+        cached: list[int | None] = [None] * len(streams)  # each request's prefix-cache hit, once its engine said
         try:
             if chat:
                 for i in range(len(streams)):
@@ -384,6 +385,8 @@ class _Handlers:
                 choice = choices[index]
                 if choice.generates:
                     completion_tokens[index] = delta.completion_tokens
+                if delta.num_cached_tokens is not None:
+                    cached[index] = delta.num_cached_tokens
                 text, logprobs = self._shape(parsed, choice, delta, chat)
                 finish = delta.finish_reason if choice.generates or delta.finish_reason is None else "length"
                 if choice.tools is not None:
@@ -399,7 +402,7 @@ class _Handlers:
                     event = completion_chunk(rid, parsed.model, created, index, text, finish, None, logprobs)
                 yield _sse(event)
             if parsed.include_usage:
-                usage = usage_body(submitted.prompt_tokens, sum(completion_tokens))
+                usage = usage_body(submitted.prompt_tokens, sum(completion_tokens), _cached(cached, parsed.n))
                 if chat:
                     yield _sse(chat_chunk(rid, parsed.model, created, None, {}, None, usage))
                 else:
@@ -440,6 +443,15 @@ def _tool_chunks(
         why = "tool_calls" if choice.called and finish == "stop" else finish
         events.append(chat_chunk(rid, model, created, index, {}, why, None))
     return events
+
+
+def _cached(hits: Sequence[int | None], n: int) -> int | None:
+    """The usage's ``cached_tokens`` of a response's requests (``hits``: each one's prefix-cache hit, None where
+    its engine did not say; ``n`` consecutive requests per prompt): counted once per prompt, as ``prompt_tokens``
+    is (its first choice's that says), summed over the prompts; None where no engine said (the usage then leaves the
+    field out)."""
+    said = [next((h for h in hits[i : i + n] if h is not None), None) for i in range(0, len(hits), n)]
+    return sum(h for h in said if h is not None) if any(h is not None for h in said) else None
 
 
 def _sse(event: dict[str, Any]) -> bytes:

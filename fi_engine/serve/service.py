@@ -78,7 +78,9 @@ class StreamDelta:
     (``max_new_tokens``) or ``"abort"`` (cancelled). ``prompt_tokens``, ``completion_tokens``: the usage so far.
     ``logprobs``: one :class:`~fi_engine.runtime.stepping.TokenLogprobs` per token of ``token_ids`` where the
     request's sampling asked for them, else None; ``prompt_logprobs``: the prompt's (its first entry None), on the
-    first delta with tokens of a request that asked for them, else None.
+    first delta with tokens of a request that asked for them, else None. ``num_cached_tokens``: on the first delta
+    with tokens, the prompt tokens the engine found in its prefix cache, where it says
+    (:attr:`StepOutput.num_cached_tokens <fi_engine.runtime.stepping.StepOutput.num_cached_tokens>`), else None.
     """
 
     token_ids: tuple[int, ...]
@@ -88,6 +90,7 @@ class StreamDelta:
     completion_tokens: int
     logprobs: tuple[TokenLogprobs, ...] | None = None
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    num_cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,13 +105,15 @@ class _PendingDelta:
     flush: bool
     logprobs: tuple[TokenLogprobs, ...] | None = None
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    num_cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)
 class RequestResult:
     """A whole request: every generated token, its text (cut before a stop string), why it ended, the stop
-    string that ended it (or None), the usage counts, and the log-probabilities where the request asked for them
-    (as :class:`StreamDelta` has them, for every token)."""
+    string that ended it (or None), the usage counts (``num_cached_tokens``: the prompt tokens found in the
+    engine's prefix cache, None where the engine does not say), and the log-probabilities where the request asked
+    for them (as :class:`StreamDelta` has them, for every token)."""
 
     token_ids: tuple[int, ...]
     text: str
@@ -118,6 +123,7 @@ class RequestResult:
     completion_tokens: int
     logprobs: tuple[TokenLogprobs, ...] | None = None
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    num_cached_tokens: int | None = None
 
 
 class RequestStream:
@@ -263,7 +269,7 @@ class RequestStream:
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
             logprobs=_joined_logprobs(parts),
-            prompt_logprobs=next((d.prompt_logprobs for d in parts if d.prompt_logprobs is not None), None),
+            **_first_only(parts),
         )
 
     def _take(self) -> StreamDelta:
@@ -293,7 +299,7 @@ class RequestStream:
             prompt_tokens=end.prompt_tokens,
             completion_tokens=end.completion_tokens,
             logprobs=_joined_logprobs(merged),
-            prompt_logprobs=next((d.prompt_logprobs for d in merged if d.prompt_logprobs is not None), None),
+            **_first_only(merged),
         )
 
     def _decode(self, upto: int) -> None:
@@ -309,7 +315,7 @@ class RequestStream:
                     text += detok.finish()
                 history[i] = StreamDelta(
                     d.token_ids, text, d.finish_reason, d.prompt_tokens, d.completion_tokens, d.logprobs,
-                    d.prompt_logprobs,
+                    d.prompt_logprobs, d.num_cached_tokens,
                 )  # fmt: skip
         self._decoded = max(self._decoded, upto)
 
@@ -359,6 +365,15 @@ def _joined_logprobs(deltas: Sequence[StreamDelta | _PendingDelta]) -> tuple[Tok
     if all(d.logprobs is None for d in deltas):
         return None
     return tuple(entry for d in deltas for entry in d.logprobs or ())
+
+
+def _first_only(deltas: Sequence[StreamDelta | _PendingDelta]) -> dict[str, Any]:
+    """The fields a request's first delta with tokens carries alone (``prompt_logprobs``, ``num_cached_tokens``),
+    of several deltas together: each one's first value that is not None."""
+    return {
+        name: next((v for d in deltas if (v := getattr(d, name)) is not None), None)
+        for name in ("prompt_logprobs", "num_cached_tokens")
+    }
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -814,16 +829,21 @@ class GenerationService:
             del self._live[rid]
         prompt_tokens, completion = len(stream.prompt_ids), stream.completion_tokens
         logprobs = None if out.logprobs is None else tuple(out.logprobs[: len(taken)])  # none past a stop string
-        prompt_logprobs = out.prompt_logprobs
+        prompt_logprobs, cached = out.prompt_logprobs, out.num_cached_tokens
+        if cached is not None:  # the engine's prefix cache looked the prompt up (with its first tokens)
+            self.metrics.prefix_cache(queries=prompt_tokens, hits=cached)
         if stream.deferred:
             stream._put(
                 _PendingDelta(
-                    tuple(taken), finish, prompt_tokens, completion, finish is not None, logprobs, prompt_logprobs
+                    tuple(taken), finish, prompt_tokens, completion, finish is not None, logprobs, prompt_logprobs,
+                    cached,
                 )
-            )
+            )  # fmt: skip
         else:
             stream._put(
-                StreamDelta(tuple(taken), "".join(text), finish, prompt_tokens, completion, logprobs, prompt_logprobs)
+                StreamDelta(
+                    tuple(taken), "".join(text), finish, prompt_tokens, completion, logprobs, prompt_logprobs, cached
+                )
             )
         if finish is not None:
             self.metrics.request_finished(finish, now - stream.submitted_at)

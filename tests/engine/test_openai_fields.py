@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers.fake_engine import reference_run, rule_token
-from helpers.serve import MODEL, WAIT, Served
+from helpers.serve import MODEL, WAIT, Served, run_doc_example
 
 from fi_engine.runtime.sampling_params import SamplingParams
 from fi_engine.runtime.stepping import TokenLogprobs
@@ -408,14 +408,7 @@ def test_the_reference_keeps_the_rule_for_requests_without_the_new_fields(codec,
 
 def test_the_docs_example_runs(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
     """docs/engine-text.md's client example of these fields, against the stand-in server."""
-    from pathlib import Path
-
-    doc = (Path(__file__).parents[2] / "docs" / "engine-text.md").read_text(encoding="utf-8")
-    start = doc.index("```python\n", doc.index("### Log-probabilities, `echo`")) + 10
-    code = doc[start : doc.index("```", start)]
-    assert '"http://localhost:8000/v1"' in code and 'MODEL = "./SmolLM2-135M-Instruct"' in code
-    code = code.replace('"http://localhost:8000/v1"', repr(f"{served.url}/v1"))
-    exec(compile(code.replace('"./SmolLM2-135M-Instruct"', repr(MODEL)), "docs/engine-text.md", "exec"), {})
+    run_doc_example("### Log-probabilities, `echo`", served.url)
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 9 and float(printed[-1]) < 0  # 8 tokens with their alternatives, then the prompt's score
     assert [a[3].min_tokens for a in served.engine.added] == [0, 0, 8]

@@ -7,6 +7,12 @@ gives the first token), a request ends on one of its EOS ids (kept in its output
 Its tokens follow a rule (:func:`expected_tokens`) so that a test knows every request's exact output; a
 ``scripts`` table gives chosen prompts chosen outputs (text for the stop-string tests).
 
+A prefix cache (``prefix_cache_page``), modelled on the GPU engine's so that a test can predict each request's
+``num_cached_tokens`` (:func:`cached_tokens`): pages of that many tokens whose K/V an earlier request computed (its
+prompt and its output but the last token, whose K/V the GPU engine writes in the pass after it was sampled), found
+from the prompt's start, never evicted; a request admitted in the same step as another finds none of its pages
+(they are written by that step's pass). Its tokens do not change.
+
 It records what a test asserts: the rids aborted, the most slots used at once, the threads that called it (the
 service must call it from one), and it can be slow (``step_delay_s``) or fail at a step (``fail_at_step``).
 
@@ -25,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -177,6 +184,16 @@ def reference_run(
     return FakeRun(request.generated, logprobs, prompts)
 
 
+def cached_tokens(prompt: Sequence[int], cached: set[tuple[int, ...]], page: int) -> int:
+    """How many of ``prompt``'s tokens a prefix cache holding the page-aligned prefixes ``cached`` finds: the
+    longest run of whole pages from its start, at most ``len(prompt) - 1`` tokens rounded down to a page (the last
+    prompt token is always computed, for the logits of the first new one)."""
+    found = 0
+    while found + page <= len(prompt) - 1 and tuple(prompt[: found + page]) in cached:
+        found += page
+    return found
+
+
 def _seed(sampling: SamplingParams | None) -> int:
     return 0 if sampling is None or sampling.greedy else sampling.seed or 0
 
@@ -226,6 +243,9 @@ class FakeStepEngine:
             fixed time, for benchmarks/bench_serve.py's stand-in server.
         as_gpu_engine: check ``sampling`` as the GPU engine does (``sampling_arg``: the fields it cannot honour yet
             refused with a ValueError naming them).
+        prefix_cache_page: the prefix cache's page size in tokens (see the module docstring): each request's first
+            output reports ``num_cached_tokens`` (:func:`cached_tokens`); None (default): no cache, None reported.
+            :attr:`prefix_caching` says which.
     """
 
     def __init__(
@@ -241,6 +261,7 @@ class FakeStepEngine:
         fail_at_step: int | None = None,
         step_s: float = 0.0,
         as_gpu_engine: bool = False,
+        prefix_cache_page: int | None = None,
     ) -> None:
         self.vocab_size = vocab_size
         self.pool = list(pool) if pool is not None else list(range(vocab_size))
@@ -252,6 +273,8 @@ class FakeStepEngine:
         self.step_s = step_s
         self.fail_at_step = fail_at_step
         self.as_gpu_engine = as_gpu_engine
+        self.prefix_cache_page = prefix_cache_page
+        self.cached: set[tuple[int, ...]] = set()  # the page-aligned token prefixes whose K/V were computed
         self._next_rid = 0
         self._queue: deque[FakeRequest] = deque()
         self._active: dict[int, FakeRequest] = {}
@@ -338,6 +361,8 @@ class FakeStepEngine:
             request = self._queue.popleft()
             self._active[request.rid] = request
         self.most_active = max(self.most_active, len(self._active))
+        page = self.prefix_cache_page
+        stepped = list(self._active.values())
         for rid, request in list(self._active.items()):
             first = not request.generated
             token, entry, last = request.advance(self.vocab_size, self.pool)
@@ -353,7 +378,14 @@ class FakeStepEngine:
             if finish is not None:
                 del self._active[rid]
             logprobs = None if entry is None else (entry,)
-            outputs.append(StepOutput(rid, (token,), finish, logprobs=logprobs, prompt_logprobs=prompts))
+            hit = cached_tokens(request.prompt, self.cached, page) if first and page is not None else None
+            outputs.append(
+                StepOutput(rid, (token,), finish, logprobs=logprobs, prompt_logprobs=prompts, num_cached_tokens=hit)
+            )
+        if page is not None:  # this step's pass wrote their K/V: the next steps' admissions find the full pages
+            for request in stepped:
+                computed = [*request.prompt, *request.generated[:-1]]
+                self.cached.update(tuple(computed[:end]) for end in range(page, len(computed) + 1, page))
         if self.step_s:
             left = started + self.step_s - time.perf_counter()
             if left > 0:
@@ -365,5 +397,38 @@ class FakeStepEngine:
         return bool(self._queue or self._active or self._aborted_pending)
 
     @property
+    def prefix_caching(self) -> bool:
+        """Whether it models a prefix cache (``prefix_cache_page`` given)."""
+        return self.prefix_cache_page is not None
+
+    def close(self) -> None:
+        """Nothing to free (an engine is closed by its owner: ``with engine:``)."""
+
+    def __enter__(self) -> FakeStepEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
     def active(self) -> int:
         return len(self._active)
+
+
+def open_fake_engine(
+    model_dir: str, *, prefix_caching: bool = False, max_batch: int = 4, max_seq_len: int | None = None, **settings: Any
+) -> FakeStepEngine:
+    """``fi_engine.models.registry.open_engine``'s stand-in for the ``serve`` command's tests: a
+    :class:`FakeStepEngine` over ``model_dir``'s tokenizer with its EOS ids, its prefix cache (pages of 16 tokens)
+    on when ``prefix_caching``, the other serving settings taken and ignored (``max_seq_len`` None: the default).
+    Also an engine process's factory (``"helpers.fake_engine:open_fake_engine"``)."""
+    from fi_engine.text.codec import TextCodec
+
+    codec = TextCodec.from_dir(model_dir)
+    return FakeStepEngine(
+        codec.tokenizer.vocab_size,
+        max_batch=max_batch,
+        max_seq_len=max_seq_len or 1 << 20,
+        eos_token_ids=codec.eos_token_ids,
+        prefix_cache_page=16 if prefix_caching else None,
+    )

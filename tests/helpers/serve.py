@@ -70,3 +70,16 @@ class Served:
     def close(self) -> None:
         self.server.stop()
         self.service.close(timeout=1.0)
+
+
+def run_doc_example(heading: str, url: str) -> None:
+    """Run the first Python block after ``heading`` in docs/engine-text.md against the server at ``url``: the
+    block's ``"http://localhost:8000/v1"`` and ``"./SmolLM2-135M-Instruct"`` become ``url`` and :data:`MODEL`."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "engine-text.md").read_text(encoding="utf-8")
+    start = doc.index("```python\n", doc.index(heading)) + 10
+    code = doc[start : doc.index("```", start)]
+    assert '"http://localhost:8000/v1"' in code and 'MODEL = "./SmolLM2-135M-Instruct"' in code
+    code = code.replace('"http://localhost:8000/v1"', repr(f"{url}/v1"))
+    exec(compile(code.replace('"./SmolLM2-135M-Instruct"', repr(MODEL)), "docs/engine-text.md", "exec"), {})
