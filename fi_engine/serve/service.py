@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ..runtime.sampling_params import SamplingParams
@@ -94,18 +94,16 @@ class StreamDelta:
 
 
 @dataclass(frozen=True)
-class _PendingDelta:
+class _PendingDelta(StreamDelta):
     """A delta whose text is decoded when the caller takes it (a stream without stop strings): the engine thread
-    hands over token ids only. ``flush``: the stream ended, so the detokenizer's held-back text follows."""
+    hands over token ids only (``text`` empty until then). ``flush``: the stream ended, so the detokenizer's
+    held-back text follows."""
 
-    token_ids: tuple[int, ...]
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    completion_tokens: int
-    flush: bool
-    logprobs: tuple[TokenLogprobs, ...] | None = None
-    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
-    num_cached_tokens: int | None = None
+    flush: bool = False
+
+    def decoded(self, text: str) -> StreamDelta:
+        """The delta the caller takes: this one with its ``text``."""
+        return StreamDelta(**{f.name: getattr(self, f.name) for f in fields(StreamDelta)} | {"text": text})
 
 
 @dataclass(frozen=True)
@@ -313,10 +311,7 @@ class RequestStream:
                 text = detok.push_many(d.token_ids)
                 if d.flush:
                     text += detok.finish()
-                history[i] = StreamDelta(
-                    d.token_ids, text, d.finish_reason, d.prompt_tokens, d.completion_tokens, d.logprobs,
-                    d.prompt_logprobs, d.num_cached_tokens,
-                )  # fmt: skip
+                history[i] = d.decoded(text)
         self._decoded = max(self._decoded, upto)
 
     # -- the engine thread's side -----------------------------------------------------------------------------
@@ -835,8 +830,8 @@ class GenerationService:
         if stream.deferred:
             stream._put(
                 _PendingDelta(
-                    tuple(taken), finish, prompt_tokens, completion, finish is not None, logprobs, prompt_logprobs,
-                    cached,
+                    tuple(taken), "", finish, prompt_tokens, completion, logprobs, prompt_logprobs, cached,
+                    flush=finish is not None,
                 )
             )  # fmt: skip
         else:
@@ -853,7 +848,7 @@ class GenerationService:
         """End a stream the engine no longer has (or never had): its last delta, with what text it held."""
         prompt_tokens, completion = len(stream.prompt_ids), stream.completion_tokens
         if stream.deferred:  # the taker decodes what the detokenizer still holds
-            stream._put(_PendingDelta((), reason, prompt_tokens, completion, completion > 0))
+            stream._put(_PendingDelta((), "", reason, prompt_tokens, completion, flush=completion > 0))
         else:
             text = ""
             if stream._detok is not None and completion:
