@@ -2066,6 +2066,14 @@ EXEMPT: dict[str, str] = {
     "tests/engine/test_step_api_host.py",
     "runtime.sampling.Sampler": "the engine's own part, made by Engine from its checked buffers (Sampler.of): "
     "tests/engine/test_step_api_host.py and the GPU suites",
+    "runtime.logits_processing.LogitsProcessor": "the engine's own part, made by Engine over the runner's logits; "
+    "its requests' fields are SamplingParams' (checked by its generator): tests/engine/test_logits_processing.py",
+    "runtime.logits_processing.PendingLogprobs": "a record the processor makes of a step's device arrays: "
+    "tests/engine/test_logits_processing.py",
+    "runtime.logits_processing.PendingPromptLogprobs": "a record the processor makes of a pass's device arrays: "
+    "tests/engine/test_logits_processing.py",
+    "runtime.logits_processing.logprobs_of_rows": "the processor's array math over the runner's own logits (an "
+    "array module and a float32 array it made): tests/engine/test_logits_processing.py",
     "runtime.model_runner.ModelRunner": "the engine's own part, made by Engine from its checked settings and family "
     "(EngineSettings' generator above; it needs a GPU): tests/engine/test_prefill_buckets.py and the GPU suites",
     "runtime.sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
