@@ -30,6 +30,7 @@ from typing import Any
 
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.stepping import TokenLogprobs
+from ..text.grammar import GrammarTokenizer, schema_grammar
 from ..text.tool_calls import ToolCall, ToolCallParser, call_format, opener
 from .openai_protocol import (
     APIError,
@@ -124,6 +125,7 @@ class _Handlers:
         self.models = list(models)
         self.max_model_len = max_model_len
         self.started = int(time.time())
+        self.grammars: GrammarTokenizer | None = None  # the served tokenizer for response_format, made on first use
         from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
         self.JSONResponse, self.PlainTextResponse = JSONResponse, PlainTextResponse
@@ -239,6 +241,7 @@ class _Handlers:
             logit_bias=tuple(parsed.logit_bias.items()),
             logprobs=parsed.logprobs,
             prompt_logprobs=parsed.logprobs if parsed.echo else None,
+            grammar=self._grammar(parsed),
         )
         prompts, limits, samplings, choices = [], [], [], []
         for i, prompt in enumerate(ids):
@@ -276,6 +279,32 @@ class _Handlers:
         except (ValueError, TypeError) as exc:  # ids outside the vocabulary, a text that encodes to nothing
             raise _named(exc, "messages" if parsed.messages is not None else "prompt") from None
         return _Submitted(streams, choices, sum(len(p) for p in ids))
+
+    def _grammar(self, parsed: ParsedRequest) -> str | None:
+        """The grammar of the request's ``response_format`` (None: free text), compiled once for the request and
+        checked against the served tokenizer; 400 naming ``response_format`` when it cannot be (a schema llguidance
+        refuses, tools that could be called, the ``llguidance`` package missing)."""
+        if parsed.json_schema is None:
+            return None
+        if parsed.tool_choice != "none":
+            raise APIError(
+                "response_format: a JSON response_format and tools that may be called exclude each other; send "
+                'tool_choice: "none" or a text response_format',
+                "response_format",
+                code="unsupported_value",
+            )
+        codec = self.service.codec
+        assert codec is not None  # _submit refused the request otherwise
+        try:
+            if self.grammars is None:
+                self.grammars = GrammarTokenizer(codec.tokenizer, codec.eos_token_ids)
+            grammar = schema_grammar(parsed.json_schema)
+            self.grammars.check(grammar)
+        except ModuleNotFoundError as exc:
+            raise APIError(f"response_format: {exc}", "response_format", code="unsupported_value") from None
+        except (ValueError, TypeError) as exc:
+            raise APIError(str(exc), "response_format") from None
+        return grammar
 
     def _tool_format(self, parsed: ParsedRequest) -> tuple[str | None, str]:
         """The tool-call format of the checkpoint's chat template when the reply is to be read for calls (None:
@@ -509,7 +538,10 @@ def _named(exc: BaseException, default: str) -> APIError:
 
 
 # the request field of each SamplingParams field an engine may refuse (``"logprobs: not supported by this engine"``)
-_SAMPLING_FIELDS = {f.name: f.name for f in fields(SamplingParams)} | {"prompt_logprobs": "echo"}
+_SAMPLING_FIELDS = {f.name: f.name for f in fields(SamplingParams)} | {
+    "prompt_logprobs": "echo",
+    "grammar": "response_format",
+}
 
 
 def _refusal(exc: BaseException, chat: bool) -> APIError:
