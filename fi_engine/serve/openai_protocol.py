@@ -370,6 +370,13 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
     else:
         top = top or 0
     tools, tool_choice, tool_name = _tools(body)
+    if common["json_schema"] is not None and tool_choice != "none":  # a call's text would break the grammar
+        raise APIError(
+            "response_format: a JSON response_format and tools that may be called exclude each other; send "
+            'tool_choice: "none" or a text response_format',
+            "response_format",
+            code="unsupported_value",
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(f"messages: expected a non-empty list of messages, got {show(messages)}", "messages")
