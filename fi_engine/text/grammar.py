@@ -66,25 +66,22 @@ def response_format_schema(response_format: Any) -> dict[str, Any] | None:
         return {"type": "object"}
     if kind != "json_schema":
         raise ValueError(f'{_FORMAT}.type: expected "text", "json_object" or "json_schema", got {show(kind)}')
-    spec = response_format.get("json_schema")
-    if not isinstance(spec, Mapping):
-        raise ValueError(
-            f'{_FORMAT}.json_schema: expected an object {{"name": ..., "schema": {{...}}, "strict": true}}, '
-            f"got {show(spec)}"
-        )
-    name = spec.get("name")
-    if name is not None and not isinstance(name, str):
-        raise ValueError(f"{_FORMAT}.json_schema.name: expected a string, got {show(name)}")
-    strict = spec.get("strict")
-    if strict is not None and not isinstance(strict, bool):
-        raise ValueError(f"{_FORMAT}.json_schema.strict: expected true or false, got {show(strict)}")
-    schema = spec.get("schema")
-    if not isinstance(schema, Mapping):
-        raise ValueError(
-            f"{_FORMAT}.json_schema.schema: expected a JSON schema (an object such as "
-            f'{{"type": "object", "properties": {{...}}}}), got {show(schema)}'
-        )
+    spec = _member(response_format, "json_schema", Mapping, '{"name": ..., "schema": {...}, "strict": true}')
+    _member(spec, "json_schema.name", str, "a string", optional=True)
+    _member(spec, "json_schema.strict", bool, "true or false", optional=True)
+    schema = _member(spec, "json_schema.schema", Mapping, '{"type": "object", "properties": {...}} (a JSON schema)')
     return dict(schema)
+
+
+def _member(parent: Mapping[str, Any], path: str, kind: type, expected: str, optional: bool = False) -> Any:
+    """``parent``'s member named by ``path``'s last part, checked to be a ``kind`` (or absent when ``optional``);
+    ValueError naming ``response_format.<path>`` otherwise."""
+    value = parent.get(path.rpartition(".")[2])
+    if isinstance(value, kind) or (optional and value is None):
+        return value
+    raise ValueError(
+        f"{_FORMAT}.{path}: expected {'an object ' if kind is Mapping else ''}{expected}, got {show(value)}"
+    )
 
 
 def schema_grammar(schema: Any) -> str:

@@ -136,7 +136,7 @@ BAD_FORMATS = [
     ({}, ValueError, r"^response_format\.type: expected"),
     ({"type": "json_schema"}, ValueError, r"^response_format\.json_schema: expected an object"),
     ({"type": "json_schema", "json_schema": {"name": "x"}}, ValueError, r"^response_format\.json_schema\.schema:"),
-    (json_schema([1]), ValueError, r"^response_format\.json_schema\.schema: expected a JSON schema"),  # type: ignore[arg-type]
+    (json_schema([1]), ValueError, r"^response_format\.json_schema\.schema: expected an object"),  # type: ignore[arg-type]
     ({"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}, ValueError, r"\.strict: expected true"),
     ({"type": "json_schema", "json_schema": {"schema": {}, "name": 5}}, ValueError, r"\.name: expected a string"),
     ("json_object", TypeError, r'^response_format: expected an object such as \{"type": "json_object"\}'),
