@@ -83,8 +83,8 @@ class ParsedRequest:
     ``tools`` (chat): the function tools as given; ``tool_choice``: ``"none"``, ``"auto"`` (the default with
     tools), ``"required"`` or ``"named"`` (the function ``tool_name``).
 
-    ``json_schema``: the JSON schema the output must follow (``response_format`` ``json_object``: any object;
-    ``json_schema``: its ``schema``), None: free text."""
+    ``response_format``: the format the output must follow (``json_object`` or ``json_schema``, its shape checked),
+    None: free text."""
 
     model: str
     stream: bool
@@ -114,7 +114,7 @@ class ParsedRequest:
     tool_choice: str = "none"
     tool_name: str | None = None
     parallel_tool_calls: bool = True
-    json_schema: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     def seeds(self) -> list[int]:
         """One seed per choice: the request's ``seed`` + i (each choice samples its own), or fresh random ones."""
@@ -270,19 +270,21 @@ def _common(
         "repetition_penalty": _float(body, "repetition_penalty", 0.0, math.inf, lo_open=True) or 1.0,
         "min_tokens": min_tokens,
         "logit_bias": _logit_bias(body),
-        "json_schema": _response_format(body),
+        "response_format": _response_format(body),
     }
 
 
 def _response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
-    """``response_format``'s JSON schema (:func:`~fi_engine.text.grammar.response_format_schema`; None: text)."""
+    """``response_format`` with its shape checked (:func:`~fi_engine.text.grammar.response_format_schema`), None
+    when absent or text."""
     value = body.get("response_format")
     if value is None:
         return None
     try:
-        return response_format_schema(value)
+        schema = response_format_schema(value)
     except (ValueError, TypeError) as exc:
         raise APIError(str(exc), "response_format") from None
+    return None if schema is None else dict(value)
 
 
 def parse_completion(body: Any, models: Sequence[str]) -> ParsedRequest:
@@ -370,7 +372,7 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
     else:
         top = top or 0
     tools, tool_choice, tool_name = _tools(body)
-    if common["json_schema"] is not None and tool_choice != "none":  # a call's text would break the grammar
+    if common["response_format"] is not None and tool_choice != "none":  # a call's text would break the grammar
         raise APIError(
             "response_format: a JSON response_format and tools that may be called exclude each other; send "
             'tool_choice: "none" or a text response_format',

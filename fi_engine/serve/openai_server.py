@@ -30,7 +30,7 @@ from typing import Any
 
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.stepping import TokenLogprobs
-from ..text.grammar import GrammarTokenizer, schema_grammar
+from ..text.grammar import GrammarTokenizer, response_format_grammar
 from ..text.tool_calls import ToolCall, ToolCallParser, call_format, opener
 from .openai_protocol import (
     APIError,
@@ -284,7 +284,7 @@ class _Handlers:
         """The grammar of the request's ``response_format`` (None: free text), compiled once for the request and
         checked against the served tokenizer; 400 naming ``response_format`` when it cannot be (a schema llguidance
         refuses, tools that could be called, the ``llguidance`` package missing)."""
-        if parsed.json_schema is None:
+        if parsed.response_format is None:
             return None
         if parsed.tool_choice != "none":
             raise APIError(
@@ -298,7 +298,8 @@ class _Handlers:
         try:
             if self.grammars is None:
                 self.grammars = GrammarTokenizer(codec.tokenizer, codec.eos_token_ids)
-            grammar = schema_grammar(parsed.json_schema)
+            grammar = response_format_grammar(parsed.response_format)
+            assert grammar is not None  # a text format is None in parsed
             self.grammars.check(grammar)
         except ModuleNotFoundError as exc:
             raise APIError(f"response_format: {exc}", "response_format", code="unsupported_value") from None

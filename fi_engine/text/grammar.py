@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..values import show
+from .args import arg_token_ids
 from .optional import require
 from .tokenizer import Tokenizer
 
@@ -36,7 +37,6 @@ __all__ = [
     "GrammarTokenizer",
     "response_format_grammar",
     "response_format_schema",
-    "schema_grammar",
 ]
 
 _FORMAT = "response_format"
@@ -45,6 +45,8 @@ _INSTALL = "install it with: python -m pip install llguidance (or the server's e
 # a model that pretty-prints writes them, but no endless run of blanks (a small model under "any whitespace" can
 # fall into one and spend its whole max_tokens there)
 MAX_WHITESPACE = 20
+_UNUSABLE = f"{_FORMAT}: the schema cannot be used (its grammar does not compile)"
+MAX_VOCAB = 1 << 24  # the widest logits a mask is made for (the largest vocabularies have about 260k ids)
 _JSON_OPTIONS = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{MAX_WHITESPACE}}}"}
 
 
@@ -84,7 +86,7 @@ def _member(parent: Mapping[str, Any], path: str, kind: type, expected: str, opt
     )
 
 
-def schema_grammar(schema: Any) -> str:
+def _schema_grammar(schema: dict[str, Any]) -> str:
     """The grammar (llguidance's serialized form) of a JSON ``schema`` (a mapping), whitespace between tokens at
     most :data:`MAX_WHITESPACE` characters; ValueError naming ``response_format`` when it is not JSON."""
     try:
@@ -95,10 +97,10 @@ def schema_grammar(schema: Any) -> str:
 
 
 def response_format_grammar(response_format: Any) -> str | None:
-    """The grammar of an OpenAI ``response_format`` (:func:`response_format_schema`, then :func:`schema_grammar`),
+    """The grammar of an OpenAI ``response_format`` (its :func:`response_format_schema` compiled),
     or None for ``"text"``."""
     schema = response_format_schema(response_format)
-    return None if schema is None else schema_grammar(schema)
+    return None if schema is None else _schema_grammar(schema)
 
 
 class GrammarTokenizer:
@@ -109,12 +111,9 @@ class GrammarTokenizer:
     def __init__(self, tokenizer: Tokenizer, eos_token_ids: Sequence[int]) -> None:
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"tokenizer: expected a fi_engine.text.tokenizer.Tokenizer, got {type(tokenizer).__name__}")
-        eos = [int(t) for t in eos_token_ids]
-        if not eos or not all(0 <= t < tokenizer.vocab_size for t in eos):
-            raise ValueError(
-                f"eos_token_ids: a grammar needs the ids that end a sequence, in [0, {tokenizer.vocab_size}); "
-                f"got {eos_token_ids!r:.80}"
-            )
+        eos = arg_token_ids("eos_token_ids", eos_token_ids, tokenizer.vocab_size)
+        if not eos:
+            raise ValueError("eos_token_ids: a grammar needs the ids that end a sequence (the checkpoint's EOS ids)")
         self.vocab_size = tokenizer.vocab_size
         self.eos_token_ids = tuple(eos)
         llg = _llguidance()
@@ -126,7 +125,7 @@ class GrammarTokenizer:
         compiles for this tokenizer (an unknown type, a malformed keyword, a pattern llguidance cannot read)."""
         failed, messages = self._llg.LLMatcher.validate_grammar_with_warnings(_text(grammar), self._tokenizer)
         if failed:
-            raise ValueError(f"{_FORMAT}: the schema cannot be used: {'; '.join(messages)[:400]}")
+            raise ValueError(f"{_UNUSABLE}: {'; '.join(messages)[:400]}")
 
     def matcher(self, grammar: str) -> GrammarMatcher:
         """A request's :class:`GrammarMatcher` at the start of ``grammar`` (ValueError naming ``response_format``
@@ -151,7 +150,7 @@ class GrammarMatcher:
         llg = tokenizer._llg
         self._matcher = llg.LLMatcher(tokenizer._tokenizer, grammar, log_level=0)
         if self._matcher.is_error():
-            raise ValueError(f"{_FORMAT}: the schema cannot be used: {self._matcher.get_error()[:400]}")
+            raise ValueError(f"{_UNUSABLE}: {self._matcher.get_error()[:400]}")
         self._vocab_size = tokenizer.vocab_size
         self.eos_token_ids = tokenizer.eos_token_ids  # what it allows once the grammar is complete
         self._words = (tokenizer.vocab_size + 31) // 32
@@ -160,10 +159,14 @@ class GrammarMatcher:
         """The tokens allowed next as packed bits: int32 ``[ceil(vocab_size / 32)]``, token ``t`` allowed when bit
         ``t % 32`` of word ``t // 32`` is set (llguidance's and FlashInfer's layout). ``vocab_size``: the model's
         logits width, at least the tokenizer's; ids past the tokenizer's (padded embedding rows) are never allowed."""
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < self._vocab_size:
+        if (
+            isinstance(vocab_size, bool)
+            or not isinstance(vocab_size, int)
+            or not self._vocab_size <= vocab_size <= MAX_VOCAB
+        ):
             raise ValueError(
-                f"vocab_size: expected the model's vocabulary (an int >= the tokenizer's {self._vocab_size}), "
-                f"got {vocab_size!r:.80}"
+                f"vocab_size: expected the model's vocabulary (an int from the tokenizer's {self._vocab_size} to "
+                f"{MAX_VOCAB}), got {vocab_size!r:.80}"
             )
         out = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
         own = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.int32)[: self._words]

@@ -119,8 +119,11 @@ BAD = [
     ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema: expected"),
     ({"type": "json_schema", "json_schema": {"schema": {}, "strict": 1}}, "strict: expected true or false"),
     ("json_object", "response_format: expected an object"),
-    (json_schema({"type": "objectx"}), "response_format: the schema cannot be used"),
-    (json_schema({"type": "string", "pattern": "(unclosed"}), "response_format: the schema cannot be used"),
+    (json_schema({"type": "objectx"}), "response_format: the schema cannot be used (its grammar does not compile)"),
+    (
+        json_schema({"type": "string", "pattern": "(unclosed"}),
+        "response_format: the schema cannot be used (its grammar does not compile)",
+    ),
 ]
 
 
