@@ -556,6 +556,7 @@ def _named(exc: BaseException, default: str) -> APIError:
 _SAMPLING_FIELDS = {f.name: f.name for f in fields(SamplingParams)} | {
     "prompt_logprobs": "echo",
     "grammar": "response_format",
+    "response_format": "response_format",  # an engine's matcher refusing the grammar (fi_engine.text.grammar)
 }
 
 

@@ -24,7 +24,7 @@ chosen from them by :func:`next_token`, in vLLM's order, greedy or drawn with a 
 :func:`reference_run` plays a request through the same functions, so a test knows its every token and logprob.
 
 A request with a ``grammar`` (``response_format``; the engine needs the ``tokenizer`` then) has the tokens its
-grammar does not allow masked out of those logits after the controls (:class:`~fi_engine.text.grammar.GrammarMatcher`)
+grammar does not allow masked out of those logits before the controls (:class:`~fi_engine.text.grammar.GrammarMatcher`)
 and chooses from the rest as above: greedy, the highest-logit allowed token. Once the grammar is complete only its
 end-of-sequence ids are allowed, and choosing one ends the request (``"stop"``, even with ``ignore_eos``).
 """
@@ -127,11 +127,13 @@ def next_token(
     eos: Sequence[int],
     allowed: np.ndarray | None = None,
 ) -> int:
-    """The token a request chooses from ``logits`` after ``generated``, as vLLM orders the controls: logit_bias,
-    min_tokens (EOS masked), repetition penalty (prompt and output), frequency and presence penalties (output),
-    the grammar's mask (``allowed``: bool ``[vocab]``, None: every token); then the argmax (lowest id on a tie)
-    when greedy, else temperature, min_p, top_k, top_p and an inverse-CDF draw with a uniform fixed by (seed, step)."""
+    """The token a request chooses from ``logits`` after ``generated``, in vLLM's order: the grammar's mask
+    (``allowed``: bool ``[vocab]``, None: every token), logit_bias, min_tokens (EOS masked), repetition penalty
+    (prompt and output), frequency and presence penalties (output); then the argmax (lowest id on a tie) when
+    greedy, else temperature, min_p, top_k, top_p and an inverse-CDF draw with a uniform fixed by (seed, step)."""
     x = logits.copy()
+    if allowed is not None:
+        x[~allowed] = -np.inf
     for token, bias in sampling.logit_bias:
         x[token] += bias
     if len(generated) < sampling.min_tokens and eos:
@@ -142,8 +144,6 @@ def next_token(
         x[seen] = np.where(x[seen] > 0, x[seen] / penalty, x[seen] * penalty)
     counts = np.bincount(np.asarray(generated, dtype=np.int64), minlength=x.size)[: x.size]
     x -= sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0)
-    if allowed is not None:
-        x[~allowed] = -np.inf
     if sampling.greedy:
         return int(np.argmax(x))
     probs = np.exp((x - x.max()) / sampling.temperature)
