@@ -171,3 +171,14 @@ def test_the_docs_example_runs(served: Served, capsys: pytest.CaptureFixture[str
     assert set(answer) == {"name", "age"} and served.engine.added[-1][3].grammar is not None
     assert isinstance(answer["name"], str) and len(answer["name"]) <= 40
     assert type(answer["age"]) is int and 0 <= answer["age"] <= 150
+
+
+def test_the_grammars_end_ends_the_answer_even_with_ignore_eos(served: Served) -> None:
+    """Once the grammar is complete only EOS ids are allowed, so ``ignore_eos`` could only repeat them: the answer
+    ends there (``"stop"``) and is the same as without it."""
+    kw: dict[str, Any] = {"temperature": 0, "response_format": json_schema(PERSON)}
+    plain = chat(served, "Who?", **kw).choices[0]
+    ignoring = chat(served, "Who?", extra_body={"ignore_eos": True}, **kw).choices[0]
+    assert served.engine.added[-1][3].grammar is not None
+    assert ignoring.finish_reason == "stop" and ignoring.message.content == plain.message.content
+    check_person(json.loads(ignoring.message.content))
