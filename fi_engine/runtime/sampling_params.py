@@ -44,6 +44,11 @@ class SamplingParams:
     ``logprobs`` (None, or 0 to :data:`MAX_LOGPROBS`): each new token comes with its log-probability and the
     ``logprobs`` most likely tokens' (0: its own only); ``prompt_logprobs`` (likewise): the prompt's tokens, on
     the request's first output (:class:`~fi_engine.runtime.stepping.TokenLogprobs` says what they are).
+
+    ``grammar`` (None, or a grammar's serialized text: :func:`fi_engine.text.grammar.response_format_grammar`
+    makes one from the OpenAI API's ``response_format``): each step allows only the tokens the grammar allows next
+    (the others' logits are masked before the controls), and once the grammar is complete only end-of-sequence ids.
+    It is checked here as a non-empty str only; :class:`fi_engine.text.grammar.GrammarTokenizer` compiles it.
     """
 
     temperature: float = 0.0
@@ -58,6 +63,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
@@ -87,6 +93,10 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 _count(name, getattr(self, name), MAX_LOGPROBS, "None or ")
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise TypeError(f"grammar: expected None or a grammar's text (a str), got {type(self.grammar).__name__}")
+        if self.grammar == "":
+            raise ValueError("grammar: expected None or a grammar's text (fi_engine.text.grammar), got ''")
 
     @property
     def greedy(self) -> bool:
@@ -143,7 +153,7 @@ def sampling_arg(sampling: object) -> SamplingParams | None:
     return sampling
 
 
-GPU_UNSUPPORTED: frozenset[str] = frozenset()
+GPU_UNSUPPORTED: frozenset[str] = frozenset({"grammar"})
 """The :class:`SamplingParams` fields the GPU engine cannot honour yet (a field leaves it as the engine learns it)."""
 
 _DEFAULTS = {f.name: f.default for f in fields(SamplingParams)}
@@ -156,12 +166,21 @@ def unsupported_by_gpu_engine(params: SamplingParams) -> str | None:
     return next((n for n, v in _DEFAULTS.items() if n in GPU_UNSUPPORTED and getattr(params, n) != v), None)
 
 
-_CONTROLS = ("logit_bias", "min_tokens", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p")
+_CONTROLS = (
+    "grammar",
+    "logit_bias",
+    "min_tokens",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "min_p",
+)
 
 
 def sets_controls(sampling: SamplingParams | None) -> bool:
-    """Whether ``sampling`` sets a control that changes the logits (``logit_bias``, ``min_tokens``, the penalties,
-    ``min_p``): the engine processes its rows' logits before choosing (:mod:`~fi_engine.runtime.logits_processing`)."""
+    """Whether ``sampling`` sets a control that changes the logits (``grammar``, ``logit_bias``, ``min_tokens``, the
+    penalties, ``min_p``): the engine processes its rows' logits before choosing
+    (:mod:`~fi_engine.runtime.logits_processing`)."""
     return sampling is not None and any(getattr(sampling, n) != _DEFAULTS[n] for n in _CONTROLS)
 
 

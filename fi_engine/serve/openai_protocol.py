@@ -4,7 +4,7 @@ engine: the server (:mod:`fi_engine.serve.openai_server`) stands on it, and its 
 
 A bad field is an :class:`APIError` naming it (``param``) with what was expected, which the server answers with
 HTTP 400 and OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``. Fields the server cannot
-honour (``response_format``, ``suffix``, ...) are refused by name when set to anything but their
+honour (``suffix``, ...) are refused by name when set to anything but their
 neutral value; fields that change nothing here (``user``, ``metadata``, ``store``, ...) and unknown fields are
 ignored, as vLLM's server does. See docs/engine-text.md ("Serving") for every choice made where the API is silent.
 
@@ -27,6 +27,7 @@ from typing import Any
 
 from ..runtime.sampling_params import MAX_LOGPROBS
 from ..runtime.stepping import TokenLogprobs
+from ..text.grammar import response_format_schema
 from ..text.tool_calls import ToolCall
 from ..values import show
 
@@ -80,7 +81,10 @@ class ParsedRequest:
     the prompt's alone.
 
     ``tools`` (chat): the function tools as given; ``tool_choice``: ``"none"``, ``"auto"`` (the default with
-    tools), ``"required"`` or ``"named"`` (the function ``tool_name``)."""
+    tools), ``"required"`` or ``"named"`` (the function ``tool_name``).
+
+    ``response_format``: the format the output must follow (``json_object`` or ``json_schema``, its shape checked),
+    None: free text."""
 
     model: str
     stream: bool
@@ -110,6 +114,7 @@ class ParsedRequest:
     tool_choice: str = "none"
     tool_name: str | None = None
     parallel_tool_calls: bool = True
+    response_format: dict[str, Any] | None = None
 
     def seeds(self) -> list[int]:
         """One seed per choice: the request's ``seed`` + i (each choice samples its own), or fresh random ones."""
@@ -265,7 +270,21 @@ def _common(
         "repetition_penalty": _float(body, "repetition_penalty", 0.0, math.inf, lo_open=True) or 1.0,
         "min_tokens": min_tokens,
         "logit_bias": _logit_bias(body),
+        "response_format": _response_format(body),
     }
+
+
+def _response_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``response_format`` with its shape checked (:func:`~fi_engine.text.grammar.response_format_schema`), None
+    when absent or text."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    try:
+        schema = response_format_schema(value)
+    except (ValueError, TypeError) as exc:
+        raise APIError(str(exc), "response_format") from None
+    return None if schema is None else dict(value)
 
 
 def parse_completion(body: Any, models: Sequence[str]) -> ParsedRequest:
@@ -353,7 +372,13 @@ def parse_chat(body: Any, models: Sequence[str]) -> ParsedRequest:
     else:
         top = top or 0
     tools, tool_choice, tool_name = _tools(body)
-    _neutral(body, "response_format", ({"type": "text"},), "response_format other than text")
+    if common["response_format"] is not None and tool_choice != "none":  # a call's text would break the grammar
+        raise APIError(
+            "response_format: a JSON response_format and tools that may be called exclude each other; send "
+            'tool_choice: "none" or a text response_format',
+            "response_format",
+            code="unsupported_value",
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(f"messages: expected a non-empty list of messages, got {show(messages)}", "messages")

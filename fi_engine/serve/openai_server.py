@@ -24,12 +24,14 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ..runtime.sampling_params import SamplingParams
 from ..runtime.stepping import TokenLogprobs
+from ..text.grammar import GrammarTokenizer, response_format_grammar
 from ..text.tool_calls import ToolCall, ToolCallParser, call_format, opener
 from .openai_protocol import (
     APIError,
@@ -124,6 +126,8 @@ class _Handlers:
         self.models = list(models)
         self.max_model_len = max_model_len
         self.started = int(time.time())
+        self.grammars: GrammarTokenizer | None = None  # the served tokenizer for response_format, made on first use
+        self.grammars_built = asyncio.Lock()
         from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
         self.JSONResponse, self.PlainTextResponse = JSONResponse, PlainTextResponse
@@ -176,7 +180,7 @@ class _Handlers:
         try:
             body = await self.body(request)
             parsed = parse_chat(body, self.models) if chat else parse_completion(body, self.models)
-            submitted = self._submit(parsed)
+            submitted = self._submit(parsed, await self._grammar(parsed))
         except APIError as exc:
             return self.error(exc)
         streams = submitted.streams
@@ -199,9 +203,9 @@ class _Handlers:
             return self.StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await self._whole(request, parsed, submitted, rid, chat)
 
-    def _submit(self, parsed: ParsedRequest) -> _Submitted:
-        """Encode the prompts and queue ``n`` requests per prompt, all or none; their choices (one per request)
-        and the prompt token count."""
+    def _submit(self, parsed: ParsedRequest, grammar: str | None) -> _Submitted:
+        """Encode the prompts and queue ``n`` requests per prompt (``grammar``: their response_format's), all or
+        none; their choices (one per request) and the prompt token count."""
         service = self.service
         codec = service.codec
         if codec is None:
@@ -239,6 +243,7 @@ class _Handlers:
             logit_bias=tuple(parsed.logit_bias.items()),
             logprobs=parsed.logprobs,
             prompt_logprobs=parsed.logprobs if parsed.echo else None,
+            grammar=grammar,
         )
         prompts, limits, samplings, choices = [], [], [], []
         for i, prompt in enumerate(ids):
@@ -276,6 +281,34 @@ class _Handlers:
         except (ValueError, TypeError) as exc:  # ids outside the vocabulary, a text that encodes to nothing
             raise _named(exc, "messages" if parsed.messages is not None else "prompt") from None
         return _Submitted(streams, choices, sum(len(p) for p in ids))
+
+    async def _grammar(self, parsed: ParsedRequest) -> str | None:
+        """The grammar of the request's ``response_format`` (None: free text), compiled once for the request and
+        checked against the served tokenizer, off the event loop (the tokenizer's index is built on the first such
+        request: up to seconds for a large vocabulary); 400 naming ``response_format`` when it cannot be (a schema
+        llguidance refuses, the ``llguidance`` package missing)."""
+        if parsed.response_format is None:
+            return None
+        loop = asyncio.get_running_loop()
+        async with self.grammars_built:
+            if self.grammars is None:
+                self.grammars = await loop.run_in_executor(None, self._grammar_tokenizer)
+        return await loop.run_in_executor(None, self._compile, self.grammars, parsed.response_format)
+
+    def _grammar_tokenizer(self) -> GrammarTokenizer:
+        codec = self.service.codec
+        if codec is None:
+            raise APIError("this server has no tokenizer: it serves token-id prompts only", "prompt")
+        with _response_format_errors():
+            return GrammarTokenizer(codec.tokenizer, codec.eos_token_ids)
+
+    @staticmethod
+    def _compile(grammars: GrammarTokenizer, response_format: dict[str, Any]) -> str:
+        with _response_format_errors():
+            grammar = response_format_grammar(response_format)
+            assert grammar is not None  # a text format is None in ParsedRequest
+            grammars.check(grammar)
+        return grammar
 
     def _tool_format(self, parsed: ParsedRequest) -> tuple[str | None, str]:
         """The tool-call format of the checkpoint's chat template when the reply is to be read for calls (None:
@@ -500,6 +533,17 @@ async def _disconnected(request: Any) -> None:
             return
 
 
+@contextmanager
+def _response_format_errors() -> Iterator[None]:
+    """The text layer's refusals of a response_format (and a missing llguidance) as a 400 naming it."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        raise APIError(f"response_format: {exc}", "response_format", code="unsupported_value") from None
+    except (ValueError, TypeError) as exc:
+        raise APIError(str(exc), "response_format") from None
+
+
 def _named(exc: BaseException, default: str) -> APIError:
     """A ValueError/TypeError of the text layer or the service as a 400: its leading ``name:`` as the param."""
     text = str(exc)
@@ -509,7 +553,11 @@ def _named(exc: BaseException, default: str) -> APIError:
 
 
 # the request field of each SamplingParams field an engine may refuse (``"logprobs: not supported by this engine"``)
-_SAMPLING_FIELDS = {f.name: f.name for f in fields(SamplingParams)} | {"prompt_logprobs": "echo"}
+_SAMPLING_FIELDS = {f.name: f.name for f in fields(SamplingParams)} | {
+    "prompt_logprobs": "echo",
+    "grammar": "response_format",
+    "response_format": "response_format",  # an engine's matcher refusing the grammar (fi_engine.text.grammar)
+}
 
 
 def _refusal(exc: BaseException, chat: bool) -> APIError:

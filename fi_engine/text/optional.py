@@ -15,15 +15,17 @@ __all__ = ["INSTALL_HINT", "require"]
 INSTALL_HINT = "python -m pip install '.[engine]' in the fi_ffi checkout"
 
 
-def require(module: str, needed_for: str) -> ModuleType:
+def require(
+    module: str, needed_for: str, install: str = f"install the engine's text dependencies with: {INSTALL_HINT}"
+) -> ModuleType:
     """Import ``module`` (``"tokenizers"``, ``"jinja2.sandbox"``, ...) or raise ModuleNotFoundError naming what
-    needs it (``needed_for``, e.g. ``"reading tokenizer.json"``) and the extra that installs it."""
+    needs it (``needed_for``, e.g. ``"reading tokenizer.json"``) and how to install it (``install``: by default
+    the ``engine`` extra)."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
         top = module.partition(".")[0]
         raise ModuleNotFoundError(
-            f"{needed_for} needs the {top!r} package, which is not installed ({exc}); install the engine's text "
-            f"dependencies with: {INSTALL_HINT}",
+            f"{needed_for} needs the {top!r} package, which is not installed ({exc}); {install}",
             name=exc.name,
         ) from exc

@@ -160,6 +160,11 @@ class Tokenizer:
         self._pieces[token_id] = found = (text, raw)
         return found
 
+    def backend_json(self) -> str:
+        """``tokenizer.json``'s text as the ``tokenizers`` library holds it (for libraries that take a tokenizer
+        in that form, such as the grammar matcher's)."""
+        return str(self._backend.to_str())
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` applies ``tokenizer.json``'s post-processor (BOS etc.)."""
         text = arg_text("text", text)

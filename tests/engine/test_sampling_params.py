@@ -10,7 +10,9 @@ import pytest
 from fi_engine.runtime.sampling_params import (
     GPU_UNSUPPORTED,
     SamplingParams,
+    asks_processing,
     sampling_arg,
+    sets_controls,
     unsupported_by_gpu_engine,
 )
 
@@ -107,7 +109,27 @@ ALL_SET = [
 @pytest.mark.parametrize("kw", ALL_SET)
 def test_the_gpu_engine_serves_every_field(kw) -> None:  # type: ignore[no-untyped-def]
     p = SamplingParams(**kw)
-    assert unsupported_by_gpu_engine(p) is None and not GPU_UNSUPPORTED and sampling_arg(p) is p
+    assert unsupported_by_gpu_engine(p) is None and sampling_arg(p) is p
+
+
+def test_the_gpu_engine_refuses_a_grammar_by_name_until_it_applies_one() -> None:
+    """``grammar`` (response_format) is the one field the GPU engine does not apply yet: refused by name, never
+    ignored (its rows would be sampled unconstrained)."""
+    assert frozenset({"grammar"}) == GPU_UNSUPPORTED
+    p = SamplingParams(grammar='{"grammars": []}')
+    assert unsupported_by_gpu_engine(p) == "grammar"
+    with pytest.raises(ValueError, match=r"^grammar: not supported by this engine yet; leave it at None$"):
+        sampling_arg(p)
+
+
+def test_a_grammar_is_a_str_and_keeps_the_value_hashable() -> None:
+    p = SamplingParams(grammar='{"grammars": []}')
+    assert hash(p) == hash(SamplingParams(grammar='{"grammars": []}')) and p != SamplingParams()
+    assert sets_controls(p) and asks_processing(p) and not sets_controls(SamplingParams())
+    with pytest.raises(TypeError, match=r"^grammar: expected None or a grammar's text \(a str\), got dict$"):
+        SamplingParams(grammar={"type": "object"})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^grammar: expected None or a grammar's text"):
+        SamplingParams(grammar="")
 
 
 def test_a_field_the_gpu_engine_cannot_honour_is_refused_by_name(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -22,6 +22,11 @@ that asks for ``logprobs`` / ``prompt_logprobs`` gets them from those logits (:f
 sets a control that can change the choice (``logit_bias``, ``min_tokens``, a penalty, ``min_p``) has its tokens
 chosen from them by :func:`next_token`, in vLLM's order, greedy or drawn with a uniform fixed per (seed, step).
 :func:`reference_run` plays a request through the same functions, so a test knows its every token and logprob.
+
+A request with a ``grammar`` (``response_format``; the engine needs the ``tokenizer`` then) has the tokens its
+grammar does not allow masked out of those logits before the controls (:class:`~fi_engine.text.grammar.GrammarMatcher`)
+and chooses from the rest as above: greedy, the highest-logit allowed token. Once the grammar is complete only its
+end-of-sequence ids are allowed, and choosing one ends the request (``"stop"``, even with ``ignore_eos``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import numpy as np
 
 from fi_engine.runtime.sampling_params import SamplingParams, sampling_arg
 from fi_engine.runtime.stepping import FinishReason, StepOutput, TokenLogprobs
+from fi_engine.text.grammar import GrammarMatcher, GrammarTokenizer
 
 
 def expected_tokens(
@@ -103,7 +109,8 @@ def changes_choice(sampling: SamplingParams | None) -> bool:
     if sampling is None:
         return False
     return bool(
-        sampling.logit_bias
+        sampling.grammar
+        or sampling.logit_bias
         or sampling.min_tokens
         or sampling.presence_penalty
         or sampling.frequency_penalty
@@ -118,12 +125,15 @@ def next_token(
     prompt: Sequence[int],
     generated: Sequence[int],
     eos: Sequence[int],
+    allowed: np.ndarray | None = None,
 ) -> int:
-    """The token a request chooses from ``logits`` after ``generated``, as vLLM orders the controls: logit_bias,
-    min_tokens (EOS masked), repetition penalty (prompt and output), frequency and presence penalties (output);
-    then the argmax (lowest id on a tie) when greedy, else temperature, min_p, top_k, top_p and an inverse-CDF
-    draw with a uniform fixed by (seed, step)."""
+    """The token a request chooses from ``logits`` after ``generated``, in vLLM's order: the grammar's mask
+    (``allowed``: bool ``[vocab]``, None: every token), logit_bias, min_tokens (EOS masked), repetition penalty
+    (prompt and output), frequency and presence penalties (output); then the argmax (lowest id on a tie) when
+    greedy, else temperature, min_p, top_k, top_p and an inverse-CDF draw with a uniform fixed by (seed, step)."""
     x = logits.copy()
+    if allowed is not None:
+        x[~allowed] = -np.inf
     for token, bias in sampling.logit_bias:
         x[token] += bias
     if len(generated) < sampling.min_tokens and eos:
@@ -168,16 +178,19 @@ def reference_run(
     sampling: SamplingParams | None = None,
     eos: Sequence[int] = (),
     script: Sequence[int] | None = None,
+    grammars: GrammarTokenizer | None = None,
 ) -> FakeRun:
-    """What :class:`FakeStepEngine` gives a request (the same functions, step by step)."""
+    """What :class:`FakeStepEngine` gives a request (the same functions, step by step; ``grammars``: the
+    tokenizer's, for a request with a grammar)."""
     script = None if script is None else list(script)
-    request = FakeRequest(0, list(prompt), max_new_tokens, _seed(sampling), tuple(eos), script, sampling)
+    matcher = _matcher(grammars, sampling)
+    request = FakeRequest(0, list(prompt), max_new_tokens, _seed(sampling), tuple(eos), script, sampling, matcher)
     logprobs: list[TokenLogprobs] | None = None if sampling is None or sampling.logprobs is None else []
     while True:
         token, entry, last = request.advance(vocab_size, pool)
         if logprobs is not None and entry is not None:
             logprobs.append(entry)
-        if token in request.eos or last:
+        if request.stops(token) or last:
             break
     asked = None if sampling is None else sampling.prompt_logprobs
     prompts = None if asked is None else prompt_logprobs(vocab_size, pool, prompt, asked)
@@ -194,6 +207,14 @@ def cached_tokens(prompt: Sequence[int], cached: set[tuple[int, ...]], page: int
     return found
 
 
+def _matcher(grammars: GrammarTokenizer | None, sampling: SamplingParams | None) -> GrammarMatcher | None:
+    """A request's grammar matcher (None without a grammar)."""
+    if sampling is None or sampling.grammar is None:
+        return None
+    assert grammars is not None, "a request with a grammar needs the engine's tokenizer"
+    return grammars.matcher(sampling.grammar)
+
+
 def _seed(sampling: SamplingParams | None) -> int:
     return 0 if sampling is None or sampling.greedy else sampling.seed or 0
 
@@ -207,7 +228,13 @@ class FakeRequest:
     eos: tuple[int, ...]
     script: list[int] | None  # the tokens to give, else the rule of expected_tokens
     sampling: SamplingParams | None = None
+    matcher: GrammarMatcher | None = None  # the request's place in its grammar (None: no grammar)
     generated: list[int] = field(default_factory=list)
+
+    def stops(self, token: int) -> bool:
+        """Whether ``token`` ends the request: one of its EOS ids, or its grammar's end (an EOS id it allowed)."""
+        done = self.matcher is not None and self.matcher.is_finished and token in self.matcher.eos_token_ids
+        return token in self.eos or done
 
     def advance(self, vocab_size: int, pool: Sequence[int]) -> tuple[int, TokenLogprobs | None, bool]:
         """Generate the next token: it, its logprobs (None unless asked) and whether it is the last by length."""
@@ -219,7 +246,10 @@ class FakeRequest:
             logits = step_logits(vocab_size, pool, self.prompt, k, self.seed, script)
         if chooses:
             assert sampling is not None and logits is not None
-            token = next_token(logits, sampling, self.prompt, self.generated, self.eos)
+            allowed = None if self.matcher is None else self.matcher.allowed_mask(vocab_size)
+            token = next_token(logits, sampling, self.prompt, self.generated, self.eos, allowed)
+            if self.matcher is not None:
+                self.matcher.consume(token)
         else:
             token = script[k] if script is not None else rule_token(self.prompt, k, pool, self.seed)
         entry = None if asked is None or logits is None else position_logprobs(logits, token, asked)
@@ -246,6 +276,8 @@ class FakeStepEngine:
         prefix_cache_page: the prefix cache's page size in tokens (see the module docstring): each request's first
             output reports ``num_cached_tokens`` (:func:`cached_tokens`); None (default): no cache, None reported.
             :attr:`prefix_caching` says which.
+        tokenizer: the checkpoint's :class:`~fi_engine.text.tokenizer.Tokenizer`, for requests with a ``grammar``
+            (its matcher's tokenizer is made on the first; its EOS ids: ``eos_token_ids``).
     """
 
     def __init__(
@@ -262,6 +294,7 @@ class FakeStepEngine:
         step_s: float = 0.0,
         as_gpu_engine: bool = False,
         prefix_cache_page: int | None = None,
+        tokenizer: Any = None,
     ) -> None:
         self.vocab_size = vocab_size
         self.pool = list(pool) if pool is not None else list(range(vocab_size))
@@ -275,6 +308,8 @@ class FakeStepEngine:
         self.as_gpu_engine = as_gpu_engine
         self.prefix_cache_page = prefix_cache_page
         self.cached: set[tuple[int, ...]] = set()  # the page-aligned token prefixes whose K/V were computed
+        self.tokenizer = tokenizer
+        self.grammars: GrammarTokenizer | None = None
         self._next_rid = 0
         self._queue: deque[FakeRequest] = deque()
         self._active: dict[int, FakeRequest] = {}
@@ -328,8 +363,13 @@ class FakeStepEngine:
         eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
         rid = self._next_rid
         self._next_rid += 1
+        if sampling is not None and sampling.grammar is not None and self.grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("grammar: this stand-in engine has no tokenizer (FakeStepEngine(tokenizer=...))")
+            self.grammars = GrammarTokenizer(self.tokenizer, self.eos_token_ids)
+        matcher = _matcher(self.grammars, sampling)
         script = self.scripts.get(tuple(prompt))
-        self._queue.append(FakeRequest(rid, prompt, max_new_tokens, _seed(sampling), eos, script, sampling))
+        self._queue.append(FakeRequest(rid, prompt, max_new_tokens, _seed(sampling), eos, script, sampling, matcher))
         self.added.append((rid, tuple(prompt), max_new_tokens, sampling))
         return rid
 
@@ -371,7 +411,7 @@ class FakeStepEngine:
             if first and asked is not None:
                 prompts = prompt_logprobs(self.vocab_size, self.pool, request.prompt, asked)
             finish: FinishReason | None = None
-            if token in request.eos:
+            if request.stops(token):
                 finish = "stop"
             elif last:
                 finish = "length"

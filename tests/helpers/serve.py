@@ -60,7 +60,7 @@ class Served:
         from fi_engine.serve.service import GenerationService
         from helpers.fake_engine import FakeStepEngine
 
-        kw = {"max_seq_len": 4096, **engine_kw}
+        kw = {"max_seq_len": 4096, "tokenizer": codec.tokenizer, **engine_kw}
         self.engine = FakeStepEngine(codec.tokenizer.vocab_size, pool=pool, eos_token_ids=codec.eos_token_ids, **kw)
         self.service = GenerationService(self.engine, codec, max_queue=max_queue)
         self.server = RunningServer(build_app(self.service, MODEL, max_model_len=4096, close_timeout=1.0), graceful_s)

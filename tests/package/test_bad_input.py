@@ -790,7 +790,7 @@ from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # no
 from fi_engine.models import registry as engines  # noqa: E402
 from fi_engine.runtime import kv_cache, moe_paths, paging, serving  # noqa: E402
 from fi_engine.runtime import settings as engine_settings  # noqa: E402
-from fi_engine.text import chat, detokenize, generation_config, model_files, tokenizer, tool_calls  # noqa: E402
+from fi_engine.text import chat, detokenize, generation_config, grammar, model_files, tokenizer, tool_calls  # noqa: E402
 from fi_engine.text import codec as text  # noqa: E402
 from fi_ffi.comm import env as comm_env  # noqa: E402
 from fi_ffi.comm import launch as comm_launch  # noqa: E402
@@ -1163,6 +1163,7 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
                 Entry(tool_calls.ToolCallParser("hermes").feed, lambda: {"text": "ab"}, kinds={"text": "label"}),
             ),
         ],
+        **_grammar_entries(tok, codec.eos_token_ids),
         "text.tool_calls.call_format": [
             ("call_format", Entry(tool_calls.call_format, lambda: {"template": "x"}, kinds={"template": "label"}))
         ],
@@ -1286,6 +1287,59 @@ def _text_entries() -> dict[str, list[tuple[str, Entry]]]:
     }
 
 
+JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+
+
+def _grammar_entries(tok: Any, eos: Any) -> dict[str, list[tuple[str, Entry]]]:
+    """response_format's grammars (llguidance: skipped without it)."""
+    pytest.importorskip("llguidance")
+    grammars = grammar.GrammarTokenizer(tok, eos)
+    compiled = grammar.response_format_grammar({"type": "json_object"})
+    (brace,) = tok.encode("{")
+
+    def consume(token: int) -> None:  # a fresh matcher each call: a valid token at its start
+        grammars.matcher(compiled).consume(token)
+
+    matcher = grammars.matcher(compiled)
+    return {
+        "text.grammar.response_format_schema": [
+            (
+                "response_format_schema",
+                Entry(grammar.response_format_schema, lambda: {"response_format": JSON_SCHEMA_FORMAT}),
+            )
+        ],
+        "text.grammar.response_format_grammar": [
+            (
+                "response_format_grammar",
+                Entry(grammar.response_format_grammar, lambda: {"response_format": JSON_SCHEMA_FORMAT}),
+            )
+        ],
+        "text.grammar.GrammarTokenizer": [
+            (
+                "GrammarTokenizer",
+                Entry(
+                    grammar.GrammarTokenizer,
+                    lambda: {"tokenizer": tok, "eos_token_ids": list(eos)},
+                    kinds={"tokenizer": "object"},
+                ),
+            ),
+            (
+                "GrammarTokenizer.check",
+                Entry(grammars.check, lambda: {"grammar": compiled}, kinds={"grammar": "label"}),
+            ),
+            (
+                "GrammarTokenizer.matcher",
+                Entry(grammars.matcher, lambda: {"grammar": compiled}, kinds={"grammar": "label"}),
+            ),
+        ],
+        "text.grammar.GrammarMatcher": [
+            ("GrammarMatcher.allowed_mask", Entry(matcher.allowed_mask, lambda: {"vocab_size": tok.vocab_size + 6})),
+            ("GrammarMatcher.bitmask", Entry(matcher.bitmask, lambda: {"vocab_size": tok.vocab_size})),
+            ("GrammarMatcher.consume", Entry(consume, lambda: {"token": brace})),
+        ],
+    }
+
+
 _TEXT_NAMES = (
     "text.tokenizer.Tokenizer",
     "text.chat.ChatTemplate",
@@ -1297,6 +1351,10 @@ _TEXT_NAMES = (
     "text.tool_calls.ToolCallParser",
     "text.tool_calls.call_format",
     "text.tool_calls.opener",
+    "text.grammar.response_format_schema",
+    "text.grammar.response_format_grammar",
+    "text.grammar.GrammarTokenizer",
+    "text.grammar.GrammarMatcher",
 )
 
 ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {

@@ -1,0 +1,205 @@
+"""Structured output: the OpenAI API's ``response_format`` as a grammar, and the tokens it allows at each step.
+
+``llguidance`` (the ``serve`` extra; imported on first use) compiles a JSON schema into a grammar over the
+checkpoint's own tokens. It needs no torch (one abi3 wheel of Rust code), computes a step's token mask in tens of
+microseconds, and takes the ``tokenizer.json`` the engine already reads.
+
+- :func:`response_format_grammar`: ``{"type": "text"}`` -> None (no grammar); ``{"type": "json_object"}`` -> any
+  JSON object; ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"?}}`` -> that schema. The result
+  is the grammar's serialized form (llguidance's grammar JSON text): a plain string that travels in
+  :class:`~fi_engine.runtime.sampling_params.SamplingParams` and between processes.
+- :class:`GrammarTokenizer`: the tokenizer as llguidance sees it (built once per tokenizer: its token trie), which
+  checks a grammar (:meth:`~GrammarTokenizer.check`) and starts a :class:`GrammarMatcher` per request.
+- :class:`GrammarMatcher`: one request's place in its grammar: the tokens allowed next
+  (:meth:`~GrammarMatcher.allowed_mask`, or the packed :meth:`~GrammarMatcher.bitmask`), :meth:`~GrammarMatcher.consume`
+  the chosen one, and :attr:`~GrammarMatcher.is_finished` once only an end-of-sequence token may follow.
+
+Every fault of a format or a schema is a ValueError (TypeError for a value of the wrong kind) naming
+``response_format``: the server answers it with a 400.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..values import show
+from .args import arg_token_ids
+from .optional import require
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "MAX_WHITESPACE",
+    "GrammarMatcher",
+    "GrammarTokenizer",
+    "response_format_grammar",
+    "response_format_schema",
+]
+
+_FORMAT = "response_format"
+_INSTALL = "install it with: python -m pip install llguidance (or the server's extra: python -m pip install '.[serve]')"
+# JSON's whitespace between tokens, at most this many characters per gap: room for a newline and an indentation, as
+# a model that pretty-prints writes them, but no endless run of blanks (a small model under "any whitespace" can
+# fall into one and spend its whole max_tokens there)
+MAX_WHITESPACE = 20
+_UNUSABLE = f"{_FORMAT}: the schema cannot be used (its grammar does not compile)"
+MAX_VOCAB = 1 << 24  # the widest logits a mask is made for (the largest vocabularies have about 260k ids)
+_JSON_OPTIONS = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{MAX_WHITESPACE}}}"}
+
+
+def _llguidance() -> Any:
+    return require("llguidance", "response_format (structured output)", _INSTALL)
+
+
+def response_format_schema(response_format: Any) -> dict[str, Any] | None:
+    """The JSON schema an OpenAI ``response_format`` asks for: None for ``{"type": "text"}``, ``{"type": "object"}``
+    for ``json_object``, ``json_schema.schema`` for ``json_schema`` (``name`` and ``strict`` checked, not used: every
+    schema is enforced strictly). Checks the format's shape only (no ``llguidance`` needed); a schema llguidance
+    cannot compile is found by :meth:`GrammarTokenizer.check`."""
+    if not isinstance(response_format, Mapping):
+        raise TypeError(f'{_FORMAT}: expected an object such as {{"type": "json_object"}}, got {show(response_format)}')
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind != "json_schema":
+        raise ValueError(f'{_FORMAT}.type: expected "text", "json_object" or "json_schema", got {show(kind)}')
+    spec = _member(response_format, "json_schema", Mapping, '{"name": ..., "schema": {...}, "strict": true}')
+    _member(spec, "json_schema.name", str, "a string", optional=True)
+    _member(spec, "json_schema.strict", bool, "true or false", optional=True)
+    schema = _member(spec, "json_schema.schema", Mapping, '{"type": "object", "properties": {...}} (a JSON schema)')
+    return dict(schema)
+
+
+def _member(parent: Mapping[str, Any], path: str, kind: type, expected: str, optional: bool = False) -> Any:
+    """``parent``'s member named by ``path``'s last part, checked to be a ``kind`` (or absent when ``optional``);
+    ValueError naming ``response_format.<path>`` otherwise."""
+    value = parent.get(path.rpartition(".")[2])
+    if isinstance(value, kind) or (optional and value is None):
+        return value
+    raise ValueError(
+        f"{_FORMAT}.{path}: expected {'an object ' if kind is Mapping else ''}{expected}, got {show(value)}"
+    )
+
+
+def _schema_grammar(schema: dict[str, Any]) -> str:
+    """The grammar (llguidance's serialized form) of a JSON ``schema`` (a mapping), whitespace between tokens at
+    most :data:`MAX_WHITESPACE` characters; ValueError naming ``response_format`` when it is not JSON."""
+    try:
+        text = json.dumps(schema, allow_nan=False)
+    except (ValueError, TypeError, RecursionError) as exc:  # NaN, a non-string key, too deep
+        raise ValueError(f"{_FORMAT}: the schema is not valid JSON ({str(exc)[:200]})") from None
+    return str(_llguidance().LLMatcher.grammar_from_json_schema(text, overrides=_JSON_OPTIONS))
+
+
+def response_format_grammar(response_format: Any) -> str | None:
+    """The grammar of an OpenAI ``response_format`` (its :func:`response_format_schema` compiled),
+    or None for ``"text"``."""
+    schema = response_format_schema(response_format)
+    return None if schema is None else _schema_grammar(schema)
+
+
+class GrammarTokenizer:
+    """A :class:`~fi_engine.text.tokenizer.Tokenizer` as llguidance sees it, with the ids that end a sequence
+    (``eos_token_ids``: what a grammar allows once it is complete). Build one per tokenizer and keep it: it indexes
+    every token's bytes (milliseconds for a small vocabulary, up to about a second for 150k tokens)."""
+
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: Sequence[int]) -> None:
+        if not isinstance(tokenizer, Tokenizer):
+            raise TypeError(f"tokenizer: expected a fi_engine.text.tokenizer.Tokenizer, got {type(tokenizer).__name__}")
+        eos = arg_token_ids("eos_token_ids", eos_token_ids, tokenizer.vocab_size)
+        if not eos:
+            raise ValueError("eos_token_ids: a grammar needs the ids that end a sequence (the checkpoint's EOS ids)")
+        self.vocab_size = tokenizer.vocab_size
+        self.eos_token_ids = tuple(eos)
+        llg = _llguidance()
+        self._llg = llg
+        self._tokenizer = llg.LLTokenizer(tokenizer.backend_json(), n_vocab=self.vocab_size, eos_token=eos)
+
+    def check(self, grammar: str) -> None:
+        """ValueError naming ``response_format`` unless ``grammar`` (from :func:`response_format_grammar`)
+        compiles for this tokenizer (an unknown type, a malformed keyword, a pattern llguidance cannot read)."""
+        failed, messages = self._llg.LLMatcher.validate_grammar_with_warnings(_text(grammar), self._tokenizer)
+        if failed:
+            raise ValueError(f"{_UNUSABLE}: {'; '.join(messages)[:400]}")
+
+    def matcher(self, grammar: str) -> GrammarMatcher:
+        """A request's :class:`GrammarMatcher` at the start of ``grammar`` (ValueError naming ``response_format``
+        when it does not compile)."""
+        return GrammarMatcher(self, _text(grammar))
+
+
+def _text(grammar: Any) -> str:
+    if not isinstance(grammar, str):
+        raise TypeError(f"grammar: expected a grammar's text (a str), got {type(grammar).__name__}")
+    return grammar
+
+
+class GrammarMatcher:
+    """One request's place in its grammar: which tokens may come next, advanced by each chosen token.
+
+    The engine's calls per step, for a request with a grammar: :meth:`allowed_mask` (or :meth:`bitmask`) before
+    choosing its token, then :meth:`consume` of the token chosen. Once :attr:`is_finished`, only the tokenizer's
+    end-of-sequence ids are allowed (and consuming one of them ends the grammar)."""
+
+    def __init__(self, tokenizer: GrammarTokenizer, grammar: str) -> None:
+        llg = tokenizer._llg
+        self._matcher = llg.LLMatcher(tokenizer._tokenizer, grammar, log_level=0)
+        if self._matcher.is_error():
+            raise ValueError(f"{_UNUSABLE}: {self._matcher.get_error()[:400]}")
+        self._vocab_size = tokenizer.vocab_size
+        self.eos_token_ids = tokenizer.eos_token_ids  # what it allows once the grammar is complete
+        self._words = (tokenizer.vocab_size + 31) // 32
+
+    def bitmask(self, vocab_size: int) -> np.ndarray:
+        """The tokens allowed next as packed bits: int32 ``[ceil(vocab_size / 32)]``, token ``t`` allowed when bit
+        ``t % 32`` of word ``t // 32`` is set (llguidance's and FlashInfer's layout). ``vocab_size``: the model's
+        logits width, at least the tokenizer's; ids past the tokenizer's (padded embedding rows) are never allowed."""
+        if (
+            isinstance(vocab_size, bool)
+            or not isinstance(vocab_size, int)
+            or not self._vocab_size <= vocab_size <= MAX_VOCAB
+        ):
+            raise ValueError(
+                f"vocab_size: expected the model's vocabulary (an int from the tokenizer's {self._vocab_size} to "
+                f"{MAX_VOCAB}), got {vocab_size!r:.80}"
+            )
+        out = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        own = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.int32)[: self._words]
+        out[: own.size] = own
+        tail = self._vocab_size % 32
+        if tail:  # the tokenizer's last word: clear the bits past its vocabulary
+            out[self._words - 1] &= np.int32((1 << tail) - 1)
+        self._raise_on_error()
+        return out
+
+    def allowed_mask(self, vocab_size: int) -> np.ndarray:
+        """The tokens allowed next: bool ``[vocab_size]`` (see :meth:`bitmask` for ``vocab_size``)."""
+        packed = self.bitmask(vocab_size).view(np.uint8)
+        return np.unpackbits(packed, bitorder="little")[:vocab_size].astype(bool)
+
+    def consume(self, token: int) -> None:
+        """Advance past ``token`` (the one chosen, from the allowed ones); ValueError naming ``response_format``
+        when the grammar does not allow it."""
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < self._vocab_size:
+            raise ValueError(f"token: expected a token id in [0, {self._vocab_size}), got {token!r:.80}")
+        if not self._matcher.consume_token(int(token)):
+            raise ValueError(f"{_FORMAT}: token {int(token)} is not allowed here: {self._matcher.get_error()[:300]}")
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether the output is complete: nothing but an end-of-sequence id may follow (or one was consumed)."""
+        return bool(self._matcher.is_stopped())
+
+    @property
+    def is_accepting(self) -> bool:
+        """Whether the output so far is complete for the grammar (it may still go on, e.g. a number's digits)."""
+        return bool(self._matcher.is_accepting())
+
+    def _raise_on_error(self) -> None:
+        if self._matcher.is_error():
+            raise ValueError(f"{_FORMAT}: the grammar failed: {self._matcher.get_error()[:300]}")
