@@ -608,31 +608,22 @@ def _chunk(
     return out
 
 
-def completion_chunk(
+COMPLETION_CHUNK = "text_completion"
+CHAT_CHUNK = "chat.completion.chunk"
+
+
+def choice_chunk(
+    kind: str,
     rid: str,
     model: str,
     created: int,
     index: int | None,
-    text: str,
+    content: dict[str, Any],
     finish: str | None,
-    usage: dict[str, Any] | None,
+    usage: dict[str, int] | None,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One streamed ``text_completion`` event (``index`` None: the closing usage chunk, with no choice)."""
-    choice = None if index is None else {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-    return _chunk(rid, "text_completion", model, created, choice, usage)
-
-
-def chat_chunk(
-    rid: str,
-    model: str,
-    created: int,
-    index: int | None,
-    delta: dict[str, Any],
-    finish: str | None,
-    usage: dict[str, Any] | None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One streamed ``chat.completion.chunk`` (``index`` None: the closing usage chunk, with no choice)."""
-    choice = None if index is None else {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-    return _chunk(rid, "chat.completion.chunk", model, created, choice, usage)
+    """One streamed event of ``kind``: :data:`COMPLETION_CHUNK` (``content`` ``{"text": ...}``) or :data:`CHAT_CHUNK`
+    (``{"delta": {...}}``); ``index`` None: the closing usage chunk, with no choice."""
+    choice = None if index is None else {"index": index, **content, "logprobs": logprobs, "finish_reason": finish}
+    return _chunk(rid, kind, model, created, choice, usage)

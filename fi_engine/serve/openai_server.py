@@ -34,14 +34,15 @@ from ..runtime.stepping import TokenLogprobs
 from ..text.grammar import GrammarTokenizer, response_format_grammar
 from ..text.tool_calls import ToolCall, ToolCallParser, call_format, opener
 from .openai_protocol import (
+    CHAT_CHUNK,
+    COMPLETION_CHUNK,
     APIError,
     Choice,
     ParsedRequest,
     chat_body,
-    chat_chunk,
     chat_logprobs,
+    choice_chunk,
     completion_body,
-    completion_chunk,
     completion_logprobs,
     error_body,
     new_id,
@@ -412,7 +413,16 @@ class _Handlers:
             if chat:
                 for i in range(len(streams)):
                     yield _sse(
-                        chat_chunk(rid, parsed.model, created, i, {"role": "assistant", "content": ""}, None, None)
+                        choice_chunk(
+                            CHAT_CHUNK,
+                            rid,
+                            parsed.model,
+                            created,
+                            i,
+                            {"delta": {"role": "assistant", "content": ""}},
+                            None,
+                            None,
+                        )
                     )
             async for index, delta in _merged(streams):
                 choice = choices[index]
@@ -430,16 +440,20 @@ class _Handlers:
                     continue  # tokens that settle no text yet (a split character, a possible stop string)
                 if chat:
                     content = {"content": text} if text or finish is None else {}
-                    event = chat_chunk(rid, parsed.model, created, index, content, finish, None, logprobs)
+                    event = choice_chunk(
+                        CHAT_CHUNK, rid, parsed.model, created, index, {"delta": content}, finish, None, logprobs
+                    )
                 else:
-                    event = completion_chunk(rid, parsed.model, created, index, text, finish, None, logprobs)
+                    event = choice_chunk(
+                        COMPLETION_CHUNK, rid, parsed.model, created, index, {"text": text}, finish, None, logprobs
+                    )
                 yield _sse(event)
             if parsed.include_usage:
                 usage = usage_body(submitted.prompt_tokens, sum(completion_tokens), _cached(cached, parsed.n))
                 if chat:
-                    yield _sse(chat_chunk(rid, parsed.model, created, None, {}, None, usage))
+                    yield _sse(choice_chunk(CHAT_CHUNK, rid, parsed.model, created, None, {}, None, usage))
                 else:
-                    yield _sse(completion_chunk(rid, parsed.model, created, None, "", None, usage))
+                    yield _sse(choice_chunk(COMPLETION_CHUNK, rid, parsed.model, created, None, {}, None, usage))
         except ServiceError as exc:
             error = APIError(str(exc), status=500, type="internal_server_error", code="engine_error")
             yield _sse(error_body(error))
@@ -466,15 +480,19 @@ def _tool_chunks(
     events = []
     if content or logprobs is not None:
         delta = {"content": content} if content else {}
-        events.append(chat_chunk(rid, model, created, index, delta, None, None, logprobs))
+        events.append(choice_chunk(CHAT_CHUNK, rid, model, created, index, {"delta": delta}, None, None, logprobs))
     for k, call in enumerate(calls, start=choice.called - len(calls)):
         head = {"index": k, **tool_call_body(call, arguments="")}
-        events.append(chat_chunk(rid, model, created, index, {"tool_calls": [head]}, None, None))
+        events.append(
+            choice_chunk(CHAT_CHUNK, rid, model, created, index, {"delta": {"tool_calls": [head]}}, None, None)
+        )
         tail = {"index": k, "function": {"arguments": call.arguments}}
-        events.append(chat_chunk(rid, model, created, index, {"tool_calls": [tail]}, None, None))
+        events.append(
+            choice_chunk(CHAT_CHUNK, rid, model, created, index, {"delta": {"tool_calls": [tail]}}, None, None)
+        )
     if finish is not None:
         why = "tool_calls" if choice.called and finish == "stop" else finish
-        events.append(chat_chunk(rid, model, created, index, {}, why, None))
+        events.append(choice_chunk(CHAT_CHUNK, rid, model, created, index, {"delta": {}}, why, None))
     return events
 
 
