@@ -135,8 +135,9 @@ from __future__ import annotations
 import functools
 import re
 from importlib import resources
+from typing import Any
 
-__all__ = ["files", "read", "source"]
+__all__ = ["files", "functions", "read", "source"]
 
 CSRC = "csrc"
 """The folder of the CUDA files inside this package."""
@@ -165,6 +166,13 @@ def source(file: str) -> str:
 
 
 @functools.cache
+def functions(cupy: Any, file: str, names: tuple[str, ...], options: tuple[str, ...] = ()) -> list[Any]:
+    """The kernels ``names`` of ``csrc/<file>``'s program (:func:`source`), compiled by NVRTC through CuPy's
+    ``RawModule`` with ``options``, in the order named."""
+    module = cupy.RawModule(code=source(file), options=options)
+    return [module.get_function(name) for name in names]
+
+
 def _names() -> frozenset[str]:
     folder = resources.files(__package__) / CSRC
     return frozenset(f.name for f in folder.iterdir() if f.name.endswith((".cu", ".cuh")))

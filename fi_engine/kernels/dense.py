@@ -39,7 +39,7 @@ from .cublas import (
     Handle,
     status_name,
 )
-from .cuda_sources import source
+from .cuda_sources import functions, source
 from .fp8_linear import FP8_GEMV_MAX_ROWS, PAIR_MAX_ROWS, PAIR_ROPE, PAIR_SILU
 
 __all__ = [
@@ -380,13 +380,25 @@ class Dense:
         self._blas = Handle()
         try:
             self._blas.bind(stream.ptr, self._workspace.data.ptr, WORKSPACE_BYTES)
-            module = cupy.RawModule(code=source("rows.cu"))
-            self._gather_fn = module.get_function("gather_rows16")
-            self._argmax_fn = module.get_function("argmax_rows")
-            self._gather_shard_fn = module.get_function("gather_rows16_shard")
-            self._argmax_shard_fn = module.get_function("argmax_rows_shard")
-            self._combine_argmax_fn = module.get_function("combine_argmax")
-            self._unshard_fn = module.get_function("unshard_columns")
+            (
+                self._gather_fn,
+                self._argmax_fn,
+                self._gather_shard_fn,
+                self._argmax_shard_fn,
+                self._combine_argmax_fn,
+                self._unshard_fn,
+            ) = functions(
+                cupy,
+                "rows.cu",
+                (
+                    "gather_rows16",
+                    "argmax_rows",
+                    "gather_rows16_shard",
+                    "argmax_rows_shard",
+                    "combine_argmax",
+                    "unshard_columns",
+                ),
+            )
         except BaseException:
             self._blas.close()
             raise

@@ -44,7 +44,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..kernels import flashinfer as kernels
-from ..kernels.cuda_sources import source
+from ..kernels.cuda_sources import functions
 from ..kernels.dense import CUDA_R_32F, Dense, _column_blocks, data_type
 from ..values import MAX_SIZE, arg_int, float32_bits, integer
 from .moe_routing import ExpertGroups, group_by_expert, softmax_topk
@@ -346,16 +346,21 @@ class MoELayer:
         sc = self.scratch
         self.logits, self.xs, self.gate_up_out, self.act, self.y = sc.logits, sc.xs, sc.gate_up_out, sc.act, sc.y
         self.row_token, self.row_of, self.route_weights = sc.row_token, sc.row_of, sc.route_weights
-        module = cupy.RawModule(code=source("moe.cu"))
-        self._combine = module.get_function("moe_combine")
-        self._route_fn = module.get_function("moe_route")
-        self._slots_fn = module.get_function("moe_slots")
-        self._scatter_fn = module.get_function("moe_scatter")
-        self._act_fn = module.get_function("moe_bias_act")
-        self._combine_bias_fn = module.get_function("moe_combine_bias")
-        self._router_bias_fn = module.get_function("moe_router_bias")
-        self._dense_act_fn = module.get_function("moe_dense_act")
-        self._dense_combine_fn = module.get_function("moe_dense_combine")
+        names = (
+            *("moe_combine", "moe_route", "moe_slots", "moe_scatter", "moe_bias_act", "moe_combine_bias"),
+            *("moe_router_bias", "moe_dense_act", "moe_dense_combine"),
+        )
+        (
+            self._combine,
+            self._route_fn,
+            self._slots_fn,
+            self._scatter_fn,
+            self._act_fn,
+            self._combine_bias_fn,
+            self._router_bias_fn,
+            self._dense_act_fn,
+            self._dense_combine_fn,
+        ) = functions(cupy, "moe.cu", names)
         self.dense_rows = dense_rows or 0
         # where each expert's rows start in the host path's grouped buffers (written per forward; biased layers)
         self._seg = cupy.zeros(self.num_experts + 1, cupy.int32)

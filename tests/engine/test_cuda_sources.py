@@ -31,19 +31,17 @@ INCLUDE = re.compile(r'^#include "([^"]+)"', re.MULTILINE)
 
 
 def loader_calls() -> dict[str, set[str]]:
-    """``{"source" or "read": the file names fi_engine passes them as literals}``, read from the code with ast."""
+    """``{"source" or "read": the file names fi_engine passes them as literals}``, read from the code with ast
+    (``functions(cupy, file, names)`` compiles ``source(file)``: counted as a source)."""
     found: dict[str, set[str]] = {"source": set(), "read": set()}
+    where = {"source": ("source", 0), "read": ("read", 0), "functions": ("source", 1)}  # call -> (kind, argument)
     for path in ENGINE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Name)
-                and node.func.id in found
-                and node.args
-                and isinstance(node.args[0], ast.Constant)
-                and isinstance(node.args[0].value, str)
-            ):
-                found[node.func.id].add(node.args[0].value)
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in where):
+                continue
+            kind, i = where[node.func.id]
+            if len(node.args) > i and isinstance(node.args[i], ast.Constant) and isinstance(node.args[i].value, str):
+                found[kind].add(node.args[i].value)
     return found
 
 
