@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 from helpers.attention_plans import decode_plan, prefill_plan
 from helpers.attention_plans import workspace as attention_workspace
+from helpers.hf_configs import SMALL_LLAMA
 from helpers.mla_plans import fake_plan as mla_fake_plan
 
 import fi_ffi
@@ -842,16 +843,9 @@ def _env_values(key: str, value: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]
 
 
 CONFIG = {
-    "vocab_size": 1000,
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
+    **SMALL_LLAMA,
     "head_dim": 32,
-    "rms_norm_eps": 1e-6,
     "rope_theta": 10000.0,
-    "max_position_embeddings": 4096,
     "tie_word_embeddings": False,
     "model_type": "llama",
     "eos_token_id": 2,
