@@ -555,6 +555,23 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         "/metrics (default on; --no-enable-prefix-caching: every prompt computed whole)",
     )
     p.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a prompt longer than a pass's --max-num-batched-tokens is prefilled in chunks, the running requests "
+        "taking a token from each chunk's pass instead of waiting for the whole prompt, and prompts up to "
+        "--max-seq-len are served; as vLLM's option of that name, on where the engine serves it (as prefix caching) "
+        "(default on; --no-enable-chunked-prefill: each prompt in one pass)",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=None,
+        help="token rows of one prefill pass with chunked prefill (the running requests' rows and the prompts'); "
+        "fewer keep the running streams' tokens coming faster during a long prompt, more prefill it sooner "
+        "(default: 2048, at most the engine's max_prefill_tokens)",
+    )
+    p.add_argument(
         "--grace",
         type=_seconds,
         default=30.0,
@@ -631,6 +648,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             mixed_prefill=args.mixed_prefill,
             warm_serving=args.graph,
             prefix_caching=args.enable_prefix_caching,
+            chunked_prefill=args.enable_chunked_prefill,
+            max_num_batched_tokens=args.max_num_batched_tokens,
         )
         if args.in_process:
             engine = open_engine(args.model, **kwargs)
@@ -646,10 +665,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     names = args.served_model_name or [args.model]
     caching = getattr(engine, "prefix_caching", False) is True
+    chunking = getattr(engine, "chunked_prefill", False) is True
     unserved = " (not served by this engine)" if args.enable_prefix_caching and not caching else ""
+    chunks = f"on, {engine.max_num_batched_tokens} tokens a pass" if chunking else "off"
     settings = (
         f"max batch {args.max_batch}, queue {args.max_queue}, {'CUDA graph' if args.graph else 'eager'}, "
-        f"prefix caching {'on' if caching else 'off'}{unserved}"
+        f"prefix caching {'on' if caching else 'off'}{unserved}, chunked prefill {chunks}"
     )
     if args.api_servers > 1:
         return _serve_api_servers(args, engine, names, settings)

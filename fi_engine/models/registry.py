@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..checkpoint.config import LlamaConfig, read_config_json
-from ..values import show
+from ..values import MAX_SIZE, arg_int, show
 
 __all__ = [
     "FAMILIES",
@@ -211,6 +211,8 @@ def open_engine(
     mixed_prefill: bool = False,
     warm_serving: bool = False,
     prefix_caching: bool = False,
+    chunked_prefill: bool = False,
+    max_num_batched_tokens: int | None = None,
     **kwargs: Any,
 ) -> Any:
     """``engine_class(model_dir)(model_dir, **kwargs)`` with the step API's serving settings, which a server
@@ -221,22 +223,34 @@ def open_engine(
     graphs the step API replays captured now, not while serving: ``ServingLoop.warm_serving``, where the engine has
     it; about 1 s for SmolLM2-135M on an H100) and ``prefix_caching`` (a prompt reuses the KV pages an earlier
     request computed for its beginning: ``ServingLoop.prefix_caching``, on where the engine serves it, left off
-    elsewhere; ``engine.prefix_caching`` says which)."""
+    elsewhere; ``engine.prefix_caching`` says which), ``chunked_prefill`` (a long prompt is prefilled in chunks of
+    ``max_num_batched_tokens`` token rows a pass, the running requests riding in each: ``ServingLoop.chunked_prefill``,
+    on where the engine serves it; None: the engine's ``max_prefill_tokens``, at most 2048)."""
     from ..runtime.serving import delay_factor_arg, mixed_prefill_arg, overlap_steps_arg
 
     overlap_steps = overlap_steps_arg(overlap_steps)  # checked before the checkpoint is read
     scheduler_delay_factor = delay_factor_arg(scheduler_delay_factor)
     mixed_prefill = mixed_prefill_arg(mixed_prefill)
-    for name, value in (("warm_serving", warm_serving), ("prefix_caching", prefix_caching)):
+    for name, value in (
+        ("warm_serving", warm_serving),
+        ("prefix_caching", prefix_caching),
+        ("chunked_prefill", chunked_prefill),
+    ):
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
+    if max_num_batched_tokens is not None:  # (its upper bound, the engine's max_prefill_tokens, checked by the engine)
+        max_num_batched_tokens = arg_int("max_num_batched_tokens", max_num_batched_tokens, 1, MAX_SIZE)
     engine = engine_class(model_dir)(model_dir, **kwargs)
     engine.overlap_steps = overlap_steps
     engine.scheduler_delay_factor = scheduler_delay_factor
     engine.mixed_prefill = mixed_prefill
-    blocker = getattr(engine, "prefix_caching_blocker", None)
-    if prefix_caching and blocker is not None and blocker() is None:
-        engine.prefix_caching = True
+    blocker = getattr(engine, "prefix_caching_blocker", None)  # (chunked prefill stands on the same ground)
+    if blocker is not None and blocker() is None:
+        engine.prefix_caching = prefix_caching
+        if chunked_prefill:
+            top = engine.scheduler.max_prefill_tokens
+            engine.max_num_batched_tokens = min(top, 2048) if max_num_batched_tokens is None else max_num_batched_tokens
+            engine.chunked_prefill = True
     warm = getattr(engine, "warm_serving", None)
     if warm_serving and warm is not None:
         try:

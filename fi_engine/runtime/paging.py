@@ -151,6 +151,10 @@ class Request:
     output: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V are in the cache
+    # chunked prefill: where the prompt's pass in flight (or the last recorded) ends, short of the prompt's end; None
+    # once its last chunk is admitted (or its prompt was prefilled whole). A request whose chunk is set takes no
+    # token from its pass and is no decode row (Scheduler.admit; Scheduler.chunk_tokens)
+    chunk_end: int | None = None
     hit: int = 0  # prompt tokens found in the prefix cache at admission (their K/V computed by an earlier request)
     asks: SamplingParams | None = None  # its sampling where it sets logprobs or a control (asks_processing)
     logprobs: list[Any] = field(default_factory=list)  # a TokenLogprobs per output token, where asks.logprobs is set
@@ -165,6 +169,12 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def decoding(self) -> bool:
+        """Whether it is a decode row: its prompt's prefill is, or will be once the pass in flight ends, complete
+        (not cut short by chunked prefill)."""
+        return self.chunk_end is None
 
     def position(self, ahead: int = 0) -> int:
         """The position of the token it is fed next: its last token's (``cached`` once its tokens are recorded),
@@ -235,7 +245,8 @@ def fill_prefill(
 ) -> tuple[int, int]:
     """Write the prefill arrays of ``requests`` (pages already held) into the views ``v``: each request's tokens
     whose K/V are not in the cache yet, at their positions. For a request just admitted that is its whole prompt
-    (positions ``0..n-1``); for one that is decoding (a mixed pass, ``ServingLoop.mixed_prefill``) its last token
+    (positions ``0..n-1``), from past its cached prefix, to the end of its chunk where it is prefilled in chunks
+    (``Request.chunk_end``); for one that is decoding (a mixed pass, ``ServingLoop.mixed_prefill``) its last token
     at its position ``len(prompt) + len(output) - 1`` (``cached``), attending to the tokens before it as a decode
     step would. ``ahead=1``: the decoding requests' last tokens come from a decode step in flight, not recorded
     yet: each is fed one position further, with token id 0 in place of the token (the caller writes it).
@@ -256,9 +267,9 @@ def fill_prefill(
         if r.output:  # decoding: its last token, one row
             start = r.position(ahead)
             new = (0,) if ahead else (r.output[-1],)
-        else:  # admitted: its prompt from the first token not in the cache (a prefix cache hit: past the hit)
-            start = r.cached
-            new = r.prompt[start:]
+        else:  # admitted: its prompt from the first token not in the cache (a prefix cache hit: past the hit, a
+            start = r.cached  # chunk of chunked prefill: past the chunks before), to its end or its chunk's
+            new = r.prompt[start : r.chunk_end]
         end = start + len(new)
         need = pages_for(end, page_size)
         if not new or len(r.pages) < need:
@@ -553,6 +564,7 @@ class Scheduler:
         self.processed = 0
         self._next_id = 0
         self._prefix_caching = False
+        self._chunk_tokens = 0
 
     @property
     def prefix_caching(self) -> bool:
@@ -569,6 +581,30 @@ class Scheduler:
                 "fi_engine.runtime.kv_cache.KVCacheManager with enable_prefix_caching=True"
             )
         self._prefix_caching = on
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Chunked prefill: the most token rows of one prefill pass (the decoding requests riding in it and the
+        prompts' tokens), 1 to ``max_prefill_tokens``; a prompt that does not fit what is left is prefilled in chunks
+        over several passes, each continuing from the K/V the last one wrote, and takes its first token from the pass
+        of its last chunk. 0 (the default): off; a prompt is prefilled in one pass and may not exceed
+        ``max_prefill_tokens``. A prompt longer than ``max_prefill_tokens``, accepted while it was on, is still
+        prefilled in chunks after it is turned off."""
+        return self._chunk_tokens
+
+    @chunk_tokens.setter
+    def chunk_tokens(self, tokens: int) -> None:
+        self._chunk_tokens = arg_int("chunk_tokens", tokens, 0, self.max_prefill_tokens)
+
+    @property
+    def chunks_pending(self) -> bool:
+        """Whether an active request's prompt has chunks left to prefill (the next admission continues it)."""
+        return any(r is not None and not r.decoding for r in self.slots)
+
+    def _whole(self, r: Request) -> bool:
+        """Whether ``r``'s prompt must be prefilled in one pass: its prompt logprobs are asked (each position needs
+        its row of one pass)."""
+        return r.asks is not None and r.asks.prompt_logprobs is not None
 
     # ---- requests in
 
@@ -605,11 +641,11 @@ class Scheduler:
                 f"{name}: {n} prompt tokens + {max_new_tokens} new tokens exceed the engine's "
                 f"max_seq_len {self.max_seq_len}; shorten it or raise max_seq_len"
             )
-        if n > self.max_prefill_tokens:
-            raise ValueError(
-                f"{name}: {n} prompt tokens exceed max_prefill_tokens {self.max_prefill_tokens}; "
-                f"raise max_prefill_tokens"
-            )
+        whole = sampling is not None and sampling.prompt_logprobs is not None  # (prefilled in one pass: _whole)
+        if n > self.max_prefill_tokens and (whole or not self._chunk_tokens):
+            fix = "raise max_prefill_tokens" if whole else "turn chunked prefill on or raise max_prefill_tokens"
+            why = f"its prompt logprobs need it prefilled in one pass; {fix}" if whole else fix
+            raise ValueError(f"{name}: {n} prompt tokens exceed max_prefill_tokens {self.max_prefill_tokens}; {why}")
         budget = pages_for(n + max_new_tokens - 1, self.page_size)
         if budget > self.allocator.capacity:
             raise ValueError(
@@ -685,26 +721,39 @@ class Scheduler:
         return [r for r in self.slots if r is not None]
 
     @property
+    def decoding(self) -> bool:
+        """Whether an active request is a decode row (not all of them are prompts with chunks left)."""
+        return any(r is not None and r.decoding for r in self.slots)
+
+    @property
     def has_work(self) -> bool:
         return bool(self.pending) or any(r is not None for r in self.slots)
 
     def admit(self, reserve: int = 0) -> list[Request]:
-        """Move queued requests (in order) into free slots while their page budgets and the prefill token
-        limit allow; give each its prompt's pages. Returns the admitted requests (to prefill together).
-        ``reserve``: token rows of the prefill pass already taken (the decoding requests that ride in a mixed pass,
-        ``ServingLoop.mixed_prefill``), so the admitted prompts get ``max_prefill_tokens - reserve`` rows."""
+        """The requests of the next prefill pass: first the active prompts with chunks left (chunked prefill, in slot
+        order), each its next chunk; then queued requests, in order, moved into free slots while their page budgets
+        and the pass's token rows allow, each given its prompt's pages. Returns them (to prefill together).
+        ``reserve``: token rows of the pass already taken (the decoding requests that ride in a mixed pass,
+        ``ServingLoop.mixed_prefill``). The pass's rows are ``max_prefill_tokens``, or :attr:`chunk_tokens` with
+        chunked prefill on, where the last prompt admitted may be cut to the rows left (``Request.chunk_end``)."""
+        budget = self._chunk_tokens or self.max_prefill_tokens
+        admitted: list[Request] = []
+        tokens = reserve
+        for r in self.slots:  # prompts prefilled in chunks go on where their last chunk ended
+            if r is not None and not r.decoding and tokens < budget:
+                tokens += self._cut(r, r.cached, budget - tokens)
+                admitted.append(r)
         free_slots = [i for i, s in enumerate(self.slots) if s is None]
         outstanding = sum(r.budget_pages - len(r.pages) for r in self.slots if r is not None)
-        admitted: list[Request] = []
-        tokens = 0
         cache = cast(PrefixCache, self.allocator) if self._prefix_caching else None
-        while self.pending and free_slots:
+        while self.pending and free_slots and tokens < budget:
             r = self.pending[0]
-            # (a prompt whose logprobs are asked is computed whole: each position needs its row)
-            whole = r.asks is not None and r.asks.prompt_logprobs is not None
+            whole = self._whole(r)  # (computed whole, so never matched in the cache either)
             prefix, cached = cache.match_prefix(r.prompt) if cache is not None and not whole else ([], 0)
-            if reserve + tokens + len(r.prompt) - cached > self.max_prefill_tokens:
-                break
+            left = len(r.prompt) - cached
+            room = (self.max_prefill_tokens if whole else budget) - tokens
+            if left > room and (whole or not (self._chunk_tokens or left > self.max_prefill_tokens)):
+                break  # (a prompt past max_prefill_tokens, accepted with chunking on, is cut even with it off now)
             # the pages it may come to hold that the pool must give: its budget beyond the matched pages, and the
             # matched pages no request holds (they leave the pool's evictable ones)
             need = r.budget_pages if cache is None else cache.free_pages_needed(prefix, r.budget_pages - len(prefix))
@@ -725,7 +774,7 @@ class Scheduler:
             if r.asks is not None:
                 self.processed += 1
             admitted.append(r)
-            tokens += len(r.prompt) - r.cached
+            tokens += self._cut(r, r.cached, room)
         if self.pending and not admitted and not self.active:
             raise OutOfPagesError(
                 f"request {self.pending[0].rid} cannot be admitted into an empty batch "
@@ -733,12 +782,23 @@ class Scheduler:
             )
         return admitted
 
+    @staticmethod
+    def _cut(r: Request, start: int, rows: int) -> int:
+        """Set ``r``'s next pass to compute its prompt from ``start`` for at most ``rows`` tokens (its chunk's end,
+        or None where that reaches the prompt's end); returns the tokens it computes."""
+        end = min(len(r.prompt), start + rows)
+        r.chunk_end = end if end < len(r.prompt) else None
+        return end - start
+
     def can_admit(self, hold_s: float = 0.0, now: float | None = None) -> bool:
-        """Whether :meth:`admit` would take a queued request now: one is queued, a slot is free, and the queue is
-        not held. ``hold_s`` (seconds; the serving loop's scheduler delay, ``scheduler_delay_factor`` times its last
-        prefill's time): while others decode, queued requests wait until the oldest has waited that long or they
+        """Whether :meth:`admit` would give a prefill pass work now: a prompt has chunks left (chunked prefill; never
+        held), or a queued request would be taken: one is queued, a slot is free, and the queue is not held.
+        ``hold_s`` (seconds; the serving loop's scheduler delay, ``scheduler_delay_factor`` times its last prefill's
+        time): while others decode, queued requests wait until the oldest has waited that long or they
         would fill every free slot (vLLM's scheduler delay), so a burst of arrivals is prefilled in a few larger
         passes instead of one small pass per step. ``now``: the clock (``time.perf_counter``) reading to judge by."""
+        if self.chunks_pending:
+            return True
         if not self.pending or None not in self.slots:
             return False
         if hold_s <= 0 or not self.active or len(self.pending) >= self.slots.count(None):
@@ -752,7 +812,7 @@ class Scheduler:
         ``(admitted, riders)``; where the first queued prompt does not fit beside the riders, it is admitted alone
         (:meth:`admit`) and ``riders`` is empty. ``behind``: the pass goes behind a decode step not yet recorded,
         so a request that step gives its last token (its ``max_new_tokens``-th) rides no more."""
-        riders = [r for r in self.active if not behind or len(r.output) + 1 < r.max_new_tokens]
+        riders = [r for r in self.active if r.decoding and (not behind or len(r.output) + 1 < r.max_new_tokens)]
         admitted = self.admit(reserve=len(riders)) if riders else []
         if admitted:
             return admitted, riders
@@ -766,9 +826,13 @@ class Scheduler:
         """
         self.grow_pages()
         if padded:
-            return list(self.slots)
-        rows: list[Request | None] = [r for r in self.slots if r is not None]
-        return rows
+            return self.decode_slots()
+        return [r for r in self.slots if r is not None and r.decoding]
+
+    def decode_slots(self) -> list[Request | None]:
+        """The slots as a decode step's padded rows: a request whose prompt has chunks left (chunked prefill) is an
+        empty row."""
+        return [r if r is not None and r.decoding else None for r in self.slots]
 
     def grow_pages(self, requests: Iterable[Request | None] | None = None, ahead: int = 0) -> None:
         """Give each active request (or each of ``requests``: decoding ones) the page its next token needs, if it
@@ -776,7 +840,7 @@ class Scheduler:
         token, at position ``cached`` (``len(prompt) + len(output) - 1``), or ``ahead`` positions further where
         that many passes giving it a token are in flight (:func:`fill_prefill`'s ``ahead``)."""
         for r in self.slots if requests is None else requests:
-            if r is not None:
+            if r is not None and r.decoding:
                 while len(r.pages) * self.page_size <= r.position(ahead):
                     r.pages.extend(self.allocator.alloc(1))
 
@@ -787,7 +851,7 @@ class Scheduler:
         ``max_new_tokens``-th token is None. Gives each continuing request the pages that step needs (within its
         budget: it would get them from :meth:`decode_rows` then). Compare the result with :attr:`slots` once all
         but one of those passes are recorded (:meth:`same_rows`) before using it."""
-        rows = [None if r is None or len(r.output) + ahead >= r.max_new_tokens else r for r in self.slots]
+        rows = [None if r is None or len(r.output) + ahead >= r.max_new_tokens else r for r in self.decode_slots()]
         self.grow_pages(rows, ahead)
         return rows
 
@@ -795,10 +859,11 @@ class Scheduler:
         """True when ``rows`` (from :meth:`peek_rows`, possibly cut to :meth:`graph_rows` of them) are the slots
         now: the same request (or None) in each of the first ``len(rows)`` slots, and no request in the others."""
         n = len(rows)
+        slots = self.decode_slots()
         return (
-            n <= len(self.slots)
-            and all(a is b for a, b in zip(rows, self.slots[:n], strict=True))
-            and all(r is None for r in self.slots[n:])
+            n <= len(slots)
+            and all(a is b for a, b in zip(rows, slots[:n], strict=True))
+            and all(r is None for r in slots[n:])
         )
 
     @staticmethod
@@ -821,6 +886,11 @@ class Scheduler:
         """
         for r, t in zip(rows, tokens, strict=True):
             if r is None or r.finish_reason is not None:
+                continue
+            if prefill and r.chunk_end is not None:  # a chunk of its prompt: no token yet
+                r.cached = r.chunk_end
+                if self._prefix_caching:
+                    cast(PrefixCache, self.allocator).commit(r.pages, r.prompt, r.cached)
                 continue
             r.cached = len(r.prompt) if prefill else r.cached + 1
             r.output.append(int(t))

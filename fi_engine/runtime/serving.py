@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar, cast, overload
 import numpy as np
 
 from ..kernels.flashinfer import stream_scope
+from ..values import arg_int
 from .kv_cache import KVCacheManager
 from .logits_processing import LogitsProcessor, PendingLogprobs, PendingPromptLogprobs
 from .model_runner import ModelRunner
@@ -179,6 +180,7 @@ class ServingLoop(StepEngineBase):
     _scheduler_delay_factor: float
     _mixed_prefill: bool
     _closed: bool
+    _max_num_batched_tokens: int
 
     def _start_loop(self) -> None:
         """The loop's state before the first request (the constructor calls it once the parts exist)."""
@@ -199,6 +201,7 @@ class ServingLoop(StepEngineBase):
         # the step API's prefill passes also decode the active requests (mixed_prefill); off by default (their
         # riders' logits come from the prefill's kernels); the servers turn it on (models.registry.open_engine)
         self.mixed_prefill = False
+        self._max_num_batched_tokens = self.scheduler.max_prefill_tokens
 
     pipelined_decode = True
     """With the decode graph on one GPU and the next step prepared ahead: ``generate``'s loop, and :meth:`step`
@@ -265,15 +268,55 @@ class ServingLoop(StepEngineBase):
 
     def prefix_caching_blocker(self) -> str | None:
         """Why :attr:`prefix_caching` cannot be on for this engine, or None."""
+        return self._paged_prefill_blocker("a cached prefix")
+
+    def _paged_prefill_blocker(self, needs: str) -> str | None:
+        """Why a prompt's prefill cannot start past K/V already in the cache (what ``needs`` it), or None."""
         runner = self.runner
         if not runner.family.llama_pass:
             return (
                 f"{type(runner.family).__name__}'s prefill attention reads only the prompt's own keys and values (the "
-                f"Llama family's reads the paged cache, which a cached prefix needs)"
+                f"Llama family's reads the paged cache, which {needs} needs)"
             )
         if runner.comm is not None:
             return "not with tensor parallelism yet"
         return None
+
+    @property
+    def chunked_prefill(self) -> bool:
+        """Whether a prompt that does not fit a prefill pass's :attr:`max_num_batched_tokens` rows (with the decoding
+        requests riding in it, :attr:`mixed_prefill`) is prefilled in chunks over several passes, each continuing
+        from the K/V the last wrote, so the running streams take a token from each pass instead of waiting for the
+        whole prompt (vLLM's chunked prefill); prompts longer than ``max_prefill_tokens`` are accepted then (up to
+        ``max_seq_len``). The request takes its first token from its last chunk's pass. Its tokens are the same as
+        without it up to the rounding of other pass shapes. A prompt whose ``prompt_logprobs`` are asked is
+        prefilled whole. Default False; ``fi-engine serve`` turns it on where it applies (as :attr:`prefix_caching`:
+        the Llama pass on one GPU; ValueError naming what stands in the way elsewhere, TypeError for anything but a
+        bool). ``prefill_logits`` and the warm-ups prefill whole prompts."""
+        return self.scheduler.chunk_tokens > 0
+
+    @chunked_prefill.setter
+    def chunked_prefill(self, on: bool) -> None:
+        on = _switch("chunked_prefill", on)
+        why = self._paged_prefill_blocker("a prompt's later chunk") if on else None
+        if why is not None:
+            raise ValueError(f"chunked_prefill: {why}; leave it off for this engine")
+        self.scheduler.chunk_tokens = self._max_num_batched_tokens if on else 0
+
+    @property
+    def max_num_batched_tokens(self) -> int:
+        """The most token rows of one prefill pass with :attr:`chunked_prefill` on (the decoding requests riding in it
+        and the prompts' tokens; vLLM's option of that name): 1 to ``max_prefill_tokens`` (the default). Fewer rows
+        make each pass, hence each running stream's token during a long prompt's prefill, quicker, and the prompt's
+        first token later. ValueError naming it outside that range."""
+        return self._max_num_batched_tokens
+
+    @max_num_batched_tokens.setter
+    def max_num_batched_tokens(self, tokens: int) -> None:
+        sched = self.scheduler
+        self._max_num_batched_tokens = arg_int("max_num_batched_tokens", tokens, 1, sched.max_prefill_tokens)
+        if sched.chunk_tokens:
+            sched.chunk_tokens = self._max_num_batched_tokens
 
     @property
     def prefix_cache_stats(self) -> Any:
@@ -282,15 +325,17 @@ class ServingLoop(StepEngineBase):
         return self.kv_cache.stats
 
     @contextlib.contextmanager
-    def _prefix_cache_off(self) -> Iterator[None]:
-        """Within: no prompt reads or fills the prefix cache (``prefill_logits`` needs every row's logits; a warm-up's
-        dummy prompts must run the shapes they were made for)."""
+    def _whole_prompts(self) -> Iterator[None]:
+        """Within: every prompt is prefilled whole, in one pass, without the prefix cache (``prefill_logits`` needs
+        every row's logits; a warm-up's dummy prompts must run the shapes they were made for)."""
         sched = self.scheduler
         on, sched.prefix_caching = sched.prefix_caching, False
+        chunk, sched.chunk_tokens = sched.chunk_tokens, 0
         try:
             yield
         finally:
             sched.prefix_caching = on
+            sched.chunk_tokens = chunk
 
     scheduler_delay_factor = _Setting(
         delay_factor_arg,
@@ -470,7 +515,11 @@ class ServingLoop(StepEngineBase):
             passed = [*launched.riders, *launched.admitted]
             ids = {id(r) for r in passed}
             had = [len(r.output) for r in passed]
-            if all(id(r) in ids for r in sched.active) and self._decodes_behind_prefill(sched):
+            # every decoding request took a token from the pass: with a prompt's chunks left, the next step() is the
+            # next chunk's pass (they ride in it again), so no decode step between the passes holds the prompt back
+            all_rode = all(id(r) in ids for r in sched.active if r.decoding)
+            chunking = sched.chunks_pending
+            if all_rode and not chunking and self._decodes_behind_prefill(sched):
                 # the decode step goes right behind the pass, its input tokens copied on the device: the GPU does
                 # not wait for the host to read the pass's tokens and prepare the step
                 self._inflight = self._decode_launch(sched, depth=2)
@@ -483,7 +532,9 @@ class ServingLoop(StepEngineBase):
             for r, n in zip(passed, had, strict=True):  # (a rider the step in flight ended took nothing)
                 if len(r.output) > n:
                     produced[r] = produced.get(r, 0) + 1
-        if sched.active and self._inflight is None:
+            if all_rode and chunking:
+                return
+        if sched.decoding and self._inflight is None:
             self._inflight = self._decode_launch(sched)
 
     def _timed_prefill(self, sched: Scheduler, admitted: list[Request], riders: Sequence[Request] = ()) -> float:
@@ -666,8 +717,10 @@ class ServingLoop(StepEngineBase):
             else:
                 for rider in riders:
                     produced[rider] = produced.get(rider, 0) + 1
-                produced.update(dict.fromkeys(admitted, 1))
-        if sched.active:
+                produced.update((r, 1) for r in admitted if r.output)  # (a prompt's chunk gives no token)
+            if riders and sched.chunks_pending and all(r in riders for r in sched.active if r.decoding):
+                return  # the decoding requests took their token; the next step is the next chunk's pass
+        if sched.decoding:
             t = time.perf_counter()
             host_us, rows = self._decode_step(sched)
             if result is not None:
@@ -690,7 +743,7 @@ class ServingLoop(StepEngineBase):
             admitted = self._admit(sched, delay=False)
             if admitted:
                 result.prefill_s += self._timed_prefill(sched, admitted)
-            if not sched.active:
+            if not sched.decoding:  # (nothing, or only prompts with chunks left)
                 return None
             t = time.perf_counter()
             launched = self._decode_launch(sched)
@@ -731,7 +784,7 @@ class ServingLoop(StepEngineBase):
         reqs = self._submit(sched, prompts, 1, None, (), None)
         out: dict[int, np.ndarray] = {}
         device = runner.cupy.cuda.Device(runner.device)
-        with self._prefix_cache_off(), device, runner.stream, stream_scope(runner.stream_ptr, runner.device):
+        with self._whole_prompts(), device, runner.stream, stream_scope(runner.stream_ptr, runner.device):
             try:
                 while sched.has_work:
                     admitted = sched.admit()
@@ -820,7 +873,7 @@ class ServingLoop(StepEngineBase):
     def _warm(self, runs: list[list[list[int]]]) -> list[tuple[int, int]]:
         """One prefill of each set of dummy prompts (a new token each, their pages freed), so that its graph is
         captured now; the ``(bucket rows, request slots)`` of every prefill graph the engine then holds."""
-        with self._prefix_cache_off():
+        with self._whole_prompts():
             for prompts in runs:
                 self.generate(prompts, 1, eos_token_ids=())
         return self.runner.prefill_graph_shapes()
@@ -909,7 +962,8 @@ class ServingLoop(StepEngineBase):
             prompts = self.processor.prompt_logprobs(full, [(r, int(qo[len(riders) + j])) for r, j in asking])
         by_slot: list[Request | None] = [None] * width
         for r in rows:
-            by_slot[r.slot] = r
+            if r.decoding:  # (a prompt's chunk short of its end chooses no token: its row is garbage, as a padding one)
+                by_slot[r.slot] = r
         pending = self.processor.apply(by_slot, width)[0] if sched.processed else None
         sampler.share_ids(sampler.pick(view, width, by_slot if sched.sampled else None))
         if pending is not None:

@@ -447,6 +447,49 @@ def test_prefix_caching_serves_a_shared_system_prompt_with_the_same_tokens(engin
         check_own_greedy(engine, p, out)
 
 
+def test_chunked_prefill_gives_the_same_tokens_as_whole_prompts(engine):
+    """Chunked prefill (ServingLoop.chunked_prefill) in every mode, passes of 40 token rows: two requests decode, then
+    prompts of 150 and 97 tokens arrive and are prefilled in chunks (beside the decoding ones where the mode mixes),
+    each chunk continuing from the K/V the last one wrote. Every request's tokens equal those of the same run with
+    whole prompts (the chunks' K/V are what one pass computes, from other pass shapes), and each is the engine's own
+    greedy choice by teacher forcing; the prompt's passes never exceed 40 rows."""
+    short = prompts((9, 14), VOCAB, seed=51)
+    long = prompts((150, 97), VOCAB, seed=52)
+    rows: list[int] = []
+    launch = engine._prefill_launch
+
+    def counted(sched, reqs, riders=(), *args, **kwargs):  # the token rows of each pass (fill_prefill's nnz)
+        rows.append(sum(len(r.prompt[r.cached : r.chunk_end]) for r in reqs if not r.output) + len(riders))
+        return launch(sched, reqs, riders, *args, **kwargs)
+
+    def run(on: bool) -> list[list[int]]:
+        engine.chunked_prefill = on
+        got: dict[int, list[int]] = {}
+        rids = [engine.add_request(p, 24, eos_token_ids=()) for p in short]
+        for _ in range(3):
+            for o in engine.step():
+                got.setdefault(o.rid, []).extend(o.token_ids)
+        rids += [engine.add_request(p, 12, eos_token_ids=()) for p in long]
+        for rid, outs in drain(engine).items():
+            got.setdefault(rid, []).extend(tokens_of(outs))
+        return [got[r] for r in rids]
+
+    engine.max_num_batched_tokens = 40
+    try:
+        whole = run(False)
+        engine._prefill_launch = counted
+        chunked = run(True)
+    finally:
+        engine.chunked_prefill = False
+        engine.max_num_batched_tokens = engine.scheduler.max_prefill_tokens
+        engine.__dict__.pop("_prefill_launch", None)  # the class's method again
+    assert max(rows) <= 40 and len(rows) >= (150 + 97) // 40, rows
+    assert chunked == whole
+    assert free_pages(engine) == capacity(engine)
+    for p, out in zip([*short, *long], chunked, strict=True):
+        check_own_greedy(engine, p, out)
+
+
 # ------------------------------------------------------------------------------------------------------------ (g)
 
 

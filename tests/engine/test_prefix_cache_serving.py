@@ -326,9 +326,10 @@ def test_serve_passes_the_switch_to_open_engine(  # type: ignore[no-untyped-def]
     monkeypatch.setattr(openai_server, "serve", serve)
     where = ["--in-process"] if in_process else []
     assert cli.main(["serve", str(model), "--port", "0", *where, *flags]) == 0
-    assert len(opened) == 1 and opened[0]["prefix_caching"] is on
+    assert len(opened) == 1 and opened[0]["prefix_caching"] is on and opened[0]["chunked_prefill"] is True
     line = capsys.readouterr().err
-    assert f"prefix caching {'on' if on else 'off'})" in line and line.startswith("fi-engine serve: serving ")
+    assert line.startswith("fi-engine serve: serving ")
+    assert f"prefix caching {'on' if on else 'off'}, chunked prefill off)" in line  # (the stand-in has no chunks)
     assert served == ([0, 32] if on else [None, None])
 
 
@@ -346,7 +347,7 @@ def test_serve_says_when_the_engine_cannot_cache(model: Path, monkeypatch, capsy
     monkeypatch.setattr(registry, "open_engine", open_engine)
     monkeypatch.setattr(openai_server, "serve", lambda *a, **k: None)
     assert cli.main(["serve", str(model), "--port", "0", "--in-process"]) == 0
-    assert "prefix caching off (not served by this engine))" in capsys.readouterr().err
+    assert "prefix caching off (not served by this engine), chunked prefill" in capsys.readouterr().err
 
 
 def test_serve_help_names_the_switch(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1124,3 +1124,43 @@ def test_prefix_caching_is_refused_where_the_prefill_attention_reads_no_paged_ca
     with pytest.raises(TypeError, match="prefix_caching: expected True or False, got int"):
         e.prefix_caching = 1  # type: ignore[assignment]
     assert e.prefix_caching is False
+
+
+@pytest.mark.parametrize("overlap,pipelined", [(False, False), (True, False), (True, True)])
+def test_chunked_prefill_gives_the_running_streams_a_token_every_chunk_pass(overlap, pipelined):
+    def run(chunked: bool):
+        e = bare_engine(max_batch=3, num_pages=1 + 24, overlap=overlap, pipelined=pipelined, mixed=True)
+        e.max_num_batched_tokens = 40
+        e.chunked_prefill = chunked
+        rows = []
+        launch = e._prefill_launch
+
+        def counted(sched, reqs, riders=(), *args, **kwargs):  # each pass's token rows, as fill_prefill wrote them
+            out = launch(sched, reqs, riders, *args, **kwargs)
+            rows.append(e.filled[0])
+            return out
+
+        e._prefill_launch = counted
+        a = e.add_request([1, 2, 3], 24)
+        first = {o.rid: len(o.token_ids) for o in e.step()}
+        long = e.add_request(list(range(1, 121)), 3)
+        per_call = [first]
+        tokens: dict[int, list[int]] = {a: [], long: []}
+        while e.has_unfinished:
+            per_call.append({o.rid: len(o.token_ids) for o in e.step()})
+            for r in e.scheduler.active:
+                tokens[r.rid] = list(r.output)
+        return e, a, long, rows, per_call, tokens
+
+    e, a, long, rows, per_call, tokens = run(True)
+    passes = [s for s in e.steps if s[0] == "mixed" and long in s[2]]
+    assert len(passes) == 4 and all(s[1] == [a] for s in passes)  # 39 + 39 + 39 + 3 prompt rows, `a` in each
+    assert max(rows) <= 40
+    first, last = e.steps.index(passes[0]), e.steps.index(passes[-1])
+    assert all(s[0] == "mixed" for s in e.steps[first : last + 1])  # no decode step holds the prompt back
+    # while its chunks run, every step() call gives the running stream one token and the prompt none (the first
+    # call may also take the decode step in flight before the first chunk)
+    assert [c.get(long) for c in per_call[2:4]] == [None, None] and all(c[a] == 1 for c in per_call[2:4])
+    assert sum(c.get(long, 0) for c in per_call) == 3 and sum(c.get(a, 0) for c in per_call) == 24
+    *_, rows_off, _, tokens_off = run(False)
+    assert max(rows_off) == 121 and tokens_off == tokens  # the prompt whole beside the rider: the same tokens

@@ -1843,7 +1843,14 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
         )
     ],
     "models.registry.open_engine": lambda: [
-        ("open_engine", Entry(engines.open_engine, lambda: {"model_dir": _model_dir()}, kinds={"model_dir": "path"}))
+        (
+            "open_engine",
+            Entry(
+                engines.open_engine,
+                lambda: {"model_dir": _model_dir()},
+                kinds={"model_dir": "path", "max_num_batched_tokens": "opt_int"},
+            ),
+        )
     ],
     "models.gpt_oss.expert_matrices": lambda: [
         (
