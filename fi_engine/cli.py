@@ -569,7 +569,7 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         default=None,
         help="token rows of one prefill pass with chunked prefill (the running requests' rows and the prompts'); "
         "fewer keep the running streams' tokens coming faster during a long prompt, more prefill it sooner "
-        "(default: 2048, at most the engine's max_prefill_tokens)",
+        "(default: 512, at most the engine's max_prefill_tokens; benchmarks/RESULTS.md has the trade measured)",
     )
     p.add_argument(
         "--grace",

@@ -225,7 +225,7 @@ def open_engine(
     request computed for its beginning: ``ServingLoop.prefix_caching``, on where the engine serves it, left off
     elsewhere; ``engine.prefix_caching`` says which), ``chunked_prefill`` (a long prompt is prefilled in chunks of
     ``max_num_batched_tokens`` token rows a pass, the running requests riding in each: ``ServingLoop.chunked_prefill``,
-    on where the engine serves it; None: the engine's ``max_prefill_tokens``, at most 2048)."""
+    on where the engine serves it; None: 512, at most the engine's ``max_prefill_tokens``)."""
     from ..runtime.serving import delay_factor_arg, mixed_prefill_arg, overlap_steps_arg
 
     overlap_steps = overlap_steps_arg(overlap_steps)  # checked before the checkpoint is read
@@ -249,7 +249,7 @@ def open_engine(
         engine.prefix_caching = prefix_caching
         if chunked_prefill:
             top = engine.scheduler.max_prefill_tokens
-            engine.max_num_batched_tokens = min(top, 2048) if max_num_batched_tokens is None else max_num_batched_tokens
+            engine.max_num_batched_tokens = min(top, 512) if max_num_batched_tokens is None else max_num_batched_tokens
             engine.chunked_prefill = True
     warm = getattr(engine, "warm_serving", None)
     if warm_serving and warm is not None:
