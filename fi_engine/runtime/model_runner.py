@@ -302,7 +302,13 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
     # ------------------------------------------------------------------------------------------ one step's work
 
     def run_prefill(
-        self, rows: Sequence[Request], riders_behind: int, graph_slots: int, ahead: int, all_logits: bool = False
+        self,
+        rows: Sequence[Request],
+        riders_behind: int,
+        graph_slots: int,
+        ahead: int,
+        all_logits: bool = False,
+        last_head: bool = True,
     ) -> tuple[SimpleNamespace, int, Any]:
         """Stage and run the prefill pass of ``rows`` (requests with their pages; a rider first, one token row at
         its position ``ahead`` tokens on, then the admitted prompts), through the LM head of each request's last
@@ -310,7 +316,8 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
         gathered on the device from its ``ids`` by slot. ``graph_slots``: the request slots its graph is padded to.
         Returns the view whose ``logits`` / ``ids`` rows are the slots (one per slot up to the highest, an empty
         slot's row garbage), that width, and with ``all_logits`` the float32 logits of every token row (on the
-        device; ``[ranks, rows, V/N]`` with a vocabulary shard)."""
+        device; ``[ranks, rows, V/N]`` with a vocabulary shard). ``last_head=False`` (with ``all_logits``: a
+        speculative pass reads every row's): no LM head by slot (the view's logits are left as they were)."""
         cp, c, b, s = self.cupy, self.config, self.buffers, self.stream_ptr
         batch = len(rows)
         ph = self.prefill_arrays
@@ -349,6 +356,8 @@ class ModelRunner(StepGraphs, FusedDecode, Storage):
             if self.vocab_shard is not None:  # every rank's columns, then [nnz, V] on the host
                 full = cp.empty((self.tensor_parallel, nnz, hr), np.float32)
                 self.comm.all_gather(part, full, stream=s)
+        if not last_head:
+            return v, width, full
         h = c.hidden_size
         vs = v if width == batch else self._view("prefill", nnz, width)  # the sampled rows: one per slot
         self.dense.gather_rows(width, self.normed.data.ptr, h, vs.last_rows, b.last.data.ptr, h, h)

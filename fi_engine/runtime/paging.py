@@ -155,6 +155,7 @@ class Request:
     # once its last chunk is admitted (or its prompt was prefilled whole). A request whose chunk is set takes no
     # token from its pass and is no decode row (Scheduler.admit; Scheduler.chunk_tokens)
     chunk_end: int | None = None
+    draft: tuple[int, ...] = ()  # speculative decoding: the tokens fed after its last one in the pass being staged
     hit: int = 0  # prompt tokens found in the prefix cache at admission (their K/V computed by an earlier request)
     asks: SamplingParams | None = None  # its sampling where it sets logprobs or a control (asks_processing)
     logprobs: list[Any] = field(default_factory=list)  # a TokenLogprobs per output token, where asks.logprobs is set
@@ -264,9 +265,9 @@ def fill_prefill(
     last_page_len: list[int] = []
     for b, r in enumerate(requests):
         new: Sequence[int]
-        if r.output:  # decoding: its last token, one row
+        if r.output:  # decoding: its last token, one row (and its draft's, speculating: ServingLoop)
             start = r.position(ahead)
-            new = (0,) if ahead else (r.output[-1],)
+            new = (0,) if ahead else (r.output[-1], *r.draft)
         else:  # admitted: its prompt from the first token not in the cache (a prefix cache hit: past the hit, a
             start = r.cached  # chunk of chunked prefill: past the chunks before), to its end or its chunk's
             new = r.prompt[start : r.chunk_end]

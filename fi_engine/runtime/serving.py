@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast, overload
@@ -31,6 +32,7 @@ from .model_runner import ModelRunner
 from .paging import Request, Scheduler, pages_for, prefill_slots
 from .sampling import Draws, Sampler
 from .sampling_params import SamplingParams, asks_processing, sampling_arg
+from .speculation import NgramProposer, SpeculationStats, accepted_tokens
 from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
@@ -181,6 +183,9 @@ class ServingLoop(StepEngineBase):
     _mixed_prefill: bool
     _closed: bool
     _max_num_batched_tokens: int
+    _proposer: NgramProposer | None  # speculative decoding's drafts (None: off)
+    _lookup: weakref.WeakKeyDictionary[Request, np.ndarray]  # each speculating request's prompt, as an array
+    speculation_stats: SpeculationStats
 
     def _start_loop(self) -> None:
         """The loop's state before the first request (the constructor calls it once the parts exist)."""
@@ -202,6 +207,9 @@ class ServingLoop(StepEngineBase):
         # riders' logits come from the prefill's kernels); the servers turn it on (models.registry.open_engine)
         self.mixed_prefill = False
         self._max_num_batched_tokens = self.scheduler.max_prefill_tokens
+        self._proposer = None
+        self._lookup = weakref.WeakKeyDictionary()
+        self.speculation_stats = SpeculationStats()
 
     pipelined_decode = True
     """With the decode graph on one GPU and the next step prepared ahead: ``generate``'s loop, and :meth:`step`
@@ -302,6 +310,86 @@ class ServingLoop(StepEngineBase):
         if why is not None:
             raise ValueError(f"chunked_prefill: {why}; leave it off for this engine")
         self.scheduler.chunk_tokens = self._max_num_batched_tokens if on else 0
+
+    @property
+    def speculative_tokens(self) -> int:
+        """Speculative decoding by prompt lookup (:mod:`~fi_engine.runtime.speculation`; vLLM's ``ngram`` method): the
+        most draft tokens a request is fed per pass, 0 (the default) for off, at most 16. Where a greedy request's
+        last tokens occurred earlier in its prompt or output, the tokens that followed are drafted, and one pass over
+        its last token and the draft (the prefill pass, ``k + 1`` rows a request) gives it the draft's tokens that
+        the model's greedy choices accept and one more: 1 to ``k + 1`` tokens for about one decode step's weight
+        reads. A step where no request has a draft is an ordinary decode step; one with a request that samples or
+        asks for logprobs or controls too (not speculated yet). The tokens are the model's greedy choices, computed
+        by the prefill's kernels (equal to the decode step's within bfloat16 rounding, so a near tie may go the other
+        way). ``speculation_stats`` counts the passes, drafted and accepted tokens. Where :attr:`prefix_caching`
+        applies (the Llama pass on one GPU); ValueError naming what stands in the way elsewhere or for a count out
+        of range."""
+        return 0 if self._proposer is None else self._proposer.k
+
+    @speculative_tokens.setter
+    def speculative_tokens(self, k: int) -> None:
+        k = arg_int("speculative_tokens", k, 0, 16)
+        why = self._paged_prefill_blocker("a draft verified against the cache") if k else None
+        if why is not None:
+            raise ValueError(f"speculative_tokens: {why}; leave it 0 for this engine")
+        self._proposer = NgramProposer(k) if k else None
+
+    def _speculates(self, sched: Scheduler) -> bool:
+        """Whether this step may verify drafts: speculation on, and every request greedy asking nothing."""
+        return self._proposer is not None and not sched.sampled and not sched.processed
+
+    def _speculative_step(self, sched: Scheduler) -> tuple[float, dict[Request, int]] | None:
+        """A speculative decode step (:attr:`speculative_tokens`), waited for and recorded: each decoding request
+        drafts, and one prefill pass feeds every one its last token and its draft; the greedy choice at each row
+        accepts the draft's tokens up to the first that differs, and gives one more (``accepted_tokens``). Returns
+        its host time in microseconds and the tokens each request got; None (nothing run) where no request has a
+        draft: the caller runs a decode step."""
+        proposer = self._proposer
+        assert proposer is not None
+        rows = sched.decode_rows(padded=False)  # (their next token's page given)
+        drafted = 0
+        for r in rows:
+            assert r is not None
+            left = r.max_new_tokens - len(r.output) - 1  # the last token is never fed back: no draft past it
+            prompt = self._lookup.get(r)
+            if prompt is None:
+                prompt = self._lookup[r] = np.asarray(r.prompt, dtype=np.int64)
+            history = np.concatenate((prompt, np.asarray(r.output, dtype=np.int64)))
+            r.draft = proposer.propose(history, left) if left > 0 else ()
+            drafted += len(r.draft)
+        if not drafted:
+            return None
+        t0 = time.perf_counter()
+        runner = self.runner
+        live = [r for r in rows if r is not None]
+        for r in live:
+            sched.grow_pages([r], len(r.draft))  # the pages of its draft's positions (within its budget)
+        self._next_rows = None  # a decode step staged before this pass is stale after it
+        slots = prefill_slots(len(live), runner.max_batch)
+        try:
+            _, _, full = runner.run_prefill(live, 0, slots, 0, all_logits=True, last_head=False)
+            choices = full.argmax(axis=1).astype(np.int32).get(stream=runner.stream)
+        finally:
+            drafts = [r.draft for r in live]
+            for r in live:
+                r.draft = ()
+        bounds = runner.prefill_arrays["qo_indptr"][: len(live) + 1].tolist()
+        got: dict[Request, int] = {}
+        stats = self.speculation_stats
+        stats.passes += 1
+        for b, (r, draft) in enumerate(zip(live, drafts, strict=True)):
+            tokens = accepted_tokens(draft, choices[bounds[b] : bounds[b + 1]])
+            stats.drafted += len(draft)
+            stats.accepted += len(tokens) - 1
+            n = 0
+            for t in tokens:  # one at a time: an end-of-sequence token or the limit ends it there
+                sched.record([r], [t])
+                n += 1
+                if r.finished:
+                    break
+            stats.tokens += n
+            got[r] = n
+        return (time.perf_counter() - t0) * 1e6, got  # (the wait for the pass included)
 
     @property
     def max_num_batched_tokens(self) -> int:
@@ -471,6 +559,10 @@ class ServingLoop(StepEngineBase):
         and launched behind it (:attr:`pipelined_prefill`), and the decode step after the pass behind the pass
         where it gave every active request a token (:meth:`_decodes_behind_prefill`)."""
         inflight, self._inflight = self._inflight, None
+        if inflight is not None and self._proposer is not None:  # speculation reads each step's tokens: no overlap
+            for r in self._decode_finish(sched, inflight):
+                produced[r] = 1
+            inflight = None
         launched: _LaunchedPass | None = None
         riders: list[Request] = []
         admitted: list[Request] = []
@@ -502,7 +594,7 @@ class ServingLoop(StepEngineBase):
             if self._inflight is not None:
                 return
         if launched is None:
-            if not (self.overlap_steps and self.runner.comm is None):
+            if not (self.overlap_steps and self.runner.comm is None) or self._speculates(sched):
                 self._advance(sched, None, produced)
                 return
             admitted = self._admit(sched, delay=True, riders=riders)
@@ -684,7 +776,7 @@ class ServingLoop(StepEngineBase):
         # current already (one query instead of a set and a restore around each of the ~10 kernels per layer)
         with runner.cupy.cuda.Device(runner.device), runner.stream, stream_scope(runner.stream_ptr, runner.device):
             try:
-                if self.pipelined_decode and runner.graph is not None and runner.comm is None:
+                if self.pipelined_decode and runner.graph is not None and runner.comm is None and not self._proposer:
                     launched = None
                     while sched.has_work:
                         launched = self._advance_pipelined(sched, result, launched)
@@ -722,15 +814,19 @@ class ServingLoop(StepEngineBase):
                 return  # the decoding requests took their token; the next step is the next chunk's pass
         if sched.decoding:
             t = time.perf_counter()
-            host_us, rows = self._decode_step(sched)
+            speculated = self._speculative_step(sched) if self._speculates(sched) else None
+            if speculated is not None:
+                host_us, got = speculated
+            else:
+                host_us, rows = self._decode_step(sched)
+                got = {r: 1 for r in rows if r is not None}
             if result is not None:
                 result.step_host_us.append(host_us)
                 result.decode_s += time.perf_counter() - t
                 result.decode_steps += 1
             else:
-                for r in rows:
-                    if r is not None:
-                        produced[r] = produced.get(r, 0) + 1
+                for r, n in got.items():
+                    produced[r] = produced.get(r, 0) + n
 
     def _advance_pipelined(
         self, sched: Scheduler, result: GenerationResult, launched: _LaunchedStep | None

@@ -490,6 +490,34 @@ def test_chunked_prefill_gives_the_same_tokens_as_whole_prompts(engine):
         check_own_greedy(engine, p, out)
 
 
+def test_speculative_decoding_gives_the_same_tokens(engine):
+    """Speculative decoding by prompt lookup (ServingLoop.speculative_tokens = 4) in every mode: prompts that repeat a
+    block (their drafts: the block's continuation) and one that does not, with generate and the step API. Every
+    request's tokens equal those of the same run without speculation (the verifying pass's greedy choices, from the
+    prefill's kernels) and are the engine's own greedy choice by teacher forcing; passes ran and drafts were fed."""
+    block = prompts((23,), VOCAB, seed=61)[0]
+    ps = [block * 3, prompts((31,), VOCAB, seed=62)[0], block * 2 + block[:5]]
+
+    def run(k: int) -> tuple[list[list[int]], list[list[int]]]:
+        engine.speculative_tokens = k
+        stepped = [engine.add_request(p, 20, eos_token_ids=()) for p in ps]
+        got = {rid: tokens_of(outs) for rid, outs in drain(engine).items()}
+        return engine.generate(ps, 20, eos_token_ids=()).tokens, [got[r] for r in stepped]
+
+    before = engine.speculation_stats.passes
+    try:
+        plain = run(0)
+        fast = run(4)
+    finally:
+        engine.speculative_tokens = 0
+    stats = engine.speculation_stats
+    assert stats.passes > before and stats.drafted > 0, stats
+    assert fast == plain
+    assert free_pages(engine) == capacity(engine)
+    for p, out in zip(ps, fast[0], strict=True):
+        check_own_greedy(engine, p, out)
+
+
 # ------------------------------------------------------------------------------------------------------------ (g)
 
 

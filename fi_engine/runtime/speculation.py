@@ -1,0 +1,86 @@
+"""Speculative decoding by prompt lookup (n-gram drafting), on the host: which tokens to draft for a request, and how
+many of them the model's own choices accept.
+
+A request whose last tokens (its last ``n`` for ``n`` from ``prompt_lookup_max`` down to ``prompt_lookup_min``) also
+occur earlier in its prompt or output is likely to go on as it went on there (a summary quoting its document, an
+edit of code in the prompt, a list repeating its pattern): the tokens that followed the latest earlier occurrence
+are its **draft** (at most ``k``; vLLM's ``ngram`` method, prompt-lookup decoding). The engine then feeds the request
+its last token and its draft in one pass (``ServingLoop.speculative_tokens``), ``k + 1`` rows at their positions,
+and reads the model's greedy choice at each row: the draft's tokens are **accepted** while each equals the choice
+before it, and the choice after the last accepted one comes free, so one pass gives ``1 .. k + 1`` tokens, exactly
+the ones one decode step after another would give (greedy). Nothing here touches a GPU (tests/engine/
+test_speculation.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..values import arg_int
+
+__all__ = ["NgramProposer", "SpeculationStats", "accepted_tokens"]
+
+
+@dataclass
+class SpeculationStats:
+    """Counters of the engine's speculative passes: ``passes`` (verifying passes run), ``drafted`` (draft tokens fed),
+    ``accepted`` (of those, the ones the model's choices accepted), ``tokens`` (tokens the passes gave: the accepted
+    ones and one more per request and pass). ``acceptance_rate``: accepted / drafted (0 before any)."""
+
+    passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class NgramProposer:
+    """Drafts of up to ``k`` tokens by prompt lookup: the tokens after the latest earlier occurrence of a request's
+    last ``n`` tokens, ``n`` from ``prompt_lookup_max`` down to ``prompt_lookup_min`` (the longest match first; vLLM's
+    option names). ValueError naming the argument for sizes outside ``1 <= prompt_lookup_min <= prompt_lookup_max <=
+    64``, ``1 <= k <= 64``."""
+
+    def __init__(self, k: int, prompt_lookup_max: int = 4, prompt_lookup_min: int = 1) -> None:
+        self.k = arg_int("k", k, 1, 64)
+        self.prompt_lookup_max = arg_int("prompt_lookup_max", prompt_lookup_max, 1, 64)
+        self.prompt_lookup_min = arg_int("prompt_lookup_min", prompt_lookup_min, 1, self.prompt_lookup_max)
+
+    def propose(self, tokens: Sequence[int] | np.ndarray, limit: int | None = None) -> tuple[int, ...]:
+        """The draft after ``tokens`` (a request's prompt and output, in order): up to ``min(k, limit)`` token ids,
+        ``()`` where no suffix of ``prompt_lookup_min`` or more tokens occurred before."""
+        k = self.k if limit is None else min(self.k, limit)
+        arr = np.asarray(tokens)
+        size = arr.shape[0]
+        if k <= 0 or size < 2:
+            return ()
+        for n in range(min(self.prompt_lookup_max, size - 1), self.prompt_lookup_min - 1, -1):
+            suffix = arr[size - n :]
+            # every start i < size - n whose n tokens equal the suffix: candidates by the first token, then the rest
+            starts = np.flatnonzero(arr[: size - n] == suffix[0])
+            for j in range(1, n):
+                if starts.size == 0:
+                    break
+                starts = starts[arr[starts + j] == suffix[j]]
+            if starts.size:
+                at = int(starts[-1]) + n  # after the latest occurrence
+                return tuple(int(t) for t in arr[at : at + k])
+        return ()
+
+
+def accepted_tokens(draft: Sequence[int], choices: Sequence[int]) -> list[int]:
+    """The tokens one verifying pass gives a request fed its last token and ``draft``: ``choices`` (the model's
+    choice at each of its ``len(draft) + 1`` rows) up to and including the first that differs from the draft token
+    fed after it (all ``len(draft) + 1`` where none does)."""
+    if len(choices) != len(draft) + 1:
+        want = len(draft) + 1
+        raise ValueError(f"choices: expected {want} (one per row: the last token and the draft), got {len(choices)}")
+    n = 0
+    while n < len(draft) and int(choices[n]) == int(draft[n]):
+        n += 1
+    return [int(t) for t in choices[: n + 1]]
