@@ -374,8 +374,8 @@ SERVED = [  # what an engine refusing nothing serves
 
 
 def test_a_field_the_engine_cannot_honour_is_a_400_naming_it(codec, pool) -> None:  # type: ignore[no-untyped-def]
-    """An engine's refusal of a field (``"<field>: not supported by this engine"``, as the GPU engine refuses
-    logprobs and controls with a vocabulary split over tensor-parallel ranks) is a 400 naming the request's field;
+    """An engine's refusal of a field (a ValueError ``"<field>: ..."``, as the GPU engine's of logprobs and controls
+    with a vocabulary split over tensor-parallel ranks; here the stand-in's) is a 400 naming the request's field;
     then with none refused, every field is served."""
     s = Served(codec, pool, refuses=("min_p", "prompt_logprobs"))
     try:
