@@ -10,7 +10,7 @@ own module with a narrow interface:
   (:class:`~fi_engine.runtime.kv_cache.KVCacheManager`: the pages, and the prompt prefixes cached in them): the
   requests, their slots and pages, admission, a step's rows;
 - the **logits processor** (:class:`~fi_engine.runtime.logits_processing.LogitsProcessor`): the log-probabilities
-  and sampling controls (bias, penalties, ``min_tokens``, ``min_p``) of the rows that ask;
+  and sampling controls (a grammar's mask, bias, penalties, ``min_tokens``, ``min_p``) of the rows that ask;
 - the **sampler** (:class:`~fi_engine.runtime.sampling.Sampler`): greedy, top-k / top-p, each request with its own
   parameters, over the runner's logits;
 - the **serving loop** (:class:`~fi_engine.runtime.serving.ServingLoop`, this class's base): ``generate``,
@@ -102,7 +102,9 @@ class Engine(ServingLoop):
     device (``device``, ``stream``, ``comm``, ``rank``, ``dtype``, ``tensor_parallel``, ``cuda_graph``) are the
     runner's, read through the engine; so are the runner's switches ``prefill_graphs``, ``fused_decode``,
     ``packed_attention`` and ``prefill_buckets`` (settable), ``prefill_graph_failures`` and
-    ``decode_graph_batches`` (see :class:`~fi_engine.runtime.model_runner.ModelRunner`).
+    ``decode_graph_batches`` (see :class:`~fi_engine.runtime.model_runner.ModelRunner`). ``model_dir``: the
+    checkpoint, whose ``tokenizer.json`` the engine reads at the first request with a ``grammar``
+    (``grammar_tokenizer``, which a server in the same process sets with its own).
     """
 
     definition: type[ModelFamily] = ModelFamily
@@ -173,6 +175,7 @@ class Engine(ServingLoop):
             )
         self.family = family
         self.settings = settings
+        self.model_dir = model_dir
         runner = self.runner = ModelRunner(family, model_dir, settings)
         self.sampler = runner.sampler
         c = runner.config

@@ -9,7 +9,12 @@ Which requests ask: ``Request.asks`` (their :class:`~fi_engine.runtime.sampling_
    then its chosen token's log-probability (:class:`PendingLogprobs`); and a prompt's (``prompt_logprobs``) from
    its prefill pass's logits of every row (:class:`PendingPromptLogprobs`; such a prompt is never matched in the
    prefix cache: each of its positions needs its row);
-2. **controls**, in vLLM's order, on the logits in place: ``logit_bias``, ``min_tokens`` (the request's
+2. **the grammar's mask** (``grammar``, the OpenAI API's ``response_format``): each such row's tokens that its
+   request's matcher (``Request.grammar``, :class:`~fi_engine.text.grammar.GrammarMatcher`) does not allow next get a
+   logit of -inf. The matchers' packed bitmasks (int32 ``[k, ceil(vocab / 32)]``, bit ``t % 32`` of word ``t // 32``
+   for token ``t``) are stacked on the host and copied to the device once per step, where a few array operations
+   unpack them over every such row at once (:func:`mask_disallowed`);
+3. **controls**, in vLLM's order, on the logits in place: ``logit_bias``, ``min_tokens`` (the request's
    end-of-sequence ids masked until it has that many tokens), ``repetition_penalty`` (over the prompt and the
    output), ``frequency_penalty`` and ``presence_penalty`` (over the output), and ``min_p`` as a mask (a token whose
    probability at the request's temperature is below ``min_p`` times the most likely one's: ``logit < max + T *
@@ -36,7 +41,7 @@ from .paging import Request
 from .sampling_params import SamplingParams, sets_controls
 from .stepping import TokenLogprobs
 
-__all__ = ["LogitsProcessor", "PendingLogprobs", "PendingPromptLogprobs", "logprobs_of_rows"]
+__all__ = ["LogitsProcessor", "PendingLogprobs", "PendingPromptLogprobs", "logprobs_of_rows", "mask_disallowed"]
 
 
 @dataclass
@@ -106,6 +111,19 @@ def logprobs_of_rows(cp: Any, logits: Any, top_n: int) -> tuple[Any, Any, Any]:
     return lse, order, values
 
 
+def mask_disallowed(cp: Any, logits: Any, rows: Sequence[int], bitmasks: np.ndarray) -> None:
+    """Set to -inf, in place, the logits of ``logits`` (float32 ``[batch, vocab]``) at ``rows`` (``k`` row indices)
+    whose bit is clear in the host's ``bitmasks`` (int32 ``[k, ceil(vocab / 32)]``: token ``t`` allowed when bit
+    ``t % 32`` of word ``t // 32`` is set, :meth:`~fi_engine.text.grammar.GrammarMatcher.bitmask`'s layout). One
+    copy to the device; the bits unpacked by array operations over all ``k`` rows (``cp``: CuPy, or numpy)."""
+    vocab = logits.shape[1]
+    words = cp.asarray(bitmasks).view(np.uint32)  # (unsigned: bit 31 shifts down as a plain bit)
+    shifts = cp.arange(32, dtype=np.uint32)
+    allowed = ((words[:, :, None] >> shifts) & 1).reshape(len(rows), -1)[:, :vocab].astype(bool)
+    idx = cp.asarray(rows, dtype=np.int32)
+    logits[idx] = cp.where(allowed, logits[idx], np.float32(-math.inf))
+
+
 class LogitsProcessor:
     """The engine's logits processing between its LM head and its sampler (see the module docstring), over the
     runner's ``logits`` buffer ``[max_batch, vocab]`` (float32, on its stream)."""
@@ -120,7 +138,9 @@ class LogitsProcessor:
     def apply(self, rows: Sequence[Request | None], n: int) -> tuple[PendingLogprobs | None, bool]:
         """Process the first ``n`` rows of the logits for ``rows`` (the step's requests by row; None: padding).
         Returns the pending log-probabilities of the rows asking for them (None: none asks) and whether a control
-        changed some row (then every greedy row's argmax must be taken again)."""
+        (a grammar's mask included) changed some row (then every greedy row's argmax must be taken again). A row's
+        grammar matcher must have consumed every token its request has recorded (the serving loop launches no step
+        ahead while a request asks: ``Scheduler.processed``)."""
         cp, logits = self.cupy, self.logits
         asking = [(i, r) for i, r in enumerate(rows[:n]) if r is not None and r.asks is not None]
         pending = None
@@ -133,6 +153,10 @@ class LogitsProcessor:
             pending = PendingLogprobs(
                 [r for _, r in want], [i for i, _ in want], raw, lse, top_ids, top_values, self._host
             )
+        grammar = [(i, r.grammar) for i, r in asking if r.grammar is not None]
+        if grammar:
+            masks = np.stack([m.bitmask(self.vocab_size) for _, m in grammar])
+            mask_disallowed(cp, logits, [i for i, _ in grammar], masks)
         changed = False
         for i, r in asking:
             sp = r.asks

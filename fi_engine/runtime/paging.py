@@ -18,8 +18,9 @@ A request's life (:class:`Scheduler`):
 3. Each decode step feeds every active request its last token at position ``cached`` (the tokens whose K/V
    are in the cache): :meth:`Scheduler.decode_rows` gives it a new page when ``cached`` is a multiple of
    ``page_size``, :func:`fill_decode` writes the step's arrays.
-4. :meth:`Scheduler.record` appends the sampled tokens; a request that produced an end-of-sequence token or
-   its ``max_new_tokens``-th token finishes, leaves its slot and frees its pages.
+4. :meth:`Scheduler.record` appends the sampled tokens (a request with a grammar advances its matcher past its
+   token); a request that produced an end-of-sequence token (or its grammar's end) or its ``max_new_tokens``-th
+   token finishes, leaves its slot and frees its pages.
 5. :meth:`Scheduler.abort` ends a queued or active request at any time between steps: it leaves the queue or its
    slot and its pages go back at once (``finish_reason`` ``"abort"``).
 
@@ -41,6 +42,7 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 
+from ..text.grammar import GrammarMatcher
 from ..values import MAX_SIZE, arg_int, integer, show
 from .sampling_params import SamplingParams, asks_processing, sampling_arg
 
@@ -142,7 +144,8 @@ class Request:
 
     ``sampling``: how its tokens are chosen (None: greedy argmax); ``draws``: the random stream its sampled tokens
     draw from (the engine's :class:`~fi_engine.runtime.sampling.Draws`; None when greedy); ``eos``: the tokens that end
-    it (None: the scheduler's)."""
+    it (None: the scheduler's); ``grammar``: where its ``sampling.grammar`` is set, the matcher of its output so
+    far (the tokens allowed next: :class:`~fi_engine.runtime.logits_processing.LogitsProcessor`)."""
 
     rid: int
     prompt: tuple[int, ...]
@@ -166,6 +169,7 @@ class Request:
     draws: Any = None
     eos: frozenset[int] | None = None
     queued_at: float = 0.0  # time.perf_counter() when it was submitted
+    grammar: GrammarMatcher | None = None  # its place in its sampling's grammar (None: no grammar)
 
     @property
     def finished(self) -> bool:
@@ -618,12 +622,18 @@ class Scheduler:
         sampling: SamplingParams | None = None,
         eos_token_ids: Iterable[int] | None = None,
         draws: Any = None,
+        grammar: GrammarMatcher | None = None,
     ) -> Request:
         """Queue a request; ValueError naming ``name`` (or ``max_new_tokens``, ``eos_token_ids``) if it can never be
         served, TypeError naming ``sampling`` if it is no :class:`SamplingParams`. ``sampling`` (None or greedy: the
         argmax) with ``draws``, the stream its samples draw from; ``eos_token_ids``: the tokens that end this
-        request (None: the scheduler's; ``()``: none, it runs to ``max_new_tokens``)."""
+        request (None: the scheduler's; ``()``: none, it runs to ``max_new_tokens``); ``grammar``: the request's
+        own matcher at the start of ``sampling.grammar`` (which needs one: ValueError naming ``grammar`` without)."""
         sampling = sampling_arg(sampling)
+        wants = sampling is not None and sampling.grammar is not None
+        if wants != isinstance(grammar, GrammarMatcher):
+            expected = "a GrammarMatcher of sampling.grammar" if wants else "None (sampling sets no grammar)"
+            raise ValueError(f"grammar: expected {expected}, got {type(grammar).__name__}")
         eos = None if eos_token_ids is None else self._eos_ids(eos_token_ids)
         arr = np.asarray(prompt)
         if arr.ndim != 1 or arr.size == 0 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
@@ -665,6 +675,7 @@ class Scheduler:
             eos=eos,
             queued_at=time.perf_counter(),
             asks=sampling if asking else None,
+            grammar=grammar,
         )
         self._next_id += 1
         self.pending.append(r)
@@ -884,6 +895,12 @@ class Scheduler:
         ``prefill``: the rows were just prefilled (their prompts are now cached); otherwise they ran one
         decode step (one more token cached). A row whose request ended while its step ran (aborted after a step
         was launched ahead: ``ServingLoop.overlap_steps``) takes nothing.
+
+        A request with a grammar (``Request.grammar``) advances its matcher past its token; the end-of-sequence id
+        that completes its grammar ends it (``"eos"``, even where its own ``eos`` is empty: ``ignore_eos`` could
+        only repeat that id, the one token its grammar then allows). A token the matcher refuses (which the mask
+        of :class:`~fi_engine.runtime.logits_processing.LogitsProcessor` rules out: a fault of the matcher) ends
+        that request as ``"abort"``, its tokens kept, rather than failing the step of every request.
         """
         for r, t in zip(rows, tokens, strict=True):
             if r is None or r.finish_reason is not None:
@@ -893,13 +910,26 @@ class Scheduler:
                 if self._prefix_caching:
                     cast(PrefixCache, self.allocator).commit(r.pages, r.prompt, r.cached)
                 continue
+            token = int(t)
             r.cached = len(r.prompt) if prefill else r.cached + 1
-            r.output.append(int(t))
+            r.output.append(token)
             if self._prefix_caching and (prefill or r.cached % self.page_size == 0):  # a page filled: shareable now
                 cast(PrefixCache, self.allocator).commit(r.pages, (*r.prompt, *r.output), r.cached)
-            if int(t) in (self.eos if r.eos is None else r.eos):
-                r.finish_reason = "eos"
-            elif len(r.output) >= r.max_new_tokens:
-                r.finish_reason = "length"
-            if r.finish_reason is not None:
+            end = None if r.grammar is None else _grammar_end(r.grammar, token)
+            if end is None and token in (self.eos if r.eos is None else r.eos):
+                end = "eos"
+            elif end is None and len(r.output) >= r.max_new_tokens:
+                end = "length"
+            if end is not None:
+                r.finish_reason = end
                 self._leave(r)
+
+
+def _grammar_end(matcher: GrammarMatcher, token: int) -> str | None:
+    """Advance ``matcher`` past ``token``: ``"eos"`` when that token is an end-of-sequence id completing its grammar,
+    ``"abort"`` when the grammar refuses it (see :meth:`Scheduler.record`), else None."""
+    try:
+        matcher.consume(token)
+    except ValueError:
+        return "abort"
+    return "eos" if matcher.is_finished and token in matcher.eos_token_ids else None

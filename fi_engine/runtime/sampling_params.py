@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["GPU_UNSUPPORTED", "MAX_LOGPROBS", "SamplingParams", "sampling_arg", "unsupported_by_gpu_engine"]
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "sampling_arg"]
 
 MAX_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's top_logprobs bound, vLLM's default)
 MAX_LOGIT_BIAS = 100.0  # |bias| bound, OpenAI's
@@ -47,8 +47,10 @@ class SamplingParams:
 
     ``grammar`` (None, or a grammar's serialized text: :func:`fi_engine.text.grammar.response_format_grammar`
     makes one from the OpenAI API's ``response_format``): each step allows only the tokens the grammar allows next
-    (the others' logits are masked before the controls), and once the grammar is complete only end-of-sequence ids.
-    It is checked here as a non-empty str only; :class:`fi_engine.text.grammar.GrammarTokenizer` compiles it.
+    (the others' logits are masked before the controls), and once the grammar is complete only end-of-sequence ids,
+    the first of which ends the request (even one whose ``eos_token_ids`` are ``()``). It is checked here as a
+    non-empty str only; the engine compiles it against its checkpoint's tokenizer when the request is added
+    (:class:`fi_engine.text.grammar.GrammarTokenizer`).
     """
 
     temperature: float = 0.0
@@ -138,33 +140,17 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
 
 
 def sampling_arg(sampling: object) -> SamplingParams | None:
-    """``sampling`` if it is a :class:`SamplingParams` or None (greedy), else TypeError naming it; ValueError naming
-    the field when it sets one the GPU engine does not serve yet (:func:`unsupported_by_gpu_engine`; the engine's
+    """``sampling`` if it is a :class:`SamplingParams` or None (greedy), else TypeError naming it (the engine's
     ``add_request`` and ``generate`` check their ``sampling`` here)."""
     if sampling is not None and not isinstance(sampling, SamplingParams):
         raise TypeError(
             f"sampling: expected a fi_engine.runtime.sampling_params.SamplingParams or None (greedy), got "
             f"{type(sampling).__name__}"
         )
-    name = None if sampling is None else unsupported_by_gpu_engine(sampling)
-    if name is not None:
-        default = _DEFAULTS[name]
-        raise ValueError(f"{name}: not supported by this engine yet; leave it at {default!r}")
     return sampling
 
 
-GPU_UNSUPPORTED: frozenset[str] = frozenset({"grammar"})
-"""The :class:`SamplingParams` fields the GPU engine cannot honour yet (a field leaves it as the engine learns it)."""
-
 _DEFAULTS = {f.name: f.default for f in fields(SamplingParams)}
-
-
-def unsupported_by_gpu_engine(params: SamplingParams) -> str | None:
-    """The first field of ``params`` in :data:`GPU_UNSUPPORTED` set to other than its default, or None."""
-    if not isinstance(params, SamplingParams):
-        raise TypeError(f"params: expected a SamplingParams, got {type(params).__name__}")
-    return next((n for n, v in _DEFAULTS.items() if n in GPU_UNSUPPORTED and getattr(params, n) != v), None)
-
 
 _CONTROLS = (
     "grammar",

@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar, cast, overload
 import numpy as np
 
 from ..kernels.flashinfer import stream_scope
+from ..text.grammar import GrammarMatcher, GrammarTokenizer
 from ..values import arg_int
 from .kv_cache import KVCacheManager
 from .logits_processing import LogitsProcessor, PendingLogprobs, PendingPromptLogprobs
@@ -170,6 +171,8 @@ class ServingLoop(StepEngineBase):
     kv_cache: KVCacheManager  # the KV cache's pages and the prompt prefixes cached in them (the scheduler's pool)
     sampler: Sampler  # each row's token from its logits (greedy, or drawn with the request's parameters)
     processor: LogitsProcessor  # the logprobs and sampling controls of the rows that ask, before the sampler
+    model_dir: Any  # the checkpoint directory (its tokenizer.json: the grammar_tokenizer, made on first use)
+    _grammars: GrammarTokenizer | None  # grammar_tokenizer's value
     # the step API's requests by id, the aborted ones the next step() reports, the ends a failed step() had recorded
     _requests: dict[int, Request]
     _aborted: list[Request]
@@ -196,6 +199,7 @@ class ServingLoop(StepEngineBase):
         self._next_rows = None
         self._inflight = None
         self._last_prefill_s = 0.0
+        self._grammars = None
         # the step API launches each decode step and returns, its tokens coming with the next step() (one GPU;
         # _serve_step): the caller's handling of a step's tokens overlaps the next step on the GPU. Off by default
         # (step() then returns each step's own tokens); the servers turn it on (models.registry.open_engine)
@@ -431,6 +435,55 @@ class ServingLoop(StepEngineBase):
         (:meth:`_admit`; vLLM's option of that name), 0 to 100. Default 0; ``fi-engine serve`` uses 3.""",
     )
 
+    @property
+    def grammar_tokenizer(self) -> GrammarTokenizer | None:
+        """The :class:`~fi_engine.text.grammar.GrammarTokenizer` that requests with a ``grammar`` (the OpenAI API's
+        ``response_format``) are matched against: None until the first such request makes it from the checkpoint's
+        ``tokenizer.json`` and end-of-sequence ids (``TextCodec.from_dir(model_dir)``, as the server reads them; it
+        indexes every token, up to about a second for 150k of them). A server holding one of the same tokenizer sets
+        it here (``fi_engine.serve.openai_server`` does), so it is made once. TypeError for anything but a
+        GrammarTokenizer or None; ValueError when its vocabulary is wider than the model's logits."""
+        return self._grammars
+
+    @grammar_tokenizer.setter
+    def grammar_tokenizer(self, value: GrammarTokenizer | None) -> None:
+        if value is not None and not isinstance(value, GrammarTokenizer):
+            raise TypeError(
+                f"grammar_tokenizer: expected a fi_engine.text.grammar.GrammarTokenizer or None, got "
+                f"{type(value).__name__}"
+            )
+        width = self.processor.vocab_size
+        if value is not None and value.vocab_size > width:
+            raise ValueError(
+                f"grammar_tokenizer: its tokenizer has {value.vocab_size} tokens, more than the model's {width} "
+                f"logits; give the checkpoint's own tokenizer"
+            )
+        self._grammars = value
+
+    def _grammar_matcher(self, sampling: SamplingParams | None) -> GrammarMatcher | None:
+        """A new request's matcher at the start of ``sampling.grammar`` (None without one): ValueError naming
+        ``response_format`` when the grammar does not compile for the tokenizer, naming ``grammar`` when the engine
+        has no tokenizer to match it against (a checkpoint without ``tokenizer.json``) or ``llguidance`` is missing."""
+        if sampling is None or sampling.grammar is None:
+            return None
+        grammars = self._grammars
+        if grammars is None:
+            from ..text.codec import TextCodec
+
+            try:
+                codec = TextCodec.from_dir(self.model_dir)
+            except (ValueError, ModuleNotFoundError) as exc:  # no tokenizer.json (random weights), a malformed one
+                raise ValueError(
+                    f"grammar: this engine has no tokenizer to match a grammar against ({str(exc)[:300]}); serve a "
+                    f"checkpoint with its tokenizer.json, or set the engine's grammar_tokenizer"
+                ) from None
+            try:
+                grammars = GrammarTokenizer(codec.tokenizer, codec.eos_token_ids)
+                self.grammar_tokenizer = grammars
+            except (ValueError, ModuleNotFoundError) as exc:  # no EOS ids, llguidance missing, a wider vocabulary
+                raise ValueError(f"grammar: the engine's tokenizer cannot match a grammar: {str(exc)[:300]}") from None
+        return grammars.matcher(sampling.grammar)
+
     def _add_request(self, request: NewRequest) -> int:
         """:meth:`add_request`: queue ``prompt`` (token ids) for up to ``max_new_tokens`` new tokens; returns its id
         (an int, never reused by this engine). ``sampling``: its own (None: greedy; its ``seed``:
@@ -439,8 +492,9 @@ class ServingLoop(StepEngineBase):
 
         Raises ValueError naming ``prompt``, ``max_new_tokens`` or ``eos_token_ids[i]`` for a request that can never
         be served (empty, ids outside the vocabulary, longer than ``max_seq_len`` or ``max_prefill_tokens``, a
-        page budget beyond the KV cache), TypeError naming ``sampling`` for anything but :class:`SamplingParams` or
-        None; nothing is queued then."""
+        page budget beyond the KV cache), naming ``response_format`` or ``grammar`` for a grammar it cannot match
+        (:meth:`_grammar_matcher`), TypeError naming ``sampling`` for anything but :class:`SamplingParams` or None;
+        nothing is queued then."""
         prompt, max_new_tokens, sampling, eos_token_ids = request
         self._check_open()
         sampling = sampling_arg(sampling)
@@ -453,6 +507,7 @@ class ServingLoop(StepEngineBase):
             sampling=sampling,
             eos_token_ids=eos_token_ids,
             draws=self.sampler.draws(sampling),
+            grammar=self._grammar_matcher(sampling),
         )
         self._requests[r.rid] = r
         return r.rid
@@ -460,7 +515,7 @@ class ServingLoop(StepEngineBase):
     def _check_processing(self, sampling: Any) -> None:
         """ValueError naming the field where this engine cannot honour ``sampling``'s logprobs or controls."""
         if self.runner.vocab_shard is not None:
-            asked = ("logprobs", "prompt_logprobs")
+            asked = ("logprobs", "prompt_logprobs", "grammar")
             field = next((f for f in asked if getattr(sampling, f) is not None), "logit_bias, penalties or min_p")
             raise ValueError(f"{field}: not supported with a vocabulary split over tensor-parallel ranks yet")
         vocab = self.runner.config.vocab_size
@@ -769,7 +824,9 @@ class ServingLoop(StepEngineBase):
         # a fresh stream per call (seed, offset 0), every row its own subsequence: reproducible generations
         draws = None if sampling.greedy else Draws.seeded(sampling.seed or 0, shared=True)
         sched, runner = self.scheduler, self.runner
-        reqs = self._submit(sched, prompts, max_new_tokens, sampling, eos_token_ids, draws)
+        reqs = self._submit(
+            sched, prompts, max_new_tokens, sampling, eos_token_ids, draws, lambda: self._grammar_matcher(sampling)
+        )
         self._next_rows = None
         result = GenerationResult([], [])
         # TVM-FFI's current stream is the runner's for the whole call: every op is given that stream, and finds it
@@ -982,8 +1039,10 @@ class ServingLoop(StepEngineBase):
         sampling: SamplingParams | None,
         eos_token_ids: Sequence[int] | None,
         draws: Any,
+        grammar: Callable[[], GrammarMatcher | None] = lambda: None,
     ) -> list[Request]:
-        """Queue every prompt, all or none: a prompt refused takes the ones queued before it out again."""
+        """Queue every prompt, all or none: a prompt refused takes the ones queued before it out again. ``grammar``:
+        makes each request's own grammar matcher (``sampling.grammar``'s, else None)."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise ValueError("prompts: expected a non-empty list of prompts (lists of token ids)")
         if isinstance(max_new_tokens, Sequence):
@@ -999,7 +1058,13 @@ class ServingLoop(StepEngineBase):
             for i, (p, m) in enumerate(zip(prompts, limits, strict=True)):
                 reqs.append(
                     sched.submit(
-                        p, m, name=f"prompts[{i}]", sampling=sampling, eos_token_ids=eos_token_ids, draws=draws
+                        p,
+                        m,
+                        name=f"prompts[{i}]",
+                        sampling=sampling,
+                        eos_token_ids=eos_token_ids,
+                        draws=draws,
+                        grammar=grammar(),
                     )
                 )
         except BaseException:

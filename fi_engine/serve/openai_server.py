@@ -25,7 +25,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -297,11 +297,19 @@ class _Handlers:
         return await loop.run_in_executor(None, self._compile, self.grammars, parsed.response_format)
 
     def _grammar_tokenizer(self) -> GrammarTokenizer:
+        """The served tokenizer's :class:`GrammarTokenizer`, handed to an engine in this process that matches
+        grammars with one of its own (its ``grammar_tokenizer``, while None): the index is built once."""
         codec = self.service.codec
         if codec is None:
             raise APIError("this server has no tokenizer: it serves token-id prompts only", "prompt")
         with _response_format_errors():
-            return GrammarTokenizer(codec.tokenizer, codec.eos_token_ids)
+            grammars = GrammarTokenizer(codec.tokenizer, codec.eos_token_ids)
+        engine: Any = self.service.engine
+        if getattr(engine, "grammar_tokenizer", False) is None:
+            # (an engine that refuses it, a vocabulary wider than its logits, makes and refuses its own per request)
+            with suppress(ValueError, TypeError):
+                engine.grammar_tokenizer = grammars
+        return grammars
 
     @staticmethod
     def _compile(grammars: GrammarTokenizer, response_format: dict[str, Any]) -> str:

@@ -37,6 +37,7 @@ cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy (pip instal
 
 from helpers.fake_engine import next_token  # noqa: E402
 from helpers.random_llama import VOCAB, save_random_llama  # noqa: E402
+from helpers.step_api import drain  # noqa: E402
 from helpers.yardstick import prompts  # noqa: E402
 
 from fi_engine.kernels import flashinfer as kernels  # noqa: E402
@@ -69,18 +70,6 @@ def engine(request, checkpoint):
         e.mixed_prefill = mode.endswith("mixed")
         yield e
         assert not e.has_unfinished  # every test leaves the engine idle
-
-
-def drain(engine, limit: int = 10_000) -> dict[int, list[StepOutput]]:
-    """step() until nothing is queued or active; every request's outputs in order."""
-    seen: dict[int, list[StepOutput]] = {}
-    for _ in range(limit):
-        if not engine.has_unfinished:
-            break
-        for o in engine.step():
-            seen.setdefault(o.rid, []).append(o)
-    assert not engine.has_unfinished
-    return seen
 
 
 def tokens_of(outs: list[StepOutput]) -> list[int]:

@@ -359,11 +359,11 @@ def test_logit_bias_ids_are_checked_against_the_vocabulary(served: Served, codec
 
 # ---- an engine that cannot honour a field ------------------------------------------------------------------------
 
-REFUSED = [  # (endpoint, body, param, the engine's field) while the GPU engine lacks min_p and prompt logprobs
+REFUSED = [  # (endpoint, body, param, the engine's field) of an engine refusing min_p and prompt logprobs
     ("/v1/completions", {"prompt": "x", "min_p": 0.1, "temperature": 0.5}, "min_p", "min_p"),
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 0, "max_tokens": 0}, "echo", "prompt_logprobs"),
 ]
-SERVED_ON_THE_GPU = [  # what the GPU engine serves (the stand-in acting as it: the same refusal rule)
+SERVED = [  # what an engine refusing nothing serves
     {"prompt": "x", "echo": True, "logprobs": 0, "max_tokens": 0},
     {"prompt": "x", "logprobs": 1},
     {"prompt": "x", "logit_bias": {"5": 1}},
@@ -373,22 +373,20 @@ SERVED_ON_THE_GPU = [  # what the GPU engine serves (the stand-in acting as it: 
 ]
 
 
-def test_a_field_the_engine_cannot_honour_is_a_400_naming_it(codec, pool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """An engine's refusal of a field is a 400 naming it: the GPU engine's rule (the stand-in applies it), with the
-    fields it refuses set to two it serves today; then with none refused, every field is served."""
-    from fi_engine.runtime import sampling_params
-
-    s = Served(codec, pool, as_gpu_engine=True)
+def test_a_field_the_engine_cannot_honour_is_a_400_naming_it(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    """An engine's refusal of a field (a ValueError ``"<field>: ..."``, as the GPU engine's of logprobs and controls
+    with a vocabulary split over tensor-parallel ranks; here the stand-in's) is a 400 naming the request's field;
+    then with none refused, every field is served."""
+    s = Served(codec, pool, refuses=("min_p", "prompt_logprobs"))
     try:
-        monkeypatch.setattr(sampling_params, "GPU_UNSUPPORTED", frozenset({"min_p", "prompt_logprobs"}))
         for path, body, param, field in REFUSED:
             r = httpx.post(f"{s.url}{path}", content=json.dumps({"model": MODEL, **body}), timeout=WAIT)
             assert r.status_code == 400, (body, r.text)
             error = r.json()["error"]
             assert error["param"] == param and error["code"] == "unsupported_value", (body, error)
-            assert f"{field}: not supported by this engine yet" in error["message"]
-        monkeypatch.undo()
-        for body in SERVED_ON_THE_GPU:
+            assert f"{field}: not supported by this engine" in error["message"]
+        s.engine.refuses = frozenset()
+        for body in SERVED:
             r = httpx.post(f"{s.url}/v1/completions", content=json.dumps({"model": MODEL, **body}), timeout=WAIT)
             assert r.status_code == 200, (body, r.text)
         ok = s.client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0.7, top_p=0.9, seed=1)

@@ -148,17 +148,28 @@ def test_tools_that_may_be_called_and_a_json_format_exclude_each_other(served: S
     assert 'tool_choice: "none"' in caught.value.body["message"]
 
 
-def test_an_engine_without_grammars_refuses_by_name(codec: Any, pool: list[int]) -> None:
-    """The GPU engine's refusal of a field it does not apply yet (``grammar``) reaches the client as a 400 naming
-    ``response_format``."""
-    s = Served(codec, pool, as_gpu_engine=True)
+def test_an_engine_refusing_grammars_refuses_by_name(codec: Any, pool: list[int]) -> None:
+    """An engine's refusal of a grammar (``"grammar: ..."``: the GPU engine's of a checkpoint without
+    ``tokenizer.json``, or with a vocabulary split over tensor-parallel ranks; here the stand-in's) reaches the
+    client as a 400 naming ``response_format``."""
+    s = Served(codec, pool, refuses=("grammar",))
     try:
         with pytest.raises(openai.BadRequestError) as caught:
             chat(s, "x", response_format={"type": "json_object"})
-        assert caught.value.body["param"] == "response_format" and caught.value.body["code"] == "unsupported_value"
-        assert "grammar: not supported by this engine yet" in caught.value.body["message"]
     finally:
         s.close()
+    assert caught.value.body["param"] == "response_format" and caught.value.body["code"] == "unsupported_value"
+    assert "grammar: not supported by this engine" in caught.value.body["message"]
+
+
+def test_the_server_hands_its_grammar_tokenizer_to_the_engine(served: Served) -> None:
+    """The server's :class:`~fi_engine.text.grammar.GrammarTokenizer` (built at the first ``response_format``) is
+    handed to an engine that has none, so the tokenizer's index is built once: the engine, its own tokenizer taken
+    away, still serves the request with the server's."""
+    served.engine.tokenizer = None  # (the engine could no longer make one of its own)
+    out = chat(served, "Who?", temperature=0, response_format=json_schema(PERSON)).choices[0]
+    assert served.engine.grammar_tokenizer is not None and out.finish_reason == "stop"
+    check_person(json.loads(out.message.content))
 
 
 def test_the_docs_example_runs(served: Served, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,5 +1,5 @@
 """fi_engine.runtime.sampling_params: the per-request controls (vLLM's ranges, refused by name otherwise; a hashable
-value whatever form ``logit_bias`` came in), and the GPU engine's refusal of the fields it cannot honour yet."""
+value whatever form ``logit_bias`` came in), every one of them taken by the engine's check of ``sampling``."""
 
 from __future__ import annotations
 
@@ -7,14 +7,7 @@ import math
 
 import pytest
 
-from fi_engine.runtime.sampling_params import (
-    GPU_UNSUPPORTED,
-    SamplingParams,
-    asks_processing,
-    sampling_arg,
-    sets_controls,
-    unsupported_by_gpu_engine,
-)
+from fi_engine.runtime.sampling_params import SamplingParams, asks_processing, sampling_arg, sets_controls
 
 
 def test_the_defaults_change_nothing_and_greedy_stays_greedy() -> None:
@@ -22,7 +15,6 @@ def test_the_defaults_change_nothing_and_greedy_stays_greedy() -> None:
     assert (p.min_p, p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_tokens) == (0, 0, 0, 1, 0)
     assert (p.logit_bias, p.logprobs, p.prompt_logprobs) == ((), None, None)
     assert p.greedy and SamplingParams(0.7, 5, 0.9, 1) == SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=1)
-    assert unsupported_by_gpu_engine(SamplingParams(0.7, 5, 0.9, 1)) is None
 
 
 def test_logit_bias_is_stored_as_sorted_pairs_and_the_value_hashes() -> None:
@@ -103,23 +95,14 @@ ALL_SET = [
     {"logit_bias": ((1, 0.0),)},  # a bias of 0 is still a field set
     {"logprobs": 0},
     {"prompt_logprobs": 0},
+    {"grammar": '{"grammars": []}'},  # (checked as a str here; the engine compiles it when the request is added)
 ]
 
 
 @pytest.mark.parametrize("kw", ALL_SET)
-def test_the_gpu_engine_serves_every_field(kw) -> None:  # type: ignore[no-untyped-def]
+def test_the_engines_check_takes_every_field(kw) -> None:  # type: ignore[no-untyped-def]
     p = SamplingParams(**kw)
-    assert unsupported_by_gpu_engine(p) is None and sampling_arg(p) is p
-
-
-def test_the_gpu_engine_refuses_a_grammar_by_name_until_it_applies_one() -> None:
-    """``grammar`` (response_format) is the one field the GPU engine does not apply yet: refused by name, never
-    ignored (its rows would be sampled unconstrained)."""
-    assert frozenset({"grammar"}) == GPU_UNSUPPORTED
-    p = SamplingParams(grammar='{"grammars": []}')
-    assert unsupported_by_gpu_engine(p) == "grammar"
-    with pytest.raises(ValueError, match=r"^grammar: not supported by this engine yet; leave it at None$"):
-        sampling_arg(p)
+    assert sampling_arg(p) is p and asks_processing(p)
 
 
 def test_a_grammar_is_a_str_and_keeps_the_value_hashable() -> None:
@@ -130,20 +113,3 @@ def test_a_grammar_is_a_str_and_keeps_the_value_hashable() -> None:
         SamplingParams(grammar={"type": "object"})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^grammar: expected None or a grammar's text"):
         SamplingParams(grammar="")
-
-
-def test_a_field_the_gpu_engine_cannot_honour_is_refused_by_name(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The refusal a field gets while the GPU engine lacks it (none does today: the rule, with a stand-in set)."""
-    from fi_engine.runtime import sampling_params
-
-    monkeypatch.setattr(sampling_params, "GPU_UNSUPPORTED", frozenset({"min_p", "logprobs"}))
-    p = SamplingParams(logprobs=1, min_p=0.1)
-    assert unsupported_by_gpu_engine(p) == "min_p"  # the first in field order
-    with pytest.raises(ValueError, match=r"^min_p: not supported by this engine yet; leave it at 0\.0$"):
-        sampling_arg(p)
-    assert unsupported_by_gpu_engine(SamplingParams(temperature=0.5)) is None
-
-
-def test_unsupported_by_gpu_engine_names_a_bad_argument() -> None:
-    with pytest.raises(TypeError, match="^params: expected a SamplingParams, got dict"):
-        unsupported_by_gpu_engine({"min_p": 0.1})  # type: ignore[arg-type]

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from fi_engine.runtime.sampling_params import SamplingParams, sampling_arg
+from fi_engine.runtime.sampling_params import SamplingParams
 from fi_engine.runtime.stepping import FinishReason, StepOutput, TokenLogprobs
 from fi_engine.text.grammar import GrammarMatcher, GrammarTokenizer
 
@@ -271,13 +271,15 @@ class FakeStepEngine:
         step_delay_s: seconds each step sleeps (a slow engine). fail_at_step: raise RuntimeError at that step.
         step_s: seconds each step takes in all, its own work included (it sleeps what is left): a GPU's step of a
             fixed time, for benchmarks/bench_serve.py's stand-in server.
-        as_gpu_engine: check ``sampling`` as the GPU engine does (``sampling_arg``: the fields it cannot honour yet
-            refused with a ValueError naming them).
+        refuses: the :class:`SamplingParams` fields it refuses, as an engine that cannot honour them does: a request
+            setting one to other than its default is a ValueError ``"<field>: not supported by this engine"``
+            (settable: :attr:`refuses`).
         prefix_cache_page: the prefix cache's page size in tokens (see the module docstring): each request's first
             output reports ``num_cached_tokens`` (:func:`cached_tokens`); None (default): no cache, None reported.
             :attr:`prefix_caching` says which.
         tokenizer: the checkpoint's :class:`~fi_engine.text.tokenizer.Tokenizer`, for requests with a ``grammar``
-            (its matcher's tokenizer is made on the first; its EOS ids: ``eos_token_ids``).
+            (its matcher's tokenizer, :attr:`grammar_tokenizer`, is made on the first unless a server set it, as it
+            sets the GPU engine's; its EOS ids: ``eos_token_ids``).
     """
 
     def __init__(
@@ -292,7 +294,7 @@ class FakeStepEngine:
         step_delay_s: float = 0.0,
         fail_at_step: int | None = None,
         step_s: float = 0.0,
-        as_gpu_engine: bool = False,
+        refuses: Sequence[str] = (),
         prefix_cache_page: int | None = None,
         tokenizer: Any = None,
     ) -> None:
@@ -305,11 +307,11 @@ class FakeStepEngine:
         self.step_delay_s = step_delay_s
         self.step_s = step_s
         self.fail_at_step = fail_at_step
-        self.as_gpu_engine = as_gpu_engine
+        self.refuses = frozenset(refuses)
         self.prefix_cache_page = prefix_cache_page
         self.cached: set[tuple[int, ...]] = set()  # the page-aligned token prefixes whose K/V were computed
         self.tokenizer = tokenizer
-        self.grammars: GrammarTokenizer | None = None
+        self.grammar_tokenizer: GrammarTokenizer | None = None
         self._next_rid = 0
         self._queue: deque[FakeRequest] = deque()
         self._active: dict[int, FakeRequest] = {}
@@ -354,8 +356,10 @@ class FakeStepEngine:
             raise ValueError(
                 f"prompt: {len(prompt)} tokens + max_new_tokens {max_new_tokens} exceed max_seq_len {self.max_seq_len}"
             )
-        if self.as_gpu_engine:
-            sampling_arg(sampling)
+        default = SamplingParams()
+        for name in sorted(self.refuses) if sampling is not None else ():
+            if getattr(sampling, name) != getattr(default, name):
+                raise ValueError(f"{name}: not supported by this engine; leave it at {getattr(default, name)!r}")
         if sampling is not None:
             for token, _ in sampling.logit_bias:
                 if token >= self.vocab_size:
@@ -363,11 +367,11 @@ class FakeStepEngine:
         eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
         rid = self._next_rid
         self._next_rid += 1
-        if sampling is not None and sampling.grammar is not None and self.grammars is None:
+        if sampling is not None and sampling.grammar is not None and self.grammar_tokenizer is None:
             if self.tokenizer is None:
                 raise ValueError("grammar: this stand-in engine has no tokenizer (FakeStepEngine(tokenizer=...))")
-            self.grammars = GrammarTokenizer(self.tokenizer, self.eos_token_ids)
-        matcher = _matcher(self.grammars, sampling)
+            self.grammar_tokenizer = GrammarTokenizer(self.tokenizer, self.eos_token_ids)
+        matcher = _matcher(self.grammar_tokenizer, sampling)
         script = self.scripts.get(tuple(prompt))
         self._queue.append(FakeRequest(rid, prompt, max_new_tokens, _seed(sampling), eos, script, sampling, matcher))
         self.added.append((rid, tuple(prompt), max_new_tokens, sampling))

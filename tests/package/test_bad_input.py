@@ -2135,6 +2135,9 @@ EXEMPT: dict[str, str] = {
     "tests/engine/test_logits_processing.py",
     "runtime.logits_processing.logprobs_of_rows": "the processor's array math over the runner's own logits (an "
     "array module and a float32 array it made): tests/engine/test_logits_processing.py",
+    "runtime.logits_processing.mask_disallowed": "the processor's array math over the runner's own logits and the "
+    "bitmasks its requests' matchers made (GrammarMatcher.bitmask, checked there): "
+    "tests/engine/test_logits_processing.py",
     "runtime.model_runner.ModelRunner": "the engine's own part, made by Engine from its checked settings and family "
     "(EngineSettings' generator above; it needs a GPU): tests/engine/test_prefill_buckets.py and the GPU suites",
     "runtime.sampling.Draws": "the engine's own record of a Philox stream (a fi_ffi.Generator of a checked seed): "
@@ -2142,8 +2145,6 @@ EXEMPT: dict[str, str] = {
     "runtime.stepping.StepOutput": _RECORD,
     "runtime.stepping.TokenLogprobs": _RECORD,
     "text.tool_calls.ToolCall": _RECORD,
-    "runtime.sampling_params.unsupported_by_gpu_engine": "reads a checked SamplingParams (TypeError naming params "
-    "for anything else): tests/engine/test_sampling_params.py",
     "checkpoint.quantization.Fp8Scheme": _RECORD,
     "checkpoint.quantization.fp8_scheme": "reads a config dict: its malformed values refused by key in "
     "tests/engine/test_quantization_config.py",
