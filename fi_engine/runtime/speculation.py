@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..text.args import arg_token_ids
 from ..values import arg_int
 
 __all__ = ["NgramProposer", "SpeculationStats", "accepted_tokens"]
@@ -76,7 +77,10 @@ class NgramProposer:
 def accepted_tokens(draft: Sequence[int], choices: Sequence[int]) -> list[int]:
     """The tokens one verifying pass gives a request fed its last token and ``draft``: ``choices`` (the model's
     choice at each of its ``len(draft) + 1`` rows) up to and including the first that differs from the draft token
-    fed after it (all ``len(draft) + 1`` where none does)."""
+    fed after it (all ``len(draft) + 1`` where none does). TypeError/ValueError naming the argument that is no
+    sequence of token ids, or ``choices`` of another length."""
+    draft = arg_token_ids("draft", draft, 1 << 31)
+    choices = arg_token_ids("choices", choices, 1 << 31)
     if len(choices) != len(draft) + 1:
         want = len(draft) + 1
         raise ValueError(f"choices: expected {want} (one per row: the last token and the draft), got {len(choices)}")

@@ -789,7 +789,7 @@ from fi_engine.kernels import cuda_sources  # noqa: E402
 from fi_engine.layers import deepseek_routing, moe, moe_routing, tensor_parallel  # noqa: E402
 from fi_engine.models import deepseek, gemma2, gpt_oss, llama, mla_weights  # noqa: E402
 from fi_engine.models import registry as engines  # noqa: E402
-from fi_engine.runtime import kv_cache, moe_paths, paging, serving  # noqa: E402
+from fi_engine.runtime import kv_cache, moe_paths, paging, serving, speculation  # noqa: E402
 from fi_engine.runtime import settings as engine_settings  # noqa: E402
 from fi_engine.text import chat, detokenize, generation_config, grammar, model_files, tokenizer, tool_calls  # noqa: E402
 from fi_engine.text import codec as text  # noqa: E402
@@ -1560,6 +1560,12 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     ],
     "runtime.paging.pages_for": lambda: [("pages_for", Entry(paging.pages_for, lambda: dict(tokens=33, page_size=16)))],
     "runtime.paging.PageAllocator": lambda: [("PageAllocator", Entry(paging.PageAllocator, lambda: dict(num_pages=8)))],
+    "runtime.speculation.NgramProposer": lambda: [
+        ("NgramProposer", Entry(speculation.NgramProposer, lambda: dict(k=4, prompt_lookup_max=4, prompt_lookup_min=1)))
+    ],
+    "runtime.speculation.accepted_tokens": lambda: [
+        ("accepted_tokens", Entry(speculation.accepted_tokens, lambda: dict(draft=[4, 5], choices=[4, 5, 6])))
+    ],
     "runtime.kv_cache.KVCacheManager": lambda: [
         ("KVCacheManager", Entry(kv_cache.KVCacheManager, lambda: dict(num_pages=8, page_size=16)))
     ],
@@ -2039,6 +2045,7 @@ EXEMPT: dict[str, str] = {
     "rendezvous.default_timeout": "reads FI_FFI_RENDEZVOUS_TIMEOUT: tests/comm/test_rendezvous.py",
     "vllm_ar.register_graph_buffers": "takes get_graph_buffer_ipc_meta of each rank: comm/test_allreduce_kernels.py",
     "runtime.kv_cache.PrefixCacheStats": "the counters a KVCacheManager keeps and counts up; no argument to check",
+    "runtime.speculation.SpeculationStats": "the counters the serving loop keeps and counts up; no argument to check",
     "checkpoint.safetensors.Checkpoint": "reads safetensors files: tests/engine/test_serving_host.py",
     "checkpoint.safetensors.read_header": "reads a safetensors header: tests/engine/test_serving_host.py",
     "checkpoint.safetensors.write_safetensors": "a test helper writing checkpoints: tests/engine/test_serving_host.py",
