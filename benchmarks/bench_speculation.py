@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b             # a random 8B-shaped checkpoint (~1.3 GB)
     python3 benchmarks/bench_speculation.py --model /tmp/llama8b [--batches 1,8] [--k 4] [--new 256] [--rounds 2]
+    python3 benchmarks/bench_speculation.py --model /tmp/smollm2 --text   # a trained chat model (see --text below)
 
 Two kinds of prompt, 256 tokens each: ``repeating`` (a random block of 64 token ids four times: prompt lookup finds
 its continuation wherever the model repeats it) and ``random`` (random ids). Each batch generates ``--new`` tokens per
@@ -10,6 +11,11 @@ and on with ``--k`` draft tokens, in turn, ``--rounds`` times. Reported: tokens 
 speculation its passes, the draft tokens' acceptance rate and the tokens each pass gave per request. What the
 tokens are is the model's: on a random checkpoint the acceptance depends on what its greedy text happens to repeat,
 so the rows also give the cost of a verifying pass against a decode step (tokens/s per token a pass gives).
+
+``--text`` (a trained model with a chat template, e.g. one tools/checkpoint_from_gguf.py wrote): the prompts are chat
+requests instead, ``repeating`` ones that ask to quote a passage, to rename a parameter in a function, or to quote a
+passage's first sentences and summarize it (the answer repeats its prompt), and ``open`` ones that ask for a story
+(it does not); the answers run to their end of sequence or ``--new`` tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +27,54 @@ from pathlib import Path
 
 import numpy as np
 
+PASSAGES = (
+    "The harbour town woke slowly. Fishing boats rocked against the pier while gulls argued over the morning catch. "
+    "At the bakery on the corner, the first loaves came out of the oven, and the smell drifted down to the water. "
+    "By seven, the market square was full of carts, and the old clock above the town hall struck the hour.",
+    "A good experiment starts with a clear question. Write down what you expect to happen and why, then change one "
+    "thing at a time and measure the result. Keep every number, even the ones that surprise you, because the "
+    "surprises are usually where the interesting behaviour hides. Finally, repeat the run to see how much it varies.",
+    "The library closed at nine, but the reading room stayed lit for the night staff. They sorted returned books, "
+    "repaired torn covers and replaced the labels that had faded in the sun. Once a month they also checked the "
+    "catalogue against the shelves, walking the rows with a list and a pencil, one section at a time.",
+)
+CODE = "\n".join(
+    (
+        "def moving_average(x, window):",
+        "    total = 0.0",
+        "    out = []",
+        "    for i in range(len(x)):",
+        "        total += x[i]",
+        "        if i >= window:",
+        "            total -= x[i - window]",
+        "        out.append(total / min(i + 1, window))",
+        "    return out",
+    )
+)
+TASKS = (
+    "Repeat the following paragraph exactly, word for word:\n\n{passage}",
+    "Here is a Python function. Rewrite it with the parameter `x` renamed to `values`, changing nothing else:\n\n"
+    "```python\n" + CODE.replace("{", "{{").replace("}", "}}") + "\n```",
+    "Quote the first two sentences of this text exactly, then summarize the rest in one sentence:\n\n{passage}",
+)
+STORIES = ("a dragon who is afraid of heights", "a robot learning to cook", "two friends lost in a forest")
+
+
+def text_prompts(model: Path, kind: str, batch: int) -> tuple[list[list[int]], tuple[int, ...]]:
+    """``batch`` chat prompts of ``kind`` (``repeating`` or ``open``) for the checkpoint's chat template, and its
+    end-of-sequence ids."""
+    from fi_engine.text.codec import TextCodec
+
+    codec = TextCodec.from_dir(model)
+    prompts = []
+    for i in range(batch):
+        if kind == "repeating":
+            ask = TASKS[i % len(TASKS)].format(passage=PASSAGES[i % len(PASSAGES)])
+        else:
+            ask = f"Write a short story about {STORIES[i % len(STORIES)]}."
+        prompts.append(codec.encode_chat([{"role": "user", "content": ask}]))
+    return prompts, tuple(codec.eos_token_ids)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -29,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=4, help="draft tokens per pass")
     parser.add_argument("--new", type=int, default=256, help="tokens generated per prompt")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--text", action="store_true", help="chat prompts for a trained model (see above)")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -40,9 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     vocab = engine.config.vocab_size
     rows = []
     with engine:
-        for kind in ("repeating", "random"):
+        for kind in ("repeating", "open" if args.text else "random"):
             for batch in batches:
-                if kind == "repeating":
+                eos: tuple[int, ...] = ()
+                if args.text:
+                    prompts, eos = text_prompts(args.model, kind, batch)
+                elif kind == "repeating":
                     prompts = [rng.integers(100, vocab, 64).tolist() * 4 for _ in range(batch)]
                 else:
                     prompts = [rng.integers(100, vocab, 256).tolist() for _ in range(batch)]
@@ -51,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                         engine.speculative_tokens = k
                         before = dict(vars(engine.speculation_stats))
                         t = time.perf_counter()
-                        out = engine.generate(prompts, args.new, eos_token_ids=())
+                        out = engine.generate(prompts, args.new, eos_token_ids=eos)
                         wall = time.perf_counter() - t
                         stats = {n: v - before[n] for n, v in vars(engine.speculation_stats).items()}
                         if r == 0:

@@ -33,7 +33,7 @@ from .model_runner import ModelRunner
 from .paging import Request, Scheduler, pages_for, prefill_slots
 from .sampling import Draws, Sampler
 from .sampling_params import SamplingParams, asks_processing, sampling_arg
-from .speculation import NgramProposer, SpeculationStats, accepted_tokens
+from .speculation import DraftPolicy, NgramProposer, SpeculationStats, accepted_tokens
 from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
@@ -187,6 +187,7 @@ class ServingLoop(StepEngineBase):
     _closed: bool
     _max_num_batched_tokens: int
     _proposer: NgramProposer | None  # speculative decoding's drafts (None: off)
+    _policy: DraftPolicy  # whether a step's drafts are worth a verifying pass
     _lookup: weakref.WeakKeyDictionary[Request, np.ndarray]  # each speculating request's prompt, as an array
     speculation_stats: SpeculationStats
 
@@ -212,6 +213,7 @@ class ServingLoop(StepEngineBase):
         self.mixed_prefill = False
         self._max_num_batched_tokens = self.scheduler.max_prefill_tokens
         self._proposer = None
+        self._policy = DraftPolicy()
         self._lookup = weakref.WeakKeyDictionary()
         self.speculation_stats = SpeculationStats()
 
@@ -322,7 +324,10 @@ class ServingLoop(StepEngineBase):
         last tokens occurred earlier in its prompt or output, the tokens that followed are drafted, and one pass over
         its last token and the draft (the prefill pass, ``k + 1`` rows a request) gives it the draft's tokens that
         the model's greedy choices accept and one more: 1 to ``k + 1`` tokens for about one decode step's weight
-        reads. A step where no request has a draft is an ordinary decode step; one with a request that samples or
+        reads. A step verifies only where that pays, by the acceptance and the step times measured so far
+        (:class:`~fi_engine.runtime.speculation.DraftPolicy`: a verifying pass costs more than a decode step, and text
+        that does not repeat gains nothing); a step that does not, or where no request has a draft, is an ordinary
+        decode step, as is one with a request that samples or
         asks for logprobs or controls too (not speculated yet). The tokens are the model's greedy choices, computed
         by the prefill's kernels (equal to the decode step's within bfloat16 rounding, so a near tie may go the other
         way). ``speculation_stats`` counts the passes, drafted and accepted tokens. Where :attr:`prefix_caching`
@@ -337,6 +342,7 @@ class ServingLoop(StepEngineBase):
         if why is not None:
             raise ValueError(f"speculative_tokens: {why}; leave it 0 for this engine")
         self._proposer = NgramProposer(k) if k else None
+        self._policy = DraftPolicy()  # (measured again: the pass's cost depends on k)
 
     def _speculates(self, sched: Scheduler) -> bool:
         """Whether this step may verify drafts: speculation on, and every request greedy asking nothing."""
@@ -347,13 +353,13 @@ class ServingLoop(StepEngineBase):
         drafts, and one prefill pass feeds every one its last token and its draft; the greedy choice at each row
         accepts the draft's tokens up to the first that differs, and gives one more (``accepted_tokens``). Returns
         its host time in microseconds and the tokens each request got; None (nothing run) where no request has a
-        draft: the caller runs a decode step."""
+        draft or the drafts are not worth a pass (:class:`~fi_engine.runtime.speculation.DraftPolicy`): the caller runs
+        a decode step."""
         proposer = self._proposer
         assert proposer is not None
-        rows = sched.decode_rows(padded=False)  # (their next token's page given)
+        live = [r for r in sched.decode_rows(padded=False) if r is not None]  # (their next token's page given)
         drafted = 0
-        for r in rows:
-            assert r is not None
+        for r in live:
             left = r.max_new_tokens - len(r.output) - 1  # the last token is never fed back: no draft past it
             prompt = self._lookup.get(r)
             if prompt is None:
@@ -361,11 +367,12 @@ class ServingLoop(StepEngineBase):
             history = np.concatenate((prompt, np.asarray(r.output, dtype=np.int64)))
             r.draft = proposer.propose(history, left) if left > 0 else ()
             drafted += len(r.draft)
-        if not drafted:
+        if not drafted or not self._policy.worth([(r, len(r.draft)) for r in live]):
+            for r in live:
+                r.draft = ()
             return None
         t0 = time.perf_counter()
         runner = self.runner
-        live = [r for r in rows if r is not None]
         for r in live:
             sched.grow_pages([r], len(r.draft))  # the pages of its draft's positions (within its budget)
         self._next_rows = None  # a decode step staged before this pass is stale after it
@@ -385,6 +392,7 @@ class ServingLoop(StepEngineBase):
             tokens = accepted_tokens(draft, choices[bounds[b] : bounds[b + 1]])
             stats.drafted += len(draft)
             stats.accepted += len(tokens) - 1
+            self._policy.observe(r, len(draft), len(tokens) - 1)
             n = 0
             for t in tokens:  # one at a time: an end-of-sequence token or the limit ends it there
                 sched.record([r], [t])
@@ -393,7 +401,9 @@ class ServingLoop(StepEngineBase):
                     break
             stats.tokens += n
             got[r] = n
-        return (time.perf_counter() - t0) * 1e6, got  # (the wait for the pass included)
+        elapsed = time.perf_counter() - t0
+        self._policy.timed(True, elapsed)
+        return elapsed * 1e6, got  # (the wait for the pass included)
 
     @property
     def max_num_batched_tokens(self) -> int:
@@ -877,6 +887,8 @@ class ServingLoop(StepEngineBase):
             else:
                 host_us, rows = self._decode_step(sched)
                 got = {r: 1 for r in rows if r is not None}
+                if self._proposer is not None:  # the decode step's cost, against which a verifying pass is weighed
+                    self._policy.timed(False, time.perf_counter() - t)
             if result is not None:
                 result.step_host_us.append(host_us)
                 result.decode_s += time.perf_counter() - t

@@ -8,21 +8,28 @@ are its **draft** (at most ``k``; vLLM's ``ngram`` method, prompt-lookup decodin
 its last token and its draft in one pass (``ServingLoop.speculative_tokens``), ``k + 1`` rows at their positions,
 and reads the model's greedy choice at each row: the draft's tokens are **accepted** while each equals the choice
 before it, and the choice after the last accepted one comes free, so one pass gives ``1 .. k + 1`` tokens, exactly
-the ones one decode step after another would give (greedy). Nothing here touches a GPU (tests/engine/
+the ones one decode step after another would give (greedy).
+
+A verifying pass costs more than a decode step (its prefill kernels over ``k + 1`` rows a request, every row's logits
+read back): on an H100 about 1.35 decode steps for an 8B model at batch 1, about 3 for a 135M one, whose steps are
+launch-bound. So a step verifies only where it pays (:class:`DraftPolicy`): the tokens it is expected to give per
+second, from each request's recent acceptance, beat a decode step's. Nothing here touches a GPU (tests/engine/
 test_speculation.py).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..text.args import arg_token_ids
 from ..values import arg_int
 
-__all__ = ["NgramProposer", "SpeculationStats", "accepted_tokens"]
+__all__ = ["DraftPolicy", "NgramProposer", "SpeculationStats", "accepted_tokens"]
 
 
 @dataclass
@@ -88,3 +95,58 @@ def accepted_tokens(draft: Sequence[int], choices: Sequence[int]) -> list[int]:
     while n < len(draft) and int(choices[n]) == int(draft[n]):
         n += 1
     return [int(t) for t in choices[: n + 1]]
+
+
+class DraftPolicy:
+    """Whether a step's drafts are worth a verifying pass, from what the engine measured: each request's acceptance
+    rate (per draft token, a moving average starting at ``prior``), and the wall time of a decode step and of a
+    verifying pass (moving averages). A step of ``rows`` decoding requests verifies when the tokens it is expected to
+    give, ``rows`` plus each draft's expected accepted length (``p + p**2 + ... + p**len(draft)`` at its request's rate
+    ``p``), per second of a verifying pass beat ``rows`` per second of a decode step; before both times are measured it
+    verifies. Every ``explore``-th step with drafts that would not verify does anyway, so a request whose text turns
+    repetitive is found again."""
+
+    def __init__(self, prior: float = 0.5, explore: int = 16) -> None:
+        if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not 0.0 <= prior <= 1.0:
+            raise ValueError(f"prior: expected an acceptance rate in [0, 1], got {prior!r:.40}")
+        self.prior = float(prior)
+        self.explore = arg_int("explore", explore, 1, 1 << 20)
+        self.decode_s: float | None = None  # a decode step's wall time (moving average)
+        self.verify_s: float | None = None  # a verifying pass's
+        self._rates: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._declined = 0
+
+    def rate(self, request: Any) -> float:
+        """``request``'s acceptance rate per draft token (``prior`` before its first verified draft)."""
+        return self._rates.get(request, self.prior)
+
+    def expected(self, request: Any, drafted: int) -> float:
+        """The draft tokens a pass is expected to accept of a draft of ``drafted`` tokens for ``request``."""
+        p = self.rate(request)
+        return sum(p**i for i in range(1, drafted + 1))
+
+    def worth(self, drafts: Sequence[tuple[Any, int]]) -> bool:
+        """Whether to verify a step whose decoding requests have drafts of these lengths (``(request, drafted)``,
+        one per row, 0 for a row without)."""
+        if self.decode_s is None or self.verify_s is None:
+            return True
+        rows = len(drafts)
+        gain = sum(self.expected(r, n) for r, n in drafts if n)
+        if (rows + gain) / self.verify_s > rows / self.decode_s:
+            return True
+        self._declined += 1
+        return self._declined % self.explore == 0
+
+    def observe(self, request: Any, drafted: int, accepted: int) -> None:
+        """A verified draft of ``drafted`` tokens of which ``accepted`` were: ``request``'s rate moves halfway to it."""
+        if drafted:
+            self._rates[request] = 0.5 * self.rate(request) + 0.5 * accepted / drafted
+
+    def timed(self, verify: bool, seconds: float) -> None:
+        """A decode step's (``verify`` False) or a verifying pass's wall time, into its moving average."""
+        old = self.verify_s if verify else self.decode_s
+        new = seconds if old is None else 0.8 * old + 0.2 * seconds
+        if verify:
+            self.verify_s = new
+        else:
+            self.decode_s = new

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fi_engine.runtime.speculation import NgramProposer, accepted_tokens
+from fi_engine.runtime.speculation import DraftPolicy, NgramProposer, accepted_tokens
 
 
 def test_the_draft_follows_the_latest_earlier_occurrence_of_the_longest_suffix() -> None:
@@ -44,3 +44,28 @@ def test_a_pass_gives_the_accepted_draft_and_one_more() -> None:
         accepted_tokens((4, 5), (4,))
     with pytest.raises(TypeError, match="draft: expected a sequence of token ids"):
         accepted_tokens(None, (4,))  # type: ignore[arg-type]
+
+
+class _Request:
+    """A request as the policy sees it: any object it can key weakly."""
+
+
+def test_the_policy_verifies_where_the_expected_tokens_pay_for_the_pass() -> None:
+    policy = DraftPolicy(prior=0.5, explore=4)
+    a, b = _Request(), _Request()
+    assert policy.worth([(a, 4)])  # nothing measured yet: verify
+    policy.timed(False, 1.0)
+    policy.timed(True, 3.0)  # a pass costs three decode steps
+    assert policy.expected(a, 3) == pytest.approx(0.5 + 0.25 + 0.125)
+    assert not policy.worth([(a, 4)])  # 1 + 0.94 tokens for 3 steps' time
+    policy.observe(a, 4, 4)
+    policy.observe(a, 4, 4)  # its rate: 0.5 -> 0.75 -> 0.875
+    assert policy.rate(a) == pytest.approx(0.875) and policy.rate(b) == 0.5
+    assert policy.worth([(a, 4)])  # 1 + 2.84 tokens for 3 steps' time: 1.28 per step
+    assert not policy.worth([(a, 4), (b, 0), (b, 0)])  # two more rows without drafts: 5.84 / 3 < 3
+    declined = [policy.worth([(b, 4)]) for _ in range(8)]
+    assert declined == [False, True, False, False, False, True, False, False]  # every 4th declined one explores
+    policy.timed(True, 1.0)  # the pass's time moves a fifth of the way: 2.6
+    assert policy.verify_s == pytest.approx(2.6) and policy.decode_s == 1.0
+    with pytest.raises(ValueError, match="prior"):
+        DraftPolicy(prior=1.5)

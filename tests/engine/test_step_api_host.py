@@ -1191,7 +1191,7 @@ class _Choices:
         return self.choices
 
 
-def speculating_engine(model, k: int):
+def speculating_engine(model, k: int, pass_cost: float = 1.0):
     e = bare_engine(max_batch=3, num_pages=1 + 24, token_of=lambda r: model([*r.prompt, *r.output]))
     layout = prefill_layout(e.max_prefill_tokens, 3, 64, padded=True)
     e.runner.prefill_arrays = layout.views(np.zeros(layout.total, np.int32))
@@ -1212,6 +1212,9 @@ def speculating_engine(model, k: int):
 
     e.runner.run_prefill = run_prefill
     e.speculative_tokens = k
+    # the device's time stands in too: a pass costs `pass_cost` decode steps (the stand-ins' own times are noise)
+    e._policy.decode_s, e._policy.verify_s = 1.0, pass_cost
+    e._policy.timed = lambda verify, seconds: None
     return e, passes
 
 
@@ -1257,3 +1260,30 @@ def test_a_draft_stops_at_the_request_limit_and_speculation_is_checked(monkeypat
     with pytest.raises(ValueError, match="speculative_tokens: .*Llama family's reads the paged cache"):
         e.speculative_tokens = 2
     assert serving.ServingLoop.speculative_tokens.__doc__
+
+
+def wandering(history) -> int:
+    """A stand-in model whose text does not repeat itself: its suffixes recur (50 token ids), their continuations
+    rarely do."""
+    return 100 + (sum(history[-3:]) * 31 + len(history) * 17) % 50
+
+
+def test_speculation_stops_verifying_drafts_that_are_not_accepted() -> None:
+    def run(k: int):
+        e, passes = speculating_engine(wandering, k, pass_cost=3.0)
+        rids = [e.add_request([1, 2, 3, 4, 5], 60) for _ in range(2)]
+        got: dict[int, list[int]] = {r: [] for r in rids}
+        steps = 0
+        while e.has_unfinished:
+            for o in e.step():
+                got[o.rid] += o.token_ids
+            steps += 1
+        return [got[r] for r in rids], steps, passes, e
+
+    plain, plain_steps, _, _ = run(0)
+    fast, steps, passes, e = run(4)
+    assert fast == plain
+    # the first passes find the drafts rejected; then a pass (three decode steps' time here) is not worth its
+    # expected tokens, and only every 16th step declined explores
+    assert e.speculation_stats.acceptance_rate < 0.2 and 0 < len(passes) <= 12, (len(passes), e.speculation_stats)
+    assert steps >= plain_steps - len(passes) * 4
