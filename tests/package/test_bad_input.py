@@ -1563,6 +1563,9 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "runtime.speculation.NgramProposer": lambda: [
         ("NgramProposer", Entry(speculation.NgramProposer, lambda: dict(k=4, prompt_lookup_max=4, prompt_lookup_min=1)))
     ],
+    "runtime.speculation.DraftPolicy": lambda: [
+        ("DraftPolicy", Entry(speculation.DraftPolicy, lambda: dict(prior=0.5, explore=16)))
+    ],
     "runtime.speculation.accepted_tokens": lambda: [
         ("accepted_tokens", Entry(speculation.accepted_tokens, lambda: dict(draft=[4, 5], choices=[4, 5, 6])))
     ],
