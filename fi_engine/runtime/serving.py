@@ -188,6 +188,8 @@ class ServingLoop(StepEngineBase):
     _max_num_batched_tokens: int
     _proposer: NgramProposer | None  # speculative decoding's drafts (None: off)
     _policy: DraftPolicy  # whether a step's drafts are worth a verifying pass
+    _verify_next: bool  # the policy found a verifying pass worth it a step ago (generate's pipelined loop)
+    _decode_ended: float | None  # when the last decode step's tokens were recorded (the policy's decode-step time)
     _lookup: weakref.WeakKeyDictionary[Request, np.ndarray]  # each speculating request's prompt, as an array
     speculation_stats: SpeculationStats
 
@@ -214,6 +216,8 @@ class ServingLoop(StepEngineBase):
         self._max_num_batched_tokens = self.scheduler.max_prefill_tokens
         self._proposer = None
         self._policy = DraftPolicy()
+        self._verify_next = False
+        self._decode_ended = None
         self._lookup = weakref.WeakKeyDictionary()
         self.speculation_stats = SpeculationStats()
 
@@ -348,16 +352,19 @@ class ServingLoop(StepEngineBase):
         """Whether this step may verify drafts: speculation on, and every request greedy asking nothing."""
         return self._proposer is not None and not sched.sampled and not sched.processed
 
-    def _speculative_step(self, sched: Scheduler) -> tuple[float, dict[Request, int]] | None:
-        """A speculative decode step (:attr:`speculative_tokens`), waited for and recorded: each decoding request
-        drafts, and one prefill pass feeds every one its last token and its draft; the greedy choice at each row
-        accepts the draft's tokens up to the first that differs, and gives one more (``accepted_tokens``). Returns
-        its host time in microseconds and the tokens each request got; None (nothing run) where no request has a
-        draft or the drafts are not worth a pass (:class:`~fi_engine.runtime.speculation.DraftPolicy`): the caller runs
-        a decode step."""
+    speculation_max_rows = 16
+    """Speculative decoding drafts only while at most this many requests decode (beyond, the drafting's host time and
+    the verifying pass's rows cost more than they give; vLLM's ``speculative_disable_by_batch_size``)."""
+
+    def _drafts(self, sched: Scheduler) -> list[tuple[Request, tuple[int, ...]]] | None:
+        """Each decoding request's draft (:attr:`speculative_tokens`) from its recorded tokens, or None where none has
+        one or more than :attr:`speculation_max_rows` decode."""
         proposer = self._proposer
         assert proposer is not None
-        live = [r for r in sched.decode_rows(padded=False) if r is not None]  # (their next token's page given)
+        live = [r for r in sched.slots if r is not None and r.decoding]
+        if len(live) > self.speculation_max_rows:
+            return None
+        out = []
         drafted = 0
         for r in live:
             left = r.max_new_tokens - len(r.output) - 1  # the last token is never fed back: no draft past it
@@ -365,12 +372,32 @@ class ServingLoop(StepEngineBase):
             if prompt is None:
                 prompt = self._lookup[r] = np.asarray(r.prompt, dtype=np.int64)
             history = np.concatenate((prompt, np.asarray(r.output, dtype=np.int64)))
-            r.draft = proposer.propose(history, left) if left > 0 else ()
-            drafted += len(r.draft)
-        if not drafted or not self._policy.worth([(r, len(r.draft)) for r in live]):
-            for r in live:
-                r.draft = ()
+            draft = proposer.propose(history, left) if left > 0 else ()
+            drafted += len(draft)
+            out.append((r, draft))
+        return out if drafted else None
+
+    def _verify_drafts(self, sched: Scheduler, decided: bool = False) -> list[tuple[Request, tuple[int, ...]]] | None:
+        """The drafts of a verifying pass to run now, or None: speculation applies (:meth:`_speculates`), a request
+        has a draft, and the pass pays (:class:`~fi_engine.runtime.speculation.DraftPolicy`; ``decided``: it was found
+        to pay a step ago, when the drafts were made from the tokens then recorded)."""
+        if not self._speculates(sched):
             return None
+        drafts = self._drafts(sched)
+        if drafts is None or not (decided or self._policy.worth([(r, len(d)) for r, d in drafts])):
+            return None
+        return drafts
+
+    def _speculative_step(
+        self, sched: Scheduler, drafts: list[tuple[Request, tuple[int, ...]]]
+    ) -> tuple[float, dict[Request, int]]:
+        """A speculative decode step (:attr:`speculative_tokens`) of the decoding requests' ``drafts``
+        (:meth:`_verify_drafts`), waited for and recorded: one prefill pass feeds every one its last token and its
+        draft; the greedy choice at each row accepts the draft's tokens up to the first that differs, and gives one
+        more (``accepted_tokens``). Returns its wall time in microseconds and the tokens each request got."""
+        live = [r for r, _ in drafts]
+        for r, draft in drafts:
+            r.draft = draft
         t0 = time.perf_counter()
         runner = self.runner
         for r in live:
@@ -381,14 +408,13 @@ class ServingLoop(StepEngineBase):
             _, _, full = runner.run_prefill(live, 0, slots, 0, all_logits=True, last_head=False)
             choices = full.argmax(axis=1).astype(np.int32).get(stream=runner.stream)
         finally:
-            drafts = [r.draft for r in live]
             for r in live:
                 r.draft = ()
         bounds = runner.prefill_arrays["qo_indptr"][: len(live) + 1].tolist()
         got: dict[Request, int] = {}
         stats = self.speculation_stats
         stats.passes += 1
-        for b, (r, draft) in enumerate(zip(live, drafts, strict=True)):
+        for b, (r, draft) in enumerate(drafts):
             tokens = accepted_tokens(draft, choices[bounds[b] : bounds[b + 1]])
             stats.drafted += len(draft)
             stats.accepted += len(tokens) - 1
@@ -403,6 +429,7 @@ class ServingLoop(StepEngineBase):
             got[r] = n
         elapsed = time.perf_counter() - t0
         self._policy.timed(True, elapsed)
+        self._decode_ended = None  # (the next decode step's time is not measured from this pass)
         return elapsed * 1e6, got  # (the wait for the pass included)
 
     @property
@@ -624,7 +651,10 @@ class ServingLoop(StepEngineBase):
         and launched behind it (:attr:`pipelined_prefill`), and the decode step after the pass behind the pass
         where it gave every active request a token (:meth:`_decodes_behind_prefill`)."""
         inflight, self._inflight = self._inflight, None
-        if inflight is not None and self._proposer is not None:  # speculation reads each step's tokens: no overlap
+        # speculation: a verifying pass worth it by the tokens recorded so far runs after the step in flight, waited
+        # for (it reads that step's tokens), and the step is the synchronous one (_advance)
+        verify = self._proposer is not None and self._verify_drafts(sched) is not None
+        if inflight is not None and verify:
             for r in self._decode_finish(sched, inflight):
                 produced[r] = 1
             inflight = None
@@ -659,8 +689,8 @@ class ServingLoop(StepEngineBase):
             if self._inflight is not None:
                 return
         if launched is None:
-            if not (self.overlap_steps and self.runner.comm is None) or self._speculates(sched):
-                self._advance(sched, None, produced)
+            if not (self.overlap_steps and self.runner.comm is None) or verify:
+                self._advance(sched, None, produced, verify=verify)
                 return
             admitted = self._admit(sched, delay=True, riders=riders)
             if admitted:
@@ -843,7 +873,7 @@ class ServingLoop(StepEngineBase):
         # current already (one query instead of a set and a restore around each of the ~10 kernels per layer)
         with runner.cupy.cuda.Device(runner.device), runner.stream, stream_scope(runner.stream_ptr, runner.device):
             try:
-                if self.pipelined_decode and runner.graph is not None and runner.comm is None and not self._proposer:
+                if self.pipelined_decode and runner.graph is not None and runner.comm is None:
                     launched = None
                     while sched.has_work:
                         launched = self._advance_pipelined(sched, result, launched)
@@ -860,7 +890,11 @@ class ServingLoop(StepEngineBase):
         return result
 
     def _advance(
-        self, sched: Scheduler, result: GenerationResult | None, produced: dict[Request, int] | None = None
+        self,
+        sched: Scheduler,
+        result: GenerationResult | None,
+        produced: dict[Request, int] | None = None,
+        verify: bool = False,
     ) -> None:
         """One step of the serving loop: admit what fits and prefill it, then one decode step over the active
         requests. With ``result`` (``generate``): its timings are added there and nothing else is kept; without
@@ -881,14 +915,15 @@ class ServingLoop(StepEngineBase):
                 return  # the decoding requests took their token; the next step is the next chunk's pass
         if sched.decoding:
             t = time.perf_counter()
-            speculated = self._speculative_step(sched) if self._speculates(sched) else None
-            if speculated is not None:
-                host_us, got = speculated
+            drafts = self._verify_drafts(sched, decided=verify) if self._proposer is not None else None
+            if drafts is not None:
+                host_us, got = self._speculative_step(sched, drafts)
             else:
                 host_us, rows = self._decode_step(sched)
                 got = {r: 1 for r in rows if r is not None}
                 if self._proposer is not None:  # the decode step's cost, against which a verifying pass is weighed
                     self._policy.timed(False, time.perf_counter() - t)
+                    self._decode_ended = None
             if result is not None:
                 result.step_host_us.append(host_us)
                 result.decode_s += time.perf_counter() - t
@@ -911,11 +946,22 @@ class ServingLoop(StepEngineBase):
             if not sched.decoding:  # (nothing, or only prompts with chunks left)
                 return None
             t = time.perf_counter()
+            drafts = self._verify_drafts(sched, decided=self._verify_next) if self._proposer is not None else None
+            self._verify_next = False
+            if drafts is not None:  # a verifying pass, waited for and recorded (speculative_tokens)
+                host_us, _ = self._speculative_step(sched, drafts)
+                result.step_host_us.append(host_us)
+                result.decode_s += time.perf_counter() - t
+                result.decode_steps += 1
+                return None
             launched = self._decode_launch(sched)
             result.decode_s += time.perf_counter() - t
             return launched
         t0 = time.perf_counter()
-        ahead = self._decode_launch(sched, depth=2) if self._launches_ahead(sched, delay=False) else None
+        # with speculation, a step whose drafts (from the tokens recorded so far) are worth a verifying pass is not
+        # launched ahead: the pass follows the step in flight, with its tokens
+        verify = self._proposer is not None and self._verify_drafts(sched) is not None
+        ahead = self._decode_launch(sched, depth=2) if not verify and self._launches_ahead(sched, delay=False) else None
         waited = self.runner.staged_wait_s if ahead is not None else 0.0
         t1 = time.perf_counter()
         if ahead is not None:
@@ -925,6 +971,9 @@ class ServingLoop(StepEngineBase):
         t2 = time.perf_counter()
         self._record(sched, launched.rows, launched.ids[: len(launched.rows)].tolist(), launched.logprobs)
         t3 = time.perf_counter()
+        self._verify_next = verify
+        if self._proposer is not None and ahead is not None:  # a pipelined step's time: what a pass is weighed against
+            self._policy.timed(False, t3 - t0)
         result.step_host_us.append((t1 - t0 - waited + t3 - t2) * 1e6)
         result.decode_s += t3 - t0
         result.decode_steps += 1
@@ -1154,6 +1203,7 @@ class ServingLoop(StepEngineBase):
         else:
             self.runner.stream.synchronize()
         tokens = self.runner.prefill_tokens(launched.slots)
+        self._decode_ended = None  # (a decode step's time is not measured across a prefill pass)
         k = len(launched.riders)
         if launched.logprobs is not None:
             self._keep_logprobs(launched.logprobs, [*launched.riders, *launched.admitted])
@@ -1186,6 +1236,11 @@ class ServingLoop(StepEngineBase):
         else:
             self.runner.stream.synchronize()
         self._record(sched, launched.rows, launched.ids[: len(launched.rows)].tolist(), launched.logprobs)
+        if self._proposer is not None:  # overlapped steps' time, from one's end to the next (what a pass is weighed
+            now = time.perf_counter()  # against; a prefill or a pass between them starts it again)
+            if self._decode_ended is not None:
+                self._policy.timed(False, now - self._decode_ended)
+            self._decode_ended = now
         return live
 
     def _decode_launch(self, sched: Scheduler, depth: int = 1) -> _LaunchedStep:

@@ -1191,8 +1191,14 @@ class _Choices:
         return self.choices
 
 
-def speculating_engine(model, k: int, pass_cost: float = 1.0):
-    e = bare_engine(max_batch=3, num_pages=1 + 24, token_of=lambda r: model([*r.prompt, *r.output]))
+def speculating_engine(model, k: int, pass_cost: float = 1.0, overlap: bool = False, pipelined: bool = False):
+    e = bare_engine(
+        max_batch=3,
+        num_pages=1 + 24,
+        token_of=lambda r: model([*r.prompt, *r.output]),
+        overlap=overlap,
+        pipelined=pipelined,
+    )
     layout = prefill_layout(e.max_prefill_tokens, 3, 64, padded=True)
     e.runner.prefill_arrays = layout.views(np.zeros(layout.total, np.int32))
     passes = []
@@ -1218,13 +1224,12 @@ def speculating_engine(model, k: int, pass_cost: float = 1.0):
     return e, passes
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_speculation_gives_the_same_tokens_in_fewer_steps(overlap) -> None:
+@pytest.mark.parametrize(("overlap", "pipelined"), [(False, False), (True, False), (True, True)])
+def test_speculation_gives_the_same_tokens_in_fewer_steps(overlap, pipelined) -> None:
     prompts = [[1, 2, 3, 4, 5, 6, 7] * 2, [9, 8, 7, 6, 5, 4, 3, 2], [11, 12, 13]]
 
     def run(k: int):
-        e, passes = speculating_engine(repeating, k)
-        e.overlap_steps = overlap
+        e, passes = speculating_engine(repeating, k, overlap=overlap, pipelined=pipelined)
         rids = [e.add_request(p, 40) for p in prompts]
         got: dict[int, list[int]] = {r: [] for r in rids}
         steps = 0
