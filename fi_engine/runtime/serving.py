@@ -189,7 +189,7 @@ class ServingLoop(StepEngineBase):
     _proposer: NgramProposer | None  # speculative decoding's drafts (None: off)
     _policy: DraftPolicy  # whether a step's drafts are worth a verifying pass
     _verify_next: bool  # the policy found a verifying pass worth it a step ago (generate's pipelined loop)
-    _decode_ended: float | None  # when the last decode step's tokens were recorded (the policy's decode-step time)
+    _recorded_at: float | None  # when the last decode step's or verifying pass's tokens were recorded (the policy's)
     _lookup: weakref.WeakKeyDictionary[Request, np.ndarray]  # each speculating request's prompt, as an array
     speculation_stats: SpeculationStats
 
@@ -217,7 +217,7 @@ class ServingLoop(StepEngineBase):
         self._proposer = None
         self._policy = DraftPolicy()
         self._verify_next = False
-        self._decode_ended = None
+        self._recorded_at = None
         self._lookup = weakref.WeakKeyDictionary()
         self.speculation_stats = SpeculationStats()
 
@@ -427,10 +427,8 @@ class ServingLoop(StepEngineBase):
                     break
             stats.tokens += n
             got[r] = n
-        elapsed = time.perf_counter() - t0
-        self._policy.timed(True, elapsed)
-        self._decode_ended = None  # (the next decode step's time is not measured from this pass)
-        return elapsed * 1e6, got  # (the wait for the pass included)
+        self._timed_record(verify=True)
+        return (time.perf_counter() - t0) * 1e6, got  # (the wait for the pass included)
 
     @property
     def max_num_batched_tokens(self) -> int:
@@ -921,9 +919,7 @@ class ServingLoop(StepEngineBase):
             else:
                 host_us, rows = self._decode_step(sched)
                 got = {r: 1 for r in rows if r is not None}
-                if self._proposer is not None:  # the decode step's cost, against which a verifying pass is weighed
-                    self._policy.timed(False, time.perf_counter() - t)
-                    self._decode_ended = None
+
             if result is not None:
                 result.step_host_us.append(host_us)
                 result.decode_s += time.perf_counter() - t
@@ -972,8 +968,6 @@ class ServingLoop(StepEngineBase):
         self._record(sched, launched.rows, launched.ids[: len(launched.rows)].tolist(), launched.logprobs)
         t3 = time.perf_counter()
         self._verify_next = verify
-        if self._proposer is not None and ahead is not None:  # a pipelined step's time: what a pass is weighed against
-            self._policy.timed(False, t3 - t0)
         result.step_host_us.append((t1 - t0 - waited + t3 - t2) * 1e6)
         result.decode_s += t3 - t0
         result.decode_steps += 1
@@ -1203,7 +1197,7 @@ class ServingLoop(StepEngineBase):
         else:
             self.runner.stream.synchronize()
         tokens = self.runner.prefill_tokens(launched.slots)
-        self._decode_ended = None  # (a decode step's time is not measured across a prefill pass)
+        self._recorded_at = None  # (no step's time is measured across a prefill pass)
         k = len(launched.riders)
         if launched.logprobs is not None:
             self._keep_logprobs(launched.logprobs, [*launched.riders, *launched.admitted])
@@ -1236,11 +1230,6 @@ class ServingLoop(StepEngineBase):
         else:
             self.runner.stream.synchronize()
         self._record(sched, launched.rows, launched.ids[: len(launched.rows)].tolist(), launched.logprobs)
-        if self._proposer is not None:  # overlapped steps' time, from one's end to the next (what a pass is weighed
-            now = time.perf_counter()  # against; a prefill or a pass between them starts it again)
-            if self._decode_ended is not None:
-                self._policy.timed(False, now - self._decode_ended)
-            self._decode_ended = now
         return live
 
     def _decode_launch(self, sched: Scheduler, depth: int = 1) -> _LaunchedStep:
@@ -1297,6 +1286,17 @@ class ServingLoop(StepEngineBase):
         if pending is not None:
             self._keep_logprobs(pending, [r for r in rows if r is not None])
         sched.record(rows, tokens)
+        if self._proposer is not None:
+            self._timed_record(verify=False)
+
+    def _timed_record(self, verify: bool) -> None:
+        """With speculation: a decode step's (``verify`` False) or a verifying pass's tokens were just recorded; the
+        time since the last such record is its cost to the loop (a pipelined step's, or a pass's with the pipeline's
+        bubble before it and its drafting), which :class:`~fi_engine.runtime.speculation.DraftPolicy` weighs."""
+        now = time.perf_counter()
+        if self._recorded_at is not None:
+            self._policy.timed(verify, now - self._recorded_at)
+        self._recorded_at = now
 
     @staticmethod
     def _keep_logprobs(pending: PendingLogprobs, taking: Sequence[Request]) -> None:

@@ -97,7 +97,11 @@ def check_answer(codec: TextCodec, tokens: list[int], schema: dict) -> None:
     assert tokens and tokens[-1] in codec.eos_token_ids, tokens[-8:]
     assert max(tokens) < codec.tokenizer.vocab_size  # the model's padded rows are never allowed
     text = codec.decode(tokens[:-1])
-    check_schema(json.loads(text), schema)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        pytest.fail(f"{exc}: {text!r:.400} (tokens {tokens[-12:]})")
+    check_schema(value, schema)
 
 
 def check_constrained_greedy(engine, grammar: str, prompt: list[int], out: list[int]) -> None:  # type: ignore[no-untyped-def]
