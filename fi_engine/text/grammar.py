@@ -118,7 +118,9 @@ class GrammarTokenizer:
         self.eos_token_ids = tuple(eos)
         llg = _llguidance()
         self._llg = llg
-        self._tokenizer = llg.LLTokenizer(tokenizer.backend_json(), n_vocab=self.vocab_size, eos_token=eos)
+        self._tokenizer = llg.LLTokenizer(
+            _as_llguidance_reads(tokenizer.backend_json()), n_vocab=self.vocab_size, eos_token=eos
+        )
 
     def check(self, grammar: str) -> None:
         """ValueError naming ``response_format`` unless ``grammar`` (from :func:`response_format_grammar`)
@@ -131,6 +133,26 @@ class GrammarTokenizer:
         """A request's :class:`GrammarMatcher` at the start of ``grammar`` (ValueError naming ``response_format``
         when it does not compile)."""
         return GrammarMatcher(self, _text(grammar))
+
+
+def _as_llguidance_reads(tokenizer_json: str) -> str:
+    """``tokenizer.json``'s text with a byte-level BPE's decoder said plainly: some converters (transformers' from a
+    GGUF file) write a byte-level vocabulary's decoder as a sequence of ``ByteFallback``, ``Fuse``, a ``▁`` replacement
+    and ``ByteLevel``. The first three change nothing in such a vocabulary (it has no ``<0x..>`` or ``▁`` tokens), but
+    llguidance reads ``ByteFallback`` as a SentencePiece vocabulary and takes each token's characters literally:
+    ``Ċ`` (a newline's byte-level form) as the letter, allowed inside a JSON string, where the text has a newline.
+    Where the pre-tokenizer is byte-level and the sequence holds a ``ByteLevel`` decoder, that decoder alone is given;
+    anything else is given as it is."""
+    spec = json.loads(tokenizer_json)
+    decoder, pre = spec.get("decoder") or {}, spec.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if decoder.get("type") != "Sequence" or not any(p.get("type") == "ByteLevel" for p in pres if p):
+        return tokenizer_json
+    byte_level = [d for d in decoder.get("decoders", []) if d.get("type") == "ByteLevel"]
+    if not byte_level:
+        return tokenizer_json
+    spec["decoder"] = byte_level[0]
+    return json.dumps(spec)
 
 
 def _text(grammar: Any) -> str:

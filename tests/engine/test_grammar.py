@@ -203,3 +203,33 @@ def test_without_llguidance_the_error_names_the_package_and_the_install_command(
     message = out.stdout.strip()
     assert message.startswith("response_format (structured output) needs the 'llguidance' package, which is not")
     assert "python -m pip install llguidance" in message and "'.[serve]'" in message
+
+
+def test_a_byte_level_vocabulary_behind_a_sequence_decoder_is_read_as_bytes(codec: Any, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A byte-level BPE whose ``tokenizer.json`` gives its decoder as ``ByteFallback``, ``Fuse``, a ``▁`` replacement
+    and ``ByteLevel`` (as transformers writes one converted from a GGUF file) is matched on its tokens' bytes: a token
+    holding a newline (``Ċ`` in the vocabulary) is no character a JSON string may hold, where llguidance given the
+    sequence took ``Ċ`` for a letter."""
+    from fi_engine.text.tokenizer import Tokenizer
+
+    spec = json.loads(codec.tokenizer.backend_json())
+    spec["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        ],
+    }
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    newline = [t for t in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([t], skip_special_tokens=False)]
+    assert newline  # (the test vocabulary has such tokens)
+    grammars = GrammarTokenizer(tokenizer, codec.eos_token_ids)
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    matcher = grammars.matcher(response_format_grammar(json_schema(schema)))
+    for t in tokenizer.encode('{"a": "x', add_special_tokens=False):
+        matcher.consume(t)
+    allowed = matcher.allowed_mask(tokenizer.vocab_size)
+    assert not allowed[newline].any() and allowed.any()
