@@ -190,6 +190,7 @@ class ServingLoop(StepEngineBase):
     _policy: DraftPolicy  # whether a step's drafts are worth a verifying pass
     _verify_next: bool  # the policy found a verifying pass worth it a step ago (generate's pipelined loop)
     _recorded_at: float | None  # when the last decode step's or verifying pass's tokens were recorded (the policy's)
+    _pass_s: float | None  # the last verifying pass's time, until the step after it is recorded
     _lookup: weakref.WeakKeyDictionary[Request, np.ndarray]  # each speculating request's prompt, as an array
     speculation_stats: SpeculationStats
 
@@ -218,6 +219,7 @@ class ServingLoop(StepEngineBase):
         self._policy = DraftPolicy()
         self._verify_next = False
         self._recorded_at = None
+        self._pass_s = None
         self._lookup = weakref.WeakKeyDictionary()
         self.speculation_stats = SpeculationStats()
 
@@ -1197,7 +1199,7 @@ class ServingLoop(StepEngineBase):
         else:
             self.runner.stream.synchronize()
         tokens = self.runner.prefill_tokens(launched.slots)
-        self._recorded_at = None  # (no step's time is measured across a prefill pass)
+        self._recorded_at = self._pass_s = None  # (no step's time is measured across a prefill pass)
         k = len(launched.riders)
         if launched.logprobs is not None:
             self._keep_logprobs(launched.logprobs, [*launched.riders, *launched.admitted])
@@ -1290,13 +1292,26 @@ class ServingLoop(StepEngineBase):
             self._timed_record(verify=False)
 
     def _timed_record(self, verify: bool) -> None:
-        """With speculation: a decode step's (``verify`` False) or a verifying pass's tokens were just recorded; the
-        time since the last such record is its cost to the loop (a pipelined step's, or a pass's with the pipeline's
-        bubble before it and its drafting), which :class:`~fi_engine.runtime.speculation.DraftPolicy` weighs."""
+        """With speculation: a decode step's (``verify`` False) or a verifying pass's tokens were just recorded. The
+        time since the last such record is its cost to the loop, which
+        :class:`~fi_engine.runtime.speculation.DraftPolicy` weighs: a pipelined step's; a pass's with its drafting
+        and the pipeline's bubble before it, and the excess of the step after it over a pipelined one (the pipeline
+        starting again), charged once that step is recorded."""
         now = time.perf_counter()
-        if self._recorded_at is not None:
-            self._policy.timed(verify, now - self._recorded_at)
-        self._recorded_at = now
+        last, self._recorded_at = self._recorded_at, now
+        pending, self._pass_s = self._pass_s, None
+        if last is None:
+            return
+        interval = now - last
+        if verify:
+            if pending is not None:  # (two passes in a row: the first has no step after it)
+                self._policy.timed(True, pending)
+            self._pass_s = interval
+        elif pending is not None:
+            excess = max(0.0, interval - (self._policy.decode_s or interval))
+            self._policy.timed(True, pending + excess)
+        else:
+            self._policy.timed(False, interval)
 
     @staticmethod
     def _keep_logprobs(pending: PendingLogprobs, taking: Sequence[Request]) -> None:
