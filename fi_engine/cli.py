@@ -22,6 +22,7 @@ subprocess), each rank running this same command. Exit status: 0 success, 2 a us
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -54,6 +55,18 @@ def _int_at_least(text: str, lowest: int, what: str) -> int:
 
 def _positive_int(text: str) -> int:
     return _int_at_least(text, 1, "a positive integer")
+
+
+def _speculative_config(text: str) -> dict[str, Any]:
+    """``--speculative-config``'s JSON object (its keys are checked by the engine)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        example = '{"method": "ngram", ...}'
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as {example}: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _size(text: str) -> int:
@@ -572,6 +585,15 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         "(default: 512, at most the engine's max_prefill_tokens; benchmarks/RESULTS.md has the trade measured)",
     )
     p.add_argument(
+        "--speculative-config",
+        type=_speculative_config,
+        default=None,
+        help="speculative decoding, as vLLM's option: "
+        """'{"method": "ngram", "num_speculative_tokens": 4}' drafts up to 4 tokens a pass by prompt lookup """
+        "(prompt_lookup_max / prompt_lookup_min: the n-gram sizes, default 4 and 1), "
+        "for greedy requests, where a pass pays (default off)",
+    )
+    p.add_argument(
         "--grace",
         type=_seconds,
         default=30.0,
@@ -650,6 +672,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             prefix_caching=args.enable_prefix_caching,
             chunked_prefill=args.enable_chunked_prefill,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            speculative_config=args.speculative_config,
         )
         if args.in_process:
             engine = open_engine(args.model, **kwargs)
@@ -668,9 +691,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     chunking = getattr(engine, "chunked_prefill", False) is True
     unserved = " (not served by this engine)" if args.enable_prefix_caching and not caching else ""
     chunks = f"on, {engine.max_num_batched_tokens} tokens a pass" if chunking else "off"
+    drafts = getattr(engine, "speculative_tokens", 0)
+    speculation = f", speculative decoding (ngram) up to {drafts} tokens a pass" if drafts else ""
     settings = (
         f"max batch {args.max_batch}, queue {args.max_queue}, {'CUDA graph' if args.graph else 'eager'}, "
-        f"prefix caching {'on' if caching else 'off'}{unserved}, chunked prefill {chunks}"
+        f"prefix caching {'on' if caching else 'off'}{unserved}, chunked prefill {chunks}{speculation}"
     )
     if args.api_servers > 1:
         return _serve_api_servers(args, engine, names, settings)

@@ -15,6 +15,7 @@ docs/ADDING_A_MODEL.md says how to add a family: its module and its row.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -213,6 +214,7 @@ def open_engine(
     prefix_caching: bool = False,
     chunked_prefill: bool = False,
     max_num_batched_tokens: int | None = None,
+    speculative_config: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
     """``engine_class(model_dir)(model_dir, **kwargs)`` with the step API's serving settings, which a server
@@ -225,7 +227,9 @@ def open_engine(
     request computed for its beginning: ``ServingLoop.prefix_caching``, on where the engine serves it, left off
     elsewhere; ``engine.prefix_caching`` says which), ``chunked_prefill`` (a long prompt is prefilled in chunks of
     ``max_num_batched_tokens`` token rows a pass, the running requests riding in each: ``ServingLoop.chunked_prefill``,
-    on where the engine serves it; None: 512, at most the engine's ``max_prefill_tokens``)."""
+    on where the engine serves it; None: 512, at most the engine's ``max_prefill_tokens``) and
+    ``speculative_config`` (vLLM's: ``{"method": "ngram", "num_speculative_tokens": k}``, speculative decoding by
+    prompt lookup, ``ServingLoop.speculative_config``; an engine that cannot serve it refuses it by name)."""
     from ..runtime.serving import delay_factor_arg, mixed_prefill_arg, overlap_steps_arg
 
     overlap_steps = overlap_steps_arg(overlap_steps)  # checked before the checkpoint is read
@@ -238,6 +242,9 @@ def open_engine(
     ):
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
+    from ..runtime.speculation import ngram_config
+
+    ngram_config(speculative_config)  # (checked before the checkpoint is read; the engine says whether it applies)
     if max_num_batched_tokens is not None:  # (its upper bound, the engine's max_prefill_tokens, checked by the engine)
         max_num_batched_tokens = arg_int("max_num_batched_tokens", max_num_batched_tokens, 1, MAX_SIZE)
     engine = engine_class(model_dir)(model_dir, **kwargs)
@@ -251,6 +258,12 @@ def open_engine(
             top = engine.scheduler.max_prefill_tokens
             engine.max_num_batched_tokens = min(top, 512) if max_num_batched_tokens is None else max_num_batched_tokens
             engine.chunked_prefill = True
+    if speculative_config is not None:
+        try:
+            engine.speculative_config = speculative_config
+        except BaseException:
+            engine.close()
+            raise
     warm = getattr(engine, "warm_serving", None)
     if warm_serving and warm is not None:
         try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast, overload
 
@@ -33,7 +33,7 @@ from .model_runner import ModelRunner
 from .paging import Request, Scheduler, pages_for, prefill_slots
 from .sampling import Draws, Sampler
 from .sampling_params import SamplingParams, asks_processing, sampling_arg
-from .speculation import DraftPolicy, NgramProposer, SpeculationStats, accepted_tokens
+from .speculation import DraftPolicy, NgramProposer, SpeculationStats, accepted_tokens, ngram_config
 from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
@@ -349,6 +349,29 @@ class ServingLoop(StepEngineBase):
             raise ValueError(f"speculative_tokens: {why}; leave it 0 for this engine")
         self._proposer = NgramProposer(k) if k else None
         self._policy = DraftPolicy()  # (measured again: the pass's cost depends on k)
+
+    @property
+    def speculative_config(self) -> dict[str, Any] | None:
+        """Speculative decoding as vLLM's ``speculative_config`` gives it: None (off), or ``{"method": "ngram",
+        "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}`` (:attr:`speculative_tokens`
+        with the n-gram sizes of :class:`~fi_engine.runtime.speculation.NgramProposer`, 4 and 1 unless set). Set it
+        to None or such a mapping (the sizes optional); ValueError/TypeError naming the key otherwise, or where
+        speculation does not apply (:attr:`speculative_tokens`)."""
+        p = self._proposer
+        if p is None:
+            return None
+        return {
+            "method": "ngram",
+            "num_speculative_tokens": p.k,
+            "prompt_lookup_max": p.prompt_lookup_max,
+            "prompt_lookup_min": p.prompt_lookup_min,
+        }
+
+    @speculative_config.setter
+    def speculative_config(self, config: Mapping[str, Any] | None) -> None:
+        proposer = ngram_config(config)
+        self.speculative_tokens = 0 if proposer is None else proposer.k  # (the checks that it applies)
+        self._proposer = proposer
 
     def _speculates(self, sched: Scheduler) -> bool:
         """Whether this step may verify drafts: speculation on, and every request greedy asking nothing."""

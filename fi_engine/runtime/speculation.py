@@ -20,16 +20,16 @@ test_speculation.py).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..text.args import arg_token_ids
-from ..values import arg_int
+from ..values import arg_int, show
 
-__all__ = ["DraftPolicy", "NgramProposer", "SpeculationStats", "accepted_tokens"]
+__all__ = ["DraftPolicy", "NgramProposer", "SpeculationStats", "accepted_tokens", "ngram_config"]
 
 
 @dataclass
@@ -150,3 +150,31 @@ class DraftPolicy:
             self.verify_s = new
         else:
             self.decode_s = new
+
+
+SPECULATIVE_CONFIG_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+
+
+def ngram_config(speculative_config: Mapping[str, Any] | None) -> NgramProposer | None:
+    """The proposer vLLM's ``speculative_config`` asks for: None for None; for ``{"method": "ngram",
+    "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}`` (``method`` and the sizes optional:
+    ``"ngram"``, 4 and 1; ``k`` 1 to 16) an :class:`NgramProposer`. TypeError/ValueError naming the key otherwise (an
+    unknown one, another method, a size out of range)."""
+    config = speculative_config
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        raise TypeError(f"speculative_config: expected None or a mapping (vLLM's keys), got {show(config)}")
+    unknown = [k for k in config if k not in SPECULATIVE_CONFIG_KEYS]
+    if unknown:
+        keys = ", ".join(SPECULATIVE_CONFIG_KEYS)
+        raise ValueError(f"speculative_config: unknown key {show(unknown[0])}; expected some of {keys}")
+    method = config.get("method", "ngram")
+    if method != "ngram":
+        raise ValueError(f"speculative_config['method']: only 'ngram' (prompt lookup) is served, got {show(method)}")
+    if "num_speculative_tokens" not in config:
+        raise ValueError("speculative_config: 'num_speculative_tokens' is required (the draft tokens a pass)")
+    k = arg_int("speculative_config['num_speculative_tokens']", config["num_speculative_tokens"], 1, 16)
+    most = arg_int("speculative_config['prompt_lookup_max']", config.get("prompt_lookup_max", 4), 1, 64)
+    least = arg_int("speculative_config['prompt_lookup_min']", config.get("prompt_lookup_min", 1), 1, most)
+    return NgramProposer(k, most, least)

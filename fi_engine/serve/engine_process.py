@@ -56,13 +56,14 @@ def _child(
         max_seq_len = getattr(engine, "max_seq_len", None)
         caching = getattr(engine, "prefix_caching", False) is True  # False where the engine has no such switch
         chunks = engine.max_num_batched_tokens if getattr(engine, "chunked_prefill", False) is True else 0
+        drafts = getattr(engine, "speculative_tokens", 0)
     except BaseException as exc:  # the owner raises it from its constructor
         from ..kernels.system import FiFFIError
 
         # fi_ffi's errors (no GPU, a driver too old, ...) are worded for the user: passed on as they are
         control.send(("error", "FiFFIError" if isinstance(exc, FiFFIError) else type(exc).__name__, str(exc)))
         return
-    control.send(("ready", max_batch, max_seq_len if isinstance(max_seq_len, int) else None, caching, chunks))
+    control.send(("ready", max_batch, max_seq_len if isinstance(max_seq_len, int) else None, caching, chunks, drafts))
     try:
         _Router(engine, control, conns).run()
     finally:
@@ -205,8 +206,8 @@ class EngineProcess(StepEngineBase):
     the engine (loading a checkpoint onto the GPU). ``clients``: the child's connections, one per front end (1 to
     64; :meth:`client`); the engine process's own StepEngine methods are connection 0's. Close it (or use it as a
     context manager) to end the child. ``max_batch``, ``max_seq_len`` (None where the engine has none) and
-    ``prefix_caching``, ``chunked_prefill`` (False where the engine has none) and ``max_num_batched_tokens`` are the
-    engine's, read once it is built.
+    ``prefix_caching``, ``chunked_prefill`` (False where the engine has none), ``max_num_batched_tokens`` and
+    ``speculative_tokens`` (0 where it has none) are the engine's, read once it is built.
 
     Raises the engine's ValueError / TypeError / ImportError when it refuses its arguments or checkpoint, and
     RuntimeError naming the child's error otherwise. As with any ``spawn``-started process, a script that makes
@@ -246,6 +247,7 @@ class EngineProcess(StepEngineBase):
         self.prefix_caching: bool = msg[3]  # the engine's prefix_caching (False where it has none)
         self.chunked_prefill: bool = msg[4] > 0  # the engine's chunked_prefill (False where it has none)
         self.max_num_batched_tokens: int = msg[4]  # with chunked_prefill, its token rows a pass (else 0)
+        self.speculative_tokens: int = msg[5]  # the engine's speculative_tokens (0: off, or where it has none)
         exitcode = self._exitcode
         self._clients = [
             EngineClient(p, i, self.max_batch, self.max_seq_len, exitcode) for i, (p, _) in enumerate(pipes)

@@ -333,6 +333,29 @@ def test_serve_passes_the_switch_to_open_engine(  # type: ignore[no-untyped-def]
     assert served == ([0, 32] if on else [None, None])
 
 
+def test_serve_passes_chunking_and_speculation_to_open_engine(model: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """``--no-enable-chunked-prefill``, ``--max-num-batched-tokens`` and ``--speculative-config`` reach
+    ``open_engine`` as its keywords (the JSON object as a dict; the engine checks its keys)."""
+    from fi_engine import cli
+    from fi_engine.models import registry
+    from fi_engine.serve import openai_server
+
+    opened: list[dict[str, Any]] = []
+
+    def open_engine(model_dir: str, **kwargs: Any) -> FakeStepEngine:
+        opened.append(kwargs)
+        return open_fake_engine(model_dir, **kwargs)
+
+    monkeypatch.setattr(registry, "open_engine", open_engine)
+    monkeypatch.setattr(openai_server, "serve", lambda *a, **k: None)
+    config = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}'
+    flags = ["--no-enable-chunked-prefill", "--max-num-batched-tokens", "256", "--speculative-config", config]
+    assert cli.main(["serve", str(model), "--port", "0", "--in-process", *flags]) == 0
+    assert opened[0]["chunked_prefill"] is False and opened[0]["max_num_batched_tokens"] == 256
+    assert opened[0]["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}
+    assert "chunked prefill off)" in capsys.readouterr().err
+
+
 def test_serve_says_when_the_engine_cannot_cache(model: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     """Asked for (the default) but not served by the engine (``open_engine`` leaves it off: another family, tensor
     parallelism): the start-up line says so."""

@@ -74,6 +74,9 @@ def test_serve_checks_the_text_side_then_stops_at_the_missing_gpu(model: Path) -
         ("--scheduler-delay-factor", "-1", "expected a number in [0, 100], got -1"),
         ("--scheduler-delay-factor", "nan", "expected a number in [0, 100], got nan"),
         ("--scheduler-delay-factor", "soon", "expected a number in [0, 100], got 'soon'"),
+        ("--max-num-batched-tokens", "0", "expected a positive integer"),
+        ("--speculative-config", "{nope", 'expected a JSON object such as {"method": "ngram", ...}'),
+        ("--speculative-config", "[4]", "expected a JSON object, got list"),
     ],
 )
 def test_serve_bad_values_are_usage_errors(model: Path, flag: str, value: str, message: str) -> None:

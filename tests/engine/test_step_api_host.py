@@ -1292,3 +1292,30 @@ def test_speculation_stops_verifying_drafts_that_are_not_accepted() -> None:
     # expected tokens, and only every 16th step declined explores
     assert e.speculation_stats.acceptance_rate < 0.2 and 0 < len(passes) <= 12, (len(passes), e.speculation_stats)
     assert steps >= plain_steps - len(passes) * 4
+
+
+def test_the_speculative_config_is_vllms_ngram_one_checked_by_key() -> None:
+    e = bare_engine()
+    assert e.speculative_config is None and e.speculative_tokens == 0
+    e.speculative_config = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}
+    assert e.speculative_tokens == 3
+    assert e.speculative_config == {
+        "method": "ngram",
+        "num_speculative_tokens": 3,
+        "prompt_lookup_max": 2,
+        "prompt_lookup_min": 1,
+    }
+    for config, error, message in [
+        ({"method": "eagle", "num_speculative_tokens": 2}, ValueError, r"\['method'\]: only 'ngram'"),
+        ({"method": "ngram"}, ValueError, "'num_speculative_tokens' is required"),
+        ({"num_speculative_tokens": 2, "model": "x"}, ValueError, "unknown key 'model'"),
+        ({"num_speculative_tokens": 17}, ValueError, r"\['num_speculative_tokens'\]: expected an int in"),
+        ({"num_speculative_tokens": 2.5}, TypeError, "expected an int"),
+        ({"num_speculative_tokens": 2, "prompt_lookup_max": 2, "prompt_lookup_min": 3}, ValueError, "_min"),
+        ([("num_speculative_tokens", 2)], TypeError, "expected None or a mapping"),
+    ]:
+        with pytest.raises(error, match=message):
+            e.speculative_config = config
+        assert e.speculative_tokens in (0, 3)  # a refused config leaves speculation off or as it was
+    e.speculative_config = None
+    assert e.speculative_config is None and e.speculative_tokens == 0

@@ -1566,6 +1566,16 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "runtime.speculation.DraftPolicy": lambda: [
         ("DraftPolicy", Entry(speculation.DraftPolicy, lambda: dict(prior=0.5, explore=16)))
     ],
+    "runtime.speculation.ngram_config": lambda: [
+        (
+            "ngram_config",
+            Entry(
+                speculation.ngram_config,
+                lambda: dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
+                kinds={"speculative_config": "opt_mapping"},
+            ),
+        )
+    ],
     "runtime.speculation.accepted_tokens": lambda: [
         ("accepted_tokens", Entry(speculation.accepted_tokens, lambda: dict(draft=[4, 5], choices=[4, 5, 6])))
     ],
@@ -1857,7 +1867,7 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
             Entry(
                 engines.open_engine,
                 lambda: {"model_dir": _model_dir()},
-                kinds={"model_dir": "path", "max_num_batched_tokens": "opt_int"},
+                kinds={"model_dir": "path", "max_num_batched_tokens": "opt_int", "speculative_config": "opt_mapping"},
             ),
         )
     ],
