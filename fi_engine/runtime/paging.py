@@ -159,6 +159,8 @@ class Request:
     # token from its pass and is no decode row (Scheduler.admit; Scheduler.chunk_tokens)
     chunk_end: int | None = None
     draft: tuple[int, ...] = ()  # speculative decoding: the tokens fed after its last one in the pass being staged
+    drafted: int = 0  # speculative decoding: draft tokens verified since its last output (the step API's), and ...
+    accepted: int = 0  # ... how many of them were accepted
     hit: int = 0  # prompt tokens found in the prefix cache at admission (their K/V computed by an earlier request)
     asks: SamplingParams | None = None  # its sampling where it sets logprobs or a control (asks_processing)
     logprobs: list[Any] = field(default_factory=list)  # a TokenLogprobs per output token, where asks.logprobs is set

@@ -444,6 +444,8 @@ class ServingLoop(StepEngineBase):
             stats.drafted += len(draft)
             stats.accepted += len(tokens) - 1
             self._policy.observe(r, len(draft), len(tokens) - 1)
+            r.drafted += len(draft)
+            r.accepted += len(tokens) - 1
             n = 0
             for t in tokens:  # one at a time: an end-of-sequence token or the limit ends it there
                 sched.record([r], [t])
@@ -644,7 +646,7 @@ class ServingLoop(StepEngineBase):
         caching = self.scheduler.prefix_caching
         for r, k in produced.items():
             finish = _FINISH.get(r.finish_reason) if r.finish_reason is not None else None
-            if caching or r.asks is not None:
+            if caching or r.asks is not None or r.drafted:
                 out.append(self._output_with_extras(r, k, finish, caching))
             else:  # most rows: their tokens and end (a step of 64 rows pays per row here)
                 out.append(StepOutput(r.rid, tuple(r.output[-k:]), finish))
@@ -654,13 +656,16 @@ class ServingLoop(StepEngineBase):
 
     @staticmethod
     def _output_with_extras(r: Request, k: int, finish: FinishReason | None, caching: bool) -> StepOutput:
-        """:meth:`_outputs`' entry of a request that asked for log-probabilities or controls, or with the prefix
-        cache on: its logprobs, and with its first tokens the prompt's and the prefix cache's hit."""
+        """:meth:`_outputs`' entry of a request that asked for log-probabilities or controls, with the prefix cache
+        on, or whose draft was verified: its logprobs, with its first tokens the prompt's and the prefix cache's hit,
+        and the draft tokens verified since its last output (then counted afresh)."""
         first = len(r.output) == k
         hit = r.hit if caching and first else None
         logprobs = tuple(r.logprobs[-k:]) if r.asks is not None and r.asks.logprobs is not None else None
         prompt = r.prompt_logprobs if first else None  # (set where asked)
-        return StepOutput(r.rid, tuple(r.output[-k:]), finish, None, logprobs, prompt, num_cached_tokens=hit)
+        drafted, accepted = (r.drafted, r.accepted) if r.drafted else (None, None)
+        r.drafted = r.accepted = 0
+        return StepOutput(r.rid, tuple(r.output[-k:]), finish, None, logprobs, prompt, hit, drafted, accepted)
 
     def _serve_step(self, sched: Scheduler, produced: dict[Request, int]) -> None:
         """:meth:`step`'s device work: how many tokens each request got, into ``produced`` in the order it first

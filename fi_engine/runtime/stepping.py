@@ -62,6 +62,10 @@ class StepOutput:
     reports it and OpenAI's usage gives ``prompt_tokens_details.cached_tokens``; None on its later outputs, with
     the cache off, and from an engine that does not say.
 
+    ``num_draft_tokens`` / ``num_accepted_tokens``: with speculative decoding, where this step verified a draft for
+    the request, the draft tokens fed and how many of them the model accepted (vLLM's ``spec_decode`` counts); None
+    otherwise.
+
     An engine whose ``add_requests_nowait`` returns ids before the engine has seen the requests (an engine
     process's :class:`~fi_engine.serve.engine_client.EngineClient`) answers for each one through
     :meth:`StepEngine.step`:
@@ -76,6 +80,8 @@ class StepOutput:
     logprobs: tuple[TokenLogprobs, ...] | None = None
     prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
     num_cached_tokens: int | None = None
+    num_draft_tokens: int | None = None
+    num_accepted_tokens: int | None = None
 
     def __init__(
         self,
@@ -86,6 +92,8 @@ class StepOutput:
         logprobs: tuple[TokenLogprobs, ...] | None = None,
         prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None,
         num_cached_tokens: int | None = None,
+        num_draft_tokens: int | None = None,
+        num_accepted_tokens: int | None = None,
     ) -> None:
         # The engine makes one per request per step: the fields set through the instance's dict, not a frozen
         # dataclass's object.__setattr__ per field (about 4x the time of this, measured with seven fields); the
@@ -98,6 +106,8 @@ class StepOutput:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=num_cached_tokens,
+            num_draft_tokens=num_draft_tokens,
+            num_accepted_tokens=num_accepted_tokens,
         )
 
     @property

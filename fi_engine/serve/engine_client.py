@@ -239,12 +239,8 @@ class EngineClient(StepEngineBase):
         ``"abort"`` with the error for each one refused."""
         outputs, live = self._outputs, self._live
         if msg[0] == "out":
-            for rid, tokens, finish, logprobs, prompts, cached in msg[1]:
-                outputs.append(
-                    StepOutput(
-                        rid, tokens, finish, logprobs=logprobs, prompt_logprobs=prompts, num_cached_tokens=cached
-                    )
-                )
+            for rid, tokens, finish, logprobs, prompts, cached, drafted, accepted in msg[1]:
+                outputs.append(StepOutput(rid, tokens, finish, None, logprobs, prompts, cached, drafted, accepted))
                 if finish is not None:
                     live.discard(rid)
         elif msg[0] == "added":

@@ -155,10 +155,10 @@ class _Router:
 
     def _route(self, outs: list[StepOutput]) -> None:
         """One message per connection with rows in this step: ``(id, token_ids, finish_reason, logprobs,
-        prompt_logprobs, num_cached_tokens)`` of its own requests, under the ids it gave them (the rows of a
-        connection already gone are dropped)."""
+        prompt_logprobs, num_cached_tokens, num_draft_tokens, num_accepted_tokens)`` of its own requests, under the
+        ids it gave them (the rows of a connection already gone are dropped)."""
         owner, rids = self.owner, self.rids
-        per: dict[int, list[tuple[int, tuple[int, ...], Any, Any, Any, int | None]]] = {}
+        per: dict[int, list[tuple[Any, ...]]] = {}
         for o in outs:
             named = owner.get(o.rid)
             if named is None:  # a request of a connection already dropped (its abort reported)
@@ -167,7 +167,12 @@ class _Router:
             rows = per.get(index)
             if rows is None:
                 rows = per[index] = []
-            rows.append((tag, tuple(o.token_ids), o.finish_reason, o.logprobs, o.prompt_logprobs, o.num_cached_tokens))
+            rows.append(
+                (
+                    tag, tuple(o.token_ids), o.finish_reason, o.logprobs, o.prompt_logprobs, o.num_cached_tokens,
+                    o.num_draft_tokens, o.num_accepted_tokens,
+                )
+            )  # fmt: skip
             if o.finish_reason is not None:
                 del owner[o.rid]
                 del rids[index][tag]

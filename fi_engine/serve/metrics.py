@@ -110,7 +110,10 @@ _PROMPT = _REJECTED + 1
 _GENERATED = _PROMPT + 1
 _CACHE_QUERIES = _GENERATED + 1  # prompt tokens looked up in the engine's prefix cache
 _CACHE_HITS = _CACHE_QUERIES + 1  # ... and found there
-_WAITING = _CACHE_HITS + 1
+_SPEC_DRAFTS = _CACHE_HITS + 1  # speculative decoding: drafts verified (a request's in one step)
+_SPEC_DRAFT_TOKENS = _SPEC_DRAFTS + 1  # ... their tokens
+_SPEC_ACCEPTED = _SPEC_DRAFT_TOKENS + 1  # ... and those accepted
+_WAITING = _SPEC_ACCEPTED + 1
 _RUNNING = _WAITING + 1
 _OTHER_CODES = _RUNNING + 1  # responses whose status found the table full
 _CODES = _OTHER_CODES + 1  # (status, count) pairs, filled in the order statuses first occur
@@ -124,12 +127,13 @@ SLOT_CELLS = _LATENCY + Histogram.cells_for(LATENCY_BUCKETS)
 class ServingMetrics:
     """What a server reports: requests (finished, by reason; refused with 429), tokens (prompt, generated), the
     engine's prefix cache (prompt tokens looked up and found, as vLLM's ``prefix_cache_queries`` and
-    ``prefix_cache_hits``, and their ratio), the queue (waiting: accepted, no token yet; running: generating) and
-    latencies (time to first token, inter-token latency, whole request), all thread-safe.
+    ``prefix_cache_hits``, and their ratio), speculative decoding (drafts verified, their tokens and those accepted,
+    as vLLM's ``spec_decode`` counters, and the acceptance rate), the queue (waiting: accepted, no token yet;
+    running: generating) and latencies (time to first token, inter-token latency, whole request), all thread-safe.
 
     ``ServingMetrics()`` counts for one process; :meth:`shared` makes the metrics of several processes over one
     block of shared memory. Its attributes (``finished``, ``rejected``, ``prompt_tokens``, ``generation_tokens``,
-    ``prefix_cache_counts``, ``waiting``, ``running``, ``responses``, the histograms
+    ``prefix_cache_counts``, ``speculation_counts``, ``waiting``, ``running``, ``responses``, the histograms
     ``ttft``, ``itl``, ``latency``) are this one's own counts; :meth:`render` writes the sum over the block.
     """
 
@@ -199,6 +203,13 @@ class ServingMetrics:
         return int(self._own[_CACHE_QUERIES]), int(self._own[_CACHE_HITS])
 
     @property
+    def speculation_counts(self) -> tuple[int, int, int]:
+        """``(drafts, draft_tokens, accepted_tokens)``: the drafts the engine verified (speculative decoding), their
+        tokens, and those accepted."""
+        own = self._own
+        return int(own[_SPEC_DRAFTS]), int(own[_SPEC_DRAFT_TOKENS]), int(own[_SPEC_ACCEPTED])
+
+    @property
     def responses(self) -> dict[int, int]:
         """HTTP responses of the API endpoints, by status (only the statuses that occurred)."""
         return _codes([self._values(self._slot_index)])
@@ -233,6 +244,15 @@ class ServingMetrics:
             own = self._own
             own[_CACHE_QUERIES] += queries
             own[_CACHE_HITS] += hits
+
+    def speculation(self, draft_tokens: int, accepted_tokens: int) -> None:
+        """The engine verified a draft of ``draft_tokens`` tokens for a request and accepted ``accepted_tokens`` of
+        them (:attr:`~fi_engine.runtime.stepping.StepOutput.num_draft_tokens`)."""
+        with self._lock:
+            own = self._own
+            own[_SPEC_DRAFTS] += 1
+            own[_SPEC_DRAFT_TOKENS] += draft_tokens
+            own[_SPEC_ACCEPTED] += accepted_tokens
 
     def first_token(self, seconds: float) -> None:
         """A request's first token came ``seconds`` after it arrived."""
@@ -283,6 +303,7 @@ class ServingMetrics:
         finished = {r: int(total[_FINISHED + i]) for i, r in enumerate(REASONS) if total[_FINISHED + i]}
         codes = _codes(slots)
         queries, hits = int(total[_CACHE_QUERIES]), int(total[_CACHE_HITS])
+        drafted, accepted = int(total[_SPEC_DRAFT_TOKENS]), int(total[_SPEC_ACCEPTED])
         p = PREFIX
         out = [
             f"# HELP {p}_requests_total Requests finished, by finish reason (stop, length, abort).",
@@ -308,6 +329,18 @@ class ServingMetrics:
             f"# HELP {p}_prefix_cache_hit_rate Prefix cache hits / queries since the start (0 before any query).",
             f"# TYPE {p}_prefix_cache_hit_rate gauge",
             f"{p}_prefix_cache_hit_rate {_number(hits / queries if queries else 0.0)}",
+            f"# HELP {p}_spec_decode_num_drafts_total Drafts verified by speculative decoding (a request's in a step).",
+            f"# TYPE {p}_spec_decode_num_drafts_total counter",
+            f"{p}_spec_decode_num_drafts_total {int(total[_SPEC_DRAFTS])}",
+            f"# HELP {p}_spec_decode_num_draft_tokens_total Draft tokens verified by speculative decoding.",
+            f"# TYPE {p}_spec_decode_num_draft_tokens_total counter",
+            f"{p}_spec_decode_num_draft_tokens_total {drafted}",
+            f"# HELP {p}_spec_decode_num_accepted_tokens_total Draft tokens the model accepted.",
+            f"# TYPE {p}_spec_decode_num_accepted_tokens_total counter",
+            f"{p}_spec_decode_num_accepted_tokens_total {accepted}",
+            f"# HELP {p}_spec_decode_acceptance_rate Accepted / draft tokens since the start (0 before any draft).",
+            f"# TYPE {p}_spec_decode_acceptance_rate gauge",
+            f"{p}_spec_decode_acceptance_rate {_number(accepted / drafted if drafted else 0.0)}",
             f"# HELP {p}_requests_waiting Requests accepted that have no token yet (the queue depth).",
             f"# TYPE {p}_requests_waiting gauge",
             f"{p}_requests_waiting {int(total[_WAITING])}",

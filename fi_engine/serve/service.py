@@ -827,6 +827,8 @@ class GenerationService:
         prompt_logprobs, cached = out.prompt_logprobs, out.num_cached_tokens
         if cached is not None:  # the engine's prefix cache looked the prompt up (with its first tokens)
             self.metrics.prefix_cache(queries=prompt_tokens, hits=cached)
+        if out.num_draft_tokens:  # the engine verified a draft of this request (speculative decoding)
+            self.metrics.speculation(out.num_draft_tokens, out.num_accepted_tokens or 0)
         if stream.deferred:
             stream._put(
                 _PendingDelta(

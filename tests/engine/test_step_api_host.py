@@ -1233,14 +1233,19 @@ def test_speculation_gives_the_same_tokens_in_fewer_steps(overlap, pipelined) ->
         rids = [e.add_request(p, 40) for p in prompts]
         got: dict[int, list[int]] = {r: [] for r in rids}
         steps = 0
+        e.reported = [0, 0]  # the draft tokens and accepted ones the outputs reported
         while e.has_unfinished:
             for o in e.step():
                 got[o.rid] += o.token_ids
+                if o.num_draft_tokens is not None:
+                    e.reported[0] += o.num_draft_tokens
+                    e.reported[1] += o.num_accepted_tokens
             steps += 1
         return [got[r] for r in rids], steps, passes, e
 
     plain, plain_steps, none, _ = run(0)
     fast, fast_steps, passes, e = run(4)
+    assert e.reported == [e.speculation_stats.drafted, e.speculation_stats.accepted]  # every verified draft reported
     assert fast == plain and not none
     assert plain[0][-1] == EOS and len(plain[1]) == 40  # one ends by its end-of-sequence token, one by its limit
     stats = e.speculation_stats

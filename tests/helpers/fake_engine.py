@@ -277,6 +277,8 @@ class FakeStepEngine:
         prefix_cache_page: the prefix cache's page size in tokens (see the module docstring): each request's first
             output reports ``num_cached_tokens`` (:func:`cached_tokens`); None (default): no cache, None reported.
             :attr:`prefix_caching` says which.
+        draft: ``(draft tokens, accepted)`` that every output after a request's first reports verified, as a
+            speculating engine's do (its tokens do not change).
         tokenizer: the checkpoint's :class:`~fi_engine.text.tokenizer.Tokenizer`, for requests with a ``grammar``
             (its matcher's tokenizer, :attr:`grammar_tokenizer`, is made on the first unless a server set it, as it
             sets the GPU engine's; its EOS ids: ``eos_token_ids``).
@@ -297,6 +299,7 @@ class FakeStepEngine:
         refuses: Sequence[str] = (),
         prefix_cache_page: int | None = None,
         tokenizer: Any = None,
+        draft: tuple[int, int] | None = None,
     ) -> None:
         self.vocab_size = vocab_size
         self.pool = list(pool) if pool is not None else list(range(vocab_size))
@@ -309,6 +312,7 @@ class FakeStepEngine:
         self.fail_at_step = fail_at_step
         self.refuses = frozenset(refuses)
         self.prefix_cache_page = prefix_cache_page
+        self.draft = draft
         self.cached: set[tuple[int, ...]] = set()  # the page-aligned token prefixes whose K/V were computed
         self.tokenizer = tokenizer
         self.grammar_tokenizer: GrammarTokenizer | None = None
@@ -423,9 +427,8 @@ class FakeStepEngine:
                 del self._active[rid]
             logprobs = None if entry is None else (entry,)
             hit = cached_tokens(request.prompt, self.cached, page) if first and page is not None else None
-            outputs.append(
-                StepOutput(rid, (token,), finish, logprobs=logprobs, prompt_logprobs=prompts, num_cached_tokens=hit)
-            )
+            drafted, accepted = self.draft if self.draft is not None and not first else (None, None)
+            outputs.append(StepOutput(rid, (token,), finish, None, logprobs, prompts, hit, drafted, accepted))
         if page is not None:  # this step's pass wrote their K/V: the next steps' admissions find the full pages
             for request in stepped:
                 computed = [*request.prompt, *request.generated[:-1]]
@@ -464,15 +467,19 @@ def open_fake_engine(
 ) -> FakeStepEngine:
     """``fi_engine.models.registry.open_engine``'s stand-in for the ``serve`` command's tests: a
     :class:`FakeStepEngine` over ``model_dir``'s tokenizer with its EOS ids, its prefix cache (pages of 16 tokens)
-    on when ``prefix_caching``, the other serving settings taken and ignored (``max_seq_len`` None: the default).
+    on when ``prefix_caching``, with ``speculative_config`` every output after a request's first reporting a verified
+    draft of its ``num_speculative_tokens``, half accepted; the other serving settings taken and ignored
+    (``max_seq_len`` None: the default).
     Also an engine process's factory (``"helpers.fake_engine:open_fake_engine"``)."""
     from fi_engine.text.codec import TextCodec
 
     codec = TextCodec.from_dir(model_dir)
+    k = (settings.get("speculative_config") or {}).get("num_speculative_tokens")
     return FakeStepEngine(
         codec.tokenizer.vocab_size,
         max_batch=max_batch,
         max_seq_len=max_seq_len or 1 << 20,
         eos_token_ids=codec.eos_token_ids,
         prefix_cache_page=16 if prefix_caching else None,
+        draft=None if k is None else (k, k // 2),
     )
