@@ -33,7 +33,7 @@ from .model_runner import ModelRunner
 from .paging import Request, Scheduler, pages_for, prefill_slots
 from .sampling import Draws, Sampler
 from .sampling_params import SamplingParams, asks_processing, sampling_arg
-from .speculation import DraftPolicy, NgramProposer, SpeculationStats, accepted_tokens, ngram_config
+from .speculation import DraftPolicy, NgramProposer, SpeculationStats, accepted_tokens, ngram_config, sample_rows
 from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
@@ -188,6 +188,7 @@ class ServingLoop(StepEngineBase):
     _max_num_batched_tokens: int
     _proposer: NgramProposer | None  # speculative decoding's drafts (None: off)
     _policy: DraftPolicy  # whether a step's drafts are worth a verifying pass
+    _draft_rng: np.random.Generator
     _verify_next: bool  # the policy found a verifying pass worth it a step ago (generate's pipelined loop)
     _recorded_at: float | None  # when the last decode step's or verifying pass's tokens were recorded (the policy's)
     _pass_s: float | None  # the last verifying pass's time, until the step after it is recorded
@@ -217,6 +218,7 @@ class ServingLoop(StepEngineBase):
         self._max_num_batched_tokens = self.scheduler.max_prefill_tokens
         self._proposer = None
         self._policy = DraftPolicy()
+        self._draft_rng = np.random.default_rng()  # unseeded sampled requests' draws in verifying passes
         self._verify_next = False
         self._recorded_at = None
         self._pass_s = None
@@ -326,19 +328,21 @@ class ServingLoop(StepEngineBase):
     @property
     def speculative_tokens(self) -> int:
         """Speculative decoding by prompt lookup (:mod:`~fi_engine.runtime.speculation`; vLLM's ``ngram`` method): the
-        most draft tokens a request is fed per pass, 0 (the default) for off, at most 16. Where a greedy request's
-        last tokens occurred earlier in its prompt or output, the tokens that followed are drafted, and one pass over
-        its last token and the draft (the prefill pass, ``k + 1`` rows a request) gives it the draft's tokens that
-        the model's greedy choices accept and one more: 1 to ``k + 1`` tokens for about one decode step's weight
-        reads. A step verifies only where that pays, by the acceptance and the step times measured so far
+        most draft tokens a request is fed per pass, 0 (the default) for off, at most 16. Where a request's last
+        tokens occurred earlier in its prompt or output, the tokens that followed are drafted, and one pass over its
+        last token and the draft (the prefill pass, ``k + 1`` rows a request) gives it the draft's tokens that the
+        model's choices accept and one more: 1 to ``k + 1`` tokens for about one decode step's weight reads. A greedy
+        request's choices are its rows' argmax; a sampled one's, draws from its distribution at each row, which makes
+        this speculative sampling (the tokens follow the distribution of decoding one at a time;
+        :mod:`~fi_engine.runtime.speculation`); a seeded request is not speculated (its draws stay its own). A step
+        verifies only where that pays, by the acceptance and the step times measured so far
         (:class:`~fi_engine.runtime.speculation.DraftPolicy`: a verifying pass costs more than a decode step, and text
         that does not repeat gains nothing); a step that does not, or where no request has a draft, is an ordinary
-        decode step, as is one with a request that samples or
-        asks for logprobs or controls too (not speculated yet). The tokens are the model's greedy choices, computed
-        by the prefill's kernels (equal to the decode step's within bfloat16 rounding, so a near tie may go the other
-        way). ``speculation_stats`` counts the passes, drafted and accepted tokens. Where :attr:`prefix_caching`
-        applies (the Llama pass on one GPU); ValueError naming what stands in the way elsewhere or for a count out
-        of range."""
+        decode step, as is one with a request that asks for logprobs or controls (not speculated yet). The greedy
+        choices are computed by the prefill's kernels (equal to the decode step's within bfloat16 rounding, so a near
+        tie may go the other way). ``speculation_stats`` counts the passes, drafted and accepted tokens. Where
+        :attr:`prefix_caching` applies (the Llama pass on one GPU); ValueError naming what stands in the way
+        elsewhere or for a count out of range."""
         return 0 if self._proposer is None else self._proposer.k
 
     @speculative_tokens.setter
@@ -374,8 +378,8 @@ class ServingLoop(StepEngineBase):
         self._proposer = proposer
 
     def _speculates(self, sched: Scheduler) -> bool:
-        """Whether this step may verify drafts: speculation on, and every request greedy asking nothing."""
-        return self._proposer is not None and not sched.sampled and not sched.processed
+        """Whether this step may verify drafts: speculation on, and no request asks for logprobs or controls."""
+        return self._proposer is not None and not sched.processed
 
     speculation_max_rows = 16
     """Speculative decoding drafts only while at most this many requests decode (beyond, the drafting's host time and
@@ -389,9 +393,12 @@ class ServingLoop(StepEngineBase):
         live = [r for r in sched.slots if r is not None and r.decoding]
         if len(live) > self.speculation_max_rows:
             return None
-        out = []
+        out: list[tuple[Request, tuple[int, ...]]] = []
         drafted = 0
         for r in live:
+            if r.sampling is not None and r.sampling.seed is not None:
+                out.append((r, ()))  # (a seeded request keeps its draws: whether a pass runs depends on timings)
+                continue
             left = r.max_new_tokens - len(r.output) - 1  # the last token is never fed back: no draft past it
             prompt = self._lookup.get(r)
             if prompt is None:
@@ -431,7 +438,7 @@ class ServingLoop(StepEngineBase):
         slots = prefill_slots(len(live), runner.max_batch)
         try:
             _, _, full = runner.run_prefill(live, 0, slots, 0, all_logits=True, last_head=False)
-            choices = full.argmax(axis=1).astype(np.int32).get(stream=runner.stream)
+            choices = self._row_choices(full, live)
         finally:
             for r in live:
                 r.draft = ()
@@ -456,6 +463,49 @@ class ServingLoop(StepEngineBase):
             got[r] = n
         self._timed_record(verify=True)
         return (time.perf_counter() - t0) * 1e6, got  # (the wait for the pass included)
+
+    def _row_choices(self, full: Any, live: Sequence[Request]) -> list[int]:
+        """Each row's choice of a verifying pass's float32 logits ``full`` ``[rows, vocab]`` (``live``: its requests,
+        ``1 + len(draft)`` rows each, in order): a greedy request's argmax, a sampled one's draw from its distribution
+        (:func:`~fi_engine.runtime.speculation.sample_rows`, its uniforms from the engine's stream: a seeded request
+        has no draft), on the host (waits for the pass)."""
+        cp = self.runner.cupy
+        choices = full.argmax(axis=1).astype(np.int32)
+        sampled = [(r, at) for r, at in zip(live, self._row_starts(live), strict=True) if r.sampling is not None]
+        if sampled:
+            rows: list[int] = []
+            temperature: list[float] = []
+            top_k: list[int] = []
+            top_p: list[float] = []
+            uniform: list[float] = []
+            for r, at in sampled:
+                sp = r.sampling
+                assert sp is not None
+                n = 1 + len(r.draft)
+                rows += range(at, at + n)
+                temperature += [sp.temperature] * n
+                top_k += [sp.top_k] * n
+                top_p += [sp.top_p] * n
+                uniform += self._draft_rng.random(n).tolist()
+            idx = cp.asarray(rows, dtype=np.int64)
+            choices[idx] = sample_rows(
+                cp,
+                full[idx],
+                cp.asarray(temperature, dtype=np.float32),
+                cp.asarray(top_k, dtype=np.int64),
+                cp.asarray(top_p, dtype=np.float32),
+                cp.asarray(uniform, dtype=np.float32),
+            )
+        return cast(list[int], choices.get(stream=self.runner.stream).tolist())
+
+    @staticmethod
+    def _row_starts(live: Sequence[Request]) -> list[int]:
+        """Each request's first row in a verifying pass (``1 + len(draft)`` rows each, in order)."""
+        starts, at = [], 0
+        for r in live:
+            starts.append(at)
+            at += 1 + len(r.draft)
+        return starts
 
     @property
     def max_num_batched_tokens(self) -> int:

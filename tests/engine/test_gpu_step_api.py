@@ -507,6 +507,39 @@ def test_speculative_decoding_gives_the_same_tokens(engine):
         check_own_greedy(engine, p, out)
 
 
+def test_speculative_decoding_samples_from_each_requests_distribution(engine):
+    """Sampled requests with speculation on (prompts that repeat a block), beside a greedy one: ``top_k=1`` gives the
+    greedy tokens exactly; each token of a ``top_k=3`` request is among the engine's three most likely at its
+    position (teacher forcing, within ``TOL`` of the third's logit); drafts of the sampled requests were verified; a
+    seeded request (never speculated: its draws stay its own) run twice gives the same tokens."""
+    block = prompts((19,), VOCAB, seed=63)[0]
+    ps = [block * 3, block * 2 + block[:7], block * 3 + block[:2]]
+    greedy_run = engine.generate(ps, 16, eos_token_ids=()).tokens
+    engine.speculative_tokens = 4
+    try:
+        before = engine.speculation_stats.drafted
+        rids = [engine.add_request(p, 16, sampling=SamplingParams(1.0, 1), eos_token_ids=()) for p in ps]
+        got = {r: tokens_of(o) for r, o in drain(engine).items()}
+        assert [got[r] for r in rids] == greedy_run
+        top3 = engine.add_request(ps[0], 16, sampling=SamplingParams(1.0, 3), eos_token_ids=())
+        other = engine.add_request(ps[1], 16, eos_token_ids=())  # a greedy request beside it
+        out = {r: tokens_of(o) for r, o in drain(engine).items()}
+        assert out[other] == greedy_run[1]
+        drafted = engine.speculation_stats.drafted - before
+        runs = []
+        for _ in range(2):
+            rid = engine.add_request(ps[2], 16, sampling=SamplingParams(1.0, 3, seed=11), eos_token_ids=())
+            runs.append(tokens_of(drain(engine)[rid]))
+    finally:
+        engine.speculative_tokens = 0
+    assert drafted > 0 and runs[0] == runs[1]
+    logits = engine.prefill_logits([ps[0] + out[top3][:-1]])[0]
+    for t, token in enumerate(out[top3]):
+        row = logits[len(ps[0]) - 1 + t]
+        assert row[token] >= np.sort(row)[-3] - TOL, (t, token)
+    assert free_pages(engine) == capacity(engine)
+
+
 # ------------------------------------------------------------------------------------------------------------ (g)
 
 
