@@ -12,6 +12,9 @@ speculation its passes, the draft tokens' acceptance rate and the tokens each pa
 tokens are is the model's: on a random checkpoint the acceptance depends on what its greedy text happens to repeat,
 so the rows also give the cost of a verifying pass against a decode step (tokens/s per token a pass gives).
 
+``--temperature T``: the requests sample at ``T`` (speculative sampling: each row of a pass drawn from the request's
+distribution) instead of greedy.
+
 ``--text`` (a trained model with a chat template, e.g. one tools/checkpoint_from_gguf.py wrote): the prompts are chat
 requests instead, ``repeating`` ones that ask to quote a passage, to rename a parameter in a function, or to quote a
 passage's first sentences and summarize it (the answer repeats its prompt), and ``open`` ones that ask for a story
@@ -84,11 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=256, help="tokens generated per prompt")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--text", action="store_true", help="chat prompts for a trained model (see above)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
 
     from fi_engine.models.registry import open_engine
+    from fi_engine.runtime.sampling_params import SamplingParams
+
+    sampling = SamplingParams(temperature=args.temperature) if args.temperature else None
 
     engine = open_engine(args.model, max_batch=max(batches), max_seq_len=256 + args.new + 16, cuda_graph=True)
     rng = np.random.default_rng(0)
@@ -109,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
                         engine.speculative_tokens = k
                         before = dict(vars(engine.speculation_stats))
                         t = time.perf_counter()
-                        out = engine.generate(prompts, args.new, eos_token_ids=eos)
+                        out = engine.generate(prompts, args.new, eos_token_ids=eos, sampling=sampling)
                         wall = time.perf_counter() - t
                         stats = {n: v - before[n] for n, v in vars(engine.speculation_stats).items()}
                         if r == 0:
                             continue
                         row = {
                             "kind": kind,
+                            "temperature": args.temperature,
                             "batch": batch,
                             "k": k,
                             "round": r,
