@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--text", action="store_true", help="chat prompts for a trained model (see above)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
+    parser.add_argument("--ignore-eos", action="store_true", help="--text: every answer runs to --new tokens")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 eos: tuple[int, ...] = ()
                 if args.text:
                     prompts, eos = text_prompts(args.model, kind, batch)
+                    eos = () if args.ignore_eos else eos
                 elif kind == "repeating":
                     prompts = [rng.integers(100, vocab, 64).tolist() * 4 for _ in range(batch)]
                 else:
