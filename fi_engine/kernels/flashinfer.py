@@ -421,6 +421,23 @@ def sample_top_k_top_p(
     fi_ffi.top_k_top_p_sampling_from_probs(probs, top_k, top_p, out=out, valid=valid, generator=gen, stream=stream)
 
 
+def sample_logit_rows(logits: Any, temperature: Any, top_k: Any, top_p: Any, gen: Any, stream: int) -> Any:
+    """One token per row of float32 CuPy ``logits`` ``[n, V]`` drawn from ``softmax(logits[i] / temperature[i])``
+    restricted to the tokens in both its top ``top_k[i]`` and its ``top_p[i]`` nucleus (``temperature``, ``top_p``
+    float32 ``[n]``, > 0; ``top_k`` int32 ``[n]`` in ``[1, V]``), from the Philox stream ``gen``: int32 ``[n]`` on the
+    device. Its scratch is allocated here (CuPy's pool): a verifying pass's rows, not the decode step's buffers."""
+    import cupy as cp
+
+    n, vocab = logits.shape
+    probs = cp.empty((n, vocab), cp.float32)
+    workspace = cp.empty((softmax_workspace_bytes(n, vocab),), cp.uint8)
+    out = cp.empty((n,), cp.int32)
+    valid = cp.empty((n,), cp.bool_) if sampling_needs_valid() else None
+    fi_ffi.softmax(logits, temperature, out=probs, workspace=workspace, stream=stream)
+    fi_ffi.top_k_top_p_sampling_from_probs(probs, top_k, top_p, out=out, valid=valid, generator=gen, stream=stream)
+    return out
+
+
 def softmax(logits: Any, probs: Any, workspace: Any, temperature: Any, stream: int) -> None:
     """``probs[r] = softmax(logits[r] / temperature[r])`` (``logits``, ``probs`` float32 ``[R, V]``; ``temperature``
     float32 ``[R]``, each > 0; ``workspace`` as :func:`sample_top_k_top_p`'s)."""

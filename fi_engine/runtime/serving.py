@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar, cast, overload
 
 import numpy as np
 
+from ..kernels import flashinfer as kernels
 from ..kernels.flashinfer import stream_scope
 from ..text.grammar import GrammarMatcher, GrammarTokenizer
 from ..values import arg_int
@@ -33,7 +34,7 @@ from .model_runner import ModelRunner
 from .paging import Request, Scheduler, pages_for, prefill_slots
 from .sampling import Draws, Sampler
 from .sampling_params import SamplingParams, asks_processing, sampling_arg
-from .speculation import DraftPolicy, NgramProposer, SpeculationStats, accepted_tokens, ngram_config, sample_rows
+from .speculation import DraftPolicy, NgramProposer, SpeculationStats, accepted_tokens, ngram_config
 from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
@@ -188,7 +189,7 @@ class ServingLoop(StepEngineBase):
     _max_num_batched_tokens: int
     _proposer: NgramProposer | None  # speculative decoding's drafts (None: off)
     _policy: DraftPolicy  # whether a step's drafts are worth a verifying pass
-    _draft_rng: np.random.Generator
+    _draft_draws: Any
     _verify_next: bool  # the policy found a verifying pass worth it a step ago (generate's pipelined loop)
     _recorded_at: float | None  # when the last decode step's or verifying pass's tokens were recorded (the policy's)
     _pass_s: float | None  # the last verifying pass's time, until the step after it is recorded
@@ -218,7 +219,7 @@ class ServingLoop(StepEngineBase):
         self._max_num_batched_tokens = self.scheduler.max_prefill_tokens
         self._proposer = None
         self._policy = DraftPolicy()
-        self._draft_rng = np.random.default_rng()  # unseeded sampled requests' draws in verifying passes
+        self._draft_draws = None  # the Philox stream of sampled rows in verifying passes (made on first use)
         self._verify_next = False
         self._recorded_at = None
         self._pass_s = None
@@ -467,36 +468,38 @@ class ServingLoop(StepEngineBase):
     def _row_choices(self, full: Any, live: Sequence[Request]) -> list[int]:
         """Each row's choice of a verifying pass's float32 logits ``full`` ``[rows, vocab]`` (``live``: its requests,
         ``1 + len(draft)`` rows each, in order): a greedy request's argmax, a sampled one's draw from its distribution
-        (:func:`~fi_engine.runtime.speculation.sample_rows`, its uniforms from the engine's stream: a seeded request
-        has no draft), on the host (waits for the pass)."""
-        cp = self.runner.cupy
+        (temperature, top-k and top-p jointly, as the sampler draws: ``kernels.sample_logit_rows``, from a stream of the
+        verifying passes' own; a seeded request has no draft), on the host (waits for the pass)."""
+        runner = self.runner
+        cp = runner.cupy
         choices = full.argmax(axis=1).astype(np.int32)
         sampled = [(r, at) for r, at in zip(live, self._row_starts(live), strict=True) if r.sampling is not None]
         if sampled:
+            vocab = int(full.shape[1])
             rows: list[int] = []
             temperature: list[float] = []
             top_k: list[int] = []
             top_p: list[float] = []
-            uniform: list[float] = []
             for r, at in sampled:
                 sp = r.sampling
                 assert sp is not None
                 n = 1 + len(r.draft)
                 rows += range(at, at + n)
                 temperature += [sp.temperature] * n
-                top_k += [sp.top_k] * n
+                top_k += [vocab if sp.top_k == 0 or sp.top_k > vocab else sp.top_k] * n
                 top_p += [sp.top_p] * n
-                uniform += self._draft_rng.random(n).tolist()
+            if self._draft_draws is None:
+                self._draft_draws = kernels.generator(int(np.random.default_rng().integers(1 << 62)))
             idx = cp.asarray(rows, dtype=np.int64)
-            choices[idx] = sample_rows(
-                cp,
-                full[idx],
+            choices[idx] = kernels.sample_logit_rows(
+                cp.ascontiguousarray(full[idx]),
                 cp.asarray(temperature, dtype=np.float32),
-                cp.asarray(top_k, dtype=np.int64),
+                cp.asarray(top_k, dtype=np.int32),
                 cp.asarray(top_p, dtype=np.float32),
-                cp.asarray(uniform, dtype=np.float32),
+                self._draft_draws,
+                runner.stream_ptr,
             )
-        return cast(list[int], choices.get(stream=self.runner.stream).tolist())
+        return cast(list[int], choices.get(stream=runner.stream).tolist())
 
     @staticmethod
     def _row_starts(live: Sequence[Request]) -> list[int]:

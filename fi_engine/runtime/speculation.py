@@ -10,8 +10,9 @@ and reads the model's greedy choice at each row: the draft's tokens are **accept
 before it, and the choice after the last accepted one comes free, so one pass gives ``1 .. k + 1`` tokens, exactly
 the ones one decode step after another would give (greedy).
 
-A sampled request's rows are sampled instead of taken at their argmax (:func:`sample_rows`, each row from the
-request's distribution: temperature, top-k, top-p), and the same rule accepts them. For a draft that is one token per
+A sampled request's rows are sampled instead of taken at their argmax (each row from the request's distribution:
+temperature, top-k and top-p, as the engine's sampler draws; ``ServingLoop._row_choices``), and the same rule
+accepts them. For a draft that is one token per
 position (a probability of 1 for it, as prompt lookup's is), that is speculative sampling exactly (the chain rule of
 FlashInfer's ``chain_speculative_sampling``): the draft token is accepted with the probability the model gives it,
 and where it is not, the row's own draw is a sample of the model's distribution without it, renormalized. So the
@@ -36,7 +37,7 @@ import numpy as np
 from ..text.args import arg_token_ids
 from ..values import arg_int, show
 
-__all__ = ["DraftPolicy", "NgramProposer", "SpeculationStats", "accepted_tokens", "ngram_config", "sample_rows"]
+__all__ = ["DraftPolicy", "NgramProposer", "SpeculationStats", "accepted_tokens", "ngram_config"]
 
 
 @dataclass
@@ -185,26 +186,3 @@ def ngram_config(speculative_config: Mapping[str, Any] | None) -> NgramProposer 
     most = arg_int("speculative_config['prompt_lookup_max']", config.get("prompt_lookup_max", 4), 1, 64)
     least = arg_int("speculative_config['prompt_lookup_min']", config.get("prompt_lookup_min", 1), 1, most)
     return NgramProposer(k, most, least)
-
-
-def sample_rows(xp: Any, logits: Any, temperature: Any, top_k: Any, top_p: Any, uniform: Any) -> Any:
-    """One token per row of float32 ``logits`` ``[rows, vocab]`` (``xp``: CuPy, or numpy on the host), drawn from
-    each row's distribution: the softmax at ``temperature`` (``[rows]``, > 0) restricted to the tokens that are both
-    among its ``top_k`` most likely (``[rows]`` ints, 0 or above ``vocab``: all) and in its ``top_p`` nucleus (the
-    fewest most likely tokens whose probability reaches ``top_p``, ``[rows]`` in (0, 1]), renormalized (the two cuts
-    jointly, as the engine's sampler applies them: FlashInfer's ``top_k_top_p_sampling_from_probs``), by inverse
-    transform of ``uniform`` (``[rows]`` in [0, 1)). Returns the ``[rows]`` int32 ids."""
-    x = logits / temperature[:, None]
-    x = x - x.max(axis=1, keepdims=True)
-    order = xp.argsort(-x, axis=1, kind="stable")  # most likely first (ties to the lower id)
-    p = xp.exp(xp.take_along_axis(x, order, axis=1))
-    vocab = p.shape[1]
-    rank = xp.arange(vocab)[None, :]
-    k = xp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
-    p = p / p.sum(axis=1, keepdims=True)
-    before = xp.cumsum(p, axis=1) - p  # each token's mass of the more likely ones
-    p = xp.where((rank < k[:, None]) & (before < top_p[:, None]), p, 0.0)  # (the most likely token always stays)
-    cum = xp.cumsum(p, axis=1)
-    at = (cum < (uniform * cum[:, -1])[:, None]).sum(axis=1)
-    at = xp.minimum(at, vocab - 1)
-    return xp.take_along_axis(order, at[:, None], axis=1)[:, 0].astype(xp.int32)

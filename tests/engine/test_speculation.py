@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fi_engine.runtime.speculation import DraftPolicy, NgramProposer, accepted_tokens, sample_rows
+from fi_engine.runtime.speculation import DraftPolicy, NgramProposer, accepted_tokens
 
 
 def test_the_draft_follows_the_latest_earlier_occurrence_of_the_longest_suffix() -> None:
@@ -69,52 +69,3 @@ def test_the_policy_verifies_where_the_expected_tokens_pay_for_the_pass() -> Non
     assert policy.verify_s == pytest.approx(2.6) and policy.decode_s == 1.0
     with pytest.raises(ValueError, match="prior"):
         DraftPolicy(prior=1.5)
-
-
-def reference_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
-    """The engine's sampling distribution of one row, in float64 from its definition: the softmax at
-    ``temperature`` over the tokens both among its ``top_k`` most likely and in its ``top_p`` nucleus (the fewest
-    most likely whose mass reaches ``top_p``), renormalized."""
-    p = np.exp((logits - logits.max()) / temperature)
-    p /= p.sum()
-    out = np.zeros_like(p)
-    mass = 0.0
-    for rank, t in enumerate(np.argsort(-p, kind="stable")):
-        if rank >= (top_k or len(p)) or mass >= top_p:
-            break
-        out[t] = p[t]
-        mass += p[t]
-    return out / out.sum()
-
-
-@pytest.mark.parametrize(
-    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 4, 1.0), (1.3, 0, 0.8), (0.9, 5, 0.6)]
-)
-def test_rows_are_sampled_from_the_requests_distribution(temperature, top_k, top_p) -> None:
-    """20,000 draws of one row (numpy standing in for CuPy) follow the reference distribution: every frequency
-    within 0.012 of its probability (about 4 standard deviations at this count), and no token outside the cut drawn."""
-    logits = np.array([2.0, 1.5, 1.4, 0.3, -0.2, 0.9, -1.0, 0.0], dtype=np.float32)
-    n = 20_000
-    rows = np.repeat(logits[None, :], n, axis=0)
-    uniform = np.random.default_rng(7).random(n).astype(np.float32)
-    tokens = sample_rows(
-        np,
-        rows,
-        np.full(n, temperature, np.float32),
-        np.full(n, top_k, np.int64),
-        np.full(n, top_p, np.float32),
-        uniform,
-    )
-    want = reference_distribution(logits.astype(np.float64), temperature, top_k, top_p)
-    got = np.bincount(tokens, minlength=len(logits)) / n
-    assert np.abs(got - want).max() < 0.012, (got, want)
-    assert not got[want == 0].any()
-
-
-def test_a_row_draws_by_inverse_transform_of_its_uniform() -> None:
-    logits = np.array([[0.0, 3.0, 1.0], [5.0, 0.0, 4.0]], dtype=np.float32)
-    t, k, p = np.ones(2, np.float32), np.zeros(2, np.int64), np.ones(2, np.float32)
-    assert sample_rows(np, logits, t, k, p, np.zeros(2, np.float32)).tolist() == [1, 0]  # the most likely first
-    assert sample_rows(np, logits, t, k, p, np.full(2, 0.9999, np.float32)).tolist() == [0, 1]  # the least likely
-    cut = sample_rows(np, logits, t, np.ones(2, np.int64), p, np.full(2, 0.9999, np.float32))
-    assert cut.tolist() == [1, 0] and cut.dtype == np.int32  # top_k 1: the argmax whatever the draw
