@@ -397,7 +397,7 @@ class ServingLoop(StepEngineBase):
         out: list[tuple[Request, tuple[int, ...]]] = []
         drafted = 0
         for r in live:
-            if r.sampling is not None and r.sampling.seed is not None:
+            if (r.sampling is not None and r.sampling.seed is not None) or not self._policy.drafts(r):
                 out.append((r, ()))  # (a seeded request keeps its draws: whether a pass runs depends on timings)
                 continue
             left = r.max_new_tokens - len(r.output) - 1  # the last token is never fed back: no draft past it

@@ -112,13 +112,20 @@ class DraftPolicy:
     give, ``rows`` plus each draft's expected accepted length (``p + p**2 + ... + p**len(draft)`` at its request's rate
     ``p``), per second of a verifying pass beat ``rows`` per second of a decode step; before both times are measured it
     verifies. Every ``explore``-th step with drafts that would not verify does anyway, so a request whose text turns
-    repetitive is found again."""
+    repetitive is found again.
 
-    def __init__(self, prior: float = 0.5, explore: int = 16) -> None:
+    A request whose rate fell below ``min_rate`` drafts nothing (its rows in a pass would cost more than they give),
+    but every ``explore``-th step it is held back."""
+
+    def __init__(self, prior: float = 0.5, explore: int = 16, min_rate: float = 0.3) -> None:
         if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not 0.0 <= prior <= 1.0:
             raise ValueError(f"prior: expected an acceptance rate in [0, 1], got {prior!r:.40}")
+        if isinstance(min_rate, bool) or not isinstance(min_rate, (int, float)) or not 0.0 <= min_rate <= 1.0:
+            raise ValueError(f"min_rate: expected an acceptance rate in [0, 1], got {min_rate!r:.40}")
         self.prior = float(prior)
+        self.min_rate = float(min_rate)
         self.explore = arg_int("explore", explore, 1, 1 << 20)
+        self._held: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.decode_s: float | None = None  # a decode step's wall time (moving average)
         self.verify_s: float | None = None  # a verifying pass's
         self._rates: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
@@ -127,6 +134,15 @@ class DraftPolicy:
     def rate(self, request: Any) -> float:
         """``request``'s acceptance rate per draft token (``prior`` before its first verified draft)."""
         return self._rates.get(request, self.prior)
+
+    def drafts(self, request: Any) -> bool:
+        """Whether ``request`` drafts this step: its rate is at least ``min_rate``, or it has been held back
+        ``explore`` steps since it last drafted."""
+        if self.rate(request) >= self.min_rate:
+            return True
+        held = self._held.get(request, 0) + 1
+        self._held[request] = held % self.explore
+        return held == self.explore
 
     def expected(self, request: Any, drafted: int) -> float:
         """The draft tokens a pass is expected to accept of a draft of ``drafted`` tokens for ``request``."""

@@ -69,3 +69,15 @@ def test_the_policy_verifies_where_the_expected_tokens_pay_for_the_pass() -> Non
     assert policy.verify_s == pytest.approx(2.6) and policy.decode_s == 1.0
     with pytest.raises(ValueError, match="prior"):
         DraftPolicy(prior=1.5)
+    with pytest.raises(ValueError, match="min_rate"):
+        DraftPolicy(min_rate=-0.1)
+
+
+def test_a_request_whose_drafts_are_rejected_drafts_only_to_explore() -> None:
+    policy = DraftPolicy(prior=0.5, explore=4, min_rate=0.3)
+    a = _Request()
+    assert policy.drafts(a)  # the prior: it drafts
+    policy.observe(a, 4, 0)  # 0.5 -> 0.25: below min_rate
+    assert [policy.drafts(a) for _ in range(8)] == [False, False, False, True] * 2  # every 4th step held back
+    policy.observe(a, 4, 4)  # 0.25 -> 0.625
+    assert policy.drafts(a)
