@@ -117,7 +117,7 @@ class DraftPolicy:
     A request whose rate fell below ``min_rate`` drafts nothing (its rows in a pass would cost more than they give),
     but every ``explore``-th step it is held back."""
 
-    def __init__(self, prior: float = 0.5, explore: int = 16, min_rate: float = 0.3) -> None:
+    def __init__(self, prior: float = 0.5, explore: int = 16, min_rate: float = 0.15) -> None:
         if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not 0.0 <= prior <= 1.0:
             raise ValueError(f"prior: expected an acceptance rate in [0, 1], got {prior!r:.40}")
         if isinstance(min_rate, bool) or not isinstance(min_rate, (int, float)) or not 0.0 <= min_rate <= 1.0:
