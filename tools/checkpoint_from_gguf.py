@@ -22,7 +22,8 @@ def main(argv: list[str]) -> int:
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, torch_dtype=torch.bfloat16)
+    auto = transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(src.parent, gguf_file=src.name, torch_dtype=torch.bfloat16)
     # (save_pretrained refuses a model loaded from GGUF: its weights, dequantized, go out as plain safetensors)
     from safetensors.torch import save_file
 
