@@ -525,6 +525,12 @@ class PrefixCache(PagePool, Protocol):
     ) -> int: ...
 
 
+def _prefilled_whole(sampling: SamplingParams | None) -> bool:
+    """Whether a request of ``sampling`` has its prompt prefilled in one pass: its prompt logprobs are asked (each
+    position needs its row of one pass; never cut by chunked prefill)."""
+    return sampling is not None and sampling.prompt_logprobs is not None
+
+
 class Scheduler:
     """Requests in, batches out: admission, slots, page growth, finishing (see the module docstring).
 
@@ -608,11 +614,6 @@ class Scheduler:
         """Whether an active request's prompt has chunks left to prefill (the next admission continues it)."""
         return any(r is not None and not r.decoding for r in self.slots)
 
-    def _whole(self, r: Request) -> bool:
-        """Whether ``r``'s prompt must be prefilled in one pass: its prompt logprobs are asked (each position needs
-        its row of one pass)."""
-        return r.asks is not None and r.asks.prompt_logprobs is not None
-
     # ---- requests in
 
     def submit(
@@ -654,7 +655,7 @@ class Scheduler:
                 f"{name}: {n} prompt tokens + {max_new_tokens} new tokens exceed the engine's "
                 f"max_seq_len {self.max_seq_len}; shorten it or raise max_seq_len"
             )
-        whole = sampling is not None and sampling.prompt_logprobs is not None  # (prefilled in one pass: _whole)
+        whole = _prefilled_whole(sampling)
         if n > self.max_prefill_tokens and (whole or not self._chunk_tokens):
             fix = "raise max_prefill_tokens" if whole else "turn chunked prefill on or raise max_prefill_tokens"
             why = f"its prompt logprobs need it prefilled in one pass; {fix}" if whole else fix
@@ -762,7 +763,7 @@ class Scheduler:
         cache = cast(PrefixCache, self.allocator) if self._prefix_caching else None
         while self.pending and free_slots and tokens < budget:
             r = self.pending[0]
-            whole = self._whole(r)  # (computed whole, so never matched in the cache either)
+            whole = _prefilled_whole(r.asks)  # (computed whole, so never matched in the cache either)
             prefix, cached = cache.match_prefix(r.prompt) if cache is not None and not whole else ([], 0)
             left = len(r.prompt) - cached
             room = (self.max_prefill_tokens if whole else budget) - tokens

@@ -439,11 +439,11 @@ class ServingLoop(StepEngineBase):
         slots = prefill_slots(len(live), runner.max_batch)
         try:
             _, _, full = runner.run_prefill(live, 0, slots, 0, all_logits=True, last_head=False)
-            choices = self._row_choices(full, live)
+            bounds = runner.prefill_arrays["qo_indptr"][: len(live) + 1].tolist()  # each request's rows
+            choices = self._row_choices(full, live, bounds)
         finally:
             for r in live:
                 r.draft = ()
-        bounds = runner.prefill_arrays["qo_indptr"][: len(live) + 1].tolist()
         got: dict[Request, int] = {}
         stats = self.speculation_stats
         stats.passes += 1
@@ -465,26 +465,27 @@ class ServingLoop(StepEngineBase):
         self._timed_record(verify=True)
         return (time.perf_counter() - t0) * 1e6, got  # (the wait for the pass included)
 
-    def _row_choices(self, full: Any, live: Sequence[Request]) -> list[int]:
+    def _row_choices(self, full: Any, live: Sequence[Request], bounds: Sequence[int]) -> list[int]:
         """Each row's choice of a verifying pass's float32 logits ``full`` ``[rows, vocab]`` (``live``: its requests,
-        ``1 + len(draft)`` rows each, in order): a greedy request's argmax, a sampled one's draw from its distribution
-        (temperature, top-k and top-p jointly, as the sampler draws: ``kernels.sample_logit_rows``, from a stream of the
-        verifying passes' own; a seeded request has no draft), on the host (waits for the pass)."""
+        request ``b``'s rows ``bounds[b]:bounds[b + 1]``, the pass's ``qo_indptr``): a greedy request's argmax, a
+        sampled one's draw from its distribution (temperature, top-k and top-p jointly, as the sampler draws:
+        ``kernels.sample_logit_rows``, from a stream of the verifying passes' own; a seeded request has no draft), on
+        the host (waits for the pass)."""
         runner = self.runner
         cp = runner.cupy
         choices = full.argmax(axis=1).astype(np.int32)
-        sampled = [(r, at) for r, at in zip(live, self._row_starts(live), strict=True) if r.sampling is not None]
+        sampled = [(r, b) for b, r in enumerate(live) if r.sampling is not None]
         if sampled:
             vocab = int(full.shape[1])
             rows: list[int] = []
             temperature: list[float] = []
             top_k: list[int] = []
             top_p: list[float] = []
-            for r, at in sampled:
+            for r, b in sampled:
                 sp = r.sampling
                 assert sp is not None
-                n = 1 + len(r.draft)
-                rows += range(at, at + n)
+                n = bounds[b + 1] - bounds[b]
+                rows += range(bounds[b], bounds[b + 1])
                 temperature += [sp.temperature] * n
                 top_k += [vocab if sp.top_k == 0 or sp.top_k > vocab else sp.top_k] * n
                 top_p += [sp.top_p] * n
@@ -500,15 +501,6 @@ class ServingLoop(StepEngineBase):
                 runner.stream_ptr,
             )
         return cast(list[int], choices.get(stream=runner.stream).tolist())
-
-    @staticmethod
-    def _row_starts(live: Sequence[Request]) -> list[int]:
-        """Each request's first row in a verifying pass (``1 + len(draft)`` rows each, in order)."""
-        starts, at = [], 0
-        for r in live:
-            starts.append(at)
-            at += 1 + len(r.draft)
-        return starts
 
     @property
     def max_num_batched_tokens(self) -> int:
@@ -1002,7 +994,6 @@ class ServingLoop(StepEngineBase):
             else:
                 host_us, rows = self._decode_step(sched)
                 got = {r: 1 for r in rows if r is not None}
-
             if result is not None:
                 result.step_host_us.append(host_us)
                 result.decode_s += time.perf_counter() - t
