@@ -1,4 +1,6 @@
-"""Decode with speculative decoding by prompt lookup on and off (``ServingLoop.speculative_tokens``), batch 1 and 8.
+"""Decode with speculative decoding on and off (``ServingLoop.speculative_tokens``), batch 1 and 8: by prompt lookup,
+or by a draft model (``--draft-model DIR``, or ``--draft-layers N``: the target's own first ``N`` layers, written
+beside it, as a draft that reads fewer bytes a token; its agreement with the full model is what it is).
 
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b             # a random 8B-shaped checkpoint (~1.3 GB)
     python3 benchmarks/bench_speculation.py --model /tmp/llama8b [--batches 1,8] [--k 4] [--new 256] [--rounds 2]
@@ -79,6 +81,48 @@ def text_prompts(model: Path, kind: str, batch: int) -> tuple[list[list[int]], t
     return prompts, tuple(codec.eos_token_ids)
 
 
+def first_layers(source: Path, folder: Path, layers: int) -> Path:
+    """A copy of the checkpoint ``source`` with only its first ``layers`` decoder layers (the embedding, final norm
+    and head kept; ``num_hidden_layers`` set), written into ``folder`` byte for byte: each tensor's bytes as stored
+    (tensors that share bytes in the source share them in the copy), the tokenizer files beside."""
+    files = sorted(source.glob("*.safetensors"))
+    kept: dict[str, dict[str, object]] = {}
+    chunks: dict[tuple[int, int, int], tuple[int, int]] = {}  # (file, start, end) -> (offset, size) in the copy
+    offset = 0
+    for n, path in enumerate(files):
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            parts = name.split(".")
+            if "layers" in parts and int(parts[parts.index("layers") + 1]) >= layers:
+                continue
+            start, end = info["data_offsets"]
+            if (n, start, end) not in chunks:
+                chunks[(n, start, end)] = (offset, end - start)
+                offset += end - start
+            at, size = chunks[(n, start, end)]
+            kept[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [at, at + size]}
+    raw = json.dumps(kept, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "model.safetensors").open("wb") as out:
+        out.write(len(raw).to_bytes(8, "little") + raw)
+        for (n, start, end), _ in sorted(chunks.items(), key=lambda item: item[1][0]):
+            with files[n].open("rb") as f:
+                data_start = 8 + int.from_bytes(f.read(8), "little")
+                f.seek(data_start + start)
+                out.write(f.read(end - start))
+    config = json.loads((source / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (source / name).is_file():
+            (folder / name).write_bytes((source / name).read_bytes())
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="a checkpoint of the Llama family")
@@ -90,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
     parser.add_argument("--ignore-eos", action="store_true", help="--text: every answer runs to --new tokens")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
+    parser.add_argument("--draft-model", type=Path, help="speculate with this draft model (same tokenizer)")
+    parser.add_argument("--draft-layers", type=int, help="speculate with the target's first N layers as the draft")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -98,7 +144,21 @@ def main(argv: list[str] | None = None) -> int:
 
     sampling = SamplingParams(temperature=args.temperature) if args.temperature else None
 
-    engine = open_engine(args.model, max_batch=max(batches), max_seq_len=256 + args.new + 16, cuda_graph=True)
+    draft = args.draft_model
+    if args.draft_layers:
+        draft = first_layers(
+            args.model, args.model.with_name(args.model.name + f"-first{args.draft_layers}"), args.draft_layers
+        )
+    speculation = None if draft is None else {"model": str(draft), "num_speculative_tokens": args.k}
+    engine = open_engine(
+        args.model,
+        max_batch=max(batches),
+        max_seq_len=256 + args.new + 16,
+        cuda_graph=True,
+        speculative_config=speculation,
+    )
+    if draft is not None:
+        print(f"draft model: {draft} ({engine.draft_model.config.num_layers} layers)", flush=True)
     rng = np.random.default_rng(0)
     vocab = engine.config.vocab_size
     rows = []
@@ -125,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         row = {
                             "kind": kind,
+                            "draft": "prompt lookup" if draft is None else str(draft),
                             "temperature": args.temperature,
                             "batch": batch,
                             "k": k,

@@ -590,8 +590,9 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         default=None,
         help="speculative decoding, as vLLM's option: "
         """'{"method": "ngram", "num_speculative_tokens": 4}' drafts up to 4 tokens a pass by prompt lookup """
-        "(prompt_lookup_max / prompt_lookup_min: the n-gram sizes, default 4 and 1), "
-        "for greedy requests, where a pass pays (default off)",
+        "(prompt_lookup_max / prompt_lookup_min: the n-gram sizes, default 4 and 1); "
+        """'{"model": DIR, "num_speculative_tokens": 4}' by a smaller model of the same tokenizer, """
+        "opened beside the served one; a step verifies drafts where a pass pays (default off)",
     )
     p.add_argument(
         "--grace",
@@ -692,7 +693,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     unserved = " (not served by this engine)" if args.enable_prefix_caching and not caching else ""
     chunks = f"on, {engine.max_num_batched_tokens} tokens a pass" if chunking else "off"
     drafts = getattr(engine, "speculative_tokens", 0)
-    speculation = f", speculative decoding (ngram) up to {drafts} tokens a pass" if drafts else ""
+    draft_model = (args.speculative_config or {}).get("model")
+    method = "ngram" if draft_model is None else f"draft model {draft_model}"
+    speculation = f", speculative decoding ({method}) up to {drafts} tokens a pass" if drafts else ""
     settings = (
         f"max batch {args.max_batch}, queue {args.max_queue}, {'CUDA graph' if args.graph else 'eager'}, "
         f"prefix caching {'on' if caching else 'off'}{unserved}, chunked prefill {chunks}{speculation}"

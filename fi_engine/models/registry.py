@@ -229,7 +229,10 @@ def open_engine(
     ``max_num_batched_tokens`` token rows a pass, the running requests riding in each: ``ServingLoop.chunked_prefill``,
     on where the engine serves it; None: 512, at most the engine's ``max_prefill_tokens``) and
     ``speculative_config`` (vLLM's: ``{"method": "ngram", "num_speculative_tokens": k}``, speculative decoding by
-    prompt lookup, ``ServingLoop.speculative_config``; an engine that cannot serve it refuses it by name)."""
+    prompt lookup, or ``{"model": DIR, "num_speculative_tokens": k}``, by the drafts of a smaller model of the same
+    tokenizer, whose engine is opened here: on the same device, with the same ``cuda_graph``, ``max_batch`` up to
+    ``ServingLoop.speculation_max_rows``, room for the longest text and its draft, its prefix cache on; it is closed
+    with the engine. ``ServingLoop.speculative_config``; an engine that cannot serve it refuses it by name)."""
     from ..runtime.serving import delay_factor_arg, mixed_prefill_arg, overlap_steps_arg
 
     overlap_steps = overlap_steps_arg(overlap_steps)  # checked before the checkpoint is read
@@ -242,9 +245,12 @@ def open_engine(
     ):
         if not isinstance(value, bool):
             raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
-    from ..runtime.speculation import ngram_config
+    from ..runtime.speculation import speculative_config_arg
 
-    ngram_config(speculative_config)  # (checked before the checkpoint is read; the engine says whether it applies)
+    # (checked before the checkpoint is read; the engine says whether it applies)
+    speculation = speculative_config_arg(speculative_config)
+    if speculation is not None and speculation.method == "draft_model" and speculation.model is None:
+        raise ValueError("speculative_config['model']: required for the 'draft_model' method (the draft checkpoint)")
     if max_num_batched_tokens is not None:  # (its upper bound, the engine's max_prefill_tokens, checked by the engine)
         max_num_batched_tokens = arg_int("max_num_batched_tokens", max_num_batched_tokens, 1, MAX_SIZE)
     engine = engine_class(model_dir)(model_dir, **kwargs)
@@ -258,8 +264,17 @@ def open_engine(
             top = engine.scheduler.max_prefill_tokens
             engine.max_num_batched_tokens = min(top, 512) if max_num_batched_tokens is None else max_num_batched_tokens
             engine.chunked_prefill = True
-    if speculative_config is not None:
+    if speculation is not None:
         try:
+            if speculation.model is not None:
+                engine.draft_model = open_engine(
+                    speculation.model,
+                    max_batch=min(engine.max_batch, engine.speculation_max_rows),
+                    max_seq_len=engine.max_seq_len + speculation.k,
+                    cuda_graph=engine.cuda_graph,
+                    device=engine.device,
+                    prefix_caching=True,
+                )
             engine.speculative_config = speculative_config
         except BaseException:
             engine.close()

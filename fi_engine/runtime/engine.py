@@ -202,7 +202,10 @@ class Engine(ServingLoop):
         """Free the runner's graphs, workspaces and handles, then what the family made. Idempotent."""
         if not self._closed:
             self._closed = True
-            self.runner.close()
+            try:
+                self._close_draft_model()
+            finally:
+                self.runner.close()
 
     def __enter__(self) -> Engine:
         return self

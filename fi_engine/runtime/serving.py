@@ -34,7 +34,16 @@ from .model_runner import ModelRunner
 from .paging import Request, Scheduler, pages_for, prefill_slots
 from .sampling import Draws, Sampler
 from .sampling_params import SamplingParams, asks_processing, sampling_arg
-from .speculation import DraftPolicy, NgramProposer, SpeculationStats, accepted_tokens, ngram_config
+from .speculation import (
+    DraftModelProposer,
+    DraftPolicy,
+    NgramProposer,
+    SpeculationStats,
+    accepted_tokens,
+    same_directory,
+    speculative_config_arg,
+    tokenizer_difference,
+)
 from .stepping import FinishReason, NewRequest, StepEngineBase, StepOutput
 
 __all__ = ["GenerationResult", "delay_factor_arg", "mixed_prefill_arg", "overlap_steps_arg"]
@@ -187,7 +196,8 @@ class ServingLoop(StepEngineBase):
     _mixed_prefill: bool
     _closed: bool
     _max_num_batched_tokens: int
-    _proposer: NgramProposer | None  # speculative decoding's drafts (None: off)
+    _proposer: NgramProposer | DraftModelProposer | None  # speculative decoding's drafts (None: off)
+    _draft_model: Any  # the engine of speculative decoding's draft model (draft_model), or None
     _policy: DraftPolicy  # whether a step's drafts are worth a verifying pass
     _draft_draws: Any
     _verify_next: bool  # the policy found a verifying pass worth it a step ago (generate's pipelined loop)
@@ -218,6 +228,7 @@ class ServingLoop(StepEngineBase):
         self.mixed_prefill = False
         self._max_num_batched_tokens = self.scheduler.max_prefill_tokens
         self._proposer = None
+        self._draft_model = None
         self._policy = DraftPolicy()
         self._draft_draws = None  # the Philox stream of sampled rows in verifying passes (made on first use)
         self._verify_next = False
@@ -328,22 +339,23 @@ class ServingLoop(StepEngineBase):
 
     @property
     def speculative_tokens(self) -> int:
-        """Speculative decoding by prompt lookup (:mod:`~fi_engine.runtime.speculation`; vLLM's ``ngram`` method): the
-        most draft tokens a request is fed per pass, 0 (the default) for off, at most 16. Where a request's last
-        tokens occurred earlier in its prompt or output, the tokens that followed are drafted, and one pass over its
-        last token and the draft (the prefill pass, ``k + 1`` rows a request) gives it the draft's tokens that the
-        model's choices accept and one more: 1 to ``k + 1`` tokens for about one decode step's weight reads. A greedy
-        request's choices are its rows' argmax; a sampled one's, draws from its distribution at each row, which makes
-        this speculative sampling (the tokens follow the distribution of decoding one at a time;
-        :mod:`~fi_engine.runtime.speculation`); a seeded request is not speculated (its draws stay its own). A step
-        verifies only where that pays, by the acceptance and the step times measured so far
-        (:class:`~fi_engine.runtime.speculation.DraftPolicy`: a verifying pass costs more than a decode step, and text
-        that does not repeat gains nothing); a step that does not, or where no request has a draft, is an ordinary
-        decode step, as is one with a request that asks for logprobs or controls (not speculated yet). The greedy
-        choices are computed by the prefill's kernels (equal to the decode step's within bfloat16 rounding, so a near
-        tie may go the other way). ``speculation_stats`` counts the passes, drafted and accepted tokens. Where
-        :attr:`prefix_caching` applies (the Llama pass on one GPU); ValueError naming what stands in the way
-        elsewhere or for a count out of range."""
+        """Speculative decoding (:mod:`~fi_engine.runtime.speculation`): the most draft tokens a request is fed per
+        pass, 0 (the default) for off, at most 16. The drafts come from the :attr:`draft_model` where one is set
+        (vLLM's ``draft_model`` method: its greedy continuation of the request's text), else from prompt lookup
+        (vLLM's ``ngram`` method: where a request's last tokens occurred earlier in its prompt or output, the tokens
+        that followed). One pass over a request's last token and its draft (the prefill pass, ``k + 1`` rows a
+        request) gives it the draft's tokens that the model's choices accept and one more: 1 to ``k + 1`` tokens for
+        about one decode step's weight reads. A greedy request's choices are its rows' argmax; a sampled one's,
+        draws from its distribution at each row, which makes this speculative sampling (the tokens follow the
+        distribution of decoding one at a time; :mod:`~fi_engine.runtime.speculation`); a seeded request is not
+        speculated (its draws stay its own). A step verifies drafts only where the policy expects the pass to pay
+        (:class:`~fi_engine.runtime.speculation.DraftPolicy`: a verifying pass, with its drafting, costs more than a
+        decode step, and text the drafts do not predict gains nothing); a step that does not, or where no request
+        has a draft, is an ordinary decode step, as is one with a request that asks for logprobs or controls (not
+        speculated yet). The greedy choices are computed by the prefill's kernels (equal to the decode step's
+        within bfloat16 rounding, so a near tie may go the other way). ``speculation_stats`` counts the passes,
+        drafted and accepted tokens. Where :attr:`prefix_caching` applies (the Llama pass on one GPU); ValueError
+        naming what stands in the way elsewhere or for a count out of range."""
         return 0 if self._proposer is None else self._proposer.k
 
     @speculative_tokens.setter
@@ -352,19 +364,31 @@ class ServingLoop(StepEngineBase):
         why = self._paged_prefill_blocker("a draft verified against the cache") if k else None
         if why is not None:
             raise ValueError(f"speculative_tokens: {why}; leave it 0 for this engine")
-        self._proposer = NgramProposer(k) if k else None
+        proposer: NgramProposer | DraftModelProposer | None = None
+        if k:
+            proposer = NgramProposer(k) if self._draft_model is None else DraftModelProposer(self._draft_model, k)
+        self._proposer = proposer
         self._policy = DraftPolicy()  # (measured again: the pass's cost depends on k)
 
     @property
     def speculative_config(self) -> dict[str, Any] | None:
-        """Speculative decoding as vLLM's ``speculative_config`` gives it: None (off), or ``{"method": "ngram",
-        "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}`` (:attr:`speculative_tokens`
-        with the n-gram sizes of :class:`~fi_engine.runtime.speculation.NgramProposer`, 4 and 1 unless set). Set it
-        to None or such a mapping (the sizes optional); ValueError/TypeError naming the key otherwise, or where
-        speculation does not apply (:attr:`speculative_tokens`)."""
+        """Speculative decoding as vLLM's ``speculative_config`` gives it: None (off), ``{"method": "ngram",
+        "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}`` (prompt lookup with the
+        n-gram sizes of :class:`~fi_engine.runtime.speculation.NgramProposer`, 4 and 1 unless set) or ``{"method":
+        "draft_model", "model": DIR, "num_speculative_tokens": k}`` (the :attr:`draft_model`'s drafts;
+        ``model`` its checkpoint). Set it to None or such a mapping (the sizes optional; a ``model`` given must be
+        the draft model's, which this setter does not open: ``fi_engine.models.registry.open_engine`` does, or set
+        :attr:`draft_model` first); ValueError/TypeError naming the key otherwise, or where speculation does not
+        apply (:attr:`speculative_tokens`)."""
         p = self._proposer
         if p is None:
             return None
+        if isinstance(p, DraftModelProposer):
+            return {
+                "method": "draft_model",
+                "model": str(getattr(p.engine, "model_dir", "")),
+                "num_speculative_tokens": p.k,
+            }
         return {
             "method": "ngram",
             "num_speculative_tokens": p.k,
@@ -374,9 +398,88 @@ class ServingLoop(StepEngineBase):
 
     @speculative_config.setter
     def speculative_config(self, config: Mapping[str, Any] | None) -> None:
-        proposer = ngram_config(config)
-        self.speculative_tokens = 0 if proposer is None else proposer.k  # (the checks that it applies)
-        self._proposer = proposer
+        checked = speculative_config_arg(config)
+        if checked is None:
+            self.speculative_tokens = 0
+            return
+        draft = self._draft_model
+        if checked.method == "draft_model":
+            if draft is None:
+                raise ValueError(
+                    "speculative_config: the 'draft_model' method needs the draft model's engine: set "
+                    "engine.draft_model to one, or open both with fi_engine.models.registry.open_engine(..., "
+                    "speculative_config={'model': DIR, ...})"
+                )
+            if checked.model is not None and not same_directory(checked.model, getattr(draft, "model_dir", None)):
+                raise ValueError(
+                    f"speculative_config['model']: {checked.model!r} is not the draft model set "
+                    f"({getattr(draft, 'model_dir', None)!s}); set engine.draft_model to its engine first"
+                )
+            self.speculative_tokens = checked.k
+            return
+        if draft is not None:
+            raise ValueError(
+                "speculative_config: the 'ngram' method while a draft model is set (engine.draft_model); set "
+                "engine.draft_model = None first"
+            )
+        self.speculative_tokens = checked.k  # (the checks that it applies)
+        self._proposer = NgramProposer(checked.k, checked.prompt_lookup_max, checked.prompt_lookup_min)
+
+    @property
+    def draft_model(self) -> Any:
+        """The engine of speculative decoding's draft model (vLLM's ``draft_model`` method), or None (the default:
+        drafts by prompt lookup). Set it to an engine (a :class:`ServingLoop`, idle, not speculating itself) of a
+        smaller model of the same tokenizer, on the same GPU: its vocabulary must fit this engine's, and where both
+        checkpoints have a ``tokenizer.json``, their vocabularies must be the same (TypeError/ValueError naming the
+        difference). The engine takes it over: its prefix cache is turned on where it applies (a request's text is
+        then prefilled once, each later draft only its new tokens), and it is closed with this engine or when
+        replaced. With :attr:`speculative_tokens` set, the drafts come from it from the next step on."""
+        return self._draft_model
+
+    @draft_model.setter
+    def draft_model(self, engine: Any) -> None:
+        if engine is self._draft_model:
+            return
+        if engine is not None:
+            self._check_draft_model(engine)
+            if engine.prefix_caching_blocker() is None:
+                engine.prefix_caching = True
+        old, self._draft_model = self._draft_model, engine
+        if self._proposer is not None:
+            k = self._proposer.k
+            self._proposer = NgramProposer(k) if engine is None else DraftModelProposer(engine, k)
+            self._policy = DraftPolicy()
+        if old is not None:
+            old.close()
+
+    def _check_draft_model(self, engine: Any) -> None:
+        """TypeError/ValueError where ``engine`` cannot draft for this one (:attr:`draft_model`)."""
+        if not isinstance(engine, ServingLoop):
+            raise TypeError(f"draft_model: expected None or an engine (fi_engine's), got {type(engine).__name__}")
+        if engine is self:
+            raise ValueError("draft_model: an engine cannot draft for itself; open a second engine of the draft model")
+        if engine._closed:
+            raise ValueError("draft_model: the engine is closed")
+        if engine._proposer is not None or engine._draft_model is not None:
+            raise ValueError("draft_model: the draft engine speculates itself; set its speculative_tokens to 0")
+        if engine.has_unfinished:
+            raise ValueError("draft_model: the draft engine has requests queued or active; it must be idle")
+        mine, theirs = self.runner.config.vocab_size, engine.runner.config.vocab_size
+        if theirs > mine:
+            raise ValueError(
+                f"draft_model: its vocabulary ({theirs} tokens) does not fit this model's ({mine}); a draft model "
+                "must share the target's tokenizer"
+            )
+        why = tokenizer_difference(getattr(self, "model_dir", None), getattr(engine, "model_dir", None))
+        if why is not None:
+            raise ValueError(f"draft_model: {why}; a draft model must share the target's tokenizer")
+
+    def _close_draft_model(self) -> None:
+        """The draft model's engine closed (with this engine's close)."""
+        draft, self._draft_model = self._draft_model, None
+        self._proposer = None
+        if draft is not None:
+            draft.close()
 
     def _speculates(self, sched: Scheduler) -> bool:
         """Whether this step may verify drafts: speculation on, and no request asks for logprobs or controls."""
@@ -386,38 +489,66 @@ class ServingLoop(StepEngineBase):
     """Speculative decoding drafts only while at most this many requests decode (beyond, the drafting's host time and
     the verifying pass's rows cost more than they give; vLLM's ``speculative_disable_by_batch_size``)."""
 
+    def _draft_limits(self, sched: Scheduler) -> list[tuple[Request, int]] | None:
+        """Each decoding request with the most tokens it may draft this step (0: none: it is seeded, or the policy
+        holds it back, or it is one token from its limit: its last token is never fed back), or None where more
+        than :attr:`speculation_max_rows` (or none) decode."""
+        live = [r for r in sched.slots if r is not None and r.decoding]
+        if not live or len(live) > self.speculation_max_rows:
+            return None
+        out: list[tuple[Request, int]] = []
+        for r in live:
+            # (a seeded request keeps its draws: whether a pass runs depends on timings)
+            seeded = r.sampling is not None and r.sampling.seed is not None
+            left = 0 if seeded or not self._policy.drafts(r) else r.max_new_tokens - len(r.output) - 1
+            out.append((r, max(0, left)))
+        return out
+
     def _drafts(self, sched: Scheduler) -> list[tuple[Request, tuple[int, ...]]] | None:
         """Each decoding request's draft (:attr:`speculative_tokens`) from its recorded tokens, or None where none has
         one or more than :attr:`speculation_max_rows` decode."""
         proposer = self._proposer
         assert proposer is not None
-        live = [r for r in sched.slots if r is not None and r.decoding]
-        if len(live) > self.speculation_max_rows:
+        limits = self._draft_limits(sched)
+        if limits is None:
             return None
-        out: list[tuple[Request, tuple[int, ...]]] = []
-        drafted = 0
-        for r in live:
-            if (r.sampling is not None and r.sampling.seed is not None) or not self._policy.drafts(r):
-                out.append((r, ()))  # (a seeded request keeps its draws: whether a pass runs depends on timings)
-                continue
-            left = r.max_new_tokens - len(r.output) - 1  # the last token is never fed back: no draft past it
+        asking = [(r, n) for r, n in limits if n > 0]
+        histories = []
+        for r, _ in asking:
             prompt = self._lookup.get(r)
             if prompt is None:
                 prompt = self._lookup[r] = np.asarray(r.prompt, dtype=np.int64)
-            history = np.concatenate((prompt, np.asarray(r.output, dtype=np.int64)))
-            draft = proposer.propose(history, left) if left > 0 else ()
-            drafted += len(draft)
-            out.append((r, draft))
-        return out if drafted else None
+            histories.append(np.concatenate((prompt, np.asarray(r.output, dtype=np.int64))))
+        drafted = proposer.propose_many(histories, [n for _, n in asking])
+        made = {id(r): d for (r, _), d in zip(asking, drafted, strict=True)}
+        out = [(r, made.get(id(r), ())) for r, _ in limits]
+        return out if any(out_draft for _, out_draft in out) else None
+
+    def _pass_due(self, sched: Scheduler) -> bool:
+        """Whether the next step is a verifying pass (:meth:`_verify_drafts`). A draft model's drafts cost device time,
+        so they are not made to decide: the policy weighs each request's draft at its full length
+        (:meth:`_draft_limits`), and the drafts are made once the pass runs."""
+        if not isinstance(self._proposer, DraftModelProposer):
+            return self._verify_drafts(sched) is not None
+        if not self._speculates(sched):
+            return False
+        limits = self._draft_limits(sched)
+        if limits is None or not any(n for _, n in limits):
+            return False
+        k = self._proposer.k
+        return self._policy.worth([(r, min(k, n)) for r, n in limits])
 
     def _verify_drafts(self, sched: Scheduler, decided: bool = False) -> list[tuple[Request, tuple[int, ...]]] | None:
         """The drafts of a verifying pass to run now, or None: speculation applies (:meth:`_speculates`), a request
         has a draft, and the pass pays (:class:`~fi_engine.runtime.speculation.DraftPolicy`; ``decided``: it was found
-        to pay a step ago, when the drafts were made from the tokens then recorded)."""
+        to pay a step ago (:meth:`_pass_due`), when the drafts were planned from the tokens then recorded)."""
         if not self._speculates(sched):
             return None
+        model = isinstance(self._proposer, DraftModelProposer)
+        if model and not decided and not self._pass_due(sched):
+            return None
         drafts = self._drafts(sched)
-        if drafts is None or not (decided or self._policy.worth([(r, len(d)) for r, d in drafts])):
+        if drafts is None or not (decided or model or self._policy.worth([(r, len(d)) for r, d in drafts])):
             return None
         return drafts
 
@@ -726,7 +857,7 @@ class ServingLoop(StepEngineBase):
         inflight, self._inflight = self._inflight, None
         # speculation: a verifying pass worth it by the tokens recorded so far runs after the step in flight, waited
         # for (it reads that step's tokens), and the step is the synchronous one (_advance)
-        verify = self._proposer is not None and self._verify_drafts(sched) is not None
+        verify = self._proposer is not None and self._pass_due(sched)
         if inflight is not None and verify:
             for r in self._decode_finish(sched, inflight):
                 produced[r] = 1
@@ -1030,7 +1161,7 @@ class ServingLoop(StepEngineBase):
         t0 = time.perf_counter()
         # with speculation, a step whose drafts (from the tokens recorded so far) are worth a verifying pass is not
         # launched ahead: the pass follows the step in flight, with its tokens
-        verify = self._proposer is not None and self._verify_drafts(sched) is not None
+        verify = self._proposer is not None and self._pass_due(sched)
         ahead = self._decode_launch(sched, depth=2) if not verify and self._launches_ahead(sched, delay=False) else None
         waited = self.runner.staged_wait_s if ahead is not None else 0.0
         t1 = time.perf_counter()
@@ -1369,6 +1500,7 @@ class ServingLoop(StepEngineBase):
         :class:`~fi_engine.runtime.speculation.DraftPolicy` weighs: a pipelined step's; a pass's with its drafting
         and the pipeline's bubble before it, and the excess of the step after it over a pipelined one (the pipeline
         starting again), charged once that step is recorded."""
+        self._policy.stepped()
         now = time.perf_counter()
         last, self._recorded_at = self._recorded_at, now
         pending, self._pass_s = self._pass_s, None

@@ -18,6 +18,10 @@ FlashInfer's ``chain_speculative_sampling``): the draft token is accepted with t
 and where it is not, the row's own draw is a sample of the model's distribution without it, renormalized. So the
 tokens follow the distribution of decoding one token at a time (not the same draws).
 
+A **draft model** (vLLM's ``draft_model`` method; :class:`DraftModelProposer`) drafts instead: a smaller model of the
+same tokenizer, served by an engine of its own, continues each request's text greedily for ``k`` tokens. Its drafts
+are one token per position too (the draft model's argmax), so the same rule verifies them, exactly.
+
 A verifying pass costs more than a decode step (its prefill kernels over ``k + 1`` rows a request, every row's logits
 read back): on an H100 about 1.35 decode steps for an 8B model at batch 1, about 3 for a 135M one, whose steps are
 launch-bound. So a step verifies only where it pays (:class:`DraftPolicy`): the tokens it is expected to give per
@@ -27,9 +31,12 @@ test_speculation.py).
 
 from __future__ import annotations
 
+import json
+import os
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +44,17 @@ import numpy as np
 from ..text.args import arg_token_ids
 from ..values import arg_int, show
 
-__all__ = ["DraftPolicy", "NgramProposer", "SpeculationStats", "accepted_tokens", "ngram_config"]
+__all__ = [
+    "DraftModelProposer",
+    "DraftPolicy",
+    "NgramProposer",
+    "SpeculationStats",
+    "SpeculativeConfig",
+    "accepted_tokens",
+    "same_directory",
+    "speculative_config_arg",
+    "tokenizer_difference",
+]
 
 
 @dataclass
@@ -88,6 +105,41 @@ class NgramProposer:
                 return tuple(int(t) for t in arr[at : at + k])
         return ()
 
+    def propose_many(self, histories: Sequence[np.ndarray], limits: Sequence[int]) -> list[tuple[int, ...]]:
+        """:meth:`propose` for each request of a step: ``histories[i]`` its prompt and output, ``limits[i]`` the most
+        tokens it may draft."""
+        return [self.propose(h, n) for h, n in zip(histories, limits, strict=True)]
+
+
+class DraftModelProposer:
+    """Drafts of up to ``k`` tokens by a draft model (vLLM's ``draft_model`` method): the greedy continuation of each
+    request's text by ``engine``, an engine of a smaller model of the same tokenizer (a
+    :class:`~fi_engine.runtime.serving.ServingLoop`: its ``generate`` is called, so it must be idle otherwise).
+
+    One :meth:`propose_many` is one ``generate`` call for every drafting request of a step: a prefill pass of each
+    request's text and ``k - 1`` decode steps of the draft model. With the draft engine's prefix cache on (the
+    target engine turns it on: ``ServingLoop.draft_model``), a request's text is found cached from its last draft
+    up to its last full page, so a draft prefills the tokens since then only, not the whole text again. A draft
+    stops early at the draft model's end-of-sequence token (kept: the target may accept it)."""
+
+    def __init__(self, engine: Any, k: int) -> None:
+        self.engine = engine
+        self.k = arg_int("k", k, 1, 64)
+
+    def propose_many(self, histories: Sequence[np.ndarray], limits: Sequence[int]) -> list[tuple[int, ...]]:
+        """The drafts of the requests of a step: ``histories[i]`` a request's prompt and output (token ids),
+        ``limits[i]`` the most tokens it may draft; ``()`` for a limit of 0 or a text the draft engine cannot hold
+        with its draft (longer than its ``max_seq_len``)."""
+        room = int(self.engine.max_seq_len)
+        sizes = [min(self.k, int(n), room - len(h)) for h, n in zip(histories, limits, strict=True)]
+        todo = [i for i, n in enumerate(sizes) if n > 0]
+        out: list[tuple[int, ...]] = [()] * len(sizes)
+        if todo:
+            made = self.engine.generate([histories[i].tolist() for i in todo], [sizes[i] for i in todo])
+            for i, tokens in zip(todo, made.tokens, strict=True):
+                out[i] = tuple(int(t) for t in tokens)
+        return out
+
 
 def accepted_tokens(draft: Sequence[int], choices: Sequence[int]) -> list[int]:
     """The tokens one verifying pass gives a request fed its last token and ``draft``: ``choices`` (the model's
@@ -114,8 +166,10 @@ class DraftPolicy:
     verifies. Every ``explore``-th step with drafts that would not verify does anyway, so a request whose text turns
     repetitive is found again.
 
-    A request whose rate fell below ``min_rate`` drafts nothing (its rows in a pass would cost more than they give),
-    but every ``explore``-th step it is held back."""
+    A request whose rate fell below ``min_rate`` drafts nothing (its rows in a pass would cost more than they give)
+    until ``explore`` steps (decode steps and passes: :meth:`stepped`) have passed since its last verified draft.
+    Asking (:meth:`drafts`, :meth:`expected`) changes nothing, so a step may ask twice (once to decide, once to
+    draft) and get the same answers."""
 
     def __init__(self, prior: float = 0.5, explore: int = 16, min_rate: float = 0.15) -> None:
         if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not 0.0 <= prior <= 1.0:
@@ -125,7 +179,8 @@ class DraftPolicy:
         self.prior = float(prior)
         self.min_rate = float(min_rate)
         self.explore = arg_int("explore", explore, 1, 1 << 20)
-        self._held: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self.steps = 0  # decode steps and verifying passes recorded (stepped)
+        self._verified_at: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.decode_s: float | None = None  # a decode step's wall time (moving average)
         self.verify_s: float | None = None  # a verifying pass's
         self._rates: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
@@ -136,13 +191,15 @@ class DraftPolicy:
         return self._rates.get(request, self.prior)
 
     def drafts(self, request: Any) -> bool:
-        """Whether ``request`` drafts this step: its rate is at least ``min_rate``, or it has been held back
-        ``explore`` steps since it last drafted."""
+        """Whether ``request`` drafts this step: its rate is at least ``min_rate``, or ``explore`` steps have passed
+        since its last draft was verified."""
         if self.rate(request) >= self.min_rate:
             return True
-        held = self._held.get(request, 0) + 1
-        self._held[request] = held % self.explore
-        return held == self.explore
+        return self.steps - self._verified_at.get(request, 0) >= self.explore
+
+    def stepped(self) -> None:
+        """A decode step's or a verifying pass's tokens were recorded (the clock of :meth:`drafts`)."""
+        self.steps += 1
 
     def expected(self, request: Any, drafted: int) -> float:
         """The draft tokens a pass is expected to accept of a draft of ``drafted`` tokens for ``request``."""
@@ -165,6 +222,7 @@ class DraftPolicy:
         """A verified draft of ``drafted`` tokens of which ``accepted`` were: ``request``'s rate moves halfway to it."""
         if drafted:
             self._rates[request] = 0.5 * self.rate(request) + 0.5 * accepted / drafted
+            self._verified_at[request] = self.steps
 
     def timed(self, verify: bool, seconds: float) -> None:
         """A decode step's (``verify`` False) or a verifying pass's wall time, into its moving average."""
@@ -176,14 +234,29 @@ class DraftPolicy:
             self.decode_s = new
 
 
-SPECULATIVE_CONFIG_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+SPECULATIVE_CONFIG_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
 
 
-def ngram_config(speculative_config: Mapping[str, Any] | None) -> NgramProposer | None:
-    """The proposer vLLM's ``speculative_config`` asks for: None for None; for ``{"method": "ngram",
-    "num_speculative_tokens": k, "prompt_lookup_max": n, "prompt_lookup_min": m}`` (``method`` and the sizes optional:
-    ``"ngram"``, 4 and 1; ``k`` 1 to 16) an :class:`NgramProposer`. TypeError/ValueError naming the key otherwise (an
-    unknown one, another method, a size out of range)."""
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's ``speculative_config``, checked: ``method`` ``"ngram"`` (prompt lookup, :class:`NgramProposer` with
+    ``prompt_lookup_max`` / ``prompt_lookup_min``) or ``"draft_model"`` (:class:`DraftModelProposer`; ``model``: the
+    draft model's checkpoint directory, or None where the engine's draft engine is set already), ``k`` draft tokens
+    a pass (``num_speculative_tokens``)."""
+
+    method: str
+    k: int
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    model: str | None = None
+
+
+def speculative_config_arg(speculative_config: Mapping[str, Any] | None) -> SpeculativeConfig | None:
+    """vLLM's ``speculative_config`` checked: None for None; for ``{"method": "ngram", "num_speculative_tokens": k,
+    "prompt_lookup_max": n, "prompt_lookup_min": m}`` (the sizes optional: 4 and 1) or ``{"method": "draft_model",
+    "model": DIR, "num_speculative_tokens": k}`` (``method`` optional: ``"draft_model"`` where ``model`` is given,
+    else ``"ngram"``; ``k`` 1 to 16) a :class:`SpeculativeConfig`. TypeError/ValueError naming the key otherwise
+    (an unknown one, another method, a size out of range, the lookup sizes with a draft model)."""
     config = speculative_config
     if config is None:
         return None
@@ -193,12 +266,72 @@ def ngram_config(speculative_config: Mapping[str, Any] | None) -> NgramProposer 
     if unknown:
         keys = ", ".join(SPECULATIVE_CONFIG_KEYS)
         raise ValueError(f"speculative_config: unknown key {show(unknown[0])}; expected some of {keys}")
-    method = config.get("method", "ngram")
-    if method != "ngram":
-        raise ValueError(f"speculative_config['method']: only 'ngram' (prompt lookup) is served, got {show(method)}")
+    model = config.get("model")
+    if model is not None and not isinstance(model, str):
+        raise TypeError(
+            f"speculative_config['model']: expected the draft model's checkpoint directory, got {show(model)}"
+        )
+    method = config.get("method", "ngram" if model is None else "draft_model")
+    if method not in ("ngram", "draft_model"):
+        raise ValueError(
+            f"speculative_config['method']: 'ngram' (prompt lookup) or 'draft_model' are served, got {show(method)}"
+        )
     if "num_speculative_tokens" not in config:
         raise ValueError("speculative_config: 'num_speculative_tokens' is required (the draft tokens a pass)")
     k = arg_int("speculative_config['num_speculative_tokens']", config["num_speculative_tokens"], 1, 16)
+    if method == "draft_model":
+        lookup = [key for key in ("prompt_lookup_max", "prompt_lookup_min") if key in config]
+        if lookup:
+            raise ValueError(f"speculative_config[{show(lookup[0])}]: a size of the 'ngram' method, not 'draft_model's")
+        return SpeculativeConfig("draft_model", k, model=model)
+    if model is not None:
+        raise ValueError("speculative_config['model']: a draft model's directory; the 'ngram' method takes none")
     most = arg_int("speculative_config['prompt_lookup_max']", config.get("prompt_lookup_max", 4), 1, 64)
     least = arg_int("speculative_config['prompt_lookup_min']", config.get("prompt_lookup_min", 1), 1, most)
-    return NgramProposer(k, most, least)
+    return SpeculativeConfig("ngram", k, most, least)
+
+
+def same_directory(a: str | os.PathLike[str] | None, b: str | os.PathLike[str] | None) -> bool:
+    """Whether ``a`` and ``b`` name the same directory (after resolving links; equal text where either is missing)."""
+    if a is None or b is None:
+        return a is b
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return os.fspath(a) == os.fspath(b)
+
+
+def _vocabulary(folder: str | os.PathLike[str] | None) -> dict[str, int] | None:
+    """The token ids of a checkpoint's ``tokenizer.json`` (its model's vocabulary and added tokens), or None where
+    it has none or it cannot be read as one."""
+    if folder is None:
+        return None
+    try:
+        data = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    vocab = (
+        data.get("model", {}).get("vocab") if isinstance(data, dict) and isinstance(data.get("model"), dict) else None
+    )
+    if isinstance(vocab, list):  # (a Unigram model: [piece, score] pairs, the id their index)
+        vocab = {str(entry[0]): i for i, entry in enumerate(vocab) if isinstance(entry, list) and entry}
+    if not isinstance(vocab, dict):
+        return None
+    ids = dict(vocab)
+    for added in data.get("added_tokens") or ():
+        if isinstance(added, dict) and "content" in added and "id" in added:
+            ids[str(added["content"])] = added["id"]
+    return ids
+
+
+def tokenizer_difference(target: str | os.PathLike[str] | None, draft: str | os.PathLike[str] | None) -> str | None:
+    """Why the checkpoints ``target`` and ``draft`` (directories) do not share a tokenizer, or None where they do or
+    either has no readable ``tokenizer.json`` (then only the vocabulary sizes are compared, by the caller): the
+    first token whose id differs, or the sizes of the two vocabularies."""
+    a, b = _vocabulary(target), _vocabulary(draft)
+    if a is None or b is None or a == b:
+        return None
+    for token, i in b.items():
+        if a.get(token) != i:
+            return f"the draft tokenizer's {token!r:.40} is token {i}, the target's {a.get(token)}"
+    return f"the target's tokenizer has {len(a)} tokens, the draft's {len(b)}"

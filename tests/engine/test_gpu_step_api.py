@@ -540,6 +540,55 @@ def test_speculative_decoding_samples_from_each_requests_distribution(engine):
     assert free_pages(engine) == capacity(engine)
 
 
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory):
+    """A second random model of the same vocabulary (another MLP width: other weights)."""
+    return save_random_llama(tmp_path_factory.mktemp("other-llama"), "float16", 64, (9, 3), 576, 768, False)
+
+
+@pytest.mark.parametrize("draft_of", ["same", "other"])
+def test_a_draft_model_gives_the_same_tokens(engine, checkpoint, other_checkpoint, draft_of):
+    """Speculative decoding by a draft model (``ServingLoop.draft_model``, 4 tokens a pass) in every mode, the draft
+    engine made as vLLM's option makes it (eager or CUDA graph as the target): ``same``, the target's own checkpoint
+    (its greedy drafts are the target's choices up to the prefill and decode kernels' rounding: at least 90 % of the
+    draft tokens accepted), and ``other``, another random model (its drafts rejected, but for chance). Prompts that
+    do not repeat (prompt lookup would find nothing), with generate and the step API: every request's tokens equal
+    those without speculation; the draft engine's prefix cache served the texts of its later drafts; every page of
+    both engines is back; setting the draft model to None closes its engine."""
+    ps = prompts((29, 41, 7), VOCAB, seed=64)
+    plain = engine.generate(ps, 24, eos_token_ids=()).tokens
+    draft = LlamaEngine(
+        checkpoint if draft_of == "same" else other_checkpoint,
+        max_batch=4,
+        page_size=16,
+        max_seq_len=256 + 4,
+        cuda_graph=engine.cuda_graph,
+    )
+    engine.draft_model = draft
+    before = dict(vars(engine.speculation_stats))
+    try:
+        engine.speculative_tokens = 4
+        assert engine.speculative_config["method"] == "draft_model"
+        fast = engine.generate(ps, 24, eos_token_ids=()).tokens
+        stepped = [engine.add_request(p, 24, eos_token_ids=()) for p in ps]
+        got = {rid: tokens_of(outs) for rid, outs in drain(engine).items()}
+    finally:
+        engine.speculative_tokens = 0
+        stats = {n: v - before[n] for n, v in vars(engine.speculation_stats).items()}
+        hit_rate = draft.prefix_cache_stats.hit_rate
+        draft_idle = free_pages(draft) == capacity(draft) and not draft.has_unfinished
+        engine.draft_model = None
+    assert fast == plain and [got[r] for r in stepped] == plain
+    assert stats["passes"] > 0 and stats["drafted"] > 0, stats
+    if draft_of == "same":
+        assert stats["accepted"] >= 0.9 * stats["drafted"], stats
+    else:
+        assert stats["accepted"] <= 0.2 * stats["drafted"], stats
+    assert hit_rate > (0.5 if draft_of == "same" else 0.0) and draft_idle  # (other: few drafts, fewer hits)
+    assert draft._closed and engine.draft_model is None
+    assert free_pages(engine) == capacity(engine)
+
+
 def joint_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
     """The sampler's distribution of one row, in float64 from its definition: the softmax at ``temperature`` over the
     tokens both among its ``top_k`` most likely and in its ``top_p`` nucleus, renormalized."""

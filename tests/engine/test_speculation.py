@@ -1,13 +1,26 @@
-"""Speculative decoding by prompt lookup, on CPU: the n-gram drafts (:class:`NgramProposer`), the tokens a verifying
-pass accepts (:func:`accepted_tokens`). The serving loop's speculative steps: tests/engine/test_step_api_host.py
+"""Speculative decoding's host side, on CPU: the n-gram drafts (:class:`NgramProposer`), a draft model's calls
+(:class:`DraftModelProposer`), the tokens a verifying pass accepts (:func:`accepted_tokens`), the policy, the config
+and the tokenizer check. The serving loop's speculative steps: tests/engine/test_step_api_host.py
 (``test_speculation_*``); on a GPU: tests/engine/test_gpu_step_api.py (``test_speculative_*``)."""
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from fi_engine.runtime.speculation import DraftPolicy, NgramProposer, accepted_tokens
+from fi_engine.runtime.speculation import (
+    DraftModelProposer,
+    DraftPolicy,
+    NgramProposer,
+    SpeculativeConfig,
+    accepted_tokens,
+    same_directory,
+    speculative_config_arg,
+    tokenizer_difference,
+)
 
 
 def test_the_draft_follows_the_latest_earlier_occurrence_of_the_longest_suffix() -> None:
@@ -78,6 +91,79 @@ def test_a_request_whose_drafts_are_rejected_drafts_only_to_explore() -> None:
     a = _Request()
     assert policy.drafts(a)  # the prior: it drafts
     policy.observe(a, 4, 0)  # 0.5 -> 0.25: below min_rate
-    assert [policy.drafts(a) for _ in range(8)] == [False, False, False, True] * 2  # every 4th step held back
-    policy.observe(a, 4, 4)  # 0.25 -> 0.625
+    seen = []
+    for _ in range(6):  # a step: asked twice (to decide, then to draft), the same answer; then recorded
+        seen.append(policy.drafts(a))
+        assert policy.drafts(a) == seen[-1]
+        policy.stepped()
+    assert seen == [False, False, False, False, True, True]  # held back until 4 steps passed since its last draft
+    policy.observe(a, 4, 0)  # verified again, rejected again: 0.25 -> 0.125
+    assert [policy.drafts(a) for _ in range(3)] == [False] * 3  # held back again, from this step
+    for _ in range(4):
+        policy.stepped()
     assert policy.drafts(a)
+    policy.observe(a, 4, 4)  # 0.125 -> 0.5625
+    assert policy.drafts(a)
+
+
+class _DraftEngine:
+    """What :class:`DraftModelProposer` calls of a draft engine: ``max_seq_len`` and ``generate`` (it continues each
+    text with its last token + 1, ..., as many as asked), recording its calls."""
+
+    max_seq_len = 12
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[list[int]], list[int]]] = []
+
+    def generate(self, prompts, max_new_tokens):
+        self.calls.append((prompts, list(max_new_tokens)))
+        return SimpleNamespace(
+            tokens=[[p[-1] + i + 1 for i in range(n)] for p, n in zip(prompts, max_new_tokens, strict=True)]
+        )
+
+
+def test_a_draft_model_drafts_in_one_call_within_each_limit_and_its_context() -> None:
+    engine = _DraftEngine()
+    proposer = DraftModelProposer(engine, 4)
+    histories = [np.arange(5), np.arange(3), np.arange(10), np.arange(12)]
+    drafts = proposer.propose_many(histories, [9, 0, 9, 9])
+    # the second may draft nothing; the third only 2 (its 10 tokens and the draft within max_seq_len 12); the last
+    # fills the draft engine's context: no draft
+    assert drafts == [(5, 6, 7, 8), (), (10, 11), ()]
+    assert engine.calls == [([[0, 1, 2, 3, 4], list(range(10))], [4, 2])]  # one generate call for the step
+    assert proposer.propose_many([np.arange(2)], [0]) == [()] and len(engine.calls) == 1  # nothing asked: no call
+    with pytest.raises(ValueError, match="k: expected an int in"):
+        DraftModelProposer(engine, 0)
+
+
+def test_the_speculative_config_arg_reads_both_methods() -> None:
+    assert speculative_config_arg(None) is None
+    assert speculative_config_arg({"num_speculative_tokens": 3}) == SpeculativeConfig("ngram", 3, 4, 1)
+    assert speculative_config_arg({"model": "/ckpt", "num_speculative_tokens": 5}) == SpeculativeConfig(
+        "draft_model", 5, model="/ckpt"
+    )
+    with pytest.raises(ValueError, match=r"\['model'\]: a draft model's directory; the 'ngram' method takes none"):
+        speculative_config_arg({"method": "ngram", "model": "/ckpt", "num_speculative_tokens": 5})
+
+
+def test_a_tokenizer_difference_names_the_first_token_that_differs(tmp_path) -> None:
+    def write(name: str, data: object) -> str:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps(data))
+        return str(tmp_path / name)
+
+    bpe = write("bpe", {"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": [{"id": 2, "content": "<eos>"}]})
+    same = write("same", {"model": {"vocab": {"b": 1, "a": 0}}, "added_tokens": [{"id": 2, "content": "<eos>"}]})
+    other_eos = write(
+        "other_eos", {"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": [{"id": 3, "content": "<eos>"}]}
+    )
+    unigram = write("unigram", {"model": {"vocab": [["a", -1.0], ["b", -2.0], ["c", -3.0]]}})
+    assert tokenizer_difference(bpe, same) is None
+    assert tokenizer_difference(bpe, other_eos) == "the draft tokenizer's '<eos>' is token 3, the target's 2"
+    assert tokenizer_difference(unigram, bpe) == "the draft tokenizer's '<eos>' is token 2, the target's None"
+    assert tokenizer_difference(bpe, unigram) == "the draft tokenizer's 'c' is token 2, the target's None"
+    assert tokenizer_difference(bpe, tmp_path / "nowhere") is None  # (no tokenizer.json: not compared here)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    assert tokenizer_difference(bpe, tmp_path / "broken") is None
+    assert same_directory(bpe, tmp_path / "bpe" / ".." / "bpe") and not same_directory(bpe, same)

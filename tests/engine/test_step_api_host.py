@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import time
 from types import SimpleNamespace
 
@@ -1311,9 +1312,17 @@ def test_the_speculative_config_is_vllms_ngram_one_checked_by_key() -> None:
         "prompt_lookup_min": 1,
     }
     for config, error, message in [
-        ({"method": "eagle", "num_speculative_tokens": 2}, ValueError, r"\['method'\]: only 'ngram'"),
+        ({"method": "eagle", "num_speculative_tokens": 2}, ValueError, r"\['method'\]: 'ngram' .* or 'draft_model'"),
         ({"method": "ngram"}, ValueError, "'num_speculative_tokens' is required"),
-        ({"num_speculative_tokens": 2, "model": "x"}, ValueError, "unknown key 'model'"),
+        ({"num_speculative_tokens": 2, "draft": "x"}, ValueError, "unknown key 'draft'"),
+        (
+            {"num_speculative_tokens": 2, "model": "x"},
+            ValueError,
+            "'draft_model' method needs the draft model's engine",
+        ),
+        ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, ValueError, "the 'ngram' method takes none"),
+        ({"model": "x", "num_speculative_tokens": 2, "prompt_lookup_max": 2}, ValueError, "a size of the 'ngram'"),
+        ({"model": 3, "num_speculative_tokens": 2}, TypeError, r"\['model'\]: expected the draft model's checkpoint"),
         ({"num_speculative_tokens": 17}, ValueError, r"\['num_speculative_tokens'\]: expected an int in"),
         ({"num_speculative_tokens": 2.5}, TypeError, "expected an int"),
         ({"num_speculative_tokens": 2, "prompt_lookup_max": 2, "prompt_lookup_min": 3}, ValueError, "_min"),
@@ -1324,3 +1333,108 @@ def test_the_speculative_config_is_vllms_ngram_one_checked_by_key() -> None:
         assert e.speculative_tokens in (0, 3)  # a refused config leaves speculation off or as it was
     e.speculative_config = None
     assert e.speculative_config is None and e.speculative_tokens == 0
+
+
+# speculative decoding by a draft model (ServingLoop.draft_model): the draft engine is a second stand-in engine whose
+# generate runs the real step loop and scheduler (its prefix cache included)
+
+
+def draft_engine(model):
+    d = bare_engine(max_batch=3, num_pages=1 + 40, token_of=lambda r: model([*r.prompt, *r.output]))
+    d.runner.close = lambda: setattr(d, "closed_runner", True)
+    d.model_dir = "draft-checkpoint"  # (no tokenizer.json there: the vocabulary sizes are compared)
+    return d
+
+
+def unrepeating(history) -> int:
+    """A stand-in model whose text does not repeat (as :func:`wandering`) and whose token does not depend on the
+    last one (the pipelined stand-in feeds a step launched ahead a placeholder for the token of the step in flight)."""
+    return 100 + (sum(history[-4:-1]) * 31 + len(history) * 17) % 50
+
+
+def off_by_one_in_three(history) -> int:
+    """A draft model that agrees with :func:`unrepeating` except at every third position."""
+    return unrepeating(history) + (1 if len(history) % 3 == 0 else 0)
+
+
+@pytest.mark.parametrize(("overlap", "pipelined"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("drafter", [unrepeating, off_by_one_in_three])
+def test_a_draft_model_gives_the_same_tokens_in_fewer_steps(overlap, pipelined, drafter) -> None:
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4, 3, 2] * 3, [11, 12, 13]]
+
+    def run(k: int, draft=None):
+        e, passes = speculating_engine(unrepeating, 0, overlap=overlap, pipelined=pipelined)
+        if draft is not None:
+            e.draft_model = draft
+        e.speculative_tokens = k
+        e._policy.decode_s, e._policy.verify_s = 1.0, 1.0
+        rids = [e.add_request(p, 40) for p in prompts]
+        got: dict[int, list[int]] = {r: [] for r in rids}
+        steps = 0
+        while e.has_unfinished:
+            for o in e.step():
+                got[o.rid] += o.token_ids
+            steps += 1
+        return [got[r] for r in rids], steps, passes, e
+
+    plain, plain_steps, _, _ = run(0)
+    ngram, _, ngram_passes, _ = run(4)
+    draft = draft_engine(drafter)
+    fast, fast_steps, passes, e = run(4, draft)
+    assert e.speculative_config == {"method": "draft_model", "model": "draft-checkpoint", "num_speculative_tokens": 4}
+    assert fast == plain == ngram  # every way, the target's own tokens
+    stats = e.speculation_stats
+    assert stats.passes == len(passes) > 0 and stats.drafted == sum(map(sum, passes))
+    if drafter is unrepeating:  # a draft model that agrees with the target: every draft token accepted
+        assert stats.accepted == stats.drafted and fast_steps <= 0.4 * plain_steps
+    else:  # one disagreement in three positions: some accepted, some not
+        assert 0.3 < stats.acceptance_rate < 0.8 and fast_steps <= 0.6 * plain_steps
+    assert stats.drafted > sum(map(sum, ngram_passes))  # (prompt lookup finds little in this text)
+    # the draft engine's prefix cache served each request's text from its earlier drafts
+    assert draft.prefix_caching and draft.prefix_cache_stats.hit_rate > 0.5, draft.prefix_cache_stats
+    assert not draft.has_unfinished and draft.scheduler.allocator.num_free == draft.scheduler.allocator.capacity
+    e.close = serving.ServingLoop._close_draft_model.__get__(e)  # (the stand-in runner has no close of its own)
+    e.close()
+    assert getattr(draft, "closed_runner", False) and e.draft_model is None and e.speculative_tokens == 0
+
+
+def test_a_draft_model_is_checked_when_set(tmp_path) -> None:
+    e = bare_engine()
+    with pytest.raises(TypeError, match="draft_model: expected None or an engine"):
+        e.draft_model = "a checkpoint"
+    with pytest.raises(ValueError, match="draft_model: an engine cannot draft for itself"):
+        e.draft_model = e
+    big = draft_engine(wandering)
+    big.runner.config = SimpleNamespace(vocab_size=1001, eos_token_ids=(EOS,))
+    with pytest.raises(ValueError, match=r"its vocabulary \(1001 tokens\) does not fit this model's \(1000\)"):
+        e.draft_model = big
+    busy = draft_engine(wandering)
+    busy.speculative_tokens = 2
+    with pytest.raises(ValueError, match="the draft engine speculates itself"):
+        e.draft_model = busy
+    # the checkpoints' tokenizers, where both have one
+    for name, vocab in (("target", {"a": 0, "b": 1}), ("draft", {"a": 1, "b": 0})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}}))
+    e.model_dir = tmp_path / "target"
+    other = draft_engine(wandering)
+    other.model_dir = tmp_path / "draft"
+    with pytest.raises(ValueError, match="draft tokenizer's 'a' is token 1, the target's 0"):
+        e.draft_model = other
+    assert e.draft_model is None
+    other.model_dir = tmp_path / "target"  # (the same tokenizer)
+    e.draft_model = other
+    assert e.draft_model is other and other.prefix_caching
+    with pytest.raises(ValueError, match="the 'ngram' method while a draft model is set"):
+        e.speculative_config = {"method": "ngram", "num_speculative_tokens": 2}
+    with pytest.raises(ValueError, match=r"\['model'\]: 'elsewhere' is not the draft model set"):
+        e.speculative_config = {"model": "elsewhere", "num_speculative_tokens": 2}
+    e.speculative_config = {"model": str(tmp_path / "target"), "num_speculative_tokens": 2}
+    assert e.speculative_config == {
+        "method": "draft_model",
+        "model": str(tmp_path / "target"),
+        "num_speculative_tokens": 2,
+    }
+    replacement = draft_engine(wandering)
+    e.draft_model = replacement  # the old one closed, the drafts now the new one's
+    assert getattr(other, "closed_runner", False) and e.speculative_config["model"] == "draft-checkpoint"

@@ -1566,11 +1566,11 @@ ENTRY_POINTS: dict[str, Callable[[], list[tuple[str, Entry]]]] = {
     "runtime.speculation.DraftPolicy": lambda: [
         ("DraftPolicy", Entry(speculation.DraftPolicy, lambda: dict(prior=0.5, explore=16)))
     ],
-    "runtime.speculation.ngram_config": lambda: [
+    "runtime.speculation.speculative_config_arg": lambda: [
         (
-            "ngram_config",
+            "speculative_config_arg",
             Entry(
-                speculation.ngram_config,
+                speculation.speculative_config_arg,
                 lambda: dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
                 kinds={"speculative_config": "opt_mapping"},
             ),
@@ -2059,6 +2059,10 @@ EXEMPT: dict[str, str] = {
     "vllm_ar.register_graph_buffers": "takes get_graph_buffer_ipc_meta of each rank: comm/test_allreduce_kernels.py",
     "runtime.kv_cache.PrefixCacheStats": "the counters a KVCacheManager keeps and counts up; no argument to check",
     "runtime.speculation.SpeculationStats": "the counters the serving loop keeps and counts up; no argument to check",
+    "runtime.speculation.SpeculativeConfig": "the checked values speculative_config_arg (above) returns",
+    "runtime.speculation.DraftModelProposer": "wraps an engine that ServingLoop.draft_model checks",
+    "runtime.speculation.same_directory": "compares the engines' model_dir paths: tests/engine/test_speculation.py",
+    "runtime.speculation.tokenizer_difference": "reads two engines' tokenizer.json: tests/engine/test_speculation.py",
     "checkpoint.safetensors.Checkpoint": "reads safetensors files: tests/engine/test_serving_host.py",
     "checkpoint.safetensors.read_header": "reads a safetensors header: tests/engine/test_serving_host.py",
     "checkpoint.safetensors.write_safetensors": "a test helper writing checkpoints: tests/engine/test_serving_host.py",
