@@ -123,6 +123,40 @@ def first_layers(source: Path, folder: Path, layers: int) -> Path:
     return folder
 
 
+def silent_after(source: Path, folder: Path, live: int) -> Path:
+    """A copy of the checkpoint ``source`` (written by ``bench_llama_tp.py --make``: one file) whose layers from
+    ``live`` on add nothing to the residual stream (their ``o_proj`` and ``down_proj`` zero): it computes what its
+    first ``live`` layers compute, at the cost of all of them. With ``--draft-layers live`` its draft then agrees with
+    it (up to the kernels' rounding): the speed of a draft model whose drafts are accepted, at its cost."""
+    path = source / "model.safetensors"
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        data = f.read()
+    zeros: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    tail = len(data)
+    for name, info in header.items():
+        parts = name.split(".")
+        if "layers" in parts and int(parts[parts.index("layers") + 1]) >= live and parts[-2] in ("o_proj", "down_proj"):
+            start, end = info["data_offsets"]
+            key = (info["dtype"], tuple(info["shape"]))
+            if key not in zeros:
+                zeros[key] = [tail, tail + end - start]
+                tail += end - start
+            info["data_offsets"] = zeros[key]
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "model.safetensors").open("wb") as out:
+        out.write(len(raw).to_bytes(8, "little") + raw + data)
+        for start, end in zeros.values():
+            out.write(bytes(end - start))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).is_file():
+            (folder / name).write_bytes((source / name).read_bytes())
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="a checkpoint of the Llama family")
@@ -136,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     parser.add_argument("--draft-model", type=Path, help="speculate with this draft model (same tokenizer)")
     parser.add_argument("--draft-layers", type=int, help="speculate with the target's first N layers as the draft")
+    parser.add_argument(
+        "--silent-after", type=int, help="serve a copy of --model whose layers from N on add nothing (see silent_after)"
+    )
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -144,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sampling = SamplingParams(temperature=args.temperature) if args.temperature else None
 
+    if args.silent_after:
+        args.model = silent_after(
+            args.model, args.model.with_name(args.model.name + f"-silent{args.silent_after}"), args.silent_after
+        )
     draft = args.draft_model
     if args.draft_layers:
         draft = first_layers(

@@ -230,6 +230,7 @@ class ServingLoop(StepEngineBase):
         self._proposer = None
         self._draft_model = None
         self._policy = DraftPolicy()
+        self._policy_for: tuple[int, Any] = (0, None)  # the (k, draft model) whose costs _policy measured
         self._draft_draws = None  # the Philox stream of sampled rows in verifying passes (made on first use)
         self._verify_next = False
         self._recorded_at = None
@@ -368,7 +369,10 @@ class ServingLoop(StepEngineBase):
         if k:
             proposer = NgramProposer(k) if self._draft_model is None else DraftModelProposer(self._draft_model, k)
         self._proposer = proposer
-        self._policy = DraftPolicy()  # (measured again: the pass's cost depends on k)
+        if k and (k, self._draft_model) != self._policy_for:
+            # measured again where the pass's cost changes (k, the drafter); kept while speculation is off
+            self._policy = DraftPolicy()
+            self._policy_for = (k, self._draft_model)
 
     @property
     def speculative_config(self) -> dict[str, Any] | None:
@@ -446,9 +450,7 @@ class ServingLoop(StepEngineBase):
                 engine.prefix_caching = True
         old, self._draft_model = self._draft_model, engine
         if self._proposer is not None:
-            k = self._proposer.k
-            self._proposer = NgramProposer(k) if engine is None else DraftModelProposer(engine, k)
-            self._policy = DraftPolicy()
+            self.speculative_tokens = self._proposer.k  # (its drafts the new drafter's, its costs measured again)
         if old is not None:
             old.close()
 

@@ -32,6 +32,7 @@ test_speculation.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import weakref
 from collections.abc import Mapping, Sequence
@@ -162,20 +163,33 @@ class DraftPolicy:
     rate (per draft token, a moving average starting at ``prior``), and the wall time of a decode step and of a
     verifying pass (moving averages). A step of ``rows`` decoding requests verifies when the tokens it is expected to
     give, ``rows`` plus each draft's expected accepted length (``p + p**2 + ... + p**len(draft)`` at its request's rate
-    ``p``), per second of a verifying pass beat ``rows`` per second of a decode step; before both times are measured it
-    verifies. Every ``explore``-th step with drafts that would not verify does anyway, so a request whose text turns
-    repetitive is found again.
+    ``p``), per second of a verifying pass beat ``rows`` per second of a decode step (before a pass is timed it
+    verifies, then decodes until a decode step is timed). Every :meth:`interval`-th step with drafts that would not
+    verify does anyway, so a request whose text turns repetitive is found again.
 
     A request whose rate fell below ``min_rate`` drafts nothing (its rows in a pass would cost more than they give)
-    until ``explore`` steps (decode steps and passes: :meth:`stepped`) have passed since its last verified draft.
+    until :meth:`interval` steps (decode steps and passes: :meth:`stepped`) have passed since its last verified draft.
+    The interval is ``explore`` steps, or more where a pass costs so much more than a decode step that exploring
+    that often would lose more than ``explore_budget`` of the decode time (a draft model's pass on a small model).
     Asking (:meth:`drafts`, :meth:`expected`) changes nothing, so a step may ask twice (once to decide, once to
     draft) and get the same answers."""
 
-    def __init__(self, prior: float = 0.5, explore: int = 16, min_rate: float = 0.15) -> None:
+    def __init__(
+        self, prior: float = 0.5, explore: int = 16, min_rate: float = 0.15, explore_budget: float = 0.04
+    ) -> None:
         if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not 0.0 <= prior <= 1.0:
             raise ValueError(f"prior: expected an acceptance rate in [0, 1], got {prior!r:.40}")
         if isinstance(min_rate, bool) or not isinstance(min_rate, (int, float)) or not 0.0 <= min_rate <= 1.0:
             raise ValueError(f"min_rate: expected an acceptance rate in [0, 1], got {min_rate!r:.40}")
+        if (
+            isinstance(explore_budget, bool)
+            or not isinstance(explore_budget, (int, float))
+            or not 0.0 < explore_budget <= 1.0
+        ):
+            raise ValueError(
+                f"explore_budget: expected a share of the decode time in (0, 1], got {explore_budget!r:.40}"
+            )
+        self.explore_budget = float(explore_budget)
         self.prior = float(prior)
         self.min_rate = float(min_rate)
         self.explore = arg_int("explore", explore, 1, 1 << 20)
@@ -195,7 +209,16 @@ class DraftPolicy:
         since its last draft was verified."""
         if self.rate(request) >= self.min_rate:
             return True
-        return self.steps - self._verified_at.get(request, 0) >= self.explore
+        return self.steps - self._verified_at.get(request, 0) >= self.interval()
+
+    def interval(self) -> int:
+        """The steps between explorations: ``explore``, or where a pass that gives nothing (its excess over a decode
+        step, ``verify_s - decode_s``) every ``explore`` steps would cost more than ``explore_budget`` of the decode
+        time, as many steps as keep it within."""
+        if self.decode_s is None or self.verify_s is None or self.decode_s <= 0.0:
+            return self.explore
+        excess = (self.verify_s - self.decode_s) / (self.explore_budget * self.decode_s)
+        return max(self.explore, min(1 << 20, math.ceil(excess)))
 
     def stepped(self) -> None:
         """A decode step's or a verifying pass's tokens were recorded (the clock of :meth:`drafts`)."""
@@ -208,15 +231,18 @@ class DraftPolicy:
 
     def worth(self, drafts: Sequence[tuple[Any, int]]) -> bool:
         """Whether to verify a step whose decoding requests have drafts of these lengths (``(request, drafted)``,
-        one per row, 0 for a row without)."""
-        if self.decode_s is None or self.verify_s is None:
+        one per row, 0 for a row without). Before a pass is timed: yes; then, before a decode step is: no (a draft
+        model drafts every step, so without this no decode step would ever be timed)."""
+        if self.verify_s is None:
             return True
+        if self.decode_s is None:
+            return False
         rows = len(drafts)
         gain = sum(self.expected(r, n) for r, n in drafts if n)
         if (rows + gain) / self.verify_s > rows / self.decode_s:
             return True
         self._declined += 1
-        return self._declined % self.explore == 0
+        return self._declined % self.interval() == 0
 
     def observe(self, request: Any, drafted: int, accepted: int) -> None:
         """A verified draft of ``drafted`` tokens of which ``accepted`` were: ``request``'s rate moves halfway to it."""

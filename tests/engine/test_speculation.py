@@ -64,11 +64,17 @@ class _Request:
 
 
 def test_the_policy_verifies_where_the_expected_tokens_pay_for_the_pass() -> None:
-    policy = DraftPolicy(prior=0.5, explore=4)
+    policy = DraftPolicy(prior=0.5, explore=4, explore_budget=1.0)
     a, b = _Request(), _Request()
     assert policy.worth([(a, 4)])  # nothing measured yet: verify
     policy.timed(False, 1.0)
     policy.timed(True, 3.0)  # a pass costs three decode steps
+    # exploring every 4th step loses (3 - 1) / 4 = 50 % of the decode time: within a budget of 100 %; within 4 %,
+    # only every (3 - 1) / 0.04 = 50th step
+    assert policy.interval() == 4 and DraftPolicy(explore=4, explore_budget=0.04).interval() == 4  # (nothing timed)
+    policy.explore_budget = 0.04
+    assert policy.interval() == 50
+    policy.explore_budget = 1.0
     assert policy.expected(a, 3) == pytest.approx(0.5 + 0.25 + 0.125)
     assert not policy.worth([(a, 4)])  # 1 + 0.94 tokens for 3 steps' time
     policy.observe(a, 4, 4)
@@ -84,6 +90,16 @@ def test_the_policy_verifies_where_the_expected_tokens_pay_for_the_pass() -> Non
         DraftPolicy(prior=1.5)
     with pytest.raises(ValueError, match="min_rate"):
         DraftPolicy(min_rate=-0.1)
+    fresh = DraftPolicy()
+    fresh.timed(True, 2.0)  # a pass timed, no decode step yet: the next step decodes (and is timed)
+    assert not fresh.worth([(a, 4)])
+    fresh.timed(False, 1.0)
+    assert not fresh.worth([(a, 4)])  # 1 + 0.94 tokens for 2 steps' time (its own rates: a's the prior here)
+    fresh.observe(a, 4, 4)
+    fresh.observe(a, 4, 4)
+    assert fresh.worth([(a, 4)])  # 1 + 2.84 tokens for 2 steps' time
+    with pytest.raises(ValueError, match="explore_budget"):
+        DraftPolicy(explore_budget=0.0)
 
 
 def test_a_request_whose_drafts_are_rejected_drafts_only_to_explore() -> None:
