@@ -430,6 +430,22 @@ class ServingLoop(StepEngineBase):
         self._proposer = NgramProposer(checked.k, checked.prompt_lookup_max, checked.prompt_lookup_min)
 
     @property
+    def speculation_policy(self) -> DraftPolicy:
+        """The :class:`~fi_engine.runtime.speculation.DraftPolicy` that decides which steps verify drafts, with what it
+        measured (a decode step's and a pass's time, each request's acceptance). A new one is made where the pass's
+        cost changes (:attr:`speculative_tokens` set to another count, another :attr:`draft_model`) and kept while
+        speculation is switched off and on again. Set one to tune it (``prior``, ``explore``, ``min_rate``,
+        ``explore_budget``) or to measure afresh; TypeError for anything else."""
+        return self._policy
+
+    @speculation_policy.setter
+    def speculation_policy(self, policy: DraftPolicy) -> None:
+        if not isinstance(policy, DraftPolicy):
+            raise TypeError(f"speculation_policy: expected a DraftPolicy, got {type(policy).__name__}")
+        self._policy = policy
+        self._policy_for = (self.speculative_tokens, self._draft_model)
+
+    @property
     def draft_model(self) -> Any:
         """The engine of speculative decoding's draft model (vLLM's ``draft_model`` method), or None (the default:
         drafts by prompt lookup). Set it to an engine (a :class:`ServingLoop`, idle, not speculating itself) of a

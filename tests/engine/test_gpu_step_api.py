@@ -43,6 +43,7 @@ from helpers.yardstick import prompts  # noqa: E402
 from fi_engine.kernels import flashinfer as kernels  # noqa: E402
 from fi_engine.models.llama import LlamaEngine  # noqa: E402
 from fi_engine.runtime.sampling_params import SamplingParams  # noqa: E402
+from fi_engine.runtime.speculation import DraftPolicy  # noqa: E402
 from fi_engine.runtime.stepping import StepEngine, StepOutput  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -489,6 +490,7 @@ def test_speculative_decoding_gives_the_same_tokens(engine):
 
     def run(k: int) -> tuple[list[list[int]], list[list[int]]]:
         engine.speculative_tokens = k
+        engine.speculation_policy = DraftPolicy()  # measured afresh: the first pass verifies
         stepped = [engine.add_request(p, 20, eos_token_ids=()) for p in ps]
         got = {rid: tokens_of(outs) for rid, outs in drain(engine).items()}
         return engine.generate(ps, 20, eos_token_ids=()).tokens, [got[r] for r in stepped]
@@ -516,6 +518,7 @@ def test_speculative_decoding_samples_from_each_requests_distribution(engine):
     ps = [block * 3, block * 2 + block[:7], block * 3 + block[:2]]
     greedy_run = engine.generate(ps, 16, eos_token_ids=()).tokens
     engine.speculative_tokens = 4
+    engine.speculation_policy = DraftPolicy()  # measured afresh: the first pass verifies
     try:
         before = engine.speculation_stats.drafted
         rids = [engine.add_request(p, 16, sampling=SamplingParams(1.0, 1), eos_token_ids=()) for p in ps]
@@ -542,8 +545,8 @@ def test_speculative_decoding_samples_from_each_requests_distribution(engine):
 
 @pytest.fixture(scope="module")
 def other_checkpoint(tmp_path_factory):
-    """A second random model of the same vocabulary (another MLP width: other weights)."""
-    return save_random_llama(tmp_path_factory.mktemp("other-llama"), "float16", 64, (9, 3), 576, 768, False)
+    """A second random model of the same vocabulary (another width: another embedding, other choices)."""
+    return save_random_llama(tmp_path_factory.mktemp("other-llama"), "float16", 64, (8, 2), 512, 768, False)
 
 
 @pytest.mark.parametrize("draft_of", ["same", "other"])
@@ -568,6 +571,7 @@ def test_a_draft_model_gives_the_same_tokens(engine, checkpoint, other_checkpoin
     before = dict(vars(engine.speculation_stats))
     try:
         engine.speculative_tokens = 4
+        engine.speculation_policy = DraftPolicy()  # measured afresh: the first pass verifies
         assert engine.speculative_config["method"] == "draft_model"
         fast = engine.generate(ps, 24, eos_token_ids=()).tokens
         stepped = [engine.add_request(p, 24, eos_token_ids=()) for p in ps]

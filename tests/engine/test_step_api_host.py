@@ -1334,6 +1334,21 @@ def test_the_speculative_config_is_vllms_ngram_one_checked_by_key() -> None:
         assert e.speculative_tokens in (0, 3)  # a refused config leaves speculation off or as it was
     e.speculative_config = None
     assert e.speculative_config is None and e.speculative_tokens == 0
+    # the policy: kept while speculation is off and on again with the same count, made afresh for another
+    e.speculative_tokens = 3
+    policy = e.speculation_policy
+    e.speculative_tokens = 0
+    e.speculative_tokens = 3
+    assert e.speculation_policy is policy
+    e.speculative_tokens = 2
+    assert e.speculation_policy is not policy
+    mine = serving.DraftPolicy(explore=4)
+    e.speculation_policy = mine
+    assert e.speculation_policy is mine
+    e.speculative_tokens = 2
+    assert e.speculation_policy is mine
+    with pytest.raises(TypeError, match="speculation_policy: expected a DraftPolicy, got dict"):
+        e.speculation_policy = {}
 
 
 # speculative decoding by a draft model (ServingLoop.draft_model): the draft engine is a second stand-in engine whose
