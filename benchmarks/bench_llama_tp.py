@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from roofline import decode_step_bytes, roofline_denominator, shape_from_config  # beside this file
+from roofline import add_hbm_tbs_argument, decode_step_bytes, roofline_denominator, shape_from_config
 
 os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
 
@@ -518,11 +518,7 @@ def main() -> None:
         " launched with programmatic dependent launch)",
     )
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
-    ap.add_argument(
-        "--hbm-tbs",
-        type=float,
-        help="the roofline's memory bandwidth in TB/s (default: the device's peak, from memory clock x bus width)",
-    )
+    add_hbm_tbs_argument(ap)
     args = ap.parse_args()
     if args.make:
         make(args.make, args.layers, args.fp8, args.shape, args.tokenizer_from)

@@ -475,7 +475,8 @@ def roofline_denominator(
     (TB/s) where given (a benchmark's ``--hbm-tbs``), else the peak from the memory clock x bus width
     (:func:`read_memory_spec` over ``readers``), else -- where neither source answers -- the measured copy. The
     copy (``copy(device)``, :func:`measured_copy_bandwidth` by default) is measured when ``measure`` is on, and
-    printed for comparison. BandwidthUnavailable (naming each reason and ``--hbm-tbs``) where no figure is left."""
+    printed for comparison. Where no figure is left the denominator is NaN (every percent of the roofline then
+    prints as ``nan``) and the line says why and names ``--hbm-tbs``: a benchmark's measured rows still print."""
     device = _device(device)
     if hbm_tbs is not None and (
         isinstance(hbm_tbs, bool) or not isinstance(hbm_tbs, (int, float)) or not 0 < hbm_tbs < math.inf
@@ -483,12 +484,10 @@ def roofline_denominator(
         raise ValueError(f"hbm_tbs (--hbm-tbs): expected a positive bandwidth in TB/s, e.g. 3.35, got {show(hbm_tbs)}")
     parts = []
     peak: float | None = None
-    peak_reason = ""
     try:
         spec = read_memory_spec(device, readers)
     except BandwidthUnavailable as exc:
         parts.append(f"cuda:{device}: peak unknown ({exc})")
-        peak_reason = str(exc)
     else:
         peak = spec.peak
         parts.append(
@@ -513,16 +512,27 @@ def roofline_denominator(
     elif measured is not None:
         figure, basis = measured, "measured copy (no peak)"
     else:
-        raise BandwidthUnavailable(f"no copy measured ({copy_reason}), and {peak_reason}")
+        parts.append(f"roofline denominator: none (no copy measured: {copy_reason}; pass --hbm-tbs TB/s)")
+        return Denominator("bandwidth: " + "; ".join(parts), math.nan)
     parts.append(f"roofline denominator: {basis} {figure / 1e12:.2f} TB/s")
     return Denominator("bandwidth: " + "; ".join(parts), figure)
+
+
+def add_hbm_tbs_argument(parser: argparse.ArgumentParser) -> None:
+    """``--hbm-tbs TB/s`` on a benchmark's ``parser``: the roofline's denominator instead of the device's peak
+    (None where not given; pass it to :func:`roofline_denominator` as ``hbm_tbs``)."""
+    parser.add_argument(
+        "--hbm-tbs",
+        type=float,
+        help="the roofline's memory bandwidth in TB/s (default: the device's peak, from memory clock x bus width)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", type=int, default=0, help="CUDA device ordinal (default 0)")
     ap.add_argument("--no-copy", action="store_true", help="do not measure the copy bandwidth")
-    ap.add_argument("--hbm-tbs", type=float, help="the denominator in TB/s instead of the device's peak")
+    add_hbm_tbs_argument(ap)
     args = ap.parse_args(argv)
     for reader in READERS:  # each source on its own: on a GPU machine the two should agree
         try:
@@ -530,12 +540,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec.source}: {spec.name}, {spec.clock_khz} kHz x {spec.bus_bits} bits = {spec.peak:.4g} B/s")
         except BandwidthUnavailable as exc:
             print(exc)
-    try:
-        print(roofline_denominator(args.device, hbm_tbs=args.hbm_tbs, measure=not args.no_copy).line)
-    except BandwidthUnavailable as exc:
-        print(f"no bandwidth figure: {exc}")
-        return 1
-    return 0
+    line, figure = roofline_denominator(args.device, hbm_tbs=args.hbm_tbs, measure=not args.no_copy)
+    print(line)
+    return 1 if math.isnan(figure) else 0
 
 
 if __name__ == "__main__":
