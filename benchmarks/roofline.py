@@ -6,8 +6,8 @@ bandwidth`` seconds, and ``(bytes / bandwidth) / step_time`` is the share of the
 bus_bits / 8`` bytes/s (HBM and GDDR move data on both clock edges): an H100 SXM's 2619 MHz x 5120 bits is 3.35
 TB/s, an H200's 3201 MHz x 6144 bits 4.92 TB/s (its data sheet says 4.8). :func:`peak_bandwidth` reads the two
 figures through the CUDA driver (``cuDeviceGetAttribute``, through cuda-bindings) and, where that cannot answer,
-through NVML (ctypes over ``libnvidia-ml.so.1``). The peak is why it is the default: fixed by the hardware, the
-same on every run, so rows of different runs and machines compare. :func:`measured_copy_bandwidth` (a
+through NVML (ctypes over ``libnvidia-ml.so.1``). It is the default denominator because the hardware fixes it:
+the same on every run, so rows of different runs and machines compare. :func:`measured_copy_bandwidth` (a
 device-to-device copy timed with CUDA events, through CuPy) is printed beside it as what a plain copy reaches,
 below the peak and varying from run to run. :func:`roofline_denominator` gives both in one line to print with
 every table, and the denominator: an explicit ``--hbm-tbs`` figure, else the peak, else (where neither source
@@ -31,9 +31,10 @@ can read the peak) the measured copy.
 - tensor parallelism as the engine splits a layer: q/k/v and gate/up by output rows, o and down by input
   columns, each expert's intermediate columns likewise.
 
-Left out, each under 0.1 % of a step: the embedding rows a step gathers (``batch`` of them), the activations,
-biases (gpt-oss's), per-head q/k norms (Qwen3's), attention sinks. The engine's ``dense`` MoE path reads every
-expert, more than this minimum: its percent of the roofline is then below its bandwidth use.
+Left out: the activations a step reads and writes (under 0.1 % of the 8B shape's step at batch 1, about 1 % at
+batch 32) and, each under 0.1 %, the embedding rows a step gathers, biases (gpt-oss's), per-head q/k norms
+(Qwen3's), attention sinks. The engine's ``dense`` MoE path reads every expert, more than this minimum: its
+percent of the roofline is then below its bandwidth use.
 
 Run as a script to print the bandwidth line (and what each source reads)::
 
@@ -49,6 +50,8 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from fi_engine.values import MAX_SIZE, arg_int, show
 
@@ -70,6 +73,8 @@ def linear_bytes(n: int, k: int, weights: str = "16-bit", block: tuple[int, int]
     if weights == "fp8-row":
         return n * k + 4 * n
     if weights == "fp8-block":
+        if not isinstance(block, tuple) or len(block) != 2:
+            raise TypeError(f"block: expected a (rows, columns) tuple of two ints, e.g. (128, 128), got {show(block)}")
         bn, bk = (arg_int("block", b, 1, MAX_SIZE) for b in block)
         return n * k + 4 * -(-n // bn) * -(-k // bk)
     raise ValueError(f"weights: expected one of {', '.join(WEIGHT_FORMATS)}, got {show(weights)}")
@@ -89,8 +94,6 @@ def count_distinct_experts(expert_ids: Any) -> int:
     """The distinct experts one layer's routing of a step chose: ``expert_ids`` the chosen expert ids of every row
     (e.g. ``[rows, top_k]`` ints, as ``MoELayer.last_routing[1]``). Pass one count per layer to
     :func:`decode_step_bytes` (``experts_read``) to count a step by its observed routing."""
-    import numpy as np
-
     ids = np.asarray(expert_ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"expert_ids: expected integer expert ids, got an array of {ids.dtype}")
@@ -144,7 +147,9 @@ def shape_from_config(cfg: Any) -> DecoderShape:
     ``num_key_value_heads`` (default: the heads), ``head_dim`` (default: hidden / heads), ``vocab_size``; experts
     from ``num_local_experts`` or ``num_experts`` with ``num_experts_per_tok``; FP8 weights from an FP8
     ``quantization_config`` (per-row scales for per-tensor and per-channel ones, per-block with
-    ``weight_block_size``); sliding windows from ``layer_types`` (``sliding_attention``) and ``sliding_window``.
+    ``weight_block_size``); sliding windows from ``layer_types`` (``sliding_attention``) and ``sliding_window`` (a
+    ``sliding_window`` without ``layer_types`` counts as full attention: the KV bytes of a long context are then
+    over-counted).
     ValueError naming the key for what it cannot model (a missing size, another quantization, shared experts,
     DeepSeek's latent attention)."""
     from fi_engine.checkpoint.quantization import fp8_scheme
@@ -162,7 +167,8 @@ def shape_from_config(cfg: Any) -> DecoderShape:
         return arg_int(f"config {key!r}", value, 1, MAX_SIZE)
 
     hidden, heads = size("hidden_size"), size("num_attention_heads")
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    experts_key = "num_local_experts" if cfg.get("num_local_experts") is not None else "num_experts"
+    experts = cfg.get(experts_key) or 0
     moe_size = "moe_intermediate_size" if experts and cfg.get("moe_intermediate_size") else "intermediate_size"
     weights, block = "16-bit", (128, 128)
     if cfg.get("quantization_config") is not None:
@@ -185,7 +191,7 @@ def shape_from_config(cfg: Any) -> DecoderShape:
         kv_heads=size("num_key_value_heads", heads),
         head_dim=size("head_dim", hidden // heads),
         vocab=size("vocab_size"),
-        experts=arg_int("config 'num_local_experts'", experts, 0, MAX_SIZE),
+        experts=arg_int(f"config {experts_key!r}", experts, 0, MAX_SIZE),
         top_k=size("num_experts_per_tok") if experts else 0,
         weights=weights,
         block=block,
@@ -225,6 +231,8 @@ def decode_step_bytes(
     context = arg_int("context", context, 0, MAX_SIZE)
     tp = arg_int("tp", tp, 1, MAX_SIZE)
     kv_bytes = arg_int("kv_bytes", kv_bytes, 1, 8)
+    if not isinstance(vocab_parallel, bool):
+        raise TypeError(f"vocab_parallel: expected True or False, got {type(vocab_parallel).__name__}")
     q_rows = _split("query heads", s.heads, tp) * s.head_dim
     kv_rows = _split("KV heads", s.kv_heads, tp) * s.head_dim
     cols = _split("intermediate columns", s.intermediate, tp)

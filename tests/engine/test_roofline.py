@@ -55,6 +55,8 @@ def test_linear_bytes_of_each_format() -> None:
         roofline.linear_bytes(8, 8, "fp4")
     with pytest.raises(ValueError, match="n: expected an int in"):
         roofline.linear_bytes(0, 8)
+    with pytest.raises(TypeError, match=r"block: expected a \(rows, columns\) tuple of two ints"):
+        roofline.linear_bytes(8, 8, "fp8-block", (128,))
 
 
 def test_dense_8b_bytes_per_step() -> None:
@@ -187,6 +189,8 @@ def test_shape_from_config_of_other_layouts() -> None:
         roofline.shape_from_config({**CONFIG_8B, "kv_lora_rank": 512})
     with pytest.raises(TypeError, match="config 'hidden_size': expected an int, got str"):
         roofline.shape_from_config({**CONFIG_8B, "hidden_size": "4096"})
+    with pytest.raises(TypeError, match="config 'num_experts': expected an int, got str"):
+        roofline.shape_from_config({**qwen3_moe, "num_experts": "128"})
     with pytest.raises(TypeError, match="cfg: expected a config.json dict, got list"):
         roofline.shape_from_config([])
     with pytest.raises(ValueError, match=r"top_k: expected an int in \[1, 8\], got 0"):
