@@ -3,12 +3,14 @@
 and row count, the engine's GEMV kernel (``fi_engine.kernels.dense.Dense.linear`` with the GEMV on), the fused GEMV with
 a norm / add-norm / SiLU prologue (``Dense.fused_linear``), cuBLASLt (the GEMV off), and the same shape with e4m3
 weights (``Dense.add_fp8_weight``; per-row and 128x128-block scales: the FP8 GEMV up to 8 rows, dequantize + GEMM
-beyond), in us per call and GB/s of weight bytes read (one byte per weight for FP8; the weights rotate over
-copies larger than the 50 MB L2, so every call reads HBM). Each
+beyond), in us per call and GB/s of weight bytes read (benchmarks/roofline.py's ``linear_bytes``: two bytes per
+weight, or for FP8 one plus the float32 scales; the weights rotate over copies larger than the 50 MB L2, so every
+call reads HBM), and that as a percent of the device's memory bandwidth (``% HBM``: by default its peak from the
+memory clock x bus width, printed first with a measured copy beside it; ``--hbm-tbs`` sets another figure). Each
 contender is captured as a CUDA graph of ``--calls`` launches and replayed (no host time in the figure). Not a test:
 nothing is asserted.
 
-    python3 benchmarks/bench_gemv.py [--rows 1,2,4,8,16,32] [--calls 64] [--rounds 3] [--fp8]
+    python3 benchmarks/bench_gemv.py [--rows 1,2,4,8,16,32] [--calls 64] [--rounds 3] [--fp8] [--hbm-tbs TB/s]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 from typing import Any
 
 import numpy as np
+from roofline import add_hbm_tbs_argument, linear_bytes, roofline_denominator
 
 SHAPES = {  # name: (n, k) of the 8B shape's Linear weights [n, k]
     "qkv": (6144, 4096),
@@ -25,7 +28,6 @@ SHAPES = {  # name: (n, k) of the 8B shape's Linear weights [n, k]
     "down": (4096, 14336),
     "lm_head": (128256, 4096),
 }
-HBM_GBPS = 3350.0  # H100 SXM 80GB HBM3
 
 
 def main() -> None:
@@ -35,6 +37,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--fp8", action="store_true", help="also e4m3 weights (per-row and 128x128-block scales)")
+    add_hbm_tbs_argument(ap)
     args = ap.parse_args()
 
     import cupy as cp
@@ -45,7 +48,8 @@ def main() -> None:
     bf16 = CUDA_R_16BF
     rows_list = [int(r) for r in args.rows.split(",")]
     top = max(rows_list)
-    print(f"device: {cp.cuda.runtime.getDeviceProperties(0)['name'].decode()}; GB/s = weight bytes / time")
+    bandwidth = roofline_denominator(0, hbm_tbs=args.hbm_tbs)
+    print(f"{bandwidth.line}; GB/s = weight bytes / time")
     print(f"{'shape':>8} {'n':>6} {'k':>6} {'rows':>4} {'contender':>14} {'us':>9} {'GB/s':>7} {'% HBM':>6}")
     with stream:
         dense = Dense(stream)
@@ -69,8 +73,8 @@ def main() -> None:
                 for layout, block in (("row", None), ("block", (128, 128))):
                     bits = cp.full((copies, n, k), 0x38, cp.uint8)  # 1.0 everywhere: the value does not matter
                     scales = cp.full((copies, -(-n // 128), -(-k // 128)) if block else (copies, n), 0.5, cp.float32)
-                    for c in range(copies):
-                        dense.add_fp8_weight(bits[c].data.ptr, n, k, scales[c].data.ptr, block)
+                    for j in range(copies):
+                        dense.add_fp8_weight(bits[j].data.ptr, n, k, scales[j].data.ptr, block)
                     fp8[layout] = (bits, scales)
             mode = {"qkv": NORM, "o": None, "gate_up": ADD_NORM, "down": SILU, "lm_head": NORM}[name]
             for rows in rows_list:
@@ -145,14 +149,15 @@ def main() -> None:
                         times[c].append(cp.cuda.get_elapsed_time(start, end) * 1e3 / args.calls)
                 for c, t in times.items():
                     us = float(np.median(t))
-                    gbps = (nbytes // 2 if c.startswith("fp8") else nbytes) / us / 1e3
+                    weights = "fp8-block" if "block" in c else "fp8-row" if c.startswith("fp8") else "16-bit"
+                    gbps = linear_bytes(n, k, weights) / us / 1e3
                     print(
                         f"{name:>8} {n:>6} {k:>6} {rows:>4} {c:>14} {us:>9.2f} {gbps:>7.0f} "
-                        f"{100 * gbps / HBM_GBPS:>5.0f}%"
+                        f"{100 * gbps * 1e9 / bandwidth.bytes_per_s:>5.0f}%"
                     )
             for bits, _ in fp8.values():  # before the copies are freed: their addresses may hold 16-bit weights next
-                for c in range(copies):
-                    dense.remove_fp8_weight(bits[c].data.ptr)
+                for j in range(copies):
+                    dense.remove_fp8_weight(bits[j].data.ptr)
 
         dense.close()
 

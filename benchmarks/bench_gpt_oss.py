@@ -2,7 +2,11 @@
 intermediate 2880, top-4, 64/8 heads of 64, alternating 128-token windows), bfloat16, ``--layers`` of its 24 layers
 (2 by default: 3.2 GB of experts), CUDA graph, at ``--batches`` (1, 4, 8, 32): decode tokens/s and host us/step,
 for each MoE path the engine can be forced to (``--modes``, default ``routed,dense``), and which one its default
-``moe_path="auto"`` rule picks at that batch (the graph is captured at ``max_batch`` = the batch).
+``moe_path="auto"`` rule picks at that batch (the graph is captured at ``max_batch`` = the batch). Each row also
+gives the bytes a step is expected to read (benchmarks/roofline.py's model: the distinct experts a step's rows
+choose under uniform routing; the ``dense`` path reads all 32) and that over the step time as a percent of the
+device's memory bandwidth (by default its peak from the memory clock x bus width, printed first with a measured
+copy beside it; ``--hbm-tbs`` sets another figure).
 
 ``--baseline MODULE`` also times ``MODULE.GptOssEngine`` (another implementation of the same engine, e.g. a copy of
 an earlier ``fi_ffi/models/gpt_oss.py``) on the same checkpoint, interleaved with this one (one run each per batch).
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from roofline import add_hbm_tbs_argument, decode_step_bytes, roofline_denominator, shape_from_config
 
 
 def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
@@ -79,7 +84,9 @@ def run(engine_cls: Any, kwargs: dict[str, Any], path: Path, batch: int, new_tok
         engine.generate(prompts, 4, eos_token_ids=())  # warm-up
         r = engine.generate(prompts, new_tokens, eos_token_ids=())
         auto = engine.moe_path_for(batch) if kwargs.get("moe_path") == "auto" else kwargs.get("moe_path", "")
-    return {"batch": batch, "moe_path": auto, "tokens_per_s": r.tokens_per_s, "host_us_per_step": r.host_us_per_step}
+    ms = r.decode_s / max(1, r.decode_steps) * 1e3
+    return {"batch": batch, "moe_path": auto, "tokens_per_s": r.tokens_per_s, "host_us_per_step": r.host_us_per_step,
+            "ms_per_step": ms}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="routed,dense", help="moe_path values to time (auto, routed, dense)")
     ap.add_argument("--baseline", help="a module with another GptOssEngine to time on the same checkpoint")
     ap.add_argument("--json", help="write the rows here")
+    add_hbm_tbs_argument(ap)
     args = ap.parse_args(argv)
     from fi_engine.layers.moe import choose_path
     from fi_engine.models.gpt_oss import GptOssEngine
@@ -100,16 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.baseline:
         contenders.append((args.baseline, importlib.import_module(args.baseline).GptOssEngine, {}))
+    bandwidth = roofline_denominator(0, hbm_tbs=args.hbm_tbs)  # the copy measured before any engine holds memory
+    print(bandwidth.line)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(Path(tmp), args.layers, args.vocab)
+        shape = shape_from_config(json.loads((path / "config.json").read_text()))
         for batch in (int(b) for b in args.batches.split(",")):
+            # the mean context of the decode steps: the 32-token prompt and half the new tokens
+            step_bytes = decode_step_bytes(shape, batch=batch, context=32 + args.new_tokens // 2)
             print(f"batch {batch}: moe_path='auto' picks {choose_path(batch, 32, 4)}", flush=True)
             for name, cls, kwargs in contenders:  # interleaved: one run of each per batch
                 row = {"engine": name, "layers": args.layers, **run(cls, kwargs, path, batch, args.new_tokens)}
+                row["bytes_per_step"] = step_bytes
+                row["roofline"] = step_bytes / bandwidth.bytes_per_s / (row["ms_per_step"] / 1e3)
                 rows.append(row)
                 print(f"{name:40s} batch {batch:3d}: {row['tokens_per_s']:9.1f} tokens/s, host "
-                      f"{row['host_us_per_step']:7.1f} us/step", flush=True)  # fmt: skip
+                      f"{row['host_us_per_step']:7.1f} us/step, {row['ms_per_step']:.3f} ms/step; "
+                      f"{step_bytes / 1e9:.2f} GB/step expected, {100 * row['roofline']:.0f} % of the roofline",
+                      flush=True)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

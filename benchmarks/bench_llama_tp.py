@@ -3,9 +3,11 @@
 and 32, eager and CUDA graph, with the fused all-reduce + residual + RMSNorm kernel and with NCCL + a separate
 ``fused_add_rmsnorm`` (``nccl`` rows), and with the embedding and LM head whole on every rank instead of split
 over the ranks by vocabulary rows (``whole-vocab`` rows). Each row also gives the bytes a step reads on one rank
-(``bytes_per_step``: the projections, FP8 ones with their scales, the LM head, the norms and the KV cache; not the
-embedding, of which a step gathers a few rows) and that over the step time against the HBM bandwidth
-(``--hbm-tbs``, 3.35 TB/s: an H100 SXM). Not a test: nothing is asserted.
+(``bytes_per_step``, benchmarks/roofline.py's model: the projections, FP8 ones with their scales, the LM head, the
+norms and the KV cache; for a MoE checkpoint the router and the distinct experts a step's rows are expected to
+choose under uniform routing, not one dense MLP) and that over the step time against the device's memory bandwidth
+(the ``roofline`` column): by default its peak from the memory clock x bus width, which the table's ``bandwidth:``
+line gives with a measured copy beside it; ``--hbm-tbs`` sets another figure. Not a test: nothing is asserted.
 
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b            # write the random checkpoint once (~16 GB)
     python3 benchmarks/bench_llama_tp.py --make /tmp/llama8b-fp8 --fp8 block   # e4m3 projections, 128x128 scales
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from roofline import add_hbm_tbs_argument, decode_step_bytes, roofline_denominator, shape_from_config
 
 os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
 
@@ -187,33 +190,6 @@ def make(
             (folder / name).write_bytes((tokenizer_from / name).read_bytes())
 
 
-HBM_BYTES_PER_S = 3.35e12  # an H100 SXM's HBM3 (the roofline's denominator; --hbm-tbs for another GPU)
-
-
-def bytes_per_step(cfg: dict[str, Any], tp: int, batch: int, context: int) -> float:
-    """The bytes one decode step of ``batch`` rows must read on one rank: every projection's weights (e4m3 with
-    their float32 scales where the checkpoint is FP8, else 16-bit), the LM head (16-bit; its rows split over the
-    ranks), the norms, and each row's KV cache of ``context`` tokens (16-bit). The embedding is gathered, not read."""
-    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    hq, hk, v, layers = (
-        cfg["num_attention_heads"],
-        cfg["num_key_value_heads"],
-        cfg["vocab_size"],
-        cfg["num_hidden_layers"],
-    )
-    weights = h * (hq * d + 2 * hk * d) + hq * d * h + 2 * h * i + i * h  # q, k, v, o, gate + up, down
-    fp8 = cfg.get("quantization_config") is not None
-    block = (cfg.get("quantization_config") or {}).get("weight_block_size")
-    if not fp8:
-        per_layer = 2 * weights
-    elif block:  # one float32 per 128x128 block
-        per_layer = weights + 4 * weights / (block[0] * block[1])
-    else:  # one float32 per output row
-        per_layer = weights + 4 * (hq * d + 2 * hk * d + h + 2 * i + h)
-    kv = batch * layers * context * 2 * hk * d * 2
-    return (layers * (per_layer + 2 * 2 * h) + 2 * v * h) / tp + kv / tp
-
-
 def set_variant(variant: str) -> None:
     """The class-level settings of one ``--variants`` name (the TP 1 ones; ``a+b`` sets both a's and b's)."""
     from fi_engine.models.llama import LlamaEngine
@@ -363,7 +339,13 @@ def run_rank(
                     "host_us_per_step": result.host_us_per_step,
                     "step_ms": result.decode_s / max(1, result.decode_steps) * 1e3,
                     # the mean context of the decode steps: the 32-token prompt and half the new tokens
-                    "bytes_per_step": bytes_per_step(cfg, tp, batch, 32 + new_tokens // 2),
+                    "bytes_per_step": decode_step_bytes(
+                        shape_from_config(cfg),
+                        batch=batch,
+                        context=32 + new_tokens // 2,
+                        tp=tp,
+                        vocab_parallel=variant != "whole-vocab",
+                    ),
                     "tokens_sha": hashlib.sha256(json.dumps(result.tokens).encode()).hexdigest()[:12],
                     "parts_us": parts,
                 }
@@ -536,9 +518,7 @@ def main() -> None:
         " launched with programmatic dependent launch)",
     )
     ap.add_argument("--profile", action="store_true", help="graph rows: also time each part of the step")
-    ap.add_argument(
-        "--hbm-tbs", type=float, default=HBM_BYTES_PER_S / 1e12, help="HBM bandwidth in TB/s (the roofline's)"
-    )
+    add_hbm_tbs_argument(ap)
     args = ap.parse_args()
     if args.make:
         make(args.make, args.layers, args.fp8, args.shape, args.tokenizer_from)
@@ -575,14 +555,17 @@ def main() -> None:
                     print(f"tp {tp} {variant}: failed ({done.returncode})", file=sys.stderr)
                     continue
                 table += json.loads(Path(out.name).read_text())
+    # measured here, after the ranks' processes are gone: this process's CUDA context never shares the GPU with them
+    bandwidth = roofline_denominator(0, hbm_tbs=args.hbm_tbs)
+    print(bandwidth.line)
     print(f"{'variant':>11} {'layers':>6} {'tp':>3} {'all-reduce':>10} {'vocab':>6} {'ids':>9} {'host prep':>9} "
           f"{'batch':>7} {'mode':>6} {'pdl':>4} {'tokens/s':>10} {'ms/step':>8} {'host us/step':>13} "
           f"{'GB/step':>8} {'roofline':>8}")  # fmt: skip
     for r in table:
-        # bytes read per step (one rank's) over the step time, against the HBM bandwidth
+        # bytes read per step (one rank's) over the step time, against the memory bandwidth
         gb = r["bytes_per_step"] / 1e9
-        roofline = r["bytes_per_step"] / (args.hbm_tbs * 1e12) / (r["step_ms"] / 1e3) if r["step_ms"] else 0.0
-        r["roofline"] = roofline
+        roofline = r["bytes_per_step"] / bandwidth.bytes_per_s / (r["step_ms"] / 1e3) if r["step_ms"] else 0.0
+        r["roofline"], r["bandwidth_bytes_per_s"] = roofline, bandwidth.bytes_per_s
         batch = f"{r['batch']}/{r.get('max_batch', r['batch'])}"  # the step's rows / the engine's slots
         print(
             f"{r.get('variant', '-'):>11} {r['layers']:>6} {r['tp']:>3} {r['all-reduce']:>10} {r['vocab']:>6} "

@@ -4,7 +4,10 @@
 ``--moe-paths`` (``auto``: the engine's choice per step; ``routed``: on the device, the grouped GEMV or the
 fixed-capacity grouped GEMM; ``dense``: every expert through one GEMM and one batched GEMM): decode tokens/s, host
 us/step, for the graph the GPU time of one replayed step, and the bytes a step is expected to read
-(``bytes_per_step``) over the step time against 3.35 TB/s (the roofline). ``--max-batch N`` runs every batch in an
+(``bytes_per_step``: benchmarks/roofline.py's model, the experts counted as the distinct ones a step's rows choose
+under uniform routing) over the step time against the device's memory bandwidth (the roofline; by default its peak
+from the memory clock x bus width, printed first with a measured copy beside it; ``--hbm-tbs`` sets another
+figure). ``--max-batch N`` runs every batch in an
 engine of ``N`` slots, as a server holds them (the decode graphs: one per batch size up to ``N``, or with
 ``--one-graph`` a single one of ``N`` rows, as before 2026-11-25).
 
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from roofline import add_hbm_tbs_argument, decode_step_bytes, roofline_denominator, shape_from_config
 
 
 def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
@@ -82,21 +86,6 @@ def make_checkpoint(folder: Path, layers: int, vocab: int) -> Path:
     return folder
 
 
-HBM_BYTES_PER_S = 3.35e12  # an H100 SXM's HBM3 (the roofline's denominator)
-
-
-def bytes_per_step(layers: int, vocab: int, batch: int, context: int) -> float:
-    """The bytes one decode step of ``batch`` rows reads from this benchmark's float16 Mixtral shape: each layer's
-    attention projections and router, the experts its rows choose -- the expected number of distinct ones, ``E (1 -
-    (1 - k / E) ** batch)`` for top-``k`` of ``E`` chosen uniformly (random weights route about so; a real model's
-    skew reads fewer) -- the LM head, and each row's KV cache of ``context`` tokens; not the embedding (gathered)."""
-    h, i, e, k, hq, hk, d = 4096, 14336, 8, 2, 32, 8, 128
-    attention = h * (hq * d + 2 * hk * d) + hq * d * h + e * h
-    experts = e * (1 - (1 - k / e) ** batch)
-    kv = batch * context * 2 * hk * d
-    return 2 * (layers * (attention + experts * 3 * h * i + kv + 2 * h) + vocab * h)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=4)
@@ -136,6 +125,7 @@ def main() -> int:
     ap.add_argument(
         "--checkpoint", default="", help="keep the random checkpoint in this folder, or reuse the one written there"
     )
+    add_hbm_tbs_argument(ap)
     a = ap.parse_args()
 
     import cupy as cp
@@ -145,6 +135,8 @@ def main() -> int:
     from fi_engine.models.llama import LlamaEngine
     from fi_engine.runtime.model_runner import ModelRunner
 
+    bandwidth = roofline_denominator(0, hbm_tbs=a.hbm_tbs)  # the copy measured before any engine holds memory
+    print(bandwidth.line)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -158,6 +150,7 @@ def main() -> int:
                 f"random Mixtral-shaped checkpoint ({a.layers} layers) in {time.perf_counter() - t:.0f} s",
                 file=sys.stderr,
             )
+        shape = shape_from_config(json.loads((model / "config.json").read_text()))  # a reused one: its own layers
         rng = np.random.default_rng(1)
         ModelRunner.decode_graph_ladder = not a.one_graph
         for batch, gemv_tokens, path, graph, variant in [
@@ -196,8 +189,9 @@ def main() -> int:
                         e1.record(engine.stream)
                         e1.synchronize()
                         row["gpu_us_per_step"] = cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 20
-            row["bytes_per_step"] = bytes_per_step(a.layers, a.vocab, batch, 32 + a.new_tokens // 2)
-            row["roofline"] = row["bytes_per_step"] / HBM_BYTES_PER_S / (row["ms_per_step"] / 1e3)
+            # the mean context of the decode steps: the 32-token prompt and half the new tokens
+            row["bytes_per_step"] = decode_step_bytes(shape, batch=batch, context=32 + a.new_tokens // 2)
+            row["roofline"] = row["bytes_per_step"] / bandwidth.bytes_per_s / (row["ms_per_step"] / 1e3)
             rows.append(row)
             extra = f", GPU {row['gpu_us_per_step']:.0f} us/step" if "gpu_us_per_step" in row else ""
             print(
