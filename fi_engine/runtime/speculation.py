@@ -164,8 +164,9 @@ class DraftPolicy:
     verifying pass (moving averages). A step of ``rows`` decoding requests verifies when the tokens it is expected to
     give, ``rows`` plus each draft's expected accepted length (``p + p**2 + ... + p**len(draft)`` at its request's rate
     ``p``), per second of a verifying pass beat ``rows`` per second of a decode step (before a pass is timed it
-    verifies, then decodes until a decode step is timed). Every :meth:`interval`-th step with drafts that would not
-    verify does anyway, so a request whose text turns repetitive is found again.
+    verifies, then decodes until a decode step is timed; a request's first draft is verified). Every
+    :meth:`interval`-th step with drafts that would not verify does anyway, so a request whose text turns repetitive is
+    found again.
 
     A request whose rate fell below ``min_rate`` drafts nothing (its rows in a pass would cost more than they give)
     until :meth:`interval` steps (decode steps and passes: :meth:`stepped`) have passed since its last verified draft.
@@ -232,11 +233,14 @@ class DraftPolicy:
     def worth(self, drafts: Sequence[tuple[Any, int]]) -> bool:
         """Whether to verify a step whose decoding requests have drafts of these lengths (``(request, drafted)``,
         one per row, 0 for a row without). Before a pass is timed: yes; then, before a decode step is: no (a draft
-        model drafts every step, so without this no decode step would ever be timed)."""
+        model drafts every step, so without this no decode step would ever be timed); then yes where a request drafts
+        for the first time (a probe: the prior says little about it, and a pass at its start tells)."""
         if self.verify_s is None:
             return True
         if self.decode_s is None:
             return False
+        if any(n and r not in self._rates for r, n in drafts):
+            return True  # a request's first draft: its acceptance is unknown, and worth knowing early
         rows = len(drafts)
         gain = sum(self.expected(r, n) for r, n in drafts if n)
         if (rows + gain) / self.verify_s > rows / self.decode_s:

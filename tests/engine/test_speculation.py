@@ -76,12 +76,16 @@ def test_the_policy_verifies_where_the_expected_tokens_pay_for_the_pass() -> Non
     assert policy.interval() == 50
     policy.explore_budget = 1.0
     assert policy.expected(a, 3) == pytest.approx(0.5 + 0.25 + 0.125)
+    assert policy.worth([(a, 4)])  # a's first draft: verified (a probe)
+    policy.observe(a, 4, 2)  # its rate: 0.5 -> 0.5
     assert not policy.worth([(a, 4)])  # 1 + 0.94 tokens for 3 steps' time
     policy.observe(a, 4, 4)
     policy.observe(a, 4, 4)  # its rate: 0.5 -> 0.75 -> 0.875
     assert policy.rate(a) == pytest.approx(0.875) and policy.rate(b) == 0.5
     assert policy.worth([(a, 4)])  # 1 + 2.84 tokens for 3 steps' time: 1.28 per step
     assert not policy.worth([(a, 4), (b, 0), (b, 0)])  # two more rows without drafts: 5.84 / 3 < 3
+    assert policy.worth([(b, 4)])  # b's first draft: a probe
+    policy.observe(b, 4, 2)
     declined = [policy.worth([(b, 4)]) for _ in range(8)]
     assert declined == [False, True, False, False, False, True, False, False]  # every 4th declined one explores
     policy.timed(True, 1.0)  # the pass's time moves a fifth of the way: 2.6
@@ -94,7 +98,9 @@ def test_the_policy_verifies_where_the_expected_tokens_pay_for_the_pass() -> Non
     fresh.timed(True, 2.0)  # a pass timed, no decode step yet: the next step decodes (and is timed)
     assert not fresh.worth([(a, 4)])
     fresh.timed(False, 1.0)
-    assert not fresh.worth([(a, 4)])  # 1 + 0.94 tokens for 2 steps' time (its own rates: a's the prior here)
+    assert fresh.worth([(a, 4)])  # (a probe: this policy has no rate of a's)
+    fresh.observe(a, 4, 2)
+    assert not fresh.worth([(a, 4)])  # 1 + 0.94 tokens for 2 steps' time
     fresh.observe(a, 4, 4)
     fresh.observe(a, 4, 4)
     assert fresh.worth([(a, 4)])  # 1 + 2.84 tokens for 2 steps' time
