@@ -122,6 +122,7 @@ class LlamaConfig:
     fp8: Any = (
         None  # the checkpoint's FP8 weight layout (fi_engine.checkpoint.quantization.Fp8Scheme); None: 16-bit weights
     )
+    int4: Any = None  # the AWQ/GPTQ int4 layout (fi_engine.checkpoint.quantization.Int4Scheme), dequantized at load
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> LlamaConfig:
@@ -136,7 +137,8 @@ class LlamaConfig:
         ``num_attention_heads``, ``num_key_value_heads`` (default: the attention heads), ``head_dim`` (default
         ``hidden_size / num_attention_heads``), ``rms_norm_eps``, the rotary keys (module docstring),
         ``tie_word_embeddings`` (default False, as transformers), ``max_position_embeddings``, ``eos_token_id``
-        (int, list or absent); the experts' keys (:class:`MoEConfig`) and ``quantization_config`` (FP8 layouts)."""
+        (int, list or absent); the experts' keys (:class:`MoEConfig`) and ``quantization_config`` (FP8 layouts in
+        ``fp8``, AWQ/GPTQ int4 ones in ``int4``)."""
         _check_dict(d, source)
         model_type = d.get("model_type", "llama")
         if model_type not in LLAMA_MODEL_TYPES:
@@ -145,9 +147,10 @@ class LlamaConfig:
                 f"{', '.join(repr(t) for t in LLAMA_MODEL_TYPES)}); the engine's other families read their own "
                 f"configs: fi_engine.models.registry.read_config picks the reader and names every model_type served"
             )
-        from .quantization import llama_fp8_scheme
+        from .quantization import llama_fp8_scheme, llama_int4_scheme
 
-        fp8 = llama_fp8_scheme(d, source)
+        int4 = llama_int4_scheme(d, source)
+        fp8 = None if int4 is not None else llama_fp8_scheme(d, source)
         if d.get("use_sliding_window", False) or (model_type == "mixtral" and d.get("sliding_window") is not None):
             raise ValueError(
                 f"{source}: sliding-window attention (use_sliding_window / sliding_window) is not supported by this "
@@ -155,7 +158,7 @@ class LlamaConfig:
             )
         _silu_without_biases(d, source, "Llama", repr)
         shared = cls.shared(d, source, moe=_moe(d, model_type, source))
-        return dataclasses.replace(shared, qk_norm=model_type in _QK_NORM, fp8=fp8)
+        return dataclasses.replace(shared, qk_norm=model_type in _QK_NORM, fp8=fp8, int4=int4)
 
     @classmethod
     def shared(

@@ -1,5 +1,6 @@
-"""What a checkpoint's ``quantization_config`` says, read by name (:func:`fp8_scheme`), and which of it the Llama
-family serves (:func:`llama_fp8_scheme`: FP8 weights of dense models).
+"""What a checkpoint's ``quantization_config`` says, read by name (:func:`fp8_scheme`, :func:`int4_scheme`), and
+which of it the Llama family serves (:func:`llama_fp8_scheme`, :func:`llama_int4_scheme`: FP8 and int4 weights of
+dense models).
 
 The FP8 layouts people serve on one H100 write it three ways (the keys as their configs spell them):
 
@@ -11,6 +12,18 @@ The FP8 layouts people serve on one H100 write it three ways (the keys as their 
   scalar), ``input_activations`` ``{dynamic: true, strategy: "token"}``, an ``ignore`` list (``lm_head``);
 - ``quant_method: "fbgemm_fp8"``: per-channel ``*.weight_scale`` ``[n, 1]``, ``modules_to_not_convert``.
 
+The int4 layouts (4-bit integers with a float16 scale and a 4-bit zero per group of ``group_size`` inputs of each
+output column; :mod:`~fi_engine.checkpoint.int4_weights` reads their tensors):
+
+- ``quant_method: "awq"`` (AutoAWQ, and GPTQModel's AWQ export): ``bits`` (or ``w_bit``) 4, ``group_size`` (or
+  ``q_group_size``), ``zero_point: true``, ``version: "gemm"`` (AWQ's GEMM packing; ``gemv``, ``gemv_fast``,
+  ``exllama``, ``ipex`` and ``marlin`` pack otherwise), ``modules_to_not_convert`` (modules left 16-bit);
+- ``quant_method: "gptq"`` (AutoGPTQ, GPTQModel, transformers' GPTQConfig): ``bits`` 4, ``group_size`` (-1: one group
+  over all the inputs), ``desc_act`` (act-order: the groups follow ``g_idx``), ``sym``, ``checkpoint_format``
+  (GPTQModel also writes it as ``format``): ``"gptq"`` (or absent: AutoGPTQ's v1 layout, which stores every zero
+  minus one) or ``"gptq_v2"`` (the zeros as they are), ``lm_head`` (the LM head quantized too), ``dynamic``
+  (per-module overrides), ``pack_dtype`` (the packing integer, ``"int32"``).
+
 A value module: nothing here touches a GPU.
 """
 
@@ -19,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Fp8Scheme", "fp8_scheme", "llama_fp8_scheme"]
+__all__ = ["Fp8Scheme", "Int4Scheme", "fp8_scheme", "int4_scheme", "llama_fp8_scheme", "llama_int4_scheme"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,25 @@ class Fp8Scheme:
         """The layout in words, as the engine's refusal names it."""
         size = f" {self.block[0]}x{self.block[1]}" if self.block else ""
         return f"FP8 (e4m3) weights with per-{self.scales}{size} scales, {self.activations} activation scales"
+
+
+@dataclass(frozen=True)
+class Int4Scheme:
+    """An AWQ or GPTQ int4 checkpoint's layout: ``method`` ``"awq"`` or ``"gptq"`` (its ``quant_method``),
+    ``group_size`` the inputs sharing a scale and a zero (-1: all of them, one group), ``zero_offset`` what is added
+    to every stored zero (1 for GPTQ's v1 layout, which stores each zero minus one; 0 for AWQ and ``gptq_v2``),
+    ``modules_to_not_convert`` (AWQ's list of modules left 16-bit, as the config names them)."""
+
+    method: Literal["awq", "gptq"]
+    group_size: int
+    zero_offset: int = 0
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """The layout in words, as the start-up line and the refusals name it."""
+        name = "AWQ" if self.method == "awq" else "GPTQ" if self.zero_offset else "GPTQ v2"
+        groups = "one group per column" if self.group_size == -1 else f"groups of {self.group_size}"
+        return f"{name} int4 weights ({groups}), dequantized to 16-bit at load"
 
 
 def _show(value: Any) -> str:
@@ -99,6 +131,115 @@ def fp8_scheme(q: Any, source: str) -> Fp8Scheme | None:
     return None
 
 
+_BF16_WAY_OUT = (  # the way out of every int4 refusal
+    "serve a bfloat16 copy (dequantize with transformers, save_pretrained in bfloat16, drop quantization_config)"
+)
+_GPTQ_FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> the offset of the stored zeros
+
+
+def _key(q: dict[str, Any], keys: tuple[str, ...], default: Any) -> tuple[str, Any]:
+    """The first of ``keys`` that ``q`` holds and its value (none: the first key and ``default``)."""
+    for key in keys:
+        if key in q:
+            return key, q[key]
+    return keys[0], default
+
+
+def int4_scheme(q: Any, source: str) -> Int4Scheme | None:
+    """The :class:`Int4Scheme` of ``quantization_config`` value ``q`` (from ``source``, named in errors), or None
+    where its ``quant_method`` is neither ``"awq"`` nor ``"gptq"``. ValueError naming the key and the way out for
+    what the engine does not read (the module docstring's keys): ``bits`` other than 4, a ``group_size`` that is
+    neither a positive int nor -1, AWQ packed other than ``version: "gemm"`` or without zero points, GPTQ with
+    ``desc_act: true`` (act-order), a ``checkpoint_format`` other than ``"gptq"`` / ``"gptq_v2"``, per-module
+    ``dynamic`` overrides, a ``pack_dtype`` other than int32; and a malformed value."""
+    if not isinstance(q, dict):
+        raise ValueError(f"{source}: quantization_config: expected an object, got {_show(q)}")
+    method = q.get("quant_method")
+    if method not in ("awq", "gptq"):
+        return None
+    where = f"{source}: quantization_config"
+    key, bits = _key(q, ("bits", "w_bit"), None)
+    if type(bits) is not int or bits != 4:
+        raise ValueError(
+            f"{where}.{key}: {_show(bits)}; this engine serves {method.upper()} checkpoints of 4-bit weights only; "
+            f"use a 4-bit ({method.upper()}-Int4) checkpoint or {_BF16_WAY_OUT}"
+        )
+    key, group = _key(q, ("group_size", "q_group_size"), None)
+    if isinstance(group, bool) or not isinstance(group, int) or not (group > 0 or group == -1) or group >= 1 << 31:
+        raise ValueError(f"{where}.{key}: expected a positive int (e.g. 128) or -1 (one group), got {_show(group)}")
+    if method == "awq":
+        key, version = _key(q, ("version", "format"), "gemm")
+        if not isinstance(version, str) or version.lower() != "gemm":
+            raise ValueError(
+                f"{where}.{key}: {_show(version)}; this engine reads AWQ's GEMM packing (version 'gemm') only; "
+                f"re-quantize with AutoAWQ's version='gemm' or {_BF16_WAY_OUT}"
+            )
+        zero_point = q.get("zero_point", True)
+        if zero_point is not True:
+            raise ValueError(
+                f"{where}.zero_point: {_show(zero_point)}; AWQ's GEMM layout has a zero point per group "
+                f"(zero_point: true); re-quantize with zero_point=True or {_BF16_WAY_OUT}"
+            )
+        skip = q.get("modules_to_not_convert")
+        if skip is None:
+            skip = []
+        if not isinstance(skip, list) or not all(isinstance(m, str) and m for m in skip):
+            raise ValueError(f"{where}.modules_to_not_convert: expected null or a list of module names, got "
+                             f"{_show(skip)}")  # fmt: skip
+        return Int4Scheme("awq", group, 0, tuple(skip))
+    desc_act = q.get("desc_act", False)
+    if desc_act is not False:
+        raise ValueError(
+            f"{where}.desc_act: {_show(desc_act)}; act-order GPTQ checkpoints (each input's group given by g_idx) "
+            f"are not served; use a checkpoint quantized with desc_act=False or {_BF16_WAY_OUT}"
+        )
+    if q.get("is_marlin_format"):
+        raise ValueError(f"{where}.is_marlin_format: true; Marlin-packed GPTQ is not served; {_BF16_WAY_OUT}")
+    key, fmt = _key(q, ("checkpoint_format", "format"), "gptq")
+    if not isinstance(fmt, str) or fmt not in _GPTQ_FORMATS:
+        raise ValueError(
+            f"{where}.{key}: {_show(fmt)}; this engine reads the 'gptq' and 'gptq_v2' layouts; re-save the model "
+            f"with GPTQModel's format='gptq' or {_BF16_WAY_OUT}"
+        )
+    sym = q.get("sym", True)
+    if not isinstance(sym, bool):
+        raise ValueError(f"{where}.sym: expected true or false, got {_show(sym)}")
+    if q.get("dynamic"):
+        raise ValueError(
+            f"{where}.dynamic: {_show(q['dynamic'])}; per-module overrides of the quantization are not served; "
+            f"re-quantize without them or {_BF16_WAY_OUT}"
+        )
+    pack = q.get("pack_dtype", "int32")
+    if pack != "int32":
+        raise ValueError(
+            f"{where}.pack_dtype: {_show(pack)}; this engine reads int4 packed eight to an int32; re-save the model "
+            f"with GPTQModel's pack_dtype=torch.int32 or {_BF16_WAY_OUT}"
+        )
+    return Int4Scheme("gptq", group, _GPTQ_FORMATS[fmt])
+
+
+def _is_moe(d: dict[str, Any]) -> bool:
+    return any(d.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
+def llama_int4_scheme(d: dict[str, Any], source: str) -> Int4Scheme | None:
+    """The AWQ or GPTQ int4 layout a Llama-family config ``d`` (from ``source``) declares, which the engine serves
+    for dense models by dequantizing the weights to the embedding's 16-bit type as it reads them
+    (:mod:`~fi_engine.checkpoint.int4_weights`), or None (no ``quantization_config``, or another method: the FP8
+    reader's to serve or refuse). ValueError naming the key and the way out: :func:`int4_scheme`'s refusals, and int4
+    mixture-of-experts checkpoints (their experts are read as 16-bit tensors)."""
+    q = d.get("quantization_config")
+    if q is None:
+        return None
+    scheme = int4_scheme(q, source)
+    if scheme is not None and _is_moe(d):
+        raise ValueError(
+            f"{source}: quantization_config (quant_method {_show(scheme.method)}): {scheme.describe()} in a "
+            f"mixture-of-experts model; this engine serves int4 weights for dense models only; {_BF16_WAY_OUT}"
+        )
+    return scheme
+
+
 def llama_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
     """The FP8 layout a Llama-family config ``d`` (from ``source``) declares, which the engine serves
     (:mod:`~fi_engine.checkpoint.fp8_weights`: e4m3 projections, 16-bit embedding, norms and LM head), or None without a
@@ -114,10 +255,9 @@ def llama_fp8_scheme(d: dict[str, Any], source: str) -> Fp8Scheme | None:
         method = q.get("quant_method") if isinstance(q, dict) else q
         raise ValueError(
             f"{source}: quantization_config (quant_method {_show(method)}) is not supported: this engine serves "
-            f"float16/bfloat16 weights and FP8 (e4m3) ones; save the model in bfloat16 or float16"
+            f"float16/bfloat16 weights, FP8 (e4m3) ones and AWQ/GPTQ int4 ones; save the model in bfloat16 or float16"
         )
-    moe = any(d.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
-    if moe:
+    if _is_moe(d):
         raise ValueError(
             f"{source}: quantization_config (quant_method {_show(scheme.method)}): {scheme.describe()} in a "
             f"mixture-of-experts model; this engine serves FP8 weights for dense models only (its expert GEMMs "

@@ -9,7 +9,8 @@ CuPy for device memory and two small kernels.
         result = engine.generate([[128000, 791, 6864], [128000, 40]], max_new_tokens=32)
     print(result.tokens, result.tokens_per_s, result.host_us_per_step)
 
-The model (``config.json`` + ``*.safetensors``, float16 or bfloat16): token embedding; per layer RMSNorm,
+The model (``config.json`` + ``*.safetensors``, float16 or bfloat16; dense models also with FP8 projections, or AWQ /
+GPTQ int4 ones dequantized to the 16-bit type as they are read): token embedding; per layer RMSNorm,
 fused QKV projection, (Qwen3: per-head RMSNorm of q and k,) RoPE (plain or Llama 3.1 scaled) on q and k, K/V
 appended to the paged cache, attention (causal batch prefill, or batch decode) with GQA, output projection, fused
 residual-add + RMSNorm, fused gate/up projection, SiLU-and-mul, down projection (Mixtral, Qwen3-MoE: the
@@ -107,7 +108,8 @@ class Llama(MoEPaths, ModelFamily):
                 f"model: weights are {dtype}; this engine serves float16 or bfloat16 checkpoints "
                 f"(save the model in one of them)"
             )
-        w = WeightLoader.for_engine(eng, ckpt, dtype)  # every upload kept alive by eng.device_arrays
+        # every upload kept alive by eng.device_arrays; AWQ/GPTQ int4 projections dequantized to dtype as read
+        w = WeightLoader.for_engine(eng, ckpt, dtype, c.int4)
         vs = eng.vocab_shard
         fp8 = c.fp8  # an Fp8Scheme: the projections are e4m3 (fi_engine.checkpoint.fp8_weights), the rest 16-bit
 
@@ -116,12 +118,12 @@ class Llama(MoEPaths, ModelFamily):
 
             return upload_fp8_linear(eng.dense, read_fp8_linear(ckpt, fp8, parts), w.upload)
 
-        def table(name: str) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
-            whole = w.get(name, (c.vocab_size, h))
+        def table(whole: np.ndarray) -> np.ndarray:  # the whole [V, H] table, or this rank's rows of it
             return whole if vs is None else vs.take(whole)
 
-        eng.embed = w.ptr(table("model.embed_tokens.weight"))
-        eng.lm_head = eng.embed if c.tie_word_embeddings else w.ptr(table("lm_head.weight"))
+        eng.embed = w.ptr(table(w.get("model.embed_tokens.weight", (c.vocab_size, h))))
+        tied = c.tie_word_embeddings
+        eng.lm_head = eng.embed if tied else w.ptr(table(w.linear("lm_head", (c.vocab_size, h))))  # GPTQ lm_head: int4
         eng.head_rows = c.vocab_size if vs is None else vs.rows  # the LM head's output columns on this rank
         eng.wqkv, eng.wo, eng.wgu, eng.wd, eng.ln1, eng.ln2 = [], [], [], [], [], []
         eng.q_norm = []
@@ -138,12 +140,12 @@ class Llama(MoEPaths, ModelFamily):
                 eng.wo.append(fp8_linear([(a + "o_proj", (h, hq * d))]))
             else:
                 qkv = [
-                    rows(w.get(p + "self_attn.q_proj.weight", (hq * d, h)), r, n),
-                    rows(w.get(p + "self_attn.k_proj.weight", (hk * d, h)), r, n),
-                    rows(w.get(p + "self_attn.v_proj.weight", (hk * d, h)), r, n),
+                    rows(w.linear(p + "self_attn.q_proj", (hq * d, h)), r, n),
+                    rows(w.linear(p + "self_attn.k_proj", (hk * d, h)), r, n),
+                    rows(w.linear(p + "self_attn.v_proj", (hk * d, h)), r, n),
                 ]
                 eng.wqkv.append(w.ptr(np.concatenate(qkv)))
-                eng.wo.append(w.ptr(columns(w.get(p + "self_attn.o_proj.weight", (h, hq * d)), r, n)))
+                eng.wo.append(w.ptr(columns(w.linear(p + "self_attn.o_proj", (h, hq * d)), r, n)))
             if c.qk_norm:  # per head_dim: every rank keeps the whole vector
                 eng.q_norm.append(w.vector(w.get(p + "self_attn.q_norm.weight", (d,))))
                 eng.k_norm.append(w.vector(w.get(p + "self_attn.k_norm.weight", (d,))))
@@ -154,11 +156,11 @@ class Llama(MoEPaths, ModelFamily):
                 eng.wd.append(fp8_linear([(p + "mlp.down_proj", (h, inter))]))
             else:
                 gate_up = [
-                    rows(w.get(p + "mlp.gate_proj.weight", (inter, h)), r, n),
-                    rows(w.get(p + "mlp.up_proj.weight", (inter, h)), r, n),
+                    rows(w.linear(p + "mlp.gate_proj", (inter, h)), r, n),
+                    rows(w.linear(p + "mlp.up_proj", (inter, h)), r, n),
                 ]
                 eng.wgu.append(w.ptr(np.concatenate(gate_up)))
-                eng.wd.append(w.ptr(columns(w.get(p + "mlp.down_proj.weight", (h, inter)), r, n)))
+                eng.wd.append(w.ptr(columns(w.linear(p + "mlp.down_proj", (h, inter)), r, n)))
             eng.ln1.append(w.vector(w.get(p + "input_layernorm.weight", (h,))))
             eng.ln2.append(w.vector(w.get(p + "post_attention_layernorm.weight", (h,))))
         eng.final_norm = w.vector(w.get("model.norm.weight", (h,)))

@@ -1,5 +1,6 @@
-"""Checkpoint tensors onto the GPU for the family engines (Llama, Gemma 2, gpt-oss, DeepSeek): dtype-checked reads,
-uploads kept alive by the engine, and fi_ffi descriptors of weight vectors."""
+"""Checkpoint tensors onto the GPU for the family engines (Llama, Gemma 2, gpt-oss, DeepSeek): dtype-checked reads
+(a projection's AWQ/GPTQ int4 weight dequantized to the 16-bit type), uploads kept alive by the engine, and fi_ffi
+descriptors of weight vectors."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from ..checkpoint.quantization import Int4Scheme
 from ..checkpoint.safetensors import Checkpoint
 from ..kernels import flashinfer as kernels
 
@@ -15,23 +17,29 @@ __all__ = ["WeightLoader"]
 
 class WeightLoader:
     """Reads tensors of ``ckpt`` that must all be ``dtype`` (the embedding's) and uploads them with CuPy ``cp`` to
-    ``device``; every upload is appended to ``keep`` (the engine's list that keeps its weights alive)."""
+    ``device``; every upload is appended to ``keep`` (the engine's list that keeps its weights alive). ``int4``: the
+    checkpoint's AWQ/GPTQ layout (:class:`~fi_engine.checkpoint.quantization.Int4Scheme`), whose projections
+    :meth:`linear` dequantizes; None: 16-bit projections only."""
 
-    def __init__(self, ckpt: Checkpoint, cp: Any, dtype: str, device: int, keep: list[Any]) -> None:
+    def __init__(
+        self, ckpt: Checkpoint, cp: Any, dtype: str, device: int, keep: list[Any], int4: Int4Scheme | None = None
+    ) -> None:
         self.ckpt, self.cp, self.dtype, self.device, self.keep = ckpt, cp, dtype, device, keep
+        self.int4 = int4
 
     @classmethod
-    def for_engine(cls, eng: Any, ckpt: Checkpoint, dtype: str) -> Self:
+    def for_engine(cls, eng: Any, ckpt: Checkpoint, dtype: str, int4: Int4Scheme | None = None) -> Self:
         """A loader of ``ckpt`` onto engine ``eng``'s device in ``dtype`` (the embedding's, which the family has
-        checked): sets ``eng.dtype``, the cuBLAS data types ``eng.gemm_type`` (``dtype``) and ``eng.gemm_f32``, and a
-        new ``eng.device_arrays``, the list that keeps the uploads alive."""
+        checked), reading int4 projections in layout ``int4``: sets ``eng.dtype``, the cuBLAS data types
+        ``eng.gemm_type`` (``dtype``) and ``eng.gemm_f32``, and a new ``eng.device_arrays``, the list that keeps the
+        uploads alive."""
         from ..kernels.dense import data_type
 
         eng.dtype = dtype
         eng.gemm_type = data_type(dtype)
         eng.gemm_f32 = data_type("float32")
         eng.device_arrays = []
-        return cls(ckpt, eng.cupy, dtype, eng.device, eng.device_arrays)
+        return cls(ckpt, eng.cupy, dtype, eng.device, eng.device_arrays, int4)
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """The tensor ``name`` (shape checked), in the checkpoint's dtype (bfloat16 as uint16 bits)."""
@@ -39,6 +47,26 @@ class WeightLoader:
         if got != self.dtype:
             raise ValueError(f"model: tensor {name!r} is {got}, the embedding is {self.dtype}{self.mismatch_hint(got)}")
         return self.ckpt.array(name, shape)
+
+    def linear(self, prefix: str, shape: tuple[int, int]) -> np.ndarray:
+        """Projection ``prefix``'s weight ``shape`` ``(n, k)`` in the loader's dtype (bfloat16 as uint16 bits): its
+        int4 weight dequantized where the loader has an int4 layout and the checkpoint holds ``<prefix>.qweight``
+        (:func:`~fi_engine.checkpoint.int4_weights.read_int4_linear`), else ``<prefix>.weight`` (:meth:`get`), as
+        for the modules an int4 checkpoint leaves 16-bit (AWQ's ``modules_to_not_convert``)."""
+        if self.int4 is None or prefix + ".qweight" not in self.ckpt:
+            if self.int4 is not None and prefix + ".weight" not in self.ckpt:
+                raise ValueError(
+                    f"model: the checkpoint has neither {prefix + '.qweight'!r} (int4) nor {prefix + '.weight'!r} "
+                    f"(16-bit); is it the whole checkpoint?"
+                )
+            return self.get(prefix + ".weight", shape)
+        from ..checkpoint.int4_weights import read_int4_linear
+
+        matrix = read_int4_linear(self.ckpt, self.int4, prefix, shape)
+        try:
+            return matrix.dequantized(self.dtype)
+        except ValueError as exc:
+            raise ValueError(f"model: {prefix!r}: {exc}; serve a bfloat16 copy of this checkpoint") from None
 
     def mismatch_hint(self, got: str) -> str:
         """What :meth:`get`'s refusal of a tensor of dtype ``got`` adds after naming it (a subclass may say more)."""

@@ -1,7 +1,7 @@
 """Quantized Llama-family checkpoints (fi_engine.checkpoint.quantization): the FP8 layouts as published configs write
 them are recognized and served for dense models (``LlamaConfig.fp8``); FP8 mixture-of-experts checkpoints and
 compressed-tensors' block strategy are refused by name, malformed FP8 configs naming the key, and other methods by their
-quant_method."""
+quant_method (AWQ and GPTQ int4: tests/engine/test_int4_weights.py)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_an_fp8_moe_checkpoint_is_refused_naming_what_it_is(extra: dict[str, Any
 @pytest.mark.parametrize(
     ("q", "message"),
     [
-        ({"quant_method": "gptq", "bits": 4}, "quant_method 'gptq') is not supported"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method 'bitsandbytes') is not supported"),
         (
             {
                 **LLAMA31_FP8_CT,

@@ -29,16 +29,17 @@ def save_random_llama(
     inter: int,
     llama3: bool,
     experts: tuple[int, int] | None = None,
+    tied: bool = True,
 ) -> Path:
     """A random Llama (4 layers, tied embedding, vocab :data:`VOCAB`, eos id 2) saved into ``folder``; norm weights
     around 1; with ``llama3`` Llama 3.1 RoPE scaling whose original context (64) the prompts pass; with ``experts``
-    ``(E, k)`` a Mixtral (every layer's MLP ``E`` experts of intermediate ``inter``, top-``k``). Seeded: the same
-    arguments give the same weights."""
+    ``(E, k)`` a Mixtral (every layer's MLP ``E`` experts of intermediate ``inter``, top-``k``); ``tied`` False: an
+    LM head of its own (``lm_head.weight``). Seeded: the same arguments give the same weights."""
     rng = np.random.default_rng(7)
     hq, hk = heads
     cfg = dict(
         model_type="llama", vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=4,
-        num_attention_heads=hq, num_key_value_heads=hk, head_dim=head_dim, tie_word_embeddings=True,
+        num_attention_heads=hq, num_key_value_heads=hk, head_dim=head_dim, tie_word_embeddings=tied,
         rope_theta=10000.0, max_position_embeddings=4096, rms_norm_eps=EPS, eos_token_id=2,
     )  # fmt: skip
     if experts is not None:
@@ -78,6 +79,8 @@ def save_random_llama(
             tensors[p + name + ".weight"] = t(*shape)
         tensors[p + "input_layernorm.weight"] = t(hidden, mean=1.0, scale=0.1)
         tensors[p + "post_attention_layernorm.weight"] = t(hidden, mean=1.0, scale=0.1)
+    if not tied:
+        tensors["lm_head.weight"] = t(VOCAB, hidden)
     write_safetensors(folder / "model.safetensors", tensors)
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder

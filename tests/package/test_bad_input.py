@@ -2174,6 +2174,16 @@ EXEMPT: dict[str, str] = {
     "tests/engine/test_quantization_config.py",
     "checkpoint.quantization.llama_fp8_scheme": "reads a config dict: FP8 layouts served or refused by name in "
     "tests/engine/test_quantization_config.py",
+    "checkpoint.quantization.Int4Scheme": _RECORD,
+    "checkpoint.quantization.int4_scheme": "reads a config dict: its malformed and unserved values refused by key in "
+    "tests/engine/test_int4_weights.py (test_an_unserved_int4_setting_is_refused_naming_its_key)",
+    "checkpoint.quantization.llama_int4_scheme": "reads a config dict: int4 layouts served or refused by name in "
+    "tests/engine/test_int4_weights.py",
+    # int4 weights: host-side arrays read from a checkpoint (every malformed tensor refused by name in
+    # engine/test_int4_weights.py); Int4Matrix.dequantized's dtype is checked there too
+    "checkpoint.int4_weights.read_int4_linear": "reads a Checkpoint: test_a_malformed_int4_tensor_is_refused_by_name "
+    "(engine/)",
+    "checkpoint.int4_weights.Int4Matrix": _RECORD,
     # FP8 weights: host-side arrays read from a checkpoint (every malformed tensor refused by name in
     # engine/test_fp8_weights.py); the GPU registry's arguments are checked in engine/test_gpu_fp8_linear.py
     "checkpoint.fp8_weights.read_fp8_linear": "reads a Checkpoint: test_a_malformed_fp8_tensor_is_refused_by_name "
