@@ -12,13 +12,14 @@ output column, and every weight is ``w[o, i] = (q[i, o] - z[i // group_size, o])
   ``[G, n / 8]``, ``<p>.scales`` float16 ``[G, n]``. Eight 4-bit values of consecutive output columns share an int32,
   interleaved: bits ``4j .. 4j+3`` (``j = 0`` the lowest) hold column ``8c + AWQ_ORDER[j]`` of int32 column ``c``
   (:data:`AWQ_ORDER`). The zeros are packed the same way and stored as they are.
-- GPTQ (AutoGPTQ / GPTQModel, ``desc_act: false``): ``<p>.qweight`` int32 ``[k / 8, n]``, packed along the inputs:
-  bits ``4j .. 4j+3`` of row ``r`` hold input ``8r + j``; ``<p>.qzeros`` int32 ``[G, n / 8]``, packed along the
-  outputs in order (bits ``4j .. 4j+3`` of column ``c`` hold column ``8c + j``); ``<p>.scales`` float16
-  ``[G, n]``; ``<p>.g_idx`` int32 ``[k]``, each input's group (checked to be ``i // group_size``: act-order is
-  refused by the config reader). The v1 layout (``checkpoint_format: "gptq"``, or none) stores every zero minus one,
-  so its readers add one back (a symmetric checkpoint's zero 8 is stored as 7); ``gptq_v2`` stores the zeros as
-  they are (:attr:`~fi_engine.checkpoint.quantization.Int4Scheme.zero_offset`).
+- GPTQ (AutoGPTQ / GPTQModel): ``<p>.qweight`` int32 ``[k / 8, n]``, packed along the inputs: bits ``4j .. 4j+3``
+  of row ``r`` hold input ``8r + j``; ``<p>.qzeros`` int32 ``[G, n / 8]``, packed along the outputs in order (bits
+  ``4j .. 4j+3`` of column ``c`` hold column ``8c + j``); ``<p>.scales`` float16 ``[G, n]``; ``<p>.g_idx`` int32
+  ``[k]``, each input's group, checked to be ``i // group_size`` (as ``desc_act: false`` writes it, and
+  ``desc_act: true`` with ``static_groups: true``; act-order groups are refused). The v1 layout
+  (``checkpoint_format: "gptq"``, or none) stores every zero minus one, so its readers add one back (a symmetric
+  checkpoint's zero 8 is stored as 7); ``gptq_v2`` stores the zeros as they are
+  (:attr:`~fi_engine.checkpoint.quantization.Int4Scheme.zero_offset`).
 
 Scales may be float16, bfloat16 or float32. ``(q - z) * s`` is exact in float32 for 16-bit scales (at most 5 by 11
 significant bits) and rounds once to the model's type (to nearest even), as a 16-bit multiply of the same operands
@@ -147,7 +148,7 @@ def read_int4_linear(ckpt: Checkpoint, scheme: Int4Scheme, prefix: str, shape: t
         g_idx = _tensor(ckpt, prefix + ".g_idx", ("int32", "int64"), (k,), "each input's group")
         if not np.array_equal(g_idx, np.arange(k) // g):
             raise ValueError(
-                f"model: tensor {prefix + '.g_idx'!r} does not give input i the group i // {g} (act-order weights), "
-                f"though quantization_config says desc_act false; {_WAY_OUT}"
+                f"model: tensor {prefix + '.g_idx'!r} does not give input i the group i // {g} (act-order groups, "
+                f"which this engine does not serve); {_WAY_OUT}"
             )
     return Int4Matrix(np.ascontiguousarray(codes), zeros.astype(np.uint8), scales, g)

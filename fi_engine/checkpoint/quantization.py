@@ -19,7 +19,8 @@ output column; :mod:`~fi_engine.checkpoint.int4_weights` reads their tensors):
   ``q_group_size``), ``zero_point: true``, ``version: "gemm"`` (AWQ's GEMM packing; ``gemv``, ``gemv_fast``,
   ``exllama``, ``ipex`` and ``marlin`` pack otherwise), ``modules_to_not_convert`` (modules left 16-bit);
 - ``quant_method: "gptq"`` (AutoGPTQ, GPTQModel, transformers' GPTQConfig): ``bits`` 4, ``group_size`` (-1: one group
-  over all the inputs), ``desc_act`` (act-order: the groups follow ``g_idx``), ``sym``, ``checkpoint_format``
+  over all the inputs), ``desc_act`` (act-order: the inputs quantized in another order; their groups, ``g_idx``, stay
+  ``i // group_size`` only with ``static_groups: true``), ``sym``, ``checkpoint_format``
   (GPTQModel also writes it as ``format``): ``"gptq"`` (or absent: AutoGPTQ's v1 layout, which stores every zero
   minus one) or ``"gptq_v2"`` (the zeros as they are), ``lm_head`` (the LM head quantized too), ``dynamic``
   (per-module overrides), ``pack_dtype`` (the packing integer, ``"int32"``).
@@ -150,8 +151,9 @@ def int4_scheme(q: Any, source: str) -> Int4Scheme | None:
     where its ``quant_method`` is neither ``"awq"`` nor ``"gptq"``. ValueError naming the key and the way out for
     what the engine does not read (the module docstring's keys): ``bits`` other than 4, a ``group_size`` that is
     neither a positive int nor -1, AWQ packed other than ``version: "gemm"`` or without zero points, GPTQ with
-    ``desc_act: true`` (act-order), a ``checkpoint_format`` other than ``"gptq"`` / ``"gptq_v2"``, per-module
-    ``dynamic`` overrides, a ``pack_dtype`` other than int32; and a malformed value."""
+    ``desc_act: true`` without ``static_groups: true`` (act-order groups), a ``checkpoint_format`` other than
+    ``"gptq"`` / ``"gptq_v2"``, per-module ``dynamic`` overrides, a ``pack_dtype`` other than int32; and a malformed
+    value."""
     if not isinstance(q, dict):
         raise ValueError(f"{source}: quantization_config: expected an object, got {_show(q)}")
     method = q.get("quant_method")
@@ -187,11 +189,15 @@ def int4_scheme(q: Any, source: str) -> Int4Scheme | None:
             raise ValueError(f"{where}.modules_to_not_convert: expected null or a list of module names, got "
                              f"{_show(skip)}")  # fmt: skip
         return Int4Scheme("awq", group, 0, tuple(skip))
-    desc_act = q.get("desc_act", False)
-    if desc_act is not False:
+    desc_act, static = q.get("desc_act", False), q.get("static_groups", False)
+    if not isinstance(desc_act, bool) or not isinstance(static, bool):
+        key, value = ("desc_act", desc_act) if not isinstance(desc_act, bool) else ("static_groups", static)
+        raise ValueError(f"{where}.{key}: expected true or false, got {_show(value)}")
+    if desc_act and not static:  # static groups keep input i in group i // group_size whatever the order
         raise ValueError(
-            f"{where}.desc_act: {_show(desc_act)}; act-order GPTQ checkpoints (each input's group given by g_idx) "
-            f"are not served; use a checkpoint quantized with desc_act=False or {_BF16_WAY_OUT}"
+            f"{where}.desc_act: true (without static_groups); act-order GPTQ checkpoints (each input's group "
+            f"given by g_idx) are not served; use a checkpoint quantized with desc_act=False (or static_groups=True) "
+            f"or {_BF16_WAY_OUT}"
         )
     if q.get("is_marlin_format"):
         raise ValueError(f"{where}.is_marlin_format: true; Marlin-packed GPTQ is not served; {_BF16_WAY_OUT}")

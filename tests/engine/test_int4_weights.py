@@ -172,9 +172,9 @@ def _layer(method: str = "awq", **replace: Any) -> dict[str, Any]:
         ("awq", _layer(**{"a.scales": np.full((1, 16), np.inf, np.float16)}), (16, 128),
          "'a.scales' holds a scale that is not finite"),
         ("gptq", _layer("gptq", **{"a.g_idx": np.ones(128, np.int32)}), (16, 128),
-         "'a.g_idx' does not give input i the group i // 128 (act-order weights)"),
+         "'a.g_idx' does not give input i the group i // 128 (act-order groups"),
         ("gptq", _layer("gptq", **{"a.g_idx": (np.arange(128, dtype=np.int32) % 2)}), (16, 128),
-         "though quantization_config says desc_act false"),
+         "(act-order groups, which this engine does not serve)"),
         ("awq", _layer(), (12, 128), "has 12 outputs and 128 inputs; int4 packs eight outputs to an int32"),
         ("gptq", _layer("gptq"), (16, 124), "int4 packs eight inputs to an int32"),
     ],
@@ -212,6 +212,7 @@ def test_a_scale_too_large_for_the_16_bit_type_is_refused() -> None:
         ({**AUTOGPTQ, "checkpoint_format": "gptq", "group_size": -1}, Int4Scheme("gptq", -1, 1)),
         (GPTQMODEL_V2, Int4Scheme("gptq", 64, 0)),
         ({**AUTOGPTQ, "lm_head": True}, Int4Scheme("gptq", 128, 1)),
+        ({**AUTOGPTQ, "desc_act": True, "static_groups": True}, Int4Scheme("gptq", 128, 1)),  # g_idx is i // 128
         ({"quant_method": "fp8"}, None),
     ],
 )  # fmt: skip
@@ -249,7 +250,9 @@ def test_the_description_names_the_layout() -> None:
         ({**AUTOAWQ, "group_size": 0}, "quantization_config.group_size: expected a positive int (e.g. 128) or -1"),
         ({**AUTOGPTQ, "group_size": "128"}, "quantization_config.group_size: expected a positive int"),
         ({**AUTOGPTQ, "group_size": None}, "quantization_config.group_size: expected"),
-        ({**AUTOGPTQ, "desc_act": True}, "quantization_config.desc_act: True; act-order GPTQ checkpoints"),
+        ({**AUTOGPTQ, "desc_act": True}, "quantization_config.desc_act: true (without static_groups); act-order"),
+        ({**AUTOGPTQ, "desc_act": 1}, "quantization_config.desc_act: expected true or false, got 1"),
+        ({**AUTOGPTQ, "static_groups": None}, "quantization_config.static_groups: expected true or false"),
         ({**AUTOGPTQ, "checkpoint_format": "marlin"}, "quantization_config.checkpoint_format: 'marlin'; this engine "
          "reads the 'gptq' and 'gptq_v2' layouts"),
         ({**AUTOGPTQ, "format": "bitblas"}, "quantization_config.format: 'bitblas'"),
