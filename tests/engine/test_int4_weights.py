@@ -6,8 +6,9 @@ rounded once, to nearest even) -- group sizes 128, 64 and -1 (one group), GPTQ's
 v2 ones, a short last group; every malformed tensor refused naming it; the ``quantization_config`` keys as the tools
 write them, read to a scheme, and each unserved setting refused naming its key and the way out; and the Llama
 family's load path (``Llama.load`` over host arrays standing in for CuPy) putting the dequantized projections where
-a 16-bit checkpoint's go, with tied and untied heads, a GPTQ-quantized head, and modules left 16-bit. No GPU: the
-engine's logits against a 16-bit copy are tests/engine/test_gpu_int4_llama.py."""
+a 16-bit checkpoint's go, with tied and untied heads, a GPTQ-quantized head, and modules left 16-bit; the GPU test's
+checkpoints loading the very bytes of their dequantized float16 copies. No GPU: the engine's logits against those
+copies are tests/engine/test_gpu_int4_llama.py."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from helpers.int4_checkpoints import (
     pack_rows,
     quantization_config,
     reference,
+    write_16bit_copy,
     write_int4_copy,
 )
 from helpers.random_llama import bf16_bits, save_random_llama
@@ -408,3 +410,25 @@ def test_a_scale_overflowing_float16_is_refused_naming_the_projection(tmp_path: 
     write_safetensors(tmp_path / "int4" / "model.safetensors", tensors)
     with pytest.raises(ValueError, match="'model.layers.0.mlp.up_proj': the dequantized weight has values that are "):
         _load(tmp_path / "int4")
+
+
+@pytest.mark.parametrize(
+    ("method", "group_size", "v1", "tied"),
+    [("awq", 128, True, False), ("gptq", 64, True, True), ("gptq", 128, False, False)],
+    ids=["awq-g128", "gptq-v1-sym-g64", "gptq-v2-asym-g128"],
+)
+def test_an_int4_checkpoint_loads_the_bytes_of_its_dequantized_float16_copy(
+    tmp_path: Path, method: str, group_size: int, v1: bool, tied: bool
+) -> None:
+    """What the GPU test (test_gpu_int4_llama.py) rests on: the engine given the int4 checkpoint uploads exactly the
+    bytes it uploads given the float16 checkpoint of the dequantized weights (helpers' write_16bit_copy)."""
+    src = save_random_llama(_dir(tmp_path, "src"), "float16", 64, (8, 2), 512, 1536, False, tied=tied)
+    write_16bit_copy(src, tmp_path / "f16", write_int4_copy(src, tmp_path / "int4", method, group_size, sym=v1, v1=v1))
+    (a, host_a), (b, host_b) = _load(tmp_path / "int4"), _load(tmp_path / "f16")
+    assert a.model_config.int4 is not None and b.model_config.int4 is None
+    for name in ("wqkv", "wo", "wgu", "wd"):
+        for pa, pb in zip(getattr(a, name), getattr(b, name), strict=True):
+            assert np.array_equal(host_a.by_ptr[pa].view(np.uint16), host_b.by_ptr[pb].view(np.uint16))
+    assert np.array_equal(host_a.by_ptr[a.lm_head], host_b.by_ptr[b.lm_head]) and (a.lm_head == a.embed) == tied
+    o, host_o = _load(src)
+    assert not np.array_equal(host_a.by_ptr[a.wqkv[0]], host_o.by_ptr[o.wqkv[0]])  # int4 is not the original

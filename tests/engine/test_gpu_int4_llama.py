@@ -1,0 +1,93 @@
+"""The Llama engine serving AWQ and GPTQ int4 checkpoints, on a GPU (FI_FFI_RUN_GPU_TESTS=1; CuPy only, no torch or
+transformers).
+
+A random float16 Llama (helpers.random_llama: 4 layers, hidden 512, 8 query / 2 KV heads of 64, MLP 1536, vocab 4096)
+has its seven projections per layer quantized to int4 and written the way the publishers' tools write them
+(helpers.int4_checkpoints): AWQ (GEMM packing, groups of 128, untied LM head), GPTQ v1 (symmetric, groups of 64, the
+zeros stored minus one, tied head) and GPTQ v2 (asymmetric, groups of 128, untied head). Each is also written as a
+float16 checkpoint of exactly the weights it dequantizes to (``(q - z) * s`` in float32, rounded once to float16: the
+CPU suite, tests/engine/test_int4_weights.py, proves the reader computes the same bits). The engine dequantizes the
+int4 projections as it reads them and then serves 16-bit weights, so on the two checkpoints it runs the same kernels
+over the same bits:
+
+- prefill logits (``prefill_logits``, 5 prompts of 1 to 50 tokens), eager and with CUDA graphs: **bit-equal** (the
+  tolerance is zero: a single weight read differently would show);
+- greedy decoding (4 rows, then 1 row, eager and as the decode CUDA graph): the same tokens, step for step;
+- the int4 model is not the original: its logits differ from the unquantized float16 model's (by the 4-bit rounding,
+  printed), so the comparison above is not of two copies of one checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("FI_FFI_RUN_GPU_TESTS") != "1":
+    pytest.skip("GPU tests run only with FI_FFI_RUN_GPU_TESTS=1 on a CUDA machine", allow_module_level=True)
+
+cp = pytest.importorskip("cupy", reason="the Llama engine needs CuPy (pip install 'fi-ffi[llama]')")
+
+from helpers.int4_checkpoints import write_16bit_copy, write_int4_copy  # noqa: E402
+from helpers.random_llama import VOCAB, save_random_llama  # noqa: E402
+from helpers.yardstick import prompts  # noqa: E402
+
+from fi_engine.models.llama import LlamaEngine  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+# name: (method, group_size, GPTQ symmetric with v1 zeros (else asymmetric gptq_v2), tied LM head)
+VARIANTS = {
+    "awq-g128": ("awq", 128, True, False),
+    "gptq-v1-sym-g64": ("gptq", 64, True, True),
+    "gptq-v2-asym-g128": ("gptq", 128, False, False),
+}
+PROMPTS = (1, 7, 16, 33, 50)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def checkpoints(request, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """(the int4 checkpoint, the float16 one of its dequantized weights, the unquantized float16 original)."""
+    method, group_size, v1, tied = VARIANTS[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    (root / "f16").mkdir()
+    src = save_random_llama(root / "f16", "float16", 64, (8, 2), 512, 1536, False, tied=tied)
+    dequantized = write_int4_copy(src, root / "int4", method, group_size, sym=v1, v1=v1)
+    write_16bit_copy(src, root / "dequantized", dequantized)
+    return root / "int4", root / "dequantized", src
+
+
+def _prefill_logits(path, graph: bool) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    with LlamaEngine(path, max_batch=4, page_size=16, cuda_graph=graph) as engine:
+        return engine.prefill_logits(prompts(PROMPTS, VOCAB))
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_prefill_logits_equal_the_dequantized_float16_checkpoints(checkpoints, graph: bool) -> None:  # type: ignore[no-untyped-def]
+    int4, dequantized, original = checkpoints
+    with LlamaEngine(int4, max_batch=4, page_size=16, cuda_graph=graph) as engine:
+        cfg = engine.runner.model_config
+        assert cfg.int4 is not None and engine.runner.dtype == "float16"
+        got = engine.prefill_logits(prompts(PROMPTS, VOCAB))
+    want = _prefill_logits(dequantized, graph)
+    for n, g, w in zip(PROMPTS, got, want, strict=True):
+        assert g.shape == w.shape == (n, VOCAB)
+        diff = float(np.abs(g - w).max())
+        assert np.array_equal(g, w), f"{cfg.int4.describe()}: a {n}-token prompt's logits differ by up to {diff}"
+    off = max(float(np.abs(g - o).max()) for g, o in zip(got, _prefill_logits(original, graph), strict=True))
+    print(f"{cfg.int4.describe()}: bit-equal to the dequantized copy; {off:.3f} off the unquantized model")
+    assert off > 0.0
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_greedy_decoding_gives_the_dequantized_checkpoints_tokens(checkpoints, graph: bool) -> None:  # type: ignore[no-untyped-def]
+    int4, dequantized, _ = checkpoints
+    for lens, new in (((5, 16, 29, 50), [17, 12, 17, 9]), ((11,), [24])):  # 4 rows; 1 row
+        ps = prompts(lens, VOCAB, seed=2)
+        tokens = []
+        for path in (int4, dequantized):
+            with LlamaEngine(path, max_batch=len(ps), page_size=16, cuda_graph=graph) as engine:
+                tokens.append(engine.generate(ps, new, eos_token_ids=()).tokens)
+        assert [len(t) for t in tokens[0]] == new
+        assert tokens[0] == tokens[1]
