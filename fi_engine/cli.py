@@ -11,7 +11,8 @@
   server (:mod:`fi_engine.serve.openai_server`; the ``serve`` extra) until SIGINT/SIGTERM; with ``--api-servers
   N``, N front-end processes over one engine process (:mod:`fi_engine.serve.api_servers`). The engine steps with
   ``overlap_steps``, the scheduler delay, ``mixed_prefill`` and ``prefix_caching`` where the engine serves it
-  (``fi_engine.runtime.serving.ServingLoop``); the start-up line says whether prefix caching is on.
+  (``fi_engine.runtime.serving.ServingLoop``); the start-up line says whether prefix caching is on and names
+  quantized weights (FP8, AWQ/GPTQ int4), which ``/v1/models`` reports as ``quantization`` (their ``quant_method``).
 
 ``fi-ffi generate ARGS`` (the binding's command, where this subcommand lived) runs ``python -m fi_engine generate
 ARGS``. With ``--tp N`` this command starts its ranks through ``fi-ffi launch`` (the binding's launcher, a
@@ -385,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         "serve token-id prompts with a local checkpoint (needs CuPy and a GPU)",
         f"Load a Hugging Face checkpoint ({_served()}; "
-        "f16/bf16; FP8 e4m3 for dense Llama/Qwen3) onto the GPU and generate from token-id prompts; prints the "
+        "f16/bf16; FP8 e4m3, or AWQ/GPTQ int4 dequantized to 16-bit, for dense Llama/Qwen3) onto the GPU and "
+        "generate from token-id prompts; prints the "
         "tokens, tokens/s and host time "
         "per decode step. Needs CuPy (python -m pip install cupy-cuda13x). Every value is checked before the "
         "GPU is touched.",
@@ -396,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
             "fi-engine generate ./SmolLM2-135M-Instruct --chat 'What is a GPU?' --max-new-tokens 64",
         ),
     )
-    _add_model(p, "checkpoint directory: config.json + *.safetensors (f16/bf16, or FP8 e4m3)")
+    _add_model(p, "checkpoint directory: config.json + *.safetensors (f16/bf16, FP8 e4m3, or AWQ/GPTQ int4)")
     p.add_argument(
         "--prompt-ids",
         type=_token_ids,
@@ -653,6 +655,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # everything a CPU can check, before the GPU: the values, the tokenizer and template, the server's packages
         _check_serve_values(args)
         codec = TextCodec.from_dir(args.model)
+        weights = _quantized_weights(args.model)  # the start-up line and /v1/models name it
         for module in ("starlette", "uvicorn"):
             try:
                 importlib.import_module(module)
@@ -699,9 +702,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = (
         f"max batch {args.max_batch}, queue {args.max_queue}, {'CUDA graph' if args.graph else 'eager'}, "
         f"prefix caching {'on' if caching else 'off'}{unserved}, chunked prefill {chunks}{speculation}"
+        + (f", {weights.describe()}" if weights is not None else "")
     )
+    quantization = None if weights is None else weights.method
     if args.api_servers > 1:
-        return _serve_api_servers(args, engine, names, settings)
+        return _serve_api_servers(args, engine, names, settings, quantization)
     from .serve.openai_server import serve
 
     with engine:
@@ -727,13 +732,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 max_model_len=getattr(engine, "max_seq_len", None),
                 graceful_s=args.grace,
                 log_level=args.log_level,
+                quantization=quantization,
             )
         finally:
             service.close(timeout=args.grace)
     return 0
 
 
-def _serve_api_servers(args: argparse.Namespace, engine: Any, names: list[str], settings: str) -> int:
+def _quantized_weights(model: str) -> Any:
+    """The layout of the checkpoint's quantized weights as its family's config reader finds it (an ``Fp8Scheme`` or
+    ``Int4Scheme`` of :mod:`fi_engine.checkpoint.quantization`, which ``describe()`` themselves), or None for 16-bit
+    weights; ValueError for a config the family refuses."""
+    from .models.registry import read_config
+
+    config = read_config(model)
+    return getattr(config, "int4", None) or getattr(config, "fp8", None)
+
+
+def _serve_api_servers(
+    args: argparse.Namespace, engine: Any, names: list[str], settings: str, quantization: str | None
+) -> int:
     """``serve --api-servers N`` (N > 1): N front-end processes over ``engine`` (fi_engine.serve.api_servers) until
     SIGINT/SIGTERM; 1 when a front end failed (named on stderr), 2 for an address that cannot be bound."""
     from .serve.api_servers import serve_api_servers
@@ -761,6 +779,7 @@ def _serve_api_servers(args: argparse.Namespace, engine: Any, names: list[str], 
                 graceful_s=args.grace,
                 log_level=args.log_level,
                 ready=ready,
+                quantization=quantization,
             )
         except ValueError as exc:  # the address cannot be bound
             print(f"{where}: {exc}", file=sys.stderr)

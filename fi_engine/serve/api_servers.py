@@ -70,6 +70,7 @@ class _Settings:
     max_queue: int
     graceful_s: float
     log_level: str
+    quantization: str | None
 
 
 def _ignore(sig: int, frame: Any) -> None:
@@ -99,7 +100,11 @@ def _front_end(
         raise SystemExit(2) from None
     try:
         app = build_app(
-            service, settings.names, max_model_len=settings.max_model_len, close_timeout=settings.graceful_s
+            service,
+            settings.names,
+            max_model_len=settings.max_model_len,
+            close_timeout=settings.graceful_s,
+            quantization=settings.quantization,
         )
         config = uvicorn.Config(
             app, log_level=settings.log_level, timeout_graceful_shutdown=settings.graceful_s, lifespan="on"
@@ -199,6 +204,7 @@ def serve_api_servers(
     graceful_s: float = 30.0,
     log_level: str = "info",
     ready: Callable[[int, list[int]], None] | None = None,
+    quantization: str | None = None,
 ) -> None:
     """Serve ``engine`` through ``engine.clients`` API-server processes (see the module docstring) until
     SIGINT/SIGTERM; the engine process stays open (its owner, the caller, closes it).
@@ -214,6 +220,7 @@ def serve_api_servers(
         graceful_s: seconds open requests get to finish on SIGINT/SIGTERM before they are cancelled.
         log_level: uvicorn's log level in each front end.
         ready: called once every front end listens, with the port and the front ends' process ids.
+        quantization: the ``quant_method`` of the weights served (``/v1/models``); None: 16-bit weights.
 
     Raises:
         TypeError/ValueError naming the argument (``port``/``host`` also when the address cannot be bound);
@@ -236,11 +243,14 @@ def serve_api_servers(
         raise ValueError(f"graceful_s: expected seconds >= 0, got {show(graceful_s)}")
     if ready is not None and not callable(ready):
         raise TypeError(f"ready: expected a callable(port, pids) or None, got {type(ready).__name__}")
+    from .openai_server import check_quantization
+
+    check_quantization(quantization)
     from .metrics import ServingMetrics
     from .shared_queue import SharedQueue
 
     count = engine.clients
-    settings = _Settings(str(model_dir), names, max_model_len, max_queue, float(graceful_s), log_level)
+    settings = _Settings(str(model_dir), names, max_model_len, max_queue, float(graceful_s), log_level, quantization)
     socks = _listen(host, port, count)
     bound = socks[0].getsockname()[1]
     metrics, queues = ServingMetrics.shared(count), SharedQueue.create(count)

@@ -122,10 +122,13 @@ class _Submitted:
 class _Handlers:
     """The endpoints, bound to one service and the model names it answers to."""
 
-    def __init__(self, service: GenerationService, models: Sequence[str], max_model_len: int | None) -> None:
+    def __init__(
+        self, service: GenerationService, models: Sequence[str], max_model_len: int | None, quantization: str | None
+    ) -> None:
         self.service = service
         self.models = list(models)
         self.max_model_len = max_model_len
+        self.quantization = quantization
         self.started = int(time.time())
         self.grammars: GrammarTokenizer | None = None  # the served tokenizer for response_format, made on first use
         self.grammars_built = asyncio.Lock()
@@ -167,6 +170,7 @@ class _Handlers:
         data = [
             {"id": m, "object": "model", "created": self.started, "owned_by": "fi_engine", "root": m}
             | ({"max_model_len": self.max_model_len} if self.max_model_len else {})
+            | ({"quantization": self.quantization} if self.quantization else {})
             for m in self.models
         ]
         return self.JSONResponse({"object": "list", "data": data})
@@ -598,12 +602,20 @@ def _refusal(exc: BaseException, chat: bool) -> APIError:
     return APIError(f"the engine cannot serve this request: {text}", param, code="context_length_exceeded")
 
 
+def check_quantization(quantization: Any) -> str | None:
+    """``quantization`` (a ``quant_method`` name, or None) as given; TypeError naming it otherwise."""
+    if quantization is not None and (not isinstance(quantization, str) or not quantization):
+        raise TypeError(f"quantization: expected a quant_method name such as 'awq', or None, got {quantization!r:.80}")
+    return quantization
+
+
 def build_app(
     service: GenerationService,
     model_names: str | Sequence[str],
     *,
     max_model_len: int | None = None,
     close_timeout: float = 30.0,
+    quantization: str | None = None,
 ) -> Any:
     """The server's Starlette application.
 
@@ -613,6 +625,8 @@ def build_app(
         max_model_len: the engine's longest request in tokens (``/v1/models`` reports it; a chat without
             ``max_tokens`` may generate up to it); None: unknown.
         close_timeout: seconds the service gets, once the server stops, to finish what uvicorn's own grace left.
+        quantization: the ``quant_method`` of the weights served (``"awq"``, ``"gptq"``, ``"fp8"``, ...; the names of
+            vLLM's ``--quantization``), which ``/v1/models`` reports; None: 16-bit weights (not reported).
     """
     applications = _require("starlette.applications")
     from starlette.exceptions import HTTPException
@@ -623,7 +637,7 @@ def build_app(
         raise ValueError(f"model_names: expected a non-empty name or list of names, got {model_names!r:.80}")
     if not isinstance(service, GenerationService):
         raise TypeError(f"service: expected a fi_engine.serve.service.GenerationService, got {type(service).__name__}")
-    h = _Handlers(service, names, max_model_len)
+    h = _Handlers(service, names, max_model_len, check_quantization(quantization))
 
     async def http_error(request: Any, exc: Any) -> Any:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -662,10 +676,13 @@ def serve(
     max_model_len: int | None = None,
     graceful_s: float = 30.0,
     log_level: str = "info",
+    quantization: str | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM: uvicorn on ``host:port`` with :func:`build_app`; on the signal, stop taking
     connections, give open responses ``graceful_s`` seconds, then close the service (cancelling what is left)."""
-    app = build_app(service, model_names, max_model_len=max_model_len, close_timeout=graceful_s)
+    app = build_app(
+        service, model_names, max_model_len=max_model_len, close_timeout=graceful_s, quantization=quantization
+    )
     uvicorn = _require("uvicorn")
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     config = uvicorn.Config(

@@ -432,3 +432,39 @@ def test_an_int4_checkpoint_loads_the_bytes_of_its_dequantized_float16_copy(
     assert np.array_equal(host_a.by_ptr[a.lm_head], host_b.by_ptr[b.lm_head]) and (a.lm_head == a.embed) == tied
     o, host_o = _load(src)
     assert not np.array_equal(host_a.by_ptr[a.wqkv[0]], host_o.by_ptr[o.wqkv[0]])  # int4 is not the original
+
+
+# ---- what fi-engine serve reports ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("q", "words", "method"),
+    [(AUTOAWQ, ", AWQ int4 weights (groups of 128), dequantized to 16-bit at load)", "awq"),
+     (GPTQMODEL_V2, ", GPTQ v2 int4 weights (groups of 64), dequantized to 16-bit at load)", "gptq"),
+     (None, ", chunked prefill off)", None)],
+    ids=["awq", "gptq", "16-bit"],
+)  # fmt: skip
+def test_serve_names_the_weights_in_its_start_up_line_and_models(  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], q, words, method
+) -> None:
+    """``fi-engine serve`` (its engine stood in for by helpers.fake_engine, which needs no GPU) ends its start-up
+    line with the quantized weights' description and hands their ``quant_method`` to the server's ``/v1/models``."""
+    for module in ("tokenizers", "jinja2", "starlette", "uvicorn"):
+        pytest.importorskip(module)
+    from helpers.fake_engine import open_fake_engine
+    from helpers.text_checkpoints import write_text_checkpoint
+
+    from fi_engine import cli
+    from fi_engine.models import registry
+    from fi_engine.serve import openai_server
+
+    root = write_text_checkpoint(tmp_path / "m")
+    config = {**BASE, "vocab_size": 330, "num_hidden_layers": 1} | ({"quantization_config": q} if q else {})
+    (root / "config.json").write_text(json.dumps(config))
+    handed: dict[str, Any] = {}
+    monkeypatch.setattr(registry, "open_engine", open_fake_engine)
+    monkeypatch.setattr(openai_server, "serve", lambda *a, **k: handed.update(k))
+    assert cli.main(["serve", str(root), "--port", "0", "--in-process"]) == 0
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("fi-engine serve: serving ") and line.endswith(words), line
+    assert handed["quantization"] == method

@@ -44,6 +44,22 @@ def wait_for(predicate: Any, what: str) -> None:
 def test_models_lists_the_served_name(served: Served) -> None:
     models = served.client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+    listed = httpx.get(f"{served.url}/v1/models", timeout=WAIT).json()["data"][0]
+    assert listed["max_model_len"] == 4096 and "quantization" not in listed  # 16-bit weights: nothing to report
+
+
+def test_models_reports_quantized_weights(codec, pool) -> None:  # type: ignore[no-untyped-def]
+    from fi_engine.serve.openai_server import build_app
+    from fi_engine.serve.service import GenerationService
+
+    server = Served(codec, pool, max_batch=8, quantization="awq")
+    try:
+        listed = httpx.get(f"{server.url}/v1/models", timeout=WAIT).json()["data"]
+        assert [(m["id"], m["quantization"]) for m in listed] == [(MODEL, "awq")]
+    finally:
+        server.close()
+    with GenerationService(server.engine, codec) as service, pytest.raises(TypeError, match="quantization: expected"):
+        build_app(service, MODEL, quantization=4)  # type: ignore[arg-type]
 
 
 def test_completion_text_and_usage(served: Served, codec, pool) -> None:  # type: ignore[no-untyped-def]

@@ -51,9 +51,18 @@ WAIT = 20.0  # seconds a client or a test waits at most
 
 class Served:
     """A stand-in engine (:class:`~helpers.fake_engine.FakeStepEngine` over ``codec``'s vocabulary, generating from
-    ``pool``), its service and the server on loopback, with an official ``openai`` client (:attr:`client`)."""
+    ``pool``), its service and the server on loopback (``quantization``: the weights' it reports), with an official
+    ``openai`` client (:attr:`client`)."""
 
-    def __init__(self, codec: Any, pool: Any, max_queue: int = 256, graceful_s: float = 5.0, **engine_kw: Any) -> None:
+    def __init__(
+        self,
+        codec: Any,
+        pool: Any,
+        max_queue: int = 256,
+        graceful_s: float = 5.0,
+        quantization: str | None = None,
+        **engine_kw: Any,
+    ) -> None:
         import openai
 
         from fi_engine.serve.openai_server import build_app
@@ -63,7 +72,8 @@ class Served:
         kw = {"max_seq_len": 4096, "tokenizer": codec.tokenizer, **engine_kw}
         self.engine = FakeStepEngine(codec.tokenizer.vocab_size, pool=pool, eos_token_ids=codec.eos_token_ids, **kw)
         self.service = GenerationService(self.engine, codec, max_queue=max_queue)
-        self.server = RunningServer(build_app(self.service, MODEL, max_model_len=4096, close_timeout=1.0), graceful_s)
+        app = build_app(self.service, MODEL, max_model_len=4096, close_timeout=1.0, quantization=quantization)
+        self.server = RunningServer(app, graceful_s)
         self.url = self.server.url
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=WAIT)
 
