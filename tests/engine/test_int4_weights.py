@@ -322,13 +322,15 @@ def _dir(tmp_path: Path, name: str) -> Path:
     return tmp_path / name
 
 
-def _load(path: Path) -> tuple[SimpleNamespace, HostArrays]:
+def _load(path: Path, rank: int = 0, tensor_parallel: int = 1) -> tuple[SimpleNamespace, HostArrays]:
+    """``Llama.load`` of ``path`` into a stand-in engine (``rank`` of ``tensor_parallel``; the LM head whole)."""
     from fi_engine.models.llama import Llama
 
     host = HostArrays()
     eng = SimpleNamespace(
-        model_config=LlamaConfig.from_dir(path), rank=0, tensor_parallel=1, vocab_shard=None, cupy=host, device=0
-    )
+        model_config=LlamaConfig.from_dir(path), rank=rank, tensor_parallel=tensor_parallel, vocab_shard=None,
+        cupy=host, device=0,
+    )  # fmt: skip
     Llama().load(eng, Checkpoint(path))  # type: ignore[arg-type]
     return eng, host
 
@@ -413,24 +415,29 @@ def test_a_scale_overflowing_float16_is_refused_naming_the_projection(tmp_path: 
 
 
 @pytest.mark.parametrize(
-    ("method", "group_size", "v1", "tied"),
-    [("awq", 128, True, False), ("gptq", 64, True, True), ("gptq", 128, False, False)],
-    ids=["awq-g128", "gptq-v1-sym-g64", "gptq-v2-asym-g128"],
-)
+    ("method", "group_size", "v1", "tied", "rank"),
+    [("awq", 128, True, False, None), ("gptq", 64, True, True, None), ("gptq", 128, False, False, None),
+     ("awq", 128, True, False, 1)],
+    ids=["awq-g128", "gptq-v1-sym-g64", "gptq-v2-asym-g128", "awq-g128-rank-1-of-2"],
+)  # fmt: skip
 def test_an_int4_checkpoint_loads_the_bytes_of_its_dequantized_float16_copy(
-    tmp_path: Path, method: str, group_size: int, v1: bool, tied: bool
+    tmp_path: Path, method: str, group_size: int, v1: bool, tied: bool, rank: int | None
 ) -> None:
     """What the GPU test (test_gpu_int4_llama.py) rests on: the engine given the int4 checkpoint uploads exactly the
-    bytes it uploads given the float16 checkpoint of the dequantized weights (helpers' write_16bit_copy)."""
+    bytes it uploads given the float16 checkpoint of the dequantized weights (helpers' write_16bit_copy); with
+    tensor parallelism (``rank`` of 2), its shard of them."""
     src = save_random_llama(_dir(tmp_path, "src"), "float16", 64, (8, 2), 512, 1536, False, tied=tied)
     write_16bit_copy(src, tmp_path / "f16", write_int4_copy(src, tmp_path / "int4", method, group_size, sym=v1, v1=v1))
-    (a, host_a), (b, host_b) = _load(tmp_path / "int4"), _load(tmp_path / "f16")
+    tp = (0, 1) if rank is None else (rank, 2)
+    (a, host_a), (b, host_b) = _load(tmp_path / "int4", *tp), _load(tmp_path / "f16", *tp)
+    if rank is not None:  # this rank's half of the q, k and v rows (384 of 768) and of o's columns
+        assert host_a.by_ptr[a.wqkv[0]].shape == (384, 512) and host_a.by_ptr[a.wo[0]].shape == (512, 256)
     assert a.model_config.int4 is not None and b.model_config.int4 is None
     for name in ("wqkv", "wo", "wgu", "wd"):
         for pa, pb in zip(getattr(a, name), getattr(b, name), strict=True):
             assert np.array_equal(host_a.by_ptr[pa].view(np.uint16), host_b.by_ptr[pb].view(np.uint16))
     assert np.array_equal(host_a.by_ptr[a.lm_head], host_b.by_ptr[b.lm_head]) and (a.lm_head == a.embed) == tied
-    o, host_o = _load(src)
+    o, host_o = _load(src, *tp)
     assert not np.array_equal(host_a.by_ptr[a.wqkv[0]], host_o.by_ptr[o.wqkv[0]])  # int4 is not the original
 
 
