@@ -42,15 +42,20 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 eight columns the int32 packs."""
 
 _AWQ_FIELD_OF_COLUMN = np.argsort(AWQ_ORDER)  # column c of the eight is in field _AWQ_FIELD_OF_COLUMN[c]
-_SHIFTS = np.arange(0, 32, 4, dtype=np.uint32)
 _SCALE_TYPES = ("float16", "bfloat16", "float32")
 _WAY_OUT = "serve a bfloat16 copy of this checkpoint"
+_LEVELS = np.arange(16, dtype=np.float32)  # the sixteen codes
 
 
 def _fields(packed: np.ndarray) -> np.ndarray:
-    """uint8 ``[..., m, 8]``: the eight 4-bit fields of each int32 of ``packed`` ``[..., m]``, the lowest bits first."""
-    words = np.ascontiguousarray(packed).view(np.uint32)
-    return ((words[..., None] >> _SHIFTS) & 0xF).astype(np.uint8)
+    """uint8 ``[..., m, 8]``: the eight 4-bit fields of each int32 of ``packed`` ``[..., m]``, the lowest bits first.
+    Unpacked a byte at a time (the int32 little-endian, as safetensors stores it: byte ``b`` holds fields ``2b``
+    and ``2b + 1``), a quarter of the memory traffic of shifting whole words."""
+    as_bytes = np.ascontiguousarray(packed, dtype="<i4").view(np.uint8).reshape(*packed.shape, 4)
+    out = np.empty((*as_bytes.shape, 2), np.uint8)
+    np.bitwise_and(as_bytes, 0xF, out=out[..., 0])
+    np.right_shift(as_bytes, 4, out=out[..., 1])
+    return out.reshape(*packed.shape, 8)
 
 
 def _float32(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -71,9 +76,9 @@ def _to_16bit(values: np.ndarray, dtype: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Int4Matrix:
-    """One linear layer's int4 weight, unpacked: ``codes`` uint8 ``[k, n]`` (input rows, output columns; 0..15),
-    ``zeros`` uint8 ``[G, n]`` (each group's zero, GPTQ v1's stored-minus-one undone: 0..16), ``scales`` float32
-    ``[G, n]``, ``group_size`` (``k`` for one group)."""
+    """One linear layer's int4 weight, unpacked: ``codes`` uint8 ``[n, k]`` (a 16-bit weight's layout: output rows,
+    input columns; 0..15), ``zeros`` uint8 ``[G, n]`` (each group's zero, GPTQ v1's stored-minus-one undone: 0..16)
+    and ``scales`` float32 ``[G, n]`` as the checkpoint lays them out, ``group_size`` (``k`` for one group)."""
 
     codes: np.ndarray
     zeros: np.ndarray
@@ -81,25 +86,29 @@ class Int4Matrix:
     group_size: int
 
     def dequantized(self, dtype: str = "float32") -> np.ndarray:
-        """The weight ``[n, k]`` (a 16-bit checkpoint's layout) it stands for, ``(q - z) * s``: float32, or rounded
-        once to ``"float16"`` (a float16 array) or ``"bfloat16"`` (its bits, uint16) as the engine uploads it.
-        ValueError where a value is not finite in ``dtype`` (a scale too large for it)."""
+        """The weight ``[n, k]`` it stands for, ``(q - z) * s``: float32, or rounded once to ``"float16"`` (a float16
+        array) or ``"bfloat16"`` (its bits, uint16) as the engine uploads it. ValueError where a value is not finite
+        in ``dtype`` (a scale too large for it).
+
+        Each output row's group has sixteen possible values, one per code: they are computed first (``[n, G, 16]``,
+        exactly in float32, then rounded), and every weight is looked up among its group's -- one gather over the
+        weight instead of float32 arithmetic and a rounding pass over it."""
         if dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype: expected 'float32', 'float16' or 'bfloat16', got {dtype!r}")
-        k, n = self.codes.shape
-        g = self.group_size
-        w = self.codes.astype(np.float32)
-        if k % g == 0:  # every group whole: broadcast each group's row of zeros and scales over its g inputs
-            grouped = w.reshape(k // g, g, n)
-            grouped -= self.zeros[:, None, :]
-            grouped *= self.scales[:, None, :]
-        else:  # GPTQ's last group is short: each input's row of zeros and scales
-            rows = np.arange(k) // g
-            w -= self.zeros[rows]
-            w *= self.scales[rows]
-        out = w.T if dtype == "float32" else _to_16bit(w, dtype).T
-        finite = np.isfinite(out if dtype != "bfloat16" else _float32(out, dtype))
-        if not finite.all():
+        n, k = self.codes.shape
+        g, groups = self.group_size, self.zeros.shape[0]
+        table = (_LEVELS - self.zeros.T[:, :, None].astype(np.float32)) * self.scales.T[:, :, None]
+        if dtype != "float32":
+            table = _to_16bit(table, dtype)
+        codes = self.codes
+        if groups * g != k:  # GPTQ's last group is short: pad it with code 0 (the padding is cut off below)
+            codes = np.pad(codes, ((0, 0), (0, groups * g - k)))
+        out = np.take_along_axis(table, codes.reshape(n, groups, g), axis=2).reshape(n, groups * g)[:, :k]
+
+        def finite(a: np.ndarray) -> bool:
+            return bool(np.isfinite(_float32(a, dtype) if dtype == "bfloat16" else a).all())
+
+        if not finite(table) and not finite(out):  # a value no code takes may be past the type's range
             raise ValueError(f"the dequantized weight has values that are not finite in {dtype} (scales too large)")
         return np.ascontiguousarray(out)
 
@@ -131,12 +140,12 @@ def read_int4_linear(ckpt: Checkpoint, scheme: Int4Scheme, prefix: str, shape: t
             f"model: {prefix!r} has {n} outputs and {k} inputs; int4 packs eight {packed} to an int32, so they must "
             f"be a multiple of 8; {scheme.method.upper()} cannot hold this shape"
         )
-    if awq:
+    if awq:  # [k, n/8, 8] (input i, column 8c + AWQ_ORDER[j]) -> [n/8, 8, k] with the eight columns in order
         fields = _fields(_tensor(ckpt, prefix + ".qweight", ("int32",), (k, n // 8), "AWQ-packed weights"))
-        codes = fields[..., _AWQ_FIELD_OF_COLUMN].reshape(k, n)
-    else:
+        codes = fields.transpose(1, 2, 0)[:, _AWQ_FIELD_OF_COLUMN, :].reshape(n, k)
+    else:  # [k/8, n, 8] (input 8r + j, column o) -> [n, k/8, 8]
         fields = _fields(_tensor(ckpt, prefix + ".qweight", ("int32",), (k // 8, n), "GPTQ-packed weights"))
-        codes = fields.transpose(0, 2, 1).reshape(k, n)  # [k/8, n, 8] -> [k/8, 8, n]: input 8r + j at row 8r + j
+        codes = np.ascontiguousarray(fields.transpose(1, 0, 2)).reshape(n, k)
     zero_fields = _fields(_tensor(ckpt, prefix + ".qzeros", ("int32",), (groups, n // 8), "packed zeros"))
     zeros = (zero_fields[..., _AWQ_FIELD_OF_COLUMN] if awq else zero_fields).reshape(groups, n) + scheme.zero_offset
     scale_name = prefix + ".scales"

@@ -102,7 +102,7 @@ def test_an_awq_layer_reads_as_numpy_dequantizes_it(tmp_path: Path, group_size: 
     ckpt = _write(tmp_path, int4_tensors("p", q, z, s, "awq", group_size))
     assert ckpt.info("p.qweight").shape == (k, n // 8) and ckpt.info("p.qzeros").shape == (groups, n // 8)
     m = read_int4_linear(ckpt, Int4Scheme("awq", group_size), "p", (n, k))
-    assert np.array_equal(m.codes, q) and np.array_equal(m.zeros, z) and np.array_equal(m.scales, s)
+    assert np.array_equal(m.codes, q.T) and np.array_equal(m.zeros, z) and np.array_equal(m.scales, s)
     _check_dequantized(m, reference(q, z, s, group_size))
 
 
@@ -122,7 +122,7 @@ def test_a_gptq_layer_reads_as_numpy_dequantizes_it(tmp_path: Path, group_size: 
     ckpt = _write(tmp_path, int4_tensors("p", q, z, s, "gptq", group_size, v1))
     assert ckpt.info("p.qweight").shape == (k // 8, n) and ckpt.info("p.g_idx").shape == (k,)
     m = read_int4_linear(ckpt, Int4Scheme("gptq", group_size, 1 if v1 else 0), "p", (n, k))
-    assert np.array_equal(m.codes, q) and np.array_equal(m.zeros, z)
+    assert np.array_equal(m.codes, q.T) and np.array_equal(m.zeros, z)
     _check_dequantized(m, reference(q, z, s, group_size))
 
 
@@ -192,6 +192,8 @@ def test_a_malformed_int4_tensor_is_refused_by_name(
 
 def test_a_scale_too_large_for_the_16_bit_type_is_refused() -> None:
     m = Int4Matrix(np.full((8, 8), 15, np.uint8), np.zeros((1, 8), np.uint8), np.full((1, 8), 6e4, np.float32), 8)
+    unused = Int4Matrix(np.ones((8, 8), np.uint8), np.zeros((1, 8), np.uint8), np.full((1, 8), 6e4, np.float32), 8)
+    assert (unused.dequantized("float16") == 6e4).all()  # code 15 would overflow, but no weight holds it
     assert np.isfinite(m.dequantized()).all()  # 9e5 is a float32
     with pytest.raises(ValueError, match="not finite in float16"):
         m.dequantized("float16")
