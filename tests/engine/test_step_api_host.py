@@ -1282,7 +1282,10 @@ def wandering(history) -> int:
 def test_speculation_stops_verifying_drafts_that_are_not_accepted() -> None:
     def run(k: int):
         e, passes = speculating_engine(wandering, k, pass_cost=3.0)
-        e._policy.explore_budget = 0.2  # (a pass that gives nothing every 16 steps loses 2 / 16 of the time)
+        policy = serving.DraftPolicy(explore=16, explore_budget=0.2)  # (a pass giving nothing: 2 / 16 of the time)
+        policy.decode_s, policy.verify_s = 1.0, 3.0
+        policy.timed = lambda verify, seconds: None
+        e.speculation_policy = policy
         rids = [e.add_request([1, 2, 3, 4, 5], 60) for _ in range(2)]
         got: dict[int, list[int]] = {r: [] for r in rids}
         steps = 0
