@@ -1382,6 +1382,8 @@ class ServingLoop(StepEngineBase):
         :meth:`warm_serving`). Returns the launched pass and, with ``all_logits``, the float32 logits of every row (on
         the device)."""
         runner, sampler = self.runner, self.sampler
+        if self._proposer is not None:
+            self._untimed()
         ahead = 1 if behind else 0
         if riders:
             sched.grow_pages(riders, ahead)  # each rider's next token may open a page
@@ -1534,6 +1536,15 @@ class ServingLoop(StepEngineBase):
             self._policy.timed(True, pending + excess)
         else:
             self._policy.timed(False, interval)
+
+    def _untimed(self) -> None:
+        """With speculation: other work (a prefill pass, the caller's time between ``generate`` calls) comes before
+        the next decode step or pass, so the time until its record is not its cost: the policy times from that record
+        on (a pass waiting for the step after it is charged as it stands)."""
+        pending, self._pass_s = self._pass_s, None
+        if pending is not None:
+            self._policy.timed(True, pending)
+        self._recorded_at = None
 
     @staticmethod
     def _keep_logprobs(pending: PendingLogprobs, taking: Sequence[Request]) -> None:

@@ -1457,3 +1457,20 @@ def test_a_draft_model_is_checked_when_set(tmp_path) -> None:
     replacement = draft_engine(wandering)
     e.draft_model = replacement  # the old one closed, the drafts now the new one's
     assert getattr(other, "closed_runner", False) and e.speculative_config["model"] == "draft-checkpoint"
+
+
+def test_the_policy_times_only_steps_that_follow_one_another() -> None:
+    """Other work before a step (a prefill pass, the caller's time between generate calls) is not its cost:
+    ``_untimed`` (called as a prefill pass is launched) charges a pass waiting for its next step as it stands, and the
+    next record starts the clock instead of giving a sample."""
+    e = bare_engine()
+    e.speculative_tokens = 2
+    policy = e.speculation_policy
+    e._recorded_at = time.perf_counter() - 5.0  # a record 5 s ago (then a prefill pass, or the caller's time)
+    e._pass_s = 0.3  # a pass waiting for the step after it
+    e._untimed()
+    assert policy.verify_s == 0.3 and e._recorded_at is None and e._pass_s is None
+    e._timed_record(verify=False)  # the first record after: the clock starts, no sample of 5 s
+    assert policy.decode_s is None and e._recorded_at is not None
+    e._timed_record(verify=False)
+    assert policy.decode_s is not None and policy.decode_s < 1.0
