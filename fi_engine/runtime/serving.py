@@ -508,8 +508,9 @@ class ServingLoop(StepEngineBase):
     the verifying pass's rows cost more than they give; vLLM's ``speculative_disable_by_batch_size``)."""
 
     def _draft_limits(self, sched: Scheduler) -> list[tuple[Request, int]] | None:
-        """Each decoding request with the most tokens it may draft this step (0: none: it is seeded, or the policy
-        holds it back, or it is one token from its limit: its last token is never fed back), or None where more
+        """Each decoding request with the most tokens it may draft this step (0: none: it is seeded or asked for no
+        speculation, or the policy holds it back, or it is one token from its limit: its last token is never fed
+        back), or None where more
         than :attr:`speculation_max_rows` (or none) decode."""
         live = [r for r in sched.slots if r is not None and r.decoding]
         if not live or len(live) > self.speculation_max_rows:
@@ -517,8 +518,8 @@ class ServingLoop(StepEngineBase):
         out: list[tuple[Request, int]] = []
         for r in live:
             # (a seeded request keeps its draws: whether a pass runs depends on timings)
-            seeded = r.sampling is not None and r.sampling.seed is not None
-            left = 0 if seeded or not self._policy.drafts(r) else r.max_new_tokens - len(r.output) - 1
+            held = not r.speculative or (r.sampling is not None and r.sampling.seed is not None)
+            left = 0 if held or not self._policy.drafts(r) else r.max_new_tokens - len(r.output) - 1
             out.append((r, max(0, left)))
         return out
 

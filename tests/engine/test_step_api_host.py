@@ -1258,6 +1258,25 @@ def test_speculation_gives_the_same_tokens_in_fewer_steps(overlap, pipelined) ->
     assert e.scheduler.allocator.num_free == e.scheduler.allocator.capacity  # every page back
 
 
+def test_a_request_that_asks_for_no_speculation_is_never_drafted_for() -> None:
+    e, _ = speculating_engine(repeating, 4)
+    off = e.add_request([1, 2, 3, 4, 5, 6, 7] * 2, 30, sampling=SamplingParams(speculative_decoding=False))
+    on = e.add_request([1, 2, 3, 4, 5, 6, 7] * 2, 30)
+    fed: list[dict[int, int]] = []
+    run_prefill = e.runner.run_prefill
+
+    def watched(rows, *args, **kwargs):
+        fed.append({r.rid: len(r.draft) for r in rows})
+        return run_prefill(rows, *args, **kwargs)
+
+    e.runner.run_prefill = watched
+    while e.has_unfinished:
+        e.step()
+    assert fed and all(f.get(off, 0) == 0 for f in fed) and any(f.get(on, 0) > 0 for f in fed)
+    with pytest.raises(TypeError, match="speculative_decoding: expected True or False, got str"):
+        SamplingParams(speculative_decoding="no")
+
+
 def test_a_draft_stops_at_the_request_limit_and_speculation_is_checked(monkeypatch) -> None:
     e, passes = speculating_engine(repeating, 8)
     rid = e.add_request([1, 2, 3, 4, 5, 6, 7] * 2, 5)
