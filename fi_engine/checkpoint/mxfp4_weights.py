@@ -129,11 +129,11 @@ def read_mxfp4_experts(ckpt: Checkpoint, name: str, shape: tuple[int, int, int])
     inputs, ``N`` outputs), read from its MXFP4 form: ``name + "_blocks"`` ``[E, N, K / 32, 16]`` and ``name +
     "_scales"`` ``[E, N, K / 32]`` (uint8 both), dequantized one expert at a time.
 
-    Returns uint16 ``[E, K, N]`` (bfloat16 bits, as :meth:`Checkpoint.array` returns a bfloat16 tensor): a
-    transposed view of the ``[E, N, K]`` array the blocks decode to (no copy: ``np.ascontiguousarray`` makes one where
-    a caller needs ``[E, K, N]`` in memory; gpt-oss's :func:`~fi_engine.models.gpt_oss.expert_matrices` wants the
-    ``[E, N, K]`` order, which this view's transpose is). Host memory: that array (2 bytes a value, 4x the MXFP4
-    bytes) and one expert's decoding.
+    Returns uint16 ``[E, K, N]`` (bfloat16 bits, as :meth:`Checkpoint.array` returns a bfloat16 tensor) as a
+    transposed view of the ``[E, N, K]`` array the blocks decode to (each expert's ``[out, in]`` matrix): no copy is
+    made here; ``np.ascontiguousarray`` makes one where a caller needs ``[E, K, N]`` in memory, and transposing back
+    gives the ``[out, in]`` matrices without one. Host memory: that array (2 bytes a value, about 4x the MXFP4 bytes)
+    and one expert's decoding.
 
     For gpt-oss: ``experts.gate_up_proj`` with ``(E, H, 2I)``, ``experts.down_proj`` with ``(E, I, H)``.
     ValueError naming the tensor: missing, not uint8, a shape other than the one ``shape`` implies (``K`` must be a
