@@ -18,8 +18,8 @@ plans and routing run on them. Hence tolerance 0:
   ``Mxfp4Config(dequantize=True)`` (its own dequantization) and of the bfloat16 one give equal parameters, every one
   (so the files are packed as transformers reads the published ones, and the bfloat16 copy is what it makes of them).
 
-Run: ``FI_FFI_RUN_GPU_TESTS=1 python -m pytest -q tests/engine/test_gpu_mxfp4.py`` (tools/gpu_run.sh stages the
-wheels).
+Run on the GPU machine: ``bash tools/gpu_run.sh python3 -m pytest -q -s tests/engine/test_gpu_mxfp4.py`` (the
+model-family kernel wheel staged in ``.gpu/kernels`` beside the core one).
 """
 
 from __future__ import annotations
